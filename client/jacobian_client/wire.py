@@ -1,0 +1,435 @@
+"""Array <-> JSON / .npy / .npz codecs: the one source of truth for the wire format.
+
+Both the SDK and the server import this module, so it needs numpy and orjson only
+(never torch). Everything here is pure: bytes in, arrays out, and back.
+
+JSON arrays are ``{"dtype", "shape", "data"}`` (nested or flat ``data``) or
+``{"dtype", "shape", "base64"}`` (little-endian, C order); a bare number or nested list
+is accepted on input. Trees of arrays follow ``torch.func`` nesting: a tuple is a JSON
+list, a dict a JSON object.
+
+In an ``.npz`` every array of a tree is one member named by its path
+(``jacobian.npy``, ``jacobian/0.npy``, ``jacobian/0/1.npy``, ``aux/key.npy``) and
+``meta.json`` holds the response's meta and a skeleton of each tree in which every array
+is ``{"$npy": member}`` and every other value stands as it is.
+
+bfloat16 has no numpy dtype: it travels as float32 in ``.npy``/``.npz`` and as numbers
+(or 2-byte base64) in JSON, and is decoded to float32 with its name kept beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import orjson
+from numpy.lib import format as npy_format
+
+__all__ = [
+    "DTYPES",
+    "JSON",
+    "NPY",
+    "NPZ",
+    "PROBLEM",
+    "Limits",
+    "WireError",
+    "decode_json_array",
+    "decode_tree",
+    "dumps",
+    "encode_tree",
+    "flatten_tree",
+    "is_array_object",
+    "loads",
+    "npy_header",
+    "npy_nbytes",
+    "read_npy",
+    "read_npz",
+    "read_result_npz",
+    "write_npy",
+    "write_npz",
+]
+
+JSON = "application/json"
+NPY = "application/x-npy"
+NPZ = "application/x-npz"
+PROBLEM = "application/problem+json"
+
+#: dtype names accepted on the wire (bfloat16 decodes to float32; see module doc).
+DTYPES = frozenset(
+    {
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+    }
+)
+_JSON_DEPTH_SLACK = 4  # object/array wrappers around the data itself
+
+
+class WireError(ValueError):
+    """A body or array that cannot be decoded.
+
+    ``code`` is the problem code the server answers with: ``malformed_body`` (400),
+    ``invalid_input`` (422) or ``payload_too_large`` (413).
+    """
+
+    def __init__(self, message: str, code: str = "malformed_body") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds checked from headers and shapes before any array is materialised."""
+
+    max_elements: int = 1 << 28  # per array
+    max_rank: int = 16
+    max_members: int = 64  # per .npz
+    max_bytes: int = 1 << 30  # declared uncompressed size of a whole .npz
+    max_json_depth: int = 64
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def loads(body: bytes | str) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise WireError(f"unreadable JSON: {exc}") from None
+
+
+def dumps(obj: Any) -> bytes:
+    """Serialise a tree already passed through :func:`encode_tree`."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def is_array_object(obj: Any) -> bool:
+    return isinstance(obj, dict) and "shape" in obj and ("data" in obj or "base64" in obj)
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name not in DTYPES:
+        raise WireError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}", "invalid_input")
+    return np.dtype("float32" if name == "bfloat16" else name)
+
+
+def _check_shape(shape: Any, limits: Limits) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
+        raise WireError("'shape' must be a list of integers", "invalid_input")
+    if len(shape) > limits.max_rank:
+        raise WireError(f"rank {len(shape)} is over the limit of {limits.max_rank}", "invalid_input")
+    if any(d < 0 for d in shape):
+        raise WireError(f"negative dimension in shape {shape}", "invalid_input")
+    if math.prod(shape) > limits.max_elements:
+        raise WireError(
+            f"shape {shape} has more than {limits.max_elements} elements", "payload_too_large"
+        )
+    return tuple(shape)
+
+
+def _depth(obj: Any, limit: int) -> int:
+    """Nesting depth of lists, stopping early past ``limit``."""
+    depth = 0
+    while isinstance(obj, list):
+        depth += 1
+        if depth > limit or not obj:
+            break
+        obj = obj[0]
+    return depth
+
+
+def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarray:
+    if _depth(data, limits.max_rank) > limits.max_rank:
+        raise WireError(f"array nested deeper than {limits.max_rank}", "invalid_input")
+    try:
+        arr = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise WireError(f"array data is not a regular array of numbers: {exc}", "invalid_input") from None
+    if arr.dtype.hasobject or arr.dtype.kind not in "biuf":
+        raise WireError("array data must be numbers", "invalid_input")
+    if arr.size > limits.max_elements:
+        raise WireError(f"array has more than {limits.max_elements} elements", "payload_too_large")
+    return arr
+
+
+def _bfloat16_from_bytes(raw: bytes) -> np.ndarray:
+    halves = np.frombuffer(raw, dtype="<u2").astype(np.uint32)
+    return (halves << 16).view(np.float32)
+
+
+def decode_json_array(obj: Any, default_dtype: str | None = None, limits: Limits = Limits()) -> tuple[np.ndarray, str | None]:
+    """One JSON array -> ``(ndarray, dtype name sent or None)``.
+
+    ``default_dtype`` applies when the client sent no dtype (plain numbers take the
+    dtype the function declares). The returned name differs from ``arr.dtype`` only for
+    bfloat16.
+    """
+    if isinstance(obj, dict):
+        unknown = set(obj) - {"dtype", "shape", "data", "base64"}
+        if unknown:
+            raise WireError(f"unknown array keys {sorted(unknown)}", "invalid_input")
+        name = obj.get("dtype", default_dtype)
+        if name is not None and not isinstance(name, str):
+            raise WireError("'dtype' must be a string", "invalid_input")
+        dtype = _np_dtype(name) if name is not None else None
+        if ("data" in obj) == ("base64" in obj):
+            raise WireError("an array object needs exactly one of 'data' or 'base64'", "invalid_input")
+        shape = _check_shape(obj["shape"], limits) if "shape" in obj else None
+        if "base64" in obj:
+            if dtype is None or shape is None:
+                raise WireError("'base64' arrays need 'dtype' and 'shape'", "invalid_input")
+            if not isinstance(obj["base64"], str):
+                raise WireError("'base64' must be a string", "invalid_input")
+            try:
+                raw = base64.b64decode(obj["base64"], validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise WireError(f"invalid base64: {exc}", "invalid_input") from None
+            itemsize = 2 if name == "bfloat16" else dtype.itemsize
+            if len(raw) != math.prod(shape) * itemsize:
+                raise WireError(
+                    f"base64 holds {len(raw)} bytes; shape {list(shape)} of {name} needs "
+                    f"{math.prod(shape) * itemsize}",
+                    "invalid_input",
+                )
+            if name == "bfloat16":
+                arr = _bfloat16_from_bytes(raw)
+            else:
+                arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+            return arr.astype(dtype.newbyteorder("="), copy=True).reshape(shape), name
+        arr = _from_numbers(obj["data"], dtype, limits)
+        if shape is not None:
+            if arr.size != math.prod(shape):
+                raise WireError(
+                    f"data holds {arr.size} numbers; shape {list(shape)} needs {math.prod(shape)}",
+                    "invalid_input",
+                )
+            arr = arr.reshape(shape)
+        return arr, name
+    if isinstance(obj, (bool, int, float, list)):
+        dtype = _np_dtype(default_dtype) if default_dtype is not None else None
+        return _from_numbers(obj, dtype, limits), default_dtype
+    raise WireError(f"expected an array (number, list or object), got {type(obj).__name__}", "invalid_input")
+
+
+def _dtype_name(arr: np.ndarray) -> str:
+    return arr.dtype.name
+
+
+def encode_tree(tree: Any) -> Any:
+    """Arrays -> ``{"dtype", "shape", "data"}``; tuples -> lists; the rest as is."""
+    if isinstance(tree, np.ndarray):
+        arr = np.ascontiguousarray(tree)
+        if arr.dtype.byteorder not in "=|":
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        return {"dtype": _dtype_name(arr), "shape": list(arr.shape), "data": arr}
+    if isinstance(tree, np.generic):
+        return tree.item()
+    if isinstance(tree, (list, tuple)):
+        return [encode_tree(t) for t in tree]
+    if isinstance(tree, dict):
+        return {str(k): encode_tree(v) for k, v in tree.items()}
+    return tree
+
+
+def decode_tree(tree: Any, sequence: type = tuple, limits: Limits = Limits()) -> Any:
+    """Inverse of :func:`encode_tree`: array objects -> ndarrays, lists -> ``sequence``."""
+    if is_array_object(tree):
+        return decode_json_array(tree, limits=limits)[0]
+    if isinstance(tree, list):
+        return sequence(decode_tree(t, sequence, limits) for t in tree)
+    if isinstance(tree, dict):
+        return {k: decode_tree(v, sequence, limits) for k, v in tree.items()}
+    return tree
+
+
+# --------------------------------------------------------------------------- .npy
+
+
+def npy_header(shape: tuple[int, ...], dtype: np.dtype | str) -> bytes:
+    """The ``.npy`` header for a C-order array: known before any row is computed."""
+    d = {"descr": npy_format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    buf = io.BytesIO()
+    try:
+        npy_format.write_array_header_1_0(buf, d)
+    except ValueError:  # header over 64 KiB: only version 2.0 can say it
+        buf = io.BytesIO()
+        npy_format.write_array_header_2_0(buf, d)
+    return buf.getvalue()
+
+
+def npy_nbytes(shape: tuple[int, ...], dtype: np.dtype | str) -> int:
+    """Size of a whole ``.npy`` body: header plus data."""
+    return len(npy_header(shape, dtype)) + math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def write_npy(arr: np.ndarray) -> list[bytes | memoryview]:
+    """A ``.npy`` body as pieces (header, data view): no copy of the data."""
+    arr = np.ascontiguousarray(arr)
+    return [npy_header(arr.shape, arr.dtype), memoryview(arr.reshape(-1)).cast("B")]
+
+
+def _checked_dtype(descr: np.dtype) -> np.dtype:
+    if descr.hasobject:
+        raise WireError("object arrays (pickles) are refused", "malformed_body")
+    if descr.fields is not None or descr.subdtype is not None or descr.kind not in "biuf":
+        raise WireError(f"unsupported dtype {descr}; send bool, integer or float arrays", "invalid_input")
+    return descr
+
+
+def read_npy(body: bytes | memoryview, limits: Limits = Limits()) -> np.ndarray:
+    """A whole ``.npy`` body -> array. Header checked before the data is touched."""
+    fp = io.BytesIO(body)
+    try:
+        version = npy_format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(fp)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(fp)
+        else:
+            raise WireError(f"unsupported .npy version {version}")
+    except WireError:
+        raise
+    except Exception as exc:  # numpy raises ValueError, SyntaxError, EOFError, ...
+        raise WireError(f"unreadable .npy header: {exc}") from None
+    dtype = _checked_dtype(dtype)
+    _check_shape(list(shape), limits)
+    count = math.prod(shape)
+    offset = fp.tell()
+    need = count * dtype.itemsize
+    have = len(body) - offset
+    if have != need:
+        raise WireError(f".npy data holds {have} bytes; its header declares {need}")
+    arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    arr = arr.reshape(shape, order="F" if fortran else "C")
+    if dtype.byteorder not in "=|":
+        arr = arr.astype(dtype.newbyteorder("="))
+    return arr
+
+
+# --------------------------------------------------------------------------- .npz
+
+
+def _npz_members(body: bytes | memoryview, limits: Limits) -> Iterator[tuple[str, bytes]]:
+    """``(member name, raw bytes)`` of a zip; member count and declared sizes checked first."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(body))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError) as exc:
+        raise WireError(f"unreadable .npz: {exc}") from None
+    if len(infos) > limits.max_members:
+        raise WireError(f".npz has {len(infos)} members; the limit is {limits.max_members}", "payload_too_large")
+    declared = sum(i.file_size for i in infos)
+    if declared > limits.max_bytes:
+        raise WireError(
+            f".npz declares {declared} uncompressed bytes; the limit is {limits.max_bytes}", "payload_too_large"
+        )
+    for info in infos:
+        try:
+            with zf.open(info) as member:
+                raw = member.read(info.file_size + 1)  # never more than it declared
+        except (zipfile.BadZipFile, NotImplementedError, ValueError, EOFError, OSError, RuntimeError) as exc:
+            raise WireError(f"unreadable .npz member {info.filename!r}: {exc}") from None
+        if len(raw) != info.file_size:
+            raise WireError(f".npz member {info.filename!r} does not match its declared size")
+        yield info.filename, raw
+
+
+def _npz_arrays(members: Iterator[tuple[str, bytes]], limits: Limits) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for filename, raw in members:
+        name = filename.removesuffix(".npy")
+        if name in out:
+            raise WireError(f".npz has two members named {name!r}")
+        try:
+            out[name] = read_npy(raw, limits)
+        except WireError as exc:
+            raise WireError(f"member {filename!r}: {exc}", exc.code) from None
+    return out
+
+
+def read_npz(body: bytes | memoryview, limits: Limits = Limits()) -> dict[str, np.ndarray]:
+    """A request ``.npz`` (as ``numpy.savez`` writes it) -> ``{name: array}``."""
+    return _npz_arrays(_npz_members(body, limits), limits)
+
+
+def flatten_tree(prefix: str, tree: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
+    """Split a tree into a JSON skeleton and its arrays, each named by its path."""
+    arrays: list[tuple[str, np.ndarray]] = []
+
+    def walk(path: str, node: Any) -> Any:
+        if isinstance(node, np.ndarray):
+            arrays.append((path, node))
+            return {"$npy": f"{path}.npy"}
+        if isinstance(node, (list, tuple)):
+            return [walk(f"{path}/{i}", n) for i, n in enumerate(node)]
+        if isinstance(node, dict):
+            return {str(k): walk(f"{path}/{k}", v) for k, v in node.items()}
+        if isinstance(node, np.generic):
+            return node.item()
+        return node
+
+    return walk(prefix, tree), arrays
+
+
+def _write_member(zf: zipfile.ZipFile, name: str, pieces: list[bytes | memoryview]) -> None:
+    with zf.open(name, "w", force_zip64=True) as fp:
+        for piece in pieces:
+            fp.write(piece)
+
+
+def write_npz(trees: dict[str, Any], meta: dict[str, Any]) -> bytes:
+    """Trees (``{"jacobian": ..., "aux": ...}``) and meta -> an ``.npz`` (stored, not deflated)."""
+    buf = io.BytesIO()
+    structure = {}
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key, tree in trees.items():
+            structure[key], arrays = flatten_tree(key, tree)
+            for path, arr in arrays:
+                _write_member(zf, f"{path}.npy", write_npy(arr))
+        zf.writestr("meta.json", dumps({"meta": meta, "structure": structure}))
+    return buf.getvalue()
+
+
+def read_result_npz(body: bytes | memoryview, limits: Limits = Limits()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Inverse of :func:`write_npz`: ``(trees, meta)``; JSON lists come back as tuples."""
+    meta_json = b"{}"
+
+    def arrays_only() -> Iterator[tuple[str, bytes]]:
+        nonlocal meta_json
+        for filename, raw in _npz_members(body, limits):
+            if filename == "meta.json":
+                meta_json = raw
+            else:
+                yield filename, raw
+
+    members = _npz_arrays(arrays_only(), limits)
+    doc = loads(meta_json)
+
+    def build(node: Any) -> Any:
+        if isinstance(node, dict) and set(node) == {"$npy"}:
+            return members[node["$npy"].removesuffix(".npy")]
+        if isinstance(node, list):
+            return tuple(build(n) for n in node)
+        if isinstance(node, dict):
+            return {k: build(v) for k, v in node.items()}
+        return node
+
+    return {k: build(v) for k, v in doc.get("structure", {}).items()}, doc.get("meta", {})

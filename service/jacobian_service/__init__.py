@@ -1,0 +1,26 @@
+"""jacobian-service: Jacobians of registered PyTorch functions, as a service.
+
+``register`` and ``Input`` import without torch or FastAPI; ``create_app`` and
+``Settings`` load the server stack on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .registry import Input, register
+
+__all__ = ["Input", "Settings", "__version__", "create_app", "register"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    if name == "Settings":
+        from .settings import Settings
+
+        return Settings
+    raise AttributeError(name)

@@ -1,0 +1,176 @@
+"""``create_app(settings)``: the app factory and its lifespan, which owns all state.
+
+The lifespan loads the registry, starts one worker per device, warms every function up
+(the first jacrev of a function costs ~1 s) and only then reports ready. State lives on
+``app.state.service``; nothing is global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__
+from .engine import Call, Engine
+from .errors import InternalError, InvalidInput, MethodNotAllowed, NotFound, ServiceError
+from .responses import problem_response
+from .logs import configure_logging
+from .metrics import Metrics
+from .registry import FunctionSpec, Registry
+from .routes import router
+from .scheduler import Scheduler
+from .settings import Settings
+from .state import ServiceState
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("jacobian_service")
+
+
+def resolve_devices(setting: str) -> list[torch.device]:
+    """``auto``: every visible GPU, else the CPU; ``cuda``: every visible GPU."""
+    if setting == "cpu":
+        return [torch.device("cpu")]
+    has_cuda = torch.cuda.is_available()
+    if setting == "auto":
+        setting = "cuda" if has_cuda else "cpu"
+        if setting == "cpu":
+            return [torch.device("cpu")]
+    if not has_cuda:
+        raise RuntimeError(f"device {setting!r} asked for, but CUDA is not available")
+    if setting == "cuda":
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    index = int(setting.split(":", 1)[1])
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"device {setting!r} asked for, but only {torch.cuda.device_count()} GPUs are visible")
+    return [torch.device("cuda", index)]
+
+
+def _warmup_call(spec: FunctionSpec) -> Call:
+    """Small inputs of the declared shapes (symbols bound to 3)."""
+    args = []
+    for inp in spec.inputs:
+        shape = tuple(3 if isinstance(d, str) else d for d in (inp.shape or (3,)))
+        args.append(np.random.default_rng(0).random(shape).astype("float32" if inp.default_dtype == "bfloat16" else inp.default_dtype))
+    floating = tuple(i for i, inp in enumerate(spec.inputs) if inp.default_dtype.startswith(("float", "bfloat")))
+    return Call(spec=spec, args=args, dtypes=[i.default_dtype for i in spec.inputs], argnums=floating[:1] or (0,))
+
+
+async def _warm_up(state: ServiceState) -> None:
+    deadline_s = 120.0
+    for spec in state.registry:
+        for index in range(len(state.scheduler.workers)):
+            call = _warmup_call(spec)
+            try:
+                await state.scheduler.run(lambda eng: eng.jacobian(call), deadline=time.monotonic() + deadline_s, worker=index)
+            except Exception as exc:  # a function that needs special inputs still serves
+                log.warning("warm-up of %s failed: %s", spec.name, exc)
+    state.ready = True
+    log.info("ready: %d functions on %s", len(state.registry), ", ".join(map(str, state.devices)))
+
+
+class RequestIdMiddleware:
+    """Echo the client's ``X-Request-ID`` (or make one) on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
+        request_id = request_id if request_id.isprintable() and request_id else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", "") or uuid.uuid4().hex
+
+
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
+    """Build the ASGI app. ``registry`` overrides the modules named in ``settings``."""
+    settings = settings or Settings()
+    configure_logging(settings.log_format)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        devices = resolve_devices(settings.device)
+        reg = registry if registry is not None else Registry.from_modules(settings.function_modules)
+        scheduler = Scheduler([Engine(d, settings.memory_budget_bytes) for d in devices], settings.max_queue)
+        state = ServiceState(settings, reg, scheduler, Metrics(), devices)
+        app.state.service = state
+        scheduler.start()
+        warm = asyncio.create_task(_warm_up(state)) if settings.warmup else None
+        if warm is None:
+            state.ready = True
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.draining = True
+            if warm is not None:
+                warm.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await warm
+            await asyncio.to_thread(scheduler.stop)
+
+    app = FastAPI(
+        title="jacobian-service",
+        version=__version__,
+        description="Jacobians of registered PyTorch functions, computed like torch.func.jacrev.",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    app.add_middleware(RequestIdMiddleware)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> Any:
+        return problem_response(exc, _request_id(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        if exc.status_code == 404:
+            error: ServiceError = NotFound(f"no route for {request.method} {request.url.path}")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        else:
+            error = ServiceError(str(exc.detail))
+            error.status, error.code, error.title = exc.status_code, "http_error", "HTTP error"
+        return problem_response(error, _request_id(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Any:
+        return problem_response(InvalidInput(f"invalid request: {exc.errors()[:3]}"), _request_id(request))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Any:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(InternalError("internal error; see the server log"), _request_id(request))
+
+    return app

@@ -1,0 +1,73 @@
+"""``jacobian-service serve | functions | call``.
+
+``serve`` and ``functions`` need the server extra; ``call`` needs only the SDK, so the
+server stack is imported inside the commands that use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {k: v for k, v in {"host": args.host, "port": args.port, "functions": args.functions, "device": args.device}.items() if v is not None}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import Settings
+
+    settings = Settings(**_overrides(args))  # flags win over the environment
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=int(settings.drain_grace_s) or None,
+        log_level="info",
+    )
+    return 0
+
+
+def _functions(args: argparse.Namespace) -> int:
+    from .registry import Registry
+    from .settings import Settings
+
+    settings = Settings(**_overrides(args))
+    for spec in Registry.from_modules(settings.function_modules):
+        inputs = ", ".join(
+            f"{i.name}{tuple(i.shape) if i.shape is not None else '(...)'}:{i.dtype}" for i in spec.inputs
+        )
+        aux = "  [has_aux]" if spec.has_aux else ""
+        print(f"{spec.name}({inputs}){aux}\n    {spec.description}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "call":  # the SDK's own parser
+        from jacobian_client._cli_call import call_main
+
+        return call_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="jacobian-service", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("serve", "serve the registered functions over HTTP"), ("functions", "list what would be served")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--functions", help="comma-separated modules to load (default: the built-in examples)")
+        p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+        p.add_argument("--host", default=None if name == "serve" else argparse.SUPPRESS)
+        p.add_argument("--port", type=int, default=None if name == "serve" else argparse.SUPPRESS)
+    sub.add_parser("call", help="call a running server (see: jacobian-service call --help)")
+    args = parser.parse_args(argv)
+    for missing in ("host", "port"):
+        args.__dict__.setdefault(missing, None)
+    return _serve(args) if args.command == "serve" else _functions(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,571 @@
+"""The derivative engine: torch only, no HTTP, run on the one worker thread of a device.
+
+Reverse-mode Jacobians mirror ``torch.func.jacrev``: one ``vjp``, then the pullback
+``vmap``-ed over rows of the identity, ``chunk_size`` rows at a time. Rows come out as
+a sequence of chunks (:meth:`Engine.jacobian_rows`), so one code path serves gathered
+results, streamed ``.npy`` bodies, deadlines (checked between chunks) and the memory
+budget (chunk sizes halve on out-of-memory).
+
+Everything here runs on one thread per device: forward-mode AD keeps global state and
+is not thread-safe (see DESIGN "Pitfalls").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import FunctionError, InvalidInput, OutOfMemory, ResultTooLarge, ServiceError, Timeout
+from .registry import FunctionSpec
+
+__all__ = ["Call", "Engine", "Result", "RowStream", "to_numpy"]
+
+log = logging.getLogger("jacobian_service.engine")
+
+_TORCH_DTYPES = {
+    "bool": torch.bool,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+# A chunk's working set is a few times its cotangent and gradient rows; this factor is
+# the CPU estimate (DESIGN: measure on CUDA, estimate on CPU).
+_WORKSET_FACTOR = 4
+_MIN_AUTO_CHUNK = 16  # CPU BLAS is slower at 2-8 rows than at 1 (DESIGN "Pitfalls")
+
+
+@dataclass
+class Call:
+    """One validated request, ready for the engine."""
+
+    spec: FunctionSpec
+    args: list[np.ndarray]
+    dtypes: list[str]  # compute dtype per input
+    argnums: tuple[int, ...] = (0,)
+    as_tuple: bool = False
+    chunk_size: int | None = None
+    batched: bool = False
+    mode: str = "rev"
+    rows: tuple[int, int] | None = None
+    return_output: bool = False
+    vectors: Any = None  # cotangents (vjp) or tangents (jvp), as numpy trees
+    batched_vectors: bool = False
+    deadline: float = math.inf  # time.monotonic() seconds
+    max_result_bytes: int | None = None
+    cancelled: Callable[[], bool] = field(default=lambda: False)
+
+    def check_alive(self) -> None:
+        if self.cancelled():
+            raise Timeout("the request was cancelled")
+        if time.monotonic() > self.deadline:
+            raise Timeout("the request ran past its deadline")
+
+
+@dataclass
+class Result:
+    value: Any  # tree of numpy arrays
+    aux: Any = None
+    has_aux: bool = False
+    output: Any = None
+    chunk_size: int | None = None
+    mode: str | None = None
+    batch_size: int = 1
+
+
+def to_numpy(tree: Any) -> Any:
+    """Tensors -> numpy on the host (bfloat16 as float32); other leaves unchanged."""
+
+    def convert(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            leaf = leaf.detach()
+            if leaf.dtype == torch.bfloat16:
+                leaf = leaf.float()
+            return leaf.cpu().numpy()
+        return leaf
+
+    return pytree.tree_map(convert, tree)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def _function_error(exc: BaseException) -> ServiceError:
+    if isinstance(exc, ServiceError):
+        return exc
+    if _is_oom(exc):
+        return OutOfMemory(f"out of memory: {type(exc).__name__}")
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return FunctionError(f"{type(exc).__name__}: {message}"[:2000])
+
+
+class _AuxBox:
+    """Wraps a function so that only tensors cross torch.func transforms.
+
+    jacrev/vjp refuse non-tensor aux ("Expected tensors, got unsupported type"), so the
+    non-tensor leaves of aux are kept here, beside the call, and put back afterwards.
+    """
+
+    def __init__(self, spec: FunctionSpec) -> None:
+        self.spec = spec
+        self.leaves: list[Any] = []
+        self.treespec: Any = None
+
+    def __call__(self, *args: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        result = self.spec.fn(*args)
+        if not self.spec.has_aux:
+            _check_output(result)
+            return result, ()
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise FunctionError(f"{self.spec.name} has has_aux=True but did not return (output, aux)")
+        out, aux = result
+        _check_output(out)
+        self.leaves, self.treespec = pytree.tree_flatten(aux)
+        return out, tuple(leaf for leaf in self.leaves if isinstance(leaf, torch.Tensor))
+
+    def restore(self, tensors: Sequence[torch.Tensor]) -> Any:
+        if not self.spec.has_aux:
+            return None
+        it = iter(tensors)
+        leaves = [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
+        return pytree.tree_unflatten(leaves, self.treespec)
+
+
+def _check_output(out: Any) -> None:
+    leaves, _ = pytree.tree_flatten(out)
+    if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        raise FunctionError(
+            f"the function returned {type(out).__name__}; expected a tensor or a tuple/dict of tensors"
+        )
+
+
+def _partial(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...]) -> Callable[..., Any]:
+    """``fn`` as a function of the differentiated inputs only, the others held fixed."""
+
+    def selected(*diff: torch.Tensor) -> Any:
+        full = list(args)
+        for i, value in zip(argnums, diff):
+            full[i] = value
+        return fn(*full)
+
+    return selected
+
+
+def _basis(
+    sizes: Sequence[int], shapes: Sequence[torch.Size], start: int, stop: int, like: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Rows ``start:stop`` of the identity over the concatenated flattened outputs."""
+    out = []
+    offset = 0
+    n = stop - start
+    for size, shape, ref in zip(sizes, shapes, like):
+        block = torch.zeros(n, size, dtype=ref.dtype, device=ref.device)
+        lo, hi = max(start, offset), min(stop, offset + size)
+        if lo < hi:
+            idx = torch.arange(lo, hi, device=ref.device)
+            block[idx - start, idx - offset] = 1
+        out.append(block.reshape((n, *shape)))
+        offset += size
+    return out
+
+
+class RowStream:
+    """The rows of one Jacobian, chunk by chunk, after a single forward pass (vjp).
+
+    ``chunks`` yields ``(start, stop, grads)`` with one ``(stop - start, *input.shape)``
+    tensor per differentiated input, in row order over the flattened outputs.
+    """
+
+    def __init__(self, engine: "Engine", call: Call, args: list[torch.Tensor]) -> None:
+        self.engine = engine
+        self.call = call
+        self.box = _AuxBox(call.spec)
+        self.primals = [args[i] for i in call.argnums]
+        g = _partial(self.box, args, call.argnums)
+        try:
+            output, self._pullback, aux_tensors = torch.func.vjp(g, *self.primals, has_aux=True)
+        except Exception as exc:
+            raise _function_error(exc) from None
+        self.output = output
+        self.aux = self.box.restore(aux_tensors)
+        self.leaves, self.out_spec = pytree.tree_flatten(output)
+        for leaf in self.leaves:
+            if not leaf.is_floating_point():
+                raise FunctionError(f"the function returned a {leaf.dtype} output; only floating outputs can be differentiated")
+        self.sizes = [leaf.numel() for leaf in self.leaves]
+        self.total_rows = sum(self.sizes)
+
+    def row_nbytes(self) -> int:
+        return sum(p.numel() * _wire_itemsize(p.dtype) for p in self.primals)
+
+    def auto_chunk(self) -> int:
+        per_row = _WORKSET_FACTOR * sum(
+            (p.numel() + sum(self.sizes)) * p.element_size() for p in self.primals
+        )
+        chunk = max(1, self.engine.memory_budget // max(per_row, 1))
+        if chunk >= self.total_rows:
+            return max(self.total_rows, 1)
+        if chunk < _MIN_AUTO_CHUNK:
+            return 1 if chunk < 2 else min(_MIN_AUTO_CHUNK, self.total_rows)
+        return 1 << (chunk.bit_length() - 1)  # round down to a power of two
+
+    def chunks(self, start: int, stop: int, chunk_size: int) -> Iterator[tuple[int, int, tuple[torch.Tensor, ...]]]:
+        s = start
+        while s < stop:
+            self.call.check_alive()
+            e = min(s + chunk_size, stop)
+            try:
+                grads = self._rows(s, e)
+            except Exception as exc:
+                if _is_oom(exc) and chunk_size > 1:
+                    self.engine.release_memory()
+                    chunk_size = max(1, chunk_size // 2)
+                    log.warning("out of memory at %d rows; retrying with %d", e - s, chunk_size)
+                    continue
+                raise _function_error(exc) from None
+            yield s, e, grads
+            s = e
+
+    def _rows(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        basis = _basis(self.sizes, [leaf.shape for leaf in self.leaves], start, stop, self.leaves)
+        name = self.call.spec.name
+        if stop - start > 1 and name not in self.engine.no_vmap_pullback:
+            try:
+                return torch.func.vmap(self._pullback)(pytree.tree_unflatten(basis, self.out_spec))
+            except Exception as exc:
+                if _is_oom(exc):
+                    raise
+                log.info("vmap of %s's pullback failed (%s); using the row loop", name, type(exc).__name__)
+                grads = self._row_loop(basis)
+                self.engine.no_vmap_pullback.add(name)
+                return grads
+        return self._row_loop(basis)
+
+    def _row_loop(self, basis: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        rows = [self._pullback(pytree.tree_unflatten([b[k] for b in basis], self.out_spec)) for k in range(basis[0].shape[0])]
+        return tuple(torch.stack([r[i] for r in rows]) for i in range(len(self.primals)))
+
+
+def _wire_itemsize(dtype: torch.dtype) -> int:
+    return 4 if dtype == torch.bfloat16 else dtype.itemsize
+
+
+def _wire_np_dtype(dtype: torch.dtype) -> np.dtype:
+    return np.dtype("float32") if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+
+
+class Engine:
+    """Computes derivatives on one device. Not thread-safe: one worker thread owns it."""
+
+    def __init__(self, device: torch.device, memory_budget: int) -> None:
+        self.device = device
+        self.memory_budget = memory_budget
+        # Facts learned per function name, so that a failing fast path is tried once.
+        self.no_vmap_pullback: set[str] = set()
+        self.no_vmap_function: set[str] = set()
+        self.no_forward_ad: set[str] = set()
+
+    # ----------------------------------------------------------------- helpers
+
+    def release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def tensors(self, call: Call) -> list[torch.Tensor]:
+        out = []
+        for arr, dtype in zip(call.args, call.dtypes):
+            t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+            out.append(t.to(device=self.device, dtype=_TORCH_DTYPES[dtype], non_blocking=True))
+        return out
+
+    def _check_result_size(self, call: Call, nbytes: int) -> None:
+        if call.max_result_bytes is not None and nbytes > call.max_result_bytes:
+            raise ResultTooLarge(
+                f"the result would take {nbytes} bytes; the limit is {call.max_result_bytes}. "
+                "Ask for application/x-npy (streamed), fewer rows, or a smaller input."
+            )
+
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:
+            raise _function_error(exc) from None
+
+    def _wants_forward(self, call: Call, rows: RowStream) -> bool:
+        if call.spec.name in self.no_forward_ad or call.rows is not None:
+            return False
+        if call.mode == "fwd":
+            return True
+        inputs = sum(p.numel() for p in rows.primals)
+        return call.mode == "auto" and inputs < rows.total_rows
+
+    # ----------------------------------------------------------------- jacobian
+
+    def row_stream(self, call: Call) -> RowStream:
+        if call.batched:
+            raise InvalidInput("batched Jacobians are not streamed")
+        stream = RowStream(self, call, self.tensors(call))
+        if call.rows is not None:
+            start, stop = call.rows
+            if len(stream.leaves) != 1:
+                raise InvalidInput("rows applies to functions with a single output")
+            if not 0 <= start <= stop <= stream.total_rows:
+                raise InvalidInput(f"rows [{start}, {stop}] is out of range for {stream.total_rows} output rows")
+        return stream
+
+    def jacobian(self, call: Call, stream: RowStream | None = None) -> Result:
+        """The whole Jacobian, gathered; ``stream`` reuses a forward pass already made."""
+        if call.batched:
+            return self._batched(call, "jacobian")
+        stream = stream or self.row_stream(call)
+        start, stop = call.rows or (0, stream.total_rows)
+        self._check_result_size(call, (stop - start) * stream.row_nbytes())
+        output = to_numpy(stream.output) if call.return_output else None
+        aux = to_numpy(stream.aux)
+        if self._wants_forward(call, stream):
+            value = self._forward_jacobian(call)
+            if value is not None:
+                return Result(value, aux, call.spec.has_aux, output, call.chunk_size, "fwd")
+        chunk = call.chunk_size or stream.auto_chunk()
+        value = self._gather(stream, start, stop, chunk)
+        return Result(value, aux, call.spec.has_aux, output, chunk, "rev")
+
+    def _gather(self, stream: RowStream, start: int, stop: int, chunk: int) -> Any:
+        """All rows ``start:stop`` written into preallocated host arrays, then nested."""
+        leaves = stream.leaves if stream.call.rows is None else stream.leaves[:1]
+        blocks = [
+            [np.empty((size if stream.call.rows is None else stop - start, *p.shape), _wire_np_dtype(p.dtype)) for p in stream.primals]
+            for size in stream.sizes[: len(leaves)]
+        ]
+        offsets = np.cumsum([0, *stream.sizes]).tolist()
+        for s, e, grads in stream.chunks(start, stop, chunk):
+            host = [to_numpy(g) for g in grads]
+            for j in range(len(leaves)):
+                base = offsets[j] if stream.call.rows is None else start
+                lo, hi = max(s, base), min(e, base + blocks[j][0].shape[0])
+                if lo < hi:
+                    for i, h in enumerate(host):
+                        blocks[j][i][lo - base : hi - base] = h[lo - s : hi - s]
+        nested = []
+        for j, leaf in enumerate(leaves):
+            shaped = [
+                b.reshape((*leaf.shape, *p.shape)) if stream.call.rows is None else b
+                for b, p in zip(blocks[j], stream.primals)
+            ]
+            nested.append(tuple(shaped) if stream.call.as_tuple else shaped[0])
+        if stream.call.rows is not None:
+            return nested[0]
+        return pytree.tree_unflatten(nested, stream.out_spec)
+
+    def _forward_jacobian(self, call: Call) -> Any | None:
+        """jacfwd, or None when forward AD cannot run this function (then reverse)."""
+        args = self.tensors(call)
+        box = _AuxBox(call.spec)
+        g = _partial(box, args, call.argnums)
+        argnums: int | tuple[int, ...] = tuple(range(len(call.argnums))) if call.as_tuple else 0
+        try:
+            jac, _ = torch.func.jacfwd(g, argnums=argnums, has_aux=True)(
+                *[args[i] for i in call.argnums]
+            )
+        except Exception as exc:
+            if _is_oom(exc):
+                raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
+            log.info("jacfwd failed for %s (%s); using reverse mode", call.spec.name, type(exc).__name__)
+            self.no_forward_ad.add(call.spec.name)
+            return None
+        return to_numpy(jac)
+
+    # ----------------------------------------------------------------- batched
+
+    def _batched(self, call: Call, kind: str) -> Result:
+        """``vmap(jacrev(f))`` (or hessian) over the leading dim of every input."""
+        args = self.tensors(call)
+        batch = args[0].shape[0] if args else 0
+        box = _AuxBox(call.spec)
+        argnums: int | tuple[int, ...] = tuple(range(len(call.argnums))) if call.as_tuple else 0
+
+        def per_example(*example: torch.Tensor) -> Any:
+            g = _partial(box, example, call.argnums)
+            primals = [example[i] for i in call.argnums]
+            if kind == "hessian":
+                return self._hessian_fn(g, argnums, primals)(*primals)
+            if call.mode == "fwd":  # jacfwd takes no chunk_size
+                return torch.func.jacfwd(g, argnums=argnums, has_aux=True)(*primals)
+            return torch.func.jacrev(g, argnums=argnums, has_aux=True, chunk_size=call.chunk_size)(*primals)
+
+        # Size check from one example's forward pass, before any derivative.
+        first = self._guard(lambda: box(*[a[0] for a in args])[0]) if batch else None
+        if first is not None:
+            out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(first))
+            in_numel = sum(args[i][0].numel() for i in call.argnums)
+            width = in_numel if kind == "jacobian" else in_numel * in_numel
+            self._check_result_size(call, batch * out_numel * width * _wire_itemsize(args[call.argnums[0]].dtype))
+        value = aux = None
+        if call.spec.name not in self.no_vmap_function and batch:
+            try:
+                value, aux_t = torch.func.vmap(per_example)(*args)
+                aux = box.restore(aux_t)
+            except Exception as exc:
+                if _is_oom(exc):
+                    raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
+                log.info("vmap over %s failed (%s); looping over examples", call.spec.name, type(exc).__name__)
+                self.no_vmap_function.add(call.spec.name)
+        if value is None:
+            per: list[tuple[Any, Any]] = []
+            for b in range(batch):
+                call.check_alive()
+                value_b, aux_t = self._guard(lambda: per_example(*[a[b] for a in args]))
+                per.append((value_b, box.restore(aux_t)))
+            if not per:
+                raise InvalidInput("batched inputs need a leading batch dimension of at least 1")
+            value = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
+            aux = _stack_aux([p[1] for p in per])
+        output = self.evaluate(call).value if call.return_output else None
+        return Result(to_numpy(value), to_numpy(aux), call.spec.has_aux, output, call.chunk_size, call.mode, 1)
+
+    # ----------------------------------------------------------------- hessian
+
+    def _hessian_fn(self, g: Callable[..., Any], argnums: int | tuple[int, ...], primals: Sequence[torch.Tensor]) -> Callable[..., Any]:
+        """The fastest equal strategy: ``jacrev(grad)`` for 0-d outputs, else ``jacfwd(jacrev)``."""
+        out, _ = g(*primals)
+        if isinstance(out, torch.Tensor) and out.dim() == 0:
+            return torch.func.jacrev(torch.func.grad(g, argnums=argnums, has_aux=True), argnums=argnums, has_aux=True)
+        inner = torch.func.jacrev(g, argnums=argnums, has_aux=True)
+        return torch.func.jacfwd(inner, argnums=argnums, has_aux=True)
+
+    def hessian(self, call: Call) -> Result:
+        if call.batched:
+            return self._batched(call, "hessian")
+        args = self.tensors(call)
+        box = _AuxBox(call.spec)
+        g = _partial(box, args, call.argnums)
+        primals = [args[i] for i in call.argnums]
+        argnums: int | tuple[int, ...] = tuple(range(len(primals))) if call.as_tuple else 0
+        out, _ = self._guard(lambda: g(*primals))
+        out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
+        in_numel = sum(p.numel() for p in primals)
+        self._check_result_size(call, out_numel * in_numel * in_numel * _wire_itemsize(primals[0].dtype))
+        try:
+            value, aux_t = self._hessian_fn(g, argnums, primals)(*primals)
+        except Exception as exc:
+            if _is_oom(exc) or isinstance(exc, ServiceError):
+                raise _function_error(exc) from None
+            # Forward AD may lack a rule for an op: reverse-over-reverse is equal, slower.
+            rev = torch.func.jacrev(torch.func.jacrev(g, argnums=argnums, has_aux=True), argnums=argnums, has_aux=True)
+            value, aux_t = self._guard(lambda: rev(*primals))
+        output = to_numpy(out) if call.return_output else None
+        return Result(to_numpy(value), to_numpy(box.restore(aux_t)), call.spec.has_aux, output)
+
+    # ----------------------------------------------------------------- evaluate, vjp, jvp
+
+    def evaluate(self, call: Call) -> Result:
+        args = self.tensors(call)
+        box = _AuxBox(call.spec)
+        if call.batched:
+            if call.spec.name not in self.no_vmap_function:
+                try:
+                    out, aux_t = torch.func.vmap(box)(*args)
+                    return Result(to_numpy(out), to_numpy(box.restore(aux_t)), call.spec.has_aux)
+                except Exception as exc:
+                    if _is_oom(exc):
+                        raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
+                    self.no_vmap_function.add(call.spec.name)
+            per = []
+            for b in range(args[0].shape[0] if args else 0):
+                out_b, aux_t = self._guard(lambda: box(*[a[b] for a in args]))
+                per.append((out_b, box.restore(aux_t)))
+            if not per:
+                raise InvalidInput("batched inputs need a leading batch dimension of at least 1")
+            out = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
+            return Result(to_numpy(out), to_numpy(_stack_aux([p[1] for p in per])), call.spec.has_aux)
+        out, aux_t = self._guard(lambda: box(*args))
+        return Result(to_numpy(out), to_numpy(box.restore(aux_t)), call.spec.has_aux)
+
+    def _vectors(self, tree: Any, like: Any, what: str, batched: bool) -> Any:
+        """Check a cotangent/tangent tree against the shapes it must match; to tensors."""
+        ref_leaves, ref_spec = pytree.tree_flatten(like)
+        if isinstance(tree, np.ndarray) and len(ref_leaves) == 1:
+            leaves = [tree]
+        else:
+            seq = list(tree.values()) if isinstance(tree, dict) and isinstance(like, dict) else tree
+            if isinstance(like, dict) and isinstance(tree, dict):
+                if set(tree) != set(like):
+                    raise InvalidInput(f"{what} keys {sorted(tree)} do not match {sorted(like)}")
+                seq = [tree[k] for k in like]
+            if not isinstance(seq, (list, tuple)) or len(seq) != len(ref_leaves):
+                raise InvalidInput(f"{what}: expected {len(ref_leaves)} arrays")
+            leaves = list(seq)
+        out = []
+        for arr, ref in zip(leaves, ref_leaves):
+            if not isinstance(arr, np.ndarray):
+                raise InvalidInput(f"{what}: expected arrays")
+            want = ((arr.shape[0],) if batched and arr.ndim else ()) + tuple(ref.shape)
+            if tuple(arr.shape) != want or (batched and arr.ndim == 0):
+                shape = ("B", *ref.shape) if batched else tuple(ref.shape)
+                raise InvalidInput(f"{what}: expected shape {list(shape)}, got {list(arr.shape)}")
+            if arr.dtype.kind not in "biuf":
+                raise InvalidInput(f"{what}: expected numbers")
+            t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+            out.append(t.to(device=self.device, dtype=ref.dtype))
+        batch_sizes = {t.shape[0] for t in out} if batched else set()
+        if len(batch_sizes) > 1:
+            raise InvalidInput(f"{what}: batched vectors disagree on the batch size: {sorted(batch_sizes)}")
+        return pytree.tree_unflatten(out, ref_spec)
+
+    def vjp(self, call: Call) -> Result:
+        args = self.tensors(call)
+        box = _AuxBox(call.spec)
+        g = _partial(box, args, call.argnums)
+        primals = [args[i] for i in call.argnums]
+        out, pullback, aux_t = self._guard(lambda: torch.func.vjp(g, *primals, has_aux=True))
+        cot = self._vectors(call.vectors, out, "cotangents", call.batched_vectors)
+        fn = torch.func.vmap(pullback) if call.batched_vectors else pullback
+        grads = self._guard(lambda: fn(cot))
+        value = tuple(grads) if call.as_tuple else grads[0]
+        output = to_numpy(out) if call.return_output else None
+        return Result(to_numpy(value), to_numpy(box.restore(aux_t)), call.spec.has_aux, output)
+
+    def jvp(self, call: Call) -> Result:
+        args = self.tensors(call)
+        box = _AuxBox(call.spec)
+        g = _partial(box, args, call.argnums)
+        primals = tuple(args[i] for i in call.argnums)
+        like = primals if call.as_tuple else primals[0]
+        tangents = self._vectors(call.vectors, like, "tangents", call.batched_vectors)
+        tangents = tuple(tangents) if call.as_tuple else (tangents,)
+
+        def push(*t: torch.Tensor) -> tuple[Any, Any, Any]:
+            return torch.func.jvp(g, primals, t, has_aux=True)
+
+        if call.batched_vectors:
+            out, _, aux_t = self._guard(lambda: push(*[torch.zeros_like(p) for p in primals]))
+            value = self._guard(lambda: torch.func.vmap(lambda *t: push(*t)[1])(*tangents))
+        else:
+            out, value, aux_t = self._guard(lambda: push(*tangents))
+        output = to_numpy(out) if call.return_output else None
+        return Result(to_numpy(value), to_numpy(box.restore(aux_t)), call.spec.has_aux, output)
+
+
+def _stack_aux(auxes: list[Any]) -> Any:
+    """Per-example aux -> one tree: tensors stacked, other values listed."""
+    if not auxes or auxes[0] is None:
+        return None
+    leaves0, spec = pytree.tree_flatten(auxes[0])
+    columns = zip(*[pytree.tree_flatten(a)[0] for a in auxes])
+    stacked = [torch.stack(col) if isinstance(col[0], torch.Tensor) else list(col) for col in columns]
+    return pytree.tree_unflatten(stacked, spec) if leaves0 else auxes[0]

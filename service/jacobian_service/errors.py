@@ -1,0 +1,90 @@
+"""One exception tree for every 4xx/5xx the service answers, rendered as problem+json.
+
+    ServiceError                      (status, code, title; detail says what and why)
+    ├── MalformedBody         400     malformed_body
+    ├── Unauthorized          401     unauthorized
+    ├── Forbidden             403     forbidden
+    ├── NotFound              404     not_found            (an unknown path)
+    ├── FunctionNotFound      404     function_not_found
+    ├── MethodNotAllowed      405     method_not_allowed
+    ├── NotAcceptable         406     not_acceptable
+    ├── PayloadTooLarge       413     payload_too_large
+    ├── ResultTooLarge        413     result_too_large
+    ├── UnsupportedMediaType  415     unsupported_media_type
+    ├── InvalidInput          422     invalid_input
+    ├── Overloaded            429     overloaded           (Retry-After)
+    ├── FunctionError         500     function_error       (the function raised)
+    ├── InternalError         500     internal_error       (a bug of ours; logged, never shown)
+    ├── Unavailable           503     unavailable          (not ready, or draining)
+    ├── Timeout               504     timeout
+    └── OutOfMemory           507     out_of_memory
+
+Handlers never put a traceback in a body: ``detail`` is built from the exception's type
+and message only.
+"""
+
+from __future__ import annotations
+
+from jacobian_client.wire import WireError
+
+__all__ = [
+    "Forbidden",
+    "FunctionError",
+    "FunctionNotFound",
+    "InternalError",
+    "InvalidInput",
+    "MalformedBody",
+    "MethodNotAllowed",
+    "NotAcceptable",
+    "NotFound",
+    "OutOfMemory",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ResultTooLarge",
+    "ServiceError",
+    "Timeout",
+    "Unauthorized",
+    "Unavailable",
+    "UnsupportedMediaType",
+    "from_wire",
+]
+
+
+class ServiceError(Exception):
+    status = 500
+    code = "internal_error"
+    title = "Internal error"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def _error(name: str, status: int, code: str, title: str) -> type[ServiceError]:
+    return type(name, (ServiceError,), {"status": status, "code": code, "title": title, "__module__": __name__})
+
+
+MalformedBody = _error("MalformedBody", 400, "malformed_body", "Malformed body")
+Unauthorized = _error("Unauthorized", 401, "unauthorized", "Unauthorized")
+Forbidden = _error("Forbidden", 403, "forbidden", "Forbidden")
+NotFound = _error("NotFound", 404, "not_found", "Not found")
+FunctionNotFound = _error("FunctionNotFound", 404, "function_not_found", "Function not found")
+MethodNotAllowed = _error("MethodNotAllowed", 405, "method_not_allowed", "Method not allowed")
+NotAcceptable = _error("NotAcceptable", 406, "not_acceptable", "Not acceptable")
+PayloadTooLarge = _error("PayloadTooLarge", 413, "payload_too_large", "Payload too large")
+ResultTooLarge = _error("ResultTooLarge", 413, "result_too_large", "Result too large")
+UnsupportedMediaType = _error("UnsupportedMediaType", 415, "unsupported_media_type", "Unsupported media type")
+InvalidInput = _error("InvalidInput", 422, "invalid_input", "Invalid input")
+Overloaded = _error("Overloaded", 429, "overloaded", "Overloaded")
+FunctionError = _error("FunctionError", 500, "function_error", "Function error")
+InternalError = _error("InternalError", 500, "internal_error", "Internal error")
+Unavailable = _error("Unavailable", 503, "unavailable", "Service unavailable")
+Timeout = _error("Timeout", 504, "timeout", "Timeout")
+OutOfMemory = _error("OutOfMemory", 507, "out_of_memory", "Out of memory")
+
+_BY_WIRE_CODE = {"malformed_body": MalformedBody, "invalid_input": InvalidInput, "payload_too_large": PayloadTooLarge}
+
+
+def from_wire(exc: WireError) -> ServiceError:
+    return _BY_WIRE_CODE[exc.code](str(exc))

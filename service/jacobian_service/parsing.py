@@ -1,0 +1,227 @@
+"""Request bodies and query strings -> a validated :class:`~jacobian_service.engine.Call`.
+
+Pure functions, no I/O and no torch: they run off the event loop for large bodies.
+Options go through a small pydantic model; array data never does (it is decoded
+straight to numpy by :mod:`jacobian_client.wire`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jacobian_client import wire
+
+from .engine import Call
+from .errors import InvalidInput, UnsupportedMediaType, from_wire
+from .registry import FLOAT_DTYPES, FunctionSpec
+
+__all__ = ["Options", "media_type_of", "parse_call"]
+
+Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp"]
+_VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents"}
+
+
+class Options(BaseModel):
+    """Everything a request may say besides its arrays."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    argnums: int | str | list[int | str] = Field(0, description="int, parameter name, or a list of either")
+    chunk_size: int | None = Field(None, ge=1, description="rows per vmap; null lets the service choose")
+    batched: bool = Field(False, description="per-example results over the leading dimension")
+    return_output: bool = False
+    rows: tuple[int, int] | None = Field(None, description="[start, stop) rows of the flattened output")
+    mode: Literal["rev", "fwd", "auto"] = "rev"
+    batched_vectors: bool = Field(False, description="vjp/jvp: vectors carry a leading batch dimension")
+
+
+def _query_value(key: str, value: str) -> Any:
+    if key in ("argnums", "rows") and "," in value:
+        return [_query_value("argnums", v) for v in value.split(",") if v != ""]
+    if value.lower() in ("", "null", "none") and key in ("chunk_size", "rows"):
+        return None
+    if key in ("argnums", "rows", "chunk_size") and value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def _options(raw: Mapping[str, Any]) -> Options:
+    try:
+        return Options.model_validate(dict(raw))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidInput(problems) from None
+
+
+def _decode(obj: Any, default_dtype: str | None, limits: wire.Limits) -> tuple[np.ndarray, str]:
+    try:
+        arr, sent = wire.decode_json_array(obj, default_dtype, limits)
+    except wire.WireError as exc:
+        raise from_wire(exc) from None
+    return arr, sent or arr.dtype.name
+
+
+def _vector_tree(obj: Any, limits: wire.Limits) -> Any:
+    """Cotangents/tangents: one array, or a list/dict of arrays for several outputs/inputs."""
+    if isinstance(obj, dict) and not wire.is_array_object(obj):
+        return {k: _decode(v, None, limits)[0] for k, v in obj.items()}
+    if isinstance(obj, list) and obj and all(wire.is_array_object(v) for v in obj):
+        return [_decode(v, None, limits)[0] for v in obj]
+    return _decode(obj, None, limits)[0]
+
+
+def _split_members(members: dict[str, np.ndarray], vector_key: str | None) -> tuple[dict[str, np.ndarray], Any]:
+    inputs: dict[str, np.ndarray] = {}
+    vectors: dict[str, np.ndarray] = {}
+    for name, arr in members.items():
+        if vector_key and (name == vector_key or name.startswith(vector_key + "/")):
+            vectors[name.removeprefix(vector_key).lstrip("/")] = arr
+        else:
+            inputs[name] = arr
+    if not vectors:
+        return inputs, None
+    if set(vectors) == {""}:
+        return inputs, vectors[""]
+    if all(k.isdigit() for k in vectors):
+        return inputs, [vectors[k] for k in sorted(vectors, key=int)]
+    return inputs, vectors
+
+
+def _by_name(spec: FunctionSpec, given: Mapping[str, Any]) -> list[Any]:
+    """Inputs given by parameter name (or position, as in an .npz) -> positional list."""
+    names = [inp.name for inp in spec.inputs]
+    out: list[Any] = []
+    for i, name in enumerate(names):
+        if name in given and str(i) in given and name != str(i):
+            raise InvalidInput(f"input {name!r} is given twice (by name and as {i})")
+        if name in given:
+            out.append(given[name])
+        elif str(i) in given:
+            out.append(given[str(i)])
+        else:
+            raise InvalidInput(f"missing input {name!r}; {spec.name} takes {names}")
+    unknown = set(given) - set(names) - {str(i) for i in range(len(names))}
+    if unknown:
+        raise InvalidInput(f"unknown inputs {sorted(unknown)}; {spec.name} takes {names}")
+    return out
+
+
+def parse_call(
+    spec: FunctionSpec,
+    kind: Kind,
+    media_type: str,
+    body: bytes,
+    query: Mapping[str, str],
+    limits: wire.Limits,
+) -> Call:
+    """Decode and check a request: arity, shapes, dtypes and argnums, before any compute."""
+    vector_key = _VECTOR_KEY.get(kind)
+    raw_options: dict[str, Any] = {k: _query_value(k, v) for k, v in query.items()}
+    vectors: Any = None
+    try:
+        if media_type == wire.JSON:
+            doc = wire.loads(body)
+            if not isinstance(doc, dict):
+                raise InvalidInput("the body must be a JSON object with an 'inputs' member")
+            if "inputs" not in doc:
+                raise InvalidInput("the body has no 'inputs'")
+            given = doc.pop("inputs")
+            if vector_key:
+                if vector_key not in doc:
+                    raise InvalidInput(f"{kind} needs '{vector_key}'")
+                vectors = _vector_tree(doc.pop(vector_key), limits)
+            raw_options.update(doc)
+            if isinstance(given, dict):
+                given = _by_name(spec, given)
+            elif not isinstance(given, list):
+                raise InvalidInput("'inputs' must be a list (positional) or an object (by name)")
+            elif len(given) != len(spec.inputs):
+                raise InvalidInput(
+                    f"{spec.name} takes {len(spec.inputs)} inputs {[i.name for i in spec.inputs]}, got {len(given)}"
+                )
+            arrays = [_decode(obj, inp.default_dtype, limits) for obj, inp in zip(given, spec.inputs)]
+        elif media_type == wire.NPY:
+            if len(spec.inputs) != 1 or vector_key:
+                raise InvalidInput(
+                    f"an application/x-npy body carries one input; {spec.name} {kind} needs "
+                    "more: send application/x-npz"
+                )
+            arr = wire.read_npy(body, limits)
+            arrays = [(arr, arr.dtype.name)]
+        elif media_type == wire.NPZ:
+            members = wire.read_npz(body, limits)
+            given_by_name, vectors = _split_members(members, vector_key)
+            if vector_key and vectors is None:
+                raise InvalidInput(f"{kind} needs '{vector_key}' members in the .npz")
+            arrays = [(a, a.dtype.name) for a in _by_name(spec, given_by_name)]
+        else:
+            raise UnsupportedMediaType(
+                f"Content-Type {media_type or '(none)'} is not supported; send {wire.JSON}, {wire.NPY} or {wire.NPZ}"
+            )
+    except wire.WireError as exc:
+        raise from_wire(exc) from None
+
+    options = _options(raw_options)
+    if vector_key is None and options.batched_vectors:
+        raise InvalidInput("batched_vectors applies to vjp and jvp only")
+    if vector_key and options.batched:
+        raise InvalidInput(f"batched does not apply to {kind}; use batched_vectors")
+    if options.rows is not None and (kind != "jacobian" or options.batched):
+        raise InvalidInput("rows applies to non-batched jacobian requests only")
+    if options.rows is not None and not 0 <= options.rows[0] <= options.rows[1]:
+        raise InvalidInput(f"rows must satisfy 0 <= start <= stop, got {list(options.rows)}")
+    argnums, as_tuple = spec.argnums(options.argnums)
+
+    args: list[np.ndarray] = []
+    dtypes: list[str] = []
+    bindings: dict[str, tuple[int, str]] = {}
+    batch_sizes: set[int] = set()
+    for (arr, sent), inp in zip(arrays, spec.inputs):
+        dtype = inp.resolve_dtype(sent)
+        shape = arr.shape
+        if options.batched:
+            if arr.ndim == 0:
+                raise InvalidInput(f"input {inp.name!r}: batched inputs need a leading batch dimension")
+            batch_sizes.add(shape[0])
+            shape = shape[1:]
+        inp.bind(tuple(shape), bindings)
+        wire_dtype = "float32" if dtype == "bfloat16" else dtype
+        if arr.dtype != np.dtype(wire_dtype):
+            arr = arr.astype(wire_dtype)
+        args.append(arr)
+        dtypes.append(dtype)
+    if len(batch_sizes) > 1:
+        raise InvalidInput(f"batched inputs disagree on the batch size: {sorted(batch_sizes)}")
+    if options.batched and batch_sizes == {0}:
+        raise InvalidInput("batched inputs need a batch of at least one example")
+    for i in argnums:
+        if kind != "evaluate" and dtypes[i] not in FLOAT_DTYPES:
+            raise InvalidInput(
+                f"input {spec.inputs[i].name!r} is {dtypes[i]}; only floating inputs can be differentiated"
+            )
+    return Call(
+        spec=spec,
+        args=args,
+        dtypes=dtypes,
+        argnums=argnums,
+        as_tuple=as_tuple,
+        chunk_size=options.chunk_size,
+        batched=options.batched,
+        mode=options.mode,
+        rows=options.rows,
+        return_output=options.return_output,
+        vectors=vectors,
+        batched_vectors=options.batched_vectors,
+    )
+
+
+def media_type_of(content_type: str | None) -> str:
+    """``application/json; charset=utf-8`` -> ``application/json``; none means JSON."""
+    if not content_type:
+        return wire.JSON
+    return content_type.split(";", 1)[0].strip().lower()

@@ -1,0 +1,103 @@
+"""Content negotiation and result encoding (JSON, .npy, .npz) through the wire module."""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Iterable
+
+import numpy as np
+from starlette.responses import Response, StreamingResponse
+
+from jacobian_client import wire
+
+from .engine import Result
+from .errors import NotAcceptable, ServiceError
+
+__all__ = ["acceptable", "choose", "encode", "is_single_array", "pieces_response", "problem_response"]
+
+_OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
+
+
+def acceptable(accept: str | None) -> list[str]:
+    """Our media types the ``Accept`` header allows, best first (q, then header order)."""
+    if not accept or not accept.strip():
+        return [wire.JSON]
+    ranked: list[tuple[float, int, str]] = []
+    for order, part in enumerate(accept.split(",")):
+        fields = [f.strip() for f in part.split(";")]
+        media = fields[0].lower()
+        q = 1.0
+        for param in fields[1:]:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q <= 0:
+            continue
+        if media in ("*/*", "application/*"):
+            ranked.append((q, order, wire.JSON))
+        elif media in _OFFERED:
+            ranked.append((q, order, media))
+    seen: list[str] = []
+    for _, _, media in sorted(ranked, key=lambda r: (-r[0], r[1])):
+        if media not in seen:
+            seen.append(media)
+    if not seen:
+        raise NotAcceptable(f"Accept {accept!r} allows none of {', '.join(_OFFERED)}")
+    return seen
+
+
+def choose(media: list[str], single_array: bool) -> str:
+    """The first acceptable type that can carry the result."""
+    for m in media:
+        if m != wire.NPY or single_array:
+            return m
+    raise NotAcceptable(
+        f"this result is not one bare array (it has several arrays, aux or output); "
+        f"ask for {wire.NPZ} or {wire.JSON}"
+    )
+
+
+def is_single_array(result: Result) -> bool:
+    return isinstance(result.value, np.ndarray) and not result.has_aux and result.output is None
+
+
+def encode(media: str, function: str, key: str, result: Result, meta: dict[str, Any]) -> Response:
+    """Encode a gathered result; CPU-heavy for large results, so run it off the loop."""
+    if media == wire.NPY:
+        return pieces_response(wire.write_npy(result.value), wire.NPY)
+    trees: dict[str, Any] = {key: result.value}
+    if result.has_aux:
+        trees["aux"] = result.aux
+    if result.output is not None:
+        trees["output"] = result.output
+    if media == wire.NPZ:
+        return Response(wire.write_npz(trees, {"function": function, **meta}), media_type=wire.NPZ)
+    body = {"function": function, **{k: wire.encode_tree(v) for k, v in trees.items()}, "meta": meta}
+    return Response(wire.dumps(body), media_type=wire.JSON)
+
+
+def pieces_response(pieces: Iterable[bytes | memoryview], media_type: str, headers: dict[str, str] | None = None) -> Response:
+    """A body sent piece by piece with its length known up front (no join, no copy)."""
+    pieces = list(pieces)
+    length = sum(memoryview(p).nbytes for p in pieces)
+
+    async def body() -> AsyncIterator[bytes | memoryview]:
+        for piece in pieces:
+            yield piece
+
+    return StreamingResponse(body(), media_type=media_type, headers={"Content-Length": str(length), **(headers or {})})
+
+
+def problem_response(error: ServiceError, request_id: str) -> Response:
+    body: dict[str, Any] = {
+        "type": f"urn:jacobian-service:problem:{error.code}",
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail,
+        "code": error.code,
+        "request_id": request_id,
+    }
+    headers = {"X-Request-ID": request_id, **error.headers}
+    return Response(wire.dumps(body), status_code=error.status, media_type=wire.PROBLEM, headers=headers)

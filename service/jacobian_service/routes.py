@@ -1,0 +1,379 @@
+"""The HTTP endpoints, kept thin: read, parse (off the loop when large), schedule, encode."""
+
+from __future__ import annotations
+
+import hmac
+import math
+import platform
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import anyio.to_thread
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from jacobian_client import wire
+
+from .engine import Call, Engine, Result, RowStream, to_numpy
+from .errors import (
+    Forbidden,
+    InvalidInput,
+    MalformedBody,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+    Unavailable,
+)
+from .parsing import Kind, Options, media_type_of, parse_call
+from .responses import acceptable, choose, encode, is_single_array, problem_response
+from .state import ServiceState
+
+__all__ = ["router"]
+
+# Bodies and results above this are parsed / encoded on a thread, not on the event loop.
+_OFFLOAD_BYTES = 256 << 10
+_RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp"}
+
+
+def _state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def require_key(request: Request) -> None:
+    """Bearer API keys, compared in constant time; no keys configured turns auth off."""
+    keys = _state(request).settings.api_key_set
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header or scheme.lower() != "bearer" or not token:
+        raise Unauthorized("send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+    supplied = token.strip().encode()
+    if not any(hmac.compare_digest(supplied, key.encode()) for key in keys):  # no early exit on a match
+        raise Forbidden("the API key is not valid")
+
+
+def _require_metrics_key(request: Request) -> None:
+    if _state(request).settings.metrics_auth:
+        require_key(request)
+
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+
+# ------------------------------------------------------------------ operations
+
+
+@router.get("/healthz", tags=["operations"], summary="Liveness: 200 while the process serves")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["operations"], summary="Readiness: 200 once warmed up, 503 while draining")
+async def readyz(request: Request) -> Response:
+    state = _state(request)
+    if state.ready and not state.draining:
+        return JSONResponse({"status": "ready"})
+    why = "draining" if state.draining else "warming up"
+    return problem_response(Unavailable(f"not ready: {why}", headers={"Retry-After": "1"}), request.state.request_id)
+
+
+@router.get("/metrics", tags=["operations"], dependencies=[Depends(_require_metrics_key)])
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    state.metrics.queue_depth.set(state.scheduler.depth())
+    for device in state.devices:
+        if device.type == "cuda":
+            state.metrics.device_memory.labels(str(device)).set(torch.cuda.memory_allocated(device))
+    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@v1.get("/info", tags=["operations"])
+async def info(request: Request) -> dict[str, Any]:
+    from . import __version__
+
+    s = _state(request).settings
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "devices": [str(d) for d in _state(request).devices],
+        "functions": len(_state(request).registry),
+        "limits": {
+            "max_request_bytes": s.max_request_bytes,
+            "max_result_bytes": s.max_result_bytes,
+            "max_array_elements": s.max_array_elements,
+            "max_array_rank": s.max_array_rank,
+            "max_npz_members": s.max_npz_members,
+            "max_json_depth": s.max_json_depth,
+            "max_queue": s.max_queue,
+            "max_batch_size": s.max_batch_size,
+            "max_batch_wait_ms": s.max_batch_wait_ms,
+            "request_timeout_s": s.request_timeout_s,
+            "memory_budget_bytes": s.memory_budget_bytes,
+            "stream_threshold_bytes": s.stream_threshold_bytes,
+        },
+        "auth": bool(s.api_key_set),
+    }
+
+
+@v1.get("/functions", tags=["functions"], summary="Every registered function")
+async def list_functions(request: Request) -> list[dict[str, Any]]:
+    return [spec.describe() for spec in _state(request).registry]
+
+
+@v1.get("/functions/{name}", tags=["functions"], summary="One function's description")
+async def describe_function(name: str, request: Request) -> dict[str, Any]:
+    return _state(request).registry.get(name).describe()
+
+
+# ------------------------------------------------------------------ derivatives
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise MalformedBody("Content-Length is not a number")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _deadline(state: ServiceState, request: Request) -> float:
+    """The server's timeout, shortened by the client's ``X-Request-Timeout`` (seconds)."""
+    timeout = state.settings.request_timeout_s
+    header = request.headers.get("x-request-timeout")
+    if header:
+        try:
+            asked = float(header)
+        except ValueError:
+            raise InvalidInput("X-Request-Timeout must be a number of seconds") from None
+        if not math.isfinite(asked) or asked <= 0:
+            raise InvalidInput("X-Request-Timeout must be a positive number of seconds")
+        timeout = min(timeout, asked)
+    return time.monotonic() + timeout
+
+
+async def _offload(size: int, fn: Callable[..., Any], *args: Any) -> Any:
+    if size > _OFFLOAD_BYTES:
+        return await anyio.to_thread.run_sync(fn, *args)
+    return fn(*args)
+
+
+def _meta(engine: Engine, result: Result | None, queue_s: float, compute_s: float, chunk: int | None = None) -> dict[str, Any]:
+    return {
+        "device": str(engine.device),
+        "chunk_size": chunk if result is None else result.chunk_size,
+        "batch_size": 1 if result is None else result.batch_size,
+        "mode": "rev" if result is None else result.mode,
+        "queue_ms": round(queue_s * 1e3, 3),
+        "compute_ms": round(compute_s * 1e3, 3),
+    }
+
+
+def _could_be_single(call: Call, kind: Kind) -> bool:
+    """Whether the result may be one bare array, judged before compute."""
+    if call.spec.has_aux or call.return_output:
+        return False
+    return kind in ("evaluate", "jvp") or not call.as_tuple
+
+
+async def _derivative(request: Request, name: str, kind: Kind) -> Response:
+    state = _state(request)
+    if state.draining:
+        raise Unavailable("the server is shutting down", headers={"Retry-After": "1"})
+    started = time.monotonic()
+    spec = state.registry.get(name)
+    media = acceptable(request.headers.get("accept"))
+    body = await _read_body(request, state.settings.max_request_bytes)
+    content_type = media_type_of(request.headers.get("content-type"))
+    call: Call = await _offload(
+        len(body), parse_call, spec, kind, content_type, body, dict(request.query_params), state.settings.wire_limits
+    )
+    call.deadline = _deadline(state, request)
+    call.max_result_bytes = state.settings.max_result_bytes
+    if not _could_be_single(call, kind):
+        media = [m for m in media if m != wire.NPY] or choose([wire.NPY], False)  # type: ignore[list-item]
+    if kind == "jacobian" and media[0] == wire.NPY and not call.batched and call.mode != "fwd":
+        return await _jacobian_npy(request, state, call, media)
+
+    result, timing, engine = await _schedule(state, call, lambda eng: getattr(eng, kind)(call))
+    chosen = choose(media, is_single_array(result))
+    meta = _meta(engine, result, timing.queue_s, timing.compute_s)
+    response = await _offload(_result_nbytes(result), encode, chosen, spec.name, _RESULT_KEY[kind], result, meta)
+    state.metrics.latency.labels(kind, "queue").observe(timing.queue_s)
+    state.metrics.latency.labels(kind, "compute").observe(timing.compute_s)
+    state.metrics.latency.labels(kind, "total").observe(time.monotonic() - started)
+    return response
+
+
+async def _schedule(state: ServiceState, call: Call, fn: Callable[[Engine], Any], **kw: Any) -> tuple[Any, Any, Engine]:
+    (result, engine), timing = await state.scheduler.run(lambda eng: (fn(eng), eng), deadline=call.deadline, **kw)
+    return result, timing, engine
+
+
+def _result_nbytes(result: Result) -> int:
+    arrays = [a for a in _leaves(result.value) if isinstance(a, np.ndarray)]
+    return sum(a.nbytes for a in arrays)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, (list, tuple)):
+        return [leaf for t in tree for leaf in _leaves(t)]
+    if isinstance(tree, dict):
+        return [leaf for t in tree.values() for leaf in _leaves(t)]
+    return [tree]
+
+
+async def _jacobian_npy(request: Request, state: ServiceState, call: Call, media: list[str]) -> Response:
+    """A Jacobian as ``.npy``: streamed row chunk by row chunk when large.
+
+    The forward pass (vjp) runs first; it fixes the output shape, hence the header and
+    Content-Length, before any row is computed. A failure after the header has gone out
+    aborts the connection, so a short body is never taken for a whole one.
+    """
+    stream, timing, engine = await _schedule(state, call, lambda eng: eng.row_stream(call))
+    worker = state.scheduler.engines.index(engine)
+    single = len(stream.leaves) == 1
+    start, stop = call.rows or (0, stream.total_rows)
+    nbytes = (stop - start) * stream.row_nbytes()
+    forward = engine._wants_forward(call, stream)  # noqa: SLF001 - the engine's own rule
+    if not single or forward or nbytes <= state.settings.stream_threshold_bytes:
+        result, timing2, _ = await _schedule(state, call, lambda eng: eng.jacobian(call, stream), worker=worker)
+        chosen = choose(media, is_single_array(result))
+        meta = _meta(engine, result, timing.queue_s, timing.compute_s + timing2.compute_s)
+        return await _offload(_result_nbytes(result), encode, chosen, call.spec.name, "jacobian", result, meta)
+
+    primal = stream.primals[0]
+    shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)
+    dtype = np.dtype("float32") if primal.dtype == torch.bfloat16 else primal.detach().cpu()[:0].numpy().dtype
+    header = wire.npy_header(shape, dtype)
+    chunk = call.chunk_size or stream.auto_chunk()
+    rows: dict[str, Any] = {}
+
+    def next_chunk(eng: Engine) -> np.ndarray | None:
+        if "it" not in rows:
+            rows["it"] = stream.chunks(start, stop, chunk)
+        for _, _, grads in rows["it"]:
+            return np.ascontiguousarray(to_numpy(grads[0]))
+        return None
+
+    async def body() -> AsyncIterator[bytes | memoryview]:
+        yield header
+        while True:
+            # A stream that keeps making progress is not timed out: each chunk gets the
+            # request timeout afresh once the first bytes are out.
+            call.deadline = time.monotonic() + state.settings.request_timeout_s
+            arr, _ = await state.scheduler.run(next_chunk, deadline=call.deadline, admitted=True, worker=worker)
+            if arr is None:
+                return
+            state.metrics.streamed_bytes.inc(arr.nbytes)
+            yield memoryview(arr.reshape(-1)).cast("B")
+
+    headers = {
+        "Content-Length": str(len(header) + nbytes),
+        "X-Chunk-Size": str(chunk),
+        "X-Device": str(engine.device),
+        "X-Queue-Ms": f"{timing.queue_s * 1e3:.3f}",
+    }
+    return StreamingResponse(body(), media_type=wire.NPY, headers=headers)
+
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            wire.JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "inputs": {
+                            "description": "arrays, positional (list) or by parameter name (object); an array is a "
+                            "number, a nested list, or {dtype, shape, data|base64}",
+                            "anyOf": [{"type": "array"}, {"type": "object"}],
+                        },
+                        "cotangents": {"description": "vjp only: one array, or a list/dict matching the outputs"},
+                        "tangents": {"description": "jvp only: one array, or a list matching argnums"},
+                        **Options.model_json_schema()["properties"],
+                    },
+                }
+            },
+            wire.NPY: {"schema": {"type": "string", "format": "binary"}},
+            wire.NPZ: {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "the result as JSON, .npy or .npz (by Accept)",
+            "content": {
+                wire.JSON: {"schema": {"type": "object"}},
+                wire.NPY: {"schema": {"type": "string", "format": "binary"}},
+                wire.NPZ: {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        **{
+            str(status): {"description": code, "content": {wire.PROBLEM: {"schema": {"type": "object"}}}}
+            for status, code in [
+                (400, "malformed_body"),
+                (404, "function_not_found"),
+                (406, "not_acceptable"),
+                (413, "payload_too_large / result_too_large"),
+                (415, "unsupported_media_type"),
+                (422, "invalid_input"),
+                (429, "overloaded"),
+                (500, "function_error"),
+                (504, "timeout"),
+                (507, "out_of_memory"),
+            ]
+        },
+    },
+}
+
+
+def _endpoint(kind: Kind) -> Callable[[str, Request], Awaitable[Response]]:
+    async def endpoint(name: str, request: Request) -> Response:
+        state = _state(request)
+        label = name if name in {s.name for s in state.registry} else "_unknown"
+        try:
+            response = await _derivative(request, name, kind)
+        except ServiceError as exc:
+            state.metrics.requests.labels(label, kind, str(exc.status), exc.code).inc()
+            raise
+        state.metrics.requests.labels(label, kind, str(response.status_code), "").inc()
+        return response
+
+    endpoint.__name__ = f"{kind}_endpoint"
+    return endpoint
+
+
+_SUMMARIES = {
+    "jacobian": "The Jacobian, as torch.func.jacrev computes it",
+    "hessian": "Second derivatives, as torch.func.hessian computes them",
+    "evaluate": "The function's output (and aux)",
+    "vjp": "Vector-Jacobian products, one or many cotangents",
+    "jvp": "Jacobian-vector products, one or many tangents",
+}
+for _kind, _summary in _SUMMARIES.items():
+    v1.add_api_route(
+        f"/functions/{{name}}/{_kind}",
+        _endpoint(_kind),  # type: ignore[arg-type]
+        methods=["POST"],
+        tags=["derivatives"],
+        summary=_summary,
+        openapi_extra=_BODY_DOC,
+        response_class=Response,
+    )
+
+router.include_router(v1)

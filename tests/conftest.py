@@ -1,0 +1,107 @@
+"""Shared fixtures: an in-process app (TestClient) and helpers to compare with torch.func."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from jacobian_client import wire
+from jacobian_service import create_app
+from jacobian_service.registry import Registry
+from jacobian_service.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def builtins() -> Registry:
+    return Registry.from_modules()
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[TestClient]:
+    """One in-process app for the read-only tests (warm-up off: tests warm what they use)."""
+    with TestClient(create_app(Settings(warmup=False, functions="jacobian_service.examples,tests.user_functions"))) as c:
+        yield c
+
+
+@pytest.fixture
+def make_client(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A fresh app configured through the environment, as an operator would."""
+    opened: list[TestClient] = []
+
+    def make(**env: Any) -> TestClient:
+        env.setdefault("warmup", "false")
+        for key, value in env.items():
+            monkeypatch.setenv(f"JACOBIAN_SERVICE_{key.upper()}", str(value))
+        c = TestClient(create_app(Settings()), raise_server_exceptions=False)
+        c.__enter__()
+        opened.append(c)
+        return c
+
+    yield make
+    for c in opened:
+        c.__exit__(None, None, None)
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def decode(response: Any, key: str = "jacobian") -> tuple[Any, dict[str, Any]]:
+    """A 200 response in any of the three formats -> (tree under key, whole document)."""
+    assert response.status_code == 200, response.text
+    media = response.headers["content-type"].split(";")[0]
+    if media == wire.NPY:
+        return wire.read_npy(response.content), {}
+    if media == wire.NPZ:
+        trees, meta = wire.read_result_npz(response.content)
+        return trees[key], {**trees, "meta": meta}
+    doc = response.json()
+    return wire.decode_tree(doc[key]), doc
+
+
+def torch_tree(tree: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: t.detach().numpy() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def assert_tree_close(got: Any, want: Any, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    if isinstance(want, torch.Tensor):
+        want = want.detach().numpy()
+    if isinstance(want, np.ndarray):
+        assert isinstance(got, np.ndarray), f"expected an array, got {type(got).__name__}"
+        assert got.shape == want.shape, (got.shape, want.shape)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+    elif isinstance(want, (tuple, list)):
+        assert isinstance(got, (tuple, list)) and len(got) == len(want), (type(got), got)
+        for g, w in zip(got, want):
+            assert_tree_close(g, w, rtol, atol)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want)
+        for k in want:
+            assert_tree_close(got[k], want[k], rtol, atol)
+    else:
+        assert got == want
+
+
+def assert_problem(response: Any, status: int, code: str) -> dict[str, Any]:
+    """An error: exact status and code, problem+json, and no traceback anywhere."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(wire.PROBLEM)
+    body = response.json()
+    assert set(body) == {"type", "title", "status", "detail", "code", "request_id"}
+    assert body["status"] == status and body["code"] == code
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    return body

@@ -1,0 +1,41 @@
+"""A user module (not a built-in), loaded by name through JACOBIAN_SERVICE_FUNCTIONS."""
+
+from __future__ import annotations
+
+import torch
+
+from jacobian_service import Input, register
+
+
+@register(
+    name="scaled_norm",
+    inputs=[Input("x", shape=("n", 3)), Input("scale", shape=(), dtype="float64"), Input("power", shape=(), dtype="int64")],
+    has_aux=True,
+    description="Row norms of x times scale, with mixed aux.",
+)
+def scaled_norm(x: torch.Tensor, scale: torch.Tensor, power: torch.Tensor):
+    norms = (x**2).sum(-1).sqrt() * scale.to(x.dtype) ** power.to(x.dtype)
+    return norms, {"total": norms.sum(), "label": "norms", "sizes": [int(x.shape[0]), 3]}
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Data-dependent control flow: vmap cannot batch it.")
+def branchy(x: torch.Tensor) -> torch.Tensor:
+    if x.sum().item() > 0:  # .item() defeats vmap of the function itself
+        return torch.stack([x[0] * x[1], x[1] ** 3])
+    return torch.stack([x[0], -x[1]])
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Always raises.")
+def broken(x: torch.Tensor) -> torch.Tensor:
+    raise ValueError("the simulator diverged")
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Returns a string, not a tensor.")
+def wrong_type(x: torch.Tensor):
+    return "not a tensor"
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def dict_out(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A dict of outputs."""
+    return {"a": x.sum(), "b": x * x}
