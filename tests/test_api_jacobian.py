@@ -122,7 +122,7 @@ def test_inputs_by_name_and_base64(client, builtins):
         },
         "argnums": "y",
     }
-    got, _ = decode(client.post("/v1/functions/add_square/jacobian", json=body))
+    got, _ = decode(client.post("/v1/functions/add_square/jacobian", content=wire.dumps(body)))
     assert_tree_close(got, reference(builtins, "add_square", [x, y], 1))
 
 

@@ -39,3 +39,28 @@ def wrong_type(x: torch.Tensor):
 def dict_out(x: torch.Tensor) -> dict[str, torch.Tensor]:
     """A dict of outputs."""
     return {"a": x.sum(), "b": x * x}
+
+
+class _FailLate(torch.autograd.Function):
+    """Identity whose backward fails for rows in the second half of the output."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        if grad[grad.shape[-1] // 2 :].abs().sum() > 0:
+            raise RuntimeError("backward failed half-way")
+        return grad
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Fails half-way through its Jacobian's rows.")
+def fails_midway(x: torch.Tensor) -> torch.Tensor:
+    return _FailLate.apply(x)

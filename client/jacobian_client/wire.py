@@ -229,17 +229,19 @@ def decode_json_array(obj: Any, default_dtype: str | None = None, limits: Limits
     raise WireError(f"expected an array (number, list or object), got {type(obj).__name__}", "invalid_input")
 
 
-def _dtype_name(arr: np.ndarray) -> str:
-    return arr.dtype.name
+def _c_order(arr: np.ndarray) -> np.ndarray:
+    """C-contiguous, native byte order; unlike np.ascontiguousarray it keeps 0-d arrays 0-d."""
+    if arr.dtype.byteorder not in "=|":
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
 def encode_tree(tree: Any) -> Any:
     """Arrays -> ``{"dtype", "shape", "data"}``; tuples -> lists; the rest as is."""
     if isinstance(tree, np.ndarray):
-        arr = np.ascontiguousarray(tree)
-        if arr.dtype.byteorder not in "=|":
-            arr = arr.astype(arr.dtype.newbyteorder("="))
-        return {"dtype": _dtype_name(arr), "shape": list(arr.shape), "data": arr}
+        arr = _c_order(tree)
+        data = arr.item() if arr.ndim == 0 else arr  # orjson serialises no 0-d arrays
+        return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": data}
     if isinstance(tree, np.generic):
         return tree.item()
     if isinstance(tree, (list, tuple)):
@@ -282,7 +284,7 @@ def npy_nbytes(shape: tuple[int, ...], dtype: np.dtype | str) -> int:
 
 def write_npy(arr: np.ndarray) -> list[bytes | memoryview]:
     """A ``.npy`` body as pieces (header, data view): no copy of the data."""
-    arr = np.ascontiguousarray(arr)
+    arr = _c_order(arr)
     return [npy_header(arr.shape, arr.dtype), memoryview(arr.reshape(-1)).cast("B")]
 
 
@@ -310,6 +312,8 @@ def read_npy(body: bytes | memoryview, limits: Limits = Limits()) -> np.ndarray:
     except Exception as exc:  # numpy raises ValueError, SyntaxError, EOFError, ...
         raise WireError(f"unreadable .npy header: {exc}") from None
     dtype = _checked_dtype(dtype)
+    if any(d < 0 for d in shape):
+        raise WireError(f".npy header declares a negative shape {shape}")
     _check_shape(list(shape), limits)
     count = math.prod(shape)
     offset = fp.tell()

@@ -1,0 +1,27 @@
+# Set-up is part of every target: a fresh machine needs only Python 3.11 and make.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+# torch first, pinned: an open range would pull a multi-GB CUDA build on a CPU machine.
+TORCH ?= torch==2.13.0
+
+.PHONY: serve test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+serve: $(STAMP)  ## serve the built-in examples on http://127.0.0.1:8000
+	$(BIN)/jacobian-service serve $(ARGS)
+
+test: $(STAMP)  ## run the whole test suite
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: $(STAMP)  ## side-by-side benchmarks (prints ratios)
+	$(BIN)/python -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

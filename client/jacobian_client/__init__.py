@@ -1,0 +1,1 @@
+"""jacobian_client: the Python SDK of jacobian-service (httpx + numpy, never torch)."""

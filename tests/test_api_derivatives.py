@@ -1,0 +1,115 @@
+"""Hessian, evaluate, vjp and jvp through HTTP equal their torch.func counterparts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jacobian_client import wire
+
+from .conftest import assert_tree_close, decode, npz_bytes
+from .test_api_jacobian import BUILTINS, example_inputs, post
+
+
+def tensors(arrays):
+    return [torch.from_numpy(a.copy()) for a in arrays]
+
+
+@pytest.mark.parametrize("name", ["sum_sin", "sin", "softmax", "planar_arm", "lorenz96", "polar", "sin_aux"])
+@pytest.mark.parametrize("transport", ["json", "npz"])
+def test_hessian_equals_torch_func_hessian(client, builtins, name, transport):
+    spec = builtins.get(name)
+    inputs = example_inputs(name)
+    got, doc = decode(post(client, name, inputs, transport, endpoint="hessian", accept=wire.NPZ if transport == "npz" else None), "hessian")
+    fn = (lambda *a: spec.fn(*a)[0]) if spec.has_aux else spec.fn
+    want = torch.func.hessian(fn)(*tensors(inputs))
+    assert_tree_close(got, want, rtol=1e-6, atol=1e-8)
+    if spec.has_aux:
+        aux = doc["aux"] if transport == "npz" else wire.decode_tree(doc["aux"])
+        assert_tree_close(aux, spec.fn(*tensors(inputs))[1])
+
+
+def test_hessian_sum_sin_is_diag_minus_sin(client):
+    x = example_inputs("sum_sin")[0]
+    got, _ = decode(post(client, "sum_sin", [x], "json", endpoint="hessian"), "hessian")
+    np.testing.assert_allclose(got, np.diag(-np.sin(x)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("argnums", [(0, 1), 1])
+def test_hessian_argnums(client, builtins, argnums):
+    inputs = example_inputs("add_square")
+    wire_argnums = list(argnums) if isinstance(argnums, tuple) else argnums
+    got, _ = decode(post(client, "add_square", inputs, "json", endpoint="hessian", argnums=wire_argnums), "hessian")
+    want = torch.func.hessian(builtins.get("add_square").fn, argnums=argnums)(*tensors(inputs))
+    assert_tree_close(got, want)
+
+
+def test_batched_hessian(client, builtins):
+    xs = example_inputs("sum_sin", batch=3)
+    got, _ = decode(post(client, "sum_sin", xs, "json", endpoint="hessian", batched=True), "hessian")
+    want = torch.func.vmap(torch.func.hessian(builtins.get("sum_sin").fn))(*tensors(xs))
+    assert_tree_close(got, want)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_evaluate(client, builtins, name):
+    spec = builtins.get(name)
+    inputs = example_inputs(name)
+    got, doc = decode(post(client, name, inputs, "json", endpoint="evaluate"), "output")
+    want = spec.fn(*tensors(inputs))
+    if spec.has_aux:
+        want, aux = want
+        assert_tree_close(wire.decode_tree(doc["aux"]), aux)
+    assert_tree_close(got, want)
+
+
+def test_evaluate_batched_npy(client, builtins):
+    xs = example_inputs("mlp", batch=5)
+    got, _ = decode(post(client, "mlp", xs, "npy", endpoint="evaluate", accept=wire.NPY, batched=True), "output")
+    assert_tree_close(got, torch.func.vmap(builtins.get("mlp").fn)(*tensors(xs)), rtol=1e-5)
+
+
+def test_vjp_single_and_batched(client, builtins):
+    x = example_inputs("softmax")[0]
+    v = np.random.default_rng(1).standard_normal((3, x.size))
+    _, pullback = torch.func.vjp(builtins.get("softmax").fn, torch.from_numpy(x))
+    doc = client.post("/v1/functions/softmax/vjp", json={"inputs": [x.tolist()], "cotangents": v[0].tolist()})
+    got, _ = decode(doc, "vjp")
+    # plain numbers take float32 for a floating input
+    assert_tree_close(got, pullback(torch.from_numpy(v[0]))[0].float(), rtol=1e-5, atol=1e-6)
+    body = {"inputs": [wire.encode_tree(x)], "cotangents": wire.encode_tree(v), "batched_vectors": True}
+    got, _ = decode(client.post("/v1/functions/softmax/vjp", content=wire.dumps(body)), "vjp")
+    want = torch.func.vmap(pullback)(torch.from_numpy(v))[0]
+    assert_tree_close(got, want)
+
+
+def test_vjp_tuple_output_and_argnums_npz(client, builtins):
+    r, th = example_inputs("polar")
+    cot = [np.ones(r.size), np.arange(r.size, dtype=np.float64)]
+    _, pullback = torch.func.vjp(builtins.get("polar").fn, *tensors([r, th]))
+    want = pullback(tuple(tensors(cot)))
+    body = npz_bytes(r=r, theta=th, **{"cotangents/0": cot[0], "cotangents/1": cot[1]})
+    response = client.post("/v1/functions/polar/vjp?argnums=0,1", content=body, headers={"content-type": wire.NPZ, "accept": wire.NPZ})
+    got, _ = decode(response, "vjp")
+    assert_tree_close(got, want)
+
+
+def test_jvp_single_and_batched(client, builtins):
+    r, th = example_inputs("polar")
+    fn = builtins.get("polar").fn
+    t = np.random.default_rng(2).standard_normal((4, r.size))
+    body = {"inputs": [wire.encode_tree(r), wire.encode_tree(th)], "tangents": wire.encode_tree(t[0]), "argnums": "theta"}
+    got, _ = decode(client.post("/v1/functions/polar/jvp", content=wire.dumps(body)), "jvp")
+    want = torch.func.jvp(lambda a: fn(torch.from_numpy(r), a), (torch.from_numpy(th),), (torch.from_numpy(t[0]),))[1]
+    assert_tree_close(got, want)
+    body = {"inputs": [wire.encode_tree(r), wire.encode_tree(th)], "tangents": [wire.encode_tree(t), wire.encode_tree(t)], "argnums": [0, 1], "batched_vectors": True}
+    got, _ = decode(client.post("/v1/functions/polar/jvp", content=wire.dumps(body)), "jvp")
+    want = torch.func.vmap(lambda a: torch.func.jvp(fn, tuple(tensors([r, th])), (a, a))[1])(torch.from_numpy(t))
+    assert_tree_close(got, want)
+
+
+def test_vjp_shape_mismatch_is_422(client):
+    response = client.post("/v1/functions/sin/vjp", json={"inputs": [[1.0, 2.0]], "cotangents": [1.0, 2.0, 3.0]})
+    assert response.status_code == 422 and response.json()["code"] == "invalid_input"
+    assert "cotangents" in response.json()["detail"]

@@ -1,0 +1,199 @@
+"""Every error answers problem+json with its exact status and code, and nothing else breaks."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from jacobian_client import wire
+
+from .conftest import assert_problem, decode, npy_bytes, npz_bytes
+
+URL = "/v1/functions/sin/jacobian"
+
+
+def still_serving(client) -> None:
+    got, _ = decode(client.post(URL, json={"inputs": [[0.0, 1.0]]}))
+    np.testing.assert_allclose(np.diag(got), np.cos([0.0, 1.0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "body, content_type",
+    [
+        (b"{not json", wire.JSON),
+        (b"", wire.JSON),
+        (b"\xff\xfe", wire.JSON),
+        (b"\x93NUMPY\x01\x00garbage", wire.NPY),
+        (npy_bytes(np.arange(10.0))[:-8], wire.NPY),  # truncated data
+        (npy_bytes(np.arange(10.0))[:20], wire.NPY),  # truncated header
+        (npy_bytes(np.arange(3.0)) + b"extra", wire.NPY),
+        (b"PK\x03\x04 not a zip", wire.NPZ),
+        (npz_bytes(x=np.arange(3.0))[:-30], wire.NPZ),
+    ],
+)
+def test_malformed_bodies_are_400(client, body, content_type):
+    assert_problem(client.post(URL, content=body, headers={"content-type": content_type}), 400, "malformed_body")
+    still_serving(client)
+
+
+def test_pickles_are_refused(client):
+    obj = np.array([{"a": 1}, None], dtype=object)
+    buf = io.BytesIO()
+    np.save(buf, obj, allow_pickle=True)
+    assert_problem(client.post(URL, content=buf.getvalue(), headers={"content-type": wire.NPY}), 400, "malformed_body")
+    raw = pickle.dumps(np.arange(3.0))
+    assert_problem(client.post(URL, content=raw, headers={"content-type": wire.NPY}), 400, "malformed_body")
+    still_serving(client)
+
+
+def test_unknown_function_lists_close_names(client):
+    body = assert_problem(client.post("/v1/functions/sine/jacobian", json={"inputs": [[1.0]]}), 404, "function_not_found")
+    assert "'sin'" in body["detail"]
+    assert_problem(client.get("/v1/functions/nope"), 404, "function_not_found")
+    assert_problem(client.get("/nowhere"), 404, "not_found")
+    assert_problem(client.delete(URL), 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize(
+    "url, accept",
+    [
+        (URL, "text/html"),
+        ("/v1/functions/sin_aux/jacobian", wire.NPY),  # aux: known before compute
+        ("/v1/functions/polar/jacobian", wire.NPY),  # a tuple of outputs: known after the forward pass
+    ],
+)
+def test_not_acceptable(client, url, accept):
+    inputs = [[1.0, 2.0]] * (2 if "polar" in url else 1)
+    body = assert_problem(client.post(url, json={"inputs": inputs}, headers={"accept": accept}), 406, "not_acceptable")
+    if accept == wire.NPY:
+        assert wire.NPZ in body["detail"]
+
+
+def test_accept_falls_back_by_preference(client):
+    response = client.post("/v1/functions/polar/jacobian", json={"inputs": [[1.0], [2.0]]}, headers={"accept": f"{wire.NPY}, {wire.NPZ};q=0.5"})
+    assert response.status_code == 200 and response.headers["content-type"] == wire.NPZ
+
+
+def test_unsupported_media_type(client):
+    assert_problem(client.post(URL, content=b"x=1", headers={"content-type": "application/x-www-form-urlencoded"}), 415, "unsupported_media_type")
+
+
+def test_payload_and_result_limits(make_client):
+    c = make_client(max_request_bytes=1000, max_result_bytes=4096, stream_threshold_bytes=0)
+    big = {"inputs": [list(np.linspace(0, 1, 500))]}
+    assert_problem(c.post(URL, json=big), 413, "payload_too_large")
+    # 40 x 40 float32 = 6400 bytes: too large gathered as JSON ...
+    body = assert_problem(c.post(URL, json={"inputs": [[0.5] * 40]}), 413, "result_too_large")
+    assert "application/x-npy" in body["detail"]
+    # ... but fine streamed as .npy
+    response = c.post(URL, content=npy_bytes(np.full(40, 0.5, np.float32)), headers={"content-type": wire.NPY, "accept": wire.NPY})
+    got, _ = decode(response)
+    np.testing.assert_allclose(got, np.diag(np.cos(np.full(40, 0.5))), rtol=1e-6)
+    still_serving(c)
+
+
+def test_npz_declared_size_checked_before_expanding(make_client):
+    c = make_client(max_request_bytes=100_000)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.npy", npy_bytes(np.zeros(1_000_000)))  # 8 MB that deflates to ~8 kB
+    assert len(buf.getvalue()) < 100_000
+    assert_problem(c.post(URL, content=buf.getvalue(), headers={"content-type": wire.NPZ}), 413, "payload_too_large")
+    members = npz_bytes(**{f"m{i}": np.zeros(1) for i in range(100)})
+    assert_problem(c.post(URL, content=members, headers={"content-type": wire.NPZ}), 413, "payload_too_large")
+
+
+@pytest.mark.parametrize(
+    "url, body, words",
+    [
+        (URL, {"inputs": [[1.0], [2.0]]}, "takes 1 inputs"),
+        (URL, {"inputs": []}, "takes 1 inputs"),
+        (URL, {}, "no 'inputs'"),
+        (URL, [1, 2], "JSON object"),
+        (URL, {"inputs": [[[1.0, 2.0]]]}, "expected shape (n,)"),
+        ("/v1/functions/add_square/jacobian", {"inputs": [[1.0, 2.0], [1.0]]}, "n = 2"),
+        ("/v1/functions/mlp/jacobian", {"inputs": [[1.0] * 127]}, "expected shape (128,)"),
+        (URL, {"inputs": [[1.0]], "argnums": 1}, "out of range"),
+        (URL, {"inputs": [[1.0]], "argnums": "y"}, "not a parameter"),
+        ("/v1/functions/add_square/jacobian", {"inputs": [[1.0], [1.0]], "argnums": [0, 0]}, "duplicates"),
+        (URL, {"inputs": [[1.0]], "argnums": []}, "empty"),
+        (URL, {"inputs": [[1.0]], "argnums": 1.5}, "argnums"),
+        (URL, {"inputs": [[1.0]], "chunk_size": 0}, "chunk_size"),
+        (URL, {"inputs": [[1.0]], "chunk_size": -3}, "chunk_size"),
+        (URL, {"inputs": [[1.0]], "mode": "sideways"}, "mode"),
+        (URL, {"inputs": [[1.0]], "colour": "red"}, "colour"),
+        (URL, {"inputs": [[1.0, 2.0]], "rows": [1, 5]}, "out of range"),
+        (URL, {"inputs": [[1.0, 2.0]], "rows": [2, 1]}, "start <= stop"),
+        (URL, {"inputs": [["a", "b"]]}, "numbers"),
+        (URL, {"inputs": [[[1.0], [2.0, 3.0]]]}, "regular array"),
+        (URL, {"inputs": [{"dtype": "complex128", "shape": [1], "data": [1]}]}, "unknown dtype"),
+        (URL, {"inputs": [{"dtype": "float32", "shape": [3], "data": [1, 2]}]}, "shape [3] needs 3"),
+        (URL, {"inputs": [{"dtype": "float32", "shape": [-1], "data": []}]}, "negative"),
+        (URL, {"inputs": [{"dtype": "float32", "shape": [2], "base64": "!!"}]}, "base64"),
+        (URL, {"inputs": [[1.0, 2.0]], "batched": True}, "expected shape (n,)"),
+        ("/v1/functions/add_square/jacobian", {"inputs": [[[1.0]], [[1.0], [2.0]]], "batched": True}, "batch size"),
+        ("/v1/functions/mlp/jacobian", {"inputs": [{"dtype": "float64", "shape": [128], "data": [0] * 128}], "batched": "maybe"}, "batched"),
+        ("/v1/functions/sin/vjp", {"inputs": [[1.0]]}, "cotangents"),
+    ],
+)
+def test_invalid_input_is_422(client, url, body, words):
+    detail = assert_problem(client.post(url, json=body), 422, "invalid_input")["detail"]
+    assert words in detail
+
+
+def test_wrong_dtypes(client):
+    # int64 input declared: a float is no same_kind cast
+    body = {"inputs": [[[1.0, 2.0, 3.0]], 2.0, {"dtype": "float64", "shape": [], "data": 2.0}]}
+    detail = assert_problem(client.post("/v1/functions/scaled_norm/jacobian", json=body), 422, "invalid_input")["detail"]
+    assert "power" in detail and "int64" in detail
+    # non-float input to differentiate
+    body = {"inputs": [[[1.0, 2.0, 3.0]], 2.0, 2], "argnums": "power"}
+    detail = assert_problem(client.post("/v1/functions/scaled_norm/jacobian", json=body), 422, "invalid_input")["detail"]
+    assert "only floating inputs" in detail
+    # mlp is float32: float64 casts (same_kind), int casts to float, bool does not
+    ok = client.post("/v1/functions/mlp/jacobian", content=npy_bytes(np.zeros(128, np.int64)), headers={"content-type": wire.NPY, "accept": wire.JSON})
+    assert ok.status_code == 200 and ok.json()["jacobian"]["dtype"] == "float32"
+
+
+def test_function_errors_are_500_for_that_request_only(client):
+    body = assert_problem(client.post("/v1/functions/broken/jacobian", json={"inputs": [[1.0]]}), 500, "function_error")
+    assert body["detail"] == "ValueError: the simulator diverged"
+    body = assert_problem(client.post("/v1/functions/wrong_type/evaluate", json={"inputs": [[1.0]]}), 500, "function_error")
+    assert "expected a tensor" in body["detail"]
+    for endpoint in ("jacobian", "hessian", "evaluate", "vjp", "jvp"):
+        payload = {"inputs": [[1.0]], "cotangents": [1.0], "tangents": [1.0]}
+        payload = {k: v for k, v in payload.items() if k == "inputs" or (k == "cotangents") == (endpoint == "vjp") and (k == "tangents") == (endpoint == "jvp")}
+        assert_problem(client.post(f"/v1/functions/broken/{endpoint}", json=payload), 500, "function_error")
+    still_serving(client)
+
+
+def test_request_id_is_echoed_or_made(client):
+    response = client.get("/healthz", headers={"x-request-id": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+    made = client.get("/healthz").headers["x-request-id"]
+    assert len(made) == 32
+    body = client.post("/v1/functions/nope/jacobian", json={"inputs": []}, headers={"x-request-id": "r-9"}).json()
+    assert body["request_id"] == "r-9"
+
+
+def test_auth(make_client):
+    c = make_client(api_keys="k1, k2")
+    assert c.get("/healthz").status_code == 200
+    assert c.get("/readyz").status_code == 200
+    assert_problem(c.get("/v1/functions"), 401, "unauthorized")
+    assert_problem(c.post(URL, json={"inputs": [[1.0]]}), 401, "unauthorized")
+    assert_problem(c.get("/v1/functions", headers={"authorization": "Bearer nope"}), 403, "forbidden")
+    assert_problem(c.get("/v1/functions", headers={"authorization": "Basic k1"}), 401, "unauthorized")
+    assert c.get("/v1/functions", headers={"authorization": "Bearer k2"}).status_code == 200
+    assert c.post(URL, json={"inputs": [[1.0]]}, headers={"authorization": "Bearer k1"}).status_code == 200
+    assert c.get("/metrics").status_code == 200  # open unless metrics_auth
+
+
+def test_metrics_auth_is_configurable(make_client):
+    c = make_client(api_keys="k1", metrics_auth="true")
+    assert_problem(c.get("/metrics"), 401, "unauthorized")
+    assert c.get("/metrics", headers={"authorization": "Bearer k1"}).status_code == 200

@@ -1,0 +1,137 @@
+"""Against a real uvicorn on loopback, started the way the README starts it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from jacobian_client import wire
+
+from .conftest import assert_problem, npy_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "JACOBIAN_SERVICE_FUNCTIONS": "jacobian_service.examples,tests.user_functions",
+        "JACOBIAN_SERVICE_STREAM_THRESHOLD_BYTES": str(1 << 20),
+        "JACOBIAN_SERVICE_MEMORY_BUDGET_BYTES": str(64 << 20),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jacobian_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.2)
+        else:
+            pytest.fail("the server did not become ready")
+        yield url
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0].decode()
+        assert "Traceback" not in out.replace("RuntimeError: backward failed half-way", "") or "backward failed half-way" in out
+
+
+def test_json_and_npy_round_trip(server):
+    x = np.linspace(-1, 1, 7)
+    doc = httpx.post(f"{server}/v1/functions/sin/jacobian", json={"inputs": [{"dtype": "float64", "shape": [7], "data": x.tolist()}]}).json()
+    np.testing.assert_allclose(doc["jacobian"]["data"], np.diag(np.cos(x)), rtol=1e-12)
+    r = httpx.post(f"{server}/v1/functions/lorenz96/jacobian", content=npy_bytes(x), headers={"content-type": wire.NPY, "accept": wire.NPY})
+    want = torch.func.jacrev(lambda v: __import__("jacobian_service.examples", fromlist=["x"]).lorenz96(v))(torch.from_numpy(x))
+    np.testing.assert_allclose(wire.read_npy(r.content), want.numpy(), rtol=1e-12)
+
+
+def test_large_jacobian_is_streamed_in_row_chunks(server):
+    n = 2000  # 2000 x 2000 float32 = 16 MB > the 1 MB stream threshold
+    x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    with httpx.stream("POST", f"{server}/v1/functions/softmax/jacobian", content=npy_bytes(x), headers={"content-type": wire.NPY, "accept": wire.NPY}, timeout=120) as r:
+        assert r.status_code == 200
+        chunk_rows = int(r.headers["x-chunk-size"])
+        assert 1 <= chunk_rows < n  # the 64 MB memory budget forces several chunks
+        body = b"".join(r.iter_bytes())
+    assert int(r.headers["content-length"]) == len(body)
+    got = wire.read_npy(body)
+    s = torch.softmax(torch.from_numpy(x).double(), -1).numpy()
+    np.testing.assert_allclose(got, np.diag(s) - np.outer(s, s), atol=1e-6)
+
+
+def test_failure_mid_stream_aborts_the_connection(server):
+    x = np.ones(4096, np.float32)  # 64 MB of Jacobian: streamed; rows past 2048 fail
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("POST", f"{server}/v1/functions/fails_midway/jacobian?chunk_size=256", content=npy_bytes(x), headers={"content-type": wire.NPY, "accept": wire.NPY}, timeout=120) as r:
+            assert r.status_code == 200
+            for _ in r.iter_bytes():
+                pass
+    # and the server goes on serving
+    assert httpx.get(f"{server}/healthz").status_code == 200
+    r = httpx.post(f"{server}/v1/functions/fails_midway/jacobian", json={"inputs": [[1.0, 2.0]]})
+    assert_problem(r, 500, "function_error")
+
+
+def test_health_answers_within_50ms_while_computing(server):
+    done = threading.Event()
+    result: dict[str, int] = {}
+
+    def long_call() -> None:
+        x = np.ones(4000, np.float32).tolist()
+        r = httpx.post(f"{server}/v1/functions/softmax/jacobian", json={"inputs": [x], "chunk_size": 1}, headers={"accept": wire.NPZ}, timeout=120)
+        result["status"] = r.status_code
+        done.set()
+
+    thread = threading.Thread(target=long_call)
+    thread.start()
+    latencies = []
+    with httpx.Client() as c:
+        while not done.is_set() and len(latencies) < 200:
+            t0 = time.perf_counter()
+            assert c.get(f"{server}/healthz").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+    thread.join()
+    assert result["status"] == 200
+    assert len(latencies) >= 5, "the long Jacobian finished too fast to measure"
+    assert np.median(latencies) < 0.05 and max(latencies) < 0.25, latencies
+
+
+def test_metrics_and_info(server):
+    httpx.post(f"{server}/v1/functions/nope/jacobian", json={"inputs": []})
+    text = httpx.get(f"{server}/metrics").text
+    assert 'jacobian_service_requests_total{code="function_not_found",endpoint="jacobian",function="_unknown",status="404"}' in text
+    assert "jacobian_service_queue_depth" in text
+    info = httpx.get(f"{server}/v1/info").json()
+    assert info["devices"] == ["cpu"] and info["limits"]["stream_threshold_bytes"] == 1 << 20
+    assert httpx.get(f"{server}/openapi.json").json()["paths"]["/v1/functions/{name}/jacobian"]["post"]
+    assert httpx.get(f"{server}/docs").status_code == 200
