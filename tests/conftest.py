@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any, Iterator
+
+import httpx
 
 import numpy as np
 import pytest
@@ -35,6 +44,7 @@ def make_client(monkeypatch: pytest.MonkeyPatch) -> Any:
 
     def make(**env: Any) -> TestClient:
         env.setdefault("warmup", "false")
+        env.setdefault("functions", "jacobian_service.examples,tests.user_functions")
         for key, value in env.items():
             monkeypatch.setenv(f"JACOBIAN_SERVICE_{key.upper()}", str(value))
         c = TestClient(create_app(Settings()), raise_server_exceptions=False)
@@ -105,3 +115,51 @@ def assert_problem(response: Any, status: int, code: str) -> dict[str, Any]:
     assert body["request_id"] == response.headers["x-request-id"]
     assert "Traceback" not in response.text and 'File "' not in response.text
     return body
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(**settings: Any) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``jacobian-service serve`` in a subprocess on a loopback port, ready when yielded."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "JACOBIAN_SERVICE_FUNCTIONS": "jacobian_service.examples,tests.user_functions",
+        **{f"JACOBIAN_SERVICE_{k.upper()}": str(v) for k, v in settings.items()},
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jacobian_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not become ready:\n{proc.stdout.read().decode()}")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -18,51 +13,13 @@ import torch
 
 from jacobian_client import wire
 
-from .conftest import assert_problem, npy_bytes
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import assert_problem, live_server, npy_bytes
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "JACOBIAN_SERVICE_FUNCTIONS": "jacobian_service.examples,tests.user_functions",
-        "JACOBIAN_SERVICE_STREAM_THRESHOLD_BYTES": str(1 << 20),
-        "JACOBIAN_SERVICE_MEMORY_BUDGET_BYTES": str(64 << 20),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jacobian_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.2)
-        else:
-            pytest.fail("the server did not become ready")
+    with live_server(STREAM_THRESHOLD_BYTES=1 << 20, MEMORY_BUDGET_BYTES=64 << 20) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0].decode()
-        assert "Traceback" not in out.replace("RuntimeError: backward failed half-way", "") or "backward failed half-way" in out
 
 
 def test_json_and_npy_round_trip(server):

@@ -64,3 +64,38 @@ class _FailLate(torch.autograd.Function):
 @register(inputs=[Input("x", shape=("n",))], description="Fails half-way through its Jacobian's rows.")
 def fails_midway(x: torch.Tensor) -> torch.Tensor:
     return _FailLate.apply(x)
+
+
+@register(inputs=[Input("a", shape=("n", "n"))], description="Cholesky factor: fails for a matrix that is not positive definite.")
+def cholesky(a: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.cholesky(a)
+
+
+class _Hungry(torch.autograd.Function):
+    """Doubles x; its backward "runs out of memory" for more than ``ROWS_THAT_FIT`` rows
+    at once under vmap, as a GPU would, and for any row when x[0] < 0."""
+
+    generate_vmap_rule = True
+    ROWS_THAT_FIT = 4
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.always = bool(inputs[0].detach()[..., 0].lt(0).any()) if not torch._C._functorch.is_batchedtensor(inputs[0]) else False
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        from torch._C._functorch import get_unwrapped, is_batchedtensor
+
+        rows = get_unwrapped(grad).shape[0] if is_batchedtensor(grad) else 1
+        if ctx.always or rows > _Hungry.ROWS_THAT_FIT:
+            raise torch.OutOfMemoryError(f"simulated: {rows} rows do not fit")
+        return grad * 2
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Runs out of memory above 4 rows per chunk.")
+def memory_hungry(x: torch.Tensor) -> torch.Tensor:
+    return _Hungry.apply(x)

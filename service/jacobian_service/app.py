@@ -57,6 +57,15 @@ def resolve_devices(setting: str) -> list[torch.device]:
     return [torch.device("cuda", index)]
 
 
+def default_memory_budget(device: torch.device) -> int:
+    """256 MiB on the CPU (streams stay small; larger chunks gain little there); half the
+    free memory on a GPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return 256 << 20
+
+
 def _warmup_call(spec: FunctionSpec) -> Call:
     """Small inputs of the declared shapes (symbols bound to 3)."""
     args = []
@@ -122,8 +131,15 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             torch.set_num_threads(settings.torch_threads)
         devices = resolve_devices(settings.device)
         reg = registry if registry is not None else Registry.from_modules(settings.function_modules)
-        scheduler = Scheduler([Engine(d, settings.memory_budget_bytes) for d in devices], settings.max_queue)
-        state = ServiceState(settings, reg, scheduler, Metrics(), devices)
+        metrics = Metrics()
+        scheduler = Scheduler(
+            [Engine(d, settings.memory_budget_bytes or default_memory_budget(d)) for d in devices],
+            settings.max_queue,
+            max_batch=settings.max_batch_size,
+            batch_wait_s=settings.max_batch_wait_ms / 1e3,
+            on_batch=metrics.batch_size.observe,
+        )
+        state = ServiceState(settings, reg, scheduler, metrics, devices)
         app.state.service = state
         scheduler.start()
         warm = asyncio.create_task(_warm_up(state)) if settings.warmup else None

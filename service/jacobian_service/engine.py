@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -82,7 +82,6 @@ class Result:
     output: Any = None
     chunk_size: int | None = None
     mode: str | None = None
-    batch_size: int = 1
 
 
 def to_numpy(tree: Any) -> Any:
@@ -209,6 +208,7 @@ class RowStream:
                 raise FunctionError(f"the function returned a {leaf.dtype} output; only floating outputs can be differentiated")
         self.sizes = [leaf.numel() for leaf in self.leaves]
         self.total_rows = sum(self.sizes)
+        self.chunk_used: int | None = None  # after out-of-memory halving
 
     def row_nbytes(self) -> int:
         return sum(p.numel() * _wire_itemsize(p.dtype) for p in self.primals)
@@ -238,6 +238,7 @@ class RowStream:
                     log.warning("out of memory at %d rows; retrying with %d", e - s, chunk_size)
                     continue
                 raise _function_error(exc) from None
+            self.chunk_used = chunk_size
             yield s, e, grads
             s = e
 
@@ -306,7 +307,7 @@ class Engine:
         except Exception as exc:
             raise _function_error(exc) from None
 
-    def _wants_forward(self, call: Call, rows: RowStream) -> bool:
+    def wants_forward(self, call: Call, rows: RowStream) -> bool:
         if call.spec.name in self.no_forward_ad or call.rows is not None:
             return False
         if call.mode == "fwd":
@@ -337,13 +338,13 @@ class Engine:
         self._check_result_size(call, (stop - start) * stream.row_nbytes())
         output = to_numpy(stream.output) if call.return_output else None
         aux = to_numpy(stream.aux)
-        if self._wants_forward(call, stream):
+        if self.wants_forward(call, stream):
             value = self._forward_jacobian(call)
             if value is not None:
                 return Result(value, aux, call.spec.has_aux, output, call.chunk_size, "fwd")
         chunk = call.chunk_size or stream.auto_chunk()
         value = self._gather(stream, start, stop, chunk)
-        return Result(value, aux, call.spec.has_aux, output, chunk, "rev")
+        return Result(value, aux, call.spec.has_aux, output, stream.chunk_used or chunk, "rev")
 
     def _gather(self, stream: RowStream, start: int, stop: int, chunk: int) -> Any:
         """All rows ``start:stop`` written into preallocated host arrays, then nested."""
@@ -392,8 +393,11 @@ class Engine:
 
     # ----------------------------------------------------------------- batched
 
-    def _batched(self, call: Call, kind: str) -> Result:
-        """``vmap(jacrev(f))`` (or hessian) over the leading dim of every input."""
+    def _batched(self, call: Call, kind: str, allow_loop: bool = True) -> Result:
+        """``vmap(jacrev(f))`` (or hessian) over the leading dim of every input.
+
+        When vmap cannot run the function, loop over examples; ``allow_loop=False``
+        raises instead (request batching then runs each request alone)."""
         args = self.tensors(call)
         batch = args[0].shape[0] if args else 0
         box = _AuxBox(call.spec)
@@ -425,6 +429,8 @@ class Engine:
                     raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
                 log.info("vmap over %s failed (%s); looping over examples", call.spec.name, type(exc).__name__)
                 self.no_vmap_function.add(call.spec.name)
+        if value is None and not allow_loop:
+            raise FunctionError(f"{call.spec.name} cannot be batched with vmap")
         if value is None:
             per: list[tuple[Any, Any]] = []
             for b in range(batch):
@@ -436,7 +442,7 @@ class Engine:
             value = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
             aux = _stack_aux([p[1] for p in per])
         output = self.evaluate(call).value if call.return_output else None
-        return Result(to_numpy(value), to_numpy(aux), call.spec.has_aux, output, call.chunk_size, call.mode, 1)
+        return Result(to_numpy(value), to_numpy(aux), call.spec.has_aux, output, call.chunk_size, call.mode)
 
     # ----------------------------------------------------------------- hessian
 
@@ -473,10 +479,12 @@ class Engine:
 
     # ----------------------------------------------------------------- evaluate, vjp, jvp
 
-    def evaluate(self, call: Call) -> Result:
+    def evaluate(self, call: Call, allow_loop: bool = True) -> Result:
         args = self.tensors(call)
         box = _AuxBox(call.spec)
         if call.batched:
+            if call.spec.name in self.no_vmap_function and not allow_loop:
+                raise FunctionError(f"{call.spec.name} cannot be batched with vmap")
             if call.spec.name not in self.no_vmap_function:
                 try:
                     out, aux_t = torch.func.vmap(box)(*args)
@@ -485,6 +493,8 @@ class Engine:
                     if _is_oom(exc):
                         raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
                     self.no_vmap_function.add(call.spec.name)
+                    if not allow_loop:
+                        raise FunctionError(f"{call.spec.name} cannot be batched with vmap") from None
             per = []
             for b in range(args[0].shape[0] if args else 0):
                 out_b, aux_t = self._guard(lambda: box(*[a[b] for a in args]))
@@ -559,6 +569,49 @@ class Engine:
             out, value, aux_t = self._guard(lambda: push(*tangents))
         output = to_numpy(out) if call.return_output else None
         return Result(to_numpy(value), to_numpy(box.restore(aux_t)), call.spec.has_aux, output)
+
+
+    # ----------------------------------------------------------------- request batching
+
+    def can_batch(self, spec: FunctionSpec) -> bool:
+        return spec.name not in self.no_vmap_function
+
+    def run_batch(self, kind: str, calls: Sequence[Call]) -> list[Result]:
+        """Several requests with equal options and shapes as one ``vmap`` call, split back.
+
+        Raises when the stacked call fails for any reason; the scheduler then runs each
+        request alone, so one bad request cannot fail its batch-mates.
+        """
+        first = calls[0]
+        stacked = replace(
+            first,
+            args=[np.stack([c.args[i] for c in calls]) for i in range(len(first.args))],
+            batched=True,
+            deadline=min(c.deadline for c in calls),
+            max_result_bytes=None if first.max_result_bytes is None else first.max_result_bytes * len(calls),
+            cancelled=lambda: all(c.cancelled() for c in calls),
+        )
+        if kind == "evaluate":
+            result = self.evaluate(stacked, allow_loop=False)
+        else:
+            result = self._batched(stacked, kind, allow_loop=False)
+        return [
+            Result(
+                value=_take(result.value, i),
+                aux=_take(result.aux, i),
+                has_aux=result.has_aux,
+                output=_take(result.output, i) if c.return_output else None,
+                chunk_size=result.chunk_size,
+                mode=result.mode,
+            )
+            for i, c in enumerate(calls)
+        ]
+
+
+def _take(tree: Any, i: int) -> Any:
+    """Example ``i`` of a batched numpy tree; non-array leaves were computed once for all."""
+    # leaf[i, ...] keeps a 0-d result an array (leaf[i] would be a numpy scalar)
+    return pytree.tree_map(lambda leaf: leaf[i, ...] if isinstance(leaf, np.ndarray) else leaf, tree)
 
 
 def _stack_aux(auxes: list[Any]) -> Any:

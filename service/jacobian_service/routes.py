@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jacobian_client import wire
 
-from .engine import Call, Engine, Result, RowStream, to_numpy
+from .engine import Call, Engine, Result, to_numpy
 from .errors import (
     Forbidden,
     InvalidInput,
@@ -28,6 +28,7 @@ from .errors import (
 )
 from .parsing import Kind, Options, media_type_of, parse_call
 from .responses import acceptable, choose, encode, is_single_array, problem_response
+from .scheduler import Batchable, JobInfo
 from .state import ServiceState
 
 __all__ = ["router"]
@@ -113,7 +114,7 @@ async def info(request: Request) -> dict[str, Any]:
             "max_batch_size": s.max_batch_size,
             "max_batch_wait_ms": s.max_batch_wait_ms,
             "request_timeout_s": s.request_timeout_s,
-            "memory_budget_bytes": s.memory_budget_bytes,
+            "memory_budget_bytes": [e.memory_budget for e in _state(request).scheduler.engines],
             "stream_threshold_bytes": s.stream_threshold_bytes,
         },
         "auth": bool(s.api_key_set),
@@ -171,14 +172,14 @@ async def _offload(size: int, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def _meta(engine: Engine, result: Result | None, queue_s: float, compute_s: float, chunk: int | None = None) -> dict[str, Any]:
+def _meta(info: JobInfo, result: Result | None, chunk: int | None = None, compute_s: float | None = None) -> dict[str, Any]:
     return {
-        "device": str(engine.device),
+        "device": str(info.engine.device) if info.engine else None,
         "chunk_size": chunk if result is None else result.chunk_size,
-        "batch_size": 1 if result is None else result.batch_size,
+        "batch_size": info.batch_size,
         "mode": "rev" if result is None else result.mode,
-        "queue_ms": round(queue_s * 1e3, 3),
-        "compute_ms": round(compute_s * 1e3, 3),
+        "queue_ms": round(info.queue_s * 1e3, 3),
+        "compute_ms": round((info.compute_s if compute_s is None else compute_s) * 1e3, 3),
     }
 
 
@@ -187,6 +188,28 @@ def _could_be_single(call: Call, kind: Kind) -> bool:
     if call.spec.has_aux or call.return_output:
         return False
     return kind in ("evaluate", "jvp") or not call.as_tuple
+
+
+def _batchable(call: Call, kind: Kind) -> Batchable | None:
+    """Requests that may share one vmap: same function, options and per-example shapes."""
+    if kind not in ("jacobian", "evaluate", "hessian") or call.batched or call.rows is not None:
+        return None
+    key = (
+        kind,
+        call.spec.name,
+        call.argnums,
+        call.as_tuple,
+        call.chunk_size,
+        call.mode,
+        call.return_output,
+        tuple((a.shape, a.dtype.str) for a in call.args),
+        tuple(call.dtypes),
+    )
+    return Batchable(key, kind, call)
+
+
+def _shape_key(call: Call) -> tuple[Any, ...]:
+    return (call.spec.name, call.argnums, tuple(a.shape for a in call.args), tuple(call.dtypes))
 
 
 async def _derivative(request: Request, name: str, kind: Kind) -> Response:
@@ -206,21 +229,24 @@ async def _derivative(request: Request, name: str, kind: Kind) -> Response:
     if not _could_be_single(call, kind):
         media = [m for m in media if m != wire.NPY] or choose([wire.NPY], False)  # type: ignore[list-item]
     if kind == "jacobian" and media[0] == wire.NPY and not call.batched and call.mode != "fwd":
-        return await _jacobian_npy(request, state, call, media)
+        # Stream unless earlier calls showed this Jacobian is small (then it may batch).
+        rows = state.output_rows.get(_shape_key(call))
+        if rows is None or call.rows is not None or rows * _row_nbytes(call) > state.settings.stream_threshold_bytes:
+            return await _jacobian_npy(state, call, media)
 
-    result, timing, engine = await _schedule(state, call, lambda eng: getattr(eng, kind)(call))
+    result, info = await state.scheduler.run(
+        lambda eng: getattr(eng, kind)(call), deadline=call.deadline, batch=_batchable(call, kind)
+    )
     chosen = choose(media, is_single_array(result))
-    meta = _meta(engine, result, timing.queue_s, timing.compute_s)
-    response = await _offload(_result_nbytes(result), encode, chosen, spec.name, _RESULT_KEY[kind], result, meta)
-    state.metrics.latency.labels(kind, "queue").observe(timing.queue_s)
-    state.metrics.latency.labels(kind, "compute").observe(timing.compute_s)
+    response = await _offload(_result_nbytes(result), encode, chosen, spec.name, _RESULT_KEY[kind], result, _meta(info, result))
+    state.metrics.latency.labels(kind, "queue").observe(info.queue_s)
+    state.metrics.latency.labels(kind, "compute").observe(info.compute_s)
     state.metrics.latency.labels(kind, "total").observe(time.monotonic() - started)
     return response
 
 
-async def _schedule(state: ServiceState, call: Call, fn: Callable[[Engine], Any], **kw: Any) -> tuple[Any, Any, Engine]:
-    (result, engine), timing = await state.scheduler.run(lambda eng: (fn(eng), eng), deadline=call.deadline, **kw)
-    return result, timing, engine
+def _row_nbytes(call: Call) -> int:
+    return sum(call.args[i].size * (4 if call.dtypes[i] == "bfloat16" else call.args[i].itemsize) for i in call.argnums)
 
 
 def _result_nbytes(result: Result) -> int:
@@ -236,23 +262,26 @@ def _leaves(tree: Any) -> list[Any]:
     return [tree]
 
 
-async def _jacobian_npy(request: Request, state: ServiceState, call: Call, media: list[str]) -> Response:
+async def _jacobian_npy(state: ServiceState, call: Call, media: list[str]) -> Response:
     """A Jacobian as ``.npy``: streamed row chunk by row chunk when large.
 
     The forward pass (vjp) runs first; it fixes the output shape, hence the header and
     Content-Length, before any row is computed. A failure after the header has gone out
     aborts the connection, so a short body is never taken for a whole one.
     """
-    stream, timing, engine = await _schedule(state, call, lambda eng: eng.row_stream(call))
+    stream, info = await state.scheduler.run(lambda eng: eng.row_stream(call), deadline=call.deadline)
+    engine: Engine = info.engine  # type: ignore[assignment]
     worker = state.scheduler.engines.index(engine)
-    single = len(stream.leaves) == 1
+    if len(state.output_rows) > 4096:  # bounded: a client cycling through shapes cannot grow it
+        state.output_rows.clear()
+    state.output_rows[_shape_key(call)] = stream.total_rows
     start, stop = call.rows or (0, stream.total_rows)
     nbytes = (stop - start) * stream.row_nbytes()
-    forward = engine._wants_forward(call, stream)  # noqa: SLF001 - the engine's own rule
-    if not single or forward or nbytes <= state.settings.stream_threshold_bytes:
-        result, timing2, _ = await _schedule(state, call, lambda eng: eng.jacobian(call, stream), worker=worker)
+    forward = engine.wants_forward(call, stream)
+    if len(stream.leaves) != 1 or forward or nbytes <= state.settings.stream_threshold_bytes:
+        result, info2 = await state.scheduler.run(lambda eng: eng.jacobian(call, stream), deadline=call.deadline, worker=worker)
         chosen = choose(media, is_single_array(result))
-        meta = _meta(engine, result, timing.queue_s, timing.compute_s + timing2.compute_s)
+        meta = _meta(info, result, compute_s=info.compute_s + info2.compute_s)
         return await _offload(_result_nbytes(result), encode, chosen, call.spec.name, "jacobian", result, meta)
 
     primal = stream.primals[0]
@@ -285,7 +314,7 @@ async def _jacobian_npy(request: Request, state: ServiceState, call: Call, media
         "Content-Length": str(len(header) + nbytes),
         "X-Chunk-Size": str(chunk),
         "X-Device": str(engine.device),
-        "X-Queue-Ms": f"{timing.queue_s * 1e3:.3f}",
+        "X-Queue-Ms": f"{info.queue_s * 1e3:.3f}",
     }
     return StreamingResponse(body(), media_type=wire.NPY, headers=headers)
 

@@ -14,20 +14,33 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
-from .engine import Engine
+from .engine import Call, Engine
 from .errors import InternalError, Overloaded, ServiceError, Timeout
 
-__all__ = ["Scheduler", "Timing"]
+__all__ = ["Batchable", "JobInfo", "Scheduler"]
 
 log = logging.getLogger("jacobian_service.scheduler")
 
 
 @dataclass
-class Timing:
+class JobInfo:
+    """How a job ran: where, in how large a batch, and how long it queued and computed."""
+
+    engine: Engine | None = None
+    batch_size: int = 1
     queue_s: float = 0.0
     compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Batchable:
+    """Marks a job that may be stacked with others of the same ``key`` into one call."""
+
+    key: Hashable
+    kind: str
+    call: Call
 
 
 @dataclass
@@ -36,23 +49,27 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     deadline: float
+    batch: Batchable | None = None
     enqueued: float = field(default_factory=time.monotonic)
-    timing: Timing = field(default_factory=Timing)
+    info: JobInfo = field(default_factory=JobInfo)
 
 
 class _Worker:
-    """One thread, one engine, one FIFO."""
+    """One thread, one engine, one FIFO; stacks batchable jobs that share a key."""
 
-    def __init__(self, engine: Engine, index: int) -> None:
+    def __init__(self, engine: Engine, index: int, max_batch: int, batch_wait_s: float, on_batch: Callable[[int], None]) -> None:
         self.engine = engine
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        self.on_batch = on_batch
         self.jobs: collections.deque[_Job] = collections.deque()
         self.cond = threading.Condition()
         self.stopping = False
-        self.busy = False
+        self.running = 0
         self.thread = threading.Thread(target=self._loop, name=f"jacobian-worker-{index}", daemon=True)
 
     def depth(self) -> int:
-        return len(self.jobs) + int(self.busy)
+        return len(self.jobs) + self.running
 
     def put(self, job: _Job) -> None:
         with self.cond:
@@ -71,21 +88,67 @@ class _Worker:
                     self.cond.wait()
                 if not self.jobs:
                     return
-                job = self.jobs.popleft()
-                self.busy = True
+                group = self._take(self.jobs.popleft())
+                self.running = len(group)
             try:
-                self._run(job)
+                self._run_group(group)
             finally:
-                self.busy = False
+                self.running = 0
+
+    def _take(self, first: _Job) -> list[_Job]:
+        """``first`` and the queued jobs it can be stacked with (called holding the lock).
+
+        What accumulated while the worker was busy is taken at once (Triton's default);
+        ``batch_wait_s`` optionally waits a little longer for more batch-mates.
+        """
+        group = [first]
+        if first.batch is None or self.max_batch <= 1:
+            return group
+        wait_until = time.monotonic() + self.batch_wait_s
+        while True:
+            for job in list(self.jobs):
+                if len(group) >= self.max_batch:
+                    break
+                if job.batch is not None and job.batch.key == first.batch.key:
+                    self.jobs.remove(job)
+                    group.append(job)
+            remaining = wait_until - time.monotonic()
+            if len(group) >= self.max_batch or remaining <= 0 or self.stopping:
+                return group
+            self.cond.wait(remaining)
+
+    def _run_group(self, group: list[_Job]) -> None:
+        start = time.monotonic()
+        live = []
+        for job in group:
+            if job.future.done():  # the caller gave up while the job was queued
+                continue
+            job.info.queue_s = start - job.enqueued
+            if start > job.deadline:
+                _resolve(job, error=Timeout("the request waited in the queue past its deadline"))
+            else:
+                live.append(job)
+        if len(live) > 1:
+            try:
+                results = self.engine.run_batch(live[0].batch.kind, [j.batch.call for j in live])  # type: ignore[union-attr]
+            except Exception as exc:  # one bad request must not fail its batch-mates
+                log.info("batch of %d failed (%s); running each alone", len(live), type(exc).__name__)
+            else:
+                elapsed = time.monotonic() - start
+                self.on_batch(len(live))
+                for job, result in zip(live, results):
+                    job.info.engine, job.info.batch_size, job.info.compute_s = self.engine, len(live), elapsed
+                    _resolve(job, result)
+                return
+        for job in live:
+            self._run(job)
 
     def _run(self, job: _Job) -> None:
-        if job.future.done():  # the caller gave up while the job was queued
+        if job.future.done():
             return
         start = time.monotonic()
-        job.timing.queue_s = start - job.enqueued
-        if start > job.deadline:
-            _resolve(job, exc=Timeout("the request waited in the queue past its deadline"))
-            return
+        if job.batch is not None:
+            self.on_batch(1)
         result: Any = None
         error: BaseException | None = None
         try:
@@ -95,16 +158,16 @@ class _Worker:
         except BaseException as exc:  # a bug of ours: keep the worker alive
             log.exception("job failed unexpectedly")
             error = InternalError(f"internal error ({type(exc).__name__})")
-        job.timing.compute_s = time.monotonic() - start
+        job.info.engine, job.info.compute_s = self.engine, time.monotonic() - start
         _resolve(job, result, error)
 
 
-def _resolve(job: _Job, result: Any = None, exc: BaseException | None = None) -> None:
+def _resolve(job: _Job, result: Any = None, error: BaseException | None = None) -> None:
     def settle() -> None:
         if job.future.done():
             return
-        if exc is not None:
-            job.future.set_exception(exc)
+        if error is not None:
+            job.future.set_exception(error)
         else:
             job.future.set_result(result)
 
@@ -117,8 +180,15 @@ def _resolve(job: _Job, result: Any = None, exc: BaseException | None = None) ->
 class Scheduler:
     """Dispatches jobs to the least-loaded device worker."""
 
-    def __init__(self, engines: Sequence[Engine], max_queue: int) -> None:
-        self.workers = [_Worker(engine, i) for i, engine in enumerate(engines)]
+    def __init__(
+        self,
+        engines: Sequence[Engine],
+        max_queue: int,
+        max_batch: int = 1,
+        batch_wait_s: float = 0.0,
+        on_batch: Callable[[int], None] = lambda size: None,
+    ) -> None:
+        self.workers = [_Worker(engine, i, max_batch, batch_wait_s, on_batch) for i, engine in enumerate(engines)]
         self.max_queue = max_queue
 
     @property
@@ -145,7 +215,8 @@ class Scheduler:
         deadline: float,
         admitted: bool = False,
         worker: int | None = None,
-    ) -> tuple[Any, Timing]:
+        batch: Batchable | None = None,
+    ) -> tuple[Any, JobInfo]:
         """Run ``fn(engine)`` on a worker thread; ``admitted`` jobs (the later chunks of a
         stream already under way) skip the queue bound, and ``worker`` pins the device."""
         if not admitted and self.depth() >= self.max_queue:
@@ -155,17 +226,19 @@ class Scheduler:
             )
         target = self.workers[worker] if worker is not None else min(self.workers, key=_Worker.depth)
         loop = asyncio.get_running_loop()
-        job = _Job(fn, loop, loop.create_future(), deadline)
+        job = _Job(fn, loop, loop.create_future(), deadline, batch)
         target.put(job)
         remaining = deadline - time.monotonic()
         try:
-            # The worker enforces the deadline between chunks; this bound is the backstop.
-            result = await asyncio.wait_for(asyncio.shield(job.future), timeout=max(remaining, 0) + 1.0)
+            # The worker enforces the deadline between chunks; a chunk in progress cannot be
+            # interrupted, so the caller is answered 504 at the deadline regardless and the
+            # late result is dropped.
+            result = await asyncio.wait_for(asyncio.shield(job.future), timeout=max(remaining, 0))
         except asyncio.TimeoutError:
             job.future.cancel()
             raise Timeout("the request ran past its deadline") from None
         except asyncio.CancelledError:
             job.future.cancel()  # the client went away: a queued job is then skipped
             raise
-        return result, job.timing
+        return result, job.info
 

@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     max_array_rank: int = Field(16, ge=1, le=32)
     max_npz_members: int = Field(64, ge=1)
     max_json_depth: int = Field(64, ge=2)
-    memory_budget_bytes: int = Field(1 << 30, ge=1)
+    # Working set a Jacobian chunk may use; unset: 256 MiB on the CPU, half the free
+    # memory on a GPU (measured at start).
+    memory_budget_bytes: int | None = Field(None, ge=1)
     # .npy results above this size are streamed chunk by chunk instead of gathered.
     stream_threshold_bytes: int = Field(8 << 20, ge=0)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,3 +24,6 @@ class ServiceState:
     devices: list[torch.device]
     ready: bool = False
     draining: bool = False
+    # Output rows seen per (function, argnums, shapes, dtypes): lets small .npy
+    # Jacobians skip the streaming path (and so join request batches).
+    output_rows: dict[tuple[Any, ...], int] = field(default_factory=dict)
