@@ -1,1 +1,65 @@
-"""jacobian_client: the Python SDK of jacobian-service (httpx + numpy, never torch)."""
+"""jacobian_client: the Python SDK of jacobian-service (httpx + numpy, never torch).
+
+::
+
+    from jacobian_client import Client
+
+    with Client("http://localhost:8000") as client:
+        J = client.jacobian("sin", x)                     # numpy array
+        client.jacobian("softmax", big_x, out="J.npy")    # streamed to a file
+
+:class:`AsyncClient` has the same methods as coroutines. Errors are typed (see
+:mod:`jacobian_client._errors` for the tree). Torch tensors are accepted as inputs when
+the caller has imported torch; this package never imports it.
+"""
+
+from ._async import AsyncClient
+from ._errors import (
+    APIError,
+    Forbidden,
+    FunctionError,
+    FunctionNotFound,
+    IncompleteResponse,
+    InvalidInput,
+    JacobianServiceError,
+    MalformedBody,
+    NotAcceptable,
+    OutOfMemory,
+    Overloaded,
+    PayloadTooLarge,
+    ResultTooLarge,
+    Timeout,
+    TransportError,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from ._models import FunctionInfo, InputInfo
+from ._protocol import RetryPolicy
+from ._sync import Client
+
+__all__ = [
+    "APIError",
+    "AsyncClient",
+    "Client",
+    "Forbidden",
+    "FunctionError",
+    "FunctionInfo",
+    "FunctionNotFound",
+    "IncompleteResponse",
+    "InputInfo",
+    "InvalidInput",
+    "JacobianServiceError",
+    "MalformedBody",
+    "NotAcceptable",
+    "OutOfMemory",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ResultTooLarge",
+    "RetryPolicy",
+    "Timeout",
+    "TransportError",
+    "Unauthorized",
+    "Unavailable",
+    "UnsupportedMediaType",
+]

@@ -1,0 +1,105 @@
+"""Caller values -> what goes on the wire, without ever importing torch.
+
+An input is one of:
+
+* an *array*: a numpy array or scalar, or a torch tensor when torch is already imported
+  by the caller (found through ``sys.modules``, so the SDK never pays torch's import cost
+  or needs it installed). Arrays keep their dtype, so float64 callers get float64
+  Jacobians;
+* *plain numbers*: a Python number or (nested) list. These carry no dtype, so they travel
+  as JSON numbers and take the dtype the function declares (SPEC 3.1), exactly as with
+  ``transport="json"``. Converting them to numpy here would silently make them float64.
+
+bfloat16 tensors have no numpy dtype: they travel as 2-byte base64 with ``dtype:
+"bfloat16"`` (wire.py decodes that on the server).
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Bfloat16", "Plain", "as_wire_value", "is_torch_tensor", "json_array"]
+
+
+@dataclass(frozen=True)
+class Plain:
+    """Numbers without a dtype (a Python number or nested list)."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class Bfloat16:
+    """A bfloat16 tensor's raw little-endian 16-bit words and shape."""
+
+    words: np.ndarray  # uint16
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.words.shape)
+
+
+def is_torch_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    tensor_type = getattr(torch, "Tensor", None) if torch is not None else None
+    return tensor_type is not None and isinstance(value, tensor_type)
+
+
+def _from_torch(tensor: Any) -> np.ndarray | Bfloat16:
+    torch = sys.modules["torch"]
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        return Bfloat16(t.contiguous().view(torch.int16).numpy().view(np.uint16).copy())
+    if t.is_conj():
+        t = t.resolve_conj()
+    return t.numpy()
+
+
+def as_wire_value(value: Any) -> np.ndarray | Plain | Bfloat16:
+    """One caller input -> an array, plain numbers, or bfloat16 words."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, np.generic):
+        return np.asarray(value)
+    if is_torch_tensor(value):
+        return _from_torch(value)
+    if isinstance(value, (bool, int, float, list, tuple)):
+        return Plain(_plain(value))
+    if hasattr(value, "__array__"):  # jax, cupy.get(), pandas, xarray ...
+        return np.asarray(value)
+    raise TypeError(f"cannot send a {type(value).__name__} as an input; pass a numpy array, list or number")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists and numpy/torch scalars inside lists -> Python numbers."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray) or is_torch_tensor(value):
+        return np.asarray(value).tolist()
+    return value
+
+
+def json_array(value: np.ndarray | Plain | Bfloat16, *, binary: bool) -> Any:
+    """A wire value as a JSON array: base64 when ``binary`` (exact and compact), nested
+    ``data`` otherwise (readable; for ``transport="json"``)."""
+    if isinstance(value, Plain):
+        return value.value
+    if isinstance(value, Bfloat16):
+        raw = value.words.astype("<u2", copy=False).tobytes()
+        return {"dtype": "bfloat16", "shape": list(value.shape), "base64": base64.b64encode(raw).decode("ascii")}
+    arr = np.ascontiguousarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"cannot send an array of dtype {arr.dtype}; send bool, integer or float arrays")
+    if binary:
+        raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        return {"dtype": arr.dtype.name, "shape": list(arr.shape), "base64": base64.b64encode(raw).decode("ascii")}
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tolist()}

@@ -1,0 +1,48 @@
+"""What the sync and async clients share besides the protocol: construction arguments.
+
+Kept apart so both constructors read the same way and accept the same things.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import httpx
+
+from ._protocol import DEFAULT_LIMITS, Protocol, RetryPolicy
+
+__all__ = ["ClientConfig", "DEFAULT_TIMEOUT"]
+
+#: seconds; the connect phase gets at most 10 s of it so a dead host is noticed quickly
+DEFAULT_TIMEOUT = 60.0
+
+
+class ClientConfig:
+    """Turns the public constructor arguments into a :class:`Protocol` and httpx kwargs."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        timeout: float | httpx.Timeout | None,
+        max_retries: int | None,
+        retry: RetryPolicy | None,
+        transport: str,
+        limits: httpx.Limits | None,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        if retry is None:
+            retry = RetryPolicy() if max_retries is None else RetryPolicy(max_retries=max_retries)
+        elif max_retries is not None:
+            raise TypeError("pass max_retries or retry, not both")
+        self.protocol = Protocol(api_key=api_key, transport=transport, headers=headers, retry=retry)
+        if isinstance(timeout, (int, float)):
+            timeout = httpx.Timeout(float(timeout), connect=min(10.0, float(timeout)))
+        self.httpx_kwargs: dict[str, Any] = {
+            "base_url": base_url.rstrip("/"),
+            "timeout": timeout,
+            "limits": limits if limits is not None else DEFAULT_LIMITS,
+            "headers": self.protocol.base_headers,
+            "follow_redirects": False,
+        }

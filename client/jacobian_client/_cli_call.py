@@ -1,0 +1,138 @@
+"""``jacobian-service call``: call a running server from the shell, through the SDK only.
+
+::
+
+    jacobian-service call softmax --url http://localhost:8000 --input x.npy --out J.npy
+    jacobian-service call add_square --input x.npy --input y.npy --argnums 0,1 --out J.npz
+
+Why here and not in the server package: it must run where only the SDK is installed
+(no torch). With ``--out FILE.npy`` a single-array result is streamed into the file and
+never held in memory; several arrays (tuple ``argnums``, aux) need ``--out FILE.npz``.
+Without ``--out`` the result is printed as JSON. Exit status: 0 on success, 1 when the
+call fails (the error is printed on stderr), 2 for a bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from . import wire
+from ._errors import JacobianServiceError
+from ._sync import Client
+
+__all__ = ["build_parser", "call_main"]
+
+_METHODS = ("jacobian", "hessian", "evaluate")
+
+
+def build_parser(prog: str = "jacobian-service call") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Call a function on a running jacobian-service server.")
+    p.add_argument("function", help="registered function name")
+    p.add_argument("--url", default=os.environ.get("JACOBIAN_SERVICE_URL", "http://localhost:8000"),
+                   help="server base URL (default: $JACOBIAN_SERVICE_URL or http://localhost:8000)")
+    p.add_argument("--input", "-i", action="append", default=[], metavar="FILE.npy", dest="inputs",
+                   help="one positional input per --input, as a .npy file (repeat in order)")
+    p.add_argument("--method", choices=_METHODS, default="jacobian", help="what to compute (default: jacobian)")
+    p.add_argument("--argnums", default="0", help="input index or name, or a comma-separated list (e.g. 0,1)")
+    p.add_argument("--chunk-size", type=int, default=None, help="rows per vmap (default: the server chooses)")
+    p.add_argument("--batched", action="store_true", help="per-example results over the leading dimension")
+    p.add_argument("--rows", default=None, metavar="START:STOP", help="only these rows of the flattened output")
+    p.add_argument("--out", "-o", default=None, metavar="FILE",
+                   help="write the result to FILE (.npy streamed, or .npz)")
+    p.add_argument("--api-key", default=os.environ.get("JACOBIAN_SERVICE_API_KEY"),
+                   help="API key (default: $JACOBIAN_SERVICE_API_KEY)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per network read (default: 600)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar while streaming")
+    return p
+
+
+def _argnums(text: str) -> int | str | tuple[int | str, ...]:
+    def one(item: str) -> int | str:
+        item = item.strip()
+        return int(item) if item.lstrip("-").isdigit() else item
+
+    if "," in text:
+        return tuple(one(t) for t in text.split(",") if t.strip())
+    return one(text)
+
+
+def _rows(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    start, sep, stop = text.partition(":")
+    if not sep:
+        raise ValueError(f"--rows is START:STOP, not {text!r}")
+    return int(start), int(stop)
+
+
+def _flatten(prefix: str, tree: Any, into: dict[str, np.ndarray]) -> None:
+    if isinstance(tree, np.ndarray):
+        into[prefix] = np.asarray(tree)
+    elif isinstance(tree, (tuple, list)):
+        for i, t in enumerate(tree):
+            _flatten(f"{prefix}/{i}", t, into)
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            _flatten(f"{prefix}/{k}", v, into)
+    else:
+        into[prefix] = np.asarray(tree)
+
+
+def call_main(argv: list[str]) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and on errors (2)
+        return int(exc.code or 0)
+    try:
+        inputs = [np.load(path, allow_pickle=False) for path in args.inputs]
+        argnums = _argnums(args.argnums)
+        rows = _rows(args.rows)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stream_to = args.out if args.out and not args.out.endswith(".npz") else None
+    if stream_to is not None and isinstance(argnums, tuple):
+        print("error: several Jacobians (tuple --argnums) need --out FILE.npz", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
+            if args.method == "jacobian":
+                result = client.jacobian(args.function, *inputs, argnums=argnums, chunk_size=args.chunk_size,
+                                         batched=args.batched, rows=rows, out=stream_to, progress=args.progress)
+            elif args.method == "hessian":
+                result = client.hessian(args.function, *inputs, argnums=argnums, chunk_size=args.chunk_size,
+                                        batched=args.batched, out=stream_to, progress=args.progress)
+            else:
+                if stream_to is not None:
+                    # evaluate has no streamed form; the output is small enough to hold
+                    out = client.evaluate(args.function, *inputs, batched=args.batched)
+                    if not isinstance(out, np.ndarray):
+                        print("error: this output has several arrays; use --out FILE.npz", file=sys.stderr)
+                        return 2
+                    np.save(stream_to, out, allow_pickle=False)
+                    result = out
+                else:
+                    result = client.evaluate(args.function, *inputs, batched=args.batched)
+    except JacobianServiceError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.out is None:
+        sys.stdout.buffer.write(wire.dumps(wire.encode_tree(result)) + b"\n")
+    elif stream_to is None:
+        arrays: dict[str, np.ndarray] = {}
+        _flatten(args.method, result, arrays)
+        np.savez(args.out, **arrays)
+        print(f"wrote {args.out}: {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}", file=sys.stderr)
+    else:
+        print(f"wrote {stream_to}: {result.dtype} {result.shape}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(call_main(sys.argv[1:]))

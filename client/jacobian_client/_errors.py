@@ -1,0 +1,200 @@
+"""One exception tree for everything the SDK raises.
+
+::
+
+    JacobianServiceError                    anything this SDK raises on purpose
+    ├── TransportError                      the bytes did not arrive intact: connect / read
+    │   │                                   failures, client-side timeouts, a body that
+    │   │                                   cannot be decoded
+    │   └── IncompleteResponse              a body cut short (connection aborted mid-stream,
+    │                                       or fewer bytes than its header declared)
+    └── APIError                            the server answered 4xx/5xx (problem+json)
+        ├── MalformedBody          400      malformed_body
+        ├── Unauthorized           401      unauthorized
+        ├── Forbidden              403      forbidden
+        ├── FunctionNotFound       404      function_not_found
+        ├── NotAcceptable          406      not_acceptable
+        ├── PayloadTooLarge        413      payload_too_large
+        ├── ResultTooLarge         413      result_too_large
+        ├── UnsupportedMediaType   415      unsupported_media_type
+        ├── InvalidInput           422      invalid_input
+        ├── Overloaded             429      overloaded        (retried; .retry_after)
+        ├── FunctionError          500      function_error
+        ├── Unavailable            503      unavailable       (retried)
+        ├── Timeout                504      timeout
+        └── OutOfMemory            507      out_of_memory
+
+Why one tree: callers catch ``JacobianServiceError`` for "the call failed", ``APIError``
+for "the server said no" and a leaf for one precise reason. The class is chosen by the
+problem document's stable ``code`` (SPEC 3.4); only a response without a code (a proxy's
+HTML page, say) falls back to its HTTP status. A code this SDK does not know yet gives a
+plain :class:`APIError`, so a newer server never breaks an older client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+__all__ = [
+    "APIError",
+    "Forbidden",
+    "FunctionError",
+    "FunctionNotFound",
+    "IncompleteResponse",
+    "InvalidInput",
+    "JacobianServiceError",
+    "MalformedBody",
+    "NotAcceptable",
+    "OutOfMemory",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ResultTooLarge",
+    "Timeout",
+    "TransportError",
+    "Unauthorized",
+    "Unavailable",
+    "UnsupportedMediaType",
+    "error_from_response",
+]
+
+
+class JacobianServiceError(Exception):
+    """Base of every error this SDK raises."""
+
+
+class TransportError(JacobianServiceError):
+    """The request or its response did not travel intact (the cause is chained)."""
+
+
+class IncompleteResponse(TransportError):
+    """A response body ended before all the bytes it announced had arrived."""
+
+
+class APIError(JacobianServiceError):
+    """The server answered with an error status.
+
+    Attributes: ``response`` (the :class:`httpx.Response`, body already read),
+    ``status_code``, ``code`` (the problem's stable code, or ``None``), ``problem`` (the
+    problem+json document as a dict, empty when the body was not one), ``detail`` and
+    ``request_id``.
+    """
+
+    status: int | None = None
+    code_name: str | None = None
+
+    def __init__(self, response: httpx.Response, problem: dict[str, Any]) -> None:
+        self.response = response
+        self.status_code = response.status_code
+        self.problem = problem
+        code = problem.get("code")
+        self.code: str | None = code if isinstance(code, str) else None
+        detail = problem.get("detail")
+        if not isinstance(detail, str):
+            detail = problem.get("title") if isinstance(problem.get("title"), str) else None
+        if detail is None:
+            detail = _text_excerpt(response)
+        self.detail: str = detail
+        self.request_id: str | None = problem.get("request_id") or response.headers.get("x-request-id")
+        label = f"{self.status_code} {self.code}" if self.code else str(self.status_code)
+        suffix = f" (request {self.request_id})" if self.request_id else ""
+        super().__init__(f"{label}: {self.detail}{suffix}")
+
+
+def _text_excerpt(response: httpx.Response, limit: int = 300) -> str:
+    try:
+        text = response.text.strip()
+    except Exception:  # undecodable bytes, or a body never read
+        text = ""
+    return text[:limit] or (response.reason_phrase or "error")
+
+
+def _leaf(name: str, status: int, code: str, doc: str) -> type[APIError]:
+    return type(name, (APIError,), {"status": status, "code_name": code, "__doc__": doc, "__module__": __name__})
+
+
+MalformedBody = _leaf("MalformedBody", 400, "malformed_body", "400: the server could not read the body.")
+Unauthorized = _leaf("Unauthorized", 401, "unauthorized", "401: an API key is required.")
+Forbidden = _leaf("Forbidden", 403, "forbidden", "403: the API key is wrong.")
+FunctionNotFound = _leaf("FunctionNotFound", 404, "function_not_found", "404: no function of that name.")
+NotAcceptable = _leaf("NotAcceptable", 406, "not_acceptable", "406: the Accept type cannot carry this result.")
+PayloadTooLarge = _leaf("PayloadTooLarge", 413, "payload_too_large", "413: the request body is over the limit.")
+ResultTooLarge = _leaf(
+    "ResultTooLarge", 413, "result_too_large", "413: the result is over the limit and cannot be streamed."
+)
+UnsupportedMediaType = _leaf(
+    "UnsupportedMediaType", 415, "unsupported_media_type", "415: the Content-Type is not accepted."
+)
+InvalidInput = _leaf("InvalidInput", 422, "invalid_input", "422: wrong arity, shape, dtype or argnums.")
+FunctionError = _leaf("FunctionError", 500, "function_error", "500: the registered function raised.")
+Unavailable = _leaf("Unavailable", 503, "unavailable", "503: the server is not ready or is draining.")
+Timeout = _leaf("Timeout", 504, "timeout", "504: the request ran past its deadline on the server.")
+OutOfMemory = _leaf("OutOfMemory", 507, "out_of_memory", "507: out of memory even in the smallest chunks.")
+
+
+class Overloaded(APIError):
+    """429: the server's queue is full; ``retry_after`` is its hint in seconds (or None)."""
+
+    status = 429
+    code_name = "overloaded"
+
+    @property
+    def retry_after(self) -> float | None:
+        from ._protocol import parse_retry_after  # late: _protocol imports this module
+
+        return parse_retry_after(self.response.headers.get("retry-after"))
+
+
+_LEAVES: tuple[type[APIError], ...] = (
+    MalformedBody,
+    Unauthorized,
+    Forbidden,
+    FunctionNotFound,
+    NotAcceptable,
+    PayloadTooLarge,
+    ResultTooLarge,
+    UnsupportedMediaType,
+    InvalidInput,
+    Overloaded,
+    FunctionError,
+    Unavailable,
+    Timeout,
+    OutOfMemory,
+)
+_BY_CODE: dict[str, type[APIError]] = {cls.code_name: cls for cls in _LEAVES if cls.code_name}
+# Only for bodies without a code. 413 and 500 are ambiguous: take the commoner reading
+# for 413 (a proxy's body limit) and none for 500 (a crash is not a function error).
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: MalformedBody,
+    401: Unauthorized,
+    403: Forbidden,
+    404: FunctionNotFound,
+    406: NotAcceptable,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    422: InvalidInput,
+    429: Overloaded,
+    503: Unavailable,
+    504: Timeout,
+    507: OutOfMemory,
+}
+
+
+def _problem_of(response: httpx.Response) -> dict[str, Any]:
+    try:
+        doc = response.json()
+    except Exception:  # not JSON at all: a proxy page, an empty body
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def error_from_response(response: httpx.Response) -> APIError:
+    """The exception for an error response whose body has been read."""
+    problem = _problem_of(response)
+    code = problem.get("code")
+    if isinstance(code, str):
+        cls = _BY_CODE.get(code, APIError)
+    else:
+        cls = _BY_STATUS.get(response.status_code, APIError)
+    return cls(response, problem)

@@ -1,0 +1,259 @@
+"""Incremental ``.npy`` reading: bytes arrive in pieces and go straight to their place.
+
+Why: a streamed Jacobian can be larger than memory (SPEC 3.3). Reading the body first
+and parsing it after would hold it whole, twice (the bytes, then the array). Here the
+header is parsed as soon as its bytes are in, then every data byte is written once into
+its final home: a preallocated array (:class:`MemorySink`), a file written under a
+temporary name and renamed only when complete (:class:`FileSink`), or a region of a
+larger array (:class:`RegionSink`, for row-split assembly).
+
+The receiver is sans-I/O: the sync and async clients feed it what they read. A body
+that ends early (fewer bytes than the header declares) raises
+:class:`~jacobian_client.IncompleteResponse` and leaves no file that looks whole.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+import struct
+import secrets
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+from ._errors import IncompleteResponse, TransportError
+
+__all__ = ["FileSink", "MemorySink", "NpyHeader", "NpyReceiver", "RegionSink", "Sink", "open_partial"]
+
+_MAGIC = b"\x93NUMPY"
+_MAX_HEADER = 1 << 20  # a sane bound; numpy itself refuses headers over 10 KB by default
+
+
+class NpyHeader:
+    """A parsed ``.npy`` header: shape, dtype, order, and its own byte length."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, fortran: bool, raw: bytes) -> None:
+        self.shape = shape
+        self.dtype = dtype
+        self.fortran = fortran
+        self.raw = raw
+
+    @property
+    def data_nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def total_nbytes(self) -> int:
+        return len(self.raw) + self.data_nbytes
+
+
+def _parse_header(buf: bytes) -> NpyHeader | None:
+    """The header if ``buf`` holds all of it, else None (need more bytes)."""
+    if len(buf) < 10:
+        if not _MAGIC.startswith(bytes(buf[:6])):
+            raise TransportError("response is not a .npy body (bad magic)")
+        return None
+    if buf[:6] != _MAGIC:
+        raise TransportError("response is not a .npy body (bad magic)")
+    major = buf[6]
+    if major == 1:
+        start, (hlen,) = 10, struct.unpack("<H", buf[8:10])
+    elif major in (2, 3):
+        if len(buf) < 12:
+            return None
+        start, (hlen,) = 12, struct.unpack("<I", buf[8:12])
+    else:
+        raise TransportError(f"unsupported .npy version {major}")
+    if hlen > _MAX_HEADER:
+        raise TransportError(f".npy header of {hlen} bytes is implausibly large")
+    if len(buf) < start + hlen:
+        return None
+    text = bytes(buf[start : start + hlen]).decode("utf-8" if major == 3 else "latin1")
+    try:
+        d = ast.literal_eval(text)
+        dtype = npy_format.descr_to_dtype(d["descr"])
+        shape = tuple(int(n) for n in d["shape"])
+        fortran = bool(d["fortran_order"])
+    except Exception as exc:  # SyntaxError, KeyError, TypeError, ValueError ...
+        raise TransportError(f"unreadable .npy header: {exc}") from None
+    if dtype.hasobject or any(n < 0 for n in shape):
+        raise TransportError(f"refusing .npy header {text.strip()!r}")
+    return NpyHeader(shape, dtype, fortran, bytes(buf[: start + hlen]))
+
+
+def open_partial(path: Path, mode: str) -> tuple[Any, str]:
+    """A new file beside ``path`` (same file system, so the final rename is atomic),
+    created with the process umask like any other output file (``mkstemp`` would make
+    it private)."""
+    for _ in range(100):
+        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.part"))
+        try:
+            return open(tmp, mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
+class Sink(Protocol):
+    def start(self, header: NpyHeader) -> None: ...
+    def write(self, offset: int, data: memoryview) -> None: ...
+    def finish(self) -> Any: ...
+    def abort(self) -> None: ...
+
+
+class MemorySink:
+    """Into one preallocated, writable numpy array (native byte order on return)."""
+
+    def __init__(self) -> None:
+        self._bytes: np.ndarray | None = None
+        self._header: NpyHeader | None = None
+
+    def start(self, header: NpyHeader) -> None:
+        self._header = header
+        self._bytes = np.empty(header.data_nbytes, dtype=np.uint8)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        assert self._bytes is not None
+        self._bytes[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+
+    def finish(self) -> np.ndarray:
+        h = self._header
+        assert h is not None and self._bytes is not None
+        arr = self._bytes.view(h.dtype).reshape(h.shape, order="F" if h.fortran else "C")
+        if h.dtype.byteorder not in "=|":
+            arr = arr.astype(h.dtype.newbyteorder("="))
+        return arr
+
+    def abort(self) -> None:
+        self._bytes = None
+
+
+class FileSink:
+    """Into a ``.npy`` file: written under a temporary name beside ``path``, renamed
+    over it only once every byte is in, so an aborted stream never leaves a file that
+    looks whole. Returns the file memory-mapped read-only."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fp: Any = None
+        self._tmp: str | None = None
+
+    def start(self, header: NpyHeader) -> None:
+        self._fp, self._tmp = open_partial(self.path, "xb")
+        self._fp.write(header.raw)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        self._fp.write(data)  # bytes arrive in order: offsets are sequential
+
+    def finish(self) -> np.ndarray:
+        self._fp.close()
+        assert self._tmp is not None
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+        return np.load(self.path, mmap_mode="r")
+
+    def abort(self) -> None:
+        if self._fp is not None:
+            self._fp.close()
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+
+
+class RegionSink:
+    """Into a place chosen once the header is known: ``open_region(header)`` returns a
+    ``write(offset, data)`` function for exactly ``header.data_nbytes`` bytes. Used to
+    assemble row blocks of one Jacobian, fetched from several servers, into one array or
+    file (see :mod:`jacobian_client.split`)."""
+
+    def __init__(self, open_region: Callable[[NpyHeader], Callable[[int, memoryview], None]]) -> None:
+        self._open_region = open_region
+        self._write: Callable[[int, memoryview], None] | None = None
+
+    def start(self, header: NpyHeader) -> None:
+        if header.fortran:
+            raise TransportError("row blocks must be C-ordered")
+        self._write = self._open_region(header)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        assert self._write is not None
+        self._write(offset, data)
+
+    def finish(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        self._write = None
+
+
+class NpyReceiver:
+    """Feed it the body's pieces in order, then :meth:`close` for the result.
+
+    ``on_progress(done, total)`` (bytes) is called after each piece once the total is
+    known from the header.
+    """
+
+    def __init__(self, sink: Sink, on_progress: Callable[[int, int], None] | None = None) -> None:
+        self.sink = sink
+        self.header: NpyHeader | None = None
+        self._prefix = bytearray()
+        self._offset = 0  # data bytes written
+        self._on_progress = on_progress
+        self._failed = False
+
+    def feed(self, piece: bytes) -> None:
+        try:
+            self._feed(piece)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _feed(self, piece: bytes) -> None:
+        if not piece:
+            return
+        view = memoryview(piece)
+        if self.header is None:
+            self._prefix += view
+            header = _parse_header(self._prefix)
+            if header is None:
+                return
+            self.header = header
+            self.sink.start(header)
+            view = memoryview(bytes(self._prefix[len(header.raw) :]))
+            self._prefix = bytearray()
+        room = self.header.data_nbytes - self._offset
+        if len(view) > room:
+            raise TransportError(f"response carries more bytes than its .npy header declares ({self.header.shape})")
+        if len(view):
+            self.sink.write(self._offset, view)
+            self._offset += len(view)
+        if self._on_progress is not None:
+            self._on_progress(len(self.header.raw) + self._offset, self.header.total_nbytes)
+
+    @property
+    def received(self) -> int:
+        return self._offset + (len(self.header.raw) if self.header else len(self._prefix))
+
+    def close(self) -> Any:
+        """The result, or :class:`IncompleteResponse` if the body was short."""
+        if self.header is None or self._offset != self.header.data_nbytes:
+            want = f"{self.header.total_nbytes}" if self.header else "a whole .npy header"
+            self.abort()
+            raise IncompleteResponse(f"response body ended after {self.received} bytes; expected {want}")
+        try:
+            return self.sink.finish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if not self._failed:
+            self._failed = True
+            self.sink.abort()

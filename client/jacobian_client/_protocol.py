@@ -1,0 +1,502 @@
+"""The request/response layer shared by :class:`Client` and :class:`AsyncClient`, with no I/O.
+
+Why sans-I/O: the sync and async clients must agree exactly on URLs, headers, bodies,
+content negotiation, result shapes and retry decisions. Keeping all of that here, in
+plain functions of values, leaves each client a thin loop that only sends, reads and
+sleeps, and lets the rules be unit-tested without a socket.
+
+Wire choices (SPEC 3.1-3.3):
+
+* Request body: with the default binary transport, inputs that are all arrays go as one
+  ``.npy`` (one input) or an ``.npz`` (entries ``"0"``, ``"1"``, ...; cotangents or
+  tangents as ``cotangents``, ``cotangents/0``, ...) with the options in the query string.
+  Inputs given as plain numbers (lists, Python floats) must take the function's declared
+  dtype, so those calls go as a JSON body whose arrays are base64: still exact and
+  compact. ``transport="json"`` sends readable JSON both ways.
+* Response: ``Accept: application/x-npy, application/x-npz;q=0.9`` when the result is
+  probably one bare array (int ``argnums``, no ``return_output``, no aux known): the
+  server answers npy when it can (streamed into a preallocated array, or into a file for
+  ``out=``) and npz otherwise; ``application/x-npz`` when more is certainly due. A
+  server that answers 406 instead of negotiating gets the call again with npz, and the
+  function is remembered.
+* Results are numpy arrays shaped like ``torch.func`` returns them; an aux (and an
+  output when ``return_output=True``) come after the main result in a tuple:
+  ``J``, ``(J, aux)``, ``(J, output)`` or ``(J, output, aux)``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import random
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+
+from . import wire
+from ._arrays import as_wire_value, is_torch_tensor, json_array
+from ._errors import IncompleteResponse, TransportError
+from ._models import FunctionInfo
+from ._npystream import FileSink, MemorySink, NpyReceiver, Sink
+from ._progress import Progress
+
+__all__ = [
+    "BINARY",
+    "DEFAULT_LIMITS",
+    "JSON_TRANSPORT",
+    "Call",
+    "Protocol",
+    "RetryPolicy",
+    "parse_retry_after",
+    "transport_error",
+]
+
+BINARY = "binary"
+JSON_TRANSPORT = "json"
+TRANSPORTS = (BINARY, JSON_TRANSPORT)
+COMPUTE_KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp")
+#: result key of each endpoint in JSON and npz responses
+RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp"}
+
+#: Accept for a result that is probably one bare array: npy, else whatever else it is
+NPY_OR_NPZ = f"{wire.NPY}, {wire.NPZ};q=0.9"
+
+#: connection pool: enough parallel calls for a notebook or a row-split, keep-alive reuse
+DEFAULT_LIMITS = httpx.Limits(max_connections=32, max_keepalive_connections=16, keepalive_expiry=30.0)
+
+# The server is trusted to describe its own results: do not cap result sizes client-side
+# the way the server caps request bodies (wire.Limits defaults are the server's).
+_RESULT_LIMITS = wire.Limits(max_elements=1 << 62, max_rank=64, max_members=1 << 20, max_bytes=1 << 62)
+
+try:
+    from importlib.metadata import version as _pkg_version
+
+    _VERSION = _pkg_version("jacobian-service")
+except Exception:  # not installed (running from a checkout)
+    _VERSION = "0"
+USER_AGENT = f"jacobian-client/{_VERSION} httpx/{httpx.__version__}"
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date; None if absent."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to wait before trying an idempotent call again.
+
+    Retried: 429 and 503 answers, and transport failures that happen before any response
+    arrived (refused or reset connections, a keep-alive connection the server had just
+    closed). Not retried: read timeouts (the server may still be computing; a repeat would
+    double its load) and anything that broke after a response began (a half-written file
+    is reported, not silently redone).
+
+    The wait is exponential with full jitter (``uniform(0, base * 2**attempt)``, capped at
+    ``backoff_max``) so that many clients do not come back in step; a ``Retry-After`` from
+    the server is honoured as the minimum (plus up to 10% jitter). Retries are bounded by
+    count (``max_retries``) and by ``max_retry_time`` seconds since the first try: a wait
+    that would end past it is not started, and the last error is raised instead.
+    """
+
+    max_retries: int = 3
+    backoff_base: float = 0.25
+    backoff_max: float = 8.0
+    max_retry_time: float = 60.0
+    retry_statuses: frozenset[int] = frozenset({429, 503})
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def delay(self, attempt: int, elapsed: float, retry_after: float | None = None) -> float | None:
+        """Seconds to wait before retry number ``attempt + 1``, or None to give up."""
+        if attempt >= self.max_retries:
+            return None
+        backoff = self.rng.uniform(0.0, min(self.backoff_max, self.backoff_base * 2**attempt))
+        if retry_after is not None:
+            backoff = max(backoff, retry_after * self.rng.uniform(1.0, 1.1))
+        if elapsed + backoff > self.max_retry_time:
+            return None
+        return backoff
+
+    def delay_after_status(self, status: int, headers: Mapping[str, str], attempt: int, elapsed: float) -> float | None:
+        if status not in self.retry_statuses:
+            return None
+        return self.delay(attempt, elapsed, parse_retry_after(headers.get("retry-after")))
+
+    def delay_after_exception(self, exc: BaseException, attempt: int, elapsed: float) -> float | None:
+        if not is_retryable_exception(exc):
+            return None
+        return self.delay(attempt, elapsed)
+
+
+_RETRYABLE_EXCEPTIONS = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,  # e.g. "Server disconnected without sending a response"
+    httpx.ReadError,
+    httpx.WriteError,
+)
+
+
+def is_retryable_exception(exc: BaseException) -> bool:
+    return isinstance(exc, _RETRYABLE_EXCEPTIONS)
+
+
+def transport_error(exc: BaseException, call: Call) -> TransportError:
+    kind = type(exc).__name__
+    return TransportError(f"{call.method} {call.path}: {kind}: {exc or 'no detail'}")
+
+
+# --------------------------------------------------------------------------- calls
+
+
+@dataclass
+class Call:
+    """One logical API call: what to send, and how to read what comes back.
+
+    ``fallback`` is the same call asking for npz, used after a 406 to an npy ``Accept``.
+    """
+
+    method: str
+    path: str
+    kind: str  # a COMPUTE_KINDS entry, or "functions" / "function" / "info"
+    name: str | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    content: bytes | None = None
+    return_output: bool = False
+    out: str | None = None
+    sink: Sink | None = None  # where a streamed npy goes, when not memory or ``out``
+    progress: bool = False
+    fallback: Call | None = None
+
+    @property
+    def accept(self) -> str:
+        return self.headers.get("Accept", wire.JSON)
+
+
+def _function_path(name: str, action: str | None = None) -> str:
+    if not isinstance(name, str) or not name:
+        raise TypeError("a function name is a non-empty string")
+    base = f"/v1/functions/{quote(name, safe='')}"
+    return f"{base}/{action}" if action else base
+
+
+def _is_array_like(value: Any) -> bool:
+    return isinstance(value, (np.ndarray, np.generic)) or is_torch_tensor(value) or (
+        hasattr(value, "__array__") and not isinstance(value, (list, tuple))
+    )
+
+
+def _is_node(tree: Any) -> bool:
+    """A tuple, or a list holding arrays or trees, is a tree node; a list of numbers is
+    one array."""
+    return isinstance(tree, tuple) or (
+        isinstance(tree, list) and any(_is_array_like(t) or isinstance(t, (tuple, dict)) for t in tree)
+    )
+
+
+def _vector_tree(tree: Any, *, binary: bool) -> Any:
+    """Cotangents / tangents as a JSON tree: a tuple (or a list holding arrays) is a
+    tree node, one per output (cotangents) or per differentiated input (tangents); a
+    list of numbers is one array."""
+    if _is_node(tree):
+        return [_vector_tree(t, binary=binary) for t in tree]
+    if isinstance(tree, dict):
+        return {str(k): _vector_tree(v, binary=binary) for k, v in tree.items()}
+    return json_array(as_wire_value(tree), binary=binary)
+
+
+def _query_value(value: Any) -> str:
+    """Query form of an option (the server's parsing.py reads these): booleans as
+    ``true``/``false``, lists comma-joined with a trailing comma for one item (so that
+    ``argnums=(0,)`` stays a tuple)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) + ("," if len(value) == 1 else "")
+    return str(value)
+
+
+def _vector_leaves(tree: Any, path: str = "") -> list[tuple[str, Any]]:
+    """Cotangents / tangents as ``(member path, wire value)`` pairs for an ``.npz``:
+    ``""`` for one array, ``"/0"``, ``"/1"`` for a tuple, ``"/key"`` for a dict (the
+    server's parsing.py reads ``cotangents``, ``cotangents/0``, ...)."""
+    if _is_node(tree):
+        return [leaf for i, t in enumerate(tree) for leaf in _vector_leaves(t, f"{path}/{i}")]
+    if isinstance(tree, dict):
+        return [leaf for k, v in tree.items() for leaf in _vector_leaves(v, f"{path}/{k}")]
+    return [(path, as_wire_value(tree))]
+
+
+def _check_argnums(argnums: Any) -> Any:
+    def ok(a: Any) -> bool:
+        return isinstance(a, str) or (isinstance(a, (int, np.integer)) and not isinstance(a, bool))
+
+    if isinstance(argnums, (tuple, list)):
+        if not argnums or not all(ok(a) for a in argnums):
+            raise TypeError("argnums is an int, a parameter name, or a non-empty tuple of them")
+        return [a if isinstance(a, str) else int(a) for a in argnums]
+    if not ok(argnums):
+        raise TypeError("argnums is an int, a parameter name, or a non-empty tuple of them")
+    return argnums if isinstance(argnums, str) else int(argnums)
+
+
+def _check_rows(rows: Any) -> list[int]:
+    try:
+        start, stop = (int(r) for r in rows)
+    except (TypeError, ValueError):
+        raise TypeError("rows is a (start, stop) pair of ints") from None
+    if not 0 <= start <= stop:
+        raise ValueError(f"rows=({start}, {stop}) needs 0 <= start <= stop")
+    return [start, stop]
+
+
+def _writable(tree: Any) -> Any:
+    """Arrays decoded from a response buffer are read-only views; hand out writable ones."""
+    if isinstance(tree, np.ndarray):
+        return tree if tree.flags.writeable else tree.copy()
+    if isinstance(tree, tuple):
+        return tuple(_writable(t) for t in tree)
+    if isinstance(tree, list):
+        return [_writable(t) for t in tree]
+    if isinstance(tree, dict):
+        return {k: _writable(v) for k, v in tree.items()}
+    return tree
+
+
+class Protocol:
+    """Builds :class:`Call` objects and reads responses; remembers per-function facts.
+
+    One instance per client. Its caches (function descriptions, which functions refuse
+    npy) only ever change a request's ``Accept``, never a result.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        transport: str = BINARY,
+        headers: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport is one of {TRANSPORTS}, not {transport!r}")
+        self.transport = transport
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.base_headers = {"User-Agent": USER_AGENT, **(headers or {})}
+        if api_key:
+            self.base_headers["Authorization"] = f"Bearer {api_key}"
+        self.functions_cache: dict[str, FunctionInfo] = {}
+        self._npy_refused: set[tuple[str, str]] = set()
+
+    # ----------------------------------------------------------------- metadata calls
+
+    def _headers(self, **extra: str) -> dict[str, str]:
+        return {"X-Request-ID": uuid.uuid4().hex, **extra}
+
+    def functions_call(self) -> Call:
+        return Call("GET", "/v1/functions", "functions", headers=self._headers(Accept=wire.JSON))
+
+    def function_call(self, name: str) -> Call:
+        return Call("GET", _function_path(name), "function", name=name, headers=self._headers(Accept=wire.JSON))
+
+    def info_call(self) -> Call:
+        return Call("GET", "/v1/info", "info", headers=self._headers(Accept=wire.JSON))
+
+    # ----------------------------------------------------------------- compute calls
+
+    def compute_call(
+        self,
+        kind: str,
+        name: str,
+        inputs: Sequence[Any],
+        options: Mapping[str, Any],
+        *,
+        vectors: tuple[str, Any] | None = None,
+        transport: str | None = None,
+        out: str | None = None,
+        sink: Sink | None = None,
+        progress: bool = False,
+    ) -> Call:
+        """A POST to ``/v1/functions/{name}/{kind}``.
+
+        ``options`` hold the request fields (``argnums``, ``chunk_size``, ...); ``None``
+        values and defaults are left out. ``vectors`` is ``("cotangents", tree)`` or
+        ``("tangents", tree)``.
+        """
+        transport = transport or self.transport
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport is one of {TRANSPORTS}, not {transport!r}")
+        if out is not None and transport == JSON_TRANSPORT:
+            raise ValueError("out= streams a binary .npy into the file; it cannot be used with transport='json'")
+        fields = self._fields(options)
+        values = [as_wire_value(x) for x in inputs]
+        binary = transport == BINARY
+        call = Call("POST", _function_path(name, kind), kind, name=name, out=None if out is None else str(out),
+                    sink=sink, progress=progress, return_output=bool(fields.get("return_output")))
+
+        vector_leaves = _vector_leaves(vectors[1]) if vectors is not None else []
+        all_arrays = all(isinstance(v, np.ndarray) for v in values) and all(
+            isinstance(v, np.ndarray) for _, v in vector_leaves)
+        if binary and all_arrays and values:
+            call.params = {k: _query_value(v) for k, v in fields.items()}
+            buf = io.BytesIO()
+            if len(values) == 1 and vectors is None:
+                np.save(buf, values[0], allow_pickle=False)
+                content_type = wire.NPY
+            else:
+                members = {str(i): v for i, v in enumerate(values)}
+                members.update((f"{vectors[0]}{path}", v) for path, v in vector_leaves if vectors is not None)
+                np.savez(buf, **members)
+                content_type = wire.NPZ
+            call.content = buf.getvalue()
+        else:
+            body: dict[str, Any] = {"inputs": [json_array(v, binary=binary) for v in values], **fields}
+            if vectors is not None:
+                body[vectors[0]] = _vector_tree(vectors[1], binary=binary)
+            call.content = wire.dumps(body)
+            content_type = wire.JSON
+
+        if not binary:
+            accept = wire.JSON
+        elif out is not None or sink is not None:
+            accept = wire.NPY
+        elif self._single_array_expected(kind, name, fields):
+            accept = NPY_OR_NPZ  # the server picks npz itself when the result is more
+        else:
+            accept = wire.NPZ
+        call.headers = self._headers(**{"Content-Type": content_type, "Accept": accept})
+        if accept == NPY_OR_NPZ:  # for a server that does not negotiate: 406, then npz
+            call.fallback = replace(call, headers={**call.headers, "Accept": wire.NPZ})
+        return call
+
+    @staticmethod
+    def _fields(options: Mapping[str, Any]) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        for key, value in options.items():
+            if value is None or value is False:
+                continue
+            if key == "argnums":
+                value = _check_argnums(value)
+                if value == 0:
+                    continue
+            elif key == "rows":
+                value = _check_rows(value)
+            elif key == "chunk_size":
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                    raise ValueError("chunk_size is None or a positive int")
+                value = int(value)
+            elif key == "mode" and value not in ("rev", "fwd", "auto"):
+                raise ValueError("mode is 'rev', 'fwd' or 'auto'")
+            fields[key] = value
+        return fields
+
+    def _single_array_expected(self, kind: str, name: str, fields: Mapping[str, Any]) -> bool:
+        if isinstance(fields.get("argnums"), list) or fields.get("return_output"):
+            return False
+        if (name, kind) in self._npy_refused:
+            return False
+        info = self.functions_cache.get(name)
+        return not (info is not None and info.has_aux)
+
+    def learn_npy_refused(self, call: Call) -> None:
+        """A 406 to an npy Accept: this function's results are not one bare array."""
+        if call.name is not None:
+            self._npy_refused.add((call.name, call.kind))
+
+    # ----------------------------------------------------------------- responses
+
+    def wants_stream(self, call: Call, response: httpx.Response) -> bool:
+        """Read this response incrementally (an npy) rather than whole?"""
+        streamed = _content_type(response) == wire.NPY and call.kind in COMPUTE_KINDS
+        if (call.out is not None or call.sink is not None) and not streamed:
+            raise TransportError(f"expected an application/x-npy response; got {_content_type(response) or 'none'}")
+        return streamed
+
+    def receiver(self, call: Call) -> tuple[NpyReceiver, Progress | None]:
+        progress = Progress(f"{call.name} {call.kind}") if call.progress else None
+        sink: Sink
+        if call.sink is not None:
+            sink = call.sink
+        elif call.out is not None:
+            sink = FileSink(call.out)
+        else:
+            sink = MemorySink()
+        return NpyReceiver(sink, on_progress=progress), progress
+
+    def read_stream_result(self, call: Call, receiver: NpyReceiver, response: httpx.Response) -> Any:
+        expected = response.headers.get("content-length")
+        if expected is not None and receiver.header is not None and receiver.received != int(expected):
+            receiver.abort()
+            raise IncompleteResponse(f"response body ended after {receiver.received} of {expected} bytes")
+        return receiver.close()  # one bare array: nothing else was due
+
+    def read_result(self, call: Call, response: httpx.Response, body: bytes) -> Any:
+        """A whole (non-streamed) success body -> the method's return value."""
+        ctype = _content_type(response)
+        try:
+            if call.kind == "functions":
+                doc = wire.loads(body)
+                items = doc.get("functions", []) if isinstance(doc, dict) else doc
+                infos = [FunctionInfo.from_json(d) for d in items]
+                self.functions_cache.update((i.name, i) for i in infos)
+                return infos
+            if call.kind == "function":
+                info = FunctionInfo.from_json(wire.loads(body))
+                self.functions_cache[info.name] = info
+                return info
+            if call.kind not in COMPUTE_KINDS:
+                return wire.loads(body)
+            key = RESULT_KEY[call.kind]
+            if ctype == wire.NPY:
+                return _writable(wire.read_npy(body, _RESULT_LIMITS))
+            if ctype == wire.NPZ:
+                trees, _meta = wire.read_result_npz(body, _RESULT_LIMITS)
+            elif ctype in (wire.JSON, ""):
+                doc = wire.loads(body)
+                if not isinstance(doc, dict):
+                    raise wire.WireError("a JSON result is an object")
+                trees = {k: wire.decode_tree(doc[k], tuple, _RESULT_LIMITS) for k in (key, "output", "aux") if k in doc}
+            else:
+                raise TransportError(f"unexpected response Content-Type {ctype!r}")
+        except (wire.WireError, KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, TransportError):
+                raise
+            raise TransportError(f"unreadable {call.kind} response: {exc}") from None
+        if key not in trees:
+            raise TransportError(f"the {call.kind} response has no {key!r}")
+        return self._assemble(call, _writable(trees))
+
+    @staticmethod
+    def _assemble(call: Call, trees: Mapping[str, Any]) -> Any:
+        key = RESULT_KEY[call.kind]
+        extras = []
+        if call.return_output and key != "output":
+            extras.append(trees.get("output"))
+        if "aux" in trees:
+            extras.append(trees["aux"])
+        return (trees[key], *extras) if extras else trees[key]
+
+
+def _content_type(response: httpx.Response) -> str:
+    return response.headers.get("content-type", "").split(";")[0].strip().lower()
+

@@ -1,0 +1,271 @@
+"""The synchronous client: a thin loop over :mod:`._protocol` and one ``httpx.Client``.
+
+Everything that decides *what* to send or how to read it lives in the protocol layer;
+this module only sends, reads (incrementally for ``.npy``), and sleeps between retries.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import httpx
+
+from ._base import DEFAULT_TIMEOUT, ClientConfig
+from ._errors import IncompleteResponse, NotAcceptable, error_from_response
+from ._models import FunctionInfo
+from ._protocol import BINARY, Call, RetryPolicy, transport_error
+
+__all__ = ["Client"]
+
+PathLike = str | os.PathLike[str]
+
+
+class Client:
+    """A connection-pooled client of one jacobian-service server.
+
+    >>> with Client("http://localhost:8000") as client:   # doctest: +SKIP
+    ...     J = client.jacobian("sin", x)
+
+    Arguments: ``base_url``; ``api_key`` (sent as ``Authorization: Bearer KEY``);
+    ``timeout`` (seconds or an :class:`httpx.Timeout`; ``None`` waits forever);
+    ``max_retries`` or a full :class:`RetryPolicy` as ``retry``; ``transport`` the default
+    wire format, ``"binary"`` (npy/npz) or ``"json"``; ``limits`` the connection pool
+    (:class:`httpx.Limits`); ``headers`` extra headers on every request;
+    ``http_transport`` an httpx transport (e.g. ``httpx.MockTransport`` in tests).
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int | None = None,
+        retry: RetryPolicy | None = None,
+        transport: str = BINARY,
+        limits: httpx.Limits | None = None,
+        headers: Mapping[str, str] | None = None,
+        http_transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        config = ClientConfig(
+            base_url, api_key=api_key, timeout=timeout, max_retries=max_retries, retry=retry,
+            transport=transport, limits=limits, headers=headers,
+        )
+        self._proto = config.protocol
+        self._http = httpx.Client(transport=http_transport, **config.httpx_kwargs)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ metadata
+
+    def functions(self) -> list[FunctionInfo]:
+        """Every registered function (``GET /v1/functions``)."""
+        return self._execute(self._proto.functions_call())
+
+    def function(self, name: str) -> FunctionInfo:
+        """One function's description (``GET /v1/functions/{name}``)."""
+        return self._execute(self._proto.function_call(name))
+
+    def info(self) -> dict[str, Any]:
+        """Version, devices, torch version and limits in force (``GET /v1/info``)."""
+        return self._execute(self._proto.info_call())
+
+    def health(self, *, ready: bool = True) -> bool:
+        """True when ``/readyz`` (or ``/healthz`` with ``ready=False``) answers 200.
+
+        Never raises and never retries: it is a probe.
+        """
+        try:
+            response = self._http.get("/readyz" if ready else "/healthz")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def wait_ready(self, timeout: float = 30.0, interval: float = 0.1) -> None:
+        """Block until :meth:`health` is true; :class:`TimeoutError` after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while not self.health():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.base_url} not ready after {timeout} s")
+            time.sleep(interval)
+
+    # ------------------------------------------------------------------ compute
+
+    def jacobian(
+        self,
+        name: str,
+        *inputs: Any,
+        argnums: int | str | tuple[int | str, ...] = 0,
+        chunk_size: int | None = None,
+        batched: bool = False,
+        return_output: bool = False,
+        rows: tuple[int, int] | None = None,
+        mode: str | None = None,
+        out: PathLike | None = None,
+        progress: bool = False,
+        transport: str | None = None,
+    ) -> Any:
+        """The Jacobian of ``name`` at ``inputs``, as ``torch.func.jacrev`` would give it.
+
+        Returns a numpy array (a tuple for tuple ``argnums``, nested for several outputs);
+        ``(J, aux)`` for has_aux functions; ``(J, output[, aux])`` with
+        ``return_output=True``. ``rows=(start, stop)`` computes only those rows of the
+        flattened output. ``out=`` streams the result into that ``.npy`` file and returns
+        it memory-mapped (read-only), never holding it in memory; ``progress=True`` shows
+        a progress bar meanwhile.
+        """
+        options = {"argnums": argnums, "chunk_size": chunk_size, "batched": batched,
+                   "return_output": return_output, "rows": rows, "mode": mode}
+        return self._execute(self._proto.compute_call(
+            "jacobian", name, inputs, options, transport=transport, out=_path(out), progress=progress))
+
+    def hessian(
+        self,
+        name: str,
+        *inputs: Any,
+        argnums: int | str | tuple[int | str, ...] = 0,
+        chunk_size: int | None = None,
+        batched: bool = False,
+        out: PathLike | None = None,
+        progress: bool = False,
+        transport: str | None = None,
+    ) -> Any:
+        """What ``torch.func.hessian(f, argnums)`` returns (same ``out=`` streaming)."""
+        options = {"argnums": argnums, "chunk_size": chunk_size, "batched": batched}
+        return self._execute(self._proto.compute_call(
+            "hessian", name, inputs, options, transport=transport, out=_path(out), progress=progress))
+
+    def evaluate(self, name: str, *inputs: Any, batched: bool = False, transport: str | None = None) -> Any:
+        """The function's output (``(output, aux)`` for has_aux functions)."""
+        return self._execute(self._proto.compute_call(
+            "evaluate", name, inputs, {"batched": batched}, transport=transport))
+
+    def vjp(
+        self,
+        name: str,
+        *inputs: Any,
+        cotangents: Any,
+        argnums: int | str | tuple[int | str, ...] = 0,
+        batched_vectors: bool = False,
+        transport: str | None = None,
+    ) -> Any:
+        """Vector-Jacobian products: ``cotangents`` shaped like the output (a tuple for
+        several outputs), or stacked with a leading dimension and ``batched_vectors``."""
+        options = {"argnums": argnums, "batched_vectors": batched_vectors}
+        return self._execute(self._proto.compute_call(
+            "vjp", name, inputs, options, vectors=("cotangents", cotangents), transport=transport))
+
+    def jvp(
+        self,
+        name: str,
+        *inputs: Any,
+        tangents: Any,
+        argnums: int | str | tuple[int | str, ...] = 0,
+        batched_vectors: bool = False,
+        transport: str | None = None,
+    ) -> Any:
+        """Jacobian-vector products: ``tangents`` shaped like the differentiated input
+        (a tuple for tuple ``argnums``), or stacked with ``batched_vectors``."""
+        options = {"argnums": argnums, "batched_vectors": batched_vectors}
+        return self._execute(self._proto.compute_call(
+            "jvp", name, inputs, options, vectors=("tangents", tangents), transport=transport))
+
+    def jacrev(
+        self, name: str, argnums: int | str | tuple[int | str, ...] = 0, *, chunk_size: int | None = None,
+        **options: Any,
+    ) -> Callable[..., Any]:
+        """A callable like ``torch.func.jacrev(f, argnums, chunk_size=...)``: call it with
+        the inputs to get the Jacobian (and aux, for has_aux functions)."""
+
+        def jac(*inputs: Any) -> Any:
+            return self.jacobian(name, *inputs, argnums=argnums, chunk_size=chunk_size, **options)
+
+        jac.__name__ = jac.__qualname__ = f"jacrev_{name}"
+        jac.__doc__ = f"Jacobian of the remote function {name!r} (argnums={argnums!r}) at the given inputs."
+        return jac
+
+    # ------------------------------------------------------------------ I/O loop
+
+    def _execute(self, call: Call) -> Any:
+        try:
+            return self._execute_once(call)
+        except NotAcceptable:
+            if call.fallback is None:
+                raise
+            self._proto.learn_npy_refused(call)
+            return self._execute_once(call.fallback)
+
+    def _execute_once(self, call: Call) -> Any:
+        response = self._send(call)
+        try:
+            if not self._proto.wants_stream(call, response):
+                try:
+                    body = response.read()
+                except httpx.HTTPError as exc:
+                    raise IncompleteResponse(f"reading the response failed: {exc}") from exc
+                return self._proto.read_result(call, response, body)
+            receiver, progress = self._proto.receiver(call)
+            try:
+                for piece in response.iter_bytes():
+                    receiver.feed(piece)
+            except httpx.HTTPError as exc:
+                receiver.abort()
+                raise IncompleteResponse(f"response stream broke after {receiver.received} bytes: {exc}") from exc
+            except BaseException:
+                receiver.abort()
+                raise
+            finally:
+                if progress is not None:
+                    progress.close()
+            return self._proto.read_stream_result(call, receiver, response)
+        finally:
+            response.close()
+
+    def _send(self, call: Call) -> httpx.Response:
+        """Send with retries; return an open (streamed) 2xx/3xx response or raise."""
+        policy = self._proto.retry
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            request = self._http.build_request(
+                call.method, call.path, params=call.params or None, headers=call.headers, content=call.content)
+            try:
+                response = self._http.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                delay = policy.delay_after_exception(exc, attempt, time.monotonic() - started)
+                if delay is None:
+                    raise transport_error(exc, call) from exc
+            else:
+                if response.status_code < 400:
+                    return response
+                try:
+                    response.read()
+                except httpx.HTTPError:
+                    pass  # the status alone says enough
+                finally:
+                    response.close()
+                delay = policy.delay_after_status(
+                    response.status_code, response.headers, attempt, time.monotonic() - started)
+                if delay is None:
+                    raise error_from_response(response)
+            time.sleep(delay)
+            attempt += 1
+
+
+def _path(out: PathLike | None) -> str | None:
+    return None if out is None else os.fspath(out)

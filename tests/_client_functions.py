@@ -1,0 +1,15 @@
+"""Functions only the SDK tests serve (loaded by name through the functions setting)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from jacobian_service import Input, register
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Sleeps x[0] seconds, then returns 2x.")
+def slow(x: torch.Tensor) -> torch.Tensor:
+    time.sleep(float(x.reshape(-1)[0]))
+    return 2 * x
