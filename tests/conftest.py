@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
+from hypothesis import settings as hypothesis_settings
 
 import numpy as np
 import pytest
@@ -23,6 +24,12 @@ from jacobian_client import wire
 from jacobian_service import create_app
 from jacobian_service.registry import Registry
 from jacobian_service.settings import Settings
+
+
+# CI explores the same examples every run (a red CI must be reproducible); local runs
+# keep exploring new ones.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 @pytest.fixture(scope="session")

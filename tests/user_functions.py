@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from jacobian_service import Input, register
@@ -99,3 +101,32 @@ class _Hungry(torch.autograd.Function):
 @register(inputs=[Input("x", shape=("n",))], description="Runs out of memory above 4 rows per chunk.")
 def memory_hungry(x: torch.Tensor) -> torch.Tensor:
     return _Hungry.apply(x)
+
+
+class _SlowBackward(torch.autograd.Function):
+    """Identity whose backward takes 50 ms a call: a long Jacobian, row by row."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)
+        return grad
+
+
+@register(inputs=[Input("x", shape=("n",))], description="50 ms per Jacobian chunk.")
+def slow_rows(x: torch.Tensor) -> torch.Tensor:
+    return _SlowBackward.apply(x)
+
+
+@register(inputs=[Input("x", shape=("n",))], description="log(x): NaN below 0, -inf at 0.")
+def log(x: torch.Tensor) -> torch.Tensor:
+    return torch.log(x)

@@ -54,7 +54,7 @@ def build_parser(prog: str = "jacobian-service call") -> argparse.ArgumentParser
 def _argnums(text: str) -> int | str | tuple[int | str, ...]:
     def one(item: str) -> int | str:
         item = item.strip()
-        return int(item) if item.lstrip("-").isdigit() else item
+        return int(item) if item.lstrip("-").isascii() and item.lstrip("-").isdigit() else item
 
     if "," in text:
         return tuple(one(t) for t in text.split(",") if t.strip())

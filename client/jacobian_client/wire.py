@@ -39,6 +39,7 @@ __all__ = [
     "PROBLEM",
     "Limits",
     "WireError",
+    "check_depth",
     "decode_json_array",
     "decode_tree",
     "dumps",
@@ -160,7 +161,10 @@ def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarr
     if _depth(data, limits.max_rank) > limits.max_rank:
         raise WireError(f"array nested deeper than {limits.max_rank}", "invalid_input")
     try:
-        arr = np.asarray(data, dtype=dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # 1e300 as float32 is inf, as numpy casts it
+            arr = np.asarray(data, dtype=dtype)
+        if arr.dtype.kind == "U":  # "NaN" / "Infinity" / "-Infinity" among the numbers
+            arr = np.asarray(data, dtype=np.float64)
     except (ValueError, TypeError, OverflowError) as exc:
         raise WireError(f"array data is not a regular array of numbers: {exc}", "invalid_input") from None
     if arr.dtype.hasobject or arr.dtype.kind not in "biuf":
@@ -236,11 +240,36 @@ def _c_order(arr: np.ndarray) -> np.ndarray:
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
+def _spell_nonfinite(arr: np.ndarray) -> Any:
+    """JSON has no NaN or infinities: spell them "NaN", "Infinity", "-Infinity" (as
+    JavaScript prints them) rather than let them become an ambiguous null."""
+    spelled = arr.astype(object)
+    spelled[np.isnan(arr)] = "NaN"
+    spelled[np.isposinf(arr)] = "Infinity"
+    spelled[np.isneginf(arr)] = "-Infinity"
+    return spelled.tolist()
+
+
+def check_depth(doc: Any, limit: int) -> None:
+    """Refuse JSON nested deeper than ``limit``; numeric rows are not walked number by number."""
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise WireError(f"JSON nested deeper than {limit} levels")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list) and node and isinstance(node[0], (dict, list)):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
+
+
 def encode_tree(tree: Any) -> Any:
     """Arrays -> ``{"dtype", "shape", "data"}``; tuples -> lists; the rest as is."""
     if isinstance(tree, np.ndarray):
         arr = _c_order(tree)
-        data = arr.item() if arr.ndim == 0 else arr  # orjson serialises no 0-d arrays
+        data: Any = arr.item() if arr.ndim == 0 else arr  # orjson serialises no 0-d arrays
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            data = _spell_nonfinite(arr)
         return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": data}
     if isinstance(tree, np.generic):
         return tree.item()

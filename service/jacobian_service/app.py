@@ -36,6 +36,7 @@ from .state import ServiceState
 __all__ = ["create_app"]
 
 log = logging.getLogger("jacobian_service")
+access_log = logging.getLogger("jacobian_service.access")
 
 
 def resolve_devices(setting: str) -> list[torch.device]:
@@ -89,8 +90,9 @@ async def _warm_up(state: ServiceState) -> None:
     log.info("ready: %d functions on %s", len(state.registry), ", ".join(map(str, state.devices)))
 
 
-class RequestIdMiddleware:
-    """Echo the client's ``X-Request-ID`` (or make one) on every response."""
+class AccessMiddleware:
+    """Echo the client's ``X-Request-ID`` (or make one) on every response, and log one
+    line per request with that id (never any array data)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -105,32 +107,71 @@ class RequestIdMiddleware:
                 request_id = value.decode("latin-1")[:128]
         request_id = request_id if request_id.isprintable() and request_id else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 0
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if scope["path"] not in ("/healthz", "/readyz", "/metrics"):
+                access_log.info(
+                    "%s %s %s",
+                    scope["method"],
+                    scope["path"],
+                    status or "aborted",
+                    extra={
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
+                    },
+                )
 
 
 def _request_id(request: Request) -> str:
     return getattr(request.state, "request_id", "") or uuid.uuid4().hex
 
 
+def _openapi(app: FastAPI, registry: Registry) -> dict[str, Any]:
+    """FastAPI's document, with the served function names as the ``name`` enum."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        names = [spec.name for spec in registry]
+        for path, item in doc["paths"].items():
+            for operation in item.values():
+                for param in operation.get("parameters", []):
+                    if param["name"] == "name" and "/functions/{name}" in path:
+                        param["schema"] = {"type": "string", "enum": names}
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     """Build the ASGI app. ``registry`` overrides the modules named in ``settings``."""
     settings = settings or Settings()
     configure_logging(settings.log_format)
+    # Loading the functions is configuration, not a resource: do it here, so a bad user
+    # module fails at start-up and /openapi.json can list the names.
+    registry = registry if registry is not None else Registry.from_modules(settings.function_modules)
+    api_keys = settings.load_api_keys()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         devices = resolve_devices(settings.device)
-        reg = registry if registry is not None else Registry.from_modules(settings.function_modules)
         metrics = Metrics()
         scheduler = Scheduler(
             [Engine(d, settings.memory_budget_bytes or default_memory_budget(d)) for d in devices],
@@ -139,7 +180,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             batch_wait_s=settings.max_batch_wait_ms / 1e3,
             on_batch=metrics.batch_size.observe,
         )
-        state = ServiceState(settings, reg, scheduler, metrics, devices)
+        state = ServiceState(settings, registry, scheduler, metrics, devices, api_keys)
         app.state.service = state
         scheduler.start()
         warm = asyncio.create_task(_warm_up(state)) if settings.warmup else None
@@ -163,7 +204,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         lifespan=lifespan,
     )
     app.include_router(router)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(AccessMiddleware)
+    app.openapi = lambda: _openapi(app, registry)  # type: ignore[method-assign]
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Any:

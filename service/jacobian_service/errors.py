@@ -13,6 +13,7 @@
     ├── UnsupportedMediaType  415     unsupported_media_type
     ├── InvalidInput          422     invalid_input
     ├── Overloaded            429     overloaded           (Retry-After)
+    ├── ClientGone            499     client_closed        (logged only: nobody is listening)
     ├── FunctionError         500     function_error       (the function raised)
     ├── InternalError         500     internal_error       (a bug of ours; logged, never shown)
     ├── Unavailable           503     unavailable          (not ready, or draining)
@@ -28,6 +29,7 @@ from __future__ import annotations
 from jacobian_client.wire import WireError
 
 __all__ = [
+    "ClientGone",
     "Forbidden",
     "FunctionError",
     "FunctionNotFound",
@@ -77,6 +79,7 @@ ResultTooLarge = _error("ResultTooLarge", 413, "result_too_large", "Result too l
 UnsupportedMediaType = _error("UnsupportedMediaType", 415, "unsupported_media_type", "Unsupported media type")
 InvalidInput = _error("InvalidInput", 422, "invalid_input", "Invalid input")
 Overloaded = _error("Overloaded", 429, "overloaded", "Overloaded")
+ClientGone = _error("ClientGone", 499, "client_closed", "Client closed request")
 FunctionError = _error("FunctionError", 500, "function_error", "Function error")
 InternalError = _error("InternalError", 500, "internal_error", "Internal error")
 Unavailable = _error("Unavailable", 503, "unavailable", "Service unavailable")

@@ -7,6 +7,7 @@ straight to numpy by :mod:`jacobian_client.wire`).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Mapping
 
 import numpy as np
@@ -21,6 +22,7 @@ from .registry import FLOAT_DTYPES, FunctionSpec
 __all__ = ["Options", "media_type_of", "parse_call"]
 
 Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp"]
+_INTEGER = re.compile(r"-?[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
 _VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents"}
 
 
@@ -43,7 +45,7 @@ def _query_value(key: str, value: str) -> Any:
         return [_query_value("argnums", v) for v in value.split(",") if v != ""]
     if value.lower() in ("", "null", "none") and key in ("chunk_size", "rows"):
         return None
-    if key in ("argnums", "rows", "chunk_size") and value.lstrip("-").isdigit():
+    if key in ("argnums", "rows", "chunk_size") and _INTEGER.fullmatch(value):
         return int(value)
     return value
 
@@ -87,7 +89,7 @@ def _split_members(members: dict[str, np.ndarray], vector_key: str | None) -> tu
         return inputs, None
     if set(vectors) == {""}:
         return inputs, vectors[""]
-    if all(k.isdigit() for k in vectors):
+    if all(_INTEGER.fullmatch(k) for k in vectors):
         return inputs, [vectors[k] for k in sorted(vectors, key=int)]
     return inputs, vectors
 
@@ -126,6 +128,7 @@ def parse_call(
     try:
         if media_type == wire.JSON:
             doc = wire.loads(body)
+            wire.check_depth(doc, limits.max_json_depth)
             if not isinstance(doc, dict):
                 raise InvalidInput("the body must be a JSON object with an 'inputs' member")
             if "inputs" not in doc:
@@ -192,7 +195,8 @@ def parse_call(
         inp.bind(tuple(shape), bindings)
         wire_dtype = "float32" if dtype == "bfloat16" else dtype
         if arr.dtype != np.dtype(wire_dtype):
-            arr = arr.astype(wire_dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf
+                arr = arr.astype(wire_dtype)
         args.append(arr)
         dtypes.append(dtype)
     if len(batch_sizes) > 1:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
 import platform
+import threading
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -18,6 +20,7 @@ from jacobian_client import wire
 
 from .engine import Call, Engine, Result, to_numpy
 from .errors import (
+    ClientGone,
     Forbidden,
     InvalidInput,
     MalformedBody,
@@ -44,7 +47,7 @@ def _state(request: Request) -> ServiceState:
 
 def require_key(request: Request) -> None:
     """Bearer API keys, compared in constant time; no keys configured turns auth off."""
-    keys = _state(request).settings.api_key_set
+    keys = _state(request).api_keys
     if not keys:
         return
     header = request.headers.get("authorization", "")
@@ -117,7 +120,7 @@ async def info(request: Request) -> dict[str, Any]:
             "memory_budget_bytes": [e.memory_budget for e in _state(request).scheduler.engines],
             "stream_threshold_bytes": s.stream_threshold_bytes,
         },
-        "auth": bool(s.api_key_set),
+        "auth": bool(_state(request).api_keys),
     }
 
 
@@ -137,7 +140,7 @@ async def describe_function(name: str, request: Request) -> dict[str, Any]:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not declared.isascii() or not declared.isdigit():
             raise MalformedBody("Content-Length is not a number")
         if int(declared) > limit:
             raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}")
@@ -214,8 +217,6 @@ def _shape_key(call: Call) -> tuple[Any, ...]:
 
 async def _derivative(request: Request, name: str, kind: Kind) -> Response:
     state = _state(request)
-    if state.draining:
-        raise Unavailable("the server is shutting down", headers={"Retry-After": "1"})
     started = time.monotonic()
     spec = state.registry.get(name)
     media = acceptable(request.headers.get("accept"))
@@ -226,23 +227,58 @@ async def _derivative(request: Request, name: str, kind: Kind) -> Response:
     )
     call.deadline = _deadline(state, request)
     call.max_result_bytes = state.settings.max_result_bytes
+    stop = threading.Event()  # set when the client goes away or the deadline passes
+    call.cancelled = stop.is_set
     if not _could_be_single(call, kind):
         media = [m for m in media if m != wire.NPY] or choose([wire.NPY], False)  # type: ignore[list-item]
     if kind == "jacobian" and media[0] == wire.NPY and not call.batched and call.mode != "fwd":
         # Stream unless earlier calls showed this Jacobian is small (then it may batch).
         rows = state.output_rows.get(_shape_key(call))
         if rows is None or call.rows is not None or rows * _row_nbytes(call) > state.settings.stream_threshold_bytes:
-            return await _jacobian_npy(state, call, media)
+            return await _cancellable(request, stop, _jacobian_npy(state, call, media))
 
-    result, info = await state.scheduler.run(
-        lambda eng: getattr(eng, kind)(call), deadline=call.deadline, batch=_batchable(call, kind)
+    result, info = await _cancellable(
+        request,
+        stop,
+        state.scheduler.run(lambda eng: getattr(eng, kind)(call), deadline=call.deadline, batch=_batchable(call, kind)),
     )
     chosen = choose(media, is_single_array(result))
+    encode_start = time.monotonic()
     response = await _offload(_result_nbytes(result), encode, chosen, spec.name, _RESULT_KEY[kind], result, _meta(info, result))
-    state.metrics.latency.labels(kind, "queue").observe(info.queue_s)
-    state.metrics.latency.labels(kind, "compute").observe(info.compute_s)
-    state.metrics.latency.labels(kind, "total").observe(time.monotonic() - started)
+    for phase, seconds in (
+        ("queue", info.queue_s),
+        ("compute", info.compute_s),
+        ("encode", time.monotonic() - encode_start),
+        ("total", time.monotonic() - started),
+    ):
+        state.metrics.latency.labels(kind, phase).observe(seconds)
     return response
+
+
+async def _cancellable(request: Request, stop: threading.Event, work: Awaitable[Any]) -> Any:
+    """Await ``work`` unless the client disconnects first; either way a failure or a
+    disconnect sets ``stop``, which the engine checks between chunks."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            stop.set()
+            task.cancel()
+            raise ClientGone("the client closed the connection; its work was cancelled")
+        if task.exception() is not None:
+            stop.set()
+        return task.result()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            stop.set()
+            task.cancel()
 
 
 def _row_nbytes(call: Call) -> int:

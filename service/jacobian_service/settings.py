@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -47,15 +48,20 @@ class Settings(BaseSettings):
 
     # Security and operations
     api_keys: str = ""
+    # One key a line (blank lines and # comments skipped); adds to api_keys.
+    api_keys_file: Path | None = None
     metrics_auth: bool = False
     log_format: Literal["json", "text"] = "text"
     warmup: bool = True
+    # On SIGTERM: /readyz answers 503 at once; after drain_delay_s the server stops
+    # accepting connections and gives in-flight requests drain_grace_s to finish.
+    drain_delay_s: float = Field(0.0, ge=0)
     drain_grace_s: float = Field(30.0, ge=0)
 
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isascii() and value[5:].isdigit()):
             return value
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
 
@@ -63,9 +69,14 @@ class Settings(BaseSettings):
     def function_modules(self) -> tuple[str, ...]:
         return _split(self.functions)
 
-    @property
-    def api_key_set(self) -> tuple[str, ...]:
-        return _split(self.api_keys)
+    def load_api_keys(self) -> tuple[str, ...]:
+        keys = list(_split(self.api_keys))
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return tuple(keys)
 
     @property
     def wire_limits(self) -> Limits:

@@ -22,6 +22,7 @@ class ServiceState:
     scheduler: Scheduler
     metrics: Metrics
     devices: list[torch.device]
+    api_keys: tuple[str, ...] = ()
     ready: bool = False
     draining: bool = False
     # Output rows seen per (function, argnums, shapes, dtypes): lets small .npy

@@ -1,0 +1,124 @@
+"""Limits, deadlines, backpressure, cancellation, drain, logs and odd values."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from jacobian_client import wire
+
+from .conftest import assert_problem, decode, live_server, npy_bytes
+
+SLOW = "/v1/functions/slow_rows/jacobian"
+
+
+def test_deadline_is_enforced_between_chunks(make_client):
+    c = make_client()
+    assert c.post("/v1/functions/sin/jacobian", json={"inputs": [[1.0]]}).status_code == 200  # warm
+    t0 = time.monotonic()
+    body = assert_problem(
+        c.post(SLOW, json={"inputs": [[0.0] * 100], "chunk_size": 1}, headers={"x-request-timeout": "0.3"}), 504, "timeout"
+    )
+    assert time.monotonic() - t0 < 2.0  # not the 5 s the whole Jacobian would take
+    assert "deadline" in body["detail"]
+    # the worker stopped too: the next request is not stuck behind 100 slow rows
+    t0 = time.monotonic()
+    assert c.post("/v1/functions/sin/jacobian", json={"inputs": [[1.0]]}).status_code == 200
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_server_timeout_setting_and_bad_header(make_client):
+    c = make_client(request_timeout_s=0.2)
+    assert_problem(c.post(SLOW, json={"inputs": [[0.0] * 40], "chunk_size": 1}), 504, "timeout")
+    for bad in ("soon", "-1", "nan", "0"):
+        assert_problem(c.post(SLOW, json={"inputs": [[0.0]]}, headers={"x-request-timeout": bad}), 422, "invalid_input")
+
+
+def test_full_queue_answers_429_with_retry_after(make_client):
+    c = make_client(max_queue=1, max_batch_size=1)
+    slow = threading.Thread(target=lambda: c.post(SLOW, json={"inputs": [[0.0] * 30], "chunk_size": 1}))
+    slow.start()
+    try:
+        deadline = time.monotonic() + 5
+        while "jacobian_service_queue_depth 1.0" not in c.get("/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        response = c.post("/v1/functions/sin/jacobian", json={"inputs": [[1.0]]})
+        assert_problem(response, 429, "overloaded")
+        assert response.headers["retry-after"] == "1"
+    finally:
+        slow.join()
+    assert c.post("/v1/functions/sin/jacobian", json={"inputs": [[1.0]]}).status_code == 200
+
+
+def test_json_nesting_and_sizes_limits(make_client):
+    c = make_client(max_json_depth=8, max_array_elements=100, max_array_rank=3)
+    deep = {"inputs": [[1.0]], "x": [[[[[[[[[[1]]]]]]]]]]}
+    assert "deeper" in assert_problem(c.post("/v1/functions/sin/jacobian", json=deep), 400, "malformed_body")["detail"]
+    assert_problem(c.post("/v1/functions/sin/jacobian", json={"inputs": [[1.0] * 101]}), 413, "payload_too_large")
+    assert_problem(c.post("/v1/functions/sin/jacobian", content=npy_bytes(np.zeros(101)), headers={"content-type": wire.NPY}), 413, "payload_too_large")
+    assert_problem(c.post("/v1/functions/sin/jacobian", json={"inputs": [[[[[1.0]]]]]}), 422, "invalid_input")
+    info = c.get("/v1/info").json()["limits"]
+    assert info["max_json_depth"] == 8 and info["max_array_elements"] == 100 and info["max_array_rank"] == 3
+    assert {"max_request_bytes", "max_result_bytes", "max_npz_members", "max_queue", "request_timeout_s"} <= set(info)
+
+
+def test_non_finite_values_travel_exactly(client):
+    x = [-1.0, 0.0, 2.0]
+    doc = client.post("/v1/functions/log/evaluate", json={"inputs": [x]}).json()
+    assert doc["output"]["data"][:2] == ["NaN", "-Infinity"]
+    out = wire.decode_tree(doc["output"])
+    assert np.isnan(out[0]) and out[1] == -np.inf and out[2] == np.float32(np.log(2.0))
+    got, doc = decode(client.post("/v1/functions/log/jacobian", json={"inputs": [x]}))
+    assert got[1, 1] == np.inf and np.isclose(got[2, 2], 0.5)
+    # and NaN / Infinity are accepted on the way in
+    doc = client.post("/v1/functions/sin/evaluate", json={"inputs": [["NaN", "Infinity", 0.5]]}).json()
+    assert doc["output"]["data"][:2] == ["NaN", "NaN"]
+
+
+def test_api_keys_from_a_file(make_client, tmp_path):
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("# operators\nkey-from-file\n\n")
+    c = make_client(api_keys="inline", api_keys_file=keyfile)
+    for key in ("inline", "key-from-file"):
+        assert c.get("/v1/functions", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    assert_problem(c.get("/v1/functions", headers={"authorization": "Bearer # operators"}), 403, "forbidden")
+
+
+def test_disconnect_cancels_running_work_and_drain_on_sigterm():
+    with live_server(DRAIN_DELAY_S=1.5, DRAIN_GRACE_S=10, LOG_FORMAT="json") as (url, proc):
+        # A client that gives up after 0.3 s of a 5 s Jacobian frees the worker.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}{SLOW}", json={"inputs": [[0.0] * 100], "chunk_size": 1}, timeout=0.3)
+        t0 = time.monotonic()
+        assert httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[1.0]]}, timeout=10).status_code == 200
+        assert time.monotonic() - t0 < 1.5, "the abandoned Jacobian kept the worker busy"
+
+        # Logs are JSON lines with the request id, and never the array data.
+        r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.123456789]]}, headers={"x-request-id": "log-me"})
+        assert r.status_code == 200
+
+        # SIGTERM: /readyz turns 503 while an in-flight request still finishes.
+        result = {}
+        inflight = threading.Thread(target=lambda: result.update(r=httpx.post(f"{url}{SLOW}", json={"inputs": [[0.0] * 30], "chunk_size": 1}, timeout=30)))
+        inflight.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert_problem(httpx.get(f"{url}/readyz"), 503, "unavailable")
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        inflight.join()
+        assert result["r"].status_code == 200
+        np.testing.assert_allclose(wire.decode_tree(result["r"].json()["jacobian"]), np.eye(30))
+        assert proc.wait(timeout=20) == 0
+        out = proc.stdout.read().decode()
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    access = [r for r in records if r.get("request_id") == "log-me"]
+    assert access and access[0]["status"] == 200 and access[0]["path"] == "/v1/functions/sin/jacobian"
+    assert "0.123456" not in out and "Traceback" not in out
