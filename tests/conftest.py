@@ -170,3 +170,13 @@ def live_server(**settings: Any) -> Iterator[tuple[str, subprocess.Popen]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """``gpu`` tests run only where CUDA is (they are the same checks, on the device)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -283,15 +283,36 @@ class Engine:
 
     # ----------------------------------------------------------------- helpers
 
+    def host(self, tree: Any) -> Any:
+        """Results to numpy on the host. On CUDA the copies go through pinned memory,
+        non-blocking, with one synchronisation for the whole tree."""
+        if self.device.type != "cuda":
+            return to_numpy(tree)
+
+        def stage(leaf: Any) -> Any:
+            if not isinstance(leaf, torch.Tensor):
+                return leaf
+            leaf = leaf.detach()
+            dtype = torch.float32 if leaf.dtype == torch.bfloat16 else leaf.dtype
+            pinned = torch.empty(leaf.shape, dtype=dtype, pin_memory=True)  # cached by torch's host allocator
+            return pinned.copy_(leaf, non_blocking=True)
+
+        staged = pytree.tree_map(stage, tree)
+        torch.cuda.current_stream(self.device).synchronize()
+        return to_numpy(staged)
+
     def release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def tensors(self, call: Call) -> list[torch.Tensor]:
         out = []
+        cuda = self.device.type == "cuda"
         for arr, dtype in zip(call.args, call.dtypes):
             t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
-            out.append(t.to(device=self.device, dtype=_TORCH_DTYPES[dtype], non_blocking=True))
+            if cuda:  # a pinned staging copy lets the upload run asynchronously
+                t = t.pin_memory()
+            out.append(t.to(device=self.device, dtype=_TORCH_DTYPES[dtype], non_blocking=cuda))
         return out
 
     def _check_result_size(self, call: Call, nbytes: int) -> None:
@@ -336,8 +357,8 @@ class Engine:
         stream = stream or self.row_stream(call)
         start, stop = call.rows or (0, stream.total_rows)
         self._check_result_size(call, (stop - start) * stream.row_nbytes())
-        output = to_numpy(stream.output) if call.return_output else None
-        aux = to_numpy(stream.aux)
+        output = self.host(stream.output) if call.return_output else None
+        aux = self.host(stream.aux)
         if self.wants_forward(call, stream):
             value = self._forward_jacobian(call)
             if value is not None:
@@ -355,7 +376,7 @@ class Engine:
         ]
         offsets = np.cumsum([0, *stream.sizes]).tolist()
         for s, e, grads in stream.chunks(start, stop, chunk):
-            host = [to_numpy(g) for g in grads]
+            host = self.host(tuple(grads))  # one synchronisation per chunk on CUDA
             for j in range(len(leaves)):
                 base = offsets[j] if stream.call.rows is None else start
                 lo, hi = max(s, base), min(e, base + blocks[j][0].shape[0])
@@ -389,7 +410,7 @@ class Engine:
             log.info("jacfwd failed for %s (%s); using reverse mode", call.spec.name, type(exc).__name__)
             self.no_forward_ad.add(call.spec.name)
             return None
-        return to_numpy(jac)
+        return self.host(jac)
 
     # ----------------------------------------------------------------- batched
 
@@ -442,7 +463,7 @@ class Engine:
             value = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
             aux = _stack_aux([p[1] for p in per])
         output = self.evaluate(call).value if call.return_output else None
-        return Result(to_numpy(value), to_numpy(aux), call.spec.has_aux, output, call.chunk_size, call.mode)
+        return Result(self.host(value), self.host(aux), call.spec.has_aux, output, call.chunk_size, call.mode)
 
     # ----------------------------------------------------------------- hessian
 
@@ -474,8 +495,8 @@ class Engine:
             # Forward AD may lack a rule for an op: reverse-over-reverse is equal, slower.
             rev = torch.func.jacrev(torch.func.jacrev(g, argnums=argnums, has_aux=True), argnums=argnums, has_aux=True)
             value, aux_t = self._guard(lambda: rev(*primals))
-        output = to_numpy(out) if call.return_output else None
-        return Result(to_numpy(value), to_numpy(box.restore(aux_t)), call.spec.has_aux, output)
+        output = self.host(out) if call.return_output else None
+        return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
 
     # ----------------------------------------------------------------- evaluate, vjp, jvp
 
@@ -488,7 +509,7 @@ class Engine:
             if call.spec.name not in self.no_vmap_function:
                 try:
                     out, aux_t = torch.func.vmap(box)(*args)
-                    return Result(to_numpy(out), to_numpy(box.restore(aux_t)), call.spec.has_aux)
+                    return Result(self.host(out), self.host(box.restore(aux_t)), call.spec.has_aux)
                 except Exception as exc:
                     if _is_oom(exc):
                         raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
@@ -502,9 +523,9 @@ class Engine:
             if not per:
                 raise InvalidInput("batched inputs need a leading batch dimension of at least 1")
             out = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
-            return Result(to_numpy(out), to_numpy(_stack_aux([p[1] for p in per])), call.spec.has_aux)
+            return Result(self.host(out), self.host(_stack_aux([p[1] for p in per])), call.spec.has_aux)
         out, aux_t = self._guard(lambda: box(*args))
-        return Result(to_numpy(out), to_numpy(box.restore(aux_t)), call.spec.has_aux)
+        return Result(self.host(out), self.host(box.restore(aux_t)), call.spec.has_aux)
 
     def _vectors(self, tree: Any, like: Any, what: str, batched: bool) -> Any:
         """Check a cotangent/tangent tree against the shapes it must match; to tensors."""
@@ -547,8 +568,8 @@ class Engine:
         fn = torch.func.vmap(pullback) if call.batched_vectors else pullback
         grads = self._guard(lambda: fn(cot))
         value = tuple(grads) if call.as_tuple else grads[0]
-        output = to_numpy(out) if call.return_output else None
-        return Result(to_numpy(value), to_numpy(box.restore(aux_t)), call.spec.has_aux, output)
+        output = self.host(out) if call.return_output else None
+        return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
 
     def jvp(self, call: Call) -> Result:
         args = self.tensors(call)
@@ -567,8 +588,8 @@ class Engine:
             value = self._guard(lambda: torch.func.vmap(lambda *t: push(*t)[1])(*tangents))
         else:
             out, value, aux_t = self._guard(lambda: push(*tangents))
-        output = to_numpy(out) if call.return_output else None
-        return Result(to_numpy(value), to_numpy(box.restore(aux_t)), call.spec.has_aux, output)
+        output = self.host(out) if call.return_output else None
+        return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
 
 
     # ----------------------------------------------------------------- request batching

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jacobian_client import wire
 
-from .engine import Call, Engine, Result, to_numpy
+from .engine import Call, Engine, Result
 from .errors import (
     ClientGone,
     Forbidden,
@@ -331,7 +331,7 @@ async def _jacobian_npy(state: ServiceState, call: Call, media: list[str]) -> Re
         if "it" not in rows:
             rows["it"] = stream.chunks(start, stop, chunk)
         for _, _, grads in rows["it"]:
-            return np.ascontiguousarray(to_numpy(grads[0]))
+            return np.ascontiguousarray(eng.host(grads[0]))
         return None
 
     async def body() -> AsyncIterator[bytes | memoryview]:
