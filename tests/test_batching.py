@@ -10,7 +10,7 @@ import torch
 from jacobian_client import wire
 
 from .conftest import assert_problem, decode, npy_bytes
-from .user_functions import cholesky
+from .user_functions import branchy, cholesky
 
 
 def test_concurrent_requests_share_a_batch_and_get_their_own_answers(make_client, builtins):
@@ -91,3 +91,28 @@ def test_scalar_outputs_stay_arrays_when_split_from_a_batch(make_client):
     for v, d in zip([0.1, 0.2, 0.3, 0.4], docs):
         assert d["output"]["shape"] == [] and d["output"]["dtype"] == "float32"
         np.testing.assert_allclose(d["output"]["data"], np.sin(v) + np.sin(1.0), rtol=1e-6)
+
+
+def _round(c, url, bodies):
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda b: c.post(url, content=wire.dumps(b)), bodies))
+
+
+def test_a_data_error_does_not_turn_batching_off(make_client):
+    c = make_client(max_batch_wait_ms=300, max_batch_size=8)
+    url = "/v1/functions/cholesky/jacobian"
+    first = _round(c, url, [{"inputs": [wire.encode_tree(np.eye(2) * (i + 1))]} for i in range(3)] + [{"inputs": [wire.encode_tree(-np.eye(2))]}])
+    assert sorted(r.status_code for r in first) == [200, 200, 200, 500]
+    again = _round(c, url, [{"inputs": [wire.encode_tree(np.eye(2) * (i + 1))]} for i in range(4)])
+    assert max(r.json()["meta"]["batch_size"] for r in again) > 1
+
+
+def test_a_function_vmap_cannot_run_is_learned_and_served_alone(make_client):
+    c = make_client(max_batch_wait_ms=300, max_batch_size=8)
+    url = "/v1/functions/branchy/jacobian"
+    bodies = [{"inputs": [[float(i + 1), 2.0]]} for i in range(4)]
+    for responses in (_round(c, url, bodies), _round(c, url, bodies)):
+        for body, r in zip(bodies, responses):
+            got, doc = decode(r)
+            np.testing.assert_allclose(got, torch.func.jacrev(branchy)(torch.tensor(body["inputs"][0])).numpy(), rtol=1e-6)
+    assert {r.json()["meta"]["batch_size"] for r in responses} == {1}  # the second round ran alone

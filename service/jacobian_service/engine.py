@@ -315,6 +315,13 @@ class Engine:
             out.append(t.to(device=self.device, dtype=_TORCH_DTYPES[dtype], non_blocking=cuda))
         return out
 
+    def mark_unbatchable(self, name: str, why: BaseException | None = None) -> None:
+        """Remember that ``vmap`` cannot run ``name`` (learned once the same inputs ran
+        one by one), so batched requests loop and request batching leaves it alone."""
+        if name not in self.no_vmap_function:
+            log.info("vmap cannot batch %s (%s); looping over examples from now on", name, type(why).__name__ if why else "?")
+            self.no_vmap_function.add(name)
+
     def _check_result_size(self, call: Call, nbytes: int) -> None:
         if call.max_result_bytes is not None and nbytes > call.max_result_bytes:
             raise ResultTooLarge(
@@ -441,6 +448,7 @@ class Engine:
             width = in_numel if kind == "jacobian" else in_numel * in_numel
             self._check_result_size(call, batch * out_numel * width * _wire_itemsize(args[call.argnums[0]].dtype))
         value = aux = None
+        vmap_error: Exception | None = None
         if call.spec.name not in self.no_vmap_function and batch:
             try:
                 value, aux_t = torch.func.vmap(per_example)(*args)
@@ -448,10 +456,9 @@ class Engine:
             except Exception as exc:
                 if _is_oom(exc):
                     raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
-                log.info("vmap over %s failed (%s); looping over examples", call.spec.name, type(exc).__name__)
-                self.no_vmap_function.add(call.spec.name)
+                vmap_error = exc
         if value is None and not allow_loop:
-            raise FunctionError(f"{call.spec.name} cannot be batched with vmap")
+            raise _function_error(vmap_error) if vmap_error else FunctionError(f"{call.spec.name} cannot be batched with vmap")
         if value is None:
             per: list[tuple[Any, Any]] = []
             for b in range(batch):
@@ -460,6 +467,9 @@ class Engine:
                 per.append((value_b, box.restore(aux_t)))
             if not per:
                 raise InvalidInput("batched inputs need a leading batch dimension of at least 1")
+            if vmap_error is not None:
+                # Every example works alone, so vmap itself is what fails: stop trying it.
+                self.mark_unbatchable(call.spec.name, vmap_error)
             value = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
             aux = _stack_aux([p[1] for p in per])
         output = self.evaluate(call).value if call.return_output else None
@@ -504,8 +514,7 @@ class Engine:
         args = self.tensors(call)
         box = _AuxBox(call.spec)
         if call.batched:
-            if call.spec.name in self.no_vmap_function and not allow_loop:
-                raise FunctionError(f"{call.spec.name} cannot be batched with vmap")
+            vmap_error: Exception | None = None
             if call.spec.name not in self.no_vmap_function:
                 try:
                     out, aux_t = torch.func.vmap(box)(*args)
@@ -513,15 +522,17 @@ class Engine:
                 except Exception as exc:
                     if _is_oom(exc):
                         raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
-                    self.no_vmap_function.add(call.spec.name)
-                    if not allow_loop:
-                        raise FunctionError(f"{call.spec.name} cannot be batched with vmap") from None
+                    vmap_error = exc
+            if not allow_loop:
+                raise _function_error(vmap_error) if vmap_error else FunctionError(f"{call.spec.name} cannot be batched with vmap")
             per = []
             for b in range(args[0].shape[0] if args else 0):
                 out_b, aux_t = self._guard(lambda: box(*[a[b] for a in args]))
                 per.append((out_b, box.restore(aux_t)))
             if not per:
                 raise InvalidInput("batched inputs need a leading batch dimension of at least 1")
+            if vmap_error is not None:
+                self.mark_unbatchable(call.spec.name, vmap_error)
             out = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
             return Result(self.host(out), self.host(_stack_aux([p[1] for p in per])), call.spec.has_aux)
         out, aux_t = self._guard(lambda: box(*args))

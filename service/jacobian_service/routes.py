@@ -229,8 +229,9 @@ async def _derivative(request: Request, name: str, kind: Kind) -> Response:
     call.max_result_bytes = state.settings.max_result_bytes
     stop = threading.Event()  # set when the client goes away or the deadline passes
     call.cancelled = stop.is_set
-    if not _could_be_single(call, kind):
-        media = [m for m in media if m != wire.NPY] or choose([wire.NPY], False)  # type: ignore[list-item]
+    if not _could_be_single(call, kind):  # known before compute: answer 406 now, not after
+        media = [m for m in media if m != wire.NPY]
+        choose(media, single_array=False)
     if kind == "jacobian" and media[0] == wire.NPY and not call.batched and call.mode != "fwd":
         # Stream unless earlier calls showed this Jacobian is small (then it may batch).
         rows = state.output_rows.get(_shape_key(call))

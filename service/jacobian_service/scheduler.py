@@ -102,7 +102,7 @@ class _Worker:
         ``batch_wait_s`` optionally waits a little longer for more batch-mates.
         """
         group = [first]
-        if first.batch is None or self.max_batch <= 1:
+        if first.batch is None or self.max_batch <= 1 or not self.engine.can_batch(first.batch.call.spec):
             return group
         wait_until = time.monotonic() + self.batch_wait_s
         while True:
@@ -133,6 +133,9 @@ class _Worker:
                 results = self.engine.run_batch(live[0].batch.kind, [j.batch.call for j in live])  # type: ignore[union-attr]
             except Exception as exc:  # one bad request must not fail its batch-mates
                 log.info("batch of %d failed (%s); running each alone", len(live), type(exc).__name__)
+                if all([self._run(job) for job in live]):  # all fine alone: vmap was the problem
+                    self.engine.mark_unbatchable(live[0].batch.call.spec.name, exc)  # type: ignore[union-attr]
+                return
             else:
                 elapsed = time.monotonic() - start
                 self.on_batch(len(live))
@@ -143,9 +146,10 @@ class _Worker:
         for job in live:
             self._run(job)
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: _Job) -> bool:
+        """Run one job alone; whether it succeeded."""
         if job.future.done():
-            return
+            return True
         start = time.monotonic()
         if job.batch is not None:
             self.on_batch(1)
@@ -160,6 +164,7 @@ class _Worker:
             error = InternalError(f"internal error ({type(exc).__name__})")
         job.info.engine, job.info.compute_s = self.engine, time.monotonic() - start
         _resolve(job, result, error)
+        return error is None
 
 
 def _resolve(job: _Job, result: Any = None, error: BaseException | None = None) -> None:
