@@ -92,3 +92,17 @@ def test_metrics_and_info(server):
     assert info["devices"] == ["cpu"] and info["limits"]["stream_threshold_bytes"] == 1 << 20
     assert httpx.get(f"{server}/openapi.json").json()["paths"]["/v1/functions/{name}/jacobian"]["post"]
     assert httpx.get(f"{server}/docs").status_code == 200
+
+
+def test_cli_lists_the_functions_it_would_serve():
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-m", "jacobian_service.cli", "functions", "--functions", "jacobian_service.examples,tests.user_functions"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout
+    assert "mlp(x: (128,) float32)" in out
+    assert "scaled_norm(x: (n, 3) floating, scale: () float64, power: () int64)  [has_aux]" in out

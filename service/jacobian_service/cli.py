@@ -44,14 +44,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _functions(args: argparse.Namespace) -> int:
-    from .registry import Registry
+    from .registry import Registry, format_shape
     from .settings import Settings
 
     settings = Settings(**_overrides(args))
     for spec in Registry.from_modules(settings.function_modules):
-        inputs = ", ".join(
-            f"{i.name}{tuple(i.shape) if i.shape is not None else '(...)'}:{i.dtype}" for i in spec.inputs
-        )
+        inputs = ", ".join(f"{i.name}: {format_shape(i.shape)} {i.dtype}" for i in spec.inputs)
         aux = "  [has_aux]" if spec.has_aux else ""
         print(f"{spec.name}({inputs}){aux}\n    {spec.description}")
     return 0

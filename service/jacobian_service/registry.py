@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import FunctionNotFound, InvalidInput
 
-__all__ = ["ENTRY_POINT_GROUP", "FunctionSpec", "Input", "Registry", "register"]
+__all__ = ["ENTRY_POINT_GROUP", "FunctionSpec", "Input", "Registry", "format_shape", "register"]
 
 ENTRY_POINT_GROUP = "jacobian_service.functions"
 BUILTIN_MODULE = "jacobian_service.examples"
@@ -75,18 +75,20 @@ class Input:
         if len(shape) != len(self.shape) or any(
             isinstance(want, int) and want != got for want, got in zip(self.shape, shape)
         ):
-            raise InvalidInput(f"input {self.name!r}: expected shape {_fmt(self.shape)}, got {_fmt(shape)}")
+            raise InvalidInput(f"input {self.name!r}: expected shape {format_shape(self.shape)}, got {format_shape(shape)}")
         for want, got in zip(self.shape, shape):
             if isinstance(want, str):
                 size, owner = bindings.setdefault(want, (got, self.name))
                 if size != got:
                     raise InvalidInput(
-                        f"input {self.name!r}: expected shape {_fmt(self.shape)} with {want} = {size} "
-                        f"(bound by {owner!r}), got {_fmt(shape)}"
+                        f"input {self.name!r}: expected shape {format_shape(self.shape)} with {want} = {size} "
+                        f"(bound by {owner!r}), got {format_shape(shape)}"
                     )
 
 
-def _fmt(shape: Sequence[Dim]) -> str:
+def format_shape(shape: Sequence[Dim] | None) -> str:
+    if shape is None:
+        return "any shape"
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
