@@ -447,33 +447,39 @@ class Engine:
             in_numel = sum(args[i][0].numel() for i in call.argnums)
             width = in_numel if kind == "jacobian" else in_numel * in_numel
             self._check_result_size(call, batch * out_numel * width * _wire_itemsize(args[call.argnums[0]].dtype))
-        value = aux = None
+        value, aux = self._over_examples(call, box, per_example, args, allow_loop)
+        output = self.evaluate(call).value if call.return_output else None
+        return Result(self.host(value), self.host(aux), call.spec.has_aux, output, call.chunk_size, call.mode)
+
+    def _over_examples(
+        self, call: Call, box: _AuxBox, fn: Callable[..., Any], args: list[torch.Tensor], allow_loop: bool
+    ) -> tuple[Any, Any]:
+        """``vmap(fn)`` over the leading dim of ``args`` -> ``(value, aux)``; when vmap
+        cannot run the function, a loop over examples (unless ``allow_loop`` is False:
+        request batching then runs each request alone)."""
+        batch = args[0].shape[0] if args else 0
+        if batch == 0:
+            raise InvalidInput("batched inputs need a leading batch dimension of at least 1")
         vmap_error: Exception | None = None
-        if call.spec.name not in self.no_vmap_function and batch:
+        if call.spec.name not in self.no_vmap_function:
             try:
-                value, aux_t = torch.func.vmap(per_example)(*args)
-                aux = box.restore(aux_t)
+                value, aux_t = torch.func.vmap(fn)(*args)
+                return value, box.restore(aux_t)
             except Exception as exc:
                 if _is_oom(exc):
                     raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
                 vmap_error = exc
-        if value is None and not allow_loop:
+        if not allow_loop:
             raise _function_error(vmap_error) if vmap_error else FunctionError(f"{call.spec.name} cannot be batched with vmap")
-        if value is None:
-            per: list[tuple[Any, Any]] = []
-            for b in range(batch):
-                call.check_alive()
-                value_b, aux_t = self._guard(lambda: per_example(*[a[b] for a in args]))
-                per.append((value_b, box.restore(aux_t)))
-            if not per:
-                raise InvalidInput("batched inputs need a leading batch dimension of at least 1")
-            if vmap_error is not None:
-                # Every example works alone, so vmap itself is what fails: stop trying it.
-                self.mark_unbatchable(call.spec.name, vmap_error)
-            value = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
-            aux = _stack_aux([p[1] for p in per])
-        output = self.evaluate(call).value if call.return_output else None
-        return Result(self.host(value), self.host(aux), call.spec.has_aux, output, call.chunk_size, call.mode)
+        per: list[tuple[Any, Any]] = []
+        for b in range(batch):
+            call.check_alive()
+            value_b, aux_t = self._guard(lambda: fn(*[a[b] for a in args]))
+            per.append((value_b, box.restore(aux_t)))
+        if vmap_error is not None:  # every example works alone: vmap itself is what fails
+            self.mark_unbatchable(call.spec.name, vmap_error)
+        value = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
+        return value, _stack_aux([p[1] for p in per])
 
     # ----------------------------------------------------------------- hessian
 
@@ -514,27 +520,8 @@ class Engine:
         args = self.tensors(call)
         box = _AuxBox(call.spec)
         if call.batched:
-            vmap_error: Exception | None = None
-            if call.spec.name not in self.no_vmap_function:
-                try:
-                    out, aux_t = torch.func.vmap(box)(*args)
-                    return Result(self.host(out), self.host(box.restore(aux_t)), call.spec.has_aux)
-                except Exception as exc:
-                    if _is_oom(exc):
-                        raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
-                    vmap_error = exc
-            if not allow_loop:
-                raise _function_error(vmap_error) if vmap_error else FunctionError(f"{call.spec.name} cannot be batched with vmap")
-            per = []
-            for b in range(args[0].shape[0] if args else 0):
-                out_b, aux_t = self._guard(lambda: box(*[a[b] for a in args]))
-                per.append((out_b, box.restore(aux_t)))
-            if not per:
-                raise InvalidInput("batched inputs need a leading batch dimension of at least 1")
-            if vmap_error is not None:
-                self.mark_unbatchable(call.spec.name, vmap_error)
-            out = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
-            return Result(self.host(out), self.host(_stack_aux([p[1] for p in per])), call.spec.has_aux)
+            out, aux = self._over_examples(call, box, box, args, allow_loop)
+            return Result(self.host(out), self.host(aux), call.spec.has_aux)
         out, aux_t = self._guard(lambda: box(*args))
         return Result(self.host(out), self.host(box.restore(aux_t)), call.spec.has_aux)
 
