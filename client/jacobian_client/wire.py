@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import math
 import zipfile
@@ -296,7 +297,12 @@ def decode_tree(tree: Any, sequence: type = tuple, limits: Limits = Limits()) ->
 
 def npy_header(shape: tuple[int, ...], dtype: np.dtype | str) -> bytes:
     """The ``.npy`` header for a C-order array: known before any row is computed."""
-    d = {"descr": npy_format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    return _npy_header(tuple(int(d) for d in shape), np.dtype(dtype).str)
+
+
+@functools.lru_cache(maxsize=1024)  # the same few shapes recur request after request
+def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
+    d = {"descr": npy_format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
     buf = io.BytesIO()
     try:
         npy_format.write_array_header_1_0(buf, d)
@@ -325,9 +331,21 @@ def _checked_dtype(descr: np.dtype) -> np.dtype:
     return descr
 
 
-def read_npy(body: bytes | memoryview, limits: Limits = Limits()) -> np.ndarray:
-    """A whole ``.npy`` body -> array. Header checked before the data is touched."""
-    fp = io.BytesIO(body)
+def _header_end(body: bytes | memoryview) -> int:
+    """Offset of the data in an ``.npy`` body (0 when the preamble is unreadable)."""
+    prefix = bytes(body[:12])
+    if len(prefix) < 10 or prefix[:6] != npy_format.MAGIC_PREFIX:
+        return 0
+    if prefix[6] == 1:
+        return 10 + int.from_bytes(prefix[8:10], "little")
+    if prefix[6] in (2, 3) and len(prefix) == 12:
+        return 12 + int.from_bytes(prefix[8:12], "little")
+    return 0
+
+
+@functools.lru_cache(maxsize=1024)  # numpy parses headers with ast.literal_eval: slow, and they recur
+def _parse_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    fp = io.BytesIO(header)
     try:
         version = npy_format.read_magic(fp)
         if version == (1, 0):
@@ -340,12 +358,23 @@ def read_npy(body: bytes | memoryview, limits: Limits = Limits()) -> np.ndarray:
         raise
     except Exception as exc:  # numpy raises ValueError, SyntaxError, EOFError, ...
         raise WireError(f"unreadable .npy header: {exc}") from None
+    if fp.tell() != len(header):
+        raise WireError("unreadable .npy header: its length field is wrong")
+    return shape, fortran, dtype
+
+
+def read_npy(body: bytes | memoryview, limits: Limits = Limits()) -> np.ndarray:
+    """A whole ``.npy`` body -> array. Header checked before the data is touched."""
+    end = _header_end(body)
+    if not 0 < end <= min(len(body), 1 << 20):
+        raise WireError("unreadable .npy header: not an .npy body, or cut short")
+    shape, fortran, dtype = _parse_header(bytes(body[:end]))
+    offset = end
     dtype = _checked_dtype(dtype)
     if any(d < 0 for d in shape):
         raise WireError(f".npy header declares a negative shape {shape}")
     _check_shape(list(shape), limits)
     count = math.prod(shape)
-    offset = fp.tell()
     need = count * dtype.itemsize
     have = len(body) - offset
     if have != need:

@@ -375,21 +375,35 @@ class Engine:
         return Result(value, aux, call.spec.has_aux, output, stream.chunk_used or chunk, "rev")
 
     def _gather(self, stream: RowStream, start: int, stop: int, chunk: int) -> Any:
-        """All rows ``start:stop`` written into preallocated host arrays, then nested."""
-        leaves = stream.leaves if stream.call.rows is None else stream.leaves[:1]
-        blocks = [
-            [np.empty((size if stream.call.rows is None else stop - start, *p.shape), _wire_np_dtype(p.dtype)) for p in stream.primals]
-            for size in stream.sizes[: len(leaves)]
-        ]
+        """All rows ``start:stop`` written into preallocated host arrays, then nested.
+
+        When one chunk holds every row its arrays are used as they are: no second copy
+        of the Jacobian (jacrev's torch.cat would make one too)."""
+        rows_only = stream.call.rows is not None
+        leaves = stream.leaves[:1] if rows_only else stream.leaves
         offsets = np.cumsum([0, *stream.sizes]).tolist()
+        # (first row, row count) of each output's block in the flattened row space
+        bounds = [(start, stop - start)] if rows_only else list(zip(offsets, stream.sizes))
+        blocks: list[list[np.ndarray]] | None = None
         for s, e, grads in stream.chunks(start, stop, chunk):
             host = self.host(tuple(grads))  # one synchronisation per chunk on CUDA
-            for j in range(len(leaves)):
-                base = offsets[j] if stream.call.rows is None else start
-                lo, hi = max(s, base), min(e, base + blocks[j][0].shape[0])
+            if s == start and e == stop:
+                blocks = [[h[base - s : base - s + size] for h in host] for base, size in bounds]
+                break
+            if blocks is None:
+                blocks = [[np.empty((size, *h.shape[1:]), h.dtype) for h in host] for _, size in bounds]
+            for j, (base, size) in enumerate(bounds):
+                lo, hi = max(s, base), min(e, base + size)
                 if lo < hi:
                     for i, h in enumerate(host):
                         blocks[j][i][lo - base : hi - base] = h[lo - s : hi - s]
+        if blocks is None:  # no rows at all
+            blocks = [[np.empty((size, *p.shape), _wire_np_dtype(p.dtype)) for p in stream.primals] for _, size in bounds]
+        return self._nest(stream, leaves, blocks)
+
+    @staticmethod
+    def _nest(stream: RowStream, leaves: list[torch.Tensor], blocks: list[list[np.ndarray]]) -> Any:
+        """Row blocks per (output, input) -> jacrev's nesting: outputs outer, inputs inner."""
         nested = []
         for j, leaf in enumerate(leaves):
             shaped = [

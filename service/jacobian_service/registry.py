@@ -206,6 +206,9 @@ class Registry:
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise FunctionNotFound(f"no function named {name!r}{hint}") from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
     def __iter__(self) -> Iterator[FunctionSpec]:
         return iter(sorted(self._specs.values(), key=lambda s: s.name))
 

@@ -15,6 +15,7 @@ from .errors import NotAcceptable, ServiceError
 __all__ = ["acceptable", "choose", "encode", "is_single_array", "pieces_response", "problem_response"]
 
 _OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
+_JOIN_BYTES = 1 << 20
 
 
 def acceptable(accept: str | None) -> list[str]:
@@ -66,7 +67,10 @@ def is_single_array(result: Result) -> bool:
 def encode(media: str, function: str, key: str, result: Result, meta: dict[str, Any]) -> Response:
     """Encode a gathered result; CPU-heavy for large results, so run it off the loop."""
     if media == wire.NPY:
-        return pieces_response(wire.write_npy(result.value), wire.NPY)
+        pieces = wire.write_npy(result.value)
+        if result.value.nbytes < _JOIN_BYTES:  # one plain body: cheaper than a streamed one
+            return Response(b"".join(pieces), media_type=wire.NPY)
+        return pieces_response(pieces, wire.NPY)
     trees: dict[str, Any] = {key: result.value}
     if result.has_aux:
         trees["aux"] = result.aux

@@ -14,6 +14,7 @@ import anyio.to_thread
 import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jacobian_client import wire
@@ -34,18 +35,19 @@ from .responses import acceptable, choose, encode, is_single_array, problem_resp
 from .scheduler import Batchable, JobInfo
 from .state import ServiceState
 
-__all__ = ["router"]
+__all__ = ["DERIVATIVE_KINDS", "handle", "router"]
 
 # Bodies and results above this are parsed / encoded on a thread, not on the event loop.
 _OFFLOAD_BYTES = 256 << 10
 _RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp"}
+DERIVATIVE_KINDS = frozenset(_RESULT_KEY)
 
 
 def _state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:  # async: no threadpool hop per request
     """Bearer API keys, compared in constant time; no keys configured turns auth off."""
     keys = _state(request).api_keys
     if not keys:
@@ -59,9 +61,9 @@ def require_key(request: Request) -> None:
         raise Forbidden("the API key is not valid")
 
 
-def _require_metrics_key(request: Request) -> None:
+async def _require_metrics_key(request: Request) -> None:
     if _state(request).settings.metrics_auth:
-        require_key(request)
+        await require_key(request)
 
 
 router = APIRouter()
@@ -408,17 +410,30 @@ _BODY_DOC = {
 }
 
 
+async def handle(request: Request, name: str, kind: Kind) -> Response:
+    """One derivative request, start to finish; errors become problem+json here.
+
+    Shared by the FastAPI routes (which give the OpenAPI document) and the app's
+    fast path, which calls it straight from ASGI for the hot endpoints.
+    """
+    state = _state(request)
+    label = name if name in state.registry else "_unknown"  # bounded metric labels
+    try:
+        await require_key(request)
+        response = await _derivative(request, name, kind)
+    except ServiceError as exc:
+        state.metrics.requests.labels(label, kind, str(exc.status), exc.code).inc()
+        return problem_response(exc, request.state.request_id)
+    except ClientDisconnect:
+        state.metrics.requests.labels(label, kind, "499", "client_closed").inc()
+        return Response(status_code=499)  # nobody is listening
+    state.metrics.requests.labels(label, kind, str(response.status_code), "").inc()
+    return response
+
+
 def _endpoint(kind: Kind) -> Callable[[str, Request], Awaitable[Response]]:
     async def endpoint(name: str, request: Request) -> Response:
-        state = _state(request)
-        label = name if name in {s.name for s in state.registry} else "_unknown"
-        try:
-            response = await _derivative(request, name, kind)
-        except ServiceError as exc:
-            state.metrics.requests.labels(label, kind, str(exc.status), exc.code).inc()
-            raise
-        state.metrics.requests.labels(label, kind, str(response.status_code), "").inc()
-        return response
+        return await handle(request, name, kind)
 
     endpoint.__name__ = f"{kind}_endpoint"
     return endpoint
@@ -431,8 +446,9 @@ _SUMMARIES = {
     "vjp": "Vector-Jacobian products, one or many cotangents",
     "jvp": "Jacobian-vector products, one or many tangents",
 }
+derivatives = APIRouter(prefix="/v1")  # authenticates inside handle()
 for _kind, _summary in _SUMMARIES.items():
-    v1.add_api_route(
+    derivatives.add_api_route(
         f"/functions/{{name}}/{_kind}",
         _endpoint(_kind),  # type: ignore[arg-type]
         methods=["POST"],
@@ -443,3 +459,4 @@ for _kind, _summary in _SUMMARIES.items():
     )
 
 router.include_router(v1)
+router.include_router(derivatives)

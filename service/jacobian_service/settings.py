@@ -31,7 +31,10 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(0.0, ge=0)
     max_queue: int = Field(256, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
-    torch_threads: int = Field(0, ge=0)  # 0: torch's own default
+    # CPU threads for torch. Unset: half the cores (at least 1), leaving the rest to the
+    # event loop and encoding; torch's own default (every core) made a small mlp Jacobian
+    # 1.4-8x slower on a 2-core machine (bench/latency.py). 0 keeps torch's default.
+    torch_threads: int | None = Field(None, ge=0)
 
     # Limits
     max_request_bytes: int = Field(256 << 20, ge=1)
