@@ -1,0 +1,197 @@
+"""Shared pieces: the run context, targets, markdown tables, timing and a lean HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ._server import LOOPBACK, Pool
+
+
+@dataclass
+class Target:
+    """One goal from the issues: ``value`` against ``limit`` (``<=`` or ``>=``)."""
+
+    name: str
+    value: float
+    limit: float
+    op: str  # "<=" or ">="
+    unit: str = "x"
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.limit if self.op == "<=" else self.value >= self.limit
+
+    def line(self) -> str:
+        verdict = "met" if self.met else f"MISSED by {self._miss()}"
+        return f"{self.name}: {self.value:.3g}{self.unit} (target {self.op} {self.limit:g}{self.unit}): {verdict}"
+
+    def _miss(self) -> str:
+        if self.limit == 0:
+            return f"{abs(self.value - self.limit):.3g}{self.unit}"
+        frac = (self.value / self.limit - 1) if self.op == "<=" else (1 - self.value / self.limit)
+        return f"{frac * 100:.0f} %"
+
+
+@dataclass
+class Report:
+    title: str
+    lines: list[str] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # hard failures: wrong answers, load goals
+    gating: bool = False  # whether a missed target fails the run (load test only)
+
+    def add(self, text: str = "") -> None:
+        self.lines.append(text)
+        print(text, flush=True)
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        cells = [[_cell(c) for c in row] for row in rows]
+        widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+        self.add("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+        self.add("|" + "|".join(("-" * (w + 1)) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
+        for r in cells:
+            self.add("| " + " | ".join(c.rjust(w) if i and _numeric(c) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |")
+        self.add()
+
+    def target(self, t: Target) -> None:
+        self.targets.append(t)
+        self.add("- " + t.line())
+
+    def fail(self, why: str) -> None:
+        self.failures.append(why)
+        self.add("- FAILED: " + why)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and (not self.gating or all(t.met for t in self.targets))
+
+
+def _numeric(c: str) -> bool:
+    return c.replace(",", "").replace(".", "").replace("-", "").replace("+", "").replace("%", "").strip().isdigit()
+
+
+def _cell(c: Any) -> str:
+    if isinstance(c, float):
+        return f"{c:.3g}" if abs(c) < 1000 else f"{c:,.0f}"
+    return str(c)
+
+
+@dataclass
+class Context:
+    pool: Pool
+    quick: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def service_env(self) -> dict[str, str]:
+        """The configuration every benchmark's service shares (torch threads pinned to the
+        bench process's own, so compute is compared like for like)."""
+        threads = self.options.get("torch_threads")
+        env = {} if not threads else {"JACOBIAN_SERVICE_TORCH_THREADS": str(threads)}
+        if self.quick:  # start faster; first calls are slow, which --quick does not mind
+            env["JACOBIAN_SERVICE_WARMUP"] = "false"
+        return env
+
+    def opt(self, name: str, full: Any, quick: Any) -> Any:
+        """A setting from the command line, else this run's default."""
+        value = self.options.get(name)
+        return value if value is not None else (quick if self.quick else full)
+
+
+def mlp_case() -> tuple[Any, Any]:
+    """The one small ``mlp`` input (128 float32) latency and throughput share, and its
+    Jacobian from in-process ``jacrev`` (so the floor answers the same bytes to both)."""
+    import numpy as np
+    import torch
+    from jacobian_service.examples import mlp
+
+    x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
+    return x, torch.func.jacrev(mlp)(torch.from_numpy(x)).numpy()
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1e3
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, per_round: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each variant; variants alternate within every round (in an order
+    rotated each round) so that drift in the machine's load hits them all alike."""
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for _ in range(per_round):
+            for name in order:
+                fn = variants[name]
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def cpu_line() -> str:
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{os.cpu_count()} CPU cores ({model}), no GPU used (device cpu)"
+
+
+# ---------------------------------------------------------------------- lean client
+
+
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection speaking just enough of the protocol to post a
+    prebuilt request and read a ``Content-Length`` response. Far cheaper per request than
+    httpx, so a load generator sharing two cores with the server steals less from it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(LOOPBACK, self.port)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    async def post(self, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+        if self.writer is None:
+            await self.open()
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            if line:
+                k, _, v = line.partition(b":")
+                headers[k.strip().lower()] = v.strip()
+        if b"content-length" not in headers:
+            raise RuntimeError("response without Content-Length")
+        body = await self.reader.readexactly(int(headers[b"content-length"]))
+        if headers.get(b"connection", b"").lower() == b"close":
+            self.close()
+        return status, headers, body
+
+
+def raw_request(port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    head = [f"POST {path} HTTP/1.1", f"Host: {LOOPBACK}:{port}", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body

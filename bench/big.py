@@ -1,0 +1,60 @@
+"""A large dense Jacobian: ``softmax`` at n = 1000 (1000 x 1000 float32, 4 MB) over
+``.npy`` (raw httpx and the SDK ``Client``), against in-process ``torch.func.jacrev``,
+interleaved call by call. Target (issue 4): service / in-process <= 1.5."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import torch
+
+from ._common import Context, Report, Target, interleaved, median, ms
+from ._server import NPY_HEADERS, npy_bytes
+
+PATH = "/v1/functions/softmax/jacobian"
+
+
+def run(ctx: Context) -> Report:
+    from jacobian_client import Client
+
+    n = ctx.opt("big_n", 1000, 200)
+    title = f"big: softmax Jacobian {n} x {n} float32 over .npy"
+    report = Report(title)
+    report.add(f"## {title}\n")
+    rounds = ctx.opt("rounds", 10, 1)
+    per_round = 3 if not ctx.quick else 2
+
+    x = np.random.default_rng(2).standard_normal(n).astype(np.float32)
+    xt = torch.from_numpy(x)
+    softmax = lambda v: torch.softmax(v, dim=-1)  # noqa: E731  (what the built-in computes)
+    jacrev = torch.func.jacrev(softmax)
+    J = jacrev(xt).numpy()
+    service = ctx.pool.service(ctx.service_env)
+    body = npy_bytes(x)
+    with httpx.Client(base_url=service.url, timeout=120) as sc, Client(service.url, timeout=120) as sdk:
+        def post() -> bytes:
+            r = sc.post(PATH, content=body, headers=NPY_HEADERS)
+            if r.status_code != 200:
+                raise RuntimeError(f"{r.status_code} {r.text[:200]}")
+            return r.content
+
+        for label, got in (("httpx", np.load(io.BytesIO(post()))), ("sdk", sdk.jacobian("softmax", x))):
+            if got.shape != J.shape or not np.allclose(got, J, rtol=1e-4, atol=1e-6):
+                report.fail(f"service ({label}) answer differs from in-process jacrev")
+        samples = interleaved({
+            "in-process jacrev": lambda: jacrev(xt),
+            "in-process jacrev + .npy bytes": lambda: npy_bytes(jacrev(xt).numpy()),
+            "service .npy (httpx, bytes)": post,
+            "service .npy (httpx, np.load)": lambda: np.load(io.BytesIO(post())),
+            "service .npy (SDK Client)": lambda: sdk.jacobian("softmax", x),
+        }, rounds, per_round, warmup=2)
+    med = {k: median(v) for k, v in samples.items()}
+    floor = med["in-process jacrev"]
+    report.add(f"{rounds} rounds x {per_round} calls per variant, interleaved; Jacobian {J.nbytes / 2**20:.1f} MiB.\n")
+    report.table(["variant", "median ms", "/ in-process jacrev"],
+                 [[k, ms(v), f"{v / floor:.2f}"] for k, v in med.items()])
+    report.target(Target(f"big ({n}x{n} softmax): service .npy / in-process jacrev", med["service .npy (httpx, bytes)"] / floor, 1.5, "<="))
+    report.add()
+    return report

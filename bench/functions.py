@@ -1,0 +1,28 @@
+"""Functions the benchmarks register with the service (loaded with
+``JACOBIAN_SERVICE_FUNCTIONS=jacobian_service.examples,bench.functions`` and the repo root
+on ``PYTHONPATH``): a tall and a wide function, for forward against reverse mode."""
+
+from __future__ import annotations
+
+import torch
+
+from jacobian_service import Input, register
+
+__jacobian_functions__: list = []
+
+
+@register(
+    inputs=[Input("x", shape=(4,)), Input("t", shape=("m",))],
+    description="Tall (4 -> m): damped waves sin(x0 t + x1) exp(-x2 t^2) + x3 t sampled at t.",
+)
+def tall(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x[0] * t + x[1]) * torch.exp(-x[2] * t * t) + x[3] * t
+
+
+@register(
+    inputs=[Input("x", shape=("m",))],
+    description="Wide (m -> 4): four weighted sums of sin/cos features of x.",
+)
+def wide(x: torch.Tensor) -> torch.Tensor:
+    s, c = torch.sin(x), torch.cos(x)
+    return torch.stack([s.sum(), (s * c).sum(), (x * c).sum(), (s * s * x).sum()])

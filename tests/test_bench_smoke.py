@@ -1,0 +1,28 @@
+"""The benchmarks in their tiny ``--quick`` configuration, so that they cannot rot.
+
+Runs ``python -m bench --quick`` (every benchmark, real server subprocesses on loopback)
+and checks that each one ran and that none failed outright (a wrong answer, a server that
+did not come up, a load-test goal: lost, wrong or 5xx answers). Speed targets are printed
+by the benchmarks but never asserted here: timings on shared machines mean little.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmarks_run_quick() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    for header in ("## latency", "## throughput", "## big", "## modes", "## load_test", "## summary"):
+        assert header in proc.stdout, f"{header!r} missing:\n{out[-4000:]}"
+    assert "FAILED" not in proc.stdout, out[-6000:]
