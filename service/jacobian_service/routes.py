@@ -259,29 +259,32 @@ async def _derivative(request: Request, name: str, kind: Kind) -> Response:
 
 
 async def _cancellable(request: Request, stop: threading.Event, work: Awaitable[Any]) -> Any:
-    """Await ``work`` unless the client disconnects first; either way a failure or a
-    disconnect sets ``stop``, which the engine checks between chunks."""
-    task = asyncio.ensure_future(work)
+    """Await ``work`` unless the client disconnects first. A disconnect, a failure or a
+    timeout sets ``stop``, which the engine checks between chunks."""
+    current = asyncio.current_task()
+    gone = False
 
-    async def disconnected() -> None:
+    async def watch() -> None:
+        nonlocal gone
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        gone = True
+        current.cancel()  # type: ignore[union-attr]
 
-    watcher = asyncio.ensure_future(disconnected())
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            stop.set()
-            task.cancel()
-            raise ClientGone("the client closed the connection; its work was cancelled")
-        if task.exception() is not None:
-            stop.set()
-        return task.result()
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            raise ClientGone("the client closed the connection; its work was cancelled") from None
+        raise
+    except BaseException:
+        stop.set()
+        raise
     finally:
-        watcher.cancel()
-        if not task.done():
+        if gone:
             stop.set()
-            task.cancel()
+        watcher.cancel()
 
 
 def _row_nbytes(call: Call) -> int:

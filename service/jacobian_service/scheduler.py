@@ -237,13 +237,11 @@ class Scheduler:
         try:
             # The worker enforces the deadline between chunks; a chunk in progress cannot be
             # interrupted, so the caller is answered 504 at the deadline regardless and the
-            # late result is dropped.
-            result = await asyncio.wait_for(asyncio.shield(job.future), timeout=max(remaining, 0))
-        except asyncio.TimeoutError:
-            job.future.cancel()
+            # late result is dropped. Leaving (timeout, or the client gone) cancels the
+            # future, so a job still queued is skipped.
+            async with asyncio.timeout(max(remaining, 0)):
+                result = await job.future
+        except TimeoutError:
             raise Timeout("the request ran past its deadline") from None
-        except asyncio.CancelledError:
-            job.future.cancel()  # the client went away: a queued job is then skipped
-            raise
         return result, job.info
 
