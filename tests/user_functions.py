@@ -43,24 +43,35 @@ def dict_out(x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"a": x.sum(), "b": x * x}
 
 
-class _FailLate(torch.autograd.Function):
-    """Identity whose backward fails for rows in the second half of the output."""
+def _identity_with_backward(hook):
+    """An identity autograd.Function whose backward first calls ``hook(grad)``."""
 
-    generate_vmap_rule = True
+    class Identity(torch.autograd.Function):
+        generate_vmap_rule = True
 
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
+        @staticmethod
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
+        @staticmethod
+        def setup_context(ctx, inputs, output) -> None:
+            pass
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        if grad[grad.shape[-1] // 2 :].abs().sum() > 0:
-            raise RuntimeError("backward failed half-way")
-        return grad
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+            hook(grad)
+            return grad
+
+    return Identity
+
+
+def _fail_in_second_half(grad: torch.Tensor) -> None:
+    if grad[grad.shape[-1] // 2 :].abs().sum() > 0:
+        raise RuntimeError("backward failed half-way")
+
+
+_FailLate = _identity_with_backward(_fail_in_second_half)
+_SlowBackward = _identity_with_backward(lambda grad: time.sleep(0.05))  # 50 ms per backward call
 
 
 @register(inputs=[Input("x", shape=("n",))], description="Fails half-way through its Jacobian's rows.")
@@ -101,25 +112,6 @@ class _Hungry(torch.autograd.Function):
 @register(inputs=[Input("x", shape=("n",))], description="Runs out of memory above 4 rows per chunk.")
 def memory_hungry(x: torch.Tensor) -> torch.Tensor:
     return _Hungry.apply(x)
-
-
-class _SlowBackward(torch.autograd.Function):
-    """Identity whose backward takes 50 ms a call: a long Jacobian, row by row."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.05)
-        return grad
 
 
 @register(inputs=[Input("x", shape=("n",))], description="50 ms per Jacobian chunk.")
