@@ -116,3 +116,13 @@ def test_a_function_vmap_cannot_run_is_learned_and_served_alone(make_client):
             got, doc = decode(r)
             np.testing.assert_allclose(got, torch.func.jacrev(branchy)(torch.tensor(body["inputs"][0])).numpy(), rtol=1e-6)
     assert {r.json()["meta"]["batch_size"] for r in responses} == {1}  # the second round ran alone
+
+
+def test_batches_stay_inside_the_memory_budget(make_client):
+    # softmax n=200 in float64: a 320 kB Jacobian; 4 x 320 kB x 3 fits a 4 MB budget, x 4 does not
+    c = make_client(max_batch_wait_ms=300, max_batch_size=16, memory_budget_bytes=4_000_000)
+    x = np.linspace(0, 1, 200)
+    assert c.post("/v1/functions/softmax/jacobian", content=wire.dumps({"inputs": [wire.encode_tree(x)]})).status_code == 200
+    responses = _round(c, "/v1/functions/softmax/jacobian", [{"inputs": [wire.encode_tree(x + i)]} for i in range(8)])
+    sizes = [r.json()["meta"]["batch_size"] for r in responses]
+    assert max(sizes) == 3, sizes

@@ -83,6 +83,10 @@ class Result:
     chunk_size: int | None = None
     mode: str | None = None
 
+    def nbytes(self) -> int:
+        """Bytes of the main result's arrays."""
+        return sum(leaf.nbytes for leaf in pytree.tree_leaves(self.value) if isinstance(leaf, np.ndarray))
+
 
 def to_numpy(tree: Any) -> Any:
     """Tensors -> numpy on the host (bfloat16 as float32); other leaves unchanged."""

@@ -247,7 +247,7 @@ async def _derivative(request: Request, name: str, kind: Kind) -> Response:
     )
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
-    response = await _offload(_result_nbytes(result), encode, chosen, spec.name, _RESULT_KEY[kind], result, _meta(info, result))
+    response = await _offload(result.nbytes(), encode, chosen, spec.name, _RESULT_KEY[kind], result, _meta(info, result))
     for phase, seconds in (
         ("queue", info.queue_s),
         ("compute", info.compute_s),
@@ -291,19 +291,6 @@ def _row_nbytes(call: Call) -> int:
     return sum(call.args[i].size * (4 if call.dtypes[i] == "bfloat16" else call.args[i].itemsize) for i in call.argnums)
 
 
-def _result_nbytes(result: Result) -> int:
-    arrays = [a for a in _leaves(result.value) if isinstance(a, np.ndarray)]
-    return sum(a.nbytes for a in arrays)
-
-
-def _leaves(tree: Any) -> list[Any]:
-    if isinstance(tree, (list, tuple)):
-        return [leaf for t in tree for leaf in _leaves(t)]
-    if isinstance(tree, dict):
-        return [leaf for t in tree.values() for leaf in _leaves(t)]
-    return [tree]
-
-
 async def _jacobian_npy(state: ServiceState, call: Call, media: list[str]) -> Response:
     """A Jacobian as ``.npy``: streamed row chunk by row chunk when large.
 
@@ -324,7 +311,7 @@ async def _jacobian_npy(state: ServiceState, call: Call, media: list[str]) -> Re
         result, info2 = await state.scheduler.run(lambda eng: eng.jacobian(call, stream), deadline=call.deadline, worker=worker)
         chosen = choose(media, is_single_array(result))
         meta = _meta(info, result, compute_s=info.compute_s + info2.compute_s)
-        return await _offload(_result_nbytes(result), encode, chosen, call.spec.name, "jacobian", result, meta)
+        return await _offload(result.nbytes(), encode, chosen, call.spec.name, "jacobian", result, meta)
 
     primal = stream.primals[0]
     shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)

@@ -23,6 +23,9 @@ __all__ = ["Batchable", "JobInfo", "Scheduler"]
 
 log = logging.getLogger("jacobian_service.scheduler")
 
+# A stacked Jacobian's working set, in multiples of its results (basis, grads, copies).
+_BATCH_WORKSET_FACTOR = 4
+
 
 @dataclass
 class JobInfo:
@@ -66,6 +69,9 @@ class _Worker:
         self.cond = threading.Condition()
         self.stopping = False
         self.running = 0
+        # Result size last seen per batch key: caps how many such requests one batch
+        # stacks, so a batch's working set stays inside the engine's memory budget.
+        self.result_bytes: dict[Hashable, int] = {}
         self.thread = threading.Thread(target=self._loop, name=f"jacobian-worker-{index}", daemon=True)
 
     def depth(self) -> int:
@@ -104,18 +110,28 @@ class _Worker:
         group = [first]
         if first.batch is None or self.max_batch <= 1 or not self.engine.can_batch(first.batch.call.spec):
             return group
+        seen = self.result_bytes.get(first.batch.key)
+        limit = self.max_batch
+        if seen:
+            limit = max(1, min(limit, self.engine.memory_budget // (_BATCH_WORKSET_FACTOR * seen)))
         wait_until = time.monotonic() + self.batch_wait_s
         while True:
             for job in list(self.jobs):
-                if len(group) >= self.max_batch:
+                if len(group) >= limit:
                     break
                 if job.batch is not None and job.batch.key == first.batch.key:
                     self.jobs.remove(job)
                     group.append(job)
             remaining = wait_until - time.monotonic()
-            if len(group) >= self.max_batch or remaining <= 0 or self.stopping:
+            if len(group) >= limit or remaining <= 0 or self.stopping:
                 return group
             self.cond.wait(remaining)
+
+    def _remember_size(self, job: _Job, result: Any) -> None:
+        if job.batch is not None and hasattr(result, "nbytes"):
+            if len(self.result_bytes) > 4096:  # bounded, whatever shapes clients send
+                self.result_bytes.clear()
+            self.result_bytes[job.batch.key] = result.nbytes()
 
     def _run_group(self, group: list[_Job]) -> None:
         start = time.monotonic()
@@ -141,6 +157,7 @@ class _Worker:
                 self.on_batch(len(live))
                 for job, result in zip(live, results):
                     job.info.engine, job.info.batch_size, job.info.compute_s = self.engine, len(live), elapsed
+                    self._remember_size(job, result)
                     _resolve(job, result)
                 return
         for job in live:
@@ -163,6 +180,8 @@ class _Worker:
             log.exception("job failed unexpectedly")
             error = InternalError(f"internal error ({type(exc).__name__})")
         job.info.engine, job.info.compute_s = self.engine, time.monotonic() - start
+        if error is None:
+            self._remember_size(job, result)
         _resolve(job, result, error)
         return error is None
 
