@@ -88,7 +88,7 @@ def build_cases(rng: np.random.Generator, per_kind: int) -> dict[str, list[Case]
     f = torch.func
     t = torch.from_numpy
     valid: list[Case] = []
-    for i in range(per_kind):
+    for _ in range(per_kind):
         x = rng.standard_normal(128).astype(np.float32)
         J = f.jacrev(ex.mlp)(t(x)).numpy()
         valid.append(Case("valid", "mlp json", "/v1/functions/mlp/jacobian", json_request(x), JSON_HEADERS,
