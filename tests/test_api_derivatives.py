@@ -113,3 +113,18 @@ def test_vjp_shape_mismatch_is_422(client):
     response = client.post("/v1/functions/sin/vjp", json={"inputs": [[1.0, 2.0]], "cotangents": [1.0, 2.0, 3.0]})
     assert response.status_code == 422 and response.json()["code"] == "invalid_input"
     assert "cotangents" in response.json()["detail"]
+
+
+def test_hessian_strategy_is_measured_and_forward_ad_gaps_are_bridged(client):
+    from .user_functions import no_forward_ad
+
+    x = [0.3, -0.7, 1.1]
+    with pytest.raises(Exception):  # torch.func.hessian is jacfwd(jacrev): no forward rule here
+        torch.func.hessian(no_forward_ad)(torch.tensor(x))
+    want = torch.func.jacrev(torch.func.jacrev(no_forward_ad))(torch.tensor(x))
+    for _ in range(2):  # first call measures, second uses the remembered strategy
+        got, doc = decode(client.post("/v1/functions/no_forward_ad/hessian", json={"inputs": [x]}), "hessian")
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+        assert doc["meta"]["mode"] == "jacrev_jacrev"
+    got, doc = decode(client.post("/v1/functions/sum_sin/hessian", json={"inputs": [x]}), "hessian")
+    assert doc["meta"]["mode"] in ("jacrev_grad", "jacfwd_jacrev", "jacrev_jacrev")

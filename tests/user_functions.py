@@ -122,3 +122,11 @@ def slow_rows(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("x", shape=("n",))], description="log(x): NaN below 0, -inf at 0.")
 def log(x: torch.Tensor) -> torch.Tensor:
     return torch.log(x)
+
+
+_NoForwardAD = _identity_with_backward(lambda grad: None)  # an autograd.Function without jvp
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sin through an op with no forward-mode rule.")
+def no_forward_ad(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(_NoForwardAD.apply(x)) * x
