@@ -71,3 +71,20 @@ def test_dict_outputs_nest_like_jacrev(client):
     response = client.post("/v1/functions/dict_out/jacobian", json={"inputs": [x], "argnums": [0]}, headers={"accept": wire.NPZ})
     got, _ = decode(response)
     assert_tree_close(got, torch.func.jacrev(dict_out, argnums=(0,))(torch.tensor(x)))
+
+
+def test_npz_response_readable_without_the_sdk(client):
+    import io
+    import json
+    import zipfile
+
+    body = {"inputs": {"x": [[1.0, 2.0, 2.0]], "scale": 1.0, "power": 1}, "argnums": ["x", "scale"]}
+    response = client.post("/v1/functions/scaled_norm/jacobian", json=body, headers={"accept": wire.NPZ})
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    assert set(archive.namelist()) == {"jacobian/0.npy", "jacobian/1.npy", "aux/total.npy", "meta.json"}
+    meta = json.loads(archive.read("meta.json"))
+    assert meta["device"] == "cpu" and meta["function"] == "scaled_norm" and "chunk_size" in meta
+    assert meta["aux"] == {"total": {"$npy": "aux/total.npy"}, "label": "norms", "sizes": [1, 3]}
+    arrays = np.load(io.BytesIO(response.content))
+    np.testing.assert_allclose(arrays["jacobian/0"], [[[1 / 3, 2 / 3, 2 / 3]]])
+    np.testing.assert_allclose(arrays["aux/total"], 3.0)

@@ -10,8 +10,10 @@ list, a dict a JSON object.
 
 In an ``.npz`` every array of a tree is one member named by its path
 (``jacobian.npy``, ``jacobian/0.npy``, ``jacobian/0/1.npy``, ``aux/key.npy``) and
-``meta.json`` holds the response's meta and a skeleton of each tree in which every array
-is ``{"$npy": member}`` and every other value stands as it is.
+``meta.json`` holds the response's meta (device, chunk size, ...) at its top level, the
+aux values that are not arrays under ``"aux"``, and under ``"structure"`` a skeleton of
+each tree in which every array is ``{"$npy": member}`` and every other value stands as
+it is (so ``"aux"`` is the aux skeleton itself).
 
 bfloat16 has no numpy dtype: it travels as float32 in ``.npy``/``.npz`` and as numbers
 (or 2-byte base64) in JSON, and is decoded to float32 with its name kept beside it.
@@ -466,7 +468,10 @@ def write_npz(trees: dict[str, Any], meta: dict[str, Any]) -> bytes:
             structure[key], arrays = flatten_tree(key, tree)
             for path, arr in arrays:
                 _write_member(zf, f"{path}.npy", write_npy(arr))
-        zf.writestr("meta.json", dumps({"meta": meta, "structure": structure}))
+        doc = {**meta, "structure": structure}
+        if "aux" in structure:
+            doc["aux"] = structure["aux"]
+        zf.writestr("meta.json", dumps(doc))
     return buf.getvalue()
 
 
@@ -494,4 +499,6 @@ def read_result_npz(body: bytes | memoryview, limits: Limits = Limits()) -> tupl
             return {k: build(v) for k, v in node.items()}
         return node
 
-    return {k: build(v) for k, v in doc.get("structure", {}).items()}, doc.get("meta", {})
+    structure = doc.pop("structure", {})
+    doc.pop("aux", None)
+    return {k: build(v) for k, v in structure.items()}, doc
