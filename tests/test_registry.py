@@ -1,0 +1,76 @@
+"""Registry loading: named modules, the built-ins, and the entry-point group."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from jacobian_service.errors import FunctionNotFound, InvalidInput
+from jacobian_service.registry import ENTRY_POINT_GROUP, Input, Registry
+
+
+def test_entry_point_group_contributes_functions(tmp_path, monkeypatch):
+    (tmp_path / "ep_functions.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from jacobian_service import Input, register
+
+            @register(inputs=[Input("v", shape=(3,))], description="from an installed package")
+            def cube(v):
+                return v**3
+            """
+        )
+    )
+    dist = tmp_path / "ep_demo-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-demo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\ndemo = ep_functions\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry.from_modules()
+    assert "cube" in registry and "sin" in registry  # beside the built-ins
+    assert registry.get("cube").description == "from an installed package"
+    assert "cube" not in Registry.from_modules(use_entry_points=False)
+    sys.modules.pop("ep_functions", None)
+
+
+def test_named_modules_replace_the_builtins_and_names_must_be_unique():
+    registry = Registry.from_modules(["tests.user_functions"], use_entry_points=False)
+    assert "scaled_norm" in registry and "sin" not in registry
+    with pytest.raises(ValueError, match="two functions named"):
+        Registry(list(Registry.from_modules(use_entry_points=False)) * 2)
+
+
+def test_lookups_and_argnums():
+    registry = Registry.from_modules(use_entry_points=False)
+    with pytest.raises(FunctionNotFound, match="did you mean 'softmax'"):
+        registry.get("softmx")
+    spec = registry.get("add_square")
+    assert spec.argnums(0) == ((0,), False)
+    assert spec.argnums("y") == ((1,), False)
+    assert spec.argnums(["y", 0]) == ((1, 0), True)
+    assert spec.argnums(-1) == ((1,), False)
+    for bad in ([], [0, "x"], 2, "z", True, 1.0):
+        with pytest.raises(InvalidInput):
+            spec.argnums(bad)
+
+
+def test_input_declarations_are_checked():
+    with pytest.raises(ValueError):
+        Input("x", shape=(-1,))
+    with pytest.raises(ValueError):
+        Input("x", dtype="complex64")
+    inp = Input("x", shape=("n", 3), dtype="float32")
+    bindings: dict = {}
+    inp.bind((5, 3), bindings)
+    assert bindings == {"n": (5, "x")}
+    with pytest.raises(InvalidInput, match=r"expected shape \(n, 3\) with n = 5"):
+        Input("y", shape=("n", 3)).bind((4, 3), bindings)
+    assert inp.resolve_dtype("float64") == "float32"  # same_kind
+    assert inp.resolve_dtype("int64") == "float32"
+    with pytest.raises(InvalidInput):
+        Input("k", dtype="int64").resolve_dtype("float64")
+    assert Input("f").resolve_dtype("bfloat16") == "bfloat16"
+    assert Input("f").resolve_dtype("int32") == "float32"
