@@ -25,6 +25,16 @@ log = logging.getLogger("jacobian_service.scheduler")
 
 # A stacked Jacobian's working set, in multiples of its results (basis, grads, copies).
 _BATCH_WORKSET_FACTOR = 4
+_REFILL_WAIT_MAX_S = 0.002
+
+
+@dataclass
+class _KeyStats:
+    """The last run of one batch key: result size per request, batch size, compute time."""
+
+    result_bytes: int = 0
+    batch_size: int = 1
+    compute_s: float = 0.0
 
 
 @dataclass
@@ -69,9 +79,7 @@ class _Worker:
         self.cond = threading.Condition()
         self.stopping = False
         self.running = 0
-        # Result size last seen per batch key: caps how many such requests one batch
-        # stacks, so a batch's working set stays inside the engine's memory budget.
-        self.result_bytes: dict[Hashable, int] = {}
+        self.stats: dict[Hashable, _KeyStats] = {}  # the last run of each batch key
         self.thread = threading.Thread(target=self._loop, name=f"jacobian-worker-{index}", daemon=True)
 
     def depth(self) -> int:
@@ -105,16 +113,21 @@ class _Worker:
         """``first`` and the queued jobs it can be stacked with (called holding the lock).
 
         What accumulated while the worker was busy is taken at once (Triton's default);
-        ``batch_wait_s`` optionally waits a little longer for more batch-mates.
+        ``batch_wait_s`` optionally waits longer for batch-mates. Clients in a closed loop
+        come back together, a few at a time: when the last batch of this key was larger
+        than what is queued now, the worker waits a moment (at most half that batch's
+        compute time, and 2 ms) for it to refill. A lone client (last batch 1) never waits.
         """
         group = [first]
         if first.batch is None or self.max_batch <= 1 or not self.engine.can_batch(first.batch.call.spec):
             return group
-        seen = self.result_bytes.get(first.batch.key)
+        stats = self.stats.get(first.batch.key) or _KeyStats()
         limit = self.max_batch
-        if seen:
-            limit = max(1, min(limit, self.engine.memory_budget // (_BATCH_WORKSET_FACTOR * seen)))
-        wait_until = time.monotonic() + self.batch_wait_s
+        if stats.result_bytes:  # the batch's working set stays inside the memory budget
+            limit = max(1, min(limit, self.engine.memory_budget // (_BATCH_WORKSET_FACTOR * stats.result_bytes)))
+        target = min(limit, stats.batch_size)
+        refill_s = min(_REFILL_WAIT_MAX_S, stats.compute_s / 2)
+        start = time.monotonic()
         while True:
             for job in list(self.jobs):
                 if len(group) >= limit:
@@ -122,16 +135,19 @@ class _Worker:
                 if job.batch is not None and job.batch.key == first.batch.key:
                     self.jobs.remove(job)
                     group.append(job)
-            remaining = wait_until - time.monotonic()
-            if len(group) >= limit or remaining <= 0 or self.stopping:
+            waited = time.monotonic() - start
+            if len(group) >= limit or self.stopping:
                 return group
-            self.cond.wait(remaining)
+            if waited >= self.batch_wait_s and (len(group) >= target or waited >= refill_s):
+                return group
+            self.cond.wait(max(self.batch_wait_s, refill_s) - waited)
 
-    def _remember_size(self, job: _Job, result: Any) -> None:
-        if job.batch is not None and hasattr(result, "nbytes"):
-            if len(self.result_bytes) > 4096:  # bounded, whatever shapes clients send
-                self.result_bytes.clear()
-            self.result_bytes[job.batch.key] = result.nbytes()
+    def _remember(self, job: _Job, result: Any, batch_size: int, compute_s: float) -> None:
+        if job.batch is None or not hasattr(result, "nbytes"):
+            return
+        if len(self.stats) > 4096:  # bounded, whatever shapes clients send
+            self.stats.clear()
+        self.stats[job.batch.key] = _KeyStats(result.nbytes(), batch_size, compute_s)
 
     def _run_group(self, group: list[_Job]) -> None:
         start = time.monotonic()
@@ -157,7 +173,7 @@ class _Worker:
                 self.on_batch(len(live))
                 for job, result in zip(live, results):
                     job.info.engine, job.info.batch_size, job.info.compute_s = self.engine, len(live), elapsed
-                    self._remember_size(job, result)
+                    self._remember(job, result, len(live), elapsed)
                     _resolve(job, result)
                 return
         for job in live:
@@ -181,7 +197,7 @@ class _Worker:
             error = InternalError(f"internal error ({type(exc).__name__})")
         job.info.engine, job.info.compute_s = self.engine, time.monotonic() - start
         if error is None:
-            self._remember_size(job, result)
+            self._remember(job, result, 1, job.info.compute_s)
         _resolve(job, result, error)
         return error is None
 
