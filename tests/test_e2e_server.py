@@ -80,7 +80,10 @@ def test_health_answers_within_50ms_while_computing(server):
     thread.join()
     assert result["status"] == 200
     assert len(latencies) >= 5, "the long Jacobian finished too fast to measure"
-    assert np.median(latencies) < 0.05 and max(latencies) < 0.25, latencies
+    # The median is the requirement; a shared CI machine may stall one probe, so the tail
+    # bound is loose (a loop blocked by the computation would fail both).
+    assert np.median(latencies) < 0.05, latencies
+    assert np.percentile(latencies, 90) < 0.15, latencies
 
 
 def test_metrics_and_info(server):
