@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Iterator
@@ -93,6 +94,7 @@ def test_metrics_and_info(server):
     assert "jacobian_service_queue_depth" in text
     info = httpx.get(f"{server}/v1/info").json()
     assert info["devices"] == ["cpu"] and info["limits"]["stream_threshold_bytes"] == 1 << 20
+    assert info["torch_threads"] == max(1, (os.cpu_count() or 2) // 2)  # the default: half the cores
     assert httpx.get(f"{server}/openapi.json").json()["paths"]["/v1/functions/{name}/jacobian"]["post"]
     assert httpx.get(f"{server}/docs").status_code == 200
 

@@ -107,6 +107,7 @@ async def info(request: Request) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "devices": [str(d) for d in _state(request).devices],
+        "torch_threads": torch.get_num_threads(),
         "functions": len(_state(request).registry),
         "limits": {
             "max_request_bytes": s.max_request_bytes,
