@@ -82,7 +82,6 @@ DTYPES = frozenset(
         "float64",
     }
 )
-_JSON_DEPTH_SLACK = 4  # object/array wrappers around the data itself
 
 
 class WireError(ValueError):

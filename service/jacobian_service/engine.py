@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from .errors import FunctionError, InvalidInput, OutOfMemory, ResultTooLarge, ServiceError, Timeout
 from .registry import FunctionSpec
 
-__all__ = ["Call", "Engine", "Result", "RowStream", "to_numpy"]
+__all__ = ["Call", "Engine", "Result", "RowStream", "host_dtype", "to_numpy"]
 
 log = logging.getLogger("jacobian_service.engine")
 
@@ -66,6 +66,15 @@ class Call:
     deadline: float = math.inf  # time.monotonic() seconds
     max_result_bytes: int | None = None
     cancelled: Callable[[], bool] = field(default=lambda: False)
+
+    def signature(self, batched: bool = False) -> tuple[Any, ...]:
+        """What equal requests share: function, argnums, per-example shapes and dtypes."""
+        shapes = tuple(a.shape[1:] if batched else a.shape for a in self.args)
+        return (self.spec.name, self.argnums, self.as_tuple, shapes, tuple(self.dtypes))
+
+    def row_nbytes(self) -> int:
+        """Bytes of one Jacobian row on the wire (args hold bfloat16 as float32 already)."""
+        return sum(self.args[i].nbytes for i in self.argnums)
 
     def check_alive(self) -> None:
         if self.cancelled():
@@ -214,9 +223,6 @@ class RowStream:
         self.total_rows = sum(self.sizes)
         self.chunk_used: int | None = None  # after out-of-memory halving
 
-    def row_nbytes(self) -> int:
-        return sum(p.numel() * _wire_itemsize(p.dtype) for p in self.primals)
-
     def auto_chunk(self) -> int:
         per_row = _WORKSET_FACTOR * sum(
             (p.numel() + sum(self.sizes)) * p.element_size() for p in self.primals
@@ -270,7 +276,8 @@ def _wire_itemsize(dtype: torch.dtype) -> int:
     return 4 if dtype == torch.bfloat16 else dtype.itemsize
 
 
-def _wire_np_dtype(dtype: torch.dtype) -> np.dtype:
+def host_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype a tensor of ``dtype`` reaches the host (and the wire) in."""
     return np.dtype("float32") if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
 
 
@@ -368,7 +375,7 @@ class Engine:
             return self._batched(call, "jacobian")
         stream = stream or self.row_stream(call)
         start, stop = call.rows or (0, stream.total_rows)
-        self._check_result_size(call, (stop - start) * stream.row_nbytes())
+        self._check_result_size(call, (stop - start) * call.row_nbytes())
         output = self.host(stream.output) if call.return_output else None
         aux = self.host(stream.aux)
         if self.wants_forward(call, stream):
@@ -403,7 +410,7 @@ class Engine:
                     for i, h in enumerate(host):
                         blocks[j][i][lo - base : hi - base] = h[lo - s : hi - s]
         if blocks is None:  # no rows at all
-            blocks = [[np.empty((size, *p.shape), _wire_np_dtype(p.dtype)) for p in stream.primals] for _, size in bounds]
+            blocks = [[np.empty((size, *p.shape), host_dtype(p.dtype)) for p in stream.primals] for _, size in bounds]
         return self._nest(stream, leaves, blocks)
 
     @staticmethod
@@ -454,7 +461,7 @@ class Engine:
             g = _partial(box, example, call.argnums)
             primals = [example[i] for i in call.argnums]
             if kind == "hessian":
-                return self._hessian_fn(g, argnums, primals, _hessian_key(call, batched=True))(*primals)
+                return self._hessian_fn(g, argnums, primals, call.signature(batched=True))(*primals)
             if call.mode == "fwd":  # jacfwd takes no chunk_size
                 return torch.func.jacfwd(g, argnums=argnums, has_aux=True)(*primals)
             return torch.func.jacrev(g, argnums=argnums, has_aux=True, chunk_size=call.chunk_size)(*primals)
@@ -526,7 +533,7 @@ class Engine:
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
         in_numel = sum(p.numel() for p in primals)
         self._check_result_size(call, out_numel * in_numel * in_numel * _wire_itemsize(primals[0].dtype))
-        key = _hessian_key(call)
+        key = call.signature()
         if key in self.hessian_choice:
             candidates: tuple[str, ...] = (self.hessian_choice[key], "jacrev_jacrev")
         else:
@@ -639,7 +646,6 @@ class Engine:
         output = self.host(out) if call.return_output else None
         return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
 
-
     # ----------------------------------------------------------------- request batching
 
     def can_batch(self, spec: FunctionSpec) -> bool:
@@ -695,11 +701,6 @@ _MEASURE_HESSIAN_ELEMENTS = 1 << 20  # measure strategies only where running eac
 def _hessian_candidates(scalar_output: bool) -> tuple[str, ...]:
     """Strategies in the order usually fastest; grad needs a 0-d output."""
     return ("jacrev_grad", "jacfwd_jacrev", "jacrev_jacrev") if scalar_output else ("jacfwd_jacrev", "jacrev_jacrev")
-
-
-def _hessian_key(call: Call, batched: bool = False) -> tuple[Any, ...]:
-    shapes = tuple(a.shape[1:] if batched else a.shape for a in call.args)
-    return (call.spec.name, call.argnums, call.as_tuple, shapes, tuple(call.dtypes))
 
 
 def _stack_aux(auxes: list[Any]) -> Any:

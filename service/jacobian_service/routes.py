@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jacobian_client import wire
 
-from .engine import Call, Engine, Result
+from .engine import Call, Engine, Result, host_dtype
 from .errors import (
     ClientGone,
     Forbidden,
@@ -178,12 +178,12 @@ async def _offload(size: int, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def _meta(info: JobInfo, result: Result | None, chunk: int | None = None, compute_s: float | None = None) -> dict[str, Any]:
+def _meta(info: JobInfo, result: Result, compute_s: float | None = None) -> dict[str, Any]:
     return {
         "device": str(info.engine.device) if info.engine else None,
-        "chunk_size": chunk if result is None else result.chunk_size,
+        "chunk_size": result.chunk_size,
         "batch_size": info.batch_size,
-        "mode": "rev" if result is None else result.mode,
+        "mode": result.mode,
         "queue_ms": round(info.queue_s * 1e3, 3),
         "compute_ms": round((info.compute_s if compute_s is None else compute_s) * 1e3, 3),
     }
@@ -200,22 +200,8 @@ def _batchable(call: Call, kind: Kind) -> Batchable | None:
     """Requests that may share one vmap: same function, options and per-example shapes."""
     if kind not in ("jacobian", "evaluate", "hessian") or call.batched or call.rows is not None:
         return None
-    key = (
-        kind,
-        call.spec.name,
-        call.argnums,
-        call.as_tuple,
-        call.chunk_size,
-        call.mode,
-        call.return_output,
-        tuple((a.shape, a.dtype.str) for a in call.args),
-        tuple(call.dtypes),
-    )
+    key = (kind, call.signature(), call.chunk_size, call.mode, call.return_output)
     return Batchable(key, kind, call)
-
-
-def _shape_key(call: Call) -> tuple[Any, ...]:
-    return (call.spec.name, call.argnums, tuple(a.shape for a in call.args), tuple(call.dtypes))
 
 
 async def _derivative(request: Request, name: str, kind: Kind) -> Response:
@@ -237,8 +223,8 @@ async def _derivative(request: Request, name: str, kind: Kind) -> Response:
         choose(media, single_array=False)
     if kind == "jacobian" and media[0] == wire.NPY and not call.batched and call.mode != "fwd":
         # Stream unless earlier calls showed this Jacobian is small (then it may batch).
-        rows = state.output_rows.get(_shape_key(call))
-        if rows is None or call.rows is not None or rows * _row_nbytes(call) > state.settings.stream_threshold_bytes:
+        rows = state.output_rows.get(call.signature())
+        if rows is None or call.rows is not None or rows * call.row_nbytes() > state.settings.stream_threshold_bytes:
             return await _cancellable(request, stop, _jacobian_npy(state, call, media))
 
     result, info = await _cancellable(
@@ -275,21 +261,13 @@ async def _cancellable(request: Request, stop: threading.Event, work: Awaitable[
     watcher = asyncio.ensure_future(watch())
     try:
         return await work
-    except asyncio.CancelledError:
+    except BaseException:  # cancelled, failed or timed out: the engine stops at the next chunk
+        stop.set()
         if gone:
             raise ClientGone("the client closed the connection; its work was cancelled") from None
         raise
-    except BaseException:
-        stop.set()
-        raise
     finally:
-        if gone:
-            stop.set()
         watcher.cancel()
-
-
-def _row_nbytes(call: Call) -> int:
-    return sum(call.args[i].size * (4 if call.dtypes[i] == "bfloat16" else call.args[i].itemsize) for i in call.argnums)
 
 
 async def _jacobian_npy(state: ServiceState, call: Call, media: list[str]) -> Response:
@@ -304,9 +282,9 @@ async def _jacobian_npy(state: ServiceState, call: Call, media: list[str]) -> Re
     worker = state.scheduler.engines.index(engine)
     if len(state.output_rows) > 4096:  # bounded: a client cycling through shapes cannot grow it
         state.output_rows.clear()
-    state.output_rows[_shape_key(call)] = stream.total_rows
+    state.output_rows[call.signature()] = stream.total_rows
     start, stop = call.rows or (0, stream.total_rows)
-    nbytes = (stop - start) * stream.row_nbytes()
+    nbytes = (stop - start) * call.row_nbytes()
     forward = engine.wants_forward(call, stream)
     if len(stream.leaves) != 1 or forward or nbytes <= state.settings.stream_threshold_bytes:
         result, info2 = await state.scheduler.run(lambda eng: eng.jacobian(call, stream), deadline=call.deadline, worker=worker)
@@ -316,17 +294,13 @@ async def _jacobian_npy(state: ServiceState, call: Call, media: list[str]) -> Re
 
     primal = stream.primals[0]
     shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)
-    dtype = np.dtype("float32") if primal.dtype == torch.bfloat16 else primal.detach().cpu()[:0].numpy().dtype
-    header = wire.npy_header(shape, dtype)
+    header = wire.npy_header(shape, host_dtype(primal.dtype))
     chunk = call.chunk_size or stream.auto_chunk()
-    rows: dict[str, Any] = {}
+    chunks = stream.chunks(start, stop, chunk)  # a generator: it runs on the worker, at next()
 
     def next_chunk(eng: Engine) -> np.ndarray | None:
-        if "it" not in rows:
-            rows["it"] = stream.chunks(start, stop, chunk)
-        for _, _, grads in rows["it"]:
-            return np.ascontiguousarray(eng.host(grads[0]))
-        return None
+        step = next(chunks, None)
+        return None if step is None else np.ascontiguousarray(eng.host(step[2][0]))
 
     async def body() -> AsyncIterator[bytes | memoryview]:
         yield header

@@ -143,7 +143,7 @@ class _Worker:
             self.cond.wait(max(self.batch_wait_s, refill_s) - waited)
 
     def _remember(self, job: _Job, result: Any, batch_size: int, compute_s: float) -> None:
-        if job.batch is None or not hasattr(result, "nbytes"):
+        if job.batch is None:  # batchable jobs answer an engine Result
             return
         if len(self.stats) > 4096:  # bounded, whatever shapes clients send
             self.stats.clear()
@@ -168,14 +168,13 @@ class _Worker:
                 if all([self._run(job) for job in live]):  # all fine alone: vmap was the problem
                     self.engine.mark_unbatchable(live[0].batch.call.spec.name, exc)  # type: ignore[union-attr]
                 return
-            else:
-                elapsed = time.monotonic() - start
-                self.on_batch(len(live))
-                for job, result in zip(live, results):
-                    job.info.engine, job.info.batch_size, job.info.compute_s = self.engine, len(live), elapsed
-                    self._remember(job, result, len(live), elapsed)
-                    _resolve(job, result)
-                return
+            elapsed = time.monotonic() - start
+            self.on_batch(len(live))
+            for job, result in zip(live, results):
+                job.info.engine, job.info.batch_size, job.info.compute_s = self.engine, len(live), elapsed
+                self._remember(job, result, len(live), elapsed)
+                _resolve(job, result)
+            return
         for job in live:
             self._run(job)
 
