@@ -14,23 +14,29 @@ that ends early (fewer bytes than the header declares) raises
 
 from __future__ import annotations
 
-import ast
+import contextlib
 import math
 import os
-import struct
 import secrets
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
-from numpy.lib import format as npy_format
 
+from . import wire
 from ._errors import IncompleteResponse, TransportError
 
-__all__ = ["FileSink", "MemorySink", "NpyHeader", "NpyReceiver", "RegionSink", "Sink", "open_partial"]
-
-_MAGIC = b"\x93NUMPY"
-_MAX_HEADER = 1 << 20  # a sane bound; numpy itself refuses headers over 10 KB by default
+__all__ = [
+    "FileSink",
+    "MemorySink",
+    "NpyHeader",
+    "NpyReceiver",
+    "RegionSink",
+    "Sink",
+    "commit_partial",
+    "discard_partial",
+    "open_partial",
+]
 
 
 class NpyHeader:
@@ -53,36 +59,15 @@ class NpyHeader:
 
 def _parse_header(buf: bytes) -> NpyHeader | None:
     """The header if ``buf`` holds all of it, else None (need more bytes)."""
-    if len(buf) < 10:
-        if not _MAGIC.startswith(bytes(buf[:6])):
-            raise TransportError("response is not a .npy body (bad magic)")
-        return None
-    if buf[:6] != _MAGIC:
-        raise TransportError("response is not a .npy body (bad magic)")
-    major = buf[6]
-    if major == 1:
-        start, (hlen,) = 10, struct.unpack("<H", buf[8:10])
-    elif major in (2, 3):
-        if len(buf) < 12:
-            return None
-        start, (hlen,) = 12, struct.unpack("<I", buf[8:12])
-    else:
-        raise TransportError(f"unsupported .npy version {major}")
-    if hlen > _MAX_HEADER:
-        raise TransportError(f".npy header of {hlen} bytes is implausibly large")
-    if len(buf) < start + hlen:
-        return None
-    text = bytes(buf[start : start + hlen]).decode("utf-8" if major == 3 else "latin1")
     try:
-        d = ast.literal_eval(text)
-        dtype = npy_format.descr_to_dtype(d["descr"])
-        shape = tuple(int(n) for n in d["shape"])
-        fortran = bool(d["fortran_order"])
-    except Exception as exc:  # SyntaxError, KeyError, TypeError, ValueError ...
-        raise TransportError(f"unreadable .npy header: {exc}") from None
-    if dtype.hasobject or any(n < 0 for n in shape):
-        raise TransportError(f"refusing .npy header {text.strip()!r}")
-    return NpyHeader(shape, dtype, fortran, bytes(buf[: start + hlen]))
+        end = wire.npy_header_length(buf)
+        if end is None or len(buf) < end:
+            return None
+        raw = bytes(buf[:end])
+        shape, fortran, dtype = wire.parse_npy_header(raw)
+    except wire.WireError as exc:
+        raise TransportError(f"response is not a readable .npy body: {exc}") from None
+    return NpyHeader(shape, dtype, fortran, raw)
 
 
 def open_partial(path: Path, mode: str) -> tuple[Any, str]:
@@ -96,6 +81,23 @@ def open_partial(path: Path, mode: str) -> tuple[Any, str]:
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
+def commit_partial(fp: Any, tmp: str, path: Path) -> np.ndarray:
+    """Close a file from :func:`open_partial`, rename it over ``path``, and return it
+    memory-mapped read-only: only now does a file that looks whole exist."""
+    fp.close()
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+def discard_partial(fp: Any, tmp: str | None) -> None:
+    """Close and delete a file from :func:`open_partial` (an aborted transfer)."""
+    if fp is not None:
+        fp.close()
+    if tmp is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 class Sink(Protocol):
@@ -150,21 +152,13 @@ class FileSink:
         self._fp.write(data)  # bytes arrive in order: offsets are sequential
 
     def finish(self) -> np.ndarray:
-        self._fp.close()
         assert self._tmp is not None
-        os.replace(self._tmp, self.path)
-        self._tmp = None
-        return np.load(self.path, mmap_mode="r")
+        tmp, self._tmp = self._tmp, None
+        return commit_partial(self._fp, tmp, self.path)
 
     def abort(self) -> None:
-        if self._fp is not None:
-            self._fp.close()
-        if self._tmp is not None:
-            try:
-                os.unlink(self._tmp)
-            except FileNotFoundError:
-                pass
-            self._tmp = None
+        discard_partial(self._fp, self._tmp)
+        self._tmp = None
 
 
 class RegionSink:

@@ -33,7 +33,7 @@ import numpy as np
 from ._arrays import Plain, as_wire_value
 from ._async import AsyncClient
 from ._errors import Overloaded, TransportError, Unavailable
-from ._npystream import NpyHeader, RegionSink, open_partial
+from ._npystream import NpyHeader, RegionSink, commit_partial, discard_partial, open_partial
 from ._progress import Progress
 from .wire import npy_header
 
@@ -104,18 +104,12 @@ class _Assembler:
         if self._array is not None:
             return self._array
         assert self.out is not None and self._tmp is not None
-        self._fp.close()
-        os.replace(self._tmp, self.out)
-        self._tmp = None
-        return np.load(self.out, mmap_mode="r")
+        tmp, self._tmp = self._tmp, None
+        return commit_partial(self._fp, tmp, self.out)
 
     def abort(self) -> None:
-        if self._fp is not None:
-            self._fp.close()
-        if self._tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._tmp)
-            self._tmp = None
+        discard_partial(self._fp, self._tmp)
+        self._tmp = None
         self._array = None
 
 

@@ -51,7 +51,9 @@ __all__ = [
     "is_array_object",
     "loads",
     "npy_header",
+    "npy_header_length",
     "npy_nbytes",
+    "parse_npy_header",
     "read_npy",
     "read_npz",
     "read_result_npz",
@@ -332,20 +334,35 @@ def _checked_dtype(descr: np.dtype) -> np.dtype:
     return descr
 
 
-def _header_end(body: bytes | memoryview) -> int:
-    """Offset of the data in an ``.npy`` body (0 when the preamble is unreadable)."""
-    prefix = bytes(body[:12])
-    if len(prefix) < 10 or prefix[:6] != npy_format.MAGIC_PREFIX:
-        return 0
+_MAX_NPY_HEADER = 1 << 20  # numpy itself refuses headers over 10 kB
+
+
+def npy_header_length(prefix: bytes | memoryview) -> int | None:
+    """Bytes of the ``.npy`` header (magic included) that ``prefix`` starts, or None while
+    fewer than the 12 bytes that can tell have arrived. Lets a reader that receives a body
+    piece by piece know when the header is whole."""
+    prefix = bytes(prefix[:12])
+    if prefix[:6] != npy_format.MAGIC_PREFIX[: len(prefix)]:
+        raise WireError("not an .npy body (bad magic)")
+    if len(prefix) < 10:
+        return None
     if prefix[6] == 1:
-        return 10 + int.from_bytes(prefix[8:10], "little")
-    if prefix[6] in (2, 3) and len(prefix) == 12:
-        return 12 + int.from_bytes(prefix[8:12], "little")
-    return 0
+        length = 10 + int.from_bytes(prefix[8:10], "little")
+    elif prefix[6] in (2, 3):
+        if len(prefix) < 12:
+            return None
+        length = 12 + int.from_bytes(prefix[8:12], "little")
+    else:
+        raise WireError(f"unsupported .npy version {prefix[6]}")
+    if length > _MAX_NPY_HEADER:
+        raise WireError(f".npy header of {length} bytes is implausibly large")
+    return length
 
 
 @functools.lru_cache(maxsize=1024)  # numpy parses headers with ast.literal_eval: slow, and they recur
-def _parse_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+def parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """A whole ``.npy`` header -> ``(shape, fortran_order, dtype)``; pickles, odd dtypes
+    and negative shapes refused."""
     fp = io.BytesIO(header)
     try:
         version = npy_format.read_magic(fp)
@@ -361,19 +378,19 @@ def _parse_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise WireError(f"unreadable .npy header: {exc}") from None
     if fp.tell() != len(header):
         raise WireError("unreadable .npy header: its length field is wrong")
+    dtype = _checked_dtype(dtype)
+    if any(d < 0 for d in shape):
+        raise WireError(f".npy header declares a negative shape {shape}")
     return shape, fortran, dtype
 
 
 def read_npy(body: bytes | memoryview, limits: Limits = Limits()) -> np.ndarray:
     """A whole ``.npy`` body -> array. Header checked before the data is touched."""
-    end = _header_end(body)
-    if not 0 < end <= min(len(body), 1 << 20):
-        raise WireError("unreadable .npy header: not an .npy body, or cut short")
-    shape, fortran, dtype = _parse_header(bytes(body[:end]))
+    end = npy_header_length(body)
+    if end is None or end > len(body):
+        raise WireError("unreadable .npy header: the body is cut short")
+    shape, fortran, dtype = parse_npy_header(bytes(body[:end]))
     offset = end
-    dtype = _checked_dtype(dtype)
-    if any(d < 0 for d in shape):
-        raise WireError(f".npy header declares a negative shape {shape}")
     _check_shape(list(shape), limits)
     count = math.prod(shape)
     need = count * dtype.itemsize
