@@ -37,6 +37,8 @@ from typing import Any
 
 import httpx
 
+from .wire import PROBLEM_STATUS
+
 __all__ = [
     "APIError",
     "Forbidden",
@@ -110,33 +112,31 @@ def _text_excerpt(response: httpx.Response, limit: int = 300) -> str:
     return text[:limit] or (response.reason_phrase or "error")
 
 
-def _leaf(name: str, status: int, code: str, doc: str) -> type[APIError]:
-    return type(name, (APIError,), {"status": status, "code_name": code, "__doc__": doc, "__module__": __name__})
+def _leaf(name: str, code: str, doc: str) -> type[APIError]:
+    status = PROBLEM_STATUS[code]  # the wire module's table, which the server raises by
+    attrs = {"status": status, "code_name": code, "__doc__": f"{status}: {doc}", "__module__": __name__}
+    return type(name, (APIError,), attrs)
 
 
-MalformedBody = _leaf("MalformedBody", 400, "malformed_body", "400: the server could not read the body.")
-Unauthorized = _leaf("Unauthorized", 401, "unauthorized", "401: an API key is required.")
-Forbidden = _leaf("Forbidden", 403, "forbidden", "403: the API key is wrong.")
-FunctionNotFound = _leaf("FunctionNotFound", 404, "function_not_found", "404: no function of that name.")
-NotAcceptable = _leaf("NotAcceptable", 406, "not_acceptable", "406: the Accept type cannot carry this result.")
-PayloadTooLarge = _leaf("PayloadTooLarge", 413, "payload_too_large", "413: the request body is over the limit.")
-ResultTooLarge = _leaf(
-    "ResultTooLarge", 413, "result_too_large", "413: the result is over the limit and cannot be streamed."
-)
-UnsupportedMediaType = _leaf(
-    "UnsupportedMediaType", 415, "unsupported_media_type", "415: the Content-Type is not accepted."
-)
-InvalidInput = _leaf("InvalidInput", 422, "invalid_input", "422: wrong arity, shape, dtype or argnums.")
-FunctionError = _leaf("FunctionError", 500, "function_error", "500: the registered function raised.")
-Unavailable = _leaf("Unavailable", 503, "unavailable", "503: the server is not ready or is draining.")
-Timeout = _leaf("Timeout", 504, "timeout", "504: the request ran past its deadline on the server.")
-OutOfMemory = _leaf("OutOfMemory", 507, "out_of_memory", "507: out of memory even in the smallest chunks.")
+MalformedBody = _leaf("MalformedBody", "malformed_body", "the server could not read the body.")
+Unauthorized = _leaf("Unauthorized", "unauthorized", "an API key is required.")
+Forbidden = _leaf("Forbidden", "forbidden", "the API key is wrong.")
+FunctionNotFound = _leaf("FunctionNotFound", "function_not_found", "no function of that name.")
+NotAcceptable = _leaf("NotAcceptable", "not_acceptable", "the Accept type cannot carry this result.")
+PayloadTooLarge = _leaf("PayloadTooLarge", "payload_too_large", "the request body is over the limit.")
+ResultTooLarge = _leaf("ResultTooLarge", "result_too_large", "the result is over the limit and cannot be streamed.")
+UnsupportedMediaType = _leaf("UnsupportedMediaType", "unsupported_media_type", "the Content-Type is not accepted.")
+InvalidInput = _leaf("InvalidInput", "invalid_input", "wrong arity, shape, dtype or argnums.")
+FunctionError = _leaf("FunctionError", "function_error", "the registered function raised.")
+Unavailable = _leaf("Unavailable", "unavailable", "the server is not ready or is draining.")
+Timeout = _leaf("Timeout", "timeout", "the request ran past its deadline on the server.")
+OutOfMemory = _leaf("OutOfMemory", "out_of_memory", "out of memory even in the smallest chunks.")
 
 
 class Overloaded(APIError):
     """429: the server's queue is full; ``retry_after`` is its hint in seconds (or None)."""
 
-    status = 429
+    status = PROBLEM_STATUS["overloaded"]
     code_name = "overloaded"
 
     @property

@@ -40,6 +40,7 @@ __all__ = [
     "NPY",
     "NPZ",
     "PROBLEM",
+    "PROBLEM_STATUS",
     "Limits",
     "WireError",
     "check_depth",
@@ -65,6 +66,29 @@ JSON = "application/json"
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
 PROBLEM = "application/problem+json"
+
+#: Problem ``code`` -> HTTP status (SPEC 3.4, plus the service's own few): the server
+#: raises and the SDK maps errors by this one table.
+PROBLEM_STATUS: dict[str, int] = {
+    "malformed_body": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "function_not_found": 404,
+    "method_not_allowed": 405,
+    "not_acceptable": 406,
+    "payload_too_large": 413,
+    "result_too_large": 413,
+    "unsupported_media_type": 415,
+    "invalid_input": 422,
+    "overloaded": 429,
+    "client_closed": 499,
+    "function_error": 500,
+    "internal_error": 500,
+    "unavailable": 503,
+    "timeout": 504,
+    "out_of_memory": 507,
+}
 
 #: dtype names accepted on the wire (bfloat16 decodes to float32; see module doc).
 DTYPES = frozenset(

@@ -26,7 +26,7 @@ and message only.
 
 from __future__ import annotations
 
-from jacobian_client.wire import WireError
+from jacobian_client.wire import PROBLEM_STATUS, WireError
 
 __all__ = [
     "ClientGone",
@@ -63,28 +63,29 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
-def _error(name: str, status: int, code: str, title: str) -> type[ServiceError]:
+def _error(name: str, code: str, title: str) -> type[ServiceError]:
+    status = PROBLEM_STATUS[code]  # the wire module's table: the SDK maps by the same one
     return type(name, (ServiceError,), {"status": status, "code": code, "title": title, "__module__": __name__})
 
 
-MalformedBody = _error("MalformedBody", 400, "malformed_body", "Malformed body")
-Unauthorized = _error("Unauthorized", 401, "unauthorized", "Unauthorized")
-Forbidden = _error("Forbidden", 403, "forbidden", "Forbidden")
-NotFound = _error("NotFound", 404, "not_found", "Not found")
-FunctionNotFound = _error("FunctionNotFound", 404, "function_not_found", "Function not found")
-MethodNotAllowed = _error("MethodNotAllowed", 405, "method_not_allowed", "Method not allowed")
-NotAcceptable = _error("NotAcceptable", 406, "not_acceptable", "Not acceptable")
-PayloadTooLarge = _error("PayloadTooLarge", 413, "payload_too_large", "Payload too large")
-ResultTooLarge = _error("ResultTooLarge", 413, "result_too_large", "Result too large")
-UnsupportedMediaType = _error("UnsupportedMediaType", 415, "unsupported_media_type", "Unsupported media type")
-InvalidInput = _error("InvalidInput", 422, "invalid_input", "Invalid input")
-Overloaded = _error("Overloaded", 429, "overloaded", "Overloaded")
-ClientGone = _error("ClientGone", 499, "client_closed", "Client closed request")
-FunctionError = _error("FunctionError", 500, "function_error", "Function error")
-InternalError = _error("InternalError", 500, "internal_error", "Internal error")
-Unavailable = _error("Unavailable", 503, "unavailable", "Service unavailable")
-Timeout = _error("Timeout", 504, "timeout", "Timeout")
-OutOfMemory = _error("OutOfMemory", 507, "out_of_memory", "Out of memory")
+MalformedBody = _error("MalformedBody", "malformed_body", "Malformed body")
+Unauthorized = _error("Unauthorized", "unauthorized", "Unauthorized")
+Forbidden = _error("Forbidden", "forbidden", "Forbidden")
+NotFound = _error("NotFound", "not_found", "Not found")
+FunctionNotFound = _error("FunctionNotFound", "function_not_found", "Function not found")
+MethodNotAllowed = _error("MethodNotAllowed", "method_not_allowed", "Method not allowed")
+NotAcceptable = _error("NotAcceptable", "not_acceptable", "Not acceptable")
+PayloadTooLarge = _error("PayloadTooLarge", "payload_too_large", "Payload too large")
+ResultTooLarge = _error("ResultTooLarge", "result_too_large", "Result too large")
+UnsupportedMediaType = _error("UnsupportedMediaType", "unsupported_media_type", "Unsupported media type")
+InvalidInput = _error("InvalidInput", "invalid_input", "Invalid input")
+Overloaded = _error("Overloaded", "overloaded", "Overloaded")
+ClientGone = _error("ClientGone", "client_closed", "Client closed request")
+FunctionError = _error("FunctionError", "function_error", "Function error")
+InternalError = _error("InternalError", "internal_error", "Internal error")
+Unavailable = _error("Unavailable", "unavailable", "Service unavailable")
+Timeout = _error("Timeout", "timeout", "Timeout")
+OutOfMemory = _error("OutOfMemory", "out_of_memory", "Out of memory")
 
 _BY_WIRE_CODE = {"malformed_body": MalformedBody, "invalid_input": InvalidInput, "payload_too_large": PayloadTooLarge}
 
