@@ -86,6 +86,7 @@ PROBLEM_STATUS: dict[str, int] = {
     "function_error": 500,
     "internal_error": 500,
     "unavailable": 503,
+    "function_quarantined": 503,
     "timeout": 504,
     "out_of_memory": 507,
 }

@@ -1,268 +1,153 @@
-"""``create_app(settings)``: the app factory and its lifespan, which owns all state.
+"""``create_app``: the HTTP front end as one pure-ASGI app whose lifespan owns its state.
 
-The lifespan loads the registry, starts one worker per device, warms every function up
-(the first jacrev of a function costs ~1 s) and only then reports ready. State lives on
-``app.state.service``; nothing is global.
+The app never imports torch. It reaches the engines through an engine client: engine
+processes over ZeroMQ when the supervisor gave it a run directory (``serve``), else
+engine threads in this process (tests, ``serve --in-process``). Requests pass through
+
+    AccessMiddleware (request id, log line, request metric)
+      -> AuthMiddleware (API keys, every route)
+        -> Router (the one table in routes.py; OpenAPI is written from it)
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
-import re
-import time
-import uuid
-from typing import Any, AsyncIterator
+from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from . import __version__
-from .engine import Call, Engine
-from .errors import InternalError, InvalidInput, MethodNotAllowed, NotFound, ServiceError
-from .responses import problem_response
+from .engine_client import InProcessEngines, RemoteEngines
 from .logs import configure_logging
 from .metrics import Metrics
-from .registry import FunctionSpec, Registry
-from .routes import DERIVATIVE_KINDS, handle, router
-from .scheduler import Scheduler
+from .middleware import AccessMiddleware, AuthMiddleware
+from .openapi import build_openapi
+from .registry import Registry
+from .responses import EncodeBudget
+from .routes import ROUTES, Route, Router
 from .settings import Settings
 from .state import ServiceState
 
-__all__ = ["create_app"]
+__all__ = ["ServiceApp", "create_app"]
 
 log = logging.getLogger("jacobian_service")
-access_log = logging.getLogger("jacobian_service.access")
 
 
-def resolve_devices(setting: str) -> list[torch.device]:
-    """``auto``: every visible GPU, else the CPU; ``cuda``: every visible GPU."""
-    if setting == "cpu":
-        return [torch.device("cpu")]
-    has_cuda = torch.cuda.is_available()
-    if setting == "auto":
-        setting = "cuda" if has_cuda else "cpu"
-        if setting == "cpu":
-            return [torch.device("cpu")]
-    if not has_cuda:
-        raise RuntimeError(f"device {setting!r} asked for, but CUDA is not available")
-    if setting == "cuda":
-        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    index = int(setting.split(":", 1)[1])
-    if index >= torch.cuda.device_count():
-        raise RuntimeError(f"device {setting!r} asked for, but only {torch.cuda.device_count()} GPUs are visible")
-    return [torch.device("cuda", index)]
+class ServiceApp:
+    """The ASGI app: lifespan (engines up, then down) and the middleware stack."""
 
+    def __init__(self, settings: Settings, engines: Any, metrics: Metrics, front_ends: int = 1) -> None:
+        self.settings = settings
+        self.service_state = ServiceState(
+            settings=settings,
+            engines=engines,
+            metrics=metrics,
+            # Encoding a result costs a few times its size (JSON most): a burst of large
+            # results is encoded within the memory budget's worth of results at a time.
+            encode_budget=EncodeBudget(settings.memory_budget_bytes or (256 << 20)),
+            api_keys=settings.load_api_keys(),
+            front_ends=front_ends,
+        )
+        self.routes = [*ROUTES, *_doc_routes()]
+        self.router = Router(self.routes)
+        self._openapi: dict[str, Any] | None = None
+        self._lifespans = 0
+        auth = AuthMiddleware(self.router, self.service_state.api_keys, settings.metrics_auth, settings.docs_auth)
+        self.asgi = AccessMiddleware(auth, metrics, self.router)
 
-def default_memory_budget(device: torch.device) -> int:
-    """256 MiB on the CPU (streams stay small; larger chunks gain little there); half the
-    free memory on a GPU."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    return 256 << 20
+    @property
+    def registry(self) -> Registry:
+        return self.service_state.registry
 
+    def openapi(self) -> dict[str, Any]:
+        if self._openapi is None:
+            self._openapi = build_openapi(ROUTES, self.registry, self.settings.root_path)
+        return self._openapi
 
-def _warmup_call(spec: FunctionSpec) -> Call:
-    """Small inputs of the declared shapes (symbols bound to 3)."""
-    args = []
-    for inp in spec.inputs:
-        shape = tuple(3 if isinstance(d, str) else d for d in (inp.shape or (3,)))
-        args.append(np.random.default_rng(0).random(shape).astype("float32" if inp.default_dtype == "bfloat16" else inp.default_dtype))
-    floating = tuple(i for i, inp in enumerate(spec.inputs) if inp.default_dtype.startswith(("float", "bfloat")))
-    return Call(spec=spec, args=args, dtypes=[i.default_dtype for i in spec.inputs], argnums=floating[:1] or (0,))
-
-
-async def _warm_up(state: ServiceState) -> None:
-    deadline_s = 120.0
-    for spec in state.registry:
-        for index in range(len(state.scheduler.workers)):
-            call = _warmup_call(spec)
-            try:
-                await state.scheduler.run(lambda eng: eng.jacobian(call), deadline=time.monotonic() + deadline_s, worker=index)
-            except Exception as exc:  # a function that needs special inputs still serves
-                log.warning("warm-up of %s failed: %s", spec.name, exc)
-    state.ready = True
-    log.info("ready: %d functions on %s", len(state.registry), ", ".join(map(str, state.devices)))
-
-
-class AccessMiddleware:
-    """Echo the client's ``X-Request-ID`` (or make one) on every response, and log one
-    line per request with that id (never any array data)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
             return
-        request_id = ""
-        for key, value in scope["headers"]:
-            if key == b"x-request-id":
-                request_id = value.decode("latin-1")[:128]
-        request_id = request_id if request_id.isprintable() and request_id else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        started = time.perf_counter()
-        status = 0
+        scope["service"] = self.service_state
+        scope["jacobian_app"] = self
+        await self.asgi(scope, receive, send)
 
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
-                message["headers"] = headers
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            if scope["path"] not in ("/healthz", "/readyz", "/metrics"):
-                access_log.info(
-                    "%s %s %s",
-                    scope["method"],
-                    scope["path"],
-                    status or "aborted",
-                    extra={
-                        "request_id": request_id,
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "status": status,
-                        "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
-                    },
-                )
-
-
-_DERIVATIVE_PATH = re.compile(r"/v1/functions/(?P<name>[^/]+)/(?P<kind>[a-z]+)")
-
-
-class FastPath:
-    """POST /v1/functions/{name}/{kind} straight to ``routes.handle``.
-
-    FastAPI's routing, dependency solving and exception middleware took about half of a
-    small request's event-loop time (profiled with py-spy on the mlp Jacobian); the hot
-    endpoints skip them. The FastAPI routes of the same paths stay for the OpenAPI
-    document and call the same ``handle``.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = _DERIVATIVE_PATH.fullmatch(scope["path"])
-            if match and match["kind"] in DERIVATIVE_KINDS:
-                request = Request(scope, receive)
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        engines = self.service_state.engines
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                # Lifespans nest when one app sits under several test clients at once
+                # (a module-wide client, plus one per schemathesis case): the engines
+                # start with the first and stop with the last.
+                self._lifespans += 1
                 try:
-                    response = await handle(request, match["name"], match["kind"])  # type: ignore[arg-type]
-                except Exception:  # a bug of ours: logged, never shown
-                    log.exception("unhandled error on POST %s", scope["path"])
-                    response = problem_response(InternalError("internal error; see the server log"), _request_id(request))
-                await response(scope, receive, send)
+                    if self._lifespans == 1:
+                        self.service_state.draining = False
+                        await engines.start()
+                except Exception as exc:
+                    self._lifespans -= 1
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self._lifespans -= 1
+                if self._lifespans == 0:
+                    self.service_state.draining = True
+                    await engines.stop()
+                await send({"type": "lifespan.shutdown.complete"})
                 return
-        await self.app(scope, receive, send)
 
 
-def _request_id(request: Request) -> str:
-    return getattr(request.state, "request_id", "") or uuid.uuid4().hex
+# ------------------------------------------------------------------ docs
 
 
-def _openapi(app: FastAPI, registry: Registry) -> dict[str, Any]:
-    """FastAPI's document, with the served function names as the ``name`` enum."""
-    if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
-        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        names = [spec.name for spec in registry]
-        for path, item in doc["paths"].items():
-            for operation in item.values():
-                for param in operation.get("parameters", []):
-                    if param["name"] == "name" and "/functions/{name}" in path:
-                        param["schema"] = {"type": "string", "enum": names}
-        app.openapi_schema = doc
-    return app.openapi_schema
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(request.scope["jacobian_app"].openapi())
 
 
-def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
-    """Build the ASGI app. ``registry`` overrides the modules named in ``settings``."""
+async def swagger_ui(request: Request) -> Response:
+    from .docs_ui import swagger_html
+
+    return HTMLResponse(swagger_html(request.scope.get("root_path", "")))
+
+
+async def redoc_ui(request: Request) -> Response:
+    from .docs_ui import redoc_html
+
+    return HTMLResponse(redoc_html(request.scope.get("root_path", "")))
+
+
+def _doc_routes() -> list[Route]:
+    from .docs_ui import asset_routes
+
+    return [
+        Route("GET", "/openapi.json", openapi_json, "openapi", "This document", "docs", auth="docs"),
+        Route("GET", "/docs", swagger_ui, "docs", "Interactive docs (Swagger UI)", "docs", auth="docs"),
+        Route("GET", "/redoc", redoc_ui, "redoc", "Reference docs (ReDoc)", "docs", auth="docs"),
+        *asset_routes(),
+    ]
+
+
+# ------------------------------------------------------------------ factory
+
+
+def create_app(
+    settings: Settings | None = None, registry: Registry | None = None, *, run_dir: Path | None = None, front_ends: int = 1
+) -> ServiceApp:
+    """The front end. With ``run_dir`` it talks to the supervisor's engine processes;
+    without, it runs engines on threads here (``registry`` overrides the modules named
+    in ``settings``)."""
     settings = settings or Settings()
     configure_logging(settings.log_format)
-    # Loading the functions is configuration, not a resource: do it here, so a bad user
-    # module fails at start-up and /openapi.json can list the names.
-    registry = registry if registry is not None else Registry.from_modules(settings.function_modules)
-    api_keys = settings.load_api_keys()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        threads = settings.torch_threads if settings.torch_threads is not None else max(1, (os.cpu_count() or 2) // 2)
-        if threads:
-            torch.set_num_threads(threads)
-        devices = resolve_devices(settings.device)
-        metrics = Metrics()
-        scheduler = Scheduler(
-            [Engine(d, settings.memory_budget_bytes or default_memory_budget(d)) for d in devices],
-            settings.max_queue,
-            max_batch=settings.max_batch_size,
-            batch_wait_s=settings.max_batch_wait_ms / 1e3,
-            on_batch=metrics.batch_size.observe,
-        )
-        state = ServiceState(settings, registry, scheduler, metrics, devices, api_keys)
-        app.state.service = state
-        scheduler.start()
-        warm = asyncio.create_task(_warm_up(state)) if settings.warmup else None
-        if warm is None:
-            state.ready = True
-        try:
-            yield
-        finally:
-            state.ready = False
-            state.draining = True
-            if warm is not None:
-                warm.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await warm
-            await asyncio.to_thread(scheduler.stop)
-
-    app = FastAPI(
-        title="jacobian-service",
-        version=__version__,
-        description="Jacobians of registered PyTorch functions, computed like torch.func.jacrev.",
-        lifespan=lifespan,
-    )
-    app.include_router(router)
-    app.add_middleware(FastPath)
-    app.add_middleware(AccessMiddleware)  # added last: outermost, so it sees every request
-    app.openapi = lambda: _openapi(app, registry)  # type: ignore[method-assign]
-
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> Any:
-        return problem_response(exc, _request_id(request))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
-        if exc.status_code == 404:
-            error: ServiceError = NotFound(f"no route for {request.method} {request.url.path}")
-        elif exc.status_code == 405:
-            error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
-        else:
-            error = ServiceError(str(exc.detail))
-            error.status, error.code, error.title = exc.status_code, "http_error", "HTTP error"
-        return problem_response(error, _request_id(request))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Any:
-        return problem_response(InvalidInput(f"invalid request: {exc.errors()[:3]}"), _request_id(request))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Any:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(InternalError("internal error; see the server log"), _request_id(request))
-
-    return app
+    metrics = Metrics()
+    if run_dir is not None:
+        engines: Any = RemoteEngines(settings, run_dir)
+    else:
+        # Loading the functions is configuration, not a resource: do it here, so a bad
+        # user module fails at start-up.
+        registry = registry if registry is not None else Registry.from_modules(settings.function_modules)
+        engines = InProcessEngines(settings, registry, on_batch=metrics.batch_size.observe)
+    return ServiceApp(settings, engines, metrics, front_ends)

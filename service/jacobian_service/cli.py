@@ -7,7 +7,6 @@ server stack is imported inside the commands that use it.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from typing import Sequence
 
@@ -19,28 +18,19 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import os
 
-    from .app import create_app
-    from .drain import DrainingServer
+    from .server import serve, serve_in_process
     from .settings import Settings
 
-    settings = Settings(**_overrides(args))  # flags win over the environment
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        timeout_graceful_shutdown=max(1, round(settings.drain_grace_s)),
-        log_level="info",
-        access_log=False,  # the app logs each request with its request id
-    )
-    # uvicorn re-raises the signal it caught once it has shut down; with these handlers
-    # in place underneath, a clean drain exits 0 rather than "killed by SIGTERM".
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    DrainingServer(config, app, settings.drain_delay_s).run()
-    return 0
+    # Flags win over the environment; they go into it so that the engine and front-end
+    # processes read the same settings.
+    for key, value in _overrides(args).items():
+        os.environ[f"JACOBIAN_SERVICE_{key.upper()}"] = str(value)
+    if args.workers is not None:
+        os.environ["JACOBIAN_SERVICE_WORKERS"] = str(args.workers)
+    settings = Settings()
+    return serve_in_process(settings) if args.in_process else serve(settings)
 
 
 def _functions(args: argparse.Namespace) -> int:
@@ -69,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
         p.add_argument("--host", default=None if name == "serve" else argparse.SUPPRESS)
         p.add_argument("--port", type=int, default=None if name == "serve" else argparse.SUPPRESS)
+        if name == "serve":
+            p.add_argument("--workers", type=int, help="HTTP front-end processes (default: the core count, at most 4)")
+            p.add_argument("--in-process", action="store_true", help="one process, engines on threads (debugging)")
     sub.add_parser("call", help="call a running server (see: jacobian-service call --help)")
     args = parser.parse_args(argv)
     for missing in ("host", "port"):

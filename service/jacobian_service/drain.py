@@ -13,7 +13,7 @@ import threading
 from types import FrameType
 
 import uvicorn
-from fastapi import FastAPI
+from typing import Any
 
 __all__ = ["DrainingServer"]
 
@@ -21,14 +21,14 @@ log = logging.getLogger("jacobian_service")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_delay_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: Any, drain_delay_s: float) -> None:
         super().__init__(config)
         self.app = app
         self.drain_delay_s = drain_delay_s
         self.draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        state = getattr(self.app.state, "service", None)
+        state = getattr(self.app, "service_state", None)
         if self.draining or state is None or self.drain_delay_s <= 0:
             if state is not None:
                 state.draining = True

@@ -16,7 +16,8 @@
     ├── ClientGone            499     client_closed        (logged only: nobody is listening)
     ├── FunctionError         500     function_error       (the function raised)
     ├── InternalError         500     internal_error       (a bug of ours; logged, never shown)
-    ├── Unavailable           503     unavailable          (not ready, or draining)
+    ├── Unavailable           503     unavailable          (not ready, draining, an engine restarting)
+    ├── FunctionQuarantined   503     function_quarantined (crashed or hung its engine repeatedly)
     ├── Timeout               504     timeout
     └── OutOfMemory           507     out_of_memory
 
@@ -33,6 +34,7 @@ __all__ = [
     "Forbidden",
     "FunctionError",
     "FunctionNotFound",
+    "FunctionQuarantined",
     "InternalError",
     "InvalidInput",
     "MalformedBody",
@@ -84,6 +86,7 @@ ClientGone = _error("ClientGone", "client_closed", "Client closed request")
 FunctionError = _error("FunctionError", "function_error", "Function error")
 InternalError = _error("InternalError", "internal_error", "Internal error")
 Unavailable = _error("Unavailable", "unavailable", "Service unavailable")
+FunctionQuarantined = _error("FunctionQuarantined", "function_quarantined", "Function quarantined")
 Timeout = _error("Timeout", "timeout", "Timeout")
 OutOfMemory = _error("OutOfMemory", "out_of_memory", "Out of memory")
 

@@ -1,10 +1,19 @@
-"""Prometheus collectors, one registry per app (never the process-global default)."""
+"""Prometheus collectors, one registry per app (never the process-global default).
+
+Under ``serve`` several front-end processes answer on one port, and a scrape reaches
+just one of them. ``serve`` therefore sets ``PROMETHEUS_MULTIPROC_DIR`` before it starts
+them: every process writes its samples to files there (prometheus_client's multiprocess
+mode) and ``/metrics`` sums them, so any front end tells the whole server's story.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["Metrics"]
 
@@ -36,13 +45,39 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
-        self.queue_depth = Gauge("jacobian_service_queue_depth", "Jobs queued or running.", registry=r)
+        self.queue_depth = Gauge(
+            "jacobian_service_queue_depth", "Requests waiting on engines (summed over live front ends).",
+            registry=r, multiprocess_mode="livesum",
+        )
         self.streamed_bytes = Counter(
             "jacobian_service_streamed_bytes", "Bytes of .npy results streamed chunk by chunk.", registry=r
         )
         self.device_memory = Gauge(
-            "jacobian_service_device_memory_bytes", "Memory allocated by torch on each device.", ["device"], registry=r
+            "jacobian_service_device_memory_bytes", "Memory allocated by torch on each device.", ["device"], registry=r,
+            multiprocess_mode="mostrecent",
         )
 
+        self.engine_restarts = Gauge(
+            "jacobian_service_engine_restarts", "Engine process restarts since start, by device.", ["device"], registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.quarantines = Gauge(
+            "jacobian_service_quarantines", "Functions quarantined since start (crashing or hanging engines).", registry=r,
+            multiprocess_mode="mostrecent",
+        )
+
+    def update_engines(self, depth: int, stats: dict[str, Any]) -> None:
+        self.queue_depth.set(depth)
+        for device, count in stats["restarts"].items():
+            self.engine_restarts.labels(device).set(count)
+        self.quarantines.set(stats["quarantines"])
+        for device, used in stats["memory"].items():
+            self.device_memory.labels(device).set(used)
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=folder)
+        return generate_latest(merged)

@@ -15,15 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jacobian_client import wire
 
-from .engine import Call
+from .responses import echo
+from .types import Call
 from .errors import InvalidInput, UnsupportedMediaType, from_wire
 from .registry import FLOAT_DTYPES, FunctionSpec
 
-__all__ = ["Options", "media_type_of", "parse_call"]
+__all__ = ["KINDS", "Options", "media_type_of", "parse_call"]
 
-Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp"]
+Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
+KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
 _INTEGER = re.compile(r"-?[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
-_VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents"}
+_VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}
 
 
 class Options(BaseModel):
@@ -164,7 +166,8 @@ def parse_call(
             arrays = [(a, a.dtype.name) for a in _by_name(spec, given_by_name)]
         else:
             raise UnsupportedMediaType(
-                f"Content-Type {media_type or '(none)'} is not supported; send {wire.JSON}, {wire.NPY} or {wire.NPZ}"
+                f"Content-Type {echo(media_type) if media_type else '(none)'} is not supported; "
+                f"send {wire.JSON}, {wire.NPY} or {wire.NPZ}"
             )
     except wire.WireError as exc:
         raise from_wire(exc) from None

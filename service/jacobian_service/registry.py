@@ -109,6 +109,13 @@ class FunctionSpec:
             "has_aux": self.has_aux,
         }
 
+    @classmethod
+    def from_description(cls, doc: dict[str, Any]) -> "FunctionSpec":
+        """The metadata of :meth:`describe`, without the function: what a front end
+        needs to validate requests, learned from an engine (no torch, no user modules)."""
+        inputs = tuple(Input(i["name"], None if i["shape"] is None else tuple(i["shape"]), i["dtype"]) for i in doc["inputs"])
+        return cls(name=doc["name"], fn=_not_here, inputs=inputs, has_aux=doc["has_aux"], description=doc["description"])
+
     def index_of(self, key: int | str) -> int:
         """A parameter's position from an index (negative allowed) or a name."""
         n = len(self.inputs)
@@ -133,6 +140,10 @@ class FunctionSpec:
                 raise InvalidInput(f"argnums has duplicates: {list(value)}")
             return positions, True
         return (self.index_of(value),), False
+
+
+def _not_here(*args: Any) -> Any:
+    raise RuntimeError("this process holds the function's description only; engines run it")
 
 
 def _infer_inputs(fn: Callable[..., Any]) -> tuple[Input, ...]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any, AsyncIterator, Iterable
 
 import numpy as np
@@ -9,10 +11,10 @@ from starlette.responses import Response, StreamingResponse
 
 from jacobian_client import wire
 
-from .engine import Result
+from .types import Result
 from .errors import NotAcceptable, ServiceError
 
-__all__ = ["acceptable", "choose", "encode", "is_single_array", "pieces_response", "problem_response"]
+__all__ = ["EncodeBudget", "echo", "acceptable", "choose", "encode", "is_single_array", "pieces_response", "problem_response"]
 
 _OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
 _JOIN_BYTES = 1 << 20
@@ -45,8 +47,14 @@ def acceptable(accept: str | None) -> list[str]:
         if media not in seen:
             seen.append(media)
     if not seen:
-        raise NotAcceptable(f"Accept {accept!r} allows none of {', '.join(_OFFERED)}")
+        raise NotAcceptable(f"Accept {echo(accept)} allows none of {', '.join(_OFFERED)}")
     return seen
+
+
+def echo(value: str, limit: int = 100) -> str:
+    """A client's header, quoted back in a message: cut short, control characters escaped."""
+    cut = value[:limit] + ("..." if len(value) > limit else "")
+    return repr(cut)
 
 
 def choose(media: list[str], single_array: bool) -> str:
@@ -92,6 +100,33 @@ def pieces_response(pieces: Iterable[bytes | memoryview], media_type: str, heade
             yield piece
 
     return StreamingResponse(body(), media_type=media_type, headers={"Content-Length": str(length), **(headers or {})})
+
+
+class EncodeBudget:
+    """Bytes of results being encoded at once, bounded: a burst of large results is
+    encoded a few at a time rather than all together (JSON costs several times the
+    result's size while it is built). One result larger than the whole budget still
+    runs, alone."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        if nbytes < _JOIN_BYTES:  # small results never wait
+            yield
+            return
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.max_bytes)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
 
 
 def problem_response(error: ServiceError, request_id: str) -> Response:

@@ -1,114 +1,118 @@
-"""The HTTP endpoints, kept thin: read, parse (off the loop when large), schedule, encode."""
+"""The HTTP endpoints and the one routing table that serves them and documents them.
+
+Each :class:`Route` names its method, path, handler, who may call it and how the
+OpenAPI document describes it; :class:`Router` dispatches from the same list, and
+:mod:`jacobian_service.openapi` writes the document from it, so the two cannot drift.
+Handlers are thin: read, parse (off the loop when large), hand to the engines, encode.
+No torch here: the engines are reached through :mod:`jacobian_service.engine_client`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import math
 import platform
-import threading
+import re
 import time
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anyio.to_thread
 import numpy as np
-import torch
-from fastapi import APIRouter, Depends, Request
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jacobian_client import wire
 
-from .engine import Call, Engine, Result, host_dtype
 from .errors import (
     ClientGone,
-    Forbidden,
     InvalidInput,
     MalformedBody,
+    MethodNotAllowed,
+    NotFound,
     PayloadTooLarge,
     ServiceError,
-    Unauthorized,
     Unavailable,
 )
-from .parsing import Kind, Options, media_type_of, parse_call
+from .parsing import KINDS, media_type_of, parse_call
 from .responses import acceptable, choose, encode, is_single_array, problem_response
-from .scheduler import Batchable, JobInfo
+from .scheduler import StreamHead
 from .state import ServiceState
+from .types import Call, JobInfo, Result
 
-__all__ = ["DERIVATIVE_KINDS", "handle", "router"]
+__all__ = ["DERIVATIVE_KINDS", "ROUTES", "Route", "Router"]
 
 # Bodies and results above this are parsed / encoded on a thread, not on the event loop.
 _OFFLOAD_BYTES = 256 << 10
-_RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp"}
-DERIVATIVE_KINDS = frozenset(_RESULT_KEY)
+RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp", "hvp": "hvp"}
+DERIVATIVE_KINDS = frozenset(RESULT_KEY)
+assert DERIVATIVE_KINDS == frozenset(KINDS)
+
+Handler = Callable[..., Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # a template: {name} matches one path segment
+    handler: Handler
+    operation_id: str
+    summary: str
+    tag: str
+    auth: str = "key"  # key | public | metrics | docs: which setting guards it
+    params: dict[str, Any] = field(default_factory=dict)  # fixed handler arguments
+    errors: tuple[str, ...] = ()  # problem codes this route answers (besides auth)
+    doc: dict[str, Any] = field(default_factory=dict)  # OpenAPI additions
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path) + "$")
 
 
 def _state(request: Request) -> ServiceState:
-    return request.app.state.service
+    return request.scope["service"]
 
 
-async def require_key(request: Request) -> None:  # async: no threadpool hop per request
-    """Bearer API keys, compared in constant time; no keys configured turns auth off."""
-    keys = _state(request).api_keys
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if not header or scheme.lower() != "bearer" or not token:
-        raise Unauthorized("send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
-    supplied = token.strip().encode()
-    if not any(hmac.compare_digest(supplied, key.encode()) for key in keys):  # no early exit on a match
-        raise Forbidden("the API key is not valid")
-
-
-async def _require_metrics_key(request: Request) -> None:
-    if _state(request).settings.metrics_auth:
-        await require_key(request)
-
-
-router = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+def _request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "")
 
 
 # ------------------------------------------------------------------ operations
 
 
-@router.get("/healthz", tags=["operations"], summary="Liveness: 200 while the process serves")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz", tags=["operations"], summary="Readiness: 200 once warmed up, 503 while draining")
 async def readyz(request: Request) -> Response:
     state = _state(request)
-    if state.ready and not state.draining:
+    why = "draining" if state.draining else state.engines.readiness()
+    if why is None:
         return JSONResponse({"status": "ready"})
-    why = "draining" if state.draining else "warming up"
-    return problem_response(Unavailable(f"not ready: {why}", headers={"Retry-After": "1"}), request.state.request_id)
+    raise Unavailable(f"not ready: {why}", headers={"Retry-After": "1"})
 
 
-@router.get("/metrics", tags=["operations"], dependencies=[Depends(_require_metrics_key)])
 async def metrics(request: Request) -> Response:
     state = _state(request)
-    state.metrics.queue_depth.set(state.scheduler.depth())
-    for device in state.devices:
-        if device.type == "cuda":
-            state.metrics.device_memory.labels(str(device)).set(torch.cuda.memory_allocated(device))
+    state.metrics.update_engines(state.engines.depth(), state.engines.engine_stats())
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@v1.get("/info", tags=["operations"])
-async def info(request: Request) -> dict[str, Any]:
+async def info(request: Request) -> Response:
     from . import __version__
 
-    s = _state(request).settings
-    return {
+    state = _state(request)
+    s = state.settings
+    engine_info = state.engines.info()
+    return JSONResponse({
         "version": __version__,
-        "torch": torch.__version__,
+        "torch": engine_info["torch"],
         "python": platform.python_version(),
-        "devices": [str(d) for d in _state(request).devices],
-        "torch_threads": torch.get_num_threads(),
-        "functions": len(_state(request).registry),
+        "devices": state.engines.devices,
+        "torch_threads": engine_info["torch_threads"],
+        "engines": engine_info["engines"],
+        "front_ends": state.front_ends,
+        "functions": len(state.registry),
         "limits": {
             "max_request_bytes": s.max_request_bytes,
             "max_result_bytes": s.max_result_bytes,
@@ -120,21 +124,27 @@ async def info(request: Request) -> dict[str, Any]:
             "max_batch_size": s.max_batch_size,
             "max_batch_wait_ms": s.max_batch_wait_ms,
             "request_timeout_s": s.request_timeout_s,
-            "memory_budget_bytes": [e.memory_budget for e in _state(request).scheduler.engines],
+            "memory_budget_bytes": engine_info["memory_budget_bytes"],
             "stream_threshold_bytes": s.stream_threshold_bytes,
         },
-        "auth": bool(_state(request).api_keys),
-    }
+        "auth": bool(state.api_keys),
+    })
 
 
-@v1.get("/functions", tags=["functions"], summary="Every registered function")
-async def list_functions(request: Request) -> list[dict[str, Any]]:
-    return [spec.describe() for spec in _state(request).registry]
+async def list_functions(request: Request) -> Response:
+    return JSONResponse([spec.describe() for spec in _state(request).registry])
 
 
-@v1.get("/functions/{name}", tags=["functions"], summary="One function's description")
-async def describe_function(name: str, request: Request) -> dict[str, Any]:
-    return _state(request).registry.get(name).describe()
+async def describe_function(request: Request, name: str) -> Response:
+    return JSONResponse(_state(request).registry.get(name).describe())
+
+
+async def release_function(request: Request, name: str) -> Response:
+    """An operator's word: a quarantined function may run again."""
+    state = _state(request)
+    state.registry.get(name)
+    released = state.engines.release(name)
+    return JSONResponse({"function": name, "released": released})
 
 
 # ------------------------------------------------------------------ derivatives
@@ -178,33 +188,25 @@ async def _offload(size: int, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def _meta(info: JobInfo, result: Result, compute_s: float | None = None) -> dict[str, Any]:
+def _meta(info: JobInfo, result: Result) -> dict[str, Any]:
     return {
-        "device": str(info.engine.device) if info.engine else None,
+        "device": info.device,
         "chunk_size": result.chunk_size,
         "batch_size": info.batch_size,
         "mode": result.mode,
         "queue_ms": round(info.queue_s * 1e3, 3),
-        "compute_ms": round((info.compute_s if compute_s is None else compute_s) * 1e3, 3),
+        "compute_ms": round(info.compute_s * 1e3, 3),
     }
 
 
-def _could_be_single(call: Call, kind: Kind) -> bool:
+def _could_be_single(call: Call, kind: str) -> bool:
     """Whether the result may be one bare array, judged before compute."""
     if call.spec.has_aux or call.return_output:
         return False
     return kind in ("evaluate", "jvp") or not call.as_tuple
 
 
-def _batchable(call: Call, kind: Kind) -> Batchable | None:
-    """Requests that may share one vmap: same function, options and per-example shapes."""
-    if kind not in ("jacobian", "evaluate", "hessian") or call.batched or call.rows is not None:
-        return None
-    key = (kind, call.signature(), call.chunk_size, call.mode, call.return_output)
-    return Batchable(key, kind, call)
-
-
-async def _derivative(request: Request, name: str, kind: Kind) -> Response:
+async def derivative(request: Request, name: str, kind: str) -> Response:
     state = _state(request)
     started = time.monotonic()
     spec = state.registry.get(name)
@@ -216,25 +218,18 @@ async def _derivative(request: Request, name: str, kind: Kind) -> Response:
     )
     call.deadline = _deadline(state, request)
     call.max_result_bytes = state.settings.max_result_bytes
-    stop = threading.Event()  # set when the client goes away or the deadline passes
-    call.cancelled = stop.is_set
     if not _could_be_single(call, kind):  # known before compute: answer 406 now, not after
         media = [m for m in media if m != wire.NPY]
         choose(media, single_array=False)
-    if kind == "jacobian" and media[0] == wire.NPY and not call.batched and call.mode != "fwd":
-        # Stream unless earlier calls showed this Jacobian is small (then it may batch).
-        rows = state.output_rows.get(call.signature())
-        if rows is None or call.rows is not None or rows * call.row_nbytes() > state.settings.stream_threshold_bytes:
-            return await _cancellable(request, stop, _jacobian_npy(state, call, media))
-
-    result, info = await _cancellable(
-        request,
-        stop,
-        state.scheduler.run(lambda eng: getattr(eng, kind)(call), deadline=call.deadline, batch=_batchable(call, kind)),
-    )
+    job = "jacobian_npy" if kind == "jacobian" and media[0] == wire.NPY else kind
+    result, info = await _cancellable(request, state.engines.run(job, call))
+    if isinstance(result, StreamHead):
+        return _stream(state, request, call, result, info)
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
-    response = await _offload(result.nbytes(), encode, chosen, spec.name, _RESULT_KEY[kind], result, _meta(info, result))
+    nbytes = result.nbytes()
+    async with state.encode_budget.hold(nbytes):
+        response = await _offload(nbytes, encode, chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result))
     for phase, seconds in (
         ("queue", info.queue_s),
         ("compute", info.compute_s),
@@ -245,9 +240,9 @@ async def _derivative(request: Request, name: str, kind: Kind) -> Response:
     return response
 
 
-async def _cancellable(request: Request, stop: threading.Event, work: Awaitable[Any]) -> Any:
-    """Await ``work`` unless the client disconnects first. A disconnect, a failure or a
-    timeout sets ``stop``, which the engine checks between chunks."""
+async def _cancellable(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work`` unless the client disconnects first (the engine then stops at its
+    next chunk: leaving the await tells it)."""
     current = asyncio.current_task()
     gone = False
 
@@ -261,8 +256,7 @@ async def _cancellable(request: Request, stop: threading.Event, work: Awaitable[
     watcher = asyncio.ensure_future(watch())
     try:
         return await work
-    except BaseException:  # cancelled, failed or timed out: the engine stops at the next chunk
-        stop.set()
+    except asyncio.CancelledError:
         if gone:
             raise ClientGone("the client closed the connection; its work was cancelled") from None
         raise
@@ -270,158 +264,143 @@ async def _cancellable(request: Request, stop: threading.Event, work: Awaitable[
         watcher.cancel()
 
 
-async def _jacobian_npy(state: ServiceState, call: Call, media: list[str]) -> Response:
-    """A Jacobian as ``.npy``: streamed row chunk by row chunk when large.
+def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead, info: JobInfo) -> Response:
+    """A large Jacobian as ``.npy``, row chunk by row chunk, with O(chunk) memory.
 
-    The forward pass (vjp) runs first; it fixes the output shape, hence the header and
-    Content-Length, before any row is computed. A failure after the header has gone out
-    aborts the connection, so a short body is never taken for a whole one.
+    The header and Content-Length went out from the forward pass; each chunk is asked
+    for while the previous one is being sent (one ahead, so a slow reader holds back the
+    engine). A failure after the header aborts the connection, so a short body is never
+    taken for a whole one.
     """
-    stream, info = await state.scheduler.run(lambda eng: eng.row_stream(call), deadline=call.deadline)
-    engine: Engine = info.engine  # type: ignore[assignment]
-    worker = state.scheduler.engines.index(engine)
-    if len(state.output_rows) > 4096:  # bounded: a client cycling through shapes cannot grow it
-        state.output_rows.clear()
-    state.output_rows[call.signature()] = stream.total_rows
-    start, stop = call.rows or (0, stream.total_rows)
-    nbytes = (stop - start) * call.row_nbytes()
-    forward = engine.wants_forward(call, stream)
-    if len(stream.leaves) != 1 or forward or nbytes <= state.settings.stream_threshold_bytes:
-        result, info2 = await state.scheduler.run(lambda eng: eng.jacobian(call, stream), deadline=call.deadline, worker=worker)
-        chosen = choose(media, is_single_array(result))
-        meta = _meta(info, result, compute_s=info.compute_s + info2.compute_s)
-        return await _offload(result.nbytes(), encode, chosen, call.spec.name, "jacobian", result, meta)
+    header = wire.npy_header(head.shape, np.dtype(head.dtype))
 
-    primal = stream.primals[0]
-    shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)
-    header = wire.npy_header(shape, host_dtype(primal.dtype))
-    chunk = call.chunk_size or stream.auto_chunk()
-    chunks = stream.chunks(start, stop, chunk)  # a generator: it runs on the worker, at next()
-
-    def next_chunk(eng: Engine) -> np.ndarray | None:
-        step = next(chunks, None)
-        return None if step is None else np.ascontiguousarray(eng.host(step[2][0]))
+    def next_deadline() -> float:
+        # A stream that keeps making progress is not timed out: each chunk gets the
+        # request timeout afresh once the first bytes are out.
+        return time.monotonic() + state.settings.request_timeout_s
 
     async def body() -> AsyncIterator[bytes | memoryview]:
-        yield header
-        while True:
-            # A stream that keeps making progress is not timed out: each chunk gets the
-            # request timeout afresh once the first bytes are out.
-            call.deadline = time.monotonic() + state.settings.request_timeout_s
-            arr, _ = await state.scheduler.run(next_chunk, deadline=call.deadline, admitted=True, worker=worker)
-            if arr is None:
-                return
-            state.metrics.streamed_bytes.inc(arr.nbytes)
-            yield memoryview(arr.reshape(-1)).cast("B")
+        done = False
+        try:
+            yield header
+            pending = asyncio.ensure_future(state.engines.next_chunk(head, next_deadline()))
+            while True:
+                arr = await pending
+                if arr is None:
+                    done = True
+                    return
+                pending = asyncio.ensure_future(state.engines.next_chunk(head, next_deadline()))
+                state.metrics.streamed_bytes.inc(arr.nbytes)
+                yield memoryview(np.ascontiguousarray(arr).reshape(-1)).cast("B")
+        finally:
+            if not done:
+                state.engines.close_stream(head)
 
     headers = {
-        "Content-Length": str(len(header) + nbytes),
-        "X-Chunk-Size": str(chunk),
-        "X-Device": str(engine.device),
+        "Content-Length": str(len(header) + head.nbytes),
+        "X-Chunk-Size": str(head.chunk_size),
+        "X-Device": str(info.device),
         "X-Queue-Ms": f"{info.queue_s * 1e3:.3f}",
     }
     return StreamingResponse(body(), media_type=wire.NPY, headers=headers)
 
 
-_BODY_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            wire.JSON: {
-                "schema": {
-                    "type": "object",
-                    "required": ["inputs"],
-                    "properties": {
-                        "inputs": {
-                            "description": "arrays, positional (list) or by parameter name (object); an array is a "
-                            "number, a nested list, or {dtype, shape, data|base64}",
-                            "anyOf": [{"type": "array"}, {"type": "object"}],
-                        },
-                        "cotangents": {"description": "vjp only: one array, or a list/dict matching the outputs"},
-                        "tangents": {"description": "jvp only: one array, or a list matching argnums"},
-                        **Options.model_json_schema()["properties"],
-                    },
-                }
-            },
-            wire.NPY: {"schema": {"type": "string", "format": "binary"}},
-            wire.NPZ: {"schema": {"type": "string", "format": "binary"}},
-        },
-    },
-    "responses": {
-        "200": {
-            "description": "the result as JSON, .npy or .npz (by Accept)",
-            "content": {
-                wire.JSON: {"schema": {"type": "object"}},
-                wire.NPY: {"schema": {"type": "string", "format": "binary"}},
-                wire.NPZ: {"schema": {"type": "string", "format": "binary"}},
-            },
-        },
-        **{
-            str(status): {"description": code, "content": {wire.PROBLEM: {"schema": {"type": "object"}}}}
-            for status, code in [
-                (400, "malformed_body"),
-                (404, "function_not_found"),
-                (406, "not_acceptable"),
-                (413, "payload_too_large / result_too_large"),
-                (415, "unsupported_media_type"),
-                (422, "invalid_input"),
-                (429, "overloaded"),
-                (500, "function_error"),
-                (504, "timeout"),
-                (507, "out_of_memory"),
-            ]
-        },
-    },
-}
+# ------------------------------------------------------------------ the table
 
-
-async def handle(request: Request, name: str, kind: Kind) -> Response:
-    """One derivative request, start to finish; errors become problem+json here.
-
-    Shared by the FastAPI routes (which give the OpenAPI document) and the app's
-    fast path, which calls it straight from ASGI for the hot endpoints.
-    """
-    state = _state(request)
-    label = name if name in state.registry else "_unknown"  # bounded metric labels
-    try:
-        await require_key(request)
-        response = await _derivative(request, name, kind)
-    except ServiceError as exc:
-        state.metrics.requests.labels(label, kind, str(exc.status), exc.code).inc()
-        return problem_response(exc, request.state.request_id)
-    except ClientDisconnect:
-        state.metrics.requests.labels(label, kind, "499", "client_closed").inc()
-        return Response(status_code=499)  # nobody is listening
-    state.metrics.requests.labels(label, kind, str(response.status_code), "").inc()
-    return response
-
-
-def _endpoint(kind: Kind) -> Callable[[str, Request], Awaitable[Response]]:
-    async def endpoint(name: str, request: Request) -> Response:
-        return await handle(request, name, kind)
-
-    endpoint.__name__ = f"{kind}_endpoint"
-    return endpoint
-
-
+_DERIVATIVE_ERRORS = (
+    "malformed_body", "function_not_found", "not_acceptable", "payload_too_large", "result_too_large",
+    "unsupported_media_type", "invalid_input", "overloaded", "function_error", "unavailable",
+    "function_quarantined", "timeout", "out_of_memory",
+)
 _SUMMARIES = {
     "jacobian": "The Jacobian, as torch.func.jacrev computes it",
     "hessian": "Second derivatives, as torch.func.hessian computes them",
     "evaluate": "The function's output (and aux)",
     "vjp": "Vector-Jacobian products, one or many cotangents",
     "jvp": "Jacobian-vector products, one or many tangents",
+    "hvp": "Hessian-vector products (forward over reverse), one or many tangents",
 }
-derivatives = APIRouter(prefix="/v1")  # authenticates inside handle()
-for _kind, _summary in _SUMMARIES.items():
-    derivatives.add_api_route(
-        f"/functions/{{name}}/{_kind}",
-        _endpoint(_kind),  # type: ignore[arg-type]
-        methods=["POST"],
-        tags=["derivatives"],
-        summary=_summary,
-        openapi_extra=_BODY_DOC,
-        response_class=Response,
-    )
 
-router.include_router(v1)
-router.include_router(derivatives)
+ROUTES: list[Route] = [
+    Route("GET", "/healthz", healthz, "healthz", "Liveness: 200 while the process serves", "operations", auth="public"),
+    Route("GET", "/readyz", readyz, "readyz", "Readiness: 200 once every engine is up; 503 while draining",
+          "operations", auth="public", errors=("unavailable",)),
+    Route("GET", "/metrics", metrics, "metrics", "Prometheus metrics", "operations", auth="metrics"),
+    Route("GET", "/v1/info", info, "info", "Version, devices and limits in force", "operations"),
+    Route("GET", "/v1/functions", list_functions, "listFunctions", "Every registered function", "functions"),
+    Route("GET", "/v1/functions/{name}", describe_function, "getFunction", "One function's description", "functions",
+          errors=("function_not_found",)),
+    Route("DELETE", "/v1/functions/{name}/quarantine", release_function, "releaseFunction",
+          "Release a quarantined function (operators)", "operations", errors=("function_not_found",)),
+    *[
+        Route("POST", f"/v1/functions/{{name}}/{kind}", derivative, kind, summary, "derivatives",
+              params={"kind": kind}, errors=_DERIVATIVE_ERRORS)
+        for kind, summary in _SUMMARIES.items()
+    ],
+]
+
+
+class Router:
+    """Dispatch by method and path from the table; 404 and 405 (with ``Allow``) as
+    problems. A trailing slash is a 404 like any unknown path: no redirect built from
+    the ``Host`` header."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = [(route, route.pattern) for route in routes]
+
+    def match(self, path: str) -> list[tuple[Route, dict[str, str]]]:
+        found = []
+        for route, pattern in self.routes:
+            m = pattern.match(path)
+            if m:
+                found.append((route, m.groupdict()))
+        return found
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        request = Request(scope, receive)
+        method = scope["method"]
+        try:
+            try:
+                matches = self.match(route_path(scope))
+                if not matches:
+                    raise NotFound(f"no route for {method} {_printable(route_path(scope))}")
+                for route, params in matches:
+                    if route.method == method or (method == "HEAD" and route.method == "GET"):
+                        response = await route.handler(request, **params, **route.params)
+                        break
+                else:
+                    allowed = sorted({r.method for r, _ in matches} | ({"HEAD"} if any(r.method == "GET" for r, _ in matches) else set()))
+                    raise MethodNotAllowed(f"{method} is not allowed here; allowed: {', '.join(allowed)}",
+                                           headers={"Allow": ", ".join(allowed)})
+            except ServiceError as exc:
+                scope["state"]["code"] = exc.code
+                response = problem_response(exc, _request_id(request))
+            except ClientDisconnect:
+                scope["state"]["code"] = "client_closed"
+                response = Response(status_code=499)  # nobody is listening
+            except MemoryError:
+                from .errors import OutOfMemory
+
+                scope["state"]["code"] = "out_of_memory"
+                response = problem_response(OutOfMemory("out of memory while handling the request"), _request_id(request))
+        except Exception:
+            import logging
+
+            logging.getLogger("jacobian_service").exception("unhandled error on %s %s", method, _printable(scope["path"]))
+            from .errors import InternalError
+
+            scope["state"]["code"] = "internal_error"
+            response = problem_response(InternalError("internal error; see the server log"), _request_id(request))
+        await response(scope, receive, send)
+
+
+def route_path(scope: dict[str, Any]) -> str:
+    """The path below ``root_path`` (a proxy's prefix), whichever way the server set it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """For messages and logs: control characters escaped, long text cut."""
+    cut = text[:limit] + ("..." if len(text) > limit else "")
+    return cut.encode("unicode_escape").decode("ascii") if not cut.isprintable() else cut

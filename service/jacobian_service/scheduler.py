@@ -1,127 +1,174 @@
-"""Queue, deadlines and the worker threads that own the devices.
+"""The queue in front of one device's engine: deadlines, request batching, streams.
 
-The event loop only enqueues jobs and awaits futures; each device has one thread that
-runs its :class:`~jacobian_service.engine.Engine` (torch.func is not thread-safe, and
-one owner per device keeps memory use predictable). A full queue answers 429 at once;
-a job still queued past its deadline is dropped with 504 without running.
+Torch-free: it drives an :class:`~jacobian_service.engine.Engine` it is handed, on the
+one thread that owns the device. Two drivers run it:
+
+- :class:`ThreadedWorker`, a thread beside the event loop (the in-process mode, used by
+  the fast tests and for debugging);
+- the engine process's socket loop (:mod:`jacobian_service.engine.process`).
+
+A job is settled exactly once through its ``settle`` callback, whatever the driver.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
+import itertools
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterator
 
-from .engine import Call, Engine
-from .errors import InternalError, Overloaded, ServiceError, Timeout
+from .errors import InternalError, Overloaded, ServiceError, Timeout, Unavailable
+from .types import Call, JobInfo
 
-__all__ = ["Batchable", "JobInfo", "Scheduler"]
+__all__ = ["Job", "StreamHead", "ThreadedWorker", "Worker"]
 
 log = logging.getLogger("jacobian_service.scheduler")
 
 # A stacked Jacobian's working set, in multiples of its results (basis, grads, copies).
 _BATCH_WORKSET_FACTOR = 4
 _REFILL_WAIT_MAX_S = 0.002
+_KINDS = frozenset({"jacobian", "jacobian_npy", "hessian", "evaluate", "vjp", "jvp", "hvp", "stream_next", "warmup"})
+
+Settle = Callable[[Any, "BaseException | None", JobInfo], None]
 
 
 @dataclass
-class _KeyStats:
-    """The last run of one batch key: result size per request, batch size, compute time."""
+class StreamHead:
+    """The answer to a ``jacobian_npy`` job whose result is streamed: ask for its rows
+    with ``stream_next`` jobs naming ``stream_id``, one chunk each, until ``None``."""
 
-    result_bytes: int = 0
-    batch_size: int = 1
-    compute_s: float = 0.0
-
-
-@dataclass
-class JobInfo:
-    """How a job ran: where, in how large a batch, and how long it queued and computed."""
-
-    engine: Engine | None = None
-    batch_size: int = 1
-    queue_s: float = 0.0
-    compute_s: float = 0.0
+    stream_id: int
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_size: int
+    nbytes: int
+    engine: int = 0  # which engine holds it (set by the engine client)
 
 
-@dataclass(frozen=True)
-class Batchable:
-    """Marks a job that may be stacked with others of the same ``key`` into one call."""
-
-    key: Hashable
+@dataclass(eq=False)  # identity: deque.remove must find this job, not an equal one
+class Job:
     kind: str
-    call: Call
-
-
-@dataclass
-class _Job:
-    fn: Callable[[Engine], Any]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    call: Call | None
+    settle: Settle
     deadline: float
-    batch: Batchable | None = None
+    stream_id: int | None = None
+    tag: str = ""  # the caller's name for it (the supervisor reports culprits by tag)
     enqueued: float = field(default_factory=time.monotonic)
     info: JobInfo = field(default_factory=JobInfo)
+    key: Hashable | None = None
+    done: bool = False  # settled, or its caller has gone
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            self.settle(result, error, self.info)
+        except Exception:  # the caller's side is gone (a closed loop or socket)
+            log.debug("could not settle a job", exc_info=True)
 
 
-class _Worker:
-    """One thread, one engine, one FIFO; stacks batchable jobs that share a key."""
+class Worker:
+    """One engine, one FIFO; stacks batchable jobs that share a key. Not thread-safe:
+    a driver calls ``submit``, ``take`` and ``run`` from one thread (or under a lock)."""
 
-    def __init__(self, engine: Engine, index: int, max_batch: int, batch_wait_s: float, on_batch: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        max_queue: int,
+        max_batch: int = 1,
+        batch_wait_s: float = 0.0,
+        stream_threshold: int = 8 << 20,
+        stream_idle_s: float = 60.0,
+        on_batch: Callable[[int], None] = lambda size: None,
+        on_run: Callable[[list[Job]], None] = lambda jobs: None,
+        cancelled_for: Callable[[Job], Callable[[], bool]] = lambda job: (lambda: job.done),
+    ) -> None:
         self.engine = engine
+        self.max_queue = max_queue
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
+        self.stream_threshold = stream_threshold
+        self.stream_idle_s = stream_idle_s
         self.on_batch = on_batch
-        self.jobs: collections.deque[_Job] = collections.deque()
-        self.cond = threading.Condition()
-        self.stopping = False
+        self.on_run = on_run
+        self.cancelled_for = cancelled_for  # how a running job learns its caller has gone
+        self.jobs: collections.deque[Job] = collections.deque()
         self.running = 0
-        self.stats: dict[Hashable, _KeyStats] = {}  # the last run of each batch key
-        self.thread = threading.Thread(target=self._loop, name=f"jacobian-worker-{index}", daemon=True)
+        self.device = str(engine.device)
+        self._streams: dict[int, tuple[Iterator[Any], float, Call]] = {}  # id -> (chunks, last used, call)
+        self._stream_ids = itertools.count(1)
+        self._closing: list[int] = []  # appended from any thread (list.append is atomic)
+
+    # ----------------------------------------------------------------- queue
 
     def depth(self) -> int:
-        return len(self.jobs) + self.running
+        """Jobs waiting or running; jobs whose callers have gone do not count."""
+        return sum(1 for job in self.jobs if not job.done) + self.running
 
-    def put(self, job: _Job) -> None:
-        with self.cond:
-            self.jobs.append(job)
-            self.cond.notify()
+    def submit(self, job: Job) -> None:
+        """Queue a job, or refuse it at once (429) when the queue is full. The chunks
+        of a stream already under way skip the bound: refusing them would waste the
+        rows already sent."""
+        if job.kind not in _KINDS:
+            raise InternalError(f"unknown job kind {job.kind!r}")
+        if job.kind != "stream_next":
+            while self.jobs and self.jobs[0].done:
+                self.jobs.popleft()
+            depth = self.depth()
+            if depth >= self.max_queue:
+                raise Overloaded(
+                    f"the queue holds {depth} requests (limit {self.max_queue}); retry shortly",
+                    headers={"Retry-After": "1"},
+                )
+        job.key = self._batch_key(job)
+        self.jobs.append(job)
 
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self.cond.notify()
+    def _batch_key(self, job: Job) -> Hashable | None:
+        """Requests that may share one vmap: same function, options and per-example shapes."""
+        call, kind = job.call, job.kind
+        if call is None or call.batched or call.rows is not None or self.max_batch <= 1:
+            return None
+        if kind == "jacobian_npy":  # batchable only once earlier calls showed it is small
+            rows = self.engine.profiles[call.spec.name].output_rows.get(call.signature())
+            if rows is None or call.mode == "fwd" or rows * call.row_nbytes() > self.stream_threshold:
+                return None
+            kind = "jacobian"
+        if kind not in ("jacobian", "evaluate", "hessian"):
+            return None
+        return (kind, call.signature(), call.chunk_size, call.mode, call.return_output)
 
-    def _loop(self) -> None:
-        while True:
-            with self.cond:
-                while not self.jobs and not self.stopping:
-                    self.cond.wait()
-                if not self.jobs:
-                    return
-                group = self._take(self.jobs.popleft())
-                self.running = len(group)
-            try:
-                self._run_group(group)
-            finally:
-                self.running = 0
+    def has_work(self) -> bool:
+        while self.jobs and self.jobs[0].done:
+            self.jobs.popleft()
+        return bool(self.jobs)
 
-    def _take(self, first: _Job) -> list[_Job]:
-        """``first`` and the queued jobs it can be stacked with (called holding the lock).
+    def take(self, wait: Callable[[float], None]) -> list[Job]:
+        """The first live job and the queued jobs it can be stacked with.
 
-        What accumulated while the worker was busy is taken at once (Triton's default);
-        ``batch_wait_s`` optionally waits longer for batch-mates. Clients in a closed loop
-        come back together, a few at a time: when the last batch of this key was larger
-        than what is queued now, the worker waits a moment (at most half that batch's
-        compute time, and 2 ms) for it to refill. A lone client (last batch 1) never waits.
+        What accumulated while the engine was busy is taken at once (Triton's default);
+        ``batch_wait_s`` optionally waits longer for batch-mates. Clients in a closed
+        loop come back together, a few at a time: when the last batch of this key was
+        larger than what is queued now, the worker waits a moment (at most half that
+        batch's compute time, and 2 ms) for it to refill; a lone client never waits.
+        ``wait(seconds)`` lets the driver take in new jobs meanwhile.
+
+        A key seen for the first time runs alone: its result size is unknown, and the
+        memory budget bounds a batch by it.
         """
+        if not self.has_work():
+            return []
+        first = self.jobs.popleft()
         group = [first]
-        if first.batch is None or self.max_batch <= 1 or not self.engine.can_batch(first.batch.call.spec):
+        if first.key is None or not self.engine.can_batch(first.call.spec.name):  # type: ignore[union-attr]
             return group
-        stats = self.stats.get(first.batch.key) or _KeyStats()
+        stats = self.engine.profiles[first.call.spec.name].batches.get(first.key)  # type: ignore[union-attr]
+        if stats is None:
+            return group
         limit = self.max_batch
         if stats.result_bytes:  # the batch's working set stays inside the memory budget
             limit = max(1, min(limit, self.engine.memory_budget // (_BATCH_WORKSET_FACTOR * stats.result_bytes)))
@@ -132,150 +179,195 @@ class _Worker:
             for job in list(self.jobs):
                 if len(group) >= limit:
                     break
-                if job.batch is not None and job.batch.key == first.batch.key:
+                if job.key == first.key and not job.done:
                     self.jobs.remove(job)
                     group.append(job)
             waited = time.monotonic() - start
-            if len(group) >= limit or self.stopping:
+            if len(group) >= limit:
                 return group
             if waited >= self.batch_wait_s and (len(group) >= target or waited >= refill_s):
                 return group
-            self.cond.wait(max(self.batch_wait_s, refill_s) - waited)
+            wait(max(self.batch_wait_s, refill_s) - waited)
 
-    def _remember(self, job: _Job, result: Any, batch_size: int, compute_s: float) -> None:
-        if job.batch is None:  # batchable jobs answer an engine Result
-            return
-        if len(self.stats) > 4096:  # bounded, whatever shapes clients send
-            self.stats.clear()
-        self.stats[job.batch.key] = _KeyStats(result.nbytes(), batch_size, compute_s)
+    # ----------------------------------------------------------------- running
 
-    def _run_group(self, group: list[_Job]) -> None:
+    def run(self, group: list[Job]) -> None:
+        """Run a group taken by :meth:`take`; every job in it is settled."""
         start = time.monotonic()
         live = []
         for job in group:
-            if job.future.done():  # the caller gave up while the job was queued
+            if job.done:  # the caller gave up while the job was queued
                 continue
             job.info.queue_s = start - job.enqueued
+            job.info.device = self.device
             if start > job.deadline:
-                _resolve(job, error=Timeout("the request waited in the queue past its deadline"))
+                job.finish(error=Timeout("the request waited in the queue past its deadline"))
             else:
                 live.append(job)
-        if len(live) > 1:
-            try:
-                results = self.engine.run_batch(live[0].batch.kind, [j.batch.call for j in live])  # type: ignore[union-attr]
-            except Exception as exc:  # one bad request must not fail its batch-mates
-                log.info("batch of %d failed (%s); running each alone", len(live), type(exc).__name__)
-                if all([self._run(job) for job in live]):  # all fine alone: vmap was the problem
-                    self.engine.mark_unbatchable(live[0].batch.call.spec.name, exc)  # type: ignore[union-attr]
-                return
-            elapsed = time.monotonic() - start
-            self.on_batch(len(live))
-            for job, result in zip(live, results):
-                job.info.engine, job.info.batch_size, job.info.compute_s = self.engine, len(live), elapsed
-                self._remember(job, result, len(live), elapsed)
-                _resolve(job, result)
+        if not live:
             return
-        for job in live:
-            self._run(job)
+        self.running = len(live)
+        self.on_run(live)
+        try:
+            if len(live) > 1:
+                self._run_batch(live, start)
+            else:
+                self._run_alone(live[0])
+        finally:
+            self.running = 0
+            self._close_idle_streams()
 
-    def _run(self, job: _Job) -> bool:
-        """Run one job alone; whether it succeeded."""
-        if job.future.done():
+    def _run_batch(self, live: list[Job], start: float) -> None:
+        kind = live[0].key[0]  # type: ignore[index]
+        try:
+            results = self.engine.run_batch(kind, [j.call for j in live])
+        except BaseException as exc:  # one bad request must not fail its batch-mates
+            log.info("batch of %d failed (%s); running each alone", len(live), type(exc).__name__)
+            alone_ok = [self._run_alone(job) for job in live]
+            from .engine.batched import deterministic_failure  # only reached with an engine
+
+            if all(alone_ok) and deterministic_failure(exc):  # all fine alone: vmap is the problem
+                self.engine.mark_unbatchable(live[0].call.spec.name, exc)  # type: ignore[union-attr]
+            return
+        elapsed = time.monotonic() - start
+        self.on_batch(len(live))
+        for job, result in zip(live, results):
+            job.info.batch_size, job.info.compute_s = len(live), elapsed
+            self._remember(job, result, len(live), elapsed)
+            job.finish(result)
+
+    def _run_alone(self, job: Job) -> bool:
+        """Run one job; whether it succeeded. Every failure settles the job: a function
+        that raises BaseException (SystemExit, KeyboardInterrupt) fails its request,
+        never the worker."""
+        if job.done:
             return True
         start = time.monotonic()
-        if job.batch is not None:
+        if job.key is not None:
             self.on_batch(1)
         result: Any = None
         error: BaseException | None = None
         try:
-            result = job.fn(self.engine)
+            result = self._execute(job)
         except ServiceError as exc:
             error = exc
-        except BaseException as exc:  # a bug of ours: keep the worker alive
+        except BaseException as exc:  # not raised by a function (the engine maps those): ours
             log.exception("job failed unexpectedly")
             error = InternalError(f"internal error ({type(exc).__name__})")
-        job.info.engine, job.info.compute_s = self.engine, time.monotonic() - start
+        job.info.compute_s = time.monotonic() - start
         if error is None:
             self._remember(job, result, 1, job.info.compute_s)
-        _resolve(job, result, error)
+        elif job.stream_id is not None:
+            self._streams.pop(job.stream_id, None)
+        job.finish(result, error)
         return error is None
 
+    def _execute(self, job: Job) -> Any:
+        if job.kind == "stream_next":
+            return self._next_chunk(job)
+        call = job.call
+        assert call is not None
+        call.deadline = job.deadline
+        call.cancelled = self.cancelled_for(job)
+        if job.kind == "warmup":
+            return self.engine.jacobian(call)
+        if job.kind == "jacobian_npy":
+            out = self.engine.jacobian_npy(call, self.stream_threshold)
+            if hasattr(out, "chunks"):  # Streamed: keep the rows for stream_next jobs
+                sid = next(self._stream_ids)
+                self._streams[sid] = (out.chunks, time.monotonic(), call)
+                nbytes = out.dtype.itemsize * _prod(out.shape)
+                return StreamHead(sid, tuple(out.shape), out.dtype.str, out.chunk_size, nbytes)
+            return out
+        return getattr(self.engine, job.kind)(call)
 
-def _resolve(job: _Job, result: Any = None, error: BaseException | None = None) -> None:
-    def settle() -> None:
-        if job.future.done():
-            return
-        if error is not None:
-            job.future.set_exception(error)
+    def _next_chunk(self, job: Job) -> Any:
+        entry = self._streams.get(job.stream_id)  # type: ignore[arg-type]
+        if entry is None:
+            raise Timeout("the stream was closed (its deadline passed or its caller left)")
+        chunks, _, call = entry
+        # A stream that keeps making progress is not timed out: each chunk gets its own
+        # deadline, checked between chunks by the row loop, and its own caller.
+        call.deadline = job.deadline
+        call.cancelled = self.cancelled_for(job)
+        arr = next(chunks, None)
+        if arr is None:
+            self._streams.pop(job.stream_id, None)  # type: ignore[arg-type]
         else:
-            job.future.set_result(result)
+            self._streams[job.stream_id] = (chunks, time.monotonic(), call)  # type: ignore[index]
+        return arr
 
-    try:
-        job.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed: nobody is waiting any more
-        pass
+    def close_stream(self, stream_id: int) -> None:
+        """Drop a stream whose caller has gone. Only marked here: the generator may be
+        running on the engine's thread right now; it is closed between jobs."""
+        self._closing.append(stream_id)
+
+    def _close_idle_streams(self) -> None:
+        now = time.monotonic()
+        while self._closing:
+            entry = self._streams.pop(self._closing.pop(), None)
+            if entry is not None:
+                getattr(entry[0], "close", lambda: None)()
+        for sid, (chunks, used, _) in list(self._streams.items()):
+            if now - used > self.stream_idle_s:
+                del self._streams[sid]
+                getattr(chunks, "close", lambda: None)()
+
+    def _remember(self, job: Job, result: Any, batch_size: int, compute_s: float) -> None:
+        if job.key is None or not hasattr(result, "nbytes"):
+            return
+        from .engine.profile import BatchStats  # only reached with an engine
+
+        self.engine.profiles[job.call.spec.name].batches[job.key] = BatchStats(result.nbytes(), batch_size, compute_s)  # type: ignore[union-attr]
 
 
-class Scheduler:
-    """Dispatches jobs to the least-loaded device worker."""
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
-    def __init__(
-        self,
-        engines: Sequence[Engine],
-        max_queue: int,
-        max_batch: int = 1,
-        batch_wait_s: float = 0.0,
-        on_batch: Callable[[int], None] = lambda size: None,
-    ) -> None:
-        self.workers = [_Worker(engine, i, max_batch, batch_wait_s, on_batch) for i, engine in enumerate(engines)]
-        self.max_queue = max_queue
 
-    @property
-    def engines(self) -> list[Engine]:
-        return [w.engine for w in self.workers]
+class ThreadedWorker:
+    """A :class:`Worker` driven by its own thread (the in-process mode)."""
 
-    def depth(self) -> int:
-        return sum(w.depth() for w in self.workers)
+    def __init__(self, worker: Worker, name: str) -> None:
+        self.worker = worker
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
-        for worker in self.workers:
-            worker.thread.start()
+        self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            self.worker.submit(job)
+            self.cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        job.done = True  # a queued job is skipped; a running one stops at its next chunk
+
+    def close_stream(self, stream_id: int) -> None:
+        self.worker.close_stream(stream_id)
 
     def stop(self, timeout: float = 5.0) -> None:
-        for worker in self.workers:
-            worker.stop()
-        for worker in self.workers:
-            worker.thread.join(timeout)
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout)
 
-    async def run(
-        self,
-        fn: Callable[[Engine], Any],
-        *,
-        deadline: float,
-        admitted: bool = False,
-        worker: int | None = None,
-        batch: Batchable | None = None,
-    ) -> tuple[Any, JobInfo]:
-        """Run ``fn(engine)`` on a worker thread; ``admitted`` jobs (the later chunks of a
-        stream already under way) skip the queue bound, and ``worker`` pins the device."""
-        if not admitted and self.depth() >= self.max_queue:
-            raise Overloaded(
-                f"the queue holds {self.depth()} requests (limit {self.max_queue}); retry shortly",
-                headers={"Retry-After": "1"},
-            )
-        target = self.workers[worker] if worker is not None else min(self.workers, key=_Worker.depth)
-        loop = asyncio.get_running_loop()
-        job = _Job(fn, loop, loop.create_future(), deadline, batch)
-        target.put(job)
-        remaining = deadline - time.monotonic()
-        try:
-            # The worker enforces the deadline between chunks; a chunk in progress cannot be
-            # interrupted, so the caller is answered 504 at the deadline regardless and the
-            # late result is dropped. Leaving (timeout, or the client gone) cancels the
-            # future, so a job still queued is skipped.
-            async with asyncio.timeout(max(remaining, 0)):
-                result = await job.future
-        except TimeoutError:
-            raise Timeout("the request ran past its deadline") from None
-        return result, job.info
-
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.worker.has_work() and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    for job in self.worker.jobs:
+                        job.finish(error=Unavailable("the engine is stopping", headers={"Retry-After": "1"}))
+                    return
+                group = self.worker.take(lambda seconds: self.cond.wait(max(seconds, 0)))
+            self.worker.run(group)

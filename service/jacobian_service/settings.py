@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -18,13 +19,31 @@ def _split(value: str) -> tuple[str, ...]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="JACOBIAN_SERVICE_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="JACOBIAN_SERVICE_", frozen=True, extra="ignore", env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     # Comma-separated import paths; empty serves the built-in examples.
     functions: str = ""
     device: str = "auto"
+
+    # Processes: HTTP front ends in front of one engine process per device. Unset:
+    # the core count, at most 4 (each front end is one core's worth of HTTP work; the
+    # engines need cores too). `serve --in-process` runs one process with an engine thread.
+    workers: int | None = Field(None, ge=1, le=64)
+    # Supervision: a job running past its deadline plus hang_grace_s, or an idle engine
+    # silent for engine_heartbeat_s, gets its engine killed and restarted. A function
+    # that takes its engine down quarantine_after times within quarantine_window_s is
+    # refused for quarantine_cooldown_s (or until released).
+    hang_grace_s: float = Field(5.0, ge=0)
+    engine_heartbeat_s: float = Field(10.0, gt=0)
+    quarantine_after: int = Field(3, ge=1)
+    quarantine_window_s: float = Field(600.0, gt=0)
+    quarantine_cooldown_s: float = Field(600.0, ge=0)
+    # An address-space cap per engine process (bytes); unset: none.
+    engine_memory_limit_bytes: int | None = Field(None, ge=1 << 26)
+    # Serving under a path prefix behind a proxy (ASGI root_path).
+    root_path: str = ""
 
     # Scheduler
     max_batch_size: int = Field(32, ge=1)
@@ -54,6 +73,8 @@ class Settings(BaseSettings):
     # One key a line (blank lines and # comments skipped); adds to api_keys.
     api_keys_file: Path | None = None
     metrics_auth: bool = False
+    # /docs, /redoc and /openapi.json list every function: behind the key by default.
+    docs_auth: bool = True
     log_format: Literal["json", "text"] = "text"
     warmup: bool = True
     # On SIGTERM: /readyz answers 503 at once; after drain_delay_s the server stops
@@ -73,13 +94,23 @@ class Settings(BaseSettings):
         return _split(self.functions)
 
     def load_api_keys(self) -> tuple[str, ...]:
+        """The keys in force. Fails closed: a keys file that exists but holds no key is
+        an error, never "auth off"."""
         keys = list(_split(self.api_keys))
         if self.api_keys_file is not None:
-            for line in self.api_keys_file.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    keys.append(line)
+            from_file = [
+                line.strip()
+                for line in self.api_keys_file.read_text().splitlines()
+                if line.strip() and not line.strip().startswith("#")
+            ]
+            if not from_file:
+                raise ValueError(f"API_KEYS_FILE {self.api_keys_file} holds no keys; refusing to start without auth")
+            keys.extend(from_file)
         return tuple(keys)
+
+    @property
+    def front_end_count(self) -> int:
+        return self.workers or max(1, min(4, os.cpu_count() or 1))
 
     @property
     def wire_limits(self) -> Limits:

@@ -1,15 +1,13 @@
-"""What the lifespan owns, reached from a request as ``request.app.state.service``."""
+"""What the app's lifespan owns, reached from a request as ``scope["service"]``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from .metrics import Metrics
 from .registry import Registry
-from .scheduler import Scheduler
+from .responses import EncodeBudget
 from .settings import Settings
 
 __all__ = ["ServiceState"]
@@ -18,13 +16,13 @@ __all__ = ["ServiceState"]
 @dataclass
 class ServiceState:
     settings: Settings
-    registry: Registry
-    scheduler: Scheduler
+    engines: Any  # InProcessEngines | RemoteEngines: the same calls
     metrics: Metrics
-    devices: list[torch.device]
+    encode_budget: EncodeBudget
     api_keys: tuple[str, ...] = ()
-    ready: bool = False
+    front_ends: int = 1
     draining: bool = False
-    # Output rows seen per (function, argnums, shapes, dtypes): lets small .npy
-    # Jacobians skip the streaming path (and so join request batches).
-    output_rows: dict[tuple[Any, ...], int] = field(default_factory=dict)
+
+    @property
+    def registry(self) -> Registry:
+        return self.engines.registry

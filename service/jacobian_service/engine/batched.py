@@ -1,0 +1,143 @@
+"""Per-example results: ``vmap(jacrev(f))`` (or hessian, or f) over a leading batch dim.
+
+Serves both ``batched=true`` requests and request batching, where the scheduler stacks
+equal requests into one batched call and splits the result back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
+from ..types import Call, Result
+from .calling import AuxBox, function_error, is_oom, partial
+from .hessian import hessian_fn
+
+if TYPE_CHECKING:
+    from .core import Engine
+
+__all__ = ["batched", "over_examples", "run_batch"]
+
+log = logging.getLogger("jacobian_service.engine")
+
+
+def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) -> Result:
+    """``vmap(jacrev(f))`` (or hessian) over the leading dim of every input."""
+    args = engine.tensors(call)
+    batch = args[0].shape[0] if args else 0
+    box = AuxBox(call.spec)
+    argnums: int | tuple[int, ...] = tuple(range(len(call.argnums))) if call.as_tuple else 0
+
+    def per_example(*example: torch.Tensor) -> Any:
+        g = partial(box, example, call.argnums)
+        primals = [example[i] for i in call.argnums]
+        if kind == "hessian":
+            return hessian_fn(engine, call, g, argnums, primals, call.signature(batched=True))(*primals)
+        if call.mode == "fwd":  # jacfwd takes no chunk_size
+            return torch.func.jacfwd(g, argnums=argnums, has_aux=True)(*primals)
+        return torch.func.jacrev(g, argnums=argnums, has_aux=True, chunk_size=call.chunk_size)(*primals)
+
+    # Size check from one example's forward pass, before any derivative.
+    first = engine.guard(lambda: box(*[a[0] for a in args])[0]) if batch else None
+    if first is not None:
+        out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(first))
+        in_numel = sum(args[i][0].numel() for i in call.argnums)
+        width = in_numel if kind == "jacobian" else in_numel * in_numel
+        engine.check_result_size(call, batch * out_numel * width * engine.wire_itemsize(args[call.argnums[0]].dtype))
+    value, aux = over_examples(engine, call, box, per_example, args, allow_loop)
+    output = engine.evaluate(call).value if call.return_output else None
+    return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, call.chunk_size, call.mode)
+
+
+def over_examples(
+    engine: "Engine", call: Call, box: AuxBox, fn: Callable[..., Any], args: list[torch.Tensor], allow_loop: bool
+) -> tuple[Any, Any]:
+    """``vmap(fn)`` over the leading dim of ``args`` -> ``(value, aux)``; when vmap
+    cannot run the function, a loop over examples (unless ``allow_loop`` is False:
+    request batching then runs each request alone)."""
+    batch = args[0].shape[0] if args else 0
+    if batch == 0:
+        raise InvalidInput("batched inputs need a leading batch dimension of at least 1")
+    profile = engine.profiles[call.spec.name]
+    vmap_error: BaseException | None = None
+    if profile.vmap_function:
+        try:
+            value, aux_t = torch.func.vmap(fn)(*args)
+            return value, box.restore(aux_t)
+        except BaseException as exc:
+            if is_oom(exc):
+                raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
+            if isinstance(exc, (ServiceError, KeyboardInterrupt, SystemExit)) or not isinstance(exc, Exception):
+                raise function_error(exc) from None
+            vmap_error = exc
+    if not allow_loop:
+        raise function_error(vmap_error) if vmap_error else FunctionError(f"{call.spec.name} cannot be batched with vmap")
+    per: list[tuple[Any, Any]] = []
+    for b in range(batch):
+        call.check_alive()
+        value_b, aux_t = engine.guard(lambda: fn(*[a[b] for a in args]))
+        per.append((value_b, box.restore(aux_t)))
+    if vmap_error is not None:  # every example works alone: vmap itself is what fails
+        engine.mark_unbatchable(call.spec.name, vmap_error)
+    value = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
+    return value, _stack_aux([p[1] for p in per])
+
+
+def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result]:
+    """Several requests with equal options and shapes as one ``vmap`` call, split back.
+
+    Raises when the stacked call fails for any reason; the scheduler then runs each
+    request alone, so one bad request cannot fail its batch-mates.
+    """
+    first = calls[0]
+    stacked = replace(
+        first,
+        args=[np.stack([c.args[i] for c in calls]) for i in range(len(first.args))],
+        batched=True,
+        deadline=min(c.deadline for c in calls),
+        max_result_bytes=None if first.max_result_bytes is None else first.max_result_bytes * len(calls),
+        cancelled=lambda: all(c.cancelled() for c in calls),
+    )
+    if kind == "evaluate":
+        result = engine.evaluate(stacked, allow_loop=False)
+    else:
+        result = batched(engine, stacked, kind, allow_loop=False)
+    return [
+        Result(
+            value=_take(result.value, i),
+            aux=_take(result.aux, i),
+            has_aux=result.has_aux,
+            output=_take(result.output, i) if c.return_output else None,
+            chunk_size=result.chunk_size,
+            mode=result.mode,
+        )
+        for i, c in enumerate(calls)
+    ]
+
+
+def deterministic_failure(exc: BaseException) -> bool:
+    """Whether a stacked batch's failure says vmap cannot run the function, rather than
+    something passing (memory, a deadline, a cancelled caller)."""
+    return not isinstance(exc, (OutOfMemory, Timeout, MemoryError)) and not is_oom(exc)
+
+
+def _take(tree: Any, i: int) -> Any:
+    """Example ``i`` of a batched numpy tree; non-array leaves were computed once for all."""
+    # leaf[i, ...] keeps a 0-d result an array (leaf[i] would be a numpy scalar)
+    return pytree.tree_map(lambda leaf: leaf[i, ...] if isinstance(leaf, np.ndarray) else leaf, tree)
+
+
+def _stack_aux(auxes: list[Any]) -> Any:
+    """Per-example aux -> one tree: tensors stacked, other values listed."""
+    if not auxes or auxes[0] is None:
+        return None
+    leaves0, spec = pytree.tree_flatten(auxes[0])
+    columns = zip(*[pytree.tree_flatten(a)[0] for a in auxes])
+    stacked = [torch.stack(col) if isinstance(col[0], torch.Tensor) else list(col) for col in columns]
+    return pytree.tree_unflatten(stacked, spec) if leaves0 else auxes[0]

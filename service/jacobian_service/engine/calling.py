@@ -1,0 +1,131 @@
+"""Calling a registered function under torch.func: aux handling, fixed inputs, failures.
+
+Everything that touches the user's function directly lives here, so the rules about
+what a function may return, and how its failures are named, are in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import FunctionError, OutOfMemory, ServiceError
+from ..registry import FunctionSpec
+
+__all__ = ["AuxBox", "function_error", "is_oom", "partial"]
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def function_error(exc: BaseException) -> ServiceError:
+    """A failure inside the user's function (or a transform of it) as a problem.
+
+    ``BaseException`` on purpose: a function that raises ``SystemExit`` or
+    ``KeyboardInterrupt`` has failed its request, not the engine."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if is_oom(exc):
+        return OutOfMemory(f"out of memory: {type(exc).__name__}")
+    text = str(exc).strip()
+    message = text.splitlines()[0] if text else ""
+    return FunctionError(f"{type(exc).__name__}: {message}"[:2000])
+
+
+def _check_aux_leaf(leaf: Any) -> None:
+    """Aux travels as JSON (or arrays): refuse what cannot, naming the function's fault."""
+    if leaf is None or isinstance(leaf, (bool, str, torch.Tensor)):
+        return
+    if isinstance(leaf, int):
+        if not _INT64[0] <= leaf <= _INT64[1]:
+            raise FunctionError(f"aux holds an integer outside 64 bits ({str(leaf)[:40]}...)")
+        return
+    if isinstance(leaf, float):
+        return
+    raise FunctionError(
+        f"aux holds a {type(leaf).__name__}; aux may hold tensors, numbers, strings, None, lists and dicts"
+    )
+
+
+def _check_aux(aux: Any) -> None:
+    stack = [aux]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise FunctionError(f"aux dict keys must be strings, got {type(key).__name__}")
+                stack.append(value)
+        else:
+            _check_aux_leaf(node)
+
+
+def _check_output(out: Any) -> None:
+    leaves, _ = pytree.tree_flatten(out)
+    if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        raise FunctionError(f"the function returned {type(out).__name__}; expected a tensor or a tuple/dict of tensors")
+
+
+class AuxBox:
+    """Wraps a function so that only tensors cross torch.func transforms.
+
+    jacrev/vjp refuse non-tensor aux ("Expected tensors, got unsupported type"), so the
+    non-tensor leaves of aux are kept here, beside the call, and put back afterwards.
+    """
+
+    def __init__(self, spec: FunctionSpec) -> None:
+        self.spec = spec
+        self.leaves: list[Any] = []
+        self.treespec: Any = None
+
+    def __call__(self, *args: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        result = self.spec.fn(*args)
+        if not self.spec.has_aux:
+            _check_output(result)
+            return result, ()
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise FunctionError(f"{self.spec.name} has has_aux=True but did not return (output, aux)")
+        out, aux = result
+        _check_output(out)
+        _check_aux(aux)
+        self.leaves, self.treespec = pytree.tree_flatten(aux)
+        return out, tuple(leaf for leaf in self.leaves if isinstance(leaf, torch.Tensor))
+
+    def restore(self, tensors: Sequence[torch.Tensor]) -> Any:
+        if not self.spec.has_aux:
+            return None
+        it = iter(tensors)
+        leaves = [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
+        return pytree.tree_unflatten(leaves, self.treespec)
+
+
+def partial(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...]) -> Callable[..., Any]:
+    """``fn`` as a function of the differentiated inputs only, the others held fixed.
+
+    The fixed inputs are cloned inside the transform, on every call: jacrev passes every
+    input through its transform, so a function may write into the ones it does not
+    differentiate (``y.copy_(x)``); a clone made inside the transform is writable there
+    (a captured tensor is not), and the write can never reach the request's own arrays,
+    which a stacked batch shares with other requests.
+    """
+    fixed = [i for i in range(len(args)) if i not in argnums]
+
+    def selected(*diff: torch.Tensor) -> Any:
+        full = list(args)
+        for i in fixed:
+            full[i] = args[i].clone()
+        for i, value in zip(argnums, diff):
+            full[i] = value
+        return fn(*full)
+
+    return selected
+

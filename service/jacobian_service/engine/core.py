@@ -1,0 +1,415 @@
+"""The derivative engine for one device: torch only, no HTTP, no threads of its own.
+
+Everything here runs on the one thread that owns the device: forward-mode AD keeps
+global state and is not thread-safe (see DESIGN "Pitfalls").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import InvalidInput, OutOfMemory, ResultTooLarge
+from ..types import Call, Result, tree_leaves
+from . import batched as _batched
+from . import hessian as _hessian
+from .calling import AuxBox, function_error, is_oom, partial
+from .profile import Profiles
+from .rows import RowStream
+
+__all__ = ["Engine", "Streamed", "host_dtype", "to_numpy"]
+
+log = logging.getLogger("jacobian_service.engine")
+
+TORCH_DTYPES = {
+    "bool": torch.bool,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+def to_numpy(tree: Any) -> Any:
+    """Tensors -> numpy on the host (bfloat16 as float32); other leaves unchanged."""
+
+    def convert(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            leaf = leaf.detach()
+            if leaf.dtype == torch.bfloat16:
+                leaf = leaf.float()
+            return leaf.cpu().numpy()
+        return leaf
+
+    return pytree.tree_map(convert, tree)
+
+
+def host_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype a tensor of ``dtype`` reaches the host (and the wire) in."""
+    return np.dtype("float32") if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+
+
+@dataclass
+class Streamed:
+    """A Jacobian too large to gather: its ``.npy`` shape and dtype, known from the
+    forward pass, and its rows as host arrays, one chunk per ``next()``."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk_size: int
+    chunks: Iterator[np.ndarray]
+
+
+class Engine:
+    """Computes derivatives on one device. Not thread-safe: one thread owns it."""
+
+    def __init__(self, device: torch.device, memory_budget: int) -> None:
+        self.device = device
+        self.memory_budget = memory_budget
+        self.profiles = Profiles()
+
+    # ----------------------------------------------------------------- device helpers
+
+    def host(self, tree: Any) -> Any:
+        """Results to numpy on the host. On CUDA the copies go through pinned memory,
+        non-blocking, with one synchronisation for the whole tree."""
+        if self.device.type != "cuda":
+            return to_numpy(tree)
+
+        def stage(leaf: Any) -> Any:
+            if not isinstance(leaf, torch.Tensor):
+                return leaf
+            leaf = leaf.detach()
+            dtype = torch.float32 if leaf.dtype == torch.bfloat16 else leaf.dtype
+            pinned = torch.empty(leaf.shape, dtype=dtype, pin_memory=True)  # cached by torch's host allocator
+            return pinned.copy_(leaf, non_blocking=True)
+
+        staged = pytree.tree_map(stage, tree)
+        torch.cuda.current_stream(self.device).synchronize()
+        return to_numpy(staged)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def tensors(self, call: Call) -> list[torch.Tensor]:
+        out = []
+        cuda = self.device.type == "cuda"
+        for arr, dtype in zip(call.args, call.dtypes):
+            t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+            if cuda:  # a pinned staging copy lets the upload run asynchronously
+                t = t.pin_memory()
+            out.append(t.to(device=self.device, dtype=TORCH_DTYPES[dtype], non_blocking=cuda))
+        return out
+
+    @staticmethod
+    def wire_itemsize(dtype: torch.dtype) -> int:
+        return 4 if dtype == torch.bfloat16 else dtype.itemsize
+
+    def guard(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except BaseException as exc:
+            raise function_error(exc) from None
+
+    @staticmethod
+    def check_result_size(call: Call, nbytes: int) -> None:
+        if call.max_result_bytes is not None and nbytes > call.max_result_bytes:
+            raise ResultTooLarge(
+                f"the result would take {nbytes} bytes; the limit is {call.max_result_bytes}. "
+                "Ask for application/x-npy (streamed), fewer rows or vectors, or a smaller input."
+            )
+
+    def mark_unbatchable(self, name: str, why: BaseException | None = None) -> None:
+        """Remember that ``vmap`` cannot run ``name`` (learned once the same inputs ran
+        one by one), so batched requests loop and request batching leaves it alone."""
+        profile = self.profiles[name]
+        if profile.vmap_function:
+            log.info("vmap cannot batch %s (%s); looping over examples from now on", name, type(why).__name__ if why else "?")
+            profile.vmap_function = False
+
+    def can_batch(self, name: str) -> bool:
+        return self.profiles[name].vmap_function
+
+    # ----------------------------------------------------------------- jacobian
+
+    def row_stream(self, call: Call) -> RowStream:
+        if call.batched:
+            raise InvalidInput("batched Jacobians are not streamed")
+        stream = RowStream(self, call, self.tensors(call))
+        if call.rows is not None:
+            start, stop = call.rows
+            if len(stream.leaves) != 1:
+                raise InvalidInput("rows applies to functions with a single output")
+            if not 0 <= start <= stop <= stream.total_rows:
+                raise InvalidInput(f"rows [{start}, {stop}] is out of range for {stream.total_rows} output rows")
+        self.profiles[call.spec.name].output_rows[call.signature()] = stream.total_rows
+        return stream
+
+    def jacobian(self, call: Call, stream: RowStream | None = None) -> Result:
+        """The whole Jacobian, gathered; ``stream`` reuses a forward pass already made."""
+        if call.batched:
+            return _batched.batched(self, call, "jacobian")
+        if stream is None and call.rows is None and call.mode != "rev":
+            forward = self._forward_jacobian(call)  # never runs the reverse pass
+            if forward is not None:
+                return forward
+        stream = stream or self.row_stream(call)
+        start, stop = call.rows or (0, stream.total_rows)
+        self.check_result_size(call, (stop - start) * call.row_nbytes())
+        output = self.host(stream.output) if call.return_output else None
+        aux = self.host(stream.aux)
+        chunk = call.chunk_size or stream.auto_chunk()
+        value = self._gather(stream, start, stop, chunk)
+        return Result(value, aux, call.spec.has_aux, output, stream.chunk_used or chunk, "rev")
+
+    def jacobian_npy(self, call: Call, stream_threshold: int) -> Result | Streamed:
+        """A Jacobian bound for ``.npy``: gathered when small (or forward mode, or several
+        outputs), else :class:`Streamed` row chunk by row chunk. The forward pass fixes
+        the output shape, hence the header and length, before any row is computed."""
+        if call.batched or (call.rows is None and call.mode != "rev"):
+            return self.jacobian(call)
+        stream = self.row_stream(call)
+        start, stop = call.rows or (0, stream.total_rows)
+        if len(stream.leaves) != 1 or (stop - start) * call.row_nbytes() <= stream_threshold:
+            return self.jacobian(call, stream)
+        primal = stream.primals[0]
+        shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)
+        chunk = call.chunk_size or stream.auto_chunk()
+        rows = stream.chunks(start, stop, chunk)
+        host = (np.ascontiguousarray(self.host(grads[0])) for _, _, grads in rows)
+        return Streamed(shape, host_dtype(primal.dtype), chunk, host)
+
+    def _gather(self, stream: RowStream, start: int, stop: int, chunk: int) -> Any:
+        """All rows ``start:stop`` written into preallocated host arrays, then nested.
+
+        When one chunk holds every row its arrays are used as they are: no second copy
+        of the Jacobian (jacrev's torch.cat would make one too)."""
+        rows_only = stream.call.rows is not None
+        leaves = stream.leaves[:1] if rows_only else stream.leaves
+        offsets = np.cumsum([0, *stream.sizes]).tolist()
+        # (first row, row count) of each output's block in the flattened row space
+        bounds = [(start, stop - start)] if rows_only else list(zip(offsets, stream.sizes))
+        blocks: list[list[np.ndarray]] | None = None
+        for s, e, grads in stream.chunks(start, stop, chunk):
+            host = self.host(tuple(grads))  # one synchronisation per chunk on CUDA
+            if s == start and e == stop:
+                blocks = [[h[base - s : base - s + size] for h in host] for base, size in bounds]
+                break
+            if blocks is None:
+                blocks = [[np.empty((size, *h.shape[1:]), h.dtype) for h in host] for _, size in bounds]
+            for j, (base, size) in enumerate(bounds):
+                lo, hi = max(s, base), min(e, base + size)
+                if lo < hi:
+                    for i, h in enumerate(host):
+                        blocks[j][i][lo - base : hi - base] = h[lo - s : hi - s]
+        if blocks is None:  # no rows at all
+            blocks = [[np.empty((size, *p.shape), host_dtype(p.dtype)) for p in stream.primals] for _, size in bounds]
+        nested = []
+        for j, leaf in enumerate(leaves):
+            shaped = [
+                b.reshape((*leaf.shape, *p.shape)) if not rows_only else b for b, p in zip(blocks[j], stream.primals)
+            ]
+            nested.append(tuple(shaped) if stream.call.as_tuple else shaped[0])
+        return nested[0] if rows_only else pytree.tree_unflatten(nested, stream.out_spec)
+
+    def _forward_jacobian(self, call: Call) -> Result | None:
+        """jacfwd, when ``mode`` asks for it (``auto``: inputs fewer than outputs);
+        None to use reverse mode. Sizes come from a plain forward call, never from a
+        reverse pass: a function that forward mode can differentiate and reverse mode
+        cannot (an in-place write into a leaf) must work alone and in a batch alike."""
+        profile = self.profiles[call.spec.name]
+        if not profile.forward_ad and call.mode == "auto":
+            return None
+        args = self.tensors(call)
+        box = AuxBox(call.spec)
+        g = partial(box, args, call.argnums)
+        primals = [args[i] for i in call.argnums]
+        out, aux_t = self.guard(lambda: g(*primals))
+        out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
+        in_numel = sum(p.numel() for p in primals)
+        if call.mode == "auto" and in_numel >= out_numel:
+            return None
+        self.check_result_size(call, out_numel * call.row_nbytes())
+        argnums: int | tuple[int, ...] = tuple(range(len(call.argnums))) if call.as_tuple else 0
+        try:
+            jac, aux_t = torch.func.jacfwd(g, argnums=argnums, has_aux=True)(*primals)
+        except BaseException as exc:
+            if is_oom(exc):
+                raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
+            if call.mode == "fwd" or not isinstance(exc, Exception):
+                raise function_error(exc) from None
+            log.info("jacfwd failed for %s (%s); using reverse mode", call.spec.name, type(exc).__name__)
+            profile.forward_ad = False
+            return None
+        output = self.host(out) if call.return_output else None
+        return Result(self.host(jac), self.host(box.restore(aux_t)), call.spec.has_aux, output, call.chunk_size, "fwd")
+
+    # ----------------------------------------------------------------- hessian
+
+    def hessian(self, call: Call) -> Result:
+        if call.batched:
+            return _batched.batched(self, call, "hessian")
+        return _hessian.hessian(self, call)
+
+    # ----------------------------------------------------------------- evaluate, vjp, jvp, hvp
+
+    def evaluate(self, call: Call, allow_loop: bool = True) -> Result:
+        args = self.tensors(call)
+        box = AuxBox(call.spec)
+        if call.batched:
+            out, aux = _batched.over_examples(self, call, box, box, args, allow_loop)
+        else:
+            out, aux_t = self.guard(lambda: box(*args))
+            aux = box.restore(aux_t)
+        self.check_result_size(call, sum(t.numel() * self.wire_itemsize(t.dtype) for t in pytree.tree_leaves(out)))
+        return Result(self.host(out), self.host(aux), call.spec.has_aux)
+
+    def _vectors(self, tree: Any, like: Any, what: str, batched: bool) -> Any:
+        """Check a cotangent/tangent tree against the shapes it must match; to tensors.
+
+        Accepted: one array (a single leaf), the same nesting as ``like`` (lists for
+        tuples, dicts by key), or a flat list of its leaves in order."""
+        ref_leaves, ref_spec = pytree.tree_flatten(like)
+        leaves = self._vector_leaves(tree, like, ref_leaves, what)
+        out = []
+        for arr, ref in zip(leaves, ref_leaves):
+            if not isinstance(arr, np.ndarray):
+                raise InvalidInput(f"{what}: expected arrays")
+            want = ((arr.shape[0],) if batched and arr.ndim else ()) + tuple(ref.shape)
+            if tuple(arr.shape) != want or (batched and arr.ndim == 0):
+                shape = ("B", *ref.shape) if batched else tuple(ref.shape)
+                raise InvalidInput(f"{what}: expected shape {list(shape)}, got {list(arr.shape)}")
+            if arr.dtype.kind not in "biuf":
+                raise InvalidInput(f"{what}: expected numbers")
+            t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+            out.append(t.to(device=self.device, dtype=ref.dtype))
+        batch_sizes = {t.shape[0] for t in out} if batched else set()
+        if len(batch_sizes) > 1:
+            raise InvalidInput(f"{what}: batched vectors disagree on the batch size: {sorted(batch_sizes)}")
+        return pytree.tree_unflatten(out, ref_spec)
+
+    @staticmethod
+    def _vector_leaves(tree: Any, like: Any, ref_leaves: list[Any], what: str) -> list[Any]:
+        if isinstance(tree, np.ndarray) and len(ref_leaves) == 1:
+            return [tree]
+
+        def nested(node: Any, ref: Any, path: str) -> list[Any]:
+            if isinstance(ref, torch.Tensor):
+                if not isinstance(node, np.ndarray):
+                    raise InvalidInput(f"{what}{path}: expected an array")
+                return [node]
+            if isinstance(ref, dict):
+                if not isinstance(node, dict) or set(node) != set(ref):
+                    got = sorted(node) if isinstance(node, dict) else type(node).__name__
+                    raise InvalidInput(f"{what}{path}: expected keys {sorted(ref)}, got {got}")
+                return [leaf for k in ref for leaf in nested(node[k], ref[k], f"{path}.{k}")]
+            if not isinstance(node, (list, tuple)) or len(node) != len(ref):
+                raise InvalidInput(f"{what}{path}: expected {len(ref)} entries")
+            return [leaf for i, (n, r) in enumerate(zip(node, ref)) for leaf in nested(n, r, f"{path}[{i}]")]
+
+        flat = isinstance(tree, (list, tuple)) and len(tree) == len(ref_leaves) and all(isinstance(v, np.ndarray) for v in tree)
+        if flat and not (isinstance(like, (list, tuple)) and len(like) == len(tree)):
+            return list(tree)  # the leaves in order, for any nesting
+        if isinstance(tree, dict) and isinstance(like, dict) and set(tree) != set(like):
+            raise InvalidInput(f"{what} keys {sorted(tree)} do not match {sorted(like)}")
+        try:
+            return nested(tree, like, "")
+        except InvalidInput:
+            if flat:
+                return list(tree)
+            raise
+
+    def vjp(self, call: Call) -> Result:
+        args = self.tensors(call)
+        box = AuxBox(call.spec)
+        g = partial(box, args, call.argnums)
+        primals = [args[i] for i in call.argnums]
+        batch = self._vector_batch(call)
+        self.check_result_size(call, batch * call.row_nbytes())
+        out, pullback, aux_t = self.guard(lambda: torch.func.vjp(g, *primals, has_aux=True))
+        cot = self._vectors(call.vectors, out, "cotangents", call.batched_vectors)
+        fn = torch.func.vmap(pullback) if call.batched_vectors else pullback
+        grads = self.guard(lambda: fn(cot))
+        value = tuple(grads) if call.as_tuple else grads[0]
+        output = self.host(out) if call.return_output else None
+        return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
+
+    def jvp(self, call: Call) -> Result:
+        args = self.tensors(call)
+        box = AuxBox(call.spec)
+        g = partial(box, args, call.argnums)
+        primals = tuple(args[i] for i in call.argnums)
+        like = primals if call.as_tuple else primals[0]
+        tangents = self._vectors(call.vectors, like, "tangents", call.batched_vectors)
+        tangents = tuple(tangents) if call.as_tuple else (tangents,)
+
+        def push(*t: torch.Tensor) -> tuple[Any, Any, Any]:
+            return torch.func.jvp(g, primals, t, has_aux=True)
+
+        # The output's size (hence the result's) is known only after a forward pass:
+        # take it from a plain call, before any product is computed.
+        out, aux_t = self.guard(lambda: g(*primals))
+        per = sum(t.numel() * self.wire_itemsize(t.dtype) for t in pytree.tree_leaves(out))
+        self.check_result_size(call, self._vector_batch(call) * per)
+        if call.batched_vectors:
+            value = self.guard(lambda: torch.func.vmap(lambda *t: push(*t)[1])(*tangents))
+        else:
+            out, value, aux_t = self.guard(lambda: push(*tangents))
+        output = self.host(out) if call.return_output else None
+        return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
+
+    def hvp(self, call: Call) -> Result:
+        """Hessian-vector products of a scalar function, forward over reverse:
+        ``jvp(grad(f), primals, tangents)``; with ``batched_vectors``, vmapped over them."""
+        args = self.tensors(call)
+        box = AuxBox(call.spec)
+        g = partial(box, args, call.argnums)
+        primals = tuple(args[i] for i in call.argnums)
+        like = primals if call.as_tuple else primals[0]
+        tangents = self._vectors(call.vectors, like, "tangents", call.batched_vectors)
+        tangents = tuple(tangents) if call.as_tuple else (tangents,)
+        out, aux_t = self.guard(lambda: g(*primals))
+        if not (isinstance(out, torch.Tensor) and out.dim() == 0):
+            raise InvalidInput("hvp needs a function with one scalar (0-d) output")
+        self.check_result_size(call, self._vector_batch(call) * call.row_nbytes())
+        argnums = tuple(range(len(primals)))
+        grad = torch.func.grad(lambda *p: g(*p)[0], argnums=argnums)
+
+        def push(*t: torch.Tensor) -> Any:
+            return torch.func.jvp(grad, primals, t)[1]
+
+        fn = torch.func.vmap(push) if call.batched_vectors else push
+        value = self.guard(lambda: fn(*tangents))
+        value = tuple(value) if call.as_tuple else value[0]
+        output = self.host(out) if call.return_output else None
+        return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
+
+    @staticmethod
+    def _vector_batch(call: Call) -> int:
+        if not call.batched_vectors:
+            return 1
+        for leaf in tree_leaves(call.vectors):
+            if isinstance(leaf, np.ndarray) and leaf.ndim:
+                return int(leaf.shape[0])
+        return 1
+
+    # ----------------------------------------------------------------- request batching
+
+    def run_batch(self, kind: str, calls: list[Call]) -> list[Result]:
+        return _batched.run_batch(self, kind, calls)
+

@@ -1,0 +1,50 @@
+"""Which devices an engine serves, their memory budgets, and warm-up calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..registry import FunctionSpec
+from ..types import Call
+
+__all__ = ["default_memory_budget", "resolve_devices", "warmup_call"]
+
+
+def resolve_devices(setting: str) -> list[torch.device]:
+    """``auto``: every visible GPU, else the CPU; ``cuda``: every visible GPU."""
+    if setting == "cpu":
+        return [torch.device("cpu")]
+    has_cuda = torch.cuda.is_available()
+    if setting == "auto":
+        if not has_cuda:
+            return [torch.device("cpu")]
+        setting = "cuda"
+    if not has_cuda:
+        raise RuntimeError(f"device {setting!r} asked for, but CUDA is not available")
+    if setting == "cuda":
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    index = int(setting.split(":", 1)[1])
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"device {setting!r} asked for, but only {torch.cuda.device_count()} GPUs are visible")
+    return [torch.device("cuda", index)]
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """256 MiB on the CPU (streams stay small; larger chunks gain little there); half the
+    free memory on a GPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return 256 << 20
+
+
+def warmup_call(spec: FunctionSpec) -> Call:
+    """Small inputs of the declared shapes (symbols bound to 3)."""
+    args = []
+    for inp in spec.inputs:
+        shape = tuple(3 if isinstance(d, str) else d for d in (inp.shape or (3,)))
+        dtype = "float32" if inp.default_dtype == "bfloat16" else inp.default_dtype
+        args.append(np.random.default_rng(0).random(shape).astype(dtype))
+    floating = tuple(i for i, inp in enumerate(spec.inputs) if inp.default_dtype.startswith(("float", "bfloat")))
+    return Call(spec=spec, args=args, dtypes=[i.default_dtype for i in spec.inputs], argnums=floating[:1] or (0,))

@@ -1,0 +1,212 @@
+"""The engine process: one device, one thread, one ZeroMQ ROUTER socket.
+
+Front ends send jobs (and cancels) to the socket; the loop takes them into a
+:class:`~jacobian_service.scheduler.Worker`, which batches across every front end, and
+answers each job on the socket it came from. Between jobs, and between the row chunks
+of a long job, the loop takes in new messages, so cancels land at the next chunk.
+
+The status board tells the supervisor when this process last looked up (heartbeat)
+and what it is running until when (deadline): a function that does not come back by its
+deadline plus a grace period gets the process killed and restarted.
+
+Run as ``python -m jacobian_service.engine.process --index I --device D --run-dir DIR``
+by the supervisor; settings come from the environment, as for the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zmq
+
+from .. import ipc
+from ..errors import InternalError, ServiceError
+from ..logs import configure_logging
+from ..registry import Registry
+from ..scheduler import Job, Worker
+from ..settings import Settings
+
+log = logging.getLogger("jacobian_service.engine")
+
+_PUMP_EVERY_S = 0.01
+_IDLE_POLL_MS = 100
+
+
+class EngineServer:
+    def __init__(self, settings: Settings, registry: Registry, index: int, device: Any, run_dir: Path) -> None:
+        from .core import Engine
+        from .devices import default_memory_budget
+
+        self.settings = settings
+        self.registry = registry
+        self.engine = Engine(device, settings.memory_budget_bytes or default_memory_budget(device))
+        for name in os.environ.get("JACOBIAN_SERVICE_ISOLATE", "").split(","):
+            if name in registry:  # crashed inside a batch before: run its requests alone
+                self.engine.profiles[name].vmap_function = False
+        self.worker = Worker(
+            self.engine,
+            max_queue=settings.max_queue,
+            max_batch=settings.max_batch_size,
+            batch_wait_s=settings.max_batch_wait_ms / 1e3,
+            stream_threshold=settings.stream_threshold_bytes,
+            stream_idle_s=settings.request_timeout_s,
+            on_run=self._on_run,
+            cancelled_for=self._cancelled,
+        )
+        self.board = ipc.StatusBoard(run_dir / f"engine-{index}.status")
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(ipc.engine_address(run_dir, index))
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.pending: dict[tuple[bytes, int], Job] = {}
+        self._last_pump = 0.0
+
+    # ----------------------------------------------------------------- messages
+
+    def pump(self, timeout_s: float = 0.0) -> None:
+        """Take in every message that has arrived, waiting up to ``timeout_s`` for one."""
+        timeout_ms = max(0, int(timeout_s * 1e3))
+        while self.poller.poll(timeout_ms):
+            timeout_ms = 0
+            frames = self.sock.recv_multipart(copy=False)
+            self._handle(frames[0].bytes, frames[1:])
+        self._last_pump = time.monotonic()
+
+    def _handle(self, peer: bytes, frames: list[Any]) -> None:
+        header, arrays = ipc.parse(frames)
+        msg_id = header["id"]
+        if header["t"] == "cancel":
+            job = self.pending.pop((peer, msg_id), None)
+            if job is not None:
+                job.done = True
+            if header.get("sid") is not None:
+                self.worker.close_stream(header["sid"])
+            return
+        try:
+            call = None
+            if header.get("fn") is not None:
+                spec = self.registry.get(header["fn"])
+                call = ipc.decode_call(header, arrays, spec)
+            job = Job(header["kind"], call, self._settle(peer, msg_id), deadline=_deadline(header, call),
+                      stream_id=header.get("sid"), tag=header.get("tag", ""))
+            self.worker.submit(job)
+            self.pending[(peer, msg_id)] = job
+        except ServiceError as exc:
+            self._send(peer, ipc.encode_error(msg_id, exc))
+        except Exception as exc:  # a malformed message is our bug: answer, never die of it
+            log.exception("could not take a job")
+            self._send(peer, ipc.encode_error(msg_id, InternalError(f"internal error ({type(exc).__name__})")))
+
+    def _cancelled(self, job: Job) -> Any:
+        def cancelled() -> bool:
+            if not job.done and time.monotonic() - self._last_pump > _PUMP_EVERY_S:
+                self.pump()  # cancels and new jobs land between chunks
+            return job.done
+
+        return cancelled
+
+    def _settle(self, peer: bytes, msg_id: int) -> Any:
+        def settle(result: Any, error: BaseException | None, info: Any) -> None:
+            self.pending.pop((peer, msg_id), None)
+            if error is not None:
+                err = error if isinstance(error, ServiceError) else InternalError(f"internal error ({type(error).__name__})")
+                self._send(peer, ipc.encode_error(msg_id, err))
+            else:
+                self._send(peer, ipc.encode_reply(msg_id, result, info))
+
+        return settle
+
+    def _send(self, peer: bytes, frames: list[Any]) -> None:
+        try:
+            self.sock.send_multipart([peer, *frames], copy=len(frames) < 3 and sum(len(memoryview(f)) for f in frames) < 65536)
+        except zmq.ZMQError:  # the front end has gone; its requests died with it
+            log.debug("reply to a gone peer dropped")
+
+    def _on_run(self, jobs: list[Job]) -> None:
+        call = jobs[0].call
+        function = call.spec.name if call is not None else ""
+        self.board.running(time.monotonic(), max(j.deadline for j in jobs), function, [j.tag for j in jobs])
+
+    # ----------------------------------------------------------------- loop
+
+    def warm_up(self) -> None:
+        """The first jacrev of a function costs ~1 s: pay it before saying ready."""
+        from .devices import warmup_call
+
+        for spec in self.registry:
+            call = warmup_call(spec)
+            call.deadline = time.monotonic() + 120
+            try:
+                self.engine.jacobian(call)
+            except Exception as exc:  # a function that needs special inputs still serves
+                log.warning("warm-up of %s failed: %s", spec.name, exc)
+
+    def serve(self) -> None:
+        self.board.set_ready(time.monotonic())
+        while True:
+            self.board.beat(time.monotonic())
+            self.pump(0.0 if self.worker.has_work() else _IDLE_POLL_MS / 1e3)
+            if self.worker.has_work():
+                group = self.worker.take(self.pump)
+                self.worker.run(group)
+                self.board.idle(time.monotonic())
+
+
+def _deadline(header: dict[str, Any], call: Any) -> float:
+    if call is not None:
+        return call.deadline
+    return header.get("deadline") or time.monotonic() + 60
+
+
+def _limit_memory(limit: int | None) -> None:
+    """An address-space cap: a function that allocates without end fails its request
+    with out-of-memory (507) instead of taking the machine's memory."""
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jacobian-service-engine")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_format)
+    import torch
+
+    from .devices import resolve_devices
+
+    threads = settings.torch_threads if settings.torch_threads is not None else max(1, (os.cpu_count() or 2) // 2)
+    if threads:
+        torch.set_num_threads(threads)
+    registry = Registry.from_modules(settings.function_modules)
+    devices = resolve_devices(args.device)
+    if args.index == 0:  # the front ends learn the registry and the devices from engine 0
+        doc = {"functions": [spec.describe() for spec in registry], "devices": [str(d) for d in devices],
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+               "memory_budget_bytes": settings.memory_budget_bytes}
+        tmp = args.run_dir / "registry.json.tmp"
+        tmp.write_bytes(orjson.dumps(doc))
+        tmp.replace(args.run_dir / "registry.json")
+    server = EngineServer(settings, registry, args.index, devices[0], args.run_dir)
+    _limit_memory(settings.engine_memory_limit_bytes)
+    if settings.warmup:
+        server.warm_up()
+    log.info("engine %d ready on %s (%d functions)", args.index, devices[0], len(registry))
+    server.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

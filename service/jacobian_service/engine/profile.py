@@ -1,0 +1,79 @@
+"""What the engine learns about each function at run time, in one bounded place.
+
+Fast paths that fail for a function (vmap of its pullback, vmap of the function itself,
+forward-mode AD) are tried once and remembered, as are the Hessian strategy measured
+fastest and the sizes of recent results per request signature. Clients choose shapes,
+so every per-shape table is a bounded LRU: a client cycling through shapes cannot grow
+the engine's memory.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Generic, Hashable, TypeVar
+
+__all__ = ["BatchStats", "FunctionProfile", "Profiles"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+_PER_SHAPE = 256
+
+
+class _LRU(Generic[K, V]):
+    def __init__(self, size: int = _PER_SHAPE) -> None:
+        self.size = size
+        self._d: collections.OrderedDict[K, V] = collections.OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._d.get(key)
+        if value is not None:
+            self._d.move_to_end(key)
+        return value
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._d
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+@dataclass
+class BatchStats:
+    """The last run of one batch key: result bytes per request, batch size, compute time."""
+
+    result_bytes: int = 0
+    batch_size: int = 1
+    compute_s: float = 0.0
+
+
+@dataclass
+class FunctionProfile:
+    vmap_pullback: bool = True  # False once vmap of its pullback failed (row loop instead)
+    vmap_function: bool = True  # False once vmap of the function failed deterministically
+    forward_ad: bool = True  # False once jacfwd failed (reverse mode instead)
+    hessian: _LRU[Any, str] = field(default_factory=_LRU)  # signature -> strategy
+    batches: _LRU[Any, BatchStats] = field(default_factory=_LRU)  # batch key -> last run
+    output_rows: _LRU[Any, int] = field(default_factory=_LRU)  # signature -> Jacobian rows
+
+
+class Profiles:
+    """One profile per function name (names come from the registry, so this is bounded)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, FunctionProfile] = {}
+
+    def __getitem__(self, name: str) -> FunctionProfile:
+        profile = self._by_name.get(name)
+        if profile is None:
+            profile = self._by_name[name] = FunctionProfile()
+        return profile
+
+    def forget(self, name: str) -> None:
+        self._by_name.pop(name, None)

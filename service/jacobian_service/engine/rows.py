@@ -1,0 +1,123 @@
+"""Reverse-mode Jacobian rows, chunk by chunk, as ``torch.func.jacrev`` computes them.
+
+One ``vjp``, then the pullback ``vmap``-ed over rows of the identity, ``chunk_size``
+rows at a time. Rows come out as a sequence of chunks, so one code path serves gathered
+results, streamed ``.npy`` bodies, deadlines (checked between chunks) and the memory
+budget (chunk sizes halve on out-of-memory).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..errors import FunctionError
+from ..types import Call
+from .calling import AuxBox, function_error, is_oom, partial
+
+if TYPE_CHECKING:
+    from .core import Engine
+
+__all__ = ["RowStream"]
+
+log = logging.getLogger("jacobian_service.engine")
+
+# A chunk's working set is a few times its cotangent and gradient rows; this factor is
+# the CPU estimate (DESIGN: measure on CUDA, estimate on CPU).
+WORKSET_FACTOR = 4
+_MIN_AUTO_CHUNK = 16  # CPU BLAS is slower at 2-8 rows than at 1 (DESIGN "Pitfalls")
+
+
+def _basis(
+    sizes: Sequence[int], shapes: Sequence[torch.Size], start: int, stop: int, like: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Rows ``start:stop`` of the identity over the concatenated flattened outputs."""
+    out = []
+    offset = 0
+    n = stop - start
+    for size, shape, ref in zip(sizes, shapes, like):
+        block = torch.zeros(n, size, dtype=ref.dtype, device=ref.device)
+        lo, hi = max(start, offset), min(stop, offset + size)
+        if lo < hi:
+            idx = torch.arange(lo, hi, device=ref.device)
+            block[idx - start, idx - offset] = 1
+        out.append(block.reshape((n, *shape)))
+        offset += size
+    return out
+
+
+class RowStream:
+    """The rows of one Jacobian, chunk by chunk, after a single forward pass (vjp).
+
+    ``chunks`` yields ``(start, stop, grads)`` with one ``(stop - start, *input.shape)``
+    tensor per differentiated input, in row order over the flattened outputs.
+    """
+
+    def __init__(self, engine: "Engine", call: Call, args: list[torch.Tensor]) -> None:
+        self.engine = engine
+        self.call = call
+        self.box = AuxBox(call.spec)
+        self.primals = [args[i] for i in call.argnums]
+        g = partial(self.box, args, call.argnums)
+        try:
+            output, self._pullback, aux_tensors = torch.func.vjp(g, *self.primals, has_aux=True)
+        except BaseException as exc:
+            raise function_error(exc) from None
+        self.output = output
+        self.aux = self.box.restore(aux_tensors)
+        self.leaves, self.out_spec = pytree.tree_flatten(output)
+        for leaf in self.leaves:
+            if not leaf.is_floating_point():
+                raise FunctionError(f"the function returned a {leaf.dtype} output; only floating outputs can be differentiated")
+        self.sizes = [leaf.numel() for leaf in self.leaves]
+        self.total_rows = sum(self.sizes)
+        self.chunk_used: int | None = None  # after out-of-memory halving
+
+    def auto_chunk(self) -> int:
+        per_row = WORKSET_FACTOR * sum((p.numel() + sum(self.sizes)) * p.element_size() for p in self.primals)
+        chunk = max(1, self.engine.memory_budget // max(per_row, 1))
+        if chunk >= self.total_rows:
+            return max(self.total_rows, 1)
+        if chunk < _MIN_AUTO_CHUNK:
+            return 1 if chunk < 2 else min(_MIN_AUTO_CHUNK, self.total_rows)
+        return 1 << (chunk.bit_length() - 1)  # round down to a power of two
+
+    def chunks(self, start: int, stop: int, chunk_size: int) -> Iterator[tuple[int, int, tuple[torch.Tensor, ...]]]:
+        s = start
+        while s < stop:
+            self.call.check_alive()
+            e = min(s + chunk_size, stop)
+            try:
+                grads = self._rows(s, e)
+            except BaseException as exc:
+                if is_oom(exc) and chunk_size > 1:
+                    self.engine.release_memory()
+                    chunk_size = max(1, chunk_size // 2)
+                    log.warning("out of memory at %d rows; retrying with %d", e - s, chunk_size)
+                    continue
+                raise function_error(exc) from None
+            self.chunk_used = chunk_size
+            yield s, e, grads
+            s = e
+
+    def _rows(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        basis = _basis(self.sizes, [leaf.shape for leaf in self.leaves], start, stop, self.leaves)
+        profile = self.engine.profiles[self.call.spec.name]
+        if stop - start > 1 and profile.vmap_pullback:
+            try:
+                return torch.func.vmap(self._pullback)(pytree.tree_unflatten(basis, self.out_spec))
+            except Exception as exc:
+                if is_oom(exc):
+                    raise
+                grads = self._row_loop(basis)  # raises if the function itself fails
+                log.info("vmap of %s's pullback failed (%s); using the row loop", self.call.spec.name, type(exc).__name__)
+                profile.vmap_pullback = False
+                return grads
+        return self._row_loop(basis)
+
+    def _row_loop(self, basis: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        rows = [self._pullback(pytree.tree_unflatten([b[k] for b in basis], self.out_spec)) for k in range(basis[0].shape[0])]
+        return tuple(torch.stack([r[i] for r in rows]) for i in range(len(self.primals)))

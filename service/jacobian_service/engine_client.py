@@ -1,0 +1,352 @@
+"""How a front end reaches its engines: in this process (a thread) or over ZeroMQ.
+
+Both clients answer the same few calls, so the routes cannot tell them apart:
+
+    run(kind, call)          -> (Result | StreamHead, JobInfo)   raises ServiceError
+    next_chunk(head, call)   -> the stream's next rows (np.ndarray), or None at its end
+    close_stream(head)       a stream whose caller has gone
+    readiness()              None when ready, else why not
+    quarantined(name)        seconds left for a quarantined function, else None
+
+:class:`InProcessEngines` is vLLM's in-process client: the fast tests and ``serve
+--in-process`` use it. :class:`RemoteEngines` talks to the engine processes the
+supervisor runs; it never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from . import ipc
+from .errors import FunctionError, FunctionQuarantined, Timeout, Unavailable
+from .registry import FunctionSpec, Registry
+from .scheduler import Job, StreamHead
+from .settings import Settings
+from .types import Call, JobInfo
+
+__all__ = ["InProcessEngines", "RemoteEngines"]
+
+log = logging.getLogger("jacobian_service")
+
+
+async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any) -> Any:
+    """Await ``fut`` until ``deadline``; leaving early (timeout, or the caller cancelled)
+    tells the engine, which stops at its next chunk."""
+    try:
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+            return await fut
+    except TimeoutError:
+        on_abandon()
+        raise Timeout("the request ran past its deadline") from None
+    except BaseException:
+        on_abandon()
+        raise
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+class InProcessEngines:
+    """Engines on threads of this process (the v1 layout): for tests and debugging."""
+
+    def __init__(self, settings: Settings, registry: Registry, on_batch: Any = lambda size: None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.on_batch = on_batch
+        self.workers: list[Any] = []
+        self.devices: list[str] = []
+        self.warm = False
+        self._warm_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        import torch
+
+        from .engine import Engine, default_memory_budget, resolve_devices
+        from .scheduler import ThreadedWorker, Worker
+
+        s = self.settings
+        threads = s.torch_threads if s.torch_threads is not None else max(1, (os.cpu_count() or 2) // 2)
+        if threads:
+            torch.set_num_threads(threads)
+        devices = resolve_devices(s.device)
+        self.devices = [str(d) for d in devices]
+        self.workers, self.warm = [], False  # an app may be started again after a stop
+        for i, device in enumerate(devices):
+            engine = Engine(device, s.memory_budget_bytes or default_memory_budget(device))
+            worker = Worker(engine, max_queue=s.max_queue, max_batch=s.max_batch_size, batch_wait_s=s.max_batch_wait_ms / 1e3,
+                            stream_threshold=s.stream_threshold_bytes, stream_idle_s=s.request_timeout_s, on_batch=self.on_batch)
+            self.workers.append(ThreadedWorker(worker, f"jacobian-worker-{i}"))
+        for w in self.workers:
+            w.start()
+        if s.warmup:
+            self._warm_task = asyncio.create_task(self._warm_up())
+        else:
+            self.warm = True
+
+    async def _warm_up(self) -> None:
+        from .engine import warmup_call
+
+        for spec in self.registry:
+            for index in range(len(self.workers)):
+                call = warmup_call(spec)
+                call.deadline = time.monotonic() + 120
+                try:
+                    await self.run("warmup", call, engine=index)
+                except Exception as exc:  # a function that needs special inputs still serves
+                    log.warning("warm-up of %s failed: %s", spec.name, exc)
+        self.warm = True
+        log.info("ready: %d functions on %s", len(self.registry), ", ".join(self.devices))
+
+    async def stop(self) -> None:
+        if self._warm_task is not None:
+            self._warm_task.cancel()
+            await asyncio.gather(self._warm_task, return_exceptions=True)
+        await asyncio.to_thread(lambda: [w.stop() for w in self.workers])
+
+    def readiness(self) -> str | None:
+        if not self.warm:
+            return "warming up"
+        dead = [str(i) for i, w in enumerate(self.workers) if not w.alive()]
+        return f"engine worker {', '.join(dead)} has stopped" if dead else None
+
+    def quarantined(self, name: str) -> float | None:
+        return None
+
+    def depth(self) -> int:
+        return sum(w.worker.depth() for w in self.workers)
+
+    def info(self) -> dict[str, Any]:
+        import torch
+
+        return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                "memory_budget_bytes": [w.worker.engine.memory_budget for w in self.workers], "engines": "in-process"}
+
+    def engine_stats(self) -> dict[str, Any]:
+        return {"restarts": {}, "quarantines": 0, "memory": self._device_memory()}
+
+    def _device_memory(self) -> dict[str, int]:
+        if not any(d.startswith("cuda") for d in self.devices):
+            return {}
+        import torch
+
+        return {d: torch.cuda.memory_allocated(d) for d in self.devices if d.startswith("cuda")}
+
+    async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
+                  deadline: float | None = None) -> tuple[Any, JobInfo]:
+        index = engine if engine is not None else min(range(len(self.workers)), key=lambda i: self.workers[i].worker.depth())
+        target = self.workers[index]
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None, info: JobInfo) -> None:
+            def put() -> None:
+                if not fut.done():
+                    fut.set_exception(error) if error is not None else fut.set_result((result, info))
+
+            try:
+                loop.call_soon_threadsafe(put)
+            except RuntimeError:  # the loop has closed: nobody is waiting
+                pass
+
+        until = deadline if deadline is not None else call.deadline  # type: ignore[union-attr]
+        job = Job(kind, call, settle, deadline=until, stream_id=stream_id)
+        target.submit(job)
+        result, info = await _await(fut, until, lambda: target.cancel(job))
+        if isinstance(result, StreamHead):
+            result.engine = index
+        return result, info
+
+    async def next_chunk(self, head: StreamHead, deadline: float) -> np.ndarray | None:
+        arr, _ = await self.run("stream_next", None, engine=head.engine, stream_id=head.stream_id, deadline=deadline)
+        return arr
+
+    def close_stream(self, head: StreamHead) -> None:
+        self.workers[head.engine].close_stream(head.stream_id)
+
+    def release(self, name: str) -> bool:
+        return False
+
+
+# --------------------------------------------------------------------------- remote
+
+
+class RemoteEngines:
+    """The engine processes, over ZeroMQ: one DEALER socket per engine, one task that
+    routes replies to the waiting requests, and a subscription to the supervisor."""
+
+    def __init__(self, settings: Settings, run_dir: Path) -> None:
+        self.settings = settings
+        self.run_dir = run_dir
+        doc = orjson.loads((run_dir / "registry.json").read_bytes())
+        self.registry = Registry(FunctionSpec.from_description(d) for d in doc["functions"])
+        self.devices: list[str] = doc["devices"]
+        self._doc = doc
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future, int, str]] = {}  # id -> (future, engine, tag)
+        self._load = [0] * len(self.devices)
+        self._state: dict[str, Any] = {"engines": [], "quarantined": {}, "quarantines": 0}
+        self._state_at = 0.0
+        self._tasks: list[asyncio.Task] = []
+        self._prefix = f"{os.getpid()}:"
+
+    async def start(self) -> None:
+        import zmq
+        import zmq.asyncio
+
+        self._ctx = zmq.asyncio.Context()
+        self._socks = []
+        for index in range(len(self.devices)):
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(ipc.engine_address(self.run_dir, index))
+            self._socks.append(sock)
+            self._tasks.append(asyncio.create_task(self._receive(index, sock)))
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(ipc.events_address(self.run_dir))
+        self._control = self._ctx.socket(zmq.PUSH)
+        self._control.setsockopt(zmq.LINGER, 0)
+        self._control.connect(f"ipc://{self.run_dir}/control.sock")
+        self._tasks.append(asyncio.create_task(self._events()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for fut, _, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(Unavailable("the server is shutting down", headers={"Retry-After": "1"}))
+        self._ctx.destroy(linger=0)
+
+    async def _receive(self, index: int, sock: Any) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            try:
+                header, arrays = ipc.parse(frames)
+            except Exception:
+                log.exception("unreadable reply from engine %d", index)
+                continue
+            entry = self._pending.get(header["id"])
+            if entry is not None and not entry[0].done():
+                entry[0].set_result((header, arrays))
+
+    async def _events(self) -> None:
+        while True:
+            msg = orjson.loads(await self._sub.recv())
+            if msg["t"] == "state":
+                before = {e["index"]: e["generation"] for e in self._state.get("engines", [])}
+                self._state, self._state_at = msg, time.monotonic()
+                for e in msg["engines"]:  # a generation we did not see die: its requests are lost
+                    if e["index"] in before and e["generation"] != before[e["index"]]:
+                        self._fail_engine(e["index"], set(), "", hang=False)
+            elif msg["t"] == "died":
+                self._fail_engine(msg["engine"], set(msg["tags"]), msg["reason"], msg["hang"])
+
+    def _fail_engine(self, index: int, tags: set[str], reason: str, hang: bool) -> None:
+        """Answer every request the dead engine held: the ones it was running when it
+        died were the cause (504 for a hang, 500 for a crash), unless several were
+        running together (a batch: the culprit is unknown, so all are retried, and the
+        supervisor has the function run alone from now on); the rest are retryable."""
+        alone = len(tags) == 1
+        for fut, engine, tag in list(self._pending.values()):
+            if engine != index or fut.done():
+                continue
+            if tag in tags and hang:
+                fut.set_exception(Timeout(f"{reason}; the engine was restarted"))
+            elif tag in tags and alone:
+                fut.set_exception(FunctionError(f"{reason} while running this request; the engine was restarted"))
+            else:
+                fut.set_exception(Unavailable("the engine restarted while this request waited; retry", headers={"Retry-After": "1"}))
+
+    # ----------------------------------------------------------------- state
+
+    def _engines(self) -> list[dict[str, Any]]:
+        return self._state.get("engines", [])
+
+    def readiness(self) -> str | None:
+        engines = self._engines()
+        if not engines or time.monotonic() - self._state_at > 5:
+            return "no word from the supervisor"
+        down = [f"{e['index']} ({e['device']})" for e in engines if not e["ready"]]
+        return f"engine {', '.join(down)} is not up" if down else None
+
+    def quarantined(self, name: str) -> float | None:
+        left = self._state.get("quarantined", {}).get(name)
+        return None if left is None else float(left)
+
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def info(self) -> dict[str, Any]:
+        return {"torch": self._doc.get("torch"), "torch_threads": self._doc.get("torch_threads"),
+                "memory_budget_bytes": self._doc.get("memory_budget_bytes"), "engines": "processes"}
+
+    def engine_stats(self) -> dict[str, Any]:
+        restarts = {str(e["device"]): e["restarts"] for e in self._engines()}
+        return {"restarts": restarts, "quarantines": self._state.get("quarantines", 0), "memory": {}}
+
+    def release(self, name: str) -> bool:
+        if self.quarantined(name) is None:
+            return False
+        self._control.send(orjson.dumps({"t": "release", "fn": name}))
+        return True
+
+    # ----------------------------------------------------------------- requests
+
+    def _pick(self) -> int:
+        ready = [e["index"] for e in self._engines() if e["ready"]]
+        if not ready:
+            raise Unavailable("no engine is up right now (starting or restarting); retry", headers={"Retry-After": "1"})
+        return min(ready, key=lambda i: self._load[i])
+
+    async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
+                  deadline: float | None = None) -> tuple[Any, JobInfo]:
+        if call is not None:
+            left = self.quarantined(call.spec.name)
+            if left is not None:
+                raise FunctionQuarantined(
+                    f"{call.spec.name} is quarantined after crashing or hanging its engine repeatedly; "
+                    f"refused for {left:.0f} s more, or until an operator releases it",
+                    headers={"Retry-After": str(max(1, round(left)))},
+                )
+        index = engine if engine is not None else self._pick()
+        msg_id = next(self._ids)
+        tag = f"{self._prefix}{msg_id}"
+        until = deadline if deadline is not None else call.deadline  # type: ignore[union-attr]
+        frames = ipc.encode_call(msg_id, kind, call, tag=tag, stream_id=stream_id, deadline=until)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = (fut, index, tag)
+        self._load[index] += 1
+        sock = self._socks[index]
+
+        def abandon() -> None:
+            # A cancelled await cancels ``fut`` too, so "no reply yet" is "not done, or cancelled".
+            if not fut.done() or fut.cancelled():
+                sock.send_multipart(ipc.encode_cancel(msg_id, stream_id if kind == "stream_next" else None))
+
+        try:
+            await sock.send_multipart(frames, copy=len(frames) < 3)
+            header, arrays = await _await(fut, until, abandon)
+        finally:
+            self._pending.pop(msg_id, None)
+            self._load[index] -= 1
+        result, info = ipc.decode_reply(header, arrays)
+        if isinstance(result, StreamHead):
+            result.engine = index
+        return result, info
+
+    async def next_chunk(self, head: StreamHead, deadline: float) -> np.ndarray | None:
+        arr, _ = await self.run("stream_next", None, engine=head.engine, stream_id=head.stream_id, deadline=deadline)
+        return arr
+
+    def close_stream(self, head: StreamHead) -> None:
+        self._socks[head.engine].send_multipart(ipc.encode_cancel(0, head.stream_id))

@@ -1,0 +1,275 @@
+"""The messages between front ends, engines and the supervisor: one codec, no torch.
+
+A message is a ZeroMQ multipart: one JSON header (orjson), then one raw frame per array,
+in the order the header's skeletons name them. Arrays are never pickled or copied into
+the header: a frame is the array's own buffer on send (``copy=False``) and becomes a
+read-only numpy view of the received frame on the other side.
+
+Trees (aux, nested results, vectors) travel as tagged skeletons, so tuples stay tuples,
+dict keys stay strings of any spelling, and non-finite floats survive JSON:
+
+    ["a", index, dtype, shape]   an array, the index-th frame
+    ["t", [...]] / ["l", [...]]  a tuple / a list
+    ["d", {key: ...}]            a dict
+    ["f", "nan" | "inf" | "-inf"] a non-finite float
+    ["v", value]                 any other JSON value
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import mmap
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import orjson
+
+from .errors import ServiceError
+from .registry import FunctionSpec
+from .scheduler import StreamHead
+from .types import Call, JobInfo, Result
+
+__all__ = [
+    "StatusBoard",
+    "decode_call",
+    "decode_reply",
+    "encode_call",
+    "encode_cancel",
+    "encode_error",
+    "encode_reply",
+    "engine_address",
+    "events_address",
+]
+
+_CALL_FIELDS = ("chunk_size", "batched", "mode", "return_output", "batched_vectors", "max_result_bytes", "deadline")
+
+
+def engine_address(run_dir: Path, index: int) -> str:
+    return f"ipc://{run_dir}/engine-{index}.sock"
+
+
+def events_address(run_dir: Path) -> str:
+    return f"ipc://{run_dir}/events.sock"
+
+
+# --------------------------------------------------------------------------- trees
+
+
+def pack(tree: Any, frames: list[Any]) -> Any:
+    if isinstance(tree, np.ndarray):
+        arr = tree if tree.flags.c_contiguous else np.ascontiguousarray(tree)
+        frames.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
+        return ["a", len(frames) - 1, arr.dtype.str, list(arr.shape)]
+    if isinstance(tree, np.generic):
+        return pack(np.asarray(tree), frames)
+    if isinstance(tree, tuple):
+        return ["t", [pack(t, frames) for t in tree]]
+    if isinstance(tree, list):
+        return ["l", [pack(t, frames) for t in tree]]
+    if isinstance(tree, dict):
+        return ["d", {str(k): pack(v, frames) for k, v in tree.items()}]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return ["f", repr(tree)]
+    return ["v", tree]
+
+
+def unpack(node: Any, frames: Sequence[Any]) -> Any:
+    tag, body = node[0], node[1]
+    if tag == "a":
+        buf = frames[body]
+        buf = getattr(buf, "buffer", buf)  # a zmq.Frame received with copy=False
+        return np.frombuffer(buf, dtype=np.dtype(node[2])).reshape(node[3])
+    if tag == "t":
+        return tuple(unpack(n, frames) for n in body)
+    if tag == "l":
+        return [unpack(n, frames) for n in body]
+    if tag == "d":
+        return {k: unpack(v, frames) for k, v in body.items()}
+    if tag == "f":
+        return float(body)
+    return body
+
+
+def _header(frames: Sequence[Any]) -> dict[str, Any]:
+    first = frames[0]
+    return orjson.loads(getattr(first, "bytes", first))
+
+
+# --------------------------------------------------------------------------- calls
+
+
+def encode_call(
+    msg_id: int, kind: str, call: Call | None, *, tag: str = "", stream_id: int | None = None, deadline: float | None = None
+) -> list[Any]:
+    frames: list[Any] = []
+    header: dict[str, Any] = {"t": "job", "id": msg_id, "kind": kind, "tag": tag, "sid": stream_id, "deadline": deadline}
+    if call is not None:
+        header.update(
+            fn=call.spec.name,
+            args=pack(list(call.args), frames),
+            dtypes=call.dtypes,
+            argnums=list(call.argnums),
+            as_tuple=call.as_tuple,
+            rows=list(call.rows) if call.rows is not None else None,
+            vectors=pack(call.vectors, frames),
+            **{f: getattr(call, f) for f in _CALL_FIELDS},
+        )
+        if not math.isfinite(call.deadline):
+            header["deadline"] = None
+    return [orjson.dumps(header), *frames]
+
+
+def decode_call(header: dict[str, Any], frames: Sequence[Any], spec: FunctionSpec) -> Call:
+    rows = header["rows"]
+    return Call(
+        spec=spec,
+        args=unpack(header["args"], frames),
+        dtypes=list(header["dtypes"]),
+        argnums=tuple(header["argnums"]),
+        as_tuple=header["as_tuple"],
+        rows=(rows[0], rows[1]) if rows is not None else None,
+        vectors=unpack(header["vectors"], frames),
+        **{f: header[f] for f in _CALL_FIELDS if f != "deadline"},
+        deadline=math.inf if header["deadline"] is None else header["deadline"],
+    )
+
+
+def parse(frames: Sequence[Any]) -> tuple[dict[str, Any], Sequence[Any]]:
+    """A received multipart -> (header, array frames)."""
+    return _header(frames), frames[1:]
+
+
+# --------------------------------------------------------------------------- replies
+
+
+def _info(info: JobInfo) -> dict[str, Any]:
+    return {"device": info.device, "batch_size": info.batch_size, "queue_s": info.queue_s, "compute_s": info.compute_s}
+
+
+def encode_reply(msg_id: int, result: Any, info: JobInfo) -> list[Any]:
+    frames: list[Any] = []
+    if isinstance(result, Result):
+        header = {
+            "t": "result",
+            "value": pack(result.value, frames),
+            "aux": pack(result.aux, frames),
+            "has_aux": result.has_aux,
+            "output": pack(result.output, frames),
+            "chunk_size": result.chunk_size,
+            "mode": result.mode,
+        }
+    elif isinstance(result, StreamHead):
+        header = {"t": "head", "sid": result.stream_id, "shape": list(result.shape), "dtype": result.dtype,
+                  "chunk_size": result.chunk_size, "nbytes": result.nbytes}
+    else:  # a stream's chunk (an array), or None at its end
+        header = {"t": "chunk", "arr": None if result is None else pack(result, frames)}
+    header.update(id=msg_id, info=_info(info))
+    return [orjson.dumps(header), *frames]
+
+
+def encode_cancel(msg_id: int, stream_id: int | None = None) -> list[Any]:
+    return [orjson.dumps({"t": "cancel", "id": msg_id, "sid": stream_id})]
+
+
+def encode_error(msg_id: int, error: ServiceError) -> list[Any]:
+    header = {"t": "error", "id": msg_id, "status": error.status, "code": error.code, "title": error.title,
+              "detail": error.detail, "headers": error.headers}
+    return [orjson.dumps(header)]
+
+
+def decode_reply(header: dict[str, Any], frames: Sequence[Any]) -> tuple[Any, JobInfo]:
+    """A reply -> (Result | StreamHead | array | None, JobInfo); errors raise."""
+    kind = header["t"]
+    if kind == "error":
+        error = ServiceError(header["detail"], headers=header.get("headers") or {})
+        error.status, error.code, error.title = header["status"], header["code"], header["title"]
+        raise error
+    info = JobInfo(**header["info"])
+    if kind == "result":
+        result = Result(
+            value=unpack(header["value"], frames),
+            aux=unpack(header["aux"], frames),
+            has_aux=header["has_aux"],
+            output=unpack(header["output"], frames),
+            chunk_size=header["chunk_size"],
+            mode=header["mode"],
+        )
+        return result, info
+    if kind == "head":
+        shape = tuple(header["shape"])
+        return StreamHead(header["sid"], shape, header["dtype"], header["chunk_size"], header["nbytes"]), info
+    return (None if header["arr"] is None else unpack(header["arr"], frames)), info
+
+
+# --------------------------------------------------------------------------- status board
+
+
+class StatusBoard:
+    """A page of shared memory (a file, mapped) where an engine says what it is doing.
+
+    The supervisor reads it to tell a hang from a long computation and to name the
+    requests a crash took down: writes to a mapped page outlive the writer, so even a
+    segfault leaves the culprit's tag behind. A sequence number, odd while a write is
+    under way, keeps readers from seeing half a write.
+    """
+
+    SIZE = 1 << 16
+    _FIXED = struct.Struct("<QdBdI")  # seq, heartbeat, ready, deadline (0: idle), json length
+
+    def __init__(self, path: Path, create: bool = False) -> None:
+        flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, self.SIZE)
+            self._map = mmap.mmap(fd, self.SIZE)
+        finally:
+            os.close(fd)
+        self._seq = 0
+        self._beat = 0.0
+        self._ready = 0
+        self._deadline = 0.0
+        self._doc = b"{}"
+
+    def _write(self) -> None:
+        self._seq += 1
+        struct.pack_into("<Q", self._map, 0, self._seq)  # odd: writing
+        doc = self._doc[: self.SIZE - self._FIXED.size]
+        self._map[self._FIXED.size : self._FIXED.size + len(doc)] = doc
+        self._seq += 1
+        self._FIXED.pack_into(self._map, 0, self._seq, self._beat, self._ready, self._deadline, len(doc))
+
+    def beat(self, now: float) -> None:
+        self._beat = now
+        self._write()
+
+    def set_ready(self, now: float) -> None:
+        self._ready, self._beat = 1, now
+        self._write()
+
+    def running(self, now: float, deadline: float, function: str, tags: list[str]) -> None:
+        self._beat, self._deadline = now, deadline if math.isfinite(deadline) else 1e300
+        self._doc = orjson.dumps({"function": function, "tags": tags})
+        self._write()
+
+    def idle(self, now: float) -> None:
+        self._beat, self._deadline, self._doc = now, 0.0, b"{}"
+        self._write()
+
+    def read(self) -> dict[str, Any]:
+        for _ in range(100):
+            seq, beat, ready, deadline, length = self._FIXED.unpack_from(self._map, 0)
+            doc = bytes(self._map[self._FIXED.size : self._FIXED.size + length])
+            if seq % 2 == 0 and struct.unpack_from("<Q", self._map, 0)[0] == seq:
+                try:
+                    running = orjson.loads(doc) if length else {}
+                except orjson.JSONDecodeError:
+                    continue
+                return {"beat": beat, "ready": bool(ready), "deadline": deadline, **running}
+        return {"beat": 0.0, "ready": False, "deadline": 0.0}
+
+    def close(self) -> None:
+        self._map.close()

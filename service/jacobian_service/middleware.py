@@ -1,0 +1,137 @@
+"""Pure-ASGI middleware: request ids, access log and request metrics; API keys.
+
+Both wrap the router whole, so every route, every error and every way of reaching a
+route is covered alike: there is no second path that could skip the key check.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from typing import Any
+
+from .errors import Forbidden, Unauthorized
+from .responses import problem_response
+from .routes import Router, route_path
+
+__all__ = ["AccessMiddleware", "AuthMiddleware"]
+
+access_log = logging.getLogger("jacobian_service.access")
+_QUIET = ("/healthz", "/readyz", "/metrics")
+
+
+class AccessMiddleware:
+    """Echo the client's ``X-Request-ID`` (or make one) on every response, log one line
+    per request with that id (never any array data, control characters escaped), and
+    count every response in the requests metric: errors, 404s, GETs, and streams that
+    broke off (as ``aborted``, not as the 200 their header said)."""
+
+    def __init__(self, app: Any, metrics: Any, router: Router) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.router = router
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
+        request_id = request_id if request_id.isprintable() and request_id else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started = time.perf_counter()
+        status = 0
+        recorded = False
+
+        def record(outcome: str) -> None:
+            nonlocal recorded
+            recorded = True
+            path = route_path(scope)
+            route, params = next(((r, p) for r, p in self.router.match(path) if r.method == scope["method"]), (None, {}))
+            endpoint = route.operation_id if route else "_unrouted"
+            # The label comes from the path, so requests refused before their handler ran
+            # (auth, unknown function, bad body) count under their function too.
+            function = params.get("name", "")
+            if function and "service" in scope and function not in scope["service"].registry:
+                function = "_unknown"  # bounded label values, whatever names clients send
+            self.metrics.requests.labels(function, endpoint, outcome, state.get("code", "")).inc()
+            if path not in _QUIET:
+                safe = path.encode("unicode_escape").decode("ascii")[:500]
+                access_log.info(
+                    "%s %s %s",
+                    scope["method"],
+                    safe,
+                    outcome,
+                    extra={
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": safe,
+                        "status": status if outcome != "aborted" else "aborted",
+                        "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
+                    },
+                )
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message["headers"] = headers
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Counted before the last byte leaves, so a client that reads /metrics right
+                # after its response already sees that response counted.
+                record(str(status))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if not recorded:
+                record("aborted")
+
+
+class AuthMiddleware:
+    """Bearer API keys on every route but the probes; ``/metrics`` and the docs by their
+    own settings. Keys are compared in constant time, against every key (no early exit
+    on a match). No keys configured turns auth off."""
+
+    def __init__(self, app: Any, keys: tuple[str, ...], metrics_auth: bool, docs_auth: bool) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.open_paths = {"/healthz", "/readyz"}
+        if not metrics_auth:
+            self.open_paths.add("/metrics")
+        if not docs_auth:
+            self.open_paths |= {"/docs", "/redoc", "/openapi.json"}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.keys or _is_open(route_path(scope), self.open_paths):
+            await self.app(scope, receive, send)
+            return
+        error = self._check(scope)
+        if error is None:
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})["code"] = error.code
+        await problem_response(error, scope["state"].get("request_id", ""))(scope, receive, send)
+
+    def _check(self, scope: dict[str, Any]) -> Unauthorized | Forbidden | None:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if not header or scheme.lower() != "bearer" or not token.strip():
+            return Unauthorized("send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+        supplied = token.strip().encode("latin-1")
+        matched = False
+        for key in self.keys:  # every key, always: the time taken says nothing of which matched
+            matched |= hmac.compare_digest(supplied, key)
+        return None if matched else Forbidden("the API key is not valid")
+
+
+def _is_open(path: str, open_paths: set[str]) -> bool:
+    return path in open_paths or (path.startswith("/docs/") and "/docs" in open_paths)

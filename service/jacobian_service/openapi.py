@@ -1,0 +1,217 @@
+"""The OpenAPI document, written from the routing table and the wire module's tables.
+
+Named components (``Array`` in its three forms, one request and one response schema per
+derivative endpoint, ``Problem``), short ``operationId``s and error responses generated
+from :data:`jacobian_client.wire.PROBLEM_STATUS`, so that client generators
+(openapi-python-client, openapi-generator) produce typed clients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jacobian_client import wire
+
+from . import __version__
+from .parsing import Options
+from .registry import Registry
+from .routes import RESULT_KEY, Route
+
+__all__ = ["build_openapi"]
+
+_VECTORS = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}
+_NUMBER_TREE = {"description": "a number, or nested lists of numbers", "anyOf": [{"type": "number"}, {"type": "array", "items": {}}]}
+
+_COMPONENTS: dict[str, Any] = {
+    "ArrayData": {
+        "type": "object",
+        "description": "an array with its dtype and shape; data nested or flat, C order",
+        "required": ["shape", "data"],
+        "properties": {
+            "dtype": {"type": "string", "enum": sorted(wire.DTYPES)},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "data": _NUMBER_TREE,
+        },
+        "additionalProperties": False,
+    },
+    "ArrayBase64": {
+        "type": "object",
+        "description": "an array as little-endian C-order bytes, base64-encoded",
+        "required": ["dtype", "shape", "base64"],
+        "properties": {
+            "dtype": {"type": "string", "enum": sorted(wire.DTYPES)},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "base64": {"type": "string", "contentEncoding": "base64"},
+        },
+        "additionalProperties": False,
+    },
+    "Array": {
+        "description": "an array: a number, nested lists of numbers, {dtype, shape, data} or {dtype, shape, base64}",
+        "anyOf": [
+            {"type": "number"},
+            {"type": "array", "items": {}},
+            {"$ref": "#/components/schemas/ArrayData"},
+            {"$ref": "#/components/schemas/ArrayBase64"},
+        ],
+    },
+    "ArrayTree": {
+        "description": "an array, or a list (tuple) or object (dict) of array trees, nested as torch.func nests results",
+        "anyOf": [
+            {"$ref": "#/components/schemas/ArrayData"},
+            {"type": "array", "items": {}},
+            {"type": "object", "additionalProperties": True},
+        ],
+    },
+    "Inputs": {
+        "description": "the function's inputs: positional (a list) or by parameter name (an object)",
+        "anyOf": [
+            {"type": "array", "items": {"$ref": "#/components/schemas/Array"}},
+            {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/Array"}},
+        ],
+    },
+    "Meta": {
+        "type": "object",
+        "properties": {
+            "device": {"type": ["string", "null"]},
+            "chunk_size": {"type": ["integer", "null"]},
+            "batch_size": {"type": "integer"},
+            "mode": {"type": ["string", "null"]},
+            "queue_ms": {"type": "number"},
+            "compute_ms": {"type": "number"},
+        },
+    },
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457 problem details with a stable code",
+        "required": ["type", "title", "status", "detail", "code", "request_id"],
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "code": {"type": "string", "enum": sorted(wire.PROBLEM_STATUS)},
+            "request_id": {"type": "string"},
+        },
+    },
+    "Input": {
+        "type": "object",
+        "required": ["name", "shape", "dtype"],
+        "properties": {
+            "name": {"type": "string"},
+            "shape": {"type": ["array", "null"], "items": {"anyOf": [{"type": "integer"}, {"type": "string"}]}},
+            "dtype": {"type": "string"},
+        },
+    },
+    "Function": {
+        "type": "object",
+        "required": ["name", "description", "inputs", "has_aux"],
+        "properties": {
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/Input"}},
+            "has_aux": {"type": "boolean"},
+        },
+    },
+}
+
+
+def _title(kind: str) -> str:
+    return kind.capitalize()
+
+
+def _request_schema(kind: str) -> dict[str, Any]:
+    options = Options.model_json_schema()["properties"]
+    props: dict[str, Any] = {"inputs": {"$ref": "#/components/schemas/Inputs"}, **options}
+    required = ["inputs"]
+    if kind in _VECTORS:
+        key = _VECTORS[kind]
+        props[key] = {"$ref": "#/components/schemas/ArrayTree"}
+        required.append(key)
+    return {"type": "object", "required": required, "properties": props}
+
+
+def _response_schema(kind: str) -> dict[str, Any]:
+    key = RESULT_KEY[kind]
+    props = {
+        "function": {"type": "string"},
+        key: {"$ref": "#/components/schemas/ArrayTree"},
+        "aux": {"description": "the function's aux output (has_aux functions)"},
+        "meta": {"$ref": "#/components/schemas/Meta"},
+    }
+    if key != "output":
+        props["output"] = {"$ref": "#/components/schemas/ArrayTree"}
+    return {"type": "object", "required": ["function", key, "meta"], "properties": props}
+
+
+def _problems(codes: tuple[str, ...], auth: bool) -> dict[str, Any]:
+    by_status: dict[int, list[str]] = {}
+    for code in (*codes, *(("unauthorized", "forbidden") if auth else ())):
+        by_status.setdefault(wire.PROBLEM_STATUS[code], []).append(code)
+    return {
+        str(status): {
+            "description": " / ".join(names),
+            "content": {wire.PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+        for status, names in sorted(by_status.items())
+    }
+
+
+def _operation(route: Route, names: list[str]) -> dict[str, Any]:
+    op: dict[str, Any] = {"operationId": route.operation_id, "summary": route.summary, "tags": [route.tag]}
+    if "{name}" in route.path:
+        op["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}]
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    kind = route.params.get("kind")
+    if kind is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {
+                wire.JSON: {"schema": {"$ref": f"#/components/schemas/{_title(kind)}Request"}},
+                wire.NPY: binary,
+                wire.NPZ: binary,
+            },
+        }
+        ok = {
+            "description": "the result as JSON, .npy or .npz (by Accept)",
+            "content": {
+                wire.JSON: {"schema": {"$ref": f"#/components/schemas/{_title(kind)}Response"}},
+                wire.NPY: binary,
+                wire.NPZ: binary,
+            },
+        }
+    elif route.operation_id == "listFunctions":
+        ok = {"description": "OK", "content": {wire.JSON: {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Function"}}}}}
+    elif route.operation_id == "getFunction":
+        ok = {"description": "OK", "content": {wire.JSON: {"schema": {"$ref": "#/components/schemas/Function"}}}}
+    elif route.operation_id == "metrics":
+        ok = {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    else:
+        ok = {"description": "OK", "content": {wire.JSON: {"schema": {"type": "object", "additionalProperties": True}}}}
+    op["responses"] = {"200": ok, **_problems(route.errors, route.auth in ("key", "metrics"))}
+    if route.auth in ("key", "metrics"):
+        op["security"] = [{"bearer": []}]
+    return op
+
+
+def build_openapi(routes: list[Route], registry: Registry, root_path: str = "") -> dict[str, Any]:
+    names = [spec.name for spec in registry]
+    paths: dict[str, Any] = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, names)
+    schemas = dict(_COMPONENTS)
+    for kind in RESULT_KEY:
+        schemas[f"{_title(kind)}Request"] = _request_schema(kind)
+        schemas[f"{_title(kind)}Response"] = _response_schema(kind)
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "jacobian-service",
+            "version": __version__,
+            "description": "Jacobians of registered PyTorch functions, computed like torch.func.jacrev.",
+        },
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+    if root_path:
+        doc["servers"] = [{"url": root_path}]
+    return doc

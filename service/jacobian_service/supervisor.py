@@ -1,0 +1,270 @@
+"""The supervisor: starts one engine process per device, watches them, restarts them.
+
+Torch-free; it runs in the ``serve`` process beside the front ends it starts. Every
+``_TICK_S`` it looks at each engine:
+
+- the process exited (a signal, ``os._exit``, the kernel's out-of-memory killer): the
+  requests it was running crashed it;
+- it runs a job past that job's deadline plus ``hang_grace_s``: a hang, killed;
+- it has not looked up for ``engine_heartbeat_s`` (a deadlock that holds the GIL): killed.
+
+Each death is published to the front ends (which engine, which request tags were
+running, why), counted against the function that was running, and the engine restarts
+with exponential backoff. A function that takes its engine down ``quarantine_after``
+times within ``quarantine_window_s`` is quarantined: the front ends refuse it until
+``quarantine_cooldown_s`` passes or an operator releases it. A function that crashed
+inside a batch is isolated (its requests run alone from then on), so a retried batch
+finds the one culprit and spares its batch-mates.
+
+State (engines up, generations, restarts, quarantines) is published twice a second, so
+a front end that missed an event still learns of a new generation.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zmq
+
+from . import ipc
+from .settings import Settings
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("jacobian_service.supervisor")
+
+_TICK_S = 0.05
+_STATE_EVERY_S = 0.5
+_BACKOFF_MAX_S = 10.0
+_STABLE_S = 60.0  # an engine up this long has its backoff reset
+
+
+@dataclass
+class _Engine:
+    index: int
+    device: str
+    proc: subprocess.Popen | None = None
+    board: ipc.StatusBoard | None = None
+    generation: int = 0
+    started: float = 0.0
+    ready: bool = False
+    restarts: int = 0
+    backoff_s: float = 0.0
+    restart_at: float = 0.0
+    killed_for: str = ""  # why we killed it ("hang", "heartbeat"), else ""
+    running: dict[str, Any] = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, run_dir: Path) -> None:
+        self.settings = settings
+        self.run_dir = run_dir
+        self.engines: list[_Engine] = []
+        self.strikes: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self.quarantined: dict[str, float] = {}  # function -> until (time.time())
+        self.quarantines = 0
+        self.isolate: set[str] = set()
+        self.ctx = zmq.Context()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(ipc.events_address(run_dir))
+        self.control = self.ctx.socket(zmq.PULL)  # front ends: "release this function"
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(f"ipc://{run_dir}/control.sock")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_state = 0.0
+
+    # ----------------------------------------------------------------- start-up
+
+    def start_first(self, timeout: float = 300.0) -> dict[str, Any]:
+        """Start engine 0, wait for it to load the functions; it names the devices.
+
+        A bad user module fails here, with the engine's own message on stderr, and the
+        server exits rather than restart a process that can never start."""
+        first = _Engine(0, self.settings.device)
+        self.engines = [first]
+        self._spawn(first)
+        registry = self.run_dir / "registry.json"
+        deadline = time.monotonic() + timeout
+        while not registry.exists():
+            if first.proc.poll() is not None:  # type: ignore[union-attr]
+                raise RuntimeError(f"the engine process exited with status {first.proc.returncode} while loading functions")  # type: ignore[union-attr]
+            if time.monotonic() > deadline:
+                raise RuntimeError("the engine process did not load the functions in time")
+            time.sleep(0.05)
+        doc = orjson.loads(registry.read_bytes())
+        devices = doc["devices"]
+        first.device = devices[0]
+        for index, device in enumerate(devices[1:], start=1):
+            engine = _Engine(index, device)
+            self.engines.append(engine)
+            self._spawn(engine)
+        return doc
+
+    def _spawn(self, engine: _Engine) -> None:
+        board_path = self.run_dir / f"engine-{engine.index}.status"
+        if engine.board is None:
+            engine.board = ipc.StatusBoard(board_path, create=True)
+        else:  # a fresh page: the dead engine's "running" must not be read as the new one's
+            engine.board.close()
+            engine.board = ipc.StatusBoard(board_path, create=True)
+        env = {**os.environ, "JACOBIAN_SERVICE_ISOLATE": ",".join(sorted(self.isolate))}
+        engine.proc = subprocess.Popen(
+            [sys.executable, "-m", "jacobian_service.engine.process", "--index", str(engine.index),
+             "--device", engine.device, "--run-dir", str(self.run_dir)],
+            env=env,
+        )
+        engine.generation += 1
+        engine.started = time.monotonic()
+        engine.ready = False
+        engine.killed_for = ""
+        log.info("engine %d (%s) started, generation %d, pid %d", engine.index, engine.device, engine.generation, engine.proc.pid)
+
+    # ----------------------------------------------------------------- watching
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(_TICK_S):
+            try:
+                self.tick()
+            except Exception:  # the supervisor must outlive its own bugs
+                log.exception("supervisor tick failed")
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        while self.control.poll(0):
+            msg = orjson.loads(self.control.recv())
+            if msg.get("t") == "release":
+                self.release(msg["fn"])
+        for engine in self.engines:
+            if engine.proc is None:
+                if now >= engine.restart_at:
+                    self._spawn(engine)
+                continue
+            status = engine.board.read()  # type: ignore[union-attr]
+            if status.get("tags"):
+                engine.running = status
+            elif status["deadline"] == 0.0:
+                engine.running = {}
+            engine.ready = status["ready"]
+            code = engine.proc.poll()
+            if code is not None:
+                self._died(engine, code, status)
+                continue
+            if status["deadline"] and now > status["deadline"] + self.settings.hang_grace_s:
+                self._kill(engine, "hang")
+            elif engine.ready and not status["deadline"] and now - status["beat"] > self.settings.engine_heartbeat_s:
+                self._kill(engine, "heartbeat")
+        self._expire_quarantines()
+        if now - self._last_state >= _STATE_EVERY_S:
+            self.publish_state()
+
+    def _kill(self, engine: _Engine, why: str) -> None:
+        log.warning("engine %d: %s; killing pid %d", engine.index, why, engine.proc.pid)  # type: ignore[union-attr]
+        engine.killed_for = why
+        engine.proc.kill()  # type: ignore[union-attr]
+        engine.proc.wait()  # type: ignore[union-attr]
+        self._died(engine, engine.proc.returncode, engine.board.read())  # type: ignore[union-attr]
+
+    def _died(self, engine: _Engine, code: int, status: dict[str, Any]) -> None:
+        running = status if status.get("tags") else engine.running
+        tags = list(running.get("tags", []))
+        function = running.get("function", "")
+        if engine.killed_for == "hang":
+            reason = f"{function or 'a function'} did not return by its deadline (plus {self.settings.hang_grace_s:g} s)"
+        elif engine.killed_for == "heartbeat":
+            reason = f"the engine stopped answering for {self.settings.engine_heartbeat_s:g} s"
+        elif code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            reason = f"the engine process was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+        else:
+            reason = f"the engine process exited with status {code}"
+        log.error("engine %d died: %s (running %s for %d requests)", engine.index, reason, function or "nothing", len(tags))
+        self.pub.send(orjson.dumps({
+            "t": "died", "engine": engine.index, "generation": engine.generation, "tags": tags,
+            "function": function, "reason": reason, "hang": engine.killed_for == "hang",
+        }))
+        if function:
+            self._strike(function, batch=len(tags) > 1)
+        engine.proc = None
+        engine.ready = False
+        engine.running = {}
+        engine.restarts += 1
+        if time.monotonic() - engine.started > _STABLE_S:
+            engine.backoff_s = 0.0
+        engine.restart_at = time.monotonic() + engine.backoff_s
+        engine.backoff_s = min(_BACKOFF_MAX_S, max(0.5, engine.backoff_s * 2))
+        self.publish_state()
+
+    def _strike(self, function: str, batch: bool) -> None:
+        if batch:
+            self.isolate.add(function)
+        now = time.time()
+        strikes = self.strikes[function]
+        strikes.append(now)
+        while strikes and now - strikes[0] > self.settings.quarantine_window_s:
+            strikes.popleft()
+        if len(strikes) >= self.settings.quarantine_after and function not in self.quarantined:
+            self.quarantined[function] = now + self.settings.quarantine_cooldown_s
+            self.quarantines += 1
+            log.error("function %s quarantined for %g s after %d engine failures", function,
+                      self.settings.quarantine_cooldown_s, len(strikes))
+
+    def _expire_quarantines(self) -> None:
+        now = time.time()
+        for function, until in list(self.quarantined.items()):
+            if now >= until:
+                self.release(function)
+
+    def release(self, function: str) -> None:
+        if self.quarantined.pop(function, None) is not None:
+            log.info("function %s released from quarantine", function)
+        self.strikes.pop(function, None)
+        self.publish_state()
+
+    def publish_state(self) -> None:
+        self._last_state = time.monotonic()
+        now = time.time()
+        self.pub.send(orjson.dumps({
+            "t": "state",
+            "engines": [{"index": e.index, "device": e.device, "generation": e.generation, "up": e.proc is not None,
+                         "ready": e.ready and e.proc is not None, "restarts": e.restarts} for e in self.engines],
+            "quarantined": {f: max(0.0, until - now) for f, until in self.quarantined.items()},
+            "quarantines": self.quarantines,
+        }))
+
+    # ----------------------------------------------------------------- shutdown
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for engine in self.engines:
+            if engine.proc is not None and engine.proc.poll() is None:
+                engine.proc.terminate()
+        for engine in self.engines:
+            if engine.proc is not None:
+                try:
+                    engine.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    engine.proc.kill()
+            if engine.board is not None:
+                engine.board.close()
+        self.pub.close()
+        self.control.close()
+        self.ctx.term()

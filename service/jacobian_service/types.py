@@ -1,0 +1,94 @@
+"""Request and result types shared by the HTTP front end and the engine: no torch here.
+
+A :class:`Call` is one validated request; a :class:`Result` holds numpy trees. Both
+cross the process boundary through :mod:`jacobian_service.ipc`, and both are what the
+in-process engine client hands around, so the front end never needs torch to build or
+read them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import Timeout
+from .registry import FunctionSpec
+
+__all__ = ["Call", "JobInfo", "Result", "tree_leaves"]
+
+
+def tree_leaves(tree: Any) -> Iterator[Any]:
+    """The leaves of a tree of tuples, lists and dicts, in order."""
+    if isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from tree_leaves(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from tree_leaves(item)
+    else:
+        yield tree
+
+
+@dataclass
+class Call:
+    """One validated request, ready for an engine."""
+
+    spec: FunctionSpec
+    args: list[np.ndarray]
+    dtypes: list[str]  # compute dtype per input
+    argnums: tuple[int, ...] = (0,)
+    as_tuple: bool = False
+    chunk_size: int | None = None
+    batched: bool = False
+    mode: str = "rev"
+    rows: tuple[int, int] | None = None
+    return_output: bool = False
+    vectors: Any = None  # cotangents (vjp) or tangents (jvp, hvp), as numpy trees
+    batched_vectors: bool = False
+    deadline: float = math.inf  # time.monotonic() seconds: one clock for every process
+    max_result_bytes: int | None = None
+    cancelled: Callable[[], bool] = field(default=lambda: False)
+
+    def signature(self, batched: bool = False) -> tuple[Any, ...]:
+        """What equal requests share: function, argnums, per-example shapes and dtypes."""
+        shapes = tuple(a.shape[1:] if batched else a.shape for a in self.args)
+        return (self.spec.name, self.argnums, self.as_tuple, shapes, tuple(self.dtypes))
+
+    def row_nbytes(self) -> int:
+        """Bytes of one Jacobian row on the wire (args hold bfloat16 as float32 already)."""
+        return sum(self.args[i].nbytes for i in self.argnums)
+
+    def check_alive(self) -> None:
+        if self.cancelled():
+            raise Timeout("the request was cancelled")
+        if time.monotonic() > self.deadline:
+            raise Timeout("the request ran past its deadline")
+
+
+@dataclass
+class Result:
+    value: Any  # tree of numpy arrays
+    aux: Any = None
+    has_aux: bool = False
+    output: Any = None
+    chunk_size: int | None = None
+    mode: str | None = None
+
+    def nbytes(self) -> int:
+        """Bytes of every array the response will carry (value, aux and output)."""
+        trees = (self.value, self.aux, self.output)
+        return sum(leaf.nbytes for tree in trees for leaf in tree_leaves(tree) if isinstance(leaf, np.ndarray))
+
+
+@dataclass
+class JobInfo:
+    """How a job ran: on which device, in how large a batch, how long it queued and computed."""
+
+    device: str | None = None
+    batch_size: int = 1
+    queue_s: float = 0.0
+    compute_s: float = 0.0
