@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,7 +19,7 @@ from hypothesis import settings as hypothesis_settings
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
+from starlette.testclient import TestClient
 
 from jacobian_client import wire
 from jacobian_service import create_app
@@ -143,12 +144,16 @@ def live_server(**settings: Any) -> Iterator[tuple[str, subprocess.Popen]]:
         "JACOBIAN_SERVICE_FUNCTIONS": "jacobian_service.examples,tests.user_functions",
         **{f"JACOBIAN_SERVICE_{k.upper()}": str(v) for k, v in settings.items()},
     }
+    # The log goes to a file, not a pipe: nobody reads a pipe while the test runs, and a
+    # full pipe would block the server's logging mid-test.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "jacobian_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
     )
+    proc.read_log = lambda: _read(log)  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -159,9 +164,13 @@ def live_server(**settings: Any) -> Iterator[tuple[str, subprocess.Popen]]:
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not become ready:\n{proc.stdout.read().decode()}")
+                raise RuntimeError(f"the server did not become ready:\n{_read(log)}")
             time.sleep(0.2)
-        yield url, proc
+        try:
+            yield url, proc
+        except BaseException:
+            print(_read(log)[-20000:])  # the server's side of a failed test, shown by pytest
+            raise
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -170,6 +179,12 @@ def live_server(**settings: Any) -> Iterator[tuple[str, subprocess.Popen]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
+        log.close()
+
+
+def _read(log: Any) -> str:
+    log.seek(0)
+    return log.read().decode(errors="replace")
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:

@@ -116,7 +116,7 @@ def test_a_function_vmap_cannot_run_is_learned_and_served_alone(make_client):
             got, doc = decode(r)
             np.testing.assert_allclose(got, torch.func.jacrev(branchy)(torch.tensor(body["inputs"][0])).numpy(), rtol=1e-6)
     assert {r.json()["meta"]["batch_size"] for r in responses} == {1}  # the second round ran alone
-    assert "branchy" in c.app.state.service.scheduler.engines[0].no_vmap_function  # learned
+    assert not c.app.service_state.engines.workers[0].worker.engine.profiles["branchy"].vmap_function  # learned
 
 
 def test_batches_stay_inside_the_memory_budget(make_client):

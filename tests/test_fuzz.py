@@ -14,7 +14,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import schemathesis
-from fastapi.testclient import TestClient
+from starlette.testclient import TestClient
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from jacobian_client import wire

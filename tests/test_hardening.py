@@ -117,7 +117,7 @@ def test_disconnect_cancels_running_work_and_drain_on_sigterm():
         assert result["r"].status_code == 200
         np.testing.assert_allclose(wire.decode_tree(result["r"].json()["jacobian"]), np.eye(30))
         assert proc.wait(timeout=20) == 0
-        out = proc.stdout.read().decode()
+        out = proc.read_log()
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     access = [r for r in records if r.get("request_id") == "log-me"]
     assert access and access[0]["status"] == 200 and access[0]["path"] == "/v1/functions/sin/jacobian"
