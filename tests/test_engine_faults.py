@@ -1,0 +1,123 @@
+"""Functions that crash, segfault or hang cost only their own request (issue: engine processes).
+
+A real ``jacobian-service serve`` with engine processes under a supervisor: each fault
+kills or wedges the engine process, the request that caused it gets its answer (500
+``function_error`` for a crash, 504 ``timeout`` for a hang), the engine is back within
+5 s, other functions keep working, and a function that keeps doing it is quarantined
+until an operator releases it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import assert_problem, live_server
+
+FUNCTIONS = "jacobian_service.examples,tests.fault_functions"
+ARMED = {"inputs": [[666.0, 1.0]]}
+SETTINGS = dict(FUNCTIONS=FUNCTIONS, REQUEST_TIMEOUT_S=2, HANG_GRACE_S=1, QUARANTINE_AFTER=2, WORKERS=1)
+
+
+def sin_ok(url: str) -> None:
+    r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
+
+
+def back_within(url: str, seconds: float) -> float:
+    """Seconds until /readyz says 200 again (fails past ``seconds``)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    pytest.fail(f"the engine was not back within {seconds} s")
+
+
+def wait_restarts(url: str, count: int, seconds: float) -> None:
+    t0 = time.monotonic()
+    while restarts(url) < count:
+        assert time.monotonic() - t0 < seconds, f"no engine restart within {seconds} s"
+        time.sleep(0.05)
+
+
+def restarts(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("jacobian_service_engine_restarts{"))
+
+
+@pytest.mark.parametrize("name", ["exits", "segfaults"])
+def test_a_crash_costs_only_its_request(name):
+    with live_server(**SETTINGS) as (url, proc):
+        assert httpx.post(f"{url}/v1/functions/{name}/jacobian", json={"inputs": [[0.5, 1.0]]}).status_code == 200
+        r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json=ARMED, timeout=30)
+        body = assert_problem(r, 500, "function_error")
+        assert "Traceback" not in r.text
+        assert "while running this request; the engine was restarted" in body["detail"]
+        assert back_within(url, 5.0) < 5.0
+        sin_ok(url)
+        assert restarts(url) == 1
+        assert proc.poll() is None  # the server itself never went down
+
+
+@pytest.mark.parametrize("name", ["spins", "sleeps"])
+def test_a_hang_is_cut_at_its_deadline(name):
+    with live_server(**SETTINGS) as (url, _):
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json=ARMED, timeout=30)
+        assert_problem(r, 504, "timeout")
+        assert time.monotonic() - t0 < 2 + 0.5  # the request's own deadline
+        wait_restarts(url, 1, 1 + 3)  # the supervisor kills it past deadline + grace
+        back_within(url, 5.0)
+        sin_ok(url)
+
+
+def test_requests_queued_behind_a_hang_are_retryable_and_later_ones_succeed():
+    with live_server(**SETTINGS) as (url, _):
+        results: list[httpx.Response] = []
+
+        def other() -> None:
+            results.append(httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30))
+
+        crash = threading.Thread(target=lambda: httpx.post(f"{url}/v1/functions/sleeps/jacobian", json=ARMED, timeout=30))
+        crash.start()
+        time.sleep(0.3)
+        others = [threading.Thread(target=other) for _ in range(8)]
+        for t in others:
+            t.start()
+        for t in [crash, *others]:
+            t.join()
+        for r in results:  # never a 500: each ran, timed out in the queue, or was told to retry
+            if r.status_code == 503:
+                assert_problem(r, 503, "unavailable")
+                assert r.headers["retry-after"]
+            elif r.status_code != 200:
+                assert_problem(r, 504, "timeout")
+        wait_restarts(url, 1, 5)
+        back_within(url, 5.0)
+        sin_ok(url)
+
+
+def test_a_repeat_offender_is_quarantined_until_released():
+    with live_server(**SETTINGS) as (url, _):
+        for _ in range(2):
+            assert_problem(httpx.post(f"{url}/v1/functions/exits/jacobian", json=ARMED, timeout=30), 500, "function_error")
+            back_within(url, 5.0)
+        r = httpx.post(f"{url}/v1/functions/exits/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
+        assert_problem(r, 503, "function_quarantined")
+        assert int(r.headers["retry-after"]) > 0
+        sin_ok(url)  # only the offender is refused
+        released = httpx.delete(f"{url}/v1/functions/exits/quarantine")
+        assert released.status_code == 200 and released.json() == {"function": "exits", "released": True}
+        deadline = time.monotonic() + 3  # the release reaches every front end through the supervisor
+        while time.monotonic() < deadline:
+            r = httpx.post(f"{url}/v1/functions/exits/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
+            if r.status_code == 200:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
