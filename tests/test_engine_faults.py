@@ -121,3 +121,17 @@ def test_a_repeat_offender_is_quarantined_until_released():
                 break
             time.sleep(0.1)
         assert r.status_code == 200, r.text
+
+
+def test_the_front_end_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from jacobian_service.app import create_app\n"
+        "from jacobian_service import routes, middleware, engine_client, ipc, supervisor, server\n"
+        "assert 'torch' not in sys.modules, 'the front end imported torch'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
