@@ -18,7 +18,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .coloring import Coloring, choose_coloring, star_coloring
-from .detect import TraceError, probe, trace_hessian, trace_jacobian
+from .detect import NO_GRAD_NOTE, TraceError, probe, trace_hessian, trace_jacobian
 from .patterns import Declared, Pattern, PatternCache, function_fingerprint
 
 __all__ = ["SparseResult", "describe_sparsity", "resolve", "sparse_hessian", "sparse_jacobian"]
@@ -114,6 +114,8 @@ def resolve(
             return p, hit["coloring"], "disk"
         return p, hit["coloring"], "memory"
     p = _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size)
+    if NO_GRAD_NOTE in p.notes and mode != "rev":
+        mode = "rev"  # jvp would differentiate through the no_grad values
     coloring = star_coloring(p) if kind == "hessian" else choose_coloring(p, mode)
     cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring})
     return p, coloring, ""

@@ -44,7 +44,7 @@ from torch.utils import _pytree as pytree
 
 from .patterns import Pattern
 
-__all__ = ["TraceError", "probe", "trace_hessian", "trace_jacobian"]
+__all__ = ["NO_GRAD_NOTE", "TraceError", "probe", "trace_hessian", "trace_jacobian"]
 
 aten = torch.ops.aten
 
@@ -80,7 +80,7 @@ _NO_DEPS = frozenset(
 # Pointwise ops that are linear in every argument that carries dependencies.
 _LINEAR_POINTWISE = frozenset(
     """add sub rsub neg positive where clone _to_copy copy alias lift_fresh contiguous
-    masked_fill _conj real view_as_real""".split()
+    masked_fill _conj real""".split()
 )
 # Reductions over ``dim`` (all dims when absent): linear ones pass Hessian pairs on.
 _LINEAR_REDUCE = frozenset("sum mean nansum".split())
@@ -179,6 +179,7 @@ class _Tracer:
         self.n = n_inputs
         self.hessian = hessian
         self.unknown: set[str] = set()
+        self.no_grad = False  # the function computes from traced values under no_grad
 
     # ------------------------------------------------------------------ helpers
     def labels(self, t: _Traced) -> torch.Tensor:
@@ -229,9 +230,11 @@ class _Tracer:
     def rules(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
         """Wrap ``out`` (a tensor or a tuple/list of them) with its dependencies."""
         leaves, spec = pytree.tree_flatten(out)
-        if not any(isinstance(o, torch.Tensor) and o.is_floating_point() for o in leaves):
+        if not any(_float(o) for o in leaves):
             return out  # indices, masks, scalars: no derivative flows through them
         traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
+        if not torch.is_grad_enabled():
+            self.no_grad = True
         if name in _NO_DEPS or name in _ZERO_DERIVATIVE or not torch.is_grad_enabled():
             wrapped = [self.wrap(o, _empty(o.numel(), self.n)) if _float(o) else o for o in leaves]
             return pytree.tree_unflatten(wrapped, spec)
@@ -246,9 +249,12 @@ class _Tracer:
         if name in _REDUCE or name in _LINE or name in _SCAN:
             return self.along(func, name, args, kwargs, out)
         if torch.Tag.pointwise in func.tags or name in _LINEAR_POINTWISE:
-            return pytree.tree_unflatten(
-                [self.pointwise(name, args, kwargs, o) if _float(o) else o for o in leaves], spec
-            )
+            try:
+                return pytree.tree_unflatten(
+                    [self.pointwise(name, args, kwargs, o) if _float(o) else o for o in leaves], spec
+                )
+            except RuntimeError:  # shapes that do not broadcast elementwise (complex views)
+                return self.dense(name, traced, out)
         return self.dense(name, traced, out)
 
     # ------------------------------------------------------------------ rules
@@ -304,14 +310,18 @@ class _Tracer:
                     roots[id(a.root)] = (a.root, offset)
                     offset += a.root.value.numel()
                 return self.labels(a) + roots[id(a.root)][1] * (self.labels(a) > 0)
-            if isinstance(a, torch.Tensor) and a.is_floating_point():
+            if _float(a):
                 return torch.zeros(a.shape, dtype=torch.float64, device=a.device)  # constants: no source
             if isinstance(a, float):
                 return 0.0  # a fill value (padding): no source
             return a
 
         labelled_args, labelled_kwargs = pytree.tree_map(label, (args, kwargs))
-        labelled = func(*labelled_args, **labelled_kwargs)
+        try:
+            labelled = func(*labelled_args, **labelled_kwargs)
+        except Exception:  # e.g. an op that needs complex or integer data, not labels
+            traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
+            return self.dense(_op(func), traced, out)
         is_view = bool(func._schema.returns) and func._schema.returns[0].alias_info is not None
         sources = list(roots.values())
         stacked = sp.vstack([r.deps for r, _ in sources], format="csr") if sources else _empty(0, self.n)
@@ -483,7 +493,8 @@ class _Tracer:
 
 
 def _float(o: Any) -> bool:
-    return isinstance(o, torch.Tensor) and o.is_floating_point()
+    """Tensors that can carry a derivative (complex ones too: fft, view_as_real, ...)."""
+    return isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex())
 
 
 def _dims(func: Any, args: Any, kwargs: dict[str, Any], ndim: int) -> tuple[int, ...]:
@@ -528,8 +539,14 @@ def _trace(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequen
     return leaves, tracer
 
 
+#: Note on patterns of functions that compute from their inputs under ``torch.no_grad``:
+#: forward-mode AD would differentiate through those values, so only VJPs are used.
+NO_GRAD_NOTE = "uses torch.no_grad: reverse mode only"
+
+
 def _notes(tracer: _Tracer) -> tuple[str, ...]:
-    return tuple(f"unknown op {name}: assumed dense" for name in sorted(tracer.unknown))
+    notes = tuple(f"unknown op {name}: assumed dense" for name in sorted(tracer.unknown))
+    return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ())
 
 
 def trace_jacobian(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,)) -> Pattern:
@@ -551,6 +568,20 @@ def trace_hessian(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums:
     hess = out.root.hess if isinstance(out, _Traced) and out.root.hess is not None else _empty(tracer.n, tracer.n)
     coo = _ones(hess).tocoo()
     return Pattern((tracer.n, tracer.n), coo.row, coo.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer))
+
+
+def _dense(g: Callable[..., torch.Tensor], diff: Sequence[torch.Tensor], hessian: bool) -> Any:
+    """Dense derivative by torch.func; row by row (no vmap) when vmap cannot run ``g``."""
+    argnums = tuple(range(len(diff)))
+    for chunk in (None, 1):
+        try:
+            if hessian:
+                return torch.func.jacrev(torch.func.jacrev(g, argnums=argnums), argnums=argnums, chunk_size=chunk)(*diff)
+            return torch.func.jacrev(g, argnums=argnums, chunk_size=chunk)(*diff)
+        except Exception:
+            if chunk == 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def probe(
@@ -576,7 +607,7 @@ def probe(
             leaves = pytree.tree_leaves(fn(*full))
             return torch.cat([o.reshape(-1) for o in leaves])
 
-        jac = torch.func.hessian(g, argnums=tuple(range(len(diff))))(*diff) if hessian else torch.func.jacrev(g, argnums=tuple(range(len(diff))))(*diff)
+        jac = _dense(g, diff, hessian)
         if hessian:
             blocks = [[h.reshape(diff[r].numel(), diff[c].numel()) for c, h in enumerate(row)] for r, row in enumerate(jac)]
             dense = torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
