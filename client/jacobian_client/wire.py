@@ -28,7 +28,7 @@ import io
 import math
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import orjson
@@ -42,12 +42,17 @@ __all__ = [
     "PROBLEM",
     "PROBLEM_STATUS",
     "Limits",
+    "SparseCOO",
     "WireError",
     "check_depth",
     "decode_json_array",
+    "decode_sparse_json",
     "decode_tree",
     "dumps",
+    "encode_sparse_json",
     "encode_tree",
+    "is_sparse",
+    "is_sparse_object",
     "flatten_tree",
     "is_array_object",
     "loads",
@@ -58,8 +63,10 @@ __all__ = [
     "read_npy",
     "read_npz",
     "read_result_npz",
+    "read_sparse_npz",
     "write_npy",
     "write_npz",
+    "write_sparse_npz",
 ]
 
 JSON = "application/json"
@@ -293,7 +300,10 @@ def check_depth(doc: Any, limit: int) -> None:
 
 
 def encode_tree(tree: Any) -> Any:
-    """Arrays -> ``{"dtype", "shape", "data"}``; tuples -> lists; the rest as is."""
+    """Arrays -> ``{"dtype", "shape", "data"}``; sparse matrices -> sparse objects;
+    tuples -> lists; the rest as is."""
+    if is_sparse(tree):
+        return encode_sparse_json(tree)
     if isinstance(tree, np.ndarray):
         arr = _c_order(tree)
         data: Any = arr.item() if arr.ndim == 0 else arr  # orjson serialises no 0-d arrays
@@ -310,7 +320,10 @@ def encode_tree(tree: Any) -> Any:
 
 
 def decode_tree(tree: Any, sequence: type = tuple, limits: Limits = Limits()) -> Any:
-    """Inverse of :func:`encode_tree`: array objects -> ndarrays, lists -> ``sequence``."""
+    """Inverse of :func:`encode_tree`: array objects -> ndarrays, sparse objects ->
+    sparse matrices (see :func:`decode_sparse_json`), lists -> ``sequence``."""
+    if is_sparse_object(tree):
+        return decode_sparse_json(tree, limits=limits)
     if is_array_object(tree):
         return decode_json_array(tree, limits=limits)[0]
     if isinstance(tree, list):
@@ -543,3 +556,202 @@ def read_result_npz(body: bytes | memoryview, limits: Limits = Limits()) -> tupl
     structure = doc.pop("structure", {})
     doc.pop("aux", None)
     return {k: build(v) for k, v in structure.items()}, doc
+
+
+# --------------------------------------------------------------------------- sparse
+#
+# A sparse derivative is a 2-D matrix (output elements) x (input elements), both
+# flattened in C order (SPEC 7). In JSON it is a sparse object
+# ``{"format": "csr", "shape", "dtype", "indptr", "indices", "data"}`` or
+# ``{"format": "coo", "shape", "dtype", "row", "col", "data"}``; as a body it is an
+# ``.npz`` with exactly the members ``scipy.sparse.save_npz`` writes (``format``,
+# ``shape``, ``data``, ``indices`` + ``indptr`` or ``row`` + ``col``, ``_is_array``),
+# so ``scipy.sparse.load_npz`` reads it, plus an optional ``meta.json``. scipy is never
+# imported at module level: the SDK's base install has none, and then decodes to
+# :class:`SparseCOO`; with scipy installed it returns ``scipy.sparse`` arrays.
+
+_SPARSE_FIELDS = {"csr": ("indptr", "indices"), "coo": ("row", "col")}
+
+
+class SparseCOO(NamedTuple):
+    """A sparse matrix without scipy: entries ``data[k]`` at ``(row[k], col[k])``."""
+
+    row: np.ndarray
+    col: np.ndarray
+    data: np.ndarray
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def format(self) -> str:
+        return "coo"
+
+    def tocoo(self) -> "SparseCOO":
+        return self
+
+    def toarray(self) -> np.ndarray:
+        out = np.zeros(self.shape, dtype=self.data.dtype)
+        np.add.at(out, (self.row, self.col), self.data)  # duplicates sum, as in scipy
+        return out
+
+
+def is_sparse(obj: Any) -> bool:
+    """A scipy sparse matrix/array or a :class:`SparseCOO` (duck-typed: no scipy import)."""
+    return isinstance(obj, SparseCOO) or (
+        getattr(obj, "format", None) in ("csr", "csc", "coo", "bsr", "dia", "lil", "dok")
+        and hasattr(obj, "tocoo") and hasattr(obj, "nnz")
+    )
+
+
+def is_sparse_object(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") in _SPARSE_FIELDS and "shape" in obj and "data" in obj
+
+
+def _sparse_arrays(matrix: Any) -> tuple[str, tuple[int, int], dict[str, np.ndarray]]:
+    """``(format, shape, arrays)`` of a CSR or COO matrix (others become CSR or COO)."""
+    if isinstance(matrix, SparseCOO):
+        return "coo", tuple(matrix.shape), {"row": matrix.row, "col": matrix.col, "data": matrix.data}  # type: ignore[return-value]
+    if matrix.format not in _SPARSE_FIELDS:
+        matrix = matrix.tocsr()
+    shape = tuple(int(d) for d in matrix.shape)
+    if matrix.format == "csr":
+        return "csr", shape, {"indptr": matrix.indptr, "indices": matrix.indices, "data": matrix.data}  # type: ignore[return-value]
+    return "coo", shape, {"row": matrix.row, "col": matrix.col, "data": matrix.data}  # type: ignore[return-value]
+
+
+def encode_sparse_json(matrix: Any) -> dict[str, Any]:
+    """A sparse matrix -> the JSON sparse object (non-finite values spelled as in arrays)."""
+    fmt, shape, arrays = _sparse_arrays(matrix)
+    data = _c_order(np.asarray(arrays["data"]))
+    out: dict[str, Any] = {"format": fmt, "shape": list(shape), "dtype": data.dtype.name}
+    for name in _SPARSE_FIELDS[fmt]:
+        out[name] = _c_order(np.asarray(arrays[name]))
+    out["data"] = _spell_nonfinite(data) if data.dtype.kind == "f" and not np.isfinite(data).all() else data
+    return out
+
+
+def _check_sparse(fmt: str, shape: tuple[int, ...], arrays: dict[str, np.ndarray], limits: Limits) -> None:
+    """Shapes, lengths and index ranges, so that a hostile body cannot index out of range."""
+    if len(shape) != 2:
+        raise WireError(f"a sparse matrix is 2-D, got shape {list(shape)}", "invalid_input")
+    m, n = shape
+    data = arrays["data"]
+    if data.ndim != 1 or data.size > limits.max_elements:
+        raise WireError("sparse 'data' must be 1-D and within the element limit", "invalid_input")
+    for name in _SPARSE_FIELDS[fmt]:
+        a = arrays[name]
+        if a.ndim != 1 or a.dtype.kind not in "iu":
+            raise WireError(f"sparse {name!r} must be a 1-D integer array", "invalid_input")
+    if fmt == "csr":
+        indptr, indices = arrays["indptr"], arrays["indices"]
+        if indptr.size != m + 1 or indices.size != data.size or (indptr.size and (indptr[0] != 0 or indptr[-1] != data.size)) or np.any(np.diff(indptr) < 0):
+            raise WireError("sparse csr: indptr must rise from 0 to nnz over shape[0] + 1 entries", "invalid_input")
+        bad = indices.size and (indices.min() < 0 or indices.max() >= n)
+    else:
+        row, col = arrays["row"], arrays["col"]
+        if row.size != data.size or col.size != data.size:
+            raise WireError("sparse coo: row, col and data must have one length", "invalid_input")
+        bad = row.size and (row.min() < 0 or row.max() >= m or col.min() < 0 or col.max() >= n)
+    if bad:
+        raise WireError(f"sparse indices fall outside the shape {list(shape)}", "invalid_input")
+
+
+def _to_matrix(fmt: str, shape: tuple[int, int], arrays: dict[str, np.ndarray], as_scipy: bool | None) -> Any:
+    """scipy arrays when scipy is importable (or ``as_scipy=True``), else :class:`SparseCOO`."""
+    sparse = None
+    if as_scipy is not False:
+        try:
+            import scipy.sparse as sparse
+        except ImportError:
+            if as_scipy:
+                raise
+    if sparse is not None:
+        if fmt == "csr":
+            return sparse.csr_array((arrays["data"], arrays["indices"], arrays["indptr"]), shape=shape)
+        return sparse.coo_array((arrays["data"], (arrays["row"], arrays["col"])), shape=shape)
+    if fmt == "csr":
+        row = np.repeat(np.arange(shape[0]), np.diff(arrays["indptr"]))
+        return SparseCOO(row, arrays["indices"], arrays["data"], shape)
+    return SparseCOO(arrays["row"], arrays["col"], arrays["data"], shape)
+
+
+def decode_sparse_json(obj: Any, limits: Limits = Limits(), as_scipy: bool | None = None) -> Any:
+    """The JSON sparse object -> a sparse matrix (scipy when installed, else SparseCOO)."""
+    if not is_sparse_object(obj):
+        raise WireError("expected a sparse object with format csr or coo, shape and data", "invalid_input")
+    fmt = obj["format"]
+    unknown = set(obj) - {"format", "shape", "dtype", "data", *_SPARSE_FIELDS[fmt]}
+    if unknown:
+        raise WireError(f"unknown sparse keys {sorted(unknown)}", "invalid_input")
+    shape = _check_shape(obj["shape"], limits)
+    dtype = _np_dtype(obj.get("dtype", "float64"))
+    arrays = {"data": _from_numbers(obj["data"], dtype, limits).reshape(-1)}
+    for name in _SPARSE_FIELDS[fmt]:
+        if name not in obj:
+            raise WireError(f"sparse {fmt} needs {name!r}", "invalid_input")
+        arrays[name] = _from_numbers(obj[name], np.dtype(np.int64), limits).reshape(-1)
+    _check_sparse(fmt, shape, arrays, limits)
+    return _to_matrix(fmt, shape, arrays, as_scipy)  # type: ignore[arg-type]
+
+
+def _scalar_npy(value: np.ndarray) -> list[bytes | memoryview]:
+    return [npy_header(value.shape, value.dtype), value.tobytes()]
+
+
+def write_sparse_npz(matrix: Any, meta: dict[str, Any] | None = None) -> bytes:
+    """A sparse matrix as the ``.npz`` ``scipy.sparse.save_npz`` writes (stored, not
+    deflated), plus ``meta.json`` when ``meta`` is given."""
+    fmt, shape, arrays = _sparse_arrays(matrix)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in _SPARSE_FIELDS[fmt]:
+            _write_member(zf, f"{name}.npy", write_npy(np.asarray(arrays[name])))
+        _write_member(zf, "format.npy", _scalar_npy(np.array(fmt.encode("ascii"))))
+        _write_member(zf, "shape.npy", write_npy(np.asarray(shape, dtype=np.int64)))
+        _write_member(zf, "data.npy", write_npy(np.asarray(arrays["data"])))
+        _write_member(zf, "_is_array.npy", write_npy(np.array(True)))  # load_npz: an array, not a matrix
+        if meta is not None:
+            zf.writestr("meta.json", dumps(meta))
+    return buf.getvalue()
+
+
+def read_sparse_npz(body: bytes | memoryview, limits: Limits = Limits(), as_scipy: bool | None = None) -> tuple[Any, dict[str, Any]]:
+    """Inverse of :func:`write_sparse_npz` (also reads ``scipy.sparse.save_npz`` files):
+    ``(matrix, meta)``."""
+    members: dict[str, bytes] = {}
+    for filename, raw in _npz_members(body, limits):
+        members[filename] = raw
+    meta = loads(members.pop("meta.json")) if "meta.json" in members else {}
+    raw_format = members.pop("format.npy", None)
+    if raw_format is None:
+        raise WireError("not a sparse .npz: no 'format' member")
+    fmt = _read_format(raw_format)
+    if fmt not in _SPARSE_FIELDS:
+        raise WireError(f"sparse format {fmt!r} is not supported; send csr or coo", "invalid_input")
+    members.pop("_is_array.npy", None)
+    arrays = _npz_arrays(iter(members.items()), limits)
+    need = {"shape", "data", *_SPARSE_FIELDS[fmt]}
+    if set(arrays) != need:
+        raise WireError(f"sparse {fmt} .npz needs members {sorted(need)}, got {sorted(arrays)}")
+    shape = tuple(int(d) for d in arrays.pop("shape").reshape(-1))
+    _check_shape(list(shape), limits)
+    _check_sparse(fmt, shape, arrays, limits)
+    return _to_matrix(fmt, shape, arrays, as_scipy), meta  # type: ignore[arg-type]
+
+
+def _read_format(raw: bytes) -> str:
+    """The ``format`` member: a 0-d byte (or unicode) string, which read_npy refuses."""
+    end = npy_header_length(raw)
+    if end is None or end > len(raw):
+        raise WireError("unreadable sparse 'format' member")
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError, EOFError, ...
+        raise WireError(f"unreadable sparse 'format' member: {exc}") from None
+    if arr.dtype.kind not in "SU" or arr.ndim != 0:
+        raise WireError("sparse 'format' must be a short string")
+    value = arr.item()
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .registry import Input, register
+from .sparsity.patterns import banded, from_callable
 
 # These lists are written by @register; Registry.from_modules reads them.
 __jacobian_functions__: list = []
@@ -97,9 +100,13 @@ def _lorenz96_rhs(x: torch.Tensor, forcing: float = 8.0) -> torch.Tensor:
     return (torch.roll(x, -1, -1) - torch.roll(x, 2, -1)) * torch.roll(x, 1, -1) - x + forcing
 
 
+# The right-hand side couples x[i-2], x[i-1], x[i], x[i+1] (offsets -2..+1, cyclic);
+# each of RK4's four stages composes it once more, so one step reaches offsets -8..+4:
+# a periodic band with 8 sub- and 4 super-diagonals (13 entries a row once n >= 13).
 @register(
     inputs=[Input("x", shape=("n",))],
     description="One RK4 step (dt = 0.01, F = 8) of Lorenz-96: a banded Jacobian.",
+    sparsity={"band": banded(8, 4, periodic=True)},
 )
 def lorenz96(x: torch.Tensor) -> torch.Tensor:
     dt = 0.01
@@ -108,3 +115,41 @@ def lorenz96(x: torch.Tensor) -> torch.Tensor:
     k3 = _lorenz96_rhs(x + dt / 2 * k2)
     k4 = _lorenz96_rhs(x + dt * k3)
     return x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+def _five_point(in_shapes: list[tuple[int, ...]], out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 5-point stencil on an ``h x w`` grid with zero (Dirichlet) boundaries."""
+    h, w = in_shapes[0]
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    rows, cols = [], []
+    for di, dj in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
+        ii, jj = i + di, j + dj
+        inside = (ii >= 0) & (ii < h) & (jj >= 0) & (jj < w)
+        rows.append((i * w + j)[inside])
+        cols.append((ii * w + jj)[inside])
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+@register(
+    inputs=[Input("u", shape=("h", "w"))],
+    description=(
+        "One explicit Euler step (dt = 0.1) of Fisher-KPP reaction-diffusion, u_t = lap(u) + u(1 - u), "
+        "on a grid with zero boundaries: a 5-point-stencil Jacobian."
+    ),
+    sparsity={"stencil": from_callable(_five_point)},
+)
+def reaction_diffusion(u: torch.Tensor) -> torch.Tensor:
+    dt = 0.1
+    padded = F.pad(u.unsqueeze(0), (1, 1, 1, 1)).squeeze(0)  # zeros outside the grid
+    lap = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:] - 4 * u
+    return u + dt * (lap + u * (1 - u))
+
+
+# Left to detection on purpose (no sparsity= declared): a separable-plus-banded
+# objective whose Hessian is tridiagonal, for sparse Hessians.
+@register(
+    inputs=[Input("x", shape=("n",))],
+    description="Chained Rosenbrock, sum 100 (x[i+1] - x[i]^2)^2 + (1 - x[i])^2: a scalar with a tridiagonal Hessian.",
+)
+def rosenbrock(x: torch.Tensor) -> torch.Tensor:
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()

@@ -11,13 +11,14 @@ import difflib
 import importlib
 import inspect
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import FunctionNotFound, InvalidInput
+from .sparsity.patterns import Declared, declared as _declared_patterns
 
 __all__ = ["ENTRY_POINT_GROUP", "FunctionSpec", "Input", "Registry", "format_shape", "register"]
 
@@ -100,14 +101,19 @@ class FunctionSpec:
     has_aux: bool = False
     description: str = ""
     module: str = ""
+    # Declared sparsity patterns by name (SPEC 7); torch-free recipes built per shape.
+    sparsity: dict[str, Declared] = field(default_factory=dict, hash=False, compare=False)
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "description": self.description,
             "inputs": [i.describe() for i in self.inputs],
             "has_aux": self.has_aux,
         }
+        if self.sparsity:  # only when declared: descriptions of other functions are unchanged
+            out["sparsity"] = {name: d.describe() for name, d in self.sparsity.items()}
+        return out
 
     @classmethod
     def from_description(cls, doc: dict[str, Any]) -> "FunctionSpec":
@@ -158,8 +164,16 @@ def register(
     inputs: Iterable[Input] | None = None,
     has_aux: bool = False,
     description: str | None = None,
+    sparsity: Declared | dict[str, Declared] | None = None,
 ) -> Any:
-    """Declare a function to serve; usable bare (``@register``) or with arguments."""
+    """Declare a function to serve; usable bare (``@register``) or with arguments.
+
+    ``sparsity`` declares the Jacobian's (or, with ``hessian=True``, the Hessian's)
+    sparsity pattern: one of :mod:`jacobian_service.sparsity`'s ``banded``,
+    ``block_diagonal``, ``coo``, ``from_callable``, or a dict naming several; requests
+    pick one by name (``sparsity: "<name>"``) or detect one (``sparsity: "auto"``).
+    """
+    patterns = _declared_patterns(sparsity)
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         spec = FunctionSpec(
@@ -169,6 +183,7 @@ def register(
             has_aux=has_aux,
             description=description if description is not None else inspect.cleandoc(f.__doc__ or ""),
             module=f.__module__,
+            sparsity=patterns,
         )
         names = [i.name for i in spec.inputs]
         if len(set(names)) != len(names):

@@ -1,0 +1,210 @@
+"""``python -m bench.sparse [--quick] [--rounds N] [--torch-threads T]``: sparse vs dense
+derivatives, in process (no HTTP), side by side, with asdex (JAX) as a peer when installed.
+
+Cases (issue 11): lorenz96 at n = 8192 (periodic band), one reaction-diffusion step on a
+128 x 128 grid (5-point stencil), and the sparse Hessian of a separable-plus-banded
+objective at n = 4096. For each: medians of dense ``torch.func.jacrev`` (or ``hessian``)
+and of the sparse path with its pattern and colouring cached (steady state), the first
+call (detection + colouring) on its own, the ratio, colours against the known optimum,
+result bytes against nnz x (value + index) bytes, and the largest difference from dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from jacobian_service.registry import Registry
+from jacobian_service.sparsity import PatternCache, sparse_hessian, sparse_jacobian
+
+Row = dict[str, Any]
+
+
+def median_time(fn: Callable[[], Any], rounds: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def hessian_objective(x: torch.Tensor) -> torch.Tensor:
+    """Chained Rosenbrock (banded) plus a separable quartic: a tridiagonal Hessian."""
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum() + (x**4).sum()
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:,.2f} ms" if s < 10 else f"{s:,.1f} s"
+
+
+def run_case(name: str, fn: Callable[..., Any], x: torch.Tensor, kind: str, optimum: int, rounds: int,
+             dense_rounds: int, declared: Any = None, pattern: str = "auto") -> Row:
+    cache = PatternCache()  # memory only: the first call really detects
+    if kind == "hessian":
+        sparse = lambda: sparse_hessian(fn, [x], pattern=pattern, cache=cache, name=name)  # noqa: E731
+        dense = lambda: torch.func.hessian(fn)(x)  # noqa: E731
+    else:
+        sparse = lambda: sparse_jacobian(fn, [x], pattern=pattern, declared=declared, cache=cache, name=name)  # noqa: E731
+        dense = lambda: torch.func.jacrev(fn)(x)  # noqa: E731
+    t0 = time.perf_counter()
+    first = sparse()
+    first_s = time.perf_counter() - t0
+    sparse_s, result = median_time(sparse, rounds)
+    dense_s, dense_value = median_time(dense, dense_rounds)
+    n = x.numel()
+    want = dense_value.reshape(-1, n).numpy()
+    got = result.matrix
+    diff = float(np.abs(got.toarray() - want).max()) if want.size <= 1 << 28 else float("nan")
+    scale = float(np.abs(want).max())
+    del dense_value, want
+    value_bytes = got.data.dtype.itemsize
+    ideal = got.nnz * (value_bytes + got.indices.dtype.itemsize)
+    return {
+        "case": name, "kind": kind, "n": n, "nnz": got.nnz, "source": result.source, "mode": result.mode,
+        "colors": result.n_products, "optimum": optimum, "dense_s": dense_s, "sparse_s": sparse_s,
+        "first_s": first_s, "ratio": dense_s / sparse_s, "bytes": result.nbytes(), "ideal_bytes": ideal,
+        "max_diff": diff, "rel_diff": diff / max(scale, 1e-300), "plan_first_s": first.timings["plan_s"],
+    }
+
+
+# --------------------------------------------------------------------------- asdex peer
+
+
+def asdex_cases(n_lorenz: int, grid: int, n_hess: int, rounds: int) -> list[Row] | str:
+    try:
+        import asdex
+        import jax
+        import jax.numpy as jnp
+    except ImportError as exc:
+        return f"asdex peer skipped: {exc} (pip install 'jax[cpu]' asdex)"
+    jax.config.update("jax_enable_x64", False)
+
+    def rhs(x: Any) -> Any:
+        return (jnp.roll(x, -1) - jnp.roll(x, 2)) * jnp.roll(x, 1) - x + 8.0
+
+    def lorenz(x: Any) -> Any:
+        dt = 0.01
+        k1 = rhs(x)
+        k2 = rhs(x + dt / 2 * k1)
+        k3 = rhs(x + dt / 2 * k2)
+        k4 = rhs(x + dt * k3)
+        return x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+    def reaction(u: Any) -> Any:
+        p = jnp.pad(u, 1)
+        lap = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * u
+        return u + 0.1 * (lap + u * (1 - u))
+
+    def objective(x: Any) -> Any:
+        return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum() + (x**4).sum()
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, f, shape, kind in (
+        ("lorenz96", lorenz, (n_lorenz,), "jacobian"),
+        ("reaction_diffusion", reaction, (grid, grid), "jacobian"),
+        ("hessian", objective, (n_hess,), "hessian"),
+    ):
+        x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+        t0 = time.perf_counter()
+        coloring = asdex.hessian_coloring(f, x) if kind == "hessian" else asdex.jacobian_coloring(f, x)
+        plan_s = time.perf_counter() - t0
+        make = asdex.hessian_from_coloring if kind == "hessian" else asdex.jacobian_from_coloring
+        compute = jax.jit(make(f, coloring))
+
+        def call() -> Any:
+            out = compute(x)
+            jax.block_until_ready(jax.tree_util.tree_leaves(out))
+            return out
+
+        call()  # compile
+        s, _ = median_time(call, rounds)
+        rows.append({"case": name, "colors": int(coloring.num_colors), "mode": str(coloring.mode),
+                     "plan_s": plan_s, "sparse_s": s})
+    return rows
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sparse", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: checks the benchmark runs")
+    p.add_argument("--rounds", type=int, default=20, help="sparse rounds (median)")
+    p.add_argument("--dense-rounds", type=int, default=3, help="dense rounds (median); the stencil's dense run is 1 GiB")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--no-asdex", action="store_true")
+    args = p.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    n_lorenz, grid, n_hess = (512, 24, 256) if args.quick else (8192, 128, 4096)
+    builtins = Registry.from_modules()
+    lorenz, rd = builtins.get("lorenz96"), builtins.get("reaction_diffusion")
+    gen = torch.Generator().manual_seed(0)
+    print(f"# sparse derivatives vs dense (torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+          f"{', --quick' if args.quick else ''})\n", flush=True)
+
+    per_row = 13  # lorenz96: offsets -8..+4
+    cases = [
+        run_case("lorenz96 (detected)", lorenz.fn, torch.randn(n_lorenz, generator=gen) + 8, "jacobian",
+                 math.ceil(n_lorenz / (n_lorenz // per_row)), args.rounds, args.dense_rounds),
+        run_case("lorenz96 (declared band)", lorenz.fn, torch.randn(n_lorenz, generator=gen) + 8, "jacobian",
+                 math.ceil(n_lorenz / (n_lorenz // per_row)), args.rounds, args.dense_rounds,
+                 declared=lorenz.sparsity, pattern="band"),
+        run_case(f"reaction_diffusion {grid}x{grid}", rd.fn, torch.rand(grid, grid, generator=gen), "jacobian", 5,
+                 args.rounds, 1 if not args.quick else args.dense_rounds),
+        run_case(f"hessian rosenbrock+quartic n={n_hess}", hessian_objective,
+                 torch.randn(n_hess, generator=gen, dtype=torch.float64), "hessian", 3, args.rounds, 1),
+    ]
+    print("| case | n | nnz | source | mode | colours (optimum) | dense | sparse | ratio | first call | bytes / ideal | max diff (rel) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in cases:
+        print(f"| {c['case']} | {c['n']:,} | {c['nnz']:,} | {c['source']} | {c['mode']} | {c['colors']} ({c['optimum']}) "
+              f"| {_ms(c['dense_s'])} | {_ms(c['sparse_s'])} | {c['ratio']:,.0f}x | {_ms(c['first_s'])} "
+              f"| {c['bytes'] / c['ideal_bytes']:.2f} | {c['max_diff']:.1e} ({c['rel_diff']:.1e}) |")
+    print()
+
+    peer = None if args.no_asdex else asdex_cases(n_lorenz, grid, n_hess, args.rounds)
+    if isinstance(peer, str):
+        print(peer + "\n")
+    elif peer:
+        ours = {"lorenz96": cases[0], "reaction_diffusion": cases[2], "hessian": cases[3]}
+        print("asdex (JAX, jit, float32; Hessian float32) on the same functions:\n")
+        print("| case | asdex colours (mode) | ours | asdex detect+colour | ours first call | asdex compute | ours sparse |")
+        print("|---|---|---|---|---|---|---|")
+        for r in peer:
+            o = ours[r["case"]]
+            print(f"| {r['case']} | {r['colors']} ({r['mode']}) | {o['colors']} ({o['mode']}) | {_ms(r['plan_s'])} "
+                  f"| {_ms(o['first_s'])} | {_ms(r['sparse_s'])} | {_ms(o['sparse_s'])} |")
+        print()
+
+    lz, st, he = cases[0], cases[2], cases[3]
+    targets = [
+        ("lorenz96 sparse vs dense jacrev", lz["ratio"], ">=", 300),
+        ("lorenz96 bytes / (nnz x (value + index))", lz["bytes"] / lz["ideal_bytes"], "<=", 2),
+        ("stencil sparse vs dense jacrev", st["ratio"], ">=", 1000),
+        ("stencil colours / optimum", st["colors"] / st["optimum"], "<=", 1.5),
+        ("Hessian relative difference from dense", he["rel_diff"], "<=", 1e-12),
+    ]
+    failed = 0
+    print("## targets\n")
+    for label, value, op, limit in targets:
+        ok = value >= limit if op == ">=" else value <= limit
+        failed += 0 if ok else 1
+        print(f"- {'met' if ok else 'MISSED'}: {label} = {value:,.3g} (target {op} {limit})")
+    wrong = [c["case"] for c in cases if not c["rel_diff"] <= 1e-5]
+    if wrong:
+        print(f"- FAILED: sparse differs from dense for {wrong}")
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,620 @@
+"""Sparsity detection: structural tracing over aten ops, numerical probing as fallback.
+
+The tracer runs the function once on the real inputs wrapped in a tensor subclass
+whose ``__torch_dispatch__`` sees every aten op. Values are computed as usual (so shapes
+and control flow are the real ones), and beside each tensor it keeps, for every element,
+the set of input elements it depends on: a sparse boolean matrix (elements x inputs).
+The sets come from each op's structure, never from derivative values, so a nonzero
+that happens to vanish at this point (``x * y`` at ``y = 0``) is still found, as in
+SparseConnectivityTracer.jl and asdex:
+
+- pointwise ops (aten's ``pointwise`` tag): an element depends on the broadcast
+  elements it is computed from;
+- data movement (views, slices, cat, gather, index, roll, pad, ...): the op itself is
+  run on tensors of element labels, which says where each element came from, exactly;
+- reductions, scans and softmax-like ops: the elements along the reduced dimensions;
+- matrix products: the contracted elements, skipping structural zeros of operands that
+  do not depend on the input (constant matrices with zeros stay sparse);
+- any other op: every output element depends on every input element of its arguments
+  (dense, conservative); the pattern is then marked ``exact=False`` and the op named.
+
+For Hessians each tensor also carries the set of input pairs that may interact
+non-linearly upstream of it (a global set per tensor, as SparseConnectivityTracer's
+global Hessian tracer): linear ops pass the union on, a product adds the pairs of its
+operands' dependencies, other non-linear ops all pairs of their output's dependencies.
+The result is a superset of the true Hessian pattern.
+
+Values computed under ``torch.no_grad`` carry no dependencies (the service never
+differentiates through them). When tracing cannot run the function (it calls
+``.numpy()``, writes traced values into a plain tensor, ...), :func:`probe` unions the
+nonzeros of dense derivatives at random points instead, and says so (``source="probe"``:
+it can miss entries that vanish at every probed point).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils import _pytree as pytree
+
+from .patterns import Pattern
+
+__all__ = ["NO_GRAD_NOTE", "TraceError", "probe", "trace_hessian", "trace_jacobian"]
+
+aten = torch.ops.aten
+
+
+class TraceError(RuntimeError):
+    """The tracer cannot follow this function (the caller then probes)."""
+
+
+def _op(func: Any) -> str:
+    return func.overloadpacket.__name__
+
+
+# Ops that move or copy elements without computing new values: run on label tensors.
+_MOVEMENT = frozenset(
+    """view _unsafe_view reshape _reshape_alias expand permute transpose t squeeze unsqueeze
+    slice select narrow as_strided diagonal unfold split split_with_sizes unbind chunk
+    tensor_split flip roll repeat cat stack index_select gather index constant_pad_nd take
+    masked_select slice_scatter select_scatter diagonal_scatter as_strided_scatter tril triu
+    diag_embed diag movedim tile narrow_copy expand_copy view_copy permute_copy
+    unsqueeze_copy squeeze_copy transpose_copy slice_copy select_copy t_copy alias_copy
+    reflection_pad1d reflection_pad2d reflection_pad3d replication_pad1d replication_pad2d
+    replication_pad3d pixel_shuffle pixel_unshuffle channel_shuffle index_copy
+    masked_scatter unfold_copy _unsafe_index repeat_interleave hstack vstack""".split()
+)
+# Pointwise ops whose derivative is zero everywhere it exists.
+_ZERO_DERIVATIVE = frozenset("floor ceil round trunc sign sgn fix".split())
+# Outputs that never depend on the values of their tensor arguments.
+_NO_DEPS = frozenset(
+    """zeros_like ones_like empty_like full_like rand_like randn_like randint_like new_zeros
+    new_ones new_empty new_full new_empty_strided fill zero detach bernoulli
+    normal uniform exponential""".split()
+)
+# Pointwise ops that are linear in every argument that carries dependencies.
+_LINEAR_POINTWISE = frozenset(
+    """add sub rsub neg positive where clone _to_copy copy alias lift_fresh contiguous
+    masked_fill _conj real""".split()
+)
+# Reductions over ``dim`` (all dims when absent): linear ones pass Hessian pairs on.
+_LINEAR_REDUCE = frozenset("sum mean nansum".split())
+_REDUCE = _LINEAR_REDUCE | frozenset(
+    """prod amax amin max min logsumexp norm linalg_vector_norm var std var_mean std_mean
+    nanmean median nanmedian""".split()
+)
+# Same-shape ops where an element depends on its whole line along ``dim``.
+_LINE = frozenset("_softmax _log_softmax sort topk kthvalue softmax log_softmax".split())
+# Running ops: an element depends on the line up to itself.
+_SCAN = frozenset("cumsum cumprod logcumsumexp cummax cummin".split())
+_LINEAR_SCAN = frozenset({"cumsum"})
+_MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm".split())
+
+
+def _ones(m: Any) -> Any:
+    """Structure only: every stored value 1 (sums of counts must not overflow)."""
+    m = sp.csr_array(m)
+    m.sum_duplicates()
+    m.data = np.ones(m.data.size, np.float32)
+    return m
+
+
+def _empty(rows: int, cols: int) -> Any:
+    return sp.csr_array((rows, cols), dtype=np.float32)
+
+
+def _select(deps: Any, src: np.ndarray) -> Any:
+    """Rows ``src`` of ``deps``; ``-1`` gives an empty row."""
+    valid = src >= 0
+    if valid.all():
+        return _ones(deps[src]) if src.size else _empty(0, deps.shape[1])
+    idx = np.flatnonzero(valid)
+    s = sp.csr_array((np.ones(idx.size, np.float32), (idx, src[valid])), shape=(src.size, deps.shape[0]))
+    return _ones(s @ deps)
+
+
+def _union(mats: Sequence[Any], rows: int, cols: int) -> Any:
+    out = _empty(rows, cols)
+    for m in mats:
+        out = out + m
+    return _ones(out)
+
+
+class _Root:
+    """What a tensor and all its views share: per-element deps and Hessian pairs."""
+
+    def __init__(self, value: torch.Tensor, deps: Any, hess: Any = None) -> None:
+        self.value = value
+        self.deps = deps
+        self.hess = hess
+        self._labels: torch.Tensor | None = None
+
+    def labels(self) -> torch.Tensor:
+        """A float64 storage shaped like this root's, holding 1 + the C-order index of
+        each root element at its place (0 elsewhere): viewing it with any view's sizes,
+        strides and offset labels that view's elements."""
+        if self._labels is None:
+            v = self.value
+            slots = v.untyped_storage().nbytes() // max(v.element_size(), 1)
+            store = torch.zeros(slots, dtype=torch.float64, device=v.device)
+            ids = torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device).reshape(v.shape)
+            store.as_strided(v.shape, v.stride(), v.storage_offset()).copy_(ids)
+            self._labels = store
+        return self._labels
+
+
+class _Traced(torch.Tensor):
+    """A tensor that carries the input elements each of its elements depends on."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+    value: torch.Tensor
+    root: _Root
+    tracer: "_Tracer"
+
+    @staticmethod
+    def __new__(cls, value: torch.Tensor, root: _Root, tracer: "_Tracer") -> "_Traced":
+        r = torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, value.shape, strides=value.stride(), storage_offset=value.storage_offset(),
+            dtype=value.dtype, device=value.device, requires_grad=False,
+        )
+        r.value, r.root, r.tracer = value, root, tracer
+        return r
+
+    def __repr__(self) -> str:  # never print through dispatch
+        return f"_Traced({tuple(self.shape)}, {self.dtype})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        traced = [a for a in pytree.tree_leaves((args, kwargs or {})) if isinstance(a, _Traced)]
+        return traced[0].tracer.dispatch(func, args, kwargs or {})
+
+
+class _Tracer:
+    def __init__(self, n_inputs: int, hessian: bool) -> None:
+        self.n = n_inputs
+        self.hessian = hessian
+        self.unknown: set[str] = set()
+        self.no_grad = False  # the function computes from traced values under no_grad
+
+    # ------------------------------------------------------------------ helpers
+    def labels(self, t: _Traced) -> torch.Tensor:
+        v = t.value
+        return t.root.labels().as_strided(v.shape, v.stride(), v.storage_offset())
+
+    def deps(self, t: Any, shape: Sequence[int] | None = None) -> Any:
+        """Deps of ``t``'s elements in C order (broadcast to ``shape`` when given)."""
+        if not isinstance(t, _Traced):
+            numel = math.prod(shape) if shape is not None else (t.numel() if isinstance(t, torch.Tensor) else 1)
+            return _empty(numel, self.n)
+        if t.root.deps.nnz == 0:
+            return _empty(math.prod(shape) if shape is not None else t.numel(), self.n)
+        if t.value is t.root.value and (shape is None or tuple(shape) == tuple(t.shape)):
+            return t.root.deps
+        lab = self.labels(t)
+        if shape is not None and tuple(shape) != tuple(lab.shape):
+            lab = torch.broadcast_to(lab, tuple(shape))
+        return _select(t.root.deps, lab.reshape(-1).cpu().numpy().astype(np.int64) - 1)
+
+    def hess_of(self, ts: Sequence[Any]) -> Any:
+        roots = {id(t.root): t.root for t in ts if isinstance(t, _Traced)}
+        mats = [r.hess for r in roots.values() if r.hess is not None]
+        return _union(mats, self.n, self.n) if mats else None
+
+    def pairs(self, g: Any, h: Any | None = None) -> Any:
+        """Input pairs (a, b) with a in g's row and b in h's row for some element."""
+        h = g if h is None else h
+        cross = _ones(g.T @ h)
+        return _ones(cross + cross.T)
+
+    def wrap(self, value: torch.Tensor, deps: Any, hess: Any = None) -> _Traced:
+        return _Traced(value, _Root(value, _ones(deps), hess if self.hessian else None), self)
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        unwrapped_args, unwrapped_kwargs = pytree.tree_map(
+            lambda a: a.value if isinstance(a, _Traced) else a, (args, kwargs)
+        )
+        out = func(*unwrapped_args, **unwrapped_kwargs)
+        name = _op(func)
+        schema = func._schema
+        mutated = schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write if schema.arguments else False
+        if mutated:
+            return self.inplace(func, name, args, kwargs, out)
+        return self.rules(func, name, args, kwargs, out)
+
+    def rules(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """Wrap ``out`` (a tensor or a tuple/list of them) with its dependencies."""
+        leaves, spec = pytree.tree_flatten(out)
+        if not any(_float(o) for o in leaves):
+            return out  # indices, masks, scalars: no derivative flows through them
+        traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
+        if not torch.is_grad_enabled():
+            self.no_grad = True
+        if name in _NO_DEPS or name in _ZERO_DERIVATIVE or not torch.is_grad_enabled():
+            wrapped = [self.wrap(o, _empty(o.numel(), self.n)) if _float(o) else o for o in leaves]
+            return pytree.tree_unflatten(wrapped, spec)
+        if name in _MOVEMENT:
+            return self.movement(func, args, kwargs, out)
+        if name == "index_put":
+            return self.index_put(args, kwargs, out)
+        if name in ("max", "min") and func._overloadname == "other":
+            return self.pointwise(name, args, kwargs, out)
+        if name in _MATMUL:
+            return self.matmul(name, args, kwargs, out)
+        if name in _REDUCE or name in _LINE or name in _SCAN:
+            return self.along(func, name, args, kwargs, out)
+        if torch.Tag.pointwise in func.tags or name in _LINEAR_POINTWISE:
+            try:
+                return pytree.tree_unflatten(
+                    [self.pointwise(name, args, kwargs, o) if _float(o) else o for o in leaves], spec
+                )
+            except RuntimeError:  # shapes that do not broadcast elementwise (complex views)
+                return self.dense(name, traced, out)
+        return self.dense(name, traced, out)
+
+    # ------------------------------------------------------------------ rules
+    def dense(self, name: str, traced: Sequence[_Traced], out: Any) -> Any:
+        """Unknown op: every output element may depend on every input element."""
+        self.unknown.add(name)
+        every = _union([sp.csr_array(np.asarray(self.deps(t).sum(axis=0)).reshape(1, -1)) for t in traced], 1, self.n)
+        hess = None
+        if self.hessian:
+            hess = _union([m for m in (self.hess_of(traced), self.pairs(every)) if m is not None], self.n, self.n)
+        leaves, spec = pytree.tree_flatten(out)
+        wrapped = []
+        for o in leaves:
+            if _float(o):
+                rows = sp.csr_array(sp.kron(sp.csr_array(np.ones((o.numel(), 1), np.float32)), every))
+                wrapped.append(self.wrap(o, rows, hess))
+            else:
+                wrapped.append(o)
+        return pytree.tree_unflatten(wrapped, spec)
+
+    def pointwise(self, name: str, args: Any, kwargs: dict[str, Any], o: torch.Tensor) -> _Traced:
+        shape = tuple(o.shape)
+        operands = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced) and a.root.deps.nnz]
+        if name == "where":  # the condition carries no derivative
+            operands = [a for a in operands if a.dtype != torch.bool]
+        per = [self.deps(a, shape) for a in operands]
+        deps = _union(per, math.prod(shape), self.n)
+        hess = None
+        if self.hessian:
+            parts = [self.hess_of(operands)]
+            first = args[0] if args else None
+            linear_div = name == "div" and len(operands) == 1 and operands[0] is first
+            linear_mul = name == "mul" and len(operands) == 1
+            if name in _LINEAR_POINTWISE or linear_div or linear_mul:
+                pass
+            elif name == "mul" and len(per) == 2:
+                parts.append(self.pairs(per[0], per[1]))
+            else:
+                parts.append(self.pairs(deps))
+            parts = [p for p in parts if p is not None]
+            hess = _union(parts, self.n, self.n) if parts else None
+        return self.wrap(o, deps, hess)
+
+    def movement(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """Run the op on element labels: each output element's label names its source."""
+        roots: dict[int, tuple[_Root, int]] = {}
+        offset = 0
+
+        def label(a: Any) -> Any:
+            nonlocal offset
+            if isinstance(a, _Traced):
+                if id(a.root) not in roots:
+                    roots[id(a.root)] = (a.root, offset)
+                    offset += a.root.value.numel()
+                return self.labels(a) + roots[id(a.root)][1] * (self.labels(a) > 0)
+            if _float(a):
+                return torch.zeros(a.shape, dtype=torch.float64, device=a.device)  # constants: no source
+            if isinstance(a, float):
+                return 0.0  # a fill value (padding): no source
+            return a
+
+        labelled_args, labelled_kwargs = pytree.tree_map(label, (args, kwargs))
+        try:
+            labelled = func(*labelled_args, **labelled_kwargs)
+        except Exception:  # e.g. an op that needs complex or integer data, not labels
+            traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
+            return self.dense(_op(func), traced, out)
+        is_view = bool(func._schema.returns) and func._schema.returns[0].alias_info is not None
+        sources = list(roots.values())
+        stacked = sp.vstack([r.deps for r, _ in sources], format="csr") if sources else _empty(0, self.n)
+        hess = self.hess_of([a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)])
+        outs, spec = pytree.tree_flatten(out)
+        labs = pytree.tree_leaves(labelled)
+        wrapped = []
+        for o, lab in zip(outs, labs):
+            if not _float(o):
+                wrapped.append(o)
+            elif is_view and len(sources) == 1:
+                wrapped.append(_Traced(o, sources[0][0], self))  # shares its root's deps
+            else:
+                src = lab.reshape(-1).cpu().numpy().astype(np.int64) - 1
+                wrapped.append(self.wrap(o, _select(stacked, src), hess))
+        return pytree.tree_unflatten(wrapped, spec)
+
+    def along(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """Reductions, line ops (softmax, sort) and scans along dimensions."""
+        x = args[0]
+        shape = tuple(x.shape)
+        ndim = len(shape)
+        dims = _dims(func, args, kwargs, ndim)
+        deps = self.deps(x)
+        numel = max(math.prod(shape), 1)
+        # Where each input element lands when the dims are reduced (keepdim shape).
+        kept = tuple(1 if d in dims else s for d, s in enumerate(shape))
+        dest = np.broadcast_to(np.arange(math.prod(kept)).reshape(kept), shape).reshape(-1) if shape else np.zeros(1, np.int64)
+        reduce = sp.csr_array((np.ones(dest.size, np.float32), (dest, np.arange(dest.size))), shape=(math.prod(kept), numel))
+        line = _ones(reduce @ deps)  # one row per kept position
+        outs, spec = pytree.tree_flatten(out)
+        wrapped = []
+        linear = name in _LINEAR_REDUCE or name in _LINEAR_SCAN
+        hess_in = self.hess_of([x])
+        for o in outs:
+            if not _float(o):
+                wrapped.append(o)
+                continue
+            if name in _SCAN:
+                d = dims[0]
+                pre, length, post = math.prod(shape[:d]), shape[d], math.prod(shape[d + 1 :])
+                scan = sp.kron(sp.kron(sp.identity(pre), sp.csr_array(np.tril(np.ones((length, length), np.float32)))), sp.identity(post))
+                rows = _ones(sp.csr_array(scan) @ deps)
+            elif name in _REDUCE and tuple(o.shape) != shape:
+                rows = line  # reduced: the keepdim layout has the same C order
+                if o.numel() != line.shape[0]:
+                    rows = self.dense(name, [x], o).root.deps
+            else:  # line ops: every element sees its whole line
+                oshape = tuple(o.shape)
+                okept = tuple(1 if d in dims else s for d, s in enumerate(oshape))
+                if okept != kept:
+                    rows = self.dense(name, [x], o).root.deps
+                else:
+                    back = np.broadcast_to(np.arange(math.prod(kept)).reshape(kept), oshape).reshape(-1)
+                    rows = _select(line, back)
+            hess = None
+            if self.hessian:
+                parts = [h for h in (hess_in, None if linear else self.pairs(rows)) if h is not None]
+                hess = _union(parts, self.n, self.n) if parts else None
+            wrapped.append(self.wrap(o, rows, hess))
+        return pytree.tree_unflatten(wrapped, spec)
+
+    def matmul(self, name: str, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
+        """Contractions as batched ``(b, m, k) @ (b, k, n)``: an output element depends
+        on the contracted elements of each operand where the other operand may be
+        nonzero (it depends on the input, or is a constant that is not zero)."""
+        bias = None
+        if name in ("addmm", "addmv", "baddbmm"):
+            bias, a, b = args[0], args[1], args[2]
+        else:
+            a, b = args[0], args[1]
+        av = a.value if isinstance(a, _Traced) else a
+        bv = b.value if isinstance(b, _Traced) else b
+        if name in ("mv", "addmv"):
+            a3, b3 = av.reshape(1, *av.shape), bv.reshape(1, -1, 1)
+        elif name in ("dot", "vdot"):
+            a3, b3 = av.reshape(1, 1, -1), bv.reshape(1, -1, 1)
+        elif name in ("mm", "addmm"):
+            a3, b3 = av.unsqueeze(0), bv.unsqueeze(0)
+        else:
+            a3, b3 = av, bv
+        nb, m, k = a3.shape
+        n = b3.shape[2]
+        da, db = self.deps(a), self.deps(b)
+        mask_a = (a3 != 0).cpu().numpy().reshape(-1) | (np.diff(da.indptr) > 0)
+        mask_b = (b3 != 0).cpu().numpy().reshape(-1) | (np.diff(db.indptr) > 0)
+        size = nb * m * n
+        parts = []
+        if da.nnz:  # out[b,i,j] <- A[b,i,kk] for kk with B[b,kk,j] possibly nonzero
+            bb, kk, jj = np.unravel_index(np.flatnonzero(mask_b), (nb, k, n))
+            ii = np.arange(m)[:, None]
+            rows = ((bb * m + ii) * n + jj).reshape(-1)
+            cols = ((bb * m + ii) * k + kk).reshape(-1)
+            parts.append(_ones(sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(size, nb * m * k)) @ da))
+        if db.nnz:  # out[b,i,j] <- B[b,kk,j] for kk with A[b,i,kk] possibly nonzero
+            bb, ii, kk = np.unravel_index(np.flatnonzero(mask_a), (nb, m, k))
+            jj = np.arange(n)[:, None]
+            rows = ((bb * m + ii) * n + jj).reshape(-1)
+            cols = ((bb * k + kk) * n + jj).reshape(-1)
+            parts.append(_ones(sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(size, nb * k * n)) @ db))
+        if bias is not None and isinstance(bias, _Traced):
+            parts.append(self.deps(bias, tuple(out.shape)))
+        deps = _union(parts, size, self.n)
+        hess = None
+        if self.hessian:
+            hparts = [self.hess_of([a, b] + ([bias] if bias is not None else []))]
+            if da.nnz and db.nnz:  # bilinear: pairs across each contracted index
+                ga = sp.csr_array((np.ones(nb * m * k, np.float32), (np.repeat(np.arange(nb), m * k) * k + np.tile(np.arange(k), nb * m), np.arange(nb * m * k))), shape=(nb * k, nb * m * k)) @ da
+                gb_rows = (np.arange(nb * k * n) // n)
+                gb = sp.csr_array((np.ones(nb * k * n, np.float32), (gb_rows, np.arange(nb * k * n))), shape=(nb * k, nb * k * n)) @ db
+                hparts.append(self.pairs(_ones(ga), _ones(gb)))
+            hparts = [h for h in hparts if h is not None]
+            hess = _union(hparts, self.n, self.n) if hparts else None
+        return self.wrap(out, deps, hess)
+
+    def inplace(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """``x.op_(...)``: compute the new deps as the op would out of place, then write
+        them into the elements of ``x``'s root that ``x`` views."""
+        target = args[0]
+        if not isinstance(target, _Traced):
+            if not _float(target):
+                return out
+            raise TraceError(f"{name}: a traced value is written into an untraced tensor")
+        base = name[:-1] if name.endswith("_") else name
+        traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
+        if base == "copy":
+            fresh = self.pointwise("copy", (args[1],), {}, target.value)
+        elif base in ("fill", "zero") or base in _NO_DEPS or not torch.is_grad_enabled():
+            fresh = self.wrap(target.value, _empty(target.numel(), self.n))
+        elif base == "index_put":
+            fresh = self.index_put(args, kwargs, target.value)
+        elif torch.Tag.pointwise in func.tags or base in _LINEAR_POINTWISE:
+            fresh = self.pointwise(base, args, kwargs, target.value)
+        elif base in _MOVEMENT:  # transpose_, squeeze_, ...: the tensor's layout changes
+            raise TraceError(f"{name}: in-place change of layout is not traced")
+        else:
+            fresh = self.dense(base, traced, target.value)
+        self.write(target, fresh)
+        return target
+
+    def index_put(self, args: Any, kwargs: dict[str, Any], result: torch.Tensor) -> _Traced:
+        """``x[indices] = values`` (or ``+=`` with accumulate): destinations from labels."""
+        target, indices, values = args[0], args[1], args[2]
+        accumulate = bool(args[3]) if len(args) > 3 else bool(kwargs.get("accumulate", False))
+        where = torch.arange(target.numel(), device=target.device).reshape(target.shape)[tuple(indices)]
+        dest = where.reshape(-1).cpu().numpy()
+        vals = self.deps(values, tuple(where.shape))
+        base = self.deps(target)
+        keep = np.ones(target.numel(), bool)
+        if not accumulate:
+            keep[dest] = False
+        scatter = sp.csr_array((np.ones(dest.size, np.float32), (dest, np.arange(dest.size))), shape=(target.numel(), dest.size))
+        deps = _ones(sp.diags_array(keep.astype(np.float32)) @ base + scatter @ vals)
+        return self.wrap(result, deps, self.hess_of([target, values]))
+
+    def write(self, target: _Traced, fresh: _Traced) -> None:
+        root = target.root
+        new = self.deps(fresh)
+        if target.value is root.value:
+            root.deps = new
+        else:
+            ids = self.labels(target).reshape(-1).cpu().numpy().astype(np.int64) - 1
+            keep = np.ones(root.value.numel(), np.float32)
+            keep[ids] = 0
+            scatter = sp.csr_array((np.ones(ids.size, np.float32), (ids, np.arange(ids.size))), shape=(root.value.numel(), ids.size))
+            root.deps = _ones(sp.diags_array(keep) @ root.deps + scatter @ new)
+        if self.hessian and fresh.root.hess is not None:
+            root.hess = fresh.root.hess if root.hess is None else _ones(root.hess + fresh.root.hess)
+
+
+def _float(o: Any) -> bool:
+    """Tensors that can carry a derivative (complex ones too: fft, view_as_real, ...)."""
+    return isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex())
+
+
+def _dims(func: Any, args: Any, kwargs: dict[str, Any], ndim: int) -> tuple[int, ...]:
+    """The ``dim`` argument of a reduction, scan or line op, as non-negative ints."""
+    names = [a.name for a in func._schema.arguments]
+    value: Any = None
+    if "dim" in kwargs:
+        value = kwargs["dim"]
+    elif "dim" in names and names.index("dim") < len(args):
+        value = args[names.index("dim")]
+    elif "dim" in names:  # sort, cumsum, ...: the schema's default (usually -1)
+        value = func._schema.arguments[names.index("dim")].default_value
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        return tuple(range(ndim))
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return tuple(sorted(int(v) % max(ndim, 1) for v in values)) if ndim else ()
+
+
+_LOCK = threading.Lock()  # one trace at a time: torch dispatch state is per thread, ours per call
+
+
+def _trace(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], hessian: bool) -> tuple[list[Any], _Tracer]:
+    sizes = [args[i].numel() for i in argnums]
+    tracer = _Tracer(sum(sizes), hessian)
+    full: list[Any] = list(args)
+    offset = 0
+    for i, size in zip(argnums, sizes):
+        t = args[i].detach()
+        eye = sp.csr_array((np.ones(size, np.float32), (np.arange(size), offset + np.arange(size))), shape=(size, tracer.n))
+        full[i] = tracer.wrap(t, eye, None)
+        offset += size
+    with _LOCK, torch.enable_grad():
+        try:
+            out = fn(*full)
+        except TraceError:
+            raise
+        except Exception as exc:
+            raise TraceError(f"{type(exc).__name__}: {exc}") from exc
+    leaves = pytree.tree_leaves(out)
+    if not leaves or not all(isinstance(o, torch.Tensor) for o in leaves):
+        raise TraceError("the function did not return tensors")
+    return leaves, tracer
+
+
+#: Note on patterns of functions that compute from their inputs under ``torch.no_grad``:
+#: forward-mode AD would differentiate through those values, so only VJPs are used.
+NO_GRAD_NOTE = "uses torch.no_grad: reverse mode only"
+
+
+def _notes(tracer: _Tracer) -> tuple[str, ...]:
+    notes = tuple(f"unknown op {name}: assumed dense" for name in sorted(tracer.unknown))
+    return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ())
+
+
+def trace_jacobian(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,)) -> Pattern:
+    """The Jacobian pattern of ``fn`` at ``args`` w.r.t. ``argnums``, flattened and
+    concatenated over outputs (rows) and differentiated inputs (columns)."""
+    leaves, tracer = _trace(fn, args, argnums, hessian=False)
+    blocks = [tracer.deps(o) for o in leaves]
+    m = sum(o.numel() for o in leaves)
+    mat = sp.vstack(blocks, format="coo") if blocks else _empty(0, tracer.n).tocoo()
+    return Pattern((m, tracer.n), mat.row, mat.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer))
+
+
+def trace_hessian(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,)) -> Pattern:
+    """The Hessian pattern of a scalar ``fn`` (a superset: see the module doc)."""
+    leaves, tracer = _trace(fn, args, argnums, hessian=True)
+    if len(leaves) != 1 or leaves[0].numel() != 1:
+        raise ValueError("a sparse Hessian needs a function with one scalar output")
+    out = leaves[0]
+    hess = out.root.hess if isinstance(out, _Traced) and out.root.hess is not None else _empty(tracer.n, tracer.n)
+    coo = _ones(hess).tocoo()
+    return Pattern((tracer.n, tracer.n), coo.row, coo.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer))
+
+
+def _dense(g: Callable[..., torch.Tensor], diff: Sequence[torch.Tensor], hessian: bool) -> Any:
+    """Dense derivative by torch.func; row by row (no vmap) when vmap cannot run ``g``."""
+    argnums = tuple(range(len(diff)))
+    for chunk in (None, 1):
+        try:
+            if hessian:
+                return torch.func.jacrev(torch.func.jacrev(g, argnums=argnums), argnums=argnums, chunk_size=chunk)(*diff)
+            return torch.func.jacrev(g, argnums=argnums, chunk_size=chunk)(*diff)
+        except Exception:
+            if chunk == 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def probe(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), *, hessian: bool = False,
+    points: int = 3, seed: int = 0, why: str = "",
+) -> Pattern:
+    """Nonzeros of dense derivatives at ``points`` random points near ``args``, united.
+    Entries that vanish at every probed point are missed: ``source="probe"`` says so."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    argnums = tuple(argnums)
+    found: np.ndarray | None = None
+    for _ in range(points):
+        moved = list(args)
+        for i in argnums:
+            noise = torch.randn(args[i].shape, generator=gen, dtype=torch.float64).to(args[i].device, args[i].dtype)
+            moved[i] = args[i].detach() + noise * (1 + args[i].detach().abs())
+        diff = [moved[i] for i in argnums]
+
+        def g(*d: torch.Tensor) -> torch.Tensor:
+            full = list(moved)
+            for i, v in zip(argnums, d):
+                full[i] = v
+            leaves = pytree.tree_leaves(fn(*full))
+            return torch.cat([o.reshape(-1) for o in leaves])
+
+        jac = _dense(g, diff, hessian)
+        if hessian:
+            blocks = [[h.reshape(diff[r].numel(), diff[c].numel()) for c, h in enumerate(row)] for r, row in enumerate(jac)]
+            dense = torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
+        else:
+            dense = torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+        nz = (dense != 0).cpu().numpy()
+        found = nz if found is None else found | nz
+    assert found is not None
+    notes = ("numerical probe at random points: entries that vanish at every probed point are missed",) + ((why,) if why else ())
+    return Pattern.from_dense(found, source="probe", exact=False, notes=notes)

@@ -1,0 +1,380 @@
+"""Sparsity patterns: the torch-free ``Pattern`` type, declared constructors, a disk cache.
+
+A pattern is the set of (row, column) positions of a 2-D derivative matrix that may be
+nonzero: rows are output elements and columns input elements, both flattened in C
+order (several outputs or several differentiated inputs are concatenated in order).
+
+Declared patterns are written at ``@register`` before any shape is known, so each
+constructor returns a :class:`Declared`: a recipe that builds the :class:`Pattern` once
+the input shapes and the output size are. This module imports numpy only (the registry
+imports it and must stay torch-free); scipy is imported where a CSR matrix is asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import marshal
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "CACHE_ENV",
+    "Declared",
+    "Pattern",
+    "PatternCache",
+    "banded",
+    "block_diagonal",
+    "coo",
+    "declared",
+    "from_callable",
+    "function_fingerprint",
+]
+
+#: Environment variable naming the directory of the on-disk pattern cache.
+CACHE_ENV = "JACOBIAN_SERVICE_SPARSITY_CACHE_DIR"
+
+Shapes = Sequence[tuple[int, ...]]
+
+
+@dataclass(frozen=True, eq=False)
+class Pattern:
+    """Possible nonzeros of an ``(m, n)`` matrix, as sorted unique (row, col) pairs.
+
+    ``source`` says where it came from: ``declared``, ``traced`` (structural detection),
+    ``probe`` (numerical probing at random points: may miss entries), or ``given``.
+    ``exact`` is False when the tracer met ops it does not know and assumed them dense.
+    """
+
+    shape: tuple[int, int]
+    rows: np.ndarray
+    cols: np.ndarray
+    name: str = ""
+    source: str = "given"
+    exact: bool = True
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        m, n = (int(d) for d in self.shape)
+        rows = np.asarray(self.rows, dtype=np.int64).ravel()
+        cols = np.asarray(self.cols, dtype=np.int64).ravel()
+        if rows.shape != cols.shape:
+            raise ValueError("rows and cols must have the same length")
+        if rows.size and (rows.min() < 0 or rows.max() >= m or cols.min() < 0 or cols.max() >= n):
+            raise ValueError(f"pattern entries fall outside the shape {(m, n)}")
+        # Sorted row-major and deduplicated: CSR order, and equal patterns compare equal.
+        key = np.unique(rows * n + cols) if rows.size else np.zeros(0, np.int64)
+        object.__setattr__(self, "shape", (m, n))
+        object.__setattr__(self, "rows", key // max(n, 1))
+        object.__setattr__(self, "cols", key % max(n, 1))
+
+    # ------------------------------------------------------------------ views
+    @property
+    def nnz(self) -> int:
+        return int(self.rows.size)
+
+    @property
+    def density(self) -> float:
+        m, n = self.shape
+        return self.nnz / max(m * n, 1)
+
+    def indptr(self) -> np.ndarray:
+        return np.searchsorted(self.rows, np.arange(self.shape[0] + 1)).astype(np.int64)
+
+    def to_dense(self) -> np.ndarray:
+        out = np.zeros(self.shape, dtype=bool)
+        out[self.rows, self.cols] = True
+        return out
+
+    def to_csr(self, data: np.ndarray | None = None) -> Any:
+        """A ``scipy.sparse.csr_array`` with ``data`` (ones when omitted) at the pattern."""
+        import scipy.sparse as sp
+
+        values = np.ones(self.nnz, dtype=np.float32) if data is None else data
+        return sp.csr_array((values, self.cols.astype(_index_dtype(self)), self.indptr().astype(_index_dtype(self))), shape=self.shape)
+
+    def transpose(self) -> "Pattern":
+        return self.replace(shape=(self.shape[1], self.shape[0]), rows=self.cols, cols=self.rows)
+
+    def replace(self, **changes: Any) -> "Pattern":
+        fields = {k: getattr(self, k) for k in ("shape", "rows", "cols", "name", "source", "exact", "notes")}
+        fields.update(changes)
+        return Pattern(**fields)
+
+    # ------------------------------------------------------------------ set relations
+    def _keys(self) -> np.ndarray:
+        return self.rows * self.shape[1] + self.cols
+
+    def contains(self, other: "Pattern") -> bool:
+        """Whether every entry of ``other`` is an entry of this pattern."""
+        return self.shape == other.shape and bool(np.isin(other._keys(), self._keys(), assume_unique=True).all())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pattern) and self.shape == other.shape and np.array_equal(self._keys(), other._keys())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def is_symmetric(self) -> bool:
+        return self == self.transpose()
+
+    @classmethod
+    def from_dense(cls, mask: np.ndarray, **kw: Any) -> "Pattern":
+        mask = np.asarray(mask)
+        rows, cols = np.nonzero(mask)
+        return cls(tuple(mask.shape), rows, cols, **kw)  # type: ignore[arg-type]
+
+    def describe(self) -> dict[str, Any]:
+        m, n = self.shape
+        per_row = np.bincount(self.rows, minlength=m) if m else np.zeros(0, np.int64)
+        per_col = np.bincount(self.cols, minlength=n) if n else np.zeros(0, np.int64)
+        return {
+            "name": self.name,
+            "source": self.source,
+            "exact": self.exact,
+            "shape": [m, n],
+            "nnz": self.nnz,
+            "density": self.density,
+            "max_per_row": int(per_row.max()) if m else 0,
+            "max_per_col": int(per_col.max()) if n else 0,
+            "notes": list(self.notes),
+        }
+
+
+def _index_dtype(p: Pattern) -> type:
+    # int32 indices halve the index bytes on the wire whenever they fit.
+    return np.int32 if max(p.shape + (p.nnz,)) < 2**31 - 1 else np.int64
+
+
+# --------------------------------------------------------------------------- declared
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A pattern declared at ``@register``: ``build(in_shapes, out_size)`` makes it.
+
+    ``kind`` names the constructor (``banded``, ...); ``hessian=True`` declares the
+    pattern of the Hessian (``n x n``) rather than of the Jacobian.
+    """
+
+    kind: str
+    builder: Callable[[Shapes, int], Pattern] = field(repr=False)
+    params: dict[str, Any] = field(default_factory=dict)
+    hessian: bool = False
+
+    def build(self, in_shapes: Shapes, out_size: int, name: str = "") -> Pattern:
+        n = sum(int(np.prod(s, dtype=np.int64)) for s in in_shapes)
+        m = n if self.hessian else int(out_size)
+        p = self.builder([tuple(s) for s in in_shapes], m)
+        if p.shape != (m, n):
+            raise ValueError(f"declared {self.kind} pattern has shape {p.shape}; the derivative is {(m, n)}")
+        return p.replace(name=name or self.kind, source="declared")
+
+    def describe(self) -> dict[str, Any]:
+        params = {k: v for k, v in self.params.items() if isinstance(v, (int, float, str, bool, list, tuple))}
+        return {"kind": self.kind, "params": params, "hessian": self.hessian}
+
+
+def _square(in_shapes: Shapes, m: int, kind: str) -> int:
+    n = sum(int(np.prod(s, dtype=np.int64)) for s in in_shapes)
+    if m != n:
+        raise ValueError(f"a {kind} pattern needs as many outputs as inputs, got {m} x {n}")
+    return n
+
+
+def banded(lower: int, upper: int, *, periodic: bool = False, hessian: bool = False) -> Declared:
+    """Entries with ``-lower <= j - i <= upper``; with ``periodic`` the band wraps
+    around (``j - i`` taken modulo n), as for a ring of coupled variables."""
+    if lower < 0 or upper < 0:
+        raise ValueError("bandwidths are non-negative")
+
+    def build(in_shapes: Shapes, m: int) -> Pattern:
+        n = _square(in_shapes, m, "banded")
+        offsets = np.arange(-lower, upper + 1)
+        rows = np.repeat(np.arange(n), offsets.size)
+        cols = rows + np.tile(offsets, n)
+        if periodic:
+            cols = cols % max(n, 1)
+        else:
+            keep = (cols >= 0) & (cols < n)
+            rows, cols = rows[keep], cols[keep]
+        return Pattern((n, n), rows, cols)
+
+    return Declared("banded", build, {"lower": lower, "upper": upper, "periodic": periodic}, hessian)
+
+
+def block_diagonal(block: int | tuple[int, int], *, hessian: bool = False) -> Declared:
+    """Dense ``(r, c)`` blocks on the diagonal (``block=b`` means ``(b, b)``)."""
+    br, bc = (block, block) if isinstance(block, int) else block
+    if br <= 0 or bc <= 0:
+        raise ValueError("block sizes are positive")
+
+    def build(in_shapes: Shapes, m: int) -> Pattern:
+        n = sum(int(np.prod(s, dtype=np.int64)) for s in in_shapes)
+        if m % br or n % bc or m // br != n // bc:
+            raise ValueError(f"({m}, {n}) is not a whole number of ({br}, {bc}) blocks on the diagonal")
+        k = m // br
+        r, c = np.meshgrid(np.arange(br), np.arange(bc), indexing="ij")
+        rows = (np.arange(k)[:, None] * br + r.ravel()).ravel()
+        cols = (np.arange(k)[:, None] * bc + c.ravel()).ravel()
+        return Pattern((m, n), rows, cols)
+
+    return Declared("block_diagonal", build, {"block": [br, bc]}, hessian)
+
+
+def coo(rows: Sequence[int], cols: Sequence[int], shape: tuple[int, int] | None = None, *, hessian: bool = False) -> Declared:
+    """An explicit pattern for one fixed shape (checked against the call's)."""
+    r, c = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+
+    def build(in_shapes: Shapes, m: int) -> Pattern:
+        n = sum(int(np.prod(s, dtype=np.int64)) for s in in_shapes)
+        if shape is not None and tuple(shape) != (m, n):
+            raise ValueError(f"the declared pattern is for shape {tuple(shape)}, the call's derivative is {(m, n)}")
+        return Pattern((m, n), r, c)
+
+    return Declared("coo", build, {"nnz": int(r.size)}, hessian)
+
+
+def from_callable(fn: Callable[[Shapes, int], Any], *, hessian: bool = False) -> Declared:
+    """``fn(in_shapes, out_size)`` returns a :class:`Pattern`, ``(rows, cols)`` or a dense
+    boolean mask; for patterns that follow the shapes (stencils on any grid size)."""
+
+    def build(in_shapes: Shapes, m: int) -> Pattern:
+        got = fn(in_shapes, m)
+        n = sum(int(np.prod(s, dtype=np.int64)) for s in in_shapes)
+        if isinstance(got, Pattern):
+            return got
+        if isinstance(got, tuple) and len(got) == 2:
+            return Pattern((m, n), got[0], got[1])
+        return Pattern.from_dense(np.asarray(got, dtype=bool))
+
+    return Declared("callable", build, {"function": getattr(fn, "__name__", "?")}, hessian)
+
+
+def declared(value: Any) -> dict[str, Declared]:
+    """Normalise ``@register(sparsity=...)``: one :class:`Declared` (named by its kind)
+    or a mapping of names to them."""
+    if value is None:
+        return {}
+    if isinstance(value, Declared):
+        return {value.kind: value}
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, Declared) for k, v in value.items()):
+        reserved = {"dense", "auto"} & set(value)
+        if reserved:
+            raise ValueError(f"sparsity names {sorted(reserved)} are reserved")
+        return dict(value)
+    raise ValueError("sparsity= takes a declared pattern (banded, block_diagonal, coo, from_callable) or a dict of them")
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def function_fingerprint(fn: Callable[..., Any]) -> str:
+    """A hash of what the function computes: its source when readable, else its
+    bytecode and constants, so that an edited function never reuses a stale pattern."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and code in _FINGERPRINTS:  # reading source costs ~1 ms a call
+        return _FINGERPRINTS[code]
+    found = _fingerprint(fn)
+    if code is not None:
+        if len(_FINGERPRINTS) > 4096:
+            _FINGERPRINTS.clear()
+        _FINGERPRINTS[code] = found
+    return found
+
+
+_FINGERPRINTS: dict[Any, str] = {}
+
+
+def _fingerprint(fn: Callable[..., Any]) -> str:
+    target = inspect.unwrap(fn)
+    try:
+        text = inspect.getsource(target).encode()
+    except (OSError, TypeError):
+        code = getattr(target, "__code__", None)
+        text = marshal.dumps(code) if code is not None else repr(target).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+class PatternCache:
+    """Patterns (and their colourings) in memory and, with a directory, on disk.
+
+    Keys are strings built by the caller from the function's name and fingerprint,
+    the input shapes and dtypes, argnums and what was asked (jacobian/hessian, name).
+    Files are written to a temporary name and renamed, so a crash never leaves a torn
+    entry; an unreadable file is treated as a miss.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None, max_entries: int = 256) -> None:
+        if directory is None:
+            directory = os.environ.get(CACHE_ENV) or None
+        self.directory = Path(directory) if directory else None
+        self.max_entries = max_entries
+        self._memory: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        hit = self._memory.get(key)
+        if hit is not None or self.directory is None:
+            return hit
+        path = self.directory / f"{key}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                entry = _entry_from_arrays({k: z[k] for k in z.files})
+        except (OSError, ValueError, KeyError):
+            return None
+        self._remember(key, entry)
+        return entry
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        self._remember(key, entry)
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fp:
+                np.savez(fp, **_entry_to_arrays(entry))
+            os.replace(tmp, self.directory / f"{key}.npz")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _remember(self, key: str, entry: dict[str, Any]) -> None:
+        if len(self._memory) >= self.max_entries:  # bounded, whatever shapes clients send
+            self._memory.pop(next(iter(self._memory)))
+        self._memory[key] = entry
+
+
+def _entry_to_arrays(entry: dict[str, Any]) -> dict[str, np.ndarray]:
+    p: Pattern = entry["pattern"]
+    out = {
+        "shape": np.asarray(p.shape, np.int64),
+        "rows": p.rows,
+        "cols": p.cols,
+        "name": np.asarray(p.name),
+        "source": np.asarray(p.source),
+        "exact": np.asarray(p.exact),
+        "notes": np.asarray(list(p.notes) or [""]),
+    }
+    if entry.get("colors") is not None:
+        out["colors"] = np.asarray(entry["colors"], np.int64)
+        out["mode"] = np.asarray(entry["mode"])
+    return out
+
+
+def _entry_from_arrays(z: dict[str, np.ndarray]) -> dict[str, Any]:
+    notes = tuple(str(s) for s in z["notes"] if str(s))
+    p = Pattern(tuple(int(d) for d in z["shape"]), z["rows"], z["cols"], str(z["name"]), str(z["source"]), bool(z["exact"]), notes)  # type: ignore[arg-type]
+    entry: dict[str, Any] = {"pattern": p}
+    if "colors" in z:
+        entry["colors"] = z["colors"]
+        entry["mode"] = str(z["mode"])
+    return entry

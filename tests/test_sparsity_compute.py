@@ -1,0 +1,198 @@
+"""Sparsity detection and compressed derivatives, in process, against torch.func."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("scipy.sparse")
+pytest.importorskip("networkx")
+
+from jacobian_service.registry import Registry  # noqa: E402
+from jacobian_service.sparsity import (  # noqa: E402
+    Pattern,
+    PatternCache,
+    banded,
+    describe_sparsity,
+    probe,
+    sparse_hessian,
+    sparse_jacobian,
+    trace_hessian,
+    trace_jacobian,
+)
+
+BUILTINS = Registry.from_modules()
+
+
+def dense_jacobian(fn, args, argnums=(0,)):
+    jac = torch.func.jacrev(fn, argnums=tuple(argnums))(*args)
+    out = fn(*args)
+    m = out.numel()
+    return torch.cat([j.reshape(m, -1) for j in jac], dim=1).numpy()
+
+
+def true_pattern(fn, args, argnums=(0,), points=3):
+    """Nonzeros of the dense Jacobian united over random points (away from zeros)."""
+    gen = torch.Generator().manual_seed(1)
+    found = None
+    for _ in range(points):
+        moved = [a + torch.rand(a.shape, generator=gen, dtype=a.dtype) + 0.5 if i in argnums else a for i, a in enumerate(args)]
+        nz = dense_jacobian(fn, moved, argnums) != 0
+        found = nz if found is None else found | nz
+    return Pattern.from_dense(found)
+
+
+def builtin_inputs(name):
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"mlp": [(128,)], "add_square": [(7,), (7,)], "polar": [(7,), (7,)], "reaction_diffusion": [(6, 9)],
+              "lorenz96": [(20,)], "planar_arm": [(5,)]}
+    dtype = torch.float32 if name == "mlp" else torch.float64
+    return [torch.randn(s, generator=gen, dtype=dtype) + 1.5 for s in shapes.get(name, [(9,)])]
+
+
+@pytest.mark.parametrize("spec", [s for s in BUILTINS if s.name != "rosenbrock"], ids=lambda s: s.name)
+def test_every_builtin_sparse_equals_dense(spec):
+    args = builtin_inputs(spec.name)
+    argnums = tuple(range(len(args)))
+    result = sparse_jacobian(spec.fn, args, argnums, has_aux=spec.has_aux, declared=spec.sparsity, name=spec.name, cache=PatternCache())
+    fn = (lambda *a: spec.fn(*a)[0]) if spec.has_aux else spec.fn
+    leaves = fn(*args)
+    leaves = leaves if isinstance(leaves, tuple) else (leaves,)
+    want = np.concatenate([np.concatenate([j.reshape(o.numel(), -1).numpy() for j in torch.func.jacrev(lambda *a, k=k: (fn(*a) if isinstance(fn(*a), tuple) else (fn(*a),))[k], argnums=argnums)(*args)], axis=1) for k, o in enumerate(leaves)])
+    tol = dict(rtol=1e-5, atol=1e-6) if spec.name == "mlp" else dict(rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(result.matrix.toarray(), want, **tol)
+    assert result.source == "traced"
+
+
+@pytest.mark.parametrize("name,choice", [("lorenz96", "band"), ("reaction_diffusion", "stencil")])
+def test_declared_patterns_equal_detected_and_dense(name, choice):
+    spec = BUILTINS.get(name)
+    args = builtin_inputs(name)
+    declared = sparse_jacobian(spec.fn, args, pattern=choice, declared=spec.sparsity, cache=PatternCache())
+    assert declared.source == "declared" and declared.pattern.name == choice
+    assert declared.pattern == trace_jacobian(spec.fn, args) == true_pattern(spec.fn, args)
+    np.testing.assert_allclose(declared.matrix.toarray(), dense_jacobian(spec.fn, args), rtol=1e-10, atol=1e-12)
+
+
+def test_a_nonzero_that_vanishes_here_is_still_found():
+    x, y = torch.randn(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    f = lambda x, y: x * y  # noqa: E731  d/dx = y = 0 at this point
+    traced = trace_jacobian(f, [x, y], (0, 1))
+    assert traced.nnz == 12 and traced.exact
+    probed = probe(f, [x, y], (0, 1))
+    assert probed.source == "probe" and not probed.exact  # random points do find it here
+    result = sparse_jacobian(f, [x, y], (0, 1), cache=PatternCache())
+    np.testing.assert_array_equal(result.matrix.toarray(), dense_jacobian(f, [x, y], (0, 1)))
+    assert result.matrix.nnz == 12  # the x-block's zeros are stored: the pattern holds
+
+
+def mixed(x, w):
+    """Gathers, rolls, slices, cat, matmul with a banded constant, in-place writes."""
+    n = x.shape[0]
+    a = torch.roll(x, 3) * x
+    b = torch.cat([x[n // 2 :], x[: n // 2]]).flip(0)
+    c = x[torch.tensor([5, 0, 7, 7])].repeat(n // 4)
+    d = w @ torch.sin(x)
+    e = torch.gather(x.reshape(4, -1), 1, torch.tensor([[1, 0]] * 4)).reshape(-1).repeat(n // 8)
+    out = a + b + c + d + torch.nn.functional.pad(e[2:], (0, 2))
+    out = out.clone()
+    out[1:3] = x[:2] ** 2  # a write into a view of a traced tensor
+    return torch.cumsum(out.reshape(4, -1), dim=1).reshape(-1) + torch.softmax(x[:4], 0).repeat(n // 4)
+
+
+def test_detection_on_mixed_ops_is_exact():
+    n = 16
+    x = torch.randn(n, dtype=torch.float64)
+    w = torch.diag(torch.ones(n - 1, dtype=torch.float64), 1) + torch.eye(n, dtype=torch.float64)  # banded constant
+    f = lambda x: mixed(x, w)  # noqa: E731
+    traced = trace_jacobian(f, [x])
+    assert traced.exact, traced.notes
+    assert traced == true_pattern(f, [x])
+
+
+def test_unknown_ops_are_dense_and_flagged():
+    f = lambda x: torch.fft.fft(x).real * 1.0  # noqa: E731  (fft: not in the tracer's tables)
+    x = torch.randn(8, dtype=torch.float64)
+    p = trace_jacobian(f, [x])
+    assert not p.exact and any("fft" in note for note in p.notes)
+    assert p.contains(true_pattern(f, [x]))
+
+
+def test_no_grad_values_carry_no_dependencies():
+    spec = BUILTINS.get("no_grad_square")
+    x = torch.randn(9, dtype=torch.float64)
+    assert trace_jacobian(spec.fn, [x]) == Pattern((9, 9), np.arange(9), np.arange(9))
+
+
+def test_probe_fallback_when_tracing_cannot_run():
+    def into_buffer(x):  # writes traced values into a plain tensor: the tracer gives up
+        buf = torch.zeros(x.shape[0] + 1, dtype=x.dtype)
+        buf[1:] = x**2
+        return buf[:-1] * x
+
+    x = torch.randn(7, dtype=torch.float64)
+    result = sparse_jacobian(into_buffer, [x], mode="rev", cache=PatternCache())
+    assert result.source == "probe" and any("tracing failed" in n for n in result.pattern.notes)
+    assert result.pattern == true_pattern(into_buffer, [x])  # row 0 is 0 * x[0]: empty
+    want = torch.func.jacrev(into_buffer, chunk_size=1)(x).numpy()
+    np.testing.assert_allclose(result.matrix.toarray(), want)
+
+
+def test_hessian_of_separable_plus_banded_objective():
+    spec = BUILTINS.get("rosenbrock")
+    n = 4096
+    x = torch.randn(n, dtype=torch.float64)
+    f = lambda x: spec.fn(x) + (x**4).sum() + (torch.sin(x[2:] * x[:-2])).sum()  # noqa: E731  pentadiagonal
+    result = sparse_hessian(f, [x], cache=PatternCache())
+    assert result.mode == "star" and result.n_products <= 5
+    small = torch.randn(64, dtype=torch.float64)
+    dense_small = torch.func.hessian(f)(small).numpy()
+    assert trace_hessian(f, [small]) == Pattern.from_dense(dense_small != 0)
+    # The full n = 4096 dense Hessian, once: 128 MiB, a few seconds.
+    want = torch.func.hessian(f)(x).numpy()
+    np.testing.assert_allclose(result.matrix.toarray(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_chunks_and_modes_do_not_change_the_result():
+    spec = BUILTINS.get("lorenz96")
+    x = torch.randn(64, dtype=torch.float64)
+    want = dense_jacobian(spec.fn, [x])
+    calls = []
+    for mode in ("fwd", "rev"):
+        r = sparse_jacobian(spec.fn, [x], mode=mode, memory_budget=1, check_alive=lambda: calls.append(1), cache=PatternCache())
+        # 13 entries a row on a ring of 64: the optimum is ceil(64 / floor(64 / 13)) = 16.
+        assert r.mode == mode and r.chunk_size == 1 and r.n_products == 16
+        np.testing.assert_allclose(r.matrix.toarray(), want, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 2 * 16  # checked between every chunk
+
+
+def test_cache_on_disk_skips_detection(tmp_path, monkeypatch):
+    spec = BUILTINS.get("reaction_diffusion")
+    u = torch.rand(8, 8, dtype=torch.float64)
+    first = sparse_jacobian(spec.fn, [u], name=spec.name, cache=PatternCache(tmp_path))
+    from jacobian_service.sparsity import compute
+
+    def refuse(*a, **k):
+        raise AssertionError("detection ran again")
+
+    monkeypatch.setattr(compute, "trace_jacobian", refuse)
+    again = sparse_jacobian(spec.fn, [u], name=spec.name, cache=PatternCache(tmp_path))  # a "restart"
+    assert again.timings["cached"] == "disk" and again.pattern == first.pattern
+    np.testing.assert_array_equal(again.matrix.toarray(), first.matrix.toarray())
+
+
+def test_describe_sparsity_is_json_ready():
+    import json
+
+    spec = BUILTINS.get("lorenz96")
+    d = describe_sparsity(spec.fn, [torch.zeros(100)], pattern="band", declared=spec.sparsity, name=spec.name, cache=PatternCache())
+    json.dumps(d)
+    assert d["pattern"]["source"] == "declared" and d["pattern"]["nnz"] == 1300
+    optimum = -(-100 // (100 // 13))  # 13 a row on a ring of 100: ceil(100 / 7) = 15
+    assert d["products"] == d["coloring"]["colors"] <= optimum + 2 and d["dense_products"] == 100
+    assert d["picture"] and d["declared"] == ["band"]
+    with pytest.raises(KeyError):
+        describe_sparsity(spec.fn, [torch.zeros(100)], pattern="nope", declared=spec.sparsity)
+    with pytest.raises(ValueError):
+        sparse_jacobian(spec.fn, [torch.zeros(10)], pattern=banded(1, 1, hessian=True), cache=PatternCache())

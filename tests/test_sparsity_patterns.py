@@ -1,0 +1,191 @@
+"""Declared patterns, the pattern cache, colourings against known optima, pictures and
+the sparse wire formats (torch-free parts)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+
+sp = pytest.importorskip("scipy.sparse")
+pytest.importorskip("networkx")
+
+from jacobian_client import wire  # noqa: E402
+from jacobian_client.sparse import SparseCOO, braille, pattern_string  # noqa: E402
+from jacobian_service.sparsity import Pattern, PatternCache, banded, block_diagonal, coo, from_callable  # noqa: E402
+from jacobian_service.sparsity.coloring import choose_coloring, column_coloring, row_coloring, star_coloring  # noqa: E402
+
+
+def grid_stencil(h: int, w: int) -> Pattern:
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    rows, cols = [], []
+    for di, dj in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
+        ii, jj = i + di, j + dj
+        ok = (ii >= 0) & (ii < h) & (jj >= 0) & (jj < w)
+        rows.append((i * w + j)[ok])
+        cols.append((ii * w + jj)[ok])
+    return Pattern((h * w, h * w), np.concatenate(rows), np.concatenate(cols))
+
+
+def test_banded_matches_its_definition_plain_and_periodic():
+    n = 11
+    plain = banded(2, 1).build([(n,)], n).to_dense()
+    i, j = np.indices((n, n))
+    assert np.array_equal(plain, (j - i >= -2) & (j - i <= 1))
+    wrap = banded(2, 1, periodic=True).build([(n,)], n).to_dense()
+    assert np.array_equal(wrap, np.isin((j - i) % n, [0, 1, n - 1, n - 2]))
+    with pytest.raises(ValueError):
+        banded(1, 1).build([(4,)], 5)  # not square
+
+
+def test_block_diagonal_coo_and_callable():
+    p = block_diagonal((2, 3)).build([(4, 3)], 8)
+    dense = np.kron(np.eye(4, dtype=bool), np.ones((2, 3), bool))
+    assert np.array_equal(p.to_dense(), dense)
+    q = coo([0, 2, 2], [1, 0, 1], shape=(3, 2)).build([(2,)], 3)
+    assert q.nnz == 3 and q.to_dense()[2].all() and q.source == "declared"
+    with pytest.raises(ValueError):
+        coo([0], [0], shape=(3, 2)).build([(5,)], 3)
+    r = from_callable(lambda shapes, m: np.eye(m, dtype=bool)).build([(6,)], 6, name="diag")
+    assert r == Pattern((6, 6), np.arange(6), np.arange(6)) and r.name == "diag"
+
+
+def test_pattern_cache_survives_a_restart(tmp_path):
+    p = banded(1, 1).build([(9,)], 9).replace(source="traced", notes=("x",))
+    key = PatternCache.key("f", (9,))
+    PatternCache(tmp_path).put(key, {"pattern": p, "colors": np.arange(9) % 3, "mode": "fwd"})
+    fresh = PatternCache(tmp_path)  # a new process: nothing in memory
+    hit = fresh.get(key)
+    assert hit is not None and hit["pattern"] == p and hit["pattern"].source == "traced"
+    assert hit["mode"] == "fwd" and np.array_equal(hit["colors"], np.arange(9) % 3)
+    assert fresh.get(PatternCache.key("g", (9,))) is None
+    (tmp_path / f"{key}.npz").write_bytes(b"torn")
+    assert PatternCache(tmp_path).get(key) is None  # unreadable: a miss, not a crash
+
+
+def check_direct_recovery(p: Pattern, c) -> None:
+    """Decompress a random matrix with this pattern from its compressed products."""
+    rng = np.random.default_rng(0)
+    vals = rng.standard_normal(p.nnz)
+    if c.mode == "star":  # symmetric values
+        dense = np.zeros(p.shape)
+        dense[p.rows, p.cols] = vals
+        dense = np.triu(dense) + np.triu(dense, 1).T
+        vals = dense[p.rows, p.cols]
+    J = sp.csr_array((vals, (p.rows, p.cols)), shape=p.shape)
+    seeds = np.zeros((len(c.colors), c.n_colors))
+    active = c.colors >= 0
+    seeds[np.flatnonzero(active), c.colors[active]] = 1
+    compressed = (seeds.T @ J).ravel() if c.mode == "rev" else (J @ seeds).ravel()
+    assert np.allclose(compressed[c.gather], vals)
+
+
+def test_banded_colourings_reach_the_bandwidth_optimum():
+    p = banded(3, 2).build([(500,)], 500)
+    for colour in (column_coloring, row_coloring):
+        c = colour(p)
+        assert c.n_colors == 3 + 2 + 1 == c.lower_bound
+        check_direct_recovery(p, c)
+
+
+def test_periodic_band_is_near_optimal():
+    # n = 8192 and 13 entries a row: a cyclic band needs ceil(n / floor(n / 13)) = 14.
+    p = banded(8, 4, periodic=True).build([(8192,)], 8192)
+    c = choose_coloring(p)
+    assert 14 <= c.n_colors <= 15
+    check_direct_recovery(p, c)
+
+
+def test_stencil_colouring_within_1_5x_of_optimum():
+    p = grid_stencil(40, 40)
+    c = choose_coloring(p)
+    assert 5 <= c.n_colors <= 7  # optimum 5: (i + 2j) mod 5
+    check_direct_recovery(p, c)
+
+
+def test_mode_is_forced_and_auto_picks_the_cheaper_side():
+    # Rows couple everything, columns are few: one dense row makes reverse cheaper.
+    rows = np.r_[np.zeros(30, int), np.arange(1, 30)]
+    cols = np.r_[np.arange(30), np.arange(1, 30)]
+    p = Pattern((30, 30), rows, cols)
+    assert column_coloring(p).n_colors == 30 and row_coloring(p).n_colors == 2
+    assert choose_coloring(p).mode == "rev" and choose_coloring(p, "fwd").mode == "fwd"
+
+
+def test_star_colouring_recovers_symmetric_matrices():
+    for p in (banded(1, 1).build([(300,)], 300), banded(3, 3).build([(200,)], 200), grid_stencil(12, 12)):
+        c = star_coloring(p)
+        check_direct_recovery(p, c)
+        assert c.n_colors <= column_coloring(p).n_colors
+    assert star_coloring(banded(1, 1).build([(300,)], 300)).n_colors == 3  # a path needs 3
+
+
+def test_braille_draws_a_diagonal():
+    art = braille(np.arange(8), np.arange(8), (8, 8))
+    assert len(art.splitlines()) == 2 and all(len(line) == 4 for line in art.splitlines())
+    # Cell (0, 0) holds dots (0, 0) and (1, 1); cell (0, 1) holds (2, 2) and (3, 3).
+    first = [ord(ch) - 0x2800 for ch in art.splitlines()[0]]
+    assert first == [0x01 | 0x10, 0x04 | 0x80, 0, 0]
+    big = braille(np.arange(10_000), np.arange(10_000), (10_000, 10_000), max_width=30)
+    assert max(len(line) for line in big.splitlines()) <= 30
+    assert "5 x 5" in pattern_string(np.eye(5))
+
+
+# --------------------------------------------------------------------------- wire
+
+
+def sample(fmt: str = "csr"):
+    m = sp.random_array((30, 20), density=0.2, format=fmt, dtype=np.float64, rng=1)
+    return m
+
+
+def test_npz_body_is_what_save_npz_writes_and_load_npz_reads():
+    m = sample()
+    body = wire.write_sparse_npz(m, {"function": "f", "nnz": int(m.nnz)})
+    ref = io.BytesIO()
+    sp.save_npz(ref, m, compressed=False)
+    ours = set(zipfile.ZipFile(io.BytesIO(body)).namelist())
+    assert ours - {"meta.json"} == set(zipfile.ZipFile(ref).namelist())
+    back = sp.load_npz(io.BytesIO(body))  # meta.json beside the members is tolerated
+    assert isinstance(back, sp.csr_array) and np.array_equal(back.toarray(), m.toarray())
+    got, meta = wire.read_sparse_npz(ref.getvalue())
+    assert np.array_equal(got.toarray(), m.toarray()) and meta == {}
+    got, meta = wire.read_sparse_npz(body, as_scipy=False)
+    assert isinstance(got, SparseCOO) and np.array_equal(got.toarray(), m.toarray()) and meta["function"] == "f"
+
+
+@pytest.mark.parametrize("fmt", ["csr", "coo"])
+def test_json_sparse_object_round_trips(fmt):
+    m = sample(fmt)
+    m.data[0] = np.inf
+    doc = wire.loads(wire.dumps(wire.encode_tree({"jacobian": m})))
+    assert doc["jacobian"]["format"] == fmt and doc["jacobian"]["dtype"] == "float64"
+    back = wire.decode_tree(doc)["jacobian"]
+    assert np.array_equal(back.toarray(), m.toarray())
+    plain = wire.decode_sparse_json(doc["jacobian"], as_scipy=False)
+    assert isinstance(plain, SparseCOO) and np.array_equal(plain.toarray(), m.toarray())
+
+
+def test_hostile_sparse_bodies_are_refused():
+    good = wire.encode_sparse_json(sample())
+    for bad in (
+        {**good, "indices": [10**6] * len(good["indices"])},  # column out of range
+        {**good, "indptr": good["indptr"][::-1].copy()},  # not rising
+        {**good, "shape": [30, 20, 1]},
+        {**good, "extra": 1},
+    ):
+        with pytest.raises(wire.WireError):
+            wire.decode_sparse_json(wire.loads(wire.dumps(bad)))
+    with pytest.raises(wire.WireError):
+        wire.read_sparse_npz(wire.write_npz({"jacobian": np.zeros(3)}, {}))  # dense body: no format
+
+
+def test_wire_module_does_not_import_scipy():
+    import subprocess
+    import sys
+
+    code = "import sys, jacobian_client, jacobian_client.sparse; print('scipy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
