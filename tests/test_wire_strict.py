@@ -213,7 +213,7 @@ def _no_member_opened(monkeypatch: pytest.MonkeyPatch) -> None:
         # 1 KiB deflated claiming 100 MiB: beyond what deflate can do
         (_lying_sizes(_zip({"x.npy": npy_bytes(np.random.default_rng(0).random(128))}, zipfile.ZIP_DEFLATED), 100 << 20), wire.Limits(), "malformed_body"),
         # one member over what max_elements allows any array to take
-        (_zip({"x.npy": npy_bytes(np.zeros(1000))}, zipfile.ZIP_DEFLATED), wire.Limits(max_elements=100), "payload_too_large"),
+        (_zip({"x.npy": npy_bytes(np.zeros(1 << 18))}, zipfile.ZIP_DEFLATED), wire.Limits(max_elements=100), "payload_too_large"),
     ],
 )
 def test_npz_refused_before_any_member_is_expanded(monkeypatch, body, limits, code):
