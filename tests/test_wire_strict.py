@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 from torch.utils import _pytree as pytree
 
@@ -384,3 +385,28 @@ def test_loads_falls_back_only_for_non_finite_tokens():
     for bad in (b"[nan]", b"[1, 2", b"NaN!", b"[Infinity, ]"):
         with pytest.raises(wire.WireError):
             wire.loads(bad)
+
+
+def test_npz_vector_paths_nested_too_deeply_are_422(client):
+    name = "cotangents/" + "/".join(["0"] * 5000)
+    body = npz_bytes(r=X, theta=X, **{name: np.ones(3, dtype=np.float32)})
+    assert_problem(client.post("/v1/functions/polar/vjp", content=body, headers={"content-type": wire.NPZ}), 422, "invalid_input")
+
+
+_trees = st.recursive(
+    st.builds(lambda n: np.full(2, n, dtype=np.float32), st.integers(0, 9)),
+    lambda children: st.lists(children, min_size=1, max_size=3) | st.dictionaries(st.sampled_from(["a", "b", "k", "zz"]), children, min_size=1, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_trees)
+def test_npz_member_paths_spell_the_tree(tree):
+    """The .npz names a tree's arrays get (wire.flatten_tree, as the SDK and the server
+    write them) read back (wire.tree_from_paths) as the same tree, in torch's leaf order."""
+    _, arrays = wire.flatten_tree("cotangents", tree)
+    back = wire.tree_from_paths({path.removeprefix("cotangents").removeprefix("/"): arr for path, arr in arrays})
+    assert pytree.tree_structure(back) == pytree.tree_structure(tree)
+    assert all(a is b for a, b in zip(pytree.tree_leaves(back), pytree.tree_leaves(tree)))
+    assert all(a is b for a, b in zip(wire.vector_leaves(back, tree), pytree.tree_leaves(tree)))

@@ -441,10 +441,11 @@ def decode_tree(tree: Any, sequence: type = tuple, limits: Limits = Limits()) ->
 
 
 _POSITION = re.compile(r"0|[1-9][0-9]*")
+_MAX_TREE_DEPTH = 64
 
 
 def _is_node(node: Any) -> bool:
-    return isinstance(node, (list, tuple, dict)) or node is None
+    return isinstance(node, (list, tuple, dict))
 
 
 def vector_leaves(tree: Any, like: Any) -> list[Any]:
@@ -478,7 +479,7 @@ def _leaves_of(like: Any, out: list[Any]) -> None:
     elif isinstance(like, dict):
         for node in like.values():  # insertion order, as torch's pytree flattens dicts
             _leaves_of(node, out)
-    elif like is not None:  # None is a node without leaves in torch's pytree
+    else:  # a leaf, None included (as torch's pytree has it)
         out.append(like)
 
 
@@ -504,8 +505,6 @@ def _match(tree: Any, like: Any, path: str, out: list[Any]) -> str | None:
             if (problem := _match(tree[name], like[key], f"{path}/{name}", out)) is not None:
                 return problem
         return None
-    if like is None:
-        return None if tree is None or tree == [] else f"{where}: expected nothing (null)"
     if _is_node(tree):
         return f"{where}: expected one array, got a {'list' if isinstance(tree, (list, tuple)) else 'object'}"
     out.append(tree)
@@ -517,6 +516,9 @@ def tree_from_paths(members: dict[str, Any], what: str = "member") -> Any:
     ``{"k": a, "j/0": b}`` -> ``{"k": a, "j": [b]}``: the tree an ``.npz``'s member names
     spell (``cotangents/1/0``), lists where every name at a level is a position (``0``
     to ``n - 1``, each once), dicts where none is."""
+    deep = [p for p in members if p.count("/") >= _MAX_TREE_DEPTH]
+    if deep:
+        raise WireError(f"{what} {deep[0][:80]!r}...: nested deeper than {_MAX_TREE_DEPTH} levels", "invalid_input")
     if set(members) == {""}:
         return members[""]
     groups: dict[str, dict[str, Any]] = {}
