@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .registry import FunctionSpec, Registry
 from .routes import DERIVATIVE_KINDS, handle, router
 from .scheduler import Scheduler
+from .docs_ui import add_docs
 from .settings import Settings
 from .state import ServiceState
 
@@ -235,8 +236,11 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         version=__version__,
         description="Jacobians of registered PyTorch functions, computed like torch.func.jacrev.",
         lifespan=lifespan,
+        docs_url=None,  # docs_ui serves /docs and /redoc without a CDN
+        redoc_url=None,
     )
     app.include_router(router)
+    add_docs(app)
     app.add_middleware(FastPath)
     app.add_middleware(AccessMiddleware)  # added last: outermost, so it sees every request
     app.openapi = lambda: _openapi(app, registry)  # type: ignore[method-assign]
