@@ -142,3 +142,20 @@ def test_redoc_renders_every_operation_offline(site):
     shown = {(m.upper(), p) for m, p in re.findall(
         r'class="[^"]*\bhttp-verb\b[^"]*">(\w+)</span><span[^>]*>([^<]+)</span>', dom)}
     assert shown == _operations(f"{url}{prefix}/openapi.json"), dom[:2000]
+
+
+def test_docs_pages_take_dependencies_and_the_assets_stay_open():
+    """What a docs-auth setting builds on: a dependency guards the pages, not the files."""
+    from fastapi import Depends, FastAPI, HTTPException
+
+    from jacobian_service.docs_ui import ASSETS_URL, add_docs
+
+    def deny() -> None:
+        raise HTTPException(401)
+
+    guarded = FastAPI(docs_url=None, redoc_url=None)
+    add_docs(guarded, dependencies=[Depends(deny)])
+    with serve(guarded) as url:
+        assert httpx.get(url + "/docs", timeout=30).status_code == 401
+        assert httpx.get(url + "/redoc", timeout=30).status_code == 401
+        assert httpx.get(url + f"{ASSETS_URL}/swagger-ui.css", timeout=30).status_code == 200

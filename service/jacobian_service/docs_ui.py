@@ -12,9 +12,10 @@ a path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -37,11 +38,12 @@ def assets_dir() -> Path:
 
 
 def add_docs(app: FastAPI, *, docs_url: str = "/docs", redoc_url: str = "/redoc",
-             assets_url: str = ASSETS_URL) -> None:
+             assets_url: str = ASSETS_URL, dependencies: Sequence[params.Depends] = ()) -> None:
     """Add GET ``docs_url``, ``docs_url``/oauth2-redirect, ``redoc_url`` and the assets.
 
     Create ``app`` with ``docs_url=None, redoc_url=None`` so FastAPI's CDN pages are not
-    added as well.
+    added as well. ``dependencies`` (e.g. an API-key check) guard the two pages; the
+    assets are the public Swagger UI and ReDoc files and stay open.
     """
     app.mount(assets_url, StaticFiles(directory=assets_dir()), name="docs-assets")
     oauth2_redirect_url = f"{docs_url}/oauth2-redirect"
@@ -49,7 +51,7 @@ def add_docs(app: FastAPI, *, docs_url: str = "/docs", redoc_url: str = "/redoc"
     def prefix(request: Request) -> str:
         return str(request.scope.get("root_path", "")).rstrip("/")
 
-    @app.get(docs_url, include_in_schema=False)
+    @app.get(docs_url, include_in_schema=False, dependencies=list(dependencies))
     async def swagger_ui(request: Request) -> HTMLResponse:
         root = prefix(request)
         return get_swagger_ui_html(
@@ -66,7 +68,7 @@ def add_docs(app: FastAPI, *, docs_url: str = "/docs", redoc_url: str = "/redoc"
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
-    @app.get(redoc_url, include_in_schema=False)
+    @app.get(redoc_url, include_in_schema=False, dependencies=list(dependencies))
     async def redoc(request: Request) -> HTMLResponse:
         root = prefix(request)
         return get_redoc_html(
