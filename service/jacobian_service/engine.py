@@ -646,6 +646,34 @@ class Engine:
         output = self.host(out) if call.return_output else None
         return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
 
+    # ----------------------------------------------------------------- hvp (issue 12)
+
+    def hvp(self, call: Call) -> Result:
+        """Hessian-vector products of a scalar (0-d) function, forward-over-reverse:
+        ``jvp(grad(f), primals, tangents)``; ``batched_vectors`` vmaps over the tangents.
+        The result is shaped like the differentiated inputs (a tuple for tuple argnums)."""
+        args = self.tensors(call)
+        box = _AuxBox(call.spec)
+        g = _partial(box, args, call.argnums)
+        primals = tuple(args[i] for i in call.argnums)
+        out, aux_t = self._guard(lambda: g(*primals))
+        if not (isinstance(out, torch.Tensor) and out.dim() == 0):
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise InvalidInput(f"hvp needs a function with a scalar (0-d) output; {call.spec.name} returns {shape}")
+        like = primals if call.as_tuple else primals[0]
+        tangents = self._vectors(call.vectors, like, "tangents", call.batched_vectors)
+        tangents = tuple(tangents) if call.as_tuple else (tangents,)
+        grad = torch.func.grad(g, argnums=tuple(range(len(primals))), has_aux=True)
+
+        def push(*t: torch.Tensor) -> Any:
+            return torch.func.jvp(lambda *p: grad(*p)[0], primals, t)[1]
+
+        fn = torch.func.vmap(push) if call.batched_vectors else push
+        value = self._guard(lambda: fn(*tangents))
+        value = tuple(value) if call.as_tuple else value[0]
+        output = self.host(out) if call.return_output else None
+        return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
+
     # ----------------------------------------------------------------- request batching
 
     def can_batch(self, spec: FunctionSpec) -> bool:

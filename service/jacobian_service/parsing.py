@@ -21,9 +21,9 @@ from .registry import FLOAT_DTYPES, FunctionSpec
 
 __all__ = ["Options", "media_type_of", "parse_call"]
 
-Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp"]
+Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
 _INTEGER = re.compile(r"-?[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
-_VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents"}
+_VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}  # hvp: issue 12
 
 
 class Options(BaseModel):
@@ -37,7 +37,7 @@ class Options(BaseModel):
     return_output: bool = False
     rows: tuple[int, int] | None = Field(None, description="[start, stop) rows of the flattened output")
     mode: Literal["rev", "fwd", "auto"] = "rev"
-    batched_vectors: bool = Field(False, description="vjp/jvp: vectors carry a leading batch dimension")
+    batched_vectors: bool = Field(False, description="vjp/jvp/hvp: vectors carry a leading batch dimension")
 
 
 def _query_value(key: str, value: str) -> Any:
@@ -171,7 +171,7 @@ def parse_call(
 
     options = _options(raw_options)
     if vector_key is None and options.batched_vectors:
-        raise InvalidInput("batched_vectors applies to vjp and jvp only")
+        raise InvalidInput("batched_vectors applies to vjp, jvp and hvp only")
     if vector_key and options.batched:
         raise InvalidInput(f"batched does not apply to {kind}; use batched_vectors")
     if options.rows is not None and (kind != "jacobian" or options.batched):

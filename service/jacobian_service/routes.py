@@ -39,7 +39,8 @@ __all__ = ["DERIVATIVE_KINDS", "handle", "router"]
 
 # Bodies and results above this are parsed / encoded on a thread, not on the event loop.
 _OFFLOAD_BYTES = 256 << 10
-_RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp"}
+_RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp",
+               "hvp": "hvp"}  # hvp: issue 12
 DERIVATIVE_KINDS = frozenset(_RESULT_KEY)
 
 
@@ -338,7 +339,7 @@ _BODY_DOC = {
                             "anyOf": [{"type": "array"}, {"type": "object"}],
                         },
                         "cotangents": {"description": "vjp only: one array, or a list/dict matching the outputs"},
-                        "tangents": {"description": "jvp only: one array, or a list matching argnums"},
+                        "tangents": {"description": "jvp and hvp only: one array, or a list matching argnums"},
                         **Options.model_json_schema()["properties"],
                     },
                 }
@@ -410,6 +411,7 @@ _SUMMARIES = {
     "evaluate": "The function's output (and aux)",
     "vjp": "Vector-Jacobian products, one or many cotangents",
     "jvp": "Jacobian-vector products, one or many tangents",
+    "hvp": "Hessian-vector products (forward-over-reverse) of a scalar function, one or many tangents",
 }
 derivatives = APIRouter(prefix="/v1")  # authenticates inside handle()
 for _kind, _summary in _SUMMARIES.items():
