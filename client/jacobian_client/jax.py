@@ -50,7 +50,7 @@ from jax import core as jax_core
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from ._remote import Evaluated, RemoteOps, Tree, unflatten
+from ._remote import Evaluated, RemoteOps, Tree, flatten, unflatten
 
 __all__ = ["remote"]
 
@@ -97,11 +97,15 @@ class _Shapes:
     aux_tree: Tree | None
     aux_plain: tuple[Any, ...]  # per aux leaf: None where an array output holds it
 
+    def _key(self) -> tuple[Any, ...]:  # primitive parameters must hash and compare (jit's cache)
+        structs = tuple((s.shape, str(s.dtype)) for s in self.structs)
+        return (structs, self.n_out, self.out_tree, self.aux_tree, repr(self.aux_plain))
+
     def __hash__(self) -> int:
-        return hash((tuple((s.shape, str(s.dtype)) for s in self.structs), self.n_out, self.out_tree, self.aux_tree))
+        return hash(self._key())
 
     def __eq__(self, other: object) -> bool:
-        return self is other or (isinstance(other, _Shapes) and hash(self) == hash(other))
+        return isinstance(other, _Shapes) and self._key() == other._key()
 
     @classmethod
     def from_evaluated(cls, ev: Evaluated) -> _Shapes:
@@ -132,9 +136,7 @@ def _arrays(leaves: Sequence[Any]) -> list[np.ndarray]:
 
 
 def _shapes_from_struct(out_shape: Any) -> _Shapes:
-    """``out_shape`` (a pytree of ShapeDtypeStruct; ``(out, aux)`` with aux) -> _Shapes."""
-    from ._remote import flatten
-
+    """``out_shape`` (a pytree of ShapeDtypeStruct) -> _Shapes."""
     def as_numpy(tree: Any) -> Any:
         return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), tree,
                                       is_leaf=lambda s: isinstance(s, jax.ShapeDtypeStruct))
