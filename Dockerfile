@@ -1,10 +1,12 @@
 # jacobian-service server image.
 #
+# Image names are fully qualified, so podman finds them without a short-name search list.
+#
 # CPU (default):
-#   docker build -t jacobian-service .
+#   docker build -t localhost/jacobian-service:cpu .
 # CUDA (PyTorch's CUDA wheels bring their own CUDA runtime; the host needs the NVIDIA
 # driver and the NVIDIA Container Toolkit):
-#   docker build -t jacobian-service:cu128 --build-arg TORCH_VARIANT=cu128 .
+#   docker build -t localhost/jacobian-service:cu128 --build-arg TORCH_VARIANT=cu128 .
 # Without an image registry: make a base image locally (any Debian/Ubuntu with python3 and
 # python3-venv, e.g. with debootstrap; see scripts/container-smoke) and name it:
 #   podman build --format docker --build-arg BASE_IMAGE=localhost/debian-python:bookworm .
@@ -17,7 +19,7 @@
 #   TORCH_VARIANT    cpu | cu126 | cu128 | ... : which PyTorch wheel index to use
 #   TORCH_INDEX_URL  that index (derived from TORCH_VARIANT; empty to use PyPI only)
 #   WHEELS_DIR       folder in the build context with local wheels (searched first)
-ARG BASE_IMAGE=python:3.11-slim-bookworm
+ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
 
 # --------------------------------------------------------------------------- builder
 FROM ${BASE_IMAGE} AS builder

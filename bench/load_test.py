@@ -113,6 +113,11 @@ def build_cases(rng: np.random.Generator, per_kind: int) -> dict[str, list[Case]
         h = rng.standard_normal(10).astype(np.float32)
         valid.append(Case("valid", "sum_sin hessian json", "/v1/functions/sum_sin/hessian", json_request(h), JSON_HEADERS,
                           check=_json_check("hessian", f.hessian(ex.sum_sin)(t(h)).numpy())))
+        hv = rng.standard_normal((3, 10)).astype(np.float32)
+        hvp_ref = f.vmap(lambda v: f.jvp(f.grad(ex.sum_sin), (t(h),), (v,))[1])(t(hv)).numpy()
+        valid.append(Case("valid", "sum_sin hvp json", "/v1/functions/sum_sin/hvp",
+                          json_request(h, tangents=hv.tolist(), batched_vectors=True), JSON_HEADERS,
+                          check=_json_check("hvp", hvp_ref)))
         xb = rng.standard_normal((4, 128)).astype(np.float32)
         valid.append(Case("valid", "mlp batched json", "/v1/functions/mlp/jacobian", json_request(xb, batched=True),
                           JSON_HEADERS, check=_json_check("jacobian", f.vmap(f.jacrev(ex.mlp))(t(xb)).numpy())))

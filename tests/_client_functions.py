@@ -13,3 +13,12 @@ from jacobian_service import Input, register
 def slow(x: torch.Tensor) -> torch.Tensor:
     time.sleep(float(x.reshape(-1)[0]))
     return 2 * x
+
+
+@register(
+    inputs=[Input("x", shape=("n",)), Input("w", shape=("n",))],
+    has_aux=True,
+    description="sum(w * x**3) + sum(x * w**2): a scalar of two inputs, with x**2 as aux.",
+)
+def cubic_pair(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (w * x**3).sum() + (x * w**2).sum(), x**2

@@ -128,3 +128,61 @@ def test_hessian_strategy_is_measured_and_forward_ad_gaps_are_bridged(client):
         assert doc["meta"]["mode"] == "jacrev_jacrev"
     got, doc = decode(client.post("/v1/functions/sum_sin/hessian", json={"inputs": [x]}), "hessian")
     assert doc["meta"]["mode"] in ("jacrev_grad", "jacfwd_jacrev", "jacrev_jacrev")
+
+
+# ----------------------------------------------------------------------------- hvp (issue 12)
+
+
+def _hvp_reference(fn, x, t):
+    return torch.func.jvp(torch.func.grad(fn), (torch.from_numpy(x),), (torch.from_numpy(t),))[1]
+
+
+def test_hvp_single_batched_and_with_output(client, builtins):
+    fn = builtins.get("sum_sin").fn
+    x = example_inputs("sum_sin")[0]
+    t = np.random.default_rng(3).standard_normal((4, x.size))
+    body = {"inputs": [wire.encode_tree(x)], "tangents": wire.encode_tree(t[0])}
+    got, doc = decode(client.post("/v1/functions/sum_sin/hvp", content=wire.dumps(body)), "hvp")
+    assert_tree_close(got, _hvp_reference(fn, x, t[0]), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(got, -np.sin(x) * t[0], rtol=1e-12)  # H = diag(-sin x)
+    assert "output" not in doc
+    body = {"inputs": [wire.encode_tree(x)], "tangents": wire.encode_tree(t), "batched_vectors": True, "return_output": True}
+    got, doc = decode(client.post("/v1/functions/sum_sin/hvp", content=wire.dumps(body)), "hvp")
+    assert got.shape == t.shape
+    want = torch.func.vmap(lambda v: torch.func.jvp(torch.func.grad(fn), (torch.from_numpy(x),), (v,))[1])(torch.from_numpy(t))
+    assert_tree_close(got, want, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(wire.decode_tree(doc["output"]), np.sin(x).sum(), rtol=1e-12)
+
+
+def test_hvp_npz_and_query_options(client, builtins):
+    x = example_inputs("sum_sin")[0]
+    t = np.random.default_rng(4).standard_normal((2, x.size))
+    body = npz_bytes(x=x, tangents=t)
+    response = client.post("/v1/functions/sum_sin/hvp?batched_vectors=true&return_output=true", content=body,
+                           headers={"content-type": wire.NPZ, "accept": wire.NPZ})
+    got, doc = decode(response, "hvp")
+    np.testing.assert_allclose(got, -np.sin(x) * t, rtol=1e-12)
+    np.testing.assert_allclose(doc["output"], np.sin(x).sum(), rtol=1e-12)
+
+
+def test_hvp_refuses_non_scalar_outputs_and_bad_tangents(client):
+    for name, inputs in (("sin", [[0.1, 0.2]]), ("polar", [[1.0], [0.5]])):
+        response = client.post(f"/v1/functions/{name}/hvp", json={"inputs": inputs, "tangents": [1.0]})
+        assert response.status_code == 422 and response.json()["code"] == "invalid_input", response.text
+        assert "scalar" in response.json()["detail"]
+    response = client.post("/v1/functions/sum_sin/hvp", json={"inputs": [[1.0, 2.0]], "tangents": [1.0, 2.0, 3.0]})
+    assert response.status_code == 422 and "tangents" in response.json()["detail"]
+    response = client.post("/v1/functions/sum_sin/hvp", json={"inputs": [[1.0, 2.0]]})
+    assert response.status_code == 422 and "tangents" in response.json()["detail"]
+    response = client.post("/v1/functions/sum_sin/hvp", json={"inputs": [[1.0, 2.0]], "tangents": [1.0, 2.0], "batched": True})
+    assert response.status_code == 422 and "batched_vectors" in response.json()["detail"]
+
+
+def test_hvp_is_in_the_openapi_document(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "post" in paths["/v1/functions/{name}/hvp"]
+    schema = paths["/v1/functions/{name}/hvp"]["post"]["requestBody"]["content"][wire.JSON]["schema"]
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    while "$ref" in schema:  # the request body is a named component
+        schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
+    assert "tangents" in schema["required"] and "tangents" in schema["properties"]

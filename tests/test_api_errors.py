@@ -138,6 +138,10 @@ def test_npz_declared_size_checked_before_expanding(make_client):
         ("/v1/functions/add_square/jacobian", {"inputs": [[[1.0]], [[1.0], [2.0]]], "batched": True}, "batch size"),
         ("/v1/functions/mlp/jacobian", {"inputs": [{"dtype": "float64", "shape": [128], "data": [0] * 128}], "batched": "maybe"}, "batched"),
         ("/v1/functions/sin/vjp", {"inputs": [[1.0]]}, "cotangents"),
+        ("/v1/functions/sum_sin/hvp", {"inputs": [[1.0]]}, "tangents"),
+        ("/v1/functions/sin/hvp", {"inputs": [[1.0, 2.0]], "tangents": [1.0, 1.0]}, "scalar (0-d) output"),
+        ("/v1/functions/sum_sin/hvp", {"inputs": [[1.0]], "tangents": [1.0], "batched": True}, "batched_vectors"),
+        ("/v1/functions/sum_sin/jacobian", {"inputs": [[1.0]], "batched_vectors": True}, "vjp, jvp and hvp"),
     ],
 )
 def test_invalid_input_is_422(client, url, body, words):
@@ -164,9 +168,9 @@ def test_function_errors_are_500_for_that_request_only(client):
     assert body["detail"] == "ValueError: the simulator diverged"
     body = assert_problem(client.post("/v1/functions/wrong_type/evaluate", json={"inputs": [[1.0]]}), 500, "function_error")
     assert "expected a tensor" in body["detail"]
-    for endpoint in ("jacobian", "hessian", "evaluate", "vjp", "jvp"):
+    for endpoint in ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"):
         payload = {"inputs": [[1.0]], "cotangents": [1.0], "tangents": [1.0]}
-        payload = {k: v for k, v in payload.items() if k == "inputs" or (k == "cotangents") == (endpoint == "vjp") and (k == "tangents") == (endpoint == "jvp")}
+        payload = {k: v for k, v in payload.items() if k == "inputs" or (k == "cotangents") == (endpoint == "vjp") and (k == "tangents") == (endpoint in ("jvp", "hvp"))}
         assert_problem(client.post(f"/v1/functions/broken/{endpoint}", json=payload), 500, "function_error")
     still_serving(client)
 

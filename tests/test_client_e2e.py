@@ -331,3 +331,50 @@ async def test_async_errors(url: str) -> None:
         with pytest.raises(jc.FunctionError):
             await c.evaluate("broken", X)
         await c.wait_ready(timeout=5)
+
+
+# ----------------------------------------------------------------------------- hvp, return_output (issue 12)
+
+
+def _cubic_hvp(x, w, tx, tw):
+    from ._client_functions import cubic_pair
+
+    g = torch.func.grad(lambda a, b: cubic_pair(a, b)[0], argnums=(0, 1))
+    return torch.func.jvp(g, (torch.from_numpy(x), torch.from_numpy(w)), (torch.from_numpy(tx), torch.from_numpy(tw)))[1]
+
+
+@pytest.mark.parametrize("transport", ["binary", "json"])
+def test_hvp_and_return_output(client: jc.Client, transport: str) -> None:
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal(4), rng.standard_normal(4)
+    tx, tw = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    # one vector, both inputs; aux comes last as everywhere
+    got, aux = client.hvp("cubic_pair", x, w, tangents=(tx[0], tw[0]), argnums=(0, 1), transport=transport)
+    want = _cubic_hvp(x, w, tx[0], tw[0])
+    for g_, w_ in zip(got, want):
+        np.testing.assert_allclose(g_, w_.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(aux, x**2, rtol=1e-12)
+    # a stack of vectors and the output, in one request
+    got, output, aux = client.hvp("cubic_pair", x, w, tangents=(tx, tw), argnums=(0, 1), batched_vectors=True,
+                                  return_output=True, transport=transport)
+    for b in range(3):
+        want = _cubic_hvp(x, w, tx[b], tw[b])
+        np.testing.assert_allclose(got[0][b], want[0].numpy(), rtol=1e-12)
+        np.testing.assert_allclose(got[1][b], want[1].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(output, np.sum(w * x**3) + np.sum(x * w**2), rtol=1e-12)
+    # vjp / jvp with return_output: value and derivative together
+    q = np.array([0.3, -0.2, 0.5])
+    vjp, out = client.vjp("planar_arm", q, cotangents=np.array([1.0, 2.0]), return_output=True, transport=transport)
+    np.testing.assert_allclose(out, examples.planar_arm(torch.from_numpy(q)).numpy(), rtol=1e-12)
+    jvp, out2 = client.jvp("planar_arm", q, tangents=np.ones(3), return_output=True, transport=transport)
+    np.testing.assert_allclose(out2, out, rtol=1e-12)
+    with pytest.raises(jc.InvalidInput, match="scalar"):
+        client.hvp("planar_arm", q, tangents=np.ones(3), transport=transport)
+
+
+@pytest.mark.asyncio
+async def test_async_hvp(url: str) -> None:
+    x = np.array([0.3, -0.7, 1.1])
+    async with jc.AsyncClient(url) as ac:
+        got = await ac.hvp("sum_sin", x, tangents=np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_allclose(got, -np.sin(x) * np.array([1.0, 2.0, 3.0]), rtol=1e-12)

@@ -50,3 +50,40 @@ def test_error_tree() -> None:
                  "PayloadTooLarge", "ResultTooLarge", "UnsupportedMediaType", "InvalidInput", "Overloaded",
                  "FunctionError", "Unavailable", "Timeout", "OutOfMemory"):
         assert issubclass(getattr(jacobian_client, name), APIError), name
+
+
+_BLOCK = (
+    "import sys\n"
+    "for name in ('torch', 'jax', 'jaxlib', 'scipy'):\n"
+    "    sys.modules[name] = None  # any import of them raises ImportError\n"
+)
+
+
+def test_sdk_installs_and_imports_without_torch_jax_or_scipy() -> None:
+    """The adapters are extras: the SDK (and the numpy-only SciPy helpers) import with
+    torch, jax and scipy all unavailable; the torch and jax adapters say what is missing."""
+    code = _BLOCK + (
+        "import jacobian_client, jacobian_client.scipy, jacobian_client._remote\n"
+        "from jacobian_client import Client\n"
+        "from jacobian_client.scipy import remote_objective\n"
+        "remote_objective(Client('http://127.0.0.1:1'), 'rosenbrock')\n"
+        "for mod in ('jacobian_client.torch', 'jacobian_client.jax'):\n"
+        "    try:\n"
+        "        __import__(mod)\n"
+        "    except ImportError as exc:\n"
+        "        print(mod, 'ImportError', exc.name)\n"
+        "    else:\n"
+        "        print(mod, 'imported')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["jacobian_client.torch ImportError torch", "jacobian_client.jax ImportError jax"]
+
+
+def test_extras_declare_the_adapters() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for extra, package in (("torch", "torch"), ("jax", "jax"), ("scipy", "scipy")):
+        assert any(dep.startswith(package + ">=") for dep in extras[extra]), extras[extra]
+    assert not any(dep.lower().startswith(("jax", "scipy")) for dep in project["dependencies"])

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
-NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+NGINX_CONF = ROOT / "deploy" / "nginx.conf.template"
 K8S = ROOT / "deploy" / "k8s"
 SMOKE = ROOT / "scripts" / "container-smoke"
 
@@ -298,8 +298,9 @@ def test_compose_gpu_service():
         assert vol["read_only"] is True
         hc = svc["healthcheck"]["test"]
         assert any(f"127.0.0.1:{PORT}/readyz" in part for part in hc)
-        # The stop grace covers the server's drain.
-        assert int(svc["stop_grace_period"].rstrip("s")) > float(env["JACOBIAN_SERVICE_DRAIN_GRACE_S"])
+        # The stop grace covers the server's drain (delay + grace, as the server reads them).
+        settings = _server_settings(env)
+        assert int(svc["stop_grace_period"].rstrip("s")) > settings.drain_delay_s + settings.drain_grace_s
         if name != "jacobian":
             assert svc["profiles"] == ["scale"]
     assert len(set(gpu_ids)) == len(gpu_ids), "one GPU per replica"
@@ -323,8 +324,11 @@ def test_compose_cpu_override_merges_to_a_valid_cpu_only_file():
 def test_gateway_fronts_every_replica():
     doc = _untag(_load_compose(COMPOSE))
     gateway = doc["services"]["gateway"]
-    (conf,) = [v for v in gateway["volumes"] if v["target"] == "/etc/nginx/nginx.conf"]
+    # The nginx image renders /etc/nginx/templates/X.template to $NGINX_ENVSUBST_OUTPUT_DIR/X.
+    (conf,) = [v for v in gateway["volumes"] if v["target"].startswith("/etc/nginx/templates/")]
     assert (ROOT / conf["source"]).resolve() == NGINX_CONF
+    rendered = Path(gateway["environment"]["NGINX_ENVSUBST_OUTPUT_DIR"]) / Path(conf["target"]).stem
+    assert rendered == Path("/etc/nginx/nginx.conf")
     listen = re.search(r"^\s*listen\s+(\d+);", NGINX_CONF.read_text(), re.M).group(1)
     assert gateway["ports"][0].endswith(f":{listen}")
     upstream = re.findall(r"^\s*server\s+([\w.-]+):(\d+)\s", NGINX_CONF.read_text(), re.M)
@@ -333,7 +337,7 @@ def test_gateway_fronts_every_replica():
     # The gateway lets through what a replica accepts (the replica answers 413 beyond).
     body = re.search(r"client_max_body_size\s+(\d+)m;", NGINX_CONF.read_text()).group(1)
     env = doc["services"]["jacobian"]["environment"]
-    assert int(body) << 20 == int(env["JACOBIAN_SERVICE_MAX_REQUEST_BYTES"])
+    assert int(body) << 20 == _server_settings(env).max_request_bytes
     health = re.search(r"location = (/[\w-]+)", NGINX_CONF.read_text()).group(1)
     assert any(health in part for part in gateway["healthcheck"]["test"])
 
@@ -347,6 +351,8 @@ def test_nginx_conf_syntax():
     # resolve inside Compose's network: check the rest of the syntax with loopback peers.
     text = re.sub(r"\sresolve\s", " ", text)
     text = re.sub(r"server\s+jacobian[\w-]*:(\d+)", r"server 127.0.0.1:\1", text)
+    # What the nginx image's entrypoint substitutes from /etc/resolv.conf.
+    text = text.replace("${NGINX_LOCAL_RESOLVERS}", "127.0.0.1")
     return_code, output = _nginx_t(nginx, text)
     assert return_code == 0, output
 
@@ -487,7 +493,8 @@ def test_k8s_deployment_probes_gpu_and_drain():
     # SIGTERM after the preStop pause starts the drain; the grace period covers both.
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    drain = float(_one("ConfigMap")["data"]["JACOBIAN_SERVICE_DRAIN_GRACE_S"])
+    settings = _server_settings(_one("ConfigMap")["data"])
+    drain = settings.drain_delay_s + settings.drain_grace_s
     assert pod["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + drain + 5
     (ref,) = c["envFrom"]
     assert ref["configMapRef"]["name"] == _one("ConfigMap")["metadata"]["name"]
@@ -535,6 +542,224 @@ def test_server_exports_the_queue_depth_metric_the_autoscalers_use():
         pytest.skip("server sources not present")
     assert any(QUEUE_METRIC.removeprefix("jacobian_service_") in p.read_text() or QUEUE_METRIC in p.read_text()
                for p in sources.glob("*.py")), f"no {QUEUE_METRIC} in the server"
+
+
+# ============================================================ settings, as the server reads them
+# Settings the deployment files do not pass: the image's command fixes the address.
+NOT_PASSED = {"host", "port"}
+# Defaults the files change on purpose: a GPU deployment, and the image's JSON logs.
+DELIBERATE = {"device", "log_format"}
+# Settings announced for the engine processes (SPEC 7), passed through before
+# settings.py declares them; once it does, the checks below cover them like any other.
+ANNOUNCED: set[str] = set()  # settings the deployment files pass before the server has them
+PREFIX = "JACOBIAN_SERVICE_"
+
+
+def _settings_class():
+    return pytest.importorskip("jacobian_service.settings").Settings
+
+
+def _setting_names() -> set[str]:
+    """Every field of the server's Settings class, read now (new fields are covered)."""
+    return set(_settings_class().model_fields)
+
+
+def _image_env() -> dict[str, str]:
+    """The JACOBIAN_SERVICE_* variables the Dockerfile's runtime stage sets."""
+    import shlex
+
+    ins = _dockerfile_instructions()
+    runtime = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM"):]
+    env = {}
+    for word, rest in runtime:
+        if word == "ENV":
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                if key.startswith(PREFIX):
+                    env[key] = value
+    return env
+
+
+def _server_settings(env: dict[str, str], *, image: bool = True):
+    """The Settings the server builds in a container with ``env`` (over the image's ENV)."""
+    settings_class = _settings_class()
+    wanted = {**(_image_env() if image else {}), **{k: str(v) for k, v in env.items()}}
+    saved = {k: v for k, v in os.environ.items() if k.startswith(PREFIX)}
+    try:
+        for key in saved:
+            del os.environ[key]
+        os.environ.update(wanted)
+        return settings_class()
+    finally:
+        for key in wanted:
+            os.environ.pop(key, None)
+        os.environ.update(saved)
+
+
+def _defaults() -> dict:
+    return _server_settings({}, image=False).model_dump()
+
+
+def test_an_empty_variable_means_the_default():
+    """Every setting, set to the empty string, gives the default (numbers included)."""
+    names = _setting_names()
+    assert {"max_queue", "memory_budget_bytes", "torch_threads", "metrics_auth"} <= names
+    empty = _server_settings({PREFIX + n.upper(): "" for n in names}, image=False)
+    assert empty.model_dump() == _defaults()
+    # And a value still counts.
+    assert _server_settings({PREFIX + "MAX_QUEUE": "7"}, image=False).max_queue == 7
+
+
+def _compose_services(files: list[Path], env: dict[str, str]) -> dict[str, dict]:
+    doc = _load_compose(files[0], env)
+    for extra in files[1:]:
+        doc = _merge(doc, _load_compose(extra, env))
+    return _servers(_untag(doc))
+
+
+# (not "gpu": conftest skips tests with a "gpu" keyword where CUDA is missing)
+COMPOSE_SETUPS = {"cuda": [COMPOSE], "cpu": [COMPOSE, COMPOSE_CPU]}
+
+
+@pytest.mark.parametrize("setup", COMPOSE_SETUPS)
+def test_compose_passes_every_setting_through(setup):
+    names = _setting_names()
+    host_env = {PREFIX + n.upper(): f"value-of-{n}" for n in names | ANNOUNCED}
+    for name, svc in _compose_services(COMPOSE_SETUPS[setup], host_env).items():
+        env = svc["environment"]
+        missing = sorted(n for n in names - NOT_PASSED if env.get(PREFIX + n.upper()) != f"value-of-{n}")
+        # DEVICE is the one a file fixes rather than passes (cpu in the CPU override).
+        if setup == "cpu":
+            assert env[PREFIX + "DEVICE"] == "cpu"
+            missing.remove("device")
+        assert not missing, f"{name} does not pass {missing}"
+        unknown = sorted(k for k in env if k.removeprefix(PREFIX).lower() not in names | ANNOUNCED)
+        assert not unknown, f"{name} sets {unknown}, which the server does not read"
+        assert not {PREFIX + n.upper() for n in NOT_PASSED} & set(env)
+
+
+@pytest.mark.parametrize("setup", COMPOSE_SETUPS)
+def test_compose_defaults_are_the_servers(setup):
+    """Nothing set on the host: each container's settings are the server's defaults."""
+    defaults = _defaults()
+    image_log_format = _image_env()[PREFIX + "LOG_FORMAT"]
+    for name, svc in _compose_services(COMPOSE_SETUPS[setup], {}).items():
+        got = _server_settings(svc["environment"]).model_dump()
+        assert got["device"] == setup
+        assert got["log_format"] == image_log_format == "json"
+        differ = {k for k in defaults if got[k] != defaults[k]} - DELIBERATE
+        if setup == "cpu" and name != "jacobian":
+            # Scale-only CPU replicas share the cores: one thread (and worker) each.
+            assert got["torch_threads"] == 1, name
+            assert got.get("workers", 1) == 1
+            differ -= {"torch_threads", "workers"}
+        assert not differ, {k: (got[k], defaults[k]) for k in differ}
+
+
+def test_compose_cpu_replicas_do_not_each_take_every_core():
+    cores = os.cpu_count() or 2
+    threads = {}
+    for name, svc in _compose_services(COMPOSE_SETUPS["cpu"], {}).items():
+        value = _server_settings(svc["environment"]).torch_threads
+        assert value != 0, f"{name}: torch's default uses every core in every replica"
+        threads[name] = value if value is not None else max(1, cores // 2)  # the server's rule
+    assert sum(threads.values()) <= max(cores // 2, 1) + len(threads) - 1, threads
+
+
+def test_k8s_configmap_lists_every_setting_with_the_servers_defaults():
+    names = _setting_names()
+    dep = _one("Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    data = _one("ConfigMap")["data"]
+    from_env = {e["name"] for e in c.get("env", [])}
+    listed = set(data) | from_env
+    missing = sorted(n for n in names - NOT_PASSED if PREFIX + n.upper() not in listed)
+    assert not missing, f"the ConfigMap lacks {missing}"
+    unknown = sorted(k for k in listed if k.removeprefix(PREFIX).lower() not in names | ANNOUNCED)
+    assert not unknown
+    assert not {PREFIX + n.upper() for n in NOT_PASSED} & listed
+    got = _server_settings(data).model_dump()
+    assert got["device"] == "cuda" and got["log_format"] == "json"
+    defaults = _defaults()
+    differ = {k for k in defaults if got[k] != defaults[k]} - DELIBERATE
+    assert not differ, {k: (got[k], defaults[k]) for k in differ}
+
+
+# ============================================================================ images
+def _fully_qualified(image: str) -> bool:
+    """podman resolves a name without a search list only when its first part is a host."""
+    first, sep, _ = image.partition("/")
+    return bool(sep) and ("." in first or ":" in first or first == "localhost")
+
+
+def _built_images() -> dict[str, set[str]]:
+    """Image names that `docker build -t` / `podman build -t` lines in the docs make."""
+    out = {}
+    for path in (ROOT / "README.md", ROOT / "docs" / "deploy.md", DOCKERFILE):
+        out[path.name] = set(re.findall(r"(?:docker|podman) build\b[^\n]*?-t\s+(\S+)", path.read_text()))
+    return out
+
+
+def test_image_names_are_fully_qualified_and_the_built_ones_are_run():
+    gpu = _compose_services([COMPOSE], {})
+    cpu = _compose_services([COMPOSE, COMPOSE_CPU], {})
+    doc = _untag(_load_compose(COMPOSE))
+    run = {svc["image"] for svc in gpu.values()} | {svc["image"] for svc in cpu.values()}
+    others = {doc["services"]["gateway"]["image"]}
+    others |= {svc["build"]["args"]["BASE_IMAGE"] for svc in gpu.values()}
+    (container,) = _one("Deployment")["spec"]["template"]["spec"]["containers"]
+    base_arg = next(r for w, r in _dockerfile_instructions() if w == "ARG" and r.startswith("BASE_IMAGE="))
+    others |= {container["image"], base_arg.split("=", 1)[1]}
+    for image in run | others:
+        assert _fully_qualified(image), f"{image}: podman cannot resolve a short name"
+    assert {img for svc in gpu.values() for img in [svc["image"]]} == {"localhost/jacobian-service:cu128"}
+    assert {svc["image"] for svc in cpu.values()} == {"localhost/jacobian-service:cpu"}
+    built = _built_images()
+    assert built["README.md"] and built["deploy.md"] and built["Dockerfile"]
+    for source, names in built.items():
+        # What the docs tell you to build is what compose runs, and every compose image is built.
+        assert names <= run, f"{source} builds {names - run}, which compose does not run"
+    assert run <= built["README.md"] | built["deploy.md"]
+    assert container["image"] in run
+
+
+def test_functions_folder_is_ignored_by_git():
+    """Compose creates ./functions (the default mount) in the checkout."""
+    doc = _untag(_load_compose(COMPOSE))
+    (vol,) = [v for v in doc["services"]["jacobian"]["volumes"] if v["target"] == "/functions"]
+    source = vol["source"].removeprefix("./")
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    proc = subprocess.run([git, "-C", str(ROOT), "check-ignore", "-q", f"{source}/my_functions.py"],
+                          capture_output=True, timeout=30, check=False)
+    assert proc.returncode == 0, f"{source}/ is not in .gitignore"
+    # The example module stays tracked.
+    proc = subprocess.run([git, "-C", str(ROOT), "check-ignore", "-q",
+                           "deploy/examples/functions/my_functions.py"], capture_output=True, timeout=30, check=False)
+    assert proc.returncode == 1
+
+
+# ============================================================================ nginx DNS
+def test_gateway_resolver_comes_from_the_containers_resolv_conf():
+    """No engine's DNS address is written into the file: the nginx image's entrypoint
+    fills in the container's own nameservers (Docker 127.0.0.11, podman aardvark-dns)."""
+    text = NGINX_CONF.read_text()
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    (resolver,) = re.findall(r"^\s*resolver\s+([^;]+);", code, re.M)
+    assert resolver.split()[0] == "${NGINX_LOCAL_RESOLVERS}", resolver
+    assert not re.search(r"\b\d+\.\d+\.\d+\.\d+\b", code), "a hard-coded address"
+    gateway = _untag(_load_compose(COMPOSE))["services"]["gateway"]
+    env = gateway["environment"]
+    assert env["NGINX_ENTRYPOINT_LOCAL_RESOLVERS"] not in ("", None)
+    # envsubst replaces only variables matching the filter; nginx's own $variables must
+    # not match, and every ${...} placeholder must.
+    pattern = re.compile(env["NGINX_ENVSUBST_FILTER"])
+    placeholders = set(re.findall(r"\$\{(\w+)\}", code))
+    assert placeholders == {"NGINX_LOCAL_RESOLVERS"}
+    assert all(pattern.search(p) for p in placeholders)
+    nginx_vars = set(re.findall(r"\$(\w+)", code)) - placeholders
+    assert nginx_vars and not [v for v in nginx_vars if pattern.search(v)]
 
 
 # ================================================================ example user module

@@ -22,7 +22,7 @@ from jacobian_service import create_app
 from jacobian_service.settings import Settings
 
 BUILTINS = ["sin", "sin_aux", "sum_sin", "add_square", "no_grad_square", "polar", "softmax", "planar_arm", "mlp", "lorenz96"]
-ENDPOINTS = ["jacobian", "hessian", "evaluate", "vjp", "jvp"]
+ENDPOINTS = ["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
 HOSTILE_SETTINGS = Settings(warmup=False, max_request_bytes=1 << 20, max_array_elements=1 << 16, request_timeout_s=20)
 
 
@@ -101,7 +101,7 @@ def test_hostile_json_bodies(hostile, name, endpoint, inputs, options, vectors):
     body = {"inputs": inputs, **options, "cotangents": vectors, "tangents": vectors}
     if endpoint != "vjp":
         body.pop("cotangents")
-    if endpoint != "jvp":
+    if endpoint not in ("jvp", "hvp"):
         body.pop("tangents")
     assert_handled(hostile.post(f"/v1/functions/{quote(name, safe='')}/{endpoint}", content=json.dumps(body), headers={"content-type": wire.JSON}))
 

@@ -130,3 +130,23 @@ _NoForwardAD = _identity_with_backward(lambda grad: None)  # an autograd.Functio
 @register(inputs=[Input("x", shape=("n",))], description="sin through an op with no forward-mode rule.")
 def no_forward_ad(x: torch.Tensor) -> torch.Tensor:
     return torch.sin(_NoForwardAD.apply(x)) * x
+
+
+@register(inputs=[Input("x", shape=("n",))], description="A nested tuple output (x, (x, x)) for nested cotangents.")
+def nested_out(x: torch.Tensor):
+    return x.sin(), (2 * x, x**3)
+
+
+@register(inputs=[Input("x", shape=("n",))], description="A dict inside a tuple, keys not in sorted order.")
+def nested_dict_out(x: torch.Tensor):
+    return x.sin(), {"b": 2 * x, "a": (x**3, x.sum())}
+
+
+@register(inputs=[Input("x", shape=())], description="A 0-d input and output: x squared.")
+def scalar_square(x: torch.Tensor) -> torch.Tensor:
+    return x * x
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("mask", shape=("n",), dtype="bool")], description="x where mask, else 0.")
+def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, torch.zeros_like(x))

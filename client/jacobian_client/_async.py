@@ -166,11 +166,14 @@ class AsyncClient:
         cotangents: Any,
         argnums: int | str | tuple[int | str, ...] = 0,
         batched_vectors: bool = False,
+        return_output: bool = False,
         transport: str | None = None,
     ) -> Any:
         """Vector-Jacobian products: ``cotangents`` shaped like the output (a tuple for
-        several outputs), or stacked with a leading dimension and ``batched_vectors``."""
-        options = {"argnums": argnums, "batched_vectors": batched_vectors}
+        several outputs), or stacked with a leading dimension and ``batched_vectors``.
+        ``return_output=True`` returns ``(vjp, output)``: the value and its derivative in
+        one request."""
+        options = {"argnums": argnums, "batched_vectors": batched_vectors, "return_output": return_output}
         return await self._execute(self._proto.compute_call(
             "vjp", name, inputs, options, vectors=("cotangents", cotangents), transport=transport))
 
@@ -181,13 +184,37 @@ class AsyncClient:
         tangents: Any,
         argnums: int | str | tuple[int | str, ...] = 0,
         batched_vectors: bool = False,
+        return_output: bool = False,
         transport: str | None = None,
     ) -> Any:
         """Jacobian-vector products: ``tangents`` shaped like the differentiated input
-        (a tuple for tuple ``argnums``), or stacked with ``batched_vectors``."""
-        options = {"argnums": argnums, "batched_vectors": batched_vectors}
+        (a tuple for tuple ``argnums``), or stacked with ``batched_vectors``.
+        ``return_output=True`` returns ``(jvp, output)`` from the same request."""
+        options = {"argnums": argnums, "batched_vectors": batched_vectors, "return_output": return_output}
         return await self._execute(self._proto.compute_call(
             "jvp", name, inputs, options, vectors=("tangents", tangents), transport=transport))
+
+    async def hvp(
+        self,
+        name: str,
+        *inputs: Any,
+        tangents: Any,
+        argnums: int | str | tuple[int | str, ...] = 0,
+        batched_vectors: bool = False,
+        return_output: bool = False,
+        transport: str | None = None,
+    ) -> Any:
+        """Hessian-vector products ``H @ t`` of a scalar (0-d) function, forward-over-reverse
+        (``POST .../hvp``): ``tangents`` like :meth:`jvp`'s, the result shaped like the
+        differentiated inputs. ``return_output=True`` returns ``(hvp, output)``."""
+        options = {"argnums": argnums, "batched_vectors": batched_vectors, "return_output": return_output}
+        return await self._execute(self._proto.compute_call(
+            "hvp", name, inputs, options, vectors=("tangents", tangents), transport=transport))
+
+    async def _parts(self, kind: str, name: str, inputs: Any, options: Any, vectors: Any = None) -> dict[str, Any]:
+        """One compute request whose result comes back by part name (``value``,
+        ``output``, ``aux``); for the autodiff adapters, which must not guess aux."""
+        return await self._execute(self._proto.compute_call(kind, name, inputs, options, vectors=vectors, parts=True))
 
     def jacrev(
         self, name: str, argnums: int | str | tuple[int | str, ...] = 0, *, chunk_size: int | None = None,

@@ -59,9 +59,9 @@ __all__ = [
 BINARY = "binary"
 JSON_TRANSPORT = "json"
 TRANSPORTS = (BINARY, JSON_TRANSPORT)
-COMPUTE_KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp")
+COMPUTE_KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
 #: result key of each endpoint in JSON and npz responses
-RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp"}
+RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp", "hvp": "hvp"}
 
 #: Accept for a result that is probably one bare array: npy, else whatever else it is
 NPY_OR_NPZ = f"{wire.NPY}, {wire.NPZ};q=0.9"
@@ -186,6 +186,7 @@ class Call:
     out: str | None = None
     sink: Sink | None = None  # where a streamed npy goes, when not memory or ``out``
     progress: bool = False
+    parts: bool = False  # return every part by name ({"value", "output", "aux"}), not a tuple
     fallback: Call | None = None
 
     @property
@@ -336,12 +337,16 @@ class Protocol:
         out: str | None = None,
         sink: Sink | None = None,
         progress: bool = False,
+        parts: bool = False,
     ) -> Call:
         """A POST to ``/v1/functions/{name}/{kind}``.
 
         ``options`` hold the request fields (``argnums``, ``chunk_size``, ...); ``None``
         values and defaults are left out. ``vectors`` is ``("cotangents", tree)`` or
-        ``("tangents", tree)``.
+        ``("tangents", tree)``. ``parts=True`` reads the result as a dict
+        ``{"value": ..., "output": ..., "aux": ...}`` (only the parts the server sent),
+        so that callers need not know whether the function has aux (the autodiff
+        adapters in :mod:`jacobian_client.torch` / ``.jax`` / ``.scipy`` use it).
         """
         transport = transport or self.transport
         if transport not in TRANSPORTS:
@@ -351,8 +356,10 @@ class Protocol:
         fields = self._fields(options)
         values = [as_wire_value(x) for x in inputs]
         binary = transport == BINARY
+        if parts and (out is not None or sink is not None):
+            raise ValueError("parts=True reads the whole result; it cannot stream into out=")
         call = Call("POST", _function_path(name, kind), kind, name=name, out=None if out is None else str(out),
-                    sink=sink, progress=progress, return_output=bool(fields.get("return_output")))
+                    sink=sink, progress=progress, return_output=bool(fields.get("return_output")), parts=parts)
 
         vector_leaves = _vector_leaves(vectors[1]) if vectors is not None else []
         all_arrays = all(isinstance(v, np.ndarray) for v in values) and all(
@@ -380,7 +387,7 @@ class Protocol:
             accept = wire.JSON
         elif out is not None or sink is not None:
             accept = wire.NPY
-        elif self._single_array_expected(kind, name, fields):
+        elif not parts and self._single_array_expected(kind, name, fields):
             accept = NPY_OR_NPZ  # the server picks npz itself when the result is more
         else:
             accept = wire.NPZ
@@ -448,7 +455,8 @@ class Protocol:
         if expected is not None and receiver.header is not None and receiver.received != int(expected):
             receiver.abort()
             raise IncompleteResponse(f"response body ended after {receiver.received} of {expected} bytes")
-        return receiver.close()  # one bare array: nothing else was due
+        value = receiver.close()  # one bare array: nothing else was due
+        return {"value": value} if call.parts else value
 
     def read_result(self, call: Call, response: httpx.Response, body: bytes) -> Any:
         """A whole (non-streamed) success body -> the method's return value."""
@@ -468,7 +476,8 @@ class Protocol:
                 return wire.loads(body)
             key = RESULT_KEY[call.kind]
             if ctype == wire.NPY:
-                return _writable(wire.read_npy(body, _RESULT_LIMITS))
+                value = _writable(wire.read_npy(body, _RESULT_LIMITS))
+                return {"value": value} if call.parts else value
             if ctype == wire.NPZ:
                 trees, _meta = wire.read_result_npz(body, _RESULT_LIMITS)
             elif ctype in (wire.JSON, ""):
@@ -489,6 +498,11 @@ class Protocol:
     @staticmethod
     def _assemble(call: Call, trees: Mapping[str, Any]) -> Any:
         key = RESULT_KEY[call.kind]
+        if call.parts:
+            named = {"value": trees[key], "aux": trees.get("aux")}
+            if key != "output" and "output" in trees:
+                named["output"] = trees["output"]
+            return {k: v for k, v in named.items() if k == "value" or v is not None}
         extras = []
         if call.return_output and key != "output":
             extras.append(trees.get("output"))

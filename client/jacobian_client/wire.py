@@ -25,7 +25,9 @@ import base64
 import binascii
 import functools
 import io
+import itertools
 import math
+import re
 import zipfile
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
@@ -53,6 +55,7 @@ __all__ = [
     "encode_tree",
     "is_sparse",
     "is_sparse_object",
+    "expanded_size",
     "flatten_tree",
     "is_array_object",
     "loads",
@@ -64,6 +67,8 @@ __all__ = [
     "read_npz",
     "read_result_npz",
     "read_sparse_npz",
+    "tree_from_paths",
+    "vector_leaves",
     "write_npy",
     "write_npz",
     "write_sparse_npz",
@@ -144,11 +149,41 @@ class Limits:
 # --------------------------------------------------------------------------- JSON
 
 
+_JSON_STRING = re.compile(rb'("[^"\\]*(?:\\.[^"\\]*)*")')
+
+
+def _quote_non_finite(raw: bytes) -> bytes:
+    """Bare NaN / Infinity / -Infinity tokens -> JSON strings; strings left as they are."""
+
+    def quote(segment: bytes) -> bytes:  # a stretch of JSON outside any string
+        if b"NaN" not in segment and b"Infinity" not in segment:
+            return segment
+        segment = segment.replace(b"Infinity", b'"Infinity"').replace(b'-"Infinity"', b'"-Infinity"')
+        return segment.replace(b"NaN", b'"NaN"')
+
+    pieces = _JSON_STRING.split(raw)  # outside, string, outside, string, ..., outside
+    pieces[::2] = map(quote, pieces[::2])
+    return b"".join(pieces)
+
+
 def loads(body: bytes | str) -> Any:
+    """JSON -> Python. Bare ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's
+    ``json.dumps``, and so ``requests.post(json=...)``, writes) are read as the strings
+    ``"NaN"``, ``"Infinity"``, ``"-Infinity"``, which array data already accepts. orjson
+    refuses the bare tokens, so only a body it refuses and that holds one is rewritten
+    (strings left alone) and parsed again: the common path keeps orjson's speed, and
+    both keep its strictness and limits."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise WireError(f"unreadable JSON: {exc}") from None
+        error = exc
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
+    if b"NaN" in raw or b"Infinity" in raw:
+        try:
+            return orjson.loads(_quote_non_finite(raw))
+        except orjson.JSONDecodeError:
+            pass
+    raise WireError(f"unreadable JSON: {error}") from None
 
 
 def dumps(obj: Any) -> bytes:
@@ -166,7 +201,13 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype("float32" if name == "bfloat16" else name)
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _check_shape(shape: Any, limits: Limits) -> tuple[int, ...]:
+    """A shape's dimensions as Python ints, each within int64, whose non-zero
+    dimensions multiply to at most ``max_elements``: an array with a zero dimension
+    holds nothing, but numpy still refuses one whose other dimensions overflow."""
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in shape
     ):
@@ -175,9 +216,11 @@ def _check_shape(shape: Any, limits: Limits) -> tuple[int, ...]:
         raise WireError(f"rank {len(shape)} is over the limit of {limits.max_rank}", "invalid_input")
     if any(d < 0 for d in shape):
         raise WireError(f"negative dimension in shape {shape}", "invalid_input")
-    if math.prod(shape) > limits.max_elements:
+    if any(d > _INT64_MAX for d in shape):
+        raise WireError(f"shape {shape} has a dimension beyond int64", "invalid_input")
+    if math.prod(d for d in shape if d) > limits.max_elements:
         raise WireError(
-            f"shape {shape} has more than {limits.max_elements} elements", "payload_too_large"
+            f"shape {shape} is over the limit of {limits.max_elements} elements", "payload_too_large"
         )
     return tuple(shape)
 
@@ -193,20 +236,98 @@ def _depth(obj: Any, limit: int) -> int:
     return depth
 
 
+_SPELLED = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _leaf_types(data: Any, ndim: int) -> set[type]:
+    """The Python types of a regular nested list's numbers (C-speed iteration)."""
+    leaves: Any = [data]
+    for _ in range(ndim):
+        leaves = itertools.chain.from_iterable(leaves)
+    return set(map(type, leaves))
+
+
+def _has_bools(data: Any, ndim: int) -> bool:
+    """Whether a regular nested list of numbers holds a boolean (row by row, C-speed)."""
+    if ndim == 0:
+        return data.__class__ is bool
+    rows: Any = [data]
+    for _ in range(ndim - 1):
+        rows = itertools.chain.from_iterable(rows)
+    return any(bool in map(type, row) for row in rows)
+
+
+def _number(value: Any, dtype: np.dtype | None) -> Any:
+    """One JSON value of array data, checked: the slow path, for data numpy did not read
+    as plain numbers (spelled non-finite values, null, huge integers, ...)."""
+    kind = value.__class__
+    if kind is float or kind is int:
+        return value
+    if kind is bool and dtype is not None and dtype.kind == "b":
+        return value
+    if kind is str and value in _SPELLED and (dtype is None or dtype.kind == "f"):
+        return _SPELLED[value]
+    if value is None:
+        raise WireError('array data holds null; a missing value is "NaN"', "invalid_input")
+    if kind is bool:
+        raise WireError("array data holds booleans; only bool arrays take true/false", "invalid_input")
+    if kind is str:
+        allowed = "" if dtype is not None and dtype.kind != "f" else ' (besides "NaN", "Infinity", "-Infinity" in float arrays)'
+        raise WireError(f"array data holds the string {value[:20]!r}; numbers are JSON numbers{allowed}", "invalid_input")
+    raise WireError("array data is not a regular array of numbers", "invalid_input")
+
+
 def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarray:
+    """JSON numbers (a number or regular nested lists) -> an array of ``dtype`` (None:
+    as numpy infers it). Numbers only: null, strings (but the spelled non-finite values)
+    and booleans (but in bool arrays) are refused, not converted."""
     if _depth(data, limits.max_rank) > limits.max_rank:
         raise WireError(f"array nested deeper than {limits.max_rank}", "invalid_input")
     try:
-        with np.errstate(over="ignore", invalid="ignore"):  # 1e300 as float32 is inf, as numpy casts it
-            arr = np.asarray(data, dtype=dtype)
-        if arr.dtype.kind == "U":  # "NaN" / "Infinity" / "-Infinity" among the numbers
-            arr = np.asarray(data, dtype=np.float64)
+        arr = np.asarray(data)  # numpy's own inference, at C speed, checks regularity
     except (ValueError, TypeError, OverflowError) as exc:
         raise WireError(f"array data is not a regular array of numbers: {exc}", "invalid_input") from None
-    if arr.dtype.hasobject or arr.dtype.kind not in "biuf":
-        raise WireError("array data must be numbers", "invalid_input")
     if arr.size > limits.max_elements:
         raise WireError(f"array has more than {limits.max_elements} elements", "payload_too_large")
+    want_bool = dtype is not None and dtype.kind == "b"
+    if arr.dtype.kind not in "biuf":  # strings ("NaN", "0.5"), null, huge ints or ragged lists
+        try:
+            objects = np.asarray(data, dtype=object)
+            values = [_number(v, dtype) for v in objects.flat]
+            arr = np.asarray(values, dtype=dtype).reshape(objects.shape)
+        except (ValueError, TypeError, OverflowError) as exc:
+            if isinstance(exc, WireError):
+                raise
+            raise WireError(f"array data is not a regular array of numbers: {exc}", "invalid_input") from None
+        if arr.dtype.kind not in "biuf":
+            raise WireError("array data must be numbers", "invalid_input")
+    elif arr.dtype.kind == "b" and not want_bool:
+        raise WireError("array data holds booleans; only bool arrays take true/false", "invalid_input")
+    elif arr.dtype.kind != "b" and ((arr == 0) | (arr == 1)).any():
+        # Booleans among numbers read as 0 and 1: look for them only when such values are there.
+        if want_bool:
+            if not _leaf_types(data, arr.ndim) <= {bool, int}:
+                raise WireError("bool arrays take true/false (or 0/1)", "invalid_input")
+        elif _has_bools(data, arr.ndim):
+            raise WireError("array data holds booleans; only bool arrays take true/false", "invalid_input")
+    if want_bool and arr.dtype.kind != "b" and arr.size and not (arr.dtype.kind in "iu" and ((arr == 0) | (arr == 1)).all()):
+        raise WireError("bool arrays take true/false (or 0/1)", "invalid_input")
+    if dtype is not None and dtype.kind in "iu" and arr.dtype.kind == "f" and arr.size and float not in _leaf_types(data, arr.ndim):
+        # numpy infers float64 for ints beyond int64 mixed with others: convert exactly
+        try:
+            arr = np.asarray(data, dtype=dtype)
+        except (ValueError, OverflowError):
+            raise WireError(f"array data does not fit {dtype}", "invalid_input") from None
+    if dtype is not None and dtype.kind in "iu" and arr.dtype.kind in "iuf" and arr.size:
+        info = np.iinfo(dtype)
+        if not (np.isfinite(arr).all() and info.min <= arr.min() and arr.max() <= info.max):
+            raise WireError(f"array data does not fit {dtype}", "invalid_input")
+    if dtype is not None and arr.dtype != dtype:
+        with np.errstate(over="ignore", invalid="ignore"):  # 1e300 as float32 is inf, as numpy casts it
+            try:
+                arr = arr.astype(dtype)
+            except (ValueError, OverflowError) as exc:
+                raise WireError(f"array data does not fit {dtype}: {exc}", "invalid_input") from None
     return arr
 
 
@@ -333,6 +454,109 @@ def decode_tree(tree: Any, sequence: type = tuple, limits: Limits = Limits()) ->
     return tree
 
 
+_POSITION = re.compile(r"0|[1-9][0-9]*")
+_MAX_TREE_DEPTH = 64
+
+
+def _is_node(node: Any) -> bool:
+    return isinstance(node, (list, tuple, dict))
+
+
+def vector_leaves(tree: Any, like: Any) -> list[Any]:
+    """Cotangents / tangents matched against the tree they must be shaped like (the
+    output, or the differentiated inputs): their leaves, in the order in which
+    ``torch.utils._pytree.tree_flatten(like)`` puts ``like``'s leaves.
+
+    ``tree`` is nested as ``like`` is (lists or tuples for tuples and lists, dicts for
+    dicts, matched by key whatever their order), or a flat list of all the leaves in
+    that order, or one leaf when ``like`` has one. Leaves are returned as they are
+    (checking their shapes is the caller's). Torch-free: ``like`` may hold tensors."""
+    want: list[Any] = []
+    _leaves_of(like, want)
+    if not _is_node(tree):
+        if len(want) == 1:
+            return [tree]
+        raise WireError(f"expected {len(want)} arrays shaped like the tree, got one", "invalid_input")
+    got: list[Any] = []
+    problem = _match(tree, like, "", got)
+    if problem is None:
+        return got
+    if isinstance(tree, (list, tuple)) and len(tree) == len(want) and not any(_is_node(t) for t in tree):
+        return list(tree)  # the flat list of leaves
+    raise WireError(f"{problem} (or send a flat list of all {len(want)} arrays)", "invalid_input")
+
+
+def _leaves_of(like: Any, out: list[Any]) -> None:
+    if isinstance(like, (list, tuple)):
+        for node in like:
+            _leaves_of(node, out)
+    elif isinstance(like, dict):
+        for node in like.values():  # insertion order, as torch's pytree flattens dicts
+            _leaves_of(node, out)
+    else:  # a leaf, None included (as torch's pytree has it)
+        out.append(like)
+
+
+def _match(tree: Any, like: Any, path: str, out: list[Any]) -> str | None:
+    """Append ``tree``'s leaves to ``out`` in ``like``'s order; a mismatch's description."""
+    where = f"at [{path.lstrip('/')}]" if path else "at the top"
+    if isinstance(like, (list, tuple)):
+        if not isinstance(tree, (list, tuple)):
+            return f"{where}: expected a list of {len(like)}"
+        if len(tree) != len(like):
+            return f"{where}: expected a list of {len(like)}, got {len(tree)}"
+        for i, (t, l) in enumerate(zip(tree, like)):
+            if (problem := _match(t, l, f"{path}/{i}", out)) is not None:
+                return problem
+        return None
+    if isinstance(like, dict):
+        if not isinstance(tree, dict):
+            return f"{where}: expected an object with keys {sorted(map(str, like))}"
+        keys = {str(k): k for k in like}
+        if set(tree) != set(keys):
+            return f"{where}: keys {sorted(tree)} do not match {sorted(keys)}"
+        for name, key in keys.items():
+            if (problem := _match(tree[name], like[key], f"{path}/{name}", out)) is not None:
+                return problem
+        return None
+    if _is_node(tree):
+        return f"{where}: expected one array, got a {'list' if isinstance(tree, (list, tuple)) else 'object'}"
+    out.append(tree)
+    return None
+
+
+def tree_from_paths(members: dict[str, Any], what: str = "member") -> Any:
+    """``{"": a}`` -> ``a``; ``{"0": a, "1/0": b, "1/1": c}`` -> ``[a, [b, c]]``;
+    ``{"k": a, "j/0": b}`` -> ``{"k": a, "j": [b]}``: the tree an ``.npz``'s member names
+    spell (``cotangents/1/0``), lists where every name at a level is a position (``0``
+    to ``n - 1``, each once), dicts where none is."""
+    deep = [p for p in members if p.count("/") >= _MAX_TREE_DEPTH]
+    if deep:
+        raise WireError(f"{what} {deep[0][:80]!r}...: nested deeper than {_MAX_TREE_DEPTH} levels", "invalid_input")
+    if set(members) == {""}:
+        return members[""]
+    groups: dict[str, dict[str, Any]] = {}
+    for path, value in members.items():
+        head, _, rest = path.partition("/")
+        if not head:
+            raise WireError(f"{what} {path!r}: empty name in the path", "invalid_input")
+        groups.setdefault(head, {})
+        if rest == "" and "/" in path:
+            raise WireError(f"{what} {path!r}: empty name in the path", "invalid_input")
+        groups[head][rest] = value
+    for head, sub in groups.items():
+        if "" in sub and len(sub) > 1:
+            raise WireError(f"{what} {head!r} is both an array and a tree", "invalid_input")
+    positions = [bool(_POSITION.fullmatch(h)) for h in groups]
+    if all(positions):
+        if sorted(map(int, groups)) != list(range(len(groups))):
+            raise WireError(f"{what}s at positions {sorted(groups, key=int)}; expected 0 to {len(groups) - 1}", "invalid_input")
+        return [tree_from_paths(groups[str(i)], what) for i in range(len(groups))]
+    if any(positions) or any(h.lstrip("-").isdigit() for h in groups):
+        raise WireError(f"{what}s {sorted(groups)} mix positions and names, or a position is not 0, 1, ...", "invalid_input")
+    return {h: tree_from_paths(sub, what) for h, sub in groups.items()}
+
+
 # --------------------------------------------------------------------------- .npy
 
 
@@ -445,8 +669,16 @@ def read_npy(body: bytes | memoryview, limits: Limits = Limits()) -> np.ndarray:
 # --------------------------------------------------------------------------- .npz
 
 
-def _npz_members(body: bytes | memoryview, limits: Limits) -> Iterator[tuple[str, bytes]]:
-    """``(member name, raw bytes)`` of a zip; member count and declared sizes checked first."""
+#: Deflate cannot expand more than about 1032 to 1; a member declaring more lies.
+_MAX_DEFLATE_RATIO = 1100
+_TINY_MEMBER = 64 << 10  # declared sizes this small are never worth questioning
+_COMPRESSIONS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+
+
+def _npz_infos(body: bytes | memoryview, limits: Limits) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+    """An .npz's central directory, checked before any member is expanded: member count,
+    compression (stored or deflate, as numpy.savez / savez_compressed write), each
+    member's and the whole archive's declared size, and each member's expansion ratio."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(body))
         infos = zf.infolist()
@@ -454,11 +686,51 @@ def _npz_members(body: bytes | memoryview, limits: Limits) -> Iterator[tuple[str
         raise WireError(f"unreadable .npz: {exc}") from None
     if len(infos) > limits.max_members:
         raise WireError(f".npz has {len(infos)} members; the limit is {limits.max_members}", "payload_too_large")
+    member_cap = _MAX_NPY_HEADER + limits.max_elements * 8  # 8: the widest dtype taken
+    for info in infos:
+        if info.compress_type not in _COMPRESSIONS:
+            raise WireError(
+                f".npz member {info.filename!r} uses compression method {info.compress_type}; "
+                "only stored and deflate members are read (numpy.savez, numpy.savez_compressed)"
+            )
+        if info.file_size > member_cap:
+            raise WireError(
+                f".npz member {info.filename!r} declares {info.file_size} bytes, more than any array "
+                f"of at most {limits.max_elements} elements takes",
+                "payload_too_large",
+            )
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise WireError(f".npz member {info.filename!r} is stored but declares two sizes")
+        if info.file_size > _TINY_MEMBER and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size:
+            raise WireError(
+                f".npz member {info.filename!r} declares {info.file_size} bytes from {info.compress_size}: "
+                "more than deflate can expand"
+            )
     declared = sum(i.file_size for i in infos)
     if declared > limits.max_bytes:
         raise WireError(
             f".npz declares {declared} uncompressed bytes; the limit is {limits.max_bytes}", "payload_too_large"
         )
+    return zf, infos
+
+
+def expanded_size(body: bytes | memoryview, media_type: str) -> int:
+    """What decoding ``body`` will take, in bytes, for deciding whether to decode it on
+    or off the event loop: an ``.npz``'s declared uncompressed size (the sum of its
+    central directory's member sizes; no member is expanded), else the body's length.
+    Cheap: it reads the central directory only, whose size the body bounds."""
+    if media_type != NPZ:
+        return len(body)
+    try:
+        infos = zipfile.ZipFile(io.BytesIO(body)).infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError):
+        return len(body)  # unreadable: refused as soon as it is parsed
+    return max(len(body), sum(i.file_size for i in infos))
+
+
+def _npz_members(body: bytes | memoryview, limits: Limits) -> Iterator[tuple[str, bytes]]:
+    """``(member name, raw bytes)`` of a zip; its central directory checked first."""
+    zf, infos = _npz_infos(body, limits)
     for info in infos:
         try:
             with zf.open(info) as member:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 
 from .engine_client import InProcessEngines, RemoteEngines
 from .logs import configure_logging
@@ -108,26 +108,15 @@ async def openapi_json(request: Request) -> Response:
     return JSONResponse(request.scope["jacobian_app"].openapi())
 
 
-async def swagger_ui(request: Request) -> Response:
-    from .docs_ui import swagger_html
-
-    return HTMLResponse(swagger_html(request.scope.get("root_path", "")))
-
-
-async def redoc_ui(request: Request) -> Response:
-    from .docs_ui import redoc_html
-
-    return HTMLResponse(redoc_html(request.scope.get("root_path", "")))
-
-
 def _doc_routes() -> list[Route]:
-    from .docs_ui import asset_routes
+    from . import docs_ui
 
     return [
         Route("GET", "/openapi.json", openapi_json, "openapi", "This document", "docs", auth="docs"),
-        Route("GET", "/docs", swagger_ui, "docs", "Interactive docs (Swagger UI)", "docs", auth="docs"),
-        Route("GET", "/redoc", redoc_ui, "redoc", "Reference docs (ReDoc)", "docs", auth="docs"),
-        *asset_routes(),
+        Route("GET", "/docs", docs_ui.swagger_ui, "docs", "Interactive docs (Swagger UI)", "docs", auth="docs"),
+        Route("GET", "/redoc", docs_ui.redoc, "redoc", "Reference docs (ReDoc)", "docs", auth="docs"),
+        Route("GET", docs_ui.ASSETS_URL + "/{file}", docs_ui.asset, "docsAsset", "Swagger UI and ReDoc files", "docs",
+              auth="public"),
     ]
 
 

@@ -134,4 +134,5 @@ class AuthMiddleware:
 
 
 def _is_open(path: str, open_paths: set[str]) -> bool:
-    return path in open_paths or (path.startswith("/docs/") and "/docs" in open_paths)
+    # The Swagger UI / ReDoc files are public code: open even when the pages are not.
+    return path in open_paths or path.startswith("/docs-assets/")

@@ -11,7 +11,7 @@ import re
 from typing import Any, Literal, Mapping
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from jacobian_client import wire
 
@@ -26,6 +26,7 @@ Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
 KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
 _INTEGER = re.compile(r"-?[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
 _VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}
+_INT64_MAX = 2**63 - 1
 
 
 class Options(BaseModel):
@@ -33,8 +34,11 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    argnums: int | str | list[int | str] = Field(0, description="int, parameter name, or a list of either")
-    chunk_size: int | None = Field(None, ge=1, description="rows per vmap; null lets the service choose")
+    # Strict: 0.0 or true are not positions (torch.func refuses them too).
+    argnums: StrictInt | StrictStr | list[StrictInt | StrictStr] = Field(
+        0, description="int, parameter name, or a list of either"
+    )
+    chunk_size: int | None = Field(None, ge=1, le=_INT64_MAX, description="rows per vmap; null lets the service choose")
     batched: bool = Field(False, description="per-example results over the leading dimension")
     return_output: bool = False
     rows: tuple[int, int] | None = Field(None, description="[start, stop) rows of the flattened output")
@@ -52,7 +56,14 @@ def _query_value(key: str, value: str) -> Any:
     return value
 
 
+def _is_argnum(a: Any) -> bool:
+    return isinstance(a, str) or (isinstance(a, int) and not isinstance(a, bool))
+
+
 def _options(raw: Mapping[str, Any]) -> Options:
+    argnums = raw.get("argnums", 0)
+    if not (_is_argnum(argnums) or (isinstance(argnums, list) and all(_is_argnum(a) for a in argnums))):
+        raise InvalidInput(f"argnums must be an int, a parameter name, or a list of them; got {argnums!r}")
     try:
         return Options.model_validate(dict(raw))
     except ValidationError as exc:
@@ -70,13 +81,43 @@ def _decode(obj: Any, default_dtype: str | None, limits: wire.Limits) -> tuple[n
     return arr, sent or arr.dtype.name
 
 
+def _is_vector_node(obj: Any) -> bool:
+    """In cotangents / tangents, an object that is not an array is a dict node, and a
+    list holding objects (or such lists) a tuple node; a list of numbers is one array.
+    Only a list's own items and its first item's items are looked at, never every number."""
+    if isinstance(obj, dict):
+        return not wire.is_array_object(obj)
+    if not isinstance(obj, list) or not obj:
+        return False
+    return any(isinstance(v, dict) for v in obj) or (isinstance(obj[0], list) and _is_vector_node(obj[0]))
+
+
 def _vector_tree(obj: Any, limits: wire.Limits) -> Any:
-    """Cotangents/tangents: one array, or a list/dict of arrays for several outputs/inputs."""
-    if isinstance(obj, dict) and not wire.is_array_object(obj):
-        return {k: _decode(v, None, limits)[0] for k, v in obj.items()}
-    if isinstance(obj, list) and obj and all(wire.is_array_object(v) for v in obj):
-        return [_decode(v, None, limits)[0] for v in obj]
+    """Cotangents/tangents: one array, or lists (tuples) and dicts of them, nested as the
+    responses nest trees."""
+    if isinstance(obj, dict) and _is_vector_node(obj):
+        return {k: _vector_tree(v, limits) for k, v in obj.items()}
+    if _is_vector_node(obj):
+        return [_vector_tree(v, limits) for v in obj]
     return _decode(obj, None, limits)[0]
+
+
+def _engine_vectors(tree: Any) -> Any:
+    """The form the engine takes: one array, a flat list of leaves in pytree order, or
+    a dict of arrays. A tree of lists only flattens in reading order, which is torch's
+    pytree order for tuples; a tree with dicts inside lists (or lists inside dicts)
+    stays nested, as its dicts can be ordered only against the output's keys (see
+    wire.vector_leaves)."""
+
+    def has_dict(node: Any) -> bool:
+        return isinstance(node, dict) or (isinstance(node, list) and any(has_dict(n) for n in node))
+
+    def leaves(node: Any) -> list[Any]:
+        return [leaf for n in node for leaf in leaves(n)] if isinstance(node, list) else [node]
+
+    if isinstance(tree, list) and not has_dict(tree):
+        return leaves(tree)
+    return tree
 
 
 def _split_members(members: dict[str, np.ndarray], vector_key: str | None) -> tuple[dict[str, np.ndarray], Any]:
@@ -84,16 +125,15 @@ def _split_members(members: dict[str, np.ndarray], vector_key: str | None) -> tu
     vectors: dict[str, np.ndarray] = {}
     for name, arr in members.items():
         if vector_key and (name == vector_key or name.startswith(vector_key + "/")):
-            vectors[name.removeprefix(vector_key).lstrip("/")] = arr
+            vectors[name.removeprefix(vector_key).removeprefix("/")] = arr
         else:
             inputs[name] = arr
     if not vectors:
         return inputs, None
-    if set(vectors) == {""}:
-        return inputs, vectors[""]
-    if all(_INTEGER.fullmatch(k) for k in vectors):
-        return inputs, [vectors[k] for k in sorted(vectors, key=int)]
-    return inputs, vectors
+    try:
+        return inputs, wire.tree_from_paths(vectors, f"{vector_key} member")
+    except wire.WireError as exc:
+        raise from_wire(exc) from None
 
 
 def _by_name(spec: FunctionSpec, given: Mapping[str, Any]) -> list[Any]:
@@ -139,7 +179,7 @@ def parse_call(
             if vector_key:
                 if vector_key not in doc:
                     raise InvalidInput(f"{kind} needs '{vector_key}'")
-                vectors = _vector_tree(doc.pop(vector_key), limits)
+                vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), limits))
             raw_options.update(doc)
             if isinstance(given, dict):
                 given = _by_name(spec, given)
@@ -161,6 +201,7 @@ def parse_call(
         elif media_type == wire.NPZ:
             members = wire.read_npz(body, limits)
             given_by_name, vectors = _split_members(members, vector_key)
+            vectors = _engine_vectors(vectors)
             if vector_key and vectors is None:
                 raise InvalidInput(f"{kind} needs '{vector_key}' members in the .npz")
             arrays = [(a, a.dtype.name) for a in _by_name(spec, given_by_name)]

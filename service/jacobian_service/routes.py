@@ -213,8 +213,9 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
     media = acceptable(request.headers.get("accept"))
     body = await _read_body(request, state.settings.max_request_bytes)
     content_type = media_type_of(request.headers.get("content-type"))
+    # A small deflated .npz can expand to a lot: decide by what decoding will take.
     call: Call = await _offload(
-        len(body), parse_call, spec, kind, content_type, body, dict(request.query_params), state.settings.wire_limits
+        wire.expanded_size(body, content_type), parse_call, spec, kind, content_type, body, dict(request.query_params), state.settings.wire_limits
     )
     call.deadline = _deadline(state, request)
     call.max_result_bytes = state.settings.max_result_bytes

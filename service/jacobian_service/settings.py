@@ -19,7 +19,10 @@ def _split(value: str) -> tuple[str, ...]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="JACOBIAN_SERVICE_", frozen=True, extra="ignore", env_ignore_empty=True)
+    # An empty variable counts as unset (the default applies): compose files pass every
+    # setting through as ${JACOBIAN_SERVICE_X:-}.
+    model_config = SettingsConfigDict(env_prefix="JACOBIAN_SERVICE_", frozen=True, extra="ignore",
+                                      env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

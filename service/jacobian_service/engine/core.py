@@ -381,11 +381,12 @@ class Engine:
         g = partial(box, args, call.argnums)
         primals = tuple(args[i] for i in call.argnums)
         like = primals if call.as_tuple else primals[0]
-        tangents = self._vectors(call.vectors, like, "tangents", call.batched_vectors)
-        tangents = tuple(tangents) if call.as_tuple else (tangents,)
+        # The output first: no tangent can fix a function that is not scalar.
         out, aux_t = self.guard(lambda: g(*primals))
         if not (isinstance(out, torch.Tensor) and out.dim() == 0):
             raise InvalidInput("hvp needs a function with one scalar (0-d) output")
+        tangents = self._vectors(call.vectors, like, "tangents", call.batched_vectors)
+        tangents = tuple(tangents) if call.as_tuple else (tangents,)
         self.check_result_size(call, self._vector_batch(call) * call.row_nbytes())
         argnums = tuple(range(len(primals)))
         grad = torch.func.grad(lambda *p: g(*p)[0], argnums=argnums)

@@ -1,0 +1,158 @@
+"""``fun``, ``jac`` and ``hessp`` for :mod:`scipy.optimize` from a remote function (the
+``scipy`` extra; this module itself needs only numpy).
+
+::
+
+    from scipy.optimize import least_squares, minimize
+    from jacobian_client.scipy import remote_objective
+
+    arm = remote_objective(client, "planar_arm")
+    least_squares(lambda q: arm.fun(q) - target, q0, jac=arm.jac)
+
+    rosen = remote_objective(client, "rosenbrock")
+    minimize(rosen.fun, x0, jac=rosen.jac, hessp=rosen.hessp, method="trust-krylov")
+
+Round trips: ``fun(x)`` asks for the value *and* the Jacobian (gradient, for a scalar
+function) in one ``jacobian`` request with ``return_output=true`` and keeps both for that
+``x``; ``jac(x)`` at the same ``x`` then costs nothing. So a solver that evaluates a
+point and then differentiates it pays one request per point, not two. Solvers that
+evaluate points they never differentiate (a rejected trust-region step) pay for a
+Jacobian they do not use: pass ``prefetch=False`` to ask for the value alone there, and
+the Jacobian only when ``jac`` is called (then one request each). ``fun_and_jac(x)``
+(for ``minimize(..., jac=True)``) is always one request. ``hessp(x, p)`` is one ``hvp``
+request (forward-over-reverse on the service) per call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["RemoteObjective", "remote_objective"]
+
+
+def remote_objective(
+    client: Any,
+    name: str,
+    *,
+    args: Sequence[Any] = (),
+    argnum: int = 0,
+    shape: tuple[int, ...] | None = None,
+    prefetch: bool = True,
+) -> RemoteObjective:
+    """SciPy callables for the remote function ``name`` as a function of one input.
+
+    ``argnum`` says which of the function's inputs the optimizer's ``x`` is; ``args``
+    are the other inputs in order, held fixed. ``shape`` reshapes the flat ``x`` SciPy
+    works with into the input's shape (``jac`` is then flattened to match).
+    """
+    return RemoteObjective(client, name, args=args, argnum=argnum, shape=shape, prefetch=prefetch)
+
+
+class RemoteObjective:
+    """``fun``, ``jac``, ``fun_and_jac`` and ``hessp`` of one remote function; see the
+    module docstring for what each costs. ``client`` is a :class:`jacobian_client.Client`."""
+
+    def __init__(
+        self,
+        client: Any,
+        name: str,
+        *,
+        args: Sequence[Any] = (),
+        argnum: int = 0,
+        shape: tuple[int, ...] | None = None,
+        prefetch: bool = True,
+    ) -> None:
+        if not hasattr(client, "_parts"):
+            raise TypeError("pass a jacobian_client.Client")
+        self.client = client
+        self.name = name
+        self.args = tuple(args)
+        self.argnum = int(argnum)
+        self.shape = None if shape is None else tuple(shape)
+        self.prefetch = prefetch
+        self._key: bytes | None = None
+        self._value: Any = None
+        self._jac: Any = None
+
+    # ----------------------------------------------------------------- helpers
+
+    def _inputs(self, x: Any) -> tuple[np.ndarray, list[Any]]:
+        x = np.asarray(x, dtype=np.float64)
+        arr = x.reshape(self.shape) if self.shape is not None else x
+        inputs = list(self.args)
+        inputs.insert(self.argnum, arr)
+        return x, inputs
+
+    def _remember(self, x: np.ndarray, value: Any = None, jac: Any = None) -> None:
+        key = x.tobytes() + str(x.shape).encode()
+        if key != self._key:
+            self._key, self._value, self._jac = key, None, None
+        if value is not None:
+            self._value = value
+        if jac is not None:
+            self._jac = jac
+
+    def _cached(self, x: np.ndarray) -> tuple[Any, Any]:
+        if self._key == x.tobytes() + str(x.shape).encode():
+            return self._value, self._jac
+        return None, None
+
+    @staticmethod
+    def _value_of(output: Any) -> Any:
+        out = np.asarray(output)
+        return float(out) if out.ndim == 0 else out
+
+    def _flat_jac(self, jac: Any, x: np.ndarray) -> np.ndarray:
+        jac = np.asarray(jac)
+        out_ndim = jac.ndim - (len(self.shape) if self.shape is not None else x.ndim)
+        return jac.reshape(jac.shape[:out_ndim] + (x.size,)) if self.shape is not None else jac
+
+    # ----------------------------------------------------------------- SciPy callables
+
+    def fun_and_jac(self, x: Any) -> tuple[Any, np.ndarray]:
+        """Value and Jacobian (gradient for a scalar function) in one request."""
+        x, inputs = self._inputs(x)
+        value, jac = self._cached(x)
+        if value is not None and jac is not None:
+            return value, jac
+        parts = self.client._parts("jacobian", self.name, inputs, {"argnums": self.argnum, "return_output": True})
+        value, jac = self._value_of(parts["output"]), self._flat_jac(parts["value"], x)
+        self._remember(x, value, jac)
+        return value, jac
+
+    def fun(self, x: Any) -> Any:
+        """The value (a float for a scalar function): with ``prefetch``, fetched together
+        with the Jacobian, which ``jac(x)`` then returns without a request."""
+        x, inputs = self._inputs(x)
+        value, _ = self._cached(x)
+        if value is not None:
+            return value
+        if self.prefetch:
+            return self.fun_and_jac(x)[0]
+        parts = self.client._parts("evaluate", self.name, inputs, {})
+        value = self._value_of(parts["value"])
+        self._remember(x, value=value)
+        return value
+
+    def jac(self, x: Any) -> np.ndarray:
+        """The Jacobian at ``x`` (the gradient for a scalar function)."""
+        x, inputs = self._inputs(x)
+        _, jac = self._cached(x)
+        if jac is not None:
+            return jac
+        if self.prefetch:
+            return self.fun_and_jac(x)[1]
+        parts = self.client._parts("jacobian", self.name, inputs, {"argnums": self.argnum})
+        jac = self._flat_jac(parts["value"], x)
+        self._remember(x, jac=jac)
+        return jac
+
+    def hessp(self, x: Any, p: Any) -> np.ndarray:
+        """The Hessian of a scalar function at ``x`` times ``p``: one hvp request."""
+        x, inputs = self._inputs(x)
+        p = np.asarray(p, dtype=np.float64)
+        tangent = p.reshape(self.shape) if self.shape is not None else p
+        parts = self.client._parts("hvp", self.name, inputs, {"argnums": self.argnum}, vectors=("tangents", tangent))
+        return np.asarray(parts["value"]).reshape(p.shape)

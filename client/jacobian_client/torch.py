@@ -1,0 +1,285 @@
+"""Remote functions inside PyTorch autograd and ``torch.func`` (the ``torch`` extra).
+
+::
+
+    from jacobian_client import Client
+    from jacobian_client.torch import remote
+
+    client = Client("http://localhost:8000")
+    arm = remote(client, "planar_arm")
+    xy = arm(angles)              # one evaluate request
+    xy.sum().backward()           # one vjp request: angles.grad
+
+``remote(client, name)`` is a callable on torch tensors whose derivatives come from the
+service. Request cost per operation (details in ``docs/remote.md``):
+
+=========================================  ==============================================
+operation                                  requests
+=========================================  ==============================================
+``f(x)``                                   1 evaluate
+``f(x)`` then ``.backward()``              1 evaluate + 1 vjp (all cotangents of the pass)
+``torch.func.jacrev(f)(x)``                1 evaluate + 1 vjp (``batched_vectors``)
+``torch.func.jvp(f, (x,), (t,))``          1 evaluate + 1 jvp
+``torch.func.jacfwd(f)(x)``                1 evaluate + 1 jvp (``batched_vectors``)
+``torch.func.vmap(f)(xs)``                 1 evaluate (``batched``)
+``vmap(grad(f))`` / ``vmap(jacrev(f))``    1 evaluate (``batched``) + 1 jacobian (``batched``)
+=========================================  ==============================================
+
+How: the function is a :class:`torch.autograd.Function` with ``setup_context``, whose
+backward and jvp call a second Function, the remote linear map (vjp or jvp). Both have a
+``vmap`` staticmethod, so ``torch.func`` transforms reach the service's batched endpoints
+instead of running one request per row or example: vmap over the vectors becomes
+``batched_vectors``; vmap over the inputs becomes ``batched`` (for derivatives, a batched
+Jacobian contracted with the vectors on the client: the service has no batched vjp).
+
+Outputs keep the function's structure (a tensor, tuple or dict); has_aux functions return
+``(output, aux)`` and aux is not differentiated. Outputs land on the device of the first
+tensor input (a CUDA tensor in gives a CUDA tensor out) with the dtype the service
+computed in (float64 in, float64 out; bfloat16 / float16 inputs get their dtype back).
+Derivatives take the dtype and device of what they differentiate.
+
+Not supported: second derivatives *through* the remote function (double backward,
+``hessian``, ``jacfwd(jacrev(f))``) raise a clear error; ask the service
+(``client.hessian`` / ``client.hvp``) instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ._remote import RemoteOps, Tree, unflatten
+
+__all__ = ["remote"]
+
+
+def remote(client: Any, name: str) -> Callable[..., Any]:
+    """A callable on torch tensors that evaluates and differentiates the remote function
+    ``name`` through ``client`` (a :class:`jacobian_client.Client`).
+
+    Call it with the function's inputs, positionally. Tensors are sent (floating ones are
+    differentiable); Python numbers pass through as plain numbers.
+    """
+    ops = RemoteOps(client, name)
+
+    def fn(*inputs: Any) -> Any:
+        spec = _Spec(ops)
+        flat = _RemoteFunction.apply(spec, *inputs)
+        return spec.rebuild(flat)
+
+    fn.__name__ = fn.__qualname__ = f"remote_{name}"
+    fn.__doc__ = f"The remote function {name!r}, differentiable by torch autograd and torch.func."
+    return fn
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass
+class _Spec:
+    """One call of the remote function; filled in by the forward (output structure)."""
+
+    ops: RemoteOps
+    batch_ndim: int = 0
+    out_tree: Tree | None = None
+    n_out: int = 0
+    aux_tree: Tree | None = None
+    aux_plain: list[Any] = field(default_factory=list)  # aux leaves: None where a tensor output holds it
+    out_dtypes: list[torch.dtype] = field(default_factory=list)
+
+    def learn(self, other: _Spec) -> None:
+        self.out_tree, self.n_out, self.aux_tree = other.out_tree, other.n_out, other.aux_tree
+        self.aux_plain, self.out_dtypes = other.aux_plain, other.out_dtypes
+
+    def rebuild(self, flat: Sequence[torch.Tensor]) -> Any:
+        assert self.out_tree is not None
+        out = unflatten(self.out_tree, list(flat[: self.n_out]))
+        if self.aux_tree is None:
+            return out
+        tensors = iter(flat[self.n_out:])
+        aux = [next(tensors) if plain is None else plain for plain in self.aux_plain]
+        return out, unflatten(self.aux_tree, aux)
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """The remote vjp (``mode="vjp"``) or jvp at some inputs."""
+
+    ops: RemoteOps
+    mode: str
+    argnums: tuple[int, ...]
+    n_inputs: int
+    out_tree: Tree
+    result_dtypes: tuple[torch.dtype, ...]
+    device: torch.device
+    batch_ndim: int = 0
+    tags: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- host <-> torch
+
+
+def _host(x: Any) -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    t = x.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.resolve_conj().numpy()
+
+
+def _device(inputs: Sequence[Any]) -> torch.device:
+    return next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+
+
+def _low_precision(inputs: Sequence[Any]) -> torch.dtype | None:
+    """bfloat16 / float16 travel as float32 (bfloat16) or come back as float32: give
+    the caller their dtype back."""
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16):
+            return x.dtype
+    return None
+
+
+def _tensor(arr: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    arr = np.asarray(arr)
+    t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+
+def _batched_input(x: Any, dim: int | None, size: int) -> Any:
+    """An input with this vmap level's dimension in front (expanded when unbatched)."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    if dim is None:
+        return x.unsqueeze(0).expand(size, *x.shape)
+    return x.movedim(dim, 0)
+
+
+# --------------------------------------------------------------------------- the function
+
+
+class _RemoteFunction(torch.autograd.Function):
+    """Outputs (then aux tensors) of the remote function; one evaluate request."""
+
+    @staticmethod
+    def forward(spec: _Spec, *inputs: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        ev = spec.ops.evaluate([_host(x) for x in inputs], spec.batch_ndim)
+        device, low = _device(inputs), _low_precision(inputs)
+        outputs = [_tensor(o, device, low) for o in ev.outputs]
+        spec.out_tree, spec.n_out = ev.out_tree, len(outputs)
+        spec.out_dtypes = [o.dtype for o in outputs]
+        spec.aux_tree = ev.aux_tree
+        spec.aux_plain = [None if isinstance(a, np.ndarray) else a for a in ev.aux]
+        aux = [_tensor(a, device, low) for a in ev.aux if isinstance(a, np.ndarray)]
+        return tuple(outputs + aux)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        spec, *xs = inputs
+        ctx.spec = spec
+        ctx.is_tensor = [isinstance(x, torch.Tensor) for x in xs]
+        ctx.plain = [None if isinstance(x, torch.Tensor) else x for x in xs]
+        tensors = [x for x in xs if isinstance(x, torch.Tensor)]
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+        if len(output) > spec.n_out:
+            ctx.mark_non_differentiable(*output[spec.n_out:])
+
+    @staticmethod
+    def _inputs(ctx: Any) -> list[Any]:
+        tensors = iter(ctx.saved_tensors)
+        return [next(tensors) if is_t else plain for is_t, plain in zip(ctx.is_tensor, ctx.plain)]
+
+    @staticmethod
+    def _linear(ctx: Any, mode: str, argnums: list[int], xs: list[Any]) -> _Linear:
+        spec: _Spec = ctx.spec
+        assert spec.out_tree is not None
+        dtypes = tuple(xs[i].dtype for i in argnums) if mode == "vjp" else tuple(spec.out_dtypes)
+        return _Linear(spec.ops, mode, tuple(argnums), len(xs), spec.out_tree, dtypes, _device(xs),
+                       spec.batch_ndim, ("p",) * spec.batch_ndim)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        xs = _RemoteFunction._inputs(ctx)
+        argnums = [i for i, x in enumerate(xs)
+                   if isinstance(x, torch.Tensor) and x.is_floating_point() and ctx.needs_input_grad[i + 1]]
+        if not argnums:
+            return (None,) * (1 + len(xs))
+        spec: _Spec = ctx.spec
+        cotangents = grads[: spec.n_out]  # materialized by autograd: zeros for unused outputs
+        results = _RemoteLinear.apply(_RemoteFunction._linear(ctx, "vjp", argnums, xs), *xs, *cotangents)
+        by_input = dict(zip(argnums, results))
+        return (None, *[by_input.get(i) for i in range(len(xs))])
+
+    @staticmethod
+    def jvp(ctx: Any, _spec_tangent: Any, *tangents: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        xs = _RemoteFunction._inputs(ctx)
+        spec: _Spec = ctx.spec
+        argnums = [i for i, (x, t) in enumerate(zip(xs, tangents))
+                   if t is not None and isinstance(x, torch.Tensor) and x.is_floating_point()]
+        n_aux = sum(p is None for p in spec.aux_plain)
+        if not argnums:
+            return (None,) * (spec.n_out + n_aux)
+        lin = _RemoteFunction._linear(ctx, "jvp", argnums, xs)
+        results = _RemoteLinear.apply(lin, *xs, *[tangents[i] for i in argnums])
+        return (*results, *[None] * n_aux)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], spec: _Spec, *inputs: Any) -> tuple[Any, Any]:
+        size = info.batch_size
+        batched = [_batched_input(x, d, size) for x, d in zip(inputs, in_dims[1:])]
+        inner = replace(spec, batch_ndim=spec.batch_ndim + 1)
+        out = _RemoteFunction.apply(inner, *batched)
+        spec.learn(inner)
+        return out, (0,) * len(out)
+
+
+class _RemoteLinear(torch.autograd.Function):
+    """The remote vjp or jvp: inputs then vectors in, products out; one request."""
+
+    @staticmethod
+    def forward(lin: _Linear, *args: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        xs, vectors = args[: lin.n_inputs], args[lin.n_inputs:]
+        vecs = [_host(v) if isinstance(v, torch.Tensor) else np.asarray(v) for v in vectors]
+        results = lin.ops.linear(lin.mode, [_host(x) for x in xs], lin.argnums, vecs, lin.out_tree,
+                                 lin.batch_ndim, lin.tags)
+        return tuple(_tensor(r, lin.device, d) for r, d in zip(results, lin.result_dtypes))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.lin = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
+        raise RuntimeError(
+            f"second derivatives through the remote function {ctx.lin.ops.name!r} are not supported "
+            "(double backward, hessian, jacfwd(jacrev(f))); ask the service: client.hessian or client.hvp"
+        )
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:  # type: ignore[override]
+        raise RuntimeError(
+            f"second derivatives through the remote function {ctx.lin.ops.name!r} are not supported "
+            "(double backward, hessian, jacfwd(jacrev(f))); ask the service: client.hessian or client.hvp"
+        )
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], lin: _Linear, *args: Any) -> tuple[Any, Any]:
+        size = info.batch_size
+        dims = in_dims[1:]
+        xs, vecs = list(args[: lin.n_inputs]), list(args[lin.n_inputs:])
+        x_dims, v_dims = dims[: lin.n_inputs], dims[lin.n_inputs:]
+        vecs = [_batched_input(v, d, size) for v, d in zip(vecs, v_dims)]
+        if any(d is not None for d in x_dims):  # per-example inputs: a "p" dimension
+            xs = [_batched_input(x, d, size) for x, d in zip(xs, x_dims)]
+            inner = replace(lin, batch_ndim=lin.batch_ndim + 1, tags=("p", *lin.tags))
+        else:  # several vectors at the same inputs: a "v" dimension
+            inner = replace(lin, tags=("v", *lin.tags))
+        out = _RemoteLinear.apply(inner, *xs, *vecs)
+        return out, (0,) * len(out)

@@ -1,0 +1,158 @@
+"""/docs and /redoc work without internet: every asset comes from the server itself.
+
+Two layers:
+
+* over HTTP (always runs): the pages name no other host, and every script, style and icon
+  they name answers 200 from this server, also under a path prefix (``root_path``);
+* in a real browser (Debian's ``chromium``, headless; skipped when it is not installed):
+  the pages are rendered with every host but 127.0.0.1 unresolvable, and the rendered
+  DOM lists every operation of ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from html.parser import HTMLParser
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from tests._client_support import real_app, serve
+
+PREFIX = "/jacobian"
+
+
+class _Refs(HTMLParser):
+    """The URLs a page loads: script src, link href, img src."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for key, value in attrs:
+            if value and ((tag == "script" and key == "src") or (tag == "link" and key == "href")
+                          or (tag == "img" and key == "src")):
+                self.urls.append(value)
+
+
+def _inline_urls(html: str) -> list[str]:
+    """URLs Swagger UI and ReDoc are told in inline script (the OpenAPI document)."""
+    return re.findall(r"""(?:url:\s*|spec-url=)['"]([^'"]+)['"]""", html)
+
+
+@pytest.fixture(scope="module")
+def app():
+    return real_app(functions="jacobian_service.examples")
+
+
+@pytest.fixture(scope="module", params=["", PREFIX], ids=["root", "prefixed"])
+def site(request, app):
+    """(base URL, prefix): the app at the root, or mounted under PREFIX."""
+    prefix = request.param
+    target = Starlette(routes=[Mount(prefix, app)]) if prefix else app
+    with serve(target) as url:
+        yield url, prefix
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_only_from_this_server(site, page):
+    url, prefix = site
+    with httpx.Client(base_url=url, timeout=30) as http:
+        response = http.get(prefix + page)
+        assert response.status_code == 200
+        html = response.text
+        parser = _Refs()
+        parser.feed(html)
+        refs = parser.urls + _inline_urls(html)
+        assert any(r.endswith(".js") for r in parser.urls), html
+        assert f"{prefix}/openapi.json" in refs, refs
+        for ref in refs:
+            assert ref.startswith(prefix + "/"), f"{ref} is not on this server under {prefix or '/'}"
+            asset = http.get(ref)
+            assert asset.status_code == 200, ref
+            assert len(asset.content) > 1000, ref
+            if ref.endswith(".js"):
+                assert "javascript" in asset.headers["content-type"]
+            elif ref.endswith(".css"):
+                assert asset.headers["content-type"].startswith("text/css")
+        # No CDN, no web fonts: nothing that needs the internet.
+        assert not re.search(r"""(?:src|href)=["']?(?:https?:)?//""", html), html
+
+
+def test_docs_assets_are_not_in_the_openapi_document(app):
+    with serve(app) as url:
+        doc = httpx.get(url + "/openapi.json", timeout=30).json()
+    assert not [p for p in doc["paths"] if p.startswith(("/docs", "/redoc"))]
+
+
+# ---------------------------------------------------------------- headless Chromium
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _render(url: str) -> str:
+    """The DOM of ``url`` after its scripts ran, with every other host unreachable."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium binary (apt-get install chromium) to render the docs pages")
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+             # Offline: only loopback resolves, as on a cluster without internet.
+             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+             # Run the page's scripts (fetching /openapi.json, rendering) before dumping.
+             "--virtual-time-budget=20000", "--dump-dom", url],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def _operations(url: str) -> set[tuple[str, str]]:
+    doc = httpx.get(url, timeout=30).json()
+    ops = {(method.upper(), path) for path, item in doc["paths"].items() for method in item}
+    assert ("POST", "/v1/functions/{name}/jacobian") in ops
+    return ops
+
+
+def test_swagger_ui_renders_every_operation_offline(site):
+    url, prefix = site
+    dom = _render(f"{url}{prefix}/docs")
+    shown = set(re.findall(
+        r'class="opblock-summary-method">(\w+)</span>.*?class="opblock-summary-path" data-path="([^"]+)"',
+        dom, re.S))
+    assert shown == _operations(f"{url}{prefix}/openapi.json"), dom[:2000]
+    assert "Failed to load API definition" not in dom
+
+
+def test_redoc_renders_every_operation_offline(site):
+    url, prefix = site
+    dom = _render(f"{url}{prefix}/redoc")
+    shown = {(m.upper(), p) for m, p in re.findall(
+        r'class="[^"]*\bhttp-verb\b[^"]*">(\w+)</span><span[^>]*>([^<]+)</span>', dom)}
+    assert shown == _operations(f"{url}{prefix}/openapi.json"), dom[:2000]
+
+
+def test_docs_auth_guards_the_pages_and_the_assets_stay_open():
+    """With API keys and DOCS_AUTH (the default) the pages want a key; the Swagger UI and
+    ReDoc files are public code and stay open; a name outside the asset list is a 404."""
+    from jacobian_service.docs_ui import ASSETS_URL
+
+    with serve(real_app(functions="jacobian_service.examples", api_keys="k1")) as url:
+        for page in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(url + page, timeout=30).status_code == 401
+            assert httpx.get(url + page, headers={"Authorization": "Bearer k1"}, timeout=30).status_code == 200
+        assert httpx.get(url + f"{ASSETS_URL}/swagger-ui.css", timeout=30).status_code == 200
+        missing = httpx.get(url + f"{ASSETS_URL}/..%2Fsettings.py", timeout=30)
+        assert missing.status_code == 404 and missing.headers["content-type"].startswith("application/problem+json")

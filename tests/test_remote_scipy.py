@@ -1,0 +1,162 @@
+"""jacobian_client.scipy: scipy.optimize with remote fun / jac / hessp reaches the same
+solution in the same number of evaluations as with local callables, with the requests
+counted exactly."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+optimize = pytest.importorskip("scipy.optimize")
+pytest.importorskip("jacobian_service.app")
+
+from jacobian_client.scipy import remote_objective  # noqa: E402
+from jacobian_service import examples as ex  # noqa: E402
+
+from . import _client_functions as cf  # noqa: E402
+from ._client_support import real_server  # noqa: E402
+from ._remote_support import Counted, counted  # noqa: E402
+
+f = torch.func
+TARGET = np.array([1.2, 1.5])
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    with real_server(max_batch_size=1) as u:
+        yield u
+
+
+@pytest.fixture
+def cc(url: str) -> Iterator[Counted]:
+    with counted(url) as c:
+        yield c
+
+
+class Local:
+    """In-process callables for a torch function, logging each call's kind and point."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.calls: list[tuple[str, bytes]] = []
+
+    def _t(self, x: np.ndarray, kind: str) -> torch.Tensor:
+        x = np.asarray(x, dtype=np.float64)
+        self.calls.append((kind, x.tobytes()))
+        return torch.from_numpy(x.copy())
+
+    def fun(self, x):
+        out = self.fn(self._t(x, "fun")).numpy()
+        return float(out) if out.ndim == 0 else out
+
+    def jac(self, x):
+        return f.jacrev(self.fn)(self._t(x, "jac")).numpy()
+
+    def hessp(self, x, p):
+        t = self._t(x, "hessp")
+        return f.jvp(f.grad(self.fn), (t,), (torch.from_numpy(np.asarray(p, dtype=np.float64)),))[1].numpy()
+
+    def expected_requests(self) -> list[str]:
+        """With prefetch: one jacobian+output request per fun/jac call at a new point
+        (the point before is cached), one hvp per hessp call."""
+        out, last = [], None
+        for kind, x in self.calls:
+            if kind == "hessp":
+                out.append("hvp")
+            elif x != last:
+                out.append("jacobian+return_output")
+                last = x
+        return out
+
+
+def test_least_squares_inverse_kinematics(cc):
+    local = Local(ex.planar_arm)
+    arm = remote_objective(cc.client, "planar_arm")
+    q0 = np.array([0.1, 0.2, 0.3])
+    want = optimize.least_squares(lambda q: local.fun(q) - TARGET, q0, jac=local.jac)
+    got = optimize.least_squares(lambda q: arm.fun(q) - TARGET, q0, jac=arm.jac)
+    assert want.success and got.success
+    np.testing.assert_allclose(ex.planar_arm(torch.from_numpy(got.x)).numpy(), TARGET, atol=1e-8)  # solved
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-10, atol=1e-10)
+    assert (got.nfev, got.njev) == (want.nfev, want.njev)
+    assert cc.take() == ["jacobian+return_output"] * got.nfev  # jac(x) was always prefetched
+    assert cc.take() == [] and local.expected_requests() == ["jacobian+return_output"] * want.nfev
+
+
+def test_least_squares_without_prefetch_asks_separately(cc):
+    arm = remote_objective(cc.client, "planar_arm", prefetch=False)
+    q0 = np.array([0.1, 0.2, 0.3])
+    got = optimize.least_squares(lambda q: arm.fun(q) - TARGET, q0, jac=arm.jac)
+    requests = cc.take()
+    assert requests.count("evaluate") == got.nfev and requests.count("jacobian") == got.njev
+    assert len(requests) == got.nfev + got.njev
+
+
+def test_minimize_trust_krylov_with_remote_hessp(cc):
+    local = Local(ex.rosenbrock)
+    rosen = remote_objective(cc.client, "rosenbrock")
+    x0 = np.array([-1.2, 1.0, -0.5, 0.8])
+    want = optimize.minimize(local.fun, x0, jac=local.jac, hessp=local.hessp, method="trust-krylov")
+    got = optimize.minimize(rosen.fun, x0, jac=rosen.jac, hessp=rosen.hessp, method="trust-krylov")
+    assert want.success and got.success
+    np.testing.assert_allclose(got.x, np.ones(4), atol=1e-6)  # the Rosenbrock minimum
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-10, atol=1e-10)
+    assert (got.nit, got.nfev, got.njev, got.nhev) == (want.nit, want.nfev, want.njev, want.nhev)
+    requests = cc.take()
+    assert requests == local.expected_requests()
+    # one hvp per hessp call (scipy's nhev counts one more than the calls it makes here)
+    assert requests.count("hvp") == sum(kind == "hessp" for kind, _ in local.calls)
+    assert requests.count("jacobian+return_output") == got.nfev  # fun and jac of a point: one request
+
+
+def test_minimize_fun_and_jac_is_one_request_per_point(cc):
+    local = Local(ex.rosenbrock)
+    rosen = remote_objective(cc.client, "rosenbrock")
+    x0 = np.array([-1.2, 1.0])
+    want = optimize.minimize(lambda x: (local.fun(x), local.jac(x)), x0, jac=True, method="BFGS")
+    got = optimize.minimize(rosen.fun_and_jac, x0, jac=True, method="BFGS")
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-10, atol=1e-10)
+    assert got.nfev == want.nfev
+    assert cc.take() == ["jacobian+return_output"] * got.nfev
+
+
+def test_root_two_joint_arm(cc):
+    local = Local(ex.planar_arm)
+    arm = remote_objective(cc.client, "planar_arm")
+    q0 = np.array([0.3, 0.6])
+    want = optimize.root(lambda q: local.fun(q) - TARGET, q0, jac=local.jac, method="hybr")
+    got = optimize.root(lambda q: arm.fun(q) - TARGET, q0, jac=arm.jac, method="hybr")
+    assert want.success and got.success
+    np.testing.assert_allclose(ex.planar_arm(torch.from_numpy(got.x)).numpy(), TARGET, atol=1e-8)
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-10, atol=1e-10)
+    assert (got.nfev, got.njev) == (want.nfev, want.njev)
+    assert cc.take() == local.expected_requests()
+
+
+def test_hessp_and_fixed_args_and_shape(cc):
+    """hessp equals H @ p; other inputs held fixed; a shaped input seen as flat x."""
+    x, w = np.array([0.3, -0.7, 1.1]), np.array([1.5, 0.5, -2.0])
+    pair = remote_objective(cc.client, "cubic_pair", args=(w,), argnum=0)
+    p = np.array([1.0, 2.0, -1.0])
+    H = f.hessian(lambda a: cf.cubic_pair(a, torch.from_numpy(w))[0])(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(pair.hessp(x, p), H @ p, rtol=1e-12)
+    assert cc.take() == ["hvp"]
+    pair_w = remote_objective(cc.client, "cubic_pair", args=(x,), argnum=1)
+    g = f.grad(lambda b: cf.cubic_pair(torch.from_numpy(x), b)[0])(torch.from_numpy(w)).numpy()
+    np.testing.assert_allclose(pair_w.jac(w), g, rtol=1e-12)
+    np.testing.assert_allclose(pair_w.fun(w), cf.cubic_pair(torch.from_numpy(x), torch.from_numpy(w))[0].item())
+    assert cc.take() == ["jacobian+return_output"]  # fun(w) came with jac(w)
+    A = np.random.default_rng(0).standard_normal((2, 3))
+    norms = remote_objective(cc.client, "scaled_norm", args=(np.float64(2.0), np.int64(1)), shape=(2, 3))
+    J = norms.jac(A.ravel())
+    want = f.jacrev(lambda a: cf_scaled(a))(torch.from_numpy(A)).numpy().reshape(2, 6)
+    np.testing.assert_allclose(J, want, rtol=1e-12)
+
+
+def cf_scaled(a):
+    from . import user_functions as uf
+
+    return uf.scaled_norm(a, torch.tensor(2.0, dtype=torch.float64), torch.tensor(1))[0]

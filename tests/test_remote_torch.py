@@ -1,0 +1,272 @@
+"""jacobian_client.torch: remote functions inside torch autograd and torch.func, compared
+with the same functions run in-process, with the exact requests each operation makes."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("jacobian_service.app")
+
+from jacobian_client.torch import remote  # noqa: E402
+from jacobian_service import examples as ex  # noqa: E402
+
+from . import user_functions as uf  # noqa: E402
+from ._client_support import real_server  # noqa: E402
+from ._remote_support import Counted, counted  # noqa: E402
+
+f = torch.func
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    with real_server(max_batch_size=1) as u:  # no cross-request batching: counts are per call
+        yield u
+
+
+@pytest.fixture
+def cc(url: str) -> Iterator[Counted]:
+    with counted(url) as c:
+        yield c
+
+
+def close(got, want, tol=1e-12):
+    if isinstance(want, (tuple, list)):
+        assert isinstance(got, type(want)) and len(got) == len(want)
+        for g, w in zip(got, want):
+            close(g, w, tol)
+        return
+    if isinstance(want, dict):
+        assert set(got) == set(want)
+        for k in want:
+            close(got[k], want[k], tol)
+        return
+    assert isinstance(got, torch.Tensor), type(got)
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape, got.dtype, want.dtype)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------- training
+
+
+class Model(torch.nn.Module):
+    """features -> joint angles (local layers) -> end effector (remote or local planar_arm)."""
+
+    def __init__(self, arm) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden = torch.nn.Linear(4, 8, dtype=torch.float64)
+        self.angles = torch.nn.Linear(8, 3, dtype=torch.float64)
+        self.arm = arm
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.arm(self.angles(torch.tanh(self.hidden(features))))
+
+
+def _train(model: Model, features: torch.Tensor, target: torch.Tensor, steps: int = 20):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses, grads = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((model(features) - target) ** 2).sum()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+    return losses, grads
+
+
+def test_training_through_a_remote_function_equals_local_training(cc):
+    features = torch.tensor([0.5, -1.0, 0.25, 2.0], dtype=torch.float64)
+    target = torch.tensor([1.5, 1.2], dtype=torch.float64)
+    local_losses, local_grads = _train(Model(ex.planar_arm), features, target)
+    remote_losses, remote_grads = _train(Model(remote(cc.client, "planar_arm")), features, target)
+    assert cc.take() == ["evaluate", "vjp"] * 20  # one value and one vjp per step
+    np.testing.assert_allclose(remote_losses, local_losses, rtol=1e-10, atol=1e-10)
+    assert local_losses[-1] < local_losses[0] / 2  # it did train
+    for got, want in zip(remote_grads, local_grads):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_batched_training_with_vmap_equals_local(cc):
+    """A minibatch through vmap(remote): one batched evaluate and one batched Jacobian
+    (per-example vjps) per step."""
+    torch.manual_seed(1)
+    features = torch.randn(6, 4, dtype=torch.float64)
+    target = torch.randn(6, 2, dtype=torch.float64)
+    local_losses, local_grads = _train(Model(f.vmap(ex.planar_arm)), features, target)
+    remote_losses, remote_grads = _train(Model(f.vmap(remote(cc.client, "planar_arm"))), features, target)
+    assert cc.take() == ["evaluate+batched", "jacobian+batched"] * 20
+    np.testing.assert_allclose(remote_losses, local_losses, rtol=1e-10, atol=1e-10)
+    for got, want in zip(remote_grads, local_grads):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- torch.func
+
+
+def test_jacrev_is_one_evaluate_and_one_batched_vjp(cc):
+    arm = remote(cc.client, "planar_arm")
+    x = torch.tensor([0.3, -0.2, 0.5, 1.1], dtype=torch.float64)
+    close(f.jacrev(arm)(x), f.jacrev(ex.planar_arm)(x))
+    assert cc.take() == ["evaluate", "vjp+batched_vectors"]
+    close(f.jacfwd(arm)(x), f.jacfwd(ex.planar_arm)(x))
+    assert cc.take() == ["evaluate", "jvp+batched_vectors"]
+
+
+def test_vmap_is_one_batched_evaluate(cc):
+    arm = remote(cc.client, "planar_arm")
+    xs = torch.randn(5, 3, dtype=torch.float64)
+    close(f.vmap(arm)(xs), f.vmap(ex.planar_arm)(xs))
+    assert cc.take() == ["evaluate+batched"]
+    # in_dims other than 0, and an input left unbatched (expanded for the request)
+    r, th = torch.rand(3, 4, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    close(f.vmap(remote(cc.client, "polar"), in_dims=(1, None))(r, th), f.vmap(ex.polar, in_dims=(1, None))(r, th))
+    assert cc.take() == ["evaluate+batched"]
+    # nested vmap: still one request
+    xss = torch.randn(2, 3, 4, dtype=torch.float64)
+    close(f.vmap(f.vmap(arm))(xss), f.vmap(f.vmap(ex.planar_arm))(xss))
+    assert cc.take() == ["evaluate+batched"]
+
+
+def test_per_example_derivatives(cc):
+    arm = remote(cc.client, "planar_arm")
+    xs = torch.randn(4, 3, dtype=torch.float64)
+    close(f.vmap(f.jacrev(arm))(xs), f.vmap(f.jacrev(ex.planar_arm))(xs))
+    assert cc.take() == ["evaluate+batched", "jacobian+batched"]
+    loss = lambda g: lambda x: (g(x) ** 2).sum()  # noqa: E731
+    close(f.vmap(f.grad(loss(arm)))(xs), f.vmap(f.grad(loss(ex.planar_arm)))(xs))
+    assert cc.take() == ["evaluate+batched", "jacobian+batched"]
+    close(f.vmap(f.jacfwd(arm))(xs), f.vmap(f.jacfwd(ex.planar_arm))(xs))
+    assert cc.take() == ["evaluate+batched", "jacobian+batched"]
+    # jacrev of a vmapped function: per-example inputs and a batch of cotangents
+    close(f.jacrev(f.vmap(arm))(xs), f.jacrev(f.vmap(ex.planar_arm))(xs))
+    assert cc.take() == ["evaluate+batched", "jacobian+batched"]
+
+
+def test_jvp_and_grad(cc):
+    arm = remote(cc.client, "planar_arm")
+    x, t = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    close(f.jvp(arm, (x,), (t,)), f.jvp(ex.planar_arm, (x,), (t,)))
+    assert cc.take() == ["evaluate", "jvp"]
+    s = remote(cc.client, "sum_sin")
+    close(f.grad(s)(x), f.grad(ex.sum_sin)(x))
+    assert cc.take() == ["evaluate", "vjp"]
+    close(f.vjp(arm, x)[1](t[:2])[0], f.vjp(ex.planar_arm, x)[1](t[:2])[0])
+    assert cc.take() == ["evaluate", "vjp"]
+
+
+def test_tuple_outputs_several_inputs_and_argnums(cc):
+    polar = remote(cc.client, "polar")
+    r, th = torch.rand(3, dtype=torch.float64) + 0.5, torch.rand(3, dtype=torch.float64)
+    close(polar(r, th), ex.polar(r, th))
+    assert cc.take() == ["evaluate"]
+    close(f.jacrev(polar, argnums=(0, 1))(r, th), f.jacrev(ex.polar, argnums=(0, 1))(r, th))
+    assert cc.take() == ["evaluate", "vjp+batched_vectors"]
+    close(f.jacrev(polar, argnums=1)(r, th), f.jacrev(ex.polar, argnums=1)(r, th))
+    assert cc.take() == ["evaluate", "vjp+batched_vectors"]
+    close(f.jacfwd(polar, argnums=(0, 1))(r, th), f.jacfwd(ex.polar, argnums=(0, 1))(r, th))
+    assert cc.take() == ["evaluate", "jvp+batched_vectors"]
+    # only one output used: the other gets zero cotangents, still one vjp
+    rg = r.clone().requires_grad_()
+    polar(rg, th)[1].sum().backward()
+    rl = r.clone().requires_grad_()
+    ex.polar(rl, th)[1].sum().backward()
+    close(rg.grad, rl.grad)
+    assert cc.take() == ["evaluate", "vjp"]
+
+
+def test_aux_comes_back_as_with_has_aux(cc):
+    sa = remote(cc.client, "sin_aux")
+    x = torch.randn(4, dtype=torch.float64)
+    out, aux = sa(x)
+    close((out, aux), ex.sin_aux(x))
+    assert not aux.requires_grad
+    cc.take()
+    close(f.jacrev(sa, has_aux=True)(x), f.jacrev(ex.sin_aux, has_aux=True)(x))
+    assert cc.take() == ["evaluate", "vjp+batched_vectors"]
+    # mixed aux (a tensor and plain values) and an integer input that is not differentiated
+    sn = remote(cc.client, "scaled_norm")
+    xs = torch.randn(5, 3, dtype=torch.float64)
+    scale, power = torch.tensor(2.0, dtype=torch.float64), torch.tensor(2)
+    (norms, aux) = sn(xs, scale, power)
+    want_norms, want_aux = uf.scaled_norm(xs, scale, power)
+    close(norms, want_norms)
+    close(aux["total"], want_aux["total"])
+    assert aux["label"] == "norms"
+    cc.take()
+    def tensor_aux(fn):  # torch.func's has_aux takes tensors only, here as in-process
+        def g(*args):
+            out, aux = fn(*args)
+            return out, aux["total"]
+        return g
+
+    got = f.jacrev(tensor_aux(sn), argnums=(0, 1), has_aux=True)(xs, scale, power)
+    want = f.jacrev(tensor_aux(uf.scaled_norm), argnums=(0, 1), has_aux=True)(xs, scale, power)
+    close(got, want)
+    assert cc.take() == ["evaluate", "vjp+batched_vectors"]
+
+
+def test_dtypes_round_trip(cc):
+    arm = remote(cc.client, "planar_arm")
+    for dtype in (torch.float32, torch.float64):
+        x = torch.tensor([0.3, -0.2, 0.5], dtype=dtype, requires_grad=True)
+        y = arm(x)
+        assert y.dtype == dtype
+        y.sum().backward()
+        assert x.grad.dtype == dtype
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=torch.bfloat16, requires_grad=True)
+    y = arm(x)
+    assert y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    # mlp declares float32: float64 in is computed in float32; the gradient is float64 again
+    mlp = remote(cc.client, "mlp")
+    x = torch.randn(128, dtype=torch.float64, requires_grad=True)
+    y = mlp(x)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert x.grad.dtype == torch.float64
+    want = f.grad(lambda v: ex.mlp(v).sum())(x.detach().float())
+    torch.testing.assert_close(x.grad.float(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_second_derivatives_are_refused_clearly(cc):
+    s = remote(cc.client, "sum_sin")
+    x = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="second derivatives through the remote function 'sum_sin'"):
+        f.hessian(s)(x)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        f.jacrev(f.jacrev(s))(x)
+
+
+def test_service_errors_propagate(cc):
+    import jacobian_client as jc
+
+    with pytest.raises(jc.FunctionError, match="diverged"):
+        remote(cc.client, "broken")(torch.ones(2))
+    with pytest.raises(jc.FunctionNotFound):
+        remote(cc.client, "no_such_function")(torch.ones(2))
+    with pytest.raises(TypeError, match="synchronous"):
+        remote(jc.AsyncClient("http://127.0.0.1:1"), "sin")
+
+
+@pytest.mark.gpu
+def test_cuda_tensor_in_cuda_tensor_out(cc):
+    arm = remote(cc.client, "planar_arm")
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, device="cuda", requires_grad=True)
+    y = arm(x)
+    assert y.device.type == "cuda"
+    y.sum().backward()
+    assert x.grad.device.type == "cuda"
+    xl = x.detach().cpu().requires_grad_()
+    ex.planar_arm(xl).sum().backward()
+    torch.testing.assert_close(x.grad.cpu(), xl.grad, rtol=1e-12, atol=1e-12)
+    J = f.jacrev(arm)(x.detach())
+    assert J.device.type == "cuda"
+    torch.testing.assert_close(J.cpu(), f.jacrev(ex.planar_arm)(x.detach().cpu()), rtol=1e-12, atol=1e-12)
