@@ -215,7 +215,7 @@ def parse_call(
 
     options = _options(raw_options)
     if vector_key is None and options.batched_vectors:
-        raise InvalidInput("batched_vectors applies to vjp and jvp only")
+        raise InvalidInput("batched_vectors applies to vjp, jvp and hvp only")
     if vector_key and options.batched:
         raise InvalidInput(f"batched does not apply to {kind}; use batched_vectors")
     if options.rows is not None and (kind != "jacobian" or options.batched):
