@@ -6,8 +6,11 @@ import contextlib
 from typing import Iterator
 
 import httpx
+import pytest
 
 import jacobian_client as jc
+
+from ._client_support import real_server
 
 
 class Counted:
@@ -43,3 +46,19 @@ def counted(url: str, **kwargs: object) -> Iterator[Counted]:
         yield c
     finally:
         c.close()
+
+
+# The fixtures every adapter test module imports: one real server per module, and a
+# request-counting client per test.
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    with real_server(max_batch_size=1) as u:  # no cross-request batching: counts are per call
+        yield u
+
+
+@pytest.fixture
+def cc(url: str) -> Iterator[Counted]:
+    with counted(url) as c:
+        yield c

@@ -15,8 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from jacobian_client.jax import remote  # noqa: E402
 
-from ._client_support import real_server  # noqa: E402
-from ._remote_support import Counted, counted  # noqa: E402
+from ._remote_support import Counted, cc, url  # noqa: E402,F401 (fixtures)
 
 TARGET = np.array([1.2, 1.5])
 
@@ -40,18 +39,6 @@ def x64() -> Iterator[None]:
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", before)
-
-
-@pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    with real_server(max_batch_size=1) as u:
-        yield u
-
-
-@pytest.fixture
-def cc(url: str) -> Iterator[Counted]:
-    with counted(url) as c:
-        yield c
 
 
 def close(got, want, tol=1e-10):

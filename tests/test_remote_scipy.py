@@ -4,7 +4,7 @@ counted exactly."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -17,23 +17,10 @@ from jacobian_client.scipy import remote_objective  # noqa: E402
 from jacobian_service import examples as ex  # noqa: E402
 
 from . import _client_functions as cf  # noqa: E402
-from ._client_support import real_server  # noqa: E402
-from ._remote_support import Counted, counted  # noqa: E402
+from ._remote_support import Counted, cc, url  # noqa: E402,F401 (fixtures)
 
 f = torch.func
 TARGET = np.array([1.2, 1.5])
-
-
-@pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    with real_server(max_batch_size=1) as u:
-        yield u
-
-
-@pytest.fixture
-def cc(url: str) -> Iterator[Counted]:
-    with counted(url) as c:
-        yield c
 
 
 class Local:

@@ -3,7 +3,6 @@ with the same functions run in-process, with the exact requests each operation m
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -15,22 +14,9 @@ from jacobian_client.torch import remote  # noqa: E402
 from jacobian_service import examples as ex  # noqa: E402
 
 from . import user_functions as uf  # noqa: E402
-from ._client_support import real_server  # noqa: E402
-from ._remote_support import Counted, counted  # noqa: E402
+from ._remote_support import Counted, cc, url  # noqa: E402,F401 (fixtures)
 
 f = torch.func
-
-
-@pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    with real_server(max_batch_size=1) as u:  # no cross-request batching: counts are per call
-        yield u
-
-
-@pytest.fixture
-def cc(url: str) -> Iterator[Counted]:
-    with counted(url) as c:
-        yield c
 
 
 def close(got, want, tol=1e-12):

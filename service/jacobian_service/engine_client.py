@@ -52,10 +52,25 @@ async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any) -> Any:
         raise
 
 
+class _Engines:
+    """What the routes use, whichever way the engines run: ``start``/``stop``, ``run``
+    (one job, answered with ``(result, JobInfo)``), stream chunks, ``readiness``,
+    ``quarantined``/``release``, ``depth``, ``info`` and ``engine_stats``."""
+
+    async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
+                  deadline: float | None = None) -> tuple[Any, JobInfo]:
+        raise NotImplementedError
+
+    async def next_chunk(self, head: StreamHead, deadline: float) -> np.ndarray | None:
+        """The next row chunk of a streamed Jacobian, from the engine holding it (None: done)."""
+        arr, _ = await self.run("stream_next", None, engine=head.engine, stream_id=head.stream_id, deadline=deadline)
+        return arr
+
+
 # --------------------------------------------------------------------------- in-process
 
 
-class InProcessEngines:
+class InProcessEngines(_Engines):
     """Engines on threads of this process (the v1 layout): for tests and debugging."""
 
     def __init__(self, settings: Settings, registry: Registry, on_batch: Any = lambda size: None) -> None:
@@ -165,10 +180,6 @@ class InProcessEngines:
             result.engine = index
         return result, info
 
-    async def next_chunk(self, head: StreamHead, deadline: float) -> np.ndarray | None:
-        arr, _ = await self.run("stream_next", None, engine=head.engine, stream_id=head.stream_id, deadline=deadline)
-        return arr
-
     def close_stream(self, head: StreamHead) -> None:
         self.workers[head.engine].close_stream(head.stream_id)
 
@@ -179,7 +190,7 @@ class InProcessEngines:
 # --------------------------------------------------------------------------- remote
 
 
-class RemoteEngines:
+class RemoteEngines(_Engines):
     """The engine processes, over ZeroMQ: one DEALER socket per engine, one task that
     routes replies to the waiting requests, and a subscription to the supervisor."""
 
@@ -343,10 +354,6 @@ class RemoteEngines:
         if isinstance(result, StreamHead):
             result.engine = index
         return result, info
-
-    async def next_chunk(self, head: StreamHead, deadline: float) -> np.ndarray | None:
-        arr, _ = await self.run("stream_next", None, engine=head.engine, stream_id=head.stream_id, deadline=deadline)
-        return arr
 
     def close_stream(self, head: StreamHead) -> None:
         self._socks[head.engine].send_multipart(ipc.encode_cancel(0, head.stream_id))

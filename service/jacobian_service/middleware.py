@@ -52,7 +52,7 @@ class AccessMiddleware:
             nonlocal recorded
             recorded = True
             path = route_path(scope)
-            route, params = next(((r, p) for r, p in self.router.match(path) if r.method == scope["method"]), (None, {}))
+            route, params = next(((r, p) for r, p in self.router.match(scope) if r.method == scope["method"]), (None, {}))
             endpoint = route.operation_id if route else "_unrouted"
             # The label comes from the path, so requests refused before their handler ran
             # (auth, unknown function, bad body) count under their function too.

@@ -10,6 +10,7 @@ No torch here: the engines are reached through :mod:`jacobian_service.engine_cli
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import platform
 import re
@@ -26,10 +27,12 @@ from jacobian_client import wire
 
 from .errors import (
     ClientGone,
+    InternalError,
     InvalidInput,
     MalformedBody,
     MethodNotAllowed,
     NotFound,
+    OutOfMemory,
     PayloadTooLarge,
     ServiceError,
     Unavailable,
@@ -41,6 +44,8 @@ from .state import ServiceState
 from .types import Call, JobInfo, Result
 
 __all__ = ["DERIVATIVE_KINDS", "ROUTES", "Route", "Router"]
+
+log = logging.getLogger("jacobian_service")
 
 # Bodies and results above this are parsed / encoded on a thread, not on the event loop.
 _OFFLOAD_BYTES = 256 << 10
@@ -349,20 +354,21 @@ class Router:
     def __init__(self, routes: list[Route]) -> None:
         self.routes = [(route, route.pattern) for route in routes]
 
-    def match(self, path: str) -> list[tuple[Route, dict[str, str]]]:
-        found = []
-        for route, pattern in self.routes:
-            m = pattern.match(path)
-            if m:
-                found.append((route, m.groupdict()))
-        return found
+    def match(self, scope: dict[str, Any]) -> list[tuple[Route, dict[str, str]]]:
+        """The routes whose path matches the request's, each with its path parameters.
+        Kept in the scope: the access middleware labels the request from the same match."""
+        state = scope.setdefault("state", {})
+        if "matches" not in state:
+            path = route_path(scope)
+            state["matches"] = [(route, m.groupdict()) for route, pattern in self.routes if (m := pattern.match(path))]
+        return state["matches"]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         request = Request(scope, receive)
         method = scope["method"]
         try:
             try:
-                matches = self.match(route_path(scope))
+                matches = self.match(scope)
                 if not matches:
                     raise NotFound(f"no route for {method} {_printable(route_path(scope))}")
                 for route, params in matches:
@@ -380,16 +386,10 @@ class Router:
                 scope["state"]["code"] = "client_closed"
                 response = Response(status_code=499)  # nobody is listening
             except MemoryError:
-                from .errors import OutOfMemory
-
                 scope["state"]["code"] = "out_of_memory"
                 response = problem_response(OutOfMemory("out of memory while handling the request"), _request_id(request))
         except Exception:
-            import logging
-
-            logging.getLogger("jacobian_service").exception("unhandled error on %s %s", method, _printable(scope["path"]))
-            from .errors import InternalError
-
+            log.exception("unhandled error on %s %s", method, _printable(scope["path"]))
             scope["state"]["code"] = "internal_error"
             response = problem_response(InternalError("internal error; see the server log"), _request_id(request))
         await response(scope, receive, send)
