@@ -1,6 +1,6 @@
 """``python -m bench [--quick] [--only NAME[,NAME]]``: every benchmark side by side.
 
-Benchmarks: latency, throughput, big, modes, load_test (see each module's docstring).
+Benchmarks: latency, throughput, layout, big, modes, load_test (see each module's docstring).
 Each prints a markdown table of medians and ratios and the targets from the issues.
 The exit status is non-zero when a benchmark fails outright (a wrong answer, a server
 that does not come up) or the load test misses its goals; speed targets that are missed
@@ -19,7 +19,7 @@ import traceback
 from ._common import Context, Report, cpu_line
 from ._server import Pool
 
-BENCHMARKS = ("latency", "throughput", "big", "modes", "load_test")
+BENCHMARKS = ("latency", "throughput", "layout", "big", "modes", "load_test")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
     p.add_argument("--rounds", type=int, help="interleaved rounds (latency, big, modes, throughput)")
     p.add_argument("--duration", type=float, help="seconds per throughput measurement")
+    p.add_argument("--workers", default=None, help="layout: front-end counts of the process layout, e.g. 1,2,4")
     p.add_argument("--clients", default=None, help="throughput concurrencies, e.g. 1,4,16,64")
     p.add_argument("--batch-wait-ms", type=float, help="MAX_BATCH_WAIT_MS of the batching-on server (throughput)")
     p.add_argument("--load-seconds", type=float, help="load test duration (default 60, quick 4)")
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {
         "rounds": args.rounds, "duration": args.duration, "batch_wait_ms": args.batch_wait_ms,
         "clients": [int(c) for c in args.clients.split(",")] if args.clients else None,
+        "workers": [int(c) for c in args.workers.split(",")] if args.workers else None,
         "load_seconds": args.load_seconds, "load_clients": args.load_clients, "big_n": args.big_n,
         "modes_n": args.modes_n, "torch_threads": args.torch_threads,
     }

@@ -49,6 +49,45 @@ def status_kib(pid: int, field_name: str) -> int:
     raise KeyError(field_name)
 
 
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants (the service's supervisor, front ends and engines)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as fp:
+                    todo += [int(c) for c in fp.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def process_label(pid: int) -> str:
+    """A short name for one of the service's processes, from its command line."""
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+        return "gone"
+    text = b" ".join(argv).decode(errors="replace")
+    if "engine.process" in text:
+        return "engine"
+    if "resource_tracker" in text:
+        return "resource tracker"
+    if "spawn_main" in text:
+        return "front end"
+    return "supervisor" if "serve" in text else text[:30]
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _env(extra: Mapping[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
@@ -82,9 +121,12 @@ class Server:
         return self.proc.pid
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process (all its threads) so far."""
-        fields = open(f"/proc/{self.pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time of the server so far: every process of its tree (the
+        supervisor, front ends and engines of ``serve``), all their threads."""
+        return sum(_cpu_seconds(p) for p in tree_pids(self.pid))
+
+    def pids(self) -> list[int]:
+        return tree_pids(self.pid)
 
     def rss_bytes(self) -> int:
         return status_kib(self.pid, "VmRSS") * 1024
@@ -180,11 +222,11 @@ class Pool:
     # ------------------------------------------------------------------ service
 
     @staticmethod
-    def _service_key(env: Mapping[str, str], tag: str) -> Any:
-        return ("service", tag, tuple(sorted(env.items())))
+    def _service_key(env: Mapping[str, str], tag: str, args: tuple[str, ...]) -> Any:
+        return ("service", tag, tuple(sorted(env.items())), args)
 
-    def _launch_service(self, env: Mapping[str, str], tag: str) -> Server:
-        key = self._service_key(env, tag)
+    def _launch_service(self, env: Mapping[str, str], tag: str, args: tuple[str, ...] = ()) -> Server:
+        key = self._service_key(env, tag, args)
         if key in self._servers:
             return self._servers[key]
         port = free_port()
@@ -197,16 +239,17 @@ class Pool:
         log_path = self._dir / f"service-{len(self._servers)}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [*_cli(), "serve", "--host", LOOPBACK, "--port", str(port)],
+                [*_cli(), "serve", "--host", LOOPBACK, "--port", str(port), *args],
                 env=_env(full), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         server = Server(f"service {tag or dict(env)}", proc, port, log_path, "/readyz", dict(env))
         self._servers[key] = server
         return server
 
-    def service(self, env: Mapping[str, str] | None = None, tag: str = "") -> Server:
-        """A ready service with these ``JACOBIAN_SERVICE_*`` overrides."""
-        server = self._launch_service(dict(env or {}), tag)
+    def service(self, env: Mapping[str, str] | None = None, tag: str = "", args: tuple[str, ...] = ()) -> Server:
+        """A ready service with these ``JACOBIAN_SERVICE_*`` overrides and ``serve`` arguments
+        (``("--in-process",)``, ``("--workers", "2")``)."""
+        server = self._launch_service(dict(env or {}), tag, tuple(args))
         server.wait_ready()
         return server
 
@@ -245,10 +288,11 @@ class Pool:
         server.wait_ready()
         return server
 
-    def prestart(self, configs: list[tuple[Mapping[str, str], str]]) -> None:
-        """Launch several service configurations at once (waited for on first use)."""
-        for env, tag in configs:
-            self._launch_service(dict(env), tag)
+    def prestart(self, configs: list[tuple[Any, ...]]) -> None:
+        """Launch several service configurations at once (waited for on first use):
+        ``(env, tag)`` or ``(env, tag, args)``."""
+        for env, tag, *args in configs:
+            self._launch_service(dict(env), tag, tuple(args[0]) if args else ())
 
 
 # ---------------------------------------------------------------------- payloads

@@ -96,11 +96,24 @@ def test_metrics_and_info(server):
         text = httpx.get(f"{server}/metrics").text
         assert 'jacobian_service_requests_total{code="function_not_found",endpoint="jacobian",function="_unknown",status="404"} 8.0' in text
     assert "jacobian_service_queue_depth" in text
+    # Batch sizes are observed in the engine process and reach the front end's scrape.
+    before = _batches(text)
+    x = npy_bytes(np.linspace(-1, 1, 7))
+    for _ in range(3):
+        r = httpx.post(f"{server}/v1/functions/sin/jacobian", content=x, headers={"content-type": wire.NPY, "accept": wire.NPY})
+        assert r.status_code == 200
+    assert _batches(httpx.get(f"{server}/metrics").text) == before + 3
     info = httpx.get(f"{server}/v1/info").json()
     assert info["devices"] == ["cpu"] and info["limits"]["stream_threshold_bytes"] == 1 << 20
     assert info["torch_threads"] == max(1, (os.cpu_count() or 2) // 2)  # the default: half the cores
     assert httpx.get(f"{server}/openapi.json").json()["paths"]["/v1/functions/{name}/jacobian"]["post"]
     assert httpx.get(f"{server}/docs").status_code == 200
+
+
+def _batches(text: str) -> float:
+    """Requests counted in the engine's batch-size histogram (its sum: one per request)."""
+    line = next(l for l in text.splitlines() if l.startswith("jacobian_service_batch_size_sum"))
+    return float(line.split()[-1])
 
 
 def test_cli_lists_the_functions_it_would_serve():

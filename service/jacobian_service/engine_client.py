@@ -190,6 +190,62 @@ class InProcessEngines(_Engines):
 # --------------------------------------------------------------------------- remote
 
 
+class _EngineSocket:
+    """A DEALER socket to one engine, driven by the event loop's reader on ZeroMQ's
+    notification fd rather than by ``zmq.asyncio``: replies are drained in one callback
+    and sends are plain non-blocking calls. Measured on 2 cores with 64 requests in
+    flight, this halves the front end's CPU per engine round trip (~65 -> ~32 us).
+
+    ZeroMQ's fd is edge-triggered: any send or receive may consume the edge that says
+    replies are waiting, so a drain also runs after each send.
+    """
+
+    def __init__(self, ctx: Any, address: str, on_reply: Any) -> None:
+        import zmq
+
+        self._zmq = zmq
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self._on_reply = on_reply
+        self._loop = asyncio.get_running_loop()
+        self._fd = self.sock.getsockopt(zmq.FD)
+        self._loop.add_reader(self._fd, self._drain)
+        self._scheduled = False
+
+    def _drain(self) -> None:
+        zmq = self._zmq
+        self._scheduled = False
+        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._on_reply(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+
+    async def send(self, frames: list[Any], deadline: float) -> None:
+        zmq = self._zmq
+        while True:
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) < 3)
+                break
+            except zmq.Again:  # the engine has 1,000 messages unread: wait for it
+                if time.monotonic() > deadline:
+                    raise Timeout("the engine did not take the request before its deadline") from None
+                await asyncio.sleep(0.005)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def send_now(self, frames: list[Any]) -> None:
+        """A small control message (a cancel): dropped if the engine is not reading."""
+        try:
+            self.sock.send_multipart(frames, self._zmq.NOBLOCK)
+        except self._zmq.Again:
+            log.warning("engine not reading; a cancel was dropped")
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)
+        self.sock.close(linger=0)
+
+
+
 class RemoteEngines(_Engines):
     """The engine processes, over ZeroMQ: one DEALER socket per engine, one task that
     routes replies to the waiting requests, and a subscription to the supervisor."""
@@ -214,13 +270,11 @@ class RemoteEngines(_Engines):
         import zmq.asyncio
 
         self._ctx = zmq.asyncio.Context()
-        self._socks = []
-        for index in range(len(self.devices)):
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(ipc.engine_address(self.run_dir, index))
-            self._socks.append(sock)
-            self._tasks.append(asyncio.create_task(self._receive(index, sock)))
+        plain = zmq.Context.shadow(self._ctx.underlying)  # the same I/O thread, sync sockets
+        self._socks = [
+            _EngineSocket(plain, ipc.engine_address(self.run_dir, index), self._reply_handler(index))
+            for index in range(len(self.devices))
+        ]
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.connect(ipc.events_address(self.run_dir))
@@ -236,19 +290,22 @@ class RemoteEngines(_Engines):
         for fut, _, _ in self._pending.values():
             if not fut.done():
                 fut.set_exception(Unavailable("the server is shutting down", headers={"Retry-After": "1"}))
+        for sock in self._socks:
+            sock.close()
         self._ctx.destroy(linger=0)
 
-    async def _receive(self, index: int, sock: Any) -> None:
-        while True:
-            frames = await sock.recv_multipart(copy=False)
+    def _reply_handler(self, index: int) -> Any:
+        def on_reply(frames: list[Any]) -> None:
             try:
                 header, arrays = ipc.parse(frames)
             except Exception:
                 log.exception("unreadable reply from engine %d", index)
-                continue
+                return
             entry = self._pending.get(header["id"])
             if entry is not None and not entry[0].done():
                 entry[0].set_result((header, arrays))
+
+        return on_reply
 
     async def _events(self) -> None:
         while True:
@@ -342,10 +399,10 @@ class RemoteEngines(_Engines):
         def abandon() -> None:
             # A cancelled await cancels ``fut`` too, so "no reply yet" is "not done, or cancelled".
             if not fut.done() or fut.cancelled():
-                sock.send_multipart(ipc.encode_cancel(msg_id, stream_id if kind == "stream_next" else None))
+                sock.send_now(ipc.encode_cancel(msg_id, stream_id if kind == "stream_next" else None))
 
         try:
-            await sock.send_multipart(frames, copy=len(frames) < 3)
+            await sock.send(frames, until)
             header, arrays = await _await(fut, until, abandon)
         finally:
             self._pending.pop(msg_id, None)
@@ -356,4 +413,4 @@ class RemoteEngines(_Engines):
         return result, info
 
     def close_stream(self, head: StreamHead) -> None:
-        self._socks[head.engine].send_multipart(ipc.encode_cancel(0, head.stream_id))
+        self._socks[head.engine].send_now(ipc.encode_cancel(0, head.stream_id))

@@ -111,17 +111,17 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Engines and front ends share their metrics through files here (see metrics.py);
+    # the processes started below inherit the variable.
+    metrics_dir = run_dir / "metrics"
+    metrics_dir.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     try:
         doc = supervisor.start_first()
         supervisor.start()
         sock = _bind(settings)
         count = settings.front_end_count
         ctx = multiprocessing.get_context("spawn")
-        # Front ends share their metrics through files here (see metrics.py); the
-        # spawned processes inherit the variable.
-        metrics_dir = run_dir / "metrics"
-        metrics_dir.mkdir()
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         log.info("serving %d functions on %s with %d front ends; engines on %s",
                  len(doc["functions"]), sock.getsockname()[:2], count, ", ".join(doc["devices"]))
 

@@ -30,6 +30,7 @@ import zmq
 from .. import ipc
 from ..errors import InternalError, ServiceError
 from ..logs import configure_logging
+from ..metrics import Metrics
 from ..registry import Registry
 from ..scheduler import Job, Worker
 from ..settings import Settings
@@ -48,6 +49,10 @@ class EngineServer:
         self.settings = settings
         self.registry = registry
         self.engine = Engine(device, settings.memory_budget_bytes or default_memory_budget(device))
+        self.device = str(device)
+        # Under serve every process writes its samples to PROMETHEUS_MULTIPROC_DIR and a
+        # front end's /metrics sums them; batch sizes and device memory are only known here.
+        self.metrics = Metrics() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
         for name in os.environ.get("JACOBIAN_SERVICE_ISOLATE", "").split(","):
             if name in registry:  # crashed inside a batch before: run its requests alone
                 self.engine.profiles[name].vmap_function = False
@@ -60,6 +65,7 @@ class EngineServer:
             stream_idle_s=settings.request_timeout_s,
             on_run=self._on_run,
             cancelled_for=self._cancelled,
+            on_batch=self.metrics.batch_size.observe if self.metrics else (lambda size: None),
         )
         self.board = ipc.StatusBoard(run_dir / f"engine-{index}.status")
         self.ctx = zmq.Context()
@@ -160,6 +166,13 @@ class EngineServer:
                 group = self.worker.take(self.pump)
                 self.worker.run(group)
                 self.board.idle(time.monotonic())
+                self._device_memory()
+
+    def _device_memory(self) -> None:
+        if self.metrics is not None and self.device.startswith("cuda"):
+            import torch
+
+            self.metrics.device_memory.labels(self.device).set(torch.cuda.memory_allocated(self.device))
 
 
 def _deadline(header: dict[str, Any], call: Any) -> float:
