@@ -1,8 +1,11 @@
 """Functions the benchmarks register with the service (loaded with
 ``JACOBIAN_SERVICE_FUNCTIONS=jacobian_service.examples,bench.functions`` and the repo root
-on ``PYTHONPATH``): a tall and a wide function, for forward against reverse mode."""
+on ``PYTHONPATH``): a tall and a wide function, for forward against reverse mode, and one
+that crashes its engine on demand, for the load test."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -26,3 +29,13 @@ def tall(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def wide(x: torch.Tensor) -> torch.Tensor:
     s, c = torch.sin(x), torch.cos(x)
     return torch.stack([s.sum(), (s * c).sum(), (x * c).sum(), (s * s * x).sum()])
+
+
+@register(
+    inputs=[Input("x", shape=("n",))],
+    description="sin(x), except that x[0] == 666 kills its engine process (os._exit): the load test's injected crash.",
+)
+def crashes(x: torch.Tensor) -> torch.Tensor:
+    if float(x.detach().reshape(-1)[0]) == 666.0:
+        os._exit(3)
+    return x.sin()

@@ -11,9 +11,16 @@ one service subprocess. Each request is drawn from:
   ``timeout``;
 * valid ones the client abandons mid-flight (the task is cancelled after 0-20 ms).
 
+Half-way through, one request to ``crashes`` (``bench/functions.py``) kills the engine
+process: that request must get 500 ``function_error``; the requests the dead engine
+held, and those arriving before it is back, get 503 + ``Retry-After``, which the
+clients retry as the SDK does (each retry is counted), so every request still ends
+with its correct answer.
+
 Counts: sent, answered, correct, wrong (a wrong value, status or code), lost (no answer
-and not cancelled by us), server errors (5xx other than an expected 504), plus the
-server's RSS after warm-up and at the end. Goals: 0 lost, 0 wrong, 0 server errors, RSS
+and not cancelled by us), server errors (5xx other than an expected 504 or the crash's
+500), retries after 503, plus the RSS of all the server's processes after warm-up and
+at the end. Goals: 0 lost, 0 wrong, 0 server errors, RSS
 growth under 10 %; missing one fails the run.
 """
 
@@ -33,7 +40,19 @@ import numpy as np
 import torch
 
 from ._common import Context, Report, Target
-from ._server import JSON_HEADERS, NPY_HEADERS, json_request, npy_bytes
+from ._server import JSON_HEADERS, NPY_HEADERS, Server, json_request, npy_bytes, status_kib
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status_kib(pid, "VmRSS")
+        return True
+    except (OSError, KeyError):
+        return False
+
+
+def _restarts(server: Server) -> float:
+    return sum(v for k, v in server.metrics().items() if k.startswith("jacobian_service_engine_restarts"))
 
 TITLE = "load_test: mixed valid and invalid requests under many clients"
 
@@ -194,7 +213,34 @@ def _judge(case: Case, r: httpx.Response, tally: Tally) -> None:
     tally.c["correct"] += 1
 
 
-async def _drive(url: str, cases: dict[str, list[Case]], clients: int, seconds: float, seed: int) -> Tally:
+_RETRY_FOR_S = 30.0  # how long a client keeps retrying 503s: an engine restart takes seconds
+
+
+async def _post(http: httpx.AsyncClient, case: Case, tally: Tally) -> httpx.Response:
+    """One request, retried after a 503 with Retry-After (as the SDK retries), for up to
+    ``_RETRY_FOR_S``."""
+    give_up = time.monotonic() + _RETRY_FOR_S
+    while True:
+        r = await http.post(case.path, content=case.body, headers=case.headers)
+        if r.status_code != 503 or "retry-after" not in r.headers or time.monotonic() > give_up:
+            return r
+        tally.c["retried after 503"] += 1
+        await asyncio.sleep(min(float(r.headers["retry-after"]), 1.0) * random.uniform(0.5, 1.0))
+
+
+async def _crash(http: httpx.AsyncClient, at: float, tally: Tally) -> None:
+    """The injected engine crash, and the check of its own answer."""
+    await asyncio.sleep(at)
+    body = json_request(np.array([666.0, 1.0]))
+    r = await http.post("/v1/functions/crashes/jacobian", content=body, headers=JSON_HEADERS)
+    tally.c["crashes injected"] += 1
+    code = r.json().get("code") if r.headers.get("content-type", "").startswith("application/problem") else None
+    if (r.status_code, code) != (500, "function_error"):
+        tally.wrong(f"injected crash: {r.status_code} {code!r}, expected 500 'function_error'")
+
+
+async def _drive(url: str, cases: dict[str, list[Case]], clients: int, seconds: float, seed: int,
+                 crash_at: float | None = None) -> Tally:
     tally = Tally()
     weights = {"valid": 0.55, "invalid": 0.2, "deadline": 0.15, "disconnect": 0.1}
     kinds, probs = list(weights), list(weights.values())
@@ -208,7 +254,7 @@ async def _drive(url: str, cases: dict[str, list[Case]], clients: int, seconds: 
                 case = rng.choice(cases[rng.choices(kinds, probs)[0]])
                 tally.c["sent"] += 1
                 tally.c[f"sent {case.kind}"] += 1
-                task = asyncio.ensure_future(http.post(case.path, content=case.body, headers=case.headers))
+                task = asyncio.ensure_future(_post(http, case, tally))
                 try:
                     if case.kind == "disconnect":
                         done, _ = await asyncio.wait({task}, timeout=rng.uniform(0, 0.02))
@@ -228,7 +274,8 @@ async def _drive(url: str, cases: dict[str, list[Case]], clients: int, seconds: 
                     continue
                 _judge(case, r, tally)
 
-        await asyncio.gather(*(client(i) for i in range(clients)))
+        crash = [_crash(http, crash_at, tally)] if crash_at is not None else []
+        await asyncio.gather(*(client(i) for i in range(clients)), *crash)
     return tally
 
 
@@ -252,14 +299,17 @@ def run(ctx: Context) -> Report:
     if warm.c["wrong"]:
         for why in warm.wrong_examples:
             report.fail("warm-up: " + why)
-    rss_start = server.rss_bytes()
+    def rss() -> int:  # every process of the server: supervisor, front ends, engine
+        return sum(status_kib(p, "VmRSS") * 1024 for p in server.pids() if _alive(p))
+
+    rss_start = rss()
     peak = [rss_start]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.25):
             try:
-                peak[0] = max(peak[0], server.rss_bytes())
+                peak[0] = max(peak[0], rss())
             except (OSError, KeyError):
                 return
 
@@ -267,12 +317,14 @@ def run(ctx: Context) -> Report:
     sampler.start()
     tracebacks_before = server.tracebacks()
     started = time.monotonic()
-    tally = asyncio.run(_drive(server.url, cases, clients, seconds, 1000))
+    restarts_before = _restarts(server)
+    tally = asyncio.run(_drive(server.url, cases, clients, seconds, 1000, crash_at=seconds / 2))
     elapsed = time.monotonic() - started
     stop.set()
     sampler.join()
     time.sleep(0.5)  # let the server finish dropping abandoned work
-    rss_end = server.rss_bytes()
+    rss_end = rss()
+    restarts = _restarts(server) - restarts_before
     alive = httpx.get(server.url + "/healthz", timeout=10).status_code == 200
     tracebacks = server.tracebacks() - tracebacks_before
 
@@ -289,6 +341,8 @@ def run(ctx: Context) -> Report:
         ["lost (no answer, not cancelled)", c["lost"]],
         ["server errors (5xx, not an expected 504)", c["server errors"]],
         ["overloaded (429)", c["overloaded (429)"]],
+        ["engine crashes injected / engine restarts seen", f"{c['crashes injected']} / {restarts:g}"],
+        ["retries after 503 + Retry-After (as the SDK does)", c["retried after 503"]],
         ["answers per second", f"{c['answered'] / elapsed:.0f}"],
         ["statuses", ", ".join(f"{k}: {v}" for k, v in sorted(tally.statuses.items()))],
         ["server RSS after warm-up / peak / end (MiB)", f"{rss_start / 2**20:.1f} / {peak[0] / 2**20:.1f} / {rss_end / 2**20:.1f}"],
@@ -306,6 +360,8 @@ def run(ctx: Context) -> Report:
     report.target(Target("load: RSS growth", growth * 100, 10, "<=", " %"))
     if not alive:
         report.fail("the server did not answer /healthz after the load test")
+    if restarts != c["crashes injected"]:
+        report.fail(f"{c['crashes injected']} crash(es) injected, {restarts:g} engine restart(s) seen")
     if c["answered"] + c["cancelled by us"] + c["lost"] != c["sent"]:
         report.fail(f"bookkeeping: answered + cancelled + lost != sent ({c})")
     report.add()

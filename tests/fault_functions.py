@@ -48,3 +48,12 @@ def sleeps(x: torch.Tensor) -> torch.Tensor:
     if _armed(x):
         time.sleep(3600)
     return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Allocates 64 MiB blocks until memory runs out, on the trigger.")
+def hogs(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        held = []
+        while True:  # under ENGINE_MEMORY_LIMIT_BYTES an allocation fails; without, the OOM killer
+            held.append(torch.ones(16 << 20))
+    return x.sin()

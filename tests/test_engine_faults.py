@@ -9,6 +9,7 @@ until an operator releases it.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -59,6 +60,13 @@ def test_a_crash_costs_only_its_request(name):
         body = assert_problem(r, 500, "function_error")
         assert "Traceback" not in r.text
         assert "while running this request; the engine was restarted" in body["detail"]
+        # While it restarts, requests get 503 with the supervisor's estimate of when it is
+        # back (its measured start-up) as Retry-After, so a client's retry lands in time.
+        early = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
+        if early.status_code == 503:
+            assert_problem(early, 503, "unavailable")
+            assert 1 <= int(early.headers["retry-after"]) <= 10
+            assert back_within(url, int(early.headers["retry-after"]) + 2.0) >= 0
         assert back_within(url, 5.0) < 5.0
         sin_ok(url)
         assert restarts(url) == 1
@@ -135,3 +143,64 @@ def test_the_front_end_never_imports_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fp:
+            out += [int(c) for c in fp.read().split()]
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as fp:
+        return fp.read()
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fp:
+        return next(int(l.split()[1]) for l in fp if l.startswith("VmRSS:")) / 1024
+
+
+def test_running_front_ends_have_no_torch_loaded_and_stay_small(capsys):
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=2) as (url, proc):
+        sin_ok(url)
+        kids = _children(proc.pid)
+        fronts = [p for p in kids if b"spawn_main" in _cmdline(p)]
+        engines = [p for p in kids if b"engine.process" in _cmdline(p)]
+        assert len(fronts) == 2 and len(engines) == 1
+        for pid in fronts:
+            with open(f"/proc/{pid}/maps") as fp:
+                maps = fp.read()
+            assert "libtorch" not in maps and "/torch/" not in maps, "a front end has torch loaded"
+        with open(f"/proc/{engines[0]}/maps") as fp:
+            assert "libtorch" in fp.read()  # the check can see torch where it is
+        rss = {"front end": [_rss_mib(p) for p in fronts], "engine": _rss_mib(engines[0])}
+        with capsys.disabled():
+            print(f"\nRSS MiB: front ends {[round(r) for r in rss['front end']]}, engine {rss['engine']:.0f}")
+        assert max(rss["front end"]) < 200  # no torch: ~60-80 MiB; torch alone is ~300
+
+
+def test_a_function_that_exhausts_the_engines_memory_limit_gets_507_and_the_engine_lives():
+    limit = 3 << 30  # address space: the engine's own (torch) is ~1-1.5 GiB of it
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, ENGINE_MEMORY_LIMIT_BYTES=limit) as (url, proc):
+        sin_ok(url)
+        engine = next(p for p in _children(proc.pid) if b"engine.process" in _cmdline(p))
+        others: list[int] = []
+
+        def other_client() -> None:  # another client's requests, answered all along
+            for _ in range(10):
+                r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
+                others.append(r.status_code)
+
+        t = threading.Thread(target=other_client)
+        t.start()
+        r = httpx.post(f"{url}/v1/functions/hogs/jacobian", json=ARMED, timeout=60)
+        t.join()
+        body = assert_problem(r, 507, "out_of_memory")
+        assert "Traceback" not in r.text and body["detail"].startswith("out of memory")
+        assert others == [200] * 10
+        sin_ok(url)
+        assert restarts(url) == 0 and os.path.exists(f"/proc/{engine}")  # the same engine, not restarted
+        assert _rss_mib(engine) < 1024  # what the function held is given back

@@ -32,3 +32,60 @@ def test_chunk_size_follows_the_memory_budget(make_client):
     assert doc["meta"]["chunk_size"] == 32
     s = np.exp(0.0) / 512
     np.testing.assert_allclose(np.asarray(doc["jacobian"]["data"]), np.diag([s] * 512) - s * s, atol=1e-7)
+
+
+_STREAM_PEAK = """
+import json, sys, time
+import numpy as np, torch
+torch.set_num_threads(1)
+from jacobian_service.engine.core import Engine
+from jacobian_service.engine.devices import PeakMemory
+from jacobian_service.registry import Registry
+from jacobian_service.types import Call
+
+budget, n = int(sys.argv[1]), int(sys.argv[2])
+spec = Registry.from_modules(["tests.user_functions"]).get("outer_rows")
+engine = Engine(torch.device("cpu"), budget)
+x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+warm = Call(spec=spec, args=[x[:64]], dtypes=["float32"], argnums=(0,))  # as the engine warms up at start
+warm.deadline = time.monotonic() + 300
+engine.jacobian(warm)
+peaks, sizes = [], []
+for _ in range(2):
+    call = Call(spec=spec, args=[x], dtypes=["float32"], argnums=(0,))
+    call.deadline = time.monotonic() + 300
+    with PeakMemory(engine.device) as peak:
+        streamed = engine.jacobian_npy(call, 0)
+        rows = 0
+        for chunk in streamed.chunks:
+            sizes.append(chunk.shape[0])
+            rows += chunk.shape[0]
+    assert rows == n
+    peaks.append(peak.growth)
+print(json.dumps({"peaks": peaks, "sizes": sizes, "estimate": streamed.chunk_size,
+                  "row_bytes": list(engine.profiles["outer_rows"].row_bytes._d.values())}))
+"""
+
+
+def test_a_streamed_jacobian_holds_the_memory_budget_not_just_estimates_it():
+    """``outer_rows`` costs n x n floats per Jacobian row, where the engine's estimate
+    assumes a few times n: by the estimate alone one chunk would take every row (~1 GB
+    here). The first chunk is a measured probe and the rest fit the budget, in the
+    allocator settings ``serve`` gives its engines; the second request starts right."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    budget, n = 48 << 20, 600
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "THP_MEM_ALLOC_ENABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _STREAM_PEAK, str(budget), str(n)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    per_row = got["row_bytes"][0]
+    assert got["estimate"] == n and per_row * n > 4 * budget  # the estimate alone: far over budget
+    assert got["sizes"][0] == 16  # the probe
+    assert max(got["sizes"][1:]) * per_row <= budget  # every other chunk fits what was measured
+    for peak in got["peaks"]:
+        assert peak <= budget, (peak, budget, got["sizes"][:3], per_row)

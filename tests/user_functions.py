@@ -114,6 +114,11 @@ def memory_hungry(x: torch.Tensor) -> torch.Tensor:
     return _Hungry.apply(x)
 
 
+@register(inputs=[Input("x", shape=("n",))], description="sin(x x^T) summed by rows: n x n temporaries per Jacobian row.")
+def outer_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(torch.outer(x, x)).sum(1)
+
+
 @register(inputs=[Input("x", shape=("n",))], description="50 ms per Jacobian chunk.")
 def slow_rows(x: torch.Tensor) -> torch.Tensor:
     return _SlowBackward.apply(x)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -50,6 +51,11 @@ async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any) -> Any:
     except BaseException:
         on_abandon()
         raise
+
+
+def _seconds(estimate: float) -> str:
+    """A Retry-After value: the supervisor's estimate, whole seconds, 1 to 30."""
+    return str(min(30, max(1, math.ceil(estimate))))
 
 
 class _Engines:
@@ -315,11 +321,11 @@ class RemoteEngines(_Engines):
                 self._state, self._state_at = msg, time.monotonic()
                 for e in msg["engines"]:  # a generation we did not see die: its requests are lost
                     if e["index"] in before and e["generation"] != before[e["index"]]:
-                        self._fail_engine(e["index"], set(), "", hang=False)
+                        self._fail_engine(e["index"], set(), "", hang=False, ready_in=e.get("ready_in", 1.0))
             elif msg["t"] == "died":
-                self._fail_engine(msg["engine"], set(msg["tags"]), msg["reason"], msg["hang"])
+                self._fail_engine(msg["engine"], set(msg["tags"]), msg["reason"], msg["hang"], msg.get("ready_in", 1.0))
 
-    def _fail_engine(self, index: int, tags: set[str], reason: str, hang: bool) -> None:
+    def _fail_engine(self, index: int, tags: set[str], reason: str, hang: bool, ready_in: float) -> None:
         """Answer every request the dead engine held: the ones it was running when it
         died were the cause (504 for a hang, 500 for a crash), unless several were
         running together (a batch: the culprit is unknown, so all are retried, and the
@@ -333,7 +339,8 @@ class RemoteEngines(_Engines):
             elif tag in tags and alone:
                 fut.set_exception(FunctionError(f"{reason} while running this request; the engine was restarted"))
             else:
-                fut.set_exception(Unavailable("the engine restarted while this request waited; retry", headers={"Retry-After": "1"}))
+                fut.set_exception(Unavailable("the engine restarted while this request waited; retry",
+                                              headers={"Retry-After": _seconds(ready_in)}))
 
     # ----------------------------------------------------------------- state
 
@@ -373,7 +380,9 @@ class RemoteEngines(_Engines):
     def _pick(self) -> int:
         ready = [e["index"] for e in self._engines() if e["ready"]]
         if not ready:
-            raise Unavailable("no engine is up right now (starting or restarting); retry", headers={"Retry-After": "1"})
+            soonest = min((e.get("ready_in", 1.0) for e in self._engines()), default=1.0)
+            raise Unavailable("no engine is up right now (starting or restarting); retry",
+                              headers={"Retry-After": _seconds(soonest)})
         return min(ready, key=lambda i: self._load[i])
 
     async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,

@@ -64,6 +64,16 @@ class _Engine:
     restart_at: float = 0.0
     killed_for: str = ""  # why we killed it ("hang", "heartbeat"), else ""
     running: dict[str, Any] = field(default_factory=dict)
+    startup_s: float = 5.0  # the last start-up's measured length (spawn to ready)
+
+    def ready_in(self, now: float) -> float:
+        """Seconds until this engine should be ready again: what a 503's Retry-After says,
+        so that clients (the SDK honours it) come back when it is up, not before."""
+        if self.ready and self.proc is not None:
+            return 0.0
+        if self.proc is None:
+            return max(0.0, self.restart_at - now) + self.startup_s
+        return max(0.0, self.startup_s - (now - self.started))
 
 
 class Supervisor:
@@ -161,6 +171,8 @@ class Supervisor:
                 engine.running = status
             elif status["deadline"] == 0.0:
                 engine.running = {}
+            if status["ready"] and not engine.ready:
+                engine.startup_s = now - engine.started
             engine.ready = status["ready"]
             code = engine.proc.poll()
             if code is not None:
@@ -195,20 +207,22 @@ class Supervisor:
         else:
             reason = f"the engine process exited with status {code}"
         log.error("engine %d died: %s (running %s for %d requests)", engine.index, reason, function or "nothing", len(tags))
-        self.pub.send(orjson.dumps({
-            "t": "died", "engine": engine.index, "generation": engine.generation, "tags": tags,
-            "function": function, "reason": reason, "hang": engine.killed_for == "hang",
-        }))
         if function:
             self._strike(function, batch=len(tags) > 1)
         engine.proc = None
         engine.ready = False
         engine.running = {}
         engine.restarts += 1
-        if time.monotonic() - engine.started > _STABLE_S:
+        now = time.monotonic()
+        if now - engine.started > _STABLE_S:
             engine.backoff_s = 0.0
-        engine.restart_at = time.monotonic() + engine.backoff_s
+        engine.restart_at = now + engine.backoff_s
         engine.backoff_s = min(_BACKOFF_MAX_S, max(0.5, engine.backoff_s * 2))
+        self.pub.send(orjson.dumps({
+            "t": "died", "engine": engine.index, "generation": engine.generation, "tags": tags,
+            "function": function, "reason": reason, "hang": engine.killed_for == "hang",
+            "ready_in": engine.ready_in(now),
+        }))
         self.publish_state()
 
     def _strike(self, function: str, batch: bool) -> None:
@@ -238,12 +252,13 @@ class Supervisor:
         self.publish_state()
 
     def publish_state(self) -> None:
-        self._last_state = time.monotonic()
+        self._last_state = mono = time.monotonic()
         now = time.time()
         self.pub.send(orjson.dumps({
             "t": "state",
             "engines": [{"index": e.index, "device": e.device, "generation": e.generation, "up": e.proc is not None,
-                         "ready": e.ready and e.proc is not None, "restarts": e.restarts} for e in self.engines],
+                         "ready": e.ready and e.proc is not None, "restarts": e.restarts,
+                         "ready_in": round(e.ready_in(mono), 2)} for e in self.engines],
             "quarantined": {f: max(0.0, until - now) for f, until in self.quarantined.items()},
             "quarantines": self.quarantines,
         }))

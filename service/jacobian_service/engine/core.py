@@ -190,7 +190,7 @@ class Engine:
         primal = stream.primals[0]
         shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)
         chunk = call.chunk_size or stream.auto_chunk()
-        rows = stream.chunks(start, stop, chunk)
+        rows = stream.chunks(start, stop, chunk, calibrate=not call.chunk_size)
         host = (np.ascontiguousarray(self.host(grads[0])) for _, _, grads in rows)
         return Streamed(shape, host_dtype(primal.dtype), chunk, host)
 

@@ -8,7 +8,7 @@ import torch
 from ..registry import FunctionSpec
 from ..types import Call
 
-__all__ = ["default_memory_budget", "resolve_devices", "warmup_call"]
+__all__ = ["PeakMemory", "default_memory_budget", "resolve_devices", "warmup_call"]
 
 
 def resolve_devices(setting: str) -> list[torch.device]:
@@ -37,6 +37,47 @@ def default_memory_budget(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
     return 256 << 20
+
+
+class PeakMemory:
+    """Peak memory growth over a ``with`` block, in bytes (``growth``; None when this
+    platform cannot say): torch's allocator statistics on CUDA, exact; on the CPU the
+    kernel's high-water mark of this process's RSS, reset on entry (Linux
+    ``/proc/self/clear_refs``). The engine runs one thread, so the RSS is its own work."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.growth: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as fp:
+                    fp.write("5")  # VmHWM := VmRSS
+                self._base = _status_bytes("VmRSS")
+            except OSError:
+                self._base = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._base is None:
+            return
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _status_bytes("VmHWM")
+        self.growth = max(0, peak - self._base)
+
+
+def _status_bytes(field: str) -> int | None:
+    with open("/proc/self/status") as fp:
+        for line in fp:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def warmup_call(spec: FunctionSpec) -> Call:

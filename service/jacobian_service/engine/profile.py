@@ -61,6 +61,7 @@ class FunctionProfile:
     hessian: _LRU[Any, str] = field(default_factory=_LRU)  # signature -> strategy
     batches: _LRU[Any, BatchStats] = field(default_factory=_LRU)  # batch key -> last run
     output_rows: _LRU[Any, int] = field(default_factory=_LRU)  # signature -> Jacobian rows
+    row_bytes: _LRU[Any, int] = field(default_factory=_LRU)  # signature -> measured peak bytes per row
 
 
 class Profiles:

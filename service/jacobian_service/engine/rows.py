@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 from ..errors import FunctionError
 from ..types import Call
 from .calling import AuxBox, function_error, is_oom, partial
+from .devices import PeakMemory
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -28,6 +29,7 @@ log = logging.getLogger("jacobian_service.engine")
 # A chunk's working set is a few times its cotangent and gradient rows; this factor is
 # the CPU estimate (DESIGN: measure on CUDA, estimate on CPU).
 WORKSET_FACTOR = 4
+_PROBE_ROWS = 16  # the measured first chunk of a calibrated stream: small, as estimates can be far off
 _MIN_AUTO_CHUNK = 16  # CPU BLAS is slower at 2-8 rows than at 1 (DESIGN "Pitfalls")
 
 
@@ -85,13 +87,34 @@ class RowStream:
             return 1 if chunk < 2 else min(_MIN_AUTO_CHUNK, self.total_rows)
         return 1 << (chunk.bit_length() - 1)  # round down to a power of two
 
-    def chunks(self, start: int, stop: int, chunk_size: int) -> Iterator[tuple[int, int, tuple[torch.Tensor, ...]]]:
+    def chunks(
+        self, start: int, stop: int, chunk_size: int, calibrate: bool = False
+    ) -> Iterator[tuple[int, int, tuple[torch.Tensor, ...]]]:
+        """Rows ``start:stop`` in chunks of ``chunk_size`` (halved on out-of-memory).
+
+        With ``calibrate`` (a streamed Jacobian whose chunk size the engine chose), the
+        memory budget is held, not just estimated: the first chunk runs small (a probe of
+        at most ``_PROBE_ROWS`` rows) while its peak memory is measured, and the rest run at what that
+        measurement says fits the budget, never more than the estimate. What a row costs
+        is remembered per request signature, so later requests start at the right size.
+        """
+        profile = self.engine.profiles[self.call.spec.name]
+        key = self.call.signature()
+        measure = False
+        if calibrate:
+            known = profile.row_bytes.get(key)
+            if known is not None:
+                chunk_size = min(chunk_size, self._fitting(known))
+            elif stop - start > _PROBE_ROWS:
+                measure, full, chunk_size = True, chunk_size, max(1, min(chunk_size // 4, _PROBE_ROWS))
         s = start
         while s < stop:
             self.call.check_alive()
             e = min(s + chunk_size, stop)
+            meter = PeakMemory(self.engine.device)
             try:
-                grads = self._rows(s, e)
+                with meter:
+                    grads = self._rows(s, e)
             except BaseException as exc:
                 if is_oom(exc) and chunk_size > 1:
                     self.engine.release_memory()
@@ -99,9 +122,22 @@ class RowStream:
                     log.warning("out of memory at %d rows; retrying with %d", e - s, chunk_size)
                     continue
                 raise function_error(exc) from None
+            if measure:
+                measure = False
+                if meter.growth is not None:
+                    per_row = -(-meter.growth // (e - s))
+                    profile.row_bytes[key] = per_row
+                    chunk_size = min(full, self._fitting(per_row))
             self.chunk_used = chunk_size
             yield s, e, grads
             s = e
+
+    def _fitting(self, per_row: int) -> int:
+        """Rows per chunk whose peak, plus two chunks of results on their way out (the
+        one being sent and the one being computed), stay within the memory budget."""
+        out_row = sum(p.numel() * p.element_size() for p in self.primals)
+        rows = self.engine.memory_budget // max(1, per_row + 2 * out_row)
+        return 1 if rows < 2 else 1 << (int(rows).bit_length() - 1)
 
     def _rows(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
         basis = _basis(self.sizes, [leaf.shape for leaf in self.leaves], start, stop, self.leaves)
