@@ -198,9 +198,10 @@ class InProcessEngines(_Engines):
 
 class _EngineSocket:
     """A DEALER socket to one engine, driven by the event loop's reader on ZeroMQ's
-    notification fd rather than by ``zmq.asyncio``: replies are drained in one callback
-    and sends are plain non-blocking calls. Measured on 2 cores with 64 requests in
-    flight, this halves the front end's CPU per engine round trip (~65 -> ~32 us).
+    notification fd rather than by ``zmq.asyncio``: replies are drained in one callback,
+    and the jobs of one loop tick leave as one bundle (``ipc.bundle``). Measured on 2
+    cores with 64 requests in flight, the reader alone halves the front end's CPU per
+    engine round trip (~65 -> ~32 us).
 
     ZeroMQ's fd is edge-triggered: any send or receive may consume the edge that says
     replies are waiting, so a drain also runs after each send.
@@ -217,39 +218,38 @@ class _EngineSocket:
         self._loop = asyncio.get_running_loop()
         self._fd = self.sock.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._drain)
-        self._scheduled = False
+        self._outbox: list[list[Any]] = []
+        self._flush_at: asyncio.Handle | None = None
 
     def _drain(self) -> None:
         zmq = self._zmq
-        self._scheduled = False
         while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._on_reply(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+            for message in ipc.unbundle(self.sock.recv_multipart(zmq.NOBLOCK, copy=False)):
+                self._on_reply(message)
 
-    async def send(self, frames: list[Any], deadline: float) -> None:
-        zmq = self._zmq
-        while True:
-            try:
-                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) < 3)
-                break
-            except zmq.Again:  # the engine has 1,000 messages unread: wait for it
-                if time.monotonic() > deadline:
-                    raise Timeout("the engine did not take the request before its deadline") from None
-                await asyncio.sleep(0.005)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._drain)
+    def send(self, frames: list[Any]) -> None:
+        """Queue a message; it leaves at the end of this loop tick with the others."""
+        self._outbox.append(frames)
+        if self._flush_at is None:
+            self._flush_at = self._loop.call_soon(self._flush)
 
-    def send_now(self, frames: list[Any]) -> None:
-        """A small control message (a cancel): dropped if the engine is not reading."""
+    def _flush(self) -> None:
+        self._flush_at = None
+        if not self._outbox:
+            return
         try:
-            self.sock.send_multipart(frames, self._zmq.NOBLOCK)
-        except self._zmq.Again:
-            log.warning("engine not reading; a cancel was dropped")
+            self.sock.send_multipart(ipc.bundle(self._outbox), self._zmq.NOBLOCK, copy=False)
+            self._outbox = []
+        except self._zmq.Again:  # the engine has 1,000 messages unread (or is restarting)
+            self._flush_at = self._loop.call_later(0.005, self._flush)
+            return
+        self._drain()
 
     def close(self) -> None:
+        if self._flush_at is not None:
+            self._flush_at.cancel()
         self._loop.remove_reader(self._fd)
         self.sock.close(linger=0)
-
 
 
 class RemoteEngines(_Engines):
@@ -408,10 +408,10 @@ class RemoteEngines(_Engines):
         def abandon() -> None:
             # A cancelled await cancels ``fut`` too, so "no reply yet" is "not done, or cancelled".
             if not fut.done() or fut.cancelled():
-                sock.send_now(ipc.encode_cancel(msg_id, stream_id if kind == "stream_next" else None))
+                sock.send(ipc.encode_cancel(msg_id, stream_id if kind == "stream_next" else None))
 
         try:
-            await sock.send(frames, until)
+            sock.send(frames)
             header, arrays = await _await(fut, until, abandon)
         finally:
             self._pending.pop(msg_id, None)
@@ -422,4 +422,4 @@ class RemoteEngines(_Engines):
         return result, info
 
     def close_stream(self, head: StreamHead) -> None:
-        self._socks[head.engine].send_now(ipc.encode_cancel(0, head.stream_id))
+        self._socks[head.engine].send(ipc.encode_cancel(0, head.stream_id))

@@ -75,6 +75,7 @@ class EngineServer:
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.pending: dict[tuple[bytes, int], Job] = {}
+        self._outbox: dict[bytes, list[list[Any]]] = {}  # replies not yet sent, by peer
         self._last_pump = 0.0
 
     # ----------------------------------------------------------------- messages
@@ -85,8 +86,11 @@ class EngineServer:
         while self.poller.poll(timeout_ms):
             timeout_ms = 0
             frames = self.sock.recv_multipart(copy=False)
-            self._handle(frames[0].bytes, frames[1:])
+            peer = frames[0].bytes
+            for message in ipc.unbundle(frames[1:]):
+                self._handle(peer, message)
         self._last_pump = time.monotonic()
+        self.flush()
 
     def _handle(self, peer: bytes, frames: list[Any]) -> None:
         header, arrays = ipc.parse(frames)
@@ -133,10 +137,19 @@ class EngineServer:
         return settle
 
     def _send(self, peer: bytes, frames: list[Any]) -> None:
-        try:
-            self.sock.send_multipart([peer, *frames], copy=len(frames) < 3 and sum(len(memoryview(f)) for f in frames) < 65536)
-        except zmq.ZMQError:  # the front end has gone; its requests died with it
-            log.debug("reply to a gone peer dropped")
+        self._outbox.setdefault(peer, []).append(frames)
+
+    def flush(self) -> None:
+        """Send what is waiting, one bundle per front end. Runs after every pump and every
+        batch, so replies wait at most for the batch they belong to."""
+        outbox, self._outbox = self._outbox, {}
+        for peer, messages in outbox.items():
+            try:
+                # copy=False: pyzmq still copies frames under its copy threshold (64 KiB)
+                # and sends larger ones (result arrays) from their own buffers.
+                self.sock.send_multipart([peer, *ipc.bundle(messages)], copy=False)
+            except zmq.ZMQError:  # the front end has gone; its requests died with it
+                log.debug("replies to a gone peer dropped")
 
     def _on_run(self, jobs: list[Job]) -> None:
         call = jobs[0].call
@@ -165,6 +178,7 @@ class EngineServer:
             if self.worker.has_work():
                 group = self.worker.take(self.pump)
                 self.worker.run(group)
+                self.flush()
                 self.board.idle(time.monotonic())
                 self._device_memory()
 
