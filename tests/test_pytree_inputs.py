@@ -383,6 +383,21 @@ def test_sdk_refusals_keep_their_status(url):
             client.jacobian("dense_layer", {"w": W}, X)
 
 
+def test_adapters_that_take_one_array_per_parameter_say_so(url):
+    from jacobian_client.split import jacobian_split
+    from jacobian_client.torch import remote
+
+    with jc.Client(url) as client:
+        f = remote(client, "dense_layer")
+        with pytest.raises(TypeError, match="pytree parameters"):
+            f({"w": torch.tensor(W), "b": torch.tensor(B)}, torch.tensor(X))
+    with pytest.raises(TypeError, match="'params' is a pytree parameter"):
+        jacobian_split([url], "dense_layer", {"w": W, "b": B}, X)
+    # x is an array: splitting its rows works beside a pytree parameter
+    got = jacobian_split([url], "dense_layer", {"w": W, "b": B}, X, argnums=1, chunk_rows=2)
+    np.testing.assert_allclose(got, torch.func.jacrev(dense_layer, argnums=1)(t({"w": W, "b": B}), t(X)).numpy(), rtol=1e-12)
+
+
 @pytest.mark.asyncio
 async def test_async_sdk_concurrently(url):
     params = [{"w": RNG.standard_normal((4, 3)), "b": RNG.standard_normal(4)} for _ in range(6)]
