@@ -10,6 +10,8 @@ Wire choices (SPEC 3.1-3.3):
 * Request body: with the default binary transport, inputs that are all arrays go as one
   ``.npy`` (one input) or an ``.npz`` (entries ``"0"``, ``"1"``, ...; cotangents or
   tangents as ``cotangents``, ``cotangents/0``, ...) with the options in the query string.
+  A pytree parameter (a dict, or a tuple/list holding arrays) is one member per leaf,
+  named by its path (``0/w``, ``0/b``), or nested in a JSON body; never an ``.npy``.
   Inputs given as plain numbers (lists, Python floats) must take the function's declared
   dtype, so those calls go as a JSON body whose arrays are base64: still exact and
   compact. ``transport="json"`` sends readable JSON both ways.
