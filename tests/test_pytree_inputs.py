@@ -100,6 +100,20 @@ def test_openapi_describes_tree_inputs(c):
     assert "tree" in schemas["Input"]["properties"]
     assert {"$ref": "#/components/schemas/InputTree"} in schemas["Inputs"]["anyOf"][0]["items"]["anyOf"]
     assert schemas["InputTreeSpec"]["properties"]["type"]["enum"] == ["array", "dict", "tuple", "list"]
+    import jsonschema
+
+    doc = c.get("/openapi.json").json()
+
+    def valid(kind: str, value: Any) -> bool:
+        root = {"$ref": f"#/components/schemas/{kind}", "components": doc["components"]}
+        return jsonschema.Draft202012Validator(root).is_valid(value)
+
+    assert valid("JacobianRequest", {"inputs": [j({"w": W, "b": B}), j(X)], "argnums": [0, 1]})
+    assert valid("JacobianRequest", {"inputs": {"params": {"w": j(W), "b": [[1.0]]}, "x": [1.0]}})
+    assert valid("JvpRequest", {"inputs": [j(PAIR), j(X5)], "tangents": j(PAIR)})
+    assert not valid("JacobianRequest", {"inputs": [{"w": "text"}, j(X)]})
+    assert valid("Function", c.get("/v1/functions/tree_fn").json())
+    assert not valid("Function", {**c.get("/v1/functions/tree_fn").json(), "inputs": [{"name": "p", "shape": None, "dtype": "x", "tree": {"type": "set"}}]})
 
 
 # ----------------------------------------------------------------------------- JSON and .npz
@@ -265,6 +279,25 @@ def test_concurrent_requests_are_batched_and_split_back(make_client):
         want = torch.func.jacrev(dense_layer, argnums=(0, 1))(t(params[i]), t(xs[i]))
         assert_tree_close(got, want, rtol=1e-12, atol=1e-12)
     assert max(sizes) > 1, sizes
+    # Hessians w.r.t. a dict holding a list, and forward-mode Jacobians, batched alike
+    xs5 = RNG.standard_normal((6, 5))
+
+    def hess(i):
+        return c.post("/v1/functions/tree_scalar/hessian", json={"inputs": [j(xs5[i]), j(SP)], "argnums": [0, 1]})
+
+    def fwd(i):
+        return c.post("/v1/functions/dense_layer/jacobian", json={"inputs": [j(params[i]), j(xs[i])], "mode": "fwd"})
+
+    with ThreadPoolExecutor(6) as pool:
+        hessians = list(pool.map(hess, range(6)))
+        forwards = list(pool.map(fwd, range(6)))
+    for i, r in enumerate(hessians):
+        got, _ = decode(r, "hessian")
+        assert_tree_close(got, torch.func.hessian(tree_scalar, argnums=(0, 1))(t(xs5[i]), t(SP)), rtol=1e-10, atol=1e-12)
+    for i, r in enumerate(forwards):
+        got, doc = decode(r)
+        assert_tree_close(got, torch.func.jacfwd(dense_layer)(t(params[i]), t(xs[i])), rtol=1e-12, atol=1e-12)
+    assert max(wire.loads(r.content)["meta"]["batch_size"] for r in hessians + forwards) > 1
 
 
 # ----------------------------------------------------------------------------- refusals
