@@ -238,6 +238,13 @@ def test_jvp_and_hvp_take_tangents_nested_like_the_input(c):
     body = {"inputs": [j(X5), j(SP)], "argnums": [0, 1], "tangents": [j(tx), j(tp)]}
     got, _ = decode(c.post("/v1/functions/tree_scalar/hvp", json=body), "hvp")
     assert_tree_close(got, want, rtol=1e-10, atol=1e-12)
+    # batched tangents for the dict parameter alone: a stack on every leaf
+    ts = {"w": RNG.standard_normal((3, 5)), "c": [RNG.standard_normal(3), RNG.standard_normal((3, 5))]}
+    grad_p = torch.func.grad(tree_scalar, argnums=1)
+    want = torch.func.vmap(lambda v: torch.func.jvp(lambda p: grad_p(t(X5), p), (t(SP),), (v,))[1])(t(ts))
+    body = {"inputs": [j(X5), j(SP)], "argnums": "params", "tangents": j(ts), "batched_vectors": True}
+    got, _ = decode(c.post("/v1/functions/tree_scalar/hvp", json=body), "hvp")
+    assert_tree_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_batched_examples_vmap_over_every_leaf(c):

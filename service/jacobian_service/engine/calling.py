@@ -132,7 +132,6 @@ def partial(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple
     return selected
 
 
-
 def differentiable(box: Callable[..., Any], args: Sequence[torch.Tensor], call: Call) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     """``(g, primals)``: ``box`` as a function of the differentiated parameters, and
     those parameters, as ``torch.func`` transforms see them in ``jacrev(f, argnums)``.
