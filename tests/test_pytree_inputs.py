@@ -450,6 +450,27 @@ async def test_async_sdk_concurrently(url):
 # ----------------------------------------------------------------------------- engine processes
 
 
+def test_a_tree_call_crosses_the_ipc_codec_whole():
+    from jacobian_service import ipc
+    from jacobian_service.parsing import parse_call
+
+    spec = FunctionSpec.from_description(  # a front end's spec: description only
+        {"name": "tree_fn", "description": "", "has_aux": True,
+         "inputs": [Input("pair", tree=(Array(("n",)), {"scale": Array(()), "shift": Array(("n",))})).describe(),
+                    Input("x", ("n",)).describe()]})
+    body = wire.dumps({"inputs": [j(PAIR), j(X5)], "argnums": ["x", "pair"], "tangents": [j(X5), j(PAIR)]})
+    call = parse_call(spec, "jvp", wire.JSON, body, {}, wire.Limits())
+    assert call.positions == (1, 0) and call.argnums == (3, 0, 1, 2) and call.as_tuple
+    assert [a.shape for a in call.args] == [(5,), (), (5,), (5,)]
+    frames = ipc.encode_call(7, "jvp", call)
+    header, arrays = ipc.parse([bytes(memoryview(f)) for f in frames])
+    back = ipc.decode_call(header, arrays, spec)
+    assert (back.positions, back.argnums, back.as_tuple) == (call.positions, call.argnums, call.as_tuple)
+    for a, b in zip(back.args, call.args):
+        np.testing.assert_array_equal(a, b)
+    assert_tree_close(back.vectors, call.vectors)
+
+
 def test_served_with_engine_processes():
     """`serve` (engine processes: trees cross the IPC hand-off as flat leaves)."""
     params = {"w": W, "b": B}
