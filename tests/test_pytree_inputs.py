@@ -409,8 +409,12 @@ def test_sdk_takes_and_returns_nested_trees(url, transport):
         got = client.jvp("dense_layer", params, X, tangents=tangents)
         want = torch.func.jvp(lambda p: dense_layer(p, t(X)), (t(params),), (t(tangents),))[1]
         assert_tree_close(got, want, rtol=1e-12, atol=1e-12)
-        got = client.evaluate("dense_layer", {"w": torch.tensor(W), "b": B.tolist()}, X)  # tensors and plain lists as leaves
-        assert_tree_close(got, dense_layer(t(params), t(X)), rtol=1e-12)
+        # tensors and plain numbers as leaves (plain numbers take the declared dtype: float32 here)
+        got = client.evaluate("dense_layer", {"w": torch.tensor(W), "b": B.tolist()}, X)
+        assert got.dtype == np.float64
+        assert_tree_close(got, dense_layer(t(params), t(X)), rtol=1e-6, atol=1e-7)
+        got = client.jacrev("dense_layer", argnums=("params", "x"))(params, X)
+        assert_tree_close(got, torch.func.jacrev(dense_layer, argnums=(0, 1))(t(params), t(X)), rtol=1e-12, atol=1e-12)
         info = client.function("dense_layer")
         assert info.inputs[0].tree["type"] == "dict" and info.inputs[1].tree is None
 
