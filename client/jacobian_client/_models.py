@@ -14,11 +14,17 @@ __all__ = ["FunctionInfo", "InputInfo"]
 
 @dataclass(frozen=True)
 class InputInfo:
-    """One positional parameter: ``shape`` holds ints and symbol names (None: any shape)."""
+    """One positional parameter: ``shape`` holds ints and symbol names (None: any shape).
+
+    ``tree`` describes a pytree parameter (None for an array): ``{"type": "dict",
+    "items": {key: node}}``, ``{"type": "tuple" | "list", "items": [node, ...]}`` or
+    ``{"type": "array", "shape", "dtype"}`` at the leaves. Send it as a dict (or tuple)
+    of arrays nested the same way."""
 
     name: str
     shape: tuple[int | str, ...] | None
     dtype: str
+    tree: dict[str, Any] | None = field(default=None, compare=False)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> InputInfo:
@@ -27,6 +33,7 @@ class InputInfo:
             name=str(doc.get("name", "")),
             shape=None if shape is None else tuple(shape),
             dtype=str(doc.get("dtype", "floating")),
+            tree=doc.get("tree") if isinstance(doc.get("tree"), dict) else None,
         )
 
 

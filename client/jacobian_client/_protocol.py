@@ -10,6 +10,8 @@ Wire choices (SPEC 3.1-3.3):
 * Request body: with the default binary transport, inputs that are all arrays go as one
   ``.npy`` (one input) or an ``.npz`` (entries ``"0"``, ``"1"``, ...; cotangents or
   tangents as ``cotangents``, ``cotangents/0``, ...) with the options in the query string.
+  A pytree parameter (a dict, or a tuple/list holding arrays) is one member per leaf,
+  named by its path (``0/w``, ``0/b``), or nested in a JSON body; never an ``.npy``.
   Inputs given as plain numbers (lists, Python floats) must take the function's declared
   dtype, so those calls go as a JSON body whose arrays are base64: still exact and
   compact. ``transport="json"`` sends readable JSON both ways.
@@ -248,6 +250,42 @@ def _vector_leaves(tree: Any, path: str = "") -> list[tuple[str, Any]]:
     return [(path, as_wire_value(tree))]
 
 
+def _is_input_node(value: Any) -> bool:
+    """A pytree parameter: a dict, or a list/tuple holding arrays, dicts or such lists.
+    A list (or tuple) of plain numbers stays one array, as before."""
+    if isinstance(value, dict):
+        return True
+    return isinstance(value, (list, tuple)) and any(
+        _is_array_like(v) or isinstance(v, dict) or _is_input_node(v) for v in value)
+
+
+def _input_tree(value: Any) -> Any:
+    """One caller input -> a wire value, or (a pytree parameter) lists and dicts of them."""
+    if isinstance(value, dict):
+        return {str(k): _input_tree(v) for k, v in value.items()}
+    if _is_input_node(value):
+        return [_input_tree(v) for v in value]
+    return as_wire_value(value)
+
+
+def _input_leaves(tree: Any, path: str) -> list[tuple[str, Any]]:
+    """``(.npz member path, wire value)`` per leaf: ``0``, or ``0/w``, ``0/1/0`` below a
+    pytree parameter (the server's parsing.py reads them by the declared tree)."""
+    if isinstance(tree, dict):
+        return [leaf for k, v in tree.items() for leaf in _input_leaves(v, f"{path}/{k}")]
+    if isinstance(tree, list):
+        return [leaf for i, v in enumerate(tree) for leaf in _input_leaves(v, f"{path}/{i}")]
+    return [(path, tree)]
+
+
+def _json_input(tree: Any, *, binary: bool) -> Any:
+    if isinstance(tree, dict):
+        return {k: _json_input(v, binary=binary) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_json_input(v, binary=binary) for v in tree]
+    return json_array(tree, binary=binary)
+
+
 def _check_argnums(argnums: Any) -> Any:
     def ok(a: Any) -> bool:
         return isinstance(a, str) or (isinstance(a, (int, np.integer)) and not isinstance(a, bool))
@@ -354,7 +392,8 @@ class Protocol:
         if out is not None and transport == JSON_TRANSPORT:
             raise ValueError("out= streams a binary .npy into the file; it cannot be used with transport='json'")
         fields = self._fields(options)
-        values = [as_wire_value(x) for x in inputs]
+        values = [_input_tree(x) for x in inputs]
+        leaves = [leaf for i, v in enumerate(values) for leaf in _input_leaves(v, str(i))]
         binary = transport == BINARY
         if parts and (out is not None or sink is not None):
             raise ValueError("parts=True reads the whole result; it cannot stream into out=")
@@ -362,22 +401,22 @@ class Protocol:
                     sink=sink, progress=progress, return_output=bool(fields.get("return_output")), parts=parts)
 
         vector_leaves = _vector_leaves(vectors[1]) if vectors is not None else []
-        all_arrays = all(isinstance(v, np.ndarray) for v in values) and all(
+        all_arrays = all(isinstance(v, np.ndarray) for _, v in leaves) and all(
             isinstance(v, np.ndarray) for _, v in vector_leaves)
         if binary and all_arrays and values:
             call.params = {k: _query_value(v) for k, v in fields.items()}
             buf = io.BytesIO()
-            if len(values) == 1 and vectors is None:
+            if len(values) == 1 and vectors is None and isinstance(values[0], np.ndarray):
                 np.save(buf, values[0], allow_pickle=False)
                 content_type = wire.NPY
             else:
-                members = {str(i): v for i, v in enumerate(values)}
+                members = dict(leaves)
                 members.update((f"{vectors[0]}{path}", v) for path, v in vector_leaves if vectors is not None)
                 np.savez(buf, **members)
                 content_type = wire.NPZ
             call.content = buf.getvalue()
         else:
-            body: dict[str, Any] = {"inputs": [json_array(v, binary=binary) for v in values], **fields}
+            body: dict[str, Any] = {"inputs": [_json_input(v, binary=binary) for v in values], **fields}
             if vectors is not None:
                 body[vectors[0]] = _vector_tree(vectors[1], binary=binary)
             call.content = wire.dumps(body)
@@ -387,7 +426,7 @@ class Protocol:
             accept = wire.JSON
         elif out is not None or sink is not None:
             accept = wire.NPY
-        elif not parts and self._single_array_expected(kind, name, fields):
+        elif not parts and not any(isinstance(v, (dict, list)) for v in values) and self._single_array_expected(kind, name, fields):
             accept = NPY_OR_NPZ  # the server picks npz itself when the result is more
         else:
             accept = wire.NPZ

@@ -152,6 +152,9 @@ async def ajacobian_split(
             if argnums not in names:
                 raise ValueError(f"{name!r} has no parameter {argnums!r}; it takes {names}")
             index = names.index(argnums)
+        if -len(info.inputs) <= index < len(info.inputs) and info.inputs[index].tree is not None:
+            raise TypeError(f"jacobian_split differentiates one array; {info.inputs[index].name!r} is a pytree parameter "
+                            "(use Client.jacobian, which nests over it)")
         in_shape = _input_shape(inputs[index])
         total_rows = output.size
         assembler = _Assembler(tuple(output.shape), in_shape, Path(out) if out is not None else None)

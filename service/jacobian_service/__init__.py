@@ -1,16 +1,16 @@
 """jacobian-service: Jacobians of registered PyTorch functions, as a service.
 
-``register`` and ``Input`` import without torch or FastAPI; ``create_app`` and
-``Settings`` load the server stack on first use.
+``register``, ``Input`` and ``Array`` (a leaf of a pytree parameter) import without
+torch or FastAPI; ``create_app`` and ``Settings`` load the server stack on first use.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .registry import Input, register
+from .registry import Array, Input, register
 
-__all__ = ["Input", "Settings", "__version__", "create_app", "register"]
+__all__ = ["Array", "Input", "Settings", "__version__", "create_app", "register"]
 __version__ = "0.1.0"
 
 

@@ -39,7 +39,9 @@ def _functions(args: argparse.Namespace) -> int:
 
     settings = Settings(**_overrides(args))
     for spec in Registry.from_modules(settings.function_modules):
-        inputs = ", ".join(f"{i.name}: {format_shape(i.shape)} {i.dtype}" for i in spec.inputs)
+        inputs = ", ".join(
+            f"{leaf.name}: {format_shape(leaf.shape)} {leaf.dtype}" for i in spec.inputs for leaf in i.leaves()
+        )
         aux = "  [has_aux]" if spec.has_aux else ""
         print(f"{spec.name}({inputs}){aux}\n    {spec.description}")
     return 0

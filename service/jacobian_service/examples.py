@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .registry import Input, register
+from .registry import Array, Input, register
 from .sparsity.patterns import banded, from_callable
 
 # These lists are written by @register; Registry.from_modules reads them.
@@ -94,6 +94,16 @@ def mlp(x: torch.Tensor) -> torch.Tensor:
     # One copy of the weights per device, made on first use there.
     w1, w2 = _MLP_WEIGHTS.get(x.device) or _MLP_WEIGHTS.setdefault(x.device, (_W1.to(x.device), _W2.to(x.device)))
     return w2 @ torch.tanh(w1 @ x)
+
+
+# A pytree parameter (torch.func.functional_call style): the Jacobian w.r.t. ``params``
+# comes back as {"w": ..., "b": ...}, as jacrev nests it.
+@register(
+    inputs=[Input("params", tree={"w": Array(("m", "n")), "b": Array(("m",))}), Input("x", shape=("n",))],
+    description="A dense layer tanh(params['w'] @ x + params['b']) with a parameter dict: Jacobians nest over it.",
+)
+def dense_layer(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(params["w"] @ x + params["b"])
 
 
 def _lorenz96_rhs(x: torch.Tensor, forcing: float = 8.0) -> torch.Tensor:

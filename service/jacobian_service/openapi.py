@@ -62,11 +62,24 @@ _COMPONENTS: dict[str, Any] = {
             {"type": "object", "additionalProperties": True},
         ],
     },
-    "Inputs": {
-        "description": "the function's inputs: positional (a list) or by parameter name (an object)",
+    "InputTree": {
+        "description": (
+            "a pytree parameter (an Input declared with a tree): its arrays nested as declared, "
+            "a JSON list for a tuple or list, an object keyed as the dict; each leaf any Array form"
+        ),
         "anyOf": [
-            {"type": "array", "items": {"$ref": "#/components/schemas/Array"}},
-            {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/Array"}},
+            {"type": "array", "items": {"anyOf": [{"$ref": "#/components/schemas/Array"}, {"$ref": "#/components/schemas/InputTree"}]}},
+            {"type": "object", "additionalProperties": {"anyOf": [{"$ref": "#/components/schemas/Array"}, {"$ref": "#/components/schemas/InputTree"}]}},
+        ],
+    },
+    "Inputs": {
+        "description": (
+            "the function's inputs: positional (a list) or by parameter name (an object); "
+            "a pytree parameter nested as its declaration says (see Input.tree)"
+        ),
+        "anyOf": [
+            {"type": "array", "items": {"anyOf": [{"$ref": "#/components/schemas/Array"}, {"$ref": "#/components/schemas/InputTree"}]}},
+            {"type": "object", "additionalProperties": {"anyOf": [{"$ref": "#/components/schemas/Array"}, {"$ref": "#/components/schemas/InputTree"}]}},
         ],
     },
     "Meta": {
@@ -99,7 +112,31 @@ _COMPONENTS: dict[str, Any] = {
         "properties": {
             "name": {"type": "string"},
             "shape": {"type": ["array", "null"], "items": {"anyOf": [{"type": "integer"}, {"type": "string"}]}},
+            "dtype": {"type": "string", "description": "for a tree: its leaves' one dtype, or \"mixed\""},
+            "tree": {
+                "$ref": "#/components/schemas/InputTreeSpec",
+                "description": "present for a pytree parameter: the declared tuple/list/dict of arrays",
+            },
+        },
+    },
+    "InputTreeSpec": {
+        "type": "object",
+        "description": (
+            "a declared pytree: {type: array, shape, dtype} at a leaf, {type: dict, items: {key: node}}, "
+            "{type: tuple | list, items: [node, ...]}; Jacobians nest over it as jacrev does "
+            "(in .npz, a leaf is the member <input>/<key or position>/..., e.g. params/w, 0/1/scale)"
+        ),
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["array", "dict", "tuple", "list"]},
+            "shape": {"type": ["array", "null"], "items": {"anyOf": [{"type": "integer"}, {"type": "string"}]}},
             "dtype": {"type": "string"},
+            "items": {
+                "anyOf": [
+                    {"type": "array", "items": {"$ref": "#/components/schemas/InputTreeSpec"}},
+                    {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/InputTreeSpec"}},
+                ]
+            },
         },
     },
     "Function": {

@@ -155,6 +155,32 @@ def _by_name(spec: FunctionSpec, given: Mapping[str, Any]) -> list[Any]:
     return out
 
 
+def _npz_inputs(spec: FunctionSpec, members: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, str]]:
+    """``.npz`` input members -> one ``(array, dtype)`` per leaf. A pytree parameter's
+    leaves are members named by their paths below it (``params/w``, ``0/w``,
+    ``pair/1/0``), exactly as declared; an array input is one member (``x`` or ``0``)."""
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for name, arr in members.items():
+        head, _, rest = name.partition("/")
+        grouped.setdefault(head, {})[rest] = arr
+    out: list[tuple[np.ndarray, str]] = []
+    for inp, sub in zip(spec.inputs, _by_name(spec, grouped)):
+        want = inp.member_paths()
+        if set(sub) != set(want):
+            label = next((h for h, g in grouped.items() if g is sub), inp.name)
+            if inp.tree is None:
+                raise InvalidInput(f"input {inp.name!r} is one array: send it as the member {label!r}, "
+                                   f"not {sorted(f'{label}/{k}' for k in sub if k)[:5]}")
+            missing = [f"{label}/{k}" for k in want if k not in sub]
+            extra = sorted(f"{label}/{k}" if k else label for k in sub if k not in want)
+            raise InvalidInput(
+                f"input {inp.name!r} is a tree of {len(want)} arrays, members {[f'{label}/{k}' for k in want]}"
+                + (f"; missing {missing}" if missing else "") + (f"; unknown {extra[:10]}" if extra else "")
+            )
+        out.extend((sub[k], sub[k].dtype.name) for k in want)
+    return out
+
+
 def parse_call(
     spec: FunctionSpec,
     kind: Kind,
@@ -189,12 +215,22 @@ def parse_call(
                 raise InvalidInput(
                     f"{spec.name} takes {len(spec.inputs)} inputs {[i.name for i in spec.inputs]}, got {len(given)}"
                 )
-            arrays = [_decode(obj, inp.default_dtype, limits) for obj, inp in zip(given, spec.inputs)]
+            arrays = [
+                leaf
+                for obj, inp in zip(given, spec.inputs)
+                for leaf in inp.match(obj, lambda value, leaf: _decode(value, leaf.default_dtype, limits))
+            ]
         elif media_type == wire.NPY:
             if len(spec.inputs) != 1 or vector_key:
                 raise InvalidInput(
                     f"an application/x-npy body carries one input; {spec.name} {kind} needs "
                     "more: send application/x-npz"
+                )
+            if spec.has_trees:
+                raise InvalidInput(
+                    f"an application/x-npy body carries one array; {spec.name}'s input "
+                    f"{spec.inputs[0].name!r} is a tree of {len(spec.leaf_inputs)}: send application/x-npz "
+                    f"(members {[f'{spec.inputs[0].name}/{p}' for p in spec.inputs[0].member_paths()][:5]}) or JSON"
                 )
             arr = wire.read_npy(body, limits)
             arrays = [(arr, arr.dtype.name)]
@@ -204,7 +240,7 @@ def parse_call(
             vectors = _engine_vectors(vectors)
             if vector_key and vectors is None:
                 raise InvalidInput(f"{kind} needs '{vector_key}' members in the .npz")
-            arrays = [(a, a.dtype.name) for a in _by_name(spec, given_by_name)]
+            arrays = _npz_inputs(spec, given_by_name)
         else:
             raise UnsupportedMediaType(
                 f"Content-Type {echo(media_type) if media_type else '(none)'} is not supported; "
@@ -222,13 +258,14 @@ def parse_call(
         raise InvalidInput("rows applies to non-batched jacobian requests only")
     if options.rows is not None and not 0 <= options.rows[0] <= options.rows[1]:
         raise InvalidInput(f"rows must satisfy 0 <= start <= stop, got {list(options.rows)}")
-    argnums, as_tuple = spec.argnums(options.argnums)
+    positions, as_tuple = spec.argnums(options.argnums)
+    argnums = spec.leaf_argnums(positions)
 
     args: list[np.ndarray] = []
     dtypes: list[str] = []
     bindings: dict[str, tuple[int, str]] = {}
     batch_sizes: set[int] = set()
-    for (arr, sent), inp in zip(arrays, spec.inputs):
+    for (arr, sent), inp in zip(arrays, spec.leaf_inputs):
         dtype = inp.resolve_dtype(sent)
         shape = arr.shape
         if options.batched:
@@ -250,7 +287,7 @@ def parse_call(
     for i in argnums:
         if kind != "evaluate" and dtypes[i] not in FLOAT_DTYPES:
             raise InvalidInput(
-                f"input {spec.inputs[i].name!r} is {dtypes[i]}; only floating inputs can be differentiated"
+                f"input {spec.leaf_inputs[i].name!r} is {dtypes[i]}; only floating inputs can be differentiated"
             )
     return Call(
         spec=spec,
@@ -258,6 +295,7 @@ def parse_call(
         dtypes=dtypes,
         argnums=argnums,
         as_tuple=as_tuple,
+        positions=positions if spec.has_trees else None,
         chunk_size=options.chunk_size,
         batched=options.batched,
         mode=options.mode,

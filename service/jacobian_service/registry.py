@@ -8,6 +8,7 @@ from the modules it imports. Importing this module does not import torch.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import sys
@@ -20,7 +21,7 @@ import numpy as np
 from .errors import FunctionNotFound, InvalidInput
 from .sparsity.patterns import Declared, declared as _declared_patterns
 
-__all__ = ["ENTRY_POINT_GROUP", "FunctionSpec", "Input", "Registry", "format_shape", "register"]
+__all__ = ["ENTRY_POINT_GROUP", "Array", "FunctionSpec", "Input", "Registry", "format_shape", "register"]
 
 ENTRY_POINT_GROUP = "jacobian_service.functions"
 BUILTIN_MODULE = "jacobian_service.examples"
@@ -30,6 +31,29 @@ CONCRETE_DTYPES = FLOAT_DTYPES | {"bool", "int8", "int16", "int32", "int64", "ui
 Dim = int | str
 
 
+def _check_leaf(name: str, shape: tuple[Dim, ...] | None, dtype: str) -> None:
+    if shape is not None:
+        for dim in shape:
+            if isinstance(dim, bool) or not isinstance(dim, (int, str)) or (isinstance(dim, int) and dim < 0):
+                raise ValueError(f"input {name!r}: dims are non-negative ints or symbol names")
+    if dtype != FLOATING and dtype not in CONCRETE_DTYPES:
+        raise ValueError(f"input {name!r}: unknown dtype {dtype!r}")
+
+
+@dataclass(frozen=True)
+class Array:
+    """One array of a pytree parameter (``Input(..., tree=...)``): shape and dtype as
+    for :class:`Input`."""
+
+    shape: tuple[Dim, ...] | None = None
+    dtype: str = FLOATING
+
+    def __post_init__(self) -> None:
+        if self.shape is not None:
+            object.__setattr__(self, "shape", tuple(self.shape))
+        _check_leaf("array", self.shape, self.dtype)
+
+
 @dataclass(frozen=True)
 class Input:
     """One positional parameter: its name, shape (ints and symbols) and dtype.
@@ -37,27 +61,46 @@ class Input:
     ``shape=None`` accepts any shape. A symbol binds to one size per call, across all
     inputs. ``dtype`` is a concrete name or ``"floating"`` (computes in the float dtype
     the caller sends, float32 for plain numbers).
+
+    ``tree`` declares a pytree parameter instead of one array: a dict, tuple or list of
+    :class:`Array` (nested as deep as needed), e.g. ``{"w": Array(("h", "n")), "b":
+    Array(("h",))}``. The function receives it as that dict (tuple, list) of tensors,
+    and Jacobians nest over it as ``torch.func.jacrev`` nests them. Dict leaves are
+    ordered as declared (torch's pytree order).
     """
 
     name: str
     shape: tuple[Dim, ...] | None = None
     dtype: str = FLOATING
+    tree: Any = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.shape is not None:
             object.__setattr__(self, "shape", tuple(self.shape))
-            for dim in self.shape:
-                if isinstance(dim, bool) or not isinstance(dim, (int, str)) or (isinstance(dim, int) and dim < 0):
-                    raise ValueError(f"input {self.name!r}: dims are non-negative ints or symbol names")
-        if self.dtype != FLOATING and self.dtype not in CONCRETE_DTYPES:
-            raise ValueError(f"input {self.name!r}: unknown dtype {self.dtype!r}")
+        _check_leaf(self.name, self.shape, self.dtype)
+        if self.tree is not None:
+            if self.shape is not None or self.dtype != FLOATING:
+                raise ValueError(f"input {self.name!r}: a tree input declares shape and dtype per Array, not for the whole")
+            object.__setattr__(self, "tree", _frozen_tree(self.name, self.tree))
+            if not _leaf_paths(self.tree):
+                raise ValueError(f"input {self.name!r}: a tree needs at least one Array")
 
     @property
     def default_dtype(self) -> str:
         return "float32" if self.dtype == FLOATING else self.dtype
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": None if self.shape is None else list(self.shape), "dtype": self.dtype}
+        if self.tree is None:
+            return {"name": self.name, "shape": None if self.shape is None else list(self.shape), "dtype": self.dtype}
+        dtypes = {leaf.dtype for leaf in self.leaves()}
+        return {"name": self.name, "shape": None, "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed",
+                "tree": _describe_tree(self.tree)}
+
+    @classmethod
+    def from_description(cls, doc: dict[str, Any]) -> "Input":
+        if doc.get("tree") is not None:
+            return cls(doc["name"], tree=_tree_from_description(doc["tree"]))
+        return cls(doc["name"], None if doc["shape"] is None else tuple(doc["shape"]), doc["dtype"])
 
     def resolve_dtype(self, sent: str) -> str:
         """The dtype this input computes in, given the one the caller sent."""
@@ -85,6 +128,131 @@ class Input:
                         f"input {self.name!r}: expected shape {format_shape(self.shape)} with {want} = {size} "
                         f"(bound by {owner!r}), got {format_shape(shape)}"
                     )
+
+    # ------------------------------------------------------------ pytree parameters
+
+    def leaves(self) -> tuple["Input", ...]:
+        """One array input per leaf, named by its path (``params.w``, ``pair[0]``), in
+        torch's pytree order; ``(self,)`` for an array input."""
+        if self.tree is None:
+            return (self,)
+        return tuple(Input(self.name + path, leaf.shape, leaf.dtype) for path, leaf in _leaf_paths(self.tree))
+
+    def member_paths(self) -> list[str]:
+        """The leaves' ``.npz`` member paths below the parameter (``w``, ``0/1``); ``[""]``
+        for an array input."""
+        if self.tree is None:
+            return [""]
+        return ["/".join(keys) for keys in _leaf_keys(self.tree)]
+
+    def build(self, leaves: Iterator[Any]) -> Any:
+        """The parameter from its leaves in pytree order (consumed from ``leaves``)."""
+        return next(leaves) if self.tree is None else _build(self.tree, leaves)
+
+    def match(self, given: Any, leaf: Callable[[Any, "Input"], Any]) -> list[Any]:
+        """A caller's nested value (JSON lists for tuples, objects for dicts) -> one
+        ``leaf(value, leaf_input)`` per leaf, in pytree order; mismatches name the path."""
+        if self.tree is None:
+            return [leaf(given, self)]
+        out: list[Any] = []
+        _match(self.tree, given, self.name, out, leaf)
+        return out
+
+
+def _frozen_tree(name: str, node: Any) -> Any:
+    """A declared tree, checked; lists stay lists (the function gets what it declared)."""
+    if isinstance(node, Array):
+        return node
+    if isinstance(node, dict):
+        for key in node:
+            if not isinstance(key, str) or not key or "/" in key:
+                raise ValueError(f"input {name!r}: tree keys are non-empty strings without '/', got {key!r}")
+        return {k: _frozen_tree(name, v) for k, v in node.items()}
+    if isinstance(node, (tuple, list)):
+        return type(node)(_frozen_tree(name, v) for v in node)
+    raise ValueError(f"input {name!r}: a tree holds Array, dict, tuple and list only, got {type(node).__name__}")
+
+
+def _leaf_keys(node: Any, keys: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(node, Array):
+        return [keys]
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    return [k for key, child in items for k in _leaf_keys(child, (*keys, str(key)))]
+
+
+def _leaf_paths(node: Any, path: str = "") -> list[tuple[str, Array]]:
+    if isinstance(node, Array):
+        return [(path, node)]
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _leaf_paths(v, f"{path}.{k}")]
+    return [p for i, v in enumerate(node) for p in _leaf_paths(v, f"{path}[{i}]")]
+
+
+def _build(node: Any, leaves: Iterator[Any]) -> Any:
+    if isinstance(node, Array):
+        return next(leaves)
+    if isinstance(node, dict):
+        return {k: _build(v, leaves) for k, v in node.items()}
+    return type(node)(_build(v, leaves) for v in node)
+
+
+def _match(node: Any, given: Any, path: str, out: list[Any], leaf: Callable[[Any, "Input"], Any]) -> None:
+    if isinstance(node, Array):
+        if isinstance(given, dict) and not _is_array_object(given):
+            raise InvalidInput(f"input {path!r}: expected an array, got an object with keys {sorted(given)[:10]}")
+        out.append(leaf(given, Input(path, node.shape, node.dtype)))
+        return
+    if isinstance(node, dict):
+        if not isinstance(given, dict) or _is_array_object(given):
+            raise InvalidInput(f"input {path!r}: expected an object with keys {list(node)}, got {_kind(given)}")
+        missing = [k for k in node if k not in given]
+        extra = sorted(k for k in given if k not in node)
+        if missing or extra:
+            raise InvalidInput(
+                f"input {path!r}: expected keys {list(node)}"
+                + (f"; missing {missing}" if missing else "") + (f"; unknown {extra[:10]}" if extra else "")
+            )
+        for k, v in node.items():
+            _match(v, given[k], f"{path}.{k}", out, leaf)
+        return
+    if not isinstance(given, (list, tuple)) or len(given) != len(node):
+        got = f"a list of {len(given)}" if isinstance(given, (list, tuple)) else _kind(given)
+        raise InvalidInput(f"input {path!r}: expected a list of {len(node)} arrays (a tuple), got {got}")
+    for i, (v, g) in enumerate(zip(node, given)):
+        _match(v, g, f"{path}[{i}]", out, leaf)
+
+
+def _is_array_object(obj: Any) -> bool:
+    return isinstance(obj, dict) and "shape" in obj and ("data" in obj or "base64" in obj)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an array object" if _is_array_object(value) else "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, np.ndarray):
+        return f"one array of shape {list(value.shape)}"
+    return type(value).__name__
+
+
+def _describe_tree(node: Any) -> dict[str, Any]:
+    """Tagged, so that a dict whose keys are "shape" and "dtype" is still a dict."""
+    if isinstance(node, Array):
+        return {"type": "array", "shape": None if node.shape is None else list(node.shape), "dtype": node.dtype}
+    if isinstance(node, dict):
+        return {"type": "dict", "items": {k: _describe_tree(v) for k, v in node.items()}}
+    return {"type": "list" if isinstance(node, list) else "tuple", "items": [_describe_tree(v) for v in node]}
+
+
+def _tree_from_description(doc: dict[str, Any]) -> Any:
+    kind = doc["type"]
+    if kind == "array":
+        return Array(None if doc["shape"] is None else tuple(doc["shape"]), doc["dtype"])
+    if kind == "dict":
+        return {k: _tree_from_description(v) for k, v in doc["items"].items()}
+    items = [_tree_from_description(v) for v in doc["items"]]
+    return items if kind == "list" else tuple(items)
 
 
 def format_shape(shape: Sequence[Dim] | None) -> str:
@@ -119,8 +287,51 @@ class FunctionSpec:
     def from_description(cls, doc: dict[str, Any]) -> "FunctionSpec":
         """The metadata of :meth:`describe`, without the function: what a front end
         needs to validate requests, learned from an engine (no torch, no user modules)."""
-        inputs = tuple(Input(i["name"], None if i["shape"] is None else tuple(i["shape"]), i["dtype"]) for i in doc["inputs"])
+        inputs = tuple(Input.from_description(i) for i in doc["inputs"])
         return cls(name=doc["name"], fn=_not_here, inputs=inputs, has_aux=doc["has_aux"], description=doc["description"])
+
+    # ---------------------------------------------------------------- pytree parameters
+    #
+    # Requests and engines carry every input as a flat list of arrays, one per leaf (an
+    # array input is its own one leaf), so that batching, IPC and the row engine see
+    # arrays only; the parameters are rebuilt just before the function is called, and
+    # results nest back over them.
+
+    @functools.cached_property
+    def has_trees(self) -> bool:
+        return any(i.tree is not None for i in self.inputs)
+
+    @functools.cached_property
+    def leaf_inputs(self) -> tuple[Input, ...]:
+        """Every input's leaves, in order: what a request's ``args`` hold."""
+        return tuple(leaf for i in self.inputs for leaf in i.leaves())
+
+    @functools.cached_property
+    def _leaf_ranges(self) -> tuple[tuple[int, int], ...]:
+        ranges, start = [], 0
+        for inp in self.inputs:
+            n = len(inp.leaves())
+            ranges.append((start, start + n))
+            start += n
+        return tuple(ranges)
+
+    def leaf_argnums(self, positions: Sequence[int]) -> tuple[int, ...]:
+        """Parameter positions -> the positions of their leaves in ``args``."""
+        return tuple(j for p in positions for j in range(*self._leaf_ranges[p]))
+
+    def parameters(self, leaves: Sequence[Any]) -> list[Any]:
+        """Flat leaves (all inputs) -> the function's positional arguments."""
+        if not self.has_trees:
+            return list(leaves)
+        it = iter(leaves)
+        return [inp.build(it) for inp in self.inputs]
+
+    def group(self, positions: Sequence[int], as_tuple: bool, leaves: Sequence[Any]) -> Any:
+        """Items for the differentiated leaves (in ``leaf_argnums`` order) nested as
+        jacrev nests over ``argnums``: a tuple of parameters, or the one parameter."""
+        it = iter(leaves)
+        params = [self.inputs[p].build(it) for p in positions]
+        return tuple(params) if as_tuple else params[0]
 
     def index_of(self, key: int | str) -> int:
         """A parameter's position from an index (negative allowed) or a name."""

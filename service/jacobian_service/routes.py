@@ -208,7 +208,7 @@ def _could_be_single(call: Call, kind: str) -> bool:
     """Whether the result may be one bare array, judged before compute."""
     if call.spec.has_aux or call.return_output:
         return False
-    return kind in ("evaluate", "jvp") or not call.as_tuple
+    return kind in ("evaluate", "jvp") or call.single_primal()
 
 
 async def derivative(request: Request, name: str, kind: str) -> Response:

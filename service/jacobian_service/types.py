@@ -35,13 +35,21 @@ def tree_leaves(tree: Any) -> Iterator[Any]:
 
 @dataclass
 class Call:
-    """One validated request, ready for an engine."""
+    """One validated request, ready for an engine.
+
+    ``args`` holds one array per leaf of the inputs (an array input is one leaf; a
+    pytree parameter is several, see ``FunctionSpec.leaf_inputs``), and ``argnums``
+    the differentiated leaves' positions among them. ``positions`` are the
+    differentiated parameters as the caller named them; None means ``argnums`` (a
+    function without pytree parameters, where the two agree).
+    """
 
     spec: FunctionSpec
     args: list[np.ndarray]
-    dtypes: list[str]  # compute dtype per input
+    dtypes: list[str]  # compute dtype per leaf
     argnums: tuple[int, ...] = (0,)
     as_tuple: bool = False
+    positions: tuple[int, ...] | None = None
     chunk_size: int | None = None
     batched: bool = False
     mode: str = "rev"
@@ -57,6 +65,19 @@ class Call:
         """What equal requests share: function, argnums, per-example shapes and dtypes."""
         shapes = tuple(a.shape[1:] if batched else a.shape for a in self.args)
         return (self.spec.name, self.argnums, self.as_tuple, shapes, tuple(self.dtypes))
+
+    @property
+    def params(self) -> tuple[int, ...]:
+        return self.argnums if self.positions is None else self.positions
+
+    def group(self, leaves: Any) -> Any:
+        """Per-differentiated-leaf items nested as jacrev nests over ``argnums``."""
+        return self.spec.group(self.params, self.as_tuple, list(leaves))
+
+    def single_primal(self) -> bool:
+        """Whether the derivative is taken w.r.t. one plain array (no tuple argnums, no
+        pytree parameter): only then is a Jacobian of one output one bare array."""
+        return not self.as_tuple and len(self.argnums) == 1 and self.spec.inputs[self.params[0]].tree is None
 
     def row_nbytes(self) -> int:
         """Bytes of one Jacobian row on the wire (args hold bfloat16 as float32 already)."""

@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
 from ..types import Call, Result
-from .calling import AuxBox, function_error, is_oom, partial
+from .calling import AuxBox, differentiable, function_error, is_oom
 from .hessian import hessian_fn
 
 if TYPE_CHECKING:
@@ -32,11 +32,10 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     args = engine.tensors(call)
     batch = args[0].shape[0] if args else 0
     box = AuxBox(call.spec)
-    argnums: int | tuple[int, ...] = tuple(range(len(call.argnums))) if call.as_tuple else 0
+    argnums: int | tuple[int, ...] = tuple(range(len(call.params))) if call.as_tuple else 0
 
     def per_example(*example: torch.Tensor) -> Any:
-        g = partial(box, example, call.argnums)
-        primals = [example[i] for i in call.argnums]
+        g, primals = differentiable(box, example, call)
         if kind == "hessian":
             return hessian_fn(engine, call, g, argnums, primals, call.signature(batched=True))(*primals)
         if call.mode == "fwd":  # jacfwd takes no chunk_size

@@ -13,8 +13,9 @@ from torch.utils import _pytree as pytree
 
 from ..errors import FunctionError, OutOfMemory, ServiceError
 from ..registry import FunctionSpec
+from ..types import Call
 
-__all__ = ["AuxBox", "function_error", "is_oom", "partial"]
+__all__ = ["AuxBox", "differentiable", "function_error", "is_oom", "partial"]
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
@@ -88,7 +89,8 @@ class AuxBox:
         self.treespec: Any = None
 
     def __call__(self, *args: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, ...]]:
-        result = self.spec.fn(*args)
+        # one tensor per leaf in; pytree parameters rebuilt (dicts, tuples) for the function
+        result = self.spec.fn(*self.spec.parameters(args))
         if not self.spec.has_aux:
             _check_output(result)
             return result, ()
@@ -129,3 +131,22 @@ def partial(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple
 
     return selected
 
+
+def differentiable(box: Callable[..., Any], args: Sequence[torch.Tensor], call: Call) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """``(g, primals)``: ``box`` as a function of the differentiated parameters, and
+    those parameters, as ``torch.func`` transforms see them in ``jacrev(f, argnums)``.
+
+    A pytree parameter is passed whole (a dict or tuple of tensors), so transforms nest
+    their results over it exactly as jacrev does; ``g`` flattens it back to the leaves
+    the request carries. Without pytree parameters this is :func:`partial` over
+    ``call.argnums``."""
+    flat = partial(box, args, call.argnums)
+    leaves = [args[i] for i in call.argnums]
+    if call.positions is None:
+        return flat, tuple(leaves)
+    grouped = call.group(leaves)
+
+    def g(*params: Any) -> Any:
+        return flat(*pytree.tree_leaves(params))
+
+    return g, (grouped if call.as_tuple else (grouped,))

@@ -18,7 +18,7 @@ from ..errors import InvalidInput, OutOfMemory, ResultTooLarge
 from ..types import Call, Result, tree_leaves
 from . import batched as _batched
 from . import hessian as _hessian
-from .calling import AuxBox, function_error, is_oom, partial
+from .calling import AuxBox, differentiable, function_error, is_oom
 from .profile import Profiles
 from .rows import RowStream
 
@@ -185,7 +185,7 @@ class Engine:
             return self.jacobian(call)
         stream = self.row_stream(call)
         start, stop = call.rows or (0, stream.total_rows)
-        if len(stream.leaves) != 1 or (stop - start) * call.row_nbytes() <= stream_threshold:
+        if len(stream.leaves) != 1 or not call.single_primal() or (stop - start) * call.row_nbytes() <= stream_threshold:
             return self.jacobian(call, stream)
         primal = stream.primals[0]
         shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)
@@ -224,7 +224,7 @@ class Engine:
             shaped = [
                 b.reshape((*leaf.shape, *p.shape)) if not rows_only else b for b, p in zip(blocks[j], stream.primals)
             ]
-            nested.append(tuple(shaped) if stream.call.as_tuple else shaped[0])
+            nested.append(stream.call.group(shaped))  # over argnums, pytree parameters included
         return nested[0] if rows_only else pytree.tree_unflatten(nested, stream.out_spec)
 
     def _forward_jacobian(self, call: Call) -> Result | None:
@@ -237,15 +237,14 @@ class Engine:
             return None
         args = self.tensors(call)
         box = AuxBox(call.spec)
-        g = partial(box, args, call.argnums)
-        primals = [args[i] for i in call.argnums]
+        g, primals = differentiable(box, args, call)
         out, aux_t = self.guard(lambda: g(*primals))
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
-        in_numel = sum(p.numel() for p in primals)
+        in_numel = sum(p.numel() for p in pytree.tree_leaves(primals))
         if call.mode == "auto" and in_numel >= out_numel:
             return None
         self.check_result_size(call, out_numel * call.row_nbytes())
-        argnums: int | tuple[int, ...] = tuple(range(len(call.argnums))) if call.as_tuple else 0
+        argnums: int | tuple[int, ...] = tuple(range(len(primals))) if call.as_tuple else 0
         try:
             jac, aux_t = torch.func.jacfwd(g, argnums=argnums, has_aux=True)(*primals)
         except BaseException as exc:
@@ -337,8 +336,7 @@ class Engine:
     def vjp(self, call: Call) -> Result:
         args = self.tensors(call)
         box = AuxBox(call.spec)
-        g = partial(box, args, call.argnums)
-        primals = [args[i] for i in call.argnums]
+        g, primals = differentiable(box, args, call)
         batch = self._vector_batch(call)
         self.check_result_size(call, batch * call.row_nbytes())
         out, pullback, aux_t = self.guard(lambda: torch.func.vjp(g, *primals, has_aux=True))
@@ -352,8 +350,7 @@ class Engine:
     def jvp(self, call: Call) -> Result:
         args = self.tensors(call)
         box = AuxBox(call.spec)
-        g = partial(box, args, call.argnums)
-        primals = tuple(args[i] for i in call.argnums)
+        g, primals = differentiable(box, args, call)
         like = primals if call.as_tuple else primals[0]
         tangents = self._vectors(call.vectors, like, "tangents", call.batched_vectors)
         tangents = tuple(tangents) if call.as_tuple else (tangents,)
@@ -378,8 +375,7 @@ class Engine:
         ``jvp(grad(f), primals, tangents)``; with ``batched_vectors``, vmapped over them."""
         args = self.tensors(call)
         box = AuxBox(call.spec)
-        g = partial(box, args, call.argnums)
-        primals = tuple(args[i] for i in call.argnums)
+        g, primals = differentiable(box, args, call)
         like = primals if call.as_tuple else primals[0]
         # The output first: no tangent can fix a function that is not scalar.
         out, aux_t = self.guard(lambda: g(*primals))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -81,11 +83,16 @@ def _status_bytes(field: str) -> int | None:
 
 
 def warmup_call(spec: FunctionSpec) -> Call:
-    """Small inputs of the declared shapes (symbols bound to 3)."""
+    """Small inputs of the declared shapes (symbols bound to 3), one array per leaf."""
     args = []
-    for inp in spec.inputs:
+    for inp in spec.leaf_inputs:
         shape = tuple(3 if isinstance(d, str) else d for d in (inp.shape or (3,)))
         dtype = "float32" if inp.default_dtype == "bfloat16" else inp.default_dtype
         args.append(np.random.default_rng(0).random(shape).astype(dtype))
-    floating = tuple(i for i, inp in enumerate(spec.inputs) if inp.default_dtype.startswith(("float", "bfloat")))
-    return Call(spec=spec, args=args, dtypes=[i.default_dtype for i in spec.inputs], argnums=floating[:1] or (0,))
+
+    def floating(inp: Any) -> bool:
+        return all(leaf.default_dtype.startswith(("float", "bfloat")) for leaf in inp.leaves())
+
+    first = next((i for i, inp in enumerate(spec.inputs) if floating(inp)), 0)
+    return Call(spec=spec, args=args, dtypes=[i.default_dtype for i in spec.leaf_inputs],
+                argnums=spec.leaf_argnums((first,)), positions=(first,) if spec.has_trees else None)

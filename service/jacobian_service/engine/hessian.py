@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import ServiceError
 from ..types import Call, Result
-from .calling import AuxBox, function_error, is_oom, partial
+from .calling import AuxBox, differentiable, function_error, is_oom
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -36,7 +36,7 @@ def candidates(scalar_output: bool) -> tuple[str, ...]:
     return ("jacrev_grad", "jacfwd_jacrev", "jacrev_jacrev") if scalar_output else ("jacfwd_jacrev", "jacrev_jacrev")
 
 
-def hessian_fn(engine: "Engine", call: Call, g: Callable[..., Any], argnums: Any, primals: Sequence[torch.Tensor], key: Any) -> Callable[..., Any]:
+def hessian_fn(engine: "Engine", call: Call, g: Callable[..., Any], argnums: Any, primals: Sequence[Any], key: Any) -> Callable[..., Any]:
     """The strategy remembered for ``key``, else the usual winner (per-example Hessians)."""
     choice = engine.profiles[call.spec.name].hessian.get(key)
     if choice is None:
@@ -48,13 +48,13 @@ def hessian_fn(engine: "Engine", call: Call, g: Callable[..., Any], argnums: Any
 def hessian(engine: "Engine", call: Call) -> Result:
     args = engine.tensors(call)
     box = AuxBox(call.spec)
-    g = partial(box, args, call.argnums)
-    primals = [args[i] for i in call.argnums]
+    g, primals = differentiable(box, args, call)
     argnums: int | tuple[int, ...] = tuple(range(len(primals))) if call.as_tuple else 0
     out, _ = engine.guard(lambda: g(*primals))
     out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
-    in_numel = sum(p.numel() for p in primals)
-    engine.check_result_size(call, out_numel * in_numel * in_numel * engine.wire_itemsize(primals[0].dtype))
+    leaves = pytree.tree_leaves(primals)
+    in_numel = sum(p.numel() for p in leaves)
+    engine.check_result_size(call, out_numel * in_numel * in_numel * engine.wire_itemsize(leaves[0].dtype))
     table = engine.profiles[call.spec.name].hessian
     key = call.signature()
     known = table.get(key)
