@@ -168,7 +168,7 @@ def test_running_front_ends_have_no_torch_loaded_and_stay_small(capsys):
         sin_ok(url)
         kids = _children(proc.pid)
         fronts = [p for p in kids if b"spawn_main" in _cmdline(p)]
-        engines = [p for p in kids if b"engine.process" in _cmdline(p)]
+        engines = [p for p in kids if b"engine.process" in _cmdline(p) and b"--standby" not in _cmdline(p)]
         assert len(fronts) == 2 and len(engines) == 1
         for pid in fronts:
             with open(f"/proc/{pid}/maps") as fp:
@@ -204,3 +204,31 @@ def test_a_function_that_exhausts_the_engines_memory_limit_gets_507_and_the_engi
         sin_ok(url)
         assert restarts(url) == 0 and os.path.exists(f"/proc/{engine}")  # the same engine, not restarted
         assert _rss_mib(engine) < 1024  # what the function held is given back
+
+
+def test_a_warm_spare_takes_over_at_once():
+    """With ENGINE_STANDBY (the default) a loaded, warmed-up spare engine waits beside the
+    engine; a crash promotes it, so the next request is served in well under a second,
+    where a cold start costs a torch import and a warm-up. Then a new spare starts."""
+    with live_server(**SETTINGS) as (url, proc):
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/v1/info").json()["spares"] != [True]:
+            assert time.monotonic() < deadline, "no warm spare within 60 s"
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/v1/functions/exits/jacobian", json=ARMED, timeout=30)
+        assert_problem(r, 500, "function_error")
+        assert back_within(url, 1.5) < 1.5
+        sin_ok(url)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/v1/info").json()["spares"] != [True]:  # and a new spare warms up
+            assert time.monotonic() < deadline, "no new spare within 60 s"
+            time.sleep(0.1)
+        assert restarts(url) == 1 and proc.poll() is None
+
+
+def test_without_standby_there_is_no_spare():
+    with live_server(**SETTINGS, ENGINE_STANDBY="false") as (url, proc):
+        sin_ok(url)
+        time.sleep(1.0)
+        assert httpx.get(f"{url}/v1/info").json()["spares"] == [False]
+        assert not [p for p in _children(proc.pid) if b"--standby" in _cmdline(p)]

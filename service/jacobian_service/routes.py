@@ -116,6 +116,8 @@ async def info(request: Request) -> Response:
         "devices": state.engines.devices,
         "torch_threads": engine_info["torch_threads"],
         "engines": engine_info["engines"],
+        # Per device: whether a warmed-up spare engine waits to take over (process layout).
+        "spares": engine_info.get("spares", []),
         "front_ends": state.front_ends,
         "functions": len(state.registry),
         "limits": {

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     quarantine_after: int = Field(3, ge=1)
     quarantine_window_s: float = Field(600.0, gt=0)
     quarantine_cooldown_s: float = Field(600.0, ge=0)
+    # A spare engine process per device, started once its engine is up: loaded and warmed
+    # up, it takes over when the engine dies, so a restart costs ~0.1 s instead of a
+    # torch import and a warm-up (seconds; more on a busy host). Costs one more engine's
+    # memory (on a GPU, one more CUDA context); false turns it off.
+    engine_standby: bool = True
     # An address-space cap per engine process (bytes); unset: none.
     engine_memory_limit_bytes: int | None = Field(None, ge=1 << 26)
     # Serving under a path prefix behind a proxy (ASGI root_path).

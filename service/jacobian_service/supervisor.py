@@ -8,6 +8,9 @@ Torch-free; it runs in the ``serve`` process beside the front ends it starts. Ev
 - it runs a job past that job's deadline plus ``hang_grace_s``: a hang, killed;
 - it has not looked up for ``engine_heartbeat_s`` (a deadlock that holds the GIL): killed.
 
+With ``engine_standby`` a spare engine process per device waits, loaded and warmed up,
+and a dead engine's replacement is that spare, promoted (then a new spare starts).
+
 Each death is published to the front ends (which engine, which request tags were
 running, why), counted against the function that was running, and the engine restarts
 with exponential backoff. A function that takes its engine down ``quarantine_after``
@@ -65,6 +68,9 @@ class _Engine:
     killed_for: str = ""  # why we killed it ("hang", "heartbeat"), else ""
     running: dict[str, Any] = field(default_factory=dict)
     startup_s: float = 5.0  # the last start-up's measured length (spawn to ready)
+    spare: subprocess.Popen | None = None  # warmed up, waiting on stdin to take over
+    spare_at: float = 0.0  # when a spare may be started next
+    spare_started: float = 0.0
 
     def ready_in(self, now: float) -> float:
         """Seconds until this engine should be ready again: what a 503's Retry-After says,
@@ -72,7 +78,10 @@ class _Engine:
         if self.ready and self.proc is not None:
             return 0.0
         if self.proc is None:
-            return max(0.0, self.restart_at - now) + self.startup_s
+            wait = max(0.0, self.restart_at - now)
+            if self.spare is not None and self.spare.poll() is None:  # a spare still warming up finishes first
+                return wait + max(0.2, self.startup_s - (now - self.spare_started))
+            return wait + self.startup_s
         return max(0.0, self.startup_s - (now - self.started))
 
 
@@ -123,6 +132,10 @@ class Supervisor:
             self._spawn(engine)
         return doc
 
+    def _command(self, engine: _Engine) -> list[str]:
+        return [sys.executable, "-m", "jacobian_service.engine.process", "--index", str(engine.index),
+                "--device", engine.device, "--run-dir", str(self.run_dir)]
+
     def _spawn(self, engine: _Engine) -> None:
         board_path = self.run_dir / f"engine-{engine.index}.status"
         if engine.board is None:
@@ -130,17 +143,54 @@ class Supervisor:
         else:  # a fresh page: the dead engine's "running" must not be read as the new one's
             engine.board.close()
             engine.board = ipc.StatusBoard(board_path, create=True)
-        env = {**os.environ, "JACOBIAN_SERVICE_ISOLATE": ",".join(sorted(self.isolate))}
-        engine.proc = subprocess.Popen(
-            [sys.executable, "-m", "jacobian_service.engine.process", "--index", str(engine.index),
-             "--device", engine.device, "--run-dir", str(self.run_dir)],
-            env=env,
-        )
+        spare, engine.spare = engine.spare, None
+        if spare is not None:
+            self._spare_flag(spare).unlink(missing_ok=True)
+        if spare is not None and spare.poll() is None and self._promote(spare):
+            engine.proc = spare
+            how = "spare promoted"
+        else:
+            env = {**os.environ, "JACOBIAN_SERVICE_ISOLATE": ",".join(sorted(self.isolate))}
+            engine.proc = subprocess.Popen(self._command(engine), env=env)
+            how = "started"
         engine.generation += 1
         engine.started = time.monotonic()
         engine.ready = False
         engine.killed_for = ""
-        log.info("engine %d (%s) started, generation %d, pid %d", engine.index, engine.device, engine.generation, engine.proc.pid)
+        log.info("engine %d (%s) %s, generation %d, pid %d", engine.index, engine.device, how, engine.generation,
+                 engine.proc.pid)
+
+    def _spare_flag(self, spare: subprocess.Popen) -> Path:
+        return self.run_dir / f"spare-{spare.pid}.ready"
+
+    def spare_warm(self, engine: _Engine) -> bool:
+        return engine.spare is not None and engine.spare.poll() is None and self._spare_flag(engine.spare).exists()
+
+    def _promote(self, spare: subprocess.Popen) -> bool:
+        try:
+            spare.stdin.write(orjson.dumps({"isolate": sorted(self.isolate)}) + b"\n")  # type: ignore[union-attr]
+            spare.stdin.flush()  # type: ignore[union-attr]
+            return True
+        except OSError:  # it died just now
+            return False
+
+    def _tend_spare(self, engine: _Engine, now: float) -> None:
+        """Keep one spare per device once its engine is up (never while it starts: the
+        two would compete for the same cores and memory)."""
+        if not self.settings.engine_standby:
+            return
+        if engine.spare is not None:
+            code = engine.spare.poll()
+            if code is None:
+                return
+            log.warning("engine %d: the spare exited with status %s", engine.index, code)
+            self._spare_flag(engine.spare).unlink(missing_ok=True)
+            engine.spare = None
+            engine.spare_at = now + 30.0
+        if engine.ready and now >= engine.spare_at:
+            engine.spare = subprocess.Popen([*self._command(engine), "--standby"], stdin=subprocess.PIPE)
+            engine.spare_at = now + 5.0
+            engine.spare_started = now
 
     # ----------------------------------------------------------------- watching
 
@@ -166,6 +216,7 @@ class Supervisor:
                 if now >= engine.restart_at:
                     self._spawn(engine)
                 continue
+            self._tend_spare(engine, now)
             status = engine.board.read()  # type: ignore[union-attr]
             if status.get("tags"):
                 engine.running = status
@@ -257,7 +308,7 @@ class Supervisor:
         self.pub.send(orjson.dumps({
             "t": "state",
             "engines": [{"index": e.index, "device": e.device, "generation": e.generation, "up": e.proc is not None,
-                         "ready": e.ready and e.proc is not None, "restarts": e.restarts,
+                         "ready": e.ready and e.proc is not None, "restarts": e.restarts, "spare": self.spare_warm(e),
                          "ready_in": round(e.ready_in(mono), 2)} for e in self.engines],
             "quarantined": {f: max(0.0, until - now) for f, until in self.quarantined.items()},
             "quarantines": self.quarantines,
@@ -270,14 +321,16 @@ class Supervisor:
         if self._thread is not None:
             self._thread.join(timeout)
         for engine in self.engines:
-            if engine.proc is not None and engine.proc.poll() is None:
-                engine.proc.terminate()
+            for proc in (engine.proc, engine.spare):
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
         for engine in self.engines:
-            if engine.proc is not None:
-                try:
-                    engine.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    engine.proc.kill()
+            for proc in (engine.proc, engine.spare):
+                if proc is not None:
+                    try:
+                        proc.wait(timeout)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
             if engine.board is not None:
                 engine.board.close()
         self.pub.close()

@@ -42,7 +42,10 @@ _IDLE_POLL_MS = 100
 
 
 class EngineServer:
-    def __init__(self, settings: Settings, registry: Registry, index: int, device: Any, run_dir: Path) -> None:
+    """An engine and its batching worker; ``open`` binds its socket and status board (a
+    standby engine does that only when promoted, after it has warmed up)."""
+
+    def __init__(self, settings: Settings, registry: Registry, device: Any) -> None:
         from .core import Engine
         from .devices import default_memory_budget
 
@@ -53,9 +56,6 @@ class EngineServer:
         # Under serve every process writes its samples to PROMETHEUS_MULTIPROC_DIR and a
         # front end's /metrics sums them; batch sizes and device memory are only known here.
         self.metrics = Metrics() if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None
-        for name in os.environ.get("JACOBIAN_SERVICE_ISOLATE", "").split(","):
-            if name in registry:  # crashed inside a batch before: run its requests alone
-                self.engine.profiles[name].vmap_function = False
         self.worker = Worker(
             self.engine,
             max_queue=settings.max_queue,
@@ -67,6 +67,16 @@ class EngineServer:
             cancelled_for=self._cancelled,
             on_batch=self.metrics.batch_size.observe if self.metrics else (lambda size: None),
         )
+        self.pending: dict[tuple[bytes, int], Job] = {}
+        self._outbox: dict[bytes, list[list[Any]]] = {}  # replies not yet sent, by peer
+        self._last_pump = 0.0
+
+    def isolate(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.registry:  # crashed inside a batch before: run its requests alone
+                self.engine.profiles[name].vmap_function = False
+
+    def open(self, run_dir: Path, index: int) -> None:
         self.board = ipc.StatusBoard(run_dir / f"engine-{index}.status")
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -74,9 +84,6 @@ class EngineServer:
         self.sock.bind(ipc.engine_address(run_dir, index))
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
-        self.pending: dict[tuple[bytes, int], Job] = {}
-        self._outbox: dict[bytes, list[list[Any]]] = {}  # replies not yet sent, by peer
-        self._last_pump = 0.0
 
     # ----------------------------------------------------------------- messages
 
@@ -207,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--device", required=True)
     parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--standby", action="store_true",
+                        help="load and warm up, then wait for a line on stdin before serving (a spare)")
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_format)
@@ -219,17 +228,32 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     registry = Registry.from_modules(settings.function_modules)
     devices = resolve_devices(args.device)
-    if args.index == 0:  # the front ends learn the registry and the devices from engine 0
+    if args.index == 0 and not args.standby:  # the front ends learn the registry and the devices from engine 0
         doc = {"functions": [spec.describe() for spec in registry], "devices": [str(d) for d in devices],
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                "memory_budget_bytes": settings.memory_budget_bytes}
         tmp = args.run_dir / "registry.json.tmp"
         tmp.write_bytes(orjson.dumps(doc))
         tmp.replace(args.run_dir / "registry.json")
-    server = EngineServer(settings, registry, args.index, devices[0], args.run_dir)
+    server = EngineServer(settings, registry, devices[0])
     _limit_memory(settings.engine_memory_limit_bytes)
-    if settings.warmup:
-        server.warm_up()
+    if args.standby:
+        # A spare: everything slow (torch, the functions, warm-up) is done before the
+        # engine it replaces dies; the supervisor's line says go, and which functions
+        # to run alone. An empty line (EOF) means the supervisor has gone.
+        if settings.warmup:
+            server.warm_up()
+        (args.run_dir / f"spare-{os.getpid()}.ready").touch()  # the supervisor's sign that it is warm
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        server.isolate(orjson.loads(line).get("isolate", []))
+        server.open(args.run_dir, args.index)
+    else:
+        server.isolate([n for n in os.environ.get("JACOBIAN_SERVICE_ISOLATE", "").split(",") if n])
+        server.open(args.run_dir, args.index)  # jobs queue in the socket while warming up
+        if settings.warmup:
+            server.warm_up()
     log.info("engine %d ready on %s (%d functions)", args.index, devices[0], len(registry))
     server.serve()
     return 0
