@@ -47,7 +47,7 @@ class EngineServer:
 
         self.settings = settings
         self.registry = registry
-        self.engine = Engine(device, settings.memory_budget_bytes or default_memory_budget(device))
+        self.engine = Engine(device, settings.memory_budget_bytes or default_memory_budget(device), settings.sparsity_cache_dir)
         for name in os.environ.get("JACOBIAN_SERVICE_ISOLATE", "").split(","):
             if name in registry:  # crashed inside a batch before: run its requests alone
                 self.engine.profiles[name].vmap_function = False
