@@ -276,7 +276,9 @@ def declared(value: Any) -> dict[str, Declared]:
 def function_fingerprint(fn: Callable[..., Any]) -> str:
     """A hash of what the function computes: its source when readable, else its
     bytecode and constants, so that an edited function never reuses a stale pattern."""
-    code = getattr(fn, "__code__", None)
+    # Through wrappers (the engine's aux box sets __wrapped__): the memo is keyed by the
+    # code of the function underneath, so a wrapped call is as cheap as a bare one.
+    code = getattr(inspect.unwrap(fn), "__code__", None)
     if code is not None and code in _FINGERPRINTS:  # reading source costs ~1 ms a call
         return _FINGERPRINTS[code]
     found = _fingerprint(fn)
