@@ -25,7 +25,6 @@ from torch.utils import _pytree as pytree
 from jacobian_client._pattern import braille
 
 from ..errors import InvalidInput, ServiceError, SparsityNotFound
-from ..sparsity.compute import resolve, sparse_hessian, sparse_jacobian
 from ..types import Call, Result
 from .calling import AuxBox, function_error
 
@@ -50,6 +49,10 @@ def _plan(engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: Aux
     if kind == "hessian" and m != 1:
         raise InvalidInput(f"a sparse Hessian needs a function with one scalar output; this one has {m} elements")
     mode = call.mode if kind == "jacobian" else "auto"
+    # Imported on the first sparse request: the tracer's imports cost ~0.1 s, which every
+    # engine start (and restart after a crash) would pay otherwise.
+    from ..sparsity.compute import resolve
+
     try:
         pattern, coloring, cached = resolve(
             box, args, call.argnums, call.sparsity, kind=kind, mode=mode, declared=call.spec.sparsity, has_aux=True,
@@ -83,6 +86,8 @@ def sparse_derivative(engine: Any, call: Call, kind: str) -> Result:
     pattern, coloring, cached, _ = _plan(engine, call, kind, args, box)
     like = args[call.argnums[0]]
     engine.check_result_size(call, _result_nbytes(call, pattern.shape, pattern.nnz, engine.wire_itemsize(like.dtype)))
+    from ..sparsity.compute import sparse_hessian, sparse_jacobian
+
     common = dict(has_aux=True, declared=call.spec.sparsity, cache=engine.sparsity_cache, name=call.spec.name)
     try:
         if kind == "jacobian":
