@@ -402,3 +402,15 @@ def test_disk_cache_survives_a_restart(make_client, tmp_path):
         c.__exit__(None, None, None)
     assert metas[0]["cached"] is None and metas[1]["cached"] == "disk"
     assert metas[0]["products"] == metas[1]["products"] and list(tmp_path.glob("*.npz"))
+
+
+def test_without_scipy_the_sdk_decodes_to_sparsecoo(client, monkeypatch):
+    x = RNG.standard_normal(26).astype(np.float32)
+    body_npz = client.post("/v1/functions/lorenz96/jacobian?sparsity=band", content=npy_bytes(x),
+                           headers={"content-type": wire.NPY, "accept": wire.NPZ}).content
+    doc = client.post("/v1/functions/lorenz96/jacobian", json={"inputs": [x.tolist()], "sparsity": "band"}).json()
+    monkeypatch.setitem(sys.modules, "scipy", None)  # as in the SDK's base install
+    monkeypatch.setitem(sys.modules, "scipy.sparse", None)
+    for J in (wire.read_sparse_result_npz(body_npz)[0], wire.decode_tree(doc["jacobian"])):
+        assert isinstance(J, wire.SparseCOO) and J.nnz == 26 * 13
+        np.testing.assert_allclose(J.toarray(), jac(lorenz96, x), rtol=1e-5, atol=1e-6)
