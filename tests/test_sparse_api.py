@@ -414,3 +414,10 @@ def test_without_scipy_the_sdk_decodes_to_sparsecoo(client, monkeypatch):
     for J in (wire.read_sparse_result_npz(body_npz)[0], wire.decode_tree(doc["jacobian"])):
         assert isinstance(J, wire.SparseCOO) and J.nnz == 26 * 13
         np.testing.assert_allclose(J.toarray(), jac(lorenz96, x), rtol=1e-5, atol=1e-6)
+
+
+def test_empty_inputs_give_an_empty_matrix(client):
+    J, meta = sparse_json(client.post("/v1/functions/softmax/jacobian", json={"inputs": [[]], "sparsity": "auto"}))
+    assert J.shape == (0, 0) and meta["products"] == 0 and meta["source"] == "empty"
+    doc = client.get("/v1/functions/lorenz96/sparsity?shapes=0").json()
+    assert doc["pattern"]["shape"] == [0, 0] and doc["products"] == 0

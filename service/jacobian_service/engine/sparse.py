@@ -31,7 +31,7 @@ from .calling import AuxBox, function_error
 __all__ = ["describe", "sparse_derivative"]
 
 # Pattern sources as the response's meta names them.
-_SOURCES = {"declared": "declared", "traced": "detected", "probe": "probed", "given": "given"}
+_SOURCES = {"declared": "declared", "traced": "detected", "probe": "probed", "given": "given", "empty": "empty"}
 
 
 def _boxed(call: Call) -> AuxBox:
@@ -42,8 +42,10 @@ def _boxed(call: Call) -> AuxBox:
     return box
 
 
-def _plan(engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: AuxBox) -> tuple[Any, Any, str, int]:
-    """The forward pass (for the output's size), then the pattern and its colouring."""
+def _plan(engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: AuxBox) -> tuple[Any, Any, str, Any]:
+    """The forward pass (for the output's size), then the pattern and its colouring.
+    Returns ``(pattern, coloring, cached, choice)``: ``choice`` is what to hand the
+    compute functions (the request's name, or the empty pattern)."""
     out, _ = engine.guard(lambda: box(*args))
     m = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
     if kind == "hessian" and m != 1:
@@ -51,11 +53,16 @@ def _plan(engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: Aux
     mode = call.mode if kind == "jacobian" else "auto"
     # Imported on the first sparse request: the tracer's imports cost ~0.1 s, which every
     # engine start (and restart after a crash) would pay otherwise.
+    from ..sparsity import Pattern
     from ..sparsity.compute import resolve
 
+    n = sum(args[i].numel() for i in call.argnums)
+    choice: Any = call.sparsity
+    if n == 0 or m == 0:  # nothing to detect (and probing cannot shape an empty Jacobian)
+        choice = Pattern((n if kind == "hessian" else m, n), [], [], name="empty", source="empty")
     try:
         pattern, coloring, cached = resolve(
-            box, args, call.argnums, call.sparsity, kind=kind, mode=mode, declared=call.spec.sparsity, has_aux=True,
+            box, args, call.argnums, choice, kind=kind, mode=mode, declared=call.spec.sparsity, has_aux=True,
             cache=engine.sparsity_cache, name=call.spec.name, out_size=m,
         )
     except ServiceError:
@@ -66,7 +73,7 @@ def _plan(engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: Aux
         raise InvalidInput(f"sparsity {call.sparsity!r}: {exc}") from None
     except BaseException as exc:
         raise function_error(exc) from None
-    return pattern, coloring, cached, m
+    return pattern, coloring, cached, choice
 
 
 def _result_nbytes(call: Call, shape: tuple[int, int], nnz: int, itemsize: int) -> int:
@@ -83,7 +90,7 @@ def sparse_derivative(engine: Any, call: Call, kind: str) -> Result:
     """The Jacobian (or Hessian) of ``call`` as a sparse matrix (or dense 2-D, if asked)."""
     args = engine.tensors(call)
     box = _boxed(call)
-    pattern, coloring, cached, _ = _plan(engine, call, kind, args, box)
+    pattern, coloring, cached, choice = _plan(engine, call, kind, args, box)
     like = args[call.argnums[0]]
     engine.check_result_size(call, _result_nbytes(call, pattern.shape, pattern.nnz, engine.wire_itemsize(like.dtype)))
     from ..sparsity.compute import sparse_hessian, sparse_jacobian
@@ -91,10 +98,10 @@ def sparse_derivative(engine: Any, call: Call, kind: str) -> Result:
     common = dict(has_aux=True, declared=call.spec.sparsity, cache=engine.sparsity_cache, name=call.spec.name)
     try:
         if kind == "jacobian":
-            res = sparse_jacobian(box, args, call.argnums, call.sparsity, call.mode, engine.memory_budget,
+            res = sparse_jacobian(box, args, call.argnums, choice, call.mode, engine.memory_budget,
                                   call.check_alive, **common)
         else:
-            res = sparse_hessian(box, args, call.argnums, call.sparsity, engine.memory_budget, call.check_alive, **common)
+            res = sparse_hessian(box, args, call.argnums, choice, engine.memory_budget, call.check_alive, **common)
     except ServiceError:
         raise
     except BaseException as exc:  # the function failed under the products, or out of memory
