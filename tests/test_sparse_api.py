@@ -421,3 +421,24 @@ def test_empty_inputs_give_an_empty_matrix(client):
     assert J.shape == (0, 0) and meta["products"] == 0 and meta["source"] == "empty"
     doc = client.get("/v1/functions/lorenz96/sparsity?shapes=0").json()
     assert doc["pattern"]["shape"] == [0, 0] and doc["products"] == 0
+
+
+def test_a_pattern_too_dense_for_the_limits_is_413_before_it_is_built(make_client):
+    """softmax is dense: detecting it at n = 300 would hold 90,000 entries; a 1 MiB
+    memory budget allows 65,536 (budget / 16). Refused, never probed densely."""
+    c = make_client(functions=FUNCTIONS, memory_budget_bytes=1 << 20)
+    x = np.linspace(0.1, 1, 300).astype(np.float32)
+    r = c.post("/v1/functions/softmax/jacobian?sparsity=auto", content=npy_bytes(x),
+               headers={"content-type": wire.NPY, "accept": wire.NPZ})
+    problem = assert_problem(r, 413, "result_too_large")
+    assert "90,000" in problem["detail"] and "65,536" in problem["detail"]
+    assert_problem(c.get("/v1/functions/softmax/sparsity?shapes=300"), 413, "result_too_large")
+    # the same function a little smaller still works, and dense requests are untouched
+    small = np.linspace(0.1, 1, 100).astype(np.float32)
+    J, meta = sparse_json(c.post("/v1/functions/softmax/jacobian", json={"inputs": [small.tolist()], "sparsity": "auto"}))
+    assert meta["nnz"] == 100 * 100 and meta["products"] == 100
+    assert c.post("/v1/functions/softmax/jacobian", content=npy_bytes(x), headers={"content-type": wire.NPY}).status_code == 200
+
+
+def test_get_sparsity_shapes_are_bounded_like_a_body(client):
+    assert_problem(client.get("/v1/functions/lorenz96/sparsity?shapes=40000000"), 413, "payload_too_large")

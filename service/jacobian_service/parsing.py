@@ -17,7 +17,7 @@ from jacobian_client import wire
 
 from .responses import echo
 from .types import Call
-from .errors import InvalidInput, SparsityNotFound, UnsupportedMediaType, from_wire
+from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, UnsupportedMediaType, from_wire
 from .registry import FLOAT_DTYPES, FunctionSpec
 
 __all__ = ["KINDS", "Options", "media_type_of", "parse_call", "parse_sparsity_query"]
@@ -355,9 +355,13 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
     argnums, _ = spec.argnums(options.argnums)
     rng = np.random.default_rng(0)
     args, dtypes, bindings = [], [], {}  # type: ignore[var-annotated]
+    total = 0
     for shape, name, inp in zip(shapes, dtype_names, spec.inputs):
         if len(shape) > limits.max_rank or int(np.prod(shape, dtype=np.int64)) > limits.max_elements:
             raise InvalidInput(f"input {inp.name!r}: shape {list(shape)} is over the array limits")
+        total += int(np.prod(shape, dtype=np.int64)) * 8  # 8: the widest element a body may carry
+        if total > limits.max_bytes:  # no more than a request body could carry
+            raise PayloadTooLarge(f"these shapes hold more than {limits.max_bytes} bytes, the request limit")
         if name is not None and name not in wire.DTYPES:
             raise InvalidInput(f"dtypes: unknown dtype {echo(name)}")
         dtype = inp.resolve_dtype(name) if name is not None else inp.default_dtype

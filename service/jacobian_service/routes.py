@@ -270,6 +270,7 @@ async def function_sparsity(request: Request, name: str) -> Response:
     media = _sparse_media(acceptable(request.headers.get("accept")))
     kind, call = parse_sparsity_query(spec, dict(request.query_params), state.settings.wire_limits)
     call.deadline = _deadline(state, request)
+    call.max_result_bytes = state.settings.max_result_bytes
     result, info = await _cancellable(request, state.engines.run(f"sparsity_{kind}", call))
     doc = {"function": spec.name, **(result.sparse_meta or {}),
            "meta": {"device": info.device, "queue_ms": round(info.queue_s * 1e3, 3),
@@ -386,7 +387,8 @@ ROUTES: list[Route] = [
           errors=("function_not_found",)),
     Route("GET", "/v1/functions/{name}/sparsity", function_sparsity, "getSparsity",
           "A function's sparsity pattern, colouring and product count at given input shapes", "functions",
-          errors=("function_not_found", "invalid_input", "sparsity_not_found", "not_acceptable", "function_error",
+          errors=("function_not_found", "invalid_input", "sparsity_not_found", "not_acceptable", "payload_too_large",
+                  "result_too_large", "function_error",
                   "overloaded", "unavailable", "function_quarantined", "timeout", "out_of_memory"),
           doc={"parameters": _SPARSITY_PARAMETERS}),
     Route("DELETE", "/v1/functions/{name}/quarantine", release_function, "releaseFunction",

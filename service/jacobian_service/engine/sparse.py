@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 from jacobian_client._pattern import braille
 
-from ..errors import InvalidInput, ServiceError, SparsityNotFound
+from ..errors import InvalidInput, ResultTooLarge, ServiceError, SparsityNotFound
 from ..types import Call, Result
 from .calling import AuxBox, function_error
 
@@ -53,7 +53,7 @@ def _plan(engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: Aux
     mode = call.mode if kind == "jacobian" else "auto"
     # Imported on the first sparse request: the tracer's imports cost ~0.1 s, which every
     # engine start (and restart after a crash) would pay otherwise.
-    from ..sparsity import Pattern
+    from ..sparsity import Pattern, PatternTooLarge, entry_limit
     from ..sparsity.compute import resolve
 
     n = sum(args[i].numel() for i in call.argnums)
@@ -61,12 +61,18 @@ def _plan(engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: Aux
     if n == 0 or m == 0:  # nothing to detect (and probing cannot shape an empty Jacobian)
         choice = Pattern((n if kind == "hessian" else m, n), [], [], name="empty", source="empty")
     try:
-        pattern, coloring, cached = resolve(
-            box, args, call.argnums, choice, kind=kind, mode=mode, declared=call.spec.sparsity, has_aux=True,
-            cache=engine.sparsity_cache, name=call.spec.name, out_size=m,
-        )
+        with entry_limit(_max_entries(engine, call), engine.memory_budget // 64):
+            pattern, coloring, cached = resolve(
+                box, args, call.argnums, choice, kind=kind, mode=mode, declared=call.spec.sparsity, has_aux=True,
+                cache=engine.sparsity_cache, name=call.spec.name, out_size=m,
+            )
     except ServiceError:
         raise
+    except PatternTooLarge as exc:
+        raise ResultTooLarge(
+            f"the sparsity pattern is too dense for the limits: {exc}. Ask for sparsity=dense (streamed as .npy), "
+            "or a smaller input"
+        ) from None
     except KeyError:
         raise SparsityNotFound(f"{call.spec.name} declares no sparsity pattern named {call.sparsity!r}") from None
     except ValueError as exc:  # a declared pattern that does not fit these shapes
@@ -74,6 +80,17 @@ def _plan(engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: Aux
     except BaseException as exc:
         raise function_error(exc) from None
     return pattern, coloring, cached, choice
+
+
+def _max_entries(engine: Any, call: Call) -> int:
+    """Most entries detection may hold in one matrix: what the result limit lets
+    through (a value and an index are at least 8 bytes), and what the memory budget
+    holds in the tracer's sparse matrices (~16 bytes an entry with a copy). The
+    colouring's graph gets budget / 64 (scipy's product, then networkx's greedy pass)."""
+    limit = engine.memory_budget // 16
+    if call.max_result_bytes is not None:
+        limit = min(limit, call.max_result_bytes // 8)
+    return max(int(limit), 1)
 
 
 def _result_nbytes(call: Call, shape: tuple[int, int], nnz: int, itemsize: int) -> int:
