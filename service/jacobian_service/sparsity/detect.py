@@ -208,7 +208,9 @@ class _Tracer:
     def pairs(self, g: Any, h: Any | None = None) -> Any:
         """Input pairs (a, b) with a in g's row and b in h's row for some element."""
         h = g if h is None else h
-        _check_entries(int((g.sum(axis=0) > 0).sum()) * int((h.sum(axis=0) > 0).sum()), "Hessian pairs")
+        g, h = sp.csr_array(g), sp.csr_array(h)
+        # g.T @ h has at most sum over rows of (g's count x h's count) entries
+        _check_entries(int((np.diff(g.indptr).astype(np.int64) * np.diff(h.indptr)).sum()), "Hessian pairs")
         cross = _ones(g.T @ h)
         return _ones(cross + cross.T)
 
