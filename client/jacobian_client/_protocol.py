@@ -182,7 +182,7 @@ class Call:
 
     method: str
     path: str
-    kind: str  # a COMPUTE_KINDS entry, or "functions" / "function" / "info"
+    kind: str  # a COMPUTE_KINDS entry, or "functions" / "function" / "info" / "sparsity"
     name: str | None = None
     params: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
