@@ -1,5 +1,7 @@
-"""``python -m bench.sparse [--quick] [--rounds N] [--torch-threads T]``: sparse vs dense
-derivatives, in process (no HTTP), side by side, with asdex (JAX) as a peer when installed.
+"""``python -m bench.sparse [--quick] [--rounds N] [--torch-threads T] [--service]``: sparse
+vs dense derivatives, in process (no HTTP), side by side, with asdex (JAX) as a peer when
+installed; ``--service`` adds the same sparse calls through a real ``serve`` process (SDK,
+binary ``.npz`` answers), against the in-process dense ``jacrev`` of the same run.
 
 Cases (issue 11): lorenz96 at n = 8192 (periodic band), one reaction-diffusion step on a
 128 x 128 grid (5-point stencil), and the sparse Hessian of a separable-plus-banded
@@ -75,6 +77,54 @@ def run_case(name: str, fn: Callable[..., Any], x: torch.Tensor, kind: str, opti
     }
 
 
+# --------------------------------------------------------------------------- through the service
+
+
+def service_cases(cases: list[Row], n_lorenz: int, grid: int, n_hess: int, rounds: int, threads: int) -> list[Row]:
+    """Sparse calls through a real server (engine process, IPC, HTTP, SDK decoding), timed
+    after one call that detects and colours (the pattern cache then holds them)."""
+    import httpx
+
+    from jacobian_client import Client
+
+    from ._server import Pool
+
+    gen = np.random.default_rng(0)
+    x = (gen.standard_normal(n_lorenz) + 8).astype(np.float32)
+    u = gen.uniform(size=(grid, grid)).astype(np.float32)
+    xh = gen.standard_normal(n_hess)
+    rows = []
+    with Pool() as pool:
+        server = pool.service({"JACOBIAN_SERVICE_TORCH_THREADS": str(threads), "JACOBIAN_SERVICE_WORKERS": "1"})
+        with Client(server.url, timeout=600) as client:
+            for label, call, dense in (
+                ("lorenz96 (declared band)", lambda: client.jacobian("lorenz96", x, sparsity="band"), cases[1]),
+                ("lorenz96 (detected)", lambda: client.jacobian("lorenz96", x, sparsity="auto"), cases[0]),
+                (f"reaction_diffusion {grid}x{grid}", lambda: client.jacobian("reaction_diffusion", u, sparsity="auto"), cases[2]),
+                (f"hessian rosenbrock n={n_hess}", lambda: client.hessian("rosenbrock", xh, sparsity="auto"), None),
+            ):
+                t0 = time.perf_counter()
+                call()
+                first_s = time.perf_counter() - t0
+                sparse_s, got = median_time(call, rounds)
+                rows.append({"case": label, "service_s": sparse_s, "first_s": first_s, "nnz": got.nnz,
+                             "dense_s": dense["dense_s"] if dense else float("nan"),
+                             "ratio": dense["dense_s"] / sparse_s if dense else float("nan")})
+        body = httpx.post(f"{server.url}/v1/functions/lorenz96/jacobian?sparsity=band", content=_npy(x),
+                          headers={"content-type": "application/x-npy", "accept": "application/x-npz"}, timeout=600)
+        rows[0]["body_bytes"] = len(body.content)
+        rows[0]["ideal_bytes"] = rows[0]["nnz"] * (4 + 4)
+    return rows
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
 # --------------------------------------------------------------------------- asdex peer
 
 
@@ -142,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense-rounds", type=int, default=3, help="dense rounds (median); the stencil's dense run is 1 GiB")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--no-asdex", action="store_true")
+    p.add_argument("--service", action="store_true", help="also time the sparse calls through a real server")
     args = p.parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -186,6 +237,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"| {_ms(o['first_s'])} | {_ms(r['sparse_s'])} | {_ms(o['sparse_s'])} |")
         print()
 
+    service = service_cases(cases, n_lorenz, grid, n_hess, args.rounds, args.torch_threads or 0) if args.service else []
+    if service:
+        print("Through the service (serve, one engine process, SDK over .npz; dense = in-process jacrev above):\n")
+        print("| case | nnz | service call | first call (detect + colour) | dense jacrev in-process | ratio |")
+        print("|---|---|---|---|---|---|")
+        for r in service:
+            ratio = "" if math.isnan(r["ratio"]) else f"{r['ratio']:,.0f}x"
+            dense = "" if math.isnan(r["dense_s"]) else _ms(r["dense_s"])
+            print(f"| {r['case']} | {r['nnz']:,} | {_ms(r['service_s'])} | {_ms(r['first_s'])} | {dense} | {ratio} |")
+        print(f"\nlorenz96 .npz body: {service[0]['body_bytes']:,} bytes; nnz x (4 + 4) = {service[0]['ideal_bytes']:,}\n")
+
     lz, st, he = cases[0], cases[2], cases[3]
     targets = [
         ("lorenz96 sparse vs dense jacrev", lz["ratio"], ">=", 300),
@@ -194,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         ("stencil colours / optimum", st["colors"] / st["optimum"], "<=", 1.5),
         ("Hessian relative difference from dense", he["rel_diff"], "<=", 1e-12),
     ]
+    if service:
+        targets += [
+            ("lorenz96 service call vs dense jacrev", service[0]["ratio"], ">=", 300),
+            ("lorenz96 .npz body / (nnz x (value + index))", service[0]["body_bytes"] / service[0]["ideal_bytes"], "<=", 2),
+            ("stencil service call vs dense jacrev", service[2]["ratio"], ">=", 1000),
+        ]
     failed = 0
     print("## targets\n")
     for label, value, op, limit in targets:

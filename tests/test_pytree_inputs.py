@@ -492,3 +492,10 @@ def test_served_with_engine_processes():
         r = httpx.post(f"{url}/v1/functions/tree_fn/jacobian", json={"inputs": [j(PAIR), j(X5)], "argnums": [0, 1]})
         got, _ = decode(r)
         assert_tree_close(got, torch.func.jacrev(tree_fn, argnums=(0, 1), has_aux=True)(t(PAIR), t(X5))[0], rtol=1e-10, atol=1e-12)
+
+
+def test_sparsity_is_refused_for_pytree_parameters(client):
+    body = {"inputs": [{"w": [[1.0, 0.0], [0.0, 1.0]], "b": [0.0, 0.0]}, [0.5, 0.5]], "sparsity": "auto"}
+    r = client.post("/v1/functions/dense_layer/jacobian", json=body)
+    assert r.status_code == 422 and r.json()["code"] == "invalid_input"
+    assert "pytree parameter" in r.json()["detail"]

@@ -4,12 +4,18 @@
 
     jacobian-service call softmax --url http://localhost:8000 --input x.npy --out J.npy
     jacobian-service call add_square --input x.npy --input y.npy --argnums 0,1 --out J.npz
+    jacobian-service call lorenz96 --input x.npy --sparsity band --pattern --out J.npz
 
 Why here and not in the server package: it must run where only the SDK is installed
 (no torch). With ``--out FILE.npy`` a single-array result is streamed into the file and
 never held in memory; several arrays (tuple ``argnums``, aux) need ``--out FILE.npz``.
 Without ``--out`` the result is printed as JSON. Exit status: 0 on success, 1 when the
 call fails (the error is printed on stderr), 2 for a bad command line.
+
+``--sparsity auto`` (or a declared pattern's name) asks for a sparse result; ``--out
+FILE.npz`` then writes the members ``scipy.sparse.save_npz`` writes (``load_npz`` reads
+it). ``--pattern`` prints the result's sparsity pattern in braille characters (also for
+a dense result) in place of the JSON.
 """
 
 from __future__ import annotations
@@ -48,6 +54,14 @@ def build_parser(prog: str = "jacobian-service call") -> argparse.ArgumentParser
                    help="API key (default: $JACOBIAN_SERVICE_API_KEY)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per network read (default: 600)")
     p.add_argument("--progress", action="store_true", help="show a progress bar while streaming")
+    p.add_argument("--sparsity", default=None, metavar="NAME",
+                   help="jacobian/hessian: auto (detected) or a declared pattern's name: a sparse result")
+    p.add_argument("--sparse-format", choices=("csr", "coo", "dense"), default=None,
+                   help="with --sparsity: the result as CSR (default), COO, or a dense 2-D array")
+    p.add_argument("--pattern", action="store_true",
+                   help="print the result's sparsity pattern (braille) instead of the JSON result")
+    p.add_argument("--pattern-width", type=int, default=60, metavar="CHARS",
+                   help="widest the --pattern picture may be (default: 60 characters)")
     return p
 
 
@@ -97,6 +111,14 @@ def call_main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     stream_to = args.out if args.out and not args.out.endswith(".npz") else None
+    sparse = args.sparsity not in (None, "dense") and args.sparse_format != "dense"
+    if args.sparsity is not None and args.method == "evaluate":
+        print("error: --sparsity applies to jacobian and hessian", file=sys.stderr)
+        return 2
+    if sparse and stream_to is not None:
+        print("error: a sparse result goes to --out FILE.npz (scipy.sparse.load_npz reads it)", file=sys.stderr)
+        return 2
+    sparse_options = {"sparsity": args.sparsity, "sparse_format": args.sparse_format} if args.sparsity else {}
     if stream_to is not None and isinstance(argnums, tuple):
         print("error: several Jacobians (tuple --argnums) need --out FILE.npz", file=sys.stderr)
         return 2
@@ -104,10 +126,11 @@ def call_main(argv: list[str]) -> int:
         with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
             if args.method == "jacobian":
                 result = client.jacobian(args.function, *inputs, argnums=argnums, chunk_size=args.chunk_size,
-                                         batched=args.batched, rows=rows, out=stream_to, progress=args.progress)
+                                         batched=args.batched, rows=rows, out=stream_to, progress=args.progress,
+                                         **sparse_options)
             elif args.method == "hessian":
                 result = client.hessian(args.function, *inputs, argnums=argnums, chunk_size=args.chunk_size,
-                                        batched=args.batched, out=stream_to, progress=args.progress)
+                                        batched=args.batched, out=stream_to, progress=args.progress, **sparse_options)
             else:
                 if stream_to is not None:
                     # evaluate has no streamed form; the output is small enough to hold
@@ -122,8 +145,21 @@ def call_main(argv: list[str]) -> int:
     except JacobianServiceError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    matrix = result[0] if isinstance(result, tuple) and args.method != "evaluate" else result
+    if args.pattern:
+        from .sparse import pattern_string
+
+        print(pattern_string(matrix if wire.is_sparse(matrix) else np.asarray(matrix).reshape(_rows_cols(matrix)),
+                             max_width=args.pattern_width))
     if args.out is None:
-        sys.stdout.buffer.write(wire.dumps(wire.encode_tree(result)) + b"\n")
+        if not args.pattern:
+            sys.stdout.buffer.write(wire.dumps(wire.encode_tree(result)) + b"\n")
+    elif wire.is_sparse(matrix):
+        trees = {"aux": result[1]} if isinstance(result, tuple) and len(result) > 1 else None
+        with open(args.out, "wb") as fp:
+            fp.write(wire.write_sparse_npz(matrix, {"function": args.function, "method": args.method}, trees))
+        print(f"wrote {args.out}: sparse {matrix.shape[0]} x {matrix.shape[1]}, {matrix.nnz} stored entries",
+              file=sys.stderr)
     elif stream_to is None:
         arrays: dict[str, np.ndarray] = {}
         _flatten(args.method, result, arrays)
@@ -132,6 +168,17 @@ def call_main(argv: list[str]) -> int:
     else:
         print(f"wrote {stream_to}: {result.dtype} {result.shape}", file=sys.stderr)
     return 0
+
+
+def _rows_cols(arr: Any) -> tuple[int, int]:
+    """A Jacobian drawn as (output elements) x (input elements): jacrev's shape is the
+    output's then the input's; without more to go on, the first axis is the output."""
+    a = np.asarray(arr)
+    if a.ndim == 2:
+        return a.shape  # type: ignore[return-value]
+    if a.ndim < 2:
+        return (1, a.size)
+    return (a.shape[0], int(np.prod(a.shape[1:])))
 
 
 if __name__ == "__main__":  # pragma: no cover

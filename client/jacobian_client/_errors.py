@@ -18,6 +18,7 @@
         ├── ResultTooLarge         413      result_too_large
         ├── UnsupportedMediaType   415      unsupported_media_type
         ├── InvalidInput           422      invalid_input
+        │   └── SparsityNotFound   422      sparsity_not_found (no declared pattern of that name)
         ├── Overloaded             429      overloaded        (retried; .retry_after)
         ├── FunctionError          500      function_error
         ├── Unavailable            503      unavailable       (retried)
@@ -53,6 +54,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "ResultTooLarge",
+    "SparsityNotFound",
     "Timeout",
     "TransportError",
     "Unauthorized",
@@ -127,6 +129,14 @@ PayloadTooLarge = _leaf("PayloadTooLarge", "payload_too_large", "the request bod
 ResultTooLarge = _leaf("ResultTooLarge", "result_too_large", "the result is over the limit and cannot be streamed.")
 UnsupportedMediaType = _leaf("UnsupportedMediaType", "unsupported_media_type", "the Content-Type is not accepted.")
 InvalidInput = _leaf("InvalidInput", "invalid_input", "wrong arity, shape, dtype or argnums.")
+
+
+class SparsityNotFound(InvalidInput):
+    """422: the function declares no sparsity pattern of that name (an InvalidInput too)."""
+
+    code_name = "sparsity_not_found"
+
+
 FunctionError = _leaf("FunctionError", "function_error", "the registered function raised.")
 Unavailable = _leaf("Unavailable", "unavailable", "the server is not ready or is draining.")
 Timeout = _leaf("Timeout", "timeout", "the request ran past its deadline on the server.")
@@ -156,6 +166,7 @@ _LEAVES: tuple[type[APIError], ...] = (
     ResultTooLarge,
     UnsupportedMediaType,
     InvalidInput,
+    SparsityNotFound,
     Overloaded,
     FunctionError,
     Unavailable,

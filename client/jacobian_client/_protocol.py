@@ -21,6 +21,10 @@ Wire choices (SPEC 3.1-3.3):
   ``out=``) and npz otherwise; ``application/x-npz`` when more is certainly due. A
   server that answers 406 instead of negotiating gets the call again with npz, and the
   function is remembered.
+* ``sparsity`` other than ``dense`` (SPEC 7): the Jacobian or Hessian is one 2-D sparse
+  matrix (output elements x input elements), asked for as ``.npz`` (the members
+  ``scipy.sparse.save_npz`` writes) or JSON, and returned as a ``scipy.sparse`` array
+  when scipy is installed, else a :class:`~jacobian_client.wire.SparseCOO`.
 * Results are numpy arrays shaped like ``torch.func`` returns them; an aux (and an
   output when ``return_output=True``) come after the main result in a tuple:
   ``J``, ``(J, aux)``, ``(J, output)`` or ``(J, output, aux)``.
@@ -55,6 +59,7 @@ __all__ = [
     "Protocol",
     "RetryPolicy",
     "parse_retry_after",
+    "shapes_of",
     "transport_error",
 ]
 
@@ -179,7 +184,7 @@ class Call:
 
     method: str
     path: str
-    kind: str  # a COMPUTE_KINDS entry, or "functions" / "function" / "info"
+    kind: str  # a COMPUTE_KINDS entry, or "functions" / "function" / "info" / "sparsity"
     name: str | None = None
     params: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
@@ -299,6 +304,26 @@ def _check_argnums(argnums: Any) -> Any:
     return argnums if isinstance(argnums, str) else int(argnums)
 
 
+def shapes_of(items: Sequence[Any]) -> tuple[list[tuple[int, ...]], list[str] | None]:
+    """Shapes for ``GET .../sparsity``: a tuple (or list) of ints is a shape, anything
+    with a ``shape`` an array (its dtype goes too, when every item is an array)."""
+    shapes: list[tuple[int, ...]] = []
+    dtypes: list[str] = []
+    for item in items:
+        if hasattr(item, "shape"):
+            shapes.append(tuple(int(d) for d in item.shape))
+            dtype = str(getattr(item, "dtype", "")).removeprefix("torch.")  # numpy, torch, jax
+            if dtype in wire.DTYPES:
+                dtypes.append(dtype)
+        elif isinstance(item, (tuple, list)) and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in item):
+            shapes.append(tuple(int(d) for d in item))
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            shapes.append((int(item),))
+        else:
+            raise TypeError(f"a shape is a tuple of ints (or an array), not {type(item).__name__}")
+    return shapes, dtypes if len(dtypes) == len(shapes) and shapes else None
+
+
 def _check_rows(rows: Any) -> list[int]:
     try:
         start, stop = (int(r) for r in rows)
@@ -357,6 +382,23 @@ class Protocol:
 
     def function_call(self, name: str) -> Call:
         return Call("GET", _function_path(name), "function", name=name, headers=self._headers(Accept=wire.JSON))
+
+    def sparsity_call(
+        self, name: str, shapes: Sequence[Sequence[int]], *, kind: str = "jacobian", sparsity: str = "auto",
+        argnums: Any = 0, mode: str | None = None, dtypes: Sequence[str] | None = None, format: str = "csr",
+    ) -> Call:
+        """``GET /v1/functions/{name}/sparsity``: shapes as ``3,4;5`` (``;`` between inputs)."""
+        params = {"shapes": ";".join(",".join(str(int(d)) for d in shape) for shape in shapes), "kind": kind,
+                  "sparsity": sparsity, "format": format}
+        argnums = _check_argnums(argnums)
+        if argnums != 0:
+            params["argnums"] = _query_value(argnums)
+        if mode is not None:
+            params["mode"] = mode
+        if dtypes is not None:
+            params["dtypes"] = ";".join(dtypes)
+        return Call("GET", _function_path(name, "sparsity"), "sparsity", name=name, params=params,
+                    headers=self._headers(Accept=wire.JSON))
 
     def info_call(self) -> Call:
         return Call("GET", "/v1/info", "info", headers=self._headers(Accept=wire.JSON))
@@ -422,8 +464,13 @@ class Protocol:
             call.content = wire.dumps(body)
             content_type = wire.JSON
 
+        sparse = "sparsity" in fields and fields.get("sparse_format") != "dense"
+        if sparse and (out is not None or sink is not None):
+            raise ValueError("a sparse result is not streamed into out=; use sparse_format='dense' or no out=")
         if not binary:
             accept = wire.JSON
+        elif sparse:
+            accept = wire.NPZ  # the members scipy.sparse.save_npz writes
         elif out is not None or sink is not None:
             accept = wire.NPY
         elif not parts and not any(isinstance(v, (dict, list)) for v in values) and self._single_array_expected(kind, name, fields):
@@ -453,6 +500,13 @@ class Protocol:
                 value = int(value)
             elif key == "mode" and value not in ("rev", "fwd", "auto"):
                 raise ValueError("mode is 'rev', 'fwd' or 'auto'")
+            elif key == "sparsity":
+                if not isinstance(value, str) or not value:
+                    raise ValueError("sparsity is 'dense', 'auto' or a declared pattern's name")
+                if value == "dense":
+                    continue
+            elif key == "sparse_format" and value not in ("csr", "coo", "dense"):
+                raise ValueError("sparse_format is 'csr', 'coo' or 'dense'")
             fields[key] = value
         return fields
 
@@ -511,13 +565,20 @@ class Protocol:
                 info = FunctionInfo.from_json(wire.loads(body))
                 self.functions_cache[info.name] = info
                 return info
+            if call.kind == "sparsity":
+                doc = wire.loads(body)
+                doc["matrix"] = wire.decode_sparse_json(doc["matrix"], _RESULT_LIMITS)
+                return doc
             if call.kind not in COMPUTE_KINDS:
                 return wire.loads(body)
             key = RESULT_KEY[call.kind]
             if ctype == wire.NPY:
                 value = _writable(wire.read_npy(body, _RESULT_LIMITS))
                 return {"value": value} if call.parts else value
-            if ctype == wire.NPZ:
+            if ctype == wire.NPZ and wire.is_sparse_npz(body, _RESULT_LIMITS):
+                matrix, trees, _meta = wire.read_sparse_result_npz(body, _RESULT_LIMITS)
+                trees[key] = matrix
+            elif ctype == wire.NPZ:
                 trees, _meta = wire.read_result_npz(body, _RESULT_LIMITS)
             elif ctype in (wire.JSON, ""):
                 doc = wire.loads(body)

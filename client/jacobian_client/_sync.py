@@ -15,7 +15,7 @@ import httpx
 from ._base import DEFAULT_TIMEOUT, ClientConfig
 from ._errors import IncompleteResponse, NotAcceptable, error_from_response
 from ._models import FunctionInfo
-from ._protocol import BINARY, Call, RetryPolicy, transport_error
+from ._protocol import BINARY, Call, RetryPolicy, shapes_of, transport_error
 
 __all__ = ["Client"]
 
@@ -119,6 +119,8 @@ class Client:
         out: PathLike | None = None,
         progress: bool = False,
         transport: str | None = None,
+        sparsity: str | None = None,
+        sparse_format: str | None = None,
     ) -> Any:
         """The Jacobian of ``name`` at ``inputs``, as ``torch.func.jacrev`` would give it.
 
@@ -128,9 +130,16 @@ class Client:
         flattened output. ``out=`` streams the result into that ``.npy`` file and returns
         it memory-mapped (read-only), never holding it in memory; ``progress=True`` shows
         a progress bar meanwhile.
+
+        ``sparsity="auto"`` (detected) or a declared pattern's name computes the Jacobian
+        from a few compressed products and returns it as one 2-D sparse matrix (output
+        elements x input elements, C order): a ``scipy.sparse`` CSR array when scipy is
+        installed (``sparse_format="coo"``: COO), else a :class:`~jacobian_client.wire.SparseCOO`;
+        ``sparse_format="dense"`` returns that matrix as a numpy array.
         """
         options = {"argnums": argnums, "chunk_size": chunk_size, "batched": batched,
-                   "return_output": return_output, "rows": rows, "mode": mode}
+                   "return_output": return_output, "rows": rows, "mode": mode,
+                   "sparsity": sparsity, "sparse_format": sparse_format}
         return self._execute(self._proto.compute_call(
             "jacobian", name, inputs, options, transport=transport, out=_path(out), progress=progress))
 
@@ -144,11 +153,35 @@ class Client:
         out: PathLike | None = None,
         progress: bool = False,
         transport: str | None = None,
+        sparsity: str | None = None,
+        sparse_format: str | None = None,
     ) -> Any:
-        """What ``torch.func.hessian(f, argnums)`` returns (same ``out=`` streaming)."""
-        options = {"argnums": argnums, "chunk_size": chunk_size, "batched": batched}
+        """What ``torch.func.hessian(f, argnums)`` returns (same ``out=`` streaming);
+        with ``sparsity`` (``"auto"`` or a declared name) one sparse ``n x n`` matrix from
+        star-coloured Hessian-vector products, as :meth:`jacobian` returns them."""
+        options = {"argnums": argnums, "chunk_size": chunk_size, "batched": batched,
+                   "sparsity": sparsity, "sparse_format": sparse_format}
         return self._execute(self._proto.compute_call(
             "hessian", name, inputs, options, transport=transport, out=_path(out), progress=progress))
+
+    def sparsity(
+        self,
+        name: str,
+        *shapes_or_arrays: Any,
+        kind: str = "jacobian",
+        sparsity: str = "auto",
+        argnums: int | str | tuple[int | str, ...] = 0,
+        mode: str | None = None,
+        format: str = "csr",
+    ) -> dict[str, Any]:
+        """The sparsity pattern of ``name``'s Jacobian (``kind="hessian"``: Hessian) at
+        these input shapes (``GET /v1/functions/{name}/sparsity``): one shape (a tuple)
+        or one array (its shape and dtype) per input. Returns the server's description
+        (``pattern`` with its ``source``, ``coloring``, ``products``, ``picture``) with
+        ``matrix``, the pattern as a sparse matrix of ones."""
+        shapes, dtypes = shapes_of(shapes_or_arrays)
+        return self._execute(self._proto.sparsity_call(
+            name, shapes, kind=kind, sparsity=sparsity, argnums=argnums, mode=mode, dtypes=dtypes, format=format))
 
     def evaluate(self, name: str, *inputs: Any, batched: bool = False, transport: str | None = None) -> Any:
         """The function's output (``(output, aux)`` for has_aux functions)."""

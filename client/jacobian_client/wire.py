@@ -54,6 +54,7 @@ __all__ = [
     "encode_sparse_json",
     "encode_tree",
     "is_sparse",
+    "is_sparse_npz",
     "is_sparse_object",
     "expanded_size",
     "flatten_tree",
@@ -67,6 +68,7 @@ __all__ = [
     "read_npz",
     "read_result_npz",
     "read_sparse_npz",
+    "read_sparse_result_npz",
     "tree_from_paths",
     "vector_leaves",
     "write_npy",
@@ -93,6 +95,7 @@ PROBLEM_STATUS: dict[str, int] = {
     "result_too_large": 413,
     "unsupported_media_type": 415,
     "invalid_input": 422,
+    "sparsity_not_found": 422,
     "overloaded": 429,
     "client_closed": 499,
     "function_error": 500,
@@ -973,11 +976,15 @@ def _scalar_npy(value: np.ndarray) -> list[bytes | memoryview]:
     return [npy_header(value.shape, value.dtype), value.tobytes()]
 
 
-def write_sparse_npz(matrix: Any, meta: dict[str, Any] | None = None) -> bytes:
+def write_sparse_npz(matrix: Any, meta: dict[str, Any] | None = None, trees: dict[str, Any] | None = None) -> bytes:
     """A sparse matrix as the ``.npz`` ``scipy.sparse.save_npz`` writes (stored, not
-    deflated), plus ``meta.json`` when ``meta`` is given."""
+    deflated), plus ``meta.json`` when ``meta`` is given. ``trees`` (a response's
+    ``aux`` / ``output``) go beside as ``aux/...npy`` members, as :func:`write_npz`
+    writes them, their structure in ``meta.json``: ``load_npz`` reads only its own
+    members, so the body stays readable without the SDK."""
     fmt, shape, arrays = _sparse_arrays(matrix)
     buf = io.BytesIO()
+    structure: dict[str, Any] = {}
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name in _SPARSE_FIELDS[fmt]:
             _write_member(zf, f"{name}.npy", write_npy(np.asarray(arrays[name])))
@@ -985,9 +992,59 @@ def write_sparse_npz(matrix: Any, meta: dict[str, Any] | None = None) -> bytes:
         _write_member(zf, "shape.npy", write_npy(np.asarray(shape, dtype=np.int64)))
         _write_member(zf, "data.npy", write_npy(np.asarray(arrays["data"])))
         _write_member(zf, "_is_array.npy", write_npy(np.array(True)))  # load_npz: an array, not a matrix
-        if meta is not None:
-            zf.writestr("meta.json", dumps(meta))
+        for key, tree in (trees or {}).items():
+            if key in _SPARSE_MEMBERS:
+                raise ValueError(f"{key!r} is a member name of the sparse matrix")
+            structure[key], members = flatten_tree(key, tree)
+            for path, arr in members:
+                _write_member(zf, f"{path}.npy", write_npy(arr))
+        if meta is not None or structure:
+            zf.writestr("meta.json", dumps({**(meta or {}), **({"structure": structure} if structure else {})}))
     return buf.getvalue()
+
+
+_SPARSE_MEMBERS = frozenset({"format", "shape", "data", "indices", "indptr", "row", "col", "_is_array"})
+
+
+def is_sparse_npz(body: bytes | memoryview, limits: Limits = Limits()) -> bool:
+    """Whether an ``.npz`` holds a sparse matrix (a ``format`` member, as save_npz writes)."""
+    try:
+        _, infos = _npz_infos(body, limits)
+    except WireError:
+        return False
+    return any(info.filename == "format.npy" for info in infos)
+
+
+def read_sparse_result_npz(
+    body: bytes | memoryview, limits: Limits = Limits(), as_scipy: bool | None = None
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """A sparse result body from :func:`write_sparse_npz`: ``(matrix, trees, meta)``,
+    ``trees`` holding ``aux`` / ``output`` when the server sent them."""
+    sparse_part: list[tuple[str, bytes]] = []
+    tree_part: list[tuple[str, bytes]] = []
+    meta_json = b"{}"
+    for filename, raw in _npz_members(body, limits):
+        if filename == "meta.json":
+            meta_json = raw
+        elif filename.removesuffix(".npy") in _SPARSE_MEMBERS:
+            sparse_part.append((filename, raw))
+        else:
+            tree_part.append((filename, raw))
+    matrix = _sparse_from_members(dict(sparse_part), limits, as_scipy)
+    members = _npz_arrays(iter(tree_part), limits)
+    meta = loads(meta_json)
+    structure = meta.pop("structure", {}) if isinstance(meta, dict) else {}
+
+    def build(node: Any) -> Any:
+        if isinstance(node, dict) and set(node) == {"$npy"}:
+            return members[node["$npy"].removesuffix(".npy")]
+        if isinstance(node, list):
+            return tuple(build(n) for n in node)
+        if isinstance(node, dict):
+            return {k: build(v) for k, v in node.items()}
+        return node
+
+    return matrix, {k: build(v) for k, v in structure.items()}, meta
 
 
 def read_sparse_npz(body: bytes | memoryview, limits: Limits = Limits(), as_scipy: bool | None = None) -> tuple[Any, dict[str, Any]]:
@@ -997,6 +1054,10 @@ def read_sparse_npz(body: bytes | memoryview, limits: Limits = Limits(), as_scip
     for filename, raw in _npz_members(body, limits):
         members[filename] = raw
     meta = loads(members.pop("meta.json")) if "meta.json" in members else {}
+    return _sparse_from_members(members, limits, as_scipy), meta
+
+
+def _sparse_from_members(members: dict[str, bytes], limits: Limits, as_scipy: bool | None) -> Any:
     raw_format = members.pop("format.npy", None)
     if raw_format is None:
         raise WireError("not a sparse .npz: no 'format' member")
@@ -1011,7 +1072,7 @@ def read_sparse_npz(body: bytes | memoryview, limits: Limits = Limits(), as_scip
     shape = tuple(int(d) for d in arrays.pop("shape").reshape(-1))
     _check_shape(list(shape), limits)
     _check_sparse(fmt, shape, arrays, limits)
-    return _to_matrix(fmt, shape, arrays, as_scipy), meta  # type: ignore[arg-type]
+    return _to_matrix(fmt, shape, arrays, as_scipy)  # type: ignore[arg-type]
 
 
 def _read_format(raw: bytes) -> str:

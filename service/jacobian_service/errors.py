@@ -12,6 +12,7 @@
     ├── ResultTooLarge        413     result_too_large
     ├── UnsupportedMediaType  415     unsupported_media_type
     ├── InvalidInput          422     invalid_input
+    ├── SparsityNotFound      422     sparsity_not_found   (no declared pattern of that name)
     ├── Overloaded            429     overloaded           (Retry-After)
     ├── ClientGone            499     client_closed        (logged only: nobody is listening)
     ├── FunctionError         500     function_error       (the function raised)
@@ -46,6 +47,7 @@ __all__ = [
     "PayloadTooLarge",
     "ResultTooLarge",
     "ServiceError",
+    "SparsityNotFound",
     "Timeout",
     "Unauthorized",
     "Unavailable",
@@ -81,6 +83,7 @@ PayloadTooLarge = _error("PayloadTooLarge", "payload_too_large", "Payload too la
 ResultTooLarge = _error("ResultTooLarge", "result_too_large", "Result too large")
 UnsupportedMediaType = _error("UnsupportedMediaType", "unsupported_media_type", "Unsupported media type")
 InvalidInput = _error("InvalidInput", "invalid_input", "Invalid input")
+SparsityNotFound = _error("SparsityNotFound", "sparsity_not_found", "Sparsity pattern not found")
 Overloaded = _error("Overloaded", "overloaded", "Overloaded")
 ClientGone = _error("ClientGone", "client_closed", "Client closed request")
 FunctionError = _error("FunctionError", "function_error", "Function error")

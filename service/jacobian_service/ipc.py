@@ -12,6 +12,8 @@ dict keys stay strings of any spelling, and non-finite floats survive JSON:
     ["t", [...]] / ["l", [...]]  a tuple / a list
     ["d", {key: ...}]            a dict
     ["f", "nan" | "inf" | "-inf"] a non-finite float
+    ["s", fmt, shape, {name: array}] a sparse matrix (scipy CSR or COO): its index and
+                                 value arrays as frames; scipy is imported only to read one
     ["v", value]                 any other JSON value
 """
 
@@ -30,7 +32,7 @@ import orjson
 from .errors import ServiceError
 from .registry import FunctionSpec
 from .scheduler import StreamHead
-from .types import Call, JobInfo, Result
+from .types import Call, JobInfo, Result, is_sparse_matrix
 
 __all__ = [
     "StatusBoard",
@@ -46,7 +48,8 @@ __all__ = [
     "unbundle",
 ]
 
-_CALL_FIELDS = ("chunk_size", "batched", "mode", "return_output", "batched_vectors", "max_result_bytes", "deadline")
+_CALL_FIELDS = ("chunk_size", "batched", "mode", "return_output", "batched_vectors", "max_result_bytes", "sparsity",
+                "sparse_format", "deadline")
 
 
 def engine_address(run_dir: Path, index: int) -> str:
@@ -67,6 +70,9 @@ def pack(tree: Any, frames: list[Any]) -> Any:
         return ["a", len(frames) - 1, arr.dtype.str, list(arr.shape)]
     if isinstance(tree, np.generic):
         return pack(np.asarray(tree), frames)
+    if is_sparse_matrix(tree):
+        names = ("indptr", "indices", "data") if tree.format == "csr" else ("row", "col", "data")
+        return ["s", tree.format, [int(d) for d in tree.shape], {n: pack(np.asarray(getattr(tree, n)), frames) for n in names}]
     if isinstance(tree, tuple):
         return ["t", [pack(t, frames) for t in tree]]
     if isinstance(tree, list):
@@ -92,6 +98,14 @@ def unpack(node: Any, frames: Sequence[Any]) -> Any:
         return {k: unpack(v, frames) for k, v in body.items()}
     if tag == "f":
         return float(body)
+    if tag == "s":
+        import scipy.sparse as sp  # only a front end that receives a sparse result needs it
+
+        arrays = {k: unpack(v, frames) for k, v in node[3].items()}
+        shape = tuple(node[2])
+        if body == "csr":
+            return sp.csr_array((arrays["data"], arrays["indices"], arrays["indptr"]), shape=shape)
+        return sp.coo_array((arrays["data"], (arrays["row"], arrays["col"])), shape=shape)
     return body
 
 
@@ -191,6 +205,7 @@ def encode_reply(msg_id: int, result: Any, info: JobInfo) -> list[Any]:
             "output": pack(result.output, frames),
             "chunk_size": result.chunk_size,
             "mode": result.mode,
+            "sparse_meta": result.sparse_meta,
         }
     elif isinstance(result, StreamHead):
         header = {"t": "head", "sid": result.stream_id, "shape": list(result.shape), "dtype": result.dtype,
@@ -227,6 +242,7 @@ def decode_reply(header: dict[str, Any], frames: Sequence[Any]) -> tuple[Any, Jo
             output=unpack(header["output"], frames),
             chunk_size=header["chunk_size"],
             mode=header["mode"],
+            sparse_meta=header.get("sparse_meta"),
         )
         return result, info
     if kind == "head":

@@ -88,9 +88,65 @@ _COMPONENTS: dict[str, Any] = {
             "device": {"type": ["string", "null"]},
             "chunk_size": {"type": ["integer", "null"]},
             "batch_size": {"type": "integer"},
-            "mode": {"type": ["string", "null"]},
+            "mode": {"type": ["string", "null"], "description": "rev / fwd (Jacobians), star (sparse Hessians), or the Hessian strategy"},
             "queue_ms": {"type": "number"},
             "compute_ms": {"type": "number"},
+            # sparse results only (sparsity other than dense)
+            "sparsity": {"type": "string", "description": "what the request asked: auto or a declared name"},
+            "pattern": {"type": "string", "description": "the pattern's name"},
+            "source": {"type": "string", "enum": ["declared", "detected", "probed", "given"]},
+            "exact": {"type": "boolean", "description": "false when detection assumed unknown ops dense"},
+            "format": {"type": "string", "enum": ["csr", "coo", "dense"]},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "nnz": {"type": "integer"},
+            "colors": {"type": "integer"},
+            "products": {"type": "integer", "description": "JVPs, VJPs or HVPs computed"},
+            "dense_products": {"type": "integer", "description": "what the dense computation takes"},
+            "cached": {"type": ["string", "null"], "enum": ["memory", "disk", None]},
+        },
+    },
+    "SparseMatrix": {
+        "type": "object",
+        "description": (
+            "a sparse 2-D matrix, (output elements) x (input elements), both flattened in C order: "
+            "CSR (indptr, indices, data) or COO (row, col, data)"
+        ),
+        "required": ["format", "shape", "data"],
+        "properties": {
+            "format": {"type": "string", "enum": ["csr", "coo"]},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2, "maxItems": 2},
+            "dtype": {"type": "string", "enum": sorted(wire.DTYPES)},
+            "indptr": {"type": "array", "items": {"type": "integer"}},
+            "indices": {"type": "array", "items": {"type": "integer"}},
+            "row": {"type": "array", "items": {"type": "integer"}},
+            "col": {"type": "array", "items": {"type": "integer"}},
+            "data": {"type": "array", "items": {}},
+        },
+        "additionalProperties": False,
+    },
+    "SparsityPattern": {
+        "type": "object",
+        "required": ["function", "kind", "pattern", "coloring", "products", "matrix"],
+        "properties": {
+            "function": {"type": "string"},
+            "kind": {"type": "string", "enum": ["jacobian", "hessian"]},
+            "sparsity": {"type": "string"},
+            "pattern": {
+                "type": "object",
+                "description": "name, source (declared / detected / probed), exact, shape, nnz, density, max_per_row, max_per_col, notes",
+                "additionalProperties": True,
+            },
+            "coloring": {
+                "type": "object",
+                "description": "mode (fwd / rev / star), colors, products, lower_bound, strategy",
+                "additionalProperties": True,
+            },
+            "products": {"type": "integer"},
+            "dense_products": {"type": "integer"},
+            "cached": {"type": ["string", "null"]},
+            "picture": {"type": "string", "description": "the pattern in braille characters"},
+            "matrix": {"$ref": "#/components/schemas/SparseMatrix"},
+            "meta": {"type": "object", "additionalProperties": True},
         },
     },
     "Problem": {
@@ -169,9 +225,12 @@ def _request_schema(kind: str) -> dict[str, Any]:
 
 def _response_schema(kind: str) -> dict[str, Any]:
     key = RESULT_KEY[kind]
+    result: dict[str, Any] = {"$ref": "#/components/schemas/ArrayTree"}
+    if kind in ("jacobian", "hessian"):  # sparsity other than dense: a sparse object
+        result = {"anyOf": [result, {"$ref": "#/components/schemas/SparseMatrix"}]}
     props = {
         "function": {"type": "string"},
-        key: {"$ref": "#/components/schemas/ArrayTree"},
+        key: result,
         "aux": {"description": "the function's aux output (has_aux functions)"},
         "meta": {"$ref": "#/components/schemas/Meta"},
     }
@@ -220,10 +279,17 @@ def _operation(route: Route, names: list[str]) -> dict[str, Any]:
         ok = {"description": "OK", "content": {wire.JSON: {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Function"}}}}}
     elif route.operation_id == "getFunction":
         ok = {"description": "OK", "content": {wire.JSON: {"schema": {"$ref": "#/components/schemas/Function"}}}}
+    elif route.operation_id == "getSparsity":
+        ok = {
+            "description": "the pattern as JSON, or as .npz (scipy.sparse.save_npz members, the rest in meta.json)",
+            "content": {wire.JSON: {"schema": {"$ref": "#/components/schemas/SparsityPattern"}}, wire.NPZ: binary},
+        }
     elif route.operation_id == "metrics":
         ok = {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
     else:
         ok = {"description": "OK", "content": {wire.JSON: {"schema": {"type": "object", "additionalProperties": True}}}}
+    if route.doc.get("parameters"):
+        op["parameters"] = [*op.get("parameters", []), *route.doc["parameters"]]
     op["responses"] = {"200": ok, **_problems(route.errors, route.auth in ("key", "metrics"))}
     if route.auth in ("key", "metrics"):
         op["security"] = [{"bearer": []}]

@@ -17,10 +17,10 @@ from jacobian_client import wire
 
 from .responses import echo
 from .types import Call
-from .errors import InvalidInput, UnsupportedMediaType, from_wire
+from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, UnsupportedMediaType, from_wire
 from .registry import FLOAT_DTYPES, FunctionSpec
 
-__all__ = ["KINDS", "Options", "media_type_of", "parse_call"]
+__all__ = ["KINDS", "Options", "media_type_of", "parse_call", "parse_sparsity_query"]
 
 Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
 KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
@@ -42,7 +42,15 @@ class Options(BaseModel):
     batched: bool = Field(False, description="per-example results over the leading dimension")
     return_output: bool = False
     rows: tuple[int, int] | None = Field(None, description="[start, stop) rows of the flattened output")
-    mode: Literal["rev", "fwd", "auto"] = "rev"
+    mode: Literal["rev", "fwd", "auto"] | None = Field(
+        None, description="rev (default for dense), fwd or auto (default for sparse: fewer products)"
+    )
+    sparsity: StrictStr = Field(
+        "dense", description="jacobian/hessian: dense (v1), auto (detected), or a declared pattern's name"
+    )
+    sparse_format: Literal["csr", "coo", "dense"] = Field(
+        "csr", description="with sparsity other than dense: the result as CSR, COO, or a dense 2-D array"
+    )
     batched_vectors: bool = Field(False, description="vjp/jvp: vectors carry a leading batch dimension")
 
 
@@ -258,6 +266,7 @@ def parse_call(
         raise InvalidInput("rows applies to non-batched jacobian requests only")
     if options.rows is not None and not 0 <= options.rows[0] <= options.rows[1]:
         raise InvalidInput(f"rows must satisfy 0 <= start <= stop, got {list(options.rows)}")
+    _check_sparsity(spec, kind, options)
     positions, as_tuple = spec.argnums(options.argnums)
     argnums = spec.leaf_argnums(positions)
 
@@ -298,12 +307,39 @@ def parse_call(
         positions=positions if spec.has_trees else None,
         chunk_size=options.chunk_size,
         batched=options.batched,
-        mode=options.mode,
+        mode=options.mode or ("rev" if options.sparsity == "dense" else "auto"),
         rows=options.rows,
         return_output=options.return_output,
         vectors=vectors,
         batched_vectors=options.batched_vectors,
+        sparsity=options.sparsity,
+        sparse_format=options.sparse_format,
     )
+
+
+def _check_sparsity(spec: FunctionSpec, kind: str, options: Options) -> None:
+    """``sparsity`` (SPEC 7): which requests may ask for it, and which names exist; told
+    before any compute, from the declared names every front end knows."""
+    name = options.sparsity
+    if name == "dense":
+        return
+    if kind not in ("jacobian", "hessian"):
+        raise InvalidInput(f"sparsity applies to jacobian and hessian requests only, not {kind}")
+    if options.batched or options.rows is not None:
+        raise InvalidInput("sparsity other than dense does not combine with batched or rows")
+    if spec.has_trees:  # a sparse matrix is (output elements x input elements) of plain arrays
+        raise InvalidInput(f"sparsity other than dense is for functions of plain arrays; {spec.name} takes a pytree parameter")
+    if name == "auto":
+        return
+    declared = spec.sparsity.get(name)
+    if declared is None:
+        names = ", ".join(["dense", "auto", *sorted(spec.sparsity)])
+        raise SparsityNotFound(f"{spec.name} declares no sparsity pattern named {echo(name)}; choose one of {names}")
+    if declared.hessian != (kind == "hessian"):
+        raise InvalidInput(
+            f"the declared pattern {name!r} is for the {'Hessian' if declared.hessian else 'Jacobian'}; "
+            f"this is a {kind} request"
+        )
 
 
 def media_type_of(content_type: str | None) -> str:
@@ -311,3 +347,75 @@ def media_type_of(content_type: str | None) -> str:
     if not content_type:
         return wire.JSON
     return content_type.split(";", 1)[0].strip().lower()
+
+
+_SPARSITY_QUERY = frozenset({"shapes", "dtypes", "kind", "sparsity", "mode", "argnums", "format"})
+
+
+def _shapes(text: str) -> list[tuple[int, ...]]:
+    """``3,4;5`` -> ``[(3, 4), (5,)]``: one shape per input, ``;`` between inputs, ``,``
+    between dims; an empty shape (``;5``, or ``shapes=`` for one input) is a 0-d input."""
+    shapes = []
+    for part in text.split(";"):
+        dims = [d.strip() for d in part.split(",") if d.strip() != ""]
+        if not all(_INTEGER.fullmatch(d) and int(d) >= 0 for d in dims):
+            raise InvalidInput(f"shapes: {echo(part)} is not a comma-separated list of sizes")
+        shapes.append(tuple(int(d) for d in dims))
+    return shapes
+
+
+def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: wire.Limits) -> tuple[str, Call]:
+    """``GET /v1/functions/{name}/sparsity?shapes=...``: the derivative kind and a
+    :class:`Call` at a fixed point of those shapes. Patterns are structural (detected or
+    declared, never read off values), so the point only has to be one the function is
+    defined at: pseudo-random values in [0.5, 1.5), the same every time."""
+    unknown = set(query) - _SPARSITY_QUERY
+    if unknown:
+        raise InvalidInput(f"unknown query parameters {sorted(unknown)}; this endpoint takes {sorted(_SPARSITY_QUERY)}")
+    if "shapes" not in query:
+        raise InvalidInput("give the input shapes: shapes=3,4;5 (one shape per input, ';' between inputs)")
+    shapes = _shapes(query["shapes"])
+    if len(shapes) != len(spec.inputs):
+        raise InvalidInput(f"{spec.name} takes {len(spec.inputs)} inputs {[i.name for i in spec.inputs]}; "
+                           f"shapes gives {len(shapes)}")
+    kind = query.get("kind", "jacobian")
+    if kind not in ("jacobian", "hessian"):
+        raise InvalidInput(f"kind is jacobian or hessian, not {echo(kind)}")
+    fmt = query.get("format", "csr")
+    if fmt not in ("csr", "coo"):
+        raise InvalidInput(f"format is csr or coo, not {echo(fmt)}")
+    dtype_names = query["dtypes"].split(";") if "dtypes" in query else [None] * len(shapes)
+    if len(dtype_names) != len(shapes):
+        raise InvalidInput(f"dtypes gives {len(dtype_names)} dtypes for {len(shapes)} inputs")
+    raw = {k: _query_value(k, query[k]) for k in ("mode", "argnums") if k in query}
+    options = _options({**raw, "sparsity": query.get("sparsity", "auto")})
+    if options.sparsity == "dense":
+        raise InvalidInput("sparsity=dense has no pattern to show; ask for auto or a declared pattern's name")
+    _check_sparsity(spec, kind, options)
+    argnums, _ = spec.argnums(options.argnums)
+    rng = np.random.default_rng(0)
+    args, dtypes, bindings = [], [], {}  # type: ignore[var-annotated]
+    total = 0
+    for shape, name, inp in zip(shapes, dtype_names, spec.inputs):
+        if len(shape) > limits.max_rank or int(np.prod(shape, dtype=np.int64)) > limits.max_elements:
+            raise InvalidInput(f"input {inp.name!r}: shape {list(shape)} is over the array limits")
+        total += int(np.prod(shape, dtype=np.int64)) * 8  # 8: the widest element a body may carry
+        if total > limits.max_bytes:  # no more than a request body could carry
+            raise PayloadTooLarge(f"these shapes hold more than {limits.max_bytes} bytes, the request limit")
+        if name is not None and name not in wire.DTYPES:
+            raise InvalidInput(f"dtypes: unknown dtype {echo(name)}")
+        dtype = inp.resolve_dtype(name) if name is not None else inp.default_dtype
+        inp.bind(shape, bindings)
+        wire_dtype = "float32" if dtype == "bfloat16" else dtype
+        if np.dtype(wire_dtype).kind == "f":
+            arr = rng.uniform(0.5, 1.5, shape).astype(wire_dtype)
+        else:
+            arr = np.ones(shape, dtype=wire_dtype)
+        args.append(arr)
+        dtypes.append(dtype)
+    for i in argnums:
+        if dtypes[i] not in FLOAT_DTYPES:
+            raise InvalidInput(f"input {spec.inputs[i].name!r} is {dtypes[i]}; only floating inputs can be differentiated")
+    call = Call(spec=spec, args=args, dtypes=dtypes, argnums=argnums, mode=options.mode or "auto",
+                sparsity=options.sparsity, sparse_format=fmt)
+    return kind, call

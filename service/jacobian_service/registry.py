@@ -288,7 +288,12 @@ class FunctionSpec:
         """The metadata of :meth:`describe`, without the function: what a front end
         needs to validate requests, learned from an engine (no torch, no user modules)."""
         inputs = tuple(Input.from_description(i) for i in doc["inputs"])
-        return cls(name=doc["name"], fn=_not_here, inputs=inputs, has_aux=doc["has_aux"], description=doc["description"])
+        # Declared patterns by name and kind (Jacobian or Hessian), so a front end can
+        # refuse an unknown name before any compute; their recipes stay with the engines.
+        sparsity = {name: Declared(d["kind"], _not_here, dict(d.get("params", {})), bool(d.get("hessian")))
+                    for name, d in (doc.get("sparsity") or {}).items()}
+        return cls(name=doc["name"], fn=_not_here, inputs=inputs, has_aux=doc["has_aux"], description=doc["description"],
+                   sparsity=sparsity)
 
     # ---------------------------------------------------------------- pytree parameters
     #

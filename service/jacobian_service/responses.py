@@ -11,7 +11,7 @@ from starlette.responses import Response, StreamingResponse
 
 from jacobian_client import wire
 
-from .types import Result
+from .types import Result, is_sparse_matrix
 from .errors import NotAcceptable, ServiceError
 
 __all__ = ["EncodeBudget", "echo", "acceptable", "choose", "encode", "is_single_array", "pieces_response", "problem_response"]
@@ -84,6 +84,11 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
         trees["aux"] = result.aux
     if result.output is not None:
         trees["output"] = result.output
+    if media == wire.NPZ and is_sparse_matrix(result.value):
+        # SPEC 7: the members scipy.sparse.save_npz writes, so load_npz reads the body;
+        # aux / output and meta.json beside them.
+        extra = {k: v for k, v in trees.items() if k != key}
+        return Response(wire.write_sparse_npz(result.value, {"function": function, **meta}, extra), media_type=wire.NPZ)
     if media == wire.NPZ:
         return Response(wire.write_npz(trees, {"function": function, **meta}), media_type=wire.NPZ)
     body = {"function": function, **{k: wire.encode_tree(v) for k, v in trees.items()}, "meta": meta}

@@ -31,13 +31,14 @@ from .errors import (
     InvalidInput,
     MalformedBody,
     MethodNotAllowed,
+    NotAcceptable,
     NotFound,
     OutOfMemory,
     PayloadTooLarge,
     ServiceError,
     Unavailable,
 )
-from .parsing import KINDS, media_type_of, parse_call
+from .parsing import KINDS, media_type_of, parse_call, parse_sparsity_query
 from .responses import acceptable, choose, encode, is_single_array, problem_response
 from .scheduler import StreamHead
 from .state import ServiceState
@@ -203,7 +204,19 @@ def _meta(info: JobInfo, result: Result) -> dict[str, Any]:
         "mode": result.mode,
         "queue_ms": round(info.queue_s * 1e3, 3),
         "compute_ms": round(info.compute_s * 1e3, 3),
+        **(result.sparse_meta or {}),  # sparse results: sparsity, source, colors, products, nnz
     }
+
+
+def _sparse_media(media: list[str]) -> list[str]:
+    """A sparse matrix travels as JSON or .npz (SPEC 7), never as one .npy."""
+    kept = [m for m in media if m != wire.NPY]
+    if not kept:
+        raise NotAcceptable(
+            f"a sparse result travels as {wire.NPZ} (scipy.sparse.save_npz members) or {wire.JSON}; "
+            "ask for one of them, or for sparse_format=dense"
+        )
+    return kept
 
 
 def _could_be_single(call: Call, kind: str) -> bool:
@@ -226,10 +239,13 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
     )
     call.deadline = _deadline(state, request)
     call.max_result_bytes = state.settings.max_result_bytes
-    if not _could_be_single(call, kind):  # known before compute: answer 406 now, not after
+    sparse = call.sparsity != "dense"
+    if sparse and call.sparse_format != "dense":
+        media = _sparse_media(media)
+    elif not _could_be_single(call, kind):  # known before compute: answer 406 now, not after
         media = [m for m in media if m != wire.NPY]
         choose(media, single_array=False)
-    job = "jacobian_npy" if kind == "jacobian" and media[0] == wire.NPY else kind
+    job = "jacobian_npy" if kind == "jacobian" and media[0] == wire.NPY and not sparse else kind
     result, info = await _cancellable(request, state.engines.run(job, call))
     if isinstance(result, StreamHead):
         return _stream(state, request, call, result, info)
@@ -246,6 +262,25 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
     ):
         state.metrics.latency.labels(kind, phase).observe(seconds)
     return response
+
+
+async def function_sparsity(request: Request, name: str) -> Response:
+    """The sparsity pattern of a function's Jacobian (or Hessian) at the shapes in the
+    query, its source, the colouring and the number of products a sparse call takes."""
+    state = _state(request)
+    spec = state.registry.get(name)
+    media = _sparse_media(acceptable(request.headers.get("accept")))
+    kind, call = parse_sparsity_query(spec, dict(request.query_params), state.settings.wire_limits)
+    call.deadline = _deadline(state, request)
+    call.max_result_bytes = state.settings.max_result_bytes
+    result, info = await _cancellable(request, state.engines.run(f"sparsity_{kind}", call))
+    doc = {"function": spec.name, **(result.sparse_meta or {}),
+           "meta": {"device": info.device, "queue_ms": round(info.queue_s * 1e3, 3),
+                    "compute_ms": round(info.compute_s * 1e3, 3)}}
+    if media[0] == wire.NPZ:
+        return Response(await _offload(result.nbytes(), wire.write_sparse_npz, result.value, doc), media_type=wire.NPZ)
+    doc["matrix"] = wire.encode_sparse_json(result.value)
+    return Response(await _offload(result.nbytes(), wire.dumps, doc), media_type=wire.JSON)
 
 
 async def _cancellable(request: Request, work: Awaitable[Any]) -> Any:
@@ -317,7 +352,7 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
 
 _DERIVATIVE_ERRORS = (
     "malformed_body", "function_not_found", "not_acceptable", "payload_too_large", "result_too_large",
-    "unsupported_media_type", "invalid_input", "overloaded", "function_error", "unavailable",
+    "unsupported_media_type", "invalid_input", "sparsity_not_found", "overloaded", "function_error", "unavailable",
     "function_quarantined", "timeout", "out_of_memory",
 )
 _SUMMARIES = {
@@ -329,6 +364,20 @@ _SUMMARIES = {
     "hvp": "Hessian-vector products (forward over reverse), one or many tangents",
 }
 
+_SPARSITY_PARAMETERS = [
+    {"name": "shapes", "in": "query", "required": True, "schema": {"type": "string", "example": "64;3"},
+     "description": "input shapes in order: ',' between sizes, ';' between inputs (empty: a 0-d input)"},
+    {"name": "kind", "in": "query", "schema": {"type": "string", "enum": ["jacobian", "hessian"], "default": "jacobian"}},
+    {"name": "sparsity", "in": "query", "schema": {"type": "string", "default": "auto"},
+     "description": "auto (detected) or a declared pattern's name"},
+    {"name": "mode", "in": "query", "schema": {"type": "string", "enum": ["auto", "fwd", "rev"], "default": "auto"},
+     "description": "jacobian: colour columns (fwd, JVPs) or rows (rev, VJPs); auto takes fewer products"},
+    {"name": "argnums", "in": "query", "schema": {"type": "string", "default": "0"},
+     "description": "differentiated inputs: positions or names, comma-separated"},
+    {"name": "dtypes", "in": "query", "schema": {"type": "string"}, "description": "input dtypes, ';' between inputs"},
+    {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["csr", "coo"], "default": "csr"}},
+]
+
 ROUTES: list[Route] = [
     Route("GET", "/healthz", healthz, "healthz", "Liveness: 200 while the process serves", "operations", auth="public"),
     Route("GET", "/readyz", readyz, "readyz", "Readiness: 200 once every engine is up; 503 while draining",
@@ -338,6 +387,12 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/functions", list_functions, "listFunctions", "Every registered function", "functions"),
     Route("GET", "/v1/functions/{name}", describe_function, "getFunction", "One function's description", "functions",
           errors=("function_not_found",)),
+    Route("GET", "/v1/functions/{name}/sparsity", function_sparsity, "getSparsity",
+          "A function's sparsity pattern, colouring and product count at given input shapes", "functions",
+          errors=("function_not_found", "invalid_input", "sparsity_not_found", "not_acceptable", "payload_too_large",
+                  "result_too_large", "function_error",
+                  "overloaded", "unavailable", "function_quarantined", "timeout", "out_of_memory"),
+          doc={"parameters": _SPARSITY_PARAMETERS}),
     Route("DELETE", "/v1/functions/{name}/quarantine", release_function, "releaseFunction",
           "Release a quarantined function (operators)", "operations", errors=("function_not_found",)),
     *[

@@ -30,7 +30,8 @@ log = logging.getLogger("jacobian_service.scheduler")
 # A stacked Jacobian's working set, in multiples of its results (basis, grads, copies).
 _BATCH_WORKSET_FACTOR = 4
 _REFILL_WAIT_MAX_S = 0.002
-_KINDS = frozenset({"jacobian", "jacobian_npy", "hessian", "evaluate", "vjp", "jvp", "hvp", "stream_next", "warmup"})
+_KINDS = frozenset({"jacobian", "jacobian_npy", "hessian", "evaluate", "vjp", "jvp", "hvp", "stream_next", "warmup",
+                    "sparsity_jacobian", "sparsity_hessian"})
 
 Settle = Callable[[Any, "BaseException | None", JobInfo], None]
 
@@ -131,8 +132,8 @@ class Worker:
     def _batch_key(self, job: Job) -> Hashable | None:
         """Requests that may share one vmap: same function, options and per-example shapes."""
         call, kind = job.call, job.kind
-        if call is None or call.batched or call.rows is not None or self.max_batch <= 1:
-            return None
+        if call is None or call.batched or call.rows is not None or call.sparsity != "dense" or self.max_batch <= 1:
+            return None  # sparse requests run alone: their cost is in planning, not products
         if kind == "jacobian_npy":  # batchable only once earlier calls showed it is small
             rows = self.engine.profiles[call.spec.name].output_rows.get(call.signature())
             if rows is None or call.mode == "fwd" or rows * call.row_nbytes() > self.stream_threshold:

@@ -18,7 +18,7 @@ import numpy as np
 from .errors import Timeout
 from .registry import FunctionSpec
 
-__all__ = ["Call", "JobInfo", "Result", "tree_leaves"]
+__all__ = ["Call", "JobInfo", "Result", "is_sparse_matrix", "tree_leaves"]
 
 
 def tree_leaves(tree: Any) -> Iterator[Any]:
@@ -59,6 +59,10 @@ class Call:
     batched_vectors: bool = False
     deadline: float = math.inf  # time.monotonic() seconds: one clock for every process
     max_result_bytes: int | None = None
+    # SPEC 7: "dense" (v1), "auto" or a declared pattern's name; and how a sparse
+    # result travels: "csr" / "coo" (sparse) or "dense" (the same 2-D matrix, dense).
+    sparsity: str = "dense"
+    sparse_format: str = "csr"
     cancelled: Callable[[], bool] = field(default=lambda: False)
 
     def signature(self, batched: bool = False) -> tuple[Any, ...]:
@@ -98,11 +102,28 @@ class Result:
     output: Any = None
     chunk_size: int | None = None
     mode: str | None = None
+    sparse_meta: dict[str, Any] | None = None  # how a sparse result was computed (meta)
 
     def nbytes(self) -> int:
         """Bytes of every array the response will carry (value, aux and output)."""
         trees = (self.value, self.aux, self.output)
-        return sum(leaf.nbytes for tree in trees for leaf in tree_leaves(tree) if isinstance(leaf, np.ndarray))
+        return sum(_leaf_nbytes(leaf) for tree in trees for leaf in tree_leaves(tree))
+
+
+def _leaf_nbytes(leaf: Any) -> int:
+    if isinstance(leaf, np.ndarray):
+        return leaf.nbytes
+    if is_sparse_matrix(leaf):  # a scipy CSR/COO array: its index and value arrays
+        return sum(getattr(leaf, name).nbytes for name in _SPARSE_ARRAYS[leaf.format])
+    return 0
+
+
+_SPARSE_ARRAYS = {"csr": ("data", "indices", "indptr"), "coo": ("data", "row", "col")}
+
+
+def is_sparse_matrix(obj: Any) -> bool:
+    """A scipy CSR or COO array, told without importing scipy (the front end may not have)."""
+    return getattr(obj, "format", None) in _SPARSE_ARRAYS and hasattr(obj, "nnz") and hasattr(obj, "data")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from ..errors import InvalidInput, OutOfMemory, ResultTooLarge
 from ..types import Call, Result, tree_leaves
 from . import batched as _batched
 from . import hessian as _hessian
+from . import sparse as _sparse
 from .calling import AuxBox, differentiable, function_error, is_oom
 from .profile import Profiles
 from .rows import RowStream
@@ -73,10 +74,15 @@ class Streamed:
 class Engine:
     """Computes derivatives on one device. Not thread-safe: one thread owns it."""
 
-    def __init__(self, device: torch.device, memory_budget: int) -> None:
+    def __init__(self, device: torch.device, memory_budget: int, sparsity_cache_dir: Any = None) -> None:
+        from ..sparsity import PatternCache
+
         self.device = device
         self.memory_budget = memory_budget
         self.profiles = Profiles()
+        # Sparsity patterns and colourings, per function and shapes; on disk too when the
+        # setting names a directory ("" keeps the environment from choosing one).
+        self.sparsity_cache = PatternCache(sparsity_cache_dir or "")
 
     # ----------------------------------------------------------------- device helpers
 
@@ -162,6 +168,8 @@ class Engine:
 
     def jacobian(self, call: Call, stream: RowStream | None = None) -> Result:
         """The whole Jacobian, gathered; ``stream`` reuses a forward pass already made."""
+        if call.sparsity != "dense":
+            return _sparse.sparse_derivative(self, call, "jacobian")
         if call.batched:
             return _batched.batched(self, call, "jacobian")
         if stream is None and call.rows is None and call.mode != "rev":
@@ -181,7 +189,7 @@ class Engine:
         """A Jacobian bound for ``.npy``: gathered when small (or forward mode, or several
         outputs), else :class:`Streamed` row chunk by row chunk. The forward pass fixes
         the output shape, hence the header and length, before any row is computed."""
-        if call.batched or (call.rows is None and call.mode != "rev"):
+        if call.batched or call.sparsity != "dense" or (call.rows is None and call.mode != "rev"):
             return self.jacobian(call)
         stream = self.row_stream(call)
         start, stop = call.rows or (0, stream.total_rows)
@@ -261,9 +269,20 @@ class Engine:
     # ----------------------------------------------------------------- hessian
 
     def hessian(self, call: Call) -> Result:
+        if call.sparsity != "dense":
+            return _sparse.sparse_derivative(self, call, "hessian")
         if call.batched:
             return _batched.batched(self, call, "hessian")
         return _hessian.hessian(self, call)
+
+    # ----------------------------------------------------------------- sparsity patterns
+
+    def sparsity_jacobian(self, call: Call) -> Result:
+        """The Jacobian's sparsity pattern and colouring (``GET .../sparsity``)."""
+        return _sparse.describe(self, call, "jacobian")
+
+    def sparsity_hessian(self, call: Call) -> Result:
+        return _sparse.describe(self, call, "hessian")
 
     # ----------------------------------------------------------------- evaluate, vjp, jvp, hvp
 

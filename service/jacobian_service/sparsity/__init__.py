@@ -37,7 +37,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .patterns import CACHE_ENV, Declared, Pattern, PatternCache, banded, block_diagonal, coo, declared, from_callable
+from .patterns import (
+    CACHE_ENV,
+    Declared,
+    Pattern,
+    PatternCache,
+    PatternTooLarge,
+    banded,
+    block_diagonal,
+    coo,
+    declared,
+    entry_limit,
+    from_callable,
+)
 
 __all__ = [
     "CACHE_ENV",
@@ -45,6 +57,7 @@ __all__ = [
     "Declared",
     "Pattern",
     "PatternCache",
+    "PatternTooLarge",
     "SparseResult",
     "TraceError",
     "banded",
@@ -53,6 +66,7 @@ __all__ = [
     "coo",
     "declared",
     "describe_sparsity",
+    "entry_limit",
     "from_callable",
     "probe",
     "sparse_hessian",

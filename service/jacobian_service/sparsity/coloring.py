@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .patterns import Pattern
+from .patterns import Pattern, check_entries
 
 __all__ = ["Coloring", "choose_coloring", "column_coloring", "row_coloring", "star_coloring"]
 
@@ -65,6 +65,9 @@ def _column_graph_edges(p: Pattern) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of columns that share a row (each pair once, i < j)."""
     import scipy.sparse as sp
 
+    per_row = np.bincount(p.rows, minlength=p.shape[0]).astype(np.int64)
+    n = p.shape[1]  # a.T @ a has at most sum(row counts ** 2) entries, and at most n * n
+    check_entries(min(int((per_row * per_row).sum()), n * n), "the colouring's column graph", graph=True)
     a = sp.csr_array((np.ones(p.nnz, np.float32), (p.rows, p.cols)), shape=p.shape)
     g = sp.triu(a.T @ a, k=1).tocoo()
     return g.row.astype(np.int64), g.col.astype(np.int64)

@@ -42,9 +42,9 @@ import scipy.sparse as sp
 import torch
 from torch.utils import _pytree as pytree
 
-from .patterns import Pattern
+from .patterns import Pattern, PatternTooLarge, check_entries as _check_entries, entry_limit
 
-__all__ = ["NO_GRAD_NOTE", "TraceError", "probe", "trace_hessian", "trace_jacobian"]
+__all__ = ["NO_GRAD_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "probe", "trace_hessian", "trace_jacobian"]
 
 aten = torch.ops.aten
 
@@ -208,10 +208,16 @@ class _Tracer:
     def pairs(self, g: Any, h: Any | None = None) -> Any:
         """Input pairs (a, b) with a in g's row and b in h's row for some element."""
         h = g if h is None else h
+        g, h = sp.csr_array(g), sp.csr_array(h)
+        # g.T @ h has at most sum over rows of (g's count x h's count) entries
+        _check_entries(int((np.diff(g.indptr).astype(np.int64) * np.diff(h.indptr)).sum()), "Hessian pairs")
         cross = _ones(g.T @ h)
         return _ones(cross + cross.T)
 
     def wrap(self, value: torch.Tensor, deps: Any, hess: Any = None) -> _Traced:
+        _check_entries(int(deps.nnz), "a traced tensor")
+        if hess is not None:
+            _check_entries(int(hess.nnz), "the Hessian pattern")
         return _Traced(value, _Root(value, _ones(deps), hess if self.hessian else None), self)
 
     # ------------------------------------------------------------------ dispatch
@@ -269,6 +275,7 @@ class _Tracer:
         wrapped = []
         for o in leaves:
             if _float(o):
+                _check_entries(o.numel() * int(every.nnz), f"{name} (every output on every input)")
                 rows = sp.csr_array(sp.kron(sp.csr_array(np.ones((o.numel(), 1), np.float32)), every))
                 wrapped.append(self.wrap(o, rows, hess))
             else:
@@ -363,6 +370,7 @@ class _Tracer:
             if name in _SCAN:
                 d = dims[0]
                 pre, length, post = math.prod(shape[:d]), shape[d], math.prod(shape[d + 1 :])
+                _check_entries(pre * post * length * (length + 1) // 2, name)
                 scan = sp.kron(sp.kron(sp.identity(pre), sp.csr_array(np.tril(np.ones((length, length), np.float32)))), sp.identity(post))
                 rows = _ones(sp.csr_array(scan) @ deps)
             elif name in _REDUCE and tuple(o.shape) != shape:
@@ -376,6 +384,7 @@ class _Tracer:
                     rows = self.dense(name, [x], o).root.deps
                 else:
                     back = np.broadcast_to(np.arange(math.prod(kept)).reshape(kept), oshape).reshape(-1)
+                    _check_entries(int(np.diff(line.indptr)[back].sum()), name)
                     rows = _select(line, back)
             hess = None
             if self.hessian:
@@ -411,12 +420,14 @@ class _Tracer:
         size = nb * m * n
         parts = []
         if da.nnz:  # out[b,i,j] <- A[b,i,kk] for kk with B[b,kk,j] possibly nonzero
+            _check_entries(m * int(mask_b.sum()), name)
             bb, kk, jj = np.unravel_index(np.flatnonzero(mask_b), (nb, k, n))
             ii = np.arange(m)[:, None]
             rows = ((bb * m + ii) * n + jj).reshape(-1)
             cols = ((bb * m + ii) * k + kk).reshape(-1)
             parts.append(_ones(sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(size, nb * m * k)) @ da))
         if db.nnz:  # out[b,i,j] <- B[b,kk,j] for kk with A[b,i,kk] possibly nonzero
+            _check_entries(n * int(mask_a.sum()), name)
             bb, ii, kk = np.unravel_index(np.flatnonzero(mask_a), (nb, m, k))
             jj = np.arange(n)[:, None]
             rows = ((bb * m + ii) * n + jj).reshape(-1)
@@ -529,7 +540,7 @@ def _trace(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequen
     with _LOCK, torch.enable_grad():
         try:
             out = fn(*full)
-        except TraceError:
+        except (TraceError, PatternTooLarge):
             raise
         except Exception as exc:
             raise TraceError(f"{type(exc).__name__}: {exc}") from exc
@@ -592,6 +603,13 @@ def probe(
     Entries that vanish at every probed point are missed: ``source="probe"`` says so."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     argnums = tuple(argnums)
+    n = sum(args[i].numel() for i in argnums)
+    if hessian:
+        _check_entries(n * n, "probing (a dense Hessian)")
+    else:
+        with torch.no_grad():
+            m = sum(o.numel() for o in pytree.tree_leaves(fn(*args)))
+        _check_entries(m * n, "probing (a dense Jacobian)")
     found: np.ndarray | None = None
     for _ in range(points):
         moved = list(args)

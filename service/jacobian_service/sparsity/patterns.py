@@ -12,6 +12,8 @@ imports it and must stay torch-free); scipy is imported where a CSR matrix is as
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import inspect
 import marshal
@@ -19,7 +21,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -28,10 +30,13 @@ __all__ = [
     "Declared",
     "Pattern",
     "PatternCache",
+    "PatternTooLarge",
     "banded",
+    "check_entries",
     "block_diagonal",
     "coo",
     "declared",
+    "entry_limit",
     "from_callable",
     "function_fingerprint",
 ]
@@ -40,6 +45,38 @@ __all__ = [
 CACHE_ENV = "JACOBIAN_SERVICE_SPARSITY_CACHE_DIR"
 
 Shapes = Sequence[tuple[int, ...]]
+
+
+class PatternTooLarge(RuntimeError):
+    """Detection would hold more pattern entries than allowed (never a reason to probe:
+    probing would need the dense derivative, larger still)."""
+
+
+# Most pattern entries (dependency pairs) one detection may hold in a single matrix, and
+# most entries of the colouring's graph (its pure-Python greedy pass costs far more per
+# entry); None: no bound. Set per call by :func:`entry_limit` (the service derives them
+# from its result limit and memory budget), read where an op would multiply entries.
+_LIMITS: contextvars.ContextVar[tuple[int | None, int | None]] = contextvars.ContextVar(
+    "max_pattern_entries", default=(None, None)
+)
+
+
+@contextlib.contextmanager
+def entry_limit(max_entries: int | None, max_graph_entries: int | None = None) -> Iterator[None]:
+    """Bound detection (tracing, probing) and declared patterns to ``max_entries``
+    entries each, and the colouring graph to ``max_graph_entries``: past them they raise
+    :class:`PatternTooLarge`."""
+    token = _LIMITS.set((max_entries, max_graph_entries))
+    try:
+        yield
+    finally:
+        _LIMITS.reset(token)
+
+
+def check_entries(count: int, what: str, graph: bool = False) -> None:
+    limit = _LIMITS.get()[1 if graph else 0]
+    if limit is not None and count > limit:
+        raise PatternTooLarge(f"{what} would hold {count:,} entries; the limit is {limit:,}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,6 +207,7 @@ class Declared:
         n = sum(int(np.prod(s, dtype=np.int64)) for s in in_shapes)
         m = n if self.hessian else int(out_size)
         p = self.builder([tuple(s) for s in in_shapes], m)
+        check_entries(p.nnz, f"the declared {self.kind} pattern")
         if p.shape != (m, n):
             raise ValueError(f"declared {self.kind} pattern has shape {p.shape}; the derivative is {(m, n)}")
         return p.replace(name=name or self.kind, source="declared")
@@ -194,6 +232,7 @@ def banded(lower: int, upper: int, *, periodic: bool = False, hessian: bool = Fa
 
     def build(in_shapes: Shapes, m: int) -> Pattern:
         n = _square(in_shapes, m, "banded")
+        check_entries(n * (lower + upper + 1), "the declared band")
         offsets = np.arange(-lower, upper + 1)
         rows = np.repeat(np.arange(n), offsets.size)
         cols = rows + np.tile(offsets, n)
@@ -218,6 +257,7 @@ def block_diagonal(block: int | tuple[int, int], *, hessian: bool = False) -> De
         if m % br or n % bc or m // br != n // bc:
             raise ValueError(f"({m}, {n}) is not a whole number of ({br}, {bc}) blocks on the diagonal")
         k = m // br
+        check_entries(k * br * bc, "the declared blocks")
         r, c = np.meshgrid(np.arange(br), np.arange(bc), indexing="ij")
         rows = (np.arange(k)[:, None] * br + r.ravel()).ravel()
         cols = (np.arange(k)[:, None] * bc + c.ravel()).ravel()
@@ -276,7 +316,9 @@ def declared(value: Any) -> dict[str, Declared]:
 def function_fingerprint(fn: Callable[..., Any]) -> str:
     """A hash of what the function computes: its source when readable, else its
     bytecode and constants, so that an edited function never reuses a stale pattern."""
-    code = getattr(fn, "__code__", None)
+    # Through wrappers (the engine's aux box sets __wrapped__): the memo is keyed by the
+    # code of the function underneath, so a wrapped call is as cheap as a bare one.
+    code = getattr(inspect.unwrap(fn), "__code__", None)
     if code is not None and code in _FINGERPRINTS:  # reading source costs ~1 ms a call
         return _FINGERPRINTS[code]
     found = _fingerprint(fn)

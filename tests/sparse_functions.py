@@ -1,0 +1,40 @@
+"""Functions for the sparse API tests (tests/test_sparse_api.py), loaded by module name."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from jacobian_service import Input, register
+from jacobian_service.sparsity import banded, coo
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("y", shape=("n",))],
+          description="x * y: at y = 0 the x-derivatives vanish, which probing would miss.")
+def xy_product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x * y
+
+
+@register(
+    inputs=[Input("x", shape=("n",))],
+    description="A non-periodic band: y[i] = x[i-1] + x[i]^2 + x[i+1] x[i+2] (zeros past the ends).",
+    sparsity={"band": banded(1, 2), "hessian_only": banded(0, 0, hessian=True), "fixed3": coo([0], [0], shape=(3, 3))},
+)
+def band_1_2(x: torch.Tensor) -> torch.Tensor:
+    p = F.pad(x, (1, 2))
+    return p[:-3] + p[1:-2] ** 2 + p[2:-1] * p[3:]
+
+
+@register(
+    inputs=[Input("x", shape=("n",))],
+    description="Chained Rosenbrock with its tridiagonal Hessian declared.",
+    sparsity={"tridiagonal": banded(1, 1, hessian=True)},
+)
+def rosen_declared(x: torch.Tensor) -> torch.Tensor:
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+@register(inputs=[Input("x", shape=("n",))], has_aux=True,
+          description="sin(x) with aux: sparse results carry aux beside them.")
+def sin_with_aux(x: torch.Tensor):
+    return torch.sin(x), {"total": x.sum(), "label": "sin"}

@@ -1,0 +1,444 @@
+"""Sparse Jacobians and Hessians over HTTP (SPEC 7): the ``sparsity`` request option,
+``GET /v1/functions/{name}/sparsity``, the SDK and the CLI.
+
+Every sparse result is compared, densified, with ``torch.func.jacrev`` / ``hessian`` run
+in this process; ``.npz`` bodies are read with ``scipy.sparse.load_npz`` alone. The
+in-process app covers the options and errors; one real ``serve`` process (engine
+processes, results through the IPC frames) covers the same results end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from starlette.testclient import TestClient
+
+from jacobian_client import AsyncClient, Client, SparsityNotFound, wire
+from jacobian_service import create_app
+from jacobian_service.examples import lorenz96, reaction_diffusion, rosenbrock
+from jacobian_service.settings import Settings
+from tests import sparse_functions as sf
+from tests.conftest import ROOT, assert_problem, live_server, npy_bytes, npz_bytes
+
+FUNCTIONS = "jacobian_service.examples,tests.sparse_functions"
+RNG = np.random.default_rng(7)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(create_app(Settings(warmup=False, functions=FUNCTIONS))) as c:
+        yield c
+
+
+def jac(fn, *args, argnums=0):
+    """jacrev in process, as the 2-D (output elements) x (input elements) matrix."""
+    t = [torch.tensor(a) for a in args]
+    out = fn(*t)
+    nums = argnums if isinstance(argnums, tuple) else (argnums,)
+    blocks = torch.func.jacrev(fn, argnums=nums)(*t)
+    return np.hstack([b.reshape(out.numel(), -1).numpy() for b in blocks])
+
+
+def hess(fn, x):
+    return torch.func.hessian(fn)(torch.tensor(x)).numpy()
+
+
+def sparse_json(response, key="jacobian"):
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    return wire.decode_sparse_json(doc[key]), doc["meta"]
+
+
+def load_npz(response):
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == wire.NPZ
+    return sp.load_npz(io.BytesIO(response.content))  # scipy alone, no SDK
+
+
+# ------------------------------------------------------------------ results, JSON
+
+
+@pytest.mark.parametrize("sparsity,source", [("auto", "detected"), ("band", "declared")])
+def test_lorenz96_json_equals_jacrev(client, sparsity, source):
+    x = RNG.standard_normal(26).astype(np.float32)
+    J, meta = sparse_json(client.post("/v1/functions/lorenz96/jacobian", json={"inputs": [x.tolist()], "sparsity": sparsity}))
+    assert sp.issparse(J) and J.format == "csr" and J.shape == (26, 26)
+    np.testing.assert_allclose(J.toarray(), jac(lorenz96, x), rtol=1e-5, atol=1e-6)
+    # A periodic band of 8 + 4 + 1 = 13 per row: 13 colours on n = 26, not 26 VJPs.
+    assert meta["source"] == source and meta["sparsity"] == sparsity
+    assert (meta["colors"], meta["products"], meta["nnz"], meta["shape"]) == (13, 13, 26 * 13, [26, 26])
+    assert meta["dense_products"] == 26 and meta["mode"] in ("fwd", "rev") and meta["format"] == "csr"
+
+
+def test_banded_takes_lower_plus_upper_plus_one_products(client):
+    x = RNG.standard_normal(20).astype(np.float32)
+    for sparsity in ("band", "auto"):
+        J, meta = sparse_json(client.post("/v1/functions/band_1_2/jacobian", json={"inputs": [x.tolist()], "sparsity": sparsity}))
+        np.testing.assert_allclose(J.toarray(), jac(sf.band_1_2, x), rtol=1e-5, atol=1e-6)
+        assert meta["products"] == meta["colors"] == 1 + 2 + 1
+        assert meta["nnz"] == 20 * 4 - 1 - 3  # the band, cut at both ends
+
+
+def test_mode_forces_the_side(client):
+    x = RNG.standard_normal(20).astype(np.float32)
+    for mode in ("fwd", "rev"):
+        J, meta = sparse_json(client.post("/v1/functions/band_1_2/jacobian",
+                                          json={"inputs": [x.tolist()], "sparsity": "band", "mode": mode}))
+        assert meta["mode"] == mode and meta["products"] == 4
+        np.testing.assert_allclose(J.toarray(), jac(sf.band_1_2, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_nonzero_that_vanishes_here_is_kept(client):
+    """x * y at y = 0: dJ/dx is zero at this point but not structurally; detection keeps it."""
+    x, y = RNG.standard_normal(6).astype(np.float32), np.zeros(6, np.float32)
+    body = {"inputs": [x.tolist(), y.tolist()], "sparsity": "auto", "argnums": [0, 1]}
+    J, meta = sparse_json(client.post("/v1/functions/xy_product/jacobian", json=body))
+    assert J.shape == (6, 12) and meta["nnz"] == 12 and meta["source"] == "detected" and meta["exact"] is True
+    np.testing.assert_array_equal(J.toarray(), jac(sf.xy_product, x, y, argnums=(0, 1)))
+
+
+def test_stencil_npz_reads_with_scipy_load_npz(client):
+    u = RNG.uniform(size=(6, 5)).astype(np.float32)
+    for sparsity in ("stencil", "auto"):
+        r = client.post(f"/v1/functions/reaction_diffusion/jacobian?sparsity={sparsity}", content=npy_bytes(u),
+                        headers={"content-type": wire.NPY, "accept": wire.NPZ})
+        J = load_npz(r)
+        assert isinstance(J, sp.csr_array) and J.shape == (30, 30)
+        np.testing.assert_allclose(J.toarray(), jac(reaction_diffusion, u), rtol=1e-5, atol=1e-6)
+        _, _, meta = wire.read_sparse_result_npz(r.content)
+        # 5 is the optimum for a 5-point stencil; greedy colourings may use a little more
+        assert meta["function"] == "reaction_diffusion" and 5 <= meta["colors"] == meta["products"] <= 7
+        assert meta["source"] == ("declared" if sparsity == "stencil" else "detected")
+
+
+def test_npz_request_carries_the_option_in_the_query(client):
+    x, y = RNG.standard_normal(5).astype(np.float32), RNG.standard_normal(5).astype(np.float32)
+    r = client.post("/v1/functions/xy_product/jacobian?sparsity=auto&argnums=0,1&sparse_format=coo",
+                    content=npz_bytes(x=x, y=y), headers={"content-type": wire.NPZ, "accept": wire.NPZ})
+    J = load_npz(r)
+    assert isinstance(J, sp.coo_array)
+    np.testing.assert_allclose(J.toarray(), jac(sf.xy_product, x, y, argnums=(0, 1)), rtol=1e-6)
+
+
+def test_sparse_hessian_detected_and_declared(client):
+    x = RNG.standard_normal(16)
+    for name, sparsity in (("rosenbrock", "auto"), ("rosen_declared", "tridiagonal")):
+        H, meta = sparse_json(client.post(f"/v1/functions/{name}/hessian",
+                                          json={"inputs": [{"dtype": "float64", "shape": [16], "data": x.tolist()}],
+                                                "sparsity": sparsity}), "hessian")
+        np.testing.assert_allclose(H.toarray(), hess(rosenbrock, x), rtol=1e-10, atol=1e-10)
+        assert meta["mode"] == "star" and meta["products"] == 3 and meta["nnz"] == 3 * 16 - 2
+        r = client.post(f"/v1/functions/{name}/hessian?sparsity={sparsity}", content=npy_bytes(x),
+                        headers={"content-type": wire.NPY, "accept": wire.NPZ})
+        np.testing.assert_allclose(load_npz(r).toarray(), hess(rosenbrock, x), rtol=1e-10, atol=1e-10)
+
+
+def test_dense_format_is_the_same_matrix(client):
+    x = RNG.standard_normal(26).astype(np.float32)
+    r = client.post("/v1/functions/lorenz96/jacobian?sparsity=band&sparse_format=dense", content=npy_bytes(x),
+                    headers={"content-type": wire.NPY, "accept": wire.NPY})
+    assert r.status_code == 200 and r.headers["content-type"] == wire.NPY
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), jac(lorenz96, x), rtol=1e-5, atol=1e-6)
+    r = client.post("/v1/functions/lorenz96/jacobian", json={"inputs": [x.tolist()], "sparsity": "band", "sparse_format": "dense"})
+    got = wire.decode_json_array(r.json()["jacobian"])[0]
+    assert got.shape == (26, 26) and r.json()["meta"]["format"] == "dense"
+
+
+def test_aux_and_output_travel_beside_the_matrix(client):
+    x = RNG.standard_normal(7).astype(np.float32)
+    r = client.post("/v1/functions/sin_with_aux/jacobian", json={"inputs": [x.tolist()], "sparsity": "auto", "return_output": True})
+    J, meta = sparse_json(r)
+    np.testing.assert_allclose(J.toarray(), np.diag(np.cos(x)), rtol=1e-6)
+    assert meta["nnz"] == 7 and meta["products"] == 1
+    doc = r.json()
+    assert doc["aux"]["label"] == "sin"
+    np.testing.assert_allclose(wire.decode_tree(doc["output"]), np.sin(x), rtol=1e-6)
+    r = client.post("/v1/functions/sin_with_aux/jacobian?sparsity=auto&return_output=true", content=npy_bytes(x),
+                    headers={"content-type": wire.NPY, "accept": wire.NPZ})
+    np.testing.assert_allclose(load_npz(r).toarray(), np.diag(np.cos(x)), rtol=1e-6)  # extra members ignored
+    matrix, trees, _ = wire.read_sparse_result_npz(r.content)
+    np.testing.assert_allclose(trees["output"], np.sin(x), rtol=1e-6)
+    assert trees["aux"]["label"] == "sin" and float(trees["aux"]["total"]) == pytest.approx(float(x.sum()), rel=1e-5)
+
+
+def test_dense_stays_the_default(client):
+    x = RNG.standard_normal(26).astype(np.float32)
+    r = client.post("/v1/functions/lorenz96/jacobian", json={"inputs": [x.tolist()]})
+    assert r.status_code == 200 and "products" not in r.json()["meta"] and r.json()["meta"]["mode"] == "rev"
+    assert wire.decode_json_array(r.json()["jacobian"])[0].shape == (26, 26)
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("path,body,status,code", [
+    ("lorenz96/jacobian", {"sparsity": "nope"}, 422, "sparsity_not_found"),
+    ("lorenz96/evaluate", {"sparsity": "auto"}, 422, "invalid_input"),
+    ("lorenz96/vjp", {"sparsity": "auto", "cotangents": [0.0] * 26}, 422, "invalid_input"),
+    ("lorenz96/jacobian", {"sparsity": "auto", "rows": [0, 4]}, 422, "invalid_input"),
+    ("lorenz96/jacobian", {"sparsity": "auto", "sparse_format": "bsr"}, 422, "invalid_input"),
+    ("lorenz96/jacobian", {"sparsity": 3}, 422, "invalid_input"),
+    ("rosen_declared/jacobian", {"sparsity": "tridiagonal"}, 422, "invalid_input"),  # a Hessian pattern
+    ("band_1_2/hessian", {"sparsity": "band"}, 422, "invalid_input"),  # a Jacobian pattern
+    ("lorenz96/hessian", {"sparsity": "auto"}, 422, "invalid_input"),  # not scalar
+])
+def test_errors(client, path, body, status, code):
+    x = np.linspace(0.1, 1, 26).tolist()
+    problem = assert_problem(client.post(f"/v1/functions/{path}", json={"inputs": [x], **body}), status, code)
+    if code == "sparsity_not_found":
+        assert "'nope'" in problem["detail"] and "band" in problem["detail"]
+
+
+def test_errors_for_binary_bodies_and_batches(client):
+    x = np.linspace(0.1, 1, 26).astype(np.float32)
+    headers = {"content-type": wire.NPY, "accept": wire.NPZ}
+    assert_problem(client.post("/v1/functions/lorenz96/jacobian?sparsity=nope", content=npy_bytes(x), headers=headers),
+                   422, "sparsity_not_found")
+    assert_problem(client.post("/v1/functions/lorenz96/jacobian?sparsity=auto&batched=true",
+                               content=npy_bytes(np.stack([x, x])), headers=headers), 422, "invalid_input")
+    # A sparse matrix is not one .npy: 406 before any compute, unless asked dense.
+    assert_problem(client.post("/v1/functions/lorenz96/jacobian?sparsity=auto", content=npy_bytes(x),
+                               headers={"content-type": wire.NPY, "accept": wire.NPY}), 406, "not_acceptable")
+    # A declared pattern that does not fit the shapes: told by the engine, still a 422.
+    problem = assert_problem(client.post("/v1/functions/band_1_2/jacobian?sparsity=fixed3", content=npy_bytes(x),
+                                         headers=headers), 422, "invalid_input")
+    assert "(3, 3)" in problem["detail"] and "(26, 26)" in problem["detail"]
+    assert_problem(client.post("/v1/functions/band_1_2/jacobian?sparsity=hessian_only", content=npy_bytes(x),
+                               headers=headers), 422, "invalid_input")
+
+
+def test_result_limit_holds_for_sparse_results(make_client):
+    c = make_client(MAX_RESULT_BYTES=4096, functions=FUNCTIONS)
+    x = np.linspace(0.1, 1, 200).astype(np.float32)
+    # 200 x 13 entries: 2600 * (4 + 4) + 201 * 4 bytes > 4096, known from the pattern
+    r = c.post("/v1/functions/lorenz96/jacobian?sparsity=band", content=npy_bytes(x),
+               headers={"content-type": wire.NPY, "accept": wire.NPZ})
+    assert_problem(r, 413, "result_too_large")
+    small = np.linspace(0.1, 1, 26).astype(np.float32)  # 338 * 8 + 27 * 4 = 2812 bytes: fits
+    assert c.post("/v1/functions/lorenz96/jacobian?sparsity=band", content=npy_bytes(small),
+                  headers={"content-type": wire.NPY, "accept": wire.NPZ}).status_code == 200
+    # Densified it would take 26 * 26 * 4 = 2704 bytes: fits; 40 x 40 does not.
+    r = c.post("/v1/functions/lorenz96/jacobian?sparsity=band&sparse_format=dense",
+               content=npy_bytes(np.linspace(0.1, 1, 40).astype(np.float32)), headers={"content-type": wire.NPY})
+    assert_problem(r, 413, "result_too_large")
+
+
+def test_deadline_holds(make_client):
+    c = make_client(functions=FUNCTIONS, REQUEST_TIMEOUT_S="0.000001")
+    r = c.post("/v1/functions/band_1_2/jacobian", json={"inputs": [[1.0, 2.0, 3.0]], "sparsity": "band"})
+    assert_problem(r, 504, "timeout")
+
+
+# ------------------------------------------------------------------ GET .../sparsity
+
+
+def test_get_sparsity_declared(client):
+    r = client.get("/v1/functions/lorenz96/sparsity?shapes=26&sparsity=band")
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["function"] == "lorenz96" and doc["kind"] == "jacobian"
+    assert doc["pattern"]["source"] == "declared" and doc["pattern"]["nnz"] == 26 * 13
+    assert doc["products"] == doc["coloring"]["colors"] == 13 and doc["dense_products"] == 26
+    assert doc["picture"] and set(doc["picture"]) <= {chr(c) for c in range(0x2800, 0x2900)} | {"\n"}
+    M = wire.decode_sparse_json(doc["matrix"])
+    x = RNG.standard_normal(26).astype(np.float32)
+    np.testing.assert_array_equal(M.toarray() != 0, jac(lorenz96, x) != 0)
+
+
+def test_get_sparsity_detected_contains_the_true_pattern(client):
+    r = client.get("/v1/functions/reaction_diffusion/sparsity", params={"shapes": "6,5", "format": "coo"})
+    doc = r.json()
+    assert r.status_code == 200 and doc["pattern"]["source"] == "detected" and doc["matrix"]["format"] == "coo"
+    M = wire.decode_sparse_json(doc["matrix"]).toarray() != 0
+    true = jac(reaction_diffusion, RNG.uniform(size=(6, 5)).astype(np.float32)) != 0
+    assert (M | true == M).all() and M.sum() == true.sum()  # exact for these ops
+
+
+def test_get_sparsity_hessian_as_npz(client):
+    r = client.get("/v1/functions/rosenbrock/sparsity?shapes=12&kind=hessian", headers={"accept": wire.NPZ})
+    H = load_npz(r)
+    assert H.shape == (12, 12) and H.nnz == 3 * 12 - 2
+    _, meta = wire.read_sparse_npz(r.content)
+    assert meta["coloring"]["mode"] == "star" and meta["products"] == 3
+
+
+def test_get_sparsity_several_inputs_and_argnums(client):
+    doc = client.get("/v1/functions/xy_product/sparsity?shapes=4;4&argnums=0,1").json()
+    assert doc["pattern"]["shape"] == [4, 8] and doc["pattern"]["nnz"] == 8
+
+
+@pytest.mark.parametrize("query,status,code", [
+    ("", 422, "invalid_input"),  # no shapes
+    ("shapes=3;4", 422, "invalid_input"),  # lorenz96 has one input
+    ("shapes=a", 422, "invalid_input"),
+    ("shapes=26&kind=gradient", 422, "invalid_input"),
+    ("shapes=26&sparsity=nope", 422, "sparsity_not_found"),
+    ("shapes=26&sparsity=dense", 422, "invalid_input"),
+    ("shapes=26&format=dense", 422, "invalid_input"),
+    ("shapes=26&colour=1", 422, "invalid_input"),
+    ("shapes=99999999999", 422, "invalid_input"),
+])
+def test_get_sparsity_errors(client, query, status, code):
+    assert_problem(client.get(f"/v1/functions/lorenz96/sparsity?{query}"), status, code)
+
+
+def test_get_sparsity_unknown_function_and_auth(client, make_client):
+    assert_problem(client.get("/v1/functions/nope/sparsity?shapes=3"), 404, "function_not_found")
+    assert_problem(client.get("/v1/functions/lorenz96/sparsity?shapes=26", headers={"accept": wire.NPY}),
+                   406, "not_acceptable")
+    c = make_client(API_KEYS="k1")
+    assert_problem(c.get("/v1/functions/lorenz96/sparsity?shapes=26"), 401, "unauthorized")
+    assert c.get("/v1/functions/lorenz96/sparsity?shapes=26", headers={"authorization": "Bearer k1"}).status_code == 200
+
+
+def test_openapi_documents_the_option_and_the_endpoint(client):
+    doc = client.get("/openapi.json").json()
+    op = doc["paths"]["/v1/functions/{name}/sparsity"]["get"]
+    assert op["operationId"] == "getSparsity"
+    assert {"shapes", "kind", "sparsity", "format"} <= {p["name"] for p in op["parameters"]}
+    assert "422" in op["responses"] and "sparsity_not_found" in op["responses"]["422"]["description"]
+    schemas = doc["components"]["schemas"]
+    assert {"sparsity", "sparse_format"} <= set(schemas["JacobianRequest"]["properties"])
+    assert {"SparseMatrix", "SparsityPattern"} <= set(schemas)
+    assert "sparsity_not_found" in schemas["Problem"]["properties"]["code"]["enum"]
+
+
+# ------------------------------------------------------------------ one real server, SDK and CLI
+
+
+@pytest.fixture(scope="module")
+def server():
+    with live_server(functions=FUNCTIONS) as (url, proc):
+        yield url
+
+
+def test_real_server_sdk_sync_and_async(server):
+    x = RNG.standard_normal(26).astype(np.float32)
+    want = jac(lorenz96, x)
+    with Client(server) as c:
+        for transport in ("binary", "json"):
+            for fmt, kind in ((None, sp.csr_array), ("coo", sp.coo_array), ("dense", np.ndarray)):
+                J = c.jacobian("lorenz96", x, sparsity="band", sparse_format=fmt, transport=transport)
+                assert isinstance(J, kind)
+                np.testing.assert_allclose(J if fmt == "dense" else J.toarray(), want, rtol=1e-5, atol=1e-6)
+        xh = RNG.standard_normal(16)
+        H = c.hessian("rosenbrock", xh, sparsity="auto")
+        np.testing.assert_allclose(H.toarray(), hess(rosenbrock, xh), rtol=1e-10, atol=1e-10)
+        J, output, aux = c.jacobian("sin_with_aux", x, sparsity="auto", return_output=True)
+        np.testing.assert_allclose(J.toarray(), np.diag(np.cos(x)), rtol=1e-6)
+        assert aux["label"] == "sin"
+        d = c.sparsity("lorenz96", (26,), sparsity="band")
+        assert d["products"] == 13 and isinstance(d["matrix"], sp.csr_array) and d["matrix"].nnz == 26 * 13
+        d = c.sparsity("xy_product", x, x, argnums=(0, 1))
+        assert d["pattern"]["shape"] == [26, 52] and d["pattern"]["source"] == "detected"
+        with pytest.raises(SparsityNotFound):
+            c.jacobian("lorenz96", x, sparsity="nope")
+
+    async def run():
+        async with AsyncClient(server) as ac:
+            return (await ac.jacobian("lorenz96", x, sparsity="auto"),
+                    await ac.sparsity("rosenbrock", (16,), kind="hessian"))
+
+    J, d = asyncio.run(run())
+    np.testing.assert_allclose(J.toarray(), want, rtol=1e-5, atol=1e-6)
+    assert d["coloring"]["mode"] == "star" and d["products"] == 3
+
+
+def test_real_server_raw_npz_and_stencil(server):
+    import httpx
+
+    u = RNG.uniform(size=(6, 5)).astype(np.float32)
+    r = httpx.post(f"{server}/v1/functions/reaction_diffusion/jacobian?sparsity=stencil", content=npy_bytes(u),
+                   headers={"content-type": wire.NPY, "accept": wire.NPZ}, timeout=60)
+    J = load_npz(r)
+    np.testing.assert_allclose(J.toarray(), jac(reaction_diffusion, u), rtol=1e-5, atol=1e-6)
+    r = httpx.post(f"{server}/v1/functions/lorenz96/jacobian", json={"inputs": [[1.0] * 26], "sparsity": "nope"}, timeout=60)
+    assert_problem(r, 422, "sparsity_not_found")
+
+
+def test_real_server_cli_prints_the_pattern(server, tmp_path):
+    x = np.linspace(0.1, 1, 26).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    cmd = [sys.executable, "-m", "jacobian_service.cli", "call", "lorenz96", "--url", server,
+           "--input", str(tmp_path / "x.npy"), "--sparsity", "band", "--pattern", "--out", str(tmp_path / "J.npz")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("26 x 26, 338 stored entries\n")
+    assert any(0x2800 < ord(ch) < 0x2900 for ch in done.stdout)
+    np.testing.assert_allclose(sp.load_npz(tmp_path / "J.npz").toarray(), jac(lorenz96, x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+def test_ipc_carries_sparse_matrices_as_frames():
+    from jacobian_service import ipc
+    from jacobian_service.types import JobInfo, Result
+
+    csr = sp.random_array((7, 9), density=0.3, format="csr", dtype=np.float64, rng=1)
+    result = Result(csr, aux={"coo": csr.tocoo()}, has_aux=True, sparse_meta={"products": 3, "source": "detected"})
+    frames = ipc.encode_reply(5, result, JobInfo(device="cpu"))
+    assert len(frames) == 1 + 3 + 3  # the header, then indptr/indices/data and row/col/data as raw frames
+    got, _ = ipc.decode_reply(*ipc.parse([bytes(memoryview(f)) for f in frames]))
+    assert isinstance(got.value, sp.csr_array) and isinstance(got.aux["coo"], sp.coo_array)
+    np.testing.assert_array_equal(got.value.toarray(), csr.toarray())
+    np.testing.assert_array_equal(got.aux["coo"].toarray(), csr.toarray())
+    assert got.sparse_meta == {"products": 3, "source": "detected"} and got.nbytes() == result.nbytes() > 0
+
+
+def test_disk_cache_survives_a_restart(make_client, tmp_path):
+    body = {"inputs": [np.linspace(0.1, 1, 26).tolist()], "sparsity": "auto"}
+    metas = []
+    for _ in range(2):  # two apps, as two server runs: the second reads the pattern from disk
+        c = make_client(functions=FUNCTIONS, sparsity_cache_dir=tmp_path)
+        metas.append(c.post("/v1/functions/lorenz96/jacobian", json=body).json()["meta"])
+        c.__exit__(None, None, None)
+    assert metas[0]["cached"] is None and metas[1]["cached"] == "disk"
+    assert metas[0]["products"] == metas[1]["products"] and list(tmp_path.glob("*.npz"))
+
+
+def test_without_scipy_the_sdk_decodes_to_sparsecoo(client, monkeypatch):
+    x = RNG.standard_normal(26).astype(np.float32)
+    body_npz = client.post("/v1/functions/lorenz96/jacobian?sparsity=band", content=npy_bytes(x),
+                           headers={"content-type": wire.NPY, "accept": wire.NPZ}).content
+    doc = client.post("/v1/functions/lorenz96/jacobian", json={"inputs": [x.tolist()], "sparsity": "band"}).json()
+    monkeypatch.setitem(sys.modules, "scipy", None)  # as in the SDK's base install
+    monkeypatch.setitem(sys.modules, "scipy.sparse", None)
+    for J in (wire.read_sparse_result_npz(body_npz)[0], wire.decode_tree(doc["jacobian"])):
+        assert isinstance(J, wire.SparseCOO) and J.nnz == 26 * 13
+        np.testing.assert_allclose(J.toarray(), jac(lorenz96, x), rtol=1e-5, atol=1e-6)
+
+
+def test_empty_inputs_give_an_empty_matrix(client):
+    J, meta = sparse_json(client.post("/v1/functions/softmax/jacobian", json={"inputs": [[]], "sparsity": "auto"}))
+    assert J.shape == (0, 0) and meta["products"] == 0 and meta["source"] == "empty"
+    doc = client.get("/v1/functions/lorenz96/sparsity?shapes=0").json()
+    assert doc["pattern"]["shape"] == [0, 0] and doc["products"] == 0
+
+
+def test_a_pattern_too_dense_for_the_limits_is_413_before_it_is_built(make_client):
+    """softmax is dense: detecting it at n = 300 would hold 90,000 entries; a 1 MiB
+    memory budget allows 65,536 (budget / 16). Refused, never probed densely."""
+    c = make_client(functions=FUNCTIONS, memory_budget_bytes=1 << 20)
+    x = np.linspace(0.1, 1, 300).astype(np.float32)
+    r = c.post("/v1/functions/softmax/jacobian?sparsity=auto", content=npy_bytes(x),
+               headers={"content-type": wire.NPY, "accept": wire.NPZ})
+    problem = assert_problem(r, 413, "result_too_large")
+    assert "90,000" in problem["detail"] and "65,536" in problem["detail"]
+    assert_problem(c.get("/v1/functions/softmax/sparsity?shapes=300"), 413, "result_too_large")
+    # the same function a little smaller still works, and dense requests are untouched
+    small = np.linspace(0.1, 1, 100).astype(np.float32)
+    J, meta = sparse_json(c.post("/v1/functions/softmax/jacobian", json={"inputs": [small.tolist()], "sparsity": "auto"}))
+    assert meta["nnz"] == 100 * 100 and meta["products"] == 100
+    assert c.post("/v1/functions/softmax/jacobian", content=npy_bytes(x), headers={"content-type": wire.NPY}).status_code == 200
+
+
+def test_get_sparsity_shapes_are_bounded_like_a_body(client):
+    assert_problem(client.get("/v1/functions/lorenz96/sparsity?shapes=40000000"), 413, "payload_too_large")
