@@ -30,6 +30,15 @@ def sin_ok(url: str) -> None:
     np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
 
 
+def wait_spare(url: str, seconds: float = 60.0) -> None:
+    """Until the warm spare engine waits beside the engine (the steady state of a
+    server with ENGINE_STANDBY): a restart is then a promotion, not a cold start."""
+    t0 = time.monotonic()
+    while httpx.get(f"{url}/v1/info", timeout=5).json()["spares"] != [True]:
+        assert time.monotonic() - t0 < seconds, f"no warm spare within {seconds} s"
+        time.sleep(0.1)
+
+
 def back_within(url: str, seconds: float) -> float:
     """Seconds until /readyz says 200 again (fails past ``seconds``)."""
     t0 = time.monotonic()
@@ -52,9 +61,12 @@ def restarts(url: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("jacobian_service_engine_restarts{"))
 
 
-@pytest.mark.parametrize("name", ["exits", "segfaults"])
-def test_a_crash_costs_only_its_request(name):
-    with live_server(**SETTINGS) as (url, proc):
+@pytest.mark.parametrize(("name", "standby"), [("exits", "true"), ("segfaults", "false")])
+def test_a_crash_costs_only_its_request(name, standby):
+    """With a spare (promoted) and without (a cold start: a torch import and a warm-up)."""
+    with live_server(**SETTINGS, ENGINE_STANDBY=standby) as (url, proc):
+        if standby == "true":
+            wait_spare(url)
         assert httpx.post(f"{url}/v1/functions/{name}/jacobian", json={"inputs": [[0.5, 1.0]]}).status_code == 200
         r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json=ARMED, timeout=30)
         body = assert_problem(r, 500, "function_error")
@@ -76,6 +88,7 @@ def test_a_crash_costs_only_its_request(name):
 @pytest.mark.parametrize("name", ["spins", "sleeps"])
 def test_a_hang_is_cut_at_its_deadline(name):
     with live_server(**SETTINGS) as (url, _):
+        wait_spare(url)
         t0 = time.monotonic()
         r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json=ARMED, timeout=30)
         assert_problem(r, 504, "timeout")
@@ -87,6 +100,7 @@ def test_a_hang_is_cut_at_its_deadline(name):
 
 def test_requests_queued_behind_a_hang_are_retryable_and_later_ones_succeed():
     with live_server(**SETTINGS) as (url, _):
+        wait_spare(url)
         results: list[httpx.Response] = []
 
         def other() -> None:
@@ -114,6 +128,7 @@ def test_requests_queued_behind_a_hang_are_retryable_and_later_ones_succeed():
 def test_a_repeat_offender_is_quarantined_until_released():
     with live_server(**SETTINGS) as (url, _):
         for _ in range(2):
+            wait_spare(url)
             assert_problem(httpx.post(f"{url}/v1/functions/exits/jacobian", json=ARMED, timeout=30), 500, "function_error")
             back_within(url, 5.0)
         r = httpx.post(f"{url}/v1/functions/exits/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)

@@ -53,6 +53,9 @@ async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any) -> Any:
         raise
 
 
+_FIRST_STATE_S = 10.0
+
+
 def _seconds(estimate: float) -> str:
     """A Retry-After value: the supervisor's estimate, whole seconds, 1 to 30."""
     return str(min(30, max(1, math.ceil(estimate))))
@@ -270,6 +273,7 @@ class RemoteEngines(_Engines):
         self._state_at = 0.0
         self._tasks: list[asyncio.Task] = []
         self._prefix = f"{os.getpid()}:"
+        self._first_state = asyncio.Event()
 
     async def start(self) -> None:
         import zmq
@@ -288,6 +292,14 @@ class RemoteEngines(_Engines):
         self._control.setsockopt(zmq.LINGER, 0)
         self._control.connect(f"ipc://{self.run_dir}/control.sock")
         self._tasks.append(asyncio.create_task(self._events()))
+        # Front ends share one listening socket, and the kernel hands connections to any
+        # that accepts; uvicorn accepts once the lifespan has started. Waiting here for
+        # the supervisor's first word keeps a new front end from answering 503 "no
+        # engine is up" while its siblings already serve (the state comes twice a second).
+        try:
+            await asyncio.wait_for(self._first_state.wait(), _FIRST_STATE_S)
+        except TimeoutError:
+            log.warning("no word from the supervisor after %g s; starting anyway (not ready)", _FIRST_STATE_S)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -317,6 +329,7 @@ class RemoteEngines(_Engines):
         while True:
             msg = orjson.loads(await self._sub.recv())
             if msg["t"] == "state":
+                self._first_state.set()
                 before = {e["index"]: e["generation"] for e in self._state.get("engines", [])}
                 self._state, self._state_at = msg, time.monotonic()
                 for e in msg["engines"]:  # a generation we did not see die: its requests are lost

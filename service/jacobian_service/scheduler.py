@@ -244,7 +244,7 @@ class Worker:
         if job.done:
             return True
         start = time.monotonic()
-        if job.key is not None:
+        if job.call is not None:  # every engine call of a request counts, batchable or not
             self.on_batch(1)
         result: Any = None
         error: BaseException | None = None

@@ -224,6 +224,7 @@ class Supervisor:
                 engine.running = {}
             if status["ready"] and not engine.ready:
                 engine.startup_s = now - engine.started
+                self._last_state = 0.0  # tell the front ends now, all at once, not within 0.5 s
             engine.ready = status["ready"]
             code = engine.proc.poll()
             if code is not None:
