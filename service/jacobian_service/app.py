@@ -4,9 +4,10 @@ The app never imports torch. It reaches the engines through an engine client: en
 processes over ZeroMQ when the supervisor gave it a run directory (``serve``), else
 engine threads in this process (tests, ``serve --in-process``). Requests pass through
 
-    AccessMiddleware (request id, log line, request metric)
-      -> AuthMiddleware (API keys, every route)
-        -> Router (the one table in routes.py; OpenAPI is written from it)
+    SendGuard (responses in pieces, each under the send timeout: connections.py)
+      -> AccessMiddleware (request id, log line, request metric)
+        -> AuthMiddleware (API keys, every route)
+          -> Router (the one table in routes.py; OpenAPI is written from it)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .connections import BodyBudget, SendGuard
 from .engine_client import InProcessEngines, RemoteEngines
 from .logs import configure_logging
 from .metrics import Metrics
@@ -46,6 +48,7 @@ class ServiceApp:
             # Encoding a result costs a few times its size (JSON most): a burst of large
             # results is encoded within the memory budget's worth of results at a time.
             encode_budget=EncodeBudget(settings.memory_budget_bytes or (256 << 20)),
+            body_budget=BodyBudget(settings.body_budget, metrics.body_bytes),
             api_keys=settings.load_api_keys(),
             front_ends=front_ends,
         )
@@ -54,7 +57,8 @@ class ServiceApp:
         self._openapi: dict[str, Any] | None = None
         self._lifespans = 0
         auth = AuthMiddleware(self.router, self.service_state.api_keys, settings.metrics_auth, settings.docs_auth)
-        self.asgi = AccessMiddleware(auth, metrics, self.router)
+        self.asgi = SendGuard(AccessMiddleware(auth, metrics, self.router), settings.send_timeout_s,
+                              on_timeout=lambda phase: metrics.connection_timeouts.labels(phase).inc())
 
     @property
     def registry(self) -> Registry:

@@ -25,15 +25,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jacobian_client import wire
 
+from .connections import read_body
 from .errors import (
     ClientGone,
     InternalError,
     InvalidInput,
-    MalformedBody,
     MethodNotAllowed,
     NotFound,
     OutOfMemory,
-    PayloadTooLarge,
     ServiceError,
     Unavailable,
 )
@@ -131,6 +130,11 @@ async def info(request: Request) -> Response:
             "request_timeout_s": s.request_timeout_s,
             "memory_budget_bytes": engine_info["memory_budget_bytes"],
             "stream_threshold_bytes": s.stream_threshold_bytes,
+            "body_budget_bytes": s.body_budget,  # per front-end process
+            "header_timeout_s": s.header_timeout_s,
+            "read_idle_timeout_s": s.read_idle_timeout_s,
+            "read_timeout_s": s.read_timeout_s,
+            "send_timeout_s": s.send_timeout_s,
         },
         "auth": bool(state.api_keys),
     })
@@ -153,23 +157,6 @@ async def release_function(request: Request, name: str) -> Response:
 
 
 # ------------------------------------------------------------------ derivatives
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isascii() or not declared.isdigit():
-            raise MalformedBody("Content-Length is not a number")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}")
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def _deadline(state: ServiceState, request: Request) -> float:
@@ -216,12 +203,18 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
     started = time.monotonic()
     spec = state.registry.get(name)
     media = acceptable(request.headers.get("accept"))
-    body = await _read_body(request, state.settings.max_request_bytes)
     content_type = media_type_of(request.headers.get("content-type"))
-    # A small deflated .npz can expand to a lot: decide by what decoding will take.
-    call: Call = await _offload(
-        wire.expanded_size(body, content_type), parse_call, spec, kind, content_type, body, dict(request.query_params), state.settings.wire_limits
-    )
+    s = state.settings
+    # The body is admitted against the process's body budget before it is buffered, and
+    # held there (JSON at its parse cost) until it is parsed: connections.py.
+    async with read_body(request, state.body_budget, s.max_request_bytes, s.read_idle_timeout_s, s.read_timeout_s,
+                         is_json=content_type == wire.JSON,
+                         on_timeout=lambda phase: state.metrics.connection_timeouts.labels(phase).inc()) as body:
+        # A small deflated .npz can expand to a lot: decide by what decoding will take.
+        call: Call = await _offload(
+            wire.expanded_size(body, content_type), parse_call, spec, kind, content_type, body, dict(request.query_params), s.wire_limits
+        )
+    del body  # parsed: the arrays are the call's now
     call.deadline = _deadline(state, request)
     call.max_result_bytes = state.settings.max_result_bytes
     if not _could_be_single(call, kind):  # known before compute: answer 406 now, not after
