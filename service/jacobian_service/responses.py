@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable, Iterator
 
 import numpy as np
 from starlette.responses import Response, StreamingResponse
@@ -14,7 +14,10 @@ from jacobian_client import wire
 from .types import Result
 from .errors import NotAcceptable, ServiceError
 
-__all__ = ["EncodeBudget", "echo", "acceptable", "choose", "encode", "is_single_array", "pieces_response", "problem_response"]
+__all__ = [
+    "EncodeBudget", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces", "pieces_response",
+    "problem_response",
+]
 
 _OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
 _JOIN_BYTES = 1 << 20
@@ -86,8 +89,43 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
         trees["output"] = result.output
     if media == wire.NPZ:
         return Response(wire.write_npz(trees, {"function": function, **meta}), media_type=wire.NPZ)
-    body = {"function": function, **{k: wire.encode_tree(v) for k, v in trees.items()}, "meta": meta}
-    return Response(wire.dumps(body), media_type=wire.JSON)
+    document = {"function": function, **trees, "meta": meta}
+    if result.nbytes() < _JOIN_BYTES:  # small: one body, encoded at once
+        return Response(wire.dumps(wire.encode_tree(document)), media_type=wire.JSON)
+    # Large: written piece by piece as it is sent (on a worker thread: Starlette iterates a
+    # plain iterator there), so encoding holds O(piece), not the whole document.
+    return StreamingResponse(json_pieces(document), media_type=wire.JSON)
+
+
+def json_pieces(tree: Any) -> Iterator[bytes]:
+    """The JSON of ``wire.encode_tree(tree)``, in pieces: arrays over ``_JOIN_BYTES`` are
+    written a block of rows (about ``_JOIN_BYTES`` of array) at a time, so what encoding
+    holds at once is one block's text (and, for non-finite values, its spelled-out list),
+    whatever the array's size. The text parses to the same document as the one-shot
+    encoding."""
+    if isinstance(tree, np.ndarray) and tree.nbytes >= _JOIN_BYTES and tree.ndim >= 1:
+        head = wire.encode_tree(tree[:1])
+        yield b'{"dtype":' + wire.dumps(head["dtype"]) + b',"shape":' + wire.dumps(list(tree.shape)) + b',"data":['
+        rows = max(1, _JOIN_BYTES // max(1, tree[:1].nbytes))
+        for start in range(0, tree.shape[0], rows):
+            block = wire.dumps(wire.encode_tree(tree[start:start + rows])["data"])
+            yield (b"," if start else b"") + block[1:-1]  # the block's rows, without its brackets
+        yield b"]}"
+    elif isinstance(tree, dict) and not wire.is_sparse(tree):
+        yield b"{"
+        for i, (key, value) in enumerate(tree.items()):
+            yield (b"," if i else b"") + wire.dumps(str(key)) + b":"
+            yield from json_pieces(value)
+        yield b"}"
+    elif isinstance(tree, (list, tuple)):
+        yield b"["
+        for i, value in enumerate(tree):
+            if i:
+                yield b","
+            yield from json_pieces(value)
+        yield b"]"
+    else:
+        yield wire.dumps(wire.encode_tree(tree))
 
 
 def pieces_response(pieces: Iterable[bytes | memoryview], media_type: str, headers: dict[str, str] | None = None) -> Response:
