@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     # Connections (connections.py). Request bodies being received and parsed at once, per
     # front-end process (the server holds at most workers x this): a body is admitted
     # before it is buffered, by its Content-Length (chunked: as it arrives), and a JSON
-    # body is charged its parse cost. Unset: twice max_request_bytes.
+    # body is charged its parse cost. Unset: twice max_request_bytes, at least 64 MiB.
     body_budget_bytes: int | None = Field(None, ge=1)
     # A connection's request headers must be in within header_timeout_s; each piece of a
     # body within read_idle_timeout_s and the whole body within read_timeout_s (408 and
@@ -127,7 +127,7 @@ class Settings(BaseSettings):
 
     @property
     def body_budget(self) -> int:
-        return self.body_budget_bytes or 2 * self.max_request_bytes
+        return self.body_budget_bytes or max(2 * self.max_request_bytes, 64 << 20)
 
     @property
     def front_end_count(self) -> int:
