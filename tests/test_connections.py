@@ -174,14 +174,18 @@ def test_slow_headers_are_timed_out(server: str) -> None:
     assert _metric(server, "jacobian_service_connection_timeouts_total", 'phase="header"') >= 1
 
 
-def test_client_that_never_reads_is_abandoned(server: str) -> None:
-    """A large JSON response to a client that never reads: the server gives up after the
-    send timeout, aborts the connection and drops the response."""
+@pytest.mark.parametrize("accept", ["application/json", "application/x-npz"])
+def test_client_that_never_reads_is_abandoned(server: str, accept: str) -> None:
+    """A large response to a client that never reads: the server gives up after the send
+    timeout, aborts the connection and drops the response. JSON is streamed; .npz is one
+    body, sent in pieces all the same."""
+    aborted = 'code="",endpoint="jacobian",function="softmax",status="aborted"'
     before = _metric(server, "jacobian_service_connection_timeouts_total", 'phase="send"')
+    aborted_before = _metric(server, "jacobian_service_requests_total", aborted)
     s = _connect(server, rcvbuf=4096)
     body = json.dumps({"inputs": [[0.001 * i for i in range(1500)]]}).encode()
-    s.sendall(_head("/v1/functions/softmax/jacobian", len(body), "application/json") + body)
-    # ~9 MB of float32 Jacobian, ~25 MB as JSON: far more than socket buffers hold.
+    s.sendall(_head("/v1/functions/softmax/jacobian", len(body), "application/json", f"Accept: {accept}\r\n") + body)
+    # ~9 MB of float32 Jacobian (~25 MB as JSON): far more than socket buffers hold.
     assert _wait_for(lambda: _metric(server, "jacobian_service_connection_timeouts_total", 'phase="send"') > before, 30)
     # The connection was aborted: what is left to read ends in a reset or EOF.
     s.settimeout(10)
@@ -190,4 +194,6 @@ def test_client_that_never_reads_is_abandoned(server: str) -> None:
             pass
         raise AssertionError("closed")
     s.close()
+    # Counted as aborted, not as the 200 its header said.
+    assert _metric(server, "jacobian_service_requests_total", aborted) == aborted_before + 1
     assert httpx.get(f"{server}/healthz", timeout=5).status_code == 200

@@ -4,14 +4,15 @@ The app never imports torch. It reaches the engines through an engine client: en
 processes over ZeroMQ when the supervisor gave it a run directory (``serve``), else
 engine threads in this process (tests, ``serve --in-process``). Requests pass through
 
-    SendGuard (responses in pieces, each under the send timeout: connections.py)
-      -> AccessMiddleware (request id, log line, request metric)
+    AccessMiddleware (request id, log line, request metric)
+      -> SendGuard (responses in pieces, each under the send timeout: connections.py)
         -> AuthMiddleware (API keys, every route)
           -> Router (the one table in routes.py; OpenAPI is written from it)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .connections import BodyBudget, SendGuard
+from .connections import BodyBudget, SendGuard, abort_connection
 from .engine_client import InProcessEngines, RemoteEngines
 from .logs import configure_logging
 from .metrics import Metrics
@@ -57,8 +58,9 @@ class ServiceApp:
         self._openapi: dict[str, Any] | None = None
         self._lifespans = 0
         auth = AuthMiddleware(self.router, self.service_state.api_keys, settings.metrics_auth, settings.docs_auth)
-        self.asgi = SendGuard(AccessMiddleware(auth, metrics, self.router), settings.send_timeout_s,
-                              on_timeout=lambda phase: metrics.connection_timeouts.labels(phase).inc())
+        guard = SendGuard(auth, settings.send_timeout_s,
+                          on_timeout=lambda phase: metrics.connection_timeouts.labels(phase).inc())
+        self.asgi = AccessMiddleware(guard, metrics, self.router)
 
     @property
     def registry(self) -> Registry:
@@ -75,6 +77,8 @@ class ServiceApp:
             return
         scope["service"] = self.service_state
         scope["jacobian_app"] = self
+        # The server's own send, for cutting off a client that stops reading (SendGuard).
+        scope.setdefault("state", {})["abort_connection"] = functools.partial(abort_connection, send)
         await self.asgi(scope, receive, send)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:

@@ -38,7 +38,7 @@ except ImportError:  # Python 3.10: anyio's backport
 
 from .errors import ClientGone, MalformedBody, PayloadTooLarge, RequestTimeout, Unavailable
 
-__all__ = ["BodyBudget", "SendGuard", "guarded_protocol", "json_parse_cost", "read_body"]
+__all__ = ["BodyBudget", "SendGuard", "abort_connection", "guarded_protocol", "json_parse_cost", "read_body"]
 
 log = logging.getLogger("jacobian_service")
 
@@ -156,11 +156,13 @@ class _SendTimedOut(Exception):
 
 
 class SendGuard:
-    """Outermost ASGI layer: every response body goes out in pieces of at most
+    """ASGI layer under the access log: every response body goes out in pieces of at most
     ``SEND_PIECE_BYTES``, each within ``send_timeout_s``. A piece that cannot leave (the
-    client stopped reading, its window and our buffers are full) aborts the connection:
-    the transport's buffer is dropped at once, not kept until the peer reads, and the app
-    unwinds, freeing what the response held."""
+    client stopped reading, its window and our buffers are full) aborts the connection
+    (through ``scope["state"]["abort_connection"]``, set where the server's own ``send``
+    is at hand): the transport's buffer is dropped at once, not kept until the peer
+    reads, and the app unwinds, freeing what the response held. The access log above
+    sees the pieces, so a response cut off before its last one counts as aborted."""
 
     def __init__(self, app: Any, send_timeout_s: float, on_timeout: Any = None) -> None:
         self.app = app
@@ -178,7 +180,9 @@ class SendGuard:
                 with anyio.fail_after(timeout):
                     await send(message)
             except TimeoutError:
-                _abort(send)
+                abort = scope.get("state", {}).get("abort_connection")
+                if abort is not None:
+                    abort()
                 if self.on_timeout is not None:
                     self.on_timeout("send")
                 raise _SendTimedOut() from None
@@ -205,8 +209,8 @@ class SendGuard:
             log.info("a client stopped reading its response for %.1f s; connection aborted", timeout)
 
 
-def _abort(send: Any) -> None:
-    """Drop the connection now, buffered bytes and all. uvicorn hands the app its
+def abort_connection(send: Any) -> None:
+    """Drop the connection of the server's ``send`` now, buffered bytes and all. uvicorn hands the app its
     request cycle's bound ``send``; its transport is the connection. (``close()`` would
     wait for the buffer to drain, which a client that never reads never lets happen.)"""
     transport = getattr(getattr(send, "__self__", None), "transport", None)

@@ -307,7 +307,7 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
 # ------------------------------------------------------------------ the table
 
 _DERIVATIVE_ERRORS = (
-    "malformed_body", "function_not_found", "not_acceptable", "payload_too_large", "result_too_large",
+    "malformed_body", "function_not_found", "not_acceptable", "request_timeout", "payload_too_large", "result_too_large",
     "unsupported_media_type", "invalid_input", "overloaded", "function_error", "unavailable",
     "function_quarantined", "timeout", "out_of_memory",
 )
