@@ -197,3 +197,31 @@ def test_client_that_never_reads_is_abandoned(server: str, accept: str) -> None:
     # Counted as aborted, not as the 200 its header said.
     assert _metric(server, "jacobian_service_requests_total", aborted) == aborted_before + 1
     assert httpx.get(f"{server}/healthz", timeout=5).status_code == 200
+
+
+def test_many_stalled_uploads_hold_no_more_than_the_budget() -> None:
+    """The issue's case, scaled down: uploads that stall after most of their body. Only
+    what fits the budget is admitted (and buffered); the rest are refused before their
+    bodies are read. Before, every one was buffered: 10 x 12 MiB grew the front end by
+    121 MiB here."""
+    from ._rss import front_end_pid, status_bytes
+
+    with live_server(WORKERS=1, WARMUP="false", MAX_REQUEST_BYTES=16 * MiB, BODY_BUDGET_BYTES=32 * MiB,
+                     READ_IDLE_TIMEOUT_S=60) as (url, proc):
+        pid = front_end_pid(proc.pid)
+        before = status_bytes(pid, "VmRSS")
+        conns = []
+        for _ in range(10):
+            s = _connect(url)
+            try:
+                s.sendall(_head("/v1/functions/sin/jacobian", 16 * MiB) + b"\0" * (12 * MiB))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused (503) and closed while we were still sending
+            conns.append(s)
+        time.sleep(1)
+        held = status_bytes(pid, "VmRSS") - before
+        assert _metric(url, "jacobian_service_body_bytes_in_flight") == 32 * MiB  # two admitted
+        for s in conns:
+            s.close()
+        assert held < 48 * MiB, f"10 stalled uploads grew the front end by {held / MiB:.0f} MiB"
+        assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") == 0, 10)
