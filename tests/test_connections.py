@@ -225,3 +225,63 @@ def test_many_stalled_uploads_hold_no_more_than_the_budget() -> None:
             s.close()
         assert held < 48 * MiB, f"10 stalled uploads grew the front end by {held / MiB:.0f} MiB"
         assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") == 0, 10)
+
+
+@pytest.mark.parametrize("implementation", ["h11", "httptools"])
+def test_header_deadline_with_either_uvicorn_protocol(implementation: str) -> None:
+    """The header deadline on both of uvicorn's HTTP implementations (the server takes
+    httptools when installed, else h11): slow headers are cut off with a 408, an idle
+    keep-alive connection is closed quietly, and a request whose headers are in is left
+    to its own clocks."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from jacobian_service.connections import guarded_protocol
+
+    if implementation == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    else:
+        base = pytest.importorskip("uvicorn.protocols.http.httptools_impl").HttpToolsProtocol
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await asyncio.sleep(1.5 if scope["path"] == "/slow" else 0)  # longer than the header deadline
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    seen: list[str] = []
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
+                            http=guarded_protocol(0.5, seen.append, base=base), timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait_for(lambda: server.started, 10)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+
+        # A handler slower than the deadline is not cut off: its headers were in.
+        slow = _connect(url)
+        slow.sendall(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        slow.settimeout(5)
+        assert slow.recv(4096).startswith(b"HTTP/1.1 200")
+        # Then idle on keep-alive: closed quietly at the deadline, with no 408.
+        started = time.monotonic()
+        assert _read_to_close(slow, 5) == b""
+        assert 0.3 < time.monotonic() - started < 2
+        slow.close()
+
+        # Headers trickled in: 408 and closed at the deadline.
+        s = _connect(url)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        started = time.monotonic()
+        raw = _read_to_close(s, 5)
+        s.close()
+        assert raw.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 2, raw
+        assert seen == ["header"]
+    finally:
+        server.should_exit = True
+        thread.join(10)

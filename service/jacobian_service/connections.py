@@ -227,14 +227,16 @@ _HEADER_TIMEOUT_RESPONSE = (
 )
 
 
-def guarded_protocol(header_timeout_s: float, on_timeout: Any = None) -> type:
+def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type | None = None) -> type:
     """uvicorn's HTTP protocol class (httptools, else h11) with a header deadline: from
     its connection (and after each response), a client has ``header_timeout_s`` to get
     a request's headers in; otherwise it is answered 408 and closed. A request whose
-    headers are in is left alone: its body and response have their own clocks."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    headers are in is left alone: its body and response have their own clocks. ``base``
+    picks uvicorn's class (tests run both)."""
+    if base is None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol as base
 
-    class HeaderDeadlineProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    class HeaderDeadlineProtocol(base):  # type: ignore[misc, valid-type]
         _header_timer: Any = None
         _heard = False  # any byte since the timer was armed
 
@@ -274,5 +276,5 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None) -> type:
                 self.transport.write(_HEADER_TIMEOUT_RESPONSE)
             self.transport.close()  # (an idle keep-alive connection just closes)
 
-    HeaderDeadlineProtocol.__name__ = f"HeaderDeadline{AutoHTTPProtocol.__name__}"
+    HeaderDeadlineProtocol.__name__ = f"HeaderDeadline{base.__name__}"
     return HeaderDeadlineProtocol
