@@ -46,7 +46,8 @@ class ServiceApp:
             settings=settings,
             engines=engines,
             metrics=metrics,
-            # Encoding a result costs a few times its size (JSON most): a burst of large
+            # Encoding a result whole costs up to a few times its size (.npz builds its zip
+            # in memory; large JSON is streamed in pieces instead): a burst of large
             # results is encoded within the memory budget's worth of results at a time.
             encode_budget=EncodeBudget(settings.memory_budget_bytes or (256 << 20)),
             body_budget=BodyBudget(settings.body_budget, metrics.body_bytes),
