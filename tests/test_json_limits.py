@@ -47,18 +47,22 @@ def test_json_pieces_parse_to_the_one_shot_document():
     assert_tree_close(streamed, whole, rtol=0, atol=0)  # NaN and infinities included
 
 
-@pytest.fixture(scope="module")
-def server():
-    # One front end, so that its RSS is the one that encodes; a 64 MiB result allowed.
-    with live_server(WORKERS=1, WARMUP="false", MAX_RESULT_BYTES=128 * MiB, STREAM_THRESHOLD_BYTES=1 << 40,
+@pytest.fixture(scope="module", params=["gathered", "streamed"])
+def server(request):
+    """Both ways a large JSON Jacobian leaves: gathered by the engine and encoded in
+    pieces by the front end, or streamed from the engine row chunk by row chunk (over
+    STREAM_THRESHOLD_BYTES, as .npy is). One front end, so that its RSS is the one that
+    encodes; a 64 MiB result allowed."""
+    threshold = 1 << 40 if request.param == "gathered" else MiB
+    with live_server(WORKERS=1, WARMUP="false", MAX_RESULT_BYTES=128 * MiB, STREAM_THRESHOLD_BYTES=threshold,
                      MAX_REQUEST_BYTES=4 * MiB, BODY_BUDGET_BYTES=16 * MiB) as (url, proc):
         yield url, proc
 
 
-def _jacobian_json(url: str, x: list) -> int:
+def _jacobian_json(url: str, x: list, **options) -> int:
     """POST a softmax Jacobian for JSON and read the answer through, counting bytes."""
     size = 0
-    with httpx.stream("POST", f"{url}/v1/functions/softmax/jacobian", json={"inputs": [x]},
+    with httpx.stream("POST", f"{url}/v1/functions/softmax/jacobian", json={"inputs": [x], **options},
                       headers={"accept": wire.JSON}, timeout=120) as r:
         assert r.status_code == 200, r.read()[:500]
         tail = b""
@@ -79,21 +83,46 @@ def test_large_json_result_is_streamed_and_correct(server):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_large_json_jacobian_of_a_2d_output_nests_as_jacrev(server):
+    """reaction_diffusion: a (40, 40) grid -> (40, 40); its Jacobian (40, 40, 40, 40),
+    10 MB: the output's rows cross both output dimensions in every streamed chunk."""
+    url, _ = server
+    u = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+    r = httpx.post(f"{url}/v1/functions/reaction_diffusion/jacobian", json={"inputs": [u.tolist()], "chunk_size": 7},
+                   timeout=60)
+    assert r.status_code == 200, r.text[:500]
+    doc = r.json()
+    got = np.array(doc["jacobian"]["data"], dtype=np.float32)  # nested as the shape says, not flat
+    from jacobian_service.registry import Registry
+
+    fn = Registry.from_modules().get("reaction_diffusion").fn
+    want = torch.func.jacrev(fn)(torch.from_numpy(u)).numpy()
+    assert got.shape == want.shape == tuple(doc["jacobian"]["shape"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert set(doc) == {"function", "jacobian", "meta"} and doc["meta"]["mode"] == "rev"
+
+
 @pytest.mark.parametrize("values", ["finite", "nan"])
 def test_64_mib_json_jacobian_costs_about_its_size(server, values):
-    """softmax, n = 4096, float32: a 64 MiB Jacobian, ~190 MB of JSON text (all-NaN:
-    every number spelled "NaN"). The front end's peak RSS may grow by the result it
-    receives from the engine plus encoding pieces; before streaming it grew by 299 MiB
-    (finite) and 642 MiB (NaN)."""
+    """softmax, n = 4096, float32: a 64 MiB Jacobian, ~220 MB of JSON text (all-NaN:
+    every number spelled "NaN"). Before, the front end's peak RSS grew by 219 MiB
+    (finite) and 640 MiB (NaN) encoding it whole. Now, gathered: by the result it
+    receives from the engine, plus a block's text; streamed from the engine in chunks of
+    256 rows (4 MiB): by a couple of chunks, whatever the result's size."""
     url, proc = server
     n = 4096
     x = ["NaN"] * n if values == "nan" else np.linspace(-2, 2, n).tolist()
     pid = front_end_pid(proc.pid)
-    _jacobian_json(url, x)  # once to warm: first-use allocations are not the encoder's
-    growth, size = peak_growth(pid, lambda: _jacobian_json(url, x))
+    _jacobian_json(url, x, chunk_size=256)  # once to warm: first-use allocations are not the encoder's
+    growth, size = peak_growth(pid, lambda: _jacobian_json(url, x, chunk_size=256))
     assert size > 64 * MiB
     result = n * n * 4
-    assert growth < 2 * result, f"peak RSS grew by {growth / MiB:.0f} MiB for a {result / MiB:.0f} MiB result"
+    bound = result // 2 if _streams(url) else result * 3 // 2
+    assert growth < bound, f"peak RSS grew by {growth / MiB:.0f} MiB for a {result / MiB:.0f} MiB result"
+
+
+def _streams(url: str) -> bool:
+    return httpx.get(f"{url}/v1/info", timeout=10).json()["limits"]["stream_threshold_bytes"] < 64 * MiB
 
 
 def test_json_body_is_charged_its_parse_cost(server):
@@ -109,3 +138,12 @@ def test_json_body_is_charged_its_parse_cost(server):
     r = httpx.post(f"{url}/v1/functions/sin/evaluate", content=b"".join(bytes(p) for p in npy),
                    headers={"content-type": wire.NPY, "accept": wire.NPY}, timeout=30)
     assert r.status_code == 200, r.text
+
+
+def test_streamed_json_keeps_the_result_limit(server):
+    """Streamed .npy has no result limit (the client asked for a stream); JSON keeps
+    MAX_RESULT_BYTES, streamed or not: 6000^2 float32 = 137 MiB > 128 MiB."""
+    url, _ = server
+    r = httpx.post(f"{url}/v1/functions/softmax/jacobian", json={"inputs": [[0.0] * 6000]}, timeout=60)
+    assert_problem(r, 413, "result_too_large")
+    assert httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, timeout=10).status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from typing import Any, AsyncIterator, Iterable, Iterator
 
 import numpy as np
@@ -15,8 +16,8 @@ from .types import Result
 from .errors import NotAcceptable, ServiceError
 
 __all__ = [
-    "EncodeBudget", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces", "pieces_response",
-    "problem_response",
+    "EncodeBudget", "JsonRows", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
+    "pieces_response", "problem_response",
 ]
 
 _OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
@@ -126,6 +127,54 @@ def json_pieces(tree: Any) -> Iterator[bytes]:
         yield b"]"
     else:
         yield wire.dumps(wire.encode_tree(tree))
+
+
+class JsonRows:
+    """A Jacobian's ``"data"`` as nested JSON lists, written from row chunks that arrive
+    in order (the flattened output's rows, as the engine streams them for ``.npy``): the
+    text of one chunk at a time, with the brackets of the output's dimensions opened and
+    closed where the rows cross them. ``shape`` is the whole Jacobian's; how many of its
+    leading dimensions are the output's is read from the first chunk's rank."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.out_shape: tuple[int, ...] | None = None
+        self.row = 0
+
+    def piece(self, chunk: np.ndarray) -> bytes:
+        if self.out_shape is None:
+            self.out_shape = self.shape[: len(self.shape) - (chunk.ndim - 1)]
+        if not self.out_shape:  # a scalar output: its one row is the whole array
+            self.row += len(chunk)
+            return _json_data(chunk.reshape(chunk.shape[1:]))
+        inner = self.out_shape[-1]
+        out: list[bytes] = []
+        i = 0
+        while i < len(chunk):
+            r, pos = self.row + i, (self.row + i) % inner
+            if r == 0:
+                out.append(b"[" * len(self.out_shape))
+            elif pos == 0:  # rows cross one or more output dimensions here
+                depth = 1
+                while depth < len(self.out_shape) and r % math.prod(self.out_shape[-depth - 1:]) == 0:
+                    depth += 1
+                out.append(b"]" * depth + b"," + b"[" * depth)
+            else:
+                out.append(b",")
+            run = min(len(chunk) - i, inner - pos)
+            out.append(_json_data(chunk[i:i + run])[1:-1])  # the run's rows, without its brackets
+            i += run
+        self.row += len(chunk)
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        if self.out_shape is None:  # no rows came: an empty array of this shape
+            return _json_data(np.empty(self.shape, np.float32))
+        return b"]" * len(self.out_shape)
+
+
+def _json_data(arr: np.ndarray) -> bytes:
+    return wire.dumps(wire.encode_tree(arr)["data"])
 
 
 def pieces_response(pieces: Iterable[bytes | memoryview], media_type: str, headers: dict[str, str] | None = None) -> Response:

@@ -33,11 +33,12 @@ from .errors import (
     MethodNotAllowed,
     NotFound,
     OutOfMemory,
+    ResultTooLarge,
     ServiceError,
     Unavailable,
 )
 from .parsing import KINDS, media_type_of, parse_call
-from .responses import acceptable, choose, encode, is_single_array, problem_response
+from .responses import JsonRows, acceptable, choose, encode, is_single_array, problem_response
 from .scheduler import StreamHead
 from .state import ServiceState
 from .types import Call, JobInfo, Result
@@ -48,6 +49,8 @@ log = logging.getLogger("jacobian_service")
 
 # Bodies and results above this are parsed / encoded on a thread, not on the event loop.
 _OFFLOAD_BYTES = 256 << 10
+# Rows of a streamed JSON Jacobian encoded at once (their text is ~3x this).
+_JSON_BLOCK_BYTES = 1 << 20
 RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp", "hvp": "hvp"}
 DERIVATIVE_KINDS = frozenset(RESULT_KEY)
 assert DERIVATIVE_KINDS == frozenset(KINDS)
@@ -220,10 +223,18 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
     if not _could_be_single(call, kind):  # known before compute: answer 406 now, not after
         media = [m for m in media if m != wire.NPY]
         choose(media, single_array=False)
-    job = "jacobian_npy" if kind == "jacobian" and media[0] == wire.NPY else kind
-    result, info = await _cancellable(request, state.engines.run(job, call))
+    # A large single-array Jacobian is streamed from the engine row chunk by row chunk,
+    # as .npy or as JSON: the front end then holds one chunk, never the whole result.
+    streamable = kind == "jacobian" and (media[0] == wire.NPY or (media[0] == wire.JSON and call.mode == "rev"))
+    result, info = await _cancellable(request, state.engines.run("jacobian_npy" if streamable else kind, call))
     if isinstance(result, StreamHead):
-        return _stream(state, request, call, result, info)
+        if media[0] == wire.NPY:
+            return _stream(state, request, call, result, info)
+        if result.nbytes > call.max_result_bytes:  # streamed .npy has no result limit; JSON keeps it
+            state.engines.close_stream(result)
+            raise ResultTooLarge(f"the Jacobian has {result.nbytes} bytes; the limit is {call.max_result_bytes} "
+                                 f"(ask for {wire.NPY} to stream it without one)")
+        return _stream_json(state, spec.name, result, info)
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
     nbytes = result.nbytes()
@@ -302,6 +313,46 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
         "X-Queue-Ms": f"{info.queue_s * 1e3:.3f}",
     }
     return StreamingResponse(body(), media_type=wire.NPY, headers=headers)
+
+
+def _stream_json(state: ServiceState, function: str, head: StreamHead, info: JobInfo) -> Response:
+    """A large Jacobian as JSON, written from the engine's row chunks as they come (as
+    :func:`_stream` does for ``.npy``): the same document as a gathered one, with
+    ``meta`` last, so its times cover the whole stream. Chunked transfer: the length of
+    the text is not known in advance."""
+    started = time.monotonic()
+    rows = JsonRows(head.shape)
+
+    async def body() -> AsyncIterator[bytes]:
+        done = False
+        try:
+            yield (wire.dumps(function).join((b'{"function":', b',"jacobian":{"dtype":'))
+                   + wire.dumps(np.dtype(head.dtype).name) + b',"shape":' + wire.dumps(list(head.shape)) + b',"data":')
+            deadline = time.monotonic() + state.settings.request_timeout_s
+            pending = asyncio.ensure_future(state.engines.next_chunk(head, deadline))
+            while True:
+                arr = await pending
+                if arr is None:
+                    break
+                pending = asyncio.ensure_future(
+                    state.engines.next_chunk(head, time.monotonic() + state.settings.request_timeout_s))
+                state.metrics.streamed_bytes.inc(arr.nbytes)
+                # A chunk's text is several times its size: written a block of rows at a
+                # time, each block's text sent before the next is made.
+                step = max(1, _JSON_BLOCK_BYTES // max(1, arr[:1].nbytes))
+                for start in range(0, len(arr), step):
+                    yield await _offload(_OFFLOAD_BYTES + 1, rows.piece, arr[start:start + step])
+            done = True
+            meta = {"device": info.device, "chunk_size": head.chunk_size, "batch_size": info.batch_size, "mode": "rev",
+                    "queue_ms": round(info.queue_s * 1e3, 3),
+                    "compute_ms": round((info.compute_s + time.monotonic() - started) * 1e3, 3)}
+            yield rows.end() + b'},"meta":' + wire.dumps(meta) + b"}"
+        finally:
+            if not done:
+                state.engines.close_stream(head)
+
+    return StreamingResponse(body(), media_type=wire.JSON,
+                             headers={"X-Chunk-Size": str(head.chunk_size), "X-Device": str(info.device)})
 
 
 # ------------------------------------------------------------------ the table
