@@ -147,3 +147,33 @@ def test_streamed_json_keeps_the_result_limit(server):
     r = httpx.post(f"{url}/v1/functions/softmax/jacobian", json={"inputs": [[0.0] * 6000]}, timeout=60)
     assert_problem(r, 413, "result_too_large")
     assert httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("case", ["aux", "two_inputs", "return_output"])
+def test_large_json_jacobian_that_is_not_one_array_keeps_every_part(server, case):
+    """Only a bare single-array Jacobian streams from the engine: with aux, several
+    differentiated inputs or the output asked for, the document keeps all its parts."""
+    url, _ = server
+    n = 800  # 2.4 MB per Jacobian block: over the streamed server's 1 MiB threshold
+    x = np.linspace(-1, 1, n, dtype=np.float32)
+    y = np.linspace(0, 2, n, dtype=np.float32)
+    from jacobian_service.registry import Registry
+
+    registry = Registry.from_modules()
+    if case == "aux":
+        body, fn = {"inputs": [x.tolist()]}, registry.get("sin_aux").fn
+        want, want_aux = torch.func.jacrev(fn, has_aux=True)(torch.from_numpy(x))
+    elif case == "two_inputs":
+        body, fn = {"inputs": [x.tolist(), y.tolist()], "argnums": [0, 1]}, registry.get("add_square").fn
+        want = torch.func.jacrev(fn, argnums=(0, 1))(torch.from_numpy(x), torch.from_numpy(y))
+    else:
+        body, fn = {"inputs": [x.tolist()], "return_output": True}, registry.get("softmax").fn
+        want = torch.func.jacrev(fn)(torch.from_numpy(x))
+    r = httpx.post(f"{url}/v1/functions/{fn.__name__}/jacobian", json=body, timeout=60)
+    assert r.status_code == 200, r.text[:500]
+    doc = r.json()
+    assert_tree_close(wire.decode_tree(doc["jacobian"]), want, rtol=1e-5, atol=1e-6)
+    if case == "aux":
+        assert_tree_close(wire.decode_tree(doc["aux"]), want_aux, rtol=1e-6, atol=1e-6)
+    if case == "return_output":
+        assert_tree_close(wire.decode_tree(doc["output"]), fn(torch.from_numpy(x)), rtol=1e-6, atol=1e-7)
