@@ -91,6 +91,7 @@ PROBLEM_STATUS: dict[str, int] = {
     "function_not_found": 404,
     "method_not_allowed": 405,
     "not_acceptable": 406,
+    "request_timeout": 408,
     "payload_too_large": 413,
     "result_too_large": 413,
     "unsupported_media_type": 415,

@@ -5,12 +5,14 @@ processes over ZeroMQ when the supervisor gave it a run directory (``serve``), e
 engine threads in this process (tests, ``serve --in-process``). Requests pass through
 
     AccessMiddleware (request id, log line, request metric)
-      -> AuthMiddleware (API keys, every route)
-        -> Router (the one table in routes.py; OpenAPI is written from it)
+      -> SendGuard (responses in pieces, each under the send timeout: connections.py)
+        -> AuthMiddleware (API keys, every route)
+          -> Router (the one table in routes.py; OpenAPI is written from it)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .connections import BodyBudget, SendGuard, abort_connection
 from .engine_client import InProcessEngines, RemoteEngines
 from .logs import configure_logging
 from .metrics import Metrics
@@ -43,9 +46,11 @@ class ServiceApp:
             settings=settings,
             engines=engines,
             metrics=metrics,
-            # Encoding a result costs a few times its size (JSON most): a burst of large
+            # Encoding a result whole costs up to a few times its size (.npz builds its zip
+            # in memory; large JSON is streamed in pieces instead): a burst of large
             # results is encoded within the memory budget's worth of results at a time.
             encode_budget=EncodeBudget(settings.memory_budget_bytes or (256 << 20)),
+            body_budget=BodyBudget(settings.body_budget, metrics.body_bytes),
             api_keys=settings.load_api_keys(),
             front_ends=front_ends,
         )
@@ -54,7 +59,9 @@ class ServiceApp:
         self._openapi: dict[str, Any] | None = None
         self._lifespans = 0
         auth = AuthMiddleware(self.router, self.service_state.api_keys, settings.metrics_auth, settings.docs_auth)
-        self.asgi = AccessMiddleware(auth, metrics, self.router)
+        guard = SendGuard(auth, settings.send_timeout_s,
+                          on_timeout=lambda phase: metrics.connection_timeouts.labels(phase).inc())
+        self.asgi = AccessMiddleware(guard, metrics, self.router)
 
     @property
     def registry(self) -> Registry:
@@ -71,6 +78,8 @@ class ServiceApp:
             return
         scope["service"] = self.service_state
         scope["jacobian_app"] = self
+        # The server's own send, for cutting off a client that stops reading (SendGuard).
+        scope.setdefault("state", {})["abort_connection"] = functools.partial(abort_connection, send)
         await self.asgi(scope, receive, send)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:

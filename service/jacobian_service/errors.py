@@ -8,6 +8,7 @@
     ├── FunctionNotFound      404     function_not_found
     ├── MethodNotAllowed      405     method_not_allowed
     ├── NotAcceptable         406     not_acceptable
+    ├── RequestTimeout        408     request_timeout      (the body stalled; the connection closes)
     ├── PayloadTooLarge       413     payload_too_large
     ├── ResultTooLarge        413     result_too_large
     ├── UnsupportedMediaType  415     unsupported_media_type
@@ -45,6 +46,7 @@ __all__ = [
     "OutOfMemory",
     "Overloaded",
     "PayloadTooLarge",
+    "RequestTimeout",
     "ResultTooLarge",
     "ServiceError",
     "SparsityNotFound",
@@ -79,6 +81,7 @@ NotFound = _error("NotFound", "not_found", "Not found")
 FunctionNotFound = _error("FunctionNotFound", "function_not_found", "Function not found")
 MethodNotAllowed = _error("MethodNotAllowed", "method_not_allowed", "Method not allowed")
 NotAcceptable = _error("NotAcceptable", "not_acceptable", "Not acceptable")
+RequestTimeout = _error("RequestTimeout", "request_timeout", "Request timeout")
 PayloadTooLarge = _error("PayloadTooLarge", "payload_too_large", "Payload too large")
 ResultTooLarge = _error("ResultTooLarge", "result_too_large", "Result too large")
 UnsupportedMediaType = _error("UnsupportedMediaType", "unsupported_media_type", "Unsupported media type")

@@ -52,6 +52,17 @@ class Metrics:
         self.streamed_bytes = Counter(
             "jacobian_service_streamed_bytes", "Bytes of .npy results streamed chunk by chunk.", registry=r
         )
+        self.body_bytes = Gauge(
+            "jacobian_service_body_bytes_in_flight",
+            "Bytes of request bodies being received and parsed (JSON at its parse cost), held against "
+            "body_budget_bytes (summed over live front ends).",
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.connection_timeouts = Counter(
+            "jacobian_service_connection_timeouts",
+            "Connections cut off by a timeout: slow headers, a stalled body, a client not reading.",
+            ["phase"], registry=r,
+        )
         self.device_memory = Gauge(
             "jacobian_service_device_memory_bytes", "Memory allocated by torch on each device.", ["device"], registry=r,
             multiprocess_mode="mostrecent",

@@ -65,11 +65,13 @@ _COMPONENTS: dict[str, Any] = {
     "InputTree": {
         "description": (
             "a pytree parameter (an Input declared with a tree): its arrays nested as declared, "
-            "a JSON list for a tuple or list, an object keyed as the dict; each leaf any Array form"
+            "a JSON list for a tuple or list, an object keyed as the dict; each leaf any Array form. "
+            "Deeper levels are Arrays in this schema (an Array's list and object forms admit them): "
+            "client generators (openapi-python-client) refuse a recursive union"
         ),
         "anyOf": [
-            {"type": "array", "items": {"anyOf": [{"$ref": "#/components/schemas/Array"}, {"$ref": "#/components/schemas/InputTree"}]}},
-            {"type": "object", "additionalProperties": {"anyOf": [{"$ref": "#/components/schemas/Array"}, {"$ref": "#/components/schemas/InputTree"}]}},
+            {"type": "array", "items": {"$ref": "#/components/schemas/Array"}},
+            {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/Array"}},
         ],
     },
     "Inputs": {

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterator, Iterable
+import math
+from typing import Any, AsyncIterator, Iterable, Iterator
 
 import numpy as np
 from starlette.responses import Response, StreamingResponse
@@ -14,7 +15,10 @@ from jacobian_client import wire
 from .types import Result, is_sparse_matrix
 from .errors import NotAcceptable, ServiceError
 
-__all__ = ["EncodeBudget", "echo", "acceptable", "choose", "encode", "is_single_array", "pieces_response", "problem_response"]
+__all__ = [
+    "EncodeBudget", "JsonRows", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
+    "pieces_response", "problem_response",
+]
 
 _OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
 _JOIN_BYTES = 1 << 20
@@ -91,8 +95,91 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
         return Response(wire.write_sparse_npz(result.value, {"function": function, **meta}, extra), media_type=wire.NPZ)
     if media == wire.NPZ:
         return Response(wire.write_npz(trees, {"function": function, **meta}), media_type=wire.NPZ)
-    body = {"function": function, **{k: wire.encode_tree(v) for k, v in trees.items()}, "meta": meta}
-    return Response(wire.dumps(body), media_type=wire.JSON)
+    document = {"function": function, **trees, "meta": meta}
+    if result.nbytes() < _JOIN_BYTES:  # small: one body, encoded at once
+        return Response(wire.dumps(wire.encode_tree(document)), media_type=wire.JSON)
+    # Large: written piece by piece as it is sent (on a worker thread: Starlette iterates a
+    # plain iterator there), so encoding holds O(piece), not the whole document.
+    return StreamingResponse(json_pieces(document), media_type=wire.JSON)
+
+
+def json_pieces(tree: Any) -> Iterator[bytes]:
+    """The JSON of ``wire.encode_tree(tree)``, in pieces: arrays over ``_JOIN_BYTES`` are
+    written a block of rows (about ``_JOIN_BYTES`` of array) at a time, so what encoding
+    holds at once is one block's text (and, for non-finite values, its spelled-out list),
+    whatever the array's size. The text parses to the same document as the one-shot
+    encoding."""
+    if isinstance(tree, np.ndarray) and tree.nbytes >= _JOIN_BYTES and tree.ndim >= 1:
+        head = wire.encode_tree(tree[:1])
+        yield b'{"dtype":' + wire.dumps(head["dtype"]) + b',"shape":' + wire.dumps(list(tree.shape)) + b',"data":['
+        rows = max(1, _JOIN_BYTES // max(1, tree[:1].nbytes))
+        for start in range(0, tree.shape[0], rows):
+            block = wire.dumps(wire.encode_tree(tree[start:start + rows])["data"])
+            yield (b"," if start else b"") + block[1:-1]  # the block's rows, without its brackets
+        yield b"]}"
+    elif isinstance(tree, dict) and not wire.is_sparse(tree):
+        yield b"{"
+        for i, (key, value) in enumerate(tree.items()):
+            yield (b"," if i else b"") + wire.dumps(str(key)) + b":"
+            yield from json_pieces(value)
+        yield b"}"
+    elif isinstance(tree, (list, tuple)):
+        yield b"["
+        for i, value in enumerate(tree):
+            if i:
+                yield b","
+            yield from json_pieces(value)
+        yield b"]"
+    else:
+        yield wire.dumps(wire.encode_tree(tree))
+
+
+class JsonRows:
+    """A Jacobian's ``"data"`` as nested JSON lists, written from row chunks that arrive
+    in order (the flattened output's rows, as the engine streams them for ``.npy``): the
+    text of one chunk at a time, with the brackets of the output's dimensions opened and
+    closed where the rows cross them. ``shape`` is the whole Jacobian's; how many of its
+    leading dimensions are the output's is read from the first chunk's rank."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.out_shape: tuple[int, ...] | None = None
+        self.row = 0
+
+    def piece(self, chunk: np.ndarray) -> bytes:
+        if self.out_shape is None:
+            self.out_shape = self.shape[: len(self.shape) - (chunk.ndim - 1)]
+        if not self.out_shape:  # a scalar output: its one row is the whole array
+            self.row += len(chunk)
+            return _json_data(chunk.reshape(chunk.shape[1:]))
+        inner = self.out_shape[-1]
+        out: list[bytes] = []
+        i = 0
+        while i < len(chunk):
+            r, pos = self.row + i, (self.row + i) % inner
+            if r == 0:
+                out.append(b"[" * len(self.out_shape))
+            elif pos == 0:  # rows cross one or more output dimensions here
+                depth = 1
+                while depth < len(self.out_shape) and r % math.prod(self.out_shape[-depth - 1:]) == 0:
+                    depth += 1
+                out.append(b"]" * depth + b"," + b"[" * depth)
+            else:
+                out.append(b",")
+            run = min(len(chunk) - i, inner - pos)
+            out.append(_json_data(chunk[i:i + run])[1:-1])  # the run's rows, without its brackets
+            i += run
+        self.row += len(chunk)
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        if self.out_shape is None:  # no rows came: an empty array of this shape
+            return _json_data(np.empty(self.shape, np.float32))
+        return b"]" * len(self.out_shape)
+
+
+def _json_data(arr: np.ndarray) -> bytes:
+    return wire.dumps(wire.encode_tree(arr)["data"])
 
 
 def pieces_response(pieces: Iterable[bytes | memoryview], media_type: str, headers: dict[str, str] | None = None) -> Response:

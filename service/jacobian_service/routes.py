@@ -25,21 +25,21 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jacobian_client import wire
 
+from .connections import read_body
 from .errors import (
     ClientGone,
     InternalError,
     InvalidInput,
-    MalformedBody,
     MethodNotAllowed,
     NotAcceptable,
     NotFound,
     OutOfMemory,
-    PayloadTooLarge,
+    ResultTooLarge,
     ServiceError,
     Unavailable,
 )
 from .parsing import KINDS, media_type_of, parse_call, parse_sparsity_query
-from .responses import acceptable, choose, encode, is_single_array, problem_response
+from .responses import JsonRows, acceptable, choose, encode, is_single_array, problem_response
 from .scheduler import StreamHead
 from .state import ServiceState
 from .types import Call, JobInfo, Result
@@ -50,6 +50,8 @@ log = logging.getLogger("jacobian_service")
 
 # Bodies and results above this are parsed / encoded on a thread, not on the event loop.
 _OFFLOAD_BYTES = 256 << 10
+# Rows of a streamed JSON Jacobian encoded at once (their text is ~3x this).
+_JSON_BLOCK_BYTES = 1 << 20
 RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp", "hvp": "hvp"}
 DERIVATIVE_KINDS = frozenset(RESULT_KEY)
 assert DERIVATIVE_KINDS == frozenset(KINDS)
@@ -134,6 +136,11 @@ async def info(request: Request) -> Response:
             "request_timeout_s": s.request_timeout_s,
             "memory_budget_bytes": engine_info["memory_budget_bytes"],
             "stream_threshold_bytes": s.stream_threshold_bytes,
+            "body_budget_bytes": s.body_budget,  # per front-end process
+            "header_timeout_s": s.header_timeout_s,
+            "read_idle_timeout_s": s.read_idle_timeout_s,
+            "read_timeout_s": s.read_timeout_s,
+            "send_timeout_s": s.send_timeout_s,
         },
         "auth": bool(state.api_keys),
     })
@@ -156,23 +163,6 @@ async def release_function(request: Request, name: str) -> Response:
 
 
 # ------------------------------------------------------------------ derivatives
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isascii() or not declared.isdigit():
-            raise MalformedBody("Content-Length is not a number")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}")
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def _deadline(state: ServiceState, request: Request) -> float:
@@ -231,12 +221,18 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
     started = time.monotonic()
     spec = state.registry.get(name)
     media = acceptable(request.headers.get("accept"))
-    body = await _read_body(request, state.settings.max_request_bytes)
     content_type = media_type_of(request.headers.get("content-type"))
-    # A small deflated .npz can expand to a lot: decide by what decoding will take.
-    call: Call = await _offload(
-        wire.expanded_size(body, content_type), parse_call, spec, kind, content_type, body, dict(request.query_params), state.settings.wire_limits
-    )
+    s = state.settings
+    # The body is admitted against the process's body budget before it is buffered, and
+    # held there (JSON at its parse cost) until it is parsed: connections.py.
+    async with read_body(request, state.body_budget, s.max_request_bytes, s.read_idle_timeout_s, s.read_timeout_s,
+                         is_json=content_type == wire.JSON,
+                         on_timeout=lambda phase: state.metrics.connection_timeouts.labels(phase).inc()) as body:
+        # A small deflated .npz can expand to a lot: decide by what decoding will take.
+        call: Call = await _offload(
+            wire.expanded_size(body, content_type), parse_call, spec, kind, content_type, body, dict(request.query_params), s.wire_limits
+        )
+    del body  # parsed: the arrays are the call's now
     call.deadline = _deadline(state, request)
     call.max_result_bytes = state.settings.max_result_bytes
     sparse = call.sparsity != "dense"
@@ -245,10 +241,20 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
     elif not _could_be_single(call, kind):  # known before compute: answer 406 now, not after
         media = [m for m in media if m != wire.NPY]
         choose(media, single_array=False)
-    job = "jacobian_npy" if kind == "jacobian" and media[0] == wire.NPY and not sparse else kind
-    result, info = await _cancellable(request, state.engines.run(job, call))
+    # A large single-array Jacobian is streamed from the engine row chunk by row chunk,
+    # as .npy or as JSON: the front end then holds one chunk, never the whole result.
+    # (Only one bare array streams: .npy was refused above otherwise; JSON checks here.)
+    streamable = not sparse and kind == "jacobian" and (
+        media[0] == wire.NPY or (media[0] == wire.JSON and call.mode == "rev" and _could_be_single(call, kind)))
+    result, info = await _cancellable(request, state.engines.run("jacobian_npy" if streamable else kind, call))
     if isinstance(result, StreamHead):
-        return _stream(state, request, call, result, info)
+        if media[0] == wire.NPY:
+            return _stream(state, request, call, result, info)
+        if result.nbytes > call.max_result_bytes:  # streamed .npy has no result limit; JSON keeps it
+            state.engines.close_stream(result)
+            raise ResultTooLarge(f"the Jacobian has {result.nbytes} bytes; the limit is {call.max_result_bytes} "
+                                 f"(ask for {wire.NPY} to stream it without one)")
+        return _stream_json(state, spec.name, result, info)
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
     nbytes = result.nbytes()
@@ -348,10 +354,50 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
     return StreamingResponse(body(), media_type=wire.NPY, headers=headers)
 
 
+def _stream_json(state: ServiceState, function: str, head: StreamHead, info: JobInfo) -> Response:
+    """A large Jacobian as JSON, written from the engine's row chunks as they come (as
+    :func:`_stream` does for ``.npy``): the same document as a gathered one, with
+    ``meta`` last, so its times cover the whole stream. Chunked transfer: the length of
+    the text is not known in advance."""
+    started = time.monotonic()
+    rows = JsonRows(head.shape)
+
+    async def body() -> AsyncIterator[bytes]:
+        done = False
+        try:
+            yield (wire.dumps(function).join((b'{"function":', b',"jacobian":{"dtype":'))
+                   + wire.dumps(np.dtype(head.dtype).name) + b',"shape":' + wire.dumps(list(head.shape)) + b',"data":')
+            deadline = time.monotonic() + state.settings.request_timeout_s
+            pending = asyncio.ensure_future(state.engines.next_chunk(head, deadline))
+            while True:
+                arr = await pending
+                if arr is None:
+                    break
+                pending = asyncio.ensure_future(
+                    state.engines.next_chunk(head, time.monotonic() + state.settings.request_timeout_s))
+                state.metrics.streamed_bytes.inc(arr.nbytes)
+                # A chunk's text is several times its size: written a block of rows at a
+                # time, each block's text sent before the next is made.
+                step = max(1, _JSON_BLOCK_BYTES // max(1, arr[:1].nbytes))
+                for start in range(0, len(arr), step):
+                    yield await _offload(_OFFLOAD_BYTES + 1, rows.piece, arr[start:start + step])
+            done = True
+            meta = {"device": info.device, "chunk_size": head.chunk_size, "batch_size": info.batch_size, "mode": "rev",
+                    "queue_ms": round(info.queue_s * 1e3, 3),
+                    "compute_ms": round((info.compute_s + time.monotonic() - started) * 1e3, 3)}
+            yield rows.end() + b'},"meta":' + wire.dumps(meta) + b"}"
+        finally:
+            if not done:
+                state.engines.close_stream(head)
+
+    return StreamingResponse(body(), media_type=wire.JSON,
+                             headers={"X-Chunk-Size": str(head.chunk_size), "X-Device": str(info.device)})
+
+
 # ------------------------------------------------------------------ the table
 
 _DERIVATIVE_ERRORS = (
-    "malformed_body", "function_not_found", "not_acceptable", "payload_too_large", "result_too_large",
+    "malformed_body", "function_not_found", "not_acceptable", "request_timeout", "payload_too_large", "result_too_large",
     "unsupported_media_type", "invalid_input", "sparsity_not_found", "overloaded", "function_error", "unavailable",
     "function_quarantined", "timeout", "out_of_memory",
 )

@@ -34,8 +34,13 @@ log = logging.getLogger("jacobian_service")
 def _uvicorn_config(app: Any, settings: Settings) -> Any:
     import uvicorn
 
+    from .connections import guarded_protocol
+
+    metrics = app.service_state.metrics
     return uvicorn.Config(
         app,
+        # uvicorn's own protocol (httptools, else h11) with a deadline for request headers.
+        http=guarded_protocol(settings.header_timeout_s, lambda phase: metrics.connection_timeouts.labels(phase).inc()),
         host=settings.host,
         port=settings.port,
         root_path=settings.root_path,

@@ -82,6 +82,20 @@ class Settings(BaseSettings):
     # under the run directory would be deleted with it and so buy nothing.
     sparsity_cache_dir: Path | None = None
 
+    # Connections (connections.py). Request bodies being received and parsed at once, per
+    # front-end process (the server holds at most workers x this): a body is admitted
+    # before it is buffered, by its Content-Length (chunked: as it arrives), and a JSON
+    # body is charged its parse cost. Unset: twice max_request_bytes, at least 64 MiB.
+    body_budget_bytes: int | None = Field(None, ge=1)
+    # A connection's request headers must be in within header_timeout_s; each piece of a
+    # body within read_idle_timeout_s and the whole body within read_timeout_s (408 and
+    # the connection closed); each piece of a response must leave within send_timeout_s
+    # (a client that stops reading has its connection aborted).
+    header_timeout_s: float = Field(10.0, gt=0)
+    read_idle_timeout_s: float = Field(30.0, gt=0)
+    read_timeout_s: float = Field(300.0, gt=0)
+    send_timeout_s: float = Field(30.0, gt=0)
+
     # Security and operations
     api_keys: str = ""
     # One key a line (blank lines and # comments skipped); adds to api_keys.
@@ -121,6 +135,10 @@ class Settings(BaseSettings):
                 raise ValueError(f"API_KEYS_FILE {self.api_keys_file} holds no keys; refusing to start without auth")
             keys.extend(from_file)
         return tuple(keys)
+
+    @property
+    def body_budget(self) -> int:
+        return self.body_budget_bytes or max(2 * self.max_request_bytes, 64 << 20)
 
     @property
     def front_end_count(self) -> int:

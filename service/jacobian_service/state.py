@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .connections import BodyBudget
 from .metrics import Metrics
 from .registry import Registry
 from .responses import EncodeBudget
@@ -19,6 +20,7 @@ class ServiceState:
     engines: Any  # InProcessEngines | RemoteEngines: the same calls
     metrics: Metrics
     encode_budget: EncodeBudget
+    body_budget: BodyBudget
     api_keys: tuple[str, ...] = ()
     front_ends: int = 1
     draining: bool = False

@@ -1,0 +1,280 @@
+"""Connections hold bounded memory for bounded time.
+
+A client can hold a front end's memory in three places; each gets a clock, and request
+bodies also get a byte budget:
+
+* **headers**: a connection must finish a request's headers within ``header_timeout_s``
+  of connecting (or of its previous response), however slowly it trickles bytes in
+  (uvicorn's keep-alive timer restarts on every byte, so a slow-headers client would
+  otherwise never be timed out). :func:`guarded_protocol` adds this to uvicorn's own
+  protocol class.
+* **bodies**: :func:`read_body` waits at most ``read_idle_timeout_s`` for each piece of
+  a body and ``read_timeout_s`` for the whole of it, then answers 408 and closes the
+  connection. Before it buffers anything it asks the process's :class:`BodyBudget` for
+  the body's bytes (its ``Content-Length``, or piece by piece for a chunked body): a
+  body that does not fit now is answered 503 with ``Retry-After``, one that could never
+  fit 413. A JSON body is charged what parsing it costs (Python objects for every
+  number), estimated from its bytes before it is parsed.
+* **responses**: :class:`SendGuard` sends bodies in pieces and gives each piece
+  ``send_timeout_s`` to leave; a client that stops reading has its connection aborted,
+  and the response (and the result it holds) is dropped.
+
+The budget is per front-end process: ``serve`` runs ``workers`` of them, so the server
+as a whole holds at most ``workers x body_budget_bytes`` of request bodies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, AsyncIterator
+
+import anyio
+
+try:
+    from builtins import BaseExceptionGroup  # type: ignore[attr-defined]
+except ImportError:  # Python 3.10: anyio's backport
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[no-redef]
+
+from .errors import ClientGone, MalformedBody, PayloadTooLarge, RequestTimeout, Unavailable
+
+__all__ = ["BodyBudget", "SendGuard", "abort_connection", "guarded_protocol", "json_parse_cost", "read_body"]
+
+log = logging.getLogger("jacobian_service")
+
+# A response body larger than this is sent in pieces of this size, each under the send
+# timeout: the transport then holds one piece, not the whole body, for a slow reader.
+SEND_PIECE_BYTES = 1 << 20
+# What parsing JSON costs per number on top of its text, at the peak: orjson's Python
+# object and list slot for each (32 bytes for a float), numpy's float64 array of them,
+# the checks' temporaries and the cast to the declared dtype. Measured peak RSS growth of
+# parse_call on 2 M numbers: 25 bytes each for "0", 60 for "0.5", 68 for "0.123456789",
+# 80 for "-1.2345678901234567e-05". Counted per separator (',' or '['): an upper bound
+# on the numbers.
+JSON_BYTES_PER_NUMBER = 80
+# Refusals that leave a body unread close the connection: the client would otherwise
+# go on sending a body nobody reads.
+_CLOSE = {"Connection": "close"}
+
+
+def json_parse_cost(body: bytes) -> int:
+    """Bytes that parsing this JSON body may take at its peak, the body included.
+    ``bytes.count`` runs at memory speed, so estimating costs nothing next to parsing."""
+    return len(body) + JSON_BYTES_PER_NUMBER * (body.count(b",") + body.count(b"[") + 1)
+
+
+class BodyBudget:
+    """Bytes of request bodies this process is receiving and parsing, bounded.
+
+    No waiting: a request that does not fit is refused at once (503, Retry-After), as
+    a full queue is; waiting would hold the connection and its socket buffers anyway.
+    """
+
+    def __init__(self, max_bytes: int, gauge: Any = None) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._gauge = gauge
+
+    def take(self, nbytes: int, what: str) -> None:
+        if nbytes > self.max_bytes:
+            raise PayloadTooLarge(
+                f"{what} needs {nbytes} bytes of this server's request memory; the most one request may "
+                f"take is {self.max_bytes} (body_budget_bytes)", headers=_CLOSE)
+        if self.used + nbytes > self.max_bytes:
+            raise Unavailable(
+                f"{what} needs {nbytes} bytes; the server is receiving other bodies and has "
+                f"{self.max_bytes - self.used} of {self.max_bytes} free; retry shortly",
+                headers={"Retry-After": "1", **_CLOSE})
+        self._set(self.used + nbytes)
+
+    def give(self, nbytes: int) -> None:
+        self._set(self.used - nbytes)
+
+    def _set(self, used: int) -> None:
+        self.used = used
+        if self._gauge is not None:
+            self._gauge.set(used)
+
+
+@contextlib.asynccontextmanager
+async def read_body(request: Any, budget: BodyBudget, limit: int, idle_s: float, total_s: float,
+                    is_json: bool = False, on_timeout: Any = None) -> AsyncIterator[bytes]:
+    """The request's body, admitted against ``budget`` before it is buffered and held
+    there until the block ends (the caller parses inside it). 413 over ``limit``, 503
+    when it does not fit now, 408 when the client stalls."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isascii() or not declared.isdigit():
+            raise MalformedBody("Content-Length is not a number", headers=_CLOSE)
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}", headers=_CLOSE)
+    held = 0
+    try:
+        if declared is not None:
+            budget.take(int(declared), f"a body of {declared} bytes")
+            held = int(declared)
+        parts: list[bytes] = []
+        size = 0
+        deadline = anyio.current_time() + total_s
+        more = True
+        while more:
+            wait = min(idle_s, deadline - anyio.current_time())
+            message: dict[str, Any] | None = None
+            with anyio.move_on_after(max(wait, 0)):
+                message = await request.receive()
+            if message is None:
+                if on_timeout is not None:
+                    on_timeout("body")
+                stalled = "stalled" if wait == idle_s else "took too long"
+                raise RequestTimeout(
+                    f"the body {stalled}: {size} bytes in; pieces must come within {idle_s:g} s and the "
+                    f"whole body within {total_s:g} s", headers=_CLOSE)
+            if message["type"] == "http.disconnect":
+                raise ClientGone("the client closed the connection while sending its body")
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes", headers=_CLOSE)
+            if size > held:  # chunked (or longer than declared): counted as it arrives
+                budget.take(size - held, "the body")
+                held = size
+            if chunk:
+                parts.append(chunk)
+        body = b"".join(parts)
+        del parts
+        if is_json:
+            cost = json_parse_cost(body)
+            if cost > held:
+                budget.take(cost - held, f"parsing a JSON body of {len(body)} bytes (about {cost} bytes; "
+                                         "binary .npy/.npz or base64 arrays cost their size)")
+                held = cost
+        yield body
+    finally:
+        budget.give(held)
+
+
+class _SendTimedOut(Exception):
+    """A response piece did not leave within the send timeout (the client stopped reading)."""
+
+
+class SendGuard:
+    """ASGI layer under the access log: every response body goes out in pieces of at most
+    ``SEND_PIECE_BYTES``, each within ``send_timeout_s``. A piece that cannot leave (the
+    client stopped reading, its window and our buffers are full) aborts the connection
+    (through ``scope["state"]["abort_connection"]``, set where the server's own ``send``
+    is at hand): the transport's buffer is dropped at once, not kept until the peer
+    reads, and the app unwinds, freeing what the response held. The access log above
+    sees the pieces, so a response cut off before its last one counts as aborted."""
+
+    def __init__(self, app: Any, send_timeout_s: float, on_timeout: Any = None) -> None:
+        self.app = app
+        self.send_timeout_s = send_timeout_s
+        self.on_timeout = on_timeout
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        timeout = self.send_timeout_s
+
+        async def send_one(message: dict[str, Any]) -> None:
+            try:
+                with anyio.fail_after(timeout):
+                    await send(message)
+            except TimeoutError:
+                abort = scope.get("state", {}).get("abort_connection")
+                if abort is not None:
+                    abort()
+                if self.on_timeout is not None:
+                    self.on_timeout("send")
+                raise _SendTimedOut() from None
+
+        async def guarded(message: dict[str, Any]) -> None:
+            body = message.get("body", b"")
+            if message["type"] != "http.response.body" or len(body) <= SEND_PIECE_BYTES:
+                await send_one(message)
+                return
+            view = memoryview(body)
+            more = message.get("more_body", False)
+            for start in range(0, len(view), SEND_PIECE_BYTES):
+                last = start + SEND_PIECE_BYTES >= len(view)
+                await send_one({"type": "http.response.body", "body": view[start:start + SEND_PIECE_BYTES],
+                                "more_body": more or not last})
+
+        try:
+            await self.app(scope, receive, guarded)
+        except _SendTimedOut:
+            log.info("a client stopped reading its response for %.1f s; connection aborted", timeout)
+        except BaseExceptionGroup as group:  # a task group's (StreamingResponse)
+            if group.subgroup(_SendTimedOut) is None or group.subgroup(lambda e: not isinstance(e, _SendTimedOut)) is not None:
+                raise
+            log.info("a client stopped reading its response for %.1f s; connection aborted", timeout)
+
+
+def abort_connection(send: Any) -> None:
+    """Drop the connection of the server's ``send`` now, buffered bytes and all. uvicorn hands the app its
+    request cycle's bound ``send``; its transport is the connection. (``close()`` would
+    wait for the buffer to drain, which a client that never reads never lets happen.)"""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is not None and hasattr(transport, "abort"):
+        transport.abort()
+
+
+_HEADER_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 26\r\n"
+    b"connection: close\r\n\r\nrequest headers too slow.\n"
+)
+
+
+def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type | None = None) -> type:
+    """uvicorn's HTTP protocol class (httptools, else h11) with a header deadline: from
+    its connection (and after each response), a client has ``header_timeout_s`` to get
+    a request's headers in; otherwise it is answered 408 and closed. A request whose
+    headers are in is left alone: its body and response have their own clocks. ``base``
+    picks uvicorn's class (tests run both)."""
+    if base is None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol as base
+
+    class HeaderDeadlineProtocol(base):  # type: ignore[misc, valid-type]
+        _header_timer: Any = None
+        _heard = False  # any byte since the timer was armed
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            self._heard = True
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._heard = False
+            self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None and not cycle.response_complete:
+                return  # a request is in: its body and response are timed by the app
+            if self.transport.is_closing():
+                return
+            if self._heard:  # part of a request: say why it is cut off
+                if on_timeout is not None:
+                    on_timeout("header")
+                self.transport.write(_HEADER_TIMEOUT_RESPONSE)
+            self.transport.close()  # (an idle keep-alive connection just closes)
+
+    HeaderDeadlineProtocol.__name__ = f"HeaderDeadline{base.__name__}"
+    return HeaderDeadlineProtocol

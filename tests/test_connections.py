@@ -1,0 +1,287 @@
+"""Connections hold bounded memory for bounded time (issue 10, item 10), on a real server
+with raw sockets: stalled uploads, slow headers, clients that never read, and admission
+against the per-process body budget before anything is buffered."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from typing import Iterator
+
+import httpx
+import pytest
+
+from .conftest import live_server
+
+MiB = 1 << 20
+LIMIT = 8 * MiB  # max_request_bytes
+BUDGET = 12 * MiB  # body_budget_bytes: one 8 MiB body fits, two do not
+IDLE = 2.0
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with live_server(WORKERS=1, WARMUP="false", MAX_REQUEST_BYTES=LIMIT, BODY_BUDGET_BYTES=BUDGET,
+                     READ_IDLE_TIMEOUT_S=IDLE, READ_TIMEOUT_S=6, HEADER_TIMEOUT_S=1, SEND_TIMEOUT_S=1) as (url, _):
+        yield url
+
+
+def _connect(url: str, rcvbuf: int | None = None) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.socket()
+    if rcvbuf is not None:  # before connecting: the window is agreed in the handshake
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect((host, int(port)))
+    return s
+
+
+def _head(path: str, length: int | None, content_type: str = "application/x-npy", extra: str = "") -> bytes:
+    size = f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
+    return f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n{size}{extra}\r\n".encode()
+
+
+def _read_to_close(s: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    s.settimeout(timeout)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+def _problem(raw: bytes) -> tuple[int, dict[str, str], dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    if headers.get("transfer-encoding") == "chunked":  # one chunk is all a problem needs
+        body = body.split(b"\r\n", 2)[1]
+    return status, headers, json.loads(body) if body else {}
+
+
+def _metric(url: str, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
+    found = re.search(r"^" + pattern + "$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_stalled_upload_is_timed_out_and_its_bytes_released(server: str) -> None:
+    path = "/v1/functions/sin/jacobian"
+    stalled = _connect(server)
+    stalled.sendall(_head(path, 6 * MiB) + b"\0" * (4 * MiB))  # 4 of 6 MiB, then nothing
+    # Admitted by its Content-Length before a byte was buffered.
+    assert _wait_for(lambda: _metric(server, "jacobian_service_body_bytes_in_flight") == 6 * MiB, 5)
+
+    # While it holds 6 of 12 MiB, a second 8 MiB body does not fit: 503 with Retry-After
+    # at once, before its body is read, and the connection closes.
+    other = _connect(server)
+    other.sendall(_head(path, 8 * MiB))
+    status, headers, body = _problem(_read_to_close(other, 5))
+    assert (status, body["code"], headers["retry-after"], headers["connection"]) == (503, "unavailable", "1", "close")
+    other.close()
+    # A chunked body is counted as it arrives: refused once it passes what is free. (The
+    # refusal may reach this socket as a reset: the server closes with our body unread.
+    # The requests metric says what it answered.)
+    refused = 'code="unavailable",endpoint="jacobian",function="sin",status="503"'
+    before = _metric(server, "jacobian_service_requests_total", refused)
+    chunked = _connect(server)
+    chunked.sendall(_head(path, None))
+    try:
+        for _ in range(8):
+            chunked.sendall(b"%x\r\n" % MiB + b"\0" * MiB + b"\r\n")
+        _read_to_close(chunked, 5)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    chunked.close()
+    assert _wait_for(lambda: _metric(server, "jacobian_service_requests_total", refused) == before + 1, 5)
+    assert _metric(server, "jacobian_service_body_bytes_in_flight") == 6 * MiB  # its bytes went back
+
+    # The stalled upload: 408 after the idle timeout, the connection closed, its bytes freed.
+    started = time.monotonic()
+    raw = _read_to_close(stalled, 10 + IDLE)
+    waited = time.monotonic() - started
+    stalled.close()
+    status, headers, body = _problem(raw)
+    assert (status, body["code"], headers["connection"]) == (408, "request_timeout", "close"), raw[:500]
+    assert waited < IDLE + 3
+    assert _metric(server, "jacobian_service_body_bytes_in_flight") == 0
+    assert _metric(server, "jacobian_service_connection_timeouts_total", 'phase="body"') >= 1
+    # The server still serves.
+    assert httpx.post(f"{server}{path}", json={"inputs": [[0.0]]}, timeout=10).status_code == 200
+
+
+def test_slow_body_is_cut_off_by_the_total_timeout(server: str) -> None:
+    """A body trickled just inside the idle timeout still ends at the total one."""
+    s = _connect(server)
+    s.sendall(_head("/v1/functions/sin/jacobian", 1000, "application/json"))
+    started = time.monotonic()
+    s.settimeout(0.1)
+    raw = b""
+    while time.monotonic() - started < 15:
+        try:
+            s.sendall(b" ")
+            raw += s.recv(65536)
+            if raw and b"\r\n\r\n" in raw:
+                break
+        except socket.timeout:
+            pass
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        time.sleep(IDLE / 2)
+    s.close()
+    assert raw.startswith(b"HTTP/1.1 408"), raw[:300]
+    assert 5 < time.monotonic() - started < 9  # read_timeout_s = 6
+
+
+def test_slow_headers_are_timed_out(server: str) -> None:
+    """Header bytes trickled one at a time (each restarting uvicorn's keep-alive timer)
+    still have to be complete within header_timeout_s."""
+    s = _connect(server)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+    started = time.monotonic()
+    s.settimeout(0.2)
+    raw, closed = b"", False
+    while time.monotonic() - started < 8:
+        try:
+            s.sendall(b"X")
+            chunk = s.recv(65536)
+            raw += chunk
+            if not chunk:
+                closed = True
+                break
+        except socket.timeout:
+            pass
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+            break
+        time.sleep(0.3)
+    s.close()
+    assert closed, "the server kept a slow-headers connection open"
+    assert time.monotonic() - started < 3.5
+    assert raw.startswith(b"HTTP/1.1 408"), raw
+    assert _metric(server, "jacobian_service_connection_timeouts_total", 'phase="header"') >= 1
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/x-npz"])
+def test_client_that_never_reads_is_abandoned(server: str, accept: str) -> None:
+    """A large response to a client that never reads: the server gives up after the send
+    timeout, aborts the connection and drops the response. JSON is streamed; .npz is one
+    body, sent in pieces all the same."""
+    aborted = 'code="",endpoint="jacobian",function="softmax",status="aborted"'
+    before = _metric(server, "jacobian_service_connection_timeouts_total", 'phase="send"')
+    aborted_before = _metric(server, "jacobian_service_requests_total", aborted)
+    s = _connect(server, rcvbuf=4096)
+    body = json.dumps({"inputs": [[0.001 * i for i in range(1500)]]}).encode()
+    s.sendall(_head("/v1/functions/softmax/jacobian", len(body), "application/json", f"Accept: {accept}\r\n") + body)
+    # ~9 MB of float32 Jacobian (~25 MB as JSON): far more than socket buffers hold.
+    assert _wait_for(lambda: _metric(server, "jacobian_service_connection_timeouts_total", 'phase="send"') > before, 30)
+    # The connection was aborted: what is left to read ends in a reset or EOF.
+    s.settimeout(10)
+    with pytest.raises((ConnectionResetError, AssertionError)):
+        while s.recv(1 << 20):
+            pass
+        raise AssertionError("closed")
+    s.close()
+    # Counted as aborted, not as the 200 its header said.
+    assert _metric(server, "jacobian_service_requests_total", aborted) == aborted_before + 1
+    assert httpx.get(f"{server}/healthz", timeout=5).status_code == 200
+
+
+def test_many_stalled_uploads_hold_no_more_than_the_budget() -> None:
+    """The issue's case, scaled down: uploads that stall after most of their body. Only
+    what fits the budget is admitted (and buffered); the rest are refused before their
+    bodies are read. Before, every one was buffered: 10 x 12 MiB grew the front end by
+    121 MiB here."""
+    from ._rss import front_end_pid, status_bytes
+
+    with live_server(WORKERS=1, WARMUP="false", MAX_REQUEST_BYTES=16 * MiB, BODY_BUDGET_BYTES=32 * MiB,
+                     READ_IDLE_TIMEOUT_S=60) as (url, proc):
+        pid = front_end_pid(proc.pid)
+        before = status_bytes(pid, "VmRSS")
+        conns = []
+        for _ in range(10):
+            s = _connect(url)
+            try:
+                s.sendall(_head("/v1/functions/sin/jacobian", 16 * MiB) + b"\0" * (12 * MiB))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused (503) and closed while we were still sending
+            conns.append(s)
+        time.sleep(1)
+        held = status_bytes(pid, "VmRSS") - before
+        assert _metric(url, "jacobian_service_body_bytes_in_flight") == 32 * MiB  # two admitted
+        for s in conns:
+            s.close()
+        assert held < 48 * MiB, f"10 stalled uploads grew the front end by {held / MiB:.0f} MiB"
+        assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") == 0, 10)
+
+
+@pytest.mark.parametrize("implementation", ["h11", "httptools"])
+def test_header_deadline_with_either_uvicorn_protocol(implementation: str) -> None:
+    """The header deadline on both of uvicorn's HTTP implementations (the server takes
+    httptools when installed, else h11): slow headers are cut off with a 408, an idle
+    keep-alive connection is closed quietly, and a request whose headers are in is left
+    to its own clocks."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from jacobian_service.connections import guarded_protocol
+
+    if implementation == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    else:
+        base = pytest.importorskip("uvicorn.protocols.http.httptools_impl").HttpToolsProtocol
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await asyncio.sleep(1.5 if scope["path"] == "/slow" else 0)  # longer than the header deadline
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    seen: list[str] = []
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
+                            http=guarded_protocol(0.5, seen.append, base=base), timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait_for(lambda: server.started, 10)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+
+        # A handler slower than the deadline is not cut off: its headers were in.
+        slow = _connect(url)
+        slow.sendall(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        slow.settimeout(5)
+        assert slow.recv(4096).startswith(b"HTTP/1.1 200")
+        # Then idle on keep-alive: closed quietly at the deadline, with no 408.
+        started = time.monotonic()
+        assert _read_to_close(slow, 5) == b""
+        assert 0.3 < time.monotonic() - started < 2
+        slow.close()
+
+        # Headers trickled in: 408 and closed at the deadline.
+        s = _connect(url)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        started = time.monotonic()
+        raw = _read_to_close(s, 5)
+        s.close()
+        assert raw.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 2, raw
+        assert seen == ["header"]
+    finally:
+        server.should_exit = True
+        thread.join(10)
