@@ -1,6 +1,6 @@
 """``python -m bench [--quick] [--only NAME[,NAME]]``: every benchmark side by side.
 
-Benchmarks: latency, throughput, layout, big, modes, load_test (see each module's docstring).
+Benchmarks: latency, throughput, layout, big, modes, load_test, remote (see each module's docstring).
 Each prints a markdown table of medians and ratios and the targets from the issues.
 The exit status is non-zero when a benchmark fails outright (a wrong answer, a server
 that does not come up) or the load test misses its goals; speed targets that are missed
@@ -19,7 +19,7 @@ import traceback
 from ._common import Context, Report, cpu_line
 from ._server import Pool
 
-BENCHMARKS = ("latency", "throughput", "layout", "big", "modes", "load_test")
+BENCHMARKS = ("latency", "throughput", "layout", "big", "modes", "load_test", "remote")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(pool, quick=args.quick, options=options)
         # Start the servers the chosen benchmarks share at once: start-up is mostly imports.
         configs = []
-        if set(chosen) & {"latency", "big", "modes", "throughput"} or (args.quick and "load_test" in chosen):
+        if set(chosen) & {"latency", "big", "modes", "throughput", "remote"} or (args.quick and "load_test" in chosen):
             configs.append((ctx.service_env, ""))
         if "throughput" in chosen and not args.quick:
             from .throughput import off_env, on_env

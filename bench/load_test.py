@@ -6,7 +6,8 @@ one service subprocess. Each request is drawn from:
 * valid requests of several functions, shapes, options and wire formats, each compared
   with its in-process ``torch.func`` result;
 * invalid ones (malformed JSON, a bad shape, an unknown function, a bad ``.npy``, an
-  unsupported media type), which must get their exact status and problem ``code``;
+  unsupported media type, hvp of a non-scalar function or with tangents of the wrong
+  shape or dtype), which must get their exact status and problem ``code``;
 * valid ones with a short deadline (``X-Request-Timeout: 0.05``): a correct 200 or 504
   ``timeout``;
 * valid ones the client abandons mid-flight (the task is cancelled after 0-20 ms).
@@ -84,7 +85,7 @@ def _same(got: Any, want: Any) -> bool:
     )
 
 
-def _json_check(key: str, want: Any, aux: Any = None) -> Callable[[httpx.Response], bool]:
+def _json_check(key: str, want: Any, aux: Any = None, output: Any = None) -> Callable[[httpx.Response], bool]:
     from jacobian_client import wire
 
     def check(r: httpx.Response) -> bool:
@@ -92,6 +93,8 @@ def _json_check(key: str, want: Any, aux: Any = None) -> Callable[[httpx.Respons
         ok = _same(wire.decode_tree(doc[key]), want)
         if aux is not None:
             ok = ok and _same(wire.decode_tree(doc["aux"]), aux)
+        if output is not None:  # return_output
+            ok = ok and _same(wire.decode_tree(doc["output"]), output)
         return ok
 
     return check
@@ -101,7 +104,17 @@ def _npy_check(want: np.ndarray) -> Callable[[httpx.Response], bool]:
     return lambda r: _same(np.load(io.BytesIO(r.content), allow_pickle=False), want)
 
 
+NPZ_IN_NPY_OUT = {"content-type": "application/x-npz", "accept": "application/x-npy"}
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 def build_cases(rng: np.random.Generator, per_kind: int) -> dict[str, list[Case]]:
+    from jacobian_client import wire
     from jacobian_service import examples as ex
 
     f = torch.func
@@ -137,6 +150,16 @@ def build_cases(rng: np.random.Generator, per_kind: int) -> dict[str, list[Case]
         valid.append(Case("valid", "sum_sin hvp json", "/v1/functions/sum_sin/hvp",
                           json_request(h, tangents=hv.tolist(), batched_vectors=True), JSON_HEADERS,
                           check=_json_check("hvp", hvp_ref)))
+        # hvp, forward over reverse as torch.func composes it: one tangent (with the value,
+        # as scipy's hessp-and-fun callers ask), and an .npz body answered as .npy
+        rz = rng.standard_normal(6).astype(np.float32)
+        rv = rng.standard_normal(6).astype(np.float32)
+        rosen_hvp = f.jvp(f.grad(ex.rosenbrock), (t(rz),), (t(rv),))[1].numpy()
+        valid.append(Case("valid", "rosenbrock hvp return_output json", "/v1/functions/rosenbrock/hvp",
+                          json_request(rz, tangents=wire.encode_tree(rv), return_output=True), JSON_HEADERS,
+                          check=_json_check("hvp", rosen_hvp, output=ex.rosenbrock(t(rz)).numpy())))
+        valid.append(Case("valid", "rosenbrock hvp npz", "/v1/functions/rosenbrock/hvp", npz_bytes(x=rz, tangents=rv),
+                          NPZ_IN_NPY_OUT, check=_npy_check(rosen_hvp)))
         xb = rng.standard_normal((4, 128)).astype(np.float32)
         valid.append(Case("valid", "mlp batched json", "/v1/functions/mlp/jacobian", json_request(xb, batched=True),
                           JSON_HEADERS, check=_json_check("jacobian", f.vmap(f.jacrev(ex.mlp))(t(xb)).numpy())))
@@ -154,9 +177,16 @@ def build_cases(rng: np.random.Generator, per_kind: int) -> dict[str, list[Case]
         Case("invalid", "bad npy", "/v1/functions/sin/jacobian", bad_npy, NPY_HEADERS, 400, "malformed_body"),
         Case("invalid", "unsupported media type", "/v1/functions/sin/jacobian", b"1,2,3",
              {"content-type": "text/csv", "accept": "application/json"}, 415, "unsupported_media_type"),
+        Case("invalid", "hvp of a non-scalar function", "/v1/functions/planar_arm/hvp",
+             json_request(np.zeros(3, np.float32), tangents=[1.0, 0.0, 0.0]), JSON_HEADERS, 422, "invalid_input"),
+        Case("invalid", "hvp tangents of the wrong shape", "/v1/functions/sum_sin/hvp",
+             json_request(np.zeros(3, np.float32), tangents=[1.0, 0.0]), JSON_HEADERS, 422, "invalid_input"),
+        Case("invalid", "hvp complex tangents", "/v1/functions/sum_sin/hvp",
+             npz_bytes(x=np.zeros(2), tangents=np.ones(2, np.complex128)), NPZ_IN_NPY_OUT, 422, "invalid_input"),
     ]
     deadline = [Case("deadline", c.label + " (deadline)", c.path, c.body, {**c.headers, "x-request-timeout": "0.05"},
-                     check=c.check) for c in valid if c.label in ("mlp npy", "softmax npy", "mlp batched json")]
+                     check=c.check) for c in valid if c.label in ("mlp npy", "softmax npy", "mlp batched json",
+                                                                    "rosenbrock hvp npz")]
     disconnect = [Case("disconnect", c.label + " (disconnect)", c.path, c.body, c.headers, check=c.check)
                   for c in valid if c.label in ("mlp json", "softmax npy", "lorenz96 npy")]
     return {"valid": valid, "invalid": invalid, "deadline": deadline, "disconnect": disconnect}

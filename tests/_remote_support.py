@@ -1,4 +1,12 @@
-"""Helpers for the autodiff-adapter tests: a real server and a client that counts requests."""
+"""Helpers for the autodiff-adapter tests: a real server and a client that counts requests.
+
+The server is ``jacobian-service serve`` in its process layout (supervisor, two HTTP
+front ends, an engine process), started once per test session by the ``remote_server``
+fixture in conftest.py and shared by test_remote_torch/jax/scipy. Everything the tests
+call is loadable by module name (:data:`FUNCTIONS`), because the engine process imports
+the functions itself. Requests are counted client-side, so which front end answers
+does not matter.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,6 @@ import pytest
 
 import jacobian_client as jc
 
-from ._client_support import real_server
 
 
 class Counted:
@@ -48,14 +55,23 @@ def counted(url: str, **kwargs: object) -> Iterator[Counted]:
         c.close()
 
 
-# The fixtures every adapter test module imports: one real server per module, and a
-# request-counting client per test.
+# The modules the adapter tests call into, by name: the engine process loads them.
+FUNCTIONS = "jacobian_service.examples,tests.user_functions,tests._client_functions"
+
+# The server's settings: no cross-request batching (counts are per call); no warm-up and
+# no spare engine, which only cost start-up time here (each is a torch import or a run of
+# every function on a 2-core CI box); two front ends so requests cross processes.
+SERVER_SETTINGS = {"functions": FUNCTIONS, "max_batch_size": 1, "warmup": "false", "engine_standby": "false",
+                   "workers": 2}
 
 
-@pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    with real_server(max_batch_size=1) as u:  # no cross-request batching: counts are per call
-        yield u
+# The fixtures every adapter test module imports: the session's server (remote_server in
+# conftest.py) and a request-counting client per test.
+
+
+@pytest.fixture
+def url(remote_server: str) -> str:
+    return remote_server
 
 
 @pytest.fixture

@@ -182,6 +182,17 @@ def live_server(**settings: Any) -> Iterator[tuple[str, subprocess.Popen]]:
         log.close()
 
 
+@pytest.fixture(scope="session")
+def remote_server() -> Iterator[str]:
+    """One ``jacobian-service serve`` (supervisor, front ends, engine process) for every
+    adapter test module in the session: test_remote_torch/jax/scipy use it through
+    tests/_remote_support.py, which holds its settings."""
+    from ._remote_support import SERVER_SETTINGS
+
+    with live_server(**SERVER_SETTINGS) as (url, _):
+        yield url
+
+
 def _read(log: Any) -> str:
     log.seek(0)
     return log.read().decode(errors="replace")

@@ -149,6 +149,58 @@ def test_invalid_input_is_422(client, url, body, words):
     assert words in detail
 
 
+HVP = "/v1/functions/sum_sin/hvp"
+
+
+@pytest.mark.parametrize(
+    "url, body, words",
+    [
+        # non-scalar functions: a vector output, a tuple output, a vector with aux
+        ("/v1/functions/planar_arm/hvp", {"inputs": [[0.1, 0.2, 0.3]], "tangents": [1.0, 0.0, 0.0]}, "scalar (0-d) output"),
+        ("/v1/functions/polar/hvp", {"inputs": [[1.0], [0.5]], "tangents": [[1.0], [0.0]]}, "scalar (0-d) output"),
+        ("/v1/functions/sin_aux/hvp", {"inputs": [[1.0, 2.0]], "tangents": [1.0, 0.0]}, "scalar (0-d) output"),
+        # tangents of the wrong shape: too long, an extra axis, batched_vectors without the batch axis,
+        # a batch axis without batched_vectors, and batches of different sizes across inputs
+        (HVP, {"inputs": [[1.0, 2.0]], "tangents": [1.0, 0.0, 3.0]}, "tangents: expected shape [2], got [3]"),
+        (HVP, {"inputs": [[1.0, 2.0]], "tangents": [[1.0, 0.0]]}, "tangents: expected shape [2], got [1, 2]"),
+        (HVP, {"inputs": [[1.0, 2.0]], "tangents": [1.0, 0.0], "batched_vectors": True}, "tangents: expected shape ['B', 2], got [2]"),
+        (HVP, {"inputs": [[1.0, 2.0]], "tangents": [[1.0, 0.0], [0.0, 1.0]]}, "tangents: expected shape [2], got [2, 2]"),
+        ("/v1/functions/rosenbrock/hvp", {"inputs": [[1.0, 2.0]], "tangents": 1.0}, "tangents: expected shape [2], got []"),
+        # wrong dtypes: tangents that are not real numbers, a dtype the wire does not know,
+        # and a derivative with respect to an integer input
+        (HVP, {"inputs": [[1.0, 2.0]], "tangents": ["a", "b"]}, "string 'a'"),
+        (HVP, {"inputs": [[1.0, 2.0]], "tangents": {"dtype": "complex128", "shape": [2], "data": [1, 0]}}, "unknown dtype"),
+        ("/v1/functions/scaled_norm/hvp", {"inputs": [[[1.0, 2.0, 3.0]], 2.0, 2], "tangents": 1, "argnums": "power"},
+         "input 'power' is int64; only floating inputs can be differentiated"),
+        # options that do not apply
+        (HVP, {"inputs": [[1.0, 2.0]], "tangents": [1.0, 0.0], "rows": [0, 1]}, "rows"),
+    ],
+)
+def test_bad_hvp_requests_are_422(client, url, body, words):
+    detail = assert_problem(client.post(url, json=body), 422, "invalid_input")["detail"]
+    assert words in detail, detail
+
+
+def test_bad_hvp_binary_requests(client):
+    """The same refusals for an .npz body (the tangents as a member) and an .npy body."""
+    def post(**members):
+        return client.post(HVP, content=npz_bytes(**members), headers={"content-type": wire.NPZ, "accept": wire.JSON})
+
+    x = np.array([1.0, 2.0])
+    detail = assert_problem(post(x=x, tangents=np.array([1.0, 0.0, 2.0])), 422, "invalid_input")["detail"]
+    assert "tangents: expected shape [2], got [3]" in detail
+    detail = assert_problem(post(x=x, tangents=np.array([1 + 0j, 0])), 422, "invalid_input")["detail"]
+    assert "unsupported dtype complex128" in detail
+    detail = assert_problem(post(x=x), 422, "invalid_input")["detail"]
+    assert "tangents" in detail
+    npy = client.post(HVP, content=npy_bytes(x), headers={"content-type": wire.NPY})
+    assert "send application/x-npz" in assert_problem(npy, 422, "invalid_input")["detail"]
+    # integer and bool tangents are numbers: cast to the input's dtype, as for jvp
+    ok, _ = decode(post(x=x, tangents=np.array([1, 0])), "hvp")
+    np.testing.assert_allclose(ok, [-np.sin(1.0), 0.0], rtol=1e-12)
+    still_serving(client)
+
+
 def test_wrong_dtypes(client):
     # int64 input declared: a float is no same_kind cast
     body = {"inputs": [[[1.0, 2.0, 3.0]], 2.0, {"dtype": "float64", "shape": [], "data": 2.0}]}

@@ -23,6 +23,6 @@ def test_benchmarks_run_quick() -> None:
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    for header in ("## latency", "## throughput", "## big", "## modes", "## load_test", "## summary"):
+    for header in ("## latency", "## throughput", "## big", "## modes", "## load_test", "## remote", "## summary"):
         assert header in proc.stdout, f"{header!r} missing:\n{out[-4000:]}"
     assert "FAILED" not in proc.stdout, out[-6000:]

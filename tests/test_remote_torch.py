@@ -65,6 +65,14 @@ def _train(model: Model, features: torch.Tensor, target: torch.Tensor, steps: in
     return losses, grads
 
 
+def test_the_server_runs_in_its_process_layout(cc):
+    """The adapters are tested against `jacobian-service serve` as deployed: engines in
+    their own process, behind more than one front end (not the in-process app)."""
+    info = cc.client.info()
+    assert info["engines"] == "processes" and info["front_ends"] == 2, info
+    cc.take()
+
+
 def test_training_through_a_remote_function_equals_local_training(cc):
     features = torch.tensor([0.5, -1.0, 0.25, 2.0], dtype=torch.float64)
     target = torch.tensor([1.5, 1.2], dtype=torch.float64)

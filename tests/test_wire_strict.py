@@ -309,6 +309,14 @@ def test_numbers_and_spelled_non_finite_values_still_decode(data, want):
     np.testing.assert_array_equal(arr, np.asarray(want, dtype=np.float64))
 
 
+@pytest.mark.parametrize("data", [["NaN", 1e10], [1.0, 1e10]])
+def test_out_of_range_numbers_overflow_to_inf_with_or_without_spelled_values(data):
+    """Found by the fuzzer: a float16 array with "NaN" beside 1e10 took another path whose
+    cast warned (a 500 under warnings-as-errors); both paths give inf, as numpy casts."""
+    arr, _ = wire.decode_json_array({"dtype": "float16", "shape": [2], "data": data})
+    assert arr.dtype == np.float16 and arr[1] == np.inf
+
+
 @pytest.mark.parametrize("data, ok", [([True, False], True), (True, True), ([0, 1], True), ([2, 0], False), ([1.0], False), ([None], False)])
 def test_booleans_are_fine_for_bool_arrays(data, ok):
     if ok:

@@ -298,7 +298,8 @@ def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarr
         try:
             objects = np.asarray(data, dtype=object)
             values = [_number(v, dtype) for v in objects.flat]
-            arr = np.asarray(values, dtype=dtype).reshape(objects.shape)
+            with np.errstate(over="ignore"):  # as below: 1e10 among "NaN"s in a float16 array is inf
+                arr = np.asarray(values, dtype=dtype).reshape(objects.shape)
         except (ValueError, TypeError, OverflowError) as exc:
             if isinstance(exc, WireError):
                 raise
