@@ -199,7 +199,10 @@ def test_running_front_ends_have_no_torch_loaded_and_stay_small(capsys):
 
 def test_a_function_that_exhausts_the_engines_memory_limit_gets_507_and_the_engine_lives():
     limit = 3 << 30  # address space: the engine's own (torch) is ~1-1.5 GiB of it
-    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, ENGINE_MEMORY_LIMIT_BYTES=limit) as (url, proc):
+    # No spare beside it (its start-up would compete for the cores), and a deadline long
+    # enough for a busy machine to fill the address space.
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, ENGINE_MEMORY_LIMIT_BYTES=limit, ENGINE_STANDBY="false",
+                     REQUEST_TIMEOUT_S=180) as (url, proc):
         sin_ok(url)
         engine = next(p for p in _children(proc.pid) if b"engine.process" in _cmdline(p))
         others: list[int] = []
@@ -211,7 +214,9 @@ def test_a_function_that_exhausts_the_engines_memory_limit_gets_507_and_the_engi
 
         t = threading.Thread(target=other_client)
         t.start()
-        r = httpx.post(f"{url}/v1/functions/hogs/jacobian", json=ARMED, timeout=60)
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/v1/functions/hogs/jacobian", json=ARMED, timeout=200)
+        print(f"\nhogs answered in {time.monotonic() - t0:.1f} s")
         t.join()
         body = assert_problem(r, 507, "out_of_memory")
         assert "Traceback" not in r.text and body["detail"].startswith("out of memory")
