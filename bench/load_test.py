@@ -52,6 +52,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _engine(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fp:
+            return b"engine.process" in fp.read()
+    except OSError:
+        return False
+
+
 def _restarts(server: Server) -> float:
     return sum(v for k, v in server.metrics().items() if k.startswith("jacobian_service_engine_restarts"))
 
@@ -329,8 +337,13 @@ def run(ctx: Context) -> Report:
     if warm.c["wrong"]:
         for why in warm.wrong_examples:
             report.fail("warm-up: " + why)
-    def rss() -> int:  # every process of the server: supervisor, front ends, engine
-        return sum(status_kib(p, "VmRSS") * 1024 for p in server.pids() if _alive(p))
+    def rss() -> int:
+        """Every serving process: supervisor, front ends, engine. Not the spare engine: the
+        injected crash promotes it and starts a new one, which is a new process's memory,
+        not growth of the server's."""
+        serving = set(httpx.get(server.url + "/v1/info", timeout=10).json().get("engine_pids") or [])
+        return sum(status_kib(p, "VmRSS") * 1024 for p in server.pids()
+                   if _alive(p) and (not _engine(p) or p in serving))
 
     rss_start = rss()
     peak = [rss_start]

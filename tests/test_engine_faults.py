@@ -244,6 +244,8 @@ def test_a_warm_spare_takes_over_at_once():
             assert time.monotonic() < deadline, "no new spare within 60 s"
             time.sleep(0.1)
         assert restarts(url) == 1 and proc.poll() is None
+        engines = httpx.get(f"{url}/v1/info").json()["engine_pids"]
+        assert len(engines) == 1 and b"--standby" in _cmdline(engines[0])  # the promoted spare serves
 
 
 def test_without_standby_there_is_no_spare():

@@ -377,7 +377,8 @@ class RemoteEngines(_Engines):
     def info(self) -> dict[str, Any]:
         return {"torch": self._doc.get("torch"), "torch_threads": self._doc.get("torch_threads"),
                 "memory_budget_bytes": self._doc.get("memory_budget_bytes"), "engines": "processes",
-                "spares": [bool(e.get("spare")) for e in self._engines()]}
+                "spares": [bool(e.get("spare")) for e in self._engines()],
+                "engine_pids": [e.get("pid") for e in self._engines()]}
 
     def engine_stats(self) -> dict[str, Any]:
         restarts = {str(e["device"]): e["restarts"] for e in self._engines()}

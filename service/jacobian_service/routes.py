@@ -121,6 +121,8 @@ async def info(request: Request) -> Response:
         "engines": engine_info["engines"],
         # Per device: whether a warmed-up spare engine waits to take over (process layout).
         "spares": engine_info.get("spares", []),
+        # The engine processes' pids, by device (for py-spy, top, a memory check).
+        "engine_pids": engine_info.get("engine_pids", []),
         "front_ends": state.front_ends,
         "functions": len(state.registry),
         "limits": {

@@ -310,6 +310,7 @@ class Supervisor:
             "t": "state",
             "engines": [{"index": e.index, "device": e.device, "generation": e.generation, "up": e.proc is not None,
                          "ready": e.ready and e.proc is not None, "restarts": e.restarts, "spare": self.spare_warm(e),
+                         "pid": e.proc.pid if e.proc is not None else None,
                          "ready_in": round(e.ready_in(mono), 2)} for e in self.engines],
             "quarantined": {f: max(0.0, until - now) for f, until in self.quarantined.items()},
             "quarantines": self.quarantines,
