@@ -806,6 +806,18 @@ def write_npz(trees: dict[str, Any], meta: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def _fill(node: Any, members: dict[str, Any]) -> Any:
+    """A result's ``meta.json`` structure with each ``{"$npy": member}`` replaced by that
+    member's array; JSON lists come back as tuples."""
+    if isinstance(node, dict) and set(node) == {"$npy"}:
+        return members[node["$npy"].removesuffix(".npy")]
+    if isinstance(node, list):
+        return tuple(_fill(n, members) for n in node)
+    if isinstance(node, dict):
+        return {k: _fill(v, members) for k, v in node.items()}
+    return node
+
+
 def read_result_npz(body: bytes | memoryview, limits: Limits = Limits()) -> tuple[dict[str, Any], dict[str, Any]]:
     """Inverse of :func:`write_npz`: ``(trees, meta)``; JSON lists come back as tuples."""
     meta_json = b"{}"
@@ -821,18 +833,9 @@ def read_result_npz(body: bytes | memoryview, limits: Limits = Limits()) -> tupl
     members = _npz_arrays(arrays_only(), limits)
     doc = loads(meta_json)
 
-    def build(node: Any) -> Any:
-        if isinstance(node, dict) and set(node) == {"$npy"}:
-            return members[node["$npy"].removesuffix(".npy")]
-        if isinstance(node, list):
-            return tuple(build(n) for n in node)
-        if isinstance(node, dict):
-            return {k: build(v) for k, v in node.items()}
-        return node
-
     structure = doc.pop("structure", {})
     doc.pop("aux", None)
-    return {k: build(v) for k, v in structure.items()}, doc
+    return {k: _fill(v, members) for k, v in structure.items()}, doc
 
 
 # --------------------------------------------------------------------------- sparse
@@ -1037,16 +1040,7 @@ def read_sparse_result_npz(
     meta = loads(meta_json)
     structure = meta.pop("structure", {}) if isinstance(meta, dict) else {}
 
-    def build(node: Any) -> Any:
-        if isinstance(node, dict) and set(node) == {"$npy"}:
-            return members[node["$npy"].removesuffix(".npy")]
-        if isinstance(node, list):
-            return tuple(build(n) for n in node)
-        if isinstance(node, dict):
-            return {k: build(v) for k, v in node.items()}
-        return node
-
-    return matrix, {k: build(v) for k, v in structure.items()}, meta
+    return matrix, {k: _fill(v, members) for k, v in structure.items()}, meta
 
 
 def read_sparse_npz(body: bytes | memoryview, limits: Limits = Limits(), as_scipy: bool | None = None) -> tuple[Any, dict[str, Any]]:
