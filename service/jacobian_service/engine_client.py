@@ -256,8 +256,9 @@ class _EngineSocket:
 
 
 class RemoteEngines(_Engines):
-    """The engine processes, over ZeroMQ: one DEALER socket per engine, one task that
-    routes replies to the waiting requests, and a subscription to the supervisor."""
+    """The engine processes, over ZeroMQ: one DEALER socket per engine (its replies routed
+    to the waiting requests from the loop's reader), and a subscription to the
+    supervisor's events."""
 
     def __init__(self, settings: Settings, run_dir: Path) -> None:
         self.settings = settings

@@ -67,7 +67,8 @@ class _Engine:
     restart_at: float = 0.0
     killed_for: str = ""  # why we killed it ("hang", "heartbeat"), else ""
     running: dict[str, Any] = field(default_factory=dict)
-    startup_s: float = 5.0  # the last start-up's measured length (spawn to ready)
+    startup_s: float = 5.0  # the last cold start-up's measured length (spawn to ready)
+    promoted: bool = False  # the running process was a spare (its start-up says nothing of a cold one)
     spare: subprocess.Popen | None = None  # warmed up, waiting on stdin to take over
     spare_at: float = 0.0  # when a spare may be started next
     spare_started: float = 0.0
@@ -148,8 +149,9 @@ class Supervisor:
             self._spare_flag(spare).unlink(missing_ok=True)
         if spare is not None and spare.poll() is None and self._promote(spare):
             engine.proc = spare
-            how = "spare promoted"
+            engine.promoted, how = True, "spare promoted"
         else:
+            engine.promoted = False
             env = {**os.environ, "JACOBIAN_SERVICE_ISOLATE": ",".join(sorted(self.isolate))}
             engine.proc = subprocess.Popen(self._command(engine), env=env)
             how = "started"
@@ -223,7 +225,8 @@ class Supervisor:
             elif status["deadline"] == 0.0:
                 engine.running = {}
             if status["ready"] and not engine.ready:
-                engine.startup_s = now - engine.started
+                if not engine.promoted:
+                    engine.startup_s = now - engine.started
                 self._last_state = 0.0  # tell the front ends now, all at once, not within 0.5 s
             engine.ready = status["ready"]
             code = engine.proc.poll()
