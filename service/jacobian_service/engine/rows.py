@@ -8,6 +8,7 @@ budget (chunk sizes halve on out-of-memory).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -29,7 +30,6 @@ log = logging.getLogger("jacobian_service.engine")
 # A chunk's working set is a few times its cotangent and gradient rows; this factor is
 # the CPU estimate (DESIGN: measure on CUDA, estimate on CPU).
 WORKSET_FACTOR = 4
-_PROBE_ROWS = 16  # the measured first chunk of a calibrated stream: small, as estimates can be far off
 _MIN_AUTO_CHUNK = 16  # CPU BLAS is slower at 2-8 rows than at 1 (DESIGN "Pitfalls")
 
 
@@ -93,41 +93,48 @@ class RowStream:
         """Rows ``start:stop`` in chunks of ``chunk_size`` (halved on out-of-memory).
 
         With ``calibrate`` (a streamed Jacobian whose chunk size the engine chose), the
-        memory budget is held, not just estimated: the first chunk runs small (a probe of
-        at most ``_PROBE_ROWS`` rows) while its peak memory is measured, and the rest run at what that
-        measurement says fits the budget, never more than the estimate. What a row costs
-        is remembered per request signature, so later requests start at the right size.
+        memory budget is held, not just estimated (estimates are off by 10x and more for
+        functions with large temporaries): chunks start at one row and double while the
+        peak memory of each is measured, up to what the measurements say fits the budget,
+        never more than the estimate. What a row costs (the most measured) is remembered
+        per request signature, so later requests start at the right size.
         """
         profile = self.engine.profiles[self.call.spec.name]
         key = self.call.signature()
-        measure = False
+        measure, full, per_row = False, chunk_size, 0
         if calibrate:
             known = profile.row_bytes.get(key)
             if known is not None:
                 chunk_size = min(chunk_size, self._fitting(known))
-            elif stop - start > _PROBE_ROWS:
-                measure, full, chunk_size = True, chunk_size, max(1, min(chunk_size // 4, _PROBE_ROWS))
+            elif stop - start > 1:
+                measure, chunk_size = True, 1
         s = start
         while s < stop:
             self.call.check_alive()
             e = min(s + chunk_size, stop)
-            meter = PeakMemory(self.engine.device)
+            meter = PeakMemory(self.engine.device) if measure else contextlib.nullcontext()
             try:
                 with meter:
                     grads = self._rows(s, e)
             except BaseException as exc:
                 if is_oom(exc) and chunk_size > 1:
                     self.engine.release_memory()
-                    chunk_size = max(1, chunk_size // 2)
+                    chunk_size = full = max(1, chunk_size // 2)
                     log.warning("out of memory at %d rows; retrying with %d", e - s, chunk_size)
                     continue
                 raise function_error(exc) from None
             if measure:
-                measure = False
-                if meter.growth is not None:
-                    per_row = -(-meter.growth // (e - s))
-                    profile.row_bytes[key] = per_row
-                    chunk_size = min(full, self._fitting(per_row))
+                growth = meter.growth  # type: ignore[union-attr]
+                if growth is None:  # this platform cannot measure: the estimate it is
+                    measure, chunk_size = False, full
+                else:
+                    per_row = max(per_row, -(-growth // (e - s)))
+                    fits = min(full, self._fitting(per_row))
+                    if chunk_size * 2 <= fits:
+                        chunk_size *= 2
+                    else:
+                        measure, chunk_size = False, fits
+                        profile.row_bytes[key] = per_row
             self.chunk_used = chunk_size
             yield s, e, grads
             s = e
