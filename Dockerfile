@@ -51,12 +51,14 @@ RUN if [ -f /etc/ssl/certs/ca-certificates.crt ]; then export PIP_CERT=/etc/ssl/
  && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # 2. The other dependencies, from pyproject.toml alone (stub packages stand in for the
-#    code), so that editing the code does not reinstall them.
+#    code: one per entry of its `packages` list), so that editing the code does not
+#    reinstall them.
 WORKDIR /src
 COPY pyproject.toml ./
 RUN if [ -f /etc/ssl/certs/ca-certificates.crt ]; then export PIP_CERT=/etc/ssl/certs/ca-certificates.crt; fi \
- && mkdir -p service/jacobian_service client/jacobian_client \
- && touch README.md service/jacobian_service/__init__.py client/jacobian_client/__init__.py \
+ && mkdir -p service/jacobian_service/engine service/jacobian_service/sparsity client/jacobian_client \
+ && touch README.md service/jacobian_service/__init__.py service/jacobian_service/engine/__init__.py \
+          service/jacobian_service/sparsity/__init__.py client/jacobian_client/__init__.py \
  && pip install --no-cache-dir --find-links /wheels "./[server]" \
  && pip uninstall -y jacobian-service \
  && rm -rf service client build ./*.egg-info README.md

@@ -128,6 +128,21 @@ def _k8s_docs(path: Path) -> list[dict]:
 
 
 # =========================================================================== Dockerfile
+def test_the_dependency_stage_stubs_every_package():
+    """The builder installs the dependencies from pyproject.toml with stub packages in place
+    of the code; setuptools refuses a listed package whose directory is missing (this broke
+    the image once jacobian_service.engine and .sparsity were listed)."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stage = next(line for line in text.splitlines() if '"./[server]"' in line)
+    for package in tool["packages"]:
+        top, *rest = package.split(".")
+        path = "/".join([tool["package-dir"][top], *rest])
+        assert f"{path}/__init__.py" in stage, f"no stub for {package} ({path}) before the dependency install"
+
+
 def _dockerfile_instructions() -> list[tuple[str, str]]:
     text = DOCKERFILE.read_text()
     text = re.sub(r"\\\n", " ", text)  # join continuation lines
