@@ -788,7 +788,7 @@ def test_example_user_functions_module(monkeypatch):
     import my_functions
 
     x = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64)
-    grad = torch.func.jacrev(my_functions.rosenbrock)(x)
+    grad = torch.func.jacrev(my_functions.my_rosenbrock)(x)
     expected = torch.zeros_like(x)
     expected[:-1] += -400 * x[:-1] * (x[1:] - x[:-1] ** 2) - 2 * (1 - x[:-1])
     expected[1:] += 200 * (x[1:] - x[:-1] ** 2)
@@ -796,6 +796,11 @@ def test_example_user_functions_module(monkeypatch):
     theta = torch.tensor(0.3, dtype=torch.float64)
     J = torch.func.jacrev(my_functions.rotate2d, argnums=1)(theta, torch.ones(2, dtype=torch.float64))
     torch.testing.assert_close(J, torch.tensor([[theta.cos(), -theta.sin()], [theta.sin(), theta.cos()]]))
+    # Served beside the built-in examples, as the docs and the smoke mount it: no name clash.
+    from jacobian_service.registry import Registry
+
+    registry = Registry.from_modules(["jacobian_service.examples", "my_functions"])
+    assert "my_rosenbrock" in registry and "rotate2d" in registry and "rosenbrock" in registry
 
 
 # ======================================================================== smoke script

@@ -16,9 +16,9 @@ from jacobian_service import Input, register
 
 @register(
     inputs=[Input("x", shape=("n",))],
-    description="Rosenbrock function: a scalar; its Jacobian is the gradient.",
+    description="Rosenbrock function (apart from the built-in rosenbrock): its Jacobian is the gradient.",
 )
-def rosenbrock(x: torch.Tensor) -> torch.Tensor:
+def my_rosenbrock(x: torch.Tensor) -> torch.Tensor:
     return (100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2).sum()
 
 
