@@ -72,7 +72,7 @@ def process_label(pid: int) -> str:
         return "gone"
     text = b" ".join(argv).decode(errors="replace")
     if "engine.process" in text:
-        return "engine"
+        return "spare engine" if "--standby" in text else "engine"
     if "resource_tracker" in text:
         return "resource tracker"
     if "spawn_main" in text:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ._common import Context, Report, Target
-from ._server import JSON_HEADERS, NPY_HEADERS, Server, json_request, npy_bytes, status_kib
+from ._server import JSON_HEADERS, NPY_HEADERS, Server, json_request, npy_bytes, process_label, status_kib
 
 
 def _alive(pid: int) -> bool:
@@ -49,14 +49,6 @@ def _alive(pid: int) -> bool:
         status_kib(pid, "VmRSS")
         return True
     except (OSError, KeyError):
-        return False
-
-
-def _engine(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fp:
-            return b"engine.process" in fp.read()
-    except OSError:
         return False
 
 
@@ -343,7 +335,7 @@ def run(ctx: Context) -> Report:
         not growth of the server's."""
         serving = set(httpx.get(server.url + "/v1/info", timeout=10).json().get("engine_pids") or [])
         return sum(status_kib(p, "VmRSS") * 1024 for p in server.pids()
-                   if _alive(p) and (not _engine(p) or p in serving))
+                   if _alive(p) and (not process_label(p).endswith("engine") or p in serving))
 
     rss_start = rss()
     peak = [rss_start]

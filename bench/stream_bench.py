@@ -38,9 +38,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "client"))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT))  # the bench package, run as a script
 
 from jacobian_client import Client  # noqa: E402
 from jacobian_client.wire import npy_nbytes  # noqa: E402
+
+from bench._server import process_label, tree_pids  # noqa: E402
 
 MiB = 1 << 20
 PIECE = 1 << 20  # bytes per write in the baselines
@@ -113,20 +116,13 @@ def start_service(port: int, extra_env: dict[str, str], args: list[str]) -> subp
 
 
 def service_processes(pid: int) -> dict[str, int]:
-    """The server's processes by role: supervisor, front end(s), engine(s)."""
-    out, todo = {}, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
-            for task in os.listdir(f"/proc/{p}/task"):
-                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
-        except OSError:
+    """The server's processes by role: supervisor, front end(s), engine, spare engine."""
+    out: dict[str, int] = {}
+    for p in tree_pids(pid):
+        role = process_label(p)
+        if role in ("resource tracker", "gone"):
             continue
-        if b"resource_tracker" in cmd:
-            continue
-        role = "engine" if b"engine.process" in cmd else "front end" if b"spawn_main" in cmd else "supervisor"
-        out[f"{role} {sum(r.startswith(role) for r in out)}" if role != "supervisor" else role] = p
+        out[f"{role} {sum(r.startswith(role) for r in out)}" if role.endswith(("front end", "engine")) else role] = p
     return out
 
 

@@ -50,17 +50,9 @@ from jax import core as jax_core
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from ._remote import Evaluated, RemoteOps, Tree, flatten, unflatten
+from ._remote import Evaluated, RemoteOps, Tree, flatten, refuse_pytree_parameters, unflatten
 
 __all__ = ["remote"]
-
-
-def _is_pytree(x: Any) -> bool:
-    """A dict, or a list/tuple holding anything but numbers (nested lists of numbers are one array)."""
-    if isinstance(x, dict):
-        return True
-    return isinstance(x, (list, tuple)) and any(
-        _is_pytree(v) or not isinstance(v, (bool, int, float, list, tuple)) for v in x)
 
 
 def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., Any]:
@@ -73,9 +65,7 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
     given = None if out_shape is None else _shapes_from_struct(out_shape)
 
     def fn(*inputs: Any) -> Any:
-        if any(_is_pytree(x) for x in inputs):
-            raise TypeError(f"remote({name!r}) takes one array per parameter; pytree parameters (dicts, "
-                            "tuples of arrays) are not supported here: use Client.jacobian/vjp/jvp, which nest over them")
+        refuse_pytree_parameters(name, inputs)
         arrays = [jnp.asarray(x) if not isinstance(x, jax_core.Tracer) else x for x in inputs]
         key = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in arrays)
         shapes = given or known.get(key)

@@ -51,17 +51,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ._remote import RemoteOps, Tree, unflatten
+from ._remote import RemoteOps, Tree, refuse_pytree_parameters, unflatten
 
 __all__ = ["remote"]
-
-
-def _is_pytree(x: Any) -> bool:
-    """A dict, or a list/tuple holding anything but numbers (nested lists of numbers are one array)."""
-    if isinstance(x, dict):
-        return True
-    return isinstance(x, (list, tuple)) and any(
-        _is_pytree(v) or not isinstance(v, (bool, int, float, list, tuple)) for v in x)
 
 
 def remote(client: Any, name: str) -> Callable[..., Any]:
@@ -74,9 +66,7 @@ def remote(client: Any, name: str) -> Callable[..., Any]:
     ops = RemoteOps(client, name)
 
     def fn(*inputs: Any) -> Any:
-        if any(_is_pytree(x) for x in inputs):
-            raise TypeError(f"remote({name!r}) takes one array per parameter; pytree parameters (dicts, "
-                            "tuples of arrays) are not supported here: use Client.jacobian/vjp/jvp, which nest over them")
+        refuse_pytree_parameters(name, inputs)
         spec = _Spec(ops)
         flat = _RemoteFunction.apply(spec, *inputs)
         return spec.rebuild(flat)

@@ -10,6 +10,7 @@ dense path does), and only the pattern's entries leave the device.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -79,6 +80,24 @@ def _flat_fn(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequ
         return leaves[0].reshape(-1) if len(leaves) == 1 else torch.cat([o.reshape(-1) for o in leaves])
 
     return g
+
+
+def _at(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], has_aux: bool
+) -> tuple[tuple[int, ...], tuple[torch.Tensor, ...], Callable[..., torch.Tensor], Any, Any]:
+    """What both sparse derivatives start from: ``(argnums, primals, flat fn, output, aux)``
+    (the forward pass sizes the output before the pattern and the colouring are chosen)."""
+    argnums = tuple(argnums)
+    full_out = fn(*args)
+    out, aux = full_out if has_aux else (full_out, None)
+    return argnums, tuple(args[i] for i in argnums), _flat_fn(fn, args, argnums, has_aux), out, aux
+
+
+def _gather(p: Pattern, coloring: Coloring, compressed: torch.Tensor) -> torch.Tensor:
+    """The pattern's entries, in its order, picked out of the compressed products."""
+    if not p.nnz:
+        return compressed[:0]
+    return compressed[torch.as_tensor(coloring.gather, device=compressed.device)]
 
 
 def _cache_key(fn: Callable[..., Any], name: str | None, args: Sequence[torch.Tensor], argnums: Sequence[int], kind: str, choice: str) -> str:
@@ -259,14 +278,8 @@ def sparse_jacobian(
     name: str | None = None,
 ) -> SparseResult:
     """The Jacobian of ``fn`` at ``args`` w.r.t. ``argnums`` as a CSR matrix."""
-    import time
-
     t0 = time.perf_counter()
-    argnums = tuple(argnums)
-    primals = tuple(args[i] for i in argnums)
-    g = _flat_fn(fn, args, argnums, has_aux)
-    full_out = fn(*args)
-    out, aux = (full_out if has_aux else (full_out, None))
+    argnums, primals, g, out, aux = _at(fn, args, argnums, has_aux)
     m = sum(o.numel() for o in pytree.tree_leaves(out))
     p, coloring, cached = resolve(fn, args, argnums, pattern, kind="jacobian", mode=mode, declared=declared,
                                   has_aux=has_aux, cache=cache, name=name, out_size=m)
@@ -290,8 +303,7 @@ def sparse_jacobian(
 
         block, chunk = _compressed(pull, coloring.colors, coloring.n_colors, n, like, [torch.Size([m])], memory_budget, check_alive)
         compressed = block.reshape(-1)  # (k, n) row-major
-    values = compressed[torch.as_tensor(coloring.gather, device=compressed.device)] if p.nnz else compressed[:0]
-    matrix = _to_csr(p, values)
+    matrix = _to_csr(p, _gather(p, coloring, compressed))
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, coloring.mode, p.source, out, aux, chunk,
                         {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached})  # type: ignore[dict-item]
@@ -304,14 +316,8 @@ def sparse_hessian(
 ) -> SparseResult:
     """The Hessian of a scalar ``fn`` as CSR, from star-coloured Hessian-vector products
     (forward over reverse: ``jvp`` of ``grad``)."""
-    import time
-
     t0 = time.perf_counter()
-    argnums = tuple(argnums)
-    primals = tuple(args[i] for i in argnums)
-    g = _flat_fn(fn, args, argnums, has_aux)
-    full_out = fn(*args)
-    out, aux = (full_out if has_aux else (full_out, None))
+    argnums, primals, g, out, aux = _at(fn, args, argnums, has_aux)
     if sum(o.numel() for o in pytree.tree_leaves(out)) != 1:
         raise ValueError("a sparse Hessian needs a function with one scalar output")
     p, coloring, cached = resolve(fn, args, argnums, pattern, kind="hessian", declared=declared, has_aux=has_aux,
@@ -325,8 +331,7 @@ def sparse_hessian(
 
     block, chunk = _compressed(hvp, coloring.colors, coloring.n_colors, n, primals[0], [q.shape for q in primals], memory_budget, check_alive)
     compressed = block.T.reshape(-1)  # H S is (n, k) row-major
-    values = compressed[torch.as_tensor(coloring.gather, device=compressed.device)] if p.nnz else compressed[:0]
-    matrix = _to_csr(p, values)
+    matrix = _to_csr(p, _gather(p, coloring, compressed))
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, "star", p.source, out, aux, chunk,
                         {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached})  # type: ignore[dict-item]
