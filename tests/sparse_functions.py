@@ -38,3 +38,10 @@ def rosen_declared(x: torch.Tensor) -> torch.Tensor:
           description="sin(x) with aux: sparse results carry aux beside them.")
 def sin_with_aux(x: torch.Tensor):
     return torch.sin(x), {"total": x.sum(), "label": "sin"}
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")], description="sqrt(x); raises for any negative entry")
+def sqrt_positive(x: torch.Tensor) -> torch.Tensor:
+    if bool((x < 0).any()):
+        raise ValueError("x must be non-negative")
+    return torch.sqrt(x)

@@ -13,6 +13,7 @@ import asyncio
 import io
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -175,6 +176,114 @@ def test_dense_stays_the_default(client):
     assert wire.decode_json_array(r.json()["jacobian"])[0].shape == (26, 26)
 
 
+# ------------------------------------------------------------------ rows, chunk_size, streaming, batching
+
+
+def test_rows_give_that_block_from_fewer_products(client):
+    """rows over the flattened output, as for dense Jacobians: the block of the sparse
+    matrix, from only the products those rows need (10 rows of a 13-wide band share
+    every column with each other: 10 row colours instead of 13 for n = 65, 5 x 13)."""
+    x = RNG.standard_normal(65).astype(np.float32)
+    want = jac(lorenz96, x)
+    full, full_meta = sparse_json(client.post("/v1/functions/lorenz96/jacobian",
+                                              json={"inputs": [x.tolist()], "sparsity": "band"}))
+    for rows in ([10, 20], [0, 65], [60, 65], [5, 5]):
+        body = {"inputs": [x.tolist()], "sparsity": "band", "rows": rows}
+        J, meta = sparse_json(client.post("/v1/functions/lorenz96/jacobian", json=body))
+        assert J.shape == (rows[1] - rows[0], 65) and meta["shape"] == [rows[1] - rows[0], 65]
+        np.testing.assert_allclose(J.toarray(), want[rows[0]:rows[1]], rtol=1e-5, atol=1e-6)
+        assert meta["nnz"] == 13 * (rows[1] - rows[0]) and meta["products"] <= full_meta["products"] == 13
+    _, meta = sparse_json(client.post("/v1/functions/lorenz96/jacobian",
+                                      json={"inputs": [x.tolist()], "sparsity": "auto", "rows": [10, 20], "mode": "rev"}))
+    assert meta["products"] == 10 and meta["mode"] == "rev" and meta["source"] == "detected"
+    # Several inputs (argnums 0 and 1), .npz both ways; rows count the output's elements.
+    a, b = RNG.standard_normal(9).astype(np.float32), RNG.standard_normal(9).astype(np.float32)
+    r = client.post("/v1/functions/xy_product/jacobian?sparsity=auto&argnums=0,1&rows=2,7", content=npz_bytes(x=a, y=b),
+                    headers={"content-type": wire.NPZ, "accept": wire.NPZ})
+    np.testing.assert_array_equal(load_npz(r).toarray(), jac(sf.xy_product, a, b, argnums=(0, 1))[2:7])
+
+
+def test_chunk_size_caps_the_products_per_vmap(client):
+    x = RNG.standard_normal(26).astype(np.float32)
+    for chunk in (1, 4, 100):
+        J, meta = sparse_json(client.post("/v1/functions/lorenz96/jacobian",
+                                          json={"inputs": [x.tolist()], "sparsity": "band", "chunk_size": chunk}))
+        assert meta["chunk_size"] == min(chunk, 13)
+        np.testing.assert_allclose(J.toarray(), jac(lorenz96, x), rtol=1e-5, atol=1e-6)
+
+
+def test_dense_npy_of_a_sparse_jacobian_streams_past_the_result_limit(make_client):
+    """sparse_format=dense as .npy: the products and the CSR (small), then the dense rows
+    a chunk at a time. So it is not held to the result limit, as streamed dense
+    Jacobians are not; JSON, which is not streamed, still is."""
+    c = make_client(MAX_RESULT_BYTES=4096, STREAM_THRESHOLD_BYTES=4096, functions=FUNCTIONS)
+    x = RNG.standard_normal(300).astype(np.float32)  # 300 x 300 float32: 360,000 bytes dense
+    r = c.post("/v1/functions/lorenz96/jacobian?sparsity=band&sparse_format=dense", content=npy_bytes(x),
+               headers={"content-type": wire.NPY, "accept": wire.NPY})
+    assert r.status_code == 200 and r.headers["content-type"] == wire.NPY
+    assert int(r.headers["content-length"]) == len(r.content)  # known from the shape before any row
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), jac(lorenz96, x), rtol=1e-5, atol=1e-6)
+    r = c.post("/v1/functions/lorenz96/jacobian?sparsity=band&sparse_format=dense", content=npy_bytes(x),
+               headers={"content-type": wire.NPY, "accept": wire.JSON})
+    assert_problem(r, 413, "result_too_large")
+    small = RNG.standard_normal(20).astype(np.float32)  # under the threshold: one body
+    r = c.post("/v1/functions/lorenz96/jacobian?sparsity=band&sparse_format=dense&rows=3,9", content=npy_bytes(small),
+               headers={"content-type": wire.NPY, "accept": wire.NPY})
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), jac(lorenz96, small)[3:9], rtol=1e-5, atol=1e-6)
+
+
+def test_concurrent_sparse_requests_share_a_batch(make_client):
+    """Equal sparse requests (function, shapes, options) are stacked: one pattern, and
+    each product chunk vmapped over their points too. Each gets its own matrix."""
+    c = make_client(max_batch_wait_ms=300, max_batch_size=8, functions=FUNCTIONS)
+    xs = RNG.standard_normal((8, 39)).astype(np.float32)  # 3 x 13: a periodic band of 13 takes 13 colours
+
+    def one(x):
+        return c.post("/v1/functions/lorenz96/jacobian?sparsity=auto&return_output=true", content=npy_bytes(x),
+                      headers={"content-type": wire.NPY, "accept": wire.NPZ})
+
+    sizes = []
+    for _ in range(2):  # the first round teaches the scheduler the result's size
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(one, xs))
+        for x, r in zip(xs, responses):
+            np.testing.assert_allclose(load_npz(r).toarray(), jac(lorenz96, x), rtol=1e-5, atol=1e-6)
+            _, trees, meta = wire.read_sparse_result_npz(r.content)
+            np.testing.assert_allclose(trees["output"], lorenz96(torch.tensor(x)).numpy(), rtol=1e-6)
+            assert meta["products"] == 13 and meta["source"] == "detected"
+            sizes.append(meta["batch_size"])
+    assert max(sizes) > 1, sizes
+    # Hessians and rows batch alike.
+    hs = RNG.standard_normal((6, 16))
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(2):
+            responses = list(pool.map(lambda x: c.post("/v1/functions/rosenbrock/hessian", json={
+                "inputs": [{"dtype": "float64", "shape": [16], "data": x.tolist()}], "sparsity": "auto"}), hs))
+    for x, r in zip(hs, responses):
+        H, meta = sparse_json(r, "hessian")
+        np.testing.assert_allclose(H.toarray(), hess(rosenbrock, x), rtol=1e-10, atol=1e-10)
+    assert max(r.json()["meta"]["batch_size"] for r in responses) > 1
+
+
+def test_a_failing_point_does_not_fail_its_sparse_batch_mates(make_client):
+    c = make_client(max_batch_wait_ms=300, max_batch_size=8, functions=FUNCTIONS)
+    xs = [RNG.uniform(0.5, 1.0, 12) for _ in range(6)]
+    xs[3] = -xs[3]  # sqrt_positive raises on a negative input
+
+    def one(x):
+        return c.post("/v1/functions/sqrt_positive/jacobian", json={"inputs": [x.tolist()], "sparsity": "auto"})
+
+    for _ in range(2):
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(one, xs))
+    for i, (x, r) in enumerate(zip(xs, responses)):
+        if i == 3:
+            assert_problem(r, 500, "function_error")
+        else:
+            J, _ = sparse_json(r)
+            np.testing.assert_allclose(J.toarray(), np.diag(0.5 / np.sqrt(x)), rtol=1e-6)
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -182,7 +291,7 @@ def test_dense_stays_the_default(client):
     ("lorenz96/jacobian", {"sparsity": "nope"}, 422, "sparsity_not_found"),
     ("lorenz96/evaluate", {"sparsity": "auto"}, 422, "invalid_input"),
     ("lorenz96/vjp", {"sparsity": "auto", "cotangents": [0.0] * 26}, 422, "invalid_input"),
-    ("lorenz96/jacobian", {"sparsity": "auto", "rows": [0, 4]}, 422, "invalid_input"),
+    ("lorenz96/jacobian", {"sparsity": "auto", "rows": [0, 27]}, 422, "invalid_input"),  # past 26 outputs
     ("lorenz96/jacobian", {"sparsity": "auto", "sparse_format": "bsr"}, 422, "invalid_input"),
     ("lorenz96/jacobian", {"sparsity": 3}, 422, "invalid_input"),
     ("rosen_declared/jacobian", {"sparsity": "tridiagonal"}, 422, "invalid_input"),  # a Hessian pattern
@@ -361,6 +470,17 @@ def test_real_server_raw_npz_and_stencil(server):
     np.testing.assert_allclose(J.toarray(), jac(reaction_diffusion, u), rtol=1e-5, atol=1e-6)
     r = httpx.post(f"{server}/v1/functions/lorenz96/jacobian", json={"inputs": [[1.0] * 26], "sparsity": "nope"}, timeout=60)
     assert_problem(r, 422, "sparsity_not_found")
+    # Through the engine process: a dense .npy of a sparse Jacobian, streamed (16 MiB, over
+    # the 8 MiB stream threshold), and a block of rows.
+    x = RNG.standard_normal(2048).astype(np.float32)
+    want = jac(lorenz96, x)
+    r = httpx.post(f"{server}/v1/functions/lorenz96/jacobian?sparsity=band&sparse_format=dense", content=npy_bytes(x),
+                   headers={"content-type": wire.NPY, "accept": wire.NPY}, timeout=60)
+    assert r.status_code == 200 and int(r.headers["x-chunk-size"]) < 2048  # rows came a chunk at a time
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), want, rtol=1e-5, atol=1e-6)
+    with Client(server) as c:
+        J = c.jacobian("lorenz96", x, sparsity="auto", rows=(100, 140))
+        np.testing.assert_allclose(J.toarray(), want[100:140], rtol=1e-5, atol=1e-6)
 
 
 def test_real_server_cli_prints_the_pattern(server, tmp_path):

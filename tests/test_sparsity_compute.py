@@ -196,3 +196,66 @@ def test_describe_sparsity_is_json_ready():
         describe_sparsity(spec.fn, [torch.zeros(100)], pattern="nope", declared=spec.sparsity)
     with pytest.raises(ValueError):
         sparse_jacobian(spec.fn, [torch.zeros(10)], pattern=banded(1, 1, hessian=True), cache=PatternCache())
+
+
+# --------------------------------------------------------------------------- rows, chunks, batches
+
+
+def _mixed(x, y):
+    """Two inputs, a roll and a reduction: the last row is dense in x."""
+    return torch.cat([x[1:] * x[:-1] + torch.roll(x, 2)[1:] * y[:-1], (x**2).sum(0, keepdim=True)])
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev", "auto"])
+@pytest.mark.parametrize("rows", [None, (3, 17), (0, 50), (10, 10), (49, 50)])
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+def test_rows_and_chunk_size_equal_jacrev(mode, rows, chunk_size):
+    x, y = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    r = sparse_jacobian(_mixed, [x, y], (0, 1), mode=mode, cache=PatternCache(), rows=rows, chunk_size=chunk_size)
+    want = dense_jacobian(_mixed, [x, y], (0, 1))
+    if rows is not None:
+        want = want[rows[0] : rows[1]]
+    assert r.matrix.shape == want.shape
+    np.testing.assert_allclose(r.matrix.toarray(), want, rtol=1e-12, atol=1e-12)
+    if chunk_size is not None:
+        assert r.chunk_size <= chunk_size
+    if rows is not None and mode == "rev":  # only the rows asked for are seeded
+        assert r.n_products <= rows[1] - rows[0]
+
+
+def test_rows_out_of_range_and_on_a_hessian_are_refused():
+    from jacobian_service.sparsity.compute import resolve
+
+    x = torch.randn(8)
+    with pytest.raises(IndexError):
+        resolve(torch.sin, [x], rows=(0, 9), cache=PatternCache())
+    with pytest.raises(ValueError):
+        resolve(lambda v: (v**2).sum(), [x], kind="hessian", rows=(0, 2), cache=PatternCache())
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+@pytest.mark.parametrize("rows", [None, (5, 20)])
+def test_a_batch_of_points_equals_each_point(mode, rows):
+    from jacobian_service.sparsity.compute import resolve, sparse_batch
+
+    xs, ys = torch.randn(4, 50, dtype=torch.float64), torch.randn(4, 50, dtype=torch.float64)
+    p, coloring, _ = resolve(_mixed, [xs[0], ys[0]], (0, 1), mode=mode, cache=PatternCache(), rows=rows)
+    mats, chunk = sparse_batch(_mixed, [xs, ys], (0, 1), p, coloring, 50, rows=rows, chunk_size=2)
+    assert chunk == min(2, coloring.n_colors)
+    for i in range(4):
+        want = dense_jacobian(_mixed, [xs[i], ys[i]], (0, 1))
+        np.testing.assert_allclose(mats[i].toarray(), want if rows is None else want[rows[0] : rows[1]], rtol=1e-12)
+
+
+def test_a_batch_of_hessians_equals_each_hessian():
+    from jacobian_service.sparsity.compute import resolve, sparse_batch
+
+    def objective(x):
+        return (100 * (x[1:] - x[:-1] ** 2) ** 2).sum() + (x**4).sum()
+
+    xs = torch.randn(3, 40, dtype=torch.float64)
+    p, coloring, _ = resolve(objective, [xs[0]], kind="hessian", cache=PatternCache())
+    mats, _ = sparse_batch(objective, [xs], (0,), p, coloring, 1)
+    for i in range(3):
+        np.testing.assert_allclose(mats[i].toarray(), torch.func.hessian(objective)(xs[i]).numpy(), rtol=1e-12)
+    assert coloring.mode == "star" and coloring.n_colors == 3

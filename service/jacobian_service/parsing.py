@@ -38,7 +38,7 @@ class Options(BaseModel):
     argnums: StrictInt | StrictStr | list[StrictInt | StrictStr] = Field(
         0, description="int, parameter name, or a list of either"
     )
-    chunk_size: int | None = Field(None, ge=1, le=_INT64_MAX, description="rows per vmap; null lets the service choose")
+    chunk_size: int | None = Field(None, ge=1, le=_INT64_MAX, description="rows (sparse: products) per vmap; null lets the service choose")
     batched: bool = Field(False, description="per-example results over the leading dimension")
     return_output: bool = False
     rows: tuple[int, int] | None = Field(None, description="[start, stop) rows of the flattened output")
@@ -49,7 +49,7 @@ class Options(BaseModel):
         "dense", description="jacobian/hessian: dense (v1), auto (detected), or a declared pattern's name"
     )
     sparse_format: Literal["csr", "coo", "dense"] = Field(
-        "csr", description="with sparsity other than dense: the result as CSR, COO, or a dense 2-D array"
+        "csr", description="with sparsity other than dense: the result as CSR, COO, or a dense 2-D array (streamed as .npy when large)"
     )
     batched_vectors: bool = Field(False, description="vjp/jvp: vectors carry a leading batch dimension")
 
@@ -325,8 +325,8 @@ def _check_sparsity(spec: FunctionSpec, kind: str, options: Options) -> None:
         return
     if kind not in ("jacobian", "hessian"):
         raise InvalidInput(f"sparsity applies to jacobian and hessian requests only, not {kind}")
-    if options.batched or options.rows is not None:
-        raise InvalidInput("sparsity other than dense does not combine with batched or rows")
+    if options.batched:  # one sparse matrix per answer: batched=true would need a list of them
+        raise InvalidInput("sparsity other than dense does not combine with batched")
     if spec.has_trees:  # a sparse matrix is (output elements x input elements) of plain arrays
         raise InvalidInput(f"sparsity other than dense is for functions of plain arrays; {spec.name} takes a pytree parameter")
     if name == "auto":

@@ -246,8 +246,11 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
     # A large single-array Jacobian is streamed from the engine row chunk by row chunk,
     # as .npy or as JSON: the front end then holds one chunk, never the whole result.
     # (Only one bare array streams: .npy was refused above otherwise; JSON checks here.)
-    streamable = not sparse and kind == "jacobian" and (
-        media[0] == wire.NPY or (media[0] == wire.JSON and call.mode == "rev" and _could_be_single(call, kind)))
+    # A sparse Jacobian asked for as a dense .npy streams too: densified row chunk by chunk.
+    streamable = kind == "jacobian" and (
+        (sparse and call.sparse_format == "dense" and media[0] == wire.NPY)
+        or (not sparse and (media[0] == wire.NPY
+                            or (media[0] == wire.JSON and call.mode == "rev" and _could_be_single(call, kind)))))
     result, info = await _cancellable(request, state.engines.run("jacobian_npy" if streamable else kind, call))
     if isinstance(result, StreamHead):
         if media[0] == wire.NPY:

@@ -132,8 +132,15 @@ class Worker:
     def _batch_key(self, job: Job) -> Hashable | None:
         """Requests that may share one vmap: same function, options and per-example shapes."""
         call, kind = job.call, job.kind
-        if call is None or call.batched or call.rows is not None or call.sparsity != "dense" or self.max_batch <= 1:
-            return None  # sparse requests run alone: their cost is in planning, not products
+        if call is None or call.batched or self.max_batch <= 1:
+            return None
+        if call.sparsity != "dense":  # one pattern and colouring for all, products vmapped over the points
+            if kind not in ("jacobian", "hessian"):  # jacobian_npy: a dense .npy, maybe streamed
+                return None
+            return (kind, call.signature(), call.chunk_size, call.mode, call.return_output, call.rows,
+                    call.sparsity, call.sparse_format)
+        if call.rows is not None:
+            return None
         if kind == "jacobian_npy":  # batchable only once earlier calls showed it is small
             rows = self.engine.profiles[call.spec.name].output_rows.get(call.signature())
             if rows is None or call.mode == "fwd" or rows * call.row_nbytes() > self.stream_threshold:

@@ -22,7 +22,7 @@ from .hessian import hessian_fn
 if TYPE_CHECKING:
     from .core import Engine
 
-__all__ = ["batched", "over_examples", "run_batch"]
+__all__ = ["batched", "over_examples", "run_batch", "take"]
 
 log = logging.getLogger("jacobian_service.engine")
 
@@ -95,6 +95,10 @@ def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result
     request alone, so one bad request cannot fail its batch-mates.
     """
     first = calls[0]
+    if first.sparsity != "dense":
+        from .sparse import run_batch as sparse_batch
+
+        return sparse_batch(engine, kind, list(calls))
     stacked = replace(
         first,
         args=[np.stack([c.args[i] for c in calls]) for i in range(len(first.args))],
@@ -109,10 +113,10 @@ def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result
         result = batched(engine, stacked, kind, allow_loop=False)
     return [
         Result(
-            value=_take(result.value, i),
-            aux=_take(result.aux, i),
+            value=take(result.value, i),
+            aux=take(result.aux, i),
             has_aux=result.has_aux,
-            output=_take(result.output, i) if c.return_output else None,
+            output=take(result.output, i) if c.return_output else None,
             chunk_size=result.chunk_size,
             mode=result.mode,
         )
@@ -126,7 +130,7 @@ def deterministic_failure(exc: BaseException) -> bool:
     return not isinstance(exc, (OutOfMemory, Timeout, MemoryError)) and not is_oom(exc)
 
 
-def _take(tree: Any, i: int) -> Any:
+def take(tree: Any, i: int) -> Any:
     """Example ``i`` of a batched numpy tree; non-array leaves were computed once for all."""
     # leaf[i, ...] keeps a 0-d result an array (leaf[i] would be a numpy scalar)
     return pytree.tree_map(lambda leaf: leaf[i, ...] if isinstance(leaf, np.ndarray) else leaf, tree)

@@ -189,6 +189,8 @@ class Engine:
         """A Jacobian bound for ``.npy``: gathered when small (or forward mode, or several
         outputs), else :class:`Streamed` row chunk by row chunk. The forward pass fixes
         the output shape, hence the header and length, before any row is computed."""
+        if call.sparsity != "dense" and call.sparse_format == "dense":
+            return _sparse.streamed_rows(self, call, stream_threshold)
         if call.batched or call.sparsity != "dense" or (call.rows is None and call.mode != "rev"):
             return self.jacobian(call)
         stream = self.row_stream(call)

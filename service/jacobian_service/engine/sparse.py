@@ -28,7 +28,7 @@ from ..errors import InvalidInput, ResultTooLarge, ServiceError, SparsityNotFoun
 from ..types import Call, Result
 from .calling import AuxBox, function_error
 
-__all__ = ["describe", "sparse_derivative"]
+__all__ = ["describe", "run_batch", "sparse_derivative", "streamed_rows"]
 
 # Pattern sources as the response's meta names them.
 _SOURCES = {"declared": "declared", "traced": "detected", "probe": "probed", "given": "given", "empty": "empty"}
@@ -42,10 +42,13 @@ def _boxed(call: Call) -> AuxBox:
     return box
 
 
-def _plan(engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: AuxBox) -> tuple[Any, Any, str, Any]:
+def _plan(
+    engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: AuxBox, dense_streamed: bool = False
+) -> tuple[Any, Any, str, Any]:
     """The forward pass (for the output's size), then the pattern and its colouring.
     Returns ``(pattern, coloring, cached, choice)``: ``choice`` is what to hand the
-    compute functions (the request's name, or the empty pattern)."""
+    compute functions (the request's name, or the empty pattern). ``dense_streamed``:
+    the result limit does not bound the pattern (the memory budget still does)."""
     out, _ = engine.guard(lambda: box(*args))
     m = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
     if kind == "hessian" and m != 1:
@@ -61,10 +64,10 @@ def _plan(engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: Aux
     if n == 0 or m == 0:  # nothing to detect (and probing cannot shape an empty Jacobian)
         choice = Pattern((n if kind == "hessian" else m, n), [], [], name="empty", source="empty")
     try:
-        with entry_limit(_max_entries(engine, call), engine.memory_budget // 64):
+        with entry_limit(_max_entries(engine, None if dense_streamed else call.max_result_bytes), engine.memory_budget // 64):
             pattern, coloring, cached = resolve(
                 box, args, call.argnums, choice, kind=kind, mode=mode, declared=call.spec.sparsity, has_aux=True,
-                cache=engine.sparsity_cache, name=call.spec.name, out_size=m,
+                cache=engine.sparsity_cache, name=call.spec.name, out_size=m, rows=call.rows,
             )
     except ServiceError:
         raise
@@ -73,6 +76,8 @@ def _plan(engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: Aux
             f"the sparsity pattern is too dense for the limits: {exc}. Ask for sparsity=dense (streamed as .npy), "
             "or a smaller input"
         ) from None
+    except IndexError as exc:  # rows out of range: known only once the output's size is
+        raise InvalidInput(str(exc)) from None
     except KeyError:
         raise SparsityNotFound(f"{call.spec.name} declares no sparsity pattern named {call.sparsity!r}") from None
     except ValueError as exc:  # a declared pattern that does not fit these shapes
@@ -82,15 +87,21 @@ def _plan(engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: Aux
     return pattern, coloring, cached, choice
 
 
-def _max_entries(engine: Any, call: Call) -> int:
+def _max_entries(engine: Any, max_result_bytes: int | None) -> int:
     """Most entries detection may hold in one matrix: what the result limit lets
     through (a value and an index are at least 8 bytes), and what the memory budget
     holds in the tracer's sparse matrices (~16 bytes an entry with a copy). The
     colouring's graph gets budget / 64 (scipy's product, then networkx's greedy pass)."""
     limit = engine.memory_budget // 16
-    if call.max_result_bytes is not None:
-        limit = min(limit, call.max_result_bytes // 8)
+    if max_result_bytes is not None:
+        limit = min(limit, max_result_bytes // 8)
     return max(int(limit), 1)
+
+
+def _shape(call: Call, pattern: Any) -> tuple[int, int]:
+    """The result's (rows, columns): the pattern's, or the requested rows of it."""
+    m, n = pattern.shape
+    return (call.rows[1] - call.rows[0], n) if call.rows is not None else (m, n)
 
 
 def _result_nbytes(call: Call, shape: tuple[int, int], nnz: int, itemsize: int) -> int:
@@ -103,47 +114,115 @@ def _result_nbytes(call: Call, shape: tuple[int, int], nnz: int, itemsize: int) 
     return nnz * (itemsize + index) + (m + 1) * index
 
 
-def sparse_derivative(engine: Any, call: Call, kind: str) -> Result:
-    """The Jacobian (or Hessian) of ``call`` as a sparse matrix (or dense 2-D, if asked)."""
+def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool = False) -> Result:
+    """The Jacobian (or Hessian) of ``call`` as a sparse matrix (or dense 2-D, if asked).
+    ``dense_streamed``: the dense 2-D form will be streamed from the CSR returned here,
+    row chunk by row chunk, so the result limit does not apply to it."""
     args = engine.tensors(call)
     box = _boxed(call)
-    pattern, coloring, cached, choice = _plan(engine, call, kind, args, box)
+    pattern, coloring, cached, choice = _plan(engine, call, kind, args, box, dense_streamed)
     like = args[call.argnums[0]]
-    engine.check_result_size(call, _result_nbytes(call, pattern.shape, pattern.nnz, engine.wire_itemsize(like.dtype)))
+    if not dense_streamed:
+        engine.check_result_size(call, _result_nbytes(call, _shape(call, pattern), pattern.nnz, engine.wire_itemsize(like.dtype)))
     from ..sparsity.compute import sparse_hessian, sparse_jacobian
 
-    common = dict(has_aux=True, declared=call.spec.sparsity, cache=engine.sparsity_cache, name=call.spec.name)
+    common = dict(has_aux=True, declared=call.spec.sparsity, cache=engine.sparsity_cache, name=call.spec.name,
+                  chunk_size=call.chunk_size)
     try:
         if kind == "jacobian":
             res = sparse_jacobian(box, args, call.argnums, choice, call.mode, engine.memory_budget,
-                                  call.check_alive, **common)
+                                  call.check_alive, rows=call.rows, **common)
         else:
             res = sparse_hessian(box, args, call.argnums, choice, engine.memory_budget, call.check_alive, **common)
     except ServiceError:
         raise
     except BaseException as exc:  # the function failed under the products, or out of memory
         raise function_error(exc) from None
-    matrix = res.matrix
-    if call.sparse_format == "coo":
-        matrix = matrix.tocoo()
-    elif call.sparse_format == "dense":
-        matrix = matrix.toarray()
     output = engine.host(res.output) if call.return_output else None
     aux = engine.host(box.restore(res.aux))
-    meta = {
+    meta = _meta(call, pattern, coloring, cached)
+    matrix = res.matrix if dense_streamed else _formatted(call, res.matrix)
+    return Result(matrix, aux, call.spec.has_aux, output, res.chunk_size, res.mode, meta)
+
+
+def streamed_rows(engine: Any, call: Call, stream_threshold: int) -> Result | Any:
+    """A sparse Jacobian asked for as a dense ``.npy`` (``sparse_format=dense``): the
+    products and the CSR as always (O(nnz) memory), then, when the dense matrix is
+    larger than ``stream_threshold``, its rows densified a chunk at a time as the
+    client reads them. So a 16,384 x 16,384 Jacobian (1 GB dense) never exists whole
+    in any process, and is not held to the result limit."""
+    from .core import TORCH_DTYPES, Streamed, host_dtype
+
+    result = sparse_derivative(engine, call, "jacobian", dense_streamed=True)
+    csr = result.value
+    m, n = csr.shape
+    dtype = host_dtype(TORCH_DTYPES[call.dtypes[call.argnums[0]]])
+    if m * n * dtype.itemsize <= stream_threshold:
+        result.value = csr.toarray()
+        return result
+    # Chunks of about 1 MiB of dense rows (at least one row): the front end's buffer.
+    chunk = max(1, (1 << 20) // max(n * dtype.itemsize, 1))
+    rows = (csr[s : s + chunk].toarray().astype(dtype, copy=False) for s in range(0, m, chunk))
+    return Streamed((m, n), dtype, chunk, rows)
+
+
+def _formatted(call: Call, matrix: Any) -> Any:
+    if call.sparse_format == "coo":
+        return matrix.tocoo()
+    if call.sparse_format == "dense":
+        return matrix.toarray()
+    return matrix
+
+
+def _meta(call: Call, pattern: Any, coloring: Any, cached: str) -> dict[str, Any]:
+    return {
         "sparsity": call.sparsity,
-        "pattern": res.pattern.name,
-        "source": _SOURCES.get(res.source, res.source),
-        "exact": bool(res.pattern.exact),
+        "pattern": pattern.name,
+        "source": _SOURCES.get(pattern.source, pattern.source),
+        "exact": bool(pattern.exact),
         "format": call.sparse_format,
-        "shape": [int(d) for d in res.pattern.shape],
-        "nnz": int(res.pattern.nnz),
+        "shape": [int(d) for d in _shape(call, pattern)],
+        "nnz": int(pattern.nnz),
         "colors": int(coloring.n_colors),
-        "products": int(res.n_products),
-        "dense_products": int(res.pattern.shape[0]),  # jacrev: one VJP per output element
+        "products": int(coloring.n_colors),
+        "dense_products": int(_shape(call, pattern)[0]),  # jacrev: one VJP per output element
         "cached": cached or None,
     }
-    return Result(matrix, aux, call.spec.has_aux, output, res.chunk_size, res.mode, meta)
+
+
+def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
+    """Equal sparse requests (function, shapes, options) as one computation: the
+    pattern and colouring once, then every product chunk vmapped over the requests'
+    points as well as over the seeds. Raises when vmap cannot run the function; the
+    scheduler then runs each request alone."""
+    from ..sparsity.compute import sparse_batch
+    from . import batched as _batched
+
+    first = calls[0]
+    stacked = [torch.stack(column) for column in zip(*[engine.tensors(c) for c in calls])]
+    box = _boxed(first)
+    pattern, coloring, cached, _ = _plan(engine, first, kind, [a[0] for a in stacked], box)
+    nbytes = _result_nbytes(first, _shape(first, pattern), pattern.nnz, engine.wire_itemsize(stacked[first.argnums[0]].dtype))
+    for call in calls:
+        engine.check_result_size(call, nbytes)
+    # Outputs and aux of every point, as request batching gets them for dense Jacobians.
+    out, aux = _batched.over_examples(engine, first, box, box, stacked, allow_loop=False)
+    m = 1 if kind == "hessian" else sum(leaf.numel() for leaf in pytree.tree_leaves(out)) // len(calls)
+
+    def check_alive() -> None:
+        for call in calls:
+            call.check_alive()
+
+    matrices, chunk = sparse_batch(box, stacked, first.argnums, pattern, coloring, m, engine.memory_budget,
+                                   check_alive, has_aux=True, rows=first.rows, chunk_size=first.chunk_size)
+    out, aux = engine.host(out), engine.host(aux)
+    meta = _meta(first, pattern, coloring, cached)
+    mode = coloring.mode
+    return [
+        Result(_formatted(call, matrices[i]), _batched.take(aux, i), call.spec.has_aux,
+               _batched.take(out, i) if call.return_output else None, chunk, mode, dict(meta))
+        for i, call in enumerate(calls)
+    ]
 
 
 def describe(engine: Any, call: Call, kind: str) -> Result:

@@ -84,20 +84,13 @@ def _flat_fn(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequ
 
 def _at(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], has_aux: bool
-) -> tuple[tuple[int, ...], tuple[torch.Tensor, ...], Callable[..., torch.Tensor], Any, Any]:
-    """What both sparse derivatives start from: ``(argnums, primals, flat fn, output, aux)``
-    (the forward pass sizes the output before the pattern and the colouring are chosen)."""
+) -> tuple[tuple[int, ...], tuple[torch.Tensor, ...], Any, Any]:
+    """What both sparse derivatives start from: ``(argnums, primals, output, aux)`` (the
+    forward pass sizes the output before the pattern and the colouring are chosen)."""
     argnums = tuple(argnums)
     full_out = fn(*args)
     out, aux = full_out if has_aux else (full_out, None)
-    return argnums, tuple(args[i] for i in argnums), _flat_fn(fn, args, argnums, has_aux), out, aux
-
-
-def _gather(p: Pattern, coloring: Coloring, compressed: torch.Tensor) -> torch.Tensor:
-    """The pattern's entries, in its order, picked out of the compressed products."""
-    if not p.nnz:
-        return compressed[:0]
-    return compressed[torch.as_tensor(coloring.gather, device=compressed.device)]
+    return argnums, tuple(args[i] for i in argnums), out, aux
 
 
 def _cache_key(fn: Callable[..., Any], name: str | None, args: Sequence[torch.Tensor], argnums: Sequence[int], kind: str, choice: str) -> str:
@@ -111,11 +104,20 @@ def resolve(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), pattern: Any = "auto", *,
     kind: str = "jacobian", mode: str = "auto", declared: Mapping[str, Declared] | None = None, has_aux: bool = False,
     cache: PatternCache | None = None, name: str | None = None, out_size: int | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[Pattern, Coloring, str]:
     """The pattern and colouring to use, from the cache when this function, these
     shapes and this choice were seen before. ``pattern`` is ``"auto"`` (detect), the
-    name of a declared pattern, a :class:`Declared` or a :class:`Pattern`.
+    name of a declared pattern, a :class:`Declared` or a :class:`Pattern`. With
+    ``rows=(start, stop)`` (a Jacobian's rows of the flattened output), the pattern
+    keeps only those rows' entries and is coloured on its own: fewer products.
     Returns ``(pattern, coloring, cached)`` with ``cached`` in ``""``, ``"memory"``, ``"disk"``."""
+    if rows is not None:
+        if kind != "jacobian":
+            raise ValueError("rows applies to Jacobians only")
+        full, _, _ = resolve(fn, args, argnums, pattern, kind=kind, mode=mode, declared=declared, has_aux=has_aux,
+                             cache=cache, name=name, out_size=out_size)
+        return _restricted(full, fn, args, argnums, mode, cache, name, rows)
     cache = _DEFAULT_CACHE if cache is None else cache
     argnums = tuple(argnums)
     if isinstance(pattern, Pattern):
@@ -136,6 +138,36 @@ def resolve(
     if NO_GRAD_NOTE in p.notes and mode != "rev":
         mode = "rev"  # jvp would differentiate through the no_grad values
     coloring = star_coloring(p) if kind == "hessian" else choose_coloring(p, mode)
+    cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring})
+    return p, coloring, ""
+
+
+def _restricted(
+    full: Pattern, fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], mode: str,
+    cache: PatternCache | None, name: str | None, rows: tuple[int, int],
+) -> tuple[Pattern, Coloring, str]:
+    """``full`` keeping rows ``start:stop`` (same shape, the other rows empty), with its
+    own colouring, cached beside the full one. In reverse mode the empty rows get no
+    colour, so no seed touches them; in forward mode the products compute every row and
+    only the kept ones are read."""
+    start, stop = rows
+    if not 0 <= start <= stop <= full.shape[0]:
+        raise IndexError(f"rows [{start}, {stop}] is out of range for {full.shape[0]} output elements")
+    cache = _DEFAULT_CACHE if cache is None else cache
+    choice = f"rows:{start}:{stop}:{full.source}:{full.name}:" + PatternCache.key(full.shape, full.rows.tobytes(), full.cols.tobytes())
+    key = _cache_key(fn, name, args, argnums, "jacobian", f"{choice}|{mode}")
+    hit = cache.get(key)
+    if hit is not None and hit.get("colors") is not None:
+        p = hit["pattern"]
+        if "coloring" not in hit:
+            hit["coloring"] = _coloring_from(p, np.asarray(hit["colors"]), hit["mode"])
+            return p, hit["coloring"], "disk"
+        return p, hit["coloring"], "memory"
+    keep = (full.rows >= start) & (full.rows < stop)
+    p = full.replace(rows=full.rows[keep], cols=full.cols[keep])
+    if NO_GRAD_NOTE in p.notes and mode != "rev":
+        mode = "rev"
+    coloring = choose_coloring(p, mode)
     cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring})
     return p, coloring, ""
 
@@ -215,50 +247,105 @@ def _split(seeds: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tens
     return out
 
 
-def _flatcat(parts: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
-    return torch.cat([p.reshape(rows, -1) for p in parts], dim=1)
+def _product_at(mode: str, fn: Callable[..., Any], argnums: tuple[int, ...], has_aux: bool) -> Callable[..., Callable[..., torch.Tensor]]:
+    """``at(*args)`` -> ``product(*seed)``: one compressed product at one point, a flat
+    row. fwd: a JVP (seed: one tangent per differentiated input); rev: a VJP (seed: one
+    cotangent of the flat output); star: a Hessian-vector product, forward over reverse.
+    The point is an argument, not a closure, so request batching can vmap over it."""
+
+    def at(*args: torch.Tensor) -> Callable[..., torch.Tensor]:
+        g = _flat_fn(fn, args, argnums, has_aux)
+        primals = tuple(args[i] for i in argnums)
+        if mode == "fwd":
+            return lambda *t: torch.func.jvp(g, primals, t)[1]
+        if mode == "rev":
+            _, pullback = torch.func.vjp(g, *primals)  # one forward pass for every seed
+            return lambda t: torch.cat([gr.reshape(-1) for gr in pullback(t)])
+        grad = torch.func.grad(lambda *d: g(*d).sum(), argnums=tuple(range(len(primals))))
+        return lambda *t: torch.cat([h.reshape(-1) for h in torch.func.jvp(grad, primals, t)[1]])
+
+    return at
 
 
-def _compressed(
-    product: Callable[..., torch.Tensor], colors: np.ndarray, k: int, width: int, like: torch.Tensor,
-    shapes: Sequence[torch.Size], memory_budget: int, check_alive: Callable[[], None] | None,
-) -> tuple[torch.Tensor, int]:
-    """``(k, out)`` compressed products, ``chunk`` seeds per vmapped call. ``product``
-    takes one seed per differentiated input (seed width ``width``) and returns a flat row."""
-    per = _WORKSET_FACTOR * (width + len(colors)) * like.element_size()
-    chunk = max(1, min(k, memory_budget // max(per, 1)))
-    rows: list[torch.Tensor] = []
-    start = 0
-    vmapped = torch.func.vmap(product)
-    use_vmap = True
-    while start < k:
-        if check_alive is not None:
-            check_alive()
-        stop = min(start + chunk, k)
-        seeds = _split(_seeds(colors, start, stop, like), shapes)
-        try:
-            if use_vmap and stop - start > 1:
-                try:
-                    block = vmapped(*seeds)
-                except Exception as exc:
-                    if _is_oom(exc):
-                        raise
-                    log.info("vmap of the products failed (%s); looping", type(exc).__name__)
-                    use_vmap = False
+@dataclass
+class _Products:
+    """How one derivative's products run: the colouring's seeds, split per input."""
+
+    coloring: Coloring
+    seed_shapes: list[torch.Size]  # one per seed part (differentiated inputs; rev: the output)
+    width: int  # elements in one product's row
+    like: torch.Tensor  # dtype and device of the seeds
+
+    def compressed(
+        self, run: Callable[[list[torch.Tensor]], torch.Tensor], memory_budget: int,
+        check_alive: Callable[[], None] | None, chunk_size: int | None = None, batch: int = 1,
+    ) -> tuple[torch.Tensor, int]:
+        """Every product, ``chunk`` seeds per ``run(seeds)`` call, concatenated along the
+        seed axis (0, or 1 for a batch of points). ``chunk_size`` (the request's option)
+        caps the chunk; the memory budget sizes it, halved on out-of-memory as the dense
+        rows are; the deadline is checked between chunks."""
+        k = self.coloring.n_colors
+        seed_width = sum(int(np.prod(s, dtype=np.int64)) for s in self.seed_shapes)
+        per = _WORKSET_FACTOR * batch * (self.width + seed_width) * self.like.element_size()
+        chunk = max(1, min(k, memory_budget // max(per, 1), chunk_size or k))
+        axis = 0 if batch == 1 else 1
+        blocks: list[torch.Tensor] = []
+        start = 0
+        while start < k:
+            if check_alive is not None:
+                check_alive()
+            stop = min(start + chunk, k)
+            try:
+                blocks.append(run(_split(_seeds(self.coloring.colors, start, stop, self.like), self.seed_shapes)))
+            except Exception as exc:
+                if _is_oom(exc) and chunk > 1:
+                    chunk = max(1, chunk // 2)
+                    if self.like.device.type == "cuda":
+                        torch.cuda.empty_cache()
                     continue
-            else:
-                block = torch.stack([product(*[s[r] for s in seeds]) for r in range(stop - start)])
-        except Exception as exc:
-            if _is_oom(exc) and chunk > 1:
-                chunk = max(1, chunk // 2)
-                if like.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            raise
-        rows.append(block)
-        start = stop
-    out = torch.cat(rows) if rows else torch.zeros(0, width, dtype=like.dtype, device=like.device)
-    return out, chunk
+                raise
+            start = stop
+        if not blocks:
+            shape = (0, self.width) if batch == 1 else (batch, 0, self.width)
+            return torch.zeros(shape, dtype=self.like.dtype, device=self.like.device), chunk
+        return torch.cat(blocks, dim=axis), chunk
+
+    def values(self, p: Pattern, block: torch.Tensor) -> torch.Tensor:
+        """The pattern's entries (last axis) out of the products ``(..., k, width)``."""
+        if self.coloring.mode != "rev":  # J S (or H S) is (width, k): entries index it row-major
+            block = block.transpose(-1, -2)
+        flat = block.reshape(*block.shape[:-2], -1)
+        if not p.nnz:
+            return flat[..., :0]
+        return flat[..., torch.as_tensor(self.coloring.gather, device=flat.device)]
+
+
+def _products(p: Pattern, coloring: Coloring, primals: Sequence[torch.Tensor], m: int) -> _Products:
+    if coloring.mode == "rev":
+        return _Products(coloring, [torch.Size([m])], p.shape[1], primals[0])
+    return _Products(coloring, [q.shape for q in primals], p.shape[0], primals[0])
+
+
+def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch.Tensor]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """``run(seeds)`` at one point: the seeds vmapped; looped when vmap cannot run the
+    function (learned once, then every chunk loops)."""
+    product = at(*args)
+    vmapped = torch.func.vmap(product)
+    state = {"vmap": True}
+
+    def run(seeds: list[torch.Tensor]) -> torch.Tensor:
+        count = seeds[0].shape[0]
+        if state["vmap"] and count > 1:
+            try:
+                return vmapped(*seeds)
+            except Exception as exc:
+                if _is_oom(exc):
+                    raise
+                log.info("vmap of the products failed (%s); looping", type(exc).__name__)
+                state["vmap"] = False
+        return torch.stack([product(*[s[r] for s in seeds]) for r in range(count)])
+
+    return run
 
 
 def _to_csr(p: Pattern, values: torch.Tensor) -> Any:
@@ -271,39 +358,29 @@ def _to_csr(p: Pattern, values: torch.Tensor) -> Any:
     return sp.csr_array((data.cpu().numpy(), p.cols.astype(idx), p.indptr().astype(idx)), shape=p.shape)
 
 
+def _rows_of(matrix: Any, rows: tuple[int, int] | None) -> Any:
+    return matrix if rows is None else matrix[rows[0] : rows[1]]
+
+
 def sparse_jacobian(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), pattern: Any = "auto",
     mode: str = "auto", memory_budget: int = 1 << 30, check_alive: Callable[[], None] | None = None, *,
     has_aux: bool = False, declared: Mapping[str, Declared] | None = None, cache: PatternCache | None = None,
-    name: str | None = None,
+    name: str | None = None, rows: tuple[int, int] | None = None, chunk_size: int | None = None,
 ) -> SparseResult:
-    """The Jacobian of ``fn`` at ``args`` w.r.t. ``argnums`` as a CSR matrix."""
+    """The Jacobian of ``fn`` at ``args`` w.r.t. ``argnums`` as a CSR matrix; with
+    ``rows=(start, stop)`` only those rows (of the flattened output), from only the
+    products they need."""
     t0 = time.perf_counter()
-    argnums, primals, g, out, aux = _at(fn, args, argnums, has_aux)
+    argnums, primals, out, aux = _at(fn, args, argnums, has_aux)
     m = sum(o.numel() for o in pytree.tree_leaves(out))
     p, coloring, cached = resolve(fn, args, argnums, pattern, kind="jacobian", mode=mode, declared=declared,
-                                  has_aux=has_aux, cache=cache, name=name, out_size=m)
+                                  has_aux=has_aux, cache=cache, name=name, out_size=m, rows=rows)
     t1 = time.perf_counter()
-    shapes = [t.shape for t in primals]
-    n = p.shape[1]
-    like = primals[0]
-    if coloring.mode == "fwd":
-
-        def push(*t: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(g, primals, t)[1]
-
-        block, chunk = _compressed(push, coloring.colors, coloring.n_colors, m, like, shapes, memory_budget, check_alive)
-        compressed = block.T.reshape(-1)  # (m, k) row-major, as gather counts
-    else:
-        _, pullback = torch.func.vjp(g, *primals)
-
-        def pull(*t: torch.Tensor) -> torch.Tensor:
-            grads = pullback(t[0])
-            return torch.cat([gr.reshape(-1) for gr in grads])
-
-        block, chunk = _compressed(pull, coloring.colors, coloring.n_colors, n, like, [torch.Size([m])], memory_budget, check_alive)
-        compressed = block.reshape(-1)  # (k, n) row-major
-    matrix = _to_csr(p, _gather(p, coloring, compressed))
+    plan = _products(p, coloring, primals, m)
+    block, chunk = plan.compressed(_single(_product_at(coloring.mode, fn, argnums, has_aux), args), memory_budget,
+                                   check_alive, chunk_size)
+    matrix = _rows_of(_to_csr(p, plan.values(p, block)), rows)
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, coloring.mode, p.source, out, aux, chunk,
                         {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached})  # type: ignore[dict-item]
@@ -313,28 +390,47 @@ def sparse_hessian(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), pattern: Any = "auto",
     memory_budget: int = 1 << 30, check_alive: Callable[[], None] | None = None, *, has_aux: bool = False,
     declared: Mapping[str, Declared] | None = None, cache: PatternCache | None = None, name: str | None = None,
+    chunk_size: int | None = None,
 ) -> SparseResult:
     """The Hessian of a scalar ``fn`` as CSR, from star-coloured Hessian-vector products
     (forward over reverse: ``jvp`` of ``grad``)."""
     t0 = time.perf_counter()
-    argnums, primals, g, out, aux = _at(fn, args, argnums, has_aux)
+    argnums, primals, out, aux = _at(fn, args, argnums, has_aux)
     if sum(o.numel() for o in pytree.tree_leaves(out)) != 1:
         raise ValueError("a sparse Hessian needs a function with one scalar output")
     p, coloring, cached = resolve(fn, args, argnums, pattern, kind="hessian", declared=declared, has_aux=has_aux,
                                   cache=cache, name=name, out_size=1)
     t1 = time.perf_counter()
-    grad = torch.func.grad(lambda *d: g(*d).sum(), argnums=tuple(range(len(primals))))
-    n = p.shape[0]
-
-    def hvp(*t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([h.reshape(-1) for h in torch.func.jvp(grad, primals, t)[1]])
-
-    block, chunk = _compressed(hvp, coloring.colors, coloring.n_colors, n, primals[0], [q.shape for q in primals], memory_budget, check_alive)
-    compressed = block.T.reshape(-1)  # H S is (n, k) row-major
-    matrix = _to_csr(p, _gather(p, coloring, compressed))
+    plan = _products(p, coloring, primals, 1)
+    block, chunk = plan.compressed(_single(_product_at("star", fn, argnums, has_aux), args), memory_budget,
+                                   check_alive, chunk_size)
+    matrix = _to_csr(p, plan.values(p, block))
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, "star", p.source, out, aux, chunk,
                         {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached})  # type: ignore[dict-item]
+
+
+def sparse_batch(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], p: Pattern, coloring: Coloring,
+    out_size: int, memory_budget: int = 1 << 30, check_alive: Callable[[], None] | None = None, *,
+    has_aux: bool = False, rows: tuple[int, int] | None = None, chunk_size: int | None = None,
+) -> tuple[list[Any], int]:
+    """The sparse derivative at each of a batch of points (``args`` stacked along a new
+    leading axis), with one pattern and colouring (resolved at any one of them: the
+    pattern holds at every point). Every product chunk is one ``vmap`` over the points
+    of a ``vmap`` over the seeds. Returns ``(matrices, chunk)``; raises when vmap cannot
+    run the function (the caller then computes each point alone)."""
+    argnums = tuple(argnums)
+    batch = int(args[0].shape[0])
+    plan = _products(p, coloring, [args[i][0] for i in argnums], out_size)
+    at = _product_at(coloring.mode, fn, argnums, has_aux)
+
+    def run(seeds: list[torch.Tensor]) -> torch.Tensor:
+        return torch.func.vmap(lambda *point: torch.func.vmap(at(*point))(*seeds))(*args)
+
+    block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size, batch=batch)
+    values = plan.values(p, block)
+    return [_rows_of(_to_csr(p, values[i]), rows) for i in range(batch)], chunk
 
 
 def describe_sparsity(
