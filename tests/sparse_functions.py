@@ -38,3 +38,12 @@ def rosen_declared(x: torch.Tensor) -> torch.Tensor:
           description="sin(x) with aux: sparse results carry aux beside them.")
 def sin_with_aux(x: torch.Tensor):
     return torch.sin(x), {"total": x.sum(), "label": "sin"}
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="A Python loop of 7,500 small ops: tracing it takes seconds (detection deadline tests).")
+def slow_detection(x: torch.Tensor) -> torch.Tensor:
+    y = x
+    for _ in range(1500):
+        y = 0.999 * y + 1e-3 * torch.sin(x.roll(1))
+    return y
