@@ -45,3 +45,12 @@ def sqrt_positive(x: torch.Tensor) -> torch.Tensor:
     if bool((x < 0).any()):
         raise ValueError("x must be non-negative")
     return torch.sqrt(x)
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="A Python loop of 7,500 small ops: tracing it takes seconds (detection deadline tests).")
+def slow_detection(x: torch.Tensor) -> torch.Tensor:
+    y = x
+    for _ in range(1500):
+        y = 0.999 * y + 1e-3 * torch.sin(x.roll(1))
+    return y

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -160,7 +162,9 @@ def test_chunks_and_modes_do_not_change_the_result():
     want = dense_jacobian(spec.fn, [x])
     calls = []
     for mode in ("fwd", "rev"):
-        r = sparse_jacobian(spec.fn, [x], mode=mode, memory_budget=1, check_alive=lambda: calls.append(1), cache=PatternCache())
+        cache = PatternCache()
+        sparse_jacobian(spec.fn, [x], mode=mode, cache=cache)  # detection's own checks are not counted below
+        r = sparse_jacobian(spec.fn, [x], mode=mode, memory_budget=1, check_alive=lambda: calls.append(1), cache=cache)
         # 13 entries a row on a ring of 64: the optimum is ceil(64 / floor(64 / 13)) = 16.
         assert r.mode == mode and r.chunk_size == 1 and r.n_products == 16
         np.testing.assert_allclose(r.matrix.toarray(), want, rtol=1e-12, atol=1e-12)
@@ -259,3 +263,138 @@ def test_a_batch_of_hessians_equals_each_hessian():
     for i in range(3):
         np.testing.assert_allclose(mats[i].toarray(), torch.func.hessian(objective)(xs[i]).numpy(), rtol=1e-12)
     assert coloring.mode == "star" and coloring.n_colors == 3
+
+
+# --------------------------------------------------------------------------- deadlines
+
+
+class Stop(Exception):
+    """What a request's check raises past its deadline (the engine's is a 504 Timeout)."""
+
+
+def stop_after(n):
+    """A check_alive that raises on its n-th call, and the list of its calls."""
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) >= n:
+            raise Stop(f"stopped at check {n}")
+
+    return check, calls
+
+
+def long_loop(count):
+    """A Python loop of 5 * count small ops (a banded pattern), counting its iterations."""
+    iterations = []
+
+    def fn(x):
+        y = x
+        for _ in range(count):
+            iterations.append(1)
+            y = 0.999 * y + 1e-3 * torch.sin(x.roll(1))
+        return y
+
+    return fn, iterations
+
+
+def refuse_probe(*a, **k):
+    raise AssertionError("probing started after the check raised")
+
+
+def test_tracing_stops_when_check_alive_raises(monkeypatch, tmp_path):
+    from jacobian_service.sparsity import compute, detect
+
+    monkeypatch.setattr(detect, "_CHECK_EVERY_S", 0.0)  # a check on every op: counts are exact
+    monkeypatch.setattr(compute, "probe", refuse_probe)
+    fn, iterations = long_loop(400)
+    x = torch.randn(64, dtype=torch.float64)
+    cache = PatternCache(tmp_path)
+    check, calls = stop_after(50)
+    with pytest.raises(Stop, match="stopped at check 50"):  # itself: not a TraceError, no probe
+        compute.resolve(fn, [x], check_alive=check, cache=cache)
+    assert len(calls) == 50 and 0 < len(iterations) < 400  # partway through the loop
+    assert not cache._memory and not any(tmp_path.iterdir())  # nothing partial is cached
+    check, calls = stop_after(30)
+    with pytest.raises(Stop):
+        compute.resolve(lambda x: fn(x).square().sum(), [x], kind="hessian", check_alive=check, cache=cache)
+    assert len(calls) == 30 and not cache._memory and not any(tmp_path.iterdir())
+    # A user function that swallows the check's exception is stopped all the same.
+    def swallows(x):
+        y = x
+        for _ in range(100):
+            try:
+                y = y + torch.sin(x)
+            except Stop:
+                pass
+        return y
+
+    with pytest.raises(Stop):
+        compute.resolve(swallows, [x], check_alive=stop_after(5)[0], cache=cache)
+    assert not cache._memory
+    # The next request, with time to spare, detects in full and computes the right matrix.
+    iterations.clear()
+    ok, calls = stop_after(10**9)
+    result = sparse_jacobian(fn, [x], check_alive=ok, cache=cache)
+    assert len(iterations) == 3 * 400 and len(calls) > 5 * 400  # forward, whole trace, products
+    assert result.timings["cached"] == "" and result.source == "traced" and result.pattern.nnz == 2 * 64
+    np.testing.assert_allclose(result.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12, atol=1e-12)
+
+
+def test_tracing_checks_at_most_every_few_milliseconds():
+    from jacobian_service.sparsity import detect
+
+    fn, _ = long_loop(300)
+    check, calls = stop_after(10**9)
+    t0 = time.monotonic()
+    trace_jacobian(fn, [torch.randn(64, dtype=torch.float64)], check_alive=check)
+    elapsed = time.monotonic() - t0
+    assert 1 <= len(calls) <= elapsed / detect._CHECK_EVERY_S + 1 < 5 * 300
+
+
+def test_probing_stops_when_check_alive_raises(monkeypatch, tmp_path):
+    from jacobian_service.sparsity import compute, detect
+
+    evaluations = []
+
+    def into_buffer(x):  # writes traced values into a plain tensor: tracing fails, probing runs
+        evaluations.append(1)
+        buf = torch.zeros(x.shape[0] + 1, dtype=x.dtype)
+        buf[1:] = x**2
+        return buf[:-1] * x
+
+    x = torch.randn(7, dtype=torch.float64)
+    check, calls = stop_after(2)
+    with pytest.raises(Stop):
+        probe(into_buffer, [x], points=5, check_alive=check)
+    assert len(calls) == 2 and len(evaluations) == 2  # the sizing pass and the first of 5 points
+    # Through resolve: the trace fails (its TraceError starts the probe), then the probe
+    # is stopped before its second point, and nothing is cached.
+    monkeypatch.setattr(detect, "_CHECK_EVERY_S", 0.0)
+    evaluations.clear()
+
+    def after_one_point():  # the trace, the sizing pass and one point have run
+        if len(evaluations) >= 3:
+            raise Stop("stopped while probing")
+
+    cache = PatternCache(tmp_path)
+    with pytest.raises(Stop, match="while probing"):
+        compute.resolve(into_buffer, [x], check_alive=after_one_point, cache=cache)
+    assert len(evaluations) == 3
+    assert not cache._memory and not any(tmp_path.iterdir())
+    p, _, cached = compute.resolve(into_buffer, [x], cache=cache)
+    assert cached == "" and p.source == "probe" and p == true_pattern(into_buffer, [x])
+
+
+def test_colouring_stops_when_check_alive_raises():
+    from jacobian_service.sparsity.coloring import choose_coloring, star_coloring
+
+    jac_pattern = banded(2, 2).build([(500,)], 500)
+    for mode in ("auto", "fwd", "rev"):
+        check, calls = stop_after(1)
+        with pytest.raises(Stop):
+            choose_coloring(jac_pattern, mode, check_alive=check)
+    check, calls = stop_after(3)
+    with pytest.raises(Stop):
+        star_coloring(banded(2, 2, hessian=True).build([(10_000,)], 1), check_alive=check)
+    assert len(calls) == 3

@@ -6,8 +6,10 @@ The compression itself lives in :mod:`jacobian_service.sparsity`; this module fi
 - the user's function runs through :class:`~.calling.AuxBox` (aux of any kind);
 - the pattern is resolved (and cached) first, so the result's size, known from the
   pattern's nnz before any product, is checked against ``max_result_bytes`` (413);
-- products run under the engine's memory budget (halving on out-of-memory, 507 when
-  even one fails) and check the request's deadline between chunks (504);
+- detection checks the request's deadline (and a cancel) as it traces or probes, and so
+  does the colouring (504, nothing cached); products run under the engine's memory
+  budget (halving on out-of-memory, 507 when even one fails) and check the deadline
+  between chunks;
 - an unknown pattern name is a 422 ``sparsity_not_found``; a declared pattern that does
   not fit the shapes a 422 ``invalid_input``; the function's own failures a 500.
 
@@ -68,8 +70,9 @@ def _plan(
             pattern, coloring, cached = resolve(
                 box, args, call.argnums, choice, kind=kind, mode=mode, declared=call.spec.sparsity, has_aux=True,
                 cache=engine.sparsity_cache, name=call.spec.name, out_size=m, rows=call.rows,
+                check_alive=call.check_alive,
             )
-    except ServiceError:
+    except ServiceError:  # Timeout from check_alive (504) among them
         raise
     except PatternTooLarge as exc:
         raise ResultTooLarge(

@@ -10,7 +10,10 @@
   ``(j, colour(i))`` (Gebremedhin, Manne, Pothen, "What color is your Jacobian? Graph
   coloring for computing derivatives", SIAM Review 47(4), 2005, Algorithm 4.1).
 
-Rows or columns with no entry get colour -1 and cost no product. Every colouring
+Rows or columns with no entry get colour -1 and cost no product. Colouring a large
+pattern takes a while (networkx is pure Python): every function takes the caller's
+``check_alive`` (a request's deadline check) and calls it between strategies and
+every few thousand vertices of the star colouring's loop. Every colouring
 carries its decompression map (``gather``), checked when it is built: a colouring that
 cannot recover an entry directly raises instead of returning a wrong matrix.
 """
@@ -18,7 +21,7 @@ cannot recover an entry directly raises instead of returning a wrong matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,6 +36,15 @@ _STRATEGIES = ("smallest_last", "natural", "largest_first")
 # Above this many graph edges only the cheapest strategies are tried: networkx is pure
 # Python, about a microsecond or two per edge per strategy.
 _ALL_STRATEGIES_EDGE_LIMIT = 2_000_000
+# The star colouring's Python loop calls check_alive once per this many vertices.
+_CHECK_EVERY_VERTICES = 4096
+
+Check = Callable[[], None] | None
+
+
+def _check(check_alive: Check) -> None:
+    if check_alive is not None:
+        check_alive()
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,9 +85,12 @@ def _column_graph_edges(p: Pattern) -> tuple[np.ndarray, np.ndarray]:
     return g.row.astype(np.int64), g.col.astype(np.int64)
 
 
-def _greedy(n: int, u: np.ndarray, v: np.ndarray, active: np.ndarray, strategies: tuple[str, ...]) -> tuple[np.ndarray, str]:
+def _greedy(
+    n: int, u: np.ndarray, v: np.ndarray, active: np.ndarray, strategies: tuple[str, ...], check_alive: Check = None,
+) -> tuple[np.ndarray, str]:
     import networkx as nx
 
+    _check(check_alive)
     graph = nx.Graph()
     graph.add_nodes_from(np.flatnonzero(active).tolist())
     graph.add_edges_from(zip(u.tolist(), v.tolist()))
@@ -83,6 +98,7 @@ def _greedy(n: int, u: np.ndarray, v: np.ndarray, active: np.ndarray, strategies
         strategies = strategies[:2]
     best: tuple[np.ndarray, str] | None = None
     for name in strategies:
+        _check(check_alive)
         strategy: Any = (lambda g, _c: sorted(g)) if name == "natural" else name
         found = nx.greedy_color(graph, strategy=strategy)
         colors = np.full(n, -1, np.int64)
@@ -95,7 +111,7 @@ def _greedy(n: int, u: np.ndarray, v: np.ndarray, active: np.ndarray, strategies
     return best
 
 
-def _modulo(p: Pattern, lower: int, active: np.ndarray) -> np.ndarray | None:
+def _modulo(p: Pattern, lower: int, active: np.ndarray, check_alive: Check = None) -> np.ndarray | None:
     """``colour(j) = j mod k`` for the smallest valid k up to 2 x the lower bound.
 
     Greedy orders lose colours on regular structures that a modulus gets right: a
@@ -104,20 +120,21 @@ def _modulo(p: Pattern, lower: int, active: np.ndarray) -> np.ndarray | None:
     """
     n = p.shape[1]
     for k in range(max(lower, 1), min(2 * lower, n) + 1):
+        _check(check_alive)  # each try sorts every entry
         slots = p.rows * k + p.cols % k
         if np.unique(slots).size == slots.size:
             return np.where(active, np.arange(n) % k, -1)
     return None
 
 
-def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES) -> Coloring:
+def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, check_alive: Check = None) -> Coloring:
     """Forward mode: ``B = J S`` with one seed column per colour."""
     m, n = p.shape
     u, v = _column_graph_edges(p)
     active = np.bincount(p.cols, minlength=n) > 0
-    colors, strategy = _greedy(n, u, v, active, strategies)
+    colors, strategy = _greedy(n, u, v, active, strategies, check_alive)
     lower = int(np.bincount(p.rows, minlength=m).max(initial=0))
-    by_modulus = _modulo(p, lower, active)
+    by_modulus = _modulo(p, lower, active, check_alive)
     if by_modulus is not None and by_modulus.max(initial=-1) < colors.max(initial=-1):
         colors, strategy = by_modulus, "modulo"
     k = int(colors.max(initial=-1)) + 1
@@ -126,10 +143,10 @@ def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES) -> Co
     return Coloring("fwd", colors, k, gather, lower, strategy)
 
 
-def row_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES) -> Coloring:
+def row_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, check_alive: Check = None) -> Coloring:
     """Reverse mode: ``B = S^T J`` with one seed row per colour."""
     m, n = p.shape
-    t = column_coloring(p.transpose(), strategies)
+    t = column_coloring(p.transpose(), strategies, check_alive=check_alive)
     gather = t.colors[p.rows] * n + p.cols
     _check_unique(gather, "row")
     return Coloring("rev", t.colors, t.n_colors, gather, t.lower_bound, t.strategy)
@@ -141,17 +158,17 @@ def _check_unique(gather: np.ndarray, what: str) -> None:
         raise AssertionError(f"{what} colouring puts two entries in one compressed slot")
 
 
-def choose_coloring(p: Pattern, mode: str = "auto") -> Coloring:
+def choose_coloring(p: Pattern, mode: str = "auto", *, check_alive: Check = None) -> Coloring:
     """The side with fewer colours (``mode`` ``fwd`` / ``rev`` forces one). On a tie
     reverse mode wins: VJPs are what ``jacrev`` computes (forward-mode AD does not
     honour ``torch.no_grad`` inside the function)."""
     if mode == "fwd":
-        return column_coloring(p)
+        return column_coloring(p, check_alive=check_alive)
     if mode == "rev":
-        return row_coloring(p)
+        return row_coloring(p, check_alive=check_alive)
     if mode != "auto":
         raise ValueError(f"mode must be auto, fwd or rev, got {mode!r}")
-    fwd, rev = column_coloring(p), row_coloring(p)
+    fwd, rev = column_coloring(p, check_alive=check_alive), row_coloring(p, check_alive=check_alive)
     return fwd if fwd.n_colors < rev.n_colors else rev
 
 
@@ -169,7 +186,7 @@ def _adjacency(p: Pattern) -> tuple[np.ndarray, np.ndarray]:
     return np.searchsorted(r, np.arange(n + 1)), c
 
 
-def star_coloring(p: Pattern) -> Coloring:
+def star_coloring(p: Pattern, *, check_alive: Check = None) -> Coloring:
     """Star colouring of a symmetric pattern with the fewest colours found: the greedy
     star colouring (GMP 2005, Algorithm 4.1) in largest-first and natural order, and
     the distance-2 (column) colouring, which is itself a star colouring and sometimes
@@ -178,10 +195,10 @@ def star_coloring(p: Pattern) -> Coloring:
         raise ValueError("star colouring needs a square symmetric pattern")
     indptr, nbr = _adjacency(p)
     degree = np.diff(indptr)
-    d2 = column_coloring(p)
+    d2 = column_coloring(p, check_alive=check_alive)
     candidates = [
-        (_greedy_star(p, indptr, nbr, np.argsort(-degree, kind="stable")), "star_largest_first"),
-        (_greedy_star(p, indptr, nbr, np.arange(p.shape[0])), "star_natural"),
+        (_greedy_star(p, indptr, nbr, np.argsort(-degree, kind="stable"), check_alive), "star_largest_first"),
+        (_greedy_star(p, indptr, nbr, np.arange(p.shape[0]), check_alive), "star_natural"),
         (d2.colors, "distance2_" + d2.strategy),
     ]
     colors, strategy = min(candidates, key=lambda c: int(c[0].max(initial=-1)))
@@ -189,7 +206,7 @@ def star_coloring(p: Pattern) -> Coloring:
     return Coloring("star", colors, k, _star_gather(p, colors, k), _star_lower_bound(p), strategy)
 
 
-def _greedy_star(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarray) -> np.ndarray:
+def _greedy_star(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarray, check_alive: Check = None) -> np.ndarray:
     """GMP 2005, Algorithm 4.1. For each vertex v in ``seq``, forbid: the colours of its
     neighbours w; for an uncoloured neighbour w, the colours of w's neighbours x (v and
     x would be same-coloured ends of a path through w whose middle is still open); for
@@ -201,7 +218,9 @@ def _greedy_star(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarra
     color = [-1] * n
     adj = [nbr[indptr[i] : indptr[i + 1]].tolist() for i in range(n)]
     forbidden: list[int] = [-1]
-    for v in seq.tolist():
+    for done, v in enumerate(seq.tolist()):
+        if check_alive is not None and done % _CHECK_EVERY_VERTICES == 0:
+            check_alive()
         if not active[v]:
             continue
         for w in adj[v]:

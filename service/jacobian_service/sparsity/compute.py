@@ -104,20 +104,23 @@ def resolve(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), pattern: Any = "auto", *,
     kind: str = "jacobian", mode: str = "auto", declared: Mapping[str, Declared] | None = None, has_aux: bool = False,
     cache: PatternCache | None = None, name: str | None = None, out_size: int | None = None,
-    rows: tuple[int, int] | None = None,
+    rows: tuple[int, int] | None = None, check_alive: Callable[[], None] | None = None,
 ) -> tuple[Pattern, Coloring, str]:
     """The pattern and colouring to use, from the cache when this function, these
     shapes and this choice were seen before. ``pattern`` is ``"auto"`` (detect), the
     name of a declared pattern, a :class:`Declared` or a :class:`Pattern`. With
     ``rows=(start, stop)`` (a Jacobian's rows of the flattened output), the pattern
     keeps only those rows' entries and is coloured on its own: fewer products.
-    Returns ``(pattern, coloring, cached)`` with ``cached`` in ``""``, ``"memory"``, ``"disk"``."""
+    Returns ``(pattern, coloring, cached)`` with ``cached`` in ``""``, ``"memory"``, ``"disk"``.
+
+    ``check_alive`` (a request's deadline and cancel check) is called while detecting
+    and colouring; what it raises propagates, and nothing is cached then."""
     if rows is not None:
         if kind != "jacobian":
             raise ValueError("rows applies to Jacobians only")
         full, _, _ = resolve(fn, args, argnums, pattern, kind=kind, mode=mode, declared=declared, has_aux=has_aux,
-                             cache=cache, name=name, out_size=out_size)
-        return _restricted(full, fn, args, argnums, mode, cache, name, rows)
+                             cache=cache, name=name, out_size=out_size, check_alive=check_alive)
+        return _restricted(full, fn, args, argnums, mode, cache, name, rows, check_alive)
     cache = _DEFAULT_CACHE if cache is None else cache
     argnums = tuple(argnums)
     if isinstance(pattern, Pattern):
@@ -134,17 +137,20 @@ def resolve(
             hit["coloring"] = _coloring_from(p, np.asarray(hit["colors"]), hit["mode"])
             return p, hit["coloring"], "disk"
         return p, hit["coloring"], "memory"
-    p = _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size)
+    p = _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size, check_alive)
     if NO_GRAD_NOTE in p.notes and mode != "rev":
         mode = "rev"  # jvp would differentiate through the no_grad values
-    coloring = star_coloring(p) if kind == "hessian" else choose_coloring(p, mode)
+    if kind == "hessian":
+        coloring = star_coloring(p, check_alive=check_alive)
+    else:
+        coloring = choose_coloring(p, mode, check_alive=check_alive)
     cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring})
     return p, coloring, ""
 
 
 def _restricted(
     full: Pattern, fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], mode: str,
-    cache: PatternCache | None, name: str | None, rows: tuple[int, int],
+    cache: PatternCache | None, name: str | None, rows: tuple[int, int], check_alive: Callable[[], None] | None = None,
 ) -> tuple[Pattern, Coloring, str]:
     """``full`` keeping rows ``start:stop`` (same shape, the other rows empty), with its
     own colouring, cached beside the full one. In reverse mode the empty rows get no
@@ -167,7 +173,7 @@ def _restricted(
     p = full.replace(rows=full.rows[keep], cols=full.cols[keep])
     if NO_GRAD_NOTE in p.notes and mode != "rev":
         mode = "rev"
-    coloring = choose_coloring(p, mode)
+    coloring = choose_coloring(p, mode, check_alive=check_alive)
     cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring})
     return p, coloring, ""
 
@@ -193,6 +199,7 @@ def _coloring_from(p: Pattern, colors: np.ndarray, mode: str) -> Coloring:
 def _build_pattern(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], pattern: Any, kind: str,
     declared: Mapping[str, Declared], has_aux: bool, out_size: int | None,
+    check_alive: Callable[[], None] | None = None,
 ) -> Pattern:
     in_shapes = [tuple(args[i].shape) for i in argnums]
     if isinstance(pattern, Pattern):
@@ -214,12 +221,14 @@ def _build_pattern(
         return spec.build(in_shapes, out_size, name=label)
     g = _flat_fn(fn, args, argnums, has_aux)
     diff = [args[i] for i in argnums]
-    try:
-        traced = (trace_hessian if kind == "hessian" else trace_jacobian)(g, diff, tuple(range(len(diff))))
+    try:  # what check_alive raises is never a TraceError: a deadline does not start a probe
+        traced = (trace_hessian if kind == "hessian" else trace_jacobian)(
+            g, diff, tuple(range(len(diff))), check_alive=check_alive)
         return traced.replace(name="auto")
     except TraceError as exc:
         log.info("sparsity tracing failed (%s); probing numerically", exc)
-        return probe(g, diff, tuple(range(len(diff))), hessian=kind == "hessian", why=f"tracing failed: {exc}").replace(name="auto")
+        return probe(g, diff, tuple(range(len(diff))), hessian=kind == "hessian", why=f"tracing failed: {exc}",
+                     check_alive=check_alive).replace(name="auto")
 
 
 # --------------------------------------------------------------------------- products
@@ -375,7 +384,8 @@ def sparse_jacobian(
     argnums, primals, out, aux = _at(fn, args, argnums, has_aux)
     m = sum(o.numel() for o in pytree.tree_leaves(out))
     p, coloring, cached = resolve(fn, args, argnums, pattern, kind="jacobian", mode=mode, declared=declared,
-                                  has_aux=has_aux, cache=cache, name=name, out_size=m, rows=rows)
+                                  has_aux=has_aux, cache=cache, name=name, out_size=m, rows=rows,
+                                  check_alive=check_alive)
     t1 = time.perf_counter()
     plan = _products(p, coloring, primals, m)
     block, chunk = plan.compressed(_single(_product_at(coloring.mode, fn, argnums, has_aux), args), memory_budget,
@@ -399,7 +409,7 @@ def sparse_hessian(
     if sum(o.numel() for o in pytree.tree_leaves(out)) != 1:
         raise ValueError("a sparse Hessian needs a function with one scalar output")
     p, coloring, cached = resolve(fn, args, argnums, pattern, kind="hessian", declared=declared, has_aux=has_aux,
-                                  cache=cache, name=name, out_size=1)
+                                  cache=cache, name=name, out_size=1, check_alive=check_alive)
     t1 = time.perf_counter()
     plan = _products(p, coloring, primals, 1)
     block, chunk = plan.compressed(_single(_product_at("star", fn, argnums, has_aux), args), memory_budget,
@@ -437,13 +447,14 @@ def describe_sparsity(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), pattern: Any = "auto", *,
     kind: str = "jacobian", mode: str = "auto", has_aux: bool = False, declared: Mapping[str, Declared] | None = None,
     cache: PatternCache | None = None, name: str | None = None, picture_width: int = 40,
+    check_alive: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """What ``GET /v1/functions/{name}/sparsity`` answers: the pattern (summary, source,
     a braille picture), the colouring and the number of products, as JSON-able data."""
     from jacobian_client._pattern import braille
 
     p, coloring, cached = resolve(fn, args, argnums, pattern, kind=kind, mode=mode, declared=declared,
-                                  has_aux=has_aux, cache=cache, name=name)
+                                  has_aux=has_aux, cache=cache, name=name, check_alive=check_alive)
     return {
         "kind": kind,
         "pattern": p.describe(),

@@ -24,6 +24,13 @@ global Hessian tracer): linear ops pass the union on, a product adds the pairs o
 operands' dependencies, other non-linear ops all pairs of their output's dependencies.
 The result is a superset of the true Hessian pattern.
 
+Detection can take long (every op of a long Python loop goes through the tracer, and
+probing computes dense derivatives), so both take the caller's ``check_alive`` (a
+request's deadline and cancel check): the tracer calls it as ops go by, at most every
+few milliseconds, probing between points. What it raises propagates unchanged (never
+turned into a :class:`TraceError`, so no probing starts after a deadline), and nothing
+is returned, so nothing partial is cached.
+
 Values computed under ``torch.no_grad`` carry no dependencies (the service never
 differentiates through them). When tracing cannot run the function (it calls
 ``.numpy()``, writes traced values into a plain tensor, ...), :func:`probe` unions the
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -51,6 +59,11 @@ aten = torch.ops.aten
 
 class TraceError(RuntimeError):
     """The tracer cannot follow this function (the caller then probes)."""
+
+
+#: The tracer calls ``check_alive`` at most this often: one ``time.monotonic()`` per op
+#: otherwise (tens of nanoseconds against the tens of microseconds an op takes to trace).
+_CHECK_EVERY_S = 0.005
 
 
 def _op(func: Any) -> str:
@@ -175,11 +188,30 @@ class _Traced(torch.Tensor):
 
 
 class _Tracer:
-    def __init__(self, n_inputs: int, hessian: bool) -> None:
+    def __init__(self, n_inputs: int, hessian: bool, check_alive: Callable[[], None] | None = None) -> None:
         self.n = n_inputs
         self.hessian = hessian
         self.unknown: set[str] = set()
         self.no_grad = False  # the function computes from traced values under no_grad
+        self.check_alive = check_alive
+        self._next_check = 0.0
+        # What check_alive raised: the trace re-raises it even if the user's function
+        # caught it, or failed in another way on its way out.
+        self.stopped: BaseException | None = None
+
+    def alive(self) -> None:
+        """The caller's ``check_alive``, at most every ``_CHECK_EVERY_S``."""
+        if self.check_alive is None:
+            return
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + _CHECK_EVERY_S
+        try:
+            self.check_alive()
+        except BaseException as exc:
+            self.stopped = exc
+            raise
 
     # ------------------------------------------------------------------ helpers
     def labels(self, t: _Traced) -> torch.Tensor:
@@ -222,6 +254,7 @@ class _Tracer:
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        self.alive()
         unwrapped_args, unwrapped_kwargs = pytree.tree_map(
             lambda a: a.value if isinstance(a, _Traced) else a, (args, kwargs)
         )
@@ -527,9 +560,19 @@ def _dims(func: Any, args: Any, kwargs: dict[str, Any], ndim: int) -> tuple[int,
 _LOCK = threading.Lock()  # one trace at a time: torch dispatch state is per thread, ours per call
 
 
-def _trace(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], hessian: bool) -> tuple[list[Any], _Tracer]:
+def _locked(check_alive: Callable[[], None] | None) -> None:
+    """Take ``_LOCK``, checking the caller is still alive while another trace holds it."""
+    while not _LOCK.acquire(timeout=0.05):
+        if check_alive is not None:
+            check_alive()
+
+
+def _trace(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], hessian: bool,
+    check_alive: Callable[[], None] | None = None,
+) -> tuple[list[Any], _Tracer]:
     sizes = [args[i].numel() for i in argnums]
-    tracer = _Tracer(sum(sizes), hessian)
+    tracer = _Tracer(sum(sizes), hessian, check_alive)
     full: list[Any] = list(args)
     offset = 0
     for i, size in zip(argnums, sizes):
@@ -537,13 +580,20 @@ def _trace(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequen
         eye = sp.csr_array((np.ones(size, np.float32), (np.arange(size), offset + np.arange(size))), shape=(size, tracer.n))
         full[i] = tracer.wrap(t, eye, None)
         offset += size
-    with _LOCK, torch.enable_grad():
-        try:
+    _locked(check_alive)
+    try:
+        with torch.enable_grad():
             out = fn(*full)
-        except (TraceError, PatternTooLarge):
+    except BaseException as exc:
+        if tracer.stopped is not None and exc is not tracer.stopped:
+            raise tracer.stopped from None  # the function caught it, then failed otherwise
+        if exc is tracer.stopped or isinstance(exc, (TraceError, PatternTooLarge)) or not isinstance(exc, Exception):
             raise
-        except Exception as exc:
-            raise TraceError(f"{type(exc).__name__}: {exc}") from exc
+        raise TraceError(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        _LOCK.release()
+    if tracer.stopped is not None:  # the function caught it and went on: still stop
+        raise tracer.stopped
     leaves = pytree.tree_leaves(out)
     if not leaves or not all(isinstance(o, torch.Tensor) for o in leaves):
         raise TraceError("the function did not return tensors")
@@ -560,19 +610,26 @@ def _notes(tracer: _Tracer) -> tuple[str, ...]:
     return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ())
 
 
-def trace_jacobian(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,)) -> Pattern:
+def trace_jacobian(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), *,
+    check_alive: Callable[[], None] | None = None,
+) -> Pattern:
     """The Jacobian pattern of ``fn`` at ``args`` w.r.t. ``argnums``, flattened and
-    concatenated over outputs (rows) and differentiated inputs (columns)."""
-    leaves, tracer = _trace(fn, args, argnums, hessian=False)
+    concatenated over outputs (rows) and differentiated inputs (columns).
+    ``check_alive`` is called as the trace goes (see the module doc)."""
+    leaves, tracer = _trace(fn, args, argnums, False, check_alive)
     blocks = [tracer.deps(o) for o in leaves]
     m = sum(o.numel() for o in leaves)
     mat = sp.vstack(blocks, format="coo") if blocks else _empty(0, tracer.n).tocoo()
     return Pattern((m, tracer.n), mat.row, mat.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer))
 
 
-def trace_hessian(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,)) -> Pattern:
+def trace_hessian(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), *,
+    check_alive: Callable[[], None] | None = None,
+) -> Pattern:
     """The Hessian pattern of a scalar ``fn`` (a superset: see the module doc)."""
-    leaves, tracer = _trace(fn, args, argnums, hessian=True)
+    leaves, tracer = _trace(fn, args, argnums, True, check_alive)
     if len(leaves) != 1 or leaves[0].numel() != 1:
         raise ValueError("a sparse Hessian needs a function with one scalar output")
     out = leaves[0]
@@ -597,10 +654,11 @@ def _dense(g: Callable[..., torch.Tensor], diff: Sequence[torch.Tensor], hessian
 
 def probe(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), *, hessian: bool = False,
-    points: int = 3, seed: int = 0, why: str = "",
+    points: int = 3, seed: int = 0, why: str = "", check_alive: Callable[[], None] | None = None,
 ) -> Pattern:
     """Nonzeros of dense derivatives at ``points`` random points near ``args``, united.
-    Entries that vanish at every probed point are missed: ``source="probe"`` says so."""
+    Entries that vanish at every probed point are missed: ``source="probe"`` says so.
+    ``check_alive`` is called before each point."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     argnums = tuple(argnums)
     n = sum(args[i].numel() for i in argnums)
@@ -612,6 +670,8 @@ def probe(
         _check_entries(m * n, "probing (a dense Jacobian)")
     found: np.ndarray | None = None
     for _ in range(points):
+        if check_alive is not None:
+            check_alive()
         moved = list(args)
         for i in argnums:
             noise = torch.randn(args[i].shape, generator=gen, dtype=torch.float64).to(args[i].device, args[i].dtype)
