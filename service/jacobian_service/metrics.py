@@ -26,6 +26,7 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "jacobian_service_requests",
             "Requests answered, by function, endpoint, status and problem code.",
@@ -76,6 +77,16 @@ class Metrics:
             "jacobian_service_quarantines", "Functions quarantined since start (crashing or hanging engines).", registry=r,
             multiprocess_mode="mostrecent",
         )
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, kept: prometheus_client checks and converts the
+        values on every call, microseconds on the per-request path. The label values are
+        bounded (functions of the registry, endpoints, statuses, codes), so is this."""
+        key = (metric._name, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def update_engines(self, depth: int, stats: dict[str, Any]) -> None:
         self.queue_depth.set(depth)

@@ -7,9 +7,10 @@ route is covered alike: there is no second path that could skip the key check.
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
+import os
 import time
-import uuid
 from typing import Any
 
 from .errors import Forbidden, Unauthorized
@@ -20,6 +21,31 @@ __all__ = ["AccessMiddleware", "AuthMiddleware"]
 
 access_log = logging.getLogger("jacobian_service.access")
 _QUIET = ("/healthz", "/readyz", "/metrics")
+
+
+class _RequestIds:
+    """32 hex characters, unique across processes: a random prefix per process, then a
+    counter. (``uuid4`` reads the OS's random source, a system call per request.)"""
+
+    def __init__(self) -> None:
+        self._pid = -1
+
+    def __call__(self) -> str:
+        if self._pid != os.getpid():  # a new process (fork): a new prefix
+            self._pid = os.getpid()
+            self._prefix = os.urandom(8).hex()
+            self._count = itertools.count(1)
+        return f"{self._prefix}{next(self._count):016x}"
+
+
+_new_request_id = _RequestIds()
+
+
+def _log_access(message: str, *args: Any, **extra: Any) -> None:
+    """``access_log.info`` without its search of the call stack for the caller's file
+    and line (which an access line never shows): one line per request, so it counts."""
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, message, args, None, extra=extra))
 
 
 class AccessMiddleware:
@@ -41,7 +67,7 @@ class AccessMiddleware:
         for key, value in scope["headers"]:
             if key == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
-        request_id = request_id if request_id.isprintable() and request_id else uuid.uuid4().hex
+        request_id = request_id if request_id.isprintable() and request_id else _new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         started = time.perf_counter()
@@ -59,21 +85,14 @@ class AccessMiddleware:
             function = params.get("name", "")
             if function and "service" in scope and function not in scope["service"].registry:
                 function = "_unknown"  # bounded label values, whatever names clients send
-            self.metrics.requests.labels(function, endpoint, outcome, state.get("code", "")).inc()
+            self.metrics.child(self.metrics.requests, function, endpoint, outcome, state.get("code", "")).inc()
             if path not in _QUIET:
                 safe = path.encode("unicode_escape").decode("ascii")[:500]
-                access_log.info(
-                    "%s %s %s",
-                    scope["method"],
-                    safe,
-                    outcome,
-                    extra={
-                        "request_id": request_id,
-                        "method": scope["method"],
-                        "path": safe,
-                        "status": status if outcome != "aborted" else "aborted",
-                        "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
-                    },
+                _log_access(
+                    "%s %s %s", scope["method"], safe, outcome,
+                    request_id=request_id, method=scope["method"], path=safe,
+                    status=status if outcome != "aborted" else "aborted",
+                    duration_ms=round((time.perf_counter() - started) * 1e3, 3),
                 )
 
         async def send_with_id(message: dict[str, Any]) -> None:

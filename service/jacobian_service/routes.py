@@ -263,15 +263,18 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
     nbytes = result.nbytes()
-    async with state.encode_budget.hold(nbytes):
-        response = await _offload(nbytes, encode, chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result))
+    if nbytes < _OFFLOAD_BYTES:  # small: encoded here at once, with nothing to wait for
+        response = encode(chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result))
+    else:
+        async with state.encode_budget.hold(nbytes):
+            response = await _offload(nbytes, encode, chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result))
     for phase, seconds in (
         ("queue", info.queue_s),
         ("compute", info.compute_s),
         ("encode", time.monotonic() - encode_start),
         ("total", time.monotonic() - started),
     ):
-        state.metrics.latency.labels(kind, phase).observe(seconds)
+        state.metrics.child(state.metrics.latency, kind, phase).observe(seconds)
     return response
 
 
@@ -294,11 +297,18 @@ async def function_sparsity(request: Request, name: str) -> Response:
     return Response(await _offload(result.nbytes(), wire.dumps, doc), media_type=wire.JSON)
 
 
+# A request still computing after this long starts watching for its client's disconnect.
+_WATCH_AFTER_S = 0.02
+
+
 async def _cancellable(request: Request, work: Awaitable[Any]) -> Any:
     """Await ``work`` unless the client disconnects first (the engine then stops at its
-    next chunk: leaving the await tells it)."""
+    next chunk: leaving the await tells it). The watcher task starts only once the work
+    has taken ``_WATCH_AFTER_S``: most requests are done sooner, and a task per request
+    is a good part of a small request's cost."""
     current = asyncio.current_task()
     gone = False
+    watcher: asyncio.Future[None] | None = None
 
     async def watch() -> None:
         nonlocal gone
@@ -307,7 +317,11 @@ async def _cancellable(request: Request, work: Awaitable[Any]) -> Any:
         gone = True
         current.cancel()  # type: ignore[union-attr]
 
-    watcher = asyncio.ensure_future(watch())
+    def start() -> None:
+        nonlocal watcher
+        watcher = asyncio.ensure_future(watch())
+
+    timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, start)
     try:
         return await work
     except asyncio.CancelledError:
@@ -315,7 +329,9 @@ async def _cancellable(request: Request, work: Awaitable[Any]) -> Any:
             raise ClientGone("the client closed the connection; its work was cancelled") from None
         raise
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead, info: JobInfo) -> Response:
