@@ -133,6 +133,23 @@ def test_braille_draws_a_diagonal():
     assert "5 x 5" in pattern_string(np.eye(5))
 
 
+def test_plot_pattern_draws_every_entry_where_it_is():
+    """The SDK's matplotlib picture (the plot extra): one marker per stored entry, at
+    (column, row), rows growing downwards as in a printed matrix."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from jacobian_client.sparse import plot_pattern
+
+    m = sp.random_array((30, 20), density=0.2, format="csr", dtype=np.float64, rng=3)
+    for matrix in (m, m.tocoo(), SparseCOO(m.tocoo().row, m.tocoo().col, m.tocoo().data, m.shape), m.toarray()):
+        ax = plot_pattern(matrix)
+        (line,) = ax.get_lines()
+        got = sorted(zip(line.get_ydata().astype(int).tolist(), line.get_xdata().astype(int).tolist()))
+        assert got == sorted(zip(*m.nonzero()))
+        assert ax.get_ylim() == (29.5, -0.5) and ax.get_title() == f"30 x 20, {m.nnz} nonzeros"
+        matplotlib.pyplot.close(ax.figure)
+
+
 # --------------------------------------------------------------------------- wire
 
 
