@@ -128,6 +128,15 @@ class Server:
     def pids(self) -> list[int]:
         return tree_pids(self.pid)
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far, summed by role (``front end``, ``engine``, ...). The
+        in-process layout's one process is ``supervisor`` here: it does everything."""
+        roles: dict[str, float] = {}
+        for p in tree_pids(self.pid):
+            label = process_label(p)
+            roles[label] = roles.get(label, 0.0) + _cpu_seconds(p)
+        return roles
+
     def rss_bytes(self) -> int:
         return status_kib(self.pid, "VmRSS") * 1024
 

@@ -128,13 +128,17 @@ def run(ctx: Context) -> Report:
     p50: dict[str, list[float]] = {n: [] for n in servers}
     cpu: dict[str, list[float]] = {n: [] for n in servers}
     bad: dict[str, list[str]] = {n: [] for n in servers}
+    per_request: dict[str, dict[str, list[float]]] = {}  # server -> role -> CPU seconds per request
     names = list(servers)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             server = servers[name]
-            cpu0, t0 = server.cpu_seconds(), time.monotonic()
+            cpu0, roles0, t0 = server.cpu_seconds(), server.cpu_by_role(), time.monotonic()
             value, errors, lat = wrk(server.url, script, connections, seconds)
             cpu[name].append((server.cpu_seconds() - cpu0) / (time.monotonic() - t0))
+            requests = max(value * seconds, 1.0)
+            for role, used in server.cpu_by_role().items():
+                per_request.setdefault(name, {}).setdefault(role, []).append((used - roles0.get(role, 0.0)) / requests)
             rps[name].append(value)
             p50[name].append(lat)
             if errors:
@@ -160,6 +164,16 @@ def run(ctx: Context) -> Report:
                   "non-2xx + errors"], rows)
     report.add("Server CPU % is the CPU time of every process of the server over wall time (100 = one core; "
                "the machine's cores are shared with wrk).\n")
+    # Where each request's CPU goes: the front ends' HTTP work and the engine's compute
+    # (the in-process layout's one process does both; the floor only HTTP).
+    role_rows = []
+    for name in names:
+        roles = {role: median(v) * 1e3 for role, v in per_request.get(name, {}).items() if median(v) > 0}
+        front = roles.get("front end", 0.0) if "engine" in roles else sum(roles.values())
+        role_rows.append([name, f"{front:.3f}", f"{roles.get('engine', 0.0):.3f}", f"{sum(roles.values()):.3f}"])
+    report.table(["server", "front end(s) CPU ms/request", "engine CPU ms/request", "all processes"], role_rows)
+    report.add("CPU per request from /proc, by process role; without engine processes (the floor, the in-process "
+               "layout) all of it shows under front end.\n")
     for name in names:
         if bad[name]:
             report.fail(f"{name}: {'; '.join(bad[name])}")
