@@ -26,7 +26,7 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "jacobian_service_requests",
             "Requests answered, by function, endpoint, status and problem code.",
@@ -82,7 +82,7 @@ class Metrics:
         """``metric.labels(*values)``, kept: prometheus_client checks and converts the
         values on every call, microseconds on the per-request path. The label values are
         bounded (functions of the registry, endpoints, statuses, codes), so is this."""
-        key = (metric._name, values)
+        key = (id(metric), values)  # the metrics live as long as this object
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*values)
