@@ -18,6 +18,7 @@ The result is a scipy CSR or COO array, or the same 2-D matrix dense, as asked.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -202,9 +203,12 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
     from . import batched as _batched
 
     first = calls[0]
+    # As for dense batches: the batch stops at its earliest deadline, or once every
+    # caller has gone (one caller leaving must not stop the others' work).
+    alive = replace(first, deadline=min(c.deadline for c in calls), cancelled=lambda: all(c.cancelled() for c in calls))
     stacked = [torch.stack(column) for column in zip(*[engine.tensors(c) for c in calls])]
     box = _boxed(first)
-    pattern, coloring, cached, _ = _plan(engine, first, kind, [a[0] for a in stacked], box)
+    pattern, coloring, cached, _ = _plan(engine, alive, kind, [a[0] for a in stacked], box)
     nbytes = _result_nbytes(first, _shape(first, pattern), pattern.nnz, engine.wire_itemsize(stacked[first.argnums[0]].dtype))
     for call in calls:
         engine.check_result_size(call, nbytes)
@@ -212,12 +216,8 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
     out, aux = _batched.over_examples(engine, first, box, box, stacked, allow_loop=False)
     m = 1 if kind == "hessian" else sum(leaf.numel() for leaf in pytree.tree_leaves(out)) // len(calls)
 
-    def check_alive() -> None:
-        for call in calls:
-            call.check_alive()
-
     matrices, chunk = sparse_batch(box, stacked, first.argnums, pattern, coloring, m, engine.memory_budget,
-                                   check_alive, has_aux=True, rows=first.rows, chunk_size=first.chunk_size)
+                                   alive.check_alive, has_aux=True, rows=first.rows, chunk_size=first.chunk_size)
     out, aux = engine.host(out), engine.host(aux)
     meta = _meta(first, pattern, coloring, cached)
     mode = coloring.mode
