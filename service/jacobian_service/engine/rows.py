@@ -42,10 +42,10 @@ def _basis(
     n = stop - start
     for size, shape, ref in zip(sizes, shapes, like):
         block = torch.zeros(n, size, dtype=ref.dtype, device=ref.device)
-        lo, hi = max(start, offset), min(stop, offset + size)
-        if lo < hi:
-            idx = torch.arange(lo, hi, device=ref.device)
-            block[idx - start, idx - offset] = 1
+        # Row r is global row start + r, column c global offset + c: the ones lie on the
+        # diagonal c = r + (start - offset) (an empty view when this output has none).
+        # A view and a fill: cheaper than scattering through index tensors.
+        block.diagonal(start - offset).fill_(1)
         out.append(block.reshape((n, *shape)))
         offset += size
     return out
