@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import assert_problem, live_server
+from .conftest import ROOT, assert_problem, live_server
 
 FUNCTIONS = "jacobian_service.examples,tests.fault_functions"
 ARMED = {"inputs": [[666.0, 1.0]]}
@@ -195,6 +195,110 @@ def test_running_front_ends_have_no_torch_loaded_and_stay_small(capsys):
         with capsys.disabled():
             print(f"\nRSS MiB: front ends {[round(r) for r in rss['front end']]}, engine {rss['engine']:.0f}")
         assert max(rss["front end"]) < 200  # no torch: ~60-80 MiB; torch alone is ~300
+
+
+def _established_on(port: int, state: str = "01") -> set[int]:
+    """Socket inodes of the TCP sockets on local port ``port`` in ``state`` (01:
+    established, 0A: listening)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fp:
+                lines = fp.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(int(target[8:-1]))
+    return out
+
+
+def test_a_burst_of_keep_alive_connections_spreads_over_the_front_ends():
+    """Each front end listens on its own socket (SO_REUSEPORT), so the kernel spreads
+    new connections over them. With one shared socket, the front end that woke first
+    accepted a whole burst and served it alone while the other idled."""
+    import socket
+
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=2, ENGINE_STANDBY="false") as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]  # the burst, all at once
+        try:
+            for c in conns:  # then a request on each, so every connection is accepted and served
+                c.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            for c in conns:
+                c.settimeout(30)
+                assert c.recv(4096).startswith(b"HTTP/1.1 200")
+            fronts = [p for p in _children(proc.pid) if b"spawn_main" in _cmdline(p)]
+            listening = _established_on(port, state="0A")
+            own = [_socket_inodes(p) & listening for p in fronts]
+            # A listening socket each, none shared (the supervisor keeps them all for restarts).
+            assert len(listening) == 2 and all(len(o) == 1 for o in own) and own[0] != own[1], (listening, own)
+            established = _established_on(port)
+            held = [len(_socket_inodes(p) & established) for p in fronts]
+            assert sum(held) == 64, held
+            assert min(held) >= 16, f"connections per front end: {held}"  # ~32 each; 16 is 4 sd off
+        finally:
+            for c in conns:
+                c.close()
+
+
+def test_a_killed_front_end_is_started_again_on_its_socket():
+    """A front end that dies is replaced on the same listening socket: connections the
+    kernel hashed to it wait in its queue for the new one, none is refused."""
+    import signal
+
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=2, ENGINE_STANDBY="false") as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        listening = _established_on(port, state="0A")
+        fronts = [p for p in _children(proc.pid) if b"spawn_main" in _cmdline(p)]
+        victim = fronts[0]
+        its_socket = _socket_inodes(victim) & listening
+        os.kill(victim, signal.SIGKILL)
+        codes = []
+        for i in range(24):  # fresh connections: about half are hashed to the dead one's socket
+            r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.1 * i]]}, timeout=60)
+            codes.append(r.status_code)
+        assert codes == [200] * 24
+        fronts = [p for p in _children(proc.pid) if b"spawn_main" in _cmdline(p)]
+        assert len(fronts) == 2 and victim not in fronts
+        assert any(_socket_inodes(p) & listening == its_socket for p in fronts)  # the same socket, taken over
+
+
+def test_a_port_already_served_is_refused_not_shared():
+    """SO_REUSEPORT lets sockets of one user share a port: a second server started on a
+    port someone already serves (with SO_REUSEPORT too) must fail, not split the traffic."""
+    import socket
+    import subprocess
+    import sys
+
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    port = other.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JACOBIAN_SERVICE_FUNCTIONS": "jacobian_service.examples",
+           "JACOBIAN_SERVICE_WORKERS": "2", "JACOBIAN_SERVICE_ENGINE_STANDBY": "false", "JACOBIAN_SERVICE_WARMUP": "false"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "jacobian_service.cli", "serve", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        other.close()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
 
 
 def test_a_function_that_exhausts_the_engines_memory_limit_gets_507_and_the_engine_lives():

@@ -2,11 +2,16 @@
 
     serve (this process: supervisor, no torch)
       ├── engine process per device   python -m jacobian_service.engine.process
-      └── front-end process × N       uvicorn on one shared listening socket
+      └── front-end process × N       uvicorn, each on its own listening socket
 
-The listening socket is bound here and handed to every front end (as uvicorn's own
-multi-worker mode does), so they share one port. A front end that dies is started
-again; engines are the supervisor's. SIGTERM drains the front ends (``/readyz`` 503
+The listening sockets are bound here, one per front end, all on one port with
+``SO_REUSEPORT``: the kernel spreads new connections evenly over them. (One shared
+socket, as uvicorn's own multi-worker mode uses, lets whichever front end wakes first
+accept a whole burst: measured here, one of two front ends took nearly all of wrk's 64
+keep-alive connections and ran at a full core while the other idled.) Where the
+platform has no ``SO_REUSEPORT`` the front ends share one socket. A front end that dies
+is started again on its socket (connections queued there wait for it); engines are the
+supervisor's. SIGTERM drains the front ends (``/readyz`` 503
 for ``drain_delay_s``, then up to ``drain_grace_s`` for requests in flight), then
 stops the engines.
 """
@@ -83,14 +88,41 @@ def _forget_metrics(pid: int | None) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def _bind(settings: Settings) -> socket.socket:
+def _bind(settings: Settings, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one port (``SO_REUSEPORT``), or one shared socket
+    where the platform lacks it (or ``count`` is 1)."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+
+    def bind(port: int, reuse_port: bool) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((settings.host, port))
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(True)
+        return sock
+
+    # First a plain socket: it fails if anything listens on the port, even another
+    # server with SO_REUSEPORT, which our sockets would otherwise silently join.
+    first = bind(settings.port, reuse_port=False)
+    if count == 1 or not hasattr(socket, "SO_REUSEPORT"):
+        return [first]
+    port = first.getsockname()[1]  # port 0: the one the kernel gave
+    first.close()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(bind(port, reuse_port=True))
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def serve(settings: Settings) -> int:
@@ -132,13 +164,19 @@ def serve(settings: Settings) -> int:
     try:
         doc = supervisor.start_first()
         supervisor.start()
-        sock = _bind(settings)
         count = settings.front_end_count
+        try:
+            socks = _bind(settings, count)
+        except OSError as exc:
+            log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc.strerror or exc)
+            return 1
         ctx = multiprocessing.get_context("spawn")
-        log.info("serving %d functions on %s with %d front ends; engines on %s",
-                 len(doc["functions"]), sock.getsockname()[:2], count, ", ".join(doc["devices"]))
+        log.info("serving %d functions on %s with %d front ends (%s); engines on %s",
+                 len(doc["functions"]), socks[0].getsockname()[:2], count,
+                 "a socket each" if len(socks) > 1 else "one shared socket", ", ".join(doc["devices"]))
 
         def start(i: int) -> Any:
+            sock = socks[i % len(socks)]
             p = ctx.Process(target=_front_end, args=(str(run_dir), sock, count), name=f"front-end-{i}", daemon=False)
             p.start()
             return p
