@@ -66,6 +66,19 @@ def wrk(url: str, script: Path, connections: int, seconds: float, threads: int =
     return rps, bad, p50
 
 
+def _answered_other_than_200(server: Server) -> str:
+    """What the service itself counted besides 200s (by status and problem code), to say
+    what wrk's non-2xx were. 499s are the requests in flight when wrk stopped."""
+    try:
+        counts = server.metrics()
+    except (httpx.HTTPError, ValueError):
+        return ""
+    other = {k: v for k, v in counts.items() if k.startswith("jacobian_service_requests_total{")
+             and 'status="200"' not in k and 'status="499"' not in k and "mlp" in k}
+    return (" (the service counted: " + ", ".join(f"{k[len('jacobian_service_requests_total'):]} {v:g}"
+                                                   for k, v in other.items()) + ")") if other else ""
+
+
 def batched_jacobians_per_s(x: np.ndarray, batch: int, repeats: int) -> float:
     """In-process ``vmap(jacrev(mlp))`` on batches of ``batch`` inputs, this thread only."""
     from jacobian_service.examples import mlp
@@ -176,7 +189,7 @@ def run(ctx: Context) -> Report:
                "layout) all of it shows under front end.\n")
     for name in names:
         if bad[name]:
-            report.fail(f"{name}: {'; '.join(bad[name])}")
+            report.fail(f"{name}: {'; '.join(bad[name])}{_answered_other_than_200(servers[name])}")
     default = f"processes, {ctx.opt('default_workers', 2, 2)} front ends"
     if default in rps:
         v = median(rps[default])
