@@ -358,3 +358,48 @@ def test_without_standby_there_is_no_spare():
         time.sleep(1.0)
         assert httpx.get(f"{url}/v1/info").json()["spares"] == [False]
         assert not [p for p in _children(proc.pid) if b"--standby" in _cmdline(p)]
+
+
+def test_a_request_finding_no_engine_up_waits_briefly_for_one(tmp_path, monkeypatch):
+    """A front end that has not yet read the state saying the engine is up (starved of CPU
+    at start-up), or a spare's promotion under way: the request waits up to
+    _READY_WAIT_S for an engine rather than answering 503 at once; past that, 503 with
+    Retry-After as before."""
+    import asyncio
+
+    import orjson
+
+    from jacobian_service import engine_client
+    from jacobian_service.errors import Unavailable
+    from jacobian_service.registry import Registry
+    from jacobian_service.settings import Settings
+
+    doc = {"functions": [s.describe() for s in Registry.from_modules(["jacobian_service.examples"])], "devices": ["cpu"]}
+    (tmp_path / "registry.json").write_bytes(orjson.dumps(doc))
+    monkeypatch.setattr(engine_client, "_READY_WAIT_S", 0.5)
+    down = {"engines": [{"index": 0, "device": "cpu", "generation": 1, "ready": False, "ready_in": 3.0}], "quarantined": {}}
+    up = {"engines": [{**down["engines"][0], "ready": True}], "quarantined": {}}
+
+    async def scenario() -> tuple[float, float]:
+        engines = engine_client.RemoteEngines(Settings(), tmp_path)
+        engines._state = down
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable) as refused:  # nobody says it is up: 503 after the wait
+            await engines._engine_for(time.monotonic() + 30)
+        waited_down = time.monotonic() - t0
+        assert refused.value.headers["Retry-After"] == "3"
+
+        async def comes_up() -> None:
+            await asyncio.sleep(0.2)
+            engines._state = up
+            engines._any_ready.set()
+
+        t0 = time.monotonic()
+        helper = asyncio.ensure_future(comes_up())
+        assert await engines._engine_for(time.monotonic() + 30) == 0
+        await helper
+        return waited_down, time.monotonic() - t0
+
+    waited_down, waited_up = asyncio.run(scenario())
+    assert 0.45 <= waited_down < 1.5
+    assert 0.15 <= waited_up < 0.45  # answered as soon as the engine was up

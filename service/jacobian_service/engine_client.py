@@ -54,6 +54,11 @@ async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any) -> Any:
 
 
 _FIRST_STATE_S = 10.0
+# A request that finds no engine up waits this long for one before its 503: a spare's
+# promotion takes well under a second, and a front end starved of CPU (start-up on a
+# busy machine) may not yet have read the state message saying the engine is up while
+# connections hashed to its socket already arrive.
+_READY_WAIT_S = 1.0
 
 
 def _seconds(estimate: float) -> str:
@@ -65,6 +70,25 @@ class _Engines:
     """What the routes use, whichever way the engines run: ``start``/``stop``, ``run``
     (one job, answered with ``(result, JobInfo)``), stream chunks, ``readiness``,
     ``quarantined``/``release``, ``depth``, ``info`` and ``engine_stats``."""
+
+    async def _engine_for(self, deadline: float) -> int:
+        """An engine that is up; when none is, wait up to ``_READY_WAIT_S`` (within the
+        request's deadline) for one, then 503 with the supervisor's Retry-After. The
+        waiters are bounded like an engine queue: past ``max_queue`` the 503 is at once."""
+        try:
+            return self._pick()
+        except Unavailable:
+            wait = min(_READY_WAIT_S, deadline - time.monotonic())
+            if wait <= 0 or self._waiting >= self.settings.max_queue:
+                raise
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._any_ready.wait(), wait)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiting -= 1
+        return self._pick()
 
     async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
                   deadline: float | None = None) -> tuple[Any, JobInfo]:
@@ -275,6 +299,8 @@ class RemoteEngines(_Engines):
         self._tasks: list[asyncio.Task] = []
         self._prefix = f"{os.getpid()}:"
         self._first_state = asyncio.Event()
+        self._any_ready = asyncio.Event()  # set while the last state had an engine ready
+        self._waiting = 0  # requests waiting for an engine to come up
 
     async def start(self) -> None:
         import zmq
@@ -333,6 +359,10 @@ class RemoteEngines(_Engines):
                 self._first_state.set()
                 before = {e["index"]: e["generation"] for e in self._state.get("engines", [])}
                 self._state, self._state_at = msg, time.monotonic()
+                if any(e["ready"] for e in msg["engines"]):
+                    self._any_ready.set()
+                else:
+                    self._any_ready.clear()
                 for e in msg["engines"]:  # a generation we did not see die: its requests are lost
                     if e["index"] in before and e["generation"] != before[e["index"]]:
                         self._fail_engine(e["index"], set(), "", hang=False, ready_in=e.get("ready_in", 1.0))
@@ -411,10 +441,10 @@ class RemoteEngines(_Engines):
                     f"refused for {left:.0f} s more, or until an operator releases it",
                     headers={"Retry-After": str(max(1, round(left)))},
                 )
-        index = engine if engine is not None else self._pick()
+        until = deadline if deadline is not None else call.deadline  # type: ignore[union-attr]
+        index = engine if engine is not None else await self._engine_for(until)
         msg_id = next(self._ids)
         tag = f"{self._prefix}{msg_id}"
-        until = deadline if deadline is not None else call.deadline  # type: ignore[union-attr]
         frames = ipc.encode_call(msg_id, kind, call, tag=tag, stream_id=stream_id, deadline=until)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = (fut, index, tag)
