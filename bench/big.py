@@ -1,6 +1,8 @@
 """A large dense Jacobian: ``softmax`` at n = 1000 (1000 x 1000 float32, 4 MB) over
-``.npy`` (raw httpx and the SDK ``Client``), against in-process ``torch.func.jacrev``,
-interleaved call by call. Target (issue 4): service / in-process <= 1.5."""
+``.npy`` (raw httpx and the SDK ``Client``), against in-process ``torch.func.jacrev``
+and a bare endpoint answering the same 4 MB (``bench/_floor.py``), interleaved call by
+call. Targets: service / in-process <= 1.5 (issue 4); service / (bare endpoint +
+in-process jacrev) <= 1.25 (issue 9: what the service adds besides moving the bytes)."""
 
 from __future__ import annotations
 
@@ -32,8 +34,16 @@ def run(ctx: Context) -> Report:
     jacrev = torch.func.jacrev(softmax)
     J = jacrev(xt).numpy()
     service = ctx.pool.service(ctx.service_env)
+    floor_server = ctx.pool.floor({"softmax": {"application/x-npy": npy_bytes(J)}})
     body = npy_bytes(x)
-    with httpx.Client(base_url=service.url, timeout=120) as sc, Client(service.url, timeout=120) as sdk:
+    with httpx.Client(base_url=service.url, timeout=120) as sc, Client(service.url, timeout=120) as sdk, \
+            httpx.Client(base_url=floor_server.url, timeout=120) as fc:
+        def bare() -> bytes:
+            r = fc.post(PATH, content=body, headers=NPY_HEADERS)
+            if r.status_code != 200 or len(r.content) != len(npy_bytes(J)):
+                raise RuntimeError(f"floor: {r.status_code}")
+            return r.content
+
         def post() -> bytes:
             r = sc.post(PATH, content=body, headers=NPY_HEADERS)
             if r.status_code != 200:
@@ -46,6 +56,7 @@ def run(ctx: Context) -> Report:
         samples = interleaved({
             "in-process jacrev": lambda: jacrev(xt),
             "in-process jacrev + .npy bytes": lambda: npy_bytes(jacrev(xt).numpy()),
+            "bare endpoint, same 4 MB (.npy)": bare,
             "service .npy (httpx, bytes)": post,
             "service .npy (httpx, np.load)": lambda: np.load(io.BytesIO(post())),
             "service .npy (SDK Client)": lambda: sdk.jacobian("softmax", x),
@@ -56,5 +67,9 @@ def run(ctx: Context) -> Report:
     report.table(["variant", "median ms", "/ in-process jacrev"],
                  [[k, ms(v), f"{v / floor:.2f}"] for k, v in med.items()])
     report.target(Target(f"big ({n}x{n} softmax): service .npy / in-process jacrev", med["service .npy (httpx, bytes)"] / floor, 1.5, "<="))
+    both = med["bare endpoint, same 4 MB (.npy)"] + floor
+    report.add(f"bare endpoint + in-process jacrev: {ms(both):.2f} ms\n")
+    report.target(Target(f"big ({n}x{n} softmax): service .npy / (bare endpoint + jacrev)",
+                         med["service .npy (httpx, bytes)"] / both, 1.25, "<="))
     report.add()
     return report
