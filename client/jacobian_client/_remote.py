@@ -27,23 +27,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._protocol import _is_input_node
+
 __all__ = ["RemoteOps", "Tree", "flatten", "refuse_pytree_parameters", "unflatten"]
 
 
 # --------------------------------------------------------------------------- trees
 
 
-def _is_pytree(x: Any) -> bool:
-    """A dict, or a list/tuple holding anything but numbers (nested lists of numbers are one array)."""
-    if isinstance(x, dict):
-        return True
-    return isinstance(x, (list, tuple)) and any(
-        _is_pytree(v) or not isinstance(v, (bool, int, float, list, tuple)) for v in x)
-
-
 def refuse_pytree_parameters(name: str, inputs: Sequence[Any]) -> None:
-    """The adapters take one array per parameter: a pytree parameter is refused by name."""
-    if any(_is_pytree(x) for x in inputs):
+    """The adapters take one array per parameter: a pytree parameter (what the client
+    would send as one, a dict or a list/tuple of arrays) is refused by name."""
+    if any(_is_input_node(x) for x in inputs):
         raise TypeError(f"remote({name!r}) takes one array per parameter; pytree parameters (dicts, "
                         "tuples of arrays) are not supported here: use Client.jacobian/vjp/jvp, which nest over them")
 

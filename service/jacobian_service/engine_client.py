@@ -71,25 +71,6 @@ class _Engines:
     (one job, answered with ``(result, JobInfo)``), stream chunks, ``readiness``,
     ``quarantined``/``release``, ``depth``, ``info`` and ``engine_stats``."""
 
-    async def _engine_for(self, deadline: float) -> int:
-        """An engine that is up; when none is, wait up to ``_READY_WAIT_S`` (within the
-        request's deadline) for one, then 503 with the supervisor's Retry-After. The
-        waiters are bounded like an engine queue: past ``max_queue`` the 503 is at once."""
-        try:
-            return self._pick()
-        except Unavailable:
-            wait = min(_READY_WAIT_S, deadline - time.monotonic())
-            if wait <= 0 or self._waiting >= self.settings.max_queue:
-                raise
-        self._waiting += 1
-        try:
-            await asyncio.wait_for(self._any_ready.wait(), wait)
-        except TimeoutError:
-            pass
-        finally:
-            self._waiting -= 1
-        return self._pick()
-
     async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
                   deadline: float | None = None) -> tuple[Any, JobInfo]:
         raise NotImplementedError
@@ -319,10 +300,11 @@ class RemoteEngines(_Engines):
         self._control.setsockopt(zmq.LINGER, 0)
         self._control.connect(f"ipc://{self.run_dir}/control.sock")
         self._tasks.append(asyncio.create_task(self._events()))
-        # Front ends share one listening socket, and the kernel hands connections to any
-        # that accepts; uvicorn accepts once the lifespan has started. Waiting here for
-        # the supervisor's first word keeps a new front end from answering 503 "no
-        # engine is up" while its siblings already serve (the state comes twice a second).
+        # uvicorn accepts once the lifespan has started, and the kernel has been queueing
+        # connections on this front end's socket since the supervisor bound it. Waiting
+        # here for the supervisor's first word keeps a new front end from answering 503
+        # "no engine is up" while its siblings already serve (the state comes twice a
+        # second; run() also waits briefly for an engine, see _engine_for).
         try:
             await asyncio.wait_for(self._first_state.wait(), _FIRST_STATE_S)
         except TimeoutError:
@@ -430,6 +412,25 @@ class RemoteEngines(_Engines):
             raise Unavailable("no engine is up right now (starting or restarting); retry",
                               headers={"Retry-After": _seconds(soonest)})
         return min(ready, key=lambda i: self._load[i])
+
+    async def _engine_for(self, deadline: float) -> int:
+        """An engine that is up; when none is, wait up to ``_READY_WAIT_S`` (within the
+        request's deadline) for one, then 503 with the supervisor's Retry-After. The
+        waiters are bounded like an engine queue: past ``max_queue`` the 503 is at once."""
+        try:
+            return self._pick()
+        except Unavailable:
+            wait = min(_READY_WAIT_S, deadline - time.monotonic())
+            if wait <= 0 or self._waiting >= self.settings.max_queue:
+                raise
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._any_ready.wait(), wait)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiting -= 1
+        return self._pick()
 
     async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
                   deadline: float | None = None) -> tuple[Any, JobInfo]:

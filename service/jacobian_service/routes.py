@@ -263,11 +263,12 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
     nbytes = result.nbytes()
+    encoding = (chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result))
     if nbytes < _OFFLOAD_BYTES:  # small: encoded here at once, with nothing to wait for
-        response = encode(chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result))
+        response = encode(*encoding)
     else:
         async with state.encode_budget.hold(nbytes):
-            response = await _offload(nbytes, encode, chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result))
+            response = await _offload(nbytes, encode, *encoding)
     for phase, seconds in (
         ("queue", info.queue_s),
         ("compute", info.compute_s),
