@@ -1,4 +1,4 @@
-"""How a front end reaches its engines: in this process (a thread) or over ZeroMQ.
+"""How a front end reaches its engines: in this process (a thread) or over Unix sockets.
 
 Both clients answer the same few calls, so the routes cannot tell them apart:
 
@@ -28,6 +28,7 @@ import numpy as np
 import orjson
 
 from . import ipc
+from .channel import Connection
 from .errors import FunctionError, FunctionQuarantined, Timeout, Unavailable
 from .registry import FunctionSpec, Registry
 from .scheduler import Job, StreamHead
@@ -204,66 +205,10 @@ class InProcessEngines(_Engines):
 # --------------------------------------------------------------------------- remote
 
 
-class _EngineSocket:
-    """A DEALER socket to one engine, driven by the event loop's reader on ZeroMQ's
-    notification fd rather than by ``zmq.asyncio``: replies are drained in one callback,
-    and the jobs of one loop tick leave as one bundle (``ipc.bundle``). Measured on 2
-    cores with 64 requests in flight, the reader alone halves the front end's CPU per
-    engine round trip (~65 -> ~32 us).
-
-    ZeroMQ's fd is edge-triggered: any send or receive may consume the edge that says
-    replies are waiting, so a drain also runs after each send.
-    """
-
-    def __init__(self, ctx: Any, address: str, on_reply: Any) -> None:
-        import zmq
-
-        self._zmq = zmq
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
-        self._on_reply = on_reply
-        self._loop = asyncio.get_running_loop()
-        self._fd = self.sock.getsockopt(zmq.FD)
-        self._loop.add_reader(self._fd, self._drain)
-        self._outbox: list[list[Any]] = []
-        self._flush_at: asyncio.Handle | None = None
-
-    def _drain(self) -> None:
-        zmq = self._zmq
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            for message in ipc.unbundle(self.sock.recv_multipart(zmq.NOBLOCK, copy=False)):
-                self._on_reply(message)
-
-    def send(self, frames: list[Any]) -> None:
-        """Queue a message; it leaves at the end of this loop tick with the others."""
-        self._outbox.append(frames)
-        if self._flush_at is None:
-            self._flush_at = self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_at = None
-        if not self._outbox:
-            return
-        try:
-            self.sock.send_multipart(ipc.bundle(self._outbox), self._zmq.NOBLOCK, copy=False)
-            self._outbox = []
-        except self._zmq.Again:  # the engine has 1,000 messages unread (or is restarting)
-            self._flush_at = self._loop.call_later(0.005, self._flush)
-            return
-        self._drain()
-
-    def close(self) -> None:
-        if self._flush_at is not None:
-            self._flush_at.cancel()
-        self._loop.remove_reader(self._fd)
-        self.sock.close(linger=0)
-
-
 class RemoteEngines(_Engines):
-    """The engine processes, over ZeroMQ: one DEALER socket per engine (its replies routed
-    to the waiting requests from the loop's reader), and a subscription to the
-    supervisor's events."""
+    """The engine processes: one connection per engine (``channel.Connection``, its
+    replies routed to the waiting requests as they are read), and a ZeroMQ subscription
+    to the supervisor's events."""
 
     def __init__(self, settings: Settings, run_dir: Path) -> None:
         self.settings = settings
@@ -288,9 +233,8 @@ class RemoteEngines(_Engines):
         import zmq.asyncio
 
         self._ctx = zmq.asyncio.Context()
-        plain = zmq.Context.shadow(self._ctx.underlying)  # the same I/O thread, sync sockets
         self._socks = [
-            _EngineSocket(plain, ipc.engine_address(self.run_dir, index), self._reply_handler(index))
+            Connection(ipc.engine_path(self.run_dir, index), self._reply_handler(index))
             for index in range(len(self.devices))
         ]
         self._sub = self._ctx.socket(zmq.SUB)
@@ -322,15 +266,16 @@ class RemoteEngines(_Engines):
         self._ctx.destroy(linger=0)
 
     def _reply_handler(self, index: int) -> Any:
-        def on_reply(frames: list[Any]) -> None:
-            try:
-                header, arrays = ipc.parse(frames)
-            except Exception:
-                log.exception("unreadable reply from engine %d", index)
-                return
-            entry = self._pending.get(header["id"])
-            if entry is not None and not entry[0].done():
-                entry[0].set_result((header, arrays))
+        def on_reply(received: list[Any]) -> None:
+            for frames in ipc.unbundle(received):
+                try:
+                    header, arrays = ipc.parse(frames)
+                except Exception:
+                    log.exception("unreadable reply from engine %d", index)
+                    continue
+                entry = self._pending.get(header["id"])
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result((header, arrays))
 
         return on_reply
 

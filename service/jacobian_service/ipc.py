@@ -1,9 +1,11 @@
 """The messages between front ends, engines and the supervisor: one codec, no torch.
 
-A message is a ZeroMQ multipart: one JSON header (orjson), then one raw frame per array,
-in the order the header's skeletons name them. Arrays are never pickled or copied into
-the header: a frame is the array's own buffer on send (``copy=False``) and becomes a
-read-only numpy view of the received frame on the other side.
+A message is a list of frames: one JSON header (orjson), then one raw frame per array,
+in the order the header's skeletons name them. Between a front end and an engine it
+travels on a Unix socket (``channel``); the supervisor's events and the front ends'
+control messages are ZeroMQ multiparts. Arrays are never pickled or copied into the
+header: a frame is the array's own buffer on send and becomes a read-only numpy view of
+the received frame on the other side.
 
 Trees (aux, nested results, vectors) travel as tagged skeletons, so tuples stay tuples,
 dict keys stay strings of any spelling, and non-finite floats survive JSON:
@@ -43,7 +45,7 @@ __all__ = [
     "encode_cancel",
     "encode_error",
     "encode_reply",
-    "engine_address",
+    "engine_path",
     "events_address",
     "unbundle",
 ]
@@ -52,8 +54,9 @@ _CALL_FIELDS = ("chunk_size", "batched", "mode", "return_output", "batched_vecto
                 "sparse_format", "deadline")
 
 
-def engine_address(run_dir: Path, index: int) -> str:
-    return f"ipc://{run_dir}/engine-{index}.sock"
+def engine_path(run_dir: Path, index: int) -> Path:
+    """The Unix socket of engine ``index`` (``channel``)."""
+    return run_dir / f"engine-{index}.sock"
 
 
 def events_address(run_dir: Path) -> str:
@@ -87,9 +90,7 @@ def pack(tree: Any, frames: list[Any]) -> Any:
 def unpack(node: Any, frames: Sequence[Any]) -> Any:
     tag, body = node[0], node[1]
     if tag == "a":
-        buf = frames[body]
-        buf = getattr(buf, "buffer", buf)  # a zmq.Frame received with copy=False
-        return np.frombuffer(buf, dtype=np.dtype(node[2])).reshape(node[3])
+        return np.frombuffer(frames[body], dtype=np.dtype(node[2])).reshape(node[3])
     if tag == "t":
         return tuple(unpack(n, frames) for n in body)
     if tag == "l":
@@ -110,8 +111,7 @@ def unpack(node: Any, frames: Sequence[Any]) -> Any:
 
 
 def _header(frames: Sequence[Any]) -> dict[str, Any]:
-    first = frames[0]
-    return orjson.loads(getattr(first, "bytes", first))
+    return orjson.loads(frames[0])
 
 
 # --------------------------------------------------------------------------- calls
@@ -159,7 +159,7 @@ _MANY = b'{"t":"many"'  # every header's first key is "t", so a bundle shows in 
 
 
 def bundle(messages: list[list[Any]]) -> list[Any]:
-    """Several messages for one peer as one multipart: a batch's replies (or one event-loop
+    """Several messages for one peer as one message: a batch's replies (or one event-loop
     tick's jobs) then cost one send and one wake-up of the other side, not one each."""
     if len(messages) == 1:
         return messages[0]
@@ -170,20 +170,18 @@ def bundle(messages: list[list[Any]]) -> list[Any]:
 
 
 def unbundle(frames: Sequence[Any]) -> list[Sequence[Any]]:
-    """The messages in a received multipart (one, unless it is a bundle)."""
-    first = frames[0]
-    raw = getattr(first, "bytes", first)
-    if not raw.startswith(_MANY):
+    """The messages in a received message (one, unless it is a bundle)."""
+    if bytes(frames[0][: len(_MANY)]) != _MANY:
         return [frames]
     out, i = [], 1
-    for size in orjson.loads(raw)["sizes"]:
+    for size in orjson.loads(frames[0])["sizes"]:
         out.append(frames[i : i + size])
         i += size
     return out
 
 
 def parse(frames: Sequence[Any]) -> tuple[dict[str, Any], Sequence[Any]]:
-    """A received multipart -> (header, array frames)."""
+    """A received message -> (header, array frames)."""
     return _header(frames), frames[1:]
 
 

@@ -1,6 +1,6 @@
-"""The engine process: one device, one thread, one ZeroMQ ROUTER socket.
+"""The engine process: one device, one thread, one Unix socket (``channel.Listener``).
 
-Front ends send jobs (and cancels) to the socket; the loop takes them into a
+Front ends connect to the socket and send jobs (and cancels); the loop takes them into a
 :class:`~jacobian_service.scheduler.Worker`, which batches across every front end, and
 answers each job on the socket it came from. Between jobs, and between the row chunks
 of a long job, the loop takes in new messages, so cancels land at the next chunk.
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import zmq
 
 from .. import ipc
+from ..channel import Listener, Peer
 from ..errors import InternalError, ServiceError
 from ..logs import configure_logging
 from ..metrics import Metrics
@@ -68,8 +68,8 @@ class EngineServer:
             cancelled_for=self._cancelled,
             on_batch=self.metrics.batch_size.observe if self.metrics else (lambda size: None),
         )
-        self.pending: dict[tuple[bytes, int], Job] = {}
-        self._outbox: dict[bytes, list[list[Any]]] = {}  # replies not yet sent, by peer
+        self.pending: dict[tuple[Peer, int], Job] = {}
+        self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
         self._last_pump = 0.0
 
     def isolate(self, names: list[str]) -> None:
@@ -79,28 +79,30 @@ class EngineServer:
 
     def open(self, run_dir: Path, index: int) -> None:
         self.board = ipc.StatusBoard(run_dir / f"engine-{index}.status")
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(ipc.engine_address(run_dir, index))
-        self.poller = zmq.Poller()
-        self.poller.register(self.sock, zmq.POLLIN)
+        self.listener = Listener(ipc.engine_path(run_dir, index))
 
     # ----------------------------------------------------------------- messages
 
     def pump(self, timeout_s: float = 0.0) -> None:
         """Take in every message that has arrived, waiting up to ``timeout_s`` for one."""
-        timeout_ms = max(0, int(timeout_s * 1e3))
-        while self.poller.poll(timeout_ms):
-            timeout_ms = 0
-            frames = self.sock.recv_multipart(copy=False)
-            peer = frames[0].bytes
-            for message in ipc.unbundle(frames[1:]):
-                self._handle(peer, message)
+        while events := self.listener.poll(max(0.0, timeout_s)):
+            timeout_s = 0.0
+            for peer, frames in events:
+                if frames is None:
+                    self._hung_up(peer)
+                    continue
+                for message in ipc.unbundle(frames):
+                    self._handle(peer, message)
         self._last_pump = time.monotonic()
         self.flush()
 
-    def _handle(self, peer: bytes, frames: list[Any]) -> None:
+    def _hung_up(self, peer: Peer) -> None:
+        """A front end has gone (it died or stopped): nobody waits for its jobs."""
+        for key in [k for k in self.pending if k[0] is peer]:
+            self.pending.pop(key).done = True
+        self._outbox.pop(peer, None)
+
+    def _handle(self, peer: Peer, frames: list[Any]) -> None:
         header, arrays = ipc.parse(frames)
         msg_id = header["id"]
         if header["t"] == "cancel":
@@ -133,7 +135,7 @@ class EngineServer:
 
         return cancelled
 
-    def _settle(self, peer: bytes, msg_id: int) -> Any:
+    def _settle(self, peer: Peer, msg_id: int) -> Any:
         def settle(result: Any, error: BaseException | None, info: Any) -> None:
             self.pending.pop((peer, msg_id), None)
             if error is not None:
@@ -144,7 +146,7 @@ class EngineServer:
 
         return settle
 
-    def _send(self, peer: bytes, frames: list[Any]) -> None:
+    def _send(self, peer: Peer, frames: list[Any]) -> None:
         self._outbox.setdefault(peer, []).append(frames)
 
     def flush(self) -> None:
@@ -152,12 +154,7 @@ class EngineServer:
         batch, so replies wait at most for the batch they belong to."""
         outbox, self._outbox = self._outbox, {}
         for peer, messages in outbox.items():
-            try:
-                # copy=False: pyzmq still copies frames under its copy threshold (64 KiB)
-                # and sends larger ones (result arrays) from their own buffers.
-                self.sock.send_multipart([peer, *ipc.bundle(messages)], copy=False)
-            except zmq.ZMQError:  # the front end has gone; its requests died with it
-                log.debug("replies to a gone peer dropped")
+            self.listener.send(peer, ipc.bundle(messages))  # arrays go from their own buffers
 
     def _on_run(self, jobs: list[Job]) -> None:
         call = jobs[0].call
