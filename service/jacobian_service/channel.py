@@ -85,10 +85,15 @@ class FrameReader:
         self._parse()
 
     def _make_room(self, need: int) -> None:
-        """Move the unparsed tail to the front of a staging buffer with ``need`` bytes of
-        room past it (a new buffer: the old one may still be lent to the reader)."""
+        """Move the unparsed tail to the front of the staging buffer, with ``need`` bytes
+        of room past it: in place (nothing else refers to the stage between a read and
+        the next ``buffer()``: frames are copied out of it), or in a larger buffer."""
         tail = self._end - self._start
-        stage = memoryview(bytearray(max(_STAGE_BYTES, 2 * (tail + need))))
+        if tail + need <= len(self._stage):
+            self._stage[:tail] = bytes(self._stage[self._start:self._end])  # a copy: the two may overlap
+            self._start, self._end = 0, tail
+            return
+        stage = memoryview(bytearray(2 * (tail + need)))
         stage[:tail] = self._stage[self._start:self._end]
         self._stage, self._start, self._end = stage, 0, tail
 
