@@ -4,25 +4,23 @@ A message (``ipc``'s list of frames: a JSON header, then raw array frames) trave
 
     u32 count | u64 size x count | the frames, back to back     (little-endian)
 
-The engine (:class:`Listener`, blocking-free ``selectors`` on its own thread) and the
-front end (:class:`Connection`, an asyncio protocol on the event loop) read and write the
-socket themselves. ZeroMQ did this before, through an I/O thread on each side: measured
-on 2 cores, a round trip through ZeroMQ's two I/O threads took 190-300 us against
-40-45 us for the same bytes on a plain Unix socket (``bench/ipc_hop.py``), most of it in
-the two extra thread wake-ups per direction. A small Jacobian's whole computation is
-about 1 ms, so the hop was a good part of the service's overhead.
+The engine (:class:`Listener`: non-blocking sockets under ``selectors``, on the engine's
+one thread) and the front end (:class:`Connection`: an asyncio protocol on the event loop)
+read and write the socket themselves. ZeroMQ did this before, through an I/O thread on
+each side: measured on 2 cores, a small round trip took 186 us through ZeroMQ against
+53 us on a plain Unix socket (medians, ``python -m bench.ipc_hop``), most of it the two
+extra thread wake-ups per direction. A small Jacobian's whole computation is about 1 ms,
+so the hop was a good part of the service's overhead.
 
 Large frames are neither joined nor copied in user space on their way: the engine sends
-result arrays from their own buffers (``sendmsg`` with one buffer per frame), and the
-front end reads a large frame straight into a buffer of its size. Small frames are cut
-out of a staging buffer, so a batch of small replies costs one read.
+result arrays from their own buffers (``sendmsg``, one buffer per frame), and a reader
+(either side) reads a large frame straight into a buffer of its size. Small frames are
+cut out of a staging buffer, so a batch of small replies costs one read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import selectors
 import socket
 import struct
@@ -33,7 +31,6 @@ from .ipc import bundle
 
 __all__ = ["Connection", "FrameReader", "Listener", "Peer", "encode_frames"]
 
-log = logging.getLogger("jacobian_service")
 
 _COUNT = struct.Struct("<I")
 _STAGE_BYTES = 1 << 18
