@@ -153,14 +153,8 @@ def serve(settings: Settings) -> int:
     metrics_dir = run_dir / "metrics"
     metrics_dir.mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    # glibc raises its mmap threshold each time a large block is freed, after which
-    # blocks of that size come from the heap and stay resident: streaming a 2 GB
-    # Jacobian in 12 MB chunks grew an engine by 250-450 MB, against 90 MB for one
-    # chunk's peak. A fixed threshold keeps large blocks mmapped and returned on free;
-    # torch's huge-page allocations (THP_MEM_ALLOC_ENABLE) then keep the fresh pages
-    # cheap (measured: 9.2 s for the 2 GB without them, 4.0 s with, 4.3 s before).
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # The allocator keeps glibc's defaults: a stream gives its freed memory back between
+    # chunks instead (engine/devices.release_free_heap, where the trade-off is measured).
     try:
         doc = supervisor.start_first()
         supervisor.start()

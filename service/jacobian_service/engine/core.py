@@ -20,6 +20,7 @@ from . import batched as _batched
 from . import hessian as _hessian
 from . import sparse as _sparse
 from .calling import AuxBox, differentiable, function_error, is_oom
+from .devices import release_free_heap
 from .profile import Profiles
 from .rows import RowStream
 
@@ -201,8 +202,13 @@ class Engine:
         shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)
         chunk = call.chunk_size or stream.auto_chunk()
         rows = stream.chunks(start, stop, chunk, calibrate=not call.chunk_size)
-        host = (np.ascontiguousarray(self.host(grads[0])) for _, _, grads in rows)
-        return Streamed(shape, host_dtype(primal.dtype), chunk, host)
+
+        def host() -> Iterator[np.ndarray]:
+            for _, _, grads in rows:
+                yield np.ascontiguousarray(self.host(grads[0]))
+                release_free_heap()  # the last chunk's temporaries: back to the OS, not kept
+
+        return Streamed(shape, host_dtype(primal.dtype), chunk, host())
 
     def _gather(self, stream: RowStream, start: int, stop: int, chunk: int) -> Any:
         """All rows ``start:stop`` written into preallocated host arrays, then nested.

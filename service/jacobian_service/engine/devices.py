@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from ..registry import FunctionSpec
 from ..types import Call
 
-__all__ = ["PeakMemory", "default_memory_budget", "resolve_devices", "warmup_call"]
+__all__ = ["PeakMemory", "default_memory_budget", "release_free_heap", "resolve_devices", "warmup_call"]
 
 
 def resolve_devices(setting: str) -> list[torch.device]:
@@ -72,6 +73,31 @@ class PeakMemory:
         else:
             peak = _status_bytes("VmHWM")
         self.growth = max(0, peak - self._base)
+
+
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's; other C libraries have none
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing).
+
+    Called between the row chunks of a streamed Jacobian. glibc raises its mmap threshold
+    each time a large block is freed; blocks of that size then come from the heap, where
+    they are reused warm (jacrev of a 1000x1000 softmax: 1.8 ms, against 6.9-11 ms when
+    every 4 MB temporary is fresh pages, with a fixed ``MALLOC_MMAP_THRESHOLD_`` or torch's
+    huge-page allocations, on this 2-core VM). But the heap keeps what it grew to: a 2 GB
+    stream in 12 MB chunks grew an engine by 250-450 MB. Trimming between chunks holds a
+    stream to about one chunk's peak (+89 to +91 MiB over 3 runs) and costs the stream
+    little (4.9-5.2 s per 2 GB, against 4.8 s with the fixed threshold)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _status_bytes(field: str) -> int | None:
