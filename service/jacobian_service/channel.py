@@ -24,7 +24,6 @@ import asyncio
 import selectors
 import socket
 import struct
-import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,7 +35,6 @@ __all__ = ["Connection", "FrameReader", "Listener", "Peer", "encode_frames"]
 _COUNT = struct.Struct("<I")
 _STAGE_BYTES = 1 << 18
 _BIG_FRAME = 1 << 16  # frames this large are read into their own buffer, not staged
-_SPARE_MAX_BYTES = 32 << 20  # the largest frame buffer a reader keeps for the next one
 _MAX_IOV = 512  # buffers per sendmsg (the kernel's limit is 1,024)
 _SOCKET_BUFFER = 4 << 20  # asked for; the kernel caps it at net.core.[rw]mem_max
 
@@ -63,7 +61,6 @@ class FrameReader:
         self._frames: list[Any] = []
         self._big: memoryview | None = None  # the large frame being filled, and how far
         self._big_got = 0
-        self._spare: bytearray | None = None  # the last large frame's buffer, for reuse
         self.messages: list[list[Any]] = []
 
     def buffer(self) -> memoryview:
@@ -83,26 +80,6 @@ class FrameReader:
             return
         self._end += nbytes
         self._parse()
-
-    def _big_buffer(self, size: int) -> memoryview:
-        """A buffer for a large frame: the last one's again when nothing refers to it any
-        more (its arrays are gone), else a new one.
-
-        Fresh memory is what a large frame costs most here: served processes keep glibc's
-        mmap threshold at 1 MiB (server.py), so every new 4 MB buffer is new pages, and
-        the first write to each page faults. Measured on this 2-core VM, writing 4 MiB
-        into a fresh buffer took 3.0 ms, into a reused one 0.1 ms; a 1000x1000 float32
-        Jacobian took 3.6 ms from its first byte to its last. Buffers up to
-        ``_SPARE_MAX_BYTES`` (a result under the streaming threshold, a stream's chunk)
-        are kept; a larger one is left to be freed with its array."""
-        spare = self._spare
-        # Three references when nobody else holds it: the attribute, ``spare``, the call's.
-        if spare is not None and len(spare) >= size and sys.getrefcount(spare) == 3:
-            return memoryview(spare)[:size]
-        buf = bytearray(size)
-        if size <= _SPARE_MAX_BYTES:
-            self._spare = buf
-        return memoryview(buf)
 
     def _make_room(self, need: int) -> None:
         """Move the unparsed tail to the front of the staging buffer, with ``need`` bytes
@@ -143,7 +120,7 @@ class FrameReader:
                 self._start += size
                 continue
             if size >= _BIG_FRAME:
-                big = self._big_buffer(size)
+                big = memoryview(bytearray(size))
                 big[:avail] = self._stage[self._start:self._end]
                 self._start = self._end = 0
                 self._big, self._big_got = big, avail
