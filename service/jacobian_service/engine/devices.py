@@ -94,8 +94,9 @@ def release_free_heap() -> None:
     every 4 MB temporary is fresh pages, with a fixed ``MALLOC_MMAP_THRESHOLD_`` or torch's
     huge-page allocations, on this 2-core VM). But the heap keeps what it grew to: a 2 GB
     stream in 12 MB chunks grew an engine by 250-450 MB. Trimming between chunks holds a
-    stream to about one chunk's peak (+89 to +91 MiB over 3 runs) and costs the stream
-    little (4.9-5.2 s per 2 GB, against 4.8 s with the fixed threshold)."""
+    stream to about one chunk's peak (+71 to +89 MiB over 5 runs) and costs it nothing
+    measurable (5.1-6.2 s per 2 GB, against 6.3-11.2 s with the fixed settings, runs
+    alternated within one hour)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
