@@ -26,3 +26,16 @@ def test_benchmarks_run_quick() -> None:
     for header in ("## latency", "## throughput", "## big", "## modes", "## load_test", "## remote", "## summary"):
         assert header in proc.stdout, f"{header!r} missing:\n{out[-4000:]}"
     assert "FAILED" not in proc.stdout, out[-6000:]
+
+
+def test_the_ipc_hop_benchmark_runs_and_both_transports_echo() -> None:
+    """``python -m bench.ipc_hop`` (separate from ``python -m bench``) in a tiny size:
+    both echo loops answer and the ratio line is printed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ipc_hop", "--rounds", "1", "--calls", "50"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "zeromq / channel:" in proc.stdout, out[-4000:]
