@@ -134,7 +134,7 @@ def asdex_cases(n_lorenz: int, grid: int, n_hess: int, rounds: int) -> list[Row]
         import jax
         import jax.numpy as jnp
     except ImportError as exc:
-        return f"asdex peer skipped: {exc} (pip install -e ".[bench]")"
+        return f"asdex peer skipped: {exc} (pip install -e '.[bench]')"
     jax.config.update("jax_enable_x64", False)
 
     def rhs(x: Any) -> Any:

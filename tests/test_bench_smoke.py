@@ -39,3 +39,10 @@ def test_the_ipc_hop_benchmark_runs_and_both_transports_echo() -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "zeromq / channel:" in proc.stdout, out[-4000:]
+
+
+def test_every_benchmark_module_compiles() -> None:
+    """The benchmarks run outside ``python -m bench --quick`` too (``bench.sparse``,
+    ``bench.stream_bench``, ...): each file at least compiles on this Python."""
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        compile(path.read_text(), str(path), "exec")
