@@ -121,15 +121,25 @@ def resolve(
         full, _, _ = resolve(fn, args, argnums, pattern, kind=kind, mode=mode, declared=declared, has_aux=has_aux,
                              cache=cache, name=name, out_size=out_size, check_alive=check_alive)
         return _restricted(full, fn, args, argnums, mode, cache, name, rows, check_alive)
-    cache = _DEFAULT_CACHE if cache is None else cache
     argnums = tuple(argnums)
     if isinstance(pattern, Pattern):
-        choice = "given:" + PatternCache.key(pattern.shape, pattern.rows.tobytes(), pattern.cols.tobytes())
+        choice = "given:" + _fingerprint(pattern)
     elif isinstance(pattern, Declared):
         choice = "declared:" + repr(pattern)
     else:
         choice = str(pattern)
     key = _cache_key(fn, name, args, argnums, kind, f"{choice}|{mode}")
+    return _cached(cache, key, lambda: _colored(
+        _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size, check_alive),
+        kind, mode, check_alive))
+
+
+def _cached(
+    cache: PatternCache | None, key: str, build: Callable[[], tuple[Pattern, Coloring]]
+) -> tuple[Pattern, Coloring, str]:
+    """The pattern and colouring cached under ``key``, else ``build()``'s, cached then.
+    Returns ``(pattern, coloring, cached)`` with ``cached`` in ``""``, ``"memory"``, ``"disk"``."""
+    cache = _DEFAULT_CACHE if cache is None else cache
     hit = cache.get(key)
     if hit is not None and hit.get("colors") is not None:
         p = hit["pattern"]
@@ -137,15 +147,22 @@ def resolve(
             hit["coloring"] = _coloring_from(p, np.asarray(hit["colors"]), hit["mode"])
             return p, hit["coloring"], "disk"
         return p, hit["coloring"], "memory"
-    p = _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size, check_alive)
-    if NO_GRAD_NOTE in p.notes and mode != "rev":
-        mode = "rev"  # jvp would differentiate through the no_grad values
-    if kind == "hessian":
-        coloring = star_coloring(p, check_alive=check_alive)
-    else:
-        coloring = choose_coloring(p, mode, check_alive=check_alive)
+    p, coloring = build()
     cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring})
     return p, coloring, ""
+
+
+def _colored(p: Pattern, kind: str, mode: str, check_alive: Callable[[], None] | None) -> tuple[Pattern, Coloring]:
+    """``p`` with its colouring: star for a Hessian, else the side ``mode`` asks for."""
+    if kind == "hessian":
+        return p, star_coloring(p, check_alive=check_alive)
+    if NO_GRAD_NOTE in p.notes and mode != "rev":
+        mode = "rev"  # jvp would differentiate through the no_grad values
+    return p, choose_coloring(p, mode, check_alive=check_alive)
+
+
+def _fingerprint(p: Pattern) -> str:
+    return PatternCache.key(p.shape, p.rows.tobytes(), p.cols.tobytes())
 
 
 def _restricted(
@@ -159,23 +176,14 @@ def _restricted(
     start, stop = rows
     if not 0 <= start <= stop <= full.shape[0]:
         raise IndexError(f"rows [{start}, {stop}] is out of range for {full.shape[0]} output elements")
-    cache = _DEFAULT_CACHE if cache is None else cache
-    choice = f"rows:{start}:{stop}:{full.source}:{full.name}:" + PatternCache.key(full.shape, full.rows.tobytes(), full.cols.tobytes())
+    choice = f"rows:{start}:{stop}:{full.source}:{full.name}:" + _fingerprint(full)
     key = _cache_key(fn, name, args, argnums, "jacobian", f"{choice}|{mode}")
-    hit = cache.get(key)
-    if hit is not None and hit.get("colors") is not None:
-        p = hit["pattern"]
-        if "coloring" not in hit:
-            hit["coloring"] = _coloring_from(p, np.asarray(hit["colors"]), hit["mode"])
-            return p, hit["coloring"], "disk"
-        return p, hit["coloring"], "memory"
-    keep = (full.rows >= start) & (full.rows < stop)
-    p = full.replace(rows=full.rows[keep], cols=full.cols[keep])
-    if NO_GRAD_NOTE in p.notes and mode != "rev":
-        mode = "rev"
-    coloring = choose_coloring(p, mode, check_alive=check_alive)
-    cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring})
-    return p, coloring, ""
+
+    def build() -> tuple[Pattern, Coloring]:
+        keep = (full.rows >= start) & (full.rows < stop)
+        return _colored(full.replace(rows=full.rows[keep], cols=full.cols[keep]), "jacobian", mode, check_alive)
+
+    return _cached(cache, key, build)
 
 
 def _coloring_from(p: Pattern, colors: np.ndarray, mode: str) -> Coloring:
