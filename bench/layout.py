@@ -46,8 +46,9 @@ wrk.headers["Accept"] = "application/x-npy"
 """
 
 
-def wrk(url: str, script: Path, connections: int, seconds: float, threads: int = 2) -> tuple[float, str, float]:
-    """(requests/s, what went wrong ("" if nothing), median latency ms) from one wrk run.
+def wrk(url: str, script: Path, connections: int, seconds: float, threads: int = 2) -> tuple[float, str, float, float]:
+    """(requests/s, what went wrong ("" if nothing), median and 99th-percentile latency ms)
+    from one wrk run.
     wrk's own timeout is raised to 30 s: a slow answer is latency, not an error."""
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "30s", "--latency",
@@ -59,11 +60,12 @@ def wrk(url: str, script: Path, connections: int, seconds: float, threads: int =
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         bad += " socket errors " + "/".join(m.groups()) + " (connect/read/write/timeout)"
-    lat = re.search(r"50%\s+([\d.]+)(us|ms|s)\b", out)
-    p50 = float("nan")
-    if lat:
-        p50 = float(lat.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[lat.group(2)]
-    return rps, bad, p50
+
+    def percentile(p: int) -> float:
+        lat = re.search(rf"{p}%\s+([\d.]+)(us|ms|s)\b", out)
+        return float(lat.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[lat.group(2)] if lat else float("nan")
+
+    return rps, bad, percentile(50), percentile(99)
 
 
 def _answered_other_than_200(server: Server) -> str:
@@ -139,6 +141,7 @@ def run(ctx: Context) -> Report:
     jps = [batched_jacobians_per_s(x, 64, 30)]
     rps: dict[str, list[float]] = {n: [] for n in servers}
     p50: dict[str, list[float]] = {n: [] for n in servers}
+    p99: dict[str, list[float]] = {n: [] for n in servers}
     cpu: dict[str, list[float]] = {n: [] for n in servers}
     bad: dict[str, list[str]] = {n: [] for n in servers}
     per_request: dict[str, dict[str, list[float]]] = {}  # server -> role -> CPU seconds per request
@@ -147,13 +150,14 @@ def run(ctx: Context) -> Report:
         for name in names[r % len(names):] + names[: r % len(names)]:
             server = servers[name]
             cpu0, roles0, t0 = server.cpu_seconds(), server.cpu_by_role(), time.monotonic()
-            value, errors, lat = wrk(server.url, script, connections, seconds)
+            value, errors, lat, tail = wrk(server.url, script, connections, seconds)
             cpu[name].append((server.cpu_seconds() - cpu0) / (time.monotonic() - t0))
             requests = max(value * seconds, 1.0)
             for role, used in server.cpu_by_role().items():
                 per_request.setdefault(name, {}).setdefault(role, []).append((used - roles0.get(role, 0.0)) / requests)
             rps[name].append(value)
             p50[name].append(lat)
+            p99[name].append(tail)
             if errors:
                 bad[name].append(errors.strip())
         jps.append(batched_jacobians_per_s(x, 64, 30))
@@ -170,10 +174,10 @@ def run(ctx: Context) -> Report:
     rows = []
     for name in names:
         v = median(rps[name])
-        rows.append([name, v, median(p50[name]), "-" if name == "HTTP floor" else f"{v / inproc:.2f}",
+        rows.append([name, v, median(p50[name]), median(p99[name]), "-" if name == "HTTP floor" else f"{v / inproc:.2f}",
                      "-" if name == "HTTP floor" else f"{v / limit:.2f}", f"{median(cpu[name]) * 100:.0f}",
                      len(servers[name].pids()), "; ".join(bad[name]) or 0])
-    report.table(["server", "req/s", "p50 ms", "/ in-process", "/ one-core limit", "server CPU %", "processes",
+    report.table(["server", "req/s", "p50 ms", "p99 ms", "/ in-process", "/ one-core limit", "server CPU %", "processes",
                   "non-2xx + errors"], rows)
     report.add("Server CPU % is the CPU time of every process of the server over wall time (100 = one core; "
                "the machine's cores are shared with wrk).\n")

@@ -90,3 +90,30 @@ def test_a_streamed_jacobian_holds_the_memory_budget_not_just_estimates_it():
     assert max(got["sizes"]) * per_row <= budget  # no chunk is larger than what fits
     for peak in got["peaks"]:
         assert peak <= budget, (peak, budget, got["sizes"][:3], per_row)
+
+
+def test_freeze_heap_collects_start_up_garbage_then_freezes_the_rest():
+    """What served processes call once started (heap.py): cyclic garbage left by start-up
+    is freed, not frozen; what is alive leaves the collector's generations."""
+    import gc
+    import weakref
+
+    from jacobian_service.heap import freeze_heap
+
+    class Node:
+        pass
+
+    garbage = Node()
+    garbage.me = garbage  # a cycle: only the collector frees it
+    gone = weakref.ref(garbage)
+    del garbage
+    alive = Node()
+    alive.me = alive
+    try:
+        freeze_heap()
+        assert gone() is None
+        assert gc.get_freeze_count() > 0
+        assert not any(o is alive for o in gc.get_objects())  # frozen: no generation walks it
+    finally:
+        gc.unfreeze()
+    assert any(o is alive for o in gc.get_objects())

@@ -29,6 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from .heap import freeze_heap
 from .settings import Settings
 
 __all__ = ["serve", "serve_in_process"]
@@ -64,6 +65,7 @@ def serve_in_process(settings: Settings) -> int:
     app = create_app(settings)
     for sig in (signal.SIGINT, signal.SIGTERM):  # a clean drain exits 0, not "killed by SIGTERM"
         signal.signal(sig, lambda *_: None)
+    freeze_heap()
     DrainingServer(_uvicorn_config(app, settings), app, settings.drain_delay_s).run()
     return 0
 
@@ -77,6 +79,7 @@ def _front_end(run_dir: str, sock: socket.socket, count: int) -> None:
     app = create_app(settings, run_dir=Path(run_dir), front_ends=count)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    freeze_heap()
     DrainingServer(_uvicorn_config(app, settings), app, settings.drain_delay_s).run(sockets=[sock])
 
 

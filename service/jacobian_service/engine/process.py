@@ -29,6 +29,7 @@ import orjson
 from .. import ipc
 from ..channel import Listener, Peer
 from ..errors import InternalError, ServiceError
+from ..heap import freeze_heap
 from ..logs import configure_logging
 from ..metrics import Metrics
 from ..registry import Registry
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.warmup:
             server.warm_up()
     log.info("engine %d ready on %s (%d functions)", args.index, devices[0], len(registry))
+    freeze_heap()
     server.serve()
     return 0
 
