@@ -82,3 +82,74 @@ def test_64_concurrent_clients_mixed(builtins, batch_size):
         batched += meta["batch_size"] > 1
     if batch_size == 1:
         assert batched == 0
+
+
+# ---------------------------------------------------------------- the in-process driver's two threads
+# In the in-process layout (serve --in-process, the tests' app) the event loop submits
+# jobs and counts the queue while the engine's thread takes and runs them. Both races
+# below answered 500 under wrk (python -m bench --only layout); each test fails within
+# a fraction of a second without its fix, thread switches forced every microsecond.
+
+
+@pytest.fixture
+def frequent_switches():
+    import sys
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)
+
+
+def test_queue_depth_is_counted_while_the_worker_takes_jobs(frequent_switches):
+    import time
+
+    from jacobian_service.scheduler import Job, ThreadedWorker, Worker
+
+    class Engine:
+        device = "cpu"
+
+    settled = []
+    threaded = ThreadedWorker(Worker(Engine(), max_queue=10**6), "test-worker")
+    threaded.start()
+    try:
+        for _ in range(2000):
+            for _ in range(5):  # stream chunks of no stream: each settles at once, with an error
+                threaded.submit(Job("stream_next", None, lambda *a: settled.append(a), deadline=time.monotonic() + 60,
+                                    stream_id=1))
+            assert threaded.depth() >= 0  # raised "deque mutated during iteration" before
+    finally:
+        threaded.stop()
+    assert len(settled) == 10_000
+
+
+def test_profile_tables_are_read_while_the_engine_writes_them(frequent_switches):
+    import threading
+    import time
+
+    from jacobian_service.engine.profile import _LRU
+
+    table: _LRU[int, int] = _LRU(size=4)  # every write evicts the oldest key
+    stop = threading.Event()
+
+    def engine() -> None:
+        i = 0
+        while not stop.is_set():
+            table[i] = i
+            i += 1
+
+    writer = threading.Thread(target=engine)
+    writer.start()
+    try:
+        until = time.monotonic() + 1.0
+        reads = 0
+        while time.monotonic() < until:
+            for key in list(table._d):
+                value = table.get(key)  # raised KeyError when evicted between its two steps
+                assert value is None or value == key
+                reads += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert reads > 1000
+    assert len(table) <= 4

@@ -152,7 +152,7 @@ class InProcessEngines(_Engines):
         return None
 
     def depth(self) -> int:
-        return sum(w.worker.depth() for w in self.workers)
+        return sum(w.depth() for w in self.workers)
 
     def info(self) -> dict[str, Any]:
         import torch
@@ -172,7 +172,7 @@ class InProcessEngines(_Engines):
 
     async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
                   deadline: float | None = None) -> tuple[Any, JobInfo]:
-        index = engine if engine is not None else min(range(len(self.workers)), key=lambda i: self.workers[i].worker.depth())
+        index = engine if engine is not None else min(range(len(self.workers)), key=lambda i: self.workers[i].depth())
         target = self.workers[index]
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()

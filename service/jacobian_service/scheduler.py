@@ -356,6 +356,12 @@ class ThreadedWorker:
             self.worker.submit(job)
             self.cond.notify()
 
+    def depth(self) -> int:
+        # Under the lock: the worker's thread takes jobs off the queue meanwhile, and a
+        # deque changed while it is counted raises (a 500 under load, before this).
+        with self.cond:
+            return self.worker.depth()
+
     def cancel(self, job: Job) -> None:
         job.done = True  # a queued job is skipped; a running one stops at its next chunk
 

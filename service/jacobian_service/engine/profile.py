@@ -21,6 +21,10 @@ _PER_SHAPE = 256
 
 
 class _LRU(Generic[K, V]):
+    """Written by the engine's thread only; read also by the in-process driver's thread
+    (the scheduler's batch key), so a read tolerates a write evicting its key meanwhile
+    (each OrderedDict call is atomic under the GIL; the pair of them is not)."""
+
     def __init__(self, size: int = _PER_SHAPE) -> None:
         self.size = size
         self._d: collections.OrderedDict[K, V] = collections.OrderedDict()
@@ -28,7 +32,10 @@ class _LRU(Generic[K, V]):
     def get(self, key: K) -> V | None:
         value = self._d.get(key)
         if value is not None:
-            self._d.move_to_end(key)
+            try:
+                self._d.move_to_end(key)
+            except KeyError:  # evicted since: the value read still stands
+                pass
         return value
 
     def __setitem__(self, key: K, value: V) -> None:
@@ -72,8 +79,8 @@ class Profiles:
 
     def __getitem__(self, name: str) -> FunctionProfile:
         profile = self._by_name.get(name)
-        if profile is None:
-            profile = self._by_name[name] = FunctionProfile()
+        if profile is None:  # setdefault: two threads asking first get the same profile
+            profile = self._by_name.setdefault(name, FunctionProfile())
         return profile
 
     def forget(self, name: str) -> None:
