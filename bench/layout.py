@@ -77,8 +77,10 @@ def _answered_other_than_200(server: Server) -> str:
         return ""
     other = {k: v for k, v in counts.items() if k.startswith("jacobian_service_requests_total{")
              and 'status="200"' not in k and 'status="499"' not in k and "mlp" in k}
-    return (" (the service counted: " + ", ".join(f"{k[len('jacobian_service_requests_total'):]} {v:g}"
+    said = (" (the service counted: " + ", ".join(f"{k[len('jacobian_service_requests_total'):]} {v:g}"
                                                    for k, v in other.items()) + ")") if other else ""
+    # A 500 is a bug of ours: its traceback is in the server's log, which goes with the run.
+    return said + "".join(f"\n  traceback: {line}" for line in server.traceback_summaries())
 
 
 def batched_jacobians_per_s(x: np.ndarray, batch: int, repeats: int) -> float:
