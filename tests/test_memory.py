@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .conftest import assert_problem, decode
+from .conftest import assert_problem, decode, npy_bytes
 
 
 def test_out_of_memory_halves_the_chunk_until_it_fits(client):
@@ -117,3 +117,54 @@ def test_freeze_heap_collects_start_up_garbage_then_freezes_the_rest():
     finally:
         gc.unfreeze()
     assert any(o is alive for o in gc.get_objects())
+
+
+def test_a_request_leaves_no_cycles_for_the_collector(client):
+    """What a request makes is freed by reference counting as it ends, not left in
+    cycles for the collector to find (with it, the front ends' full collections walked
+    thousands of dead objects). Two cycles were ours: the scope held the server's
+    ``send``, bound to the request cycle that holds the scope; and an engine job's call
+    kept a cancel check that refers back to the job."""
+    import asyncio
+    import gc
+    import weakref
+
+    from jacobian_client import wire
+    from jacobian_service.scheduler import Job
+
+    body = npy_bytes(np.linspace(-1, 1, 128, dtype=np.float32))
+
+    class RequestCycle:  # as uvicorn's: it holds the scope, and ``send`` is its bound method
+        def __init__(self) -> None:
+            self.scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                          "scheme": "http", "path": "/v1/functions/mlp/jacobian", "raw_path": b"/v1/functions/mlp/jacobian",
+                          "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                          "headers": [(b"content-type", wire.NPY.encode()), (b"accept", wire.NPY.encode()),
+                                      (b"content-length", str(len(body)).encode())]}
+            self.messages: list[dict] = []
+            self.pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive(self) -> dict:
+            if self.pending:
+                return self.pending.pop()
+            await asyncio.Event().wait()  # a client that stays: only the disconnect watcher asks
+            return {"type": "http.disconnect"}
+
+        async def send(self, message: dict) -> None:
+            self.messages.append(message)
+
+    async def one() -> weakref.ref:
+        cycle = RequestCycle()
+        await client.app(cycle.scope, cycle.receive, cycle.send)
+        assert cycle.messages[0]["status"] == 200
+        return weakref.ref(cycle)
+
+    asyncio.run(one())  # warm: first-use caches are not per-request garbage
+    gc.collect()
+    gc.disable()
+    try:
+        gone = asyncio.run(one())
+        assert gone() is None, "the request cycle outlived its request"
+        assert not [o for o in gc.get_objects() if type(o) is Job], "an engine job outlived its request"
+    finally:
+        gc.enable()

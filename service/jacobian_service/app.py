@@ -79,8 +79,14 @@ class ServiceApp:
         scope["service"] = self.service_state
         scope["jacobian_app"] = self
         # The server's own send, for cutting off a client that stops reading (SendGuard).
-        scope.setdefault("state", {})["abort_connection"] = functools.partial(abort_connection, send)
-        await self.asgi(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state["abort_connection"] = functools.partial(abort_connection, send)
+        try:
+            await self.asgi(scope, receive, send)
+        finally:
+            # That send is bound to uvicorn's request cycle, which holds this scope: left
+            # here, every request would leave a cycle that only the garbage collector frees.
+            state.pop("abort_connection", None)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         engines = self.service_state.engines

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator
 
 from .errors import InternalError, Overloaded, ServiceError, Timeout, Unavailable
-from .types import Call, JobInfo
+from .types import Call, JobInfo, never_cancelled
 
 __all__ = ["Job", "StreamHead", "ThreadedWorker", "Worker"]
 
@@ -66,6 +66,10 @@ class Job:
         if self.done:
             return
         self.done = True
+        if self.call is not None:
+            # The call's cancel check refers back to this job: a cycle that only the
+            # garbage collector would free, once per request. A settled job needs none.
+            self.call.cancelled = never_cancelled
         try:
             self.settle(result, error, self.info)
         except Exception:  # the caller's side is gone (a closed loop or socket)
@@ -385,3 +389,4 @@ class ThreadedWorker:
                     return
                 group = self.worker.take(lambda seconds: self.cond.wait(max(seconds, 0)))
             self.worker.run(group)
+            del group  # not kept while waiting: the jobs hold their requests' arrays

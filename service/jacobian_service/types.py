@@ -18,7 +18,7 @@ import numpy as np
 from .errors import Timeout
 from .registry import FunctionSpec
 
-__all__ = ["Call", "JobInfo", "Result", "is_sparse_matrix", "tree_leaves"]
+__all__ = ["Call", "JobInfo", "Result", "is_sparse_matrix", "never_cancelled", "tree_leaves"]
 
 
 def tree_leaves(tree: Any) -> Iterator[Any]:
@@ -31,6 +31,11 @@ def tree_leaves(tree: Any) -> Iterator[Any]:
             yield from tree_leaves(item)
     else:
         yield tree
+
+
+def never_cancelled() -> bool:
+    """A call's cancel check when no engine job is running it."""
+    return False
 
 
 @dataclass
@@ -63,7 +68,7 @@ class Call:
     # result travels: "csr" / "coo" (sparse) or "dense" (the same 2-D matrix, dense).
     sparsity: str = "dense"
     sparse_format: str = "csr"
-    cancelled: Callable[[], bool] = field(default=lambda: False)
+    cancelled: Callable[[], bool] = field(default=never_cancelled)  # the engine sets its job's check while it runs
 
     def signature(self, batched: bool = False) -> tuple[Any, ...]:
         """What equal requests share: function, argnums, per-example shapes and dtypes."""

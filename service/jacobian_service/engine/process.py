@@ -182,8 +182,7 @@ class EngineServer:
             self.board.beat(time.monotonic())
             self.pump(0.0 if self.worker.has_work() else _IDLE_POLL_MS / 1e3)
             if self.worker.has_work():
-                group = self.worker.take(self.pump)
-                self.worker.run(group)
+                self.worker.run(self.worker.take(self.pump))  # no name keeps the jobs (and their arrays) after
                 self.flush()
                 self.board.idle(time.monotonic())
                 self._device_memory()
