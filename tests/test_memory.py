@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from .conftest import assert_problem, decode, npy_bytes
 
@@ -119,27 +120,34 @@ def test_freeze_heap_collects_start_up_garbage_then_freezes_the_rest():
     assert any(o is alive for o in gc.get_objects())
 
 
-def test_a_request_leaves_no_cycles_for_the_collector(client):
+_OURS = ("jacobian_service", "jacobian_client")
+
+
+@pytest.mark.parametrize(("path", "content_type", "body", "status"), [
+    ("/v1/functions/mlp/jacobian", "application/x-npy", npy_bytes(np.linspace(-1, 1, 128, dtype=np.float32)), 200),
+    ("/v1/functions/mlp/jacobian", "application/json", b'{"inputs": [[1, 2,', 400),  # malformed: the front end's error
+    ("/v1/functions/broken/jacobian", "application/json", b'{"inputs": [[1.0, 2.0]]}', 500),  # the function raises: function_error
+], ids=["ok", "malformed", "function_error"])
+def test_a_request_leaves_no_cycles_for_the_collector(client, path, content_type, body, status):
     """What a request makes is freed by reference counting as it ends, not left in
     cycles for the collector to find (with it, the front ends' full collections walked
-    thousands of dead objects). Two cycles were ours: the scope held the server's
-    ``send``, bound to the request cycle that holds the scope; and an engine job's call
-    kept a cancel check that refers back to the job."""
+    thousands of dead objects, and an error's frames kept the request's body or arrays).
+    The cycles were ours: the scope held the server's ``send``, bound to the request
+    cycle that holds the scope; an engine job's call kept a cancel check that refers
+    back to the job; kept exceptions, whose tracebacks hold the frames that keep them."""
     import asyncio
     import gc
+    import time
     import weakref
 
-    from jacobian_client import wire
     from jacobian_service.scheduler import Job
-
-    body = npy_bytes(np.linspace(-1, 1, 128, dtype=np.float32))
 
     class RequestCycle:  # as uvicorn's: it holds the scope, and ``send`` is its bound method
         def __init__(self) -> None:
             self.scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                          "scheme": "http", "path": "/v1/functions/mlp/jacobian", "raw_path": b"/v1/functions/mlp/jacobian",
-                          "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-                          "headers": [(b"content-type", wire.NPY.encode()), (b"accept", wire.NPY.encode()),
+                          "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                          "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                          "headers": [(b"content-type", content_type.encode()), (b"accept", content_type.encode()),
                                       (b"content-length", str(len(body)).encode())]}
             self.messages: list[dict] = []
             self.pending = [{"type": "http.request", "body": body, "more_body": False}]
@@ -156,7 +164,7 @@ def test_a_request_leaves_no_cycles_for_the_collector(client):
     async def one() -> weakref.ref:
         cycle = RequestCycle()
         await client.app(cycle.scope, cycle.receive, cycle.send)
-        assert cycle.messages[0]["status"] == 200
+        assert cycle.messages[0]["status"] == status
         return weakref.ref(cycle)
 
     asyncio.run(one())  # warm: first-use caches are not per-request garbage
@@ -165,6 +173,39 @@ def test_a_request_leaves_no_cycles_for_the_collector(client):
     try:
         gone = asyncio.run(one())
         assert gone() is None, "the request cycle outlived its request"
+        # The engine's thread may still be on its way back from settling the job.
+        until = time.monotonic() + 2
+        while [o for o in gc.get_objects() if type(o) is Job] and time.monotonic() < until:
+            time.sleep(0.02)
         assert not [o for o in gc.get_objects() if type(o) is Job], "an engine job outlived its request"
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        frames = [o.f_code.co_name for o in gc.garbage
+                  if type(o).__name__ == "frame" and any(name in o.f_code.co_filename for name in _OURS)]
+        assert not frames, f"frames of ours left in cycles: {frames}"
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+def test_an_engine_error_reaches_the_front_end_without_a_cycle():
+    """The front end raises an engine's error from its reply (ipc.decode_reply): the
+    error is freed with its handler, not kept by the frame it was raised in."""
+    import gc
+    import weakref
+
+    from jacobian_service import ipc
+    from jacobian_service.errors import FunctionError, ServiceError
+
+    header, arrays = ipc.parse(ipc.encode_error(7, FunctionError("ValueError: the simulator diverged")))
+    gc.disable()
+    try:
+        try:
+            ipc.decode_reply(header, arrays)
+        except ServiceError as exc:
+            assert (exc.status, exc.code) == (500, "function_error")
+            gone = weakref.ref(exc)
+        assert gone() is None
     finally:
         gc.enable()

@@ -180,7 +180,9 @@ def loads(body: bytes | str) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        error = exc
+        # Its text, not the exception: a kept exception's traceback holds this frame,
+        # and with it the body, in a cycle until the garbage collector runs.
+        error = str(exc)
     raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
     if b"NaN" in raw or b"Infinity" in raw:
         try:

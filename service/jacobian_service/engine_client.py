@@ -52,6 +52,10 @@ async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any) -> Any:
     except BaseException:
         on_abandon()
         raise
+    finally:
+        # A failed future holds its exception, whose traceback holds this frame: a
+        # cycle (with the request's objects) until the garbage collector runs.
+        del fut
 
 
 _FIRST_STATE_S = 10.0
@@ -190,7 +194,10 @@ class InProcessEngines(_Engines):
         until = deadline if deadline is not None else call.deadline  # type: ignore[union-attr]
         job = Job(kind, call, settle, deadline=until, stream_id=stream_id)
         target.submit(job)
-        result, info = await _await(fut, until, lambda: target.cancel(job))
+        try:
+            result, info = await _await(fut, until, lambda: target.cancel(job))
+        finally:
+            del fut, job  # as in _await: neither may hold the exception that passes through this frame
         if isinstance(result, StreamHead):
             result.engine = index
         return result, info

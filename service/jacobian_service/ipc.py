@@ -224,13 +224,19 @@ def encode_error(msg_id: int, error: ServiceError) -> list[Any]:
     return [orjson.dumps(header)]
 
 
+def _remote_error(header: dict[str, Any]) -> ServiceError:
+    error = ServiceError(header["detail"], headers=header.get("headers") or {})
+    error.status, error.code, error.title = header["status"], header["code"], header["title"]
+    return error
+
+
 def decode_reply(header: dict[str, Any], frames: Sequence[Any]) -> tuple[Any, JobInfo]:
     """A reply -> (Result | StreamHead | array | None, JobInfo); errors raise."""
     kind = header["t"]
     if kind == "error":
-        error = ServiceError(header["detail"], headers=header.get("headers") or {})
-        error.status, error.code, error.title = header["status"], header["code"], header["title"]
-        raise error
+        # Raised as made, never kept in a local: the traceback holds this frame, and a
+        # frame holding its own exception is a cycle left for the garbage collector.
+        raise _remote_error(header)
     info = JobInfo(**header["info"])
     if kind == "result":
         result = Result(

@@ -262,7 +262,12 @@ class Worker:
         try:
             result = self._execute(job)
         except ServiceError as exc:
-            error = exc
+            # Its code and message are what is answered. Its traceback and the cause's
+            # (the function's own error) hold the frames down to the function, with their
+            # arrays, and reach back to this frame, which holds the error: a cycle that
+            # only the garbage collector would free. They go now.
+            error = exc.with_traceback(None)
+            error.__cause__ = error.__context__ = None
         except BaseException as exc:  # not raised by a function (the engine maps those): ours
             log.exception("job failed unexpectedly")
             error = InternalError(f"internal error ({type(exc).__name__})")

@@ -74,7 +74,7 @@ def over_examples(
                 raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
             if isinstance(exc, (ServiceError, KeyboardInterrupt, SystemExit)) or not isinstance(exc, Exception):
                 raise function_error(exc) from None
-            vmap_error = exc
+            vmap_error = exc.with_traceback(None)  # its frames (holding the batch) go now, not at a collection
     if not allow_loop:
         raise function_error(vmap_error) if vmap_error else FunctionError(f"{call.spec.name} cannot be batched with vmap")
     per: list[tuple[Any, Any]] = []
