@@ -153,3 +153,27 @@ def test_profile_tables_are_read_while_the_engine_writes_them(frequent_switches)
         writer.join()
     assert reads > 1000
     assert len(table) <= 4
+
+
+def test_a_job_finished_as_its_caller_leaves_settles_quietly():
+    """In-process engines: the engine's thread may settle a job just as its request
+    leaves (deadline, disconnect), after the request dropped its future (a failed future
+    must not be kept by the frames its exception passes). The settle keeps its own."""
+    import asyncio
+
+    from jacobian_service.engine_client import _settler
+    from jacobian_service.types import JobInfo
+
+    async def main() -> list:
+        loop = asyncio.get_running_loop()
+        problems: list = []
+        loop.set_exception_handler(lambda _, context: problems.append(context))
+        fut = loop.create_future()
+        settle = _settler(fut)
+        del fut  # the request has gone
+        settle("value", None, JobInfo())
+        settle(None, RuntimeError("late"), JobInfo())  # a second word changes nothing
+        await asyncio.sleep(0.01)
+        return problems
+
+    assert asyncio.run(main()) == []

@@ -89,6 +89,23 @@ class _Engines:
 # --------------------------------------------------------------------------- in-process
 
 
+def _settler(fut: asyncio.Future) -> Any:
+    """A job's settle for an engine thread: the result or error onto ``fut``'s loop."""
+    loop = fut.get_loop()
+
+    def settle(result: Any, error: BaseException | None, info: JobInfo) -> None:
+        def put() -> None:
+            if not fut.done():
+                fut.set_exception(error) if error is not None else fut.set_result((result, info))
+
+        try:
+            loop.call_soon_threadsafe(put)
+        except RuntimeError:  # the loop has closed: nobody is waiting
+            pass
+
+    return settle
+
+
 class InProcessEngines(_Engines):
     """Engines on threads of this process (the v1 layout): for tests and debugging."""
 
@@ -178,26 +195,18 @@ class InProcessEngines(_Engines):
                   deadline: float | None = None) -> tuple[Any, JobInfo]:
         index = engine if engine is not None else min(range(len(self.workers)), key=lambda i: self.workers[i].depth())
         target = self.workers[index]
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future = loop.create_future()
-
-        def settle(result: Any, error: BaseException | None, info: JobInfo) -> None:
-            def put() -> None:
-                if not fut.done():
-                    fut.set_exception(error) if error is not None else fut.set_result((result, info))
-
-            try:
-                loop.call_soon_threadsafe(put)
-            except RuntimeError:  # the loop has closed: nobody is waiting
-                pass
-
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
         until = deadline if deadline is not None else call.deadline  # type: ignore[union-attr]
-        job = Job(kind, call, settle, deadline=until, stream_id=stream_id)
+        job = Job(kind, call, _settler(fut), deadline=until, stream_id=stream_id)
         target.submit(job)
         try:
             result, info = await _await(fut, until, lambda: target.cancel(job))
         finally:
-            del fut, job  # as in _await: neither may hold the exception that passes through this frame
+            # A failed future holds its exception, whose traceback holds this frame: it
+            # must not hold the future, nor the job (whose settle holds the future). The
+            # settle keeps its own reference: a job finished as its caller leaves still
+            # settles a live future.
+            del fut, job
         if isinstance(result, StreamHead):
             result.engine = index
         return result, info
