@@ -1,4 +1,5 @@
-"""The memory budget bounds chunk sizes; out-of-memory halves them, down to 1, then 507."""
+"""Memory: the budget bounds chunk sizes (out-of-memory halves them, down to 1, then 507),
+a streamed Jacobian stays within its bound, and requests leave the garbage collector no work."""
 
 from __future__ import annotations
 
