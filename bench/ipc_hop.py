@@ -47,7 +47,7 @@ def _channel_echo(path: str) -> None:
         for peer, frames in listener.poll(0.1):
             if frames is None:
                 return
-            listener.send(peer, frames)
+            listener.send(peer, [frames])
 
 
 def _zmq_round_trips(address: str, calls: int) -> list[float]:
@@ -67,7 +67,7 @@ def _zmq_round_trips(address: str, calls: int) -> list[float]:
 
 
 def _channel_round_trips(path: str, calls: int) -> list[float]:
-    from jacobian_service.channel import FrameReader, encode_frames
+    from jacobian_service.channel import FrameReader, encode_messages
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     for _ in range(200):
@@ -78,7 +78,7 @@ def _channel_round_trips(path: str, calls: int) -> list[float]:
             time.sleep(0.01)
     reader = FrameReader()
     times = []
-    wire = b"".join(encode_frames([_HEADER, _FRAME]))
+    wire = b"".join(encode_messages([[_HEADER, _FRAME]])[0])
     for _ in range(calls):
         t = time.perf_counter()
         sock.sendall(wire)

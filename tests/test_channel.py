@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jacobian_service import ipc
-from jacobian_service.channel import _BIG_FRAME, _STAGE_BYTES, Connection, FrameReader, Listener, encode_frames
+from jacobian_service.channel import _BIG_FRAME, _STAGE_BYTES, Connection, FrameReader, Listener, encode_messages
 
 
 def _feed(reader: FrameReader, data: bytes, cuts: list[int]) -> None:
@@ -31,7 +31,10 @@ def _feed(reader: FrameReader, data: bytes, cuts: list[int]) -> None:
 
 
 def _wire(messages: list[list[bytes]]) -> bytes:
-    return b"".join(bytes(memoryview(b)) for m in messages for b in encode_frames(m))
+    buffers, total = encode_messages(messages)
+    data = b"".join(bytes(memoryview(b)) for b in buffers)
+    assert len(data) == total
+    return data
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -72,9 +75,8 @@ def test_a_call_and_its_reply_round_trip_through_the_codec_and_the_frames() -> N
                     aux={"loss": np.float64(1.5), "nan": float("nan")}, has_aux=True, output=None, chunk_size=64, mode="rev")
     frames = ipc.encode_reply(7, result, JobInfo(device="cpu", batch_size=3))
     reader = FrameReader()
-    _feed(reader, _wire([ipc.bundle([frames, ipc.encode_cancel(8)])]), [3, 100])
-    (received,) = reader.take()
-    first, second = ipc.unbundle(received)
+    _feed(reader, _wire([frames, ipc.encode_cancel(8)]), [3, 100])
+    first, second = reader.take()
     header, arrays = ipc.parse(first)
     got, info = ipc.decode_reply(header, arrays)
     np.testing.assert_array_equal(got.value, result.value)
@@ -86,7 +88,7 @@ def test_a_call_and_its_reply_round_trip_through_the_codec_and_the_frames() -> N
 
 
 class _Echo:
-    """An engine-side loop on a thread: echoes each message back, bundles and all."""
+    """An engine-side loop on a thread: echoes each poll's messages back, in one write per front end."""
 
     def __init__(self, path: Path) -> None:
         self.listener = Listener(path)
@@ -101,7 +103,7 @@ class _Echo:
                 if frames is None:
                     self.hung_up += 1
                 else:
-                    self.listener.send(peer, frames)
+                    self.listener.send(peer, [frames])
         self.listener.close()
 
     def close(self) -> None:
@@ -114,13 +116,12 @@ async def _round_trips(conn_path: Path, payloads: list[bytes]) -> tuple[list[lis
     done = asyncio.Event()
 
     def on_message(frames: list) -> None:
-        for message in ipc.unbundle(frames):
-            got.append([bytes(f) for f in message])
+        got.append([bytes(f) for f in frames])
         if len(got) == len(payloads):
             done.set()
 
     conn = Connection(conn_path, on_message)
-    for i, payload in enumerate(payloads):  # one loop tick: they leave as one bundle
+    for i, payload in enumerate(payloads):  # one loop tick: they leave in one write
         conn.send([b'{"t":"x","i":%d}' % i, payload])
     await asyncio.wait_for(done.wait(), 10)
     return got, conn
@@ -156,7 +157,7 @@ def test_a_connection_waits_for_its_engine_and_reconnects_to_a_new_one(tmp_path:
         got: list[bytes] = []
 
         def on_message(frames: list) -> None:
-            got.append(bytes(ipc.unbundle(frames)[0][1]))
+            got.append(bytes(frames[1]))
 
         conn = Connection(path, on_message)
         conn.send([b'{"t":"x"}', b"early"])

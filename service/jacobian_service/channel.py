@@ -12,10 +12,13 @@ each side: measured on 2 cores, a small round trip took 186 us through ZeroMQ ag
 extra thread wake-ups per direction. A small Jacobian's whole computation is about 1 ms,
 so the hop was a good part of the service's overhead.
 
-Large frames are neither joined nor copied in user space on their way: the engine sends
-result arrays from their own buffers (``sendmsg``, one buffer per frame), and a reader
-(either side) reads a large frame straight into a buffer of its size. Small frames are
-cut out of a staging buffer, so a batch of small replies costs one read.
+Each side writes what it has at once: a loop tick's jobs, a batch's replies, one message
+after another in one write. The framing delimits them, so the other side wakes once and
+reads them all. Large frames are neither joined nor copied in user space on their way:
+the engine sends result arrays from their own buffers (``sendmsg``, one buffer per
+frame), and a reader (either side) reads a large frame straight into a buffer of its
+size. Small frames are cut out of a staging buffer, so a batch of small replies costs
+one read.
 """
 
 from __future__ import annotations
@@ -27,9 +30,7 @@ import struct
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .ipc import bundle
-
-__all__ = ["Connection", "FrameReader", "Listener", "Peer", "encode_frames"]
+__all__ = ["Connection", "FrameReader", "Listener", "Peer", "encode_messages"]
 
 
 _COUNT = struct.Struct("<I")
@@ -39,10 +40,17 @@ _MAX_IOV = 512  # buffers per sendmsg (the kernel's limit is 1,024)
 _SOCKET_BUFFER = 4 << 20  # asked for; the kernel caps it at net.core.[rw]mem_max
 
 
-def encode_frames(frames: Sequence[Any]) -> list[Any]:
-    """The buffers that carry ``frames`` on the socket: the prefix, then each frame as is."""
-    sizes = [memoryview(f).nbytes for f in frames]
-    return [struct.pack(f"<I{len(sizes)}Q", len(sizes), *sizes), *frames]
+def encode_messages(messages: Sequence[Sequence[Any]]) -> tuple[list[Any], int]:
+    """The buffers that carry ``messages`` on the socket, one after another (each its
+    prefix, then its frames as they are), and their total size in bytes."""
+    buffers: list[Any] = []
+    total = 0
+    for frames in messages:
+        sizes = [memoryview(f).nbytes for f in frames]
+        prefix = struct.pack(f"<I{len(sizes)}Q", len(sizes), *sizes)
+        buffers += (prefix, *frames)
+        total += len(prefix) + sum(sizes)
+    return buffers, total
 
 
 class FrameReader:
@@ -173,7 +181,7 @@ class Listener:
     """The engine's socket: accepts front ends and moves their messages, from one thread.
 
     ``poll(timeout)`` returns the messages that arrived as ``(peer, frames)`` and the
-    front ends that hung up as ``(peer, None)``; ``send(peer, frames)`` writes at once
+    front ends that hung up as ``(peer, None)``; ``send(peer, messages)`` writes at once
     what the socket takes and the rest as it drains (on later polls)."""
 
     def __init__(self, path: Path) -> None:
@@ -208,10 +216,11 @@ class Listener:
         self._hung_up = []
         return events
 
-    def send(self, peer: Peer, frames: Sequence[Any]) -> None:
+    def send(self, peer: Peer, messages: Sequence[Sequence[Any]]) -> None:
         if peer.gone:
             return
-        peer.out.extend(view for b in encode_frames(frames) if (view := memoryview(b).cast("B")).nbytes)
+        buffers, _ = encode_messages(messages)
+        peer.out.extend(view for b in buffers if (view := memoryview(b).cast("B")).nbytes)
         peer.write()
         self._watch(peer)
 
@@ -345,9 +354,9 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_at = None
         if self._transport is None or not self._outbox:
             return
-        buffers = encode_frames(bundle(self._outbox))
+        buffers, total = encode_messages(self._outbox)
         self._outbox = []
-        if sum(memoryview(b).nbytes for b in buffers) < _BIG_FRAME:
+        if total < _BIG_FRAME:
             self._transport.write(b"".join(buffers))  # one write, one system call
         else:
             self._transport.writelines(buffers)

@@ -282,16 +282,15 @@ class RemoteEngines(_Engines):
         self._ctx.destroy(linger=0)
 
     def _reply_handler(self, index: int) -> Any:
-        def on_reply(received: list[Any]) -> None:
-            for frames in ipc.unbundle(received):
-                try:
-                    header, arrays = ipc.parse(frames)
-                except Exception:
-                    log.exception("unreadable reply from engine %d", index)
-                    continue
-                entry = self._pending.get(header["id"])
-                if entry is not None and not entry[0].done():
-                    entry[0].set_result((header, arrays))
+        def on_reply(frames: list[Any]) -> None:
+            try:
+                header, arrays = ipc.parse(frames)
+            except Exception:
+                log.exception("unreadable reply from engine %d", index)
+                return
+            entry = self._pending.get(header["id"])
+            if entry is not None and not entry[0].done():
+                entry[0].set_result((header, arrays))
 
         return on_reply
 

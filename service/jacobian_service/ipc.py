@@ -38,7 +38,6 @@ from .types import Call, JobInfo, Result, is_sparse_matrix
 
 __all__ = [
     "StatusBoard",
-    "bundle",
     "decode_call",
     "decode_reply",
     "encode_call",
@@ -47,7 +46,6 @@ __all__ = [
     "encode_reply",
     "engine_path",
     "events_address",
-    "unbundle",
 ]
 
 _CALL_FIELDS = ("chunk_size", "batched", "mode", "return_output", "batched_vectors", "max_result_bytes", "sparsity",
@@ -153,31 +151,6 @@ def decode_call(header: dict[str, Any], frames: Sequence[Any], spec: FunctionSpe
         **{f: header[f] for f in _CALL_FIELDS if f != "deadline"},
         deadline=math.inf if header["deadline"] is None else header["deadline"],
     )
-
-
-_MANY = b'{"t":"many"'  # every header's first key is "t", so a bundle shows in its first bytes
-
-
-def bundle(messages: list[list[Any]]) -> list[Any]:
-    """Several messages for one peer as one message: a batch's replies (or one event-loop
-    tick's jobs) then cost one send and one wake-up of the other side, not one each."""
-    if len(messages) == 1:
-        return messages[0]
-    out: list[Any] = [orjson.dumps({"t": "many", "sizes": [len(m) for m in messages]})]
-    for m in messages:
-        out.extend(m)
-    return out
-
-
-def unbundle(frames: Sequence[Any]) -> list[Sequence[Any]]:
-    """The messages in a received message (one, unless it is a bundle)."""
-    if bytes(frames[0][: len(_MANY)]) != _MANY:
-        return [frames]
-    out, i = [], 1
-    for size in orjson.loads(frames[0])["sizes"]:
-        out.append(frames[i : i + size])
-        i += size
-    return out
 
 
 def parse(frames: Sequence[Any]) -> tuple[dict[str, Any], Sequence[Any]]:

@@ -91,9 +91,8 @@ class EngineServer:
             for peer, frames in events:
                 if frames is None:
                     self._hung_up(peer)
-                    continue
-                for message in ipc.unbundle(frames):
-                    self._handle(peer, message)
+                else:
+                    self._handle(peer, frames)
         self._last_pump = time.monotonic()
         self.flush()
 
@@ -151,11 +150,11 @@ class EngineServer:
         self._outbox.setdefault(peer, []).append(frames)
 
     def flush(self) -> None:
-        """Send what is waiting, one bundle per front end. Runs after every pump and every
+        """Send what is waiting, one write per front end. Runs after every pump and every
         batch, so replies wait at most for the batch they belong to."""
         outbox, self._outbox = self._outbox, {}
         for peer, messages in outbox.items():
-            self.listener.send(peer, ipc.bundle(messages))  # arrays go from their own buffers
+            self.listener.send(peer, messages)  # arrays go from their own buffers
 
     def _on_run(self, jobs: list[Job]) -> None:
         call = jobs[0].call
