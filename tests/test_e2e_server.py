@@ -19,7 +19,7 @@ from .conftest import assert_problem, live_server, npy_bytes
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with live_server(STREAM_THRESHOLD_BYTES=1 << 20, MEMORY_BUDGET_BYTES=64 << 20) as (url, _):
+    with live_server(STREAM_THRESHOLD_BYTES=2 << 20, MEMORY_BUDGET_BYTES=64 << 20) as (url, _):
         yield url
 
 
@@ -33,7 +33,7 @@ def test_json_and_npy_round_trip(server):
 
 
 def test_large_jacobian_is_streamed_in_row_chunks(server):
-    n = 2000  # 2000 x 2000 float32 = 16 MB > the 1 MB stream threshold
+    n = 2000  # 2000 x 2000 float32 = 16 MB > the 2 MB stream threshold
     x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
     with httpx.stream("POST", f"{server}/v1/functions/softmax/jacobian", content=npy_bytes(x), headers={"content-type": wire.NPY, "accept": wire.NPY}, timeout=120) as r:
         assert r.status_code == 200
@@ -44,6 +44,22 @@ def test_large_jacobian_is_streamed_in_row_chunks(server):
     got = wire.read_npy(body)
     s = torch.softmax(torch.from_numpy(x).double(), -1).numpy()
     np.testing.assert_allclose(got, np.diag(s) - np.outer(s, s), atol=1e-6)
+
+
+def test_a_gathered_npy_over_a_megabyte_goes_out_whole(server):
+    """1.44 MB: gathered (under the 2 MB stream threshold), sent as the header and the
+    array's own buffer, one body message each, with the length announced up front."""
+    n = 600
+    x = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    for _ in range(3):  # and again on the same connection: nothing left over in between
+        with httpx.Client(timeout=60) as c:
+            r = c.post(f"{server}/v1/functions/softmax/jacobian", content=npy_bytes(x), headers={"content-type": wire.NPY, "accept": wire.NPY})
+            assert r.status_code == 200 and "x-chunk-size" not in r.headers  # not streamed
+            assert int(r.headers["content-length"]) == len(r.content)
+            got = wire.read_npy(r.content)
+            want = torch.func.jacrev(lambda v: torch.softmax(v, -1))(torch.from_numpy(x)).numpy()
+            np.testing.assert_allclose(got, want, atol=1e-6)
+            assert c.get(f"{server}/healthz").status_code == 200
 
 
 def test_failure_mid_stream_aborts_the_connection(server):
@@ -104,7 +120,7 @@ def test_metrics_and_info(server):
         assert r.status_code == 200
     assert _batches(httpx.get(f"{server}/metrics").text) == before + 3
     info = httpx.get(f"{server}/v1/info").json()
-    assert info["devices"] == ["cpu"] and info["limits"]["stream_threshold_bytes"] == 1 << 20
+    assert info["devices"] == ["cpu"] and info["limits"]["stream_threshold_bytes"] == 2 << 20
     assert info["torch_threads"] == max(1, (os.cpu_count() or 2) // 2)  # the default: half the cores
     assert httpx.get(f"{server}/openapi.json").json()["paths"]["/v1/functions/{name}/jacobian"]["post"]
     assert httpx.get(f"{server}/docs").status_code == 200

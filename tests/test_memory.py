@@ -3,6 +3,8 @@ a streamed Jacobian stays within its bound, and requests leave the garbage colle
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -41,10 +43,11 @@ import json, sys, time
 import numpy as np, torch
 torch.set_num_threads(1)
 from jacobian_service.engine.core import Engine
-from jacobian_service.engine.devices import PeakMemory
+from jacobian_service.engine.devices import PeakMemory, keep_free_heap
 from jacobian_service.registry import Registry
 from jacobian_service.types import Call
 
+keep_free_heap()  # as an engine process starts
 budget, n = int(sys.argv[1]), int(sys.argv[2])
 spec = Registry.from_modules(["tests.user_functions"]).get("outer_rows")
 engine = Engine(torch.device("cpu"), budget)
@@ -73,8 +76,8 @@ def test_a_streamed_jacobian_holds_the_memory_budget_not_just_estimates_it():
     """``outer_rows`` costs n x n floats per Jacobian row, where the engine's estimate
     assumes a few times n: by the estimate alone one chunk would take every row (~1 GB
     here). Chunks start at one row and double while measured, up to what fits, in the
-    allocator settings ``serve`` gives its engines (glibc's defaults; the stream trims the
-    heap between chunks); the second request starts right."""
+    allocator settings ``serve`` gives its engines (``keep_free_heap``; the stream trims
+    the heap between chunks); the second request starts right."""
     import json
     import os
     import subprocess
@@ -92,6 +95,49 @@ def test_a_streamed_jacobian_holds_the_memory_budget_not_just_estimates_it():
     assert max(got["sizes"]) * per_row <= budget  # no chunk is larger than what fits
     for peak in got["peaks"]:
         assert peak <= budget, (peak, budget, got["sizes"][:3], per_row)
+
+
+_REUSE = """
+import ctypes, json, sys
+import numpy as np
+from jacobian_service.engine.devices import keep_free_heap
+if sys.argv[1] == "kept":
+    keep_free_heap()
+
+def faults():
+    with open("/proc/self/stat") as fp:
+        return int(fp.read().rsplit(")", 1)[1].split()[7])
+
+counts = []
+for size in (4 << 20, 16 << 20, 16 << 20, 4 << 20):  # a large result's temporaries, request after request
+    before = faults()
+    block = np.ones(size // 4, np.float32)
+    counts.append(faults() - before)
+    del block
+print(json.dumps(counts))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator and /proc")
+def test_an_engine_heap_gives_a_large_block_back_warm():
+    """Engines fix glibc's thresholds (``keep_free_heap``): a freed 16 MB block is reused
+    by the next request without faulting its pages in again. Under glibc's moving
+    thresholds the same sequence faults fresh pages in once more (the block first came
+    from mmap, then from a heap grown for it), and in served engines it depended on the
+    history whether every request did."""
+    import json
+    import subprocess
+
+    def run(mode: str) -> list[int]:
+        proc = subprocess.run([sys.executable, "-c", _REUSE, mode], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    kept, default = run("kept"), run("default")
+    fresh = kept[1]  # the first 16 MB block: fresh pages either way (fewer faults than pages with huge pages)
+    assert fresh >= 100, kept
+    assert kept[2] < fresh // 10 and kept[3] < fresh // 10, kept  # then reused warm
+    assert default[2] > fresh // 2, default  # glibc's defaults: faulted in again
 
 
 def test_freeze_heap_collects_start_up_garbage_then_freezes_the_rest():

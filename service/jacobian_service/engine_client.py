@@ -121,9 +121,10 @@ class InProcessEngines(_Engines):
     async def start(self) -> None:
         import torch
 
-        from .engine import Engine, default_memory_budget, resolve_devices
+        from .engine import Engine, default_memory_budget, keep_free_heap, resolve_devices
         from .scheduler import ThreadedWorker, Worker
 
+        keep_free_heap()  # the heap policy of an engine process
         s = self.settings
         threads = s.torch_threads if s.torch_threads is not None else max(1, (os.cpu_count() or 2) // 2)
         if threads:

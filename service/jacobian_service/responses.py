@@ -77,7 +77,8 @@ def is_single_array(result: Result) -> bool:
 
 
 def encode(media: str, function: str, key: str, result: Result, meta: dict[str, Any]) -> Response:
-    """Encode a gathered result; CPU-heavy for large results, so run it off the loop."""
+    """Encode a gathered result. JSON and .npz are CPU-heavy for large results (the caller
+    runs them off the loop); .npy is a header and views of the arrays."""
     if media == wire.NPY:
         pieces = wire.write_npy(result.value)
         if result.value.nbytes < _JOIN_BYTES:  # one plain body: cheaper than a streamed one
@@ -184,14 +185,27 @@ def _json_data(arr: np.ndarray) -> bytes:
 
 def pieces_response(pieces: Iterable[bytes | memoryview], media_type: str, headers: dict[str, str] | None = None) -> Response:
     """A body sent piece by piece with its length known up front (no join, no copy)."""
-    pieces = list(pieces)
-    length = sum(memoryview(p).nbytes for p in pieces)
+    return _PiecesResponse(list(pieces), media_type, headers)
 
-    async def body() -> AsyncIterator[bytes | memoryview]:
-        for piece in pieces:
-            yield piece
 
-    return StreamingResponse(body(), media_type=media_type, headers={"Content-Length": str(length), **(headers or {})})
+class _PiecesResponse(Response):
+    """The pieces, each one ASGI body message, straight after the head. Starlette's
+    StreamingResponse would also run a task watching for the client leaving: the
+    pieces are in memory already, and the server drops what is sent after a
+    disconnect, so there is nothing to stop early."""
+
+    def __init__(self, pieces: list[bytes | memoryview], media_type: str, headers: dict[str, str] | None) -> None:
+        self.pieces = pieces
+        length = sum(memoryview(p).nbytes for p in pieces)
+        super().__init__(None, media_type=media_type, headers={**(headers or {}), "Content-Length": str(length)})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        last = len(self.pieces) - 1
+        for i, piece in enumerate(self.pieces):
+            await send({"type": "http.response.body", "body": piece, "more_body": i < last})
+        if not self.pieces:
+            await send({"type": "http.response.body", "body": b""})
 
 
 class EncodeBudget:

@@ -264,7 +264,9 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
     encode_start = time.monotonic()
     nbytes = result.nbytes()
     encoding = (chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result))
-    if nbytes < _OFFLOAD_BYTES:  # small: encoded here at once, with nothing to wait for
+    if nbytes < _OFFLOAD_BYTES or chosen == wire.NPY:
+        # Small, or .npy: a header and views of the arrays, nothing built whatever the
+        # size (a thread hop cost a 4 MB .npy answer more than its encoding).
         response = encode(*encoding)
     else:
         async with state.encode_budget.hold(nbytes):

@@ -156,8 +156,9 @@ def serve(settings: Settings) -> int:
     metrics_dir = run_dir / "metrics"
     metrics_dir.mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    # The allocator keeps glibc's defaults: a stream gives its freed memory back between
-    # chunks instead (engine/devices.release_free_heap, where the trade-off is measured).
+    # No allocator variables: each engine fixes its own heap policy once started
+    # (engine/devices.keep_free_heap), and a stream gives its freed memory back between
+    # chunks (release_free_heap); the trade-offs are measured there.
     try:
         doc = supervisor.start_first()
         supervisor.start()

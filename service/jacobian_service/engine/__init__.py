@@ -6,13 +6,14 @@
     batched.py   per-example vmap, and request batching (stack, run, split)
     calling.py   calling the user's function: aux, fixed inputs, failures
     profile.py   what is learned per function at run time, bounded
-    devices.py   device choice, memory budgets, warm-up calls
+    devices.py   device choice, memory budgets, the heap policy, warm-up calls
     process.py   the engine process: a socket in front of a scheduler and an engine
 """
 
 from __future__ import annotations
 
 from .core import Engine, Streamed, host_dtype, to_numpy
-from .devices import default_memory_budget, resolve_devices, warmup_call
+from .devices import default_memory_budget, keep_free_heap, resolve_devices, warmup_call
 
-__all__ = ["Engine", "Streamed", "default_memory_budget", "host_dtype", "resolve_devices", "to_numpy", "warmup_call"]
+__all__ = ["Engine", "Streamed", "default_memory_budget", "host_dtype", "keep_free_heap", "resolve_devices", "to_numpy",
+           "warmup_call"]

@@ -11,7 +11,7 @@ import torch
 from ..registry import FunctionSpec
 from ..types import Call
 
-__all__ = ["PeakMemory", "default_memory_budget", "release_free_heap", "resolve_devices", "warmup_call"]
+__all__ = ["PeakMemory", "default_memory_budget", "keep_free_heap", "release_free_heap", "resolve_devices", "warmup_call"]
 
 
 def resolve_devices(setting: str) -> list[torch.device]:
@@ -75,28 +75,46 @@ class PeakMemory:
         self.growth = max(0, peak - self._base)
 
 
-def _malloc_trim() -> Any:
+def _libc(name: str) -> Any:
     try:
-        return ctypes.CDLL(None).malloc_trim  # glibc's; other C libraries have none
+        return getattr(ctypes.CDLL(None), name)  # glibc's; other C libraries may have none
     except (OSError, AttributeError):
         return None
 
 
-_MALLOC_TRIM = _malloc_trim()
+_MALLOC_TRIM = _libc("malloc_trim")
+_MALLOPT = _libc("mallopt")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEPT_FREE_HEAP = 64 << 20
+_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its moving threshold
+
+
+def keep_free_heap() -> None:
+    """Fix glibc's heap policy for an engine: blocks under 32 MiB come from the heap, and
+    up to ``KEPT_FREE_HEAP`` of free heap is kept for the next request, not trimmed.
+
+    glibc's defaults move both thresholds with the history of frees, so whether a large
+    result's temporaries came back warm or as fresh pages depended on what the engine
+    had run before: the 1000x1000 softmax's engine took ~900 page faults and 5.0 ms of
+    CPU a request in one start-up, none and 2.5 ms in the next (fresh pages cost ~0.75
+    ms a MB on the 2-core VM). Fixed, the engine keeps at most this much free between
+    requests; a streamed Jacobian still trims between its chunks (``release_free_heap``)."""
+    if _MALLOPT is not None:
+        _MALLOPT(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        _MALLOPT(_M_TRIM_THRESHOLD, KEPT_FREE_HEAP)
 
 
 def release_free_heap() -> None:
     """Give the heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing).
 
-    Called between the row chunks of a streamed Jacobian. glibc raises its mmap threshold
-    each time a large block is freed; blocks of that size then come from the heap, where
-    they are reused warm (jacrev of a 1000x1000 softmax: 1.8 ms, against 6.9-11 ms when
-    every 4 MB temporary is fresh pages, with a fixed ``MALLOC_MMAP_THRESHOLD_`` or torch's
-    huge-page allocations, on this 2-core VM). But the heap keeps what it grew to: a 2 GB
-    stream in 12 MB chunks grew an engine by 250-450 MB. Trimming between chunks holds a
-    stream to about one chunk's peak (+71 to +89 MiB over 5 runs) and costs it nothing
-    measurable (5.1-6.2 s per 2 GB, against 6.3-11.2 s with the fixed settings, runs
-    alternated within one hour)."""
+    Called between the row chunks of a streamed Jacobian. Large blocks come from the heap
+    (``keep_free_heap``), where they are reused warm (jacrev of a 1000x1000 softmax: 1.8
+    ms, against 6.9-11 ms when every 4 MB temporary is fresh pages, with a fixed 1 MiB
+    ``MALLOC_MMAP_THRESHOLD_`` or torch's huge-page allocations, on this 2-core VM). But
+    the heap keeps what it grew to: a 2 GB stream in 12 MB chunks grew an engine by
+    250-450 MB. Trimming between chunks holds a stream to about one chunk's peak (+71 to
+    +89 MiB over 5 runs) and costs it nothing measurable (5.1-6.2 s per 2 GB, against
+    6.3-11.2 s with the fixed settings, runs alternated within one hour)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 

@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_format)
     import torch
 
-    from .devices import resolve_devices
+    from .devices import keep_free_heap, resolve_devices
+
+    keep_free_heap()
 
     threads = settings.torch_threads if settings.torch_threads is not None else max(1, (os.cpu_count() or 2) // 2)
     if threads:
