@@ -199,3 +199,173 @@ def test_a_listener_reports_a_front_end_that_hangs_up_mid_message(tmp_path: Path
         assert [frames for _, frames in events] == [None]  # no half message, one hang-up
     finally:
         listener.close()
+
+
+# --------------------------------------------------------------------------- shared memory
+
+
+class _SharedEcho(_Echo):
+    """The echo loop with shared memory for large frames, as an engine has it."""
+
+    def __init__(self, path: Path, shared_bytes: int) -> None:
+        self.listener = Listener(path, shared_bytes)
+        self.hung_up = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def segments(self) -> list:
+        return [key.data.segment for key in list(self.listener.selector.get_map().values())
+                if key.data is not None and key.data.segment is not None]
+
+
+def _big(seed: int, nbytes: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 255, nbytes, dtype=np.uint8).tobytes()
+
+
+def test_large_frames_come_through_shared_memory_and_their_blocks_come_back(tmp_path: Path) -> None:
+    """A frame of 64 KiB and more is read where the engine wrote it (a read-only view of
+    the mapped segment); its block is the engine's again once the last view has gone,
+    here on another thread, as when a large JSON encoding drops the result."""
+    path = tmp_path / "e.sock"
+    echo = _SharedEcho(path, 16 << 20)
+    payloads = [_big(1, 4 << 20), b"small", _big(2, 70_000)]
+
+    async def main() -> None:
+        got: list[list] = []
+        conn = Connection(path, got.append)
+        try:
+            await _until(lambda: echo.segments())  # offered, mapped, taken
+            segment = echo.segments()[0]
+            for i, payload in enumerate(payloads):
+                conn.send([b'{"i":%d}' % i, payload])
+            await _until(lambda: len(got) == 3)
+            frames = [m[1] for m in got]
+            assert [bytes(f) for f in frames] == payloads
+            assert all(isinstance(f, memoryview) and f.readonly for f in (frames[0], frames[2]))
+            assert sorted(segment.used.values()) == [73_728, 4 << 20]  # 70,000 and 4 MiB, in whole pages
+            array = np.frombuffer(frames[0], np.uint8)  # a view of a view: the block stays out
+            got.clear()
+            del frames
+            await asyncio.sleep(0.1)
+            assert sorted(segment.used.values()) == [4 << 20]
+            await asyncio.to_thread(lambda box: box.clear(), [array])  # the last view goes on another thread
+            del array
+            await _until(lambda: not segment.used)
+            assert segment.free == [(0, 16 << 20)]  # merged back into one
+        finally:
+            conn.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        echo.close()
+
+
+def test_a_full_segment_sends_on_the_socket(tmp_path: Path) -> None:
+    import ctypes
+
+    path = tmp_path / "e.sock"
+    echo = _SharedEcho(path, 1 << 20)
+    payloads = [_big(i, 600_000) for i in range(4)]  # 1 MiB holds one of them
+
+    async def main() -> None:
+        got: list[list] = []
+        conn = Connection(path, got.append)
+        try:
+            await _until(lambda: echo.segments())
+            for payload in payloads:  # all kept: no block comes back meanwhile
+                conn.send([b"{}", payload])
+            await _until(lambda: len(got) == 4)
+            assert [bytes(m[1]) for m in got] == payloads
+            assert [isinstance(m[1].obj, ctypes.Array) for m in got] == [True, False, False, False]
+        finally:
+            conn.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        echo.close()
+
+
+def test_blocks_of_an_engine_that_died_stay_readable(tmp_path: Path) -> None:
+    """An engine crash while a response is still being written: the front end's mapping
+    keeps the pages, and the next engine's segment is a new one."""
+    path = tmp_path / "e.sock"
+
+    async def main() -> None:
+        got: list[list] = []
+        conn = Connection(path, got.append)
+        first = await asyncio.to_thread(_SharedEcho, path, 8 << 20)
+        payload = _big(3, 1 << 20)
+        try:
+            await _until(lambda: first.segments())
+            conn.send([b"{}", payload])
+            await _until(lambda: len(got) == 1)
+        finally:
+            await asyncio.to_thread(first.close)  # its segment closes with it
+        kept = got.pop()[1]
+        assert bytes(kept) == payload
+        second = await asyncio.to_thread(_SharedEcho, path, 8 << 20)
+        try:
+            await _until(lambda: second.segments())
+            conn.send([b"{}", payload[::-1]])
+            await _until(lambda: len(got) == 1)
+            assert bytes(got[0][1]) == payload[::-1] and bytes(kept) == payload
+            del kept  # given back to nobody: the engine it belonged to has gone
+            await asyncio.sleep(0.05)
+            assert list(second.segments()[0].used.values()) == [1 << 20]  # only its own block
+        finally:
+            conn.close()
+            await asyncio.to_thread(second.close)
+
+    asyncio.run(main())
+
+
+def test_a_front_end_that_cannot_map_the_segment_declines_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import jacobian_service.channel as channel
+
+    path = tmp_path / "e.sock"
+    echo = _SharedEcho(path, 8 << 20)
+    real_open = channel.os.open
+
+    def refuse(p, *args, **kwargs):
+        if str(p).startswith("/proc/"):
+            raise PermissionError(13, "Permission denied")  # as where /proc hides other processes
+        return real_open(p, *args, **kwargs)
+
+    monkeypatch.setattr(channel.os, "open", refuse)
+    payloads = [_big(4, 2 << 20)]
+
+    async def main() -> None:
+        await asyncio.sleep(0.1)
+        got, conn = await _round_trips(path, payloads)
+        assert [m[1] for m in got] == payloads
+        assert echo.segments() == []  # declined: no segment in use
+        conn.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        echo.close()
+
+
+def test_segment_blocks_are_first_fit_and_merge_when_given_back() -> None:
+    from jacobian_service.channel import Segment
+
+    segment = Segment(10 * 4096)
+    try:
+        where = [segment.place(memoryview(bytes([i]) * (4096 * n))) for i, n in enumerate((2, 3, 1))]
+        offsets = [int.from_bytes(w[:8], "little") for w in where]
+        assert offsets == [0, 8192, 20480]
+        assert segment.place(memoryview(bytes(5 * 4096))) is None  # 4 pages are left
+        segment.give_back(8192)
+        assert segment.place(memoryview(bytes(4096)))[:8] == (8192).to_bytes(8, "little")  # first fit: the hole
+        segment.give_back(0)
+        segment.give_back(8192)
+        segment.give_back(20480)
+        segment.give_back(12345)  # not a block: ignored
+        assert segment.free == [(0, 10 * 4096)] and not segment.used
+        assert bytes(segment.map[20480:20480 + 4096]) == bytes([2]) * 4096  # what was written
+    finally:
+        segment.close()

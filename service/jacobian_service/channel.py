@@ -14,24 +14,43 @@ so the hop was a good part of the service's overhead.
 
 Each side writes what it has at once: a loop tick's jobs, a batch's replies, one message
 after another in one write. The framing delimits them, so the other side wakes once and
-reads them all. Large frames are neither joined nor copied in user space on their way:
-the engine sends result arrays from their own buffers (``sendmsg``, one buffer per
-frame), and a reader (either side) reads a large frame straight into a buffer of its
-size. Small frames are cut out of a staging buffer, so a batch of small replies costs
-one read.
+reads them all. Small frames are cut out of a staging buffer, so a batch of small
+replies costs one read; a large frame is read straight into a buffer of its size.
+
+Large results go through shared memory instead. The engine offers each front end that
+connects a segment of its own (a ``memfd``, which the front end maps through
+``/proc/<engine>/fd``); once the front end has mapped it, a frame of ``_SHARED_FRAME``
+bytes or more is copied into a free block of the segment and only its place crosses the
+socket (a frame size with ``_SHARED`` set: the frame is 16 bytes of offset and length).
+The front end reads the array where it lies, and the block is the engine's again when
+the last view of it (the numpy array, the response body, the server's write buffer)
+is gone: a finalizer sends the block back. A full segment, or none, sends frames on the
+socket as before. Measured on the 2-core VM: 4 MB through the socket took 0.80 ms and
+0.58 ms of the reader's CPU; a copy into a mapped segment takes 0.10 ms.
+
+The channel's own messages (the offer, its answer, blocks given back) have ``_CONTROL``
+set in their frame count and one frame: a kind byte, then its data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import logging
+import mmap
+import os
 import selectors
 import socket
 import struct
+import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["Connection", "FrameReader", "Listener", "Peer", "encode_messages"]
+__all__ = ["Connection", "FrameReader", "Listener", "Peer", "Segment", "encode_control", "encode_messages"]
 
+
+log = logging.getLogger("jacobian_service.channel")
 
 _COUNT = struct.Struct("<I")
 _STAGE_BYTES = 1 << 18
@@ -39,37 +58,63 @@ _BIG_FRAME = 1 << 16  # frames this large are read into their own buffer, not st
 _MAX_IOV = 512  # buffers per sendmsg (the kernel's limit is 1,024)
 _SOCKET_BUFFER = 4 << 20  # asked for; the kernel caps it at net.core.[rw]mem_max
 
+_CONTROL = 1 << 31  # in a frame count: the channel's own message
+_SHARED = 1 << 63  # in a frame size: the frame lies in shared memory, this is its place
+_PLACE = struct.Struct("<QQ")  # offset, length
+_SHARED_FRAME = 1 << 16  # frames this large go through shared memory when there is some
+_BLOCK = 4096  # blocks of the segment start on page boundaries
+# Control kinds: the engine offers a segment, the front end takes or declines it, and
+# gives blocks back.
+_OFFER, _TAKE, _DECLINE, _GIVE_BACK = b"o", b"t", b"d", b"g"
 
-def encode_messages(messages: Sequence[Sequence[Any]]) -> tuple[list[Any], int]:
+Place = Callable[[memoryview], "bytes | None"]
+
+
+def encode_messages(messages: Sequence[Sequence[Any]], place: Place | None = None) -> tuple[list[Any], int]:
     """The buffers that carry ``messages`` on the socket, one after another (each its
-    prefix, then its frames as they are), and their total size in bytes."""
+    prefix, then its frames as they are), and their total size in bytes. ``place`` puts
+    a large frame in shared memory and says where (None: no room), for the frame's
+    place to travel instead of its bytes."""
     buffers: list[Any] = []
     total = 0
     for frames in messages:
         sizes = [memoryview(f).nbytes for f in frames]
+        if place is not None and max(sizes, default=0) >= _SHARED_FRAME:
+            frames = list(frames)
+            for i, size in enumerate(sizes):
+                if size >= _SHARED_FRAME and (where := place(memoryview(frames[i]).cast("B"))) is not None:
+                    frames[i], sizes[i] = where, _SHARED | _PLACE.size
         prefix = struct.pack(f"<I{len(sizes)}Q", len(sizes), *sizes)
         buffers += (prefix, *frames)
-        total += len(prefix) + sum(sizes)
+        total += len(prefix) + sum(size & ~_SHARED for size in sizes)
     return buffers, total
+
+
+def encode_control(kind: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("<IQ", _CONTROL | 1, len(kind) + len(data)) + kind + data
 
 
 class FrameReader:
     """Messages out of a byte stream, for a reader that fills ``buffer()`` and then says
     how much it wrote with ``updated(n)`` (asyncio's ``BufferedProtocol`` contract).
 
-    Completed messages collect in ``messages``. A frame of ``_BIG_FRAME`` bytes or more
-    gets its own buffer, which the socket fills directly: it reaches the array decoder
-    without a copy (as a read-only view). Smaller frames are copied out of the staging
-    buffer, one ``bytes`` each."""
+    Completed messages collect in ``messages``, the channel's own in ``controls`` (their
+    one frame). A frame of ``_BIG_FRAME`` bytes or more gets its own buffer, which the
+    socket fills directly: it reaches the array decoder without a copy (as a read-only
+    view). Smaller frames are copied out of the staging buffer, one ``bytes`` each. A
+    frame in shared memory becomes what ``shared(offset, length)`` returns."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: Callable[[int, int], Any] | None = None) -> None:
         self._stage = memoryview(bytearray(_STAGE_BYTES))
         self._start = self._end = 0
-        self._sizes: list[int] | None = None
+        self._sizes: list[int] | None = None  # as sent: _SHARED may be set
+        self._control = False
         self._frames: list[Any] = []
         self._big: memoryview | None = None  # the large frame being filled, and how far
         self._big_got = 0
+        self._shared = shared
         self.messages: list[list[Any]] = []
+        self.controls: list[bytes] = []
 
     def buffer(self) -> memoryview:
         if self._big is not None:
@@ -109,6 +154,7 @@ class FrameReader:
                 if avail < _COUNT.size:
                     break
                 (count,) = _COUNT.unpack_from(self._stage, self._start)
+                self._control, count = bool(count & _CONTROL), count & ~_CONTROL
                 need = _COUNT.size + 8 * count
                 if avail < need:
                     if len(self._stage) - self._start < need:
@@ -119,10 +165,18 @@ class FrameReader:
                 self._frames = []
                 continue
             if len(self._frames) == len(self._sizes):
-                self.messages.append(self._frames)
+                (self.controls.append(self._frames[0]) if self._control else self.messages.append(self._frames))
                 self._sizes, self._frames = None, []
                 continue
             size = self._sizes[len(self._frames)]
+            if size & _SHARED:
+                if avail < _PLACE.size:
+                    break
+                if self._shared is None:
+                    raise ConnectionError("a frame in shared memory, on a connection without any")
+                self._frames.append(self._shared(*_PLACE.unpack_from(self._stage, self._start)))
+                self._start += _PLACE.size
+                continue
             if size <= avail:
                 self._frames.append(bytes(self._stage[self._start:self._start + size]))
                 self._start += size
@@ -143,18 +197,86 @@ class FrameReader:
         messages, self.messages = self.messages, []
         return messages
 
+    def take_controls(self) -> list[bytes]:
+        controls, self.controls = self.controls, []
+        return controls
+
 
 # --------------------------------------------------------------------------- engine side
 
 
+class Segment:
+    """Shared memory for one front end's results, on the engine's side: a ``memfd`` and
+    the blocks of it that hold frames the front end has not given back yet.
+
+    Pages are reserved (``posix_fallocate``) as blocks are first used, so a machine out
+    of memory refuses a block here, and the frame goes on the socket, instead of the
+    write faulting. First fit over the free blocks: a few results are out at a time."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fd = os.memfd_create("jacobian-results", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)  # its length only: no page is taken yet
+            self.map = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"  # where the front end opens it
+        self.free: list[tuple[int, int]] = [(0, size)]  # (offset, size), by offset
+        self.used: dict[int, int] = {}
+        self.reserved = 0  # pages exist below this offset
+
+    def place(self, frame: memoryview) -> bytes | None:
+        """Copy ``frame`` into a free block; its place, or None when no block is free."""
+        n = frame.nbytes
+        need = -(-n // _BLOCK) * _BLOCK
+        for i, (offset, size) in enumerate(self.free):
+            if size >= need:
+                break
+        else:
+            return None
+        if offset + need > self.reserved:
+            try:
+                os.posix_fallocate(self.fd, self.reserved, offset + need - self.reserved)
+            except OSError:
+                return None
+            self.reserved = offset + need
+        self.free[i:i + 1] = [(offset + need, size - need)] if size > need else []
+        self.used[offset] = need
+        self.map[offset:offset + n] = frame
+        return _PLACE.pack(offset, n)
+
+    def give_back(self, offset: int) -> None:
+        size = self.used.pop(offset, None)
+        if size is None:
+            return  # not ours to free: the front end is wrong, the segment stays right
+        i = 0
+        while i < len(self.free) and self.free[i][0] < offset:
+            i += 1
+        self.free.insert(i, (offset, size))
+        # merge with the next block, then with the previous one
+        if i + 1 < len(self.free) and offset + size == self.free[i + 1][0]:
+            self.free[i:i + 2] = [(offset, size + self.free[i + 1][1])]
+        if i > 0 and self.free[i - 1][0] + self.free[i - 1][1] == offset:
+            self.free[i - 1:i + 1] = [(self.free[i - 1][0], self.free[i - 1][1] + self.free[i][1])]
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
 class Peer:
-    """One front end's connection to an engine: its reader and what waits to be written."""
+    """One front end's connection to an engine: its reader, what waits to be written,
+    and its shared memory (``offered`` until the front end has mapped it)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.reader = FrameReader()
         self.out: list[memoryview] = []
         self.gone = False
+        self.offered: Segment | None = None
+        self.segment: Segment | None = None
 
     def write(self) -> None:
         """Write what the socket takes now, without blocking."""
@@ -182,10 +304,12 @@ class Listener:
 
     ``poll(timeout)`` returns the messages that arrived as ``(peer, frames)`` and the
     front ends that hung up as ``(peer, None)``; ``send(peer, messages)`` writes at once
-    what the socket takes and the rest as it drains (on later polls)."""
+    what the socket takes and the rest as it drains (on later polls). With
+    ``shared_bytes``, each front end is offered a segment of that size for large frames."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shared_bytes: int = 0) -> None:
         self.path = path
+        self.shared_bytes = shared_bytes
         try:
             path.unlink()  # a dead engine's socket file: this engine replaces it
         except FileNotFoundError:
@@ -210,6 +334,8 @@ class Listener:
                 peer.write()
             if mask & selectors.EVENT_READ and not self._read(peer):
                 peer.gone = True
+            for control in peer.reader.take_controls():
+                self._control(peer, control)
             events.extend((peer, m) for m in peer.reader.take())
             self._watch(peer)
         events.extend((peer, None) for peer in self._hung_up)
@@ -219,10 +345,32 @@ class Listener:
     def send(self, peer: Peer, messages: Sequence[Sequence[Any]]) -> None:
         if peer.gone:
             return
-        buffers, _ = encode_messages(messages)
+        buffers, _ = encode_messages(messages, peer.segment.place if peer.segment is not None else None)
         peer.out.extend(view for b in buffers if (view := memoryview(b).cast("B")).nbytes)
         peer.write()
         self._watch(peer)
+
+    def _offer(self, peer: Peer) -> None:
+        try:
+            peer.offered = Segment(self.shared_bytes)
+        except (OSError, AttributeError) as exc:  # AttributeError: no memfd on this platform
+            log.info("no shared memory for results (%s); they go on the socket", exc)
+            return
+        peer.out.append(memoryview(encode_control(_OFFER, f"{self.shared_bytes} {peer.offered.path}".encode())))
+        peer.write()
+        self._watch(peer)
+
+    def _control(self, peer: Peer, control: bytes) -> None:
+        kind, data = control[:1], control[1:]
+        if kind == _GIVE_BACK and peer.segment is not None:
+            for offset in struct.unpack(f"<{len(data) // 8}Q", data):
+                peer.segment.give_back(offset)
+        elif kind in (_TAKE, _DECLINE) and peer.offered is not None:
+            segment, peer.offered = peer.offered, None
+            if kind == _TAKE:
+                peer.segment = segment
+            else:
+                segment.close()
 
     def _accept(self) -> None:
         while True:
@@ -234,6 +382,8 @@ class Listener:
             _grow_buffers(sock)
             peer = Peer(sock)
             self.selector.register(sock, selectors.EVENT_READ, peer)
+            if self.shared_bytes:
+                self._offer(peer)
 
     def _read(self, peer: Peer) -> bool:
         """Read what has arrived; False once the front end has hung up."""
@@ -262,6 +412,10 @@ class Listener:
 
     def _drop(self, peer: Peer) -> None:
         peer.gone, peer.out = True, []
+        for segment in (peer.offered, peer.segment):
+            if segment is not None:  # the front end's mapping, if any, lives on without it
+                segment.close()
+        peer.offered = peer.segment = None
         try:
             self.selector.unregister(peer.sock)
         except (KeyError, ValueError):
@@ -286,7 +440,12 @@ class Connection(asyncio.BufferedProtocol):
     ``send`` queues a message; the messages of one loop tick leave together, written by
     one call. Messages queued while no engine is connected wait for the next one, except
     those queued before a connection broke: their requests belonged to the engine that
-    died, and the supervisor's word about it answers them."""
+    died, and the supervisor's word about it answers them.
+
+    A frame that arrives in shared memory is a read-only view of the mapped segment;
+    when the last reference to it goes (on whatever thread), its block is given back,
+    with the next messages. Blocks of an engine that has gone stay mapped until then,
+    and are not given to its successor."""
 
     _RETRY_S = (0.005, 0.1)  # first and longest wait between attempts to connect
 
@@ -300,6 +459,10 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_at: asyncio.Handle | None = None
         self._closed = False
         self._connecting: asyncio.Task | None = None
+        self._segment: mmap.mmap | None = None  # this connection's shared memory, once mapped
+        self._link: object | None = None  # which connection's segment a block belongs to
+        self._given_back: list[int] = []  # blocks to give back with the next write
+        self._loop_thread = threading.get_ident()
         self._connect()
 
     # ----------------------------------------------------------------- connecting
@@ -320,7 +483,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: Any) -> None:
         self._transport = transport
-        self._reader = FrameReader()
+        self._reader = FrameReader(self._shared_frame)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _grow_buffers(sock)
@@ -330,6 +493,8 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._outbox = []
+        self._segment = self._link = None
+        self._given_back = []
         self._connect()
 
     # ----------------------------------------------------------------- reading
@@ -339,23 +504,74 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._reader.updated(nbytes)
+        for control in self._reader.take_controls():
+            self._control(control)
         for message in self._reader.take():
             self._on_message(message)
+
+    # ----------------------------------------------------------------- shared memory
+
+    def _control(self, control: bytes) -> None:
+        kind, data = control[:1], control[1:]
+        if kind != _OFFER or self._transport is None:
+            return
+        size, path = data.decode().split(" ", 1)
+        try:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                segment = mmap.mmap(fd, int(size))
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as exc:  # e.g. /proc hidden from this process
+            log.info("cannot map the engine's shared memory (%s); results come on the socket", exc)
+            self._transport.write(encode_control(_DECLINE))
+            return
+        self._segment, self._link = segment, object()
+        self._transport.write(encode_control(_TAKE))
+
+    def _shared_frame(self, offset: int, length: int) -> memoryview:
+        if self._segment is None:
+            raise ConnectionError("a frame in shared memory before the segment was mapped")
+        block = (ctypes.c_char * length).from_buffer(self._segment, offset)  # a view, not a copy
+        weakref.finalize(block, self._give_back, self._link, offset).atexit = False
+        return memoryview(block).cast("B").toreadonly()
+
+    def _give_back(self, link: object, offset: int) -> None:
+        """The last view of a block has gone: give it back to its engine, if it is still
+        the one connected. Runs where the last reference went: on the loop, a worker
+        thread (a large JSON encoding) or the garbage collector."""
+        try:
+            if threading.get_ident() != self._loop_thread:  # the list is the loop's alone
+                self._loop.call_soon_threadsafe(self._give_back, link, offset)
+                return
+            if link is self._link:
+                self._given_back.append(offset)
+                self._schedule_flush()
+        except RuntimeError:  # the loop has closed: nothing to give back to
+            pass
 
     # ----------------------------------------------------------------- writing
 
     def send(self, frames: Sequence[Any]) -> None:
         """Queue a message; it leaves at the end of this loop tick with the others."""
         self._outbox.append(frames)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if self._flush_at is None:
             self._flush_at = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_at = None
-        if self._transport is None or not self._outbox:
+        if self._transport is None or not (self._outbox or self._given_back):
             return
         buffers, total = encode_messages(self._outbox)
         self._outbox = []
+        if self._given_back:
+            offsets, self._given_back = self._given_back, []
+            control = encode_control(_GIVE_BACK, struct.pack(f"<{len(offsets)}Q", *offsets))
+            buffers.insert(0, control)
+            total += len(control)
         if total < _BIG_FRAME:
             self._transport.write(b"".join(buffers))  # one write, one system call
         else:

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     engine_standby: bool = True
     # An address-space cap per engine process (bytes); unset: none.
     engine_memory_limit_bytes: int | None = Field(None, ge=1 << 26)
+    # Shared memory each engine gives each front end for large results (frames of 64 KiB
+    # and more): the front end reads them where the engine wrote them, not through the
+    # socket. Pages are taken as blocks are first used; a full segment sends on the socket.
+    # 0: everything on the socket.
+    shared_memory_bytes: int = Field(64 << 20, ge=0)
     # Serving under a path prefix behind a proxy (ASGI root_path).
     root_path: str = ""
 

@@ -80,7 +80,7 @@ class EngineServer:
 
     def open(self, run_dir: Path, index: int) -> None:
         self.board = ipc.StatusBoard(run_dir / f"engine-{index}.status")
-        self.listener = Listener(ipc.engine_path(run_dir, index))
+        self.listener = Listener(ipc.engine_path(run_dir, index), self.settings.shared_memory_bytes)
 
     # ----------------------------------------------------------------- messages
 
