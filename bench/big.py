@@ -2,7 +2,9 @@
 ``.npy`` (raw httpx and the SDK ``Client``), against in-process ``torch.func.jacrev``
 and a bare endpoint answering the same 4 MB (``bench/_floor.py``), interleaved call by
 call. Targets: service / in-process <= 1.5 (issue 4); service / (bare endpoint +
-in-process jacrev) <= 1.25 (issue 9: what the service adds besides moving the bytes)."""
+in-process jacrev) <= 1.25 (issue 9: what the service adds besides moving the bytes).
+The same server with ``SHARED_MEMORY_BYTES=0`` (results through the engine's socket)
+runs beside it, for what the shared-memory segment buys."""
 
 from __future__ import annotations
 
@@ -34,23 +36,27 @@ def run(ctx: Context) -> Report:
     jacrev = torch.func.jacrev(softmax)
     J = jacrev(xt).numpy()
     service = ctx.pool.service(ctx.service_env)
+    # The same server with results on the socket: what the shared-memory segment buys.
+    on_socket = ctx.pool.service({**ctx.service_env, "JACOBIAN_SERVICE_SHARED_MEMORY_BYTES": "0"})
     floor_server = ctx.pool.floor({"softmax": {"application/x-npy": npy_bytes(J)}})
     body = npy_bytes(x)
     with httpx.Client(base_url=service.url, timeout=120) as sc, Client(service.url, timeout=120) as sdk, \
-            httpx.Client(base_url=floor_server.url, timeout=120) as fc:
+            httpx.Client(base_url=floor_server.url, timeout=120) as fc, \
+            httpx.Client(base_url=on_socket.url, timeout=120) as oc:
         def bare() -> bytes:
             r = fc.post(PATH, content=body, headers=NPY_HEADERS)
             if r.status_code != 200 or len(r.content) != len(npy_bytes(J)):
                 raise RuntimeError(f"floor: {r.status_code}")
             return r.content
 
-        def post() -> bytes:
-            r = sc.post(PATH, content=body, headers=NPY_HEADERS)
+        def post(client: httpx.Client = sc) -> bytes:
+            r = client.post(PATH, content=body, headers=NPY_HEADERS)
             if r.status_code != 200:
                 raise RuntimeError(f"{r.status_code} {r.text[:200]}")
             return r.content
 
-        for label, got in (("httpx", np.load(io.BytesIO(post()))), ("sdk", sdk.jacobian("softmax", x))):
+        for label, got in (("httpx", np.load(io.BytesIO(post()))), ("sdk", sdk.jacobian("softmax", x)),
+                           ("socket", np.load(io.BytesIO(post(oc))))):
             if got.shape != J.shape or not np.allclose(got, J, rtol=1e-4, atol=1e-6):
                 report.fail(f"service ({label}) answer differs from in-process jacrev")
         samples = interleaved({
@@ -60,6 +66,7 @@ def run(ctx: Context) -> Report:
             "service .npy (httpx, bytes)": post,
             "service .npy (httpx, np.load)": lambda: np.load(io.BytesIO(post())),
             "service .npy (SDK Client)": lambda: sdk.jacobian("softmax", x),
+            "service .npy, results on the socket": lambda: post(oc),
         }, rounds, per_round, warmup=2)
     med = {k: median(v) for k, v in samples.items()}
     floor = med["in-process jacrev"]
@@ -71,5 +78,7 @@ def run(ctx: Context) -> Report:
     report.add(f"bare endpoint + in-process jacrev: {ms(both):.2f} ms\n")
     report.target(Target(f"big ({n}x{n} softmax): service .npy / (bare endpoint + jacrev)",
                          med["service .npy (httpx, bytes)"] / both, 1.25, "<="))
+    report.add(f"shared memory / socket for the result (SHARED_MEMORY_BYTES default / 0): "
+               f"{med['service .npy (httpx, bytes)'] / med['service .npy, results on the socket']:.2f}x\n")
     report.add()
     return report

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     engine_standby: bool = True
     # An address-space cap per engine process (bytes); unset: none.
     engine_memory_limit_bytes: int | None = Field(None, ge=1 << 26)
-    # Shared memory each engine gives each front end for large results (frames of 64 KiB
+    # Shared memory each engine gives each front end for result arrays (of 16 KiB
     # and more): the front end reads them where the engine wrote them, not through the
     # socket. Pages are taken as blocks are first used; a full segment sends on the socket.
     # 0: everything on the socket.
