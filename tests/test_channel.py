@@ -99,12 +99,17 @@ class _Echo:
 
     def run(self) -> None:
         while not self.stop:
-            for peer, frames in self.listener.poll(0.02):
-                if frames is None:
-                    self.hung_up += 1
-                else:
-                    self.listener.send(peer, [frames])
+            self.once()
         self.listener.close()
+
+    def once(self) -> None:
+        """One poll, in a frame of its own: nothing it read is held past it (as in the
+        engine, a message's frames go with the job that holds them)."""
+        for peer, frames in self.listener.poll(0.02):
+            if frames is None:
+                self.hung_up += 1
+            else:
+                self.listener.send(peer, [frames])
 
     def close(self) -> None:
         self.stop = True
@@ -215,8 +220,9 @@ class _SharedEcho(_Echo):
         self.thread.start()
 
     def segments(self) -> list:
-        return [key.data.segment for key in list(self.listener.selector.get_map().values())
-                if key.data is not None and key.data.segment is not None]
+        """The segments of the front ends that have taken theirs."""
+        return [key.data.sharing.own for key in list(self.listener.selector.get_map().values())
+                if key.data is not None and key.data.sharing.taken]
 
 
 def _big(seed: int, nbytes: int) -> bytes:
@@ -370,3 +376,32 @@ def test_segment_blocks_are_first_fit_and_merge_when_given_back() -> None:
         assert bytes(segment.map[20480:20480 + 4096]) == bytes([2]) * 4096  # what was written
     finally:
         segment.close()
+
+
+def test_large_inputs_go_through_the_front_ends_segment_and_come_back(tmp_path: Path) -> None:
+    """The other way: the front end offers its own segment; a large input is read by the
+    engine where the front end wrote it, and its block is the front end's again once
+    the engine no longer holds it (here: once the echo has been written back)."""
+    path = tmp_path / "e.sock"
+    echo = _Echo(path)  # the engine offers no segment: the echo goes back on the socket
+    payload = _big(5, 3 << 20)
+
+    async def main() -> None:
+        got: list[list] = []
+        conn = Connection(path, got.append, shared_bytes=8 << 20)
+        try:
+            await _until(lambda: conn._sharing.taken)
+            own = conn._sharing.own
+            conn.send([b"{}", payload, b"tiny"])
+            await _until(lambda: len(got) == 1)
+            assert bytes(got[0][1]) == payload and got[0][2] == b"tiny"
+            assert own.reserved == 3 << 20  # it went through the segment
+            await _until(lambda: not own.used)  # given back
+            assert own.free == [(0, 8 << 20)]
+        finally:
+            conn.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        echo.close()

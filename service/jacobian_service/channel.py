@@ -17,18 +17,19 @@ after another in one write. The framing delimits them, so the other side wakes o
 reads them all. Small frames are cut out of a staging buffer, so a batch of small
 replies costs one read; a large frame is read straight into a buffer of its size.
 
-Large results go through shared memory instead. The engine offers each front end that
-connects a segment of its own (a ``memfd``, which the front end maps through
-``/proc/<engine>/fd``); once the front end has mapped it, a frame of ``_SHARED_FRAME``
-bytes or more is copied into a free block of the segment and only its place crosses the
-socket (a frame size with ``_SHARED`` set: the frame is 16 bytes of offset and length).
-The front end reads the array where it lies, and the block is the engine's again when
-the last view of it (the numpy array, the response body, the server's write buffer)
-is gone: a finalizer sends the block back. A full segment, or none, sends frames on the
-socket as before. Measured on the 2-core VM: 4 MB through the socket took 0.80 ms and
-0.58 ms of the reader's CPU; a copy into a mapped segment takes 0.10 ms.
+Large arrays go through shared memory instead, both ways. Each side offers the other,
+once connected, a segment of its own (a ``memfd``, which the other side maps through
+``/proc/<pid>/fd``): the engine for results, the front end for inputs. Once the other
+side has mapped it, a frame of ``_SHARED_FRAME`` bytes or more is copied into a free
+block of the segment and only its place crosses the socket (a frame size with
+``_SHARED`` set: the frame is 16 bytes of offset and length). The reader takes the
+array where it lies, and the block is the writer's again when the last view of it (the
+numpy array, a response body, the server's write buffer) is gone: a finalizer gives it
+back. A full segment, or none, sends frames on the socket as before. Measured on the
+2-core VM: 4 MB through the socket took 0.80 ms and 0.58 ms of the reader's CPU; a copy
+into a mapped segment takes 0.10 ms.
 
-The channel's own messages (the offer, its answer, blocks given back) have ``_CONTROL``
+The channel's own messages (an offer, its answer, blocks given back) have ``_CONTROL``
 set in their frame count and one frame: a kind byte, then its data.
 """
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 import mmap
 import os
@@ -47,7 +49,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["Connection", "FrameReader", "Listener", "Peer", "Segment", "encode_control", "encode_messages"]
+__all__ = ["Connection", "FrameReader", "Listener", "Mapped", "Peer", "Segment", "Sharing", "encode_control", "encode_messages"]
 
 
 log = logging.getLogger("jacobian_service.channel")
@@ -66,7 +68,7 @@ _PLACE = struct.Struct("<QQ")  # offset, length
 # side by side (front-end CPU 0.56-0.58 -> 0.53 ms a request).
 _SHARED_FRAME = 1 << 14
 _BLOCK = 4096  # blocks of the segment start on page boundaries
-# Control kinds: the engine offers a segment, the front end takes or declines it, and
+# Control kinds: one side offers its segment, the other takes or declines it, and
 # gives blocks back.
 _OFFER, _TAKE, _DECLINE, _GIVE_BACK = b"o", b"t", b"d", b"g"
 
@@ -209,8 +211,8 @@ class FrameReader:
 
 
 class Segment:
-    """Shared memory for one front end's results, on the engine's side: a ``memfd`` and
-    the blocks of it that hold frames the front end has not given back yet.
+    """Shared memory a side writes its large frames into: a ``memfd`` and the blocks of
+    it that hold frames the other side has not given back yet.
 
     Pages are reserved (``posix_fallocate``) as blocks are first used, so a machine out
     of memory refuses a block here, and the frame goes on the socket, instead of the
@@ -225,7 +227,7 @@ class Segment:
         except BaseException:
             os.close(self.fd)
             raise
-        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"  # where the front end opens it
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"  # where the other side opens it
         self.free: list[tuple[int, int]] = [(0, size)]  # (offset, size), by offset
         self.used: dict[int, int] = {}
         self.reserved = 0  # pages exist below this offset
@@ -253,7 +255,7 @@ class Segment:
     def give_back(self, offset: int) -> None:
         size = self.used.pop(offset, None)
         if size is None:
-            return  # not ours to free: the front end is wrong, the segment stays right
+            return  # not a block: the other side is wrong, the segment stays right
         i = 0
         while i < len(self.free) and self.free[i][0] < offset:
             i += 1
@@ -269,17 +271,107 @@ class Segment:
         os.close(self.fd)
 
 
+class Mapped:
+    """The other side's segment, mapped here: its frames as read-only views, each with a
+    finalizer that calls ``freed(self, offset)`` once the view's last reference has gone
+    (on whatever thread dropped it, or in the garbage collector)."""
+
+    def __init__(self, path: str, size: int, freed: Callable[["Mapped", int], None]) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._freed = freed
+
+    def frame(self, offset: int, length: int) -> memoryview:
+        block = (ctypes.c_char * length).from_buffer(self.map, offset)  # a view, not a copy
+        weakref.finalize(block, self._freed, self, offset).atexit = False
+        return memoryview(block).cast("B").toreadonly()
+
+
+class Sharing:
+    """One connection's shared memory, both ways: this side's segment (``own``: offered,
+    then used once the other side has ``taken`` it) and the other side's (``mapped``),
+    with the blocks of it to give back. Both ends of a connection keep one; ``size`` 0
+    offers nothing (the other side's offer is still taken)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.own: Segment | None = None
+        self.taken = False
+        self.mapped: Mapped | None = None
+        self.given_back: list[int] = []
+
+    def offer(self) -> bytes | None:
+        """The offer of a new segment, to write once connected; None without one."""
+        if not self.size:
+            return None
+        try:
+            self.own = Segment(self.size)
+        except (OSError, AttributeError) as exc:  # AttributeError: no memfd on this platform
+            log.info("no shared memory for large frames (%s); they go on the socket", exc)
+            return None
+        return encode_control(_OFFER, f"{self.size} {self.own.path}".encode())
+
+    def place(self) -> Place | None:
+        return self.own.place if self.taken and self.own is not None else None
+
+    def control(self, control: bytes, freed: Callable[[Mapped, int], None]) -> bytes | None:
+        """The other side's control message; what to answer, if anything."""
+        kind, data = control[:1], control[1:]
+        if kind == _OFFER:
+            size, path = data.decode().split(" ", 1)
+            try:
+                self.mapped = Mapped(path, int(size), freed)
+            except (OSError, ValueError) as exc:  # e.g. /proc hidden from this process
+                log.info("cannot map the other side's shared memory (%s); its large frames come on the socket", exc)
+                return encode_control(_DECLINE)
+            return encode_control(_TAKE)
+        if kind == _TAKE and self.own is not None:
+            self.taken = True
+        elif kind == _DECLINE and self.own is not None:
+            self.own.close()
+            self.own = None
+        elif kind == _GIVE_BACK and self.own is not None:
+            for offset in struct.unpack(f"<{len(data) // 8}Q", data):
+                self.own.give_back(offset)
+        return None
+
+    def frame(self, offset: int, length: int) -> memoryview:
+        if self.mapped is None:
+            raise ConnectionError("a frame in shared memory before the segment was mapped")
+        return self.mapped.frame(offset, length)
+
+    def take_given_back(self) -> bytes | None:
+        """The blocks given back since the last call, as a control message."""
+        n = len(self.given_back)
+        if not n:
+            return None
+        # A slice, not a swap: a finalizer may append meanwhile (the collector runs on
+        # allocation), and what it appends stays for the next call.
+        offsets = self.given_back[:n]
+        del self.given_back[:n]
+        return encode_control(_GIVE_BACK, struct.pack(f"<{n}Q", *offsets))
+
+    def close(self) -> None:
+        """The connection has gone. The other side's blocks still out stay mapped (their
+        views hold the mapping) until they go; nothing is given back for them."""
+        if self.own is not None:
+            self.own.close()
+        self.own, self.taken, self.mapped, self.given_back = None, False, None, []
+
+
 class Peer:
     """One front end's connection to an engine: its reader, what waits to be written,
-    and its shared memory (``offered`` until the front end has mapped it)."""
+    and its shared memory."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, shared_bytes: int) -> None:
         self.sock = sock
-        self.reader = FrameReader()
+        self.sharing = Sharing(shared_bytes)
+        self.reader = FrameReader(self.sharing.frame)
         self.out: list[memoryview] = []
         self.gone = False
-        self.offered: Segment | None = None
-        self.segment: Segment | None = None
 
     def write(self) -> None:
         """Write what the socket takes now, without blocking."""
@@ -308,7 +400,8 @@ class Listener:
     ``poll(timeout)`` returns the messages that arrived as ``(peer, frames)`` and the
     front ends that hung up as ``(peer, None)``; ``send(peer, messages)`` writes at once
     what the socket takes and the rest as it drains (on later polls). With
-    ``shared_bytes``, each front end is offered a segment of that size for large frames."""
+    ``shared_bytes``, each front end is offered a segment of that size for large frames
+    (results); a front end's own offer (inputs) is taken either way."""
 
     def __init__(self, path: Path, shared_bytes: int = 0) -> None:
         self.path = path
@@ -324,10 +417,15 @@ class Listener:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.sock, selectors.EVENT_READ, None)
         self._hung_up: list[Peer] = []  # reported by the next poll
+        self._owing: set[Peer] = set()  # front ends with blocks to give back
 
     def poll(self, timeout: float) -> list[tuple[Peer, list[Any] | None]]:
         """Wait up to ``timeout`` seconds for something to happen; what did."""
         events: list[tuple[Peer, list[Any] | None]] = []
+        owing, self._owing = self._owing, set()
+        for peer in owing:  # inputs the jobs no longer hold
+            if not peer.gone and (control := peer.sharing.take_given_back()) is not None:
+                self._write(peer, [memoryview(control)])
         for key, mask in self.selector.select(timeout):
             peer: Peer | None = key.data
             if peer is None:
@@ -338,7 +436,9 @@ class Listener:
             if mask & selectors.EVENT_READ and not self._read(peer):
                 peer.gone = True
             for control in peer.reader.take_controls():
-                self._control(peer, control)
+                if (answer := peer.sharing.control(control, functools.partial(self._freed, peer))) is not None:
+                    peer.out.append(memoryview(answer))
+                    peer.write()
             events.extend((peer, m) for m in peer.reader.take())
             self._watch(peer)
         events.extend((peer, None) for peer in self._hung_up)
@@ -348,32 +448,22 @@ class Listener:
     def send(self, peer: Peer, messages: Sequence[Sequence[Any]]) -> None:
         if peer.gone:
             return
-        buffers, _ = encode_messages(messages, peer.segment.place if peer.segment is not None else None)
-        peer.out.extend(view for b in buffers if (view := memoryview(b).cast("B")).nbytes)
+        buffers, _ = encode_messages(messages, peer.sharing.place())
+        if (control := peer.sharing.take_given_back()) is not None:
+            buffers.insert(0, control)
+        self._write(peer, [view for b in buffers if (view := memoryview(b).cast("B")).nbytes])
+
+    def _write(self, peer: Peer, views: list[memoryview]) -> None:
+        peer.out.extend(views)
         peer.write()
         self._watch(peer)
 
-    def _offer(self, peer: Peer) -> None:
-        try:
-            peer.offered = Segment(self.shared_bytes)
-        except (OSError, AttributeError) as exc:  # AttributeError: no memfd on this platform
-            log.info("no shared memory for results (%s); they go on the socket", exc)
-            return
-        peer.out.append(memoryview(encode_control(_OFFER, f"{self.shared_bytes} {peer.offered.path}".encode())))
-        peer.write()
-        self._watch(peer)
-
-    def _control(self, peer: Peer, control: bytes) -> None:
-        kind, data = control[:1], control[1:]
-        if kind == _GIVE_BACK and peer.segment is not None:
-            for offset in struct.unpack(f"<{len(data) // 8}Q", data):
-                peer.segment.give_back(offset)
-        elif kind in (_TAKE, _DECLINE) and peer.offered is not None:
-            segment, peer.offered = peer.offered, None
-            if kind == _TAKE:
-                peer.segment = segment
-            else:
-                segment.close()
+    def _freed(self, peer: Peer, mapped: Mapped, offset: int) -> None:
+        """A front end's block (an input) is no longer held here: give it back with the
+        next write to it, or at the next poll."""
+        if not peer.gone and mapped is peer.sharing.mapped:
+            peer.sharing.given_back.append(offset)
+            self._owing.add(peer)
 
     def _accept(self) -> None:
         while True:
@@ -383,10 +473,10 @@ class Listener:
                 return
             sock.setblocking(False)
             _grow_buffers(sock)
-            peer = Peer(sock)
+            peer = Peer(sock, self.shared_bytes)
             self.selector.register(sock, selectors.EVENT_READ, peer)
-            if self.shared_bytes:
-                self._offer(peer)
+            if (offer := peer.sharing.offer()) is not None:
+                self._write(peer, [memoryview(offer)])
 
     def _read(self, peer: Peer) -> bool:
         """Read what has arrived; False once the front end has hung up."""
@@ -415,10 +505,7 @@ class Listener:
 
     def _drop(self, peer: Peer) -> None:
         peer.gone, peer.out = True, []
-        for segment in (peer.offered, peer.segment):
-            if segment is not None:  # the front end's mapping, if any, lives on without it
-                segment.close()
-        peer.offered = peer.segment = None
+        peer.sharing.close()  # the front end's mapping, if any, lives on without it
         try:
             self.selector.unregister(peer.sock)
         except (KeyError, ValueError):
@@ -445,15 +532,17 @@ class Connection(asyncio.BufferedProtocol):
     those queued before a connection broke: their requests belonged to the engine that
     died, and the supervisor's word about it answers them.
 
-    A frame that arrives in shared memory is a read-only view of the mapped segment;
-    when the last reference to it goes (on whatever thread), its block is given back,
-    with the next messages. Blocks of an engine that has gone stay mapped until then,
-    and are not given to its successor."""
+    Large frames go both ways through shared memory (``Sharing``): a result arrives as a
+    read-only view of the engine's segment, given back when its last reference goes (on
+    whatever thread), with the next messages; blocks of an engine that has gone stay
+    mapped until then, and are not given to its successor. Large inputs go into this
+    connection's own segment, offered to each engine it connects to."""
 
     _RETRY_S = (0.005, 0.1)  # first and longest wait between attempts to connect
 
-    def __init__(self, path: Path, on_message: Callable[[list[Any]], None]) -> None:
+    def __init__(self, path: Path, on_message: Callable[[list[Any]], None], shared_bytes: int = 0) -> None:
         self.path = path
+        self._shared_bytes = shared_bytes
         self._on_message = on_message
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -462,9 +551,7 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_at: asyncio.Handle | None = None
         self._closed = False
         self._connecting: asyncio.Task | None = None
-        self._segment: mmap.mmap | None = None  # this connection's shared memory, once mapped
-        self._link: object | None = None  # which connection's segment a block belongs to
-        self._given_back: list[int] = []  # blocks to give back with the next write
+        self._sharing = Sharing(0)  # a new one per connection to an engine
         self._loop_thread = threading.get_ident()
         self._connect()
 
@@ -486,18 +573,20 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: Any) -> None:
         self._transport = transport
-        self._reader = FrameReader(self._shared_frame)
+        self._sharing = Sharing(self._shared_bytes)
+        self._reader = FrameReader(self._sharing.frame)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _grow_buffers(sock)
+        if (offer := self._sharing.offer()) is not None:
+            transport.write(offer)
         if self._outbox and self._flush_at is None:
             self._flush_at = self._loop.call_soon(self._flush)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._outbox = []
-        self._segment = self._link = None
-        self._given_back = []
+        self._sharing.close()
         self._connect()
 
     # ----------------------------------------------------------------- reading
@@ -508,47 +597,23 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._reader.updated(nbytes)
         for control in self._reader.take_controls():
-            self._control(control)
+            if (answer := self._sharing.control(control, self._give_back)) is not None and self._transport is not None:
+                self._transport.write(answer)
         for message in self._reader.take():
             self._on_message(message)
 
     # ----------------------------------------------------------------- shared memory
 
-    def _control(self, control: bytes) -> None:
-        kind, data = control[:1], control[1:]
-        if kind != _OFFER or self._transport is None:
-            return
-        size, path = data.decode().split(" ", 1)
-        try:
-            fd = os.open(path, os.O_RDWR)
-            try:
-                segment = mmap.mmap(fd, int(size))
-            finally:
-                os.close(fd)
-        except (OSError, ValueError) as exc:  # e.g. /proc hidden from this process
-            log.info("cannot map the engine's shared memory (%s); results come on the socket", exc)
-            self._transport.write(encode_control(_DECLINE))
-            return
-        self._segment, self._link = segment, object()
-        self._transport.write(encode_control(_TAKE))
-
-    def _shared_frame(self, offset: int, length: int) -> memoryview:
-        if self._segment is None:
-            raise ConnectionError("a frame in shared memory before the segment was mapped")
-        block = (ctypes.c_char * length).from_buffer(self._segment, offset)  # a view, not a copy
-        weakref.finalize(block, self._give_back, self._link, offset).atexit = False
-        return memoryview(block).cast("B").toreadonly()
-
-    def _give_back(self, link: object, offset: int) -> None:
-        """The last view of a block has gone: give it back to its engine, if it is still
-        the one connected. Runs where the last reference went: on the loop, a worker
-        thread (a large JSON encoding) or the garbage collector."""
+    def _give_back(self, mapped: Mapped, offset: int) -> None:
+        """The last view of a result's block has gone: give it back to its engine, if it
+        is still the one connected. Runs where the last reference went: on the loop, a
+        worker thread (a large JSON encoding) or the garbage collector."""
         try:
             if threading.get_ident() != self._loop_thread:  # the list is the loop's alone
-                self._loop.call_soon_threadsafe(self._give_back, link, offset)
+                self._loop.call_soon_threadsafe(self._give_back, mapped, offset)
                 return
-            if link is self._link:
-                self._given_back.append(offset)
+            if mapped is self._sharing.mapped:
+                self._sharing.given_back.append(offset)
                 self._schedule_flush()
         except RuntimeError:  # the loop has closed: nothing to give back to
             pass
@@ -566,13 +631,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_at = None
-        if self._transport is None or not (self._outbox or self._given_back):
+        if self._transport is None or not (self._outbox or self._sharing.given_back):
             return
-        buffers, total = encode_messages(self._outbox)
+        buffers, total = encode_messages(self._outbox, self._sharing.place())
         self._outbox = []
-        if self._given_back:
-            offsets, self._given_back = self._given_back, []
-            control = encode_control(_GIVE_BACK, struct.pack(f"<{len(offsets)}Q", *offsets))
+        if (control := self._sharing.take_given_back()) is not None:
             buffers.insert(0, control)
             total += len(control)
         if total < _BIG_FRAME:

@@ -251,7 +251,7 @@ class RemoteEngines(_Engines):
 
         self._ctx = zmq.asyncio.Context()
         self._socks = [
-            Connection(ipc.engine_path(self.run_dir, index), self._reply_handler(index))
+            Connection(ipc.engine_path(self.run_dir, index), self._reply_handler(index), self.settings.shared_memory_bytes)
             for index in range(len(self.devices))
         ]
         self._sub = self._ctx.socket(zmq.SUB)

@@ -50,10 +50,11 @@ class Settings(BaseSettings):
     engine_standby: bool = True
     # An address-space cap per engine process (bytes); unset: none.
     engine_memory_limit_bytes: int | None = Field(None, ge=1 << 26)
-    # Shared memory each engine gives each front end for result arrays (of 16 KiB
-    # and more): the front end reads them where the engine wrote them, not through the
-    # socket. Pages are taken as blocks are first used; a full segment sends on the socket.
-    # 0: everything on the socket.
+    # Shared memory each engine gives each front end for results, and each front end
+    # each engine for inputs (arrays of 16 KiB and more): the reader takes them where the
+    # writer put them, not through the socket. Pages are taken as blocks are first used;
+    # a full segment sends on the socket. 0: this process offers none (engines and front
+    # ends read the same setting, so 0 turns both ways off).
     shared_memory_bytes: int = Field(64 << 20, ge=0)
     # Serving under a path prefix behind a proxy (ASGI root_path).
     root_path: str = ""
