@@ -229,6 +229,14 @@ def _big(seed: int, nbytes: int) -> bytes:
     return np.random.default_rng(seed).integers(0, 255, nbytes, dtype=np.uint8).tobytes()
 
 
+def _run_beside(echo: _Echo, main) -> None:
+    """``main()`` on an event loop, with the echo engine closed after it whatever happens."""
+    try:
+        asyncio.run(main())
+    finally:
+        echo.close()
+
+
 def test_large_frames_come_through_shared_memory_and_their_blocks_come_back(tmp_path: Path) -> None:
     """A frame of 16 KiB and more is read where the engine wrote it (a read-only view of
     the mapped segment); its block is the engine's again once the last view has gone,
@@ -263,10 +271,7 @@ def test_large_frames_come_through_shared_memory_and_their_blocks_come_back(tmp_
         finally:
             conn.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        echo.close()
+    _run_beside(echo, main)
 
 
 def test_a_full_segment_sends_on_the_socket(tmp_path: Path) -> None:
@@ -289,10 +294,7 @@ def test_a_full_segment_sends_on_the_socket(tmp_path: Path) -> None:
         finally:
             conn.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        echo.close()
+    _run_beside(echo, main)
 
 
 def test_blocks_of_an_engine_that_died_stay_readable(tmp_path: Path) -> None:
@@ -351,10 +353,7 @@ def test_a_front_end_that_cannot_map_the_segment_declines_it(tmp_path: Path, mon
         assert echo.segments() == []  # declined: no segment in use
         conn.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        echo.close()
+    _run_beside(echo, main)
 
 
 def test_segment_blocks_are_first_fit_and_merge_when_given_back() -> None:
@@ -401,7 +400,4 @@ def test_large_inputs_go_through_the_front_ends_segment_and_come_back(tmp_path: 
         finally:
             conn.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        echo.close()
+    _run_beside(echo, main)
