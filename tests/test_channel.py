@@ -274,8 +274,11 @@ def test_large_frames_come_through_shared_memory_and_their_blocks_come_back(tmp_
     _run_beside(echo, main)
 
 
-def test_a_full_segment_sends_on_the_socket(tmp_path: Path) -> None:
+def test_a_full_segment_sends_on_the_socket(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import ctypes
+    import logging
+
+    caplog.set_level(logging.INFO, logger="jacobian_service.channel")
 
     path = tmp_path / "e.sock"
     echo = _SharedEcho(path, 1 << 20)
@@ -291,6 +294,7 @@ def test_a_full_segment_sends_on_the_socket(tmp_path: Path) -> None:
             await _until(lambda: len(got) == 4)
             assert [bytes(m[1]) for m in got] == payloads
             assert [isinstance(m[1].obj, ctypes.Array) for m in got] == [True, False, False, False]
+            assert caplog.text.count("is full") == 1  # said once, not per frame
         finally:
             conn.close()
 

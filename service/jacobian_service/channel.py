@@ -231,6 +231,7 @@ class Segment:
         self.free: list[tuple[int, int]] = [(0, size)]  # (offset, size), by offset
         self.used: dict[int, int] = {}
         self.reserved = 0  # pages exist below this offset
+        self.said_full = False
 
     def place(self, frame: memoryview) -> bytes | None:
         """Copy ``frame`` into a free block; its place, or None when no block is free."""
@@ -240,6 +241,9 @@ class Segment:
             if size >= need:
                 break
         else:
+            if not self.said_full:  # once: a sign to raise SHARED_MEMORY_BYTES, not an error
+                self.said_full = True
+                log.info("a shared-memory segment (%d bytes) is full; large frames go on the socket meanwhile", self.size)
             return None
         if offset + need > self.reserved:
             try:
