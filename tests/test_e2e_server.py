@@ -175,7 +175,7 @@ def _shared_segments(root_pid: int) -> dict[int, list[int]]:
             continue
         for fd in fds:
             try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:jacobian-results"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:jacobian-shared"):
                     out.setdefault(pid, []).append(os.stat(f"/proc/{pid}/fd/{fd}").st_blocks * 512)
             except OSError:
                 pass

@@ -207,7 +207,7 @@ class FrameReader:
         return controls
 
 
-# --------------------------------------------------------------------------- engine side
+# --------------------------------------------------------------------------- shared memory
 
 
 class Segment:
@@ -216,11 +216,11 @@ class Segment:
 
     Pages are reserved (``posix_fallocate``) as blocks are first used, so a machine out
     of memory refuses a block here, and the frame goes on the socket, instead of the
-    write faulting. First fit over the free blocks: a few results are out at a time."""
+    write faulting. First fit over the free blocks: a few frames are out at a time."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.fd = os.memfd_create("jacobian-results", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("jacobian-shared", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, size)  # its length only: no page is taken yet
             self.map = mmap.mmap(self.fd, size)
@@ -338,7 +338,7 @@ class Sharing:
             self.own.close()
             self.own = None
         elif kind == _GIVE_BACK and self.own is not None:
-            for offset in struct.unpack(f"<{len(data) // 8}Q", data):
+            for offset in struct.unpack_from(f"<{len(data) // 8}Q", data):
                 self.own.give_back(offset)
         return None
 
@@ -364,6 +364,9 @@ class Sharing:
         if self.own is not None:
             self.own.close()
         self.own, self.taken, self.mapped, self.given_back = None, False, None, []
+
+
+# --------------------------------------------------------------------------- engine side
 
 
 class Peer:
