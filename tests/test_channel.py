@@ -405,3 +405,30 @@ def test_large_inputs_go_through_the_front_ends_segment_and_come_back(tmp_path: 
             conn.close()
 
     _run_beside(echo, main)
+
+
+def test_a_shared_frame_outside_any_segment_closes_that_connection_only(tmp_path: Path) -> None:
+    """A peer that names a place in shared memory it was never given (a broken peer):
+    its connection is dropped; the engine's loop and its other connections go on."""
+    import struct
+
+    from jacobian_service.channel import _PLACE, _SHARED
+
+    listener = Listener(tmp_path / "e.sock")
+    try:
+        bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bad.connect(str(tmp_path / "e.sock"))
+        good = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        good.connect(str(tmp_path / "e.sock"))
+        bad.sendall(struct.pack("<IQ", 1, _SHARED | _PLACE.size) + _PLACE.pack(0, 1 << 20))
+        good.sendall(_wire([[b"{}", b"fine"]]))
+        events: list = []
+        deadline = time.monotonic() + 5
+        while len(events) < 2 and time.monotonic() < deadline:
+            events += listener.poll(0.05)
+        assert sorted((frames is None, bytes(frames[1]) if frames else None) for _, frames in events) == [
+            (False, b"fine"), (True, None)]
+        bad.close()
+        good.close()
+    finally:
+        listener.close()

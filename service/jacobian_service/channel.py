@@ -496,7 +496,11 @@ class Listener:
                 return False
             if n == 0:
                 return False
-            peer.reader.updated(n)
+            try:
+                peer.reader.updated(n)
+            except (ConnectionError, ValueError):  # a frame's place outside any segment
+                log.warning("a front end broke the channel's framing; its connection is closed")
+                return False
 
     def _watch(self, peer: Peer) -> None:
         """Ask for write readiness only while there is something left to write; let a
