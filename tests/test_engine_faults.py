@@ -403,3 +403,53 @@ def test_a_request_finding_no_engine_up_waits_briefly_for_one(tmp_path, monkeypa
     waited_down, waited_up = asyncio.run(scenario())
     assert 0.45 <= waited_down < 1.5
     assert 0.15 <= waited_up < 0.45  # answered as soon as the engine was up
+
+
+def test_a_large_answer_still_being_sent_when_its_engine_crashes_arrives_whole():
+    """A 4 MB answer comes from the engine's shared memory; the front end sends it to a
+    client that reads slowly. The engine crashing meanwhile must not touch it, wherever
+    its bytes wait (the front end's mapping, its write buffer, the kernel's): the answer
+    arrives whole and right, and the next engine serves the next one from a segment of
+    its own. (tests/test_channel.py reads a dead engine's block directly.)"""
+    import socket
+
+    import torch
+
+    from jacobian_client import wire
+
+    from .conftest import npy_bytes
+
+    n = 1000
+    x = np.random.default_rng(7).standard_normal(n).astype(np.float32)
+    want = torch.func.jacrev(lambda v: torch.softmax(v, -1))(torch.from_numpy(x)).numpy()
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1) as (url, proc):
+        wait_spare(url)
+        host, port = url.removeprefix("http://").split(":")
+        body = npy_bytes(x)
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the answer waits in the front end
+        slow.connect((host, int(port)))
+        slow.sendall(b"POST /v1/functions/softmax/jacobian HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
+                     b"Accept: application/x-npy\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        got = slow.recv(4096)
+        while b"\r\n\r\n" not in got:
+            got += slow.recv(4096)
+        head, first = got.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        assert length > 4_000_000
+        r = httpx.post(f"{url}/v1/functions/exits/jacobian", json=ARMED, timeout=30)  # the engine dies
+        assert_problem(r, 500, "function_error")
+        wait_restarts(url, 1, 30)
+        rest = bytearray(first)
+        while len(rest) < length:
+            chunk = slow.recv(1 << 16)
+            assert chunk, "the answer was cut short"
+            rest += chunk
+        slow.close()
+        np.testing.assert_allclose(wire.read_npy(bytes(rest)), want, atol=1e-6)
+        back_within(url, 10)
+        r = httpx.post(f"{url}/v1/functions/softmax/jacobian", content=body,
+                       headers={"content-type": wire.NPY, "accept": wire.NPY}, timeout=30)
+        assert r.status_code == 200
+        np.testing.assert_allclose(wire.read_npy(r.content), want, atol=1e-6)
