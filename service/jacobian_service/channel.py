@@ -65,8 +65,9 @@ _CONTROL = 1 << 31  # in a frame count: the channel's own message
 _SHARED = 1 << 63  # in a frame size: the frame lies in shared memory, this is its place
 _PLACE = struct.Struct("<QQ")  # offset, length
 # Frames this large go through shared memory when there is some. 16 KiB takes a small
-# mlp Jacobian (32 KB): 3-6 % more of them a second under wrk than at 64 KiB, measured
-# side by side (front-end CPU 0.56-0.58 -> 0.53 ms a request).
+# mlp Jacobian (32 KB): 3-6 % more of them a second under wrk than at 64 KiB in two runs
+# side by side; against shared memory off, the final build served as many (2,384 vs
+# 2,396 req/s): for small frames it is a wash, never a loss measured.
 _SHARED_FRAME = 1 << 14
 _BLOCK = 4096  # blocks of the segment start on page boundaries
 # Blocks given back ride with the next message the other way; alone only after this long
