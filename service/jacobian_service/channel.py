@@ -36,6 +36,7 @@ set in their frame count and one frame: a kind byte, then its data.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import ctypes
 import functools
 import logging
@@ -176,7 +177,10 @@ class FrameReader:
                 self._frames = []
                 continue
             if len(self._frames) == len(self._sizes):
-                (self.controls.append(self._frames[0]) if self._control else self.messages.append(self._frames))
+                if self._control:
+                    self.controls.append(self._frames[0])
+                else:
+                    self.messages.append(self._frames)
                 self._sizes, self._frames = None, []
                 continue
             size = self._sizes[len(self._frames)]
@@ -266,9 +270,7 @@ class Segment:
         size = self.used.pop(offset, None)
         if size is None:
             return  # not a block: the other side is wrong, the segment stays right
-        i = 0
-        while i < len(self.free) and self.free[i][0] < offset:
-            i += 1
+        i = bisect.bisect_left(self.free, (offset,))
         self.free.insert(i, (offset, size))
         # merge with the next block, then with the previous one
         if i + 1 < len(self.free) and offset + size == self.free[i + 1][0]:
