@@ -453,3 +453,46 @@ def test_a_large_answer_still_being_sent_when_its_engine_crashes_arrives_whole()
                        headers={"content-type": wire.NPY, "accept": wire.NPY}, timeout=30)
         assert r.status_code == 200
         np.testing.assert_allclose(wire.read_npy(r.content), want, atol=1e-6)
+
+
+def test_a_request_sent_on_a_connection_that_breaks_is_answered_not_left_to_its_deadline(tmp_path, monkeypatch):
+    """The supervisor's word that an engine died answers the requests it held. One sent
+    just after that word was read, but on the connection that is breaking, would have
+    waited for its deadline (60 s: the load test saw it, as 504s and client timeouts).
+    A broken connection now answers, after a grace for the word, whatever was sent on it
+    and still waits: a retryable 503."""
+    import asyncio
+
+    import orjson
+
+    from jacobian_service import engine_client, ipc
+    from jacobian_service.channel import Listener
+    from jacobian_service.errors import Unavailable
+    from jacobian_service.registry import Registry
+    from jacobian_service.settings import Settings
+
+    doc = {"functions": [s.describe() for s in Registry.from_modules(["jacobian_service.examples"])], "devices": ["cpu"]}
+    (tmp_path / "registry.json").write_bytes(orjson.dumps(doc))
+    monkeypatch.setattr(engine_client, "_LOST_GRACE_S", 0.3)
+    up = {"engines": [{"index": 0, "device": "cpu", "generation": 1, "ready": True, "ready_in": 1.0}], "quarantined": {}}
+
+    async def scenario() -> tuple[float, Unavailable]:
+        engine = Listener(ipc.engine_path(tmp_path, 0))  # takes jobs, answers none, then dies
+        engines = engine_client.RemoteEngines(Settings(shared_memory_bytes=0), tmp_path)
+        engines._state, engines._state_at = up, time.monotonic()
+        engines._any_ready.set()
+        engines._socks = [engines._connection(0)]
+        request = asyncio.ensure_future(engines.run("evaluate", None, deadline=time.monotonic() + 30))
+        got: list = []
+        while not got:
+            got += [e for e in await asyncio.to_thread(engine.poll, 0.05) if e[1] is not None]
+        t0 = time.monotonic()
+        engine.close()  # the engine's end goes, no word from any supervisor
+        with pytest.raises(Unavailable) as refused:
+            await request
+        engines._socks[0].close()
+        return time.monotonic() - t0, refused.value
+
+    waited, error = asyncio.run(scenario())
+    assert 0.25 <= waited < 5, waited  # the grace, not the 30 s deadline
+    assert error.headers["Retry-After"] == "1" and "connection to the engine broke" in str(error)

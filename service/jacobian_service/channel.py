@@ -553,7 +553,8 @@ class Connection(asyncio.BufferedProtocol):
     ``send`` queues a message; the messages of one loop tick leave together, written by
     one call. Messages queued while no engine is connected wait for the next one, except
     those queued before a connection broke: their requests belonged to the engine that
-    died, and the supervisor's word about it answers them.
+    died, and the supervisor's word about it answers them. ``on_lost`` is called when a
+    connection breaks, for the owner to answer what the word does not.
 
     Large frames go both ways through shared memory (``Sharing``): a result arrives as a
     read-only view of the engine's segment, given back when its last reference goes (on
@@ -563,10 +564,12 @@ class Connection(asyncio.BufferedProtocol):
 
     _RETRY_S = (0.005, 0.1)  # first and longest wait between attempts to connect
 
-    def __init__(self, path: Path, on_message: Callable[[list[Any]], None], shared_bytes: int = 0) -> None:
+    def __init__(self, path: Path, on_message: Callable[[list[Any]], None], shared_bytes: int = 0,
+                 on_lost: Callable[[], None] = lambda: None) -> None:
         self.path = path
         self._shared_bytes = shared_bytes
         self._on_message = on_message
+        self._on_lost = on_lost
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._reader = FrameReader()
@@ -611,6 +614,7 @@ class Connection(asyncio.BufferedProtocol):
         self._transport = None
         self._outbox = []
         self._sharing.close()
+        self._on_lost()  # what was sent on it, and dropped from the outbox, has no answer coming
         self._connect()
 
     # ----------------------------------------------------------------- reading

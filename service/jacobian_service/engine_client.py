@@ -16,6 +16,7 @@ supervisor runs; it never imports torch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -59,6 +60,7 @@ async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any) -> Any:
 
 
 _FIRST_STATE_S = 10.0
+_LOST_GRACE_S = 2.0  # after a broken engine connection, for the supervisor's word to come first
 # A request that finds no engine up waits this long for one before its 503: a spare's
 # promotion takes well under a second, and a front end starved of CPU (start-up on a
 # busy machine) may not yet have read the state message saying the engine is up while
@@ -235,7 +237,8 @@ class RemoteEngines(_Engines):
         self.devices: list[str] = doc["devices"]
         self._doc = doc
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future, int, str]] = {}  # id -> (future, engine, tag)
+        # id -> (future, engine, tag, when it was sent)
+        self._pending: dict[int, tuple[asyncio.Future, int, str, float]] = {}
         self._load = [0] * len(self.devices)
         self._state: dict[str, Any] = {"engines": [], "quarantined": {}, "quarantines": 0}
         self._state_at = 0.0
@@ -250,10 +253,7 @@ class RemoteEngines(_Engines):
         import zmq.asyncio
 
         self._ctx = zmq.asyncio.Context()
-        self._socks = [
-            Connection(ipc.engine_path(self.run_dir, index), self._reply_handler(index), self.settings.shared_memory_bytes)
-            for index in range(len(self.devices))
-        ]
+        self._socks = [self._connection(index) for index in range(len(self.devices))]
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.connect(ipc.events_address(self.run_dir))
@@ -275,12 +275,31 @@ class RemoteEngines(_Engines):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for fut, _, _ in self._pending.values():
+        for fut, _, _, _ in self._pending.values():
             if not fut.done():
                 fut.set_exception(Unavailable("the server is shutting down", headers={"Retry-After": "1"}))
         for sock in self._socks:
             sock.close()
         self._ctx.destroy(linger=0)
+
+    def _connection(self, index: int) -> Connection:
+        return Connection(ipc.engine_path(self.run_dir, index), self._reply_handler(index),
+                          self.settings.shared_memory_bytes, on_lost=functools.partial(self._connection_lost, index))
+
+    def _connection_lost(self, index: int) -> None:
+        """The connection to engine ``index`` broke: nothing sent on it can be answered
+        now but by the supervisor's word that the engine died, which names the requests
+        it was running (500 or 504). A request sent just after that word was read, but on
+        the broken connection, would wait for its deadline: after a grace for the word,
+        whatever was sent before the break and is still waiting gets a retryable 503."""
+        broke = time.monotonic()
+        asyncio.get_running_loop().call_later(_LOST_GRACE_S, self._fail_sent_before, index, broke)
+
+    def _fail_sent_before(self, index: int, broke: float) -> None:
+        for fut, engine, _, sent in list(self._pending.values()):
+            if engine == index and sent <= broke and not fut.done():
+                fut.set_exception(Unavailable("the connection to the engine broke while this request waited; retry",
+                                              headers={"Retry-After": "1"}))
 
     def _reply_handler(self, index: int) -> Any:
         def on_reply(frames: list[Any]) -> None:
@@ -318,7 +337,7 @@ class RemoteEngines(_Engines):
         running together (a batch: the culprit is unknown, so all are retried, and the
         supervisor has the function run alone from now on); the rest are retryable."""
         alone = len(tags) == 1
-        for fut, engine, tag in list(self._pending.values()):
+        for fut, engine, tag, _ in list(self._pending.values()):
             if engine != index or fut.done():
                 continue
             if tag in tags and hang:
@@ -409,7 +428,7 @@ class RemoteEngines(_Engines):
         tag = f"{self._prefix}{msg_id}"
         frames = ipc.encode_call(msg_id, kind, call, tag=tag, stream_id=stream_id, deadline=until)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending[msg_id] = (fut, index, tag)
+        self._pending[msg_id] = (fut, index, tag, time.monotonic())
         self._load[index] += 1
         sock = self._socks[index]
 
