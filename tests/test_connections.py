@@ -285,3 +285,120 @@ def test_header_deadline_with_either_uvicorn_protocol(implementation: str) -> No
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+class _Transport:
+    """What HeadWithBody writes through: each call recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[bytes]]] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", [bytes(data)]))
+
+    def writelines(self, pieces) -> None:
+        self.calls.append(("writelines", [bytes(p) for p in pieces]))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.calls.append(("close", []))
+        self.closing = True
+
+    def abort(self) -> None:
+        self.calls.append(("abort", []))
+        self.closing = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default=None):
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+
+def test_a_response_head_leaves_with_its_body() -> None:
+    """A response's head and first body piece leave in one write (one segment for a
+    small answer); a head alone (HEAD, or a body that needs an await) still leaves by the
+    end of the loop tick; a large piece is never held or copied; abort drops what is
+    held, close sends it first."""
+    import asyncio
+
+    from jacobian_service.connections import HeadWithBody
+
+    async def scenario() -> None:
+        t = _Transport()
+        w = HeadWithBody(t, asyncio.get_running_loop())
+        w.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        w.write(b"body")
+        assert t.calls == [("writelines", [b"HTTP/1.1 200 OK\r\n\r\n", b"body"])]
+
+        t.calls.clear()
+        w.write(b"HTTP/1.1 200 OK\r\n\r\n")  # a HEAD answer: nothing follows
+        assert t.calls == [] and w.get_write_buffer_size() == 19
+        await asyncio.sleep(0)
+        assert t.calls == [("write", [b"HTTP/1.1 200 OK\r\n\r\n"])]
+
+        t.calls.clear()
+        big = bytes(1 << 20)
+        w.write(big)
+        assert t.calls == [("write", [big])]
+
+        t.calls.clear()
+        w.write(b"head")
+        w.abort()
+        await asyncio.sleep(0)
+        assert t.calls == [("abort", [])]
+
+        t2 = _Transport()
+        w2 = HeadWithBody(t2, asyncio.get_running_loop())
+        w2.write(b"408 head")
+        w2.close()
+        assert t2.calls == [("write", [b"408 head"]), ("close", [])]
+        assert w2.get_extra_info("peername") == ("127.0.0.1", 1)  # the rest is the transport's
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("implementation", ["h11", "httptools"])
+def test_head_and_body_arrive_together_on_either_protocol(implementation: str) -> None:
+    """On a real uvicorn with the guarded protocol: GET, HEAD (a head with no body write)
+    and a response whose body comes after an await are all answered whole."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from jacobian_service.connections import guarded_protocol
+
+    if implementation == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    else:
+        base = pytest.importorskip("uvicorn.protocols.http.httptools_impl").HttpToolsProtocol
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+        if scope["path"] == "/later":
+            await asyncio.sleep(0.2)
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else b"okay"})
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
+                            http=guarded_protocol(5, base=base))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait_for(lambda: server.started, 10)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            for _ in range(3):  # on one keep-alive connection
+                assert client.get("/").content == b"okay"
+                head = client.head("/")
+                assert head.status_code == 200 and head.headers["content-length"] == "4" and head.content == b""
+                assert client.get("/later").content == b"okay"
+    finally:
+        server.should_exit = True
+        thread.join(10)

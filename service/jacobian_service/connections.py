@@ -39,7 +39,7 @@ except ImportError:  # Python 3.10: anyio's backport
 
 from .errors import ClientGone, MalformedBody, PayloadTooLarge, RequestTimeout, Unavailable
 
-__all__ = ["BodyBudget", "Expiry", "SendGuard", "abort_connection", "guarded_protocol", "json_parse_cost", "read_body"]
+__all__ = ["BodyBudget", "Expiry", "HeadWithBody", "SendGuard", "abort_connection", "guarded_protocol", "json_parse_cost", "read_body"]
 
 log = logging.getLogger("jacobian_service")
 
@@ -259,6 +259,69 @@ def abort_connection(send: Any) -> None:
         transport.abort()
 
 
+class HeadWithBody:
+    """A connection's transport that sends a response's head with its body: one write
+    (one TCP segment for a small answer), not two.
+
+    uvicorn writes the status line and headers as soon as the app sends
+    ``http.response.start``, then each body piece as it comes: two system calls, two
+    segments the client wakes for, per response. Here a small write (a head) is held
+    until the next write, which takes it along (``writelines``: one ``writev``), or
+    until the end of the loop tick, whichever is first, so nothing waits behind an
+    ``await``. Only one small write is ever held: flow control and the send timeout
+    see every body piece as before.
+    """
+
+    __slots__ = ("_flush_at", "_held", "_loop", "_transport")
+    _HOLD_BYTES = 4096
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._flush_at: asyncio.Handle | None = None
+
+    def write(self, data: Any) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._transport.writelines((held, data))
+        elif len(data) <= self._HOLD_BYTES and not self._transport.is_closing():
+            self._held = bytes(data)
+            if self._flush_at is None:
+                self._flush_at = self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def writelines(self, pieces: Any) -> None:
+        self.flush()
+        self._transport.writelines(pieces)
+
+    def flush(self) -> None:
+        self._flush_at = None
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not self._transport.is_closing():  # the peer went meanwhile: nobody to tell
+                self._transport.write(held)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + len(self._held or b"")
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the transport's
+        return getattr(self._transport, name)
+
+
 _HEADER_TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 26\r\n"
     b"connection: close\r\n\r\nrequest headers too slow.\n"
@@ -279,7 +342,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _heard = False  # any byte since the timer was armed
 
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
+            super().connection_made(HeadWithBody(transport, self.loop))
             self._arm_header_timer()
 
         def data_received(self, data: bytes) -> None:
