@@ -26,9 +26,8 @@ as a whole holds at most ``workers x body_budget_bytes`` of request bodies.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 import anyio
 
@@ -105,12 +104,20 @@ class BodyBudget:
 
     No waiting: a request that does not fit is refused at once (503, Retry-After), as
     a full queue is; waiting would hold the connection and its socket buffers anyway.
+
+    The gauge follows ``used`` to within ``GAUGE_STEP`` bytes: in multiprocess mode each
+    write is a locked write to a mapped file, and a small request would otherwise pay two
+    of them for a figure that moves by a few KiB. Large bodies, and every return to
+    zero after one, are written as they happen.
     """
+
+    GAUGE_STEP = 64 << 10
 
     def __init__(self, max_bytes: int, gauge: Any = None) -> None:
         self.max_bytes = max_bytes
         self.used = 0
         self._gauge = gauge
+        self._shown = 0  # what the gauge says
 
     def take(self, nbytes: int, what: str) -> None:
         if nbytes > self.max_bytes:
@@ -129,66 +136,87 @@ class BodyBudget:
 
     def _set(self, used: int) -> None:
         self.used = used
-        if self._gauge is not None:
+        if self._gauge is not None and abs(used - self._shown) >= (self.GAUGE_STEP if used else 1):
+            self._shown = used
             self._gauge.set(used)
 
 
-@contextlib.asynccontextmanager
-async def read_body(request: Any, budget: BodyBudget, limit: int, idle_s: float, total_s: float,
-                    is_json: bool = False, on_timeout: Any = None) -> AsyncIterator[bytes]:
+class read_body:  # noqa: N801 (used as a function: ``async with read_body(...) as body``)
     """The request's body, admitted against ``budget`` before it is buffered and held
     there until the block ends (the caller parses inside it). 413 over ``limit``, 503
-    when it does not fit now, 408 when the client stalls."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isascii() or not declared.isdigit():
-            raise MalformedBody("Content-Length is not a number", headers=_CLOSE)
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}", headers=_CLOSE)
-    held = 0
-    try:
+    when it does not fit now, 408 when the client stalls. (A class, not an
+    ``asynccontextmanager``: every request passes here, and the generator machinery
+    cost more than reading a small body.)"""
+
+    __slots__ = ("_args", "_budget", "_held", "_request")
+
+    def __init__(self, request: Any, budget: BodyBudget, limit: int, idle_s: float, total_s: float,
+                 is_json: bool = False, on_timeout: Any = None) -> None:
+        self._request = request
+        self._budget = budget
+        self._args = (limit, idle_s, total_s, is_json, on_timeout)
+        self._held = 0
+
+    async def __aenter__(self) -> bytes:
+        request, budget = self._request, self._budget
+        limit, idle_s, total_s, is_json, on_timeout = self._args
+        declared = request.headers.get("content-length")
         if declared is not None:
-            budget.take(int(declared), f"a body of {declared} bytes")
-            held = int(declared)
-        parts: list[bytes] = []
-        size = 0
-        deadline = anyio.current_time() + total_s
-        more = True
-        while more:
-            wait = min(idle_s, deadline - anyio.current_time())
-            message: dict[str, Any] | None = None
-            with Expiry(wait):
-                message = await request.receive()
-            if message is None:
-                if on_timeout is not None:
-                    on_timeout("body")
-                stalled = "stalled" if wait == idle_s else "took too long"
-                raise RequestTimeout(
-                    f"the body {stalled}: {size} bytes in; pieces must come within {idle_s:g} s and the "
-                    f"whole body within {total_s:g} s", headers=_CLOSE)
-            if message["type"] == "http.disconnect":
-                raise ClientGone("the client closed the connection while sending its body")
-            chunk = message.get("body", b"")
-            more = message.get("more_body", False)
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes", headers=_CLOSE)
-            if size > held:  # chunked (or longer than declared): counted as it arrives
-                budget.take(size - held, "the body")
-                held = size
-            if chunk:
-                parts.append(chunk)
-        body = b"".join(parts)
-        del parts
-        if is_json:
-            cost = json_parse_cost(body)
-            if cost > held:
-                budget.take(cost - held, f"parsing a JSON body of {len(body)} bytes (about {cost} bytes; "
-                                         "binary .npy/.npz or base64 arrays cost their size)")
-                held = cost
-        yield body
-    finally:
-        budget.give(held)
+            if not declared.isascii() or not declared.isdigit():
+                raise MalformedBody("Content-Length is not a number", headers=_CLOSE)
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}", headers=_CLOSE)
+        try:
+            if declared is not None:
+                budget.take(int(declared), f"a body of {declared} bytes")
+                self._held = int(declared)
+            parts: list[bytes] = []
+            size = 0
+            deadline = anyio.current_time() + total_s
+            more = True
+            while more:
+                wait = min(idle_s, deadline - anyio.current_time())
+                message: dict[str, Any] | None = None
+                with Expiry(wait):
+                    message = await request.receive()
+                if message is None:
+                    if on_timeout is not None:
+                        on_timeout("body")
+                    stalled = "stalled" if wait == idle_s else "took too long"
+                    raise RequestTimeout(
+                        f"the body {stalled}: {size} bytes in; pieces must come within {idle_s:g} s and the "
+                        f"whole body within {total_s:g} s", headers=_CLOSE)
+                if message["type"] == "http.disconnect":
+                    raise ClientGone("the client closed the connection while sending its body")
+                chunk = message.get("body", b"")
+                more = message.get("more_body", False)
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body is over the limit of {limit} bytes", headers=_CLOSE)
+                if size > self._held:  # chunked (or longer than declared): counted as it arrives
+                    budget.take(size - self._held, "the body")
+                    self._held = size
+                if chunk:
+                    parts.append(chunk)
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            del parts
+            if is_json:
+                cost = json_parse_cost(body)
+                if cost > self._held:
+                    budget.take(cost - self._held, f"parsing a JSON body of {len(body)} bytes (about {cost} bytes; "
+                                                   "binary .npy/.npz or base64 arrays cost their size)")
+                    self._held = cost
+            return body
+        except BaseException:
+            self._give()
+            raise
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._give()
+
+    def _give(self) -> None:
+        held, self._held = self._held, 0
+        self._budget.give(held)
 
 
 class _SendTimedOut(Exception):

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from .errors import Forbidden, Unauthorized
+from .metrics import process_id
 from .responses import problem_response
 from .routes import Router, route_path
 
@@ -31,8 +32,8 @@ class _RequestIds:
         self._pid = -1
 
     def __call__(self) -> str:
-        if self._pid != os.getpid():  # a new process (fork): a new prefix
-            self._pid = os.getpid()
+        if self._pid != process_id():  # a new process (fork): a new prefix
+            self._pid = process_id()
             self._prefix = os.urandom(8).hex()
             self._count = itertools.count(1)
         return f"{self._prefix}{next(self._count):016x}"

@@ -81,6 +81,11 @@ def _state(request: Request) -> ServiceState:
     return request.scope["service"]
 
 
+def _query(request: Request) -> dict[str, str]:
+    # Most calls have no query string: no parse for them.
+    return dict(request.query_params) if request.scope.get("query_string") else {}
+
+
 def _request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
@@ -232,7 +237,7 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
                          on_timeout=lambda phase: state.metrics.connection_timeouts.labels(phase).inc()) as body:
         # A small deflated .npz can expand to a lot: decide by what decoding will take.
         call: Call = await _offload(
-            wire.expanded_size(body, content_type), parse_call, spec, kind, content_type, body, dict(request.query_params), s.wire_limits
+            wire.expanded_size(body, content_type), parse_call, spec, kind, content_type, body, _query(request), s.wire_limits
         )
     del body  # parsed: the arrays are the call's now
     call.deadline = _deadline(state, request)
@@ -287,7 +292,7 @@ async def function_sparsity(request: Request, name: str) -> Response:
     state = _state(request)
     spec = state.registry.get(name)
     media = _sparse_media(acceptable(request.headers.get("accept")))
-    kind, call = parse_sparsity_query(spec, dict(request.query_params), state.settings.wire_limits)
+    kind, call = parse_sparsity_query(spec, _query(request), state.settings.wire_limits)
     call.deadline = _deadline(state, request)
     call.max_result_bytes = state.settings.max_result_bytes
     result, info = await _cancellable(request, state.engines.run(f"sparsity_{kind}", call))
