@@ -122,3 +122,45 @@ def test_disconnect_cancels_running_work_and_drain_on_sigterm():
     access = [r for r in records if r.get("request_id") == "log-me"]
     assert access and access[0]["status"] == 200 and access[0]["path"] == "/v1/functions/sin/jacobian"
     assert "0.123456" not in out and "Traceback" not in out
+
+
+def test_access_lines_are_written_a_batch_at_a_time() -> None:
+    """The access log's handler writes the lines made in one stretch together, within its
+    delay, and at once when there is no event loop to come back; other loggers write
+    each line as it comes."""
+    import asyncio
+    import io
+    import logging
+
+    from jacobian_service.logs import BatchedStreamHandler
+
+    class Stream(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    stream = Stream()
+    handler = BatchedStreamHandler(delay_s=0.05, max_lines=4)
+    handler.setStream(stream)
+    logger = logging.Logger("access-test")
+    logger.addHandler(handler)
+
+    logger.info("outside a loop")  # nothing would flush it later: written now
+    assert stream.getvalue() == "outside a loop\n" and stream.writes == 1
+
+    async def burst() -> None:
+        for i in range(3):
+            logger.info("line %d", i)
+        assert stream.writes == 1  # held
+        await asyncio.sleep(0.1)
+        assert stream.writes == 2 and stream.getvalue().endswith("line 0\nline 1\nline 2\n")
+        for i in range(4):  # max_lines: written without waiting
+            logger.info("more %d", i)
+        assert stream.writes == 3 and stream.getvalue().endswith("more 3\n")
+        logger.info("last")
+
+    asyncio.run(burst())
+    handler.flush()  # what logging.shutdown does at exit
+    assert stream.getvalue().endswith("more 3\nlast\n") and stream.writes == 4

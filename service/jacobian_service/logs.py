@@ -5,12 +5,13 @@ Log records never carry array data: only names, shapes, codes and timings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import orjson
 
-__all__ = ["configure_logging"]
+__all__ = ["BatchedStreamHandler", "configure_logging"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -30,14 +31,60 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+class BatchedStreamHandler(logging.StreamHandler):
+    """A stream handler that writes its lines a batch at a time, for the access log.
+
+    A line per request, each written and flushed on its own, was a system call per
+    request: ~5 % of a front end's CPU on a small request (measured under wrk). Here a
+    line waits at most ``delay_s`` (a loop timer from the first line of a batch) or
+    until ``max_lines`` are waiting. Lines are written at exit (logging's own flush
+    then); a process killed outright loses at most ``delay_s`` of them. Outside an
+    event loop a line is written at once.
+    """
+
+    def __init__(self, delay_s: float = 0.05, max_lines: int = 256) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.max_lines = max_lines
+        self._lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:  # under the handler's lock
+        try:
+            self._lines.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if len(self._lines) >= self.max_lines:
+            self._write()
+        elif len(self._lines) == 1:
+            try:
+                asyncio.get_running_loop().call_later(self.delay_s, self.flush)
+            except RuntimeError:  # no loop in this thread: nothing would come back to flush
+                self._write()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write()
+
+    def _write(self) -> None:
+        lines, self._lines = self._lines, []
+        if lines:
+            self.stream.write("\n".join(lines) + "\n")
+        super().flush()
+
+
 def configure_logging(fmt: str) -> None:
-    """Configure the ``jacobian_service`` logger tree once (idempotent)."""
-    logger = logging.getLogger("jacobian_service")
-    handler = next((h for h in logger.handlers if getattr(h, "_jacobian_service", False)), None)
-    if handler is None:
-        handler = logging.StreamHandler()
-        handler._jacobian_service = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-        logger.propagate = False
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.setLevel(logging.INFO)
+    """Configure the ``jacobian_service`` logger tree once (idempotent). The access log
+    (a line per request) has its own batched handler; everything else is written as it
+    happens."""
+    formatter = JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, kind in (("jacobian_service", logging.StreamHandler), ("jacobian_service.access", BatchedStreamHandler)):
+        logger = logging.getLogger(name)
+        handler = next((h for h in logger.handlers if getattr(h, "_jacobian_service", False)), None)
+        if handler is None:
+            handler = kind()
+            handler._jacobian_service = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+            logger.propagate = False
+        handler.setFormatter(formatter)
+        logger.setLevel(logging.INFO)
