@@ -249,8 +249,16 @@ class SendGuard:
                 cut()
 
         async def send_one(message: dict[str, Any]) -> None:
+            # Most pieces leave at once (the transport takes them without waiting): no
+            # clock for those. A piece whose send has to wait (flow control) waits the
+            # rest of the way under the clock.
+            step = send(message).__await__()
+            try:
+                waiting_on = step.send(None)
+            except StopIteration:
+                return
             with Expiry(timeout, abort) as expiry:
-                await send(message)
+                await _Resumed(step, waiting_on)
             if expiry.expired:
                 if self.on_timeout is not None:
                     self.on_timeout("send")
@@ -276,6 +284,34 @@ class SendGuard:
             if group.subgroup(_SendTimedOut) is None or group.subgroup(lambda e: not isinstance(e, _SendTimedOut)) is not None:
                 raise
             log.info("a client stopped reading its response for %.1f s; connection aborted", timeout)
+
+
+class _Resumed:
+    """The rest of an awaitable already started, as an awaitable: ``step`` is its
+    iterator, ``waiting_on`` what its first step yielded (the future it waits for).
+    What the task sends or throws in (a result, a cancellation) goes on to it."""
+
+    __slots__ = ("_step", "_waiting_on")
+
+    def __init__(self, step: Any, waiting_on: Any) -> None:
+        self._step = step
+        self._waiting_on = waiting_on
+
+    def __await__(self) -> Any:
+        step, value = self._step, self._waiting_on
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # noqa: BLE001 (a cancellation, passed on)
+                try:
+                    value = step.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = step.send(sent)
+                except StopIteration as stop:
+                    return stop.value
 
 
 def abort_connection(send: Any) -> None:
