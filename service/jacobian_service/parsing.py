@@ -32,7 +32,7 @@ _INT64_MAX = 2**63 - 1
 class Options(BaseModel):
     """Everything a request may say besides its arrays."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Strict: 0.0 or true are not positions (torch.func refuses them too).
     argnums: StrictInt | StrictStr | list[StrictInt | StrictStr] = Field(
@@ -54,6 +54,9 @@ class Options(BaseModel):
     batched_vectors: bool = Field(False, description="vjp/jvp: vectors carry a leading batch dimension")
 
 
+_DEFAULT_OPTIONS = Options()
+
+
 def _query_value(key: str, value: str) -> Any:
     if key in ("argnums", "rows") and "," in value:
         return [_query_value("argnums", v) for v in value.split(",") if v != ""]
@@ -69,6 +72,8 @@ def _is_argnum(a: Any) -> bool:
 
 
 def _options(raw: Mapping[str, Any]) -> Options:
+    if not raw:  # most requests: the defaults, validated once (Options is frozen)
+        return _DEFAULT_OPTIONS
     argnums = raw.get("argnums", 0)
     if not (_is_argnum(argnums) or (isinstance(argnums, list) and all(_is_argnum(a) for a in argnums))):
         raise InvalidInput(f"argnums must be an int, a parameter name, or a list of them; got {argnums!r}")
