@@ -4,6 +4,7 @@ against the per-process body budget before anything is buffered."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -227,13 +228,10 @@ def test_many_stalled_uploads_hold_no_more_than_the_budget() -> None:
         assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") == 0, 10)
 
 
-@pytest.mark.parametrize("implementation", ["h11", "httptools"])
-def test_header_deadline_with_either_uvicorn_protocol(implementation: str) -> None:
-    """The header deadline on both of uvicorn's HTTP implementations (the server takes
-    httptools when installed, else h11): slow headers are cut off with a 408, an idle
-    keep-alive connection is closed quietly, and a request whose headers are in is left
-    to its own clocks."""
-    import asyncio
+@contextlib.contextmanager
+def _guarded_uvicorn(app, implementation: str, header_timeout_s: float, on_timeout=None, **config) -> Iterator[str]:
+    """A real uvicorn serving ``app`` with our guarded protocol over uvicorn's ``h11`` or
+    ``httptools`` class, on a thread; yields its URL."""
     import threading
 
     import uvicorn
@@ -244,6 +242,25 @@ def test_header_deadline_with_either_uvicorn_protocol(implementation: str) -> No
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
     else:
         base = pytest.importorskip("uvicorn.protocols.http.httptools_impl").HttpToolsProtocol
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
+                                           http=guarded_protocol(header_timeout_s, on_timeout, base=base), **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait_for(lambda: server.started, 10)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.mark.parametrize("implementation", ["h11", "httptools"])
+def test_header_deadline_with_either_uvicorn_protocol(implementation: str) -> None:
+    """The header deadline on both of uvicorn's HTTP implementations (the server takes
+    httptools when installed, else h11): slow headers are cut off with a 408, an idle
+    keep-alive connection is closed quietly, and a request whose headers are in is left
+    to its own clocks."""
+    import asyncio
 
     async def app(scope, receive, send):
         if scope["type"] != "http":
@@ -253,16 +270,7 @@ def test_header_deadline_with_either_uvicorn_protocol(implementation: str) -> No
         await send({"type": "http.response.body", "body": b"ok"})
 
     seen: list[str] = []
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
-                            http=guarded_protocol(0.5, seen.append, base=base), timeout_keep_alive=30)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        assert _wait_for(lambda: server.started, 10)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
-
+    with _guarded_uvicorn(app, implementation, 0.5, seen.append, timeout_keep_alive=30) as url:
         # A handler slower than the deadline is not cut off: its headers were in.
         slow = _connect(url)
         slow.sendall(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -282,9 +290,6 @@ def test_header_deadline_with_either_uvicorn_protocol(implementation: str) -> No
         s.close()
         assert raw.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 2, raw
         assert seen == ["header"]
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 class _Transport:
@@ -366,16 +371,6 @@ def test_head_and_body_arrive_together_on_either_protocol(implementation: str) -
     """On a real uvicorn with the guarded protocol: GET, HEAD (a head with no body write)
     and a response whose body comes after an await are all answered whole."""
     import asyncio
-    import threading
-
-    import uvicorn
-
-    from jacobian_service.connections import guarded_protocol
-
-    if implementation == "h11":
-        from uvicorn.protocols.http.h11_impl import H11Protocol as base
-    else:
-        base = pytest.importorskip("uvicorn.protocols.http.httptools_impl").HttpToolsProtocol
 
     async def app(scope, receive, send):
         if scope["type"] != "http":
@@ -385,20 +380,9 @@ def test_head_and_body_arrive_together_on_either_protocol(implementation: str) -
             await asyncio.sleep(0.2)
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else b"okay"})
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
-                            http=guarded_protocol(5, base=base))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        assert _wait_for(lambda: server.started, 10)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
-            for _ in range(3):  # on one keep-alive connection
-                assert client.get("/").content == b"okay"
-                head = client.head("/")
-                assert head.status_code == 200 and head.headers["content-length"] == "4" and head.content == b""
-                assert client.get("/later").content == b"okay"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with _guarded_uvicorn(app, implementation, 5) as url, httpx.Client(base_url=url, timeout=5) as client:
+        for _ in range(3):  # on one keep-alive connection
+            assert client.get("/").content == b"okay"
+            head = client.head("/")
+            assert head.status_code == 200 and head.headers["content-length"] == "4" and head.content == b""
+            assert client.get("/later").content == b"okay"
