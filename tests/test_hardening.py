@@ -126,8 +126,8 @@ def test_disconnect_cancels_running_work_and_drain_on_sigterm():
 
 def test_access_lines_are_written_a_batch_at_a_time() -> None:
     """The access log's handler writes the lines made in one stretch together, within its
-    delay, and at once when there is no event loop to come back; other loggers write
-    each line as it comes."""
+    delay (or at once past its line limit), and a line at once when there is no event
+    loop to come back and flush it; what is left goes out on flush (as at exit)."""
     import asyncio
     import io
     import logging
