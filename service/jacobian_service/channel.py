@@ -350,6 +350,14 @@ class Sharing:
                 self.own.give_back(offset)
         return None
 
+    def freed(self, mapped: Mapped, offset: int) -> bool:
+        """A view of ``mapped``'s block at ``offset`` has gone: kept to give back, if that
+        mapping is still this connection's (a dead peer's blocks are not its successor's)."""
+        if mapped is not self.mapped:
+            return False
+        self.given_back.append(offset)
+        return True
+
     def frame(self, offset: int, length: int) -> memoryview:
         if self.mapped is None:
             raise ConnectionError("a frame in shared memory before the segment was mapped")
@@ -454,8 +462,7 @@ class Listener:
                 peer.gone = True
             for control in peer.reader.take_controls():
                 if (answer := peer.sharing.control(control, functools.partial(self._freed, peer))) is not None:
-                    peer.out.append(memoryview(answer))
-                    peer.write()
+                    self._write(peer, [memoryview(answer)])
             events.extend((peer, m) for m in peer.reader.take())
             self._watch(peer)
         events.extend((peer, None) for peer in self._hung_up)
@@ -478,8 +485,7 @@ class Listener:
     def _freed(self, peer: Peer, mapped: Mapped, offset: int) -> None:
         """A front end's block (an input) is no longer held here: give it back with the
         next reply to it, or alone from a poll ``_GIVE_BACK_AFTER_S`` later."""
-        if not peer.gone and mapped is peer.sharing.mapped:
-            peer.sharing.given_back.append(offset)
+        if not peer.gone and peer.sharing.freed(mapped, offset):
             if not self._owing:
                 self._owing_since = time.monotonic()
             self._owing.add(peer)
@@ -641,8 +647,7 @@ class Connection(asyncio.BufferedProtocol):
             if threading.get_ident() != self._loop_thread:  # the list is the loop's alone
                 self._loop.call_soon_threadsafe(self._give_back, mapped, offset)
                 return
-            if mapped is self._sharing.mapped:
-                self._sharing.given_back.append(offset)
+            if self._sharing.freed(mapped, offset):
                 if self._give_back_at is None:  # with the next job, or alone a little later
                     self._give_back_at = self._loop.call_later(_GIVE_BACK_AFTER_S, self._flush)
         except RuntimeError:  # the loop has closed: nothing to give back to
@@ -653,9 +658,6 @@ class Connection(asyncio.BufferedProtocol):
     def send(self, frames: Sequence[Any]) -> None:
         """Queue a message; it leaves at the end of this loop tick with the others."""
         self._outbox.append(frames)
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
         if self._flush_at is None:
             self._flush_at = self._loop.call_soon(self._flush)
 
