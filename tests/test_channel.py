@@ -182,6 +182,38 @@ def test_a_connection_waits_for_its_engine_and_reconnects_to_a_new_one(tmp_path:
     asyncio.run(main())
 
 
+def test_a_connection_lost_as_soon_as_it_is_made_connects_again(tmp_path: Path) -> None:
+    """An engine that dies as it accepts: the connection breaks before the task that
+    made it has ended. That task must go on connecting, since the loss it could not
+    see starts no other (before the fix the front end stayed without an engine)."""
+    path = tmp_path / "e.sock"
+    echo = _Echo(path)
+
+    class DroppedOnce(Connection):
+        dropped = False
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if not self.dropped:  # lost before create_unix_connection has returned
+                self.dropped = True
+                transport.close()
+
+    async def main() -> None:
+        got: list[bytes] = []
+        conn = DroppedOnce(path, lambda frames: got.append(bytes(frames[1])))
+        try:
+            await _until(lambda: conn.dropped)
+            conn.send([b'{"t":"x"}', b"after"])
+            await _until(lambda: got == [b"after"], timeout=5.0)
+        finally:
+            conn.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        echo.close()
+
+
 async def _until(check, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():

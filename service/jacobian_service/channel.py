@@ -595,12 +595,18 @@ class Connection(asyncio.BufferedProtocol):
             self._connecting = self._loop.create_task(self._connect_loop())
 
     async def _connect_loop(self) -> None:
-        wait = self._RETRY_S[0]
+        # The condition is checked again after each connect: a connection can be made
+        # and lost (an engine dying as it accepts) before this task has ended, and the
+        # ``connection_lost`` of that moment, finding this task still running, starts
+        # no other. Leaving then would leave the front end with no engine for good.
+        wait, logged = self._RETRY_S[0], False
         while not self._closed and self._transport is None:
             try:
                 await self._loop.create_unix_connection(lambda: self, str(self.path))
-                return
-            except OSError:  # not bound yet (starting, restarting): try again shortly
+            except Exception as exc:  # OSError: not bound yet (starting, restarting)
+                if not isinstance(exc, OSError) and not logged:  # ours to fix; still no reason to stop trying
+                    log.exception("connecting to the engine at %s failed", self.path)
+                    logged = True
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, self._RETRY_S[1])
 

@@ -317,21 +317,30 @@ class RemoteEngines(_Engines):
         return on_reply
 
     async def _events(self) -> None:
+        # The only way the supervisor's word reaches this front end: a bad message (or a
+        # bug of ours handling one) is logged and skipped, never the end of the task,
+        # which would leave the front end serving on a state that no longer changes.
         while True:
-            msg = orjson.loads(await self._sub.recv())
-            if msg["t"] == "state":
-                self._first_state.set()
-                before = {e["index"]: e["generation"] for e in self._state.get("engines", [])}
-                self._state, self._state_at = msg, time.monotonic()
-                if any(e["ready"] for e in msg["engines"]):
-                    self._any_ready.set()
-                else:
-                    self._any_ready.clear()
-                for e in msg["engines"]:  # a generation we did not see die: its requests are lost
-                    if e["index"] in before and e["generation"] != before[e["index"]]:
-                        self._fail_engine(e["index"], set(), "", hang=False, ready_in=e.get("ready_in", 1.0))
-            elif msg["t"] == "died":
-                self._fail_engine(msg["engine"], set(msg["tags"]), msg["reason"], msg["hang"], msg.get("ready_in", 1.0))
+            data = await self._sub.recv()
+            try:
+                self._event(orjson.loads(data))
+            except Exception:
+                log.exception("could not handle the supervisor's message %.200r", data)
+
+    def _event(self, msg: dict[str, Any]) -> None:
+        if msg["t"] == "state":
+            self._first_state.set()
+            before = {e["index"]: e["generation"] for e in self._state.get("engines", [])}
+            self._state, self._state_at = msg, time.monotonic()
+            if any(e["ready"] for e in msg["engines"]):
+                self._any_ready.set()
+            else:
+                self._any_ready.clear()
+            for e in msg["engines"]:  # a generation we did not see die: its requests are lost
+                if e["index"] in before and e["generation"] != before[e["index"]]:
+                    self._fail_engine(e["index"], set(), "", hang=False, ready_in=e.get("ready_in", 1.0))
+        elif msg["t"] == "died":
+            self._fail_engine(msg["engine"], set(msg["tags"]), msg["reason"], msg["hang"], msg.get("ready_in", 1.0))
 
     def _fail_engine(self, index: int, tags: set[str], reason: str, hang: bool, ready_in: float) -> None:
         """Answer every request the dead engine held: the ones it was running when it
