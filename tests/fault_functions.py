@@ -57,3 +57,33 @@ def hogs(x: torch.Tensor) -> torch.Tensor:
         while True:  # under ENGINE_MEMORY_LIMIT_BYTES an allocation fails; without, the OOM killer
             held.append(torch.ones(16 << 20))
     return x.sin()
+
+
+def _fork_and_exit(leave_the_group: bool) -> None:
+    """What a function using a fork-based multiprocessing pool leaves behind when its
+    engine dies: a child holding copies of every descriptor the engine had open (its
+    connections to the front ends, its listening socket). The child writes its pid to
+    $FAULT_FORK_PIDFILE for the test to find."""
+    if os.fork() == 0:
+        if leave_the_group:
+            os.setsid()  # out of the engine's process group, beyond the supervisor's reach
+        with open(os.environ.get("FAULT_FORK_PIDFILE", os.devnull), "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(120)
+        os._exit(0)
+    time.sleep(0.2)  # the child has written its pid
+    os._exit(3)
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Forks a child that lives on, then exits, on the trigger.")
+def forks(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        _fork_and_exit(leave_the_group=False)
+    return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Forks a child that leaves the process group, then exits.")
+def forks_away(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        _fork_and_exit(leave_the_group=True)
+    return x.sin()

@@ -133,6 +133,69 @@ def test_requests_queued_behind_a_hang_are_retryable_and_later_ones_succeed():
         sin_ok(url)
 
 
+@pytest.mark.parametrize("name", ["forks", "forks_away"])
+def test_a_crash_that_leaves_a_forked_child_behind_costs_only_its_request(name, tmp_path, monkeypatch):
+    """A function whose engine dies leaving a child it forked (a multiprocessing pool's
+    worker): the child holds the engine's sockets open, so no front end sees its
+    connection close. Before, every later request went down that dead connection and
+    ran to its deadline, for good. The engine leads a process group, which the
+    supervisor kills whole (``forks``); a child that left the group (``forks_away``)
+    lives on, and the front ends drop their connection on the supervisor's word."""
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setenv("FAULT_FORK_PIDFILE", str(pidfile))
+    with live_server(**SETTINGS) as (url, proc):
+        wait_spare(url)
+        r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json=ARMED, timeout=30)
+        body = assert_problem(r, 500, "function_error")
+        assert "exited with status 3" in body["detail"]
+        child = int(pidfile.read_text())
+        try:
+            wait_restarts(url, 1, 5)
+            back_within(url, 5.0)
+            t0 = time.monotonic()
+            for _ in range(3):
+                sin_ok(url)
+            assert time.monotonic() - t0 < 5
+            deadline = time.monotonic() + 5
+            while name == "forks" and _alive(child):  # killed with its engine's group
+                assert time.monotonic() < deadline, "the engine's child outlived it"
+                time.sleep(0.05)
+            if name == "forks_away":
+                assert _alive(child)  # out of reach, and harmless: the service still works
+        finally:
+            if _alive(child):
+                os.kill(child, 9)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_server_killed_outright_leaves_no_process_behind():
+    """SIGKILL to ``serve`` (the out-of-memory killer's choice, say): its engines, which
+    lead process groups of their own, and its front ends, which hold the port, see
+    their parent gone and stop, rather than serve on unsupervised for good."""
+    import signal
+
+    with live_server(**SETTINGS) as (url, proc):
+        wait_spare(url)
+        children = _children(proc.pid)
+        roles = [_cmdline(p) for p in children]
+        assert sum(b"engine.process" in r for r in roles) == 2  # the engine and its spare
+        assert sum(b"spawn_main" in r for r in roles) == 1  # the front end
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while left := [p for p in children if _alive(p)]:
+            assert time.monotonic() < deadline, f"still running 10 s after the server died: {left}"
+            time.sleep(0.1)
+        with pytest.raises(httpx.TransportError):  # nobody holds the port
+            httpx.get(f"{url}/healthz", timeout=2)
+
+
 def test_a_repeat_offender_is_quarantined_until_released():
     with live_server(**SETTINGS) as (url, _):
         for _ in range(2):

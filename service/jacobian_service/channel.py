@@ -566,9 +566,15 @@ class Connection(asyncio.BufferedProtocol):
     read-only view of the engine's segment, given back when its last reference goes (on
     whatever thread), with the next messages; blocks of an engine that has gone stay
     mapped until then, and are not given to its successor. Large inputs go into this
-    connection's own segment, offered to each engine it connects to."""
+    connection's own segment, offered to each engine it connects to.
+
+    A connection does not count on the kernel to say that its engine has died: a child
+    the engine forked holds copies of its sockets, so neither the connection nor the
+    socket file closes. ``gone(pid)``, the supervisor's word, drops a connection to that
+    engine, and refuses any later one to it (its listening socket may still be there)."""
 
     _RETRY_S = (0.005, 0.1)  # first and longest wait between attempts to connect
+    _GONE_KEPT = 64  # engine pids remembered as gone
 
     def __init__(self, path: Path, on_message: Callable[[list[Any]], None], shared_bytes: int = 0,
                  on_lost: Callable[[], None] = lambda: None) -> None:
@@ -584,6 +590,9 @@ class Connection(asyncio.BufferedProtocol):
         self._give_back_at: asyncio.TimerHandle | None = None
         self._closed = False
         self._connecting: asyncio.Task | None = None
+        self._peer_pid: int | None = None  # the engine's, from the kernel (SO_PEERCRED)
+        self._gone: dict[int, None] = {}  # engines the supervisor says have gone, oldest first
+        self._refused = False  # the transport being made reached an engine that has gone
         self._sharing = Sharing(0)  # a new one per connection to an engine
         self._loop_thread = threading.get_ident()
         self._connect()
@@ -607,14 +616,30 @@ class Connection(asyncio.BufferedProtocol):
                 if not isinstance(exc, OSError) and not logged:  # ours to fix; still no reason to stop trying
                     log.exception("connecting to the engine at %s failed", self.path)
                     logged = True
+            if self._transport is None:  # refused, or reached a dead engine's socket
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, self._RETRY_S[1])
 
+    def gone(self, pid: int) -> None:
+        """The supervisor says engine process ``pid`` has gone: drop the connection to it,
+        if it is the one connected, and refuse to connect to it again."""
+        self._gone[pid] = None
+        while len(self._gone) > self._GONE_KEPT:
+            del self._gone[next(iter(self._gone))]
+        if self._transport is not None and self._peer_pid == pid:
+            log.info("dropping the connection to engine process %d, which has gone", pid)
+            self._transport.abort()  # connection_lost follows: as if the kernel had said so
+
     def connection_made(self, transport: Any) -> None:
+        sock = transport.get_extra_info("socket")
+        self._peer_pid = _peer_pid(sock)
+        if self._peer_pid in self._gone:  # a dead engine's listening socket, kept open by its child
+            self._refused = True
+            transport.abort()
+            return
         self._transport = transport
         self._sharing = Sharing(self._shared_bytes)
         self._reader = FrameReader(self._sharing.frame)
-        sock = transport.get_extra_info("socket")
         if sock is not None:
             _grow_buffers(sock)
         if (offer := self._sharing.offer()) is not None:
@@ -623,11 +648,16 @@ class Connection(asyncio.BufferedProtocol):
             self._flush_at = self._loop.call_soon(self._flush)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:  # never taken up: nothing was sent on it; the connect loop goes on
+            self._refused = False
+            return
         self._transport = None
         self._outbox = []
-        self._sharing.close()
-        self._on_lost()  # what was sent on it, and dropped from the outbox, has no answer coming
-        self._connect()
+        try:
+            self._sharing.close()
+            self._on_lost()  # what was sent on it, and dropped from the outbox, has no answer coming
+        finally:  # whatever failed above, the front end must not stay without its engine
+            self._connect()
 
     # ----------------------------------------------------------------- reading
 
@@ -693,6 +723,17 @@ class Connection(asyncio.BufferedProtocol):
             self._connecting.cancel()
         if self._transport is not None:
             self._transport.close()
+
+
+def _peer_pid(sock: socket.socket | None) -> int | None:
+    """The pid of the process that made the listening socket at the other end."""
+    if sock is None:
+        return None
+    try:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (OSError, AttributeError):  # AttributeError: no SO_PEERCRED on this platform
+        return None
+    return pid
 
 
 def _grow_buffers(sock: socket.socket) -> None:

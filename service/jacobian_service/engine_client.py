@@ -249,6 +249,7 @@ class RemoteEngines(_Engines):
         self._first_state = asyncio.Event()
         self._any_ready = asyncio.Event()  # set while the last state had an engine ready
         self._waiting = 0  # requests waiting for an engine to come up
+        self._pids: dict[int, int | None] = {}  # engine index -> its process, as the last state said
 
     async def start(self) -> None:
         import zmq
@@ -336,10 +337,17 @@ class RemoteEngines(_Engines):
                 self._any_ready.set()
             else:
                 self._any_ready.clear()
-            for e in msg["engines"]:  # a generation we did not see die: its requests are lost
-                if e["index"] in before and e["generation"] != before[e["index"]]:
+            for e in msg["engines"]:
+                # An engine process the state named and names no more has gone, whether or
+                # not its "died" came through (a PUB socket drops what a slow reader misses).
+                known, self._pids[e["index"]] = self._pids.get(e["index"]), e.get("pid")
+                if known is not None and known != e.get("pid"):
+                    self._socks[e["index"]].gone(known)
+                if e["index"] in before and e["generation"] != before[e["index"]]:  # a generation we did not see die
                     self._fail_engine(e["index"], set(), "", hang=False, ready_in=e.get("ready_in", 1.0))
         elif msg["t"] == "died":
+            if msg.get("pid") is not None:  # its connection may never close by itself (a child holds it)
+                self._socks[msg["engine"]].gone(msg["pid"])
             self._fail_engine(msg["engine"], set(msg["tags"]), msg["reason"], msg["hang"], msg.get("ready_in", 1.0))
 
     def _fail_engine(self, index: int, tags: set[str], reason: str, hang: bool, ready_in: float) -> None:

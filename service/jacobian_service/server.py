@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .heap import freeze_heap
+from .orphans import stop_with_parent
 from .settings import Settings
 
 __all__ = ["serve", "serve_in_process"]
@@ -79,6 +80,7 @@ def _front_end(run_dir: str, sock: socket.socket, count: int) -> None:
     app = create_app(settings, run_dir=Path(run_dir), front_ends=count)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    stop_with_parent()  # it drains and stops if serve is killed outright
     freeze_heap()
     DrainingServer(_uvicorn_config(app, settings), app, settings.drain_delay_s).run(sockets=[sock])
 

@@ -53,6 +53,18 @@ _BACKOFF_MAX_S = 10.0
 _STABLE_S = 60.0  # an engine up this long has its backoff reset
 
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal an engine's process group: the engine and whatever it forked (a function's
+    multiprocessing pool, say). Each engine leads a group of its own (``process_group=0``),
+    so nothing else is in it. A child left alive would hold copies of the dead engine's
+    sockets and shared memory; the front ends do not count on it dying (they drop a
+    connection to an engine the supervisor says has gone), but nothing should outlive it."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):  # no one left in the group
+        pass
+
+
 @dataclass
 class _Engine:
     index: int
@@ -153,7 +165,7 @@ class Supervisor:
         else:
             engine.promoted = False
             env = {**os.environ, "JACOBIAN_SERVICE_ISOLATE": ",".join(sorted(self.isolate))}
-            engine.proc = subprocess.Popen(self._command(engine), env=env)
+            engine.proc = subprocess.Popen(self._command(engine), env=env, process_group=0)
             how = "started"
         engine.generation += 1
         engine.started = time.monotonic()
@@ -186,11 +198,12 @@ class Supervisor:
             if code is None:
                 return
             log.warning("engine %d: the spare exited with status %s", engine.index, code)
+            _signal_group(engine.spare, signal.SIGKILL)  # what it forked goes with it
             self._spare_flag(engine.spare).unlink(missing_ok=True)
             engine.spare = None
             engine.spare_at = now + 30.0
         if engine.ready and now >= engine.spare_at:
-            engine.spare = subprocess.Popen([*self._command(engine), "--standby"], stdin=subprocess.PIPE)
+            engine.spare = subprocess.Popen([*self._command(engine), "--standby"], stdin=subprocess.PIPE, process_group=0)
             engine.spare_at = now + 5.0
             engine.spare_started = now
 
@@ -244,7 +257,7 @@ class Supervisor:
     def _kill(self, engine: _Engine, why: str) -> None:
         log.warning("engine %d: %s; killing pid %d", engine.index, why, engine.proc.pid)  # type: ignore[union-attr]
         engine.killed_for = why
-        engine.proc.kill()  # type: ignore[union-attr]
+        _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]
         engine.proc.wait()  # type: ignore[union-attr]
         self._died(engine, engine.proc.returncode, engine.board.read())  # type: ignore[union-attr]
 
@@ -262,6 +275,8 @@ class Supervisor:
         else:
             reason = f"the engine process exited with status {code}"
         log.error("engine %d died: %s (running %s for %d requests)", engine.index, reason, function or "nothing", len(tags))
+        pid = engine.proc.pid  # type: ignore[union-attr]
+        _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]  # its children, if any, go too
         if function:
             self._strike(function, batch=len(tags) > 1)
         engine.proc = None
@@ -274,7 +289,7 @@ class Supervisor:
         engine.restart_at = now + engine.backoff_s
         engine.backoff_s = min(_BACKOFF_MAX_S, max(0.5, engine.backoff_s * 2))
         self.pub.send(orjson.dumps({
-            "t": "died", "engine": engine.index, "generation": engine.generation, "tags": tags,
+            "t": "died", "engine": engine.index, "generation": engine.generation, "pid": pid, "tags": tags,
             "function": function, "reason": reason, "hang": engine.killed_for == "hang",
             "ready_in": engine.ready_in(now),
         }))
@@ -328,14 +343,16 @@ class Supervisor:
         for engine in self.engines:
             for proc in (engine.proc, engine.spare):
                 if proc is not None and proc.poll() is None:
-                    proc.terminate()
+                    _signal_group(proc, signal.SIGTERM)
         for engine in self.engines:
             for proc in (engine.proc, engine.spare):
                 if proc is not None:
                     try:
                         proc.wait(timeout)
                     except subprocess.TimeoutExpired:
-                        proc.kill()
+                        pass
+                    _signal_group(proc, signal.SIGKILL)  # it, if still there, and what it forked
+                    proc.wait()
             if engine.board is not None:
                 engine.board.close()
         self.pub.close()

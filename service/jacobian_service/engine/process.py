@@ -32,6 +32,7 @@ from ..errors import InternalError, ServiceError
 from ..heap import freeze_heap
 from ..logs import configure_logging
 from ..metrics import Metrics
+from ..orphans import stop_with_parent
 from ..registry import Registry
 from ..scheduler import Job, Worker
 from ..settings import Settings
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_format)
+    stop_with_parent()
     import torch
 
     from .devices import keep_free_heap, resolve_devices
