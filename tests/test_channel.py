@@ -214,6 +214,51 @@ def test_a_connection_lost_as_soon_as_it_is_made_connects_again(tmp_path: Path) 
         echo.close()
 
 
+def _echo_process(path: str) -> None:
+    _Echo(Path(path)).thread.join()
+
+
+def test_a_connection_to_an_engine_said_gone_is_dropped_and_not_made_again(tmp_path: Path) -> None:
+    """A dead engine's child may hold both its connection and its listening socket open:
+    the kernel then says nothing. ``gone(pid)`` drops the connection to that engine (the
+    listener's pid, from SO_PEERCRED), refuses that listener while it stays, and what
+    is sent meanwhile leaves on the next engine's connection."""
+    import multiprocessing
+    import os
+
+    path = tmp_path / "e.sock"
+    first = _Echo(path)  # this process: its pid is ours
+    second = None
+
+    async def main() -> None:
+        nonlocal second
+        got: list[bytes] = []
+        conn = Connection(path, lambda frames: got.append(bytes(frames[1])))
+        try:
+            conn.send([b'{"t":"x"}', b"one"])
+            await _until(lambda: got == [b"one"])
+            conn.gone(os.getpid())
+            await asyncio.sleep(0.05)
+            conn.send([b'{"t":"x"}', b"two"])
+            await asyncio.sleep(0.5)  # the gone engine's listener is still there: refused, every try
+            assert got == [b"one"] and conn._transport is None
+            await asyncio.to_thread(first.close)  # the next engine binds the path (another process)
+            second = multiprocessing.get_context("spawn").Process(target=_echo_process, args=(str(path),), daemon=True)
+            second.start()
+            await _until(lambda: got == [b"one", b"two"], timeout=30.0)
+            assert conn._peer_pid == second.pid
+        finally:
+            conn.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        first.close()
+        if second is not None:
+            second.terminate()
+            second.join(5)
+
+
 async def _until(check, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
