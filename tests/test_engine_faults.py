@@ -266,6 +266,18 @@ def test_running_front_ends_have_no_torch_loaded_and_stay_small(capsys):
         with capsys.disabled():
             print(f"\nRSS MiB: front ends {[round(r) for r in rss['front end']]}, engine {rss['engine']:.0f}")
         assert max(rss["front end"]) < 200  # no torch: ~60-80 MiB; torch alone is ~300
+        # Without ENGINE_MEMORY_LIMIT_BYTES the kernel's out-of-memory killer ends a
+        # function that allocates without end: the engine is its first choice, the
+        # processes that are not restarted keep what they inherited.
+        adj = {pid: _oom_score_adj(pid) for pid in [proc.pid, *fronts, *engines]}
+        inherited = _oom_score_adj(os.getpid())
+        assert adj[engines[0]] == max(500, inherited)  # raised, never lowered
+        assert {adj[p] for p in [proc.pid, *fronts]} == {inherited}
+
+
+def _oom_score_adj(pid: int) -> int:
+    with open(f"/proc/{pid}/oom_score_adj") as fp:
+        return int(fp.read())
 
 
 def _established_on(port: int, state: str = "01") -> set[int]:

@@ -40,6 +40,7 @@ from ..settings import Settings
 log = logging.getLogger("jacobian_service.engine")
 
 _PUMP_EVERY_S = 0.01
+_OOM_SCORE_ADJ = 500  # of -1000..1000: before the other processes, not before everything
 _IDLE_POLL_MS = 100
 
 
@@ -202,9 +203,19 @@ def _deadline(header: dict[str, Any], call: Any) -> float:
 
 def _limit_memory(limit: int | None) -> None:
     """An address-space cap: a function that allocates without end fails its request
-    with out-of-memory (507) instead of taking the machine's memory."""
+    with out-of-memory (507) instead of taking the machine's memory. Without one, the
+    kernel's out-of-memory killer ends it: this process is made its first choice
+    (``oom_score_adj``), as the one process of the server that is restarted without
+    loss; the supervisor and the front ends keep the default."""
     if limit:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        with open("/proc/self/oom_score_adj", "r+") as f:  # raising it needs no privilege
+            if int(f.read()) < _OOM_SCORE_ADJ:  # never lowered (a BestEffort pod's 1000)
+                f.seek(0)
+                f.write(str(_OOM_SCORE_ADJ))
+    except (OSError, ValueError):  # not Linux, or /proc read-only
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
