@@ -330,14 +330,15 @@ class RemoteEngines(_Engines):
 
     def _event(self, msg: dict[str, Any]) -> None:
         if msg["t"] == "state":
+            engines = msg["engines"]  # (a state without them is not taken)
             self._first_state.set()
             before = {e["index"]: e["generation"] for e in self._state.get("engines", [])}
             self._state, self._state_at = msg, time.monotonic()
-            if any(e["ready"] for e in msg["engines"]):
+            if any(e["ready"] for e in engines):
                 self._any_ready.set()
             else:
                 self._any_ready.clear()
-            for e in msg["engines"]:
+            for e in engines:
                 # An engine process the state named and names no more has gone, whether or
                 # not its "died" came through (a PUB socket drops what a slow reader misses).
                 known, self._pids[e["index"]] = self._pids.get(e["index"]), e.get("pid")
