@@ -55,10 +55,11 @@ _STABLE_S = 60.0  # an engine up this long has its backoff reset
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     """Signal an engine's process group: the engine and whatever it forked (a function's
-    multiprocessing pool, say). Each engine leads a group of its own (``process_group=0``),
-    so nothing else is in it. A child left alive would hold copies of the dead engine's
-    sockets and shared memory; the front ends do not count on it dying (they drop a
-    connection to an engine the supervisor says has gone), but nothing should outlive it."""
+    multiprocessing pool, say). Each engine leads a session, hence a group, of its own
+    (``start_new_session``, which Python 3.10 has too), so nothing else is in it. A child
+    left alive would hold copies of the dead engine's sockets and shared memory; the front
+    ends do not count on it dying (they drop a connection to an engine the supervisor
+    says has gone), but nothing should outlive it."""
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):  # no one left in the group
@@ -165,7 +166,7 @@ class Supervisor:
         else:
             engine.promoted = False
             env = {**os.environ, "JACOBIAN_SERVICE_ISOLATE": ",".join(sorted(self.isolate))}
-            engine.proc = subprocess.Popen(self._command(engine), env=env, process_group=0)
+            engine.proc = subprocess.Popen(self._command(engine), env=env, start_new_session=True)
             how = "started"
         engine.generation += 1
         engine.started = time.monotonic()
@@ -203,7 +204,8 @@ class Supervisor:
             engine.spare = None
             engine.spare_at = now + 30.0
         if engine.ready and now >= engine.spare_at:
-            engine.spare = subprocess.Popen([*self._command(engine), "--standby"], stdin=subprocess.PIPE, process_group=0)
+            engine.spare = subprocess.Popen([*self._command(engine), "--standby"], stdin=subprocess.PIPE,
+                                            start_new_session=True)
             engine.spare_at = now + 5.0
             engine.spare_started = now
 
