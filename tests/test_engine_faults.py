@@ -196,6 +196,26 @@ def test_a_server_killed_outright_leaves_no_process_behind():
             httpx.get(f"{url}/healthz", timeout=2)
 
 
+def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_server_down():
+    """Before, one such function kept the engine from ever being ready (its warm-up
+    never ended): every function answered 503 for good. Each warm-up is now cut after
+    WARMUP_TIMEOUT_S, the engine and its spare come up, and a request to such a function
+    is a hang like any other: 504, the engine restarted, the others served."""
+    with live_server(FUNCTIONS="jacobian_service.examples,tests.warmup_hang_functions", WARMUP_TIMEOUT_S=1,
+                     HANG_GRACE_S=1, WORKERS=1) as (url, proc):  # (live_server waits for /readyz 200)
+        sin_ok(url)
+        wait_spare(url)  # the spare's warm-up was cut the same way
+        log = proc.read_log()
+        for name in ("spins_always", "sleeps_always", "spins_stubbornly"):
+            assert f"warm-up of {name} ran past 1 s (WARMUP_TIMEOUT_S) and was cut" in log
+        r = httpx.post(f"{url}/v1/functions/sleeps_always/jacobian", json={"inputs": [[0.5, 1.0]]}, headers=HANG,
+                       timeout=30)
+        assert_problem(r, 504, "timeout")
+        wait_restarts(url, 1, 5)
+        back_within(url, 5.0)
+        sin_ok(url)
+
+
 def test_a_repeat_offender_is_quarantined_until_released():
     with live_server(**SETTINGS) as (url, _):
         for _ in range(2):

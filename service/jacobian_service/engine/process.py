@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -166,16 +167,36 @@ class EngineServer:
     # ----------------------------------------------------------------- loop
 
     def warm_up(self) -> None:
-        """The first jacrev of a function costs ~1 s: pay it before saying ready."""
+        """The first jacrev of a function costs ~1 s: pay it before saying ready.
+
+        Each function's warm-up is cut after ``warmup_timeout_s`` (``_WarmUpClock``): a
+        function that loops or sleeps for ever on the warm-up input would otherwise keep
+        the engine, hence every function, from ever being ready. It serves unwarmed, and
+        its requests meet the hang detection like any other's. (A hang in native code
+        that never comes back to Python is not cut here.)"""
         from .devices import warmup_call
 
-        for spec in self.registry:
-            call = warmup_call(spec)
-            call.deadline = time.monotonic() + 120
-            try:
-                self.engine.jacobian(call)
-            except Exception as exc:  # a function that needs special inputs still serves
-                log.warning("warm-up of %s failed: %s", spec.name, exc)
+        limit = self.settings.warmup_timeout_s
+        clock = _WarmUpClock()
+        previous = signal.signal(signal.SIGALRM, clock.expire)
+        try:
+            for spec in self.registry:
+                call = warmup_call(spec)
+                call.deadline = time.monotonic() + limit
+                try:
+                    try:
+                        clock.start(limit)
+                        self.engine.jacobian(call)
+                    finally:
+                        clock.stop()
+                except (Exception, _WarmUpExpired) as exc:  # a function that needs special inputs still serves
+                    if clock.expired:  # raised as it was, or wrapped by the engine on its way up
+                        log.error("warm-up of %s ran past %g s (WARMUP_TIMEOUT_S) and was cut; it serves unwarmed",
+                                  spec.name, limit)
+                    else:
+                        log.warning("warm-up of %s failed: %s", spec.name, exc)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
 
     def serve(self) -> None:
         self.board.set_ready(time.monotonic())
@@ -193,6 +214,35 @@ class EngineServer:
             import torch
 
             self.metrics.device_memory.labels(self.device).set(torch.cuda.memory_allocated(self.device))
+
+
+class _WarmUpExpired(BaseException):
+    """Raised into a function whose warm-up ran too long: a BaseException, so that the
+    function's own ``except Exception`` does not take it and go on."""
+
+
+class _WarmUpClock:
+    """A timer signal (SIGALRM) whose handler raises ``_WarmUpExpired`` in the main
+    thread, at the function's next Python instruction (a sleep is cut too). After the
+    first, it fires every second until stopped: a function that swallows one goes on
+    being cut."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.expired = False
+
+    def start(self, seconds: float) -> None:
+        self.armed, self.expired = True, False
+        signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+
+    def stop(self) -> None:
+        self.armed = False  # first: a signal from here on raises nothing
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def expire(self, signum: int, frame: Any) -> None:
+        if self.armed:
+            self.expired = True
+            raise _WarmUpExpired
 
 
 def _deadline(header: dict[str, Any], call: Any) -> float:

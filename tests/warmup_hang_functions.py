@@ -1,0 +1,34 @@
+"""Functions that never return, on any input, the warm-up's included: a loop, a sleep,
+and a loop that swallows what interrupts it once. Loaded only by the warm-up test (any
+other server with them would wait WARMUP_TIMEOUT_S for each)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from jacobian_service import Input, register
+
+
+@register(inputs=[Input("x", shape=("n",))], description="A busy loop on every input.")
+def spins_always(x: torch.Tensor) -> torch.Tensor:
+    while True:
+        pass
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Sleeps for an hour on every input.")
+def sleeps_always(x: torch.Tensor) -> torch.Tensor:
+    time.sleep(3600)
+    return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="A busy loop that swallows the first interruption.")
+def spins_stubbornly(x: torch.Tensor) -> torch.Tensor:
+    try:
+        while True:
+            pass
+    except BaseException:
+        pass
+    while True:
+        pass
