@@ -199,21 +199,30 @@ def test_a_server_killed_outright_leaves_no_process_behind():
 def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_server_down():
     """Before, one such function kept the engine from ever being ready (its warm-up
     never ended): every function answered 503 for good. Each warm-up is now cut after
-    WARMUP_TIMEOUT_S, the engine and its spare come up, and a request to such a function
-    is a hang like any other: 504, the engine restarted, the others served."""
+    WARMUP_TIMEOUT_S; one stuck in native code, which nothing in the engine can cut,
+    gets the engine killed by the supervisor, and the engines after it skip that
+    function's warm-up. The engine and its spare come up, and a request to such a
+    function is a hang like any other: 504, the engine restarted, the others served."""
     with live_server(FUNCTIONS="jacobian_service.examples,tests.warmup_hang_functions", WARMUP_TIMEOUT_S=1,
                      HANG_GRACE_S=1, WORKERS=1) as (url, proc):  # (live_server waits for /readyz 200)
         sin_ok(url)
-        wait_spare(url)  # the spare's warm-up was cut the same way
+        wait_spare(url)  # the spare's warm-up was cut and skipped the same way
         log = proc.read_log()
         for name in ("spins_always", "sleeps_always", "spins_stubbornly"):
             assert f"warm-up of {name} ran past 1 s (WARMUP_TIMEOUT_S) and was cut" in log
-        r = httpx.post(f"{url}/v1/functions/sleeps_always/jacobian", json={"inputs": [[0.5, 1.0]]}, headers=HANG,
-                       timeout=30)
-        assert_problem(r, 504, "timeout")
-        wait_restarts(url, 1, 5)
-        back_within(url, 5.0)
-        sin_ok(url)
+        assert "the warm-up of deadlocks_natively did not return within 1 s (plus 1 s)" in log
+        assert log.count("warm-up of deadlocks_natively skipped") >= 2  # the next engine, and its spare
+        before = restarts(url)
+        assert before >= 1
+        for name in ("sleeps_always", "deadlocks_natively"):
+            wait_spare(url)  # a restart is then a promotion
+            r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json={"inputs": [[0.5, 1.0]]}, headers=HANG,
+                           timeout=30)
+            assert_problem(r, 504, "timeout")
+            wait_restarts(url, before + 1, 5)
+            before = restarts(url)
+            back_within(url, 5.0)
+            sin_ok(url)
 
 
 def test_a_repeat_offender_is_quarantined_until_released():

@@ -57,6 +57,12 @@ def engine_path(run_dir: Path, index: int) -> Path:
     return run_dir / f"engine-{index}.sock"
 
 
+def warming_path(run_dir: Path, pid: int) -> Path:
+    """``<monotonic time> <function>``: what engine process ``pid`` is warming up, since
+    when (written by the engine, read by the supervisor; gone once warm)."""
+    return run_dir / f"warming-{pid}"
+
+
 def events_address(run_dir: Path) -> str:
     return f"ipc://{run_dir}/events.sock"
 

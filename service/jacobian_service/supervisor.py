@@ -6,7 +6,10 @@ Torch-free; it runs in the ``serve`` process beside the front ends it starts. Ev
 - the process exited (a signal, ``os._exit``, the kernel's out-of-memory killer): the
   requests it was running crashed it;
 - it runs a job past that job's deadline plus ``hang_grace_s``: a hang, killed;
-- it has not looked up for ``engine_heartbeat_s`` (a deadlock that holds the GIL): killed.
+- it has not looked up for ``engine_heartbeat_s`` (a deadlock that holds the GIL): killed;
+- one function's warm-up has run past ``warmup_timeout_s`` plus ``hang_grace_s`` (the
+  engine cuts a hang in Python itself; this is one in native code): the engine, or the
+  spare, is killed, and the engines started after it skip that function's warm-up.
 
 With ``engine_standby`` a spare engine process per device waits, loaded and warmed up,
 and a dead engine's replacement is that spare, promoted (then a new spare starts).
@@ -78,7 +81,7 @@ class _Engine:
     restarts: int = 0
     backoff_s: float = 0.0
     restart_at: float = 0.0
-    killed_for: str = ""  # why we killed it ("hang", "heartbeat"), else ""
+    killed_for: str = ""  # why we killed it ("hang", "heartbeat", "warm-up"), else ""
     running: dict[str, Any] = field(default_factory=dict)
     startup_s: float = 5.0  # the last cold start-up's measured length (spawn to ready)
     promoted: bool = False  # the running process was a spare (its start-up says nothing of a cold one)
@@ -108,6 +111,7 @@ class Supervisor:
         self.quarantined: dict[str, float] = {}  # function -> until (time.time())
         self.quarantines = 0
         self.isolate: set[str] = set()
+        self.skip_warmup: set[str] = set()  # functions whose warm-up hung an engine
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -165,7 +169,7 @@ class Supervisor:
             engine.promoted, how = True, "spare promoted"
         else:
             engine.promoted = False
-            env = {**os.environ, "JACOBIAN_SERVICE_ISOLATE": ",".join(sorted(self.isolate))}
+            env = {**self._env(), "JACOBIAN_SERVICE_ISOLATE": ",".join(sorted(self.isolate))}
             engine.proc = subprocess.Popen(self._command(engine), env=env, start_new_session=True)
             how = "started"
         engine.generation += 1
@@ -174,6 +178,22 @@ class Supervisor:
         engine.killed_for = ""
         log.info("engine %d (%s) %s, generation %d, pid %d", engine.index, engine.device, how, engine.generation,
                  engine.proc.pid)
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "JACOBIAN_SERVICE_SKIP_WARMUP": ",".join(sorted(self.skip_warmup))}
+
+    def _warm_up_hung(self, proc: subprocess.Popen, now: float) -> str | None:
+        """The function whose warm-up in ``proc`` has run past its limit plus the grace."""
+        try:
+            since, _, function = ipc.warming_path(self.run_dir, proc.pid).read_text().partition(" ")
+            started = float(since)
+        except (OSError, ValueError):  # not warming up (any more)
+            return None
+        if now > started + self.settings.warmup_timeout_s + self.settings.hang_grace_s:
+            self.skip_warmup.add(function)
+            ipc.warming_path(self.run_dir, proc.pid).unlink(missing_ok=True)
+            return function
+        return None
 
     def _spare_flag(self, spare: subprocess.Popen) -> Path:
         return self.run_dir / f"spare-{spare.pid}.ready"
@@ -194,18 +214,26 @@ class Supervisor:
         two would compete for the same cores and memory)."""
         if not self.settings.engine_standby:
             return
-        if engine.spare is not None:
-            code = engine.spare.poll()
-            if code is None:
+        spare = engine.spare
+        if spare is not None:
+            code = spare.poll()
+            if code is None and (function := self._warm_up_hung(spare, now)) is not None:
+                log.error("engine %d: the spare's warm-up of %s did not return; killing pid %d (the next "
+                          "spare skips it)", engine.index, function, spare.pid)
+                _signal_group(spare, signal.SIGKILL)
+                spare.wait()
+                engine.spare_at = now
+            elif code is None:
                 return
-            log.warning("engine %d: the spare exited with status %s", engine.index, code)
-            _signal_group(engine.spare, signal.SIGKILL)  # what it forked goes with it
-            self._spare_flag(engine.spare).unlink(missing_ok=True)
+            else:
+                log.warning("engine %d: the spare exited with status %s", engine.index, code)
+                _signal_group(spare, signal.SIGKILL)  # what it forked goes with it
+                engine.spare_at = now + 30.0
+            self._spare_flag(spare).unlink(missing_ok=True)
             engine.spare = None
-            engine.spare_at = now + 30.0
         if engine.ready and now >= engine.spare_at:
             engine.spare = subprocess.Popen([*self._command(engine), "--standby"], stdin=subprocess.PIPE,
-                                            start_new_session=True)
+                                            env=self._env(), start_new_session=True)
             engine.spare_at = now + 5.0
             engine.spare_started = now
 
@@ -252,6 +280,9 @@ class Supervisor:
                 self._kill(engine, "hang")
             elif engine.ready and not status["deadline"] and now - status["beat"] > self.settings.engine_heartbeat_s:
                 self._kill(engine, "heartbeat")
+            elif not engine.ready and (function := self._warm_up_hung(engine.proc, now)) is not None:
+                engine.running = {"function": function, "tags": []}
+                self._kill(engine, "warm-up")
         self._expire_quarantines()
         if now - self._last_state >= _STATE_EVERY_S:
             self.publish_state()
@@ -269,6 +300,9 @@ class Supervisor:
         function = running.get("function", "")
         if engine.killed_for == "hang":
             reason = f"{function or 'a function'} did not return by its deadline (plus {self.settings.hang_grace_s:g} s)"
+        elif engine.killed_for == "warm-up":
+            reason = (f"the warm-up of {function} did not return within {self.settings.warmup_timeout_s:g} s "
+                      f"(plus {self.settings.hang_grace_s:g} s); engines skip it from now on")
         elif engine.killed_for == "heartbeat":
             reason = f"the engine stopped answering for {self.settings.engine_heartbeat_s:g} s"
         elif code < 0:

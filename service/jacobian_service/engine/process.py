@@ -166,14 +166,16 @@ class EngineServer:
 
     # ----------------------------------------------------------------- loop
 
-    def warm_up(self) -> None:
+    def warm_up(self, note: Path, skip: set[str]) -> None:
         """The first jacrev of a function costs ~1 s: pay it before saying ready.
 
         Each function's warm-up is cut after ``warmup_timeout_s`` (``_WarmUpClock``): a
         function that loops or sleeps for ever on the warm-up input would otherwise keep
         the engine, hence every function, from ever being ready. It serves unwarmed, and
-        its requests meet the hang detection like any other's. (A hang in native code
-        that never comes back to Python is not cut here.)"""
+        its requests meet the hang detection like any other's. A hang in native code
+        never comes back to Python to be cut: ``note`` says which function is warming
+        since when, and the supervisor kills an engine (or spare) stuck past the limit
+        and has the next ones ``skip`` that function's warm-up."""
         from .devices import warmup_call
 
         limit = self.settings.warmup_timeout_s
@@ -181,6 +183,12 @@ class EngineServer:
         previous = signal.signal(signal.SIGALRM, clock.expire)
         try:
             for spec in self.registry:
+                if spec.name in skip:
+                    log.warning("warm-up of %s skipped: it hung an engine's warm-up before", spec.name)
+                    continue
+                tmp = note.with_suffix(".tmp")
+                tmp.write_text(f"{time.monotonic()} {spec.name}")
+                tmp.replace(note)  # whole, for the supervisor's read
                 call = warmup_call(spec)
                 call.deadline = time.monotonic() + limit
                 try:
@@ -197,6 +205,7 @@ class EngineServer:
                         log.warning("warm-up of %s failed: %s", spec.name, exc)
         finally:
             signal.signal(signal.SIGALRM, previous)
+            note.unlink(missing_ok=True)
 
     def serve(self) -> None:
         self.board.set_ready(time.monotonic())
@@ -299,12 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(args.run_dir / "registry.json")
     server = EngineServer(settings, registry, devices[0])
     _limit_memory(settings.engine_memory_limit_bytes)
+    skip = {n for n in os.environ.get("JACOBIAN_SERVICE_SKIP_WARMUP", "").split(",") if n}
     if args.standby:
         # A spare: everything slow (torch, the functions, warm-up) is done before the
         # engine it replaces dies; the supervisor's line says go, and which functions
         # to run alone. An empty line (EOF) means the supervisor has gone.
         if settings.warmup:
-            server.warm_up()
+            server.warm_up(ipc.warming_path(args.run_dir, os.getpid()), skip)
         freeze_heap()  # now, not at promotion: its full collection takes ~0.2 s
         (args.run_dir / f"spare-{os.getpid()}.ready").touch()  # the supervisor's sign that it is warm
         line = sys.stdin.readline()
@@ -316,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         server.isolate([n for n in os.environ.get("JACOBIAN_SERVICE_ISOLATE", "").split(",") if n])
         server.open(args.run_dir, args.index)  # jobs queue in the socket while warming up
         if settings.warmup:
-            server.warm_up()
+            server.warm_up(ipc.warming_path(args.run_dir, os.getpid()), skip)
         freeze_heap()
     log.info("engine %d ready on %s (%d functions)", args.index, devices[0], len(registry))
     server.serve()
