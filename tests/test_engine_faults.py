@@ -225,6 +225,38 @@ def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_s
             sin_ok(url)
 
 
+def test_a_process_that_ignores_sigterm_still_stops_after_its_parent():
+    """``orphans.stop_with_parent``: the SIGTERM it sends can be ignored (a user
+    function's handler in an engine, or a front end not yet listening for it); the
+    process exits anyway, ``grace_s`` later."""
+    import signal
+    import subprocess
+    import sys
+
+    orphan = (
+        "import signal, time\n"
+        "from jacobian_service.orphans import stop_with_parent\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "stop_with_parent(grace_s=0.5, every_s=0.05)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {orphan!r}], stdout=subprocess.PIPE, text=True)\n"
+        "assert child.stdout.readline() == 'ready\\n'\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True) as proc:
+        child = int(proc.stdout.readline())  # type: ignore[union-attr]
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, "the orphan that ignores SIGTERM is still running"
+            time.sleep(0.05)
+
+
 def test_a_repeat_offender_is_quarantined_until_released():
     with live_server(**SETTINGS) as (url, _):
         for _ in range(2):

@@ -20,9 +20,11 @@ __all__ = ["stop_with_parent"]
 log = logging.getLogger("jacobian_service")
 
 
-def stop_with_parent(every_s: float = 0.5) -> None:
+def stop_with_parent(grace_s: float, every_s: float = 0.5) -> None:
     """SIGTERM to this process once its parent has gone (checked every ``every_s``, on a
-    daemon thread): a front end drains and stops, an engine stops."""
+    daemon thread): a front end drains and stops, an engine stops. Still here
+    ``grace_s`` later (the signal came before its handler was set, or a user function
+    set one that ignores it), the process exits outright."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -30,5 +32,7 @@ def stop_with_parent(every_s: float = 0.5) -> None:
             time.sleep(every_s)
         log.warning("the server process (pid %d) has gone; pid %d stops", parent, os.getpid())
         os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
 
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()

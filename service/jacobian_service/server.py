@@ -80,7 +80,7 @@ def _front_end(run_dir: str, sock: socket.socket, count: int) -> None:
     app = create_app(settings, run_dir=Path(run_dir), front_ends=count)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    stop_with_parent()  # it drains and stops if serve is killed outright
+    stop_with_parent(settings.drain_delay_s + settings.drain_grace_s + 5)  # it drains and stops if serve is killed
     freeze_heap()
     DrainingServer(_uvicorn_config(app, settings), app, settings.drain_delay_s).run(sockets=[sock])
 

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_format)
-    stop_with_parent()
+    stop_with_parent(grace_s=5.0)
     import torch
 
     from .devices import keep_free_heap, resolve_devices
