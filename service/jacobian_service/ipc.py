@@ -57,6 +57,20 @@ def engine_path(run_dir: Path, index: int) -> Path:
     return run_dir / f"engine-{index}.sock"
 
 
+# Function names the supervisor hands a new engine process, in its environment: those
+# to run alone (they crashed inside a batch) and those whose warm-up to skip (it hung).
+ISOLATE_ENV = "JACOBIAN_SERVICE_ISOLATE"
+SKIP_WARMUP_ENV = "JACOBIAN_SERVICE_SKIP_WARMUP"
+
+
+def names_env(names: set[str]) -> str:
+    return ",".join(sorted(names))
+
+
+def names_from_env(variable: str) -> list[str]:
+    return [n for n in os.environ.get(variable, "").split(",") if n]
+
+
 def warming_path(run_dir: Path, pid: int) -> Path:
     """``<monotonic time> <function>``: what engine process ``pid`` is warming up, since
     when (written by the engine, read by the supervisor; gone once warm)."""

@@ -169,8 +169,7 @@ class Supervisor:
             engine.promoted, how = True, "spare promoted"
         else:
             engine.promoted = False
-            env = {**self._env(), "JACOBIAN_SERVICE_ISOLATE": ",".join(sorted(self.isolate))}
-            engine.proc = subprocess.Popen(self._command(engine), env=env, start_new_session=True)
+            engine.proc = subprocess.Popen(self._command(engine), env=self._env(), start_new_session=True)
             how = "started"
         engine.generation += 1
         engine.started = time.monotonic()
@@ -180,10 +179,14 @@ class Supervisor:
                  engine.proc.pid)
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "JACOBIAN_SERVICE_SKIP_WARMUP": ",".join(sorted(self.skip_warmup))}
+        """A new engine's environment (a spare reads only what to skip: which functions
+        to run alone it learns when promoted)."""
+        return {**os.environ, ipc.ISOLATE_ENV: ipc.names_env(self.isolate),
+                ipc.SKIP_WARMUP_ENV: ipc.names_env(self.skip_warmup)}
 
     def _warm_up_hung(self, proc: subprocess.Popen, now: float) -> str | None:
-        """The function whose warm-up in ``proc`` has run past its limit plus the grace."""
+        """The function whose warm-up in ``proc`` has run past its limit plus the grace,
+        added to those the engines started from now on skip."""
         try:
             since, _, function = ipc.warming_path(self.run_dir, proc.pid).read_text().partition(" ")
             started = float(since)

@@ -179,7 +179,7 @@ class EngineServer:
         from .devices import warmup_call
 
         limit = self.settings.warmup_timeout_s
-        clock = _WarmUpClock()
+        clock = _WarmUpClock(limit)
         previous = signal.signal(signal.SIGALRM, clock.expire)
         try:
             for spec in self.registry:
@@ -192,11 +192,8 @@ class EngineServer:
                 call = warmup_call(spec)
                 call.deadline = time.monotonic() + limit
                 try:
-                    try:
-                        clock.start(limit)
+                    with clock:
                         self.engine.jacobian(call)
-                    finally:
-                        clock.stop()
                 except (Exception, _WarmUpExpired) as exc:  # a function that needs special inputs still serves
                     if clock.expired:  # raised as it was, or wrapped by the engine on its way up
                         log.error("warm-up of %s ran past %g s (WARMUP_TIMEOUT_S) and was cut; it serves unwarmed",
@@ -231,20 +228,22 @@ class _WarmUpExpired(BaseException):
 
 
 class _WarmUpClock:
-    """A timer signal (SIGALRM) whose handler raises ``_WarmUpExpired`` in the main
-    thread, at the function's next Python instruction (a sleep is cut too). After the
-    first, it fires every second until stopped: a function that swallows one goes on
-    being cut."""
+    """``with clock:``, a timer signal (SIGALRM) ``seconds`` later, whose handler raises
+    ``_WarmUpExpired`` in the main thread at the function's next Python instruction (a
+    sleep is cut too). After the first, it fires every second until the block ends: a
+    function that swallows one goes on being cut. (One that fires as the block ends
+    raises from its exit; the caller takes it as it takes one from inside.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
         self.armed = False
         self.expired = False
 
-    def start(self, seconds: float) -> None:
+    def __enter__(self) -> None:
         self.armed, self.expired = True, False
-        signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds, 1.0)
 
-    def stop(self) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.armed = False  # first: a signal from here on raises nothing
         signal.setitimer(signal.ITIMER_REAL, 0)
 
@@ -262,12 +261,16 @@ def _deadline(header: dict[str, Any], call: Any) -> float:
 
 def _limit_memory(limit: int | None) -> None:
     """An address-space cap: a function that allocates without end fails its request
-    with out-of-memory (507) instead of taking the machine's memory. Without one, the
-    kernel's out-of-memory killer ends it: this process is made its first choice
-    (``oom_score_adj``), as the one process of the server that is restarted without
-    loss; the supervisor and the front ends keep the default."""
+    with out-of-memory (507) instead of taking the machine's memory."""
     if limit:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _first_for_the_oom_killer() -> None:
+    """Without an address-space cap, the kernel's out-of-memory killer ends a function
+    that allocates without end: this process is made its first choice, as the one
+    process of the server that is restarted without loss; the supervisor and the front
+    ends keep the default."""
     try:
         with open("/proc/self/oom_score_adj", "r+") as f:  # raising it needs no privilege
             if int(f.read()) < _OOM_SCORE_ADJ:  # never lowered (a BestEffort pod's 1000)
@@ -308,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(args.run_dir / "registry.json")
     server = EngineServer(settings, registry, devices[0])
     _limit_memory(settings.engine_memory_limit_bytes)
-    skip = {n for n in os.environ.get("JACOBIAN_SERVICE_SKIP_WARMUP", "").split(",") if n}
+    _first_for_the_oom_killer()
+    skip = set(ipc.names_from_env(ipc.SKIP_WARMUP_ENV))
     if args.standby:
         # A spare: everything slow (torch, the functions, warm-up) is done before the
         # engine it replaces dies; the supervisor's line says go, and which functions
@@ -323,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         server.isolate(orjson.loads(line).get("isolate", []))
         server.open(args.run_dir, args.index)
     else:
-        server.isolate([n for n in os.environ.get("JACOBIAN_SERVICE_ISOLATE", "").split(",") if n])
+        server.isolate(ipc.names_from_env(ipc.ISOLATE_ENV))
         server.open(args.run_dir, args.index)  # jobs queue in the socket while warming up
         if settings.warmup:
             server.warm_up(ipc.warming_path(args.run_dir, os.getpid()), skip)
