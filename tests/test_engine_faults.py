@@ -198,22 +198,31 @@ def test_a_server_killed_outright_leaves_no_process_behind():
 
 def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_server_down():
     """Before, one such function kept the engine from ever being ready (its warm-up
-    never ended): every function answered 503 for good. Each warm-up is now cut after
-    WARMUP_TIMEOUT_S; one stuck in native code, which nothing in the engine can cut,
-    gets the engine killed by the supervisor, and the engines after it skip that
+    never ended): every function answered 503 for good. An engine whose warm-up of one
+    function runs past WARMUP_TIMEOUT_S is killed, and the engines after it skip that
     function's warm-up. The engine and its spare come up, and a request to such a
-    function is a hang like any other: 504, the engine restarted, the others served."""
+    function is a hang like any other: 504, the engine restarted, the others served.
+
+    The warm-up is not cut inside the engine: an earlier version raised into it from a
+    timer signal, cut an import half-way (torch's own, on a slow CI machine) and left
+    every function answering 500 for good. ``imports_slowly`` is that case: its first
+    call imports a package for 3 s; cut in-process, it would answer 500 AttributeError
+    for ever after. Here it is served, in its own (slow) time."""
+    hung = ("deadlocks_natively", "imports_slowly", "sleeps_always", "spins_always")
     with live_server(FUNCTIONS="jacobian_service.examples,tests.warmup_hang_functions", WARMUP_TIMEOUT_S=1,
                      HANG_GRACE_S=1, WORKERS=1) as (url, proc):  # (live_server waits for /readyz 200)
         sin_ok(url)
-        wait_spare(url)  # the spare's warm-up was cut and skipped the same way
+        wait_spare(url)  # the spare skipped them all
         log = proc.read_log()
-        for name in ("spins_always", "sleeps_always", "spins_stubbornly"):
-            assert f"warm-up of {name} ran past 1 s (WARMUP_TIMEOUT_S) and was cut" in log
-        assert "the warm-up of deadlocks_natively did not return within 1 s (plus 1 s)" in log
-        assert log.count("warm-up of deadlocks_natively skipped") >= 2  # the next engine, and its spare
+        for name in hung:
+            assert f"the warm-up of {name} did not return within 1 s (WARMUP_TIMEOUT_S)" in log
+            assert log.count(f"warm-up of {name} skipped") >= 2  # the next engines, and the spare
+        assert "warm-up of add_square" not in log  # torch's first-call cost is not charged to the first function
         before = restarts(url)
-        assert before >= 1
+        assert before >= len(hung)
+        r = httpx.post(f"{url}/v1/functions/imports_slowly/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=60)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
         for name in ("sleeps_always", "deadlocks_natively"):
             wait_spare(url)  # a restart is then a promotion
             r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json={"inputs": [[0.5, 1.0]]}, headers=HANG,

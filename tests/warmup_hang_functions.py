@@ -1,7 +1,8 @@
-"""Functions that never return, on any input, the warm-up's included: a loop, a sleep,
-a loop that swallows what interrupts it once, and a deadlock in native code, which no
-signal handler reaches. Loaded only by the warm-up test (any other server with them
-would wait WARMUP_TIMEOUT_S for each)."""
+"""Functions that never return, on any input, the warm-up's included: a loop, a sleep
+and a deadlock in native code, which no signal handler reaches; and one whose first
+call takes longer than the warm-up limit (an import), which must not be left broken by
+the warm-up's end. Loaded only by the warm-up test (any other server with them would
+wait WARMUP_TIMEOUT_S for each)."""
 
 from __future__ import annotations
 
@@ -25,17 +26,6 @@ def sleeps_always(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
-@register(inputs=[Input("x", shape=("n",))], description="A busy loop that swallows the first interruption.")
-def spins_stubbornly(x: torch.Tensor) -> torch.Tensor:
-    try:
-        while True:
-            pass
-    except BaseException:
-        pass
-    while True:
-        pass
-
-
 @register(inputs=[Input("x", shape=("n",))], description="Locks a mutex it holds: a deadlock in C.")
 def deadlocks_natively(x: torch.Tensor) -> torch.Tensor:
     libc = ctypes.CDLL(None)
@@ -44,3 +34,10 @@ def deadlocks_natively(x: torch.Tensor) -> torch.Tensor:
     libc.pthread_mutex_lock(mutex)
     libc.pthread_mutex_lock(mutex)  # a default mutex locked again by its owner: it waits for ever
     return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sin, from a package that takes 3 s to import.")
+def imports_slowly(x: torch.Tensor) -> torch.Tensor:
+    import tests.warmup_slowpkg as pkg
+
+    return pkg.part.sin(x)

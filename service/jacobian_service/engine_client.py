@@ -154,7 +154,7 @@ class InProcessEngines(_Engines):
         for spec in self.registry:
             for index in range(len(self.workers)):
                 call = warmup_call(spec)
-                call.deadline = time.monotonic() + 120
+                call.deadline = time.monotonic() + self.settings.warmup_timeout_s  # cut between chunks
                 try:
                     await self.run("warmup", call, engine=index)
                 except Exception as exc:  # a function that needs special inputs still serves

@@ -111,8 +111,9 @@ class Settings(BaseSettings):
     docs_auth: bool = True
     log_format: Literal["json", "text"] = "text"
     warmup: bool = True
-    # Each function's warm-up is cut after this long (the engine is not ready until every
-    # function's is over): a function that never returns must not keep the server down.
+    # An engine (or spare) whose warm-up of one function runs this long is killed, and the
+    # engines after it skip that warm-up (an engine is not ready until every function's is
+    # over): a function that never returns must not keep the server down.
     warmup_timeout_s: float = Field(120.0, gt=0)
     # On SIGTERM: /readyz answers 503 at once; after drain_delay_s the server stops
     # accepting connections and gives in-flight requests drain_grace_s to finish.

@@ -7,9 +7,10 @@ Torch-free; it runs in the ``serve`` process beside the front ends it starts. Ev
   requests it was running crashed it;
 - it runs a job past that job's deadline plus ``hang_grace_s``: a hang, killed;
 - it has not looked up for ``engine_heartbeat_s`` (a deadlock that holds the GIL): killed;
-- one function's warm-up has run past ``warmup_timeout_s`` plus ``hang_grace_s`` (the
-  engine cuts a hang in Python itself; this is one in native code): the engine, or the
-  spare, is killed, and the engines started after it skip that function's warm-up.
+- one function's warm-up has run past ``warmup_timeout_s``: the engine, or the spare,
+  is killed, and the engines started after it skip that function's warm-up (nothing
+  cuts a warm-up inside the engine: see ``EngineServer.warm_up``). It restarts at once:
+  each such death is progress, one function fewer to warm up, not a crash loop.
 
 With ``engine_standby`` a spare engine process per device waits, loaded and warmed up,
 and a dead engine's replacement is that spare, promoted (then a new spare starts).
@@ -185,14 +186,14 @@ class Supervisor:
                 ipc.SKIP_WARMUP_ENV: ipc.names_env(self.skip_warmup)}
 
     def _warm_up_hung(self, proc: subprocess.Popen, now: float) -> str | None:
-        """The function whose warm-up in ``proc`` has run past its limit plus the grace,
-        added to those the engines started from now on skip."""
+        """The function whose warm-up in ``proc`` has run past its limit, added to those
+        the engines started from now on skip."""
         try:
             since, _, function = ipc.warming_path(self.run_dir, proc.pid).read_text().partition(" ")
             started = float(since)
         except (OSError, ValueError):  # not warming up (any more)
             return None
-        if now > started + self.settings.warmup_timeout_s + self.settings.hang_grace_s:
+        if now > started + self.settings.warmup_timeout_s:
             self.skip_warmup.add(function)
             ipc.warming_path(self.run_dir, proc.pid).unlink(missing_ok=True)
             return function
@@ -305,7 +306,7 @@ class Supervisor:
             reason = f"{function or 'a function'} did not return by its deadline (plus {self.settings.hang_grace_s:g} s)"
         elif engine.killed_for == "warm-up":
             reason = (f"the warm-up of {function} did not return within {self.settings.warmup_timeout_s:g} s "
-                      f"(plus {self.settings.hang_grace_s:g} s); engines skip it from now on")
+                      "(WARMUP_TIMEOUT_S); engines skip it from now on")
         elif engine.killed_for == "heartbeat":
             reason = f"the engine stopped answering for {self.settings.engine_heartbeat_s:g} s"
         elif code < 0:
@@ -325,8 +326,11 @@ class Supervisor:
         now = time.monotonic()
         if now - engine.started > _STABLE_S:
             engine.backoff_s = 0.0
-        engine.restart_at = now + engine.backoff_s
-        engine.backoff_s = min(_BACKOFF_MAX_S, max(0.5, engine.backoff_s * 2))
+        if engine.killed_for == "warm-up":  # progress (one function fewer to warm), not a crash loop
+            engine.restart_at = now
+        else:
+            engine.restart_at = now + engine.backoff_s
+            engine.backoff_s = min(_BACKOFF_MAX_S, max(0.5, engine.backoff_s * 2))
         self.pub.send(orjson.dumps({
             "t": "died", "engine": engine.index, "generation": engine.generation, "pid": pid, "tags": tags,
             "function": function, "reason": reason, "hang": engine.killed_for == "hang",

@@ -19,7 +19,6 @@ import argparse
 import logging
 import os
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -169,18 +168,24 @@ class EngineServer:
     def warm_up(self, note: Path, skip: set[str]) -> None:
         """The first jacrev of a function costs ~1 s: pay it before saying ready.
 
-        Each function's warm-up is cut after ``warmup_timeout_s`` (``_WarmUpClock``): a
-        function that loops or sleeps for ever on the warm-up input would otherwise keep
-        the engine, hence every function, from ever being ready. It serves unwarmed, and
-        its requests meet the hang detection like any other's. A hang in native code
-        never comes back to Python to be cut: ``note`` says which function is warming
-        since when, and the supervisor kills an engine (or spare) stuck past the limit
-        and has the next ones ``skip`` that function's warm-up."""
+        A function that never returns on the warm-up input would keep the engine, hence
+        every function, from ever being ready. Nothing here cuts it: an exception raised
+        into running code (a timer signal's) can stop it half-way through an import,
+        and the half-imported package then stays broken for every later call (seen:
+        torch's own lazy imports, cut on a slow machine, broke every function's
+        jacrev). ``note`` says which function is warming since when; the supervisor
+        kills an engine (or spare) stuck past ``warmup_timeout_s`` and has the ones
+        started after it ``skip`` that function's warm-up. It then serves unwarmed, and
+        its requests meet the hang detection like any other's."""
+        from ..registry import FunctionSpec, Input
         from .devices import warmup_call
 
-        limit = self.settings.warmup_timeout_s
-        clock = _WarmUpClock(limit)
-        previous = signal.signal(signal.SIGALRM, clock.expire)
+        # torch's lazy imports and first-call set-up, on a function of our own, before
+        # the clock runs: they are no user function's time (~1 s on a slow machine).
+        try:
+            self.engine.jacobian(warmup_call(FunctionSpec("_prime", _sin, (Input("x", shape=(3,)),))))
+        except Exception as exc:  # the functions' own warm-ups will say more
+            log.warning("warm-up of torch itself failed: %s", exc)
         try:
             for spec in self.registry:
                 if spec.name in skip:
@@ -190,18 +195,12 @@ class EngineServer:
                 tmp.write_text(f"{time.monotonic()} {spec.name}")
                 tmp.replace(note)  # whole, for the supervisor's read
                 call = warmup_call(spec)
-                call.deadline = time.monotonic() + limit
+                call.deadline = time.monotonic() + self.settings.warmup_timeout_s  # cut between chunks, where it is safe
                 try:
-                    with clock:
-                        self.engine.jacobian(call)
-                except (Exception, _WarmUpExpired) as exc:  # a function that needs special inputs still serves
-                    if clock.expired:  # raised as it was, or wrapped by the engine on its way up
-                        log.error("warm-up of %s ran past %g s (WARMUP_TIMEOUT_S) and was cut; it serves unwarmed",
-                                  spec.name, limit)
-                    else:
-                        log.warning("warm-up of %s failed: %s", spec.name, exc)
+                    self.engine.jacobian(call)
+                except Exception as exc:  # a function that needs special inputs still serves
+                    log.warning("warm-up of %s failed: %s", spec.name, exc)
         finally:
-            signal.signal(signal.SIGALRM, previous)
             note.unlink(missing_ok=True)
 
     def serve(self) -> None:
@@ -222,35 +221,8 @@ class EngineServer:
             self.metrics.device_memory.labels(self.device).set(torch.cuda.memory_allocated(self.device))
 
 
-class _WarmUpExpired(BaseException):
-    """Raised into a function whose warm-up ran too long: a BaseException, so that the
-    function's own ``except Exception`` does not take it and go on."""
-
-
-class _WarmUpClock:
-    """``with clock:``, a timer signal (SIGALRM) ``seconds`` later, whose handler raises
-    ``_WarmUpExpired`` in the main thread at the function's next Python instruction (a
-    sleep is cut too). After the first, it fires every second until the block ends: a
-    function that swallows one goes on being cut. (One that fires as the block ends
-    raises from its exit; the caller takes it as it takes one from inside.)"""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.armed = False
-        self.expired = False
-
-    def __enter__(self) -> None:
-        self.armed, self.expired = True, False
-        signal.setitimer(signal.ITIMER_REAL, self.seconds, 1.0)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.armed = False  # first: a signal from here on raises nothing
-        signal.setitimer(signal.ITIMER_REAL, 0)
-
-    def expire(self, signum: int, frame: Any) -> None:
-        if self.armed:
-            self.expired = True
-            raise _WarmUpExpired
+def _sin(x: Any) -> Any:
+    return x.sin()
 
 
 def _deadline(header: dict[str, Any], call: Any) -> float:
