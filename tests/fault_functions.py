@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 
 import torch
@@ -87,3 +88,22 @@ def forks_away(x: torch.Tensor) -> torch.Tensor:
     if _armed(x):
         _fork_and_exit(leave_the_group=True)
     return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Returns, leaving a thread that spins for ever, on the trigger.")
+def leaves_a_spinning_thread(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        threading.Thread(target=_spin, name="left-spinning").start()  # not a daemon: it would hold up an exit too
+    return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Returns, leaving a thread that waits for ever, on the trigger.")
+def leaves_a_waiting_thread(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        threading.Thread(target=threading.Event().wait, name="left-waiting", daemon=True).start()
+    return x.sin()
+
+
+def _spin() -> None:
+    while True:
+        pass

@@ -196,6 +196,27 @@ def test_a_server_killed_outright_leaves_no_process_behind():
             httpx.get(f"{url}/healthz", timeout=2)
 
 
+def test_a_thread_left_spinning_costs_its_engine_a_restart_not_every_later_request():
+    """A function that returns but leaves a thread running Python took the GIL from the
+    engine's thread for as long as the engine lived: every later request, of every
+    function, ran about 6x slower. Such a thread cannot be stopped, so the engine,
+    which names the function, restarts (a promotion); a thread left waiting is let be."""
+    with live_server(**SETTINGS) as (url, proc):
+        wait_spare(url)
+        for name in ("leaves_a_waiting_thread", "leaves_a_spinning_thread"):
+            r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json=ARMED, timeout=30)
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos([666.0, 1.0])), rtol=1e-6)
+        wait_restarts(url, 1, 10)  # two windows of 1 s, then the queue drained
+        back_within(url, 5.0)
+        sin_ok(url)
+        log = proc.read_log()
+        assert "leaves_a_spinning_thread left a thread running after it returned, using a core" in log
+        assert "leaves_a_waiting_thread left" not in log
+        time.sleep(3)  # the promoted engine has no stray: it stays
+        assert restarts(url) == 1
+
+
 def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_server_down():
     """Before, one such function kept the engine from ever being ready (its warm-up
     never ended): every function answered 503 for good. An engine whose warm-up of one

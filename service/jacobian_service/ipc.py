@@ -303,6 +303,11 @@ class StatusBoard:
         self._beat, self._deadline, self._doc = now, 0.0, b"{}"
         self._write()
 
+    def stray(self, now: float, function: str) -> None:
+        """The engine leaves: ``function`` left a thread running (``engine.strays``)."""
+        self._beat, self._deadline, self._doc = now, 0.0, orjson.dumps({"stray": function})
+        self._write()
+
     def read(self) -> dict[str, Any]:
         for _ in range(100):
             seq, beat, ready, deadline, length = self._FIXED.unpack_from(self._map, 0)

@@ -7,6 +7,7 @@ Torch-free; it runs in the ``serve`` process beside the front ends it starts. Ev
   requests it was running crashed it;
 - it runs a job past that job's deadline plus ``hang_grace_s``: a hang, killed;
 - it has not looked up for ``engine_heartbeat_s`` (a deadlock that holds the GIL): killed;
+- it left, naming a function that left a thread running, using a core (``engine.strays``);
 - one function's warm-up has run past ``warmup_timeout_s``: the engine, or the spare,
   is killed, and the engines started after it skip that function's warm-up (nothing
   cuts a warm-up inside the engine: see ``EngineServer.warm_up``). It restarts at once:
@@ -278,7 +279,7 @@ class Supervisor:
             engine.ready = status["ready"]
             code = engine.proc.poll()
             if code is not None:
-                self._died(engine, code, status)
+                self._died(engine, code, engine.board.read())  # its last word, written just before it went
                 continue
             if status["deadline"] and now > status["deadline"] + self.settings.hang_grace_s:
                 self._kill(engine, "hang")
@@ -301,8 +302,11 @@ class Supervisor:
     def _died(self, engine: _Engine, code: int, status: dict[str, Any]) -> None:
         running = status if status.get("tags") else engine.running
         tags = list(running.get("tags", []))
-        function = running.get("function", "")
-        if engine.killed_for == "hang":
+        function = running.get("function", "") or status.get("stray", "")
+        if status.get("stray"):
+            reason = f"{function} left a thread running after it returned, using a core; engines skip its warm-up"
+            self.skip_warmup.add(function)  # a warm-up would leave one again
+        elif engine.killed_for == "hang":
             reason = f"{function or 'a function'} did not return by its deadline (plus {self.settings.hang_grace_s:g} s)"
         elif engine.killed_for == "warm-up":
             reason = (f"the warm-up of {function} did not return within {self.settings.warmup_timeout_s:g} s "

@@ -36,12 +36,15 @@ from ..orphans import stop_with_parent
 from ..registry import Registry
 from ..scheduler import Job, Worker
 from ..settings import Settings
+from .strays import Strays
 
 log = logging.getLogger("jacobian_service.engine")
 
 _PUMP_EVERY_S = 0.01
 _OOM_SCORE_ADJ = 500  # of -1000..1000: before the other processes, not before everything
 _IDLE_POLL_MS = 100
+_STRAY_DRAIN_S = 2.0  # a thread found to spin: jobs already queued get this long to finish first
+_EXIT_STRAY = 75  # EX_TEMPFAIL; the board, not the status, tells the supervisor why
 
 
 class EngineServer:
@@ -72,6 +75,8 @@ class EngineServer:
             on_batch=self.metrics.batch_size.observe if self.metrics else (lambda size: None),
         )
         self.pending: dict[tuple[Peer, int], Job] = {}
+        self.strays = Strays()  # after the functions' modules are imported: their threads are not strays
+        self._ran = ""  # the function of the last batch run
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
         self._last_pump = 0.0
 
@@ -161,6 +166,7 @@ class EngineServer:
     def _on_run(self, jobs: list[Job]) -> None:
         call = jobs[0].call
         function = call.spec.name if call is not None else ""
+        self._ran = function
         self.board.running(time.monotonic(), max(j.deadline for j in jobs), function, [j.tag for j in jobs])
 
     # ----------------------------------------------------------------- loop
@@ -200,19 +206,37 @@ class EngineServer:
                     self.engine.jacobian(call)
                 except Exception as exc:  # a function that needs special inputs still serves
                     log.warning("warm-up of %s failed: %s", spec.name, exc)
+                self.strays.after_run(spec.name)
         finally:
             note.unlink(missing_ok=True)
 
     def serve(self) -> None:
         self.board.set_ready(time.monotonic())
+        stray, since = None, 0.0
         while True:
-            self.board.beat(time.monotonic())
+            now = time.monotonic()
+            self.board.beat(now)
             self.pump(0.0 if self.worker.has_work() else _IDLE_POLL_MS / 1e3)
             if self.worker.has_work():
                 self.worker.run(self.worker.take(self.pump))  # no name keeps the jobs (and their arrays) after
                 self.flush()
                 self.board.idle(time.monotonic())
                 self._device_memory()
+                self.strays.after_run(self._ran)
+            if stray is None and (stray := self.strays.check(now)) is not None:
+                since = now
+            if stray is not None and (not self.pending or now - since > _STRAY_DRAIN_S):
+                self._leave(stray)
+
+    def _leave(self, stray: str) -> None:
+        """Restart, for a thread ``stray`` left running (``strays``): the queue has
+        drained, or waited long enough (what is left gets the front ends' retryable
+        503). The board names the function for the supervisor, which counts it."""
+        log.error("%s left a thread running after it returned, using a core; the engine restarts (a thread "
+                  "cannot be stopped)", stray)
+        self.board.stray(time.monotonic(), stray)
+        self.flush()
+        os._exit(_EXIT_STRAY)  # not sys.exit: shutting the interpreter down would wait for the thread
 
     def _device_memory(self) -> None:
         if self.metrics is not None and self.device.startswith("cuda"):
