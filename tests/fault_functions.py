@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -101,6 +103,15 @@ def leaves_a_spinning_thread(x: torch.Tensor) -> torch.Tensor:
 def leaves_a_waiting_thread(x: torch.Tensor) -> torch.Tensor:
     if _armed(x):
         threading.Thread(target=threading.Event().wait, name="left-waiting", daemon=True).start()
+    return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Returns, leaving a process that spins for ever, on the trigger.")
+def leaves_a_spinning_process(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        child = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)  # out of the group
+        with open(os.environ.get("FAULT_FORK_PIDFILE", os.devnull), "w") as f:
+            f.write(str(child.pid))
     return x.sin()
 
 

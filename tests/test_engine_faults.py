@@ -217,6 +217,32 @@ def test_a_thread_left_spinning_costs_its_engine_a_restart_not_every_later_reque
         assert restarts(url) == 1
 
 
+def test_a_process_left_spinning_is_killed_and_the_engine_goes_on(tmp_path, monkeypatch):
+    """A function that returns but leaves a process running took a core for good (one
+    more at each call). Unlike a thread, a process can be stopped: the engine kills it,
+    even out of its process group, and serves on without a restart."""
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setenv("FAULT_FORK_PIDFILE", str(pidfile))
+    with live_server(**SETTINGS) as (url, proc):
+        wait_spare(url)
+        r = httpx.post(f"{url}/v1/functions/leaves_a_spinning_process/jacobian", json=ARMED, timeout=30)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos([666.0, 1.0])), rtol=1e-6)
+        child = int(pidfile.read_text())
+        try:
+            deadline = time.monotonic() + 10
+            while _alive(child):
+                assert time.monotonic() < deadline, "the process left spinning still runs"
+                time.sleep(0.05)
+            assert (f"a process (pid {child}) that leaves_a_spinning_process left running after it returned used a "
+                    "core; killed") in proc.read_log()
+            sin_ok(url)
+            assert restarts(url) == 0
+        finally:
+            if _alive(child):
+                os.kill(child, 9)
+
+
 def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_server_down():
     """Before, one such function kept the engine from ever being ready (its warm-up
     never ended): every function answered 503 for good. An engine whose warm-up of one

@@ -1,4 +1,5 @@
-"""``engine.strays``: which function left threads running, using a core.
+"""``engine.strays``: which function left threads running, using a core (processes: the
+real-server test in test_engine_faults).
 
 Each case runs in a fresh interpreter: threads other tests left in this one would take
 their share of the GIL, hence of the CPU time the detector reads."""
@@ -30,29 +31,63 @@ for t in spinning:
 strays.after_run("spins")
 strays.after_run("other")  # seen already: still "spins"'s
 named, t0 = [], time.monotonic()
-while time.monotonic() - t0 < 1.5:
-    if (name := strays.check(time.monotonic())) is not None:
-        named.append((round(time.monotonic() - t0, 2), name))
+while time.monotonic() - t0 < 10 and not named:  # slow: each read of /proc waits for the spinners' GIL
+    if (found := strays.check(time.monotonic())) is not None:
+        named.append((round(time.monotonic() - t0, 2), found.thread_function, found.processes))
     time.sleep(0.05)
 stop.set()
 for t in spinning:
     t.join()
 time.sleep(0.35)
-after = [strays.check(time.monotonic()), strays.check(time.monotonic() + 1)]
+after = [strays.check(time.monotonic()) is None, strays.check(time.monotonic() + 1) is None]
 print(json.dumps({{"named": named, "after": after}}))
 """
 
 
-def run(spinners: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", SCENARIO.format(spinners=spinners)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+# A function that hands work to a pool of its own and waits for it: the pool's thread
+# is busy only while the function runs, back to back under load; then it waits.
+POOL = """
+import json, threading, time
+from jacobian_service.engine.strays import Strays
+
+strays = Strays(share=0.2, every_s=0.3)
+working = threading.Event()
+def pool():
+    while True:
+        working.wait()
+        while working.is_set():
+            pass
+
+threading.Thread(target=pool, daemon=True).start()
+found, t0 = [], time.monotonic()
+while time.monotonic() - t0 < 2:  # requests back to back
+    working.set()
+    time.sleep(0.05)
+    working.clear()
+    strays.after_run("pooled")
+    found.append(strays.check(time.monotonic()))
+t0 = time.monotonic()
+while time.monotonic() - t0 < 1.5:  # idle
+    found.append(strays.check(time.monotonic()))
+    time.sleep(0.05)
+print(json.dumps([repr(f) for f in found if f is not None]))
+"""
+
+
+def run(script: str) -> object:
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         check=True).stdout
     return json.loads(out)
 
 
 def test_spinning_threads_are_named_after_two_windows_and_waiting_ones_never():
     """Three spinners, beside one that is not a stray: each gets a quarter of the GIL,
     added up most of a core. (One alone: the real-server test in test_engine_faults.)"""
-    result = run(spinners=3)
-    assert result["named"] and {name for _, name in result["named"]} == {"spins"}, result
+    result = run(SCENARIO.format(spinners=3))
+    assert result["named"] and {(name, str(processes)) for _, name, processes in result["named"]} == {("spins", "{}")}, result
     assert result["named"][0][0] >= 0.55, result  # a first sample, then two hot windows of 0.3 s
-    assert result["after"] == [None, None], result  # ended: forgotten
+    assert result["after"] == [True, True], result  # ended: forgotten
+
+
+def test_a_pool_busy_only_while_its_function_runs_is_no_stray():
+    assert run(POOL) == []

@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -223,8 +224,11 @@ class EngineServer:
                 self.board.idle(time.monotonic())
                 self._device_memory()
                 self.strays.after_run(self._ran)
-            if stray is None and (stray := self.strays.check(now)) is not None:
-                since = now
+            if (found := self.strays.check(now)) is not None:
+                for pid, functions in found.processes.items():
+                    _kill_stray(pid, functions)
+                if stray is None and found.thread_function is not None:
+                    stray, since = found.thread_function, now
             if stray is not None and (not self.pending or now - since > _STRAY_DRAIN_S):
                 self._leave(stray)
 
@@ -247,6 +251,16 @@ class EngineServer:
 
 def _sin(x: Any) -> Any:
     return x.sin()
+
+
+def _kill_stray(pid: int, functions: str) -> None:
+    """A process a function left running, using a core (``strays``): unlike a thread,
+    it can be stopped, and the engine goes on."""
+    log.error("a process (pid %d) that %s left running after it returned used a core; killed", pid, functions)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:  # gone just now
+        pass
 
 
 def _deadline(header: dict[str, Any], call: Any) -> float:

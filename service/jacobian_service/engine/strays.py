@@ -1,81 +1,131 @@
-"""Threads a user function leaves running after it has returned.
+"""Threads and processes a user function leaves running after it has returned.
 
-A function may start a thread and return: a prefetch, a poller, a forgotten ``while
-True``. One that waits costs nothing. One that keeps running Python takes the GIL from
-the engine's own thread at every switch interval, and every later request, of every
-function, runs several times slower (measured by hand: a small Jacobian 0.03 s -> 0.2 s)
-for as long as the engine lives. Python cannot stop a thread, so the engine has to go:
-``Strays.check`` names the function whose threads used more than ``share`` of a core
-over each of the last two ``every_s`` (one burst, a flush say, is let be), and the
-engine restarts (``EngineServer.serve``). The share is low (a fifth), and one
-function's threads are added up, because a thread that spins gets only its turn of the
-GIL: beside a busy engine thread, half a core; beside three other busy threads, a
-quarter.
+A function may start a thread or a process and return: a prefetch, a poller, a
+forgotten ``while True``. One that waits costs nothing. A thread that keeps running
+Python takes the GIL from the engine's own thread at every switch interval, and every
+later request, of every function, runs several times slower (measured: ``sin``'s
+median 35-55 -> 171 ms over HTTP) for as long as the engine lives. A process that
+keeps running takes a core: one more each time the function is called.
 
-Torch-free; Linux only (a thread's CPU time comes from ``/proc``): elsewhere nothing is
-ever named.
+``Strays.check`` finds those that used more than ``share`` of a core over each of the
+last two ``every_s`` in which no function ran: one burst (a flush, say) is let be, and a
+pool that a function hands work to and waits for works only while it runs. The share is
+low (a fifth), and one function's threads are added up, because a thread that spins
+gets only its turn of the GIL: beside a busy engine thread, half a core; beside three
+other busy threads, a quarter. A process can be killed, and is; a thread cannot be
+stopped, so the engine restarts (``EngineServer.serve``). Under load with no idle
+second, a stray is found once the load lets up.
+
+Threads are told apart after every batch (``threading.enumerate``, cheap), so a thread
+is put down to the function that ran. Processes are looked for once a window (a walk of
+``/proc``, too dear for every batch): one is put down to the functions run since the
+window before. Torch-free; Linux only: elsewhere nothing is ever found.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["Strays"]
+__all__ = ["Found", "Strays"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+@dataclass
+class Found:
+    thread_function: str | None = None  # a function whose threads spin: the engine must go
+    processes: dict[int, str] = field(default_factory=dict)  # pid -> the functions that may have started it
+
+
 class Strays:
-    """Made before the first user function runs: the threads alive then (the engine's
-    own, and any a module started as it was imported) are never named."""
+    """Made before the first user function runs: the threads and processes alive then
+    (the engine's own, and any a module started as it was imported) are never named."""
 
     def __init__(self, share: float = 0.2, every_s: float = 1.0) -> None:
         self.share = share
         self.every_s = every_s
-        # Threads by their kernel id: a Python ident may be reused at once by the next thread.
-        self._known = {t.native_id for t in threading.enumerate()}
-        self._owner: dict[int, str] = {}  # thread -> the function that ran when it was first seen
-        self._cpu: dict[int, float] = {}  # thread -> its CPU seconds at the last check
-        self._hot: set[str] = set()  # functions over their share in the last window
+        self._known_threads = _threads()  # by kernel id: a Python ident may be reused at once
+        self._known_processes = set(_descendants(os.getpid()))
+        self._thread_owner: dict[int, str] = {}  # tid -> the function that ran when it was first seen
+        self._process_owner: dict[int, str] = {}  # pid -> the functions run in the window it was first seen
+        self._ran: set[str] = set()  # functions run since the last window (none: an idle window)
+        self._cpu: dict[tuple[str, int], float] = {}  # CPU seconds at the last window
+        self._hot: set[object] = set()  # over their share in the last window: functions (threads), pids
         self._last = 0.0
 
     def after_run(self, function: str) -> None:
         """Call after running ``function``: threads new since the last call are its."""
-        for t in threading.enumerate():
-            if t.native_id is not None and t.native_id not in self._known and t.native_id not in self._owner:
-                self._owner[t.native_id] = function
+        self._ran.add(function)
+        for tid in _threads() - self._known_threads - self._thread_owner.keys():
+            self._thread_owner[tid] = function
 
-    def check(self, now: float) -> str | None:
-        """At most every ``every_s``: a function whose threads together used more than
-        ``share`` of a core in each of the last two windows, else None."""
+    def check(self, now: float) -> Found | None:
+        """At most every ``every_s``: what used more than ``share`` of a core in each of
+        the last two idle windows (a function's threads added up; a process alone)."""
         if now - self._last < self.every_s:
             return None
         window, self._last = now - self._last, now
-        alive = {t.native_id for t in threading.enumerate()}
-        used: dict[str, float] = {}
-        for tid in list(self._owner):
-            if tid not in alive:  # ended
-                del self._owner[tid]
-                self._cpu.pop(tid, None)
-                continue
-            cpu = _cpu_seconds(tid)
-            if cpu is None:
-                continue
-            before, self._cpu[tid] = self._cpu.get(tid), cpu
-            if before is not None:
-                used[self._owner[tid]] = used.get(self._owner[tid], 0.0) + cpu - before
-        hot = {function for function, seconds in used.items() if seconds > self.share * window}
-        culprit = min(hot & self._hot, default=None)
-        self._hot = hot
-        return culprit
+        idle = not self._ran
+        ran, self._ran = " or ".join(sorted(self._ran)) or "a function", set()
+        for pid in set(_descendants(os.getpid())) - self._known_processes - self._process_owner.keys():
+            self._process_owner[pid] = ran
+        used: dict[object, float] = {}
+        for kind, owners in (("thread", self._thread_owner), ("process", self._process_owner)):
+            for ident in list(owners):
+                cpu = _cpu_seconds(kind, ident)
+                if cpu is None:  # ended
+                    del owners[ident]
+                    self._cpu.pop((kind, ident), None)
+                    continue
+                before, self._cpu[(kind, ident)] = self._cpu.get((kind, ident)), cpu
+                if before is not None and idle:
+                    key = owners[ident] if kind == "thread" else ident
+                    used[key] = used.get(key, 0.0) + cpu - before
+        hot = {key for key, seconds in used.items() if seconds > self.share * window}
+        culprits, self._hot = hot & self._hot, hot
+        if not culprits:
+            return None
+        return Found(min((c for c in culprits if isinstance(c, str)), default=None),
+                     {pid: self._process_owner[pid] for pid in culprits if isinstance(pid, int)})
 
 
-def _cpu_seconds(native_id: int) -> float | None:
-    """User plus system CPU time of one thread of this process."""
+def _threads() -> set[int]:
+    return {t.native_id for t in threading.enumerate() if t.native_id is not None}
+
+
+def _descendants(pid: int) -> list[int]:
+    """Children, grandchildren...: a process that left the engine's process group
+    (``setsid``) is still its child. (One whose parent has exited is out of reach.)"""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            found.extend(children)
+            todo.extend(children)
+    return found
+
+
+def _cpu_seconds(kind: str, ident: int) -> float | None:
+    """User plus system CPU time of one thread of this process, or of one process (None
+    once it has gone, or is a zombie)."""
+    path = f"/proc/self/task/{ident}/stat" if kind == "thread" else f"/proc/{ident}/stat"
     try:
-        with open(f"/proc/self/task/{native_id}/stat", "rb") as f:
+        with open(path, "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": the name may hold spaces
+        if fields[0] == b"Z":
+            return None
         return (int(fields[11]) + int(fields[12])) / _TICKS_S  # utime, stime: fields 14 and 15
     except (OSError, IndexError, ValueError):
         return None
