@@ -255,7 +255,7 @@ def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_s
     every function answering 500 for good. ``imports_slowly`` is that case: its first
     call imports a package for 3 s; cut in-process, it would answer 500 AttributeError
     for ever after. Here it is served, in its own (slow) time."""
-    hung = ("deadlocks_natively", "imports_slowly", "sleeps_always", "spins_always")
+    hung = ("deadlocks_natively", "imports_slowly", "sleeps_always")
     with live_server(FUNCTIONS="jacobian_service.examples,tests.warmup_hang_functions", WARMUP_TIMEOUT_S=1,
                      HANG_GRACE_S=1, WORKERS=1) as (url, proc):  # (live_server waits for /readyz 200)
         sin_ok(url)

@@ -2,7 +2,8 @@
 real-server test in test_engine_faults).
 
 Each case runs in a fresh interpreter: threads other tests left in this one would take
-their share of the GIL, hence of the CPU time the detector reads."""
+their share of the GIL, hence of the CPU time the detector reads. It loads the module
+from its file: the ``engine`` package would import torch first (seconds)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .conftest import ROOT
 
 SCENARIO = """
 import json, threading, time
-from jacobian_service.engine.strays import Strays
+{load}
 
 stop = threading.Event()
 def spin():
@@ -48,7 +49,7 @@ print(json.dumps({{"named": named, "after": after}}))
 # is busy only while the function runs, back to back under load; then it waits.
 POOL = """
 import json, threading, time
-from jacobian_service.engine.strays import Strays
+{load}
 
 strays = Strays(share=0.2, every_s=0.3)
 working = threading.Event()
@@ -74,6 +75,15 @@ print(json.dumps([repr(f) for f in found if f is not None]))
 """
 
 
+LOAD = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("strays", {str(ROOT / "service/jacobian_service/engine/strays.py")!r})
+strays_module = sys.modules["strays"] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
+spec.loader.exec_module(strays_module)
+Strays = strays_module.Strays
+"""
+
+
 def run(script: str) -> object:
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          check=True).stdout
@@ -83,11 +93,11 @@ def run(script: str) -> object:
 def test_spinning_threads_are_named_after_two_windows_and_waiting_ones_never():
     """Three spinners, beside one that is not a stray: each gets a quarter of the GIL,
     added up most of a core. (One alone: the real-server test in test_engine_faults.)"""
-    result = run(SCENARIO.format(spinners=3))
+    result = run(SCENARIO.format(spinners=3, load=LOAD))
     assert result["named"] and {(name, str(processes)) for _, name, processes in result["named"]} == {("spins", "{}")}, result
     assert result["named"][0][0] >= 0.55, result  # a first sample, then two hot windows of 0.3 s
     assert result["after"] == [True, True], result  # ended: forgotten
 
 
 def test_a_pool_busy_only_while_its_function_runs_is_no_stray():
-    assert run(POOL) == []
+    assert run(POOL.replace("{load}", LOAD)) == []

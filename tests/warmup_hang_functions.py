@@ -1,8 +1,9 @@
-"""Functions that never return, on any input, the warm-up's included: a loop, a sleep
-and a deadlock in native code, which no signal handler reaches; and one whose first
-call takes longer than the warm-up limit (an import), which must not be left broken by
-the warm-up's end. Loaded only by the warm-up test (any other server with them would
-wait WARMUP_TIMEOUT_S for each)."""
+"""Functions that never return, on any input, the warm-up's included: a sleep, and a
+deadlock in native code, which no signal handler reaches (the supervisor tells a hang by
+the time alone: a busy loop is the same case); and one whose first call takes longer
+than the warm-up limit (an import), which must not be left broken by the warm-up's end.
+Loaded only by the warm-up test (any other server with them would wait
+WARMUP_TIMEOUT_S for each)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,6 @@ import time
 import torch
 
 from jacobian_service import Input, register
-
-
-@register(inputs=[Input("x", shape=("n",))], description="A busy loop on every input.")
-def spins_always(x: torch.Tensor) -> torch.Tensor:
-    while True:
-        pass
 
 
 @register(inputs=[Input("x", shape=("n",))], description="Sleeps for an hour on every input.")
