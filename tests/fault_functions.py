@@ -1,7 +1,8 @@
 """Hostile user functions for the engine-fault tests, loaded by name like a user module.
 
 Each behaves (sin) unless its first input element is 666, so the engines' warm-up, which
-calls every function, passes; then it takes its engine process down in one way.
+calls every function, passes; then it takes its engine process down in one way, or
+returns leaving work running behind it.
 """
 
 from __future__ import annotations
