@@ -187,8 +187,9 @@ class EngineServer:
         from ..registry import FunctionSpec, Input
         from .devices import warmup_call
 
-        # torch's lazy imports and first-call set-up, on a function of our own, before
-        # the clock runs: they are no user function's time (~1 s on a slow machine).
+        # torch's lazy imports and first-call set-up, on a function of our own, before the
+        # first note starts the supervisor's clock: they are no user function's time
+        # (1-2 s on a slow machine).
         try:
             self.engine.jacobian(warmup_call(FunctionSpec("_prime", _sin, (Input("x", shape=(3,)),))))
         except Exception as exc:  # the functions' own warm-ups will say more
