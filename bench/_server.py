@@ -29,6 +29,8 @@ from typing import Any, Mapping
 import httpx
 import numpy as np
 
+from jacobian_service.procfs import cpu_seconds, descendants
+
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 FUNCTION_MODULES = "jacobian_service.examples,bench.functions"
@@ -51,17 +53,7 @@ def status_kib(pid: int, field_name: str) -> int:
 
 def tree_pids(pid: int) -> list[int]:
     """``pid`` and all its descendants (the service's supervisor, front ends and engines)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as fp:
-                    todo += [int(c) for c in fp.read().split()]
-        except OSError:
-            pass
-    return out
+    return [pid, *descendants(pid)]
 
 
 def process_label(pid: int) -> str:
@@ -81,11 +73,7 @@ def process_label(pid: int) -> str:
 
 
 def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(pid) or 0.0
 
 
 def _env(extra: Mapping[str, str]) -> dict[str, str]:

@@ -32,8 +32,14 @@ HANG = {"X-Request-Timeout": "2"}
 def sin_ok(url: str) -> None:
     t0 = time.monotonic()
     r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=60)
-    assert r.status_code == 200, f"after {time.monotonic() - t0:.2f} s: {r.text}"
-    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
+    assert_sin_jacobian(r, [0.5, 1.0], f"after {time.monotonic() - t0:.2f} s: ")
+
+
+def assert_sin_jacobian(r: httpx.Response, x: list[float], context: str = "") -> None:
+    """200 and sin's Jacobian at ``x`` (every function here serves sin when not armed,
+    or when armed only to leave something behind)."""
+    assert r.status_code == 200, context + r.text
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(x)), rtol=1e-6)
 
 
 def wait_spare(url: str, seconds: float = 60.0) -> None:
@@ -205,8 +211,7 @@ def test_a_thread_left_spinning_costs_its_engine_a_restart_not_every_later_reque
         wait_spare(url)
         for name in ("leaves_a_waiting_thread", "leaves_a_spinning_thread"):
             r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json=ARMED, timeout=30)
-            assert r.status_code == 200, r.text
-            np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos([666.0, 1.0])), rtol=1e-6)
+            assert_sin_jacobian(r, [666.0, 1.0])
         wait_restarts(url, 1, 10)  # two windows of 1 s, then the queue drained
         back_within(url, 5.0)
         sin_ok(url)
@@ -226,8 +231,7 @@ def test_a_process_left_spinning_is_killed_and_the_engine_goes_on(tmp_path, monk
     with live_server(**SETTINGS) as (url, proc):
         wait_spare(url)
         r = httpx.post(f"{url}/v1/functions/leaves_a_spinning_process/jacobian", json=ARMED, timeout=30)
-        assert r.status_code == 200, r.text
-        np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos([666.0, 1.0])), rtol=1e-6)
+        assert_sin_jacobian(r, [666.0, 1.0])
         child = int(pidfile.read_text())
         try:
             deadline = time.monotonic() + 10
@@ -268,8 +272,7 @@ def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_s
         before = restarts(url)
         assert before >= len(hung)
         r = httpx.post(f"{url}/v1/functions/imports_slowly/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=60)
-        assert r.status_code == 200, r.text
-        np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
+        assert_sin_jacobian(r, [0.5, 1.0])
         for name in ("sleeps_always", "deadlocks_natively"):
             wait_spare(url)  # a restart is then a promotion
             r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json={"inputs": [[0.5, 1.0]]}, headers=HANG,

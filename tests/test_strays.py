@@ -77,8 +77,9 @@ print(json.dumps([repr(f) for f in found if f is not None]))
 
 LOAD = f"""
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("strays", {str(ROOT / "service/jacobian_service/engine/strays.py")!r})
-strays_module = sys.modules["strays"] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
+name = "jacobian_service.engine.strays"  # its package's __init__ is never run; procfs is imported as usual
+spec = importlib.util.spec_from_file_location(name, {str(ROOT / "service/jacobian_service/engine/strays.py")!r})
+strays_module = sys.modules[name] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
 spec.loader.exec_module(strays_module)
 Strays = strays_module.Strays
 """

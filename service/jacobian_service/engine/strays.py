@@ -27,11 +27,11 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
+
+from ..procfs import cpu_seconds, descendants
 
 __all__ = ["Found", "Strays"]
-
-_TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 @dataclass
@@ -48,12 +48,14 @@ class Strays:
         self.share = share
         self.every_s = every_s
         self._known_threads = _threads()  # by kernel id: a Python ident may be reused at once
-        self._known_processes = set(_descendants(os.getpid()))
+        self._known_processes = set(descendants(os.getpid()))
         self._thread_owner: dict[int, str] = {}  # tid -> the function that ran when it was first seen
         self._process_owner: dict[int, str] = {}  # pid -> the functions run in the window it was first seen
         self._ran: set[str] = set()  # functions run since the last window (none: an idle window)
         self._cpu: dict[tuple[str, int], float] = {}  # CPU seconds at the last window
-        self._hot: set[object] = set()  # over their share in the last window: functions (threads), pids
+        # Over their share in the last window: ("function", name), for its threads added
+        # up, or ("process", pid).
+        self._hot: set[tuple[str, Any]] = set()
         self._last = 0.0
 
     def after_run(self, function: str) -> None:
@@ -70,62 +72,27 @@ class Strays:
         window, self._last = now - self._last, now
         idle = not self._ran
         ran, self._ran = " or ".join(sorted(self._ran)) or "a function", set()
-        for pid in set(_descendants(os.getpid())) - self._known_processes - self._process_owner.keys():
+        for pid in set(descendants(os.getpid())) - self._known_processes - self._process_owner.keys():
             self._process_owner[pid] = ran
-        used: dict[object, float] = {}
+        used: dict[tuple[str, Any], float] = {}
         for kind, owners in (("thread", self._thread_owner), ("process", self._process_owner)):
             for ident in list(owners):
-                cpu = _cpu_seconds(kind, ident)
+                cpu = cpu_seconds(os.getpid(), ident) if kind == "thread" else cpu_seconds(ident)
                 if cpu is None:  # ended
                     del owners[ident]
                     self._cpu.pop((kind, ident), None)
                     continue
                 before, self._cpu[(kind, ident)] = self._cpu.get((kind, ident)), cpu
                 if before is not None and idle:
-                    key = owners[ident] if kind == "thread" else ident
+                    key = ("function", owners[ident]) if kind == "thread" else ("process", ident)
                     used[key] = used.get(key, 0.0) + cpu - before
         hot = {key for key, seconds in used.items() if seconds > self.share * window}
         culprits, self._hot = hot & self._hot, hot
         if not culprits:
             return None
-        return Found(min((c for c in culprits if isinstance(c, str)), default=None),
-                     {pid: self._process_owner[pid] for pid in culprits if isinstance(pid, int)})
+        return Found(min((name for kind, name in culprits if kind == "function"), default=None),
+                     {pid: self._process_owner[pid] for kind, pid in culprits if kind == "process"})
 
 
 def _threads() -> set[int]:
     return {t.native_id for t in threading.enumerate() if t.native_id is not None}
-
-
-def _descendants(pid: int) -> list[int]:
-    """Children, grandchildren...: a process that left the engine's process group
-    (``setsid``) is still its child. (One whose parent has exited is out of reach.)"""
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = list(Path(f"/proc/{parent}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except (OSError, ValueError):
-                continue
-            found.extend(children)
-            todo.extend(children)
-    return found
-
-
-def _cpu_seconds(kind: str, ident: int) -> float | None:
-    """User plus system CPU time of one thread of this process, or of one process (None
-    once it has gone, or is a zombie)."""
-    path = f"/proc/self/task/{ident}/stat" if kind == "thread" else f"/proc/{ident}/stat"
-    try:
-        with open(path, "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": the name may hold spaces
-        if fields[0] == b"Z":
-            return None
-        return (int(fields[11]) + int(fields[12])) / _TICKS_S  # utime, stime: fields 14 and 15
-    except (OSError, IndexError, ValueError):
-        return None

@@ -1,0 +1,50 @@
+"""What Linux's ``/proc`` says of a process tree: its descendants, and their CPU time.
+
+Torch-free and dependency-free: the engine's watch for stray threads and processes
+(``engine.strays``) reads it, and so do the benchmarks (a server's CPU per request).
+Elsewhere than Linux there is no ``/proc``: no descendants, no CPU times.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["cpu_seconds", "descendants"]
+
+_TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def descendants(pid: int) -> list[int]:
+    """Children, grandchildren...: a process that left ``pid``'s process group (``setsid``)
+    is still its child. (One whose parent has exited is out of reach.)"""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as fp:
+                    children = [int(c) for c in fp.read().split()]
+            except (OSError, ValueError):
+                continue
+            found.extend(children)
+            todo.extend(children)
+    return found
+
+
+def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """User plus system CPU time of a process, or of one of its threads (by kernel id);
+    None once it has gone, or is a zombie."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    try:
+        with open(path, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": the name may hold spaces
+        if fields[0] == b"Z":
+            return None
+        return (int(fields[11]) + int(fields[12])) / _TICKS_S  # utime, stime: fields 14 and 15
+    except (OSError, IndexError, ValueError):
+        return None
