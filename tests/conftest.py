@@ -135,8 +135,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(**settings: Any) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``jacobian-service serve`` in a subprocess on a loopback port, ready when yielded."""
+def live_server(*, preexec_fn: Any = None, **settings: Any) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``jacobian-service serve`` in a subprocess on a loopback port, ready when yielded
+    (``preexec_fn`` runs in the child before it starts: resource limits, say)."""
     port = free_port()
     env = {
         **os.environ,
@@ -152,6 +153,7 @@ def live_server(**settings: Any) -> Iterator[tuple[str, subprocess.Popen]]:
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=preexec_fn,
     )
     proc.read_log = lambda: _read(log)  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"

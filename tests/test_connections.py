@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import socket
 import time
+from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -226,6 +228,44 @@ def test_many_stalled_uploads_hold_no_more_than_the_budget() -> None:
             s.close()
         assert held < 48 * MiB, f"10 stalled uploads grew the front end by {held / MiB:.0f} MiB"
         assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") == 0, 10)
+
+
+def _low_open_file_limit() -> None:
+    """In the server's process before it starts: the soft limit a shell or a systemd
+    service often has (1024), scaled down; the hard limit stays as it was."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def test_idle_connections_past_the_soft_open_file_limit_leave_room_for_other_clients() -> None:
+    """A client holds 400 idle connections to a server started with a soft limit of 256
+    open files. Before, the front end ran out of descriptors and uvloop closed every new
+    connection as soon as it accepted it: the next client got no answer at all
+    ("Server disconnected without sending a response"). ``serve`` now raises its soft
+    limit to the hard one, for itself and the processes it starts."""
+    import resource
+
+    from ._rss import front_end_pid
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard open-file limit here ({hard}) leaves no room above the test's 400 connections")
+    with live_server(preexec_fn=_low_open_file_limit, WORKERS=1, WARMUP="false") as (url, proc):
+        idle = []
+        try:
+            for _ in range(400):
+                idle.append(_connect(url))
+            time.sleep(0.5)  # accepted, each holding a descriptor (the header deadline is 10 s away)
+            r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, timeout=10)
+            assert r.status_code == 200, r.text
+            assert r.json()["jacobian"]["data"][0] == pytest.approx([math.cos(0.5)], rel=1e-6)
+        finally:
+            for s in idle:
+                s.close()
+        limits = Path(f"/proc/{front_end_pid(proc.pid)}/limits").read_text()
+        soft = int(re.search(r"^Max open files\s+(\d+)", limits, re.M).group(1))  # type: ignore[union-attr]
+        assert soft > 400, limits
 
 
 @contextlib.contextmanager

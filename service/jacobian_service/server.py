@@ -58,11 +58,46 @@ def _uvicorn_config(app: Any, settings: Settings) -> Any:
     )
 
 
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (at most 2**20),
+    for it and every process it starts; return the limit now in force.
+
+    Each client connection holds a file descriptor in a front end. At a soft limit of
+    1024 (the usual default for a shell or a systemd service, whose hard limit is far
+    higher), one client holding a thousand idle connections left none for anyone else:
+    uvloop then accepts each new connection and closes it at once, so every other
+    client was refused for as long as the idle ones were held. Go's runtime raises the
+    soft limit the same way at start-up."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # The kernel refuses more than fs.nr_open (2**20 by default), and RLIM_INFINITY is -1.
+    target = min(_MAX_OPEN_FILES, _MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < _FEW_OPEN_FILES:
+        log.warning("the open-file limit is %d (hard limit %d): a client holding that many idle connections "
+                    "would leave none for other clients; raise it (ulimit -n, LimitNOFILE, --ulimit nofile)",
+                    soft, hard)
+    return soft
+
+
+_MAX_OPEN_FILES = 1 << 20
+_FEW_OPEN_FILES = 4096
+
+
 def serve_in_process(settings: Settings) -> int:
     """One process: HTTP and engine threads (debugging, and the v1 layout)."""
     from .app import create_app
     from .drain import DrainingServer
 
+    raise_open_file_limit()
     app = create_app(settings)
     for sig in (signal.SIGINT, signal.SIGTERM):  # a clean drain exits 0, not "killed by SIGTERM"
         signal.signal(sig, lambda *_: None)
@@ -136,6 +171,7 @@ def serve(settings: Settings) -> int:
 
     configure_logging(settings.log_format)
     settings.load_api_keys()  # fail closed, here, before anything starts
+    raise_open_file_limit()  # before any process starts: they inherit it
     run_dir = Path(tempfile.mkdtemp(prefix="jacobian-service-"))
     supervisor = Supervisor(settings, run_dir)
     stopping = threading.Event()
