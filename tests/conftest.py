@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import httpx
 from hypothesis import settings as hypothesis_settings
@@ -135,9 +135,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(*, preexec_fn: Any = None, **settings: Any) -> Iterator[tuple[str, subprocess.Popen]]:
+def live_server(*, wrapper: Sequence[str] = (), **settings: Any) -> Iterator[tuple[str, subprocess.Popen]]:
     """``jacobian-service serve`` in a subprocess on a loopback port, ready when yielded
-    (``preexec_fn`` runs in the child before it starts: resource limits, say)."""
+    (run by ``wrapper``, a command that execs its arguments, when given)."""
     port = free_port()
     env = {
         **os.environ,
@@ -149,11 +149,10 @@ def live_server(*, preexec_fn: Any = None, **settings: Any) -> Iterator[tuple[st
     # full pipe would block the server's logging mid-test.
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jacobian_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [*wrapper, sys.executable, "-m", "jacobian_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
-        preexec_fn=preexec_fn,
     )
     proc.read_log = lambda: _read(log)  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"

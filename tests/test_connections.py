@@ -9,6 +9,7 @@ import json
 import math
 import re
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -230,12 +231,14 @@ def test_many_stalled_uploads_hold_no_more_than_the_budget() -> None:
         assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") == 0, 10)
 
 
-def _low_open_file_limit() -> None:
-    """In the server's process before it starts: the soft limit a shell or a systemd
-    service often has (1024), scaled down; the hard limit stays as it was."""
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+# Runs ``serve`` under the soft open-file limit a shell or a systemd service often has
+# (1024), scaled down; the hard limit stays as it was.
+_LOW_OPEN_FILE_LIMIT = [
+    sys.executable, "-c",
+    "import os, resource, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
 
 
 def test_idle_connections_past_the_soft_open_file_limit_leave_room_for_other_clients() -> None:
@@ -251,7 +254,7 @@ def test_idle_connections_past_the_soft_open_file_limit_leave_room_for_other_cli
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < 1024:
         pytest.skip(f"the hard open-file limit here ({hard}) leaves no room above the test's 400 connections")
-    with live_server(preexec_fn=_low_open_file_limit, WORKERS=1, WARMUP="false") as (url, proc):
+    with live_server(wrapper=_LOW_OPEN_FILE_LIMIT, WORKERS=1, WARMUP="false") as (url, proc):
         idle = []
         try:
             for _ in range(400):
