@@ -174,8 +174,61 @@ def test_slow_headers_are_timed_out(server: str) -> None:
     s.close()
     assert closed, "the server kept a slow-headers connection open"
     assert time.monotonic() - started < 3.5
-    assert raw.startswith(b"HTTP/1.1 408"), raw
+    _assert_closing_problem(raw, 408, "request_timeout")
     assert _metric(server, "jacobian_service_connection_timeouts_total", 'phase="header"') >= 1
+
+
+def _assert_closing_problem(raw: bytes, status: int, code: str) -> dict:
+    """A problem+json answered below the app (no request made it in): its status, code,
+    a request id in header and body alike, and the connection closed."""
+    got, headers, body = _problem(raw)
+    assert (got, body.get("code"), headers.get("connection")) == (status, code, "close"), raw[:500]
+    assert headers["content-type"] == "application/problem+json", raw[:500]
+    assert len(body["request_id"]) == 32 and headers["x-request-id"] == body["request_id"], raw[:500]
+    assert body["status"] == status and body["detail"], raw[:500]
+    return body
+
+
+def test_headers_past_the_limit_are_refused_before_they_are_parsed(server: str) -> None:
+    """httptools sets no limit on request headers, and each short header costs a front end
+    ~12 times its size as Python objects (2 MB of them grew it by 24 MB), for as long as
+    the header deadline: 431 once they pass 32 KiB, whether they would end or not, and
+    the connection closed. Headers under the limit are served."""
+    from jacobian_service.connections import MAX_HEADER_BYTES
+
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(MAX_HEADER_BYTES // 8))  # ~40 KiB of them
+    for end in (b"\r\n", b""):  # complete, and still coming
+        s = _connect(server)
+        s.sendall(b"GET /v1/functions HTTP/1.1\r\nHost: t\r\n" + many + end)
+        started = time.monotonic()
+        raw = _read_to_close(s, 5)
+        s.close()
+        body = _assert_closing_problem(raw, 431, "headers_too_large")
+        assert str(MAX_HEADER_BYTES) in body["detail"]
+        assert time.monotonic() - started < 0.5  # at once, not at the header deadline
+    # 24 KiB of headers are served, and so is a body sent with them in one write: what
+    # follows the blank line is not counted as headers.
+    pad = {f"x-pad-{i}": "v" * 100 for i in range(240)}
+    assert httpx.get(f"{server}/v1/functions", headers=pad, timeout=10).status_code == 200
+    body = json.dumps({"inputs": [[0.5] * 20000]}).encode()
+    s = _connect(server)
+    s.sendall(_head("/v1/functions/sin/evaluate", len(body), "application/json", "Connection: close\r\n") + body)
+    status, _, answer = _problem(_read_to_close(s, 30))
+    s.close()
+    assert status == 200 and len(answer["output"]["data"]) == 20000, answer
+
+
+def test_what_is_not_http_gets_a_problem_not_plain_text(server: str) -> None:
+    """uvicorn answers a request its parser cannot read with a plain-text 400; here it is
+    a problem+json like every other refusal."""
+    for raw_request in (b"GET /healthz HTTP/1.1\nHost: t\n\n", b"NOT HTTP AT ALL\r\n\r\n",
+                        b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\n"):
+        s = _connect(server)
+        s.sendall(raw_request)
+        raw = _read_to_close(s, 5)
+        s.close()
+        _assert_closing_problem(raw, 400, "malformed_request")
+    assert httpx.get(f"{server}/healthz", timeout=5).status_code == 200
 
 
 @pytest.mark.parametrize("accept", ["application/json", "application/x-npz"])
@@ -333,6 +386,25 @@ def test_header_deadline_with_either_uvicorn_protocol(implementation: str) -> No
         s.close()
         assert raw.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 2, raw
         assert seen == ["header"]
+
+
+@pytest.mark.parametrize("implementation", ["h11", "httptools"])
+def test_oversized_headers_are_refused_on_either_uvicorn_protocol(implementation: str) -> None:
+    """Both of uvicorn's HTTP implementations refuse 40 KiB of headers sent at once with
+    a 431 problem+json, before their parser sees them (httptools has no limit of its own;
+    h11 would refuse past 16 KiB, had they come in smaller pieces, as unreadable: 400)."""
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    with _guarded_uvicorn(app, implementation, 5.0) as url:
+        s = _connect(url)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(5000)))
+        raw = _read_to_close(s, 5)
+        s.close()
+        _assert_closing_problem(raw, 431, "headers_too_large")
+        assert httpx.get(url, timeout=5).text == "ok"
 
 
 class _Transport:

@@ -85,6 +85,7 @@ PROBLEM = "application/problem+json"
 #: raises and the SDK maps errors by this one table.
 PROBLEM_STATUS: dict[str, int] = {
     "malformed_body": 400,
+    "malformed_request": 400,
     "unauthorized": 401,
     "forbidden": 403,
     "not_found": 404,
@@ -98,6 +99,7 @@ PROBLEM_STATUS: dict[str, int] = {
     "invalid_input": 422,
     "sparsity_not_found": 422,
     "overloaded": 429,
+    "headers_too_large": 431,
     "client_closed": 499,
     "function_error": 500,
     "internal_error": 500,

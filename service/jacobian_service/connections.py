@@ -6,8 +6,8 @@ bodies also get a byte budget:
 * **headers**: a connection must finish a request's headers within ``header_timeout_s``
   of connecting (or of its previous response), however slowly it trickles bytes in
   (uvicorn's keep-alive timer restarts on every byte, so a slow-headers client would
-  otherwise never be timed out). :func:`guarded_protocol` adds this to uvicorn's own
-  protocol class.
+  otherwise never be timed out), and in at most ``MAX_HEADER_BYTES``.
+  :func:`guarded_protocol` adds both to uvicorn's own protocol class.
 * **bodies**: :func:`read_body` waits at most ``read_idle_timeout_s`` for each piece of
   a body and ``read_timeout_s`` for the whole of it, then answers 408 and closes the
   connection. Before it buffers anything it asks the process's :class:`BodyBudget` for
@@ -35,7 +35,11 @@ try:
 except ImportError:  # Python 3.10: anyio's backport
     from exceptiongroup import BaseExceptionGroup  # type: ignore[no-redef]
 
-from .errors import ClientGone, MalformedBody, PayloadTooLarge, RequestTimeout, Unavailable
+from jacobian_client import wire
+
+from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
+from .request_ids import new_request_id
+from .responses import problem_document
 
 __all__ = ["BodyBudget", "Expiry", "HeadWithBody", "SendGuard", "abort_connection", "guarded_protocol", "json_parse_cost", "read_body"]
 
@@ -385,24 +389,43 @@ class HeadWithBody:
         return getattr(self._transport, name)
 
 
-_HEADER_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 26\r\n"
-    b"connection: close\r\n\r\nrequest headers too slow.\n"
-)
+# Request headers (the request line included) past this many bytes are refused with 431,
+# whatever the HTTP implementation: httptools sets no limit of its own, and a few MiB of
+# short headers cost a front end ~12 times their size as Python objects (measured: 2 MB
+# of "X-H1: v" lines grew it by 24 MB), held by a client for up to header_timeout_s.
+# (uvicorn's h11 refuses past 16 KiB itself.) Cookies and bearer tokens fit many times.
+MAX_HEADER_BYTES = 32 << 10
+
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
-def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type | None = None) -> type:
-    """uvicorn's HTTP protocol class (httptools, else h11) with a header deadline: from
-    its connection (and after each response), a client has ``header_timeout_s`` to get
-    a request's headers in; otherwise it is answered 408 and closed. A request whose
-    headers are in is left alone: its body and response have their own clocks. ``base``
-    picks uvicorn's class (tests run both)."""
+def _closing_problem(error: ServiceError) -> bytes:
+    """A whole problem+json response that closes its connection, for what is answered
+    below the app (no request exists yet, so no middleware runs): bytes to write as
+    they are."""
+    request_id = new_request_id()
+    body = wire.dumps(problem_document(error, request_id))
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nx-request-id: %s\r\n"
+            b"connection: close\r\n\r\n" % (error.status, _REASONS[error.status], wire.PROBLEM.encode(), len(body),
+                                              request_id.encode()) + body)
+
+
+def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type | None = None,
+                     max_header_bytes: int = MAX_HEADER_BYTES) -> type:
+    """uvicorn's HTTP protocol class (httptools, else h11) with a header deadline and a
+    header size limit: from its connection (and after each response), a client has
+    ``header_timeout_s`` to get a request's headers in, in at most ``max_header_bytes``;
+    otherwise it is answered 408 (or 431) and closed. A request whose headers are in is
+    left alone: its body and response have their own clocks and limits. ``base`` picks
+    uvicorn's class (tests run both)."""
     if base is None:
         from uvicorn.protocols.http.auto import AutoHTTPProtocol as base
 
     class HeaderDeadlineProtocol(base):  # type: ignore[misc, valid-type]
         _header_timer: Any = None
         _heard = False  # any byte since the timer was armed
+        _header_bytes = 0  # bytes received since then while no request's headers were in
+        _tail = b""  # the last 3 of them
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop))
@@ -410,7 +433,31 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def data_received(self, data: bytes) -> None:
             self._heard = True
+            if self._awaiting_headers():
+                # Counted before the parser sees them, up to the blank line that ends them
+                # (what follows is a body), so no header list past the limit is ever built.
+                # (The last bytes of the previous piece go along: the blank line can span two.)
+                scan = self._tail + data
+                end = scan.find(b"\r\n\r\n")
+                self._header_bytes += len(data) if end < 0 else end + 4 - len(self._tail)
+                self._tail = scan[-3:] if end < 0 else b""
+                if self._header_bytes > max_header_bytes:
+                    self._refuse(HeadersTooLarge(f"the request's headers are over the limit of {max_header_bytes} bytes"))
+                    return
             super().data_received(data)
+
+        def send_400_response(self, msg: str) -> None:
+            """What the parser could not read (uvicorn answers it in plain text)."""
+            self._refuse(MalformedRequest(f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})"))
+
+        def _refuse(self, error: ServiceError) -> None:
+            if not self.transport.is_closing():
+                self.transport.write(_closing_problem(error))
+                self.transport.close()
+
+        def _awaiting_headers(self) -> bool:
+            cycle = getattr(self, "cycle", None)
+            return cycle is None or cycle.response_complete
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -425,19 +472,19 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             if self._header_timer is not None:
                 self._header_timer.cancel()
             self._heard = False
+            self._header_bytes, self._tail = 0, b""
             self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
 
         def _header_timeout(self) -> None:
             self._header_timer = None
-            cycle = getattr(self, "cycle", None)
-            if cycle is not None and not cycle.response_complete:
+            if not self._awaiting_headers():
                 return  # a request is in: its body and response are timed by the app
             if self.transport.is_closing():
                 return
             if self._heard:  # part of a request: say why it is cut off
                 if on_timeout is not None:
                     on_timeout("header")
-                self.transport.write(_HEADER_TIMEOUT_RESPONSE)
+                self._refuse(RequestTimeout(f"the request's headers were not complete within {header_timeout_s:g} s"))
             self.transport.close()  # (an idle keep-alive connection just closes)
 
     HeaderDeadlineProtocol.__name__ = f"HeaderDeadline{base.__name__}"

@@ -2,6 +2,7 @@
 
     ServiceError                      (status, code, title; detail says what and why)
     ├── MalformedBody         400     malformed_body
+    ├── MalformedRequest      400     malformed_request    (not HTTP/1.1 the parser reads; the connection closes)
     ├── Unauthorized          401     unauthorized
     ├── Forbidden             403     forbidden
     ├── NotFound              404     not_found            (an unknown path)
@@ -15,6 +16,7 @@
     ├── InvalidInput          422     invalid_input
     ├── SparsityNotFound      422     sparsity_not_found   (no declared pattern of that name)
     ├── Overloaded            429     overloaded           (Retry-After)
+    ├── HeadersTooLarge       431     headers_too_large    (the connection closes)
     ├── ClientGone            499     client_closed        (logged only: nobody is listening)
     ├── FunctionError         500     function_error       (the function raised)
     ├── InternalError         500     internal_error       (a bug of ours; logged, never shown)
@@ -37,9 +39,11 @@ __all__ = [
     "FunctionError",
     "FunctionNotFound",
     "FunctionQuarantined",
+    "HeadersTooLarge",
     "InternalError",
     "InvalidInput",
     "MalformedBody",
+    "MalformedRequest",
     "MethodNotAllowed",
     "NotAcceptable",
     "NotFound",
@@ -75,6 +79,7 @@ def _error(name: str, code: str, title: str) -> type[ServiceError]:
 
 
 MalformedBody = _error("MalformedBody", "malformed_body", "Malformed body")
+MalformedRequest = _error("MalformedRequest", "malformed_request", "Malformed request")
 Unauthorized = _error("Unauthorized", "unauthorized", "Unauthorized")
 Forbidden = _error("Forbidden", "forbidden", "Forbidden")
 NotFound = _error("NotFound", "not_found", "Not found")
@@ -88,6 +93,7 @@ UnsupportedMediaType = _error("UnsupportedMediaType", "unsupported_media_type", 
 InvalidInput = _error("InvalidInput", "invalid_input", "Invalid input")
 SparsityNotFound = _error("SparsityNotFound", "sparsity_not_found", "Sparsity pattern not found")
 Overloaded = _error("Overloaded", "overloaded", "Overloaded")
+HeadersTooLarge = _error("HeadersTooLarge", "headers_too_large", "Request header fields too large")
 ClientGone = _error("ClientGone", "client_closed", "Client closed request")
 FunctionError = _error("FunctionError", "function_error", "Function error")
 InternalError = _error("InternalError", "internal_error", "Internal error")

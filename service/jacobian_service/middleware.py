@@ -7,14 +7,12 @@ route is covered alike: there is no second path that could skip the key check.
 from __future__ import annotations
 
 import hmac
-import itertools
 import logging
-import os
 import time
 from typing import Any
 
 from .errors import Forbidden, Unauthorized
-from .metrics import process_id
+from .request_ids import new_request_id
 from .responses import problem_response
 from .routes import Router, route_path
 
@@ -22,24 +20,6 @@ __all__ = ["AccessMiddleware", "AuthMiddleware"]
 
 access_log = logging.getLogger("jacobian_service.access")
 _QUIET = ("/healthz", "/readyz", "/metrics")
-
-
-class _RequestIds:
-    """32 hex characters, unique across processes: a random prefix per process, then a
-    counter. (``uuid4`` reads the OS's random source, a system call per request.)"""
-
-    def __init__(self) -> None:
-        self._pid = -1
-
-    def __call__(self) -> str:
-        if self._pid != process_id():  # a new process (fork): a new prefix
-            self._pid = process_id()
-            self._prefix = os.urandom(8).hex()
-            self._count = itertools.count(1)
-        return f"{self._prefix}{next(self._count):016x}"
-
-
-_new_request_id = _RequestIds()
 
 
 def _log_access(message: str, *args: Any, **extra: Any) -> None:
@@ -68,7 +48,7 @@ class AccessMiddleware:
         for key, value in scope["headers"]:
             if key == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
-        request_id = request_id if request_id.isprintable() and request_id else _new_request_id()
+        request_id = request_id if request_id.isprintable() and request_id else new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         started = time.perf_counter()

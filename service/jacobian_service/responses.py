@@ -17,7 +17,7 @@ from .errors import NotAcceptable, ServiceError
 
 __all__ = [
     "EncodeBudget", "JsonRows", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
-    "pieces_response", "problem_response",
+    "pieces_response", "problem_document", "problem_response",
 ]
 
 _OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
@@ -235,8 +235,9 @@ class EncodeBudget:
                 self._cond.notify_all()
 
 
-def problem_response(error: ServiceError, request_id: str) -> Response:
-    body: dict[str, Any] = {
+def problem_document(error: ServiceError, request_id: str) -> dict[str, Any]:
+    """The problem+json body of ``error`` (SPEC 3.4)."""
+    return {
         "type": f"urn:jacobian-service:problem:{error.code}",
         "title": error.title,
         "status": error.status,
@@ -244,5 +245,9 @@ def problem_response(error: ServiceError, request_id: str) -> Response:
         "code": error.code,
         "request_id": request_id,
     }
+
+
+def problem_response(error: ServiceError, request_id: str) -> Response:
     headers = {"X-Request-ID": request_id, **error.headers}
-    return Response(wire.dumps(body), status_code=error.status, media_type=wire.PROBLEM, headers=headers)
+    return Response(wire.dumps(problem_document(error, request_id)), status_code=error.status, media_type=wire.PROBLEM,
+                    headers=headers)
