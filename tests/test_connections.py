@@ -231,6 +231,25 @@ def test_what_is_not_http_gets_a_problem_not_plain_text(server: str) -> None:
     assert httpx.get(f"{server}/healthz", timeout=5).status_code == 200
 
 
+def test_a_websocket_upgrade_is_served_as_the_http_request_it_also_is(server: str) -> None:
+    """The service has no WebSocket endpoint. With a WebSocket library installed, uvicorn
+    handed the app a websocket scope, which the router cannot take: a plain-text 500."""
+    upgrade = (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    s = _connect(server)
+    s.sendall(b"GET /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\n" + upgrade + b"\r\n")
+    s.settimeout(5)
+    raw = s.recv(65536)
+    s.close()
+    status, headers, body = _problem(raw)
+    assert (status, body["code"], headers["content-type"]) == (405, "method_not_allowed", "application/problem+json"), raw
+    s = _connect(server)
+    s.sendall(b"GET /v1/functions HTTP/1.1\r\nHost: t\r\nConnection: close\r\n" + upgrade.replace(b"Connection: Upgrade\r\n", b"") + b"\r\n")
+    raw = _read_to_close(s, 5)
+    s.close()
+    assert raw.startswith(b"HTTP/1.1 200") and b'"name":"sin"' in raw, raw[:300]
+
+
 @pytest.mark.parametrize("accept", ["application/json", "application/x-npz"])
 def test_client_that_never_reads_is_abandoned(server: str, accept: str) -> None:
     """A large response to a client that never reads: the server gives up after the send

@@ -48,6 +48,10 @@ def _uvicorn_config(app: Any, settings: Settings) -> Any:
         app,
         # uvicorn's own protocol (httptools, else h11) with a deadline for request headers.
         http=guarded_protocol(settings.header_timeout_s, lambda phase: metrics.connection_timeouts.labels(phase).inc()),
+        # No WebSocket endpoints: an upgrade request is served as the plain HTTP request
+        # it also is. (With a WebSocket library installed, uvicorn would hand the app a
+        # websocket scope, which the router cannot take: a plain-text 500.)
+        ws="none",
         host=settings.host,
         port=settings.port,
         root_path=settings.root_path,
