@@ -6,8 +6,10 @@ engine threads in this process (tests, ``serve --in-process``). Requests pass th
 
     AccessMiddleware (request id, log line, request metric)
       -> SendGuard (responses in pieces, each under the send timeout: connections.py)
-        -> AuthMiddleware (API keys, every route)
-          -> Router (the one table in routes.py; OpenAPI is written from it)
+        -> CORS (only with CORS_ORIGINS: Starlette's, outside auth, as a browser's
+           preflight carries no key)
+          -> AuthMiddleware (API keys, every route)
+            -> Router (the one table in routes.py; OpenAPI is written from it)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .connections import BodyBudget, SendGuard, abort_connection
 from .engine_client import InProcessEngines, RemoteEngines
 from .logs import configure_logging
 from .metrics import Metrics
-from .middleware import AccessMiddleware, AuthMiddleware
+from .middleware import AccessMiddleware, AuthMiddleware, cors
 from .openapi import build_openapi
 from .registry import Registry
 from .responses import EncodeBudget
@@ -58,7 +60,9 @@ class ServiceApp:
         self.router = Router(self.routes)
         self._openapi: dict[str, Any] | None = None
         self._lifespans = 0
-        auth = AuthMiddleware(self.router, self.service_state.api_keys, settings.metrics_auth, settings.docs_auth)
+        auth: Any = AuthMiddleware(self.router, self.service_state.api_keys, settings.metrics_auth, settings.docs_auth)
+        if settings.cors_origin_list:
+            auth = cors(auth, settings.cors_origin_list)
         guard = SendGuard(auth, settings.send_timeout_s,
                           on_timeout=lambda phase: metrics.connection_timeouts.labels(phase).inc())
         self.asgi = AccessMiddleware(guard, metrics, self.router)

@@ -16,7 +16,7 @@ from .request_ids import new_request_id
 from .responses import problem_response
 from .routes import Router, route_path
 
-__all__ = ["AccessMiddleware", "AuthMiddleware"]
+__all__ = ["AccessMiddleware", "AuthMiddleware", "cors"]
 
 access_log = logging.getLogger("jacobian_service.access")
 _QUIET = ("/healthz", "/readyz", "/metrics")
@@ -136,3 +136,22 @@ class AuthMiddleware:
 def _is_open(path: str, open_paths: set[str]) -> bool:
     # The Swagger UI / ReDoc files are public code: open even when the pages are not.
     return path in open_paths or path.startswith("/docs-assets/")
+
+
+def cors(app: Any, origins: tuple[str, ...]) -> Any:
+    """Browsers on pages of ``origins`` may call the API (Starlette's CORS middleware).
+    Preflights are answered here, before auth: a browser sends them without the
+    ``Authorization`` header the real request will carry, so that header is allowed by
+    name (a ``*`` would not cover it). Scripts may read the request id and a 429's or
+    503's ``Retry-After``. No cookies are used, so credentials stay off (which also lets
+    ``*`` mean any origin)."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    return CORSMiddleware(
+        app,
+        allow_origins=list(origins),
+        allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout"],
+        expose_headers=["X-Request-ID", "Retry-After", "Content-Length"],
+        max_age=600,
+    )

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     metrics_auth: bool = False
     # /docs, /redoc and /openapi.json list every function: behind the key by default.
     docs_auth: bool = True
+    # Web pages of these origins (comma-separated, e.g. https://app.example.org; "*" for
+    # any) may call the API from a browser (CORS). Empty: only pages served from this
+    # server's own origin, as browsers default to.
+    cors_origins: str = ""
     log_format: Literal["json", "text"] = "text"
     warmup: bool = True
     # An engine (or spare) whose warm-up of one function runs this long is killed, and the
@@ -130,6 +134,10 @@ class Settings(BaseSettings):
     @property
     def function_modules(self) -> tuple[str, ...]:
         return _split(self.functions)
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        return _split(self.cors_origins)
 
     def load_api_keys(self) -> tuple[str, ...]:
         """The keys in force. Fails closed: a keys file that exists but holds no key is

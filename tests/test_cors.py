@@ -1,0 +1,114 @@
+"""Browsers on other origins may call the API when CORS_ORIGINS names them.
+
+Over HTTP (preflights, headers on answers and on refusals, auth still in force), and in
+a real browser (Debian's ``chromium``, headless; skipped when it is not installed): a
+page served from another origin posts a Jacobian request with an API key and reads the
+answer, and the same page against a server without CORS_ORIGINS is blocked by the
+browser.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
+
+from tests._client_support import real_app, serve
+from tests.test_docs_ui import _render
+
+PAGE_ORIGIN = "http://page.example"
+PREFLIGHT = {
+    "Origin": PAGE_ORIGIN,
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization, content-type, x-request-timeout",
+}
+SIN = "/v1/functions/sin/jacobian"
+
+
+@pytest.fixture(scope="module")
+def url():
+    with serve(real_app(functions="jacobian_service.examples", api_keys="k1",
+                        cors_origins=f"https://other.example, {PAGE_ORIGIN}")) as url:
+        yield url
+
+
+def test_a_preflight_is_answered_before_auth(url):
+    r = httpx.options(url + SIN, headers=PREFLIGHT, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == PAGE_ORIGIN
+    assert "POST" in r.headers["access-control-allow-methods"]
+    allowed = {h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")}
+    assert {"authorization", "content-type", "x-request-timeout"} <= allowed
+    assert "access-control-allow-credentials" not in r.headers
+
+
+def test_answers_and_refusals_carry_the_headers_a_script_needs(url):
+    ok = httpx.post(url + SIN, json={"inputs": [[0.5, 1.0]]},
+                    headers={"Origin": PAGE_ORIGIN, "Authorization": "Bearer k1"}, timeout=30)
+    assert ok.status_code == 200, ok.text
+    np.testing.assert_allclose(ok.json()["jacobian"]["data"], np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
+    assert ok.headers["access-control-allow-origin"] == PAGE_ORIGIN
+    exposed = {h.strip().lower() for h in ok.headers["access-control-expose-headers"].split(",")}
+    assert {"x-request-id", "retry-after"} <= exposed
+    # A refusal is readable too (else a script sees only "failed to fetch"), and auth holds.
+    refused = httpx.post(url + SIN, json={"inputs": [[0.5]]}, headers={"Origin": PAGE_ORIGIN}, timeout=10)
+    assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
+    assert refused.headers["access-control-allow-origin"] == PAGE_ORIGIN
+
+
+def test_other_origins_get_no_permission(url):
+    other = {**PREFLIGHT, "Origin": "http://evil.example"}
+    assert "access-control-allow-origin" not in httpx.options(url + SIN, headers=other, timeout=10).headers
+    r = httpx.post(url + SIN, json={"inputs": [[0.5]]}, headers={"Origin": "http://evil.example",
+                                                                 "Authorization": "Bearer k1"}, timeout=30)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_without_the_setting_there_are_no_cors_headers():
+    with serve(real_app(functions="jacobian_service.examples")) as plain:
+        r = httpx.options(plain + SIN, headers=PREFLIGHT, timeout=10)
+        assert r.status_code == 405 and r.json()["code"] == "method_not_allowed"
+        assert not any(k.startswith("access-control-") for k in r.headers)
+
+
+_PAGE = """<!doctype html><html><body data-result="pending"><script>
+fetch("%(api)s/v1/functions/sin/jacobian", {
+  method: "POST",
+  headers: {"Content-Type": "application/json", "Authorization": "Bearer k1"},
+  body: JSON.stringify({inputs: [[0.5, 1.0]]}),
+}).then(r => r.json().then(doc => document.body.setAttribute("data-result", JSON.stringify(
+  {status: r.status, request_id: r.headers.get("X-Request-ID"), jacobian: doc.jacobian.data}))))
+  .catch(e => document.body.setAttribute("data-result", JSON.stringify({error: String(e)})));
+</script></body></html>"""
+
+
+def _browser_result(page_url: str) -> dict:
+    dom = _render(page_url)
+    found = re.search(r'data-result="([^"]*)"', dom)
+    assert found, dom[:2000]
+    return json.loads(found.group(1).replace("&quot;", '"'))
+
+
+def test_a_page_of_another_origin_calls_the_api_in_a_real_browser():
+    apis: dict[str, str] = {}
+
+    async def page(request):
+        return HTMLResponse(_PAGE % {"api": apis[request.path_params["which"]]})
+
+    with serve(Starlette(routes=[Route("/{which}", page)])) as page_url:
+        # The page's origin differs from the API's by port: the browser asks first.
+        with serve(real_app(functions="jacobian_service.examples", api_keys="k1", cors_origins=page_url)) as api, \
+                serve(real_app(functions="jacobian_service.examples", api_keys="k1")) as closed:
+            apis.update(open=api, closed=closed)
+            got = _browser_result(page_url + "/open")
+            assert got.get("status") == 200, got
+            np.testing.assert_allclose(got["jacobian"], np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
+            assert len(got["request_id"]) == 32
+            # The same page against a server that names no origin: the browser blocks it.
+            assert "error" in _browser_result(page_url + "/closed")
