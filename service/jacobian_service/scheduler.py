@@ -228,6 +228,14 @@ class Worker:
         finally:
             self.running = 0
             self._close_idle_streams()
+            # What the function changed of torch's process-wide settings must not reach
+            # the next batch, another function's (engine/torch_settings.py).
+            restore = getattr(self.engine, "restore_settings", None)
+            if restore is not None:
+                call = live[0].call
+                if call is None:  # a stream's next chunk: the stream's call, while it is open
+                    call = self._streams.get(live[0].stream_id, (None, None, None))[2]  # type: ignore[arg-type]
+                restore(call.spec.name if call is not None else "")
 
     def _run_batch(self, live: list[Job], start: float) -> None:
         kind = live[0].key[0]  # type: ignore[index]

@@ -208,6 +208,7 @@ class EngineServer:
                     self.engine.jacobian(call)
                 except Exception as exc:  # a function that needs special inputs still serves
                     log.warning("warm-up of %s failed: %s", spec.name, exc)
+                self.engine.restore_settings(spec.name)
                 self.strays.after_run(spec.name)
         finally:
             note.unlink(missing_ok=True)

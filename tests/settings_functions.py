@@ -1,0 +1,34 @@
+"""User functions that change torch's process-wide settings and leave them changed, for
+tests/test_torch_settings.py (loaded by name like a user module)."""
+
+from __future__ import annotations
+
+import torch
+
+from jacobian_service import Input, register
+
+X = [Input("x", shape=("n",))]
+
+
+@register(inputs=X, description="sin, after making float64 the default dtype.")
+def sets_float64_default(x: torch.Tensor) -> torch.Tensor:
+    torch.set_default_dtype(torch.float64)
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after turning anomaly detection on (every backward pass slower).")
+def turns_on_anomaly_detection(x: torch.Tensor) -> torch.Tensor:
+    torch.set_anomaly_enabled(True)
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after setting 7 threads and high float32 matmul precision (TF32).")
+def sets_threads_and_tf32(x: torch.Tensor) -> torch.Tensor:
+    torch.set_num_threads(7)
+    torch.set_float32_matmul_precision("high")
+    return x.sin()
+
+
+@register(inputs=X, description="x * ones: its output takes the default dtype's promotion.")
+def scaled_by_ones(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.ones(x.shape[0])
