@@ -393,7 +393,8 @@ class HeadWithBody:
 # whatever the HTTP implementation: httptools sets no limit of its own, and a few MiB of
 # short headers cost a front end ~12 times their size as Python objects (measured: 2 MB
 # of "X-H1: v" lines grew it by 24 MB), held by a client for up to header_timeout_s.
-# (uvicorn's h11 refuses past 16 KiB itself.) Cookies and bearer tokens fit many times.
+# (uvicorn's h11 has a 16 KiB limit of its own, which it reports as an unreadable request
+# when headers come in smaller pieces than that.) Cookies and bearer tokens fit many times.
 MAX_HEADER_BYTES = 32 << 10
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
