@@ -1,8 +1,14 @@
-"""User functions that change torch's process-wide settings and leave them changed, for
-tests/test_torch_settings.py (loaded by name like a user module)."""
+"""User functions that change process-wide settings (torch's, Python's, numpy's) and
+leave them changed, for tests/test_process_settings.py (loaded by name like a user
+module)."""
 
 from __future__ import annotations
 
+import gc
+import sys
+import warnings
+
+import numpy as np
 import torch
 
 from jacobian_service import Input, register
@@ -32,3 +38,28 @@ def sets_threads_and_tf32(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="x * ones: its output takes the default dtype's promotion.")
 def scaled_by_ones(x: torch.Tensor) -> torch.Tensor:
     return x * torch.ones(x.shape[0])
+
+
+@register(inputs=X, description="sin, after turning every warning into an error.")
+def sets_warnings_to_errors(x: torch.Tensor) -> torch.Tensor:
+    warnings.simplefilter("error")
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after disabling the garbage collector and numpy's warnings-only error handling.")
+def disables_gc_and_raises_on_numpy_errors(x: torch.Tensor) -> torch.Tensor:
+    gc.disable()
+    np.seterr(all="raise")
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after lowering the recursion limit.")
+def lowers_recursion_limit(x: torch.Tensor) -> torch.Tensor:
+    sys.setrecursionlimit(sys.getrecursionlimit() - 1)
+    return x.sin()
+
+
+@register(inputs=X, description="sin, with a warning on the way (as much user code has).")
+def warns_and_works(x: torch.Tensor) -> torch.Tensor:
+    warnings.warn("a warning, not an error", UserWarning, stacklevel=1)
+    return x.sin()

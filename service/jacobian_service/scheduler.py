@@ -228,8 +228,8 @@ class Worker:
         finally:
             self.running = 0
             self._close_idle_streams()
-            # What the function changed of torch's process-wide settings must not reach
-            # the next batch, another function's (engine/torch_settings.py).
+            # What the function changed of the process-wide settings must not reach the
+            # next batch, another function's (engine/process_settings.py).
             restore = getattr(self.engine, "restore_settings", None)
             if restore is not None:
                 call = live[0].call

@@ -23,7 +23,7 @@ from .calling import AuxBox, differentiable, function_error, is_oom
 from .devices import release_free_heap
 from .profile import Profiles
 from .rows import RowStream
-from .torch_settings import TorchSettings
+from .process_settings import ProcessSettings
 
 __all__ = ["Engine", "Streamed", "host_dtype", "to_numpy"]
 
@@ -85,11 +85,11 @@ class Engine:
         # Sparsity patterns and colourings, per function and shapes; on disk too when the
         # setting names a directory ("" keeps the environment from choosing one).
         self.sparsity_cache = PatternCache(sparsity_cache_dir or "")
-        self.torch_settings = TorchSettings()  # as the engine set them (threads): put back after each batch
+        self.process_settings = ProcessSettings()  # as the engine set them (threads): put back after each batch
 
     def restore_settings(self, function: str) -> None:
-        """After a batch: torch's process-wide settings as they were (``torch_settings``)."""
-        self.torch_settings.restore(function)
+        """After a batch: the process-wide settings as they were (``process_settings``)."""
+        self.process_settings.restore(function)
 
     # ----------------------------------------------------------------- device helpers
 
