@@ -63,6 +63,16 @@ def hogs(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
+_KEPT: list[torch.Tensor] = []
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Keeps 64 MiB more at each call, on the trigger (a leak).")
+def leaks(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        _KEPT.append(torch.ones(16 << 20))  # written, so resident
+    return x.sin()
+
+
 def _fork_and_exit(leave_the_group: bool) -> None:
     """What a function using a fork-based multiprocessing pool leaves behind when its
     engine dies: a child holding copies of every descriptor the engine had open (its

@@ -63,11 +63,16 @@ async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any) -> Any:
 
 _FIRST_STATE_S = 10.0
 _LOST_GRACE_S = 2.0  # after a broken engine connection, for the supervisor's word to come first
+_RESENDS = 3  # tries of a request whose engines leave as planned before starting it
 # A request that finds no engine up waits this long for one before its 503: a spare's
 # promotion takes well under a second, and a front end starved of CPU (start-up on a
 # busy machine) may not yet have read the state message saying the engine is up while
 # connections hashed to its socket already arrive.
 _READY_WAIT_S = 1.0
+
+
+class _Resend(Exception):
+    """The engine a request was sent to left as planned without starting it."""
 
 
 def _seconds(estimate: float) -> str:
@@ -240,7 +245,8 @@ class RemoteEngines(_Engines):
         self._doc = doc
         self._ids = itertools.count(1)
         # id -> (future, engine, tag, when it was sent)
-        self._pending: dict[int, tuple[asyncio.Future, int, str, float]] = {}
+        # msg id -> (future, engine index, tag, when sent, whether another engine may take it)
+        self._pending: dict[int, tuple[asyncio.Future, int, str, float, bool]] = {}
         self._load = [0] * len(self.devices)
         self._state: dict[str, Any] = {"engines": [], "quarantined": {}, "quarantines": 0}
         self._state_at = 0.0
@@ -278,7 +284,7 @@ class RemoteEngines(_Engines):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for fut, _, _, _ in self._pending.values():
+        for fut, *_ in self._pending.values():
             if not fut.done():
                 fut.set_exception(Unavailable("the server is shutting down", headers={"Retry-After": "1"}))
         for sock in self._socks:
@@ -299,7 +305,7 @@ class RemoteEngines(_Engines):
         asyncio.get_running_loop().call_later(_LOST_GRACE_S, self._fail_sent_before, index, broke)
 
     def _fail_sent_before(self, index: int, broke: float) -> None:
-        for fut, engine, _, sent in list(self._pending.values()):
+        for fut, engine, _, sent, _ in list(self._pending.values()):
             if engine == index and sent <= broke and not fut.done():
                 fut.set_exception(Unavailable("the connection to the engine broke while this request waited; retry",
                                               headers={"Retry-After": "1"}))
@@ -349,18 +355,27 @@ class RemoteEngines(_Engines):
         elif msg["t"] == "died":
             if msg.get("pid") is not None:  # its connection may never close by itself (a child holds it)
                 self._socks[msg["engine"]].gone(msg["pid"])
-            self._fail_engine(msg["engine"], set(msg["tags"]), msg["reason"], msg["hang"], msg.get("ready_in", 1.0))
+            self._fail_engine(msg["engine"], set(msg["tags"]), msg["reason"], msg["hang"], msg.get("ready_in", 1.0),
+                              planned=msg.get("planned", False))
 
-    def _fail_engine(self, index: int, tags: set[str], reason: str, hang: bool, ready_in: float) -> None:
+    def _fail_engine(self, index: int, tags: set[str], reason: str, hang: bool, ready_in: float,
+                     planned: bool = False) -> None:
         """Answer every request the dead engine held: the ones it was running when it
         died were the cause (504 for a hang, 500 for a crash), unless several were
         running together (a batch: the culprit is unknown, so all are retried, and the
-        supervisor has the function run alone from now on); the rest are retryable."""
+        supervisor has the function run alone from now on); the rest are retryable.
+
+        An engine that left as planned (a stray thread, its memory limit) left between
+        batches, having sent every answer it had: what it did not answer it never
+        started, and goes to the engine that takes over, unseen by the client. (Not a
+        stream's next chunk: the stream was that engine's.)"""
         alone = len(tags) == 1
-        for fut, engine, tag, _ in list(self._pending.values()):
+        for fut, engine, tag, _, movable in list(self._pending.values()):
             if engine != index or fut.done():
                 continue
-            if tag in tags and hang:
+            if planned and movable and tag not in tags:
+                fut.set_exception(_Resend())
+            elif tag in tags and hang:
                 fut.set_exception(Timeout(f"{reason}; the engine was restarted"))
             elif tag in tags and alone:
                 fut.set_exception(FunctionError(f"{reason} while running this request; the engine was restarted"))
@@ -443,12 +458,28 @@ class RemoteEngines(_Engines):
                     headers={"Retry-After": str(max(1, round(left)))},
                 )
         until = deadline if deadline is not None else call.deadline  # type: ignore[union-attr]
+        for _ in range(_RESENDS):
+            try:
+                result, info, index = await self._run_once(kind, call, engine, stream_id, until)
+                break
+            except _Resend:  # its engine left as planned before starting it: the next one takes it
+                continue
+        else:
+            raise Unavailable("engines left one after another while this request waited; retry",
+                              headers={"Retry-After": "1"})
+        if isinstance(result, StreamHead):
+            result.engine = index
+        return result, info
+
+    async def _run_once(self, kind: str, call: Call | None, engine: int | None, stream_id: int | None,
+                        until: float) -> tuple[Any, JobInfo, int]:
+        """One try on one engine: its answer, and which engine gave it."""
         index = engine if engine is not None else await self._engine_for(until)
         msg_id = next(self._ids)
         tag = f"{self._prefix}{msg_id}"
         frames = ipc.encode_call(msg_id, kind, call, tag=tag, stream_id=stream_id, deadline=until)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending[msg_id] = (fut, index, tag, time.monotonic())
+        self._pending[msg_id] = (fut, index, tag, time.monotonic(), engine is None)
         self._load[index] += 1
         sock = self._socks[index]
 
@@ -464,9 +495,7 @@ class RemoteEngines(_Engines):
             self._pending.pop(msg_id, None)
             self._load[index] -= 1
         result, info = ipc.decode_reply(header, arrays)
-        if isinstance(result, StreamHead):
-            result.engine = index
-        return result, info
+        return result, info, index
 
     def close_stream(self, head: StreamHead) -> None:
         self._socks[head.engine].send(ipc.encode_cancel(0, head.stream_id))

@@ -303,9 +303,10 @@ class StatusBoard:
         self._beat, self._deadline, self._doc = now, 0.0, b"{}"
         self._write()
 
-    def stray(self, now: float, function: str) -> None:
-        """The engine leaves: ``function`` left a thread running (``engine.strays``)."""
-        self._beat, self._deadline, self._doc = now, 0.0, orjson.dumps({"stray": function})
+    def leave(self, now: float, why: dict[str, Any]) -> None:
+        """The engine leaves, and says why: ``{"stray": function}`` (it left a thread
+        running: ``engine.strays``) or ``{"memory": ...}`` (``engine.memory_watch``)."""
+        self._beat, self._deadline, self._doc = now, 0.0, orjson.dumps(why)
         self._write()
 
     def read(self) -> dict[str, Any]:

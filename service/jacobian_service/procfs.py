@@ -1,4 +1,4 @@
-"""What Linux's ``/proc`` says of a process tree: its descendants, and their CPU time.
+"""What Linux's ``/proc`` says of a process tree: its descendants, their CPU time, memory.
 
 Torch-free and dependency-free: the engine's watch for stray threads and processes
 (``engine.strays``) reads it, and so do the benchmarks (a server's CPU per request).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cpu_seconds", "descendants"]
+__all__ = ["cpu_seconds", "descendants", "resident_bytes"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -46,5 +46,17 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
         if fields[0] == b"Z":
             return None
         return (int(fields[11]) + int(fields[12])) / _TICKS_S  # utime, stime: fields 14 and 15
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes(pid: int) -> int | None:
+    """A process's resident memory now (``/proc/PID/statm``); None where there is none."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
     except (OSError, IndexError, ValueError):
         return None

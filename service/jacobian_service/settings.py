@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     engine_standby: bool = True
     # An address-space cap per engine process (bytes); unset: none.
     engine_memory_limit_bytes: int | None = Field(None, ge=1 << 26)
+    # An engine whose resident memory, checked once a second, is over this (bytes) is
+    # recycled: its queue drains (2 s at most), it exits, the spare takes over. For
+    # functions that leak a little at each call. Unset: never.
+    engine_max_rss_bytes: int | None = Field(None, ge=1 << 26)
     # Shared memory each engine gives each front end for results, and each front end
     # each engine for inputs (arrays of 16 KiB and more): the reader takes them where the
     # writer put them, not through the socket. Pages are taken as blocks are first used;

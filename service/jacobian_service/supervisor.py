@@ -7,7 +7,10 @@ Torch-free; it runs in the ``serve`` process beside the front ends it starts. Ev
   requests it was running crashed it;
 - it runs a job past that job's deadline plus ``hang_grace_s``: a hang, killed;
 - it has not looked up for ``engine_heartbeat_s`` (a deadlock that holds the GIL): killed;
-- it left, naming a function that left a thread running, using a core (``engine.strays``);
+- it left, naming a function that left a thread running, using a core (``engine.strays``),
+  or saying its resident memory went over ``engine_max_rss_bytes`` (``engine.memory_watch``:
+  no function is struck, and the restart is at once); what it had not started, the
+  front ends send to the engine that takes over;
 - one function's warm-up has run past ``warmup_timeout_s``: the engine, or the spare,
   is killed, and the engines started after it skip that function's warm-up (nothing
   cuts a warm-up inside the engine: see ``EngineServer.warm_up``). It restarts at once:
@@ -303,9 +306,15 @@ class Supervisor:
         running = status if status.get("tags") else engine.running
         tags = list(running.get("tags", []))
         function = running.get("function", "") or status.get("stray", "")
+        recycled = "memory" in status  # planned: no function's fault, no backoff
         if status.get("stray"):
             reason = f"{function} left a thread running after it returned, using a core; engines skip its warm-up"
             self.skip_warmup.add(function)  # a warm-up would leave one again
+        elif recycled:
+            memory = status["memory"]
+            grown = ", ".join(f"{name} +{size >> 20} MiB" for name, size in memory.get("grown", []))
+            reason = (f"its resident memory reached {memory['rss'] >> 20} MiB, over ENGINE_MAX_RSS_BYTES "
+                      f"({memory['limit'] >> 20} MiB); grown most by {grown or 'no function seen'}")
         elif engine.killed_for == "hang":
             reason = f"{function or 'a function'} did not return by its deadline (plus {self.settings.hang_grace_s:g} s)"
         elif engine.killed_for == "warm-up":
@@ -321,7 +330,7 @@ class Supervisor:
         log.error("engine %d died: %s (running %s for %d requests)", engine.index, reason, function or "nothing", len(tags))
         pid = engine.proc.pid  # type: ignore[union-attr]
         _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]  # its children, if any, go too
-        if function:
+        if function and not recycled:
             self._strike(function, batch=len(tags) > 1)
         engine.proc = None
         engine.ready = False
@@ -330,7 +339,7 @@ class Supervisor:
         now = time.monotonic()
         if now - engine.started > _STABLE_S:
             engine.backoff_s = 0.0
-        if engine.killed_for == "warm-up":  # progress (one function fewer to warm), not a crash loop
+        if engine.killed_for == "warm-up" or recycled:  # progress or a plan, not a crash loop
             engine.restart_at = now
         else:
             engine.restart_at = now + engine.backoff_s
@@ -338,6 +347,9 @@ class Supervisor:
         self.pub.send(orjson.dumps({
             "t": "died", "engine": engine.index, "generation": engine.generation, "pid": pid, "tags": tags,
             "function": function, "reason": reason, "hang": engine.killed_for == "hang",
+            # It left between batches (a stray thread, its memory limit): what it did not
+            # answer it never started, and the front ends send it to the next engine.
+            "planned": bool(status.get("stray")) or recycled,
             "ready_in": engine.ready_in(now),
         }))
         self.publish_state()

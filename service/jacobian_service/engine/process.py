@@ -37,6 +37,7 @@ from ..orphans import stop_with_parent
 from ..registry import Registry
 from ..scheduler import Job, Worker
 from ..settings import Settings
+from .memory_watch import MemoryWatch
 from .strays import Strays
 
 log = logging.getLogger("jacobian_service.engine")
@@ -44,8 +45,8 @@ log = logging.getLogger("jacobian_service.engine")
 _PUMP_EVERY_S = 0.01
 _OOM_SCORE_ADJ = 500  # of -1000..1000: before the other processes, not before everything
 _IDLE_POLL_MS = 100
-_STRAY_DRAIN_S = 2.0  # a thread found to spin: jobs already queued get this long to finish first
-_EXIT_STRAY = 75  # EX_TEMPFAIL; the board, not the status, tells the supervisor why
+_LEAVE_DRAIN_S = 2.0  # an engine about to leave (a stray thread, memory): queued jobs get this long to finish
+_EXIT_LEAVING = 75  # EX_TEMPFAIL; the board, not the status, tells the supervisor why
 
 
 class EngineServer:
@@ -77,6 +78,7 @@ class EngineServer:
         )
         self.pending: dict[tuple[Peer, int], Job] = {}
         self.strays = Strays()  # after the functions' modules are imported: their threads are not strays
+        self.memory = MemoryWatch(settings.engine_max_rss_bytes)
         self._ran = ""  # the function of the last batch run
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
         self._last_pump = 0.0
@@ -215,7 +217,9 @@ class EngineServer:
 
     def serve(self) -> None:
         self.board.set_ready(time.monotonic())
-        stray, since = None, 0.0
+        self.memory.start()
+        leaving: dict[str, Any] | None = None  # why this engine is about to leave (the board says it)
+        since = 0.0
         while True:
             now = time.monotonic()
             self.board.beat(now)
@@ -226,23 +230,29 @@ class EngineServer:
                 self.board.idle(time.monotonic())
                 self._device_memory()
                 self.strays.after_run(self._ran)
+                self.memory.after_run(self._ran)
             if (found := self.strays.check(now)) is not None:
                 for pid, functions in found.processes.items():
                     _kill_stray(pid, functions)
-                if stray is None and found.thread_function is not None:
-                    stray, since = found.thread_function, now
-            if stray is not None and (not self.pending or now - since > _STRAY_DRAIN_S):
-                self._leave(stray)
+                if leaving is None and found.thread_function is not None:
+                    log.error("%s left a thread running after it returned, using a core; the engine restarts (a "
+                              "thread cannot be stopped)", found.thread_function)
+                    leaving, since = {"stray": found.thread_function}, now
+            if leaving is None and (over := self.memory.check(now)) is not None:
+                log.error("the engine's resident memory is %d MiB, over ENGINE_MAX_RSS_BYTES (%d MiB), grown most by "
+                          "%s; the engine restarts", over["rss"] >> 20, over["limit"] >> 20,
+                          ", ".join(f"{name} (+{grown >> 20} MiB)" for name, grown in over["grown"]) or "nothing seen")
+                leaving, since = {"memory": over}, now
+            if leaving is not None and (not self.pending or now - since > _LEAVE_DRAIN_S):
+                self._leave(leaving)
 
-    def _leave(self, stray: str) -> None:
-        """Restart, for a thread ``stray`` left running (``strays``): the queue has
-        drained, or waited long enough (what is left gets the front ends' retryable
-        503). The board names the function for the supervisor, which counts it."""
-        log.error("%s left a thread running after it returned, using a core; the engine restarts (a thread "
-                  "cannot be stopped)", stray)
-        self.board.stray(time.monotonic(), stray)
+    def _leave(self, why: dict[str, Any]) -> None:
+        """Restart, for a thread a function left running (``strays``) or memory over its
+        limit (``memory_watch``): the queue has drained, or waited long enough (what is
+        left gets the front ends' retryable 503). The board says why, for the supervisor."""
+        self.board.leave(time.monotonic(), why)
         self.flush()
-        os._exit(_EXIT_STRAY)  # not sys.exit: shutting the interpreter down would wait for the thread
+        os._exit(_EXIT_LEAVING)  # not sys.exit: shutting the interpreter down would wait for a stray thread
 
     def _device_memory(self) -> None:
         if self.metrics is not None and self.device.startswith("cuda"):
