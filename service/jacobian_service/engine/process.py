@@ -248,8 +248,9 @@ class EngineServer:
 
     def _leave(self, why: dict[str, Any]) -> None:
         """Restart, for a thread a function left running (``strays``) or memory over its
-        limit (``memory_watch``): the queue has drained, or waited long enough (what is
-        left gets the front ends' retryable 503). The board says why, for the supervisor."""
+        limit (``memory_watch``), between batches: the queue has drained, or waited long
+        enough (what is left was never started: the front ends send it to the engine that
+        takes over). The board says why, for the supervisor."""
         self.board.leave(time.monotonic(), why)
         self.flush()
         os._exit(_EXIT_LEAVING)  # not sys.exit: shutting the interpreter down would wait for a stray thread
