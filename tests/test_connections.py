@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import numpy as np
 import pytest
 
 from .conftest import live_server
@@ -341,6 +342,32 @@ def test_idle_connections_past_the_soft_open_file_limit_leave_room_for_other_cli
         limits = Path(f"/proc/{front_end_pid(proc.pid)}/limits").read_text()
         soft = int(re.search(r"^Max open files\s+(\d+)", limits, re.M).group(1))  # type: ignore[union-attr]
         assert soft > 400, limits
+
+
+def test_streams_left_unread_count_against_the_engines_queue() -> None:
+    """Each open stream holds its forward pass in the engine until its reader has taken
+    the last row. Two clients that start a 64 MiB streamed Jacobian and stop reading hold
+    two; with MAX_QUEUE=2 the next request is refused (429, retryable) rather than a
+    third held, and once they hang up a request is served again."""
+    from .conftest import npy_bytes
+
+    with live_server(WORKERS=1, WARMUP="false", MAX_QUEUE=2) as (url, _):
+        body = npy_bytes(np.linspace(-1, 1, 4096, dtype=np.float32))
+        readers = []
+        for _ in range(2):
+            s = _connect(url, rcvbuf=4096)
+            s.sendall(_head("/v1/functions/softmax/jacobian", len(body), extra="Accept: application/x-npy\r\n") + body)
+            s.settimeout(30)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200"), "the stream did not start"
+            readers.append(s)
+        sin = {"inputs": [[0.5]]}
+        refused = httpx.post(f"{url}/v1/functions/sin/jacobian", json=sin, timeout=30)
+        assert refused.status_code == 429 and refused.json()["code"] == "overloaded", refused.text
+        assert "2 open streams" in refused.json()["detail"] and refused.headers["retry-after"] == "1"
+        for s in readers:
+            s.close()
+        assert _wait_for(lambda: httpx.post(f"{url}/v1/functions/sin/jacobian", json=sin, timeout=30).status_code == 200,
+                         10), "the streams of readers that hung up were not closed"
 
 
 @contextlib.contextmanager

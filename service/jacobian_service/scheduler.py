@@ -30,6 +30,7 @@ log = logging.getLogger("jacobian_service.scheduler")
 # A stacked Jacobian's working set, in multiples of its results (basis, grads, copies).
 _BATCH_WORKSET_FACTOR = 4
 _REFILL_WAIT_MAX_S = 0.002
+_TIDY_EVERY_S = 1.0  # an idle in-process engine thread closes idle streams this often
 _KINDS = frozenset({"jacobian", "jacobian_npy", "hessian", "evaluate", "vjp", "jvp", "hvp", "stream_next", "warmup",
                     "sparsity_jacobian", "sparsity_hessian"})
 
@@ -118,16 +119,20 @@ class Worker:
     def submit(self, job: Job) -> None:
         """Queue a job, or refuse it at once (429) when the queue is full. The chunks
         of a stream already under way skip the bound: refusing them would waste the
-        rows already sent."""
+        rows already sent. Open streams count against it: each holds its forward pass
+        (the function's saved activations) until its reader has taken the last row, and
+        readers that take their time must not hold an unbounded number of them."""
         if job.kind not in _KINDS:
             raise InternalError(f"unknown job kind {job.kind!r}")
         if job.kind != "stream_next":
             while self.jobs and self.jobs[0].done:
                 self.jobs.popleft()
-            depth = self.depth()
-            if depth >= self.max_queue:
+            # (Streams whose callers have gone are closed on the engine's thread: not counted.)
+            depth, streams = self.depth(), max(0, len(self._streams) - len(self._closing))
+            if depth + streams >= self.max_queue:
                 raise Overloaded(
-                    f"the queue holds {depth} requests (limit {self.max_queue}); retry shortly",
+                    f"the engine holds {depth} requests and {streams} open streams (limit {self.max_queue} in all); "
+                    "retry shortly",
                     headers={"Retry-After": "1"},
                 )
         job.key = self._batch_key(job)
@@ -227,7 +232,7 @@ class Worker:
                 self._run_alone(live[0])
         finally:
             self.running = 0
-            self._close_idle_streams()
+            self.tidy()
             # What the function changed of the process-wide settings must not reach the
             # next batch, another function's (engine/process_settings.py).
             restore = getattr(self.engine, "restore_settings", None)
@@ -327,7 +332,11 @@ class Worker:
         running on the engine's thread right now; it is closed between jobs."""
         self._closing.append(stream_id)
 
-    def _close_idle_streams(self) -> None:
+    def tidy(self) -> None:
+        """Close the streams whose callers have gone, or that sat idle past
+        ``stream_idle_s``: each holds its forward pass. On the engine's thread: after
+        each batch, and while it waits for work (else an idle engine would hold them
+        until its next job, and refuse that job for them)."""
         now = time.monotonic()
         while self._closing:
             entry = self._streams.pop(self._closing.pop(), None)
@@ -383,7 +392,9 @@ class ThreadedWorker:
         job.done = True  # a queued job is skipped; a running one stops at its next chunk
 
     def close_stream(self, stream_id: int) -> None:
-        self.worker.close_stream(stream_id)
+        with self.cond:
+            self.worker.close_stream(stream_id)
+            self.cond.notify()  # closed now, not at the next job
 
     def stop(self, timeout: float = 5.0) -> None:
         with self.cond:
@@ -394,12 +405,18 @@ class ThreadedWorker:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.worker.has_work() and not self.stopping:
-                    self.cond.wait()
+                if not self.worker.has_work() and not self.stopping:
+                    self.cond.wait(_TIDY_EVERY_S)  # woken by a job, a stream closed, or the clock
                 if self.stopping:
                     for job in self.worker.jobs:
                         job.finish(error=Unavailable("the engine is stopping", headers={"Retry-After": "1"}))
                     return
-                group = self.worker.take(lambda seconds: self.cond.wait(max(seconds, 0)))
+                if not self.worker.has_work():
+                    group = None
+                else:
+                    group = self.worker.take(lambda seconds: self.cond.wait(max(seconds, 0)))
+            if group is None:
+                self.worker.tidy()
+                continue
             self.worker.run(group)
             del group  # not kept while waiting: the jobs hold their requests' arrays

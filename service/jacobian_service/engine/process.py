@@ -224,7 +224,9 @@ class EngineServer:
             now = time.monotonic()
             self.board.beat(now)
             self.pump(0.0 if self.worker.has_work() else _IDLE_POLL_MS / 1e3)
-            if self.worker.has_work():
+            if not self.worker.has_work():
+                self.worker.tidy()  # streams whose callers have gone: not held until the next job
+            else:
                 self.worker.run(self.worker.take(self.pump))  # no name keeps the jobs (and their arrays) after
                 self.flush()
                 self.board.idle(time.monotonic())
