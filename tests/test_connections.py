@@ -353,19 +353,22 @@ def test_streams_left_unread_count_against_the_engines_queue() -> None:
 
     with live_server(WORKERS=1, WARMUP="false", MAX_QUEUE=2) as (url, _):
         body = npy_bytes(np.linspace(-1, 1, 4096, dtype=np.float32))
-        readers = []
-        for _ in range(2):
-            s = _connect(url, rcvbuf=4096)
-            s.sendall(_head("/v1/functions/softmax/jacobian", len(body), extra="Accept: application/x-npy\r\n") + body)
-            s.settimeout(30)
-            assert s.recv(4096).startswith(b"HTTP/1.1 200"), "the stream did not start"
-            readers.append(s)
-        sin = {"inputs": [[0.5]]}
-        refused = httpx.post(f"{url}/v1/functions/sin/jacobian", json=sin, timeout=30)
-        assert refused.status_code == 429 and refused.json()["code"] == "overloaded", refused.text
-        assert "2 open streams" in refused.json()["detail"] and refused.headers["retry-after"] == "1"
-        for s in readers:
-            s.close()
+        readers: list[socket.socket] = []
+        try:
+            for _ in range(2):
+                s = _connect(url, rcvbuf=4096)
+                readers.append(s)
+                s.sendall(_head("/v1/functions/softmax/jacobian", len(body), extra="Accept: application/x-npy\r\n") + body)
+                s.settimeout(30)
+                head = s.recv(4096)
+                assert head.startswith(b"HTTP/1.1 200"), head[:500]
+            sin = {"inputs": [[0.5]]}
+            refused = httpx.post(f"{url}/v1/functions/sin/jacobian", json=sin, timeout=30)
+            assert refused.status_code == 429 and refused.json()["code"] == "overloaded", refused.text
+            assert "2 open streams" in refused.json()["detail"] and refused.headers["retry-after"] == "1"
+        finally:
+            for s in readers:
+                s.close()
         assert _wait_for(lambda: httpx.post(f"{url}/v1/functions/sin/jacobian", json=sin, timeout=30).status_code == 200,
                          10), "the streams of readers that hung up were not closed"
 

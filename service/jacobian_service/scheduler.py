@@ -105,6 +105,7 @@ class Worker:
         self.cancelled_for = cancelled_for  # how a running job learns its caller has gone
         self.jobs: collections.deque[Job] = collections.deque()
         self.running = 0
+        self._running_chunk = False  # the group running is a stream's next chunk
         self.device = str(engine.device)
         self._streams: dict[int, tuple[Iterator[Any], float, Call]] = {}  # id -> (chunks, last used, call)
         self._stream_ids = itertools.count(1)
@@ -127,8 +128,11 @@ class Worker:
         if job.kind != "stream_next":
             while self.jobs and self.jobs[0].done:
                 self.jobs.popleft()
-            # (Streams whose callers have gone are closed on the engine's thread: not counted.)
-            depth, streams = self.depth(), max(0, len(self._streams) - len(self._closing))
+            # A stream counts once, whether or not its next chunk is queued or running; one
+            # whose caller has gone is closed on the engine's thread, and not counted.
+            depth = sum(1 for j in self.jobs if not j.done and j.kind != "stream_next")
+            depth += 0 if self._running_chunk else self.running
+            streams = max(0, len(self._streams) - len(self._closing))
             if depth + streams >= self.max_queue:
                 raise Overloaded(
                     f"the engine holds {depth} requests and {streams} open streams (limit {self.max_queue} in all); "
@@ -224,6 +228,7 @@ class Worker:
         if not live:
             return
         self.running = len(live)
+        self._running_chunk = live[0].kind == "stream_next"
         self.on_run(live)
         try:
             if len(live) > 1:
