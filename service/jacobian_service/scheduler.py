@@ -237,7 +237,6 @@ class Worker:
                 self._run_alone(live[0])
         finally:
             self.running = 0
-            self.tidy()
             # What the function changed of the process-wide settings must not reach the
             # next batch, another function's (engine/process_settings.py).
             restore = getattr(self.engine, "restore_settings", None)
@@ -246,6 +245,7 @@ class Worker:
                 if call is None:  # a stream's next chunk: the stream's call, while it is open
                     call = self._streams.get(live[0].stream_id, (None, None, None))[2]  # type: ignore[arg-type]
                 restore(call.spec.name if call is not None else "")
+            self.tidy()
 
     def _run_batch(self, live: list[Job], start: float) -> None:
         kind = live[0].key[0]  # type: ignore[index]
