@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from jacobian_service.engine.memory_watch import MemoryWatch
-from jacobian_service.procfs import resident_bytes
+from jacobian_service.procfs import status_bytes
 
 
 def test_the_function_that_grew_the_memory_is_named_once_over_the_limit():
     import os
 
-    watch = MemoryWatch(resident_bytes(os.getpid()) + (96 << 20), every_s=0.0)
+    watch = MemoryWatch(status_bytes(os.getpid(), "VmRSS") + (96 << 20), every_s=0.0)
     watch.start()
     assert watch.check(1.0) is None
     watch.after_run("small")  # holds no more: nothing charged

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cpu_seconds", "descendants", "resident_bytes"]
+__all__ = ["cpu_seconds", "descendants", "status_bytes"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -50,13 +50,14 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
         return None
 
 
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def resident_bytes(pid: int) -> int | None:
-    """A process's resident memory now (``/proc/PID/statm``); None where there is none."""
+def status_bytes(pid: int, field: str) -> int | None:
+    """A memory field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``) in bytes; None where
+    there is none."""
     try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE_BYTES
+        with open(f"/proc/{pid}/status") as fp:
+            for line in fp:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
     except (OSError, IndexError, ValueError):
-        return None
+        pass
+    return None

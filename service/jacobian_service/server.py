@@ -62,9 +62,9 @@ def _uvicorn_config(app: Any, settings: Settings) -> Any:
     )
 
 
-def raise_open_file_limit() -> int:
+def raise_open_file_limit() -> None:
     """Raise this process's soft limit on open files to its hard limit (at most 2**20),
-    for it and every process it starts; return the limit now in force.
+    for it and every process it starts.
 
     Each client connection holds a file descriptor in a front end. At a soft limit of
     1024 (the usual default for a shell or a systemd service, whose hard limit is far
@@ -75,7 +75,7 @@ def raise_open_file_limit() -> int:
     try:
         import resource
     except ImportError:  # not POSIX
-        return -1
+        return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # The kernel refuses more than fs.nr_open (2**20 by default), and RLIM_INFINITY is -1.
     target = min(_MAX_OPEN_FILES, _MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard)
@@ -89,7 +89,6 @@ def raise_open_file_limit() -> int:
         log.warning("the open-file limit is %d (hard limit %d): a client holding that many idle connections "
                     "would leave none for other clients; raise it (ulimit -n, LimitNOFILE, --ulimit nofile)",
                     soft, hard)
-    return soft
 
 
 _MAX_OPEN_FILES = 1 << 20

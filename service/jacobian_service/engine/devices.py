@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..procfs import status_bytes
 from ..registry import FunctionSpec
 from ..types import Call
 
@@ -60,7 +62,7 @@ class PeakMemory:
             try:
                 with open("/proc/self/clear_refs", "w") as fp:
                     fp.write("5")  # VmHWM := VmRSS
-                self._base = _status_bytes("VmRSS")
+                self._base = status_bytes(os.getpid(), "VmRSS")
             except OSError:
                 self._base = None
         return self
@@ -71,8 +73,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            peak = _status_bytes("VmHWM")
-        self.growth = max(0, peak - self._base)
+            peak = status_bytes(os.getpid(), "VmHWM")
+        if peak is not None:
+            self.growth = max(0, peak - self._base)
 
 
 def _libc(name: str) -> Any:
@@ -117,14 +120,6 @@ def release_free_heap() -> None:
     6.3-11.2 s with the fixed settings, runs alternated within one hour)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
-
-
-def _status_bytes(field: str) -> int | None:
-    with open("/proc/self/status") as fp:
-        for line in fp:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def warmup_call(spec: FunctionSpec) -> Call:

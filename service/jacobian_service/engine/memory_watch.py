@@ -5,7 +5,7 @@ out-of-memory killer in the middle of some other function's request, which would
 get the 500 and the strike.
 
 Which functions grew the memory is told by the resident size after each batch (read
-from ``/proc``, a few microseconds, only when the limit is set): a batch after which the
+from ``/proc``, only when the limit is set): a batch after which the
 engine holds more than before is charged the difference. (The peak, which ``getrusage``
 gives cheaper, would charge nothing once a large request has set a high one.) The log
 names the three charged most. Torch-free.
@@ -17,7 +17,7 @@ import collections
 import logging
 import os
 
-from ..procfs import resident_bytes
+from ..procfs import status_bytes
 
 __all__ = ["MemoryWatch"]
 
@@ -36,7 +36,7 @@ class MemoryWatch:
         """Ready to serve: a limit already below what the engine holds now (torch, the
         functions, their warm-up) would recycle every engine at once, for ever; it is
         left unenforced, and said so."""
-        rss = resident_bytes(os.getpid())
+        rss = status_bytes(os.getpid(), "VmRSS")
         if self.limit is not None and rss is not None and rss >= self.limit:
             log.error("ENGINE_MAX_RSS_BYTES (%d MiB) is below this engine's memory once started (%d MiB): "
                       "not enforced", self.limit >> 20, rss >> 20)
@@ -47,7 +47,7 @@ class MemoryWatch:
     def after_run(self, function: str) -> None:
         if self.limit is None:
             return
-        held = resident_bytes(os.getpid()) or 0
+        held = status_bytes(os.getpid(), "VmRSS") or 0
         if held > self._held:
             self._grown[function or "a function"] += held - self._held
         self._held = held
@@ -57,7 +57,7 @@ class MemoryWatch:
         if self.limit is None or now - self._last < self.every_s:
             return None
         self._last = now
-        rss = resident_bytes(os.getpid())
+        rss = status_bytes(os.getpid(), "VmRSS")
         if rss is None or rss <= self.limit:
             return None
         return {"rss": rss, "limit": self.limit,

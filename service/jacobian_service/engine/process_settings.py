@@ -137,17 +137,14 @@ class ProcessSettings:
         self._taken = [s.get() for s in _SETTINGS]
         self._named: set[tuple[str, str]] = set()  # (function, setting) already logged
 
-    def restore(self, function: str) -> list[str]:
-        """Put back what differs now; what it was (empty, nearly always)."""
-        changed = []
+    def restore(self, function: str) -> None:
+        """Put back what differs now (nothing, nearly always)."""
         for setting, taken in zip(_SETTINGS, self._taken):
             now = setting.get()
             if setting.changed(now, taken):
                 setting.put(taken)
-                changed.append(setting.what)
                 if (function, setting.what) not in self._named:
                     self._named.add((function, setting.what))
                     log.warning("%s changed %s (to %s) and left it so; put back to %s for the other functions "
                                 "(it is put back after each of its calls)", function or "a function", setting.what,
                                 _shown(now), _shown(taken))
-        return changed
