@@ -5,6 +5,9 @@ module)."""
 from __future__ import annotations
 
 import gc
+import os
+import resource
+import signal
 import sys
 import warnings
 
@@ -62,4 +65,40 @@ def lowers_recursion_limit(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="sin, with a warning on the way (as much user code has).")
 def warns_and_works(x: torch.Tensor) -> torch.Tensor:
     warnings.warn("a warning, not an error", UserWarning, stacklevel=1)
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after arming a one-second SIGALRM timer (signal.alarm's) with no handler.")
+def arms_an_alarm(x: torch.Tensor) -> torch.Tensor:
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after installing a profile function (every later call runs through it).")
+def sets_a_profile_function(x: torch.Tensor) -> torch.Tensor:
+    sys.setprofile(lambda frame, event, arg: None)
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after ignoring SIGTERM, blocking SIGINT and setting a umask of 0o777.")
+def ignores_sigterm_and_sets_umask(x: torch.Tensor) -> torch.Tensor:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    os.umask(0o777)
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after setting a CPU-time limit 1 s above the engine's use (SIGXCPU then).")
+def limits_cpu_time(x: torch.Tensor) -> torch.Tensor:
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    resource.setrlimit(resource.RLIMIT_CPU, (int(used.ru_utime + used.ru_stime) + 1, hard))
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after raising its niceness by 5 (lowering it back takes CAP_SYS_NICE), "
+                                "when its first input is 666 (not on the warm-up's input).")
+def raises_its_niceness(x: torch.Tensor) -> torch.Tensor:
+    if float(x.detach()[0]) == 666.0:
+        os.nice(5)
     return x.sin()

@@ -5,7 +5,8 @@ Before, ``torch.set_default_dtype(torch.float64)`` in one function made every la
 ``evaluate`` of another, which builds ``torch.ones``, answer float64 instead of float32;
 and ``warnings.simplefilter("error")`` in one function made every other function that
 warns on its way (as much user code does) fail with 500, in the same engine process for
-as long as it lived.
+as long as it lived. ``signal.alarm`` in one function killed the engine (SIGALRM) a
+while later, under whichever request ran then.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+import time
 import warnings
 
 import httpx
@@ -76,6 +78,10 @@ def engine_log():
 CHANGERS = {  # function -> the settings it changes
     "sets_float64_default": 1, "turns_on_anomaly_detection": 1, "sets_threads_and_tf32": 2,
     "sets_warnings_to_errors": 1, "disables_gc_and_raises_on_numpy_errors": 2, "lowers_recursion_limit": 1,
+    # The engine's thread has its own profile function. Signal handlers, timers, limits
+    # and the niceness are the whole process's: an engine process's alone to put back
+    # (below); here pytest's (pytest-timeout's SIGALRM timer).
+    "sets_a_profile_function": 1,
 }
 
 
@@ -108,3 +114,64 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
         log = proc.read_log()
         assert "sets_float64_default changed torch's default dtype" in log
         assert "sets_warnings_to_errors changed the warning filters" in log
+
+
+def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_engine_process():
+    """A timer armed by one function used to kill the engine with SIGALRM a second later,
+    under whatever ran then; SIGTERM ignored kept it from stopping when told; a profile
+    function slowed every later call. All are put back after the batch, and the engine
+    lives on (no spare here: a death would fail the requests)."""
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, ENGINE_STANDBY="false") as (url, proc):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for name in ("limits_cpu_time", "sets_a_profile_function", "ignores_sigterm_and_sets_umask",
+                         "arms_an_alarm"):
+                _sin_ok(client.post, name)
+            until = time.monotonic() + 2.0  # past the alarm's second
+            while time.monotonic() < until:
+                assert _output_dtype(client.post) == "float32"
+        stopped = time.monotonic()
+        proc.terminate()
+        proc.wait(timeout=30)
+        assert time.monotonic() - stopped < 10  # the engine took its SIGTERM
+        log = proc.read_log()
+        assert "died" not in log, log[-3000:]
+        for function, setting in (
+            ("limits_cpu_time", "resource limits"),
+            ("sets_a_profile_function", "the profile function"),
+            ("ignores_sigterm_and_sets_umask", "signal handlers"),
+            ("ignores_sigterm_and_sets_umask", "the signal mask"),
+            ("ignores_sigterm_and_sets_umask", "the umask"),
+            ("arms_an_alarm", "an interval timer"),
+        ):
+            assert f"{function} changed {setting}" in log, (function, setting)
+
+
+# Runs ``serve`` without CAP_SYS_NICE (dropped from the bounding set, as a container's
+# runtime drops it): an engine cannot lower its niceness again once a function raised it.
+_NO_SYS_NICE = [
+    sys.executable, "-c",
+    "import ctypes, os, sys; "
+    "ctypes.CDLL(None, use_errno=True).prctl(24, 23, 0, 0, 0); "  # PR_CAPBSET_DROP, CAP_SYS_NICE (root only)
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
+def test_an_engine_left_with_a_setting_it_cannot_put_back_is_replaced():
+    """A function raised the engine's niceness: without the privilege to lower it again,
+    every later request of every function would have run at that priority. The engine
+    leaves between batches, the supervisor names the function, and its spare serves."""
+    with live_server(wrapper=_NO_SYS_NICE, FUNCTIONS=FUNCTIONS, WORKERS=1) as (url, proc):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            r = client.post("/v1/functions/raises_its_niceness/jacobian", json={"inputs": [[666.0, 1.0]]})
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 20
+            said = "raises_its_niceness left the niceness changed, which cannot be put back"
+            while said not in proc.read_log():
+                assert time.monotonic() < deadline, proc.read_log()[-3000:]
+                time.sleep(0.1)
+            deadline = time.monotonic() + 20
+            while (r := client.post("/v1/functions/scaled_by_ones/evaluate", json=X)).status_code == 503:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert r.status_code == 200, r.text
+            assert "raises_its_niceness changed the niceness (to 5), which cannot be put back" in proc.read_log()

@@ -305,7 +305,9 @@ class StatusBoard:
 
     def leave(self, now: float, why: dict[str, Any]) -> None:
         """The engine leaves, and says why: ``{"stray": function}`` (it left a thread
-        running: ``engine.strays``) or ``{"memory": ...}`` (``engine.memory_watch``)."""
+        running: ``engine.strays``; with ``"left"``, what else it left: a setting the
+        engine cannot put back, ``engine.process_settings``) or ``{"memory": ...}``
+        (``engine.memory_watch``)."""
         self._beat, self._deadline, self._doc = now, 0.0, orjson.dumps(why)
         self._write()
 

@@ -308,7 +308,8 @@ class Supervisor:
         function = running.get("function", "") or status.get("stray", "")
         recycled = "memory" in status  # planned: no function's fault, no backoff
         if status.get("stray"):
-            reason = f"{function} left a thread running after it returned, using a core; engines skip its warm-up"
+            left = status.get("left", "a thread running after it returned, using a core")
+            reason = f"{function} left {left}; engines skip its warm-up"
             self.skip_warmup.add(function)  # a warm-up would leave one again
         elif recycled:
             memory = status["memory"]

@@ -91,6 +91,12 @@ class Engine:
         """After a batch: the process-wide settings as they were (``process_settings``)."""
         self.process_settings.restore(function)
 
+    def take_settings(self) -> None:
+        """For an engine process, which owns its process: the settings as they are now
+        (its memory limit set) are the ones to put back, the whole process's with them
+        (signal handlers, timers, resource limits: ``process_settings``)."""
+        self.process_settings = ProcessSettings(own_process=True)
+
     # ----------------------------------------------------------------- device helpers
 
     def host(self, tree: Any) -> Any:

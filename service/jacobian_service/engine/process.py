@@ -212,6 +212,8 @@ class EngineServer:
                     log.warning("warm-up of %s failed: %s", spec.name, exc)
                 self.engine.restore_settings(spec.name)
                 self.strays.after_run(spec.name)
+                if self.engine.process_settings.unrestorable is not None:
+                    break  # serve() leaves at once: a later warm-up would run under it
         finally:
             note.unlink(missing_ok=True)
 
@@ -240,6 +242,10 @@ class EngineServer:
                     log.error("%s left a thread running after it returned, using a core; the engine restarts (a "
                               "thread cannot be stopped)", found.thread_function)
                     leaving, since = {"stray": found.thread_function}, now
+            if leaving is None and (changed := self.engine.process_settings.unrestorable) is not None:
+                function, setting = changed
+                log.error("%s changed %s, which this engine cannot put back; the engine restarts", function, setting)
+                leaving, since = {"stray": function, "left": f"{setting} changed, which cannot be put back"}, now
             if leaving is None and (over := self.memory.check(now)) is not None:
                 log.error("the engine's resident memory is %d MiB, over ENGINE_MAX_RSS_BYTES (%d MiB), grown most by "
                           "%s; the engine restarts", over["rss"] >> 20, over["limit"] >> 20,
@@ -249,8 +255,9 @@ class EngineServer:
                 self._leave(leaving)
 
     def _leave(self, why: dict[str, Any]) -> None:
-        """Restart, for a thread a function left running (``strays``) or memory over its
-        limit (``memory_watch``), between batches: the queue has drained, or waited long
+        """Restart, for a thread a function left running (``strays``), a setting it
+        changed that cannot be put back (``process_settings``) or memory over its limit
+        (``memory_watch``), between batches: the queue has drained, or waited long
         enough (what is left was never started: the front ends send it to the engine that
         takes over). The board says why, for the supervisor."""
         self.board.leave(time.monotonic(), why)
@@ -337,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     server = EngineServer(settings, registry, devices[0])
     _limit_memory(settings.engine_memory_limit_bytes)
     _first_for_the_oom_killer()
+    server.engine.take_settings()  # with the memory limit: it is no function's change to undo
     skip = set(ipc.names_from_env(ipc.SKIP_WARMUP_ENV))
     if args.standby:
         # A spare: everything slow (torch, the functions, warm-up) is done before the

@@ -10,22 +10,36 @@ every function, for as long as the engine lives. Measured or reproduced:
   much user code does) failed with 500 ``function_error`` "UserWarning: ...";
 - anomaly detection (every later backward pass slower), 64 threads, TF32 matmuls (every
   later result on the GPU less precise), ``gc.disable()`` (memory held by reference
-  cycles never freed), a low recursion limit, ``numpy.seterr(all="raise")``.
+  cycles never freed), a low recursion limit, ``numpy.seterr(all="raise")``;
+- ``signal.alarm(2)`` (or any interval timer): two seconds later SIGALRM killed the
+  engine, in the middle of whichever function's request was running then, which took
+  the blame; a CPU-time or file-size limit does the same with SIGXCPU / SIGXFSZ;
+- ``sys.setprofile(f)``: every later call of every function ran through ``f`` (40 %
+  slower for a small one), as would a trace function;
+- signal handlers and the signal mask (SIGTERM ignored or blocked, and the engine would
+  no longer stop when told), the umask, the niceness, ``sys.stdout`` and ``sys.stderr``.
 
 The engine takes these settings as it starts and, after each batch, puts back what the
 batch changed, naming the function in the log once per setting. Where a library may
 legitimately change a setting as it is lazily imported (warning filters, the recursion
 limit), only the harmful direction counts: warnings made errors (or filters reset), a
-lower limit.
+lower limit. A few cannot always be put back: a lowered hard resource limit or a raised
+niceness need a privilege the engine may lack. Then :attr:`ProcessSettings.unrestorable`
+names the function and the setting, and the engine process leaves (as for a stray
+thread) for one with its settings whole.
 """
 
 from __future__ import annotations
 
+import _signal
 import gc
 import logging
 import operator
 import os
+import resource
+import signal
 import sys
+import threading
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -102,6 +116,96 @@ def _chdir(path: str) -> None:
         pass
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # no getter: set and set back, two system calls of 0.2 us
+    os.umask(mask)
+    return mask
+
+
+def _hook_changed(now: Any, taken: Any) -> bool:
+    # Only a hook a function added counts: under the in-process layout the engine's thread
+    # may have been made without the hook its maker's thread had (a debugger's).
+    return now is not None and now is not taken
+
+
+# Signals whose handler a function could change to the harm of the engine (SIGTERM
+# ignored: it no longer stops when told; SIGALRM/SIGXCPU caught elsewhere...). Read
+# through _signal: signal.getsignal wraps each answer in an enum, 0.6 us a signal.
+_SIGNALS = tuple(int(getattr(signal, name)) for name in (
+    "SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGUSR1", "SIGUSR2",
+    "SIGPIPE", "SIGCHLD", "SIGXCPU", "SIGXFSZ", "SIGTSTP", "SIGTTIN", "SIGTTOU") if hasattr(signal, name))
+_getsignal = _signal.getsignal
+
+
+def _handlers() -> tuple[Any, ...]:
+    return tuple(map(_getsignal, _SIGNALS))
+
+
+def _put_handlers(taken: tuple[Any, ...]) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread can set them, and so a function on another cannot have
+    for number, now, handler in zip(_SIGNALS, _handlers(), taken):
+        if now is not handler and handler is not None:  # None: set outside Python, nothing to put back
+            signal.signal(number, handler)
+
+
+def _mask() -> set[Any]:
+    return signal.pthread_sigmask(signal.SIG_BLOCK, ())
+
+
+def _put_mask(taken: set[Any]) -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, taken)
+
+
+# A timer a function armed fires later, in the middle of another function's request, and
+# its signal's default action ends the engine: disarmed, whatever it was.
+_TIMERS = tuple(getattr(signal, name) for name in ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF") if hasattr(signal, name))
+
+
+def _timers() -> tuple[tuple[float, float], ...]:
+    return tuple(signal.getitimer(which) for which in _TIMERS)
+
+
+def _disarm(taken: Any) -> None:
+    for which in _TIMERS:
+        signal.setitimer(which, 0.0)
+
+
+def _armed(now: Any, taken: Any) -> bool:
+    return any(delay or interval for delay, interval in now) and not any(d or i for d, i in taken)
+
+
+_LIMITS = tuple(getattr(resource, name) for name in (
+    "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_AS", "RLIMIT_NOFILE", "RLIMIT_NPROC")
+    if hasattr(resource, name))
+
+
+def _limits() -> tuple[tuple[int, int], ...]:
+    return tuple(map(resource.getrlimit, _LIMITS))
+
+
+def _put_limits(taken: tuple[tuple[int, int], ...]) -> None:
+    for which, now, limits in zip(_LIMITS, _limits(), taken):
+        if now != limits:  # a raised hard limit needs CAP_SYS_RESOURCE: ValueError without it
+            resource.setrlimit(which, limits)
+
+
+def _niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def _set_niceness(taken: int) -> None:
+    os.setpriority(os.PRIO_PROCESS, 0, taken)  # lowering it needs CAP_SYS_NICE: PermissionError without it
+
+
+def _streams() -> tuple[Any, Any, Any]:
+    return sys.stdin, sys.stdout, sys.stderr
+
+
+def _put_streams(taken: tuple[Any, Any, Any]) -> None:
+    sys.stdin, sys.stdout, sys.stderr = taken
+
+
 _SETTINGS: tuple[_Setting, ...] = (
     _Setting("torch's default dtype", torch.get_default_dtype, torch.set_default_dtype),
     _Setting("torch's default device", _default_device, _set_default_device),
@@ -122,6 +226,26 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("numpy's floating-point error handling", np.geterr, lambda taken: np.seterr(**taken)),
     _Setting("logging (disabled)", lambda: logging.root.manager.disable, logging.disable),
     _Setting("the working directory", _cwd, _chdir),
+    # This thread's hooks: the engine's thread is the one the functions run on.
+    _Setting("the trace function", sys.gettrace, sys.settrace, _hook_changed),
+    _Setting("the profile function", sys.getprofile, sys.setprofile, _hook_changed),
+)
+
+# Settings of the whole process, put back only by an engine that owns its process. In the
+# in-process layout the host shares them and may change them itself, as it has every
+# right to: pytest-timeout arms a SIGALRM timer, pytest's capture swaps sys.stdout.
+_OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
+    _Setting("the trace function of new threads", threading.gettrace, threading.settrace, _hook_changed),
+    _Setting("the profile function of new threads", threading.getprofile, threading.setprofile, _hook_changed),
+    _Setting("signal handlers", _handlers, _put_handlers,
+             lambda now, taken: any(a is not b and b is not None for a, b in zip(now, taken))),
+    _Setting("the signal mask", _mask, _put_mask),
+    _Setting("an interval timer (signal.alarm, setitimer)", _timers, _disarm, _armed),
+    _Setting("resource limits", _limits, _put_limits),
+    _Setting("the niceness", _niceness, _set_niceness),
+    _Setting("the umask", _umask, os.umask),
+    _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams,
+             lambda now, taken: any(a is not b for a, b in zip(now, taken))),
 )
 
 
@@ -131,18 +255,29 @@ def _shown(value: Any) -> Any:
 
 
 class ProcessSettings:
-    """The settings as they were when made; :meth:`restore` puts back what changed."""
+    """The settings as they were when made; :meth:`restore` puts back what changed.
+    ``own_process``: the engine owns its process (an engine process), and the settings of
+    the whole process (signals, timers, limits...) are its to keep too."""
 
-    def __init__(self) -> None:
-        self._taken = [s.get() for s in _SETTINGS]
+    def __init__(self, own_process: bool = False) -> None:
+        self._settings = _SETTINGS + _OWN_PROCESS_SETTINGS if own_process else _SETTINGS
+        self._taken = [s.get() for s in self._settings]
         self._named: set[tuple[str, str]] = set()  # (function, setting) already logged
+        # (function, setting) of the first change that could not be put back: the engine leaves.
+        self.unrestorable: tuple[str, str] | None = None
 
     def restore(self, function: str) -> None:
         """Put back what differs now (nothing, nearly always)."""
-        for setting, taken in zip(_SETTINGS, self._taken):
+        for setting, taken in zip(self._settings, self._taken):
             now = setting.get()
             if setting.changed(now, taken):
-                setting.put(taken)
+                try:
+                    setting.put(taken)
+                except (OSError, ValueError) as exc:  # a privilege the engine lacks
+                    log.error("%s changed %s (to %s), which cannot be put back here (%s)", function or "a function",
+                              setting.what, _shown(now), exc)
+                    self.unrestorable = self.unrestorable or (function, setting.what)
+                    continue
                 if (function, setting.what) not in self._named:
                     self._named.add((function, setting.what))
                     log.warning("%s changed %s (to %s) and left it so; put back to %s for the other functions "
