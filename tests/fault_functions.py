@@ -129,3 +129,11 @@ def leaves_a_spinning_process(x: torch.Tensor) -> torch.Tensor:
 def _spin() -> None:
     while True:
         pass
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="sin; on the trigger, 20,000 outputs (an output size that depends on the input's values).")
+def grows(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        return x.sum() * torch.ones(20_000)
+    return x.sin()

@@ -9,6 +9,7 @@ until an operator releases it.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
@@ -17,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import ROOT, assert_problem, live_server
+from .conftest import ROOT, assert_problem, live_server, npy_bytes
 
 FUNCTIONS = "jacobian_service.examples,tests.fault_functions"
 ARMED = {"inputs": [[666.0, 1.0]]}
@@ -661,8 +662,6 @@ def test_a_large_answer_still_being_sent_when_its_engine_crashes_arrives_whole()
 
     from jacobian_client import wire
 
-    from .conftest import npy_bytes
-
     n = 1000
     x = np.random.default_rng(7).standard_normal(n).astype(np.float32)
     want = torch.func.jacrev(lambda v: torch.softmax(v, -1))(torch.from_numpy(x)).numpy()
@@ -792,3 +791,35 @@ def test_a_bad_message_from_the_supervisor_is_skipped_and_later_ones_still_count
 
     assert asyncio.run(scenario()) == ["engine 0 (cpu) is not up", "engine 0 (cpu) is not up", None, "True"]
     assert sum("could not handle the supervisor's message" in r.getMessage() for r in caplog.records) == 3
+
+
+def _grown_answer_ok(post) -> None:
+    r = post("/v1/functions/grows/jacobian", content=npy_bytes(np.array([666.0, 1.0, 2.0], np.float32)),
+             headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
+    assert r.status_code == 200, r.text
+    J = np.load(io.BytesIO(r.content))
+    assert J.shape == (20_000, 3) and J.dtype == np.float32
+    np.testing.assert_array_equal(J, np.ones((20_000, 3), np.float32))  # d(sum(x) * 1)/dx
+
+
+@pytest.mark.parametrize("layout", ["engine process", "in-process"])
+def test_an_output_that_grows_past_the_stream_threshold_on_some_inputs_is_streamed(layout, make_client):
+    """Earlier calls (the warm-up's) showed a small Jacobian, so the request was queued as
+    one that batches; its input made it 240 kB, over the stream threshold, and the
+    engine streamed it. Recording that batch's size then raised, outside any request's
+    error handling: the engine process died (500 for the request, a crash counted
+    against the function), and the in-process engine's thread ended for good."""
+    settings = {"STREAM_THRESHOLD_BYTES": 64 << 10, "FUNCTIONS": FUNCTIONS}
+    if layout == "in-process":
+        c = make_client(warmup="true", **{k.lower(): v for k, v in settings.items()})
+        small = c.post("/v1/functions/grows/jacobian", content=npy_bytes(np.array([0.5, 1.0, 2.0], np.float32)),
+                       headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
+        assert small.status_code == 200
+        _grown_answer_ok(c.post)
+        assert_sin_jacobian(c.post("/v1/functions/grows/jacobian", json={"inputs": [[0.5, 1.0]]}), [0.5, 1.0])
+        return
+    with live_server(ENGINE_STANDBY="false", WORKERS=1, **settings) as (url, proc):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            _grown_answer_ok(client.post)
+            assert_sin_jacobian(client.post("/v1/functions/grows/jacobian", json={"inputs": [[0.5, 1.0]]}), [0.5, 1.0])
+        assert "died" not in proc.read_log()

@@ -235,6 +235,10 @@ class Worker:
                 self._run_batch(live, start)
             else:
                 self._run_alone(live[0])
+        except Exception as exc:  # ours, after the function returned: its jobs fail, the engine lives on
+            log.exception("the engine failed a batch of %d", len(live))
+            for job in live:
+                job.finish(error=InternalError(f"internal error ({type(exc).__name__})"))
         finally:
             self.running = 0
             # What the function changed of the process-wide settings must not reach the
@@ -353,11 +357,20 @@ class Worker:
                 getattr(chunks, "close", lambda: None)()
 
     def _remember(self, job: Job, result: Any, batch_size: int, compute_s: float) -> None:
-        if job.key is None or not hasattr(result, "nbytes"):
+        """What a batch of this key cost, for sizing the next. A keyed ``jacobian_npy``
+        job was expected small, but a function whose output size depends on its input's
+        values can still make it a stream: its head gives the size."""
+        if job.key is None:
+            return
+        if isinstance(result, StreamHead):
+            nbytes = result.nbytes
+        elif hasattr(result, "nbytes"):
+            nbytes = result.nbytes()
+        else:
             return
         from .engine.profile import BatchStats  # only reached with an engine
 
-        self.engine.profiles[job.call.spec.name].batches[job.key] = BatchStats(result.nbytes(), batch_size, compute_s)  # type: ignore[union-attr]
+        self.engine.profiles[job.call.spec.name].batches[job.key] = BatchStats(nbytes, batch_size, compute_s)  # type: ignore[union-attr]
 
 
 def _prod(shape: tuple[int, ...]) -> int:
