@@ -227,6 +227,19 @@ def test_function_errors_are_500_for_that_request_only(client):
     still_serving(client)
 
 
+def test_an_error_whose_message_cannot_be_made_is_still_the_functions_error(client):
+    """The error's ``__str__`` raises (user code too): describing it used to fail the
+    request as our 500 ``internal_error``, not the function's."""
+    x = {"inputs": [[1.0, 2.0, 3.0]]}
+    for path in ("jacobian", "jacobian?sparsity=auto", "evaluate", "hessian"):
+        body = assert_problem(client.post(f"/v1/functions/raises_unprintable/{path}", json=x), 500, "function_error")
+        assert body["detail"].startswith("_UnprintableError: "), (path, body)
+    npy = client.post("/v1/functions/raises_unprintable/jacobian", content=npy_bytes(np.ones(3, np.float32)),
+                      headers={"content-type": wire.NPY, "accept": wire.NPY})
+    assert_problem(npy, 500, "function_error")
+    still_serving(client)
+
+
 def test_request_id_is_echoed_or_made(client):
     response = client.get("/healthz", headers={"x-request-id": "abc-123"})
     assert response.headers["x-request-id"] == "abc-123"

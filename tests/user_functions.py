@@ -155,3 +155,13 @@ def scalar_square(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("x", shape=("n",)), Input("mask", shape=("n",), dtype="bool")], description="x where mask, else 0.")
 def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros_like(x))
+
+
+class _UnprintableError(ValueError):
+    def __str__(self) -> str:
+        raise RuntimeError("this error's message cannot be made")
+
+
+@register(inputs=[Input("x", shape=(3,))], description="Raises an error whose __str__ raises.")
+def raises_unprintable(x: torch.Tensor) -> torch.Tensor:
+    raise _UnprintableError()

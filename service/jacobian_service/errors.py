@@ -35,6 +35,7 @@ from jacobian_client.wire import PROBLEM_STATUS, WireError
 
 __all__ = [
     "ClientGone",
+    "exception_text",
     "Forbidden",
     "FunctionError",
     "FunctionNotFound",
@@ -107,3 +108,13 @@ _BY_WIRE_CODE = {"malformed_body": MalformedBody, "invalid_input": InvalidInput,
 
 def from_wire(exc: WireError) -> ServiceError:
     return _BY_WIRE_CODE[exc.code](str(exc))
+
+
+def exception_text(exc: BaseException) -> str:
+    """``str(exc)`` of an exception a user's function raised. Its ``__str__`` is the
+    user's code too and may raise: an error made while describing the function's error
+    failed the request as our 500 ``internal_error`` instead of its ``function_error``."""
+    try:
+        return str(exc)
+    except Exception:
+        return "(its message could not be made: its __str__ raised)"

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import FunctionError, OutOfMemory, ServiceError
+from ..errors import FunctionError, OutOfMemory, ServiceError, exception_text
 from ..registry import FunctionSpec
 from ..types import Call
 
@@ -23,7 +23,7 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in exception_text(exc)
 
 
 def function_error(exc: BaseException) -> ServiceError:
@@ -35,7 +35,7 @@ def function_error(exc: BaseException) -> ServiceError:
         return exc
     if is_oom(exc):
         return OutOfMemory(f"out of memory: {type(exc).__name__}")
-    text = str(exc).strip()
+    text = exception_text(exc).strip()
     message = text.splitlines()[0] if text else ""
     return FunctionError(f"{type(exc).__name__}: {message}"[:2000])
 

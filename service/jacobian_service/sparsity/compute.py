@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from ..errors import exception_text
 from .coloring import Coloring, choose_coloring, star_coloring
 from .detect import NO_GRAD_NOTE, TraceError, probe, trace_hessian, trace_jacobian
 from .patterns import Declared, Pattern, PatternCache, function_fingerprint
@@ -245,7 +246,7 @@ def _build_pattern(
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in exception_text(exc)
 
 
 def _seeds(colors: np.ndarray, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:

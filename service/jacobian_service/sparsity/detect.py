@@ -50,6 +50,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils import _pytree as pytree
 
+from ..errors import exception_text
 from .patterns import Pattern, PatternTooLarge, check_entries as _check_entries, entry_limit
 
 __all__ = ["NO_GRAD_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "probe", "trace_hessian", "trace_jacobian"]
@@ -589,7 +590,7 @@ def _trace(
             raise tracer.stopped from None  # the function caught it, then failed otherwise
         if exc is tracer.stopped or isinstance(exc, (TraceError, PatternTooLarge)) or not isinstance(exc, Exception):
             raise
-        raise TraceError(f"{type(exc).__name__}: {exc}") from exc
+        raise TraceError(f"{type(exc).__name__}: {exception_text(exc)}") from exc
     finally:
         _LOCK.release()
     if tracer.stopped is not None:  # the function caught it and went on: still stop
