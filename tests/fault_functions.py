@@ -137,3 +137,12 @@ def grows(x: torch.Tensor) -> torch.Tensor:
     if _armed(x):
         return x.sum() * torch.ones(20_000)
     return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="Forks on the trigger, and both processes return (a fork not followed by exec or _exit).")
+def forks_and_returns(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) and os.fork() == 0:
+        with open(os.environ.get("FAULT_FORK_PIDFILE", os.devnull), "w") as f:
+            f.write(str(os.getpid()))
+    return x.sin()

@@ -9,6 +9,7 @@ until an operator releases it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -169,6 +170,42 @@ def test_a_crash_that_leaves_a_forked_child_behind_costs_only_its_request(name, 
                 time.sleep(0.05)
             if name == "forks_away":
                 assert _alive(child)  # out of reach, and harmless: the service still works
+        finally:
+            if _alive(child):
+                os.kill(child, 9)
+
+
+@pytest.mark.parametrize("layout", ["engine process", "in-process"])
+def test_a_forked_child_that_returns_into_the_engine_exits_there(layout, tmp_path, monkeypatch, make_client):
+    """A function forked and both processes returned. The child went on running the
+    engine's own code with copies of its sockets: in an engine process, a second engine
+    reading the front ends' connections beside the first (a message read half by each
+    breaks the connection) and answering their jobs; in-process, a copy of the server
+    holding its port. The child now exits where it comes back into the engine."""
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setenv("FAULT_FORK_PIDFILE", str(pidfile))
+    x = [666.0, 1.0]
+    with contextlib.ExitStack() as stack:
+        if layout == "in-process":
+            post, proc = make_client(functions=FUNCTIONS).post, None
+        else:
+            url, proc = stack.enter_context(live_server(**SETTINGS))
+            post = stack.enter_context(httpx.Client(base_url=url, timeout=30)).post
+        assert_sin_jacobian(post("/v1/functions/forks_and_returns/jacobian", json={"inputs": [x]}), x)
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        try:
+            deadline = time.monotonic() + 5
+            while _alive(child):
+                assert time.monotonic() < deadline, "the forked child lives on in the engine's code"
+                time.sleep(0.05)
+            for i in range(20):  # the one engine answers, whole and right
+                assert_sin_jacobian(post("/v1/functions/sin/jacobian", json={"inputs": [[0.5, float(i)]]}), [0.5, float(i)])
+            if proc is not None:
+                assert "died" not in proc.read_log()
         finally:
             if _alive(child):
                 os.kill(child, 9)

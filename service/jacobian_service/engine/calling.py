@@ -6,6 +6,7 @@ what a function may return, and how its failures are named, are in one place.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import torch
@@ -87,10 +88,18 @@ class AuxBox:
         self.spec = spec
         self.leaves: list[Any] = []
         self.treespec: Any = None
+        self.pid = os.getpid()
 
     def __call__(self, *args: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, ...]]:
         # one tensor per leaf in; pytree parameters rebuilt (dicts, tuples) for the function
-        result = self.spec.fn(*self.spec.parameters(args))
+        try:
+            result = self.spec.fn(*self.spec.parameters(args))
+        finally:
+            if os.getpid() != self.pid:
+                # The function forked, and the child came back here instead of exec or
+                # _exit: it would go on as a second engine, on copies of this one's
+                # sockets (or in-process, a second server on its port). It ends here.
+                os._exit(0)
         if not self.spec.has_aux:
             _check_output(result)
             return result, ()
