@@ -198,10 +198,7 @@ def test_a_forked_child_that_returns_into_the_engine_exits_there(layout, tmp_pat
             time.sleep(0.05)
         child = int(pidfile.read_text())
         try:
-            deadline = time.monotonic() + 5
-            while _alive(child):
-                assert time.monotonic() < deadline, "the forked child lives on in the engine's code"
-                time.sleep(0.05)
+            _wait_gone(child, 5, "the forked child lives on in the engine's code")
             for i in range(20):  # the one engine answers, whole and right
                 assert_sin_jacobian(post("/v1/functions/sin/jacobian", json={"inputs": [[0.5, float(i)]]}), [0.5, float(i)])
             if proc is not None:
@@ -209,6 +206,13 @@ def test_a_forked_child_that_returns_into_the_engine_exits_there(layout, tmp_pat
         finally:
             if _alive(child):
                 os.kill(child, 9)
+
+
+def _wait_gone(pid: int, seconds: float, why: str) -> None:
+    deadline = time.monotonic() + seconds
+    while _alive(pid):
+        assert time.monotonic() < deadline, why
+        time.sleep(0.05)
 
 
 def _alive(pid: int) -> bool:
@@ -272,10 +276,7 @@ def test_a_process_left_spinning_is_killed_and_the_engine_goes_on(tmp_path, monk
         assert_sin_jacobian(r, [666.0, 1.0])
         child = int(pidfile.read_text())
         try:
-            deadline = time.monotonic() + 10
-            while _alive(child):
-                assert time.monotonic() < deadline, "the process left spinning still runs"
-                time.sleep(0.05)
+            _wait_gone(child, 10, "the process left spinning still runs")
             assert (f"a process (pid {child}) that leaves_a_spinning_process left running after it returned used a "
                     "core; killed") in proc.read_log()
             sin_ok(url)
