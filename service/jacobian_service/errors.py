@@ -35,7 +35,6 @@ from jacobian_client.wire import PROBLEM_STATUS, WireError
 
 __all__ = [
     "ClientGone",
-    "exception_text",
     "Forbidden",
     "FunctionError",
     "FunctionNotFound",
@@ -59,6 +58,7 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "UnsupportedMediaType",
+    "exception_text",
     "from_wire",
 ]
 
