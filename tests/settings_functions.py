@@ -102,3 +102,36 @@ def raises_its_niceness(x: torch.Tensor) -> torch.Tensor:
     if float(x.detach()[0]) == 666.0:
         os.nice(5)
     return x.sin()
+
+
+def _armed(x: torch.Tensor) -> bool:
+    return float(x.detach()[0]) == 666.0
+
+
+@register(inputs=X, description="sin; on 666 first, stdout and stderr (descriptors 1, 2) sent to /dev/null.")
+def redirects_stdout_and_stderr(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+    return x.sin()
+
+
+@register(inputs=X, description="sin; on 666 first, after setting the thread switch interval (logged when put back).")
+def sets_switch_interval(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        sys.setswitchinterval(0.001)
+    return x.sin()
+
+
+_CLOSED_ONCE: list[bool] = []
+
+
+@register(inputs=X, description="sin, after closing every descriptor above 2 on its first call in a process "
+                                "(its warm-up's) when $SETTINGS_CLOSE_AT_WARM_UP is set: the engine's sockets go with them.")
+def closes_descriptors_at_warm_up(x: torch.Tensor) -> torch.Tensor:
+    if not _CLOSED_ONCE and os.environ.get("SETTINGS_CLOSE_AT_WARM_UP"):
+        _CLOSED_ONCE.append(True)
+        os.closerange(3, 65536)
+    return x.sin()

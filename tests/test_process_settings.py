@@ -25,6 +25,7 @@ import torch
 from .conftest import live_server
 
 FUNCTIONS = "jacobian_service.examples,tests.settings_functions"
+ARMED = {"inputs": [[666.0, 1.0, 2.0]]}
 X = {"inputs": [[0.5, 1.0, 2.0]]}
 
 
@@ -129,6 +130,11 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             until = time.monotonic() + 2.0  # past the alarm's second
             while time.monotonic() < until:
                 assert _output_dtype(client.post) == "float32"
+            # The engine's log still reaches the server's output after a function sent its
+            # stdout and stderr to /dev/null: the next setting put back is logged.
+            for name in ("redirects_stdout_and_stderr", "sets_switch_interval"):
+                r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
+                assert r.status_code == 200, r.text
         stopped = time.monotonic()
         proc.terminate()
         proc.wait(timeout=30)
@@ -142,6 +148,8 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             ("ignores_sigterm_and_sets_umask", "the signal mask"),
             ("ignores_sigterm_and_sets_umask", "the umask"),
             ("arms_an_alarm", "an interval timer"),
+            ("redirects_stdout_and_stderr", "descriptors 0-2"),
+            ("sets_switch_interval", "the thread switch interval"),
         ):
             assert f"{function} changed {setting}" in log, (function, setting)
 
@@ -175,3 +183,25 @@ def test_an_engine_left_with_a_setting_it_cannot_put_back_is_replaced():
                 time.sleep(0.1)
             assert r.status_code == 200, r.text
             assert "raises_its_niceness changed the niceness (to 5), which cannot be put back" in proc.read_log()
+
+
+def test_a_function_that_closes_the_engines_descriptors_on_its_warm_up_is_named_and_skipped(monkeypatch):
+    """``os.closerange`` on the warm-up's call closed the engine's sockets. The engine
+    died once it served, naming no function (it was running none). Without a spare,
+    every engine after it warmed the function up again and died the same way: the server
+    never became ready. (A spare opens its sockets after its warm-up, so it survived,
+    but the function was never named.) Now the engine sees after that warm-up that its
+    descriptors are gone and leaves naming the function, whose warm-up the next engines
+    skip."""
+    monkeypatch.setenv("SETTINGS_CLOSE_AT_WARM_UP", "1")
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, ENGINE_STANDBY="false") as (url, proc):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            deadline = time.monotonic() + 60
+            while (r := client.post("/v1/functions/scaled_by_ones/evaluate", json=X)).status_code == 503:
+                assert time.monotonic() < deadline, proc.read_log()[-3000:]
+                time.sleep(0.2)
+            assert r.status_code == 200, r.text
+            assert _output_dtype(client.post) == "float32"
+        log = proc.read_log()
+        assert ("closes_descriptors_at_warm_up left descriptors 0-2 (stdin, stdout, stderr) or the engine's own "
+                "changed, which cannot be put back") in log

@@ -222,6 +222,8 @@ class EngineServer:
         self.memory.start()
         leaving: dict[str, Any] | None = None  # why this engine is about to leave (the board says it)
         since = 0.0
+        if (changed := self._unrestorable()) is not None:
+            self._leave(changed)  # a warm-up did it: its descriptors may be gone, so before any read
         while True:
             now = time.monotonic()
             self.board.beat(now)
@@ -242,10 +244,8 @@ class EngineServer:
                     log.error("%s left a thread running after it returned, using a core; the engine restarts (a "
                               "thread cannot be stopped)", found.thread_function)
                     leaving, since = {"stray": found.thread_function}, now
-            if leaving is None and (changed := self.engine.process_settings.unrestorable) is not None:
-                function, setting = changed
-                log.error("%s changed %s, which this engine cannot put back; the engine restarts", function, setting)
-                leaving, since = {"stray": function, "left": f"{setting} changed, which cannot be put back"}, now
+            if leaving is None and (changed := self._unrestorable()) is not None:
+                leaving, since = changed, now
             if leaving is None and (over := self.memory.check(now)) is not None:
                 log.error("the engine's resident memory is %d MiB, over ENGINE_MAX_RSS_BYTES (%d MiB), grown most by "
                           "%s; the engine restarts", over["rss"] >> 20, over["limit"] >> 20,
@@ -253,6 +253,14 @@ class EngineServer:
                 leaving, since = {"memory": over}, now
             if leaving is not None and (not self.pending or now - since > _LEAVE_DRAIN_S):
                 self._leave(leaving)
+
+    def _unrestorable(self) -> dict[str, Any] | None:
+        """Why to leave, when a function changed a setting this engine cannot put back."""
+        if (changed := self.engine.process_settings.unrestorable) is None:
+            return None
+        function, setting = changed
+        log.error("%s changed %s, which this engine cannot put back; the engine restarts", function, setting)
+        return {"stray": function, "left": f"{setting} changed, which cannot be put back"}
 
     def _leave(self, why: dict[str, Any]) -> None:
         """Restart, for a thread a function left running (``strays``), a setting it

@@ -17,14 +17,16 @@ every function, for as long as the engine lives. Measured or reproduced:
 - ``sys.setprofile(f)``: every later call of every function ran through ``f`` (40 %
   slower for a small one), as would a trace function;
 - signal handlers and the signal mask (SIGTERM ignored or blocked, and the engine would
-  no longer stop when told), the umask, the niceness, ``sys.stdout`` and ``sys.stderr``.
+  no longer stop when told), the umask, the niceness, ``sys.stdout`` and ``sys.stderr``,
+  descriptors 0-2 (redirected to ``/dev/null``, the engine's log went with them).
 
 The engine takes these settings as it starts and, after each batch, puts back what the
 batch changed, naming the function in the log once per setting. Where a library may
 legitimately change a setting as it is lazily imported (warning filters, the recursion
 limit), only the harmful direction counts: warnings made errors (or filters reset), a
 lower limit. A few cannot always be put back: a lowered hard resource limit or a raised
-niceness need a privilege the engine may lack. Then :attr:`ProcessSettings.unrestorable`
+niceness need a privilege the engine may lack, and descriptors a function closed (all
+of them: ``os.closerange``) are gone. Then :attr:`ProcessSettings.unrestorable`
 names the function and the setting, and the engine process leaves (as for a stray
 thread) for one with its settings whole.
 """
@@ -32,6 +34,8 @@ thread) for one with its settings whole.
 from __future__ import annotations
 
 import _signal
+import errno
+import fcntl
 import gc
 import logging
 import operator
@@ -198,6 +202,49 @@ def _set_niceness(taken: int) -> None:
     os.setpriority(os.PRIO_PROCESS, 0, taken)  # lowering it needs CAP_SYS_NICE: PermissionError without it
 
 
+# Duplicates of descriptors 0-2 as the engine process started with them (made when it
+# takes its settings). A function that closes or redirects stdout/stderr would send the
+# engine's log to nowhere, or, once a new socket took descriptor 2, into that socket.
+_SAVED_STDIO: list[int] = []
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:  # closed
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)  # a third of an fstat's cost
+    except OSError:
+        return False
+    return True
+
+
+def _stdio() -> tuple[Any, ...]:
+    """What descriptors 0-2 are, and whether their duplicates are still open: a function
+    that closed every descriptor (``os.closerange``) closed those, and the engine's
+    sockets with them."""
+    if not _SAVED_STDIO:
+        for fd in range(3):
+            try:
+                _SAVED_STDIO.append(os.dup(fd))  # not inherited by children (O_CLOEXEC)
+            except OSError:  # started closed: nothing to keep
+                _SAVED_STDIO.append(-1)
+    return (_identity(0), _identity(1), _identity(2), *map(_open, _SAVED_STDIO))
+
+
+def _put_stdio(taken: tuple[Any, ...]) -> None:
+    for fd, saved in enumerate(_SAVED_STDIO):
+        if _identity(fd) != taken[fd] and saved >= 0:
+            os.dup2(saved, fd)  # EBADF when the duplicate was closed too
+    if list(map(_open, _SAVED_STDIO)) != list(taken[3:]):
+        raise OSError(errno.EBADF, "the engine's own descriptors were closed")
+
+
 def _streams() -> tuple[Any, Any, Any]:
     return sys.stdin, sys.stdout, sys.stderr
 
@@ -246,6 +293,7 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("the umask", _umask, os.umask),
     _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams,
              lambda now, taken: any(a is not b for a, b in zip(now, taken))),
+    _Setting("descriptors 0-2 (stdin, stdout, stderr) or the engine's own", _stdio, _put_stdio),
 )
 
 
