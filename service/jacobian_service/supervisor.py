@@ -303,10 +303,14 @@ class Supervisor:
         self._died(engine, engine.proc.returncode, engine.board.read())  # type: ignore[union-attr]
 
     def _died(self, engine: _Engine, code: int, status: dict[str, Any]) -> None:
-        running = status if status.get("tags") else engine.running
-        tags = list(running.get("tags", []))
-        function = running.get("function", "") or status.get("stray", "")
         recycled = "memory" in status  # planned: no function's fault, no backoff
+        planned = bool(status.get("stray")) or recycled
+        # An engine that left as planned left between batches: it ran nothing. What this
+        # supervisor last saw it run is stale, and its requests may be answered already,
+        # their replies not yet read by the front ends: naming them would fail them.
+        running = {} if planned else status if status.get("tags") else engine.running
+        tags = list(running.get("tags", []))
+        function = status.get("stray", "") if planned else running.get("function", "")
         if status.get("stray"):
             left = status.get("left", "a thread running after it returned, using a core")
             reason = f"{function} left {left}; engines skip its warm-up"
@@ -350,7 +354,7 @@ class Supervisor:
             "function": function, "reason": reason, "hang": engine.killed_for == "hang",
             # It left between batches (a stray thread, its memory limit): what it did not
             # answer it never started, and the front ends send it to the next engine.
-            "planned": bool(status.get("stray")) or recycled,
+            "planned": planned,
             "ready_in": engine.ready_in(now),
         }))
         self.publish_state()

@@ -1,0 +1,75 @@
+"""The supervisor's account of an engine that has gone (``Supervisor._died``), without
+engines: a process stands in for one, and a SUB socket reads what the front ends read."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import zmq
+
+from jacobian_service import ipc
+from jacobian_service.settings import Settings
+from jacobian_service.supervisor import Supervisor, _Engine
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path):
+    sup = Supervisor(Settings(), tmp_path)
+    sub = sup.ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(ipc.events_address(tmp_path))
+    time.sleep(0.2)  # the subscription reaches the publisher (ZeroMQ's slow joiner)
+    yield sup, sub
+    sub.close(linger=0)
+    sup.pub.close(linger=0)
+    sup.control.close(linger=0)
+    sup.ctx.term()
+
+
+def _died_message(sub: zmq.Socket) -> dict:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if sub.poll(100):
+            msg = orjson.loads(sub.recv())
+            if msg["t"] == "died":
+                return msg
+    raise AssertionError("no died message")
+
+
+@pytest.mark.parametrize("status", [{"stray": "leaves_a_thread"}, {"memory": {"rss": 1 << 30, "limit": 1 << 29}}])
+def test_an_engine_that_left_as_planned_names_none_of_the_requests_it_was_last_seen_running(supervisor, status):
+    """It left between batches. What the supervisor last saw it run (a batch of two sin
+    requests) is stale: those requests may be answered already, their replies not yet
+    read by the front end when the supervisor's word comes. Named as running, they were
+    failed with 503 (or 500 alone) instead of being sent on; and a stray thread's strike
+    went to the stale batch's function."""
+    sup, sub = supervisor
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    proc.wait()
+    engine = _Engine(0, "cpu", proc=proc, running={"function": "sin", "tags": ["a", "b"]})
+    sup.engines = [engine]
+    sup._died(engine, 75, status)
+    msg = _died_message(sub)
+    assert msg["planned"] is True
+    assert msg["tags"] == []
+    assert msg["function"] == status.get("stray", "")
+    assert "sin" not in sup.strikes
+    assert ("leaves_a_thread" in sup.strikes) == ("stray" in status)
+
+
+def test_an_engine_that_crashed_names_what_it_was_running(supervisor):
+    sup, sub = supervisor
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    proc.wait()
+    engine = _Engine(0, "cpu", proc=proc, running={"function": "segfaults", "tags": ["a"]})
+    sup.engines = [engine]
+    sup._died(engine, -11, {})
+    msg = _died_message(sub)
+    assert (msg["planned"], msg["tags"], msg["function"]) == (False, ["a"], "segfaults")
+    assert "SIGSEGV" in msg["reason"]
+    assert "segfaults" in sup.strikes
