@@ -66,10 +66,25 @@ def test_an_engine_that_crashed_names_what_it_was_running(supervisor):
     sup, sub = supervisor
     proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
     proc.wait()
-    engine = _Engine(0, "cpu", proc=proc, running={"function": "segfaults", "tags": ["a"]})
+    engine = _Engine(0, "cpu", proc=proc)
     sup.engines = [engine]
-    sup._died(engine, -11, {})
+    sup._died(engine, -11, {"beat": 1.0, "ready": True, "deadline": time.monotonic() + 30, "function": "segfaults",
+                            "tags": ["a"]})
     msg = _died_message(sub)
     assert (msg["planned"], msg["tags"], msg["function"]) == (False, ["a"], "segfaults")
     assert "SIGSEGV" in msg["reason"]
     assert "segfaults" in sup.strikes
+
+
+def test_an_engine_that_died_idle_names_none_of_the_requests_it_was_last_seen_running(supervisor):
+    """Its board said idle when it went (SIGALRM from a timer, a thread's ``os._exit``):
+    the batch the supervisor last saw it run was over, its answers sent."""
+    sup, sub = supervisor
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    proc.wait()
+    engine = _Engine(0, "cpu", proc=proc, running={"function": "sin", "tags": ["a", "b"]})
+    sup.engines = [engine]
+    sup._died(engine, -14, {"beat": 1.0, "ready": True, "deadline": 0.0})
+    msg = _died_message(sub)
+    assert (msg["planned"], msg["tags"], msg["function"]) == (False, [], "")
+    assert "sin" not in sup.strikes

@@ -305,10 +305,20 @@ class Supervisor:
     def _died(self, engine: _Engine, code: int, status: dict[str, Any]) -> None:
         recycled = "memory" in status  # planned: no function's fault, no backoff
         planned = bool(status.get("stray")) or recycled
-        # An engine that left as planned left between batches: it ran nothing. What this
-        # supervisor last saw it run is stale, and its requests may be answered already,
-        # their replies not yet read by the front ends: naming them would fail them.
-        running = {} if planned else status if status.get("tags") else engine.running
+        # What it ran when it went: its board says. An engine that left as planned, or
+        # went with its board saying idle, ran nothing: what this supervisor last saw it
+        # run is stale, and those requests may be answered already, their replies not yet
+        # read by the front ends, which would fail them if named. A warm-up it killed is
+        # on its own record.
+        running: dict[str, Any]
+        if planned:
+            running = {}
+        elif status.get("tags"):
+            running = status
+        elif engine.killed_for == "warm-up" or status.get("deadline") != 0.0:
+            running = engine.running
+        else:
+            running = {}
         tags = list(running.get("tags", []))
         function = status.get("stray", "") if planned else running.get("function", "")
         if status.get("stray"):
