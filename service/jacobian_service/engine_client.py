@@ -256,6 +256,7 @@ class RemoteEngines(_Engines):
         self._any_ready = asyncio.Event()  # set while the last state had an engine ready
         self._waiting = 0  # requests waiting for an engine to come up
         self._pids: dict[int, int | None] = {}  # engine index -> its process, as the last state said
+        self._died: dict[int, int] = {}  # engine index -> the last generation whose "died" was read
 
     async def start(self) -> None:
         import zmq
@@ -350,9 +351,14 @@ class RemoteEngines(_Engines):
                 known, self._pids[e["index"]] = self._pids.get(e["index"]), e.get("pid")
                 if known is not None and known != e.get("pid"):
                     self._socks[e["index"]].gone(known)
-                if e["index"] in before and e["generation"] != before[e["index"]]:  # a generation we did not see die
+                # A new generation whose predecessor's "died" never came (the word, sent
+                # just before, answers what the dead engine held; and what was sent on
+                # since went to this new engine, which failing it here would wrong).
+                if e["index"] in before and e["generation"] != before[e["index"]] \
+                        and self._died.get(e["index"], 0) < e["generation"] - 1:
                     self._fail_engine(e["index"], set(), "", hang=False, ready_in=e.get("ready_in", 1.0))
         elif msg["t"] == "died":
+            self._died[msg["engine"]] = msg["generation"]
             if msg.get("pid") is not None:  # its connection may never close by itself (a child holds it)
                 self._socks[msg["engine"]].gone(msg["pid"])
             self._fail_engine(msg["engine"], set(msg["tags"]), msg["reason"], msg["hang"], msg.get("ready_in", 1.0),

@@ -1,0 +1,109 @@
+"""A front end's account of the supervisor's word (``RemoteEngines._event``), without
+engines or a supervisor: a stand-in connection records what is sent, and the test
+answers it as the engine would."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from jacobian_service import ipc
+from jacobian_service.engine_client import RemoteEngines
+from jacobian_service.errors import Unavailable
+from jacobian_service.registry import FunctionSpec, Input
+from jacobian_service.settings import Settings
+from jacobian_service.types import Call, JobInfo, Result
+
+
+class _Connection:
+    """Stands in for ``channel.Connection``: what was sent, by message id."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+        self.arrived = asyncio.Event()
+
+    def send(self, frames: list[Any]) -> None:
+        header, _ = ipc.parse(frames)
+        if header["t"] == "job":
+            self.sent.append(header["id"])
+            self.arrived.set()
+
+    def gone(self, pid: int) -> None:
+        pass
+
+    async def next_job(self, count: int) -> int:
+        while len(self.sent) < count:
+            self.arrived.clear()
+            await asyncio.wait_for(self.arrived.wait(), 5)
+        return self.sent[count - 1]
+
+
+def _state(generation: int, pid: int | None, ready: bool) -> dict[str, Any]:
+    return {"t": "state", "quarantined": {}, "quarantines": 0,
+            "engines": [{"index": 0, "device": "cpu", "generation": generation, "up": pid is not None,
+                         "ready": ready, "restarts": generation - 1, "spare": False, "pid": pid, "ready_in": 0.1}]}
+
+
+def _died(generation: int, pid: int, planned: bool) -> dict[str, Any]:
+    return {"t": "died", "engine": 0, "generation": generation, "pid": pid, "tags": [], "function": "",
+            "reason": "left as planned" if planned else "the engine process was killed by SIGSEGV", "hang": False,
+            "planned": planned, "ready_in": 0.1}
+
+
+@pytest.fixture
+def engines(tmp_path: Path) -> RemoteEngines:
+    spec = FunctionSpec("sin", None, (Input("x", shape=(2,)),))
+    (tmp_path / "registry.json").write_bytes(orjson.dumps({"functions": [spec.describe()], "devices": ["cpu"]}))
+    remote = RemoteEngines(Settings(), tmp_path)
+    remote._socks = [_Connection()]  # type: ignore[list-item]
+    return remote
+
+
+def _call(remote: RemoteEngines) -> Call:
+    return Call(remote.registry.get("sin"), [np.zeros(2, np.float32)], ["float32"], deadline=time.monotonic() + 10)
+
+
+def _answer(remote: RemoteEngines, msg_id: int) -> None:
+    result = Result(value=np.eye(2, dtype=np.float32))
+    remote._reply_handler(0)(ipc.encode_reply(msg_id, result, JobInfo(device="cpu")))
+
+
+@pytest.mark.asyncio
+async def test_a_request_sent_on_to_the_next_engine_is_not_failed_by_the_state_that_names_it(engines):
+    """An engine left as planned: the request it had not started goes to the engine that
+    takes over. The state naming that new generation came after, and the front end took
+    the new generation for a death it had not heard of: the request sent on, waiting on
+    the new engine, got 503 "the engine restarted while this request waited" (seen in a
+    full-suite run of the memory-recycle test)."""
+    conn = engines._socks[0]
+    engines._event(_state(1, 100, ready=True))
+    request = asyncio.create_task(engines.run("jacobian", _call(engines)))
+    await conn.next_job(1)
+    engines._event(_died(1, 100, planned=True))
+    resent = await conn.next_job(2)  # the state still says ready: it goes at once, and waits for the new engine
+    engines._event(_state(1, None, ready=False))
+    engines._event(_state(2, 101, ready=True))
+    await asyncio.sleep(0)
+    assert not request.done(), request.exception() if request.done() else None
+    _answer(engines, resent)
+    result, info = await asyncio.wait_for(request, 5)
+    np.testing.assert_array_equal(result.value, np.eye(2, dtype=np.float32))
+
+
+@pytest.mark.asyncio
+async def test_a_death_whose_word_was_missed_still_fails_what_the_dead_engine_held(engines):
+    """The generation check stays for what it is for: a ``died`` the subscription
+    dropped. The request the dead engine held gets a retryable 503, not its deadline."""
+    conn = engines._socks[0]
+    engines._event(_state(1, 100, ready=True))
+    request = asyncio.create_task(engines.run("jacobian", _call(engines)))
+    await conn.next_job(1)
+    engines._event(_state(2, 101, ready=True))  # no "died" came through
+    with pytest.raises(Unavailable, match="the engine restarted while this request waited"):
+        await asyncio.wait_for(request, 5)
