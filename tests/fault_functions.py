@@ -146,3 +146,20 @@ def forks_and_returns(x: torch.Tensor) -> torch.Tensor:
         with open(os.environ.get("FAULT_FORK_PIDFILE", os.devnull), "w") as f:
             f.write(str(os.getpid()))
     return x.sin()
+
+
+_KEPT_FILES: list = []
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Keeps 50 open files more at each call, on the trigger (a leak).")
+def leaks_descriptors(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        _KEPT_FILES.extend(open(os.devnull) for _ in range(50))
+    return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Opens (and closes) a file at each call.")
+def opens_a_file(x: torch.Tensor) -> torch.Tensor:
+    with open(os.devnull) as f:
+        f.read()
+    return x.sin()

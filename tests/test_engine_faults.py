@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import threading
 import time
 
@@ -609,6 +610,42 @@ def test_an_engine_over_its_resident_memory_limit_is_recycled_without_losing_a_r
         sin_ok(url)
         log = proc.read_log()
         assert "over ENGINE_MAX_RSS_BYTES" in log and "grown most by leaks +" in log, log[-3000:]
+        info = httpx.get(f"{url}/v1/info", timeout=5).json()
+        assert not info.get("quarantined"), info
+
+
+# Runs ``serve`` under an open-file limit of 1,024, soft and hard (``serve`` raises the
+# soft one to the hard one): an engine holds ~20 descriptors once started.
+_OPEN_FILE_LIMIT_1024 = [
+    sys.executable, "-c",
+    "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
+def test_an_engine_near_its_open_file_limit_is_recycled_before_other_functions_fail():
+    """A function that keeps 50 open files more at each call (a leak). At the limit,
+    every function that opens a file failed with 500 "Too many open files" for as long
+    as the engine lived: here from the 21st call on, for the leaking function and for
+    ``opens_a_file`` alike. Past 3/4 of the limit the engine now lets its queue drain
+    and leaves; the spare takes over, once, and every request is answered 200. The log
+    names the function; nobody is struck."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard open-file limit here ({hard}) is below the test's 1,024")
+    with live_server(wrapper=_OPEN_FILE_LIMIT_1024, **SETTINGS) as (url, proc):
+        wait_spare(url)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for call in range(24):  # 1,200 kept in all: past 768 by the 15th call, past 1,024 by the 21st
+                for name, body in (("leaks_descriptors", ARMED), ("opens_a_file", {"inputs": [[0.5, 1.0]]})):
+                    r = client.post(f"/v1/functions/{name}/jacobian", json=body)
+                    assert_sin_jacobian(r, body["inputs"][0], f"call {call + 1}, {name}: ")
+        wait_restarts(url, 1, 10)
+        assert restarts(url) == 1  # the new engine's 450 kept stay under the limit
+        log = proc.read_log()
+        assert "open file descriptors" in log and "opened most by leaks_descriptors +" in log, log[-3000:]
         info = httpx.get(f"{url}/v1/info", timeout=5).json()
         assert not info.get("quarantined"), info
 

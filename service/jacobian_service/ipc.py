@@ -306,8 +306,8 @@ class StatusBoard:
     def leave(self, now: float, why: dict[str, Any]) -> None:
         """The engine leaves, and says why: ``{"stray": function}`` (it left a thread
         running: ``engine.strays``; with ``"left"``, what else it left: a setting the
-        engine cannot put back, ``engine.process_settings``) or ``{"memory": ...}``
-        (``engine.memory_watch``)."""
+        engine cannot put back, ``engine.process_settings``), ``{"memory": ...}``
+        (``engine.memory_watch``) or ``{"descriptors": ...}`` (``engine.descriptor_watch``)."""
         self._beat, self._deadline, self._doc = now, 0.0, orjson.dumps(why)
         self._write()
 

@@ -8,8 +8,9 @@ Torch-free; it runs in the ``serve`` process beside the front ends it starts. Ev
 - it runs a job past that job's deadline plus ``hang_grace_s``: a hang, killed;
 - it has not looked up for ``engine_heartbeat_s`` (a deadlock that holds the GIL): killed;
 - it left, naming a function that left a thread running, using a core (``engine.strays``),
-  or saying its resident memory went over ``engine_max_rss_bytes`` (``engine.memory_watch``:
-  no function is struck, and the restart is at once); what it had not started, the
+  or saying its resident memory went over ``engine_max_rss_bytes`` (``engine.memory_watch``)
+  or its open descriptors near their limit (``engine.descriptor_watch``): no function is
+  struck, and the restart is at once; what it had not started, the
   front ends send to the engine that takes over;
 - one function's warm-up has run past ``warmup_timeout_s``: the engine, or the spare,
   is killed, and the engines started after it skip that function's warm-up (nothing
@@ -303,7 +304,7 @@ class Supervisor:
         self._died(engine, engine.proc.returncode, engine.board.read())  # type: ignore[union-attr]
 
     def _died(self, engine: _Engine, code: int, status: dict[str, Any]) -> None:
-        recycled = "memory" in status  # planned: no function's fault, no backoff
+        recycled = "memory" in status or "descriptors" in status  # planned: no function's fault, no backoff
         planned = bool(status.get("stray")) or recycled
         # What it ran when it went: its board says. An engine that left as planned, or
         # went with its board saying idle, ran nothing: what this supervisor last saw it
@@ -325,11 +326,16 @@ class Supervisor:
             left = status.get("left", "a thread running after it returned, using a core")
             reason = f"{function} left {left}; engines skip its warm-up"
             self.skip_warmup.add(function)  # a warm-up would leave one again
-        elif recycled:
+        elif "memory" in status:
             memory = status["memory"]
             grown = ", ".join(f"{name} +{size >> 20} MiB" for name, size in memory.get("grown", []))
             reason = (f"its resident memory reached {memory['rss'] >> 20} MiB, over ENGINE_MAX_RSS_BYTES "
                       f"({memory['limit'] >> 20} MiB); grown most by {grown or 'no function seen'}")
+        elif recycled:
+            fds = status["descriptors"]
+            grown = ", ".join(f"{name} +{count}" for name, count in fds.get("grown", []))
+            reason = (f"it held {fds['open']} open file descriptors, over {fds['limit']} (3/4 of its "
+                      f"open-file limit); opened most by {grown or 'no function seen'}")
         elif engine.killed_for == "hang":
             reason = f"{function or 'a function'} did not return by its deadline (plus {self.settings.hang_grace_s:g} s)"
         elif engine.killed_for == "warm-up":

@@ -37,6 +37,7 @@ from ..orphans import stop_with_parent
 from ..registry import Registry
 from ..scheduler import Job, Worker
 from ..settings import Settings
+from .descriptor_watch import DescriptorWatch
 from .memory_watch import MemoryWatch
 from .strays import Strays
 
@@ -79,6 +80,7 @@ class EngineServer:
         self.pending: dict[tuple[Peer, int], Job] = {}
         self.strays = Strays()  # after the functions' modules are imported: their threads are not strays
         self.memory = MemoryWatch(settings.engine_max_rss_bytes)
+        self.descriptors = DescriptorWatch()
         self._ran = ""  # the function of the last batch run
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
         self._last_pump = 0.0
@@ -220,6 +222,7 @@ class EngineServer:
     def serve(self) -> None:
         self.board.set_ready(time.monotonic())
         self.memory.start()
+        self.descriptors.start()
         leaving: dict[str, Any] | None = None  # why this engine is about to leave (the board says it)
         since = 0.0
         if (changed := self._unrestorable()) is not None:
@@ -237,6 +240,7 @@ class EngineServer:
                 self._device_memory()
                 self.strays.after_run(self._ran)
                 self.memory.after_run(self._ran)
+                self.descriptors.after_run(self._ran)
             if (found := self.strays.check(now)) is not None:
                 for pid, functions in found.processes.items():
                     _kill_stray(pid, functions)
@@ -251,6 +255,11 @@ class EngineServer:
                           "%s; the engine restarts", over["rss"] >> 20, over["limit"] >> 20,
                           ", ".join(f"{name} (+{grown >> 20} MiB)" for name, grown in over["grown"]) or "nothing seen")
                 leaving, since = {"memory": over}, now
+            if leaving is None and (over := self.descriptors.check(now)) is not None:
+                log.error("the engine holds %d open file descriptors, over %d (3/4 of its open-file limit), opened "
+                          "most by %s; the engine restarts", over["open"], over["limit"],
+                          ", ".join(f"{name} (+{grown})" for name, grown in over["grown"]) or "nothing seen")
+                leaving, since = {"descriptors": over}, now
             if leaving is not None and (not self.pending or now - since > _LEAVE_DRAIN_S):
                 self._leave(leaving)
 
@@ -264,8 +273,8 @@ class EngineServer:
 
     def _leave(self, why: dict[str, Any]) -> None:
         """Restart, for a thread a function left running (``strays``), a setting it
-        changed that cannot be put back (``process_settings``) or memory over its limit
-        (``memory_watch``), between batches: the queue has drained, or waited long
+        changed that cannot be put back (``process_settings``), memory over its limit
+        (``memory_watch``) or descriptors near theirs (``descriptor_watch``), between batches: the queue has drained, or waited long
         enough (what is left was never started: the front ends send it to the engine that
         takes over). The board says why, for the supervisor."""
         self.board.leave(time.monotonic(), why)
