@@ -163,3 +163,15 @@ def opens_a_file(x: torch.Tensor) -> torch.Tensor:
     with open(os.devnull) as f:
         f.read()
     return x.sin()
+
+
+_NEVER = threading.Event()
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="Starts 20 threads that wait for ever at each call, on the trigger (a new pool per call).")
+def leaks_threads(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        for _ in range(20):
+            threading.Thread(target=_NEVER.wait, daemon=True).start()
+    return x.sin()

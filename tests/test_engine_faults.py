@@ -650,6 +650,33 @@ def test_an_engine_near_its_open_file_limit_is_recycled_before_other_functions_f
         assert not info.get("quarantined"), info
 
 
+def test_an_engine_whose_functions_leave_too_many_threads_is_recycled_before_none_can_start():
+    """A function that starts 20 threads at each call, which wait for ever (a new pool
+    per call). They cost no CPU, so the stray watch let them be, but each holds a stack
+    of address space: under a 4 GiB ENGINE_MEMORY_LIMIT_BYTES the engine could start no
+    thread past 220-300 ("can't start new thread", 500), and without a cap they take the
+    host's pids. Past the limit (here ~100, half the stacks the cap has room for) the
+    engine is recycled as planned, every request answered 200, nobody struck."""
+    with live_server(**SETTINGS, ENGINE_MEMORY_LIMIT_BYTES=4 << 30) as (url, proc):
+        wait_spare(url)
+        seen = 0
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for call in range(20):  # 400 threads in all
+                for name, body in (("leaks_threads", ARMED), ("sin", {"inputs": [[0.5, 1.0]]})):
+                    r = client.post(f"/v1/functions/{name}/jacobian", json=body)
+                    assert_sin_jacobian(r, body["inputs"][0], f"call {call + 1}, {name}: ")
+                time.sleep(0.2)  # the watch looks once a second
+                if (now := restarts(url)) > seen:
+                    seen = now
+                    wait_spare(url)  # a cold start's warm-up would make the test's requests wait
+        assert seen >= 1
+        log = proc.read_log()
+        assert "threads that functions started were alive" in log and "started most by leaks_threads +" in log, \
+            log[-3000:]
+        info = httpx.get(f"{url}/v1/info", timeout=5).json()
+        assert not info.get("quarantined"), info
+
+
 def test_a_warm_spare_takes_over_at_once():
     """With ENGINE_STANDBY (the default) a loaded, warmed-up spare engine waits beside the
     engine; a crash promotes it, so the next request is served in well under a second,

@@ -102,3 +102,32 @@ def test_spinning_threads_are_named_after_two_windows_and_waiting_ones_never():
 
 def test_a_pool_busy_only_while_its_function_runs_is_no_stray():
     assert run(POOL.replace("{load}", LOAD)) == []
+
+
+# A function that starts a thread at each call and never ends it (a new pool per call);
+# and one that keeps one pool, started once.
+LEAK = """
+import json, threading, time
+{load}
+
+never = threading.Event()
+strays = Strays(every_s=0.0, max_threads=20)
+pool = [threading.Thread(target=never.wait, daemon=True) for _ in range(8)]
+for t in pool:
+    t.start()
+strays.after_run("keeps_a_pool")
+checks = []
+for call in range(25):
+    threading.Thread(target=never.wait, daemon=True).start()
+    strays.after_run("leaks_threads")
+    strays.after_run("keeps_a_pool")  # runs too, starting nothing
+    found = strays.check(time.monotonic() + call)
+    checks.append(None if found is None else found.threads)
+print(json.dumps(checks))
+"""
+
+
+def test_threads_of_the_functions_alive_past_the_limit_are_a_leak_whether_or_not_they_spin():
+    checks = run(LEAK.replace("{load}", LOAD))
+    assert checks[:12] == [None] * 12, checks  # 8 + 12 = 20: at the limit, not past it
+    assert checks[12] == {"count": 21, "limit": 20, "grown": [["leaks_threads", 13], ["keeps_a_pool", 8]]}, checks

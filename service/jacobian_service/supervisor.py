@@ -9,8 +9,9 @@ Torch-free; it runs in the ``serve`` process beside the front ends it starts. Ev
 - it has not looked up for ``engine_heartbeat_s`` (a deadlock that holds the GIL): killed;
 - it left, naming a function that left a thread running, using a core (``engine.strays``),
   or saying its resident memory went over ``engine_max_rss_bytes`` (``engine.memory_watch``)
-  or its open descriptors near their limit (``engine.descriptor_watch``): no function is
-  struck, and the restart is at once; what it had not started, the
+  or its open descriptors near their limit (``engine.descriptor_watch``) or too many
+  threads that functions started alive (``engine.strays``): no function is struck, and
+  the restart is at once; what it had not started, the
   front ends send to the engine that takes over;
 - one function's warm-up has run past ``warmup_timeout_s``: the engine, or the spare,
   is killed, and the engines started after it skip that function's warm-up (nothing
@@ -60,6 +61,24 @@ _TICK_S = 0.05
 _STATE_EVERY_S = 0.5
 _BACKOFF_MAX_S = 10.0
 _STABLE_S = 60.0  # an engine up this long has its backoff reset
+
+
+def _recycled_for(status: dict[str, Any]) -> str | None:
+    """Why an engine left to be recycled (a leak its functions grew past a limit: memory,
+    descriptors, threads), from its board; None when it did not."""
+    def grown(leak: dict[str, Any], unit: Any) -> str:
+        return ", ".join(f"{name} +{unit(size)}" for name, size in leak.get("grown", [])) or "no function seen"
+
+    if (memory := status.get("memory")) is not None:
+        return (f"its resident memory reached {memory['rss'] >> 20} MiB, over ENGINE_MAX_RSS_BYTES "
+                f"({memory['limit'] >> 20} MiB); grown most by {grown(memory, lambda b: f'{b >> 20} MiB')}")
+    if (fds := status.get("descriptors")) is not None:
+        return (f"it held {fds['open']} open file descriptors, over {fds['limit']} (3/4 of its open-file limit); "
+                f"opened most by {grown(fds, int)}")
+    if (threads := status.get("threads")) is not None:
+        return (f"{threads['count']} threads that functions started were alive, over {threads['limit']}; "
+                f"started most by {grown(threads, int)}")
+    return None
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -304,8 +323,8 @@ class Supervisor:
         self._died(engine, engine.proc.returncode, engine.board.read())  # type: ignore[union-attr]
 
     def _died(self, engine: _Engine, code: int, status: dict[str, Any]) -> None:
-        recycled = "memory" in status or "descriptors" in status  # planned: no function's fault, no backoff
-        planned = bool(status.get("stray")) or recycled
+        recycled = _recycled_for(status)  # planned: no function's fault, no backoff
+        planned = bool(status.get("stray")) or recycled is not None
         # What it ran when it went: its board says. An engine that left as planned, or
         # went with its board saying idle, ran nothing: what this supervisor last saw it
         # run is stale, and those requests may be answered already, their replies not yet
@@ -326,16 +345,8 @@ class Supervisor:
             left = status.get("left", "a thread running after it returned, using a core")
             reason = f"{function} left {left}; engines skip its warm-up"
             self.skip_warmup.add(function)  # a warm-up would leave one again
-        elif "memory" in status:
-            memory = status["memory"]
-            grown = ", ".join(f"{name} +{size >> 20} MiB" for name, size in memory.get("grown", []))
-            reason = (f"its resident memory reached {memory['rss'] >> 20} MiB, over ENGINE_MAX_RSS_BYTES "
-                      f"({memory['limit'] >> 20} MiB); grown most by {grown or 'no function seen'}")
-        elif recycled:
-            fds = status["descriptors"]
-            grown = ", ".join(f"{name} +{count}" for name, count in fds.get("grown", []))
-            reason = (f"it held {fds['open']} open file descriptors, over {fds['limit']} (3/4 of its "
-                      f"open-file limit); opened most by {grown or 'no function seen'}")
+        elif recycled is not None:
+            reason = recycled
         elif engine.killed_for == "hang":
             reason = f"{function or 'a function'} did not return by its deadline (plus {self.settings.hang_grace_s:g} s)"
         elif engine.killed_for == "warm-up":
@@ -351,7 +362,7 @@ class Supervisor:
         log.error("engine %d died: %s (running %s for %d requests)", engine.index, reason, function or "nothing", len(tags))
         pid = engine.proc.pid  # type: ignore[union-attr]
         _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]  # its children, if any, go too
-        if function and not recycled:
+        if function and recycled is None:
             self._strike(function, batch=len(tags) > 1)
         engine.proc = None
         engine.ready = False
@@ -360,7 +371,7 @@ class Supervisor:
         now = time.monotonic()
         if now - engine.started > _STABLE_S:
             engine.backoff_s = 0.0
-        if engine.killed_for == "warm-up" or recycled:  # progress or a plan, not a crash loop
+        if engine.killed_for == "warm-up" or recycled is not None:  # progress or a plan, not a crash loop
             engine.restart_at = now
         else:
             engine.restart_at = now + engine.backoff_s

@@ -248,6 +248,11 @@ class EngineServer:
                     log.error("%s left a thread running after it returned, using a core; the engine restarts (a "
                               "thread cannot be stopped)", found.thread_function)
                     leaving, since = {"stray": found.thread_function}, now
+                if leaving is None and found.threads is not None:
+                    log.error("%d threads that functions started are alive, over %d, started most by %s; the engine "
+                              "restarts", found.threads["count"], found.threads["limit"],
+                              ", ".join(f"{name} ({count})" for name, count in found.threads["grown"]))
+                    leaving, since = {"threads": found.threads}, now
             if leaving is None and (changed := self._unrestorable()) is not None:
                 leaving, since = changed, now
             if leaving is None and (over := self.memory.check(now)) is not None:
@@ -274,7 +279,8 @@ class EngineServer:
     def _leave(self, why: dict[str, Any]) -> None:
         """Restart, for a thread a function left running (``strays``), a setting it
         changed that cannot be put back (``process_settings``), memory over its limit
-        (``memory_watch``) or descriptors near theirs (``descriptor_watch``), between batches: the queue has drained, or waited long
+        (``memory_watch``), descriptors near theirs (``descriptor_watch``) or too many
+        threads (``strays``), between batches: the queue has drained, or waited long
         enough (what is left was never started: the front ends send it to the engine that
         takes over). The board says why, for the supervisor."""
         self.board.leave(time.monotonic(), why)

@@ -16,6 +16,16 @@ other busy threads, a quarter. A process can be killed, and is; a thread cannot 
 stopped, so the engine restarts (``EngineServer.serve``). Under load with no idle
 second, a stray is found once the load lets up.
 
+Threads that wait cost no CPU, but each holds a stack's address space (8 MiB) and a
+pid: a function that starts one at each call and never ends it (a new
+``ThreadPoolExecutor`` per call, never shut down) took the engine to "can't start new
+thread" in ~220 calls under a 4 GiB ``ENGINE_MEMORY_LIMIT_BYTES``, and without a cap
+takes pids from the whole host. More than ``max_threads`` threads of the functions
+alive at once is a leak, not a pool: ``check`` says so, with the functions that started
+most of them, and the engine is recycled like one over its memory limit. The limit is
+512, or, under an address-space cap, half the stacks that the room left once started
+holds (~100 under 4 GiB).
+
 Threads are told apart after every batch (``threading.enumerate``, cheap), so a thread
 is put down to the function that ran. Processes are looked for once a window (a walk of
 ``/proc``, too dear for every batch): one is put down to the functions run since the
@@ -24,12 +34,14 @@ window before. Torch-free; Linux only: elsewhere nothing is ever found.
 
 from __future__ import annotations
 
+import collections
 import os
+import resource
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..procfs import cpu_seconds, descendants
+from ..procfs import cpu_seconds, descendants, status_bytes
 
 __all__ = ["Found", "Strays"]
 
@@ -38,15 +50,19 @@ __all__ = ["Found", "Strays"]
 class Found:
     thread_function: str | None = None  # a function whose threads spin: the engine must go
     processes: dict[int, str] = field(default_factory=dict)  # pid -> the functions that may have started it
+    # Too many of the functions' threads alive (spinning or not): {"count", "limit",
+    # "grown": [[function, threads], ...]} (the engine must go, as for a leak).
+    threads: dict[str, Any] | None = None
 
 
 class Strays:
     """Made before the first user function runs: the threads and processes alive then
     (the engine's own, and any a module started as it was imported) are never named."""
 
-    def __init__(self, share: float = 0.2, every_s: float = 1.0) -> None:
+    def __init__(self, share: float = 0.2, every_s: float = 1.0, max_threads: int | None = None) -> None:
         self.share = share
         self.every_s = every_s
+        self.max_threads = max_threads  # None: set at the first check, when the engine has started
         self._known_threads = _threads()  # by kernel id: a Python ident may be reused at once
         self._known_processes = set(descendants(os.getpid()))
         self._thread_owner: dict[int, str] = {}  # tid -> the function that ran when it was first seen
@@ -66,7 +82,8 @@ class Strays:
 
     def check(self, now: float) -> Found | None:
         """At most every ``every_s``: what used more than ``share`` of a core in each of
-        the last two idle windows (a function's threads added up; a process alone)."""
+        the last two idle windows (a function's threads added up; a process alone), and
+        the functions' threads alive past ``max_threads``."""
         if now - self._last < self.every_s:
             return None
         window, self._last = now - self._last, now
@@ -88,10 +105,30 @@ class Strays:
                     used[key] = used.get(key, 0.0) + cpu - before
         hot = {key for key, seconds in used.items() if seconds > self.share * window}
         culprits, self._hot = hot & self._hot, hot
-        if not culprits:
+        threads = None
+        if self.max_threads is None:
+            self.max_threads = _thread_limit()
+        if len(self._thread_owner) > self.max_threads:
+            started = collections.Counter(self._thread_owner.values())
+            threads = {"count": len(self._thread_owner), "limit": self.max_threads,
+                       "grown": [[name, count] for name, count in started.most_common(3)]}
+        if not culprits and threads is None:
             return None
         return Found(min((name for kind, name in culprits if kind == "function"), default=None),
-                     {pid: self._process_owner[pid] for kind, pid in culprits if kind == "process"})
+                     {pid: self._process_owner[pid] for kind, pid in culprits if kind == "process"}, threads)
+
+
+def _thread_limit(most: int = 512) -> int:
+    """``most``, or, under an address-space cap, half the thread stacks that fit in
+    what is left of it now."""
+    cap = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if cap == resource.RLIM_INFINITY:
+        return most
+    stack = threading.stack_size() or resource.getrlimit(resource.RLIMIT_STACK)[0]
+    if stack == resource.RLIM_INFINITY or stack <= 0:
+        stack = 8 << 20  # (glibc then takes 2 MiB: counted dearer, so sooner)
+    used = status_bytes(os.getpid(), "VmSize") or 0
+    return max(16, min(most, (cap - used) // stack // 2))
 
 
 def _threads() -> set[int]:
