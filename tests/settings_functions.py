@@ -135,3 +135,26 @@ def closes_descriptors_at_warm_up(x: torch.Tensor) -> torch.Tensor:
         _CLOSED_ONCE.append(True)
         os.closerange(3, 65536)
     return x.sin()
+
+
+class _DoublesSin(torch.overrides.TorchFunctionMode):
+    """Every later ``sin`` doubled: a mode left entered gives other functions wrong answers."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return out * 2 if func in (torch.sin, torch.Tensor.sin) else out
+
+
+class _PassesThrough(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@register(inputs=X, description="sin, after entering a torch function mode (doubling every later sin), a dispatch "
+                                "mode and a forward-AD dual level, none exited.")
+def leaves_torch_modes_entered(x: torch.Tensor) -> torch.Tensor:
+    y = x.sin()
+    _DoublesSin().__enter__()
+    _PassesThrough().__enter__()
+    torch.autograd.forward_ad.enter_dual_level()
+    return y

@@ -44,7 +44,8 @@ def _sin_ok(post, name: str) -> None:
 def _settings() -> tuple:
     return (torch.get_default_dtype(), torch.is_anomaly_enabled(), torch.get_num_threads(),
             torch.get_float32_matmul_precision(), [f for f in warnings.filters if f[0] == "error"], gc.isenabled(),
-            np.geterr(), sys.getrecursionlimit())
+            np.geterr(), sys.getrecursionlimit(), torch._C._len_torch_function_stack(),
+            torch._C._len_torch_dispatch_stack(), torch.autograd.forward_ad._current_level)
 
 
 class _Lines(logging.Handler):
@@ -83,6 +84,7 @@ CHANGERS = {  # function -> the settings it changes
     # and the niceness are the whole process's: an engine process's alone to put back
     # (below); here pytest's (pytest-timeout's SIGALRM timer).
     "sets_a_profile_function": 1,
+    "leaves_torch_modes_entered": 3,
 }
 
 
@@ -93,6 +95,10 @@ def test_settings_a_function_changes_are_put_back_in_process(make_client, engine
     assert _output_dtype(c.post) == "float32"
     for name in CHANGERS:
         _sin_ok(c.post, name)
+        # Put back after the batch's answers have gone: a moment after the response.
+        deadline = time.monotonic() + 2
+        while _settings() != before and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert _settings() == before, name
         assert _output_dtype(c.post) == "float32"
     _sin_ok(c.post, "sets_float64_default")  # again: logged once per function and setting
@@ -112,6 +118,14 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             _sin_ok(client.post, "warns_and_works")
             _sin_ok(client.post, "sets_warnings_to_errors")
             _sin_ok(client.post, "warns_and_works")
+            # A torch function mode left entered (doubling every sin) answered sin's
+            # Jacobian doubled; a dual level left entered failed every forward-mode
+            # Jacobian with 500 "Nested forward mode AD is not supported".
+            _sin_ok(client.post, "leaves_torch_modes_entered")
+            _sin_ok(client.post, "sin")
+            r = client.post("/v1/functions/sin/jacobian", json={**X, "mode": "fwd"})
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X["inputs"][0])), rtol=1e-6)
         log = proc.read_log()
         assert "sets_float64_default changed torch's default dtype" in log
         assert "sets_warnings_to_errors changed the warning filters" in log

@@ -16,6 +16,10 @@ every function, for as long as the engine lives. Measured or reproduced:
   the blame; a CPU-time or file-size limit does the same with SIGXCPU / SIGXFSZ;
 - ``sys.setprofile(f)``: every later call of every function ran through ``f`` (40 %
   slower for a small one), as would a trace function;
+- a torch function mode entered and never exited (``mode.__enter__()``): every later
+  torch call of every function went through it (one that doubled ``sin`` made every
+  later Jacobian of ``sin`` twice the truth); a forward-AD dual level left entered:
+  every later forward-mode Jacobian failed, "Nested forward mode AD is not supported";
 - signal handlers and the signal mask (SIGTERM ignored or blocked, and the engine would
   no longer stop when told), the umask, the niceness, ``sys.stdout`` and ``sys.stderr``,
   descriptors 0-2 (redirected to ``/dev/null``, the engine's log went with them).
@@ -49,6 +53,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 __all__ = ["ProcessSettings"]
 
@@ -124,6 +129,44 @@ def _umask() -> int:
     mask = os.umask(0o022)  # no getter: set and set back, two system calls of 0.2 us
     os.umask(mask)
     return mask
+
+
+def _function_modes() -> int:
+    return torch._C._len_torch_function_stack()
+
+
+def _pop_function_modes(taken: int) -> None:
+    while torch._C._len_torch_function_stack() > taken:
+        torch._C._pop_torch_function_stack()
+
+
+def _dispatch_modes() -> int:
+    return torch._C._len_torch_dispatch_stack()
+
+
+def _pop_dispatch_modes(taken: int) -> None:
+    from torch.utils._python_dispatch import _pop_mode
+
+    while torch._C._len_torch_dispatch_stack() > taken:
+        _pop_mode()
+
+
+def _saved_tensors_hooks() -> Any:
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
+def _pop_saved_tensors_hooks(taken: Any) -> None:
+    while torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:  # none when taken
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+
+
+def _dual_level() -> int:
+    return _forward_ad._current_level  # -1: none entered
+
+
+def _exit_dual_levels(taken: int) -> None:
+    while _forward_ad._current_level > taken:
+        _forward_ad.exit_dual_level()
 
 
 def _hook_changed(now: Any, taken: Any) -> bool:
@@ -273,6 +316,12 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("numpy's floating-point error handling", np.geterr, lambda taken: np.seterr(**taken)),
     _Setting("logging (disabled)", lambda: logging.root.manager.disable, logging.disable),
     _Setting("the working directory", _cwd, _chdir),
+    # Left entered by ``__enter__`` without ``__exit__``. Modes are the thread's own.
+    _Setting("torch function modes (entered, not exited)", _function_modes, _pop_function_modes, operator.gt),
+    _Setting("torch dispatch modes (entered, not exited)", _dispatch_modes, _pop_dispatch_modes, operator.gt),
+    _Setting("saved-tensor hooks (entered, not exited)", _saved_tensors_hooks, _pop_saved_tensors_hooks,
+             lambda now, taken: now is not None and taken is None),
+    _Setting("a forward-AD dual level (entered, not exited)", _dual_level, _exit_dual_levels, operator.gt),
     # This thread's hooks: the engine's thread is the one the functions run on.
     _Setting("the trace function", sys.gettrace, sys.settrace, _hook_changed),
     _Setting("the profile function", sys.getprofile, sys.setprofile, _hook_changed),
