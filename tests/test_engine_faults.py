@@ -324,6 +324,28 @@ def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_s
             sin_ok(url)
 
 
+def test_functions_that_end_their_engine_on_the_warm_up_input_do_not_keep_the_server_down():
+    """Before, a function that crashed its engine on the warm-up's input (a native crash
+    out of its domain, an ``os._exit``) sent the engines into a crash loop: each new
+    one died on the same warm-up, with backoff, no function named, and the server was
+    never ready. The supervisor now finds the function by the warm-up note the dead
+    engine left, names it, and the engines after it skip its warm-up. On other inputs
+    the function serves."""
+    crashing = ("segfaults_below_one", "exits_below_one")
+    with live_server(FUNCTIONS="jacobian_service.examples,tests.warmup_crash_functions", WORKERS=1) as (url, proc):
+        sin_ok(url)
+        for name in (*crashing, "raises_system_exit_below_one"):
+            r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json={"inputs": [[1.5, 1.0]]}, timeout=30)
+            assert_sin_jacobian(r, [1.5, 1.0], f"{name}: ")
+        wait_spare(url)  # the spare skipped them too
+        log = proc.read_log()
+        for name in crashing:
+            assert f"the warm-up of {name} ended the engine" in log, log[-3000:]
+            assert log.count(f"warm-up of {name} skipped") >= 2  # the next engines, and the spare
+        assert "SystemExit" in log  # a warm-up that failed, not an engine that ended
+        assert "warm-up of raises_system_exit_below_one skipped" not in log
+
+
 def test_a_process_that_ignores_sigterm_still_stops_after_its_parent():
     """``orphans.stop_with_parent``: the SIGTERM it sends can be ignored (a user
     function's handler in an engine, or a front end not yet listening for it); the

@@ -88,3 +88,37 @@ def test_an_engine_that_died_idle_names_none_of_the_requests_it_was_last_seen_ru
     msg = _died_message(sub)
     assert (msg["planned"], msg["tags"], msg["function"]) == (False, [], "")
     assert "sin" not in sup.strikes
+
+
+def _ended_while_warming_up(sup: Supervisor, function: str) -> subprocess.Popen:
+    """A process that wrote the warm-up note an engine writes before a function's warm-up
+    and ended there (a crash leaves the note behind)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2)"], start_new_session=True)
+    ipc.warming_path(sup.run_dir, proc.pid).write_text(f"{time.monotonic()} {function}")
+    proc.wait()
+    return proc
+
+
+def test_an_engine_that_died_in_a_warm_up_names_the_function_whose_warm_up_it_was(supervisor):
+    """Else each new engine dies on the same warm-up and none is ever ready."""
+    sup, sub = supervisor
+    engine = _Engine(0, "cpu")
+    engine.proc = _ended_while_warming_up(sup, "segfaults_below_one")
+    sup.engines = [engine]
+    sup._died(engine, -11, {"beat": 0.0, "ready": False, "deadline": 0.0})
+    msg = _died_message(sub)
+    assert (msg["function"], msg["tags"], msg["planned"]) == ("segfaults_below_one", [], True)  # nothing was started
+    assert msg["reason"].startswith("the warm-up of segfaults_below_one ended the engine (the engine process was "
+                                    "killed by SIGSEGV)"), msg
+    assert "segfaults_below_one" in sup.skip_warmup and "segfaults_below_one" in sup.strikes
+    assert engine.restart_at <= time.monotonic()  # at once: progress, not a crash loop
+
+
+def test_a_spare_that_died_in_a_warm_up_has_the_next_spare_skip_it(supervisor):
+    sup, _ = supervisor
+    sup.settings = Settings(engine_standby=True)
+    engine = _Engine(0, "cpu", spare_at=0.0)
+    engine.spare = _ended_while_warming_up(sup, "exits_below_one")
+    sup._tend_spare(engine, time.monotonic())
+    assert "exits_below_one" in sup.skip_warmup and "exits_below_one" in sup.strikes
+    assert engine.spare is None and engine.spare_at <= time.monotonic()  # (no new one: the engine is not up)

@@ -15,8 +15,11 @@ Torch-free; it runs in the ``serve`` process beside the front ends it starts. Ev
   front ends send to the engine that takes over;
 - one function's warm-up has run past ``warmup_timeout_s``: the engine, or the spare,
   is killed, and the engines started after it skip that function's warm-up (nothing
-  cuts a warm-up inside the engine: see ``EngineServer.warm_up``). It restarts at once:
-  each such death is progress, one function fewer to warm up, not a crash loop.
+  cuts a warm-up inside the engine: see ``EngineServer.warm_up``). A warm-up that ends
+  its engine or spare (a crash, ``os._exit``) is found by the note it left, and skipped
+  the same way. It restarts at once: each such death is progress, one function fewer
+  to warm up, not a crash loop (before, one function that crashed on the warm-up input
+  kept every engine from ever being ready).
 
 With ``engine_standby`` a spare engine process per device waits, loaded and warmed up,
 and a dead engine's replacement is that spare, promoted (then a new spare starts).
@@ -223,6 +226,22 @@ class Supervisor:
             return function
         return None
 
+    def _warm_up_crashed(self, pid: int) -> str | None:
+        """The function whose warm-up process ``pid`` was in when it died (its note, which
+        an engine removes once its warm-ups are done, was left behind), added to those
+        the engines started from now on skip: else each new engine would die on the
+        same warm-up, and no engine would ever be ready."""
+        note = ipc.warming_path(self.run_dir, pid)
+        try:
+            function = note.read_text().partition(" ")[2]
+        except OSError:  # not warming up
+            return None
+        note.unlink(missing_ok=True)
+        if not function:
+            return None
+        self.skip_warmup.add(function)
+        return function
+
     def _spare_flag(self, spare: subprocess.Popen) -> Path:
         return self.run_dir / f"spare-{spare.pid}.ready"
 
@@ -253,6 +272,12 @@ class Supervisor:
                 engine.spare_at = now
             elif code is None:
                 return
+            elif (function := self._warm_up_crashed(spare.pid)) is not None:
+                log.error("engine %d: the spare's warm-up of %s ended it (status %s); the next spare skips it",
+                          engine.index, function, code)
+                _signal_group(spare, signal.SIGKILL)  # what it forked goes with it
+                self._strike(function, batch=False)
+                engine.spare_at = now
             else:
                 log.warning("engine %d: the spare exited with status %s", engine.index, code)
                 _signal_group(spare, signal.SIGKILL)  # what it forked goes with it
@@ -325,6 +350,8 @@ class Supervisor:
     def _died(self, engine: _Engine, code: int, status: dict[str, Any]) -> None:
         recycled = _recycled_for(status)  # planned: no function's fault, no backoff
         planned = bool(status.get("stray")) or recycled is not None
+        # A warm-up that ended the engine (a crash; one it killed is on its own record).
+        warming = None if planned else self._warm_up_crashed(engine.proc.pid)  # type: ignore[union-attr]
         # What it ran when it went: its board says. An engine that left as planned, or
         # went with its board saying idle, ran nothing: what this supervisor last saw it
         # run is stale, and those requests may be answered already, their replies not yet
@@ -333,6 +360,8 @@ class Supervisor:
         running: dict[str, Any]
         if planned:
             running = {}
+        elif warming is not None:
+            running = {"function": warming, "tags": []}
         elif status.get("tags"):
             running = status
         elif engine.killed_for == "warm-up" or status.get("deadline") != 0.0:
@@ -359,6 +388,8 @@ class Supervisor:
             reason = f"the engine process was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
         else:
             reason = f"the engine process exited with status {code}"
+        if warming is not None:
+            reason = f"the warm-up of {warming} ended the engine ({reason}); engines skip it from now on"
         log.error("engine %d died: %s (running %s for %d requests)", engine.index, reason, function or "nothing", len(tags))
         pid = engine.proc.pid  # type: ignore[union-attr]
         _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]  # its children, if any, go too
@@ -371,7 +402,7 @@ class Supervisor:
         now = time.monotonic()
         if now - engine.started > _STABLE_S:
             engine.backoff_s = 0.0
-        if engine.killed_for == "warm-up" or recycled is not None:  # progress or a plan, not a crash loop
+        if engine.killed_for == "warm-up" or warming is not None or recycled is not None:  # progress or a plan
             engine.restart_at = now
         else:
             engine.restart_at = now + engine.backoff_s
@@ -379,9 +410,10 @@ class Supervisor:
         self.pub.send(orjson.dumps({
             "t": "died", "engine": engine.index, "generation": engine.generation, "pid": pid, "tags": tags,
             "function": function, "reason": reason, "hang": engine.killed_for == "hang",
-            # It left between batches (a stray thread, its memory limit): what it did not
-            # answer it never started, and the front ends send it to the next engine.
-            "planned": planned,
+            # It left between batches (a stray thread, its memory limit), or died warming
+            # up: what it did not answer it never started, and the front ends send it to
+            # the next engine.
+            "planned": planned or warming is not None,
             "ready_in": engine.ready_in(now),
         }))
         self.publish_state()

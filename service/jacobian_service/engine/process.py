@@ -201,7 +201,7 @@ class EngineServer:
         try:
             for spec in self.registry:
                 if spec.name in skip:
-                    log.warning("warm-up of %s skipped: it hung an engine's warm-up before", spec.name)
+                    log.warning("warm-up of %s skipped: it hung or ended an engine's warm-up before", spec.name)
                     continue
                 tmp = note.with_suffix(".tmp")
                 tmp.write_text(f"{time.monotonic()} {spec.name}")
