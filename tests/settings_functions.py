@@ -150,11 +150,16 @@ class _PassesThrough(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@register(inputs=X, description="sin, after entering a torch function mode (doubling every later sin), a dispatch "
-                                "mode and a forward-AD dual level, none exited.")
+@register(inputs=X, description="sin, after entering a torch function mode (doubling every later sin) and a "
+                                "dispatch mode, neither exited.")
 def leaves_torch_modes_entered(x: torch.Tensor) -> torch.Tensor:
     y = x.sin()
     _DoublesSin().__enter__()
     _PassesThrough().__enter__()
-    torch.autograd.forward_ad.enter_dual_level()
     return y
+
+
+@register(inputs=X, description="sin, after entering a forward-AD dual level (a module global of torch's), not exited.")
+def leaves_a_dual_level_entered(x: torch.Tensor) -> torch.Tensor:
+    torch.autograd.forward_ad.enter_dual_level()
+    return x.sin()

@@ -316,12 +316,11 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("numpy's floating-point error handling", np.geterr, lambda taken: np.seterr(**taken)),
     _Setting("logging (disabled)", lambda: logging.root.manager.disable, logging.disable),
     _Setting("the working directory", _cwd, _chdir),
-    # Left entered by ``__enter__`` without ``__exit__``. Modes are the thread's own.
+    # Left entered by ``__enter__`` without ``__exit__``. Modes and hooks are the thread's own.
     _Setting("torch function modes (entered, not exited)", _function_modes, _pop_function_modes, operator.gt),
     _Setting("torch dispatch modes (entered, not exited)", _dispatch_modes, _pop_dispatch_modes, operator.gt),
     _Setting("saved-tensor hooks (entered, not exited)", _saved_tensors_hooks, _pop_saved_tensors_hooks,
              lambda now, taken: now is not None and taken is None),
-    _Setting("a forward-AD dual level (entered, not exited)", _dual_level, _exit_dual_levels, operator.gt),
     # This thread's hooks: the engine's thread is the one the functions run on.
     _Setting("the trace function", sys.gettrace, sys.settrace, _hook_changed),
     _Setting("the profile function", sys.getprofile, sys.setprofile, _hook_changed),
@@ -343,6 +342,8 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams,
              lambda now, taken: any(a is not b for a, b in zip(now, taken))),
     _Setting("descriptors 0-2 (stdin, stdout, stderr) or the engine's own", _stdio, _put_stdio),
+    # torch keeps the current dual level in a module global, not per thread.
+    _Setting("a forward-AD dual level (entered, not exited)", _dual_level, _exit_dual_levels, operator.gt),
 )
 
 
