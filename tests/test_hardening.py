@@ -164,3 +164,29 @@ def test_access_lines_are_written_a_batch_at_a_time() -> None:
     asyncio.run(burst())
     handler.flush()  # what logging.shutdown does at exit
     assert stream.getvalue().endswith("more 3\nlast\n") and stream.writes == 4
+
+
+def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on():
+    """A list that held itself, or the same list nested in itself 40 times over (2**40
+    items), kept the engine in our own walk of aux, growing, until it was killed as a
+    hang (504, every other request held up); a sparse or complex tensor in aux was our
+    500 internal_error (JSON) after the work was done; a string in aux counted for
+    nothing against MAX_RESULT_BYTES."""
+    cases = {
+        1: (500, "function_error", "aux is nested more than 64 levels deep (or holds itself)"),
+        2: (500, "function_error", "aux holds more than 1,000,000 items"),
+        3: (500, "function_error", "aux holds a tensor of layout torch.sparse_coo"),
+        4: (500, "function_error", "aux holds a complex64 tensor, which the wire does not carry"),
+        5: (413, "result_too_large", "the limit is 2048"),
+    }
+    path = "/v1/functions/odd_aux/jacobian"
+    with live_server(WORKERS=1, ENGINE_STANDBY="false", MAX_RESULT_BYTES=2048) as (url, _), \
+            httpx.Client(base_url=url, timeout=30) as client:
+        for kind, (status, code, words) in cases.items():
+            for accept in (wire.JSON, wire.NPZ):
+                r = client.post(path, json={"inputs": [[0.5, 1.0], kind]},
+                                headers={"Accept": accept, "X-Request-Timeout": "5"})
+                assert words in assert_problem(r, status, code)["detail"], (kind, accept)
+        r = client.post(path, json={"inputs": [[0.5, 1.0], 0]})
+        assert r.status_code == 200, r.text
+        assert r.json()["aux"]["total"]["data"] == pytest.approx(1.5)

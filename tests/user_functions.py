@@ -165,3 +165,31 @@ class _UnprintableError(ValueError):
 @register(inputs=[Input("x", shape=(3,))], description="Raises an error whose __str__ raises.")
 def raises_unprintable(x: torch.Tensor) -> torch.Tensor:
     raise _UnprintableError()
+
+
+def _odd_aux(kind: int, x: torch.Tensor):
+    if kind == 1:  # a list that holds itself
+        cycle: list = []
+        cycle.append(cycle)
+        return cycle
+    if kind == 2:  # the same list twice, nested 40 deep: 2**40 items, walked naively
+        shared: list = [x.sum()]
+        for _ in range(40):
+            shared = [shared, shared]
+        return shared
+    if kind == 3:
+        return {"m": x.detach().diag().to_sparse()}
+    if kind == 4:
+        return {"z": x.detach() * 1j}
+    if kind == 5:
+        return "x" * 4096
+    return {"total": x.sum()}
+
+
+@register(
+    inputs=[Input("x", shape=("n",)), Input("kind", shape=(), dtype="int64")],
+    has_aux=True,
+    description="sin, with an aux that cannot travel, by kind (0: one that can).",
+)
+def odd_aux(x: torch.Tensor, kind: torch.Tensor):
+    return x.sin(), _odd_aux(int(kind), x)

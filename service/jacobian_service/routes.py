@@ -268,6 +268,9 @@ async def derivative(request: Request, name: str, kind: str) -> Response:
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
     nbytes = result.nbytes()
+    if nbytes > call.max_result_bytes:  # the engine checked the derivative's size; aux is the function's own
+        raise ResultTooLarge(f"the result takes {nbytes} bytes with its aux and output; the limit is "
+                             f"{call.max_result_bytes}")
     encoding = (chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result))
     if nbytes < _OFFLOAD_BYTES or chosen == wire.NPY:
         # Small, or .npy: a header and views of the arrays, nothing built whatever the

@@ -110,7 +110,7 @@ class Result:
     sparse_meta: dict[str, Any] | None = None  # how a sparse result was computed (meta)
 
     def nbytes(self) -> int:
-        """Bytes of every array the response will carry (value, aux and output)."""
+        """Bytes of every array (and string) the response will carry (value, aux and output)."""
         trees = (self.value, self.aux, self.output)
         return sum(_leaf_nbytes(leaf) for tree in trees for leaf in tree_leaves(tree))
 
@@ -118,6 +118,8 @@ class Result:
 def _leaf_nbytes(leaf: Any) -> int:
     if isinstance(leaf, np.ndarray):
         return leaf.nbytes
+    if isinstance(leaf, str):  # in aux: at least a byte a character, whatever the format
+        return len(leaf)
     if is_sparse_matrix(leaf):  # a scipy CSR/COO array: its index and value arrays
         return sum(getattr(leaf, name).nbytes for name in _SPARSE_ARRAYS[leaf.format])
     return 0

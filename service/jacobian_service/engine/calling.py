@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from jacobian_client import wire
+
 from ..errors import FunctionError, OutOfMemory, ServiceError, exception_text
 from ..registry import FunctionSpec
 from ..types import Call
@@ -19,6 +21,14 @@ from ..types import Call
 __all__ = ["AuxBox", "differentiable", "function_error", "is_oom", "partial"]
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+# How deep and how large aux may be. Deeper than a request's JSON may be (MAX_JSON_DEPTH's
+# default) would not travel back either; a list that holds itself is infinitely deep,
+# and a list holding the same list twice, nested, has exponentially many items: walked
+# without these bounds, either kept the engine in our own loop until it was killed.
+_AUX_MAX_DEPTH = 64
+_AUX_MAX_ITEMS = 1_000_000
+# The dtypes the wire carries (tensors in aux and outputs); torch's names.
+_WIRE_DTYPES = frozenset(getattr(torch, name) for name in wire.DTYPES if isinstance(getattr(torch, name, None), torch.dtype))
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -41,9 +51,20 @@ def function_error(exc: BaseException) -> ServiceError:
     return FunctionError(f"{type(exc).__name__}: {message}"[:2000])
 
 
+def _check_tensor(leaf: torch.Tensor, what: str) -> None:
+    """A tensor the wire can carry: dense (strided), of a dtype it knows."""
+    if leaf.layout != torch.strided:
+        raise FunctionError(f"{what} holds a tensor of layout {leaf.layout}; return it dense (.to_dense())")
+    if leaf.dtype not in _WIRE_DTYPES:
+        raise FunctionError(f"{what} holds a {str(leaf.dtype).removeprefix('torch.')} tensor, which the wire does not carry")
+
+
 def _check_aux_leaf(leaf: Any) -> None:
     """Aux travels as JSON (or arrays): refuse what cannot, naming the function's fault."""
-    if leaf is None or isinstance(leaf, (bool, str, torch.Tensor)):
+    if isinstance(leaf, torch.Tensor):
+        _check_tensor(leaf, "aux")
+        return
+    if leaf is None or isinstance(leaf, (bool, str)):
         return
     if isinstance(leaf, int):
         if not _INT64[0] <= leaf <= _INT64[1]:
@@ -57,16 +78,22 @@ def _check_aux_leaf(leaf: Any) -> None:
 
 
 def _check_aux(aux: Any) -> None:
-    stack = [aux]
+    stack = [(aux, 0)]
+    items = 0
     while stack:
-        node = stack.pop()
-        if isinstance(node, (list, tuple)):
-            stack.extend(node)
-        elif isinstance(node, dict):
-            for key, value in node.items():
-                if not isinstance(key, str):
-                    raise FunctionError(f"aux dict keys must be strings, got {type(key).__name__}")
-                stack.append(value)
+        node, depth = stack.pop()
+        items += 1
+        if items > _AUX_MAX_ITEMS:
+            raise FunctionError(f"aux holds more than {_AUX_MAX_ITEMS:,} items; return large data as a tensor")
+        if isinstance(node, (list, tuple, dict)):
+            if depth == _AUX_MAX_DEPTH:
+                raise FunctionError(f"aux is nested more than {_AUX_MAX_DEPTH} levels deep (or holds itself)")
+            if isinstance(node, dict):
+                for key in node:
+                    if not isinstance(key, str):
+                        raise FunctionError(f"aux dict keys must be strings, got {type(key).__name__}")
+                node = node.values()
+            stack.extend((child, depth + 1) for child in node)
         else:
             _check_aux_leaf(node)
 
@@ -75,6 +102,8 @@ def _check_output(out: Any) -> None:
     leaves, _ = pytree.tree_flatten(out)
     if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
         raise FunctionError(f"the function returned {type(out).__name__}; expected a tensor or a tuple/dict of tensors")
+    for leaf in leaves:
+        _check_tensor(leaf, "the output")
 
 
 class AuxBox:
