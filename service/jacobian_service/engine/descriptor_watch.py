@@ -18,8 +18,8 @@ that keeps one does (a descriptor opened and closed leaves it where it was); fai
 that, to every function run in that second. That test costs a ``dup`` and a ``close``
 per batch; a lowest free descriptor past the limit has the count read at once, so a
 function that leaks fast is not given a second to reach the wall. The log names the
-functions charged most. Torch-free; Linux only:
-elsewhere nothing is counted and the engine never leaves for this.
+functions charged most. Torch-free; Linux only: elsewhere nothing is counted and the
+engine never leaves for this.
 """
 
 from __future__ import annotations

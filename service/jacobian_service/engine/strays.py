@@ -19,8 +19,8 @@ second, a stray is found once the load lets up.
 Threads that wait cost no CPU, but each holds a stack's address space (8 MiB) and a
 pid: a function that starts one at each call and never ends it (a new
 ``ThreadPoolExecutor`` per call, never shut down) took the engine to "can't start new
-thread" in ~220 calls under a 4 GiB ``ENGINE_MEMORY_LIMIT_BYTES``, and without a cap
-takes pids from the whole host. More than ``max_threads`` threads of the functions
+thread" from ~220 threads on under a 4 GiB ``ENGINE_MEMORY_LIMIT_BYTES``, and without
+a cap takes pids from the whole host. More than ``max_threads`` threads of the functions
 alive at once is a leak, not a pool: ``check`` says so, with the functions that started
 most of them, and the engine is recycled like one over its memory limit. The limit is
 512, or, under an address-space cap, half the stacks that the room left once started
