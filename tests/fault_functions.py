@@ -175,3 +175,14 @@ def leaks_threads(x: torch.Tensor) -> torch.Tensor:
         for _ in range(20):
             threading.Thread(target=_NEVER.wait, daemon=True).start()
     return x.sin()
+
+
+_KEPT_PROCESSES: list[subprocess.Popen] = []
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="Starts 40 short processes at each call, on the trigger, and never waits for them (zombies).")
+def leaks_processes(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        _KEPT_PROCESSES.extend(subprocess.Popen(["true"]) for _ in range(40))
+    return x.sin()

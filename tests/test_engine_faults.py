@@ -672,6 +672,23 @@ def test_an_engine_near_its_open_file_limit_is_recycled_before_other_functions_f
         assert not info.get("quarantined"), info
 
 
+def test_an_engine_whose_functions_leave_too_many_processes_is_recycled():
+    """A function that starts 40 processes at each call and never waits for them: each
+    stays a zombie, holding a pid, for as long as the engine lives. Past 512 the engine
+    is recycled (its group killed, the zombies reaped), every request answered 200."""
+    with live_server(**SETTINGS) as (url, proc):
+        wait_spare(url)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for call in range(16):  # 640 in all: past 512 by the 13th call
+                for name, body in (("leaks_processes", ARMED), ("sin", {"inputs": [[0.5, 1.0]]})):
+                    assert_sin_jacobian(client.post(f"/v1/functions/{name}/jacobian", json=body), body["inputs"][0],
+                                        f"call {call + 1}, {name}: ")
+        wait_restarts(url, 1, 10)
+        log = proc.read_log()
+        assert "processes that functions started were alive or unreaped, over 512; started while these ran: " \
+               "leaks_processes" in log, log[-3000:]  # (or sin: they ran in the same seconds)
+
+
 def test_an_engine_whose_functions_leave_too_many_threads_is_recycled_before_none_can_start():
     """A function that starts 20 threads at each call, which wait for ever (a new pool
     per call). They cost no CPU, so the stray watch let them be, but each holds a stack

@@ -131,3 +131,27 @@ def test_threads_of_the_functions_alive_past_the_limit_are_a_leak_whether_or_not
     checks = run(LEAK.replace("{load}", LOAD))
     assert checks[:12] == [None] * 12, checks  # 8 + 12 = 20: at the limit, not past it
     assert checks[12] == {"count": 21, "limit": 20, "grown": [["leaks_threads", 13], ["keeps_a_pool", 8]]}, checks
+
+
+ZOMBIES = """
+import json, subprocess, sys, time
+{load}
+
+strays = Strays(every_s=0.0, max_processes=20)
+kept = []
+checks = []
+for call in range(25):
+    kept.append(subprocess.Popen([sys.executable, "-c", "pass"]))  # never waited for: a zombie once it exits
+    strays.after_run("leaks_processes")
+    time.sleep(0.05)
+    found = strays.check(time.monotonic() + call)
+    checks.append(None if found is None else found.processes_left)
+print(json.dumps(checks))
+"""
+
+
+def test_child_processes_past_the_limit_are_a_leak_zombies_included():
+    checks = run(ZOMBIES.replace("{load}", LOAD))
+    first = next(i for i, c in enumerate(checks) if c is not None)
+    assert first == 20, checks  # 21 children, zombies all but the newest
+    assert checks[first]["count"] > 20 and checks[first]["grown"][0][0] == "leaks_processes", checks

@@ -308,7 +308,7 @@ class StatusBoard:
         running: ``engine.strays``; with ``"left"``, what else it left: a setting the
         engine cannot put back, ``engine.process_settings``), ``{"memory": ...}``
         (``engine.memory_watch``), ``{"descriptors": ...}`` (``engine.descriptor_watch``) or
-        ``{"threads": ...}`` (``engine.strays``)."""
+        ``{"threads": ...}`` or ``{"processes": ...}`` (``engine.strays``)."""
         self._beat, self._deadline, self._doc = now, 0.0, orjson.dumps(why)
         self._write()
 

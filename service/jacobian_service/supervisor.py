@@ -68,7 +68,7 @@ _STABLE_S = 60.0  # an engine up this long has its backoff reset
 
 def _recycled_for(status: dict[str, Any]) -> str | None:
     """Why an engine left to be recycled (a leak its functions grew past a limit: memory,
-    descriptors, threads), from its board; None when it did not."""
+    descriptors, threads, processes), from its board; None when it did not."""
     def grown(leak: dict[str, Any], unit: Any) -> str:
         return ", ".join(f"{name} +{unit(size)}" for name, size in leak.get("grown", [])) or "no function seen"
 
@@ -81,6 +81,9 @@ def _recycled_for(status: dict[str, Any]) -> str | None:
     if (threads := status.get("threads")) is not None:
         return (f"{threads['count']} threads that functions started were alive, over {threads['limit']}; "
                 f"started most by {grown(threads, int)}")
+    if (processes := status.get("processes")) is not None:
+        return (f"{processes['count']} processes that functions started were alive or unreaped, over "
+                f"{processes['limit']}; started while these ran: {grown(processes, int)}")
     return None
 
 

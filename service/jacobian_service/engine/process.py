@@ -253,6 +253,12 @@ class EngineServer:
                               "restarts", found.threads["count"], found.threads["limit"],
                               ", ".join(f"{name} ({count})" for name, count in found.threads["grown"]))
                     leaving, since = {"threads": found.threads}, now
+                if leaving is None and found.processes_left is not None:
+                    log.error("%d processes that functions started are alive or unreaped, over %d, started in the "
+                              "windows of %s; the engine restarts", found.processes_left["count"],
+                              found.processes_left["limit"],
+                              ", ".join(f"{name} ({count})" for name, count in found.processes_left["grown"]))
+                    leaving, since = {"processes": found.processes_left}, now
             if leaving is None and (changed := self._unrestorable()) is not None:
                 leaving, since = changed, now
             if leaving is None and (over := self.memory.check(now)) is not None:

@@ -24,7 +24,9 @@ a cap takes pids from the whole host. More than ``max_threads`` threads of the f
 alive at once is a leak, not a pool: ``check`` says so, with the functions that started
 most of them, and the engine is recycled like one over its memory limit. The limit is
 512, or, under an address-space cap, half the stacks that the room left once started
-holds (~100 under 4 GiB).
+holds (~100 under 4 GiB). Child processes the same, past ``max_processes`` (512),
+zombies included: a ``Popen`` kept and never waited for leaves one per call, each
+holding a pid until the engine goes (its exit has them reaped).
 
 Threads are told apart after every batch (``threading.enumerate``, cheap), so a thread
 is put down to the function that ran. Processes are looked for once a window (a walk of
@@ -53,16 +55,20 @@ class Found:
     # Too many of the functions' threads alive (spinning or not): {"count", "limit",
     # "grown": [[function, threads], ...]} (the engine must go, as for a leak).
     threads: dict[str, Any] | None = None
+    processes_left: dict[str, Any] | None = None  # the same, for child processes (zombies too)
 
 
 class Strays:
     """Made before the first user function runs: the threads and processes alive then
     (the engine's own, and any a module started as it was imported) are never named."""
 
-    def __init__(self, share: float = 0.2, every_s: float = 1.0, max_threads: int | None = None) -> None:
+    def __init__(self, share: float = 0.2, every_s: float = 1.0, max_threads: int | None = None,
+                 max_processes: int = 512) -> None:
         self.share = share
         self.every_s = every_s
         self.max_threads = max_threads  # None: set at the first check, when the engine has started
+        self.max_processes = max_processes
+        self._children: dict[int, str] = {}  # pid -> the functions of its window, while it is a child (zombie or not)
         self._known_threads = _threads()  # by kernel id: a Python ident may be reused at once
         self._known_processes = set(descendants(os.getpid()))
         self._thread_owner: dict[int, str] = {}  # tid -> the function that ran when it was first seen
@@ -83,14 +89,17 @@ class Strays:
     def check(self, now: float) -> Found | None:
         """At most every ``every_s``: what used more than ``share`` of a core in each of
         the last two idle windows (a function's threads added up; a process alone), and
-        the functions' threads alive past ``max_threads``."""
+        the functions' threads alive past ``max_threads``, their processes past
+        ``max_processes``."""
         if now - self._last < self.every_s:
             return None
         window, self._last = now - self._last, now
         idle = not self._ran
         ran, self._ran = " or ".join(sorted(self._ran)) or "a function", set()
-        for pid in set(descendants(os.getpid())) - self._known_processes - self._process_owner.keys():
+        children = set(descendants(os.getpid())) - self._known_processes
+        for pid in children - self._process_owner.keys():
             self._process_owner[pid] = ran
+        self._children = {pid: self._children.get(pid, ran) for pid in children}
         used: dict[tuple[str, Any], float] = {}
         for kind, owners in (("thread", self._thread_owner), ("process", self._process_owner)):
             for ident in list(owners):
@@ -105,17 +114,23 @@ class Strays:
                     used[key] = used.get(key, 0.0) + cpu - before
         hot = {key for key, seconds in used.items() if seconds > self.share * window}
         culprits, self._hot = hot & self._hot, hot
-        threads = None
         if self.max_threads is None:
             self.max_threads = _thread_limit()
-        if len(self._thread_owner) > self.max_threads:
-            started = collections.Counter(self._thread_owner.values())
-            threads = {"count": len(self._thread_owner), "limit": self.max_threads,
-                       "grown": [[name, count] for name, count in started.most_common(3)]}
-        if not culprits and threads is None:
+        threads = _too_many(self._thread_owner, self.max_threads)
+        processes = _too_many(self._children, self.max_processes)
+        if not culprits and threads is None and processes is None:
             return None
         return Found(min((name for kind, name in culprits if kind == "function"), default=None),
-                     {pid: self._process_owner[pid] for kind, pid in culprits if kind == "process"}, threads)
+                     {pid: self._process_owner[pid] for kind, pid in culprits if kind == "process"}, threads,
+                     processes)
+
+
+def _too_many(owners: dict[int, str], limit: int) -> dict[str, Any] | None:
+    """Past ``limit``: how many, and the functions that started most of them."""
+    if len(owners) <= limit:
+        return None
+    started = collections.Counter(owners.values())
+    return {"count": len(owners), "limit": limit, "grown": [[name, count] for name, count in started.most_common(3)]}
 
 
 def _thread_limit(most: int = 512) -> int:
