@@ -4,6 +4,7 @@ module)."""
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
 import resource
@@ -162,4 +163,10 @@ def leaves_torch_modes_entered(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="sin, after entering a forward-AD dual level (a module global of torch's), not exited.")
 def leaves_a_dual_level_entered(x: torch.Tensor) -> torch.Tensor:
     torch.autograd.forward_ad.enter_dual_level()
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after arming a faulthandler watchdog that ends the process in one second.")
+def arms_a_faulthandler_watchdog(x: torch.Tensor) -> torch.Tensor:
+    faulthandler.dump_traceback_later(1.0, exit=True)
     return x.sin()

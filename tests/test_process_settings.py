@@ -134,15 +134,15 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
 
 def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_engine_process():
     """A timer armed by one function used to kill the engine with SIGALRM a second later,
-    under whatever ran then; SIGTERM ignored kept it from stopping when told; a profile
+    under whatever ran then (a faulthandler watchdog the same, by its own thread); SIGTERM ignored kept it from stopping when told; a profile
     function slowed every later call. All are put back after the batch, and the engine
     lives on (no spare here: a death would fail the requests)."""
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, ENGINE_STANDBY="false") as (url, proc):
         with httpx.Client(base_url=url, timeout=30) as client:
             for name in ("limits_cpu_time", "sets_a_profile_function", "ignores_sigterm_and_sets_umask",
-                         "arms_an_alarm"):
+                         "arms_an_alarm", "arms_a_faulthandler_watchdog"):
                 _sin_ok(client.post, name)
-            until = time.monotonic() + 2.0  # past the alarm's second
+            until = time.monotonic() + 2.0  # past the alarm's and the watchdog's second
             while time.monotonic() < until:
                 assert _output_dtype(client.post) == "float32"
             # The engine's log still reaches the server's output after a function sent its

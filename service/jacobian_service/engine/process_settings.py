@@ -13,7 +13,8 @@ every function, for as long as the engine lives. Measured or reproduced:
   cycles never freed), a low recursion limit, ``numpy.seterr(all="raise")``;
 - ``signal.alarm(2)`` (or any interval timer): two seconds later SIGALRM killed the
   engine, in the middle of whichever function's request was running then, which took
-  the blame; a CPU-time or file-size limit does the same with SIGXCPU / SIGXFSZ;
+  the blame; a CPU-time or file-size limit does the same with SIGXCPU / SIGXFSZ, and a
+  ``faulthandler.dump_traceback_later(t, exit=True)`` watchdog by its own thread;
 - ``sys.setprofile(f)``: every later call of every function ran through ``f`` (40 %
   slower for a small one), as would a trace function;
 - a torch function mode entered and never exited (``mode.__enter__()``): every later
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import _signal
 import errno
+import faulthandler
 import fcntl
 import gc
 import logging
@@ -359,6 +361,7 @@ class ProcessSettings:
 
     def __init__(self, own_process: bool = False) -> None:
         self._settings = _SETTINGS + _OWN_PROCESS_SETTINGS if own_process else _SETTINGS
+        self._own_process = own_process
         self._taken = [s.get() for s in self._settings]
         self._named: set[tuple[str, str]] = set()  # (function, setting) already logged
         # (function, setting) of the first change that could not be put back: the engine leaves.
@@ -366,6 +369,12 @@ class ProcessSettings:
 
     def restore(self, function: str) -> None:
         """Put back what differs now (nothing, nearly always)."""
+        if self._own_process:
+            # A faulthandler watchdog (``dump_traceback_later(t, exit=True)``) is a timer
+            # too: it ended the engine t seconds later, under another function's request.
+            # It cannot be read, only cancelled (18 ns when none is armed); the engine
+            # arms none of its own.
+            faulthandler.cancel_dump_traceback_later()
         for setting, taken in zip(self._settings, self._taken):
             now = setting.get()
             if setting.changed(now, taken):
