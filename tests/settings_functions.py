@@ -57,9 +57,10 @@ def disables_gc_and_raises_on_numpy_errors(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
-@register(inputs=X, description="sin, after lowering the recursion limit.")
+@register(inputs=X, description="sin, after lowering the recursion limit and the int-string digit limit.")
 def lowers_recursion_limit(x: torch.Tensor) -> torch.Tensor:
     sys.setrecursionlimit(sys.getrecursionlimit() - 1)
+    sys.set_int_max_str_digits(640)  # str(10**700) now fails in every later function
     return x.sin()
 
 

@@ -314,6 +314,9 @@ _SETTINGS: tuple[_Setting, ...] = (
              lambda now, taken: now != taken and _repaired(now, taken) != now),
     _Setting("the garbage collector (disabled)", gc.isenabled, _set_gc),
     _Setting("the recursion limit (lowered)", sys.getrecursionlimit, sys.setrecursionlimit, operator.lt),
+    # 0 is no limit: lowered means a limit where there was none, or a smaller one.
+    _Setting("the digit limit of int-string conversions (lowered)", sys.get_int_max_str_digits,
+             sys.set_int_max_str_digits, lambda now, taken: now != 0 and (taken == 0 or now < taken)),
     _Setting("the thread switch interval", sys.getswitchinterval, sys.setswitchinterval),
     _Setting("numpy's floating-point error handling", np.geterr, lambda taken: np.seterr(**taken)),
     _Setting("logging (disabled)", lambda: logging.root.manager.disable, logging.disable),
