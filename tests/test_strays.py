@@ -122,7 +122,7 @@ for call in range(25):
     strays.after_run("leaks_threads")
     strays.after_run("keeps_a_pool")  # runs too, starting nothing
     found = strays.check(time.monotonic() + call)
-    checks.append(None if found is None else found.threads)
+    checks.append(None if found is None else found.threads_left)
 print(json.dumps(checks))
 """
 

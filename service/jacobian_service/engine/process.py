@@ -248,11 +248,11 @@ class EngineServer:
                     log.error("%s left a thread running after it returned, using a core; the engine restarts (a "
                               "thread cannot be stopped)", found.thread_function)
                     leaving, since = {"stray": found.thread_function}, now
-                if leaving is None and found.threads is not None:
+                if leaving is None and found.threads_left is not None:
                     log.error("%d threads that functions started are alive, over %d, started most by %s; the engine "
-                              "restarts", found.threads["count"], found.threads["limit"],
-                              ", ".join(f"{name} ({count})" for name, count in found.threads["grown"]))
-                    leaving, since = {"threads": found.threads}, now
+                              "restarts", found.threads_left["count"], found.threads_left["limit"],
+                              ", ".join(f"{name} ({count})" for name, count in found.threads_left["grown"]))
+                    leaving, since = {"threads": found.threads_left}, now
                 if leaving is None and found.processes_left is not None:
                     log.error("%d processes that functions started are alive or unreaped, over %d, started in the "
                               "windows of %s; the engine restarts", found.processes_left["count"],

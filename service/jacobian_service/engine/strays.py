@@ -54,7 +54,7 @@ class Found:
     processes: dict[int, str] = field(default_factory=dict)  # pid -> the functions that may have started it
     # Too many of the functions' threads alive (spinning or not): {"count", "limit",
     # "grown": [[function, threads], ...]} (the engine must go, as for a leak).
-    threads: dict[str, Any] | None = None
+    threads_left: dict[str, Any] | None = None
     processes_left: dict[str, Any] | None = None  # the same, for child processes (zombies too)
 
 
