@@ -186,3 +186,14 @@ def leaks_processes(x: torch.Tensor) -> torch.Tensor:
     if _armed(x):
         _KEPT_PROCESSES.extend(subprocess.Popen(["true"]) for _ in range(40))
     return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="Starts a sleeping process in a session of its own on the trigger (a helper daemon); "
+                      "its pid goes to $FAULT_FORK_PIDFILE.")
+def starts_a_detached_sleeper(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        with open(os.environ["FAULT_FORK_PIDFILE"], "w") as f:
+            f.write(str(sleeper.pid))
+    return x.sin()

@@ -245,6 +245,32 @@ def test_a_server_killed_outright_leaves_no_process_behind():
             httpx.get(f"{url}/healthz", timeout=2)
 
 
+def test_a_process_a_function_started_in_its_own_session_stops_with_the_server(monkeypatch, tmp_path):
+    """The engines' group kill at shutdown cannot reach a process that left the group
+    (``start_new_session``: a helper daemon): it outlived the server, for good. The
+    supervisor now finds the engines' descendants before it stops them, and kills
+    those still there after."""
+    import signal
+
+    pidfile = tmp_path / "sleeper.pid"
+    monkeypatch.setenv("FAULT_FORK_PIDFILE", str(pidfile))
+    with live_server(**SETTINGS) as (url, proc):
+        assert_sin_jacobian(httpx.post(f"{url}/v1/functions/starts_a_detached_sleeper/jacobian", json=ARMED,
+                                       timeout=30), ARMED["inputs"][0])
+        sleeper = int(pidfile.read_text())
+        try:
+            assert _alive(sleeper)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+            deadline = time.monotonic() + 5
+            while _alive(sleeper):
+                assert time.monotonic() < deadline, "the function's detached process outlived the server"
+                time.sleep(0.1)
+        finally:
+            if _alive(sleeper):
+                os.kill(sleeper, signal.SIGKILL)
+
+
 def test_a_thread_left_spinning_costs_its_engine_a_restart_not_every_later_request():
     """A function that returns but leaves a thread running Python took the GIL from the
     engine's thread for as long as the engine lived: every later request, of every

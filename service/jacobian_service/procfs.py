@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cpu_seconds", "descendants", "status_bytes"]
+__all__ = ["cpu_seconds", "descendants", "start_ticks", "status_bytes"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -46,6 +46,16 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
         if fields[0] == b"Z":
             return None
         return (int(fields[11]) + int(fields[12])) / _TICKS_S  # utime, stime: fields 14 and 15
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def start_ticks(pid: int) -> int | None:
+    """When a process started (clock ticks since boot): with its pid, who it is, as a pid
+    alone may have been reused. None once it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22
     except (OSError, IndexError, ValueError):
         return None
 

@@ -54,6 +54,7 @@ import orjson
 import zmq
 
 from . import ipc
+from .procfs import descendants, start_ticks
 from .settings import Settings
 
 __all__ = ["Supervisor"]
@@ -466,6 +467,11 @@ class Supervisor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        # Processes the functions started in a session of their own (a helper server, a
+        # daemon) are out of reach of the engines' group kill below and outlived the
+        # server; found now, while their engine is alive to be their parent.
+        detached = [(pid, start_ticks(pid)) for engine in self.engines for proc in (engine.proc, engine.spare)
+                    if proc is not None and proc.poll() is None for pid in descendants(proc.pid)]
         for engine in self.engines:
             for proc in (engine.proc, engine.spare):
                 if proc is not None and proc.poll() is None:
@@ -481,6 +487,12 @@ class Supervisor:
                     proc.wait()
             if engine.board is not None:
                 engine.board.close()
+        for pid, started in detached:
+            if started is not None and start_ticks(pid) == started:  # still that process, not a reuse of its pid
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         self.pub.close()
         self.control.close()
         self.ctx.term()
