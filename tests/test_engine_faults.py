@@ -698,18 +698,33 @@ def test_an_engine_near_its_open_file_limit_is_recycled_before_other_functions_f
         assert not info.get("quarantined"), info
 
 
-def test_an_engine_whose_functions_leave_too_many_processes_is_recycled():
+def test_an_engine_whose_functions_leave_too_many_processes_is_recycled(monkeypatch, tmp_path):
     """A function that starts 40 processes at each call and never waits for them: each
     stays a zombie, holding a pid, for as long as the engine lives. Past 512 the engine
-    is recycled (its group killed, the zombies reaped), every request answered 200."""
+    is recycled (its group killed, the zombies reaped), every request answered 200. A
+    process another function started in a session of its own goes with the engine,
+    instead of living on orphaned."""
+    pidfile = tmp_path / "sleeper.pid"
+    monkeypatch.setenv("FAULT_FORK_PIDFILE", str(pidfile))
     with live_server(**SETTINGS) as (url, proc):
         wait_spare(url)
         with httpx.Client(base_url=url, timeout=30) as client:
+            assert_sin_jacobian(client.post("/v1/functions/starts_a_detached_sleeper/jacobian", json=ARMED),
+                                ARMED["inputs"][0])
+            sleeper = int(pidfile.read_text())
             for call in range(16):  # 640 in all: past 512 by the 13th call
                 for name, body in (("leaks_processes", ARMED), ("sin", {"inputs": [[0.5, 1.0]]})):
                     assert_sin_jacobian(client.post(f"/v1/functions/{name}/jacobian", json=body), body["inputs"][0],
                                         f"call {call + 1}, {name}: ")
         wait_restarts(url, 1, 10)
+        try:
+            deadline = time.monotonic() + 5
+            while _alive(sleeper):
+                assert time.monotonic() < deadline, "a detached process outlived its recycled engine"
+                time.sleep(0.1)
+        finally:
+            if _alive(sleeper):
+                os.kill(sleeper, 9)
         log = proc.read_log()
         assert "processes that functions started were alive or unreaped, over 512; started while these ran: " \
                "leaks_processes" in log, log[-3000:]  # (or sin: they ran in the same seconds)

@@ -34,6 +34,7 @@ from ..heap import freeze_heap
 from ..logs import configure_logging
 from ..metrics import Metrics
 from ..orphans import stop_with_parent
+from ..procfs import descendants
 from ..registry import Registry
 from ..scheduler import Job, Worker
 from ..settings import Settings
@@ -288,9 +289,15 @@ class EngineServer:
         (``memory_watch``), descriptors near theirs (``descriptor_watch``) or too many
         threads (``strays``), between batches: the queue has drained, or waited long
         enough (what is left was never started: the front ends send it to the engine that
-        takes over). The board says why, for the supervisor."""
+        takes over). The board says why, for the supervisor.
+
+        What its functions started goes first: orphaned by this exit, a process in a
+        session of its own (out of reach of the supervisor's group kill) would outlive
+        every engine after it."""
         self.board.leave(time.monotonic(), why)
         self.flush()
+        for pid in descendants(os.getpid()):  # its children, alive or zombies: no pid here can be another's
+            _kill_quietly(pid)
         os._exit(_EXIT_LEAVING)  # not sys.exit: shutting the interpreter down would wait for a stray thread
 
     def _device_memory(self) -> None:
@@ -308,6 +315,10 @@ def _kill_stray(pid: int, functions: str) -> None:
     """A process a function left running, using a core (``strays``): unlike a thread,
     it can be stopped, and the engine goes on."""
     log.error("a process (pid %d) that %s left running after it returned used a core; killed", pid, functions)
+    _kill_quietly(pid)
+
+
+def _kill_quietly(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
     except OSError:  # gone just now
