@@ -262,10 +262,7 @@ def test_a_process_a_function_started_in_its_own_session_stops_with_the_server(m
             assert _alive(sleeper)
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
-            deadline = time.monotonic() + 5
-            while _alive(sleeper):
-                assert time.monotonic() < deadline, "the function's detached process outlived the server"
-                time.sleep(0.1)
+            _wait_gone(sleeper, 5, "the function's detached process outlived the server")
         finally:
             if _alive(sleeper):
                 os.kill(sleeper, signal.SIGKILL)
@@ -718,10 +715,7 @@ def test_an_engine_whose_functions_leave_too_many_processes_is_recycled(monkeypa
                                         f"call {call + 1}, {name}: ")
         wait_restarts(url, 1, 10)
         try:
-            deadline = time.monotonic() + 5
-            while _alive(sleeper):
-                assert time.monotonic() < deadline, "a detached process outlived its recycled engine"
-                time.sleep(0.1)
+            _wait_gone(sleeper, 5, "a detached process outlived its recycled engine")
         finally:
             if _alive(sleeper):
                 os.kill(sleeper, 9)

@@ -46,6 +46,7 @@ __all__ = [
     "encode_reply",
     "engine_path",
     "events_address",
+    "recycle_reason",
 ]
 
 _CALL_FIELDS = ("chunk_size", "batched", "mode", "return_output", "batched_vectors", "max_result_bytes", "sparsity",
@@ -249,6 +250,28 @@ def decode_reply(header: dict[str, Any], frames: Sequence[Any]) -> tuple[Any, Jo
 
 
 # --------------------------------------------------------------------------- status board
+
+
+def recycle_reason(status: dict[str, Any]) -> str | None:
+    """Why an engine leaves to be recycled (a leak its functions grew past a limit: memory,
+    descriptors, threads, processes), from what it puts on its board (``StatusBoard.leave``);
+    None when it does not. The engine logs it as it goes, the supervisor as it restarts it."""
+    def grown(leak: dict[str, Any], unit: Any) -> str:
+        return ", ".join(f"{name} +{unit(size)}" for name, size in leak.get("grown", [])) or "no function seen"
+
+    if (memory := status.get("memory")) is not None:
+        return (f"its resident memory reached {memory['rss'] >> 20} MiB, over ENGINE_MAX_RSS_BYTES "
+                f"({memory['limit'] >> 20} MiB); grown most by {grown(memory, lambda b: f'{b >> 20} MiB')}")
+    if (fds := status.get("descriptors")) is not None:
+        return (f"it held {fds['open']} open file descriptors, over {fds['limit']} (3/4 of its open-file limit); "
+                f"opened most by {grown(fds, int)}")
+    if (threads := status.get("threads")) is not None:
+        return (f"{threads['count']} threads that functions started were alive, over {threads['limit']}; "
+                f"started most by {grown(threads, int)}")
+    if (processes := status.get("processes")) is not None:
+        return (f"{processes['count']} processes that functions started were alive or unreaped, over "
+                f"{processes['limit']}; started while these ran: {grown(processes, int)}")
+    return None
 
 
 class StatusBoard:

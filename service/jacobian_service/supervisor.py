@@ -67,27 +67,6 @@ _BACKOFF_MAX_S = 10.0
 _STABLE_S = 60.0  # an engine up this long has its backoff reset
 
 
-def _recycled_for(status: dict[str, Any]) -> str | None:
-    """Why an engine left to be recycled (a leak its functions grew past a limit: memory,
-    descriptors, threads, processes), from its board; None when it did not."""
-    def grown(leak: dict[str, Any], unit: Any) -> str:
-        return ", ".join(f"{name} +{unit(size)}" for name, size in leak.get("grown", [])) or "no function seen"
-
-    if (memory := status.get("memory")) is not None:
-        return (f"its resident memory reached {memory['rss'] >> 20} MiB, over ENGINE_MAX_RSS_BYTES "
-                f"({memory['limit'] >> 20} MiB); grown most by {grown(memory, lambda b: f'{b >> 20} MiB')}")
-    if (fds := status.get("descriptors")) is not None:
-        return (f"it held {fds['open']} open file descriptors, over {fds['limit']} (3/4 of its open-file limit); "
-                f"opened most by {grown(fds, int)}")
-    if (threads := status.get("threads")) is not None:
-        return (f"{threads['count']} threads that functions started were alive, over {threads['limit']}; "
-                f"started most by {grown(threads, int)}")
-    if (processes := status.get("processes")) is not None:
-        return (f"{processes['count']} processes that functions started were alive or unreaped, over "
-                f"{processes['limit']}; started while these ran: {grown(processes, int)}")
-    return None
-
-
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     """Signal an engine's process group: the engine and whatever it forked (a function's
     multiprocessing pool, say). Each engine leads a session, hence a group, of its own
@@ -352,7 +331,7 @@ class Supervisor:
         self._died(engine, engine.proc.returncode, engine.board.read())  # type: ignore[union-attr]
 
     def _died(self, engine: _Engine, code: int, status: dict[str, Any]) -> None:
-        recycled = _recycled_for(status)  # planned: no function's fault, no backoff
+        recycled = ipc.recycle_reason(status)  # planned: no function's fault, no backoff
         planned = bool(status.get("stray")) or recycled is not None
         # A warm-up that ended the engine (a crash; one it killed is on its own record).
         warming = None if planned else self._warm_up_crashed(engine.proc.pid)  # type: ignore[union-attr]

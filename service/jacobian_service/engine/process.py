@@ -249,31 +249,27 @@ class EngineServer:
                     log.error("%s left a thread running after it returned, using a core; the engine restarts (a "
                               "thread cannot be stopped)", found.thread_function)
                     leaving, since = {"stray": found.thread_function}, now
-                if leaving is None and found.threads_left is not None:
-                    log.error("%d threads that functions started are alive, over %d, started most by %s; the engine "
-                              "restarts", found.threads_left["count"], found.threads_left["limit"],
-                              ", ".join(f"{name} ({count})" for name, count in found.threads_left["grown"]))
-                    leaving, since = {"threads": found.threads_left}, now
-                if leaving is None and found.processes_left is not None:
-                    log.error("%d processes that functions started are alive or unreaped, over %d, started in the "
-                              "windows of %s; the engine restarts", found.processes_left["count"],
-                              found.processes_left["limit"],
-                              ", ".join(f"{name} ({count})" for name, count in found.processes_left["grown"]))
-                    leaving, since = {"processes": found.processes_left}, now
             if leaving is None and (changed := self._unrestorable()) is not None:
                 leaving, since = changed, now
-            if leaving is None and (over := self.memory.check(now)) is not None:
-                log.error("the engine's resident memory is %d MiB, over ENGINE_MAX_RSS_BYTES (%d MiB), grown most by "
-                          "%s; the engine restarts", over["rss"] >> 20, over["limit"] >> 20,
-                          ", ".join(f"{name} (+{grown >> 20} MiB)" for name, grown in over["grown"]) or "nothing seen")
-                leaving, since = {"memory": over}, now
-            if leaving is None and (over := self.descriptors.check(now)) is not None:
-                log.error("the engine holds %d open file descriptors, over %d (3/4 of its open-file limit), opened "
-                          "most by %s; the engine restarts", over["open"], over["limit"],
-                          ", ".join(f"{name} (+{grown})" for name, grown in over["grown"]) or "nothing seen")
-                leaving, since = {"descriptors": over}, now
+            if leaving is None and (leak := self._leak(found, now)) is not None:
+                log.error("the engine restarts: %s", ipc.recycle_reason(leak))
+                leaving, since = leak, now
             if leaving is not None and (not self.pending or now - since > _LEAVE_DRAIN_S):
                 self._leave(leaving)
+
+    def _leak(self, found: Any, now: float) -> dict[str, Any] | None:
+        """A resource the functions leaked past its limit, as the board says it
+        (``ipc.recycle_reason``): threads or processes (``strays``, in ``found``), memory,
+        descriptors. The watches are asked in turn, only until one says so."""
+        if found is not None and found.threads_left is not None:
+            return {"threads": found.threads_left}
+        if found is not None and found.processes_left is not None:
+            return {"processes": found.processes_left}
+        if (over := self.memory.check(now)) is not None:
+            return {"memory": over}
+        if (over := self.descriptors.check(now)) is not None:
+            return {"descriptors": over}
+        return None
 
     def _unrestorable(self) -> dict[str, Any] | None:
         """Why to leave, when a function changed a setting this engine cannot put back."""
