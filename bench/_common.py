@@ -146,7 +146,15 @@ def cpu_line() -> str:
         model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         model = "unknown CPU"
-    return f"{os.cpu_count()} CPU cores ({model}), no GPU used (device cpu)"
+    # The services run on JACOBIAN_SERVICE_DEVICE (default auto: every visible GPU, else
+    # the CPU); the in-process references of the benchmarks stay on the CPU.
+    import torch
+
+    setting = os.environ.get("JACOBIAN_SERVICE_DEVICE", "auto")
+    if setting == "cpu" or not torch.cuda.is_available():
+        return f"{os.cpu_count()} CPU cores ({model}), services on the CPU (device {setting})"
+    return (f"{os.cpu_count()} CPU cores ({model}), services on {torch.cuda.device_count()} x "
+            f"{torch.cuda.get_device_name(0)} (device {setting})")
 
 
 # ---------------------------------------------------------------------- lean client
