@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import sys
 import threading
 import time
@@ -587,6 +588,28 @@ def test_a_port_already_served_is_refused_not_shared():
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_memory_limit_below_what_the_engine_maps_stops_serve_with_the_figure():
+    """A cap the kernel accepts but that leaves no room (below what torch, the functions,
+    on a GPU the CUDA context, already map) would fail every request with 507: `serve`
+    refuses it at start-up, naming the size that would do."""
+    import subprocess
+
+    limit = 128 << 20  # torch alone maps ~600 MiB here
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JACOBIAN_SERVICE_FUNCTIONS": "jacobian_service.examples",
+           "JACOBIAN_SERVICE_WORKERS": "1", "JACOBIAN_SERVICE_ENGINE_MEMORY_LIMIT_BYTES": str(limit)}
+    done = subprocess.run([sys.executable, "-m", "jacobian_service.cli", "serve", "--host", "127.0.0.1",
+                           "--port", "0"], env=env, capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    found = re.search(r"ENGINE_MEMORY_LIMIT_BYTES=(\d+) leaves no room to compute: the engine on cpu already maps "
+                      r"(\d+) bytes of address space \(torch and the functions\); set it to at least (\d+)", out)
+    assert found, out
+    mapped = int(found[2])
+    assert int(found[1]) == limit and 256 << 20 < mapped < 8 << 30 and int(found[3]) == mapped + (256 << 20)
+    assert "the engine process exited with status 1 while loading functions" in out
+    assert "Traceback" not in out
 
 
 def test_a_function_that_exhausts_the_engines_memory_limit_gets_507_and_the_engine_lives():

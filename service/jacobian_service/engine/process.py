@@ -34,7 +34,7 @@ from ..heap import freeze_heap
 from ..logs import configure_logging
 from ..metrics import Metrics
 from ..orphans import stop_with_parent
-from ..procfs import descendants
+from ..procfs import descendants, status_bytes
 from ..registry import Registry
 from ..scheduler import Job, Worker
 from ..settings import Settings
@@ -49,6 +49,9 @@ _OOM_SCORE_ADJ = 500  # of -1000..1000: before the other processes, not before e
 _IDLE_POLL_MS = 100
 _LEAVE_DRAIN_S = 2.0  # an engine about to leave (a stray thread, memory): queued jobs get this long to finish
 _EXIT_LEAVING = 75  # EX_TEMPFAIL; the board, not the status, tells the supervisor why
+# The least room an address-space cap must leave above what a loaded engine maps: the
+# default memory budget of one chunk of rows on the CPU.
+_MIN_ROOM = 256 << 20
 
 
 class EngineServer:
@@ -327,11 +330,25 @@ def _deadline(header: dict[str, Any], call: Any) -> float:
     return header.get("deadline") or time.monotonic() + 60
 
 
-def _limit_memory(limit: int | None) -> None:
+def _limit_memory(limit: int | None, device: str) -> None:
     """An address-space cap: a function that allocates without end fails its request
-    with out-of-memory (507) instead of taking the machine's memory."""
-    if limit:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    with out-of-memory (507) instead of taking the machine's memory.
+
+    The kernel takes a cap below what the process already maps, and then every new
+    mapping fails: each request would get 507, the warm-up too, in every engine after.
+    A CUDA context alone maps tens of GB of address space that is never resident, so a
+    cap sized for the CPU does that on a GPU host. Such a cap is refused here, before
+    the engine names itself ready, so ``serve`` stops with this message instead."""
+    if not limit:
+        return
+    mapped = status_bytes(os.getpid(), "VmSize") or 0
+    if limit < mapped + _MIN_ROOM:
+        what = "torch, the functions and the CUDA context" if device.startswith("cuda") else "torch and the functions"
+        raise SystemExit(f"ENGINE_MEMORY_LIMIT_BYTES={limit} leaves no room to compute: the engine on {device} "
+                         f"already maps {mapped} bytes of address space ({what}); set it to at least "
+                         f"{mapped + _MIN_ROOM} (that plus {_MIN_ROOM >> 20} MiB), or unset it and use "
+                         f"ENGINE_MAX_RSS_BYTES, which counts resident memory only")
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def _first_for_the_oom_killer() -> None:
@@ -370,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     registry = Registry.from_modules(settings.function_modules)
     devices = resolve_devices(args.device)
+    server = EngineServer(settings, registry, devices[0])  # on a GPU: its CUDA context
+    _limit_memory(settings.engine_memory_limit_bytes, str(devices[0]))  # before the registry: a bad cap stops `serve`
     if args.index == 0 and not args.standby:  # the front ends learn the registry and the devices from engine 0
         doc = {"functions": [spec.describe() for spec in registry], "devices": [str(d) for d in devices],
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -377,8 +396,6 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.run_dir / "registry.json.tmp"
         tmp.write_bytes(orjson.dumps(doc))
         tmp.replace(args.run_dir / "registry.json")
-    server = EngineServer(settings, registry, devices[0])
-    _limit_memory(settings.engine_memory_limit_bytes)
     _first_for_the_oom_killer()
     server.engine.take_settings()  # with the memory limit: it is no function's change to undo
     skip = set(ipc.names_from_env(ipc.SKIP_WARMUP_ENV))
