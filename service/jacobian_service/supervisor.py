@@ -24,6 +24,10 @@ Torch-free; it runs in the ``serve`` process beside the front ends it starts. Ev
 With ``engine_standby`` a spare engine process per device waits, loaded and warmed up,
 and a dead engine's replacement is that spare, promoted (then a new spare starts).
 
+A dead engine's process group is killed, and with it what its functions forked; what
+they started in a session of their own (out of the group's reach) is killed from the
+engine's descendants as last noted (once a second, and just before a kill).
+
 Each death is published to the front ends (which engine, which request tags were
 running, why), counted against the function that was running, and the engine restarts
 with exponential backoff. A function that takes its engine down ``quarantine_after``
@@ -65,6 +69,7 @@ _TICK_S = 0.05
 _STATE_EVERY_S = 0.5
 _BACKOFF_MAX_S = 10.0
 _STABLE_S = 60.0  # an engine up this long has its backoff reset
+_FORKED_EVERY_S = 1.0  # how often an engine's descendants are noted (~0.3 ms of /proc reads)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -78,6 +83,22 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):  # no one left in the group
         pass
+
+
+def _forked(proc: subprocess.Popen) -> list[tuple[int, int | None]]:
+    """What ``proc`` started and still parents, with each one's start time: a process
+    a function started in a session of its own (a helper daemon) is out of reach of the
+    group kill, and once its engine has gone it is no one's child that we can find."""
+    return [(pid, start_ticks(pid)) for pid in descendants(proc.pid)]
+
+
+def _kill_forked(found: list[tuple[int, int | None]]) -> None:
+    for pid, started in found:
+        if started is not None and start_ticks(pid) == started:  # still that process, not a reuse of its pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 @dataclass
@@ -99,6 +120,10 @@ class _Engine:
     spare: subprocess.Popen | None = None  # warmed up, waiting on stdin to take over
     spare_at: float = 0.0  # when a spare may be started next
     spare_started: float = 0.0
+    # Its descendants at the last look (_FORKED_EVERY_S, and just before we kill it): a
+    # crash leaves those in a session of their own orphaned, killed from this list.
+    forked: list[tuple[int, int | None]] = field(default_factory=list)
+    forked_at: float = 0.0
 
     def ready_in(self, now: float) -> float:
         """Seconds until this engine should be ready again: what a 503's Retry-After says,
@@ -312,6 +337,8 @@ class Supervisor:
             if code is not None:
                 self._died(engine, code, engine.board.read())  # its last word, written just before it went
                 continue
+            if now - engine.forked_at >= _FORKED_EVERY_S:
+                engine.forked, engine.forked_at = _forked(engine.proc), now
             if status["deadline"] and now > status["deadline"] + self.settings.hang_grace_s:
                 self._kill(engine, "hang")
             elif engine.ready and not status["deadline"] and now - status["beat"] > self.settings.engine_heartbeat_s:
@@ -326,6 +353,7 @@ class Supervisor:
     def _kill(self, engine: _Engine, why: str) -> None:
         log.warning("engine %d: %s; killing pid %d", engine.index, why, engine.proc.pid)  # type: ignore[union-attr]
         engine.killed_for = why
+        engine.forked = _forked(engine.proc)  # type: ignore[arg-type]  # while it is alive to be their parent
         _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]
         engine.proc.wait()  # type: ignore[union-attr]
         self._died(engine, engine.proc.returncode, engine.board.read())  # type: ignore[union-attr]
@@ -376,6 +404,8 @@ class Supervisor:
         log.error("engine %d died: %s (running %s for %d requests)", engine.index, reason, function or "nothing", len(tags))
         pid = engine.proc.pid  # type: ignore[union-attr]
         _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]  # its children, if any, go too
+        _kill_forked(engine.forked)  # and those that left its group, as last seen
+        engine.forked = []
         if function and recycled is None:
             self._strike(function, batch=len(tags) > 1)
         engine.proc = None
@@ -449,8 +479,8 @@ class Supervisor:
         # Processes the functions started in a session of their own (a helper server, a
         # daemon) are out of reach of the engines' group kill below and outlived the
         # server; found now, while their engine is alive to be their parent.
-        detached = [(pid, start_ticks(pid)) for engine in self.engines for proc in (engine.proc, engine.spare)
-                    if proc is not None and proc.poll() is None for pid in descendants(proc.pid)]
+        detached = [found for engine in self.engines for proc in (engine.proc, engine.spare)
+                    if proc is not None and proc.poll() is None for found in _forked(proc)]
         for engine in self.engines:
             for proc in (engine.proc, engine.spare):
                 if proc is not None and proc.poll() is None:
@@ -466,12 +496,7 @@ class Supervisor:
                     proc.wait()
             if engine.board is not None:
                 engine.board.close()
-        for pid, started in detached:
-            if started is not None and start_ticks(pid) == started:  # still that process, not a reuse of its pid
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        _kill_forked(detached)
         self.pub.close()
         self.control.close()
         self.ctx.term()
