@@ -33,6 +33,11 @@ hypothesis_settings.register_profile("ci", derandomize=True, database=None)
 hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
+# What a server started with DEVICE unset (auto) serves on: every visible GPU, else the
+# CPU. The suite runs on a GPU host too (scripts/device-check), where that is CUDA.
+DEFAULT_DEVICES = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+
+
 @pytest.fixture(scope="session")
 def builtins() -> Registry:
     return Registry.from_modules()

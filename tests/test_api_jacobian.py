@@ -10,7 +10,7 @@ import torch
 
 from jacobian_client import wire
 
-from .conftest import assert_tree_close, decode, npy_bytes, npz_bytes
+from .conftest import DEFAULT_DEVICES, assert_tree_close, decode, npy_bytes, npz_bytes
 
 RNG = np.random.default_rng(42)
 N = 5
@@ -69,7 +69,7 @@ def test_every_builtin_json(client, builtins, name, chunk_size):
         assert_tree_close(wire.decode_tree(doc["aux"]), want[1])
     if chunk_size:
         assert doc["meta"]["chunk_size"] == chunk_size
-    assert doc["meta"]["device"] == "cpu" and doc["function"] == name
+    assert doc["meta"]["device"] == DEFAULT_DEVICES[0] and doc["function"] == name
     assert {"queue_ms", "compute_ms", "batch_size"} <= set(doc["meta"])
 
 

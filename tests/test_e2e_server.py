@@ -14,7 +14,7 @@ import torch
 
 from jacobian_client import wire
 
-from .conftest import assert_problem, live_server, npy_bytes
+from .conftest import DEFAULT_DEVICES, assert_problem, live_server, npy_bytes
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_metrics_and_info(server):
         assert r.status_code == 200
     assert _batches(httpx.get(f"{server}/metrics").text) == before + 3
     info = httpx.get(f"{server}/v1/info").json()
-    assert info["devices"] == ["cpu"] and info["limits"]["stream_threshold_bytes"] == 2 << 20
+    assert info["devices"] == DEFAULT_DEVICES and info["limits"]["stream_threshold_bytes"] == 2 << 20
     assert info["torch_threads"] == max(1, (os.cpu_count() or 2) // 2)  # the default: half the cores
     assert httpx.get(f"{server}/openapi.json").json()["paths"]["/v1/functions/{name}/jacobian"]["post"]
     assert httpx.get(f"{server}/docs").status_code == 200

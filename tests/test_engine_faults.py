@@ -645,8 +645,10 @@ def test_a_function_that_exhausts_the_engines_memory_limit_gets_507_and_the_engi
     limit = 3 << 30  # address space: the engine's own (torch) is ~1-1.5 GiB of it
     # No spare beside it (its start-up would compete for the cores), and a deadline long
     # enough for a busy machine to fill the address space.
+    # On the CPU also on a GPU host: the cap is about host memory, and a CUDA context maps
+    # more address space than it leaves.
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, ENGINE_MEMORY_LIMIT_BYTES=limit, ENGINE_STANDBY="false",
-                     REQUEST_TIMEOUT_S=180) as (url, proc):
+                     REQUEST_TIMEOUT_S=180, DEVICE="cpu") as (url, proc):
         sin_ok(url)
         engine = next(p for p in _children(proc.pid) if b"engine.process" in _cmdline(p))
         others: list[int] = []
@@ -676,8 +678,8 @@ def test_an_engine_over_its_resident_memory_limit_is_recycled_without_losing_a_r
     over, every request is answered 200, and the log names the function. Nobody is
     struck for it: a planned restart, not a crash."""
     # An engine here holds ~330 MiB once started (the limit must be above that, else it
-    # is not enforced, and says so).
-    with live_server(**SETTINGS, ENGINE_MAX_RSS_BYTES=768 << 20) as (url, proc):
+    # is not enforced, and says so); a CUDA context adds more: on the CPU everywhere.
+    with live_server(**SETTINGS, ENGINE_MAX_RSS_BYTES=768 << 20, DEVICE="cpu") as (url, proc):
         wait_spare(url)
         done = threading.Event()
         others: list[httpx.Response] = []
@@ -783,7 +785,7 @@ def test_an_engine_whose_functions_leave_too_many_threads_is_recycled_before_non
     thread past 220-300 ("can't start new thread", 500), and without a cap they take the
     host's pids. Past the limit (here ~100, half the stacks the cap has room for) the
     engine is recycled as planned, every request answered 200, nobody struck."""
-    with live_server(**SETTINGS, ENGINE_MEMORY_LIMIT_BYTES=4 << 30) as (url, proc):
+    with live_server(**SETTINGS, ENGINE_MEMORY_LIMIT_BYTES=4 << 30, DEVICE="cpu") as (url, proc):
         wait_spare(url)
         seen = 0
         with httpx.Client(base_url=url, timeout=30) as client:

@@ -7,7 +7,7 @@ import torch
 
 from jacobian_client import wire
 
-from .conftest import assert_tree_close, decode
+from .conftest import DEFAULT_DEVICES, assert_tree_close, decode
 from .user_functions import branchy, dict_out, scaled_norm
 
 
@@ -83,7 +83,7 @@ def test_npz_response_readable_without_the_sdk(client):
     archive = zipfile.ZipFile(io.BytesIO(response.content))
     assert set(archive.namelist()) == {"jacobian/0.npy", "jacobian/1.npy", "aux/total.npy", "meta.json"}
     meta = json.loads(archive.read("meta.json"))
-    assert meta["device"] == "cpu" and meta["function"] == "scaled_norm" and "chunk_size" in meta
+    assert meta["device"] == DEFAULT_DEVICES[0] and meta["function"] == "scaled_norm" and "chunk_size" in meta
     assert meta["aux"] == {"total": {"$npy": "aux/total.npy"}, "label": "norms", "sizes": [1, 3]}
     arrays = np.load(io.BytesIO(response.content))
     np.testing.assert_allclose(arrays["jacobian/0"], [[[1 / 3, 2 / 3, 2 / 3]]])
