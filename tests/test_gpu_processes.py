@@ -17,7 +17,7 @@ import torch
 from jacobian_client import wire
 
 from .conftest import assert_problem, live_server, npy_bytes
-from .test_engine_faults import back_within, restarts
+from .test_engine_faults import back_within, restarts, wait_spare
 
 pytestmark = pytest.mark.gpu
 
@@ -98,12 +98,19 @@ def test_a_cuda_out_of_memory_in_a_function_is_507_and_the_engine_stays(server):
 
 @pytest.mark.parametrize("name", ["segfaults", "exits"])
 def test_a_crash_on_the_gpu_costs_only_its_request(server, name):
+    """With the spare warm (the steady state), so that the restart measured is a
+    promotion; the spare's own start-up on CUDA (torch, the context, every function's
+    first jacrev) is printed too. The first GPU run, without this wait, measured 5.7 s
+    and 9.1 s: the spare had not finished warming up."""
     url, proc = server
+    t0 = time.monotonic()
+    wait_spare(url, 180.0)
+    print(f"{name}: spare warm after {time.monotonic() - t0:.2f} s more")
     before = restarts(url)
     r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json={"inputs": [[666.0, 1.0]]}, timeout=60)
     assert_problem(r, 500, "function_error")
     t0 = time.monotonic()
-    back = back_within(url, 30.0)
+    back = back_within(url, 5.0)  # issue 9's goal (set for the CPU): a promotion is well within it
     x = np.random.default_rng(4).standard_normal(128).astype(np.float32)
     r = _npy(url, "mlp", x)
     assert r.status_code == 200, r.text
