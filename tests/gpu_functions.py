@@ -27,3 +27,13 @@ def big_outer_rows(x: torch.Tensor) -> torch.Tensor:
     # vmap over all n rows at once needs n^3 floats: 256 GiB at n = 4096, more than an
     # H200 holds, so the engine must cut the rows into chunks that fit.
     return torch.sin(torch.outer(x, x)).sum(1)
+
+
+_KEPT: list[torch.Tensor] = []
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Keeps 8 GiB more on x's device at each call, on the trigger (a leak).")
+def keeps_on_the_device(x: torch.Tensor) -> torch.Tensor:
+    if float(x.detach().reshape(-1)[0]) == TRIGGER:
+        _KEPT.append(torch.ones(2 << 30, device=x.device))
+    return x.sin()

@@ -18,7 +18,7 @@ def test_the_function_that_grew_the_memory_is_named_once_over_the_limit():
     held = np.ones(160 << 17)  # 160 MiB, written: resident
     watch.after_run("grows")
     over = watch.check(2.0)
-    assert over is not None and over["rss"] > over["limit"], over
+    assert over is not None and over["held"] > over["limit"], over
     assert over["grown"][0][0] == "grows" and over["grown"][0][1] >= 96 << 20, over
     assert dict(over["grown"]).get("small", 0) < 1 << 20  # a page or two of the test's own, at most
     del held
@@ -28,3 +28,31 @@ def test_a_limit_below_what_the_engine_holds_once_started_is_not_enforced():
     watch = MemoryWatch(1 << 26, every_s=0.0)  # 64 MiB: less than this process holds
     watch.start()
     assert watch.limit is None and watch.check(1.0) is None
+
+
+def test_the_device_watch_reads_what_it_is_given_and_names_its_setting(caplog):
+    """The same watch over a GPU's allocated bytes (devices.device_memory_watch gives it
+    torch.cuda.memory_allocated): here a reader we set by hand."""
+    held = [100 << 20]
+    watch = MemoryWatch(1 << 30, every_s=0.0, read=lambda: held[0], setting="ENGINE_MAX_DEVICE_BYTES")
+    watch.start()
+    held[0] += 512 << 20
+    watch.after_run("keeps")
+    held[0] -= 64 << 20  # a stream that ended gave some back: nobody is charged for a fall
+    watch.after_run("streams")
+    assert watch.check(1.0) is None
+    held[0] += 600 << 20
+    watch.after_run("keeps")
+    assert watch.check(2.0) == {"held": 1148 << 20, "limit": 1 << 30, "grown": [["keeps", 1112 << 20]]}
+    low = MemoryWatch(64 << 20, every_s=0.0, read=lambda: held[0], setting="ENGINE_MAX_DEVICE_BYTES")
+    low.start()
+    assert low.limit is None and "ENGINE_MAX_DEVICE_BYTES (64 MiB) is below what this engine holds" in caplog.text
+
+
+def test_there_is_no_device_watch_on_the_cpu_or_when_turned_off():
+    import torch
+
+    from jacobian_service.engine.devices import device_memory_watch
+
+    assert device_memory_watch(torch.device("cpu"), None) is None
+    assert device_memory_watch(torch.device("cuda", 0), 0) is None

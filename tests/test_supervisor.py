@@ -41,7 +41,11 @@ def _died_message(sub: zmq.Socket) -> dict:
     raise AssertionError("no died message")
 
 
-@pytest.mark.parametrize("status", [{"stray": "leaves_a_thread"}, {"memory": {"rss": 1 << 30, "limit": 1 << 29}}])
+@pytest.mark.parametrize("status", [
+    {"stray": "leaves_a_thread"},
+    {"memory": {"held": 1 << 30, "limit": 1 << 29}},
+    {"device_memory": {"held": 3 << 30, "limit": 2 << 30, "device": "cuda:0", "grown": [["keeps", 3 << 30]]}},
+])
 def test_an_engine_that_left_as_planned_names_none_of_the_requests_it_was_last_seen_running(supervisor, status):
     """It left between batches. What the supervisor last saw it run (a batch of two sin
     requests) is stale: those requests may be answered already, their replies not yet
@@ -60,6 +64,9 @@ def test_an_engine_that_left_as_planned_names_none_of_the_requests_it_was_last_s
     assert msg["function"] == status.get("stray", "")
     assert "sin" not in sup.strikes
     assert ("leaves_a_thread" in sup.strikes) == ("stray" in status)
+    if "device_memory" in status:
+        assert msg["reason"] == ("its tensors on cuda:0 held 3072 MiB between requests, over ENGINE_MAX_DEVICE_BYTES "
+                                 "(2048 MiB); grown most by keeps +3072 MiB")
 
 
 def test_an_engine_that_crashed_names_what_it_was_running(supervisor):

@@ -260,8 +260,12 @@ def recycle_reason(status: dict[str, Any]) -> str | None:
         return ", ".join(f"{name} +{unit(size)}" for name, size in leak.get("grown", [])) or "no function seen"
 
     if (memory := status.get("memory")) is not None:
-        return (f"its resident memory reached {memory['rss'] >> 20} MiB, over ENGINE_MAX_RSS_BYTES "
+        return (f"its resident memory reached {memory['held'] >> 20} MiB, over ENGINE_MAX_RSS_BYTES "
                 f"({memory['limit'] >> 20} MiB); grown most by {grown(memory, lambda b: f'{b >> 20} MiB')}")
+    if (device := status.get("device_memory")) is not None:
+        return (f"its tensors on {device['device']} held {device['held'] >> 20} MiB between requests, over "
+                f"ENGINE_MAX_DEVICE_BYTES ({device['limit'] >> 20} MiB); grown most by "
+                f"{grown(device, lambda b: f'{b >> 20} MiB')}")
     if (fds := status.get("descriptors")) is not None:
         return (f"it held {fds['open']} open file descriptors, over {fds['limit']} (3/4 of its open-file limit); "
                 f"opened most by {grown(fds, int)}")
@@ -329,8 +333,8 @@ class StatusBoard:
     def leave(self, now: float, why: dict[str, Any]) -> None:
         """The engine leaves, and says why: ``{"stray": function}`` (it left a thread
         running: ``engine.strays``; with ``"left"``, what else it left: a setting the
-        engine cannot put back, ``engine.process_settings``), ``{"memory": ...}``
-        (``engine.memory_watch``), ``{"descriptors": ...}`` (``engine.descriptor_watch``) or
+        engine cannot put back, ``engine.process_settings``), ``{"memory": ...}`` or
+        ``{"device_memory": ...}`` (``engine.memory_watch``), ``{"descriptors": ...}`` (``engine.descriptor_watch``) or
         ``{"threads": ...}`` or ``{"processes": ...}`` (``engine.strays``)."""
         self._beat, self._deadline, self._doc = now, 0.0, orjson.dumps(why)
         self._write()

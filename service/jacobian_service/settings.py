@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     # recycled: its queue drains (2 s at most), it exits, the spare takes over. For
     # functions that leak a little at each call. Unset: never.
     engine_max_rss_bytes: int | None = Field(None, ge=1 << 26)
+    # The same for the tensors an engine holds on its GPU between requests (what torch's
+    # allocator has handed out, read after each batch): a function that keeps device
+    # tensors in a global would leave every later request out of memory. Unset: 90 % of
+    # the GPU's memory; 0: never. Not used on the CPU.
+    engine_max_device_bytes: int | None = Field(None, ge=0)
     # Shared memory each engine gives each front end for results, and each front end
     # each engine for inputs (arrays of 16 KiB and more): the reader takes them where the
     # writer put them, not through the socket. Pages are taken as blocks are first used;

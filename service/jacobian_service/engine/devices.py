@@ -12,6 +12,7 @@ import torch
 from ..procfs import status_bytes
 from ..registry import FunctionSpec
 from ..types import Call
+from .memory_watch import MemoryWatch
 
 __all__ = ["PeakMemory", "default_memory_budget", "keep_free_heap", "release_free_heap", "resolve_devices", "warmup_call"]
 
@@ -42,6 +43,20 @@ def default_memory_budget(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
     return 256 << 20
+
+
+_DEVICE_HELD_SHARE = 0.9  # ENGINE_MAX_DEVICE_BYTES unset: this share of the GPU's memory
+
+
+def device_memory_watch(device: torch.device, limit: int | None) -> MemoryWatch | None:
+    """The watch on the tensors this engine holds on its GPU between requests (None on the
+    CPU, or with ``limit`` 0). Unset, the limit is 90 % of the GPU's memory: held while
+    no request runs, that much leaves next to nothing for any request."""
+    if device.type != "cuda" or limit == 0:
+        return None
+    if limit is None:
+        limit = int(torch.cuda.get_device_properties(device).total_memory * _DEVICE_HELD_SHARE)
+    return MemoryWatch(limit, read=lambda: torch.cuda.memory_allocated(device), setting="ENGINE_MAX_DEVICE_BYTES")
 
 
 class PeakMemory:

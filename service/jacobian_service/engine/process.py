@@ -60,7 +60,7 @@ class EngineServer:
 
     def __init__(self, settings: Settings, registry: Registry, device: Any) -> None:
         from .core import Engine
-        from .devices import default_memory_budget
+        from .devices import default_memory_budget, device_memory_watch
 
         self.settings = settings
         self.registry = registry
@@ -84,6 +84,7 @@ class EngineServer:
         self.pending: dict[tuple[Peer, int], Job] = {}
         self.strays = Strays()  # after the functions' modules are imported: their threads are not strays
         self.memory = MemoryWatch(settings.engine_max_rss_bytes)
+        self.device_watch = device_memory_watch(device, settings.engine_max_device_bytes)  # None on the CPU
         self.descriptors = DescriptorWatch()
         self._ran = ""  # the function of the last batch run
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
@@ -226,6 +227,8 @@ class EngineServer:
     def serve(self) -> None:
         self.board.set_ready(time.monotonic())
         self.memory.start()
+        if self.device_watch is not None:
+            self.device_watch.start()
         self.descriptors.start()
         leaving: dict[str, Any] | None = None  # why this engine is about to leave (the board says it)
         since = 0.0
@@ -244,6 +247,8 @@ class EngineServer:
                 self._device_memory()
                 self.strays.after_run(self._ran)
                 self.memory.after_run(self._ran)
+                if self.device_watch is not None:
+                    self.device_watch.after_run(self._ran)
                 self.descriptors.after_run(self._ran)
             if (found := self.strays.check(now)) is not None:
                 for pid, functions in found.processes.items():
@@ -270,6 +275,8 @@ class EngineServer:
             return {"processes": found.processes_left}
         if (over := self.memory.check(now)) is not None:
             return {"memory": over}
+        if self.device_watch is not None and (over := self.device_watch.check(now)) is not None:
+            return {"device_memory": {**over, "device": self.device}}
         if (over := self.descriptors.check(now)) is not None:
             return {"descriptors": over}
         return None
