@@ -334,8 +334,9 @@ class StatusBoard:
         """The engine leaves, and says why: ``{"stray": function}`` (it left a thread
         running: ``engine.strays``; with ``"left"``, what else it left: a setting the
         engine cannot put back, ``engine.process_settings``), ``{"memory": ...}`` or
-        ``{"device_memory": ...}`` (``engine.memory_watch``), ``{"descriptors": ...}`` (``engine.descriptor_watch``) or
-        ``{"threads": ...}`` or ``{"processes": ...}`` (``engine.strays``)."""
+        ``{"device_memory": ...}`` (``engine.memory_watch``), ``{"descriptors": ...}``
+        (``engine.descriptor_watch``) or ``{"threads": ...}`` or ``{"processes": ...}``
+        (``engine.strays``)."""
         self._beat, self._deadline, self._doc = now, 0.0, orjson.dumps(why)
         self._write()
 

@@ -14,7 +14,8 @@ from ..registry import FunctionSpec
 from ..types import Call
 from .memory_watch import MemoryWatch
 
-__all__ = ["PeakMemory", "default_memory_budget", "keep_free_heap", "release_free_heap", "resolve_devices", "warmup_call"]
+__all__ = ["PeakMemory", "default_memory_budget", "device_memory_watch", "keep_free_heap", "release_free_heap",
+           "resolve_devices", "warmup_call"]
 
 
 def resolve_devices(setting: str) -> list[torch.device]:
