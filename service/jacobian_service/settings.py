@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     # The same for the tensors an engine holds on its GPU between requests (what torch's
     # allocator has handed out, read after each batch): a function that keeps device
     # tensors in a global would leave every later request out of memory. Unset: 90 % of
-    # the GPU's memory; 0: never. Not used on the CPU.
+    # the GPU's memory, acted on once a request has run out of memory (a model loaded on
+    # a first call is not a leak); 0: never. Not used on the CPU.
     engine_max_device_bytes: int | None = Field(None, ge=0)
     # Shared memory each engine gives each front end for results, and each front end
     # each engine for inputs (arrays of 16 KiB and more): the reader takes them where the

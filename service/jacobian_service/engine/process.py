@@ -29,7 +29,7 @@ import orjson
 
 from .. import ipc
 from ..channel import Listener, Peer
-from ..errors import InternalError, ServiceError
+from ..errors import InternalError, OutOfMemory, ServiceError
 from ..heap import freeze_heap
 from ..logs import configure_logging
 from ..metrics import Metrics
@@ -85,6 +85,10 @@ class EngineServer:
         self.strays = Strays()  # after the functions' modules are imported: their threads are not strays
         self.memory = MemoryWatch(settings.engine_max_rss_bytes)
         self.device_watch = device_memory_watch(device, settings.engine_max_device_bytes)  # None on the CPU
+        # With ENGINE_MAX_DEVICE_BYTES unset the watch acts only once a request has run out
+        # of memory: what is held may be a model a function loads on its first call, which
+        # a new engine would load again, recycled after each request, for ever.
+        self._ran_out = settings.engine_max_device_bytes is not None
         self.descriptors = DescriptorWatch()
         self._ran = ""  # the function of the last batch run
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
@@ -155,6 +159,8 @@ class EngineServer:
     def _settle(self, peer: Peer, msg_id: int) -> Any:
         def settle(result: Any, error: BaseException | None, info: Any) -> None:
             self.pending.pop((peer, msg_id), None)
+            if isinstance(error, OutOfMemory):
+                self._ran_out = True
             if error is not None:
                 err = error if isinstance(error, ServiceError) else InternalError(f"internal error ({type(error).__name__})")
                 self._send(peer, ipc.encode_error(msg_id, err))
@@ -275,7 +281,7 @@ class EngineServer:
             return {"processes": found.processes_left}
         if (over := self.memory.check(now)) is not None:
             return {"memory": over}
-        if self.device_watch is not None and (over := self.device_watch.check(now)) is not None:
+        if self.device_watch is not None and self._ran_out and (over := self.device_watch.check(now)) is not None:
             return {"device_memory": {**over, "device": self.device}}
         if (over := self.descriptors.check(now)) is not None:
             return {"descriptors": over}
