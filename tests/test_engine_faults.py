@@ -629,7 +629,8 @@ def test_a_memory_limit_below_what_the_engine_maps_stops_serve_with_the_figure()
 
     limit = 128 << 20  # torch alone maps ~600 MiB here
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JACOBIAN_SERVICE_FUNCTIONS": "jacobian_service.examples",
-           "JACOBIAN_SERVICE_WORKERS": "1", "JACOBIAN_SERVICE_ENGINE_MEMORY_LIMIT_BYTES": str(limit)}
+           "JACOBIAN_SERVICE_WORKERS": "1", "JACOBIAN_SERVICE_ENGINE_MEMORY_LIMIT_BYTES": str(limit),
+           "JACOBIAN_SERVICE_DEVICE": "cpu"}
     done = subprocess.run([sys.executable, "-m", "jacobian_service.cli", "serve", "--host", "127.0.0.1",
                            "--port", "0"], env=env, capture_output=True, text=True, timeout=120)
     out = done.stdout + done.stderr
