@@ -16,6 +16,7 @@ import re
 import sys
 import threading
 import time
+from typing import Any, Iterator
 
 import httpx
 import numpy as np
@@ -248,56 +249,51 @@ def test_a_server_killed_outright_leaves_no_process_behind():
             httpx.get(f"{url}/healthz", timeout=2)
 
 
+@contextlib.contextmanager
+def _detached_sleeper(url: str, pidfile: Any) -> Iterator[int]:
+    """A process the function started in a session of its own (``start_new_session``: a
+    helper daemon), out of reach of its engine's group kill; killed here if it outlives
+    the test."""
+    assert_sin_jacobian(httpx.post(f"{url}/v1/functions/starts_a_detached_sleeper/jacobian", json=ARMED, timeout=30),
+                        ARMED["inputs"][0])
+    sleeper = int(pidfile.read_text())
+    try:
+        assert _alive(sleeper)
+        yield sleeper
+    finally:
+        if _alive(sleeper):
+            os.kill(sleeper, 9)
+
+
 def test_a_process_a_function_started_in_its_own_session_stops_with_the_server(monkeypatch, tmp_path):
-    """The engines' group kill at shutdown cannot reach a process that left the group
-    (``start_new_session``: a helper daemon): it outlived the server, for good. The
-    supervisor now finds the engines' descendants before it stops them, and kills
-    those still there after."""
+    """The engines' group kill at shutdown cannot reach it: it outlived the server, for
+    good. The supervisor now finds the engines' descendants before it stops them, and
+    kills those still there after."""
     import signal
 
-    pidfile = tmp_path / "sleeper.pid"
-    monkeypatch.setenv("FAULT_FORK_PIDFILE", str(pidfile))
-    with live_server(**SETTINGS) as (url, proc):
-        assert_sin_jacobian(httpx.post(f"{url}/v1/functions/starts_a_detached_sleeper/jacobian", json=ARMED,
-                                       timeout=30), ARMED["inputs"][0])
-        sleeper = int(pidfile.read_text())
-        try:
-            assert _alive(sleeper)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
-            _wait_gone(sleeper, 5, "the function's detached process outlived the server")
-        finally:
-            if _alive(sleeper):
-                os.kill(sleeper, signal.SIGKILL)
+    monkeypatch.setenv("FAULT_FORK_PIDFILE", str(tmp_path / "sleeper.pid"))
+    with live_server(**SETTINGS) as (url, proc), _detached_sleeper(url, tmp_path / "sleeper.pid") as sleeper:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        _wait_gone(sleeper, 5, "the function's detached process outlived the server")
 
 
 @pytest.mark.parametrize("fault", ["segfaults", "spins"])
 def test_a_process_a_function_started_in_its_own_session_goes_with_its_engine(fault, monkeypatch, tmp_path):
-    """The same daemon, then its engine crashes (a segfault) or hangs (killed at its
-    deadline): the group kill could not reach it and it outlived every engine after. The
-    supervisor now kills it from the engine's descendants as last noted (once a second:
-    the test waits 1.5 s; a hang's are noted just before the kill)."""
-    import signal
-
-    pidfile = tmp_path / "sleeper.pid"
-    monkeypatch.setenv("FAULT_FORK_PIDFILE", str(pidfile))
-    with live_server(**SETTINGS) as (url, proc):
-        assert_sin_jacobian(httpx.post(f"{url}/v1/functions/starts_a_detached_sleeper/jacobian", json=ARMED,
-                                       timeout=30), ARMED["inputs"][0])
-        sleeper = int(pidfile.read_text())
-        try:
-            time.sleep(1.5)
-            assert _alive(sleeper)
-            r = httpx.post(f"{url}/v1/functions/{fault}/jacobian", json=ARMED, headers=HANG, timeout=30)
-            assert_problem(r, *((500, "function_error") if fault == "segfaults" else (504, "timeout")))
-            wait_restarts(url, 1, 10)
-            _wait_gone(sleeper, 5, "the function's detached process outlived its engine")
-            back_within(url, 5.0)
-            sin_ok(url)
-            assert proc.poll() is None
-        finally:
-            if _alive(sleeper):
-                os.kill(sleeper, signal.SIGKILL)
+    """The same, then its engine crashes (a segfault) or hangs (killed at its deadline):
+    it outlived every engine after. The supervisor now kills it from the engine's
+    descendants as last noted (once a second: the test waits 1.5 s; a hang's are noted
+    just before the kill)."""
+    monkeypatch.setenv("FAULT_FORK_PIDFILE", str(tmp_path / "sleeper.pid"))
+    with live_server(**SETTINGS) as (url, proc), _detached_sleeper(url, tmp_path / "sleeper.pid") as sleeper:
+        time.sleep(1.5)
+        r = httpx.post(f"{url}/v1/functions/{fault}/jacobian", json=ARMED, headers=HANG, timeout=30)
+        assert_problem(r, *((500, "function_error") if fault == "segfaults" else (504, "timeout")))
+        wait_restarts(url, 1, 10)
+        _wait_gone(sleeper, 5, "the function's detached process outlived its engine")
+        back_within(url, 5.0)
+        sin_ok(url)
+        assert proc.poll() is None
 
 
 def test_a_thread_left_spinning_costs_its_engine_a_restart_not_every_later_request():
