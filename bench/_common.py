@@ -141,17 +141,30 @@ def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, per_round: 
     return samples
 
 
+def service_device() -> Any:
+    """The device the benchmarked services compute on (JACOBIAN_SERVICE_DEVICE, default
+    auto: the first GPU where there is one). The in-process references run there too,
+    their results brought to the host as the service's are: on a GPU host a CPU
+    reference would compare the device with the processor, not the service with torch."""
+    import torch
+
+    setting = os.environ.get("JACOBIAN_SERVICE_DEVICE", "auto")
+    if setting == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(setting if setting.startswith("cuda:") else "cuda:0")
+
+
 def cpu_line() -> str:
     try:
         model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         model = "unknown CPU"
     # The services run on JACOBIAN_SERVICE_DEVICE (default auto: every visible GPU, else
-    # the CPU); the in-process references of the benchmarks stay on the CPU.
+    # the CPU), and so do the latency and big references (service_device).
     import torch
 
     setting = os.environ.get("JACOBIAN_SERVICE_DEVICE", "auto")
-    if setting == "cpu" or not torch.cuda.is_available():
+    if service_device().type == "cpu":
         return f"{os.cpu_count()} CPU cores ({model}), services on the CPU (device {setting})"
     return (f"{os.cpu_count()} CPU cores ({model}), services on {torch.cuda.device_count()} x "
             f"{torch.cuda.get_device_name(0)} (device {setting})")

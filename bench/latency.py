@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import torch
 
-from ._common import Context, Report, Target, interleaved, median, mlp_case, ms
+from ._common import Context, Report, Target, interleaved, median, mlp_case, ms, service_device
 from ._server import JSON_HEADERS, NPY_HEADERS, json_jacobian_bytes, json_request, npy_bytes
 
 TITLE = "latency: one small mlp Jacobian (128 -> 64, float32), 1 client"
@@ -31,7 +31,8 @@ def run(ctx: Context) -> Report:
     per_round = ctx.opt("per_round", 20, 3)
 
     x, J = mlp_case()
-    xt = torch.from_numpy(x)
+    device = service_device()  # the reference computes where the service does
+    xt = torch.from_numpy(x).to(device)
     jacrev = torch.func.jacrev(mlp)
 
     floor = ctx.pool.floor({"mlp": {"application/json": json_jacobian_bytes("mlp", J), "application/x-npy": npy_bytes(J)}})
@@ -59,7 +60,7 @@ def run(ctx: Context) -> Report:
                 report.fail(f"service {label} answer differs from in-process jacrev")
 
         variants = {
-            "in-process jacrev": lambda: jacrev(xt),
+            "in-process jacrev": lambda: jacrev(xt).cpu(),  # on the host, as the service answers
             "HTTP floor, JSON": lambda: post(fc, json_body, JSON_HEADERS),
             "HTTP floor, .npy": lambda: post(fc, npy_body, NPY_HEADERS),
             "service, JSON (httpx)": lambda: post(sc, json_body, JSON_HEADERS),
@@ -82,7 +83,8 @@ def run(ctx: Context) -> Report:
         ratio = med[name] / floors[fmt] if name.startswith("service") else float("nan")
         p90 = float(np.percentile(v, 90))
         rows.append([name, ms(med[name]), ms(p90), len(v), "-" if ratio != ratio else f"{ratio:.2f}"])
-    report.add(f"{rounds} rounds x {per_round} calls per variant, interleaved; times in ms.\n")
+    report.add(f"{rounds} rounds x {per_round} calls per variant, interleaved; times in ms; in-process jacrev "
+               f"on {device}, its result on the host.\n")
     report.table(["variant", "median ms", "p90 ms", "calls", "/ (floor + jacrev)"], rows)
     report.add(f"floor + jacrev: JSON {ms(floors['JSON']):.3f} ms, .npy {ms(floors['.npy']):.3f} ms; "
                f"service overhead over the HTTP floor: JSON {ms(med['service, JSON (httpx)'] - floors['JSON']):.3f} ms, "
