@@ -38,6 +38,29 @@ def test_chunk_size_follows_the_memory_budget(make_client):
     np.testing.assert_allclose(np.asarray(doc["jacobian"]["data"]), np.diag([s] * 512) - s * s, atol=1e-7)
 
 
+def test_a_streamed_jacobians_chunks_stay_small_on_the_host_whatever_the_budget(make_client):
+    """A GPU's memory budget is half its free memory, tens of GB: the engine chose chunks
+    by it alone, and a 2 GB Jacobian came to the host (and on to the front end) in one
+    piece. The budget here stands in for a GPU's; the rows of a chunk stay within
+    HOST_CHUNK_BYTES (32 MiB) all the same."""
+    from jacobian_service.engine.core import HOST_CHUNK_BYTES
+
+    from jacobian_client import wire
+
+    n = 6000  # 144 MB of float32 rows, 24 KB each
+    client = make_client(memory_budget_bytes=16 << 30, stream_threshold_bytes=1 << 20)
+    x = np.random.default_rng(7).standard_normal(n).astype(np.float32)
+    r = client.post("/v1/functions/softmax/jacobian", content=npy_bytes(x),
+                    headers={"content-type": wire.NPY, "accept": wire.NPY})
+    assert r.status_code == 200, r.text
+    chunk = int(r.headers["x-chunk-size"])
+    assert chunk == HOST_CHUNK_BYTES // (n * 4) == 1398  # all 6000 rows fit the budget: it was 6000
+    got = wire.read_npy(r.content)
+    s = np.exp(x.astype(np.float64) - x.max())
+    s /= s.sum()
+    np.testing.assert_allclose(got[::211], (np.diag(s) - np.outer(s, s))[::211], atol=1e-6)
+
+
 _STREAM_PEAK = """
 import json, sys, time
 import numpy as np, torch

@@ -29,6 +29,13 @@ __all__ = ["Engine", "Streamed", "host_dtype", "to_numpy"]
 
 log = logging.getLogger("jacobian_service.engine")
 
+# The most bytes of rows a streamed Jacobian's chunk the engine chooses holds on the host
+# (its copy from the device, the copy on its way to the front end, the front end's).
+# On the CPU the memory budget already keeps chunks near this (the 2 GB softmax's are
+# 23.5 MB); on a GPU the budget is device memory, half of what is free: tens of GB, and a
+# 2 GB Jacobian came to the host in one chunk.
+HOST_CHUNK_BYTES = 32 << 20
+
 TORCH_DTYPES = {
     "bool": torch.bool,
     "int8": torch.int8,
@@ -212,7 +219,7 @@ class Engine:
             return self.jacobian(call, stream)
         primal = stream.primals[0]
         shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)
-        chunk = call.chunk_size or stream.auto_chunk()
+        chunk = call.chunk_size or min(stream.auto_chunk(), max(1, HOST_CHUNK_BYTES // max(1, call.row_nbytes())))
         rows = stream.chunks(start, stop, chunk, calibrate=not call.chunk_size)
 
         def host() -> Iterator[np.ndarray]:
