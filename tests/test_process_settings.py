@@ -220,3 +220,35 @@ def test_a_function_that_closes_the_engines_descriptors_on_its_warm_up_is_named_
         log = proc.read_log()
         assert ("closes_descriptors_at_warm_up left descriptors 0-2 (stdin, stdout, stderr) or the engine's own "
                 "changed, which cannot be put back") in log
+
+
+def test_an_engine_on_a_second_gpu_makes_it_the_current_device_of_its_thread(monkeypatch, caplog):
+    """CUDA's current device is per thread and 0 until set: an engine on cuda:1 left it so,
+    and its functions' ``device="cuda"`` tensors (and its pinned memory's context) went to
+    GPU 0. The thread that runs its batches now sets it first, and it is put back after a
+    batch whose function set another. CUDA's calls are stood in for: this needs two GPUs."""
+    from jacobian_service.engine.core import Engine
+    from jacobian_service.scheduler import ThreadedWorker, Worker
+
+    current: dict[int, int] = {}  # thread -> its current device, as CUDA keeps it
+    import threading
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.__setitem__(threading.get_ident(), torch.device(d).index))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current.get(threading.get_ident(), 0))
+    engine = Engine(torch.device("cuda", 1), 1 << 20)
+    worker = ThreadedWorker(Worker(engine, max_queue=1), "test-worker")
+    worker.start()
+    try:
+        deadline = time.monotonic() + 5
+        while worker.thread.ident not in current:
+            assert time.monotonic() < deadline, "the worker thread did not set its device"
+            time.sleep(0.01)
+        assert current[worker.thread.ident] == 1
+    finally:
+        worker.stop()
+    current[threading.get_ident()] = 0  # a function set GPU 0 in the thread that runs batches
+    with caplog.at_level(logging.WARNING):
+        engine.restore_settings("moves_device")
+        engine.restore_settings("moves_device")
+    assert current[threading.get_ident()] == 1
+    assert caplog.text.count("moves_device changed the current CUDA device and left it so; put back to cuda:1") == 1

@@ -421,6 +421,9 @@ class ThreadedWorker:
         self.thread.join(timeout)
 
     def _loop(self) -> None:
+        enter = getattr(self.worker.engine, "enter_thread", None)
+        if enter is not None:  # per-thread engine state (CUDA's current device)
+            enter()
         while True:
             with self.cond:
                 if not self.worker.has_work() and not self.stopping:

@@ -93,10 +93,27 @@ class Engine:
         # setting names a directory ("" keeps the environment from choosing one).
         self.sparsity_cache = PatternCache(sparsity_cache_dir or "")
         self.process_settings = ProcessSettings()  # as the engine set them (threads): put back after each batch
+        self._moved_device: set[str] = set()  # functions that left another current CUDA device
+
+    def enter_thread(self) -> None:
+        """In the thread that runs this engine's batches, before the first: CUDA's current
+        device (what ``device="cuda"``, pinned memory and ``torch.cuda`` calls without a
+        device use) is per thread, and 0 until set. An engine on a second GPU left it so:
+        its functions' ``"cuda"`` tensors went to the first GPU (a device mismatch), and
+        each engine process made a context there too."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     def restore_settings(self, function: str) -> None:
-        """After a batch: the process-wide settings as they were (``process_settings``)."""
+        """After a batch: the process-wide settings as they were (``process_settings``),
+        and this engine's GPU as the current device (a function may have set another)."""
         self.process_settings.restore(function)
+        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
+            if function not in self._moved_device:  # once per function, as process_settings logs
+                self._moved_device.add(function)
+                log.warning("%s changed the current CUDA device and left it so; put back to %s",
+                            function or "a function", self.device)
+            torch.cuda.set_device(self.device)
 
     def take_settings(self) -> None:
         """For an engine process, which owns its process: the settings as they are now

@@ -66,6 +66,7 @@ class EngineServer:
         self.registry = registry
         self.engine = Engine(device, settings.memory_budget_bytes or default_memory_budget(device),
                              settings.sparsity_cache_dir)
+        self.engine.enter_thread()  # this thread runs every batch
         self.device = str(device)
         # Under serve every process writes its samples to PROMETHEUS_MULTIPROC_DIR and a
         # front end's /metrics sums them; batch sizes and device memory are only known here.
