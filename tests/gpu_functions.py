@@ -1,4 +1,5 @@
-"""Functions for the GPU tests of the process layout (tests/test_gpu_processes.py).
+"""Functions for the GPU tests of the process layout (tests/test_gpu_processes.py and
+tests/test_gpu_memory.py).
 
 Each behaves (sin) on the engines' warm-up; on its trigger it does what only a GPU
 makes possible to test for real.
