@@ -143,15 +143,13 @@ def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, per_round: 
 
 def service_device() -> Any:
     """The device the benchmarked services compute on (JACOBIAN_SERVICE_DEVICE, default
-    auto: the first GPU where there is one). The in-process references run there too,
-    their results brought to the host as the service's are: on a GPU host a CPU
-    reference would compare the device with the processor, not the service with torch."""
-    import torch
+    auto: the first GPU where there is one, as the engines resolve it). The in-process
+    references run there too, their results brought to the host as the service's are:
+    on a GPU host a CPU reference would compare the device with the processor, not the
+    service with torch."""
+    from jacobian_service.engine.devices import resolve_devices
 
-    setting = os.environ.get("JACOBIAN_SERVICE_DEVICE", "auto")
-    if setting == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device(setting if setting.startswith("cuda:") else "cuda:0")
+    return resolve_devices(os.environ.get("JACOBIAN_SERVICE_DEVICE", "auto"))[0]
 
 
 def cpu_line() -> str:

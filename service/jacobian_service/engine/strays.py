@@ -74,7 +74,7 @@ class Strays:
         self._known_threads = _threads()  # by kernel id: a Python ident may be reused at once
         self._known_processes = set(descendants(os.getpid()))
         self._thread_owner: dict[int, str] = {}  # tid -> the function that ran when it was first seen
-        self._owned_alive = 0  # of those, alive after the last batch
+        self._alive: set[int] = set()  # every thread alive after the last batch
         self._process_owner: dict[int, str] = {}  # pid -> the functions run in the window it was first seen
         self._ran: set[str] = set()  # functions run since the last window (none: an idle window)
         self._cpu: dict[tuple[str, int], float] = {}  # CPU seconds at the last window
@@ -86,10 +86,9 @@ class Strays:
     def after_run(self, function: str) -> None:
         """Call after running ``function``: threads new since the last call are its."""
         self._ran.add(function)
-        alive = _threads()
-        for tid in alive - self._known_threads - self._thread_owner.keys():
+        self._alive = _threads()
+        for tid in self._alive - self._known_threads - self._thread_owner.keys():
             self._thread_owner[tid] = function
-        self._owned_alive = len(alive & self._thread_owner.keys())
 
     def check(self, now: float) -> Found | None:
         """At most every ``every_s``: what used more than ``share`` of a core in each of
@@ -97,10 +96,10 @@ class Strays:
         the functions' threads alive past ``max_threads``, their processes past
         ``max_processes``."""
         if now - self._last < self.every_s:
-            if self.max_threads is not None and self._owned_alive > self.max_threads:  # at once (above)
-                alive = _threads()
-                left = _too_many({t: f for t, f in self._thread_owner.items() if t in alive}, self.max_threads)
-                return Found(threads_left=left) if left is not None else None
+            if self.max_threads is not None and len(self._alive & self._thread_owner.keys()) > self.max_threads:
+                # At once (above): those the last batch left alive.
+                alive = {t: f for t, f in self._thread_owner.items() if t in self._alive}
+                return Found(threads_left=_too_many(alive, self.max_threads))
             return None
         window, self._last = now - self._last, now
         idle = not self._ran
