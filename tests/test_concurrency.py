@@ -123,6 +123,28 @@ def test_queue_depth_is_counted_while_the_worker_takes_jobs(frequent_switches):
     assert len(settled) == 10_000
 
 
+def test_a_batchs_answers_leave_before_the_engine_puts_its_settings_back():
+    """The engine process sends replies from ``on_settled``: the settings' check and
+    tidying that follow a batch (~80 us) are not the caller's wait."""
+    import time
+
+    from jacobian_service.scheduler import Job, Worker
+
+    order = []
+
+    class Engine:
+        device = "cpu"
+
+        def restore_settings(self, function):
+            order.append("restored")
+
+    worker = Worker(Engine(), max_queue=10, on_settled=lambda: order.append("sent"))
+    worker.submit(Job("stream_next", None, lambda *a: order.append("settled"), deadline=time.monotonic() + 60,
+                      stream_id=1))
+    worker.run(worker.take(lambda s: None))
+    assert order == ["settled", "sent", "restored"]
+
+
 def test_profile_tables_are_read_while_the_engine_writes_them(frequent_switches):
     import threading
     import time

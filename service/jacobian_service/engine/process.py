@@ -80,6 +80,7 @@ class EngineServer:
             stream_idle_s=settings.request_timeout_s,
             on_run=self._on_run,
             cancelled_for=self._cancelled,
+            on_settled=self.flush,
             on_batch=self.metrics.batch_size.observe if self.metrics else (lambda size: None),
         )
         self.pending: dict[tuple[Peer, int], Job] = {}
