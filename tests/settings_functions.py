@@ -8,8 +8,10 @@ import faulthandler
 import gc
 import os
 import resource
+import shutil
 import signal
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -171,3 +173,26 @@ def leaves_a_dual_level_entered(x: torch.Tensor) -> torch.Tensor:
 def arms_a_faulthandler_watchdog(x: torch.Tensor) -> torch.Tensor:
     faulthandler.dump_traceback_later(1.0, exit=True)
     return x.sin()
+
+
+@register(inputs=X, description="sin, after pointing PATH nowhere and setting the time zone to UTC+9 (TZ, tzset), "
+                                "when its first input is 666 (not on the warm-up's input: an in-process server's "
+                                "warm-up would change the tests' own environment).")
+def changes_path_and_time_zone(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        os.environ["PATH"] = "/nonexistent"
+        os.environ["TZ"] = "UTC-09"
+        time.tzset()
+    return x.sin()
+
+
+@register(inputs=X, description="sin, when a shell is found on PATH (a function that runs programs); else fails.")
+def finds_a_shell(x: torch.Tensor) -> torch.Tensor:
+    if shutil.which("sh") is None:
+        raise RuntimeError("no sh on PATH")
+    return x.sin()
+
+
+@register(inputs=X, description="x times 0, plus the engine's offset from UTC in seconds (time.timezone).")
+def time_zone_offset(x: torch.Tensor) -> torch.Tensor:
+    return x * 0 + float(time.timezone)

@@ -127,9 +127,22 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             r = client.post("/v1/functions/sin/jacobian", json={**X, "mode": "fwd"})
             assert r.status_code == 200, r.text
             np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X["inputs"][0])), rtol=1e-6)
+            # PATH pointed nowhere failed every later function that ran a program; a time
+            # zone set moved every later function's local time (and the engine's log).
+            offset = client.post("/v1/functions/time_zone_offset/evaluate", json=X).json()["output"]["data"][0]
+            _sin_ok(client.post, "finds_a_shell")
+            r = client.post("/v1/functions/changes_path_and_time_zone/jacobian", json=ARMED)
+            assert r.status_code == 200, r.text
+            _sin_ok(client.post, "finds_a_shell")
+            r = client.post("/v1/functions/time_zone_offset/evaluate", json=X)
+            assert r.json()["output"]["data"][0] == offset != -9 * 3600
         log = proc.read_log()
         assert "sets_float64_default changed torch's default dtype" in log
         assert "sets_warnings_to_errors changed the warning filters" in log
+        assert "changes_path_and_time_zone changed environment variables (to other values of PATH) and left it so; " \
+               "put back to the values the engine started with" in log
+        assert "changes_path_and_time_zone changed the time zone (TZ, time.tzset)" in log
+        assert "/nonexistent" not in log  # names, never values: a value may be a secret
 
 
 def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_engine_process():
