@@ -11,6 +11,7 @@ import resource
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -34,10 +35,14 @@ def turns_on_anomaly_detection(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
-@register(inputs=X, description="sin, after setting 7 threads and high float32 matmul precision (TF32).")
+@register(inputs=X, description="sin, after setting 7 threads and high float32 matmul precision (TF32), and turning "
+                                "oneDNN and cuDNN off and cuDNN's deterministic mode on.")
 def sets_threads_and_tf32(x: torch.Tensor) -> torch.Tensor:
     torch.set_num_threads(7)
     torch.set_float32_matmul_precision("high")
+    torch.backends.mkldnn.enabled = False
+    torch.backends.cudnn.enabled = False
+    torch.backends.cudnn.deterministic = True
     return x.sin()
 
 
@@ -196,3 +201,35 @@ def finds_a_shell(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="x times 0, plus the engine's offset from UTC in seconds (time.timezone).")
 def time_zone_offset(x: torch.Tensor) -> torch.Tensor:
     return x * 0 + float(time.timezone)
+
+
+@register(inputs=X, description="sin, after entering autocast (bfloat16 on the CPU) and never leaving it, when its "
+                                "first input is 666.")
+def leaves_autocast_on(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        torch.autocast("cpu", dtype=torch.bfloat16).__enter__()
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after making the thread flush denormals to zero, when its first input is 666.")
+def flushes_denormals(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        torch.set_flush_denormal(True)
+    return x.sin()
+
+
+@register(inputs=X, description="x times 1e-39: denormal float32 values (zero where denormals are flushed).")
+def denormal(x: torch.Tensor) -> torch.Tensor:
+    return x * 1e-39
+
+
+@register(inputs=X, description="sin, after setting new threads' stack size to 64 KiB, when its first input is 666.")
+def shrinks_thread_stacks(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        threading.stack_size(64 << 10)
+    return x.sin()
+
+
+@register(inputs=X, description="x times 0, plus the stack size new threads get (threading.stack_size; 0: the default).")
+def thread_stack_size(x: torch.Tensor) -> torch.Tensor:
+    return x * 0 + float(threading.stack_size())

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 
+from jacobian_service.examples import mlp
+
 from .conftest import live_server
 
 FUNCTIONS = "jacobian_service.examples,tests.settings_functions"
@@ -45,7 +47,8 @@ def _settings() -> tuple:
     return (torch.get_default_dtype(), torch.is_anomaly_enabled(), torch.get_num_threads(),
             torch.get_float32_matmul_precision(), [f for f in warnings.filters if f[0] == "error"], gc.isenabled(),
             np.geterr(), sys.getrecursionlimit(), sys.get_int_max_str_digits(), torch._C._len_torch_function_stack(),
-            torch._C._len_torch_dispatch_stack())
+            torch._C._len_torch_dispatch_stack(), torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled,
+            torch.backends.cudnn.deterministic)
 
 
 class _Lines(logging.Handler):
@@ -78,7 +81,7 @@ def engine_log():
 
 
 CHANGERS = {  # function -> the settings it changes
-    "sets_float64_default": 1, "turns_on_anomaly_detection": 1, "sets_threads_and_tf32": 2,
+    "sets_float64_default": 1, "turns_on_anomaly_detection": 1, "sets_threads_and_tf32": 5,
     "sets_warnings_to_errors": 1, "disables_gc_and_raises_on_numpy_errors": 2, "lowers_recursion_limit": 2,
     # The engine's thread has its own profile function. Signal handlers, timers, limits
     # and the niceness are the whole process's: an engine process's alone to put back
@@ -136,6 +139,21 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             _sin_ok(client.post, "finds_a_shell")
             r = client.post("/v1/functions/time_zone_offset/evaluate", json=X)
             assert r.json()["output"]["data"][0] == offset != -9 * 3600
+            # Autocast left entered ran every later function's matmuls in bfloat16 (an mlp
+            # Jacobian 1e-3 off); flushed denormals made every later tiny value zero; a
+            # small thread stack size reached every later function's threads.
+            for name in ("leaves_autocast_on", "flushes_denormals", "shrinks_thread_stacks"):
+                r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
+                assert r.status_code == 200, r.text
+            x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
+            r = client.post("/v1/functions/mlp/jacobian", json={"inputs": [x.tolist()]})
+            assert r.status_code == 200, r.text
+            expected = torch.func.jacrev(mlp)(torch.from_numpy(x)).numpy()
+            np.testing.assert_allclose(r.json()["jacobian"]["data"], expected, rtol=1e-5, atol=1e-6)
+            r = client.post("/v1/functions/denormal/evaluate", json=X)
+            assert r.json()["output"]["data"][0] != 0.0, r.text
+            r = client.post("/v1/functions/thread_stack_size/evaluate", json=X)
+            assert r.json()["output"]["data"][0] == 0.0, r.text
         log = proc.read_log()
         assert "sets_float64_default changed torch's default dtype" in log
         assert "sets_warnings_to_errors changed the warning filters" in log
@@ -143,6 +161,10 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
                "put back to the values the engine started with" in log
         assert "changes_path_and_time_zone changed the time zone (TZ, time.tzset)" in log
         assert "/nonexistent" not in log  # names, never values: a value may be a secret
+        for function, setting in (("leaves_autocast_on", "autocast (entered, not exited)"),
+                                  ("flushes_denormals", "flushing denormals to zero"),
+                                  ("shrinks_thread_stacks", "the stack size of new threads")):
+            assert f"{function} changed {setting}" in log, (function, setting)
 
 
 def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_engine_process():

@@ -9,7 +9,10 @@ every function, for as long as the engine lives. Measured or reproduced:
 - ``warnings.simplefilter("error")``: every other function that warns on its way (as
   much user code does) failed with 500 ``function_error`` "UserWarning: ...";
 - anomaly detection (every later backward pass slower), 64 threads, TF32 matmuls (every
-  later result on the GPU less precise), ``gc.disable()`` (memory held by reference
+  later result on the GPU less precise), autocast left entered (every later function's
+  matmuls in bfloat16: an ``mlp`` Jacobian 1e-3 off, against 1e-7 in float32),
+  denormals flushed to zero (``torch.set_flush_denormal``: every later function's tiny
+  values zero), ``gc.disable()`` (memory held by reference
   cycles never freed), a low recursion limit, ``numpy.seterr(all="raise")``;
 - ``signal.alarm(2)`` (or any interval timer): two seconds later SIGALRM killed the
   engine, in the middle of whichever function's request was running then, which took
@@ -112,6 +115,36 @@ def _repaired(now: list[Any], taken: list[Any]) -> list[Any]:
 def _put_filters(taken: list[Any]) -> None:
     warnings.filters[:] = _repaired(list(warnings.filters), taken)
     warnings._filters_mutated()  # type: ignore[attr-defined]  # what warnings' own functions call
+
+
+# Autocast's state is the thread's own (the engine's thread runs the functions); the
+# devices a function may autocast on here.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast() -> tuple[tuple[bool, Any], ...]:
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES)
+
+
+def _put_autocast(taken: tuple[tuple[bool, Any], ...]) -> None:
+    for device, (enabled, dtype) in zip(_AUTOCAST_DEVICES, taken):
+        torch.set_autocast_enabled(device, enabled)
+        torch.set_autocast_dtype(device, dtype)
+    torch.clear_autocast_cache()  # the weights it cast, kept while autocast was entered
+
+
+# Flush-to-zero is a flag of the thread's floating-point unit, which torch sets and cannot
+# read back; Python's own float arithmetic runs on the same unit, so a denormal times one
+# tells (50 ns). (Module globals: a constant expression would be folded at compile time.)
+_DENORMAL, _ONE = 5e-324, 1.0
+
+
+def _flushes_denormals() -> bool:
+    return _DENORMAL * _ONE == 0.0
+
+
+def _put_flush_denormals(taken: bool) -> None:
+    torch.set_flush_denormal(taken)
 
 
 def _set_gc(enabled: bool) -> None:
@@ -351,6 +384,12 @@ _SETTINGS: tuple[_Setting, ...] = (
              torch.set_float32_matmul_precision),
     _Setting("cuDNN's TF32", lambda: torch.backends.cudnn.allow_tf32, _setter(torch.backends.cudnn, "allow_tf32")),
     _Setting("cuDNN's benchmark mode", lambda: torch.backends.cudnn.benchmark, _setter(torch.backends.cudnn, "benchmark")),
+    _Setting("cuDNN (enabled)", lambda: torch.backends.cudnn.enabled, _setter(torch.backends.cudnn, "enabled")),
+    _Setting("cuDNN's deterministic mode", lambda: torch.backends.cudnn.deterministic,
+             _setter(torch.backends.cudnn, "deterministic")),
+    _Setting("oneDNN (enabled)", lambda: torch.backends.mkldnn.enabled, _setter(torch.backends.mkldnn, "enabled")),
+    _Setting("autocast (entered, not exited)", _autocast, _put_autocast),
+    _Setting("flushing denormals to zero", _flushes_denormals, _put_flush_denormals),
     _Setting("the warning filters", _filters, _put_filters,
              lambda now, taken: now != taken and _repaired(now, taken) != now),
     _Setting("the garbage collector (disabled)", gc.isenabled, _set_gc),
@@ -384,6 +423,7 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("an interval timer (signal.alarm, setitimer)", _timers, _disarm, _armed),
     _Setting("resource limits", _limits, _put_limits),
     _Setting("the niceness", _niceness, _set_niceness),
+    _Setting("the stack size of new threads", threading.stack_size, threading.stack_size),
     _Setting("the umask", _umask, os.umask),
     _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams,
              lambda now, taken: any(a is not b for a, b in zip(now, taken))),
