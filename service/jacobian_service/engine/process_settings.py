@@ -49,6 +49,7 @@ import _signal
 import errno
 import faulthandler
 import fcntl
+import functools
 import gc
 import logging
 import operator
@@ -117,19 +118,28 @@ def _put_filters(taken: list[Any]) -> None:
     warnings._filters_mutated()  # type: ignore[attr-defined]  # what warnings' own functions call
 
 
-# Autocast's state is the thread's own (the engine's thread runs the functions); the
-# devices a function may autocast on here.
-_AUTOCAST_DEVICES = ("cpu", "cuda")
+# Autocast's state is the thread's own (the engine's thread runs the functions), on the
+# CPU and on CUDA: (is it on, get its dtype, turn it, set its dtype) for each. torch 2.4
+# takes the device as an argument; 2.3, which pyproject allows, has a pair of each.
+if hasattr(torch, "get_autocast_dtype"):
+    _AUTOCAST = tuple((functools.partial(torch.is_autocast_enabled, d), functools.partial(torch.get_autocast_dtype, d),
+                       functools.partial(torch.set_autocast_enabled, d), functools.partial(torch.set_autocast_dtype, d))
+                      for d in ("cpu", "cuda"))
+else:  # pragma: no cover - torch 2.3
+    _AUTOCAST = ((torch.is_autocast_cpu_enabled, torch.get_autocast_cpu_dtype, torch.set_autocast_cpu_enabled,
+                  torch.set_autocast_cpu_dtype),
+                 (torch.is_autocast_enabled, torch.get_autocast_gpu_dtype, torch.set_autocast_enabled,
+                  torch.set_autocast_gpu_dtype))
 
 
 def _autocast() -> tuple[tuple[bool, Any], ...]:
-    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES)
+    return tuple((enabled(), dtype()) for enabled, dtype, _, _ in _AUTOCAST)
 
 
 def _put_autocast(taken: tuple[tuple[bool, Any], ...]) -> None:
-    for device, (enabled, dtype) in zip(_AUTOCAST_DEVICES, taken):
-        torch.set_autocast_enabled(device, enabled)
-        torch.set_autocast_dtype(device, dtype)
+    for (_, _, turn, set_dtype), (enabled, dtype) in zip(_AUTOCAST, taken):
+        turn(enabled)
+        set_dtype(dtype)
     torch.clear_autocast_cache()  # the weights it cast, kept while autocast was entered
 
 
