@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -233,3 +234,16 @@ def shrinks_thread_stacks(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="x times 0, plus the stack size new threads get (threading.stack_size; 0: the default).")
 def thread_stack_size(x: torch.Tensor) -> torch.Tensor:
     return x * 0 + float(threading.stack_size())
+
+
+@register(inputs=X, description="sin, after setting a default socket timeout of 1 ms, when its first input is 666.")
+def sets_a_socket_timeout(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        socket.setdefaulttimeout(0.001)
+    return x.sin()
+
+
+@register(inputs=X, description="x times 0, plus the default socket timeout in seconds (-1: none).")
+def socket_timeout(x: torch.Tensor) -> torch.Tensor:
+    timeout = socket.getdefaulttimeout()
+    return x * 0 + (-1.0 if timeout is None else timeout)

@@ -141,8 +141,9 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             assert r.json()["output"]["data"][0] == offset != -9 * 3600
             # Autocast left entered ran every later function's matmuls in bfloat16 (an mlp
             # Jacobian 1e-3 off); flushed denormals made every later tiny value zero; a
-            # small thread stack size reached every later function's threads.
-            for name in ("leaves_autocast_on", "flushes_denormals", "shrinks_thread_stacks"):
+            # small thread stack size reached every later function's threads, and a default
+            # socket timeout every later function's connections.
+            for name in ("leaves_autocast_on", "flushes_denormals", "shrinks_thread_stacks", "sets_a_socket_timeout"):
                 r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
                 assert r.status_code == 200, r.text
             x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
@@ -154,6 +155,8 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             assert r.json()["output"]["data"][0] != 0.0, r.text
             r = client.post("/v1/functions/thread_stack_size/evaluate", json=X)
             assert r.json()["output"]["data"][0] == 0.0, r.text
+            r = client.post("/v1/functions/socket_timeout/evaluate", json=X)
+            assert r.json()["output"]["data"][0] == -1.0, r.text
         log = proc.read_log()
         assert "sets_float64_default changed torch's default dtype" in log
         assert "sets_warnings_to_errors changed the warning filters" in log
@@ -163,7 +166,8 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
         assert "/nonexistent" not in log  # names, never values: a value may be a secret
         for function, setting in (("leaves_autocast_on", "autocast (entered, not exited)"),
                                   ("flushes_denormals", "flushing denormals to zero"),
-                                  ("shrinks_thread_stacks", "the stack size of new threads")):
+                                  ("shrinks_thread_stacks", "the stack size of new threads"),
+                                  ("sets_a_socket_timeout", "the default socket timeout")):
             assert f"{function} changed {setting}" in log, (function, setting)
 
 

@@ -29,7 +29,9 @@ every function, for as long as the engine lives. Measured or reproduced:
   descriptors 0-2 (redirected to ``/dev/null``, the engine's log went with them);
 - the environment: ``PATH`` emptied, and every later function that ran a program
   (``subprocess``, ``shutil.which``) failed; ``TZ`` set and ``time.tzset()``, and every
-  later function's local time, and the engine's log, moved to that zone.
+  later function's local time, and the engine's log, moved to that zone;
+- new threads' stack size and the default socket timeout (1 ms: every later function's
+  connections timed out).
 
 The engine takes these settings as it starts and, after each batch, puts back what the
 batch changed, naming the function in the log once per setting. Where a library may
@@ -56,6 +58,7 @@ import operator
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
 import time
@@ -434,6 +437,7 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("resource limits", _limits, _put_limits),
     _Setting("the niceness", _niceness, _set_niceness),
     _Setting("the stack size of new threads", threading.stack_size, threading.stack_size),
+    _Setting("the default socket timeout", socket.getdefaulttimeout, socket.setdefaulttimeout),
     _Setting("the umask", _umask, os.umask),
     _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams,
              lambda now, taken: any(a is not b for a, b in zip(now, taken))),
