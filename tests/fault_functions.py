@@ -197,3 +197,25 @@ def starts_a_detached_sleeper(x: torch.Tensor) -> torch.Tensor:
         with open(os.environ["FAULT_FORK_PIDFILE"], "w") as f:
             f.write(str(sleeper.pid))
     return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="Starts a daemon the classic way on the trigger (fork, setsid, fork again, the middle one "
+                      "exits): the daemon's parent is gone at once; its pid goes to $FAULT_FORK_PIDFILE.")
+def daemonizes(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        pidfile = os.environ["FAULT_FORK_PIDFILE"]
+        middle = os.fork()
+        if middle == 0:
+            os.setsid()
+            if os.fork() == 0:
+                with open(pidfile + ".tmp", "w") as f:
+                    f.write(str(os.getpid()))
+                os.replace(pidfile + ".tmp", pidfile)
+                time.sleep(300)
+            os._exit(0)
+        os.waitpid(middle, 0)
+        deadline = time.monotonic() + 5
+        while not os.path.exists(pidfile) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return x.sin()

@@ -153,9 +153,9 @@ def test_a_crash_that_leaves_a_forked_child_behind_costs_only_its_request(name, 
     connection close. Before, every later request went down that dead connection and
     ran to its deadline, for good. The engine leads a process group, which the
     supervisor kills whole (``forks``); a child that left the group (``forks_away``)
-    0.2 s before the crash may have been missed by the supervisor's look at the
-    engine's descendants (once a second) and live on: the front ends drop their
-    connection on the supervisor's word, so the service works either way."""
+    0.2 s before the crash comes to ``serve``, a child subreaper, and is killed too
+    (before, the supervisor's look at the engine's descendants, once a second, could
+    miss it)."""
     pidfile = tmp_path / "child.pid"
     monkeypatch.setenv("FAULT_FORK_PIDFILE", str(pidfile))
     with live_server(**SETTINGS) as (url, proc):
@@ -172,7 +172,7 @@ def test_a_crash_that_leaves_a_forked_child_behind_costs_only_its_request(name, 
                 sin_ok(url)
             assert time.monotonic() - t0 < 5
             deadline = time.monotonic() + 5
-            while name == "forks" and _alive(child):  # killed with its engine's group
+            while _alive(child):  # killed with its engine's group, or as an orphan
                 assert time.monotonic() < deadline, "the engine's child outlived it"
                 time.sleep(0.05)
         finally:
@@ -250,11 +250,11 @@ def test_a_server_killed_outright_leaves_no_process_behind():
 
 
 @contextlib.contextmanager
-def _detached_sleeper(url: str, pidfile: Any) -> Iterator[int]:
+def _detached_sleeper(url: str, pidfile: Any, starter: str = "starts_a_detached_sleeper") -> Iterator[int]:
     """A process the function started in a session of its own (``start_new_session``: a
     helper daemon), out of reach of its engine's group kill; killed here if it outlives
     the test."""
-    assert_sin_jacobian(httpx.post(f"{url}/v1/functions/starts_a_detached_sleeper/jacobian", json=ARMED, timeout=30),
+    assert_sin_jacobian(httpx.post(f"{url}/v1/functions/{starter}/jacobian", json=ARMED, timeout=30),
                         ARMED["inputs"][0])
     sleeper = int(pidfile.read_text())
     try:
@@ -267,8 +267,8 @@ def _detached_sleeper(url: str, pidfile: Any) -> Iterator[int]:
 
 def test_a_process_a_function_started_in_its_own_session_stops_with_the_server(monkeypatch, tmp_path):
     """The engines' group kill at shutdown cannot reach it: it outlived the server, for
-    good. The supervisor now finds the engines' descendants before it stops them, and
-    kills those still there after."""
+    good. Orphaned as its engine stops, it now comes to ``serve``, a child subreaper,
+    which kills what it has taken in once every engine has stopped."""
     import signal
 
     monkeypatch.setenv("FAULT_FORK_PIDFILE", str(tmp_path / "sleeper.pid"))
@@ -278,15 +278,21 @@ def test_a_process_a_function_started_in_its_own_session_stops_with_the_server(m
         _wait_gone(sleeper, 5, "the function's detached process outlived the server")
 
 
-@pytest.mark.parametrize("fault", ["segfaults", "spins"])
-def test_a_process_a_function_started_in_its_own_session_goes_with_its_engine(fault, monkeypatch, tmp_path):
+@pytest.mark.parametrize("starter, fault", [("starts_a_detached_sleeper", "segfaults"),
+                                           ("starts_a_detached_sleeper", "spins"), ("daemonizes", "segfaults")])
+def test_a_process_a_function_started_in_its_own_session_goes_with_its_engine(starter, fault, monkeypatch, tmp_path):
     """The same, then its engine crashes (a segfault) or hangs (killed at its deadline):
-    it outlived every engine after. The supervisor now kills it from the engine's
-    descendants as last noted (once a second: the test waits 1.5 s; a hang's are noted
-    just before the kill)."""
+    it outlived every engine after. Orphaned, it now comes to ``serve``, a child
+    subreaper, which kills it. Before, the supervisor killed the engine's descendants as
+    it last noted them, once a second: one started in the second before the crash (here,
+    just before) lived on, and a daemon whose parent had exited at once (``daemonizes``)
+    was no descendant to note."""
     monkeypatch.setenv("FAULT_FORK_PIDFILE", str(tmp_path / "sleeper.pid"))
-    with live_server(**SETTINGS) as (url, proc), _detached_sleeper(url, tmp_path / "sleeper.pid") as sleeper:
-        time.sleep(1.5)
+    with live_server(**SETTINGS) as (url, proc), \
+            _detached_sleeper(url, tmp_path / "sleeper.pid", starter) as sleeper:
+        if starter == "daemonizes":  # already this server's: it lives as long as its engine does
+            time.sleep(1.5)  # past the supervisor's look for adopted processes that ended
+            assert _alive(sleeper)
         r = httpx.post(f"{url}/v1/functions/{fault}/jacobian", json=ARMED, headers=HANG, timeout=30)
         assert_problem(r, *((500, "function_error") if fault == "segfaults" else (504, "timeout")))
         wait_restarts(url, 1, 10)

@@ -1,23 +1,38 @@
-"""Served processes stop when the ``serve`` process that started them has gone.
+"""Processes left without their parent, both ways round.
 
-Engines and front ends are children of ``serve``. Killed outright (SIGKILL, the
-out-of-memory killer), it cannot stop them, and each engine leads a process group of its
-own (so that the supervisor can kill what it forked), out of reach of a signal to the
-server's group. A child left behind would hold the port, or the memory of a model, with
-nobody to supervise it: each watches its parent instead.
+- **Served processes stop when ``serve`` has gone** (:func:`stop_with_parent`). Engines
+  and front ends are children of ``serve``. Killed outright (SIGKILL, the out-of-memory
+  killer), it cannot stop them, and each engine leads a process group of its own (so
+  that the supervisor can kill what it forked), out of reach of a signal to the
+  server's group. A child left behind would hold the port, or the memory of a model,
+  with nobody to supervise it: each watches its parent instead.
+- **What a dead engine's functions started comes to ``serve``** (:func:`become_subreaper`,
+  :func:`kill_adopted`). A function may start a process in a session of its own (a
+  helper daemon, ``start_new_session=True``): out of the engine's process group, the
+  supervisor's kill of that group misses it. When the engine dies, Linux hands such an
+  orphan to its nearest ancestor that is a *child subreaper*, which ``serve`` makes
+  itself, instead of to init: the supervisor finds it among its own children, and
+  kills it. (Before, the supervisor noted each engine's descendants once a second and
+  missed a process started in the second before a crash.)
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Collection
 
-__all__ = ["stop_with_parent"]
+from .procfs import children, session, start_ticks
+
+__all__ = ["adopted", "become_subreaper", "kill_adopted", "reap_adopted", "stop_with_parent"]
 
 log = logging.getLogger("jacobian_service")
+
+_PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
 def stop_with_parent(grace_s: float, every_s: float = 0.5) -> None:
@@ -36,3 +51,80 @@ def stop_with_parent(grace_s: float, every_s: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+
+
+def become_subreaper() -> bool:
+    """Make this process the one orphaned descendants are handed to (Linux 3.4+);
+    whether it now is. Elsewhere they go to init, as before."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def adopted(own: Collection[int]) -> list[int]:
+    """This process's children that it did not start: those it took in as a subreaper.
+
+    ``own`` are the children it started in sessions of their own (the engines and
+    spares). Everything else it starts (the front ends, multiprocessing's resource
+    tracker) stays in its session, while no descendant of an engine can ever be in it
+    (an engine leads its own session, and a process can only leave a session for a new
+    one): a child in another session that is not one of ``own`` came from an engine."""
+    return [pid for pid, _ in _adopted(own)]
+
+
+def _adopted(own: Collection[int]) -> list[tuple[int, bool]]:
+    """(pid, ended) of each adopted child."""
+    mine, found = os.getsid(0), []
+    for pid in children(os.getpid()):
+        if pid not in own and (s := session(pid)) is not None and s[0] != mine:
+            found.append((pid, s[1]))
+    return found
+
+
+def reap_adopted(own: Collection[int]) -> None:
+    """Collect the exit status of adopted children that have ended (else zombies)."""
+    for pid, ended in _adopted(own):
+        if ended:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # collected already
+                pass
+
+
+def kill_adopted(own: Collection[int], after: int | None, group: int | None = None, settle_s: float = 1.0) -> int:
+    """Kill the adopted children that started at ``after`` (clock ticks since boot) or
+    later, all of them with ``after`` None; how many. An orphan names no parent, so the
+    time is what ties it to the engine that died: one started before that engine was
+    not its.
+
+    With ``group`` (a dead engine's process group, killed just before), this waits up
+    to ``settle_s`` for the group to be gone: its members' own children in sessions of
+    their own are handed here only as those members die. What the killed processes had
+    started comes here in turn, and is killed in the next round."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + settle_s
+    while True:
+        found = [(pid, ended) for pid, ended in _adopted(own) if after is None or (start_ticks(pid) or 0) >= after]
+        for pid, ended in found:
+            if not ended:  # one that has ended (a zombie) is only collected, below
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+                except OSError:  # gone just now
+                    pass
+        reap_adopted(own)
+        if (not found and not _alive(group)) or time.monotonic() > deadline:
+            return len(killed)
+        time.sleep(0.01)
+
+
+def _alive(group: int | None) -> bool:
+    if group is None:
+        return False
+    try:
+        os.killpg(group, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False

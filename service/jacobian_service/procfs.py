@@ -9,30 +9,38 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["cpu_seconds", "descendants", "start_ticks", "status_bytes"]
+__all__ = ["children", "cpu_seconds", "descendants", "session", "start_ticks", "status_bytes"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a child belongs to the thread that forked
+    it: every thread is asked)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fp:
+                found.extend(int(c) for c in fp.read().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def descendants(pid: int) -> list[int]:
     """Children, grandchildren...: a process that left ``pid``'s process group (``setsid``)
-    is still its child. (One whose parent has exited is out of reach.)"""
+    is still its child. (One whose parent has exited is out of reach, unless a subreaper
+    above took it in: ``orphans``.)"""
     found: list[int] = []
     todo = [pid]
     while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{task}/children") as fp:
-                    children = [int(c) for c in fp.read().split()]
-            except (OSError, ValueError):
-                continue
-            found.extend(children)
-            todo.extend(children)
+        kids = children(todo.pop())
+        found.extend(kids)
+        todo.extend(kids)
     return found
 
 
@@ -56,6 +64,17 @@ def start_ticks(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return int(f.read().rsplit(b")", 1)[1].split()[19])  # field 22
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def session(pid: int) -> tuple[int, bool] | None:
+    """The session ``pid`` is in, and whether it has ended (a zombie, not yet collected);
+    None once it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[3]), fields[0] == b"Z"  # fields 6 and 3
     except (OSError, IndexError, ValueError):
         return None
 

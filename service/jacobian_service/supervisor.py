@@ -25,8 +25,8 @@ With ``engine_standby`` a spare engine process per device waits, loaded and warm
 and a dead engine's replacement is that spare, promoted (then a new spare starts).
 
 A dead engine's process group is killed, and with it what its functions forked; what
-they started in a session of their own (out of the group's reach) is killed from the
-engine's descendants as last noted (once a second, and just before a kill).
+they started in a session of their own (out of the group's reach) comes to ``serve``,
+a child subreaper, when the engine dies, and is killed then (``orphans``).
 
 Each death is published to the front ends (which engine, which request tags were
 running, why), counted against the function that was running, and the engine restarts
@@ -58,7 +58,8 @@ import orjson
 import zmq
 
 from . import ipc
-from .procfs import descendants, start_ticks
+from .orphans import become_subreaper, kill_adopted, reap_adopted
+from .procfs import start_ticks
 from .settings import Settings
 
 __all__ = ["Supervisor"]
@@ -69,7 +70,7 @@ _TICK_S = 0.05
 _STATE_EVERY_S = 0.5
 _BACKOFF_MAX_S = 10.0
 _STABLE_S = 60.0  # an engine up this long has its backoff reset
-_FORKED_EVERY_S = 1.0  # how often an engine's descendants are noted (~0.3 ms of /proc reads)
+_REAP_EVERY_S = 1.0  # how often adopted processes that ended are collected (a few /proc reads)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -83,22 +84,6 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):  # no one left in the group
         pass
-
-
-def _forked(proc: subprocess.Popen) -> list[tuple[int, int | None]]:
-    """What ``proc`` started and still parents, with each one's start time: a process
-    a function started in a session of its own (a helper daemon) is out of reach of the
-    group kill, and once its engine has gone it is no one's child that we can find."""
-    return [(pid, start_ticks(pid)) for pid in descendants(proc.pid)]
-
-
-def _kill_forked(found: list[tuple[int, int | None]]) -> None:
-    for pid, started in found:
-        if started is not None and start_ticks(pid) == started:  # still that process, not a reuse of its pid
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
 
 
 @dataclass
@@ -120,10 +105,6 @@ class _Engine:
     spare: subprocess.Popen | None = None  # warmed up, waiting on stdin to take over
     spare_at: float = 0.0  # when a spare may be started next
     spare_started: float = 0.0
-    # Its descendants at the last look (_FORKED_EVERY_S, and just before we kill it): a
-    # crash leaves those in a session of their own orphaned, killed from this list.
-    forked: list[tuple[int, int | None]] = field(default_factory=list)
-    forked_at: float = 0.0
 
     def ready_in(self, now: float) -> float:
         """Seconds until this engine should be ready again: what a 503's Retry-After says,
@@ -158,6 +139,13 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_state = 0.0
+        self._reaped_at = 0.0
+        # When each engine and spare process started (clock ticks since boot, by pid):
+        # what ties an orphan to the engine that died (``orphans.kill_adopted``).
+        self._ticks: dict[int, int | None] = {}
+        if not become_subreaper():
+            log.warning("not a child subreaper here: a process a function starts in a session of its own "
+                        "may outlive its engine")
 
     # ----------------------------------------------------------------- start-up
 
@@ -206,6 +194,7 @@ class Supervisor:
         else:
             engine.promoted = False
             engine.proc = subprocess.Popen(self._command(engine), env=self._env(), start_new_session=True)
+            self._ticks[engine.proc.pid] = start_ticks(engine.proc.pid)
             how = "started"
         engine.generation += 1
         engine.started = time.monotonic()
@@ -292,11 +281,25 @@ class Supervisor:
                 engine.spare_at = now + 30.0
             self._spare_flag(spare).unlink(missing_ok=True)
             engine.spare = None
+            self._kill_orphans(spare)  # a warm-up's function may have started some too
         if engine.ready and now >= engine.spare_at:
             engine.spare = subprocess.Popen([*self._command(engine), "--standby"], stdin=subprocess.PIPE,
                                             env=self._env(), start_new_session=True)
+            self._ticks[engine.spare.pid] = start_ticks(engine.spare.pid)
             engine.spare_at = now + 5.0
             engine.spare_started = now
+
+    def _own(self) -> set[int]:
+        """The engine and spare processes this supervisor started and has not yet
+        collected: its children in sessions of their own that are not orphans."""
+        return {p.pid for e in self.engines for p in (e.proc, e.spare) if p is not None}
+
+    def _kill_orphans(self, proc: subprocess.Popen) -> None:
+        """After an engine or spare (``proc``, its group killed) died: what its functions
+        started in sessions of their own, handed to this process as their subreaper."""
+        after = self._ticks.pop(proc.pid, None)
+        if after is not None and (killed := kill_adopted(self._own(), after, group=proc.pid)):
+            log.warning("killed %d process(es) left by the functions of pid %d", killed, proc.pid)
 
     # ----------------------------------------------------------------- watching
 
@@ -337,8 +340,6 @@ class Supervisor:
             if code is not None:
                 self._died(engine, code, engine.board.read())  # its last word, written just before it went
                 continue
-            if now - engine.forked_at >= _FORKED_EVERY_S:
-                engine.forked, engine.forked_at = _forked(engine.proc), now
             if status["deadline"] and now > status["deadline"] + self.settings.hang_grace_s:
                 self._kill(engine, "hang")
             elif engine.ready and not status["deadline"] and now - status["beat"] > self.settings.engine_heartbeat_s:
@@ -346,6 +347,9 @@ class Supervisor:
             elif not engine.ready and (function := self._warm_up_hung(engine.proc, now)) is not None:
                 engine.running = {"function": function, "tags": []}
                 self._kill(engine, "warm-up")
+        if now - self._reaped_at >= _REAP_EVERY_S:  # a subreaper's duty: no zombies
+            self._reaped_at = now
+            reap_adopted(self._own())
         self._expire_quarantines()
         if now - self._last_state >= _STATE_EVERY_S:
             self.publish_state()
@@ -353,7 +357,6 @@ class Supervisor:
     def _kill(self, engine: _Engine, why: str) -> None:
         log.warning("engine %d: %s; killing pid %d", engine.index, why, engine.proc.pid)  # type: ignore[union-attr]
         engine.killed_for = why
-        engine.forked = _forked(engine.proc)  # type: ignore[arg-type]  # while it is alive to be their parent
         _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]
         engine.proc.wait()  # type: ignore[union-attr]
         self._died(engine, engine.proc.returncode, engine.board.read())  # type: ignore[union-attr]
@@ -402,10 +405,8 @@ class Supervisor:
         if warming is not None:
             reason = f"the warm-up of {warming} ended the engine ({reason}); engines skip it from now on"
         log.error("engine %d died: %s (running %s for %d requests)", engine.index, reason, function or "nothing", len(tags))
-        pid = engine.proc.pid  # type: ignore[union-attr]
+        dead, pid = engine.proc, engine.proc.pid  # type: ignore[union-attr]
         _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]  # its children, if any, go too
-        _kill_forked(engine.forked)  # and those that left its group, as last seen
-        engine.forked = []
         if function and recycled is None:
             self._strike(function, batch=len(tags) > 1)
         engine.proc = None
@@ -430,6 +431,7 @@ class Supervisor:
             "ready_in": engine.ready_in(now),
         }))
         self.publish_state()
+        self._kill_orphans(dead)  # type: ignore[arg-type]  # and those that left its group (after the word: ~20 ms)
 
     def _strike(self, function: str, batch: bool) -> None:
         if batch:
@@ -476,11 +478,6 @@ class Supervisor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        # Processes the functions started in a session of their own (a helper server, a
-        # daemon) are out of reach of the engines' group kill below and outlived the
-        # server; found now, while their engine is alive to be their parent.
-        detached = [found for engine in self.engines for proc in (engine.proc, engine.spare)
-                    if proc is not None and proc.poll() is None for found in _forked(proc)]
         for engine in self.engines:
             for proc in (engine.proc, engine.spare):
                 if proc is not None and proc.poll() is None:
@@ -496,7 +493,10 @@ class Supervisor:
                     proc.wait()
             if engine.board is not None:
                 engine.board.close()
-        _kill_forked(detached)
+        # Processes the functions started in a session of their own (a helper server, a
+        # daemon) are out of reach of the engines' group kills above, and came here as
+        # their engines died: every engine has, so all of them go.
+        kill_adopted((), None)
         self.pub.close()
         self.control.close()
         self.ctx.term()
