@@ -38,9 +38,9 @@ batch changed, naming the function in the log once per setting. Where a library 
 legitimately change a setting as it is lazily imported (warning filters, the recursion
 limit), only the harmful direction counts: warnings made errors (or filters reset), a
 lower limit, environment variables the engine started with changed or removed (torch
-itself adds ``TORCHINDUCTOR_CACHE_DIR`` on a first use). A few cannot always be put back: a lowered hard resource limit or a raised
-niceness need a privilege the engine may lack, and descriptors a function closed (all
-of them: ``os.closerange``) are gone. Then :attr:`ProcessSettings.unrestorable`
+itself adds ``TORCHINDUCTOR_CACHE_DIR`` on a first use). A few cannot always be put
+back: a lowered hard resource limit or a raised niceness need a privilege the engine
+may lack, and descriptors a function closed (all of them: ``os.closerange``) are gone. Then :attr:`ProcessSettings.unrestorable`
 names the function and the setting, and the engine process leaves (as for a stray
 thread) for one with its settings whole.
 """
