@@ -247,3 +247,19 @@ def sets_a_socket_timeout(x: torch.Tensor) -> torch.Tensor:
 def socket_timeout(x: torch.Tensor) -> torch.Tensor:
     timeout = socket.getdefaulttimeout()
     return x * 0 + (-1.0 if timeout is None else timeout)
+
+
+@register(inputs=X, description="sin, after switching attention's math and flash backends off, when its first "
+                                "input is 666.")
+def switches_attention_off(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        torch.backends.cuda.enable_math_sdp(False)
+        torch.backends.cuda.enable_flash_sdp(False)
+    return x.sin()
+
+
+@register(inputs=X, description="Self-attention of x as one token sequence (scaled_dot_product_attention), summed "
+                                "over the features: as a model would use it.")
+def attends(x: torch.Tensor) -> torch.Tensor:
+    q = x.reshape(1, 1, -1, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, q, q).reshape(-1)

@@ -143,7 +143,8 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             # Jacobian 1e-3 off); flushed denormals made every later tiny value zero; a
             # small thread stack size reached every later function's threads, and a default
             # socket timeout every later function's connections.
-            for name in ("leaves_autocast_on", "flushes_denormals", "shrinks_thread_stacks", "sets_a_socket_timeout"):
+            for name in ("leaves_autocast_on", "flushes_denormals", "shrinks_thread_stacks", "sets_a_socket_timeout",
+                         "switches_attention_off"):
                 r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
                 assert r.status_code == 200, r.text
             x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
@@ -157,6 +158,8 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             assert r.json()["output"]["data"][0] == 0.0, r.text
             r = client.post("/v1/functions/socket_timeout/evaluate", json=X)
             assert r.json()["output"]["data"][0] == -1.0, r.text
+            r = client.post("/v1/functions/attends/jacobian", json=X)  # failed: "No viable backend"
+            assert r.status_code == 200, r.text
         log = proc.read_log()
         assert "sets_float64_default changed torch's default dtype" in log
         assert "sets_warnings_to_errors changed the warning filters" in log
@@ -167,7 +170,8 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
         for function, setting in (("leaves_autocast_on", "autocast (entered, not exited)"),
                                   ("flushes_denormals", "flushing denormals to zero"),
                                   ("shrinks_thread_stacks", "the stack size of new threads"),
-                                  ("sets_a_socket_timeout", "the default socket timeout")):
+                                  ("sets_a_socket_timeout", "the default socket timeout"),
+                                  ("switches_attention_off", "scaled-dot-product attention's backends")):
             assert f"{function} changed {setting}" in log, (function, setting)
 
 

@@ -12,7 +12,9 @@ every function, for as long as the engine lives. Measured or reproduced:
   later result on the GPU less precise), autocast left entered (every later function's
   matmuls in bfloat16: an ``mlp`` Jacobian 1e-3 off, against 1e-7 in float32),
   denormals flushed to zero (``torch.set_flush_denormal``: every later function's tiny
-  values zero), ``gc.disable()`` (memory held by reference
+  values zero), attention's backends switched off (``enable_math_sdp(False)`` and
+  ``enable_flash_sdp(False)``: every later function's ``scaled_dot_product_attention``
+  failed, "No viable backend"), ``gc.disable()`` (memory held by reference
   cycles never freed), a low recursion limit, ``numpy.seterr(all="raise")``;
 - ``signal.alarm(2)`` (or any interval timer): two seconds later SIGALRM killed the
   engine, in the middle of whichever function's request was running then, which took
@@ -144,6 +146,23 @@ def _put_autocast(taken: tuple[tuple[bool, Any], ...]) -> None:
         turn(enabled)
         set_dtype(dtype)
     torch.clear_autocast_cache()  # the weights it cast, kept while autocast was entered
+
+
+# Scaled-dot-product attention's backends, switched on and off for the whole process
+# (``torch.backends.cuda.enable_math_sdp`` and its siblings, which the CPU's attention
+# obeys too): those this torch has.
+_SDP = tuple((getattr(torch.backends.cuda, f"{name}_sdp_enabled"), getattr(torch.backends.cuda, f"enable_{name}_sdp"))
+             for name in ("flash", "mem_efficient", "math", "cudnn")
+             if hasattr(torch.backends.cuda, f"{name}_sdp_enabled"))
+
+
+def _sdp() -> tuple[bool, ...]:
+    return tuple(enabled() for enabled, _ in _SDP)
+
+
+def _put_sdp(taken: tuple[bool, ...]) -> None:
+    for (_, enable), on in zip(_SDP, taken):
+        enable(on)
 
 
 # Flush-to-zero is a flag of the thread's floating-point unit, which torch sets and cannot
@@ -402,6 +421,7 @@ _SETTINGS: tuple[_Setting, ...] = (
              _setter(torch.backends.cudnn, "deterministic")),
     _Setting("oneDNN (enabled)", lambda: torch.backends.mkldnn.enabled, _setter(torch.backends.mkldnn, "enabled")),
     _Setting("autocast (entered, not exited)", _autocast, _put_autocast),
+    _Setting("scaled-dot-product attention's backends", _sdp, _put_sdp),
     _Setting("flushing denormals to zero", _flushes_denormals, _put_flush_denormals),
     _Setting("the warning filters", _filters, _put_filters,
              lambda now, taken: now != taken and _repaired(now, taken) != now),
