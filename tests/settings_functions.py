@@ -58,9 +58,11 @@ def sets_warnings_to_errors(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
-@register(inputs=X, description="sin, after disabling the garbage collector and numpy's warnings-only error handling.")
+@register(inputs=X, description="sin, after disabling the garbage collector (and its automatic collections, "
+                                "by a threshold of 0) and numpy's warnings-only error handling.")
 def disables_gc_and_raises_on_numpy_errors(x: torch.Tensor) -> torch.Tensor:
     gc.disable()
+    gc.set_threshold(0)
     np.seterr(all="raise")
     return x.sin()
 

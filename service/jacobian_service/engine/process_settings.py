@@ -426,6 +426,8 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("the warning filters", _filters, _put_filters,
              lambda now, taken: now != taken and _repaired(now, taken) != now),
     _Setting("the garbage collector (disabled)", gc.isenabled, _set_gc),
+    # A first threshold of 0 disables automatic collection as surely, with isenabled() True.
+    _Setting("the garbage collector's thresholds", gc.get_threshold, lambda taken: gc.set_threshold(*taken)),
     _Setting("the recursion limit (lowered)", sys.getrecursionlimit, sys.setrecursionlimit, operator.lt),
     # 0 is no limit: lowered means a limit where there was none, or a smaller one.
     _Setting("the digit limit of int-string conversions (lowered)", sys.get_int_max_str_digits,
