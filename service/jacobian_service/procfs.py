@@ -1,8 +1,10 @@
-"""What Linux's ``/proc`` says of a process tree: its descendants, their CPU time, memory.
+"""What Linux's ``/proc`` says of a process tree: its children and descendants, their
+sessions, CPU time and memory.
 
 Torch-free and dependency-free: the engine's watch for stray threads and processes
-(``engine.strays``) reads it, and so do the benchmarks (a server's CPU per request).
-Elsewhere than Linux there is no ``/proc``: no descendants, no CPU times.
+(``engine.strays``) reads it, so does the supervisor (the orphans it took in:
+``orphans``), and so do the benchmarks (a server's CPU per request). Elsewhere than
+Linux there is no ``/proc``: no descendants, no CPU times.
 """
 
 from __future__ import annotations
