@@ -219,3 +219,12 @@ def daemonizes(x: torch.Tensor) -> torch.Tensor:
         while not os.path.exists(pidfile) and time.monotonic() < deadline:
             time.sleep(0.01)
     return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="Leaves 600 daemons sleeping on the trigger (a shell starts each in a subshell that exits at "
+                      "once): what a function that starts a daemon at every call leaves after 600 calls.")
+def daemonizes_many(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        subprocess.run(["sh", "-c", "for i in $(seq 600); do (sleep 300 &); done"], start_new_session=True, check=True)
+    return x.sin()

@@ -302,6 +302,41 @@ def test_a_process_a_function_started_in_its_own_session_goes_with_its_engine(st
         assert proc.poll() is None
 
 
+def _sleepers(pid: int) -> list[int]:
+    """``pid``'s children that run ``sleep``."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids = [int(c) for c in f.read().split()]
+            found.extend(k for k in kids if _cmdline(k).startswith(b"sleep"))
+        except FileNotFoundError:  # gone just now
+            continue
+    return found
+
+
+def test_daemons_left_running_past_the_limit_are_killed_and_the_engine_goes_on():
+    """A function that starts a daemon at every call (here 600 at once) left them to
+    the server for as long as the engine lived, each holding a pid: enough of them use up
+    a container's pids, and no process of the server can start again. They are no
+    engine's descendants (their parents exited), so the engine's own count misses them;
+    ``serve``, their subreaper, kills them past 512, and the engine serves on."""
+    with live_server(**SETTINGS) as (url, proc):
+        try:
+            r = httpx.post(f"{url}/v1/functions/daemonizes_many/jacobian", json=ARMED, timeout=30)
+            assert_sin_jacobian(r, ARMED["inputs"][0])
+            deadline = time.monotonic() + 10
+            while sleepers := _sleepers(proc.pid):
+                assert time.monotonic() < deadline, f"{len(sleepers)} daemons still running"
+                time.sleep(0.1)
+            sin_ok(url)
+            assert restarts(url) == 0
+            assert "over 512: " in proc.read_log()
+        finally:
+            for pid in _sleepers(proc.pid):
+                os.kill(pid, 9)
+
+
 def test_a_thread_left_spinning_costs_its_engine_a_restart_not_every_later_request():
     """A function that returns but leaves a thread running Python took the GIL from the
     engine's thread for as long as the engine lived: every later request, of every

@@ -83,14 +83,19 @@ def _adopted(own: Collection[int]) -> list[tuple[int, bool]]:
     return found
 
 
-def reap_adopted(own: Collection[int]) -> None:
-    """Collect the exit status of adopted children that have ended (else zombies)."""
+def reap_adopted(own: Collection[int]) -> int:
+    """Collect the exit status of adopted children that have ended (else zombies); how
+    many are still running."""
+    running = 0
     for pid, ended in _adopted(own):
-        if ended:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # collected already
-                pass
+        if not ended:
+            running += 1
+            continue
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # collected already
+            pass
+    return running
 
 
 def kill_adopted(own: Collection[int], after: int | None, group: int | None = None, settle_s: float = 1.0) -> int:

@@ -71,6 +71,9 @@ _STATE_EVERY_S = 0.5
 _BACKOFF_MAX_S = 10.0
 _STABLE_S = 60.0  # an engine up this long has its backoff reset
 _REAP_EVERY_S = 1.0  # how often adopted processes that ended are collected (a few /proc reads)
+# Adopted processes running at once past this are a leak (a function that starts a daemon
+# at every call): killed, as the engines recycle themselves past as many children.
+_MAX_ADOPTED = 512
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -349,7 +352,12 @@ class Supervisor:
                 self._kill(engine, "warm-up")
         if now - self._reaped_at >= _REAP_EVERY_S:  # a subreaper's duty: no zombies
             self._reaped_at = now
-            reap_adopted(self._own())
+            if (running := reap_adopted(self._own())) > _MAX_ADOPTED:
+                # Each holds a pid: left to grow, they would use up the pids (a container's
+                # pids limit first), and no process of the server could start again.
+                killed = kill_adopted(self._own(), None)
+                log.error("%d processes that functions started in sessions of their own were running while their "
+                          "engines lived, over %d: %d killed", running, _MAX_ADOPTED, killed)
         self._expire_quarantines()
         if now - self._last_state >= _STATE_EVERY_S:
             self.publish_state()
