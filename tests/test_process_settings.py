@@ -21,7 +21,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-
 from jacobian_service.examples import mlp
 
 from .conftest import live_server
@@ -45,10 +44,10 @@ def _sin_ok(post, name: str) -> None:
 
 def _settings() -> tuple:
     return (torch.get_default_dtype(), torch.is_anomaly_enabled(), torch.get_num_threads(),
-            torch.get_float32_matmul_precision(), [f for f in warnings.filters if f[0] == "error"], gc.isenabled(), gc.get_threshold(),
-            np.geterr(), sys.getrecursionlimit(), sys.get_int_max_str_digits(), torch._C._len_torch_function_stack(),
-            torch._C._len_torch_dispatch_stack(), torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled,
-            torch.backends.cudnn.deterministic)
+            torch.get_float32_matmul_precision(), [f for f in warnings.filters if f[0] == "error"], gc.isenabled(),
+            gc.get_threshold(), np.geterr(), sys.getrecursionlimit(), sys.get_int_max_str_digits(),
+            torch._C._len_torch_function_stack(), torch._C._len_torch_dispatch_stack(), torch.backends.mkldnn.enabled,
+            torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic)
 
 
 class _Lines(logging.Handler):
