@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+
 from jacobian_service.examples import mlp
 
 from .conftest import live_server
