@@ -22,6 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
+from jacobian_service.procfs import children
+
 from .conftest import ROOT, assert_problem, live_server, npy_bytes
 
 FUNCTIONS = "jacobian_service.examples,tests.fault_functions"
@@ -236,13 +238,13 @@ def test_a_server_killed_outright_leaves_no_process_behind():
 
     with live_server(**SETTINGS) as (url, proc):
         wait_spare(url)
-        children = _children(proc.pid)
-        roles = [_cmdline(p) for p in children]
+        served = children(proc.pid)
+        roles = [_cmdline(p) for p in served]
         assert sum(b"engine.process" in r for r in roles) == 2  # the engine and its spare
         assert sum(b"spawn_main" in r for r in roles) == 1  # the front end
         os.kill(proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while left := [p for p in children if _alive(p)]:
+        while left := [p for p in served if _alive(p)]:
             assert time.monotonic() < deadline, f"still running 10 s after the server died: {left}"
             time.sleep(0.1)
         with pytest.raises(httpx.TransportError):  # nobody holds the port
@@ -305,11 +307,10 @@ def test_a_process_a_function_started_in_its_own_session_goes_with_its_engine(st
 def _sleepers(pid: int) -> list[int]:
     """``pid``'s children that run ``sleep``."""
     found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
+    for kid in children(pid):
         try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                kids = [int(c) for c in f.read().split()]
-            found.extend(k for k in kids if _cmdline(k).startswith(b"sleep"))
+            if _cmdline(kid).startswith(b"sleep"):
+                found.append(kid)
         except FileNotFoundError:  # gone just now
             continue
     return found
@@ -505,14 +506,6 @@ def test_the_front_end_never_imports_torch():
     assert proc.returncode == 0, proc.stderr
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as fp:
-            out += [int(c) for c in fp.read().split()]
-    return out
-
-
 def _cmdline(pid: int) -> bytes:
     with open(f"/proc/{pid}/cmdline", "rb") as fp:
         return fp.read()
@@ -526,7 +519,7 @@ def _rss_mib(pid: int) -> float:
 def test_running_front_ends_have_no_torch_loaded_and_stay_small(capsys):
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=2) as (url, proc):
         sin_ok(url)
-        kids = _children(proc.pid)
+        kids = children(proc.pid)
         fronts = [p for p in kids if b"spawn_main" in _cmdline(p)]
         engines = [p for p in kids if b"engine.process" in _cmdline(p) and b"--standby" not in _cmdline(p)]
         assert len(fronts) == 2 and len(engines) == 1
@@ -598,7 +591,7 @@ def test_a_burst_of_keep_alive_connections_spreads_over_the_front_ends():
             for c in conns:
                 c.settimeout(30)
                 assert c.recv(4096).startswith(b"HTTP/1.1 200")
-            fronts = [p for p in _children(proc.pid) if b"spawn_main" in _cmdline(p)]
+            fronts = [p for p in children(proc.pid) if b"spawn_main" in _cmdline(p)]
             listening = _established_on(port, state="0A")
             own = [_socket_inodes(p) & listening for p in fronts]
             # A listening socket each, none shared (the supervisor keeps them all for restarts).
@@ -620,7 +613,7 @@ def test_a_killed_front_end_is_started_again_on_its_socket():
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=2, ENGINE_STANDBY="false") as (url, proc):
         port = int(url.rsplit(":", 1)[1])
         listening = _established_on(port, state="0A")
-        fronts = [p for p in _children(proc.pid) if b"spawn_main" in _cmdline(p)]
+        fronts = [p for p in children(proc.pid) if b"spawn_main" in _cmdline(p)]
         victim = fronts[0]
         its_socket = _socket_inodes(victim) & listening
         os.kill(victim, signal.SIGKILL)
@@ -629,7 +622,7 @@ def test_a_killed_front_end_is_started_again_on_its_socket():
             r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.1 * i]]}, timeout=60)
             codes.append(r.status_code)
         assert codes == [200] * 24
-        fronts = [p for p in _children(proc.pid) if b"spawn_main" in _cmdline(p)]
+        fronts = [p for p in children(proc.pid) if b"spawn_main" in _cmdline(p)]
         assert len(fronts) == 2 and victim not in fronts
         assert any(_socket_inodes(p) & listening == its_socket for p in fronts)  # the same socket, taken over
 
@@ -690,7 +683,7 @@ def test_a_function_that_exhausts_the_engines_memory_limit_gets_507_and_the_engi
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, ENGINE_MEMORY_LIMIT_BYTES=limit, ENGINE_STANDBY="false",
                      REQUEST_TIMEOUT_S=180, DEVICE="cpu") as (url, proc):
         sin_ok(url)
-        engine = next(p for p in _children(proc.pid) if b"engine.process" in _cmdline(p))
+        engine = next(p for p in children(proc.pid) if b"engine.process" in _cmdline(p))
         others: list[int] = []
 
         def other_client() -> None:  # another client's requests, answered all along
@@ -873,7 +866,7 @@ def test_without_standby_there_is_no_spare():
         sin_ok(url)
         time.sleep(1.0)
         assert httpx.get(f"{url}/v1/info").json()["spares"] == [False]
-        assert not [p for p in _children(proc.pid) if b"--standby" in _cmdline(p)]
+        assert not [p for p in children(proc.pid) if b"--standby" in _cmdline(p)]
 
 
 def test_a_request_finding_no_engine_up_waits_briefly_for_one(tmp_path, monkeypatch):

@@ -88,14 +88,18 @@ def reap_adopted(own: Collection[int]) -> int:
     many are still running."""
     running = 0
     for pid, ended in _adopted(own):
-        if not ended:
+        if ended:
+            _collect(pid)
+        else:
             running += 1
-            continue
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:  # collected already
-            pass
     return running
+
+
+def _collect(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # collected already
+        pass
 
 
 def kill_adopted(own: Collection[int], after: int | None, group: int | None = None, settle_s: float = 1.0) -> int:
@@ -113,13 +117,14 @@ def kill_adopted(own: Collection[int], after: int | None, group: int | None = No
     while True:
         found = [(pid, ended) for pid, ended in _adopted(own) if after is None or (start_ticks(pid) or 0) >= after]
         for pid, ended in found:
-            if not ended:  # one that has ended (a zombie) is only collected, below
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.add(pid)
-                except OSError:  # gone just now
-                    pass
-        reap_adopted(own)
+            if ended:  # killed in an earlier round, or ended by itself
+                _collect(pid)
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except OSError:  # gone just now
+                pass
         if (not found and not _alive(group)) or time.monotonic() > deadline:
             return len(killed)
         time.sleep(0.01)

@@ -42,9 +42,9 @@ limit), only the harmful direction counts: warnings made errors (or filters rese
 lower limit, environment variables the engine started with changed or removed (torch
 itself adds ``TORCHINDUCTOR_CACHE_DIR`` on a first use). A few cannot always be put
 back: a lowered hard resource limit or a raised niceness need a privilege the engine
-may lack, and descriptors a function closed (all of them: ``os.closerange``) are gone. Then :attr:`ProcessSettings.unrestorable`
-names the function and the setting, and the engine process leaves (as for a stray
-thread) for one with its settings whole.
+may lack, and descriptors a function closed (all of them: ``os.closerange``) are gone.
+Then :attr:`ProcessSettings.unrestorable` names the function and the setting, and the
+engine process leaves (as for a stray thread) for one with its settings whole.
 """
 
 from __future__ import annotations
