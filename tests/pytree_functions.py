@@ -47,3 +47,16 @@ def tree_branchy(params, x):
     if y.sum().item() > 0:  # .item() defeats vmap
         return y**2
     return -y
+
+
+@register(inputs=[Input("x", shape=("n",))], description="A dict output keyed by numbers, not in their order.")
+def numeric_keys(x):
+    return {"1": x * 1.0, "0": x * 2.0}
+
+
+@register(
+    inputs=[Input("p", tree={"1": Array(("n",)), "0": Array(("n",))})],
+    description="A dict parameter keyed by numbers, not in their order.",
+)
+def numeric_key_param(p):
+    return p["1"] * 10.0 + p["0"]

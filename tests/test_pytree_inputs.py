@@ -21,7 +21,7 @@ from jacobian_service.registry import FunctionSpec
 
 from ._client_support import real_server
 from .conftest import assert_problem, assert_tree_close, decode, live_server, npy_bytes, npz_bytes
-from .pytree_functions import tree_branchy, tree_fn, tree_int, tree_scalar
+from .pytree_functions import numeric_key_param, numeric_keys, tree_branchy, tree_fn, tree_int, tree_scalar
 
 FUNCTIONS = "jacobian_service.examples,tests.pytree_functions"
 RNG = np.random.default_rng(0)
@@ -245,6 +245,34 @@ def test_jvp_and_hvp_take_tangents_nested_like_the_input(c):
     body = {"inputs": [j(X5), j(SP)], "argnums": "params", "tangents": j(ts), "batched_vectors": True}
     got, _ = decode(c.post("/v1/functions/tree_scalar/hvp", json=body), "hvp")
     assert_tree_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_npz_vectors_keyed_by_numbers_pair_by_key_not_by_position(c, url):
+    """`cotangents/1` is the key "1" of a dict output, whatever position it has: an output
+    {"1": x, "0": 2x} took `cotangents/0` for its first entry (key "1") before."""
+    x, a, b = np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 1.0]), np.array([0.0, 0.0, 0.5])
+    want = torch.func.vjp(numeric_keys, t(x))[1]({"1": t(a), "0": t(b)})[0]  # a + 2b
+    body = npz_bytes(x=x, **{"cotangents/1": a, "cotangents/0": b})
+    got, _ = decode(c.post("/v1/functions/numeric_keys/vjp", content=body,
+                           headers={"content-type": wire.NPZ, "accept": wire.NPZ}), "vjp")
+    assert_tree_close(got, want, rtol=1e-12, atol=1e-12)
+    ta, tb = np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0])
+    want_jvp = torch.func.jvp(numeric_key_param, (t({"1": x, "0": x}),), (t({"1": ta, "0": tb}),))[1]
+    body = npz_bytes(**{"p/1": x, "p/0": x, "tangents/1": ta, "tangents/0": tb})
+    got, _ = decode(c.post("/v1/functions/numeric_key_param/jvp", content=body,
+                           headers={"content-type": wire.NPZ, "accept": wire.NPZ}), "jvp")
+    assert_tree_close(got, want_jvp, rtol=1e-12, atol=1e-12)
+    # the SDK's binary transport sends exactly such members; its JSON transport a dict
+    for transport in ("binary", "json"):
+        with jc.Client(url, transport=transport) as sdk:
+            np.testing.assert_allclose(sdk.vjp("numeric_keys", x, cotangents={"1": a, "0": b}), want.numpy())
+            np.testing.assert_allclose(sdk.jvp("numeric_key_param", {"1": x, "0": x}, tangents={"1": ta, "0": tb}),
+                                       want_jvp.numpy())
+    # by key, whatever the archive's order of members
+    body = npz_bytes(x=x, **{"cotangents/0": b, "cotangents/1": a})
+    got, _ = decode(c.post("/v1/functions/numeric_keys/vjp", content=body,
+                           headers={"content-type": wire.NPZ, "accept": wire.NPZ}), "vjp")
+    assert_tree_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_batched_examples_vmap_over_every_leaf(c):

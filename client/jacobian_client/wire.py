@@ -534,11 +534,15 @@ def _match(tree: Any, like: Any, path: str, out: list[Any]) -> str | None:
     return None
 
 
-def tree_from_paths(members: dict[str, Any], what: str = "member") -> Any:
+def tree_from_paths(members: dict[str, Any], what: str = "member", positions: bool = True) -> Any:
     """``{"": a}`` -> ``a``; ``{"0": a, "1/0": b, "1/1": c}`` -> ``[a, [b, c]]``;
     ``{"k": a, "j/0": b}`` -> ``{"k": a, "j": [b]}``: the tree an ``.npz``'s member names
     spell (``cotangents/1/0``), lists where every name at a level is a position (``0``
-    to ``n - 1``, each once), dicts where none is."""
+    to ``n - 1``, each once), dicts where none is.
+
+    ``positions=False`` makes every level a dict keyed by the names as they are, for a
+    reader that knows the tree it expects: ``0`` and ``1`` may be a tuple's positions
+    or a dict's keys (an output ``{"1": a, "0": b}``), and only that tree can tell."""
     deep = [p for p in members if p.count("/") >= _MAX_TREE_DEPTH]
     if deep:
         raise WireError(f"{what} {deep[0][:80]!r}...: nested deeper than {_MAX_TREE_DEPTH} levels", "invalid_input")
@@ -556,12 +560,14 @@ def tree_from_paths(members: dict[str, Any], what: str = "member") -> Any:
     for head, sub in groups.items():
         if "" in sub and len(sub) > 1:
             raise WireError(f"{what} {head!r} is both an array and a tree", "invalid_input")
-    positions = [bool(_POSITION.fullmatch(h)) for h in groups]
-    if all(positions):
+    if not positions:
+        return {h: tree_from_paths(sub, what, positions) for h, sub in groups.items()}
+    is_position = [bool(_POSITION.fullmatch(h)) for h in groups]
+    if all(is_position):
         if sorted(map(int, groups)) != list(range(len(groups))):
             raise WireError(f"{what}s at positions {sorted(groups, key=int)}; expected 0 to {len(groups) - 1}", "invalid_input")
         return [tree_from_paths(groups[str(i)], what) for i in range(len(groups))]
-    if any(positions) or any(h.lstrip("-").isdigit() for h in groups):
+    if any(is_position) or any(h.lstrip("-").isdigit() for h in groups):
         raise WireError(f"{what}s {sorted(groups)} mix positions and names, or a position is not 0, 1, ...", "invalid_input")
     return {h: tree_from_paths(sub, what) for h, sub in groups.items()}
 

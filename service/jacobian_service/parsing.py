@@ -144,7 +144,9 @@ def _split_members(members: dict[str, np.ndarray], vector_key: str | None) -> tu
     if not vectors:
         return inputs, None
     try:
-        return inputs, wire.tree_from_paths(vectors, f"{vector_key} member")
+        # Names kept as dict keys: `cotangents/0` may be a tuple output's first entry or
+        # the key "0" of a dict output, which only the engine (after the forward pass) knows.
+        return inputs, wire.tree_from_paths(vectors, f"{vector_key} member", positions=False)
     except wire.WireError as exc:
         raise from_wire(exc) from None
 

@@ -80,6 +80,18 @@ class Streamed:
     chunks: Iterator[np.ndarray]
 
 
+def _by_position(node: Any, ref: Any) -> Any:
+    """An ``.npz``'s vectors come as dicts keyed by their member names (``cotangents/0``):
+    against a dict with those very keys they stay a dict, matched by key; a dict keyed
+    ``0`` to ``n - 1`` otherwise stands for a list (a tuple's entries, or the flat list
+    of leaves)."""
+    if not isinstance(node, dict) or (isinstance(ref, dict) and set(node) == set(ref)):
+        return node
+    if set(node) != {str(i) for i in range(len(node))}:
+        return node
+    return [node[str(i)] for i in range(len(node))]
+
+
 class Engine:
     """Computes derivatives on one device. Not thread-safe: one thread owns it."""
 
@@ -371,6 +383,7 @@ class Engine:
             return [tree]
 
         def nested(node: Any, ref: Any, path: str) -> list[Any]:
+            node = _by_position(node, ref)
             if isinstance(ref, torch.Tensor):
                 if not isinstance(node, np.ndarray):
                     raise InvalidInput(f"{what}{path}: expected an array")
@@ -384,6 +397,7 @@ class Engine:
                 raise InvalidInput(f"{what}{path}: expected {len(ref)} entries")
             return [leaf for i, (n, r) in enumerate(zip(node, ref)) for leaf in nested(n, r, f"{path}[{i}]")]
 
+        tree = _by_position(tree, like)
         flat = isinstance(tree, (list, tuple)) and len(tree) == len(ref_leaves) and all(isinstance(v, np.ndarray) for v in tree)
         if flat and not (isinstance(like, (list, tuple)) and len(like) == len(tree)):
             return list(tree)  # the leaves in order, for any nesting
