@@ -130,6 +130,75 @@ def test_hessian_strategy_is_measured_and_forward_ad_gaps_are_bridged(client):
     assert doc["meta"]["mode"] in ("jacrev_grad", "jacfwd_jacrev", "jacrev_jacrev")
 
 
+# torch.no_grad stops reverse mode only: forward mode sees through it, so for a function
+# that uses it jacfwd is not jacrev, and Hessian strategies are not torch.func.hessian.
+X3 = [1.5, -0.3, 2.0]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "auto"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_forward_modes_answer_jacrev_for_a_function_computing_under_no_grad(client, mode, batched):
+    from .user_functions import no_grad_long
+
+    x = np.array([X3, [0.5, 1.0, -2.0]] if batched else X3, np.float32)
+    jac = torch.func.jacrev(no_grad_long)
+    want = torch.func.vmap(jac)(torch.from_numpy(x)) if batched else jac(torch.from_numpy(x))
+    assert not torch.allclose(want, torch.func.jacfwd(no_grad_long)(torch.from_numpy(x[-1] if batched else x)))
+    for _ in range(2):  # the first call finds it out, the second remembers
+        got, doc = decode(post(client, "no_grad_long", [x], "json", mode=mode, batched=batched), "jacobian")
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+        assert doc["meta"]["mode"] == "rev"
+
+
+@pytest.mark.parametrize("mode", ["fwd", "auto"])
+def test_forward_mode_blocks_take_jacrevs_dtypes(client, mode):
+    from .user_functions import mixed_dtypes, to_float32
+
+    x = np.array(X3)  # float64 in, float32 out: jacrev's Jacobian is float64, jacfwd's float32
+    got, doc = decode(post(client, "to_float32", [x], "npz", mode=mode, accept=wire.NPZ), "jacobian")
+    want = torch.func.jacrev(to_float32)(torch.from_numpy(x))
+    assert doc["meta"]["mode"] == "fwd" and got.dtype == np.float64 and want.dtype == torch.float64
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+    inputs = [np.array(X3, np.float32), np.array([0.2, 0.4, -1.0])]
+    got, _ = decode(post(client, "mixed_dtypes", inputs, "json", mode="fwd", argnums=[0, 1]), "jacobian")
+    want = torch.func.jacrev(mixed_dtypes, argnums=(0, 1))(*tensors(inputs))
+    assert [g.dtype for g in got] == [np.float32, np.float64] == [w.numpy().dtype for w in want]
+    assert_tree_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["no_grad_scalar", "grad_off_vector"])
+def test_hessian_of_a_function_computing_under_no_grad_is_torchs_every_time(client, name):
+    from . import user_functions
+
+    fn = getattr(user_functions, name)
+    x = np.array(X3, np.float64)
+    want = torch.func.hessian(fn)(torch.from_numpy(x))
+    assert not torch.allclose(want, torch.func.jacrev(torch.func.jacrev(fn))(torch.from_numpy(x)))
+    for _ in range(3):  # the first call measures strategies for other functions; every call is torch's
+        got, doc = decode(post(client, name, [x], "json", endpoint="hessian"), "hessian")
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-12)
+        assert doc["meta"]["mode"] == "jacfwd_jacrev"
+    xs = np.array([X3, [0.5, 1.0, -2.0]])
+    got, _ = decode(post(client, name, [xs], "json", endpoint="hessian", batched=True), "hessian")
+    np.testing.assert_allclose(got, torch.func.vmap(torch.func.hessian(fn))(torch.from_numpy(xs)).numpy(), rtol=1e-12)
+
+
+def test_hessian_blocks_take_torchs_dtypes(client):
+    from .user_functions import mixed_dtypes
+
+    inputs = [np.array(X3, np.float32), np.array([0.2, 0.4, -1.0])]
+    want = torch.func.hessian(mixed_dtypes, argnums=(0, 1))(*tensors(inputs))
+    for transport in ("json", "npz"):
+        got, doc = decode(post(client, "mixed_dtypes", inputs, transport, endpoint="hessian", argnums=[0, 1],
+                               accept=wire.NPZ if transport == "npz" else None), "hessian")
+        assert [[b.dtype for b in row] for row in got] == [[b.numpy().dtype for b in row] for row in want]
+        assert_tree_close(got, want, rtol=1e-5)
+    xs = [np.stack([inputs[0], inputs[0] * 2]), np.stack([inputs[1], inputs[1]])]
+    got, _ = decode(post(client, "mixed_dtypes", xs, "json", endpoint="hessian", argnums=[0, 1], batched=True), "hessian")
+    want = torch.func.vmap(torch.func.hessian(mixed_dtypes, argnums=(0, 1)))(*tensors(xs))
+    assert [[b.dtype for b in row] for row in got] == [[b.numpy().dtype for b in row] for row in want]
+
+
 # ----------------------------------------------------------------------------- hvp (issue 12)
 
 

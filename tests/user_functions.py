@@ -193,3 +193,39 @@ def _odd_aux(kind: int, x: torch.Tensor):
 )
 def odd_aux(x: torch.Tensor, kind: torch.Tensor):
     return x.sin(), _odd_aux(int(kind), x)
+
+
+# torch.no_grad stops reverse mode only; forward mode sees through it (calling.GradOffWatch).
+@register(inputs=[Input("x", shape=("n",))], description="x - x**2 (the square under no_grad), then x: 2n outputs.")
+def no_grad_long(x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        c = x**2
+    return torch.cat([x - c, x])
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sum(x * x**2), the square under no_grad.")
+def no_grad_scalar(x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        c = x**2
+    return (x * c).sum()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="x * x**2, the square computed with grad switched off.")
+def grad_off_vector(x: torch.Tensor) -> torch.Tensor:
+    torch.set_grad_enabled(False)
+    try:
+        c = x**2
+    finally:
+        torch.set_grad_enabled(True)
+    return x * c
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")], description="A float32 output of a float64 input, 3n long.")
+def to_float32(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x).float().repeat(3)
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("c", shape=("n",), dtype="float64")],
+          description="A scalar of a float32 and a float64 input.")
+def mixed_dtypes(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return (x * c.to(x.dtype)).sum() + (x**2).sum() * c.sum().to(x.dtype)

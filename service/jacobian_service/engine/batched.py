@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
 from ..types import Call, Result
-from .calling import AuxBox, differentiable, function_error, is_oom
+from .calling import AuxBox, GradOffWatch, as_input_dtypes, differentiable, function_error, is_oom
 from .hessian import hessian_fn
 
 if TYPE_CHECKING:
@@ -34,16 +34,26 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     box = AuxBox(call.spec)
     argnums: int | tuple[int, ...] = tuple(range(len(call.params))) if call.as_tuple else 0
 
+    profile = engine.profiles[call.spec.name]
+    # Size check from one example's forward pass, before any derivative; it also tells
+    # whether the function computes with grad off (then no forward mode: calling.GradOffWatch).
+    watch = GradOffWatch(active=kind == "hessian" or call.mode == "fwd")  # not on reverse mode's hot path
+    first = engine.guard(lambda: watch.call(box, *[a[0] for a in args])[0]) if batch else None
+    profile.grad_off = profile.grad_off or watch.seen
+    mode = call.mode
+    if kind == "jacobian":  # what runs: jacfwd only when asked and equal to jacrev
+        mode = "fwd" if call.mode == "fwd" and not profile.grad_off else "rev"
+
     def per_example(*example: torch.Tensor) -> Any:
         g, primals = differentiable(box, example, call)
         if kind == "hessian":
-            return hessian_fn(engine, call, g, argnums, primals, call.signature(batched=True))(*primals)
-        if call.mode == "fwd":  # jacfwd takes no chunk_size
-            return torch.func.jacfwd(g, argnums=argnums, has_aux=True)(*primals)
+            h, aux = hessian_fn(engine, call, g, argnums, primals, call.signature(batched=True))(*primals)
+            return as_input_dtypes(h, primals, depth=2), aux
+        if mode == "fwd":  # jacfwd takes no chunk_size
+            jac, aux = torch.func.jacfwd(g, argnums=argnums, has_aux=True)(*primals)
+            return as_input_dtypes(jac, primals, depth=1), aux
         return torch.func.jacrev(g, argnums=argnums, has_aux=True, chunk_size=call.chunk_size)(*primals)
 
-    # Size check from one example's forward pass, before any derivative.
-    first = engine.guard(lambda: box(*[a[0] for a in args])[0]) if batch else None
     if first is not None:
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(first))
         in_numel = sum(args[i][0].numel() for i in call.argnums)
@@ -51,7 +61,7 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         engine.check_result_size(call, batch * out_numel * width * engine.wire_itemsize(args[call.argnums[0]].dtype))
     value, aux = over_examples(engine, call, box, per_example, args, allow_loop)
     output = engine.evaluate(call).value if call.return_output else None
-    return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, call.chunk_size, call.mode)
+    return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, call.chunk_size, mode)
 
 
 def over_examples(

@@ -6,7 +6,9 @@ what a function may return, and how its failures are named, are in one place.
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from typing import Any, Callable, Sequence
 
 import torch
@@ -18,7 +20,7 @@ from ..errors import FunctionError, OutOfMemory, ServiceError, exception_text
 from ..registry import FunctionSpec
 from ..types import Call
 
-__all__ = ["AuxBox", "differentiable", "function_error", "is_oom", "partial"]
+__all__ = ["AuxBox", "GradOffWatch", "as_input_dtypes", "differentiable", "function_error", "is_oom", "partial"]
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 # How deep and how large aux may be. Deeper than a request's JSON may be (MAX_JSON_DEPTH's
@@ -188,3 +190,72 @@ def differentiable(box: Callable[..., Any], args: Sequence[torch.Tensor], call: 
         return flat(*pytree.tree_leaves(params))
 
     return g, (grouped if call.as_tuple else (grouped,))
+
+
+class GradOffWatch:
+    """Whether a function switches grad off (``torch.no_grad``, ``torch.set_grad_enabled(False)``)
+    in one plain call.
+
+    ``no_grad`` stops reverse mode only: forward mode sees through it. So for such a
+    function ``jacfwd`` is not ``jacrev`` (``x * c`` with ``c = x**2`` under ``no_grad``:
+    jacrev's derivative is ``c``, jacfwd's ``3 x**2``), and Hessian strategies differ
+    from ``torch.func.hessian``'s own (jacfwd over jacrev). Both go through
+    ``set_grad_enabled.__init__``, which is watched (:func:`_watch_grad_switch`); the grad
+    state itself is not, since a custom ``autograd.Function`` runs its ``forward`` with
+    grad off too, and that one is fine: both modes use its own derivative rules. Any
+    switch counts, even around a constant: the price of a false alarm is reverse mode,
+    which is always jacrev's answer."""
+
+    def __init__(self, active: bool = True) -> None:
+        self.active = active  # inactive: calls pass straight through, unwatched
+        self.seen = False
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self.active:
+            return fn(*args)
+        _watch_grad_switch()
+        _WATCHING.append((threading.get_ident(), self))
+        try:
+            return fn(*args)
+        finally:
+            _WATCHING.pop()
+
+
+# (thread, watch) while a watched call runs: the in-process layout's worker is a thread
+# beside others that may switch grad off for their own reasons.
+_WATCHING: list[tuple[int, GradOffWatch]] = []
+
+
+def _watch_grad_switch() -> None:
+    """Wrap ``torch.set_grad_enabled.__init__`` (once per process) to tell the watch of
+    the running call when grad is switched off; one list check per switch otherwise."""
+    cls = torch.autograd.grad_mode.set_grad_enabled
+    original = cls.__init__
+    if getattr(original, "_watched", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self: Any, mode: bool) -> None:
+        if not mode and _WATCHING and _WATCHING[-1][0] == threading.get_ident():
+            _WATCHING[-1][1].seen = True
+        original(self, mode)
+
+    __init__._watched = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+def as_input_dtypes(value: Any, primals: Sequence[Any], depth: int) -> Any:
+    """``value`` (a Jacobian or Hessian tree, nested outputs, then parameters) with each
+    block in the dtype reverse mode gives it: a Jacobian block is a gradient, in its
+    parameter leaf's dtype; a Hessian block ``[i][j]`` is jacfwd's derivative of
+    gradient ``i``, in leaf ``i``'s dtype (``depth`` 1 and 2). Forward mode and other
+    Hessian strategies type blocks by the output, or by leaf ``j``: with mixed dtypes,
+    a float32 output of a float64 input came back float32 where jacrev says float64."""
+    dtypes = [leaf.dtype for leaf in pytree.tree_leaves(primals)]
+    leaves, spec = pytree.tree_flatten(value)
+    n = len(dtypes)
+    if not n or not leaves or (all(d == dtypes[0] for d in dtypes) and all(leaf.dtype == dtypes[0] for leaf in leaves)):
+        return value
+    step = n ** (depth - 1)  # leaves of one (output, leaf i) block row
+    cast = [leaf.to(dtypes[(k // step) % n]) for k, leaf in enumerate(leaves)]
+    return pytree.tree_unflatten(cast, spec)

@@ -19,7 +19,7 @@ from ..types import Call, Result, tree_leaves
 from . import batched as _batched
 from . import hessian as _hessian
 from . import sparse as _sparse
-from .calling import AuxBox, differentiable, function_error, is_oom
+from .calling import AuxBox, GradOffWatch, as_input_dtypes, differentiable, function_error, is_oom
 from .devices import release_free_heap
 from .profile import Profiles
 from .rows import RowStream
@@ -297,12 +297,16 @@ class Engine:
         reverse pass: a function that forward mode can differentiate and reverse mode
         cannot (an in-place write into a leaf) must work alone and in a batch alike."""
         profile = self.profiles[call.spec.name]
-        if not profile.forward_ad and call.mode == "auto":
+        if call.mode == "auto" and (not profile.forward_ad or profile.grad_off):
             return None
         args = self.tensors(call)
         box = AuxBox(call.spec)
         g, primals = differentiable(box, args, call)
-        out, aux_t = self.guard(lambda: g(*primals))
+        watch = GradOffWatch()
+        out, aux_t = self.guard(lambda: watch.call(g, *primals))
+        if watch.seen or profile.grad_off:  # forward mode would see through its no_grad: jacrev's answer
+            profile.grad_off = True
+            return None
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
         in_numel = sum(p.numel() for p in pytree.tree_leaves(primals))
         if call.mode == "auto" and in_numel >= out_numel:
@@ -319,6 +323,7 @@ class Engine:
             log.info("jacfwd failed for %s (%s); using reverse mode", call.spec.name, type(exc).__name__)
             profile.forward_ad = False
             return None
+        jac = as_input_dtypes(jac, primals, depth=1)  # jacrev's dtypes, not the output's
         output = self.host(out) if call.return_output else None
         return Result(self.host(jac), self.host(box.restore(aux_t)), call.spec.has_aux, output, call.chunk_size, "fwd")
 

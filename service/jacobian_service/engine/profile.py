@@ -65,6 +65,9 @@ class FunctionProfile:
     vmap_pullback: bool = True  # False once vmap of its pullback failed (row loop instead)
     vmap_function: bool = True  # False once vmap of the function failed deterministically
     forward_ad: bool = True  # False once jacfwd failed (reverse mode instead)
+    # True once seen computing with grad off (torch.no_grad): forward mode, which sees
+    # through it, is not jacrev then; Hessians take torch.func.hessian's own strategy.
+    grad_off: bool = False
     hessian: _LRU[Any, str] = field(default_factory=_LRU)  # signature -> strategy
     batches: _LRU[Any, BatchStats] = field(default_factory=_LRU)  # batch key -> last run
     output_rows: _LRU[Any, int] = field(default_factory=_LRU)  # signature -> Jacobian rows
