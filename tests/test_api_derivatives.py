@@ -150,6 +150,24 @@ def test_forward_modes_answer_jacrev_for_a_function_computing_under_no_grad(clie
         assert doc["meta"]["mode"] == "rev"
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_forward_mode_without_a_forward_rule_answers_jacrev(make_client, batched):
+    """`mode=fwd` on a custom autograd.Function without jvp: jacrev's Jacobian, not a 500
+    (the result never depends on `mode`); a function that fails of itself still fails."""
+    from .user_functions import no_forward_ad
+
+    client = make_client()  # a fresh engine: nothing learnt yet about the function
+    x = np.array([X3, [0.5, 1.0, -2.0]] if batched else X3, np.float32)
+    jac = torch.func.jacrev(no_forward_ad)
+    want = torch.func.vmap(jac)(torch.from_numpy(x)) if batched else jac(torch.from_numpy(x))
+    for _ in range(2):  # the first call finds out, the second goes straight to reverse mode
+        got, doc = decode(post(client, "no_forward_ad", [x], "json", mode="fwd", batched=batched), "jacobian")
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+        assert doc["meta"]["mode"] == "rev"
+    r = post(client, "broken", [x], "json", mode="fwd", batched=batched)
+    assert r.status_code == 500 and r.json()["code"] == "function_error"
+
+
 @pytest.mark.parametrize("mode", ["fwd", "auto"])
 def test_forward_mode_blocks_take_jacrevs_dtypes(client, mode):
     from .user_functions import mixed_dtypes, to_float32

@@ -42,7 +42,7 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     profile.grad_off = profile.grad_off or watch.seen
     mode = call.mode
     if kind == "jacobian":  # what runs: jacfwd only when asked and equal to jacrev
-        mode = "fwd" if call.mode == "fwd" and not profile.grad_off else "rev"
+        mode = "fwd" if call.mode == "fwd" and profile.forward_ad and not profile.grad_off else "rev"
 
     def per_example(*example: torch.Tensor) -> Any:
         g, primals = differentiable(box, example, call)
@@ -59,7 +59,16 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         in_numel = sum(args[i][0].numel() for i in call.argnums)
         width = in_numel if kind == "jacobian" else in_numel * in_numel
         engine.check_result_size(call, batch * out_numel * width * engine.wire_itemsize(args[call.argnums[0]].dtype))
-    value, aux = over_examples(engine, call, box, per_example, args, allow_loop)
+    try:
+        value, aux = over_examples(engine, call, box, per_example, args, allow_loop)
+    except FunctionError:
+        if mode != "fwd":
+            raise
+        # jacfwd failed (a custom autograd.Function without jvp): jacrev's answer, as
+        # the result never depends on `mode`; or jacrev's error, if the function's own
+        log.info("jacfwd failed for %s; using reverse mode", call.spec.name)
+        profile.forward_ad, mode = False, "rev"
+        value, aux = over_examples(engine, call, box, per_example, args, allow_loop)
     output = engine.evaluate(call).value if call.return_output else None
     return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, call.chunk_size, mode)
 

@@ -292,12 +292,12 @@ class Engine:
         return nested[0] if rows_only else pytree.tree_unflatten(nested, stream.out_spec)
 
     def _forward_jacobian(self, call: Call) -> Result | None:
-        """jacfwd, when ``mode`` asks for it (``auto``: inputs fewer than outputs);
-        None to use reverse mode. Sizes come from a plain forward call, never from a
+        """jacfwd, when ``mode`` asks for it (``auto``: inputs fewer than outputs) and
+        it gives jacrev's answer; None to use reverse mode. Sizes come from a plain forward call, never from a
         reverse pass: a function that forward mode can differentiate and reverse mode
         cannot (an in-place write into a leaf) must work alone and in a batch alike."""
         profile = self.profiles[call.spec.name]
-        if call.mode == "auto" and (not profile.forward_ad or profile.grad_off):
+        if not profile.forward_ad or profile.grad_off:
             return None
         args = self.tensors(call)
         box = AuxBox(call.spec)
@@ -318,8 +318,11 @@ class Engine:
         except BaseException as exc:
             if is_oom(exc):
                 raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
-            if call.mode == "fwd" or not isinstance(exc, Exception):
+            if not isinstance(exc, Exception):
                 raise function_error(exc) from None
+            # `mode=fwd` too: the result never depends on the mode (a custom
+            # autograd.Function without jvp has a jacrev); a function that fails of
+            # itself fails again in reverse mode, with its own error.
             log.info("jacfwd failed for %s (%s); using reverse mode", call.spec.name, type(exc).__name__)
             profile.forward_ad = False
             return None
