@@ -56,6 +56,18 @@ def test_unknown_function_lists_close_names(client):
     assert_problem(client.get("/v1/functions/nope"), 404, "function_not_found")
     assert_problem(client.get("/nowhere"), 404, "not_found")
     assert_problem(client.delete(URL), 405, "method_not_allowed")
+    # a name of 30,000 characters is quoted back cut short, not whole
+    body = assert_problem(client.post("/v1/functions/" + "x" * 30_000 + "/jacobian", json={"inputs": [[1.0]]}),
+                          404, "function_not_found")
+    assert len(body["detail"]) < 300 and "30000 characters" in body["detail"]
+
+
+def test_an_unreadable_npy_header_names_no_memory_address(client):
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': f(3,), }"
+    header += b" " * (63 - 10 - len(header)) + b"\n"
+    body = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(12)
+    problem = assert_problem(client.post(URL, content=body, headers={"content-type": wire.NPY}), 400, "malformed_body")
+    assert "unreadable .npy header" in problem["detail"] and "0x" not in problem["detail"], problem["detail"]
 
 
 @pytest.mark.parametrize(

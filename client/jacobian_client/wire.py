@@ -642,6 +642,9 @@ def npy_header_length(prefix: bytes | memoryview) -> int | None:
     return length
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 @functools.lru_cache(maxsize=1024)  # numpy parses headers with ast.literal_eval: slow, and they recur
 def parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     """A whole ``.npy`` header -> ``(shape, fortran_order, dtype)``; pickles, odd dtypes
@@ -658,7 +661,10 @@ def parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     except WireError:
         raise
     except Exception as exc:  # numpy raises ValueError, SyntaxError, EOFError, ...
-        raise WireError(f"unreadable .npy header: {exc}") from None
+        # literal_eval's messages name its nodes with their addresses ("<ast.Call object
+        # at 0x7fc5...>"): the process's memory layout is nobody's business.
+        text = _ADDRESS.sub("", str(exc))[:200]
+        raise WireError(f"unreadable .npy header: {text}") from None
     if fp.tell() != len(header):
         raise WireError("unreadable .npy header: its length field is wrong")
     dtype = _checked_dtype(dtype)

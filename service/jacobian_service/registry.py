@@ -413,6 +413,8 @@ def register(
     return decorate(fn) if fn is not None else decorate
 
 
+_ECHO = 100  # the most of a name a 404 quotes back (a path may be ~32 KB long)
+
 class Registry:
     """The functions one app serves, by name."""
 
@@ -444,9 +446,10 @@ class Registry:
         try:
             return self._specs[name]
         except KeyError:
-            close = difflib.get_close_matches(name, self._specs, n=3)
+            close = difflib.get_close_matches(name, self._specs, n=3) if len(name) <= _ECHO else []
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise FunctionNotFound(f"no function named {name!r}{hint}") from None
+            shown = repr(name) if len(name) <= _ECHO else f"{name[:_ECHO]!r}... ({len(name)} characters)"
+            raise FunctionNotFound(f"no function named {shown}{hint}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._specs
