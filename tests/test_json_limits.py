@@ -177,3 +177,54 @@ def test_large_json_jacobian_that_is_not_one_array_keeps_every_part(server, case
         assert_tree_close(wire.decode_tree(doc["aux"]), want_aux, rtol=1e-6, atol=1e-6)
     if case == "return_output":
         assert_tree_close(wire.decode_tree(doc["output"]), fn(torch.from_numpy(x)), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("media", ["npy", "json"])
+def test_a_stream_left_by_its_client_leaves_no_unretrieved_failure(media):
+    """Found by a red team: a client that left a streamed Jacobian mid-way made the front
+    end log "Task exception was never retrieved" with a traceback, about once in 15: the
+    chunk asked for ahead failed when its stream closed, and nobody took the failure."""
+    import asyncio
+    import gc
+    from types import SimpleNamespace
+
+    from jacobian_service import routes
+    from jacobian_service.errors import ServiceError
+    from jacobian_service.scheduler import StreamHead
+    from jacobian_service.types import JobInfo
+
+    async def scenario() -> list[dict]:
+        loop = asyncio.get_running_loop()
+        reported: list[dict] = []
+        loop.set_exception_handler(lambda _loop, context: reported.append(context))
+        closed = asyncio.Event()
+        calls = 0
+
+        async def next_chunk(head, deadline):
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return np.ones((2, 4), np.float32)
+            await closed.wait()  # the next chunk fails once the stream is closed
+            raise ServiceError("the stream was closed")
+
+        engines = SimpleNamespace(next_chunk=next_chunk, close_stream=lambda head: closed.set())
+        state = SimpleNamespace(engines=engines, settings=SimpleNamespace(request_timeout_s=60),
+                                metrics=SimpleNamespace(streamed_bytes=SimpleNamespace(inc=lambda n: None)))
+        head, info = StreamHead(1, (4, 4), "float32", 2, 64), JobInfo(device="cpu")
+        if media == "npy":
+            response = routes._stream(state, None, None, head, info)
+        else:
+            response = routes._stream_json(state, "f", head, info)
+        body = response.body_iterator
+        await body.__anext__()  # the head
+        await body.__anext__()  # the first chunk; the second is asked for
+        await body.aclose()  # the client has gone
+        for _ in range(5):
+            await asyncio.sleep(0)
+        gc.collect()  # a failed task's "never retrieved" is reported when it is collected
+        await asyncio.sleep(0)
+        return reported
+
+    reported = asyncio.run(scenario())
+    assert not any("never retrieved" in str(c.get("message", "")) for c in reported), reported

@@ -362,6 +362,7 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
 
     async def body() -> AsyncIterator[bytes | memoryview]:
         done = False
+        pending: asyncio.Future | None = None
         try:
             yield header
             pending = asyncio.ensure_future(state.engines.next_chunk(head, next_deadline()))
@@ -375,6 +376,7 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
                 yield memoryview(np.ascontiguousarray(arr).reshape(-1)).cast("B")
         finally:
             if not done:
+                _drop(pending)
                 state.engines.close_stream(head)
 
     headers = {
@@ -384,6 +386,15 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
         "X-Queue-Ms": f"{info.queue_s * 1e3:.3f}",
     }
     return StreamingResponse(body(), media_type=wire.NPY, headers=headers)
+
+
+def _drop(pending: asyncio.Future | None) -> None:
+    """The chunk asked for ahead of a stream the client left: cancelled, and its failure
+    (the stream closed under it) taken, so that asyncio does not log it with a traceback
+    as "Task exception was never retrieved"."""
+    if pending is not None:
+        pending.cancel()
+        pending.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def _stream_json(state: ServiceState, function: str, head: StreamHead, info: JobInfo) -> Response:
@@ -396,6 +407,7 @@ def _stream_json(state: ServiceState, function: str, head: StreamHead, info: Job
 
     async def body() -> AsyncIterator[bytes]:
         done = False
+        pending: asyncio.Future | None = None
         try:
             yield (wire.dumps(function).join((b'{"function":', b',"jacobian":{"dtype":'))
                    + wire.dumps(np.dtype(head.dtype).name) + b',"shape":' + wire.dumps(list(head.shape)) + b',"data":')
@@ -420,6 +432,7 @@ def _stream_json(state: ServiceState, function: str, head: StreamHead, info: Job
             yield rows.end() + b'},"meta":' + wire.dumps(meta) + b"}"
         finally:
             if not done:
+                _drop(pending)
                 state.engines.close_stream(head)
 
     return StreamingResponse(body(), media_type=wire.JSON,
