@@ -90,6 +90,18 @@ def test_accept_falls_back_by_preference(client):
     assert response.status_code == 200 and response.headers["content-type"] == wire.NPZ
 
 
+@pytest.mark.parametrize("accept, chosen", [
+    (f"{wire.JSON};q=0.5, {wire.NPZ};q=nan, {wire.NPY};q=0.9", wire.NPY),  # a NaN weight broke the order
+    (f"{wire.NPZ};q=nan, {wire.JSON};q=0.5, {wire.NPY};q=0.9", wire.NPY),
+    (f"{wire.NPZ};q=2, {wire.NPY};q=0.9", wire.NPY),  # out of 0..1: left out, as unreadable ones are
+    (f"{wire.NPZ};q=inf, {wire.NPY};q=1e9, {wire.JSON};q=0.25", wire.JSON),
+    (f"{wire.NPY};q=1.000, {wire.JSON};q=0.999", wire.NPY),
+])
+def test_accept_weights_are_read_as_rfc_9110_says(client, accept, chosen):
+    r = client.post(URL, json={"inputs": [[1.0, 2.0]]}, headers={"accept": accept})
+    assert r.status_code == 200 and r.headers["content-type"] == chosen
+
+
 def test_unsupported_media_type(client):
     assert_problem(client.post(URL, content=b"x=1", headers={"content-type": "application/x-www-form-urlencoded"}), 415, "unsupported_media_type")
 

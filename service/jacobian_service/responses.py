@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 from typing import Any, AsyncIterator, Iterable, Iterator
 
 import numpy as np
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 _OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
 _JOIN_BYTES = 1 << 20
 
 
@@ -36,10 +38,11 @@ def acceptable(accept: str | None) -> list[str]:
         for param in fields[1:]:
             key, _, value = param.partition("=")
             if key.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
+                # RFC 9110's qvalue, 0 to 1 with at most 3 decimals; anything else (nan,
+                # inf, 2, 1e9) leaves the entry out: a NaN among the weights sorted the
+                # others in no order at all.
+                value = value.strip()
+                q = float(value) if _QVALUE.fullmatch(value) else 0.0
         if q <= 0:
             continue
         if media in ("*/*", "application/*"):
