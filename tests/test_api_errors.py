@@ -290,3 +290,23 @@ def test_metrics_auth_is_configurable(make_client):
     c = make_client(api_keys="k1", metrics_auth="true")
     assert_problem(c.get("/metrics"), 401, "unauthorized")
     assert c.get("/metrics", headers={"authorization": "Bearer k1"}).status_code == 200
+
+
+@pytest.mark.parametrize("options", [
+    {"chunk_size": True}, {"chunk_size": "2"}, {"chunk_size": 1.0}, {"batched": "yes"}, {"batched": 1},
+    {"return_output": "on"}, {"return_output": "1"}, {"rows": [True, False]}, {"rows": ["0", "1"]},
+])
+def test_json_options_take_json_types_only(client, options):
+    """Found by a red team: true was a chunk size of 1 and "yes" a boolean."""
+    body = assert_problem(client.post(URL, json={"inputs": [[1.0, 2.0]], **options}), 422, "invalid_input")
+    assert next(iter(options)) in body["detail"]
+
+
+@pytest.mark.parametrize("query, status", [
+    ("?return_output=true&chunk_size=1", 200), ("?return_output=on", 200), ("?return_output=0", 200),
+    ("?return_output=maybe", 422), ("?chunk_size=1.5", 422),
+])
+def test_query_options_read_their_words(client, query, status):
+    r = client.post(URL + query, content=npy_bytes(np.array([1.0, 2.0], np.float32)),
+                    headers={"content-type": wire.NPY, "accept": wire.NPZ})
+    assert r.status_code == status, r.text

@@ -11,7 +11,7 @@ import re
 from typing import Any, Literal, Mapping
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from jacobian_client import wire
 
@@ -38,10 +38,12 @@ class Options(BaseModel):
     argnums: StrictInt | StrictStr | list[StrictInt | StrictStr] = Field(
         0, description="int, parameter name, or a list of either"
     )
-    chunk_size: int | None = Field(None, ge=1, le=_INT64_MAX, description="rows (sparse: products) per vmap; null lets the service choose")
-    batched: bool = Field(False, description="per-example results over the leading dimension")
-    return_output: bool = False
-    rows: tuple[int, int] | None = Field(None, description="[start, stop) rows of the flattened output")
+    # Strict too: JSON has numbers and booleans, so true is no chunk size and "yes" no
+    # boolean (the query string's words are read in _query_value).
+    chunk_size: StrictInt | None = Field(None, ge=1, le=_INT64_MAX, description="rows (sparse: products) per vmap; null lets the service choose")
+    batched: StrictBool = Field(False, description="per-example results over the leading dimension")
+    return_output: StrictBool = False
+    rows: tuple[StrictInt, StrictInt] | None = Field(None, description="[start, stop) rows of the flattened output")
     mode: Literal["rev", "fwd", "auto"] | None = Field(
         None, description="rev (default for dense), fwd or auto (default for sparse: fewer products)"
     )
@@ -51,13 +53,19 @@ class Options(BaseModel):
     sparse_format: Literal["csr", "coo", "dense"] = Field(
         "csr", description="with sparsity other than dense: the result as CSR, COO, or a dense 2-D array (streamed as .npy when large)"
     )
-    batched_vectors: bool = Field(False, description="vjp/jvp: vectors carry a leading batch dimension")
+    batched_vectors: StrictBool = Field(False, description="vjp/jvp: vectors carry a leading batch dimension")
 
 
 _DEFAULT_OPTIONS = Options()
 
 
+_BOOLEANS = frozenset({"batched", "return_output", "batched_vectors"})
+_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
 def _query_value(key: str, value: str) -> Any:
+    if key in _BOOLEANS:
+        return _WORDS.get(value.lower(), value)  # another word stays a string: refused
     if key in ("argnums", "rows") and "," in value:
         return [_query_value("argnums", v) for v in value.split(",") if v != ""]
     if value.lower() in ("", "null", "none") and key in ("chunk_size", "rows"):
