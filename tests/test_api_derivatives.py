@@ -95,6 +95,23 @@ def test_vjp_tuple_output_and_argnums_npz(client, builtins):
     assert_tree_close(got, want)
 
 
+def test_tuple_cotangents_as_plain_nested_lists(client, builtins):
+    """Found by a red team: [[1, 0], [0, 1]] for polar's two outputs was read as one 2x2
+    array and refused ("expected 2 entries"); its rows are the two cotangents."""
+    r, th = np.array([1.0, 2.0]), np.array([0.3, -0.4])
+    _, pullback = torch.func.vjp(builtins.get("polar").fn, *tensors([r, th]))
+    want = pullback((torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)))[0]
+    body = {"inputs": [r.tolist(), th.tolist()], "cotangents": [[1, 0], [0, 1]]}
+    got, _ = decode(client.post("/v1/functions/polar/vjp", json=body), "vjp")
+    np.testing.assert_allclose(got, want.numpy().astype(got.dtype), rtol=1e-6)
+    # batched: rows of (batch, n) each
+    body = {"inputs": [r.tolist(), th.tolist()], "cotangents": [[[1, 0], [2, 0]], [[0, 1], [0, 0]]], "batched_vectors": True}
+    got, _ = decode(client.post("/v1/functions/polar/vjp", json=body), "vjp")
+    want = torch.func.vmap(pullback)((torch.tensor([[1.0, 0], [2, 0]], dtype=torch.float64),
+                                      torch.tensor([[0.0, 1], [0, 0]], dtype=torch.float64)))[0]
+    np.testing.assert_allclose(got, want.numpy().astype(got.dtype), rtol=1e-6)
+
+
 def test_jvp_single_and_batched(client, builtins):
     r, th = example_inputs("polar")
     fn = builtins.get("polar").fn

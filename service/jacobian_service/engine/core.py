@@ -92,6 +92,18 @@ def _by_position(node: Any, ref: Any) -> Any:
     return [node[str(i)] for i in range(len(node))]
 
 
+def _split_stack(tree: Any, ref_leaves: list[Any], batched: bool) -> Any:
+    """One array where several leaves of equal shape are due: JSON reads a tuple of
+    vectors written as plain lists (``[[1, 0], [0, 1]]`` for two 2-vectors) as one
+    array, which can only mean its rows, one per leaf, in order."""
+    if not isinstance(tree, np.ndarray) or len(ref_leaves) < 2 or tree.ndim == 0 or tree.shape[0] != len(ref_leaves):
+        return tree
+    if batched and tree.ndim < 2:  # each row must hold a batch
+        return tree
+    rest = tree.shape[2:] if batched else tree.shape[1:]
+    return list(tree) if all(tuple(r.shape) == rest for r in ref_leaves) else tree
+
+
 class Engine:
     """Computes derivatives on one device. Not thread-safe: one thread owns it."""
 
@@ -367,6 +379,7 @@ class Engine:
         Accepted: one array (a single leaf), the same nesting as ``like`` (lists for
         tuples, dicts by key), or a flat list of its leaves in order."""
         ref_leaves, ref_spec = pytree.tree_flatten(like)
+        tree = _split_stack(tree, ref_leaves, batched)
         leaves = self._vector_leaves(tree, like, ref_leaves, what)
         out = []
         for arr, ref in zip(leaves, ref_leaves):
