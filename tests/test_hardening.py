@@ -190,3 +190,47 @@ def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on
         r = client.post(path, json={"inputs": [[0.5, 1.0], 0]})
         assert r.status_code == 200, r.text
         assert r.json()["aux"]["total"]["data"] == pytest.approx(1.5)
+
+
+def test_concurrent_npz_bombs_expand_one_budget_at_a_time():
+    """Eight concurrent deflated .npz bodies of 58 KB that each expand to 60 MB of
+    zeros (under max_request_bytes, so only the Jacobian's size refuses them). Each was
+    charged its 58 KB: all eight were inflated at once and sent on to the engine, and
+    the front end's resident set rose by 531 MiB here. Their expanded sizes are now
+    charged to the 96 MiB body budget before they are inflated, so one is expanded at a
+    time and the others are refused, retryable. The bound: the one admitted holds its
+    60 MB as arrays and, for a moment, once more as it hands them to the engine (shared
+    memory or the socket): ~115 MiB measured; 200 MiB leaves room for that and for
+    allocator slack, and is under half of what all eight took."""
+    import io
+
+    from ._rss import front_end_pid, peak_growth
+
+    MiB = 1 << 20
+    buf = io.BytesIO()
+    np.savez_compressed(buf, x=np.zeros(15_000_000, np.float32))
+    bomb = buf.getvalue()
+    assert len(bomb) < 100_000
+    path = "/v1/functions/sin/jacobian"
+    with live_server(WORKERS=1, WARMUP="false", MAX_REQUEST_BYTES=64 * MiB, BODY_BUDGET_BYTES=96 * MiB) as (url, proc):
+        answers: list[httpx.Response] = []
+
+        def one() -> None:
+            answers.append(httpx.post(f"{url}{path}", content=bomb, headers={"content-type": wire.NPZ}, timeout=60))
+
+        def all_at_once() -> None:
+            threads = [threading.Thread(target=one) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        grew, _ = peak_growth(front_end_pid(proc.pid), all_at_once)
+        codes = sorted((r.status_code, r.json()["code"]) for r in answers)
+        assert len(codes) == 8 and set(codes) <= {(413, "result_too_large"), (503, "unavailable")}, codes
+        assert (413, "result_too_large") in codes, codes  # the one that fitted was expanded and refused by size
+        assert all(r.headers["retry-after"] == "1" for r in answers if r.status_code == 503)
+        assert grew < 200 * MiB, f"8 concurrent .npz bombs grew the front end by {grew / MiB:.0f} MiB"
+        r = httpx.post(f"{url}{path}", json={"inputs": [[0.5]]}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert "jacobian_service_body_bytes_in_flight 0.0" in httpx.get(f"{url}/metrics", timeout=10).text

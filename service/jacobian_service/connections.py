@@ -10,11 +10,16 @@ bodies also get a byte budget:
   :func:`guarded_protocol` adds both to uvicorn's own protocol class.
 * **bodies**: :func:`read_body` waits at most ``read_idle_timeout_s`` for each piece of
   a body and ``read_timeout_s`` for the whole of it, then answers 408 and closes the
-  connection. Before it buffers anything it asks the process's :class:`BodyBudget` for
-  the body's bytes (its ``Content-Length``, or piece by piece for a chunked body): a
-  body that does not fit now is answered 503 with ``Retry-After``, one that could never
-  fit 413. A JSON body is charged what parsing it costs (Python objects for every
-  number), estimated from its bytes before it is parsed.
+  connection. Each piece is charged to the process's :class:`BodyBudget` as it arrives,
+  before it is buffered: a connection holds budget for the bytes it has sent, never
+  for the ``Content-Length`` it only declares (idle connections declaring large bodies
+  would otherwise hold the whole budget for ``read_timeout_s`` with a few bytes each).
+  A declared length that does not fit in what is free now is answered 503 with
+  ``Retry-After`` before its body is read, one that could never fit 413; a body whose
+  charge cannot grow as it arrives is answered 503 then. A JSON body is charged what
+  parsing it costs (Python objects for every number), estimated from its bytes before
+  it is parsed; an ``.npz`` body its declared expanded size (:meth:`read_body.expand`),
+  before a member is inflated, held until the request's arrays are gone.
 * **responses**: :class:`SendGuard` sends bodies in pieces and gives each piece
   ``send_timeout_s`` to leave; a client that stops reading has its connection aborted,
   and the response (and the result it holds) is dropped.
@@ -41,7 +46,7 @@ from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest
 from .request_ids import new_request_id
 from .responses import problem_document
 
-__all__ = ["BodyBudget", "Expiry", "HeadWithBody", "SendGuard", "abort_connection", "guarded_protocol", "json_parse_cost", "read_body"]
+__all__ = ["BodyBudget", "Charge", "Expiry", "HeadWithBody", "SendGuard", "abort_connection", "guarded_protocol", "json_parse_cost", "read_body"]
 
 log = logging.getLogger("jacobian_service")
 
@@ -122,7 +127,9 @@ class BodyBudget:
         self._gauge = gauge
         self._shown = 0  # what the gauge says
 
-    def take(self, nbytes: int, what: str) -> None:
+    def check(self, nbytes: int, what: str) -> None:
+        """Refuse ``nbytes`` as :meth:`take` would (413 if they could never fit, 503 if
+        they do not fit now), taking nothing."""
         if nbytes > self.max_bytes:
             raise PayloadTooLarge(
                 f"{what} needs {nbytes} bytes of this server's request memory; the most one request may "
@@ -132,6 +139,10 @@ class BodyBudget:
                 f"{what} needs {nbytes} bytes; the server is receiving other bodies and has "
                 f"{self.max_bytes - self.used} of {self.max_bytes} free; retry shortly",
                 headers={"Retry-After": "1", **_CLOSE})
+
+    def take(self, nbytes: int, what: str) -> None:
+        if self.used + nbytes > self.max_bytes:
+            self.check(nbytes, what)
         self._set(self.used + nbytes)
 
     def give(self, nbytes: int) -> None:
@@ -144,10 +155,31 @@ class BodyBudget:
             self._gauge.set(used)
 
 
+class Charge:
+    """Bytes held on a :class:`BodyBudget` for one request beyond its body's block: what
+    its arrays take once an ``.npz`` is expanded, until they are gone. ``give`` returns
+    them all (again: nothing)."""
+
+    __slots__ = ("_budget", "held")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self._budget = budget
+        self.held = 0
+
+    def take(self, nbytes: int, what: str) -> None:
+        self._budget.take(nbytes, what)
+        self.held += nbytes
+
+    def give(self) -> None:
+        held, self.held = self.held, 0
+        if held:
+            self._budget.give(held)
+
+
 class read_body:  # lower case: it reads as a function, ``async with read_body(...) as body``
-    """The request's body, admitted against ``budget`` before it is buffered and held
-    there until the block ends (the caller parses inside it). 413 over ``limit``, 503
-    when it does not fit now, 408 when the client stalls. (A class, not an
+    """The request's body, charged against ``budget`` piece by piece as it arrives and
+    held there until the block ends (the caller parses inside it). 413 over ``limit``,
+    503 when it does not fit, 408 when the client stalls. (A class, not an
     ``asynccontextmanager``: every request passes here, and the generator machinery
     cost more than reading a small body.)"""
 
@@ -160,6 +192,22 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
         self._args = (limit, idle_s, total_s, is_json, on_timeout)
         self._held = 0
 
+    def expand(self, body: bytes, media_type: str, charge: Charge) -> int:
+        """What decoding ``body`` will allocate (:func:`wire.expanded_size`), charged to
+        ``charge`` before anything is decoded when it is an ``.npz``'s: its members are
+        inflated into new buffers (the arrays are views of them) while the body is still
+        held, so a small deflated body that expands to a lot is counted at what it
+        expands to. 413 when the archive declares more than ``limit`` (as parsing would
+        refuse it, but before a byte is inflated), 503 when it does not fit now. The
+        caller gives ``charge`` back once the arrays are gone."""
+        size = wire.expanded_size(body, media_type)
+        if media_type == wire.NPZ:
+            limit = self._args[0]
+            if size > limit:
+                raise PayloadTooLarge(f"the .npz declares {size} uncompressed bytes; the limit is {limit}")
+            charge.take(size, f"expanding an .npz of {len(body)} bytes to {size}")
+        return size
+
     async def __aenter__(self) -> bytes:
         request, budget = self._request, self._budget
         limit, idle_s, total_s, is_json, on_timeout = self._args
@@ -169,10 +217,10 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
                 raise MalformedBody("Content-Length is not a number", headers=_CLOSE)
             if int(declared) > limit:
                 raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}", headers=_CLOSE)
+            # Refused now if it does not fit (the client is spared sending it), but
+            # nothing is held for it: its bytes are charged as they come.
+            budget.check(int(declared), f"a body of {declared} bytes")
         try:
-            if declared is not None:
-                budget.take(int(declared), f"a body of {declared} bytes")
-                self._held = int(declared)
             parts: list[bytes] = []
             size = 0
             deadline = time.monotonic() + total_s  # (anyio.current_time looks up its backend each call)
@@ -196,7 +244,10 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"the body is over the limit of {limit} bytes", headers=_CLOSE)
-                if size > self._held:  # chunked (or longer than declared): counted as it arrives
+                if size > self._held:  # charged as it arrives, before it is kept
+                    if budget.used + size - self._held > budget.max_bytes:  # refused: say how far it got
+                        budget.check(size - self._held, f"the body ({size} bytes in"
+                                     + (f" of {declared})" if declared is not None else ")"))
                     budget.take(size - self._held, "the body")
                     self._held = size
                 if chunk:

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jacobian_client import wire
 
-from .connections import read_body
+from .connections import Charge, read_body
 from .errors import (
     ClientGone,
     InternalError,
@@ -224,20 +224,33 @@ def _could_be_single(call: Call, kind: str) -> bool:
 
 
 async def derivative(request: Request, name: str, kind: str) -> Response:
+    # What an .npz's arrays take once expanded is held on the body budget until the
+    # request is done with them (they go when _derivative's frame does).
+    inputs = Charge(_state(request).body_budget)
+    try:
+        return await _derivative(request, name, kind, inputs)
+    finally:
+        inputs.give()
+
+
+async def _derivative(request: Request, name: str, kind: str, inputs: Charge) -> Response:
     state = _state(request)
     started = time.monotonic()
     spec = state.registry.get(name)
     media = acceptable(request.headers.get("accept"))
     content_type = media_type_of(request.headers.get("content-type"))
     s = state.settings
-    # The body is admitted against the process's body budget before it is buffered, and
-    # held there (JSON at its parse cost) until it is parsed: connections.py.
-    async with read_body(request, state.body_budget, s.max_request_bytes, s.read_idle_timeout_s, s.read_timeout_s,
-                         is_json=content_type == wire.JSON,
-                         on_timeout=lambda phase: state.metrics.connection_timeouts.labels(phase).inc()) as body:
+    # The body is charged to the process's body budget as it arrives, before it is
+    # buffered, and held there (JSON at its parse cost) until it is parsed; an .npz's
+    # expanded size is charged before it is expanded, held in ``inputs``: connections.py.
+    reader = read_body(request, state.body_budget, s.max_request_bytes, s.read_idle_timeout_s, s.read_timeout_s,
+                       is_json=content_type == wire.JSON,
+                       on_timeout=lambda phase: state.metrics.connection_timeouts.labels(phase).inc())
+    async with reader as body:
         # A small deflated .npz can expand to a lot: decide by what decoding will take.
         call: Call = await _offload(
-            wire.expanded_size(body, content_type), parse_call, spec, kind, content_type, body, _query(request), s.wire_limits
+            reader.expand(body, content_type, inputs), parse_call, spec, kind, content_type, body, _query(request),
+            s.wire_limits
         )
     del body  # parsed: the arrays are the call's now
     call.deadline = _deadline(state, request)

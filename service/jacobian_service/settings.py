@@ -99,9 +99,10 @@ class Settings(BaseSettings):
     sparsity_cache_dir: Path | None = None
 
     # Connections (connections.py). Request bodies being received and parsed at once, per
-    # front-end process (the server holds at most workers x this): a body is admitted
-    # before it is buffered, by its Content-Length (chunked: as it arrives), and a JSON
-    # body is charged its parse cost. Unset: twice max_request_bytes, at least 64 MiB.
+    # front-end process (the server holds at most workers x this): a body is charged as
+    # its bytes arrive, before they are buffered (a Content-Length that does not fit is
+    # refused first, but holds nothing), a JSON body its parse cost, an .npz what it
+    # expands to. Unset: twice max_request_bytes, at least 64 MiB.
     body_budget_bytes: int | None = Field(None, ge=1)
     # A connection's request headers must be in within header_timeout_s; each piece of a
     # body within read_idle_timeout_s and the whole body within read_timeout_s (408 and
