@@ -192,7 +192,7 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
         self._args = (limit, idle_s, total_s, is_json, on_timeout)
         self._held = 0
 
-    def expand(self, body: bytes, media_type: str, charge: Charge) -> int:
+    def expand(self, body: bytes, media_type: str, charge: Charge, limits: wire.Limits) -> int:
         """What decoding ``body`` will allocate (:func:`wire.expanded_size`), charged to
         ``charge`` before anything is decoded when it is an ``.npz``'s: its members are
         inflated into new buffers (the arrays are views of them) while the body is still
@@ -200,7 +200,7 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
         expands to. 413 when the archive declares more than ``limit`` (as parsing would
         refuse it, but before a byte is inflated), 503 when it does not fit now. The
         caller gives ``charge`` back once the arrays are gone."""
-        size = wire.expanded_size(body, media_type)
+        size = wire.expanded_size(body, media_type, limits)
         if media_type == wire.NPZ:
             limit = self._args[0]
             if size > limit:

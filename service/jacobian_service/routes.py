@@ -249,7 +249,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     async with reader as body:
         # A small deflated .npz can expand to a lot: decide by what decoding will take.
         call: Call = await _offload(
-            reader.expand(body, content_type, inputs), parse_call, spec, kind, content_type, body, _query(request),
+            reader.expand(body, content_type, inputs, s.wire_limits), parse_call, spec, kind, content_type, body, _query(request),
             s.wire_limits
         )
     del body  # parsed: the arrays are the call's now
