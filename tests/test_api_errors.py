@@ -310,3 +310,22 @@ def test_query_options_read_their_words(client, query, status):
     r = client.post(URL + query, content=npy_bytes(np.array([1.0, 2.0], np.float32)),
                     headers={"content-type": wire.NPY, "accept": wire.NPZ})
     assert r.status_code == status, r.text
+
+
+def test_a_compressed_body_is_415_not_garbage(client):
+    import gzip
+
+    body = gzip.compress(b'{"inputs": [[1.0, 2.0]]}')
+    problem = assert_problem(client.post(URL, content=body, headers={"content-type": wire.JSON, "content-encoding": "gzip"}),
+                             415, "unsupported_media_type")
+    assert "gzip" in problem["detail"]
+    r = client.post(URL, json={"inputs": [[1.0, 2.0]]}, headers={"content-encoding": "identity"})
+    assert r.status_code == 200
+
+
+def test_a_query_option_given_twice_is_422(client):
+    body = npy_bytes(np.array([1.0, 2.0], np.float32))
+    problem = assert_problem(client.post(URL + "?argnums=0&chunk_size=1&argnums=1", content=body,
+                                         headers={"content-type": wire.NPY}), 422, "invalid_input")
+    assert "'argnums'" in problem["detail"] and "chunk_size" not in problem["detail"]
+    assert_problem(client.get("/v1/functions/sin/sparsity?shapes=3&shapes=4"), 422, "invalid_input")

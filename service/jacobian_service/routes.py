@@ -37,9 +37,10 @@ from .errors import (
     ResultTooLarge,
     ServiceError,
     Unavailable,
+    UnsupportedMediaType,
 )
 from .parsing import KINDS, media_type_of, parse_call, parse_sparsity_query
-from .responses import JsonRows, acceptable, choose, encode, is_single_array, problem_response
+from .responses import JsonRows, acceptable, choose, echo, encode, is_single_array, problem_response
 from .scheduler import StreamHead
 from .state import ServiceState
 from .types import Call, JobInfo, Result
@@ -83,7 +84,13 @@ def _state(request: Request) -> ServiceState:
 
 def _query(request: Request) -> dict[str, str]:
     # Most calls have no query string: no parse for them.
-    return dict(request.query_params) if request.scope.get("query_string") else {}
+    if not request.scope.get("query_string"):
+        return {}
+    params = request.query_params
+    if len(params.multi_items()) != len(params):  # ?argnums=0&argnums=1: which one was meant?
+        twice = sorted({k for k, _ in params.multi_items() if len(params.getlist(k)) > 1})
+        raise InvalidInput(f"query options given more than once: {', '.join(echo(k) for k in twice[:5])}")
+    return dict(params)
 
 
 def _request_id(request: Request) -> str:
@@ -239,6 +246,9 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     spec = state.registry.get(name)
     media = acceptable(request.headers.get("accept"))
     content_type = media_type_of(request.headers.get("content-type"))
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):  # a gzip body read as JSON or .npy is only garbage
+        raise UnsupportedMediaType(f"Content-Encoding {echo(encoding)} is not supported; send the body as it is")
     s = state.settings
     # The body is charged to the process's body budget as it arrives, before it is
     # buffered, and held there (JSON at its parse cost) until it is parsed; an .npz's
