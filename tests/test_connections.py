@@ -311,6 +311,22 @@ def test_what_is_not_http_gets_a_problem_not_plain_text(server: str) -> None:
     assert httpx.get(f"{server}/healthz", timeout=5).status_code == 200
 
 
+@pytest.mark.parametrize("hosts", ["", "Host: a\r\nHost: b\r\n"])
+def test_an_http_1_1_request_needs_exactly_one_host(server: str, hosts: str) -> None:
+    """RFC 9112 3.2; uvicorn's httptools parser let both through (found by a red team)."""
+    s = _connect(server)
+    s.sendall(f"GET /v1/functions HTTP/1.1\r\n{hosts}Connection: close\r\n\r\n".encode())
+    raw = _read_to_close(s, 5)
+    s.close()
+    status, headers, body = _problem(raw)
+    assert status == 400 and body["code"] == "malformed_request" and "Host" in body["detail"]
+    assert headers["x-request-id"] == body["request_id"]
+    s = _connect(server)  # HTTP/1.0 has no Host to require
+    s.sendall(b"GET /v1/functions HTTP/1.0\r\n\r\n")
+    assert _read_to_close(s, 5).startswith(b"HTTP/1.1 200")
+    s.close()
+
+
 def test_a_websocket_upgrade_is_served_as_the_http_request_it_also_is(server: str) -> None:
     """The service has no WebSocket endpoint. With a WebSocket library installed, uvicorn
     handed the app a websocket scope, which the router cannot take: a plain-text 500."""

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, MalformedRequest, Unauthorized
 from .request_ids import new_request_id
 from .responses import problem_response
 from .routes import Router, route_path
@@ -45,9 +45,12 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = ""
+        hosts = 0
         for key, value in scope["headers"]:
             if key == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
+            elif key == b"host":
+                hosts += 1
         request_id = request_id if request_id.isprintable() and request_id else new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -89,8 +92,14 @@ class AccessMiddleware:
                 record(str(status))
             await send(message)
 
+        # RFC 9112 3.2: an HTTP/1.1 request with no Host, or more than one, is a 400 (the
+        # parser, httptools, lets both through; which host did a proxy route it for?).
+        app = self.app
+        if hosts != 1 and scope.get("http_version") == "1.1":
+            app = problem_response(MalformedRequest(f"an HTTP/1.1 request needs one Host header; it has {hosts}"),
+                                   request_id)
         try:
-            await self.app(scope, receive, send_with_id)
+            await app(scope, receive, send_with_id)
         finally:
             if not recorded:
                 record("aborted")
