@@ -329,3 +329,16 @@ def test_a_query_option_given_twice_is_422(client):
                                          headers={"content-type": wire.NPY}), 422, "invalid_input")
     assert "'argnums'" in problem["detail"] and "chunk_size" not in problem["detail"]
     assert_problem(client.get("/v1/functions/sin/sparsity?shapes=3&shapes=4"), 422, "invalid_input")
+
+
+@pytest.mark.parametrize("dtype", ["longdouble", "float128"])
+def test_an_npy_of_a_dtype_json_refuses_is_refused_too(client, dtype):
+    """Found by a red team: a float128 .npy was cast to float32 and answered, where JSON's
+    "dtype": "float128" is a 422."""
+    if not hasattr(np, dtype) or np.dtype(dtype).itemsize <= 8:
+        pytest.skip(f"no wide {dtype} here")
+    body = npy_bytes(np.array([1.0, 2.0], dtype=dtype))
+    detail = assert_problem(client.post(URL, content=body, headers={"content-type": wire.NPY}), 422, "invalid_input")["detail"]
+    assert "unsupported dtype" in detail and "float64" in detail
+    json_body = {"inputs": [{"dtype": "float128", "shape": [2], "data": [1, 2]}]}
+    assert_problem(client.post(URL, json=json_body), 422, "invalid_input")

@@ -612,8 +612,9 @@ def write_npy(arr: np.ndarray) -> list[bytes | memoryview]:
 def _checked_dtype(descr: np.dtype) -> np.dtype:
     if descr.hasobject:
         raise WireError("object arrays (pickles) are refused", "malformed_body")
-    if descr.fields is not None or descr.subdtype is not None or descr.kind not in "biuf":
-        raise WireError(f"unsupported dtype {descr}; send bool, integer or float arrays", "invalid_input")
+    if descr.fields is not None or descr.subdtype is not None or descr.kind not in "biuf" or descr.name not in DTYPES:
+        # float128 too: JSON's "dtype" refuses it, so .npy and .npz do (it was cast to float32)
+        raise WireError(f"unsupported dtype {descr}; send one of {', '.join(sorted(DTYPES - {'bfloat16'}))}", "invalid_input")
     return descr
 
 
