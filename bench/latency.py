@@ -1,6 +1,6 @@
 """Latency of one small ``mlp`` Jacobian (input 128 float32, Jacobian 64x128).
 
-Side by side, interleaved call by call: in-process ``torch.func.jacrev`` (the compute
+Side by side, interleaved call by call (then again one variant at a time): in-process ``torch.func.jacrev`` (the compute
 floor), the bare Starlette endpoint answering the same bytes (the HTTP floor), and the
 service over JSON and over ``.npy`` with a keep-alive ``httpx.Client`` and with the SDK
 ``Client``. Target (issue 4): service / (HTTP floor + in-process jacrev) <= 1.25.
@@ -14,11 +14,12 @@ import httpx
 import numpy as np
 import torch
 
-from ._common import Context, Report, Target, interleaved, median, mlp_case, ms, service_device
+from ._common import Context, Report, Target, in_blocks, interleaved, median, mlp_case, ms, service_device
 from ._server import JSON_HEADERS, NPY_HEADERS, json_jacobian_bytes, json_request, npy_bytes
 
 TITLE = "latency: one small mlp Jacobian (128 -> 64, float32), 1 client"
 PATH = "/v1/functions/mlp/jacobian"
+_WARM = ("in-process jacrev", "HTTP floor, JSON", "HTTP floor, .npy", "service, JSON (httpx)", "service, .npy (httpx)")
 
 
 def run(ctx: Context) -> Report:
@@ -71,6 +72,8 @@ def run(ctx: Context) -> Report:
         if default is not None:
             variants["service, .npy, server's default torch threads"] = lambda: post(dc, npy_body, NPY_HEADERS)
         samples = interleaved(variants, rounds, per_round)
+        # The same, one variant at a time: a client calling in a loop (every process warm).
+        warm = in_blocks({k: variants[k] for k in _WARM}, rounds, per_round)
         # Where the service's time goes, from its own meta (untimed calls).
         metas = [sc.post(PATH, content=json_body, headers=JSON_HEADERS).json()["meta"] for _ in range(max(5, per_round))]
 
@@ -94,5 +97,17 @@ def run(ctx: Context) -> Report:
                f"{torch.get_num_threads()}, service {ctx.service_env.get('JACOBIAN_SERVICE_TORCH_THREADS', 'default')}\n")
     report.target(Target("latency .npy: service / (HTTP floor + jacrev)", med["service, .npy (httpx)"] / floors[".npy"], 1.25, "<="))
     report.target(Target("latency JSON: service / (HTTP floor + jacrev)", med["service, JSON (httpx)"] / floors["JSON"], 1.25, "<="))
+
+    wmed = {k: median(v) for k, v in warm.items()}
+    wfloors = {f: wmed[f"HTTP floor, {f}"] + wmed["in-process jacrev"] for f in ("JSON", ".npy")}
+    report.add(f"\nOne variant at a time ({rounds} rounds of {per_round} calls each, after 3 untimed; a client "
+               "calling in a loop):\n")
+    report.table(["variant", "median ms", "p90 ms", "/ (floor + jacrev)"],
+                 [[k, ms(wmed[k]), ms(float(np.percentile(warm[k], 90))),
+                   f"{wmed[k] / wfloors['JSON' if 'JSON' in k else '.npy']:.2f}" if k.startswith("service") else "-"]
+                  for k in _WARM])
+    for fmt in (".npy", "JSON"):
+        report.target(Target(f"latency {fmt}, one variant at a time: service / (HTTP floor + jacrev)",
+                             wmed[f"service, {fmt} (httpx)"] / wfloors[fmt], 1.25, "<="))
     report.add()
     return report
