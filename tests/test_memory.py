@@ -217,7 +217,8 @@ def test_a_request_leaves_no_cycles_for_the_collector(client, path, content_type
             self.scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
                           "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
                           "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-                          "headers": [(b"content-type", content_type.encode()), (b"accept", content_type.encode()),
+                          "headers": [(b"host", b"testserver"), (b"content-type", content_type.encode()),
+                                      (b"accept", content_type.encode()),
                                       (b"content-length", str(len(body)).encode())]}
             self.messages: list[dict] = []
             self.pending = [{"type": "http.request", "body": body, "more_body": False}]
