@@ -16,6 +16,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -599,3 +600,55 @@ def test_a_pattern_too_dense_for_the_limits_is_413_before_it_is_built(make_clien
 
 def test_get_sparsity_shapes_are_bounded_like_a_body(client):
     assert_problem(client.get("/v1/functions/lorenz96/sparsity?shapes=40000000"), 413, "payload_too_large")
+
+
+@pytest.mark.parametrize("name,shapes,needle", [
+    ("sin", "99999999999999999999999", "beyond int64"),  # was an OverflowError: 500
+    ("sin", "9223372036854775808", "beyond int64"),  # 2**63: numpy's "maximum allowed dimension exceeded"
+    ("sin", "0,99999999999999999999999", "beyond int64"),
+    ("sin", "9" * 5000, "beyond int64"),  # int() refuses more than 4,300 digits
+    ("sin", "0,9223372036854775807", "over the array limits"),  # holds nothing, but numpy refuses it
+    ("reaction_diffusion", "4294967296,4294967296", "over the array limits"),  # np.prod wrapped to 0
+    ("reaction_diffusion", "65536,65536", "over the array limits"),
+])
+def test_get_sparsity_shapes_are_checked_as_the_wire_checks_them(client, name, shapes, needle):
+    """Sizes are Python ints within int64 whose product (exact, over the non-zero sizes)
+    is within the element limit, as the JSON and .npy paths check a shape: a 422 that
+    says which, never a 500 from an overflow further on."""
+    problem = assert_problem(client.get(f"/v1/functions/{name}/sparsity", params={"shapes": shapes}), 422, "invalid_input")
+    assert needle in problem["detail"] and "Traceback" not in problem["detail"]
+
+
+def test_real_server_a_costly_sparsity_request_ends_at_its_deadline(server):
+    """The red team's request, GET softmax's pattern at n = 2000 (dense), ran a minute
+    in the one engine: every other request waited, its 504 came at the deadline, then
+    the supervisor killed the engine as hung (and counted it against softmax). Now it
+    is answered in about a second; a colouring that is still long (a 160,000-unknown
+    stencil under a 1 s deadline) stops at its deadline, the engine takes the next
+    request at once, and no engine is restarted."""
+    def restarts():
+        text = httpx.get(f"{server}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("jacobian_service_engine_restarts{"))
+
+    before = restarts()
+    t0 = time.monotonic()
+    r = httpx.get(f"{server}/v1/functions/softmax/sparsity?shapes=2000", timeout=60,
+                  headers={"accept": wire.NPZ, "X-Request-Timeout": "15"})
+    elapsed = time.monotonic() - t0
+    P = load_npz(r)
+    _, meta = wire.read_sparse_npz(r.content)
+    assert P.shape == (2000, 2000) and P.nnz == 2000 * 2000 and meta["products"] == 2000
+    assert elapsed < 10, elapsed  # ~1.2 s here
+    t0 = time.monotonic()
+    r = httpx.get(f"{server}/v1/functions/reaction_diffusion/sparsity?shapes=400,400", timeout=60,
+                  headers={"X-Request-Timeout": "1"})  # ~10 s of colouring to the end
+    assert_problem(r, 504, "timeout")
+    assert time.monotonic() - t0 < 3
+    t0 = time.monotonic()
+    x = RNG.standard_normal(26).astype(np.float32)
+    J, _ = sparse_json(httpx.post(f"{server}/v1/functions/lorenz96/jacobian", timeout=60,
+                                  json={"inputs": [x.tolist()], "sparsity": "band"}))
+    assert time.monotonic() - t0 < 2  # the engine was free
+    np.testing.assert_allclose(J.toarray(), jac(lorenz96, x), rtol=1e-5, atol=1e-6)
+    assert restarts() == before == 0

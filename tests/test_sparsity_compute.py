@@ -398,3 +398,45 @@ def test_colouring_stops_when_check_alive_raises():
     with pytest.raises(Stop):
         star_coloring(banded(2, 2, hessian=True).build([(10_000,)], 1), check_alive=check)
     assert len(calls) == 3
+
+
+def test_a_dense_jacobian_is_detected_and_coloured_in_a_second():
+    """softmax (a dense Jacobian) at n = 2000: it took a minute (numpy's hash-based
+    unique on 4M entries, an n**3 graph product, networkx over n**2 / 2 edges) and held
+    the engine past the request's deadline. Now: the pattern, n colours, and the right
+    matrix, the colouring with no graph at all."""
+    from jacobian_service.examples import softmax
+    from jacobian_service.sparsity import entry_limit
+    from jacobian_service.sparsity.compute import resolve
+
+    n = 2000
+    x = torch.linspace(0.5, 1.5, n)
+    check, calls = stop_after(10**9)
+    t0 = time.monotonic()
+    with entry_limit((256 << 20) // 16, (256 << 20) // 64):  # the engine's, at its CPU budget
+        p, coloring, cached = resolve(softmax, [x], cache=PatternCache(None), check_alive=check)
+    assert time.monotonic() - t0 < 8  # ~0.7 s here; 60 s and more before
+    assert p.nnz == n * n and coloring.n_colors == n and cached == "" and len(calls) >= 3
+    small = torch.linspace(0.5, 1.5, 50, dtype=torch.float64)
+    result = sparse_jacobian(softmax, [small], cache=PatternCache(None))
+    assert result.n_products == 50
+    np.testing.assert_allclose(result.matrix.toarray(), dense_jacobian(softmax, [small]), rtol=1e-12, atol=1e-12)
+
+
+def test_auto_mode_skips_a_side_that_cannot_win(monkeypatch):
+    """Reverse mode colours a dense row's outputs with one colour; forward mode would
+    colour that row's columns (a clique) first. A side whose lower bound the other's
+    colouring already meets is never coloured."""
+    from jacobian_service.sparsity import coloring
+
+    rows = np.repeat(np.arange(4), 1000)
+    p = Pattern((4, 4000), rows, np.arange(4000))  # disjoint dense rows, as w @ x w.r.t. w
+    real = coloring.column_coloring
+
+    def column_coloring(q, *a, **k):
+        assert q.shape == (4000, 4), "coloured the forward side"  # the transpose: rev's rows
+        return real(q, *a, **k)
+
+    monkeypatch.setattr(coloring, "column_coloring", column_coloring)
+    c = coloring.choose_coloring(p)
+    assert c.mode == "rev" and c.n_colors == 1

@@ -4,6 +4,7 @@ the sparse wire formats (torch-free parts)."""
 from __future__ import annotations
 
 import io
+import time
 import zipfile
 
 import numpy as np
@@ -206,3 +207,120 @@ def test_wire_module_does_not_import_scipy():
     code = "import sys, jacobian_client, jacobian_client.sparse; print('scipy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ costly colourings (the deadline)
+
+
+class Stop(Exception):
+    """What a request's check raises past its deadline (the engine's is a 504 Timeout)."""
+
+
+def deadline_in(seconds):
+    """A check_alive that raises once ``seconds`` have passed."""
+    end = time.monotonic() + seconds
+
+    def check():
+        if time.monotonic() > end:
+            raise Stop(f"past the {seconds} s deadline")
+
+    return check
+
+
+def refuse(*a, **k):
+    raise AssertionError("built the colouring graph of a pattern whose colouring is known without it")
+
+
+def test_dense_patterns_are_coloured_without_their_graph(monkeypatch):
+    """A dense n x n pattern needs n colours, which every greedy order gives: known with
+    no n**3 graph product and no greedy pass over n**2 / 2 edges (softmax at n = 2000
+    took a minute, past its deadline, and its engine was killed as hung)."""
+    from jacobian_service.sparsity import coloring
+
+    monkeypatch.setattr(coloring, "_column_graph_edges", refuse)
+    monkeypatch.setattr(coloring, "_greedy", refuse)
+    n = 2000
+    dense = Pattern.from_dense(np.ones((n, n), bool))
+    t0 = time.monotonic()
+    for mode in ("auto", "fwd", "rev"):
+        c = choose_coloring(dense, mode)
+        assert c.n_colors == c.lower_bound == n and sorted(c.colors) == list(range(n))
+    assert time.monotonic() - t0 < 10  # ~0.5 s here; a minute and more before
+    # Any row holding every column makes the graph complete: a triangle, a dense row
+    # over empty columns (they stay uncoloured and cost nothing).
+    tri = Pattern.from_dense(np.tril(np.ones((300, 300), bool)))
+    assert column_coloring(tri).n_colors == 300
+    mask = np.zeros((40, 50), bool)
+    mask[7, ::2] = True
+    mask[::3, ::4] = True
+    c = column_coloring(Pattern.from_dense(mask))
+    assert c.n_colors == 25 and (c.colors[1::2] == -1).all()
+    # A dense Hessian: one colour per vertex, as the greedy star colouring gives it.
+    s = star_coloring(Pattern.from_dense(np.ones((500, 500), bool)))
+    assert s.n_colors == 500 and s.strategy == "star_largest_first" and np.array_equal(s.colors, np.arange(500))
+    monkeypatch.undo()
+    # The same counts (and, for the star, colours) as the full search gives on small ones.
+    for n in (1, 2, 9, 40):
+        p = Pattern.from_dense(np.ones((n, n), bool))
+        assert choose_coloring(p).n_colors == n
+        assert np.array_equal(star_coloring(p).colors, np.arange(n))
+    # Without a diagonal the distance-2 colouring may beat one colour per vertex: no shortcut.
+    anti = Pattern((2, 2), [0, 1], [1, 0])
+    assert star_coloring(anti).n_colors == 1
+
+
+def test_colouring_work_past_the_limit_is_refused_before_it_starts(monkeypatch):
+    """Not complete, but dense: its graph product alone takes n**3 steps. Past the work
+    limit (1024 per entry of the graph limit) it is refused (the service's 413) at
+    once, not worked on until the deadline."""
+    from jacobian_service.sparsity import PatternTooLarge, coloring, entry_limit
+
+    monkeypatch.setattr(coloring, "_column_graph_edges", refuse)
+    n = 2000
+    no_diagonal = Pattern.from_dense(~np.eye(n, dtype=bool))
+    t0 = time.monotonic()
+    with entry_limit((256 << 20) // 16, (256 << 20) // 64):  # the engine's, at its CPU budget
+        with pytest.raises(PatternTooLarge, match=r"would take 7,992,002,000 steps .* the limit is 4,294,967,296"):
+            choose_coloring(no_diagonal)
+    assert time.monotonic() - t0 < 5
+
+
+def test_long_colourings_stop_soon_after_the_deadline():
+    """Every long loop checks: the graph product (blocks of result columns), networkx's
+    graph building and greedy passes, the star colouring's loop. A colouring that would
+    take seconds stops within a fraction of a second of its deadline."""
+    blocks = Pattern.from_dense(np.kron(np.eye(2, dtype=bool), np.ones((1000, 1000), bool)))  # a product of 2e9 steps
+    arrow = np.eye(6000, dtype=bool)
+    arrow[0] = arrow[:, 0] = True  # a hub: the greedy star colouring visits it from every vertex
+    cases = [
+        ("graph product", lambda check: column_coloring(blocks, check_alive=check)),
+        ("networkx passes", lambda check: column_coloring(grid_stencil(300, 300), check_alive=check)),
+        ("star colouring", lambda check: star_coloring(Pattern.from_dense(arrow), check_alive=check)),
+    ]
+    for what, colour in cases:
+        t0 = time.monotonic()
+        with pytest.raises(Stop):
+            colour(deadline_in(0.3))
+        assert time.monotonic() - t0 < 1.3, what
+
+
+def test_interruptible_colouring_is_networkx_colouring():
+    """The checks do not change a colouring: the graph product in blocks gives the
+    edges in the order of the whole product, and the smallest-last order is networkx's."""
+    import networkx as nx
+    from networkx.algorithms.coloring.greedy_coloring import strategy_smallest_last
+
+    from jacobian_service.sparsity import coloring
+
+    rng = np.random.default_rng(5)
+    for density in (0.02, 0.1, 0.4):
+        p = Pattern.from_dense(rng.random((150, 120)) < density)
+        a = sp.csr_array((np.ones(p.nnz, np.float32), (p.rows, p.cols)), shape=p.shape)
+        whole = sp.triu(a.T @ a, k=1).tocoo()
+        u, v = coloring._column_graph_edges(p, lambda: None)
+        assert np.array_equal(u, whole.row) and np.array_equal(v, whole.col)
+        graph = nx.Graph()
+        graph.add_nodes_from(np.flatnonzero(np.bincount(p.cols, minlength=120)).tolist())
+        graph.add_edges_from(zip(u.tolist(), v.tolist()))
+        ours = list(coloring._smallest_last(graph, coloring._Every(lambda: None)))
+        assert ours == list(strategy_smallest_last(graph, {}))

@@ -369,14 +369,30 @@ _SPARSITY_QUERY = frozenset({"shapes", "dtypes", "kind", "sparsity", "mode", "ar
 
 def _shapes(text: str) -> list[tuple[int, ...]]:
     """``3,4;5`` -> ``[(3, 4), (5,)]``: one shape per input, ``;`` between inputs, ``,``
-    between dims; an empty shape (``;5``, or ``shapes=`` for one input) is a 0-d input."""
+    between dims; an empty shape (``;5``, or ``shapes=`` for one input) is a 0-d input.
+    Every size is a Python int within int64, as the JSON and ``.npy`` paths require
+    (wire's shape check): a larger one is a 422, never an overflow further on."""
     shapes = []
     for part in text.split(";"):
         dims = [d.strip() for d in part.split(",") if d.strip() != ""]
-        if not all(_INTEGER.fullmatch(d) and int(d) >= 0 for d in dims):
+        if not all(_INTEGER.fullmatch(d) and (d[0] != "-" or d.strip("-0") == "") for d in dims):  # "-0" is 0
             raise InvalidInput(f"shapes: {echo(part)} is not a comma-separated list of sizes")
+        # Length first: int() refuses strings of more than 4,300 digits with a ValueError.
+        if any(len(d.lstrip("0")) > 19 or int(d) > _INT64_MAX for d in dims):
+            raise InvalidInput(f"shapes: {echo(part)} has a dimension beyond int64")
         shapes.append(tuple(int(d) for d in dims))
     return shapes
+
+
+def _elements(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(elements, nonzero-dims product)`` of ``shape``, exact (Python ints, never
+    numpy's wrapping int64): a shape with a zero dimension holds nothing, but numpy
+    still refuses one whose other dimensions multiply past its limits."""
+    elements = nonzero = 1
+    for d in shape:
+        elements *= d
+        nonzero *= d or 1
+    return elements, nonzero
 
 
 def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: wire.Limits) -> tuple[str, Call]:
@@ -412,9 +428,11 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
     args, dtypes, bindings = [], [], {}  # type: ignore[var-annotated]
     total = 0
     for shape, name, inp in zip(shapes, dtype_names, spec.inputs):
-        if len(shape) > limits.max_rank or int(np.prod(shape, dtype=np.int64)) > limits.max_elements:
-            raise InvalidInput(f"input {inp.name!r}: shape {list(shape)} is over the array limits")
-        total += int(np.prod(shape, dtype=np.int64)) * 8  # 8: the widest element a body may carry
+        elements, nonzero = _elements(shape) if len(shape) <= limits.max_rank else (0, 0)
+        if len(shape) > limits.max_rank or nonzero > limits.max_elements:
+            raise InvalidInput(f"input {inp.name!r}: shape {list(shape)} is over the array limits "
+                               f"(at most {limits.max_rank} dimensions and {limits.max_elements} elements)")
+        total += elements * 8  # 8: the widest element a body may carry
         if total > limits.max_bytes:  # no more than a request body could carry
             raise PayloadTooLarge(f"these shapes hold more than {limits.max_bytes} bytes, the request limit")
         if name is not None and name not in wire.DTYPES:

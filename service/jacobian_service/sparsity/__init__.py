@@ -18,7 +18,9 @@ Engine API (torch; call on the engine's thread)::
   :class:`Pattern`. The request option ``sparsity: dense`` never reaches this package.
 - ``mode``: ``auto`` colours both sides and takes the one with fewer products; ``fwd``
   (JVPs over column groups) or ``rev`` (VJPs over row groups) force one.
-- ``check_alive()`` is called between chunks of products and may raise (deadlines).
+- ``check_alive()`` is called as the pattern is detected, at most every few
+  milliseconds of every long loop of the colouring, and between chunks of products;
+  it may raise (deadlines), and nothing is cached then.
 - ``SparseResult.matrix`` is a ``scipy.sparse.csr_array`` (output elements x input
   elements, both flattened in C order, concatenated over outputs / differentiated
   inputs); ``.meta()`` gives the fields for the response's ``meta``; ``.output`` and

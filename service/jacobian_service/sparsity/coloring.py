@@ -11,21 +11,42 @@
   coloring for computing derivatives", SIAM Review 47(4), 2005, Algorithm 4.1).
 
 Rows or columns with no entry get colour -1 and cost no product. Colouring a large
-pattern takes a while (networkx is pure Python): every function takes the caller's
-``check_alive`` (a request's deadline check) and calls it between strategies and
-every few thousand vertices of the star colouring's loop. Every colouring
-carries its decompression map (``gather``), checked when it is built: a colouring that
-cannot recover an entry directly raises instead of returning a wrong matrix.
+pattern takes a while (the graph product is cubic in a dense row's length, networkx
+and the star colouring are pure Python): every function takes the caller's
+``check_alive`` (a request's deadline check) and calls it at most every few
+milliseconds of every long loop: between blocks of the graph product, of the edges
+added to networkx's graph, of the vertices each greedy pass colours, and inside the
+star colouring's loop; so a deadline stops a colouring within a fraction of a second.
+
+What is known up front is not computed:
+
+- a column graph that is complete (some row holds every non-empty column: a dense
+  pattern, a lower-triangular one) needs one colour per column, which every greedy
+  order gives: those colours come without the graph (likewise for star colouring when
+  every vertex is adjacent to every other);
+- a pattern whose graph product would take more than :func:`.patterns.work_limit`
+  steps (one per pair of entries sharing a row) is refused with
+  :class:`~.patterns.PatternTooLarge` before it starts;
+- the greedy star colouring is skipped (the distance-2 colouring, itself a star
+  colouring, is used) when a bound on its steps is past that limit.
+
+Every colouring carries its decompression map (``gather``), checked when it is built: a
+colouring that cannot recover an entry directly raises instead of returning a wrong matrix.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import itertools
+import time
+from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .patterns import Pattern, check_entries
+from .patterns import Pattern, check_entries, check_work, sorted_unique, work_limit
 
 __all__ = ["Coloring", "choose_coloring", "column_coloring", "row_coloring", "star_coloring"]
 
@@ -36,8 +57,13 @@ _STRATEGIES = ("smallest_last", "natural", "largest_first")
 # Above this many graph edges only the cheapest strategies are tried: networkx is pure
 # Python, about a microsecond or two per edge per strategy.
 _ALL_STRATEGIES_EDGE_LIMIT = 2_000_000
-# The star colouring's Python loop calls check_alive once per this many vertices.
-_CHECK_EVERY_VERTICES = 4096
+# Long loops call check_alive at most this often (a monotonic clock read otherwise).
+_CHECK_EVERY_S = 0.005
+# The graph product runs in blocks of about this many seconds (sized as it goes: a
+# multiply-add costs ~1 ns where rows overlap and ~100 ns where each makes a new entry),
+# and networkx is given nodes or edges this many at a time (microseconds each).
+_PRODUCT_BLOCK_S = 0.02
+_EDGES_PER_BLOCK = 1 << 13
 
 Check = Callable[[], None] | None
 
@@ -45,6 +71,37 @@ Check = Callable[[], None] | None
 def _check(check_alive: Check) -> None:
     if check_alive is not None:
         check_alive()
+
+
+class _Every:
+    """``check_alive`` for the inside of long loops: called at most every
+    ``_CHECK_EVERY_S`` (the first call always checks)."""
+
+    __slots__ = ("check_alive", "next")
+
+    def __init__(self, check_alive: Check) -> None:
+        self.check_alive = check_alive
+        self.next = 0.0
+
+    def __call__(self) -> None:
+        if self.check_alive is None:
+            return
+        now = time.monotonic()
+        if now >= self.next:
+            self.next = now + _CHECK_EVERY_S
+            self.check_alive()
+
+
+def _all_distinct(values: np.ndarray, bound: int) -> bool:
+    """Whether the non-negative ints ``values`` (all below ``bound``) are distinct: by
+    counting when ``bound`` is small beside the count, else by a sort (never numpy's
+    hash-based ``np.unique``, seconds on millions)."""
+    if values.size < 2:
+        return True
+    if bound <= 8 * values.size + (1 << 20):
+        return int(np.bincount(values, minlength=0).max()) <= 1
+    s = np.sort(values, kind="stable")
+    return not bool((s[1:] == s[:-1]).any())
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,42 +130,176 @@ class Coloring:
         }
 
 
-def _column_graph_edges(p: Pattern) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of columns that share a row (each pair once, i < j)."""
+def _graph_work(p: Pattern) -> int:
+    """Steps of the column graph's product ``a.T @ a``: one per pair of entries that
+    share a row, the sum of the squared row counts (``n**3`` for a dense ``n x n``)."""
+    per_row = np.bincount(p.rows, minlength=p.shape[0]).astype(np.int64)
+    return int((per_row * per_row).sum())
+
+
+def _check_graph_size(p: Pattern, work: int) -> None:
+    # a.T @ a has at most sum(row counts ** 2) entries, and at most n * n
+    check_entries(min(work, p.shape[1] * p.shape[1]), "the colouring's column graph", graph=True)
+
+
+def _column_graph_edges(p: Pattern, check_alive: Check = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of columns that share a row (each pair once, i < j), in the order
+    ``sp.triu(a.T @ a, k=1).tocoo()`` gives them (the order networkx then sees). The
+    product runs a block of result columns at a time, ``check_alive`` between blocks:
+    a block's columns of ``a.T @ a`` come out as they do in the whole product."""
     import scipy.sparse as sp
 
-    per_row = np.bincount(p.rows, minlength=p.shape[0]).astype(np.int64)
-    n = p.shape[1]  # a.T @ a has at most sum(row counts ** 2) entries, and at most n * n
-    check_entries(min(int((per_row * per_row).sum()), n * n), "the colouring's column graph", graph=True)
+    m, n = p.shape
+    alive = _Every(check_alive)
+    alive()
     a = sp.csr_array((np.ones(p.nnz, np.float32), (p.rows, p.cols)), shape=p.shape)
-    g = sp.triu(a.T @ a, k=1).tocoo()
-    return g.row.astype(np.int64), g.col.astype(np.int64)
+    at, ac = a.T, a.tocsc()
+    # Steps of result column j: over the rows holding column j, those rows' counts.
+    per_row = np.bincount(p.rows, minlength=m).astype(np.float64)
+    steps = np.cumsum(np.bincount(p.cols, weights=per_row[p.rows], minlength=n))
+    us, vs = [], []
+    j0, per_block = 0, float(1 << 18)  # steps in the next block, from the rate measured
+    while j0 < n:
+        alive()
+        done = steps[j0 - 1] if j0 else 0.0
+        j1 = max(j0 + 1, int(np.searchsorted(steps, done + per_block, side="right")))
+        j1 = min(j1, n)
+        t0 = time.monotonic()
+        block = (at @ ac[:, j0:j1]).tocoo()
+        keep = block.row < block.col + j0
+        us.append(block.row[keep].astype(np.int64))
+        vs.append(block.col[keep].astype(np.int64) + j0)
+        rate = (steps[j1 - 1] - done) / max(time.monotonic() - t0, 1e-4)
+        per_block = min(max(rate * _PRODUCT_BLOCK_S, float(1 << 14)), float(1 << 30))
+        j0 = j1
+    if not us:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(us), np.concatenate(vs)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector off while networkx builds and walks a graph of
+    millions of small dicts: each full collection scans them all (a few tenths of a
+    second, between two checks) and frees nothing (reference counting frees them)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _add_nodes(graph: Any, nodes: list[int], alive: _Every) -> None:
+    for s in range(0, len(nodes), _EDGES_PER_BLOCK):
+        alive()
+        graph.add_nodes_from(nodes[s : s + _EDGES_PER_BLOCK])
+
+
+def _checked(nodes: Iterable[int], alive: _Every) -> Iterator[int]:
+    """``nodes`` as networkx's greedy pass consumes them, checking as it goes."""
+    for node in nodes:
+        alive()
+        yield node
+
+
+def _smallest_last(graph: Any, alive: _Every) -> deque:
+    """networkx's ``strategy_smallest_last``, step for step (the same copy of the graph,
+    the same buckets, so the same order, ties included), with checks in its loops."""
+    h = graph.__class__()
+    _add_nodes(h, list(graph), alive)
+    pairs = ((u, v) for u, nbrs in graph._adj.items() for v in nbrs)  # as Graph.copy adds them
+    while True:
+        alive()
+        chunk = list(itertools.islice(pairs, _EDGES_PER_BLOCK))
+        if not chunk:
+            break
+        h.add_edges_from(chunk)
+    result: deque = deque()
+    degrees: defaultdict[int, set[int]] = defaultdict(set)
+    lbound: Any = float("inf")
+    for node, d in h.degree():
+        degrees[d].add(node)
+        lbound = min(lbound, d)
+    for _ in graph:
+        alive()
+        min_degree = next(d for d in itertools.count(lbound) if d in degrees)
+        u = degrees[min_degree].pop()
+        if not degrees[min_degree]:
+            del degrees[min_degree]
+        result.appendleft(u)
+        for v in h[u]:
+            degree = h.degree(v)
+            degrees[degree].remove(v)
+            if not degrees[degree]:
+                del degrees[degree]
+            degrees[degree - 1].add(v)
+        h.remove_node(u)
+        lbound = min_degree - 1
+    return result
+
+
+def _order(graph: Any, name: str, alive: _Every) -> Iterable[int]:
+    """The vertex order of a greedy strategy, as networkx's strategy of that name gives it."""
+    from networkx.algorithms.coloring.greedy_coloring import strategy_largest_first
+
+    if name == "natural":
+        return sorted(graph)
+    if name == "smallest_last":
+        return _smallest_last(graph, alive)
+    if name == "largest_first":
+        return strategy_largest_first(graph, None)
+    raise ValueError(f"unknown greedy strategy {name!r}")
 
 
 def _greedy(
     n: int, u: np.ndarray, v: np.ndarray, active: np.ndarray, strategies: tuple[str, ...], check_alive: Check = None,
+    lower: int = 0,
+) -> tuple[np.ndarray, str]:
+    """networkx's greedy colouring in each order of ``strategies``, keeping the first
+    with the fewest colours; a pass that reaches ``lower`` (a lower bound) ends the
+    search, as no later one could win."""
+    with _no_gc():
+        return _greedy_passes(n, u, v, active, strategies, check_alive, lower)
+
+
+def _greedy_passes(
+    n: int, u: np.ndarray, v: np.ndarray, active: np.ndarray, strategies: tuple[str, ...], check_alive: Check,
+    lower: int,
 ) -> tuple[np.ndarray, str]:
     import networkx as nx
 
+    alive = _Every(check_alive)
     _check(check_alive)
     graph = nx.Graph()
-    graph.add_nodes_from(np.flatnonzero(active).tolist())
-    graph.add_edges_from(zip(u.tolist(), v.tolist()))
+    _add_nodes(graph, np.flatnonzero(active).tolist(), alive)
+    for s in range(0, u.size, _EDGES_PER_BLOCK):
+        alive()
+        graph.add_edges_from(zip(u[s : s + _EDGES_PER_BLOCK].tolist(), v[s : s + _EDGES_PER_BLOCK].tolist()))
     if u.size > _ALL_STRATEGIES_EDGE_LIMIT:
         strategies = strategies[:2]
     best: tuple[np.ndarray, str] | None = None
     for name in strategies:
         _check(check_alive)
-        strategy: Any = (lambda g, _c: sorted(g)) if name == "natural" else name
-        found = nx.greedy_color(graph, strategy=strategy)
+        order = _order(graph, name, alive)
+        found = nx.greedy_color(graph, strategy=lambda _g, _c: _checked(order, alive))
         colors = np.full(n, -1, np.int64)
         if found:
             nodes = np.fromiter(found.keys(), np.int64, len(found))
             colors[nodes] = np.fromiter(found.values(), np.int64, len(found))
         if best is None or colors.max(initial=-1) < best[0].max(initial=-1):
             best = (colors, name)
+        if int(best[0].max(initial=-1)) + 1 <= lower:
+            break
     assert best is not None
     return best
+
+
+def _complete(active: np.ndarray) -> np.ndarray:
+    """One colour per active vertex, in index order: the colouring of a complete graph
+    (what greedy colouring in natural order gives it)."""
+    return np.where(active, np.cumsum(active) - 1, -1).astype(np.int64)
 
 
 def _modulo(p: Pattern, lower: int, active: np.ndarray, check_alive: Check = None) -> np.ndarray | None:
@@ -118,11 +309,11 @@ def _modulo(p: Pattern, lower: int, active: np.ndarray, check_alive: Check = Non
     periodic band (greedy pays up to a whole band at the wrap-around) and the 5-point
     stencil on a w-wide grid (offsets 0, +-1, +-w are distinct mod 5 unless w = 0 mod 5).
     """
-    n = p.shape[1]
+    m, n = p.shape
     for k in range(max(lower, 1), min(2 * lower, n) + 1):
-        _check(check_alive)  # each try sorts every entry
+        _check(check_alive)  # each try looks at every entry
         slots = p.rows * k + p.cols % k
-        if np.unique(slots).size == slots.size:
+        if _all_distinct(slots, m * k):
             return np.where(active, np.arange(n) % k, -1)
     return None
 
@@ -130,31 +321,48 @@ def _modulo(p: Pattern, lower: int, active: np.ndarray, check_alive: Check = Non
 def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, check_alive: Check = None) -> Coloring:
     """Forward mode: ``B = J S`` with one seed column per colour."""
     m, n = p.shape
-    u, v = _column_graph_edges(p)
+    _check(check_alive)
+    work = _graph_work(p)
+    _check_graph_size(p, work)
     active = np.bincount(p.cols, minlength=n) > 0
-    colors, strategy = _greedy(n, u, v, active, strategies, check_alive)
     lower = int(np.bincount(p.rows, minlength=m).max(initial=0))
-    by_modulus = _modulo(p, lower, active, check_alive)
-    if by_modulus is not None and by_modulus.max(initial=-1) < colors.max(initial=-1):
-        colors, strategy = by_modulus, "modulo"
+    if lower == int(active.sum()):
+        # Some row holds every column that has an entry (a dense pattern, a triangular
+        # one): the graph is complete, every colouring needs a colour per column, and
+        # every greedy order gives that many. No graph, no greedy pass.
+        colors, strategy = _complete(active), "natural"
+    else:
+        check_work(work, "the colouring's column graph")
+        u, v = _column_graph_edges(p, check_alive)
+        colors, strategy = _greedy(n, u, v, active, strategies, check_alive, lower)
+        del u, v
+        # A modulus can only win when greedy stayed above the lower bound: a valid
+        # colouring by modulus uses at least ``lower`` colours too.
+        if int(colors.max(initial=-1)) + 1 > lower:
+            by_modulus = _modulo(p, lower, active, check_alive)
+            if by_modulus is not None and by_modulus.max(initial=-1) < colors.max(initial=-1):
+                colors, strategy = by_modulus, "modulo"
+    _check(check_alive)
     k = int(colors.max(initial=-1)) + 1
     gather = p.rows * k + colors[p.cols]
-    _check_unique(gather, "column")
+    _check_unique(gather, "column", m * k)
     return Coloring("fwd", colors, k, gather, lower, strategy)
 
 
 def row_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, check_alive: Check = None) -> Coloring:
     """Reverse mode: ``B = S^T J`` with one seed row per colour."""
     m, n = p.shape
+    _check(check_alive)
     t = column_coloring(p.transpose(), strategies, check_alive=check_alive)
     gather = t.colors[p.rows] * n + p.cols
-    _check_unique(gather, "row")
+    _check_unique(gather, "row", t.n_colors * n)
     return Coloring("rev", t.colors, t.n_colors, gather, t.lower_bound, t.strategy)
 
 
-def _check_unique(gather: np.ndarray, what: str) -> None:
+def _check_unique(gather: np.ndarray, what: str, bound: int | None = None) -> None:
     # Two entries landing on one compressed slot would be summed: the colouring is wrong.
-    if np.unique(gather).size != gather.size:
+    bound = int(gather.max(initial=-1)) + 1 if bound is None else bound
+    if not _all_distinct(gather, bound):
         raise AssertionError(f"{what} colouring puts two entries in one compressed slot")
 
 
@@ -168,7 +376,22 @@ def choose_coloring(p: Pattern, mode: str = "auto", *, check_alive: Check = None
         return row_coloring(p, check_alive=check_alive)
     if mode != "auto":
         raise ValueError(f"mode must be auto, fwd or rev, got {mode!r}")
-    fwd, rev = column_coloring(p, check_alive=check_alive), row_coloring(p, check_alive=check_alive)
+    # Each side needs at least its lower bound (the most entries in a row for fwd, in a
+    # column for rev): one side's colouring can settle the choice without the other's,
+    # which may be far costlier (a dense row's clique of columns beside 1-entry columns).
+    m, n = p.shape
+    fwd_lower = int(np.bincount(p.rows, minlength=m).max(initial=0))
+    rev_lower = int(np.bincount(p.cols, minlength=n).max(initial=0))
+    if rev_lower <= fwd_lower:
+        rev = row_coloring(p, check_alive=check_alive)
+        if rev.n_colors <= fwd_lower:  # fwd can't use fewer: rev wins (ties go to rev)
+            return rev
+        fwd = column_coloring(p, check_alive=check_alive)
+    else:
+        fwd = column_coloring(p, check_alive=check_alive)
+        if fwd.n_colors < rev_lower:  # rev can't use as few
+            return fwd
+        rev = row_coloring(p, check_alive=check_alive)
     return fwd if fwd.n_colors < rev.n_colors else rev
 
 
@@ -181,7 +404,7 @@ def _adjacency(p: Pattern) -> tuple[np.ndarray, np.ndarray]:
     off = p.rows != p.cols
     r = np.concatenate([p.rows[off], p.cols[off]])
     c = np.concatenate([p.cols[off], p.rows[off]])
-    key = np.unique(r * n + c)
+    key = sorted_unique(r * n + c)
     r, c = key // max(n, 1), key % max(n, 1)
     return np.searchsorted(r, np.arange(n + 1)), c
 
@@ -191,19 +414,46 @@ def star_coloring(p: Pattern, *, check_alive: Check = None) -> Coloring:
     star colouring (GMP 2005, Algorithm 4.1) in largest-first and natural order, and
     the distance-2 (column) colouring, which is itself a star colouring and sometimes
     beats greedy star colouring on meshes."""
+    _check(check_alive)
     if p.shape[0] != p.shape[1] or not p.is_symmetric():
         raise ValueError("star colouring needs a square symmetric pattern")
+    _check_graph_size(p, _graph_work(p))  # the distance-2 colouring's graph, as always
+    _check(check_alive)
     indptr, nbr = _adjacency(p)
     degree = np.diff(indptr)
-    d2 = column_coloring(p, check_alive=check_alive)
-    candidates = [
-        (_greedy_star(p, indptr, nbr, np.argsort(-degree, kind="stable"), check_alive), "star_largest_first"),
-        (_greedy_star(p, indptr, nbr, np.arange(p.shape[0]), check_alive), "star_natural"),
-        (d2.colors, "distance2_" + d2.strategy),
-    ]
-    colors, strategy = min(candidates, key=lambda c: int(c[0].max(initial=-1)))
+    _check(check_alive)
+    active = np.zeros(p.shape[0], bool)
+    active[p.rows] = True
+    n_active = int(active.sum())
+    full_row = int(np.bincount(p.rows, minlength=p.shape[0]).max(initial=0)) == n_active
+    if n_active and full_row and bool((degree[active] == n_active - 1).all()):
+        # Every vertex adjacent to every other, and a row holding every column (a dense
+        # Hessian): every candidate needs one colour per vertex, and the first, the
+        # greedy star colouring in largest-first order, gives them in index order.
+        colors, strategy = _complete(active), "star_largest_first"
+    else:
+        d2 = column_coloring(p, check_alive=check_alive)
+        candidates = [(d2.colors, "distance2_" + d2.strategy)]
+        limit = work_limit()
+        if limit is None or 2 * _star_steps(indptr, nbr, degree) <= limit:  # two passes
+            candidates[:0] = [
+                (_greedy_star(p, indptr, nbr, np.argsort(-degree, kind="stable"), check_alive), "star_largest_first"),
+                (_greedy_star(p, indptr, nbr, np.arange(p.shape[0]), check_alive), "star_natural"),
+            ]
+        colors, strategy = min(candidates, key=lambda c: int(c[0].max(initial=-1)))
+    _check(check_alive)
     k = int(colors.max(initial=-1)) + 1
     return Coloring("star", colors, k, _star_gather(p, colors, k), _star_lower_bound(p), strategy)
+
+
+def _star_steps(indptr: np.ndarray, nbr: np.ndarray, degree: np.ndarray) -> int:
+    """A bound on the steps of one greedy star pass: for each vertex ``v``, each
+    neighbour ``w``, each neighbour ``x`` of ``w``, one step and at most ``deg(x)``
+    more; summed, ``deg(w) * (deg(w) + sum of deg(x) over x next to w)`` over ``w``."""
+    deg = degree.astype(np.float64)
+    owner = np.repeat(np.arange(degree.size), degree)
+    around = np.bincount(owner, weights=deg[nbr], minlength=degree.size)
+    return int(min(float((deg * (deg + around)).sum()), 2.0**62))
 
 
 def _greedy_star(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarray, check_alive: Check = None) -> np.ndarray:
@@ -213,17 +463,25 @@ def _greedy_star(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarra
     a coloured w, the colour of each neighbour x of w that has another neighbour y of
     w's colour (v-w-x-y would be a two-coloured path on four vertices)."""
     n = p.shape[0]
+    alive = _Every(check_alive)
+    alive()
     active = np.zeros(n, bool)
     active[p.rows] = True
     color = [-1] * n
-    adj = [nbr[indptr[i] : indptr[i + 1]].tolist() for i in range(n)]
+    bounds, flat = indptr.tolist(), nbr.tolist()
+    adj = []
+    for i in range(n):
+        if i % 4096 == 0:
+            alive()
+        adj.append(flat[bounds[i] : bounds[i + 1]])
     forbidden: list[int] = [-1]
-    for done, v in enumerate(seq.tolist()):
-        if check_alive is not None and done % _CHECK_EVERY_VERTICES == 0:
-            check_alive()
+    for v in seq.tolist():
+        alive()
         if not active[v]:
             continue
         for w in adj[v]:
+            if len(adj[w]) > 64:  # a long inner loop follows: check within the vertex too
+                alive()
             cw = color[w]
             if cw >= 0:
                 forbidden[cw] = v
@@ -259,7 +517,9 @@ def _star_gather(p: Pattern, colors: np.ndarray, k: int) -> np.ndarray:
     """Where each entry is read in ``B = H S`` (``(n, k)``): at ``(i, colour j)`` when
     ``j`` is the only column of its colour in row ``i``, else at ``(j, colour i)``."""
     slot = p.rows * k + colors[p.cols]
-    uniq, counts = np.unique(slot, return_counts=True)
+    ordered = np.sort(slot, kind="stable")
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1]))) if ordered.size else np.zeros(0, np.int64)
+    uniq, counts = ordered[starts], np.diff(np.append(starts, ordered.size))
 
     def alone(s: np.ndarray) -> np.ndarray:  # the slot holds exactly one entry
         pos = np.minimum(np.searchsorted(uniq, s), max(uniq.size - 1, 0))

@@ -568,6 +568,11 @@ def _locked(check_alive: Callable[[], None] | None) -> None:
             check_alive()
 
 
+def _alive(check_alive: Callable[[], None] | None) -> None:
+    if check_alive is not None:
+        check_alive()
+
+
 def _trace(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], hessian: bool,
     check_alive: Callable[[], None] | None = None,
@@ -619,9 +624,15 @@ def trace_jacobian(
     concatenated over outputs (rows) and differentiated inputs (columns).
     ``check_alive`` is called as the trace goes (see the module doc)."""
     leaves, tracer = _trace(fn, args, argnums, False, check_alive)
+    _alive(check_alive)  # the steps below take a while on millions of entries: check between
     blocks = [tracer.deps(o) for o in leaves]
     m = sum(o.numel() for o in leaves)
-    mat = sp.vstack(blocks, format="coo") if blocks else _empty(0, tracer.n).tocoo()
+    _alive(check_alive)
+    if len(blocks) == 1:  # vstack of one block would copy it through a general path
+        mat = sp.csr_array(blocks[0]).tocoo()
+    else:
+        mat = sp.vstack(blocks, format="coo") if blocks else _empty(0, tracer.n).tocoo()
+    _alive(check_alive)
     return Pattern((m, tracer.n), mat.row, mat.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer))
 
 
@@ -633,9 +644,11 @@ def trace_hessian(
     leaves, tracer = _trace(fn, args, argnums, True, check_alive)
     if len(leaves) != 1 or leaves[0].numel() != 1:
         raise ValueError("a sparse Hessian needs a function with one scalar output")
+    _alive(check_alive)
     out = leaves[0]
     hess = out.root.hess if isinstance(out, _Traced) and out.root.hess is not None else _empty(tracer.n, tracer.n)
     coo = _ones(hess).tocoo()
+    _alive(check_alive)
     return Pattern((tracer.n, tracer.n), coo.row, coo.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer))
 
 

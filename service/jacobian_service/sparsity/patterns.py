@@ -33,12 +33,15 @@ __all__ = [
     "PatternTooLarge",
     "banded",
     "check_entries",
+    "check_work",
     "block_diagonal",
     "coo",
     "declared",
     "entry_limit",
     "from_callable",
     "function_fingerprint",
+    "sorted_unique",
+    "work_limit",
 ]
 
 #: Environment variable naming the directory of the on-disk pattern cache.
@@ -79,6 +82,44 @@ def check_entries(count: int, what: str, graph: bool = False) -> None:
         raise PatternTooLarge(f"{what} would hold {count:,} entries; the limit is {limit:,}")
 
 
+#: Steps of compiled work (the colouring graph's sparse product: one multiply-add for each
+#: pair of entries sharing a row) allowed per entry of the graph limit. networkx's greedy
+#: pass costs about a microsecond per graph entry, a product step about a nanosecond: so
+#: a pattern at the work limit costs the product about what a graph at its limit costs
+#: networkx (a few seconds on one CPU core with the default 256 MiB budget).
+WORK_PER_GRAPH_ENTRY = 1024
+
+
+def work_limit() -> int | None:
+    """Most steps the colouring may spend on one pattern (None: no bound): what
+    :func:`entry_limit` set for the graph, times :data:`WORK_PER_GRAPH_ENTRY`."""
+    graph = _LIMITS.get()[1]
+    return None if graph is None else graph * WORK_PER_GRAPH_ENTRY
+
+
+def check_work(count: int, what: str) -> None:
+    """Refuse (:class:`PatternTooLarge`) work whose cost is known from the pattern's
+    counts before it starts, when it is past :func:`work_limit`."""
+    limit = work_limit()
+    if limit is not None and count > limit:
+        raise PatternTooLarge(f"{what} would take {count:,} steps (pairs of entries sharing a row); the limit is {limit:,}")
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` (sorted, distinct) for integer arrays, by one stable sort:
+    numpy 2's hash-based ``np.unique`` takes seconds on the millions of entries a dense
+    pattern has (4.8 s on 4M keys, against 0.03-0.3 s sorted). Already sorted input (the
+    usual row-major pattern) costs one comparison pass and is returned as it is."""
+    values = np.asarray(values)
+    if values.size < 2 or bool((values[1:] > values[:-1]).all()):
+        return values  # already sorted and distinct: the input itself, not a copy
+    s = np.sort(values, kind="stable")
+    keep = np.empty(s.size, bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 @dataclass(frozen=True, eq=False)
 class Pattern:
     """Possible nonzeros of an ``(m, n)`` matrix, as sorted unique (row, col) pairs.
@@ -105,10 +146,14 @@ class Pattern:
         if rows.size and (rows.min() < 0 or rows.max() >= m or cols.min() < 0 or cols.max() >= n):
             raise ValueError(f"pattern entries fall outside the shape {(m, n)}")
         # Sorted row-major and deduplicated: CSR order, and equal patterns compare equal.
-        key = np.unique(rows * n + cols) if rows.size else np.zeros(0, np.int64)
         object.__setattr__(self, "shape", (m, n))
-        object.__setattr__(self, "rows", key // max(n, 1))
-        object.__setattr__(self, "cols", key % max(n, 1))
+        key = rows * n + cols if rows.size else np.zeros(0, np.int64)
+        if key.size > 1 and not bool((key[1:] > key[:-1]).all()):
+            key = sorted_unique(key)
+            rows, cols = np.divmod(key, max(n, 1))
+        # else already in that order (traced and declared patterns are): kept as given
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "cols", cols)
 
     # ------------------------------------------------------------------ views
     @property
