@@ -568,9 +568,12 @@ def _locked(check_alive: Callable[[], None] | None) -> None:
             check_alive()
 
 
-def _alive(check_alive: Callable[[], None] | None) -> None:
-    if check_alive is not None:
-        check_alive()
+def _alive(tracer: "_Tracer") -> None:
+    """The tracer's check (at most every ``_CHECK_EVERY_S``) between the steps after the
+    trace, raising what it stopped on."""
+    tracer.alive()
+    if tracer.stopped is not None:
+        raise tracer.stopped
 
 
 def _trace(
@@ -624,15 +627,15 @@ def trace_jacobian(
     concatenated over outputs (rows) and differentiated inputs (columns).
     ``check_alive`` is called as the trace goes (see the module doc)."""
     leaves, tracer = _trace(fn, args, argnums, False, check_alive)
-    _alive(check_alive)  # the steps below take a while on millions of entries: check between
+    _alive(tracer)  # the steps below take a while on millions of entries: check between
     blocks = [tracer.deps(o) for o in leaves]
     m = sum(o.numel() for o in leaves)
-    _alive(check_alive)
+    _alive(tracer)
     if len(blocks) == 1:  # vstack of one block would copy it through a general path
         mat = sp.csr_array(blocks[0]).tocoo()
     else:
         mat = sp.vstack(blocks, format="coo") if blocks else _empty(0, tracer.n).tocoo()
-    _alive(check_alive)
+    _alive(tracer)
     return Pattern((m, tracer.n), mat.row, mat.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer))
 
 
@@ -644,11 +647,11 @@ def trace_hessian(
     leaves, tracer = _trace(fn, args, argnums, True, check_alive)
     if len(leaves) != 1 or leaves[0].numel() != 1:
         raise ValueError("a sparse Hessian needs a function with one scalar output")
-    _alive(check_alive)
+    _alive(tracer)
     out = leaves[0]
     hess = out.root.hess if isinstance(out, _Traced) and out.root.hess is not None else _empty(tracer.n, tracer.n)
     coo = _ones(hess).tocoo()
-    _alive(check_alive)
+    _alive(tracer)
     return Pattern((tracer.n, tracer.n), coo.row, coo.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer))
 
 
