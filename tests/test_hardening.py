@@ -178,6 +178,8 @@ def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on
         3: (500, "function_error", "aux holds a tensor of layout torch.sparse_coo"),
         4: (500, "function_error", "aux holds a complex64 tensor, which the wire does not carry"),
         5: (413, "result_too_large", "the limit is 2048"),
+        6: (500, "function_error", "aux holds a string that is not valid UTF-8"),
+        8: (500, "function_error", "aux holds a dict key that is not valid UTF-8"),
     }
     path = "/v1/functions/odd_aux/jacobian"
     with live_server(WORKERS=1, ENGINE_STANDBY="false", MAX_RESULT_BYTES=2048) as (url, _), \
@@ -190,6 +192,17 @@ def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on
         r = client.post(path, json={"inputs": [[0.5, 1.0], 0]})
         assert r.status_code == 200, r.text
         assert r.json()["aux"]["total"]["data"] == pytest.approx(1.5)
+        # numpy's scalars and subclasses of float and str: Python's own values (before, the
+        # engine could not encode its answer and dropped it: a 504 at the deadline, no log)
+        for accept in (wire.JSON, wire.NPZ):
+            r = client.post(path, json={"inputs": [[0.5, 1.0], 7]}, headers={"Accept": accept, "X-Request-Timeout": "5"})
+            _, doc = decode(r)
+            assert doc["aux"] == {"loss": 0.25, "n": 3, "ok": True, "f": 1.5, "s": "x"}, doc["aux"]
+        # an error whose message is not UTF-8, or whose __str__ raises SystemExit: the function's 500
+        for kind, words in ((0, "cannot read /data/run-\\udcff.bin"), (1, "its __str__ raised")):
+            r = client.post("/v1/functions/raises_oddly/jacobian", json={"inputs": [[0.5, 1.0, 2.0], kind]},
+                            headers={"X-Request-Timeout": "5"})
+            assert words in assert_problem(r, 500, "function_error")["detail"], r.text
 
 
 def test_concurrent_npz_bombs_expand_one_budget_at_a_time():

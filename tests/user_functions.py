@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 
+import numpy as np
 import torch
 
 from jacobian_service import Input, register
@@ -167,6 +169,20 @@ def raises_unprintable(x: torch.Tensor) -> torch.Tensor:
     raise _UnprintableError()
 
 
+class _ExitingError(ValueError):
+    def __str__(self) -> str:
+        raise SystemExit(3)
+
+
+@register(inputs=[Input("x", shape=(3,)), Input("kind", shape=(), dtype="int64")],
+          description="Raises an error whose message is not UTF-8 (kind 0) or whose __str__ raises SystemExit (1).")
+def raises_oddly(x: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+    if int(kind) == 0:
+        path = os.fsdecode(b"/data/run-\xff.bin")
+        raise ValueError(f"cannot read {path}")
+    raise _ExitingError()
+
+
 def _odd_aux(kind: int, x: torch.Tensor):
     if kind == 1:  # a list that holds itself
         cycle: list = []
@@ -183,7 +199,22 @@ def _odd_aux(kind: int, x: torch.Tensor):
         return {"z": x.detach() * 1j}
     if kind == 5:
         return "x" * 4096
+    if kind == 6:  # what os.fsdecode makes of an undecodable file name: not UTF-8
+        return {"path": os.fsdecode(b"/data/run-\xff.bin")}
+    if kind == 7:  # numpy's scalars and subclasses of Python's numbers and strings: not JSON to orjson
+        return {"loss": np.float64(0.25), "n": np.int64(3), "ok": np.bool_(True), "f": _Float(1.5), "s": _Str("x")}
+    if kind == 8:
+        return {os.fsdecode(b"\xff"): 1}
     return {"total": x.sum()}
+
+
+class _Float(float):
+    pass
+
+
+class _Str(str):
+    def __str__(self) -> str:
+        raise RuntimeError("a string whose __str__ raises")
 
 
 @register(

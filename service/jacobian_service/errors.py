@@ -115,6 +115,11 @@ def exception_text(exc: BaseException) -> str:
     user's code too and may raise: an error made while describing the function's error
     failed the request as our 500 ``internal_error`` instead of its ``function_error``."""
     try:
-        return str(exc)
-    except Exception:
+        text = str(exc)
+    except BaseException:  # SystemExit from __str__ too: still the function's error, not ours
         return "(its message could not be made: its __str__ raised)"
+    if not isinstance(text, str):
+        return "(its message is not text)"
+    # Lone surrogates (os.fsdecode of an undecodable file name) are not UTF-8: the reply
+    # carrying them could not be encoded, and the request waited for its deadline.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -11,6 +11,7 @@ import os
 import threading
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
@@ -61,22 +62,41 @@ def _check_tensor(leaf: torch.Tensor, what: str) -> None:
         raise FunctionError(f"{what} holds a {str(leaf.dtype).removeprefix('torch.')} tensor, which the wire does not carry")
 
 
-def _check_aux_leaf(leaf: Any) -> None:
-    """Aux travels as JSON (or arrays): refuse what cannot, naming the function's fault."""
+def _aux_leaf(leaf: Any) -> Any:
+    """One leaf of aux as the wire carries it (JSON, or an array), else the function's
+    fault, named. Numbers and strings come back as exactly Python's own types: numpy's
+    scalars (``np.float64(x)``, common in aux) and subclasses are not JSON to orjson,
+    whose refusal, deep in sending the reply, lost the answer (the request waited for its
+    deadline, 504). A string must be UTF-8: ``os.fsdecode`` of an undecodable file name
+    holds lone surrogates."""
     if isinstance(leaf, torch.Tensor):
         _check_tensor(leaf, "aux")
-        return
-    if leaf is None or isinstance(leaf, (bool, str)):
-        return
-    if isinstance(leaf, int):
-        if not _INT64[0] <= leaf <= _INT64[1]:
-            raise FunctionError(f"aux holds an integer outside 64 bits ({str(leaf)[:40]}...)")
-        return
-    if isinstance(leaf, float):
-        return
+        return leaf
+    if leaf is None:
+        return None
+    if isinstance(leaf, (bool, np.bool_)):
+        return bool(leaf)
+    if isinstance(leaf, (int, np.integer)):
+        value = int.__int__(leaf) if isinstance(leaf, int) else int(leaf)
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise FunctionError(f"aux holds an integer outside 64 bits ({str(value)[:40]}...)")
+        return value
+    if isinstance(leaf, (float, np.floating)):
+        return float.__float__(leaf) if isinstance(leaf, float) else float(leaf)
+    if isinstance(leaf, str):
+        return _utf8(str.__str__(leaf), "a string")
     raise FunctionError(
         f"aux holds a {type(leaf).__name__}; aux may hold tensors, numbers, strings, None, lists and dicts"
     )
+
+
+def _utf8(text: str, what: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FunctionError(f"aux holds {what} that is not valid UTF-8 (lone surrogates, as os.fsdecode makes of "
+                            "an undecodable file name)") from None
+    return text
 
 
 def _check_aux(aux: Any) -> None:
@@ -94,10 +114,11 @@ def _check_aux(aux: Any) -> None:
                 for key in node:
                     if not isinstance(key, str):
                         raise FunctionError(f"aux dict keys must be strings, got {type(key).__name__}")
+                    _utf8(key, "a dict key")
                 node = node.values()
             stack.extend((child, depth + 1) for child in node)
         else:
-            _check_aux_leaf(node)
+            _aux_leaf(node)
 
 
 def _check_output(out: Any) -> None:
@@ -139,7 +160,8 @@ class AuxBox:
         out, aux = result
         _check_output(out)
         _check_aux(aux)
-        self.leaves, self.treespec = pytree.tree_flatten(aux)
+        leaves, self.treespec = pytree.tree_flatten(aux)
+        self.leaves = [_aux_leaf(leaf) for leaf in leaves]
         return out, tuple(leaf for leaf in self.leaves if isinstance(leaf, torch.Tensor))
 
     def restore(self, tensors: Sequence[torch.Tensor]) -> Any:

@@ -29,7 +29,7 @@ import orjson
 
 from .. import ipc
 from ..channel import Listener, Peer
-from ..errors import InternalError, OutOfMemory, ServiceError
+from ..errors import InternalError, OutOfMemory, ServiceError, exception_text
 from ..heap import freeze_heap
 from ..logs import configure_logging
 from ..metrics import Metrics
@@ -163,11 +163,19 @@ class EngineServer:
             self.pending.pop((peer, msg_id), None)
             if isinstance(error, OutOfMemory):
                 self._ran_out = True
-            if error is not None:
-                err = error if isinstance(error, ServiceError) else InternalError(f"internal error ({type(error).__name__})")
-                self._send(peer, ipc.encode_error(msg_id, err))
-            else:
-                self._send(peer, ipc.encode_reply(msg_id, result, info))
+            try:
+                if error is not None:
+                    err = error if isinstance(error, ServiceError) else InternalError(f"internal error ({type(error).__name__})")
+                    frames = ipc.encode_error(msg_id, err)
+                else:
+                    frames = ipc.encode_reply(msg_id, result, info)
+            except Exception as exc:  # an answer the wire cannot carry: said, never dropped
+                # (dropped, the caller waited for its deadline and got a 504, with no line
+                # in any log: the job's settle swallows what it raises)
+                log.error("could not encode the answer to a request (%s: %s)", type(exc).__name__, exception_text(exc))
+                frames = ipc.encode_error(msg_id, InternalError(f"internal error: the answer could not be encoded "
+                                                                f"({type(exc).__name__})"))
+            self._send(peer, frames)
 
         return settle
 
