@@ -10,8 +10,13 @@ An input is one of:
   as JSON numbers and take the dtype the function declares (SPEC 3.1), exactly as with
   ``transport="json"``. Converting them to numpy here would silently make them float64.
 
-bfloat16 tensors have no numpy dtype: they travel as 2-byte base64 with ``dtype:
-"bfloat16"`` (wire.py decodes that on the server).
+bfloat16 has no numpy dtype of its own: torch bfloat16 tensors, and numpy arrays of
+ml_dtypes' ``bfloat16`` (what JAX hands out), travel as 2-byte base64 with ``dtype:
+"bfloat16"`` (wire.py decodes that on the server). Those numpy arrays are recognised by
+their dtype's name, so neither ml_dtypes nor jax is ever imported here.
+
+Masked numpy arrays are refused unless nothing is masked: the server would compute on
+the hidden values as if they were data.
 """
 
 from __future__ import annotations
@@ -62,28 +67,59 @@ def _from_torch(tensor: Any) -> np.ndarray | Bfloat16:
     return t.numpy()
 
 
+def _unmasked(arr: np.ndarray) -> np.ndarray:
+    """A masked array's data when nothing is masked; else a ValueError (the mask would be
+    silently dropped). numpy.ma is looked up, not imported: unimported, nothing is masked."""
+    ma = sys.modules.get("numpy.ma")
+    if ma is None or not isinstance(arr, ma.MaskedArray):
+        return arr
+    mask = ma.getmaskarray(arr)
+    if mask.any():
+        raise ValueError(
+            f"cannot send a masked array with {int(mask.sum())} masked element(s): the server would compute "
+            "on the values under the mask; pass arr.filled(value) or arr.compressed() instead")
+    return np.asarray(arr.data)
+
+
+def _is_bfloat16(arr: np.ndarray) -> bool:
+    """An array of ml_dtypes' bfloat16 (numpy kind 'V', name 'bfloat16'), e.g. from JAX."""
+    return arr.dtype.kind == "V" and arr.dtype.name == "bfloat16" and arr.dtype.itemsize == 2
+
+
+def _from_numpy(arr: np.ndarray) -> np.ndarray | Bfloat16:
+    arr = _unmasked(arr)
+    if _is_bfloat16(arr):
+        # np.array, not np.ascontiguousarray: that turns 0-d arrays into shape (1,)
+        return Bfloat16(np.array(arr, order="C").view(np.uint16))
+    return arr
+
+
 def as_wire_value(value: Any) -> np.ndarray | Plain | Bfloat16:
     """One caller input -> an array, plain numbers, or bfloat16 words."""
     if isinstance(value, np.ndarray):
-        return value
+        return _from_numpy(value)
     if isinstance(value, np.generic):
-        return np.asarray(value)
+        return _from_numpy(np.asarray(value))
     if is_torch_tensor(value):
         return _from_torch(value)
     if isinstance(value, (bool, int, float, list, tuple)):
         return Plain(_plain(value))
     if hasattr(value, "__array__"):  # jax, cupy.get(), pandas, xarray ...
-        return np.asarray(value)
+        return _from_numpy(np.asarray(value))
     raise TypeError(f"cannot send a {type(value).__name__} as an input; pass a numpy array, list or number")
 
 
 def _plain(value: Any) -> Any:
-    """Tuples -> lists and numpy/torch scalars inside lists -> Python numbers."""
+    """Tuples -> lists and numpy/torch scalars (or arrays) inside lists -> Python numbers."""
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, np.ndarray) or is_torch_tensor(value):
+    if is_torch_tensor(value):
+        return value.detach().cpu().tolist()  # torch's own: numpy has no bfloat16 to go through
+    if isinstance(value, np.ndarray):
+        return _unmasked(value).tolist()  # before any np.asarray, which drops the mask
+    if hasattr(value, "__array__"):
         return np.asarray(value).tolist()
     return value
 

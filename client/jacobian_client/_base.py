@@ -36,7 +36,10 @@ class ClientConfig:
             retry = RetryPolicy() if max_retries is None else RetryPolicy(max_retries=max_retries)
         elif max_retries is not None:
             raise TypeError("pass max_retries or retry, not both")
-        self.protocol = Protocol(api_key=api_key, transport=transport, headers=headers, retry=retry)
+        # a number is also the deadline of each attempt (see Deadline): httpx's timeouts are
+        # per read, which a trickling server never trips
+        deadline = float(timeout) if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else None
+        self.protocol = Protocol(api_key=api_key, transport=transport, headers=headers, retry=retry, timeout=deadline)
         if isinstance(timeout, (int, float)):
             timeout = httpx.Timeout(float(timeout), connect=min(10.0, float(timeout)))
         self.httpx_kwargs: dict[str, Any] = {

@@ -79,17 +79,17 @@ class IncompleteResponse(TransportError):
 class APIError(JacobianServiceError):
     """The server answered with an error status.
 
-    Attributes: ``response`` (the :class:`httpx.Response`, body already read),
-    ``status_code``, ``code`` (the problem's stable code, or ``None``), ``problem`` (the
-    problem+json document as a dict, empty when the body was not one), ``detail`` and
-    ``request_id``.
+    Attributes: ``response`` (the :class:`httpx.Response`, body already read; ``None``
+    in a copy unpickled in another process), ``status_code``, ``code`` (the problem's
+    stable code, or ``None``), ``problem`` (the problem+json document as a dict, empty
+    when the body was not one), ``detail`` and ``request_id``.
     """
 
     status: int | None = None
     code_name: str | None = None
 
     def __init__(self, response: httpx.Response, problem: dict[str, Any]) -> None:
-        self.response = response
+        self.response: httpx.Response | None = response
         self.status_code = response.status_code
         self.problem = problem
         code = problem.get("code")
@@ -103,7 +103,26 @@ class APIError(JacobianServiceError):
         self.request_id: str | None = problem.get("request_id") or response.headers.get("x-request-id")
         label = f"{self.status_code} {self.code}" if self.code else str(self.status_code)
         suffix = f" (request {self.request_id})" if self.request_id else ""
+        # kept apart from the response so that an unpickled copy still has it
+        self._retry_after_header: str | None = response.headers.get("retry-after")
         super().__init__(f"{label}: {self.detail}{suffix}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default, cls(*self.args), cannot rebuild an APIError: its __init__ takes a
+        # response, and a response (with its stream and request) is not worth pickling.
+        # Rebuilt from its attributes instead, so that a worker's error reaches the parent
+        # of a ProcessPoolExecutor or multiprocessing.Pool with status, code, problem and
+        # message (unpicklable, it broke the pool or hung it).
+        state = {k: v for k, v in self.__dict__.items() if k != "response"}
+        return _rebuild_api_error, (type(self), self.args), state
+
+
+def _rebuild_api_error(cls: type[APIError], args: tuple[Any, ...]) -> APIError:
+    """An unpickled :class:`APIError`: its message, then (by pickle) its attributes."""
+    err = cls.__new__(cls, *args)
+    Exception.__init__(err, *args)
+    err.response = None
+    return err
 
 
 def _text_excerpt(response: httpx.Response, limit: int = 300) -> str:
@@ -153,7 +172,7 @@ class Overloaded(APIError):
     def retry_after(self) -> float | None:
         from ._protocol import parse_retry_after  # late: _protocol imports this module
 
-        return parse_retry_after(self.response.headers.get("retry-after"))
+        return parse_retry_after(self._retry_after_header)
 
 
 _LEAVES: tuple[type[APIError], ...] = (

@@ -9,7 +9,10 @@ larger array (:class:`RegionSink`, for row-split assembly).
 
 The receiver is sans-I/O: the sync and async clients feed it what they read. A body
 that ends early (fewer bytes than the header declares) raises
-:class:`~jacobian_client.IncompleteResponse` and leaves no file that looks whole.
+:class:`~jacobian_client.IncompleteResponse` and leaves no file behind, not even the
+temporary one. A header is checked against the response's ``Content-Length`` before
+anything is allocated for it; without one, memory is taken as the bytes arrive (past
+a small size), so a header that lies cannot make the client allocate what never comes.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class NpyHeader:
         self.dtype = dtype
         self.fortran = fortran
         self.raw = raw
+        #: True once the response's Content-Length has confirmed the size it declares
+        self.length_checked = False
 
     @property
     def data_nbytes(self) -> int:
@@ -87,7 +92,12 @@ def commit_partial(fp: Any, tmp: str, path: Path) -> np.ndarray:
     """Close a file from :func:`open_partial`, rename it over ``path``, and return it
     memory-mapped read-only: only now does a file that looks whole exist."""
     fp.close()
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:  # e.g. path is a directory: the complete temporary file must go too
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return np.load(path, mmap_mode="r")
 
 
@@ -107,24 +117,48 @@ class Sink(Protocol):
     def abort(self) -> None: ...
 
 
+#: bytes a :class:`MemorySink` preallocates on a header's word alone (no Content-Length)
+UNCHECKED_PREALLOCATION = 16 << 20
+
+
 class MemorySink:
-    """Into one preallocated, writable numpy array (native byte order on return)."""
+    """Into one preallocated, writable numpy array (native byte order on return).
+
+    Preallocated only when the header's size is confirmed by the Content-Length (see
+    :attr:`NpyHeader.length_checked`) or small: a header claiming terabytes must not
+    become a MemoryError (or a huge allocation) before a byte of data arrives. An
+    unconfirmed large body is kept in its pieces and joined once all of it is in."""
 
     def __init__(self) -> None:
         self._bytes: np.ndarray | None = None
+        self._pieces: list[bytes] | None = None
         self._header: NpyHeader | None = None
 
     def start(self, header: NpyHeader) -> None:
         self._header = header
-        self._bytes = np.empty(header.data_nbytes, dtype=np.uint8)
+        if header.length_checked or header.data_nbytes <= UNCHECKED_PREALLOCATION:
+            self._bytes = np.empty(header.data_nbytes, dtype=np.uint8)
+        else:
+            self._pieces = []
 
     def write(self, offset: int, data: memoryview) -> None:
+        if self._pieces is not None:
+            self._pieces.append(bytes(data))  # in order, as the receiver feeds them
+            return
         assert self._bytes is not None
         self._bytes[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
 
     def finish(self) -> np.ndarray:
         h = self._header
-        assert h is not None and self._bytes is not None
+        assert h is not None
+        if self._pieces is not None:  # every byte is in (the receiver checked): now allocate
+            self._bytes = np.empty(h.data_nbytes, dtype=np.uint8)
+            at = 0
+            for piece in self._pieces:
+                self._bytes[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                at += len(piece)
+            self._pieces = None
+        assert self._bytes is not None
         arr = self._bytes.view(h.dtype).reshape(h.shape, order="F" if h.fortran else "C")
         if h.dtype.byteorder not in "=|":
             arr = arr.astype(h.dtype.newbyteorder("="))
@@ -132,6 +166,7 @@ class MemorySink:
 
     def abort(self) -> None:
         self._bytes = None
+        self._pieces = None
 
 
 class FileSink:
@@ -153,8 +188,10 @@ class FileSink:
 
     def finish(self) -> np.ndarray:
         assert self._tmp is not None
-        tmp, self._tmp = self._tmp, None
-        return commit_partial(self._fp, tmp, self.path)
+        # _tmp is cleared only once committed: if the rename fails, abort() still deletes it
+        result = commit_partial(self._fp, self._tmp, self.path)
+        self._tmp = None
+        return result
 
     def abort(self) -> None:
         discard_partial(self._fp, self._tmp)
@@ -191,11 +228,16 @@ class NpyReceiver:
     """Feed it the body's pieces in order, then :meth:`close` for the result.
 
     ``on_progress(done, total)`` (bytes) is called after each piece once the total is
-    known from the header.
+    known from the header. ``expected_length`` is the response's Content-Length, when it
+    has one: a header declaring another size is refused before the sink allocates.
     """
 
-    def __init__(self, sink: Sink, on_progress: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self, sink: Sink, on_progress: Callable[[int, int], None] | None = None, *,
+        expected_length: int | None = None,
+    ) -> None:
         self.sink = sink
+        self.expected_length = expected_length
         self.header: NpyHeader | None = None
         self._prefix = bytearray()
         self._offset = 0  # data bytes written
@@ -218,6 +260,7 @@ class NpyReceiver:
             header = _parse_header(self._prefix)
             if header is None:
                 return
+            self._check_length(header)
             self.header = header
             self.sink.start(header)
             view = memoryview(bytes(self._prefix[len(header.raw) :]))
@@ -230,6 +273,20 @@ class NpyReceiver:
             self._offset += len(view)
         if self._on_progress is not None:
             self._on_progress(len(self.header.raw) + self._offset, self.header.total_nbytes)
+
+    def _check_length(self, header: NpyHeader) -> None:
+        want = self.expected_length
+        if want is None:
+            return
+        if header.total_nbytes > want:
+            raise IncompleteResponse(
+                f"the .npy header declares {header.total_nbytes} bytes (shape {header.shape}, {header.dtype}) "
+                f"but the response is {want} bytes long")
+        if header.total_nbytes < want:
+            raise TransportError(
+                f"the response is {want} bytes long but its .npy header declares only {header.total_nbytes} "
+                f"(shape {header.shape}, {header.dtype})")
+        header.length_checked = True
 
     @property
     def received(self) -> int:

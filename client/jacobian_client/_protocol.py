@@ -12,6 +12,9 @@ Wire choices (SPEC 3.1-3.3):
   tangents as ``cotangents``, ``cotangents/0``, ...) with the options in the query string.
   A pytree parameter (a dict, or a tuple/list holding arrays) is one member per leaf,
   named by its path (``0/w``, ``0/b``), or nested in a JSON body; never an ``.npy``.
+  A list whose items are all scalars (Python numbers, numpy scalars, 0-d arrays or
+  tensors), as ``list(x)`` gives, is one array of plain numbers like ``x.tolist()``; a
+  tuple holding arrays, even 0-d ones, stays a tree node (a tuple of 0-d leaves).
   Inputs given as plain numbers (lists, Python floats) must take the function's declared
   dtype, so those calls go as a JSON body whose arrays are base64: still exact and
   compact. ``transport="json"`` sends readable JSON both ways.
@@ -38,7 +41,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import quote
 
 import httpx
@@ -46,7 +49,7 @@ import numpy as np
 
 from . import wire
 from ._arrays import as_wire_value, is_torch_tensor, json_array
-from ._errors import IncompleteResponse, TransportError
+from ._errors import IncompleteResponse, JacobianServiceError, TransportError
 from ._models import FunctionInfo
 from ._npystream import FileSink, MemorySink, NpyReceiver, Sink
 from ._progress import Progress
@@ -56,11 +59,14 @@ __all__ = [
     "DEFAULT_LIMITS",
     "JSON_TRANSPORT",
     "Call",
+    "Deadline",
     "Protocol",
     "RetryPolicy",
+    "client_closed",
     "parse_retry_after",
     "shapes_of",
     "transport_error",
+    "with_body",
 ]
 
 BINARY = "binary"
@@ -172,6 +178,72 @@ def transport_error(exc: BaseException, call: Call) -> TransportError:
     return TransportError(f"{call.method} {call.path}: {kind}: {exc or 'no detail'}")
 
 
+def client_closed(call: Call) -> JacobianServiceError:
+    """A call on a closed client (httpx's own answer is a bare RuntimeError)."""
+    return JacobianServiceError(f"{call.method} {call.path}: this client is closed; make a new one")
+
+
+def with_body(response: httpx.Response, body: bytes) -> httpx.Response:
+    """A streamed response whose body was read piece by piece (under a deadline), as
+    ``response.read()`` would have left it: for the error types, which read ``.json()``."""
+    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() != "content-encoding"]  # body is decoded
+    extensions = {k: v for k, v in response.extensions.items() if k in ("http_version", "reason_phrase")}
+    return httpx.Response(response.status_code, headers=headers, content=body, request=response.request,
+                          extensions=extensions)
+
+
+# --------------------------------------------------------------------------- deadlines
+
+#: with ``out=`` (or a row-split sink) the deadline restarts each time this many bytes arrive
+STREAM_PROGRESS_BYTES = 1 << 20
+
+
+class Deadline:
+    """How long one attempt of a call may take: ``timeout`` seconds from its start,
+    response body included.
+
+    httpx's timeouts are per operation (one connect, one read of the socket), so a server
+    that trickles a byte at a time never trips them: a 288-byte result took 144 s under
+    ``timeout=2``. The clients therefore :meth:`check` this deadline as each piece of a
+    body arrives; a body that stops altogether is ended by httpx's read timeout (the same
+    seconds), so an attempt ends at most one read timeout past its deadline.
+
+    A transfer into a file (``out=``, or a row-split sink) may be far larger than any one
+    timeout covers: there the deadline covers the wait for the response, then restarts
+    with every ``progress_bytes`` (1 MiB) that arrive, so a file of any size streams while
+    it keeps coming, and a trickle still ends.
+    """
+
+    def __init__(self, seconds: float | None, *, progress_bytes: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.progress_bytes = progress_bytes
+        self._clock = clock
+        self._ends = None if seconds is None else clock() + seconds
+        self._mark = 0  # bytes received when a streamed transfer's clock last restarted
+
+    def responded(self) -> None:
+        """The response's headers are in: a streamed transfer's clock starts over."""
+        if self.seconds is not None and self.progress_bytes is not None:
+            self._ends = self._clock() + self.seconds
+
+    def check(self, call: Call, received: int) -> None:
+        """After each piece of the body (``received`` bytes so far): TransportError if late."""
+        if self._ends is None or self.seconds is None:
+            return
+        now = self._clock()
+        if self.progress_bytes is not None and received - self._mark >= self.progress_bytes:
+            self._mark = received
+            self._ends = now + self.seconds
+        elif now > self._ends:
+            if self.progress_bytes is not None:
+                what = f"less than {self.progress_bytes >> 20} MiB of the response arrived in"
+            else:
+                what = "the response took longer than"
+            raise TransportError(f"{call.method} {call.path}: ReadTimeout: {what} timeout={self.seconds:g} s "
+                                 f"({received} bytes received)")
+
+
 # --------------------------------------------------------------------------- calls
 
 
@@ -214,11 +286,24 @@ def _is_array_like(value: Any) -> bool:
     )
 
 
+def _is_scalar(value: Any) -> bool:
+    """A Python number, a numpy scalar, or a 0-d array or tensor: in a list, one element
+    of an array (``list(x)`` holds numpy scalars, or 0-d tensors, where ``x.tolist()``
+    holds floats; both are one array)."""
+    return isinstance(value, (bool, int, float, complex, np.generic)) or (
+        _is_array_like(value) and getattr(value, "ndim", None) == 0)
+
+
+def _is_subtree(value: Any) -> bool:
+    """An item that makes the list holding it a tree node: an array of rank >= 1 or a dict."""
+    return isinstance(value, dict) or (_is_array_like(value) and not _is_scalar(value))
+
+
 def _is_node(tree: Any) -> bool:
-    """A tuple, or a list holding arrays or trees, is a tree node; a list of numbers is
-    one array."""
+    """A tuple, or a list holding arrays (rank >= 1) or trees, is a tree node; a list of
+    numbers or scalars is one array."""
     return isinstance(tree, tuple) or (
-        isinstance(tree, list) and any(_is_array_like(t) or isinstance(t, (tuple, dict)) for t in tree)
+        isinstance(tree, list) and any(_is_subtree(t) or isinstance(t, tuple) for t in tree)
     )
 
 
@@ -256,12 +341,14 @@ def _vector_leaves(tree: Any, path: str = "") -> list[tuple[str, Any]]:
 
 
 def _is_input_node(value: Any) -> bool:
-    """A pytree parameter: a dict, or a list/tuple holding arrays, dicts or such lists.
-    A list (or tuple) of plain numbers stays one array, as before."""
+    """A pytree parameter: a dict, a list holding arrays of rank >= 1, dicts or such
+    lists, or a tuple holding any arrays (0-d too: a tuple of 0-d leaves). A list (or
+    tuple) of plain numbers, and a list of scalars of any kind, stays one array."""
     if isinstance(value, dict):
         return True
-    return isinstance(value, (list, tuple)) and any(
-        _is_array_like(v) or isinstance(v, dict) or _is_input_node(v) for v in value)
+    if isinstance(value, tuple):
+        return any(_is_array_like(v) or isinstance(v, dict) or _is_input_node(v) for v in value)
+    return isinstance(value, list) and any(_is_subtree(v) or _is_input_node(v) for v in value)
 
 
 def _input_tree(value: Any) -> Any:
@@ -351,7 +438,9 @@ class Protocol:
     """Builds :class:`Call` objects and reads responses; remembers per-function facts.
 
     One instance per client. Its caches (function descriptions, which functions refuse
-    npy) only ever change a request's ``Accept``, never a result.
+    npy) only ever change a request's ``Accept``, never a result. ``timeout``: seconds
+    each attempt of a call may take, response included (see :class:`Deadline`); None: no
+    such limit.
     """
 
     def __init__(
@@ -361,12 +450,15 @@ class Protocol:
         transport: str = BINARY,
         headers: Mapping[str, str] | None = None,
         retry: RetryPolicy | None = None,
+        timeout: float | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport is one of {TRANSPORTS}, not {transport!r}")
         self.transport = transport
         self.retry = retry if retry is not None else RetryPolicy()
+        self.timeout = timeout
         self.base_headers = {"User-Agent": USER_AGENT, **(headers or {})}
+        _check_api_key(api_key)
         if api_key:
             self.base_headers["Authorization"] = f"Bearer {api_key}"
         self.functions_cache: dict[str, FunctionInfo] = {}
@@ -525,6 +617,11 @@ class Protocol:
 
     # ----------------------------------------------------------------- responses
 
+    def deadline(self, call: Call) -> Deadline:
+        """The deadline of one attempt of ``call``, started now."""
+        streamed_to_sink = call.out is not None or call.sink is not None
+        return Deadline(self.timeout, progress_bytes=STREAM_PROGRESS_BYTES if streamed_to_sink else None)
+
     def wants_stream(self, call: Call, response: httpx.Response) -> bool:
         """Read this response incrementally (an npy) rather than whole?"""
         streamed = _content_type(response) == wire.NPY and call.kind in COMPUTE_KINDS
@@ -532,7 +629,7 @@ class Protocol:
             raise TransportError(f"expected an application/x-npy response; got {_content_type(response) or 'none'}")
         return streamed
 
-    def receiver(self, call: Call) -> tuple[NpyReceiver, Progress | None]:
+    def receiver(self, call: Call, response: httpx.Response) -> tuple[NpyReceiver, Progress | None]:
         progress = Progress(f"{call.name} {call.kind}") if call.progress else None
         sink: Sink
         if call.sink is not None:
@@ -541,13 +638,16 @@ class Protocol:
             sink = FileSink(call.out)
         else:
             sink = MemorySink()
-        return NpyReceiver(sink, on_progress=progress), progress
+        return NpyReceiver(sink, on_progress=progress, expected_length=_content_length(response)), progress
 
     def read_stream_result(self, call: Call, receiver: NpyReceiver, response: httpx.Response) -> Any:
         expected = response.headers.get("content-length")
         if expected is not None and receiver.header is not None and receiver.received != int(expected):
             receiver.abort()
             raise IncompleteResponse(f"response body ended after {receiver.received} of {expected} bytes")
+        if call.return_output and RESULT_KEY[call.kind] != "output":
+            receiver.abort()
+            raise TransportError(f"the {call.kind} response is one bare array; return_output=True asked for the output too")
         value = receiver.close()  # one bare array: nothing else was due
         return {"value": value} if call.parts else value
 
@@ -558,6 +658,8 @@ class Protocol:
             if call.kind == "functions":
                 doc = wire.loads(body)
                 items = doc.get("functions", []) if isinstance(doc, dict) else doc
+                if not isinstance(items, list):
+                    raise TypeError("the function list is a JSON list")
                 infos = [FunctionInfo.from_json(d) for d in items]
                 self.functions_cache.update((i.name, i) for i in infos)
                 return infos
@@ -570,12 +672,14 @@ class Protocol:
                 doc["matrix"] = wire.decode_sparse_json(doc["matrix"], _RESULT_LIMITS)
                 return doc
             if call.kind not in COMPUTE_KINDS:
-                return wire.loads(body)
+                doc = wire.loads(body)
+                if not isinstance(doc, dict):
+                    raise TypeError(f"expected a JSON object as the {call.kind} response")
+                return doc
             key = RESULT_KEY[call.kind]
             if ctype == wire.NPY:
-                value = _writable(wire.read_npy(body, _RESULT_LIMITS))
-                return {"value": value} if call.parts else value
-            if ctype == wire.NPZ and wire.is_sparse_npz(body, _RESULT_LIMITS):
+                trees = {key: wire.read_npy(body, _RESULT_LIMITS)}
+            elif ctype == wire.NPZ and wire.is_sparse_npz(body, _RESULT_LIMITS):
                 matrix, trees, _meta = wire.read_sparse_result_npz(body, _RESULT_LIMITS)
                 trees[key] = matrix
             elif ctype == wire.NPZ:
@@ -587,12 +691,17 @@ class Protocol:
                 trees = {k: wire.decode_tree(doc[k], tuple, _RESULT_LIMITS) for k in (key, "output", "aux") if k in doc}
             else:
                 raise TransportError(f"unexpected response Content-Type {ctype!r}")
-        except (wire.WireError, KeyError, TypeError, ValueError) as exc:
+        except (wire.WireError, KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, TransportError):
                 raise
             raise TransportError(f"unreadable {call.kind} response: {exc}") from None
         if key not in trees:
             raise TransportError(f"the {call.kind} response has no {key!r}")
+        if call.return_output and key != "output" and "output" not in trees:
+            raise TransportError(f"the {call.kind} response has no 'output', though return_output=True asked for it")
+        for part in (key, "output"):  # aux may hold plain values; these are arrays
+            if part in trees:
+                _check_arrays(trees[part], f"the {call.kind} response's {part!r}")
         return self._assemble(call, _writable(trees))
 
     @staticmethod
@@ -609,6 +718,42 @@ class Protocol:
         if "aux" in trees:
             extras.append(trees["aux"])
         return (trees[key], *extras) if extras else trees[key]
+
+
+def _check_api_key(api_key: Any) -> None:
+    """An API key goes in a header: printable ASCII only. Checked up front, in words that
+    never echo the key (httpx's own errors quote the header, secret and all)."""
+    if api_key is None:
+        return
+    if not isinstance(api_key, str):
+        raise TypeError(f"api_key is a string, not {type(api_key).__name__}")
+    if not all(" " <= ch <= "~" for ch in api_key):
+        raise ValueError("api_key holds a control or non-ASCII character; an HTTP header carries printable "
+                         "ASCII only (the key is not shown here)")
+
+
+def _check_arrays(tree: Any, what: str) -> None:
+    """Every leaf of a result tree is an array (or a sparse matrix): a server that answers
+    ``{"output": "hello"}`` is not describing an array, and the caller must not get "hello"."""
+    if isinstance(tree, np.ndarray) or wire.is_sparse(tree):  # before tuple: SparseCOO is one
+        return
+    if isinstance(tree, (tuple, list)):
+        for t in tree:
+            _check_arrays(t, what)
+    elif isinstance(tree, dict):
+        for t in tree.values():
+            _check_arrays(t, what)
+    else:
+        raise TransportError(f"{what} holds a {type(tree).__name__} where an array belongs")
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    try:
+        length = int(response.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
+    # a compressed body's length is not the .npy's (iter_bytes decodes it)
+    return length if length >= 0 and not response.headers.get("content-encoding") else None
 
 
 def _content_type(response: httpx.Response) -> str:

@@ -13,9 +13,9 @@ from typing import Any, Callable, Mapping
 import httpx
 
 from ._base import DEFAULT_TIMEOUT, ClientConfig
-from ._errors import IncompleteResponse, NotAcceptable, error_from_response
+from ._errors import IncompleteResponse, NotAcceptable, TransportError, error_from_response
 from ._models import FunctionInfo
-from ._protocol import BINARY, Call, RetryPolicy, shapes_of, transport_error
+from ._protocol import BINARY, Call, Deadline, RetryPolicy, client_closed, shapes_of, transport_error, with_body
 
 __all__ = ["Client"]
 
@@ -28,12 +28,21 @@ class Client:
     >>> with Client("http://localhost:8000") as client:   # doctest: +SKIP
     ...     J = client.jacobian("sin", x)
 
-    Arguments: ``base_url``; ``api_key`` (sent as ``Authorization: Bearer KEY``);
-    ``timeout`` (seconds or an :class:`httpx.Timeout`; ``None`` waits forever);
-    ``max_retries`` or a full :class:`RetryPolicy` as ``retry``; ``transport`` the default
-    wire format, ``"binary"`` (npy/npz) or ``"json"``; ``limits`` the connection pool
+    Arguments: ``base_url``; ``api_key`` (sent as ``Authorization: Bearer KEY``;
+    printable ASCII, else a ValueError here); ``timeout`` (below); ``max_retries`` or
+    a full :class:`RetryPolicy` as ``retry``; ``transport`` the default wire format,
+    ``"binary"`` (npy/npz) or ``"json"``; ``limits`` the connection pool
     (:class:`httpx.Limits`); ``headers`` extra headers on every request;
     ``http_transport`` an httpx transport (e.g. ``httpx.MockTransport`` in tests).
+
+    ``timeout`` in seconds bounds each attempt of a call, response included: connecting
+    gets at most 10 s of it, and the whole body must be in by then (checked as it
+    arrives, so a server that trickles its answer ends the call within twice ``timeout``
+    at worst), raising :class:`TransportError`. With ``out=`` a result of any size may
+    stream for longer: the body must bring each further MiB within ``timeout`` seconds
+    instead. An :class:`httpx.Timeout` sets httpx's per-operation limits only, with no
+    such deadline; ``None`` waits forever. Retries (see :class:`RetryPolicy`) each get
+    a deadline of their own.
     """
 
     def __init__(
@@ -88,8 +97,10 @@ class Client:
     def health(self, *, ready: bool = True) -> bool:
         """True when ``/readyz`` (or ``/healthz`` with ``ready=False``) answers 200.
 
-        Never raises and never retries: it is a probe.
+        Never raises and never retries: it is a probe (False once the client is closed).
         """
+        if self._http.is_closed:
+            return False
         try:
             response = self._http.get("/readyz" if ready else "/healthz")
         except httpx.HTTPError:
@@ -271,18 +282,19 @@ class Client:
             return self._execute_once(call.fallback)
 
     def _execute_once(self, call: Call) -> Any:
-        response = self._send(call)
+        response, deadline = self._send(call)
         try:
             if not self._proto.wants_stream(call, response):
                 try:
-                    body = response.read()
+                    body = self._read(call, response, deadline)
                 except httpx.HTTPError as exc:
                     raise IncompleteResponse(f"reading the response failed: {exc}") from exc
                 return self._proto.read_result(call, response, body)
-            receiver, progress = self._proto.receiver(call)
+            receiver, progress = self._proto.receiver(call, response)
             try:
                 for piece in response.iter_bytes():
                     receiver.feed(piece)
+                    deadline.check(call, receiver.received)
             except httpx.HTTPError as exc:
                 receiver.abort()
                 raise IncompleteResponse(f"response stream broke after {receiver.received} bytes: {exc}") from exc
@@ -296,14 +308,28 @@ class Client:
         finally:
             response.close()
 
-    def _send(self, call: Call) -> httpx.Response:
-        """Send with retries; return an open (streamed) 2xx/3xx response or raise."""
+    def _read(self, call: Call, response: httpx.Response, deadline: Deadline) -> bytes:
+        """The whole body, piece by piece so that the attempt's deadline is checked."""
+        pieces: list[bytes] = []
+        received = 0
+        for piece in response.iter_bytes():
+            pieces.append(piece)
+            received += len(piece)
+            deadline.check(call, received)
+        return b"".join(pieces)
+
+    def _send(self, call: Call) -> tuple[httpx.Response, Deadline]:
+        """Send with retries; return an open (streamed) 2xx/3xx response, with the
+        deadline its body must meet, or raise."""
+        if self._http.is_closed:
+            raise client_closed(call)
         policy = self._proto.retry
         started = time.monotonic()
         attempt = 0
         while True:
             request = self._http.build_request(
                 call.method, call.path, params=call.params or None, headers=call.headers, content=call.content)
+            deadline = self._proto.deadline(call)
             try:
                 response = self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
@@ -312,13 +338,17 @@ class Client:
                     raise transport_error(exc, call) from exc
             else:
                 if response.status_code < 400:
-                    return response
+                    deadline.responded()
+                    return response, deadline
+                body: bytes | None = None
                 try:
-                    response.read()
-                except httpx.HTTPError:
+                    body = self._read(call, response, deadline)
+                except (httpx.HTTPError, TransportError):
                     pass  # the status alone says enough
                 finally:
                     response.close()
+                if body is not None:
+                    response = with_body(response, body)
                 delay = policy.delay_after_status(
                     response.status_code, response.headers, attempt, time.monotonic() - started)
                 if delay is None:

@@ -1,0 +1,401 @@
+"""Defects an outside tester found in the SDK, one test (or a few) per defect.
+
+Against the real server on loopback where the server's answer matters, and against a
+small stdlib fake (``Fake`` below, one misbehaviour per function name) for responses the
+real server never sends: trickled bodies, headers that lie, malformed documents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import io
+import json
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+import jacobian_client as jc
+from jacobian_client import _errors
+from jacobian_client._arrays import Bfloat16, as_wire_value
+from jacobian_client._npystream import FileSink, MemorySink, NpyReceiver
+from jacobian_client._protocol import Protocol, _is_input_node
+
+X3 = np.array([0.1, 0.2, 0.3])
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npz_result(**trees: np.ndarray) -> bytes:
+    """A result .npz as the server writes one: a member per array and meta.json."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for key, arr in trees.items():
+            zf.writestr(f"{key}.npy", npy_bytes(arr))
+        zf.writestr("meta.json", json.dumps({"structure": {k: {"$npy": f"{k}.npy"} for k in trees}}))
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- the fake
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, ctype: str, body: bytes, *, length: int | None = None, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+    def _trickle(self, body: bytes, piece: int, pause: float) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-npy")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for i in range(0, len(body), piece):
+                self.wfile.write(body[i : i + piece])
+                self.wfile.flush()
+                time.sleep(pause)
+        except OSError:  # the client gave up
+            self.close_connection = True
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/v1/functions"):
+            self._send("application/json", b'[{"name": "f", "inputs": "garbage"}]')
+        elif self.path.startswith("/v1/info"):
+            self._send("application/json", b"[1, 2, 3]")
+        else:
+            self._send("application/json", b"{}")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        name = self.path.split("?")[0].split("/")[3]
+        if name == "trickle":  # 288 bytes, one every 50 ms: 14 s in all
+            self._trickle(npy_bytes(np.arange(20.0)), 1, 0.05)
+        elif name == "mebibytes":  # 4 MiB in 1 MiB pieces, 0.25 s apart: over 0.75 s in all
+            self._trickle(npy_bytes(np.zeros(1 << 19)), 1 << 20, 0.25)
+        elif name == "hugeshape":  # a header claiming 8 TB, in a 192-byte body
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)})
+            self._send("application/x-npy", buf.getvalue() + b"\0" * 64)
+        elif name == "nooutput":
+            self._send("application/x-npz", npz_result(jacobian=np.eye(3)))
+        elif name == "stroutput":
+            self._send("application/json", b'{"output": "hello"}')
+        elif name == "trickled_error":  # an error whose body trickles: its status says enough
+            self.send_response(404)
+            self.send_header("Content-Type", "application/problem+json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(100):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                self.close_connection = True
+        else:
+            self._send("application/problem+json", b'{"code": "function_not_found"}', status=404)
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+# --------------------------------------------------------------------------- the real server
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    pytest.importorskip("torch")
+    pytest.importorskip("jacobian_service.app")
+    from ._client_support import real_server
+
+    with real_server() as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> Iterator[jc.Client]:
+    with jc.Client(url) as c:
+        yield c
+
+
+# --------------------------------------------------------------------------- 1. timeout bounds the call
+
+
+def test_timeout_bounds_a_trickled_response(fake: str) -> None:
+    started = time.monotonic()
+    with jc.Client(fake, timeout=0.5) as client:
+        with pytest.raises(jc.TransportError, match=r"ReadTimeout: the response took longer than timeout=0.5 s"):
+            client.jacobian("trickle", X3)
+    assert time.monotonic() - started < 2.0  # was 14 s: every byte came within the read timeout
+
+
+def test_timeout_bounds_a_trickled_response_async(fake: str) -> None:
+    async def main() -> None:
+        async with jc.AsyncClient(fake, timeout=0.5) as client:
+            await client.jacobian("trickle", X3)
+
+    started = time.monotonic()
+    with pytest.raises(jc.TransportError, match="ReadTimeout"):
+        asyncio.run(main())
+    assert time.monotonic() - started < 2.0
+
+
+def test_timeout_bounds_a_trickled_error_body(fake: str) -> None:
+    started = time.monotonic()
+    with jc.Client(fake, timeout=0.5, max_retries=0) as client:
+        with pytest.raises(jc.FunctionNotFound):
+            client.jacobian("trickled_error", X3)
+    assert time.monotonic() - started < 2.0  # was 5 s
+
+
+def test_out_streams_past_timeout_while_each_mebibyte_comes_in_time(fake: str, tmp_path: Path) -> None:
+    with jc.Client(fake, timeout=0.6) as client:
+        with pytest.raises(jc.TransportError, match="took longer than timeout=0.6 s"):
+            client.jacobian("mebibytes", X3)  # in memory: the whole call is bounded
+        got = client.jacobian("mebibytes", X3, out=tmp_path / "J.npy")  # 1 s, but 1 MiB per 0.25 s
+        assert got.shape == (1 << 19,) and not got.any()
+        with pytest.raises(jc.TransportError, match="less than 1 MiB of the response arrived in timeout=0.6 s"):
+            client.jacobian("trickle", X3, out=tmp_path / "T.npy")  # a trickle into a file still ends
+    assert sorted(os.listdir(tmp_path)) == ["J.npy"]
+
+
+# --------------------------------------------------------------------------- 2. errors pickle
+
+
+def _problem_response(status: int, problem: dict[str, Any], **headers: str) -> httpx.Response:
+    return httpx.Response(status, json=problem, headers=headers, request=httpx.Request("POST", "http://x/v1/f"))
+
+
+@pytest.mark.parametrize("cls", [jc.APIError, *_errors._LEAVES])
+def test_every_api_error_pickles(cls: type[jc.APIError]) -> None:
+    status = cls.status or 418
+    problem = {"code": cls.code_name or "brand_new", "detail": "why", "request_id": "rid", "extra": [1]}
+    err = cls(_problem_response(status, problem, **{"Retry-After": "3"}), problem)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is cls and str(back) == str(err) and back.args == err.args
+    assert (back.status_code, back.code, back.problem, back.detail, back.request_id) == (
+        status, problem["code"], problem, "why", "rid")
+    assert back.response is None
+    if cls is jc.Overloaded:
+        assert back.retry_after == 3.0
+
+
+def test_other_errors_pickle() -> None:
+    for err in (jc.TransportError("t"), jc.IncompleteResponse("i"), jc.JacobianServiceError("j")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+
+
+def _raise_function_not_found() -> None:
+    problem = {"code": "function_not_found", "detail": "no such function"}
+    raise jc.FunctionNotFound(_problem_response(404, problem), problem)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_api_error_crosses_a_process_pool() -> None:
+    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        with pytest.raises(jc.FunctionNotFound, match="no such function") as info:
+            pool.submit(_raise_function_not_found).result(timeout=30)  # was BrokenProcessPool
+    assert info.value.status_code == 404 and info.value.code == "function_not_found"
+
+
+def test_server_error_pickles(client: jc.Client) -> None:
+    with pytest.raises(jc.FunctionNotFound) as info:
+        client.jacobian("no_such_function", X3)
+    back = pickle.loads(pickle.dumps(info.value))
+    assert (back.status_code, back.code, back.problem, str(back)) == (
+        404, "function_not_found", info.value.problem, str(info.value))
+
+
+# --------------------------------------------------------------------------- 3. lists of scalars are one array
+
+
+def test_lists_of_scalars_are_one_array(client: jc.Client) -> None:
+    import torch
+
+    want = client.jacobian("sin", X3.tolist())
+    for value in (list(X3), [0.1, np.float64(0.2), 0.3], list(torch.tensor(X3)), [np.array(0.1), 0.2, np.float32(0.3)]):
+        for transport in ("binary", "json"):
+            np.testing.assert_allclose(client.jacobian("sin", value, transport=transport), want, rtol=1e-6)
+    np.testing.assert_allclose(client.vjp("sin", X3, cotangents=list(np.ones(3))), np.cos(X3))
+
+
+def test_which_lists_are_pytree_nodes() -> None:
+    assert not _is_input_node(list(np.arange(3.0)))
+    assert not _is_input_node([[np.float64(1.0), 2.0], [3.0, np.array(4.0)]])  # 2-D, still one array
+    assert _is_input_node([np.float64(1.0), np.ones(2)])  # holds an array of rank 1
+    assert _is_input_node([1.0, {"w": 2.0}])
+    assert _is_input_node((np.float64(1.0), np.float64(2.0)))  # a tuple of 0-d leaves stays a node
+
+
+# --------------------------------------------------------------------------- 4. out= leaves nothing behind
+
+
+def test_out_that_cannot_be_renamed_leaves_no_partial(client: jc.Client, tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError):
+        client.jacobian("sin", X3, out=tmp_path / "d")
+    assert os.listdir(tmp_path) == ["d"] and os.listdir(tmp_path / "d") == []
+
+
+def test_file_sink_cleans_up_a_failed_commit(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    rx = NpyReceiver(FileSink(tmp_path / "d"))
+    rx.feed(npy_bytes(X3))
+    with pytest.raises(IsADirectoryError):
+        rx.close()
+    assert os.listdir(tmp_path) == ["d"]
+
+
+# --------------------------------------------------------------------------- 5. closed clients
+
+
+def test_closed_client(url: str) -> None:
+    client = jc.Client(url)
+    assert client.health()
+    client.close()
+    assert client.health() is False  # "never raises"
+    for call in (client.functions, lambda: client.jacobian("sin", X3)):
+        with pytest.raises(jc.JacobianServiceError, match="client is closed") as info:
+            call()
+        assert not isinstance(info.value, RuntimeError)
+
+
+def test_closed_async_client(url: str) -> None:
+    async def main() -> None:
+        client = jc.AsyncClient(url)
+        await client.aclose()
+        assert await client.health() is False
+        with pytest.raises(jc.JacobianServiceError, match="client is closed"):
+            await client.jacobian("sin", X3)
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- 6. api keys
+
+
+@pytest.mark.parametrize("key", ["sec\nret", "sécret", "sec\x00ret"])
+@pytest.mark.parametrize("cls", [jc.Client, jc.AsyncClient])
+def test_unsendable_api_key_is_refused_without_echo(cls: type, key: str) -> None:
+    with pytest.raises(ValueError, match="api_key holds a control or non-ASCII character") as info:
+        cls("http://127.0.0.1:9", api_key=key)
+    assert "sec" not in str(info.value) and "ret" not in str(info.value)
+
+
+def test_api_key_must_be_a_string() -> None:
+    with pytest.raises(TypeError, match="api_key is a string"):
+        jc.Client("http://127.0.0.1:9", api_key=b"secret")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- 7. malformed responses
+
+
+def test_malformed_responses_are_transport_errors(fake: str) -> None:
+    with jc.Client(fake, timeout=10) as client:
+        with pytest.raises(jc.TransportError, match="unreadable functions response: a function's inputs are a list, not a string"):
+            client.functions()
+        with pytest.raises(jc.TransportError, match="unreadable info response: expected a JSON object"):
+            client.info()
+        with pytest.raises(jc.TransportError, match="has no 'output', though return_output=True asked for it"):
+            client.jacobian("nooutput", X3, return_output=True)
+        with pytest.raises(jc.TransportError, match="'output' holds a str where an array belongs"):
+            client.evaluate("stroutput", X3)
+
+
+def test_npy_header_larger_than_the_body_is_not_allocated(fake: str) -> None:
+    with jc.Client(fake, timeout=10) as client:
+        with pytest.raises(jc.IncompleteResponse, match=r"declares 8000000000128 bytes .* but the response is 192 bytes long"):
+            client.jacobian("hugeshape", X3)
+
+
+def test_unchecked_npy_header_is_not_preallocated() -> None:
+    """Without a Content-Length (chunked), a header's size is taken on trust only when small."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)})
+    rx = NpyReceiver(MemorySink())
+    rx.feed(buf.getvalue() + b"\0" * 64)  # was MemoryError here
+    with pytest.raises(jc.IncompleteResponse, match="ended after"):
+        rx.close()
+
+
+def test_unchecked_large_npy_still_arrives_whole() -> None:
+    arr = np.arange(3 << 20, dtype=np.float64)  # 24 MiB: over what is preallocated unchecked
+    body = npy_bytes(arr)
+    rx = NpyReceiver(MemorySink())
+    for i in range(0, len(body), 1 << 20):
+        rx.feed(body[i : i + (1 << 20)])
+    got = rx.close()
+    np.testing.assert_array_equal(got, arr)
+    assert got.flags.writeable
+
+
+# --------------------------------------------------------------------------- 8. masked arrays
+
+
+def test_masked_arrays_are_refused_unless_nothing_is_masked(client: jc.Client) -> None:
+    masked = np.ma.masked_array(X3, mask=[False, True, False])
+    for transport in ("binary", "json"):
+        with pytest.raises(ValueError, match=r"cannot send a masked array with 1 masked element\(s\)"):
+            client.jacobian("sin", masked, transport=transport)
+    with pytest.raises(ValueError, match="masked array"):
+        client.jacobian("sin", [masked[0], masked[1], 0.3])  # np.ma.masked inside a list
+    with pytest.raises(ValueError, match="masked array"):
+        client.vjp("sin", X3, cotangents=masked)
+    unmasked = np.ma.masked_array(X3, mask=False)
+    np.testing.assert_array_equal(client.jacobian("sin", unmasked), client.jacobian("sin", X3))
+
+
+# --------------------------------------------------------------------------- 9. ml_dtypes bfloat16
+
+
+def test_ml_dtypes_bfloat16_is_sent_as_bfloat16() -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf = as_wire_value(np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16))
+    assert isinstance(bf, Bfloat16) and bf.words.tolist() == [0x3FC0, 0xC000]
+    scalar = as_wire_value(np.array(1.5, dtype=ml_dtypes.bfloat16))
+    assert isinstance(scalar, Bfloat16) and scalar.shape == ()
+    call = Protocol().compute_call("jacobian", "sin", [np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16)], {})
+    assert json.loads(call.content)["inputs"][0]["dtype"] == "bfloat16"
+
+
+def test_ml_dtypes_bfloat16_like_torch_bfloat16(client: jc.Client) -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import torch
+
+    want = client.jacobian("sin", torch.tensor(X3, dtype=torch.bfloat16))
+    for transport in ("binary", "json"):
+        got = client.jacobian("sin", X3.astype(ml_dtypes.bfloat16), transport=transport)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
