@@ -228,3 +228,35 @@ def daemonizes_many(x: torch.Tensor) -> torch.Tensor:
     if _armed(x):
         subprocess.run(["sh", "-c", "for i in $(seq 600); do (sleep 300 &); done"], start_new_session=True, check=True)
     return x.sin()
+
+
+class _FragileSin(torch.autograd.Function):
+    """sin whose backward os._exit(5)s from its third call once armed: the third row
+    chunk of a streamed Jacobian (each chunk is one vmapped backward)."""
+
+    generate_vmap_rule = True
+    calls = 0
+    armed = False
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.sin()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        _FragileSin.calls += 1
+        if _FragileSin.armed and _FragileSin.calls >= 3:
+            os._exit(5)
+        return g * x.cos()
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="sin; os._exit(5) in the third row chunk of its Jacobian, on the trigger.")
+def crashes_mid_stream(x: torch.Tensor) -> torch.Tensor:
+    _FragileSin.calls, _FragileSin.armed = 0, _armed(x)
+    return _FragileSin.apply(x)

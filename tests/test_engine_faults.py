@@ -492,6 +492,25 @@ def test_a_repeat_offender_is_quarantined_until_released():
         assert r.status_code == 200, r.text
 
 
+def test_a_crash_in_a_streamed_jacobians_later_chunk_is_its_functions():
+    """Found by a red team: a crash in a stream's third row chunk was blamed on no
+    function ("running nothing"): the chunk's job carries no call of its own, so the
+    engine named none, and the function could crash its engine for ever, unstruck."""
+    x = [666.0] + np.linspace(0.1, 1.0, 1499).tolist()  # 9 MB of Jacobian: streamed, 64 rows a chunk
+    with live_server(**SETTINGS) as (url, _):
+        for _ in range(2):
+            wait_spare(url)
+            with httpx.stream("POST", f"{url}/v1/functions/crashes_mid_stream/jacobian", params={"chunk_size": 64},
+                              json={"inputs": [x]}, headers={"accept": "application/x-npy"}, timeout=60) as r:
+                assert r.status_code == 200  # the head left before the crash
+                with pytest.raises(httpx.HTTPError):
+                    r.read()  # cut short, never a body that looks whole
+            back_within(url, 5.0)
+        r = httpx.post(f"{url}/v1/functions/crashes_mid_stream/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
+        assert_problem(r, 503, "function_quarantined")
+        sin_ok(url)
+
+
 def test_the_front_end_never_imports_torch():
     import subprocess
     import sys

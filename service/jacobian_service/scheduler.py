@@ -251,11 +251,16 @@ class Worker:
             # next batch, another function's (engine/process_settings.py).
             restore = getattr(self.engine, "restore_settings", None)
             if restore is not None:
-                call = live[0].call
-                if call is None:  # a stream's next chunk: the stream's call, while it is open
-                    call = self._streams.get(live[0].stream_id, (None, None, None))[2]  # type: ignore[arg-type]
+                call = self.call_of(live[0])
                 restore(call.spec.name if call is not None else "")
             self.tidy()
+
+    def call_of(self, job: Job) -> Call | None:
+        """The call a job runs: its own, or for a stream's next chunk, its stream's (while
+        the stream is open): what a crash or a hang in that chunk is blamed on."""
+        if job.call is not None:
+            return job.call
+        return self._streams.get(job.stream_id, (None, None, None))[2]  # type: ignore[arg-type]
 
     def _run_batch(self, live: list[Job], start: float) -> None:
         kind = live[0].key[0]  # type: ignore[index]

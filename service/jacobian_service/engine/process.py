@@ -190,7 +190,7 @@ class EngineServer:
             self.listener.send(peer, messages)  # arrays go from their own buffers
 
     def _on_run(self, jobs: list[Job]) -> None:
-        call = jobs[0].call
+        call = self.worker.call_of(jobs[0])  # a stream's chunk: its stream's function takes the blame
         function = call.spec.name if call is not None else ""
         self._ran = function
         self.board.running(time.monotonic(), max(j.deadline for j in jobs), function, [j.tag for j in jobs])
