@@ -199,3 +199,34 @@ def test_a_job_finished_as_its_caller_leaves_settles_quietly():
         return problems
 
     assert asyncio.run(main()) == []
+
+
+def test_an_aux_over_the_result_limit_is_refused_before_it_leaves_the_engine():
+    """Found by a red team: a function's 1 GB aux was sent to the front end (a second of
+    the engine, a gigabyte of the front end, other requests past their deadlines) before
+    the front end refused it. The worker checks a result whole, aux and output included."""
+    import time
+
+    from jacobian_service.errors import ResultTooLarge
+    from jacobian_service.scheduler import Job, Worker
+    from jacobian_service.types import Call, Result
+
+    spec = Registry.from_modules(["jacobian_service.examples"]).get("sin")
+
+    class Engine:
+        device = "cpu"
+
+        def evaluate(self, call: Call) -> Result:
+            size = 10_000 if float(call.args[0][0]) > 0 else 10  # the first element says how large an aux
+            return Result(np.zeros((2, 2), np.float32), {"blob": "x" * size}, True)
+
+    settled: list[tuple[Any, Any]] = []
+    worker = Worker(Engine(), max_queue=10, max_batch=1)
+    for first in (1.0, -1.0):
+        call = Call(spec, [np.array([first, 0.5], np.float32)], ["float32"], deadline=time.monotonic() + 60,
+                    max_result_bytes=4096)
+        worker.submit(Job("evaluate", call, lambda result, error, info: settled.append((result, error)),
+                          deadline=time.monotonic() + 60))
+        worker.run(worker.take(lambda s: None))
+    assert isinstance(settled[0][1], ResultTooLarge) and "10016 bytes" in str(settled[0][1]) and settled[0][0] is None
+    assert settled[1][1] is None and settled[1][0].aux == {"blob": "x" * 10}

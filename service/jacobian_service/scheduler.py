@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator
 
-from .errors import InternalError, Overloaded, ServiceError, Timeout, Unavailable
-from .types import Call, JobInfo, never_cancelled
+from .errors import InternalError, Overloaded, ResultTooLarge, ServiceError, Timeout, Unavailable
+from .types import Call, JobInfo, Result, never_cancelled
 
 __all__ = ["Job", "StreamHead", "ThreadedWorker", "Worker"]
 
@@ -279,6 +279,11 @@ class Worker:
         for job, result in zip(live, results):
             job.info.batch_size, job.info.compute_s = len(live), elapsed
             self._remember(job, result, len(live), elapsed)
+            try:
+                result = _within_limit(job.call, result)  # type: ignore[arg-type]
+            except ResultTooLarge as exc:  # this request's aux alone: its batch-mates are answered
+                job.finish(error=exc)
+                continue
             job.finish(result)
 
     def _run_alone(self, job: Job) -> bool:
@@ -328,8 +333,8 @@ class Worker:
                 self._streams[sid] = (out.chunks, time.monotonic(), call)
                 nbytes = out.dtype.itemsize * _prod(out.shape)
                 return StreamHead(sid, tuple(out.shape), out.dtype.str, out.chunk_size, nbytes)
-            return out
-        return getattr(self.engine, job.kind)(call)
+            return _within_limit(call, out)
+        return _within_limit(call, getattr(self.engine, job.kind)(call))
 
     def _next_chunk(self, job: Job) -> Any:
         entry = self._streams.get(job.stream_id)  # type: ignore[arg-type]
@@ -382,6 +387,20 @@ class Worker:
         from .engine.profile import BatchStats  # only reached with an engine
 
         self.engine.profiles[job.call.spec.name].batches[job.key] = BatchStats(nbytes, batch_size, compute_s)  # type: ignore[union-attr]
+
+
+def _within_limit(call: Call, result: Any) -> Any:
+    """``result``, checked whole against the call's result limit before it leaves the
+    engine. The engine checks a derivative's size before computing it; aux and output are
+    the function's own, known only now: a 1 GB aux was sent to the front end (a second
+    of the engine, a gigabyte of the front end, other requests past their deadlines)
+    before the front end refused it."""
+    if isinstance(result, Result) and call.max_result_bytes is not None:
+        nbytes = result.nbytes()
+        if nbytes > call.max_result_bytes:
+            raise ResultTooLarge(f"the result takes {nbytes} bytes with its aux and output; the limit is "
+                                 f"{call.max_result_bytes}")
+    return result
 
 
 def _prod(shape: tuple[int, ...]) -> int:
