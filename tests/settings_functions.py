@@ -4,6 +4,7 @@ module)."""
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import gc
 import os
@@ -11,6 +12,7 @@ import resource
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -265,3 +267,28 @@ def switches_attention_off(x: torch.Tensor) -> torch.Tensor:
 def attends(x: torch.Tensor) -> torch.Tensor:
     q = x.reshape(1, 1, -1, 1)
     return torch.nn.functional.scaled_dot_product_attention(q, q, q).reshape(-1)
+
+
+@register(inputs=X, description="sin, after raising the core-file size limit to its hard limit, when its first input is 666.")
+def raises_the_core_limit(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.getrlimit(resource.RLIMIT_CORE)[1],) * 2)
+    return x.sin()
+
+
+@register(inputs=X, description="x times 0, plus the soft core-file size limit (-1: unlimited).")
+def core_limit(x: torch.Tensor) -> torch.Tensor:
+    soft = resource.getrlimit(resource.RLIMIT_CORE)[0]
+    return x * 0 + float(-1 if soft == resource.RLIM_INFINITY else soft)
+
+
+@register(inputs=X, description="sin, after ignoring SIGCHLD through libc (Python does not see it), when its first input is 666.")
+def ignores_sigchld_in_c(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        ctypes.CDLL(None).signal(signal.SIGCHLD, 1)  # SIG_IGN
+    return x.sin()
+
+
+@register(inputs=X, description="x times 0, plus the exit status subprocess reports for `false` (1).")
+def status_of_false(x: torch.Tensor) -> torch.Tensor:
+    return x * 0 + float(subprocess.run(["false"]).returncode)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 import sys
 import time
 import warnings
@@ -160,6 +161,15 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             assert r.json()["output"]["data"][0] == -1.0, r.text
             r = client.post("/v1/functions/attends/jacobian", json=X)  # failed: "No viable backend"
             assert r.status_code == 200, r.text
+            # An engine writes no core file (one is as large as its heap: 536 MB into its
+            # working directory), and a function that raises the limit is put back; SIGCHLD
+            # ignored through libc made every later subprocess.run say 0 for a failure.
+            assert client.post("/v1/functions/core_limit/evaluate", json=X).json()["output"]["data"][0] == 0.0
+            for name in ("raises_the_core_limit", "ignores_sigchld_in_c"):
+                r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
+                assert r.status_code == 200, r.text
+            assert client.post("/v1/functions/core_limit/evaluate", json=X).json()["output"]["data"][0] == 0.0
+            assert client.post("/v1/functions/status_of_false/evaluate", json=X).json()["output"]["data"][0] == 1.0
         log = proc.read_log()
         assert "sets_float64_default changed torch's default dtype" in log
         assert "sets_warnings_to_errors changed the warning filters" in log
@@ -171,7 +181,11 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
                                   ("flushes_denormals", "flushing denormals to zero"),
                                   ("shrinks_thread_stacks", "the stack size of new threads"),
                                   ("sets_a_socket_timeout", "the default socket timeout"),
-                                  ("switches_attention_off", "scaled-dot-product attention's backends")):
+                                  ("switches_attention_off", "scaled-dot-product attention's backends"),
+                                  ("ignores_sigchld_in_c", "signals ignored outside Python (SigIgn)"),
+                                  # (a hard limit of 0 leaves nothing to raise)
+                                  *([("raises_the_core_limit", "resource limits")]
+                                    if resource.getrlimit(resource.RLIMIT_CORE)[1] != 0 else [])):
             assert f"{function} changed {setting}" in log, (function, setting)
 
 

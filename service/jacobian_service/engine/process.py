@@ -374,6 +374,17 @@ def _limit_memory(limit: int | None, device: str) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _no_core_files() -> None:
+    """No core file when the engine crashes: one is as large as the engine's heap (a
+    segfault wrote 536 MB into its working directory, and took 2 s more to be seen), and
+    the supervisor restarts the engine anyway. Only the soft limit: a function that
+    raises it again is put back after its batch (process_settings)."""
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    except (OSError, ValueError):
+        pass
+
+
 def _first_for_the_oom_killer() -> None:
     """Without an address-space cap, the kernel's out-of-memory killer ends a function
     that allocates without end: this process is made its first choice, as the one
@@ -420,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_bytes(orjson.dumps(doc))
         tmp.replace(args.run_dir / "registry.json")
     _first_for_the_oom_killer()
+    _no_core_files()
     server.engine.take_settings()  # with the memory limit: it is no function's change to undo
     skip = set(ipc.names_from_env(ipc.SKIP_WARMUP_ENV))
     if args.standby:

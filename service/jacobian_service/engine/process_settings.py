@@ -27,7 +27,9 @@ every function, for as long as the engine lives. Measured or reproduced:
   later Jacobian of ``sin`` twice the truth); a forward-AD dual level left entered:
   every later forward-mode Jacobian failed, "Nested forward mode AD is not supported";
 - signal handlers and the signal mask (SIGTERM ignored or blocked, and the engine would
-  no longer stop when told), the umask, the niceness, ``sys.stdout`` and ``sys.stderr``,
+  no longer stop when told), signals ignored through libc, which Python does not see
+  (SIGCHLD: every later ``subprocess.run`` said 0 for a program that failed), the
+  core-file size limit (a later crash wrote a 536 MB core file), the umask, the niceness, ``sys.stdout`` and ``sys.stderr``,
   descriptors 0-2 (redirected to ``/dev/null``, the engine's log went with them);
 - the environment: ``PATH`` emptied, and every later function that ran a program
   (``subprocess``, ``shutil.which``) failed; ``TZ`` set and ``time.tzset()``, and every
@@ -268,6 +270,31 @@ def _put_handlers(taken: tuple[Any, ...]) -> None:
             signal.signal(number, handler)
 
 
+def _ignored() -> int:
+    """The signals the kernel ignores for this process (``SigIgn``), as a bit mask. Python
+    knows only the handlers set through it: ``libc.signal(SIGCHLD, SIG_IGN)`` through
+    ctypes changed nothing it reads, and every later function's ``subprocess.run(...)``
+    then said 0 for a program that failed (ignored SIGCHLD: no exit status to wait for)."""
+    try:
+        with open("/proc/self/status", "rb") as fp:
+            for line in fp:
+                if line.startswith(b"SigIgn:"):
+                    return int(line[7:], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _put_ignored(taken: int) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    changed = _ignored() ^ taken
+    for number in _SIGNALS:
+        if changed & (1 << (number - 1)):
+            handler = _getsignal(number)  # what Python set (or found at start), set again
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
 def _mask() -> set[Any]:
     return signal.pthread_sigmask(signal.SIG_BLOCK, ())
 
@@ -295,7 +322,8 @@ def _armed(now: Any, taken: Any) -> bool:
 
 
 _LIMITS = tuple(getattr(resource, name) for name in (
-    "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_AS", "RLIMIT_NOFILE", "RLIMIT_NPROC")
+    "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_AS", "RLIMIT_NOFILE", "RLIMIT_NPROC",
+    "RLIMIT_CORE")
     if hasattr(resource, name))
 
 
@@ -455,6 +483,7 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("signal handlers", _handlers, _put_handlers,
              lambda now, taken: any(a is not b and b is not None for a, b in zip(now, taken))),
     _Setting("the signal mask", _mask, _put_mask),
+    _Setting("signals ignored outside Python (SigIgn)", _ignored, _put_ignored),
     _Setting("an interval timer (signal.alarm, setitimer)", _timers, _disarm, _armed),
     _Setting("resource limits", _limits, _put_limits),
     _Setting("the niceness", _niceness, _set_niceness),
