@@ -260,3 +260,16 @@ class _FragileSin(torch.autograd.Function):
 def crashes_mid_stream(x: torch.Tensor) -> torch.Tensor:
     _FragileSin.calls, _FragileSin.armed = 0, _armed(x)
     return _FragileSin.apply(x)
+
+
+def _refuse_proc(event: str, args: tuple) -> None:
+    if event == "os.listdir" and args and str(args[0]).startswith("/proc"):
+        raise RuntimeError("no looking at /proc here")
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="sin; adds an audit hook (which nothing can remove) refusing os.listdir of /proc, on the trigger.")
+def adds_an_audit_hook(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        sys.addaudithook(_refuse_proc)
+    return x.sin()

@@ -511,6 +511,27 @@ def test_a_crash_in_a_streamed_jacobians_later_chunk_is_its_functions():
         sin_ok(url)
 
 
+def test_a_function_that_blinds_the_engines_watchers_is_named_when_the_engine_leaves():
+    """Found by a red team: an audit hook refusing os.listdir of /proc (what a sandboxing
+    library does; nothing can remove a hook) made the engine's own loop die of a
+    traceback a second later, unnamed ("running nothing"), with 503s for everyone."""
+    with live_server(**SETTINGS) as (url, proc):
+        left = "engine 0 died: adds_an_audit_hook left the engine's own checks failed (RuntimeError)"
+        for i in range(2):
+            wait_spare(url)
+            r = httpx.post(f"{url}/v1/functions/adds_an_audit_hook/jacobian", json=ARMED, timeout=30)
+            assert r.status_code == 200, r.text  # the function itself worked
+            deadline = time.monotonic() + 10  # the engine leaves at its next look, within a second
+            while proc.read_log().count(left) <= i and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert proc.read_log().count(left) == i + 1
+            back_within(url, 5.0)
+        assert "the engine's own checks failed after adds_an_audit_hook ran" in proc.read_log()
+        r = httpx.post(f"{url}/v1/functions/adds_an_audit_hook/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
+        assert_problem(r, 503, "function_quarantined")
+        sin_ok(url)
+
+
 def test_the_front_end_never_imports_torch():
     import subprocess
     import sys

@@ -93,6 +93,7 @@ class EngineServer:
         self._ran_out = settings.engine_max_device_bytes is not None
         self.descriptors = DescriptorWatch()
         self._ran = ""  # the function of the last batch run
+        self._ran_since_watch = False  # a batch ran since the watchers last looked
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
         self._last_pump = 0.0
 
@@ -192,7 +193,7 @@ class EngineServer:
     def _on_run(self, jobs: list[Job]) -> None:
         call = self.worker.call_of(jobs[0])  # a stream's chunk: its stream's function takes the blame
         function = call.spec.name if call is not None else ""
-        self._ran = function
+        self._ran, self._ran_since_watch = function, True
         self.board.running(time.monotonic(), max(j.deadline for j in jobs), function, [j.tag for j in jobs])
 
     # ----------------------------------------------------------------- loop
@@ -260,13 +261,17 @@ class EngineServer:
                 self.worker.run(self.worker.take(self.pump))  # no name keeps the jobs (and their arrays) after
                 self.flush()
                 self.board.idle(time.monotonic())
-                self._device_memory()
-                self.strays.after_run(self._ran)
-                self.memory.after_run(self._ran)
-                if self.device_watch is not None:
-                    self.device_watch.after_run(self._ran)
-                self.descriptors.after_run(self._ran)
-            if (found := self.strays.check(now)) is not None:
+            try:
+                found = self._watch(now)
+            except Exception as exc:
+                # The engine's own reads of /proc failed: a function's audit hook
+                # (sys.addaudithook, which nothing can remove) that refuses them, say.
+                # Without its watchers this engine is blind: it leaves, naming the last
+                # function that ran, instead of dying of it between requests unnamed.
+                log.error("the engine's own checks failed after %s ran (%s: %s); the engine restarts", self._ran or
+                          "nothing", type(exc).__name__, exception_text(exc))
+                self._leave({"stray": self._ran, "left": f"the engine's own checks failed ({type(exc).__name__})"})
+            if found is not None:
                 for pid, functions in found.processes.items():
                     _kill_stray(pid, functions)
                 if leaving is None and found.thread_function is not None:
@@ -280,6 +285,19 @@ class EngineServer:
                 leaving, since = leak, now
             if leaving is not None and (not self.pending or now - since > _LEAVE_DRAIN_S):
                 self._leave(leaving)
+
+    def _watch(self, now: float) -> Any:
+        """The watchers after a batch (the one just run, if any), then the strays'
+        check: what they found."""
+        if self._ran_since_watch:
+            self._ran_since_watch = False
+            self._device_memory()
+            self.strays.after_run(self._ran)
+            self.memory.after_run(self._ran)
+            if self.device_watch is not None:
+                self.device_watch.after_run(self._ran)
+            self.descriptors.after_run(self._ran)
+        return self.strays.check(now)
 
     def _leak(self, found: Any, now: float) -> dict[str, Any] | None:
         """A resource the functions leaked past its limit, as the board says it
@@ -318,8 +336,11 @@ class EngineServer:
         every engine after it."""
         self.board.leave(time.monotonic(), why)
         self.flush()
-        for pid in descendants(os.getpid()):  # its children, alive or zombies: no pid here can be another's
-            _kill_quietly(pid)
+        try:
+            for pid in descendants(os.getpid()):  # its children, alive or zombies: no pid here can be another's
+                _kill_quietly(pid)
+        except Exception:  # /proc refused (an audit hook): the supervisor's group kill still reaches most
+            pass
         os._exit(_EXIT_LEAVING)  # not sys.exit: shutting the interpreter down would wait for a stray thread
 
     def _device_memory(self) -> None:
