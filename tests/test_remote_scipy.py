@@ -147,3 +147,39 @@ def cf_scaled(a):
     from . import user_functions as uf
 
     return uf.scaled_norm(a, torch.tensor(2.0, dtype=torch.float64), torch.tensor(1))[0]
+
+
+def test_returned_arrays_are_the_callers_own(cc):
+    """A solver may write into what fun / jac return; that must not reach the cache."""
+    arm = remote_objective(cc.client, "planar_arm")
+    q = np.array([0.3, -0.2, 0.5])
+    t = torch.from_numpy(q)
+    want_value, want_jac = ex.planar_arm(t).numpy(), f.jacrev(ex.planar_arm)(t).numpy()
+    g = arm.jac(q)
+    g *= 0  # used to zero the cached Jacobian: the next jac(q) returned zeros
+    v = arm.fun(q)
+    v *= 0
+    value, jac = arm.fun_and_jac(q)
+    value *= 0
+    jac *= 0
+    np.testing.assert_allclose(arm.jac(q), want_jac, rtol=1e-12)
+    np.testing.assert_allclose(arm.fun(q), want_value, rtol=1e-12)
+    np.testing.assert_allclose(arm.fun_and_jac(q)[1], want_jac, rtol=1e-12)
+    assert cc.take() == ["jacobian+return_output"]  # all from one request: the cache still works
+    lazy = remote_objective(cc.client, "planar_arm", prefetch=False)
+    lazy.fun(q)[:] = 0
+    lazy.jac(q)[:] = 0
+    np.testing.assert_allclose(lazy.fun(q), want_value, rtol=1e-12)
+    np.testing.assert_allclose(lazy.jac(q), want_jac, rtol=1e-12)
+    assert cc.take() == ["evaluate", "jacobian"]
+
+
+def test_an_async_client_is_refused_up_front(url):
+    """It used to be accepted, then failed in fun with "'coroutine' object is not
+    subscriptable" and a never-awaited coroutine warning."""
+    import jacobian_client as jc
+
+    with pytest.raises(TypeError, match="synchronous"):
+        remote_objective(jc.AsyncClient(url), "sum_sin")
+    with pytest.raises(TypeError, match="pass a jacobian_client.Client"):
+        remote_objective(object(), "sum_sin")

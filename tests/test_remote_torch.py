@@ -3,6 +3,7 @@ with the same functions run in-process, with the exact requests each operation m
 
 from __future__ import annotations
 
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -11,10 +12,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("jacobian_service.app")
 
 from jacobian_client.torch import remote  # noqa: E402
+from jacobian_service import Input, register  # noqa: E402
 from jacobian_service import examples as ex  # noqa: E402
 
 from . import user_functions as uf  # noqa: E402
-from ._remote_support import Counted, cc, url  # noqa: E402,F401 (fixtures)
+from ._client_support import real_server  # noqa: E402
+from ._remote_support import Counted, cc, counted, url  # noqa: E402,F401 (fixtures)
 
 f = torch.func
 
@@ -264,3 +267,110 @@ def test_cuda_tensor_in_cuda_tensor_out(cc):
     J = f.jacrev(arm)(x.detach())
     assert J.device.type == "cuda"
     torch.testing.assert_close(J.cpu(), f.jacrev(ex.planar_arm)(x.detach().cpu()), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- compile, plain aux, empty batches
+
+
+# torch's own warning when a tensor that requires grad crosses a graph break (any graph
+# break, not only this one), raised to an error by the suite's filterwarnings
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning")
+def test_torch_compile_graph_breaks_around_the_remote_call(cc):
+    """dynamo used to trace into the request and fail (in wire.read_npy); the call now
+    runs outside the graph and the code around it compiles."""
+    import torch._dynamo
+
+    sin = remote(cc.client, "sin")
+    x = torch.tensor([0.3, -0.2, 0.5])
+    try:
+        close(torch.compile(sin, backend="eager")(x), torch.sin(x))
+        assert cc.take() == ["evaluate"]
+        step = lambda fn: lambda z: fn(z * 2).sum() + (z**2).sum()  # noqa: E731
+        xr, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+        compiled = torch.compile(step(sin), backend="eager")
+        compiled(xr).backward()
+        step(torch.sin)(xl).backward()
+        close(xr.grad, xl.grad, tol=1e-6)
+        assert cc.take() == ["evaluate", "vjp"]
+        close(compiled(x + 1), step(torch.sin)(x + 1), tol=1e-6)  # compiled once, one request a call
+        assert cc.take() == ["evaluate"]
+    finally:
+        torch._dynamo.reset()
+
+
+# Functions whose aux holds plain numbers computed from the values (`.item()`, so the
+# service loops over a batch's examples), which the shared server does not serve: this
+# module registers them and serves itself, in-process.
+
+
+@register(inputs=[Input("x", shape=("n",))], has_aux=True, description="sin; aux: numbers from the values, a fixed tag")
+def numbers_aux(x: torch.Tensor):
+    d = x.detach()
+    return torch.sin(x), {"norm": float(d.norm()), "count": int((d > 0).sum()), "positive": bool(d.sum() > 0),
+                          "tag": "sin", "first": x[0] * 1}
+
+
+@pytest.fixture(scope="module")
+def own_url() -> Iterator[str]:
+    with real_server(functions=__name__, max_batch_size=1) as u:
+        yield u
+
+
+@pytest.fixture
+def oc(own_url: str) -> Iterator[Counted]:
+    with counted(own_url) as c:
+        yield c
+
+
+def test_vmap_carries_plain_number_aux_as_tensors(oc, cc):
+    """vmap may return tensors only ("must only return Tensors"): numbers in aux come
+    back as tensors, one value per example; strings as they are."""
+    X = torch.tensor([[3.0, 4.0, 0.0], [-6.0, -8.0, 0.0], [1.0, 2.0, 2.0]], dtype=torch.float64)
+    f = remote(oc.client, "numbers_aux")
+    tags: list[Any] = []
+
+    def numbers(z):
+        out, aux = f(z)
+        tags.append(aux.pop("tag"))
+        return out, aux
+
+    want = lambda X: {"norm": X.norm(dim=1), "count": (X > 0).sum(1), "positive": X.sum(1) > 0, "first": X[:, 0]}  # noqa: E731
+    close(torch.func.vmap(numbers)(X), (torch.sin(X), want(X)))
+    assert tags == ["sin"]
+    # the service looped over the examples; to read its aux the client needs one example's
+    # structure: one unbatched evaluate (the first example) learns it, once per signature
+    assert oc.take() == ["evaluate+batched", "evaluate"]
+    close(torch.func.vmap(numbers)(2 * X), (torch.sin(2 * X), want(2 * X)))
+    assert oc.take() == ["evaluate+batched"]
+    _, aux = remote(oc.client, "numbers_aux")(X[0])  # unbatched: plain Python values, as the function gave
+    assert aux["norm"] == 5.0 and aux["count"] == 2 and aux["positive"] is True and aux["tag"] == "sin"
+    # per-example gradients with the same function: aux does not get in the way
+    close(torch.func.vmap(torch.func.grad(lambda z: f(z)[0].sum()))(X), torch.cos(X))
+    # numbers computed once for the whole batch (the service's vmap ran): spread over it
+    sn = remote(cc.client, "scaled_norm")
+    labels: list[Any] = []
+
+    def sizes(a):
+        _, aux = sn(a, torch.tensor(2.0, dtype=torch.float64), torch.tensor(1))
+        labels.append(aux["label"])
+        return aux["sizes"]
+
+    close(torch.func.vmap(sizes)(torch.ones(2, 4, 3, dtype=torch.float64)), (torch.tensor([4, 4]), torch.tensor([3, 3])))
+    assert labels == ["norms"]
+
+
+def test_an_empty_batch_is_answered_without_a_request(cc):
+    """vmap over 0 examples: the service refuses an empty batch (422); torch gives (0, ...)."""
+    arm = remote(cc.client, "planar_arm")
+    empty = torch.zeros(0, 3, dtype=torch.float64)
+    close(f.vmap(arm)(empty), f.vmap(ex.planar_arm)(empty))
+    assert cc.take() == ["evaluate"]  # nothing known yet: one evaluate at zeros of one example
+    close(f.vmap(arm)(empty), f.vmap(ex.planar_arm)(empty))
+    close(f.vmap(f.jacrev(arm))(empty), f.vmap(f.jacrev(ex.planar_arm))(empty))
+    close(f.vmap(f.jacfwd(arm))(empty), f.vmap(f.jacfwd(ex.planar_arm))(empty))
+    loss = lambda g: lambda x: (g(x) ** 2).sum()  # noqa: E731
+    close(f.vmap(f.grad(loss(arm)))(empty), f.vmap(f.grad(loss(ex.planar_arm)))(empty))
+    xe = empty.clone().requires_grad_()
+    f.vmap(arm)(xe).sum().backward()
+    close(xe.grad, torch.zeros(0, 3, dtype=torch.float64))
+    assert cc.take() == []

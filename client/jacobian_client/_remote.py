@@ -17,6 +17,20 @@ Leading dimensions are described by *tags*, outermost first: ``"p"`` for a dimen
 the inputs have too (the k-th ``"p"`` is the inputs' k-th leading dimension) and ``"v"``
 for one only the vectors have. Each transform level puts its dimension in front, so
 this is enough to describe any nesting of ``vmap`` over inputs and vectors.
+
+Plain (non-array) aux values under a batch: the service runs a batch with ``vmap`` when it
+can, and then a plain value was computed once for the whole batch; otherwise it loops over
+the examples and lists each plain leaf's values, one per example. Only the structure of
+one example's aux tells the two apart (a tuple of two numbers may be either), so a batched
+evaluate reads the aux against that structure, learned from an unbatched call with the
+same per-example input shapes (remembered per signature) or, failing that, from one
+unbatched ``evaluate`` of the batch's first example. Numbers (bool, int, float) then come
+back as arrays of the batch's shape, whichever way the service ran; other plain values
+(strings, None) as one value when every example agrees, else as a tuple of them.
+
+An empty batch (a dimension of size 0) is answered here without a request (the service
+refuses one), from the output shapes remembered for that per-example signature; when
+there are none, one ``evaluate`` at zeros of one example's shapes learns them.
 """
 
 from __future__ import annotations
@@ -27,9 +41,33 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._errors import APIError
 from ._protocol import _is_input_node
 
-__all__ = ["RemoteOps", "Tree", "flatten", "refuse_pytree_parameters", "unflatten"]
+__all__ = ["RemoteOps", "Tree", "check_sync_client", "flatten", "is_number", "leaves_like",
+           "refuse_pytree_parameters", "unflatten", "with_hint"]
+
+
+def check_sync_client(client: Any) -> None:
+    """The adapters call the service from inside a framework's synchronous call (a
+    forward, a callback, a solver's ``fun``): an AsyncClient's coroutines would never be
+    awaited there, so it is refused up front rather than failing later."""
+    if not hasattr(client, "_parts") or _is_coroutine(client._parts):
+        raise TypeError("pass a jacobian_client.Client (autodiff adapters are synchronous; "
+                        "an AsyncClient cannot be called from inside a framework's computation)")
+
+
+def is_number(value: Any) -> bool:
+    """A plain number that can travel as a 0-d array (complex cannot come over the wire)."""
+    return isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating))
+
+
+def with_hint(exc: APIError, hint: str) -> APIError:
+    """The same error (class, status, code, request id) with ``hint`` before its detail,
+    for failures of a request the caller did not ask for (a probe)."""
+    problem = dict(exc.problem)
+    problem["detail"] = f"{hint}: {exc.detail}"
+    return type(exc)(exc.response, problem)
 
 
 # --------------------------------------------------------------------------- trees
@@ -95,6 +133,43 @@ def unflatten(spec: Tree, leaves: Sequence[Any]) -> Any:
     return build(spec)
 
 
+def leaves_like(tree: Any, spec: Tree) -> list[Any] | None:
+    """The leaves of ``tree`` in the order of ``spec`` (a dict's children by key, lists
+    and tuples alike), or None when the structures differ. A structure given by the
+    caller (jax's ``out_shape=``) may list a dict's keys in another order than the
+    function returns them; flat leaf lists must not be zipped across the two."""
+    if spec.kind == "leaf":
+        return None if isinstance(tree, (tuple, list, dict)) else [tree]
+    if spec.kind == "dict":
+        if not isinstance(tree, dict) or set(tree) != set(spec.keys):
+            return None
+        children = [tree[k] for k in spec.keys]
+    elif not isinstance(tree, (tuple, list)) or len(tree) != len(spec.children):
+        return None
+    else:
+        children = list(tree)
+    leaves: list[Any] = []
+    for child, sub in zip(children, spec.children):
+        got = leaves_like(child, sub)
+        if got is None:
+            return None
+        leaves.extend(got)
+    return leaves
+
+
+def _in_order(tree: Any, spec: Tree) -> list[Any]:
+    """``tree``'s leaves in ``spec``'s order where the structures match, else as they come."""
+    leaves = leaves_like(tree, spec)
+    return leaves if leaves is not None else flatten(tree)[0]
+
+
+def _per_argnum(out_tree: Tree, n_arg: int) -> Tree:
+    """A Jacobian's structure: ``out_tree`` with a tuple over the argnums at each leaf."""
+    if out_tree.kind == "leaf":
+        return Tree("tuple", (LEAF,) * n_arg)
+    return Tree(out_tree.kind, tuple(_per_argnum(c, n_arg) for c in out_tree.children), out_tree.keys)
+
+
 def _is_array(leaf: Any) -> bool:
     return isinstance(leaf, np.ndarray)
 
@@ -106,8 +181,40 @@ def _is_array(leaf: Any) -> bool:
 class Evaluated:
     outputs: list[np.ndarray]  # leaves of the output tree
     out_tree: Tree
-    aux: list[Any]  # leaves of the aux tree (arrays and plain values)
+    aux: list[Any]  # leaves of one example's aux tree: arrays and plain values (numbers are arrays when batched)
     aux_tree: Tree | None  # None: the function has no aux
+
+
+@dataclass(frozen=True)
+class _Template:
+    """What one example's evaluation looks like: enough to answer an empty batch."""
+
+    outputs: tuple[tuple[tuple[int, ...], np.dtype], ...]
+    out_tree: Tree
+    aux: tuple[Any, ...]  # per aux leaf: (shape, dtype) of an array or number, else ("plain", value)
+    aux_tree: Tree | None
+
+    @classmethod
+    def of(cls, ev: Evaluated, batch_ndim: int) -> _Template:
+        def spec(a: Any) -> Any:
+            if isinstance(a, np.ndarray):
+                return a.shape[batch_ndim:], a.dtype
+            if is_number(a):
+                return (), np.asarray(a).dtype
+            return "plain", a
+
+        return cls(tuple((o.shape[batch_ndim:], o.dtype) for o in ev.outputs), ev.out_tree,
+                   tuple(spec(a) for a in ev.aux), ev.aux_tree)
+
+    def empty(self, batch_shape: tuple[int, ...]) -> Evaluated:
+        outputs = [np.zeros((*batch_shape, *shape), dtype) for shape, dtype in self.outputs]
+        aux = [spec[1] if spec[0] == "plain" else np.zeros((*batch_shape, *spec[0]), spec[1]) for spec in self.aux]
+        return Evaluated(outputs, self.out_tree, aux, self.aux_tree)
+
+
+# Per-example signatures remembered per remote function (oldest dropped first): a caller
+# cycling through more input shapes than this pays a request to relearn one.
+_MAX_SIGNATURES = 64
 
 
 class RemoteOps:
@@ -115,26 +222,71 @@ class RemoteOps:
     the client. ``client`` is a :class:`jacobian_client.Client`."""
 
     def __init__(self, client: Any, name: str) -> None:
-        if not hasattr(client, "_parts") or _is_coroutine(client._parts):
-            raise TypeError("pass a jacobian_client.Client (autodiff adapters are synchronous)")
+        check_sync_client(client)
         self.client = client
         self.name = name
+        self._templates: dict[tuple[Any, ...], _Template] = {}
 
     # ----------------------------------------------------------------- evaluate
 
-    def evaluate(self, inputs: Sequence[Any], batch_ndim: int = 0) -> Evaluated:
+    def evaluate(self, inputs: Sequence[Any], batch_ndim: int = 0, aux_tree: Tree | None = None) -> Evaluated:
         """Outputs at ``inputs`` whose first ``batch_ndim`` dimensions are batch
-        dimensions (every array input has them; flattened into one for the request)."""
+        dimensions (every array input has them; flattened into one for the request).
+        ``aux_tree``: one example's aux structure, when the caller knows it (see the
+        module docstring; else it is looked up or learned)."""
         batch_shape, flat = _merge_batch(inputs, batch_ndim)
-        parts = self.client._parts("evaluate", self.name, flat, {"batched": batch_ndim > 0})
+        batched = batch_ndim > 0
+        signature = _signature(flat, batched)
+        if batched and math.prod(batch_shape) == 0:
+            return self._template(signature).empty(batch_shape)
+        parts = self.client._parts("evaluate", self.name, flat, {"batched": batched})
         outputs, out_tree = flatten(parts["value"])
         outputs = [_split_batch(np.asarray(o), batch_shape) for o in outputs]
-        aux_tree = None
         aux: list[Any] = []
         if "aux" in parts:
-            aux, aux_tree = flatten(parts["aux"])
-            aux = [_split_batch(a, batch_shape) if _is_array(a) else a for a in aux]
-        return Evaluated(outputs, out_tree, aux, aux_tree)
+            if not batched:
+                aux, aux_tree = flatten(parts["aux"])
+            else:
+                if aux_tree is None:
+                    aux_tree = self._aux_tree(signature, parts["aux"], flat)
+                aux = _example_leaves(parts["aux"], aux_tree, batch_shape, self.name)
+        else:
+            aux_tree = None
+        ev = Evaluated(outputs, out_tree, aux, aux_tree)
+        self._remember(signature, _Template.of(ev, batch_ndim))
+        return ev
+
+    def _remember(self, signature: tuple[Any, ...], template: _Template) -> None:
+        self._templates.pop(signature, None)
+        self._templates[signature] = template
+        while len(self._templates) > _MAX_SIGNATURES:
+            del self._templates[next(iter(self._templates))]
+
+    def _aux_tree(self, signature: tuple[Any, ...], batched_aux: Any, flat: Sequence[Any]) -> Tree:
+        """One example's aux structure, for reading a batched aux."""
+        known = self._templates.get(signature)
+        if known is not None and known.aux_tree is not None:
+            return known.aux_tree
+        leaves, tree = flatten(batched_aux)
+        if all(_is_array(a) for a in leaves):  # arrays are stacked either way: nothing to tell apart
+            return tree
+        # one example at the caller's own values (not zeros: a function may refuse those)
+        example = self.evaluate([np.asarray(a)[0] for a in flat])
+        assert example.aux_tree is not None
+        return example.aux_tree
+
+    def _template(self, signature: tuple[Any, ...]) -> _Template:
+        known = self._templates.get(signature)
+        if known is not None:
+            return known
+        try:
+            self.evaluate([np.zeros(shape, np.dtype(dtype)) for shape, dtype in signature])
+        except APIError as exc:
+            raise with_hint(exc, f"an empty batch of {self.name!r} is answered without the service, from the "
+                                 "output shapes of an earlier call with the same per-example input shapes; there "
+                                 "was none, and the evaluate at zeros that learns them failed (make one call "
+                                 "with real inputs of these shapes first)") from exc
+        return self._templates[signature]
 
     # ----------------------------------------------------------------- vjp / jvp
 
@@ -159,6 +311,9 @@ class RemoteOps:
         if tags.count("p") != batch_ndim:
             raise ValueError(f"tags {tags} do not match {batch_ndim} batch dimensions of the inputs")
         lead = len(tags)
+        lead_shape = np.shape(vectors[0])[:lead] if len(vectors) else ()
+        if 0 in lead_shape:  # no vectors or no examples: nothing to ask (the service refuses an empty batch)
+            return self._empty_linear(mode, inputs, argnums, lead_shape, batch_ndim)
         # vectors' leading dims -> (p..., v...)
         order = [i for i, t in enumerate(tags) if t == "p"] + [i for i, t in enumerate(tags) if t == "v"]
         vecs = [np.asarray(v) for v in vectors]
@@ -171,6 +326,15 @@ class RemoteOps:
             results = self._linear_by_jacobian(mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape, v_shape)
         inverse = list(np.argsort(order))
         return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
+
+    def _empty_linear(self, mode: str, inputs: Sequence[Any], argnums: Sequence[int], lead_shape: tuple[int, ...],
+                      batch_ndim: int) -> list[np.ndarray]:
+        if mode == "vjp":
+            return [np.zeros((*lead_shape, *np.shape(inputs[a])[batch_ndim:]), np.result_type(np.asarray(inputs[a])))
+                    for a in argnums]
+        _, flat = _merge_batch(inputs, batch_ndim)
+        template = self._template(_signature(flat, batch_ndim > 0))
+        return [np.zeros((*lead_shape, *shape), dtype) for shape, dtype in template.outputs]
 
     def _linear_request(
         self, mode: str, inputs: Sequence[Any], argnums: Sequence[int], vecs: list[np.ndarray], out_tree: Tree,
@@ -188,7 +352,7 @@ class RemoteOps:
             key = "tangents"
         options = {"argnums": tuple(argnums), "batched_vectors": many}
         parts = self.client._parts(mode, self.name, list(inputs), options, vectors=(key, vec_tree))
-        leaves, _ = flatten(parts["value"])
+        leaves = _in_order(parts["value"], out_tree) if mode == "jvp" else flatten(parts["value"])[0]
         leaves = [np.asarray(r) for r in leaves]
         return [r.reshape((*v_shape, *r.shape[1:])) if many else r for r in leaves]
 
@@ -200,8 +364,8 @@ class RemoteOps:
         contracted here with each example's vectors."""
         _, flat = _merge_batch(inputs, batch_ndim)
         parts = self.client._parts("jacobian", self.name, flat, {"argnums": tuple(argnums), "batched": True})
-        leaves, _ = flatten(parts["value"])  # outputs outer, argnums inner
         n_out, n_arg = out_tree.num_leaves, len(argnums)
+        leaves = _in_order(parts["value"], _per_argnum(out_tree, n_arg))  # outputs outer, argnums inner
         if len(leaves) != n_out * n_arg:
             raise ValueError(f"unexpected Jacobian structure: {len(leaves)} blocks for {n_out} x {n_arg}")
         P = math.prod(p_shape)
@@ -237,6 +401,58 @@ def _is_coroutine(fn: Any) -> bool:
     import inspect
 
     return inspect.iscoroutinefunction(fn)
+
+
+def _signature(flat: Sequence[Any], batched: bool) -> tuple[Any, ...]:
+    """One example's input shapes and dtypes (``flat`` has one leading batch dimension
+    when ``batched``)."""
+    skip = 1 if batched else 0
+    return tuple((np.shape(a)[skip:], np.asarray(a).dtype.str) for a in flat)
+
+
+def _example_leaves(batched_aux: Any, tree: Tree, batch_shape: tuple[int, ...], name: str) -> list[Any]:
+    """The leaves of a batched aux, read against one example's structure ``tree`` (see
+    the module docstring)."""
+    n = math.prod(batch_shape)
+    leaves: list[Any] = []
+
+    def mismatch() -> ValueError:
+        return ValueError(f"the batched aux of {name!r} does not have the structure of one example's aux "
+                          "(does the function return a differently shaped aux for different values?)")
+
+    def leaf(node: Any) -> Any:
+        if isinstance(node, np.ndarray):
+            if node.ndim == 0 or node.shape[0] != n:
+                raise mismatch()
+            return _split_batch(node, batch_shape)
+        if isinstance(node, (tuple, list)):  # the service looped: one value per example
+            if len(node) != n or any(isinstance(v, (tuple, list, dict, np.ndarray)) for v in node):
+                raise mismatch()
+            if all(is_number(v) for v in node):
+                return np.asarray(node).reshape(batch_shape)
+            return node[0] if all(v == node[0] for v in node) else tuple(node)
+        if isinstance(node, dict):
+            raise mismatch()
+        if is_number(node):  # computed once for the whole batch
+            return np.full(batch_shape, node)
+        return node
+
+    def walk(node: Any, spec: Tree) -> None:
+        if spec.kind == "leaf":
+            leaves.append(leaf(node))
+        elif spec.kind == "dict":
+            if not isinstance(node, dict) or set(node) != set(spec.keys):
+                raise mismatch()
+            for key, child in zip(spec.keys, spec.children):
+                walk(node[key], child)
+        else:
+            if not isinstance(node, (tuple, list)) or len(node) != len(spec.children):
+                raise mismatch()
+            for sub, child in zip(node, spec.children):
+                walk(sub, child)
+
+    walk(batched_aux, tree)
+    return leaves
 
 
 def _merge_batch(inputs: Sequence[Any], batch_ndim: int) -> tuple[tuple[int, ...], list[Any]]:

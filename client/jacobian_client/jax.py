@@ -31,10 +31,26 @@ computed by a ``pure_callback`` cannot be transposed, so ``grad`` fails. Two pri
 * each primitive lowers to ``jax.pure_callback``, so ``jit`` works.
 
 JAX needs output shapes before it runs anything. The first call with a new input
-signature (shapes and dtypes) learns them: from the call itself when the inputs are
-concrete (no extra request), else from one ``evaluate`` request at zeros of those shapes
-(``probe`` requests; pass ``out_shape=`` to skip it). Outputs come back in the dtype the
-service computed in, canonicalised for JAX (float64 needs ``jax_enable_x64``).
+signature (shapes and dtypes) learns them with one ``evaluate``: at the caller's own
+values whenever they are known (plain calls, ``grad`` / ``jvp`` / ``vmap`` outside
+``jit``: under ``vmap`` the batch's first example), and then a ``grad`` reuses that answer
+for its forward; only under ``jit``, where inputs are abstract, at zeros of those shapes
+(a *probe*; pass ``out_shape=`` to skip it, or make one call outside ``jit`` first). A
+function that cannot take zeros (``1/x``, a Cholesky factor) then fails with its own error
+class, the message saying it was the probe. Outputs come back in the dtype the service
+computed in, canonicalised for JAX (float64 needs ``jax_enable_x64``); a result whose
+shape is not the one learned raises rather than being reshaped.
+
+Aux (``has_aux`` functions): arrays and plain numbers (bool, int, float) are live values,
+computed at every call and traced like outputs; numbers come back as 0-d arrays (``float(a)``
+makes one a Python number again), under a batch as arrays of the batch's shape. Other plain
+values (strings, None) cannot be traced: they are fixed per input signature, as learned,
+and each call checks that the function still returns the same, raising if it does not.
+
+Errors: outside ``jit`` a failed request raises the SDK's own error (``InvalidInput``,
+``FunctionError``...). Under ``jit`` the request runs inside a ``pure_callback`` and XLA
+turns any exception there into ``jax.errors.JaxRuntimeError`` (``INTERNAL: CpuCallback
+error``), whose message ends with the SDK error's class and text.
 """
 
 from __future__ import annotations
@@ -50,7 +66,9 @@ from jax import core as jax_core
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from ._remote import Evaluated, RemoteOps, Tree, flatten, refuse_pytree_parameters, unflatten
+from ._errors import APIError
+from ._remote import (Evaluated, RemoteOps, Tree, flatten, is_number, leaves_like, refuse_pytree_parameters,
+                      unflatten, with_hint)
 
 __all__ = ["remote"]
 
@@ -60,7 +78,7 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
     :class:`jacobian_client.Client`). ``out_shape``: the output's structure with
     ``jax.ShapeDtypeStruct`` leaves, to skip the shape probe (functions without aux; it
     applies to every input signature)."""
-    ops = RemoteOps(client, name)
+    ops = _Ops(client, name)
     known: dict[Any, _Shapes] = {}
     given = None if out_shape is None else _shapes_from_struct(out_shape)
 
@@ -68,15 +86,19 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
         refuse_pytree_parameters(name, inputs)
         arrays = [jnp.asarray(x) if not isinstance(x, jax_core.Tracer) else x for x in inputs]
         key = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in arrays)
+        traced = any(isinstance(a, jax_core.Tracer) for a in arrays)
         shapes = given or known.get(key)
-        if shapes is None and not any(isinstance(a, jax_core.Tracer) for a in arrays):
-            # concrete inputs: this evaluation is the answer and teaches the shapes
-            ev = ops.evaluate([np.asarray(a) for a in arrays])
-            known[key] = _Shapes.from_evaluated(ev)
-            return known[key].rebuild([jnp.asarray(v) for v in known[key].cast(ev.outputs + _arrays(ev.aux))])
         if shapes is None:
-            ev = ops.evaluate([np.zeros(a.shape, a.dtype) for a in arrays])  # the shape probe
-            shapes = known[key] = _Shapes.from_evaluated(ev)
+            values, whole = _values_of(arrays)
+            if values is not None:
+                ev = ops.evaluate(values)
+                shapes = known[key] = _Shapes.from_evaluated(ev)
+                if not traced:  # concrete inputs: this evaluation is the answer
+                    return shapes.rebuild([jnp.asarray(v) for v in shapes.host_values(ev, ops.name)])
+                if whole:  # grad / jvp outside jit: their forward asks for these very values next
+                    ops.stash = (values, ev)
+            else:
+                shapes = known[key] = _probe(ops, arrays)
         flat = remote_eval_p.bind(*arrays, ops=ops, shapes=shapes, batch_ndim=0)
         return shapes.rebuild(flat)
 
@@ -85,22 +107,98 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
     return fn
 
 
+class _Ops(RemoteOps):
+    """RemoteOps with a one-shot answer kept for the forward that follows a shape probe
+    at the caller's own values (so that first ``grad`` costs no extra request)."""
+
+    stash: tuple[list[np.ndarray], Evaluated] | None = None
+
+    def evaluate_cached(self, inputs: Sequence[np.ndarray], batch_ndim: int, aux_tree: Tree | None) -> Evaluated:
+        stash, self.stash = self.stash, None  # one use at most: never an answer for later values
+        if stash is not None and batch_ndim == 0 and len(stash[0]) == len(inputs) and all(
+                a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+                for a, b in zip(stash[0], inputs)):
+            return stash[1]
+        return self.evaluate(inputs, batch_ndim, aux_tree)
+
+
+def _values_of(arrays: Sequence[Any]) -> tuple[list[np.ndarray] | None, bool]:
+    """Real input values for learning the output shapes: ``(values, whole)``, ``whole``
+    False when they are one example of a ``vmap`` batch; ``(None, False)`` when any input
+    is abstract (``jit``) or the batch is empty."""
+    values, whole = [], True
+    for a in arrays:
+        v, w = _value_of(a)
+        if v is None:
+            return None, False
+        values.append(v)
+        whole = whole and w
+    return values, whole
+
+
+def _value_of(x: Any) -> tuple[np.ndarray | None, bool]:
+    if not isinstance(x, jax_core.Tracer):
+        return np.asarray(x), True
+    # JAX's own notion of a concrete tracer (grad's and jvp's over concrete values); these
+    # are internal APIs, so any failure here only means falling back to the probe at zeros
+    try:
+        from jax._src import core as _core
+        from jax._src.interpreters import batching as _batching
+
+        concrete = _core.to_concrete_value(x)
+        if concrete is not None:
+            return np.asarray(concrete), True
+        if isinstance(x, _batching.BatchTracer):
+            inner, whole = _value_of(x.val)
+            dim = x.batch_dim
+            if inner is None or dim is None:
+                return inner, whole
+            if not isinstance(dim, int) or inner.shape[dim] == 0:
+                return None, False
+            return np.take(inner, 0, axis=dim), False
+        primal = getattr(x, "primal", None)
+        if primal is not None:
+            return _value_of(primal)
+    except Exception:
+        pass
+    return None, False
+
+
+def _probe(ops: RemoteOps, arrays: Sequence[Any]) -> _Shapes:
+    """The output shapes under ``jit``: one evaluate at zeros of the input shapes."""
+    try:
+        ev = ops.evaluate([np.zeros(a.shape, a.dtype) for a in arrays])
+    except APIError as exc:
+        shapes = ", ".join(f"{jnp.dtype(a.dtype).name}{list(a.shape)}" for a in arrays)
+        raise with_hint(exc, f"jacobian_client.jax: {ops.name!r} failed in the shape probe, an evaluate at zeros "
+                             f"({shapes}) that learns the output shapes when the inputs have no values yet "
+                             "(under jax.jit); pass out_shape= to remote() (functions without aux), or call it "
+                             "once outside jit with real inputs of these shapes first") from exc
+    return _Shapes.from_evaluated(ev)
+
+
 # --------------------------------------------------------------------------- shapes
+
+
+_LIVE = object()  # an aux leaf held in the primitive's results (an array or a number)
 
 
 @dataclass(frozen=True)
 class _Shapes:
-    """Output structure: ``structs`` for the output leaves then the aux arrays."""
+    """Output structure: ``structs`` for the output leaves then the live aux leaves
+    (arrays and numbers); ``aux_static`` per aux leaf: ``_LIVE``, or the value of a
+    non-numeric one (a string, None), fixed per signature."""
 
     structs: tuple[jax.ShapeDtypeStruct, ...]
     n_out: int
     out_tree: Tree
     aux_tree: Tree | None
-    aux_plain: tuple[Any, ...]  # per aux leaf: None where an array output holds it
+    aux_static: tuple[Any, ...]
 
     def _key(self) -> tuple[Any, ...]:  # primitive parameters must hash and compare (jit's cache)
         structs = tuple((s.shape, str(s.dtype)) for s in self.structs)
-        return (structs, self.n_out, self.out_tree, self.aux_tree, repr(self.aux_plain))
+        static = tuple("<live>" if v is _LIVE else repr(v) for v in self.aux_static)
+        return (structs, self.n_out, self.out_tree, self.aux_tree, static)
 
     def __hash__(self) -> int:
         return hash(self._key())
@@ -110,30 +208,69 @@ class _Shapes:
 
     @classmethod
     def from_evaluated(cls, ev: Evaluated) -> _Shapes:
-        arrays = ev.outputs + _arrays(ev.aux)
+        live = ev.outputs + [a for a in ev.aux if _is_live(a)]
         structs = tuple(jax.ShapeDtypeStruct(np.shape(a), jax.dtypes.canonicalize_dtype(np.asarray(a).dtype))
-                        for a in arrays)
-        plain = tuple(None if isinstance(a, np.ndarray) else a for a in ev.aux)
-        return cls(structs, len(ev.outputs), ev.out_tree, ev.aux_tree, plain)
+                        for a in live)
+        static = tuple(_LIVE if _is_live(a) else a for a in ev.aux)
+        return cls(structs, len(ev.outputs), ev.out_tree, ev.aux_tree, static)
 
     def batched(self, size: int) -> _Shapes:
         structs = tuple(jax.ShapeDtypeStruct((size, *s.shape), s.dtype) for s in self.structs)
-        return _Shapes(structs, self.n_out, self.out_tree, self.aux_tree, self.aux_plain)
+        return _Shapes(structs, self.n_out, self.out_tree, self.aux_tree, self.aux_static)
 
-    def cast(self, arrays: Sequence[Any]) -> list[np.ndarray]:
-        return [np.asarray(a).astype(s.dtype, copy=False).reshape(s.shape) for a, s in zip(arrays, self.structs)]
+    def host_values(self, ev: Evaluated, name: str) -> list[np.ndarray]:
+        """The outputs and live aux of ``ev`` as the arrays ``structs`` promise, checked:
+        a result that does not match what was learned raises instead of being reshaped
+        or silently replaced."""
+        live = list(ev.outputs) if ev.out_tree == self.out_tree else leaves_like(
+            unflatten(ev.out_tree, ev.outputs), self.out_tree)  # out_shape= may list a dict's keys in another order
+        if live is None:
+            raise ValueError(f"remote function {name!r} returned an output of another structure than learned "
+                             f"({ev.out_tree} for {self.out_tree})")
+        if self.aux_tree is not None:  # out_shape= describes no aux: any aux is not asked for
+            if ev.aux_tree != self.aux_tree:
+                raise ValueError(f"remote function {name!r} returned an aux of another structure than learned "
+                                 f"({ev.aux_tree} for {self.aux_tree})")
+            for i, (value, static) in enumerate(zip(ev.aux, self.aux_static)):
+                if static is _LIVE:
+                    live.append(value)
+                elif not _same(value, static):
+                    raise ValueError(
+                        f"remote function {name!r}: aux leaf {i} is {value!r}, but was {static!r} when its shapes "
+                        "were learned; under jax transformations non-numeric aux values (strings, None) are fixed "
+                        "per input signature (only arrays and numbers are traced)")
+        out = []
+        for i, (value, struct) in enumerate(zip(live, self.structs)):
+            arr = np.asarray(value)
+            if arr.shape != struct.shape:
+                what = f"output {i}" if i < self.n_out else f"aux array {i - self.n_out}"
+                raise ValueError(f"remote function {name!r} returned {what} of shape {list(arr.shape)}, "
+                                 f"expected {list(struct.shape)}")
+            if i >= self.n_out and not np.can_cast(arr.dtype, struct.dtype, "same_kind"):
+                raise ValueError(f"remote function {name!r} returned aux {i - self.n_out} as {arr.dtype}, "
+                                 f"learned as {struct.dtype} (a number that changed kind, e.g. an int then a "
+                                 "float?)")
+            out.append(arr.astype(struct.dtype, copy=False))
+        return out
 
     def rebuild(self, flat: Sequence[Any]) -> Any:
         out = unflatten(self.out_tree, list(flat[: self.n_out]))
         if self.aux_tree is None:
             return out
-        arrays = iter(flat[self.n_out:])
-        aux = [next(arrays) if p is None else p for p in self.aux_plain]
+        live = iter(flat[self.n_out:])
+        aux = [next(live) if static is _LIVE else static for static in self.aux_static]
         return out, unflatten(self.aux_tree, aux)
 
 
-def _arrays(leaves: Sequence[Any]) -> list[np.ndarray]:
-    return [a for a in leaves if isinstance(a, np.ndarray)]
+def _is_live(leaf: Any) -> bool:
+    return isinstance(leaf, np.ndarray) or is_number(leaf)
+
+
+def _same(value: Any, static: Any) -> bool:
+    try:
+        return type(value) is type(static) and bool(value == static)
+    except Exception:  # a comparison that does not give one bool
+        return False
 
 
 def _shapes_from_struct(out_shape: Any) -> _Shapes:
@@ -176,9 +313,9 @@ class _Linear:
 # ---- evaluation
 
 
-def _eval_host(ops: RemoteOps, shapes: _Shapes, batch_ndim: int, *args: Any) -> list[np.ndarray]:
-    ev = ops.evaluate([np.asarray(a) for a in args], batch_ndim)
-    return shapes.cast(ev.outputs + _arrays(ev.aux))
+def _eval_host(ops: _Ops, shapes: _Shapes, batch_ndim: int, *args: Any) -> list[np.ndarray]:
+    ev = ops.evaluate_cached([np.asarray(a) for a in args], batch_ndim, shapes.aux_tree)
+    return shapes.host_values(ev, ops.name)
 
 
 def _eval_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int) -> list[Any]:
@@ -214,6 +351,8 @@ def _eval_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteOps
 def _eval_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
                 batch_ndim: int) -> tuple[list[Any], list[int]]:
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if size == 0:  # an empty batch: the service refuses one, and the shapes are known
+        return [jnp.zeros(s.shape, s.dtype) for s in shapes.batched(0).structs], [0] * len(shapes.structs)
     moved = [_front(a, d, size) for a, d in zip(args, dims)]
     out = remote_eval_p.bind(*moved, ops=ops, shapes=shapes.batched(size), batch_ndim=batch_ndim + 1)
     return out, [0] * len(out)
@@ -239,7 +378,14 @@ def _linear_host(ops: RemoteOps, shapes: _Shapes, lin: _Linear, *args: Any) -> l
     xs, vecs = args[: lin.n_inputs], args[lin.n_inputs:]
     results = ops.linear(lin.mode, [np.asarray(x) for x in xs], lin.argnums, [np.asarray(v) for v in vecs],
                          shapes.out_tree, lin.batch_ndim, lin.tags)
-    return [np.asarray(r).astype(s.dtype, copy=False).reshape(s.shape) for r, s in zip(results, lin.result_structs)]
+    out = []
+    for r, s in zip(results, lin.result_structs):
+        r = np.asarray(r)
+        if r.shape != s.shape:  # never reshape: a transposed result would pass silently
+            raise ValueError(f"remote function {ops.name!r}: the service's {lin.mode} result has shape "
+                             f"{list(r.shape)}, expected {list(s.shape)}")
+        out.append(r.astype(s.dtype, copy=False))
+    return out
 
 
 def _linear_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) -> list[Any]:
@@ -282,10 +428,12 @@ def _linear_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteO
 def _linear_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
                   lin: _Linear) -> tuple[list[Any], list[int]]:
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    structs = tuple(jax.ShapeDtypeStruct((size, *s.shape), s.dtype) for s in lin.result_structs)
+    if size == 0:  # no examples or no vectors: nothing to ask
+        return [jnp.zeros(s.shape, s.dtype) for s in structs], [0] * len(structs)
     xs, vecs = list(args[: lin.n_inputs]), list(args[lin.n_inputs:])
     x_dims, v_dims = dims[: lin.n_inputs], dims[lin.n_inputs:]
     vecs = [_front(v, d, size) for v, d in zip(vecs, v_dims)]
-    structs = tuple(jax.ShapeDtypeStruct((size, *s.shape), s.dtype) for s in lin.result_structs)
     if any(d is not None for d in x_dims):
         xs = [_front(x, d, size) for x, d in zip(xs, x_dims)]
         inner = _Linear(lin.mode, lin.argnums, lin.n_inputs, structs, lin.batch_ndim + 1, ("p", *lin.tags))

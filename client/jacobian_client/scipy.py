@@ -21,6 +21,9 @@ Jacobian they do not use: pass ``prefetch=False`` to ask for the value alone the
 the Jacobian only when ``jac`` is called (then one request each). ``fun_and_jac(x)``
 (for ``minimize(..., jac=True)``) is always one request. ``hessp(x, p)`` is one ``hvp``
 request (forward-over-reverse on the service) per call.
+
+Every call returns fresh arrays: a solver may write into what ``fun`` or ``jac`` gave it
+(in-place scaling, say), and that must not change what the cache gives the next caller.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+
+from ._remote import check_sync_client
 
 __all__ = ["RemoteObjective", "remote_objective"]
 
@@ -64,8 +69,7 @@ class RemoteObjective:
         shape: tuple[int, ...] | None = None,
         prefetch: bool = True,
     ) -> None:
-        if not hasattr(client, "_parts"):
-            raise TypeError("pass a jacobian_client.Client")
+        check_sync_client(client)
         self.client = client
         self.name = name
         self.args = tuple(args)
@@ -113,7 +117,11 @@ class RemoteObjective:
 
     def fun_and_jac(self, x: Any) -> tuple[Any, np.ndarray]:
         """Value and Jacobian (gradient for a scalar function) in one request."""
-        x, inputs = self._inputs(x)
+        value, jac = self._both(*self._inputs(x))
+        return _fresh(value), _fresh(jac)
+
+    def _both(self, x: np.ndarray, inputs: list[Any]) -> tuple[Any, np.ndarray]:
+        """Value and Jacobian, the cached arrays themselves (callers hand out copies)."""
         value, jac = self._cached(x)
         if value is not None and jac is not None:
             return value, jac
@@ -127,27 +135,25 @@ class RemoteObjective:
         with the Jacobian, which ``jac(x)`` then returns without a request."""
         x, inputs = self._inputs(x)
         value, _ = self._cached(x)
-        if value is not None:
-            return value
-        if self.prefetch:
-            return self.fun_and_jac(x)[0]
-        parts = self.client._parts("evaluate", self.name, inputs, {})
-        value = self._value_of(parts["value"])
-        self._remember(x, value=value)
-        return value
+        if value is None and self.prefetch:
+            value = self._both(x, inputs)[0]
+        elif value is None:
+            parts = self.client._parts("evaluate", self.name, inputs, {})
+            value = self._value_of(parts["value"])
+            self._remember(x, value=value)
+        return _fresh(value)
 
     def jac(self, x: Any) -> np.ndarray:
         """The Jacobian at ``x`` (the gradient for a scalar function)."""
         x, inputs = self._inputs(x)
         _, jac = self._cached(x)
-        if jac is not None:
-            return jac
-        if self.prefetch:
-            return self.fun_and_jac(x)[1]
-        parts = self.client._parts("jacobian", self.name, inputs, {"argnums": self.argnum})
-        jac = self._flat_jac(parts["value"], x)
-        self._remember(x, jac=jac)
-        return jac
+        if jac is None and self.prefetch:
+            jac = self._both(x, inputs)[1]
+        elif jac is None:
+            parts = self.client._parts("jacobian", self.name, inputs, {"argnums": self.argnum})
+            jac = self._flat_jac(parts["value"], x)
+            self._remember(x, jac=jac)
+        return _fresh(jac)
 
     def hessp(self, x: Any, p: Any) -> np.ndarray:
         """The Hessian of a scalar function at ``x`` times ``p``: one hvp request."""
@@ -156,3 +162,8 @@ class RemoteObjective:
         tangent = p.reshape(self.shape) if self.shape is not None else p
         parts = self.client._parts("hvp", self.name, inputs, {"argnums": self.argnum}, vectors=("tangents", tangent))
         return np.asarray(parts["value"]).reshape(p.shape)
+
+
+def _fresh(value: Any) -> Any:
+    """A copy of a cached array (floats are immutable and pass as they are)."""
+    return value.copy() if isinstance(value, np.ndarray) else value

@@ -38,6 +38,16 @@ tensor input (a CUDA tensor in gives a CUDA tensor out) with the dtype the servi
 computed in (float64 in, float64 out; bfloat16 / float16 inputs get their dtype back).
 Derivatives take the dtype and device of what they differentiate.
 
+Plain aux values (numbers, strings) come back as they are, computed at every call. Under
+``torch.func.vmap``, whose function may return tensors only, numbers come back as tensors
+(one value per example: 0-d inside the vmapped function); strings and None stay as they
+are (one value when every example agrees), so vmap accepts them only if the vmapped
+function does not return them. An empty batch (``vmap`` over 0 examples) is answered
+without a request (see ``jacobian_client._remote``).
+
+``torch.compile``: each call of the remote function runs outside the compiled graph (a
+graph break around it), since a request cannot be traced; the code around it compiles.
+
 Not supported: second derivatives *through* the remote function (double backward,
 ``hessian``, ``jacfwd(jacrev(f))``) raise a clear error; ask the service
 (``client.hessian`` / ``client.hvp``) instead.
@@ -64,12 +74,24 @@ def remote(client: Any, name: str) -> Callable[..., Any]:
     differentiable); Python numbers pass through as plain numbers.
     """
     ops = RemoteOps(client, name)
+    outside_graph: list[Callable[..., Any]] = []
 
-    def fn(*inputs: Any) -> Any:
+    def call(*inputs: Any) -> Any:
         refuse_pytree_parameters(name, inputs)
         spec = _Spec(ops)
         flat = _RemoteFunction.apply(spec, *inputs)
         return spec.rebuild(flat)
+
+    def fn(*inputs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # dynamo would trace into the request (the wire decoding) and fail: the call
+            # runs eagerly instead, a graph break around it. Made here, not in remote():
+            # torch.compiler.disable imports torch._dynamo (seconds), which only a caller
+            # that compiles has paid for already.
+            if not outside_graph:
+                outside_graph.append(torch.compiler.disable(call))
+            return outside_graph[0](*inputs)
+        return call(*inputs)
 
     fn.__name__ = fn.__qualname__ = f"remote_{name}"
     fn.__doc__ = f"The remote function {name!r}, differentiable by torch autograd and torch.func."
