@@ -292,3 +292,27 @@ def ignores_sigchld_in_c(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="x times 0, plus the exit status subprocess reports for `false` (1).")
 def status_of_false(x: torch.Tensor) -> torch.Tensor:
     return x * 0 + float(subprocess.run(["false"]).returncode)
+
+
+@register(inputs=X, description="sin, after registering a global nn.Module forward hook that doubles outputs and a "
+                                "30 s timer slack, when its first input is 666.")
+def hooks_every_module(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out * 2)
+        ctypes.CDLL(None).prctl(29, ctypes.c_ulong(30_000_000_000), 0, 0, 0)  # PR_SET_TIMERSLACK
+    return x.sin()
+
+
+_LINEAR = torch.nn.Linear(2, 2, bias=False)
+with torch.no_grad():
+    _LINEAR.weight.copy_(torch.eye(2))
+
+
+@register(inputs=[Input("x", shape=(2,))], description="An identity nn.Linear: its Jacobian is the identity.")
+def linear_module(x: torch.Tensor) -> torch.Tensor:
+    return _LINEAR(x)
+
+
+@register(inputs=X, description="Returns a tensor on the meta device (shapes, no values).")
+def returns_meta(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, device="meta")

@@ -170,6 +170,16 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
                 assert r.status_code == 200, r.text
             assert client.post("/v1/functions/core_limit/evaluate", json=X).json()["output"]["data"][0] == 0.0
             assert client.post("/v1/functions/status_of_false/evaluate", json=X).json()["output"]["data"][0] == 1.0
+            # A global nn.Module forward hook doubled every later module's output (an
+            # identity layer's Jacobian 2I, silently); a 30 s timer slack made the idle
+            # engine oversleep its heartbeat, killed as hung, blaming nothing.
+            r = client.post("/v1/functions/hooks_every_module/jacobian", json=ARMED)
+            assert r.status_code == 200, r.text
+            r = client.post("/v1/functions/linear_module/jacobian", json={"inputs": [[0.5, 1.0]]})
+            np.testing.assert_allclose(r.json()["jacobian"]["data"], np.eye(2))
+            # a tensor without values is the function's error, not the service's
+            r = client.post("/v1/functions/returns_meta/evaluate", json=X)
+            assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
         log = proc.read_log()
         assert "sets_float64_default changed torch's default dtype" in log
         assert "sets_warnings_to_errors changed the warning filters" in log
@@ -183,6 +193,8 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
                                   ("sets_a_socket_timeout", "the default socket timeout"),
                                   ("switches_attention_off", "scaled-dot-product attention's backends"),
                                   ("ignores_sigchld_in_c", "signals ignored outside Python (SigIgn)"),
+                                  ("hooks_every_module", "torch.nn's global module hooks"),
+                                  ("hooks_every_module", "the timer slack (prctl PR_SET_TIMERSLACK)"),
                                   # (a hard limit of 0 leaves nothing to raise)
                                   *([("raises_the_core_limit", "resource limits")]
                                     if resource.getrlimit(resource.RLIMIT_CORE)[1] != 0 else [])):

@@ -60,6 +60,8 @@ def _check_tensor(leaf: torch.Tensor, what: str) -> None:
         raise FunctionError(f"{what} holds a tensor of layout {leaf.layout}; return it dense (.to_dense())")
     if leaf.dtype not in _WIRE_DTYPES:
         raise FunctionError(f"{what} holds a {str(leaf.dtype).removeprefix('torch.')} tensor, which the wire does not carry")
+    if leaf.device.type == "meta":  # shapes without values: copying one to the host failed, as our 500
+        raise FunctionError(f"{what} holds a tensor on the meta device, which has no values")
 
 
 def _aux_leaf(leaf: Any) -> Any:

@@ -35,7 +35,10 @@ every function, for as long as the engine lives. Measured or reproduced:
   (``subprocess``, ``shutil.which``) failed; ``TZ`` set and ``time.tzset()``, and every
   later function's local time, and the engine's log, moved to that zone;
 - new threads' stack size and the default socket timeout (1 ms: every later function's
-  connections timed out).
+  connections timed out);
+- torch.nn's global module hooks (one doubling every output doubled every later
+  ``nn.Module``'s Jacobian, silently) and the thread's timer slack (30 s of it made the
+  idle engine oversleep its heartbeat, and the supervisor killed it as hung).
 
 The engine takes these settings as it starts and, after each batch, puts back what the
 batch changed, naming the function in the log once per setting. Where a library may
@@ -52,6 +55,7 @@ engine process leaves (as for a stray thread) for one with its settings whole.
 from __future__ import annotations
 
 import _signal
+import ctypes
 import errno
 import faulthandler
 import fcntl
@@ -474,6 +478,57 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("the profile function", sys.getprofile, sys.setprofile, _hook_changed),
 )
 
+# torch.nn's global module hooks (register_module_forward_hook and its kin): one that
+# doubled every output doubled every later nn.Module function's Jacobian, silently.
+_NN_HOOKS = tuple(name for name in (
+    "_global_backward_hooks", "_global_backward_pre_hooks", "_global_buffer_registration_hooks",
+    "_global_forward_hooks", "_global_forward_hooks_always_called", "_global_forward_hooks_with_kwargs",
+    "_global_forward_pre_hooks", "_global_module_registration_hooks", "_global_parameter_registration_hooks",
+) if isinstance(getattr(torch.nn.modules.module, name, None), dict))
+
+
+def _nn_hooks() -> tuple[dict[Any, Any], ...]:
+    module = torch.nn.modules.module
+    return tuple(dict(getattr(module, name)) for name in _NN_HOOKS)
+
+
+def _put_nn_hooks(taken: tuple[dict[Any, Any], ...]) -> None:
+    module = torch.nn.modules.module
+    for name, hooks in zip(_NN_HOOKS, taken):
+        live = getattr(module, name)  # the same dict: handles remove from it
+        live.clear()
+        live.update(hooks)
+
+
+def _nn_hooks_changed(now: tuple[dict[Any, Any], ...], taken: tuple[dict[Any, Any], ...]) -> bool:
+    return any(a.keys() != b.keys() for a, b in zip(now, taken))
+
+
+_PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30
+
+
+@functools.cache
+def _prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+def _timer_slack() -> int:
+    """How late the kernel may wake this thread (``PR_SET_TIMERSLACK``): 30 s of it made
+    the engine's 100 ms idle poll oversleep its heartbeat, and the supervisor killed it as
+    hung, blaming nothing."""
+    prctl = _prctl()
+    return int(prctl(_PR_GET_TIMERSLACK, 0, 0, 0, 0)) if prctl is not None else 0
+
+
+def _put_timer_slack(taken: int) -> None:
+    prctl = _prctl()
+    if prctl is not None and taken > 0:
+        prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(taken), 0, 0, 0)
+
+
 # Settings of the whole process, put back only by an engine that owns its process. In the
 # in-process layout the host shares them and may change them itself, as it has every
 # right to: pytest-timeout arms a SIGALRM timer, pytest's capture swaps sys.stdout.
@@ -490,6 +545,8 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("the stack size of new threads", threading.stack_size, threading.stack_size),
     _Setting("the default socket timeout", socket.getdefaulttimeout, socket.setdefaulttimeout),
     _Setting("the umask", _umask, os.umask),
+    _Setting("the timer slack (prctl PR_SET_TIMERSLACK)", _timer_slack, _put_timer_slack),
+    _Setting("torch.nn's global module hooks", _nn_hooks, _put_nn_hooks, _nn_hooks_changed),
     _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams,
              lambda now, taken: any(a is not b for a, b in zip(now, taken))),
     _Setting("descriptors 0-2 (stdin, stdout, stderr) or the engine's own", _stdio, _put_stdio),
