@@ -273,3 +273,11 @@ def adds_an_audit_hook(x: torch.Tensor) -> torch.Tensor:
     if _armed(x):
         sys.addaudithook(_refuse_proc)
     return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="sin; leaves a timer thread that calls os._exit(7) a second later, on the trigger.")
+def leaves_a_time_bomb(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        threading.Timer(1.0, os._exit, (7,)).start()
+    return x.sin()

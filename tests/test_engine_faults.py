@@ -532,6 +532,27 @@ def test_a_function_that_blinds_the_engines_watchers_is_named_when_the_engine_le
         sin_ok(url)
 
 
+def test_a_thread_that_ends_the_engine_later_is_put_down_to_its_function():
+    """Found by a red team: a function that leaves a sleeping timer thread calling
+    os._exit a few seconds later ended the engine while it ran nothing (or while an
+    innocent function ran): nothing was blamed, and a warm-up that did it ended every
+    engine for ever. An engine's board names the functions whose threads are alive."""
+    blamed = "leaves_a_time_bomb left threads running, which are blamed"
+    with live_server(**SETTINGS) as (url, proc):
+        for i in range(2):
+            wait_spare(url)
+            r = httpx.post(f"{url}/v1/functions/leaves_a_time_bomb/jacobian", json=ARMED, timeout=30)
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 10
+            while proc.read_log().count(blamed) <= i and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert proc.read_log().count(blamed) == i + 1, proc.read_log()[-3000:]
+            back_within(url, 5.0)
+        r = httpx.post(f"{url}/v1/functions/leaves_a_time_bomb/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
+        assert_problem(r, 503, "function_quarantined")
+        sin_ok(url)
+
+
 def test_the_front_end_never_imports_torch():
     import subprocess
     import sys

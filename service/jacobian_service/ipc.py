@@ -326,8 +326,10 @@ class StatusBoard:
         self._doc = orjson.dumps({"function": function, "tags": tags})
         self._write()
 
-    def idle(self, now: float) -> None:
-        self._beat, self._deadline, self._doc = now, 0.0, b"{}"
+    def idle(self, now: float, left: list[str] | None = None) -> None:
+        """Running nothing; ``left``: the functions whose threads are still alive (the
+        suspects, should the engine die now)."""
+        self._beat, self._deadline, self._doc = now, 0.0, orjson.dumps({"left": left}) if left else b"{}"
         self._write()
 
     def leave(self, now: float, why: dict[str, Any]) -> None:

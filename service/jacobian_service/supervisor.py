@@ -392,6 +392,12 @@ class Supervisor:
             running = {}
         tags = list(running.get("tags", []))
         function = status.get("stray", "") if planned else running.get("function", "")
+        # Dead while it ran nothing: its board names the functions whose threads were
+        # alive then. A thread can sleep, unseen, and end the engine later (a timer that
+        # calls os._exit): without this, nothing was blamed, and a warm-up that left one
+        # ended every engine for ever.
+        suspects = [] if planned or function or warming else [
+            f for f in status.get("left", []) if isinstance(f, str) and f]
         if status.get("stray"):
             left = status.get("left", "a thread running after it returned, using a core")
             reason = f"{function} left {left}; engines skip its warm-up"
@@ -412,11 +418,17 @@ class Supervisor:
             reason = f"the engine process exited with status {code}"
         if warming is not None:
             reason = f"the warm-up of {warming} ended the engine ({reason}); engines skip it from now on"
+        if suspects:
+            reason += (f"; {', '.join(suspects)} left threads running, which are blamed (and engines skip "
+                       "their warm-ups)")
+            self.skip_warmup.update(suspects)
         log.error("engine %d died: %s (running %s for %d requests)", engine.index, reason, function or "nothing", len(tags))
         dead, pid = engine.proc, engine.proc.pid  # type: ignore[union-attr]
         _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]  # its children, if any, go too
         if function and recycled is None:
             self._strike(function, batch=len(tags) > 1)
+        for suspect in suspects:
+            self._strike(suspect, batch=False)
         engine.proc = None
         engine.ready = False
         engine.running = {}

@@ -94,6 +94,7 @@ class EngineServer:
         self.descriptors = DescriptorWatch()
         self._ran = ""  # the function of the last batch run
         self._ran_since_watch = False  # a batch ran since the watchers last looked
+        self._left: list[str] = []  # functions whose threads are alive (strays.left)
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
         self._last_pump = 0.0
 
@@ -243,6 +244,8 @@ class EngineServer:
 
     def serve(self) -> None:
         self.board.set_ready(time.monotonic())
+        self._left = self.strays.left()  # what the warm-ups left running, each put down to its function
+        self.board.idle(time.monotonic(), self._left)
         self.memory.start()
         if self.device_watch is not None:
             self.device_watch.start()
@@ -260,7 +263,7 @@ class EngineServer:
             else:
                 self.worker.run(self.worker.take(self.pump))  # no name keeps the jobs (and their arrays) after
                 self.flush()
-                self.board.idle(time.monotonic())
+                self.board.idle(time.monotonic(), self._left)
             try:
                 found = self._watch(now)
             except Exception as exc:
@@ -293,6 +296,9 @@ class EngineServer:
             self._ran_since_watch = False
             self._device_memory()
             self.strays.after_run(self._ran)
+            if (left := self.strays.left()) != self._left:  # the suspects, should the engine die idle
+                self._left = left
+                self.board.idle(time.monotonic(), left)
             self.memory.after_run(self._ran)
             if self.device_watch is not None:
                 self.device_watch.after_run(self._ran)

@@ -90,6 +90,12 @@ class Strays:
         for tid in self._alive - self._known_threads - self._thread_owner.keys():
             self._thread_owner[tid] = function
 
+    def left(self) -> list[str]:
+        """The functions whose threads were alive after the last batch: if the engine dies
+        while it runs nothing, one of them did it (a timer thread that calls os._exit
+        later sleeps, unseen by the CPU watch), and the supervisor is told so."""
+        return sorted({self._thread_owner[t] for t in self._alive & self._thread_owner.keys()})
+
     def check(self, now: float) -> Found | None:
         """At most every ``every_s``: what used more than ``share`` of a core in each of
         the last two idle windows (a function's threads added up; a process alone), and
