@@ -31,13 +31,9 @@ from jacobian_client._arrays import Bfloat16, as_wire_value
 from jacobian_client._npystream import FileSink, MemorySink, NpyReceiver
 from jacobian_client._protocol import Protocol, _is_input_node
 
+from .conftest import npy_bytes
+
 X3 = np.array([0.1, 0.2, 0.3])
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
 
 
 def npz_result(**trees: np.ndarray) -> bytes:
