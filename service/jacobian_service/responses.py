@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import re
 from typing import Any, AsyncIterator, Iterable, Iterator
 
 import numpy as np
@@ -22,7 +21,6 @@ __all__ = [
 ]
 
 _OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
-_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
 _JOIN_BYTES = 1 << 20
 
 
@@ -38,11 +36,16 @@ def acceptable(accept: str | None) -> list[str]:
         for param in fields[1:]:
             key, _, value = param.partition("=")
             if key.strip().lower() == "q":
-                # RFC 9110's qvalue, 0 to 1 with at most 3 decimals; anything else (nan,
-                # inf, 2, 1e9) leaves the entry out: a NaN among the weights sorted the
-                # others in no order at all.
-                value = value.strip()
-                q = float(value) if _QVALUE.fullmatch(value) else 0.0
+                # A weight from 0 to 1; anything else (nan, inf, 2, 1e9) leaves the entry
+                # out: a NaN among the weights sorted the others in no order at all. Read
+                # as leniently as RFC 9110's grammar allows in practice: Java's default
+                # header says "q=.2".
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+                if not 0.0 <= q <= 1.0:  # (NaN too)
+                    q = 0.0
         if q <= 0:
             continue
         if media in ("*/*", "application/*"):
