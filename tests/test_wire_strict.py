@@ -205,6 +205,37 @@ def test_a_central_directory_of_too_many_members_is_refused_unread(client, zip64
     assert_problem(client.post(SIN, content=body, headers={"content-type": wire.NPZ}), 413, "payload_too_large")
 
 
+def _lying_directory(variant: str, n: int) -> bytes:
+    """n empty central-directory entries behind end records that a parser of its own
+    would read otherwise than zipfile does (found by a second red team)."""
+    import struct
+
+    cd = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, *[0] * 14) * n
+    def eocd(on_disk: int, entries: int, size: int, offset: int) -> bytes:
+        return struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, on_disk, entries, size, offset, 0)
+    def zip64(entries: int, size: int, offset: int) -> bytes:
+        return struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, size, offset)
+    def locator(offset: int) -> bytes:
+        return struct.pack("<4sLQL", b"PK\x06\x07", 0, offset, 1)
+    if variant == "zip64 beside a size of 0":
+        return cd + zip64(n, len(cd), 0) + locator(len(cd)) + eocd(0, 0, 0, 0)
+    if variant == "counts spelling the signature":
+        return cd + eocd(0x4B50, 0x0605, len(cd), 0)
+    fake = zip64(0, 0, 0)  # a locator pointing at a small record; zipfile reads the one before it
+    return fake + cd + zip64(n, len(cd), len(fake)) + locator(0) + eocd(0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("variant", ["zip64 beside a size of 0", "counts spelling the signature", "a locator elsewhere"])
+def test_an_end_record_that_lies_does_not_hide_a_large_directory(client, variant):
+    body = _lying_directory(variant, 50_000)
+    start = time.process_time()
+    assert wire.expanded_size(body, wire.NPZ) == len(body)
+    with pytest.raises(wire.WireError, match="central directory"):
+        wire.read_npz(body)
+    assert time.process_time() - start < 0.1
+    assert_problem(client.post(SIN, content=body, headers={"content-type": wire.NPZ}), 413, "payload_too_large")
+
+
 @pytest.mark.parametrize("compression", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
 def test_bzip2_and_lzma_members_are_refused(client, compression):
     body = _zip({"x.npy": npy_bytes(np.arange(3.0, dtype=np.float32))}, compression)
