@@ -40,11 +40,10 @@ class AsyncClient:
     ``http_transport`` an httpx transport (e.g. ``httpx.MockTransport`` in tests).
 
     ``timeout`` in seconds bounds each attempt of a call, response included: connecting
-    gets at most 10 s of it, and the whole body must be in by then (checked as it
-    arrives, so a server that trickles its answer ends the call within twice ``timeout``
-    at worst), raising :class:`TransportError`. With ``out=`` a result of any size may
-    stream for longer: the body must bring each further MiB within ``timeout`` seconds
-    instead. An :class:`httpx.Timeout` sets httpx's per-operation limits only, with no
+    gets at most 10 s of it, the answer must start within it, and then each MiB of the
+    body must come within ``timeout`` seconds (checked as it arrives, so a server that
+    trickles its answer ends the call within twice ``timeout`` at worst; a streamed
+    Jacobian of any size keeps coming), raising :class:`TransportError`. An :class:`httpx.Timeout` sets httpx's per-operation limits only, with no
     such deadline; ``None`` waits forever. Retries (see :class:`RetryPolicy`) each get
     a deadline of their own.
     """

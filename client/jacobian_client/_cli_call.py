@@ -53,7 +53,7 @@ def build_parser(prog: str = "jacobian-service call") -> argparse.ArgumentParser
     p.add_argument("--api-key", default=os.environ.get("JACOBIAN_SERVICE_API_KEY"),
                    help="API key (default: $JACOBIAN_SERVICE_API_KEY)")
     p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds for the whole call; with --out, for each MiB of the result (default: 600)")
+                   help="seconds to wait for the answer, then for each MiB of it (default: 600)")
     p.add_argument("--progress", action="store_true", help="show a progress bar while streaming")
     p.add_argument("--sparsity", default=None, metavar="NAME",
                    help="jacobian/hessian: auto (detected) or a declared pattern's name: a sparse result")

@@ -208,10 +208,10 @@ class Deadline:
     body arrives; a body that stops altogether is ended by httpx's read timeout (the same
     seconds), so an attempt ends at most one read timeout past its deadline.
 
-    A transfer into a file (``out=``, or a row-split sink) may be far larger than any one
-    timeout covers: there the deadline covers the wait for the response, then restarts
-    with every ``progress_bytes`` (1 MiB) that arrive, so a file of any size streams while
-    it keeps coming, and a trickle still ends.
+    A response may be far larger than any one timeout covers (a streamed Jacobian, to a
+    file or to memory): the deadline covers the wait for the response, then restarts with
+    every ``progress_bytes`` (1 MiB) that arrive, so a result of any size streams while it
+    keeps coming, and a trickle still ends (a small answer within one timeout).
     """
 
     def __init__(self, seconds: float | None, *, progress_bytes: int | None = None,
@@ -618,9 +618,11 @@ class Protocol:
     # ----------------------------------------------------------------- responses
 
     def deadline(self, call: Call) -> Deadline:
-        """The deadline of one attempt of ``call``, started now."""
-        streamed_to_sink = call.out is not None or call.sink is not None
-        return Deadline(self.timeout, progress_bytes=STREAM_PROGRESS_BYTES if streamed_to_sink else None)
+        """The deadline of one attempt of ``call``, started now. Every response gets the
+        progress rule: a streamed Jacobian larger than one timeout covers keeps coming a
+        chunk at a time whether it goes to a file or to memory (the server gives each
+        chunk its own deadline too), and a trickle still ends."""
+        return Deadline(self.timeout, progress_bytes=STREAM_PROGRESS_BYTES)
 
     def wants_stream(self, call: Call, response: httpx.Response) -> bool:
         """Read this response incrementally (an npy) rather than whole?"""
