@@ -61,6 +61,13 @@ def test_json_nesting_and_sizes_limits(make_client):
     c = make_client(max_json_depth=8, max_array_elements=100, max_array_rank=3)
     deep = {"inputs": [[1.0]], "x": [[[[[[[[[[1]]]]]]]]]]}
     assert "deeper" in assert_problem(c.post("/v1/functions/sin/jacobian", json=deep), 400, "malformed_body")["detail"]
+    # behind a number: a list was judged by its first item (a second red team; 900 levels
+    # overflowed a parser further on, a 500 with a traceback)
+    nested: dict = {"a": 1}
+    for _ in range(900):
+        nested = {"a": nested}
+    hidden = {"inputs": [[0.1, 0.2]], "cotangents": [1, nested]}
+    assert "deeper" in assert_problem(c.post("/v1/functions/sin/vjp", json=hidden), 400, "malformed_body")["detail"]
     assert_problem(c.post("/v1/functions/sin/jacobian", json={"inputs": [[1.0] * 101]}), 413, "payload_too_large")
     assert_problem(c.post("/v1/functions/sin/jacobian", content=npy_bytes(np.zeros(101)), headers={"content-type": wire.NPY}), 413, "payload_too_large")
     assert_problem(c.post("/v1/functions/sin/jacobian", json={"inputs": [[[[[1.0]]]]]}), 422, "invalid_input")

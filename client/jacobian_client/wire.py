@@ -422,8 +422,14 @@ def _spell_nonfinite(arr: np.ndarray) -> Any:
     return spelled.tolist()
 
 
+_JSON_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
 def check_depth(doc: Any, limit: int) -> None:
-    """Refuse JSON nested deeper than ``limit``; numeric rows are not walked number by number."""
+    """Refuse JSON nested deeper than ``limit``. A row of numbers is looked at by the
+    types of its items (in C), not walked number by number; a list is never judged by its
+    first item alone: ``[1, {"a": {"a": ...}}]`` hid 900 levels that way (a second red
+    team), and a parser further on overflowed Python's stack (500, a traceback)."""
     stack = [(doc, 1)]
     while stack:
         node, depth = stack.pop()
@@ -431,7 +437,8 @@ def check_depth(doc: Any, limit: int) -> None:
             raise WireError(f"JSON nested deeper than {limit} levels")
         if isinstance(node, dict):
             stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
-        elif isinstance(node, list) and node and isinstance(node[0], (dict, list)):
+        elif isinstance(node, list) and node and (isinstance(node[0], (dict, list))
+                                                   or not _JSON_SCALARS.issuperset(map(type, node))):
             stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
 
 
