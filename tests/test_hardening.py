@@ -205,6 +205,9 @@ def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on
             r = client.post(path, json={"inputs": [[0.5, 1.0], 7]}, headers={"Accept": accept, "X-Request-Timeout": "5"})
             _, doc = decode(r)
             assert doc["aux"] == {"loss": 0.25, "n": 3, "ok": True, "f": 1.5, "s": "x"}, doc["aux"]
+            r = client.post(path, json={"inputs": [[0.5, 1.0], 9]}, headers={"Accept": accept, "X-Request-Timeout": "5"})
+            _, doc = decode(r)
+            assert doc["aux"] == {"k": 1}, doc["aux"]
         # an error whose message is not UTF-8, or whose __str__ raises SystemExit: the function's 500
         for kind, words in ((0, "cannot read /data/run-\\udcff.bin"), (1, "its __str__ raised")):
             r = client.post("/v1/functions/raises_oddly/jacobian", json={"inputs": [[0.5, 1.0, 2.0], kind]},

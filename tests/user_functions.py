@@ -205,6 +205,8 @@ def _odd_aux(kind: int, x: torch.Tensor):
         return {"loss": np.float64(0.25), "n": np.int64(3), "ok": np.bool_(True), "f": _Float(1.5), "s": _Str("x")}
     if kind == 8:
         return {os.fsdecode(b"\xff"): 1}
+    if kind == 9:  # a key whose own __str__ raises: the engine must not call it
+        return {_Str("k"): 1}
     return {"total": x.sum()}
 
 

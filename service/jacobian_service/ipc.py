@@ -100,7 +100,9 @@ def pack(tree: Any, frames: list[Any]) -> Any:
     if isinstance(tree, list):
         return ["l", [pack(t, frames) for t in tree]]
     if isinstance(tree, dict):
-        return ["d", {str(k): pack(v, frames) for k, v in tree.items()}]
+        # str.__str__, not str(): a key may be a str subclass whose own __str__ is the
+        # user's code (it raised SystemExit, and the engine exited).
+        return ["d", {str.__str__(k) if isinstance(k, str) else str(k): pack(v, frames) for k, v in tree.items()}]
     if isinstance(tree, float) and not math.isfinite(tree):
         return ["f", repr(tree)]
     return ["v", tree]

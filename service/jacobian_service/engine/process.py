@@ -171,7 +171,7 @@ class EngineServer:
                     frames = ipc.encode_error(msg_id, err)
                 else:
                     frames = ipc.encode_reply(msg_id, result, info)
-            except Exception as exc:  # an answer the wire cannot carry: said, never dropped
+            except BaseException as exc:  # an answer the wire cannot carry: said, never dropped
                 # (dropped, the caller waited for its deadline and got a 504, with no line
                 # in any log: the job's settle swallows what it raises)
                 log.error("could not encode the answer to a request (%s: %s)", type(exc).__name__, exception_text(exc))
