@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import zipfile
 
@@ -346,3 +347,21 @@ def test_an_npy_of_a_dtype_json_refuses_is_refused_too(client, dtype):
     assert "unsupported dtype" in detail and "float64" in detail
     json_body = {"inputs": [{"dtype": "float128", "shape": [2], "data": [1, 2]}]}
     assert_problem(client.post(URL, json=json_body), 422, "invalid_input")
+
+
+def test_a_body_that_could_never_fit_the_budget_is_413_not_503(make_client):
+    """Found by a second red team: a JSON body whose parse cost, or an .npz whose body and
+    expansion together, exceed the whole body budget got 503 "retry shortly" with nothing
+    else in flight, and the SDK retried in vain."""
+    from jacobian_service.connections import json_parse_cost
+
+    c = make_client(max_request_bytes=1 << 20, body_budget_bytes=1 << 20)
+    numbers = {"inputs": [[0.123456789012345] * 50_000]}  # ~0.95 MB of text: its parse cost is several MB
+    body = json.dumps(numbers).encode()
+    assert len(body) < 1 << 20 < json_parse_cost(body)
+    problem = assert_problem(c.post(URL, content=body, headers={"content-type": wire.JSON}), 413, "payload_too_large")
+    assert "request memory" in problem["detail"]
+    stored = npz_bytes(x=np.zeros(70_000))  # 560 KB stored: body + expansion > 1 MiB
+    problem = assert_problem(c.post(URL, content=stored, headers={"content-type": wire.NPZ}), 413, "payload_too_large")
+    assert "needs both at once" in problem["detail"]
+    still_serving(c)

@@ -205,6 +205,9 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
             limit = self._args[0]
             if size > limit:
                 raise PayloadTooLarge(f"the .npz declares {size} uncompressed bytes; the limit is {limit}")
+            if self._held + size > self._budget.max_bytes:  # body and expansion never fit together: 413, not 503
+                raise PayloadTooLarge(f"an .npz of {len(body)} bytes that expands to {size} needs both at once; "
+                                      f"the most one request may hold is {self._budget.max_bytes}")
             charge.take(size, f"expanding an .npz of {len(body)} bytes to {size}")
         return size
 
@@ -256,6 +259,10 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
             del parts
             if is_json:
                 cost = json_parse_cost(body)
+                if cost > budget.max_bytes:  # never fits, however long the client waits: 413, not 503
+                    raise PayloadTooLarge(f"parsing this JSON body of {len(body)} bytes takes about {cost} bytes of "
+                                          f"this server's request memory; the most one request may hold is "
+                                          f"{budget.max_bytes} (binary .npy/.npz or base64 arrays cost their size)")
                 if cost > self._held:
                     budget.take(cost - self._held, f"parsing a JSON body of {len(body)} bytes (about {cost} bytes; "
                                                    "binary .npy/.npz or base64 arrays cost their size)")
