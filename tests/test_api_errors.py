@@ -326,6 +326,9 @@ def test_a_compressed_body_is_415_not_garbage(client):
     assert "gzip" in problem["detail"]
     r = client.post(URL, json={"inputs": [[1.0, 2.0]]}, headers={"content-encoding": "identity"})
     assert r.status_code == 200
+    # every Content-Encoding line counts, not the first alone (a second red team)
+    two = [("content-type", wire.JSON), ("content-encoding", "identity"), ("content-encoding", "gzip")]
+    assert_problem(client.post(URL, content=body, headers=two), 415, "unsupported_media_type")
 
 
 def test_a_query_option_given_twice_is_422(client):

@@ -19,7 +19,9 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import live_server
+from jacobian_client import wire
+
+from .conftest import live_server, npy_bytes
 
 MiB = 1 << 20
 LIMIT = 8 * MiB  # max_request_bytes
@@ -646,3 +648,28 @@ def test_head_and_body_arrive_together_on_either_protocol(implementation: str) -
             head = client.head("/")
             assert head.status_code == 200 and head.headers["content-length"] == "4" and head.content == b""
             assert client.get("/later").content == b"okay"
+
+
+def test_queued_requests_hold_their_arrays_on_the_body_budget() -> None:
+    """Found by a second red team: a request's body was released from the budget once
+    parsed, though its arrays (the body itself, for an .npy) lived on while it waited
+    behind a slow request: 20 queued bodies of 8 MB took a front end +700 MB with the
+    gauge at 0. The arrays now hold their bytes until the request ends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    MiB = 1 << 20
+    with live_server(WORKERS=1, WARMUP="false", FUNCTIONS="jacobian_service.examples,tests.user_functions",
+                     MAX_REQUEST_BYTES=4 * MiB, BODY_BUDGET_BYTES=12 * MiB, ENGINE_STANDBY="false") as (url, _):
+        body = npy_bytes(np.full(3 * MiB // 4, 0.5, np.float32))  # 3 MiB of arrays each
+        with ThreadPoolExecutor(8) as pool:
+            slow = pool.submit(httpx.post, f"{url}/v1/functions/slow_rows/jacobian?chunk_size=1",
+                               json={"inputs": [[0.1] * 40]}, timeout=60)  # 40 chunks of 50 ms: the engine is busy
+            time.sleep(0.5)
+            queued = [pool.submit(httpx.post, f"{url}/v1/functions/sin/evaluate", content=body,
+                                  headers={"content-type": wire.NPY, "accept": wire.NPY}, timeout=60) for _ in range(6)]
+            assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") >= 9 * MiB, 5)
+            statuses = sorted(f.result().status_code for f in queued)
+            assert slow.result().status_code == 200
+        assert statuses.count(200) >= 3 and statuses.count(503) >= 2, statuses  # 4 fit in 12 MiB, less the slow one's
+        assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") == 0, 5)
+        assert httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, timeout=30).status_code == 200
