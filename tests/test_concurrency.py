@@ -228,5 +228,5 @@ def test_an_aux_over_the_result_limit_is_refused_before_it_leaves_the_engine():
         worker.submit(Job("evaluate", call, lambda result, error, info: settled.append((result, error)),
                           deadline=time.monotonic() + 60))
         worker.run(worker.take(lambda s: None))
-    assert isinstance(settled[0][1], ResultTooLarge) and "10016 bytes" in str(settled[0][1]) and settled[0][0] is None
+    assert isinstance(settled[0][1], ResultTooLarge) and "bytes with its aux and output" in str(settled[0][1]) and settled[0][0] is None
     assert settled[1][1] is None and settled[1][0].aux == {"blob": "x" * 10}

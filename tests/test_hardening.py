@@ -257,3 +257,16 @@ def test_concurrent_npz_bombs_expand_one_budget_at_a_time():
         r = httpx.post(f"{url}{path}", json={"inputs": [[0.5]]}, timeout=10)
         assert r.status_code == 200, r.text
         assert "jacobian_service_body_bytes_in_flight 0.0" in httpx.get(f"{url}/metrics", timeout=10).text
+
+
+def test_a_results_size_counts_what_json_will_write():
+    """Found by a second red team: only arrays and characters counted against the result
+    limit, so 900,000 plain floats, a 16 MB dict key or 4 MB of control characters (6
+    bytes each as JSON) passed it, and their JSON was then encoded on the event loop."""
+    from jacobian_service.types import Result
+
+    value = np.zeros(2, np.float32)
+    assert Result(value, {"n": [0.5] * 900_000}, True).nbytes() >= 900_000 * 18  # "0.5" is short; 1/3 is not
+    assert Result(value, {"k" * (16 << 20): 1}, True).nbytes() >= 16 << 20
+    assert Result(value, {"c": "\x01" * (4 << 20)}, True).nbytes() >= 6 * (4 << 20)
+    assert Result(value, {"e": "é" * 1000}, True).nbytes() >= 2000  # UTF-8's bytes
