@@ -239,8 +239,9 @@ def _could_be_single(call: Call, kind: str) -> bool:
 
 
 async def derivative(request: Request, name: str, kind: str) -> Response:
-    # What an .npz's arrays take once expanded is held on the body budget until the
-    # request is done with them (they go when _derivative's frame does).
+    # What the request's arrays take (an .npz's expansion, then the parsed arrays) is held
+    # on the body budget until the request is done with them (they go when _derivative's
+    # frame does).
     inputs = Charge(_state(request).body_budget)
     try:
         return await _derivative(request, name, kind, inputs)
