@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+import jacobian_client as jc
 from jacobian_client import wire
 
 from .conftest import assert_problem, decode, live_server, npy_bytes
@@ -208,6 +209,17 @@ def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on
             r = client.post(path, json={"inputs": [[0.5, 1.0], 9]}, headers={"Accept": accept, "X-Request-Timeout": "5"})
             _, doc = decode(r)
             assert doc["aux"] == {"k": 1}, doc["aux"]
+            # non-finite plain numbers are spelled as arrays spell theirs (they were null:
+            # None to the SDK, like a real None), and the SDK reads them back as floats
+            r = client.post(path, json={"inputs": [[0.5, 1.0], 10]}, headers={"Accept": accept, "X-Request-Timeout": "5"})
+            _, doc = decode(r)
+            if accept == wire.JSON:
+                assert doc["aux"] == {"nan": "NaN", "inf": "Infinity", "ninf": "-Infinity"}, doc["aux"]
+            else:
+                assert np.isnan(doc["aux"]["nan"]) and doc["aux"]["inf"] == np.inf and doc["aux"]["ninf"] == -np.inf
+        with jc.Client(url) as sdk:
+            _, aux = sdk.jacobian("odd_aux", np.array([0.5, 1.0], np.float32), np.array(10))
+            assert np.isnan(aux["nan"]) and aux["inf"] == np.inf and aux["ninf"] == -np.inf, aux
         # an error whose message is not UTF-8, or whose __str__ raises SystemExit: the function's 500
         for kind, words in ((0, "cannot read /data/run-\\udcff.bin"), (1, "its __str__ raised")):
             r = client.post("/v1/functions/raises_oddly/jacobian", json={"inputs": [[0.5, 1.0, 2.0], kind]},

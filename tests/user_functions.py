@@ -207,6 +207,8 @@ def _odd_aux(kind: int, x: torch.Tensor):
         return {os.fsdecode(b"\xff"): 1}
     if kind == 9:  # a key whose own __str__ raises: the engine must not call it
         return {_Str("k"): 1}
+    if kind == 10:  # non-finite plain numbers: JSON has none
+        return {"nan": float("nan"), "inf": float("inf"), "ninf": np.float64("-inf")}
     return {"total": x.sum()}
 
 

@@ -454,12 +454,18 @@ def encode_tree(tree: Any) -> Any:
             data = _spell_nonfinite(arr)
         return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": data}
     if isinstance(tree, np.generic):
-        return tree.item()
+        return encode_tree(tree.item())
     if isinstance(tree, (list, tuple)):
         return [encode_tree(t) for t in tree]
     if isinstance(tree, dict):
         return {str(k): encode_tree(v) for k, v in tree.items()}
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return _spell_number(tree)  # a plain number (aux) as arrays spell theirs, never null
     return tree
+
+
+def _spell_number(x: float) -> str:
+    return "NaN" if math.isnan(x) else "Infinity" if x > 0 else "-Infinity"
 
 
 def decode_tree(tree: Any, sequence: type = tuple, limits: Limits = Limits()) -> Any:
@@ -473,6 +479,8 @@ def decode_tree(tree: Any, sequence: type = tuple, limits: Limits = Limits()) ->
         return sequence(decode_tree(t, sequence, limits) for t in tree)
     if isinstance(tree, dict):
         return {k: decode_tree(v, sequence, limits) for k, v in tree.items()}
+    if isinstance(tree, str) and tree in _SPELLED:  # a plain non-finite number, spelled (encode_tree)
+        return _SPELLED[tree]
     return tree
 
 
@@ -842,7 +850,9 @@ def flatten_tree(prefix: str, tree: Any) -> tuple[Any, list[tuple[str, np.ndarra
         if isinstance(node, dict):
             return {str(k): walk(f"{path}/{k}", v) for k, v in node.items()}
         if isinstance(node, np.generic):
-            return node.item()
+            node = node.item()
+        if isinstance(node, float) and not math.isfinite(node):
+            return _spell_number(node)  # JSON has none: spelled, as arrays spell theirs
         return node
 
     return walk(prefix, tree), arrays
@@ -879,6 +889,8 @@ def _fill(node: Any, members: dict[str, Any]) -> Any:
         return tuple(_fill(n, members) for n in node)
     if isinstance(node, dict):
         return {k: _fill(v, members) for k, v in node.items()}
+    if isinstance(node, str) and node in _SPELLED:  # a plain non-finite number, spelled (flatten_tree)
+        return _SPELLED[node]
     return node
 
 
