@@ -305,10 +305,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         return _stream_json(state, spec.name, result, info)
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
-    nbytes = result.nbytes()
-    if nbytes > call.max_result_bytes:  # the engine checked the derivative's size; aux is the function's own
-        raise ResultTooLarge(f"the result takes {nbytes} bytes with its aux and output; the limit is "
-                             f"{call.max_result_bytes}")
+    nbytes = result.nbytes()  # within the result limit: the engine's worker refused it otherwise (scheduler)
     encoding = (chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result))
     if nbytes < _OFFLOAD_BYTES or chosen == wire.NPY:
         # Small, or .npy: a header and views of the arrays, nothing built whatever the

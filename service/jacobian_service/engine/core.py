@@ -305,9 +305,10 @@ class Engine:
 
     def _forward_jacobian(self, call: Call) -> Result | None:
         """jacfwd, when ``mode`` asks for it (``auto``: inputs fewer than outputs) and
-        it gives jacrev's answer; None to use reverse mode. Sizes come from a plain forward call, never from a
-        reverse pass: a function that forward mode can differentiate and reverse mode
-        cannot (an in-place write into a leaf) must work alone and in a batch alike."""
+        it gives jacrev's answer; None to use reverse mode. Sizes come from a plain
+        forward call, never from a reverse pass: a function that forward mode can
+        differentiate and reverse mode cannot (an in-place write into a leaf) must work
+        alone and in a batch alike."""
         profile = self.profiles[call.spec.name]
         if not profile.forward_ad or profile.grad_off:
             return None
@@ -316,7 +317,7 @@ class Engine:
         g, primals = differentiable(box, args, call)
         watch = GradOffWatch()
         out, aux_t = self.guard(lambda: watch.call(g, *primals))
-        if watch.seen or profile.grad_off:  # forward mode would see through its no_grad: jacrev's answer
+        if watch.seen:  # forward mode would see through its no_grad: jacrev's answer
             profile.grad_off = True
             return None
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))

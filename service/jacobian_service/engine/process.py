@@ -93,7 +93,6 @@ class EngineServer:
         self._ran_out = settings.engine_max_device_bytes is not None
         self.descriptors = DescriptorWatch()
         self._ran = ""  # the function of the last batch run
-        self._ran_since_watch = False  # a batch ran since the watchers last looked
         self._left: list[str] = []  # functions whose threads are alive (strays.left)
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
         self._last_pump = 0.0
@@ -194,7 +193,7 @@ class EngineServer:
     def _on_run(self, jobs: list[Job]) -> None:
         call = self.worker.call_of(jobs[0])  # a stream's chunk: its stream's function takes the blame
         function = call.spec.name if call is not None else ""
-        self._ran, self._ran_since_watch = function, True
+        self._ran = function
         self.board.running(time.monotonic(), max(j.deadline for j in jobs), function, [j.tag for j in jobs])
 
     # ----------------------------------------------------------------- loop
@@ -258,14 +257,15 @@ class EngineServer:
             now = time.monotonic()
             self.board.beat(now)
             self.pump(0.0 if self.worker.has_work() else _IDLE_POLL_MS / 1e3)
-            if not self.worker.has_work():
+            ran = self.worker.has_work()
+            if not ran:
                 self.worker.tidy()  # streams whose callers have gone: not held until the next job
             else:
                 self.worker.run(self.worker.take(self.pump))  # no name keeps the jobs (and their arrays) after
                 self.flush()
                 self.board.idle(time.monotonic(), self._left)
             try:
-                found = self._watch(now)
+                found = self._watch(now, ran)
             except Exception as exc:
                 # The engine's own reads of /proc failed: a function's audit hook
                 # (sys.addaudithook, which nothing can remove) that refuses them, say.
@@ -289,11 +289,10 @@ class EngineServer:
             if leaving is not None and (not self.pending or now - since > _LEAVE_DRAIN_S):
                 self._leave(leaving)
 
-    def _watch(self, now: float) -> Any:
-        """The watchers after a batch (the one just run, if any), then the strays'
-        check: what they found."""
-        if self._ran_since_watch:
-            self._ran_since_watch = False
+    def _watch(self, now: float, ran: bool) -> Any:
+        """The watchers after a batch (when one just ran), then the strays' check: what
+        they found."""
+        if ran:
             self._device_memory()
             self.strays.after_run(self._ran)
             if (left := self.strays.left()) != self._left:  # the suspects, should the engine die idle
