@@ -8,7 +8,7 @@ import torch
 
 from jacobian_client import wire
 
-from .conftest import assert_tree_close, decode, npz_bytes
+from .conftest import assert_tree_close, decode, npy_bytes, npz_bytes
 from .test_api_jacobian import BUILTINS, example_inputs, post
 
 
@@ -290,3 +290,125 @@ def test_hvp_is_in_the_openapi_document(client):
     while "$ref" in schema:  # the request body is a named component
         schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
     assert "tangents" in schema["required"] and "tangents" in schema["properties"]
+
+
+# ----------------------------------------------------------------------------- functions that write into their inputs
+
+XW = np.array([1.0, 2.0, -3.0], np.float32)
+
+
+def _fresh(fn):
+    """``fn`` on a copy of its inputs every call: torch's answer for the values sent."""
+    return lambda *a: fn(*[t.clone() for t in a])
+
+
+def _torch_answer(endpoint, fn, x, vector=None):
+    t = torch.from_numpy(x.copy())
+    if endpoint == "jacobian":
+        return torch.func.jacrev(fn)(t)
+    if endpoint == "jacobian_fwd":
+        return torch.func.jacfwd(fn)(t)
+    if endpoint == "batched":
+        return torch.func.vmap(torch.func.jacrev(_fresh(fn)))(t)
+    if endpoint == "hessian":
+        return torch.func.hessian(fn)(t)
+    if endpoint == "vjp":
+        return torch.func.vjp(fn, t)[1](torch.from_numpy(vector))[0]
+    if endpoint == "jvp":
+        return torch.func.jvp(fn, (t,), (torch.from_numpy(vector),))[1]
+    return torch.func.jvp(torch.func.grad(fn), (t,), (torch.from_numpy(vector),))[1]  # hvp
+
+
+@pytest.mark.parametrize(
+    "endpoint, name, options",
+    [
+        ("jacobian", "doubles_in_place", {}),
+        ("jacobian", "doubles_in_place", {"return_output": True}),
+        ("jacobian_fwd", "doubles_in_place_fwd", {"mode": "fwd"}),
+        ("batched", "doubles_in_place", {"batched": True}),
+        ("batched", "doubles_in_place", {"batched": True, "mode": "fwd", "return_output": True}),
+        ("hessian", "doubles_in_place_sum", {}),
+        ("vjp", "doubles_in_place", {"cotangents": [1.0, 0.5, 2.0]}),
+        ("jvp", "doubles_in_place_fwd", {"tangents": [1.0, 0.5, 2.0]}),
+        ("hvp", "doubles_in_place_sum", {"tangents": [1.0, 0.5, 2.0]}),
+    ],
+)
+def test_a_function_writing_into_its_inputs_is_differentiated_at_the_values_sent(make_client, endpoint, name, options):
+    """jacrev calls the function once; the service may call it more often (to learn the
+    output's size, whether it switches grad off, which Hessian strategy is fastest), and
+    each of those calls once doubled the inputs again: 48 x**2 where torch says 12 x**2."""
+    from . import user_functions
+
+    fn = getattr(user_functions, name)
+    client = make_client()  # nothing learnt yet: the first call looks at the function most
+    x = np.stack([XW, XW * 0.5]) if endpoint == "batched" else XW
+    vector = np.array(options.get("cotangents") or options.get("tangents") or [0.0], np.float32)
+    want = _torch_answer(endpoint, fn, x, vector)
+    path = {"jacobian_fwd": "jacobian", "batched": "jacobian"}.get(endpoint, endpoint)
+    key = {"vjp": "vjp", "jvp": "jvp", "hvp": "hvp", "hessian": "hessian"}.get(path, "jacobian")
+    for _ in range(2):  # what the first call learns must not change the second's answer
+        got, doc = decode(post(client, name, [x], "json", endpoint=path, **options), key)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+        if options.get("return_output"):
+            out = torch.func.vmap(_fresh(fn))(torch.from_numpy(x)) if x.ndim == 2 else fn(torch.from_numpy(x.copy()))
+            np.testing.assert_allclose(wire.decode_tree(doc["output"]), out.numpy(), rtol=1e-6)
+
+
+def test_stacked_requests_of_a_function_writing_into_its_inputs_get_their_own_answers(make_client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .user_functions import doubles_in_place
+
+    client = make_client(max_batch_wait_ms=300, max_batch_size=8)
+    xs = [XW * (i + 1) for i in range(6)]
+    with ThreadPoolExecutor(len(xs)) as pool:
+        responses = list(pool.map(lambda x: post(client, "doubles_in_place", [x], "json"), xs))
+    sizes = []
+    for x, r in zip(xs, responses):
+        got, doc = decode(r)
+        sizes.append(doc["meta"]["batch_size"])
+        np.testing.assert_allclose(got, torch.func.jacrev(doubles_in_place)(torch.from_numpy(x.copy())).numpy(), rtol=1e-6)
+    assert max(sizes) > 1, sizes  # the stacked path ran
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_hessian_where_a_faster_strategy_gives_nan_is_torchs(make_client, batched):
+    """|x|**3 at 0: jacrev(grad) answers NaN, torch.func.hessian (jacfwd over jacrev) 0."""
+    from .user_functions import norm_cubed
+
+    client = make_client()
+    x = np.zeros((2, 3) if batched else 3, np.float32)
+    hess = torch.func.hessian(norm_cubed)
+    want = torch.func.vmap(hess)(torch.from_numpy(x)) if batched else hess(torch.from_numpy(x))
+    assert torch.isnan(torch.func.jacrev(torch.func.grad(norm_cubed))(torch.zeros(3))).all()
+    away = np.array([[0.5, -1.0, 2.0]] * 2 if batched else [0.5, -1.0, 2.0], np.float32)
+    for point in (away, x, away, x):  # the winner is measured away from 0, then kept
+        got, doc = decode(post(client, "norm_cubed", [point], "json", endpoint="hessian", batched=batched), "hessian")
+        if point is x:
+            np.testing.assert_array_equal(got, want.numpy())
+            assert doc["meta"]["mode"] == "jacfwd_jacrev"
+        else:
+            assert np.isfinite(got).all() and doc["meta"]["mode"] in ("jacrev_grad", "jacfwd_jacrev", "jacrev_jacrev")
+
+
+@pytest.mark.parametrize("options", [{}, {"mode": "fwd"}, {"mode": "auto"}, {"batched": True}, {"batched": True, "mode": "fwd"}])
+def test_an_integer_output_is_refused_in_every_mode(client, options):
+    x = np.array([[1.0, 2.0]] if options.get("batched") else [1.0, 2.0], np.float32)
+    r = post(client, "int_output", [x], "json", **options)
+    assert r.status_code == 500 and r.json()["code"] == "function_error"
+    assert "int64" in r.json()["detail"] and "floating" in r.json()["detail"]  # jacrev's words, or ours in its place
+
+
+@pytest.mark.parametrize("transport", ["json", "npy"])
+@pytest.mark.parametrize("dtype", ["int64", "int32", "bool", "uint8"])
+@pytest.mark.parametrize("endpoint", ["jacobian", "hessian"])
+def test_integers_sent_for_a_floating_input_to_differentiate_are_refused(client, transport, dtype, endpoint):
+    """jacrev refuses them ("only Tensors of floating point dtype can require gradients");
+    plain JSON numbers, which carry no dtype, still take float32."""
+    x = np.array([1, 0, 1], dtype)
+    r = post(client, "sum_sin", [x], transport, endpoint=endpoint, accept=wire.JSON)
+    assert r.status_code == 422 and r.json()["code"] == "invalid_input", r.text
+    assert r.json()["detail"] == f"input 'x' is {dtype}; only floating inputs can be differentiated"
+    r = client.post(f"/v1/functions/sum_sin/{endpoint}", json={"inputs": [[1, 0, 1]]})
+    assert r.status_code == 200 and np.asarray(decode(r, endpoint)[0]).dtype == np.float32
+    assert client.post("/v1/functions/sum_sin/evaluate", content=npy_bytes(x), headers={"content-type": wire.NPY}).status_code == 200

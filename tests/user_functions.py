@@ -264,3 +264,38 @@ def to_float32(x: torch.Tensor) -> torch.Tensor:
           description="A scalar of a float32 and a float64 input.")
 def mixed_dtypes(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return (x * c.to(x.dtype)).sum() + (x**2).sum() * c.sum().to(x.dtype)
+
+
+# Writes into its input under no_grad, which jacrev allows: the derivative is taken at
+# the doubled values (12 x**2), once. A service that calls it twice on the same tensors
+# (to look at sizes, to time strategies) doubles it twice and answers 48 x**2.
+@register(inputs=[Input("x", shape=("n",))], description="(2x)**3, doubling x in place under no_grad.")
+def doubles_in_place(x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        x.mul_(2)
+    return x**3
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sum((2x)**3), doubling x in place under no_grad.")
+def doubles_in_place_sum(x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        x.mul_(2)
+    return (x**3).sum()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="(2x)**2 through an in-place write that forward mode allows.")
+def doubles_in_place_fwd(x: torch.Tensor) -> torch.Tensor:
+    y = x * 1
+    y.mul_(2)
+    x.copy_(y)  # into the input, with grad on: jacfwd and jvp take it, jacrev does not
+    return x**2 + x
+
+
+@register(inputs=[Input("x", shape=("n",))], description="|x|**3: smooth, yet NaN at 0 through some Hessian strategies.")
+def norm_cubed(x: torch.Tensor) -> torch.Tensor:
+    return x.norm() ** 3
+
+
+@register(inputs=[Input("x", shape=("n",))], description="An integer output, which jacrev refuses.")
+def int_output(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2).long()

@@ -18,7 +18,7 @@ from jacobian_client import wire
 from .responses import echo
 from .types import Call
 from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, UnsupportedMediaType, from_wire
-from .registry import FLOAT_DTYPES, FunctionSpec
+from .registry import FLOAT_DTYPES, FLOATING, FunctionSpec
 
 __all__ = ["KINDS", "Options", "media_type_of", "parse_call", "parse_sparsity_query"]
 
@@ -309,9 +309,13 @@ def parse_call(
     if options.batched and batch_sizes == {0}:
         raise InvalidInput("batched inputs need a batch of at least one example")
     for i in argnums:
-        if kind != "evaluate" and dtypes[i] not in FLOAT_DTYPES:
+        # A `floating` input sent as integers or booleans, by an .npy or an explicit
+        # dtype (plain JSON numbers carry none: they take float32), is what jacrev
+        # refuses: "only Tensors of floating point dtype can require gradients".
+        sent = arrays[i][1]
+        if kind != "evaluate" and (dtypes[i] not in FLOAT_DTYPES or spec.leaf_inputs[i].dtype == FLOATING and sent not in FLOAT_DTYPES):
             raise InvalidInput(
-                f"input {spec.leaf_inputs[i].name!r} is {dtypes[i]}; only floating inputs can be differentiated"
+                f"input {spec.leaf_inputs[i].name!r} is {sent}; only floating inputs can be differentiated"
             )
     return Call(
         spec=spec,

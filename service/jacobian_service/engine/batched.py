@@ -16,8 +16,8 @@ from torch.utils import _pytree as pytree
 
 from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
 from ..types import Call, Result
-from .calling import AuxBox, GradOffWatch, as_input_dtypes, differentiable, function_error, is_oom
-from .hessian import hessian_fn
+from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
+from .hessian import TORCHS, STRATEGIES, choose, finite
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -38,16 +38,19 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     # Size check from one example's forward pass, before any derivative; it also tells
     # whether the function computes with grad off (then no forward mode: calling.GradOffWatch).
     watch = GradOffWatch(active=kind == "hessian" or call.mode == "fwd")  # not on reverse mode's hot path
-    first = engine.guard(lambda: watch.call(box, *[a[0] for a in args])[0]) if batch else None
+    first = engine.guard(lambda: watch.call(box, *fresh([a[0] for a in args]))[0]) if batch else None
+    check_floating(first)
     profile.grad_off = profile.grad_off or watch.seen
     mode = call.mode
     if kind == "jacobian":  # what runs: jacfwd only when asked and equal to jacrev
         mode = "fwd" if call.mode == "fwd" and profile.forward_ad and not profile.grad_off else "rev"
+    elif kind == "hessian":  # the strategy, by name
+        mode = choose(profile, call.signature(batched=True), isinstance(first, torch.Tensor) and first.dim() == 0)
 
     def per_example(*example: torch.Tensor) -> Any:
         g, primals = differentiable(box, example, call)
         if kind == "hessian":
-            h, aux = hessian_fn(engine, call, g, argnums, primals, call.signature(batched=True))(*primals)
+            h, aux = STRATEGIES[mode](g, argnums)(*primals)
             return as_input_dtypes(h, primals, depth=2), aux
         if mode == "fwd":  # jacfwd takes no chunk_size
             jac, aux = torch.func.jacfwd(g, argnums=argnums, has_aux=True)(*primals)
@@ -68,7 +71,11 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         # the result never depends on `mode`; or jacrev's error, if the function's own
         log.info("jacfwd failed for %s; using reverse mode", call.spec.name)
         profile.forward_ad, mode = False, "rev"
-        value, aux = over_examples(engine, call, box, per_example, args, allow_loop)
+        value, aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop)
+    if kind == "hessian" and mode != TORCHS and not finite(value):
+        # where f is not smooth the strategies may differ (NaN against torch's 0): torch's
+        mode = TORCHS
+        value, aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop)
     output = engine.evaluate(call).value if call.return_output else None
     return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, call.chunk_size, mode)
 
@@ -96,6 +103,8 @@ def over_examples(
             vmap_error = exc.with_traceback(None)  # its frames (holding the batch) go now, not at a collection
     if not allow_loop:
         raise function_error(vmap_error) if vmap_error else FunctionError(f"{call.spec.name} cannot be batched with vmap")
+    if vmap_error is not None:  # vmap may have written into them before it failed
+        args = engine.tensors(call)
     per: list[tuple[Any, Any]] = []
     for b in range(batch):
         call.check_alive()

@@ -21,7 +21,17 @@ from ..errors import FunctionError, OutOfMemory, ServiceError, exception_text
 from ..registry import FunctionSpec
 from ..types import Call
 
-__all__ = ["AuxBox", "GradOffWatch", "as_input_dtypes", "differentiable", "function_error", "is_oom", "partial"]
+__all__ = [
+    "AuxBox",
+    "GradOffWatch",
+    "as_input_dtypes",
+    "check_floating",
+    "differentiable",
+    "fresh",
+    "function_error",
+    "is_oom",
+    "partial",
+]
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 # How deep and how large aux may be. Deeper than a request's JSON may be (MAX_JSON_DEPTH's
@@ -129,6 +139,22 @@ def _check_output(out: Any) -> None:
         raise FunctionError(f"the function returned {type(out).__name__}; expected a tensor or a tuple/dict of tensors")
     for leaf in leaves:
         _check_tensor(leaf, "the output")
+
+
+def check_floating(out: Any) -> None:
+    """Only floating outputs have derivatives: jacrev refuses the rest, so every mode
+    does (forward mode would answer zeros of the output's integer dtype)."""
+    for leaf in pytree.tree_leaves(out):
+        if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point():
+            raise FunctionError(f"the function returned a {leaf.dtype} output; only floating outputs can be differentiated")
+
+
+def fresh(tree: Any) -> Any:
+    """Copies of the tensors in ``tree``, for a call made only to look (sizes, grad
+    switches, a strategy's timing): a function may write into its inputs in place
+    (under ``no_grad``, or in forward mode), and the call that answers must see the
+    request's values, as the only call jacrev makes does, not ones a look changed."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
 
 
 class AuxBox:

@@ -19,7 +19,7 @@ from ..types import Call, Result, tree_leaves
 from . import batched as _batched
 from . import hessian as _hessian
 from . import sparse as _sparse
-from .calling import AuxBox, GradOffWatch, as_input_dtypes, differentiable, function_error, is_oom
+from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
 from .devices import release_free_heap
 from .profile import Profiles
 from .rows import RowStream
@@ -180,7 +180,10 @@ class Engine:
             t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
             if cuda:  # a pinned staging copy lets the upload run asynchronously
                 t = t.pin_memory()
-            out.append(t.to(device=self.device, dtype=TORCH_DTYPES[dtype], non_blocking=cuda))
+            # Always a copy, never the request's own array: a function may write into
+            # its inputs, and a later call (the output for return_output, reverse mode
+            # after forward mode failed) must start from the values sent.
+            out.append(t.to(device=self.device, dtype=TORCH_DTYPES[dtype], non_blocking=cuda, copy=t.data_ptr() == arr.ctypes.data))
         return out
 
     @staticmethod
@@ -316,10 +319,11 @@ class Engine:
         box = AuxBox(call.spec)
         g, primals = differentiable(box, args, call)
         watch = GradOffWatch()
-        out, aux_t = self.guard(lambda: watch.call(g, *primals))
+        out, _ = self.guard(lambda: watch.call(g, *fresh(primals)))
         if watch.seen:  # forward mode would see through its no_grad: jacrev's answer
             profile.grad_off = True
             return None
+        check_floating(out)
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
         in_numel = sum(p.numel() for p in pytree.tree_leaves(primals))
         if call.mode == "auto" and in_numel >= out_numel:
@@ -340,7 +344,7 @@ class Engine:
             profile.forward_ad = False
             return None
         jac = as_input_dtypes(jac, primals, depth=1)  # jacrev's dtypes, not the output's
-        output = self.host(out) if call.return_output else None
+        output = self.host(out) if call.return_output else None  # f at the values sent
         return Result(self.host(jac), self.host(box.restore(aux_t)), call.spec.has_aux, output, call.chunk_size, "fwd")
 
     # ----------------------------------------------------------------- hessian
@@ -459,7 +463,7 @@ class Engine:
 
         # The output's size (hence the result's) is known only after a forward pass:
         # take it from a plain call, before any product is computed.
-        out, aux_t = self.guard(lambda: g(*primals))
+        out, aux_t = self.guard(lambda: g(*fresh(primals)))
         per = sum(t.numel() * self.wire_itemsize(t.dtype) for t in pytree.tree_leaves(out))
         self.check_result_size(call, self._vector_batch(call) * per)
         if call.batched_vectors:
@@ -477,7 +481,7 @@ class Engine:
         g, primals = differentiable(box, args, call)
         like = primals if call.as_tuple else primals[0]
         # The output first: no tangent can fix a function that is not scalar.
-        out, aux_t = self.guard(lambda: g(*primals))
+        out, aux_t = self.guard(lambda: g(*fresh(primals)))
         if not (isinstance(out, torch.Tensor) and out.dim() == 0):
             raise InvalidInput("hvp needs a function with one scalar (0-d) output")
         tangents = self._vectors(call.vectors, like, "tangents", call.batched_vectors)

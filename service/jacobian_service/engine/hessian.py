@@ -4,28 +4,31 @@ Which strategy wins depends on the function (DESIGN: ``jacrev(grad)`` beat
 ``jacfwd(jacrev)`` 50x on one function, not on all), so the first small call per
 function and shapes measures them and the engine's profile remembers the winner.
 
-They are equal only where nothing is computed under ``torch.no_grad``: forward mode sees
-through it, reverse mode does not, so ``jacrev(jacrev)`` of ``x * c`` with ``c = x**2``
-under ``no_grad`` is 0 where torch's ``jacfwd(jacrev)`` is ``2 x``. A function seen doing
-that (``calling.GradOffWatch``) gets torch's own strategy only.
+They are equal only where the function is smooth and nothing is computed under
+``torch.no_grad``. Forward mode sees through ``no_grad``, reverse mode does not, so
+``jacrev(jacrev)`` of ``x * c`` with ``c = x**2`` under ``no_grad`` is 0 where torch's
+``jacfwd(jacrev)`` is ``2 x``: a function seen doing that (``calling.GradOffWatch``) gets
+torch's own strategy only. Where it is not smooth (``x.norm() ** 3`` at 0) another
+strategy answers NaN where torch's answers 0: a result with a NaN or an infinity is
+computed again torch's way, and that is the answer.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import ServiceError
 from ..types import Call, Result
-from .calling import AuxBox, GradOffWatch, as_input_dtypes, differentiable, function_error, is_oom
+from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
 
 if TYPE_CHECKING:
     from .core import Engine
 
-__all__ = ["STRATEGIES", "candidates", "hessian", "hessian_fn"]
+__all__ = ["STRATEGIES", "TORCHS", "candidates", "choose", "finite", "hessian"]
 
 # Equal ways to compute torch.func.hessian.
 STRATEGIES: dict[str, Callable[[Callable[..., Any], Any], Callable[..., Any]]] = {
@@ -33,7 +36,7 @@ STRATEGIES: dict[str, Callable[[Callable[..., Any], Any], Callable[..., Any]]] =
     "jacfwd_jacrev": lambda g, a: torch.func.jacfwd(torch.func.jacrev(g, argnums=a, has_aux=True), argnums=a, has_aux=True),
     "jacrev_jacrev": lambda g, a: torch.func.jacrev(torch.func.jacrev(g, argnums=a, has_aux=True), argnums=a, has_aux=True),
 }
-_TORCHS = "jacfwd_jacrev"  # torch.func.hessian's own
+TORCHS = "jacfwd_jacrev"  # torch.func.hessian's own
 _MEASURE_ELEMENTS = 1 << 20  # measure strategies only where running each is cheap
 
 
@@ -42,14 +45,15 @@ def candidates(scalar_output: bool) -> tuple[str, ...]:
     return ("jacrev_grad", "jacfwd_jacrev", "jacrev_jacrev") if scalar_output else ("jacfwd_jacrev", "jacrev_jacrev")
 
 
-def hessian_fn(engine: "Engine", call: Call, g: Callable[..., Any], argnums: Any, primals: Sequence[Any], key: Any) -> Callable[..., Any]:
+def choose(profile: Any, key: Any, scalar_output: bool) -> str:
     """The strategy remembered for ``key``, else the usual winner (per-example Hessians)."""
-    profile = engine.profiles[call.spec.name]
-    choice = _TORCHS if profile.grad_off else profile.hessian.get(key)
-    if choice is None:
-        out, _ = g(*primals)
-        choice = candidates(isinstance(out, torch.Tensor) and out.dim() == 0)[0]
-    return STRATEGIES[choice](g, argnums)
+    if profile.grad_off:
+        return TORCHS
+    return profile.hessian.get(key) or candidates(scalar_output)[0]
+
+
+def finite(value: Any) -> bool:
+    return all(bool(torch.isfinite(leaf).all()) for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor))
 
 
 def hessian(engine: "Engine", call: Call) -> Result:
@@ -58,7 +62,8 @@ def hessian(engine: "Engine", call: Call) -> Result:
     g, primals = differentiable(box, args, call)
     argnums: int | tuple[int, ...] = tuple(range(len(primals))) if call.as_tuple else 0
     watch = GradOffWatch()
-    out, _ = engine.guard(lambda: watch.call(g, *primals))
+    out, _ = engine.guard(lambda: watch.call(g, *fresh(primals)))
+    check_floating(out)
     profile = engine.profiles[call.spec.name]
     profile.grad_off = profile.grad_off or watch.seen
     out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
@@ -71,7 +76,7 @@ def hessian(engine: "Engine", call: Call) -> Result:
     order = (known, "jacrev_jacrev") if known else candidates(isinstance(out, torch.Tensor) and out.dim() == 0)
     measure = known is None and out_numel * in_numel * in_numel <= _MEASURE_ELEMENTS
     if profile.grad_off:  # the strategies differ for it: torch's own, or torch's failure
-        order, measure, known = (_TORCHS,), False, _TORCHS
+        order, measure, known = (TORCHS,), False, TORCHS
     found: Any = None
     used = ""
     timings: dict[str, float] = {}
@@ -79,9 +84,11 @@ def hessian(engine: "Engine", call: Call) -> Result:
     for name in order:
         fn = STRATEGIES[name](g, argnums)
         try:
-            fn(*primals) if measure else None  # warm: the first call of a transform pays extra
+            # Every run on its own copies of the inputs, for a function that writes
+            # into them; measuring runs each twice (a transform's first call pays extra).
+            fn(*fresh(primals)) if measure else None
             start = time.perf_counter()
-            value = fn(*primals)
+            value = fn(*fresh(primals))
             engine.synchronize()
             timings[name] = time.perf_counter() - start
         except BaseException as exc:
@@ -90,15 +97,18 @@ def hessian(engine: "Engine", call: Call) -> Result:
             failure = exc  # e.g. no forward-AD rule for an op: try the next strategy
             continue
         if found is None or measure and timings[name] < timings[used]:
-            # measuring, the winner's own value: the one every later call will answer
-            # (strategies may differ where the function is not smooth: NaN against 0)
-            found, used = value, name
+            found, used = value, name  # measuring, the winner's own value
         if not measure:
             break
     if found is None:
         raise function_error(failure or RuntimeError("no Hessian strategy ran"))
     if known is None:
         table[key] = used
+    if used != TORCHS and not finite(found[0]):
+        try:
+            found, used = engine.guard(lambda: STRATEGIES[TORCHS](g, argnums)(*fresh(primals))), TORCHS
+        except ServiceError:
+            pass  # torch's own fails on this function (no forward rule): the answer found
     value, aux_t = found
     value = as_input_dtypes(value, primals, depth=2)  # torch.func.hessian's block dtypes
     output = engine.host(out) if call.return_output else None

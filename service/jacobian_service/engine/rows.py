@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from ..errors import FunctionError
 from ..types import Call
-from .calling import AuxBox, function_error, is_oom, partial
+from .calling import AuxBox, check_floating, function_error, is_oom, partial
 from .devices import PeakMemory
 
 if TYPE_CHECKING:
@@ -71,9 +70,7 @@ class RowStream:
         self.output = output
         self.aux = self.box.restore(aux_tensors)
         self.leaves, self.out_spec = pytree.tree_flatten(output)
-        for leaf in self.leaves:
-            if not leaf.is_floating_point():
-                raise FunctionError(f"the function returned a {leaf.dtype} output; only floating outputs can be differentiated")
+        check_floating(self.leaves)
         self.sizes = [leaf.numel() for leaf in self.leaves]
         self.total_rows = sum(self.sizes)
         self.chunk_used: int | None = None  # after out-of-memory halving
