@@ -673,3 +673,38 @@ def test_queued_requests_hold_their_arrays_on_the_body_budget() -> None:
         assert statuses.count(200) >= 3 and statuses.count(503) >= 2, statuses  # 4 fit in 12 MiB, less the slow one's
         assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") == 0, 5)
         assert httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("implementation", ["h11", "httptools"])
+def test_a_body_left_unread_by_an_early_answer_is_not_taken_for_headers(implementation: str) -> None:
+    """A 404 (or 401) answers before the body is read. The body still arrives, and is
+    body: the next request on the connection is served (it was a 431, the body counted
+    as the next request's headers); a body that never finishes is cut off at the header
+    deadline."""
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            status = 404 if scope["path"] == "/early" else 200
+            await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    body = b"x" * (100 << 10)  # past the 32 KiB of headers allowed
+    with _guarded_uvicorn(app, implementation, 1.0) as url:
+        s = _connect(url)
+        s.sendall(b"POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body))
+        s.settimeout(5)
+        assert s.recv(4096).startswith(b"HTTP/1.1 404")
+        try:
+            s.sendall(body + b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
+            raw = s.recv(4096)
+        except OSError:  # h11 may close a connection whose body was not read: that is fine too
+            raw = b""
+        assert raw.startswith(b"HTTP/1.1 200") or raw == b"", raw
+        s.close()
+
+        s = _connect(url)  # half a body, then nothing: closed at the deadline, no 408 or 431
+        s.sendall(b"POST /early HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:1000])
+        started = time.monotonic()
+        raw = _read_to_close(s, 5)
+        s.close()
+        assert raw.startswith(b"HTTP/1.1 404") and b"431" not in raw and b"408" not in raw, raw
+        assert time.monotonic() - started < 3

@@ -515,8 +515,16 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self.transport.close()
 
         def _awaiting_headers(self) -> bool:
+            # After the response, unless the request's body is still coming: an answer
+            # given before the body was read (a 404, a 401) leaves it on the wire, where
+            # the parser takes it as body, not as the next request's headers.
             cycle = getattr(self, "cycle", None)
-            return cycle is None or cycle.response_complete
+            return cycle is None or cycle.response_complete and not cycle.more_body
+
+        def _draining(self) -> bool:
+            """The rest of a body nobody will read, after its response."""
+            cycle = getattr(self, "cycle", None)
+            return cycle is not None and cycle.response_complete and cycle.more_body
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -536,6 +544,9 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def _header_timeout(self) -> None:
             self._header_timer = None
+            if self._draining():  # it gets the next request's time to finish, no more
+                self.transport.close()
+                return
             if not self._awaiting_headers():
                 return  # a request is in: its body and response are timed by the app
             if self.transport.is_closing():
