@@ -413,3 +413,30 @@ def test_integers_sent_for_a_floating_input_to_differentiate_are_refused(client,
     r = client.post(f"/v1/functions/sum_sin/{endpoint}", json={"inputs": [[1, 0, 1]]})
     assert r.status_code == 200 and np.asarray(decode(r, endpoint)[0]).dtype == np.float32
     assert client.post("/v1/functions/sum_sin/evaluate", content=npy_bytes(x), headers={"content-type": wire.NPY}).status_code == 200
+
+
+@pytest.mark.parametrize("endpoint, options", [
+    ("jacobian", {}), ("jacobian", {"mode": "fwd", "return_output": True}), ("hessian", {}), ("evaluate", {}),
+])
+def test_a_batch_of_no_examples_is_answered_as_vmap_answers_it(client, endpoint, options):
+    """torch.vmap over a batch of size 0 answers empty results of the right shape (it was
+    a 422); a function vmap cannot run has no answer for it (a loop has no example to
+    learn the output from)."""
+    x = np.zeros((0, 3), np.float32)
+    fn = torch.func.jacrev(torch.sin) if endpoint == "jacobian" else torch.func.hessian(lambda t: t.sin().sum()) \
+        if endpoint == "hessian" else torch.sin
+    name = "sum_sin" if endpoint == "hessian" else "sin"
+    want = torch.func.vmap(fn)(torch.from_numpy(x))
+    key = "output" if endpoint == "evaluate" else endpoint
+    for transport in ("json", "npz"):
+        got, doc = decode(post(client, name, [x], transport, endpoint=endpoint, batched=True,
+                               accept=wire.NPZ if transport == "npz" else None, **options), key)
+        assert got.shape == tuple(want.shape) and got.dtype == np.float32
+        if options.get("return_output"):
+            assert np.asarray(doc["output"] if transport == "npz" else wire.decode_tree(doc["output"])).shape == (0, 3)
+    r = post(client, "branchy", [x], "json", batched=True)
+    assert r.status_code == 422 and "a batch of no examples has no answer" in r.json()["detail"]
+    vectors = wire.encode_tree(np.zeros((0, 3), np.float32))
+    for ep, key in (("vjp", "cotangents"), ("jvp", "tangents")):
+        r = client.post(f"/v1/functions/sin/{ep}", content=wire.dumps({"inputs": [[1.0, 2.0, 3.0]], key: vectors, "batched_vectors": True}))
+        assert decode(r, ep)[0].shape == (0, 3)

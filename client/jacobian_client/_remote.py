@@ -28,8 +28,8 @@ unbatched ``evaluate`` of the batch's first example. Numbers (bool, int, float) 
 back as arrays of the batch's shape, whichever way the service ran; other plain values
 (strings, None) as one value when every example agrees, else as a tuple of them.
 
-An empty batch (a dimension of size 0) is answered here without a request (the service
-refuses one), from the output shapes remembered for that per-example signature; when
+An empty batch (a dimension of size 0) is answered here without a request (nothing to
+compute), from the output shapes remembered for that per-example signature; when
 there are none, one ``evaluate`` at zeros of one example's shapes learns them.
 """
 
@@ -312,7 +312,7 @@ class RemoteOps:
             raise ValueError(f"tags {tags} do not match {batch_ndim} batch dimensions of the inputs")
         lead = len(tags)
         lead_shape = np.shape(vectors[0])[:lead] if len(vectors) else ()
-        if 0 in lead_shape:  # no vectors or no examples: nothing to ask (the service refuses an empty batch)
+        if 0 in lead_shape:  # no vectors or no examples: nothing to ask
             return self._empty_linear(mode, inputs, argnums, lead_shape, batch_ndim)
         # vectors' leading dims -> (p..., v...)
         order = [i for i, t in enumerate(tags) if t == "p"] + [i for i, t in enumerate(tags) if t == "v"]

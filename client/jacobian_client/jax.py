@@ -351,7 +351,7 @@ def _eval_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteOps
 def _eval_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
                 batch_ndim: int) -> tuple[list[Any], list[int]]:
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    if size == 0:  # an empty batch: the service refuses one, and the shapes are known
+    if size == 0:  # an empty batch: nothing to ask, and the shapes are known
         return [jnp.zeros(s.shape, s.dtype) for s in shapes.batched(0).structs], [0] * len(shapes.structs)
     moved = [_front(a, d, size) for a, d in zip(args, dims)]
     out = remote_eval_p.bind(*moved, ops=ops, shapes=shapes.batched(size), batch_ndim=batch_ndim + 1)

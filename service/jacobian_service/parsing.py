@@ -306,8 +306,6 @@ def parse_call(
         dtypes.append(dtype)
     if len(batch_sizes) > 1:
         raise InvalidInput(f"batched inputs disagree on the batch size: {sorted(batch_sizes)}")
-    if options.batched and batch_sizes == {0}:
-        raise InvalidInput("batched inputs need a batch of at least one example")
     for i in argnums:
         # A `floating` input sent as integers or booleans, by an .npy or an explicit
         # dtype (plain JSON numbers carry none: they take float32), is what jacrev

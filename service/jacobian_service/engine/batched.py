@@ -87,10 +87,10 @@ def over_examples(
     cannot run the function, a loop over examples (unless ``allow_loop`` is False:
     request batching then runs each request alone)."""
     batch = args[0].shape[0] if args else 0
-    if batch == 0:
-        raise InvalidInput("batched inputs need a leading batch dimension of at least 1")
     profile = engine.profiles[call.spec.name]
     vmap_error: BaseException | None = None
+    if batch == 0 and not profile.vmap_function:  # vmap answers an empty batch; a loop cannot
+        raise InvalidInput(f"{call.spec.name} cannot be batched with vmap, so a batch of no examples has no answer")
     if profile.vmap_function:
         try:
             value, aux_t = torch.func.vmap(fn)(*args)
@@ -103,6 +103,9 @@ def over_examples(
             vmap_error = exc.with_traceback(None)  # its frames (holding the batch) go now, not at a collection
     if not allow_loop:
         raise function_error(vmap_error) if vmap_error else FunctionError(f"{call.spec.name} cannot be batched with vmap")
+    if batch == 0:
+        raise InvalidInput(f"{call.spec.name} cannot be batched with vmap ({type(vmap_error).__name__}), "
+                           "so a batch of no examples has no answer")
     if vmap_error is not None:  # vmap may have written into them before it failed
         args = engine.tensors(call)
     per: list[tuple[Any, Any]] = []
