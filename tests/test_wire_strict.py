@@ -406,6 +406,17 @@ def test_npz_vector_member_names_must_be_exact_positions(client, names):
     assert_problem(client.post("/v1/functions/polar/vjp", content=body, headers={"content-type": wire.NPZ}), 422, "invalid_input")
 
 
+@pytest.mark.parametrize("names", [["x", "x/"], ["x/"], ["/x"], ["x//"], ["params/w", "params/w/", "params/b", "x"]])
+def test_npz_input_member_paths_with_an_empty_name_are_422(client, names):
+    """`x/.npy` beside `x.npy` named the same input twice, and the last member won."""
+    fn = "dense_layer" if any(n.startswith("params") for n in names) else "sin"
+    arrays = {n: np.full((2, 2) if n.startswith("params/w") else 2, i + 1.0, np.float32) for i, n in enumerate(names)}
+    body = npz_bytes(**arrays)
+    r = client.post(f"/v1/functions/{fn}/jacobian", content=body, headers={"content-type": wire.NPZ})
+    assert_problem(r, 422, "invalid_input")
+    assert "empty name in the path" in r.json()["detail"]
+
+
 # ----------------------------------------------------------------- item 21: Python's JSON
 
 

@@ -184,6 +184,8 @@ def _npz_inputs(spec: FunctionSpec, members: Mapping[str, np.ndarray]) -> list[t
     ``pair/1/0``), exactly as declared; an array input is one member (``x`` or ``0``)."""
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for name, arr in members.items():
+        if "" in name.split("/"):  # `x/` beside `x` spelled the same input twice, the last winning
+            raise InvalidInput(f".npz member {echo(name)}: empty name in the path")
         head, _, rest = name.partition("/")
         grouped.setdefault(head, {})[rest] = arr
     out: list[tuple[np.ndarray, str]] = []
