@@ -504,3 +504,13 @@ def test_npz_member_paths_spell_the_tree(tree):
     assert pytree.tree_structure(back) == pytree.tree_structure(tree)
     assert all(a is b for a, b in zip(pytree.tree_leaves(back), pytree.tree_leaves(tree)))
     assert all(a is b for a, b in zip(wire.vector_leaves(back, tree), pytree.tree_leaves(tree)))
+
+
+def test_an_option_given_in_both_the_query_and_a_json_body_is_422(client):
+    """Which one was meant cannot be known (the body's won, silently); options split
+    between the two still combine."""
+    r = client.post(f"{SIN}?chunk_size=1", json={"inputs": [[1.0, 2.0]], "chunk_size": 2})
+    assert_problem(r, 422, "invalid_input")
+    assert r.json()["detail"] == "options ['chunk_size'] are given in both the query string and the body; give each once"
+    got, doc = decode(client.post(f"{SIN}?chunk_size=1", json={"inputs": [[1.0, 2.0]], "return_output": True}))
+    assert doc["meta"]["chunk_size"] == 1 and "output" in doc

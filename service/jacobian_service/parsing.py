@@ -231,6 +231,9 @@ def parse_call(
                 if vector_key not in doc:
                     raise InvalidInput(f"{kind} needs '{vector_key}'")
                 vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), limits))
+            both = sorted(set(doc) & set(raw_options))
+            if both:  # which one was meant? (the body's won, silently)
+                raise InvalidInput(f"options {both} are given in both the query string and the body; give each once")
             raw_options.update(doc)
             if isinstance(given, dict):
                 given = _by_name(spec, given)
