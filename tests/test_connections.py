@@ -708,3 +708,33 @@ def test_a_body_left_unread_by_an_early_answer_is_not_taken_for_headers(implemen
         s.close()
         assert raw.startswith(b"HTTP/1.1 404") and b"431" not in raw and b"408" not in raw, raw
         assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(
+    "header, status, code",
+    [
+        (b"Expect: 200-ok", 417, "expectation_failed"),
+        (b"Expect: 100-continue, 200-ok", 417, "expectation_failed"),
+        (b"Transfer-Encoding: gzip, chunked", 501, "unsupported_transfer_coding"),
+    ],
+)
+def test_expectations_and_transfer_codings_the_server_cannot_meet_are_refused(server: str, header: bytes, status: int,
+                                                                             code: str) -> None:
+    """RFC 9110 10.1.1 (417) and RFC 9112 6.1 (501): a gzip body under chunked framing
+    was parsed as the JSON it is not, and an unknown expectation was ignored."""
+    s = _connect(server)
+    body = b'{"inputs": [[1.0]]}'
+    chunked = b"chunked" in header
+    s.sendall(b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n" + header
+              + (b"\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked
+                 else b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)))
+    raw = _read_to_close(s, 5)
+    s.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d" % status) and b"connection: close" in head.lower(), raw
+    assert json.loads(payload)["code"] == code
+    ok = _connect(server)  # 100-continue itself is still served
+    ok.sendall(b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+               b"Expect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert b"HTTP/1.1 200" in _read_to_close(ok, 10)
+    ok.close()

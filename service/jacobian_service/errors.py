@@ -13,6 +13,7 @@
     ├── PayloadTooLarge       413     payload_too_large
     ├── ResultTooLarge        413     result_too_large
     ├── UnsupportedMediaType  415     unsupported_media_type
+    ├── ExpectationFailed     417     expectation_failed   (an Expect other than 100-continue)
     ├── InvalidInput          422     invalid_input
     ├── SparsityNotFound      422     sparsity_not_found   (no declared pattern of that name)
     ├── Overloaded            429     overloaded           (Retry-After)
@@ -20,6 +21,7 @@
     ├── ClientGone            499     client_closed        (logged only: nobody is listening)
     ├── FunctionError         500     function_error       (the function raised)
     ├── InternalError         500     internal_error       (a bug of ours; logged, never shown)
+    ├── UnsupportedTransferCoding 501 unsupported_transfer_coding (a transfer coding other than chunked)
     ├── Unavailable           503     unavailable          (not ready, draining, an engine restarting)
     ├── FunctionQuarantined   503     function_quarantined (crashed or hung its engine repeatedly)
     ├── Timeout               504     timeout
@@ -41,6 +43,7 @@ __all__ = [
     "FunctionQuarantined",
     "HeadersTooLarge",
     "InternalError",
+    "ExpectationFailed",
     "InvalidInput",
     "MalformedBody",
     "MalformedRequest",
@@ -58,6 +61,7 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "UnsupportedMediaType",
+    "UnsupportedTransferCoding",
     "exception_text",
     "from_wire",
 ]
@@ -91,6 +95,7 @@ RequestTimeout = _error("RequestTimeout", "request_timeout", "Request timeout")
 PayloadTooLarge = _error("PayloadTooLarge", "payload_too_large", "Payload too large")
 ResultTooLarge = _error("ResultTooLarge", "result_too_large", "Result too large")
 UnsupportedMediaType = _error("UnsupportedMediaType", "unsupported_media_type", "Unsupported media type")
+ExpectationFailed = _error("ExpectationFailed", "expectation_failed", "Expectation failed")
 InvalidInput = _error("InvalidInput", "invalid_input", "Invalid input")
 SparsityNotFound = _error("SparsityNotFound", "sparsity_not_found", "Sparsity pattern not found")
 Overloaded = _error("Overloaded", "overloaded", "Overloaded")
@@ -98,6 +103,7 @@ HeadersTooLarge = _error("HeadersTooLarge", "headers_too_large", "Request header
 ClientGone = _error("ClientGone", "client_closed", "Client closed request")
 FunctionError = _error("FunctionError", "function_error", "Function error")
 InternalError = _error("InternalError", "internal_error", "Internal error")
+UnsupportedTransferCoding = _error("UnsupportedTransferCoding", "unsupported_transfer_coding", "Not implemented")
 Unavailable = _error("Unavailable", "unavailable", "Service unavailable")
 FunctionQuarantined = _error("FunctionQuarantined", "function_quarantined", "Function quarantined")
 Timeout = _error("Timeout", "timeout", "Timeout")

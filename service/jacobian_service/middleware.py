@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from .errors import Forbidden, MalformedRequest, Unauthorized
+from .errors import ExpectationFailed, Forbidden, MalformedRequest, Unauthorized, UnsupportedTransferCoding
 from .request_ids import new_request_id
 from .responses import problem_response
 from .routes import Router, route_path
@@ -46,11 +46,17 @@ class AccessMiddleware:
             return
         request_id = ""
         hosts = 0
+        expects: list[bytes] = []
+        codings: list[bytes] = []
         for key, value in scope["headers"]:
             if key == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
             elif key == b"host":
                 hosts += 1
+            elif key == b"expect":
+                expects.append(value.strip().lower())
+            elif key == b"transfer-encoding":
+                codings.extend(c.strip().lower() for c in value.split(b","))
         request_id = request_id if request_id.isprintable() and request_id else new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -98,11 +104,26 @@ class AccessMiddleware:
         if hosts != 1 and scope.get("http_version") == "1.1":
             app = problem_response(MalformedRequest(f"an HTTP/1.1 request needs one Host header; it has {hosts}"),
                                    request_id)
+        elif any(e != b"100-continue" for e in expects):  # RFC 9110 10.1.1: one we cannot meet
+            app = _closing(ExpectationFailed("the only expectation served is Expect: 100-continue"), request_id)
+        elif any(c not in (b"chunked", b"") for c in codings):
+            # RFC 9112 6.1: a transfer coding the server does not understand is a 501 (a
+            # gzip body under chunked framing was read as the JSON or .npy it is not).
+            app = _closing(UnsupportedTransferCoding("the only transfer coding served is chunked; send the body as it is"),
+                           request_id)
         try:
             await app(scope, receive, send_with_id)
         finally:
             if not recorded:
                 record("aborted")
+
+
+def _closing(error: Any, request_id: str) -> Any:
+    """A refusal before the body is read, on a connection then closed: what follows the
+    headers is not known to be a body this server can frame."""
+    response = problem_response(error, request_id)
+    response.headers["connection"] = "close"
+    return response
 
 
 class AuthMiddleware:
