@@ -62,6 +62,31 @@ def test_answers_and_refusals_carry_the_headers_a_script_needs(url):
     assert refused.headers["access-control-allow-origin"] == PAGE_ORIGIN
 
 
+def _exposed(response: httpx.Response) -> set[str]:
+    return {h.strip().lower() for h in response.headers["access-control-expose-headers"].split(",")}
+
+
+def test_every_header_the_service_sends_for_scripts_is_exposed():
+    """A browser hides from a script every response header not in Expose-Headers: a
+    streamed Jacobian's X- headers, a 405's Allow, a 401's WWW-Authenticate, a binary
+    answer's Content-Disposition must all be readable."""
+    with serve(real_app(functions="jacobian_service.examples", api_keys="k1", cors_origins=PAGE_ORIGIN,
+                        stream_threshold_bytes=0)) as api:
+        key = {"Origin": PAGE_ORIGIN, "Authorization": "Bearer k1"}
+        streamed = httpx.post(api + SIN, json={"inputs": [[0.5, 1.0]]}, headers={**key, "Accept": "application/x-npy"},
+                              timeout=30)
+        assert streamed.status_code == 200, streamed.text
+        sent = {h for h in streamed.headers if h.startswith("x-") and h != "x-request-id"}
+        assert sent == {"x-chunk-size", "x-device", "x-queue-ms"}
+        assert sent <= _exposed(streamed)
+        wrong_method = httpx.delete(api + SIN, headers=key, timeout=10)
+        assert wrong_method.status_code == 405 and "allow" in _exposed(wrong_method)
+        no_key = httpx.get(api + "/v1/info", headers={"Origin": PAGE_ORIGIN}, timeout=10)
+        assert no_key.status_code == 401 and "www-authenticate" in _exposed(no_key)
+        assert _exposed(streamed) == {"x-request-id", "retry-after", "content-length", "content-disposition",
+                                      "www-authenticate", "allow", "x-chunk-size", "x-device", "x-queue-ms"}
+
+
 def test_other_origins_get_no_permission(url):
     other = {**PREFLIGHT, "Origin": "http://evil.example"}
     assert "access-control-allow-origin" not in httpx.options(url + SIN, headers=other, timeout=10).headers

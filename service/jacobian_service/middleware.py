@@ -16,7 +16,7 @@ from .request_ids import new_request_id
 from .responses import problem_response
 from .routes import Router, route_path
 
-__all__ = ["AccessMiddleware", "AuthMiddleware", "cors"]
+__all__ = ["EXPOSED_HEADERS", "AccessMiddleware", "AuthMiddleware", "cors"]
 
 access_log = logging.getLogger("jacobian_service.access")
 _QUIET = ("/healthz", "/readyz", "/metrics")
@@ -168,13 +168,21 @@ def _is_open(path: str, open_paths: set[str]) -> bool:
     return path in open_paths or path.startswith("/docs-assets/")
 
 
+# The response headers a script may read (routes.py's streams send the X- ones).
+EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "Content-Length", "Content-Disposition", "WWW-Authenticate", "Allow",
+                   "X-Chunk-Size", "X-Device", "X-Queue-Ms"]
+
+
 def cors(app: Any, origins: tuple[str, ...]) -> Any:
     """Browsers on pages of ``origins`` may call the API (Starlette's CORS middleware).
     Preflights are answered here, before auth: a browser sends them without the
     ``Authorization`` header the real request will carry, so that header is allowed by
-    name (a ``*`` would not cover it). Scripts may read the request id and a 429's or
-    503's ``Retry-After``. No cookies are used, so credentials stay off (which also lets
-    ``*`` mean any origin)."""
+    name (a ``*`` would not cover it). Scripts may read every header the service sends
+    for them (a browser hides any not named in ``expose_headers``): the request id, a
+    429's or 503's ``Retry-After``, a 401's ``WWW-Authenticate``, a 405's ``Allow``, a
+    streamed Jacobian's ``X-Chunk-Size`` / ``X-Device`` / ``X-Queue-Ms``, and a binary
+    answer's ``Content-Disposition`` (its file name). No cookies are used, so credentials
+    stay off (which also lets ``*`` mean any origin)."""
     from starlette.middleware.cors import CORSMiddleware
 
     return CORSMiddleware(
@@ -182,6 +190,6 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
         allow_origins=list(origins),
         allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout"],
-        expose_headers=["X-Request-ID", "Retry-After", "Content-Length"],
+        expose_headers=EXPOSED_HEADERS,
         max_age=600,
     )
