@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
+import re
 from typing import Any, AsyncIterator, Iterable, Iterator
 
 import numpy as np
@@ -16,7 +18,7 @@ from .types import Result, is_sparse_matrix
 from .errors import NotAcceptable, ServiceError
 
 __all__ = [
-    "EncodeBudget", "JsonRows", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
+    "EncodeBudget", "JsonRows", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
     "pieces_response", "problem_document", "problem_response",
 ]
 
@@ -78,6 +80,22 @@ def choose(media: list[str], single_array: bool) -> str:
     )
 
 
+_EXTENSIONS = {wire.NPY: ".npy", wire.NPZ: ".npz"}
+
+
+@functools.lru_cache(maxsize=1024)
+def attachment(function: str, what: str, media: str) -> dict[str, str]:
+    """The ``Content-Disposition`` of a binary answer: ``attachment; filename="sin-jacobian.npy"``.
+    Every .npy and .npz body carries it (gathered, streamed, sparse, a sparsity pattern):
+    a browser (Swagger UI's Download among them) saves the bytes as they are, under a
+    name that says what they are, rather than showing them as text or saving them as a
+    corrupted .txt. Made once per function and kind (the dict is shared: not to be
+    changed). Characters outside [A-Za-z0-9._-] become ``_``: a quoted file name has no
+    room for quotes, slashes or non-ASCII."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", f"{function}-{what}")
+    return {"Content-Disposition": f'attachment; filename="{stem}{_EXTENSIONS[media]}"'}
+
+
 def is_single_array(result: Result) -> bool:
     return isinstance(result.value, np.ndarray) and not result.has_aux and result.output is None
 
@@ -88,8 +106,8 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
     if media == wire.NPY:
         pieces = wire.write_npy(result.value)
         if result.value.nbytes < _JOIN_BYTES:  # one plain body: cheaper than a streamed one
-            return Response(b"".join(pieces), media_type=wire.NPY)
-        return pieces_response(pieces, wire.NPY)
+            return Response(b"".join(pieces), media_type=wire.NPY, headers=attachment(function, key, media))
+        return pieces_response(pieces, wire.NPY, attachment(function, key, media))
     trees: dict[str, Any] = {key: result.value}
     if result.has_aux:
         trees["aux"] = result.aux
@@ -99,9 +117,11 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
         # SPEC 7: the members scipy.sparse.save_npz writes, so load_npz reads the body;
         # aux / output and meta.json beside them.
         extra = {k: v for k, v in trees.items() if k != key}
-        return Response(wire.write_sparse_npz(result.value, {"function": function, **meta}, extra), media_type=wire.NPZ)
+        return Response(wire.write_sparse_npz(result.value, {"function": function, **meta}, extra), media_type=wire.NPZ,
+                        headers=attachment(function, key, media))
     if media == wire.NPZ:
-        return Response(wire.write_npz(trees, {"function": function, **meta}), media_type=wire.NPZ)
+        return Response(wire.write_npz(trees, {"function": function, **meta}), media_type=wire.NPZ,
+                        headers=attachment(function, key, media))
     document = {"function": function, **trees, "meta": meta}
     if result.nbytes() < _JOIN_BYTES:  # small: one body, encoded at once
         return Response(wire.dumps(wire.encode_tree(document)), media_type=wire.JSON)

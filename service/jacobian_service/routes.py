@@ -40,7 +40,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .parsing import KINDS, media_type_of, parse_call, parse_sparsity_query
-from .responses import JsonRows, acceptable, choose, echo, encode, is_single_array, problem_response
+from .responses import JsonRows, acceptable, attachment, choose, echo, encode, is_single_array, problem_response
 from .scheduler import StreamHead
 from .state import ServiceState
 from .types import Call, JobInfo, Result, tree_leaves
@@ -338,7 +338,8 @@ async def function_sparsity(request: Request, name: str) -> Response:
            "meta": {"device": info.device, "queue_ms": round(info.queue_s * 1e3, 3),
                     "compute_ms": round(info.compute_s * 1e3, 3)}}
     if media[0] == wire.NPZ:
-        return Response(await _offload(result.nbytes(), wire.write_sparse_npz, result.value, doc), media_type=wire.NPZ)
+        return Response(await _offload(result.nbytes(), wire.write_sparse_npz, result.value, doc), media_type=wire.NPZ,
+                        headers=attachment(spec.name, "sparsity", wire.NPZ))
     doc["matrix"] = wire.encode_sparse_json(result.value)
     return Response(await _offload(result.nbytes(), wire.dumps, doc), media_type=wire.JSON)
 
@@ -419,6 +420,7 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
         "X-Chunk-Size": str(head.chunk_size),
         "X-Device": str(info.device),
         "X-Queue-Ms": f"{info.queue_s * 1e3:.3f}",
+        **attachment(call.spec.name, "jacobian", wire.NPY),
     }
     return StreamingResponse(body(), media_type=wire.NPY, headers=headers)
 
