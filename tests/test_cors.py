@@ -137,3 +137,26 @@ def test_a_page_of_another_origin_calls_the_api_in_a_real_browser():
             assert len(got["request_id"]) == 32
             # The same page against a server that names no origin: the browser blocks it.
             assert "error" in _browser_result(page_url + "/closed")
+
+
+def test_origins_are_written_as_browsers_send_them():
+    """An origin copied from the address bar (a trailing /, capitals, the default port)
+    matches the Origin the browser sends; before, it silently never matched."""
+    from jacobian_service.settings import Settings
+
+    settings = Settings(cors_origins="http://127.0.0.1:18090/, HTTP://LocalHost:18090,https://App.Example:443,*")
+    assert settings.cors_origin_list == ("http://127.0.0.1:18090", "http://localhost:18090", "https://app.example", "*")
+    with serve(real_app(functions="jacobian_service.examples", cors_origins="HTTP://Page.Example/")) as api:
+        r = httpx.options(api + SIN, headers=PREFLIGHT, timeout=10)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == PAGE_ORIGIN
+
+
+@pytest.mark.parametrize("entry", ["http://page.example/app", "page.example", "page.example:80", "http://h:99999",
+                                   "http://h/?x", "http://user@h", "http://h//", "https://bücher.example"])
+def test_an_entry_that_is_no_origin_stops_start_up(entry):
+    from pydantic import ValidationError
+
+    from jacobian_service.settings import Settings
+
+    with pytest.raises(ValidationError, match=f"CORS_ORIGINS entry {re.escape(repr(entry))} is not an origin"):
+        Settings(cors_origins=f"https://ok.example,{entry}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,31 @@ __all__ = ["Settings"]
 
 def _split(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+# What a browser sends as Origin: scheme://host[:port], nothing after it (RFC 6454).
+_ORIGIN = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:?#@\[\]\s]+)"
+                     r"(?::(?P<port>[0-9]{1,5}))?/?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(entry: str) -> str:
+    """One CORS_ORIGINS entry as a browser spells the Origin it sends: scheme and host in
+    lower case, the scheme's default port and one trailing ``/`` dropped (as copied from
+    the address bar). The match against Origin is exact, so anything else (a path, a
+    query, a port out of range) could never match: refused, not silently ignored."""
+    if entry == "*":
+        return entry
+    m = _ORIGIN.fullmatch(entry)
+    if m is None or not m["host"].isascii() or (m["port"] is not None and not 0 < int(m["port"]) < 65536):
+        raise ValueError(
+            f"CORS_ORIGINS entry {entry!r} is not an origin: write '*' or scheme://host[:port] as the browser "
+            f"sends it in Origin (no path, query or user; an international host in its xn-- form), e.g. "
+            f"https://app.example.org or http://localhost:5173"
+        )
+    scheme, host = m["scheme"].lower(), m["host"].lower()
+    port = int(m["port"]) if m["port"] is not None else None
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS.get(scheme) else "")
 
 
 class Settings(BaseSettings):
@@ -122,7 +148,8 @@ class Settings(BaseSettings):
     docs_auth: bool = True
     # Web pages of these origins (comma-separated, e.g. https://app.example.org; "*" for
     # any) may call the API from a browser (CORS). Empty: only pages served from this
-    # server's own origin, as browsers default to.
+    # server's own origin, as browsers default to. Each entry is normalized as browsers
+    # spell Origin (_origin); one that is no origin stops start-up.
     cors_origins: str = ""
     log_format: Literal["json", "text"] = "text"
     warmup: bool = True
@@ -141,6 +168,11 @@ class Settings(BaseSettings):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isascii() and value[5:].isdigit()):
             return value
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _cors_origins(cls, value: str) -> str:
+        return ",".join(_origin(entry) for entry in _split(value))
 
     @property
     def function_modules(self) -> tuple[str, ...]:
