@@ -160,3 +160,19 @@ def test_an_entry_that_is_no_origin_stops_start_up(entry):
 
     with pytest.raises(ValidationError, match=f"CORS_ORIGINS entry {re.escape(repr(entry))} is not an origin"):
         Settings(cors_origins=f"https://ok.example,{entry}")
+
+
+def test_preflights_count_under_their_endpoint(url):
+    """A preflight counts under the route its path names, apart from the calls (code
+    "preflight"): it was counted as endpoint "_unrouted" (no route has method OPTIONS)."""
+    labels = 'code="preflight",endpoint="jacobian",function="sin",status="200"'
+
+    def count() -> float:
+        text = httpx.get(url + "/metrics", timeout=10).text
+        found = re.search(r"^jacobian_service_requests_total\{" + re.escape(labels) + r"\} ([0-9.e+]+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before = count()
+    assert httpx.options(url + SIN, headers=PREFLIGHT, timeout=10).status_code == 200
+    assert count() == before + 1
+    assert 'endpoint="_unrouted"' not in httpx.get(url + "/metrics", timeout=10).text

@@ -46,7 +46,7 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "jacobian_service_requests",
-            "Requests answered, by function, endpoint, status and problem code.",
+            "Requests answered, by function, endpoint, status and problem code (preflight: a CORS preflight).",
             ["function", "endpoint", "status", "code"],
             registry=r,
         )

@@ -68,14 +68,21 @@ class AccessMiddleware:
             nonlocal recorded
             recorded = True
             path = route_path(scope)
-            route, params = next(((r, p) for r, p in self.router.match(scope) if r.method == scope["method"]), (None, {}))
+            matches = self.router.match(scope)
+            method = scope["method"]
+            # The route of this method; else (a CORS preflight, which the CORS middleware
+            # answers, a 405) the route of this path, so that they count under it too.
+            route, params = next(((r, p) for r, p in matches if r.method == method), matches[0] if matches else (None, {}))
             endpoint = route.operation_id if route else "_unrouted"
             # The label comes from the path, so requests refused before their handler ran
             # (auth, unknown function, bad body) count under their function too.
             function = params.get("name", "")
+            code = state.get("code", "")
+            if method == "OPTIONS" and not code and any(k == b"access-control-request-method" for k, _ in scope["headers"]):
+                code = "preflight"  # not a call of the endpoint: kept apart from its calls' counts
             if function and "service" in scope and function not in scope["service"].registry:
                 function = "_unknown"  # bounded label values, whatever names clients send
-            self.metrics.child(self.metrics.requests, function, endpoint, outcome, state.get("code", "")).inc()
+            self.metrics.child(self.metrics.requests, function, endpoint, outcome, code).inc()
             if path not in _QUIET:
                 safe = path.encode("unicode_escape").decode("ascii")[:500]
                 _log_access(
