@@ -70,19 +70,45 @@ def test_docs_pages_load_only_from_this_server(site, page):
         parser = _Refs()
         parser.feed(html)
         refs = parser.urls + _inline_urls(html)
-        assert any(r.endswith(".js") for r in parser.urls), html
+        assert any(r.split("?")[0].endswith(".js") for r in parser.urls), html
         assert f"{prefix}/openapi.json" in refs, refs
         for ref in refs:
             assert ref.startswith(prefix + "/"), f"{ref} is not on this server under {prefix or '/'}"
             asset = http.get(ref)
             assert asset.status_code == 200, ref
             assert len(asset.content) > 1000, ref
-            if ref.endswith(".js"):
+            if ref.split("?")[0].endswith(".js"):
                 assert "javascript" in asset.headers["content-type"]
-            elif ref.endswith(".css"):
+            elif ref.split("?")[0].endswith(".css"):
                 assert asset.headers["content-type"].startswith("text/css")
         # No CDN, no web fonts: nothing that needs the internet.
         assert not re.search(r"""(?:src|href)=["']?(?:https?:)?//""", html), html
+
+
+def test_docs_assets_are_versioned_immutable_and_revalidated(app):
+    """The pages name each asset with its digest: that URL is cached for a year as
+    immutable; any other URL of it is revalidated; If-None-Match gets a 304 (the assets
+    were cached for a day on unversioned URLs and never answered 304)."""
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        parser = _Refs()
+        parser.feed(http.get("/docs").text)
+        versioned = [ref for ref in parser.urls if ref.startswith("/docs-assets/")]
+        assert versioned and all(re.fullmatch(r"/docs-assets/[\w.-]+\?v=[0-9a-f]{16}", ref) for ref in versioned)
+        for ref in versioned:
+            first = http.get(ref)
+            assert first.status_code == 200
+            assert first.headers["cache-control"] == "public, max-age=31536000, immutable"
+            etag = first.headers["etag"]
+            assert etag == '"' + ref.split("?v=")[1] + '"'
+            again = http.get(ref, headers={"If-None-Match": etag})
+            assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+            assert http.get(ref, headers={"If-None-Match": f'"other", W/{etag}'}).status_code == 304
+            assert http.get(ref, headers={"If-None-Match": '"other"'}).status_code == 200
+            plain = http.get(ref.split("?")[0])
+            assert plain.status_code == 200 and plain.headers["cache-control"] == "no-cache"
+            assert plain.content == first.content
+            stale = http.get(ref.split("?")[0] + "?v=0000000000000000")
+            assert stale.headers["cache-control"] == "no-cache"
 
 
 def test_docs_assets_are_not_in_the_openapi_document(app):
