@@ -43,7 +43,7 @@ class _Refs(HTMLParser):
 
 def _inline_urls(html: str) -> list[str]:
     """URLs Swagger UI and ReDoc are told in inline script (the OpenAPI document)."""
-    return re.findall(r"""(?:url:\s*|spec-url=)['"]([^'"]+)['"]""", html)
+    return re.findall(r"""(?:url:\s*|spec-url=|data-spec=)['"]([^'"]+)['"]""", html)
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +145,8 @@ def _render(url: str) -> str:
     return proc.stdout
 
 
-def _operations(url: str) -> set[tuple[str, str]]:
-    doc = httpx.get(url, timeout=30).json()
+def _operations(url: str, headers: dict[str, str] | None = None) -> set[tuple[str, str]]:
+    doc = httpx.get(url, headers=headers, timeout=30).json()
     ops = {(method.upper(), path) for path, item in doc["paths"].items() for method in item}
     assert ("POST", "/v1/functions/{name}/jacobian") in ops
     return ops
@@ -170,15 +170,115 @@ def test_redoc_renders_every_operation_offline(site):
     assert shown == _operations(f"{url}{prefix}/openapi.json"), dom[:2000]
 
 
-def test_docs_auth_guards_the_pages_and_the_assets_stay_open():
-    """With API keys and DOCS_AUTH (the default) the pages want a key; the Swagger UI and
-    ReDoc files are public code and stay open; a name outside the asset list is a 404."""
+def test_the_pages_load_openly_and_the_document_follows_docs_auth():
+    """With API keys the pages still load without one (a page load cannot send a key:
+    they ask for it); /openapi.json wants the key while DOCS_AUTH is on (the default);
+    the Swagger UI and ReDoc files are public code; a name outside the asset list is a 404."""
     from jacobian_service.docs_ui import ASSETS_URL
 
     with serve(real_app(functions="jacobian_service.examples", api_keys="k1")) as url:
-        for page in ("/docs", "/redoc", "/openapi.json"):
-            assert httpx.get(url + page, timeout=30).status_code == 401
-            assert httpx.get(url + page, headers={"Authorization": "Bearer k1"}, timeout=30).status_code == 200
+        for page in ("/docs", "/redoc"):
+            r = httpx.get(url + page, timeout=30)
+            assert r.status_code == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
+            assert 'id="api-key"' in r.text
+        assert httpx.get(url + "/openapi.json", timeout=30).status_code == 401
+        assert httpx.get(url + "/openapi.json", headers={"Authorization": "Bearer no"}, timeout=30).status_code == 403
+        assert httpx.get(url + "/openapi.json", headers={"Authorization": "Bearer k1"}, timeout=30).status_code == 200
         assert httpx.get(url + f"{ASSETS_URL}/swagger-ui.css", timeout=30).status_code == 200
+        assert httpx.get(url + f"{ASSETS_URL}/docs.js", timeout=30).status_code == 200
         missing = httpx.get(url + f"{ASSETS_URL}/..%2Fsettings.py", timeout=30)
         assert missing.status_code == 404 and missing.headers["content-type"].startswith("application/problem+json")
+    with serve(real_app(functions="jacobian_service.examples", api_keys="k1", docs_auth=False)) as url:
+        assert httpx.get(url + "/openapi.json", timeout=30).status_code == 200
+        assert httpx.get(url + "/v1/info", timeout=30).status_code == 401  # the API keeps its key
+
+
+# ---------------------------------------------------------------- a user, with a key
+# Swagger UI's "Try it out" on one operation: opens it, picks the function, sets the
+# body, executes, and reads the status shown.
+_TRY_IT = r"""
+(async (path, name, body) => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  const until = async (f, t = 30000) => { const end = Date.now() + t;
+    while (Date.now() < end) { const v = f(); if (v) return v; await sleep(100); } return null; };
+  const block = [...document.querySelectorAll('.opblock')].find(
+    e => e.querySelector('.opblock-summary-path')?.getAttribute('data-path') === path);
+  block.querySelector('.opblock-summary-control').click();
+  (await until(() => block.querySelector('.try-out__btn'))).click();
+  const select = await until(() => block.querySelector('.parameters select'));
+  Object.getOwnPropertyDescriptor(HTMLSelectElement.prototype, 'value').set.call(select, name);
+  select.dispatchEvent(new Event('change', {bubbles: true}));
+  const text = await until(() => block.querySelector('textarea.body-param__text'));
+  if (body !== null) {
+    Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set.call(text, body);
+    text.dispatchEvent(new Event('input', {bubbles: true}));
+  }
+  await sleep(200);
+  block.querySelector('.execute').click();
+  await until(() => block.querySelector('.live-responses-table .response .response-col_status'), 60000);
+  return {status: block.querySelector('.live-responses-table .response .response-col_status').textContent.trim(),
+          curl: block.querySelector('.curl')?.textContent || ''};
+})
+"""
+
+_ENTER_KEY = r"""
+(key => {
+  const form = document.getElementById('api-key');
+  form.elements.key.value = key;
+  form.requestSubmit();
+  return true;
+})
+"""
+
+
+@pytest.fixture(scope="module", params=["", PREFIX], ids=["root", "prefixed"])
+def keyed_site(request):
+    """A server with API keys and DOCS_AUTH on (the default), at the root or under PREFIX."""
+    app = real_app(functions="jacobian_service.examples", api_keys="k1")
+    prefix = request.param
+    with serve(_mounted(app, prefix) if prefix else app) as url:
+        yield url, prefix
+
+
+def _mounted(app, prefix: str):
+    """``app`` under ``prefix``, its lifespan run (Starlette runs no mounted app's), so
+    that its engines serve "Try it out"."""
+    outer = Starlette(routes=[Mount(prefix, app)])
+
+    async def asgi(scope, receive, send):
+        await (app if scope["type"] == "lifespan" else outer)(scope, receive, send)
+
+    return asgi
+
+
+def test_a_user_with_a_key_reads_and_tries_the_api_in_a_real_browser(keyed_site):
+    """What a user of a production server does: open /docs (no key can go with a page
+    load), be asked for the key, see every operation, "Try it out" with the key; then
+    /redoc in the same tab without being asked again. Nothing leaves this server."""
+    from tests._cdp import Chromium
+
+    url, prefix = keyed_site
+    ops = _operations(f"{url}{prefix}/openapi.json", headers={"Authorization": "Bearer k1"})
+    with Chromium() as browser:
+        browser.goto(f"{url}{prefix}/docs")
+        browser.wait_for("document.getElementById('api-key') && !document.getElementById('api-key').hidden")
+        assert browser.eval("document.querySelectorAll('.opblock').length") == 0
+        browser.eval(f"{_ENTER_KEY}('wrong')")
+        browser.wait_for("document.getElementById('api-key-message').textContent.includes('refused')")
+        browser.eval(f"{_ENTER_KEY}('k1')")
+        browser.wait_for(f"document.querySelectorAll('.opblock').length === {len(ops)}")
+        assert browser.eval("sessionStorage.getItem('jacobian-service-api-key')") == "k1"
+        tried = browser.eval(f"{_TRY_IT}('/v1/functions/{{name}}/jacobian', 'sin', '{{\"inputs\": [[0.5, 1.0]]}}')",
+                             timeout_s=90)
+        assert tried["status"] == "200", tried
+        assert "Bearer k1" in tried["curl"] and f"{url}{prefix}/v1/functions/sin/jacobian" in tried["curl"], tried
+        assert _outside(browser.requests(), url) == []
+
+        browser.goto(f"{url}{prefix}/redoc")
+        browser.wait_for(f"document.querySelectorAll('.http-verb').length >= {len(ops)}")
+        assert browser.eval("document.getElementById('api-key').hidden") is True
+
+
+def _outside(requests: list[str], url: str) -> list[str]:
+    """The requests that left this server (a blob: or data: URL is made in the page)."""
+    return [u for u in requests if not u.startswith((url + "/", "data:", f"blob:{url}/"))]

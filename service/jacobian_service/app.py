@@ -132,8 +132,10 @@ def _doc_routes() -> list[Route]:
 
     return [
         Route("GET", "/openapi.json", openapi_json, "openapi", "This document", "docs", auth="docs"),
-        Route("GET", "/docs", docs_ui.swagger_ui, "docs", "Interactive docs (Swagger UI)", "docs", auth="docs"),
-        Route("GET", "/redoc", docs_ui.redoc, "redoc", "Reference docs (ReDoc)", "docs", auth="docs"),
+        # The pages hold nothing secret and load openly: they ask for the key the document
+        # wants (docs_ui.py), as a browser's page load cannot send one.
+        Route("GET", "/docs", docs_ui.swagger_ui, "docs", "Interactive docs (Swagger UI)", "docs", auth="public"),
+        Route("GET", "/redoc", docs_ui.redoc, "redoc", "Reference docs (ReDoc)", "docs", auth="public"),
         Route("GET", docs_ui.ASSETS_URL + "/{file}", docs_ui.asset, "docsAsset", "Swagger UI and ReDoc files", "docs",
               auth="public"),
     ]

@@ -3,12 +3,19 @@
 The usual pages load Swagger UI and ReDoc from jsDelivr, so on a machine without
 internet (an offline GPU cluster, a sandbox) they draw nothing. The scripts and styles
 come from the ``fastapi-offline`` wheel instead (Swagger UI 5 and ReDoc 2, vendored and
-kept current by that package); only its files are used.
+kept current by that package); only its files are used, with one script of our own
+(``docs.js``, below) that loads the OpenAPI document.
 
 Every URL in the pages starts with the request's ``root_path``, so the pages work behind
 a proxy that strips a prefix (``uvicorn --root-path``) and when the app is mounted under
-a path. The pages follow ``DOCS_AUTH``; the asset files are public Swagger UI and ReDoc
-code and stay open.
+a path.
+
+The pages themselves hold nothing secret and load openly: a browser's page load cannot
+carry an ``Authorization`` header, so behind a key they could never be opened at all.
+``/openapi.json`` follows ``DOCS_AUTH``; when it wants a key, the page asks for one,
+keeps it in the tab's ``sessionStorage``, fetches the document with it and authorizes
+Swagger UI with it, so that "Try it out" sends it. The asset files are public Swagger UI
+and ReDoc code and stay open too.
 
 The pages name each asset with its content's digest (``?v=``): such a URL never changes
 what it holds, so it is cached for a year (``immutable``), and an upgrade of the files
@@ -36,7 +43,93 @@ ASSET_FILES = {
     "swagger-ui.css": "text/css",
     "redoc.standalone.js": "text/javascript",
     "favicon.png": "image/png",
+    "docs.js": "text/javascript",  # ours: _DOCS_JS
 }
+_VENDORED = [name for name in ASSET_FILES if name != "docs.js"]
+
+# Fetches the OpenAPI document (with the key the page asked for, when it wants one) and
+# hands it to Swagger UI or ReDoc. A served file, not inline script: the pages' CSP allows
+# only this server's scripts. The settings come from its tag's data- attributes.
+_DOCS_JS = r"""(function () {
+  "use strict";
+  var tag = document.currentScript;
+  var ui = tag.dataset.ui, specUrl = tag.dataset.spec, root = tag.dataset.root;
+  var STORE = "jacobian-service-api-key";
+  var form = document.getElementById("api-key");
+  var say = document.getElementById("api-key-message");
+
+  function stored() {
+    try { return sessionStorage.getItem(STORE) || ""; } catch (e) { return ""; }
+  }
+  function keep(key) {
+    try { if (key) sessionStorage.setItem(STORE, key); else sessionStorage.removeItem(STORE); } catch (e) {}
+  }
+  function ask(message) {
+    return new Promise(function (resolve) {
+      form.hidden = false;
+      say.textContent = message;
+      form.elements.key.value = "";
+      form.elements.key.focus();
+      form.onsubmit = function (event) {
+        event.preventDefault();
+        form.hidden = true;
+        say.textContent = "";
+        resolve(form.elements.key.value.trim());
+      };
+    });
+  }
+  function fetchSpec(key) {
+    var headers = {Accept: "application/json"};
+    if (key) headers.Authorization = "Bearer " + key;
+    return fetch(specUrl, {headers: headers, cache: "no-store"});
+  }
+
+  async function main() {
+    var key = stored();
+    var response = await fetchSpec(key);
+    while (response.status === 401 || response.status === 403) {
+      keep("");
+      key = await ask(response.status === 403 ? "That key was refused; try another." : "");
+      response = await fetchSpec(key);
+    }
+    if (!response.ok) throw new Error(specUrl + " answered " + response.status);
+    keep(key);
+    var spec = await response.json();
+    // Calls go where the page came from (a proxy's prefix included), unless the
+    // document names its servers (ROOT_PATH).
+    if (!spec.servers && root) spec.servers = [{url: root}];
+    if (ui === "redoc") {
+      Redoc.init(spec, {}, document.getElementById("redoc"));
+      return;
+    }
+    var swagger = SwaggerUIBundle({
+      spec: spec, dom_id: "#swagger-ui", presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout",
+      deepLinking: true, validatorUrl: null,
+      // The key the document was read with authorizes "Try it out" too (the Authorize
+      // button shows it, and logs it out).
+      onComplete: function () { if (key) swagger.preauthorizeApiKey("bearer", key); }
+    });
+  }
+
+  main().catch(function (error) {
+    form.hidden = false;
+    form.elements.key.disabled = true;
+    say.textContent = "The API description could not be loaded: " + error.message;
+  });
+})();
+"""
+
+# A small form the script shows when the document wants a key. Its text says where the
+# key goes.
+_KEY_FORM = """<form id="api-key" hidden style="font: 14px sans-serif; max-width: 46em; margin: 2em auto; padding: 1em;
+  border: 1px solid #ccc; border-radius: 4px">
+<p>This server's API description needs an API key (<code>DOCS_AUTH</code>).</p>
+<label>API key <input name="key" type="password" autocomplete="off" required size="40"></label>
+<button type="submit">Show the API</button>
+<p id="api-key-message" role="alert" style="color: #b00"></p>
+<p style="color: #555">The key is kept in this tab only (sessionStorage), sent as
+<code>Authorization: Bearer</code> for the description, and authorizes "Try it out".</p>
+</form>"""
 
 
 @functools.cache
@@ -45,7 +138,7 @@ def assets_dir() -> Path:
     import fastapi_offline
 
     folder = Path(fastapi_offline.__file__).resolve().parent / "static"
-    missing = [name for name in ASSET_FILES if not (folder / name).is_file()]
+    missing = [name for name in _VENDORED if not (folder / name).is_file()]
     if missing:
         raise RuntimeError(f"fastapi-offline at {folder} lacks {', '.join(missing)}")
     return folder
@@ -54,7 +147,7 @@ def assets_dir() -> Path:
 @functools.cache
 def _asset_file(name: str) -> tuple[bytes, str]:
     """An asset's bytes and the digest of them, read once (a few MB in all)."""
-    body = (assets_dir() / name).read_bytes()
+    body = _DOCS_JS.encode() if name == "docs.js" else (assets_dir() / name).read_bytes()
     return body, hashlib.sha256(body).hexdigest()[:16]
 
 
@@ -67,27 +160,27 @@ def _url(root: str, name: str) -> str:
     return f"{root}{ASSETS_URL}/{name}?v={_asset_file(name)[1]}"
 
 
-async def swagger_ui(request: Request) -> Response:
+def _page(request: Request, title: str, head: str, body: str, ui: str) -> Response:
     root = _root(request)
     return HTMLResponse(f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>jacobian-service - Swagger UI</title>
-<link rel="stylesheet" href="{_url(root, "swagger-ui.css")}">
-<link rel="icon" href="{_url(root, "favicon.png")}"></head>
-<body><div id="swagger-ui"></div>
-<script src="{_url(root, "swagger-ui-bundle.js")}"></script>
-<script>SwaggerUIBundle({{url: '{root}/openapi.json', dom_id: '#swagger-ui',
-  presets: [SwaggerUIBundle.presets.apis], layout: 'BaseLayout', deepLinking: true}});</script>
+<html><head><meta charset="utf-8"><title>jacobian-service - {title}</title>
+{head}<link rel="icon" href="{_url(root, "favicon.png")}"></head>
+<body>{_KEY_FORM}
+{body}
+<script src="{_url(root, "docs.js")}" data-ui="{ui}" data-spec="{root}/openapi.json" data-root="{root}"></script>
 </body></html>""")
+
+
+async def swagger_ui(request: Request) -> Response:
+    root = _root(request)
+    return _page(request, "Swagger UI", f'<link rel="stylesheet" href="{_url(root, "swagger-ui.css")}">\n',
+                 f'<div id="swagger-ui"></div>\n<script src="{_url(root, "swagger-ui-bundle.js")}"></script>', "swagger")
 
 
 async def redoc(request: Request) -> Response:
     root = _root(request)
-    return HTMLResponse(f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>jacobian-service - ReDoc</title>
-<link rel="icon" href="{_url(root, "favicon.png")}"></head>
-<body><redoc spec-url='{root}/openapi.json'></redoc>
-<script src="{_url(root, "redoc.standalone.js")}"></script>
-</body></html>""")
+    return _page(request, "ReDoc", "", f'<div id="redoc"></div>\n<script src="{_url(root, "redoc.standalone.js")}"></script>',
+                 "redoc")
 
 
 def _etag_matches(if_none_match: str, etag: str) -> bool:

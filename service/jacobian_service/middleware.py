@@ -134,18 +134,20 @@ def _closing(error: Any, request_id: str) -> Any:
 
 
 class AuthMiddleware:
-    """Bearer API keys on every route but the probes; ``/metrics`` and the docs by their
-    own settings. Keys are compared in constant time, against every key (no early exit
-    on a match). No keys configured turns auth off."""
+    """Bearer API keys on every route but the probes and the docs pages; ``/metrics`` and
+    the OpenAPI document by their own settings. Keys are compared in constant time,
+    against every key (no early exit on a match). No keys configured turns auth off."""
 
     def __init__(self, app: Any, keys: tuple[str, ...], metrics_auth: bool, docs_auth: bool) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
-        self.open_paths = {"/healthz", "/readyz"}
+        # The docs pages are HTML shells with nothing secret: they ask for the key that
+        # /openapi.json wants (a page load cannot carry one).
+        self.open_paths = {"/healthz", "/readyz", "/docs", "/redoc"}
         if not metrics_auth:
             self.open_paths.add("/metrics")
         if not docs_auth:
-            self.open_paths |= {"/docs", "/redoc", "/openapi.json"}
+            self.open_paths.add("/openapi.json")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not self.keys or _is_open(route_path(scope), self.open_paths):
