@@ -109,7 +109,12 @@ class Chromium:
         raise AssertionError(f"timed out waiting for {expression}: {self.messages()[-10:]}")
 
     def requests(self) -> list[str]:
-        return [e["params"]["request"]["url"] for e in self.events if e["method"] == "Network.requestWillBeSent"]
+        """The URLs the page asked for that went out: not those the browser refused to
+        send (a CSP blocks them before any connection)."""
+        blocked = {e["params"]["requestId"] for e in self.events
+                   if e["method"] == "Network.loadingFailed" and e["params"].get("blockedReason")}
+        return [e["params"]["request"]["url"] for e in self.events
+                if e["method"] == "Network.requestWillBeSent" and e["params"]["requestId"] not in blocked]
 
     def messages(self) -> list[str]:
         out = []

@@ -85,6 +85,18 @@ def test_docs_pages_load_only_from_this_server(site, page):
         assert not re.search(r"""(?:src|href)=["']?(?:https?:)?//""", html), html
 
 
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_send_a_content_security_policy(app, page):
+    """Only this server's scripts run and only this server is reached: no inline script
+    (the loader is a file), images and connections from 'self'."""
+    with serve(app) as url:
+        r = httpx.get(url + page, timeout=30)
+    csp = dict(part.strip().split(" ", 1) for part in r.headers["content-security-policy"].split(";"))
+    assert csp["default-src"] == "'none'" and csp["script-src"] == "'self'" and csp["connect-src"] == "'self'"
+    assert csp["img-src"] == "'self' data:"
+    assert re.findall(r"<script[^>]*>", r.text) and all("src=" in tag for tag in re.findall(r"<script[^>]*>", r.text))
+
+
 def test_docs_assets_are_versioned_immutable_and_revalidated(app):
     """The pages name each asset with its digest: that URL is cached for a year as
     immutable; any other URL of it is revalidated; If-None-Match gets a 304 (the assets
@@ -273,10 +285,18 @@ def test_a_user_with_a_key_reads_and_tries_the_api_in_a_real_browser(keyed_site)
         assert tried["status"] == "200", tried
         assert "Bearer k1" in tried["curl"] and f"{url}{prefix}/v1/functions/sin/jacobian" in tried["curl"], tried
         assert _outside(browser.requests(), url) == []
+        assert _csp_violations(browser.messages()) == []  # the CSP holds Swagger UI back from nothing
 
         browser.goto(f"{url}{prefix}/redoc")
         browser.wait_for(f"document.querySelectorAll('.http-verb').length >= {len(ops)}")
         assert browser.eval("document.getElementById('api-key').hidden") is True
+        # ReDoc's bundle names its maker's logo on cdn.redoc.ly: the CSP keeps it in.
+        assert _outside(browser.requests(), url) == []
+        assert all("https://cdn.redoc.ly/" in m for m in _csp_violations(browser.messages())), browser.messages()
+
+
+def _csp_violations(messages: list[str]) -> list[str]:
+    return [m for m in messages if "Content Security Policy" in m]
 
 
 def _outside(requests: list[str], url: str) -> list[str]:
