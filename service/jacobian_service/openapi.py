@@ -241,6 +241,57 @@ def _response_schema(kind: str) -> dict[str, Any]:
     return {"type": "object", "required": ["function", key, "meta"], "properties": props}
 
 
+# Examples: every function's request body from its declared inputs, so that Swagger UI's
+# pre-filled body (the first example, the first function, as the name list starts) and
+# the one picked from its list are calls that succeed. Symbolic dimensions are bound to
+# this size (the same name, the same size: n in params.w and x agree).
+_EXAMPLE_SIZE = 3
+_EXAMPLE_KINDS = ("jacobian", "hessian", "evaluate", "jvp")  # vjp / hvp need the output's shape / a scalar
+
+
+def _example_leaf(node: dict[str, Any]) -> Any:
+    dims = [d if isinstance(d, int) else _EXAMPLE_SIZE for d in (node.get("shape") or [])]
+    dtype = str(node.get("dtype", ""))
+    value: Any = True if dtype == "bool" else 1 if dtype.startswith(("int", "uint")) else 0.5
+    for size in reversed(dims):
+        value = [value] * size
+    return value
+
+
+def _example_input(node: dict[str, Any]) -> Any:
+    """An Input (or a node of its declared tree) filled in: arrays as nested lists,
+    dicts keyed and tuples / lists in order as declared."""
+    node = node.get("tree") or node
+    if node.get("type") == "dict":
+        return {key: _example_input(child) for key, child in node["items"].items()}
+    if node.get("type") in ("tuple", "list"):
+        return [_example_input(child) for child in node["items"]]
+    return _example_leaf(node)
+
+
+def _request_examples(kind: str, functions: list[dict[str, Any]]) -> dict[str, Any]:
+    examples = {}
+    for function in functions:
+        inputs = {i["name"]: _example_input(i) for i in function["inputs"]}
+        body: dict[str, Any] = {"inputs": inputs}
+        if kind == "jvp" and function["inputs"]:  # argnums 0: one tangent, shaped as the first input
+            body["tangents"] = _example_input(function["inputs"][0])
+        examples[function["name"]] = {"summary": function["name"], "value": body}
+    return examples
+
+
+def _shapes_examples(functions: list[dict[str, Any]]) -> dict[str, Any]:
+    """``shapes`` for the sparsity query, per function of plain array inputs (a pytree
+    input has no one shape)."""
+    examples = {}
+    for function in functions:
+        if all(not i.get("tree") for i in function["inputs"]):
+            shapes = ";".join(",".join(str(d if isinstance(d, int) else _EXAMPLE_SIZE) for d in (i["shape"] or []))
+                              for i in function["inputs"])
+            examples[function["name"]] = {"summary": function["name"], "value": shapes}
+    return examples or {"one input": {"value": str(_EXAMPLE_SIZE)}}
+
+
 def _problems(codes: tuple[str, ...], auth: bool) -> dict[str, Any]:
     by_status: dict[int, list[str]] = {}
     for code in (*codes, *(("unauthorized", "forbidden") if auth else ())):
@@ -254,9 +305,10 @@ def _problems(codes: tuple[str, ...], auth: bool) -> dict[str, Any]:
     }
 
 
-def _operation(route: Route, names: list[str]) -> dict[str, Any]:
+def _operation(route: Route, functions: list[dict[str, Any]]) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": route.operation_id, "summary": route.summary, "tags": [route.tag]}
     if "{name}" in route.path:
+        names = [f["name"] for f in functions]
         op["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}]
     binary = {"schema": {"type": "string", "format": "binary"}}
     kind = route.params.get("kind")
@@ -269,6 +321,8 @@ def _operation(route: Route, names: list[str]) -> dict[str, Any]:
                 wire.NPZ: binary,
             },
         }
+        if kind in _EXAMPLE_KINDS and functions:
+            op["requestBody"]["content"][wire.JSON]["examples"] = _request_examples(kind, functions)
         ok = {
             "description": "the result as JSON, .npy or .npz (by Accept)",
             "content": {
@@ -291,7 +345,11 @@ def _operation(route: Route, names: list[str]) -> dict[str, Any]:
     else:
         ok = {"description": "OK", "content": {wire.JSON: {"schema": {"type": "object", "additionalProperties": True}}}}
     if route.doc.get("parameters"):
-        op["parameters"] = [*op.get("parameters", []), *route.doc["parameters"]]
+        params = [dict(p) for p in route.doc["parameters"]]
+        for p in params:
+            if p["name"] == "shapes":  # fits the functions served, each its own
+                p["examples"] = _shapes_examples(functions)
+        op["parameters"] = [*op.get("parameters", []), *params]
     op["responses"] = {"200": ok, **_problems(route.errors, route.auth in ("key", "metrics"))}
     if route.auth in ("key", "metrics"):
         op["security"] = [{"bearer": []}]
@@ -299,10 +357,10 @@ def _operation(route: Route, names: list[str]) -> dict[str, Any]:
 
 
 def build_openapi(routes: list[Route], registry: Registry, root_path: str = "") -> dict[str, Any]:
-    names = [spec.name for spec in registry]
+    functions = [spec.describe() for spec in registry]
     paths: dict[str, Any] = {}
     for route in routes:
-        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, names)
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, functions)
     schemas = dict(_COMPONENTS)
     for kind in RESULT_KEY:
         schemas[f"{_title(kind)}Request"] = _request_schema(kind)

@@ -493,7 +493,8 @@ _SUMMARIES = {
 }
 
 _SPARSITY_PARAMETERS = [
-    {"name": "shapes", "in": "query", "required": True, "schema": {"type": "string", "example": "64;3"},
+    # Examples per function: openapi.py (one for all could fit no function but one).
+    {"name": "shapes", "in": "query", "required": True, "schema": {"type": "string"},
      "description": "input shapes in order: ',' between sizes, ';' between inputs (empty: a 0-d input)"},
     {"name": "kind", "in": "query", "schema": {"type": "string", "enum": ["jacobian", "hessian"], "default": "jacobian"}},
     {"name": "sparsity", "in": "query", "schema": {"type": "string", "default": "auto"},
