@@ -144,7 +144,8 @@ class Settings(BaseSettings):
     # One key a line (blank lines and # comments skipped); adds to api_keys.
     api_keys_file: Path | None = None
     metrics_auth: bool = False
-    # /docs, /redoc and /openapi.json list every function: behind the key by default.
+    # /openapi.json lists every function: behind the key by default. The /docs and /redoc
+    # pages load openly and ask for the key (docs_ui.py).
     docs_auth: bool = True
     # Web pages of these origins (comma-separated, e.g. https://app.example.org; "*" for
     # any) may call the API from a browser (CORS). Empty: only pages served from this
