@@ -52,3 +52,14 @@ def test_every_shapes_example_gives_200(client, doc):
     for name, example in shapes["examples"].items():
         r = client.get(f"/v1/functions/{name}/sparsity", params={"shapes": example["value"]})
         assert r.status_code == 200, (name, example["value"], r.text)
+
+
+def test_a_function_declaring_a_large_input_gets_no_example():
+    """Its example would carry every number (16M for a 4096 x 4096 input) on every fetch
+    of /openapi.json; the others keep theirs."""
+    from jacobian_service.openapi import _request_examples
+
+    big = {"name": "big", "inputs": [{"name": "x", "shape": [4096, 4096], "dtype": "float32"}]}
+    small = {"name": "small", "inputs": [{"name": "x", "shape": ["n"], "dtype": "floating"}]}
+    examples = _request_examples("jacobian", [big, small])
+    assert list(examples) == ["small"] and examples["small"]["value"] == {"inputs": {"x": [0.5] * 3}}

@@ -8,6 +8,8 @@ from :data:`jacobian_client.wire.PROBLEM_STATUS`, so that client generators
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 from jacobian_client import wire
@@ -247,10 +249,19 @@ def _response_schema(kind: str) -> dict[str, Any]:
 # this size (the same name, the same size: n in params.w and x agree).
 _EXAMPLE_SIZE = 3
 _EXAMPLE_KINDS = ("jacobian", "hessian", "evaluate", "jvp")  # vjp / hvp need the output's shape / a scalar
+# A function declaring a large input (4096 x 4096) gets no example: the document would
+# carry its every number, on every fetch of /openapi.json.
+_EXAMPLE_MAX_NUMBERS = 4096
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def _example_leaf(node: dict[str, Any]) -> Any:
     dims = [d if isinstance(d, int) else _EXAMPLE_SIZE for d in (node.get("shape") or [])]
+    if math.prod(dims) > _EXAMPLE_MAX_NUMBERS:
+        raise _TooLarge
     dtype = str(node.get("dtype", ""))
     value: Any = True if dtype == "bool" else 1 if dtype.startswith(("int", "uint")) else 0.5
     for size in reversed(dims):
@@ -272,7 +283,10 @@ def _example_input(node: dict[str, Any]) -> Any:
 def _request_examples(kind: str, functions: list[dict[str, Any]]) -> dict[str, Any]:
     examples = {}
     for function in functions:
-        inputs = {i["name"]: _example_input(i) for i in function["inputs"]}
+        try:
+            inputs = {i["name"]: _example_input(i) for i in function["inputs"]}
+        except _TooLarge:
+            continue
         body: dict[str, Any] = {"inputs": inputs}
         if kind == "jvp" and function["inputs"]:  # argnums 0: one tangent, shaped as the first input
             body["tangents"] = _example_input(function["inputs"][0])
@@ -321,8 +335,9 @@ def _operation(route: Route, functions: list[dict[str, Any]]) -> dict[str, Any]:
                 wire.NPZ: binary,
             },
         }
-        if kind in _EXAMPLE_KINDS and functions:
-            op["requestBody"]["content"][wire.JSON]["examples"] = _request_examples(kind, functions)
+        examples = _request_examples(kind, functions) if kind in _EXAMPLE_KINDS else {}
+        if examples:
+            op["requestBody"]["content"][wire.JSON]["examples"] = examples
         ok = {
             "description": "the result as JSON, .npy or .npz (by Accept)",
             "content": {
