@@ -54,3 +54,15 @@ def slow_detection(x: torch.Tensor) -> torch.Tensor:
     for _ in range(1500):
         y = 0.999 * y + 1e-3 * torch.sin(x.roll(1))
     return y
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("A", shape=("n", "n"))],
+          description="A @ x with A an input (an operator passed as data): the pattern follows A's zeros.")
+def matvec_input(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    return A @ x
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("idx", shape=("n",), dtype="int64")],
+          description="x[idx] with idx an input: the pattern follows idx.")
+def gather_input(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x[idx]

@@ -286,6 +286,38 @@ def test_a_failing_point_does_not_fail_its_sparse_batch_mates(make_client):
             np.testing.assert_allclose(J.toarray(), np.diag(0.5 / np.sqrt(x)), rtol=1e-6)
 
 
+def test_a_pattern_that_depends_on_values_is_never_reused_at_another_point(make_client):
+    """A @ x with A an input and x[idx] with idx an input: the pattern follows A's zeros
+    and idx. A GET at placeholder values, then POSTs at other values, one after another
+    and batched together: every answer is jacrev at its own point."""
+    c = make_client(max_batch_wait_ms=300, max_batch_size=8, functions=FUNCTIONS)
+    n = 6
+    doc = c.get(f"/v1/functions/gather_input/sparsity?shapes={n};{n}").json()
+    assert doc["pattern"]["value_dependent"] is True
+    assert any("input values" in note for note in doc["pattern"]["notes"])
+    x = np.arange(1.0, n + 1, dtype=np.float32)
+    for idx in (np.arange(n), np.arange(n)[::-1].copy(), np.arange(n)):
+        body = {"inputs": [x.tolist(), {"dtype": "int64", "shape": [n], "data": idx.tolist()}], "sparsity": "auto"}
+        J, meta = sparse_json(c.post("/v1/functions/gather_input/jacobian", json=body))
+        np.testing.assert_array_equal(J.toarray(), np.eye(n)[idx])
+        assert meta["value_dependent"] is True and meta["exact"] is True
+    eye, shifted = np.eye(n, dtype=np.float32), (np.eye(n) + np.roll(np.eye(n), 1, 1)).astype(np.float32)
+    operators = [eye, shifted, eye * 2, np.triu(shifted + 1)]
+    for A in operators:
+        J, meta = sparse_json(c.post("/v1/functions/matvec_input/jacobian", json={"inputs": [x.tolist(), A.tolist()], "sparsity": "auto"}))
+        np.testing.assert_array_equal(J.toarray(), A)
+
+    def one(A):
+        return c.post("/v1/functions/matvec_input/jacobian?sparsity=auto", content=npz_bytes(x=x, A=A),
+                      headers={"content-type": wire.NPZ, "accept": wire.NPZ})
+
+    for _ in range(2):
+        with ThreadPoolExecutor(len(operators)) as pool:
+            responses = list(pool.map(one, operators))
+        for A, r in zip(operators, responses):
+            np.testing.assert_array_equal(load_npz(r).toarray(), A)
+
+
 # ------------------------------------------------------------------ errors
 
 

@@ -440,3 +440,92 @@ def test_auto_mode_skips_a_side_that_cannot_win(monkeypatch):
     monkeypatch.setattr(coloring, "column_coloring", column_coloring)
     c = coloring.choose_coloring(p)
     assert c.mode == "rev" and c.n_colors == 1
+
+
+# --------------------------------------------------------------------------- patterns that depend on values
+
+
+def _matvec(x, A):
+    return A @ x
+
+
+def _gather(x, idx):
+    return x[idx]
+
+
+def _branchy(x):
+    if bool(x.sum() > 0):
+        return 2 * x
+    return 2 * torch.roll(x, 1)
+
+
+def _argsorted(x):
+    return x[torch.argsort(x)]
+
+
+def _positives(x):
+    return x[x > 0] * 3
+
+
+_N = 6
+_VALUE_CASES = {
+    # name: (fn, two points whose patterns differ)
+    "matvec": (_matvec, [[torch.arange(1.0, _N + 1), torch.eye(_N)],
+                         [torch.arange(1.0, _N + 1), torch.eye(_N) + torch.roll(torch.eye(_N), 1, 1)]]),
+    "gather": (_gather, [[torch.arange(1.0, _N + 1), torch.arange(_N)], [torch.arange(1.0, _N + 1), torch.arange(_N).flip(0)]]),
+    "branchy": (_branchy, [[torch.arange(1.0, _N + 1)], [-torch.arange(1.0, _N + 1)]]),
+    "argsort": (_argsorted, [[torch.arange(1.0, _N + 1)], [torch.arange(1.0, _N + 1).flip(0)]]),
+    "positives": (_positives, [[torch.tensor([1.0, -1, -1, -1, -1, -1])], [torch.tensor([1.0, 1, 1, -1, -1, -1])]]),
+}
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+@pytest.mark.parametrize("case", sorted(_VALUE_CASES))
+def test_a_pattern_that_depends_on_values_is_not_reused_at_another_point(case, mode):
+    """The pattern of A @ x with A an input, x[idx], a branch on x, x[argsort(x)] and
+    x[x > 0] follows the values: detected at one point, it is wrong at the other. The
+    tracer says so, and the cache keeps it for its own point only: each answer equals
+    jacrev at its point, and the same point again hits the cache."""
+    fn, points = _VALUE_CASES[case]
+    cache = PatternCache(None)
+    for args in points + points:
+        r = sparse_jacobian(fn, args, (0,), mode=mode, cache=cache, name=case)
+        want = dense_jacobian(fn, args)
+        assert r.matrix.shape == want.shape
+        np.testing.assert_array_equal(r.matrix.toarray(), want)
+        assert r.pattern.value_dependent and any("input values" in note for note in r.pattern.notes)
+    # the second round met each point again: from the cache
+    assert sparse_jacobian(fn, points[0], (0,), mode=mode, cache=cache, name=case).timings["cached"] == "memory"
+
+
+def test_structural_masks_and_dense_constants_do_not_make_a_pattern_value_dependent():
+    """torch.where and masked_fill keep both branches (structural); a non-differentiated
+    input with no zeros here exploits no zeros; multiplying by an input reads nothing."""
+    x, w = torch.rand(8) + 0.5, torch.rand(8, 8) + 0.5
+    for fn, args in ((lambda x: torch.where(x > 1.0, x * x, torch.roll(x, 1)), [x]),
+                     (lambda x: x.masked_fill(x > 1.0, 0.0) * 2, [x]),
+                     (lambda x, w: w @ x, [x, w]),
+                     (lambda x, w: x * w[0], [x, w])):
+        p = trace_jacobian(fn, args)
+        assert not p.value_dependent, p.notes
+        r = sparse_jacobian(fn, args, cache=PatternCache(None))
+        np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, args), rtol=1e-6)
+
+
+def test_a_batch_refuses_a_pattern_that_depends_on_values():
+    from jacobian_service.sparsity.compute import resolve, sparse_batch
+
+    fn, points = _VALUE_CASES["matvec"]
+    p, coloring, _ = resolve(fn, points[0], cache=PatternCache(None))
+    stacked = [torch.stack(col) for col in zip(*points)]
+    with pytest.raises(ValueError, match="one point"):
+        sparse_batch(fn, stacked, (0,), p, coloring, _N)
+
+
+def test_a_value_dependent_pattern_on_disk_is_kept_per_point(tmp_path):
+    fn, points = _VALUE_CASES["gather"]
+    first = [sparse_jacobian(fn, args, cache=PatternCache(tmp_path), name="gather") for args in points]
+    again = [sparse_jacobian(fn, args, cache=PatternCache(tmp_path), name="gather") for args in points]  # restarts
+    for args, a, b in zip(points, first, again):
+        assert a.timings["cached"] == "" and b.timings["cached"] == "disk"
+        np.testing.assert_array_equal(b.matrix.toarray(), dense_jacobian(fn, args))

@@ -100,6 +100,7 @@ _COMPONENTS: dict[str, Any] = {
             "pattern": {"type": "string", "description": "the pattern's name"},
             "source": {"type": "string", "enum": ["declared", "detected", "probed", "given"]},
             "exact": {"type": "boolean", "description": "false when detection assumed unknown ops dense"},
+            "value_dependent": {"type": "boolean", "description": "the pattern depends on the input values: for this point only"},
             "format": {"type": "string", "enum": ["csr", "coo", "dense"]},
             "shape": {"type": "array", "items": {"type": "integer"}},
             "nnz": {"type": "integer"},
@@ -137,7 +138,7 @@ _COMPONENTS: dict[str, Any] = {
             "sparsity": {"type": "string"},
             "pattern": {
                 "type": "object",
-                "description": "name, source (declared / detected / probed), exact, shape, nnz, density, max_per_row, max_per_col, notes",
+                "description": "name, source (declared / detected / probed), exact, value_dependent, shape, nnz, density, max_per_row, max_per_col, notes",
                 "additionalProperties": True,
             },
             "coloring": {

@@ -184,6 +184,7 @@ def _meta(call: Call, pattern: Any, coloring: Any, cached: str) -> dict[str, Any
         "pattern": pattern.name,
         "source": _SOURCES.get(pattern.source, pattern.source),
         "exact": bool(pattern.exact),
+        "value_dependent": bool(pattern.value_dependent),
         "format": call.sparse_format,
         "shape": [int(d) for d in _shape(call, pattern)],
         "nnz": int(pattern.nnz),
@@ -209,6 +210,8 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
     stacked = [torch.stack(column) for column in zip(*[engine.tensors(c) for c in calls])]
     box = _boxed(first)
     pattern, coloring, cached, _ = _plan(engine, alive, kind, [a[0] for a in stacked], box)
+    if pattern.value_dependent:  # it holds at the first point only: each point detects its own
+        return [sparse_derivative(engine, call, kind) for call in calls]
     nbytes = _result_nbytes(first, _shape(first, pattern), pattern.nnz, engine.wire_itemsize(stacked[first.argnums[0]].dtype))
     for call in calls:
         engine.check_result_size(call, nbytes)

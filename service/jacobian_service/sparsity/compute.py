@@ -9,6 +9,7 @@ dense path does), and only the pattern's entries leave the device.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -132,16 +133,41 @@ def resolve(
     key = _cache_key(fn, name, args, argnums, kind, f"{choice}|{mode}")
     return _cached(cache, key, lambda: _colored(
         _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size, check_alive),
-        kind, mode, check_alive))
+        kind, mode, check_alive), lambda: values_digest(args))
+
+
+def values_digest(args: Sequence[Any]) -> str:
+    """A hash of the inputs' values (dtypes and shapes included): the cache key of a
+    pattern that holds at this point only."""
+    h = hashlib.sha256()
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            t = a.detach().contiguous().cpu().reshape(-1)
+            h.update(f"{t.dtype}{tuple(a.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(a).encode())
+    return h.hexdigest()[:32]
 
 
 def _cached(
-    cache: PatternCache | None, key: str, build: Callable[[], tuple[Pattern, Coloring]]
+    cache: PatternCache | None, key: str, build: Callable[[], tuple[Pattern, Coloring]],
+    values: Callable[[], str] | None = None,
 ) -> tuple[Pattern, Coloring, str]:
     """The pattern and colouring cached under ``key``, else ``build()``'s, cached then.
-    Returns ``(pattern, coloring, cached)`` with ``cached`` in ``""``, ``"memory"``, ``"disk"``."""
+    Returns ``(pattern, coloring, cached)`` with ``cached`` in ``""``, ``"memory"``, ``"disk"``.
+
+    A pattern that depends on the input values (``value_dependent``) holds at the point
+    it was detected at only: it is cached under ``key`` and ``values()`` (a digest of
+    the point), and ``key`` itself holds a marker that sends every later request of
+    these shapes to its own point's entry. So no other point reuses it, and a point
+    seen before (a client's repeated call) still skips detection."""
     cache = _DEFAULT_CACHE if cache is None else cache
     hit = cache.get(key)
+    marked = False
+    if hit is not None and hit.get("value_dependent") and values is not None:
+        key, marked = PatternCache.key(key, values()), True
+        hit = cache.get(key)
     if hit is not None and hit.get("colors") is not None:
         p = hit["pattern"]
         if "coloring" not in hit:  # read from disk: rebuild (and check) the map once
@@ -149,6 +175,11 @@ def _cached(
             return p, hit["coloring"], "disk"
         return p, hit["coloring"], "memory"
     p, coloring = build()
+    if p.value_dependent and not marked:
+        if values is None:  # nowhere to keep it apart from other points: not cached
+            return p, coloring, ""
+        cache.put(key, {"value_dependent": True})
+        key = PatternCache.key(key, values())
     cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring})
     return p, coloring, ""
 
@@ -231,8 +262,10 @@ def _build_pattern(
     g = _flat_fn(fn, args, argnums, has_aux)
     diff = [args[i] for i in argnums]
     try:  # what check_alive raises is never a TraceError: a deadline does not start a probe
-        traced = (trace_hessian if kind == "hessian" else trace_jacobian)(
-            g, diff, tuple(range(len(diff))), check_alive=check_alive)
+        # Every input is traced (the others with no dependencies), so that reading a
+        # non-differentiated input's values (A @ x, x[idx]) is seen.
+        every = _flat_fn(fn, args, tuple(range(len(args))), has_aux)
+        traced = (trace_hessian if kind == "hessian" else trace_jacobian)(every, list(args), argnums, check_alive=check_alive)
         return traced.replace(name="auto")
     except TraceError as exc:
         log.info("sparsity tracing failed (%s); probing numerically", exc)
@@ -436,9 +469,11 @@ def sparse_batch(
 ) -> tuple[list[Any], int]:
     """The sparse derivative at each of a batch of points (``args`` stacked along a new
     leading axis), with one pattern and colouring (resolved at any one of them: the
-    pattern holds at every point). Every product chunk is one ``vmap`` over the points
+    pattern holds at every point, so it must not be ``value_dependent``). Every product chunk is one ``vmap`` over the points
     of a ``vmap`` over the seeds. Returns ``(matrices, chunk)``; raises when vmap cannot
     run the function (the caller then computes each point alone)."""
+    if p.value_dependent:
+        raise ValueError("a pattern that depends on the input values holds at one point only: not for a batch")
     argnums = tuple(argnums)
     batch = int(args[0].shape[0])
     plan = _products(p, coloring, [args[i][0] for i in argnums], out_size)

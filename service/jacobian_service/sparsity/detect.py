@@ -31,6 +31,24 @@ few milliseconds, probing between points. What it raises propagates unchanged (n
 turned into a :class:`TraceError`, so no probing starts after a deadline), and nothing
 is returned, so nothing partial is cached.
 
+Most patterns depend on shapes alone, so one detection serves every point of those
+shapes. Some depend on the input values, and the tracer says so
+(``Pattern.value_dependent``, with the reason in ``notes``) when the function:
+
+- converts a traced value to Python (``if x.sum() > 0``, ``.item()``, ``bool(...)``),
+- indexes, gathers or scatters with indices or masks computed from traced values
+  (``x[x > 0]``, ``x[torch.argsort(x)]``) or taken from a non-differentiated input
+  (``x[idx]``),
+- runs an op whose output's shape depends on values (``nonzero``, ``unique``),
+- contracts with an operand that does not depend on the differentiated inputs but
+  varies with the inputs (a non-differentiated input ``A @ x``) and has zeros here:
+  those zeros are structural here only.
+
+Non-differentiated inputs are traced too, with no dependencies, so that reading their
+values is seen. Masks and indices computed from traced values are traced as well (with
+no dependencies): using one in ``torch.where`` or ``masked_fill`` is structural (both
+branches are kept) and reads nothing.
+
 Values computed under ``torch.no_grad`` carry no dependencies (the service never
 differentiates through them). When tracing cannot run the function (it calls
 ``.numpy()``, writes traced values into a plain tensor, ...), :func:`probe` unions the
@@ -53,7 +71,7 @@ from torch.utils import _pytree as pytree
 from ..errors import exception_text
 from .patterns import Pattern, PatternTooLarge, check_entries as _check_entries, entry_limit
 
-__all__ = ["NO_GRAD_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "probe", "trace_hessian", "trace_jacobian"]
+__all__ = ["NO_GRAD_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "probe", "trace_hessian", "trace_jacobian"]
 
 aten = torch.ops.aten
 
@@ -194,6 +212,8 @@ class _Tracer:
         self.hessian = hessian
         self.unknown: set[str] = set()
         self.no_grad = False  # the function computes from traced values under no_grad
+        # Why the pattern depends on the input values (empty: on shapes alone).
+        self.value_reads: list[str] = []
         self.check_alive = check_alive
         self._next_check = 0.0
         # What check_alive raised: the trace re-raises it even if the user's function
@@ -215,6 +235,16 @@ class _Tracer:
             raise
 
     # ------------------------------------------------------------------ helpers
+    def reads(self, why: str) -> None:
+        """The pattern depends on the inputs' values: say why (the first few reasons)."""
+        if len(self.value_reads) < 4 and why not in self.value_reads:
+            self.value_reads.append(why)
+
+    def valued(self, o: torch.Tensor) -> _Traced:
+        """A non-float result computed from traced values (a mask, indices, a count):
+        traced with no dependencies, so that what later reads its values is seen."""
+        return _Traced(o, _Root(o, _empty(o.numel(), self.n)), self)
+
     def labels(self, t: _Traced) -> torch.Tensor:
         v = t.value
         return t.root.labels().as_strided(v.shape, v.stride(), v.storage_offset())
@@ -265,14 +295,25 @@ class _Tracer:
         mutated = schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write if schema.arguments else False
         if mutated:
             return self.inplace(func, name, args, kwargs, out)
-        return self.rules(func, name, args, kwargs, out)
+        leaves, spec = pytree.tree_flatten(self.rules(func, name, args, kwargs, out))
+        # Indices and masks beside float results (sort, max(dim), topk): traced as values.
+        leaves = [self.valued(o) if isinstance(o, torch.Tensor) and not isinstance(o, _Traced) else o for o in leaves]
+        return pytree.tree_unflatten(leaves, spec)
 
     def rules(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
         """Wrap ``out`` (a tensor or a tuple/list of them) with its dependencies."""
         leaves, spec = pytree.tree_flatten(out)
-        if not any(_float(o) for o in leaves):
-            return out  # indices, masks, scalars: no derivative flows through them
         traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
+        if not any(_float(o) for o in leaves):  # indices, masks, Python scalars: no derivative
+            # Traced as values: only what then reads them (an index, a branch) matters,
+            # but a Python value or an output shape is read here and now.
+            if not all(isinstance(o, torch.Tensor) for o in leaves) or torch.Tag.data_dependent_output in func.tags:
+                self.reads(f"{name}: a traced value converted to Python")
+            elif torch.Tag.dynamic_output_shape in func.tags and (name not in _STATIC_INDEX or _valued(traced)):
+                self.reads(f"{name}: an output shape that depends on values")
+            return pytree.tree_unflatten([self.valued(o) if isinstance(o, torch.Tensor) else o for o in leaves], spec)
+        if torch.Tag.dynamic_output_shape in func.tags and (name not in _STATIC_INDEX or _valued(traced)):
+            self.reads(f"{name}: an output shape that depends on values")
         if not torch.is_grad_enabled():
             self.no_grad = True
         if name in _NO_DEPS or name in _ZERO_DERIVATIVE or not torch.is_grad_enabled():
@@ -301,6 +342,8 @@ class _Tracer:
     def dense(self, name: str, traced: Sequence[_Traced], out: Any) -> Any:
         """Unknown op: every output element may depend on every input element."""
         self.unknown.add(name)
+        # Every element on every input whatever indices or masks say: no value is read.
+        traced = [t for t in traced if _float(t)]
         every = _union([sp.csr_array(np.asarray(self.deps(t).sum(axis=0)).reshape(1, -1)) for t in traced], 1, self.n)
         hess = None
         if self.hessian:
@@ -346,6 +389,9 @@ class _Tracer:
 
         def label(a: Any) -> Any:
             nonlocal offset
+            if isinstance(a, _Traced) and not _float(a):  # an index or mask made from values
+                self.reads(f"{_op(func)}: indices or masks computed from values")
+                return a.value
             if isinstance(a, _Traced):
                 if id(a.root) not in roots:
                     roots[id(a.root)] = (a.root, offset)
@@ -451,6 +497,11 @@ class _Tracer:
         da, db = self.deps(a), self.deps(b)
         mask_a = (a3 != 0).cpu().numpy().reshape(-1) | (np.diff(da.indptr) > 0)
         mask_b = (b3 != 0).cpu().numpy().reshape(-1) | (np.diff(db.indptr) > 0)
+        # Zeros of an operand that varies with the inputs (a non-differentiated input, a
+        # value computed without dependencies) are structural at this point only.
+        for operand, mask, other in ((a, mask_a, db), (b, mask_b, da)):
+            if isinstance(operand, _Traced) and other.nnz and not mask.all():
+                self.reads(f"{name}: zeros of an operand that varies with the inputs")
         size = nb * m * n
         parts = []
         if da.nnz:  # out[b,i,j] <- A[b,i,kk] for kk with B[b,kk,j] possibly nonzero
@@ -486,10 +537,17 @@ class _Tracer:
         """``x.op_(...)``: compute the new deps as the op would out of place, then write
         them into the elements of ``x``'s root that ``x`` views."""
         target = args[0]
+        sources = [a for a in pytree.tree_leaves((args[1:], kwargs)) if isinstance(a, _Traced)]
         if not isinstance(target, _Traced):
-            if not _float(target):
-                return out
-            raise TraceError(f"{name}: a traced value is written into an untraced tensor")
+            if any(_float(a) and a.root.deps.nnz for a in sources) and _float(target):
+                raise TraceError(f"{name}: a traced value is written into an untraced tensor")
+            if sources:  # values without dependencies: the buffer's values now vary, untraced
+                self.reads(f"{name}: traced values written into an untraced tensor")
+            return out
+        if not _float(target):  # a mask or indices changed in place: still values
+            return target
+        if _valued(sources) and not (torch.Tag.pointwise in func.tags or base_name(name) in _LINEAR_POINTWISE):
+            self.reads(f"{name}: indices or masks computed from values")
         base = name[:-1] if name.endswith("_") else name
         traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
         if base == "copy":
@@ -510,6 +568,9 @@ class _Tracer:
     def index_put(self, args: Any, kwargs: dict[str, Any], result: torch.Tensor) -> _Traced:
         """``x[indices] = values`` (or ``+=`` with accumulate): destinations from labels."""
         target, indices, values = args[0], args[1], args[2]
+        if _valued([i for i in indices if isinstance(i, _Traced)]):
+            self.reads("index_put: indices or masks computed from values")
+            indices = [i.value if isinstance(i, _Traced) else i for i in indices]
         accumulate = bool(args[3]) if len(args) > 3 else bool(kwargs.get("accumulate", False))
         where = torch.arange(target.numel(), device=target.device).reshape(target.shape)[tuple(indices)]
         dest = where.reshape(-1).cpu().numpy()
@@ -535,6 +596,21 @@ class _Tracer:
             root.deps = _ones(sp.diags_array(keep) @ root.deps + scatter @ new)
         if self.hessian and fresh.root.hess is not None:
             root.hess = fresh.root.hess if root.hess is None else _ones(root.hess + fresh.root.hess)
+
+
+def base_name(name: str) -> str:
+    """``mul`` for ``mul_``."""
+    return name[:-1] if name.endswith("_") else name
+
+
+def _valued(traced: Sequence[_Traced]) -> list[_Traced]:
+    """The traced indices and masks among an op's arguments (values read as structure)."""
+    return [t for t in traced if not _float(t)]
+
+
+# Ops tagged dynamic_output_shape whose output's shape is fixed by their index or mask
+# arguments: data-dependent only when those are traced.
+_STATIC_INDEX = frozenset("index masked_select index_put repeat_interleave".split())
 
 
 def _float(o: Any) -> bool:
@@ -583,6 +659,9 @@ def _trace(
     sizes = [args[i].numel() for i in argnums]
     tracer = _Tracer(sum(sizes), hessian, check_alive)
     full: list[Any] = list(args)
+    for i, a in enumerate(args):  # the others too, with no dependencies: to see their values read
+        if i not in argnums and isinstance(a, torch.Tensor):
+            full[i] = _Traced(a.detach(), _Root(a.detach(), _empty(a.numel(), tracer.n)), tracer)
     offset = 0
     for i, size in zip(argnums, sizes):
         t = args[i].detach()
@@ -614,8 +693,14 @@ def _trace(
 NO_GRAD_NOTE = "uses torch.no_grad: reverse mode only"
 
 
+#: Note on patterns that depend on the input values (then followed by the reasons).
+VALUES_NOTE = "depends on the input values: exact at this point only"
+
+
 def _notes(tracer: _Tracer) -> tuple[str, ...]:
     notes = tuple(f"unknown op {name}: assumed dense" for name in sorted(tracer.unknown))
+    if tracer.value_reads:
+        notes += (f"{VALUES_NOTE} ({'; '.join(tracer.value_reads)})",)
     return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ())
 
 
@@ -636,7 +721,8 @@ def trace_jacobian(
     else:
         mat = sp.vstack(blocks, format="coo") if blocks else _empty(0, tracer.n).tocoo()
     _alive(tracer)
-    return Pattern((m, tracer.n), mat.row, mat.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer))
+    return Pattern((m, tracer.n), mat.row, mat.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer),
+                   value_dependent=bool(tracer.value_reads))
 
 
 def trace_hessian(
@@ -652,7 +738,8 @@ def trace_hessian(
     hess = out.root.hess if isinstance(out, _Traced) and out.root.hess is not None else _empty(tracer.n, tracer.n)
     coo = _ones(hess).tocoo()
     _alive(tracer)
-    return Pattern((tracer.n, tracer.n), coo.row, coo.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer))
+    return Pattern((tracer.n, tracer.n), coo.row, coo.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer),
+                   value_dependent=bool(tracer.value_reads))
 
 
 def _dense(g: Callable[..., torch.Tensor], diff: Sequence[torch.Tensor], hessian: bool) -> Any:

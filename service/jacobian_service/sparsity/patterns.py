@@ -127,6 +127,10 @@ class Pattern:
     ``source`` says where it came from: ``declared``, ``traced`` (structural detection),
     ``probe`` (numerical probing at random points: may miss entries), or ``given``.
     ``exact`` is False when the tracer met ops it does not know and assumed them dense.
+    ``value_dependent`` is True when detection read the input values (a branch on a
+    traced value, an index or mask computed from them, the zeros of a non-differentiated
+    input): the pattern then holds at the point it was detected at, not at every point
+    of these shapes, and is cached for those values only.
     """
 
     shape: tuple[int, int]
@@ -136,6 +140,7 @@ class Pattern:
     source: str = "given"
     exact: bool = True
     notes: tuple[str, ...] = ()
+    value_dependent: bool = False
 
     def __post_init__(self) -> None:
         m, n = (int(d) for d in self.shape)
@@ -184,7 +189,7 @@ class Pattern:
         return self.replace(shape=(self.shape[1], self.shape[0]), rows=self.cols, cols=self.rows)
 
     def replace(self, **changes: Any) -> "Pattern":
-        fields = {k: getattr(self, k) for k in ("shape", "rows", "cols", "name", "source", "exact", "notes")}
+        fields = {k: getattr(self, k) for k in ("shape", "rows", "cols", "name", "source", "exact", "notes", "value_dependent")}
         fields.update(changes)
         return Pattern(**fields)
 
@@ -218,6 +223,7 @@ class Pattern:
             "name": self.name,
             "source": self.source,
             "exact": self.exact,
+            "value_dependent": self.value_dependent,
             "shape": [m, n],
             "nnz": self.nnz,
             "density": self.density,
@@ -441,6 +447,8 @@ class PatternCache:
 
 
 def _entry_to_arrays(entry: dict[str, Any]) -> dict[str, np.ndarray]:
+    if entry.get("value_dependent"):  # the marker: patterns of these shapes are per point
+        return {"value_dependent": np.asarray(True)}
     p: Pattern = entry["pattern"]
     out = {
         "shape": np.asarray(p.shape, np.int64),
@@ -450,6 +458,7 @@ def _entry_to_arrays(entry: dict[str, Any]) -> dict[str, np.ndarray]:
         "source": np.asarray(p.source),
         "exact": np.asarray(p.exact),
         "notes": np.asarray(list(p.notes) or [""]),
+        "values": np.asarray(p.value_dependent),
     }
     if entry.get("colors") is not None:
         out["colors"] = np.asarray(entry["colors"], np.int64)
@@ -458,8 +467,11 @@ def _entry_to_arrays(entry: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _entry_from_arrays(z: dict[str, np.ndarray]) -> dict[str, Any]:
+    if "value_dependent" in z:
+        return {"value_dependent": True}
     notes = tuple(str(s) for s in z["notes"] if str(s))
-    p = Pattern(tuple(int(d) for d in z["shape"]), z["rows"], z["cols"], str(z["name"]), str(z["source"]), bool(z["exact"]), notes)  # type: ignore[arg-type]
+    p = Pattern(tuple(int(d) for d in z["shape"]), z["rows"], z["cols"], str(z["name"]), str(z["source"]), bool(z["exact"]), notes,  # type: ignore[arg-type]
+                bool(z["values"]) if "values" in z else False)
     entry: dict[str, Any] = {"pattern": p}
     if "colors" in z:
         entry["colors"] = z["colors"]
