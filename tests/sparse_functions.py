@@ -66,3 +66,27 @@ def matvec_input(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
           description="x[idx] with idx an input: the pattern follows idx.")
 def gather_input(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x[idx]
+
+
+@register(inputs=[Input("x", shape=("n",))], description="x[x > 0] * 3: the output's size follows the values.")
+def positives(x: torch.Tensor) -> torch.Tensor:
+    return x[x > 0] * 3
+
+
+#: How many leading elements ``leading`` returns: global state the pattern cache's key
+#: does not hold (the tests change it between requests).
+LEADING = [3]
+
+
+@register(inputs=[Input("x", shape=("n",))], description="2 x[:k], k from global state: the output size follows it.")
+def leading(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x[: LEADING[0]]
+
+
+_FLIPS = [0]
+
+
+@register(inputs=[Input("x", shape=("n",))], description="2 x[:k], k alternating 1, 2 from call to call.")
+def flipping(x: torch.Tensor) -> torch.Tensor:
+    _FLIPS[0] += 1
+    return 2 * x[: 1 + _FLIPS[0] % 2]

@@ -318,6 +318,39 @@ def test_a_pattern_that_depends_on_values_is_never_reused_at_another_point(make_
             np.testing.assert_array_equal(load_npz(r).toarray(), A)
 
 
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_an_output_size_that_follows_the_values_gets_its_own_pattern(client, mode):
+    """x[x > 0] * 3: 3 rows at one point, 1 at the next. Each answer has its own shape
+    and equals jacrev; a pattern detected for 3 rows is never used for 1 (it gave a 3 x 7
+    matrix, or a 500 function_error)."""
+    for x in ([1.0, 1, 1, -1, -1, -1, -1], [-1.0, 1, -1, -1, -1, -1, -1], [1.0, 1, 1, -1, -1, -1, -1]):
+        x = np.asarray(x, np.float32)
+        J, meta = sparse_json(client.post("/v1/functions/positives/jacobian",
+                                          json={"inputs": [x.tolist()], "sparsity": "auto", "mode": mode}))
+        want = jac(sf.positives, x)
+        assert J.shape == want.shape == (int((x > 0).sum()), 7) and meta["shape"] == list(want.shape)
+        np.testing.assert_array_equal(J.toarray(), want)
+
+
+def test_an_output_size_that_follows_global_state_is_detected_again(client):
+    """leading() returns x[:k] with k global state: the cached pattern (k = 3) no longer
+    fits once k = 1. It is detected again, never used with the wrong number of rows."""
+    x = np.linspace(1, 2, 6).astype(np.float32)
+    try:
+        for k in (3, 1, 3):
+            sf.LEADING[0] = k
+            J, meta = sparse_json(client.post("/v1/functions/leading/jacobian", json={"inputs": [x.tolist()], "sparsity": "auto"}))
+            np.testing.assert_array_equal(J.toarray(), 2 * np.eye(6)[:k])
+            assert meta["shape"] == [k, 6]
+    finally:
+        sf.LEADING[0] = 3
+    # An output size that changes from call to call on the same inputs fits no pattern:
+    # a 422 that says so, not a 500 blaming the function, nor a matrix of the wrong shape.
+    problem = assert_problem(client.post("/v1/functions/flipping/jacobian", json={"inputs": [x.tolist()], "sparsity": "auto"}),
+                             422, "invalid_input")
+    assert "output size" in problem["detail"] and "sparsity=dense" in problem["detail"]
+
+
 # ------------------------------------------------------------------ errors
 
 

@@ -60,7 +60,7 @@ def _plan(
     # Imported on the first sparse request: the tracer's imports cost ~0.1 s, which every
     # engine start (and restart after a crash) would pay otherwise.
     from ..sparsity import Pattern, PatternTooLarge, entry_limit
-    from ..sparsity.compute import resolve
+    from ..sparsity.compute import OutputSizeChanged, resolve
 
     n = sum(args[i].numel() for i in call.argnums)
     choice: Any = call.sparsity
@@ -75,6 +75,8 @@ def _plan(
             )
     except ServiceError:  # Timeout from check_alive (504) among them
         raise
+    except OutputSizeChanged as exc:
+        raise InvalidInput(str(exc)) from None
     except PatternTooLarge as exc:
         raise ResultTooLarge(
             f"the sparsity pattern is too dense for the limits: {exc}. Ask for sparsity=dense (streamed as .npy), "
@@ -128,7 +130,7 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
     like = args[call.argnums[0]]
     if not dense_streamed:
         engine.check_result_size(call, _result_nbytes(call, _shape(call, pattern), pattern.nnz, engine.wire_itemsize(like.dtype)))
-    from ..sparsity.compute import sparse_hessian, sparse_jacobian
+    from ..sparsity.compute import OutputSizeChanged, sparse_hessian, sparse_jacobian
 
     common = dict(has_aux=True, declared=call.spec.sparsity, cache=engine.sparsity_cache, name=call.spec.name,
                   chunk_size=call.chunk_size)
@@ -140,6 +142,8 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
             res = sparse_hessian(box, args, call.argnums, choice, engine.memory_budget, call.check_alive, **common)
     except ServiceError:
         raise
+    except OutputSizeChanged as exc:  # never blamed on the function as its failure (500)
+        raise InvalidInput(str(exc)) from None
     except BaseException as exc:  # the function failed under the products, or out of memory
         raise function_error(exc) from None
     output = engine.host(res.output) if call.return_output else None

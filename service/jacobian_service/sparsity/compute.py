@@ -24,12 +24,27 @@ from .coloring import Coloring, choose_coloring, star_coloring
 from .detect import NO_GRAD_NOTE, TraceError, probe, trace_hessian, trace_jacobian
 from .patterns import Declared, Pattern, PatternCache, function_fingerprint
 
-__all__ = ["SparseResult", "describe_sparsity", "resolve", "sparse_hessian", "sparse_jacobian"]
+__all__ = ["OutputSizeChanged", "SparseResult", "describe_sparsity", "resolve", "sparse_hessian", "sparse_jacobian"]
 
 log = logging.getLogger("jacobian_service.sparsity")
 
 _WORKSET_FACTOR = 4  # as the dense rows: a product's working set is a few seed-sized rows
 _DEFAULT_CACHE = PatternCache()
+
+
+class OutputSizeChanged(ValueError):
+    """The function's output has another size than its pattern's rows, on inputs of the
+    same shapes (and, for a value-dependent pattern, values): its output size follows
+    something else (global state, randomness). Never a reason to use the pattern."""
+
+
+def _check_rows(p: Pattern, kind: str, out_size: int | None) -> None:
+    if kind == "jacobian" and out_size is not None and p.shape[0] != out_size:
+        raise OutputSizeChanged(
+            f"the function's output has {out_size} elements at this call, and {p.shape[0]} where its pattern was "
+            "detected on inputs of the same shapes and values: its output size follows something else "
+            "(global state, randomness), so no pattern fits it. Ask for sparsity=dense"
+        )
 
 
 @dataclass
@@ -131,9 +146,14 @@ def resolve(
     else:
         choice = str(pattern)
     key = _cache_key(fn, name, args, argnums, kind, f"{choice}|{mode}")
-    return _cached(cache, key, lambda: _colored(
+    p, coloring, cached = _cached(cache, key, lambda: _colored(
         _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size, check_alive),
-        kind, mode, check_alive), lambda: values_digest(args))
+        kind, mode, check_alive), lambda: values_digest(args),
+        # an entry with another output size is stale (the function's output size followed
+        # something the key does not hold): detected again, and replaced
+        fits=lambda q: kind != "jacobian" or out_size is None or q.shape[0] == out_size)
+    _check_rows(p, kind, out_size)  # the fresh detection's own forward pass disagrees: refuse
+    return p, coloring, cached
 
 
 def values_digest(args: Sequence[Any]) -> str:
@@ -152,7 +172,7 @@ def values_digest(args: Sequence[Any]) -> str:
 
 def _cached(
     cache: PatternCache | None, key: str, build: Callable[[], tuple[Pattern, Coloring]],
-    values: Callable[[], str] | None = None,
+    values: Callable[[], str] | None = None, fits: Callable[[Pattern], bool] | None = None,
 ) -> tuple[Pattern, Coloring, str]:
     """The pattern and colouring cached under ``key``, else ``build()``'s, cached then.
     Returns ``(pattern, coloring, cached)`` with ``cached`` in ``""``, ``"memory"``, ``"disk"``.
@@ -168,7 +188,7 @@ def _cached(
     if hit is not None and hit.get("value_dependent") and values is not None:
         key, marked = PatternCache.key(key, values()), True
         hit = cache.get(key)
-    if hit is not None and hit.get("colors") is not None:
+    if hit is not None and hit.get("colors") is not None and (fits is None or fits(hit["pattern"])):
         p = hit["pattern"]
         if "coloring" not in hit:  # read from disk: rebuild (and check) the map once
             hit["coloring"] = _coloring_from(p, np.asarray(hit["colors"]), hit["mode"])
@@ -428,6 +448,7 @@ def sparse_jacobian(
     p, coloring, cached = resolve(fn, args, argnums, pattern, kind="jacobian", mode=mode, declared=declared,
                                   has_aux=has_aux, cache=cache, name=name, out_size=m, rows=rows,
                                   check_alive=check_alive)
+    _check_rows(p, "jacobian", m)
     t1 = time.perf_counter()
     plan = _products(p, coloring, primals, m)
     block, chunk = plan.compressed(_single(_product_at(coloring.mode, fn, argnums, has_aux), args), memory_budget,
