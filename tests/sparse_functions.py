@@ -90,3 +90,13 @@ _FLIPS = [0]
 def flipping(x: torch.Tensor) -> torch.Tensor:
     _FLIPS[0] += 1
     return 2 * x[: 1 + _FLIPS[0] % 2]
+
+
+def _no_grad_sum(x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return x.sum()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="0.5 |x s|^2 with s = sum(x) under torch.no_grad.")
+def no_grad_scale(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((x * _no_grad_sum(x)) ** 2).sum()

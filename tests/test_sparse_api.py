@@ -351,6 +351,28 @@ def test_an_output_size_that_follows_global_state_is_detected_again(client):
     assert "output size" in problem["detail"] and "sparsity=dense" in problem["detail"]
 
 
+def test_a_sparse_hessian_through_no_grad_equals_the_dense_one(client, make_client, tmp_path):
+    """s = x.sum() under torch.no_grad: torch.func.hessian (forward over reverse, as the
+    dense /hessian computes it) differentiates through s in its forward pass, so the
+    Hessian is s^2 I + 2 s x 1^T, not symmetric. The sparse answer is the same matrix
+    (every column, a note in meta saying why), also from the disk cache after a restart."""
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    want = hess(sf.no_grad_scale, x)
+    dense = client.post("/v1/functions/no_grad_scale/hessian", json={"inputs": [x.tolist()]})
+    np.testing.assert_allclose(wire.decode_json_array(dense.json()["hessian"])[0], want, rtol=1e-6)
+    H, meta = sparse_json(client.post("/v1/functions/no_grad_scale/hessian", json={"inputs": [x.tolist()], "sparsity": "auto"}),
+                          "hessian")
+    np.testing.assert_allclose(H.toarray(), want, rtol=1e-6)
+    assert meta["products"] == 3 and any("torch.no_grad" in note and "densely" in note for note in meta["notes"])
+    for expected in (None, "disk"):
+        c = make_client(functions=FUNCTIONS, sparsity_cache_dir=tmp_path)
+        H, meta = sparse_json(c.post("/v1/functions/no_grad_scale/hessian", json={"inputs": [x.tolist()], "sparsity": "auto"}),
+                              "hessian")
+        c.__exit__(None, None, None)
+        assert meta["cached"] == expected
+        np.testing.assert_allclose(H.toarray(), want, rtol=1e-6)
+
+
 # ------------------------------------------------------------------ errors
 
 

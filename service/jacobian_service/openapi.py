@@ -108,6 +108,7 @@ _COMPONENTS: dict[str, Any] = {
             "products": {"type": "integer", "description": "JVPs, VJPs or HVPs computed"},
             "dense_products": {"type": "integer", "description": "what the dense computation takes"},
             "cached": {"type": ["string", "null"], "enum": ["memory", "disk", None]},
+            "notes": {"type": "array", "items": {"type": "string"}, "description": "the pattern's notes (ops assumed dense, value dependence, no_grad, ...)"},
         },
     },
     "SparseMatrix": {

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from ..errors import exception_text
 from .coloring import Coloring, choose_coloring, star_coloring
 from .detect import NO_GRAD_NOTE, TraceError, probe, trace_hessian, trace_jacobian
-from .patterns import Declared, Pattern, PatternCache, function_fingerprint
+from .patterns import Declared, Pattern, PatternCache, check_entries, function_fingerprint
 
 __all__ = ["OutputSizeChanged", "SparseResult", "describe_sparsity", "resolve", "sparse_hessian", "sparse_jacobian"]
 
@@ -206,11 +206,34 @@ def _cached(
 
 def _colored(p: Pattern, kind: str, mode: str, check_alive: Callable[[], None] | None) -> tuple[Pattern, Coloring]:
     """``p`` with its colouring: star for a Hessian, else the side ``mode`` asks for."""
+    if kind == "hessian" and NO_GRAD_NOTE in p.notes:
+        return _every_column(p)
     if kind == "hessian":
         return p, star_coloring(p, check_alive=check_alive)
     if NO_GRAD_NOTE in p.notes and mode != "rev":
         mode = "rev"  # jvp would differentiate through the no_grad values
     return p, choose_coloring(p, mode, check_alive=check_alive)
+
+
+#: Note on Hessians of functions that use torch.no_grad (see :func:`_every_column`).
+NO_GRAD_HESSIAN_NOTE = (
+    "uses torch.no_grad: computed densely (one Hessian-vector product per input element), as torch.func.hessian "
+    "computes it, since its forward-over-reverse products differentiate through the no_grad values the pattern leaves out"
+)
+
+
+def _every_column(p: Pattern) -> tuple[Pattern, Coloring]:
+    """A Hessian of a function that computes under ``torch.no_grad``: torch.func.hessian
+    (forward over reverse, as the HVPs are) differentiates through those values in its
+    forward pass, so the traced pattern (which gives them no dependencies) misses
+    entries. Every entry then, one HVP per column: torch.func.hessian's own columns."""
+    n = p.shape[0]
+    check_entries(n * n, "a dense Hessian (the function uses torch.no_grad)")
+    rows, cols = np.divmod(np.arange(n * n, dtype=np.int64), max(n, 1))
+    dense = p.replace(rows=rows, cols=cols, notes=p.notes + (NO_GRAD_HESSIAN_NOTE,))
+    colors = np.arange(n, dtype=np.int64)
+    # (n, n) products, row-major: entry (i, j) is H[i, j] from the product of column j
+    return dense, Coloring("star", colors, n, rows * n + cols, n, "every column")
 
 
 def _fingerprint(p: Pattern) -> str:
@@ -250,6 +273,8 @@ def _coloring_from(p: Pattern, colors: np.ndarray, mode: str) -> Coloring:
     elif mode == "rev":
         gather = colors[p.rows] * n + p.cols
         lower = int(np.bincount(p.cols, minlength=n).max(initial=0))
+    elif NO_GRAD_HESSIAN_NOTE in p.notes:  # every column, read as computed: H need not be symmetric
+        return _every_column(p.replace(notes=tuple(n for n in p.notes if n != NO_GRAD_HESSIAN_NOTE)))[1]
     else:
         return Coloring("star", colors, k, _star_gather(p, colors, k), 2 if bool((p.rows != p.cols).any()) else 1, "cached")
     _check_unique(gather, mode)
