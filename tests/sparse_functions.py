@@ -100,3 +100,10 @@ def _no_grad_sum(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("x", shape=("n",))], description="0.5 |x s|^2 with s = sum(x) under torch.no_grad.")
 def no_grad_scale(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((x * _no_grad_sum(x)) ** 2).sum()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="x.mul_(2) under torch.no_grad, then x**3: writes into its input.")
+def doubles_in_place(x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        x.mul_(2)
+    return x**3

@@ -373,6 +373,22 @@ def test_a_sparse_hessian_through_no_grad_equals_the_dense_one(client, make_clie
         np.testing.assert_allclose(H.toarray(), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["fwd", "rev", "auto"])
+def test_a_function_that_writes_into_its_input_gets_jacrev(client, mode):
+    """x.mul_(2) under no_grad, then x**3: jacrev gives diag(12, 48, 108) at [1, 2, 3].
+    Sparse detection said nnz 0 (exact: true), and each call of the function (forward,
+    detection, products) saw the input its previous call had doubled."""
+    x = np.array([1.0, 2.0, 3.0], np.float32)
+    want = np.diag([12.0, 48.0, 108.0])
+    dense = client.post("/v1/functions/doubles_in_place/jacobian", json={"inputs": [x.tolist()]})
+    np.testing.assert_allclose(wire.decode_json_array(dense.json()["jacobian"])[0], want)
+    for _ in range(2):  # detected, then from the cache
+        J, meta = sparse_json(client.post("/v1/functions/doubles_in_place/jacobian",
+                                          json={"inputs": [x.tolist()], "sparsity": "auto", "mode": mode}))
+        np.testing.assert_allclose(J.toarray(), want)
+        assert meta["nnz"] == 3 and meta["mode"] == "rev"  # no_grad: reverse mode only
+
+
 # ------------------------------------------------------------------ errors
 
 

@@ -529,3 +529,27 @@ def test_a_value_dependent_pattern_on_disk_is_kept_per_point(tmp_path):
     for args, a, b in zip(points, first, again):
         assert a.timings["cached"] == "" and b.timings["cached"] == "disk"
         np.testing.assert_array_equal(b.matrix.toarray(), dense_jacobian(fn, args))
+
+
+def _doubles_in_place(x):
+    with torch.no_grad():
+        x.mul_(2)
+    return x**3
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev", "auto"])
+def test_an_in_place_write_under_no_grad_keeps_dependencies_and_every_call_sees_the_inputs(mode):
+    """x.mul_(2) under no_grad, then x**3: autograd keeps x as the leaf, so jacrev gives
+    3 (2x)^2 on the diagonal (12, 48, 108 at [1, 2, 3]). The tracer dropped x's
+    dependencies (nnz 0, exact: true); and each of the engine's calls of the function
+    (forward, trace, products) must start from the caller's x, never the doubled one."""
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    p = trace_jacobian(_doubles_in_place, [x.clone()])
+    assert p == Pattern((3, 3), np.arange(3), np.arange(3)) and any("no_grad" in n for n in p.notes)
+    r = sparse_jacobian(_doubles_in_place, [x], mode=mode, cache=PatternCache(None))
+    np.testing.assert_allclose(r.matrix.toarray(), np.diag([12.0, 48.0, 108.0]))
+    np.testing.assert_array_equal(x.numpy(), [1.0, 2.0, 3.0])  # the caller's tensor is untouched
+    h = sparse_hessian(lambda v: _doubles_in_place(v).sum(), [x], cache=PatternCache(None))
+    want = torch.func.hessian(lambda v: _doubles_in_place(v).sum())(x.clone()).numpy()
+    np.testing.assert_allclose(h.matrix.toarray(), want)
+    np.testing.assert_array_equal(x.numpy(), [1.0, 2.0, 3.0])

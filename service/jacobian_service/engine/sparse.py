@@ -52,7 +52,7 @@ def _plan(
     Returns ``(pattern, coloring, cached, choice)``: ``choice`` is what to hand the
     compute functions (the request's name, or the empty pattern). ``dense_streamed``:
     the result limit does not bound the pattern (the memory budget still does)."""
-    out, _ = engine.guard(lambda: box(*args))
+    out, _ = engine.guard(lambda: box(*_copies(args)))  # the function may write into its inputs
     m = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
     if kind == "hessian" and m != 1:
         raise InvalidInput(f"a sparse Hessian needs a function with one scalar output; this one has {m} elements")
@@ -91,6 +91,12 @@ def _plan(
     except BaseException as exc:
         raise function_error(exc) from None
     return pattern, coloring, cached, choice
+
+
+def _copies(args: list[Any]) -> list[Any]:
+    """Each input copied for one call of the user's function, which may write into its
+    inputs: every call (this forward, detection, the products) starts from the request's."""
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
 
 def _max_entries(engine: Any, max_result_bytes: int | None) -> int:
@@ -221,7 +227,7 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
     for call in calls:
         engine.check_result_size(call, nbytes)
     # Outputs and aux of every point, as request batching gets them for dense Jacobians.
-    out, aux = _batched.over_examples(engine, first, box, box, stacked, allow_loop=False)
+    out, aux = _batched.over_examples(engine, first, box, box, _copies(stacked), allow_loop=False)
     m = 1 if kind == "hessian" else sum(leaf.numel() for leaf in pytree.tree_leaves(out)) // len(calls)
 
     matrices, chunk = sparse_batch(box, stacked, first.argnums, pattern, coloring, m, engine.memory_budget,

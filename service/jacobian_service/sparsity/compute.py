@@ -87,7 +87,9 @@ def _flat_fn(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequ
     concatenated (the row order of the sparse matrix)."""
 
     def g(*diff: torch.Tensor) -> torch.Tensor:
-        full = list(args)
+        # The function may write into its inputs (x.mul_ under no_grad), and runs several
+        # times here (detection, products): each call gets its own copy of the others.
+        full = fresh(args)
         for i, v in zip(argnums, diff):
             full[i] = v
         out = fn(*full)
@@ -99,13 +101,18 @@ def _flat_fn(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequ
     return g
 
 
+def fresh(args: Sequence[Any]) -> list[Any]:
+    """A copy of each tensor of ``args``, for one call of the user's function."""
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
 def _at(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], has_aux: bool
 ) -> tuple[tuple[int, ...], tuple[torch.Tensor, ...], Any, Any]:
     """What both sparse derivatives start from: ``(argnums, primals, output, aux)`` (the
     forward pass sizes the output before the pattern and the colouring are chosen)."""
     argnums = tuple(argnums)
-    full_out = fn(*args)
+    full_out = fn(*fresh(args))
     out, aux = full_out if has_aux else (full_out, None)
     return argnums, tuple(args[i] for i in argnums), out, aux
 
@@ -302,7 +309,7 @@ def _build_pattern(
             raise ValueError(f"the declared pattern {label!r} is for the {'Hessian' if spec.hessian else 'Jacobian'}")
         if out_size is None:
             with torch.no_grad():
-                out_size = int(_flat_fn(fn, args, argnums, has_aux)(*[args[i] for i in argnums]).numel())
+                out_size = int(_flat_fn(fn, args, argnums, has_aux)(*fresh([args[i] for i in argnums])).numel())
         return spec.build(in_shapes, out_size, name=label)
     g = _flat_fn(fn, args, argnums, has_aux)
     diff = [args[i] for i in argnums]
@@ -352,13 +359,14 @@ def _product_at(mode: str, fn: Callable[..., Any], argnums: tuple[int, ...], has
     def at(*args: torch.Tensor) -> Callable[..., torch.Tensor]:
         g = _flat_fn(fn, args, argnums, has_aux)
         primals = tuple(args[i] for i in argnums)
+        # Each call of the function gets its own copy of the primals (see _flat_fn).
         if mode == "fwd":
-            return lambda *t: torch.func.jvp(g, primals, t)[1]
+            return lambda *t: torch.func.jvp(g, tuple(fresh(primals)), t)[1]
         if mode == "rev":
-            _, pullback = torch.func.vjp(g, *primals)  # one forward pass for every seed
+            _, pullback = torch.func.vjp(g, *fresh(primals))  # one forward pass for every seed
             return lambda t: torch.cat([gr.reshape(-1) for gr in pullback(t)])
         grad = torch.func.grad(lambda *d: g(*d).sum(), argnums=tuple(range(len(primals))))
-        return lambda *t: torch.cat([h.reshape(-1) for h in torch.func.jvp(grad, primals, t)[1]])
+        return lambda *t: torch.cat([h.reshape(-1) for h in torch.func.jvp(grad, tuple(fresh(primals)), t)[1]])
 
     return at
 

@@ -50,7 +50,8 @@ no dependencies): using one in ``torch.where`` or ``masked_fill`` is structural 
 branches are kept) and reads nothing.
 
 Values computed under ``torch.no_grad`` carry no dependencies (the service never
-differentiates through them). When tracing cannot run the function (it calls
+differentiates through them); a tensor written in place under ``torch.no_grad`` keeps
+the dependencies it had (autograd does not see the write: ``x`` stays the leaf). When tracing cannot run the function (it calls
 ``.numpy()``, writes traced values into a plain tensor, ...), :func:`probe` unions the
 nonzeros of dense derivatives at random points instead, and says so (``source="probe"``:
 it can miss entries that vanish at every probed point).
@@ -550,9 +551,15 @@ class _Tracer:
             self.reads(f"{name}: indices or masks computed from values")
         base = name[:-1] if name.endswith("_") else name
         traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
+        if not torch.is_grad_enabled():
+            # Autograd does not see the write: the tensor keeps the place (and so the
+            # dependencies) it had, with new values. x.mul_(2) under no_grad, then x**3:
+            # jacrev gives 3 (2x)^2 on the diagonal, not nothing.
+            self.no_grad = True
+            return target
         if base == "copy":
             fresh = self.pointwise("copy", (args[1],), {}, target.value)
-        elif base in ("fill", "zero") or base in _NO_DEPS or not torch.is_grad_enabled():
+        elif base in ("fill", "zero") or base in _NO_DEPS:
             fresh = self.wrap(target.value, _empty(target.numel(), self.n))
         elif base == "index_put":
             fresh = self.index_put(args, kwargs, target.value)
@@ -661,10 +668,11 @@ def _trace(
     full: list[Any] = list(args)
     for i, a in enumerate(args):  # the others too, with no dependencies: to see their values read
         if i not in argnums and isinstance(a, torch.Tensor):
-            full[i] = _Traced(a.detach(), _Root(a.detach(), _empty(a.numel(), tracer.n)), tracer)
+            t = a.detach().clone()
+            full[i] = _Traced(t, _Root(t, _empty(a.numel(), tracer.n)), tracer)
     offset = 0
     for i, size in zip(argnums, sizes):
-        t = args[i].detach()
+        t = args[i].detach().clone()  # the function may write into it: never into the caller's
         eye = sp.csr_array((np.ones(size, np.float32), (np.arange(size), offset + np.arange(size))), shape=(size, tracer.n))
         full[i] = tracer.wrap(t, eye, None)
         offset += size
@@ -770,7 +778,7 @@ def probe(
         _check_entries(n * n, "probing (a dense Hessian)")
     else:
         with torch.no_grad():
-            m = sum(o.numel() for o in pytree.tree_leaves(fn(*args)))
+            m = sum(o.numel() for o in pytree.tree_leaves(fn(*[a.clone() for a in args])))
         _check_entries(m * n, "probing (a dense Jacobian)")
     found: np.ndarray | None = None
     for _ in range(points):
@@ -783,7 +791,7 @@ def probe(
         diff = [moved[i] for i in argnums]
 
         def g(*d: torch.Tensor) -> torch.Tensor:
-            full = list(moved)
+            full = [a.clone() if isinstance(a, torch.Tensor) else a for a in moved]  # pristine every call
             for i, v in zip(argnums, d):
                 full[i] = v
             leaves = pytree.tree_leaves(fn(*full))
