@@ -553,3 +553,30 @@ def test_an_in_place_write_under_no_grad_keeps_dependencies_and_every_call_sees_
     want = torch.func.hessian(lambda v: _doubles_in_place(v).sum())(x.clone()).numpy()
     np.testing.assert_allclose(h.matrix.toarray(), want)
     np.testing.assert_array_equal(x.numpy(), [1.0, 2.0, 3.0])
+
+
+_W = torch.tensor([[1.0, 2, 0, 0], [0, 1, 2, 0], [0, 0, 1, 2], [0, 0, 0, 1]], dtype=torch.float64)
+
+
+def _relaid(x):
+    y = x.reshape(2, -1).clone()
+    y.transpose_(0, 1)  # (n/2, 2), strides (1, n/2)
+    y.unsqueeze_(0)
+    y.squeeze_(0)
+    z = y.t_().reshape(-1)  # back to x's order
+    return 2 * z + torch.roll(x, 1) * x
+
+
+@pytest.mark.parametrize("fn,x", [
+    (lambda x: x @ _W + torch.relu(x.flip(0) - 10.0), torch.tensor([1.0, 1, 1, 12], dtype=torch.float64)),
+    (_relaid, torch.arange(1.0, 9.0, dtype=torch.float64)),
+])
+def test_in_place_changes_of_layout_are_traced(fn, x):
+    """x @ W (vector @ matrix): torch's matmul squeezes its result in place (squeeze_),
+    which sent detection to probing; and transpose_, unsqueeze_, squeeze_, t_ by hand."""
+    p = trace_jacobian(fn, [x])
+    assert p.source == "traced" and p.exact and not p.value_dependent
+    assert p.contains(true_pattern(fn, [x]))
+    r = sparse_jacobian(fn, [x], cache=PatternCache(None))
+    assert r.source == "traced"
+    np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12)

@@ -287,6 +287,8 @@ class _Tracer:
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         self.alive()
+        if _op(func) in _LAYOUT_INPLACE and args and isinstance(args[0], _Traced):
+            return self.relayout(func, args, kwargs)
         unwrapped_args, unwrapped_kwargs = pytree.tree_map(
             lambda a: a.value if isinstance(a, _Traced) else a, (args, kwargs)
         )
@@ -565,12 +567,27 @@ class _Tracer:
             fresh = self.index_put(args, kwargs, target.value)
         elif torch.Tag.pointwise in func.tags or base in _LINEAR_POINTWISE:
             fresh = self.pointwise(base, args, kwargs, target.value)
-        elif base in _MOVEMENT:  # transpose_, squeeze_, ...: the tensor's layout changes
+        elif base in _MOVEMENT:  # other in-place movement (resize_-like): not traced
             raise TraceError(f"{name}: in-place change of layout is not traced")
         else:
             fresh = self.dense(base, traced, target.value)
         self.write(target, fresh)
         return target
+
+    def relayout(self, func: Any, args: Any, kwargs: dict[str, Any]) -> _Traced:
+        """``x.squeeze_()``, ``x.t_()``, ...: the same elements (and dependencies) seen
+        through new sizes and strides. torch's own ``matmul`` of a vector and a matrix
+        squeezes its result in place. The op runs on a fresh view of ``x``'s value (the
+        root's value keeps the layout its labels and dependencies are in), which then
+        becomes ``x``'s value, and ``x`` itself takes its sizes and strides."""
+        t = args[0]
+        view = t.value.as_strided(t.value.shape, t.value.stride(), t.value.storage_offset())
+        rest = pytree.tree_map(lambda a: a.value if isinstance(a, _Traced) else a, (tuple(args[1:]), kwargs))
+        func(view, *rest[0], **rest[1])
+        t.value = view
+        with torch._C._DisableTorchDispatch():  # the wrapper's own sizes and strides
+            torch.Tensor.as_strided_(t, view.shape, view.stride(), view.storage_offset())
+        return t
 
     def index_put(self, args: Any, kwargs: dict[str, Any], result: torch.Tensor) -> _Traced:
         """``x[indices] = values`` (or ``+=`` with accumulate): destinations from labels."""
@@ -614,6 +631,9 @@ def _valued(traced: Sequence[_Traced]) -> list[_Traced]:
     """The traced indices and masks among an op's arguments (values read as structure)."""
     return [t for t in traced if not _float(t)]
 
+
+# In-place changes of layout: traced by :meth:`_Tracer.relayout`.
+_LAYOUT_INPLACE = frozenset("squeeze_ unsqueeze_ t_ transpose_ swapdims_ swapaxes_ as_strided_".split())
 
 # Ops tagged dynamic_output_shape whose output's shape is fixed by their index or mask
 # arguments: data-dependent only when those are traced.
