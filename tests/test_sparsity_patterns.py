@@ -324,3 +324,35 @@ def test_interruptible_colouring_is_networkx_colouring():
         graph.add_edges_from(zip(u.tolist(), v.tolist()))
         ours = list(coloring._smallest_last(graph, coloring._Every(lambda: None)))
         assert ours == list(strategy_smallest_last(graph, {}))
+
+
+def test_the_fingerprint_follows_the_helpers_a_function_calls(tmp_path, monkeypatch):
+    """An edited helper (in the function's own module, or in a module it imports)
+    changes what the function computes: the on-disk pattern of the old one must not be
+    reused. Only the function's own lines were hashed."""
+    import importlib
+    import sys
+
+    from jacobian_service.sparsity.patterns import function_fingerprint
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "fp_helpers.py").write_text("import torch\n\ndef coupling(x):\n    return torch.roll(x, 1)\n")
+    (tmp_path / "fp_user.py").write_text(
+        "import torch\nimport fp_helpers\n\ndef _local(x):\n    return x * 2\n\n"
+        "def f(x):\n    return _local(x) + fp_helpers.coupling(x)\n"
+    )
+    for name in ("fp_user", "fp_helpers"):
+        sys.modules.pop(name, None)
+    user = importlib.import_module("fp_user")
+    prints = [function_fingerprint(user.f)]
+    for path, old, new in (("fp_helpers.py", "roll(x, 1)", "roll(x, -1)"), ("fp_user.py", "x * 2", "x * 3")):
+        p = tmp_path / path
+        p.write_text(p.read_text().replace(old, new))
+        importlib.reload(sys.modules["fp_helpers"])
+        user = importlib.reload(user)  # a restarted server: new code objects
+        prints.append(function_fingerprint(user.f))
+    assert len(set(prints)) == 3, prints
+    # library code (torch, numpy, the standard library) is versioned, not hashed
+    from jacobian_service.sparsity.patterns import _user_files
+
+    assert [f for f in _user_files(user.f)] == sorted(str((tmp_path / n).resolve()) for n in ("fp_helpers.py", "fp_user.py"))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from .. import __version__ as _SERVICE_VERSION
 from ..errors import exception_text
 from .coloring import Coloring, choose_coloring, star_coloring
 from .detect import NO_GRAD_NOTE, TraceError, probe, trace_hessian, trace_jacobian
@@ -119,6 +120,8 @@ def _at(
 
 def _cache_key(fn: Callable[..., Any], name: str | None, args: Sequence[torch.Tensor], argnums: Sequence[int], kind: str, choice: str) -> str:
     return PatternCache.key(
+        # the versions of what detects and differentiates: another may trace differently
+        torch.__version__, _SERVICE_VERSION,
         name or getattr(fn, "__qualname__", "?"), function_fingerprint(fn),
         tuple(tuple(a.shape) for a in args), tuple(str(a.dtype) for a in args), tuple(argnums), kind, choice,
     )

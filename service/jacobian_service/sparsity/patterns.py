@@ -18,6 +18,9 @@ import hashlib
 import inspect
 import marshal
 import os
+import site
+import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,21 +369,26 @@ def declared(value: Any) -> dict[str, Declared]:
 
 def function_fingerprint(fn: Callable[..., Any]) -> str:
     """A hash of what the function computes: its source when readable, else its
-    bytecode and constants, so that an edited function never reuses a stale pattern."""
+    bytecode and constants, and the source files of the user modules it can reach (its
+    own, and those of the helpers it calls), so that an edited function or helper never
+    reuses a stale pattern."""
     # Through wrappers (the engine's aux box sets __wrapped__): the memo is keyed by the
     # code of the function underneath, so a wrapped call is as cheap as a bare one.
+    # By identity: equal code objects (a reloaded module's unchanged function) may call
+    # helpers that changed. The entry holds the code, so its id is not reused meanwhile.
     code = getattr(inspect.unwrap(fn), "__code__", None)
-    if code is not None and code in _FINGERPRINTS:  # reading source costs ~1 ms a call
-        return _FINGERPRINTS[code]
+    hit = _FINGERPRINTS.get(id(code)) if code is not None else None
+    if hit is not None and hit[0] is code:  # reading source costs ~1 ms a call
+        return hit[1]
     found = _fingerprint(fn)
     if code is not None:
         if len(_FINGERPRINTS) > 4096:
             _FINGERPRINTS.clear()
-        _FINGERPRINTS[code] = found
+        _FINGERPRINTS[id(code)] = (code, found)
     return found
 
 
-_FINGERPRINTS: dict[Any, str] = {}
+_FINGERPRINTS: dict[int, tuple[Any, str]] = {}
 
 
 def _fingerprint(fn: Callable[..., Any]) -> str:
@@ -390,7 +398,71 @@ def _fingerprint(fn: Callable[..., Any]) -> str:
     except (OSError, TypeError):
         code = getattr(target, "__code__", None)
         text = marshal.dumps(code) if code is not None else repr(target).encode()
-    return hashlib.sha256(text).hexdigest()[:16]
+    h = hashlib.sha256(text)
+    # The pattern follows every helper the function calls, not only its own lines: the
+    # source files of the user modules it can reach (see _user_files).
+    for path in _user_files(target):
+        h.update(path.encode())
+        try:
+            h.update(Path(path).read_bytes())
+        except OSError:
+            h.update(b"(unreadable)")
+    return h.hexdigest()[:16]
+
+
+#: At most this many source files enter one fingerprint (a bound, whatever a module graph holds).
+_MAX_FILES = 512
+
+# Installed code: the standard library and site-packages. Their versions, not their
+# files, matter (torch's is in the cache key); the rest is the user's code.
+_INSTALLED = tuple(
+    os.path.realpath(p) + os.sep
+    for p in {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")} | set(site.getsitepackages() if hasattr(site, "getsitepackages") else [])
+    if p
+)
+_OURS = ("jacobian_service", "jacobian_client", "torch", "numpy", "scipy")  # versioned in the key
+
+
+def _user_module(module: Any) -> str | None:
+    """The source file of ``module`` when it is the user's code, else None."""
+    name = getattr(module, "__name__", "") or ""
+    path = getattr(module, "__file__", None)
+    if not path or name.split(".")[0] in _OURS:
+        return None
+    real = os.path.realpath(path)
+    if real.startswith(_INSTALLED) or "site-packages" in real or "dist-packages" in real:
+        return None
+    return real
+
+
+def _user_files(fn: Any) -> list[str]:
+    """Source files of the user modules ``fn`` can reach: its own module, the modules of
+    the functions, classes and modules its module's globals and its closure hold, and
+    theirs in turn (every global, not only the names ``fn`` reads: cheap, and an edit
+    anywhere in that code may change what the function computes)."""
+    seen: dict[str, None] = {}
+    modules: list[Any] = []
+
+    def visit(obj: Any) -> None:
+        module = obj if inspect.ismodule(obj) else sys.modules.get(getattr(obj, "__module__", None) or "")
+        if module is None:
+            return
+        path = _user_module(module)
+        if path is not None and path not in seen and len(seen) < _MAX_FILES:
+            seen[path] = None
+            modules.append(module)
+
+    visit(fn)
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            visit(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    while modules:
+        for value in list(vars(modules.pop()).values()):
+            if inspect.ismodule(value) or inspect.isfunction(value) or inspect.isclass(value):
+                visit(value)
+    return sorted(seen)
 
 
 class PatternCache:
