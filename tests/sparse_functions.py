@@ -107,3 +107,24 @@ def doubles_in_place(x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         x.mul_(2)
     return x**3
+
+
+@register(inputs=[Input("x", shape=("n",))], sparsity={"diag": banded(0, 0), "diagH": banded(0, 0, hessian=True)},
+          description="2 x + roll(x, 1), declared diagonal: a WRONG declaration (it couples neighbours).")
+def wrong_declared(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + torch.roll(x, 1)
+
+
+@register(inputs=[Input("x", shape=("n",))], sparsity={"diagH": banded(0, 0, hessian=True)},
+          description="A tridiagonal Hessian declared diagonal: a WRONG declaration.")
+def wrong_declared_h(x: torch.Tensor) -> torch.Tensor:
+    return (x[1:] * x[:-1]).sum() + (x**2).sum()
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="Untraceable (it writes into a plain buffer), and a derivative nonzero only where x == 1 exactly.")
+def probed_at_one(x: torch.Tensor) -> torch.Tensor:
+    buf = torch.zeros(x.shape[0] + 1, dtype=x.dtype)
+    buf[1:] = 2 * x  # a traced value into an untraced tensor: tracing gives up, probing runs
+    r = torch.roll(x, 1)
+    return buf[1:] + torch.where(r == 1.0, r, torch.zeros_like(x))

@@ -389,6 +389,43 @@ def test_a_function_that_writes_into_its_input_gets_jacrev(client, mode):
         assert meta["nnz"] == 3 and meta["mode"] == "rev"  # no_grad: reverse mode only
 
 
+@pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
+def test_a_declared_pattern_proven_wrong_is_a_422_not_wrong_values(client, mode):
+    """A declared pattern is trusted: declared diagonal, the function couples neighbours.
+    The one product of a diagonal colouring sums every row (or column), and the values
+    read from it were 3, not 2 (200). A product with a random seed disagrees: 422."""
+    x = np.arange(1.0, 6.0).astype(np.float32)
+    problem = assert_problem(client.post("/v1/functions/wrong_declared/jacobian",
+                                         json={"inputs": [x.tolist()], "sparsity": "diag", "mode": mode}), 422, "invalid_input")
+    assert "'diag'" in problem["detail"] and "trusted" in problem["detail"] and "sparsity=auto" in problem["detail"]
+    problem = assert_problem(client.post("/v1/functions/wrong_declared_h/hessian",
+                                         json={"inputs": [x.tolist()], "sparsity": "diagH"}), 422, "invalid_input")
+    assert "'diagH'" in problem["detail"]
+    # auto still answers, right
+    J, _ = sparse_json(client.post("/v1/functions/wrong_declared/jacobian", json={"inputs": [x.tolist()], "sparsity": "auto"}))
+    np.testing.assert_allclose(J.toarray(), jac(sf.wrong_declared, x))
+
+
+def test_a_probed_pattern_includes_this_point_and_is_checked(client):
+    """Tracing fails, probing runs. The derivative of the where() part is nonzero only at
+    x == 1 exactly: at the request's point x = ones it is there, and random points miss it.
+    The probe now includes the point itself; and a probed pattern the products prove
+    wrong at a later point is answered densely (with a note), never with wrong values."""
+    ones = np.ones(4, np.float32)
+    J, meta = sparse_json(client.post("/v1/functions/probed_at_one/jacobian", json={"inputs": [ones.tolist()], "sparsity": "auto"}))
+    assert meta["source"] == "probed"
+    np.testing.assert_allclose(J.toarray(), jac(sf.probed_at_one, ones))
+    # probed (and cached) at a point where the where() part vanishes, then asked at x = ones
+    x = np.array([2.0, 3.0, 4.0, 5.0], np.float32)
+    for mode in ("fwd", "rev"):  # each mode its own cache entry: probed afresh at x
+        for point, dense in ((x, False), (ones, True)):
+            J, meta = sparse_json(client.post("/v1/functions/probed_at_one/jacobian",
+                                              json={"inputs": [point.tolist()], "sparsity": "auto", "mode": mode}))
+            np.testing.assert_allclose(J.toarray(), jac(sf.probed_at_one, point))
+            assert any("proved this pattern wrong" in note for note in meta["notes"]) is dense
+            assert meta["products"] == (4 if dense else 1) and meta["nnz"] == (8 if dense else 4)
+
+
 # ------------------------------------------------------------------ errors
 
 

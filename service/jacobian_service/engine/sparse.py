@@ -136,7 +136,8 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
     like = args[call.argnums[0]]
     if not dense_streamed:
         engine.check_result_size(call, _result_nbytes(call, _shape(call, pattern), pattern.nnz, engine.wire_itemsize(like.dtype)))
-    from ..sparsity.compute import OutputSizeChanged, sparse_hessian, sparse_jacobian
+    from ..sparsity import PatternTooLarge
+    from ..sparsity.compute import OutputSizeChanged, PatternMismatch, sparse_hessian, sparse_jacobian
 
     common = dict(has_aux=True, declared=call.spec.sparsity, cache=engine.sparsity_cache, name=call.spec.name,
                   chunk_size=call.chunk_size)
@@ -148,10 +149,16 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
             res = sparse_hessian(box, args, call.argnums, choice, engine.memory_budget, call.check_alive, **common)
     except ServiceError:
         raise
-    except OutputSizeChanged as exc:  # never blamed on the function as its failure (500)
+    except (OutputSizeChanged, PatternMismatch) as exc:  # never blamed on the function as its failure (500)
         raise InvalidInput(str(exc)) from None
+    except PatternTooLarge as exc:  # the dense answer, when the products proved a pattern wrong
+        raise ResultTooLarge(f"{exc}. Ask for sparsity=dense (streamed as .npy)") from None
     except BaseException as exc:  # the function failed under the products, or out of memory
         raise function_error(exc) from None
+    if res.pattern is not pattern:  # computed densely: the products proved the pattern wrong
+        pattern, coloring = res.pattern, res.coloring
+        if not dense_streamed:
+            engine.check_result_size(call, _result_nbytes(call, _shape(call, pattern), pattern.nnz, engine.wire_itemsize(like.dtype)))
     output = engine.host(res.output) if call.return_output else None
     aux = engine.host(box.restore(res.aux))
     meta = _meta(call, pattern, coloring, cached)
@@ -230,8 +237,13 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
     out, aux = _batched.over_examples(engine, first, box, box, _copies(stacked), allow_loop=False)
     m = 1 if kind == "hessian" else sum(leaf.numel() for leaf in pytree.tree_leaves(out)) // len(calls)
 
-    matrices, chunk = sparse_batch(box, stacked, first.argnums, pattern, coloring, m, engine.memory_budget,
-                                   alive.check_alive, has_aux=True, rows=first.rows, chunk_size=first.chunk_size)
+    from ..sparsity.compute import PatternMismatch, ProvenWrong
+
+    try:
+        matrices, chunk = sparse_batch(box, stacked, first.argnums, pattern, coloring, m, engine.memory_budget,
+                                       alive.check_alive, has_aux=True, rows=first.rows, chunk_size=first.chunk_size)
+    except (PatternMismatch, ProvenWrong):  # wrong at some point: each alone (a 422, or densely)
+        return [sparse_derivative(engine, call, kind) for call in calls]
     out, aux = engine.host(out), engine.host(aux)
     meta = _meta(first, pattern, coloring, cached)
     mode = coloring.mode

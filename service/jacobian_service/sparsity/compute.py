@@ -25,7 +25,7 @@ from .coloring import Coloring, choose_coloring, star_coloring
 from .detect import NO_GRAD_NOTE, TraceError, probe, trace_hessian, trace_jacobian
 from .patterns import Declared, Pattern, PatternCache, check_entries, function_fingerprint
 
-__all__ = ["OutputSizeChanged", "SparseResult", "describe_sparsity", "resolve", "sparse_hessian", "sparse_jacobian"]
+__all__ = ["OutputSizeChanged", "PatternMismatch", "ProvenWrong", "SparseResult", "describe_sparsity", "resolve", "sparse_hessian", "sparse_jacobian"]
 
 log = logging.getLogger("jacobian_service.sparsity")
 
@@ -46,6 +46,20 @@ def _check_rows(p: Pattern, kind: str, out_size: int | None) -> None:
             "detected on inputs of the same shapes and values: its output size follows something else "
             "(global state, randomness), so no pattern fits it. Ask for sparsity=dense"
         )
+
+
+class PatternMismatch(ValueError):
+    """A declared pattern is proven wrong at this point by the products (see
+    :mod:`.verify`): it is trusted, so the values it would give are wrong."""
+
+
+class ProvenWrong(RuntimeError):
+    """A batch's pattern (not declared) is proven wrong at one of its points: the caller
+    computes each point alone (where the dense answer replaces it)."""
+
+
+#: Note on results computed densely because the products proved the pattern wrong.
+DENSE_NOTE = "the products proved this pattern wrong at this point (it misses entries): computed densely instead"
 
 
 @dataclass
@@ -487,9 +501,12 @@ def sparse_jacobian(
     _check_rows(p, "jacobian", m)
     t1 = time.perf_counter()
     plan = _products(p, coloring, primals, m)
-    block, chunk = plan.compressed(_single(_product_at(coloring.mode, fn, argnums, has_aux), args), memory_budget,
-                                   check_alive, chunk_size)
-    matrix = _rows_of(_to_csr(p, plan.values(p, block)), rows)
+    run = _single(_product_at(coloring.mode, fn, argnums, has_aux), args)
+    block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
+    matrix = _to_csr(p, plan.values(p, block))
+    if _proven_wrong(p, coloring, plan, block, matrix, run, rows):
+        matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "jacobian")
+    matrix = _rows_of(matrix, rows)
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, coloring.mode, p.source, out, aux, chunk,
                         {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached})  # type: ignore[dict-item]
@@ -511,12 +528,73 @@ def sparse_hessian(
                                   cache=cache, name=name, out_size=1, check_alive=check_alive)
     t1 = time.perf_counter()
     plan = _products(p, coloring, primals, 1)
-    block, chunk = plan.compressed(_single(_product_at("star", fn, argnums, has_aux), args), memory_budget,
-                                   check_alive, chunk_size)
+    run = _single(_product_at("star", fn, argnums, has_aux), args)
+    block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
     matrix = _to_csr(p, plan.values(p, block))
+    if _proven_wrong(p, coloring, plan, block, matrix, run, None):
+        matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "hessian")
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, "star", p.source, out, aux, chunk,
                         {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached})  # type: ignore[dict-item]
+
+
+def _proven_wrong(
+    p: Pattern, coloring: Coloring, plan: "_Products", block: torch.Tensor, matrix: Any,
+    run: Callable[[list[torch.Tensor]], torch.Tensor], rows: tuple[int, int] | None,
+) -> bool:
+    """Whether the products prove ``p`` wrong (see :mod:`.verify`): the free check for
+    every pattern, the random product too for those not traced. A declared pattern
+    proven wrong raises :class:`PatternMismatch` (it is trusted: the caller must know);
+    for the others the caller computes densely."""
+    from .verify import disagrees, disagrees_batch, strays
+
+    batch = isinstance(matrix, list)
+    stray = sum(strays(p, coloring, b, rows) for b in block) if batch else strays(p, coloring, block, rows)
+    off = 0.0
+    if not stray and p.source in ("declared", "probe", "given"):
+        check = disagrees_batch if batch else disagrees
+        off = check(matrix, "rev" if coloring.mode == "rev" else "fwd", plan.seed_shapes, plan.like, run, rows)
+    if not stray and not off:
+        return False
+    why = (f"{stray} product value(s) fall where the pattern has no entry of that colour" if stray
+           else f"a product with a random seed differs from the matrix by {off:.3g} relative")
+    if p.source == "declared":
+        raise PatternMismatch(
+            f"the declared sparsity pattern {p.name!r} misses nonzeros at this point ({why}). A declared pattern "
+            "is trusted, so the values it gives would be wrong. Ask for sparsity=auto or sparsity=dense, or fix the "
+            "declaration"
+        )
+    if batch:
+        raise ProvenWrong(why)
+    log.warning("sparsity pattern %r (%s) proven wrong by its products (%s): computing densely", p.name, p.source, why)
+    return True
+
+
+def _densely(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], has_aux: bool, p: Pattern, kind: str,
+) -> tuple[Any, Pattern, Coloring]:
+    """The dense derivative at this point (jacrev; torch.func.hessian for a Hessian, as
+    the dense routes compute them), as CSR over ``p``'s entries and every nonzero, with
+    a note; and the colouring it amounts to (one product per row, or per column)."""
+    g = _flat_fn(fn, args, argnums, has_aux)
+    primals = fresh([args[i] for i in argnums])
+    idx = tuple(range(len(primals)))
+    m, n = p.shape
+    check_entries(m * n, "the dense derivative (the pattern was proven wrong)")
+    if kind == "hessian":
+        blocks = torch.func.hessian(lambda *d: g(*d).sum(), argnums=idx)(*primals)
+        dense = torch.cat([torch.cat([b.reshape(primals[r].numel(), -1) for b in row], 1) for r, row in enumerate(blocks)], 0)
+    else:
+        dense = torch.cat([j.reshape(m, -1) for j in torch.func.jacrev(g, argnums=idx)(*primals)], 1)
+    dense = dense.detach()
+    mask = (dense != 0).cpu().numpy() | p.to_dense()
+    q = Pattern.from_dense(mask, name=p.name, source=p.source, exact=p.exact, notes=p.notes + (DENSE_NOTE,),
+                           value_dependent=p.value_dependent)
+    values = dense[torch.as_tensor(q.rows, device=dense.device), torch.as_tensor(q.cols, device=dense.device)]
+    side = n if kind == "hessian" else m
+    gather = q.rows * side + q.cols if kind == "hessian" else q.rows * n + q.cols
+    coloring = Coloring("star" if kind == "hessian" else "rev", np.arange(side, dtype=np.int64), side, gather, side, "dense")
+    return _to_csr(q, values), q, coloring
 
 
 def sparse_batch(
@@ -541,7 +619,9 @@ def sparse_batch(
 
     block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size, batch=batch)
     values = plan.values(p, block)
-    return [_rows_of(_to_csr(p, values[i]), rows) for i in range(batch)], chunk
+    full = [_to_csr(p, values[i]) for i in range(batch)]
+    _proven_wrong(p, coloring, plan, block, full, run, rows)  # raises for any point proven wrong
+    return [_rows_of(m, rows) for m in full], chunk
 
 
 def describe_sparsity(

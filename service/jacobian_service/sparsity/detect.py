@@ -298,8 +298,11 @@ class _Tracer:
         mutated = schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write if schema.arguments else False
         if mutated:
             return self.inplace(func, name, args, kwargs, out)
-        leaves, spec = pytree.tree_flatten(self.rules(func, name, args, kwargs, out))
+        result = self.rules(func, name, args, kwargs, out)
+        if isinstance(result, _Traced):  # the usual case, one float result: nothing more to do
+            return result
         # Indices and masks beside float results (sort, max(dim), topk): traced as values.
+        leaves, spec = pytree.tree_flatten(result)
         leaves = [self.valued(o) if isinstance(o, torch.Tensor) and not isinstance(o, _Traced) else o for o in leaves]
         return pytree.tree_unflatten(leaves, spec)
 
@@ -310,12 +313,12 @@ class _Tracer:
         if not any(_float(o) for o in leaves):  # indices, masks, Python scalars: no derivative
             # Traced as values: only what then reads them (an index, a branch) matters,
             # but a Python value or an output shape is read here and now.
-            if not all(isinstance(o, torch.Tensor) for o in leaves) or torch.Tag.data_dependent_output in func.tags:
+            if not all(isinstance(o, torch.Tensor) for o in leaves) or _tagged(func, torch.Tag.data_dependent_output):
                 self.reads(f"{name}: a traced value converted to Python")
-            elif torch.Tag.dynamic_output_shape in func.tags and (name not in _STATIC_INDEX or _valued(traced)):
+            elif _tagged(func, torch.Tag.dynamic_output_shape) and (name not in _STATIC_INDEX or _valued(traced)):
                 self.reads(f"{name}: an output shape that depends on values")
             return pytree.tree_unflatten([self.valued(o) if isinstance(o, torch.Tensor) else o for o in leaves], spec)
-        if torch.Tag.dynamic_output_shape in func.tags and (name not in _STATIC_INDEX or _valued(traced)):
+        if _tagged(func, torch.Tag.dynamic_output_shape) and (name not in _STATIC_INDEX or _valued(traced)):
             self.reads(f"{name}: an output shape that depends on values")
         if not torch.is_grad_enabled():
             self.no_grad = True
@@ -622,6 +625,17 @@ class _Tracer:
             root.hess = fresh.root.hess if root.hess is None else _ones(root.hess + fresh.root.hess)
 
 
+_TAGS: dict[Any, frozenset[Any]] = {}
+
+
+def _tagged(func: Any, tag: Any) -> bool:
+    """``tag in func.tags``, remembered per op (``tags`` builds a list on every call)."""
+    tags = _TAGS.get(func)
+    if tags is None:
+        tags = _TAGS[func] = frozenset(func.tags)
+    return tag in tags
+
+
 def base_name(name: str) -> str:
     """``mul`` for ``mul_``."""
     return name[:-1] if name.endswith("_") else name
@@ -788,7 +802,8 @@ def probe(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), *, hessian: bool = False,
     points: int = 3, seed: int = 0, why: str = "", check_alive: Callable[[], None] | None = None,
 ) -> Pattern:
-    """Nonzeros of dense derivatives at ``points`` random points near ``args``, united.
+    """Nonzeros of dense derivatives at ``args`` and ``points - 1`` random points near
+    them, united.
     Entries that vanish at every probed point are missed: ``source="probe"`` says so.
     ``check_alive`` is called before each point."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -801,11 +816,14 @@ def probe(
             m = sum(o.numel() for o in pytree.tree_leaves(fn(*[a.clone() for a in args])))
         _check_entries(m * n, "probing (a dense Jacobian)")
     found: np.ndarray | None = None
-    for _ in range(points):
+    for point in range(points):
         if check_alive is not None:
             check_alive()
         moved = list(args)
         for i in argnums:
+            if point == 0:  # the request's own point first: its entries are never missed
+                moved[i] = args[i].detach().clone()
+                continue
             noise = torch.randn(args[i].shape, generator=gen, dtype=torch.float64).to(args[i].device, args[i].dtype)
             moved[i] = args[i].detach() + noise * (1 + args[i].detach().abs())
         diff = [moved[i] for i in argnums]
@@ -826,5 +844,5 @@ def probe(
         nz = (dense != 0).cpu().numpy()
         found = nz if found is None else found | nz
     assert found is not None
-    notes = ("numerical probe at random points: entries that vanish at every probed point are missed",) + ((why,) if why else ())
+    notes = ("numerical probe at this point and random ones: entries that vanish at every probed point are missed",) + ((why,) if why else ())
     return Pattern.from_dense(found, source="probe", exact=False, notes=notes)

@@ -1,0 +1,119 @@
+"""Checks that a pattern held for the products just computed, and the dense answer when not.
+
+A compressed product mixes the entries of every row (or column) of one colour. When the
+pattern misses an entry, the decompression reads a sum that includes it as the value of
+another entry: the values of reported entries are wrong, silently. Two checks catch it:
+
+- :func:`strays` (free): a product nonzero at a place where the pattern puts no entry of
+  that colour: some entry is missing.
+- :func:`disagrees` (one more product): the product with a random seed against the
+  decompressed matrix times that seed. Any missing entry changes one or the other, so
+  with a random seed it is seen (almost surely), wherever it sits.
+
+Traced patterns are supersets by construction and get the free check only; declared,
+probed and given ones get both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .coloring import Coloring
+from .patterns import Pattern
+
+__all__ = ["covered", "disagrees", "disagrees_batch", "strays"]
+
+#: Differences below this many ulps of the largest magnitude are round-off.
+_ULPS = 16
+_RANDOM_ULPS = 1024  # a random product sums many terms: more round-off
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+
+
+def covered(p: Pattern, coloring: Coloring) -> np.ndarray:
+    """Flat places of the compressed matrix (as ``_Products.values`` lays it out) where
+    some pattern entry lands: ``(k, n)`` for rev, ``(width, k)`` for fwd and star."""
+    k = coloring.n_colors
+    if coloring.mode == "rev":
+        return coloring.colors[p.rows] * p.shape[1] + p.cols
+    return p.rows * k + coloring.colors[p.cols]  # star: every entry, either of its two places
+
+
+def strays(p: Pattern, coloring: Coloring, block: torch.Tensor, rows: tuple[int, int] | None = None) -> int:
+    """How many places of the products (``(k, width)``, as computed) are nonzero where
+    the pattern puts no entry of that colour. ``rows``: only those rows were asked for
+    (forward products compute the others too: they are not looked at)."""
+    flat = (block if coloring.mode == "rev" else block.transpose(-1, -2)).reshape(-1)
+    if flat.numel() == 0:
+        return 0
+    free = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    if rows is not None and coloring.mode == "fwd":
+        k = coloring.n_colors
+        free[: rows[0] * k] = False
+        free[rows[1] * k :] = False
+    if p.nnz:
+        free[torch.as_tensor(covered(p, coloring), device=flat.device)] = False
+    mag = flat.detach().abs()
+    finite = torch.isfinite(mag)
+    top = float(mag[finite].max()) if bool(finite.any()) else 0.0
+    return int(((mag > _ULPS * _eps(flat.dtype) * top) & finite & free).sum())
+
+
+def _random_seed(
+    seed_shapes: list[torch.Size], mode: str, like: torch.Tensor, rows: tuple[int, int] | None
+) -> tuple[list[torch.Tensor], np.ndarray]:
+    """One random seed in [0.5, 1.5) (split per seed part, with a leading axis of 1), and
+    the same as float64 numpy."""
+    width = sum(int(np.prod(s, dtype=np.int64)) for s in seed_shapes)
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    r = torch.rand(width, generator=gen, dtype=torch.float64) + 0.5
+    if rows is not None and mode == "rev":  # a cotangent on the rows asked for only
+        r[: rows[0]] = 0
+        r[rows[1] :] = 0
+    rv = r.numpy().copy()
+    r = r.to(like.device, like.dtype)
+    parts, offset = [], 0
+    for shape in seed_shapes:
+        size = int(np.prod(shape, dtype=np.int64))
+        parts.append(r[offset : offset + size].reshape(1, *shape))
+        offset += size
+    return parts, rv
+
+
+def disagrees(
+    matrix: Any, mode: str, seed_shapes: list[torch.Size], like: torch.Tensor,
+    run: Callable[[list[torch.Tensor]], torch.Tensor], rows: tuple[int, int] | None = None,
+) -> float:
+    """The largest difference, relative to its scale, between one product with a random
+    seed and the decompressed ``matrix`` (scipy CSR, (m, n)) applied to it; 0 when
+    within round-off. ``run(seeds)`` computes products as the colouring's do."""
+    parts, rv = _random_seed(seed_shapes, mode, like, rows)
+    got = run(parts).reshape(-1).detach().to(torch.float64).cpu().numpy()
+    return _off(got, rv, matrix.astype(np.float64), mode, rows, like.dtype)
+
+
+def disagrees_batch(
+    matrices: list[Any], mode: str, seed_shapes: list[torch.Size], like: torch.Tensor,
+    run: Callable[[list[torch.Tensor]], torch.Tensor], rows: tuple[int, int] | None = None,
+) -> float:
+    """:func:`disagrees` at each point of a batch: ``run(seeds)`` gives ``(batch, 1, width)``."""
+    parts, rv = _random_seed(seed_shapes, mode, like, rows)
+    got = run(parts).reshape(len(matrices), -1).detach().to(torch.float64).cpu().numpy()
+    return max((_off(got[i], rv, m.astype(np.float64), mode, rows, like.dtype) for i, m in enumerate(matrices)), default=0.0)
+
+
+def _off(got: np.ndarray, rv: np.ndarray, m64: Any, mode: str, rows: tuple[int, int] | None, dtype: torch.dtype) -> float:
+    want = m64.T @ rv if mode == "rev" else m64 @ rv
+    scale = abs(m64).T @ abs(rv) if mode == "rev" else abs(m64) @ abs(rv)
+    if rows is not None and mode == "fwd":  # the other rows of J r are not in the matrix
+        got, want, scale = got[rows[0] : rows[1]], want[rows[0] : rows[1]], scale[rows[0] : rows[1]]
+    diff = np.abs(got - want)
+    ok = ~np.isfinite(got) | ~np.isfinite(want)  # NaN and inf are compared by the strays check
+    tol = _RANDOM_ULPS * _eps(dtype) * (scale + np.abs(got)) + np.finfo(np.float64).tiny
+    bad = (diff > tol) & ~ok
+    return float((diff[bad] / np.maximum(scale[bad] + np.abs(got[bad]), 1e-300)).max()) if bad.any() else 0.0
