@@ -356,3 +356,20 @@ def test_the_fingerprint_follows_the_helpers_a_function_calls(tmp_path, monkeypa
     from jacobian_service.sparsity.patterns import _user_files
 
     assert [f for f in _user_files(user.f)] == sorted(str((tmp_path / n).resolve()) for n in ("fp_helpers.py", "fp_user.py"))
+
+
+def test_pattern_string_refuses_a_zero_width_and_draws_vectors_and_scalars():
+    """max_width=0 divided by zero; a 1-D array or a scalar raised numpy's bare
+    "not enough values to unpack"."""
+    import scipy.sparse as sp
+
+    from jacobian_client.sparse import pattern_string
+
+    for width in (0, -3):
+        with pytest.raises(ValueError, match="at least 1 character"):
+            pattern_string(sp.eye_array(4), max_width=width)
+    assert pattern_string(np.array([1.0, 0, 2])) == "1 x 3, 2 stored entries\n" + chr(0x2800 + 0x01) + chr(0x2800 + 0x01)
+    assert pattern_string(np.float64(3)) == "1 x 1, 1 stored entries\n" + chr(0x2800 + 0x01)
+    with pytest.raises(ValueError, match="2-D matrix; got an array of shape"):
+        pattern_string(np.ones((2, 2, 2)))
+    assert pattern_string(sp.eye_array(4), max_width=1).startswith("4 x 4, 4 stored entries\n")

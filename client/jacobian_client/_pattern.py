@@ -21,10 +21,12 @@ def braille(rows: Any, cols: Any, shape: tuple[int, int], max_width: int = 60, m
     """The pattern with entries at ``(rows, cols)`` of a ``shape`` matrix as lines of
     braille characters, at most ``max_width`` characters wide (and ``max_height`` lines
     high, by default as many as the width). Empty matrices give an empty string."""
+    max_height = max_width if max_height is None else max_height
+    if int(max_width) < 1 or int(max_height) < 1:  # a scale of n / 0 cells per dot
+        raise ValueError(f"a picture is at least 1 character wide and high; got max_width={max_width}, max_height={max_height}")
     m, n = int(shape[0]), int(shape[1])
     if m == 0 or n == 0:
         return ""
-    max_height = max_width if max_height is None else max_height
     # One scale for both axes (matrix cells per dot) keeps a band looking like a band.
     scale = max(1.0, n / (2 * max_width), m / (4 * max_height))
     dots_x, dots_y = max(1, math.ceil(n / scale)), max(1, math.ceil(m / scale))
@@ -55,12 +57,18 @@ def plot_pattern(matrix: Any, ax: Any = None, **spy_kwargs: Any) -> Any:
 
 
 def _coords(matrix: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """(rows, cols, shape) from a scipy sparse matrix, a SparseCOO or a dense array."""
+    """(rows, cols, shape) from a scipy sparse matrix, a SparseCOO or a dense array: a
+    1-D array is drawn as one row, a scalar as a 1 x 1 matrix; more dimensions are a
+    ValueError."""
     if hasattr(matrix, "tocoo"):
         coo = matrix.tocoo()
         return np.asarray(coo.row), np.asarray(coo.col), tuple(coo.shape)  # type: ignore[return-value]
     if hasattr(matrix, "row") and hasattr(matrix, "col"):
         return np.asarray(matrix.row), np.asarray(matrix.col), tuple(matrix.shape)  # type: ignore[return-value]
     dense = np.asarray(matrix)
+    if dense.ndim < 2:
+        dense = dense.reshape(1, -1)
+    elif dense.ndim > 2:
+        raise ValueError(f"a sparsity pattern is a 2-D matrix; got an array of shape {dense.shape}")
     r, c = np.nonzero(dense)
     return r, c, tuple(dense.shape)  # type: ignore[return-value]
