@@ -440,3 +440,85 @@ def test_a_batch_of_no_examples_is_answered_as_vmap_answers_it(client, endpoint,
     for ep, key in (("vjp", "cotangents"), ("jvp", "tangents")):
         r = client.post(f"/v1/functions/sin/{ep}", content=wire.dumps({"inputs": [[1.0, 2.0, 3.0]], key: vectors, "batched_vectors": True}))
         assert decode(r, ep)[0].shape == (0, 3)
+
+
+# ----------------------------------------------------------------------------- forward mode under vmap (torch 2.13)
+
+
+def _solve_inputs(batch):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((batch, 3, 3)) + 3 * np.eye(3)
+    return a, rng.standard_normal((batch, 3))
+
+
+def test_torch_gets_forward_mode_under_vmap_wrong_for_solve():
+    """The premise (if a torch release fixes it, this fails, and the service may use
+    forward mode under vmap again)."""
+    from .user_functions import det, solve
+
+    a, b = (torch.from_numpy(v) for v in _solve_inputs(4))
+    alone = torch.stack([torch.func.jacrev(solve, argnums=1)(a[i], b[i]) for i in range(4)])
+    assert (torch.func.vmap(torch.func.jacfwd(solve, argnums=1))(a, b) - alone).abs().max() > 1
+    alone = torch.stack([torch.func.hessian(det)(a[i]) for i in range(4)])
+    assert (torch.func.vmap(torch.func.hessian(det))(a) - alone).abs().max() > 1
+
+
+@pytest.mark.parametrize("options", [{"mode": "fwd"}, {"mode": "auto"}, {}])
+def test_batched_jacobians_of_solve_equal_each_examples_in_every_mode(client, options):
+    from .user_functions import solve
+
+    a, b = _solve_inputs(4)
+    got, doc = decode(post(client, "solve", [a, b], "json", batched=True, argnums=[0, 1], **options))
+    for i in range(4):
+        assert_tree_close(got[0][i], torch.func.jacrev(solve, argnums=0)(*tensors([a[i], b[i]])), rtol=1e-10, atol=1e-12)
+        assert_tree_close(got[1][i], torch.func.jacrev(solve, argnums=1)(*tensors([a[i], b[i]])), rtol=1e-10, atol=1e-12)
+    assert doc["meta"]["mode"] == "rev"
+
+
+def test_batched_hessians_of_det_equal_each_examples(client):
+    from .user_functions import det
+
+    a, _ = _solve_inputs(4)
+    got, doc = decode(post(client, "det", [a], "json", endpoint="hessian", batched=True), "hessian")
+    want = torch.stack([torch.func.hessian(det)(torch.from_numpy(a[i])) for i in range(4)])
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-9, atol=1e-10)
+    assert doc["meta"]["mode"] in ("jacrev_grad", "jacrev_jacrev")
+
+
+@pytest.mark.parametrize("endpoint, options", [("jacobian", {"mode": "fwd"}), ("hessian", {})])
+def test_stacked_requests_of_det_and_solve_get_their_own_answers(make_client, endpoint, options):
+    """Request batching stacks plain requests into one vmap: forward mode (asked for,
+    or a Hessian strategy measured fastest) must not run under it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .user_functions import det, solve
+
+    client = make_client(max_batch_wait_ms=300, max_batch_size=8)
+    a, b = _solve_inputs(6)
+    name, inputs = ("solve", lambda i: [a[i], b[i]]) if endpoint == "jacobian" else ("det", lambda i: [a[i]])
+    key = "hessian" if endpoint == "hessian" else "jacobian"
+    decode(post(client, name, inputs(0), "json", endpoint=endpoint, **options), key)  # the key's first call runs alone
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda i: post(client, name, inputs(i), "json", endpoint=endpoint, **options), range(6)))
+    sizes = []
+    for i, r in enumerate(responses):
+        got, doc = decode(r, key)
+        sizes.append(doc["meta"]["batch_size"])
+        want = torch.func.hessian(det)(torch.from_numpy(a[i])) if endpoint == "hessian" else \
+            torch.func.jacrev(solve)(*tensors(inputs(i)))
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-9, atol=1e-10)
+    assert max(sizes) > 1, sizes
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_output_asked_for_is_the_one_differentiated(client, batched):
+    """A function drawing at every call: the output comes from the same call as the
+    derivative (it came from another call, another draw), batched or not."""
+    x = np.array([[1.0, -2.0, 3.0], [0.5, 1.5, -1.0]] if batched else [1.0, -2.0, 3.0], np.float32)
+    got, doc = decode(post(client, "noisy", [x], "json", batched=batched, return_output=True))
+    diag = np.diagonal(got, axis1=-2, axis2=-1)
+    np.testing.assert_allclose(wire.decode_tree(doc["output"]), x * diag, rtol=1e-6)
+    got, doc = decode(post(client, "noisy_energy", [x], "json", endpoint="hessian", batched=batched, return_output=True),
+                      "hessian")
+    diag = np.diagonal(got, axis1=-2, axis2=-1)
+    np.testing.assert_allclose(wire.decode_tree(doc["output"]), (diag * x**2).sum(-1) / 2, rtol=1e-5)

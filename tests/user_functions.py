@@ -299,3 +299,28 @@ def norm_cubed(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("x", shape=("n",))], description="An integer output, which jacrev refuses.")
 def int_output(x: torch.Tensor) -> torch.Tensor:
     return (x * 2).long()
+
+
+# torch (2.13) gets forward-mode AD under a vmap over examples wrong for LU-based ops:
+# vmap(jacfwd(solve)) and vmap(hessian(det)) are far off, each example alone is right.
+@register(inputs=[Input("a", shape=("n", "n"), dtype="float64"), Input("b", shape=("n",), dtype="float64")],
+          description="linalg.solve(a, b)")
+def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.solve(a, b)
+
+
+@register(inputs=[Input("a", shape=("n", "n"), dtype="float64")], description="[det(a)]: a vector output")
+def det(a: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.det(a).reshape(1)  # not 0-d: Hessian strategies for vectors start with jacfwd(jacrev)
+
+
+# Draws at every call: an output asked for with the derivative must be the one of the
+# call differentiated (the Jacobian's diagonal is 1 + the draw).
+@register(inputs=[Input("x", shape=("n",))], description="x * (1 + u), u uniform, drawn at each call")
+def noisy(x: torch.Tensor) -> torch.Tensor:
+    return x * (1 + torch.rand(x.shape, dtype=x.dtype))
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sum((1 + u) * x**2) / 2, u drawn at each call")
+def noisy_energy(x: torch.Tensor) -> torch.Tensor:
+    return ((1 + torch.rand(x.shape, dtype=x.dtype)) * x**2).sum() / 2

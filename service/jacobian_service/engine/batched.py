@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
 from ..types import Call, Result
 from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
-from .hessian import TORCHS, STRATEGIES, choose, finite
+from .hessian import STRATEGIES, TORCHS, finite, with_output
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -28,7 +28,15 @@ log = logging.getLogger("jacobian_service.engine")
 
 
 def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) -> Result:
-    """``vmap(jacrev(f))`` (or hessian) over the leading dim of every input."""
+    """``vmap(jacrev(f))`` (or a Hessian) over the leading dim of every input.
+
+    Reverse mode only under ``vmap`` over examples: torch (2.13) gets forward-mode AD
+    under such a ``vmap`` wrong for some ops, silently (``vmap(jacfwd(linalg.solve))``
+    thousands off, ``vmap(torch.func.hessian(f))`` of a solve or a ``det`` too, while
+    each example alone is right). So a batched Jacobian is ``jacrev``'s whatever
+    ``mode`` asks, a batched Hessian reverse over reverse; a function whose Hessian
+    must be torch's own (it switches grad off) loops over its examples.
+    """
     args = engine.tensors(call)
     batch = args[0].shape[0] if args else 0
     box = AuxBox(call.spec)
@@ -36,62 +44,55 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
 
     profile = engine.profiles[call.spec.name]
     # Size check from one example's forward pass, before any derivative; it also tells
-    # whether the function computes with grad off (then no forward mode: calling.GradOffWatch).
-    watch = GradOffWatch(active=kind == "hessian" or call.mode == "fwd")  # not on reverse mode's hot path
+    # whether the function computes with grad off (calling.GradOffWatch).
+    watch = GradOffWatch(active=kind == "hessian")  # not on reverse mode's hot path
     first = engine.guard(lambda: watch.call(box, *fresh([a[0] for a in args]))[0]) if batch else None
     check_floating(first)
     profile.grad_off = profile.grad_off or watch.seen
-    mode = call.mode
-    if kind == "jacobian":  # what runs: jacfwd only when asked and equal to jacrev
-        mode = "fwd" if call.mode == "fwd" and profile.forward_ad and not profile.grad_off else "rev"
-    elif kind == "hessian":  # the strategy, by name
-        mode = choose(profile, call.signature(batched=True), isinstance(first, torch.Tensor) and first.dim() == 0)
+    mode, use_vmap = "rev", True
+    if kind == "hessian":
+        scalar = isinstance(first, torch.Tensor) and first.dim() == 0
+        mode = TORCHS if profile.grad_off else "jacrev_grad" if scalar else "jacrev_jacrev"
+        use_vmap = mode != TORCHS
 
     def per_example(*example: torch.Tensor) -> Any:
         g, primals = differentiable(box, example, call)
+        g = with_output(g)  # return_output's output: the one differentiated, not another call's
         if kind == "hessian":
-            h, aux = STRATEGIES[mode](g, argnums)(*primals)
-            return as_input_dtypes(h, primals, depth=2), aux
-        if mode == "fwd":  # jacfwd takes no chunk_size
-            jac, aux = torch.func.jacfwd(g, argnums=argnums, has_aux=True)(*primals)
-            return as_input_dtypes(jac, primals, depth=1), aux
-        return torch.func.jacrev(g, argnums=argnums, has_aux=True, chunk_size=call.chunk_size)(*primals)
+            h, (out, aux_t) = STRATEGIES[mode](g, argnums)(*primals)
+            return (as_input_dtypes(h, primals, depth=2), out), aux_t
+        jac, (out, aux_t) = torch.func.jacrev(g, argnums=argnums, has_aux=True, chunk_size=call.chunk_size)(*primals)
+        return (jac, out), aux_t
 
     if first is not None:
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(first))
         in_numel = sum(args[i][0].numel() for i in call.argnums)
         width = in_numel if kind == "jacobian" else in_numel * in_numel
         engine.check_result_size(call, batch * out_numel * width * engine.wire_itemsize(args[call.argnums[0]].dtype))
-    try:
-        value, aux = over_examples(engine, call, box, per_example, args, allow_loop)
-    except FunctionError:
-        if mode != "fwd":
-            raise
-        # jacfwd failed (a custom autograd.Function without jvp): jacrev's answer, as
-        # the result never depends on `mode`; or jacrev's error, if the function's own
-        log.info("jacfwd failed for %s; using reverse mode", call.spec.name)
-        profile.forward_ad, mode = False, "rev"
-        value, aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop)
+    (value, output), aux = over_examples(engine, call, box, per_example, args, allow_loop, use_vmap)
     if kind == "hessian" and mode != TORCHS and not finite(value):
         # where f is not smooth the strategies may differ (NaN against torch's 0): torch's
+        # own, example by example
         mode = TORCHS
-        value, aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop)
-    output = engine.evaluate(call).value if call.return_output else None
+        (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False)
+    output = engine.host(output) if call.return_output else None
     return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, call.chunk_size, mode)
 
 
 def over_examples(
-    engine: "Engine", call: Call, box: AuxBox, fn: Callable[..., Any], args: list[torch.Tensor], allow_loop: bool
+    engine: "Engine", call: Call, box: AuxBox, fn: Callable[..., Any], args: list[torch.Tensor], allow_loop: bool,
+    use_vmap: bool = True,
 ) -> tuple[Any, Any]:
     """``vmap(fn)`` over the leading dim of ``args`` -> ``(value, aux)``; when vmap
-    cannot run the function, a loop over examples (unless ``allow_loop`` is False:
-    request batching then runs each request alone)."""
+    cannot run the function (or ``use_vmap`` is False), a loop over examples (unless
+    ``allow_loop`` is False: request batching then runs each request alone)."""
     batch = args[0].shape[0] if args else 0
     profile = engine.profiles[call.spec.name]
+    use_vmap = use_vmap and profile.vmap_function
     vmap_error: BaseException | None = None
-    if batch == 0 and not profile.vmap_function:  # vmap answers an empty batch; a loop cannot
+    if batch == 0 and not use_vmap:  # vmap answers an empty batch; a loop cannot
         raise InvalidInput(f"{call.spec.name} cannot be batched with vmap, so a batch of no examples has no answer")
-    if profile.vmap_function:
+    if use_vmap:
         try:
             value, aux_t = torch.func.vmap(fn)(*args)
             return value, box.restore(aux_t)

@@ -28,7 +28,7 @@ from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, diff
 if TYPE_CHECKING:
     from .core import Engine
 
-__all__ = ["STRATEGIES", "TORCHS", "candidates", "choose", "finite", "hessian"]
+__all__ = ["STRATEGIES", "TORCHS", "candidates", "finite", "hessian", "with_output"]
 
 # Equal ways to compute torch.func.hessian.
 STRATEGIES: dict[str, Callable[[Callable[..., Any], Any], Callable[..., Any]]] = {
@@ -45,11 +45,16 @@ def candidates(scalar_output: bool) -> tuple[str, ...]:
     return ("jacrev_grad", "jacfwd_jacrev", "jacrev_jacrev") if scalar_output else ("jacfwd_jacrev", "jacrev_jacrev")
 
 
-def choose(profile: Any, key: Any, scalar_output: bool) -> str:
-    """The strategy remembered for ``key``, else the usual winner (per-example Hessians)."""
-    if profile.grad_off:
-        return TORCHS
-    return profile.hessian.get(key) or candidates(scalar_output)[0]
+def with_output(g: Callable[..., Any]) -> Callable[..., Any]:
+    """``g`` (returning ``(out, aux)``) with its output in the aux as well: the output of
+    the very call differentiated, not of another call (a function that draws random
+    numbers draws anew at each call)."""
+
+    def h(*p: Any) -> Any:
+        out, aux_t = g(*p)
+        return out, (out, aux_t)
+
+    return h
 
 
 def finite(value: Any) -> bool:
@@ -81,8 +86,9 @@ def hessian(engine: "Engine", call: Call) -> Result:
     used = ""
     timings: dict[str, float] = {}
     failure: BaseException | None = None
+    g_out = with_output(g)
     for name in order:
-        fn = STRATEGIES[name](g, argnums)
+        fn = STRATEGIES[name](g_out, argnums)
         try:
             # Every run on its own copies of the inputs, for a function that writes
             # into them; measuring runs each twice (a transform's first call pays extra).
@@ -106,10 +112,10 @@ def hessian(engine: "Engine", call: Call) -> Result:
         table[key] = used
     if used != TORCHS and not finite(found[0]):
         try:
-            found, used = engine.guard(lambda: STRATEGIES[TORCHS](g, argnums)(*fresh(primals))), TORCHS
+            found, used = engine.guard(lambda: STRATEGIES[TORCHS](g_out, argnums)(*fresh(primals))), TORCHS
         except ServiceError:
             pass  # torch's own fails on this function (no forward rule): the answer found
-    value, aux_t = found
+    value, (out, aux_t) = found
     value = as_input_dtypes(value, primals, depth=2)  # torch.func.hessian's block dtypes
     output = engine.host(out) if call.return_output else None
     return Result(engine.host(value), engine.host(box.restore(aux_t)), call.spec.has_aux, output, mode=used)

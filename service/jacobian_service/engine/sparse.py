@@ -228,7 +228,10 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
     stacked = [torch.stack(column) for column in zip(*[engine.tensors(c) for c in calls])]
     box = _boxed(first)
     pattern, coloring, cached, _ = _plan(engine, alive, kind, [a[0] for a in stacked], box)
-    if pattern.value_dependent:  # it holds at the first point only: each point detects its own
+    # A value-dependent pattern holds at the first point only: each point detects its
+    # own. Forward products (jvp) under a vmap over points are what torch (2.13) gets
+    # wrong for some ops (linalg.solve, det: see batched.py): each point alone.
+    if pattern.value_dependent or coloring.mode != "rev":
         return [sparse_derivative(engine, call, kind) for call in calls]
     nbytes = _result_nbytes(first, _shape(first, pattern), pattern.nnz, engine.wire_itemsize(stacked[first.argnums[0]].dtype))
     for call in calls:
