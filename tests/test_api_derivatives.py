@@ -522,3 +522,25 @@ def test_the_output_asked_for_is_the_one_differentiated(client, batched):
                       "hessian")
     diag = np.diagonal(got, axis1=-2, axis2=-1)
     np.testing.assert_allclose(wire.decode_tree(doc["output"]), (diag * x**2).sum(-1) / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "auto"])
+@pytest.mark.parametrize("case", ["prelu at 0", "det of a singular matrix", "away from the kinks"])
+def test_forward_mode_answers_jacrevs_jacobian_where_the_function_is_not_differentiable(client, mode, case):
+    """Where f has a kink each mode makes its own one-sided choice (jacfwd of prelu at 0
+    says 1, jacrev 0.2; of det at a singular matrix 0, jacrev the adjugate); the result
+    must not depend on `mode` (SPEC): one reverse product tells, and jacrev answers."""
+    from .user_functions import det, prelu3
+
+    name, fn, x = {
+        "prelu at 0": ("prelu3", prelu3, np.array([0.0, 1.0, -1.0])),
+        "det of a singular matrix": ("det", det, np.array([[1.0, 2.0], [2.0, 4.0]])),
+        "away from the kinks": ("prelu3", prelu3, np.array([0.5, 1.0, -1.0])),
+    }[case]
+    want = torch.func.jacrev(fn)(torch.from_numpy(x))
+    differs = not torch.allclose(torch.func.jacfwd(fn)(torch.from_numpy(x)), want)
+    assert differs == (case != "away from the kinks")
+    got, doc = decode(post(client, name, [x.astype(np.float64 if name == "det" else np.float32)], "json", mode=mode))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-7)
+    if case == "away from the kinks" or mode == "fwd":
+        assert doc["meta"]["mode"] == ("fwd" if case == "away from the kinks" else "rev")

@@ -324,3 +324,8 @@ def noisy(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("x", shape=("n",))], description="sum((1 + u) * x**2) / 2, u drawn at each call")
 def noisy_energy(x: torch.Tensor) -> torch.Tensor:
     return ((1 + torch.rand(x.shape, dtype=x.dtype)) * x**2).sum() / 2
+
+
+@register(inputs=[Input("x", shape=("n",))], description="prelu(x) (slope 0.2) three times: at 0 jacfwd says 1, jacrev 0.2")
+def prelu3(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.prelu(x, torch.tensor([0.2], dtype=x.dtype)).repeat(3)

@@ -104,6 +104,37 @@ def _split_stack(tree: Any, ref_leaves: list[Any], batched: bool) -> Any:
     return list(tree) if all(tuple(r.shape) == rest for r in ref_leaves) else tree
 
 
+def _agrees_with_reverse(g: Callable[..., Any], primals: tuple[Any, ...], jac: Any) -> bool:
+    """Whether a forward-mode Jacobian is jacrev's, by one reverse product: ``v^T J`` for
+    a random ``v``, against the same from ``jac``.
+
+    They differ where f is not differentiable (``prelu`` or ``where(x > 0, sqrt(x), 0)``
+    at 0, ties of ``fmax``, ``det`` of a singular matrix): each mode makes its own
+    one-sided choice there, and the answer must not depend on ``mode`` (SPEC). One VJP
+    costs about one forward and one backward pass, little against the several JVPs that
+    made forward mode worth it. Where they differ, a random ``v`` sees it (almost surely);
+    NaN against a number is a difference, round-off is not."""
+    out, pullback, _ = torch.func.vjp(g, *fresh(primals), has_aux=True)
+    outs, out_spec = pytree.tree_flatten(out)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = [torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5 for o in outs]
+    rev = [r.detach().to("cpu", torch.float64) for r in pytree.tree_leaves(
+        pullback(pytree.tree_unflatten([vi.to(o.device, o.dtype) for vi, o in zip(v, outs)], out_spec)))]
+    blocks = [b.detach().to("cpu", torch.float64) for b in pytree.tree_leaves(jac)]  # (output, parameter leaf)
+    n = len(rev)
+    for j, r in enumerate(rev):
+        fwd = sum(torch.tensordot(vi, blocks[i * n + j], dims=vi.dim()) for i, vi in enumerate(v))
+        scale = sum(torch.tensordot(vi, blocks[i * n + j].abs(), dims=vi.dim()) for i, vi in enumerate(v))
+        eps = torch.finfo(outs[0].dtype).eps if outs and outs[0].is_floating_point() else 0.0
+        tol = min(256 * eps, 1e-2) * (scale + fwd.abs()) + torch.finfo(torch.float64).tiny
+        same = (fwd - r).abs() <= tol
+        same |= torch.isnan(fwd) & torch.isnan(r)
+        same |= torch.isinf(fwd) & (fwd == r)
+        if not bool(same.all()):
+            return False
+    return True
+
+
 class Engine:
     """Computes derivatives on one device. Not thread-safe: one thread owns it."""
 
@@ -342,6 +373,9 @@ class Engine:
             # itself fails again in reverse mode, with its own error.
             log.info("jacfwd failed for %s (%s); using reverse mode", call.spec.name, type(exc).__name__)
             profile.forward_ad = False
+            return None
+        if not self.guard(lambda: _agrees_with_reverse(g, primals, jac)):
+            log.info("jacfwd differs from jacrev for %s at this point; using reverse mode", call.spec.name)
             return None
         jac = as_input_dtypes(jac, primals, depth=1)  # jacrev's dtypes, not the output's
         output = self.host(out) if call.return_output else None  # f at the values sent
