@@ -113,13 +113,20 @@ def _agrees_with_reverse(g: Callable[..., Any], primals: tuple[Any, ...], jac: A
     one-sided choice there, and the answer must not depend on ``mode`` (SPEC). One VJP
     costs about one forward and one backward pass, little against the several JVPs that
     made forward mode worth it. Where they differ, a random ``v`` sees it (almost surely);
-    NaN against a number is a difference, round-off is not."""
-    out, pullback, _ = torch.func.vjp(g, *fresh(primals), has_aux=True)
-    outs, out_spec = pytree.tree_flatten(out)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    v = [torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5 for o in outs]
-    rev = [r.detach().to("cpu", torch.float64) for r in pytree.tree_leaves(
-        pullback(pytree.tree_unflatten([vi.to(o.device, o.dtype) for vi, o in zip(v, outs)], out_spec)))]
+    NaN against a number is a difference, round-off is not. A function reverse mode
+    cannot differentiate (an in-place write into its input, which jacfwd allows) has no
+    jacrev to differ from: its forward-mode Jacobian stands."""
+    try:
+        out, pullback, _ = torch.func.vjp(g, *fresh(primals), has_aux=True)
+        outs, out_spec = pytree.tree_flatten(out)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        v = [torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5 for o in outs]
+        rev = [r.detach().to("cpu", torch.float64) for r in pytree.tree_leaves(
+            pullback(pytree.tree_unflatten([vi.to(o.device, o.dtype) for vi, o in zip(v, outs)], out_spec)))]
+    except BaseException as exc:
+        if is_oom(exc) or not isinstance(exc, Exception):  # SystemExit is still the function's error
+            raise function_error(exc) from None
+        return True
     blocks = [b.detach().to("cpu", torch.float64) for b in pytree.tree_leaves(jac)]  # (output, parameter leaf)
     n = len(rev)
     for j, r in enumerate(rev):
@@ -374,7 +381,7 @@ class Engine:
             log.info("jacfwd failed for %s (%s); using reverse mode", call.spec.name, type(exc).__name__)
             profile.forward_ad = False
             return None
-        if not self.guard(lambda: _agrees_with_reverse(g, primals, jac)):
+        if not _agrees_with_reverse(g, primals, jac):
             log.info("jacfwd differs from jacrev for %s at this point; using reverse mode", call.spec.name)
             return None
         jac = as_input_dtypes(jac, primals, depth=1)  # jacrev's dtypes, not the output's
