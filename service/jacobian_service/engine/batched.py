@@ -6,7 +6,6 @@ equal requests into one batched call and splits the result back.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -23,8 +22,6 @@ if TYPE_CHECKING:
     from .core import Engine
 
 __all__ = ["batched", "over_examples", "run_batch", "take"]
-
-log = logging.getLogger("jacobian_service.engine")
 
 
 def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) -> Result:
