@@ -213,7 +213,7 @@ def test_a_stream_left_by_its_client_leaves_no_unretrieved_failure(media):
                                 metrics=SimpleNamespace(streamed_bytes=SimpleNamespace(inc=lambda n: None)))
         head, info = StreamHead(1, (4, 4), "float32", 2, 64), JobInfo(device="cpu")
         if media == "npy":
-            response = routes._stream(state, None, None, head, info)
+            response = routes._stream(state, None, SimpleNamespace(spec=SimpleNamespace(name="f")), head, info)
         else:
             response = routes._stream_json(state, "f", head, info)
         body = response.body_iterator
