@@ -542,12 +542,16 @@ def _proven_wrong(
     p: Pattern, coloring: Coloring, plan: "_Products", block: torch.Tensor, matrix: Any,
     run: Callable[[list[torch.Tensor]], torch.Tensor], rows: tuple[int, int] | None,
 ) -> bool:
-    """Whether the products prove ``p`` wrong (see :mod:`.verify`): the free check for
-    every pattern, the random product too for those not traced. A declared pattern
-    proven wrong raises :class:`PatternMismatch` (it is trusted: the caller must know);
-    for the others the caller computes densely."""
+    """Whether the products prove ``p`` wrong (see :mod:`.verify`): nothing to check for
+    an exact traced pattern (a superset by construction; checking took ~60 % more time
+    on lorenz96 at n = 8192), the free check for one traced through ops it does not know,
+    the random product too for those not traced. A declared pattern proven wrong raises
+    :class:`PatternMismatch` (it is trusted: the caller must know); for the others the
+    caller computes densely."""
     from .verify import disagrees, disagrees_batch, strays
 
+    if p.source == "traced" and p.exact:
+        return False
     batch = isinstance(matrix, list)
     stray = sum(strays(p, coloring, b, rows) for b in block) if batch else strays(p, coloring, block, rows)
     off = 0.0
