@@ -483,8 +483,9 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
     class HeaderDeadlineProtocol(base):  # type: ignore[misc, valid-type]
         _header_timer: Any = None
         _heard = False  # any byte since the timer was armed
-        _header_bytes = 0  # bytes received since then while no request's headers were in
+        _header_bytes = 0  # bytes of the head being received
         _tail = b""  # the last 3 of them
+        _head_open = True  # httptools: what arrives is a head (the first, or the next after a whole request)
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop))
@@ -492,10 +493,12 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def data_received(self, data: bytes) -> None:
             self._heard = True
-            if self._awaiting_headers():
+            if self._in_head():
                 # Counted before the parser sees them, up to the blank line that ends them
                 # (what follows is a body), so no header list past the limit is ever built.
                 # (The last bytes of the previous piece go along: the blank line can span two.)
+                # A head that begins later in the same piece, after a whole request (pipelined),
+                # is counted from the next piece on: at most one piece (256 KiB) goes uncounted.
                 scan = self._tail + data
                 end = scan.find(b"\r\n\r\n")
                 self._header_bytes += len(data) if end < 0 else end + 4 - len(self._tail)
@@ -505,6 +508,26 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                     return
             super().data_received(data)
 
+        # Where a head begins and ends, from the parser, never from the response: a body
+        # answered before it was read (a 404, a 401) is still body, and the head after it
+        # (or one pipelined behind a response still being sent) still a head, counted.
+        # uvicorn's own state cannot say it (it stops updating a request once answered).
+        def on_headers_complete(self) -> None:  # httptools
+            self._head_open, self._header_bytes, self._tail = False, 0, b""
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:  # httptools
+            super().on_message_complete()
+            self._head_open = True
+
+        def _in_head(self) -> bool:
+            conn = getattr(self, "conn", None)
+            if conn is not None:  # h11: the client's side of its state machine
+                import h11
+
+                return conn.their_state in (h11.IDLE, h11.DONE)
+            return self._head_open
+
         def send_400_response(self, msg: str) -> None:
             """What the parser could not read (uvicorn answers it in plain text)."""
             self._refuse(MalformedRequest(f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})"))
@@ -513,18 +536,6 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             if not self.transport.is_closing():
                 self.transport.write(_closing_problem(error))
                 self.transport.close()
-
-        def _awaiting_headers(self) -> bool:
-            # After the response, unless the request's body is still coming: an answer
-            # given before the body was read (a 404, a 401) leaves it on the wire, where
-            # the parser takes it as body, not as the next request's headers.
-            cycle = getattr(self, "cycle", None)
-            return cycle is None or cycle.response_complete and not cycle.more_body
-
-        def _draining(self) -> bool:
-            """The rest of a body nobody will read, after its response."""
-            cycle = getattr(self, "cycle", None)
-            return cycle is not None and cycle.response_complete and cycle.more_body
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -539,17 +550,19 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             if self._header_timer is not None:
                 self._header_timer.cancel()
             self._heard = False
-            self._header_bytes, self._tail = 0, b""
+            if getattr(self, "conn", None) is not None:  # h11 has no head callbacks: a head begins after a response
+                self._header_bytes, self._tail = 0, b""
             self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
 
         def _header_timeout(self) -> None:
             self._header_timer = None
-            if self._draining():  # it gets the next request's time to finish, no more
-                self.transport.close()
-                return
-            if not self._awaiting_headers():
-                return  # a request is in: its body and response are timed by the app
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None and not cycle.response_complete:
+                return  # a request is being answered: its body and response are timed by the app
             if self.transport.is_closing():
+                return
+            if not self._in_head():  # the rest of a body nobody will read, after its response:
+                self.transport.close()  # it got the next request's time to finish, no more
                 return
             if self._heard:  # part of a request: say why it is cut off
                 if on_timeout is not None:
