@@ -368,3 +368,39 @@ def test_a_body_that_could_never_fit_the_budget_is_413_not_503(make_client):
     problem = assert_problem(c.post(URL, content=stored, headers={"content-type": wire.NPZ}), 413, "payload_too_large")
     assert "needs both at once" in problem["detail"]
     still_serving(c)
+
+
+@pytest.mark.parametrize("body, query", [
+    ({"inputs": [[1.0]], "argnums": [0] * 300_000}, ""),  # duplicates, quoted back whole
+    ({"inputs": [[1.0]], "argnums": [{"k": "v" * 300_000}]}, ""),  # a wrong type, repr'd whole
+    ({"inputs": [[1.0]], "argnums": "y" * 300_000}, ""),  # an unknown name
+    ({"inputs": {f"k{i}" * 50: [1.0] for i in range(5000)}}, ""),  # unknown input keys
+    ({"inputs": [[1.0]]}, "?" + "&".join(["a"] * 15_000)),  # options given twice (was quadratic: seconds)
+])
+def test_no_refusal_quotes_a_request_back_at_its_own_size(client, body, query):
+    """Found by a red team: details quoted what was sent (a 3 MB argnums list came back in
+    a 3 MB 422). Every detail is cut at 2,000 characters, saying how much was cut."""
+    import time
+
+    started = time.monotonic()
+    r = client.post(f"/v1/functions/sin/jacobian{query}", json=body)
+    assert time.monotonic() - started < 5
+    assert_problem(r, 422, "invalid_input")
+    assert len(r.json()["detail"]) < 2100
+    assert len(r.content) < 3000
+
+
+def test_rows_past_int64_are_422_not_500(client):
+    """They could not travel to the engine (orjson refuses such integers): a 500 and a
+    logged traceback in the process layout."""
+    for query in ("rows=0,99999999999999999999999", "rows=-99999999999999999999999,2"):
+        r = client.post(f"/v1/functions/sin/jacobian?{query}", content=npy_bytes(np.ones(3, np.float32)),
+                        headers={"content-type": wire.NPY})
+        assert_problem(r, 422, "invalid_input")
+        assert "rows" in r.json()["detail"]
+
+
+def test_an_unknown_docs_asset_is_not_quoted_whole(client):
+    r = client.get("/docs-assets/" + "a" * 30_000)
+    assert_problem(r, 404, "not_found")
+    assert len(r.content) < 600

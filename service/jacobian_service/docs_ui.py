@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from .errors import NotFound
+from .responses import echo
 
 __all__ = ["ASSETS_URL", "ASSET_FILES", "CSP", "asset", "assets_dir", "redoc", "swagger_ui"]
 
@@ -203,7 +204,7 @@ def _etag_matches(if_none_match: str, etag: str) -> bool:
 async def asset(request: Request, file: str) -> Response:
     media_type = ASSET_FILES.get(file)
     if media_type is None:  # only the named files: no path ever reaches the file system
-        raise NotFound(f"no docs asset {file!r}")
+        raise NotFound(f"no docs asset {echo(file)}")
     body, digest = _asset_file(file)
     etag = f'"{digest}"'
     versioned = request.query_params.get("v") == digest

@@ -67,12 +67,20 @@ __all__ = [
 ]
 
 
+MAX_DETAIL = 2000  # characters of a problem's detail
+
+
 class ServiceError(Exception):
     status = 500
     code = "internal_error"
     title = "Internal error"
 
     def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        # Details quote what clients sent (argnums, input keys, names): cut, whatever the
+        # message, so that no request makes its answer as large as itself (a 3 MB argnums
+        # list came back whole in a 422).
+        if len(detail) > MAX_DETAIL:
+            detail = f"{detail[:MAX_DETAIL]}... ({len(detail) - MAX_DETAIL} more characters)"
         super().__init__(detail)
         self.detail = detail
         self.headers = headers or {}

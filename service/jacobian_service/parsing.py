@@ -8,7 +8,7 @@ straight to numpy by :mod:`jacobian_client.wire`).
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
@@ -27,6 +27,8 @@ KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
 _INTEGER = re.compile(r"-?[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
 _VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}
 _INT64_MAX = 2**63 - 1
+# Past int64 a number cannot travel to the engine (orjson refuses it): a 500 it was.
+_Int64 = Annotated[StrictInt, Field(ge=-_INT64_MAX - 1, le=_INT64_MAX)]
 
 
 class Options(BaseModel):
@@ -43,7 +45,7 @@ class Options(BaseModel):
     chunk_size: StrictInt | None = Field(None, ge=1, le=_INT64_MAX, description="rows (sparse: products) per vmap; null lets the service choose")
     batched: StrictBool = Field(False, description="per-example results over the leading dimension")
     return_output: StrictBool = False
-    rows: tuple[StrictInt, StrictInt] | None = Field(None, description="[start, stop) rows of the flattened output")
+    rows: tuple[_Int64, _Int64] | None = Field(None, description="[start, stop) rows of the flattened output")
     mode: Literal["rev", "fwd", "auto"] | None = Field(
         None, description="rev (default for dense), fwd or auto (default for sparse: fewer products)"
     )
@@ -433,6 +435,7 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
     argnums, _ = spec.argnums(options.argnums)
     rng = np.random.default_rng(0)
     args, dtypes, bindings = [], [], {}  # type: ignore[var-annotated]
+    sent: list[str] = []
     total = 0
     for shape, name, inp in zip(shapes, dtype_names, spec.inputs):
         elements, nonzero = _elements(shape) if len(shape) <= limits.max_rank else (0, 0)
@@ -445,6 +448,7 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
         if name is not None and name not in wire.DTYPES:
             raise InvalidInput(f"dtypes: unknown dtype {echo(name)}")
         dtype = inp.resolve_dtype(name) if name is not None else inp.default_dtype
+        sent.append(name or dtype)
         inp.bind(shape, bindings)
         wire_dtype = "float32" if dtype == "bfloat16" else dtype
         if np.dtype(wire_dtype).kind == "f":
@@ -453,9 +457,9 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
             arr = np.ones(shape, dtype=wire_dtype)
         args.append(arr)
         dtypes.append(dtype)
-    for i in argnums:
-        if dtypes[i] not in FLOAT_DTYPES:
-            raise InvalidInput(f"input {spec.inputs[i].name!r} is {dtypes[i]}; only floating inputs can be differentiated")
+    for i in argnums:  # as parse_call: integers named for a `floating` input are refused, not cast
+        if dtypes[i] not in FLOAT_DTYPES or spec.inputs[i].dtype == FLOATING and sent[i] not in FLOAT_DTYPES:
+            raise InvalidInput(f"input {spec.inputs[i].name!r} is {sent[i]}; only floating inputs can be differentiated")
     call = Call(spec=spec, args=args, dtypes=dtypes, argnums=argnums, mode=options.mode or "auto",
                 sparsity=options.sparsity, sparse_format=fmt)
     return kind, call

@@ -10,6 +10,7 @@ No torch here: the engines are reached through :mod:`jacobian_service.engine_cli
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import platform
@@ -96,7 +97,9 @@ def _query(request: Request) -> dict[str, str]:
         return {}
     params = request.query_params
     if len(params.multi_items()) != len(params):  # ?argnums=0&argnums=1: which one was meant?
-        twice = sorted({k for k, _ in params.multi_items() if len(params.getlist(k)) > 1})
+        # counted in one pass (getlist per item scanned them all: 15,000 `a&a&...` took 5 s)
+        counts = collections.Counter(k for k, _ in params.multi_items())
+        twice = sorted(k for k, n in counts.items() if n > 1)
         raise InvalidInput(f"query options given more than once: {', '.join(echo(k) for k in twice[:5])}")
     return dict(params)
 
