@@ -162,6 +162,18 @@ def test_an_entry_that_is_no_origin_stops_start_up(entry):
         Settings(cors_origins=f"https://ok.example,{entry}")
 
 
+@pytest.mark.parametrize("entry", ["https://*.example.org", "https://%61.org", "http://[1::2::3]"])
+def test_an_entry_no_browser_can_send_stops_start_up(entry):
+    """A wildcard or an escaped host never arrives in an Origin header: it matched nothing, silently."""
+    from pydantic import ValidationError
+
+    from jacobian_service.settings import Settings
+
+    with pytest.raises(ValidationError, match=f"CORS_ORIGINS entry {re.escape(repr(entry))}"):
+        Settings(cors_origins=f"https://ok.example,{entry}")
+    assert Settings(cors_origins="http://[0:0::1]:8080").cors_origin_list == ("http://[::1]:8080",)
+
+
 def test_preflights_count_under_their_endpoint(url):
     """A preflight counts under the route its path names, apart from the calls (code
     "preflight"): it was counted as endpoint "_unrouted" (no route has method OPTIONS)."""
@@ -176,3 +188,16 @@ def test_preflights_count_under_their_endpoint(url):
     assert httpx.options(url + SIN, headers=PREFLIGHT, timeout=10).status_code == 200
     assert count() == before + 1
     assert 'endpoint="_unrouted"' not in httpx.get(url + "/metrics", timeout=10).text
+
+
+@pytest.mark.parametrize("headers, refused", [
+    ({**PREFLIGHT, "Origin": "http://evil.example"}, "origin"),
+    ({**PREFLIGHT, "Access-Control-Request-Headers": "x-not-allowed"}, "headers"),
+])
+def test_a_refused_preflight_is_a_problem_like_every_other_error(url, headers, refused):
+    """Starlette answered it in plain text ("Disallowed CORS origin")."""
+    r = httpx.options(url + SIN, headers={**headers, "X-Request-ID": "pre-1"}, timeout=10)
+    assert r.status_code == 400 and r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["code"] == "malformed_request" and body["request_id"] == "pre-1" == r.headers["x-request-id"]
+    assert body["detail"] == f"CORS preflight refused: this {refused} is not allowed here (CORS_ORIGINS)"

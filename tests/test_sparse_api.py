@@ -792,3 +792,12 @@ def test_real_server_a_costly_sparsity_request_ends_at_its_deadline(server):
     assert time.monotonic() - t0 < 2  # the engine was free
     np.testing.assert_allclose(J.toarray(), jac(lorenz96, x), rtol=1e-5, atol=1e-6)
     assert restarts() == before == 0
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool"])
+def test_a_pattern_for_integers_named_for_a_floating_input_is_422_as_its_request_would_be(client, dtype):
+    """GET .../sparsity answered a pattern where the POST it describes is refused."""
+    r = client.get(f"/v1/functions/sum_sin/sparsity?shapes=3&dtypes={dtype}")
+    assert r.status_code == 422 and r.json()["code"] == "invalid_input"
+    assert r.json()["detail"] == f"input 'x' is {dtype}; only floating inputs can be differentiated"
+    assert client.get("/v1/functions/sum_sin/sparsity?shapes=3&dtypes=float64").status_code == 200

@@ -6,6 +6,7 @@ route is covered alike: there is no second path that could skip the key check.
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import logging
 import time
@@ -182,6 +183,9 @@ EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "Content-Length", "Content-Dis
                    "X-Chunk-Size", "X-Device", "X-Queue-Ms"]
 
 
+_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("cors_request_id", default="")
+
+
 def cors(app: Any, origins: tuple[str, ...]) -> Any:
     """Browsers on pages of ``origins`` may call the API (Starlette's CORS middleware).
     Preflights are answered here, before auth: a browser sends them without the
@@ -194,7 +198,31 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
     stay off (which also lets ``*`` mean any origin)."""
     from starlette.middleware.cors import CORSMiddleware
 
-    return CORSMiddleware(
+    class ProblemCORS(CORSMiddleware):
+        """A refused preflight as problem+json, as every other error (Starlette answers it
+        in plain text: "Disallowed CORS origin")."""
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            token = _REQUEST_ID.set(scope.get("state", {}).get("request_id", ""))
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                _REQUEST_ID.reset(token)
+
+        def preflight_response(self, request_headers: Any) -> Any:
+            response = super().preflight_response(request_headers)
+            if response.status_code != 400:
+                return response
+            refused = response.body.decode("latin-1").removeprefix("Disallowed CORS ")
+            problem = problem_response(
+                MalformedRequest(f"CORS preflight refused: this {refused} is not allowed here (CORS_ORIGINS)"),
+                _REQUEST_ID.get())
+            for key in ("access-control-allow-methods", "access-control-max-age", "vary"):
+                if key in response.headers:
+                    problem.headers[key] = response.headers[key]
+            return problem
+
+    return ProblemCORS(
         app,
         allow_origins=list(origins),
         allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ def _split(value: str) -> tuple[str, ...]:
 # What a browser sends as Origin: scheme://host[:port], nothing after it (RFC 6454).
 _ORIGIN = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:?#@\[\]\s]+)"
                      r"(?::(?P<port>[0-9]{1,5}))?/?")
+_HOST = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)*")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -40,6 +42,14 @@ def _origin(entry: str) -> str:
             f"https://app.example.org or http://localhost:5173"
         )
     scheme, host = m["scheme"].lower(), m["host"].lower()
+    if host.startswith("["):  # browsers send an IPv6 host compressed: [::1], not [0:0::1]
+        try:
+            host = f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+        except ValueError:
+            raise ValueError(f"CORS_ORIGINS entry {entry!r}: {host} is no IPv6 address") from None
+    elif not _HOST.fullmatch(host):  # a wildcard (*.example.org), %-escapes: never in an Origin
+        raise ValueError(f"CORS_ORIGINS entry {entry!r}: a host is letters, digits, '-' and '.' "
+                         "(no wildcards: list each origin, or '*' for any)")
     port = int(m["port"]) if m["port"] is not None else None
     return f"{scheme}://{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS.get(scheme) else "")
 
