@@ -8,6 +8,7 @@ returns leaving work running behind it.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import subprocess
 import sys
@@ -281,3 +282,26 @@ def leaves_a_time_bomb(x: torch.Tensor) -> torch.Tensor:
     if _armed(x):
         threading.Timer(1.0, os._exit, (7,)).start()
     return x.sin()
+
+
+class _ExitsWhenCollected:
+    """A reference cycle whose __del__ ends the process: it runs when the cycle is
+    collected, in whatever is running then."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+    def __del__(self) -> None:
+        os._exit(9)
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="sin; leaves a reference cycle whose __del__ calls os._exit(9), on the trigger.")
+def leaves_a_gc_bomb(x: torch.Tensor) -> torch.Tensor:
+    y = x.sin()
+    if _armed(x):
+        # Collected now, the young generation is empty: the cycle left last is collected
+        # only when enough objects have been made since, which may be well after return.
+        gc.collect()
+        _ExitsWhenCollected()
+    return y

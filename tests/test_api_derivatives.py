@@ -544,3 +544,25 @@ def test_forward_mode_answers_jacrevs_jacobian_where_the_function_is_not_differe
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-7)
     if case == "away from the kinks" or mode == "fwd":
         assert doc["meta"]["mode"] == ("fwd" if case == "away from the kinks" else "rev")
+
+
+@pytest.mark.parametrize("name, options", [
+    ("grows_every_other_call", {"mode": "fwd"}),
+    ("aux_every_other_call", {"mode": "fwd"}),
+    ("grows_every_other_call", {"batched": True}),
+    ("keeps_positives", {"batched": True}),
+])
+def test_results_that_change_between_calls_are_the_functions_error_not_ours(client, name, options):
+    """Found by a red team: they were 500 internal_error with a logged traceback (a shape
+    mismatch in forward mode's check, StopIteration restoring aux, torch.stack), or a
+    200 whose aux mixed two calls."""
+    x = np.array([[1.0, -2.0, 3.0], [-1.0, -2.0, 3.0]] if options.get("batched") else [1.0, -2.0, 3.0], np.float32)
+    for _ in range(3):  # whichever parity of the call count it starts at
+        r = post(client, name, [x], "json", **options)
+        if r.status_code == 200:
+            got, doc = decode(r)
+            if name == "aux_every_other_call":  # an answer's aux is one call's, whole
+                assert set(doc["aux"]) in ({"a"}, {"a", "b", "label"})
+            continue
+        assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
+        assert "changed between its calls" in r.json()["detail"] or "cannot be stacked" in r.json()["detail"]

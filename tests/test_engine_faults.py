@@ -553,6 +553,28 @@ def test_a_thread_that_ends_the_engine_later_is_put_down_to_its_function():
         sin_ok(url)
 
 
+def test_garbage_that_ends_the_engine_when_collected_is_put_down_to_its_function():
+    """Found by a red team: a cycle whose __del__ calls os._exit ended the engine at some
+    later collection, under an innocent function's request, which took the blame (and
+    was quarantined). Each batch's garbage is collected while its function is named."""
+    with live_server(**SETTINGS) as (url, proc):
+        for i in range(2):
+            wait_spare(url)
+            r = httpx.post(f"{url}/v1/functions/leaves_a_gc_bomb/jacobian", json=ARMED, timeout=30)
+            assert r.status_code == 200, r.text  # answered before its garbage was collected
+            deadline = time.monotonic() + 10
+            while proc.read_log().count("running leaves_a_gc_bomb") <= i and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert proc.read_log().count("running leaves_a_gc_bomb") == i + 1, proc.read_log()[-3000:]
+            back_within(url, 5.0)
+            for _ in range(3):
+                sin_ok(url)
+        assert "running sin" not in proc.read_log()
+        r = httpx.post(f"{url}/v1/functions/leaves_a_gc_bomb/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
+        assert_problem(r, 503, "function_quarantined")
+        sin_ok(url)
+
+
 def test_the_front_end_never_imports_torch():
     import subprocess
     import sys

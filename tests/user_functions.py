@@ -329,3 +329,26 @@ def noisy_energy(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("x", shape=("n",))], description="prelu(x) (slope 0.2) three times: at 0 jacfwd says 1, jacrev 0.2")
 def prelu3(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.prelu(x, torch.tensor([0.2], dtype=x.dtype)).repeat(3)
+
+
+# Results that follow a call count: the service may call a function more than once for
+# one request (sizes, forward mode's check, example by example).
+_CALLS = [0]
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sin(x), one element longer at every other call")
+def grows_every_other_call(x: torch.Tensor) -> torch.Tensor:
+    _CALLS[0] += 1
+    return torch.cat([x.sin(), x[:1]]) if _CALLS[0] % 2 else x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))], has_aux=True, description="sin(x), with one more aux tensor at every other call")
+def aux_every_other_call(x: torch.Tensor):
+    _CALLS[0] += 1
+    aux = {"a": x.sum()} if _CALLS[0] % 2 else {"a": x.sum(), "b": x.sum(), "label": "two"}
+    return x.sin().repeat(3), aux
+
+
+@register(inputs=[Input("x", shape=("n",))], description="x[x > 0]: an output whose size follows the values")
+def keeps_positives(x: torch.Tensor) -> torch.Tensor:
+    return x[x > 0] * 3

@@ -113,8 +113,12 @@ def over_examples(
         per.append((value_b, box.restore(aux_t)))
     if vmap_error is not None:  # every example works alone: vmap itself is what fails
         engine.mark_unbatchable(call.spec.name, vmap_error)
-    value = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
-    return value, _stack_aux([p[1] for p in per])
+    try:
+        value = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
+        return value, _stack_aux([p[1] for p in per])
+    except (RuntimeError, ValueError, TypeError):  # x[x > 0], or results that follow a call count
+        raise FunctionError("the function's results for the examples differ in shape or structure, so they cannot be "
+                            "stacked into one batched answer") from None
 
 
 def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result]:

@@ -25,6 +25,7 @@ __all__ = [
     "AuxBox",
     "GradOffWatch",
     "as_input_dtypes",
+    "changed_between_calls",
     "check_floating",
     "differentiable",
     "fresh",
@@ -141,6 +142,17 @@ def _check_output(out: Any) -> None:
         _check_tensor(leaf, "the output")
 
 
+# The engine may call a function more than once for one request (to learn the output's
+# size, to check forward mode against reverse, example by example): one whose results
+# follow a call count or global state cannot be given one answer.
+_CHANGED = ("the function's {what} changed between its calls for this one request (the service may call it "
+            "more than once: to learn sizes, to check forward mode, example by example)")
+
+
+def changed_between_calls(what: str) -> FunctionError:
+    return FunctionError(_CHANGED.format(what=what))
+
+
 def check_floating(out: Any) -> None:
     """Only floating outputs have derivatives: jacrev refuses the rest, so every mode
     does (forward mode would answer zeros of the output's integer dtype)."""
@@ -195,6 +207,9 @@ class AuxBox:
     def restore(self, tensors: Sequence[torch.Tensor]) -> Any:
         if not self.spec.has_aux:
             return None
+        tensors = list(tensors)
+        if len(tensors) != sum(isinstance(leaf, torch.Tensor) for leaf in self.leaves):
+            raise FunctionError(_CHANGED.format(what="aux"))
         it = iter(tensors)
         leaves = [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
         return pytree.tree_unflatten(leaves, self.treespec)

@@ -19,7 +19,8 @@ from ..types import Call, Result, tree_leaves
 from . import batched as _batched
 from . import hessian as _hessian
 from . import sparse as _sparse
-from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
+from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, check_floating, differentiable, fresh,
+                      function_error, is_oom)
 from .devices import release_free_heap
 from .profile import Profiles
 from .rows import RowStream
@@ -129,6 +130,9 @@ def _agrees_with_reverse(g: Callable[..., Any], primals: tuple[Any, ...], jac: A
         return True
     blocks = [b.detach().to("cpu", torch.float64) for b in pytree.tree_leaves(jac)]  # (output, parameter leaf)
     n = len(rev)
+    if len(blocks) != len(outs) * n or any(
+            tuple(blocks[i * n + j].shape) != (*outs[i].shape, *rev[j].shape) for i in range(len(outs)) for j in range(n)):
+        raise changed_between_calls("output")
     for j, r in enumerate(rev):
         fwd = sum(torch.tensordot(vi, blocks[i * n + j], dims=vi.dim()) for i, vi in enumerate(v))
         scale = sum(torch.tensordot(vi, blocks[i * n + j].abs(), dims=vi.dim()) for i, vi in enumerate(v))
@@ -381,7 +385,8 @@ class Engine:
             log.info("jacfwd failed for %s (%s); using reverse mode", call.spec.name, type(exc).__name__)
             profile.forward_ad = False
             return None
-        if not _agrees_with_reverse(g, primals, jac):
+        g_check, _ = differentiable(AuxBox(call.spec), args, call)  # its own aux: the answer's stays whole
+        if not _agrees_with_reverse(g_check, primals, jac):
             log.info("jacfwd differs from jacrev for %s at this point; using reverse mode", call.spec.name)
             return None
         jac = as_input_dtypes(jac, primals, depth=1)  # jacrev's dtypes, not the output's

@@ -16,6 +16,7 @@ by the supervisor; settings come from the environment, as for the server.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import resource
@@ -263,6 +264,11 @@ class EngineServer:
             else:
                 self.worker.run(self.worker.take(self.pump))  # no name keeps the jobs (and their arrays) after
                 self.flush()
+                # The batch's cyclic garbage, collected while the board still names its
+                # function (~7 us): a __del__ that ends the process or hangs is then that
+                # function's, not whichever function's request a later collection falls in
+                # (an innocent one was blamed, and quarantined).
+                gc.collect(1)
                 self.board.idle(time.monotonic(), self._left)
             try:
                 found = self._watch(now, ran)
