@@ -69,6 +69,16 @@ def disables_gc_and_raises_on_numpy_errors(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
+def _slow_collection(phase: str, info: dict) -> None:
+    time.sleep(0.001)
+
+
+@register(inputs=X, description="sin, after adding a callback every later garbage collection runs.")
+def adds_a_gc_callback(x: torch.Tensor) -> torch.Tensor:
+    gc.callbacks.append(_slow_collection)
+    return x.sin()
+
+
 @register(inputs=X, description="sin, after lowering the recursion limit and the int-string digit limit.")
 def lowers_recursion_limit(x: torch.Tensor) -> torch.Tensor:
     sys.setrecursionlimit(sys.getrecursionlimit() - 1)

@@ -49,7 +49,7 @@ def _settings() -> tuple:
             torch.get_float32_matmul_precision(), [f for f in warnings.filters if f[0] == "error"], gc.isenabled(),
             gc.get_threshold(), np.geterr(), sys.getrecursionlimit(), sys.get_int_max_str_digits(),
             torch._C._len_torch_function_stack(), torch._C._len_torch_dispatch_stack(), torch.backends.mkldnn.enabled,
-            torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic)
+            torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic, list(gc.callbacks))
 
 
 class _Lines(logging.Handler):
@@ -84,6 +84,7 @@ def engine_log():
 CHANGERS = {  # function -> the settings it changes
     "sets_float64_default": 1, "turns_on_anomaly_detection": 1, "sets_threads_and_tf32": 5,
     "sets_warnings_to_errors": 1, "disables_gc_and_raises_on_numpy_errors": 3, "lowers_recursion_limit": 2,
+    "adds_a_gc_callback": 1,
     # The engine's thread has its own profile function. Signal handlers, timers, limits
     # and the niceness are the whole process's: an engine process's alone to put back
     # (below); here pytest's (pytest-timeout's SIGALRM timer).
