@@ -73,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             configs += [(on_env(ctx), ""), (off_env(ctx), "")]
         if "latency" in chosen and not args.quick and args.torch_threads:
             configs.append(({}, "default threads"))
+        if args.quick:  # --quick measures nothing that counts: start every server of the run at once
+            if "layout" in chosen:
+                from .layout import layouts
+
+                configs += [(env, "", serve_args) for env, serve_args in layouts(ctx).values()]
+            if "big" in chosen:
+                from .big import on_socket_env
+
+                configs.append((on_socket_env(ctx), ""))
         pool.prestart(configs)
         for name in chosen:
             module = importlib.import_module(f"bench.{name}")

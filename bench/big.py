@@ -20,6 +20,11 @@ from ._server import NPY_HEADERS, npy_bytes
 PATH = "/v1/functions/softmax/jacobian"
 
 
+def on_socket_env(ctx: Context) -> dict[str, str]:
+    """The second server's: results through the engine's socket."""
+    return {**ctx.service_env, "JACOBIAN_SERVICE_SHARED_MEMORY_BYTES": "0"}
+
+
 def run(ctx: Context) -> Report:
     from jacobian_client import Client
 
@@ -38,7 +43,7 @@ def run(ctx: Context) -> Report:
     J = jacrev(xt).cpu().numpy()
     service = ctx.pool.service(ctx.service_env)
     # The same server with results on the socket: what the shared-memory segment buys.
-    on_socket = ctx.pool.service({**ctx.service_env, "JACOBIAN_SERVICE_SHARED_MEMORY_BYTES": "0"})
+    on_socket = ctx.pool.service(on_socket_env(ctx))
     floor_server = ctx.pool.floor({"softmax": {"application/x-npy": npy_bytes(J)}})
     body = npy_bytes(x)
     with httpx.Client(base_url=service.url, timeout=120) as sc, Client(service.url, timeout=120) as sdk, \

@@ -140,7 +140,8 @@ def run(ctx: Context) -> Report:
             got = np.load(io.BytesIO(r.content)) if r.status_code == 200 else None
         if got is None or not np.allclose(got, J, rtol=1e-5, atol=1e-6):
             report.fail(f"{name}: wrong answer")
-        wrk(server.url, script, connections, 1.0)  # warm-up under load (batch shapes, allocator)
+        if not ctx.quick:  # (--quick: the round below runs wrk against each all the same)
+            wrk(server.url, script, connections, 1.0)  # warm-up under load (batch shapes, allocator)
 
     jps = [batched_jacobians_per_s(x, 64, 30)]
     rps: dict[str, list[float]] = {n: [] for n in servers}
