@@ -185,39 +185,6 @@ def test_a_crash_that_leaves_a_forked_child_behind_costs_only_its_request(name, 
                 os.kill(child, 9)
 
 
-@pytest.mark.parametrize("layout", ["engine process", "in-process"])
-def test_a_forked_child_that_returns_into_the_engine_exits_there(layout, tmp_path, monkeypatch, make_client):
-    """A function forked and both processes returned. The child went on running the
-    engine's own code with copies of its sockets: in an engine process, a second engine
-    reading the front ends' connections beside the first (a message read half by each
-    breaks the connection) and answering their jobs; in-process, a copy of the server
-    holding its port. The child now exits where it comes back into the engine."""
-    pidfile = tmp_path / "child.pid"
-    monkeypatch.setenv("FAULT_FORK_PIDFILE", str(pidfile))
-    x = [666.0, 1.0]
-    with contextlib.ExitStack() as stack:
-        if layout == "in-process":
-            post, proc = make_client(functions=FUNCTIONS).post, None
-        else:
-            url, proc = stack.enter_context(live_server(**SETTINGS))
-            post = stack.enter_context(httpx.Client(base_url=url, timeout=30)).post
-        assert_sin_jacobian(post("/v1/functions/forks_and_returns/jacobian", json={"inputs": [x]}), x)
-        deadline = time.monotonic() + 10
-        while not pidfile.exists() or not pidfile.read_text():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        child = int(pidfile.read_text())
-        try:
-            _wait_gone(child, 5, "the forked child lives on in the engine's code")
-            for i in range(20):  # the one engine answers, whole and right
-                assert_sin_jacobian(post("/v1/functions/sin/jacobian", json={"inputs": [[0.5, float(i)]]}), [0.5, float(i)])
-            if proc is not None:
-                assert "died" not in proc.read_log()
-        finally:
-            if _alive(child):
-                os.kill(child, 9)
-
-
 def _wait_gone(pid: int, seconds: float, why: str) -> None:
     deadline = time.monotonic() + seconds
     while _alive(pid):
@@ -317,28 +284,6 @@ def _sleepers(pid: int) -> list[int]:
         except FileNotFoundError:  # gone just now
             continue
     return found
-
-
-def test_daemons_left_running_past_the_limit_are_killed_and_the_engine_goes_on():
-    """A function that starts a daemon at every call (here 600 at once) left them to
-    the server for as long as the engine lived, each holding a pid: enough of them use up
-    a container's pids, and no process of the server can start again. They are no
-    engine's descendants (their parents exited), so the engine's own count misses them;
-    ``serve``, their subreaper, kills them past 512, and the engine serves on."""
-    with live_server(**SETTINGS) as (url, proc):
-        try:
-            r = httpx.post(f"{url}/v1/functions/daemonizes_many/jacobian", json=ARMED, timeout=30)
-            assert_sin_jacobian(r, ARMED["inputs"][0])
-            deadline = time.monotonic() + 10
-            while sleepers := _sleepers(proc.pid):
-                assert time.monotonic() < deadline, f"{len(sleepers)} daemons still running"
-                time.sleep(0.1)
-            sin_ok(url)
-            assert restarts(url) == 0
-            assert "over 512: " in proc.read_log()
-        finally:
-            for pid in _sleepers(proc.pid):
-                os.kill(pid, 9)
 
 
 def test_a_thread_left_spinning_costs_its_engine_a_restart_not_every_later_request():
@@ -602,32 +547,6 @@ def _rss_mib(pid: int) -> float:
         return next(int(l.split()[1]) for l in fp if l.startswith("VmRSS:")) / 1024
 
 
-def test_running_front_ends_have_no_torch_loaded_and_stay_small(capsys):
-    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=2) as (url, proc):
-        sin_ok(url)
-        kids = children(proc.pid)
-        fronts = [p for p in kids if b"spawn_main" in _cmdline(p)]
-        engines = [p for p in kids if b"engine.process" in _cmdline(p) and b"--standby" not in _cmdline(p)]
-        assert len(fronts) == 2 and len(engines) == 1
-        for pid in fronts:
-            with open(f"/proc/{pid}/maps") as fp:
-                maps = fp.read()
-            assert "libtorch" not in maps and "/torch/" not in maps, "a front end has torch loaded"
-        with open(f"/proc/{engines[0]}/maps") as fp:
-            assert "libtorch" in fp.read()  # the check can see torch where it is
-        rss = {"front end": [_rss_mib(p) for p in fronts], "engine": _rss_mib(engines[0])}
-        with capsys.disabled():
-            print(f"\nRSS MiB: front ends {[round(r) for r in rss['front end']]}, engine {rss['engine']:.0f}")
-        assert max(rss["front end"]) < 200  # no torch: ~60-80 MiB; torch alone is ~300
-        # Without ENGINE_MEMORY_LIMIT_BYTES the kernel's out-of-memory killer ends a
-        # function that allocates without end: the engine is its first choice, the
-        # processes that are not restarted keep what they inherited.
-        adj = {pid: _oom_score_adj(pid) for pid in [proc.pid, *fronts, *engines]}
-        inherited = _oom_score_adj(os.getpid())
-        assert adj[engines[0]] == max(500, inherited)  # raised, never lowered
-        assert {adj[p] for p in [proc.pid, *fronts]} == {inherited}
-
-
 def _oom_score_adj(pid: int) -> int:
     with open(f"/proc/{pid}/oom_score_adj") as fp:
         return int(fp.read())
@@ -660,35 +579,6 @@ def _socket_inodes(pid: int) -> set[int]:
         if target.startswith("socket:["):
             out.add(int(target[8:-1]))
     return out
-
-
-def test_a_burst_of_keep_alive_connections_spreads_over_the_front_ends():
-    """Each front end listens on its own socket (SO_REUSEPORT), so the kernel spreads
-    new connections over them. With one shared socket, the front end that woke first
-    accepted a whole burst and served it alone while the other idled."""
-    import socket
-
-    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=2, ENGINE_STANDBY="false") as (url, proc):
-        port = int(url.rsplit(":", 1)[1])
-        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]  # the burst, all at once
-        try:
-            for c in conns:  # then a request on each, so every connection is accepted and served
-                c.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-            for c in conns:
-                c.settimeout(30)
-                assert c.recv(4096).startswith(b"HTTP/1.1 200")
-            fronts = [p for p in children(proc.pid) if b"spawn_main" in _cmdline(p)]
-            listening = _established_on(port, state="0A")
-            own = [_socket_inodes(p) & listening for p in fronts]
-            # A listening socket each, none shared (the supervisor keeps them all for restarts).
-            assert len(listening) == 2 and all(len(o) == 1 for o in own) and own[0] != own[1], (listening, own)
-            established = _established_on(port)
-            held = [len(_socket_inodes(p) & established) for p in fronts]
-            assert sum(held) == 64, held
-            assert min(held) >= 16, f"connections per front end: {held}"  # ~32 each; 16 is 4 sd off
-        finally:
-            for c in conns:
-                c.close()
 
 
 def test_a_killed_front_end_is_started_again_on_its_socket():
@@ -1173,3 +1063,163 @@ def test_an_output_that_grows_past_the_stream_threshold_on_some_inputs_is_stream
             _grown_answer_ok(client.post)
             assert_sin_jacobian(client.post("/v1/functions/grows/jacobian", json={"inputs": [[0.5, 1.0]]}), [0.5, 1.0])
         assert "died" not in proc.read_log()
+
+
+# ---------------------------------------------------------------- tests that share a server
+# A server's start (a torch import and a warm-up, then the same again for its spare) is
+# most of this module's time. The tests below change nothing a later one could see, and
+# share one server per configuration: none leaves an engine dead (the two with hostile
+# functions check as much, over the server's whole life). They come last, so that a
+# shared server, kept to the module's end, stands idle through none of the tests that
+# need the host's memory.
+
+
+@contextlib.contextmanager
+def _log_on_failure(proc: Any) -> Iterator[None]:
+    """What ``live_server`` does for a test that owns its server: the server's side of a
+    failed test, shown by pytest."""
+    try:
+        yield
+    except BaseException:
+        print(proc.read_log()[-20000:])
+        raise
+
+
+@pytest.fixture(scope="module")
+def two_front_ends() -> Iterator[tuple[str, Any]]:
+    """Two front ends, one engine, no spare: for the tests that look at the front ends."""
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=2, ENGINE_STANDBY="false") as (url, proc):
+        yield url, proc
+
+
+def test_running_front_ends_have_no_torch_loaded_and_stay_small(two_front_ends, capsys):
+    url, proc = two_front_ends
+    with _log_on_failure(proc):
+        sin_ok(url)
+        kids = children(proc.pid)
+        fronts = [p for p in kids if b"spawn_main" in _cmdline(p)]
+        engines = [p for p in kids if b"engine.process" in _cmdline(p) and b"--standby" not in _cmdline(p)]
+        assert len(fronts) == 2 and len(engines) == 1
+        for pid in fronts:
+            with open(f"/proc/{pid}/maps") as fp:
+                maps = fp.read()
+            assert "libtorch" not in maps and "/torch/" not in maps, "a front end has torch loaded"
+        with open(f"/proc/{engines[0]}/maps") as fp:
+            assert "libtorch" in fp.read()  # the check can see torch where it is
+        rss = {"front end": [_rss_mib(p) for p in fronts], "engine": _rss_mib(engines[0])}
+        with capsys.disabled():
+            print(f"\nRSS MiB: front ends {[round(r) for r in rss['front end']]}, engine {rss['engine']:.0f}")
+        assert max(rss["front end"]) < 200  # no torch: ~60-80 MiB; torch alone is ~300
+        # Without ENGINE_MEMORY_LIMIT_BYTES the kernel's out-of-memory killer ends a
+        # function that allocates without end: the engine is its first choice, the
+        # processes that are not restarted keep what they inherited.
+        adj = {pid: _oom_score_adj(pid) for pid in [proc.pid, *fronts, *engines]}
+        inherited = _oom_score_adj(os.getpid())
+        assert adj[engines[0]] == max(500, inherited)  # raised, never lowered
+        assert {adj[p] for p in [proc.pid, *fronts]} == {inherited}
+
+
+def test_a_burst_of_keep_alive_connections_spreads_over_the_front_ends(two_front_ends):
+    """Each front end listens on its own socket (SO_REUSEPORT), so the kernel spreads
+    new connections over them. With one shared socket, the front end that woke first
+    accepted a whole burst and served it alone while the other idled."""
+    import socket
+
+    url, proc = two_front_ends
+    with _log_on_failure(proc):
+        port = int(url.rsplit(":", 1)[1])
+        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]  # the burst, all at once
+        try:
+            for c in conns:  # then a request on each, so every connection is accepted and served
+                c.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            for c in conns:
+                c.settimeout(30)
+                assert c.recv(4096).startswith(b"HTTP/1.1 200")
+            fronts = [p for p in children(proc.pid) if b"spawn_main" in _cmdline(p)]
+            listening = _established_on(port, state="0A")
+            own = [_socket_inodes(p) & listening for p in fronts]
+            # A listening socket each, none shared (the supervisor keeps them all for restarts).
+            assert len(listening) == 2 and all(len(o) == 1 for o in own) and own[0] != own[1], (listening, own)
+            established = _established_on(port)
+            held = [len(_socket_inodes(p) & established) for p in fronts]
+            assert sum(held) == 64, held
+            assert min(held) >= 16, f"connections per front end: {held}"  # ~32 each; 16 is 4 sd off
+        finally:
+            for c in conns:
+                c.close()
+
+
+@pytest.fixture(scope="module")
+def calm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any, Any]]:
+    """SETTINGS: for functions that leave something behind (a forked child, daemons)
+    that the engine or ``serve`` puts down without a restart.
+    FAULT_FORK_PIDFILE, where they write a pid, is the server's from its start: a test
+    that reads it removes it first.
+
+    Not for ``leaves_a_spinning_process``: the engine names the functions run in the
+    window before it found the process, and a test before would add its own (``sin``)."""
+    pidfile = tmp_path_factory.mktemp("calm") / "child.pid"
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as mp:  # only while the server starts: it keeps its environment
+            mp.setenv("FAULT_FORK_PIDFILE", str(pidfile))
+            url, proc = stack.enter_context(live_server(**SETTINGS))
+        yield url, proc, pidfile
+
+
+@pytest.mark.parametrize("layout", ["engine process", "in-process"])
+def test_a_forked_child_that_returns_into_the_engine_exits_there(layout, tmp_path, monkeypatch, make_client, request):
+    """A function forked and both processes returned. The child went on running the
+    engine's own code with copies of its sockets: in an engine process, a second engine
+    reading the front ends' connections beside the first (a message read half by each
+    breaks the connection) and answering their jobs; in-process, a copy of the server
+    holding its port. The child now exits where it comes back into the engine."""
+    x = [666.0, 1.0]
+    with contextlib.ExitStack() as stack:
+        if layout == "in-process":
+            pidfile = tmp_path / "child.pid"
+            monkeypatch.setenv("FAULT_FORK_PIDFILE", str(pidfile))
+            post, proc = make_client(functions=FUNCTIONS).post, None
+        else:
+            url, proc, pidfile = request.getfixturevalue("calm_server")
+            pidfile.unlink(missing_ok=True)
+            stack.enter_context(_log_on_failure(proc))
+            post = stack.enter_context(httpx.Client(base_url=url, timeout=30)).post
+        assert_sin_jacobian(post("/v1/functions/forks_and_returns/jacobian", json={"inputs": [x]}), x)
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        try:
+            _wait_gone(child, 5, "the forked child lives on in the engine's code")
+            for i in range(20):  # the one engine answers, whole and right
+                assert_sin_jacobian(post("/v1/functions/sin/jacobian", json={"inputs": [[0.5, float(i)]]}), [0.5, float(i)])
+            if proc is not None:
+                assert "died" not in proc.read_log()
+        finally:
+            if _alive(child):
+                os.kill(child, 9)
+
+
+def test_daemons_left_running_past_the_limit_are_killed_and_the_engine_goes_on(calm_server):
+    """A function that starts a daemon at every call (here 600 at once) left them to
+    the server for as long as the engine lived, each holding a pid: enough of them use up
+    a container's pids, and no process of the server can start again. They are no
+    engine's descendants (their parents exited), so the engine's own count misses them;
+    ``serve``, their subreaper, kills them past 512, and the engine serves on."""
+    url, proc, _ = calm_server
+    with _log_on_failure(proc):
+        try:
+            r = httpx.post(f"{url}/v1/functions/daemonizes_many/jacobian", json=ARMED, timeout=30)
+            assert_sin_jacobian(r, ARMED["inputs"][0])
+            deadline = time.monotonic() + 10
+            while sleepers := _sleepers(proc.pid):
+                assert time.monotonic() < deadline, f"{len(sleepers)} daemons still running"
+                time.sleep(0.1)
+            sin_ok(url)
+            assert restarts(url) == 0
+            assert "over 512: " in proc.read_log()
+        finally:
+            for pid in _sleepers(proc.pid):
+                os.kill(pid, 9)
+
