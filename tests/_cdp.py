@@ -23,10 +23,11 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect
 
-__all__ = ["Chromium"]
+__all__ = ["Chromium", "chromium_binary"]
 
 
-def _binary() -> str | None:
+def chromium_binary() -> str | None:
+    """Debian's chromium, or another Chromium-based browser on the PATH."""
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
         found = shutil.which(name)
         if found:
@@ -36,7 +37,7 @@ def _binary() -> str | None:
 
 class Chromium:
     def __init__(self) -> None:
-        binary = _binary()
+        binary = chromium_binary()
         if binary is None:
             pytest.skip("no chromium binary (apt-get install chromium) to run the docs pages")
         self.profile = tempfile.mkdtemp(prefix="cdp-")

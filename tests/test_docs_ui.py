@@ -12,7 +12,6 @@ Two layers:
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import tempfile
 from html.parser import HTMLParser
@@ -22,6 +21,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from tests._cdp import chromium_binary
 from tests._client_support import real_app, serve
 
 PREFIX = "/jacobian"
@@ -130,17 +130,9 @@ def test_docs_assets_are_not_in_the_openapi_document(app):
 
 
 # ---------------------------------------------------------------- headless Chromium
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
 def _render(url: str) -> str:
     """The DOM of ``url`` after its scripts ran, with every other host unreachable."""
-    browser = _chromium()
+    browser = chromium_binary()
     if browser is None:
         pytest.skip("no chromium binary (apt-get install chromium) to render the docs pages")
     with tempfile.TemporaryDirectory() as profile:
