@@ -183,3 +183,24 @@ def test_an_async_client_is_refused_up_front(url):
         remote_objective(jc.AsyncClient(url), "sum_sin")
     with pytest.raises(TypeError, match="pass a jacobian_client.Client"):
         remote_objective(object(), "sum_sin")
+
+
+def test_the_cache_follows_the_inputs_held_fixed(cc):
+    """Found by an outside tester: after `args` changed (in place, or rebound) fun and jac
+    answered the old args' value from the cache, with no request and no error."""
+    x, w = np.array([0.3, -0.7, 1.1]), np.array([1.5, 0.5, -2.0])
+    pair = remote_objective(cc.client, "cubic_pair", args=(w,), argnum=0)
+
+    def want(w_now):
+        return cf.cubic_pair(torch.from_numpy(x), torch.from_numpy(w_now))[0].item()
+
+    np.testing.assert_allclose(pair.fun(x), want(w))
+    np.testing.assert_allclose(pair.fun(x), want(w))  # the same point and args: from the cache
+    assert cc.take() == ["jacobian+return_output"]
+    w += 10  # in place
+    np.testing.assert_allclose(pair.fun(x), want(w))
+    pair.args = (np.zeros(3),)  # rebound
+    np.testing.assert_allclose(pair.fun(x), want(np.zeros(3)))
+    g = f.grad(lambda a: cf.cubic_pair(a, torch.zeros(3, dtype=torch.float64))[0])(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(pair.jac(x), g, rtol=1e-12)
+    assert cc.take() == ["jacobian+return_output"] * 2

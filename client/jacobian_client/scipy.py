@@ -24,10 +24,13 @@ request (forward-over-reverse on the service) per call.
 
 Every call returns fresh arrays: a solver may write into what ``fun`` or ``jac`` gave it
 (in-place scaling, say), and that must not change what the cache gives the next caller.
+The cache is keyed by ``x`` and by the contents of ``args`` (the inputs held fixed), so
+changing ``args`` between fits, in place or by rebinding, is seen.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -53,6 +56,15 @@ def remote_objective(
     works with into the input's shape (``jac`` is then flattened to match).
     """
     return RemoteObjective(client, name, args=args, argnum=argnum, shape=shape, prefetch=prefetch)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    """The arrays of ``args`` (pytree inputs nest them in dicts, tuples and lists), in order."""
+    if isinstance(tree, dict):
+        return [leaf for key in sorted(tree, key=str) for leaf in [key, *_leaves(tree[key])]]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return [tree]
 
 
 class RemoteObjective:
@@ -89,8 +101,21 @@ class RemoteObjective:
         inputs.insert(self.argnum, arr)
         return x, inputs
 
+    def _key_of(self, x: np.ndarray) -> bytes:
+        """What the cached value and Jacobian were computed from: ``x`` and the inputs held
+        fixed, by content (a caller may change ``args`` between fits, in place or by
+        rebinding: the cache answered the old ones' value, silently)."""
+        digest = hashlib.blake2b(digest_size=20)
+        for leaf in (x, *_leaves(self.args)):
+            if hasattr(leaf, "detach"):  # a torch tensor (torch itself is optional here)
+                leaf = leaf.detach().cpu().numpy()
+            arr = np.ascontiguousarray(np.asarray(leaf))
+            digest.update(f"{arr.dtype.str}{arr.shape};".encode())
+            digest.update(arr.tobytes() if arr.dtype != object else repr(leaf).encode())
+        return digest.digest()
+
     def _remember(self, x: np.ndarray, value: Any = None, jac: Any = None) -> None:
-        key = x.tobytes() + str(x.shape).encode()
+        key = self._key_of(x)
         if key != self._key:
             self._key, self._value, self._jac = key, None, None
         if value is not None:
@@ -99,7 +124,7 @@ class RemoteObjective:
             self._jac = jac
 
     def _cached(self, x: np.ndarray) -> tuple[Any, Any]:
-        if self._key == x.tobytes() + str(x.shape).encode():
+        if self._key is not None and self._key == self._key_of(x):
             return self._value, self._jac
         return None, None
 
