@@ -352,3 +352,12 @@ def test_out_shape_may_list_a_dicts_keys_in_another_order(cc):
     X = jnp.stack([x, 2 * x])
     close(jax.vmap(jax.jacfwd(d))(X), jax.vmap(jax.jacfwd(local))(X))
     close(jax.vmap(jax.jacrev(d))(X), jax.vmap(jax.jacrev(local))(X))
+
+
+def test_an_unknown_function_under_jit_is_said_plainly(cc):
+    """The shape probe's hint (pass out_shape=...) cannot help a function that does not
+    exist: the error is FunctionNotFound, its detail the server's alone."""
+    missing = remote(cc.client, "no_such_function")
+    with pytest.raises(jc.FunctionNotFound) as raised:
+        jax.jit(missing)(jnp.array([0.3, -0.2, 0.5]))
+    assert "shape probe" not in str(raised.value) and "no_such_function" in str(raised.value)

@@ -66,7 +66,7 @@ from jax import core as jax_core
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from ._errors import APIError
+from ._errors import APIError, FunctionNotFound
 from ._remote import (Evaluated, RemoteOps, Tree, flatten, is_number, leaves_like, refuse_pytree_parameters,
                       unflatten, with_hint)
 
@@ -169,6 +169,8 @@ def _probe(ops: RemoteOps, arrays: Sequence[Any]) -> _Shapes:
     try:
         ev = ops.evaluate([np.zeros(a.shape, a.dtype) for a in arrays])
     except APIError as exc:
+        if isinstance(exc, FunctionNotFound):  # no probe could help: say only that
+            raise
         shapes = ", ".join(f"{jnp.dtype(a.dtype).name}{list(a.shape)}" for a in arrays)
         raise with_hint(exc, f"jacobian_client.jax: {ops.name!r} failed in the shape probe, an evaluate at zeros "
                              f"({shapes}) that learns the output shapes when the inputs have no values yet "
