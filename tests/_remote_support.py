@@ -78,3 +78,21 @@ def url(remote_server: str) -> str:
 def cc(url: str) -> Iterator[Counted]:
     with counted(url) as c:
         yield c
+
+
+# A module that registers functions of its own (aux of plain numbers, ...) serves them
+# from a server of its own: these two, imported, serve the module that uses them.
+
+
+@pytest.fixture(scope="module")
+def own_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    from ._client_support import real_server
+
+    with real_server(functions=request.module.__name__, max_batch_size=1) as u:
+        yield u
+
+
+@pytest.fixture
+def oc(own_url: str) -> Iterator[Counted]:
+    with counted(own_url) as c:
+        yield c

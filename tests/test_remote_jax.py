@@ -18,8 +18,7 @@ import jacobian_client as jc  # noqa: E402
 from jacobian_client.jax import remote  # noqa: E402
 from jacobian_service import Input, register  # noqa: E402
 
-from ._client_support import real_server  # noqa: E402
-from ._remote_support import Counted, cc, counted, url  # noqa: E402,F401 (fixtures)
+from ._remote_support import Counted, cc, counted, oc, own_url, url  # noqa: E402,F401 (fixtures)
 
 TARGET = np.array([1.2, 1.5])
 
@@ -195,18 +194,6 @@ def close_numbers(got, want, tol=1e-10):
     for g, w in zip(got_leaves, want_leaves):
         assert g.shape == w.shape and jnp.dtype(g.dtype).kind == jnp.dtype(w.dtype).kind, (g, w)
         np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=tol, atol=tol)
-
-
-@pytest.fixture(scope="module")
-def own_url() -> Iterator[str]:
-    with real_server(functions=__name__, max_batch_size=1) as u:
-        yield u
-
-
-@pytest.fixture
-def oc(own_url: str) -> Iterator[Counted]:
-    with counted(own_url) as c:
-        yield c
 
 
 def test_plain_number_aux_is_live_under_jit_grad_and_vmap(oc):

@@ -3,7 +3,7 @@ with the same functions run in-process, with the exact requests each operation m
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,8 +16,7 @@ from jacobian_service import Input, register  # noqa: E402
 from jacobian_service import examples as ex  # noqa: E402
 
 from . import user_functions as uf  # noqa: E402
-from ._client_support import real_server  # noqa: E402
-from ._remote_support import Counted, cc, counted, url  # noqa: E402,F401 (fixtures)
+from ._remote_support import Counted, cc, counted, oc, own_url, url  # noqa: E402,F401 (fixtures)
 
 f = torch.func
 
@@ -308,18 +307,6 @@ def numbers_aux(x: torch.Tensor):
     d = x.detach()
     return torch.sin(x), {"norm": float(d.norm()), "count": int((d > 0).sum()), "positive": bool(d.sum() > 0),
                           "tag": "sin", "first": x[0] * 1}
-
-
-@pytest.fixture(scope="module")
-def own_url() -> Iterator[str]:
-    with real_server(functions=__name__, max_batch_size=1) as u:
-        yield u
-
-
-@pytest.fixture
-def oc(own_url: str) -> Iterator[Counted]:
-    with counted(own_url) as c:
-        yield c
 
 
 def test_vmap_carries_plain_number_aux_as_tensors(oc, cc):

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._protocol import _input_leaves
 from ._remote import check_sync_client
 
 __all__ = ["RemoteObjective", "remote_objective"]
@@ -56,15 +57,6 @@ def remote_objective(
     works with into the input's shape (``jac`` is then flattened to match).
     """
     return RemoteObjective(client, name, args=args, argnum=argnum, shape=shape, prefetch=prefetch)
-
-
-def _leaves(tree: Any) -> list[Any]:
-    """The arrays of ``args`` (pytree inputs nest them in dicts, tuples and lists), in order."""
-    if isinstance(tree, dict):
-        return [leaf for key in sorted(tree, key=str) for leaf in [key, *_leaves(tree[key])]]
-    if isinstance(tree, (list, tuple)):
-        return [leaf for item in tree for leaf in _leaves(item)]
-    return [tree]
 
 
 class RemoteObjective:
@@ -106,11 +98,11 @@ class RemoteObjective:
         fixed, by content (a caller may change ``args`` between fits, in place or by
         rebinding: the cache answered the old ones' value, silently)."""
         digest = hashlib.blake2b(digest_size=20)
-        for leaf in (x, *_leaves(self.args)):
+        for path, leaf in [("x", x), *_input_leaves(list(self.args), "")]:  # pytree inputs: by path
             if hasattr(leaf, "detach"):  # a torch tensor (torch itself is optional here)
                 leaf = leaf.detach().cpu().numpy()
             arr = np.ascontiguousarray(np.asarray(leaf))
-            digest.update(f"{arr.dtype.str}{arr.shape};".encode())
+            digest.update(f"{path}:{arr.dtype.str}{arr.shape};".encode())
             digest.update(arr.tobytes() if arr.dtype != object else repr(leaf).encode())
         return digest.digest()
 
