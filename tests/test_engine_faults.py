@@ -281,7 +281,7 @@ def _sleepers(pid: int) -> list[int]:
         try:
             if _cmdline(kid).startswith(b"sleep"):
                 found.append(kid)
-        except FileNotFoundError:  # gone just now
+        except (FileNotFoundError, ProcessLookupError):  # gone just now (ESRCH when it went mid-read)
             continue
     return found
 

@@ -208,6 +208,15 @@ def _npz_inputs(spec: FunctionSpec, members: Mapping[str, np.ndarray]) -> list[t
     return out
 
 
+def _check_differentiable(name: str, declared: str, dtype: str, sent: str) -> None:
+    """Only floating inputs are differentiated. A `floating` input sent as integers or
+    booleans (an .npy or an explicit dtype; plain JSON numbers carry none and take
+    float32) is what jacrev refuses: "only Tensors of floating point dtype can require
+    gradients"."""
+    if dtype not in FLOAT_DTYPES or declared == FLOATING and sent not in FLOAT_DTYPES:
+        raise InvalidInput(f"input {name!r} is {sent}; only floating inputs can be differentiated")
+
+
 def parse_call(
     spec: FunctionSpec,
     kind: Kind,
@@ -313,15 +322,9 @@ def parse_call(
         dtypes.append(dtype)
     if len(batch_sizes) > 1:
         raise InvalidInput(f"batched inputs disagree on the batch size: {sorted(batch_sizes)}")
-    for i in argnums:
-        # A `floating` input sent as integers or booleans, by an .npy or an explicit
-        # dtype (plain JSON numbers carry none: they take float32), is what jacrev
-        # refuses: "only Tensors of floating point dtype can require gradients".
-        sent = arrays[i][1]
-        if kind != "evaluate" and (dtypes[i] not in FLOAT_DTYPES or spec.leaf_inputs[i].dtype == FLOATING and sent not in FLOAT_DTYPES):
-            raise InvalidInput(
-                f"input {spec.leaf_inputs[i].name!r} is {sent}; only floating inputs can be differentiated"
-            )
+    if kind != "evaluate":
+        for i in argnums:
+            _check_differentiable(spec.leaf_inputs[i].name, spec.leaf_inputs[i].dtype, dtypes[i], arrays[i][1])
     return Call(
         spec=spec,
         args=args,
@@ -457,9 +460,8 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
             arr = np.ones(shape, dtype=wire_dtype)
         args.append(arr)
         dtypes.append(dtype)
-    for i in argnums:  # as parse_call: integers named for a `floating` input are refused, not cast
-        if dtypes[i] not in FLOAT_DTYPES or spec.inputs[i].dtype == FLOATING and sent[i] not in FLOAT_DTYPES:
-            raise InvalidInput(f"input {spec.inputs[i].name!r} is {sent[i]}; only floating inputs can be differentiated")
+    for i in argnums:  # as parse_call's
+        _check_differentiable(spec.inputs[i].name, spec.inputs[i].dtype, dtypes[i], sent[i])
     call = Call(spec=spec, args=args, dtypes=dtypes, argnums=argnums, mode=options.mode or "auto",
                 sparsity=options.sparsity, sparse_format=fmt)
     return kind, call
