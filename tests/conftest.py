@@ -131,6 +131,10 @@ def assert_problem(response: Any, status: int, code: str) -> dict[str, Any]:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+# For servers the tests spawn: this checkout first, then whatever PYTHONPATH the test run
+# had (a scratch worktree run with PYTHONPATH=<wt>/service:... then serves its own code,
+# not the editable install's).
+CHILD_PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def free_port() -> int:
@@ -146,7 +150,7 @@ def live_server(*, wrapper: Sequence[str] = (), **settings: Any) -> Iterator[tup
     port = free_port()
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": CHILD_PYTHONPATH,
         "JACOBIAN_SERVICE_FUNCTIONS": "jacobian_service.examples,tests.user_functions",
         **{f"JACOBIAN_SERVICE_{k.upper()}": str(v) for k, v in settings.items()},
     }

@@ -24,7 +24,7 @@ import pytest
 
 from jacobian_service.procfs import children
 
-from .conftest import ROOT, assert_problem, live_server, npy_bytes
+from .conftest import CHILD_PYTHONPATH, assert_problem, live_server, npy_bytes
 
 FUNCTIONS = "jacobian_service.examples,tests.fault_functions"
 ARMED = {"inputs": [[666.0, 1.0]]}
@@ -615,7 +615,7 @@ def test_a_port_already_served_is_refused_not_shared():
     other.bind(("127.0.0.1", 0))
     other.listen()
     port = other.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JACOBIAN_SERVICE_FUNCTIONS": "jacobian_service.examples",
+    env = {**os.environ, "PYTHONPATH": CHILD_PYTHONPATH, "JACOBIAN_SERVICE_FUNCTIONS": "jacobian_service.examples",
            "JACOBIAN_SERVICE_WORKERS": "2", "JACOBIAN_SERVICE_ENGINE_STANDBY": "false", "JACOBIAN_SERVICE_WARMUP": "false"}
     try:
         done = subprocess.run([sys.executable, "-m", "jacobian_service.cli", "serve", "--host", "127.0.0.1",
@@ -634,7 +634,7 @@ def test_a_memory_limit_below_what_the_engine_maps_stops_serve_with_the_figure()
     import subprocess
 
     limit = 128 << 20  # torch alone maps ~600 MiB here
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JACOBIAN_SERVICE_FUNCTIONS": "jacobian_service.examples",
+    env = {**os.environ, "PYTHONPATH": CHILD_PYTHONPATH, "JACOBIAN_SERVICE_FUNCTIONS": "jacobian_service.examples",
            "JACOBIAN_SERVICE_WORKERS": "1", "JACOBIAN_SERVICE_ENGINE_MEMORY_LIMIT_BYTES": str(limit),
            "JACOBIAN_SERVICE_DEVICE": "cpu"}
     done = subprocess.run([sys.executable, "-m", "jacobian_service.cli", "serve", "--host", "127.0.0.1",
