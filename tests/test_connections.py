@@ -330,6 +330,34 @@ def test_an_http_1_1_request_needs_exactly_one_host(server: str, hosts: str) -> 
     s.close()
 
 
+@pytest.mark.parametrize("twice", [
+    "Content-Type: application/x-npy\r\nContent-Type: application/json\r\n",
+    "Authorization: Bearer a\r\nAuthorization: Bearer b\r\n",
+    "X-Request-Timeout: 1\r\nX-Request-Timeout: 60\r\n",
+])
+def test_a_header_that_holds_one_value_given_twice_is_a_400(server: str, twice: str) -> None:
+    """Each reader took the first (the JSON body below was read as an .npy and refused as
+    one; the first key was checked), while a proxy in front may have read the other:
+    a 400 naming the header, the connection closed (the body is not read), and the
+    server serves on. Headers that are lists (Accept) may come twice."""
+    body = b'{"inputs": [[1.0, 2.0]]}'
+    s = _connect(server)
+    s.sendall(f"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\n{twice}Content-Length: {len(body)}\r\n"
+              f"\r\n".encode() + body)
+    raw = _read_to_close(s, 5)
+    s.close()
+    got, headers, problem = _problem(raw)
+    assert (got, problem["code"], headers["connection"]) == (400, "malformed_request", "close"), raw[:500]
+    assert twice.split(":")[0].lower() in problem["detail"] and "more than once" in problem["detail"]
+    assert headers["x-request-id"] == problem["request_id"]
+    once = twice.split("\r\n")[1].encode()  # the second line alone: served
+    s = _connect(server)
+    s.sendall(f"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n"
+              f"Connection: close\r\n".encode() + once + b"\r\n\r\n" + body)
+    assert _read_to_close(s, 5).startswith(b"HTTP/1.1 200"), once
+    s.close()
+
+
 def test_a_websocket_upgrade_is_served_as_the_http_request_it_also_is(server: str) -> None:
     """The service has no WebSocket endpoint. With a WebSocket library installed, uvicorn
     handed the app a websocket scope, which the router cannot take: a plain-text 500."""

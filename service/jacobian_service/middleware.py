@@ -21,6 +21,13 @@ __all__ = ["EXPOSED_HEADERS", "AccessMiddleware", "AuthMiddleware", "cors"]
 
 access_log = logging.getLogger("jacobian_service.access")
 _QUIET = ("/healthz", "/readyz", "/metrics")
+# Headers that hold one value (RFC 9110 5.3: not a comma-separated list, so two of them
+# cannot be combined): given twice, each reader took the first (the body was read as the
+# first Content-Type, the first Authorization was checked), while a proxy or a log in
+# front may have taken the other. Content-Length and Host are the parser's and the
+# Host check's. (Two X-Request-IDs, a client's and a proxy's, are no such question: the
+# last is echoed.)
+_SINGLETONS = frozenset({b"content-type", b"authorization", b"x-request-timeout"})
 
 
 def _log_access(message: str, *args: Any, **extra: Any) -> None:
@@ -47,9 +54,15 @@ class AccessMiddleware:
             return
         request_id = ""
         hosts = 0
+        twice: list[str] = []
+        seen: set[bytes] = set()
         expects: list[bytes] = []
         codings: list[bytes] = []
         for key, value in scope["headers"]:
+            if key in _SINGLETONS:
+                if key in seen and key.decode() not in twice:
+                    twice.append(key.decode())
+                seen.add(key)
             if key == b"x-request-id":
                 request_id = value.decode("latin-1")[:128]
             elif key == b"host":
@@ -112,6 +125,9 @@ class AccessMiddleware:
         if hosts != 1 and scope.get("http_version") == "1.1":
             app = problem_response(MalformedRequest(f"an HTTP/1.1 request needs one Host header; it has {hosts}"),
                                    request_id)
+        elif twice:  # which one was meant? A proxy in front may have read the other one
+            app = _closing(MalformedRequest(f"the header {', '.join(twice)} is given more than once; give it once"),
+                           request_id)
         elif any(e != b"100-continue" for e in expects):  # RFC 9110 10.1.1: one we cannot meet
             app = _closing(ExpectationFailed("the only expectation served is Expect: 100-continue"), request_id)
         elif any(c not in (b"chunked", b"") for c in codings):
