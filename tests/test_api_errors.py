@@ -107,6 +107,17 @@ def test_accept_weights_between_0_and_1_rank_the_media_types(client, accept, cho
     assert r.status_code == 200 and r.headers["content-type"] == chosen
 
 
+@pytest.mark.parametrize("url", [URL, "/v1/functions/softmax/sparsity?shapes=3"])
+def test_accept_headers_given_twice_are_one_list(client, url):
+    """RFC 9110 5.3: a list header may come in several lines; only the first was read
+    (``text/html`` then JSON was a 406; a weighted JSON then .npz took JSON)."""
+    get = client.get if "sparsity" in url else lambda u, **kw: client.post(u, json={"inputs": [[1.0, 2.0]]}, **kw)
+    r = get(url, headers=[("accept", "text/html"), ("accept", wire.JSON)])
+    assert r.status_code == 200 and r.headers["content-type"] == wire.JSON
+    r = get(url, headers=[("accept", f"{wire.JSON};q=0.1"), ("accept", wire.NPZ)])
+    assert r.status_code == 200 and r.headers["content-type"] == wire.NPZ
+
+
 def test_unsupported_media_type(client):
     assert_problem(client.post(URL, content=b"x=1", headers={"content-type": "application/x-www-form-urlencoded"}), 415, "unsupported_media_type")
 

@@ -104,6 +104,13 @@ def _query(request: Request) -> dict[str, str]:
     return dict(params)
 
 
+def _accept(request: Request) -> str:
+    """Every ``Accept`` header as one list (RFC 9110 5.3): a client (or a proxy) may send
+    its media ranges in several; only the first was read (``text/html`` then
+    ``application/json`` was a 406)."""
+    return ", ".join(request.headers.getlist("accept"))
+
+
 def _request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
@@ -256,7 +263,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     state = _state(request)
     started = time.monotonic()
     spec = state.registry.get(name)
-    media = acceptable(request.headers.get("accept"))
+    media = acceptable(_accept(request))
     content_type = media_type_of(request.headers.get("content-type"))
     encodings = [e.strip().lower() for e in request.headers.getlist("content-encoding")]
     if any(e not in ("", "identity") for e in encodings):  # a gzip body read as JSON or .npy is only garbage
@@ -332,7 +339,7 @@ async def function_sparsity(request: Request, name: str) -> Response:
     query, its source, the colouring and the number of products a sparse call takes."""
     state = _state(request)
     spec = state.registry.get(name)
-    media = _sparse_media(acceptable(request.headers.get("accept")))
+    media = _sparse_media(acceptable(_accept(request)))
     kind, call = parse_sparsity_query(spec, _query(request), state.settings.wire_limits)
     call.deadline = _deadline(state, request)
     call.max_result_bytes = state.settings.max_result_bytes
