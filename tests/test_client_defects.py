@@ -99,6 +99,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send("application/x-npz", npz_result(jacobian=np.eye(3)))
         elif name == "stroutput":
             self._send("application/json", b'{"output": "hello"}')
+        elif name == "trickled_head":  # the status line and headers a byte every 50 ms, for 5 s
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\n" + b"X-Pad: " + b"a" * 100
+            try:
+                for i in range(len(head)):
+                    self.wfile.write(head[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:  # the client gave up
+                pass
+            self.close_connection = True
         elif name == "trickled_error":  # an error whose body trickles: its status says enough
             self.send_response(404)
             self.send_header("Content-Type", "application/problem+json")
@@ -165,6 +175,27 @@ def test_timeout_bounds_a_trickled_response_async(fake: str) -> None:
     with pytest.raises(jc.TransportError, match="ReadTimeout"):
         asyncio.run(main())
     assert time.monotonic() - started < 2.0
+
+
+def test_timeout_bounds_a_trickled_status_line_and_headers(fake: str) -> None:
+    """httpx reads the head inside ``send``, each byte within its per-read timeout: a head
+    trickled a byte every 50 ms held a ``timeout=0.5`` call for the whole 5 s (and as
+    long as the server liked), sync and async alike."""
+    late = r"ReadTimeout: the response's status line and headers did not arrive within the call's timeout"
+
+    def sync() -> None:
+        with jc.Client(fake, timeout=0.5) as client:
+            client.jacobian("trickled_head", X3)
+
+    async def main() -> None:
+        async with jc.AsyncClient(fake, timeout=0.5) as client:
+            await client.jacobian("trickled_head", X3)
+
+    for run in (sync, lambda: asyncio.run(main())):
+        started = time.monotonic()
+        with pytest.raises(jc.TransportError, match=late):
+            run()
+        assert time.monotonic() - started < 2.0
 
 
 def test_timeout_bounds_a_trickled_error_body(fake: str) -> None:

@@ -14,6 +14,7 @@ import httpx
 
 from ._base import DEFAULT_TIMEOUT, ClientConfig
 from ._errors import IncompleteResponse, NotAcceptable, TransportError, error_from_response
+from ._headwait import bound_head_reads, head_deadline
 from ._models import FunctionInfo
 from ._protocol import BINARY, Call, Deadline, RetryPolicy, client_closed, shapes_of, transport_error, with_body
 
@@ -63,6 +64,7 @@ class Client:
         )
         self._proto = config.protocol
         self._http = httpx.Client(transport=http_transport, **config.httpx_kwargs)
+        bound_head_reads(self._http)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -330,7 +332,8 @@ class Client:
                 call.method, call.path, params=call.params or None, headers=call.headers, content=call.content)
             deadline = self._proto.deadline(call)
             try:
-                response = self._http.send(request, stream=True)
+                with head_deadline(deadline.ends):  # httpx's per-read timeout would let a trickled head run on
+                    response = self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
                 delay = policy.delay_after_exception(exc, attempt, time.monotonic() - started)
                 if delay is None:
