@@ -76,8 +76,22 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client gave up
             self.close_connection = True
 
+    def _trickle_head(self) -> None:
+        """The status line and headers a byte every 50 ms, for 5 s."""
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\n" + b"X-Pad: " + b"a" * 100
+        try:
+            for i in range(len(head)):
+                self.wfile.write(head[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:  # the client gave up
+            pass
+        self.close_connection = True
+
     def do_GET(self) -> None:
-        if self.path.startswith("/v1/functions"):
+        if self.path.startswith("/trickled_head/"):  # a client whose base URL ends so: its probes
+            self._trickle_head()
+        elif self.path.startswith("/v1/functions"):
             self._send("application/json", b'[{"name": "f", "inputs": "garbage"}]')
         elif self.path.startswith("/v1/info"):
             self._send("application/json", b"[1, 2, 3]")
@@ -99,16 +113,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send("application/x-npz", npz_result(jacobian=np.eye(3)))
         elif name == "stroutput":
             self._send("application/json", b'{"output": "hello"}')
-        elif name == "trickled_head":  # the status line and headers a byte every 50 ms, for 5 s
-            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\n" + b"X-Pad: " + b"a" * 100
-            try:
-                for i in range(len(head)):
-                    self.wfile.write(head[i:i + 1])
-                    self.wfile.flush()
-                    time.sleep(0.05)
-            except OSError:  # the client gave up
-                pass
-            self.close_connection = True
+        elif name == "trickled_head":
+            self._trickle_head()
         elif name == "trickled_error":  # an error whose body trickles: its status says enough
             self.send_response(404)
             self.send_header("Content-Type", "application/problem+json")
@@ -196,6 +202,26 @@ def test_timeout_bounds_a_trickled_status_line_and_headers(fake: str) -> None:
         with pytest.raises(jc.TransportError, match=late):
             run()
         assert time.monotonic() - started < 2.0
+
+
+def test_timeout_bounds_a_trickled_health_probe(fake: str) -> None:
+    """health() "never raises" and wait_ready(timeout) gives up at its timeout: a server
+    trickling the probe's answer held both for the whole 5 s (or forever)."""
+    async def main() -> tuple[bool, float]:
+        async with jc.AsyncClient(f"{fake}/trickled_head", timeout=0.5) as client:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await client.wait_ready(timeout=0.3)
+            return await client.health(), time.monotonic() - started
+
+    with jc.Client(f"{fake}/trickled_head", timeout=0.5) as client:
+        started = time.monotonic()
+        assert client.health() is False
+        with pytest.raises(TimeoutError):
+            client.wait_ready(timeout=0.3)
+        assert time.monotonic() - started < 2.0
+    healthy, took = asyncio.run(main())
+    assert healthy is False and took < 2.0
 
 
 def test_timeout_bounds_a_trickled_error_body(fake: str) -> None:

@@ -5,7 +5,8 @@ sends its status line and headers a byte at a time, each within that timeout, he
 ``timeout=2`` call for as long as it liked (the body is checked piece by piece by
 :class:`~jacobian_client._protocol.Deadline`, but no piece of the head reaches the
 client before ``send`` returns). So the clients wrap the network backend of the
-connection pools they make: while :func:`head_deadline` is in force (around ``send``),
+connection pools they make: while :func:`head_deadline` is in force (around ``send``;
+around the whole of a health probe, whose body is read there too),
 every read and connect of the socket waits at most what is left of the attempt's
 deadline, and one past it raises httpcore's ``ReadTimeout`` (httpx's, by the time it
 reaches the client). The deadline travels in a context variable: the thread's for the

@@ -100,10 +100,16 @@ class Client:
 
         Never raises and never retries: it is a probe (False once the client is closed).
         """
+        return self._probe(ready, Deadline(self._proto.timeout).ends)
+
+    def _probe(self, ready: bool, ends: float | None) -> bool:
         if self._http.is_closed:
             return False
         try:
-            response = self._http.get("/readyz" if ready else "/healthz")
+            # The whole answer by ``ends``: a server trickling it held health() (and
+            # wait_ready with it) for as long as it liked.
+            with head_deadline(ends):
+                response = self._http.get("/readyz" if ready else "/healthz")
         except httpx.HTTPError:
             return False
         return response.status_code == 200
@@ -111,7 +117,8 @@ class Client:
     def wait_ready(self, timeout: float = 30.0, interval: float = 0.1) -> None:
         """Block until :meth:`health` is true; :class:`TimeoutError` after ``timeout`` s."""
         deadline = time.monotonic() + timeout
-        while not self.health():
+        per_probe = self._proto.timeout
+        while not self._probe(True, deadline if per_probe is None else min(deadline, time.monotonic() + per_probe)):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.base_url} not ready after {timeout} s")
             time.sleep(interval)
