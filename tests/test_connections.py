@@ -739,6 +739,55 @@ def test_a_body_left_unread_by_an_early_answer_is_not_taken_for_headers(implemen
         assert time.monotonic() - started < 3
 
 
+@pytest.mark.parametrize("implementation", ["h11", "httptools"])
+@pytest.mark.parametrize("tail", [
+    b"0\r\n" + b"".join(b"X-T%d: v\r\n" % i for i in range(60000)) + b"\r\n",  # many trailer fields
+    b"0\r\nX-Big: " + b"v" * (640 << 10) + b"\r\n\r\n",  # one long trailer field
+    b"1;" + b"e" * (640 << 10) + b"\r\nx\r\n0\r\n\r\n",  # one long chunk extension
+])
+def test_chunk_framing_and_trailers_are_held_to_the_header_limit(implementation: str, tail: bytes) -> None:
+    """Found by a red team: after a chunked body's head, httptools parsed any amount of
+    chunk framing and trailer fields, which uvicorn added to the request's headers: 118 MB
+    of trailer fields grew a front end by 320 MB (answered 200), and one 60 MB field
+    held its event loop 12 s (httptools concatenates a field piece by piece). Past the
+    header limit the request is refused (431; h11: 400 past its own 16 KiB) before it
+    completes; trailers under the limit are not taken for headers."""
+    seen: list[tuple[bool, list[bytes]]] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        while (message := await receive())["type"] == "http.request" and message.get("more_body"):
+            pass
+        complete = message["type"] == "http.request"
+        seen.append((complete, [k for k, _ in scope["headers"]]))
+        if complete:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    head = b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    with _guarded_uvicorn(app, implementation, 5.0) as url:
+        s = _connect(url)
+        raw = b""
+        try:
+            s.sendall(head + tail)
+            raw = _read_to_close(s, 5)
+        except OSError:  # refused and closed (reset) while still sending: the app's record says what it saw
+            pass
+        s.close()
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3})", raw)
+        assert b"200" not in statuses and statuses[-1:] in ([], [b"431"], [b"400"]), raw[:300]
+        assert all(not complete for complete, _ in seen), seen
+        if statuses == [b"431"]:
+            _assert_closing_problem(raw, 431, "headers_too_large")
+        s = _connect(url)  # a trailer under the limit: served, and not a header
+        s.sendall(head + b"0\r\nX-Trailer: v\r\n\r\n")
+        s.settimeout(5)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.close()
+        assert seen[-1][0] and b"x-trailer" not in seen[-1][1], seen[-1]
+
+
 @pytest.mark.parametrize(
     "header, status, code",
     [
