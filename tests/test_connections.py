@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import numpy as np
@@ -31,10 +31,15 @@ TOTAL = 4.0  # read_timeout_s: a body trickled within IDLE still ends here
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+def served() -> Iterator[tuple[str, Any]]:
     with live_server(WORKERS=1, WARMUP="false", MAX_REQUEST_BYTES=LIMIT, BODY_BUDGET_BYTES=BUDGET,
-                     READ_IDLE_TIMEOUT_S=IDLE, READ_TIMEOUT_S=TOTAL, HEADER_TIMEOUT_S=1, SEND_TIMEOUT_S=1) as (url, _):
-        yield url
+                     READ_IDLE_TIMEOUT_S=IDLE, READ_TIMEOUT_S=TOTAL, HEADER_TIMEOUT_S=1, SEND_TIMEOUT_S=1) as (url, proc):
+        yield url, proc
+
+
+@pytest.fixture(scope="module")
+def server(served: tuple[str, Any]) -> str:
+    return served[0]
 
 
 def _connect(url: str, rcvbuf: int | None = None) -> socket.socket:
@@ -356,6 +361,31 @@ def test_a_header_that_holds_one_value_given_twice_is_a_400(server: str, twice: 
               f"Connection: close\r\n".encode() + once + b"\r\n\r\n" + body)
     assert _read_to_close(s, 5).startswith(b"HTTP/1.1 200"), once
     s.close()
+
+
+def test_a_client_that_resets_its_pipelined_requests_leaves_no_traceback(served: tuple[str, Any]) -> None:
+    """A client pipelines requests, reads the first byte of an answer and resets the
+    connection: the responses still in flight were written to a transport uvloop had
+    closed (uvicorn hears of it a loop tick later), which raised, logged as "Exception in
+    ASGI application" with a traceback, once for (nearly) every such connection."""
+    url, proc = served
+    before = len(proc.read_log())
+    body = b'{"inputs": [[1.0, 2.0, 3.0]]}'
+    request = (b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    for _ in range(5):
+        s = _connect(url)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # close() resets
+        s.sendall(request * 100)
+        s.settimeout(10)
+        assert s.recv(1) == b"H"  # answers are being written
+        s.close()
+    # The server serves on, and a request after the resets is logged after their answers.
+    mark = "/v1/functions/after-the-resets"
+    assert httpx.get(f"{url}{mark}", timeout=10).status_code == 404
+    assert _wait_for(lambda: mark in proc.read_log()[before:], 10)
+    log = proc.read_log()[before:]
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
 
 
 def test_a_websocket_upgrade_is_served_as_the_http_request_it_also_is(server: str) -> None:

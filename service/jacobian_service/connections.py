@@ -407,10 +407,18 @@ class HeadWithBody:
         self._flush_at: asyncio.Handle | None = None
 
     def write(self, data: Any) -> None:
+        if self._transport.is_closing():
+            # The peer went (a write failed, or it reset the connection) and uvicorn has not
+            # heard yet (connection_lost comes a loop tick later): nobody to send to, and
+            # uvloop raises on a closed handle, which uvicorn logged as "Exception in ASGI
+            # application" with a traceback, once per response then in flight (a client
+            # that pipelines requests and resets: one traceback per connection).
+            self._held = None
+            return
         if self._held is not None:
             held, self._held = self._held, None
             self._transport.writelines((held, data))
-        elif len(data) <= self._HOLD_BYTES and not self._transport.is_closing():
+        elif len(data) <= self._HOLD_BYTES:
             self._held = bytes(data)
             if self._flush_at is None:
                 self._flush_at = self._loop.call_soon(self.flush)
@@ -419,7 +427,8 @@ class HeadWithBody:
 
     def writelines(self, pieces: Any) -> None:
         self.flush()
-        self._transport.writelines(pieces)
+        if not self._transport.is_closing():  # (as in write)
+            self._transport.writelines(pieces)
 
     def flush(self) -> None:
         self._flush_at = None
