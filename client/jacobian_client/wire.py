@@ -26,6 +26,7 @@ import binascii
 import functools
 import io
 import itertools
+import json
 import math
 import re
 import zipfile
@@ -47,6 +48,7 @@ __all__ = [
     "SparseCOO",
     "WireError",
     "check_depth",
+    "check_unique_keys",
     "decode_json_array",
     "decode_sparse_json",
     "decode_tree",
@@ -427,21 +429,54 @@ def _spell_nonfinite(arr: np.ndarray) -> Any:
 _JSON_SCALARS = frozenset({int, float, str, bool, type(None)})
 
 
-def check_depth(doc: Any, limit: int) -> None:
+def check_depth(doc: Any, limit: int) -> int:
     """Refuse JSON nested deeper than ``limit``. A row of numbers is looked at by the
     types of its items (in C), not walked number by number; a list is never judged by its
     first item alone: ``[1, {"a": {"a": ...}}]`` hid 900 levels that way (a second red
-    team), and a parser further on overflowed Python's stack (500, a traceback)."""
+    team), and a parser further on overflowed Python's stack (500, a traceback).
+    Returns the number of object members in ``doc`` (every object is visited), for
+    :func:`check_unique_keys`."""
+    members = 0
     stack = [(doc, 1)]
     while stack:
         node, depth = stack.pop()
         if depth > limit:
             raise WireError(f"JSON nested deeper than {limit} levels")
         if isinstance(node, dict):
+            members += len(node)
             stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
         elif isinstance(node, list) and node and (isinstance(node[0], (dict, list))
                                                    or not _JSON_SCALARS.issuperset(map(type, node))):
             stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
+    return members
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            shown = key if len(key) <= 100 else key[:100] + "..."
+            raise WireError(f"a JSON object gives the key {shown!r} twice; give each key once")
+        seen.add(key)
+
+
+def check_unique_keys(body: bytes, members: int) -> None:
+    """Refuse a JSON body with an object that gives a key twice (orjson, like Python's
+    json, keeps the last: ``{"inputs": A, "inputs": B}`` was answered for B, silently,
+    whatever a proxy or a log in front read). ``members`` is the number of object
+    members of the parsed body (:func:`check_depth`). Each member has one ``:`` outside
+    strings, so a body with no more colons than that has no key twice: one count at
+    memory speed for every ordinary body. Only a body with more (colons inside strings,
+    or a repeated key) is parsed again to find out, by Python's json, objects as lists of
+    pairs (in C, as its numbers: linear in the body, as the parse it repeats)."""
+    if body.count(b":") <= members:
+        return
+    try:
+        json.loads(body, object_pairs_hook=_unique_pairs)
+    except WireError:
+        raise
+    except Exception:  # noqa: BLE001 (orjson read it; a difference between the two parsers is not this check's)
+        pass
 
 
 def encode_tree(tree: Any) -> Any:

@@ -232,7 +232,7 @@ def parse_call(
     try:
         if media_type == wire.JSON:
             doc = wire.loads(body)
-            wire.check_depth(doc, limits.max_json_depth)
+            wire.check_unique_keys(body, wire.check_depth(doc, limits.max_json_depth))
             if not isinstance(doc, dict):
                 raise InvalidInput("the body must be a JSON object with an 'inputs' member")
             if "inputs" not in doc:
