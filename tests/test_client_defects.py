@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpcore
 import httpx
 import numpy as np
 import pytest
@@ -99,8 +100,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._send("application/json", b"{}")
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
         name = self.path.split("?")[0].split("/")[3]
+        if name == "steadyread":  # the request body taken 1 MiB every 50 ms (20 MB/s), then answered
+            left = int(self.headers.get("Content-Length", 0))
+            while left:
+                left -= len(self.rfile.read(min(left, 1 << 20)))
+                time.sleep(0.05)
+            self._send("application/x-npy", npy_bytes(np.arange(3.0)))
+            return
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if name == "trickle":  # 288 bytes, one every 50 ms: 14 s in all
             self._trickle(npy_bytes(np.arange(20.0)), 1, 0.05)
         elif name == "mebibytes":  # 4 MiB in 1 MiB pieces, 0.25 s apart: over 0.75 s in all
@@ -202,6 +210,57 @@ def test_timeout_bounds_a_trickled_status_line_and_headers(fake: str) -> None:
         with pytest.raises(jc.TransportError, match=late):
             run()
         assert time.monotonic() - started < 2.0
+
+
+class _PacedStream:
+    """A network stream whose sends take ``pause`` seconds per piece, as a server reading
+    at that pace makes them (the kernel's buffers full)."""
+
+    def __init__(self, pause: float) -> None:
+        self.pause = pause
+        self.sent = 0
+
+    def write(self, buffer: Any, timeout: float | None = None) -> None:
+        time.sleep(min(self.pause, timeout if timeout is not None else self.pause))
+        if timeout is not None and self.pause > timeout:
+            raise httpcore.WriteTimeout("timed out")
+        self.sent += len(buffer)
+
+
+@pytest.mark.parametrize("pause, ok", [(0.05, False), (0.004, True)])
+def test_timeout_bounds_sending_to_a_server_that_reads_slowly(pause: float, ok: bool) -> None:
+    """A server that takes the request body a little at a time, each send done within
+    httpx's per-write timeout, held a call past its timeout as long as it liked. Sending
+    now gets the attempt's timeout for each MiB (as a streamed answer does): 1 MiB per
+    0.8 s is cut off under timeout=0.3, while 8 MiB at 1 MiB per 0.07 s (longer in all
+    than the timeout) goes through."""
+    from jacobian_client import _headwait
+
+    inner = _PacedStream(pause)
+    stream = _headwait._Stream(inner)
+    started = time.monotonic()
+    with _headwait.head_deadline(0.3):
+        if ok:
+            stream.write(b"\0" * (8 << 20), timeout=30.0)
+        else:
+            with pytest.raises(httpcore.WriteTimeout, match="less than 1 MiB of the request could be sent"):
+                stream.write(b"\0" * (8 << 20), timeout=30.0)
+    took = time.monotonic() - started
+    assert (inner.sent == 8 << 20 and took > 0.3) if ok else (inner.sent < 1 << 20 and took < 1.0), (inner.sent, took)
+
+
+def test_a_body_sent_steadily_goes_on_past_the_timeout(fake: str) -> None:
+    """A 32 MiB upload to a server reading 20 MB/s takes 1.6 s, past timeout=1, with each
+    MiB in 50 ms: it is sent and answered (a slow link is not a trickle), sync and async."""
+    x = np.zeros(4 << 20)
+
+    async def main() -> Any:
+        async with jc.AsyncClient(fake, timeout=1.0, max_retries=0) as client:
+            return await client.evaluate("steadyread", x)
+
+    with jc.Client(fake, timeout=1.0, max_retries=0) as client:
+        np.testing.assert_array_equal(client.evaluate("steadyread", x), np.arange(3.0))
+    np.testing.assert_array_equal(asyncio.run(main()), np.arange(3.0))
 
 
 def test_timeout_bounds_a_trickled_health_probe(fake: str) -> None:

@@ -1,4 +1,5 @@
-"""The wait for a response's status line and headers, bounded by the call's deadline.
+"""Sending a request and the wait for its response's status line and headers, bounded
+by the call's deadline.
 
 httpx reads a response's head inside ``send`` with its per-read timeout: a server that
 sends its status line and headers a byte at a time, each within that timeout, held a
@@ -7,9 +8,12 @@ sends its status line and headers a byte at a time, each within that timeout, he
 client before ``send`` returns). So the clients wrap the network backend of the
 connection pools they make: while :func:`head_deadline` is in force (around ``send``;
 around the whole of a health probe, whose body is read there too),
-every read and connect of the socket waits at most what is left of the attempt's
-deadline, and one past it raises httpcore's ``ReadTimeout`` (httpx's, by the time it
-reaches the client). The deadline travels in a context variable: the thread's for the
+every read, write and connect of the socket waits at most what is left of the attempt's
+deadline, and one past it raises httpcore's ``ReadTimeout`` (``WriteTimeout`` for a
+request body the server reads too slowly: httpx's per-write timeout let a server that
+takes a little at a time hold the upload as long as it liked; httpx's, by the time they
+reach the client). As a streamed answer's, the clock restarts with each MiB of the
+request sent, and once it is all sent (:class:`_Clock`). The deadline travels in a context variable: the thread's for the
 sync client, the task's for the async one, so calls on other threads or tasks sharing
 the pool keep their own.
 
@@ -30,38 +34,75 @@ import httpx
 
 __all__ = ["bound_head_reads", "head_deadline"]
 
-_ENDS: contextvars.ContextVar[float | None] = contextvars.ContextVar("jacobian_client_head_ends", default=None)
+#: sending restarts the clock each time this many bytes have left (as a streamed answer's does)
+PROGRESS_BYTES = 1 << 20
+_WRITE_PIECE = 64 << 10
+_LATE = "the response's status line and headers did not arrive within the call's timeout"
+_SLOW = "less than 1 MiB of the request could be sent within the call's timeout (the server reads it too slowly)"
+
+
+class _Clock:
+    """One attempt's time to send its request and get its response's head: ``seconds``,
+    restarted each time ``PROGRESS_BYTES`` of the request have left and once all of it
+    has (a large body on a slow link goes on while it keeps going, and the server then
+    has the whole timeout to answer), never past ``cap``."""
+
+    __slots__ = ("_cap", "_sent", "ends", "seconds")
+
+    def __init__(self, seconds: float, cap: float | None) -> None:
+        self.seconds = seconds
+        self._cap = cap
+        self._sent = 0
+        self.ends = 0.0
+        self.restart()
+
+    def restart(self) -> None:
+        ends = time.monotonic() + self.seconds
+        self.ends = ends if self._cap is None else min(ends, self._cap)
+
+    def sent(self, nbytes: int) -> None:
+        self._sent += nbytes
+        if self._sent >= PROGRESS_BYTES:
+            self._sent = 0
+            self.restart()
+
+
+_CLOCK: contextvars.ContextVar[_Clock | None] = contextvars.ContextVar("jacobian_client_head_clock", default=None)
 
 
 @contextlib.contextmanager
-def head_deadline(ends: float | None) -> Iterator[None]:
-    """Within the block, socket reads wait at most until ``ends`` (``time.monotonic()``);
-    None leaves them to httpx's own timeouts."""
-    token = _ENDS.set(ends)
+def head_deadline(seconds: float | None, cap: float | None = None) -> Iterator[None]:
+    """Within the block, socket reads and writes wait at most ``seconds`` (see
+    :class:`_Clock`), never past ``cap`` (``time.monotonic()``); None leaves them to
+    httpx's own timeouts."""
+    token = _CLOCK.set(None if seconds is None else _Clock(seconds, cap))
     try:
         yield
     finally:
-        _ENDS.reset(token)
+        _CLOCK.reset(token)
 
 
-_LATE = "the response's status line and headers did not arrive within the call's timeout"
-
-
-def _clamp(timeout: float | None) -> float | None:
-    ends = _ENDS.get()
-    if ends is None:
+def _clamp(timeout: float | None, error: type[Exception] = httpcore.ReadTimeout, why: str = _LATE) -> float | None:
+    clock = _CLOCK.get()
+    if clock is None:
         return timeout
-    left = ends - time.monotonic()
+    left = clock.ends - time.monotonic()
     if left <= 0:
-        raise httpcore.ReadTimeout(_LATE)
+        raise error(why)
     return left if timeout is None else min(timeout, left)
 
 
-def _late() -> None:
-    """A read that timed out: ours (say so) when the deadline is what ended it."""
-    ends = _ENDS.get()
-    if ends is not None and time.monotonic() >= ends:
-        raise httpcore.ReadTimeout(_LATE) from None
+def _late(error: type[Exception] = httpcore.ReadTimeout, why: str = _LATE) -> None:
+    """An operation that timed out: ours (say so) when the deadline is what ended it."""
+    clock = _CLOCK.get()
+    if clock is not None and time.monotonic() >= clock.ends:
+        raise error(why) from None
+
+
+def _sent(nbytes: int, done: bool) -> None:
+    clock = _CLOCK.get()
+    if clock is not None:
+        clock.restart() if done else clock.sent(nbytes)
 
 
 class _Stream(httpcore.NetworkStream):
@@ -76,7 +117,18 @@ class _Stream(httpcore.NetworkStream):
             raise
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, timeout)
+        # In pieces, each under what is left: the socket's timeout is per send, and a
+        # server that takes a little at a time keeps every send of one large buffer short.
+        view = memoryview(buffer)
+        for start in range(0, len(view), _WRITE_PIECE):
+            piece = view[start:start + _WRITE_PIECE]
+            try:
+                self._inner.write(piece, _clamp(timeout, httpcore.WriteTimeout, _SLOW))
+            except httpcore.WriteTimeout:
+                _late(httpcore.WriteTimeout, _SLOW)
+                raise
+            _sent(len(piece), False)
+        _sent(0, True)
 
     def close(self) -> None:
         self._inner.close()
@@ -115,7 +167,16 @@ class _AsyncStream(httpcore.AsyncNetworkStream):
             raise
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
+        view = memoryview(buffer)  # in pieces, as the sync stream's (here for the progress rule)
+        for start in range(0, len(view), _WRITE_PIECE):
+            piece = view[start:start + _WRITE_PIECE]
+            try:
+                await self._inner.write(piece, _clamp(timeout, httpcore.WriteTimeout, _SLOW))
+            except httpcore.WriteTimeout:
+                _late(httpcore.WriteTimeout, _SLOW)
+                raise
+            _sent(len(piece), False)
+        _sent(0, True)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

@@ -222,12 +222,6 @@ class Deadline:
         self._ends = None if seconds is None else clock() + seconds
         self._mark = 0  # bytes received when a streamed transfer's clock last restarted
 
-    @property
-    def ends(self) -> float | None:
-        """When the attempt's time is up (``time.monotonic()``), None for never: the
-        response's head must be in by then (:mod:`._headwait`)."""
-        return self._ends
-
     def responded(self) -> None:
         """The response's headers are in: a streamed transfer's clock starts over."""
         if self.seconds is not None and self.progress_bytes is not None:

@@ -37,8 +37,10 @@ class Client:
     ``http_transport`` an httpx transport (e.g. ``httpx.MockTransport`` in tests).
 
     ``timeout`` in seconds bounds each attempt of a call, response included: connecting
-    gets at most 10 s of it, the answer must start within it, and then each MiB of the
-    body must come within ``timeout`` seconds (checked as it arrives, so a server that
+    gets at most 10 s of it, each MiB of the request must leave within it (a server
+    reading it too slowly is cut off; a steady upload of any size goes on), the answer's
+    status line and headers must come within it once the request is sent (however they
+    are trickled), and then each MiB of the body must come within ``timeout`` seconds (checked as it arrives, so a server that
     trickles its answer ends the call within twice ``timeout`` at worst; a streamed
     Jacobian of any size keeps coming), raising :class:`TransportError`. An :class:`httpx.Timeout` sets httpx's per-operation limits only, with no
     such deadline; ``None`` waits forever. Retries (see :class:`RetryPolicy`) each get
@@ -100,15 +102,15 @@ class Client:
 
         Never raises and never retries: it is a probe (False once the client is closed).
         """
-        return self._probe(ready, Deadline(self._proto.timeout).ends)
+        return self._probe(ready, None)
 
-    def _probe(self, ready: bool, ends: float | None) -> bool:
+    def _probe(self, ready: bool, cap: float | None) -> bool:
         if self._http.is_closed:
             return False
         try:
             # The whole answer by ``ends``: a server trickling it held health() (and
             # wait_ready with it) for as long as it liked.
-            with head_deadline(ends):
+            with head_deadline(self._proto.timeout, cap):
                 response = self._http.get("/readyz" if ready else "/healthz")
         except httpx.HTTPError:
             return False
@@ -117,8 +119,7 @@ class Client:
     def wait_ready(self, timeout: float = 30.0, interval: float = 0.1) -> None:
         """Block until :meth:`health` is true; :class:`TimeoutError` after ``timeout`` s."""
         deadline = time.monotonic() + timeout
-        per_probe = self._proto.timeout
-        while not self._probe(True, deadline if per_probe is None else min(deadline, time.monotonic() + per_probe)):
+        while not self._probe(True, deadline):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.base_url} not ready after {timeout} s")
             time.sleep(interval)
@@ -339,7 +340,7 @@ class Client:
                 call.method, call.path, params=call.params or None, headers=call.headers, content=call.content)
             deadline = self._proto.deadline(call)
             try:
-                with head_deadline(deadline.ends):  # httpx's per-read timeout would let a trickled head run on
+                with head_deadline(deadline.seconds):  # httpx's per-operation timeouts would let a trickle run on
                     response = self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
                 delay = policy.delay_after_exception(exc, attempt, time.monotonic() - started)
