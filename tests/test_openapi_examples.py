@@ -63,3 +63,32 @@ def test_a_function_declaring_a_large_input_gets_no_example():
     small = {"name": "small", "inputs": [{"name": "x", "shape": ["n"], "dtype": "floating"}]}
     examples = _request_examples("jacobian", [big, small])
     assert list(examples) == ["small"] and examples["small"]["value"] == {"inputs": {"x": [0.5] * 3}}
+
+
+def _guarded(doc) -> dict[str, bool]:
+    """Each operation: does the document say it wants a key (security and a 401)?"""
+    out = {}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            wants = "security" in op
+            assert wants == ("401" in op["responses"]) == ("403" in op["responses"]), (method, path)
+            out[f"{method.upper()} {path}"] = wants
+    return out
+
+
+@pytest.mark.parametrize("keys, metrics_auth", [("", False), ("k1", False), ("k1", True)])
+def test_the_document_asks_for_a_key_exactly_where_the_server_does(keys, metrics_auth):
+    """Without API keys the document demanded a bearer key on every operation and
+    promised 401/403: generated clients and fuzzers (schemathesis: "API accepts requests
+    without authentication") were told of an auth that was off; with keys, /metrics was
+    marked as guarded while METRICS_AUTH (off by default) left it open. Each operation
+    now says what the live server does, checked by calling it without a key."""
+    settings = Settings(warmup=False, device="cpu", functions="jacobian_service.examples", api_keys=keys,
+                        metrics_auth=metrics_auth, docs_auth=False)
+    with TestClient(create_app(settings)) as c:
+        doc = c.get("/openapi.json").json()
+        assert ("securitySchemes" in doc["components"]) == bool(keys)
+        for operation, wants in _guarded(doc).items():
+            method, path = operation.split(" ", 1)
+            r = c.request(method, path.replace("{name}", "sin"), params={"shapes": "3"}, json={"inputs": [[0.5]]})
+            assert (r.status_code == 401) == wants, (operation, r.status_code, r.text)

@@ -73,7 +73,9 @@ class ServiceApp:
 
     def openapi(self) -> dict[str, Any]:
         if self._openapi is None:
-            self._openapi = build_openapi(ROUTES, self.registry, self.settings.root_path)
+            self._openapi = build_openapi(ROUTES, self.registry, self.settings.root_path,
+                                          api_keys=bool(self.service_state.api_keys),
+                                          metrics_auth=self.settings.metrics_auth)
         return self._openapi
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

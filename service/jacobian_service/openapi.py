@@ -321,7 +321,7 @@ def _problems(codes: tuple[str, ...], auth: bool) -> dict[str, Any]:
     }
 
 
-def _operation(route: Route, functions: list[dict[str, Any]]) -> dict[str, Any]:
+def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset[str]) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": route.operation_id, "summary": route.summary, "tags": [route.tag]}
     if "{name}" in route.path:
         names = [f["name"] for f in functions]
@@ -367,17 +367,23 @@ def _operation(route: Route, functions: list[dict[str, Any]]) -> dict[str, Any]:
             if p["name"] == "shapes":  # fits the functions served, each its own
                 p["examples"] = _shapes_examples(functions)
         op["parameters"] = [*op.get("parameters", []), *params]
-    op["responses"] = {"200": ok, **_problems(route.errors, route.auth in ("key", "metrics"))}
-    if route.auth in ("key", "metrics"):
+    op["responses"] = {"200": ok, **_problems(route.errors, route.auth in guarded)}
+    if route.auth in guarded:
         op["security"] = [{"bearer": []}]
     return op
 
 
-def build_openapi(routes: list[Route], registry: Registry, root_path: str = "") -> dict[str, Any]:
+def build_openapi(routes: list[Route], registry: Registry, root_path: str = "", *, api_keys: bool = False,
+                  metrics_auth: bool = False) -> dict[str, Any]:
+    """``api_keys`` / ``metrics_auth``: what the server in front of this document
+    enforces. Only the routes that really want a key say so (``security``, 401/403): a
+    document that demanded a key the server never checks sent generated clients and
+    Swagger's Authorize after a key nobody has, and promised 401s that never came."""
     functions = [spec.describe() for spec in registry]
+    guarded = frozenset(({"key"} | ({"metrics"} if metrics_auth else set())) if api_keys else ())
     paths: dict[str, Any] = {}
     for route in routes:
-        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, functions)
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, functions, guarded)
     schemas = dict(_COMPONENTS)
     for kind in RESULT_KEY:
         schemas[f"{_title(kind)}Request"] = _request_schema(kind)
@@ -390,8 +396,10 @@ def build_openapi(routes: list[Route], registry: Registry, root_path: str = "") 
             "description": "Jacobians of registered PyTorch functions, computed like torch.func.jacrev.",
         },
         "paths": paths,
-        "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"schemas": schemas},
     }
+    if guarded:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     if root_path:
         doc["servers"] = [{"url": root_path}]
     return doc
