@@ -56,7 +56,10 @@ def assert_handled(response) -> None:
 @schema.parametrize()
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 def test_schemathesis_finds_no_server_error(case):
-    assert_handled(case.call())
+    response = case.call()
+    if response.status_code == 504 and "X-Request-Timeout" in (case.headers or {}):
+        return  # the deadline the case asked for (1e-300 s) passed: the 504 is the answer
+    assert_handled(response)
 
 
 def test_the_fuzzers_reach_every_endpoint():

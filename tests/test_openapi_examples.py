@@ -92,3 +92,65 @@ def test_the_document_asks_for_a_key_exactly_where_the_server_does(keys, metrics
             method, path = operation.split(" ", 1)
             r = c.request(method, path.replace("{name}", "sin"), params={"shapes": "3"}, json={"inputs": [[0.5]]})
             assert (r.status_code == 401) == wants, (operation, r.status_code, r.text)
+
+
+def _sample(schema):
+    """A value of a query parameter's schema, as a query string spells it."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    if schema.get("type") == "boolean":
+        return "false" if schema.get("default") is False else "true"
+    if schema.get("pattern") == "^-?[0-9]+,-?[0-9]+$":
+        return "0,1"
+    if "default" in schema:
+        return str(schema["default"])
+    return str(schema.get("minimum", 1))
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"])
+def test_every_option_is_a_documented_query_parameter_the_server_takes(client, doc, kind):
+    """SPEC 3.2: with an .npy or .npz body the options go in the query string. The
+    document listed no query parameter for the derivative endpoints, so generated
+    clients and Swagger UI could send a binary body but never argnums, chunk_size, rows,
+    batched, ... Each option is now documented in its query form (and the deadline
+    header), and each documented value is one the server takes."""
+    import io
+
+    import numpy as np
+
+    from jacobian_service.parsing import Options
+
+    op = doc["paths"][f"/v1/functions/{{name}}/{kind}"]["post"]
+    query = {p["name"]: p["schema"] for p in op["parameters"] if p["in"] == "query"}
+    assert set(query) == set(Options.model_fields)
+    assert any(p["name"] == "X-Request-Timeout" and p["in"] == "header" for p in op["parameters"])
+    x = np.array([0.1, 0.2, 0.3])
+    files = {"x": x, **({"cotangents": np.array(1.0)} if kind == "vjp" else {"tangents": x} if kind in ("jvp", "hvp") else {})}
+    buf = io.BytesIO()
+    np.savez(buf, **files)
+    for name, schema in query.items():
+        if name == "rows" and kind != "jacobian":
+            continue  # rows of a Jacobian only
+        value = "auto" if name == "sparsity" and kind in ("jacobian", "hessian") else _sample(schema)
+        r = client.post(f"/v1/functions/sum_sin/{kind}", params={name: value}, content=buf.getvalue(),
+                        headers={"content-type": "application/x-npz", "accept": "application/json", "x-request-timeout": "30"})
+        assert r.status_code == 200, (name, value, r.text)
+
+
+def test_query_options_with_a_binary_body_equal_the_json_bodys():
+    """argnums as names and rows in their documented query forms give what the JSON
+    body's options give."""
+    import io
+
+    import numpy as np
+
+    with TestClient(create_app(Settings(warmup=False, device="cpu", functions="jacobian_service.examples"))) as c:
+        x, y = [0.1, 0.2, 0.3], [1.0, 2.0, 3.0]
+        buf = io.BytesIO()
+        np.savez(buf, x=np.array(x, np.float32), y=np.array(y, np.float32))
+        query = c.post("/v1/functions/add_square/jacobian", params={"argnums": "x,y", "rows": "1,3"},
+                       content=buf.getvalue(), headers={"content-type": "application/x-npz"}).json()
+        body = c.post("/v1/functions/add_square/jacobian", json={"inputs": {"x": x, "y": y}, "argnums": ["x", "y"],
+                                                                 "rows": [1, 3]}).json()
+        assert query["jacobian"] == body["jacobian"]
+        assert [j["shape"] for j in body["jacobian"]] == [[2, 3], [2, 3]]

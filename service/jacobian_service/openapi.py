@@ -308,6 +308,51 @@ def _shapes_examples(functions: list[dict[str, Any]]) -> dict[str, Any]:
     return examples or {"one input": {"value": str(_EXAMPLE_SIZE)}}
 
 
+# The options of a derivative request in its query string: the only place for them with
+# an .npy / .npz body (SPEC 3.2), allowed beside a JSON body too (each option in one
+# place). Made from Options, so that a new option is documented in both forms at once;
+# a list is comma-separated there (parsing._query_value).
+_QUERY_FORMS: dict[str, dict[str, Any]] = {
+    "argnums": {
+        "schema": {"type": "string", "default": "0"},
+        "description": ("a position or parameter name, or several comma-separated (a tuple of results, "
+                        "as argnums=(0, 1); a trailing comma makes a tuple of one: 0,)"),
+    },
+    "rows": {
+        "schema": {"type": "string", "pattern": "^-?[0-9]+,-?[0-9]+$"},
+        "description": "start,stop: rows [start, stop) of the flattened output",
+    },
+}
+_QUERY_NOTE = " (query form of the body's option; with a JSON body, give it in one place)"
+
+
+def _query_parameters() -> list[dict[str, Any]]:
+    params = []
+    for name, prop in Options.model_json_schema()["properties"].items():
+        if name in _QUERY_FORMS:
+            form = _QUERY_FORMS[name]
+            schema, description = dict(form["schema"]), form["description"]
+        else:
+            schema = {k: v for k, v in prop.items() if k not in ("title", "description")}
+            description = prop.get("description", name.replace("_", " "))
+            # A query string has no null: the option left out is the default.
+            if "anyOf" in schema:
+                (schema_,) = [branch for branch in schema.pop("anyOf") if branch.get("type") != "null"]
+                schema = {**schema_, **schema}
+            if schema.get("default", 0) is None:
+                del schema["default"]
+        params.append({"name": name, "in": "query", "required": False, "schema": schema,
+                       "description": description + _QUERY_NOTE})
+    return params
+
+
+_REQUEST_TIMEOUT_HEADER = {
+    "name": "X-Request-Timeout", "in": "header", "required": False,
+    "schema": {"type": "number", "exclusiveMinimum": 0},
+    "description": "seconds: shortens the server's deadline (queue plus compute) for this request; 504 when passed",
+}
+
+
 def _problems(codes: tuple[str, ...], auth: bool) -> dict[str, Any]:
     by_status: dict[int, list[str]] = {}
     for code in (*codes, *(("unauthorized", "forbidden") if auth else ())):
@@ -329,6 +374,7 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
     binary = {"schema": {"type": "string", "format": "binary"}}
     kind = route.params.get("kind")
     if kind is not None:
+        op["parameters"] = [*op["parameters"], *_query_parameters(), _REQUEST_TIMEOUT_HEADER]
         op["requestBody"] = {
             "required": True,
             "content": {
@@ -366,7 +412,7 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
         for p in params:
             if p["name"] == "shapes":  # fits the functions served, each its own
                 p["examples"] = _shapes_examples(functions)
-        op["parameters"] = [*op.get("parameters", []), *params]
+        op["parameters"] = [*op.get("parameters", []), *params, _REQUEST_TIMEOUT_HEADER]
     op["responses"] = {"200": ok, **_problems(route.errors, route.auth in guarded)}
     if route.auth in guarded:
         op["security"] = [{"bearer": []}]
