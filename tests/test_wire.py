@@ -63,6 +63,27 @@ def test_npz_round_trip(members):
         np.testing.assert_array_equal(arr, members[name])
 
 
+def test_npz_results_whose_keys_hold_a_slash_keep_every_array():
+    """A function returning ``{"a/b": x, "a": {"b": y}}`` (jacrev takes any string keys)
+    got an .npz with two members named ``jacobian/a/b.npy``: numpy read y for both, the
+    SDK refused the answer. Each array has its own member now, the skeleton says which."""
+    x, y, z = np.arange(3.0), np.arange(3.0) + 10, np.arange(3.0) + 20
+    trees = {"jacobian": {"a/b": x, "a": {"b": y}, "a/b~1": z}, "aux": {"k/0": x, "k": [y]}}
+    body = wire.write_npz(trees, {})
+    names = zipfile.ZipFile(io.BytesIO(body)).namelist()
+    assert len(names) == len(set(names)) == 6, names
+    got, _ = wire.read_result_npz(body)
+    np.testing.assert_array_equal(got["jacobian"]["a/b"], x)
+    np.testing.assert_array_equal(got["jacobian"]["a"]["b"], y)
+    np.testing.assert_array_equal(got["jacobian"]["a/b~1"], z)
+    np.testing.assert_array_equal(got["aux"]["k/0"], x)
+    np.testing.assert_array_equal(got["aux"]["k"][0], y)
+    sparse = wire.write_sparse_npz(wire.SparseCOO(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), (2, 3)),
+                                   {}, {"aux": trees["aux"]})
+    names = zipfile.ZipFile(io.BytesIO(sparse)).namelist()
+    assert len(names) == len(set(names)), names
+
+
 def test_big_headers_use_version_2():
     shape = (1,) * 15
     header = wire.npy_header(shape, "float32")

@@ -13,7 +13,8 @@ In an ``.npz`` every array of a tree is one member named by its path
 ``meta.json`` holds the response's meta (device, chunk size, ...) at its top level, the
 aux values that are not arrays under ``"aux"``, and under ``"structure"`` a skeleton of
 each tree in which every array is ``{"$npy": member}`` and every other value stands as
-it is (so ``"aux"`` is the aux skeleton itself).
+it is (so ``"aux"`` is the aux skeleton itself). Where two paths spell one name (a dict
+key holding a ``/``), the later member is ``<path>~1.npy``: the skeleton says which.
 
 bfloat16 has no numpy dtype: it travels as float32 in ``.npy``/``.npz`` and as numbers
 (or 2-byte base64) in JSON, and is decoded to float32 with its name kept beside it.
@@ -875,13 +876,25 @@ def read_npz(body: bytes | memoryview, limits: Limits = Limits()) -> dict[str, n
 
 
 def flatten_tree(prefix: str, tree: Any) -> tuple[Any, list[tuple[str, np.ndarray]]]:
-    """Split a tree into a JSON skeleton and its arrays, each named by its path."""
+    """Split a tree into a JSON skeleton and its arrays, each named by its path.
+
+    A dict key may itself hold a ``/`` (``{"a/b": x, "a": {"b": y}}``): two paths would
+    name one member, and the .npz held two members of one name (numpy reads the last for
+    both; the SDK refused the answer). A name already taken gets ``~1``, ``~2``, ...: the
+    skeleton's ``$npy`` says which member holds which array."""
     arrays: list[tuple[str, np.ndarray]] = []
+    taken: set[str] = set()
 
     def walk(path: str, node: Any) -> Any:
         if isinstance(node, np.ndarray):
-            arrays.append((path, node))
-            return {"$npy": f"{path}.npy"}
+            name = path
+            for n in itertools.count(1):
+                if name not in taken:
+                    break
+                name = f"{path}~{n}"
+            taken.add(name)
+            arrays.append((name, node))
+            return {"$npy": f"{name}.npy"}
         if isinstance(node, (list, tuple)):
             return [walk(f"{path}/{i}", n) for i, n in enumerate(node)]
         if isinstance(node, dict):
