@@ -154,3 +154,48 @@ def test_query_options_with_a_binary_body_equal_the_json_bodys():
                                                                  "rows": [1, 3]}).json()
         assert query["jacobian"] == body["jacobian"]
         assert [j["shape"] for j in body["jacobian"]] == [[2, 3], [2, 3]]
+
+
+def test_the_document_names_the_response_headers_the_server_sends():
+    """SPEC 3: every response carries X-Request-ID; a 401 says WWW-Authenticate, a 429
+    Retry-After, a binary answer its Content-Disposition. The document named no response
+    header, so generated clients did not expose them and header checks held the server to
+    nothing. Every response of every operation now names X-Request-ID, and each header
+    the document says is required is in the live answer, matching its schema."""
+    import io
+    import re
+
+    import numpy as np
+
+    settings = Settings(warmup=False, device="cpu", functions="jacobian_service.examples", api_keys="k1", docs_auth=False)
+    with TestClient(create_app(settings)) as c:
+        doc = c.get("/openapi.json").json()
+        for path, ops in doc["paths"].items():
+            for method, op in ops.items():
+                for status, response in op["responses"].items():
+                    assert response["headers"]["X-Request-ID"]["required"], (method, path, status)
+        buf = io.BytesIO()
+        np.save(buf, np.ones(3, np.float32))
+        key = {"authorization": "Bearer k1"}
+        answers = [
+            ("/v1/functions/{name}/jacobian", c.post("/v1/functions/sin/jacobian", json={"inputs": [[1.0]]}, headers=key)),
+            ("/v1/functions/{name}/jacobian", c.post("/v1/functions/sin/jacobian", content=buf.getvalue(),
+                                                     headers={**key, "content-type": "application/x-npy", "accept": "application/x-npy"})),
+            ("/v1/functions/{name}/jacobian", c.post("/v1/functions/nope/jacobian", json={"inputs": [[1.0]]}, headers=key)),
+            ("/v1/functions/{name}/jacobian", c.post("/v1/functions/sin/jacobian", json={"inputs": [[1.0]]})),
+            ("/v1/functions/{name}/jacobian", c.post("/v1/functions/sin/jacobian", json={"inputs": [[1.0]], "rows": [5, 9]},
+                                                     headers=key)),
+            ("/v1/functions/{name}/sparsity", c.get("/v1/functions/sin/sparsity", params={"shapes": "3"}, headers=key)),
+            ("/readyz", c.get("/readyz")),
+        ]
+        for path, r in answers:
+            op = doc["paths"][path]["get" if r.request.method == "GET" else "post"]
+            for name, header in op["responses"][str(r.status_code)]["headers"].items():
+                if header.get("required"):
+                    assert name in r.headers, (path, r.status_code, name)
+                if name in r.headers and "pattern" in header["schema"]:
+                    assert re.fullmatch(header["schema"]["pattern"], r.headers[name]), (name, r.headers[name])
+                if name in r.headers and "const" in header["schema"]:
+                    assert r.headers[name] == header["schema"]["const"]
+        assert [r.status_code for _, r in answers] == [200, 200, 404, 401, 422, 200, 200]
+        assert answers[1][1].headers["content-disposition"] == 'attachment; filename="sin-jacobian.npy"'

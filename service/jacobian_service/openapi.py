@@ -353,6 +353,18 @@ _REQUEST_TIMEOUT_HEADER = {
 }
 
 
+# Response headers (SPEC 3: every response carries X-Request-ID), so that generated
+# clients expose them and response checks (schemathesis) hold the server to them.
+_REQUEST_ID = {"X-Request-ID": {"required": True, "schema": {"type": "string"},
+                                "description": "the client's X-Request-ID echoed, or a new one; also in a problem's request_id"}}
+_STATUS_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string", "const": "Bearer"}}},
+    429: {"Retry-After": {"required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": "seconds"}},
+    503: {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"},
+                          "description": "seconds (while an engine restarts or the server drains)"}},
+}
+
+
 def _problems(codes: tuple[str, ...], auth: bool) -> dict[str, Any]:
     by_status: dict[int, list[str]] = {}
     for code in (*codes, *(("unauthorized", "forbidden") if auth else ())):
@@ -360,6 +372,7 @@ def _problems(codes: tuple[str, ...], auth: bool) -> dict[str, Any]:
     return {
         str(status): {
             "description": " / ".join(names),
+            "headers": {**_REQUEST_ID, **_STATUS_HEADERS.get(status, {})},
             "content": {wire.PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
         for status, names in sorted(by_status.items())
@@ -413,6 +426,12 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
             if p["name"] == "shapes":  # fits the functions served, each its own
                 p["examples"] = _shapes_examples(functions)
         op["parameters"] = [*op.get("parameters", []), *params, _REQUEST_TIMEOUT_HEADER]
+    ok["headers"] = dict(_REQUEST_ID)
+    if any(media in ok["content"] for media in (wire.NPY, wire.NPZ)):
+        ok["headers"]["Content-Disposition"] = {
+            "schema": {"type": "string"},
+            "description": 'binary answers (.npy / .npz): attachment; filename="<function>-<what>.npy"',
+        }
     op["responses"] = {"200": ok, **_problems(route.errors, route.auth in guarded)}
     if route.auth in guarded:
         op["security"] = [{"bearer": []}]
