@@ -314,8 +314,8 @@ def _shapes_examples(functions: list[dict[str, Any]]) -> dict[str, Any]:
 # a list is comma-separated there (parsing._query_value).
 _QUERY_FORMS: dict[str, dict[str, Any]] = {
     "argnums": {
-        "schema": {"type": "string", "default": "0"},
-        "description": ("a position or parameter name, or several comma-separated (a tuple of results, "
+        "schema": {"type": "string"},
+        "description": ("0 when left out; a position or parameter name, or several comma-separated (a tuple of results, "
                         "as argnums=(0, 1); a trailing comma makes a tuple of one: 0,)"),
     },
     "rows": {
@@ -339,8 +339,12 @@ def _query_parameters() -> list[dict[str, Any]]:
             if "anyOf" in schema:
                 (schema_,) = [branch for branch in schema.pop("anyOf") if branch.get("type") != "null"]
                 schema = {**schema_, **schema}
-            if schema.get("default", 0) is None:
-                del schema["default"]
+            # No default in the schema: Swagger UI fills every query parameter with its
+            # default on "Try it out", and the body's own options would then be given
+            # twice (a 422). The description says what leaving it out means.
+            default = schema.pop("default", None)
+            if default is not None:
+                description += f" (left out: {wire.dumps(default).decode()})"
         params.append({"name": name, "in": "query", "required": False, "schema": schema,
                        "description": description + _QUERY_NOTE})
     return params
