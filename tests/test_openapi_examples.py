@@ -213,3 +213,20 @@ def test_query_options_carry_no_default_for_swagger_to_fill_in(client, doc):
     assert "(left out: false)" in chunk["description"]
     r = client.post("/v1/functions/add_square/jacobian", json={"inputs": [[1.0], [2.0]], "argnums": [0, 1], "batched": False})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"])
+def test_request_schemas_refuse_the_members_the_server_refuses(client, doc, kind):
+    """The request schemas allowed any other member, which the server refuses (422):
+    fuzzers built "valid" bodies the server then rejected, and generated clients offered
+    an additional_properties bag that could only fail. Each schema now closes its members,
+    and a member it does not list is a 422 naming it."""
+    schema = doc["components"]["schemas"][f"{kind.capitalize()}Request"]
+    assert schema["additionalProperties"] is False
+    body = {"inputs": [[0.1, 0.2]], **{m: [1.0, 0.0] for m in ("tangents", "cotangents") if m in schema["properties"]}}
+    if kind == "vjp":
+        body["cotangents"] = 1.0
+    assert client.post(f"/v1/functions/sum_sin/{kind}", json=body).status_code == 200
+    for extra in ("foo", *({"tangents", "cotangents"} - set(schema["properties"]))):
+        r = client.post(f"/v1/functions/sum_sin/{kind}", json={**body, extra: [1.0, 0.0]})
+        assert r.status_code == 422 and extra in r.json()["detail"], (extra, r.text)

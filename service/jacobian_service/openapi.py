@@ -226,7 +226,9 @@ def _request_schema(kind: str) -> dict[str, Any]:
         key = _VECTORS[kind]
         props[key] = {"$ref": "#/components/schemas/ArrayTree"}
         required.append(key)
-    return {"type": "object", "required": required, "properties": props}
+    # The server refuses any other member (Options forbids extras; a vjp's tangents, an
+    # evaluate's cotangents): 422, as the schema now says.
+    return {"type": "object", "required": required, "properties": props, "additionalProperties": False}
 
 
 def _response_schema(kind: str) -> dict[str, Any]:
