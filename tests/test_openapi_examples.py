@@ -230,3 +230,23 @@ def test_request_schemas_refuse_the_members_the_server_refuses(client, doc, kind
     for extra in ("foo", *({"tangents", "cotangents"} - set(schema["properties"]))):
         r = client.post(f"/v1/functions/sum_sin/{kind}", json={**body, extra: [1.0, 0.0]})
         assert r.status_code == 422 and extra in r.json()["detail"], (extra, r.text)
+
+
+def test_array_forms_require_only_what_the_server_needs(client, doc):
+    """SPEC 3.1: without a dtype an array takes the dtype the function declares, and
+    nested data carries its own shape. The schemas required dtype for base64 arrays and
+    shape for data arrays, so generated clients could not send the forms the server
+    takes (below, each one a 200)."""
+    import base64
+
+    import numpy as np
+
+    schemas = doc["components"]["schemas"]
+    assert schemas["ArrayData"]["required"] == ["data"]
+    assert schemas["ArrayBase64"]["required"] == ["shape", "base64"]
+    raw = base64.b64encode(np.array([1.0, 2.0], "<f4").tobytes()).decode()
+    for array in ({"data": [1.0, 2.0]}, {"shape": [2], "base64": raw}):
+        r = client.post("/v1/functions/sin/evaluate", json={"inputs": [array]})
+        assert r.status_code == 200, (array, r.text)
+        assert r.json()["output"]["dtype"] == "float32"
+        np.testing.assert_allclose(r.json()["output"]["data"], np.sin([1.0, 2.0]), rtol=1e-6)

@@ -27,8 +27,11 @@ _NUMBER_TREE = {"description": "a number, or nested lists of numbers", "anyOf": 
 _COMPONENTS: dict[str, Any] = {
     "ArrayData": {
         "type": "object",
-        "description": "an array with its dtype and shape; data nested or flat, C order",
-        "required": ["shape", "data"],
+        "description": (
+            "an array: data nested or flat (C order, then shape says how); without shape, the "
+            "nesting gives it; without dtype, the dtype the function declares (float32 for floating)"
+        ),
+        "required": ["data"],
         "properties": {
             "dtype": {"type": "string", "enum": sorted(wire.DTYPES)},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
@@ -38,8 +41,11 @@ _COMPONENTS: dict[str, Any] = {
     },
     "ArrayBase64": {
         "type": "object",
-        "description": "an array as little-endian C-order bytes, base64-encoded",
-        "required": ["dtype", "shape", "base64"],
+        "description": (
+            "an array as little-endian C-order bytes, base64-encoded; without dtype, "
+            "the dtype the function declares (float32 for floating)"
+        ),
+        "required": ["shape", "base64"],
         "properties": {
             "dtype": {"type": "string", "enum": sorted(wire.DTYPES)},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
