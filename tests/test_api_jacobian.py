@@ -184,6 +184,18 @@ def test_float64_in_float64_out_and_plain_numbers_float32(client):
     np.testing.assert_allclose(np.diag(doc["jacobian"]["data"]), np.cos([0.5, 1.0]), rtol=1e-2)
 
 
+def test_a_null_dtype_is_no_dtype(client):
+    """SPEC 3.1: without a dtype an array takes the dtype the function declares.
+    ``"dtype": null`` (as clients built from models send an unset field) took the data's
+    own instead: integers were refused as int64 (422), floats answered in float64."""
+    for data in ([1, 2], [0.5, 2.0]):
+        for array in ({"dtype": None, "data": data}, {"dtype": None, "shape": [2], "data": data}):
+            r = client.post("/v1/functions/sin/jacobian", json={"inputs": [array]})
+            assert r.status_code == 200, (array, r.text)
+            want = client.post("/v1/functions/sin/jacobian", json={"inputs": [data]}).json()["jacobian"]
+            assert r.json()["jacobian"] == want and want["dtype"] == "float32"
+
+
 def test_no_grad_is_respected(client):
     x = example_inputs("no_grad_square")[0]
     got, _ = decode(post(client, "no_grad_square", [x], "json"))

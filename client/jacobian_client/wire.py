@@ -367,8 +367,12 @@ def decode_json_array(obj: Any, default_dtype: str | None = None, limits: Limits
         unknown = set(obj) - {"dtype", "shape", "data", "base64"}
         if unknown:
             raise WireError(f"unknown array keys {sorted(unknown)}", "invalid_input")
-        name = obj.get("dtype", default_dtype)
-        if name is not None and not isinstance(name, str):
+        # "dtype": null is no dtype, as left out (clients built from models send it so):
+        # it took the data's own (int64, or float64) instead of the declared dtype.
+        name = obj.get("dtype")
+        if name is None:
+            name = default_dtype
+        elif not isinstance(name, str):
             raise WireError("'dtype' must be a string", "invalid_input")
         dtype = _np_dtype(name) if name is not None else None
         if ("data" in obj) == ("base64" in obj):
