@@ -74,3 +74,25 @@ def test_input_declarations_are_checked():
         Input("k", dtype="int64").resolve_dtype("float64")
     assert Input("f").resolve_dtype("bfloat16") == "bfloat16"
     assert Input("f").resolve_dtype("int32") == "float32"
+
+
+@pytest.mark.parametrize("name", ["a/b", ".", "..", "tab\there"])
+def test_a_function_name_no_url_can_reach_is_refused_at_registration(name):
+    """``@register(name="a/b")`` (or ``".."``) was listed by /v1/functions while every
+    call of it was a 404: the SDK sends a/b as a%2Fb, which the server reads as two path
+    segments, and clients resolve ``..`` away. Such a name now fails at import, naming it."""
+    from jacobian_service.registry import register
+
+    with pytest.raises(ValueError, match="function names"):
+        register(name=name, inputs=[Input("x")])(lambda x: x)
+    register(name="with space-and.dot", inputs=[Input("x")])(lambda x: x)  # a URL reaches these (quoted)
+
+
+@pytest.mark.parametrize("name", ["x,y", "a/b", "0", "-1", "", "new\nline"])
+def test_an_input_name_no_request_can_select_is_refused(name):
+    """An input named ``x,y`` could not be selected by a query's argnums (``x,y`` is a
+    list there: the SDK's binary calls got 422 "'x' is not a parameter"); ``a/b`` is two
+    levels of an .npz member's path; ``0`` is a position in both."""
+    with pytest.raises(ValueError, match="input names"):
+        Input(name)
+    Input("x_1")

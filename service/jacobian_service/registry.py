@@ -11,6 +11,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -29,6 +30,26 @@ FLOATING = "floating"
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 CONCRETE_DTYPES = FLOAT_DTYPES | {"bool", "int8", "int16", "int32", "int64", "uint8"}
 Dim = int | str
+
+
+_POSITION = re.compile(r"-?[0-9]+")
+
+
+def _check_input_name(name: Any) -> None:
+    """An input is named in an .npz member's path (``/`` separates a tree's levels), in
+    a query's argnums (``,`` separates a list; digits are positions): a name holding
+    those could be declared and never sent or selected."""
+    if (not isinstance(name, str) or not name or not name.isprintable() or "/" in name or "," in name
+            or _POSITION.fullmatch(name)):
+        raise ValueError(f"input names are printable, hold no '/' or ',', and are not a position; got {name!r}")
+
+
+def _check_function_name(name: Any) -> None:
+    """A function's name is one segment of its URLs: with a ``/`` (even sent as %2F),
+    or as ``.`` / ``..`` (which clients resolve away), it would be listed and never
+    reached (every call a 404)."""
+    if not isinstance(name, str) or not name or not name.isprintable() or "/" in name or name in (".", ".."):
+        raise ValueError(f"function names are printable, hold no '/', and are not '.' or '..'; got {name!r}")
 
 
 def _check_leaf(name: str, shape: tuple[Dim, ...] | None, dtype: str) -> None:
@@ -75,6 +96,7 @@ class Input:
     tree: Any = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
+        _check_input_name(self.name)
         if self.shape is not None:
             object.__setattr__(self, "shape", tuple(self.shape))
         _check_leaf(self.name, self.shape, self.dtype)
@@ -401,6 +423,7 @@ def register(
             module=f.__module__,
             sparsity=patterns,
         )
+        _check_function_name(spec.name)
         names = [i.name for i in spec.inputs]
         if len(set(names)) != len(names):
             raise ValueError(f"{spec.name}: input names must be unique, got {names}")
