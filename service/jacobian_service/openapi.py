@@ -368,7 +368,8 @@ _REQUEST_TIMEOUT_HEADER = {
 # Response headers (SPEC 3: every response carries X-Request-ID), so that generated
 # clients expose them and response checks (schemathesis) hold the server to them.
 _REQUEST_ID = {"X-Request-ID": {"required": True, "schema": {"type": "string"},
-                                "description": "the client's X-Request-ID echoed, or a new one; also in a problem's request_id"}}
+                                "description": ("the client's X-Request-ID echoed (its first 128 characters), or a new one "
+                                                "when it sent none or one with control characters; also a problem's request_id")}}
 _STATUS_HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string", "const": "Bearer"}}},
     429: {"Retry-After": {"required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}, "description": "seconds"}},
