@@ -252,6 +252,40 @@ def test_service_errors_propagate(cc):
         remote(jc.AsyncClient("http://127.0.0.1:1"), "sin")
 
 
+class _SinDataset(torch.utils.data.Dataset):
+    """Each item: the remote sin of a point, and the local port of the connection that
+    carried the request (recorded by the client's response hook, in whichever process)."""
+
+    def __init__(self, sin, ports: list) -> None:
+        self.sin, self.ports = sin, ports
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        return self.sin(torch.full((3,), 0.1 * i, dtype=torch.float64)), torch.tensor(self.ports[-1])
+
+
+def test_dataloader_workers_forked_after_a_call_each_use_a_connection_of_their_own(cc):
+    """A forked worker inherited the parent's pooled keep-alive connection: processes
+    writing to and reading from one socket got 400s, or each other's answers (6 wrong
+    values in 60 calls of 4 children at once, silently). A child now opens its own."""
+    ports: list[int] = []
+    cc.client._http.event_hooks["response"] = [
+        lambda r: ports.append(r.extensions["network_stream"].get_extra_info("client_addr")[1])]
+    sin = remote(cc.client, "sin")
+    sin(torch.zeros(3, dtype=torch.float64))  # the parent's connection, now pooled
+    parent_port = ports[-1]
+    loader = torch.utils.data.DataLoader(_SinDataset(sin, ports), batch_size=2, num_workers=2,
+                                         multiprocessing_context="fork")
+    values, used = zip(*loader)
+    want = torch.stack([torch.sin(torch.full((3,), 0.1 * i, dtype=torch.float64)) for i in range(8)])
+    close(torch.cat(values), want)
+    assert parent_port not in torch.cat(used).tolist()
+    sin(torch.zeros(3, dtype=torch.float64))
+    assert ports[-1] == parent_port  # the parent's pool is untouched
+
+
 @pytest.mark.gpu
 def test_cuda_tensor_in_cuda_tensor_out(cc):
     arm = remote(cc.client, "planar_arm")

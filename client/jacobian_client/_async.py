@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, Mapping
 import anyio
 import httpx
 
-from ._base import DEFAULT_TIMEOUT, ClientConfig
+from ._base import DEFAULT_TIMEOUT, ClientConfig, PerProcess
 from ._errors import IncompleteResponse, NotAcceptable, TransportError, error_from_response
 from ._headwait import bound_head_reads, head_deadline
 from ._models import FunctionInfo
@@ -69,8 +69,12 @@ class AsyncClient:
             transport=transport, limits=limits, headers=headers,
         )
         self._proto = config.protocol
-        self._http = httpx.AsyncClient(transport=http_transport, **config.httpx_kwargs)
-        bound_head_reads(self._http)
+        self._pool = PerProcess(lambda kwargs: bound_head_reads(httpx.AsyncClient(transport=http_transport, **kwargs)), config.httpx_kwargs)
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        """This process's httpx client (a forked child makes its own: see PerProcess)."""
+        return self._pool.get()
 
     # ------------------------------------------------------------------ lifecycle
 

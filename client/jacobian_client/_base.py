@@ -5,13 +5,14 @@ Kept apart so both constructors read the same way and accept the same things.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import os
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import httpx
 
 from ._protocol import DEFAULT_LIMITS, Protocol, RetryPolicy
 
-__all__ = ["ClientConfig", "DEFAULT_TIMEOUT"]
+__all__ = ["ClientConfig", "DEFAULT_TIMEOUT", "PerProcess"]
 
 #: seconds; the connect phase gets at most 10 s of it so a dead host is noticed quickly
 DEFAULT_TIMEOUT = 60.0
@@ -49,3 +50,32 @@ class ClientConfig:
             "headers": self.protocol.base_headers,
             "follow_redirects": False,
         }
+
+
+H = TypeVar("H", httpx.Client, httpx.AsyncClient)
+
+
+class PerProcess(Generic[H]):
+    """The httpx client of one process: a forked child (a DataLoader worker, a
+    ``multiprocessing`` pool with the fork start method) gets one of its own at its first
+    request. The child inherits the parent's pooled keep-alive connections; two processes
+    writing to and reading from one socket interleave their requests (400s) or read each
+    other's answers (a wrong result, silently). What the caller added to the old one
+    (event hooks, headers, cookies) is carried over; an ``http_transport`` passed by the
+    caller is reused as it is (it owns its connections: make it in the child instead)."""
+
+    def __init__(self, make: Callable[[dict[str, Any]], H], kwargs: dict[str, Any]) -> None:
+        self._make, self._kwargs = make, kwargs
+        self._pid = os.getpid()
+        self._client = make(kwargs)
+
+    def get(self) -> H:
+        if os.getpid() != self._pid:
+            old = self._client
+            if not old.is_closed:  # a client closed before the fork stays closed
+                # the parent's connections are left alone, never closed from here: they are
+                # the parent's (and closing a shared socket could end its request)
+                self._client = self._make({**self._kwargs, "headers": old.headers, "cookies": old.cookies,
+                                           "event_hooks": old.event_hooks})
+            self._pid = os.getpid()
+        return self._client

@@ -27,12 +27,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import httpcore
 import httpx
 
 __all__ = ["bound_head_reads", "head_deadline"]
+
+C = TypeVar("C", httpx.Client, httpx.AsyncClient)
 
 #: sending restarts the clock each time this many bytes have left (as a streamed answer's does)
 PROGRESS_BYTES = 1 << 20
@@ -204,9 +206,9 @@ class _AsyncBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-def bound_head_reads(client: httpx.Client | httpx.AsyncClient) -> None:
+def bound_head_reads(client: C) -> C:
     """Wrap the network backend of every connection pool ``client`` holds (its transport
-    and its proxy mounts) so that :func:`head_deadline` bounds their reads."""
+    and its proxy mounts) so that :func:`head_deadline` bounds their reads; ``client``."""
     transports = [getattr(client, "_transport", None), *getattr(client, "_mounts", {}).values()]
     for transport in transports:
         pool = getattr(transport, "_pool", None)
@@ -215,3 +217,4 @@ def bound_head_reads(client: httpx.Client | httpx.AsyncClient) -> None:
             continue
         wrapper = _AsyncBackend if isinstance(backend, httpcore.AsyncNetworkBackend) else _Backend
         pool._network_backend = wrapper(backend)  # type: ignore[union-attr]
+    return client
