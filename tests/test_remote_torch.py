@@ -241,6 +241,31 @@ def test_second_derivatives_are_refused_clearly(cc):
         f.jacrev(f.jacrev(s))(x)
 
 
+def test_tracing_the_remote_function_into_a_graph_is_refused_clearly(cc):
+    """make_fx records a request's answer as a constant: torch.func.linearize's jvp_fn
+    answered the same garbage for every tangent (uninitialised memory, once traced), and
+    a make_fx graph the traced call's value for every input, silently. Tracing now
+    raises, whatever the tracing mode; eager calls are unaffected."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    sin = remote(cc.client, "sin")
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    refused = "the remote function 'sin' cannot be traced into a graph"
+    with pytest.raises(RuntimeError, match=refused):
+        f.linearize(sin, x)
+    for mode in ("real", "fake", "symbolic"):
+        with pytest.raises(RuntimeError, match=refused):
+            make_fx(sin, tracing_mode=mode)(x)
+
+    class Arm(torch.nn.Module):
+        def forward(self, z):
+            return sin(z)
+
+    with pytest.raises(RuntimeError, match=refused):
+        torch.export.export(Arm(), (x,), strict=False)
+    close(f.jvp(sin, (x,), (torch.ones(3, dtype=torch.float64),))[1], torch.cos(x))  # what linearize would give
+
+
 def test_service_errors_propagate(cc):
     import jacobian_client as jc
 

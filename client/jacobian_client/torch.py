@@ -156,6 +156,23 @@ def _host(x: Any) -> Any:
     return t.resolve_conj().numpy()
 
 
+def _refuse_tracing(name: str) -> None:
+    """A request cannot be recorded in a graph: under make_fx (``torch.func.linearize``,
+    ``torch.export``, AOT tracing) the answer to the tracing call would be baked in as a
+    constant, and the graph would return it for every later input or tangent, silently
+    (``linearize``'s ``jvp_fn`` answered garbage). torch.compile is unaffected: dynamo
+    breaks the graph around the call (see ``remote``), which then runs eagerly."""
+    get_mode = getattr(torch._C, "_get_dispatch_mode", None)
+    keys = getattr(torch._C, "_TorchDispatchModeKey", None)
+    if get_mode is None or keys is None:
+        return
+    if get_mode(keys.PROXY) is not None or get_mode(keys.FAKE) is not None:
+        raise RuntimeError(
+            f"the remote function {name!r} cannot be traced into a graph (make_fx, torch.export, "
+            "torch.func.linearize): its values come from requests, which a graph would replay as constants; "
+            "call it eagerly (torch.func.jvp in place of linearize; torch.compile runs it outside the graph)")
+
+
 def _device(inputs: Sequence[Any]) -> torch.device:
     return next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
@@ -192,6 +209,7 @@ class _RemoteFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(spec: _Spec, *inputs: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        _refuse_tracing(spec.ops.name)
         ev = spec.ops.evaluate([_host(x) for x in inputs], spec.batch_ndim)
         device, low = _device(inputs), _low_precision(inputs)
         outputs = [_tensor(o, device, low) for o in ev.outputs]
@@ -268,6 +286,7 @@ class _RemoteLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(lin: _Linear, *args: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        _refuse_tracing(lin.ops.name)
         xs, vectors = args[: lin.n_inputs], args[lin.n_inputs:]
         vecs = [_host(v) if isinstance(v, torch.Tensor) else np.asarray(v) for v in vectors]
         results = lin.ops.linear(lin.mode, [_host(x) for x in xs], lin.argnums, vecs, lin.out_tree,
