@@ -356,6 +356,48 @@ def test_torch_compile_graph_breaks_around_the_remote_call(cc):
         torch._dynamo.reset()
 
 
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # dynamo in torch.optim
+def test_a_backward_pass_inside_a_compiled_function_goes_through_the_remote_call(cc):
+    """A compiled training step (backward and optimizer step inside torch.compile),
+    autograd.grad or jacrev inside a compiled function: dynamo traced the backward's
+    request into the wire decoding and crashed (AssertionError "Expected np.nditer
+    base"). Every request now runs outside the graph."""
+    import torch._dynamo
+
+    sin = remote(cc.client, "sin")
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+
+    def trainer(fn):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(3, 3, dtype=torch.float64)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+
+        def step(z):
+            opt.zero_grad()
+            loss = fn(layer(z)).pow(2).sum()
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        return layer, step
+
+    try:
+        (remote_layer, remote_step), (local_layer, local_step) = trainer(sin), trainer(torch.sin)
+        compiled = torch.compile(remote_step, backend="eager")
+        for _ in range(3):
+            close(compiled(x), local_step(x), tol=1e-12)
+        for p_remote, p_local in zip(remote_layer.parameters(), local_layer.parameters()):
+            close(p_remote.detach(), p_local.detach(), tol=1e-12)
+        assert cc.take() == ["evaluate", "vjp"] * 3
+        grad_in = torch.compile(lambda z: torch.autograd.grad(sin(z).sum(), z)[0], backend="eager")
+        close(grad_in(x.clone().requires_grad_()), torch.cos(x))
+        jac_in = torch.compile(lambda z: f.jacrev(sin)(z), backend="eager")
+        close(jac_in(x), torch.diag(torch.cos(x)))
+    finally:
+        torch._dynamo.reset()
+
+
 # Functions whose aux holds plain numbers computed from the values (`.item()`, so the
 # service loops over a batch's examples), which the shared server does not serve: this
 # module registers them and serves itself, in-process.

@@ -45,8 +45,11 @@ are (one value when every example agrees), so vmap accepts them only if the vmap
 function does not return them. An empty batch (``vmap`` over 0 examples) is answered
 without a request (see ``jacobian_client._remote``).
 
-``torch.compile``: each call of the remote function runs outside the compiled graph (a
-graph break around it), since a request cannot be traced; the code around it compiles.
+``torch.compile``: each call of the remote function, and each of its derivatives'
+requests (a backward pass inside a compiled function), runs outside the compiled graph
+(a graph break around it), since a request cannot be traced; the code around it
+compiles. Tracing into a graph (``make_fx``, ``torch.export``, ``torch.func.linearize``)
+raises instead: the graph would replay one answer as a constant.
 
 Not supported: second derivatives *through* the remote function (double backward,
 ``hessian``, ``jacfwd(jacrev(f))``) raise a clear error; ask the service
@@ -74,7 +77,6 @@ def remote(client: Any, name: str) -> Callable[..., Any]:
     differentiable); Python numbers pass through as plain numbers.
     """
     ops = RemoteOps(client, name)
-    outside_graph: list[Callable[..., Any]] = []
 
     def call(*inputs: Any) -> Any:
         refuse_pytree_parameters(name, inputs)
@@ -83,19 +85,36 @@ def remote(client: Any, name: str) -> Callable[..., Any]:
         return spec.rebuild(flat)
 
     def fn(*inputs: Any) -> Any:
-        if torch.compiler.is_compiling():
-            # dynamo would trace into the request (the wire decoding) and fail: the call
-            # runs eagerly instead, a graph break around it. Made here, not in remote():
-            # torch.compiler.disable imports torch._dynamo (seconds), which only a caller
-            # that compiles has paid for already.
-            if not outside_graph:
-                outside_graph.append(torch.compiler.disable(call))
-            return outside_graph[0](*inputs)
-        return call(*inputs)
+        return _eagerly(call, *inputs)
 
     fn.__name__ = fn.__qualname__ = f"remote_{name}"
     fn.__doc__ = f"The remote function {name!r}, differentiable by torch autograd and torch.func."
     return fn
+
+
+# --------------------------------------------------------------------------- outside torch.compile
+
+
+_disabled: list[Callable[..., Any]] = []
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def _eagerly(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, run outside any graph dynamo is tracing: a graph break around it.
+    dynamo would trace into the request (the wire decoding) and fail. Not only the call
+    itself: a backward pass that runs inside a compiled function (``loss.backward()`` in a
+    compiled training step, ``torch.autograd.grad``, ``jacrev``) has dynamo trace the
+    Functions' backward and forward too, hence this wraps each of them. The disabled
+    wrapper is made on first need: ``torch.compiler.disable`` imports torch._dynamo
+    (seconds), which only a caller that compiles has paid for already."""
+    if not torch.compiler.is_compiling():
+        return fn(*args)
+    if not _disabled:
+        _disabled.append(torch.compiler.disable(_call))
+    return _disabled[0](fn, *args)
 
 
 # --------------------------------------------------------------------------- specs
@@ -209,6 +228,10 @@ class _RemoteFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(spec: _Spec, *inputs: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return _eagerly(_RemoteFunction._evaluate, spec, inputs)
+
+    @staticmethod
+    def _evaluate(spec: _Spec, inputs: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
         _refuse_tracing(spec.ops.name)
         ev = spec.ops.evaluate([_host(x) for x in inputs], spec.batch_ndim)
         device, low = _device(inputs), _low_precision(inputs)
@@ -247,6 +270,10 @@ class _RemoteFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return _eagerly(_RemoteFunction._backward, ctx, grads)
+
+    @staticmethod
+    def _backward(ctx: Any, grads: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
         xs = _RemoteFunction._inputs(ctx)
         argnums = [i for i, x in enumerate(xs)
                    if isinstance(x, torch.Tensor) and x.is_floating_point() and ctx.needs_input_grad[i + 1]]
@@ -260,6 +287,10 @@ class _RemoteFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, _spec_tangent: Any, *tangents: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        return _eagerly(_RemoteFunction._jvp, ctx, tangents)
+
+    @staticmethod
+    def _jvp(ctx: Any, tangents: tuple[Any, ...]) -> tuple[Any, ...]:
         xs = _RemoteFunction._inputs(ctx)
         spec: _Spec = ctx.spec
         argnums = [i for i, (x, t) in enumerate(zip(xs, tangents))
@@ -286,6 +317,10 @@ class _RemoteLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(lin: _Linear, *args: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return _eagerly(_RemoteLinear._apply, lin, args)
+
+    @staticmethod
+    def _apply(lin: _Linear, args: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
         _refuse_tracing(lin.ops.name)
         xs, vectors = args[: lin.n_inputs], args[lin.n_inputs:]
         vecs = [_host(v) if isinstance(v, torch.Tensor) else np.asarray(v) for v in vectors]
