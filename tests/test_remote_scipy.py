@@ -204,3 +204,17 @@ def test_the_cache_follows_the_inputs_held_fixed(cc):
     g = f.grad(lambda a: cf.cubic_pair(a, torch.zeros(3, dtype=torch.float64))[0])(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(pair.jac(x), g, rtol=1e-12)
     assert cc.take() == ["jacobian+return_output"] * 2
+
+
+def test_torch_tensors_held_fixed_are_read_as_they_are_sent(cc):
+    """The cache key read a torch tensor in `args` with `.numpy()`: a bfloat16 tensor
+    raised TypeError ("unsupported ScalarType BFloat16"), a lazily negated view
+    (`z.conj().imag`) RuntimeError, though the client sends both."""
+    x = np.array([0.3, -0.7, 1.1])
+    z = torch.tensor([1 + 1.5j, 2 - 0.5j, 3 + 2.0j], dtype=torch.complex128)
+    for w in (z.conj().imag, torch.tensor([1.5, 0.5, -2.0], dtype=torch.bfloat16)):
+        pair = remote_objective(cc.client, "cubic_pair", args=(w,), argnum=0)
+        want = cf.cubic_pair(torch.from_numpy(x), w.resolve_neg().double())[0].item()
+        np.testing.assert_allclose(pair.fun(x), want, rtol=1e-12)
+        np.testing.assert_allclose(pair.fun(x), want, rtol=1e-12)  # from the cache
+    assert cc.take() == ["jacobian+return_output"] * 2

@@ -241,6 +241,27 @@ def test_second_derivatives_are_refused_clearly(cc):
         f.jacrev(f.jacrev(s))(x)
 
 
+def test_lazily_negated_and_conjugated_views_are_sent_by_value(cc):
+    """`z.conj().imag` is a real tensor with torch's negation bit set: `.numpy()` refuses
+    it, so the remote call, its derivatives and Client.evaluate raised RuntimeError
+    ("negative bit set"); a bfloat16 one failed in a dtype-changing view."""
+    sin = remote(cc.client, "sin")
+    z = torch.tensor([1 + 0.3j, 2 - 0.2j, 3 + 0.5j], dtype=torch.complex128)
+    x = z.conj().imag
+    assert x.is_neg()
+    want = x.resolve_neg()
+    close(sin(x), torch.sin(want))
+    close(f.jacrev(sin)(x), torch.diag(torch.cos(want)))
+    close(f.vjp(sin, x)[1](x)[0], torch.cos(want) * want)
+    close(f.jvp(sin, (x,), (x,))[1], torch.cos(want) * want)
+    assert cc.take() == ["evaluate", "evaluate", "vjp+batched_vectors", "evaluate", "vjp", "evaluate", "jvp"]
+    np.testing.assert_allclose(cc.client.evaluate("sin", x), torch.sin(want).numpy(), rtol=1e-12)
+    for transport in ("binary", "json"):
+        np.testing.assert_allclose(cc.client.evaluate("sin", x, transport=transport), torch.sin(want).numpy())
+    half = torch.tensor([1.0, -2.0], dtype=torch.bfloat16)._neg_view()
+    np.testing.assert_allclose(cc.client.evaluate("sin", half), np.sin([-1.0, 2.0]), rtol=1e-2)
+
+
 def test_tracing_the_remote_function_into_a_graph_is_refused_clearly(cc):
     """make_fx records a request's answer as a constant: torch.func.linearize's jvp_fn
     answered the same garbage for every tangent (uninitialised memory, once traced), and

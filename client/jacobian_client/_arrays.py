@@ -60,10 +60,11 @@ def _from_torch(tensor: Any) -> np.ndarray | Bfloat16:
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
+    # torch's lazy conjugate and negation bits (``z.conj()``, ``z.conj().imag``): numpy
+    # cannot read such a view (nor can a dtype-changing view), so they are resolved first
+    t = t.resolve_conj().resolve_neg()
     if t.dtype == torch.bfloat16:
         return Bfloat16(t.contiguous().view(torch.int16).numpy().view(np.uint16).copy())
-    if t.is_conj():
-        t = t.resolve_conj()
     return t.numpy()
 
 

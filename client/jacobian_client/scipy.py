@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._arrays import Bfloat16, as_wire_value, is_torch_tensor
 from ._protocol import _input_leaves
 from ._remote import check_sync_client
 
@@ -99,8 +100,9 @@ class RemoteObjective:
         rebinding: the cache answered the old ones' value, silently)."""
         digest = hashlib.blake2b(digest_size=20)
         for path, leaf in [("x", x), *_input_leaves(list(self.args), "")]:  # pytree inputs: by path
-            if hasattr(leaf, "detach"):  # a torch tensor (torch itself is optional here)
-                leaf = leaf.detach().cpu().numpy()
+            if is_torch_tensor(leaf):  # as it is sent (bfloat16 as its words, lazy neg/conj views resolved)
+                wire = as_wire_value(leaf)
+                leaf = wire.words if isinstance(wire, Bfloat16) else wire
             arr = np.ascontiguousarray(np.asarray(leaf))
             digest.update(f"{path}:{arr.dtype.str}{arr.shape};".encode())
             digest.update(arr.tobytes() if arr.dtype != object else repr(leaf).encode())

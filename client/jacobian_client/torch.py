@@ -172,7 +172,7 @@ def _host(x: Any) -> Any:
         t = t.cpu()
     if t.dtype == torch.bfloat16:
         t = t.float()
-    return t.resolve_conj().numpy()
+    return t.resolve_conj().resolve_neg().numpy()  # lazy conj / neg views (z.conj().imag): numpy reads neither
 
 
 def _refuse_tracing(name: str) -> None:
