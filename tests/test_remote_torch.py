@@ -483,3 +483,22 @@ def test_an_empty_batch_is_answered_without_a_request(cc):
     f.vmap(arm)(xe).sum().backward()
     close(xe.grad, torch.zeros(0, 3, dtype=torch.float64))
     assert cc.take() == []
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sin(x), and how many entries so far are positive (int64)")
+def sin_and_count(x: torch.Tensor):
+    return torch.sin(x), (x > 0).to(torch.int64).cumsum(0)
+
+
+def test_forward_mode_through_a_function_with_an_integer_output(oc):
+    """The float output's tangent is as in-process; the integer one's is zeros, as
+    torch.func gives it. The jvp rule returned the integer output a tangent, which torch
+    refused ("returned a gradient at position 1, but the corresponding forward output is
+    not a differentiable Tensor")."""
+    g = remote(oc.client, "sin_and_count")
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    t = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
+    close(f.jvp(g, (x,), (t,)), f.jvp(sin_and_count, (x,), (t,)))
+    close(f.jacfwd(g)(x), f.jacfwd(sin_and_count)(x))
+    close(f.jacfwd(lambda z: g(z)[0])(x), torch.diag(torch.cos(x)))
+    assert oc.take() == ["evaluate", "jvp", "evaluate", "jvp+batched_vectors", "evaluate", "jvp+batched_vectors"]

@@ -300,6 +300,10 @@ class _RemoteFunction(torch.autograd.Function):
             return (None,) * (spec.n_out + n_aux)
         lin = _RemoteFunction._linear(ctx, "jvp", argnums, xs)
         results = _RemoteLinear.apply(lin, *xs, *[tangents[i] for i in argnums])
+        # an integer output (indices, counts) has no tangent: torch refuses one (the service
+        # answers zeros for it)
+        results = [r if dtype.is_floating_point or dtype.is_complex else None
+                   for r, dtype in zip(results, spec.out_dtypes)]
         return (*results, *[None] * n_aux)
 
     @staticmethod
