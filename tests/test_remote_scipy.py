@@ -218,3 +218,52 @@ def test_torch_tensors_held_fixed_are_read_as_they_are_sent(cc):
         np.testing.assert_allclose(pair.fun(x), want, rtol=1e-12)
         np.testing.assert_allclose(pair.fun(x), want, rtol=1e-12)  # from the cache
     assert cc.take() == ["jacobian+return_output"] * 2
+
+
+def test_scipys_own_args_reach_every_callable_and_hess_is_one_request(cc):
+    """SciPy passes `args=` to fun, jac, hess and hessp: the objective's callables took
+    `x` alone (TypeError "takes 2 positional arguments but 3 were given"), and there was
+    no `hess` for trust-exact / dogleg."""
+    w = np.array([1.5, 0.5, 2.0])
+    x0 = np.array([0.3, -0.7, 1.1])
+    pair = remote_objective(cc.client, "cubic_pair")  # its second input w comes from scipy
+
+    def loss(x, w):
+        return cf.cubic_pair(x, torch.from_numpy(w))[0]
+
+    def lf(x, w):
+        return loss(torch.from_numpy(x), w).item()
+
+    def lj(x, w):
+        return f.grad(loss)(torch.from_numpy(x), w).numpy()
+
+    def lhp(x, p, w):
+        return f.jvp(lambda t: f.grad(loss)(t, w), (torch.from_numpy(x),), (torch.from_numpy(np.asarray(p, np.float64)),))[1].numpy()
+
+    def lh(x, w):
+        return f.hessian(loss)(torch.from_numpy(x), w).numpy()
+
+    bounds = optimize.Bounds(-2.0, 2.0)
+    want = optimize.minimize(lf, x0, args=(w,), jac=lj, hessp=lhp, method="trust-constr", bounds=bounds)
+    got = optimize.minimize(pair.fun, x0, args=(w,), jac=pair.jac, hessp=pair.hessp, method="trust-constr",
+                            bounds=bounds)
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-10, atol=1e-10)
+    assert (got.nfev, got.njev) == (want.nfev, want.njev)
+    requests = cc.take()
+    assert set(requests) == {"jacobian+return_output", "hvp"}
+    np.testing.assert_allclose(pair.fun(x0, 2 * w), lf(x0, 2 * w))  # other args: not the cached value
+    np.testing.assert_allclose(pair.fun_and_jac(x0, w)[1], lj(x0, w))
+    assert cc.take() == ["jacobian+return_output"] * 2
+
+    local = Local(ex.rosenbrock)
+    rosen = remote_objective(cc.client, "rosenbrock")
+    x0 = np.array([-1.2, 1.0, -0.5, 0.8])
+    np.testing.assert_allclose(rosen.hess(x0), f.hessian(ex.rosenbrock)(torch.from_numpy(x0)).numpy(), rtol=1e-12)
+    assert cc.take() == ["hessian"]
+    for method in ("trust-exact", "Newton-CG"):
+        want = optimize.minimize(local.fun, x0, jac=local.jac,
+                                 hess=lambda x: f.hessian(ex.rosenbrock)(torch.from_numpy(x)).numpy(), method=method)
+        got = optimize.minimize(rosen.fun, x0, jac=rosen.jac, hess=rosen.hess, method=method)
+        np.testing.assert_allclose(got.x, want.x, rtol=1e-10, atol=1e-10)
+        assert (got.nfev, got.njev, got.nhev) == (want.nfev, want.njev, want.nhev)
+        assert cc.take().count("hessian") == got.nhev

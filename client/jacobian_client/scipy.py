@@ -20,7 +20,12 @@ evaluate points they never differentiate (a rejected trust-region step) pay for 
 Jacobian they do not use: pass ``prefetch=False`` to ask for the value alone there, and
 the Jacobian only when ``jac`` is called (then one request each). ``fun_and_jac(x)``
 (for ``minimize(..., jac=True)``) is always one request. ``hessp(x, p)`` is one ``hvp``
-request (forward-over-reverse on the service) per call.
+request (forward-over-reverse on the service) per call, ``hess(x)`` one ``hessian``
+request (``x.size`` squared numbers: prefer ``hessp`` for large ``x``).
+
+The inputs held fixed are the ``args`` given here, or SciPy's own ``args=`` when the
+solver passes any (``minimize(f.fun, x0, args=(w,), jac=f.jac)``): every callable takes
+them after its own arguments, as SciPy calls it.
 
 Every call returns fresh arrays: a solver may write into what ``fun`` or ``jac`` gave it
 (in-place scaling, say), and that must not change what the cache gives the next caller.
@@ -87,19 +92,24 @@ class RemoteObjective:
 
     # ----------------------------------------------------------------- helpers
 
-    def _inputs(self, x: Any) -> tuple[np.ndarray, list[Any]]:
+    def _inputs(self, x: Any, args: tuple[Any, ...]) -> tuple[np.ndarray, list[Any]]:
         x = np.asarray(x, dtype=np.float64)
         arr = x.reshape(self.shape) if self.shape is not None else x
-        inputs = list(self.args)
+        inputs = list(self._held(args))
         inputs.insert(self.argnum, arr)
         return x, inputs
 
-    def _key_of(self, x: np.ndarray) -> bytes:
+    def _held(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The inputs held fixed: SciPy's ``args=`` (passed to every callable) when the
+        solver gives any, else the ``args`` this objective was made with."""
+        return args if args else self.args
+
+    def _key_of(self, x: np.ndarray, args: tuple[Any, ...]) -> bytes:
         """What the cached value and Jacobian were computed from: ``x`` and the inputs held
         fixed, by content (a caller may change ``args`` between fits, in place or by
         rebinding: the cache answered the old ones' value, silently)."""
         digest = hashlib.blake2b(digest_size=20)
-        for path, leaf in [("x", x), *_input_leaves(list(self.args), "")]:  # pytree inputs: by path
+        for path, leaf in [("x", x), *_input_leaves(list(self._held(args)), "")]:  # pytree inputs: by path
             if is_torch_tensor(leaf):  # as it is sent (bfloat16 as its words, lazy neg/conj views resolved)
                 wire = as_wire_value(leaf)
                 leaf = wire.words if isinstance(wire, Bfloat16) else wire
@@ -108,8 +118,8 @@ class RemoteObjective:
             digest.update(arr.tobytes() if arr.dtype != object else repr(leaf).encode())
         return digest.digest()
 
-    def _remember(self, x: np.ndarray, value: Any = None, jac: Any = None) -> None:
-        key = self._key_of(x)
+    def _remember(self, x: np.ndarray, args: tuple[Any, ...], value: Any = None, jac: Any = None) -> None:
+        key = self._key_of(x, args)
         if key != self._key:
             self._key, self._value, self._jac = key, None, None
         if value is not None:
@@ -117,8 +127,8 @@ class RemoteObjective:
         if jac is not None:
             self._jac = jac
 
-    def _cached(self, x: np.ndarray) -> tuple[Any, Any]:
-        if self._key is not None and self._key == self._key_of(x):
+    def _cached(self, x: np.ndarray, args: tuple[Any, ...]) -> tuple[Any, Any]:
+        if self._key is not None and self._key == self._key_of(x, args):
             return self._value, self._jac
         return None, None
 
@@ -134,53 +144,60 @@ class RemoteObjective:
 
     # ----------------------------------------------------------------- SciPy callables
 
-    def fun_and_jac(self, x: Any) -> tuple[Any, np.ndarray]:
+    def fun_and_jac(self, x: Any, *args: Any) -> tuple[Any, np.ndarray]:
         """Value and Jacobian (gradient for a scalar function) in one request."""
-        value, jac = self._both(*self._inputs(x))
+        value, jac = self._both(*self._inputs(x, args), args)
         return _fresh(value), _fresh(jac)
 
-    def _both(self, x: np.ndarray, inputs: list[Any]) -> tuple[Any, np.ndarray]:
+    def _both(self, x: np.ndarray, inputs: list[Any], args: tuple[Any, ...]) -> tuple[Any, np.ndarray]:
         """Value and Jacobian, the cached arrays themselves (callers hand out copies)."""
-        value, jac = self._cached(x)
+        value, jac = self._cached(x, args)
         if value is not None and jac is not None:
             return value, jac
         parts = self.client._parts("jacobian", self.name, inputs, {"argnums": self.argnum, "return_output": True})
         value, jac = self._value_of(parts["output"]), self._flat_jac(parts["value"], x)
-        self._remember(x, value, jac)
+        self._remember(x, args, value, jac)
         return value, jac
 
-    def fun(self, x: Any) -> Any:
+    def fun(self, x: Any, *args: Any) -> Any:
         """The value (a float for a scalar function): with ``prefetch``, fetched together
         with the Jacobian, which ``jac(x)`` then returns without a request."""
-        x, inputs = self._inputs(x)
-        value, _ = self._cached(x)
+        x, inputs = self._inputs(x, args)
+        value, _ = self._cached(x, args)
         if value is None and self.prefetch:
-            value = self._both(x, inputs)[0]
+            value = self._both(x, inputs, args)[0]
         elif value is None:
             parts = self.client._parts("evaluate", self.name, inputs, {})
             value = self._value_of(parts["value"])
-            self._remember(x, value=value)
+            self._remember(x, args, value=value)
         return _fresh(value)
 
-    def jac(self, x: Any) -> np.ndarray:
+    def jac(self, x: Any, *args: Any) -> np.ndarray:
         """The Jacobian at ``x`` (the gradient for a scalar function)."""
-        x, inputs = self._inputs(x)
-        _, jac = self._cached(x)
+        x, inputs = self._inputs(x, args)
+        _, jac = self._cached(x, args)
         if jac is None and self.prefetch:
-            jac = self._both(x, inputs)[1]
+            jac = self._both(x, inputs, args)[1]
         elif jac is None:
             parts = self.client._parts("jacobian", self.name, inputs, {"argnums": self.argnum})
             jac = self._flat_jac(parts["value"], x)
-            self._remember(x, jac=jac)
+            self._remember(x, args, jac=jac)
         return _fresh(jac)
 
-    def hessp(self, x: Any, p: Any) -> np.ndarray:
+    def hessp(self, x: Any, p: Any, *args: Any) -> np.ndarray:
         """The Hessian of a scalar function at ``x`` times ``p``: one hvp request."""
-        x, inputs = self._inputs(x)
+        x, inputs = self._inputs(x, args)
         p = np.asarray(p, dtype=np.float64)
         tangent = p.reshape(self.shape) if self.shape is not None else p
         parts = self.client._parts("hvp", self.name, inputs, {"argnums": self.argnum}, vectors=("tangents", tangent))
         return np.asarray(parts["value"]).reshape(p.shape)
+
+    def hess(self, x: Any, *args: Any) -> np.ndarray:
+        """The Hessian of a scalar function at ``x``, ``(x.size, x.size)``: one hessian
+        request (for ``minimize(..., hess=)``: trust-exact, dogleg, Newton-CG)."""
+        x, inputs = self._inputs(x, args)
+        parts = self.client._parts("hessian", self.name, inputs, {"argnums": self.argnum})
+        return np.asarray(parts["value"]).reshape(x.size, x.size)
 
 
 def _fresh(value: Any) -> Any:
