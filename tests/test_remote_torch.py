@@ -287,6 +287,24 @@ def test_tracing_the_remote_function_into_a_graph_is_refused_clearly(cc):
     close(f.jvp(sin, (x,), (torch.ones(3, dtype=torch.float64),))[1], torch.cos(x))  # what linearize would give
 
 
+def test_torch_autograds_legacy_batching_is_refused_clearly(cc):
+    """autograd.functional.jacobian(vectorize=True), autograd.grad(is_grads_batched=True)
+    and gradcheck's batched check hand the Function legacy batched tensors, whose values
+    cannot be read: torch's own "Batching rule not implemented for aten::detach" came
+    out of the SDK. Now an error that names the way that works."""
+    sin = remote(cc.client, "sin")
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    refused = "cannot run under torch.autograd's legacy batching"
+    for strategy in ("reverse-mode", "forward-mode"):
+        with pytest.raises(RuntimeError, match=refused):
+            torch.autograd.functional.jacobian(sin, x, vectorize=True, strategy=strategy)
+    xr = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match=refused):
+        torch.autograd.grad(sin(xr), xr, torch.eye(3, dtype=torch.float64), is_grads_batched=True)
+    close(torch.autograd.functional.jacobian(sin, x), torch.diag(torch.cos(x)))  # not vectorized: one vjp per row
+    assert torch.autograd.gradcheck(sin, (xr,), check_forward_ad=True)
+
+
 def test_service_errors_propagate(cc):
     import jacobian_client as jc
 

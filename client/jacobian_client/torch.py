@@ -192,6 +192,21 @@ def _refuse_tracing(name: str) -> None:
             "call it eagerly (torch.func.jvp in place of linearize; torch.compile runs it outside the graph)")
 
 
+def _refuse_legacy_batching(name: str, tensors: Sequence[Any]) -> None:
+    """torch.autograd's older vectorized paths (``autograd.grad(is_grads_batched=True)``,
+    ``autograd.functional.jacobian(vectorize=True)``, ``gradcheck(check_batched_grad=True)``)
+    batch with legacy batched tensors, which reach a Function's forward as they are (its
+    ``vmap`` rule serves ``torch.func.vmap`` only) and hide their batch dimension: no value
+    can be read from them (torch's "Batching rule not implemented for aten::detach")."""
+    is_legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    if is_legacy is not None and any(isinstance(t, torch.Tensor) and is_legacy(t) for t in tensors):
+        raise RuntimeError(
+            f"the remote function {name!r} cannot run under torch.autograd's legacy batching "
+            "(autograd.grad(is_grads_batched=True), autograd.functional.jacobian/hessian(vectorize=True), "
+            "gradcheck(check_batched_grad=True)): use torch.func.jacrev / jacfwd / vmap, which batch into one "
+            "request, or vectorize=False")
+
+
 def _device(inputs: Sequence[Any]) -> torch.device:
     return next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
@@ -233,6 +248,7 @@ class _RemoteFunction(torch.autograd.Function):
     @staticmethod
     def _evaluate(spec: _Spec, inputs: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
         _refuse_tracing(spec.ops.name)
+        _refuse_legacy_batching(spec.ops.name, inputs)
         ev = spec.ops.evaluate([_host(x) for x in inputs], spec.batch_ndim)
         device, low = _device(inputs), _low_precision(inputs)
         outputs = [_tensor(o, device, low) for o in ev.outputs]
@@ -326,6 +342,7 @@ class _RemoteLinear(torch.autograd.Function):
     @staticmethod
     def _apply(lin: _Linear, args: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
         _refuse_tracing(lin.ops.name)
+        _refuse_legacy_batching(lin.ops.name, args)
         xs, vectors = args[: lin.n_inputs], args[lin.n_inputs:]
         vecs = [_host(v) if isinstance(v, torch.Tensor) else np.asarray(v) for v in vectors]
         results = lin.ops.linear(lin.mode, [_host(x) for x in xs], lin.argnums, vecs, lin.out_tree,
