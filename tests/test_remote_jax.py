@@ -348,3 +348,14 @@ def test_an_unknown_function_under_jit_is_said_plainly(cc):
     with pytest.raises(jc.FunctionNotFound) as raised:
         jax.jit(missing)(jnp.array([0.3, -0.2, 0.5]))
     assert "shape probe" not in str(raised.value) and "no_such_function" in str(raised.value)
+
+
+def test_a_remote_function_pickles_with_its_client(cc):
+    """It was a closure: a process pool or a pickled model could not take it."""
+    import pickle
+
+    sin = remote(cc.client, "sin", out_shape=jax.ShapeDtypeStruct((3,), jnp.float32))
+    again, client = pickle.loads(pickle.dumps((sin, cc.client)))  # pickled once: `again` holds `client`
+    x = jnp.array([0.3, -0.2, 0.5], jnp.float32)
+    np.testing.assert_allclose(jax.jit(jax.jacrev(again))(x), jnp.diag(jnp.cos(x)), rtol=1e-6)
+    client.close()

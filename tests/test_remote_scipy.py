@@ -267,3 +267,13 @@ def test_scipys_own_args_reach_every_callable_and_hess_is_one_request(cc):
         np.testing.assert_allclose(got.x, want.x, rtol=1e-10, atol=1e-10)
         assert (got.nfev, got.njev, got.nhev) == (want.nfev, want.njev, want.nhev)
         assert cc.take().count("hessian") == got.nhev
+
+
+def test_an_objective_pickles_with_its_client(cc):
+    """Its Client held locks: an objective could not go to a process pool."""
+    import pickle
+
+    rosen = pickle.loads(pickle.dumps(remote_objective(cc.client, "rosenbrock", prefetch=False)))
+    x = np.array([-1.2, 1.0])
+    np.testing.assert_allclose(rosen.jac(x), f.grad(ex.rosenbrock)(torch.from_numpy(x)).numpy(), rtol=1e-12)
+    rosen.client.close()

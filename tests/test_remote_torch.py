@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -348,6 +349,38 @@ def test_dataloader_workers_forked_after_a_call_each_use_a_connection_of_their_o
     assert parent_port not in torch.cat(used).tolist()
     sin(torch.zeros(3, dtype=torch.float64))
     assert ports[-1] == parent_port  # the parent's pool is untouched
+
+
+def test_a_remote_function_pickles_with_its_client(cc, url):
+    """A spawned DataLoader worker (the default on macOS and Windows), a process pool or
+    torch.save pickles the remote function: it was a closure ("Can't pickle local
+    object"), and the Client held locks. Both now pickle as the calls that made them."""
+    import io
+    import pickle
+
+    import jacobian_client as jc
+
+    client = jc.Client(url, timeout=7.0, max_retries=1)
+    sin = remote(client, "sin")
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    again, copy = pickle.loads(pickle.dumps((sin, client)))  # pickled once: `again` holds `copy`
+    assert again.__name__ == "remote_sin"
+    close(again(x), torch.sin(x))
+    close(f.jacrev(again)(x), torch.diag(torch.cos(x)))
+    assert (copy.base_url, copy._proto.retry.max_retries, copy._proto.timeout) == (client.base_url, 1, 7.0)
+    model = torch.nn.Module()
+    model.arm = remote(client, "planar_arm")
+    saved = io.BytesIO()
+    torch.save((model, client), saved)
+    saved.seek(0)
+    loaded, loaded_client = torch.load(saved, weights_only=False)
+    q = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    close(loaded.arm(q), ex.planar_arm(q))
+    with jc.Client(url, http_transport=httpx.MockTransport(lambda request: httpx.Response(200))) as mocked:
+        with pytest.raises(TypeError, match="made with http_transport= cannot be pickled"):
+            pickle.dumps(mocked)
+    for c in (client, copy, loaded_client):
+        c.close()
 
 
 @pytest.mark.gpu

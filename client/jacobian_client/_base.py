@@ -12,7 +12,7 @@ import httpx
 
 from ._protocol import DEFAULT_LIMITS, Protocol, RetryPolicy
 
-__all__ = ["ClientConfig", "DEFAULT_TIMEOUT", "PerProcess"]
+__all__ = ["ClientConfig", "DEFAULT_TIMEOUT", "PerProcess", "reduce_client"]
 
 #: seconds; the connect phase gets at most 10 s of it so a dead host is noticed quickly
 DEFAULT_TIMEOUT = 60.0
@@ -33,6 +33,11 @@ class ClientConfig:
         limits: httpx.Limits | None,
         headers: Mapping[str, str] | None,
     ) -> None:
+        # what a pickled client is made again from, in another process (see reduce_client)
+        self.args: dict[str, Any] = {
+            "base_url": base_url, "api_key": api_key, "timeout": timeout, "max_retries": max_retries,
+            "retry": retry, "transport": transport, "limits": limits,
+            "headers": None if headers is None else dict(headers)}
         if retry is None:
             retry = RetryPolicy() if max_retries is None else RetryPolicy(max_retries=max_retries)
         elif max_retries is not None:
@@ -79,3 +84,20 @@ class PerProcess(Generic[H]):
                                            "event_hooks": old.event_hooks})
             self._pid = os.getpid()
         return self._client
+
+
+def reduce_client(client: Any, args: dict[str, Any] | None) -> tuple[Any, ...]:
+    """``__reduce__`` of a client: made again from its constructor's arguments (its
+    connections stay behind; a new process opens its own). So a remote function or a
+    SciPy objective holding one can go to a spawned DataLoader worker or a process pool,
+    or be saved with the model that holds it. The API key travels with it, as any
+    argument does. A client with an ``http_transport`` cannot: a transport owns live
+    connections, or is a test double."""
+    if args is None:
+        raise TypeError(f"a {type(client).__name__} made with http_transport= cannot be pickled "
+                        "(the transport holds connections); make the client in the other process instead")
+    return (_rebuild, (type(client), args))
+
+
+def _rebuild(cls: type, args: dict[str, Any]) -> Any:
+    return cls(**args)

@@ -35,6 +35,7 @@ there are none, one ``evaluate`` at zeros of one example's shapes learns them.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -44,7 +45,7 @@ import numpy as np
 from ._errors import APIError
 from ._protocol import _is_input_node
 
-__all__ = ["RemoteOps", "Tree", "check_sync_client", "flatten", "is_number", "leaves_like",
+__all__ = ["Remade", "RemoteOps", "Tree", "check_sync_client", "flatten", "is_number", "leaves_like",
            "refuse_pytree_parameters", "unflatten", "with_hint"]
 
 
@@ -68,6 +69,31 @@ def with_hint(exc: APIError, hint: str) -> APIError:
     problem = dict(exc.problem)
     problem["detail"] = f"{hint}: {exc.detail}"
     return type(exc)(exc.response, problem)
+
+
+class Remade:
+    """A callable that pickles as the call that made it (``make(*args, **kwargs)``, e.g.
+    ``remote(client, name)``), not as its closure, which cannot be pickled: so a remote
+    function can go to a spawned DataLoader worker or a process pool, or be saved with
+    the model that holds it. What it learned (shapes, templates) is learned again there."""
+
+    def __init__(self, fn: Any, make: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._fn = fn
+        self._made = (make, args, kwargs)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self._fn(*inputs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_remake, self._made)
+
+    def __repr__(self) -> str:
+        return f"<{self.__name__}>"
+
+
+def _remake(make: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return make(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- trees

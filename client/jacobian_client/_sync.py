@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 import httpx
 
-from ._base import DEFAULT_TIMEOUT, ClientConfig, PerProcess
+from ._base import DEFAULT_TIMEOUT, ClientConfig, PerProcess, reduce_client
 from ._errors import IncompleteResponse, NotAcceptable, TransportError, error_from_response
 from ._headwait import bound_head_reads, head_deadline
 from ._models import FunctionInfo
@@ -65,6 +65,7 @@ class Client:
             transport=transport, limits=limits, headers=headers,
         )
         self._proto = config.protocol
+        self._args = config.args if http_transport is None else None
         self._pool = PerProcess(lambda kwargs: bound_head_reads(httpx.Client(transport=http_transport, **kwargs)), config.httpx_kwargs)
 
     @property
@@ -73,6 +74,9 @@ class Client:
         return self._pool.get()
 
     # ------------------------------------------------------------------ lifecycle
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return reduce_client(self, self._args)
 
     @property
     def base_url(self) -> str:

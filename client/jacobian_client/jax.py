@@ -67,7 +67,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from ._errors import APIError, FunctionNotFound
-from ._remote import (Evaluated, RemoteOps, Tree, flatten, is_number, leaves_like, refuse_pytree_parameters,
+from ._remote import (Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like, refuse_pytree_parameters,
                       unflatten, with_hint)
 
 __all__ = ["remote"]
@@ -104,7 +104,7 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
 
     fn.__name__ = fn.__qualname__ = f"remote_{name}"
     fn.__doc__ = f"The remote function {name!r}, traceable by jax.jit, grad, jvp and vmap."
-    return fn
+    return Remade(fn, remote, (client, name), {"out_shape": out_shape})
 
 
 class _Ops(RemoteOps):

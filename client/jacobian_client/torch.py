@@ -64,7 +64,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ._remote import RemoteOps, Tree, refuse_pytree_parameters, unflatten
+from ._remote import Remade, RemoteOps, Tree, refuse_pytree_parameters, unflatten
 
 __all__ = ["remote"]
 
@@ -89,7 +89,7 @@ def remote(client: Any, name: str) -> Callable[..., Any]:
 
     fn.__name__ = fn.__qualname__ = f"remote_{name}"
     fn.__doc__ = f"The remote function {name!r}, differentiable by torch autograd and torch.func."
-    return fn
+    return Remade(fn, remote, (client, name), {})
 
 
 # --------------------------------------------------------------------------- outside torch.compile
