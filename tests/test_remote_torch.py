@@ -331,6 +331,9 @@ class _SinDataset(torch.utils.data.Dataset):
         return self.sin(torch.full((3,), 0.1 * i, dtype=torch.float64)), torch.tensor(self.ports[-1])
 
 
+# JAX's own warning at any fork once jax is imported (test_remote_jax runs first): the
+# workers never touch JAX
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_dataloader_workers_forked_after_a_call_each_use_a_connection_of_their_own(cc):
     """A forked worker inherited the parent's pooled keep-alive connection: processes
     writing to and reading from one socket got 400s, or each other's answers (6 wrong
