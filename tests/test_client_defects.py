@@ -326,6 +326,33 @@ def test_every_api_error_pickles(cls: type[jc.APIError]) -> None:
         assert back.retry_after == 3.0
 
 
+def test_a_quarantined_function_raises_its_own_error_at_once() -> None:
+    """503 function_quarantined came out as a plain APIError: no class to catch it by, and
+    no retry_after. It is now FunctionQuarantined (an Unavailable too), from the Client and
+    from a remote function, after one request when the cooldown outlasts the retry time."""
+    problem = {"type": "urn:jacobian-service:problem:function_quarantined", "title": "Function quarantined",
+               "status": 503, "code": "function_quarantined", "detail": "sin is quarantined", "request_id": "rid"}
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(503, json=problem, headers={"Retry-After": "590",
+                                                          "Content-Type": "application/problem+json"})
+
+    with jc.Client("http://x", http_transport=httpx.MockTransport(answer)) as client:
+        with pytest.raises(jc.FunctionQuarantined, match="sin is quarantined") as info:
+            client.evaluate("sin", X3)
+        assert isinstance(info.value, jc.Unavailable) and info.value.retry_after == 590.0
+        assert sent == ["/v1/functions/sin/evaluate"]
+        torch = pytest.importorskip("torch")
+        from jacobian_client.torch import remote
+
+        with pytest.raises(jc.FunctionQuarantined):
+            remote(client, "sin")(torch.ones(3))
+    back = pickle.loads(pickle.dumps(info.value))
+    assert type(back) is jc.FunctionQuarantined and back.retry_after == 590.0
+
+
 def test_other_errors_pickle() -> None:
     for err in (jc.TransportError("t"), jc.IncompleteResponse("i"), jc.JacobianServiceError("j")):
         back = pickle.loads(pickle.dumps(err))

@@ -22,6 +22,8 @@
         ├── Overloaded             429      overloaded        (retried; .retry_after)
         ├── FunctionError          500      function_error
         ├── Unavailable            503      unavailable       (retried)
+        │   └── FunctionQuarantined 503     function_quarantined (crashed or hung its engine
+        │                                   repeatedly; .retry_after: seconds it is refused)
         ├── Timeout                504      timeout
         └── OutOfMemory            507      out_of_memory
 
@@ -107,6 +109,13 @@ class APIError(JacobianServiceError):
         self._retry_after_header: str | None = response.headers.get("retry-after")
         super().__init__(f"{label}: {self.detail}{suffix}")
 
+    @property
+    def retry_after(self) -> float | None:
+        """The server's ``Retry-After`` in seconds (429, 503), or None."""
+        from ._protocol import parse_retry_after  # late: _protocol imports this module
+
+        return parse_retry_after(self._retry_after_header)
+
     def __reduce__(self) -> tuple[Any, ...]:
         # The default, cls(*self.args), cannot rebuild an APIError: its __init__ takes a
         # response, and a response (with its stream and request) is not worth pickling.
@@ -162,17 +171,19 @@ Timeout = _leaf("Timeout", "timeout", "the request ran past its deadline on the 
 OutOfMemory = _leaf("OutOfMemory", "out_of_memory", "out of memory even in the smallest chunks.")
 
 
+class FunctionQuarantined(Unavailable):  # type: ignore[misc,valid-type]
+    """503: the function crashed or hung its engine repeatedly and is refused until its
+    cooldown ends; ``retry_after`` is the seconds left (or None). An Unavailable too, but
+    not for the server as a whole: other functions still answer."""
+
+    code_name = "function_quarantined"
+
+
 class Overloaded(APIError):
     """429: the server's queue is full; ``retry_after`` is its hint in seconds (or None)."""
 
     status = PROBLEM_STATUS["overloaded"]
     code_name = "overloaded"
-
-    @property
-    def retry_after(self) -> float | None:
-        from ._protocol import parse_retry_after  # late: _protocol imports this module
-
-        return parse_retry_after(self._retry_after_header)
 
 
 _LEAVES: tuple[type[APIError], ...] = (
@@ -189,6 +200,7 @@ _LEAVES: tuple[type[APIError], ...] = (
     Overloaded,
     FunctionError,
     Unavailable,
+    FunctionQuarantined,
     Timeout,
     OutOfMemory,
 )
