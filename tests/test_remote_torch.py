@@ -233,6 +233,21 @@ def test_dtypes_round_trip(cc):
     torch.testing.assert_close(x.grad.float(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_half_precision_input_beside_a_float64_one_gets_torchs_promoted_dtype(cc):
+    """The outputs were cast to the first float16/bfloat16 input's dtype whatever the
+    others were: x (float16) + y**2 (float64) came back float16, 1e-3 off, where torch
+    and the service computed float64. Only inputs all in one low precision get it back."""
+    add = remote(cc.client, "add_square")
+    x16 = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float16)
+    y = torch.tensor([1.1, 2.3, -3.7], dtype=torch.float64)
+    close(add(x16, y), ex.add_square(x16, y))  # float64, exactly
+    close(add(y, x16), ex.add_square(y, x16))
+    close(f.jvp(lambda b: add(x16, b), (y,), (y,)), f.jvp(lambda b: ex.add_square(x16, b), (y,), (y,)))
+    close(add(x16, x16), ex.add_square(x16, x16), tol=1e-3)  # float16 alone: float16
+    bf = x16.to(torch.bfloat16)
+    assert add(bf, bf).dtype == torch.bfloat16 and add(bf, y).dtype == torch.float64
+
+
 def test_second_derivatives_are_refused_clearly(cc):
     s = remote(cc.client, "sum_sin")
     x = torch.randn(3, dtype=torch.float64)

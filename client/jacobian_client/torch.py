@@ -35,7 +35,8 @@ Jacobian contracted with the vectors on the client: the service has no batched v
 Outputs keep the function's structure (a tensor, tuple or dict); has_aux functions return
 ``(output, aux)`` and aux is not differentiated. Outputs land on the device of the first
 tensor input (a CUDA tensor in gives a CUDA tensor out) with the dtype the service
-computed in (float64 in, float64 out; bfloat16 / float16 inputs get their dtype back).
+computed in (float64 in, float64 out; bfloat16 / float16 inputs alone get their dtype
+back, mixed with other floating inputs the promoted dtype, as torch gives it).
 Derivatives take the dtype and device of what they differentiate.
 
 Plain aux values (numbers, strings) come back as they are, computed at every call. Under
@@ -212,18 +213,28 @@ def _device(inputs: Sequence[Any]) -> torch.device:
 
 
 def _low_precision(inputs: Sequence[Any]) -> torch.dtype | None:
-    """bfloat16 / float16 travel as float32 (bfloat16) or come back as float32: give
-    the caller their dtype back."""
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16):
-            return x.dtype
-    return None
+    """The dtype float32 results are given back as: bfloat16 travels as float32 (numpy has
+    none), so the service computes and answers float32 where torch would answer bfloat16
+    (float16 likewise wherever it comes back float32). Only when every floating input has
+    that one dtype: beside an input of another floating dtype, torch's promotion decides
+    (a bfloat16 x times a float64 w is float64), and the service's dtype is the answer;
+    casting it down lost precision (1e-3 off in float16), silently."""
+    dtypes = {x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()}
+    low = dtypes.pop() if len(dtypes) == 1 else None
+    return low if low in (torch.bfloat16, torch.float16) else None
 
 
 def _tensor(arr: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     arr = np.asarray(arr)
     t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
     return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+
+def _result(arr: Any, device: torch.device, low: torch.dtype | None) -> torch.Tensor:
+    """An output or aux array: a float32 one back in the inputs' low precision (above);
+    any other dtype is the one the function computed in."""
+    t = _tensor(arr, device)
+    return t.to(low) if low is not None and t.dtype == torch.float32 else t
 
 
 def _batched_input(x: Any, dim: int | None, size: int) -> Any:
@@ -251,12 +262,12 @@ class _RemoteFunction(torch.autograd.Function):
         _refuse_legacy_batching(spec.ops.name, inputs)
         ev = spec.ops.evaluate([_host(x) for x in inputs], spec.batch_ndim)
         device, low = _device(inputs), _low_precision(inputs)
-        outputs = [_tensor(o, device, low) for o in ev.outputs]
+        outputs = [_result(o, device, low) for o in ev.outputs]
         spec.out_tree, spec.n_out = ev.out_tree, len(outputs)
         spec.out_dtypes = [o.dtype for o in outputs]
         spec.aux_tree = ev.aux_tree
         spec.aux_plain = [None if isinstance(a, np.ndarray) else a for a in ev.aux]
-        aux = [_tensor(a, device, low) for a in ev.aux if isinstance(a, np.ndarray)]
+        aux = [_result(a, device, low) for a in ev.aux if isinstance(a, np.ndarray)]
         return tuple(outputs + aux)
 
     @staticmethod
