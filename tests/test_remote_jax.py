@@ -359,3 +359,19 @@ def test_a_remote_function_pickles_with_its_client(cc):
     x = jnp.array([0.3, -0.2, 0.5], jnp.float32)
     np.testing.assert_allclose(jax.jit(jax.jacrev(again))(x), jnp.diag(jnp.cos(x)), rtol=1e-6)
     client.close()
+
+
+def test_low_precision_inputs_get_their_dtype_back_as_in_jax(cc):
+    """bfloat16 inputs came back float32 (the service computes them so) under every
+    transform, where jax gives bfloat16, unlike the torch adapter; mixed with float32,
+    jax's promotion (float32) stands."""
+    sin, add = remote(cc.client, "sin"), remote(cc.client, "add_square")
+    for dtype in (jnp.bfloat16, jnp.float16):
+        x = jnp.array([0.3, -0.2, 0.5], dtype)
+        for got, want in ((sin(x), jnp.sin(x)), (jax.jit(sin)(x), jnp.sin(x)),
+                          (jax.jacfwd(sin)(x), jax.jacfwd(jnp.sin)(x)), (jax.vmap(sin)(x[None]), jnp.sin(x)[None]),
+                          (jax.grad(lambda z: sin(z).sum())(x), jnp.cos(x))):
+            assert got.dtype == want.dtype and got.shape == want.shape, (dtype, got.dtype, want.dtype)
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2)
+        y = jnp.array([1.1, 2.3, -3.7], jnp.float32)
+        assert add(x, y).dtype == (x + y**2).dtype == jnp.float32

@@ -38,8 +38,10 @@ for its forward; only under ``jit``, where inputs are abstract, at zeros of thos
 (a *probe*; pass ``out_shape=`` to skip it, or make one call outside ``jit`` first). A
 function that cannot take zeros (``1/x``, a Cholesky factor) then fails with its own error
 class, the message saying it was the probe. Outputs come back in the dtype the service
-computed in, canonicalised for JAX (float64 needs ``jax_enable_x64``); a result whose
-shape is not the one learned raises rather than being reshaped.
+computed in, canonicalised for JAX (float64 needs ``jax_enable_x64``), except that inputs
+all bfloat16 (which the service computes in float32) or all float16 get their dtype back,
+as jax would give it; a result whose shape is not the one learned raises rather than
+being reshaped.
 
 Aux (``has_aux`` functions): arrays and plain numbers (bool, int, float) are live values,
 computed at every call and traced like outputs; numbers come back as 0-d arrays (``float(a)``
@@ -92,7 +94,7 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
             values, whole = _values_of(arrays)
             if values is not None:
                 ev = ops.evaluate(values)
-                shapes = known[key] = _Shapes.from_evaluated(ev)
+                shapes = known[key] = _Shapes.from_evaluated(ev, _low_precision(arrays))
                 if not traced:  # concrete inputs: this evaluation is the answer
                     return shapes.rebuild([jnp.asarray(v) for v in shapes.host_values(ev, ops.name)])
                 if whole:  # grad / jvp outside jit: their forward asks for these very values next
@@ -164,6 +166,16 @@ def _value_of(x: Any) -> tuple[np.ndarray | None, bool]:
     return None, False
 
 
+def _low_precision(arrays: Sequence[Any]) -> Any:
+    """bfloat16 comes back float32 (the service computes it so), float16 wherever the
+    service upcasts: when every floating input has one such dtype, float32 results are
+    given it back, as jax would compute them; beside another floating dtype, jax's
+    promotion decides and the service's dtype stands."""
+    floating = {jnp.dtype(a.dtype) for a in arrays if jnp.issubdtype(a.dtype, jnp.floating)}
+    low = floating.pop() if len(floating) == 1 else None
+    return low if low in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else None
+
+
 def _probe(ops: RemoteOps, arrays: Sequence[Any]) -> _Shapes:
     """The output shapes under ``jit``: one evaluate at zeros of the input shapes."""
     try:
@@ -176,7 +188,7 @@ def _probe(ops: RemoteOps, arrays: Sequence[Any]) -> _Shapes:
                              f"({shapes}) that learns the output shapes when the inputs have no values yet "
                              "(under jax.jit); pass out_shape= to remote() (functions without aux), or call it "
                              "once outside jit with real inputs of these shapes first") from exc
-    return _Shapes.from_evaluated(ev)
+    return _Shapes.from_evaluated(ev, _low_precision(arrays))
 
 
 # --------------------------------------------------------------------------- shapes
@@ -209,10 +221,16 @@ class _Shapes:
         return isinstance(other, _Shapes) and self._key() == other._key()
 
     @classmethod
-    def from_evaluated(cls, ev: Evaluated) -> _Shapes:
+    def from_evaluated(cls, ev: Evaluated, low: Any = None) -> _Shapes:
+        """``low``: the inputs' one low precision (see _low_precision), which float32
+        results are given back as."""
         live = ev.outputs + [a for a in ev.aux if _is_live(a)]
-        structs = tuple(jax.ShapeDtypeStruct(np.shape(a), jax.dtypes.canonicalize_dtype(np.asarray(a).dtype))
-                        for a in live)
+
+        def dtype(a: Any) -> Any:
+            got = np.asarray(a).dtype
+            return low if low is not None and got == np.float32 else jax.dtypes.canonicalize_dtype(got)
+
+        structs = tuple(jax.ShapeDtypeStruct(np.shape(a), dtype(a)) for a in live)
         static = tuple(_LIVE if _is_live(a) else a for a in ev.aux)
         return cls(structs, len(ev.outputs), ev.out_tree, ev.aux_tree, static)
 
