@@ -277,3 +277,23 @@ def test_an_objective_pickles_with_its_client(cc):
     x = np.array([-1.2, 1.0])
     np.testing.assert_allclose(rosen.jac(x), f.grad(ex.rosenbrock)(torch.from_numpy(x)).numpy(), rtol=1e-12)
     rosen.client.close()
+
+
+def test_a_negative_argnum_counts_from_the_end_for_the_value_too(cc):
+    """argnum=-1 put x one before the last input (list.insert) while the service took the
+    derivative at the last: fun and jac answered for two different functions, silently."""
+    x, w = np.array([0.3, -0.7, 1.1]), np.array([1.5, 0.5, -2.0])
+    last = remote_objective(cc.client, "cubic_pair", args=(x,), argnum=-1)
+    by_index = remote_objective(cc.client, "cubic_pair", args=(x,), argnum=1)
+
+    def loss(b):
+        return cf.cubic_pair(torch.from_numpy(x), b)[0]
+
+    want_value, want_grad = loss(torch.from_numpy(w)).item(), f.grad(loss)(torch.from_numpy(w)).numpy()
+    for objective in (last, by_index):
+        np.testing.assert_allclose(objective.fun(w), want_value, rtol=1e-12)
+        np.testing.assert_allclose(objective.jac(w), want_grad, rtol=1e-12)
+    import jacobian_client as jc
+
+    with pytest.raises(jc.InvalidInput, match="argnums"):
+        remote_objective(cc.client, "cubic_pair", args=(x,), argnum=-3).fun(w)

@@ -96,7 +96,11 @@ class RemoteObjective:
         x = np.asarray(x, dtype=np.float64)
         arr = x.reshape(self.shape) if self.shape is not None else x
         inputs = list(self._held(args))
-        inputs.insert(self.argnum, arr)
+        # a negative argnum counts from the end, as the service reads it: list.insert(-1, x)
+        # put x one before the last input, so the value was computed with x in another
+        # place than the derivative was taken at, silently (out of range: the service's 422)
+        position = self.argnum + len(inputs) + 1 if self.argnum < 0 else self.argnum
+        inputs.insert(max(position, 0), arr)
         return x, inputs
 
     def _held(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
