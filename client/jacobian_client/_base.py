@@ -59,6 +59,19 @@ class ClientConfig:
 
 H = TypeVar("H", httpx.Client, httpx.AsyncClient)
 
+# How many forks this process is from the one that imported the SDK: counted by a hook
+# (no system call per request, as comparing os.getpid() would cost).
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):  # no fork on Windows
+    os.register_at_fork(after_in_child=_count_fork)
+
 
 class PerProcess(Generic[H]):
     """The httpx client of one process: a forked child (a DataLoader worker, a
@@ -71,18 +84,18 @@ class PerProcess(Generic[H]):
 
     def __init__(self, make: Callable[[dict[str, Any]], H], kwargs: dict[str, Any]) -> None:
         self._make, self._kwargs = make, kwargs
-        self._pid = os.getpid()
+        self._fork = _forks
         self._client = make(kwargs)
 
     def get(self) -> H:
-        if os.getpid() != self._pid:
+        if self._fork != _forks:
             old = self._client
             if not old.is_closed:  # a client closed before the fork stays closed
                 # the parent's connections are left alone, never closed from here: they are
                 # the parent's (and closing a shared socket could end its request)
                 self._client = self._make({**self._kwargs, "headers": old.headers, "cookies": old.cookies,
                                            "event_hooks": old.event_hooks})
-            self._pid = os.getpid()
+            self._fork = _forks
         return self._client
 
 
