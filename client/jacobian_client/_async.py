@@ -70,7 +70,9 @@ class AsyncClient:
         )
         self._proto = config.protocol
         self._args = config.args if http_transport is None else None
-        self._pool = PerProcess(lambda kwargs: bound_head_reads(httpx.AsyncClient(transport=http_transport, **kwargs)), config.httpx_kwargs)
+        self._pool = PerProcess(
+            lambda kwargs: bound_head_reads(httpx.AsyncClient(transport=http_transport, **kwargs)), config.httpx_kwargs
+        )
 
     @property
     def _http(self) -> httpx.AsyncClient:

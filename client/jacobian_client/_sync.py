@@ -66,7 +66,9 @@ class Client:
         )
         self._proto = config.protocol
         self._args = config.args if http_transport is None else None
-        self._pool = PerProcess(lambda kwargs: bound_head_reads(httpx.Client(transport=http_transport, **kwargs)), config.httpx_kwargs)
+        self._pool = PerProcess(
+            lambda kwargs: bound_head_reads(httpx.Client(transport=http_transport, **kwargs)), config.httpx_kwargs
+        )
 
     @property
     def _http(self) -> httpx.Client:
