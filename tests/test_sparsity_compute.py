@@ -580,3 +580,41 @@ def test_in_place_changes_of_layout_are_traced(fn, x):
     r = sparse_jacobian(fn, [x], cache=PatternCache(None))
     assert r.source == "traced"
     np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12)
+
+
+_COLUMNS = torch.tensor([3, 2, 1, 0])
+
+
+def _columns_set(x):
+    y = x.clone()
+    y[:, _COLUMNS] = x * 2  # aten: index_put_(y, [None, idx], ...): None is a whole dimension
+    return y
+
+
+def _columns_added(x):
+    y = x * 1.0
+    y[..., _COLUMNS] += x**2
+    return y
+
+
+def _columns_3d(x):
+    y = x.clone()
+    y[:, :, torch.tensor([1, 0, 2])] = x.flip(0) * 3
+    return y
+
+
+@pytest.mark.parametrize("fn,shape", [(_columns_set, (4, 4)), (_columns_added, (4, 4)), (_columns_3d, (2, 3, 3))],
+                         ids=["set", "added", "3d"])
+def test_writes_indexed_past_a_whole_dimension_are_traced_where_they_land(fn, shape):
+    """``y[:, idx] = v``: aten spells the whole first dimension ``None`` in its index
+    list. Read as Python indexing (a new axis), the tracer put the writes in the rows
+    ``idx`` names: on a square matrix every entry was wrong, with ``exact: true``."""
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = trace_jacobian(fn, [x])
+    assert p.source == "traced" and p.exact
+    assert p == true_pattern(fn, [x])
+    r = sparse_jacobian(fn, [x], cache=PatternCache(None))
+    np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12)
+    h = sparse_hessian(lambda x: (fn(x) ** 2).sum(), [x], cache=PatternCache(None))
+    want = torch.func.hessian(lambda x: (fn(x) ** 2).sum())(x).reshape(x.numel(), -1).numpy()
+    np.testing.assert_allclose(h.matrix.toarray(), want, rtol=1e-10, atol=1e-12)

@@ -599,7 +599,9 @@ class _Tracer:
             self.reads("index_put: indices or masks computed from values")
             indices = [i.value if isinstance(i, _Traced) else i for i in indices]
         accumulate = bool(args[3]) if len(args) > 3 else bool(kwargs.get("accumulate", False))
-        where = torch.arange(target.numel(), device=target.device).reshape(target.shape)[tuple(indices)]
+        # aten's own indexing: its index list spells a whole dimension ``None`` (``y[:, idx]``
+        # is ``[None, idx]``), where Python indexing would read ``None`` as a new axis.
+        where = aten.index.Tensor(torch.arange(target.numel(), device=target.device).reshape(target.shape), list(indices))
         dest = where.reshape(-1).cpu().numpy()
         vals = self.deps(values, tuple(where.shape))
         base = self.deps(target)
