@@ -121,6 +121,19 @@ def test_unknown_ops_are_dense_and_flagged():
     assert p.contains(true_pattern(f, [x]))
 
 
+def test_an_unknown_op_on_part_of_the_input_depends_on_that_part_only():
+    """Every output of an unknown op depends on every element of its arguments, and no
+    more: the elements it never sees stay out (sp.kron stored zeros that became entries,
+    so fft(x[:4]) made its rows depend on all of x)."""
+    f = lambda x: torch.cat([torch.fft.fft(x[:4]).real, x[4:] ** 2])  # noqa: E731
+    x = torch.randn(8, dtype=torch.float64)
+    p = trace_jacobian(f, [x])
+    want = np.zeros((8, 8), bool)
+    want[:4, :4] = True
+    want[np.arange(4, 8), np.arange(4, 8)] = True
+    assert not p.exact and np.array_equal(p.to_dense(), want)
+
+
 def test_no_grad_values_carry_no_dependencies():
     spec = BUILTINS.get("no_grad_square")
     x = torch.randn(9, dtype=torch.float64)

@@ -133,6 +133,7 @@ def _ones(m: Any) -> Any:
     """Structure only: every stored value 1 (sums of counts must not overflow)."""
     m = sp.csr_array(m)
     m.sum_duplicates()
+    m.eliminate_zeros()  # stored zeros (sp.kron keeps its blocks' zeros) are no dependency
     m.data = np.ones(m.data.size, np.float32)
     return m
 
