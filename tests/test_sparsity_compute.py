@@ -631,3 +631,69 @@ def test_writes_indexed_past_a_whole_dimension_are_traced_where_they_land(fn, sh
     h = sparse_hessian(lambda x: (fn(x) ** 2).sum(), [x], cache=PatternCache(None))
     want = torch.func.hessian(lambda x: (fn(x) ** 2).sum())(x).reshape(x.numel(), -1).numpy()
     np.testing.assert_allclose(h.matrix.toarray(), want, rtol=1e-10, atol=1e-12)
+
+
+class _RoundStraightThrough(torch.autograd.Function):
+    """round(x) with the identity's derivative (a straight-through estimator)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.round(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t
+
+
+class _CoupledBackward(torch.autograd.Function):
+    """Forward 2 x; its backward (and jvp) couple neighbours."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2 + torch.roll(g, 1)
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * 2 + torch.roll(t, -1)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "rev", "auto"])
+@pytest.mark.parametrize("fn", [
+    lambda x: _RoundStraightThrough.apply(x) * 2,
+    lambda x: torch.roll(x, 1) ** 2 + _CoupledBackward.apply(x[:4]).sum(),
+], ids=["straight_through", "coupled"])
+def test_a_custom_autograd_function_is_differentiated_by_its_backward(fn, mode):
+    """A custom autograd.Function's derivative is its backward, which its forward's ops
+    do not show, and its forward runs under no_grad: the tracer gave a straight-through
+    round no entries (nnz 0 with exact: true, where jacrev is 2 I). Now every output of
+    the Function depends on all of its inputs, the pattern says so, and the products are
+    VJPs whatever mode asks (a Function's jvp may differ from the backward jacrev uses)."""
+    x = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    r = sparse_jacobian(fn, [x], mode=mode, cache=PatternCache(None))
+    assert r.source == "traced" and not r.pattern.exact and r.mode == "rev"
+    assert any("autograd.Function" in note for note in r.pattern.notes)
+    np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12)
+    assert r.pattern.contains(true_pattern(fn, [x]))
+    h = sparse_hessian(lambda x: (fn(x) * x).sum(), [x], cache=PatternCache(None))
+    want = torch.func.hessian(lambda x: (fn(x) * x).sum())(x).numpy()
+    np.testing.assert_allclose(h.matrix.toarray(), want, rtol=1e-12)

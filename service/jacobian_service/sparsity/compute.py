@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from .. import __version__ as _SERVICE_VERSION
 from ..errors import exception_text
 from .coloring import Coloring, choose_coloring, star_coloring
-from .detect import NO_GRAD_NOTE, TraceError, probe, trace_hessian, trace_jacobian
+from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, TraceError, probe, trace_hessian, trace_jacobian
 from .patterns import Declared, Pattern, PatternCache, check_entries, function_fingerprint
 
 __all__ = ["OutputSizeChanged", "PatternMismatch", "ProvenWrong", "SparseResult", "describe_sparsity", "resolve", "sparse_hessian", "sparse_jacobian"]
@@ -234,8 +234,8 @@ def _colored(p: Pattern, kind: str, mode: str, check_alive: Callable[[], None] |
         return _every_column(p)
     if kind == "hessian":
         return p, star_coloring(p, check_alive=check_alive)
-    if NO_GRAD_NOTE in p.notes and mode != "rev":
-        mode = "rev"  # jvp would differentiate through the no_grad values
+    if (NO_GRAD_NOTE in p.notes or CUSTOM_NOTE in p.notes) and mode != "rev":
+        mode = "rev"  # jvp would differentiate through the no_grad values, or use a custom jvp jacrev does not
     return p, choose_coloring(p, mode, check_alive=check_alive)
 
 

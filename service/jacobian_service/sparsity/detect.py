@@ -49,6 +49,10 @@ values is seen. Masks and indices computed from traced values are traced as well
 no dependencies): using one in ``torch.where`` or ``masked_fill`` is structural (both
 branches are kept) and reads nothing.
 
+Ops inside a custom ``autograd.Function``'s forward say nothing of its derivative (its
+backward defines it, and the forward runs under no_grad): every output of the Function
+depends on every element of its inputs (``exact=False``, a note names it).
+
 Values computed under ``torch.no_grad`` carry no dependencies (the service never
 differentiates through them); a tensor written in place under ``torch.no_grad`` keeps
 the dependencies it had (autograd does not see the write: ``x`` stays the leaf). When tracing cannot run the function (it calls
@@ -60,6 +64,7 @@ it can miss entries that vanish at every probed point).
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -72,7 +77,7 @@ from torch.utils import _pytree as pytree
 from ..errors import exception_text
 from .patterns import Pattern, PatternTooLarge, check_entries as _check_entries, entry_limit
 
-__all__ = ["NO_GRAD_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "probe", "trace_hessian", "trace_jacobian"]
+__all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "probe", "trace_hessian", "trace_jacobian"]
 
 aten = torch.ops.aten
 
@@ -214,6 +219,7 @@ class _Tracer:
         self.hessian = hessian
         self.unknown: set[str] = set()
         self.no_grad = False  # the function computes from traced values under no_grad
+        self.custom: set[str] = set()  # custom autograd.Functions met (their backward is not traced)
         # Why the pattern depends on the input values (empty: on shapes alone).
         self.value_reads: list[str] = []
         self.check_alive = check_alive
@@ -297,9 +303,13 @@ class _Tracer:
         name = _op(func)
         schema = func._schema
         mutated = schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write if schema.arguments else False
-        if mutated:
+        custom = _custom_function()
+        if custom is not None:
+            result = self.opaque(custom, func, args, kwargs, out, mutated)
+        elif mutated:
             return self.inplace(func, name, args, kwargs, out)
-        result = self.rules(func, name, args, kwargs, out)
+        else:
+            result = self.rules(func, name, args, kwargs, out)
         if isinstance(result, _Traced):  # the usual case, one float result: nothing more to do
             return result
         # Indices and masks beside float results (sort, max(dim), topk): traced as values.
@@ -365,6 +375,26 @@ class _Tracer:
             else:
                 wrapped.append(o)
         return pytree.tree_unflatten(wrapped, spec)
+
+    def opaque(self, custom: tuple[str, list[Any]], func: Any, args: Any, kwargs: dict[str, Any], out: Any, mutated: bool) -> Any:
+        """An op inside a custom ``autograd.Function``'s forward: the derivative is its
+        backward's (a straight-through ``round``, a surrogate gradient, a backward that
+        couples elements), which the forward's ops do not show; and the forward runs
+        under no_grad, which would drop every dependency. So every output element
+        depends on every element of the Function's inputs (and the op's own)."""
+        name, inputs = custom
+        self.custom.add(name)
+        traced = inputs + [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
+        label = f"autograd.Function {name}"
+        target = args[0]
+        if mutated and (not isinstance(target, _Traced) or not _float(target)):  # a plain buffer, a mask: as any write
+            return self.inplace(func, _op(func), args, kwargs, out)
+        result = self.dense(label, traced, target.value if mutated else out)
+        self.unknown.discard(label)  # noted as a custom Function instead (and exact: False)
+        if not mutated:
+            return result
+        self.write(target, result)
+        return target
 
     def pointwise(self, name: str, args: Any, kwargs: dict[str, Any], o: torch.Tensor) -> _Traced:
         shape = tuple(o.shape)
@@ -662,6 +692,27 @@ def _float(o: Any) -> bool:
     return isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex())
 
 
+_APPLY = torch.autograd.Function.apply.__func__.__code__  # type: ignore[attr-defined]
+
+
+def _custom_function() -> tuple[str, list[Any]] | None:
+    """When the op being traced runs inside a custom ``autograd.Function``'s forward
+    (under ``Function.apply``, in a frame above, up to the trace's own): the outermost
+    such Function's name and traced tensor arguments; else None. The frames are read
+    because ``apply`` is C++ that runs the forward under no_grad and dispatches nothing
+    of its own: a frame walk (a microsecond or so) is the only trace it leaves."""
+    found = None
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code is not _TRACE_CODE:
+        if frame.f_code is _APPLY:
+            local = frame.f_locals
+            cls = local.get("cls")
+            inputs = [a for a in pytree.tree_leaves((local.get("args"), local.get("kwargs"))) if isinstance(a, _Traced)]
+            found = (getattr(cls, "__qualname__", "?"), inputs)
+        frame = frame.f_back
+    return found
+
+
 def _dims(func: Any, args: Any, kwargs: dict[str, Any], ndim: int) -> tuple[int, ...]:
     """The ``dim`` argument of a reduction, scan or line op, as non-negative ints."""
     names = [a.name for a in func._schema.arguments]
@@ -733,9 +784,16 @@ def _trace(
     return leaves, tracer
 
 
+_TRACE_CODE = _trace.__code__  # where the frames of the traced function end (see _custom_function)
+
+
 #: Note on patterns of functions that compute from their inputs under ``torch.no_grad``:
 #: forward-mode AD would differentiate through those values, so only VJPs are used.
 NO_GRAD_NOTE = "uses torch.no_grad: reverse mode only"
+
+#: Note on patterns of functions that call a custom ``autograd.Function``: its backward
+#: (what jacrev uses) and its jvp may disagree, so only VJPs are used, as jacrev's.
+CUSTOM_NOTE = "uses a custom autograd.Function: reverse mode only"
 
 
 #: Note on patterns that depend on the input values (then followed by the reasons).
@@ -746,7 +804,9 @@ def _notes(tracer: _Tracer) -> tuple[str, ...]:
     notes = tuple(f"unknown op {name}: assumed dense" for name in sorted(tracer.unknown))
     if tracer.value_reads:
         notes += (f"{VALUES_NOTE} ({'; '.join(tracer.value_reads)})",)
-    return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ())
+    notes += tuple(f"custom autograd.Function {name}: its backward defines the derivative, assumed dense over its inputs"
+                   for name in sorted(tracer.custom))
+    return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ()) + ((CUSTOM_NOTE,) if tracer.custom else ())
 
 
 def trace_jacobian(
@@ -766,7 +826,7 @@ def trace_jacobian(
     else:
         mat = sp.vstack(blocks, format="coo") if blocks else _empty(0, tracer.n).tocoo()
     _alive(tracer)
-    return Pattern((m, tracer.n), mat.row, mat.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer),
+    return Pattern((m, tracer.n), mat.row, mat.col, source="traced", exact=not (tracer.unknown or tracer.custom), notes=_notes(tracer),
                    value_dependent=bool(tracer.value_reads))
 
 
@@ -783,7 +843,7 @@ def trace_hessian(
     hess = out.root.hess if isinstance(out, _Traced) and out.root.hess is not None else _empty(tracer.n, tracer.n)
     coo = _ones(hess).tocoo()
     _alive(tracer)
-    return Pattern((tracer.n, tracer.n), coo.row, coo.col, source="traced", exact=not tracer.unknown, notes=_notes(tracer),
+    return Pattern((tracer.n, tracer.n), coo.row, coo.col, source="traced", exact=not (tracer.unknown or tracer.custom), notes=_notes(tracer),
                    value_dependent=bool(tracer.value_reads))
 
 
