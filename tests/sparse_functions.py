@@ -128,3 +128,9 @@ def probed_at_one(x: torch.Tensor) -> torch.Tensor:
     buf[1:] = 2 * x  # a traced value into an untraced tensor: tracing gives up, probing runs
     r = torch.roll(x, 1)
     return buf[1:] + torch.where(r == 1.0, r, torch.zeros_like(x))
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="fmax(x, 0) * roll(x, 1): at x = 0 (a tie) jvp and vjp give different derivatives.")
+def fmax_ties(x: torch.Tensor) -> torch.Tensor:
+    return torch.fmax(x, torch.zeros_like(x)) * torch.roll(x, 1)

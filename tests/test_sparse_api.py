@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import subprocess
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -387,6 +389,24 @@ def test_a_function_that_writes_into_its_input_gets_jacrev(client, mode):
                                           json={"inputs": [x.tolist()], "sparsity": "auto", "mode": mode}))
         np.testing.assert_allclose(J.toarray(), want)
         assert meta["nnz"] == 3 and meta["mode"] == "rev"  # no_grad: reverse mode only
+
+
+@pytest.mark.parametrize("fmt", ["json", "npz"])
+def test_forward_mode_answers_jacrevs_derivative_at_a_kink(client, fmt):
+    """fmax(x, 0) at x = 0: jvp and vjp take different sides. mode=fwd answered jvp's
+    (1 where jacrev says 0); the answer never depends on mode. Now one VJP checks the
+    forward products, and the VJPs of a reverse colouring answer, as meta says."""
+    x = np.array([0.0, 1.0, -2.0, 0.0, 3.0, 2.0], np.float32)
+    query = "sparsity=auto&mode=fwd"
+    if fmt == "json":
+        J, meta = sparse_json(client.post(f"/v1/functions/fmax_ties/jacobian?{query}", json={"inputs": [x.tolist()]}))
+    else:
+        r = client.post(f"/v1/functions/fmax_ties/jacobian?{query}", content=npy_bytes(x),
+                        headers={"content-type": wire.NPY, "accept": wire.NPZ})
+        J = load_npz(r)
+        meta = json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read("meta.json"))
+    np.testing.assert_allclose(J.toarray(), jac(sf.fmax_ties, x))
+    assert meta["mode"] == "rev" and meta["colors"] == meta["products"] == 2
 
 
 @pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])

@@ -697,3 +697,26 @@ def test_a_custom_autograd_function_is_differentiated_by_its_backward(fn, mode):
     h = sparse_hessian(lambda x: (fn(x) * x).sum(), [x], cache=PatternCache(None))
     want = torch.func.hessian(lambda x: (fn(x) * x).sum())(x).numpy()
     np.testing.assert_allclose(h.matrix.toarray(), want, rtol=1e-12)
+
+
+_PRELU_WEIGHT = torch.tensor([0.2], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "auto"])
+@pytest.mark.parametrize("fn", [
+    lambda x: torch.nn.functional.prelu(x, _PRELU_WEIGHT) + torch.roll(x, 1),
+    lambda x: torch.fmax(x, torch.zeros_like(x)) * torch.roll(x, 1),
+    lambda x: torch.cdist(x.reshape(-1, 2), x.reshape(-1, 2)).sum(1),
+], ids=["prelu_at_0", "fmax_ties", "cdist_no_forward_ad"])
+def test_forward_products_give_jacrevs_answer(fn, mode):
+    """Where jvp and vjp differ (prelu at 0, ties of fmax) forward products answered
+    jacfwd's derivative (off by 0.8 and 1), and an op without forward AD (cdist) failed
+    where jacrev answers: the answer never depends on mode. One VJP now checks a forward
+    answer; where it differs, or a JVP fails, VJPs over the same pattern answer."""
+    x = torch.tensor([0.0, 1.0, -2.0, 0.0, 3.0, -1.0], dtype=torch.float64)
+    r = sparse_jacobian(fn, [x], mode=mode, cache=PatternCache(None))
+    np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12, atol=1e-12)
+    assert r.mode == r.coloring.mode == "rev"
+    y = x + 0.5  # smooth here: forward products stand when fwd asks for them
+    r = sparse_jacobian(fn, [y], mode="fwd", cache=PatternCache(None))
+    np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [y]), rtol=1e-12, atol=1e-12)

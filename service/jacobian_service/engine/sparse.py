@@ -155,8 +155,9 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
         raise ResultTooLarge(f"{exc}. Ask for sparsity=dense (streamed as .npy)") from None
     except BaseException as exc:  # the function failed under the products, or out of memory
         raise function_error(exc) from None
+    coloring = res.coloring  # recoloured for VJPs where forward mode differed from jacrev
     if res.pattern is not pattern:  # computed densely: the products proved the pattern wrong
-        pattern, coloring = res.pattern, res.coloring
+        pattern = res.pattern
         if not dense_streamed:
             engine.check_result_size(call, _result_nbytes(call, _shape(call, pattern), pattern.nnz, engine.wire_itemsize(like.dtype)))
     output = engine.host(res.output) if call.return_output else None

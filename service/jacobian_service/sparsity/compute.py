@@ -24,6 +24,7 @@ from ..errors import exception_text
 from .coloring import Coloring, choose_coloring, star_coloring
 from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, TraceError, probe, trace_hessian, trace_jacobian
 from .patterns import Declared, Pattern, PatternCache, check_entries, function_fingerprint
+from .verify import differs_from_reverse
 
 __all__ = ["OutputSizeChanged", "PatternMismatch", "ProvenWrong", "SparseResult", "describe_sparsity", "resolve", "sparse_hessian", "sparse_jacobian"]
 
@@ -500,16 +501,76 @@ def sparse_jacobian(
                                   check_alive=check_alive)
     _check_rows(p, "jacobian", m)
     t1 = time.perf_counter()
-    plan = _products(p, coloring, primals, m)
-    run = _single(_product_at(coloring.mode, fn, argnums, has_aux), args)
-    block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
-    matrix = _to_csr(p, plan.values(p, block))
-    if _proven_wrong(p, coloring, plan, block, matrix, run, rows):
-        matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "jacobian")
+    reverse = _lazily(lambda: _single(_product_at("rev", fn, argnums, has_aux), args))
+    try:
+        matrix, p, coloring, chunk = _jacobian_products(fn, args, argnums, has_aux, p, coloring, m, memory_budget,
+                                                        check_alive, rows, chunk_size, reverse)
+    except _ForwardFailed as exc:  # an op without forward AD (cdist): jacrev has an answer
+        log.info("forward-mode products failed (%s); using reverse mode", exc)
+        matrix = None
+    if coloring.mode == "fwd" and (matrix is None or differs_from_reverse(matrix, m, primals[0], reverse, rows)):
+        # The answer never depends on mode (SPEC): where jvp and vjp differ (prelu at 0,
+        # ties of fmax) or jvp cannot run, jacrev's, by VJPs over the same pattern.
+        coloring, _ = _recolored(p, "rev", cache, fn, name, args, argnums, check_alive)
+        matrix, p, coloring, chunk = _jacobian_products(fn, args, argnums, has_aux, p, coloring, m, memory_budget,
+                                                        check_alive, rows, chunk_size, reverse)
     matrix = _rows_of(matrix, rows)
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, coloring.mode, p.source, out, aux, chunk,
                         {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached})  # type: ignore[dict-item]
+
+
+def _lazily(make: Callable[[], Callable[[list[torch.Tensor]], torch.Tensor]]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """``make()``'s ``run``, made on its first call: reverse mode's forward pass is paid
+    only when VJPs are run (and fails there, for a function only jvp can differentiate)."""
+    made: list[Callable[[list[torch.Tensor]], torch.Tensor]] = []
+
+    def run(seeds: list[torch.Tensor]) -> torch.Tensor:
+        if not made:
+            made.append(make())
+        return made[0](seeds)
+
+    return run
+
+
+class _ForwardFailed(RuntimeError):
+    """A forward-mode product failed (not for want of memory): reverse mode may not."""
+
+
+def _jacobian_products(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], has_aux: bool, p: Pattern,
+    coloring: Coloring, m: int, memory_budget: int, check_alive: Callable[[], None] | None,
+    rows: tuple[int, int] | None, chunk_size: int | None, reverse: Callable[[list[torch.Tensor]], torch.Tensor],
+) -> tuple[Any, Pattern, Coloring, int]:
+    """The Jacobian over ``p`` from ``coloring``'s products (``reverse`` runs VJPs), or
+    densely when they prove ``p`` wrong. Returns ``(matrix, pattern, coloring, chunk)``;
+    raises :class:`_ForwardFailed` when a JVP fails."""
+    plan = _products(p, coloring, [args[i] for i in argnums], m)
+    run = reverse if coloring.mode == "rev" else _single(_product_at(coloring.mode, fn, argnums, has_aux), args)
+
+    def forward(seeds: list[torch.Tensor]) -> torch.Tensor:
+        try:
+            return run(seeds)
+        except Exception as exc:
+            if _is_oom(exc):
+                raise
+            raise _ForwardFailed(f"{type(exc).__name__}: {exception_text(exc)}") from exc
+
+    block, chunk = plan.compressed(run if coloring.mode == "rev" else forward, memory_budget, check_alive, chunk_size)
+    matrix = _to_csr(p, plan.values(p, block))
+    if _proven_wrong(p, coloring, plan, block, matrix, run, rows):
+        matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "jacobian")
+    return matrix, p, coloring, chunk
+
+
+def _recolored(
+    p: Pattern, mode: str, cache: PatternCache | None, fn: Callable[..., Any], name: str | None,
+    args: Sequence[torch.Tensor], argnums: tuple[int, ...], check_alive: Callable[[], None] | None,
+) -> tuple[Coloring, str]:
+    """``p`` coloured on the side ``mode`` names, cached beside it (keyed by its entries)."""
+    key = _cache_key(fn, name, args, argnums, "jacobian", f"recolored:{p.source}:{p.name}:{_fingerprint(p)}|{mode}")
+    _, coloring, cached = _cached(cache, key, lambda: _colored(p, "jacobian", mode, check_alive))
+    return coloring, cached
 
 
 def sparse_hessian(

@@ -25,7 +25,7 @@ import torch
 from .coloring import Coloring
 from .patterns import Pattern
 
-__all__ = ["covered", "disagrees", "disagrees_batch", "strays"]
+__all__ = ["covered", "differs_from_reverse", "disagrees", "disagrees_batch", "strays"]
 
 #: Differences below this many ulps of the largest magnitude are round-off.
 _ULPS = 16
@@ -118,3 +118,33 @@ def _off(got: np.ndarray, rv: np.ndarray, m64: Any, mode: str, rows: tuple[int, 
     tol = _RANDOM_ULPS * _eps(dtype) * (scale + np.abs(got)) + np.finfo(np.float64).tiny
     bad = (diff > tol) & ~ok
     return float((diff[bad] / np.maximum(scale[bad] + np.abs(got[bad]), 1e-300)).max()) if bad.any() else 0.0
+
+
+def differs_from_reverse(
+    matrix: Any, m: int, like: torch.Tensor, reverse: Callable[[list[torch.Tensor]], torch.Tensor],
+    rows: tuple[int, int] | None = None,
+) -> bool:
+    """Whether a Jacobian from forward products (JVPs) differs from jacrev's, by one VJP
+    (``reverse(seeds)``) with a random cotangent against ``v^T J`` from ``matrix``.
+
+    They differ where the function is not differentiable (``prelu`` at 0, ties of
+    ``fmax``, ``where(x > 0, sqrt(x), 0)``): each mode makes its own one-sided choice
+    there, and the answer must not depend on the mode. NaN against a number is a
+    difference, round-off is not. A function reverse mode cannot differentiate has no
+    jacrev to differ from: False."""
+    parts, rv = _random_seed([torch.Size([m])], "rev", like, rows)
+    try:
+        got = reverse(parts).reshape(-1).detach().to(torch.float64).cpu().numpy()
+    except Exception as exc:
+        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+            raise
+        return False
+    m64 = matrix.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = m64.T @ rv
+        scale = abs(m64).T @ abs(rv)
+        tol = _RANDOM_ULPS * _eps(like.dtype) * (scale + np.abs(got)) + np.finfo(np.float64).tiny
+        same = np.abs(got - want) <= tol
+    same |= np.isnan(got) & np.isnan(want)
+    same |= np.isinf(got) & (got == want)
+    return not bool(same.all())
