@@ -720,3 +720,21 @@ def test_forward_products_give_jacrevs_answer(fn, mode):
     y = x + 0.5  # smooth here: forward products stand when fwd asks for them
     r = sparse_jacobian(fn, [y], mode="fwd", cache=PatternCache(None))
     np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [y]), rtol=1e-12, atol=1e-12)
+
+
+def _by_requires_grad(x, c):
+    """jacrev's tensors computed from x say requires_grad, c (not differentiated) does not."""
+    y = x**2 if x.requires_grad else torch.roll(x, 1)
+    return y * (c if not c.requires_grad else 0.0) + (torch.roll(y, 2) if y.requires_grad else 0.0)
+
+
+def test_a_branch_on_requires_grad_is_traced_as_jacrev_takes_it():
+    """The tracer's tensors said requires_grad False where jacrev's say True: a function
+    branching on it was traced through the other branch, and its pattern (a roll where
+    jacrev has a diagonal) gave wrong values with exact: true."""
+    x = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    c = torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    r = sparse_jacobian(_by_requires_grad, [x, c], cache=PatternCache(None))
+    assert r.source == "traced" and r.pattern.exact
+    np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(_by_requires_grad, [x, c]), rtol=1e-12)
+    assert r.pattern == true_pattern(_by_requires_grad, [x, c])

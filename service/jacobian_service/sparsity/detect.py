@@ -207,6 +207,15 @@ class _Traced(torch.Tensor):
     def __repr__(self) -> str:  # never print through dispatch
         return f"_Traced({tuple(self.shape)}, {self.dtype})"
 
+    @property
+    def requires_grad(self) -> bool:  # type: ignore[override]
+        """What the same tensor says under jacrev: True when computed from the
+        differentiated inputs (not under no_grad), False for constants and the other
+        inputs. A function that branches on it (``x ** 2 if x.requires_grad else ...``)
+        must take jacrev's branch while traced, or the pattern is another branch's.
+        Python reads only: autograd (C++) still sees a tensor that records nothing."""
+        return self.root.deps.nnz > 0
+
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         traced = [a for a in pytree.tree_leaves((args, kwargs or {})) if isinstance(a, _Traced)]
