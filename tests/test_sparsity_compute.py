@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,6 +198,29 @@ def test_cache_on_disk_skips_detection(tmp_path, monkeypatch):
     again = sparse_jacobian(spec.fn, [u], name=spec.name, cache=PatternCache(tmp_path))  # a "restart"
     assert again.timings["cached"] == "disk" and again.pattern == first.pattern
     np.testing.assert_array_equal(again.matrix.toarray(), first.matrix.toarray())
+
+
+def test_a_build_that_detects_differently_never_reads_the_disk_cache_of_another(tmp_path, monkeypatch):
+    """The key held torch's and the service's versions, which a tracer fix does not
+    change (0.1.0 throughout): patterns an older tracer got wrong were read back from
+    disk after the upgrade. It now holds a hash of the sparsity package's source."""
+    import shutil
+
+    from jacobian_service.sparsity import compute
+
+    spec = BUILTINS.get("reaction_diffusion")
+    u = torch.rand(8, 8, dtype=torch.float64)
+    sparse_jacobian(spec.fn, [u], name=spec.name, cache=PatternCache(tmp_path / "cache"))
+    package = Path(compute.__file__).parent
+    copy = tmp_path / "sparsity"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(compute, "__file__", str(copy / "compute.py"))
+    assert compute._detection_digest() == compute._DETECTION_DIGEST  # the same source, the same key
+    with open(copy / "detect.py", "a") as f:
+        f.write("\n# a tracer fix\n")
+    monkeypatch.setattr(compute, "_DETECTION_DIGEST", compute._detection_digest())
+    again = sparse_jacobian(spec.fn, [u], name=spec.name, cache=PatternCache(tmp_path / "cache"))
+    assert again.timings["cached"] == ""  # detected again, not read back
 
 
 def test_describe_sparsity_is_json_ready():

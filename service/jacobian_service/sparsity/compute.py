@@ -13,6 +13,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -133,10 +134,24 @@ def _at(
     return argnums, tuple(args[i] for i in argnums), out, aux
 
 
+def _detection_digest() -> str:
+    """A hash of this package's own source (tracer, colourings, patterns): a build that
+    detects or colours differently (a tracer fix, with the same version number) never
+    reads a pattern an older one left on disk."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+_DETECTION_DIGEST = _detection_digest()
+
+
 def _cache_key(fn: Callable[..., Any], name: str | None, args: Sequence[torch.Tensor], argnums: Sequence[int], kind: str, choice: str) -> str:
     return PatternCache.key(
         # the versions of what detects and differentiates: another may trace differently
-        torch.__version__, _SERVICE_VERSION,
+        torch.__version__, _SERVICE_VERSION, _DETECTION_DIGEST,
         name or getattr(fn, "__qualname__", "?"), function_fingerprint(fn),
         tuple(tuple(a.shape) for a in args), tuple(str(a.dtype) for a in args), tuple(argnums), kind, choice,
     )
