@@ -386,6 +386,8 @@ def choose_coloring(p: Pattern, mode: str = "auto", *, check_alive: Check = None
         rev = row_coloring(p, check_alive=check_alive)
         if rev.n_colors <= fwd_lower:  # fwd can't use fewer: rev wins (ties go to rev)
             return rev
+        if m == n and p.is_symmetric():  # the column graph is the row graph (stencils):
+            return rev  # the same greedy passes would tie, and ties go to rev
         fwd = column_coloring(p, check_alive=check_alive)
     else:
         fwd = column_coloring(p, check_alive=check_alive)
