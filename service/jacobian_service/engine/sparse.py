@@ -180,7 +180,7 @@ def streamed_rows(engine: Any, call: Call, stream_threshold: int) -> Result | An
     m, n = csr.shape
     dtype = host_dtype(TORCH_DTYPES[call.dtypes[call.argnums[0]]])
     if m * n * dtype.itemsize <= stream_threshold:
-        result.value = csr.toarray()
+        result.value = csr.toarray().astype(dtype, copy=False)  # as the streamed rows are
         return result
     # Chunks of about 1 MiB of dense rows (at least one row): the front end's buffer.
     chunk = max(1, (1 << 20) // max(n * dtype.itemsize, 1))
@@ -191,8 +191,10 @@ def streamed_rows(engine: Any, call: Call, stream_threshold: int) -> Result | An
 def _formatted(call: Call, matrix: Any) -> Any:
     if call.sparse_format == "coo":
         return matrix.tocoo()
-    if call.sparse_format == "dense":
-        return matrix.toarray()
+    if call.sparse_format == "dense":  # the dense Jacobian's dtype (the CSR holds float16 as float32)
+        from .core import TORCH_DTYPES, host_dtype
+
+        return matrix.toarray().astype(host_dtype(TORCH_DTYPES[call.dtypes[call.argnums[0]]]), copy=False)
     return matrix
 
 

@@ -489,7 +489,7 @@ def _to_csr(p: Pattern, values: torch.Tensor) -> Any:
     import scipy.sparse as sp
 
     data = values.detach()
-    if data.dtype == torch.bfloat16:
+    if data.dtype in (torch.bfloat16, torch.float16):  # scipy.sparse holds neither: float32 holds them exactly
         data = data.float()
     idx = np.int32 if max(p.shape + (p.nnz,)) < 2**31 - 1 else np.int64
     return sp.csr_array((data.cpu().numpy(), p.cols.astype(idx), p.indptr().astype(idx)), shape=p.shape)
