@@ -134,3 +134,8 @@ def probed_at_one(x: torch.Tensor) -> torch.Tensor:
           description="fmax(x, 0) * roll(x, 1): at x = 0 (a tie) jvp and vjp give different derivatives.")
 def fmax_ties(x: torch.Tensor) -> torch.Tensor:
     return torch.fmax(x, torch.zeros_like(x)) * torch.roll(x, 1)
+
+
+@register(inputs=[Input("x", shape=("n",))], description="x**2 and argmax(x): an integer output, which jacrev refuses.")
+def with_an_index(x: torch.Tensor):
+    return x**2, torch.argmax(x)

@@ -432,6 +432,17 @@ def test_float16_inputs_get_their_sparse_jacobian_in_every_format(client, fmt, a
 
 
 @pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
+def test_an_integer_output_is_refused_as_jacrev_refuses_it(client, mode):
+    """jacrev refuses a function with an integer output (the dense route: 500
+    function_error); sparse requests answered 200, the integer output's rows zeros."""
+    body = {"inputs": [[1.0, 3.0, 2.0]], "mode": mode}
+    dense = assert_problem(client.post("/v1/functions/with_an_index/jacobian", json=body), 500, "function_error")
+    sparse = assert_problem(client.post("/v1/functions/with_an_index/jacobian", json={**body, "sparsity": "auto"}),
+                            500, "function_error")
+    assert "int64" in dense["detail"] and "int64" in sparse["detail"]
+
+
+@pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
 def test_a_declared_pattern_proven_wrong_is_a_422_not_wrong_values(client, mode):
     """A declared pattern is trusted: declared diagonal, the function couples neighbours.
     The one product of a diagonal colouring sums every row (or column), and the values
