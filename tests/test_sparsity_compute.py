@@ -762,3 +762,20 @@ def test_a_branch_on_requires_grad_is_traced_as_jacrev_takes_it():
     assert r.source == "traced" and r.pattern.exact
     np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(_by_requires_grad, [x, c]), rtol=1e-12)
     assert r.pattern == true_pattern(_by_requires_grad, [x, c])
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: torch.empty_like(x).fill_(x[0]) * 2 + x,
+    lambda x: torch.fill(x, x[1] ** 2),
+    lambda x: torch.zeros_like(x).fill_(x.sum()),
+    lambda x: (lambda y: (y[2:].fill_(x[0]), y)[1])(x.clone()),
+], ids=["fill_", "torch.fill", "fill_sum", "fill_view"])
+def test_filling_with_a_traced_value_depends_on_that_value(fn):
+    """fill with a tensor value (y.fill_(x[0]), torch.fill(x, t)) was traced as a constant
+    fill: the elements got no dependencies (nnz 0 with exact: true where jacrev is
+    nonzero)."""
+    x = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = trace_jacobian(fn, [x])
+    assert p.exact and p == true_pattern(fn, [x])
+    r = sparse_jacobian(fn, [x], cache=PatternCache(None))
+    np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12)

@@ -342,6 +342,8 @@ class _Tracer:
             self.reads(f"{name}: an output shape that depends on values")
         if not torch.is_grad_enabled():
             self.no_grad = True
+        if name == "fill" and _fill_value(args) is not None and torch.is_grad_enabled():
+            return self.filled(_fill_value(args), out)
         if name in _NO_DEPS or name in _ZERO_DERIVATIVE or not torch.is_grad_enabled():
             wrapped = [self.wrap(o, _empty(o.numel(), self.n)) if _float(o) else o for o in leaves]
             return pytree.tree_unflatten(wrapped, spec)
@@ -404,6 +406,10 @@ class _Tracer:
             return result
         self.write(target, result)
         return target
+
+    def filled(self, value: "_Traced", o: torch.Tensor) -> _Traced:
+        """``x.fill_(v)`` with ``v`` a traced 0-d tensor: every element is ``v`` (linear)."""
+        return self.wrap(o, self.deps(value, tuple(o.shape)), self.hess_of([value]))
 
     def pointwise(self, name: str, args: Any, kwargs: dict[str, Any], o: torch.Tensor) -> _Traced:
         shape = tuple(o.shape)
@@ -604,6 +610,8 @@ class _Tracer:
             return target
         if base == "copy":
             fresh = self.pointwise("copy", (args[1],), {}, target.value)
+        elif base == "fill" and _fill_value(args) is not None:
+            fresh = self.filled(_fill_value(args), target.value)
         elif base in ("fill", "zero") or base in _NO_DEPS:
             fresh = self.wrap(target.value, _empty(target.numel(), self.n))
         elif base == "index_put":
@@ -694,6 +702,13 @@ _LAYOUT_INPLACE = frozenset("squeeze_ unsqueeze_ t_ transpose_ swapdims_ swapaxe
 # Ops tagged dynamic_output_shape whose output's shape is fixed by their index or mask
 # arguments: data-dependent only when those are traced.
 _STATIC_INDEX = frozenset("index masked_select index_put repeat_interleave".split())
+
+
+def _fill_value(args: Any) -> "_Traced | None":
+    """The value of ``fill.Tensor`` (``x.fill_(t)``, ``torch.fill(x, t)``) when it is a
+    traced float tensor: its dependencies reach every element (``fill.Scalar``: none)."""
+    value = args[1] if len(args) > 1 else None
+    return value if isinstance(value, _Traced) and _float(value) else None
 
 
 def _float(o: Any) -> bool:
