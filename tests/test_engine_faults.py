@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from jacobian_service.procfs import children
+from jacobian_service.procfs import children, descendants
 
 from .conftest import CHILD_PYTHONPATH, assert_problem, live_server, npy_bytes
 
@@ -221,6 +221,20 @@ def test_a_server_killed_outright_leaves_no_process_behind():
             httpx.get(f"{url}/healthz", timeout=2)
 
 
+@pytest.mark.parametrize("starter", ["starts_a_detached_sleeper", "daemonizes"])
+def test_a_process_a_function_detached_stops_when_the_server_is_killed_outright(starter, monkeypatch, tmp_path):
+    """SIGKILL to ``serve`` after a function detached a process (a session of its own;
+    the classic double fork): it was ``serve``'s, its subreaper, or its engine's child,
+    and went to init with nobody left to kill it, for good. The engine is now the
+    subreaper of what its functions start, and kills it as it stops with its parent."""
+    import signal
+
+    monkeypatch.setenv("FAULT_FORK_PIDFILE", str(tmp_path / "sleeper.pid"))
+    with live_server(**SETTINGS) as (url, proc), _detached_sleeper(url, tmp_path / "sleeper.pid", starter) as sleeper:
+        os.kill(proc.pid, signal.SIGKILL)
+        _wait_gone(sleeper, 10, "the function's detached process outlived a server killed outright")
+
+
 @contextlib.contextmanager
 def _detached_sleeper(url: str, pidfile: Any, starter: str = "starts_a_detached_sleeper") -> Iterator[int]:
     """A process the function started in a session of its own (``start_new_session``: a
@@ -275,9 +289,9 @@ def test_a_process_a_function_started_in_its_own_session_goes_with_its_engine(st
 
 
 def _sleepers(pid: int) -> list[int]:
-    """``pid``'s children that run ``sleep``."""
+    """``pid``'s descendants that run ``sleep`` (a daemon is its engine's child)."""
     found = []
-    for kid in children(pid):
+    for kid in descendants(pid):
         try:
             if _cmdline(kid).startswith(b"sleep"):
                 found.append(kid)
@@ -1204,9 +1218,8 @@ def test_a_forked_child_that_returns_into_the_engine_exits_there(layout, tmp_pat
 def test_daemons_left_running_past_the_limit_are_killed_and_the_engine_goes_on(calm_server):
     """A function that starts a daemon at every call (here 600 at once) left them to
     the server for as long as the engine lived, each holding a pid: enough of them use up
-    a container's pids, and no process of the server can start again. They are no
-    engine's descendants (their parents exited), so the engine's own count misses them;
-    ``serve``, their subreaper, kills them past 512, and the engine serves on."""
+    a container's pids, and no process of the server can start again. Their parents
+    exited; the engine, their subreaper, kills them past 512, and serves on."""
     url, proc, _ = calm_server
     with _log_on_failure(proc):
         try:

@@ -14,6 +14,12 @@
   itself, instead of to init: the supervisor finds it among its own children, and
   kills it. (Before, the supervisor noted each engine's descendants once a second and
   missed a process started in the second before a crash.)
+- **What a function detached stops with ``serve`` too**, even when ``serve`` is killed
+  outright: an orphan then goes to init, beyond anyone's reach. Each engine is itself
+  the subreaper of what its functions start (:func:`become_subreaper` in the engine),
+  so a daemon stays an engine's descendant while the engine lives, and the engine kills
+  its descendants as it stops with its parent (:func:`kill_descendants`). It collects
+  those that ended when it can tell they are no child it forked (:func:`reap_detached`).
 """
 
 from __future__ import annotations
@@ -24,28 +30,35 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
-from .procfs import children, session, start_ticks
+from .procfs import children, descendants, session, start_ticks
 
-__all__ = ["adopted", "become_subreaper", "kill_adopted", "reap_adopted", "stop_with_parent"]
+__all__ = ["adopted", "become_subreaper", "kill_adopted", "kill_descendants", "kill_detached", "reap_adopted",
+           "reap_detached", "stop_with_parent"]
 
 log = logging.getLogger("jacobian_service")
 
 _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
-def stop_with_parent(grace_s: float, every_s: float = 0.5) -> None:
+def stop_with_parent(grace_s: float, every_s: float = 0.5, first: Callable[[], object] | None = None) -> None:
     """SIGTERM to this process once its parent has gone (checked every ``every_s``, on a
     daemon thread): a front end drains and stops, an engine stops. Still here
     ``grace_s`` later (the signal came before its handler was set, or a user function
-    set one that ignores it), the process exits outright."""
+    set one that ignores it), the process exits outright. ``first`` runs just before
+    the signal (an engine kills what its functions started)."""
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(every_s)
         log.warning("the server process (pid %d) has gone; pid %d stops", parent, os.getpid())
+        if first is not None:
+            try:
+                first()
+            except Exception:  # /proc refused (a function's audit hook): stop all the same
+                log.exception("could not stop what pid %d started", os.getpid())
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(grace_s)
         os._exit(1)
@@ -138,3 +151,63 @@ def _alive(group: int | None) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
+
+
+def kill_descendants(settle_s: float = 1.0) -> int:
+    """SIGKILL to every descendant of this process, again until none is left (one
+    forking in a loop, or orphans coming in as their parents die) or ``settle_s`` has
+    passed; how many. In a subreaper, what its descendants detached is among them."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + settle_s
+    while True:
+        found = [pid for pid in descendants(os.getpid()) if (s := session(pid)) is not None and not s[1]]
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except OSError:  # gone just now
+                pass
+        if not found or time.monotonic() > deadline:
+            return len(killed)
+        time.sleep(0.01)
+
+
+def _detached() -> list[tuple[int, bool]]:
+    """(pid, ended) of this process's children that it surely did not fork itself (see
+    :func:`reap_detached`)."""
+    mine, found = os.getsid(0), []
+    for pid in children(os.getpid()):
+        if (s := session(pid)) is not None and s[0] not in (mine, pid):
+            found.append((pid, s[1]))
+    return found
+
+
+def kill_detached() -> int:
+    """SIGKILL to the running children this subreaper surely took in (daemons whose
+    parents have exited); how many."""
+    killed = 0
+    for pid, ended in _detached():
+        if not ended:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:  # gone just now
+                pass
+    return killed
+
+
+def reap_detached() -> int:
+    """In a subreaper, collect the exit status of the children that ended and that it
+    surely did not fork itself; how many. A child forked here is in this process's
+    session, or leads one of its own (``setsid``, ``start_new_session``): its status
+    belongs to whoever waits for it (``Popen.wait``), and taking it would make that
+    report 0 for a failure. A child in a third session (the daemon of a fork, ``setsid``,
+    fork) was taken in. One in this session that was taken in (a shell's ``cmd &``)
+    cannot be told apart from one forked here, and stays a zombie until this process
+    goes."""
+    reaped = 0
+    for pid, ended in _detached():
+        if ended:
+            _collect(pid)
+            reaped += 1
+    return reaped

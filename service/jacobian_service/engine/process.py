@@ -34,7 +34,7 @@ from ..errors import InternalError, OutOfMemory, ServiceError, exception_text
 from ..heap import freeze_heap
 from ..logs import configure_logging
 from ..metrics import Metrics
-from ..orphans import stop_with_parent
+from ..orphans import become_subreaper, kill_descendants, stop_with_parent
 from ..procfs import descendants, status_bytes
 from ..registry import Registry
 from ..scheduler import Job, Worker
@@ -441,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_format)
-    stop_with_parent(grace_s=5.0)
+    # What its functions detach (fork, setsid, fork) stays this engine's, to kill as it
+    # stops with its parent: handed to init instead, it outlived a killed `serve`.
+    become_subreaper()
+    stop_with_parent(grace_s=5.0, first=kill_descendants)
     import torch
 
     from .devices import keep_free_heap, resolve_devices

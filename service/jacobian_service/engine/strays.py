@@ -39,13 +39,17 @@ Torch-free; Linux only: elsewhere nothing is ever found.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import resource
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..orphans import kill_detached, reap_detached
 from ..procfs import cpu_seconds, descendants, status_bytes
+
+log = logging.getLogger("jacobian_service.engine")
 
 __all__ = ["Found", "Strays"]
 
@@ -108,6 +112,7 @@ class Strays:
                 return Found(threads_left=_too_many(alive, self.max_threads))
             return None
         window, self._last = now - self._last, now
+        reap_detached()  # daemons that ended, taken in as their subreaper (orphans): not left as zombies
         idle = not self._ran
         ran, self._ran = " or ".join(sorted(self._ran)) or "a function", set()
         children = set(descendants(os.getpid())) - self._known_processes
@@ -132,6 +137,14 @@ class Strays:
             self.max_threads = _thread_limit()
         threads = _too_many(self._thread_owner, self.max_threads)
         processes = _too_many(self._children, self.max_processes)
+        if processes is not None and (killed := kill_detached()):
+            # Daemons (a function that starts one at each call), each holding a pid: this
+            # engine is their subreaper, and they can be told from the children its
+            # functions forked and may still wait for. They go, and the engine goes on;
+            # the next window counts what is left.
+            log.error("%d processes that functions detached were running while this engine lived, over %d: %d "
+                      "killed", processes["count"], self.max_processes, killed)
+            processes = None
         if not culprits and threads is None and processes is None:
             return None
         return Found(min((name for kind, name in culprits if kind == "function"), default=None),
