@@ -74,6 +74,18 @@ def leaks(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
+@register(inputs=[Input("x", shape=("n",))],
+          description="Keeps 64 MiB more at each call in a memfd, written through its descriptor, on the trigger "
+                      "(memory in no resident size).")
+def leaks_to_memfd(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        fd = os.memfd_create("kept")
+        for _ in range(64):
+            os.write(fd, b"\1" * (1 << 20))
+        _KEPT.append(fd)
+    return x.sin()
+
+
 def _fork_and_exit(leave_the_group: bool) -> None:
     """What a function using a fork-based multiprocessing pool leaves behind when its
     engine dies: a child holding copies of every descriptor the engine had open (its

@@ -10,6 +10,16 @@ engine holds more than before is charged the difference. (The peak, which ``getr
 gives cheaper, would charge nothing once a large request has set a high one.) The log
 names the three charged most. Torch-free.
 
+Memory a function keeps in a shared memory object (a ``memfd``, a file in ``/dev/shm``,
+SysV shared memory) written through its descriptor is in no resident size, nor under
+``ENGINE_MEMORY_LIMIT_BYTES`` (an address-space cap): a function could fill the
+machine's memory past both. What the engine keeps alive that way, by a descriptor or a
+mapping, is counted whole (``shared_beyond_resident``) at each check, once a second: a
+walk of ``/proc/self/maps``, ~1 ms, too dear for every batch. Its growth is charged to
+the functions run since the check before. A file a function leaves in ``/dev/shm`` and
+closes is no process's memory: a file, bounded by the tmpfs's size (a container's
+``--shm-size``).
+
 The same watch, given a reader of ``torch.cuda.memory_allocated``, holds the tensors an
 engine keeps on its GPU between requests to ``ENGINE_MAX_DEVICE_BYTES``
 (``devices.device_memory_watch``): a function that keeps device tensors in a global
@@ -26,7 +36,7 @@ from typing import Callable
 
 from ..procfs import status_bytes
 
-__all__ = ["MemoryWatch"]
+__all__ = ["MemoryWatch", "shared_beyond_resident"]
 
 log = logging.getLogger("jacobian_service.engine")
 
@@ -35,15 +45,51 @@ def _resident() -> int | None:
     return status_bytes(os.getpid(), "VmRSS")
 
 
+_SHARED = ("/memfd:", "/dev/shm/", "/SYSV")  # how /proc names shared memory objects
+_SHARED_BYTES = tuple(p.encode() for p in _SHARED)
+
+
+def shared_beyond_resident() -> int:
+    """Bytes of the shared memory objects this process keeps alive (by a descriptor or a
+    mapping) that its resident size leaves out: their pages in memory, less those it
+    has touched through a mapping (``RssShmem``, in ``VmRSS`` already)."""
+    held: dict[tuple[int, int], int] = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(_SHARED):
+                st = os.stat(f"/proc/self/fd/{fd}")
+                held[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+        except OSError:  # closed just now
+            continue
+    with open("/proc/self/maps", "rb") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            if len(fields) < 6 or not fields[5].startswith(_SHARED_BYTES):
+                continue
+            major, minor = (int(n, 16) for n in fields[3].split(b":"))
+            key = (os.makedev(major, minor), int(fields[4]))
+            if key in held:
+                continue
+            start, end = (int(n, 16) for n in fields[0].split(b"-"))
+            try:  # one whose descriptor is closed: its pages in memory, where /proc lets us look
+                held[key] = os.stat(f"/proc/self/map_files/{fields[0].decode()}").st_blocks * 512
+            except OSError:  # (that takes CAP_SYS_ADMIN): the mapping's length, at most what it holds
+                held[key] = end - start
+    return max(0, sum(held.values()) - (status_bytes(os.getpid(), "RssShmem") or 0))
+
+
 class MemoryWatch:
     def __init__(self, limit: int | None, every_s: float = 1.0, *, read: Callable[[], int | None] = _resident,
-                 setting: str = "ENGINE_MAX_RSS_BYTES") -> None:
+                 setting: str = "ENGINE_MAX_RSS_BYTES", beyond: Callable[[], int] | None = None) -> None:
         self.limit = limit
         self.every_s = every_s
         self.read = read  # bytes held now
         self.setting = setting  # named in the log
+        self.beyond = beyond  # bytes held that ``read`` leaves out, dearer to read: at each check only
         self._last = 0.0
         self._held = 0
+        self._beyond = 0
+        self._ran: set[str] = set()  # functions run since the last check
         self._grown: collections.Counter[str] = collections.Counter()
 
     def start(self) -> None:
@@ -51,12 +97,16 @@ class MemoryWatch:
         functions, their warm-up) would recycle every engine at once, for ever; it is
         left unenforced, and said so."""
         held = self.read()
+        if held is not None and self.limit is not None and self.beyond is not None:
+            self._beyond = self.beyond()
+            held += self._beyond
         if self.limit is not None and held is not None and held >= self.limit:
             log.error("%s (%d MiB) is below what this engine holds once started (%d MiB): not enforced",
                       self.setting, self.limit >> 20, held >> 20)
             self.limit = None
-        self._held = held or 0
+        self._held = (held or 0) - self._beyond
         self._grown.clear()  # start-up's growth is nobody's
+        self._ran.clear()
 
     def after_run(self, function: str) -> None:
         if self.limit is None:
@@ -65,6 +115,7 @@ class MemoryWatch:
         if held > self._held:
             self._grown[function or "a function"] += held - self._held
         self._held = held
+        self._ran.add(function or "a function")
 
     def check(self, now: float) -> dict | None:
         """At most every ``every_s``: over the limit, what the board and the log say."""
@@ -72,6 +123,13 @@ class MemoryWatch:
             return None
         self._last = now
         held = self.read()
+        if held is not None and self.beyond is not None:
+            beyond = self.beyond()
+            if beyond > self._beyond and self._ran:
+                self._grown[" or ".join(sorted(self._ran))] += beyond - self._beyond
+            self._beyond = beyond
+            held += beyond
+        self._ran.clear()
         if held is None or held <= self.limit:
             return None
         return {"held": held, "limit": self.limit,
