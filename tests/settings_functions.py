@@ -49,6 +49,14 @@ def sets_threads_and_tf32(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
+@register(inputs=X, description="sin, after setting float32 precision through torch 2.9+'s per-backend API (TF32 "
+                                "everywhere, bfloat16 for oneDNN's matmuls): torch's legacy getter then raises.")
+def sets_fp32_precision_per_backend(x: torch.Tensor) -> torch.Tensor:
+    torch.backends.fp32_precision = "tf32"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    return x.sin()
+
+
 @register(inputs=X, description="x * ones: its output takes the default dtype's promotion.")
 def scaled_by_ones(x: torch.Tensor) -> torch.Tensor:
     return x * torch.ones(x.shape[0])

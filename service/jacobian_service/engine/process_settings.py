@@ -185,6 +185,40 @@ def _put_flush_denormals(taken: bool) -> None:
     torch.set_flush_denormal(taken)
 
 
+# float32 precision, as torch 2.9+ sets it per backend and operation
+# (``torch.backends.fp32_precision = "tf32"``, ``torch.backends.mkldnn.matmul.fp32_precision
+# = "bf16"``: the API torch's documentation now recommends), beside the legacy
+# ``set_float32_matmul_precision``. Once the two disagree the legacy getter raises
+# ("mix of the legacy and new APIs"): read here, that ended the engine after the
+# batch, and a functions module that set it as it was imported kept every engine from
+# starting. Parents first: setting one sets those under it.
+_FP32_PRECISIONS = tuple(
+    obj for obj in (torch.backends, getattr(torch.backends, "mkldnn", None),
+                    *(getattr(getattr(torch.backends, "mkldnn", None), op, None) for op in ("matmul", "conv", "rnn")),
+                    getattr(getattr(torch.backends, "cuda", None), "matmul", None),
+                    getattr(torch.backends, "cudnn", None),
+                    *(getattr(getattr(torch.backends, "cudnn", None), op, None) for op in ("conv", "rnn")))
+    if isinstance(getattr(obj, "fp32_precision", None), str))
+
+
+def _float32_precision() -> tuple[str | None, tuple[str, ...]]:
+    """The legacy matmul precision (None where the per-backend ones disagree with it),
+    and each per-backend one."""
+    try:
+        legacy: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:  # "mix of the legacy and new APIs"
+        legacy = None
+    return legacy, tuple(obj.fp32_precision for obj in _FP32_PRECISIONS)
+
+
+def _put_float32_precision(taken: tuple[str | None, tuple[str, ...]]) -> None:
+    legacy, precisions = taken
+    if legacy is not None:
+        torch.set_float32_matmul_precision(legacy)
+    for obj, precision in zip(_FP32_PRECISIONS, precisions):
+        obj.fp32_precision = precision
+
+
 def _set_gc(enabled: bool) -> None:
     gc.enable() if enabled else gc.disable()
 
@@ -444,8 +478,8 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("torch's anomaly detection", torch.is_anomaly_enabled, torch.set_anomaly_enabled),
     _Setting("torch's deterministic algorithms", torch.are_deterministic_algorithms_enabled,
              torch.use_deterministic_algorithms),
-    _Setting("torch's float32 matmul precision", torch.get_float32_matmul_precision,
-             torch.set_float32_matmul_precision),
+    _Setting("torch's float32 precision (set_float32_matmul_precision, backends' fp32_precision)",
+             _float32_precision, _put_float32_precision),
     _Setting("cuDNN's TF32", lambda: torch.backends.cudnn.allow_tf32, _setter(torch.backends.cudnn, "allow_tf32")),
     _Setting("cuDNN's benchmark mode", lambda: torch.backends.cudnn.benchmark, _setter(torch.backends.cudnn, "benchmark")),
     _Setting("cuDNN (enabled)", lambda: torch.backends.cudnn.enabled, _setter(torch.backends.cudnn, "enabled")),
@@ -562,6 +596,24 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
 )
 
 
+class _Unreadable:
+    def __repr__(self) -> str:
+        return "a value that cannot be read"
+
+
+# What a setting whose read raised is taken to be: a function's change made it so (the
+# engine's loop died of it, after the batch), and it is put back; one that cannot be read
+# at the start is left alone.
+_UNREADABLE = _Unreadable()
+
+
+def _read(setting: _Setting) -> Any:
+    try:
+        return setting.get()
+    except Exception:
+        return _UNREADABLE
+
+
 def _shown(value: Any, other: Any, taken: bool = False) -> Any:
     """For the log: a default-device context as its device; the environment by the
     names of its variables that differ from ``other``, never by their values."""
@@ -581,7 +633,7 @@ class ProcessSettings:
     def __init__(self, own_process: bool = False) -> None:
         self._settings = _SETTINGS + _OWN_PROCESS_SETTINGS if own_process else _SETTINGS
         self._own_process = own_process
-        self._taken = [s.get() for s in self._settings]
+        self._taken = [_read(s) for s in self._settings]
         self._named: set[tuple[str, str]] = set()  # (function, setting) already logged
         # (function, setting) of the first change that could not be put back: the engine leaves.
         self.unrestorable: tuple[str, str] | None = None
@@ -595,11 +647,13 @@ class ProcessSettings:
             # arms none of its own.
             faulthandler.cancel_dump_traceback_later()
         for setting, taken in zip(self._settings, self._taken):
-            now = setting.get()
-            if setting.changed(now, taken):
+            if taken is _UNREADABLE:  # at the start: nothing to put back
+                continue
+            now = _read(setting)
+            if now is _UNREADABLE or setting.changed(now, taken):
                 try:
                     setting.put(taken)
-                except (OSError, ValueError) as exc:  # a privilege the engine lacks
+                except Exception as exc:  # a privilege the engine lacks, a value torch refuses now
                     log.error("%s changed %s (to %s), which cannot be put back here (%s)", function or "a function",
                               setting.what, _shown(now, taken), exc)
                     self.unrestorable = self.unrestorable or (function, setting.what)
