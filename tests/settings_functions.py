@@ -57,6 +57,15 @@ def sets_fp32_precision_per_backend(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
+@register(inputs=X, description="sin, after setting its thread's scheduling policy to SCHED_IDLE and pinning it to "
+                                "one CPU, when its first input is 666.")
+def idles_and_pins_itself(x: torch.Tensor) -> torch.Tensor:
+    if float(x.detach()[0]) == 666.0:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    return x.sin()
+
+
 @register(inputs=X, description="x * ones: its output takes the default dtype's promotion.")
 def scaled_by_ones(x: torch.Tensor) -> torch.Tensor:
     return x * torch.ones(x.shape[0])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import resource
 import sys
 import time
@@ -228,6 +229,14 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             for name in ("redirects_stdout_and_stderr", "sets_switch_interval"):
                 r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
                 assert r.status_code == 200, r.text
+            # SCHED_IDLE left every later request of every function to run only when the
+            # CPU had nothing else to do; pinned to one CPU, on that one alone.
+            engine = client.get("/v1/info").json()["engine_pids"][0]
+            policy, cpus = os.sched_getscheduler(engine), os.sched_getaffinity(engine)
+            r = client.post("/v1/functions/idles_and_pins_itself/jacobian", json=ARMED)
+            assert r.status_code == 200, r.text
+            _sin_ok(client.post, "sin")  # the next batch starts after the last one's settings were put back
+            assert (os.sched_getscheduler(engine), os.sched_getaffinity(engine)) == (policy, cpus)
         stopped = time.monotonic()
         proc.terminate()
         proc.wait(timeout=30)
@@ -243,6 +252,8 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             ("arms_an_alarm", "an interval timer"),
             ("redirects_stdout_and_stderr", "descriptors 0-2"),
             ("sets_switch_interval", "the thread switch interval"),
+            ("idles_and_pins_itself", "the scheduling policy"),
+            *([("idles_and_pins_itself", "the CPU affinity")] if len(os.sched_getaffinity(0)) > 1 else []),
         ):
             assert f"{function} changed {setting}" in log, (function, setting)
 

@@ -383,6 +383,18 @@ def _set_niceness(taken: int) -> None:
     os.setpriority(os.PRIO_PROCESS, 0, taken)  # lowering it needs CAP_SYS_NICE: PermissionError without it
 
 
+# The engine's thread's scheduling policy: SCHED_IDLE (``os.sched_setscheduler``) left
+# it to run every later request of every function only when the CPU has nothing else to
+# do (the front ends under load starve it), as a raised niceness would. Back to
+# SCHED_OTHER needs no privilege within RLIMIT_NICE; a real-time policy it never had.
+def _scheduling() -> tuple[int, int]:
+    return os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+
+
+def _put_scheduling(taken: tuple[int, int]) -> None:
+    os.sched_setscheduler(0, taken[0], os.sched_param(taken[1]))
+
+
 # Duplicates of descriptors 0-2 as the engine process started with them (made when it
 # takes its settings). A function that closes or redirects stdout/stderr would send the
 # engine's log to nowhere, or, once a new socket took descriptor 2, into that socket.
@@ -579,6 +591,12 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("signals ignored outside Python (SigIgn)", _ignored, _put_ignored),
     _Setting("an interval timer (signal.alarm, setitimer)", _timers, _disarm, _armed),
     _Setting("resource limits", _limits, _put_limits),
+    *((_Setting("the scheduling policy (sched_setscheduler)", _scheduling, _put_scheduling),
+       # Pinned to a CPU (``os.sched_setaffinity``): every later request ran on that one,
+       # however busy, and torch's threads started later were pinned with it.
+       _Setting("the CPU affinity (sched_setaffinity)", functools.partial(os.sched_getaffinity, 0),
+                functools.partial(os.sched_setaffinity, 0)))
+      if hasattr(os, "sched_getscheduler") and hasattr(os, "sched_getaffinity") else ()),
     _Setting("the niceness", _niceness, _set_niceness),
     _Setting("the stack size of new threads", threading.stack_size, threading.stack_size),
     _Setting("the default socket timeout", socket.getdefaulttimeout, socket.setdefaulttimeout),
