@@ -190,7 +190,7 @@ def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on
         8: (500, "function_error", "aux holds a dict key that is not valid UTF-8"),
     }
     path = "/v1/functions/odd_aux/jacobian"
-    with live_server(WORKERS=1, ENGINE_STANDBY="false", MAX_RESULT_BYTES=2048) as (url, _), \
+    with live_server(WORKERS=1, ENGINE_STANDBY="false", MAX_RESULT_BYTES=2048) as (url, proc), \
             httpx.Client(base_url=url, timeout=30) as client:
         for kind, (status, code, words) in cases.items():
             for accept in (wire.JSON, wire.NPZ):
@@ -217,6 +217,21 @@ def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on
                 assert doc["aux"] == {"nan": "NaN", "inf": "Infinity", "ninf": "-Infinity"}, doc["aux"]
             else:
                 assert np.isnan(doc["aux"]["nan"]) and doc["aux"]["inf"] == np.inf and doc["aux"]["ninf"] == -np.inf
+            # A tensor subclass whose detach or numpy raises, in aux or as the output: our 500
+            # internal_error (and a logged traceback) as the engine copied it to the host.
+            r = client.post(path, json={"inputs": [[0.5, 1.0], 11]}, headers={"Accept": accept, "X-Request-Timeout": "5"})
+            _, doc = decode(r)
+            data = (lambda v: v["data"] if isinstance(v, dict) else v)  # a JSON array, or .npz's
+            np.testing.assert_allclose(data(doc["aux"]["t"]), np.cos([0.5, 1.0]), rtol=1e-6)
+            for kind, body in (("evaluate", {}), ("jacobian", {}), ("vjp", {"cotangents": [1.0, 1.0]}),
+                               ("jvp", {"tangents": [1.0, 1.0]}), ("jacobian", {"batched": True})):
+                x = [[0.5, 1.0]] if not body.get("batched") else [[[0.5, 1.0]]]
+                r = client.post(f"/v1/functions/stubborn_sin/{kind}", json={"inputs": x, **body},
+                                headers={"Accept": accept, "X-Request-Timeout": "5"})
+                assert r.status_code == 200, (kind, body, r.text)
+            out, _ = decode(client.post("/v1/functions/stubborn_sin/evaluate", json={"inputs": [[0.5, 1.0]]},
+                                        headers={"Accept": accept}), "output")
+            np.testing.assert_allclose(out, np.sin([0.5, 1.0]), rtol=1e-6)
         with jc.Client(url) as sdk:
             _, aux = sdk.jacobian("odd_aux", np.array([0.5, 1.0], np.float32), np.array(10))
             assert np.isnan(aux["nan"]) and aux["inf"] == np.inf and aux["ninf"] == -np.inf, aux
@@ -225,6 +240,7 @@ def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on
             r = client.post("/v1/functions/raises_oddly/jacobian", json={"inputs": [[0.5, 1.0, 2.0], kind]},
                             headers={"X-Request-Timeout": "5"})
             assert words in assert_problem(r, 500, "function_error")["detail"], r.text
+        assert "Traceback" not in proc.read_log()
 
 
 def test_concurrent_npz_bombs_expand_one_budget_at_a_time():

@@ -209,7 +209,25 @@ def _odd_aux(kind: int, x: torch.Tensor):
         return {_Str("k"): 1}
     if kind == 10:  # non-finite plain numbers: JSON has none
         return {"nan": float("nan"), "inf": float("inf"), "ninf": np.float64("-inf")}
+    if kind == 11:  # a tensor subclass that refuses to be copied off
+        return {"t": x.detach().cos().as_subclass(_Stubborn)}
     return {"total": x.sum()}
+
+
+class _Stubborn(torch.Tensor):
+    """A tensor subclass whose detach, copies and numpy raise (a library's tracing or
+    caching tensor, say)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("detach", "cpu", "numpy", "float", "to", "contiguous", "clone"):
+            raise RuntimeError(f"a _Stubborn tensor refuses {func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sin, returned as a tensor subclass whose detach and numpy raise.")
+def stubborn_sin(x: torch.Tensor) -> torch.Tensor:
+    return x.sin().as_subclass(_Stubborn)
 
 
 class _Float(float):

@@ -83,6 +83,7 @@ def _aux_leaf(leaf: Any) -> Any:
     deadline, 504). A string must be UTF-8: ``os.fsdecode`` of an undecodable file name
     holds lone surrogates."""
     if isinstance(leaf, torch.Tensor):
+        leaf = _plain(leaf)
         _check_tensor(leaf, "aux")
         return leaf
     if leaf is None:
@@ -134,12 +135,29 @@ def _check_aux(aux: Any) -> None:
             _aux_leaf(node)
 
 
-def _check_output(out: Any) -> None:
-    leaves, _ = pytree.tree_flatten(out)
+def _check_output(out: Any) -> Any:
+    """``out`` if the wire can carry it, its tensor subclasses made plain tensors."""
+    leaves, treespec = pytree.tree_flatten(out)
     if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
         raise FunctionError(f"the function returned {type(out).__name__}; expected a tensor or a tuple/dict of tensors")
+    if any(type(leaf) is not torch.Tensor for leaf in leaves):
+        leaves = [_plain(leaf) for leaf in leaves]
+        out = pytree.tree_unflatten(leaves, treespec)
     for leaf in leaves:
         _check_tensor(leaf, "the output")
+    return out
+
+
+def _plain(leaf: torch.Tensor) -> torch.Tensor:
+    """A tensor subclass (its own ``__torch_function__``) as a plain tensor, with its
+    data and its place in the autograd graph, made here while the function's errors are
+    its own: left a subclass, it reached the engine's copy to the host, where one whose
+    ``detach`` or ``numpy`` raised (or hung) was our 500 ``internal_error``, with a
+    logged traceback."""
+    if type(leaf) is torch.Tensor:
+        return leaf
+    with torch._C.DisableTorchFunctionSubclass():
+        return torch.Tensor.as_subclass(leaf, torch.Tensor)
 
 
 # The engine may call a function more than once for one request (to learn the output's
@@ -193,12 +211,11 @@ class AuxBox:
                 # sockets (or in-process, a second server on its port). It ends here.
                 os._exit(0)
         if not self.spec.has_aux:
-            _check_output(result)
-            return result, ()
+            return _check_output(result), ()
         if not (isinstance(result, tuple) and len(result) == 2):
             raise FunctionError(f"{self.spec.name} has has_aux=True but did not return (output, aux)")
         out, aux = result
-        _check_output(out)
+        out = _check_output(out)
         _check_aux(aux)
         leaves, self.treespec = pytree.tree_flatten(aux)
         self.leaves = [_aux_leaf(leaf) for leaf in leaves]
