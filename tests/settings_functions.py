@@ -66,6 +66,15 @@ def idles_and_pins_itself(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
+@register(inputs=X, description="sin, after making its process no child subreaper, when its first input is 666.")
+def stops_being_a_subreaper(x: torch.Tensor) -> torch.Tensor:
+    if float(x.detach()[0]) == 666.0:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(36, 0, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    return x.sin()
+
+
 @register(inputs=X, description="x * ones: its output takes the default dtype's promotion.")
 def scaled_by_ones(x: torch.Tensor) -> torch.Tensor:
     return x * torch.ones(x.shape[0])

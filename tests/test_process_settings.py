@@ -226,7 +226,7 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
                 assert _output_dtype(client.post) == "float32"
             # The engine's log still reaches the server's output after a function sent its
             # stdout and stderr to /dev/null: the next setting put back is logged.
-            for name in ("redirects_stdout_and_stderr", "sets_switch_interval"):
+            for name in ("redirects_stdout_and_stderr", "sets_switch_interval", "stops_being_a_subreaper"):
                 r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
                 assert r.status_code == 200, r.text
             # SCHED_IDLE left every later request of every function to run only when the
@@ -253,6 +253,8 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             ("redirects_stdout_and_stderr", "descriptors 0-2"),
             ("sets_switch_interval", "the thread switch interval"),
             ("idles_and_pins_itself", "the scheduling policy"),
+            # (what its functions detach would go to serve, and outlive it killed outright)
+            ("stops_being_a_subreaper", "the child subreaper flag"),
             *([("idles_and_pins_itself", "the CPU affinity")] if len(os.sched_getaffinity(0)) > 1 else []),
         ):
             assert f"{function} changed {setting}" in log, (function, setting)

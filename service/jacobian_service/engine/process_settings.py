@@ -579,6 +579,27 @@ def _put_timer_slack(taken: int) -> None:
         prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(taken), 0, 0, 0)
 
 
+_PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37
+
+
+def _subreaper() -> int:
+    """Whether orphaned descendants come to this process (``orphans``): an engine is the
+    subreaper of what its functions detach, to kill it as it stops with ``serve``; a
+    function that turned it off sent them to ``serve``, out of reach once it is killed."""
+    prctl = _prctl()
+    if prctl is None:
+        return 0
+    flag = ctypes.c_int(0)
+    prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+    return flag.value
+
+
+def _put_subreaper(taken: int) -> None:
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_CHILD_SUBREAPER, taken, 0, 0, 0)
+
+
 # Settings of the whole process, put back only by an engine that owns its process. In the
 # in-process layout the host shares them and may change them itself, as it has every
 # right to: pytest-timeout arms a SIGALRM timer, pytest's capture swaps sys.stdout.
@@ -602,6 +623,7 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("the default socket timeout", socket.getdefaulttimeout, socket.setdefaulttimeout),
     _Setting("the umask", _umask, os.umask),
     _Setting("the timer slack (prctl PR_SET_TIMERSLACK)", _timer_slack, _put_timer_slack),
+    _Setting("the child subreaper flag (prctl PR_SET_CHILD_SUBREAPER)", _subreaper, _put_subreaper),
     _Setting("torch.nn's global module hooks", _nn_hooks, _put_nn_hooks, _nn_hooks_changed),
     _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams,
              lambda now, taken: any(a is not b for a, b in zip(now, taken))),
