@@ -75,6 +75,17 @@ def stops_being_a_subreaper(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
+@register(inputs=X, description="sin, after configuring logging with logging.config.dictConfig (which disables every "
+                                "logger made before it) and making float64 the default dtype, when its first input is 666.")
+def configures_logging(x: torch.Tensor) -> torch.Tensor:
+    if float(x.detach()[0]) == 666.0:
+        import logging.config
+
+        logging.config.dictConfig({"version": 1, "root": {"level": "WARNING"}})
+        torch.set_default_dtype(torch.float64)
+    return x.sin()
+
+
 @register(inputs=X, description="x * ones: its output takes the default dtype's promotion.")
 def scaled_by_ones(x: torch.Tensor) -> torch.Tensor:
     return x * torch.ones(x.shape[0])

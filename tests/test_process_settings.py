@@ -226,7 +226,8 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
                 assert _output_dtype(client.post) == "float32"
             # The engine's log still reaches the server's output after a function sent its
             # stdout and stderr to /dev/null: the next setting put back is logged.
-            for name in ("redirects_stdout_and_stderr", "sets_switch_interval", "stops_being_a_subreaper"):
+            for name in ("redirects_stdout_and_stderr", "sets_switch_interval", "stops_being_a_subreaper",
+                         "configures_logging"):
                 r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
                 assert r.status_code == 200, r.text
             # SCHED_IDLE left every later request of every function to run only when the
@@ -255,6 +256,10 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             ("idles_and_pins_itself", "the scheduling policy"),
             # (what its functions detach would go to serve, and outlive it killed outright)
             ("stops_being_a_subreaper", "the child subreaper flag"),
+            # dictConfig disabled every logger made before it: the engine's lines, this
+            # one (the dtype it changed) among them, went nowhere from then on.
+            ("configures_logging", "the service's own loggers"),
+            ("configures_logging", "torch's default dtype"),
             *([("idles_and_pins_itself", "the CPU affinity")] if len(os.sched_getaffinity(0)) > 1 else []),
         ):
             assert f"{function} changed {setting}" in log, (function, setting)

@@ -579,6 +579,35 @@ def _put_timer_slack(taken: int) -> None:
         prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(taken), 0, 0, 0)
 
 
+# The service's own loggers (``logs.configure_logging``), as the engine started: a
+# function that raised their level, disabled them (``logging.config.dictConfig``, whose
+# ``disable_existing_loggers`` is True by default, does that to every logger made
+# before it) or took their handlers silenced the engine's log for as long as it lived:
+# its errors, the functions it names for what they left behind.
+def _service_loggers() -> tuple[logging.Logger, ...]:
+    return tuple(logger for name, logger in logging.root.manager.loggerDict.items()
+                 if isinstance(logger, logging.Logger) and (name == "jacobian_service" or
+                                                            name.startswith("jacobian_service.")))
+
+
+_LOGGERS: list[logging.Logger] = []  # those that existed when the engine took its settings
+
+
+def _service_logging() -> tuple[Any, ...]:
+    if not _LOGGERS:
+        _LOGGERS.extend(_service_loggers())
+    return tuple((lg.level, lg.disabled, lg.propagate, tuple((h, h.level) for h in lg.handlers)) for lg in _LOGGERS)
+
+
+def _put_service_logging(taken: tuple[Any, ...]) -> None:
+    for logger, (level, disabled, propagate, handlers) in zip(_LOGGERS, taken):
+        logger.setLevel(level)
+        logger.disabled, logger.propagate = disabled, propagate
+        logger.handlers[:] = [h for h, _ in handlers]
+        for handler, handler_level in handlers:
+            handler.setLevel(handler_level)
+
+
 _PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37
 
 
@@ -654,6 +683,11 @@ def _read(setting: _Setting) -> Any:
         return _UNREADABLE
 
 
+# First: the lines that name what else a function changed go through these loggers.
+_SERVICE_LOGGING = _Setting("the service's own loggers (their level, handlers, or disabled)", _service_logging,
+                            _put_service_logging)
+
+
 def _shown(value: Any, other: Any, taken: bool = False) -> Any:
     """For the log: a default-device context as its device; the environment by the
     names of its variables that differ from ``other``, never by their values."""
@@ -671,7 +705,7 @@ class ProcessSettings:
     the whole process (signals, timers, limits...) are its to keep too."""
 
     def __init__(self, own_process: bool = False) -> None:
-        self._settings = _SETTINGS + _OWN_PROCESS_SETTINGS if own_process else _SETTINGS
+        self._settings = (_SERVICE_LOGGING, *_SETTINGS, *_OWN_PROCESS_SETTINGS) if own_process else _SETTINGS
         self._own_process = own_process
         self._taken = [_read(s) for s in self._settings]
         self._named: set[tuple[str, str]] = set()  # (function, setting) already logged
