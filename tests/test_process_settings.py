@@ -265,6 +265,21 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             assert f"{function} changed {setting}" in log, (function, setting)
 
 
+def test_a_functions_module_that_configures_logging_as_it_is_imported_leaves_the_engines_log_on():
+    """``logging.config.dictConfig`` at a module's import disabled the service's loggers
+    in the engine before it served: it never said it was ready, nor what a function
+    changed, nor any error, for as long as it lived."""
+    with live_server(FUNCTIONS="jacobian_service.examples,tests.logging_config_functions", WORKERS=1,
+                     ENGINE_STANDBY="false") as (url, proc):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            r = client.post("/v1/functions/sets_float64_default_too/jacobian", json={"inputs": [[0.5, 1.0]]})
+            assert r.status_code == 200, r.text
+            _sin_ok(client.post, "sin")  # after the last batch's settings were put back, and said so
+        log = proc.read_log()
+        assert "engine 0 ready on cpu" in log, log[-3000:]
+        assert "sets_float64_default_too changed torch's default dtype" in log, log[-3000:]
+
+
 # Runs ``serve`` without CAP_SYS_NICE (dropped from the bounding set, as a container's
 # runtime drops it): an engine cannot lower its niceness again once a function raised it.
 _NO_SYS_NICE = [

@@ -161,5 +161,6 @@ def create_app(
         # Loading the functions is configuration, not a resource: do it here, so a bad
         # user module fails at start-up.
         registry = registry if registry is not None else Registry.from_modules(settings.function_modules)
+        configure_logging(settings.log_format)  # again: a module may have configured logging as it was imported
         engines = InProcessEngines(settings, registry, on_batch=metrics.batch_size.observe)
     return ServiceApp(settings, engines, metrics, front_ends)

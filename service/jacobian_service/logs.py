@@ -76,8 +76,13 @@ class BatchedStreamHandler(logging.StreamHandler):
 def configure_logging(fmt: str) -> None:
     """Configure the ``jacobian_service`` logger tree once (idempotent). The access log
     (a line per request) has its own batched handler; everything else is written as it
-    happens."""
+    happens. Again after the functions' modules are imported: one that configures
+    logging as it is imported (``logging.config.dictConfig``, which disables every
+    logger made before it by default) silenced the service's loggers for good."""
     formatter = JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and (name == "jacobian_service" or name.startswith("jacobian_service.")):
+            logger.disabled = False
     for name, kind in (("jacobian_service", logging.StreamHandler), ("jacobian_service.access", BatchedStreamHandler)):
         logger = logging.getLogger(name)
         handler = next((h for h in logger.handlers if getattr(h, "_jacobian_service", False)), None)

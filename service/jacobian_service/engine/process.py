@@ -455,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     registry = Registry.from_modules(settings.function_modules)
+    configure_logging(settings.log_format)  # again: a module may have configured logging as it was imported
     devices = resolve_devices(args.device)
     server = EngineServer(settings, registry, devices[0])  # on a GPU: its CUDA context
     _limit_memory(settings.engine_memory_limit_bytes, str(devices[0]))  # before the registry: a bad cap stops `serve`
