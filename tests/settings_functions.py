@@ -86,6 +86,27 @@ def configures_logging(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
+@register(inputs=X, description="sin, after making every exception raised in a __del__ (unraisable) end the process, "
+                                "when its first input is 666.")
+def exits_on_unraisable(x: torch.Tensor) -> torch.Tensor:
+    if float(x.detach()[0]) == 666.0:
+        sys.unraisablehook = lambda unraisable: os._exit(3)
+    return x.sin()
+
+
+class _RaisesInDel:
+    def __del__(self) -> None:
+        raise RuntimeError("a __del__ that raises (Python ignores it, and says so)")
+
+
+@register(inputs=X, description="sin, dropping an object whose __del__ raises (an unraisable exception) on the way, "
+                                "when its first input is 666.")
+def raises_in_del(x: torch.Tensor) -> torch.Tensor:
+    if float(x.detach()[0]) == 666.0:
+        _RaisesInDel()
+    return x.sin()
+
+
 @register(inputs=X, description="x * ones: its output takes the default dtype's promotion.")
 def scaled_by_ones(x: torch.Tensor) -> torch.Tensor:
     return x * torch.ones(x.shape[0])

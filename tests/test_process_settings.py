@@ -227,9 +227,13 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             # The engine's log still reaches the server's output after a function sent its
             # stdout and stderr to /dev/null: the next setting put back is logged.
             for name in ("redirects_stdout_and_stderr", "sets_switch_interval", "stops_being_a_subreaper",
-                         "configures_logging"):
+                         "configures_logging", "exits_on_unraisable"):
                 r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
                 assert r.status_code == 200, r.text
+            # An unraisable hook that ends the process ended the engine under the next
+            # function whose __del__ raised, which took the blame.
+            r = client.post("/v1/functions/raises_in_del/jacobian", json=ARMED)
+            assert r.status_code == 200, r.text
             # SCHED_IDLE left every later request of every function to run only when the
             # CPU had nothing else to do; pinned to one CPU, on that one alone.
             engine = client.get("/v1/info").json()["engine_pids"][0]
@@ -256,6 +260,7 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             ("idles_and_pins_itself", "the scheduling policy"),
             # (what its functions detach would go to serve, and outlive it killed outright)
             ("stops_being_a_subreaper", "the child subreaper flag"),
+            ("exits_on_unraisable", "the exception hooks"),
             # dictConfig disabled every logger made before it: the engine's lines, this
             # one (the dtype it changed) among them, went nowhere from then on.
             ("configures_logging", "the service's own loggers"),

@@ -608,6 +608,10 @@ def _put_service_logging(taken: tuple[Any, ...]) -> None:
             handler.setLevel(handler_level)
 
 
+def _put_exception_hooks(taken: tuple[Any, Any, Any]) -> None:
+    sys.excepthook, sys.unraisablehook, threading.excepthook = taken
+
+
 _PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37
 
 
@@ -653,6 +657,12 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("the umask", _umask, os.umask),
     _Setting("the timer slack (prctl PR_SET_TIMERSLACK)", _timer_slack, _put_timer_slack),
     _Setting("the child subreaper flag (prctl PR_SET_CHILD_SUBREAPER)", _subreaper, _put_subreaper),
+    # Hooks every later error of every function goes through: one that ends the process
+    # (``os._exit``) ended the engine at the next exception raised in a ``__del__`` or a
+    # thread, under whichever function's request that fell in, which took the blame.
+    _Setting("the exception hooks (sys.excepthook, sys.unraisablehook, threading.excepthook)",
+             lambda: (sys.excepthook, sys.unraisablehook, threading.excepthook), _put_exception_hooks,
+             lambda now, taken: any(a is not b for a, b in zip(now, taken))),
     _Setting("torch.nn's global module hooks", _nn_hooks, _put_nn_hooks, _nn_hooks_changed),
     _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams,
              lambda now, taken: any(a is not b for a, b in zip(now, taken))),
