@@ -541,3 +541,29 @@ def test_ml_dtypes_bfloat16_like_torch_bfloat16(client: jc.Client) -> None:
         got = client.jacobian("sin", X3.astype(ml_dtypes.bfloat16), transport=transport)
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- 10. NaN and infinities in a JSON body
+
+
+def test_non_finite_inputs_and_vectors_reach_the_server_in_a_json_body(client: jc.Client) -> None:
+    """``transport="json"`` (and plain numbers on either transport) sent NaN and infinities
+    as Python floats, which orjson writes as ``null``: every such request was a 422 ("array
+    data holds null"), where the binary transport answered as torch does. An OpInfo sample
+    with ``-inf`` (``_safe_softmax``'s masked entries) found it."""
+    import torch
+
+    x = np.array([0.5, -np.inf, np.nan, np.inf])
+    for value in (x, x.astype(np.float32), x.astype(np.float16), x.tolist(), torch.tensor(x)):
+        want = torch.func.jacrev(torch.sin)(torch.as_tensor(np.asarray(value, dtype=np.float64)))
+        for transport in ("binary", "json"):
+            got = client.jacobian("sin", value, transport=transport)
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, equal_nan=True)
+            np.testing.assert_array_equal(np.isnan(got), want.isnan().numpy())
+    ones = np.ones(4)
+    np.testing.assert_array_equal(client.vjp("sin", ones, cotangents=x, transport="json"), np.cos(1.0) * x)
+    np.testing.assert_array_equal(client.jvp("sin", ones, tangents=x.tolist(), transport="json"), np.cos(1.0) * x)
+    for value in (float("inf"), np.float64(-np.inf), np.array(np.nan)):  # 0-d: a bare "Infinity" in the body
+        for transport in ("binary", "json"):
+            out = client.evaluate("scalar_square", value, transport=transport)
+            np.testing.assert_array_equal(out, np.float32(value) ** 2)

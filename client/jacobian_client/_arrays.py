@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from . import wire
+
 __all__ = ["Bfloat16", "Plain", "as_wire_value", "is_torch_tensor", "json_array"]
 
 
@@ -129,7 +131,7 @@ def json_array(value: np.ndarray | Plain | Bfloat16, *, binary: bool) -> Any:
     """A wire value as a JSON array: base64 when ``binary`` (exact and compact), nested
     ``data`` otherwise (readable; for ``transport="json"``)."""
     if isinstance(value, Plain):
-        return value.value
+        return wire.encode_tree(value.value)  # NaN and infinities spelled: a float's own would be null
     if isinstance(value, Bfloat16):
         raw = value.words.astype("<u2", copy=False).tobytes()
         return {"dtype": "bfloat16", "shape": list(value.shape), "base64": base64.b64encode(raw).decode("ascii")}
@@ -139,4 +141,4 @@ def json_array(value: np.ndarray | Plain | Bfloat16, *, binary: bool) -> Any:
     if binary:
         raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
         return {"dtype": arr.dtype.name, "shape": list(arr.shape), "base64": base64.b64encode(raw).decode("ascii")}
-    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tolist()}
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": wire.json_data(arr)}

@@ -59,6 +59,7 @@ __all__ = [
     "is_sparse",
     "is_sparse_npz",
     "is_sparse_object",
+    "json_data",
     "expanded_size",
     "flatten_tree",
     "is_array_object",
@@ -408,7 +409,7 @@ def decode_json_array(obj: Any, default_dtype: str | None = None, limits: Limits
                 )
             arr = arr.reshape(shape)
         return arr, name
-    if isinstance(obj, (bool, int, float, list)):
+    if isinstance(obj, (bool, int, float, list)) or obj in _SPELLED:  # "NaN" alone, as in a list
         dtype = _np_dtype(default_dtype) if default_dtype is not None else None
         return _from_numbers(obj, dtype, limits), default_dtype
     raise WireError(f"expected an array (number, list or object), got {type(obj).__name__}", "invalid_input")
@@ -419,6 +420,12 @@ def _c_order(arr: np.ndarray) -> np.ndarray:
     if arr.dtype.byteorder not in "=|":
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+def json_data(arr: np.ndarray) -> Any:
+    """An array's values as nested lists for a JSON body, non-finite ones spelled (the SDK's
+    ``transport="json"``; ``tolist`` gives floats that orjson writes as ``null``)."""
+    return _spell_nonfinite(arr) if arr.dtype.kind == "f" and not np.isfinite(arr).all() else arr.tolist()
 
 
 def _spell_nonfinite(arr: np.ndarray) -> Any:
