@@ -126,6 +126,26 @@ def test_jvp_single_and_batched(client, builtins):
     assert_tree_close(got, want)
 
 
+def test_jvp_of_an_output_torch_answers_with_a_zero_tensor(client):
+    """Found by an OpInfo-style probe: ``jvp`` of ``slogdet`` gives the sign's tangent as
+    torch's storage-less zero tensor, which ``.numpy()`` refuses: a 500 ``internal_error``
+    (with a logged traceback) for ``jvp``, batched or not (``mode=fwd`` already answered)."""
+    from .user_functions import slogdet_2x2 as fn
+
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    t = np.array([[1.0, 0.0, 0.0, 0.0], [0.5, -1.0, 2.0, 0.0]])
+    for tangents, batched in ((t[0], False), (t, True)):
+        body = {"inputs": [wire.encode_tree(x)], "tangents": wire.encode_tree(tangents), "batched_vectors": batched}
+        for accept in (wire.JSON, wire.NPZ):
+            got, _ = decode(client.post("/v1/functions/slogdet_2x2/jvp", content=wire.dumps(body), headers={"accept": accept}), "jvp")
+            push = lambda v: torch.func.jvp(fn, (torch.from_numpy(x),), (v,))[1]  # noqa: E731
+            want = torch.func.vmap(push)(torch.from_numpy(t)) if batched else push(torch.from_numpy(t[0]))
+            assert_tree_close(got, tuple(w if not w._is_zerotensor() else torch.zeros_like(w) for w in want))
+    body = {"inputs": [wire.encode_tree(x)], "mode": "fwd"}
+    got, _ = decode(client.post("/v1/functions/slogdet_2x2/jacobian", content=wire.dumps(body)), "jacobian")
+    assert_tree_close(got, torch.func.jacrev(fn)(torch.from_numpy(x)))
+
+
 def test_vjp_shape_mismatch_is_422(client):
     response = client.post("/v1/functions/sin/vjp", json={"inputs": [[1.0, 2.0]], "cotangents": [1.0, 2.0, 3.0]})
     assert response.status_code == 422 and response.json()["code"] == "invalid_input"

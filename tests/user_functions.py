@@ -370,3 +370,10 @@ def aux_every_other_call(x: torch.Tensor):
 @register(inputs=[Input("x", shape=("n",))], description="x[x > 0]: an output whose size follows the values")
 def keeps_positives(x: torch.Tensor) -> torch.Tensor:
     return x[x > 0] * 3
+
+
+@register(inputs=[Input("x", shape=(4,))], description="slogdet of x as a 2x2 matrix: (sign, log|det|)")
+def slogdet_2x2(x: torch.Tensor):
+    # jvp answers the sign's tangent with torch's storage-less zero tensor
+    return tuple(torch.linalg.slogdet(x.reshape(2, 2)))
+

@@ -51,12 +51,21 @@ TORCH_DTYPES = {
 }
 
 
+def materialized(leaf: torch.Tensor) -> torch.Tensor:
+    """``leaf`` detached, as a tensor with storage. Forward mode answers some tangents with
+    torch's storage-less zero tensor (``slogdet``'s sign: ``jvp`` gives
+    ``_efficientzerotensor``), which neither ``.numpy()`` nor a copy into pinned memory
+    takes: that was a 500 ``internal_error`` for a plain ``jvp`` request."""
+    leaf = leaf.detach()
+    return torch.zeros_like(leaf) if leaf._is_zerotensor() else leaf
+
+
 def to_numpy(tree: Any) -> Any:
     """Tensors -> numpy on the host (bfloat16 as float32); other leaves unchanged."""
 
     def convert(leaf: Any) -> Any:
         if isinstance(leaf, torch.Tensor):
-            leaf = leaf.detach()
+            leaf = materialized(leaf)
             if leaf.dtype == torch.bfloat16:
                 leaf = leaf.float()
             return leaf.cpu().numpy()
@@ -198,7 +207,7 @@ class Engine:
         def stage(leaf: Any) -> Any:
             if not isinstance(leaf, torch.Tensor):
                 return leaf
-            leaf = leaf.detach()
+            leaf = materialized(leaf)
             dtype = torch.float32 if leaf.dtype == torch.bfloat16 else leaf.dtype
             pinned = torch.empty(leaf.shape, dtype=dtype, pin_memory=True)  # cached by torch's host allocator
             return pinned.copy_(leaf, non_blocking=True)
