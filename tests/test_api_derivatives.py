@@ -146,6 +146,28 @@ def test_jvp_of_an_output_torch_answers_with_a_zero_tensor(client):
     assert_tree_close(got, torch.func.jacrev(fn)(torch.from_numpy(x)))
 
 
+@pytest.mark.parametrize("transport", ["json", "npz"])
+def test_cotangents_for_an_int_keyed_dict_output_go_by_key(client, transport):
+    """Found by a torch.func parity probe: an output ``{1: a, 0: b}`` (torch's pytrees take
+    int keys) has cotangents keyed ``"1"`` and ``"0"`` on the wire, which were read as
+    positions: ``"0"`` went to the output's first entry, key ``1``, and the ``vjp`` was
+    wrong with a 200."""
+    from .user_functions import int_keyed
+
+    x = np.array([0.3, -0.7, 1.1])
+    c1, c0 = np.array([1.0, 2.0, 3.0]), np.array([-1.0, 0.5, 4.0])
+    _, pullback = torch.func.vjp(int_keyed, torch.from_numpy(x))
+    want = pullback({1: torch.from_numpy(c1), 0: torch.from_numpy(c0)})[0]
+    if transport == "json":
+        body = {"inputs": [wire.encode_tree(x)], "cotangents": {"1": wire.encode_tree(c1), "0": wire.encode_tree(c0)}}
+        response = client.post("/v1/functions/int_keyed/vjp", content=wire.dumps(body))
+    else:
+        response = client.post("/v1/functions/int_keyed/vjp", content=npz_bytes(x=x, **{"cotangents/1": c1, "cotangents/0": c0}),
+                               headers={"content-type": wire.NPZ})
+    got, _ = decode(response, "vjp")
+    assert_tree_close(got, want)
+
+
 def test_vjp_shape_mismatch_is_422(client):
     response = client.post("/v1/functions/sin/vjp", json={"inputs": [[1.0, 2.0]], "cotangents": [1.0, 2.0, 3.0]})
     assert response.status_code == 422 and response.json()["code"] == "invalid_input"

@@ -377,3 +377,7 @@ def slogdet_2x2(x: torch.Tensor):
     # jvp answers the sign's tangent with torch's storage-less zero tensor
     return tuple(torch.linalg.slogdet(x.reshape(2, 2)))
 
+
+@register(inputs=[Input("x", shape=("n",))], description="a dict output with int keys, not in key order")
+def int_keyed(x: torch.Tensor):
+    return {1: x * 2, 0: x.sin()}

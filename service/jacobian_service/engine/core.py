@@ -94,7 +94,14 @@ def _by_position(node: Any, ref: Any) -> Any:
     """An ``.npz``'s vectors come as dicts keyed by their member names (``cotangents/0``):
     against a dict with those very keys they stay a dict, matched by key; a dict keyed
     ``0`` to ``n - 1`` otherwise stands for a list (a tuple's entries, or the flat list
-    of leaves)."""
+    of leaves). A dict output's keys that are not strings (``{1: a, 0: b}``: torch's
+    pytrees allow any) come as their text, JSON's and ``.npz``'s only kind of key: they
+    are matched by that text, not taken for positions (which paired ``"0"`` with the
+    output's first entry, key ``1``: a wrong ``vjp``, silently)."""
+    if isinstance(node, dict) and isinstance(ref, dict) and set(node) != set(ref):
+        as_text = {str(k): k for k in ref}
+        if len(as_text) == len(ref) and set(node) == set(as_text):
+            return {as_text[k]: v for k, v in node.items()}
     if not isinstance(node, dict) or (isinstance(ref, dict) and set(node) == set(ref)):
         return node
     if set(node) != {str(i) for i in range(len(node))}:
