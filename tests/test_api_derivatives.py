@@ -126,10 +126,11 @@ def test_jvp_single_and_batched(client, builtins):
     assert_tree_close(got, want)
 
 
-def test_jvp_of_an_output_torch_answers_with_a_zero_tensor(client):
-    """Found by an OpInfo-style probe: ``jvp`` of ``slogdet`` gives the sign's tangent as
-    torch's storage-less zero tensor, which ``.numpy()`` refuses: a 500 ``internal_error``
-    (with a logged traceback) for ``jvp``, batched or not (``mode=fwd`` already answered)."""
+def test_derivatives_torch_answers_with_a_zero_tensor(client):
+    """Found by an OpInfo sweep: torch answers some derivatives with its storage-less zero
+    tensor, which ``.numpy()`` refuses: a 500 ``internal_error`` (with a logged traceback)
+    for ``jvp`` of ``slogdet`` (the sign's tangent), batched or not, and for the Hessian
+    of ``|x|.sum()`` (``l1_loss``, ``norm(x, inf)``: ``jacrev(jacrev)`` gives one)."""
     from .user_functions import slogdet_2x2 as fn
 
     x = np.array([1.0, 2.0, 3.0, 4.0])
@@ -144,6 +145,12 @@ def test_jvp_of_an_output_torch_answers_with_a_zero_tensor(client):
     body = {"inputs": [wire.encode_tree(x)], "mode": "fwd"}
     got, _ = decode(client.post("/v1/functions/slogdet_2x2/jacobian", content=wire.dumps(body)), "jacobian")
     assert_tree_close(got, torch.func.jacrev(fn)(torch.from_numpy(x)))
+    for accept in (wire.JSON, wire.NPY):
+        got, _ = decode(client.post("/v1/functions/l1_norm/hessian", json={"inputs": [[0.5, -1.0, 2.0]]}, headers={"accept": accept}), "hessian")
+        np.testing.assert_array_equal(got, np.zeros((3, 3), dtype=np.float32))
+        got, _ = decode(client.post("/v1/functions/l1_norm/hessian", json={"inputs": [[[0.5, -1.0], [2.0, 1.0]]], "batched": True},
+                                    headers={"accept": accept}), "hessian")
+        np.testing.assert_array_equal(got, np.zeros((2, 2, 2), dtype=np.float32))
 
 
 @pytest.mark.parametrize("transport", ["json", "npz"])

@@ -378,6 +378,12 @@ def slogdet_2x2(x: torch.Tensor):
     return tuple(torch.linalg.slogdet(x.reshape(2, 2)))
 
 
+@register(inputs=[Input("x", shape=("n",))], description="|x|.sum(): an L1 norm")
+def l1_norm(x: torch.Tensor) -> torch.Tensor:
+    # jacrev(jacrev) answers its Hessian with torch's storage-less zero tensor
+    return x.abs().sum()
+
+
 @register(inputs=[Input("x", shape=("n",))], description="a dict output with int keys, not in key order")
 def int_keyed(x: torch.Tensor):
     return {1: x * 2, 0: x.sin()}
