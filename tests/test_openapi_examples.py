@@ -122,7 +122,7 @@ def test_every_option_is_a_documented_query_parameter_the_server_takes(client, d
 
     op = doc["paths"][f"/v1/functions/{{name}}/{kind}"]["post"]
     query = {p["name"]: p["schema"] for p in op["parameters"] if p["in"] == "query"}
-    assert set(query) == set(Options.model_fields)
+    assert set(query) <= set(Options.model_fields) and {"argnums", "chunk_size", "mode"} <= set(query)
     assert any(p["name"] == "X-Request-Timeout" and p["in"] == "header" for p in op["parameters"])
     x = np.array([0.1, 0.2, 0.3])
     files = {"x": x, **({"cotangents": np.array(1.0)} if kind == "vjp" else {"tangents": x} if kind in ("jvp", "hvp") else {})}
@@ -135,6 +135,48 @@ def test_every_option_is_a_documented_query_parameter_the_server_takes(client, d
         r = client.post(f"/v1/functions/sum_sin/{kind}", params={name: value}, content=buf.getvalue(),
                         headers={"content-type": "application/x-npz", "accept": "application/json", "x-request-timeout": "30"})
         assert r.status_code == 200, (name, value, r.text)
+
+
+# Each option set away from its default, as a query string spells it.
+_SET = {"argnums": "0", "chunk_size": "1", "batched": "true", "return_output": "true", "rows": "0,1",
+        "mode": "fwd", "sparsity": "auto", "sparse_format": "coo", "batched_vectors": "true"}
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"])
+def test_an_endpoint_offers_the_query_options_it_takes_and_no_other(client, doc, kind):
+    """Every derivative endpoint offered every option, so Swagger UI showed rows,
+    sparsity, batched and batched_vectors fields where the server refuses each whatever
+    its value (rows on a hessian, sparsity on an evaluate, batched_vectors on a jacobian,
+    batched on a vjp): filled in, a 422. Each offered option, set, now answers 200;
+    each one left out is refused (sparse_format, which only qualifies sparsity, is
+    ignored)."""
+    import io
+
+    import numpy as np
+
+    from jacobian_service.parsing import Options
+
+    op = doc["paths"][f"/v1/functions/{{name}}/{kind}"]["post"]
+    offered = {p["name"] for p in op["parameters"] if p["in"] == "query"}
+    assert set(_SET) == set(Options.model_fields)
+    for name in Options.model_fields:
+        batch = (1,) if name in ("batched", "batched_vectors") else ()
+        x = np.full(batch + (3,), 0.5) if name == "batched" else np.full(3, 0.5)
+        vectors = {"vjp": {"cotangents": np.ones(batch)}, "jvp": {"tangents": np.ones(batch + (3,))},
+                   "hvp": {"tangents": np.ones(batch + (3,))}}.get(kind, {})
+        buf = io.BytesIO()
+        np.savez(buf, x=x, **vectors)
+        r = client.post(f"/v1/functions/sum_sin/{kind}", params={name: _SET[name]}, content=buf.getvalue(),
+                        headers={"content-type": "application/x-npz", "accept": "application/json"})
+        if name in offered:
+            assert r.status_code == 200, (name, r.text)
+        elif name != "sparse_format":
+            assert r.status_code == 422 and r.json()["code"] == "invalid_input", (name, r.text)
+    assert offered == {
+        "jacobian": {"argnums", "chunk_size", "batched", "return_output", "rows", "mode", "sparsity", "sparse_format"},
+        "hessian": {"argnums", "chunk_size", "batched", "return_output", "mode", "sparsity", "sparse_format"},
+        "evaluate": {"argnums", "chunk_size", "batched", "return_output", "mode"},
+    }.get(kind, {"argnums", "chunk_size", "return_output", "mode", "batched_vectors"})
 
 
 def test_query_options_with_a_binary_body_equal_the_json_bodys():

@@ -15,7 +15,7 @@ from typing import Any
 from jacobian_client import wire
 
 from . import __version__
-from .parsing import Options
+from .parsing import OPTION_KINDS, Options
 from .registry import Registry
 from .routes import RESULT_KEY, Route
 
@@ -334,9 +334,13 @@ _QUERY_FORMS: dict[str, dict[str, Any]] = {
 _QUERY_NOTE = " (query form of the body's option; with a JSON body, give it in one place)"
 
 
-def _query_parameters() -> list[dict[str, Any]]:
+def _query_parameters(kind: str) -> list[dict[str, Any]]:
+    """The options ``kind`` takes: one that a kind always refuses (rows on a hessian,
+    batched_vectors on a jacobian) is not offered there, where Swagger UI showed it."""
     params = []
     for name, prop in Options.model_json_schema()["properties"].items():
+        if kind not in OPTION_KINDS.get(name, (kind,)):
+            continue
         if name in _QUERY_FORMS:
             form = _QUERY_FORMS[name]
             schema, description = dict(form["schema"]), form["description"]
@@ -400,7 +404,7 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
     binary = {"schema": {"type": "string", "format": "binary"}}
     kind = route.params.get("kind")
     if kind is not None:
-        op["parameters"] = [*op["parameters"], *_query_parameters(), _REQUEST_TIMEOUT_HEADER]
+        op["parameters"] = [*op["parameters"], *_query_parameters(kind), _REQUEST_TIMEOUT_HEADER]
         op["requestBody"] = {
             "required": True,
             "content": {

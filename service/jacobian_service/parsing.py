@@ -26,6 +26,16 @@ Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
 KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
 _INTEGER = re.compile(r"-?[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
 _VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}
+# The kinds an option is for, where it is not for every kind: the others refuse it
+# (rows, sparsity, batched, batched_vectors: 422 below) or ignore it (sparse_format
+# qualifies sparsity). The OpenAPI document offers its query parameter there only.
+OPTION_KINDS: dict[str, tuple[str, ...]] = {
+    "batched": ("jacobian", "hessian", "evaluate"),
+    "rows": ("jacobian",),
+    "sparsity": ("jacobian", "hessian"),
+    "sparse_format": ("jacobian", "hessian"),
+    "batched_vectors": tuple(_VECTOR_KEY),
+}
 _INT64_MAX = 2**63 - 1
 # Past int64 a number cannot travel to the engine (orjson refuses it): a 500 it was.
 _Int64 = Annotated[StrictInt, Field(ge=-_INT64_MAX - 1, le=_INT64_MAX)]
