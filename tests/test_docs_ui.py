@@ -212,8 +212,11 @@ _TRY_IT = r"""
   const select = await until(() => block.querySelector('.parameters select'));
   Object.getOwnPropertyDescriptor(HTMLSelectElement.prototype, 'value').set.call(select, name);
   select.dispatchEvent(new Event('change', {bubbles: true}));
-  const text = await until(() => block.querySelector('textarea.body-param__text'));
-  if (body !== null) {
+  if (body === null) {  // the examples of the function picked (those that name it)
+    await until(() => [...block.querySelectorAll('select.examples-select-element')].every(
+      list => list.value === name || ![...list.options].some(o => o.value === name)), 5000);
+  } else {
+    const text = await until(() => block.querySelector('textarea.body-param__text'));
     Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set.call(text, body);
     text.dispatchEvent(new Event('input', {bubbles: true}));
   }
@@ -294,3 +297,23 @@ def _csp_violations(messages: list[str]) -> list[str]:
 def _outside(requests: list[str], url: str) -> list[str]:
     """The requests that left this server (a blob: or data: URL is made in the page)."""
     return [u for u in requests if not u.startswith((url + "/", "data:", f"blob:{url}/"))]
+
+
+def test_picking_a_function_in_try_it_out_picks_its_example(keyed_site):
+    """The examples are per function, but Swagger UI kept the first function's whatever
+    function "Try it out" picked: Execute sent add_square's x and y to sin (a 422), and
+    the sparsity query add_square's shapes. Picking the function now picks its examples,
+    and Execute with nothing else touched answers 200."""
+    from tests._cdp import Chromium
+
+    url, prefix = keyed_site
+    with Chromium() as browser:
+        browser.goto(f"{url}{prefix}/docs")
+        browser.wait_for("document.getElementById('api-key') && !document.getElementById('api-key').hidden")
+        browser.eval(f"{_ENTER_KEY}('k1')")
+        browser.wait_for("document.querySelectorAll('.opblock-summary-path').length > 0")
+        tried = browser.eval(f"{_TRY_IT}('/v1/functions/{{name}}/jacobian', 'sin', null)", timeout_s=90)
+        assert tried["status"] == "200", tried
+        assert '"x"' in tried["curl"] and '"y"' not in tried["curl"], tried
+        tried = browser.eval(f"{_TRY_IT}('/v1/functions/{{name}}/sparsity', 'reaction_diffusion', null)", timeout_s=90)
+        assert tried["status"] == "200" and "shapes=3%2C3&" in tried["curl"], tried

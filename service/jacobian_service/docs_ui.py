@@ -110,6 +110,23 @@ _DOCS_JS = r"""(function () {
       // button shows it, and logs it out).
       onComplete: function () { if (key) swagger.preauthorizeApiKey("bearer", key); }
     });
+    // The examples are per function (the request body's, the sparsity query's shapes),
+    // but Swagger UI keeps the first one whatever function "Try it out" picks: Execute
+    // sent the first function's inputs to the one picked (a 422). Picking a function
+    // now picks its examples too.
+    document.addEventListener("change", function (event) {
+      var picked = event.target;
+      if (!picked.matches || !picked.matches('tr[data-param-name="name"] select')) return;
+      var block = picked.closest(".opblock");
+      var lists = block ? block.querySelectorAll("select.examples-select-element") : [];
+      var setValue = Object.getOwnPropertyDescriptor(HTMLSelectElement.prototype, "value").set;
+      Array.prototype.forEach.call(lists, function (list) {
+        var has = Array.prototype.some.call(list.options, function (o) { return o.value === picked.value; });
+        if (!has || list.value === picked.value) return;
+        setValue.call(list, picked.value);  // as a user's pick: React hears the change event
+        list.dispatchEvent(new Event("change", {bubbles: true}));
+      });
+    });
   }
 
   main().catch(function (error) {
