@@ -37,6 +37,23 @@ def test_every_functions_example_body_gives_200(client, doc, kind):
         assert r.status_code == 200, (name, example["value"], r.text)
 
 
+def test_every_hvp_example_gives_200_where_the_function_has_an_hvp(client, doc):
+    """hvp had no examples, so Swagger UI pre-filled a body made from the schema
+    (inputs [0, [0, ["string"], ...]]) that no function takes. Each function's example
+    now has tangents shaped as its first input: 200 for every scalar function, and the
+    others are told why hvp does not apply to them."""
+    body = doc["paths"]["/v1/functions/{name}/hvp"]["post"]["requestBody"]["content"]["application/json"]
+    examples = body["examples"]
+    assert list(examples) == [spec.name for spec in Registry.from_modules(["jacobian_service.examples"])]
+    answered = {}
+    for name, example in examples.items():
+        r = client.post(f"/v1/functions/{name}/hvp", json=example["value"])
+        answered[name] = r.status_code
+        if r.status_code != 200:
+            assert r.status_code == 422 and r.json()["detail"] == "hvp needs a function with one scalar (0-d) output", r.text
+    assert answered["rosenbrock"] == answered["sum_sin"] == 200
+
+
 def test_pytree_inputs_are_nested_as_declared(doc):
     body = doc["paths"]["/v1/functions/{name}/jvp"]["post"]["requestBody"]["content"]["application/json"]
     value = body["examples"]["dense_layer"]["value"]

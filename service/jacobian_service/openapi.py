@@ -258,7 +258,10 @@ def _response_schema(kind: str) -> dict[str, Any]:
 # the one picked from its list are calls that succeed. Symbolic dimensions are bound to
 # this size (the same name, the same size: n in params.w and x agree).
 _EXAMPLE_SIZE = 3
-_EXAMPLE_KINDS = ("jacobian", "hessian", "evaluate", "jvp")  # vjp / hvp need the output's shape / a scalar
+# vjp's cotangents have the output's shape, which no declaration gives. hvp's tangents
+# have the input's: its example is right wherever hvp is (a scalar output; the others
+# are told so), where Swagger UI's body made from the schema was never right.
+_EXAMPLE_KINDS = ("jacobian", "hessian", "evaluate", "jvp", "hvp")
 # A function declaring a large input (4096 x 4096) gets no example: the document would
 # carry its every number, on every fetch of /openapi.json.
 _EXAMPLE_MAX_NUMBERS = 4096
@@ -298,7 +301,7 @@ def _request_examples(kind: str, functions: list[dict[str, Any]]) -> dict[str, A
         except _TooLarge:
             continue
         body: dict[str, Any] = {"inputs": inputs}
-        if kind == "jvp" and function["inputs"]:  # argnums 0: one tangent, shaped as the first input
+        if kind in ("jvp", "hvp") and function["inputs"]:  # argnums 0: one tangent, shaped as the first input
             body["tangents"] = _example_input(function["inputs"][0])
         examples[function["name"]] = {"summary": function["name"], "value": body}
     return examples
