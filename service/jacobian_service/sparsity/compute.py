@@ -526,7 +526,7 @@ def sparse_jacobian(
     if coloring.mode == "fwd" and (matrix is None or differs_from_reverse(matrix, m, primals[0], reverse, rows)):
         # The answer never depends on mode (SPEC): where jvp and vjp differ (prelu at 0,
         # ties of fmax) or jvp cannot run, jacrev's, by VJPs over the same pattern.
-        coloring, _ = _recolored(p, "rev", cache, fn, name, args, argnums, check_alive)
+        coloring = _recolored(p, "rev", cache, fn, name, args, argnums, check_alive)
         matrix, p, coloring, chunk = _jacobian_products(fn, args, argnums, has_aux, p, coloring, m, memory_budget,
                                                         check_alive, rows, chunk_size, reverse)
     matrix = _rows_of(matrix, rows)
@@ -581,11 +581,11 @@ def _jacobian_products(
 def _recolored(
     p: Pattern, mode: str, cache: PatternCache | None, fn: Callable[..., Any], name: str | None,
     args: Sequence[torch.Tensor], argnums: tuple[int, ...], check_alive: Callable[[], None] | None,
-) -> tuple[Coloring, str]:
+) -> Coloring:
     """``p`` coloured on the side ``mode`` names, cached beside it (keyed by its entries)."""
     key = _cache_key(fn, name, args, argnums, "jacobian", f"recolored:{p.source}:{p.name}:{_fingerprint(p)}|{mode}")
-    _, coloring, cached = _cached(cache, key, lambda: _colored(p, "jacobian", mode, check_alive))
-    return coloring, cached
+    _, coloring, _ = _cached(cache, key, lambda: _colored(p, "jacobian", mode, check_alive))
+    return coloring
 
 
 def sparse_hessian(
