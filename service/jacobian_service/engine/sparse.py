@@ -174,12 +174,12 @@ def streamed_rows(engine: Any, call: Call, stream_threshold: int) -> Result | An
     larger than ``stream_threshold``, its rows densified a chunk at a time as the
     client reads them. So a 16,384 x 16,384 Jacobian (1 GB dense) never exists whole
     in any process, and is not held to the result limit."""
-    from .core import TORCH_DTYPES, Streamed, host_dtype
+    from .core import Streamed
 
     result = sparse_derivative(engine, call, "jacobian", dense_streamed=True)
     csr = result.value
     m, n = csr.shape
-    dtype = host_dtype(TORCH_DTYPES[call.dtypes[call.argnums[0]]])
+    dtype = _dense_dtype(call)
     if m * n * dtype.itemsize <= stream_threshold:
         result.value = csr.toarray().astype(dtype, copy=False)  # as the streamed rows are
         return result
@@ -192,11 +192,17 @@ def streamed_rows(engine: Any, call: Call, stream_threshold: int) -> Result | An
 def _formatted(call: Call, matrix: Any) -> Any:
     if call.sparse_format == "coo":
         return matrix.tocoo()
-    if call.sparse_format == "dense":  # the dense Jacobian's dtype (the CSR holds float16 as float32)
-        from .core import TORCH_DTYPES, host_dtype
-
-        return matrix.toarray().astype(host_dtype(TORCH_DTYPES[call.dtypes[call.argnums[0]]]), copy=False)
+    if call.sparse_format == "dense":
+        return matrix.toarray().astype(_dense_dtype(call), copy=False)
     return matrix
+
+
+def _dense_dtype(call: Call) -> np.dtype:
+    """The dtype of a sparse Jacobian asked for densely: the dense Jacobian's (the CSR
+    holds float16 as float32, which scipy.sparse lacks)."""
+    from .core import TORCH_DTYPES, host_dtype
+
+    return host_dtype(TORCH_DTYPES[call.dtypes[call.argnums[0]]])
 
 
 def _meta(call: Call, pattern: Any, coloring: Any, cached: str) -> dict[str, Any]:
