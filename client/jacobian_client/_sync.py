@@ -118,8 +118,9 @@ class Client:
         if self._http.is_closed:
             return False
         try:
-            # The whole answer by ``ends``: a server trickling it held health() (and
-            # wait_ready with it) for as long as it liked.
+            # The whole answer (a probe's body is read inside get) within the client's
+            # timeout, and by ``cap`` (wait_ready's deadline): a server trickling it held
+            # health() (and wait_ready with it) for as long as it liked.
             with head_deadline(self._proto.timeout, cap):
                 response = self._http.get("/readyz" if ready else "/healthz")
         except httpx.HTTPError:
