@@ -504,10 +504,11 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def data_received(self, data: bytes) -> None:
             self._heard = True
-            if not self._in_head() and getattr(self, "conn", None) is None:  # httptools, a body's bytes
+            in_head = self._in_head()
+            if not in_head and getattr(self, "conn", None) is None:  # httptools, a body's bytes
                 self._body_received(data)
                 return
-            if self._in_head():
+            if in_head:
                 # Counted before the parser sees them, up to the blank line that ends them
                 # (what follows is a body), so no header list past the limit is ever built.
                 # (The last bytes of the previous piece go along: the blank line can span two.)
