@@ -7,7 +7,6 @@ straight to numpy by :mod:`jacobian_client.wire`).
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal, Mapping
 
 import numpy as np
@@ -18,13 +17,12 @@ from jacobian_client import wire
 from .responses import echo
 from .types import Call
 from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, UnsupportedMediaType, from_wire
-from .registry import FLOAT_DTYPES, FLOATING, FunctionSpec
+from .registry import FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, FunctionSpec
 
 __all__ = ["KINDS", "Options", "media_type_of", "parse_call", "parse_sparsity_query"]
 
 Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
 KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
-_INTEGER = re.compile(r"-?[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
 _VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}
 # The kinds an option is for, where it is not for every kind: the others refuse it
 # (rows, sparsity, batched, batched_vectors: 422 below) or ignore it (sparse_format

@@ -22,7 +22,7 @@ import numpy as np
 from .errors import FunctionNotFound, InvalidInput
 from .sparsity.patterns import Declared, declared as _declared_patterns
 
-__all__ = ["ENTRY_POINT_GROUP", "Array", "FunctionSpec", "Input", "Registry", "format_shape", "register"]
+__all__ = ["ENTRY_POINT_GROUP", "QUERY_INTEGER", "Array", "FunctionSpec", "Input", "Registry", "format_shape", "register"]
 
 ENTRY_POINT_GROUP = "jacobian_service.functions"
 BUILTIN_MODULE = "jacobian_service.examples"
@@ -32,7 +32,10 @@ CONCRETE_DTYPES = FLOAT_DTYPES | {"bool", "int8", "int16", "int32", "int64", "ui
 Dim = int | str
 
 
-_POSITION = re.compile(r"-?[0-9]+")
+#: An integer as a query string spells it (parsing reads argnums, rows and chunk_size so):
+#: an input name it matches would be read as a position. (str.isdigit() also accepts
+#: "²", which int() refuses.)
+QUERY_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def _check_input_name(name: Any) -> None:
@@ -40,7 +43,7 @@ def _check_input_name(name: Any) -> None:
     a query's argnums (``,`` separates a list; digits are positions): a name holding
     those could be declared and never sent or selected."""
     if (not isinstance(name, str) or not name or not name.isprintable() or "/" in name or "," in name
-            or _POSITION.fullmatch(name)):
+            or QUERY_INTEGER.fullmatch(name)):
         raise ValueError(f"input names are printable, hold no '/' or ',', and are not a position; got {name!r}")
 
 
