@@ -268,8 +268,8 @@ def test_query_options_carry_no_default_for_swagger_to_fill_in(client, doc):
     for kind in ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"):
         for p in doc["paths"][f"/v1/functions/{{name}}/{kind}"]["post"]["parameters"]:
             assert "default" not in p["schema"], (kind, p["name"])
-    chunk = next(p for p in doc["paths"]["/v1/functions/{name}/jacobian"]["post"]["parameters"] if p["name"] == "batched")
-    assert "(left out: false)" in chunk["description"]
+    batched = next(p for p in doc["paths"]["/v1/functions/{name}/jacobian"]["post"]["parameters"] if p["name"] == "batched")
+    assert "(left out: false)" in batched["description"]
     r = client.post("/v1/functions/add_square/jacobian", json={"inputs": [[1.0], [2.0]], "argnums": [0, 1], "batched": False})
     assert r.status_code == 200, r.text
 
