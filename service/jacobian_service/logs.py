@@ -11,7 +11,7 @@ import time
 
 import orjson
 
-__all__ = ["BatchedStreamHandler", "configure_logging"]
+__all__ = ["BatchedStreamHandler", "configure_logging", "service_loggers"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -73,6 +73,13 @@ class BatchedStreamHandler(logging.StreamHandler):
         super().flush()
 
 
+def service_loggers() -> tuple[logging.Logger, ...]:
+    """The ``jacobian_service`` logger and those made under it so far."""
+    return tuple(logger for name, logger in list(logging.root.manager.loggerDict.items())
+                 if isinstance(logger, logging.Logger) and (name == "jacobian_service" or
+                                                            name.startswith("jacobian_service.")))
+
+
 def configure_logging(fmt: str) -> None:
     """Configure the ``jacobian_service`` logger tree once (idempotent). The access log
     (a line per request) has its own batched handler; everything else is written as it
@@ -80,9 +87,8 @@ def configure_logging(fmt: str) -> None:
     logging as it is imported (``logging.config.dictConfig``, which disables every
     logger made before it by default) silenced the service's loggers for good."""
     formatter = JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        if isinstance(logger, logging.Logger) and (name == "jacobian_service" or name.startswith("jacobian_service.")):
-            logger.disabled = False
+    for logger in service_loggers():
+        logger.disabled = False
     for name, kind in (("jacobian_service", logging.StreamHandler), ("jacobian_service.access", BatchedStreamHandler)):
         logger = logging.getLogger(name)
         handler = next((h for h in logger.handlers if getattr(h, "_jacobian_service", False)), None)

@@ -77,6 +77,8 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
+from ..logs import service_loggers
+
 __all__ = ["ProcessSettings"]
 
 log = logging.getLogger("jacobian_service.engine")
@@ -584,18 +586,12 @@ def _put_timer_slack(taken: int) -> None:
 # ``disable_existing_loggers`` is True by default, does that to every logger made
 # before it) or took their handlers silenced the engine's log for as long as it lived:
 # its errors, the functions it names for what they left behind.
-def _service_loggers() -> tuple[logging.Logger, ...]:
-    return tuple(logger for name, logger in logging.root.manager.loggerDict.items()
-                 if isinstance(logger, logging.Logger) and (name == "jacobian_service" or
-                                                            name.startswith("jacobian_service.")))
-
-
 _LOGGERS: list[logging.Logger] = []  # those that existed when the engine took its settings
 
 
 def _service_logging() -> tuple[Any, ...]:
     if not _LOGGERS:
-        _LOGGERS.extend(_service_loggers())
+        _LOGGERS.extend(service_loggers())
     return tuple((lg.level, lg.disabled, lg.propagate, tuple((h, h.level) for h in lg.handlers)) for lg in _LOGGERS)
 
 
