@@ -133,14 +133,20 @@ def kill_adopted(own: Collection[int], after: int | None, group: int | None = No
             if ended:  # killed in an earlier round, or ended by itself
                 _collect(pid)
                 continue
-            try:
-                os.kill(pid, signal.SIGKILL)
+            if _kill(pid):
                 killed.add(pid)
-            except OSError:  # gone just now
-                pass
         if (not found and not _alive(group)) or time.monotonic() > deadline:
             return len(killed)
         time.sleep(0.01)
+
+
+def _kill(pid: int) -> bool:
+    """SIGKILL to ``pid``; False when it had gone just now."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
 
 
 def _alive(group: int | None) -> bool:
@@ -162,11 +168,8 @@ def kill_descendants(settle_s: float = 1.0) -> int:
     while True:
         found = [pid for pid in descendants(os.getpid()) if (s := session(pid)) is not None and not s[1]]
         for pid in found:
-            try:
-                os.kill(pid, signal.SIGKILL)
+            if _kill(pid):
                 killed.add(pid)
-            except OSError:  # gone just now
-                pass
         if not found or time.monotonic() > deadline:
             return len(killed)
         time.sleep(0.01)
@@ -188,11 +191,7 @@ def kill_detached() -> int:
     killed = 0
     for pid, ended in _detached():
         if not ended:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except OSError:  # gone just now
-                pass
+            killed += _kill(pid)
     return killed
 
 
