@@ -230,13 +230,15 @@ def _meta(info: JobInfo, result: Result) -> dict[str, Any]:
     }
 
 
-def _sparse_media(media: list[str], dense_hint: str = ", or for sparse_format=dense") -> list[str]:
-    """A sparse matrix travels as JSON or .npz (SPEC 7), never as one .npy."""
+def _sparse_media(media: list[str], dense_form: bool = True) -> list[str]:
+    """A sparse matrix travels as JSON or .npz (SPEC 7), never as one .npy.
+    ``dense_form``: the request may ask for ``sparse_format=dense`` instead (the POSTs;
+    a GET's pattern has no dense form)."""
     kept = [m for m in media if m != wire.NPY]
     if not kept:
         raise NotAcceptable(
             f"a sparse result travels as {wire.NPZ} (scipy.sparse.save_npz members) or {wire.JSON}; "
-            f"ask for one of them{dense_hint}"
+            "ask for one of them" + (", or for sparse_format=dense" if dense_form else "")
         )
     return kept
 
@@ -339,8 +341,7 @@ async def function_sparsity(request: Request, name: str) -> Response:
     query, its source, the colouring and the number of products a sparse call takes."""
     state = _state(request)
     spec = state.registry.get(name)
-    # A pattern has no dense form here (sparse_format is an option of the POSTs only).
-    media = _sparse_media(acceptable(_accept(request)), dense_hint="")
+    media = _sparse_media(acceptable(_accept(request)), dense_form=False)
     kind, call = parse_sparsity_query(spec, _query(request), state.settings.wire_limits)
     call.deadline = _deadline(state, request)
     call.max_result_bytes = state.settings.max_result_bytes
