@@ -196,6 +196,37 @@ def test_hessian_strategy_is_measured_and_forward_ad_gaps_are_bridged(client):
     assert doc["meta"]["mode"] in ("jacrev_grad", "jacfwd_jacrev", "jacrev_jacrev")
 
 
+def test_a_hessian_strategy_that_cannot_win_is_not_timed(make_client, monkeypatch):
+    """Measuring strategies runs each: reverse over reverse, one pullback per output and
+    input element, was timed for mlp's 64 outputs too (3.6 s of a 4 s first Hessian, to
+    find it 10x slower). It is timed where it can win (few outputs), and mlp's first
+    Hessian is torch's, as every later one."""
+    from jacobian_service.engine import hessian as hessian_module
+    from jacobian_service.examples import mlp, planar_arm
+
+    ran: list[str] = []
+
+    def counted(name: str, make):
+        def make_counted(g, a):
+            fn = make(g, a)
+            return lambda *p: (ran.append(name), fn(*p))[1]
+
+        return make_counted
+
+    monkeypatch.setattr(hessian_module, "STRATEGIES", {k: counted(k, v) for k, v in hessian_module.STRATEGIES.items()})
+    client = make_client()  # in process: the engine runs the patched strategies
+    for fn, x in ((mlp, np.linspace(-1, 1, 128, dtype=np.float32)), (planar_arm, np.array([0.3, -0.2, 0.5], np.float32))):
+        ran.clear()
+        for _ in range(2):
+            got, doc = decode(client.post(f"/v1/functions/{fn.__name__}/hessian", json={"inputs": [x.tolist()]}),
+                              "hessian")
+            np.testing.assert_allclose(got, torch.func.hessian(fn)(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+        if fn is mlp:
+            assert "jacrev_jacrev" not in ran and doc["meta"]["mode"] == "jacfwd_jacrev"
+        else:  # two outputs: both timed on the first call
+            assert {"jacfwd_jacrev", "jacrev_jacrev"} <= set(ran)
+
+
 # torch.no_grad stops reverse mode only: forward mode sees through it, so for a function
 # that uses it jacfwd is not jacrev, and Hessian strategies are not torch.func.hessian.
 X3 = [1.5, -0.3, 2.0]
