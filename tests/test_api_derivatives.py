@@ -8,7 +8,7 @@ import torch
 
 from jacobian_client import wire
 
-from .conftest import assert_tree_close, decode, npy_bytes, npz_bytes
+from .conftest import assert_problem, assert_tree_close, decode, npy_bytes, npz_bytes
 from .test_api_jacobian import BUILTINS, example_inputs, post
 
 
@@ -470,6 +470,51 @@ def test_a_hessian_where_a_faster_strategy_gives_nan_is_torchs(make_client, batc
             assert doc["meta"]["mode"] == "jacfwd_jacrev"
         else:
             assert np.isfinite(got).all() and doc["meta"]["mode"] in ("jacrev_grad", "jacfwd_jacrev", "jacrev_jacrev")
+
+
+def _fd_hessian(fn, x, eps=1e-6):
+    """Central differences of jacrev: the Hessian as a check independent of any strategy."""
+    jac = torch.func.jacrev(fn)
+    return torch.stack([(jac(x + eps * e) - jac(x - eps * e)) / (2 * eps) for e in torch.eye(x.numel(), dtype=x.dtype)], -1)
+
+
+@pytest.mark.parametrize("name", ["once_cube_sum", "once_cube_vector"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_hessian_through_a_once_differentiable_backward_is_torchs_not_zero(make_client, name, batched):
+    """A custom Function whose backward is @once_differentiable runs it under no_grad:
+    reverse over reverse (measured fastest, and the batched default) answered 0 with a
+    200 where torch.func.hessian (forward over reverse, through the backward's no_grad)
+    and finite differences say 6x (for x**3 * x: a part of the answer missing)."""
+    from . import user_functions
+
+    fn = getattr(user_functions, name)
+    client = make_client()  # nothing learnt yet: the first call measures strategies
+    x = np.array([[0.5, -1.2, 2.0], [1.0, 0.3, -0.7]] if batched else [0.5, -1.2, 2.0])
+    t = torch.from_numpy(x)
+    want = torch.func.vmap(torch.func.hessian(fn))(t) if batched else torch.func.hessian(fn)(t)
+    fd = torch.stack([_fd_hessian(fn, row) for row in t]) if batched else _fd_hessian(fn, t)
+    torch.testing.assert_close(want, fd, rtol=1e-5, atol=1e-5)  # torch's is the true Hessian ...
+    rev_rev = torch.func.jacrev(torch.func.jacrev(fn))(t[-1] if batched else t)  # ... reverse over reverse
+    assert not torch.allclose(rev_rev, want[-1] if batched else want)  # misses the backward's part
+    for _ in range(2):  # the first call finds it out, the second remembers
+        got, doc = decode(post(client, name, [x], "json", endpoint="hessian", batched=batched), "hessian")
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-12)
+        assert doc["meta"]["mode"] == "jacfwd_jacrev"
+
+
+@pytest.mark.parametrize("options", [{}, {"batched": True}])
+def test_a_hessian_through_a_once_differentiable_backward_without_jvp_is_torchs_error(make_client, options):
+    """Without a jvp rule torch.func.hessian raises; reverse over reverse answered 0."""
+    from .user_functions import once_cube_sum_no_jvp
+
+    client = make_client()
+    x = np.array([[0.5, -1.2, 2.0]] * 2 if options else [0.5, -1.2, 2.0])
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.hessian(once_cube_sum_no_jvp)(torch.from_numpy(x[0] if options else x))
+    for _ in range(2):
+        r = post(client, "once_cube_sum_no_jvp", [x], "json", endpoint="hessian", **options)
+        body = assert_problem(r, 500, "function_error")
+        assert body["detail"].startswith("NotImplementedError: You must implement the jvp function")
 
 
 @pytest.mark.parametrize("options", [{}, {"mode": "fwd"}, {"mode": "auto"}, {"batched": True}, {"batched": True, "mode": "fwd"}])

@@ -387,3 +387,50 @@ def l1_norm(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("x", shape=("n",))], description="a dict output with int keys, not in key order")
 def int_keyed(x: torch.Tensor):
     return {1: x * 2, 0: x.sin()}
+
+
+def _once_differentiable_cube(with_jvp: bool) -> type:
+    """x**3 as a custom autograd.Function whose backward is ``@once_differentiable``
+    (run under no_grad): reverse over reverse sees a gradient without a graph."""
+    from torch.autograd.function import once_differentiable
+
+    class Cube(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return x**3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output) -> None:
+            ctx.save_for_backward(inputs[0])
+            ctx.x = inputs[0]
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+            (x,) = ctx.saved_tensors
+            return grad * 3 * x**2
+
+    if with_jvp:
+        Cube.jvp = staticmethod(lambda ctx, t: 3 * ctx.x**2 * t)
+    return Cube
+
+
+_OnceCube = _once_differentiable_cube(with_jvp=True)
+_OnceCubeNoJvp = _once_differentiable_cube(with_jvp=False)
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sum(x**3) through a Function with a once_differentiable backward")
+def once_cube_sum(x: torch.Tensor) -> torch.Tensor:
+    return _OnceCube.apply(x).sum()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="x**3 * x through a Function with a once_differentiable backward")
+def once_cube_vector(x: torch.Tensor) -> torch.Tensor:
+    return _OnceCube.apply(x) * x
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sum(x**3), once_differentiable backward, no jvp rule")
+def once_cube_sum_no_jvp(x: torch.Tensor) -> torch.Tensor:
+    return _OnceCubeNoJvp.apply(x).sum()

@@ -66,10 +66,13 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         in_numel = sum(args[i][0].numel() for i in call.argnums)
         width = in_numel if kind == "jacobian" else in_numel * in_numel
         engine.check_result_size(call, batch * out_numel * width * engine.wire_itemsize(args[call.argnums[0]].dtype))
-    (value, output), aux = over_examples(engine, call, box, per_example, args, allow_loop, use_vmap)
-    if kind == "hessian" and mode != TORCHS and not finite(value):
-        # where f is not smooth the strategies may differ (NaN against torch's 0): torch's
-        # own, example by example
+    # Reverse over reverse is watched for a backward pass under no_grad (hessian.py)
+    strategy = GradOffWatch(active=kind == "hessian" and mode != TORCHS)
+    (value, output), aux = strategy.call(over_examples, engine, call, box, per_example, args, allow_loop, use_vmap)
+    profile.grad_off = profile.grad_off or strategy.seen
+    if kind == "hessian" and mode != TORCHS and (strategy.seen or not finite(value)):
+        # where f is not smooth the strategies may differ (NaN against torch's 0), and a
+        # backward under no_grad makes reverse over reverse 0: torch's own, example by example
         mode = TORCHS
         (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False)
     output = engine.host(output) if call.return_output else None

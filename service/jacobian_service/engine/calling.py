@@ -286,7 +286,13 @@ class GradOffWatch:
     state itself is not, since a custom ``autograd.Function`` runs its ``forward`` with
     grad off too, and that one is fine: both modes use its own derivative rules. Any
     switch counts, even around a constant: the price of a false alarm is reverse mode,
-    which is always jacrev's answer."""
+    which is always jacrev's answer.
+
+    Watched around a derivative, it also sees a backward pass that switches grad off: a
+    custom ``autograd.Function`` whose backward is ``@once_differentiable`` (which runs
+    it under ``no_grad``) or uses ``no_grad`` itself. Reverse over reverse then
+    differentiates a gradient computed without a graph, and answers 0 where the Hessian
+    is not 0; forward over reverse (torch's own) sees through it."""
 
     def __init__(self, active: bool = True) -> None:
         self.active = active  # inactive: calls pass straight through, unwatched
@@ -318,7 +324,10 @@ def _watch_grad_switch() -> None:
 
     @functools.wraps(original)
     def __init__(self: Any, mode: bool) -> None:
-        if not mode and _WATCHING and _WATCHING[-1][0] == threading.get_ident():
+        # On the watched call's thread; or in a backward pass, which autograd runs on a
+        # device thread of its own for CUDA tensors (a false alarm costs torch's strategy).
+        if not mode and _WATCHING and (
+                _WATCHING[-1][0] == threading.get_ident() or torch._C._current_graph_task_id() != -1):
             _WATCHING[-1][1].seen = True
         original(self, mode)
 

@@ -8,7 +8,10 @@ They are equal only where the function is smooth and nothing is computed under
 ``torch.no_grad``. Forward mode sees through ``no_grad``, reverse mode does not, so
 ``jacrev(jacrev)`` of ``x * c`` with ``c = x**2`` under ``no_grad`` is 0 where torch's
 ``jacfwd(jacrev)`` is ``2 x``: a function seen doing that (``calling.GradOffWatch``) gets
-torch's own strategy only. Where it is not smooth (``x.norm() ** 3`` at 0) another
+torch's own strategy only. So does one whose backward switches grad off (a custom
+``autograd.Function`` with a ``@once_differentiable`` backward): reverse over reverse
+answers 0 for it, so every other strategy's run is watched, and one seen doing that
+is replaced by torch's, or torch's error (no ``jvp`` rule) where it cannot run. Where it is not smooth (``x.norm() ** 3`` at 0) another
 strategy answers NaN where torch's answers 0: a result with a NaN or an infinity is
 computed again torch's way, and that is the answer.
 """
@@ -96,12 +99,13 @@ def hessian(engine: "Engine", call: Call) -> Result:
         if measure and found is not None and name == "jacrev_jacrev" and out_numel > _REV_REV_MAX_OUTPUTS:
             break  # last in the order: see _REV_REV_MAX_OUTPUTS
         fn = STRATEGIES[name](g_out, argnums)
+        watch = GradOffWatch(active=name != TORCHS)  # a backward under no_grad (see below)
         try:
             # Every run on its own copies of the inputs, for a function that writes
             # into them; measuring runs each twice (a transform's first call pays extra).
-            fn(*fresh(primals)) if measure else None
+            watch.call(fn, *fresh(primals)) if measure else None
             start = time.perf_counter()
-            value = fn(*fresh(primals))
+            value = watch.call(fn, *fresh(primals))
             engine.synchronize()
             timings[name] = time.perf_counter() - start
         except BaseException as exc:
@@ -109,6 +113,14 @@ def hessian(engine: "Engine", call: Call) -> Result:
                 raise function_error(exc) from None
             failure = exc  # e.g. no forward-AD rule for an op: try the next strategy
             continue
+        if watch.seen:
+            # A backward pass switched grad off (@once_differentiable): this strategy
+            # differentiated a gradient computed without a graph and found 0. Only
+            # torch's own strategy sees through it; where it cannot run, its error.
+            profile.grad_off = True
+            found, used = engine.guard(lambda: STRATEGIES[TORCHS](g_out, argnums)(*fresh(primals))), TORCHS
+            table[key] = TORCHS
+            break
         if found is None or measure and timings[name] < timings[used]:
             found, used = value, name  # measuring, the winner's own value
         if not measure:
