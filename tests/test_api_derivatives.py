@@ -404,7 +404,6 @@ def _torch_answer(endpoint, fn, x, vector=None):
     [
         ("jacobian", "doubles_in_place", {}),
         ("jacobian", "doubles_in_place", {"return_output": True}),
-        ("jacobian_fwd", "doubles_in_place_fwd", {"mode": "fwd"}),
         ("batched", "doubles_in_place", {"batched": True}),
         ("batched", "doubles_in_place", {"batched": True, "mode": "fwd", "return_output": True}),
         ("hessian", "doubles_in_place_sum", {}),
@@ -515,6 +514,33 @@ def test_a_hessian_through_a_once_differentiable_backward_without_jvp_is_torchs_
         r = post(client, "once_cube_sum_no_jvp", [x], "json", endpoint="hessian", **options)
         body = assert_problem(r, 500, "function_error")
         assert body["detail"].startswith("NotImplementedError: You must implement the jvp function")
+
+
+@pytest.mark.parametrize("name", ["custom_op_cube", "doubles_in_place_fwd"])
+@pytest.mark.parametrize("sparsity", ["dense", "auto"])
+def test_forward_mode_answers_only_where_reverse_mode_does(make_client, name, sparsity):
+    """Through a torch.library custom op torch's forward mode drops the tangent silently
+    (jacfwd answered the identity, finite differences say 3x**2 + 1) while jacrev raises:
+    `mode=fwd` answered that with a 200. It cannot be told from a function only forward
+    mode differentiates (an in-place write into its input), so neither is answered where
+    jacrev is not: the result never depends on `mode`."""
+    from . import user_functions
+
+    fn = getattr(user_functions, name)
+    client = make_client()
+    x = np.array([0.5, -1.2, 2.0])
+    with pytest.raises(RuntimeError) as raised:
+        torch.func.jacrev(fn)(torch.from_numpy(x))
+    if name == "custom_op_cube":
+        fd = torch.stack([(fn(torch.from_numpy(x) + 1e-6 * e) - fn(torch.from_numpy(x) - 1e-6 * e)) / 2e-6
+                          for e in torch.eye(3, dtype=torch.float64)], -1)
+        torch.testing.assert_close(fd, torch.diag(torch.from_numpy(3 * x**2 + 1)))
+        assert not torch.allclose(torch.func.jacfwd(fn)(torch.from_numpy(x)), fd)  # the premise: jacfwd is wrong
+    rev = assert_problem(post(client, name, [x], "json", sparsity=sparsity), 500, "function_error")
+    assert rev["detail"].startswith(f"RuntimeError: {str(raised.value).splitlines()[0]}"[:80])
+    for mode in ("fwd", "auto", "fwd"):
+        body = assert_problem(post(client, name, [x], "json", mode=mode, sparsity=sparsity), 500, "function_error")
+        assert body["detail"] == rev["detail"]
 
 
 @pytest.mark.parametrize("options", [{}, {"mode": "fwd"}, {"mode": "auto"}, {"batched": True}, {"batched": True, "mode": "fwd"}])

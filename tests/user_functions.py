@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -434,3 +435,35 @@ def once_cube_vector(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("x", shape=("n",))], description="sum(x**3), once_differentiable backward, no jvp rule")
 def once_cube_sum_no_jvp(x: torch.Tensor) -> torch.Tensor:
     return _OnceCubeNoJvp.apply(x).sum()
+
+
+def _custom_cube_op() -> Any:
+    """x**3 as a torch.library custom op with a backward: functorch refuses it in reverse
+    mode, and torch's forward mode silently drops its tangent (zeros)."""
+    name = "jacobian_service_tests::cube"
+    try:
+        return torch.ops.jacobian_service_tests.cube  # registered once per process
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op(name, mutates_args=())
+    def cube(x: torch.Tensor) -> torch.Tensor:
+        return x**3
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * 3 * x**2
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+    return cube
+
+
+_custom_cube = _custom_cube_op()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="x**3 through a torch.library custom op, plus x")
+def custom_op_cube(x: torch.Tensor) -> torch.Tensor:
+    return _custom_cube(x) + x

@@ -130,9 +130,12 @@ def _agrees_with_reverse(g: Callable[..., Any], primals: tuple[Any, ...], jac: A
     one-sided choice there, and the answer must not depend on ``mode`` (SPEC). One VJP
     costs about one forward and one backward pass, little against the several JVPs that
     made forward mode worth it. Where they differ, a random ``v`` sees it (almost surely);
-    NaN against a number is a difference, round-off is not. A function reverse mode
-    cannot differentiate (an in-place write into its input, which jacfwd allows) has no
-    jacrev to differ from: its forward-mode Jacobian stands."""
+    NaN against a number is a difference, round-off is not. Where reverse mode cannot
+    run, forward mode's Jacobian is not taken either (False: the request fails as jacrev
+    does): torch's forward mode silently drops the tangents through a ``torch.library``
+    custom op (functorch refuses it in reverse mode), answering zeros or a part of the
+    Jacobian (``linear_cross_entropy`` with ``options``), and it cannot be told from a
+    function only forward mode differentiates (an in-place write into its input)."""
     try:
         out, pullback, _ = torch.func.vjp(g, *fresh(primals), has_aux=True)
         outs, out_spec = pytree.tree_flatten(out)
@@ -143,7 +146,7 @@ def _agrees_with_reverse(g: Callable[..., Any], primals: tuple[Any, ...], jac: A
     except BaseException as exc:
         if is_oom(exc) or not isinstance(exc, Exception):  # SystemExit is still the function's error
             raise function_error(exc) from None
-        return True
+        return False
     blocks = [b.detach().to("cpu", torch.float64) for b in pytree.tree_leaves(jac)]  # (output, parameter leaf)
     n = len(rev)
     if len(blocks) != len(outs) * n or any(
@@ -366,10 +369,9 @@ class Engine:
 
     def _forward_jacobian(self, call: Call) -> Result | None:
         """jacfwd, when ``mode`` asks for it (``auto``: inputs fewer than outputs) and
-        it gives jacrev's answer; None to use reverse mode. Sizes come from a plain
-        forward call, never from a reverse pass: a function that forward mode can
-        differentiate and reverse mode cannot (an in-place write into a leaf) must work
-        alone and in a batch alike."""
+        it gives jacrev's answer; None to use reverse mode (also where reverse mode
+        cannot run: see :func:`_agrees_with_reverse`). Sizes come from a plain forward
+        call: the reverse pass comes only as the check."""
         profile = self.profiles[call.spec.name]
         if not profile.forward_ad or profile.grad_off:
             return None
