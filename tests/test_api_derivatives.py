@@ -516,6 +516,41 @@ def test_a_hessian_through_a_once_differentiable_backward_without_jvp_is_torchs_
         assert body["detail"].startswith("NotImplementedError: You must implement the jvp function")
 
 
+@pytest.mark.parametrize("options", [{}, {"batched": True}])
+def test_a_hessian_torch_cannot_compute_is_checked_against_finite_differences(make_client, options):
+    """torch.func.hessian raises (no jvp rule); reverse over reverse answered a 200
+    missing the part a backward's detached graph hides (-sin x where finite differences
+    of jacrev say 6x - sin x). Such an answer is checked, and fails as torch's does;
+    one whose backward is whole (no_forward_ad) is still answered."""
+    from .user_functions import detached_backward_sum, no_forward_ad
+
+    client = make_client()
+    x = np.array([[0.5, -1.2, 2.0], [1.0, 0.3, -0.7]] if options else [0.5, -1.2, 2.0])
+    one = torch.from_numpy(x[0] if options else x)
+    with pytest.raises(NotImplementedError, match="jvp") as raised:
+        torch.func.hessian(detached_backward_sum)(one)
+    rev_rev = torch.func.jacrev(torch.func.jacrev(detached_backward_sum))(one)
+    assert not torch.allclose(rev_rev, _fd_hessian(detached_backward_sum, one), atol=1e-3)  # the premise
+    for _ in range(2):  # measured, then remembered
+        body = assert_problem(post(client, "detached_backward_sum", [x], "json", endpoint="hessian", **options),
+                              500, "function_error")
+        assert body["detail"] == f"NotImplementedError: {raised.value}".splitlines()[0]
+    for _ in range(2):
+        got, _ = decode(post(client, "no_forward_ad", [x], "json", endpoint="hessian", **options), "hessian")
+        hess = torch.func.jacrev(torch.func.jacrev(no_forward_ad))
+        want = torch.func.vmap(hess)(torch.from_numpy(x)) if options else hess(torch.from_numpy(x))
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-12)
+
+
+def test_checking_a_hessian_against_differences_leaves_its_aux_whole(make_client):
+    """The check calls the function near x: its aux (a number) is still the one at x."""
+    client = make_client()
+    x = np.array([0.5, -1.2, 2.0])
+    for _ in range(2):
+        got, doc = decode(post(client, "no_forward_ad_aux", [x], "json", endpoint="hessian"), "hessian")
+        assert doc["meta"]["mode"] in ("jacrev_grad", "jacrev_jacrev") and doc["aux"] == {"sum": x.sum()}
+
+
 @pytest.mark.parametrize("name", ["custom_op_cube", "doubles_in_place_fwd"])
 @pytest.mark.parametrize("sparsity", ["dense", "auto"])
 def test_forward_mode_answers_only_where_reverse_mode_does(make_client, name, sparsity):

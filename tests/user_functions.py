@@ -467,3 +467,33 @@ _custom_cube = _custom_cube_op()
 @register(inputs=[Input("x", shape=("n",))], description="x**3 through a torch.library custom op, plus x")
 def custom_op_cube(x: torch.Tensor) -> torch.Tensor:
     return _custom_cube(x) + x
+
+
+class _DetachedBackwardCube(torch.autograd.Function):
+    """x**3 whose backward reads x detached: its gradient is right, its graph cut."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * 3 * x.detach() ** 2
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sum(x**3) + sum(sin x), a backward that detaches x, no jvp")
+def detached_backward_sum(x: torch.Tensor) -> torch.Tensor:
+    return _DetachedBackwardCube.apply(x).sum() + x.sin().sum()
+
+
+@register(inputs=[Input("x", shape=("n",))], has_aux=True,
+          description="sum(sin(x) * x) through an op with no forward-mode rule; aux: sum(x) as a number")
+def no_forward_ad_aux(x: torch.Tensor):
+    return (torch.sin(_NoForwardAD.apply(x)) * x).sum(), {"sum": float(x.detach().sum())}

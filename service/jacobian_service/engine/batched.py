@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
 from ..types import Call, Result
 from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
-from .hessian import STRATEGIES, TORCHS, finite, with_output
+from .hessian import STRATEGIES, TORCHS, agrees_with_differences, finite, with_output
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -75,8 +75,32 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         # backward under no_grad makes reverse over reverse 0: torch's own, example by example
         mode = TORCHS
         (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False)
+    if kind == "hessian" and mode != TORCHS and batch:
+        _check_where_torch_fails(engine, call, [a[0] for a in engine.tensors(call)], pytree.tree_map(lambda t: t[0], value))
     output = engine.host(output) if call.return_output else None
     return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, call.chunk_size, mode)
+
+
+def _check_where_torch_fails(engine: "Engine", call: Call, example: list[torch.Tensor], value: Any) -> None:
+    """Where torch.func.hessian cannot run (no forward rule; learned on one example, once
+    per function and shapes), reverse over reverse answers what torch would not, and
+    may miss a part a backward's cut graph hides: checked on one example as the plain
+    Hessian is (hessian.agrees_with_differences); torch's error where it fails."""
+    errors = engine.profiles[call.spec.name].hessian_torch_error
+    key = ("per example", call.signature())
+    g, primals = differentiable(AuxBox(call.spec), example, call)
+    argnums: int | tuple[int, ...] = tuple(range(len(primals))) if call.as_tuple else 0
+    if errors.get(key) is None:
+        try:
+            STRATEGIES[TORCHS](g, argnums)(*fresh(primals))
+            errors[key] = False  # torch's runs: the answer is what it would give
+        except BaseException as exc:
+            if is_oom(exc) or isinstance(exc, ServiceError) or not isinstance(exc, Exception):
+                raise function_error(exc) from None
+            errors[key] = function_error(exc)
+    failed = errors.get(key)
+    if failed and not engine.guard(lambda: agrees_with_differences(g, fresh(primals), argnums, value)):
+        raise type(failed)(failed.detail) from None  # a new one: the kept one keeps no frames
 
 
 def over_examples(

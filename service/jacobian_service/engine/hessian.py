@@ -31,7 +31,7 @@ from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, diff
 if TYPE_CHECKING:
     from .core import Engine
 
-__all__ = ["STRATEGIES", "TORCHS", "candidates", "finite", "hessian", "with_output"]
+__all__ = ["STRATEGIES", "TORCHS", "agrees_with_differences", "candidates", "finite", "hessian", "with_output"]
 
 # Equal ways to compute torch.func.hessian.
 STRATEGIES: dict[str, Callable[[Callable[..., Any], Any], Callable[..., Any]]] = {
@@ -69,6 +69,52 @@ def finite(value: Any) -> bool:
     return all(bool(torch.isfinite(leaf).all()) for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor))
 
 
+def agrees_with_differences(g: Callable[..., Any], primals: tuple[Any, ...], argnums: Any, value: Any) -> bool:
+    """Whether a Hessian that torch's own strategy could not compute (no forward rule)
+    is the derivative of jacrev's Jacobian: one random direction ``v``, ``H v`` against
+    central differences of jacrev at ``x +- h v``.
+
+    Reverse over reverse differentiates the backward pass as autograd recorded it: a
+    custom ``autograd.Function`` whose backward cuts its graph (``x.detach()``, a value
+    from numpy) gives 0 there, silently, and that is not torch's answer, since torch
+    raises. The test is loose (5 % of the scale, plus the differences' round-off): what
+    it must see is a part of the Hessian missing; where it fails the request fails as
+    torch's strategy did. A function whose output changes between calls (it draws
+    random numbers) has no differences to check against: its answer stands."""
+    twice = [pytree.tree_leaves(g(*fresh(primals))[0]) for _ in range(2)]
+    if not all(torch.equal(a, b) for a, b in zip(*twice)):
+        return True
+    leaves, spec = pytree.tree_flatten(primals)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = [torch.rand(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) - 0.5 for p in leaves]
+    eps = torch.finfo(leaves[0].dtype).eps
+    h = eps ** (1 / 3) * (1 + max((float(p.detach().abs().max()) for p in leaves if p.numel()), default=0.0))
+    jac = torch.func.jacrev(g, argnums=argnums, has_aux=True)
+
+    def at(sign: float) -> list[torch.Tensor]:
+        moved = pytree.tree_unflatten([p.detach() + sign * h * d for p, d in zip(leaves, v)], spec)
+        return [j.detach().to(torch.float64) for j in pytree.tree_leaves(jac(*moved)[0])]
+
+    try:
+        plus, minus = at(1.0), at(-1.0)
+    except Exception as exc:  # undefined nearby (a Cholesky factor): no verdict, the answer stands
+        if is_oom(exc):
+            raise
+        return True
+    blocks = [b.detach().to(torch.float64) for b in pytree.tree_leaves(value)]
+    n = len(leaves)
+    if len(plus) * n != len(blocks):
+        return False
+    for ij, (jp, jm) in enumerate(zip(plus, minus)):
+        hv = sum(torch.tensordot(blocks[ij * n + k], d.to(torch.float64), dims=d.dim()) for k, d in enumerate(v))
+        fd = (jp - jm) / (2 * h)
+        scale = float(hv.abs().max()) + float(fd.abs().max()) if hv.numel() else 0.0
+        noise = 64 * eps * (float(jp.abs().max()) + float(jm.abs().max())) / h if jp.numel() else 0.0
+        if hv.numel() and float((hv - fd).abs().max()) > 0.05 * scale + noise:
+            return False
+    return True
+
+
 def hessian(engine: "Engine", call: Call) -> Result:
     args = engine.tensors(call)
     box = AuxBox(call.spec)
@@ -94,6 +140,7 @@ def hessian(engine: "Engine", call: Call) -> Result:
     used = ""
     timings: dict[str, float] = {}
     failure: BaseException | None = None
+    torch_failed: ServiceError | None = None  # torch.func.hessian's own strategy's error
     g_out = with_output(g)
     for name in order:
         if measure and found is not None and name == "jacrev_jacrev" and out_numel > _REV_REV_MAX_OUTPUTS:
@@ -112,6 +159,7 @@ def hessian(engine: "Engine", call: Call) -> Result:
             if is_oom(exc) or isinstance(exc, ServiceError) or not isinstance(exc, Exception):
                 raise function_error(exc) from None
             failure = exc  # e.g. no forward-AD rule for an op: try the next strategy
+            torch_failed = function_error(exc) if name == TORCHS else torch_failed
             continue
         if watch.seen:
             # A backward pass switched grad off (@once_differentiable): this strategy
@@ -132,8 +180,16 @@ def hessian(engine: "Engine", call: Call) -> Result:
     if used != TORCHS and not finite(found[0]):
         try:
             found, used = engine.guard(lambda: STRATEGIES[TORCHS](g_out, argnums)(*fresh(primals))), TORCHS
-        except ServiceError:
-            pass  # torch's own fails on this function (no forward rule): the answer found
+        except ServiceError as exc:
+            torch_failed = exc  # torch's own fails on this function (no forward rule): the answer found
+    if torch_failed is not None:
+        profile.hessian_torch_error[key] = torch_failed
+    torch_failed = torch_failed or profile.hessian_torch_error.get(key)
+    if used != TORCHS and torch_failed is not None and finite(found[0]):
+        # an answer torch would not give: checked against jacrev's Jacobian nearby
+        g_check, _ = differentiable(AuxBox(call.spec), args, call)  # its own aux: the answer's stays whole
+        if not engine.guard(lambda: agrees_with_differences(g_check, fresh(primals), argnums, found[0])):
+            raise type(torch_failed)(torch_failed.detail) from None  # a new one: the kept one keeps no frames
     value, (out, aux_t) = found
     value = as_input_dtypes(value, primals, depth=2)  # torch.func.hessian's block dtypes
     output = engine.host(out) if call.return_output else None

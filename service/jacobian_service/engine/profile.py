@@ -69,6 +69,9 @@ class FunctionProfile:
     # through it, is not jacrev then; Hessians take torch.func.hessian's own strategy.
     grad_off: bool = False
     hessian: _LRU[Any, str] = field(default_factory=_LRU)  # signature -> strategy
+    # signature -> torch's own Hessian strategy's error where it failed (no forward rule);
+    # batched Hessians learn it on one example: ("per example", signature) -> error or False
+    hessian_torch_error: _LRU[Any, Any] = field(default_factory=_LRU)
     batches: _LRU[Any, BatchStats] = field(default_factory=_LRU)  # batch key -> last run
     output_rows: _LRU[Any, int] = field(default_factory=_LRU)  # signature -> Jacobian rows
     row_bytes: _LRU[Any, int] = field(default_factory=_LRU)  # signature -> measured peak bytes per row
