@@ -139,3 +139,15 @@ def fmax_ties(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("x", shape=("n",))], description="x**2 and argmax(x): an integer output, which jacrev refuses.")
 def with_an_index(x: torch.Tensor):
     return x**2, torch.argmax(x)
+
+
+@register(
+    inputs=[Input("x", shape=("n",))],
+    description="A force, -grad E of a chain energy, by torch.autograd.grad inside (create_graph: its Jacobian is -Hessian E).",
+    sparsity={"tri": banded(1, 1)},
+)
+def chain_force(x: torch.Tensor) -> torch.Tensor:
+    if not x.requires_grad:  # called plainly; under jacrev x already carries a graph
+        x = x.detach().requires_grad_()
+    energy = (x**4).sum() / 4 + (x[:-1] * x[1:]).sum()
+    return -torch.autograd.grad(energy, x, create_graph=True)[0]

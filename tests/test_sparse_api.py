@@ -82,6 +82,20 @@ def test_lorenz96_json_equals_jacrev(client, sparsity, source):
     assert meta["dense_products"] == 26 and meta["mode"] in ("fwd", "rev") and meta["format"] == "csr"
 
 
+@pytest.mark.parametrize("sparsity", ["auto", "tri"])
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+def test_a_function_calling_autograd_grad_inside_gets_its_jacobian(client, sparsity, mode):
+    """A force computed as torch.autograd.grad of an energy: jacrev answers (the dense
+    /jacobian too), the sparse path was a 500 (its output was sized under no_grad, where
+    the function's own autograd.grad fails)."""
+    from .sparse_functions import chain_force
+
+    x = RNG.standard_normal(6)
+    J, meta = sparse_json(client.post("/v1/functions/chain_force/jacobian",
+                                      json={"inputs": [x.tolist()], "sparsity": sparsity, "mode": mode}))
+    np.testing.assert_allclose(J.toarray(), jac(chain_force, x), rtol=1e-6, atol=1e-9)
+
+
 def test_banded_takes_lower_plus_upper_plus_one_products(client):
     x = RNG.standard_normal(20).astype(np.float32)
     for sparsity in ("band", "auto"):

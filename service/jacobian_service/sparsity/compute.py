@@ -340,9 +340,8 @@ def _build_pattern(
     if spec is not None:
         if spec.hessian != (kind == "hessian"):
             raise ValueError(f"the declared pattern {label!r} is for the {'Hessian' if spec.hessian else 'Jacobian'}")
-        if out_size is None:
-            with torch.no_grad():
-                out_size = int(_flat_fn(fn, args, argnums, has_aux)(*fresh([args[i] for i in argnums])).numel())
+        if out_size is None:  # a plain call: see probe's (a function may call torch.autograd.grad)
+            out_size = int(_flat_fn(fn, args, argnums, has_aux)(*fresh([args[i] for i in argnums])).numel())
         return spec.build(in_shapes, out_size, name=label)
     g = _flat_fn(fn, args, argnums, has_aux)
     diff = [args[i] for i in argnums]

@@ -899,8 +899,9 @@ def probe(
     if hessian:
         _check_entries(n * n, "probing (a dense Hessian)")
     else:
-        with torch.no_grad():
-            m = sum(o.numel() for o in pytree.tree_leaves(fn(*[a.clone() for a in args])))
+        # A plain call, not under no_grad: a function may differentiate inside itself
+        # (a force as torch.autograd.grad of an energy), which no_grad makes it fail.
+        m = sum(o.numel() for o in pytree.tree_leaves(fn(*[a.detach().clone() for a in args])))
         _check_entries(m * n, "probing (a dense Jacobian)")
     found: np.ndarray | None = None
     for point in range(points):
