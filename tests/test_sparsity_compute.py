@@ -504,6 +504,10 @@ def _positives(x):
     return x[x > 0] * 3
 
 
+def _assembled(x, nodes):  # element values added into the nodes an input names
+    return x.new_zeros(4).index_add(0, nodes, x * x)
+
+
 _N = 6
 _VALUE_CASES = {
     # name: (fn, two points whose patterns differ)
@@ -512,6 +516,8 @@ _VALUE_CASES = {
     "gather": (_gather, [[torch.arange(1.0, _N + 1), torch.arange(_N)], [torch.arange(1.0, _N + 1), torch.arange(_N).flip(0)]]),
     "branchy": (_branchy, [[torch.arange(1.0, _N + 1)], [-torch.arange(1.0, _N + 1)]]),
     "argsort": (_argsorted, [[torch.arange(1.0, _N + 1)], [torch.arange(1.0, _N + 1).flip(0)]]),
+    "index_add": (_assembled, [[torch.arange(1.0, _N + 1), torch.tensor([0, 1, 1, 2, 3, 3])],
+                               [torch.arange(1.0, _N + 1), torch.tensor([3, 3, 2, 1, 0, 0])]]),
     "positives": (_positives, [[torch.tensor([1.0, -1, -1, -1, -1, -1])], [torch.tensor([1.0, 1, 1, -1, -1, -1])]]),
 }
 
@@ -777,5 +783,80 @@ def test_filling_with_a_traced_value_depends_on_that_value(fn):
     x = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     p = trace_jacobian(fn, [x])
     assert p.exact and p == true_pattern(fn, [x])
+    r = sparse_jacobian(fn, [x], cache=PatternCache(None))
+    np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12)
+
+
+_SEGMENTS = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3, 3])  # 10 elements into 4 segments (5 slots)
+_EDGES = (torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor([1, 2, 3, 4, 0, 2]))  # a graph of 5 nodes
+
+
+def _message_passing(x):  # one GNN layer: tanh messages summed at their destination node
+    X = x.reshape(5, 2)
+    src, dst = _EDGES
+    return X.new_zeros(5, 2).index_add(0, dst, torch.tanh(X[src])) * X
+
+
+def _in_place_index_add(x):
+    r = x.new_zeros(5)
+    r.index_add_(0, _SEGMENTS, x * x, alpha=2.5)
+    return r
+
+
+def _in_place_scatter_add(x):
+    r = x.new_zeros(5)
+    r.scatter_add_(0, _SEGMENTS, torch.sin(x))
+    return r * r
+
+
+_SCATTERS = {
+    "index_add": _message_passing,
+    "index_add_": _in_place_index_add,
+    "index_add_dim1": lambda x: x.reshape(2, 5)[:, :3].index_add(1, torch.tensor([2, 0, 2, 1, 1]), x.reshape(2, 5) ** 2),
+    "index_add_self": lambda x: x.index_add(0, _SEGMENTS, x.roll(1) * x),
+    "scatter_add": lambda x: x.new_zeros(5).scatter_add(0, _SEGMENTS, x ** 3),
+    "scatter_add_": _in_place_scatter_add,
+    "scatter_add_2d": lambda x: x.new_zeros(3, 5).scatter_add(0, torch.tensor([[1, 0, 1, 0, 2]]), x.reshape(2, 5)[:1] * x.reshape(2, 5)[1:]),
+    "scatter_reduce_sum": lambda x: x.new_ones(5).scatter_reduce(0, _SEGMENTS, x * x, "sum"),
+    "scatter_reduce_mean": lambda x: x.new_ones(5).scatter_reduce(0, _SEGMENTS, x.exp(), "mean", include_self=False),
+    "scatter_reduce_prod": lambda x: x.new_ones(5).scatter_reduce(0, _SEGMENTS, x, "prod"),
+    "scatter": lambda x: x.reshape(2, 5).scatter(1, torch.tensor([[0, 3, 1], [2, 4, 0]]), x.reshape(2, 5)[:, 2:] ** 2),
+    "scatter_value_": lambda x: (x * 1.0).scatter_(0, torch.tensor([1, 2]), 0.5) ** 2,
+    "index_copy": lambda x: x.index_copy(0, torch.tensor([0, 9]), x[4:6] ** 2),
+    "index_copy_": lambda x: (x * 2).index_copy_(0, torch.tensor([3, 1]), x[:2].sin()) * x,
+    "index_fill": lambda x: x.reshape(2, 5).index_fill(1, torch.tensor([0, 3]), 1.5) * x.reshape(2, 5),
+    "index_fill_tensor": lambda x: x.reshape(2, 5).index_fill(1, torch.tensor([0, 3]), x[4]) * x.reshape(2, 5),
+    "index_put_accumulate": lambda x: x.new_zeros(5).index_put_((_SEGMENTS,), x.cos(), accumulate=True),
+}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over index_copy_, scatter_ (torch's own)
+@pytest.mark.parametrize("name", sorted(_SCATTERS))
+def test_scatter_style_ops_are_traced_exactly(name):
+    """index_add, scatter_add, scatter_reduce, scatter, index_copy and index_fill (in place
+    or not) were traced as dense ops: every output on every input, exact: false. How
+    finite-element residuals and graph operators are assembled, so their Jacobians came
+    out dense (a 413 at scale). Each source element now lands where the index says."""
+    fn = _SCATTERS[name]
+    x = torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = trace_jacobian(fn, [x])
+    assert p.source == "traced" and p.exact and not p.value_dependent, p.notes
+    assert p == true_pattern(fn, [x])
+    r = sparse_jacobian(fn, [x], cache=PatternCache(None))
+    np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12, atol=1e-12)
+    h = sparse_hessian(lambda x: (fn(x) ** 2).sum(), [x], cache=PatternCache(None))
+    want = torch.func.hessian(lambda x: (fn(x) ** 2).sum())(x).reshape(x.numel(), -1).numpy()
+    np.testing.assert_allclose(h.matrix.toarray(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_scatter_max_is_a_superset():
+    """amax / amin pass the derivative to the winners only: the pattern keeps every
+    candidate (as max reductions do), never fewer."""
+    fn = lambda x: x.new_zeros(5).scatter_reduce(0, _SEGMENTS, x, "amax", include_self=False)  # noqa: E731
+    x = torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = trace_jacobian(fn, [x])
+    members = _SEGMENTS.numpy()[None, :] == np.arange(5)[:, None]  # row s: the elements of segment s
+    assert p.exact and np.array_equal(p.to_dense(), members)
+    assert not (dense_jacobian(fn, [x]) != 0)[~members].any()
     r = sparse_jacobian(fn, [x], cache=PatternCache(None))
     np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12)

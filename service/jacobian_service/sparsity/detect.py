@@ -104,7 +104,7 @@ _MOVEMENT = frozenset(
     diag_embed diag movedim tile narrow_copy expand_copy view_copy permute_copy
     unsqueeze_copy squeeze_copy transpose_copy slice_copy select_copy t_copy alias_copy
     reflection_pad1d reflection_pad2d reflection_pad3d replication_pad1d replication_pad2d
-    replication_pad3d pixel_shuffle pixel_unshuffle channel_shuffle index_copy
+    replication_pad3d pixel_shuffle pixel_unshuffle channel_shuffle
     masked_scatter unfold_copy _unsafe_index repeat_interleave hstack vstack""".split()
 )
 # Pointwise ops whose derivative is zero everywhere it exists.
@@ -132,6 +132,10 @@ _LINE = frozenset("_softmax _log_softmax sort topk kthvalue softmax log_softmax"
 _SCAN = frozenset("cumsum cumprod logcumsumexp cummax cummin".split())
 _LINEAR_SCAN = frozenset({"cumsum"})
 _MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm".split())
+# Writes of elements of ``src`` (or a fill value) into ``self`` at places an index
+# tensor names along ``dim``: how finite-element residuals and graph operators are
+# assembled (element contributions index_add-ed into global nodes).
+_SCATTER = frozenset("index_add scatter_add scatter_reduce scatter index_copy index_fill".split())
 
 
 def _ones(m: Any) -> Any:
@@ -351,6 +355,8 @@ class _Tracer:
             return self.movement(func, args, kwargs, out)
         if name == "index_put":
             return self.index_put(args, kwargs, out)
+        if name in _SCATTER:
+            return self.scatter(func, name, args, kwargs, out)
         if name in ("max", "min") and func._overloadname == "other":
             return self.pointwise(name, args, kwargs, out)
         if name in _MATMUL:
@@ -598,7 +604,8 @@ class _Tracer:
             return out
         if not _float(target):  # a mask or indices changed in place: still values
             return target
-        if _valued(sources) and not (torch.Tag.pointwise in func.tags or base_name(name) in _LINEAR_POINTWISE):
+        # (the index rules say so themselves, naming the op)
+        if _valued(sources) and not (torch.Tag.pointwise in func.tags or base_name(name) in _LINEAR_POINTWISE | _SCATTER | {"index_put"}):
             self.reads(f"{name}: indices or masks computed from values")
         base = name[:-1] if name.endswith("_") else name
         traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
@@ -616,6 +623,8 @@ class _Tracer:
             fresh = self.wrap(target.value, _empty(target.numel(), self.n))
         elif base == "index_put":
             fresh = self.index_put(args, kwargs, target.value)
+        elif base in _SCATTER:
+            fresh = self.scatter(func, base, args, kwargs, target.value)
         elif torch.Tag.pointwise in func.tags or base in _LINEAR_POINTWISE:
             fresh = self.pointwise(base, args, kwargs, target.value)
         elif base in _MOVEMENT:  # other in-place movement (resize_-like): not traced
@@ -659,6 +668,63 @@ class _Tracer:
         scatter = sp.csr_array((np.ones(dest.size, np.float32), (dest, np.arange(dest.size))), shape=(target.numel(), dest.size))
         deps = _ones(sp.diags_array(keep.astype(np.float32)) @ base + scatter @ vals)
         return self.wrap(result, deps, self.hess_of([target, values]))
+
+    def scatter(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], result: torch.Tensor) -> _Traced:
+        """``index_add``, ``scatter_add``, ``scatter_reduce``, ``scatter``, ``index_copy``,
+        ``index_fill``: each element of ``src`` (or the fill value) lands where the index
+        says; a destination keeps ``self``'s dependencies unless the op replaces it.
+        Destinations come from the index's values: computed from traced values or given
+        as an input, they make the pattern value-dependent; a constant index does not."""
+        named = dict(zip((a.name for a in func._schema.arguments), args))
+        named.update(kwargs)
+        target, dim, index = named["self"], int(named["dim"]), named["index"]
+        src = named.get("src", named.get("source", named.get("value")))
+        if isinstance(index, _Traced):
+            if _valued([index]):
+                self.reads(f"{name}: indices computed from values or given as an input")
+            index = index.value
+        shape = tuple(target.shape)
+        numel = math.prod(shape)
+        dim = dim % max(len(shape), 1)
+        idx = index.reshape(-1).cpu().numpy().astype(np.int64) if index.numel() else np.zeros(0, np.int64)
+        if name.startswith("index_"):  # a 1-D index along dim: whole slices move
+            # source/self positions in (pre, index position, post) layout
+            pre, post = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
+            length = shape[dim] if shape else 1
+            idx = idx % max(length, 1)
+            p, k, q = np.meshgrid(np.arange(pre), np.arange(idx.size), np.arange(post), indexing="ij")
+            dest = ((p * length + idx[k]) * post + q).reshape(-1)
+        else:  # scatter: element p of index (and of src) goes to p with dim replaced by index[p]
+            at = np.indices(tuple(index.shape)).reshape(index.dim(), -1)
+            from_src = np.ravel_multi_index(tuple(at), tuple(src.shape)) if index.dim() and isinstance(src, _Traced) and src.dim() else np.zeros(idx.size, np.int64)
+            if index.dim():
+                at[dim] = idx % max(shape[dim], 1)
+            dest = np.ravel_multi_index(tuple(at), shape) if index.dim() else np.zeros(idx.size, np.int64)
+        if not isinstance(src, _Traced):  # a fill value, a constant source: no dependencies
+            vals = _empty(dest.size, self.n)
+        elif src.numel() == 1 and (src.dim() == 0 or name == "index_fill"):  # one value for every destination
+            vals = self.deps(src, (dest.size,))
+        elif name.startswith("index_"):
+            vals = self.deps(src)
+        else:  # scatter reads only src's leading block of index's shape
+            vals = _select(self.deps(src), from_src)
+        reduce = named.get("reduce")
+        replaces = name in ("scatter", "index_copy", "index_fill") and reduce is None
+        if name == "scatter_reduce" and not named.get("include_self", True):
+            replaces = True  # destinations lose self's value (those no index names keep it)
+        keep = np.ones(numel, bool)
+        if replaces:
+            keep[dest] = False
+        spread = sp.csr_array((np.ones(dest.size, np.float32), (dest, np.arange(dest.size))), shape=(numel, dest.size))
+        deps = _ones(sp.diags_array(keep.astype(np.float32)) @ self.deps(target) + spread @ vals)
+        hess = None
+        if self.hessian:
+            parts = [self.hess_of([target, src])]
+            if reduce is not None and str(reduce) not in ("sum", "add", "mean"):  # prod, amax, multiply: not linear
+                parts.append(self.pairs(deps))
+            parts = [h for h in parts if h is not None]
+            hess = _union(parts, self.n, self.n) if parts else None
+        return self.wrap(result, deps, hess)
 
     def write(self, target: _Traced, fresh: _Traced) -> None:
         root = target.root
