@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -124,7 +125,7 @@ def wrong_declared_h(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("x", shape=("n",))],
           description="Untraceable (it writes into a plain buffer), and a derivative nonzero only where x == 1 exactly.")
 def probed_at_one(x: torch.Tensor) -> torch.Tensor:
-    buf = torch.zeros(x.shape[0] + 1, dtype=x.dtype)
+    buf = torch.from_numpy(np.zeros(x.shape[0] + 1)).to(x.dtype)  # made by numpy: the tracer never sees it made
     buf[1:] = 2 * x  # a traced value into an untraced tensor: tracing gives up, probing runs
     r = torch.roll(x, 1)
     return buf[1:] + torch.where(r == 1.0, r, torch.zeros_like(x))
@@ -151,3 +152,32 @@ def chain_force(x: torch.Tensor) -> torch.Tensor:
         x = x.detach().requires_grad_()
     energy = (x**4).sum() / 4 + (x[:-1] * x[1:]).sum()
     return -torch.autograd.grad(energy, x, create_graph=True)[0]
+
+
+@register(inputs=[Input("u", shape=("n",))],
+          description="A 1-D nonlinear finite-element residual: two-node element residuals index_add-ed into a fresh torch.zeros.")
+def fem_1d(u: torch.Tensor) -> torch.Tensor:
+    n = u.shape[0]
+    e = torch.arange(n - 1)
+    elements = torch.stack([e, e + 1], 1)  # nodes of each element
+    ue = u[elements]
+    flux = (1 + ue.mean(1) ** 2) * (ue[:, 1] - ue[:, 0])
+    contributions = torch.stack([-flux, flux], 1) + ue**3 / 6
+    residual = torch.zeros(n, dtype=u.dtype)
+    residual.index_add_(0, elements.reshape(-1), contributions.reshape(-1))
+    return residual
+
+
+@register(inputs=[Input("u", shape=("ny", "nx"))],
+          description="A 2-D nonlinear residual on a grid of triangles, assembled by index_add_ into a fresh torch.zeros.")
+def fem_2d(u: torch.Tensor) -> torch.Tensor:
+    ny, nx = u.shape
+    i = torch.arange((ny - 1) * (nx - 1))
+    a = (i // (nx - 1)) * nx + i % (nx - 1)  # lower-left node of each grid cell
+    triangles = torch.cat([torch.stack([a, a + 1, a + nx], 1), torch.stack([a + 1, a + nx + 1, a + nx], 1)])
+    ue = u.reshape(-1)[triangles]
+    mean = ue.mean(1, keepdim=True)
+    contributions = (1 + mean**2) * (ue - mean) + ue**3 / 12
+    residual = torch.zeros(ny * nx, dtype=u.dtype)
+    residual.index_add_(0, triangles.reshape(-1), contributions.reshape(-1))
+    return residual.reshape(ny, nx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from jacobian_service.sparsity import (  # noqa: E402
     trace_hessian,
     trace_jacobian,
 )
+
+from tests import sparse_functions as sparse_fem  # noqa: E402
 
 BUILTINS = Registry.from_modules()
 
@@ -141,9 +144,12 @@ def test_no_grad_values_carry_no_dependencies():
     assert trace_jacobian(spec.fn, [x]) == Pattern((9, 9), np.arange(9), np.arange(9))
 
 
+_PLAIN = torch.zeros(8, dtype=torch.float64)
+
+
 def test_probe_fallback_when_tracing_cannot_run():
-    def into_buffer(x):  # writes traced values into a plain tensor: the tracer gives up
-        buf = torch.zeros(x.shape[0] + 1, dtype=x.dtype)
+    def into_buffer(x):  # writes traced values into a copy of a plain tensor: the tracer gives up
+        buf = _PLAIN[: x.shape[0] + 1].clone()
         buf[1:] = x**2
         return buf[:-1] * x
 
@@ -394,9 +400,9 @@ def test_probing_stops_when_check_alive_raises(monkeypatch, tmp_path):
 
     evaluations = []
 
-    def into_buffer(x):  # writes traced values into a plain tensor: tracing fails, probing runs
+    def into_buffer(x):  # writes traced values into a copy of a plain tensor: tracing fails, probing runs
         evaluations.append(1)
-        buf = torch.zeros(x.shape[0] + 1, dtype=x.dtype)
+        buf = _PLAIN[: x.shape[0] + 1].clone()
         buf[1:] = x**2
         return buf[:-1] * x
 
@@ -860,3 +866,86 @@ def test_scatter_max_is_a_superset():
     assert not (dense_jacobian(fn, [x]) != 0)[~members].any()
     r = sparse_jacobian(fn, [x], cache=PatternCache(None))
     np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12)
+
+
+def _interior_writes(x):  # writes through views of a fresh buffer: R[1:-1] += ..., its slice's index_add_
+    R = torch.zeros(x.shape[0] + 2, dtype=x.dtype)
+    R[1:-1].index_add_(0, torch.arange(x.shape[0] - 1), x[1:] * x[:-1])
+    R[1:-1] += x**2
+    return R
+
+
+def _accumulated(x):  # R[idx] += v with repeated nodes: index_put_(accumulate=True) into torch.full
+    R = torch.full((4,), 0.5, dtype=x.dtype)
+    R.index_put_((_SEGMENTS[: x.shape[0]] % 4,), x.sin(), accumulate=True)
+    return R * R
+
+
+def _filled_then_scattered(x):
+    R = torch.empty(5, dtype=x.dtype).fill_(1.0)
+    R.scatter_add_(0, _SEGMENTS[: x.shape[0]], x.exp())
+    return R
+
+
+@pytest.mark.parametrize("fn,shape", [
+    (sparse_fem.fem_1d, (12,)), (sparse_fem.fem_2d, (4, 5)), (_interior_writes, (9,)),
+    (_accumulated, (10,)), (_filled_then_scattered, (10,)),
+], ids=["fem_1d", "fem_2d", "views", "index_put_accumulate", "empty_fill_scatter_add"])
+def test_assembly_into_a_buffer_the_function_makes_is_traced(fn, shape):
+    """``R = torch.zeros(n); R.index_add_(0, elements, contributions)``: how residuals
+    are assembled. The tracer never saw the buffer made (a factory has no traced
+    argument), so the write was 'a traced value into an untraced tensor': tracing gave
+    up, and probing (dense derivatives) ran, a 413 at any real size. Buffers the
+    function makes are now traced, with no dependencies, from the start."""
+    x = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+    p = trace_jacobian(fn, [x])
+    assert p.source == "traced" and p.exact and not p.value_dependent, p.notes
+    assert p == true_pattern(fn, [x])
+    r = sparse_jacobian(fn, [x], cache=PatternCache(None))
+    np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12, atol=1e-12)
+    h = sparse_hessian(lambda x: (fn(x) ** 2).sum(), [x], cache=PatternCache(None))
+    want = torch.func.hessian(lambda x: (fn(x) ** 2).sum())(x).reshape(x.numel(), -1).numpy()
+    np.testing.assert_allclose(h.matrix.toarray(), want, rtol=1e-10, atol=1e-12)
+
+
+def _scaled_by_a_constant(x):
+    c = torch.linspace(1, 2, x.shape[0], dtype=x.dtype)
+    if c.sum() > 0:  # a constant the function made: reading it reads no input value
+        c = c * 2
+    return torch.eye(x.shape[0], dtype=x.dtype) @ x * c  # its zeros are the same at every point
+
+
+def test_constants_the_function_makes_read_no_input_values():
+    x = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = trace_jacobian(_scaled_by_a_constant, [x])
+    assert p.exact and not p.value_dependent and p == Pattern((6, 6), np.arange(6), np.arange(6)), p.notes
+
+
+@functools.lru_cache
+def _laplacian(n):  # a helper that caches a matrix it builds from torch.zeros
+    K = torch.zeros(n, n, dtype=torch.float64)
+    i = torch.arange(n)
+    K[i, i] = 2.0
+    K[i[:-1], i[1:]] = -1.0
+    K[i[1:], i[:-1]] = -1.0
+    return K
+
+
+def _cached_operator(x):
+    return _laplacian(x.shape[0]) @ x + x**3
+
+
+def test_a_buffer_kept_past_the_trace_is_a_plain_tensor():
+    """A buffer the function made while traced and kept (functools.cache) is a plain
+    constant to every later call: plain results, jacrev's derivative, and later traces
+    read it as a constant."""
+    _laplacian.cache_clear()
+    x = torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = trace_jacobian(_cached_operator, [x])  # the first call: the cache is filled while traced
+    assert p.exact and not p.value_dependent and p == true_pattern(_cached_operator, [x])
+    out = _cached_operator(x)
+    assert type(out) is torch.Tensor
+    np.testing.assert_allclose(out.numpy(), (_laplacian.__wrapped__(7) @ x + x**3).numpy())
+    np.testing.assert_allclose(dense_jacobian(_cached_operator, [x]), _laplacian.__wrapped__(7).numpy() + np.diag(3 * x.numpy() ** 2))
+    assert trace_jacobian(_cached_operator, [x]) == p
+    _laplacian.cache_clear()

@@ -55,8 +55,16 @@ depends on every element of its inputs (``exact=False``, a note names it).
 
 Values computed under ``torch.no_grad`` carry no dependencies (the service never
 differentiates through them); a tensor written in place under ``torch.no_grad`` keeps
-the dependencies it had (autograd does not see the write: ``x`` stays the leaf). When tracing cannot run the function (it calls
-``.numpy()``, writes traced values into a plain tensor, ...), :func:`probe` unions the
+the dependencies it had (autograd does not see the write: ``x`` stays the leaf).
+
+Float tensors the function makes from nothing (``torch.zeros(n)``, ``torch.full``) are
+traced too, as constants with no dependencies, so that assembling into one in place
+(``R.index_add_(0, elements, contributions)``, ``R[1:-1] += v``) is traced; reading a
+constant's values (a branch on it, its zeros in a product) reads nothing of the inputs.
+One the function keeps past its trace (a cached helper) is a plain tensor from then on.
+
+When tracing cannot run the function (it calls
+``.numpy()``, writes traced values into a tensor made elsewhere, ...), :func:`probe` unions the
 nonzeros of dense derivatives at random points instead, and says so (``source="probe"``:
 it can miss entries that vanish at every probed point).
 """
@@ -73,6 +81,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import exception_text
 from .patterns import Pattern, PatternTooLarge, check_entries as _check_entries, entry_limit
@@ -171,10 +180,14 @@ def _union(mats: Sequence[Any], rows: int, cols: int) -> Any:
 class _Root:
     """What a tensor and all its views share: per-element deps and Hessian pairs."""
 
-    def __init__(self, value: torch.Tensor, deps: Any, hess: Any = None) -> None:
+    def __init__(self, value: torch.Tensor, deps: Any, hess: Any = None, const: bool = False) -> None:
         self.value = value
         self.deps = deps
         self.hess = hess
+        # Made by the function from nothing traced (``torch.zeros(n)``) and since computed
+        # or written from such tensors only: its values are the same at every point, so
+        # reading them says nothing about the inputs' values.
+        self.const = const
         self._labels: torch.Tensor | None = None
 
     def labels(self) -> torch.Tensor:
@@ -222,8 +235,18 @@ class _Traced(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        traced = [a for a in pytree.tree_leaves((args, kwargs or {})) if isinstance(a, _Traced)]
-        return traced[0].tracer.dispatch(func, args, kwargs or {})
+        kwargs = kwargs or {}
+        traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
+        live = [a for a in traced if not a.tracer.done]
+        if len(live) < len(traced):
+            # Kept by the function past its trace (a buffer it caches: ``functools.cache``
+            # on a helper that builds a matrix from ``torch.zeros``): a plain constant now.
+            first = args[0] if args else None
+            args, kwargs = pytree.tree_map(lambda a: a.value if isinstance(a, _Traced) and a.tracer.done else a, (args, kwargs))
+            if not live:
+                out = func(*args, **kwargs)
+                return first if isinstance(first, _Traced) and _writes_first(func) else out
+        return live[0].tracer.dispatch(func, args, kwargs)
 
 
 class _Tracer:
@@ -240,6 +263,7 @@ class _Tracer:
         # What check_alive raised: the trace re-raises it even if the user's function
         # caught it, or failed in another way on its way out.
         self.stopped: BaseException | None = None
+        self.done = False  # the trace is over: tensors the function kept are plain constants
 
     def alive(self) -> None:
         """The caller's ``check_alive``, at most every ``_CHECK_EVERY_S``."""
@@ -309,13 +333,18 @@ class _Tracer:
         self.alive()
         if _op(func) in _LAYOUT_INPLACE and args and isinstance(args[0], _Traced):
             return self.relayout(func, args, kwargs)
+        traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
+        if all(t.root.const for t in traced):
+            return self.constant(func, args, kwargs, traced)
         unwrapped_args, unwrapped_kwargs = pytree.tree_map(
             lambda a: a.value if isinstance(a, _Traced) else a, (args, kwargs)
         )
         out = func(*unwrapped_args, **unwrapped_kwargs)
         name = _op(func)
         schema = func._schema
-        mutated = schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write if schema.arguments else False
+        mutated = _writes_first(func)
+        if mutated and isinstance(args[0], _Traced):  # written from traced values: no longer the same at every point
+            args[0].root.const = False
         custom = _custom_function()
         if custom is not None:
             result = self.opaque(custom, func, args, kwargs, out, mutated)
@@ -371,6 +400,26 @@ class _Tracer:
             except RuntimeError:  # shapes that do not broadcast elementwise (complex views)
                 return self.dense(name, traced, out)
         return self.dense(name, traced, out)
+
+    def constant(self, func: Any, args: Any, kwargs: dict[str, Any], traced: Sequence[_Traced]) -> Any:
+        """An op on constants only (a buffer the function made, and what it computed from
+        it): no dependencies, and nothing it reads is a value of the inputs. Float
+        results stay traced (a buffer written in place later gets dependencies); a view
+        shares its base's root, so that a write through it reaches the base."""
+        unwrapped_args, unwrapped_kwargs = pytree.tree_map(lambda a: a.value if isinstance(a, _Traced) else a, (args, kwargs))
+        out = func(*unwrapped_args, **unwrapped_kwargs)
+        schema = func._schema
+        if _writes_first(func) and isinstance(args[0], _Traced):
+            return args[0]  # in place: same tensor, same (no) dependencies
+        is_view = bool(schema.returns) and schema.returns[0].alias_info is not None
+        roots = {id(t.root): t.root for t in traced}
+        shared = next(iter(roots.values())) if is_view and len(roots) == 1 else None
+        leaves, spec = pytree.tree_flatten(out)
+        wrapped = [(_Traced(o, shared, self) if shared is not None else self.constant_tensor(o)) if _float(o) else o for o in leaves]
+        return pytree.tree_unflatten(wrapped, spec)
+
+    def constant_tensor(self, o: torch.Tensor) -> _Traced:
+        return _Traced(o, _Root(o, _empty(o.numel(), self.n), const=True), self)
 
     # ------------------------------------------------------------------ rules
     def dense(self, name: str, traced: Sequence[_Traced], out: Any) -> Any:
@@ -558,7 +607,7 @@ class _Tracer:
         # Zeros of an operand that varies with the inputs (a non-differentiated input, a
         # value computed without dependencies) are structural at this point only.
         for operand, mask, other in ((a, mask_a, db), (b, mask_b, da)):
-            if isinstance(operand, _Traced) and other.nnz and not mask.all():
+            if isinstance(operand, _Traced) and not operand.root.const and other.nnz and not mask.all():
                 self.reads(f"{name}: zeros of an operand that varies with the inputs")
         size = nb * m * n
         parts = []
@@ -752,6 +801,12 @@ def _tagged(func: Any, tag: Any) -> bool:
     return tag in tags
 
 
+def _writes_first(func: Any) -> bool:
+    """The op writes into its first argument (``x.add_(y)``, ``x.index_add_(...)``)."""
+    arguments = func._schema.arguments
+    return bool(arguments) and arguments[0].alias_info is not None and arguments[0].alias_info.is_write
+
+
 def base_name(name: str) -> str:
     """``mul`` for ``mul_``."""
     return name[:-1] if name.endswith("_") else name
@@ -819,6 +874,25 @@ def _dims(func: Any, args: Any, kwargs: dict[str, Any], ndim: int) -> tuple[int,
     return tuple(sorted(int(v) % max(ndim, 1) for v in values)) if ndim else ()
 
 
+class _Fresh(TorchDispatchMode):
+    """Traces the float tensors the function makes from nothing (``torch.zeros(n)``,
+    ``torch.full``, ``torch.empty``) as constants, so that writing traced values into
+    them in place (``r.index_add_(0, elements, contributions)``: how residuals are
+    assembled) is traced rather than untraceable. Every other op passes through."""
+
+    def __init__(self, tracer: "_Tracer") -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and _float(out) and not isinstance(out, _Traced) and not func._schema.returns[0].alias_info \
+                and not any(isinstance(a, torch.Tensor) for a in pytree.tree_leaves((args, kwargs))):
+            return self.tracer.constant_tensor(out)
+        return out
+
+
 _LOCK = threading.Lock()  # one trace at a time: torch dispatch state is per thread, ours per call
 
 
@@ -856,7 +930,7 @@ def _trace(
         offset += size
     _locked(check_alive)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _Fresh(tracer):
             out = fn(*full)
     except BaseException as exc:
         if tracer.stopped is not None and exc is not tracer.stopped:
@@ -865,6 +939,7 @@ def _trace(
             raise
         raise TraceError(f"{type(exc).__name__}: {exception_text(exc)}") from exc
     finally:
+        tracer.done = True
         _LOCK.release()
     if tracer.stopped is not None:  # the function caught it and went on: still stop
         raise tracer.stopped
