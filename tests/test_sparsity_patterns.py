@@ -221,6 +221,21 @@ def test_hostile_sparse_bodies_are_refused():
         wire.read_sparse_npz(wire.write_npz({"jacobian": np.zeros(3)}, {}))  # dense body: no format
 
 
+@pytest.mark.parametrize("fmt", ["csr", "coo"])
+def test_a_sparse_matrix_past_the_dense_element_limit_reads_back(fmt):
+    """A 10^5-unknown sparse Jacobian (3 x 10^5 entries) is 10^10 elements dense: the
+    readers refused its shape by the dense element limit ('over the limit of 268435456
+    elements'), though scipy's load_npz reads the same body. Its entries are bounded."""
+    n = 100_000
+    m = sp.diags_array([np.ones(n - 1), np.arange(n, dtype=np.float64), np.ones(n - 1)], offsets=[-1, 0, 1], format=fmt)
+    for got in (wire.read_sparse_npz(wire.write_sparse_npz(m))[0], wire.read_sparse_result_npz(wire.write_sparse_npz(m))[0],
+                wire.decode_sparse_json(wire.loads(wire.dumps(wire.encode_sparse_json(m))))):
+        assert got.shape == (n, n) and got.nnz == m.nnz and (got != m).nnz == 0
+    small = wire.Limits(max_elements=1000)  # the entries still count
+    with pytest.raises(wire.WireError, match="more than 1000 elements"):
+        wire.decode_sparse_json(wire.encode_sparse_json(sp.diags_array(np.ones(2000), format=fmt)), small)
+
+
 def test_wire_module_does_not_import_scipy():
     import subprocess
     import sys

@@ -224,10 +224,12 @@ def _np_dtype(name: str) -> np.dtype:
 _INT64_MAX = 2**63 - 1
 
 
-def _check_shape(shape: Any, limits: Limits) -> tuple[int, ...]:
+def _check_shape(shape: Any, limits: Limits, dense: bool = True) -> tuple[int, ...]:
     """A shape's dimensions as Python ints, each within int64, whose non-zero
     dimensions multiply to at most ``max_elements``: an array with a zero dimension
-    holds nothing, but numpy still refuses one whose other dimensions overflow."""
+    holds nothing, but numpy still refuses one whose other dimensions overflow.
+    A sparse matrix (``dense=False``) holds only its entries, which its readers bound:
+    its m x n may pass the limit (a 10^5-unknown Jacobian is 10^10 elements dense)."""
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in shape
     ):
@@ -238,7 +240,7 @@ def _check_shape(shape: Any, limits: Limits) -> tuple[int, ...]:
         raise WireError(f"negative dimension in shape {shape}", "invalid_input")
     if any(d > _INT64_MAX for d in shape):
         raise WireError(f"shape {shape} has a dimension beyond int64", "invalid_input")
-    if math.prod(d for d in shape if d) > limits.max_elements:
+    if dense and math.prod(d for d in shape if d) > limits.max_elements:
         raise WireError(
             f"shape {shape} is over the limit of {limits.max_elements} elements", "payload_too_large"
         )
@@ -1103,7 +1105,7 @@ def decode_sparse_json(obj: Any, limits: Limits = Limits(), as_scipy: bool | Non
     unknown = set(obj) - {"format", "shape", "dtype", "data", *_SPARSE_FIELDS[fmt]}
     if unknown:
         raise WireError(f"unknown sparse keys {sorted(unknown)}", "invalid_input")
-    shape = _check_shape(obj["shape"], limits)
+    shape = _check_shape(obj["shape"], limits, dense=False)
     dtype = _np_dtype(obj.get("dtype", "float64"))
     arrays = {"data": _from_numbers(obj["data"], dtype, limits).reshape(-1)}
     for name in _SPARSE_FIELDS[fmt]:
@@ -1203,7 +1205,7 @@ def _sparse_from_members(members: dict[str, bytes], limits: Limits, as_scipy: bo
     if set(arrays) != need:
         raise WireError(f"sparse {fmt} .npz needs members {sorted(need)}, got {sorted(arrays)}")
     shape = tuple(int(d) for d in arrays.pop("shape").reshape(-1))
-    _check_shape(list(shape), limits)
+    _check_shape(list(shape), limits, dense=False)
     _check_sparse(fmt, shape, arrays, limits)
     return _to_matrix(fmt, shape, arrays, as_scipy)  # type: ignore[arg-type]
 
