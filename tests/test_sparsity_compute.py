@@ -833,10 +833,16 @@ _SCATTERS = {
     "index_fill": lambda x: x.reshape(2, 5).index_fill(1, torch.tensor([0, 3]), 1.5) * x.reshape(2, 5),
     "index_fill_tensor": lambda x: x.reshape(2, 5).index_fill(1, torch.tensor([0, 3]), x[4]) * x.reshape(2, 5),
     "index_put_accumulate": lambda x: x.new_zeros(5).index_put_((_SEGMENTS,), x.cos(), accumulate=True),
+    "index_reduce_prod": lambda x: x.new_ones(5).index_reduce(0, _SEGMENTS, x, "prod"),
+    "index_reduce_mean": lambda x: x.new_ones(5).index_reduce(0, _SEGMENTS, x * x, "mean", include_self=False),
+    "put": lambda x: x.new_zeros(6).put(torch.tensor([0, 5, 5, 2]), x[:4] ** 2, accumulate=True),
+    "put_": lambda x: (x * 1).put_(torch.tensor([0, -1, 3]), x[5:8].sin()) * x,
+    "embedding": lambda x: torch.nn.functional.embedding(torch.tensor([[0, 2], [4, 4]]), x.reshape(5, 2)).sin(),
 }
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over index_copy_, scatter_ (torch's own)
+@pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta")
 @pytest.mark.parametrize("name", sorted(_SCATTERS))
 def test_scatter_style_ops_are_traced_exactly(name):
     """index_add, scatter_add, scatter_reduce, scatter, index_copy and index_fill (in place
@@ -850,6 +856,8 @@ def test_scatter_style_ops_are_traced_exactly(name):
     assert p == true_pattern(fn, [x])
     r = sparse_jacobian(fn, [x], cache=PatternCache(None))
     np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12, atol=1e-12)
+    if name.startswith("index_reduce"):  # torch has no forward AD for it: no torch.func.hessian either
+        return
     h = sparse_hessian(lambda x: (fn(x) ** 2).sum(), [x], cache=PatternCache(None))
     want = torch.func.hessian(lambda x: (fn(x) ** 2).sum())(x).reshape(x.numel(), -1).numpy()
     np.testing.assert_allclose(h.matrix.toarray(), want, rtol=1e-10, atol=1e-12)

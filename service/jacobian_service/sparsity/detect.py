@@ -113,7 +113,7 @@ _MOVEMENT = frozenset(
     diag_embed diag movedim tile narrow_copy expand_copy view_copy permute_copy
     unsqueeze_copy squeeze_copy transpose_copy slice_copy select_copy t_copy alias_copy
     reflection_pad1d reflection_pad2d reflection_pad3d replication_pad1d replication_pad2d
-    replication_pad3d pixel_shuffle pixel_unshuffle channel_shuffle
+    replication_pad3d pixel_shuffle pixel_unshuffle channel_shuffle embedding
     masked_scatter unfold_copy _unsafe_index repeat_interleave hstack vstack""".split()
 )
 # Pointwise ops whose derivative is zero everywhere it exists.
@@ -144,7 +144,7 @@ _MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm".split())
 # Writes of elements of ``src`` (or a fill value) into ``self`` at places an index
 # tensor names along ``dim``: how finite-element residuals and graph operators are
 # assembled (element contributions index_add-ed into global nodes).
-_SCATTER = frozenset("index_add scatter_add scatter_reduce scatter index_copy index_fill".split())
+_SCATTER = frozenset("index_add index_reduce scatter_add scatter_reduce scatter index_copy index_fill put".split())
 
 
 def _ones(m: Any) -> Any:
@@ -719,14 +719,14 @@ class _Tracer:
         return self.wrap(result, deps, self.hess_of([target, values]))
 
     def scatter(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], result: torch.Tensor) -> _Traced:
-        """``index_add``, ``scatter_add``, ``scatter_reduce``, ``scatter``, ``index_copy``,
-        ``index_fill``: each element of ``src`` (or the fill value) lands where the index
+        """``index_add``, ``index_reduce``, ``scatter_add``, ``scatter_reduce``, ``scatter``,
+        ``index_copy``, ``index_fill``, ``put``: each element of ``src`` (or the fill value) lands where the index
         says; a destination keeps ``self``'s dependencies unless the op replaces it.
         Destinations come from the index's values: computed from traced values or given
         as an input, they make the pattern value-dependent; a constant index does not."""
         named = dict(zip((a.name for a in func._schema.arguments), args))
         named.update(kwargs)
-        target, dim, index = named["self"], int(named["dim"]), named["index"]
+        target, dim, index = named["self"], int(named.get("dim", 0)), named["index"]
         src = named.get("src", named.get("source", named.get("value")))
         if isinstance(index, _Traced):
             if _valued([index]):
@@ -736,7 +736,9 @@ class _Tracer:
         numel = math.prod(shape)
         dim = dim % max(len(shape), 1)
         idx = index.reshape(-1).cpu().numpy().astype(np.int64) if index.numel() else np.zeros(0, np.int64)
-        if name.startswith("index_"):  # a 1-D index along dim: whole slices move
+        if name == "put":  # indices into self flattened (negative ones count from the end)
+            dest = idx % max(numel, 1)
+        elif name.startswith("index_"):  # a 1-D index along dim: whole slices move
             # source/self positions in (pre, index position, post) layout
             pre, post = math.prod(shape[:dim]), math.prod(shape[dim + 1 :])
             length = shape[dim] if shape else 1
@@ -753,13 +755,13 @@ class _Tracer:
             vals = _empty(dest.size, self.n)
         elif src.numel() == 1 and (src.dim() == 0 or name == "index_fill"):  # one value for every destination
             vals = self.deps(src, (dest.size,))
-        elif name.startswith("index_"):
+        elif name.startswith("index_") or name == "put":
             vals = self.deps(src)
         else:  # scatter reads only src's leading block of index's shape
             vals = _select(self.deps(src), from_src)
         reduce = named.get("reduce")
-        replaces = name in ("scatter", "index_copy", "index_fill") and reduce is None
-        if name == "scatter_reduce" and not named.get("include_self", True):
+        replaces = name in ("scatter", "index_copy", "index_fill") and reduce is None or name == "put" and not named.get("accumulate", False)
+        if name in ("scatter_reduce", "index_reduce") and not named.get("include_self", True):
             replaces = True  # destinations lose self's value (those no index names keep it)
         keep = np.ones(numel, bool)
         if replaces:
