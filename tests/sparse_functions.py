@@ -181,3 +181,12 @@ def fem_2d(u: torch.Tensor) -> torch.Tensor:
     residual = torch.zeros(ny * nx, dtype=u.dtype)
     residual.index_add_(0, triangles.reshape(-1), contributions.reshape(-1))
     return residual.reshape(ny, nx)
+
+
+_SEGMENTS = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3, 3])
+
+
+@register(inputs=[Input("x", shape=(10,))],
+          description="Sum of squared segment products by index_reduce, which has no forward AD in torch.")
+def segment_products(x: torch.Tensor) -> torch.Tensor:
+    return (x.new_ones(4).index_reduce(0, _SEGMENTS, x, "prod") ** 2).sum()

@@ -146,6 +146,24 @@ def test_npz_request_carries_the_option_in_the_query(client):
     np.testing.assert_allclose(J.toarray(), jac(sf.xy_product, x, y, argnums=(0, 1)), rtol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta")
+def test_a_sparse_hessian_through_an_op_without_forward_ad_equals_the_dense_one(client):
+    """index_reduce has no forward AD: the star products (forward over reverse) failed,
+    a 500, where the dense Hessian falls back to reverse over reverse. The sparse one
+    now falls back too."""
+    x = RNG.uniform(0.5, 1.5, size=10)
+    url, head = "/v1/functions/segment_products/hessian", {"content-type": wire.NPY}
+    dense = client.post(url, content=npy_bytes(x), headers={**head, "accept": wire.NPY})
+    assert dense.status_code == 200, dense.text
+    r = client.post(f"{url}?sparsity=auto", content=npy_bytes(x), headers={**head, "accept": wire.NPZ})
+    H = load_npz(r)
+    want = torch.func.jacrev(torch.func.jacrev(sf.segment_products))(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(H.toarray(), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.load(io.BytesIO(dense.content)), want, rtol=1e-12, atol=1e-12)
+    meta = json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read("meta.json"))
+    assert meta["exact"] and meta["products"] < 10
+
+
 def test_sparse_hessian_detected_and_declared(client):
     x = RNG.standard_normal(16)
     for name, sparsity in (("rosenbrock", "auto"), ("rosen_declared", "tridiagonal")):

@@ -385,7 +385,9 @@ def _split(seeds: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tens
 def _product_at(mode: str, fn: Callable[..., Any], argnums: tuple[int, ...], has_aux: bool) -> Callable[..., Callable[..., torch.Tensor]]:
     """``at(*args)`` -> ``product(*seed)``: one compressed product at one point, a flat
     row. fwd: a JVP (seed: one tangent per differentiated input); rev: a VJP (seed: one
-    cotangent of the flat output); star: a Hessian-vector product, forward over reverse.
+    cotangent of the flat output); star: a Hessian-vector product, forward over reverse;
+    star_rev: the same product reverse over reverse (``H v = (v^T H)^T``), for functions
+    with an op that has no forward AD (index_reduce), as the dense Hessian falls back.
     The point is an argument, not a closure, so request batching can vmap over it."""
 
     def at(*args: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -398,6 +400,9 @@ def _product_at(mode: str, fn: Callable[..., Any], argnums: tuple[int, ...], has
             _, pullback = torch.func.vjp(g, *fresh(primals))  # one forward pass for every seed
             return lambda t: torch.cat([gr.reshape(-1) for gr in pullback(t)])
         grad = torch.func.grad(lambda *d: g(*d).sum(), argnums=tuple(range(len(primals))))
+        if mode == "star_rev":
+            _, pullback = torch.func.vjp(grad, *fresh(primals))  # one gradient pass for every seed
+            return lambda *t: torch.cat([h.reshape(-1) for h in pullback(tuple(t))])
         return lambda *t: torch.cat([h.reshape(-1) for h in torch.func.jvp(grad, tuple(fresh(primals)), t)[1]])
 
     return at
@@ -604,7 +609,16 @@ def sparse_hessian(
     t1 = time.perf_counter()
     plan = _products(p, coloring, primals, 1)
     run = _single(_product_at("star", fn, argnums, has_aux), args)
-    block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
+    try:
+        block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
+    except Exception as exc:
+        if _is_oom(exc):
+            raise
+        # An op without forward AD: the same products by reverse over reverse, as the
+        # dense Hessian falls back (where that fails too, its error is the answer).
+        log.info("forward-over-reverse Hessian products failed (%s); using reverse over reverse", type(exc).__name__)
+        run = _single(_product_at("star_rev", fn, argnums, has_aux), args)
+        block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
     matrix = _to_csr(p, plan.values(p, block))
     if _proven_wrong(p, coloring, plan, block, matrix, run, None):
         matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "hessian")
