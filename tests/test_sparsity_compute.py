@@ -957,3 +957,23 @@ def test_a_buffer_kept_past_the_trace_is_a_plain_tensor():
     np.testing.assert_allclose(dense_jacobian(_cached_operator, [x]), _laplacian.__wrapped__(7).numpy() + np.diag(3 * x.numpy() ** 2))
     assert trace_jacobian(_cached_operator, [x]) == p
     _laplacian.cache_clear()
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x / x.sum(),
+    lambda x: torch.empty_like(x).fill_(x.sum()),
+    lambda x: x.index_fill(0, torch.arange(x.shape[0]), x.sum()),
+], ids=["div_sum", "fill_", "index_fill"])
+def test_a_row_broadcast_past_the_limit_is_refused_before_it_is_built(fn, monkeypatch):
+    """``x / x.sum()`` broadcasts the sum's row (every input) to every element: n^2
+    entries, counted only once built. At n = 10^5 that is 10^10 entries (over 100 GB)
+    in the engine before the 413. Now counted before they are gathered."""
+    from jacobian_service.sparsity import detect
+    from jacobian_service.sparsity.patterns import PatternTooLarge, entry_limit
+
+    built = []
+    real = detect._ones
+    monkeypatch.setattr(detect, "_ones", lambda m: built.append(int(m.nnz)) or real(m))  # every matrix the tracer builds
+    with entry_limit(1000), pytest.raises(PatternTooLarge, match="10,000 entries"):
+        trace_jacobian(fn, [torch.rand(100, dtype=torch.float64)])
+    assert max(built) <= 1000

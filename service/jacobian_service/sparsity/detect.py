@@ -161,8 +161,11 @@ def _empty(rows: int, cols: int) -> Any:
 
 
 def _select(deps: Any, src: np.ndarray) -> Any:
-    """Rows ``src`` of ``deps``; ``-1`` gives an empty row."""
+    """Rows ``src`` of ``deps``; ``-1`` gives an empty row. Counted before they are
+    gathered: a row repeated (``x / x.sum()`` broadcasts the sum's row to every element)
+    could otherwise build far more entries than the limit before any check."""
     valid = src >= 0
+    _check_entries(int(np.diff(deps.indptr)[src[valid]].sum()), "a traced tensor")
     if valid.all():
         return _ones(deps[src]) if src.size else _empty(0, deps.shape[1])
     idx = np.flatnonzero(valid)
