@@ -249,7 +249,7 @@ class _Traced(torch.Tensor):
             if not live:
                 out = func(*args, **kwargs)
                 return first if isinstance(first, _Traced) and _writes_first(func) else out
-        return live[0].tracer.dispatch(func, args, kwargs)
+        return live[0].tracer.dispatch(func, args, kwargs, live)
 
 
 class _Tracer:
@@ -332,11 +332,11 @@ class _Tracer:
         return _Traced(value, _Root(value, _ones(deps), hess if self.hessian else None), self)
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+    def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any], traced: Sequence[_Traced]) -> Any:
+        """``func`` on ``args``, ``traced`` being the traced tensors among them."""
         self.alive()
         if _op(func) in _LAYOUT_INPLACE and args and isinstance(args[0], _Traced):
             return self.relayout(func, args, kwargs)
-        traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
         if all(t.root.const for t in traced):
             return self.constant(func, args, kwargs, traced)
         unwrapped_args, unwrapped_kwargs = pytree.tree_map(
