@@ -26,6 +26,7 @@ from jacobian_service.sparsity import (  # noqa: E402
     trace_jacobian,
 )
 
+from jacobian_service.sparsity.detect import TraceError  # noqa: E402
 from tests import sparse_functions as sparse_fem  # noqa: E402
 
 BUILTINS = Registry.from_modules()
@@ -977,3 +978,26 @@ def test_a_row_broadcast_past_the_limit_is_refused_before_it_is_built(fn, monkey
     with entry_limit(1000), pytest.raises(PatternTooLarge, match="10,000 entries"):
         trace_jacobian(fn, [torch.rand(100, dtype=torch.float64)])
     assert max(built) <= 1000
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x * torch.from_numpy(np.cumsum(torch.ones(x.shape[0], dtype=x.dtype).numpy())),
+    lambda x: x * sum(torch.ones(3).tolist()),
+    lambda x: x * float(np.asarray(torch.full((1,), 2.0)).sum()),
+], ids=["numpy", "tolist", "asarray"])
+def test_a_constant_the_function_makes_can_be_read_out(fn):
+    """Constants the function makes are traced (so that writes into them are): reading
+    one out to numpy or Python reads no input value, and tracing goes on."""
+    x = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = trace_jacobian(fn, [x])
+    assert p.exact and not p.value_dependent and p == Pattern((6, 6), np.arange(6), np.arange(6))
+
+
+def test_reading_out_a_buffer_written_from_the_inputs_is_not_traced():
+    def fn(x):
+        r = torch.zeros(x.shape[0], dtype=x.dtype)
+        r.index_add_(0, torch.arange(x.shape[0]), x)
+        return x * float(r.numpy().sum())  # values that vary with x, read where the tracer cannot follow
+
+    with pytest.raises(TraceError, match="numpy"):
+        trace_jacobian(fn, [torch.rand(4, dtype=torch.float64)])

@@ -227,6 +227,18 @@ class _Traced(torch.Tensor):
     def __repr__(self) -> str:  # never print through dispatch
         return f"_Traced({tuple(self.shape)}, {self.dtype})"
 
+    def _plain(self) -> bool:
+        """A constant (made by the function from nothing), or kept past its trace: its
+        values are the same at every point, so reading them out is no value read."""
+        return self.root.const or self.tracer.done
+
+    def numpy(self, *args: Any, **kwargs: Any) -> np.ndarray:  # type: ignore[override]
+        # (np.asarray goes through here too)
+        return self.value.numpy(*args, **kwargs) if self._plain() else super().numpy(*args, **kwargs)
+
+    def tolist(self) -> Any:  # type: ignore[override]
+        return self.value.tolist() if self._plain() else super().tolist()
+
     @property
     def requires_grad(self) -> bool:  # type: ignore[override]
         """What the same tensor says under jacrev: True when computed from the
