@@ -430,7 +430,8 @@ class _Tracer:
         roots = {id(t.root): t.root for t in traced}
         shared = next(iter(roots.values())) if is_view and len(roots) == 1 else None
         leaves, spec = pytree.tree_flatten(out)
-        wrapped = [(_Traced(o, shared, self) if shared is not None else self.constant_tensor(o)) if _float(o) else o for o in leaves]
+        wrapped = [(_Traced(o, shared, self) if shared is not None else self.constant_tensor(o)) if _float(o) and _strided(o) else o
+                   for o in leaves]
         return pytree.tree_unflatten(wrapped, spec)
 
     def constant_tensor(self, o: torch.Tensor) -> _Traced:
@@ -849,6 +850,12 @@ def _fill_value(args: Any) -> "_Traced | None":
     return value if isinstance(value, _Traced) and _float(value) else None
 
 
+def _strided(o: torch.Tensor) -> bool:
+    """A dense tensor: the tracer's wrapper holds no other layout (``to_sparse()`` of a
+    constant stays a plain tensor)."""
+    return o.layout == torch.strided
+
+
 def _float(o: Any) -> bool:
     """Tensors that can carry a derivative (complex ones too: fft, view_as_real, ...)."""
     return isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex())
@@ -904,7 +911,7 @@ class _Fresh(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if isinstance(out, torch.Tensor) and _float(out) and not isinstance(out, _Traced) and not func._schema.returns[0].alias_info \
+        if isinstance(out, torch.Tensor) and _float(out) and _strided(out) and not isinstance(out, _Traced) and not func._schema.returns[0].alias_info \
                 and not any(isinstance(a, torch.Tensor) for a in pytree.tree_leaves((args, kwargs))):
             return self.tracer.constant_tensor(out)
         return out
