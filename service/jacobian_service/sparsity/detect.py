@@ -12,6 +12,9 @@ SparseConnectivityTracer.jl and asdex:
   elements it is computed from;
 - data movement (views, slices, cat, gather, index, roll, pad, ...): the op itself is
   run on tensors of element labels, which says where each element came from, exactly;
+- scatter-style writes (``index_add``, ``scatter_add``, ``scatter_reduce``, ``scatter``,
+  ``index_copy``, ``index_fill``, ``put``, ``index_put``): each source element lands
+  where the index says, beside (or in place of) what the destination held;
 - reductions, scans and softmax-like ops: the elements along the reduced dimensions;
 - matrix products: the contracted elements, skipping structural zeros of operands that
   do not depend on the input (constant matrices with zeros stay sparse);
