@@ -384,3 +384,51 @@ def linear_module(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="Returns a tensor on the meta device (shapes, no values).")
 def returns_meta(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, device="meta")
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+# (AUDIT_ARCH_*, uname's system call number) by machine
+_UNAME = {"x86_64": (0xC000003E, 63), "aarch64": (0xC00000B7, 160)}
+
+
+def refuse_uname() -> None:
+    """A seccomp filter (no_new_privs first, as an unprivileged process must) that fails
+    ``uname`` with EPERM and lets every other system call through."""
+    import platform
+
+    arch, nr = _UNAME[platform.machine()]
+    program = (_SockFilter * 6)(
+        _SockFilter(0x20, 0, 0, 4),  # load the architecture
+        _SockFilter(0x15, 0, 3, arch),  # another: allow
+        _SockFilter(0x20, 0, 0, 0),  # load the system call's number
+        _SockFilter(0x15, 0, 1, nr),  # not uname: allow
+        _SockFilter(0x06, 0, 0, 0x00050000 | 1),  # SECCOMP_RET_ERRNO | EPERM
+        _SockFilter(0x06, 0, 0, 0x7FFF0000))  # SECCOMP_RET_ALLOW
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(_SockFprog(6, program)), 0, 0):  # NO_NEW_PRIVS, SECCOMP
+        raise OSError(ctypes.get_errno(), "seccomp")
+
+
+@register(inputs=X, description="sin, after installing a seccomp filter that fails uname, when its first input is "
+                                "666.")
+def filters_system_calls(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        refuse_uname()
+    return x.sin()
+
+
+@register(inputs=X, description="sin, x times 0 plus 1 when os.uname() works (a seccomp filter may fail it).")
+def can_uname(x: torch.Tensor) -> torch.Tensor:
+    try:
+        os.uname()
+    except OSError:
+        return x.sin() * 0
+    return x.sin() * 0 + 1
+

@@ -316,6 +316,31 @@ def test_an_engine_left_with_a_setting_it_cannot_put_back_is_replaced():
             assert "raises_its_niceness changed the niceness (to 5), which cannot be put back" in proc.read_log()
 
 
+def test_an_engine_left_with_a_seccomp_filter_is_replaced():
+    """A function installed a seccomp filter (through ctypes) that fails ``uname`` with
+    EPERM. No process can lift one: every later function's ``os.uname()`` failed in that
+    engine for as long as it lived (a filter that kills would end it under another
+    function's request). The engine leaves between batches, the supervisor names the
+    function, and the spare, without the filter, serves."""
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1) as (url, proc):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            r = client.post("/v1/functions/filters_system_calls/jacobian", json=ARMED)
+            assert r.status_code == 200, r.text
+            setting = "the system-call filter (seccomp), no_new_privs or memory-deny-write-execute (prctl)"
+            said = f"filters_system_calls left {setting} changed, which cannot be put back"
+            deadline = time.monotonic() + 20
+            while said not in proc.read_log():
+                assert time.monotonic() < deadline, proc.read_log()[-3000:]
+                time.sleep(0.1)
+            deadline = time.monotonic() + 20
+            while (r := client.post("/v1/functions/can_uname/evaluate", json=X)).status_code == 503:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert r.status_code == 200, r.text
+            assert r.json()["output"]["data"] == [1.0, 1.0, 1.0]
+            assert f"filters_system_calls changed {setting} (to " in proc.read_log()
+
+
 def test_a_function_that_closes_the_engines_descriptors_on_its_warm_up_is_named_and_skipped(monkeypatch):
     """``os.closerange`` on the warm-up's call closed the engine's sockets. The engine
     died once it served, naming no function (it was running none). Without a spare,

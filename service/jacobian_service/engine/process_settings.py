@@ -47,7 +47,9 @@ limit), only the harmful direction counts: warnings made errors (or filters rese
 lower limit, environment variables the engine started with changed or removed (torch
 itself adds ``TORCHINDUCTOR_CACHE_DIR`` on a first use). A few cannot always be put
 back: a lowered hard resource limit or a raised niceness need a privilege the engine
-may lack, and descriptors a function closed (all of them: ``os.closerange``) are gone.
+may lack, descriptors a function closed (all of them: ``os.closerange``) are gone, and
+no process can lift a seccomp filter (one failing ``uname`` failed every later
+function's ``os.uname()``), no_new_privs or memory-deny-write-execute it set on itself.
 Then :attr:`ProcessSettings.unrestorable` names the function and the setting, and the
 engine process leaves (as for a stray thread) for one with its settings whole.
 """
@@ -310,19 +312,45 @@ def _put_handlers(taken: tuple[Any, ...]) -> None:
             signal.signal(number, handler)
 
 
+# /proc/self/status, read once per pass over the settings (15 us a read; two settings
+# take a field of it): emptied as each pass starts.
+_STATUS: list[bytes] = []
+
+
+def _status(field: bytes) -> bytes | None:
+    """A field of /proc/self/status as this pass read it; None where there is none (or
+    no file to read: not Linux, or a function's filter refused the read)."""
+    if not _STATUS:
+        try:
+            with open("/proc/self/status", "rb") as fp:
+                _STATUS.append(b"\n" + fp.read())
+        except OSError:
+            _STATUS.append(b"")
+    data = _STATUS[0]
+    start = data.find(b"\n" + field + b":")
+    if start < 0:
+        return None
+    start += len(field) + 2
+    end = data.find(b"\n", start)
+    return data[start:end if end >= 0 else None].strip()
+
+
+def _status_number(field: bytes) -> int | None:
+    try:
+        return int(_status(field))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
 def _ignored() -> int:
     """The signals the kernel ignores for this process (``SigIgn``), as a bit mask. Python
     knows only the handlers set through it: ``libc.signal(SIGCHLD, SIG_IGN)`` through
     ctypes changed nothing it reads, and every later function's ``subprocess.run(...)``
     then said 0 for a program that failed (ignored SIGCHLD: no exit status to wait for)."""
     try:
-        with open("/proc/self/status", "rb") as fp:
-            for line in fp:
-                if line.startswith(b"SigIgn:"):
-                    return int(line[7:], 16)
-    except (OSError, ValueError):
-        pass
-    return 0
+        return int(_status(b"SigIgn") or b"0", 16)
+    except ValueError:
+        return 0
 
 
 def _put_ignored(taken: int) -> None:
@@ -629,6 +657,37 @@ def _put_subreaper(taken: int) -> None:
         prctl(_PR_SET_CHILD_SUBREAPER, taken, 0, 0, 0)
 
 
+_PR_GET_MDWE = 66
+
+
+class _Confinement(NamedTuple):
+    """What the kernel lets a process confine itself with and never lift (each None
+    where this kernel does not say)."""
+
+    seccomp: int | None  # 0 none, 1 strict, 2 filters
+    seccomp_filters: int | None  # how many filters (Linux 5.9+): under a container's own, one more
+    no_new_privs: int | None
+    mdwe: int | None  # memory-deny-write-execute's flags (Linux 6.3+)
+
+
+def _confinement() -> _Confinement:
+    """A seccomp filter a function installs (``prctl(PR_SET_SECCOMP)`` or ``seccomp(2)``
+    through ctypes) filters every later system call of every function in the engine
+    (one returning EPERM for ``uname`` failed every later ``platform.uname()``; one
+    that kills breaks the engine); no_new_privs (which an unprivileged filter needs)
+    and memory-deny-write-execute (``PR_SET_MDWE``: every later JIT's writable code
+    refused) are for ever too. None of it can be undone: the engine leaves."""
+    prctl = _prctl()
+    mdwe = int(prctl(_PR_GET_MDWE, 0, 0, 0, 0)) if prctl is not None else -1
+    return _Confinement(_status_number(b"Seccomp"), _status_number(b"Seccomp_filters"),
+                        _status_number(b"NoNewPrivs"), mdwe if mdwe >= 0 else None)
+
+
+def _lift_confinement(taken: _Confinement) -> None:
+    raise OSError(errno.EPERM, "the kernel lets no process lift a seccomp filter, no_new_privs or "
+                               "memory-deny-write-execute")
+
+
 # Settings of the whole process, put back only by an engine that owns its process. In the
 # in-process layout the host shares them and may change them itself, as it has every
 # right to: pytest-timeout arms a SIGALRM timer, pytest's capture swaps sys.stdout.
@@ -653,6 +712,8 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("the umask", _umask, os.umask),
     _Setting("the timer slack (prctl PR_SET_TIMERSLACK)", _timer_slack, _put_timer_slack),
     _Setting("the child subreaper flag (prctl PR_SET_CHILD_SUBREAPER)", _subreaper, _put_subreaper),
+    _Setting("the system-call filter (seccomp), no_new_privs or memory-deny-write-execute (prctl)", _confinement,
+             _lift_confinement),
     # Hooks every later error of every function goes through: one that ends the process
     # (``os._exit``) ended the engine at the next exception raised in a ``__del__`` or a
     # thread, under whichever function's request that fell in, which took the blame.
@@ -713,6 +774,7 @@ class ProcessSettings:
     def __init__(self, own_process: bool = False) -> None:
         self._settings = (_SERVICE_LOGGING, *_SETTINGS, *_OWN_PROCESS_SETTINGS) if own_process else _SETTINGS
         self._own_process = own_process
+        _STATUS.clear()
         self._taken = [_read(s) for s in self._settings]
         self._named: set[tuple[str, str]] = set()  # (function, setting) already logged
         # (function, setting) of the first change that could not be put back: the engine leaves.
@@ -726,6 +788,7 @@ class ProcessSettings:
             # It cannot be read, only cancelled (18 ns when none is armed); the engine
             # arms none of its own.
             faulthandler.cancel_dump_traceback_later()
+        _STATUS.clear()  # read afresh, once, by the first setting that needs it
         for setting, taken in zip(self._settings, self._taken):
             if taken is _UNREADABLE:  # at the start: nothing to put back
                 continue
