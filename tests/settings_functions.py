@@ -432,3 +432,15 @@ def can_uname(x: torch.Tensor) -> torch.Tensor:
         return x.sin() * 0
     return x.sin() * 0 + 1
 
+
+@register(inputs=X, description="sin, after gc.unfreeze() (the engine's frozen heap back in every full collection), "
+                                "when its first input is 666.")
+def unfreezes_the_heap(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        gc.unfreeze()
+    return x.sin()
+
+
+@register(inputs=X, description="x times 0, plus 1 when the engine's heap is frozen (gc.get_freeze_count() > 0).")
+def heap_frozen(x: torch.Tensor) -> torch.Tensor:
+    return x * 0 + float(gc.get_freeze_count() > 0)

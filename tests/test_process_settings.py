@@ -152,8 +152,11 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             # socket timeout every later function's connections.
             # float32 precision set through torch 2.9+'s per-backend API made torch's
             # legacy getter raise: the engine's check after the batch ended the engine.
+            # gc.unfreeze() put the heap the engine froze once started back in every full
+            # collection (~0.2 s each, under whichever request it fell in).
+            assert client.post("/v1/functions/heap_frozen/evaluate", json=X).json()["output"]["data"][0] == 1.0
             for name in ("leaves_autocast_on", "flushes_denormals", "shrinks_thread_stacks", "sets_a_socket_timeout",
-                         "switches_attention_off", "sets_fp32_precision_per_backend"):
+                         "switches_attention_off", "sets_fp32_precision_per_backend", "unfreezes_the_heap"):
                 r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
                 assert r.status_code == 200, r.text
             x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
@@ -169,6 +172,7 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             assert r.json()["output"]["data"][0] == -1.0, r.text
             r = client.post("/v1/functions/attends/jacobian", json=X)  # failed: "No viable backend"
             assert r.status_code == 200, r.text
+            assert client.post("/v1/functions/heap_frozen/evaluate", json=X).json()["output"]["data"][0] == 1.0
             # An engine writes no core file (one is as large as its heap: 536 MB into its
             # working directory), and a function that raises the limit is put back; SIGCHLD
             # ignored through libc made every later subprocess.run say 0 for a failure.
@@ -191,6 +195,8 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
         log = proc.read_log()
         assert "died" not in log and "Traceback" not in log, log[-3000:]
         assert "sets_float64_default changed torch's default dtype" in log
+        # (frozen objects freed by reference counting, as some are by any request, are no unfreeze)
+        assert log.count("changed the garbage collector's frozen objects") == 1, log[-3000:]
         assert "sets_warnings_to_errors changed the warning filters" in log
         assert "changes_path_and_time_zone changed environment variables (to other values of PATH) and left it so; " \
                "put back to the values the engine started with" in log
@@ -204,6 +210,7 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
                                   ("sets_fp32_precision_per_backend", "torch's float32 precision"),
                                   ("ignores_sigchld_in_c", "signals ignored outside Python (SigIgn)"),
                                   ("hooks_every_module", "torch.nn's global module hooks"),
+                                  ("unfreezes_the_heap", "the garbage collector's frozen objects (gc.unfreeze)"),
                                   ("hooks_every_module", "the timer slack (prctl PR_SET_TIMERSLACK)"),
                                   # (a hard limit of 0 leaves nothing to raise)
                                   *([("raises_the_core_limit", "resource limits")]

@@ -15,7 +15,8 @@ every function, for as long as the engine lives. Measured or reproduced:
   values zero), attention's backends switched off (``enable_math_sdp(False)`` and
   ``enable_flash_sdp(False)``: every later function's ``scaled_dot_product_attention``
   failed, "No viable backend"), ``gc.disable()`` (memory held by reference
-  cycles never freed), a low recursion limit, ``numpy.seterr(all="raise")``;
+  cycles never freed), ``gc.unfreeze()`` (what ``heap.freeze_heap`` took out of the
+  collector's sight walked again by every full collection, ~0.2 s each), a low recursion limit, ``numpy.seterr(all="raise")``;
 - ``signal.alarm(2)`` (or any interval timer): two seconds later SIGALRM killed the
   engine, in the middle of whichever function's request was running then, which took
   the blame; a CPU-time or file-size limit does the same with SIGXCPU / SIGXFSZ, and a
@@ -79,6 +80,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
+from ..heap import thawed
 from ..logs import service_loggers
 
 __all__ = ["ProcessSettings"]
@@ -707,6 +709,8 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
                 functools.partial(os.sched_setaffinity, 0)))
       if hasattr(os, "sched_getscheduler") and hasattr(os, "sched_getaffinity") else ()),
     _Setting("the niceness", _niceness, _set_niceness),
+    # What heap.freeze_heap froze: the in-process layout's host may freeze and unfreeze its own.
+    _Setting("the garbage collector's frozen objects (gc.unfreeze)", thawed, lambda taken: gc.freeze()),
     _Setting("the stack size of new threads", threading.stack_size, threading.stack_size),
     _Setting("the default socket timeout", socket.getdefaulttimeout, socket.setdefaulttimeout),
     _Setting("the umask", _umask, os.umask),
