@@ -444,3 +444,19 @@ def unfreezes_the_heap(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="x times 0, plus 1 when the engine's heap is frozen (gc.get_freeze_count() > 0).")
 def heap_frozen(x: torch.Tensor) -> torch.Tensor:
     return x * 0 + float(gc.get_freeze_count() > 0)
+
+
+@register(inputs=X, description="sin, after registering a fork hook that ends every forked child at once (status 7), "
+                                "when its first input is 666.")
+def hooks_every_fork(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        os.register_at_fork(after_in_child=lambda: os._exit(7))
+    return x.sin()
+
+
+@register(inputs=X, description="x times 0, plus the exit status of a child it forks, which exits 0 at once.")
+def forks_a_child(x: torch.Tensor) -> torch.Tensor:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    return x * 0 + float(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))

@@ -234,9 +234,11 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             # The engine's log still reaches the server's output after a function sent its
             # stdout and stderr to /dev/null: the next setting put back is logged.
             for name in ("redirects_stdout_and_stderr", "sets_switch_interval", "stops_being_a_subreaper",
-                         "configures_logging", "exits_on_unraisable"):
+                         "configures_logging", "exits_on_unraisable", "hooks_every_fork"):
                 r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
                 assert r.status_code == 200, r.text
+            # A fork hook (after_in_child: exit 7) ran in every later function's fork.
+            assert client.post("/v1/functions/forks_a_child/evaluate", json=X).json()["output"]["data"][0] == 0.0
             # An unraisable hook that ends the process ended the engine under the next
             # function whose __del__ raised, which took the blame.
             r = client.post("/v1/functions/raises_in_del/jacobian", json=ARMED)
@@ -268,6 +270,7 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             # (what its functions detach would go to serve, and outlive it killed outright)
             ("stops_being_a_subreaper", "the child subreaper flag"),
             ("exits_on_unraisable", "the exception hooks"),
+            ("hooks_every_fork", "the fork hooks (os.register_at_fork)"),
             # dictConfig disabled every logger made before it: the engine's lines, this
             # one (the dtype it changed) among them, went nowhere from then on.
             ("configures_logging", "the service's own loggers"),

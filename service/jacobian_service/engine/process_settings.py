@@ -38,7 +38,8 @@ every function, for as long as the engine lives. Measured or reproduced:
 - new threads' stack size and the default socket timeout (1 ms: every later function's
   connections timed out);
 - torch.nn's global module hooks (one doubling every output doubled every later
-  ``nn.Module``'s Jacobian, silently) and the thread's timer slack (30 s of it made the
+  ``nn.Module``'s Jacobian, silently), fork hooks (``os.register_at_fork``: one ending the
+  child ran in every later function's ``os.fork``, whose children all exited at once) and the thread's timer slack (30 s of it made the
   idle engine oversleep its heartbeat, and the supervisor killed it as hung).
 
 The engine takes these settings as it starts and, after each batch, puts back what the
@@ -690,6 +691,35 @@ def _lift_confinement(taken: _Confinement) -> None:
                                "memory-deny-write-execute")
 
 
+def _no_fork_hook() -> None:
+    pass
+
+
+@functools.cache
+def _fork_hook_lists() -> tuple[list[Any], ...]:
+    """The interpreter's lists of ``os.register_at_fork`` hooks (before, after in the
+    parent, after in the child), which Python does not expose: found once, as what
+    refers to a hook of the engine's own (a walk of the heap, ~30 ms with torch loaded).
+    None found (another Python): nothing to count."""
+    os.register_at_fork(before=_no_fork_hook, after_in_parent=_no_fork_hook, after_in_child=_no_fork_hook)
+    lists = tuple(r for r in gc.get_referrers(_no_fork_hook) if type(r) is list and r and r[-1] is _no_fork_hook)
+    return lists if len(lists) == 3 else ()
+
+
+def _fork_hooks() -> tuple[int, ...]:
+    """How many hooks run at every ``os.fork``: one a function registers runs in every
+    later function's fork (an ``after_in_child`` that ended the child made every later
+    forked child exit 7 at once), and Python has no way to remove one. Those a library
+    registers as a function first imports it go too (torch's, the standard library's,
+    the functions' modules' are the engine's, from before it took its settings)."""
+    return tuple(map(len, _fork_hook_lists()))
+
+
+def _put_fork_hooks(taken: tuple[int, ...]) -> None:
+    for hooks, count in zip(_fork_hook_lists(), taken):
+        del hooks[count:]  # the latest: registered by the batch
+
+
 # Settings of the whole process, put back only by an engine that owns its process. In the
 # in-process layout the host shares them and may change them itself, as it has every
 # right to: pytest-timeout arms a SIGALRM timer, pytest's capture swaps sys.stdout.
@@ -725,6 +755,8 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
              lambda: (sys.excepthook, sys.unraisablehook, threading.excepthook), _put_exception_hooks,
              lambda now, taken: any(a is not b for a, b in zip(now, taken))),
     _Setting("torch.nn's global module hooks", _nn_hooks, _put_nn_hooks, _nn_hooks_changed),
+    _Setting("the fork hooks (os.register_at_fork)", _fork_hooks, _put_fork_hooks,
+             lambda now, taken: any(a > b for a, b in zip(now, taken))),
     _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams,
              lambda now, taken: any(a is not b for a, b in zip(now, taken))),
     _Setting("descriptors 0-2 (stdin, stdout, stderr) or the engine's own", _stdio, _put_stdio),
