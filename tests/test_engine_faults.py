@@ -695,17 +695,27 @@ def test_a_function_that_exhausts_the_engines_memory_limit_gets_507_and_the_engi
         assert _rss_mib(engine) < 1024  # what the function held is given back
 
 
-@pytest.mark.parametrize("leaker", ["leaks", "leaks_to_memfd"])
-def test_an_engine_over_its_resident_memory_limit_is_recycled_without_losing_a_request(leaker):
+# An engine here holds ~330 MiB once started (the limit must be above that, else it is
+# not enforced, and says so); a CUDA context adds more (SETTINGS: on the CPU). An
+# address-space cap must leave 256 MiB above the ~0.8-1 GiB the engine maps.
+_RSS_LIMIT = {"ENGINE_MAX_RSS_BYTES": 768 << 20}
+_ADDRESS_SPACE_LIMIT = {"ENGINE_MEMORY_LIMIT_BYTES": 1280 << 20}
+
+
+@pytest.mark.parametrize(("leaker", "limit", "calls"), [
+    ("leaks", _RSS_LIMIT, 10), ("leaks_to_memfd", _RSS_LIMIT, 10), ("leaks_to_memfd", _ADDRESS_SPACE_LIMIT, 18)],
+    ids=["leaks", "leaks_to_memfd", "leaks_to_memfd_under_an_address_space_cap"])
+def test_an_engine_over_its_resident_memory_limit_is_recycled_without_losing_a_request(leaker, limit, calls):
     """A function that keeps 64 MiB more at each call (a leak), under ENGINE_MAX_RSS_BYTES:
     once over the limit the engine lets its queue drain and leaves, the spare takes
     over, every request is answered 200, and the log names the function. Nobody is
     struck for it: a planned restart, not a crash. Kept in a memfd, written through its
     descriptor, the memory is in no resident size: it was never counted, and a function
-    could fill the machine's memory past the limit."""
-    # An engine here holds ~330 MiB once started (the limit must be above that, else it
-    # is not enforced, and says so); a CUDA context adds more (SETTINGS: on the CPU).
-    with live_server(**SETTINGS, ENGINE_MAX_RSS_BYTES=768 << 20) as (url, proc):
+    could fill the machine's memory past the limit. Nor is it in the address space: with
+    only ENGINE_MEMORY_LIMIT_BYTES set, it went past that cap unseen (~1.5 GiB held under
+    1.25 GiB); the cap now bounds the same count."""
+    (setting,) = limit
+    with live_server(**SETTINGS, **limit) as (url, proc):
         wait_spare(url)
         done = threading.Event()
         others: list[httpx.Response] = []
@@ -719,7 +729,7 @@ def test_an_engine_over_its_resident_memory_limit_is_recycled_without_losing_a_r
         for t in clients:
             t.start()
         try:
-            for _ in range(10):  # 640 MiB in all: over the limit by the seventh call or so
+            for _ in range(calls):  # 640 MiB (1152) in all: over the limit by the seventh (fifteenth) call or so
                 assert_sin_jacobian(httpx.post(f"{url}/v1/functions/{leaker}/jacobian", json=ARMED, timeout=60),
                                     ARMED["inputs"][0])
                 time.sleep(0.3)
@@ -735,7 +745,7 @@ def test_an_engine_over_its_resident_memory_limit_is_recycled_without_losing_a_r
         sin_ok(url)
         log = proc.read_log()
         # (memory beyond the resident size is read once a second: charged to the functions run since)
-        assert "over ENGINE_MAX_RSS_BYTES" in log and re.search(rf"grown most by [\w ]*\b{leaker} ", log), log[-3000:]
+        assert f"over {setting}" in log and re.search(rf"grown most by [\w ]*\b{leaker} ", log), log[-3000:]
         info = httpx.get(f"{url}/v1/info", timeout=5).json()
         assert not info.get("quarantined"), info
 

@@ -87,7 +87,8 @@ def test_the_device_watch_reads_what_it_is_given_and_names_its_setting(caplog):
     assert watch.check(1.0) is None
     held[0] += 600 << 20
     watch.after_run("keeps")
-    assert watch.check(2.0) == {"held": 1148 << 20, "limit": 1 << 30, "grown": [["keeps", 1112 << 20]]}
+    assert watch.check(2.0) == {"held": 1148 << 20, "limit": 1 << 30, "setting": "ENGINE_MAX_DEVICE_BYTES",
+                                "grown": [["keeps", 1112 << 20]]}
     low = MemoryWatch(64 << 20, every_s=0.0, read=lambda: held[0], setting="ENGINE_MAX_DEVICE_BYTES")
     low.start()
     assert low.limit is None and "ENGINE_MAX_DEVICE_BYTES (64 MiB) is below what this engine holds" in caplog.text

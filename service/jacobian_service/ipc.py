@@ -262,7 +262,8 @@ def recycle_reason(status: dict[str, Any]) -> str | None:
         return ", ".join(f"{name} +{unit(size)}" for name, size in leak.get("grown", [])) or "no function seen"
 
     if (memory := status.get("memory")) is not None:
-        return (f"its resident memory reached {memory['held'] >> 20} MiB, over ENGINE_MAX_RSS_BYTES "
+        return (f"its memory (resident, and shared memory it keeps) reached {memory['held'] >> 20} MiB, over "
+                f"{memory.get('setting', 'ENGINE_MAX_RSS_BYTES')} "
                 f"({memory['limit'] >> 20} MiB); grown most by {grown(memory, lambda b: f'{b >> 20} MiB')}")
     if (device := status.get("device_memory")) is not None:
         return (f"its tensors on {device['device']} held {device['held'] >> 20} MiB between requests, over "

@@ -16,7 +16,10 @@ SysV shared memory) written through its descriptor is in no resident size, nor u
 machine's memory past both. What the engine keeps alive that way, by a descriptor or a
 mapping, is counted whole (``shared_beyond_resident``) at each check, once a second: a
 walk of ``/proc/self/maps``, ~1 ms, too dear for every batch. Its growth is charged to
-the functions run since the check before. A file a function leaves in ``/dev/shm`` and
+the functions run since the check before. With only ``ENGINE_MEMORY_LIMIT_BYTES`` set,
+the engine's memory counted so is held to that cap the same way (``limit_of``): the
+resident part is under it already, and what a function keeps beyond it no longer
+escapes it. A file a function leaves in ``/dev/shm`` and
 closes is no process's memory: a file, bounded by the tmpfs's size (a container's
 ``--shm-size``).
 
@@ -36,7 +39,7 @@ from typing import Callable
 
 from ..procfs import status_bytes
 
-__all__ = ["MemoryWatch", "shared_beyond_resident"]
+__all__ = ["MemoryWatch", "limit_of", "shared_beyond_resident"]
 
 log = logging.getLogger("jacobian_service.engine")
 
@@ -76,6 +79,16 @@ def shared_beyond_resident() -> int:
             except OSError:  # (that takes CAP_SYS_ADMIN): the mapping's length, at most what it holds
                 held[key] = end - start
     return max(0, sum(held.values()) - (status_bytes(os.getpid(), "RssShmem") or 0))
+
+
+def limit_of(max_rss: int | None, address_space: int | None) -> tuple[int | None, str]:
+    """The bound for an engine's memory (resident, and shared memory kept beyond it), and
+    the setting that gives it: ``ENGINE_MAX_RSS_BYTES``, or else the address-space cap.
+    Under the cap alone, a function that wrote 64 MiB at each call into memfds (through
+    their descriptors, never mapped) held ~1.5 GiB under a 1.25 GiB cap, nothing said."""
+    if max_rss is not None or address_space is None:
+        return max_rss, "ENGINE_MAX_RSS_BYTES"
+    return address_space, "ENGINE_MEMORY_LIMIT_BYTES"
 
 
 class MemoryWatch:
@@ -132,5 +145,5 @@ class MemoryWatch:
         self._ran.clear()
         if held is None or held <= self.limit:
             return None
-        return {"held": held, "limit": self.limit,
+        return {"held": held, "limit": self.limit, "setting": self.setting,
                 "grown": [[name, grown] for name, grown in self._grown.most_common(3)]}

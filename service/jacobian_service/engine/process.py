@@ -40,7 +40,7 @@ from ..registry import Registry
 from ..scheduler import Job, Worker
 from ..settings import Settings
 from .descriptor_watch import DescriptorWatch
-from .memory_watch import MemoryWatch, shared_beyond_resident
+from .memory_watch import MemoryWatch, limit_of, shared_beyond_resident
 from .strays import Strays
 
 log = logging.getLogger("jacobian_service.engine")
@@ -86,7 +86,8 @@ class EngineServer:
         )
         self.pending: dict[tuple[Peer, int], Job] = {}
         self.strays = Strays()  # after the functions' modules are imported: their threads are not strays
-        self.memory = MemoryWatch(settings.engine_max_rss_bytes, beyond=shared_beyond_resident)
+        limit, setting = limit_of(settings.engine_max_rss_bytes, settings.engine_memory_limit_bytes)
+        self.memory = MemoryWatch(limit, setting=setting, beyond=shared_beyond_resident)
         self.device_watch = device_memory_watch(device, settings.engine_max_device_bytes)  # None on the CPU
         # With ENGINE_MAX_DEVICE_BYTES unset the watch acts only once a request has run out
         # of memory: what is held may be a model a function loads on its first call, which
