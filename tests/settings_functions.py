@@ -460,3 +460,29 @@ def forks_a_child(x: torch.Tensor) -> torch.Tensor:
     if pid == 0:
         os._exit(0)
     return x * 0 + float(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+
+_GO, _DONE = threading.Event(), threading.Event()
+
+
+def _set_float64_when_told() -> None:
+    _GO.wait()
+    torch.set_default_dtype(torch.float64)
+    _DONE.set()
+
+
+@register(inputs=X, description="sin; on 666 first, leaves a thread waiting to make float64 the default dtype once "
+                                "releases_the_waiting_thread tells it.")
+def leaves_a_waiting_thread(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        threading.Thread(target=_set_float64_when_told, daemon=True).start()
+    return x.sin()
+
+
+@register(inputs=X, description="sin; on 666 first, after telling the thread leaves_a_waiting_thread left to act, "
+                                "and waiting for it (up to 10 s).")
+def releases_the_waiting_thread(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        _GO.set()
+        _DONE.wait(10)
+    return x.sin()

@@ -189,12 +189,21 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             assert r.status_code == 200, r.text
             r = client.post("/v1/functions/linear_module/jacobian", json={"inputs": [[0.5, 1.0]]})
             np.testing.assert_allclose(r.json()["jacobian"]["data"], np.eye(2))
+            # A thread one function left waiting changed a setting in the middle of another
+            # function's batch: put back after it, and the log names both.
+            r = client.post("/v1/functions/leaves_a_waiting_thread/jacobian", json=ARMED)
+            assert r.status_code == 200, r.text
+            r = client.post("/v1/functions/releases_the_waiting_thread/jacobian", json=ARMED)
+            assert r.status_code == 200, r.text
+            assert _output_dtype(client.post) == "float32"
             # a tensor without values is the function's error, not the service's
             r = client.post("/v1/functions/returns_meta/evaluate", json=X)
             assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
         log = proc.read_log()
         assert "died" not in log and "Traceback" not in log, log[-3000:]
         assert "sets_float64_default changed torch's default dtype" in log
+        assert ("releases_the_waiting_thread (or a thread left running by leaves_a_waiting_thread) changed torch's "
+                "default dtype") in log
         # (frozen objects freed by reference counting, as some are by any request, are no unfreeze)
         assert log.count("changed the garbage collector's frozen objects") == 1, log[-3000:]
         assert "sets_warnings_to_errors changed the warning filters" in log

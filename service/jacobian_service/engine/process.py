@@ -245,7 +245,7 @@ class EngineServer:
 
     def serve(self) -> None:
         self.board.set_ready(time.monotonic())
-        self._left = self.strays.left()  # what the warm-ups left running, each put down to its function
+        self._suspect(self.strays.left())  # what the warm-ups left running, each put down to its function
         self.board.idle(time.monotonic(), self._left)
         self.memory.start()
         if self.device_watch is not None:
@@ -303,13 +303,19 @@ class EngineServer:
             self._device_memory()
             self.strays.after_run(self._ran)
             if (left := self.strays.left()) != self._left:  # the suspects, should the engine die idle
-                self._left = left
+                self._suspect(left)
                 self.board.idle(time.monotonic(), left)
             self.memory.after_run(self._ran)
             if self.device_watch is not None:
                 self.device_watch.after_run(self._ran)
             self.descriptors.after_run(self._ran)
         return self.strays.check(now)
+
+    def _suspect(self, left: list[str]) -> None:
+        """The functions whose threads are alive: named for what this engine finds changed
+        (a death while idle, a setting changed in a later batch) beside what ran."""
+        self._left = left
+        self.engine.process_settings.suspects = left
 
     def _leak(self, found: Any, now: float) -> dict[str, Any] | None:
         """A resource the functions leaked past its limit, as the board says it

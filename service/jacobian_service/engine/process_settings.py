@@ -815,6 +815,15 @@ class ProcessSettings:
         self._named: set[tuple[str, str]] = set()  # (function, setting) already logged
         # (function, setting) of the first change that could not be put back: the engine leaves.
         self.unrestorable: tuple[str, str] | None = None
+        # Functions whose threads are alive (``strays.left``), set by the engine process: a
+        # thread a function left waiting (a ``threading.Timer``) may change a setting later,
+        # in the middle of another function's batch, which alone would be named for it.
+        self.suspects: list[str] = []
+
+    def _who(self, function: str) -> str:
+        others = [name for name in self.suspects if name != function]
+        named = function or "a function"
+        return f"{named} (or a thread left running by {', '.join(others)})" if others else named
 
     def restore(self, function: str) -> None:
         """Put back what differs now (nothing, nearly always)."""
@@ -833,12 +842,12 @@ class ProcessSettings:
                 try:
                     setting.put(taken)
                 except Exception as exc:  # a privilege the engine lacks, a value torch refuses now
-                    log.error("%s changed %s (to %s), which cannot be put back here (%s)", function or "a function",
+                    log.error("%s changed %s (to %s), which cannot be put back here (%s)", self._who(function),
                               setting.what, _shown(now, taken), exc)
                     self.unrestorable = self.unrestorable or (function, setting.what)
                     continue
                 if (function, setting.what) not in self._named:
                     self._named.add((function, setting.what))
                     log.warning("%s changed %s (to %s) and left it so; put back to %s for the other functions "
-                                "(it is put back after each of its calls)", function or "a function", setting.what,
+                                "(it is put back after each of its calls)", self._who(function), setting.what,
                                 _shown(now, taken), _shown(taken, now, taken=True))
