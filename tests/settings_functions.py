@@ -486,3 +486,11 @@ def releases_the_waiting_thread(x: torch.Tensor) -> torch.Tensor:
         _GO.set()
         _DONE.wait(10)
     return x.sin()
+
+
+@register(inputs=X, description="sin, after making later extension imports load with RTLD_GLOBAL (sys.setdlopenflags) "
+                                "and torch's once-only warnings warn at every call (torch.set_warn_always).")
+def sets_dlopen_flags_and_warn_always(x: torch.Tensor) -> torch.Tensor:
+    sys.setdlopenflags(os.RTLD_GLOBAL | os.RTLD_NOW)
+    torch.set_warn_always(True)
+    return x.sin()

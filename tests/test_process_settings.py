@@ -52,7 +52,8 @@ def _settings() -> tuple:
             _float32_precision(), [f for f in warnings.filters if f[0] == "error"], gc.isenabled(),
             gc.get_threshold(), np.geterr(), sys.getrecursionlimit(), sys.get_int_max_str_digits(),
             torch._C._len_torch_function_stack(), torch._C._len_torch_dispatch_stack(), torch.backends.mkldnn.enabled,
-            torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic, list(gc.callbacks))
+            torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic, list(gc.callbacks),
+            sys.getdlopenflags(), torch.is_warn_always_enabled())
 
 
 class _Lines(logging.Handler):
@@ -95,6 +96,7 @@ CHANGERS = {  # function -> the settings it changes
     "leaves_torch_modes_entered": 2,
     # torch's legacy getter raised on the mix, in the engine's check after the batch.
     "sets_fp32_precision_per_backend": 1,
+    "sets_dlopen_flags_and_warn_always": 2,
 }
 
 

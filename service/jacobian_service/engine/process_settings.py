@@ -549,6 +549,11 @@ _SETTINGS: tuple[_Setting, ...] = (
              sys.set_int_max_str_digits, lambda now, taken: now != 0 and (taken == 0 or now < taken)),
     _Setting("the thread switch interval", sys.getswitchinterval, sys.setswitchinterval),
     _Setting("numpy's floating-point error handling", np.geterr, lambda taken: np.seterr(**taken)),
+    # RTLD_GLOBAL (sys.setdlopenflags) left every later extension a function imports
+    # sharing its symbols with all others: the clashes of libraries bundling their own
+    # copies (protobuf, LLVM) that crash far from their cause.
+    _Setting("the dlopen flags of later imports (sys.setdlopenflags)", sys.getdlopenflags, sys.setdlopenflags),
+    _Setting("torch's warn-always mode (torch.set_warn_always)", torch.is_warn_always_enabled, torch.set_warn_always),
     _Setting("logging (disabled)", lambda: logging.root.manager.disable, logging.disable),
     _Setting("the working directory", _cwd, _chdir),
     # Left entered by ``__enter__`` without ``__exit__``. Modes and hooks are the thread's own.
