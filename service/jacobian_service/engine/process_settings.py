@@ -684,7 +684,11 @@ def _confinement() -> _Confinement:
     (one returning EPERM for ``uname`` failed every later ``platform.uname()``; one
     that kills breaks the engine); no_new_privs (which an unprivileged filter needs)
     and memory-deny-write-execute (``PR_SET_MDWE``: every later JIT's writable code
-    refused) are for ever too. None of it can be undone: the engine leaves."""
+    refused) are for ever too. None of it can be undone: the engine leaves. (A Landlock
+    ruleset, as final, shows in no field: it is seen by the no_new_privs it needs, or
+    when it refuses this very read, not where the engine may do without the flag
+    (CAP_SYS_ADMIN: root) or started with it set, as under Kubernetes'
+    ``allowPrivilegeEscalation: false``.)"""
     prctl = _prctl()
     mdwe = int(prctl(_PR_GET_MDWE, 0, 0, 0, 0)) if prctl is not None else -1
     return _Confinement(_status_number(b"Seccomp"), _status_number(b"Seccomp_filters"),
