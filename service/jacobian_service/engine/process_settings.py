@@ -81,7 +81,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from ..heap import thawed
+from ..heap import refreeze, thawed
 from ..logs import service_loggers
 
 __all__ = ["ProcessSettings"]
@@ -749,7 +749,7 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
       if hasattr(os, "sched_getscheduler") and hasattr(os, "sched_getaffinity") else ()),
     _Setting("the niceness", _niceness, _set_niceness),
     # What heap.freeze_heap froze: the in-process layout's host may freeze and unfreeze its own.
-    _Setting("the garbage collector's frozen objects (gc.unfreeze)", thawed, lambda taken: gc.freeze()),
+    _Setting("the garbage collector's frozen objects (gc.unfreeze)", thawed, lambda taken: refreeze()),
     _Setting("the stack size of new threads", threading.stack_size, threading.stack_size),
     _Setting("the default socket timeout", socket.getdefaulttimeout, socket.setdefaulttimeout),
     _Setting("the umask", _umask, os.umask),
