@@ -13,9 +13,9 @@ deadline, and one past it raises httpcore's ``ReadTimeout`` (``WriteTimeout`` fo
 request body the server reads too slowly: httpx's per-write timeout let a server that
 takes a little at a time hold the upload as long as it liked; httpx's, by the time they
 reach the client). As a streamed answer's, the clock restarts with each MiB of the
-request sent, and once it is all sent (:class:`_Clock`). The deadline travels in a context variable: the thread's for the
-sync client, the task's for the async one, so calls on other threads or tasks sharing
-the pool keep their own.
+request sent, and as each write of it ends (:class:`_Clock`). The deadline travels in a
+context variable: the thread's for the sync client, the task's for the async one, so calls
+on other threads or tasks sharing the pool keep their own.
 
 Pools are wrapped through httpcore's ``_network_backend`` attribute (httpx offers no
 argument for it); a transport without one (``httpx.MockTransport``, a user's own) is left
@@ -45,9 +45,10 @@ _SLOW = "less than 1 MiB of the request could be sent within the call's timeout 
 
 class _Clock:
     """One attempt's time to send its request and get its response's head: ``seconds``,
-    restarted each time ``PROGRESS_BYTES`` of the request have left and once all of it
-    has (a large body on a slow link goes on while it keeps going, and the server then
-    has the whole timeout to answer), never past ``cap``."""
+    restarted each time ``PROGRESS_BYTES`` of the request have left and as each write
+    httpcore makes ends (its head, each piece of the body; after the last, the server
+    has the whole timeout to answer; a large body on a slow link goes on while it keeps
+    going), never past ``cap``."""
 
     __slots__ = ("_cap", "_sent", "ends", "seconds")
 
