@@ -494,3 +494,24 @@ def sets_dlopen_flags_and_warn_always(x: torch.Tensor) -> torch.Tensor:
     sys.setdlopenflags(os.RTLD_GLOBAL | os.RTLD_NOW)
     torch.set_warn_always(True)
     return x.sin()
+
+
+@register(inputs=X, description="sin, after closing the engine's listening socket (found as the one listening Unix "
+                                "socket), when its first input is 666.")
+def closes_the_engines_socket(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        for fd in map(int, os.listdir("/proc/self/fd")):
+            try:
+                copy = os.dup(fd)  # probed through a duplicate, which alone it closes
+            except OSError:  # gone: the listing's own
+                continue
+            try:
+                probe = socket.socket(fileno=copy)
+            except OSError:  # not a socket
+                os.close(copy)
+                continue
+            with probe:
+                listening = probe.family == socket.AF_UNIX and probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            if listening:
+                os.close(fd)
+    return x.sin()

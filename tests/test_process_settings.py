@@ -337,26 +337,41 @@ def test_an_engine_left_with_a_setting_it_cannot_put_back_is_replaced():
             assert "raises_its_niceness changed the niceness (to 5), which cannot be put back" in proc.read_log()
 
 
-def test_an_engine_left_with_a_seccomp_filter_is_replaced():
+def _replaced_naming(client: httpx.Client, proc, said: str) -> None:
+    """Until the log says ``said`` and another engine serves."""
+    deadline = time.monotonic() + 20
+    while said not in proc.read_log():
+        assert time.monotonic() < deadline, proc.read_log()[-3000:]
+        time.sleep(0.1)
+    deadline = time.monotonic() + 60
+    while (r := client.post("/v1/functions/scaled_by_ones/evaluate", json=X)).status_code == 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert r.status_code == 200, r.text
+
+
+def test_an_engine_left_with_a_seccomp_filter_or_its_socket_closed_is_replaced():
     """A function installed a seccomp filter (through ctypes) that fails ``uname`` with
     EPERM. No process can lift one: every later function's ``os.uname()`` failed in that
     engine for as long as it lived (a filter that kills would end it under another
     function's request). The engine leaves between batches, the supervisor names the
-    function, and the spare, without the filter, serves."""
+    function, and the spare, without the filter, serves.
+
+    A function closed the engine's listening socket: the engine served on through the
+    front ends' open connections, but a front end started again (or a new one) could
+    never connect, and each of its requests waited for its deadline (504), /readyz 200,
+    for as long as the engine lived. It leaves too, naming the function."""
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1) as (url, proc):
         with httpx.Client(base_url=url, timeout=30) as client:
+            r = client.post("/v1/functions/closes_the_engines_socket/jacobian", json=ARMED)
+            assert r.status_code == 200, r.text
+            _replaced_naming(client, proc, "closes_the_engines_socket left the engine's listening socket closed")
+            assert "closes_the_engines_socket closed the engine's listening socket" in proc.read_log()
             r = client.post("/v1/functions/filters_system_calls/jacobian", json=ARMED)
             assert r.status_code == 200, r.text
             setting = "the system-call filter (seccomp), no_new_privs or memory-deny-write-execute (prctl)"
-            said = f"filters_system_calls left {setting} changed, which cannot be put back"
-            deadline = time.monotonic() + 20
-            while said not in proc.read_log():
-                assert time.monotonic() < deadline, proc.read_log()[-3000:]
-                time.sleep(0.1)
-            deadline = time.monotonic() + 20
-            while (r := client.post("/v1/functions/can_uname/evaluate", json=X)).status_code == 503:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            _replaced_naming(client, proc, f"filters_system_calls left {setting} changed, which cannot be put back")
+            r = client.post("/v1/functions/can_uname/evaluate", json=X)
             assert r.status_code == 200, r.text
             assert r.json()["output"]["data"] == [1.0, 1.0, 1.0]
             assert f"filters_system_calls changed {setting} (to " in proc.read_log()

@@ -98,6 +98,7 @@ class EngineServer:
         self._left: list[str] = []  # functions whose threads are alive (strays.left)
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
         self._last_pump = 0.0
+        self._lost_warming: dict[str, Any] | None = None  # a warm-up closed the channel's descriptors: _lost
 
     def isolate(self, names: list[str]) -> None:
         for name in names:
@@ -238,7 +239,9 @@ class EngineServer:
                     log.warning("warm-up of %s failed: %s", spec.name, exc)
                 self.engine.restore_settings(spec.name)
                 self.strays.after_run(spec.name)
-                if self.engine.process_settings.unrestorable is not None:
+                if hasattr(self, "listener"):  # opened before the warm-up (not a spare's)
+                    self._lost_warming = self._lost(spec.name)
+                if self.engine.process_settings.unrestorable is not None or self._lost_warming is not None:
                     break  # serve() leaves at once: a later warm-up would run under it
         finally:
             note.unlink(missing_ok=True)
@@ -253,7 +256,7 @@ class EngineServer:
         self.descriptors.start()
         leaving: dict[str, Any] | None = None  # why this engine is about to leave (the board says it)
         since = 0.0
-        if (changed := self._unrestorable()) is not None:
+        if (changed := self._unrestorable() or self._lost_warming) is not None:
             self._leave(changed)  # a warm-up did it: its descriptors may be gone, so before any read
         while True:
             now = time.monotonic()
@@ -270,6 +273,8 @@ class EngineServer:
                 # function's, not whichever function's request a later collection falls in
                 # (an innocent one was blamed, and quarantined).
                 gc.collect(1)
+                if (lost := self._lost(self._ran)) is not None:
+                    self._leave(lost)  # at once: the next poll would fail on it, or never see a front end again
                 self.board.idle(time.monotonic(), self._left)
             try:
                 found = self._watch(now, ran)
@@ -341,6 +346,16 @@ class EngineServer:
         log.error("%s changed %s, which this engine cannot put back; the engine restarts", function, setting)
         return {"stray": function, "left": f"{setting} changed, which cannot be put back"}
 
+    def _lost(self, function: str) -> dict[str, Any] | None:
+        """Why to leave, when a function closed a descriptor of the engine's own channel
+        (``Listener.lost``): a front end's connection cannot be made again from this
+        side, and the spare has a whole channel."""
+        if (what := self.listener.lost()) is None:
+            return None
+        log.error("%s closed the engine's %s (a descriptor it does not own); the engine restarts", function or
+                  "a function", what)
+        return {"stray": function, "left": f"the engine's {what} closed"}
+
     def _leave(self, why: dict[str, Any]) -> None:
         """Restart, for a thread a function left running (``strays``), a setting it
         changed that cannot be put back (``process_settings``), memory over its limit
@@ -353,7 +368,10 @@ class EngineServer:
         session of its own (out of reach of the supervisor's group kill) would outlive
         every engine after it."""
         self.board.leave(time.monotonic(), why)
-        self.flush()
+        try:
+            self.flush()
+        except OSError:  # its channel's descriptors closed under it (a function): nothing more to send
+            pass
         try:
             for pid in descendants(os.getpid()):  # its children, alive or zombies: no pid here can be another's
                 _kill_quietly(pid)
