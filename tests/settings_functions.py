@@ -119,10 +119,12 @@ def sets_warnings_to_errors(x: torch.Tensor) -> torch.Tensor:
 
 
 @register(inputs=X, description="sin, after disabling the garbage collector (and its automatic collections, "
-                                "by a threshold of 0) and numpy's warnings-only error handling.")
+                                "by a threshold of 0), keeping what it would collect (DEBUG_SAVEALL) and numpy's "
+                                "warnings-only error handling.")
 def disables_gc_and_raises_on_numpy_errors(x: torch.Tensor) -> torch.Tensor:
     gc.disable()
     gc.set_threshold(0)
+    gc.set_debug(gc.DEBUG_SAVEALL)
     np.seterr(all="raise")
     return x.sin()
 
@@ -494,6 +496,23 @@ def sets_dlopen_flags_and_warn_always(x: torch.Tensor) -> torch.Tensor:
     sys.setdlopenflags(os.RTLD_GLOBAL | os.RTLD_NOW)
     torch.set_warn_always(True)
     return x.sin()
+
+
+@register(inputs=X, description="sin, after gc.set_debug(gc.DEBUG_SAVEALL) (every later collected cycle kept in "
+                                "gc.garbage), when its first input is 666.")
+def keeps_all_garbage(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        gc.set_debug(gc.DEBUG_SAVEALL)
+    return x.sin()
+
+
+@register(inputs=X, description="x times 0, plus how many objects gc.garbage holds after collecting a cycle made here.")
+def garbage_kept(x: torch.Tensor) -> torch.Tensor:
+    cycle: list = []
+    cycle.append(cycle)
+    del cycle
+    gc.collect()
+    return x * 0 + len(gc.garbage)
 
 
 @register(inputs=X, description="sin, after closing the engine's listening socket (found as the one listening Unix "

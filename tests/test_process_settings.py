@@ -50,7 +50,7 @@ def _settings() -> tuple:
 
     return (torch.get_default_dtype(), torch.is_anomaly_enabled(), torch.get_num_threads(),
             _float32_precision(), [f for f in warnings.filters if f[0] == "error"], gc.isenabled(),
-            gc.get_threshold(), np.geterr(), sys.getrecursionlimit(), sys.get_int_max_str_digits(),
+            gc.get_threshold(), gc.get_debug(), np.geterr(), sys.getrecursionlimit(), sys.get_int_max_str_digits(),
             torch._C._len_torch_function_stack(), torch._C._len_torch_dispatch_stack(), torch.backends.mkldnn.enabled,
             torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic, list(gc.callbacks),
             sys.getdlopenflags(), torch.is_warn_always_enabled())
@@ -87,7 +87,7 @@ def engine_log():
 
 CHANGERS = {  # function -> the settings it changes
     "sets_float64_default": 1, "turns_on_anomaly_detection": 1, "sets_threads_and_tf32": 5,
-    "sets_warnings_to_errors": 1, "disables_gc_and_raises_on_numpy_errors": 3, "lowers_recursion_limit": 2,
+    "sets_warnings_to_errors": 1, "disables_gc_and_raises_on_numpy_errors": 4, "lowers_recursion_limit": 2,
     "adds_a_gc_callback": 1,
     # The engine's thread has its own profile function. Signal handlers, timers, limits
     # and the niceness are the whole process's: an engine process's alone to put back
@@ -157,10 +157,15 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             # gc.unfreeze() put the heap the engine froze once started back in every full
             # collection (~0.2 s each, under whichever request it fell in).
             assert client.post("/v1/functions/heap_frozen/evaluate", json=X).json()["output"]["data"][0] == 1.0
+            # gc.set_debug(gc.DEBUG_SAVEALL) kept every later function's collected cycles
+            # in gc.garbage, for as long as the engine lived.
             for name in ("leaves_autocast_on", "flushes_denormals", "shrinks_thread_stacks", "sets_a_socket_timeout",
-                         "switches_attention_off", "sets_fp32_precision_per_backend", "unfreezes_the_heap"):
+                         "switches_attention_off", "sets_fp32_precision_per_backend", "unfreezes_the_heap",
+                         "keeps_all_garbage"):
                 r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
                 assert r.status_code == 200, r.text
+            r = client.post("/v1/functions/garbage_kept/evaluate", json=X)
+            assert r.json()["output"]["data"][0] == 0.0, r.text
             x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
             r = client.post("/v1/functions/mlp/jacobian", json={"inputs": [x.tolist()]})
             assert r.status_code == 200, r.text
@@ -222,6 +227,7 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
                                   ("ignores_sigchld_in_c", "signals ignored outside Python (SigIgn)"),
                                   ("hooks_every_module", "torch.nn's global module hooks"),
                                   ("unfreezes_the_heap", "the garbage collector's frozen objects (gc.unfreeze)"),
+                                  ("keeps_all_garbage", "the garbage collector's debug flags (gc.set_debug)"),
                                   ("hooks_every_module", "the timer slack (prctl PR_SET_TIMERSLACK)"),
                                   # (a hard limit of 0 leaves nothing to raise)
                                   *([("raises_the_core_limit", "resource limits")]

@@ -15,7 +15,8 @@ every function, for as long as the engine lives. Measured or reproduced:
   values zero), attention's backends switched off (``enable_math_sdp(False)`` and
   ``enable_flash_sdp(False)``: every later function's ``scaled_dot_product_attention``
   failed, "No viable backend"), ``gc.disable()`` (memory held by reference
-  cycles never freed), ``gc.unfreeze()`` (what ``heap.freeze_heap`` took out of the
+  cycles never freed), ``gc.set_debug(gc.DEBUG_SAVEALL)`` (every later function's
+  cyclic garbage kept for good), ``gc.unfreeze()`` (what ``heap.freeze_heap`` took out of the
   collector's sight walked again by every full collection, ~0.2 s each), a low recursion limit, ``numpy.seterr(all="raise")``;
 - ``signal.alarm(2)`` (or any interval timer): two seconds later SIGALRM killed the
   engine, in the middle of whichever function's request was running then, which took
@@ -228,6 +229,19 @@ def _put_float32_precision(taken: tuple[str | None, tuple[str, ...]]) -> None:
 
 def _set_gc(enabled: bool) -> None:
     gc.enable() if enabled else gc.disable()
+
+
+def _gc_debug() -> tuple[int, int]:
+    """``gc.set_debug(gc.DEBUG_SAVEALL)`` kept every later function's cyclic garbage in
+    ``gc.garbage`` for as long as the engine lived (memory only a restart gave back);
+    ``DEBUG_STATS`` wrote a report to stderr at every collection. The flags, and how
+    long ``gc.garbage`` was."""
+    return gc.get_debug(), len(gc.garbage)
+
+
+def _put_gc_debug(taken: tuple[int, int]) -> None:
+    gc.set_debug(taken[0])
+    del gc.garbage[taken[1]:]  # what the flags kept meanwhile: the batch's own garbage, freed
 
 
 def _cwd() -> str:
@@ -539,6 +553,8 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("the garbage collector (disabled)", gc.isenabled, _set_gc),
     # A first threshold of 0 disables automatic collection as surely, with isenabled() True.
     _Setting("the garbage collector's thresholds", gc.get_threshold, lambda taken: gc.set_threshold(*taken)),
+    _Setting("the garbage collector's debug flags (gc.set_debug)", _gc_debug, _put_gc_debug,
+             lambda now, taken: now[0] != taken[0]),
     # A callback appended there runs at every later collection, in whichever function's
     # request it falls (one sleeping 0.2 s took mlp's worst latency from 27 to 220 ms).
     _Setting("the garbage collector's callbacks", lambda: tuple(gc.callbacks),
