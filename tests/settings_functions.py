@@ -515,6 +515,19 @@ def garbage_kept(x: torch.Tensor) -> torch.Tensor:
     return x * 0 + len(gc.garbage)
 
 
+@register(inputs=X, description="sin, after switching its effective user to nobody (os.seteuid; root's saved id "
+                                "kept), when its first input is 666 and it runs as root.")
+def switches_to_nobody(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) and os.geteuid() == 0:
+        os.seteuid(65534)
+    return x.sin()
+
+
+@register(inputs=X, description="x times 0, plus the effective user id it runs as.")
+def effective_user(x: torch.Tensor) -> torch.Tensor:
+    return x * 0 + os.geteuid()
+
+
 @register(inputs=X, description="sin, after closing the engine's listening socket (found as the one listening Unix "
                                 "socket), when its first input is 666.")
 def closes_the_engines_socket(x: torch.Tensor) -> torch.Tensor:

@@ -268,6 +268,12 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             assert r.status_code == 200, r.text
             _sin_ok(client.post, "sin")  # the next batch starts after the last one's settings were put back
             assert (os.sched_getscheduler(engine), os.sched_getaffinity(engine)) == (policy, cpus)
+            # An engine started as root that a function switched to nobody ran every later
+            # function as nobody (its files, caches and devices refused).
+            r = client.post("/v1/functions/switches_to_nobody/jacobian", json=ARMED)
+            assert r.status_code == 200, r.text
+            r = client.post("/v1/functions/effective_user/evaluate", json=X)
+            assert r.json()["output"]["data"][0] == os.geteuid(), r.text
         stopped = time.monotonic()
         proc.terminate()
         proc.wait(timeout=30)
@@ -293,6 +299,7 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             ("configures_logging", "the service's own loggers"),
             ("configures_logging", "torch's default dtype"),
             *([("idles_and_pins_itself", "the CPU affinity")] if len(os.sched_getaffinity(0)) > 1 else []),
+            *([("switches_to_nobody", "the user, groups or capabilities")] if os.geteuid() == 0 else []),
         ):
             assert f"{function} changed {setting}" in log, (function, setting)
 

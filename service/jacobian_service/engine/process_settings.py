@@ -50,8 +50,10 @@ limit), only the harmful direction counts: warnings made errors (or filters rese
 lower limit, environment variables the engine started with changed or removed (torch
 itself adds ``TORCHINDUCTOR_CACHE_DIR`` on a first use). A few cannot always be put
 back: a lowered hard resource limit or a raised niceness need a privilege the engine
-may lack, descriptors a function closed (all of them: ``os.closerange``) are gone, and
-no process can lift a seccomp filter (one failing ``uname`` failed every later
+may lack, descriptors a function closed (all of them: ``os.closerange``) are gone, an
+engine started as root that a function switched to another user for good (``os.setuid``)
+or that gave up capabilities cannot take them back (every later function ran as
+``nobody``), and no process can lift a seccomp filter (one failing ``uname`` failed every later
 function's ``os.uname()``), no_new_privs or memory-deny-write-execute it set on itself.
 Then :attr:`ProcessSettings.unrestorable` names the function and the setting, and the
 engine process leaves (as for a stray thread) for one with its settings whole.
@@ -681,6 +683,39 @@ def _put_subreaper(taken: int) -> None:
         prctl(_PR_SET_CHILD_SUBREAPER, taken, 0, 0, 0)
 
 
+class _Credentials(NamedTuple):
+    uids: tuple[int, int, int]  # real, effective, saved
+    gids: tuple[int, int, int]
+    groups: tuple[int, ...]
+    capabilities: tuple[bytes | None, ...]  # inheritable, permitted, effective, bounding, ambient
+
+
+def _credentials() -> _Credentials:
+    """Who the engine runs as: its user and group ids (real, effective, saved), its
+    supplementary groups, and its capabilities (``/proc/self/status``). A function run by
+    an engine started as root that switched to ``nobody`` (``os.setuid``) or dropped
+    capabilities left every later function of every other user without the files,
+    devices and caches the engine's own user may use."""
+    return _Credentials(os.getresuid(), os.getresgid(), tuple(sorted(os.getgroups())),
+                        tuple(_status(field) for field in (b"CapInh", b"CapPrm", b"CapEff", b"CapBnd", b"CapAmb")))
+
+
+def _put_credentials(taken: _Credentials) -> None:
+    """The user first: an effective id given up while the saved one is still root takes
+    root's privileges back, which the groups then need. A user, group or capability
+    given up for good (all three ids) cannot be: PermissionError."""
+    uids, gids, groups, _ = taken
+    if os.getresuid() != uids:
+        os.setresuid(*uids)
+    if os.getresgid() != gids:
+        os.setresgid(*gids)
+    if tuple(sorted(os.getgroups())) != groups:
+        os.setgroups(groups)
+    _STATUS.clear()  # read again: the kernel may have given back capabilities with the user
+    if _credentials() != taken:
+        raise PermissionError(errno.EPERM, "capabilities given up cannot be taken back")
+
+
 _PR_GET_MDWE = 66
 
 
@@ -773,6 +808,8 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("the child subreaper flag (prctl PR_SET_CHILD_SUBREAPER)", _subreaper, _put_subreaper),
     _Setting("the system-call filter (seccomp), no_new_privs or memory-deny-write-execute (prctl)", _confinement,
              _lift_confinement),
+    _Setting("the user, groups or capabilities (os.setuid, setgid, setgroups, capset)", _credentials,
+             _put_credentials),
     # Hooks every later error of every function goes through: one that ends the process
     # (``os._exit``) ended the engine at the next exception raised in a ``__del__`` or a
     # thread, under whichever function's request that fell in, which took the blame.
