@@ -123,8 +123,12 @@ def test_a_hang_is_cut_at_its_deadline(name):
 
 
 def test_requests_queued_behind_a_hang_are_retryable_and_later_ones_succeed():
-    with live_server(**SETTINGS) as (url, _):
+    with live_server(**SETTINGS) as (url, proc):
         wait_spare(url)
+        # A thread another function left (waiting, as one holding a lock the hung
+        # function needs would): named beside the blamed function, which it may have hung.
+        r = httpx.post(f"{url}/v1/functions/leaves_a_waiting_thread/jacobian", json=ARMED, timeout=30)
+        assert r.status_code == 200, r.text
         results: list[httpx.Response] = []
 
         def other() -> None:
@@ -147,6 +151,8 @@ def test_requests_queued_behind_a_hang_are_retryable_and_later_ones_succeed():
             elif r.status_code != 200:
                 assert_problem(r, 504, "timeout")
         wait_restarts(url, 1, 5)
+        assert ("(running sleeps for 1 requests; threads left running by leaves_a_waiting_thread were alive)"
+                in proc.read_log()), proc.read_log()[-3000:]
         back_within(url, 5.0)
         sin_ok(url)
 

@@ -324,9 +324,11 @@ class StatusBoard:
         self._ready, self._beat = 1, now
         self._write()
 
-    def running(self, now: float, deadline: float, function: str, tags: list[str]) -> None:
+    def running(self, now: float, deadline: float, function: str, tags: list[str], left: list[str] | None = None) -> None:
+        """Running ``function`` for the requests ``tags``; ``left`` as for :meth:`idle`."""
         self._beat, self._deadline = now, deadline if math.isfinite(deadline) else 1e300
-        self._doc = orjson.dumps({"function": function, "tags": tags})
+        self._doc = orjson.dumps({"function": function, "tags": tags, "left": left} if left else
+                                 {"function": function, "tags": tags})
         self._write()
 
     def idle(self, now: float, left: list[str] | None = None) -> None:

@@ -422,7 +422,13 @@ class Supervisor:
             reason += (f"; {', '.join(suspects)} left threads running, which are blamed (and engines skip "
                        "their warm-ups)")
             self.skip_warmup.update(suspects)
-        log.error("engine %d died: %s (running %s for %d requests)", engine.index, reason, function or "nothing", len(tags))
+        # Dead while it ran a function, with other functions' threads alive: one of them
+        # may have done it (a lock it holds that the function waits for, a timer that
+        # ends the process). Only the running function is blamed, as most often it is the
+        # culprit; the log names the others, as it does for a setting changed then.
+        others = [f for f in running.get("left", []) if isinstance(f, str) and f and f != function] if function else []
+        log.error("engine %d died: %s (running %s for %d requests%s)", engine.index, reason, function or "nothing",
+                  len(tags), f"; threads left running by {', '.join(others)} were alive" if others else "")
         dead, pid = engine.proc, engine.proc.pid  # type: ignore[union-attr]
         _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]  # its children, if any, go too
         if function and recycled is None:

@@ -197,7 +197,7 @@ class EngineServer:
         call = self.worker.call_of(jobs[0])  # a stream's chunk: its stream's function takes the blame
         function = call.spec.name if call is not None else ""
         self._ran = function
-        self.board.running(time.monotonic(), max(j.deadline for j in jobs), function, [j.tag for j in jobs])
+        self.board.running(time.monotonic(), max(j.deadline for j in jobs), function, [j.tag for j in jobs], self._left)
 
     # ----------------------------------------------------------------- loop
 
