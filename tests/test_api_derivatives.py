@@ -153,6 +153,38 @@ def test_derivatives_torch_answers_with_a_zero_tensor(client):
         np.testing.assert_array_equal(got, np.zeros((2, 2, 2), dtype=np.float32))
 
 
+def test_outputs_torch_answers_as_a_lazily_negated_view(client):
+    """Found by a hostile-function probe: ``polar(1, t).conj().imag`` is ``-sin t``, which
+    torch answers as a view with its negative bit set; ``.numpy()`` refuses such a tensor,
+    and ``evaluate`` (JSON, .npz, batched), the output beside a Jacobian, and aux holding
+    one were a 500 ``internal_error`` with a logged traceback."""
+    from .user_functions import imag_of_conjugate as fn
+
+    t = np.array([0.5, 1.0, 2.0])
+    want, aux = fn(torch.from_numpy(t))
+    for accept in (wire.JSON, wire.NPZ):
+        got, doc = decode(client.post("/v1/functions/imag_of_conjugate/evaluate", json={"inputs": [t.tolist()]},
+                                      headers={"accept": accept}), "output")
+        assert_tree_close(got, want.resolve_neg())
+        assert_tree_close(doc["aux"] if accept == wire.NPZ else wire.decode_tree(doc["aux"]), {"y": aux["y"].resolve_neg()})
+    got, _ = decode(client.post("/v1/functions/imag_of_conjugate/evaluate", json={"inputs": [[t.tolist()] * 2], "batched": True},
+                                headers={"accept": wire.NPZ}), "output")
+    assert_tree_close(got, torch.stack([want, want]).resolve_neg())
+    got, doc = decode(client.post("/v1/functions/imag_of_conjugate/jacobian", json={"inputs": [t.tolist()], "return_output": True}))
+    assert_tree_close(got, torch.func.jacrev(lambda x: fn(x)[0])(torch.from_numpy(t)))
+    assert_tree_close(wire.decode_tree(doc["output"]), want.resolve_neg())
+
+
+def test_a_nested_tensor_output_is_the_functions_error(client):
+    """``torch.nested.nested_tensor`` (of layout strided) passed the layout check: its copy
+    to the host raised torch's "Internal error", our 500 ``internal_error`` for
+    ``evaluate`` (``jacrev`` itself refuses one, as the function's error)."""
+    r = client.post("/v1/functions/nested_rows/evaluate", json={"inputs": [[0.5, 1.0]]})
+    assert_problem(r, 500, "function_error")
+    assert "holds a nested tensor" in r.json()["detail"], r.text
+    assert_problem(client.post("/v1/functions/nested_rows/jacobian", json={"inputs": [[0.5, 1.0]]}), 500, "function_error")
+
+
 @pytest.mark.parametrize("transport", ["json", "npz"])
 def test_cotangents_for_an_int_keyed_dict_output_go_by_key(client, transport):
     """Found by a torch.func parity probe: an output ``{1: a, 0: b}`` (torch's pytrees take

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -497,3 +498,18 @@ def detached_backward_sum(x: torch.Tensor) -> torch.Tensor:
           description="sum(sin(x) * x) through an op with no forward-mode rule; aux: sum(x) as a number")
 def no_forward_ad_aux(x: torch.Tensor):
     return (torch.sin(_NoForwardAD.apply(x)) * x).sum(), {"sum": float(x.detach().sum())}
+
+
+@register(inputs=[Input("theta", shape=("n",))], has_aux=True,
+          description="Im(conj(e^(i theta))) = -sin(theta), and the same as aux: torch answers it as a lazily "
+                      "negated view (its negative bit set), which .numpy() refuses")
+def imag_of_conjugate(theta: torch.Tensor):
+    y = torch.polar(torch.ones_like(theta), theta).conj().imag
+    return y, {"y": y.detach()}
+
+
+@register(inputs=[Input("x", shape=("n",))], description="A nested tensor of two rows (no wire carries one)")
+def nested_rows(x: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # "prototype stage"
+        warnings.simplefilter("ignore")
+        return torch.nested.nested_tensor([x.sin(), x.cos()])

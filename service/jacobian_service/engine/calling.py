@@ -67,6 +67,9 @@ def function_error(exc: BaseException) -> ServiceError:
 
 def _check_tensor(leaf: torch.Tensor, what: str) -> None:
     """A tensor the wire can carry: dense (strided), of a dtype it knows."""
+    if leaf.is_nested:  # (of layout strided too: copied to the host, torch's "Internal error", as our 500)
+        raise FunctionError(f"{what} holds a nested tensor; return it padded (torch.nested.to_padded_tensor) or as "
+                            "a list of tensors")
     if leaf.layout != torch.strided:
         raise FunctionError(f"{what} holds a tensor of layout {leaf.layout}; return it dense (.to_dense())")
     if leaf.dtype not in _WIRE_DTYPES:

@@ -55,9 +55,13 @@ def materialized(leaf: torch.Tensor) -> torch.Tensor:
     """``leaf`` detached, as a tensor with storage. Forward mode answers some tangents with
     torch's storage-less zero tensor (``slogdet``'s sign: ``jvp`` gives
     ``_efficientzerotensor``), which neither ``.numpy()`` nor a copy into pinned memory
-    takes: that was a 500 ``internal_error`` for a plain ``jvp`` request."""
+    takes: that was a 500 ``internal_error`` for a plain ``jvp`` request. A lazily
+    negated view (``z.conj().imag``: torch's negative bit) ``.numpy()`` refuses too: an
+    ``evaluate`` of such a function was a 500 ``internal_error`` where torch answers it."""
     leaf = leaf.detach()
-    return torch.zeros_like(leaf) if leaf._is_zerotensor() else leaf
+    if leaf._is_zerotensor():
+        return torch.zeros_like(leaf)
+    return leaf.resolve_neg() if leaf.is_neg() else leaf
 
 
 def to_numpy(tree: Any) -> Any:
