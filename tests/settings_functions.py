@@ -528,9 +528,9 @@ def effective_user(x: torch.Tensor) -> torch.Tensor:
     return x * 0 + os.geteuid()
 
 
-@register(inputs=X, description="sin, after closing the engine's listening socket (found as the one listening Unix "
-                                "socket), when its first input is 666.")
-def closes_the_engines_socket(x: torch.Tensor) -> torch.Tensor:
+@register(inputs=X, description="sin, after closing the engine's Unix sockets (its listening socket, its front "
+                                "ends' connections), when its first input is 666.")
+def closes_the_engines_sockets(x: torch.Tensor) -> torch.Tensor:
     if _armed(x):
         for fd in map(int, os.listdir("/proc/self/fd")):
             try:
@@ -543,7 +543,7 @@ def closes_the_engines_socket(x: torch.Tensor) -> torch.Tensor:
                 os.close(copy)
                 continue
             with probe:
-                listening = probe.family == socket.AF_UNIX and probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            if listening:
+                unix = probe.family == socket.AF_UNIX
+            if unix:
                 os.close(fd)
     return x.sin()

@@ -4,6 +4,7 @@ engine's listener with the front end's connection over a real Unix socket."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 import threading
@@ -280,6 +281,32 @@ def test_a_listener_reports_a_front_end_that_hangs_up_mid_message(tmp_path: Path
             events += listener.poll(0.05)
         assert [frames for _, frames in events] == [None]  # no half message, one hang-up
     finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("closed", ["listening socket", "selector", "connection to a front end"])
+def test_a_listener_tells_which_of_its_descriptors_were_closed_under_it(tmp_path: Path, closed: str) -> None:
+    """A function in the engine closed one (``os.close`` of its number); another file
+    may then take the number. The engine leaves on it (engine.process)."""
+    listener = Listener(tmp_path / "e.sock")
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(tmp_path / "e.sock"))
+    while not listener.selector.get_map().keys() - {listener.sock.fileno()}:
+        listener.poll(0.05)  # accepted
+    assert listener.lost() is None
+    fd = {"listening socket": listener.sock.fileno(), "selector": listener.selector.fileno(),
+          "connection to a front end": max(listener.selector.get_map().keys())}[closed]
+    os.close(fd)
+    try:
+        with open(tmp_path / "taken", "w") as taken:  # the number, taken by another file
+            assert taken.fileno() == fd
+            assert listener.lost() == closed
+    finally:
+        client.close()
+        null = os.open(os.devnull, os.O_RDONLY)  # the number held again, for close() to close
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
         listener.close()
 
 

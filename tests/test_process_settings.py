@@ -363,23 +363,27 @@ def _replaced_naming(client: httpx.Client, proc, said: str) -> None:
     assert r.status_code == 200, r.text
 
 
-def test_an_engine_left_with_a_seccomp_filter_or_its_socket_closed_is_replaced():
+def test_an_engine_left_with_a_seccomp_filter_or_its_sockets_closed_is_replaced():
     """A function installed a seccomp filter (through ctypes) that fails ``uname`` with
     EPERM. No process can lift one: every later function's ``os.uname()`` failed in that
     engine for as long as it lived (a filter that kills would end it under another
     function's request). The engine leaves between batches, the supervisor names the
     function, and the spare, without the filter, serves.
 
-    A function closed the engine's listening socket: the engine served on through the
-    front ends' open connections, but a front end started again (or a new one) could
-    never connect, and each of its requests waited for its deadline (504), /readyz 200,
-    for as long as the engine lived. It leaves too, naming the function."""
+    A function closed the engine's sockets: with its listening socket closed the engine
+    served on through the front ends' open connections, but a front end started again
+    (or a new one) could never connect, and each of its requests waited for its deadline
+    (504), /readyz 200, for as long as the engine lived. It leaves too, naming the
+    function. The culprit's answer went with its connection: its request is its 500, not
+    sent again to the spare to close that one's too (each time, on to the deadline).
+    (Each descriptor alone: test_channel.)"""
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1) as (url, proc):
         with httpx.Client(base_url=url, timeout=30) as client:
-            r = client.post("/v1/functions/closes_the_engines_socket/jacobian", json=ARMED)
-            assert r.status_code == 200, r.text
-            _replaced_naming(client, proc, "closes_the_engines_socket left the engine's listening socket closed")
-            assert "closes_the_engines_socket closed the engine's listening socket" in proc.read_log()
+            r = client.post("/v1/functions/closes_the_engines_sockets/jacobian", json=ARMED)
+            assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
+            assert "closes_the_engines_sockets left the engine's connection to a front end closed" in r.json()["detail"]
+            _replaced_naming(client, proc, "closes_the_engines_sockets closed the engine's connection to a front end")
+            assert proc.read_log().count("engine 0 died: closes_the_engines_sockets") == 1, proc.read_log()[-3000:]
             r = client.post("/v1/functions/filters_system_calls/jacobian", json=ARMED)
             assert r.status_code == 200, r.text
             setting = "the system-call filter (seccomp), no_new_privs or memory-deny-write-execute (prctl)"

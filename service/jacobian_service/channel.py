@@ -480,13 +480,14 @@ class Listener:
         since). Its listening socket closed, no front end could connect again, and one
         started again (or a new one) waited for its deadline, for as long as the engine
         lived, with /readyz 200; its selector closed, the next poll ended the engine
-        naming nothing. An fstat each (~1 us)."""
-        for what, identity in self._own_identity.items():
-            if _identity(self._own[what]) != identity:
-                return what
+        naming nothing. A front end's connection first: its answers went with it. An
+        fstat each (~1 us)."""
         peers = [key for key in self.selector.get_map().values() if key.data is not None and not key.data.gone]
         if self._dropped_lost or any(_identity(key.fd) != key.data.identity for key in peers):
             return "connection to a front end"
+        for what, identity in self._own_identity.items():
+            if _identity(self._own[what]) != identity:
+                return what
         return None
 
     def send(self, peer: Peer, messages: Sequence[Sequence[Any]]) -> None:

@@ -380,8 +380,8 @@ class Supervisor:
         # read by the front ends, which would fail them if named. A warm-up it killed is
         # on its own record.
         running: dict[str, Any]
-        if planned:
-            running = {}
+        if planned:  # its requests answered (unless it says which of them may not be: a closed connection's)
+            running = {"tags": status["tags"]} if status.get("stray") and status.get("tags") else {}
         elif warming is not None:
             running = {"function": warming, "tags": []}
         elif status.get("tags"):

@@ -95,6 +95,7 @@ class EngineServer:
         self._ran_out = settings.engine_max_device_bytes is not None
         self.descriptors = DescriptorWatch()
         self._ran = ""  # the function of the last batch run
+        self._ran_tags: list[str] = []  # its requests
         self._left: list[str] = []  # functions whose threads are alive (strays.left)
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
         self._last_pump = 0.0
@@ -196,7 +197,7 @@ class EngineServer:
     def _on_run(self, jobs: list[Job]) -> None:
         call = self.worker.call_of(jobs[0])  # a stream's chunk: its stream's function takes the blame
         function = call.spec.name if call is not None else ""
-        self._ran = function
+        self._ran, self._ran_tags = function, [j.tag for j in jobs]
         self.board.running(time.monotonic(), max(j.deadline for j in jobs), function, [j.tag for j in jobs], self._left)
 
     # ----------------------------------------------------------------- loop
@@ -349,12 +350,18 @@ class EngineServer:
     def _lost(self, function: str) -> dict[str, Any] | None:
         """Why to leave, when a function closed a descriptor of the engine's own channel
         (``Listener.lost``): a front end's connection cannot be made again from this
-        side, and the spare has a whole channel."""
+        side, and the spare has a whole channel. A connection closed, with the batch's
+        requests (``tags``): their answers went with it, and the front end, taking them
+        for never started, sent them to the spare, whose connection the function closed
+        in turn, and the next engine's, until their deadlines (504 for them and for the
+        other functions' requests caught in between). (Not otherwise: an answer sent and
+        not yet read would be failed.)"""
         if (what := self.listener.lost()) is None:
             return None
         log.error("%s closed the engine's %s (a descriptor it does not own); the engine restarts", function or
                   "a function", what)
-        return {"stray": function, "left": f"the engine's {what} closed"}
+        why = {"stray": function, "left": f"the engine's {what} closed"}
+        return {**why, "tags": self._ran_tags} if what == "connection to a front end" else why
 
     def _leave(self, why: dict[str, Any]) -> None:
         """Restart, for a thread a function left running (``strays``), a setting it
