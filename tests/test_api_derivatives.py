@@ -346,6 +346,26 @@ def test_hessian_blocks_take_torchs_dtypes(client):
     assert [[b.dtype for b in row] for row in got] == [[b.numpy().dtype for b in row] for row in want]
 
 
+def test_batched_hessian_tries_the_next_strategy_where_one_fails(client):
+    """Found by an OpInfo sweep (native_layer_norm): a per-example Hessian of a scalar ran
+    ``jacrev(grad)`` alone, and torch has none for a layer norm with a bias and no weight
+    (an undefined gradient in its double backward), so ``batched=true`` was a 500
+    ``function_error`` where ``vmap(torch.func.hessian)`` answers and the plain Hessian
+    tries the next strategy. Now per-example Hessians try them too."""
+    from .user_functions import layer_norm_bias_loss as fn
+
+    rng = np.random.default_rng(3)
+    xs, bs = rng.standard_normal((2, 2, 3)), rng.standard_normal((2, 3))
+    with pytest.raises(RuntimeError, match="undefined Tensor"):  # the premise: torch lacks this strategy
+        torch.func.jacrev(torch.func.grad(fn, argnums=(0, 1)), argnums=(0, 1))(*tensors([xs[0], bs[0]]))
+    want = torch.func.vmap(torch.func.hessian(fn, argnums=(0, 1)))(*tensors([xs, bs]))
+    for _ in range(2):  # the second learned which strategy runs
+        got, doc = decode(post(client, "layer_norm_bias_loss", [xs, bs], "json", endpoint="hessian", argnums=[0, 1],
+                               batched=True), "hessian")
+        assert_tree_close(got, want, rtol=1e-10, atol=1e-12)
+        assert doc["meta"]["mode"] == "jacrev_jacrev"
+
+
 # ----------------------------------------------------------------------------- hvp (issue 12)
 
 

@@ -513,3 +513,10 @@ def nested_rows(x: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():  # "prototype stage"
         warnings.simplefilter("ignore")
         return torch.nested.nested_tensor([x.sin(), x.cos()])
+
+
+@register(inputs=[Input("x", shape=("m", "n")), Input("b", shape=("n",))],
+          description="sum(layer_norm(x, bias=b)**2): torch has no jacrev(grad) of it (an undefined gradient), "
+                      "jacrev(jacrev) and torch.func.hessian run")
+def layer_norm_bias_loss(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (torch.nn.functional.layer_norm(x, x.shape[-1:], None, b) ** 2).sum()

@@ -31,8 +31,9 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     under such a ``vmap`` wrong for some ops, silently (``vmap(jacfwd(linalg.solve))``
     thousands off, ``vmap(torch.func.hessian(f))`` of a solve or a ``det`` too, while
     each example alone is right). So a batched Jacobian is ``jacrev``'s whatever
-    ``mode`` asks, a batched Hessian reverse over reverse; a function whose Hessian
-    must be torch's own (it switches grad off) loops over its examples.
+    ``mode`` asks, a batched Hessian reverse over reverse (where torch cannot run one
+    strategy, the next, and torch's own last, example by example); a function whose
+    Hessian must be torch's own (it switches grad off) loops over its examples.
     """
     args = engine.tensors(call)
     batch = args[0].shape[0] if args else 0
@@ -46,11 +47,11 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     first = engine.guard(lambda: watch.call(box, *fresh([a[0] for a in args]))[0]) if batch else None
     check_floating(first)
     profile.grad_off = profile.grad_off or watch.seen
-    mode, use_vmap = "rev", True
+    order = ["rev"]
     if kind == "hessian":
         scalar = isinstance(first, torch.Tensor) and first.dim() == 0
-        mode = TORCHS if profile.grad_off else "jacrev_grad" if scalar else "jacrev_jacrev"
-        use_vmap = mode != TORCHS
+        order = [TORCHS] if profile.grad_off else _hessian_order(profile.hessian.get(("per example", call.signature())), scalar)
+    mode = order[0]
 
     def per_example(*example: torch.Tensor) -> Any:
         g, primals = differentiable(box, example, call)
@@ -66,9 +67,21 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         in_numel = sum(args[i][0].numel() for i in call.argnums)
         width = in_numel if kind == "jacobian" else in_numel * in_numel
         engine.check_result_size(call, batch * out_numel * width * engine.wire_itemsize(args[call.argnums[0]].dtype))
-    # Reverse over reverse is watched for a backward pass under no_grad (hessian.py)
-    strategy = GradOffWatch(active=kind == "hessian" and mode != TORCHS)
-    (value, output), aux = strategy.call(over_examples, engine, call, box, per_example, args, allow_loop, use_vmap)
+    for i, mode in enumerate(order):
+        # Reverse over reverse is watched for a backward pass under no_grad (hessian.py)
+        strategy = GradOffWatch(active=kind == "hessian" and mode != TORCHS)
+        try:
+            (value, output), aux = strategy.call(over_examples, engine, call, box, per_example,
+                                                 engine.tensors(call) if i else args, allow_loop, mode != TORCHS)
+            break
+        except FunctionError:
+            # A strategy can fail where an equal one runs (torch lacks a double backward
+            # that forward over reverse does not need: native_layer_norm's): the next one,
+            # as a plain Hessian tries them; the last (torch's own) fails as torch does.
+            if i == len(order) - 1:
+                raise
+    if kind == "hessian" and len(order) > 1:
+        profile.hessian[("per example", call.signature())] = mode
     profile.grad_off = profile.grad_off or strategy.seen
     if kind == "hessian" and mode != TORCHS and (strategy.seen or not finite(value)):
         # where f is not smooth the strategies may differ (NaN against torch's 0), and a
@@ -79,6 +92,14 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         _check_where_torch_fails(engine, call, [a[0] for a in engine.tensors(call)], pytree.tree_map(lambda t: t[0], value))
     output = engine.host(output) if call.return_output else None
     return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, call.chunk_size, mode)
+
+
+def _hessian_order(known: str | None, scalar: bool) -> list[str]:
+    """Strategies for per-example Hessians, the one that ran last time first: reverse
+    over reverse under ``vmap`` (forward mode under a ``vmap`` over examples is wrong in
+    torch for some ops, see :func:`batched`), then torch's own example by example."""
+    order = ["jacrev_grad", "jacrev_jacrev", TORCHS] if scalar else ["jacrev_jacrev", TORCHS]
+    return [known] + [s for s in order if s != known] if known in order else order
 
 
 def _check_where_torch_fails(engine: "Engine", call: Call, example: list[torch.Tensor], value: Any) -> None:
