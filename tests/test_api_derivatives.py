@@ -366,6 +366,35 @@ def test_batched_hessian_tries_the_next_strategy_where_one_fails(client):
         assert doc["meta"]["mode"] == "jacrev_jacrev"
 
 
+def test_stacked_vectors_are_answered_where_vmap_cannot_run_their_products(client):
+    """Found by an OpInfo sweep: ``batched_vectors`` ran the products under ``vmap`` only,
+    so where torch's vmap cannot run them (no batching rule for ``masked_select``'s
+    backward with a broadcast mask, a custom ``autograd.Function`` without a vmap rule)
+    vjp, jvp and hvp were a 500 ``function_error`` for a stack of vectors while each
+    vector alone is answered, and so is the Jacobian (its rows then loop). Now the
+    vectors go one at a time there: the stack of the single answers."""
+    from .user_functions import cube_no_vmap_sum, masked_select_broadcast
+
+    x3, xn = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    vs = torch.from_numpy(np.random.default_rng(4).standard_normal((3, 4)))
+    ts = torch.from_numpy(np.random.default_rng(5).standard_normal((3, 3)))
+    _, pullback = torch.func.vjp(masked_select_broadcast, x3)
+    push = lambda t: torch.func.jvp(cube_no_vmap_sum, (xn,), (t,))[1]  # noqa: E731
+    hvp = lambda t: torch.func.jvp(torch.func.grad(cube_no_vmap_sum), (xn,), (t,))[1]  # noqa: E731
+    cases = [("masked_select_broadcast", "vjp", x3, "cotangents", vs, lambda v: pullback(v)[0]),
+             ("cube_no_vmap_sum", "jvp", xn, "tangents", ts, push),
+             ("cube_no_vmap_sum", "hvp", xn, "tangents", ts, hvp)]
+    for name, endpoint, x, key, vectors, one in cases:
+        with pytest.raises(RuntimeError):  # the premise: torch's vmap cannot run these products
+            torch.func.vmap(one)(vectors)
+        want = torch.stack([one(v) for v in vectors])
+        for accept in (wire.JSON, wire.NPZ):
+            body = {"inputs": [wire.encode_tree(x.numpy())], key: wire.encode_tree(vectors.numpy()), "batched_vectors": True}
+            got, _ = decode(client.post(f"/v1/functions/{name}/{endpoint}", content=wire.dumps(body), headers={"accept": accept}),
+                            endpoint)
+            assert_tree_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- hvp (issue 12)
 
 

@@ -520,3 +520,40 @@ def nested_rows(x: torch.Tensor) -> torch.Tensor:
                       "jacrev(jacrev) and torch.func.hessian run")
 def layer_norm_bias_loss(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.layer_norm(x, x.shape[-1:], None, b) ** 2).sum()
+
+
+_MASK_2X3 = torch.tensor([[True, False, True], [False, True, True]])
+
+
+@register(inputs=[Input("x", shape=(3,))],
+          description="x.masked_select(mask) * 2 with a (2, 3) mask broadcast over x: torch's vmap of its backward fails")
+def masked_select_broadcast(x: torch.Tensor) -> torch.Tensor:
+    return x.masked_select(_MASK_2X3) * 2
+
+
+class _CubeNoVmap(torch.autograd.Function):
+    """x**3 with backward and jvp rules and no vmap rule, as a user writes one for single use."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * 3 * x**2
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return tangent * 3 * x**2
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sum(x**3 + sin x), the cube a Function without a vmap rule")
+def cube_no_vmap_sum(x: torch.Tensor) -> torch.Tensor:
+    return (_CubeNoVmap.apply(x) + x.sin()).sum()

@@ -22,6 +22,7 @@ from . import sparse as _sparse
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, check_floating, differentiable, fresh,
                       function_error, is_oom)
 from .devices import release_free_heap
+from .products import over_vectors
 from .profile import Profiles
 from .rows import RowStream
 from .process_settings import ProcessSettings
@@ -512,8 +513,7 @@ class Engine:
         self.check_result_size(call, batch * call.row_nbytes())
         out, pullback, aux_t = self.guard(lambda: torch.func.vjp(g, *primals, has_aux=True))
         cot = self._vectors(call.vectors, out, "cotangents", call.batched_vectors)
-        fn = torch.func.vmap(pullback) if call.batched_vectors else pullback
-        grads = self.guard(lambda: fn(cot))
+        grads = self.guard(lambda: over_vectors(call.spec.name, pullback, (cot,)) if call.batched_vectors else pullback(cot))
         value = tuple(grads) if call.as_tuple else grads[0]
         output = self.host(out) if call.return_output else None
         return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
@@ -535,7 +535,11 @@ class Engine:
         per = sum(t.numel() * self.wire_itemsize(t.dtype) for t in pytree.tree_leaves(out))
         self.check_result_size(call, self._vector_batch(call) * per)
         if call.batched_vectors:
-            value = self.guard(lambda: torch.func.vmap(lambda *t: push(*t)[1])(*tangents))
+            def again() -> Callable[..., Any]:
+                g2, clean = differentiable(box, self.tensors(call), call)
+                return lambda *t: torch.func.jvp(g2, fresh(clean), t, has_aux=True)[1]
+
+            value = self.guard(lambda: over_vectors(call.spec.name, lambda *t: push(*t)[1], tangents, again))
         else:
             out, value, aux_t = self.guard(lambda: push(*tangents))
         output = self.host(out) if call.return_output else None
@@ -561,8 +565,15 @@ class Engine:
         def push(*t: torch.Tensor) -> Any:
             return torch.func.jvp(grad, primals, t)[1]
 
-        fn = torch.func.vmap(push) if call.batched_vectors else push
-        value = self.guard(lambda: fn(*tangents))
+        def again() -> Callable[..., Any]:
+            g2, clean = differentiable(box, self.tensors(call), call)
+            grad2 = torch.func.grad(lambda *p: g2(*p)[0], argnums=argnums)
+            return lambda *t: torch.func.jvp(grad2, fresh(clean), t)[1]
+
+        if call.batched_vectors:
+            value = self.guard(lambda: over_vectors(call.spec.name, push, tangents, again))
+        else:
+            value = self.guard(lambda: push(*tangents))
         value = tuple(value) if call.as_tuple else value[0]
         output = self.host(out) if call.return_output else None
         return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
