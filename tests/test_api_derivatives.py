@@ -395,6 +395,29 @@ def test_stacked_vectors_are_answered_where_vmap_cannot_run_their_products(clien
             assert_tree_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_products_torchs_vmap_gets_wrong_are_computed_one_at_a_time(client):
+    """Found by an OpInfo sweep: torch's vmap of ``masked_select``'s backward, with a mask
+    broadcast over the input, is silently wrong when it batches as many vectors as the
+    mask has rows (two here): a Jacobian asked in chunks of 2 rows was 2.0 off and a vjp
+    of 2 stacked cotangents 2.4 off, with a 200 (``torch.func.jacrev(chunk_size=2)`` is
+    wrong the same way; ``chunk_size=1`` is right: the result depended on ``chunk_size``).
+    vmap's products are now checked once per signature and batch size against one
+    product (linearity), and computed one at a time where they disagree."""
+    from .user_functions import masked_select_broadcast as fn
+
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    _, pullback = torch.func.vjp(fn, x)
+    want = torch.stack([pullback(e)[0] for e in torch.eye(4, dtype=torch.float64)])
+    assert not torch.allclose(torch.func.jacrev(fn, chunk_size=2)(x), want)  # the premise: torch's own is wrong
+    body = {"inputs": [wire.encode_tree(x.numpy())], "chunk_size": 2}
+    got, _ = decode(client.post("/v1/functions/masked_select_broadcast/jacobian", content=wire.dumps(body)))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-12)
+    cotangents = np.random.default_rng(6).standard_normal((2, 4))
+    body = {"inputs": [wire.encode_tree(x.numpy())], "cotangents": wire.encode_tree(cotangents), "batched_vectors": True}
+    got, _ = decode(client.post("/v1/functions/masked_select_broadcast/vjp", content=wire.dumps(body)), "vjp")
+    np.testing.assert_allclose(got, cotangents @ want.numpy(), rtol=1e-12)
+
+
 # ----------------------------------------------------------------------------- hvp (issue 12)
 
 

@@ -513,7 +513,10 @@ class Engine:
         self.check_result_size(call, batch * call.row_nbytes())
         out, pullback, aux_t = self.guard(lambda: torch.func.vjp(g, *primals, has_aux=True))
         cot = self._vectors(call.vectors, out, "cotangents", call.batched_vectors)
-        grads = self.guard(lambda: over_vectors(call.spec.name, pullback, (cot,)) if call.batched_vectors else pullback(cot))
+        if call.batched_vectors:
+            grads = self.guard(lambda: over_vectors(call.spec.name, pullback, (cot,), *self._checked(call, "vjp")))
+        else:
+            grads = self.guard(lambda: pullback(cot))
         value = tuple(grads) if call.as_tuple else grads[0]
         output = self.host(out) if call.return_output else None
         return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
@@ -539,7 +542,8 @@ class Engine:
                 g2, clean = differentiable(box, self.tensors(call), call)
                 return lambda *t: torch.func.jvp(g2, fresh(clean), t, has_aux=True)[1]
 
-            value = self.guard(lambda: over_vectors(call.spec.name, lambda *t: push(*t)[1], tangents, again))
+            value = self.guard(lambda: over_vectors(call.spec.name, lambda *t: push(*t)[1], tangents,
+                                                    *self._checked(call, "jvp"), again))
         else:
             out, value, aux_t = self.guard(lambda: push(*tangents))
         output = self.host(out) if call.return_output else None
@@ -571,12 +575,16 @@ class Engine:
             return lambda *t: torch.func.jvp(grad2, fresh(clean), t)[1]
 
         if call.batched_vectors:
-            value = self.guard(lambda: over_vectors(call.spec.name, push, tangents, again))
+            value = self.guard(lambda: over_vectors(call.spec.name, push, tangents, *self._checked(call, "hvp"), again))
         else:
             value = self.guard(lambda: push(*tangents))
         value = tuple(value) if call.as_tuple else value[0]
         output = self.host(out) if call.return_output else None
         return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
+
+    def _checked(self, call: Call, kind: str) -> tuple[Any, Any]:
+        """Where :func:`products.vmap_agrees` verdicts are kept, and this request's key."""
+        return self.profiles[call.spec.name].vmap_checked, (kind, call.signature(), self._vector_batch(call))
 
     @staticmethod
     def _vector_batch(call: Call) -> int:

@@ -64,6 +64,9 @@ class BatchStats:
 class FunctionProfile:
     vmap_pullback: bool = True  # False once vmap of its pullback failed (row loop instead)
     vmap_function: bool = True  # False once vmap of the function failed deterministically
+    # (what, signature, vectors) -> whether vmap of its products agreed with one product
+    # (products.vmap_agrees): torch's vmap can be silently wrong for some shapes
+    vmap_checked: _LRU[Any, bool] = field(default_factory=_LRU)
     forward_ad: bool = True  # False once jacfwd failed (reverse mode instead)
     # True once seen computing with grad off (torch.no_grad): forward mode, which sees
     # through it, is not jacrev then; Hessians take torch.func.hessian's own strategy.

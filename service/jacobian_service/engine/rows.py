@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from ..types import Call
 from .calling import AuxBox, check_floating, function_error, is_oom, partial
 from .devices import PeakMemory
+from .products import vmap_agrees
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -147,8 +148,9 @@ class RowStream:
         basis = _basis(self.sizes, [leaf.shape for leaf in self.leaves], start, stop, self.leaves)
         profile = self.engine.profiles[self.call.spec.name]
         if stop - start > 1 and profile.vmap_pullback:
+            cotangents = pytree.tree_unflatten(basis, self.out_spec)
             try:
-                return torch.func.vmap(self._pullback)(pytree.tree_unflatten(basis, self.out_spec))
+                grads = torch.func.vmap(self._pullback)(cotangents)
             except Exception as exc:
                 if is_oom(exc):
                     raise
@@ -156,6 +158,16 @@ class RowStream:
                 log.info("vmap of %s's pullback failed (%s); using the row loop", self.call.spec.name, type(exc).__name__)
                 profile.vmap_pullback = False
                 return grads
+            # torch's vmap can be silently wrong for some shapes (products.vmap_agrees):
+            # checked once per signature and rows per chunk
+            key = ("rows", self.call.signature(), stop - start)
+            if key not in profile.vmap_checked:
+                profile.vmap_checked[key] = vmap_agrees(self._pullback, (cotangents,), grads)
+                if not profile.vmap_checked.get(key):
+                    log.warning("vmap of %s's pullback disagrees with one VJP; using the row loop", self.call.spec.name)
+                    profile.vmap_pullback = False
+                    return self._row_loop(basis)
+            return grads
         return self._row_loop(basis)
 
     def _row_loop(self, basis: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
