@@ -395,6 +395,24 @@ def test_stacked_vectors_are_answered_where_vmap_cannot_run_their_products(clien
             assert_tree_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_per_example_jacobians_where_torchs_vmap_of_the_pullback_fails_or_is_wrong(client):
+    """Found with the probe behind the test below: per-example Jacobians ran
+    ``vmap(jacrev(f, chunk_size))`` as it is, so where torch's vmap of the pullback fails
+    (``masked_select`` with a broadcast mask, 4 rows) ``batched=true`` was a 500 while
+    the plain Jacobian loops over its rows, and where it is silently wrong (chunks of 2
+    rows) 2.0 off with a 200. Now the first example is checked against one VJP (once per
+    signature and chunk size) and the rows go one at a time where vmap fails or is wrong.
+    (Runs before the plain test below: a plain Jacobian's finding also serves batches.)"""
+    from .user_functions import masked_select_broadcast as fn
+
+    xs = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    want = np.stack([torch.func.jacrev(fn, chunk_size=1)(torch.from_numpy(x)).numpy() for x in xs])
+    for chunk_size in (2, None):
+        body = {"inputs": [wire.encode_tree(xs)], "batched": True, "chunk_size": chunk_size}
+        got, _ = decode(client.post("/v1/functions/masked_select_broadcast/jacobian", content=wire.dumps(body)))
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 def test_products_torchs_vmap_gets_wrong_are_computed_one_at_a_time(client):
     """Found by an OpInfo sweep: torch's vmap of ``masked_select``'s backward, with a mask
     broadcast over the input, is silently wrong when it batches as many vectors as the

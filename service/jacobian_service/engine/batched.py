@@ -17,6 +17,7 @@ from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Tim
 from ..types import Call, Result
 from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
 from .hessian import STRATEGIES, TORCHS, agrees_with_differences, finite, with_output
+from .products import agrees_with_reverse
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -47,11 +48,14 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     first = engine.guard(lambda: watch.call(box, *fresh([a[0] for a in args]))[0]) if batch else None
     check_floating(first)
     profile.grad_off = profile.grad_off or watch.seen
-    order = ["rev"]
+    attempts = [("rev", not profile.vmap_pullback)]  # (strategy, jacrev row by row: see rows.py)
     if kind == "hessian":
         scalar = isinstance(first, torch.Tensor) and first.dim() == 0
         order = [TORCHS] if profile.grad_off else _hessian_order(profile.hessian.get(("per example", call.signature())), scalar)
-    mode = order[0]
+        attempts = [(name, False) for name in order]
+    elif profile.vmap_pullback:  # vmap of its pullback may be what fails: jacrev row by row next
+        attempts.append(("rev", True))
+    mode, rows_loop = attempts[0]
 
     def per_example(*example: torch.Tensor) -> Any:
         g, primals = differentiable(box, example, call)
@@ -59,7 +63,8 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         if kind == "hessian":
             h, (out, aux_t) = STRATEGIES[mode](g, argnums)(*primals)
             return (as_input_dtypes(h, primals, depth=2), out), aux_t
-        jac, (out, aux_t) = torch.func.jacrev(g, argnums=argnums, has_aux=True, chunk_size=call.chunk_size)(*primals)
+        chunk = 1 if rows_loop else call.chunk_size
+        jac, (out, aux_t) = torch.func.jacrev(g, argnums=argnums, has_aux=True, chunk_size=chunk)(*primals)
         return (jac, out), aux_t
 
     if first is not None:
@@ -67,7 +72,7 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         in_numel = sum(args[i][0].numel() for i in call.argnums)
         width = in_numel if kind == "jacobian" else in_numel * in_numel
         engine.check_result_size(call, batch * out_numel * width * engine.wire_itemsize(args[call.argnums[0]].dtype))
-    for i, mode in enumerate(order):
+    for i, (mode, rows_loop) in enumerate(attempts):
         # Reverse over reverse is watched for a backward pass under no_grad (hessian.py)
         strategy = GradOffWatch(active=kind == "hessian" and mode != TORCHS)
         try:
@@ -76,12 +81,18 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
             break
         except FunctionError:
             # A strategy can fail where an equal one runs (torch lacks a double backward
-            # that forward over reverse does not need: native_layer_norm's): the next one,
-            # as a plain Hessian tries them; the last (torch's own) fails as torch does.
-            if i == len(order) - 1:
+            # that forward over reverse does not need: native_layer_norm's; vmap cannot run
+            # a pullback that runs row by row): the next one, as a plain Hessian tries them
+            # and a plain Jacobian's rows loop; the last (torch's own) fails as torch does.
+            if i == len(attempts) - 1:
                 raise
-    if kind == "hessian" and len(order) > 1:
+    if kind == "hessian" and len(attempts) > 1:
         profile.hessian[("per example", call.signature())] = mode
+    if kind == "jacobian" and batch and not _vmap_rows_agree(engine, call, value, rows_loop):
+        rows_loop = True  # torch's vmap of the pullback is wrong for these shapes: row by row
+        (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop)
+    if kind == "jacobian" and rows_loop:
+        profile.vmap_pullback = False
     profile.grad_off = profile.grad_off or strategy.seen
     if kind == "hessian" and mode != TORCHS and (strategy.seen or not finite(value)):
         # where f is not smooth the strategies may differ (NaN against torch's 0), and a
@@ -92,6 +103,26 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         _check_where_torch_fails(engine, call, [a[0] for a in engine.tensors(call)], pytree.tree_map(lambda t: t[0], value))
     output = engine.host(output) if call.return_output else None
     return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, call.chunk_size, mode)
+
+
+def _vmap_rows_agree(engine: "Engine", call: Call, value: Any, rows_loop: bool) -> bool:
+    """Whether ``jacrev``'s rows under ``vmap`` are right for this signature and
+    ``chunk_size``: torch's vmap of a pullback can be silently wrong for some shapes
+    (products.vmap_agrees), so the first example's Jacobian is checked against one
+    VJP (products.agrees_with_reverse), once per signature and chunk size."""
+    if rows_loop:
+        return True
+    checked = engine.profiles[call.spec.name].vmap_checked
+    key = ("per example", call.signature(batched=True), call.chunk_size)
+    if key not in checked:
+        g, primals = differentiable(AuxBox(call.spec), [a[0] for a in engine.tensors(call)], call)
+        try:
+            checked[key] = agrees_with_reverse(g, primals, pytree.tree_map(lambda t: t[0], value))
+        except ServiceError:
+            raise
+        except Exception:  # no verdict (a block torch keeps without storage): vmap's answer stands
+            checked[key] = True
+    return bool(checked.get(key))
 
 
 def _hessian_order(known: str | None, scalar: bool) -> list[str]:

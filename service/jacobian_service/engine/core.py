@@ -19,10 +19,10 @@ from ..types import Call, Result, tree_leaves
 from . import batched as _batched
 from . import hessian as _hessian
 from . import sparse as _sparse
-from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, check_floating, differentiable, fresh,
+from .calling import (AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh,
                       function_error, is_oom)
 from .devices import release_free_heap
-from .products import over_vectors
+from .products import agrees_with_reverse, over_vectors
 from .profile import Profiles
 from .rows import RowStream
 from .process_settings import ProcessSettings
@@ -124,50 +124,6 @@ def _split_stack(tree: Any, ref_leaves: list[Any], batched: bool) -> Any:
         return tree
     rest = tree.shape[2:] if batched else tree.shape[1:]
     return list(tree) if all(tuple(r.shape) == rest for r in ref_leaves) else tree
-
-
-def _agrees_with_reverse(g: Callable[..., Any], primals: tuple[Any, ...], jac: Any) -> bool:
-    """Whether a forward-mode Jacobian is jacrev's, by one reverse product: ``v^T J`` for
-    a random ``v``, against the same from ``jac``.
-
-    They differ where f is not differentiable (``prelu`` or ``where(x > 0, sqrt(x), 0)``
-    at 0, ties of ``fmax``, ``det`` of a singular matrix): each mode makes its own
-    one-sided choice there, and the answer must not depend on ``mode`` (SPEC). One VJP
-    costs about one forward and one backward pass, little against the several JVPs that
-    made forward mode worth it. Where they differ, a random ``v`` sees it (almost surely);
-    NaN against a number is a difference, round-off is not. Where reverse mode cannot
-    run, forward mode's Jacobian is not taken either (False: the request fails as jacrev
-    does): torch's forward mode silently drops the tangents through a ``torch.library``
-    custom op (functorch refuses it in reverse mode), answering zeros or a part of the
-    Jacobian (``linear_cross_entropy`` with ``options``), and it cannot be told from a
-    function only forward mode differentiates (an in-place write into its input)."""
-    try:
-        out, pullback, _ = torch.func.vjp(g, *fresh(primals), has_aux=True)
-        outs, out_spec = pytree.tree_flatten(out)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        v = [torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5 for o in outs]
-        rev = [r.detach().to("cpu", torch.float64) for r in pytree.tree_leaves(
-            pullback(pytree.tree_unflatten([vi.to(o.device, o.dtype) for vi, o in zip(v, outs)], out_spec)))]
-    except BaseException as exc:
-        if is_oom(exc) or not isinstance(exc, Exception):  # SystemExit is still the function's error
-            raise function_error(exc) from None
-        return False
-    blocks = [b.detach().to("cpu", torch.float64) for b in pytree.tree_leaves(jac)]  # (output, parameter leaf)
-    n = len(rev)
-    if len(blocks) != len(outs) * n or any(
-            tuple(blocks[i * n + j].shape) != (*outs[i].shape, *rev[j].shape) for i in range(len(outs)) for j in range(n)):
-        raise changed_between_calls("output")
-    for j, r in enumerate(rev):
-        fwd = sum(torch.tensordot(vi, blocks[i * n + j], dims=vi.dim()) for i, vi in enumerate(v))
-        scale = sum(torch.tensordot(vi, blocks[i * n + j].abs(), dims=vi.dim()) for i, vi in enumerate(v))
-        eps = torch.finfo(outs[0].dtype).eps if outs and outs[0].is_floating_point() else 0.0
-        tol = min(256 * eps, 1e-2) * (scale + fwd.abs()) + torch.finfo(torch.float64).tiny
-        same = (fwd - r).abs() <= tol
-        same |= torch.isnan(fwd) & torch.isnan(r)
-        same |= torch.isinf(fwd) & (fwd == r)
-        if not bool(same.all()):
-            return False
-    return True
 
 
 class Engine:
@@ -375,7 +331,7 @@ class Engine:
     def _forward_jacobian(self, call: Call) -> Result | None:
         """jacfwd, when ``mode`` asks for it (``auto``: inputs fewer than outputs) and
         it gives jacrev's answer; None to use reverse mode (also where reverse mode
-        cannot run: see :func:`_agrees_with_reverse`). Sizes come from a plain forward
+        cannot run: see :func:`agrees_with_reverse`). Sizes come from a plain forward
         call: the reverse pass comes only as the check."""
         profile = self.profiles[call.spec.name]
         if not profile.forward_ad or profile.grad_off:
@@ -409,7 +365,7 @@ class Engine:
             profile.forward_ad = False
             return None
         g_check, _ = differentiable(AuxBox(call.spec), args, call)  # its own aux: the answer's stays whole
-        if not _agrees_with_reverse(g_check, primals, jac):
+        if not agrees_with_reverse(g_check, primals, jac):
             log.info("jacfwd differs from jacrev for %s at this point; using reverse mode", call.spec.name)
             return None
         jac = as_input_dtypes(jac, primals, depth=1)  # jacrev's dtypes, not the output's
