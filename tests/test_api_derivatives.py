@@ -436,6 +436,25 @@ def test_products_torchs_vmap_gets_wrong_are_computed_one_at_a_time(client):
     np.testing.assert_allclose(got, cotangents @ want.numpy(), rtol=1e-12)
 
 
+def test_a_hessian_torchs_vmap_gets_wrong_is_not_answered(client):
+    """Found by an OpInfo sweep: where torch.func.hessian raises (its vmap of
+    ``masked_select``'s backward with a broadcast mask fails), ``jacrev(grad)`` runs and is
+    silently wrong (36 off here), and the check meant for such answers (central differences
+    of jacrev) gave up because jacrev itself fails under vmap: a 200 with the wrong Hessian,
+    batched or not. The check now takes jacrev row by row there and refuses it: torch's error."""
+    from .user_functions import masked_select_cube as fn
+
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    true = torch.diag(6 * x * torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64))
+    assert (torch.func.jacrev(torch.func.grad(fn))(x) - true).abs().max() > 1  # the premise: torch's vmap is wrong
+    with pytest.raises(RuntimeError, match="split_with_sizes"):
+        torch.func.hessian(fn)(x)
+    for inputs, options in (([1.0, 2.0, 3.0], {}), ([[1.0, 2.0, 3.0]], {"batched": True})):
+        body = {"inputs": [wire.encode_tree(np.array(inputs))], **options}
+        response = client.post("/v1/functions/masked_select_cube/hessian", content=wire.dumps(body))
+        assert "split_with_sizes" in assert_problem(response, 500, "function_error")["detail"]
+
+
 # ----------------------------------------------------------------------------- hvp (issue 12)
 
 

@@ -557,3 +557,12 @@ class _CubeNoVmap(torch.autograd.Function):
 @register(inputs=[Input("x", shape=("n",))], description="sum(x**3 + sin x), the cube a Function without a vmap rule")
 def cube_no_vmap_sum(x: torch.Tensor) -> torch.Tensor:
     return (_CubeNoVmap.apply(x) + x.sin()).sum()
+
+
+_MASK_3X3 = torch.tensor([[True, False, True], [False, True, True], [True, True, False]])
+
+
+@register(inputs=[Input("x", shape=(3,))],
+          description="sum(x.masked_select(mask)**3), a (3, 3) mask broadcast over x: jacrev(grad) of it is wrong in torch")
+def masked_select_cube(x: torch.Tensor) -> torch.Tensor:
+    return (x.masked_select(_MASK_3X3) ** 3).sum()
