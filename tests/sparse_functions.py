@@ -190,3 +190,17 @@ _SEGMENTS = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3, 3])
           description="Sum of squared segment products by index_reduce, which has no forward AD in torch.")
 def segment_products(x: torch.Tensor) -> torch.Tensor:
     return (x.new_ones(4).index_reduce(0, _SEGMENTS, x, "prod") ** 2).sum()
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="x + x**2 scattered to random places (torch.randint): a pattern that follows the draws.")
+def random_scatter(x: torch.Tensor) -> torch.Tensor:
+    idx = torch.randint(0, x.shape[0], (x.shape[0],))
+    return torch.zeros_like(x).index_add(0, idx, x ** 2) + x
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="x + x**2 scattered to places np.random draws: draws no torch op shows.")
+def numpy_random_scatter(x: torch.Tensor) -> torch.Tensor:
+    idx = torch.from_numpy(np.random.randint(0, x.shape[0], x.shape[0]))
+    return torch.zeros_like(x).index_add(0, idx, x ** 2) + x

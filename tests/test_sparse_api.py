@@ -913,3 +913,24 @@ def test_a_finite_element_residual_at_scale_gets_its_sparse_jacobian(client, nam
     _, vjp = torch.func.vjp(fn, t)
     np.testing.assert_allclose(J @ v, jv.reshape(-1).numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(w @ J, vjp(torch.tensor(w).reshape(shape))[0].reshape(-1).numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["random_scatter", "numpy_random_scatter"])
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_a_function_that_draws_its_indices_gets_one_draws_jacobian(client, name, mode):
+    """y = x + index_add(randint(...), x**2): each request draws anew. The pattern of the
+    first draw was cached and read the products of later draws (values off by ~2 with
+    exact: true). Now each answer is the Jacobian of the very draw its output shows:
+    one entry 2 x_k per column k (past the identity), where y says x_k**2 went."""
+    x = np.linspace(0.5, 2.0, 10)
+    for _ in range(3):
+        r = client.post(f"/v1/functions/{name}/jacobian",
+                        json={"inputs": [x.tolist()], "sparsity": "auto", "mode": mode, "return_output": True})
+        J, meta = sparse_json(r)
+        y = np.asarray(r.json()["output"]["data"])
+        P = J.toarray() - np.eye(10)
+        assert ((P != 0).sum(axis=0) == 1).all()
+        np.testing.assert_allclose(P.max(axis=0), 2 * x, rtol=1e-12)
+        np.testing.assert_allclose(y, x + P @ (x / 2), rtol=1e-12)
+        assert meta["value_dependent"] is True and meta["cached"] is None
+        assert any("draws random numbers" in note for note in meta["notes"])

@@ -1013,3 +1013,78 @@ def test_a_sparse_constant_the_function_makes_stays_a_plain_tensor():
     want = torch.autograd.functional.jacobian(fn, x).numpy()  # (vmap, so jacrev, refuses sparse tensors)
     r = sparse_jacobian(fn, [x], mode="rev", chunk_size=1, cache=PatternCache(None))
     np.testing.assert_allclose(r.matrix.toarray(), want, rtol=1e-12)
+
+
+def _random_scatter(x):  # indices drawn inside the function: the pattern follows the draw
+    idx = torch.randint(0, x.shape[0], (x.shape[0],))
+    return torch.zeros_like(x).index_add(0, idx, x ** 2) + x
+
+
+def _numpy_scatter(x):  # drawn by numpy: no torch op says so
+    idx = torch.from_numpy(np.random.randint(0, x.shape[0], x.shape[0]))
+    return torch.zeros_like(x).index_add(0, idx, x ** 2) + x
+
+
+def _dropout_line(x):
+    return torch.nn.functional.dropout(x, 0.5).cumsum(0)
+
+
+def _one_draws(J, x, y):
+    """J is the Jacobian of the draw y shows: past the identity, one entry 2 x_k per
+    column k, in the row y says x_k**2 went to."""
+    P = J - np.eye(x.size)
+    assert ((P != 0).sum(axis=0) == 1).all()
+    np.testing.assert_allclose(P.max(axis=0), 2 * x, rtol=1e-12)
+    np.testing.assert_allclose(y, x + P @ (x / 2), rtol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [_random_scatter, _numpy_scatter, _dropout_line], ids=["randint", "numpy", "dropout"])
+@pytest.mark.parametrize("mode", ["fwd", "rev"])
+def test_a_function_that_draws_random_indices_gets_the_jacobian_of_one_draw(fn, mode):
+    """Indices drawn inside the function were constants to the tracer: the pattern of
+    one draw was cached and decompressed products of other draws (and each JVP drew
+    anew), silently wrong (errors ~2) with exact: true. Now every call of one request
+    draws what one call draws, the pattern is never reused, and for torch's generators
+    the answer is jacrev's with the same seed, leaving them where jacrev leaves them."""
+    cache = PatternCache(None)
+    x = torch.rand(9, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed), np.random.seed(seed)
+        r = sparse_jacobian(fn, [x], mode=mode, cache=cache)
+        assert r.pattern.value_dependent and any("draws random numbers" in note for note in r.pattern.notes)
+        assert not r.timings["cached"]
+        if fn is not _dropout_line:
+            _one_draws(r.matrix.toarray(), x.numpy(), r.output.numpy())
+        if fn is not _numpy_scatter:  # numpy's draws are seen once made: a later draw's answer
+            after = torch.random.get_rng_state()
+            torch.manual_seed(seed)
+            np.testing.assert_array_equal(r.matrix.toarray(), torch.func.jacrev(fn)(x).numpy())
+            assert torch.equal(after, torch.random.get_rng_state())
+
+
+def test_a_sparse_hessian_of_a_function_that_draws_is_one_draws():
+    f = lambda x: (_random_scatter(x) ** 3).sum() + (_dropout_line(x) ** 2).sum()  # noqa: E731
+    x = torch.rand(9, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+    torch.manual_seed(4), np.random.seed(4)
+    r = sparse_hessian(f, [x], cache=PatternCache(None))
+    torch.manual_seed(4), np.random.seed(4)  # (torch.func.hessian refuses random ops under its vmap)
+    want = torch.func.jacfwd(torch.func.jacrev(f), randomness="same")(x).numpy()
+    np.testing.assert_allclose(r.matrix.toarray(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_generator_the_function_keeps_is_caught_by_the_check():
+    """A torch.Generator kept across calls cannot be put back: its draws differ from
+    call to call. The tracer sees its op, so the products are checked, and the answer
+    is computed densely (one call: one draw) rather than wrong."""
+    gen = torch.Generator().manual_seed(5)
+
+    def fn(x):
+        idx = torch.randint(0, x.shape[0], (x.shape[0],), generator=gen)
+        return torch.zeros_like(x).index_add(0, idx, x ** 2) + x
+
+    x = torch.rand(12, dtype=torch.float64) + 0.5
+    r = sparse_jacobian(fn, [x], mode="rev", cache=PatternCache(None))
+    J = r.matrix.toarray() - np.eye(12)
+    # one draw: each column holds 2 x_k once, in some row
+    np.testing.assert_allclose(np.sort(J, axis=0)[-1], 2 * x.numpy(), rtol=1e-12)
+    assert ((J != 0).sum(axis=0) == 1).all()

@@ -23,7 +23,8 @@ from torch.utils import _pytree as pytree
 from .. import __version__ as _SERVICE_VERSION
 from ..errors import exception_text
 from .coloring import Coloring, choose_coloring, star_coloring
-from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, TraceError, probe, trace_hessian, trace_jacobian
+from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, TraceError, is_random, probe, random_note, trace_hessian, trace_jacobian
+from .draws import Draws, TorchDraws, replaying
 from .patterns import Declared, Pattern, PatternCache, check_entries, function_fingerprint
 from .verify import differs_from_reverse
 
@@ -161,7 +162,7 @@ def resolve(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), pattern: Any = "auto", *,
     kind: str = "jacobian", mode: str = "auto", declared: Mapping[str, Declared] | None = None, has_aux: bool = False,
     cache: PatternCache | None = None, name: str | None = None, out_size: int | None = None,
-    rows: tuple[int, int] | None = None, check_alive: Callable[[], None] | None = None,
+    rows: tuple[int, int] | None = None, check_alive: Callable[[], None] | None = None, drew: bool = False,
 ) -> tuple[Pattern, Coloring, str]:
     """The pattern and colouring to use, from the cache when this function, these
     shapes and this choice were seen before. ``pattern`` is ``"auto"`` (detect), the
@@ -171,12 +172,14 @@ def resolve(
     Returns ``(pattern, coloring, cached)`` with ``cached`` in ``""``, ``"memory"``, ``"disk"``.
 
     ``check_alive`` (a request's deadline and cancel check) is called while detecting
-    and colouring; what it raises propagates, and nothing is cached then."""
+    and colouring; what it raises propagates, and nothing is cached then. ``drew``:
+    the function drew random numbers in the caller's forward pass (see :mod:`.draws`),
+    so a detected pattern is this draw's alone: detected afresh and never cached."""
     if rows is not None:
         if kind != "jacobian":
             raise ValueError("rows applies to Jacobians only")
         full, _, _ = resolve(fn, args, argnums, pattern, kind=kind, mode=mode, declared=declared, has_aux=has_aux,
-                             cache=cache, name=name, out_size=out_size, check_alive=check_alive)
+                             cache=cache, name=name, out_size=out_size, check_alive=check_alive, drew=drew)
         return _restricted(full, fn, args, argnums, mode, cache, name, rows, check_alive)
     argnums = tuple(argnums)
     if isinstance(pattern, Pattern):
@@ -187,11 +190,13 @@ def resolve(
         choice = str(pattern)
     key = _cache_key(fn, name, args, argnums, kind, f"{choice}|{mode}")
     p, coloring, cached = _cached(cache, key, lambda: _colored(
-        _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size, check_alive),
+        _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size, check_alive, drew),
         kind, mode, check_alive), lambda: values_digest(args),
         # an entry with another output size is stale (the function's output size followed
         # something the key does not hold): detected again, and replaced
-        fits=lambda q: kind != "jacobian" or out_size is None or q.shape[0] == out_size)
+        fits=lambda q: kind != "jacobian" or out_size is None or q.shape[0] == out_size,
+        # a detection that draws anew is never served from the cache
+        fresh=drew and not isinstance(pattern, (Pattern, Declared)) and pattern == "auto")
     _check_rows(p, kind, out_size)  # the fresh detection's own forward pass disagrees: refuse
     return p, coloring, cached
 
@@ -212,7 +217,7 @@ def values_digest(args: Sequence[Any]) -> str:
 
 def _cached(
     cache: PatternCache | None, key: str, build: Callable[[], tuple[Pattern, Coloring]],
-    values: Callable[[], str] | None = None, fits: Callable[[Pattern], bool] | None = None,
+    values: Callable[[], str] | None = None, fits: Callable[[Pattern], bool] | None = None, fresh: bool = False,
 ) -> tuple[Pattern, Coloring, str]:
     """The pattern and colouring cached under ``key``, else ``build()``'s, cached then.
     Returns ``(pattern, coloring, cached)`` with ``cached`` in ``""``, ``"memory"``, ``"disk"``.
@@ -221,9 +226,12 @@ def _cached(
     it was detected at only: it is cached under ``key`` and ``values()`` (a digest of
     the point), and ``key`` itself holds a marker that sends every later request of
     these shapes to its own point's entry. So no other point reuses it, and a point
-    seen before (a client's repeated call) still skips detection."""
+    seen before (a client's repeated call) still skips detection.
+
+    A pattern of a function that draws random numbers holds for one draw, not at a
+    point: it is never cached (nor looked up, with ``fresh``)."""
     cache = _DEFAULT_CACHE if cache is None else cache
-    hit = cache.get(key)
+    hit = None if fresh else cache.get(key)
     marked = False
     if hit is not None and hit.get("value_dependent") and values is not None:
         key, marked = PatternCache.key(key, values()), True
@@ -235,6 +243,8 @@ def _cached(
             return p, hit["coloring"], "disk"
         return p, hit["coloring"], "memory"
     p, coloring = build()
+    if is_random(p):
+        return p, coloring, ""
     if p.value_dependent and not marked:
         if values is None:  # nowhere to keep it apart from other points: not cached
             return p, coloring, ""
@@ -324,7 +334,7 @@ def _coloring_from(p: Pattern, colors: np.ndarray, mode: str) -> Coloring:
 def _build_pattern(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], pattern: Any, kind: str,
     declared: Mapping[str, Declared], has_aux: bool, out_size: int | None,
-    check_alive: Callable[[], None] | None = None,
+    check_alive: Callable[[], None] | None = None, drew: bool = False,
 ) -> Pattern:
     in_shapes = [tuple(args[i].shape) for i in argnums]
     if isinstance(pattern, Pattern):
@@ -345,16 +355,20 @@ def _build_pattern(
         return spec.build(in_shapes, out_size, name=label)
     g = _flat_fn(fn, args, argnums, has_aux)
     diff = [args[i] for i in argnums]
+    before = Draws()
     try:  # what check_alive raises is never a TraceError: a deadline does not start a probe
         # Every input is traced (the others with no dependencies), so that reading a
         # non-differentiated input's values (A @ x, x[idx]) is seen.
         every = _flat_fn(fn, args, tuple(range(len(args))), has_aux)
-        traced = (trace_hessian if kind == "hessian" else trace_jacobian)(every, list(args), argnums, check_alive=check_alive)
-        return traced.replace(name="auto")
+        found = (trace_hessian if kind == "hessian" else trace_jacobian)(every, list(args), argnums, check_alive=check_alive)
     except TraceError as exc:
         log.info("sparsity tracing failed (%s); probing numerically", exc)
-        return probe(g, diff, tuple(range(len(diff))), hessian=kind == "hessian", why=f"tracing failed: {exc}",
-                     check_alive=check_alive).replace(name="auto")
+        found = probe(g, diff, tuple(range(len(diff))), hessian=kind == "hessian", why=f"tracing failed: {exc}",
+                      check_alive=check_alive)
+    # Draws from numpy's or Python's generators are no torch op: the states say it.
+    if (drew or Draws() != before) and not is_random(found):
+        found = found.replace(notes=found.notes + (random_note(),), value_dependent=True)
+    return found.replace(name="auto")
 
 
 # --------------------------------------------------------------------------- products
@@ -513,11 +527,60 @@ def sparse_jacobian(
     ``rows=(start, stop)`` only those rows (of the flattened output), from only the
     products they need."""
     t0 = time.perf_counter()
-    argnums, primals, out, aux = _at(fn, args, argnums, has_aux)
+
+    def plan(f: Callable[..., Any], at: Any, drew: bool) -> tuple[Pattern, Coloring, str]:
+        m = sum(o.numel() for o in pytree.tree_leaves(at[2]))
+        return resolve(f, args, argnums, pattern, kind="jacobian", mode=mode, declared=declared, has_aux=has_aux,
+                       cache=cache, name=name, out_size=m, rows=rows, check_alive=check_alive, drew=drew)
+
+    fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan)
+    try:
+        return _sparse_jacobian(fn, args, argnums, primals, out, aux, planned, mode, memory_budget, check_alive,
+                                has_aux, cache, name, rows, chunk_size, t0)
+    finally:
+        if drawn is not None:  # the generators as one call leaves them, as after jacrev
+            drawn.restore()
+
+
+_At = tuple[tuple[int, ...], tuple[torch.Tensor, ...], Any, Any]
+
+
+def _one_draw(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], has_aux: bool,
+    plan: Callable[[Callable[..., Any], _At, bool], tuple[Pattern, Coloring, str]],
+) -> tuple[Callable[..., Any], _At, tuple[Pattern, Coloring, str], Draws | None]:
+    """The forward pass (:func:`_at`) and ``plan(fn, at, drew)`` (the pattern and
+    colouring), with the ``fn`` every later call is to use: ``fn`` itself, or, for a
+    function that draws random numbers, ``fn`` replaying one draw at every call (see
+    :mod:`.draws`); then also the generators' states to leave at the end (else None).
+
+    A function draws when its forward pass moved torch's generators (a microsecond to
+    see), or when detection saw it draw (numpy's or Python's generators too). It then
+    runs again from torch's states before the forward pass (the draws ``jacrev`` would
+    see there) and numpy's and Python's now, and its pattern is detected at that draw.
+    A function that draws nothing pays for no more than the first look."""
+    before = TorchDraws()
+    at = _at(fn, args, argnums, has_aux)
+    if TorchDraws() == before:
+        planned = plan(fn, at, False)
+        if not is_random(planned[0]):
+            return fn, at, planned, None
+    before.restore()
+    start = Draws()
+    fn = replaying(fn, start)
+    at = _at(fn, args, argnums, has_aux)
+    end = Draws()
+    return fn, at, plan(fn, at, True), end
+
+
+def _sparse_jacobian(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], primals: tuple[torch.Tensor, ...],
+    out: Any, aux: Any, planned: tuple[Pattern, Coloring, str], mode: str, memory_budget: int,
+    check_alive: Callable[[], None] | None, has_aux: bool, cache: PatternCache | None, name: str | None,
+    rows: tuple[int, int] | None, chunk_size: int | None, t0: float,
+) -> SparseResult:
     m = sum(o.numel() for o in pytree.tree_leaves(out))
-    p, coloring, cached = resolve(fn, args, argnums, pattern, kind="jacobian", mode=mode, declared=declared,
-                                  has_aux=has_aux, cache=cache, name=name, out_size=m, rows=rows,
-                                  check_alive=check_alive)
+    p, coloring, cached = planned
     _check_rows(p, "jacobian", m)
     t1 = time.perf_counter()
     reverse = _lazily(lambda: _single(_product_at("rev", fn, argnums, has_aux), args))
@@ -601,11 +664,28 @@ def sparse_hessian(
     """The Hessian of a scalar ``fn`` as CSR, from star-coloured Hessian-vector products
     (forward over reverse: ``jvp`` of ``grad``)."""
     t0 = time.perf_counter()
-    argnums, primals, out, aux = _at(fn, args, argnums, has_aux)
-    if sum(o.numel() for o in pytree.tree_leaves(out)) != 1:
-        raise ValueError("a sparse Hessian needs a function with one scalar output")
-    p, coloring, cached = resolve(fn, args, argnums, pattern, kind="hessian", declared=declared, has_aux=has_aux,
-                                  cache=cache, name=name, out_size=1, check_alive=check_alive)
+
+    def plan(f: Callable[..., Any], at: Any, drew: bool) -> tuple[Pattern, Coloring, str]:
+        if sum(o.numel() for o in pytree.tree_leaves(at[2])) != 1:
+            raise ValueError("a sparse Hessian needs a function with one scalar output")
+        return resolve(f, args, argnums, pattern, kind="hessian", declared=declared, has_aux=has_aux,
+                       cache=cache, name=name, out_size=1, check_alive=check_alive, drew=drew)
+
+    fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan)
+    try:
+        return _sparse_hessian(fn, args, argnums, primals, out, aux, planned, memory_budget, check_alive, has_aux,
+                               chunk_size, t0)
+    finally:
+        if drawn is not None:  # the generators as one call leaves them, as after torch.func.hessian
+            drawn.restore()
+
+
+def _sparse_hessian(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], primals: tuple[torch.Tensor, ...],
+    out: Any, aux: Any, planned: tuple[Pattern, Coloring, str], memory_budget: int,
+    check_alive: Callable[[], None] | None, has_aux: bool, chunk_size: int | None, t0: float,
+) -> SparseResult:
+    p, coloring, cached = planned
     t1 = time.perf_counter()
     plan = _products(p, coloring, primals, 1)
     run = _single(_product_at("star", fn, argnums, has_aux), args)
@@ -634,17 +714,18 @@ def _proven_wrong(
     """Whether the products prove ``p`` wrong (see :mod:`.verify`): nothing to check for
     an exact traced pattern (a superset by construction; checking took ~60 % more time
     on lorenz96 at n = 8192), the free check for one traced through ops it does not know,
-    the random product too for those not traced. A declared pattern proven wrong raises
+    the random product too for those not traced and those of functions that draw random
+    numbers (a ``torch.Generator`` the function keeps draws anew at every call). A declared pattern proven wrong raises
     :class:`PatternMismatch` (it is trusted: the caller must know); for the others the
     caller computes densely."""
     from .verify import disagrees, disagrees_batch, strays
 
-    if p.source == "traced" and p.exact:
+    if p.source == "traced" and p.exact and not is_random(p):
         return False
     batch = isinstance(matrix, list)
     stray = sum(strays(p, coloring, b, rows) for b in block) if batch else strays(p, coloring, block, rows)
     off = 0.0
-    if not stray and p.source in ("declared", "probe", "given"):
+    if not stray and (p.source in ("declared", "probe", "given") or is_random(p)):
         check = disagrees_batch if batch else disagrees
         off = check(matrix, "rev" if coloring.mode == "rev" else "fwd", plan.seed_shapes, plan.like, run, rows)
     if not stray and not off:

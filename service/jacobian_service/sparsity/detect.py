@@ -52,6 +52,11 @@ values is seen. Masks and indices computed from traced values are traced as well
 no dependencies): using one in ``torch.where`` or ``masked_fill`` is structural (both
 branches are kept) and reads nothing.
 
+Random ops (every op that draws is tagged ``nondeterministic_seeded``: ``randint``,
+``randperm``, ``rand_like``, ``bernoulli``, ``dropout``, ...) are noted: indices or masks
+drawn at random make the pattern one draw's, so such a pattern is ``value_dependent``
+and says so (``RANDOM_NOTE``); the caller never reuses it (see :mod:`.draws`).
+
 Ops inside a custom ``autograd.Function``'s forward say nothing of its derivative (its
 backward defines it, and the forward runs under no_grad): every output of the Function
 depends on every element of its inputs (``exact=False``, a note names it).
@@ -89,7 +94,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import exception_text
 from .patterns import Pattern, PatternTooLarge, check_entries as _check_entries, entry_limit
 
-__all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "probe", "trace_hessian", "trace_jacobian"]
+__all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "VALUES_NOTE", "is_random", "random_note", "PatternTooLarge", "TraceError", "entry_limit", "probe", "trace_hessian", "trace_jacobian"]
 
 aten = torch.ops.aten
 
@@ -276,6 +281,9 @@ class _Tracer:
         self.custom: set[str] = set()  # custom autograd.Functions met (their backward is not traced)
         # Why the pattern depends on the input values (empty: on shapes alone).
         self.value_reads: list[str] = []
+        # Random ops met (every op that draws is tagged, whatever the generator): the
+        # pattern may follow the draws (indices from randint), which differ per call.
+        self.random: set[str] = set()
         self.check_alive = check_alive
         self._next_check = 0.0
         # What check_alive raised: the trace re-raises it even if the user's function
@@ -913,6 +921,8 @@ class _Fresh(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if _tagged(func, torch.Tag.nondeterministic_seeded):  # rand, randint, randperm, bernoulli, dropout, ...
+            self.tracer.random.add(_op(func))
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and _float(out) and _strided(out) and not isinstance(out, _Traced) and not func._schema.returns[0].alias_info \
                 and not any(isinstance(a, torch.Tensor) for a in pytree.tree_leaves((args, kwargs))):
@@ -991,6 +1001,19 @@ CUSTOM_NOTE = "uses a custom autograd.Function: reverse mode only"
 #: Note on patterns that depend on the input values (then followed by the reasons).
 VALUES_NOTE = "depends on the input values: exact at this point only"
 
+#: Note on patterns of functions that draw random numbers (then followed by the ops, if
+#: the tracer saw them): indices or masks drawn at random make the pattern one draw's.
+RANDOM_NOTE = "draws random numbers: exact for this request's draws only, never reused"
+
+
+def random_note(ops: Sequence[str] = ()) -> str:
+    return f"{RANDOM_NOTE} ({', '.join(sorted(ops))})" if ops else RANDOM_NOTE
+
+
+def is_random(p: Pattern) -> bool:
+    """Whether ``p`` holds for one draw of a function's random numbers only."""
+    return any(n.startswith(RANDOM_NOTE) for n in p.notes)
+
 
 def _notes(tracer: _Tracer) -> tuple[str, ...]:
     notes = tuple(f"unknown op {name}: assumed dense" for name in sorted(tracer.unknown))
@@ -998,6 +1021,8 @@ def _notes(tracer: _Tracer) -> tuple[str, ...]:
         notes += (f"{VALUES_NOTE} ({'; '.join(tracer.value_reads)})",)
     notes += tuple(f"custom autograd.Function {name}: its backward defines the derivative, assumed dense over its inputs"
                    for name in sorted(tracer.custom))
+    if tracer.random:
+        notes += (random_note(tuple(tracer.random)),)
     return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ()) + ((CUSTOM_NOTE,) if tracer.custom else ())
 
 
@@ -1019,7 +1044,7 @@ def trace_jacobian(
         mat = sp.vstack(blocks, format="coo") if blocks else _empty(0, tracer.n).tocoo()
     _alive(tracer)
     return Pattern((m, tracer.n), mat.row, mat.col, source="traced", exact=not (tracer.unknown or tracer.custom), notes=_notes(tracer),
-                   value_dependent=bool(tracer.value_reads))
+                   value_dependent=bool(tracer.value_reads or tracer.random))
 
 
 def trace_hessian(
@@ -1036,7 +1061,7 @@ def trace_hessian(
     coo = _ones(hess).tocoo()
     _alive(tracer)
     return Pattern((tracer.n, tracer.n), coo.row, coo.col, source="traced", exact=not (tracer.unknown or tracer.custom), notes=_notes(tracer),
-                   value_dependent=bool(tracer.value_reads))
+                   value_dependent=bool(tracer.value_reads or tracer.random))
 
 
 def _dense(g: Callable[..., torch.Tensor], diff: Sequence[torch.Tensor], hessian: bool) -> Any:

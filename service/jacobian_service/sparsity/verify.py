@@ -10,9 +10,10 @@ another entry: the values of reported entries are wrong, silently. Two checks ca
   decompressed matrix times that seed. Any missing entry changes one or the other, so
   with a random seed it is seen (almost surely), wherever it sits.
 
-Exact traced patterns are supersets by construction and get no check; those traced
-through ops the tracer does not know get the free check; declared, probed and given ones
-get both.
+Exact traced patterns are supersets by construction and get no check (unless the
+function draws random numbers: a generator it keeps draws anew at each call); those
+traced through ops the tracer does not know get the free check; declared, probed and
+given ones, and those of functions that draw, get both.
 """
 
 from __future__ import annotations
