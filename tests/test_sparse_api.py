@@ -509,6 +509,15 @@ def test_a_probed_pattern_includes_this_point_and_is_checked(client):
             np.testing.assert_allclose(J.toarray(), jac(sf.probed_at_one, point))
             assert any("proved this pattern wrong" in note for note in meta["notes"]) is dense
             assert meta["products"] == (4 if dense else 1) and meta["nnz"] == (8 if dense else 4)
+        # The cached pattern proven wrong was kept: every later request paid the products,
+        # then a dense derivative. It is now widened by what that point showed.
+        for point in (ones, x):
+            J, meta = sparse_json(client.post("/v1/functions/probed_at_one/jacobian",
+                                              json={"inputs": [point.tolist()], "sparsity": "auto", "mode": mode}))
+            np.testing.assert_allclose(J.toarray(), jac(sf.probed_at_one, point))
+            assert not any("proved this pattern wrong" in note for note in meta["notes"])
+            assert meta["cached"] == "memory" and meta["products"] == 2 and meta["nnz"] == 8
+            assert any("widened" in note for note in meta["notes"])
 
 
 # ------------------------------------------------------------------ errors

@@ -1088,3 +1088,22 @@ def test_a_generator_the_function_keeps_is_caught_by_the_check():
     # one draw: each column holds 2 x_k once, in some row
     np.testing.assert_allclose(np.sort(J, axis=0)[-1], 2 * x.numpy(), rtol=1e-12)
     assert ((J != 0).sum(axis=0) == 1).all()
+
+
+def test_a_probed_hessian_pattern_proven_wrong_is_widened_in_the_cache():
+    """Untraceable (it writes into a buffer numpy made), with a coupling x0 * x1 only where
+    x2 == 1: probed away from it, then asked at x2 == 1 (proven wrong: dense), then
+    again: the cached pattern now holds the coupling, and the products answer."""
+    def f(x):
+        buf = torch.from_numpy(np.zeros(x.shape[0])).to(x.dtype)
+        buf[:] = x ** 3  # a traced value into an untraced tensor: probing runs
+        return buf.sum() + torch.where(x[2] == 1.0, x[0] * x[1], torch.zeros_like(x[0]))
+
+    cache = PatternCache(None)
+    away, at_one = torch.tensor([2.0, 3.0, 4.0, 5.0], dtype=torch.float64), torch.tensor([2.0, 3.0, 1.0, 5.0], dtype=torch.float64)
+    assert sparse_hessian(f, [away], cache=cache).pattern.nnz == 4
+    for point, dense in ((at_one, True), (at_one, False), (away, False)):
+        r = sparse_hessian(f, [point], cache=cache)
+        np.testing.assert_allclose(r.matrix.toarray(), torch.func.hessian(f)(point).numpy(), rtol=1e-12)
+        assert any("proved this pattern wrong" in note for note in r.pattern.notes) is dense
+        assert r.n_products == (4 if dense else 2) and r.pattern.nnz == 6

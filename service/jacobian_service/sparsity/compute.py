@@ -64,6 +64,9 @@ class ProvenWrong(RuntimeError):
 #: Note on results computed densely because the products proved the pattern wrong.
 DENSE_NOTE = "the products proved this pattern wrong at this point (it misses entries): computed densely instead"
 
+#: Note on a cached pattern that products proved wrong once, widened by that point's nonzeros.
+WIDENED_NOTE = "widened by the nonzeros of a point where the products proved it wrong"
+
 
 @dataclass
 class SparseResult:
@@ -535,8 +538,11 @@ def sparse_jacobian(
 
     fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan)
     try:
-        return _sparse_jacobian(fn, args, argnums, primals, out, aux, planned, mode, memory_budget, check_alive,
-                                has_aux, cache, name, rows, chunk_size, t0)
+        res = _sparse_jacobian(fn, args, argnums, primals, out, aux, planned, mode, memory_budget, check_alive,
+                               has_aux, cache, name, rows, chunk_size, t0)
+        if res.pattern is not planned[0] and DENSE_NOTE in res.pattern.notes:
+            _widen(fn, args, argnums, pattern, "jacobian", mode, cache, name, res.pattern)
+        return res
     finally:
         if drawn is not None:  # the generators as one call leaves them, as after jacrev
             drawn.restore()
@@ -600,6 +606,42 @@ def _sparse_jacobian(
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, coloring.mode, p.source, out, aux, chunk,
                         {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached})  # type: ignore[dict-item]
+
+
+def _widen(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], pattern: Any, kind: str, mode: str,
+    cache: PatternCache | None, name: str | None, found: Pattern,
+) -> None:
+    """After the products proved a cached pattern wrong (``found``: its entries and this
+    point's nonzeros, from the dense answer), the cache entry of this function, these
+    shapes and choice holds their union, coloured: the next request at this point (or
+    any other where the union holds) gets its products again, not another dense
+    derivative over a pattern already known to miss entries. A pattern that holds at one
+    point or one draw only is cached per point or not at all: nothing to widen."""
+    if found.value_dependent or not isinstance(pattern, str) or pattern != "auto":
+        return  # (declared patterns proven wrong are a 422 before this)
+    cache = _DEFAULT_CACHE if cache is None else cache
+    key = _cache_key(fn, name, args, argnums, kind, f"{pattern}|{mode}")
+    hit = cache.get(key)
+    if hit is None or hit.get("value_dependent") or "pattern" not in hit:
+        return
+    old: Pattern = hit["pattern"]
+    if old.shape != found.shape or old.contains(found):
+        return
+    n = max(old.shape[1], 1)
+    parts = [old.rows * n + old.cols, found.rows * n + found.cols]
+    if kind == "hessian":  # star colouring needs it symmetric (round-off may not be)
+        parts.append(found.cols * n + found.rows)
+    rows, cols = np.divmod(np.unique(np.concatenate(parts)), n)
+    wider = old.replace(rows=rows, cols=cols, notes=old.notes + (WIDENED_NOTE,) if WIDENED_NOTE not in old.notes else old.notes)
+    try:  # no deadline here: the answer is computed, and this colouring is bounded by it (dense)
+        p, coloring = _colored(wider, kind, mode, None)
+    except Exception as exc:  # never a reason to fail the answer: the next request re-checks
+        log.warning("widening sparsity pattern %r failed: %s", old.name, exception_text(exc))
+        return
+    cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring})
+    log.info("sparsity pattern %r (%s) of %s widened by the nonzeros the products missed: %d -> %d entries",
+             old.name, old.source, name, old.nnz, p.nnz)
 
 
 def _lazily(make: Callable[[], Callable[[list[torch.Tensor]], torch.Tensor]]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
@@ -673,8 +715,11 @@ def sparse_hessian(
 
     fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan)
     try:
-        return _sparse_hessian(fn, args, argnums, primals, out, aux, planned, memory_budget, check_alive, has_aux,
-                               chunk_size, t0)
+        res = _sparse_hessian(fn, args, argnums, primals, out, aux, planned, memory_budget, check_alive, has_aux,
+                              chunk_size, t0)
+        if res.pattern is not planned[0] and DENSE_NOTE in res.pattern.notes:
+            _widen(fn, args, argnums, pattern, "hessian", "auto", cache, name, res.pattern)
+        return res
     finally:
         if drawn is not None:  # the generators as one call leaves them, as after torch.func.hessian
             drawn.restore()
