@@ -94,7 +94,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import exception_text
 from .patterns import Pattern, PatternTooLarge, check_entries as _check_entries, entry_limit
 
-__all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "VALUES_NOTE", "is_random", "random_note", "PatternTooLarge", "TraceError", "entry_limit", "probe", "trace_hessian", "trace_jacobian"]
+__all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
 
 aten = torch.ops.aten
 
