@@ -104,7 +104,7 @@ def _max_entries(engine: Any, max_result_bytes: int | None) -> int:
     """Most entries detection may hold in one matrix: what the result limit lets
     through (a value and an index are at least 8 bytes), and what the memory budget
     holds in the tracer's sparse matrices (~16 bytes an entry with a copy). The
-    colouring's graph gets budget / 64 (scipy's product, then networkx's greedy pass)."""
+    colouring's graph gets budget / 64 (scipy's product, then the greedy passes)."""
     limit = engine.memory_budget // 16
     if max_result_bytes is not None:
         limit = min(limit, max_result_bytes // 8)

@@ -2,7 +2,9 @@
 
 - Column colouring (forward mode, one JVP per colour): columns that share no row may
   share a colour; ``J[i, j] = (J S)[i, colour(j)]``. A distance-1 colouring of the
-  column-intersection graph, coloured greedily by networkx.
+  column-intersection graph, coloured greedily in networkx's orders (the same colours
+  as ``networkx.greedy_color``, computed on plain lists: its graph of dicts took most of
+  the time, ~2 of 2.5 s on a 100 x 100 mesh).
 - Row colouring (reverse mode, one VJP per colour): the same on the transpose.
 - Star colouring (symmetric Hessians, one HVP per colour): a distance-1 colouring of
   the adjacency graph in which every path on four vertices uses at least three
@@ -11,12 +13,12 @@
   coloring for computing derivatives", SIAM Review 47(4), 2005, Algorithm 4.1).
 
 Rows or columns with no entry get colour -1 and cost no product. Colouring a large
-pattern takes a while (the graph product is cubic in a dense row's length, networkx
-and the star colouring are pure Python): every function takes the caller's
+pattern takes a while (the graph product is cubic in a dense row's length, the greedy
+passes and the star colouring are pure Python): every function takes the caller's
 ``check_alive`` (a request's deadline check) and calls it at most every few
-milliseconds of every long loop: between blocks of the graph product, of the edges
-added to networkx's graph, of the vertices each greedy pass colours, and inside the
-star colouring's loop; so a deadline stops a colouring within a fraction of a second.
+milliseconds of every long loop: between blocks of the graph product, of the vertices
+each greedy order and pass takes, and inside the star colouring's loop; so a deadline
+stops a colouring within a fraction of a second.
 
 What is known up front is not computed:
 
@@ -42,7 +44,7 @@ import itertools
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -50,20 +52,18 @@ from .patterns import Pattern, check_entries, check_work, sorted_unique, work_li
 
 __all__ = ["Coloring", "choose_coloring", "column_coloring", "row_coloring", "star_coloring"]
 
-# networkx strategies tried, keeping the fewest colours. "smallest_last" is the usual
+# networkx's greedy strategies tried, keeping the fewest colours. "smallest_last" is the usual
 # winner on meshes; natural order is optimal on plain bands, where the others can lose
 # a colour or two; "largest_first" is the classic Welsh-Powell order.
 _STRATEGIES = ("smallest_last", "natural", "largest_first")
-# Above this many graph edges only the cheapest strategies are tried: networkx is pure
-# Python, about a microsecond or two per edge per strategy.
+# Above this many graph edges only the cheapest strategies are tried: each pass is pure
+# Python, a few tenths of a microsecond per edge (smallest-last's order about a microsecond).
 _ALL_STRATEGIES_EDGE_LIMIT = 2_000_000
 # Long loops call check_alive at most this often (a monotonic clock read otherwise).
 _CHECK_EVERY_S = 0.005
 # The graph product runs in blocks of about this many seconds (sized as it goes: a
-# multiply-add costs ~1 ns where rows overlap and ~100 ns where each makes a new entry),
-# and networkx is given nodes or edges this many at a time (microseconds each).
+# multiply-add costs ~1 ns where rows overlap and ~100 ns where each makes a new entry).
 _PRODUCT_BLOCK_S = 0.02
-_EDGES_PER_BLOCK = 1 << 13
 
 Check = Callable[[], None] | None
 
@@ -177,11 +177,123 @@ def _column_graph_edges(p: Pattern, check_alive: Check = None) -> tuple[np.ndarr
     return np.concatenate(us), np.concatenate(vs)
 
 
+# Long pure-Python loops check the deadline every this many vertices (a clock read each).
+_VERTICES_PER_CHECK = 256
+
+
+def _adjacency_lists(n: int, u: np.ndarray, v: np.ndarray) -> tuple[list[int], list[int]]:
+    """CSR ``(indptr, flat)`` of the graph with edges ``(u[k], v[k])``, each vertex's
+    neighbours in the order of the edges naming it: the order networkx's ``Graph`` keeps
+    them in once ``add_edges_from`` has added those edges in that order."""
+    src = np.concatenate([u, v])
+    dst = np.concatenate([v, u])
+    edge = np.concatenate([np.arange(u.size), np.arange(v.size)])
+    order = np.lexsort((edge, src))  # by vertex, then by edge
+    indptr = np.searchsorted(src[order], np.arange(n + 1))
+    return indptr.tolist(), dst[order].tolist()
+
+
+def _copy_order(n: int, indptr: list[int], flat: list[int]) -> tuple[list[int], list[int]]:
+    """The adjacency (CSR, as :func:`_adjacency_lists`) in the order ``Graph.copy``
+    leaves it (networkx's smallest-last strategy walks a copy): the copy adds every
+    ``(x, w)`` of the original in vertex order (ascending), so ``x`` first meets its
+    neighbours below it (ascending, as each adds the edge), then those above it in its
+    own order."""
+    ptr = np.asarray(indptr, np.int64)
+    nbr = np.asarray(flat, np.int64)
+    owner = np.repeat(np.arange(n), np.diff(ptr))
+    above = nbr > owner
+    # below: by neighbour; above: by position in the original list (after every below)
+    key = np.where(above, nbr.size + np.arange(nbr.size), nbr)
+    order = np.lexsort((key, owner))
+    return indptr, nbr[order].tolist()
+
+
+def _smallest_last(nodes: list[int], indptr: list[int], flat: list[int], alive: _Every) -> list[int]:
+    """networkx's ``strategy_smallest_last``, step for step on plain lists: the same
+    buckets of vertices by degree (Python sets, added to and removed from in the same
+    order, so ``set.pop`` picks the same vertex on ties), without its graph copy and
+    degree views (most of its time)."""
+    indptr, flat = _copy_order(len(indptr) - 1, indptr, flat)
+    degree = {x: indptr[x + 1] - indptr[x] for x in nodes}
+    degrees: defaultdict[int, set[int]] = defaultdict(set)
+    lbound: Any = float("inf")
+    for node in nodes:
+        d = degree[node]
+        degrees[d].add(node)
+        lbound = min(lbound, d)
+    removed: set[int] = set()
+    result: deque = deque()
+    for step in range(len(nodes)):
+        if step % _VERTICES_PER_CHECK == 0:
+            alive()
+        min_degree = next(d for d in itertools.count(lbound) if d in degrees)
+        u = degrees[min_degree].pop()
+        if not degrees[min_degree]:
+            del degrees[min_degree]
+        result.appendleft(u)
+        for w in flat[indptr[u] : indptr[u + 1]]:
+            if w in removed:
+                continue
+            d = degree[w]
+            degrees[d].remove(w)
+            if not degrees[d]:
+                del degrees[d]
+            degrees[d - 1].add(w)
+            degree[w] = d - 1
+        removed.add(u)
+        lbound = min_degree - 1
+    return list(result)
+
+
+def _order(name: str, nodes: list[int], indptr: list[int], flat: list[int], alive: _Every) -> list[int]:
+    """The vertex order of networkx's greedy strategy of that name (``nodes``: the
+    graph's vertices in the order they were added, ascending)."""
+    if name == "natural":
+        return nodes
+    if name == "largest_first":  # sorted(G, key=G.degree, reverse=True): stable on ties
+        return sorted(nodes, key=lambda x: indptr[x] - indptr[x + 1])
+    if name == "smallest_last":
+        return _smallest_last(nodes, indptr, flat, alive)
+    raise ValueError(f"unknown greedy strategy {name!r}")
+
+
+def _greedy_pass(n: int, order: list[int], indptr: list[int], flat: list[int], alive: _Every) -> np.ndarray:
+    """Greedy colouring in ``order``: each vertex the smallest colour no coloured
+    neighbour has (what ``networkx.greedy_color`` gives for that order)."""
+    color = [-1] * n
+    seen = [-1] * (max((indptr[x + 1] - indptr[x] for x in order), default=0) + 2)  # seen[c] == v: c is taken
+    for step, v in enumerate(order):
+        if step % _VERTICES_PER_CHECK == 0:
+            alive()
+        for w in flat[indptr[v] : indptr[v + 1]]:
+            c = color[w]
+            if c >= 0:
+                seen[c] = v
+        c = 0
+        while seen[c] == v:
+            c += 1
+        color[v] = c
+    return np.asarray(color, np.int64)
+
+
+def _greedy(
+    n: int, u: np.ndarray, v: np.ndarray, active: np.ndarray, strategies: tuple[str, ...], check_alive: Check = None,
+    lower: int = 0,
+) -> tuple[np.ndarray, str]:
+    """networkx's greedy colouring in each order of ``strategies`` (the same colours,
+    computed on plain lists: several times faster), keeping the first with the fewest
+    colours; a pass that reaches ``lower`` (a lower bound) ends the search, as no later
+    one could win."""
+    with _no_gc():
+        return _greedy_passes(n, u, v, active, strategies, check_alive, lower)
+
+
 @contextlib.contextmanager
 def _no_gc() -> Iterator[None]:
-    """The cyclic garbage collector off while networkx builds and walks a graph of
-    millions of small dicts: each full collection scans them all (a few tenths of a
-    second, between two checks) and frees nothing (reference counting frees them)."""
+    """The cyclic garbage collector off while the passes build and walk lists of
+    millions of ints: each full collection scans them all (a few tenths of a second,
+    between two checks) and frees nothing (reference counting frees them)."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -191,103 +303,20 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _add_nodes(graph: Any, nodes: list[int], alive: _Every) -> None:
-    for s in range(0, len(nodes), _EDGES_PER_BLOCK):
-        alive()
-        graph.add_nodes_from(nodes[s : s + _EDGES_PER_BLOCK])
-
-
-def _checked(nodes: Iterable[int], alive: _Every) -> Iterator[int]:
-    """``nodes`` as networkx's greedy pass consumes them, checking as it goes."""
-    for node in nodes:
-        alive()
-        yield node
-
-
-def _smallest_last(graph: Any, alive: _Every) -> deque:
-    """networkx's ``strategy_smallest_last``, step for step (the same copy of the graph,
-    the same buckets, so the same order, ties included), with checks in its loops."""
-    h = graph.__class__()
-    _add_nodes(h, list(graph), alive)
-    pairs = ((u, v) for u, nbrs in graph._adj.items() for v in nbrs)  # as Graph.copy adds them
-    while True:
-        alive()
-        chunk = list(itertools.islice(pairs, _EDGES_PER_BLOCK))
-        if not chunk:
-            break
-        h.add_edges_from(chunk)
-    result: deque = deque()
-    degrees: defaultdict[int, set[int]] = defaultdict(set)
-    lbound: Any = float("inf")
-    for node, d in h.degree():
-        degrees[d].add(node)
-        lbound = min(lbound, d)
-    for _ in graph:
-        alive()
-        min_degree = next(d for d in itertools.count(lbound) if d in degrees)
-        u = degrees[min_degree].pop()
-        if not degrees[min_degree]:
-            del degrees[min_degree]
-        result.appendleft(u)
-        for v in h[u]:
-            degree = h.degree(v)
-            degrees[degree].remove(v)
-            if not degrees[degree]:
-                del degrees[degree]
-            degrees[degree - 1].add(v)
-        h.remove_node(u)
-        lbound = min_degree - 1
-    return result
-
-
-def _order(graph: Any, name: str, alive: _Every) -> Iterable[int]:
-    """The vertex order of a greedy strategy, as networkx's strategy of that name gives it."""
-    from networkx.algorithms.coloring.greedy_coloring import strategy_largest_first
-
-    if name == "natural":
-        return sorted(graph)
-    if name == "smallest_last":
-        return _smallest_last(graph, alive)
-    if name == "largest_first":
-        return strategy_largest_first(graph, None)
-    raise ValueError(f"unknown greedy strategy {name!r}")
-
-
-def _greedy(
-    n: int, u: np.ndarray, v: np.ndarray, active: np.ndarray, strategies: tuple[str, ...], check_alive: Check = None,
-    lower: int = 0,
-) -> tuple[np.ndarray, str]:
-    """networkx's greedy colouring in each order of ``strategies``, keeping the first
-    with the fewest colours; a pass that reaches ``lower`` (a lower bound) ends the
-    search, as no later one could win."""
-    with _no_gc():
-        return _greedy_passes(n, u, v, active, strategies, check_alive, lower)
-
-
 def _greedy_passes(
     n: int, u: np.ndarray, v: np.ndarray, active: np.ndarray, strategies: tuple[str, ...], check_alive: Check,
     lower: int,
 ) -> tuple[np.ndarray, str]:
-    import networkx as nx
-
     alive = _Every(check_alive)
-    _check(check_alive)
-    graph = nx.Graph()
-    _add_nodes(graph, np.flatnonzero(active).tolist(), alive)
-    for s in range(0, u.size, _EDGES_PER_BLOCK):
-        alive()
-        graph.add_edges_from(zip(u[s : s + _EDGES_PER_BLOCK].tolist(), v[s : s + _EDGES_PER_BLOCK].tolist()))
+    alive()
+    indptr, flat = _adjacency_lists(n, u, v)
+    nodes = np.flatnonzero(active).tolist()
     if u.size > _ALL_STRATEGIES_EDGE_LIMIT:
         strategies = strategies[:2]
     best: tuple[np.ndarray, str] | None = None
     for name in strategies:
-        _check(check_alive)
-        order = _order(graph, name, alive)
-        found = nx.greedy_color(graph, strategy=lambda _g, _c: _checked(order, alive))
-        colors = np.full(n, -1, np.int64)
-        if found:
-            nodes = np.fromiter(found.keys(), np.int64, len(found))
-            colors[nodes] = np.fromiter(found.values(), np.int64, len(found))
+        alive()
+        colors = _greedy_pass(n, _order(name, nodes, indptr, flat, alive), indptr, flat, alive)
         if best is None or colors.max(initial=-1) < best[0].max(initial=-1):
             best = (colors, name)
         if int(best[0].max(initial=-1)) + 1 <= lower:

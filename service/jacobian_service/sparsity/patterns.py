@@ -86,10 +86,10 @@ def check_entries(count: int, what: str, graph: bool = False) -> None:
 
 
 #: Steps of compiled work (the colouring graph's sparse product: one multiply-add for each
-#: pair of entries sharing a row) allowed per entry of the graph limit. networkx's greedy
-#: pass costs about a microsecond per graph entry, a product step about a nanosecond: so
-#: a pattern at the work limit costs the product about what a graph at its limit costs
-#: networkx (a few seconds on one CPU core with the default 256 MiB budget).
+#: pair of entries sharing a row) allowed per entry of the graph limit. The greedy passes
+#: cost about a microsecond per graph entry, a product step about a nanosecond: so a
+#: pattern at the work limit costs the product about what a graph at its limit costs the
+#: greedy passes (a few seconds on one CPU core with the default 256 MiB budget).
 WORK_PER_GRAPH_ENTRY = 1024
 
 
