@@ -436,3 +436,48 @@ def test_pattern_string_refuses_a_zero_width_and_draws_vectors_and_scalars():
     with pytest.raises(ValueError, match="2-D matrix; got an array of shape"):
         pattern_string(np.ones((2, 2, 2)))
     assert pattern_string(sp.eye_array(4), max_width=1).startswith("4 x 4, 4 stored entries\n")
+
+
+def _greedy_star_by_walking(indptr, nbr, seq, active):
+    """GMP 2005 Algorithm 4.1 as first written here: whether x has another neighbour of
+    w's colour found by walking x's neighbours (deg^3 steps a vertex)."""
+    adj = [nbr[indptr[i] : indptr[i + 1]].tolist() for i in range(len(indptr) - 1)]
+    color, forbidden = [-1] * len(adj), [-1]
+    for v in seq:
+        if not active[v]:
+            continue
+        for w in adj[v]:
+            cw = color[w]
+            if cw >= 0:
+                forbidden[cw] = v
+            for x in adj[w]:
+                cx = color[x]
+                if cx < 0 or x == v:
+                    continue
+                if cw < 0 or any(y != w and color[y] == cw for y in adj[x]):
+                    forbidden[cx] = v
+        c = 0
+        while forbidden[c] == v:
+            c += 1
+        color[v] = c
+        forbidden += [-1] * (c + 2 - len(forbidden))
+    return np.asarray(color)
+
+
+def test_the_greedy_star_colouring_counts_rather_than_walks():
+    """Whether a neighbour x of w has another neighbour of w's colour is read from counts
+    kept as vertices are coloured (the walk over x's neighbours made a 9-point stencil's
+    Hessian colouring ~8x slower): the same colours, in both orders."""
+    from jacobian_service.sparsity import coloring
+
+    rng = np.random.default_rng(3)
+    patterns = [grid_stencil(9, 11, NINE_POINT), grid_stencil(12, 7, TRIANGLES), grid_stencil(10, 10)]
+    for n, k in ((40, 2), (200, 4), (300, 8)):
+        r, c = rng.integers(0, n, n * k), rng.integers(0, n, n * k)
+        patterns.append(Pattern((n, n), np.r_[r, c, np.arange(n)], np.r_[c, r, np.arange(n)]))
+    for p in patterns:
+        indptr, nbr = coloring._adjacency(p)
+        active = np.bincount(p.rows, minlength=p.shape[0]) > 0
+        for seq in (np.argsort(-np.diff(indptr), kind="stable"), np.arange(p.shape[0])):
+            want = _greedy_star_by_walking(indptr, nbr, seq.tolist(), active)
+            assert np.array_equal(coloring._greedy_star(p, indptr, nbr, seq), want)

@@ -556,7 +556,17 @@ def _greedy_star(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarra
     neighbours w; for an uncoloured neighbour w, the colours of w's neighbours x (v and
     x would be same-coloured ends of a path through w whose middle is still open); for
     a coloured w, the colour of each neighbour x of w that has another neighbour y of
-    w's colour (v-w-x-y would be a two-coloured path on four vertices)."""
+    w's colour (v-w-x-y would be a two-coloured path on four vertices).
+
+    That last test reads a count of each vertex's coloured neighbours per colour (w is
+    one of x's neighbours of w's colour: another exists when the count is 2 or more),
+    kept as vertices are coloured, rather than walking x's neighbours: the same colours,
+    a vertex in deg^2 steps rather than deg^3 (a 9-point stencil: 8x fewer)."""
+    with _no_gc():  # a dict per vertex: collections would scan them all, freeing nothing
+        return _greedy_star_pass(p, indptr, nbr, seq, check_alive)
+
+
+def _greedy_star_pass(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarray, check_alive: Check) -> np.ndarray:
     n = p.shape[0]
     alive = _Every(check_alive)
     alive()
@@ -569,6 +579,7 @@ def _greedy_star(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarra
         if i % 4096 == 0:
             alive()
         adj.append(flat[bounds[i] : bounds[i + 1]])
+    count: list[dict[int, int]] = [{} for _ in range(n)]  # count[x][c]: coloured neighbours of x of colour c
     forbidden: list[int] = [-1]
     for v in seq.tolist():
         alive()
@@ -584,13 +595,8 @@ def _greedy_star(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarra
                 cx = color[x]
                 if cx < 0 or x == v:
                     continue
-                if cw < 0:
+                if cw < 0 or count[x].get(cw, 0) > 1:
                     forbidden[cx] = v
-                else:
-                    for y in adj[x]:
-                        if y != w and color[y] == cw:
-                            forbidden[cx] = v
-                            break
         c = 0
         while forbidden[c] == v:
             c += 1
@@ -599,6 +605,9 @@ def _greedy_star(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarra
         color[v] = c
         if c + 1 == len(forbidden):
             forbidden.append(-1)
+        for x in adj[v]:
+            around = count[x]
+            around[c] = around.get(c, 0) + 1
     return np.asarray(color, np.int64)
 
 
