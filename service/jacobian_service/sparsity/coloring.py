@@ -411,7 +411,6 @@ def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, ch
     m, n = p.shape
     _check(check_alive)
     work = _graph_work(p)
-    _check_graph_size(p, work)
     active = np.bincount(p.cols, minlength=n) > 0
     lower = int(np.bincount(p.rows, minlength=m).max(initial=0))
     if lower == int(active.sum()):
@@ -422,6 +421,7 @@ def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, ch
     elif (at_bound := _at_the_bound(p, work, lower, active, check_alive)) is not None:
         colors, strategy = at_bound  # optimal: no greedy order could use fewer
     else:
+        _check_graph_size(p, work)  # (only a graph that is built is bounded: a 600 x 600 stencil needs none)
         u, v = _column_graph_edges(p, check_alive)
         colors, strategy = _greedy(n, u, v, active, strategies, check_alive, lower)
         del u, v
