@@ -18,6 +18,8 @@ SparseConnectivityTracer.jl and asdex:
 - reductions, scans and softmax-like ops: the elements along the reduced dimensions;
 - matrix products: the contracted elements, skipping structural zeros of operands that
   do not depend on the input (constant matrices with zeros stay sparse);
+- convolutions: the kernel window of each output element, skipping zero taps of a
+  constant kernel (a 5-point Laplacian as ``conv2d`` stays 5 points);
 - any other op: every output element depends on every input element of its arguments
   (dense, conservative); the pattern is then marked ``exact=False`` and the op named.
 
@@ -416,6 +418,8 @@ class _Tracer:
             return self.pointwise(name, args, kwargs, out)
         if name in _MATMUL:
             return self.matmul(name, args, kwargs, out)
+        if name == "convolution" and _float(out):
+            return self.convolution(func, args, kwargs, out)
         if name in _REDUCE or name in _LINE or name in _SCAN:
             return self.along(func, name, args, kwargs, out)
         if torch.Tag.pointwise in func.tags or name in _LINEAR_POINTWISE:
@@ -663,6 +667,81 @@ class _Tracer:
                 gb_rows = (np.arange(nb * k * n) // n)
                 gb = sp.csr_array((np.ones(nb * k * n, np.float32), (gb_rows, np.arange(nb * k * n))), shape=(nb * k, nb * k * n)) @ db
                 hparts.append(self.pairs(_ones(ga), _ones(gb)))
+            hparts = [h for h in hparts if h is not None]
+            hess = _union(hparts, self.n, self.n) if hparts else None
+        return self.wrap(out, deps, hess)
+
+    def convolution(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
+        """``aten.convolution`` (conv1d/2d/3d, any stride, padding, dilation, groups): an
+        output element depends on the input elements its kernel window covers, through
+        the taps whose weight may be nonzero (a weight that depends on the input, or a
+        constant one that is not zero: a 5-point Laplacian kernel stays 5 points), on
+        every tap of its output channel's weights when those depend on the input, and
+        on its channel's bias. Transposed convolutions are taken as dense."""
+        named = dict(zip((a.name for a in func._schema.arguments), args))
+        named.update(kwargs)
+        x, w, bias = named["input"], named["weight"], named.get("bias")
+        traced = [t for t in (x, w, bias) if isinstance(t, _Traced)]
+        if bool(named["transposed"]):
+            return self.dense("convolution", traced, out)
+        xv = x.value if isinstance(x, _Traced) else x
+        wv = w.value if isinstance(w, _Traced) else w
+        stride, padding, dilation = (list(named[k]) for k in ("stride", "padding", "dilation"))
+        groups = int(named["groups"])
+        batch, channels, spatial = xv.shape[0], xv.shape[1], tuple(xv.shape[2:])
+        outs, per_group, kernel = wv.shape[0], wv.shape[1], tuple(wv.shape[2:])
+        places = tuple(out.shape[2:])
+        dx, dw = self.deps(x), self.deps(w)
+        taps_per = math.prod(kernel)
+        # The taps (o, c within the group, k) that may be nonzero.
+        wmask = (wv != 0).cpu().numpy().reshape(outs, per_group, taps_per) | (np.diff(dw.indptr) > 0).reshape(outs, per_group, taps_per)
+        if isinstance(w, _Traced) and not w.root.const and dx.nnz and not wmask.all():
+            self.reads("convolution: zeros of an operand that varies with the inputs")
+        if dx.nnz == 0:
+            wmask[:] = True
+        o, cc, k = np.nonzero(wmask)
+        place = np.arange(math.prod(places))
+        _check_entries(batch * place.size * o.size, "convolution")
+        kc = np.unravel_index(k, kernel) if kernel else ()
+        pc = np.unravel_index(place, places) if places else ()
+        valid = np.ones((o.size, place.size), bool)
+        q = np.zeros((o.size, place.size), np.int64)
+        for d in range(len(spatial)):
+            qd = pc[d][None, :] * stride[d] - padding[d] + kc[d][:, None] * dilation[d]
+            valid &= (qd >= 0) & (qd < spatial[d])
+            q = q * spatial[d] + qd
+        tap, at = np.nonzero(valid)
+        q = q[tap, at]
+        c = (o[tap] // max(outs // groups, 1)) * per_group + cc[tap]
+        size = int(out.numel())
+        parts = []
+        rows_per_batch = (o[tap] * place.size + at)
+        for_batch = np.arange(batch)[:, None]
+        if dx.nnz:
+            rows = (for_batch * outs * place.size + rows_per_batch[None, :]).reshape(-1)
+            cols = (for_batch * channels * math.prod(spatial) + (c * math.prod(spatial) + q)[None, :]).reshape(-1)
+            m = sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(size, xv.numel()))
+            parts.append(_ones(m @ dx))
+        if dw.nnz:  # every tap of the output channel that reads an input element that may be nonzero
+            # (zeros of a constant input only: those of one that varies, padding included,
+            # would make the pattern hold at this point alone, for a few entries)
+            constant = not isinstance(x, _Traced) or x.root.const
+            xmask = (xv != 0).cpu().numpy().reshape(batch, -1) if constant else np.ones((batch, xv[0].numel()), bool)
+            read = xmask[:, c * math.prod(spatial) + q]  # (batch, taps x places)
+            rows = (for_batch * outs * place.size + rows_per_batch[None, :])[read]
+            cols = np.broadcast_to(((o[tap] * per_group + cc[tap]) * taps_per + k[tap])[None, :], (batch, tap.size))[read]
+            m = sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(size, wv.numel()))
+            parts.append(_ones(m @ dw))
+        if isinstance(bias, _Traced) and bias.root.deps.nnz:
+            rows = np.arange(size)
+            m = sp.csr_array((np.ones(size, np.float32), (rows, (rows // max(place.size, 1)) % outs)), shape=(size, outs))
+            parts.append(_ones(m @ self.deps(bias)))
+        deps = _union(parts, size, self.n)
+        hess = None
+        if self.hessian:
+            hparts = [self.hess_of(traced)]
+            if dx.nnz and dw.nnz:  # bilinear: pairs across input and weight
+                hparts.append(self.pairs(deps))
             hparts = [h for h in hparts if h is not None]
             hess = _union(hparts, self.n, self.n) if hparts else None
         return self.wrap(out, deps, hess)
