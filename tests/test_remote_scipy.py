@@ -297,3 +297,34 @@ def test_a_negative_argnum_counts_from_the_end_for_the_value_too(cc):
 
     with pytest.raises(jc.InvalidInput, match="argnums"):
         remote_objective(cc.client, "cubic_pair", args=(x,), argnum=-3).fun(w)
+
+
+def test_a_function_that_evaluates_but_cannot_be_differentiated_still_gives_its_values(cc):
+    """fun(x) prefetched the Jacobian and raised its error: a derivative-free solve
+    (least_squares' finite differences, Nelder-Mead) of a function whose value works
+    but whose Jacobian fails (a backward that raises, a black box through numpy)
+    failed at its first point, where the same function in-process is solved."""
+    import jacobian_client as jc
+
+    from . import user_functions as uf
+
+    local = Local(uf.fails_midway)  # the identity; its backward raises
+    remote = remote_objective(cc.client, "fails_midway")
+    x0 = np.array([0.1, 0.2, 0.3])
+    want = optimize.least_squares(lambda x: local.fun(x) - 0.5, x0)
+    got = optimize.least_squares(lambda x: remote.fun(x) - 0.5, x0)
+    assert want.success and got.success
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-12, atol=1e-12)
+    assert (got.nfev, got.njev) == (want.nfev, want.njev)
+    points = [x for _, x in local.calls]
+    distinct = 1 + sum(a != b for a, b in zip(points, points[1:]))
+    # the first point's prefetch failed; from then on, the value alone, once per point
+    assert cc.take() == ["jacobian+return_output"] + ["evaluate"] * distinct
+    assert remote.prefetch is False
+    with pytest.raises(jc.FunctionError, match="backward failed half-way"):  # the derivative itself
+        remote.jac(got.x)
+    with pytest.raises(jc.FunctionError, match="backward failed half-way"):
+        remote.fun_and_jac(x0)
+    # a value that fails too raises the value's own error
+    with pytest.raises(jc.FunctionError, match="diverged"):
+        remote_objective(cc.client, "broken").fun(x0)

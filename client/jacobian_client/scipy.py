@@ -18,7 +18,11 @@ function) in one ``jacobian`` request with ``return_output=true`` and keeps both
 point and then differentiates it pays one request per point, not two. Solvers that
 evaluate points they never differentiate (a rejected trust-region step) pay for a
 Jacobian they do not use: pass ``prefetch=False`` to ask for the value alone there, and
-the Jacobian only when ``jac`` is called (then one request each). ``fun_and_jac(x)``
+the Jacobian only when ``jac`` is called (then one request each). When a prefetched
+Jacobian fails (the function raised while differentiated, or its Jacobian is too large or
+too slow) ``fun(x)`` asks for the value alone, as a derivative-free solver (Nelder-Mead,
+finite differences) needs, and the objective stops prefetching (``prefetch`` becomes
+False); ``jac(x)`` still raises the service's error. ``fun_and_jac(x)``
 (for ``minimize(..., jac=True)``) is always one request. ``hessp(x, p)`` is one ``hvp``
 request (forward-over-reverse on the service) per call, ``hess(x)`` one ``hessian``
 request (``x.size`` squared numbers: prefer ``hessp`` for large ``x``).
@@ -41,6 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._arrays import Bfloat16, as_wire_value, is_torch_tensor
+from ._errors import FunctionError, OutOfMemory, ResultTooLarge, Timeout
 from ._protocol import _input_leaves
 from ._remote import check_sync_client
 
@@ -169,8 +174,16 @@ class RemoteObjective:
         x, inputs = self._inputs(x, args)
         value, _ = self._cached(x, args)
         if value is None and self.prefetch:
-            value = self._both(x, inputs, args)[0]
-        elif value is None:
+            try:
+                value = self._both(x, inputs, args)[0]
+            except _DERIVATIVE_ERRORS:
+                # the Jacobian failed, not necessarily the value: a derivative-free solver
+                # (Nelder-Mead, least_squares' finite differences) needs the value alone,
+                # which in-process works for a function that cannot be differentiated.
+                # Ask for it, and stop fetching Jacobians that were never asked for
+                # (jac(x) still asks, and raises what the service says).
+                self.prefetch = False
+        if value is None:
             parts = self.client._parts("evaluate", self.name, inputs, {})
             value = self._value_of(parts["value"])
             self._remember(x, args, value=value)
@@ -202,6 +215,15 @@ class RemoteObjective:
         x, inputs = self._inputs(x, args)
         parts = self.client._parts("hessian", self.name, inputs, {"argnums": self.argnum})
         return np.asarray(parts["value"]).reshape(x.size, x.size)
+
+
+# What a ``jacobian`` request can fail with where an ``evaluate`` of the same inputs may
+# not: the function raised while differentiated (or refused to be: an integer output), or
+# its Jacobian is too large, too slow or too big for memory. Not InvalidInput: a request
+# the service refuses (an argnum out of range) is the caller's to fix, and an evaluate
+# would answer for another placement of x, silently. Anything else (auth, an unknown
+# function, an unavailable server) would fail the value too.
+_DERIVATIVE_ERRORS = (FunctionError, ResultTooLarge, Timeout, OutOfMemory)
 
 
 def _fresh(value: Any) -> Any:
