@@ -328,3 +328,48 @@ def test_a_function_that_evaluates_but_cannot_be_differentiated_still_gives_its_
     # a value that fails too raises the value's own error
     with pytest.raises(jc.FunctionError, match="diverged"):
         remote_objective(cc.client, "broken").fun(x0)
+
+
+def test_threads_sharing_an_objective_each_get_their_own_points_jacobian(cc):
+    """One objective used from several threads (multi-start solves in a thread pool: the
+    service is I/O for the caller): its one cached point was read and written in steps,
+    so a thread could get another thread's Jacobian, silently. The interleaving is forced
+    here: thread A is held while it reads its cache, between finding its point and
+    taking the arrays, while the main thread evaluates another point."""
+    import threading
+
+    rosen = remote_objective(cc.client, "rosenbrock")
+    xa, xb = np.array([-1.2, 1.0, 0.5]), np.array([0.3, -0.4, 2.0])
+    key_of = rosen._key_of
+    asking, held, release = threading.Event(), threading.Event(), threading.Event()
+
+    def holding_key_of(x, args):  # the cache's key of a point: A's jac is held right after it
+        key = key_of(x, args)
+        if threading.get_ident() != main and asking.is_set() and not held.is_set():
+            held.set()
+            assert release.wait(30)
+        return key
+
+    main = threading.get_ident()
+    rosen._key_of = holding_key_of
+    got: dict[str, Any] = {}
+
+    def thread_a() -> None:
+        got["fun"] = rosen.fun(xa)
+        asking.set()
+        got["jac"] = rosen.jac(xa)
+
+    a = threading.Thread(target=thread_a)
+    a.start()
+    try:
+        assert held.wait(30)
+        value_b = rosen.fun(xb)  # another point, while A is between finding its point and reading it
+    finally:
+        release.set()
+        a.join(30)
+    grad = f.grad(ex.rosenbrock)
+    np.testing.assert_allclose(got["fun"], ex.rosenbrock(torch.from_numpy(xa)).item(), rtol=1e-12)
+    np.testing.assert_allclose(got["jac"], grad(torch.from_numpy(xa)).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(value_b, ex.rosenbrock(torch.from_numpy(xb)).item(), rtol=1e-12)
+    np.testing.assert_allclose(rosen.jac(xb), grad(torch.from_numpy(xb)).numpy(), rtol=1e-12)
+    assert cc.take() == ["jacobian+return_output"] * 2  # each thread's point: one request

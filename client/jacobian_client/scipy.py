@@ -34,12 +34,14 @@ them after its own arguments, as SciPy calls it.
 Every call returns fresh arrays: a solver may write into what ``fun`` or ``jac`` gave it
 (in-place scaling, say), and that must not change what the cache gives the next caller.
 The cache is keyed by ``x`` and by the contents of ``args`` (the inputs held fixed), so
-changing ``args`` between fits, in place or by rebinding, is seen.
+changing ``args`` between fits, in place or by rebinding, is seen. It holds one point per
+thread: solves running in threads (multi-start in a thread pool) may share an objective.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -91,9 +93,16 @@ class RemoteObjective:
         self.argnum = int(argnum)
         self.shape = None if shape is None else tuple(shape)
         self.prefetch = prefetch
-        self._key: bytes | None = None
-        self._value: Any = None
-        self._jac: Any = None
+        self._last = threading.local()  # per thread: see _remember
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_last"]  # a thread-local cannot be pickled; a copy starts with no point cached
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._last = threading.local()
 
     # ----------------------------------------------------------------- helpers
 
@@ -128,17 +137,22 @@ class RemoteObjective:
         return digest.digest()
 
     def _remember(self, x: np.ndarray, args: tuple[Any, ...], value: Any = None, jac: Any = None) -> None:
+        """Keep the value and/or Jacobian at ``x``: the last point, one per thread. Threads
+        sharing an objective (multi-start solves in a thread pool) each have their own:
+        one shared point, written and read in steps, gave a thread another thread's
+        Jacobian (silently), and threads taking turns would evict each other's point.
+        Each entry is one tuple, replaced whole."""
         key = self._key_of(x, args)
-        if key != self._key:
-            self._key, self._value, self._jac = key, None, None
-        if value is not None:
-            self._value = value
-        if jac is not None:
-            self._jac = jac
+        last = getattr(self._last, "entry", None)
+        if last is not None and last[0] == key:
+            value = last[1] if value is None else value
+            jac = last[2] if jac is None else jac
+        self._last.entry = (key, value, jac)
 
     def _cached(self, x: np.ndarray, args: tuple[Any, ...]) -> tuple[Any, Any]:
-        if self._key is not None and self._key == self._key_of(x, args):
-            return self._value, self._jac
+        last = getattr(self._last, "entry", None)
+        if last is not None and last[0] == self._key_of(x, args):
+            return last[1], last[2]
         return None, None
 
     @staticmethod
