@@ -375,3 +375,28 @@ def test_low_precision_inputs_get_their_dtype_back_as_in_jax(cc):
             np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2)
         y = jnp.array([1.1, 2.3, -3.7], jnp.float32)
         assert add(x, y).dtype == (x + y**2).dtype == jnp.float32
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sin(x), and how many entries so far are positive (int64)")
+def sin_and_positives(x: torch.Tensor):
+    return torch.sin(x), (x > 0).to(torch.int64).cumsum(0)
+
+
+def test_forward_mode_gives_an_integer_output_jaxs_float0_tangent(oc):
+    """jax.jvp and linearize give an integer output (indices, counts) a float0 tangent
+    in-process; the remote function gave int64 zeros, an array JAX never makes for it."""
+    g = remote(oc.client, "sin_and_positives")
+
+    def local(x):
+        return jnp.sin(x), jnp.cumsum(x > 0)
+
+    x, t = jnp.array([0.3, -0.2, 0.5]), jnp.array([1.0, 2.0, -1.0])
+    want_out, (want_t, want_count_t) = jax.jvp(local, (x,), (t,))
+    assert want_count_t.dtype == jax.dtypes.float0  # the premise
+    for got_out, (got_t, got_count_t) in (jax.jvp(g, (x,), (t,)), jax.jit(lambda a, b: jax.jvp(g, (a,), (b,)))(x, t),
+                                          (None, jax.linearize(g, x)[1](t))):
+        if got_out is not None:
+            close(got_out, want_out)
+        close(got_t, want_t)
+        assert (got_count_t.shape, got_count_t.dtype) == (want_count_t.shape, jax.dtypes.float0)
+    assert oc.take() == ["evaluate", "jvp", "evaluate", "jvp", "evaluate", "jvp"]  # jit: shapes known, no probe

@@ -365,7 +365,11 @@ def _eval_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteOps
         return out, zeros
     lin = _Linear("jvp", argnums, len(primals), shapes.structs[: shapes.n_out], batch_ndim, ("p",) * batch_ndim)
     tangents_out = remote_linear_p.bind(*primals, *[tangents[i] for i in argnums], ops=ops, shapes=shapes, lin=lin)
-    return out, list(tangents_out) + aux_zeros
+    # an integer output (indices, counts) has no tangent: JAX's is a symbolic zero of dtype
+    # float0, as jax.jvp gives it in-process (the service answers integer zeros for it)
+    tangents_out = [t if jnp.issubdtype(s.dtype, jnp.inexact) else zero
+                    for t, s, zero in zip(tangents_out, shapes.structs, zeros)]
+    return out, tangents_out + aux_zeros
 
 
 def _eval_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
