@@ -255,6 +255,9 @@ def test_second_derivatives_are_refused_clearly(cc):
         f.hessian(s)(x)
     with pytest.raises(RuntimeError, match="second derivatives"):
         f.jacrev(f.jacrev(s))(x)
+    # a first derivative torch computes by double backward: the message names the way out
+    with pytest.raises(RuntimeError, match=r"torch.autograd.functional.jvp .* use torch.func.jvp"):
+        torch.autograd.functional.jvp(s, x, torch.ones(3, dtype=torch.float64))
 
 
 def test_lazily_negated_and_conjugated_views_are_sent_by_value(cc):

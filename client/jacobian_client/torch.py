@@ -343,6 +343,15 @@ class _RemoteFunction(torch.autograd.Function):
         return out, (0,) * len(out)
 
 
+def _second_derivatives(name: str) -> str:
+    # torch.autograd.functional.jvp is a first derivative, computed by torch as a double
+    # backward (the vjp of a vjp): its caller must learn that torch.func.jvp is the way
+    return (f"second derivatives through the remote function {name!r} are not supported (double backward, "
+            "hessian, jacfwd(jacrev(f)); also torch.autograd.functional.jvp / hvp / vhp, which torch computes "
+            "by double backward: use torch.func.jvp for a jvp); for second derivatives ask the service: "
+            "client.hessian or client.hvp")
+
+
 class _RemoteLinear(torch.autograd.Function):
     """The remote vjp or jvp: inputs then vectors in, products out; one request."""
 
@@ -366,17 +375,11 @@ class _RemoteLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
-        raise RuntimeError(
-            f"second derivatives through the remote function {ctx.lin.ops.name!r} are not supported "
-            "(double backward, hessian, jacfwd(jacrev(f))); ask the service: client.hessian or client.hvp"
-        )
+        raise RuntimeError(_second_derivatives(ctx.lin.ops.name))
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:  # type: ignore[override]
-        raise RuntimeError(
-            f"second derivatives through the remote function {ctx.lin.ops.name!r} are not supported "
-            "(double backward, hessian, jacfwd(jacrev(f))); ask the service: client.hessian or client.hvp"
-        )
+        raise RuntimeError(_second_derivatives(ctx.lin.ops.name))
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], lin: _Linear, *args: Any) -> tuple[Any, Any]:
