@@ -178,6 +178,42 @@ def test_tuple_outputs_several_inputs_and_argnums(cc):
     assert cc.take() == ["evaluate", "vjp"]
 
 
+def test_a_backward_pass_asks_only_for_the_gradients_it_uses(cc):
+    """torch.autograd.grad(loss, x) (an input gradient: saliency, adversarial examples,
+    PDE residuals) or backward(inputs=[...]) while the function's other inputs (weights)
+    require grad too: the vjp request asked for every input's gradient (needs_input_grad
+    is fixed at the forward), the service's work and the answer's bytes for gradients
+    thrown away. Now it asks for those the pass uses (still one vjp)."""
+    argnums: list[str] = []
+    cc.client._http.event_hooks["request"].append(
+        lambda r: argnums.append(r.url.params.get("argnums")) if r.url.path.endswith("/vjp") else None)
+    g = remote(cc.client, "add_square")
+    x0, y0 = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+
+    def leaves():
+        return x0.clone().requires_grad_(), y0.clone().requires_grad_()
+
+    def loss(fn, x, y):
+        return (fn(x * 1, y * 1) ** 2).sum()  # non-leaf inputs: the engine can say which it runs
+
+    x, y = leaves()
+    xl, yl = leaves()
+    close(torch.autograd.grad(loss(g, x, y), x)[0], torch.autograd.grad(loss(ex.add_square, xl, yl), xl)[0])
+    x, y = leaves()
+    xl, yl = leaves()
+    loss(g, x, y).backward(inputs=[y])
+    loss(ex.add_square, xl, yl).backward(inputs=[yl])
+    close(y.grad, yl.grad)
+    assert x.grad is None
+    x, y = leaves()
+    xl, yl = leaves()
+    loss(g, x, y).backward()  # both used: both asked
+    loss(ex.add_square, xl, yl).backward()
+    close((x.grad, y.grad), (xl.grad, yl.grad))
+    assert cc.take() == ["evaluate", "vjp"] * 3
+    assert argnums == ["0,", "1,", "0,1"]
+
+
 def test_aux_comes_back_as_with_has_aux(cc):
     sa = remote(cc.client, "sin_aux")
     x = torch.randn(4, dtype=torch.float64)

@@ -246,6 +246,36 @@ def _batched_input(x: Any, dim: int | None, size: int) -> Any:
     return x.movedim(dim, 0)
 
 
+def _unused_inputs(ctx: Any) -> set[int]:
+    """Inputs (by position) whose gradient this backward pass will not use, though they
+    require grad: ``torch.autograd.grad(loss, x)`` or ``backward(inputs=[x])`` with the
+    function's other inputs (weights) requiring grad too. ``needs_input_grad`` is fixed at
+    the forward, so without this the vjp request asked for every such input's gradient:
+    the service's work and the answer's bytes for gradients thrown away. The engine
+    knows which nodes it will run (``torch._C._will_engine_execute_node``, what torch's
+    own ``register_multi_grad_hook`` asks); it will not say for a leaf under
+    ``autograd.grad``, and then the gradient is computed, as before. Any failure of this
+    (internal) API means the same."""
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)
+    positions = [i for i, is_tensor in enumerate(ctx.is_tensor) if is_tensor]
+    try:
+        edges = ctx.next_functions  # one per tensor input, in order
+    except Exception:
+        return set()
+    if will_run is None or len(edges) != len(positions):
+        return set()
+    unused = set()
+    for i, (node, _) in zip(positions, edges):
+        if node is None:
+            continue
+        try:
+            if not will_run(node):
+                unused.add(i)
+        except Exception:  # a leaf under autograd.grad: torch does not tell
+            pass
+    return unused
+
+
 # --------------------------------------------------------------------------- the function
 
 
@@ -302,8 +332,10 @@ class _RemoteFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx: Any, grads: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
         xs = _RemoteFunction._inputs(ctx)
+        unused = _unused_inputs(ctx)
         argnums = [i for i, x in enumerate(xs)
-                   if isinstance(x, torch.Tensor) and x.is_floating_point() and ctx.needs_input_grad[i + 1]]
+                   if isinstance(x, torch.Tensor) and x.is_floating_point() and ctx.needs_input_grad[i + 1]
+                   and i not in unused]
         if not argnums:
             return (None,) * (1 + len(xs))
         spec: _Spec = ctx.spec
