@@ -325,9 +325,12 @@ def test_a_function_that_evaluates_but_cannot_be_differentiated_still_gives_its_
         remote.jac(got.x)
     with pytest.raises(jc.FunctionError, match="backward failed half-way"):
         remote.fun_and_jac(x0)
-    # a value that fails too raises the value's own error
+    # a value that fails too raises the value's own error, and the objective keeps
+    # prefetching (a caller may turn such points into inf and go on)
+    broken = remote_objective(cc.client, "broken")
     with pytest.raises(jc.FunctionError, match="diverged"):
-        remote_objective(cc.client, "broken").fun(x0)
+        broken.fun(x0)
+    assert broken.prefetch is True
 
 
 def test_threads_sharing_an_objective_each_get_their_own_points_jacobian(cc):

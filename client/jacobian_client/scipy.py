@@ -21,8 +21,8 @@ Jacobian they do not use: pass ``prefetch=False`` to ask for the value alone the
 the Jacobian only when ``jac`` is called (then one request each). When a prefetched
 Jacobian fails (the function raised while differentiated, or its Jacobian is too large or
 too slow) ``fun(x)`` asks for the value alone, as a derivative-free solver (Nelder-Mead,
-finite differences) needs, and the objective stops prefetching (``prefetch`` becomes
-False); ``jac(x)`` still raises the service's error. ``fun_and_jac(x)``
+finite differences) needs, and where that answers the objective stops prefetching
+(``prefetch`` becomes False); ``jac(x)`` still raises the service's error. ``fun_and_jac(x)``
 (for ``minimize(..., jac=True)``) is always one request. ``hessp(x, p)`` is one ``hvp``
 request (forward-over-reverse on the service) per call, ``hess(x)`` one ``hessian``
 request (``x.size`` squared numbers: prefer ``hessp`` for large ``x``).
@@ -187,20 +187,25 @@ class RemoteObjective:
         with the Jacobian, which ``jac(x)`` then returns without a request."""
         x, inputs = self._inputs(x, args)
         value, _ = self._cached(x, args)
+        jacobian_failed = False
         if value is None and self.prefetch:
             try:
                 value = self._both(x, inputs, args)[0]
             except _DERIVATIVE_ERRORS:
                 # the Jacobian failed, not necessarily the value: a derivative-free solver
                 # (Nelder-Mead, least_squares' finite differences) needs the value alone,
-                # which in-process works for a function that cannot be differentiated.
-                # Ask for it, and stop fetching Jacobians that were never asked for
-                # (jac(x) still asks, and raises what the service says).
-                self.prefetch = False
+                # which in-process works for a function that cannot be differentiated
+                jacobian_failed = True
         if value is None:
             parts = self.client._parts("evaluate", self.name, inputs, {})
             value = self._value_of(parts["value"])
             self._remember(x, args, value=value)
+            if jacobian_failed:
+                # the value works where the Jacobian does not: stop fetching Jacobians that
+                # were never asked for (jac(x) still asks, and raises what the service
+                # says). A value that fails too raised above and changes nothing: a caller
+                # that turns such points into inf keeps prefetching elsewhere.
+                self.prefetch = False
         return _fresh(value)
 
     def jac(self, x: Any, *args: Any) -> np.ndarray:
