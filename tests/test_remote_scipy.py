@@ -4,6 +4,7 @@ counted exactly."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable
 
 import numpy as np
@@ -317,7 +318,7 @@ def test_a_function_that_evaluates_but_cannot_be_differentiated_still_gives_its_
     np.testing.assert_allclose(got.x, want.x, rtol=1e-12, atol=1e-12)
     assert (got.nfev, got.njev) == (want.nfev, want.njev)
     points = [x for _, x in local.calls]
-    distinct = 1 + sum(a != b for a, b in zip(points, points[1:]))
+    distinct = 1 + sum(a != b for a, b in itertools.pairwise(points))
     # the first point's prefetch failed; from then on, the value alone, once per point
     assert cc.take() == ["jacobian+return_output"] + ["evaluate"] * distinct
     assert remote.prefetch is False
