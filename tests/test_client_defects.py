@@ -123,6 +123,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._send("application/json", b'{"output": "hello"}')
         elif name == "trickled_head":
             self._trickle_head()
+        elif name in ("trickled_framing", "trickled_framing_npy"):  # a chunked body's size line, a digit
+            self.send_response(200)                                     # every 50 ms: no body byte ever
+            self.send_header("Content-Type", "application/x-npy" if name.endswith("npy") else "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for _ in range(100):
+                    self.wfile.write(b"0")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:  # the client gave up
+                pass
+            self.close_connection = True
         elif name == "trickled_error":  # an error whose body trickles: its status says enough
             self.send_response(404)
             self.send_header("Content-Type", "application/problem+json")
@@ -189,6 +202,28 @@ def test_timeout_bounds_a_trickled_response_async(fake: str) -> None:
     with pytest.raises(jc.TransportError, match="ReadTimeout"):
         asyncio.run(main())
     assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("name", ["trickled_framing", "trickled_framing_npy"])  # read whole, streamed
+def test_timeout_bounds_a_body_whose_framing_is_trickled(fake: str, name: str) -> None:
+    """Bytes of a chunked body's framing (a size line that never ends) make no piece of
+    the body, so the deadline, checked per piece, never saw them: a server sending a
+    digit every 50 ms held a ``timeout=0.5`` call for the whole 5 s (as long as it
+    liked), sync and async, into memory or streamed."""
+    def sync() -> None:
+        with jc.Client(fake, timeout=0.5, max_retries=0) as client:
+            client.jacobian(name, X3)
+
+    async def main() -> None:
+        async with jc.AsyncClient(fake, timeout=0.5, max_retries=0) as client:
+            await client.jacobian(name, X3)
+
+    for run in (sync, lambda: asyncio.run(main())):
+        started = time.monotonic()
+        with pytest.raises(jc.TransportError, match=r"ReadTimeout: less than 1 MiB of the response arrived in "
+                                                    r"timeout=0.5 s \(0 bytes received\)"):
+            run()
+        assert time.monotonic() - started < 2.0
 
 
 def test_timeout_bounds_a_trickled_status_line_and_headers(fake: str) -> None:

@@ -16,7 +16,7 @@ import httpx
 
 from ._base import DEFAULT_TIMEOUT, ClientConfig, PerProcess, reduce_client
 from ._errors import IncompleteResponse, NotAcceptable, TransportError, error_from_response
-from ._headwait import bound_head_reads, head_deadline
+from ._headwait import body_deadline, bound_head_reads, head_deadline
 from ._models import FunctionInfo
 from ._protocol import BINARY, Call, Deadline, RetryPolicy, client_closed, shapes_of, transport_error, with_body
 
@@ -316,11 +316,13 @@ class AsyncClient:
                 return self._proto.read_result(call, response, body)
             receiver, progress = self._proto.receiver(call, response)
             try:
-                async for piece in response.aiter_bytes():
-                    receiver.feed(piece)
-                    deadline.check(call, receiver.received)
+                with body_deadline(deadline):
+                    async for piece in response.aiter_bytes():
+                        receiver.feed(piece)
+                        deadline.check(call, receiver.received)
             except httpx.HTTPError as exc:
                 receiver.abort()
+                deadline.check(call, receiver.received)  # the call's deadline ended the read: say so
                 raise IncompleteResponse(f"response stream broke after {receiver.received} bytes: {exc}") from exc
             except BaseException:
                 receiver.abort()
@@ -336,10 +338,15 @@ class AsyncClient:
         """The whole body, piece by piece so that the attempt's deadline is checked."""
         pieces: list[bytes] = []
         received = 0
-        async for piece in response.aiter_bytes():
-            pieces.append(piece)
-            received += len(piece)
-            deadline.check(call, received)
+        try:
+            with body_deadline(deadline):
+                async for piece in response.aiter_bytes():
+                    pieces.append(piece)
+                    received += len(piece)
+                    deadline.check(call, received)
+        except httpx.HTTPError:
+            deadline.check(call, received)  # the call's deadline ended the read: say so
+            raise
         return b"".join(pieces)
 
     async def _send(self, call: Call) -> tuple[httpx.Response, Deadline]:

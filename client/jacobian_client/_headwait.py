@@ -32,7 +32,7 @@ from typing import Any, Iterator, TypeVar
 import httpcore
 import httpx
 
-__all__ = ["bound_head_reads", "head_deadline"]
+__all__ = ["body_deadline", "bound_head_reads", "head_deadline"]
 
 C = TypeVar("C", httpx.Client, httpx.AsyncClient)
 
@@ -40,6 +40,7 @@ C = TypeVar("C", httpx.Client, httpx.AsyncClient)
 PROGRESS_BYTES = 1 << 20
 _WRITE_PIECE = 64 << 10
 _LATE = "the response's status line and headers did not arrive within the call's timeout"
+_BODY_LATE = "the response's body did not arrive within the call's timeout"
 _SLOW = "less than 1 MiB of the request could be sent within the call's timeout (the server reads it too slowly)"
 
 
@@ -51,6 +52,7 @@ class _Clock:
     going), never past ``cap``."""
 
     __slots__ = ("_cap", "_sent", "ends", "seconds")
+    why = _LATE
 
     def __init__(self, seconds: float, cap: float | None) -> None:
         self.seconds = seconds
@@ -70,7 +72,33 @@ class _Clock:
             self.restart()
 
 
-_CLOCK: contextvars.ContextVar[_Clock | None] = contextvars.ContextVar("jacobian_client_head_clock", default=None)
+class _BodyClock:
+    """A response body's time: the call's :class:`~jacobian_client._protocol.Deadline`,
+    which restarts with each MiB that arrives. Its check runs only when a piece of the
+    body comes out of httpx; bytes that make no piece (a chunked body's size line or
+    chunk extensions trickled forever, trailers) never reached it, and each within
+    httpx's per-read timeout held a ``timeout=3`` call for as long as the server sent
+    them. Bounding the socket's reads by it ends those too."""
+
+    __slots__ = ("_deadline",)
+    why = _BODY_LATE
+
+    def __init__(self, deadline: Any) -> None:
+        self._deadline = deadline
+
+    @property
+    def ends(self) -> float:
+        return self._deadline.ends
+
+    def restart(self) -> None:  # nothing is sent while a body is read
+        pass
+
+    def sent(self, nbytes: int) -> None:
+        pass
+
+
+_CLOCK: contextvars.ContextVar[_Clock | _BodyClock | None] = contextvars.ContextVar(
+    "jacobian_client_head_clock", default=None)
 
 
 @contextlib.contextmanager
@@ -85,21 +113,33 @@ def head_deadline(seconds: float | None, cap: float | None = None) -> Iterator[N
         _CLOCK.reset(token)
 
 
-def _clamp(timeout: float | None, error: type[Exception] = httpcore.ReadTimeout, why: str = _LATE) -> float | None:
+@contextlib.contextmanager
+def body_deadline(deadline: Any) -> Iterator[None]:
+    """Within the block (reading a response's body), socket reads wait at most what is
+    left of ``deadline`` (a :class:`~jacobian_client._protocol.Deadline`; one without
+    ``seconds`` leaves them to httpx's own timeouts)."""
+    token = _CLOCK.set(None if deadline.ends is None else _BodyClock(deadline))
+    try:
+        yield
+    finally:
+        _CLOCK.reset(token)
+
+
+def _clamp(timeout: float | None, error: type[Exception] = httpcore.ReadTimeout, why: str | None = None) -> float | None:
     clock = _CLOCK.get()
     if clock is None:
         return timeout
     left = clock.ends - time.monotonic()
     if left <= 0:
-        raise error(why)
+        raise error(why or clock.why)
     return left if timeout is None else min(timeout, left)
 
 
-def _late(error: type[Exception] = httpcore.ReadTimeout, why: str = _LATE) -> None:
+def _late(error: type[Exception] = httpcore.ReadTimeout, why: str | None = None) -> None:
     """An operation that timed out: ours (say so) when the deadline is what ended it."""
     clock = _CLOCK.get()
     if clock is not None and time.monotonic() >= clock.ends:
-        raise error(why) from None
+        raise error(why or clock.why) from None
 
 
 def _sent(nbytes: int, done: bool) -> None:

@@ -205,8 +205,9 @@ class Deadline:
     httpx's timeouts are per operation (one connect, one read of the socket), so a server
     that trickles a byte at a time never trips them: a 288-byte result took 144 s under
     ``timeout=2``. The clients therefore :meth:`check` this deadline as each piece of a
-    body arrives; a body that stops altogether is ended by httpx's read timeout (the same
-    seconds), so an attempt ends at most one read timeout past its deadline.
+    body arrives, and bound each read of the socket by it meanwhile (``body_deadline``):
+    a body that stops, or whose bytes make no piece (a chunked size line trickled
+    forever), ends at the deadline too.
 
     A response may be far larger than any one timeout covers (a streamed Jacobian, to a
     file or to memory): the deadline covers the wait for the response, then restarts with
@@ -221,6 +222,12 @@ class Deadline:
         self._clock = clock
         self._ends = None if seconds is None else clock() + seconds
         self._mark = 0  # bytes received when a streamed transfer's clock last restarted
+
+    @property
+    def ends(self) -> float | None:
+        """When this attempt's time (or, streaming, the current MiB's) runs out
+        (``time.monotonic()``; None: no deadline)."""
+        return None if self.seconds is None else self._ends
 
     def responded(self) -> None:
         """The response's headers are in: a streamed transfer's clock starts over."""

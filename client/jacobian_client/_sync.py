@@ -14,7 +14,7 @@ import httpx
 
 from ._base import DEFAULT_TIMEOUT, ClientConfig, PerProcess, reduce_client
 from ._errors import IncompleteResponse, NotAcceptable, TransportError, error_from_response
-from ._headwait import bound_head_reads, head_deadline
+from ._headwait import body_deadline, bound_head_reads, head_deadline
 from ._models import FunctionInfo
 from ._protocol import BINARY, Call, Deadline, RetryPolicy, client_closed, shapes_of, transport_error, with_body
 
@@ -312,11 +312,13 @@ class Client:
                 return self._proto.read_result(call, response, body)
             receiver, progress = self._proto.receiver(call, response)
             try:
-                for piece in response.iter_bytes():
-                    receiver.feed(piece)
-                    deadline.check(call, receiver.received)
+                with body_deadline(deadline):
+                    for piece in response.iter_bytes():
+                        receiver.feed(piece)
+                        deadline.check(call, receiver.received)
             except httpx.HTTPError as exc:
                 receiver.abort()
+                deadline.check(call, receiver.received)  # the call's deadline ended the read: say so
                 raise IncompleteResponse(f"response stream broke after {receiver.received} bytes: {exc}") from exc
             except BaseException:
                 receiver.abort()
@@ -332,10 +334,15 @@ class Client:
         """The whole body, piece by piece so that the attempt's deadline is checked."""
         pieces: list[bytes] = []
         received = 0
-        for piece in response.iter_bytes():
-            pieces.append(piece)
-            received += len(piece)
-            deadline.check(call, received)
+        try:
+            with body_deadline(deadline):
+                for piece in response.iter_bytes():
+                    pieces.append(piece)
+                    received += len(piece)
+                    deadline.check(call, received)
+        except httpx.HTTPError:
+            deadline.check(call, received)  # the call's deadline ended the read: say so
+            raise
         return b"".join(pieces)
 
     def _send(self, call: Call) -> tuple[httpx.Response, Deadline]:
