@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import queue
 import threading
 import time
 import zipfile
@@ -50,6 +51,9 @@ def npz_result(**trees: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------- the fake
 
 
+FLOODED: "queue.Queue[int]" = queue.Queue()  # bytes of each flooded body that left the fake
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -77,6 +81,22 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client gave up
             self.close_connection = True
 
+    def _flood(self, status: int, ctype: str) -> None:
+        """A 64 MiB body as fast as the client takes it; how much of it went is noted in
+        ``FLOODED`` (the connection closed under it ends the writing)."""
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(64 << 20))
+        self.end_headers()
+        sent, piece = 0, b" " * (1 << 16)
+        try:
+            while sent < 64 << 20:
+                self.wfile.write(piece)
+                sent += len(piece)
+        except OSError:  # the client stopped reading and closed
+            self.close_connection = True
+        FLOODED.put(sent)
+
     def _trickle_head(self) -> None:
         """The status line and headers a byte every 50 ms, for 5 s."""
         head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\n" + b"X-Pad: " + b"a" * 100
@@ -90,7 +110,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def do_GET(self) -> None:
-        if self.path.startswith("/trickled_head/"):  # a client whose base URL ends so: its probes
+        if self.path.startswith("/flood/"):  # a client whose base URL ends so: its probes
+            self._flood(200, "application/json")
+        elif self.path.startswith("/trickled_head/"):  # a client whose base URL ends so: its probes
             self._trickle_head()
         elif self.path.startswith("/v1/functions"):
             self._send("application/json", b'[{"name": "f", "inputs": "garbage"}]')
@@ -123,6 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send("application/json", b'{"output": "hello"}')
         elif name == "trickled_head":
             self._trickle_head()
+        elif name == "flood":  # an endless (64 MiB) problem document
+            self._flood(500, "application/problem+json")
         elif name in ("trickled_framing", "trickled_framing_npy"):  # a chunked body's size line, a digit
             self.send_response(200)                                     # every 50 ms: no body byte ever
             self.send_header("Content-Type", "application/x-npy" if name.endswith("npy") else "application/json")
@@ -224,6 +248,38 @@ def test_timeout_bounds_a_body_whose_framing_is_trickled(fake: str, name: str) -
                                                     r"timeout=0.5 s \(0 bytes received\)"):
             run()
         assert time.monotonic() - started < 2.0
+
+
+def test_an_endless_error_body_or_probe_body_is_not_read_whole(fake: str) -> None:
+    """A problem document (or a health probe's answer) of 64 MiB, sent as fast as it is
+    taken, was read whole (each MiB came within the timeout; an endless one grew the
+    caller by 4 GB in 30 s): now its first MiB at most, the rest left unread and the
+    connection closed, sync and async."""
+    from jacobian_client._protocol import MAX_ERROR_BODY
+
+    def check_flood() -> None:  # what left the fake: the MiB read and what the socket buffers held
+        assert FLOODED.get(timeout=30) < 32 << 20
+
+    async def main() -> tuple[jc.APIError, bool]:
+        async with jc.AsyncClient(fake, timeout=10, max_retries=0) as client:
+            with pytest.raises(jc.APIError) as info:
+                await client.jacobian("flood", X3)
+        async with jc.AsyncClient(f"{fake}/flood", timeout=10) as client:
+            return info.value, await client.health()
+
+    with jc.Client(fake, timeout=10, max_retries=0) as client:
+        with pytest.raises(jc.APIError, match="^500: ") as info:
+            client.jacobian("flood", X3)
+    check_flood()
+    with jc.Client(f"{fake}/flood", timeout=10) as client:
+        assert client.health() is True
+    check_flood()
+    error, healthy = asyncio.run(main())
+    check_flood()
+    check_flood()
+    assert healthy is True
+    for exc in (info.value, error):
+        assert exc.status_code == 500 and exc.response is not None and len(exc.response.content) == MAX_ERROR_BODY
 
 
 def test_timeout_bounds_a_trickled_status_line_and_headers(fake: str) -> None:

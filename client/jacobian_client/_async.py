@@ -18,7 +18,7 @@ from ._base import DEFAULT_TIMEOUT, ClientConfig, PerProcess, reduce_client
 from ._errors import IncompleteResponse, NotAcceptable, TransportError, error_from_response
 from ._headwait import body_deadline, bound_head_reads, head_deadline
 from ._models import FunctionInfo
-from ._protocol import BINARY, Call, Deadline, RetryPolicy, client_closed, shapes_of, transport_error, with_body
+from ._protocol import BINARY, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, client_closed, shapes_of, transport_error, with_body
 
 __all__ = ["AsyncClient"]
 
@@ -122,11 +122,17 @@ class AsyncClient:
         if self._http.is_closed:
             return False
         try:
-            # The whole answer (a probe's body is read inside get) within the client's
-            # timeout, and by ``cap`` (wait_ready's deadline): a server trickling it held
-            # health() (and wait_ready with it) for as long as it liked.
+            # The whole answer within the client's timeout, and by ``cap`` (wait_ready's
+            # deadline): a server trickling it held health() (and wait_ready with it) for
+            # as long as it liked. Of its body, only what a keep-alive reuse needs is read
+            # (httpx's get read an endless one whole: 700 MB in a 3 s probe).
             with head_deadline(self._proto.timeout, cap):
-                response = await self._http.get("/readyz" if ready else "/healthz")
+                async with self._http.stream("GET", "/readyz" if ready else "/healthz") as response:
+                    received = 0
+                    async for piece in response.aiter_bytes():
+                        received += len(piece)
+                        if received >= MAX_ERROR_BODY:
+                            break
         except httpx.HTTPError:
             return False
         return response.status_code == 200
@@ -334,8 +340,9 @@ class AsyncClient:
         finally:
             await response.aclose()
 
-    async def _read(self, call: Call, response: httpx.Response, deadline: Deadline) -> bytes:
-        """The whole body, piece by piece so that the attempt's deadline is checked."""
+    async def _read(self, call: Call, response: httpx.Response, deadline: Deadline, limit: int | None = None) -> bytes:
+        """The whole body, piece by piece so that the attempt's deadline is checked; at
+        most ``limit`` bytes of it (the rest left unread) when one is given."""
         pieces: list[bytes] = []
         received = 0
         try:
@@ -343,6 +350,8 @@ class AsyncClient:
                 async for piece in response.aiter_bytes():
                     pieces.append(piece)
                     received += len(piece)
+                    if limit is not None and received >= limit:
+                        return b"".join(pieces)[:limit]
                     deadline.check(call, received)
         except httpx.HTTPError:
             deadline.check(call, received)  # the call's deadline ended the read: say so
@@ -374,7 +383,7 @@ class AsyncClient:
                     return response, deadline
                 body: bytes | None = None
                 try:
-                    body = await self._read(call, response, deadline)
+                    body = await self._read(call, response, deadline, MAX_ERROR_BODY)
                 except (httpx.HTTPError, TransportError):
                     pass  # the status alone says enough
                 finally:

@@ -58,6 +58,7 @@ __all__ = [
     "BINARY",
     "DEFAULT_LIMITS",
     "JSON_TRANSPORT",
+    "MAX_ERROR_BODY",
     "Call",
     "Deadline",
     "Protocol",
@@ -196,6 +197,12 @@ def with_body(response: httpx.Response, body: bytes) -> httpx.Response:
 
 #: with ``out=`` (or a row-split sink) the deadline restarts each time this many bytes arrive
 STREAM_PROGRESS_BYTES = 1 << 20
+
+#: the most of an error's body (or a health probe's) that is read. A problem document is
+#: small (the server cuts its detail at 2,000 characters); a server sending an endless
+#: one, fast, grew the caller by gigabytes (each MiB came within the timeout) before
+#: anything was raised. The rest is left unread and its connection closed.
+MAX_ERROR_BODY = 1 << 20
 
 
 class Deadline:
