@@ -403,6 +403,21 @@ def _problem_response(status: int, problem: dict[str, Any], **headers: str) -> h
     return httpx.Response(status, json=problem, headers=headers, request=httpx.Request("POST", "http://x/v1/f"))
 
 
+def test_a_huge_or_malformed_problem_stays_out_of_the_message() -> None:
+    """Another server's problem document is not ours to trust: a megabyte of detail (or
+    of request id) went whole into the exception's message, and a request id that is no
+    string into ``request_id``. The message shows 2,000 characters of the detail; the
+    ``detail`` attribute keeps it all."""
+    error = _errors.error_from_response(_problem_response(
+        422, {"code": "invalid_input", "detail": "x" * 1_000_000, "request_id": "r" * 1_000_000}))
+    assert isinstance(error, jc.InvalidInput) and len(error.detail) == 1_000_000
+    assert str(error) == (f"422 invalid_input: {'x' * 2000}... (998000 more characters) "
+                          f"(request {'r' * 200}... (999800 more characters))")
+    error = _errors.error_from_response(_problem_response(422, {"detail": "bad", "request_id": ["a", 1]},
+                                                          **{"X-Request-ID": "abc"}))
+    assert error.request_id == "abc" and str(error) == "422: bad (request abc)"
+
+
 @pytest.mark.parametrize("cls", [jc.APIError, *_errors._LEAVES])
 def test_every_api_error_pickles(cls: type[jc.APIError]) -> None:
     status = cls.status or 418

@@ -102,12 +102,14 @@ class APIError(JacobianServiceError):
         if detail is None:
             detail = _text_excerpt(response)
         self.detail: str = detail
-        self.request_id: str | None = problem.get("request_id") or response.headers.get("x-request-id")
+        request_id = problem.get("request_id")
+        self.request_id: str | None = (request_id if isinstance(request_id, str) else None) or response.headers.get(
+            "x-request-id")
         label = f"{self.status_code} {self.code}" if self.code else str(self.status_code)
-        suffix = f" (request {self.request_id})" if self.request_id else ""
+        suffix = f" (request {_cut(self.request_id, 200)})" if self.request_id else ""
         # kept apart from the response so that an unpickled copy still has it
         self._retry_after_header: str | None = response.headers.get("retry-after")
-        super().__init__(f"{label}: {self.detail}{suffix}")
+        super().__init__(f"{label}: {_cut(self.detail, MAX_MESSAGE_DETAIL)}{suffix}")
 
     @property
     def retry_after(self) -> float | None:
@@ -132,6 +134,16 @@ def _rebuild_api_error(cls: type[APIError], args: tuple[Any, ...]) -> APIError:
     Exception.__init__(err, *args)
     err.response = None
     return err
+
+
+#: characters of a problem's detail an error's message shows (the server cuts its own
+#: details to this; another server's megabyte of detail went whole into the message, and
+#: so into every log line and traceback that printed it). ``detail`` keeps it all.
+MAX_MESSAGE_DETAIL = 2000
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def _text_excerpt(response: httpx.Response, limit: int = 300) -> str:
