@@ -51,7 +51,7 @@ def npz_result(**trees: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------- the fake
 
 
-FLOODED: "queue.Queue[int]" = queue.Queue()  # bytes of each flooded body that left the fake
+FLOODED: queue.Queue[int] = queue.Queue()  # bytes of each flooded body that left the fake
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -145,6 +145,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send("application/json", b'{"output": "hello"}')
         elif name == "trickled_head":
             self._trickle_head()
+        elif name == "redirect":  # a redirect whose body is a readable .npy: it is no answer
+            body = npy_bytes(np.full((3, 3), 7.0))
+            self.send_response(307)
+            self.send_header("Location", "http://elsewhere.invalid/v1/functions/f/jacobian")
+            self.send_header("Content-Type", "application/x-npy")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif name == "partial":  # 206 Partial Content (nothing asked for a range)
+            self._send("application/x-npy", npy_bytes(np.eye(3)), status=206)
         elif name == "flood":  # an endless (64 MiB) problem document
             self._flood(500, "application/problem+json")
         elif name in ("trickled_framing", "trickled_framing_npy"):  # a chunked body's size line, a digit
@@ -580,6 +590,28 @@ def test_malformed_responses_are_transport_errors(fake: str) -> None:
             client.jacobian("nooutput", X3, return_output=True)
         with pytest.raises(jc.TransportError, match="'output' holds a str where an array belongs"):
             client.evaluate("stroutput", X3)
+
+
+def test_only_a_200_is_an_answer(fake: str) -> None:
+    """Any status under 400 was read as the answer: a 307 whose body held an ``.npy`` was
+    returned as the Jacobian (a 3x3 of sevens, silently), a 206 as the whole result. A
+    redirect says where it points and that it is not followed; others name the status,
+    sync and async."""
+    redirect = (r"^POST /v1/functions/redirect/jacobian: the server answered 307 Temporary Redirect to "
+                r"'http://elsewhere.invalid/v1/functions/f/jacobian'; redirects are not followed \(they could take "
+                r"the request and its API key to another host\): give the client the base URL it should use$")
+    partial = (r"^POST /v1/functions/partial/jacobian: the server answered 206 Partial Content, not 200 with a "
+               r"result; is base_url this service's\?$")
+
+    async def main(name: str) -> Any:
+        async with jc.AsyncClient(fake, timeout=10, api_key="k") as client:
+            return await client.jacobian(name, X3)
+
+    for name, message in (("redirect", redirect), ("partial", partial)):
+        with jc.Client(fake, timeout=10, api_key="k") as client, pytest.raises(jc.TransportError, match=message):
+            client.jacobian(name, X3)
+        with pytest.raises(jc.TransportError, match=message):
+            asyncio.run(main(name))
 
 
 def test_npy_header_larger_than_the_body_is_not_allocated(fake: str) -> None:

@@ -18,7 +18,10 @@ from ._base import DEFAULT_TIMEOUT, ClientConfig, PerProcess, reduce_client
 from ._errors import IncompleteResponse, NotAcceptable, TransportError, error_from_response
 from ._headwait import body_deadline, bound_head_reads, head_deadline
 from ._models import FunctionInfo
-from ._protocol import BINARY, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, client_closed, shapes_of, transport_error, with_body
+from ._protocol import (
+    BINARY, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, client_closed, not_an_answer, shapes_of, transport_error,
+    with_body,
+)
 
 __all__ = ["AsyncClient"]
 
@@ -359,7 +362,7 @@ class AsyncClient:
         return b"".join(pieces)
 
     async def _send(self, call: Call) -> tuple[httpx.Response, Deadline]:
-        """Send with retries; return an open (streamed) 2xx/3xx response, with the
+        """Send with retries; return an open (streamed) 200 response, with the
         deadline its body must meet, or raise."""
         if self._http.is_closed:
             raise client_closed(call)
@@ -379,6 +382,10 @@ class AsyncClient:
                     raise transport_error(exc, call) from exc
             else:
                 if response.status_code < 400:
+                    odd = not_an_answer(call, response)
+                    if odd is not None:
+                        await response.aclose()
+                        raise odd
                     deadline.responded()
                     return response, deadline
                 body: bytes | None = None

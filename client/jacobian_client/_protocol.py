@@ -64,6 +64,7 @@ __all__ = [
     "Protocol",
     "RetryPolicy",
     "client_closed",
+    "not_an_answer",
     "parse_retry_after",
     "shapes_of",
     "transport_error",
@@ -177,6 +178,24 @@ def is_retryable_exception(exc: BaseException) -> bool:
 def transport_error(exc: BaseException, call: Call) -> TransportError:
     kind = type(exc).__name__
     return TransportError(f"{call.method} {call.path}: {kind}: {exc or 'no detail'}")
+
+
+def not_an_answer(call: Call, response: httpx.Response) -> TransportError | None:
+    """The error for a status that is neither an answer nor an error, or None for 200.
+
+    Every answer of the API is a 200 (SPEC); the SDK read any status under 400 as one: a
+    307 redirect whose body held an ``.npy`` was returned as the Jacobian, and a proxy's
+    302 to a login page raised "unexpected response Content-Type 'text/html'". Redirects
+    are not followed (they would take the inputs and the API key to wherever they point)."""
+    status = response.status_code
+    if status == 200:
+        return None
+    what = f"{call.method} {call.path}: the server answered {status} {response.reason_phrase}".rstrip()
+    location = response.headers.get("location", "")
+    if 300 <= status < 400 and location:
+        return TransportError(f"{what} to {location[:200]!r}; redirects are not followed (they could take the request and its API key "
+                              "to another host): give the client the base URL it should use")
+    return TransportError(f"{what}, not 200 with a result; is base_url this service's?")
 
 
 def client_closed(call: Call) -> JacobianServiceError:

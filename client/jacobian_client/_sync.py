@@ -16,7 +16,10 @@ from ._base import DEFAULT_TIMEOUT, ClientConfig, PerProcess, reduce_client
 from ._errors import IncompleteResponse, NotAcceptable, TransportError, error_from_response
 from ._headwait import body_deadline, bound_head_reads, head_deadline
 from ._models import FunctionInfo
-from ._protocol import BINARY, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, client_closed, shapes_of, transport_error, with_body
+from ._protocol import (
+    BINARY, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, client_closed, not_an_answer, shapes_of, transport_error,
+    with_body,
+)
 
 __all__ = ["Client"]
 
@@ -122,13 +125,13 @@ class Client:
             # deadline): a server trickling it held health() (and wait_ready with it) for
             # as long as it liked. Of its body, only what a keep-alive reuse needs is read
             # (httpx's get read an endless one whole: 700 MB in a 3 s probe).
-            with head_deadline(self._proto.timeout, cap):
-                with self._http.stream("GET", "/readyz" if ready else "/healthz") as response:
-                    received = 0
-                    for piece in response.iter_bytes():
-                        received += len(piece)
-                        if received >= MAX_ERROR_BODY:
-                            break
+            with head_deadline(self._proto.timeout, cap), \
+                    self._http.stream("GET", "/readyz" if ready else "/healthz") as response:
+                received = 0
+                for piece in response.iter_bytes():
+                    received += len(piece)
+                    if received >= MAX_ERROR_BODY:
+                        break
         except httpx.HTTPError:
             return False
         return response.status_code == 200
@@ -355,7 +358,7 @@ class Client:
         return b"".join(pieces)
 
     def _send(self, call: Call) -> tuple[httpx.Response, Deadline]:
-        """Send with retries; return an open (streamed) 2xx/3xx response, with the
+        """Send with retries; return an open (streamed) 200 response, with the
         deadline its body must meet, or raise."""
         if self._http.is_closed:
             raise client_closed(call)
@@ -375,6 +378,10 @@ class Client:
                     raise transport_error(exc, call) from exc
             else:
                 if response.status_code < 400:
+                    odd = not_an_answer(call, response)
+                    if odd is not None:
+                        response.close()
+                        raise odd
                     deadline.responded()
                     return response, deadline
                 body: bytes | None = None
