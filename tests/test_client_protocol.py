@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -13,9 +14,11 @@ import pytest
 
 import jacobian_client as jc
 from jacobian_client import wire
-from jacobian_client._errors import error_from_response
+from jacobian_client._errors import TransportError, error_from_response
 from jacobian_client._npystream import FileSink, MemorySink, NpyReceiver
 from jacobian_client._protocol import NPY_OR_NPZ, Protocol, RetryPolicy, parse_retry_after
+
+from .conftest import npy_bytes
 
 
 def npy(arr: np.ndarray) -> bytes:
@@ -334,3 +337,29 @@ def test_client_rejects_unknown_transport() -> None:
         jc.Client("http://t", transport="xml")
     with pytest.raises(TypeError):
         jc.Client("http://t", max_retries=1, retry=RetryPolicy())
+
+
+def _deep(levels: int, leaf: bytes) -> bytes:
+    return b"[" * levels + leaf + b"]" * levels  # orjson writes no more than 254 levels
+
+
+@pytest.mark.parametrize("what", ["json value", "json aux", "npz meta.json"])
+def test_a_result_nested_too_deeply_is_a_transport_error(what: str) -> None:
+    """orjson reads 1,024 levels; the trees built from them are walked recursively, and a
+    result nested ~900 deep ended the call in a bare RecursionError (not an SDK error)."""
+    proto = Protocol(transport="json" if what.startswith("json") else "binary")
+    call = proto.compute_call("evaluate", "f", [np.ones(2)], {})
+    if what == "json value":
+        body = b'{"output": ' + _deep(900, b"1") + b"}"
+        ctype = wire.JSON
+    elif what == "json aux":
+        body = b'{"output": [1.0], "aux": ' + _deep(900, b"1") + b"}"
+        ctype = wire.JSON
+    else:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("output.npy", npy(np.ones(2)))
+            zf.writestr("meta.json", b'{"structure": {"output": ' + _deep(900, b'{"$npy": "output.npy"}') + b"}}")
+        body, ctype = buf.getvalue(), wire.NPZ
+    with pytest.raises(TransportError, match="^unreadable evaluate response: nested too deeply$"):
+        proto.read_result(call, _response(content=body, ctype=ctype), body)

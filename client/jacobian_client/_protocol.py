@@ -688,6 +688,15 @@ class Protocol:
 
     def read_result(self, call: Call, response: httpx.Response, body: bytes) -> Any:
         """A whole (non-streamed) success body -> the method's return value."""
+        try:
+            return self._read_result(call, response, body)
+        except RecursionError:
+            # orjson reads 1,024 levels of nesting; the trees built from them are walked
+            # recursively, and a JSON result (or meta.json) nested ~900 deep ended the call
+            # in a bare RecursionError
+            raise TransportError(f"unreadable {call.kind} response: nested too deeply") from None
+
+    def _read_result(self, call: Call, response: httpx.Response, body: bytes) -> Any:
         ctype = _content_type(response)
         try:
             if call.kind == "functions":
