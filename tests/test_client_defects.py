@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import gzip
 import io
 import json
 import multiprocessing
@@ -150,6 +151,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(307)
             self.send_header("Location", "http://elsewhere.invalid/v1/functions/f/jacobian")
             self.send_header("Content-Type", "application/x-npy")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif name == "gzipped":  # a proxy compressing answers: Content-Length is the gzip's
+            body = gzip.compress(npy_bytes(np.arange(9.0).reshape(3, 3)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-npy")
+            self.send_header("Content-Encoding", "gzip")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -590,6 +599,22 @@ def test_malformed_responses_are_transport_errors(fake: str) -> None:
             client.jacobian("nooutput", X3, return_output=True)
         with pytest.raises(jc.TransportError, match="'output' holds a str where an array belongs"):
             client.evaluate("stroutput", X3)
+
+
+def test_a_gzipped_npy_answer_is_read(fake: str, tmp_path: Path) -> None:
+    """A proxy that gzips answers (httpx asks for gzip and decodes it): the ``.npy``'s
+    length was compared with the compressed Content-Length, and every such answer
+    failed ("response body ended after 200 of 112 bytes"), sync and async, in memory and into a file."""
+    want = np.arange(9.0).reshape(3, 3)
+
+    async def main() -> Any:
+        async with jc.AsyncClient(fake, timeout=10) as client:
+            return await client.jacobian("gzipped", X3)
+
+    with jc.Client(fake, timeout=10) as client:
+        np.testing.assert_array_equal(client.jacobian("gzipped", X3), want)
+        np.testing.assert_array_equal(client.jacobian("gzipped", X3, out=tmp_path / "J.npy"), want)
+    np.testing.assert_array_equal(asyncio.run(main()), want)
 
 
 def test_only_a_200_is_an_answer(fake: str) -> None:

@@ -676,8 +676,8 @@ class Protocol:
         return NpyReceiver(sink, on_progress=progress, expected_length=_content_length(response)), progress
 
     def read_stream_result(self, call: Call, receiver: NpyReceiver, response: httpx.Response) -> Any:
-        expected = response.headers.get("content-length")
-        if expected is not None and receiver.header is not None and receiver.received != int(expected):
+        expected = _content_length(response)  # None for a compressed body (a proxy's gzip): not the .npy's
+        if expected is not None and receiver.header is not None and receiver.received != expected:
             receiver.abort()
             raise IncompleteResponse(f"response body ended after {receiver.received} of {expected} bytes")
         if call.return_output and RESULT_KEY[call.kind] != "output":
