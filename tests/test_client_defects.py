@@ -405,10 +405,11 @@ def test_a_result_streams_past_timeout_while_each_mebibyte_comes_in_time(fake: s
     """A streamed Jacobian may take longer than one timeout, in memory or into a file
     (a second red team: a steady 5 s stream failed under timeout=5 in memory), and a
     trickle still ends."""
+    x = np.array(0.5)  # 0-d: a Jacobian of it is shaped as the output, here 2^19
     with jc.Client(fake, timeout=0.6) as client:
-        got = client.jacobian("mebibytes", X3)  # 1 s in all, but 1 MiB per 0.25 s
+        got = client.jacobian("mebibytes", x)  # 1 s in all, but 1 MiB per 0.25 s
         assert got.shape == (1 << 19,) and not got.any()
-        got = client.jacobian("mebibytes", X3, out=tmp_path / "J.npy")
+        got = client.jacobian("mebibytes", x, out=tmp_path / "J.npy")
         assert got.shape == (1 << 19,) and not got.any()
         with pytest.raises(jc.TransportError, match="less than 1 MiB of the response arrived in timeout=0.6 s"):
             client.jacobian("trickle", X3, out=tmp_path / "T.npy")  # a trickle into a file still ends

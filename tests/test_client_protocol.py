@@ -7,6 +7,7 @@ import io
 import random
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -363,3 +364,63 @@ def test_a_result_nested_too_deeply_is_a_transport_error(what: str) -> None:
         body, ctype = buf.getvalue(), wire.NPZ
     with pytest.raises(TransportError, match="^unreadable evaluate response: nested too deeply$"):
         proto.read_result(call, _response(content=body, ctype=ctype), body)
+
+
+WRONG_ANSWERS = [
+    # (kind, inputs, options, vectors, answer, message)
+    ("jacobian", [np.ones(3)], {}, None, np.eye(2), r"value is shaped \(2, 2\); a right one ends with the shape of "
+                                                    r"an input it differentiates: \(3,\)"),
+    ("jacobian", [np.ones(3)], {}, None, np.eye(3, dtype=np.int64), "value is int64; a jacobian is floating"),
+    ("jacobian", [np.ones(3), np.ones((2, 2))], {"argnums": 1}, None, np.ones((3, 3)), r"differentiates: \(2, 2\)$"),
+    ("jacobian", [np.ones((4, 3))], {"batched": True}, None, np.ones((5, 3)), r"a batch of 4 examples was sent"),
+    ("hessian", [np.ones(3)], {}, None, np.ones((3, 2)), r"differentiates: \(3,\)$"),
+    ("vjp", [np.ones(3)], {}, ("cotangents", np.ones(2)), np.ones(2), r"differentiates: \(3,\)$"),
+    ("hvp", [np.ones(3)], {}, ("tangents", np.ones(3)), np.ones(4), r"differentiates: \(3,\)$"),
+    ("vjp", [np.ones(3)], {}, ("cotangents", np.ones(3)), np.ones(3, dtype=np.int32), "a vjp is floating"),
+    ("evaluate", [np.ones((4, 3))], {"batched": True}, None, np.ones(3), r"a batch of 4 examples was sent"),
+]
+
+
+@pytest.mark.parametrize("kind, inputs, options, vectors, answer, message", WRONG_ANSWERS)
+@pytest.mark.parametrize("ctype", [wire.NPY, wire.NPZ, wire.JSON, "stream"])
+def test_an_answer_the_inputs_rule_out_is_refused(kind: str, inputs: list[np.ndarray], options: dict[str, Any],
+                                                  vectors: Any, answer: np.ndarray, message: str, ctype: str) -> None:
+    """A Jacobian of a 3-vector answered as a 2x2 matrix (or as integers, or a batch of
+    another size) by a buggy server or a proxy's mix-up was returned as it came, in
+    every format: the inputs sent rule such answers out (torch.func's shapes)."""
+    proto = Protocol()
+    call = proto.compute_call(kind, "f", inputs, options, vectors=vectors)
+    key = {"evaluate": "output"}.get(kind, kind)
+    if ctype == "stream":
+        with pytest.raises(TransportError, match=message):
+            proto.receiver(call, _response(content=b"", ctype=wire.NPY))[0].feed(npy(answer))
+        return
+    body = {wire.NPY: lambda: npy(answer), wire.NPZ: lambda: wire.write_npz({key: answer}, {}),
+            wire.JSON: lambda: wire.dumps({key: wire.encode_tree(answer)})}[ctype]()
+    with pytest.raises(TransportError, match=message):
+        proto.read_result(call, _response(content=body, ctype=ctype), body)
+
+
+def test_every_right_shape_passes_the_check() -> None:
+    """The check refuses no answer torch.func gives: tuple argnums, pytree inputs, a
+    parameter's name, rows, batched Hessians, batched vectors, 0-d inputs."""
+    proto = Protocol()
+    cases = [
+        ("jacobian", [np.ones(3), np.ones((2, 2))], {"argnums": (0, 1)}, None,
+         ((np.ones((4, 3)), np.ones((4, 2, 2))),)),
+        ("jacobian", [{"w": np.ones((2, 3)), "b": np.ones(2)}], {}, None, {"w": np.ones((2, 2, 3)), "b": np.eye(2)}),
+        ("jacobian", [np.ones(3), np.ones(5)], {"argnums": "y"}, None, np.ones((7, 5))),
+        ("jacobian", [np.ones(3)], {"rows": (2, 4)}, None, np.ones((2, 3))),
+        ("jacobian", [np.array(0.5)], {}, None, np.ones(6)),
+        ("hessian", [np.ones((4, 3))], {"batched": True}, None, np.ones((4, 3, 3))),
+        ("vjp", [np.ones(3)], {"batched_vectors": True}, ("cotangents", np.ones((6, 2))), np.ones((6, 3))),
+        ("evaluate", [np.ones(3)], {}, None, np.ones((), dtype=np.int64)),
+        ("jvp", [np.ones(3)], {}, ("tangents", np.ones(3)), np.ones((7, 7), dtype=np.float16)),
+        ("jvp", [np.ones(3)], {}, ("tangents", np.ones(3)), (np.ones(2), np.zeros((), dtype=np.int64))),  # as torch's
+    ]
+    for kind, inputs, options, vectors, answer in cases:
+        call = proto.compute_call(kind, "f", inputs, options, vectors=vectors)
+        key = {"evaluate": "output"}.get(kind, kind)
+        body = wire.write_npz({key: answer}, {})
+        got = proto.read_result(call, _response(content=body, ctype=wire.NPZ), body)
+        assert type(got) is type(answer), (kind, options)

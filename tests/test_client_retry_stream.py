@@ -218,7 +218,7 @@ async def test_async_connection_refused() -> None:
 
 # --------------------------------------------------------------------------- streaming
 
-BIG = np.arange(200 * 300, dtype=np.float32).reshape(200, 300)
+BIG = np.arange(12000 * 5, dtype=np.float32).reshape(12000, 5)  # a Jacobian of X: ends with its shape
 
 
 def _only(tmp_path: Path) -> list[str]:

@@ -230,13 +230,15 @@ class NpyReceiver:
     ``on_progress(done, total)`` (bytes) is called after each piece once the total is
     known from the header. ``expected_length`` is the response's Content-Length, when it
     has one: a header declaring another size is refused before the sink allocates.
+    ``check(header)`` may refuse a header (raising) before the sink starts.
     """
 
     def __init__(
         self, sink: Sink, on_progress: Callable[[int, int], None] | None = None, *,
-        expected_length: int | None = None,
+        expected_length: int | None = None, check: Callable[[NpyHeader], None] | None = None,
     ) -> None:
         self.sink = sink
+        self._check = check
         self.expected_length = expected_length
         self.header: NpyHeader | None = None
         self._prefix = bytearray()
@@ -261,6 +263,8 @@ class NpyReceiver:
             if header is None:
                 return
             self._check_length(header)
+            if self._check is not None:  # before the sink takes anything (a file, memory)
+                self._check(header)
             self.header = header
             self.sink.start(header)
             view = memoryview(bytes(self._prefix[len(header.raw) :]))

@@ -48,7 +48,7 @@ import httpx
 import numpy as np
 
 from . import wire
-from ._arrays import as_wire_value, is_torch_tensor, json_array
+from ._arrays import Plain, as_wire_value, is_torch_tensor, json_array
 from ._errors import IncompleteResponse, JacobianServiceError, TransportError
 from ._models import FunctionInfo
 from ._npystream import FileSink, MemorySink, NpyReceiver, Sink
@@ -280,6 +280,81 @@ class Deadline:
 # --------------------------------------------------------------------------- calls
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What the inputs sent say about a result's value, checked before it is returned.
+
+    A server (or a proxy) answering another call's result, or a buggy one, is not to be
+    trusted blindly: a Jacobian of a 3-vector answered as a 2x2 matrix, or as integers,
+    was returned as it came. These rules hold for every right answer (torch.func's
+    shapes): a Jacobian, Hessian, vjp or hvp ends with the shape of an input it
+    differentiates (per example, when batched), and is floating (jacrev refuses integer
+    outputs); a batched result starts with the batch size.
+    """
+
+    kind: str
+    suffixes: tuple[tuple[int, ...], ...] | None  # one must end the value's shape; None: not checked
+    batch: int | None  # the value's first dimension; None: not checked
+    floating: bool
+
+    def check(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        """TransportError if an array of the value, shaped and typed so, cannot be right."""
+        what = f"the {self.kind} response's value"
+        if self.floating and dtype.kind not in "fc":
+            raise TransportError(f"{what} is {dtype}; a {self.kind} is floating")
+        if self.batch is not None and (not shape or shape[0] != self.batch):
+            raise TransportError(f"{what} is shaped {shape}; a batch of {self.batch} examples was sent")
+        if self.suffixes is not None and not any(
+                len(shape) >= len(s) and shape[len(shape) - len(s):] == s for s in self.suffixes):
+            ends = " or ".join(str(s) for s in self.suffixes)
+            raise TransportError(f"{what} is shaped {shape}; a right one ends with the shape of an input it "
+                                 f"differentiates: {ends}")
+
+    def check_tree(self, tree: Any) -> None:
+        if isinstance(tree, np.ndarray):
+            self.check(tree.shape, tree.dtype)
+        elif isinstance(tree, (tuple, list)) and not wire.is_sparse(tree):
+            for t in tree:
+                self.check_tree(t)
+        elif isinstance(tree, dict):
+            for t in tree.values():
+                self.check_tree(t)
+
+
+def _leaf_shape(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, Plain):
+        try:
+            return tuple(np.shape(value.value))
+        except ValueError:  # ragged: the server refuses it
+            return None
+    shape = getattr(value, "shape", None)
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def _expected(kind: str, fields: Mapping[str, Any], values: Sequence[Any]) -> Expected | None:
+    """The :class:`Expected` of a compute call with these fields and inputs."""
+    shapes = [_leaf_shape(v) for i, tree in enumerate(values) for _, v in _input_leaves(tree, str(i))]
+    batch = None
+    if (fields.get("batched") and not fields.get("batched_vectors") and "sparsity" not in fields and shapes
+            and all(shapes) and len({s[0] for s in shapes}) == 1):  # type: ignore[index]
+        batch = shapes[0][0]  # type: ignore[index]
+    suffixes = None
+    if kind in ("jacobian", "hessian", "vjp", "hvp") and "sparsity" not in fields:
+        argnums = fields.get("argnums", 0)
+        picked = argnums if isinstance(argnums, list) else [argnums]
+        if all(isinstance(a, int) and -len(values) <= a < len(values) for a in picked):
+            chosen = [_leaf_shape(v) for a in picked for _, v in _input_leaves(values[a], "")]
+        else:  # a parameter's name: its position is the server's to know; any input's shape will do
+            chosen = shapes
+        if fields.get("batched"):
+            chosen = [s[1:] if s else None for s in chosen]
+        if chosen and all(s is not None for s in chosen):
+            suffixes = tuple(dict.fromkeys(chosen))  # type: ignore[arg-type]
+    # jvp is not: torch.func.jvp gives an integer output an integer (zero) tangent
+    floating = kind in ("jacobian", "hessian", "vjp", "hvp")
+    return Expected(kind, suffixes, batch, floating)
+
+
 @dataclass
 class Call:
     """One logical API call: what to send, and how to read what comes back.
@@ -300,6 +375,7 @@ class Call:
     progress: bool = False
     parts: bool = False  # return every part by name ({"value", "output", "aux"}), not a tuple
     fallback: Call | None = None
+    expect: Expected | None = None  # what the result's value must look like, from the inputs sent
 
     @property
     def accept(self) -> str:
@@ -589,6 +665,7 @@ class Protocol:
             call.content = wire.dumps(body)
             content_type = wire.JSON
 
+        call.expect = _expected(kind, fields, values)
         sparse = "sparsity" in fields and fields.get("sparse_format") != "dense"
         if sparse and (out is not None or sink is not None):
             raise ValueError("a sparse result is not streamed into out=; use sparse_format='dense' or no out=")
@@ -673,7 +750,9 @@ class Protocol:
             sink = FileSink(call.out)
         else:
             sink = MemorySink()
-        return NpyReceiver(sink, on_progress=progress, expected_length=_content_length(response)), progress
+        check = None if call.expect is None else (lambda header: call.expect.check(header.shape, header.dtype))
+        return NpyReceiver(sink, on_progress=progress, expected_length=_content_length(response),
+                           check=check), progress
 
     def read_stream_result(self, call: Call, receiver: NpyReceiver, response: httpx.Response) -> Any:
         expected = _content_length(response)  # None for a compressed body (a proxy's gzip): not the .npy's
@@ -746,6 +825,8 @@ class Protocol:
         for part in (key, "output"):  # aux may hold plain values; these are arrays
             if part in trees:
                 _check_arrays(trees[part], f"the {call.kind} response's {part!r}")
+        if call.expect is not None:
+            call.expect.check_tree(trees[key])
         return self._assemble(call, _writable(trees))
 
     @staticmethod
