@@ -848,6 +848,35 @@ def test_expectations_and_transfer_codings_the_server_cannot_meet_are_refused(se
     ok.close()
 
 
+def test_an_answer_before_a_100_continue_closes_the_connection(server: str) -> None:
+    """A client sending Expect: 100-continue waits for the 100 before its body, and may
+    never send it once answered without one (RFC 9110 10.1.1). The server answered a 404
+    before the body and kept the connection: the client's next request on it was read
+    as that body (no answer; the connection timed out). Such an answer now closes the
+    connection; one that asked for the body (a 100 went) keeps it."""
+    body = b'{"inputs": [[1.0, 2.0]]}'
+    head = (b"POST /v1/functions/%s/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n")
+    s = _connect(server)
+    s.sendall(head % (b"nosuch", len(body)))  # never the body, as the RFC allows
+    raw = _read_to_close(s, 5)  # EOF: the server closed
+    s.close()
+    status, headers, problem = _problem(raw)
+    assert (status, headers.get("connection"), problem["code"]) == (404, "close", "function_not_found"), raw
+
+    s = _connect(server)  # the body asked for: a 100, the answer, and the connection kept
+    s.sendall(head % (b"sin", len(body)))
+    s.settimeout(5)
+    got = b""
+    while b"HTTP/1.1 100 Continue\r\n\r\n" not in got:
+        got += s.recv(4096)
+    s.sendall(body + b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    raw = _read_to_close(s, 10)
+    s.close()
+    first, _, second = raw.partition(b"HTTP/1.1 200 OK\r\n")[2].partition(b"HTTP/1.1 200 OK\r\n")
+    assert second and b"connection: close" not in first.lower(), raw
+
+
 @pytest.mark.parametrize("implementation", ["h11", "httptools"])
 @pytest.mark.parametrize("case", ["after a body answered early", "pipelined behind a response"])
 def test_the_header_limit_holds_for_every_head_on_a_connection(implementation: str, case: str) -> None:

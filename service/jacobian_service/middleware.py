@@ -106,12 +106,27 @@ class AccessMiddleware:
                     duration_ms=round((time.perf_counter() - started) * 1e3, 3),
                 )
 
+        # A client that sent Expect: 100-continue waits for the 100 before it sends its
+        # body; answered without one (a 401, a 404, before the body was asked for), it
+        # may never send it (RFC 9110 10.1.1), and the connection kept open took its next
+        # request for the body: eaten, no answer, until the connection timed out. Such an
+        # answer now closes the connection (as Go's server does). Only requests that
+        # expect pay for the wrapped receive.
+        body_asked = not expects
+
+        async def receive_marked() -> dict[str, Any]:
+            nonlocal body_asked
+            body_asked = True  # uvicorn sends the 100 Continue here
+            return await receive()
+
         async def send_with_id(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
+                if not body_asked:
+                    headers = [(k, v) for k, v in headers if k.lower() != b"connection"] + [(b"connection", b"close")]
                 message["headers"] = headers
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 # Counted before the last byte leaves, so a client that reads /metrics right
@@ -136,7 +151,7 @@ class AccessMiddleware:
             app = _closing(UnsupportedTransferCoding("the only transfer coding served is chunked; send the body as it is"),
                            request_id)
         try:
-            await app(scope, receive, send_with_id)
+            await app(scope, receive if body_asked else receive_marked, send_with_id)
         finally:
             if not recorded:
                 record("aborted")
