@@ -231,6 +231,17 @@ def test_retry_after_parsing() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
 
 
+def test_a_retry_after_date_past_any_year_is_ignored() -> None:
+    """A 503/429 whose Retry-After dates past C's int of years raised a bare
+    OverflowError out of the call (and out of ``APIError.retry_after``): now read as
+    absent, so the usual backoff applies and the retries stay bounded."""
+    value = "Sun, 06 Nov 99999999999 08:49:37 GMT"
+    assert parse_retry_after(value) is None
+    assert RetryPolicy(rng=random.Random(0)).delay_after_status(503, {"retry-after": value}, 0, 0.0) is not None
+    error = error_from_response(_response(503, b'{"code": "unavailable"}', **{"retry-after": value}))
+    assert isinstance(error, jc.Unavailable) and error.retry_after is None
+
+
 def test_retry_policy_decisions() -> None:
     policy = RetryPolicy(max_retries=3, backoff_base=0.5, backoff_max=2.0, max_retry_time=10.0, rng=random.Random(0))
     assert policy.delay_after_status(500, {}, 0, 0.0) is None

@@ -111,9 +111,9 @@ def parse_retry_after(value: str | None) -> float | None:
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):  # a year past C's int: OverflowError out of the call
         return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 @dataclass(frozen=True)
