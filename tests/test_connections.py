@@ -848,6 +848,21 @@ def test_expectations_and_transfer_codings_the_server_cannot_meet_are_refused(se
     ok.close()
 
 
+def test_transfer_encoding_in_an_http_1_0_request_is_refused(server: str) -> None:
+    """RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing (a
+    proxy in front may read its chunked body as another request); it was served as
+    chunked (200). Now a closing 400."""
+    s = _connect(server)
+    body = b'{"inputs": [[1.0]]}'
+    s.sendall(b"POST /v1/functions/sin/jacobian HTTP/1.0\r\nHost: t\r\nContent-Type: application/json\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    raw = _read_to_close(s, 5)
+    s.close()
+    status, headers, problem = _problem(raw)
+    assert (status, headers.get("connection"), problem["code"]) == (400, "close", "malformed_request"), raw
+    assert "HTTP/1.0 request cannot use Transfer-Encoding" in problem["detail"]
+
+
 def test_an_answer_before_a_100_continue_closes_the_connection(server: str) -> None:
     """A client sending Expect: 100-continue waits for the 100 before its body, and may
     never send it once answered without one (RFC 9110 10.1.1). The server answered a 404

@@ -145,6 +145,11 @@ class AccessMiddleware:
                            request_id)
         elif any(e != b"100-continue" for e in expects):  # RFC 9110 10.1.1: one we cannot meet
             app = _closing(ExpectationFailed("the only expectation served is Expect: 100-continue"), request_id)
+        elif codings and scope.get("http_version") == "1.0":
+            # RFC 9112 6.1: HTTP/1.0 has no transfer codings; such a message's framing is
+            # faulty (a proxy in front may have read the chunked body as the next request).
+            app = _closing(MalformedRequest("an HTTP/1.0 request cannot use Transfer-Encoding; send Content-Length"),
+                           request_id)
         elif any(c not in (b"chunked", b"") for c in codings):
             # RFC 9112 6.1: a transfer coding the server does not understand is a 501 (a
             # gzip body under chunked framing was read as the JSON or .npy it is not).
