@@ -435,3 +435,19 @@ def test_every_right_shape_passes_the_check() -> None:
         body = wire.write_npz({key: answer}, {})
         got = proto.read_result(call, _response(content=body, ctype=wire.NPZ), body)
         assert type(got) is type(answer), (kind, options)
+
+
+def test_a_sparse_answer_to_a_dense_call_and_back_is_refused() -> None:
+    """A dense Jacobian call answered with a sparse ``.npz`` returned a scipy matrix, and
+    a sparse call answered densely returned a numpy array, silently."""
+    proto = Protocol()
+    dense_call = proto.compute_call("jacobian", "f", [np.ones(3)], {})
+    body = wire.write_sparse_npz(wire.SparseCOO(np.arange(3), np.arange(3), np.ones(3), (3, 3)))
+    with pytest.raises(TransportError, match="value is a sparse matrix; a dense one was asked for"):
+        proto.read_result(dense_call, _response(content=body, ctype=wire.NPZ), body)
+    sparse_call = proto.compute_call("jacobian", "f", [np.ones(3)], {"sparsity": "auto"})
+    body = wire.write_npz({"jacobian": np.eye(3)}, {})
+    with pytest.raises(TransportError, match=r"value is a dense array; a sparse matrix was asked for"):
+        proto.read_result(sparse_call, _response(content=body, ctype=wire.NPZ), body)
+    dense_of_sparse = proto.compute_call("jacobian", "f", [np.ones(3)], {"sparsity": "auto", "sparse_format": "dense"})
+    assert proto.read_result(dense_of_sparse, _response(content=body, ctype=wire.NPZ), body).shape == (3, 3)

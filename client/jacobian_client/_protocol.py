@@ -289,17 +289,21 @@ class Expected:
     was returned as it came. These rules hold for every right answer (torch.func's
     shapes): a Jacobian, Hessian, vjp or hvp ends with the shape of an input it
     differentiates (per example, when batched), and is floating (jacrev refuses integer
-    outputs); a batched result starts with the batch size.
+    outputs); a batched result starts with the batch size; a derivative is sparse exactly
+    when a sparse one was asked for.
     """
 
     kind: str
     suffixes: tuple[tuple[int, ...], ...] | None  # one must end the value's shape; None: not checked
     batch: int | None  # the value's first dimension; None: not checked
     floating: bool
+    sparse: bool | None = None  # a sparse matrix (True) or dense arrays (False) asked for; None: either
 
     def check(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
         """TransportError if an array of the value, shaped and typed so, cannot be right."""
         what = f"the {self.kind} response's value"
+        if self.sparse:
+            raise TransportError(f"{what} is a dense array; a sparse matrix was asked for (sparsity=...)")
         if self.floating and dtype.kind not in "fc":
             raise TransportError(f"{what} is {dtype}; a {self.kind} is floating")
         if self.batch is not None and (not shape or shape[0] != self.batch):
@@ -311,9 +315,12 @@ class Expected:
                                  f"differentiates: {ends}")
 
     def check_tree(self, tree: Any) -> None:
-        if isinstance(tree, np.ndarray):
+        if wire.is_sparse(tree):  # before tuple: SparseCOO is one
+            if self.sparse is False:
+                raise TransportError(f"the {self.kind} response's value is a sparse matrix; a dense one was asked for")
+        elif isinstance(tree, np.ndarray):
             self.check(tree.shape, tree.dtype)
-        elif isinstance(tree, (tuple, list)) and not wire.is_sparse(tree):
+        elif isinstance(tree, (tuple, list)):
             for t in tree:
                 self.check_tree(t)
         elif isinstance(tree, dict):
@@ -352,7 +359,10 @@ def _expected(kind: str, fields: Mapping[str, Any], values: Sequence[Any]) -> Ex
             suffixes = tuple(dict.fromkeys(chosen))  # type: ignore[arg-type]
     # jvp is not: torch.func.jvp gives an integer output an integer (zero) tangent
     floating = kind in ("jacobian", "hessian", "vjp", "hvp")
-    return Expected(kind, suffixes, batch, floating)
+    sparse = None
+    if kind != "evaluate":  # sparse_format="dense": the sparse path's matrix, as a dense array
+        sparse = "sparsity" in fields and fields.get("sparse_format") != "dense"
+    return Expected(kind, suffixes, batch, floating, sparse)
 
 
 @dataclass
