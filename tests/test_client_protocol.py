@@ -451,3 +451,21 @@ def test_a_sparse_answer_to_a_dense_call_and_back_is_refused() -> None:
         proto.read_result(sparse_call, _response(content=body, ctype=wire.NPZ), body)
     dense_of_sparse = proto.compute_call("jacobian", "f", [np.ones(3)], {"sparsity": "auto", "sparse_format": "dense"})
     assert proto.read_result(dense_of_sparse, _response(content=body, ctype=wire.NPZ), body).shape == (3, 3)
+
+
+def test_a_sparse_matrix_the_inputs_rule_out_is_refused() -> None:
+    """A sparse Jacobian is (outputs x input elements), a sparse Hessian n x n: a matrix
+    of another width came back as the answer."""
+    proto = Protocol()
+    wrong = wire.write_sparse_npz(wire.SparseCOO(np.arange(3), np.arange(3), np.ones(3), (3, 4)))
+    for kind, message in (("jacobian", r"shaped \(3, 4\); the inputs sent make it \(m, 6\)"),
+                          ("hessian", r"shaped \(3, 4\); the inputs sent make it \(6, 6\)")):
+        call = proto.compute_call(kind, "f", [np.ones((2, 3))], {"sparsity": "auto"})
+        with pytest.raises(TransportError, match=message):
+            proto.read_result(call, _response(content=wrong, ctype=wire.NPZ), wrong)
+    right = wire.write_sparse_npz(wire.SparseCOO(np.arange(3), np.arange(3), np.ones(3), (5, 6)))
+    call = proto.compute_call("jacobian", "f", [np.ones((2, 3))], {"sparsity": "auto"})
+    assert proto.read_result(call, _response(content=right, ctype=wire.NPZ), right).shape == (5, 6)
+    call = proto.compute_call("jacobian", "f", [np.ones(2), np.ones(3)], {"sparsity": "auto", "argnums": (0, 1)})
+    both = wire.write_sparse_npz(wire.SparseCOO(np.arange(3), np.arange(3), np.ones(3), (4, 5)))  # 2 + 3 columns
+    assert proto.read_result(call, _response(content=both, ctype=wire.NPZ), both).shape == (4, 5)

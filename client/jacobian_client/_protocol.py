@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import email.utils
 import io
+import math
 import random
 import time
 import uuid
@@ -298,12 +299,14 @@ class Expected:
     batch: int | None  # the value's first dimension; None: not checked
     floating: bool
     sparse: bool | None = None  # a sparse matrix (True) or dense arrays (False) asked for; None: either
+    columns: int | None = None  # a sparsity= answer's columns: the differentiated elements; None: not checked
 
     def check(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
         """TransportError if an array of the value, shaped and typed so, cannot be right."""
         what = f"the {self.kind} response's value"
         if self.sparse:
             raise TransportError(f"{what} is a dense array; a sparse matrix was asked for (sparsity=...)")
+        self._check_matrix(shape)
         if self.floating and dtype.kind not in "fc":
             raise TransportError(f"{what} is {dtype}; a {self.kind} is floating")
         if self.batch is not None and (not shape or shape[0] != self.batch):
@@ -314,10 +317,20 @@ class Expected:
             raise TransportError(f"{what} is shaped {shape}; a right one ends with the shape of an input it "
                                  f"differentiates: {ends}")
 
+    def _check_matrix(self, shape: tuple[int, ...]) -> None:
+        """A sparsity= answer is one (outputs x n) matrix, n x n for a Hessian."""
+        if self.columns is None:
+            return
+        n = self.columns
+        if len(shape) != 2 or shape[1] != n or (self.kind == "hessian" and shape[0] != n):
+            want = f"({n}, {n})" if self.kind == "hessian" else f"(m, {n})"
+            raise TransportError(f"the {self.kind} response's matrix is shaped {shape}; the inputs sent make it {want}")
+
     def check_tree(self, tree: Any) -> None:
         if wire.is_sparse(tree):  # before tuple: SparseCOO is one
             if self.sparse is False:
                 raise TransportError(f"the {self.kind} response's value is a sparse matrix; a dense one was asked for")
+            self._check_matrix(tuple(int(d) for d in tree.shape))
         elif isinstance(tree, np.ndarray):
             self.check(tree.shape, tree.dtype)
         elif isinstance(tree, (tuple, list)):
@@ -362,7 +375,15 @@ def _expected(kind: str, fields: Mapping[str, Any], values: Sequence[Any]) -> Ex
     sparse = None
     if kind != "evaluate":  # sparse_format="dense": the sparse path's matrix, as a dense array
         sparse = "sparsity" in fields and fields.get("sparse_format") != "dense"
-    return Expected(kind, suffixes, batch, floating, sparse)
+    columns = None
+    if kind in ("jacobian", "hessian") and "sparsity" in fields and not fields.get("batched"):
+        argnums = fields.get("argnums", 0)
+        picked = argnums if isinstance(argnums, list) else [argnums]
+        if all(isinstance(a, int) and -len(values) <= a < len(values) for a in picked):
+            sizes = [_leaf_shape(v) for a in picked for _, v in _input_leaves(values[a], "")]
+            if all(s is not None for s in sizes):
+                columns = sum(math.prod(s) for s in sizes)  # type: ignore[arg-type]
+    return Expected(kind, suffixes, batch, floating, sparse, columns)
 
 
 @dataclass
