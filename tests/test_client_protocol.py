@@ -19,8 +19,6 @@ from jacobian_client._errors import TransportError, error_from_response
 from jacobian_client._npystream import FileSink, MemorySink, NpyReceiver
 from jacobian_client._protocol import NPY_OR_NPZ, Protocol, RetryPolicy, parse_retry_after
 
-from .conftest import npy_bytes
-
 
 def npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -379,8 +377,8 @@ def test_a_result_nested_too_deeply_is_a_transport_error(what: str) -> None:
 
 WRONG_ANSWERS = [
     # (kind, inputs, options, vectors, answer, message)
-    ("jacobian", [np.ones(3)], {}, None, np.eye(2), r"value is shaped \(2, 2\); a right one ends with the shape of "
-                                                    r"an input it differentiates: \(3,\)"),
+    ("jacobian", [np.ones(3)], {}, None, np.eye(2), (r"value is shaped \(2, 2\); a right one ends with the shape of "
+                                                     r"an input it differentiates: \(3,\)")),
     ("jacobian", [np.ones(3)], {}, None, np.eye(3, dtype=np.int64), "value is int64; a jacobian is floating"),
     ("jacobian", [np.ones(3), np.ones((2, 2))], {"argnums": 1}, None, np.ones((3, 3)), r"differentiates: \(2, 2\)$"),
     ("jacobian", [np.ones((4, 3))], {"batched": True}, None, np.ones((5, 3)), r"a batch of 4 examples was sent"),
