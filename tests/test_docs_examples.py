@@ -106,3 +106,31 @@ def test_the_docs_shell_examples_run_as_written(client, tmp_path):
             assert not missing, f"{shown}: the docs show {sorted(missing)}, the answer has none"
     assert ran >= 10, f"only {ran} examples found: has the docs' layout changed?"
 
+
+def _section(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n{heading}\n")
+    level = heading.split(" ")[0]
+    end = min((i for i in (text.find(f"\n{h} ", start + 1) for h in ("#" * n for n in range(1, len(level) + 1)))
+               if i != -1), default=len(text))
+    return text[start:end]
+
+
+def test_the_readme_lists_every_error_code_with_its_status_and_sdk_exception():
+    """The README's error table is the users' list of codes: every code the server can
+    send, at its status, with the exception the SDK raises for it (the SPEC's table
+    lists only v1's, and lives outside the repository)."""
+    import jacobian_client
+    from jacobian_client import _errors
+    from jacobian_client.wire import PROBLEM_STATUS
+
+    rows = re.findall(r"^\| (\d{3}) \| `(\w+)` \| `(\w+)`", _section("### Errors"), re.M)
+    documented = {code: (int(status), exc) for status, code, exc in rows}
+    assert len(documented) == len(rows), "a code listed twice"
+    sent = {code: status for code, status in PROBLEM_STATUS.items() if code != "client_closed"}  # logged only
+    assert {code: status for code, (status, _) in documented.items()} == sent
+    for code, (_, exc) in documented.items():
+        raised = _errors._BY_CODE.get(code, _errors.APIError)
+        assert exc == raised.__name__, f"{code}: the README says {exc}, the SDK raises {raised.__name__}"
+        assert getattr(jacobian_client, exc) is raised, f"{exc} is not importable from jacobian_client"
+
