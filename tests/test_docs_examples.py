@@ -134,3 +134,12 @@ def test_the_readme_lists_every_error_code_with_its_status_and_sdk_exception():
         assert exc == raised.__name__, f"{code}: the README says {exc}, the SDK raises {raised.__name__}"
         assert getattr(jacobian_client, exc) is raised, f"{exc} is not importable from jacobian_client"
 
+
+def test_the_readme_settings_table_names_every_setting():
+    """"Every setting is an environment variable": the README's table is where a user
+    looks them up, so every field of Settings is in it, and nothing else is."""
+    from jacobian_service.settings import Settings
+
+    cells = re.findall(r"^\| ([^|]*`[A-Z_]+`[^|]*) \|", _section("## Settings"), re.M)
+    documented = {name.lower() for cell in cells for name in re.findall(r"`([A-Z0-9_]+)`", cell)}
+    assert documented == set(Settings.model_fields)
