@@ -96,3 +96,47 @@ def test_an_input_name_no_request_can_select_is_refused(name):
     with pytest.raises(ValueError, match="input names"):
         Input(name)
     Input("x_1")
+
+
+@pytest.fixture
+def user_folder(tmp_path, monkeypatch):
+    """A user's folder holding their module, as the working directory; sys.path as it was after."""
+    (tmp_path / "docs_user_functions.py").write_text(textwrap.dedent(
+        """
+        from jacobian_service import Input, register
+
+        @register(inputs=[Input("q", shape=("k",))], description="the user's own")
+        def users_arm(q):
+            return q.cos()
+        """))
+    (tmp_path / "needs_a_missing_dependency.py").write_text("import no_such_dependency_docs6\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    yield tmp_path
+    for name in ("docs_user_functions", "needs_a_missing_dependency"):
+        sys.modules.pop(name, None)
+
+
+def test_functions_finds_a_module_in_the_working_directory_as_serve_does(user_folder, capsys):
+    """`serve`'s engines run as `python -m`, which puts the working directory on the path:
+    the README's `JACOBIAN_SERVICE_FUNCTIONS=my_functions jacobian-service serve` served
+    my_functions.py from there, while `jacobian-service functions` (and `serve
+    --in-process`) raised ModuleNotFoundError for the same module."""
+    from jacobian_service.cli import main
+
+    assert main(["functions", "--functions", "docs_user_functions"]) == 0
+    assert "users_arm(q: (k,) floating)" in capsys.readouterr().out
+
+
+def test_a_function_module_on_no_path_is_one_line_saying_what_to_do(user_folder, capsys):
+    from jacobian_service.cli import main
+    from jacobian_service.registry import FunctionModuleNotFound
+
+    assert main(["functions", "--functions", "jacobian_service.examples,no_such_module_docs6"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "cannot load the function module 'no_such_module_docs6'" in err and "PYTHONPATH" in err
+    # A module the user's module imports and lacks is theirs to see, traceback and all.
+    with pytest.raises(ModuleNotFoundError) as raised:
+        Registry.from_modules(["needs_a_missing_dependency"], use_entry_points=False)
+    assert raised.value.name == "no_such_dependency_docs6" and not isinstance(raised.value, FunctionModuleNotFound)

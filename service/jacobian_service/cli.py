@@ -7,6 +7,7 @@ server stack is imported inside the commands that use it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -68,7 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for missing in ("host", "port"):
         args.__dict__.setdefault(missing, None)
-    return _serve(args) if args.command == "serve" else _functions(args)
+    # Function modules are found where `python -m` finds them, the working directory
+    # first, as the engine processes (started with -m) do: without it `serve` found
+    # my_functions.py beside the user while `functions` and `serve --in-process` did not.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    from .registry import FunctionModuleNotFound
+
+    try:
+        return _serve(args) if args.command == "serve" else _functions(args)
+    except FunctionModuleNotFound as exc:
+        print(f"jacobian-service: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

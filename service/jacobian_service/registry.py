@@ -22,7 +22,8 @@ import numpy as np
 from .errors import FunctionNotFound, InvalidInput
 from .sparsity.patterns import Declared, declared as _declared_patterns
 
-__all__ = ["ENTRY_POINT_GROUP", "QUERY_INTEGER", "Array", "FunctionSpec", "Input", "Registry", "format_shape", "register"]
+__all__ = ["ENTRY_POINT_GROUP", "QUERY_INTEGER", "Array", "FunctionModuleNotFound", "FunctionSpec", "Input", "Registry",
+           "format_shape", "register"]
 
 ENTRY_POINT_GROUP = "jacobian_service.functions"
 BUILTIN_MODULE = "jacobian_service.examples"
@@ -441,6 +442,25 @@ def register(
 
 _ECHO = 100  # the most of a name a 404 quotes back (a path may be ~32 KB long)
 
+class FunctionModuleNotFound(ImportError):
+    """A module named in FUNCTIONS that no path holds."""
+
+
+def _import_functions(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        # The named module itself (or a package above it) is missing: a new user's first
+        # mistake, said in one line with the fix, not a 20-line traceback. A module that
+        # the user's module imports and lacks stays its own error, traceback and all.
+        if exc.name is None or not (module == exc.name or module.startswith(f"{exc.name}.")):
+            raise
+        raise FunctionModuleNotFound(
+            f"cannot load the function module {module!r}: no module named {exc.name!r} on the path; run from "
+            f"the folder that holds it, or put that folder on PYTHONPATH (PYTHONPATH=/path/to/folder "
+            f"jacobian-service serve --functions {module})", name=exc.name) from None
+
+
 class Registry:
     """The functions one app serves, by name."""
 
@@ -454,7 +474,7 @@ class Registry:
     @classmethod
     def from_modules(cls, modules: Sequence[str] = (), *, use_entry_points: bool = True) -> "Registry":
         """Import ``modules`` (the built-ins when empty) and the entry-point group."""
-        loaded = [importlib.import_module(m) for m in (modules or (BUILTIN_MODULE,))]
+        loaded = [_import_functions(m) for m in (modules or (BUILTIN_MODULE,))]
         if use_entry_points:
             for ep in entry_points(group=ENTRY_POINT_GROUP):
                 obj = ep.load()

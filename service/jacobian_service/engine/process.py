@@ -36,7 +36,7 @@ from ..logs import configure_logging
 from ..metrics import Metrics
 from ..orphans import become_subreaper, kill_descendants, stop_with_parent
 from ..procfs import descendants, status_bytes
-from ..registry import Registry
+from ..registry import FunctionModuleNotFound, Registry
 from ..scheduler import Job, Worker
 from ..settings import Settings
 from .descriptor_watch import DescriptorWatch
@@ -486,7 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = settings.torch_threads if settings.torch_threads is not None else max(1, (os.cpu_count() or 2) // 2)
     if threads:
         torch.set_num_threads(threads)
-    registry = Registry.from_modules(settings.function_modules)
+    try:
+        registry = Registry.from_modules(settings.function_modules)
+    except FunctionModuleNotFound as exc:
+        log.error("%s", exc)
+        return 1
     configure_logging(settings.log_format)  # again: a module may have configured logging as it was imported
     devices = resolve_devices(args.device)
     server = EngineServer(settings, registry, devices[0])  # on a GPU: its CUDA context
