@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import numpy as np
@@ -18,9 +19,28 @@ from .conftest import DEFAULT_DEVICES, assert_problem, live_server, npy_bytes
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with live_server(STREAM_THRESHOLD_BYTES=2 << 20, MEMORY_BUDGET_BYTES=64 << 20) as (url, _):
-        yield url
+def served() -> Iterator[tuple[str, Any]]:
+    with live_server(STREAM_THRESHOLD_BYTES=2 << 20, MEMORY_BUDGET_BYTES=64 << 20) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    return served[0]
+
+
+def test_serve_says_where_it_listens_and_where_to_go_once_ready(served):
+    """`make serve`'s output is a new user's next step: it named the address as a Python
+    tuple, ('127.0.0.1', 8000), and never said when the server was ready or where the
+    interactive docs are. It now prints the URL, and once every engine is ready, the
+    docs page to open."""
+    url, proc = served
+    deadline = time.monotonic() + 30  # the ready line follows /readyz within one 0.5 s tick of serve's loop
+    while f"ready: {url} (interactive API docs: {url}/docs; functions: {url}/v1/functions)" not in proc.read_log():
+        assert time.monotonic() < deadline, proc.read_log()[-3000:]
+        time.sleep(0.05)
+    assert re.search(rf"serving \d+ functions on {re.escape(url)} with \d+ front ends", proc.read_log())
+    assert httpx.get(f"{url}/docs").status_code == 200
 
 
 def test_json_and_npy_round_trip(server):

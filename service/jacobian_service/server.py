@@ -131,6 +131,13 @@ def _forget_metrics(pid: int | None) -> None:
         multiprocess.mark_process_dead(pid)
 
 
+def base_url(address: tuple[Any, ...]) -> str:
+    """The URL a bound socket serves, for the start-up line: a user copies it into a
+    browser or curl (a tuple such as ('127.0.0.1', 8000) they would have to translate)."""
+    host, port = address[0], address[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _bind(settings: Settings, count: int) -> list[socket.socket]:
     """``count`` listening sockets on one port (``SO_REUSEPORT``), or one shared socket
     where the platform lacks it (or ``count`` is 1)."""
@@ -210,9 +217,10 @@ def serve(settings: Settings) -> int:
             log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc.strerror or exc)
             return 1
         ctx = multiprocessing.get_context("spawn")
+        url = base_url(socks[0].getsockname())
         log.info("serving %d functions on %s with %d front ends (%s); engines on %s",
-                 len(doc["functions"]), socks[0].getsockname()[:2], count,
-                 "a socket each" if len(socks) > 1 else "one shared socket", ", ".join(doc["devices"]))
+                 len(doc["functions"]), url, count, "a socket each" if len(socks) > 1 else "one shared socket",
+                 ", ".join(doc["devices"]))
 
         def start(i: int) -> Any:
             sock = socks[i % len(socks)]
@@ -221,7 +229,12 @@ def serve(settings: Settings) -> int:
             return p
 
         front_ends.extend(start(i) for i in range(count))
+        announced = False
         while not stopping.is_set():
+            if not announced and supervisor.all_ready():
+                # What a user who ran `make serve` does next: where to point a browser or curl.
+                log.info("ready: %s (interactive API docs: %s/docs; functions: %s/v1/functions)", url, url, url)
+                announced = True
             for i, p in enumerate(front_ends):
                 if not p.is_alive() and not stopping.is_set():
                     log.error("front end %d exited (%s); starting it again", i, p.exitcode)

@@ -245,6 +245,10 @@ class Supervisor:
     def _spare_flag(self, spare: subprocess.Popen) -> Path:
         return self.run_dir / f"spare-{spare.pid}.ready"
 
+    def all_ready(self) -> bool:
+        """Every engine up and warmed: what /readyz reports (read by serve's start-up line)."""
+        return all(e.ready and e.proc is not None for e in self.engines)
+
     def spare_warm(self, engine: _Engine) -> bool:
         return engine.spare is not None and engine.spare.poll() is None and self._spare_flag(engine.spare).exists()
 
