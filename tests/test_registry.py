@@ -140,3 +140,18 @@ def test_a_function_module_on_no_path_is_one_line_saying_what_to_do(user_folder,
     with pytest.raises(ModuleNotFoundError) as raised:
         Registry.from_modules(["needs_a_missing_dependency"], use_entry_points=False)
     assert raised.value.name == "no_such_dependency_docs6" and not isinstance(raised.value, FunctionModuleNotFound)
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(monkeypatch, capsys):
+    """`jacobian-service functions | head` printed a BrokenPipeError traceback once head
+    had its lines (so did `call ... --pattern | head`)."""
+    import os
+
+    from jacobian_service.cli import main
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    with os.fdopen(write, "w") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        assert main(["functions", "--functions", "jacobian_service.examples"]) == 1
+    assert "Traceback" not in capsys.readouterr().err

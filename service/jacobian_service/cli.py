@@ -49,7 +49,19 @@ def _functions(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, where a reader gone is caught, not at exit
+        return code
+    except BrokenPipeError:
+        # `jacobian-service functions | head`, `call --pattern | less` quit early: a reader
+        # that stopped reading is no error to print a traceback for. Python's own recipe:
+        # stdout goes to devnull, so the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "call":  # the SDK's own parser
         from jacobian_client._cli_call import call_main
 
