@@ -7,6 +7,7 @@ straight to numpy by :mod:`jacobian_client.wire`).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Mapping
 
 import numpy as np
@@ -172,6 +173,7 @@ def _split_members(members: dict[str, np.ndarray], vector_key: str | None) -> tu
 def _by_name(spec: FunctionSpec, given: Mapping[str, Any]) -> list[Any]:
     """Inputs given by parameter name (or position, as in an .npz) -> positional list."""
     names = [inp.name for inp in spec.inputs]
+    unknown = sorted(set(given) - set(names) - {str(i) for i in range(len(names))})
     out: list[Any] = []
     for i, name in enumerate(names):
         if name in given and str(i) in given and name != str(i):
@@ -181,11 +183,22 @@ def _by_name(spec: FunctionSpec, given: Mapping[str, Any]) -> list[Any]:
         elif str(i) in given:
             out.append(given[str(i)])
         else:
-            raise InvalidInput(f"missing input {name!r}; {spec.name} takes {names}")
-    unknown = set(given) - set(names) - {str(i) for i in range(len(names))}
+            raise InvalidInput(f"missing input {name!r}; {spec.name} takes {names}" + _unknown(unknown))
     if unknown:
-        raise InvalidInput(f"unknown inputs {sorted(unknown)}; {spec.name} takes {names}")
+        raise InvalidInput(f"unknown inputs {unknown}; {spec.name} takes {names}" + _unknown([], unknown))
     return out
+
+
+def _unknown(shown: list[str], among: list[str] | None = None) -> str:
+    """What a "missing" or "unknown" input's detail adds: the names that were sent, and,
+    for numpy.savez's own positional names (``np.savez(f, x, y)`` writes ``arr_0``,
+    ``arr_1``: a new user's first .npz), how to name them instead."""
+    among = shown if among is None else among
+    text = f"; unknown {shown[:10]}" if shown else ""
+    if any(re.fullmatch(r"arr_\d+", name) for name in among):
+        text += ("; numpy.savez(f, a, b) names its arrays arr_0, arr_1: name them by parameter, "
+                 "numpy.savez(f, x=a, ...), or by position, numpy.savez(f, **{'0': a, '1': b})")
+    return text
 
 
 def _npz_inputs(spec: FunctionSpec, members: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, str]]:
