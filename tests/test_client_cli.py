@@ -61,3 +61,12 @@ def test_call_errors(url: str, x_file: Path, tmp_path: Path, capsys: pytest.Capt
     assert call_main(["sin", "--url", url, "-i", str(tmp_path / "missing.npy")]) == 2
     assert call_main(["sin", "--bogus"]) == 2
     assert call_main(["--help"]) == 0
+    # A result of several arrays (aux, several outputs) cannot stream to one .npy: said in
+    # the command's terms (it was the server's 406, "ask for application/x-npz").
+    capsys.readouterr()
+    for function in ("sin_aux", "polar"):
+        inputs = ["-i", str(x_file)] * (2 if function == "polar" else 1)
+        assert call_main([function, "--url", url, *inputs, "--out", str(tmp_path / "J.npy")]) == 2
+        assert f"error: {function}'s result is more than one array (several outputs, or aux): use --out FILE.npz" \
+            in capsys.readouterr().err
+        assert call_main([function, "--url", url, *inputs, "--out", str(tmp_path / "J.npz")]) == 0

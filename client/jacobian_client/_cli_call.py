@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import wire
-from ._errors import JacobianServiceError
+from ._errors import JacobianServiceError, NotAcceptable
 from ._sync import Client
 
 __all__ = ["build_parser", "call_main"]
@@ -144,6 +144,12 @@ def call_main(argv: list[str]) -> int:
                 else:
                     result = client.evaluate(args.function, *inputs, batched=args.batched)
     except JacobianServiceError as exc:
+        if isinstance(exc, NotAcceptable) and stream_to is not None:
+            # The server's 406 says "ask for application/x-npz", which a shell user
+            # cannot: said in this command's own terms.
+            print(f"error: {args.function}'s result is more than one array (several outputs, or aux): "
+                  f"use --out FILE.npz", file=sys.stderr)
+            return 2
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     matrix = result[0] if isinstance(result, tuple) and args.method != "evaluate" else result
