@@ -56,6 +56,9 @@ def test_unknown_function_lists_close_names(client):
     assert "'sin'" in body["detail"]
     assert_problem(client.get("/v1/functions/nope"), 404, "function_not_found")
     assert_problem(client.get("/nowhere"), 404, "not_found")
+    # The address `serve` prints, opened in a browser: the 404 says where the API and its docs are.
+    root = assert_problem(client.get("/"), 404, "not_found")["detail"]
+    assert root == "no route for GET /; the API is under /v1/functions, its interactive docs at /docs"
     assert_problem(client.delete(URL), 405, "method_not_allowed")
     # a name of 30,000 characters is quoted back cut short, not whole
     body = assert_problem(client.post("/v1/functions/" + "x" * 30_000 + "/jacobian", json={"inputs": [[1.0]]}),

@@ -574,7 +574,10 @@ class Router:
             try:
                 matches = self.match(scope)
                 if not matches:
-                    raise NotFound(f"no route for {method} {_printable(route_path(scope))}")
+                    # A browser pointed at the address serve prints lands on "/": say where to go.
+                    prefix = _printable(scope.get("root_path", ""))
+                    raise NotFound(f"no route for {method} {_printable(route_path(scope))}; the API is under "
+                                   f"{prefix}/v1/functions, its interactive docs at {prefix}/docs")
                 for route, params in matches:
                     if route.method == method or (method == "HEAD" and route.method == "GET"):
                         response = await route.handler(request, **params, **route.params)
