@@ -155,3 +155,32 @@ def test_a_reader_that_stops_early_gets_no_traceback(monkeypatch, capsys):
         monkeypatch.setattr(sys, "stdout", pipe)
         assert main(["functions", "--functions", "jacobian_service.examples"]) == 1
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_bad_setting_stops_the_cli_with_one_line_naming_the_variable(monkeypatch, tmp_path, capsys):
+    """A bad JACOBIAN_SERVICE_* value, or a keys file that holds no key or is missing,
+    stopped `serve` with a Python traceback ending in pydantic's 'max_queue: Input should
+    be a valid integer': the user set JACOBIAN_SERVICE_MAX_QUEUE. Now one line per bad
+    variable, in the environment's names, with the value given, and exit 2."""
+    from jacobian_service.cli import main
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main puts the working directory on it
+    monkeypatch.setenv("JACOBIAN_SERVICE_PORT", "1")  # were serve to start after all, nothing to collide with
+    monkeypatch.setenv("JACOBIAN_SERVICE_MAX_QUEUE", "lots")
+    monkeypatch.setenv("JACOBIAN_SERVICE_DEVICE", "gpu")
+    assert main(["functions"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "jacobian-service: JACOBIAN_SERVICE_DEVICE='gpu': device must be auto, cpu, cuda or cuda:N",
+        "jacobian-service: JACOBIAN_SERVICE_MAX_QUEUE='lots': Input should be a valid integer, unable to parse "
+        "string as an integer",
+    ]
+    monkeypatch.delenv("JACOBIAN_SERVICE_MAX_QUEUE")
+    monkeypatch.delenv("JACOBIAN_SERVICE_DEVICE")
+    # Refused before anything starts: no engine, no socket.
+    (tmp_path / "keys").write_text("# nobody yet\n")
+    for keys, why in ((tmp_path / "keys", "holds no keys; refusing to start without auth"),
+                      (tmp_path / "missing", "cannot be read: No such file or directory")):
+        monkeypatch.setenv("JACOBIAN_SERVICE_API_KEYS_FILE", str(keys))
+        assert main(["serve"]) == 2
+        assert capsys.readouterr().err == f"jacobian-service: API_KEYS_FILE {keys} {why}\n"

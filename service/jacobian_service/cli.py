@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers is not None:
         os.environ["JACOBIAN_SERVICE_WORKERS"] = str(args.workers)
     settings = Settings()
+    settings.load_api_keys()  # fail closed before anything starts, the reason in one line
     return serve_in_process(settings) if args.in_process else serve(settings)
 
 
@@ -86,13 +87,20 @@ def _main(argv: list[str]) -> int:
     # my_functions.py beside the user while `functions` and `serve --in-process` did not.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    from pydantic import ValidationError
+
     from .registry import FunctionModuleNotFound
+    from .settings import SettingsError, describe_invalid
 
     try:
         return _serve(args) if args.command == "serve" else _functions(args)
     except FunctionModuleNotFound as exc:
         print(f"jacobian-service: {exc}", file=sys.stderr)
         return 1
+    except (ValidationError, SettingsError) as exc:  # a setting: the user's to fix, no traceback
+        for line in describe_invalid(exc) if isinstance(exc, ValidationError) else [str(exc)]:
+            print(f"jacobian-service: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

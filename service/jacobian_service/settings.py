@@ -8,12 +8,12 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jacobian_client.wire import Limits
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "SettingsError", "describe_invalid"]
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -52,6 +52,22 @@ def _origin(entry: str) -> str:
                          "(no wildcards: list each origin, or '*' for any)")
     port = int(m["port"]) if m["port"] is not None else None
     return f"{scheme}://{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS.get(scheme) else "")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be served with, found after validation (a keys file)."""
+
+
+def describe_invalid(exc: ValidationError) -> list[str]:
+    """A pydantic error about the environment, in the environment's names: a user who
+    set JACOBIAN_SERVICE_MAX_QUEUE=lots read a traceback ending in 'max_queue: Input
+    should be a valid integer'. One line per bad variable, with the value given."""
+    lines = []
+    for error in exc.errors():
+        name = f"JACOBIAN_SERVICE_{str(error['loc'][0]).upper()}" if error["loc"] else "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}={error['input']!r}: {message}" if "input" in error else f"{name}: {message}")
+    return lines
 
 
 class Settings(BaseSettings):
@@ -198,13 +214,14 @@ class Settings(BaseSettings):
         an error, never "auth off"."""
         keys = list(_split(self.api_keys))
         if self.api_keys_file is not None:
-            from_file = [
-                line.strip()
-                for line in self.api_keys_file.read_text().splitlines()
-                if line.strip() and not line.strip().startswith("#")
-            ]
+            try:
+                text = self.api_keys_file.read_text()
+            except (OSError, UnicodeDecodeError) as exc:  # fail closed too, saying why
+                raise SettingsError(f"API_KEYS_FILE {self.api_keys_file} cannot be read: "
+                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+            from_file = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
             if not from_file:
-                raise ValueError(f"API_KEYS_FILE {self.api_keys_file} holds no keys; refusing to start without auth")
+                raise SettingsError(f"API_KEYS_FILE {self.api_keys_file} holds no keys; refusing to start without auth")
             keys.extend(from_file)
         return tuple(keys)
 
