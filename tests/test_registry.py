@@ -184,3 +184,26 @@ def test_a_bad_setting_stops_the_cli_with_one_line_naming_the_variable(monkeypat
         monkeypatch.setenv("JACOBIAN_SERVICE_API_KEYS_FILE", str(keys))
         assert main(["serve"]) == 2
         assert capsys.readouterr().err == f"jacobian-service: API_KEYS_FILE {keys} {why}\n"
+
+
+def test_serve_warns_of_variables_no_setting_reads(monkeypatch, tmp_path, capsys):
+    """pydantic ignores JACOBIAN_SERVICE_* names it does not know: a typo went unnoticed,
+    and so did the client's JACOBIAN_SERVICE_API_KEY (`jacobian-service call`'s) set
+    where the server's API_KEYS was meant, leaving the server without auth."""
+    from jacobian_service.cli import main
+    from jacobian_service.settings import Settings, unknown_variables
+
+    monkeypatch.setenv("JACOBIAN_SERVICE_MAX_QUEU", "8")
+    monkeypatch.setenv("JACOBIAN_SERVICE_URL", "http://elsewhere:8000")  # the client CLI's: not warned of
+    (tmp_path / "keys").write_text("")
+    monkeypatch.setenv("JACOBIAN_SERVICE_API_KEYS_FILE", str(tmp_path / "keys"))  # stops serve after the warning
+    monkeypatch.setenv("JACOBIAN_SERVICE_PORT", "1")
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "jacobian-service: warning: JACOBIAN_SERVICE_MAX_QUEU is no setting of the server, which ignores it; "
+        "did you mean JACOBIAN_SERVICE_MAX_QUEUE?")
+    client_key = {"JACOBIAN_SERVICE_API_KEY": "secret"}
+    assert unknown_variables(client_key, Settings.model_fields) == [
+        "JACOBIAN_SERVICE_API_KEY is the key `jacobian-service call` sends; the server's keys are "
+        "JACOBIAN_SERVICE_API_KEYS (or _API_KEYS_FILE), and with none set it serves without auth"]
+    assert unknown_variables({**client_key, "JACOBIAN_SERVICE_API_KEYS": "secret"}, Settings.model_fields) == []

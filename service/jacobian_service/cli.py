@@ -22,7 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
     import os
 
     from .server import serve, serve_in_process
-    from .settings import Settings
+    from .settings import Settings, unknown_variables
 
     # Flags win over the environment; they go into it so that the engine and front-end
     # processes read the same settings.
@@ -31,6 +31,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers is not None:
         os.environ["JACOBIAN_SERVICE_WORKERS"] = str(args.workers)
     settings = Settings()
+    for line in unknown_variables(os.environ, Settings.model_fields):
+        print(f"jacobian-service: warning: {line}", file=sys.stderr)
     settings.load_api_keys()  # fail closed before anything starts, the reason in one line
     return serve_in_process(settings) if args.in_process else serve(settings)
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal, Mapping
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jacobian_client.wire import Limits
 
-__all__ = ["Settings", "SettingsError", "describe_invalid"]
+__all__ = ["Settings", "SettingsError", "describe_invalid", "unknown_variables"]
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -68,6 +69,32 @@ def describe_invalid(exc: ValidationError) -> list[str]:
         message = error["msg"].removeprefix("Value error, ")
         lines.append(f"{name}={error['input']!r}: {message}" if "input" in error else f"{name}: {message}")
     return lines
+
+
+# JACOBIAN_SERVICE_* names that are not server settings: the client CLI's (`call`), the
+# compose files' (host-side), and what the supervisor hands its engines.
+_OTHER_VARIABLES = frozenset({"URL", "API_KEY", "FUNCTIONS_DIR", "BIND", "IMAGE", "ISOLATE", "SKIP_WARMUP"})
+
+
+def unknown_variables(environ: Mapping[str, str], fields: Iterable[str]) -> list[str]:
+    """Warnings for JACOBIAN_SERVICE_* variables no setting reads: pydantic ignores them,
+    so a typo (MAX_QUEU) went unnoticed, and so did the client's API_KEY set where the
+    server's API_KEYS was meant: a server serving without auth."""
+    names = {f.upper() for f in fields}
+    out = []
+    for variable in sorted(environ):
+        name = variable.removeprefix("JACOBIAN_SERVICE_")
+        if name == variable or name in names or not environ[variable]:
+            continue
+        if name == "API_KEY" and not environ.get("JACOBIAN_SERVICE_API_KEYS") \
+                and not environ.get("JACOBIAN_SERVICE_API_KEYS_FILE"):
+            out.append(f"{variable} is the key `jacobian-service call` sends; the server's keys are "
+                       f"JACOBIAN_SERVICE_API_KEYS (or _API_KEYS_FILE), and with none set it serves without auth")
+        elif name not in _OTHER_VARIABLES:
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+            out.append(f"{variable} is no setting of the server, which ignores it"
+                       + (f"; did you mean JACOBIAN_SERVICE_{close[0]}?" if close else ""))
+    return out
 
 
 class Settings(BaseSettings):
