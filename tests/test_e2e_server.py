@@ -141,6 +141,8 @@ def test_metrics_and_info(server):
     assert _batches(httpx.get(f"{server}/metrics").text) == before + 3
     info = httpx.get(f"{server}/v1/info").json()
     assert info["devices"] == DEFAULT_DEVICES and info["limits"]["stream_threshold_bytes"] == 2 << 20
+    # The budget each engine computes in (the setting here), as in the in-process layout.
+    assert info["limits"]["memory_budget_bytes"] == [64 << 20] * len(DEFAULT_DEVICES)
     assert info["torch_threads"] == max(1, (os.cpu_count() or 2) // 2)  # the default: half the cores
     assert httpx.get(f"{server}/openapi.json").json()["paths"]["/v1/functions/{name}/jacobian"]["post"]
     assert httpx.get(f"{server}/docs").status_code == 200
@@ -210,6 +212,11 @@ def test_large_inputs_and_results_cross_through_shared_memory_and_their_blocks_a
     n = 100_000
     x = np.random.default_rng(4).standard_normal(n).astype(np.float32)
     with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false") as (url, proc):
+        # /v1/info's "limits in force" with MEMORY_BUDGET_BYTES unset: each engine's own
+        # default (it said null; only the engine knows a GPU's, half its free memory).
+        budgets = httpx.get(f"{url}/v1/info").json()["limits"]["memory_budget_bytes"]
+        assert len(budgets) == len(DEFAULT_DEVICES)
+        assert all(b == 256 << 20 if d == "cpu" else b > 0 for b, d in zip(budgets, DEFAULT_DEVICES))
         with httpx.Client(timeout=60) as c:
             for _ in range(300):
                 r = c.post(f"{url}/v1/functions/sum_sin/jacobian", content=npy_bytes(x),

@@ -410,9 +410,17 @@ class RemoteEngines(_Engines):
 
     def info(self) -> dict[str, Any]:
         return {"torch": self._doc.get("torch"), "torch_threads": self._doc.get("torch_threads"),
-                "memory_budget_bytes": self._doc.get("memory_budget_bytes"), "engines": "processes",
+                "memory_budget_bytes": [self._budget(e["index"]) for e in self._engines()], "engines": "processes",
                 "spares": [bool(e.get("spare")) for e in self._engines()],
                 "engine_pids": [e.get("pid") for e in self._engines()]}
+
+    def _budget(self, index: int) -> int | None:
+        """What engine ``index`` computes in (the setting, or its device's default: 256 MiB on
+        the CPU, half a GPU's free memory), as it wrote it; None until it first serves."""
+        try:
+            return int(ipc.budget_path(self.run_dir, index).read_text())
+        except (OSError, ValueError):
+            return None
 
     def engine_stats(self) -> dict[str, Any]:
         restarts = {str(e["device"]): e["restarts"] for e in self._engines()}

@@ -72,6 +72,12 @@ def names_from_env(variable: str) -> list[str]:
     return [n for n in os.environ.get(variable, "").split(",") if n]
 
 
+def budget_path(run_dir: Path, index: int) -> Path:
+    """The memory budget engine ``index`` computes in (bytes, as text): written as it starts
+    serving, read by /v1/info (a GPU's is half its free memory, known only there)."""
+    return run_dir / f"engine-{index}.budget"
+
+
 def warming_path(run_dir: Path, pid: int) -> Path:
     """``<monotonic time> <function>``: what engine process ``pid`` is warming up, since
     when (written by the engine, read by the supervisor; gone once warm)."""

@@ -497,8 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     _limit_memory(settings.engine_memory_limit_bytes, str(devices[0]))  # before the registry: a bad cap stops `serve`
     if args.index == 0 and not args.standby:  # the front ends learn the registry and the devices from engine 0
         doc = {"functions": [spec.describe() for spec in registry], "devices": [str(d) for d in devices],
-               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-               "memory_budget_bytes": settings.memory_budget_bytes}
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
         tmp = args.run_dir / "registry.json.tmp"
         tmp.write_bytes(orjson.dumps(doc))
         tmp.replace(args.run_dir / "registry.json")
@@ -525,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
         if settings.warmup:
             server.warm_up(ipc.warming_path(args.run_dir, os.getpid()), skip)
         freeze_heap()
+    budget = ipc.budget_path(args.run_dir, args.index)  # the one in force from now: this engine's
+    budget.with_suffix(".tmp").write_text(str(server.engine.memory_budget))
+    budget.with_suffix(".tmp").replace(budget)
     log.info("engine %d ready on %s (%d functions)", args.index, devices[0], len(registry))
     server.serve()
     return 0
