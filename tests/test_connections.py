@@ -97,6 +97,16 @@ def _wait_for(predicate, timeout: float) -> bool:
     return predicate()
 
 
+def test_every_timeout_phase_is_exported_before_its_first_timeout(server: str) -> None:
+    """The README lists jacobian_service_connection_timeouts_total{phase=header|body|send};
+    a labelled counter is exported only once a label is touched, so a fresh server showed
+    none of them (a dashboard or an alert on rate() found no series until the first
+    timeout). Each phase is there from the start."""
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    for phase in ("header", "body", "send"):
+        assert re.search(rf'^jacobian_service_connection_timeouts_total\{{phase="{phase}"\}} ', text, re.M), phase
+
+
 def test_stalled_upload_is_timed_out_and_its_bytes_released(server: str) -> None:
     path = "/v1/functions/sin/jacobian"
     stalled = _connect(server)

@@ -81,6 +81,8 @@ class Metrics:
             "Connections cut off by a timeout: slow headers, a stalled body, a client not reading.",
             ["phase"], registry=r,
         )
+        for phase in ("header", "body", "send"):  # each series from the start, at 0, as the README lists them:
+            self.connection_timeouts.labels(phase)  # a labelled counter is exported only once touched
         self.device_memory = Gauge(
             "jacobian_service_device_memory_bytes", "Memory allocated by torch on each device.", ["device"], registry=r,
             multiprocess_mode="mostrecent",
