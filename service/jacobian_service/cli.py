@@ -19,8 +19,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import os
-
     from .server import serve, serve_in_process
     from .settings import Settings, unknown_variables
 
