@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 
@@ -184,6 +185,11 @@ def test_a_bad_setting_stops_the_cli_with_one_line_naming_the_variable(monkeypat
         monkeypatch.setenv("JACOBIAN_SERVICE_API_KEYS_FILE", str(keys))
         assert main(["serve"]) == 2
         assert capsys.readouterr().err == f"jacobian-service: API_KEYS_FILE {keys} {why}\n"
+    # With JSON logs (the image's), the same line as a log collector reads it.
+    monkeypatch.setenv("JACOBIAN_SERVICE_LOG_FORMAT", "json")
+    assert main(["serve"]) == 2
+    line = json.loads(capsys.readouterr().err)
+    assert line["level"] == "error" and line["message"] == f"API_KEYS_FILE {keys} cannot be read: No such file or directory"
 
 
 def test_serve_warns_of_variables_no_setting_reads(monkeypatch, tmp_path, capsys):

@@ -7,6 +7,7 @@ server stack is imported inside the commands that use it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Sequence
@@ -30,7 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["JACOBIAN_SERVICE_WORKERS"] = str(args.workers)
     settings = Settings()
     for line in unknown_variables(os.environ, Settings.model_fields):
-        print(f"jacobian-service: warning: {line}", file=sys.stderr)
+        _say(logging.WARNING, line)
     settings.load_api_keys()  # fail closed before anything starts, the reason in one line
     return serve_in_process(settings) if args.in_process else serve(settings)
 
@@ -95,12 +96,25 @@ def _main(argv: list[str]) -> int:
     try:
         return _serve(args) if args.command == "serve" else _functions(args)
     except FunctionModuleNotFound as exc:
-        print(f"jacobian-service: {exc}", file=sys.stderr)
+        _say(logging.ERROR, str(exc))
         return 1
     except (ValidationError, SettingsError) as exc:  # a setting: the user's to fix, no traceback
         for line in describe_invalid(exc) if isinstance(exc, ValidationError) else [str(exc)]:
-            print(f"jacobian-service: {line}", file=sys.stderr)
+            _say(logging.ERROR, line)
         return 2
+
+
+def _say(level: int, text: str) -> None:
+    """A start-up message from before logging is set up, in the log's format all the same
+    (the image logs JSON: a collector would take a plain line for garbage). The format is
+    read from the environment: the settings may be what failed."""
+    if os.environ.get("JACOBIAN_SERVICE_LOG_FORMAT", "").strip().lower() == "json":
+        from .logs import JsonFormatter
+
+        print(JsonFormatter().format(logging.LogRecord("jacobian_service", level, __file__, 0, text, None, None)),
+              file=sys.stderr)
+    else:
+        print(f"jacobian-service: {'warning: ' if level == logging.WARNING else ''}{text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import time
 
 import orjson
 
-__all__ = ["BatchedStreamHandler", "configure_logging", "service_loggers"]
+__all__ = ["BatchedStreamHandler", "JsonFormatter", "configure_logging", "service_loggers"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
