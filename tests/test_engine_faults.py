@@ -96,11 +96,12 @@ def test_a_crash_costs_only_its_request(name, standby):
         assert "Traceback" not in r.text
         assert "while running this request; the engine was restarted" in body["detail"]
         # While it restarts, requests get 503 with the supervisor's estimate of when it is
-        # back (its measured start-up) as Retry-After, so a client's retry lands in time.
+        # back as Retry-After, so a client's retry lands in time: a warm spare's take-over
+        # (a second), or a cold start's measured length (a busy machine's may pass 10 s).
         early = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
         if early.status_code == 503:
             assert_problem(early, 503, "unavailable")
-            assert 1 <= int(early.headers["retry-after"]) <= 10
+            assert 1 <= int(early.headers["retry-after"]) <= (2 if standby == "true" else 30)
             assert back_within(url, int(early.headers["retry-after"]) + 2.0) >= 0
         assert back_within(url, 5.0) < 5.0
         sin_ok(url)

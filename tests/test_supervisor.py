@@ -129,3 +129,27 @@ def test_a_spare_that_died_in_a_warm_up_has_the_next_spare_skip_it(supervisor):
     sup._tend_spare(engine, time.monotonic())
     assert "exits_below_one" in sup.skip_warmup and "exits_below_one" in sup.strikes
     assert engine.spare is None and engine.spare_at <= time.monotonic()  # (no new one: the engine is not up)
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_promoted_spare_is_expected_as_soon_as_it_is_ready(supervisor, warm):
+    """What a 503 says while the spare takes over (its Retry-After, which the SDK waits
+    out). It said a cold start's length (the 20 s measured here) from the promotion on,
+    though a warm spare serves within milliseconds: an SDK client waited 18 s for an
+    engine that was back in one. A spare still warming up takes what its warm-up has left."""
+    sup, _ = supervisor
+    spare = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline(); sys.stdin.readline()"],
+                             stdin=subprocess.PIPE, start_new_session=True)
+    try:
+        if warm:
+            sup._spare_flag(spare).touch()
+        engine = _Engine(0, "cpu", spare=spare, startup_s=20.0, spare_started=time.monotonic() - 5.0)
+        sup.engines = [engine]
+        sup._spawn(engine)
+        assert engine.proc is spare and engine.promoted
+        ready_in = engine.ready_in(time.monotonic())
+        assert ready_in <= 1.0 if warm else 14.0 <= ready_in <= 15.0, ready_in
+    finally:
+        spare.kill()
+        spare.wait()
+        spare.stdin.close()  # type: ignore[union-attr]

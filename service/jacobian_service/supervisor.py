@@ -70,6 +70,7 @@ _TICK_S = 0.05
 _STATE_EVERY_S = 0.5
 _BACKOFF_MAX_S = 10.0
 _STABLE_S = 60.0  # an engine up this long has its backoff reset
+_PROMOTION_S = 1.0  # a warm spare's take-over, as a Retry-After says it (whole seconds)
 _REAP_EVERY_S = 1.0  # how often adopted processes that ended are collected (a few /proc reads)
 # Adopted processes running at once past this are a leak (a function that starts a daemon
 # at every call): killed, as the engines recycle themselves past as many children.
@@ -108,6 +109,7 @@ class _Engine:
     spare: subprocess.Popen | None = None  # warmed up, waiting on stdin to take over
     spare_at: float = 0.0  # when a spare may be started next
     spare_started: float = 0.0
+    ready_by: float = 0.0  # when the running process should say it is ready (set as it starts)
 
     def ready_in(self, now: float) -> float:
         """Seconds until this engine should be ready again: what a 503's Retry-After says,
@@ -119,7 +121,7 @@ class _Engine:
             if self.spare is not None and self.spare.poll() is None:  # a spare still warming up finishes first
                 return wait + max(0.2, self.startup_s - (now - self.spare_started))
             return wait + self.startup_s
-        return max(0.0, self.startup_s - (now - self.started))
+        return max(0.0, self.ready_by - now)
 
 
 class Supervisor:
@@ -189,18 +191,27 @@ class Supervisor:
             engine.board.close()
             engine.board = ipc.StatusBoard(board_path, create=True)
         spare, engine.spare = engine.spare, None
+        warm = spare is not None and self._is_warm(spare)
         if spare is not None:
             self._spare_flag(spare).unlink(missing_ok=True)
+        now = time.monotonic()
         if spare is not None and spare.poll() is None and self._promote(spare):
             engine.proc = spare
             engine.promoted, how = True, "spare promoted"
+            # A 503's Retry-After while it takes over: a warm spare serves as soon as it
+            # has bound the engine's socket (milliseconds); one still warming up, once
+            # it is done. Not a cold start's length: that sent clients away for 18 s
+            # where the spare was serving within one.
+            warming_left = engine.startup_s - (now - engine.spare_started)
+            engine.ready_by = now + (_PROMOTION_S if warm else max(_PROMOTION_S, warming_left))
         else:
             engine.promoted = False
             engine.proc = subprocess.Popen(self._command(engine), env=self._env(), start_new_session=True)
             self._ticks[engine.proc.pid] = start_ticks(engine.proc.pid)
             how = "started"
+            engine.ready_by = now + engine.startup_s
         engine.generation += 1
-        engine.started = time.monotonic()
+        engine.started = now
         engine.ready = False
         engine.killed_for = ""
         log.info("engine %d (%s) %s, generation %d, pid %d", engine.index, engine.device, how, engine.generation,
@@ -250,7 +261,10 @@ class Supervisor:
         return all(e.ready and e.proc is not None for e in self.engines)
 
     def spare_warm(self, engine: _Engine) -> bool:
-        return engine.spare is not None and engine.spare.poll() is None and self._spare_flag(engine.spare).exists()
+        return engine.spare is not None and self._is_warm(engine.spare)
+
+    def _is_warm(self, spare: subprocess.Popen) -> bool:
+        return spare.poll() is None and self._spare_flag(spare).exists()
 
     def _promote(self, spare: subprocess.Popen) -> bool:
         try:
