@@ -1110,7 +1110,7 @@ def test_a_probed_hessian_pattern_proven_wrong_is_widened_in_the_cache():
 
 
 _LAPLACE = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=torch.float64).reshape(1, 1, 3, 3)
-_W = torch.rand(4, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) / 10  # tanh far from saturating
+_CONV_W = torch.rand(4, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) / 10  # tanh far from saturating
 
 
 def _laplace(mode):
@@ -1123,9 +1123,9 @@ def _laplace(mode):
 
 _CONVOLUTIONS = [
     *[(f"laplace_{mode}", _laplace(mode), [(7, 6)], (0,)) for mode in ("zeros", "reflect", "replicate", "circular")],
-    ("groups_stride_bias", lambda x: torch.tanh(torch.nn.functional.conv2d(x, _W, _W[:, 0, 0, 0], stride=2, padding=1, groups=2)),
+    ("groups_stride_bias", lambda x: torch.tanh(torch.nn.functional.conv2d(x, _CONV_W, _CONV_W[:, 0, 0, 0], stride=2, padding=1, groups=2)),
      [(2, 4, 7, 8)], (0,)),
-    ("dilation", lambda x: torch.nn.functional.conv2d(x, _W[:, :, :2], stride=(1, 2), padding=(2, 1), dilation=(2, 1)), [(1, 2, 9, 8)], (0,)),
+    ("dilation", lambda x: torch.nn.functional.conv2d(x, _CONV_W[:, :, :2], stride=(1, 2), padding=(2, 1), dilation=(2, 1)), [(1, 2, 9, 8)], (0,)),
     ("input_and_weight", lambda x, w: torch.nn.functional.conv1d(x, w, padding=1) ** 2, [(2, 3, 10), (2, 3, 3)], (0, 1)),
     ("unbatched_1d", lambda x: torch.nn.functional.conv1d(x, torch.ones(1, 1, 3, dtype=x.dtype), padding=1) * x, [(1, 9)], (0,)),
     ("input_and_bias", lambda x, b: torch.nn.functional.conv1d(x, torch.ones(2, 1, 3, dtype=x.dtype), b), [(1, 1, 9), (2,)], (0, 1)),
