@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import itertools
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -214,34 +213,39 @@ def _smallest_last(nodes: list[int], indptr: list[int], flat: list[int], alive: 
     buckets of vertices by degree (Python sets, added to and removed from in the same
     order, so ``set.pop`` picks the same vertex on ties), without its graph copy and
     degree views (most of its time)."""
-    indptr, flat = _copy_order(len(indptr) - 1, indptr, flat)
-    degree = {x: indptr[x + 1] - indptr[x] for x in nodes}
+    n = len(indptr) - 1
+    indptr, flat = _copy_order(n, indptr, flat)
+    degree = [indptr[x + 1] - indptr[x] for x in range(n)]
     degrees: defaultdict[int, set[int]] = defaultdict(set)
     lbound: Any = float("inf")
     for node in nodes:
         d = degree[node]
         degrees[d].add(node)
         lbound = min(lbound, d)
-    removed: set[int] = set()
+    removed = bytearray(n)
     result: deque = deque()
     for step in range(len(nodes)):
         if step % _VERTICES_PER_CHECK == 0:
             alive()
-        min_degree = next(d for d in itertools.count(lbound) if d in degrees)
-        u = degrees[min_degree].pop()
-        if not degrees[min_degree]:
+        min_degree = lbound
+        while min_degree not in degrees:
+            min_degree += 1
+        bucket = degrees[min_degree]
+        u = bucket.pop()
+        if not bucket:
             del degrees[min_degree]
         result.appendleft(u)
         for w in flat[indptr[u] : indptr[u + 1]]:
-            if w in removed:
+            if removed[w]:
                 continue
             d = degree[w]
-            degrees[d].remove(w)
-            if not degrees[d]:
+            bucket = degrees[d]
+            bucket.remove(w)
+            if not bucket:
                 del degrees[d]
             degrees[d - 1].add(w)
             degree[w] = d - 1
-        removed.add(u)
+        removed[u] = 1
         lbound = min_degree - 1
     return list(result)
 
