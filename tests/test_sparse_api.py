@@ -859,10 +859,10 @@ def test_real_server_a_costly_sparsity_request_ends_at_its_deadline(server):
     """The red team's request, GET softmax's pattern at n = 2000 (dense), ran a minute
     in the one engine: every other request waited, its 504 came at the deadline, then
     the supervisor killed the engine as hung (and counted it against softmax). Now it
-    is answered in about a second; a detection that is still long (a 360,000-unknown
-    stencil under a 1 s deadline: seconds of tracing; its colouring, a lattice, now
-    takes a fraction of a second) stops at its deadline, the engine takes the next
-    request at once, and no engine is restarted."""
+    is answered in about a second; a detection that is still long (7,500 traced ops
+    under a 1 s deadline: a stencil, even at 600 x 600, is now detected and coloured
+    within it) stops at its deadline, the engine takes the next request at once, and
+    no engine is restarted."""
     def restarts():
         text = httpx.get(f"{server}/metrics").text
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -878,8 +878,8 @@ def test_real_server_a_costly_sparsity_request_ends_at_its_deadline(server):
     assert P.shape == (2000, 2000) and P.nnz == 2000 * 2000 and meta["products"] == 2000
     assert elapsed < 10, elapsed  # ~1.2 s here
     t0 = time.monotonic()
-    r = httpx.get(f"{server}/v1/functions/reaction_diffusion/sparsity?shapes=600,600", timeout=60,
-                  headers={"X-Request-Timeout": "1"})  # ~5 s of detection to the end
+    r = httpx.get(f"{server}/v1/functions/slow_detection/sparsity?shapes=4096", timeout=60,
+                  headers={"X-Request-Timeout": "1"})  # seconds of detection to the end
     assert_problem(r, 504, "timeout")
     assert time.monotonic() - t0 < 3
     t0 = time.monotonic()

@@ -481,3 +481,14 @@ def test_the_greedy_star_colouring_counts_rather_than_walks():
         for seq in (np.argsort(-np.diff(indptr), kind="stable"), np.arange(p.shape[0])):
             want = _greedy_star_by_walking(indptr, nbr, seq.tolist(), active)
             assert np.array_equal(coloring._greedy_star(p, indptr, nbr, seq), want)
+
+
+def test_a_stencil_past_the_graph_limit_is_coloured_without_a_graph():
+    """A 600 x 600 stencil's column graph would hold 8,978,408 entries, past the engine's
+    graph limit (budget / 64): it was a 413 before anything was tried, though a lattice
+    colours it optimally with no graph at all."""
+    from jacobian_service.sparsity import entry_limit
+
+    with entry_limit((256 << 20) // 16, (256 << 20) // 64):  # the engine's, at its default budget
+        c = row_coloring(grid_stencil(600, 600))
+    assert c.n_colors == 5 and c.strategy == "lattice"
