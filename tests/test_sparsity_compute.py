@@ -1160,3 +1160,21 @@ def test_a_convolution_stencil_at_scale_is_five_products():
     H = torch.func.hessian(e)(u).reshape(120, 120).numpy()
     np.testing.assert_allclose(h.matrix.toarray(), H, rtol=1e-12, atol=1e-12)
     assert h.pattern.nnz == int((H != 0).sum())
+
+
+def test_a_generator_the_function_seeds_itself_keeps_its_pattern_cached():
+    """Weights or indices drawn from a torch.Generator the function makes and seeds at
+    every call are the same at every call: the pattern is cached as any other (it was
+    detected again for every request, as if the function drew anew), and checked."""
+    def fn(x):
+        gen = torch.Generator().manual_seed(3)
+        idx = torch.randperm(x.shape[0], generator=gen)
+        return x[idx] * x + torch.randn(x.shape[0], generator=gen, dtype=x.dtype) * x.roll(1)
+
+    cache = PatternCache(None)
+    x = torch.rand(10, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+    for cached in ("", "memory"):
+        r = sparse_jacobian(fn, [x], cache=cache)
+        assert r.timings["cached"] == cached and not r.pattern.value_dependent
+        assert any("seeds itself" in note for note in r.pattern.notes)
+        np.testing.assert_array_equal(r.matrix.toarray(), torch.func.jacrev(fn)(x).numpy())

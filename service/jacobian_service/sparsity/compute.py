@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from .. import __version__ as _SERVICE_VERSION
 from ..errors import exception_text
 from .coloring import Coloring, choose_coloring, star_coloring
-from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, TraceError, is_random, probe, random_note, trace_hessian, trace_jacobian
+from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, SEEDED_NOTE, TraceError, is_random, probe, random_note, trace_hessian, trace_jacobian
 from .draws import Draws, TorchDraws, replaying
 from .patterns import Declared, Pattern, PatternCache, check_entries, function_fingerprint
 from .verify import differs_from_reverse
@@ -765,12 +765,13 @@ def _proven_wrong(
     caller computes densely."""
     from .verify import disagrees, disagrees_batch, strays
 
-    if p.source == "traced" and p.exact and not is_random(p):
+    seeded = any(note.startswith(SEEDED_NOTE) for note in p.notes)
+    if p.source == "traced" and p.exact and not is_random(p) and not seeded:
         return False
     batch = isinstance(matrix, list)
     stray = sum(strays(p, coloring, b, rows) for b in block) if batch else strays(p, coloring, block, rows)
     off = 0.0
-    if not stray and (p.source in ("declared", "probe", "given") or is_random(p)):
+    if not stray and (p.source in ("declared", "probe", "given") or is_random(p) or seeded):
         check = disagrees_batch if batch else disagrees
         off = check(matrix, "rev" if coloring.mode == "rev" else "fwd", plan.seed_shapes, plan.like, run, rows)
     if not stray and not off:

@@ -96,7 +96,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import exception_text
 from .patterns import Pattern, PatternTooLarge, check_entries as _check_entries, entry_limit
 
-__all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
+__all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "SEEDED_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
 
 aten = torch.ops.aten
 
@@ -286,6 +286,11 @@ class _Tracer:
         # Random ops met (every op that draws is tagged, whatever the generator): the
         # pattern may follow the draws (indices from randint), which differ per call.
         self.random: set[str] = set()
+        # Random ops drawing from a torch.Generator freshly seeded when first used here
+        # (``g = torch.Generator().manual_seed(0)`` in the function): the same draws at
+        # every call, so the pattern may be reused; it is checked all the same.
+        self.seeded: set[str] = set()
+        self._fresh_generators: set[tuple[str, int]] = set()
         self.check_alive = check_alive
         self._next_check = 0.0
         # What check_alive raised: the trace re-raises it even if the user's function
@@ -308,6 +313,26 @@ class _Tracer:
             raise
 
     # ------------------------------------------------------------------ helpers
+    def seeded_here(self, args: Any, kwargs: dict[str, Any]) -> bool:
+        """Whether a random op draws from a ``torch.Generator`` passed to it that was
+        freshly seeded (its state is that of ``manual_seed(initial_seed())``) when this
+        trace first used it: one the function makes and seeds at every call. (A
+        generator kept across calls has moved on by then: the caller's forward pass
+        ran the function before the trace.) The default generator: never."""
+        gens = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Generator)]
+        if not gens:
+            return False
+        for g in gens:
+            # (each dispatch wraps the generator anew: it is known by its device and seed)
+            key = (str(g.device), g.initial_seed())
+            if key in self._fresh_generators:
+                continue
+            fresh = torch.Generator(device=g.device).manual_seed(g.initial_seed())
+            if not torch.equal(g.get_state(), fresh.get_state()):
+                return False
+            self._fresh_generators.add(key)
+        return True
+
     def reads(self, why: str) -> None:
         """The pattern depends on the inputs' values: say why (the first few reasons)."""
         if len(self.value_reads) < 4 and why not in self.value_reads:
@@ -1001,7 +1026,7 @@ class _Fresh(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if _tagged(func, torch.Tag.nondeterministic_seeded):  # rand, randint, randperm, bernoulli, dropout, ...
-            self.tracer.random.add(_op(func))
+            (self.tracer.seeded if self.tracer.seeded_here(args, kwargs) else self.tracer.random).add(_op(func))
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and _float(out) and _strided(out) and not isinstance(out, _Traced) and not func._schema.returns[0].alias_info \
                 and not any(isinstance(a, torch.Tensor) for a in pytree.tree_leaves((args, kwargs))):
@@ -1085,6 +1110,10 @@ VALUES_NOTE = "depends on the input values: exact at this point only"
 RANDOM_NOTE = "draws random numbers: exact for this request's draws only, never reused"
 
 
+#: Note on patterns of functions that draw only from a generator they seed themselves.
+SEEDED_NOTE = "draws from a generator it seeds itself: the same draws at every call, checked"
+
+
 def random_note(ops: Sequence[str] = ()) -> str:
     return f"{RANDOM_NOTE} ({', '.join(sorted(ops))})" if ops else RANDOM_NOTE
 
@@ -1102,6 +1131,8 @@ def _notes(tracer: _Tracer) -> tuple[str, ...]:
                    for name in sorted(tracer.custom))
     if tracer.random:
         notes += (random_note(tuple(tracer.random)),)
+    if tracer.seeded:
+        notes += (f"{SEEDED_NOTE} ({', '.join(sorted(tracer.seeded))})",)
     return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ()) + ((CUSTOM_NOTE,) if tracer.custom else ())
 
 
