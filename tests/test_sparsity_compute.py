@@ -11,7 +11,6 @@ import pytest
 import torch
 
 pytest.importorskip("scipy.sparse")
-pytest.importorskip("networkx")
 
 from jacobian_service.registry import Registry  # noqa: E402
 from jacobian_service.sparsity import (  # noqa: E402
