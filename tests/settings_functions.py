@@ -418,10 +418,28 @@ def refuse_uname() -> None:
         raise OSError(ctypes.get_errno(), "seccomp")
 
 
+def _wait_for_a_request_behind() -> None:
+    """Until a request waits on the engine's connection to its front end (bytes to read
+    on a connected Unix socket), after saying it waits (SETTINGS_WAITING names a file)."""
+    import fcntl
+    import termios
+
+    open(os.environ["SETTINGS_WAITING"], "w").close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for fd, listening in _unix_sockets():
+            if not listening and int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder):
+                return
+        time.sleep(0.01)
+
+
 @register(inputs=X, description="sin, after installing a seccomp filter that fails uname, when its first input is "
-                                "666.")
+                                "666; on 667, once another request waits behind it.")
 def filters_system_calls(x: torch.Tensor) -> torch.Tensor:
-    if _armed(x):
+    if float(x.detach()[0]) == 667.0:
+        _wait_for_a_request_behind()
+        refuse_uname()
+    elif _armed(x):
         refuse_uname()
     return x.sin()
 
@@ -528,22 +546,29 @@ def effective_user(x: torch.Tensor) -> torch.Tensor:
     return x * 0 + os.geteuid()
 
 
+def _unix_sockets() -> list[tuple[int, bool]]:
+    """The process's Unix sockets: (descriptor, listening)."""
+    found = []
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            copy = os.dup(fd)  # probed through a duplicate, which alone it closes
+        except OSError:  # gone: the listing's own
+            continue
+        try:
+            probe = socket.socket(fileno=copy)
+        except OSError:  # not a socket
+            os.close(copy)
+            continue
+        with probe:
+            if probe.family == socket.AF_UNIX:
+                found.append((fd, bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))))
+    return found
+
+
 @register(inputs=X, description="sin, after closing the engine's Unix sockets (its listening socket, its front "
                                 "ends' connections), when its first input is 666.")
 def closes_the_engines_sockets(x: torch.Tensor) -> torch.Tensor:
     if _armed(x):
-        for fd in map(int, os.listdir("/proc/self/fd")):
-            try:
-                copy = os.dup(fd)  # probed through a duplicate, which alone it closes
-            except OSError:  # gone: the listing's own
-                continue
-            try:
-                probe = socket.socket(fileno=copy)
-            except OSError:  # not a socket
-                os.close(copy)
-                continue
-            with probe:
-                unix = probe.family == socket.AF_UNIX
-            if unix:
-                os.close(fd)
+        for fd, _ in _unix_sockets():
+            os.close(fd)
     return x.sin()

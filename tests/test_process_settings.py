@@ -16,6 +16,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 import warnings
 
@@ -363,12 +364,14 @@ def _replaced_naming(client: httpx.Client, proc, said: str) -> None:
     assert r.status_code == 200, r.text
 
 
-def test_an_engine_left_with_a_seccomp_filter_or_its_sockets_closed_is_replaced():
+def test_an_engine_left_with_a_seccomp_filter_or_its_sockets_closed_is_replaced(monkeypatch, tmp_path):
     """A function installed a seccomp filter (through ctypes) that fails ``uname`` with
     EPERM. No process can lift one: every later function's ``os.uname()`` failed in that
     engine for as long as it lived (a filter that kills would end it under another
     function's request). The engine leaves between batches, the supervisor names the
-    function, and the spare, without the filter, serves.
+    function, and the spare, without the filter, serves. It leaves at once: a request
+    queued behind the function ran first, under the filter (``can_uname`` answered 0,
+    a 200), for up to 2 s of requests of every function.
 
     A function closed the engine's sockets: with its listening socket closed the engine
     served on through the front ends' open connections, but a front end started again
@@ -377,6 +380,8 @@ def test_an_engine_left_with_a_seccomp_filter_or_its_sockets_closed_is_replaced(
     function. The culprit's answer went with its connection: its request is its 500, not
     sent again to the spare to close that one's too (each time, on to the deadline).
     (Each descriptor alone: test_channel.)"""
+    waiting = tmp_path / "waiting"
+    monkeypatch.setenv("SETTINGS_WAITING", str(waiting))
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1) as (url, proc):
         with httpx.Client(base_url=url, timeout=30) as client:
             r = client.post("/v1/functions/closes_the_engines_sockets/jacobian", json=ARMED)
@@ -384,13 +389,23 @@ def test_an_engine_left_with_a_seccomp_filter_or_its_sockets_closed_is_replaced(
             assert "closes_the_engines_sockets left the engine's connection to a front end closed" in r.json()["detail"]
             _replaced_naming(client, proc, "closes_the_engines_sockets closed the engine's connection to a front end")
             assert proc.read_log().count("engine 0 died: closes_the_engines_sockets") == 1, proc.read_log()[-3000:]
-            r = client.post("/v1/functions/filters_system_calls/jacobian", json=ARMED)
-            assert r.status_code == 200, r.text
-            setting = "the system-call filter (seccomp), no_new_privs or memory-deny-write-execute (prctl)"
-            _replaced_naming(client, proc, f"filters_system_calls left {setting} changed, which cannot be put back")
-            r = client.post("/v1/functions/can_uname/evaluate", json=X)
+            answers: list[httpx.Response] = []
+            culprit = threading.Thread(target=lambda: answers.append(httpx.post(
+                f"{url}/v1/functions/filters_system_calls/jacobian", json={"inputs": [[667.0, 1.0, 2.0]]}, timeout=30)))
+            culprit.start()  # it waits, once running, until a request waits behind it
+            deadline = time.monotonic() + 20
+            while not waiting.exists():
+                assert time.monotonic() < deadline, proc.read_log()[-3000:]
+                time.sleep(0.02)
+            while (r := client.post("/v1/functions/can_uname/evaluate", json=X)).status_code == 503:
+                assert time.monotonic() < deadline + 40  # sent on: no engine up for a moment
+                time.sleep(0.1)
             assert r.status_code == 200, r.text
             assert r.json()["output"]["data"] == [1.0, 1.0, 1.0]
+            culprit.join()
+            assert answers[0].status_code == 200, answers[0].text
+            setting = "the system-call filter (seccomp), no_new_privs or memory-deny-write-execute (prctl)"
+            _replaced_naming(client, proc, f"filters_system_calls left {setting} changed, which cannot be put back")
             assert f"filters_system_calls changed {setting} (to " in proc.read_log()
 
 

@@ -274,8 +274,12 @@ class EngineServer:
                 # function's, not whichever function's request a later collection falls in
                 # (an innocent one was blamed, and quarantined).
                 gc.collect(1)
-                if (lost := self._lost(self._ran)) is not None:
-                    self._leave(lost)  # at once: the next poll would fail on it, or never see a front end again
+                if (gone := self._unrestorable() or self._lost(self._ran)) is not None:
+                    # At once: a request queued here would run under what the function
+                    # changed (as nobody, under its seccomp filter: can_uname answered 0
+                    # with a 200), or the next poll fail on a descriptor it closed. The
+                    # front ends send what was not started to the spare.
+                    self._leave(gone)
                 self.board.idle(time.monotonic(), self._left)
             try:
                 found = self._watch(now, ran)
@@ -294,8 +298,6 @@ class EngineServer:
                     log.error("%s left a thread running after it returned, using a core; the engine restarts (a "
                               "thread cannot be stopped)", found.thread_function)
                     leaving, since = {"stray": found.thread_function}, now
-            if leaving is None and (changed := self._unrestorable()) is not None:
-                leaving, since = changed, now
             if leaving is None and (leak := self._leak(found, now)) is not None:
                 log.error("the engine restarts: %s", ipc.recycle_reason(leak))
                 leaving, since = leak, now
@@ -369,7 +371,9 @@ class EngineServer:
         (``memory_watch``), descriptors near theirs (``descriptor_watch``) or too many
         threads (``strays``), between batches: the queue has drained, or waited long
         enough (what is left was never started: the front ends send it to the engine that
-        takes over). The board says why, for the supervisor.
+        takes over); for a setting that cannot be put back or a descriptor of its channel
+        closed, at once after the batch (what is queued would run under it). The board
+        says why, for the supervisor.
 
         What its functions started goes first: orphaned by this exit, a process in a
         session of its own (out of reach of the supervisor's group kill) would outlive
