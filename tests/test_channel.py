@@ -284,6 +284,21 @@ def test_a_listener_reports_a_front_end_that_hangs_up_mid_message(tmp_path: Path
         listener.close()
 
 
+def test_a_listener_shut_down_under_it_is_lost(tmp_path: Path) -> None:
+    """``shutdown`` through a duplicate: the same socket (no descriptor changed), refusing
+    every front end, and ready at every poll (the idle engine spun a core)."""
+    listener = Listener(tmp_path / "e.sock")
+    try:
+        assert listener.lost() is None
+        socket.socket(fileno=os.dup(listener.sock.fileno())).close()  # a duplicate closed: nothing lost
+        assert listener.lost() is None
+        with socket.socket(fileno=os.dup(listener.sock.fileno())) as copy:
+            copy.shutdown(socket.SHUT_RDWR)
+        assert listener.lost() == "listening socket"
+    finally:
+        listener.close()
+
+
 @pytest.mark.parametrize("closed", ["listening socket", "selector", "connection to a front end"])
 def test_a_listener_tells_which_of_its_descriptors_were_closed_under_it(tmp_path: Path, closed: str) -> None:
     """A function in the engine closed one (``os.close`` of its number); another file

@@ -42,6 +42,7 @@ import functools
 import logging
 import mmap
 import os
+import select
 import selectors
 import socket
 import struct
@@ -443,6 +444,11 @@ class Listener:
         # Its own descriptors, by number and by what they are (an epoll selector has one too).
         self._own = {"listening socket": self.sock.fileno(), "selector": getattr(self.selector, "fileno", lambda: -1)()}
         self._own_identity = {what: _identity(fd) for what, fd in self._own.items() if fd >= 0}
+        # Shut down through a duplicate (``shutdown(SHUT_RDWR)``), the socket is the same
+        # one, refusing every connection, and epoll reports it ready at every poll: the idle
+        # engine spun a core, for ever. Only poll tells.
+        self._listening = select.poll()
+        self._listening.register(self.sock.fileno(), select.POLLIN)
         self._dropped_lost = False  # a front end's connection dropped as its descriptor was closed under it
         self._hung_up: list[Peer] = []  # reported by the next poll
         self._owing: set[Peer] = set()  # front ends with blocks to give back
@@ -488,6 +494,8 @@ class Listener:
         for what, identity in self._own_identity.items():
             if _identity(self._own[what]) != identity:
                 return what
+        if any(events & (select.POLLHUP | select.POLLERR) for _, events in self._listening.poll(0)):
+            return "listening socket"
         return None
 
     def send(self, peer: Peer, messages: Sequence[Sequence[Any]]) -> None:
