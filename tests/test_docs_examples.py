@@ -143,3 +143,24 @@ def test_the_readme_settings_table_names_every_setting():
     cells = re.findall(r"^\| ([^|]*`[A-Z_]+`[^|]*) \|", _section("## Settings"), re.M)
     documented = {name.lower() for cell in cells for name in re.findall(r"`([A-Z0-9_]+)`", cell)}
     assert documented == set(Settings.model_fields)
+
+
+def test_the_docs_links_lead_somewhere():
+    """Every relative link of the README and docs/*.md names a file of the repository, and
+    its #anchor a heading there (GitHub's slugs): a renamed section or a document outside
+    the repository (the README once sent users to ../shared/SPEC.md) is a dead end."""
+    def slug(heading: str) -> str:
+        return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+    dead = []
+    for path in DOCS:
+        for link in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"[a-z]+:", link):
+                continue
+            file, _, anchor = link.partition("#")
+            target = (path.parent / file).resolve() if file else path
+            if ROOT not in target.parents or not target.exists():
+                dead.append(f"{path.name}: {link}")
+            elif anchor and anchor not in {slug(h) for h in re.findall(r"^#+ (.*)$", target.read_text(), re.M)}:
+                dead.append(f"{path.name}: {link} (no such heading)")
+    assert not dead
