@@ -178,6 +178,12 @@ def test_connection_refused_is_retried_then_raised() -> None:
             client.jacobian("sin", X)
     assert "ConnectError" in str(info.value)
     assert not isinstance(info.value, jc.IncompleteResponse)
+    # Which server refused: "POST /v1/...: Connection refused" left a wrong URL or port to guess.
+    assert str(info.value).startswith(f"POST {url}/v1/functions/sin/jacobian: ConnectError")
+    with jc.Client(url.replace("http://", "http://user:secret@") + "/prefix", retry=FAST) as client:
+        with pytest.raises(jc.TransportError) as info:
+            client.jacobian("sin", X)
+    assert str(info.value).startswith(f"POST {url}/prefix/v1/functions/sin/jacobian: ") and "secret" not in str(info.value)
 
 
 def test_connection_error_then_server_comes_up() -> None:

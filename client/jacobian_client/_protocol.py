@@ -178,7 +178,12 @@ def is_retryable_exception(exc: BaseException) -> bool:
 
 def transport_error(exc: BaseException, call: Call) -> TransportError:
     kind = type(exc).__name__
-    return TransportError(f"{call.method} {call.path}: {kind}: {exc or 'no detail'}")
+    try:  # which server: "Connection refused" alone does not say a URL was wrong (httpx's errors carry it)
+        url = exc.request.url  # type: ignore[attr-defined]
+        where = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}{url.path}"  # no key, no query
+    except (AttributeError, RuntimeError):  # not httpx's, or one made before any request
+        where = call.path
+    return TransportError(f"{call.method} {where}: {kind}: {exc or 'no detail'}")
 
 
 def not_an_answer(call: Call, response: httpx.Response) -> TransportError | None:
