@@ -646,6 +646,8 @@ def test_a_port_already_served_is_refused_not_shared():
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+    # Said before any engine starts: a second `make serve` waited for torch to load first.
+    assert "engine 0" not in done.stdout + done.stderr
 
 
 def test_a_memory_limit_below_what_the_engine_maps_stops_serve_with_the_figure():

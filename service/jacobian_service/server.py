@@ -181,6 +181,12 @@ def serve(settings: Settings) -> int:
 
     configure_logging(settings.log_format)
     settings.load_api_keys()  # fail closed, here, before anything starts
+    if settings.port:  # a port taken is said at once, not after an engine has loaded torch (seconds)
+        try:
+            _bind(settings, 1)[0].close()
+        except OSError as exc:
+            log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc.strerror or exc)
+            return 1
     raise_open_file_limit()  # before any process starts: they inherit it
     run_dir = Path(tempfile.mkdtemp(prefix="jacobian-service-"))
     supervisor = Supervisor(settings, run_dir)
