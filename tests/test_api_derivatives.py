@@ -467,6 +467,50 @@ def test_a_hessian_torchs_vmap_gets_wrong_is_not_answered(client):
         assert "split_with_sizes" in assert_problem(response, 500, "function_error")["detail"]
 
 
+def test_a_hessian_strategy_torchs_vmap_gets_wrong_is_not_chosen(client):
+    """Found by an OpInfo sweep: ``torch.func.hessian`` (and ``jacrev(jacrev)``) of a layer
+    norm's weighted sum is wrong in torch 2.13 (its vmap of layer_norm's double backward),
+    1.7 off here, while ``jacrev(grad)``, one HVP and finite differences agree: which the
+    service answered depended on the strategy measured fastest. Each measured strategy is
+    now checked against one HVP (no vmap) and one that disagrees is not chosen."""
+    from jacobian_service.engine.hessian import agrees_with_hvp
+
+    from .user_functions import layer_norm_affine_sum as fn
+
+    rng = np.random.default_rng(7)
+    inputs = [rng.standard_normal((2, 3)), rng.standard_normal(3), rng.standard_normal(3)]
+    x = tuple(tensors(inputs))
+    right = torch.func.jacrev(torch.func.grad(fn, argnums=(0, 1, 2)), argnums=(0, 1, 2))(*x)
+    torchs = torch.func.hessian(fn, argnums=(0, 1, 2))(*x)
+    assert max((a - b).abs().max() for a, b in zip(torch.utils._pytree.tree_leaves(right),
+                                                   torch.utils._pytree.tree_leaves(torchs))) > 0.5  # the premise
+    g = lambda *p: (fn(*p), ())  # noqa: E731
+    assert agrees_with_hvp(g, x, (0, 1, 2), right) and not agrees_with_hvp(g, x, (0, 1, 2), torchs)
+    for _ in range(2):  # the first call measures the strategies
+        got, _ = decode(post(client, "layer_norm_affine_sum", inputs, "json", endpoint="hessian", argnums=[0, 1, 2]), "hessian")
+        assert_tree_close(got, right, rtol=1e-9, atol=1e-10)
+
+
+def test_a_hessian_through_a_function_reading_one_triangle_is_torchs(client):
+    """Found by the same sweep: ``jacrev(grad)`` of a function of ``linalg.cholesky(a)``
+    symmetrises the triangle cholesky does not read, torch's own forward over reverse
+    does not, so the service answered ``torch.func.hessian``'s or another (0.2 off) by
+    which strategy was measured fastest. The HVP check keeps torch's."""
+    from jacobian_service.engine.hessian import agrees_with_hvp
+
+    from .user_functions import cholesky_weighted as fn
+
+    m = np.random.default_rng(8).standard_normal((3, 3))
+    a = m @ m.T + 3 * np.eye(3)
+    (x,) = tensors([a])
+    torchs, revgrad = torch.func.hessian(fn)(x), torch.func.jacrev(torch.func.grad(fn))(x)
+    assert (torchs - revgrad).abs().max() > 0.05  # the premise: the strategies differ
+    g = lambda p: (fn(p), ())  # noqa: E731
+    assert agrees_with_hvp(g, (x,), 0, torchs) and not agrees_with_hvp(g, (x,), 0, revgrad)
+    got, _ = decode(post(client, "cholesky_weighted", [a], "json", endpoint="hessian"), "hessian")
+    np.testing.assert_allclose(got, torchs.numpy(), rtol=1e-10, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- hvp (issue 12)
 
 

@@ -566,3 +566,17 @@ _MASK_3X3 = torch.tensor([[True, False, True], [False, True, True], [True, True,
           description="sum(x.masked_select(mask)**3), a (3, 3) mask broadcast over x: jacrev(grad) of it is wrong in torch")
 def masked_select_cube(x: torch.Tensor) -> torch.Tensor:
     return (x.masked_select(_MASK_3X3) ** 3).sum()
+
+
+_LN_WEIGHTS = torch.tensor([[0.3, -1.2, 0.7], [1.1, 0.4, -0.5]])
+
+
+@register(inputs=[Input("x", shape=(2, 3)), Input("w", shape=(3,)), Input("b", shape=(3,))],
+          description="A weighted sum of layer_norm(x, w, b): torch.func.hessian of it is wrong (vmap in its double backward)")
+def layer_norm_affine_sum(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (torch.nn.functional.layer_norm(x, (3,), w, b) * _LN_WEIGHTS.to(x.dtype)).sum()
+
+
+@register(inputs=[Input("a", shape=(3, 3))], description="A weighted sum of cholesky(a): it reads a's lower triangle only")
+def cholesky_weighted(a: torch.Tensor) -> torch.Tensor:
+    return (torch.linalg.cholesky(a) * torch.arange(1.0, 10.0, dtype=a.dtype).reshape(3, 3)).sum()
