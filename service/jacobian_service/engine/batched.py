@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
 from ..types import Call, Result
 from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
-from .hessian import STRATEGIES, TORCHS, agrees_with_differences, finite, with_output
+from .hessian import STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, with_output
 from .products import agrees_with_reverse
 
 if TYPE_CHECKING:
@@ -99,6 +99,12 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         # backward under no_grad makes reverse over reverse 0: torch's own, example by example
         mode = TORCHS
         (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False)
+    if kind == "hessian" and mode != TORCHS and batch and not _hessian_agrees_with_hvp(engine, call, value):
+        # a strategy torch's vmap gets wrong, or one choosing otherwise than torch's own
+        # (hessian.agrees_with_hvp): torch's own, example by example, from now on
+        mode = TORCHS
+        (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False)
+        profile.hessian[("per example", call.signature())] = TORCHS
     if kind == "hessian" and mode != TORCHS and batch:
         _check_where_torch_fails(engine, call, [a[0] for a in engine.tensors(call)], pytree.tree_map(lambda t: t[0], value))
     output = engine.host(output) if call.return_output else None
@@ -122,6 +128,18 @@ def _vmap_rows_agree(engine: "Engine", call: Call, value: Any, rows_loop: bool) 
             raise
         except Exception:  # no verdict (a block torch keeps without storage): vmap's answer stands
             checked[key] = True
+    return bool(checked.get(key))
+
+
+def _hessian_agrees_with_hvp(engine: "Engine", call: Call, value: Any) -> bool:
+    """The first example's Hessian against one HVP (hessian.agrees_with_hvp), once per
+    signature, as a plain Hessian's strategies are checked when measured."""
+    checked = engine.profiles[call.spec.name].vmap_checked
+    key = ("hessian", call.signature(batched=True))
+    if key not in checked:
+        g, primals = differentiable(AuxBox(call.spec), [a[0] for a in engine.tensors(call)], call)
+        argnums: int | tuple[int, ...] = tuple(range(len(primals))) if call.as_tuple else 0
+        checked[key] = engine.guard(lambda: agrees_with_hvp(g, primals, argnums, pytree.tree_map(lambda t: t[0], value)))
     return bool(checked.get(key))
 
 
