@@ -9,6 +9,7 @@ dense path does), and only the pattern's entries leave the device.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import time
@@ -484,9 +485,19 @@ def _products(p: Pattern, coloring: Coloring, primals: Sequence[torch.Tensor], m
     return _Products(coloring, [q.shape for q in primals], p.shape[0], primals[0])
 
 
-def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch.Tensor]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+# (function, mode, shapes, seeds per chunk) -> whether vmap's products agreed with one
+# product (_vmap_agrees); bounded: clients choose shapes
+_VMAP_CHECKED: collections.OrderedDict[Any, bool] = collections.OrderedDict()
+
+
+def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch.Tensor],
+            key: Any = None) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """``run(seeds)`` at one point: the seeds vmapped; looped when vmap cannot run the
-    function (learned once, then every chunk loops)."""
+    function (learned once, then every chunk loops), or runs it wrong: torch's vmap of
+    ``masked_select``'s backward with a broadcast mask is silently wrong when it batches
+    as many seeds as the mask has rows (a compressed Jacobian 2.0 off), so vmap's
+    products are checked against one product by linearity, once per ``key`` (the
+    function, mode and shapes; none: not checked) and number of seeds."""
     product = at(*args)
     vmapped = torch.func.vmap(product)
     state = {"vmap": True}
@@ -495,15 +506,48 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
         count = seeds[0].shape[0]
         if state["vmap"] and count > 1:
             try:
-                return vmapped(*seeds)
+                out = vmapped(*seeds)
             except Exception as exc:
                 if _is_oom(exc):
                     raise
                 log.info("vmap of the products failed (%s); looping", type(exc).__name__)
                 state["vmap"] = False
+            else:
+                if key is None:
+                    return out
+                seen = (key, count)
+                if seen not in _VMAP_CHECKED:
+                    _VMAP_CHECKED[seen] = _vmap_agrees(product, seeds, out)
+                    while len(_VMAP_CHECKED) > 256:
+                        _VMAP_CHECKED.popitem(last=False)
+                if _VMAP_CHECKED.get(seen, True):
+                    return out
+                log.warning("vmap of the products disagrees with one product; looping")
+                state["vmap"] = False
         return torch.stack([product(*[s[r] for s in seeds]) for r in range(count)])
 
     return run
+
+
+def _vmap_agrees(product: Callable[..., torch.Tensor], seeds: list[torch.Tensor], out: torch.Tensor) -> bool:
+    """``sum_k w_k out[k]`` against ``product(sum_k w_k seeds[k])``, random ``w`` (the
+    engine's products.vmap_agrees, for one flat product); no verdict where either is
+    not finite, or where the product of mixed seeds fails."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    w = torch.rand(out.shape[0], generator=gen, dtype=torch.float64) + 0.5
+    try:
+        direct = product(*[torch.tensordot(w.to(s.device, s.dtype), s, dims=1) for s in seeds]).detach().to(torch.float64)
+    except Exception as exc:
+        if _is_oom(exc):
+            raise
+        return True
+    r = out.detach().to(torch.float64)
+    mixed = torch.tensordot(w.to(r.device), r, dims=1)
+    scale = torch.tensordot(w.to(r.device), r.abs(), dims=1)
+    eps = torch.finfo(out.dtype).eps if out.is_floating_point() else 0.0
+    same = (direct - mixed).abs() <= min(256 * eps, 1e-2) * (scale + direct.abs()) + torch.finfo(torch.float64).tiny
+    same |= ~(direct.isfinite() & mixed.isfinite())
+    return bool(same.all())
 
 
 def _to_csr(p: Pattern, values: torch.Tensor) -> Any:
@@ -589,10 +633,11 @@ def _sparse_jacobian(
     p, coloring, cached = planned
     _check_rows(p, "jacobian", m)
     t1 = time.perf_counter()
-    reverse = _lazily(lambda: _single(_product_at("rev", fn, argnums, has_aux), args))
+    key = None if name is None else (name, argnums, tuple((tuple(a.shape), a.dtype) for a in args))
+    reverse = _lazily(lambda: _single(_product_at("rev", fn, argnums, has_aux), args, key and ("rev", key)))
     try:
         matrix, p, coloring, chunk = _jacobian_products(fn, args, argnums, has_aux, p, coloring, m, memory_budget,
-                                                        check_alive, rows, chunk_size, reverse)
+                                                        check_alive, rows, chunk_size, reverse, key)
     except _ForwardFailed as exc:  # an op without forward AD (cdist): jacrev has an answer
         log.info("forward-mode products failed (%s); using reverse mode", exc)
         matrix = None
@@ -601,7 +646,7 @@ def _sparse_jacobian(
         # ties of fmax) or jvp cannot run, jacrev's, by VJPs over the same pattern.
         coloring = _recolored(p, "rev", cache, fn, name, args, argnums, check_alive)
         matrix, p, coloring, chunk = _jacobian_products(fn, args, argnums, has_aux, p, coloring, m, memory_budget,
-                                                        check_alive, rows, chunk_size, reverse)
+                                                        check_alive, rows, chunk_size, reverse, key)
     matrix = _rows_of(matrix, rows)
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, coloring.mode, p.source, out, aux, chunk,
@@ -665,12 +710,14 @@ def _jacobian_products(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], has_aux: bool, p: Pattern,
     coloring: Coloring, m: int, memory_budget: int, check_alive: Callable[[], None] | None,
     rows: tuple[int, int] | None, chunk_size: int | None, reverse: Callable[[list[torch.Tensor]], torch.Tensor],
+    key: Any = None,
 ) -> tuple[Any, Pattern, Coloring, int]:
     """The Jacobian over ``p`` from ``coloring``'s products (``reverse`` runs VJPs), or
     densely when they prove ``p`` wrong. Returns ``(matrix, pattern, coloring, chunk)``;
     raises :class:`_ForwardFailed` when a JVP fails."""
     plan = _products(p, coloring, [args[i] for i in argnums], m)
-    run = reverse if coloring.mode == "rev" else _single(_product_at(coloring.mode, fn, argnums, has_aux), args)
+    run = reverse if coloring.mode == "rev" else _single(_product_at(coloring.mode, fn, argnums, has_aux), args,
+                                                         key and (coloring.mode, key))
 
     def forward(seeds: list[torch.Tensor]) -> torch.Tensor:
         try:
@@ -716,7 +763,7 @@ def sparse_hessian(
     fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan)
     try:
         res = _sparse_hessian(fn, args, argnums, primals, out, aux, planned, memory_budget, check_alive, has_aux,
-                              chunk_size, t0)
+                              chunk_size, t0, name)
         if res.pattern is not planned[0] and DENSE_NOTE in res.pattern.notes:
             _widen(fn, args, argnums, pattern, "hessian", "auto", cache, name, res.pattern)
         return res
@@ -728,12 +775,13 @@ def sparse_hessian(
 def _sparse_hessian(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], primals: tuple[torch.Tensor, ...],
     out: Any, aux: Any, planned: tuple[Pattern, Coloring, str], memory_budget: int,
-    check_alive: Callable[[], None] | None, has_aux: bool, chunk_size: int | None, t0: float,
+    check_alive: Callable[[], None] | None, has_aux: bool, chunk_size: int | None, t0: float, name: str | None = None,
 ) -> SparseResult:
     p, coloring, cached = planned
     t1 = time.perf_counter()
     plan = _products(p, coloring, primals, 1)
-    run = _single(_product_at("star", fn, argnums, has_aux), args)
+    key = None if name is None else (name, argnums, tuple((tuple(a.shape), a.dtype) for a in args))
+    run = _single(_product_at("star", fn, argnums, has_aux), args, key and ("star", key))
     try:
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
     except Exception as exc:
@@ -742,7 +790,7 @@ def _sparse_hessian(
         # An op without forward AD: the same products by reverse over reverse, as the
         # dense Hessian falls back (where that fails too, its error is the answer).
         log.info("forward-over-reverse Hessian products failed (%s); using reverse over reverse", type(exc).__name__)
-        run = _single(_product_at("star_rev", fn, argnums, has_aux), args)
+        run = _single(_product_at("star_rev", fn, argnums, has_aux), args, key and ("star_rev", key))
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
     matrix = _to_csr(p, plan.values(p, block))
     if _proven_wrong(p, coloring, plan, block, matrix, run, None):
