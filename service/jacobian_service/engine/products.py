@@ -1,5 +1,10 @@
-"""Many vector products at once (``batched_vectors``): ``vmap`` over the vectors'
-leading dimension, or one vector at a time where ``vmap`` cannot run the product.
+"""Products many at once, and the checks that they are right.
+
+Stacked vectors (``batched_vectors``) run under ``vmap`` over their leading dimension,
+or one at a time where ``vmap`` cannot run the product or gets it wrong. The checks,
+each one more product: :func:`vmap_agrees` (vmap's products against one product, by
+linearity) and :func:`agrees_with_reverse` (a forward-mode or per-example Jacobian
+against one VJP).
 """
 
 from __future__ import annotations
