@@ -139,6 +139,25 @@ def test_payload_and_result_limits(make_client):
     still_serving(c)
 
 
+
+@pytest.mark.parametrize(("path", "body", "remedy"), [
+    ("hessian", {}, "a sparse Hessian (sparsity=auto)"),
+    ("evaluate", {}, "fewer examples or a smaller input"),
+    ("vjp", {"cotangents": [0.5] * 40}, "fewer vectors or a smaller input"),
+    ("jvp", {"tangents": [0.5] * 40}, "fewer vectors or a smaller input"),
+    ("jacobian", {"inputs": [[[0.5] * 40]], "batched": True}, "fewer examples or a smaller input"),
+])
+def test_a_result_over_the_limit_says_what_to_ask_for_instead(make_client, path, body, remedy):
+    """Every 413 said "Ask for application/x-npy (streamed)", but only a Jacobian streams:
+    a Hessian, an evaluation, the vector products and per-example results asked for as
+    .npy were refused with the same advice. Each kind now says what would fit."""
+    c = make_client(max_result_bytes=64)
+    r = c.post(f"/v1/functions/sin/{path}", json={"inputs": [[0.5] * 40], **body},
+               headers={"accept": wire.NPY if path != "hessian" else wire.JSON})
+    detail = assert_problem(r, 413, "result_too_large")["detail"]
+    assert remedy in detail and "x-npy" not in detail and "stream" not in detail, detail
+    still_serving(c)
+
 def test_npz_of_numpys_positional_names_says_how_to_name_the_members(client):
     """``np.savez(f, r, theta)``, a new user's first .npz, writes members ``arr_0`` and
     ``arr_1``: the 422 said only "missing input 'r'", never what was sent instead. It now

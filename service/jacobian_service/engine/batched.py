@@ -71,7 +71,8 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(first))
         in_numel = sum(args[i][0].numel() for i in call.argnums)
         width = in_numel if kind == "jacobian" else in_numel * in_numel
-        engine.check_result_size(call, batch * out_numel * width * engine.wire_itemsize(args[call.argnums[0]].dtype))
+        engine.check_result_size(call, batch * out_numel * width * engine.wire_itemsize(args[call.argnums[0]].dtype),
+                                 "examples")
     for i, (mode, rows_loop) in enumerate(attempts):
         # Reverse over reverse is watched for a backward pass under no_grad (hessian.py)
         strategy = GradOffWatch(active=kind == "hessian" and mode != TORCHS)

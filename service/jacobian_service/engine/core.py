@@ -29,6 +29,20 @@ from .process_settings import ProcessSettings
 
 __all__ = ["Engine", "Streamed", "host_dtype", "to_numpy"]
 
+
+# What a 413's detail tells the caller to ask for instead, by what was asked. Only a
+# Jacobian of one output with respect to one input, in reverse mode, streams (as .npy or
+# JSON) with no limit: the others are gathered whole, and streaming was no remedy to offer.
+_REMEDIES = {
+    "jacobian": "Ask for fewer rows (rows=) or a smaller input; a Jacobian of one output with respect to one "
+                "input streams without this limit as application/x-npy in reverse mode (mode=rev).",
+    "vectors": "Ask for fewer vectors or a smaller input.",
+    "evaluate": "Ask for fewer examples or a smaller input (the output is the function's own).",
+    "hessian": "Ask for a smaller input, or a sparse Hessian (sparsity=auto) if it is mostly zeros.",
+    "examples": "Ask for fewer examples or a smaller input.",
+    "sparse": "Ask for a smaller input.",
+}
+
 log = logging.getLogger("jacobian_service.engine")
 
 # The most bytes of rows a streamed Jacobian's chunk the engine chooses holds on the host
@@ -219,12 +233,12 @@ class Engine:
             raise function_error(exc) from None
 
     @staticmethod
-    def check_result_size(call: Call, nbytes: int) -> None:
+    def check_result_size(call: Call, nbytes: int, asked: str = "jacobian") -> None:
+        """413 before computing a result over the limit, saying what the caller can ask
+        for instead of what was ``asked`` (a key of ``_REMEDIES``)."""
         if call.max_result_bytes is not None and nbytes > call.max_result_bytes:
-            raise ResultTooLarge(
-                f"the result would take {nbytes} bytes; the limit is {call.max_result_bytes}. "
-                "Ask for application/x-npy (streamed), fewer rows or vectors, or a smaller input."
-            )
+            raise ResultTooLarge(f"the result would take {nbytes} bytes; the limit is {call.max_result_bytes}. "
+                                 f"{_REMEDIES[asked]}")
 
     def mark_unbatchable(self, name: str, why: BaseException | None = None) -> None:
         """Remember that ``vmap`` cannot run ``name`` (learned once the same inputs ran
@@ -400,7 +414,8 @@ class Engine:
         else:
             out, aux_t = self.guard(lambda: box(*args))
             aux = box.restore(aux_t)
-        self.check_result_size(call, sum(t.numel() * self.wire_itemsize(t.dtype) for t in pytree.tree_leaves(out)))
+        self.check_result_size(call, sum(t.numel() * self.wire_itemsize(t.dtype) for t in pytree.tree_leaves(out)),
+                               "evaluate")
         return Result(self.host(out), self.host(aux), call.spec.has_aux)
 
     def _vectors(self, tree: Any, like: Any, what: str, batched: bool) -> Any:
@@ -466,7 +481,7 @@ class Engine:
         box = AuxBox(call.spec)
         g, primals = differentiable(box, args, call)
         batch = self._vector_batch(call)
-        self.check_result_size(call, batch * call.row_nbytes())
+        self.check_result_size(call, batch * call.row_nbytes(), "vectors")
         out, pullback, aux_t = self.guard(lambda: torch.func.vjp(g, *primals, has_aux=True))
         cot = self._vectors(call.vectors, out, "cotangents", call.batched_vectors)
         if call.batched_vectors:
@@ -492,7 +507,7 @@ class Engine:
         # take it from a plain call, before any product is computed.
         out, aux_t = self.guard(lambda: g(*fresh(primals)))
         per = sum(t.numel() * self.wire_itemsize(t.dtype) for t in pytree.tree_leaves(out))
-        self.check_result_size(call, self._vector_batch(call) * per)
+        self.check_result_size(call, self._vector_batch(call) * per, "vectors")
         if call.batched_vectors:
             def again() -> Callable[..., Any]:
                 g2, clean = differentiable(box, self.tensors(call), call)
@@ -518,7 +533,7 @@ class Engine:
             raise InvalidInput("hvp needs a function with one scalar (0-d) output")
         tangents = self._vectors(call.vectors, like, "tangents", call.batched_vectors)
         tangents = tuple(tangents) if call.as_tuple else (tangents,)
-        self.check_result_size(call, self._vector_batch(call) * call.row_nbytes())
+        self.check_result_size(call, self._vector_batch(call) * call.row_nbytes(), "vectors")
         argnums = tuple(range(len(primals)))
         grad = torch.func.grad(lambda *p: g(*p)[0], argnums=argnums)
 

@@ -184,7 +184,7 @@ def hessian(engine: "Engine", call: Call) -> Result:
     out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
     leaves = pytree.tree_leaves(primals)
     in_numel = sum(p.numel() for p in leaves)
-    engine.check_result_size(call, out_numel * in_numel * in_numel * engine.wire_itemsize(leaves[0].dtype))
+    engine.check_result_size(call, out_numel * in_numel * in_numel * engine.wire_itemsize(leaves[0].dtype), "hessian")
     table = profile.hessian
     key = call.signature()
     known = table.get(key)

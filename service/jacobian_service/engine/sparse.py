@@ -136,7 +136,8 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
     pattern, coloring, cached, choice = _plan(engine, call, kind, args, box, dense_streamed)
     like = args[call.argnums[0]]
     if not dense_streamed:
-        engine.check_result_size(call, _result_nbytes(call, _shape(call, pattern), pattern.nnz, engine.wire_itemsize(like.dtype)))
+        nbytes = _result_nbytes(call, _shape(call, pattern), pattern.nnz, engine.wire_itemsize(like.dtype))
+        engine.check_result_size(call, nbytes, "sparse")
     from ..sparsity import PatternTooLarge
     from ..sparsity.compute import OutputSizeChanged, PatternMismatch, sparse_hessian, sparse_jacobian
 
@@ -160,7 +161,8 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
     if res.pattern is not pattern:  # computed densely: the products proved the pattern wrong
         pattern = res.pattern
         if not dense_streamed:
-            engine.check_result_size(call, _result_nbytes(call, _shape(call, pattern), pattern.nnz, engine.wire_itemsize(like.dtype)))
+            nbytes = _result_nbytes(call, _shape(call, pattern), pattern.nnz, engine.wire_itemsize(like.dtype))
+            engine.check_result_size(call, nbytes, "sparse")
     output = engine.host(res.output) if call.return_output else None
     aux = engine.host(box.restore(res.aux))
     meta = _meta(call, pattern, coloring, cached)
@@ -245,7 +247,7 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
         return [sparse_derivative(engine, call, kind) for call in calls]
     nbytes = _result_nbytes(first, _shape(first, pattern), pattern.nnz, engine.wire_itemsize(stacked[first.argnums[0]].dtype))
     for call in calls:
-        engine.check_result_size(call, nbytes)
+        engine.check_result_size(call, nbytes, "sparse")
     # Outputs and aux of every point, as request batching gets them for dense Jacobians.
     out, aux = _batched.over_examples(engine, first, box, box, _copies(stacked), allow_loop=False)
     m = 1 if kind == "hessian" else sum(leaf.numel() for leaf in pytree.tree_leaves(out)) // len(calls)
