@@ -148,3 +148,21 @@ def test_json_limits():
         wire.decode_json_array({"dtype": "float32", "shape": [2**40, 2**40], "base64": ""}, None, limits)
     with pytest.raises(wire.WireError):
         wire.loads(b"[" * 5000 + b"]" * 5000)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_json_writes_each_value_in_its_own_precision_beside_non_finite_ones(dtype):
+    """orjson writes a float32 array's 0.1 as 0.1; one NaN in the array, or a 0-d array,
+    or a float32 scalar (an aux), went through Python floats and came out with float64's
+    digits (0.10000000149011612): a JSON reader (a browser) saw other numbers than the
+    same array without the NaN."""
+    shortest = wire.dumps(np.array([0.1], dtype))[1:-1].decode()  # orjson's own text for 0.1 in this dtype
+    tree = {"a": np.array([0.1, np.nan, np.inf, -np.inf], dtype), "b": np.array(0.1, dtype),
+            "c": np.array(np.nan, dtype), "d": dtype(0.1)}
+    text = wire.dumps(wire.encode_tree(tree)).decode()
+    assert text == (f'{{"a":{{"dtype":"{np.dtype(dtype).name}","shape":[4],"data":[{shortest},"NaN","Infinity","-Infinity"]}},'
+                    f'"b":{{"dtype":"{np.dtype(dtype).name}","shape":[],"data":{shortest}}},'
+                    f'"c":{{"dtype":"{np.dtype(dtype).name}","shape":[],"data":"NaN"}},"d":{shortest}}}'), text
+    back = wire.decode_tree(wire.loads(text))
+    np.testing.assert_array_equal(back["a"], tree["a"])
+    assert back["a"].dtype == dtype and back["b"] == tree["b"] and np.isnan(back["c"])

@@ -432,8 +432,12 @@ def json_data(arr: np.ndarray) -> Any:
 
 def _spell_nonfinite(arr: np.ndarray) -> Any:
     """JSON has no NaN or infinities: spell them "NaN", "Infinity", "-Infinity" (as
-    JavaScript prints them) rather than let them become an ambiguous null."""
-    spelled = arr.astype(object)
+    JavaScript prints them) rather than let them become an ambiguous null. The finite
+    values stay numpy scalars, which orjson writes in their own precision as it writes a
+    whole array (``astype(object)`` made Python floats of them: one NaN in a float32
+    array had every other value written with float64's digits, 0.10000000149011612)."""
+    spelled = np.empty(arr.shape, dtype=object)
+    spelled.flat[:] = list(arr.flat)
     spelled[np.isnan(arr)] = "NaN"
     spelled[np.isposinf(arr)] = "Infinity"
     spelled[np.isneginf(arr)] = "-Infinity"
@@ -500,10 +504,14 @@ def encode_tree(tree: Any) -> Any:
         return encode_sparse_json(tree)
     if isinstance(tree, np.ndarray):
         arr = _c_order(tree)
-        data: Any = arr.item() if arr.ndim == 0 else arr  # orjson serialises no 0-d arrays
+        # orjson serialises no 0-d arrays; a numpy scalar keeps its precision (item() would
+        # write a float32 with float64's digits)
+        data: Any = arr[()] if arr.ndim == 0 else arr
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             data = _spell_nonfinite(arr)
         return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": data}
+    if isinstance(tree, np.floating) and np.isfinite(tree):
+        return tree  # written in its own precision (an aux's float32 scalar), as arrays are
     if isinstance(tree, np.generic):
         return encode_tree(tree.item())
     if isinstance(tree, (list, tuple)):
