@@ -175,6 +175,21 @@ def test_returned_arrays_are_the_callers_own(cc):
     assert cc.take() == ["evaluate", "jacobian"]
 
 
+
+@pytest.mark.parametrize(("name", "args", "what"), [
+    ("dict_out", (), "a dict of 2 outputs"),
+    ("polar", (np.array([0.3, 0.7]),), "a tuple of 2 outputs"),
+])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_function_of_several_outputs_is_refused_clearly(cc, name, args, what, prefetch):
+    """SciPy's objectives are one array or a float: a dict output failed deep in SciPy
+    ("float() argument must be ... not 'dict'"), and polar's (x, y) was stacked into one
+    (2, n) array that the function never returned, silently."""
+    objective = remote_objective(cc.client, name, args=args, prefetch=prefetch)
+    for call in (objective.fun, objective.jac, objective.fun_and_jac):
+        with pytest.raises(TypeError, match=f"returns {what}; SciPy needs one array"):
+            call(np.array([0.5, 1.5]))
+
 def test_an_async_client_is_refused_up_front(url):
     """It used to be accepted, then failed in fun with "'coroutine' object is not
     subscriptable" and a never-awaited coroutine warning."""

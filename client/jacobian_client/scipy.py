@@ -155,13 +155,24 @@ class RemoteObjective:
             return last[1], last[2]
         return None, None
 
-    @staticmethod
-    def _value_of(output: Any) -> Any:
-        out = np.asarray(output)
+    def _value_of(self, output: Any) -> Any:
+        out = np.asarray(self._one_array(output))
         return float(out) if out.ndim == 0 else out
 
+    def _one_array(self, tree: Any) -> Any:
+        """SciPy's objectives and residuals are one array (or a float). A function with
+        several outputs (a tuple or a dict of arrays) has no such value: a dict failed
+        deep in SciPy ("float() argument must be ... not 'dict'"), and a tuple of equal
+        shapes was stacked silently into an array the function never returned."""
+        if isinstance(tree, (tuple, list, dict)):
+            what = f"a dict of {len(tree)} outputs" if isinstance(tree, dict) else f"a tuple of {len(tree)} outputs"
+            raise TypeError(f"remote_objective: {self.name!r} returns {what}; SciPy needs one array (or a float). "
+                            "Register a function that returns the one output to optimise, or use "
+                            "Client.jacobian for the others.")
+        return tree
+
     def _flat_jac(self, jac: Any, x: np.ndarray) -> np.ndarray:
-        jac = np.asarray(jac)
+        jac = np.asarray(self._one_array(jac))
         out_ndim = jac.ndim - (len(self.shape) if self.shape is not None else x.ndim)
         return jac.reshape(jac.shape[:out_ndim] + (x.size,)) if self.shape is not None else jac
 
