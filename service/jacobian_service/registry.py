@@ -440,8 +440,6 @@ def register(
     return decorate(fn) if fn is not None else decorate
 
 
-_ECHO = 100  # the most of a name a 404 quotes back (a path may be ~32 KB long)
-
 class FunctionModuleNotFound(ImportError):
     """A module named in FUNCTIONS that no path holds."""
 
@@ -459,6 +457,9 @@ def _import_functions(module: str) -> Any:
             f"cannot load the function module {module!r}: no module named {exc.name!r} on the path; run from "
             f"the folder that holds it, or put that folder on PYTHONPATH (PYTHONPATH=/path/to/folder "
             f"jacobian-service serve --functions {module})", name=exc.name) from None
+
+
+_ECHO = 100  # the most of a name a 404 quotes back (a path may be ~32 KB long)
 
 
 class Registry:
