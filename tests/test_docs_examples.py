@@ -16,8 +16,6 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _FILE = re.compile(r"""["']([\w.-]+\.np[yz])["']""")  # a file a python -c line saves or loads
