@@ -52,6 +52,8 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .procfs import descriptor_identity
+
 __all__ = ["Connection", "FrameReader", "Listener", "Mapped", "Peer", "Segment", "Sharing", "encode_control", "encode_messages"]
 
 
@@ -392,7 +394,7 @@ class Peer:
 
     def __init__(self, sock: socket.socket, shared_bytes: int) -> None:
         self.sock = sock
-        self.identity = _identity(sock.fileno())  # what its descriptor is: Listener.lost
+        self.identity = descriptor_identity(sock.fileno())  # what its descriptor is: Listener.lost
         self.sharing = Sharing(shared_bytes)
         self.reader = FrameReader(self.sharing.frame)
         self.out: list[memoryview] = []
@@ -443,7 +445,7 @@ class Listener:
         self.selector.register(self.sock, selectors.EVENT_READ, None)
         # Its own descriptors, by number and by what they are (an epoll selector has one too).
         self._own = {"listening socket": self.sock.fileno(), "selector": getattr(self.selector, "fileno", lambda: -1)()}
-        self._own_identity = {what: _identity(fd) for what, fd in self._own.items() if fd >= 0}
+        self._own_identity = {what: descriptor_identity(fd) for what, fd in self._own.items() if fd >= 0}
         # Shut down through a duplicate (``shutdown(SHUT_RDWR)``), the socket is the same
         # one, refusing every connection, and epoll reports it ready at every poll: the idle
         # engine spun a core, for ever. Only poll tells.
@@ -489,10 +491,10 @@ class Listener:
         naming nothing. A front end's connection first: its answers went with it. An
         fstat each (~1 us)."""
         peers = [key for key in self.selector.get_map().values() if key.data is not None and not key.data.gone]
-        if self._dropped_lost or any(_identity(key.fd) != key.data.identity for key in peers):
+        if self._dropped_lost or any(descriptor_identity(key.fd) != key.data.identity for key in peers):
             return "connection to a front end"
         for what, identity in self._own_identity.items():
-            if _identity(self._own[what]) != identity:
+            if descriptor_identity(self._own[what]) != identity:
                 return what
         if any(events & (select.POLLHUP | select.POLLERR) for _, events in self._listening.poll(0)):
             return "listening socket"
@@ -562,7 +564,7 @@ class Listener:
             self.selector.modify(peer.sock, want, peer)
 
     def _drop(self, peer: Peer) -> None:
-        if _identity(peer.sock.fileno()) != peer.identity:  # not its hang-up: closed under it
+        if descriptor_identity(peer.sock.fileno()) != peer.identity:  # not its hang-up: closed under it
             self._dropped_lost = True
         peer.gone, peer.out = True, []
         peer.sharing.close()  # the front end's mapping, if any, lives on without it
@@ -757,15 +759,6 @@ class Connection(asyncio.BufferedProtocol):
             self._connecting.cancel()
         if self._transport is not None:
             self._transport.close()
-
-
-def _identity(fd: int) -> tuple[int, int] | None:
-    """What a descriptor is open on (device, inode); None when it is not open."""
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _peer_pid(sock: socket.socket | None) -> int | None:

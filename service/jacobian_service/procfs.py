@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["children", "cpu_seconds", "descendants", "session", "start_ticks", "status_bytes"]
+__all__ = ["children", "cpu_seconds", "descendants", "descriptor_identity", "session", "start_ticks", "status_bytes"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -92,3 +92,13 @@ def status_bytes(pid: int, field: str) -> int | None:
     except (OSError, IndexError, ValueError):
         pass
     return None
+
+
+def descriptor_identity(fd: int) -> tuple[int, int] | None:
+    """What descriptor ``fd`` is open on (device, inode); None when it is not open: a
+    descriptor closed and its number taken by another file reads as a change."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -86,6 +86,7 @@ import torch.autograd.forward_ad as _forward_ad
 
 from ..heap import refreeze, thawed
 from ..logs import service_loggers
+from ..procfs import descriptor_identity
 
 __all__ = ["ProcessSettings"]
 
@@ -450,14 +451,6 @@ def _put_scheduling(taken: tuple[int, int]) -> None:
 _SAVED_STDIO: list[int] = []
 
 
-def _identity(fd: int) -> tuple[int, int] | None:
-    try:
-        st = os.fstat(fd)
-    except OSError:  # closed
-        return None
-    return st.st_dev, st.st_ino
-
-
 def _open(fd: int) -> bool:
     try:
         fcntl.fcntl(fd, fcntl.F_GETFD)  # a third of an fstat's cost
@@ -476,12 +469,12 @@ def _stdio() -> tuple[Any, ...]:
                 _SAVED_STDIO.append(os.dup(fd))  # not inherited by children (O_CLOEXEC)
             except OSError:  # started closed: nothing to keep
                 _SAVED_STDIO.append(-1)
-    return (_identity(0), _identity(1), _identity(2), *map(_open, _SAVED_STDIO))
+    return (descriptor_identity(0), descriptor_identity(1), descriptor_identity(2), *map(_open, _SAVED_STDIO))
 
 
 def _put_stdio(taken: tuple[Any, ...]) -> None:
     for fd, saved in enumerate(_SAVED_STDIO):
-        if _identity(fd) != taken[fd] and saved >= 0:
+        if descriptor_identity(fd) != taken[fd] and saved >= 0:
             os.dup2(saved, fd)  # EBADF when the duplicate was closed too
     if list(map(_open, _SAVED_STDIO)) != list(taken[3:]):
         raise OSError(errno.EBADF, "the engine's own descriptors were closed")

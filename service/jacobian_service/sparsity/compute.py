@@ -22,6 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import __version__ as _SERVICE_VERSION
+from ..engine.products import vmap_agrees
 from ..errors import exception_text
 from .coloring import Coloring, choose_coloring, star_coloring
 from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, SEEDED_NOTE, TraceError, is_random, probe, random_note, trace_hessian, trace_jacobian
@@ -486,7 +487,7 @@ def _products(p: Pattern, coloring: Coloring, primals: Sequence[torch.Tensor], m
 
 
 # (function, mode, shapes, seeds per chunk) -> whether vmap's products agreed with one
-# product (_vmap_agrees); bounded: clients choose shapes
+# product (the engine's products.vmap_agrees); bounded: clients choose shapes
 _VMAP_CHECKED: collections.OrderedDict[Any, bool] = collections.OrderedDict()
 
 
@@ -517,7 +518,7 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
                     return out
                 seen = (key, count)
                 if seen not in _VMAP_CHECKED:
-                    _VMAP_CHECKED[seen] = _vmap_agrees(product, seeds, out)
+                    _VMAP_CHECKED[seen] = vmap_agrees(product, tuple(seeds), out)
                     while len(_VMAP_CHECKED) > 256:
                         _VMAP_CHECKED.popitem(last=False)
                 if _VMAP_CHECKED.get(seen, True):
@@ -527,27 +528,6 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
         return torch.stack([product(*[s[r] for s in seeds]) for r in range(count)])
 
     return run
-
-
-def _vmap_agrees(product: Callable[..., torch.Tensor], seeds: list[torch.Tensor], out: torch.Tensor) -> bool:
-    """``sum_k w_k out[k]`` against ``product(sum_k w_k seeds[k])``, random ``w`` (the
-    engine's products.vmap_agrees, for one flat product); no verdict where either is
-    not finite, or where the product of mixed seeds fails."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    w = torch.rand(out.shape[0], generator=gen, dtype=torch.float64) + 0.5
-    try:
-        direct = product(*[torch.tensordot(w.to(s.device, s.dtype), s, dims=1) for s in seeds]).detach().to(torch.float64)
-    except Exception as exc:
-        if _is_oom(exc):
-            raise
-        return True
-    r = out.detach().to(torch.float64)
-    mixed = torch.tensordot(w.to(r.device), r, dims=1)
-    scale = torch.tensordot(w.to(r.device), r.abs(), dims=1)
-    eps = torch.finfo(out.dtype).eps if out.is_floating_point() else 0.0
-    same = (direct - mixed).abs() <= min(256 * eps, 1e-2) * (scale + direct.abs()) + torch.finfo(torch.float64).tiny
-    same |= ~(direct.isfinite() & mixed.isfinite())
-    return bool(same.all())
 
 
 def _to_csr(p: Pattern, values: torch.Tensor) -> Any:
