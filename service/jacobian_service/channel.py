@@ -489,16 +489,43 @@ class Listener:
         started again (or a new one) waited for its deadline, for as long as the engine
         lived, with /readyz 200; its selector closed, the next poll ended the engine
         naming nothing. A front end's connection first: its answers went with it. An
-        fstat each (~1 us)."""
+        fstat each (~1 us).
+
+        An epoll's descriptor tells nothing by fstat (every epoll, eventfd or timerfd is
+        the one anonymous inode): a selector closed and another opened at its number (the
+        lowest free) held none of the engine's sockets, and every later request waited
+        for its deadline (504), the engine beating on, for as long as it lived. The
+        selector must still hold the listening socket."""
         peers = [key for key in self.selector.get_map().values() if key.data is not None and not key.data.gone]
         if self._dropped_lost or any(descriptor_identity(key.fd) != key.data.identity for key in peers):
             return "connection to a front end"
         for what, identity in self._own_identity.items():
             if descriptor_identity(self._own[what]) != identity:
                 return what
+        if not self._selector_holds_listener():
+            return "selector"
         if any(events & (select.POLLHUP | select.POLLERR) for _, events in self._listening.poll(0)):
             return "listening socket"
         return None
+
+    def _selector_holds_listener(self) -> bool:
+        """Whether the selector's descriptor is still the epoll that holds the listening
+        socket (``epoll_ctl`` on a duplicate: ENOENT in another epoll, EINVAL or EBADF
+        in anything else). True for a selector without a descriptor."""
+        fd = self._own["selector"]
+        if fd < 0 or not hasattr(select, "epoll"):
+            return True
+        try:
+            probe = select.epoll.fromfd(os.dup(fd))
+        except OSError:
+            return False
+        try:
+            probe.modify(self.sock.fileno(), select.EPOLLIN)  # as registered: nothing changes
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
 
     def send(self, peer: Peer, messages: Sequence[Sequence[Any]]) -> None:
         if peer.gone:

@@ -1,0 +1,69 @@
+"""Hostile functions for tests/test_hostile_round6.py (loaded by name like a user
+module): each misbehaves only when its first input is 666 (``_armed``)."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+
+import torch
+
+from jacobian_service import Input, register
+
+X = [Input("x", shape=("n",))]
+_KEPT: list = []  # what a function keeps alive between calls
+
+
+def _armed(x: torch.Tensor) -> bool:
+    return x.numel() > 0 and float(x.detach().reshape(-1)[0]) == 666.0
+
+
+def _descriptors(kind: str) -> list[int]:
+    """The process's descriptors whose /proc link starts with ``kind``."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith(kind):
+                found.append(int(name))
+        except OSError:  # the listing's own, gone
+            pass
+    return found
+
+
+def _connected_unix_sockets() -> list[int]:
+    found = []
+    for fd in _descriptors("socket:"):
+        try:
+            probe = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        with probe:
+            if probe.family == socket.AF_UNIX and not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                found.append(fd)
+    return found
+
+
+@register(inputs=X, description="sin, after shutting down (through a duplicate) the engine's connections to its "
+                                "front ends, when its first input is 666.")
+def shuts_its_connection_down(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        for fd in _connected_unix_sockets():
+            with socket.socket(fileno=os.dup(fd)) as copy:
+                try:
+                    copy.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after closing the engine's epoll and opening another at the same number, "
+                                "when its first input is 666.")
+def reopens_the_selector(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        for fd in _descriptors("anon_inode:[eventpoll]"):
+            os.close(fd)
+            fresh = select.epoll()
+            assert fresh.fileno() == fd, (fresh.fileno(), fd)
+            _KEPT.append(fresh)
+    return x.sin()
