@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from jacobian_service.channel import Listener
+from jacobian_service.channel import _BYE, Listener, encode_control
 
 from .conftest import assert_problem, live_server
 
@@ -88,4 +90,75 @@ def test_a_selector_closed_and_another_opened_at_its_number_is_lost(tmp_path: Pa
         listener.close()
 
 
+@pytest.mark.parametrize("how", [socket.SHUT_RDWR, socket.SHUT_RD, socket.SHUT_WR])
+def test_a_connection_shut_down_under_the_engine_is_lost(tmp_path: Path, how: int) -> None:
+    """``shutdown`` through a duplicate of the engine's end: no descriptor changes, the
+    front end (alive) sees its engine hang up. Before, nothing told it from a front end
+    that went away: the function's request and the others on that connection got 503
+    (retryable, so the SDK sent the function's again), and it was never struck."""
+    listener = Listener(tmp_path / "e.sock")
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(str(tmp_path / "e.sock"))
+        _accepted(listener)
+        assert listener.lost() is None
+        fd = max(listener.selector.get_map().keys())
+        with socket.socket(fileno=os.dup(fd)) as copy:
+            copy.shutdown(how)
+        if how == socket.SHUT_WR:  # no hang-up to poll: the engine's next write fails
+            peer = next(k.data for k in listener.selector.get_map().values() if k.data is not None)
+            listener.send(peer, [[b"{}"]])
+        assert listener.lost() == "connection to a front end"
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_a_front_end_that_closes_or_dies_is_no_loss(tmp_path: Path) -> None:
+    """What a front end ends itself is no function's doing: closed with its goodbye (a
+    server stopping), or gone with its process (killed)."""
+    listener = Listener(tmp_path / "e.sock")
+    try:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(tmp_path / "e.sock"))
+        _accepted(listener)
+        client.sendall(encode_control(_BYE))
+        client.close()
+        assert listener.lost() is None  # the goodbye, read by lost() itself
+        deadline = time.monotonic() + 5
+        while [k for k in listener.selector.get_map().values() if k.data is not None]:
+            assert time.monotonic() < deadline
+            listener.poll(0.05)
+        assert listener.lost() is None
+        killed = subprocess.Popen([sys.executable, "-c", "import socket, sys, time; s = socket.socket(socket.AF_UNIX);"
+                                   f"s.connect({str(tmp_path / 'e.sock')!r}); print(flush=True); time.sleep(60)"],
+                                  stdout=subprocess.PIPE)
+        killed.stdout.readline()
+        _accepted(listener)
+        killed.kill()
+        killed.wait()
+        killed.stdout.close()
+        while [k for k in listener.selector.get_map().values() if k.data is not None]:
+            assert time.monotonic() < deadline
+            listener.poll(0.05)
+        assert listener.lost() is None
+    finally:
+        listener.close()
+
+
 # ----------------------------------------------------------------- on a real server
+
+
+def test_a_function_that_shuts_its_engines_connection_down_fails_alone_and_is_quarantined(server) -> None:
+    """Before: 503 "the connection to the engine broke while this request waited; retry"
+    after 2 s, at every call, never quarantined (the SDK retried it, breaking the
+    connection again each time). Now its request is its 500, the engine is replaced
+    (its connection cannot be made again from the engine's side), and it is quarantined
+    like a crash."""
+    url, proc = server
+    r = _post(url, "/v1/functions/shuts_its_connection_down/jacobian", json=ARMED)
+    body = assert_problem(r, 500, "function_error")
+    assert "shuts_its_connection_down left the engine's connection to a front end closed" in body["detail"]
+    _quarantined(url, "shuts_its_connection_down")
+    # (the engine that takes over, cold on a loaded machine, is not waited for here: the
+    # module's engine-ending cases come last)

@@ -52,7 +52,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .procfs import descriptor_identity
+from .procfs import descriptor_identity, living
 
 __all__ = ["Connection", "FrameReader", "Listener", "Mapped", "Peer", "Segment", "Sharing", "encode_control", "encode_messages"]
 
@@ -79,8 +79,10 @@ _BLOCK = 4096  # blocks of the segment start on page boundaries
 # small Jacobian took 2.33 ms against 2.21 ms with shared memory off (medians, side by side).
 _GIVE_BACK_AFTER_S = 0.01
 # Control kinds: one side offers its segment, the other takes or declines it, and
-# gives blocks back.
-_OFFER, _TAKE, _DECLINE, _GIVE_BACK = b"o", b"t", b"d", b"g"
+# gives blocks back; a front end that closes its connection on purpose says so first
+# (``_BYE``): any other end of a connection whose front end lives was not its doing.
+_OFFER, _TAKE, _DECLINE, _GIVE_BACK, _BYE = b"o", b"t", b"d", b"g", b"b"
+_HUNG_UP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 Place = Callable[[memoryview], "bytes | None"]
 
@@ -395,6 +397,9 @@ class Peer:
     def __init__(self, sock: socket.socket, shared_bytes: int) -> None:
         self.sock = sock
         self.identity = descriptor_identity(sock.fileno())  # what its descriptor is: Listener.lost
+        self.pid = _peer_pid(sock)  # the front end's process
+        self.said_bye = False  # the front end closes it on purpose (_BYE)
+        self.broken = False  # this side ended it: the front end broke the framing
         self.sharing = Sharing(shared_bytes)
         self.reader = FrameReader(self.sharing.frame)
         self.out: list[memoryview] = []
@@ -474,7 +479,9 @@ class Listener:
             if mask & selectors.EVENT_READ and not self._read(peer):
                 peer.gone = True
             for control in peer.reader.take_controls():
-                if (answer := peer.sharing.control(control, functools.partial(self._freed, peer))) is not None:
+                if control[:1] == _BYE:
+                    peer.said_bye = True
+                elif (answer := peer.sharing.control(control, functools.partial(self._freed, peer))) is not None:
                     self._write(peer, [memoryview(answer)])
             events.extend((peer, m) for m in peer.reader.take())
             self._watch(peer)
@@ -491,13 +498,18 @@ class Listener:
         naming nothing. A front end's connection first: its answers went with it. An
         fstat each (~1 us).
 
-        An epoll's descriptor tells nothing by fstat (every epoll, eventfd or timerfd is
-        the one anonymous inode): a selector closed and another opened at its number (the
-        lowest free) held none of the engine's sockets, and every later request waited
-        for its deadline (504), the engine beating on, for as long as it lived. The
-        selector must still hold the listening socket."""
-        peers = [key for key in self.selector.get_map().values() if key.data is not None and not key.data.gone]
-        if self._dropped_lost or any(descriptor_identity(key.fd) != key.data.identity for key in peers):
+        Closed or shut down: ``shutdown`` through a duplicate ends a connection with no
+        descriptor changed, and the front end, whose requests on it were lost, answered
+        them 503 (retryable) after a grace, the function's own included: the SDK sent it
+        again, to shut the connection down again, for ever, never quarantined. A
+        connection that hung up without its front end's ``_BYE`` while that front end
+        lives was ended here. And an epoll's descriptor tells nothing by fstat (every
+        epoll, eventfd or timerfd is the one anonymous inode): a selector closed and
+        another opened at its number (the lowest free) held none of the engine's sockets,
+        and every later request waited for its deadline (504), the engine beating on,
+        for as long as it lived. The selector must still hold the listening socket."""
+        peers = [key.data for key in self.selector.get_map().values() if key.data is not None and not key.data.gone]
+        if self._dropped_lost or any(descriptor_identity(peer.sock.fileno()) != peer.identity for peer in peers):
             return "connection to a front end"
         for what, identity in self._own_identity.items():
             if descriptor_identity(self._own[what]) != identity:
@@ -506,6 +518,14 @@ class Listener:
             return "selector"
         if any(events & (select.POLLHUP | select.POLLERR) for _, events in self._listening.poll(0)):
             return "listening socket"
+        if peers:
+            hung_up = select.poll()
+            for peer in peers:
+                hung_up.register(peer.sock.fileno(), select.POLLIN | getattr(select, "POLLRDHUP", 0))
+            by_fd = {peer.sock.fileno(): peer for peer in peers}
+            for fd, events in hung_up.poll(0):
+                if events & _HUNG_UP and self._ended_here(by_fd[fd], read=True):
+                    return "connection to a front end"
         return None
 
     def _selector_holds_listener(self) -> bool:
@@ -526,6 +546,19 @@ class Listener:
             return False
         finally:
             probe.close()
+
+    def _ended_here(self, peer: Peer, read: bool = False) -> bool:
+        """Whether a connection that hung up was ended on this side (a function in the
+        engine shut it down): its front end lives and did not say it was closing it.
+        ``read``: what has arrived is read first (into the reader, for the next poll),
+        for a ``_BYE`` not read yet."""
+        if peer.said_bye or peer.broken:
+            return False
+        if read:
+            self._read(peer)
+            if any(control[:1] == _BYE for control in peer.reader.controls):
+                return False
+        return peer.pid is not None and living(peer.pid)
 
     def send(self, peer: Peer, messages: Sequence[Sequence[Any]]) -> None:
         if peer.gone:
@@ -576,6 +609,7 @@ class Listener:
                 peer.reader.updated(n)
             except (ConnectionError, ValueError):  # a frame's place outside any segment
                 log.warning("a front end broke the channel's framing; its connection is closed")
+                peer.broken = True
                 return False
 
     def _watch(self, peer: Peer) -> None:
@@ -591,8 +625,8 @@ class Listener:
             self.selector.modify(peer.sock, want, peer)
 
     def _drop(self, peer: Peer) -> None:
-        if descriptor_identity(peer.sock.fileno()) != peer.identity:  # not its hang-up: closed under it
-            self._dropped_lost = True
+        if descriptor_identity(peer.sock.fileno()) != peer.identity or self._ended_here(peer):
+            self._dropped_lost = True  # not its hang-up: closed or shut down under it
         peer.gone, peer.out = True, []
         peer.sharing.close()  # the front end's mapping, if any, lives on without it
         try:
@@ -785,6 +819,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._connecting is not None:
             self._connecting.cancel()
         if self._transport is not None:
+            self._transport.write(encode_control(_BYE))  # ours, not the engine's doing (Listener.lost)
             self._transport.close()
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["children", "cpu_seconds", "descendants", "descriptor_identity", "session", "start_ticks", "status_bytes"]
+__all__ = ["children", "cpu_seconds", "descendants", "descriptor_identity", "living", "session", "start_ticks",
+           "status_bytes"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PF_EXITING = 0x4  # a task's flags (include/linux/sched.h)
 
 
 def children(pid: int) -> list[int]:
@@ -79,6 +81,17 @@ def session(pid: int) -> tuple[int, bool] | None:
         return int(fields[3]), fields[0] == b"Z"  # fields 6 and 3
     except (OSError, IndexError, ValueError):
         return None
+
+
+def living(pid: int) -> bool:
+    """Whether ``pid`` runs and is not on its way out: a process that is exiting
+    (``PF_EXITING``, set before the kernel closes its descriptors) or a zombie is not."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0] not in (b"Z", b"X") and not int(fields[6]) & _PF_EXITING  # fields 3 and 9
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def status_bytes(pid: int, field: str) -> int | None:
