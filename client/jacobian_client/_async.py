@@ -7,6 +7,7 @@ shared logic is in :mod:`._protocol`. Keep the two in step when changing either.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, Awaitable, Callable, Mapping
@@ -15,12 +16,13 @@ import anyio
 import httpx
 
 from ._base import DEFAULT_TIMEOUT, ClientConfig, PerProcess, reduce_client
+from ._decoding import adecoded
 from ._errors import IncompleteResponse, NotAcceptable, TransportError, error_from_response
 from ._headwait import body_deadline, bound_head_reads, head_deadline
 from ._models import FunctionInfo
 from ._protocol import (
-    BINARY, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, client_closed, not_an_answer, shapes_of, transport_error,
-    with_body,
+    BINARY, DEFAULT_MAX_RESPONSE_BYTES, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, client_closed, not_an_answer,
+    shapes_of, transport_error, with_body,
 )
 
 __all__ = ["AsyncClient"]
@@ -41,6 +43,11 @@ class AsyncClient:
     a full :class:`RetryPolicy` as ``retry``; ``transport`` the default wire format,
     ``"binary"`` (npy/npz) or ``"json"``; ``limits`` the connection pool
     (:class:`httpx.Limits`); ``headers`` extra headers on every request;
+    ``max_response_bytes`` the most bytes of one answer held in memory (default 1 GiB;
+    None: no limit), counted decoded (a gzip body as what it expands to) and, for an
+    ``.npy`` or ``.npz``, by the size it declares before any of it is allocated: more
+    raises :class:`ResponseTooLarge` (``functions()``, ``function()`` and ``info()`` read
+    at most 64 MiB; a result streamed to a file with ``out=`` is not held to it);
     ``http_transport`` an httpx transport (e.g. ``httpx.MockTransport`` in tests).
 
     ``timeout`` in seconds bounds each attempt of a call, response included: connecting
@@ -65,11 +72,12 @@ class AsyncClient:
         transport: str = BINARY,
         limits: httpx.Limits | None = None,
         headers: Mapping[str, str] | None = None,
+        max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         http_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         config = ClientConfig(
             base_url, api_key=api_key, timeout=timeout, max_retries=max_retries, retry=retry,
-            transport=transport, limits=limits, headers=headers,
+            transport=transport, limits=limits, headers=headers, max_response_bytes=max_response_bytes,
         )
         self._proto = config.protocol
         self._args = config.args if http_transport is None else None
@@ -132,11 +140,12 @@ class AsyncClient:
             with head_deadline(self._proto.timeout, cap):
                 async with self._http.stream("GET", "/readyz" if ready else "/healthz") as response:
                     received = 0
-                    async for piece in response.aiter_bytes():
-                        received += len(piece)
-                        if received >= MAX_ERROR_BODY:
-                            break
-        except httpx.HTTPError:
+                    async with contextlib.aclosing(adecoded(response)) as pieces:
+                        async for piece in pieces:
+                            received += len(piece)
+                            if received >= MAX_ERROR_BODY:
+                                break
+        except (httpx.HTTPError, TransportError):  # an unreadable Content-Encoding too
             return False
         return response.status_code == 200
 
@@ -319,16 +328,17 @@ class AsyncClient:
         try:
             if not self._proto.wants_stream(call, response):
                 try:
-                    body = await self._read(call, response, deadline)
+                    body = await self._read(call, response, deadline, cap=self._proto.body_cap(call))
                 except httpx.HTTPError as exc:
                     raise IncompleteResponse(f"reading the response failed: {exc}") from exc
                 return self._proto.read_result(call, response, body)
             receiver, progress = self._proto.receiver(call, response)
             try:
                 with body_deadline(deadline):
-                    async for piece in response.aiter_bytes():
-                        receiver.feed(piece)
-                        deadline.check(call, receiver.received)
+                    async with contextlib.aclosing(adecoded(response)) as pieces:
+                        async for piece in pieces:
+                            receiver.feed(piece)
+                            deadline.check(call, receiver.received)
             except httpx.HTTPError as exc:
                 receiver.abort()
                 deadline.check(call, receiver.received)  # the call's deadline ended the read: say so
@@ -343,19 +353,24 @@ class AsyncClient:
         finally:
             await response.aclose()
 
-    async def _read(self, call: Call, response: httpx.Response, deadline: Deadline, limit: int | None = None) -> bytes:
-        """The whole body, piece by piece so that the attempt's deadline is checked; at
-        most ``limit`` bytes of it (the rest left unread) when one is given."""
+    async def _read(self, call: Call, response: httpx.Response, deadline: Deadline, limit: int | None = None,
+                    cap: int | None = None) -> bytes:
+        """The whole body (decoded), piece by piece so that the attempt's deadline is
+        checked; at most ``limit`` bytes of it (the rest left unread) when one is given;
+        :class:`ResponseTooLarge` past ``cap`` bytes."""
         pieces: list[bytes] = []
         received = 0
         try:
             with body_deadline(deadline):
-                async for piece in response.aiter_bytes():
-                    pieces.append(piece)
-                    received += len(piece)
-                    if limit is not None and received >= limit:
-                        return b"".join(pieces)[:limit]
-                    deadline.check(call, received)
+                async with contextlib.aclosing(adecoded(response)) as body:
+                    async for piece in body:
+                        pieces.append(piece)
+                        received += len(piece)
+                        if limit is not None and received >= limit:
+                            return b"".join(pieces)[:limit]
+                        if cap is not None and received > cap:
+                            raise self._proto.too_large(call, received)
+                        deadline.check(call, received)
         except httpx.HTTPError:
             deadline.check(call, received)  # the call's deadline ended the read: say so
             raise

@@ -10,7 +10,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import httpx
 
-from ._protocol import DEFAULT_LIMITS, Protocol, RetryPolicy
+from ._protocol import DEFAULT_LIMITS, DEFAULT_MAX_RESPONSE_BYTES, Protocol, RetryPolicy
 
 __all__ = ["ClientConfig", "DEFAULT_TIMEOUT", "PerProcess", "reduce_client"]
 
@@ -32,12 +32,13 @@ class ClientConfig:
         transport: str,
         limits: httpx.Limits | None,
         headers: Mapping[str, str] | None,
+        max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         # what a pickled client is made again from, in another process (see reduce_client)
         self.args: dict[str, Any] = {
             "base_url": base_url, "api_key": api_key, "timeout": timeout, "max_retries": max_retries,
             "retry": retry, "transport": transport, "limits": limits,
-            "headers": None if headers is None else dict(headers)}
+            "headers": None if headers is None else dict(headers), "max_response_bytes": max_response_bytes}
         if retry is None:
             retry = RetryPolicy() if max_retries is None else RetryPolicy(max_retries=max_retries)
         elif max_retries is not None:
@@ -45,7 +46,8 @@ class ClientConfig:
         # a number is also the deadline of each attempt (see Deadline): httpx's timeouts are
         # per read, which a trickling server never trips
         deadline = float(timeout) if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else None
-        self.protocol = Protocol(api_key=api_key, transport=transport, headers=headers, retry=retry, timeout=deadline)
+        self.protocol = Protocol(api_key=api_key, transport=transport, headers=headers, retry=retry, timeout=deadline,
+                                 max_response_bytes=max_response_bytes)
         if isinstance(timeout, (int, float)):
             timeout = httpx.Timeout(float(timeout), connect=min(10.0, float(timeout)))
         self.httpx_kwargs: dict[str, Any] = {

@@ -6,8 +6,10 @@
     ├── TransportError                      the bytes did not arrive intact: connect / read
     │   │                                   failures, client-side timeouts, a body that
     │   │                                   cannot be decoded
-    │   └── IncompleteResponse              a body cut short (connection aborted mid-stream,
-    │                                       or fewer bytes than its header declared)
+    │   ├── IncompleteResponse              a body cut short (connection aborted mid-stream,
+    │   │                                   or fewer bytes than its header declared)
+    │   └── ResponseTooLarge                a body over the client's max_response_bytes
+    │                                       (decoded, or as its .npy/.npz declares it)
     └── APIError                            the server answered 4xx/5xx (problem+json)
         ├── MalformedBody          400      malformed_body
         ├── Unauthorized           401      unauthorized
@@ -55,6 +57,7 @@ __all__ = [
     "OutOfMemory",
     "Overloaded",
     "PayloadTooLarge",
+    "ResponseTooLarge",
     "ResultTooLarge",
     "SparsityNotFound",
     "Timeout",
@@ -76,6 +79,13 @@ class TransportError(JacobianServiceError):
 
 class IncompleteResponse(TransportError):
     """A response body ended before all the bytes it announced had arrived."""
+
+
+class ResponseTooLarge(TransportError):
+    """A response larger than the client's ``max_response_bytes`` (decoded: a gzip body
+    counts as what it expands to; an ``.npy`` or ``.npz`` by the size it declares),
+    refused before it fills memory. Not the server's 413 ``result_too_large``
+    (:class:`ResultTooLarge`)."""
 
 
 class APIError(JacobianServiceError):

@@ -50,14 +50,16 @@ import numpy as np
 
 from . import wire
 from ._arrays import Plain, as_wire_value, is_torch_tensor, json_array
+from ._decoding import ACCEPT_ENCODING, too_large
 from ._errors import IncompleteResponse, JacobianServiceError, TransportError
 from ._models import FunctionInfo
-from ._npystream import FileSink, MemorySink, NpyReceiver, Sink
+from ._npystream import FileSink, MemorySink, NpyHeader, NpyReceiver, Sink
 from ._progress import Progress
 
 __all__ = [
     "BINARY",
     "DEFAULT_LIMITS",
+    "DEFAULT_MAX_RESPONSE_BYTES",
     "JSON_TRANSPORT",
     "MAX_ERROR_BODY",
     "Call",
@@ -85,9 +87,16 @@ NPY_OR_NPZ = f"{wire.NPY}, {wire.NPZ};q=0.9"
 #: connection pool: enough parallel calls for a notebook or a row-split, keep-alive reuse
 DEFAULT_LIMITS = httpx.Limits(max_connections=32, max_keepalive_connections=16, keepalive_expiry=30.0)
 
-# The server is trusted to describe its own results: do not cap result sizes client-side
-# the way the server caps request bodies (wire.Limits defaults are the server's).
-_RESULT_LIMITS = wire.Limits(max_elements=1 << 62, max_rank=64, max_members=1 << 20, max_bytes=1 << 62)
+#: the default of the clients' ``max_response_bytes``: the most bytes of one response
+#: held in memory (decoded; an .npy or .npz as it declares itself). Twice the server's
+#: default MAX_RESULT_BYTES; a larger Jacobian streams to a file with ``out=``.
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 30
+
+#: metadata answers (``functions()``, ``function()``, ``info()``) are small documents: at
+#: most this much of one is read, whatever ``max_response_bytes`` allows (JSON takes
+#: several times its size once parsed, so a gigabyte of it would take many)
+MAX_METADATA_BYTES = 64 << 20
+_METADATA_KINDS = ("functions", "function", "info")
 
 try:
     from importlib.metadata import version as _pkg_version
@@ -585,7 +594,8 @@ class Protocol:
     One instance per client. Its caches (function descriptions, which functions refuse
     npy) only ever change a request's ``Accept``, never a result. ``timeout``: seconds
     each attempt of a call may take, response included (see :class:`Deadline`); None: no
-    such limit.
+    such limit. ``max_response_bytes``: the most bytes of one response held in memory
+    (see :meth:`body_cap`); None: no limit.
     """
 
     def __init__(
@@ -596,13 +606,25 @@ class Protocol:
         headers: Mapping[str, str] | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport is one of {TRANSPORTS}, not {transport!r}")
+        if max_response_bytes is not None and (
+                isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, (int, np.integer))
+                or max_response_bytes < 1):
+            raise ValueError(f"max_response_bytes is None or a positive int, not {max_response_bytes!r}")
         self.transport = transport
         self.retry = retry if retry is not None else RetryPolicy()
         self.timeout = timeout
-        self.base_headers = {"User-Agent": USER_AGENT, **(headers or {})}
+        self.max_response_bytes = None if max_response_bytes is None else int(max_response_bytes)
+        # Results are decoded with no bound of the server's own (wire.Limits' defaults are the
+        # server's request limits); only their size in bytes is bounded, by max_response_bytes:
+        # an .npz's deflated members by the sizes its directory declares, before any is expanded.
+        self._limits = wire.Limits(max_elements=1 << 62, max_rank=64, max_members=1 << 20,
+                                   max_bytes=self.max_response_bytes or 1 << 62)
+        # the codings the clients decode themselves, piece by bounded piece (see _decoding)
+        self.base_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING, **(headers or {})}
         _check_api_key(api_key)
         if api_key:
             self.base_headers["Authorization"] = f"Bearer {api_key}"
@@ -770,6 +792,19 @@ class Protocol:
         chunk its own deadline too), and a trickle still ends."""
         return Deadline(self.timeout, progress_bytes=STREAM_PROGRESS_BYTES)
 
+    def body_cap(self, call: Call) -> int | None:
+        """The most bytes of ``call``'s (200) response body that are read into memory
+        (decoded: a gzip body counts as what it expands to); one past it raises
+        :class:`ResponseTooLarge`. A streamed ``.npy`` is held to it by the size its header
+        declares, unless it goes to a file (``out=``) or a row-split's sink."""
+        cap = self.max_response_bytes
+        if call.kind in _METADATA_KINDS:
+            return MAX_METADATA_BYTES if cap is None else min(cap, MAX_METADATA_BYTES)
+        return cap
+
+    def too_large(self, call: Call, size: int, *, declared: bool = False) -> JacobianServiceError:
+        return too_large(f"{call.method} {call.path}", size, self.body_cap(call) or 0, declared=declared)
+
     def wants_stream(self, call: Call, response: httpx.Response) -> bool:
         """Read this response incrementally (an npy) rather than whole?"""
         streamed = _content_type(response) == wire.NPY and call.kind in COMPUTE_KINDS
@@ -786,7 +821,14 @@ class Protocol:
             sink = FileSink(call.out)
         else:
             sink = MemorySink()
-        check = None if call.expect is None else (lambda header: call.expect.check(header.shape, header.dtype))
+        cap = self.body_cap(call) if isinstance(sink, MemorySink) else None
+
+        def check(header: NpyHeader) -> None:  # before the sink takes anything
+            if cap is not None and header.total_nbytes > cap:
+                raise self.too_large(call, header.total_nbytes, declared=True)
+            if call.expect is not None:
+                call.expect.check(header.shape, header.dtype)
+
         return NpyReceiver(sink, on_progress=progress, expected_length=_content_length(response),
                            check=check), progress
 
@@ -813,6 +855,11 @@ class Protocol:
 
     def _read_result(self, call: Call, response: httpx.Response, body: bytes) -> Any:
         ctype = _content_type(response)
+        cap = self.body_cap(call)
+        if cap is not None and ctype == wire.NPZ:  # deflated members: the size they expand to, unexpanded
+            size = wire.expanded_size(body, wire.NPZ, self._limits)
+            if size > cap:
+                raise self.too_large(call, size, declared=True)
         try:
             if call.kind == "functions":
                 doc = wire.loads(body)
@@ -828,7 +875,7 @@ class Protocol:
                 return info
             if call.kind == "sparsity":
                 doc = wire.loads(body)
-                doc["matrix"] = wire.decode_sparse_json(doc["matrix"], _RESULT_LIMITS)
+                doc["matrix"] = wire.decode_sparse_json(doc["matrix"], self._limits)
                 return doc
             if call.kind not in COMPUTE_KINDS:
                 doc = wire.loads(body)
@@ -837,17 +884,17 @@ class Protocol:
                 return doc
             key = RESULT_KEY[call.kind]
             if ctype == wire.NPY:
-                trees = {key: wire.read_npy(body, _RESULT_LIMITS)}
-            elif ctype == wire.NPZ and wire.is_sparse_npz(body, _RESULT_LIMITS):
-                matrix, trees, _meta = wire.read_sparse_result_npz(body, _RESULT_LIMITS)
+                trees = {key: wire.read_npy(body, self._limits)}
+            elif ctype == wire.NPZ and wire.is_sparse_npz(body, self._limits):
+                matrix, trees, _meta = wire.read_sparse_result_npz(body, self._limits)
                 trees[key] = matrix
             elif ctype == wire.NPZ:
-                trees, _meta = wire.read_result_npz(body, _RESULT_LIMITS)
+                trees, _meta = wire.read_result_npz(body, self._limits)
             elif ctype in (wire.JSON, ""):
                 doc = wire.loads(body)
                 if not isinstance(doc, dict):
                     raise wire.WireError("a JSON result is an object")
-                trees = {k: wire.decode_tree(doc[k], tuple, _RESULT_LIMITS) for k in (key, "output", "aux") if k in doc}
+                trees = {k: wire.decode_tree(doc[k], tuple, self._limits) for k in (key, "output", "aux") if k in doc}
             else:
                 raise TransportError(f"unexpected response Content-Type {ctype!r}")
         except (wire.WireError, KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -1,0 +1,328 @@
+"""The SDK against servers that lie or attack (round 6): answers whose size the client
+never agreed to (gzip and zip bombs, metadata floods).
+
+A small stdlib fake (``_Hostile``) writes raw responses, one misbehaviour per path:
+what it sends and with which headers is exactly what the test says, framing included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gzip
+import io
+import json
+import struct
+import threading
+import tracemalloc
+import zipfile
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+
+import jacobian_client as jc
+
+X3 = np.array([0.1, 0.2, 0.3])
+MiB = 1 << 20
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _gzip_of_zeros(nbytes: int, prefix: bytes = b"", fill: bytes = b"\0", crc: bool = False) -> bytes:
+    """gzip of ``prefix`` then ``nbytes`` of ``fill``, cheaply: one MiB of it deflated after
+    a full flush (no reference to what came before) and repeated. The CRC is computed only
+    when asked for (a bomb is refused long before its trailer)."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    plain = fill * MiB
+    head = c.compress(prefix) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(plain) + c.flush(zlib.Z_FULL_FLUSH)
+    whole, left = divmod(nbytes, MiB)
+    rest = c.compress(plain[:left]) + c.flush()
+    check = 0
+    if crc:
+        check = zlib.crc32(prefix)
+        for _ in range(whole):
+            check = zlib.crc32(plain, check)
+        check = zlib.crc32(plain[:left], check)
+    size = (len(prefix) + nbytes) & 0xFFFFFFFF
+    return (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + head + block * whole + rest
+            + struct.pack("<II", check, size))
+
+
+@functools.cache
+def _bomb(name: str) -> bytes:
+    """The hostile bodies, made on first use."""
+    if name == "zeros256":  # 256 MiB of zeros in ~250 KB (never valid JSON)
+        return _gzip_of_zeros(256 * MiB)
+    if name == "spaces80":  # JSON whitespace: 80 MiB of it in ~80 KB
+        return _gzip_of_zeros(80 * MiB, fill=b" ")
+    if name == "twice":
+        return _twice_gzipped_npy(512 * MiB)
+    if name == "zipbomb":
+        return _deflated_npz(24 * MiB)
+    raise KeyError(name)
+
+
+def _twice_gzipped_npy(nbytes: int) -> bytes:
+    """A Jacobian .npy of ``nbytes`` of zeros, gzipped twice: a few KB on the wire per
+    hundred MiB, and one 64 KiB read of it was a gigabyte-scale expansion in httpx."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (nbytes // 12, 3)})
+    return gzip.compress(_gzip_of_zeros(nbytes // 12 * 12, prefix=buf.getvalue()), 9)
+
+
+def _deflated_npz(member_bytes: int) -> bytes:
+    """A result .npz whose one deflated member expands to ``member_bytes`` (a zip bomb
+    within deflate's own ratio, so the archive's directory tells the truth)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("jacobian.npy", "w", force_zip64=True) as fp:
+            header = io.BytesIO()
+            rows = member_bytes // 24
+            np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (rows, 3)})
+            fp.write(header.getvalue())
+            left, block = rows * 24, b"\0" * MiB
+            while left:
+                fp.write(block[:left])
+                left -= min(left, MiB)
+        zf.writestr("meta.json", json.dumps({"structure": {"jacobian": {"$npy": "jacobian.npy"}}}))
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- the hostile fake
+
+SEEN: dict[str, dict[str, str]] = {}  # path -> the request's headers, as the fake got them
+
+
+def _answer(handler: BaseHTTPRequestHandler, body: bytes, headers: list[tuple[str, str]], status: str = "200 OK",
+            length: bool = True) -> None:
+    head = [f"HTTP/1.1 {status}"] + [f"{k}: {v}" for k, v in headers]
+    if length:
+        head.append(f"Content-Length: {len(body)}")
+    head.append("Connection: close")
+    handler.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+
+
+ROUTES: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {
+    # metadata answers that expand past any sane size
+    "/v1/functions": lambda h: _answer(h, _bomb('spaces80'), [("Content-Type", "application/json"),
+                                                        ("Content-Encoding", "gzip")]),
+    "/v1/info": lambda h: _answer(h, _bomb('spaces80'), [("Content-Type", "application/json"),
+                                                   ("Content-Encoding", "gzip")]),
+    # a compute answer in JSON whose gzip expands to 256 MiB (zeros: never valid JSON)
+    "/v1/functions/jsonbomb/jacobian": lambda h: _answer(h, _bomb('zeros256'), [
+        ("Content-Type", "application/json"), ("Content-Encoding", "gzip")]),
+    # a streamed .npy gzipped twice, no Content-Length (close-delimited)
+    "/v1/functions/twice/jacobian": lambda h: _answer(h, _bomb('twice'), [
+        ("Content-Type", "application/x-npy"), ("Content-Encoding", "gzip, gzip")], length=False),
+    # an .npz whose deflated member expands to 24 MiB
+    "/v1/functions/zipbomb/jacobian": lambda h: _answer(h, _bomb('zipbomb'), [("Content-Type", "application/x-npz")]),
+    # right answers, coded several ways: the decoding must be exact
+    "/v1/functions/gz2/jacobian": lambda h: _answer(h, gzip.compress(gzip.compress(_npy(np.eye(3)))), [
+        ("Content-Type", "application/x-npy"), ("Content-Encoding", "gzip, gzip")]),
+    "/v1/functions/rawdeflate/jacobian": lambda h: _answer(h, _raw_deflate(_npy(np.eye(3))), [
+        ("Content-Type", "application/x-npy"), ("Content-Encoding", "deflate")]),
+    "/v1/functions/zlibdeflate/jacobian": lambda h: _answer(h, zlib.compress(_npy(np.eye(3))), [
+        ("Content-Type", "application/x-npy"), ("Content-Encoding", "identity, deflate")]),
+    "/v1/functions/bigeye/jacobian": lambda h: _answer(h, gzip.compress(_BIGEYE), [
+        ("Content-Type", "application/x-npy"), ("Content-Encoding", "gzip")]),
+    "/v1/functions/brotli/jacobian": lambda h: _answer(h, b"\x8b\x02\x80hello\x03", [
+        ("Content-Type", "application/x-npy"), ("Content-Encoding", "br")]),
+}
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
+
+
+# 0.5 MiB of eye(256): more than one decoded piece, so the pieces' order and seams count
+_BIGEYE_ARR = np.eye(256)
+_BIGEYE = _npy(_BIGEYE_ARR)
+
+
+class _Hostile(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _route(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        if length:
+            self.rfile.read(length)
+        path = self.path.split("?")[0]
+        SEEN[path] = {k.lower(): v for k, v in self.headers.items()}
+        try:
+            ROUTES[path](self)
+        except OSError:  # the client hung up (it refused the answer): expected
+            pass
+        self.close_connection = True
+
+    do_GET = do_POST = _route
+
+
+@pytest.fixture(scope="module")
+def hostile() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _both(url: str, call: Callable[[Any], Any], **kwargs: Any) -> list[Any]:
+    """``call(client)`` with a sync and an async client: [sync result, async result];
+    an exception of either is raised."""
+
+    async def main() -> Any:
+        async with jc.AsyncClient(url, timeout=20, max_retries=0, **kwargs) as client:
+            return await call(client)
+
+    with jc.Client(url, timeout=20, max_retries=0, **kwargs) as client:
+        first = call(client)
+    return [first, asyncio.run(main())]
+
+
+def _raises_both(url: str, call: Callable[[Any], Any], exc: type[BaseException], match: str,
+                 **kwargs: Any) -> None:
+    with jc.Client(url, timeout=20, max_retries=0, **kwargs) as client, pytest.raises(exc, match=match):
+        call(client)
+
+    async def main() -> None:
+        async with jc.AsyncClient(url, timeout=20, max_retries=0, **kwargs) as client:
+            with pytest.raises(exc, match=match):
+                await call(client)
+
+    asyncio.run(main())
+
+
+def _peak_mib(fn: Callable[[], None]) -> float:
+    """The most memory Python and numpy held at once while ``fn`` ran, MiB above the start."""
+    tracemalloc.start()
+    try:
+        fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak / MiB
+
+
+# --------------------------------------------------------------------------- bodies are bounded
+
+
+def test_metadata_answers_are_read_up_to_64_mib(hostile: str) -> None:
+    """functions() and info() read their answer whole, any size: a gzip body expanding to
+    80 MiB (80 KB on the wire) was read and parsed whole (and a gigabyte one would have
+    been); metadata answers are now read to 64 MiB at most, decoded, sync and async."""
+    match = r"^GET /v1/(functions|info): the response is larger than that \(\d+ bytes read so far\); " \
+            r"the client's max_response_bytes is 67108864"
+    _raises_both(hostile, lambda c: c.functions(), jc.ResponseTooLarge, match)
+    _raises_both(hostile, lambda c: c.info(), jc.ResponseTooLarge, match)
+
+
+def test_a_gzip_bomb_is_refused_within_max_response_bytes(hostile: str) -> None:
+    """A JSON answer whose gzip expands to 256 MiB is refused once max_response_bytes
+    (here 1 MiB) of it is decoded: the client never holds more than a few MiB of it."""
+    match = r"^POST /v1/functions/jsonbomb/jacobian: the response is larger than that .*max_response_bytes is 1048576"
+
+    def run() -> None:
+        _raises_both(hostile, lambda c: c.jacobian("jsonbomb", X3), jc.ResponseTooLarge, match,
+                     max_response_bytes=MiB)
+
+    assert _peak_mib(run) < 16
+
+
+def test_a_twice_gzipped_stream_expands_a_bounded_piece_at_a_time(hostile: str) -> None:
+    """Content-Encoding: gzip, gzip of a 512 MiB .npy (30 KB on the wire, no
+    Content-Length): httpx's decoder expanded each socket read whole, through both
+    layers; now each layer is undone in 64 KiB pieces, and the .npy header's 512 MiB is
+    refused before anything is allocated for it."""
+    match = r"^POST /v1/functions/twice/jacobian: the response declares 53687103[0-9] bytes; .* is 67108864"
+
+    def run() -> None:
+        _raises_both(hostile, lambda c: c.jacobian("twice", X3), jc.ResponseTooLarge, match,
+                     max_response_bytes=64 * MiB)
+
+    assert _peak_mib(run) < 16
+
+
+def test_a_deflated_npz_member_is_held_to_max_response_bytes_before_it_expands(hostile: str) -> None:
+    """An .npz of 24 KB whose deflated member expands to 24 MiB: refused by the size its
+    directory declares, before any member is expanded."""
+    assert len(_bomb('zipbomb')) < MiB
+    match = r"^POST /v1/functions/zipbomb/jacobian: the response declares \d+ bytes; the client's max_response_bytes is 8388608"
+
+    def run() -> None:
+        _raises_both(hostile, lambda c: c.jacobian("zipbomb", X3), jc.ResponseTooLarge, match,
+                     max_response_bytes=8 * MiB)
+
+    assert _peak_mib(run) < 16
+    # and under a cap that allows it, the same answer is read (a 24 MiB Jacobian, exact)
+    with jc.Client(hostile, timeout=20, max_response_bytes=128 * MiB) as client:
+        J = client.jacobian("zipbomb", X3)
+    assert J.shape == (MiB, 3) and not J.any()
+
+
+def test_a_stream_into_a_file_is_not_held_to_the_memory_cap(hostile: str, tmp_path: Path) -> None:
+    """out= streams to disk: max_response_bytes bounds memory, not files."""
+    with jc.Client(hostile, timeout=20, max_response_bytes=1024) as client:
+        with pytest.raises(jc.ResponseTooLarge, match="declares 524416 bytes"):
+            client.jacobian("bigeye", np.ones(256))
+        J = client.jacobian("bigeye", np.ones(256), out=tmp_path / "J.npy")
+    np.testing.assert_array_equal(J, _BIGEYE_ARR)
+
+
+@pytest.mark.parametrize("name", ["gz2", "rawdeflate", "zlibdeflate", "bigeye"])
+def test_coded_answers_are_decoded_exactly(hostile: str, name: str) -> None:
+    """The client undoes codings itself now: stacked gzip, deflate raw or zlib-wrapped,
+    identity listed, and a body of many pieces all come back exact, sync and async."""
+    want = _BIGEYE_ARR if name == "bigeye" else np.eye(3)
+    x = np.ones(256) if name == "bigeye" else X3
+    for J in _both(hostile, lambda c: c.jacobian(name, x)):
+        np.testing.assert_array_equal(J, want)
+
+
+def test_a_coding_the_client_did_not_ask_for_is_refused(hostile: str) -> None:
+    """Content-Encoding: br (not asked for): httpx passed the brotli bytes through as the
+    body ("response is not a readable .npy body"); now said for what it is. The client
+    asks for gzip and deflate only, whatever decoders happen to be installed."""
+    match = r"Content-Encoding 'br' holds 'br', which the client did not ask for \(Accept-Encoding: gzip, deflate\)"
+    _raises_both(hostile, lambda c: c.jacobian("brotli", X3), jc.TransportError, match)
+    assert SEEN["/v1/functions/brotli/jacobian"]["accept-encoding"] == "gzip, deflate"
+
+
+def test_the_decoder_keeps_every_piece_small() -> None:
+    """In process: 64 MiB of zeros gzipped twice decode in pieces of at most 64 KiB."""
+    from jacobian_client._decoding import PIECE, BodyDecoder
+
+    body = gzip.compress(_gzip_of_zeros(64 * MiB, crc=True))
+    decoder = BodyDecoder("gzip, gzip")
+    total = 0
+    for at in range(0, len(body), 4096):
+        for piece in decoder.decode(body[at:at + 4096]):
+            assert len(piece) <= PIECE
+            total += len(piece)
+    total += sum(len(p) for p in decoder.flush())
+    assert total == 64 * MiB
+
+
+def test_response_too_large_is_a_transport_error_not_the_servers_413() -> None:
+    assert issubclass(jc.ResponseTooLarge, jc.TransportError)
+    assert not issubclass(jc.ResponseTooLarge, jc.APIError)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "1"])
+def test_max_response_bytes_is_checked(value: Any) -> None:
+    with pytest.raises(ValueError, match="max_response_bytes is None or a positive int"):
+        jc.Client("http://127.0.0.1:9", max_response_bytes=value)
