@@ -1,5 +1,5 @@
 """The SDK against servers that lie or attack (round 6): answers whose size the client
-never agreed to (gzip and zip bombs, metadata floods).
+never agreed to (gzip and zip bombs, metadata floods), torch.compile(fullgraph=True).
 
 A small stdlib fake (``_Hostile``) writes raw responses, one misbehaviour per path:
 what it sends and with which headers is exactly what the test says, framing included.
@@ -326,3 +326,29 @@ def test_response_too_large_is_a_transport_error_not_the_servers_413() -> None:
 def test_max_response_bytes_is_checked(value: Any) -> None:
     with pytest.raises(ValueError, match="max_response_bytes is None or a positive int"):
         jc.Client("http://127.0.0.1:9", max_response_bytes=value)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def test_torch_compile_fullgraph_says_why_it_cannot_hold_a_remote_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile(fullgraph=True) over a remote function failed with dynamo's
+    "Attempted to call function marked as skipped ... the function `disable` ... Hint:
+    Avoid calling the function `disable`" (the first compiled call in a process), or
+    "Skip calling `torch.compiler.disable()`d function ... (reason: None)" (later ones):
+    nothing said that the remote call cannot be compiled, or what to do. Both now say
+    it (dynamo refuses at trace time: no request is made, so no server is needed)."""
+    torch = pytest.importorskip("torch")
+    import jacobian_client.torch as jtorch
+
+    why = (r"(?s)remote function's value \(and its derivatives'\) comes from a request to the service, which "
+           r"cannot be part of a compiled graph.*Compile with fullgraph=False")
+    with jc.Client("http://127.0.0.1:9", timeout=5, max_retries=0) as client:
+        f = jtorch.remote(client, "sin")
+        for made in (False, True):  # the first compiled call in a process, then any later one
+            disabled = [torch.compiler.disable(jtorch.remote_call_runs_eagerly, reason=jtorch._NO_FULLGRAPH)] if made else []
+            monkeypatch.setattr(jtorch, "_disabled", disabled)
+            compiled = torch.compile(lambda x: f(x * 2).sum(), fullgraph=True, backend="eager")
+            with pytest.raises(RuntimeError, match=why) as info:
+                compiled(torch.ones(3))
+            assert "Avoid calling the function `disable`" not in str(info.value)

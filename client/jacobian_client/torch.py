@@ -49,8 +49,10 @@ without a request (see ``jacobian_client._remote``).
 ``torch.compile``: each call of the remote function, and each of its derivatives'
 requests (a backward pass inside a compiled function), runs outside the compiled graph
 (a graph break around it), since a request cannot be traced; the code around it
-compiles. Tracing into a graph (``make_fx``, ``torch.export``, ``torch.func.linearize``)
-raises instead: the graph would replay one answer as a constant.
+compiles. ``fullgraph=True`` allows no graph break, so it cannot hold a remote
+function: dynamo's error then says so. Tracing into a graph (``make_fx``,
+``torch.export``, ``torch.func.linearize``) raises instead: the graph would replay one
+answer as a constant.
 
 Not supported: second derivatives *through* the remote function (double backward,
 ``hessian``, ``jacfwd(jacrev(f))``) raise a clear error; ask the service
@@ -99,7 +101,8 @@ def remote(client: Any, name: str) -> Callable[..., Any]:
 _disabled: list[Callable[..., Any]] = []
 
 
-def _call(fn: Callable[..., Any], *args: Any) -> Any:
+def remote_call_runs_eagerly(fn: Callable[..., Any], *args: Any) -> Any:
+    """The call dynamo skips (its name shows in dynamo's message)."""
     return fn(*args)
 
 
@@ -114,8 +117,22 @@ def _eagerly(fn: Callable[..., Any], *args: Any) -> Any:
     if not torch.compiler.is_compiling():
         return fn(*args)
     if not _disabled:
-        _disabled.append(torch.compiler.disable(_call))
+        # Made here, under dynamo, the wrapper's own making is a graph break (dynamo does not
+        # trace torch.compiler.disable): with fullgraph=True, dynamo's error named only
+        # `disable` ("Avoid calling the function `disable`"). This break comes first and
+        # says why (torch._dynamo is imported: it is tracing this).
+        torch._dynamo.graph_break(msg=_NO_FULLGRAPH)
+        # the reason is what dynamo prints once the wrapper exists: without one it said
+        # "Skip calling `torch.compiler.disable()`d function ... (reason: None)"
+        _disabled.append(torch.compiler.disable(remote_call_runs_eagerly, reason=_NO_FULLGRAPH))
     return _disabled[0](fn, *args)
+
+
+_NO_FULLGRAPH = (
+    "a jacobian_client remote function's value (and its derivatives') comes from a request to the "
+    "service, which cannot be part of a compiled graph: it runs eagerly, a graph break around the call, "
+    "and torch.compile(fullgraph=True) allows none. Compile with fullgraph=False (the code around the "
+    "remote call still compiles), or compile only the code before and after it")
 
 
 # --------------------------------------------------------------------------- specs
