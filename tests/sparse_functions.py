@@ -204,3 +204,13 @@ def random_scatter(x: torch.Tensor) -> torch.Tensor:
 def numpy_random_scatter(x: torch.Tensor) -> torch.Tensor:
     idx = torch.from_numpy(np.random.randint(0, x.shape[0], x.shape[0]))
     return torch.zeros_like(x).index_add(0, idx, x ** 2) + x
+
+
+_PAIR_MASK = torch.tensor([[True, False, True], [False, True, True]])
+
+
+@register(inputs=[Input("x", shape=(3,), dtype="float64")],
+          description="x.masked_select(mask) * 2 with a (2, 3) mask broadcast over x: torch's vmap of its "
+                      "backward is silently wrong over the seeds and, under request batching, over the points too")
+def masked_pairs(x: torch.Tensor) -> torch.Tensor:
+    return x.masked_select(_PAIR_MASK) * 2

@@ -252,12 +252,15 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
     out, aux = _batched.over_examples(engine, first, box, box, _copies(stacked), allow_loop=False)
     m = 1 if kind == "hessian" else sum(leaf.numel() for leaf in pytree.tree_leaves(out)) // len(calls)
 
-    from ..sparsity.compute import PatternMismatch, ProvenWrong
+    from ..sparsity.compute import PatternMismatch, ProvenWrong, VmapDisagrees
 
     try:
         matrices, chunk = sparse_batch(box, stacked, first.argnums, pattern, coloring, m, engine.memory_budget,
-                                       alive.check_alive, has_aux=True, rows=first.rows, chunk_size=first.chunk_size)
-    except (PatternMismatch, ProvenWrong):  # wrong at some point: each alone (a 422, or densely)
+                                       alive.check_alive, has_aux=True, rows=first.rows, chunk_size=first.chunk_size,
+                                       name=first.spec.name)
+    # wrong at some point (a 422, or densely), or torch's vmap over the points wrong: each
+    # alone (the function is not marked unbatchable: its dense batches have their own check)
+    except (PatternMismatch, ProvenWrong, VmapDisagrees):
         return [sparse_derivative(engine, call, kind) for call in calls]
     out, aux = engine.host(out), engine.host(aux)
     meta = _meta(first, pattern, coloring, cached)

@@ -30,7 +30,7 @@ from .draws import Draws, TorchDraws, replaying
 from .patterns import Declared, Pattern, PatternCache, check_entries, function_fingerprint
 from .verify import differs_from_reverse
 
-__all__ = ["OutputSizeChanged", "PatternMismatch", "ProvenWrong", "SparseResult", "describe_sparsity", "resolve", "sparse_hessian", "sparse_jacobian"]
+__all__ = ["OutputSizeChanged", "PatternMismatch", "ProvenWrong", "SparseResult", "VmapDisagrees", "describe_sparsity", "resolve", "sparse_hessian", "sparse_jacobian"]
 
 log = logging.getLogger("jacobian_service.sparsity")
 
@@ -61,6 +61,12 @@ class PatternMismatch(ValueError):
 class ProvenWrong(RuntimeError):
     """A batch's pattern (not declared) is proven wrong at one of its points: the caller
     computes each point alone (where the dense answer replaces it)."""
+
+
+class VmapDisagrees(RuntimeError):
+    """A batch's products, vmapped over its points and seeds, disagree with one product
+    at some point (torch's vmap is silently wrong for some ops and shapes): the caller
+    computes each point alone, where the products are checked one point at a time."""
 
 
 #: Note on results computed densely because the products proved the pattern wrong.
@@ -491,6 +497,33 @@ def _products(p: Pattern, coloring: Coloring, primals: Sequence[torch.Tensor], m
 _VMAP_CHECKED: collections.OrderedDict[Any, bool] = collections.OrderedDict()
 
 
+def _products_key(fn: Callable[..., Any], name: str | None, argnums: Sequence[int], args: Sequence[torch.Tensor]) -> Any:
+    """What a verdict of :func:`vmap_agrees` is remembered under: the function (its
+    registered name, else the function itself), argnums, and the inputs' shapes and
+    dtypes (torch's vmap bugs follow shapes, not values). None for a function that
+    cannot be a key (an unhashable callable): its products are then checked at every
+    chunk, never taken unchecked."""
+    who: Any = name
+    if who is None:
+        try:
+            hash(fn)
+        except TypeError:
+            return None
+        who = fn
+    return (who, tuple(argnums), tuple((tuple(a.shape), a.dtype) for a in args))
+
+
+def _agrees(seen: Any, check: Callable[[], bool]) -> bool:
+    """``check()``'s verdict, run once per ``seen`` (None: every time) and remembered."""
+    if seen is None:
+        return check()
+    if seen not in _VMAP_CHECKED:
+        _VMAP_CHECKED[seen] = check()
+        while len(_VMAP_CHECKED) > 256:
+            _VMAP_CHECKED.popitem(last=False)
+    return _VMAP_CHECKED.get(seen, True)
+
+
 def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch.Tensor],
             key: Any = None) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """``run(seeds)`` at one point: the seeds vmapped; looped when vmap cannot run the
@@ -498,7 +531,7 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
     ``masked_select``'s backward with a broadcast mask is silently wrong when it batches
     as many seeds as the mask has rows (a compressed Jacobian 2.0 off), so vmap's
     products are checked against one product by linearity, once per ``key`` (the
-    function, mode and shapes; none: not checked) and number of seeds."""
+    function, mode and shapes; none: at every chunk) and number of seeds."""
     product = at(*args)
     vmapped = torch.func.vmap(product)
     state = {"vmap": True}
@@ -514,14 +547,7 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
                 log.info("vmap of the products failed (%s); looping", type(exc).__name__)
                 state["vmap"] = False
             else:
-                if key is None:
-                    return out
-                seen = (key, count)
-                if seen not in _VMAP_CHECKED:
-                    _VMAP_CHECKED[seen] = vmap_agrees(product, tuple(seeds), out)
-                    while len(_VMAP_CHECKED) > 256:
-                        _VMAP_CHECKED.popitem(last=False)
-                if _VMAP_CHECKED.get(seen, True):
+                if _agrees(key and (key, count), lambda: vmap_agrees(product, tuple(seeds), out)):
                     return out
                 log.warning("vmap of the products disagrees with one product; looping")
                 state["vmap"] = False
@@ -613,7 +639,7 @@ def _sparse_jacobian(
     p, coloring, cached = planned
     _check_rows(p, "jacobian", m)
     t1 = time.perf_counter()
-    key = None if name is None else (name, argnums, tuple((tuple(a.shape), a.dtype) for a in args))
+    key = _products_key(fn, name, argnums, args)
     reverse = _lazily(lambda: _single(_product_at("rev", fn, argnums, has_aux), args, key and ("rev", key)))
     try:
         matrix, p, coloring, chunk = _jacobian_products(fn, args, argnums, has_aux, p, coloring, m, memory_budget,
@@ -760,7 +786,7 @@ def _sparse_hessian(
     p, coloring, cached = planned
     t1 = time.perf_counter()
     plan = _products(p, coloring, primals, 1)
-    key = None if name is None else (name, argnums, tuple((tuple(a.shape), a.dtype) for a in args))
+    key = _products_key(fn, name, argnums, args)
     run = _single(_product_at("star", fn, argnums, has_aux), args, key and ("star", key))
     try:
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
@@ -849,21 +875,35 @@ def sparse_batch(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], p: Pattern, coloring: Coloring,
     out_size: int, memory_budget: int = 1 << 30, check_alive: Callable[[], None] | None = None, *,
     has_aux: bool = False, rows: tuple[int, int] | None = None, chunk_size: int | None = None,
+    name: str | None = None,
 ) -> tuple[list[Any], int]:
     """The sparse derivative at each of a batch of points (``args`` stacked along a new
     leading axis), with one pattern and colouring (resolved at any one of them: the
     pattern holds at every point, so it must not be ``value_dependent``). Every product chunk is one ``vmap`` over the points
-    of a ``vmap`` over the seeds. Returns ``(matrices, chunk)``; raises when vmap cannot
-    run the function (the caller then computes each point alone)."""
+    of a ``vmap`` over the seeds, checked against one product at each point (once per
+    ``name`` or ``fn``, shapes, batch and seeds). Returns ``(matrices, chunk)``; raises
+    when vmap cannot run the function, or :class:`VmapDisagrees` when it runs it wrong
+    (the caller then computes each point alone)."""
     if p.value_dependent:
         raise ValueError("a pattern that depends on the input values holds at one point only: not for a batch")
     argnums = tuple(argnums)
     batch = int(args[0].shape[0])
     plan = _products(p, coloring, [args[i][0] for i in argnums], out_size)
     at = _product_at(coloring.mode, fn, argnums, has_aux)
+    key = _products_key(fn, name, argnums, [a[0] for a in args])
 
     def run(seeds: list[torch.Tensor]) -> torch.Tensor:
-        return torch.func.vmap(lambda *point: torch.func.vmap(at(*point))(*seeds))(*args)
+        # torch's vmap can be silently wrong over the seeds (masked_select's backward with
+        # a broadcast mask) and over the points as well: every point's products are
+        # checked against one product there, once per function, shapes, batch and seeds
+        seen = key and ("batch", coloring.mode, key, batch, int(seeds[0].shape[0]))
+        if seen is not None and _VMAP_CHECKED.get(seen) is False:
+            raise VmapDisagrees("vmap of the products over the points disagrees with one product")
+        out = torch.func.vmap(lambda *point: torch.func.vmap(at(*point))(*seeds))(*args)
+        if not _agrees(seen, lambda: all(vmap_agrees(at(*[a[i] for a in args]), tuple(seeds), out[i]) for i in range(batch))):
+            log.warning("vmap of the products over %d points disagrees with one product; each point alone", batch)
+            raise VmapDisagrees("vmap of the products over the points disagrees with one product")
+        return out
 
     block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size, batch=batch)
     values = plan.values(p, block)
