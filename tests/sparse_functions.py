@@ -214,3 +214,16 @@ _PAIR_MASK = torch.tensor([[True, False, True], [False, True, True]])
                       "backward is silently wrong over the seeds and, under request batching, over the points too")
 def masked_pairs(x: torch.Tensor) -> torch.Tensor:
     return x.masked_select(_PAIR_MASK) * 2
+
+
+_PROBE_MASK = torch.tensor([[True, False, False], [False, False, True]])
+_PROBE_OPERATOR = torch.sparse_coo_tensor(torch.tensor([[0, 1, 2, 2], [0, 1, 2, 0]]),
+                                          torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64), (3, 3),
+                                          check_invariants=True)
+
+
+@register(inputs=[Input("x", shape=(3,), dtype="float64")],
+          description="(A @ x).masked_select(mask) * 2, A a sparse COO operator (the tracer cannot follow it: "
+                      "probed) and a (2, 3) mask broadcast: jacrev's vmapped rows give its second row as zeros")
+def sparse_operator_masked(x: torch.Tensor) -> torch.Tensor:
+    return (_PROBE_OPERATOR @ x).masked_select(_PROBE_MASK) * 2

@@ -100,3 +100,40 @@ def test_the_library_checks_vmap_without_a_registered_name():
     for fn in (sf.masked_pairs, sf.masked_pairs, Unhashable()):
         res = sparse_jacobian(fn, [x], mode="rev")
         np.testing.assert_allclose(res.matrix.toarray(), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+def test_a_probed_pattern_and_its_dense_answer_are_not_taken_from_a_wrong_vmap(client, mode):
+    """A function the tracer cannot follow (a sparse COO operator) is probed with dense
+    jacrev, and a pattern the products prove wrong is answered with dense jacrev: both
+    vmapped their rows unchecked. With masked_select over a broadcast (2, 3) mask jacrev's
+    second row is zeros, so the probe missed (1, 0) and (1, 2) and the dense answer had
+    them as zeros: [[2, 0, 0], [0, 0, 0]] with a 200 where jacrev row by row says
+    [[2, 0, 0], [8, 0, 6]]. Both are now checked against one VJP, row by row where not."""
+    x = RNG.uniform(0.5, 1.5, 3)
+    want = torch.func.jacrev(sf.sparse_operator_masked, chunk_size=1)(torch.from_numpy(x)).numpy()
+    assert (want != 0).sum() == 3
+    body = {"inputs": [f64(x)], "sparsity": "auto", "mode": mode}
+    J, meta = sparse_json(client.post("/v1/functions/sparse_operator_masked/jacobian", json=body))
+    np.testing.assert_allclose(J.toarray(), want, rtol=1e-12)
+    assert meta["source"] == "probed" and meta["nnz"] >= 3
+
+
+def test_the_dense_hessian_fallback_is_checked_against_a_hessian_vector_product():
+    """torch.func.hessian of a layer norm with weight and bias is 1.3 off (torch's vmap in
+    its double backward); the dense Hessian a sparse one falls back on is checked."""
+    from jacobian_service.sparsity.dense import dense_hessian
+
+    from .user_functions import layer_norm_affine_sum as fn
+
+    gen = torch.Generator().manual_seed(0)
+    ps = (torch.randn(2, 3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64),
+          torch.randn(3, generator=gen, dtype=torch.float64))
+    idx = (0, 1, 2)
+    want = torch.func.jacrev(torch.func.jacrev(fn, argnums=idx, chunk_size=1), argnums=idx, chunk_size=1)(*ps)
+
+    def flat(h):
+        return torch.cat([torch.cat([h[r][c].reshape(ps[r].numel(), -1) for c in idx], 1) for r in idx], 0).numpy()
+
+    assert np.abs(flat(torch.func.hessian(fn, argnums=idx)(*ps)) - flat(want)).max() > 0.1  # torch's is wrong
+    np.testing.assert_allclose(flat(dense_hessian(fn, ps)), flat(want), rtol=1e-10, atol=1e-12)

@@ -25,6 +25,7 @@ from .. import __version__ as _SERVICE_VERSION
 from ..engine.products import vmap_agrees
 from ..errors import exception_text
 from .coloring import Coloring, choose_coloring, star_coloring
+from .dense import dense_hessian, dense_jacobian
 from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, SEEDED_NOTE, TraceError, is_random, probe, random_note, trace_hessian, trace_jacobian
 from .draws import Draws, TorchDraws, replaying
 from .patterns import Declared, Pattern, PatternCache, check_entries, function_fingerprint
@@ -848,18 +849,18 @@ def _densely(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], has_aux: bool, p: Pattern, kind: str,
 ) -> tuple[Any, Pattern, Coloring]:
     """The dense derivative at this point (jacrev; torch.func.hessian for a Hessian, as
-    the dense routes compute them), as CSR over ``p``'s entries and every nonzero, with
-    a note; and the colouring it amounts to (one product per row, or per column)."""
+    the dense routes compute them, checked as they are: see :mod:`.dense`), as CSR over
+    ``p``'s entries and every nonzero, with a note; and the colouring it amounts to (one
+    product per row, or per column)."""
     g = _flat_fn(fn, args, argnums, has_aux)
     primals = fresh([args[i] for i in argnums])
-    idx = tuple(range(len(primals)))
     m, n = p.shape
     check_entries(m * n, "the dense derivative (the pattern was proven wrong)")
     if kind == "hessian":
-        blocks = torch.func.hessian(lambda *d: g(*d).sum(), argnums=idx)(*primals)
+        blocks = dense_hessian(lambda *d: g(*d).sum(), primals)
         dense = torch.cat([torch.cat([b.reshape(primals[r].numel(), -1) for b in row], 1) for r, row in enumerate(blocks)], 0)
     else:
-        dense = torch.cat([j.reshape(m, -1) for j in torch.func.jacrev(g, argnums=idx)(*primals)], 1)
+        dense = torch.cat([j.reshape(m, -1) for j in dense_jacobian(g, primals)], 1)
     dense = dense.detach()
     mask = (dense != 0).cpu().numpy() | p.to_dense()
     q = Pattern.from_dense(mask, name=p.name, source=p.source, exact=p.exact, notes=p.notes + (DENSE_NOTE,),

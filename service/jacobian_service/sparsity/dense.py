@@ -1,0 +1,69 @@
+"""The dense derivatives the sparsity package falls back on, checked as the dense routes
+check theirs: probing a pattern (tracing failed), and a pattern its products proved wrong.
+
+``torch.func.jacrev`` and ``torch.func.hessian`` vmap their products over the basis, and
+torch's vmap is silently wrong for some ops and shapes: ``masked_select``'s backward
+with a broadcast mask gave a row of zeros where the Jacobian has 8 and 6, so a probed
+pattern missed them and the dense answer the products then fell back on was that wrong
+matrix. So each dense Jacobian is checked against one VJP with a random cotangent
+(:func:`..engine.products.agrees_with_reverse`), each dense Hessian against one
+Hessian-vector product (:func:`..engine.hessian.agrees_with_hvp`), and where they
+disagree the derivative is computed again row by row (``chunk_size=1``: no vmap).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..engine.hessian import agrees_with_hvp
+from ..engine.products import agrees_with_reverse
+
+__all__ = ["dense_hessian", "dense_jacobian"]
+
+log = logging.getLogger("jacobian_service.sparsity")
+
+
+def _with_aux(g: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, None]]:
+    return lambda *d: (g(*d), None)
+
+
+def dense_jacobian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``jacrev(g, argnums=every primal)`` of a flat ``g``: one block ``(m, *primal.shape)``
+    per primal; row by row where vmap's rows (or vmap itself) fail."""
+    argnums = tuple(range(len(primals)))
+    try:
+        jac = torch.func.jacrev(g, argnums=argnums)(*primals)
+    except Exception as exc:
+        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+            raise
+        jac = None
+    if jac is None or not agrees_with_reverse(_with_aux(g), tuple(primals), jac):
+        if jac is not None:
+            log.warning("jacrev's vmapped rows disagree with one VJP; computing the dense Jacobian row by row")
+        jac = torch.func.jacrev(g, argnums=argnums, chunk_size=1)(*primals)
+    return jac
+
+
+def dense_hessian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], reverse: bool = False) -> Any:
+    """The Hessian of a ``g`` with one element, blocks ``[r][c]`` of shape
+    ``(1, *primal_r.shape, *primal_c.shape)``: ``torch.func.hessian`` (``reverse``:
+    ``jacrev(jacrev)``), or, where it disagrees with one Hessian-vector product or
+    cannot run under vmap, ``jacrev(jacrev)`` row by row."""
+    argnums = tuple(range(len(primals)))
+    strategy = (lambda f: torch.func.jacrev(torch.func.jacrev(f, argnums=argnums), argnums=argnums)) if reverse \
+        else (lambda f: torch.func.hessian(f, argnums=argnums))
+    try:
+        h = strategy(g)(*primals)
+    except Exception as exc:
+        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+            raise
+        h = None
+    if h is None or not agrees_with_hvp(_with_aux(g), tuple(primals), argnums, h):
+        if h is not None:
+            log.warning("the vmapped dense Hessian disagrees with one Hessian-vector product; computing it row by row")
+        inner = torch.func.jacrev(g, argnums=argnums, chunk_size=1)
+        h = torch.func.jacrev(inner, argnums=argnums, chunk_size=1)(*primals)
+    return h
