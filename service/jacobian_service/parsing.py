@@ -113,15 +113,36 @@ def _decode(obj: Any, default_dtype: str | None, limits: wire.Limits) -> tuple[n
     return arr, sent or arr.dtype.name
 
 
+def _leading_shape(obj: Any) -> tuple[int, ...]:
+    """The shape a nested list has if it is a regular array: its length, its first
+    item's length, and so on down (a number: ``()``). Only first items are looked at."""
+    dims: list[int] = []
+    while isinstance(obj, list):
+        dims.append(len(obj))
+        if not obj:
+            break
+        obj = obj[0]
+    return tuple(dims)
+
+
 def _is_vector_node(obj: Any) -> bool:
     """In cotangents / tangents, an object that is not an array is a dict node, and a
     list holding objects (or such lists) a tuple node; a list of numbers is one array.
-    Only a list's own items and its first item's items are looked at, never every number."""
+    So is a list whose items differ in shape: the leaves of a tuple of differently
+    shaped arrays written as plain lists (``[[1, 1, 1], 0.5]``: a vector's and a 0-d
+    input's tangents, ``argnums=[0, 2]``), which as one array was a 422 "not a regular
+    array". Only a list's items and their first items are looked at, never every number."""
     if isinstance(obj, dict):
         return not wire.is_array_object(obj)
     if not isinstance(obj, list) or not obj:
         return False
-    return any(isinstance(v, dict) for v in obj) or (isinstance(obj[0], list) and _is_vector_node(obj[0]))
+    if isinstance(obj[0], list) and _is_vector_node(obj[0]):
+        return True
+    head = _leading_shape(obj[0])
+    for v in obj:
+        if isinstance(v, dict) or (_leading_shape(v) if isinstance(v, list) else ()) != head:
+            return True
+    return False
 
 
 def _vector_tree(obj: Any, limits: wire.Limits) -> Any:

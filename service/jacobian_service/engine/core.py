@@ -452,7 +452,10 @@ class Engine:
             node = _by_position(node, ref)
             if isinstance(ref, torch.Tensor):
                 if not isinstance(node, np.ndarray):
-                    raise InvalidInput(f"{what}{path}: expected an array")
+                    # A list here is one the front end could not read as one array
+                    # (its entries differ in shape: parsing._is_vector_node).
+                    got = f"{len(node)} entries of different shapes" if isinstance(node, list) else type(node).__name__
+                    raise InvalidInput(f"{what}{path}: expected one array of shape {list(ref.shape)}, got {got}")
                 return [node]
             if isinstance(ref, dict):
                 if not isinstance(node, dict) or set(node) != set(ref):

@@ -1,0 +1,450 @@
+"""PyTorch's own torch.func test cases (test/functorch/test_eager_transforms.py: argnums,
+has_aux, chunk_size, pytrees, 0-d and empty tensors, integer and complex dtypes, unrelated
+outputs, in-place writes, errors) replayed over HTTP against tests/parity7_functions.py.
+
+Every answer is compared with in-process torch.func: values, shapes, dtypes and the
+structure of pytree answers; for errors, the exact status and code, and that torch raises
+as well. One in-process app serves the module (no server start)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.func import hessian, jacfwd, jacrev, jvp, vjp, vmap
+
+from jacobian_client import wire
+
+from . import parity7_functions as F
+from .conftest import assert_problem
+
+FUNCTIONS = "tests.parity7_functions"
+X = np.array([0.1, -0.2, 0.3], dtype=np.float32)
+Y = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+Z = np.array(0.5, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def c():
+    from starlette.testclient import TestClient
+
+    from jacobian_service import Settings, create_app
+
+    with TestClient(create_app(Settings(warmup=False, functions=FUNCTIONS)), raise_server_exceptions=False) as client:
+        yield client
+
+
+def arr(a: Any) -> dict[str, Any]:
+    """An array object with its dtype spelled out, so the service computes in it."""
+    a = np.asarray(a)
+    return {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tolist()}
+
+
+def wire_tree(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: wire_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [wire_tree(v) for v in tree]
+    return arr(tree)
+
+
+def post(c, name: str, endpoint: str, inputs: list[Any], **options: Any):
+    return c.post(f"/v1/functions/{name}/{endpoint}", json={"inputs": [wire_tree(i) for i in inputs], **options})
+
+
+def answer(response, key: str) -> tuple[Any, dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    return wire.decode_tree(doc[key]), doc
+
+
+def t(a: Any) -> Any:
+    """numpy (trees) -> fresh torch tensors, as the engine gets them."""
+    if isinstance(a, dict):
+        return {k: t(v) for k, v in a.items()}
+    if isinstance(a, (list, tuple)):
+        return type(a)(t(v) for v in a)
+    return torch.from_numpy(np.array(a, copy=True))
+
+
+def same(got: Any, want: Any, path: str = "", rtol: float | None = None) -> None:
+    """Values, shapes, dtypes and structure (a dict's keys in order; tuples and lists
+    alike, as JSON has only lists)."""
+    if isinstance(want, torch.Tensor):
+        want = want.detach().numpy()
+    if isinstance(want, np.ndarray):
+        assert isinstance(got, np.ndarray), f"{path}: expected an array, got {type(got).__name__}"
+        assert got.shape == want.shape, f"{path}: shape {got.shape} != {want.shape}"
+        assert got.dtype == want.dtype, f"{path}: dtype {got.dtype} != {want.dtype}"
+        if want.dtype.kind == "f":
+            tol = rtol if rtol is not None else {2: 1e-3, 4: 1e-6, 8: 1e-12}[want.dtype.itemsize]
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=path)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=path)
+    elif isinstance(want, (tuple, list)):
+        assert isinstance(got, (tuple, list)) and len(got) == len(want), f"{path}: {got!r} against {len(want)} entries"
+        for i, (g, w) in enumerate(zip(got, want)):
+            same(g, w, f"{path}[{i}]", rtol)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and list(got) == list(want), f"{path}: keys {list(got)} != {list(want)}"
+        for k in want:
+            same(got[k], want[k], f"{path}.{k}", rtol)
+    else:
+        assert got == want and type(got) is type(want), f"{path}: {got!r} != {want!r}"
+
+
+def no_aux(fn):
+    return lambda *a: fn(*a)[0]
+
+
+# --- argnums, chunk_size: test_argnums_tuple, test_negative_argnums, test_chunk_jacrev ---
+
+
+@pytest.mark.parametrize(
+    ("wire_argnums", "torch_argnums"),
+    [(0, 0), (-1, -1), ([0, -1], (0, -1)), ([2, 0], (2, 0)), (["y", -3], (1, -3)), ([1], (1,))],
+)
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 100])
+def test_argnums_and_chunk_size_as_jacrev(c, wire_argnums, torch_argnums, chunk_size):
+    got, _ = answer(post(c, "three", "jacobian", [X, Y, Z], argnums=wire_argnums, chunk_size=chunk_size), "jacobian")
+    same(got, jacrev(F.three, argnums=torch_argnums, chunk_size=chunk_size)(*t([X, Y, Z])))
+
+
+@pytest.mark.parametrize(
+    ("wire_argnums", "torch_argnums"),
+    [([0, 0], (0, 0)), ([0, -3], (0, -3)), (["x", 0], (0, 0)), (3, 3), (-4, -4), ([], ()), (0.5, 0.5),
+     ([[0]], ([0],)),
+     # a bool is a Python int to torch (argnums=True is 1); JSON's true is no position
+     (True, None)],
+)
+def test_argnums_torch_refuses_is_422(c, wire_argnums, torch_argnums):
+    assert_problem(post(c, "three", "jacobian", [X, Y, Z], argnums=wire_argnums), 422, "invalid_input")
+    if torch_argnums is not None:
+        with pytest.raises(RuntimeError):
+            jacrev(F.three, argnums=torch_argnums)(*t([X, Y, Z]))
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 1.5, True])
+def test_chunk_size_torch_refuses_is_422(c, chunk_size):
+    assert_problem(post(c, "three", "jacobian", [X, Y, Z], chunk_size=chunk_size), 422, "invalid_input")
+
+
+# --- outputs: unrelated inputs and outputs, constants, the identity, 0-d, empty ---
+
+
+CASES = [
+    # (function, inputs, options, torch's answer)
+    ("unrelated_input", [X, Y[:2]], {"argnums": [0, 1]}, lambda x, y: jacrev(F.unrelated_input, argnums=(0, 1))(x, y)),
+    ("constant", [X], {}, jacrev(F.constant)),
+    ("constant", [X], {"mode": "fwd"}, jacfwd(F.constant)),
+    ("identity", [X], {}, jacrev(F.identity)),
+    ("identity", [X], {"mode": "fwd"}, jacrev(F.identity)),
+    ("identity", [X.astype(np.float64)], {"chunk_size": 1}, jacrev(F.identity, chunk_size=1)),
+    ("scalar_in", [Z], {}, jacrev(F.scalar_in)),
+    ("scalar_to_vector", [Z], {}, jacrev(F.scalar_to_vector)),
+    ("vector_to_scalar", [X], {}, jacrev(F.vector_to_scalar)),
+    ("sin_any", [np.zeros(0, np.float32)], {}, jacrev(F.sin_any)),
+    ("sin_any", [np.zeros((0, 3), np.float64)], {}, jacrev(F.sin_any)),
+    ("sin_any", [np.zeros(0, np.float32)], {"mode": "fwd"}, jacrev(F.sin_any)),
+    ("sin_any", [X], {"chunk_size": 1, "rows": [1, 3]}, lambda x: jacrev(F.sin_any)(x)[1:3]),
+    ("empty_output", [X], {}, jacrev(F.empty_output)),
+    ("empty_output", [X], {"chunk_size": 2}, jacrev(F.empty_output, chunk_size=2)),
+    ("list_out", [X], {}, jacrev(F.list_out)),
+    ("dict_out", [X, Y], {"argnums": [1, 0]}, jacrev(F.dict_out, argnums=(1, 0))),
+    ("promote", [X, Y.astype(np.float64)], {"argnums": [0, 1]}, jacrev(F.promote, argnums=(0, 1))),
+    ("promote", [X, Y.astype(np.float64)], {"argnums": [0, 1], "mode": "fwd"}, jacrev(F.promote, argnums=(0, 1))),
+    ("float64_inside", [X], {}, jacrev(F.float64_inside)),
+    ("int_arg", [X, np.array(3)], {}, jacrev(F.int_arg)),
+    ("complex_inside", [X], {}, jacrev(F.complex_inside)),
+    ("transposed", [np.arange(6, dtype=np.float32)], {}, jacrev(F.transposed)),
+    ("expanded", [X], {}, jacrev(F.expanded)),
+    ("inplace_view", [X], {}, jacrev(F.inplace_view)),
+    ("inplace_nograd", [X], {}, jacrev(F.inplace_nograd)),
+    ("tuple_param", [(X, Z), X], {"argnums": [0, 1]}, jacrev(F.tuple_param, argnums=(0, 1))),
+]
+
+
+@pytest.mark.parametrize(("name", "inputs", "options", "want"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_jacobian_as_torch(c, name, inputs, options, want):
+    got, _ = answer(post(c, name, "jacobian", inputs, **options), "jacobian")
+    same(got, want(*t(inputs)))
+
+
+@pytest.mark.parametrize(
+    ("name", "inputs", "options", "want"),
+    [
+        ("constant", [X], {}, hessian(F.constant)),
+        ("scalar_in", [Z], {}, hessian(F.scalar_in)),
+        ("sin_any", [np.zeros(0, np.float32)], {}, hessian(F.sin_any)),
+        ("empty_output", [X], {"chunk_size": 1}, hessian(F.empty_output)),
+        ("dict_out", [X, Y], {}, hessian(F.dict_out)),
+        ("promote", [X, Y.astype(np.float64)], {"argnums": [0, 1]}, hessian(F.promote, argnums=(0, 1))),
+        ("scalar_two", [X, Y], {"argnums": [1, 0]}, hessian(F.scalar_two, argnums=(1, 0))),
+        ("scalar_two", [X, Y], {"argnums": -1}, hessian(F.scalar_two, argnums=1)),  # see below: torch's -1
+        ("nested_aux", [X], {}, hessian(no_aux(F.nested_aux))),
+        ("int_arg", [X, np.array(3)], {}, hessian(F.int_arg)),
+    ],
+)
+def test_hessian_as_torch(c, name, inputs, options, want):
+    got, _ = answer(post(c, name, "hessian", inputs, **options), "hessian")
+    same(got, want(*t(inputs)), rtol=1e-5)
+
+
+def test_negative_argnums_forward_mode_as_their_positions(c):
+    """torch 2.13's jacfwd (and so torch.func.hessian, jacfwd over jacrev) answers zeros,
+    silently, for a negative argnums: ``jacfwd(f, argnums=-1)`` where ``argnums=1`` is
+    right. The service counts from the end first, so forward-mode Jacobians and every
+    Hessian strategy answer what the position answers, as jacrev does for -1."""
+    x, y = t([X, Y])
+    assert not jacfwd(F.promote, argnums=-1)(x, y).any()  # torch's own bug: if this fails, torch was fixed
+    want = jacrev(F.promote, argnums=1)(x, y)
+    assert want.any()
+    same(jacrev(F.promote, argnums=-1)(x, y).numpy(), want)
+    for mode in ("fwd", "auto", "rev"):
+        got, _ = answer(post(c, "promote", "jacobian", [X, Y], argnums=-1, mode=mode), "jacobian")
+        same(got, want)
+    got, _ = answer(post(c, "scalar_two", "hessian", [X, Y], argnums=[-1, -2]), "hessian")
+    same(got, hessian(F.scalar_two, argnums=(1, 0))(x, y), rtol=1e-5)
+
+
+# --- has_aux: test_aux_tensor, test_aux_pytree, and aux through every endpoint ---
+
+
+@pytest.mark.parametrize("name", ["nested_aux", "aux_tensor", "aux_none", "identity_aux"])
+@pytest.mark.parametrize("endpoint", ["jacobian", "evaluate", "vjp", "jvp", "hessian"])
+def test_aux_as_torch(c, name, endpoint):
+    fn = getattr(F, name)
+    vectors = {"vjp": {"cotangents": Y.tolist()}, "jvp": {"tangents": Y.tolist()}}.get(endpoint, {})
+    r = post(c, name, endpoint, [X], **vectors)
+    key = {"evaluate": "output"}.get(endpoint, endpoint)
+    got, doc = answer(r, key)
+    x = t(X)
+    g, rebuild = tensor_aux(fn)
+    if endpoint == "jacobian":
+        want, aux = jacrev(g, has_aux=True)(x)
+    elif endpoint == "evaluate":
+        want, aux = g(x)
+    elif endpoint == "vjp":
+        _, pullback, aux = vjp(g, x, has_aux=True)
+        (want,) = pullback(t(Y))
+    elif endpoint == "jvp":
+        _, want, aux = jvp(g, (x,), (t(Y),), has_aux=True)
+    else:
+        want, aux = hessian(no_aux(fn))(x), g(x)[1]
+    same(got, want, rtol=1e-5)
+    same(wire.decode_tree(doc["aux"]), rebuild([a.detach() for a in aux]))
+
+
+def tensor_aux(fn):
+    """torch.func takes only tensors in aux ("Expected tensors, got unsupported type
+    int"); the service carries numbers, strings and None beside them. So torch gets
+    the tensors, and the other leaves ride outside it: ``rebuild`` puts them back."""
+    seen: dict[str, Any] = {}
+
+    def g(*args):
+        out, aux = fn(*args)
+        seen["leaves"], seen["spec"] = torch.utils._pytree.tree_flatten(aux)
+        return out, [v for v in seen["leaves"] if isinstance(v, torch.Tensor)]
+
+    def rebuild(tensors):
+        it = iter(tensors)
+        leaves = [next(it) if isinstance(v, torch.Tensor) else v for v in seen["leaves"]]
+        return torch.utils._pytree.tree_unflatten(leaves, seen["spec"])
+
+    return g, rebuild
+
+
+def test_aux_per_example_as_vmap(c):
+    xs = np.stack([X, Y])
+    got, doc = answer(post(c, "nested_aux", "jacobian", [xs], batched=True), "jacobian")
+    # vmap cannot return aux's strings and Python numbers; example by example instead
+    g, rebuild = tensor_aux(F.nested_aux)
+    per = [jacrev(g, has_aux=True)(t(x)) for x in xs]
+    same(got, torch.stack([p[0] for p in per]))
+    aux = wire.decode_tree(doc["aux"])
+    same(aux["a"], torch.stack([rebuild(p[1])["a"] for p in per]))
+    same(aux["f"], torch.stack([rebuild(p[1])["f"] for p in per]))
+    assert aux["b"][1]["e"] == "text" and aux["i"] == 2.5 and aux["j"] is True
+
+
+@pytest.mark.parametrize("endpoint", ["jacobian", "evaluate", "hessian"])
+def test_has_aux_without_a_tuple_is_the_functions_error(c, endpoint):
+    """test_aux_not_tuple: torch raises; the service answers the function's 500."""
+    body = assert_problem(post(c, "aux_not_tuple", endpoint, [X]), 500, "function_error")
+    assert "(output, aux)" in body["detail"]
+    with pytest.raises(RuntimeError, match="tuple"):
+        jacrev(F.aux_not_tuple, has_aux=True)(t(X))
+
+
+# --- vjp / jvp / hvp: pytrees, argnums, ragged vectors written as plain lists ---
+
+
+@pytest.mark.parametrize(
+    ("name", "endpoint", "inputs", "options", "want"),
+    [
+        # tangents of inputs of different shapes, as plain JSON lists: they are no array
+        ("unrelated_input", "jvp", [X, Y[:2]], {"argnums": [0, 1], "tangents": [[1, 1, 1], [1, 1]]},
+         lambda x, y: jvp(F.unrelated_input, (x, y), (torch.ones(3), torch.ones(2)))[1]),
+        ("unrelated_input", "jvp", [X, Y[:2]],
+         {"argnums": [0, 1], "tangents": [[[1, 1, 1], [1, 2, 3]], [[1, 1], [2, 2]]], "batched_vectors": True},
+         lambda x, y: vmap(lambda a, b: jvp(F.unrelated_input, (x, y), (a, b))[1])(
+             torch.tensor([[1.0, 1, 1], [1, 2, 3]]), torch.tensor([[1.0, 1], [2, 2]]))),
+        ("three", "jvp", [X, Y, Z], {"argnums": [0, 2], "tangents": [[1, 2, 3], 0.5]},
+         lambda x, y, z: jvp(lambda a, b: F.three(a, y, b), (x, z), (torch.tensor([1.0, 2, 3]), torch.tensor(0.5)))[1]),
+        ("three", "jvp", [X, Y, Z], {"argnums": [2, 0], "tangents": [0.5, [1, 2, 3]]},
+         lambda x, y, z: jvp(lambda b, a: F.three(a, y, b), (z, x), (torch.tensor(0.5), torch.tensor([1.0, 2, 3])))[1]),
+        ("scalar_two", "hvp", [X, Y], {"argnums": [1, 0], "tangents": [[1, 0, 0], [0, 1, 0]]},
+         lambda x, y: jvp(torch.func.grad(lambda b, a: F.scalar_two(a, b), argnums=(0, 1)), (y, x),
+                          (torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0])))[1]),
+        ("expanded", "vjp", [X], {"cotangents": [[[1, 2, 3], [4, 5, 6]], [1, -1]]},
+         lambda x: vjp(F.expanded, x)[1]((torch.tensor([[1.0, 2, 3], [4, 5, 6]]), torch.tensor([1.0, -1])))[0]),
+        ("dict_out", "vjp", [X, Y], {"cotangents": {"z": [1, 1, 1], "a": [[1, 2, 3], 2.0]}},
+         lambda x, y: vjp(F.dict_out, x, y)[1]({"z": torch.ones(3), "a": (torch.tensor([1.0, 2, 3]), torch.tensor(2.0))})[0]),
+        ("tuple_param", "jvp", [(X, Z), X], {"tangents": [[1, 1, 1], 2.0]},
+         lambda p, x: jvp(lambda q: F.tuple_param(q, x), (p,), ((torch.ones(3), torch.tensor(2.0)),))[1]),
+        ("tuple_param", "vjp", [(X, Z), X], {"argnums": [0, 1], "cotangents": [1, 2, 3]},
+         lambda p, x: vjp(F.tuple_param, p, x)[1](torch.tensor([1.0, 2, 3]))),
+        ("constant", "vjp", [X], {"cotangents": [1, 1, 1]}, lambda x: vjp(F.constant, x)[1](torch.ones(3))[0]),
+        ("constant", "jvp", [X], {"tangents": [1, 1, 1]}, lambda x: jvp(F.constant, (x,), (torch.ones(3),))[1]),
+        ("identity", "vjp", [X], {"cotangents": [1, 2, 3]}, lambda x: vjp(F.identity, x)[1](torch.tensor([1.0, 2, 3]))[0]),
+        ("scalar_to_vector", "vjp", [Z], {"cotangents": [[1, 1, 1], [0, 1, 0]], "batched_vectors": True},
+         lambda z: vmap(vjp(F.scalar_to_vector, z)[1])(torch.tensor([[1.0, 1, 1], [0, 1, 0]]))[0]),
+        ("sin_any", "jvp", [np.zeros(0, np.float32)], {"tangents": []},
+         lambda x: jvp(F.sin_any, (x,), (torch.zeros(0),))[1]),
+        ("promote", "jvp", [X, Y.astype(np.float64)], {"argnums": [0, 1], "tangents": [[1, 1, 1], [1, 2, 3]]},
+         lambda x, y: jvp(F.promote, (x, y), (torch.ones(3), torch.tensor([1.0, 2, 3], dtype=torch.float64)))[1]),
+        ("promote", "vjp", [X, Y.astype(np.float64)], {"argnums": [0, 1], "cotangents": [1, 2, 3]},
+         lambda x, y: vjp(F.promote, x, y)[1](torch.tensor([1.0, 2, 3], dtype=torch.float64))),
+        ("int_output", "jvp", [X], {"tangents": [1, 1, 1]}, lambda x: jvp(F.int_output, (x,), (torch.ones(3),))[1]),
+        ("inplace_input", "jvp", [X], {"tangents": [1, 2, 3]},
+         lambda x: jvp(F.inplace_input, (x,), (torch.tensor([1.0, 2, 3]),))[1]),
+    ],
+)
+def test_products_as_torch(c, name, endpoint, inputs, options, want):
+    got, _ = answer(post(c, name, endpoint, inputs, **options), endpoint)
+    same(got, want(*t(inputs)), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("vectors", "detail"),
+    [
+        ([[1, 2], [3]], "tangents: expected one array of shape [2, 2], got 2 entries of different shapes"),
+        ([[1, 2]], "tangents: expected shape [2, 2], got [1, 2]"),
+    ],
+)
+def test_ragged_single_vector_is_422_naming_the_shape(c, vectors, detail):
+    body = assert_problem(post(c, "sin_any", "jvp", [np.ones((2, 2), np.float32)], tangents=vectors), 422, "invalid_input")
+    assert body["detail"] == detail
+
+
+def test_cotangents_of_a_tuple_output_of_wrong_length_is_422(c):
+    r = post(c, "dict_out", "vjp", [X, Y], cotangents={"z": [1, 1, 1], "a": [[1, 1, 1], 1.0, 2.0]})
+    assert "cotangents.a: expected 2 entries" in assert_problem(r, 422, "invalid_input")["detail"]
+    with pytest.raises(RuntimeError):  # torch: the cotangents' structure must be the output's
+        vjp(F.dict_out, *t([X, Y]))[1]({"z": torch.ones(3), "a": (torch.ones(3), torch.tensor(1.0), torch.tensor(2.0))})
+
+
+# --- what each endpoint answers when torch raises ---
+
+ENDPOINTS = [("jacobian", {}), ("hessian", {}), ("evaluate", {}), ("vjp", {"cotangents": [1, 1, 1]}),
+             ("jvp", {"tangents": [1, 1, 1]}), ("hvp", {"tangents": [1, 1, 1]})]
+
+
+@pytest.mark.parametrize(("endpoint", "vectors"), ENDPOINTS)
+@pytest.mark.parametrize(("name", "detail"), [("raises", "ValueError: parity7 says no"),
+                                               ("returns_none", "returned NoneType"), ("returns_float", "returned float")])
+def test_function_errors_on_every_endpoint(c, endpoint, vectors, name, detail):
+    body = assert_problem(post(c, name, endpoint, [X], **vectors), 500, "function_error")
+    assert detail in body["detail"]
+    with pytest.raises((ValueError, RuntimeError)):
+        jacrev(getattr(F, name))(t(X))
+
+
+@pytest.mark.parametrize(
+    ("name", "endpoint", "options", "torch_call"),
+    [
+        # test_inplace_on_inputs: jacrev's inputs are leaves that require grad
+        ("inplace_input", "jacobian", {}, lambda x: jacrev(F.inplace_input)(x)),
+        ("inplace_input", "jacobian", {"mode": "fwd"}, lambda x: jacrev(F.inplace_input)(x)),
+        ("inplace_input", "vjp", {"cotangents": [1, 1, 1]}, lambda x: vjp(F.inplace_input, x)),
+        ("int_output", "jacobian", {}, lambda x: jacrev(F.int_output)(x)),
+        ("int_output", "vjp", {"cotangents": [1, 1, 1]}, lambda x: vjp(F.int_output, x)),
+        ("complex_output", "jacobian", {}, lambda x: jacrev(F.complex_output)(x)),
+    ],
+)
+def test_where_torch_raises_the_function_fails(c, name, endpoint, options, torch_call):
+    assert_problem(post(c, name, endpoint, [X], **options), 500, "function_error")
+    with pytest.raises(RuntimeError):
+        torch_call(t(X))
+
+
+@pytest.mark.parametrize("endpoint", ["jacobian", "hessian"])
+@pytest.mark.parametrize("argnums", [1, [0, 1]])
+def test_integer_input_to_differentiate_is_422(c, endpoint, argnums):
+    body = assert_problem(post(c, "int_arg", endpoint, [X, np.array(3)], argnums=argnums), 422, "invalid_input")
+    assert "'k' is int64" in body["detail"]
+    with pytest.raises(RuntimeError):
+        jacrev(F.int_arg, argnums=1)(*t([X, np.array(3)]))
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32", "bool"])
+def test_integer_array_to_differentiate_is_422_and_evaluates(c, dtype):
+    x = np.array([1, 0, 1]).astype(dtype)
+    assert_problem(post(c, "sin_any", "jacobian", [x]), 422, "invalid_input")
+    with pytest.raises(RuntimeError):
+        jacrev(F.sin_any)(t(x))
+    got, _ = answer(post(c, "sin_any", "evaluate", [x]), "output")
+    same(got, F.sin_any(t(x)))
+
+
+# --- per-example (batched) Jacobians and Hessians ---
+
+
+def test_per_example_argnums_and_chunk_size(c):
+    xs, ys, zs = np.stack([X, Y]), np.stack([Y, X]), np.array([0.5, 0.7], np.float32)
+    got, _ = answer(post(c, "three", "jacobian", [xs, ys, zs], argnums=[0, -1], batched=True, chunk_size=1), "jacobian")
+    same(got, vmap(jacrev(F.three, argnums=(0, -1)))(*t([xs, ys, zs])))
+    got, _ = answer(post(c, "three", "hessian", [xs, ys, zs], argnums=[-1, 0], batched=True), "hessian")
+    same(got, vmap(hessian(F.three, argnums=(2, 0)))(*t([xs, ys, zs])), rtol=1e-5)  # see below: torch's -1
+    got, _ = answer(post(c, "scalar_in", "jacobian", [zs], batched=True), "jacobian")
+    same(got, vmap(jacrev(F.scalar_in))(t(zs)))
+
+
+# --- precision on the wire: JSON's digits and .npz, float16 to float64 ---
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_values_exact_on_both_transports(c, dtype):
+    """The wire adds no rounding: the same bits torch computes, JSON and .npz alike."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(6) * 10.0 ** rng.integers(-3, 4, 6)).astype(dtype)
+    if dtype == "float64":
+        x[0], x[1] = 5e-324, 0.1 + 2**-55
+    want_j = jacrev(F.sin_any)(t(x)).numpy()
+    want_o = F.sin_any(t(x)).numpy()
+    got, doc = answer(post(c, "sin_any", "jacobian", [x], return_output=True), "jacobian")
+    assert got.dtype == want_j.dtype and np.array_equal(got, want_j)
+    out = wire.decode_tree(doc["output"])
+    assert out.dtype == want_o.dtype and np.array_equal(out, want_o)
+    buf = io.BytesIO()
+    np.savez(buf, x=x)
+    r = c.post("/v1/functions/sin_any/jacobian?return_output=true", content=buf.getvalue(),
+               headers={"content-type": wire.NPZ, "accept": wire.NPZ})
+    assert r.status_code == 200, r.text
+    trees, _ = wire.read_result_npz(r.content)
+    assert trees["jacobian"].dtype == want_j.dtype and np.array_equal(trees["jacobian"], want_j)
+    assert np.array_equal(trees["output"], want_o)
+
+
+@pytest.mark.parametrize(("query", "want_argnums"), [("argnums=-1", -1), ("argnums=0,", (0,)), ("argnums=0,-1", (0, -1))])
+def test_npz_query_argnums_as_jacrev(c, query, want_argnums):
+    buf = io.BytesIO()
+    np.savez(buf, x=X, y=Y, z=Z)
+    r = c.post(f"/v1/functions/three/jacobian?{query}&chunk_size=1", content=buf.getvalue(),
+               headers={"content-type": wire.NPZ, "accept": wire.NPZ})
+    assert r.status_code == 200, r.text
+    trees, _ = wire.read_result_npz(r.content)
+    same(trees["jacobian"], jacrev(F.three, argnums=want_argnums)(*t([X, Y, Z])))
