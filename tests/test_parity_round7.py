@@ -173,6 +173,19 @@ def test_jacobian_as_torch(c, name, inputs, options, want):
     same(got, want(*t(inputs)))
 
 
+def test_empty_output_per_example_chunk_size_one(c):
+    """A size-0 output per example, chunk_size=1: torch's jacrev(chunk_size=1) asserts on
+    no rows ("expected t.size(0) to be 1, got 0": a 500 function_error, while every other
+    chunk size answered); the answer must not depend on chunk_size."""
+    xs = np.stack([X, Y])
+    want = vmap(jacrev(F.empty_output))(t(xs))
+    for chunk_size in (1, 2, None):
+        for mode in ("rev", "fwd"):
+            got, _ = answer(post(c, "empty_output", "jacobian", [xs], batched=True, chunk_size=chunk_size, mode=mode),
+                            "jacobian")
+            same(got, want)
+
+
 @pytest.mark.parametrize(
     ("name", "inputs", "options", "want"),
     [

@@ -47,6 +47,7 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     watch = GradOffWatch(active=kind == "hessian")  # not on reverse mode's hot path
     first = engine.guard(lambda: watch.call(box, *fresh([a[0] for a in args]))[0]) if batch else None
     check_floating(first)
+    no_rows = first is not None and not any(leaf.numel() for leaf in pytree.tree_leaves(first))
     profile.grad_off = profile.grad_off or watch.seen
     attempts = [("rev", not profile.vmap_pullback)]  # (strategy, jacrev row by row: see rows.py)
     if kind == "hessian":
@@ -64,6 +65,10 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
             h, (out, aux_t) = STRATEGIES[mode](g, argnums)(*primals)
             return (as_input_dtypes(h, primals, depth=2), out), aux_t
         chunk = 1 if rows_loop else call.chunk_size
+        if chunk == 1 and no_rows:
+            # torch's jacrev(chunk_size=1) asserts on an output of no elements ("expected
+            # t.size(0) to be 1, got 0"), which any other chunk size answers: no rows
+            chunk = None
         jac, (out, aux_t) = torch.func.jacrev(g, argnums=argnums, has_aux=True, chunk_size=chunk)(*primals)
         return (jac, out), aux_t
 
