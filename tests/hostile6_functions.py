@@ -67,3 +67,29 @@ def reopens_the_selector(x: torch.Tensor) -> torch.Tensor:
             assert fresh.fileno() == fd, (fresh.fileno(), fd)
             _KEPT.append(fresh)
     return x.sin()
+
+
+@register(inputs=X, description="sin, leaving a torch.func vmap level entered (never exited) when its first input "
+                                "is 666.")
+def leaves_a_vmap_level(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        torch._C._functorch._vmap_increment_nesting(3, "error")
+    return x.sin()
+
+
+@register(inputs=X, description="sin, leaving inference mode entered (never exited) when its first input is 666.")
+def leaves_inference_mode(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        entered = torch.inference_mode()
+        entered.__enter__()
+        _KEPT.append(entered)
+    return x.sin()
+
+
+@register(inputs=X, description="The gradient of sum(sin(w * x)) in w at w = 1, by torch.autograd.grad inside: "
+                                "cos(x) * x.")
+def grad_inside(x: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        w = torch.ones_like(x, requires_grad=True)
+        (g,) = torch.autograd.grad((w * x).sin().sum(), w, create_graph=True)
+    return g

@@ -149,6 +149,27 @@ def test_a_front_end_that_closes_or_dies_is_no_loss(tmp_path: Path) -> None:
 # ----------------------------------------------------------------- on a real server
 
 
+@pytest.mark.parametrize("name", ["leaves_a_vmap_level", "leaves_inference_mode"])
+def test_torch_func_levels_and_inference_mode_left_entered_are_put_back(server, name: str) -> None:
+    """A torch.func transform level entered and never exited (``_vmap_increment_nesting``)
+    failed every later request of every function (500 internal_error) for as long as
+    the engine lived. Inference mode left entered failed every later function that
+    takes a gradient itself (``torch.autograd.grad``: 500 "element 0 of tensors does
+    not require grad"). Both are put back after the batch, as the other process-wide
+    settings are."""
+    url, proc = server
+    _post(url, f"/v1/functions/{name}/jacobian", json=ARMED)  # its own answer is its business
+    _sin_served(url, seconds=5)
+    r = _post(url, f"/v1/functions/{name}/jacobian", json={"inputs": [X]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X)), rtol=1e-6)
+    r = _post(url, "/v1/functions/grad_inside/evaluate", json={"inputs": [X]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["output"]["data"], np.cos(X) * np.array(X), rtol=1e-6)
+    assert f"{name} changed " in proc.read_log()
+
+
+
 def test_a_function_that_shuts_its_engines_connection_down_fails_alone_and_is_quarantined(server) -> None:
     """Before: 503 "the connection to the engine broke while this request waited; retry"
     after 2 s, at every call, never quarantined (the SDK retried it, breaking the

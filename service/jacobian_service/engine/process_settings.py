@@ -296,6 +296,35 @@ def _pop_saved_tensors_hooks(taken: Any) -> None:
         torch._C._autograd._pop_saved_tensors_default_hooks()
 
 
+# torch.func's transforms keep their levels on a stack of the thread's (vmap, grad, jvp,
+# functionalize; ``_vmap_increment_nesting`` and its kin without the decrement): one left
+# there made every later torch.func call of every function fail, "layer.key() ==
+# TransformType::Grad INTERNAL ASSERT FAILED" for the function, 500 internal_error for
+# every other, for as long as the engine lived.
+_functorch = torch._C._functorch
+
+
+def _transform_levels() -> int:
+    return _functorch.get_dynamic_layer_stack_depth()
+
+
+def _pop_transform_levels(taken: int) -> None:
+    _functorch.pop_dynamic_layer_stack_and_undo_to_depth(taken)
+
+
+# Inference mode entered and never exited (``torch.inference_mode().__enter__()``): every
+# later tensor an inference tensor, and every later function that takes a gradient itself
+# (``torch.autograd.grad``) failed, "element 0 of tensors does not require grad".
+# Its guard cannot be reached to exit it; a guard of "off" entered over it, and kept
+# (one per time it is found), puts the thread back as it was.
+_OUT_OF_INFERENCE: list[Any] = []
+
+
+def _leave_inference_mode(taken: bool) -> None:
+    if not taken and torch.is_inference_mode_enabled():
+        _OUT_OF_INFERENCE.append(torch._C._InferenceMode(False))
+
+
 def _dual_level() -> int:
     return _forward_ad._current_level  # -1: none entered
 
@@ -525,6 +554,11 @@ def _put_time_zone(taken: tuple[bytes | None, tuple[str, str], int]) -> None:
 
 
 _SETTINGS: tuple[_Setting, ...] = (
+    # First: leaving them restores the grad mode each saved, which the grad mode's own
+    # setting, after, then checks.
+    _Setting("torch.func's transform levels (vmap, grad, jvp entered, not exited)", _transform_levels,
+             _pop_transform_levels, operator.gt),
+    _Setting("inference mode (entered, not exited)", torch.is_inference_mode_enabled, _leave_inference_mode),
     _Setting("torch's default dtype", torch.get_default_dtype, torch.set_default_dtype),
     _Setting("torch's default device", _default_device, _set_default_device),
     _Setting("torch's grad mode", torch.is_grad_enabled, torch.set_grad_enabled),
