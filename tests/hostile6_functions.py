@@ -93,3 +93,13 @@ def grad_inside(x: torch.Tensor) -> torch.Tensor:
         w = torch.ones_like(x, requires_grad=True)
         (g,) = torch.autograd.grad((w * x).sin().sum(), w, create_graph=True)
     return g
+
+
+@register(inputs=X, description="sin, after lowering the engine's open-file limit (soft) to 20 when its first input "
+                                "is 666.")
+def lowers_the_open_file_limit(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (20, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    return x.sin()

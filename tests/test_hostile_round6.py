@@ -168,6 +168,23 @@ def test_torch_func_levels_and_inference_mode_left_entered_are_put_back(server, 
 
 
 
+def test_an_open_file_limit_lowered_below_the_engines_descriptors_is_put_back_and_nothing_else(server) -> None:
+    """RLIMIT_NOFILE's soft limit lowered to 20, below what the engine holds open: the
+    engine's read of /proc/self/status failed, and it took the seccomp state, the
+    capabilities and the ignored signals for changed; it left, naming the function for
+    "a seccomp filter, which cannot be put back", and a cold engine took over (503s
+    meanwhile) at each of its calls. The limit is put back first; the engine stays."""
+    url, proc = server
+    pids = httpx.get(f"{url}/v1/info", timeout=10).json()["engine_pids"]
+    r = _post(url, "/v1/functions/lowers_the_open_file_limit/jacobian", json=ARMED)
+    assert r.status_code == 200, r.text
+    _sin_served(url, seconds=5)
+    log = proc.read_log()
+    assert "lowers_the_open_file_limit changed resource limits" in log
+    assert "cannot be put back" not in log, log[-3000:]
+    assert httpx.get(f"{url}/v1/info", timeout=10).json()["engine_pids"] == pids
+
+
 def test_a_function_that_shuts_its_engines_connection_down_fails_alone_and_is_quarantined(server) -> None:
     """Before: 503 "the connection to the engine broke while this request waited; retry"
     after 2 s, at every call, never quarantined (the SDK retried it, breaking the

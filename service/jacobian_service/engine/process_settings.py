@@ -818,7 +818,6 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("the signal mask", _mask, _put_mask),
     _Setting("signals ignored outside Python (SigIgn)", _ignored, _put_ignored),
     _Setting("an interval timer (signal.alarm, setitimer)", _timers, _disarm, _armed),
-    _Setting("resource limits", _limits, _put_limits),
     *((_Setting("the scheduling policy (sched_setscheduler)", _scheduling, _put_scheduling),
        # Pinned to a CPU (``os.sched_setaffinity``): every later request ran on that one,
        # however busy, and torch's threads started later were pinned with it.
@@ -878,6 +877,12 @@ def _read(setting: _Setting) -> Any:
 # First: the lines that name what else a function changed go through these loggers.
 _SERVICE_LOGGING = _Setting("the service's own loggers (their level, handlers, or disabled)", _service_logging,
                             _put_service_logging)
+# Second, before any setting read from a file (/proc/self/status): an open-file limit
+# lowered below the descriptors the engine holds (RLIMIT_NOFILE of 20) failed that read,
+# which then said the seccomp state, the capabilities and the ignored signals had all
+# changed; the engine left, naming the function for "a seccomp filter, which cannot be
+# put back", at each of its calls.
+_RESOURCE_LIMITS = _Setting("resource limits", _limits, _put_limits)
 
 
 def _shown(value: Any, other: Any, taken: bool = False) -> Any:
@@ -897,7 +902,8 @@ class ProcessSettings:
     the whole process (signals, timers, limits...) are its to keep too."""
 
     def __init__(self, own_process: bool = False) -> None:
-        self._settings = (_SERVICE_LOGGING, *_SETTINGS, *_OWN_PROCESS_SETTINGS) if own_process else _SETTINGS
+        self._settings = (_SERVICE_LOGGING, _RESOURCE_LIMITS, *_SETTINGS, *_OWN_PROCESS_SETTINGS) if own_process \
+            else _SETTINGS
         self._own_process = own_process
         _STATUS.clear()
         self._taken = [_read(s) for s in self._settings]
