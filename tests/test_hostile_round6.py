@@ -7,6 +7,7 @@ The functions are in tests/hostile6_functions.py; each misbehaves only on the in
 from __future__ import annotations
 
 import os
+import resource
 import select
 import socket
 import subprocess
@@ -142,6 +143,47 @@ def test_a_front_end_that_closes_or_dies_is_no_loss(tmp_path: Path) -> None:
         assert listener.lost() is None
     finally:
         listener.close()
+
+
+# ----------------------------------------------------------------- no descriptor left
+
+
+def test_an_engine_out_of_descriptors_is_recycled_for_that_and_names_the_function(tmp_path: Path) -> None:
+    """A function that opened files until none was left: the settings' read of
+    /proc/self/status failed and was taken for a file refused, so the seccomp state,
+    the capabilities and the ignored signals all read as changed (the engine left
+    naming "a seccomp filter, which cannot be put back"); the selector's check had no
+    descriptor for its duplicate and said the selector closed. Neither is so: the
+    descriptor watch recycles such an engine, and now charges the function that ran,
+    where it said "opened most by no function seen"."""
+    from jacobian_service.engine.descriptor_watch import DescriptorWatch
+    from jacobian_service.engine.process_settings import ProcessSettings
+
+    listener = Listener(tmp_path / "e.sock")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    kept: list[int] = []
+    try:
+        # A lower limit, taken with the settings: the limit itself is no change.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 64, hard))
+        settings = ProcessSettings(own_process=True)
+        watch = DescriptorWatch(share=0.5)
+        watch.start()
+        try:
+            while True:  # what the function does
+                kept.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        settings.restore("uses_up_the_open_files")
+        assert settings.unrestorable is None
+        assert listener.lost() is None
+        watch.after_run("uses_up_the_open_files")
+        found = watch.check(time.monotonic())
+    finally:
+        for fd in kept:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        listener.close()
+    assert found is not None and found["grown"][0][0] == "uses_up_the_open_files", found
 
 
 # ----------------------------------------------------------------- on a real server

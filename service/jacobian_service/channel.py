@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import ctypes
+import errno
 import functools
 import logging
 import mmap
@@ -537,8 +538,10 @@ class Listener:
             return True
         try:
             probe = select.epoll.fromfd(os.dup(fd))
-        except OSError:
-            return False
+        except OSError as exc:
+            # No descriptor free for the duplicate (a function used them all up): no
+            # answer, and the descriptor watch recycles such an engine, naming it.
+            return exc.errno in (errno.EMFILE, errno.ENFILE)
         try:
             probe.modify(self.sock.fileno(), select.EPOLLIN)  # as registered: nothing changes
             return True

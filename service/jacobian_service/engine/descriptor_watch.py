@@ -86,9 +86,9 @@ class DescriptorWatch:
         self._last = now
         held = _count()
         charged = self._kept or self._ran
-        if held is None:  # no descriptor left even to list them: at the wall
-            held = self.limit + 1
-        elif held > self._held and charged:
+        if held is None:  # no descriptor left even to list them: at the wall, by the functions since
+            held = self.limit + 1  # (charged to no one, the log said "opened most by no function seen")
+        if held > self._held and charged:
             for function in charged:
                 self._grown[function] += (held - self._held) // len(charged)
         self._held = held

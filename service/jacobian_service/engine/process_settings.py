@@ -366,14 +366,26 @@ def _put_handlers(taken: tuple[Any, ...]) -> None:
 _STATUS: list[bytes] = []
 
 
+class _NoDescriptor(Exception):
+    """No descriptor free to read a file with: what a setting read from it is unknown
+    this pass, not changed (the descriptor watch recycles an engine left so)."""
+
+
 def _status(field: bytes) -> bytes | None:
     """A field of /proc/self/status as this pass read it; None where there is none (or
-    no file to read: not Linux, or a function's filter refused the read)."""
+    no file to read: not Linux, or a function's filter refused the read).
+
+    A function that used up the open-file limit failed the read too; taken for a file
+    refused, every field then read as changed (the seccomp state, the capabilities, the
+    ignored signals), and the engine left naming "a seccomp filter" that no function
+    had set: :class:`_NoDescriptor` instead."""
     if not _STATUS:
         try:
             with open("/proc/self/status", "rb") as fp:
                 _STATUS.append(b"\n" + fp.read())
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise _NoDescriptor() from exc
             _STATUS.append(b"")
     data = _STATUS[0]
     start = data.find(b"\n" + field + b":")
@@ -865,11 +877,14 @@ class _Unreadable:
 # engine's loop died of it, after the batch), and it is put back; one that cannot be read
 # at the start is left alone.
 _UNREADABLE = _Unreadable()
+_UNKNOWN = object()  # not read this pass, for want of a descriptor: left as it is
 
 
 def _read(setting: _Setting) -> Any:
     try:
         return setting.get()
+    except _NoDescriptor:
+        return _UNKNOWN
     except Exception:
         return _UNREADABLE
 
@@ -930,9 +945,11 @@ class ProcessSettings:
             faulthandler.cancel_dump_traceback_later()
         _STATUS.clear()  # read afresh, once, by the first setting that needs it
         for setting, taken in zip(self._settings, self._taken):
-            if taken is _UNREADABLE:  # at the start: nothing to put back
+            if taken is _UNREADABLE or taken is _UNKNOWN:  # at the start: nothing to put back
                 continue
             now = _read(setting)
+            if now is _UNKNOWN:
+                continue
             if now is _UNREADABLE or setting.changed(now, taken):
                 try:
                     setting.put(taken)
