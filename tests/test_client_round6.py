@@ -14,6 +14,7 @@ import io
 import json
 import struct
 import threading
+import time
 import tracemalloc
 import zipfile
 import zlib
@@ -132,10 +133,52 @@ ROUTES: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {
         ("Content-Type", "application/x-npy"), ("Content-Encoding", "deflate")]),
     "/v1/functions/zlibdeflate/jacobian": lambda h: _answer(h, zlib.compress(_npy(np.eye(3))), [
         ("Content-Type", "application/x-npy"), ("Content-Encoding", "identity, deflate")]),
+    "/v1/functions/eye/jacobian": lambda h: _answer(h, _npy(np.eye(3)), [("Content-Type", "application/x-npy")]),
     "/v1/functions/bigeye/jacobian": lambda h: _answer(h, gzip.compress(_BIGEYE), [
         ("Content-Type", "application/x-npy"), ("Content-Encoding", "gzip")]),
     "/v1/functions/brotli/jacobian": lambda h: _answer(h, b"\x8b\x02\x80hello\x03", [
         ("Content-Type", "application/x-npy"), ("Content-Encoding", "br")]),
+}
+
+
+_PROBLEM_413 = json.dumps({"type": "urn:jacobian-service:problem:payload_too_large", "title": "Payload Too Large",
+                           "status": 413, "code": "payload_too_large", "detail": "the body is over the limit",
+                           "request_id": "r413"}).encode()
+UPLOADED: dict[str, int] = {}  # path -> bytes of the refused body that arrived anyway
+
+
+def _refuse_and_close(h: BaseHTTPRequestHandler, length: int) -> None:
+    """As uvicorn (and nginx) refuse a body over their limit: 413 at once, then close
+    with the body unread (the kernel resets the connection)."""
+    _answer(h, _PROBLEM_413, [("Content-Type", "application/problem+json")], status="413 Payload Too Large")
+    h.wfile.flush()
+    h.close_connection = True
+
+
+def _refuse_and_keep_reading(h: BaseHTTPRequestHandler, length: int) -> None:
+    """413 at once with the connection kept (no Connection: close), then the body read
+    and counted: whatever the client sends after the answer is taken as that body."""
+    head = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/problem+json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(_PROBLEM_413))
+    h.wfile.write(head + _PROBLEM_413)
+    h.wfile.flush()
+    got = 0
+    h.connection.settimeout(2)
+    try:
+        while got < length:
+            piece = h.rfile.read1(min(1 << 16, length - got))
+            if not piece:
+                break
+            got += len(piece)
+    except OSError:
+        pass
+    UPLOADED[h.path.split("?")[0]] = got
+    h.close_connection = True
+
+
+EARLY: dict[str, Callable[[BaseHTTPRequestHandler, int], None]] = {
+    "/v1/functions/early413/jacobian": _refuse_and_close,
+    "/v1/functions/keepalive413/jacobian": _refuse_and_keep_reading,
 }
 
 
@@ -156,11 +199,14 @@ class _Hostile(BaseHTTPRequestHandler):
         pass
 
     def _route(self) -> None:
+        path = self.path.split("?")[0]
         length = int(self.headers.get("content-length") or 0)
+        SEEN[path] = {k.lower(): v for k, v in self.headers.items()}
+        if path in EARLY:  # answered before the body is read
+            EARLY[path](self, length)
+            return
         if length:
             self.rfile.read(length)
-        path = self.path.split("?")[0]
-        SEEN[path] = {k.lower(): v for k, v in self.headers.items()}
         try:
             ROUTES[path](self)
         except OSError:  # the client hung up (it refused the answer): expected
@@ -326,6 +372,53 @@ def test_response_too_large_is_a_transport_error_not_the_servers_413() -> None:
 def test_max_response_bytes_is_checked(value: Any) -> None:
     with pytest.raises(ValueError, match="max_response_bytes is None or a positive int"):
         jc.Client("http://127.0.0.1:9", max_response_bytes=value)
+
+
+# --------------------------------------------------------------------------- a body refused early
+
+
+def test_a_body_the_server_refuses_at_once_gets_its_413_sync_and_async(hostile: str) -> None:
+    """A server (uvicorn, nginx) refuses a body over its limit with a 413 as soon as it
+    reads the headers, and closes. The sync client read that 413 after its write failed;
+    the async one raised "TransportError: ... ReadError:" (asyncio drops what the socket
+    holds once a write fails), after three retries each sending the whole body again.
+    The clients now watch for an error answer while they send (RFC 9112 9.5), stop
+    sending, and raise the server's error."""
+    x = np.ones(2_000_000)  # 16 MB: far more than the socket buffers hold
+    _raises_both(hostile, lambda c: c.jacobian("early413", x), jc.PayloadTooLarge,
+                 r"^413 payload_too_large: the body is over the limit \(request r413\)$")
+
+
+def test_a_body_cut_short_never_leaves_its_connection_for_the_next_call(hostile: str) -> None:
+    """Once the server has refused the body (keeping the connection) and the client
+    stopped sending it, that connection is not reused (the server would read the next
+    request as the rest of the body): the next call on the same client gets its own
+    answer, sync and async, and most of the refused body is never sent."""
+    x = np.ones(2_000_000)  # 16 MB
+    path = "/v1/functions/keepalive413/jacobian"
+
+    async def main() -> Any:
+        async with jc.AsyncClient(hostile, timeout=20, max_retries=0) as client:
+            with pytest.raises(jc.PayloadTooLarge):
+                await client.jacobian("keepalive413", x)
+            return await client.jacobian("eye", X3)
+
+    with jc.Client(hostile, timeout=20, max_retries=0) as client:
+        with pytest.raises(jc.PayloadTooLarge):
+            client.jacobian("keepalive413", x)
+        np.testing.assert_array_equal(client.jacobian("eye", X3), np.eye(3))
+    sent_sync = _uploaded(path)
+    np.testing.assert_array_equal(asyncio.run(main()), np.eye(3))
+    for sent in (sent_sync, _uploaded(path)):
+        assert sent < 8 << 20, sent
+
+
+def _uploaded(path: str) -> int:
+    """What the fake read of a refused body (it counts until the client closes)."""
+    deadline = time.monotonic() + 5
+    while path not in UPLOADED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return UPLOADED.pop(path)
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -17,6 +17,12 @@ request sent, and as each write of it ends (:class:`_Clock`). The deadline trave
 context variable: the thread's for the sync client, the task's for the async one, so calls
 on other threads or tasks sharing the pool keep their own.
 
+The same wrappers stop sending a request body once the server has answered it with an
+error (:func:`_refused`): a server (or a proxy) refusing a body over its limit answers 413
+at once and closes. The sync client read that answer after its write failed; the async
+one never did (asyncio drops what the socket holds when a write fails) and, after three
+retries each sending the whole body again, raised a bare ``ReadError``.
+
 Pools are wrapped through httpcore's ``_network_backend`` attribute (httpx offers no
 argument for it); a transport without one (``httpx.MockTransport``, a user's own) is left
 as it is, with the head unbounded as before.
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import re
+import socket
 import time
 from typing import Any, Iterator, TypeVar
 
@@ -142,6 +150,39 @@ def _late(error: type[Exception] = httpcore.ReadTimeout, why: str | None = None)
         raise error(why or clock.why) from None
 
 
+# an answer's status line, an error's: 4xx or 5xx
+_ERROR_STATUS = re.compile(rb"HTTP/1\.[01] [45][0-9][0-9] ")
+
+
+def _refused(stream: Any) -> bool:
+    """Has the server already answered, with an error, the request still being sent?
+
+    RFC 9112 9.5: a client sending a body watches for an error response meanwhile, and
+    stops sending once one comes. Read by peeking at the socket (nothing is consumed:
+    httpcore reads the answer as usual), so plaintext only: behind TLS the bytes are
+    records (a session ticket, say), not a status line, and the body goes on as before."""
+    info = getattr(stream, "get_extra_info", None)  # a network backend of the caller's may have none
+    if info is None or info("ssl_object") is not None:
+        return False
+    raw = info("socket")
+    if raw is None:
+        return False
+    try:
+        # A socket object of our own on the same descriptor, detached again (the descriptor
+        # stays httpcore's): asyncio hands out a TransportSocket, which cannot recv, and a
+        # socket with a timeout waits for data (up to that timeout) whatever MSG_DONTWAIT says.
+        sock = socket.socket(fileno=raw.fileno())
+    except (OSError, AttributeError, ValueError):
+        return False
+    try:
+        head = sock.recv(13, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # nothing yet (BlockingIOError), or a socket that failed: the write will say
+        return False
+    finally:
+        sock.detach()
+    return _ERROR_STATUS.match(head) is not None
+
+
 def _sent(nbytes: int, done: bool) -> None:
     clock = _CLOCK.get()
     if clock is not None:
@@ -151,6 +192,7 @@ def _sent(nbytes: int, done: bool) -> None:
 class _Stream(httpcore.NetworkStream):
     def __init__(self, inner: Any) -> None:
         self._inner = inner
+        self._refused = False  # the server answered with an error mid-request: the rest is not sent
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
@@ -164,6 +206,9 @@ class _Stream(httpcore.NetworkStream):
         # server that takes a little at a time keeps every send of one large buffer short.
         view = memoryview(buffer)
         for start in range(0, len(view), _WRITE_PIECE):
+            if self._refused or _refused(self._inner):
+                self._refused = True
+                return  # httpcore goes on to read the answer
             piece = view[start:start + _WRITE_PIECE]
             try:
                 self._inner.write(piece, _clamp(timeout, httpcore.WriteTimeout, _SLOW))
@@ -180,6 +225,8 @@ class _Stream(httpcore.NetworkStream):
         return _Stream(self._inner.start_tls(ssl_context, server_hostname, _clamp(timeout)))
 
     def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and self._refused:  # a body cut short: never reuse the connection
+            return True
         return self._inner.get_extra_info(info)
 
 
@@ -201,6 +248,7 @@ class _Backend(httpcore.NetworkBackend):
 class _AsyncStream(httpcore.AsyncNetworkStream):
     def __init__(self, inner: Any) -> None:
         self._inner = inner
+        self._refused = False  # as _Stream's
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
@@ -212,6 +260,9 @@ class _AsyncStream(httpcore.AsyncNetworkStream):
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         view = memoryview(buffer)  # in pieces, as the sync stream's (here for the progress rule)
         for start in range(0, len(view), _WRITE_PIECE):
+            if self._refused or _refused(self._inner):
+                self._refused = True
+                return  # httpcore goes on to read the answer
             piece = view[start:start + _WRITE_PIECE]
             try:
                 await self._inner.write(piece, _clamp(timeout, httpcore.WriteTimeout, _SLOW))
@@ -229,6 +280,8 @@ class _AsyncStream(httpcore.AsyncNetworkStream):
         return _AsyncStream(await self._inner.start_tls(ssl_context, server_hostname, _clamp(timeout)))
 
     def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and self._refused:  # a body cut short: never reuse the connection
+            return True
         return self._inner.get_extra_info(info)
 
 
