@@ -445,3 +445,17 @@ def test_torch_compile_fullgraph_says_why_it_cannot_hold_a_remote_function(monke
             with pytest.raises(RuntimeError, match=why) as info:
                 compiled(torch.ones(3))
             assert "Avoid calling the function `disable`" not in str(info.value)
+
+
+def test_a_meta_tensor_is_refused_saying_why() -> None:
+    """remote(client, "sin")(torch.ones(3, device="meta")) raised torch's "Cannot copy
+    out of meta tensor; no data!" (NotImplementedError) from inside the SDK; now a
+    ValueError naming the function and the input, before any request."""
+    torch = pytest.importorskip("torch")
+    from jacobian_client.torch import remote
+
+    with jc.Client("http://127.0.0.1:9", timeout=5, max_retries=0) as client:
+        f = remote(client, "add_square")
+        with pytest.raises(ValueError, match=r"^the remote function 'add_square' got a tensor on the 'meta' device "
+                                             r"\(input 1, shape \(3,\)\): it has no values to send"):
+            f(torch.ones(3), torch.ones(3, device="meta", requires_grad=True))

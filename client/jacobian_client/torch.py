@@ -210,6 +210,18 @@ def _refuse_tracing(name: str) -> None:
             "call it eagerly (torch.func.jvp in place of linearize; torch.compile runs it outside the graph)")
 
 
+def _refuse_meta(name: str, inputs: Sequence[Any]) -> None:
+    """A tensor on the 'meta' device has a shape and no values, and the service computes
+    from values: torch's own "Cannot copy out of meta tensor; no data!" (NotImplementedError,
+    from inside the SDK's conversion) did not say which call or why."""
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            raise ValueError(
+                f"the remote function {name!r} got a tensor on the 'meta' device (input {i}, shape "
+                f"{tuple(x.shape)}): it has no values to send, and the service computes from values; call it "
+                "on real tensors (its output shapes: one call on zeros of these shapes)")
+
+
 def _refuse_legacy_batching(name: str, tensors: Sequence[Any]) -> None:
     """torch.autograd's older vectorized paths (``autograd.grad(is_grads_batched=True)``,
     ``autograd.functional.jacobian(vectorize=True)``, ``gradcheck(check_batched_grad=True)``)
@@ -307,6 +319,7 @@ class _RemoteFunction(torch.autograd.Function):
     def _evaluate(spec: _Spec, inputs: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
         _refuse_tracing(spec.ops.name)
         _refuse_legacy_batching(spec.ops.name, inputs)
+        _refuse_meta(spec.ops.name, inputs)
         ev = spec.ops.evaluate([_host(x) for x in inputs], spec.batch_ndim)
         device, low = _device(inputs), _low_precision(inputs)
         outputs = [_result(o, device, low) for o in ev.outputs]
