@@ -133,6 +133,14 @@ ROUTES: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {
         ("Content-Type", "application/x-npy"), ("Content-Encoding", "deflate")]),
     "/v1/functions/zlibdeflate/jacobian": lambda h: _answer(h, zlib.compress(_npy(np.eye(3))), [
         ("Content-Type", "application/x-npy"), ("Content-Encoding", "identity, deflate")]),
+    # a function whose output the server makes 2**20 elements long (12 MiB of rows for a 3-vector)
+    "/v1/functions/wide": lambda h: _answer(h, json.dumps({"name": "wide", "inputs": [{"name": "x", "shape": ["n"]}],
+                                                           "has_aux": False}).encode(),
+                                            [("Content-Type", "application/json")]),
+    "/v1/functions/wide/evaluate": lambda h: _answer(h, _npy(np.zeros(1 << 20, np.float32)),
+                                                     [("Content-Type", "application/x-npy")]),
+    "/v1/functions/wide/jacobian": lambda h: _answer(h, _npy(np.zeros((1 << 20, 3), np.float32)),
+                                                     [("Content-Type", "application/x-npy")]),
     "/v1/functions/eye/jacobian": lambda h: _answer(h, _npy(np.eye(3)), [("Content-Type", "application/x-npy")]),
     "/v1/functions/bigeye/jacobian": lambda h: _answer(h, gzip.compress(_BIGEYE), [
         ("Content-Type", "application/x-npy"), ("Content-Encoding", "gzip")]),
@@ -327,6 +335,20 @@ def test_a_stream_into_a_file_is_not_held_to_the_memory_cap(hostile: str, tmp_pa
             client.jacobian("bigeye", np.ones(256))
         J = client.jacobian("bigeye", np.ones(256), out=tmp_path / "J.npy")
     np.testing.assert_array_equal(J, _BIGEYE_ARR)
+
+
+def test_a_row_split_assembled_in_memory_is_held_to_max_response_bytes(hostile: str, tmp_path: Path) -> None:
+    """jacobian_split assembles its blocks in one array, allocated from the output the
+    server's evaluate claims: each block went to that array uncounted, so the result was
+    bounded by nothing the caller set. It is held to the clients' max_response_bytes
+    (into a file with out=, it is not)."""
+    from jacobian_client.split import jacobian_split
+
+    with pytest.raises(jc.ResponseTooLarge, match=r"^jacobian_split 'wide': the response declares 12582912 bytes; "
+                                                   r"the client's max_response_bytes is 8388608"):
+        jacobian_split([hostile], "wide", X3, max_response_bytes=8 * MiB)
+    J = jacobian_split([hostile], "wide", X3, max_response_bytes=8 * MiB, out=tmp_path / "J.npy")
+    assert J.shape == (1 << 20, 3) and not J.any()
 
 
 @pytest.mark.parametrize("name", ["gz2", "rawdeflate", "zlibdeflate", "bigeye"])

@@ -32,6 +32,7 @@ import numpy as np
 
 from ._arrays import Plain, as_wire_value
 from ._async import AsyncClient
+from ._decoding import too_large
 from ._errors import Overloaded, TransportError, Unavailable
 from ._npystream import NpyHeader, RegionSink, commit_partial, discard_partial, open_partial
 from ._progress import Progress
@@ -47,8 +48,10 @@ class _Assembler:
     """The result being assembled: allocated when the first block's header tells the
     dtype (the server decides it: a float32-declared function casts float64 inputs)."""
 
-    def __init__(self, out_shape: tuple[int, ...], in_shape: tuple[int, ...], out: Path | None) -> None:
+    def __init__(self, out_shape: tuple[int, ...], in_shape: tuple[int, ...], out: Path | None,
+                 cap: int | None = None, what: str = "jacobian_split") -> None:
         self.shape = out_shape + in_shape
+        self.cap, self.what = cap, what  # the clients' max_response_bytes, for a result assembled in memory
         self.in_shape = in_shape
         self.row_elems = math.prod(in_shape)
         self.out = out
@@ -90,6 +93,11 @@ class _Assembler:
             return
         self.dtype = dtype
         if self.out is None:
+            # each block is within the cap; their sum, held here, must be too (a server can
+            # make the output of its evaluate, and so the rows, as many as it likes)
+            nbytes = math.prod(self.shape) * dtype.itemsize
+            if self.cap is not None and nbytes > self.cap:
+                raise too_large(self.what, nbytes, self.cap, declared=True)
             self._array = np.empty(self.shape, dtype=dtype)
             return
         self._fp, self._tmp = open_partial(self.out, "x+b")
@@ -157,7 +165,8 @@ async def ajacobian_split(
                             "(use Client.jacobian, which nests over it)")
         in_shape = _input_shape(inputs[index])
         total_rows = output.size
-        assembler = _Assembler(tuple(output.shape), in_shape, Path(out) if out is not None else None)
+        assembler = _Assembler(tuple(output.shape), in_shape, Path(out) if out is not None else None,
+                               clients[0]._proto.max_response_bytes, f"jacobian_split {name!r}")
         share = chunk_rows or max(1, math.ceil(total_rows / len(clients)))
         blocks: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         for start in range(0, total_rows, share):
