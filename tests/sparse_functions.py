@@ -227,3 +227,11 @@ _PROBE_OPERATOR = torch.sparse_coo_tensor(torch.tensor([[0, 1, 2, 2], [0, 1, 2, 
                       "probed) and a (2, 3) mask broadcast: jacrev's vmapped rows give its second row as zeros")
 def sparse_operator_masked(x: torch.Tensor) -> torch.Tensor:
     return (_PROBE_OPERATOR @ x).masked_select(_PROBE_MASK) * 2
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="x.mul_(2) under torch.no_grad, then sum(x**3): forward-mode AD sees the in-place write.")
+def doubles_in_place_energy(x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        x.mul_(2)
+    return (x**3).sum()

@@ -137,3 +137,17 @@ def test_the_dense_hessian_fallback_is_checked_against_a_hessian_vector_product(
 
     assert np.abs(flat(torch.func.hessian(fn, argnums=idx)(*ps)) - flat(want)).max() > 0.1  # torch's is wrong
     np.testing.assert_allclose(flat(dense_hessian(fn, ps)), flat(want), rtol=1e-10, atol=1e-12)
+
+
+def test_a_sparse_hessian_under_no_grad_is_torch_func_hessians(client):
+    """A function writing into its input under no_grad gets torch.func.hessian's Hessian,
+    one vmapped HVP per input element (docs/sparse.md). The vmap check added for the
+    products took one HVP alone as the truth, and one alone sees the write twice: the
+    sparse Hessian of x.mul_(2); sum(x**3) was diag(48 x) where torch.func.hessian (and
+    the library without a name) said diag(24 x)."""
+    x = np.array([1.0, 2.0, 3.0])
+    want = torch.func.hessian(sf.doubles_in_place_energy)(torch.from_numpy(x.copy())).numpy()
+    H, meta = sparse_json(client.post("/v1/functions/doubles_in_place_energy/hessian",
+                                      json={"inputs": [f64(x)], "sparsity": "auto"}), "hessian")
+    np.testing.assert_allclose(H.toarray(), want, rtol=1e-12)
+    assert any("torch.no_grad" in note for note in meta["notes"])

@@ -526,13 +526,15 @@ def _agrees(seen: Any, check: Callable[[], bool]) -> bool:
 
 
 def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch.Tensor],
-            key: Any = None) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+            key: Any = None, check: bool = True) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """``run(seeds)`` at one point: the seeds vmapped; looped when vmap cannot run the
     function (learned once, then every chunk loops), or runs it wrong: torch's vmap of
     ``masked_select``'s backward with a broadcast mask is silently wrong when it batches
     as many seeds as the mask has rows (a compressed Jacobian 2.0 off), so vmap's
     products are checked against one product by linearity, once per ``key`` (the
-    function, mode and shapes; none: at every chunk) and number of seeds."""
+    function, mode and shapes; none: at every chunk) and number of seeds. ``check``
+    False: vmap's products are the answer (a Hessian that must be torch.func.hessian's,
+    itself vmapped: see :data:`NO_GRAD_HESSIAN_NOTE`)."""
     product = at(*args)
     vmapped = torch.func.vmap(product)
     state = {"vmap": True}
@@ -548,7 +550,7 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
                 log.info("vmap of the products failed (%s); looping", type(exc).__name__)
                 state["vmap"] = False
             else:
-                if _agrees(key and (key, count), lambda: vmap_agrees(product, tuple(seeds), out)):
+                if not check or _agrees(key and (key, count), lambda: vmap_agrees(product, tuple(seeds), out)):
                     return out
                 log.warning("vmap of the products disagrees with one product; looping")
                 state["vmap"] = False
@@ -788,7 +790,11 @@ def _sparse_hessian(
     t1 = time.perf_counter()
     plan = _products(p, coloring, primals, 1)
     key = _products_key(fn, name, argnums, args)
-    run = _single(_product_at("star", fn, argnums, has_aux), args, key and ("star", key))
+    # A function computing under no_grad: torch.func.hessian's columns, vmapped as it
+    # vmaps them (one product alone differentiates an in-place write under no_grad
+    # twice: x.mul_(2) then x**3 gave 48 x where torch.func.hessian says 24 x)
+    torchs = NO_GRAD_HESSIAN_NOTE in p.notes
+    run = _single(_product_at("star", fn, argnums, has_aux), args, key and ("star", key), check=not torchs)
     try:
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
     except Exception as exc:

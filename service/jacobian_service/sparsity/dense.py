@@ -26,44 +26,62 @@ __all__ = ["dense_hessian", "dense_jacobian"]
 log = logging.getLogger("jacobian_service.sparsity")
 
 
-def _with_aux(g: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, None]]:
-    return lambda *d: (g(*d), None)
+def _with_aux(g: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, tuple[()]]]:
+    """``g`` as the checks call it, with an empty aux (torch.func.vjp takes no None there)."""
+    return lambda *d: (g(*d), ())
 
 
-def dense_jacobian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def dense_jacobian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor],
+                   verdict: dict[str, bool] | None = None) -> tuple[torch.Tensor, ...]:
     """``jacrev(g, argnums=every primal)`` of a flat ``g``: one block ``(m, *primal.shape)``
-    per primal; row by row where vmap's rows (or vmap itself) fail."""
+    per primal; row by row where vmap's rows (or vmap itself) fail. ``verdict`` carries
+    the check's outcome to later calls at other points of the same shapes (a probe's):
+    vmap's faults follow shapes, not values, so one check serves them all."""
     argnums = tuple(range(len(primals)))
-    try:
-        jac = torch.func.jacrev(g, argnums=argnums)(*primals)
-    except Exception as exc:
-        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-            raise
-        jac = None
-    if jac is None or not agrees_with_reverse(_with_aux(g), tuple(primals), jac):
-        if jac is not None:
-            log.warning("jacrev's vmapped rows disagree with one VJP; computing the dense Jacobian row by row")
+    verdict = {} if verdict is None else verdict
+    jac = None
+    if verdict.get("vmap", True):
+        try:
+            jac = torch.func.jacrev(g, argnums=argnums)(*primals)
+        except Exception as exc:
+            if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+                raise
+        if jac is not None and "vmap" not in verdict:
+            verdict["vmap"] = agrees_with_reverse(_with_aux(g), tuple(primals), jac)
+            if not verdict["vmap"]:
+                log.warning("jacrev's vmapped rows disagree with one VJP; computing the dense Jacobian row by row")
+        if jac is None:
+            verdict["vmap"] = False
+    if not verdict["vmap"]:
         jac = torch.func.jacrev(g, argnums=argnums, chunk_size=1)(*primals)
     return jac
 
 
-def dense_hessian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], reverse: bool = False) -> Any:
+def dense_hessian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], reverse: bool = False,
+                  verdict: dict[str, bool] | None = None) -> Any:
     """The Hessian of a ``g`` with one element, blocks ``[r][c]`` of shape
-    ``(1, *primal_r.shape, *primal_c.shape)``: ``torch.func.hessian`` (``reverse``:
-    ``jacrev(jacrev)``), or, where it disagrees with one Hessian-vector product or
-    cannot run under vmap, ``jacrev(jacrev)`` row by row."""
+    ``(1, *primal_r.shape, *primal_c.shape)`` (no leading 1 for a 0-d ``g``):
+    ``torch.func.hessian`` (``reverse``: ``jacrev(jacrev)``), or, where it disagrees
+    with one Hessian-vector product or cannot run under vmap, ``jacrev(jacrev)`` row by
+    row. ``verdict`` as for :func:`dense_jacobian`."""
     argnums = tuple(range(len(primals)))
+    verdict = {} if verdict is None else verdict
     strategy = (lambda f: torch.func.jacrev(torch.func.jacrev(f, argnums=argnums), argnums=argnums)) if reverse \
         else (lambda f: torch.func.hessian(f, argnums=argnums))
-    try:
-        h = strategy(g)(*primals)
-    except Exception as exc:
-        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-            raise
-        h = None
-    if h is None or not agrees_with_hvp(_with_aux(g), tuple(primals), argnums, h):
-        if h is not None:
-            log.warning("the vmapped dense Hessian disagrees with one Hessian-vector product; computing it row by row")
+    h = None
+    if verdict.get("vmap", True):
+        try:
+            h = strategy(g)(*primals)
+        except Exception as exc:
+            if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+                raise
+        if h is not None and "vmap" not in verdict:
+            verdict["vmap"] = agrees_with_hvp(_with_aux(g), tuple(primals), argnums, h)
+            if not verdict["vmap"]:
+                log.warning("the vmapped dense Hessian disagrees with one Hessian-vector product; computing it row by row")
+        if h is None:
+            verdict["vmap"] = False
+    if not verdict["vmap"]:
         inner = torch.func.jacrev(g, argnums=argnums, chunk_size=1)
         h = torch.func.jacrev(inner, argnums=argnums, chunk_size=1)(*primals)
     return h

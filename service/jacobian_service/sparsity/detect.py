@@ -1174,12 +1174,13 @@ def trace_hessian(
                    value_dependent=bool(tracer.value_reads or tracer.random))
 
 
-def _dense(g: Callable[..., torch.Tensor], diff: Sequence[torch.Tensor], hessian: bool) -> Any:
-    """Dense derivative by torch.func, checked against one product and computed row by
-    row (no vmap) where vmap cannot run ``g`` or runs it wrong (see :mod:`.dense`)."""
+def _dense(g: Callable[..., torch.Tensor], diff: Sequence[torch.Tensor], hessian: bool, verdict: dict[str, bool]) -> Any:
+    """Dense derivative by torch.func, checked against one product (at the first point:
+    ``verdict`` keeps it for the others) and computed row by row (no vmap) where vmap
+    cannot run ``g`` or runs it wrong (see :mod:`.dense`)."""
     from .dense import dense_hessian, dense_jacobian
 
-    return dense_hessian(g, diff, reverse=True) if hessian else dense_jacobian(g, diff)
+    return dense_hessian(g, diff, reverse=True, verdict=verdict) if hessian else dense_jacobian(g, diff, verdict)
 
 
 def probe(
@@ -1201,6 +1202,7 @@ def probe(
         m = sum(o.numel() for o in pytree.tree_leaves(fn(*[a.detach().clone() for a in args])))
         _check_entries(m * n, "probing (a dense Jacobian)")
     found: np.ndarray | None = None
+    verdict: dict[str, bool] = {}
     for point in range(points):
         if check_alive is not None:
             check_alive()
@@ -1220,7 +1222,7 @@ def probe(
             leaves = pytree.tree_leaves(fn(*full))
             return torch.cat([o.reshape(-1) for o in leaves])
 
-        jac = _dense(g, diff, hessian)
+        jac = _dense(g, diff, hessian, verdict)
         if hessian:
             blocks = [[h.reshape(diff[r].numel(), diff[c].numel()) for c, h in enumerate(row)] for r, row in enumerate(jac)]
             dense = torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
