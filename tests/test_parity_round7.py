@@ -461,3 +461,17 @@ def test_npz_query_argnums_as_jacrev(c, query, want_argnums):
     assert r.status_code == 200, r.text
     trees, _ = wire.read_result_npz(r.content)
     same(trees["jacobian"], jacrev(F.three, argnums=want_argnums)(*t([X, Y, Z])))
+
+
+def test_stacked_tangents_of_a_function_writing_into_its_input(c):
+    """test_inplace_on_inputs, forward mode: ``x.mul_(2)`` under torch.func.jvp doubles
+    the primal and the tangent in place. A stack of tangents ran under vmap, then its
+    check and the one-at-a-time loop ran on what that left: 2x torch's answer, with a
+    200. Each product must see the request's values, as torch's one call does."""
+    x, vs = X, np.stack([X, Y])
+    want = vmap(lambda v: jvp(F.inplace_input, (t(x),), (v,))[1])(t(vs))
+    for _ in range(2):  # the first runs vmap's check; the second takes its verdict
+        got, _ = answer(post(c, "inplace_input", "jvp", [x], tangents=vs.tolist(), batched_vectors=True), "jvp")
+        same(got, want)
+    got, _ = answer(post(c, "inplace_input", "jvp", [x], tangents=vs[1].tolist()), "jvp")
+    same(got, want[1])

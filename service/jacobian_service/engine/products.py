@@ -30,13 +30,17 @@ def over_vectors(name: str, product: Callable[..., Any], vectors: tuple[Any, ...
     vmap rule), or runs it wrong (:func:`vmap_agrees`, checked once per ``key`` and
     remembered in ``checked``), one vector at a time, stacked: what ``vmap`` should
     answer, as a Jacobian's rows are then (rows.py), so a stack of vectors is answered
-    wherever one vector is. ``again()`` gives the product for the loop on fresh inputs
-    (``vmap`` may have written into them before it failed, for a function writing into
-    its inputs)."""
+    wherever one vector is. ``again()`` gives the product on fresh inputs, for the check
+    and the loop: a function that writes into its inputs in forward mode (``x.mul_(2)``:
+    torch.func.jvp doubles the primal and the tangent in place) has changed them once
+    ``vmap`` ran, and a check or loop on what it left answered for other values (a
+    stack of jvp tangents came back 2x torch's, with a 200). So ``vmap`` and each
+    product of the loop get copies of the vectors, and the check the product on fresh
+    inputs."""
     leaves = [v for v in pytree.tree_leaves(vectors) if isinstance(v, torch.Tensor) and v.dim()]
     batch = leaves[0].shape[0] if leaves else 0
     try:
-        value = torch.func.vmap(product)(*vectors)
+        value = torch.func.vmap(product)(*fresh(vectors))
     except Exception as exc:
         if is_oom(exc) or isinstance(exc, ServiceError) or not batch:
             raise
@@ -45,12 +49,12 @@ def over_vectors(name: str, product: Callable[..., Any], vectors: tuple[Any, ...
         if not batch:
             return value
         if key not in checked:
-            checked[key] = vmap_agrees(product, vectors, value)
+            checked[key] = vmap_agrees(again() if again is not None else product, vectors, value)
         if checked.get(key):
             return value
         log.warning("vmap of %s's products disagrees with one product; one vector at a time", name)
     one = again() if again is not None else product
-    per = [one(*_take(vectors, k)) for k in range(batch)]
+    per = [one(*fresh(_take(vectors, k))) for k in range(batch)]
     return pytree.tree_map(lambda *xs: torch.stack(xs), *per)
 
 
