@@ -223,3 +223,84 @@ def inplace_nograd(x):
     with torch.no_grad():
         x.add_(1)
     return x * 2
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("y", shape=("n",))])
+def writes_other(x, y):
+    """Writes into an input it is not differentiated by (argnums=0): torch allows it."""
+    y.add_(1)
+    return x * y
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def aliased_outputs(x):
+    """One tensor twice in a tuple and once in a dict: aliased outputs."""
+    y = x.sin()
+    return y, {"again": y, "input": x}
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def mixed_dtypes(x):
+    """Outputs of two float dtypes from one input."""
+    return x.sin(), x.double().cos() * 3
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("y", shape=("n",))])
+def copy_into_other(x, y):
+    """torch's test_inplace: y.copy_(x), then y itself; d/dx is the identity."""
+    y.copy_(x)
+    return y
+
+
+@register(inputs=[Input("x", shape=(3,)), Input("y", shape=(2,)), Input("z", shape=(2,))])
+def slice_assign(x, y, z):
+    """torch's test_inplace, the tuple-argnums case: x[:2] = y into an input not differentiated."""
+    x[:2] = y
+    return torch.vstack([(x**2).sum(), (z**3).sum()])
+
+
+@register(inputs=[Input("x", shape=(10, 2)), Input("y", shape=(1, 2))])
+def chunk_tree(x, y):
+    """torch's test_chunk_jacrev: nested tuple outputs, one 0-d."""
+    return (x.sin(), x + y), (x + 2, x.sum())
+
+
+class _DynamicBackward(torch.autograd.Function):
+    """The identity, whose backward runs an op of dynamic shape (nonzero): vmap cannot."""
+
+    @staticmethod
+    def forward(x):
+        return x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_output.nonzero()
+        return grad_output
+
+
+@register(inputs=[Input("x", shape=(3, 3))])
+def dynamic_backward(x):
+    """torch's test_chunk_jacrev_chunksize_one: jacrev runs with chunk_size=1 only."""
+    return _DynamicBackward.apply(x)
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("y", shape=("m",))])
+def returns_inputs(x, y):
+    """torch's test_against_reference_unrelated_outputs: the inputs themselves, twice."""
+    return x, y, x, y
+
+
+@register(inputs=[Input("x", shape=()), Input("y", shape=(1,))])
+def zero_dim_mixed(x, y):
+    """torch's test_against_reference_zero_dim, mixed: a 0-d input, a 0-d output."""
+    return y.sum(), x * y
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("y", shape=("m",))])
+def ones_scalar(x, y):
+    """torch's Hessian of an output unrelated to all inputs: a constant 0-d."""
+    return torch.ones([], dtype=x.dtype)

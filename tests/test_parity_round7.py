@@ -475,3 +475,96 @@ def test_stacked_tangents_of_a_function_writing_into_its_input(c):
         same(got, want)
     got, _ = answer(post(c, "inplace_input", "jvp", [x], tangents=vs[1].tolist()), "jvp")
     same(got, want[1])
+
+
+# --- more of torch's TestJac / TestHessian / TestJvp cases ---
+
+RNG = np.random.default_rng(1)
+XC, YC = RNG.standard_normal((10, 2)).astype(np.float32), RNG.standard_normal((1, 2)).astype(np.float32)
+XD = RNG.standard_normal((3, 3)).astype(np.float32)
+X3, Y2, Z2 = (RNG.standard_normal(s).astype(np.float32) for s in ((3,), (2,), (2,)))
+
+
+def looped(fn):
+    """Example by example: the reference where torch's own vmap cannot run."""
+    return lambda *xs: torch.stack([fn(*(x[i] for x in xs)) for i in range(xs[0].shape[0])])
+
+
+TORCH_CASES = [
+    # (function, endpoint, inputs, options, torch's answer)
+    # test_inplace: y.copy_(x) then y; x[:2] = y into an input not differentiated
+    ("copy_into_other", "jacobian", [X[:2], Y[:2]], {}, jacrev(F.copy_into_other)),
+    ("copy_into_other", "jacobian", [X[:2], Y[:2]], {"mode": "fwd"}, jacfwd(F.copy_into_other)),
+    ("copy_into_other", "hessian", [X[:2], Y[:2]], {}, hessian(F.copy_into_other)),
+    ("copy_into_other", "jvp", [X[:2], Y[:2]], {"tangents": [1, 2]},
+     lambda x, y: jvp(F.copy_into_other, (x, y), (torch.tensor([1.0, 2]), torch.zeros(2)))[1]),
+    ("copy_into_other", "jacobian", [np.stack([X[:2], Y[:2]]), np.stack([Y[:2], X[:2]])], {"batched": True},
+     vmap(jacrev(F.copy_into_other))),
+    ("slice_assign", "jacobian", [X3, Y2, Z2], {"argnums": [1, 2]}, jacrev(F.slice_assign, argnums=(1, 2))),
+    ("slice_assign", "jacobian", [X3, Y2, Z2], {"argnums": [1, 2], "mode": "fwd"}, jacfwd(F.slice_assign, argnums=(1, 2))),
+    ("slice_assign", "hessian", [X3, Y2, Z2], {"argnums": [1, 2]}, hessian(F.slice_assign, argnums=(1, 2))),
+    ("slice_assign", "jacobian", [np.stack([X3, X3]), np.stack([Y2, Z2]), np.stack([Z2, Y2])],
+     {"argnums": [1, 2], "batched": True}, vmap(jacrev(F.slice_assign, argnums=(1, 2)))),
+    # test_chunk_jacrev: nested tuple outputs at every chunk size, and forward mode
+    *[("chunk_tree", "jacobian", [XC, YC], {"argnums": [0, 1], "chunk_size": cs}, jacrev(F.chunk_tree, argnums=(0, 1)))
+      for cs in (1, 3, 7, 10, 1000)],
+    ("chunk_tree", "jacobian", [XC, YC], {"argnums": [0, 1], "mode": "fwd"}, jacrev(F.chunk_tree, argnums=(0, 1))),
+    ("chunk_tree", "hessian", [XC, YC], {"argnums": [0, 1]}, hessian(F.chunk_tree, argnums=(0, 1))),
+    # test_chunk_jacrev_chunksize_one: torch's jacrev needs chunk_size=1; the service
+    # answers every chunk size (rows one by one where vmap cannot run), a stack of
+    # cotangents and per-example Jacobians too
+    *[("dynamic_backward", "jacobian", [XD], {"chunk_size": cs}, jacrev(F.dynamic_backward, chunk_size=1))
+      for cs in (None, 1, 2)],
+    ("dynamic_backward", "jacobian", [XD], {"mode": "fwd"}, jacrev(F.dynamic_backward, chunk_size=1)),
+    ("dynamic_backward", "jacobian", [np.stack([XD, -XD])], {"batched": True},
+     looped(jacrev(F.dynamic_backward, chunk_size=1))),
+    ("dynamic_backward", "vjp", [XD], {"cotangents": np.stack([XD, XD**2]).tolist(), "batched_vectors": True},
+     lambda x: looped(lambda v: vjp(F.dynamic_backward, x)[1](v)[0])(t(np.stack([XD, XD**2])))),
+    # test_against_reference_unrelated_outputs / _zero_dim; TestHessian's unrelated outputs
+    ("returns_inputs", "jacobian", [X[:2], Y], {"argnums": [0, 1]}, jacrev(F.returns_inputs, argnums=(0, 1))),
+    ("returns_inputs", "jacobian", [X[:2], Y], {"argnums": [0, 1], "mode": "fwd"}, jacrev(F.returns_inputs, argnums=(0, 1))),
+    ("returns_inputs", "hessian", [X[:2], Y], {"argnums": [0, 1]}, hessian(F.returns_inputs, argnums=(0, 1))),
+    ("returns_inputs", "vjp", [X[:2], Y], {"argnums": [0, 1], "cotangents": [[1, 1], [1, 1, 1], [2, 2], [2, 2, 2]]},
+     lambda x, y: vjp(F.returns_inputs, x, y)[1]((torch.ones(2), torch.ones(3), 2 * torch.ones(2), 2 * torch.ones(3)))),
+    ("zero_dim_mixed", "jacobian", [Z, Y[:1]], {"argnums": [0, 1]}, jacrev(F.zero_dim_mixed, argnums=(0, 1))),
+    ("zero_dim_mixed", "jacobian", [Z, Y[:1]], {"argnums": [0, 1], "mode": "fwd"}, jacrev(F.zero_dim_mixed, argnums=(0, 1))),
+    ("zero_dim_mixed", "hessian", [Z, Y[:1]], {"argnums": [0, 1]}, hessian(F.zero_dim_mixed, argnums=(0, 1))),
+    ("ones_scalar", "hessian", [X[:2], Y], {"argnums": [0, 1]}, hessian(F.ones_scalar, argnums=(0, 1))),
+    ("ones_scalar", "hvp", [X[:2], Y], {"argnums": [0, 1], "tangents": [[1, 1], [1, 1, 1]]},
+     lambda x, y: jvp(torch.func.grad(F.ones_scalar, argnums=(0, 1)), (x, y), (torch.ones(2), torch.ones(3)))[1]),
+    # aliased outputs; outputs of two float dtypes
+    ("aliased_outputs", "jacobian", [X], {}, jacrev(F.aliased_outputs)),
+    ("aliased_outputs", "vjp", [X], {"cotangents": [[1, 1, 1], {"again": [1, 2, 3], "input": [1, 1, 1]}]},
+     lambda x: vjp(F.aliased_outputs, x)[1]((torch.ones(3), {"again": torch.tensor([1.0, 2, 3]), "input": torch.ones(3)}))[0]),
+    *[("mixed_dtypes", endpoint, [X.astype(dtype)], options, want)
+      for dtype in ("float16", "float64")
+      for endpoint, options, want in [("jacobian", {}, jacrev(F.mixed_dtypes)), ("jacobian", {"mode": "fwd"}, jacrev(F.mixed_dtypes)),
+                                      ("hessian", {}, hessian(F.mixed_dtypes))]],
+    ("writes_other", "jvp", [X, Y], {"tangents": [1, 1, 1]},
+     lambda x, y: jvp(F.writes_other, (x, y), (torch.ones(3), torch.zeros(3)))[1]),
+    ("writes_other", "jacobian", [X, Y], {"mode": "fwd", "return_output": True}, jacrev(F.writes_other)),
+]
+
+
+@pytest.mark.parametrize(("name", "endpoint", "inputs", "options", "want"), TORCH_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(TORCH_CASES)])
+def test_torch_eager_transform_cases(c, name, endpoint, inputs, options, want):
+    got, doc = answer(post(c, name, endpoint, inputs, **options), endpoint)
+    same(got, want(*t(inputs)), rtol=1e-3 if inputs[0].dtype == np.float16 else 1e-5)
+    if options.get("return_output"):
+        same(wire.decode_tree(doc["output"]), getattr(F, name)(*t(inputs)))
+
+
+@pytest.mark.parametrize(
+    ("name", "endpoint", "inputs", "options", "torch_call"),
+    [
+        # x is differentiated and written into: jacrev's leaf refuses the write
+        ("slice_assign", "jacobian", [X3, Y2, Z2], {"argnums": 0}, lambda x, y, z: jacrev(F.slice_assign)(x, y, z)),
+        # torch.func.hessian vmaps the backward, whose nonzero vmap cannot batch
+        ("dynamic_backward", "hessian", [XD], {}, lambda x: hessian(F.dynamic_backward)(x)),
+    ],
+)
+def test_torch_eager_transform_errors(c, name, endpoint, inputs, options, torch_call):
+    assert_problem(post(c, name, endpoint, inputs, **options), 500, "function_error")
+    with pytest.raises(RuntimeError):
+        torch_call(*t(inputs))
