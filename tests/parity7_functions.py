@@ -304,3 +304,59 @@ def zero_dim_mixed(x, y):
 def ones_scalar(x, y):
     """torch's Hessian of an output unrelated to all inputs: a constant 0-d."""
     return torch.ones([], dtype=x.dtype)
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def upcast(x):
+    """Computes and returns float32 whatever float dtype it is sent (float16 in: an
+    output wider than its input)."""
+    return x.float().exp()
+
+
+_LAYER = torch.nn.Linear(3, 2)  # parameters that require grad, as a model's do
+
+
+@register(inputs=[Input("x", shape=(3,))], has_aux=True)
+def with_parameters(x):
+    """A model's layer: output and aux hold tensors that require grad (through the
+    layer's parameters), the weight itself in aux; torch.func.jacrev answers them."""
+    y = _LAYER(x).tanh()
+    return y, {"pre": _LAYER(x), "weight": _LAYER.weight, "bias_sum": _LAYER.bias.sum()}
+
+
+class _ScaleGradInPlace(torch.autograd.Function):
+    """3 x, whose backward scales its grad_output in place (allowed: autograd hands it over)."""
+
+    @staticmethod
+    def forward(x):
+        return x * 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output.mul_(3)
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * 3
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def backward_writes_grad(x):
+    """A backward that writes into the cotangent it is given."""
+    return _ScaleGradInPlace.apply(x).sin()
+
+
+@register(inputs=[Input("x", shape=("n",))], has_aux=True)
+def aux_triple(x):
+    """has_aux, but three entries: torch.func wants exactly (output, aux)."""
+    return x.sin(), x.cos(), x.tan()
+
+
+@register(inputs=[Input("x", shape=("n",))], has_aux=True)
+def aux_list(x):
+    """has_aux, returned as a list [output, aux] rather than a tuple."""
+    return [x.sin(), x.cos()]

@@ -283,13 +283,16 @@ def test_aux_per_example_as_vmap(c):
     assert aux["b"][1]["e"] == "text" and aux["i"] == 2.5 and aux["j"] is True
 
 
-@pytest.mark.parametrize("endpoint", ["jacobian", "evaluate", "hessian"])
-def test_has_aux_without_a_tuple_is_the_functions_error(c, endpoint):
-    """test_aux_not_tuple: torch raises; the service answers the function's 500."""
-    body = assert_problem(post(c, "aux_not_tuple", endpoint, [X]), 500, "function_error")
+@pytest.mark.parametrize(("endpoint", "vectors"), [("jacobian", {}), ("evaluate", {}), ("hessian", {}),
+                                                  ("vjp", {"cotangents": [1, 1, 1]}), ("jvp", {"tangents": [1, 1, 1]})])
+@pytest.mark.parametrize("name", ["aux_not_tuple", "aux_triple", "aux_list"])
+def test_has_aux_without_a_pair_is_the_functions_error(c, endpoint, vectors, name):
+    """test_aux_not_tuple: a bare tensor, three entries or a list where (output, aux) is
+    due: torch raises; the service answers the function's 500, on every endpoint."""
+    body = assert_problem(post(c, name, endpoint, [X], **vectors), 500, "function_error")
     assert "(output, aux)" in body["detail"]
-    with pytest.raises(RuntimeError, match="tuple"):
-        jacrev(F.aux_not_tuple, has_aux=True)(t(X))
+    with pytest.raises(RuntimeError, match=r"\(output, aux\)"):
+        jacrev(getattr(F, name), has_aux=True)(t(X))
 
 
 # --- vjp / jvp / hvp: pytrees, argnums, ragged vectors written as plain lists ---
@@ -540,6 +543,19 @@ TORCH_CASES = [
       for dtype in ("float16", "float64")
       for endpoint, options, want in [("jacobian", {}, jacrev(F.mixed_dtypes)), ("jacobian", {"mode": "fwd"}, jacrev(F.mixed_dtypes)),
                                       ("hessian", {}, hessian(F.mixed_dtypes))]],
+    # an output wider than its input (float16 in, float32 out): blocks in the input's dtype
+    *[("upcast", endpoint, [X.astype(np.float16)], options, want)
+      for endpoint, options, want in [("jacobian", {}, jacrev(F.upcast)), ("jacobian", {"mode": "fwd"}, jacrev(F.upcast)),
+                                      ("hessian", {}, hessian(F.upcast)),
+                                      ("jvp", {"tangents": [1, 2, 3]},
+                                       lambda x: jvp(F.upcast, (x,), (torch.tensor([1.0, 2, 3], dtype=torch.float16),))[1])]],
+    # a model's parameters: outputs and aux that require grad outside the transform
+    ("with_parameters", "jacobian", [X], {}, lambda x: jacrev(F.with_parameters, has_aux=True)(x)[0]),
+    ("with_parameters", "hessian", [X], {}, hessian(no_aux(F.with_parameters))),
+    # a backward that writes into the cotangent it is given
+    *[("backward_writes_grad", "jacobian", [X], {"chunk_size": cs}, jacrev(F.backward_writes_grad)) for cs in (None, 1, 2)],
+    ("backward_writes_grad", "vjp", [X], {"cotangents": [[1, 2, 3], [4, 5, 6]], "batched_vectors": True},
+     lambda x: looped(lambda v: vjp(F.backward_writes_grad, x)[1](v.clone())[0])(torch.tensor([[1.0, 2, 3], [4, 5, 6]]))),
     ("writes_other", "jvp", [X, Y], {"tangents": [1, 1, 1]},
      lambda x, y: jvp(F.writes_other, (x, y), (torch.ones(3), torch.zeros(3)))[1]),
     ("writes_other", "jacobian", [X, Y], {"mode": "fwd", "return_output": True}, jacrev(F.writes_other)),
@@ -551,6 +567,9 @@ TORCH_CASES = [
 def test_torch_eager_transform_cases(c, name, endpoint, inputs, options, want):
     got, doc = answer(post(c, name, endpoint, inputs, **options), endpoint)
     same(got, want(*t(inputs)), rtol=1e-3 if inputs[0].dtype == np.float16 else 1e-5)
+    if name == "with_parameters":  # aux's tensors, the layer's weight among them
+        _, aux = F.with_parameters(t(X))
+        same(wire.decode_tree(doc["aux"]), {k: v.detach() for k, v in aux.items()})
     if options.get("return_output"):
         same(wire.decode_tree(doc["output"]), getattr(F, name)(*t(inputs)))
 
