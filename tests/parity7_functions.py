@@ -360,3 +360,26 @@ def aux_triple(x):
 def aux_list(x):
     """has_aux, returned as a list [output, aux] rather than a tuple."""
     return [x.sin(), x.cos()]
+
+
+@register(inputs=[Input("x", shape=("m", "n"))], has_aux=True)
+def views(x):
+    """Outputs and aux that are views of one tensor: transposed, expanded (stride 0),
+    strided, a diagonal; large enough to cross the engine's shared memory."""
+    y = x * 2
+    return {"t": y.t(), "e": y[0].expand(64, y.shape[1]), "s": y[:, ::2]}, {"d": y.diagonal(), "t": x.t()}
+
+
+_Pair = __import__("collections").namedtuple("_Pair", ["first", "second"])
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def namedtuple_out(x):
+    """A namedtuple output: torch's pytrees nest it as a tuple."""
+    return _Pair(x.sin(), x.cos().sum())
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def ordered_dict_out(x):
+    """An OrderedDict output, keys not sorted."""
+    return __import__("collections").OrderedDict([("b", x.sin()), ("a", x * 2)])

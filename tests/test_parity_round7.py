@@ -8,6 +8,7 @@ as well. One in-process app serves the module (no server start)."""
 
 from __future__ import annotations
 
+import collections
 import io
 from typing import Any
 
@@ -556,6 +557,15 @@ TORCH_CASES = [
     *[("backward_writes_grad", "jacobian", [X], {"chunk_size": cs}, jacrev(F.backward_writes_grad)) for cs in (None, 1, 2)],
     ("backward_writes_grad", "vjp", [X], {"cotangents": [[1, 2, 3], [4, 5, 6]], "batched_vectors": True},
      lambda x: looped(lambda v: vjp(F.backward_writes_grad, x)[1](v.clone())[0])(torch.tensor([[1.0, 2, 3], [4, 5, 6]]))),
+    # namedtuple and OrderedDict outputs: a JSON list and an object in the output's order
+    ("namedtuple_out", "jacobian", [X], {}, jacrev(F.namedtuple_out)),
+    ("namedtuple_out", "hessian", [X], {}, hessian(F.namedtuple_out)),
+    ("namedtuple_out", "vjp", [X], {"cotangents": [[1, 2, 3], 2.0]},
+     lambda x: vjp(F.namedtuple_out, x)[1](F._Pair(torch.tensor([1.0, 2, 3]), torch.tensor(2.0)))[0]),
+    ("ordered_dict_out", "jacobian", [X], {"mode": "fwd"}, jacrev(F.ordered_dict_out)),
+    ("ordered_dict_out", "vjp", [X], {"cotangents": {"a": [1, 1, 1], "b": [1, 2, 3]}},
+     lambda x: vjp(F.ordered_dict_out, x)[1](
+         collections.OrderedDict(b=torch.tensor([1.0, 2, 3]), a=torch.ones(3)))[0]),
     ("writes_other", "jvp", [X, Y], {"tangents": [1, 1, 1]},
      lambda x, y: jvp(F.writes_other, (x, y), (torch.ones(3), torch.zeros(3)))[1]),
     ("writes_other", "jacobian", [X, Y], {"mode": "fwd", "return_output": True}, jacrev(F.writes_other)),
