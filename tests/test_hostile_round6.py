@@ -145,6 +145,32 @@ def test_a_front_end_that_closes_or_dies_is_no_loss(tmp_path: Path) -> None:
         listener.close()
 
 
+# ----------------------------------------------------------------- aux
+
+
+class _Untouchable(list):
+    """A list that says it is huge and must not be gone through."""
+
+    def __len__(self) -> int:
+        return 30_000_000
+
+    def __iter__(self):
+        raise AssertionError("gone through, item by item")
+
+
+@pytest.mark.parametrize("aux", [_Untouchable(), {"a": 1, "b": _Untouchable()}, [[0] * 600_000, _Untouchable()]])
+def test_an_aux_over_the_item_limit_is_refused_before_it_is_gone_through(aux) -> None:
+    """An aux of 30 million numbers (``list(range(30_000_000))``) had each put on the
+    check's stack before its count said no: seconds and gigabytes in the engine, and
+    the request's 504 with the engine killed as hung, where the 500 saying why was due
+    at once. A container's length now counts before its items are looked at."""
+    from jacobian_service.engine.calling import _check_aux
+    from jacobian_service.errors import FunctionError
+
+    with pytest.raises(FunctionError, match="aux holds more than 1,000,000 items"):
+        _check_aux(aux)
+
+
 # ----------------------------------------------------------------- no descriptor left
 
 

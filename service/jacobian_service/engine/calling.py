@@ -127,6 +127,11 @@ def _check_aux(aux: Any) -> None:
         if isinstance(node, (list, tuple, dict)):
             if depth == _AUX_MAX_DEPTH:
                 raise FunctionError(f"aux is nested more than {_AUX_MAX_DEPTH} levels deep (or holds itself)")
+            # Counted before they are looked at: a list of 30 million numbers put 30
+            # million pairs on the stack before the count said no (seconds, gigabytes,
+            # then a 504 and the engine killed as hung, where a 500 saying why was due).
+            if items + len(stack) + len(node) > _AUX_MAX_ITEMS:
+                raise FunctionError(f"aux holds more than {_AUX_MAX_ITEMS:,} items; return large data as a tensor")
             if isinstance(node, dict):
                 for key in node:
                     if not isinstance(key, str):
