@@ -104,3 +104,4 @@ def lowers_the_open_file_limit(x: torch.Tensor) -> torch.Tensor:
         resource.setrlimit(resource.RLIMIT_NOFILE, (20, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     return x.sin()
 
+

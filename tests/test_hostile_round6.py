@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from jacobian_service.channel import _BYE, Listener, encode_control
+from jacobian_service.channel import _BYE, FrameReader, Listener, encode_control
 
 from .conftest import assert_problem, live_server
 
@@ -108,6 +108,42 @@ def test_a_connection_shut_down_under_the_engine_is_lost(tmp_path: Path, how: in
             peer = next(k.data for k in listener.selector.get_map().values() if k.data is not None)
             listener.send(peer, [[b"{}"]])
         assert listener.lost() == "connection to a front end"
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_a_reply_the_socket_cannot_take_at_once_is_sent_as_it_was(tmp_path: Path) -> None:
+    """The rest of a reply left on later polls, after the next batch has run, as a view
+    of the tensor the function returned: one it keeps and fills again at each call (a
+    buffer, ``out=``, a module's state) reached the client as the next call left it.
+    On a real server, six clients of such a function's 8 MiB output at once, three
+    times: 8 of 18 answers (200) held another request's values, some a mix of two."""
+    listener = Listener(tmp_path / "e.sock")  # no shared memory: every frame on the socket
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(str(tmp_path / "e.sock"))
+        _accepted(listener)
+        peer = next(k.data for k in listener.selector.get_map().values() if k.data is not None)
+        kept = np.full(1 << 22, 1.0, np.float32)  # 16 MiB: more than the socket takes at once
+        listener.send(peer, [[b"{}", kept]])
+        assert peer.out  # the rest waits for the client
+        kept[:] = 2.0  # the function's next call
+        reader = FrameReader()
+        client.settimeout(0.05)
+        deadline = time.monotonic() + 10
+        while not reader.messages:
+            assert time.monotonic() < deadline
+            listener.poll(0)
+            try:
+                n = client.recv_into(reader.buffer())
+            except TimeoutError:
+                continue
+            reader.updated(n)
+        header, frame = reader.take()[0]
+        got = np.frombuffer(frame, np.float32)
+        assert header == b"{}" and got.size == kept.size
+        assert (got == 1.0).all(), np.unique(got)
     finally:
         client.close()
         listener.close()

