@@ -481,3 +481,25 @@ def test_a_meta_tensor_is_refused_saying_why() -> None:
         with pytest.raises(ValueError, match=r"^the remote function 'add_square' got a tensor on the 'meta' device "
                                              r"\(input 1, shape \(3,\)\): it has no values to send"):
             f(torch.ones(3), torch.ones(3, device="meta", requires_grad=True))
+
+
+# --------------------------------------------------------------------------- credentials in messages
+
+
+def test_wait_ready_does_not_put_the_base_urls_password_in_its_error() -> None:
+    """Client("http://user:s3cret@host:port").wait_ready() raised "TimeoutError:
+    http://user:s3cret@host:port not ready after ..." (the password in every log of it;
+    a failed call's TransportError already left it out); now the URL without it, sync
+    and async."""
+    url = "http://user:s3cret@127.0.0.1:9"
+    with jc.Client(url, max_retries=0) as client, pytest.raises(TimeoutError) as info:
+        client.wait_ready(timeout=0.2, interval=0.05)
+    assert str(info.value) == "http://127.0.0.1:9/ not ready after 0.2 s"
+
+    async def main() -> None:
+        async with jc.AsyncClient(url, max_retries=0) as client:
+            await client.wait_ready(timeout=0.2, interval=0.05)
+
+    with pytest.raises(TimeoutError) as info:
+        asyncio.run(main())
+    assert "s3cret" not in str(info.value) and "user" not in str(info.value)

@@ -22,7 +22,7 @@ from ._headwait import body_deadline, bound_head_reads, head_deadline
 from ._models import FunctionInfo
 from ._protocol import (
     BINARY, DEFAULT_MAX_RESPONSE_BYTES, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, client_closed, not_an_answer,
-    shapes_of, transport_error, with_body,
+    shapes_of, shown_url, transport_error, with_body,
 )
 
 __all__ = ["AsyncClient"]
@@ -154,7 +154,7 @@ class AsyncClient:
         deadline = time.monotonic() + timeout
         while not await self._probe(True, deadline):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.base_url} not ready after {timeout} s")
+                raise TimeoutError(f"{shown_url(self._http.base_url)} not ready after {timeout} s")
             await anyio.sleep(interval)
 
     # ------------------------------------------------------------------ compute

@@ -70,6 +70,7 @@ __all__ = [
     "not_an_answer",
     "parse_retry_after",
     "shapes_of",
+    "shown_url",
     "transport_error",
     "with_body",
 ]
@@ -185,11 +186,16 @@ def is_retryable_exception(exc: BaseException) -> bool:
     return isinstance(exc, _RETRYABLE_EXCEPTIONS)
 
 
+def shown_url(url: httpx.URL) -> str:
+    """A URL as messages show it: scheme, host, port and path, never the credentials of a
+    ``user:password@`` base URL or the query (messages end up in logs)."""
+    return f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}{url.path}"
+
+
 def transport_error(exc: BaseException, call: Call) -> TransportError:
     kind = type(exc).__name__
     try:  # which server: "Connection refused" alone does not say a URL was wrong (httpx's errors carry it)
-        url = exc.request.url  # type: ignore[attr-defined]
-        where = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}{url.path}"  # no key, no query
+        where = shown_url(exc.request.url)  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError):  # not httpx's, or one made before any request
         where = call.path
     return TransportError(f"{call.method} {where}: {kind}: {exc or 'no detail'}")
