@@ -229,6 +229,30 @@ def sparse_operator_masked(x: torch.Tensor) -> torch.Tensor:
     return (_PROBE_OPERATOR @ x).masked_select(_PROBE_MASK) * 2
 
 
+@register(inputs=[Input("u", shape=("nx", "ny", "nz"))],
+          description="A 3-D reaction-diffusion residual on a periodic grid: the 7-point stencil by torch.roll.")
+def heat3d_periodic(u: torch.Tensor) -> torch.Tensor:
+    lap = sum(torch.roll(u, s, d) for d in range(3) for s in (1, -1)) - 6 * u
+    return lap + u * (1 - u)
+
+
+@register(inputs=[Input("u", shape=("nx", "ny", "nz"))],
+          description="A 3-D reaction-diffusion residual, zero Dirichlet boundaries (F.pad): the 7-point stencil.")
+def heat3d_dirichlet(u: torch.Tensor) -> torch.Tensor:
+    p = F.pad(u, (1, 1, 1, 1, 1, 1))
+    lap = (p[:-2, 1:-1, 1:-1] + p[2:, 1:-1, 1:-1] + p[1:-1, :-2, 1:-1] + p[1:-1, 2:, 1:-1]
+           + p[1:-1, 1:-1, :-2] + p[1:-1, 1:-1, 2:] - 6 * u)
+    return lap + u * (1 - u)
+
+
+@register(inputs=[Input("u", shape=("n",))],
+          description="1-D Burgers on a periodic grid, first-order upwind by torch.where, plus diffusion.")
+def burgers_upwind(u: torch.Tensor) -> torch.Tensor:
+    left, right = torch.roll(u, 1), torch.roll(u, -1)
+    advection = torch.where(u > 0, u * (u - left), u * (right - u))
+    return -advection + 0.1 * (left - 2 * u + right)
+
+
 @register(inputs=[Input("x", shape=("n",), dtype="float64")],
           description="x.mul_(2) under torch.no_grad, then sum(x**3): forward-mode AD sees the in-place write.")
 def doubles_in_place_energy(x: torch.Tensor) -> torch.Tensor:

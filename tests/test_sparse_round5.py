@@ -139,6 +139,56 @@ def test_the_dense_hessian_fallback_is_checked_against_a_hessian_vector_product(
     np.testing.assert_allclose(flat(dense_hessian(fn, ps)), flat(want), rtol=1e-10, atol=1e-12)
 
 
+# ------------------------------------------------------------------ colourings of stencils
+
+
+@pytest.mark.parametrize("lower,upper,n", [(8, 4, 8192), (8, 4, 100), (1, 1, 17), (1, 1, 16), (2, 2, 64)])
+def test_a_periodic_band_takes_the_fewest_colours_any_colouring_can(lower, upper, n):
+    """A band w wide that wraps around needs ceil(n / floor(n / w)) colours, and ``j mod
+    k`` reaches that only where k divides n: lorenz96's band at n = 8,192 took 15 (14 do),
+    a periodic tridiagonal on 17 points 5 (4 do), a 5-wide one on 64 points 8 (6 do)."""
+    from jacobian_service.sparsity import banded
+    from jacobian_service.sparsity.coloring import column_coloring, row_coloring
+
+    p = banded(lower, upper, periodic=True).build([(n,)], n)
+    w = lower + upper + 1
+    optimum = -(-n // (n // w))
+    for coloring in (column_coloring(p), row_coloring(p)):
+        assert coloring.n_colors == optimum, (coloring.n_colors, coloring.strategy)
+
+
+@pytest.mark.parametrize("name,shape", [("heat3d_periodic", "7,7,7"), ("heat3d_periodic", "14,14,14"),
+                                        ("heat3d_dirichlet", "6,6,6"), ("heat3d_dirichlet", "13,13,13")])
+def test_the_7_point_stencil_of_a_3d_grid_takes_7_products(client, name, shape):
+    """A 3-D stencil's columns are 1, ny nz apart and nx ny nz: one width's lattice fails
+    where the sides are 0 or +-1 mod 7, and greedy orders took 8 (6 x 6 x 6 with
+    boundaries) to 16 (14 x 14 x 14, periodic). A lattice of two widths, (x + 2y + 3z)
+    mod 7, takes the 7 the lower bound says."""
+    doc = client.get(f"/v1/functions/{name}/sparsity?shapes={shape}").json()
+    assert doc["coloring"]["lower_bound"] == 7 and doc["products"] == 7, doc["coloring"]
+
+
+@pytest.mark.parametrize("name,shape", [("heat3d_periodic", (7, 7, 7)), ("heat3d_dirichlet", (6, 6, 6)),
+                                        ("burgers_upwind", (17,))])
+def test_pde_residuals_match_dense_jacrev(client, name, shape):
+    """Values (and every nonzero of jacrev in the pattern), .npz read by scipy alone."""
+    import io
+
+    import scipy.sparse as sp
+
+    from tests.conftest import npy_bytes
+
+    fn = getattr(sf, name)
+    u = RNG.uniform(-1, 1, shape)
+    want = torch.func.jacrev(fn)(torch.from_numpy(u)).reshape(u.size, u.size).numpy()
+    r = client.post(f"/v1/functions/{name}/jacobian?sparsity=auto", content=npy_bytes(u.astype(np.float32)),
+                    headers={"content-type": wire.NPY, "accept": wire.NPZ})
+    assert r.status_code == 200, r.text
+    J = sp.load_npz(io.BytesIO(r.content))
+    assert not ((want != 0) & (J.toarray() == 0) & ~np.isclose(want, 0, atol=1e-6)).any()
+    np.testing.assert_allclose(J.toarray(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_sparse_hessian_under_no_grad_is_torch_func_hessians(client):
     """A function writing into its input under no_grad gets torch.func.hessian's Hessian,
     one vmapped HVP per input element (docs/sparse.md). The vmap check added for the

@@ -345,6 +345,9 @@ def _at_the_bound(p: Pattern, work: int, lower: int, active: np.ndarray, check_a
     by_modulus = _modulo(p, lower, active, check_alive, most=lower)
     if by_modulus is not None:
         return by_modulus, "modulo"
+    by_runs = _runs(p, lower, lower + 1, active, check_alive)
+    if by_runs is not None:
+        return by_runs, "runs"
     on_grid = _lattice(p, lower, lower + 1, active, check_alive)
     return (on_grid, "lattice") if on_grid is not None else None
 
@@ -365,12 +368,36 @@ def _modulo(p: Pattern, lower: int, active: np.ndarray, check_alive: Check = Non
     return None
 
 
+def _runs(p: Pattern, lower: int, worse: int, active: np.ndarray, check_alive: Check = None) -> np.ndarray | None:
+    """``colour(j) = j - (start of j's run)``, the n columns cut into ``q = ceil(n / k)``
+    runs of ``floor(n / q)`` or ``ceil(n / q)`` columns (at most k), for the smallest
+    valid k from the lower bound up to ``worse - 1``, or None.
+
+    A periodic band w wide needs ``ceil(n / floor(n / w))`` colours (every w consecutive
+    columns distinct, around the circle too), and ``j mod k`` reaches that only where k
+    divides n: lorenz96's 13-wide band at n = 8,192 took 15 colours (``j mod 15``:
+    none of 13 and 14 divides 8,192), the runs take 14; a periodic tridiagonal on 17
+    points took 5 where 4 do. Where k divides n the runs are ``j mod k`` itself."""
+    m, n = p.shape
+    for k in range(max(lower, 1), min(worse, n + 1)):
+        _check(check_alive)  # each try looks at every entry
+        q = -(-n // k)
+        starts = (np.arange(q + 1, dtype=np.int64) * n) // q
+        colors = np.arange(n, dtype=np.int64) - np.repeat(starts[:-1], np.diff(starts))
+        if _all_distinct(p.rows * k + colors[p.cols], m * k):
+            return np.where(active, colors, -1)
+    return None
+
+
 # Grid widths tried by the lattice colouring: the most common column offsets of a row.
 _LATTICE_WIDTHS = 4
 # Rows of the sample a candidate lattice colouring must pass before the full check.
 _LATTICE_SAMPLE_ROWS = 256
 # Lattices are tried up to this many colours (k shifts each): stencils need a few dozen.
 _LATTICE_MOST_COLOURS = 64
+# Two-width (3-D) lattices are tried up to this many colours (k^2 shifts each): the
+# 27-point stencil needs 27.
+_LATTICE_3D_MOST_COLOURS = 27
 # Colours past the lower bound tried (each k costs 4 k sample checks): a lattice of
 # a stencil reaches the bound itself, and a pattern far from it is no grid.
 _LATTICE_EXTRA_COLOURS = 4
@@ -386,16 +413,23 @@ def _lattice(p: Pattern, lower: int, worse: int, active: np.ndarray, check_alive
     stencil on any grid, where the flat ``j mod 5`` fails once w is 0 or +-1 mod 5 (a
     300 x 300 grid: 6 colours, then). ``w`` is tried among the most common column
     offsets of a row, and ``s`` over every residue; each candidate is checked exactly
-    (no two entries of a row share a colour), first on a sample of rows."""
+    (no two entries of a row share a colour), first on a sample of rows. On a 3-D grid
+    two widths are needed: ``(j mod w1 + s1 ((j div w1) mod (w2 / w1)) + s2 (j div w2)) mod k``
+    for ``w2`` a multiple of ``w1`` among those offsets."""
     m, n = p.shape
     if worse <= lower or p.nnz == 0 or lower > _LATTICE_MOST_COLOURS:
         return None
     offsets = p.cols - p.rows
     values, counts = np.unique(offsets[offsets >= 2], return_counts=True)
-    widths = values[np.argsort(-counts, kind="stable")][:_LATTICE_WIDTHS].tolist()
+    order = np.argsort(-counts, kind="stable")[:_LATTICE_WIDTHS]
+    widths = values[order].tolist()
+    # a grid's offsets are in nearly every row: only those pair up as a 3-D grid's widths
+    common = values[order][counts[order] * 2 >= m].tolist()[:3]
     mid = m // 2
     sample = (p.rows >= mid) & (p.rows < mid + _LATTICE_SAMPLE_ROWS)
     rows, cols = p.rows[sample] - mid, p.cols[sample]
+    # 3-D grids: two widths, a row's (w1) and a plane's (w2, a multiple of w1)
+    pairs = [(a, b) for a in common for b in common if b > a and b % a == 0]
     for k in range(max(lower, 1), min(worse, lower + _LATTICE_EXTRA_COLOURS + 1)):
         for w in widths:
             col, line = cols % w, cols // w
@@ -407,7 +441,29 @@ def _lattice(p: Pattern, lower: int, worse: int, active: np.ndarray, check_alive
                 colors = (every % w + shift * (every // w)) % k
                 if _all_distinct(p.rows * k + colors[p.cols], m * k):
                     return np.where(active, colors, -1)
+        for w1, w2 in pairs if k <= _LATTICE_3D_MOST_COLOURS else ():
+            # (z + s1 y + s2 x) mod k on an (x, y, z) grid: (x + 2 y + 3 z) mod 7 colours the
+            # 7-point stencil on any grid (and on a periodic one whose sides are multiples of
+            # 7), where one width's lines fail once the side is 0 or +-1 mod 7 (6 x 6 x 6: 8)
+            col, line, plane = cols % w1, (cols // w1) % (w2 // w1), cols // w2
+            for s1 in range(k):
+                _check(check_alive)
+                for s2 in _distinct_shifts(rows, (col + s1 * line) % k, plane % k, k):
+                    every = np.arange(n)
+                    colors = (every % w1 + s1 * ((every // w1) % (w2 // w1)) + s2 * (every // w2)) % k
+                    if _all_distinct(p.rows * k + colors[p.cols], m * k):
+                        return np.where(active, colors, -1)
     return None
+
+
+def _distinct_shifts(rows: np.ndarray, base: np.ndarray, step: np.ndarray, k: int) -> list[int]:
+    """The shifts s in ``range(k)`` for which ``(base + s * step) mod k`` gives no two
+    entries of a sample row (``rows`` below ``_LATTICE_SAMPLE_ROWS``) one colour: every
+    shift in one count (k shifts one at a time cost k numpy passes each)."""
+    shifts = np.arange(k, dtype=np.int64)[:, None]
+    slots = (shifts * _LATTICE_SAMPLE_ROWS + rows[None, :]) * k + (base[None, :] + shifts * step[None, :]) % k
+    counts = np.bincount(slots.reshape(-1), minlength=k * _LATTICE_SAMPLE_ROWS * k).reshape(k, -1)
+    return np.flatnonzero(counts.max(axis=1, initial=0) <= 1).tolist()
 
 
 def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, check_alive: Check = None) -> Coloring:
@@ -435,6 +491,10 @@ def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, ch
             by_modulus = _modulo(p, lower, active, check_alive)
             if by_modulus is not None and by_modulus.max(initial=-1) < colors.max(initial=-1):
                 colors, strategy = by_modulus, "modulo"
+        if int(colors.max(initial=-1)) + 1 > lower:
+            by_runs = _runs(p, lower, int(colors.max(initial=-1)) + 1, active, check_alive)
+            if by_runs is not None:
+                colors, strategy = by_runs, "runs"
         if int(colors.max(initial=-1)) + 1 > lower:
             on_grid = _lattice(p, lower, int(colors.max(initial=-1)) + 1, active, check_alive)
             if on_grid is not None:
