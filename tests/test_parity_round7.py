@@ -597,3 +597,19 @@ def test_torch_eager_transform_errors(c, name, endpoint, inputs, options, torch_
     assert_problem(post(c, name, endpoint, inputs, **options), 500, "function_error")
     with pytest.raises(RuntimeError):
         torch_call(*t(inputs))
+
+
+@pytest.mark.parametrize("k", [3.5, {"dtype": "int64", "shape": [], "data": 2.5}, [0.5]])
+def test_fractional_number_for_an_integer_input_is_422(c, k):
+    """A plain JSON 3.5 for an int64 input computed with 3, silently (numpy's cast
+    truncates), where a float32 array is refused as no same_kind cast: whole numbers only."""
+    r = c.post("/v1/functions/int_arg/evaluate", json={"inputs": [X.tolist(), k]})
+    assert "not a whole number" in assert_problem(r, 422, "invalid_input")["detail"]
+
+
+@pytest.mark.parametrize("k", [3, 3.0, 1e3, {"dtype": "int32", "shape": [], "data": 3}])
+def test_whole_numbers_for_an_integer_input(c, k):
+    got, _ = answer(c.post("/v1/functions/int_arg/jacobian", json={"inputs": [X.tolist(), k], "return_output": True}),
+                    "jacobian")
+    whole = int(k["data"] if isinstance(k, dict) else k)
+    same(got, jacrev(F.int_arg)(t(X), torch.tensor(whole)))

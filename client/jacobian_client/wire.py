@@ -345,6 +345,12 @@ def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarr
         info = np.iinfo(dtype)
         if not (np.isfinite(arr).all() and info.min <= arr.min() and arr.max() <= info.max):
             raise WireError(f"array data does not fit {dtype}", "invalid_input")
+        if arr.dtype.kind == "f" and not (arr == np.trunc(arr)).all():
+            # The cast below truncates: 3.5 for an int64 input computed with 3, silently,
+            # where a float32 array is refused (no same_kind cast to an integer)
+            bad = float(arr.flat[np.flatnonzero(arr != np.trunc(arr))[0]])
+            raise WireError(f"array data holds {bad!r}, not a whole number; {dtype} takes whole numbers",
+                            "invalid_input")
     if dtype is not None and arr.dtype != dtype:
         with np.errstate(over="ignore", invalid="ignore"):  # 1e300 as float32 is inf, as numpy casts it
             try:
