@@ -383,3 +383,9 @@ def namedtuple_out(x):
 def ordered_dict_out(x):
     """An OrderedDict output, keys not sorted."""
     return __import__("collections").OrderedDict([("b", x.sin()), ("a", x * 2)])
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("k", shape=(), dtype="int32")])
+def int32_arg(x, k):
+    """An int32 input: a wider integer sent must fit it."""
+    return x * k

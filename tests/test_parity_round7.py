@@ -613,3 +613,21 @@ def test_whole_numbers_for_an_integer_input(c, k):
                     "jacobian")
     whole = int(k["data"] if isinstance(k, dict) else k)
     same(got, jacrev(F.int_arg)(t(X), torch.tensor(whole)))
+
+
+@pytest.mark.parametrize("transport", ["json", "npz"])
+@pytest.mark.parametrize(("k", "dtype"), [(2**40 + 3, "int64"), (2**63, "uint64"), (-(2**31) - 1, "int64")])
+def test_integer_too_wide_for_an_integer_input_is_422(c, transport, k, dtype):
+    """An int64 2**40 + 3 for an int32 input was cast (same_kind) with wrap-around and
+    computed with k = 3 (200), where the same number sent plain is a 422."""
+    x = X.tolist()
+    if transport == "json":
+        r = c.post("/v1/functions/int32_arg/evaluate", json={"inputs": [x, {"dtype": dtype, "shape": [], "data": k}]})
+    else:
+        buf = io.BytesIO()
+        np.savez(buf, x=X, k=np.array(k, dtype=dtype))
+        r = c.post("/v1/functions/int32_arg/evaluate", content=buf.getvalue(), headers={"content-type": wire.NPZ})
+    assert assert_problem(r, 422, "invalid_input")["detail"] == f"input 'k': {k} does not fit int32"
+    got, _ = answer(c.post("/v1/functions/int32_arg/jacobian", json={"inputs": [x, {"dtype": dtype, "shape": [], "data": 7}]}),
+                    "jacobian")  # a value that fits still casts
+    same(got, jacrev(F.int32_arg)(t(X), torch.tensor(7, dtype=torch.int32)))
