@@ -125,20 +125,6 @@ def _leading_shape(obj: Any) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def _check_fits(name: str, arr: np.ndarray, target: np.dtype) -> None:
-    """An integer array cast to a narrower integer input wraps what does not fit (an
-    int64 2**40 + 3 for an int32 input computed with 3, a -1 for uint8 with 255), where
-    the same number sent plain is refused: refuse it too. Floats keep numpy's cast
-    (out of range is inf, as torch's ``.to`` gives)."""
-    if target.kind not in "iu" or arr.dtype.kind not in "iu" or not arr.size:
-        return
-    info = np.iinfo(target)
-    low, high = arr.min(), arr.max()
-    if low < info.min or high > info.max:
-        bad = int(low if low < info.min else high)
-        raise InvalidInput(f"input {name!r}: {bad} does not fit {target.name}")
-
-
 def _is_vector_node(obj: Any) -> bool:
     """In cotangents / tangents, an object that is not an array is a dict node, and a
     list holding objects (or such lists) a tuple node; a list of numbers is one array.
@@ -271,6 +257,20 @@ def _check_differentiable(name: str, declared: str, dtype: str, sent: str) -> No
     gradients"."""
     if dtype not in FLOAT_DTYPES or declared == FLOATING and sent not in FLOAT_DTYPES:
         raise InvalidInput(f"input {name!r} is {sent}; only floating inputs can be differentiated")
+
+
+def _check_fits(name: str, arr: np.ndarray, target: np.dtype) -> None:
+    """An integer array cast to a narrower integer input wraps what does not fit (an
+    int64 2**40 + 3 for an int32 input computed with 3, a -1 for uint8 with 255), where
+    the same number sent plain is refused: refuse it too. Floats keep numpy's cast
+    (out of range is inf, as torch's ``.to`` gives)."""
+    if target.kind not in "iu" or arr.dtype.kind not in "iu" or not arr.size:
+        return
+    info = np.iinfo(target)
+    low, high = arr.min(), arr.max()
+    if low < info.min or high > info.max:
+        bad = int(low if low < info.min else high)
+        raise InvalidInput(f"input {name!r}: {bad} does not fit {target.name}")
 
 
 def parse_call(
