@@ -389,3 +389,19 @@ def ordered_dict_out(x):
 def int32_arg(x, k):
     """An int32 input: a wider integer sent must fit it."""
     return x * k
+
+
+@register(inputs=[Input("x", shape=("n",))], has_aux=True)
+def aux_python_number(x):
+    """Aux holds a Python number read from the values (.item(): no vmap) and a string
+    that depends on them."""
+    s = float(x.sum())
+    return x.sin(), {"sum": s, "sign": "pos" if s > 0 else "neg"}
+
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def all_no_grad(x):
+    """The whole output under no_grad: reverse mode sees a constant, forward mode does not."""
+    with torch.no_grad():
+        return x * 2

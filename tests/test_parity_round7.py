@@ -566,6 +566,10 @@ TORCH_CASES = [
     ("ordered_dict_out", "vjp", [X], {"cotangents": {"a": [1, 1, 1], "b": [1, 2, 3]}},
      lambda x: vjp(F.ordered_dict_out, x)[1](
          collections.OrderedDict(b=torch.tensor([1.0, 2, 3]), a=torch.ones(3)))[0]),
+    # all under no_grad: reverse mode's constant (zeros, whatever mode asks), forward's 2 I in jvp
+    ("all_no_grad", "jacobian", [X], {"mode": "fwd"}, jacrev(F.all_no_grad)),
+    ("all_no_grad", "hessian", [X], {}, hessian(F.all_no_grad)),
+    ("all_no_grad", "jvp", [X], {"tangents": [1, 2, 3]}, lambda x: jvp(F.all_no_grad, (x,), (torch.tensor([1.0, 2, 3]),))[1]),
     ("writes_other", "jvp", [X, Y], {"tangents": [1, 1, 1]},
      lambda x, y: jvp(F.writes_other, (x, y), (torch.ones(3), torch.zeros(3)))[1]),
     ("writes_other", "jacobian", [X, Y], {"mode": "fwd", "return_output": True}, jacrev(F.writes_other)),
