@@ -874,6 +874,21 @@ def test_a_warm_spare_takes_over_at_once():
         assert len(engines) == 1 and b"--standby" in _cmdline(engines[0])  # the promoted spare serves
 
 
+def test_a_warm_spare_takes_over_at_once_after_crashes_in_a_row():
+    """The restart backoff held back the promotion of a warm spare: the third crash
+    within a minute left the server answering 503 for a second, the fourth for two,
+    and so on up to ten, beside a spare ready to serve. The spare now takes over at
+    once; the backoff delays the next spare's start (what a crash loop repeats)."""
+    with live_server(**{**SETTINGS, "QUARANTINE_AFTER": 1000}) as (url, _):
+        for crash in range(4):  # the backoff before the fourth promotion was 2 s (0, 0.5, 1, 2)
+            wait_spare(url)
+            r = httpx.post(f"{url}/v1/functions/exits/jacobian", json=ARMED, timeout=30)
+            assert_problem(r, 500, "function_error")
+            assert back_within(url, 1.5) < 1.5, f"crash {crash + 1}"
+        sin_ok(url)
+        assert restarts(url) == 4
+
+
 def test_without_standby_there_is_no_spare():
     with live_server(**SETTINGS, ENGINE_STANDBY="false") as (url, proc):
         sin_ok(url)
