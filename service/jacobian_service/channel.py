@@ -457,6 +457,8 @@ class Listener:
         # engine spun a core, for ever. Only poll tells.
         self._listening = select.poll()
         self._listening.register(self.sock.fileno(), select.POLLIN)
+        # The front ends' connections too (lost: one shut down under it), by descriptor.
+        self._peers: dict[int, Peer] = {}
         self._dropped_lost = False  # a front end's connection dropped as its descriptor was closed under it
         self._hung_up: list[Peer] = []  # reported by the next poll
         self._owing: set[Peer] = set()  # front ends with blocks to give back
@@ -517,16 +519,13 @@ class Listener:
                 return what
         if not self._selector_holds_listener():
             return "selector"
-        if any(events & (select.POLLHUP | select.POLLERR) for _, events in self._listening.poll(0)):
+        ready = self._listening.poll(0)
+        if any(events & (select.POLLHUP | select.POLLERR) for fd, events in ready if fd == self._own["listening socket"]):
             return "listening socket"
-        if peers:
-            hung_up = select.poll()
-            for peer in peers:
-                hung_up.register(peer.sock.fileno(), select.POLLIN | getattr(select, "POLLRDHUP", 0))
-            by_fd = {peer.sock.fileno(): peer for peer in peers}
-            for fd, events in hung_up.poll(0):
-                if events & _HUNG_UP and self._ended_here(by_fd[fd], read=True):
-                    return "connection to a front end"
+        for fd, events in ready:
+            peer = self._peers.get(fd)
+            if peer is not None and not peer.gone and events & _HUNG_UP and self._ended_here(peer, read=True):
+                return "connection to a front end"
         return None
 
     def _selector_holds_listener(self) -> bool:
@@ -595,6 +594,8 @@ class Listener:
             _grow_buffers(sock)
             peer = Peer(sock, self.shared_bytes)
             self.selector.register(sock, selectors.EVENT_READ, peer)
+            self._listening.register(sock.fileno(), select.POLLIN | getattr(select, "POLLRDHUP", 0))
+            self._peers[sock.fileno()] = peer
             if (offer := peer.sharing.offer()) is not None:
                 self._write(peer, [memoryview(offer)])
 
@@ -637,6 +638,10 @@ class Listener:
             self.selector.unregister(peer.sock)
         except (KeyError, ValueError):
             pass
+        for fd, known in list(self._peers.items()):
+            if known is peer:
+                del self._peers[fd]
+                self._listening.unregister(fd)
         try:
             peer.sock.close()
         except OSError:  # its descriptor closed under it (a function): lost() says so
