@@ -6,6 +6,7 @@ The functions are in tests/hostile6_functions.py; each misbehaves only on the in
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import select
@@ -147,6 +148,26 @@ def test_a_reply_the_socket_cannot_take_at_once_is_sent_as_it_was(tmp_path: Path
     finally:
         client.close()
         listener.close()
+
+
+def test_an_in_process_result_is_its_own_once_settled() -> None:
+    """The same under ``serve --in-process``: the engine's thread settled a result as views
+    of what the function returned, and the loop encoded them while that thread ran the
+    next batch, which wrote them again."""
+    from jacobian_service.engine_client import _settler
+    from jacobian_service.types import Result
+
+    async def settled() -> Result:
+        fut = asyncio.get_running_loop().create_future()
+        kept = np.full(4, 1.0, np.float32)  # what the function keeps and returned
+        result = Result(kept[:], {"state": kept}, True, (kept, kept[1:]))
+        await asyncio.to_thread(_settler(fut), result, None, None)  # on the engine's thread
+        kept[:] = 2.0  # its next call
+        return (await fut)[0]
+
+    result = asyncio.run(settled())
+    for array in (result.value, result.aux["state"], *result.output):
+        assert (array == 1.0).all(), array
 
 
 def test_a_front_end_that_closes_or_dies_is_no_loss(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from .errors import FunctionError, FunctionQuarantined, Timeout, Unavailable
 from .registry import FunctionSpec, Registry
 from .scheduler import Job, StreamHead
 from .settings import Settings
-from .types import Call, JobInfo
+from .types import Call, JobInfo, Result
 
 __all__ = ["InProcessEngines", "RemoteEngines"]
 
@@ -99,10 +99,19 @@ class _Engines:
 
 
 def _settler(fut: asyncio.Future) -> Any:
-    """A job's settle for an engine thread: the result or error onto ``fut``'s loop."""
+    """A job's settle for an engine thread: the result or error onto ``fut``'s loop.
+
+    A result's arrays are copied here, on the engine's thread: they are views of the
+    tensors the function returned, and the loop encodes them while the engine runs its
+    next batch, in which a function that keeps what it returned (a buffer it fills at
+    each call, ``out=``, a module's state) writes it again (as the process layout's
+    channel copies what its socket cannot take at once)."""
     loop = fut.get_loop()
 
     def settle(result: Any, error: BaseException | None, info: JobInfo) -> None:
+        if isinstance(result, Result):
+            result.value, result.aux, result.output = _copied(result.value), _copied(result.aux), _copied(result.output)
+
         def put() -> None:
             if not fut.done():
                 fut.set_exception(error) if error is not None else fut.set_result((result, info))
@@ -113,6 +122,17 @@ def _settler(fut: asyncio.Future) -> Any:
             pass
 
     return settle
+
+
+def _copied(tree: Any) -> Any:
+    if isinstance(tree, np.ndarray):
+        return tree.copy()
+    if isinstance(tree, dict):
+        return {key: _copied(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copied(value) for value in tree) if not hasattr(tree, "_fields") else \
+            type(tree)(*(_copied(value) for value in tree))
+    return tree
 
 
 class InProcessEngines(_Engines):
