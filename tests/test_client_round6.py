@@ -12,6 +12,7 @@ import functools
 import gzip
 import io
 import json
+import pickle
 import struct
 import threading
 import time
@@ -141,6 +142,8 @@ ROUTES: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {
                                                      [("Content-Type", "application/x-npy")]),
     "/v1/functions/wide/jacobian": lambda h: _answer(h, _npy(np.zeros((1 << 20, 3), np.float32)),
                                                      [("Content-Type", "application/x-npy")]),
+    "/v1/functions/identitylong/jacobian": lambda h: _answer(h, _npy(np.eye(3)) + b"\0" * 8, [
+        ("Content-Type", "application/x-npy"), ("Content-Encoding", "identity")]),
     "/v1/functions/eye/jacobian": lambda h: _answer(h, _npy(np.eye(3)), [("Content-Type", "application/x-npy")]),
     "/v1/functions/bigeye/jacobian": lambda h: _answer(h, gzip.compress(_BIGEYE), [
         ("Content-Type", "application/x-npy"), ("Content-Encoding", "gzip")]),
@@ -349,6 +352,19 @@ def test_a_row_split_assembled_in_memory_is_held_to_max_response_bytes(hostile: 
         jacobian_split([hostile], "wide", X3, max_response_bytes=8 * MiB)
     J = jacobian_split([hostile], "wide", X3, max_response_bytes=8 * MiB, out=tmp_path / "J.npy")
     assert J.shape == (1 << 20, 3) and not J.any()
+
+
+def test_an_identity_coded_npy_is_still_held_to_its_content_length(hostile: str) -> None:
+    """Content-Encoding: identity is no coding: the .npy's length is checked against the
+    Content-Length as for a body without the header (it was skipped, as for gzip)."""
+    _raises_both(hostile, lambda c: c.jacobian("identitylong", X3), jc.TransportError,
+                 r"the response is \d+ bytes long but its .npy header declares only \d+")
+
+
+def test_max_response_bytes_travels_with_a_pickled_client() -> None:
+    for cls in (jc.Client, jc.AsyncClient):
+        copy = pickle.loads(pickle.dumps(cls("http://127.0.0.1:9", max_response_bytes=12345)))
+        assert copy._proto.max_response_bytes == 12345
 
 
 @pytest.mark.parametrize("name", ["gz2", "rawdeflate", "zlibdeflate", "bigeye"])

@@ -23,7 +23,7 @@ import httpx
 
 from ._errors import ResponseTooLarge, TransportError
 
-__all__ = ["ACCEPT_ENCODING", "PIECE", "BodyDecoder", "adecoded", "decoded", "too_large"]
+__all__ = ["ACCEPT_ENCODING", "PIECE", "BodyDecoder", "adecoded", "decoded", "is_identity", "too_large"]
 
 #: what the clients send as ``Accept-Encoding``: the codings :class:`BodyDecoder` reads
 ACCEPT_ENCODING = "gzip, deflate"
@@ -105,6 +105,11 @@ class BodyDecoder:
             return
         for piece in self._layers[i].feed(data):
             yield from self._through(i + 1, piece)
+
+
+def is_identity(content_encoding: str) -> bool:
+    """No coding at all: the header absent, empty, or listing only ``identity``."""
+    return all(c.strip().lower() in ("", "identity") for c in content_encoding.split(","))
 
 
 def too_large(what: str, size: int, limit: int, *, declared: bool = False) -> ResponseTooLarge:

@@ -50,7 +50,7 @@ import numpy as np
 
 from . import wire
 from ._arrays import Plain, as_wire_value, is_torch_tensor, json_array
-from ._decoding import ACCEPT_ENCODING, too_large
+from ._decoding import ACCEPT_ENCODING, is_identity, too_large
 from ._errors import IncompleteResponse, JacobianServiceError, TransportError
 from ._models import FunctionInfo
 from ._npystream import FileSink, MemorySink, NpyHeader, NpyReceiver, Sink
@@ -966,8 +966,8 @@ def _content_length(response: httpx.Response) -> int | None:
         length = int(response.headers["content-length"])
     except (KeyError, ValueError):
         return None
-    # a compressed body's length is not the .npy's (iter_bytes decodes it)
-    return length if length >= 0 and not response.headers.get("content-encoding") else None
+    # a compressed body's length is not the .npy's (the clients decode it); "identity" is no coding
+    return length if length >= 0 and is_identity(response.headers.get("content-encoding", "")) else None
 
 
 def _content_type(response: httpx.Response) -> str:
