@@ -144,6 +144,7 @@ ROUTES: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {
                                                      [("Content-Type", "application/x-npy")]),
     "/v1/functions/identitylong/jacobian": lambda h: _answer(h, _npy(np.eye(3)) + b"\0" * 8, [
         ("Content-Type", "application/x-npy"), ("Content-Encoding", "identity")]),
+    "/v1/functions/trickle/jacobian": lambda h: _trickle(h),
     "/v1/functions/eye/jacobian": lambda h: _answer(h, _npy(np.eye(3)), [("Content-Type", "application/x-npy")]),
     "/v1/functions/bigeye/jacobian": lambda h: _answer(h, gzip.compress(_BIGEYE), [
         ("Content-Type", "application/x-npy"), ("Content-Encoding", "gzip")]),
@@ -185,6 +186,24 @@ def _refuse_and_keep_reading(h: BaseHTTPRequestHandler, length: int) -> None:
         pass
     UPLOADED[h.path.split("?")[0]] = got
     h.close_connection = True
+
+
+TRICKLE_CLOSED = threading.Event()
+
+
+def _trickle(h: BaseHTTPRequestHandler) -> None:
+    """A 24 KB .npy answer, 100 bytes every 20 ms; notes when the client hung up."""
+    body = _npy(np.zeros((1000, 3)))
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-npy\r\nContent-Length: %d\r\n\r\n" % len(body)
+    try:
+        h.wfile.write(head + body[:200])
+        h.wfile.flush()
+        for at in range(200, len(body), 100):
+            time.sleep(0.02)
+            h.wfile.write(body[at:at + 100])
+            h.wfile.flush()
+    except OSError:
+        TRICKLE_CLOSED.set()
 
 
 EARLY: dict[str, Callable[[BaseHTTPRequestHandler, int], None]] = {
@@ -284,8 +303,15 @@ def test_metadata_answers_are_read_up_to_64_mib(hostile: str) -> None:
     been); metadata answers are now read to 64 MiB at most, decoded, sync and async."""
     match = r"^GET /v1/(functions|info): the response is larger than that \(\d+ bytes read so far\); " \
             r"the client's max_response_bytes is 67108864"
-    _raises_both(hostile, lambda c: c.functions(), jc.ResponseTooLarge, match)
-    _raises_both(hostile, lambda c: c.info(), jc.ResponseTooLarge, match)
+    with jc.Client(hostile, timeout=20, max_retries=0) as client, pytest.raises(jc.ResponseTooLarge, match=match):
+        client.functions()
+
+    async def main() -> None:
+        async with jc.AsyncClient(hostile, timeout=20, max_retries=0) as client:
+            await client.info()
+
+    with pytest.raises(jc.ResponseTooLarge, match=match):
+        asyncio.run(main())
 
 
 def test_a_gzip_bomb_is_refused_within_max_response_bytes(hostile: str) -> None:
@@ -410,6 +436,25 @@ def test_response_too_large_is_a_transport_error_not_the_servers_413() -> None:
 def test_max_response_bytes_is_checked(value: Any) -> None:
     with pytest.raises(ValueError, match="max_response_bytes is None or a positive int"):
         jc.Client("http://127.0.0.1:9", max_response_bytes=value)
+
+
+def test_an_async_call_cancelled_mid_stream_leaves_no_connection(hostile: str) -> None:
+    """The async client reads bodies through its own decoder (an async generator): a call
+    cancelled while its answer streams in closes that generator and the connection, and
+    the pool keeps nothing."""
+
+    async def main() -> list[Any]:
+        async with jc.AsyncClient(hostile, timeout=20, max_retries=0) as client:
+            task = asyncio.create_task(client.jacobian("trickle", X3))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return list(client._http._transport._pool.connections)
+
+    TRICKLE_CLOSED.clear()
+    assert asyncio.run(main()) == []
+    assert TRICKLE_CLOSED.wait(5)
 
 
 # --------------------------------------------------------------------------- a body refused early
