@@ -144,6 +144,9 @@ ROUTES: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {
                                                      [("Content-Type", "application/x-npy")]),
     "/v1/functions/identitylong/jacobian": lambda h: _answer(h, _npy(np.eye(3)) + b"\0" * 8, [
         ("Content-Type", "application/x-npy"), ("Content-Encoding", "identity")]),
+    # two gzip members, one after the other: one body (RFC 1952)
+    "/v1/functions/members/jacobian": lambda h: _answer(h, gzip.compress(_npy(np.eye(3))[:100]) + gzip.compress(
+        _npy(np.eye(3))[100:]), [("Content-Type", "application/x-npy"), ("Content-Encoding", "gzip")], length=False),
     "/v1/functions/trickle/jacobian": lambda h: _trickle(h),
     "/v1/functions/eye/jacobian": lambda h: _answer(h, _npy(np.eye(3)), [("Content-Type", "application/x-npy")]),
     "/v1/functions/bigeye/jacobian": lambda h: _answer(h, gzip.compress(_BIGEYE), [
@@ -393,10 +396,12 @@ def test_max_response_bytes_travels_with_a_pickled_client() -> None:
         assert copy._proto.max_response_bytes == 12345
 
 
-@pytest.mark.parametrize("name", ["gz2", "rawdeflate", "zlibdeflate", "bigeye"])
+@pytest.mark.parametrize("name", ["gz2", "rawdeflate", "zlibdeflate", "bigeye", "members"])
 def test_coded_answers_are_decoded_exactly(hostile: str, name: str) -> None:
     """The client undoes codings itself now: stacked gzip, deflate raw or zlib-wrapped,
-    identity listed, and a body of many pieces all come back exact, sync and async."""
+    identity listed, a body of many pieces all come back exact, sync and async; and a
+    gzip body of two members, which httpx read the first of only ("response body ended
+    after 100 bytes"), whole."""
     want = _BIGEYE_ARR if name == "bigeye" else np.eye(3)
     x = np.ones(256) if name == "bigeye" else X3
     for J in _both(hostile, lambda c: c.jacobian(name, x)):

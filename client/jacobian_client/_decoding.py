@@ -65,6 +65,12 @@ class _Inflate:
                 self._started = True
                 yield out
             data = self._d.unconsumed_tail
+            if self._d.eof and self._d.unused_data and self._wbits == _GZIP:
+                # gzip members one after another are one body (RFC 1952; a proxy that
+                # compresses a stream piece by piece writes them): httpx read the first only
+                data = self._d.unused_data + data
+                self._d = zlib.decompressobj(_GZIP)
+                continue
             # a full piece with no input left may still have output pending inside zlib
             if not data and len(out) < PIECE:
                 return
