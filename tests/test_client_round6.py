@@ -209,7 +209,25 @@ def _trickle(h: BaseHTTPRequestHandler) -> None:
         TRICKLE_CLOSED.set()
 
 
+COUNTS: dict[str, int] = {}  # path -> requests the fake got
+
+
+def _garbled(h: BaseHTTPRequestHandler, length: int) -> None:
+    """A status line h11 cannot read."""
+    h.rfile.read(length)
+    h.wfile.write(b"HTTP/1.1 2OO OK\r\nContent-Length: 0\r\n\r\n")
+    h.close_connection = True
+
+
+def _hang_up(h: BaseHTTPRequestHandler, length: int) -> None:
+    """The body read, then the connection closed with no answer at all."""
+    h.rfile.read(length)
+    h.close_connection = True
+
+
 EARLY: dict[str, Callable[[BaseHTTPRequestHandler, int], None]] = {
+    "/v1/functions/garbled/jacobian": _garbled,
+    "/v1/functions/hangup/jacobian": _hang_up,
     "/v1/functions/early413/jacobian": _refuse_and_close,
     "/v1/functions/keepalive413/jacobian": _refuse_and_keep_reading,
 }
@@ -235,6 +253,7 @@ class _Hostile(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         length = int(self.headers.get("content-length") or 0)
         SEEN[path] = {k.lower(): v for k, v in self.headers.items()}
+        COUNTS[path] = COUNTS.get(path, 0) + 1
         if path in EARLY:  # answered before the body is read
             EARLY[path](self, length)
             return
@@ -275,11 +294,13 @@ def _both(url: str, call: Callable[[Any], Any], **kwargs: Any) -> list[Any]:
 
 def _raises_both(url: str, call: Callable[[Any], Any], exc: type[BaseException], match: str,
                  **kwargs: Any) -> None:
-    with jc.Client(url, timeout=20, max_retries=0, **kwargs) as client, pytest.raises(exc, match=match):
+    if "retry" not in kwargs:
+        kwargs["max_retries"] = 0
+    with jc.Client(url, timeout=20, **kwargs) as client, pytest.raises(exc, match=match):
         call(client)
 
     async def main() -> None:
-        async with jc.AsyncClient(url, timeout=20, max_retries=0, **kwargs) as client:
+        async with jc.AsyncClient(url, timeout=20, **kwargs) as client:
             with pytest.raises(exc, match=match):
                 await call(client)
 
@@ -460,6 +481,23 @@ def test_an_async_call_cancelled_mid_stream_leaves_no_connection(hostile: str) -
     TRICKLE_CLOSED.clear()
     assert asyncio.run(main()) == []
     assert TRICKLE_CLOSED.wait(5)
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def test_a_malformed_answer_is_not_retried_but_a_hang_up_is(hostile: str) -> None:
+    """An answer h11 cannot read (a garbled status line) was retried as a dropped
+    connection is: the request, and its computation, four times, then "TransportError:
+    ... RemoteProtocolError: illegal status line". It is raised at once now; a server
+    that hangs up without answering is still retried, sync and async."""
+    policy = jc.RetryPolicy(max_retries=3, backoff_base=0.01)
+    for name, tries in (("garbled", 1), ("hangup", 4)):
+        path = f"/v1/functions/{name}/jacobian"
+        COUNTS.pop(path, None)
+        _raises_both(hostile, lambda c: c.jacobian(name, X3), jc.TransportError,
+                     rf"^POST http://127\.0\.0\.1:\d+{path}: RemoteProtocolError: ", retry=policy)
+        assert COUNTS.pop(path) == 2 * tries, name
 
 
 # --------------------------------------------------------------------------- a body refused early

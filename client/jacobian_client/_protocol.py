@@ -183,7 +183,23 @@ _RETRYABLE_EXCEPTIONS = (
 
 
 def is_retryable_exception(exc: BaseException) -> bool:
-    return isinstance(exc, _RETRYABLE_EXCEPTIONS)
+    return isinstance(exc, _RETRYABLE_EXCEPTIONS) and not _malformed_answer(exc)
+
+
+def _malformed_answer(exc: BaseException) -> bool:
+    """A protocol error raised by h11 reading what the server sent (a garbled status line,
+    conflicting Content-Lengths): the server answered, wrongly, and would again. A
+    RemoteProtocolError of httpcore's own ("Server disconnected without sending a
+    response", a keep-alive connection closed under the request) has no such cause and
+    is retried. A malformed answer was retried as that was, each retry running the
+    computation again."""
+    seen = 0
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and seen < 8:
+        if type(cause).__module__.split(".")[0] == "h11" and "RemoteProtocolError" in type(cause).__name__:
+            return True
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1  # httpcore raises it in the except
+    return False
 
 
 def shown_url(url: httpx.URL) -> str:
