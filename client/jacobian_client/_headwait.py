@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
+import select
 import socket
 import time
 from typing import Any, Iterator, TypeVar
@@ -167,6 +168,11 @@ def _refused(stream: Any) -> bool:
     raw = info("socket")
     if raw is None:
         return False
+    try:  # nothing to read, the usual case, in one cheap call (the peek below takes several)
+        if not _readable(raw.fileno()):
+            return False
+    except (OSError, AttributeError, ValueError):
+        return False
     try:
         # A socket object of our own on the same descriptor, detached again (the descriptor
         # stays httpcore's): asyncio hands out a TransportSocket, which cannot recv, and a
@@ -181,6 +187,14 @@ def _refused(stream: Any) -> bool:
     finally:
         sock.detach()
     return _ERROR_STATUS.match(head) is not None
+
+
+def _readable(fd: int) -> bool:
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])  # Windows: no poll (its sockets are few)
 
 
 def _sent(nbytes: int, done: bool) -> None:
