@@ -259,3 +259,33 @@ def doubles_in_place_energy(x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         x.mul_(2)
     return (x**3).sum()
+
+
+def _ring_with_chords(n: int) -> torch.Tensor:
+    i = torch.arange(n)
+    edges = torch.cat([torch.stack([i, (i + 1) % n]), torch.stack([(i + 1) % n, i]), torch.stack([i, (i + 7) % n])], 1)
+    weights = 1.0 + (torch.arange(edges.shape[1], dtype=torch.float64) % 3)
+    return torch.sparse_coo_tensor(edges, weights, (n, n), check_invariants=True).coalesce()
+
+
+_GRAPH = _ring_with_chords(40)
+
+
+@register(inputs=[Input("x", shape=(40,), dtype="float64")],
+          description="Graph diffusion with a reaction term: A @ x - x**3, A a constant sparse COO adjacency "
+                      "(a ring with chords), as torch.sparse matrices are used")
+def graph_diffusion(x: torch.Tensor) -> torch.Tensor:
+    return _GRAPH @ x - torch.sparse.mm(_GRAPH, x.reshape(-1, 1)).reshape(-1) * 0.5 - x**3
+
+
+_PROBE_BUFFER = torch.zeros(4, dtype=torch.float64)
+
+
+@register(inputs=[Input("x", shape=(3,), dtype="float64")],
+          description="A module-level buffer written from x (the tracer cannot follow it: probed), then "
+                      "masked_select over a broadcast (2, 3) mask: jacrev's vmapped rows give its second row as zeros")
+def buffer_masked(x: torch.Tensor) -> torch.Tensor:
+    buf = _PROBE_BUFFER.clone()
+    buf[1:] = x
+    mixed = buf[1:] * torch.tensor([1.0, 4.0, 3.0], dtype=x.dtype) + buf[:-1] * 2
+    return mixed.masked_select(_PROBE_MASK) * 2

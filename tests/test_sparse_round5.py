@@ -104,19 +104,21 @@ def test_the_library_checks_vmap_without_a_registered_name():
 
 @pytest.mark.parametrize("mode", ["rev", "fwd"])
 def test_a_probed_pattern_and_its_dense_answer_are_not_taken_from_a_wrong_vmap(client, mode):
-    """A function the tracer cannot follow (a sparse COO operator) is probed with dense
-    jacrev, and a pattern the products prove wrong is answered with dense jacrev: both
-    vmapped their rows unchecked. With masked_select over a broadcast (2, 3) mask jacrev's
-    second row is zeros, so the probe missed (1, 0) and (1, 2) and the dense answer had
-    them as zeros: [[2, 0, 0], [0, 0, 0]] with a 200 where jacrev row by row says
-    [[2, 0, 0], [8, 0, 6]]. Both are now checked against one VJP, row by row where not."""
+    """A function the tracer cannot follow (a module-level buffer written from x) is
+    probed with dense jacrev, and a pattern the products prove wrong is answered with
+    dense jacrev: both vmapped their rows unchecked. With masked_select over a broadcast
+    (2, 3) mask jacrev's second row is zeros, so the probe missed (1, 1) and (1, 2) and
+    the dense answer had them as zeros: [[2, 0, 0], [0, 0, 0]] with a 200 where jacrev
+    row by row says [[2, 0, 0], [0, 4, 6]]. Both are now checked against one VJP, row by
+    row where not. (The same with a sparse COO operator, which the tracer now follows.)"""
     x = RNG.uniform(0.5, 1.5, 3)
-    want = torch.func.jacrev(sf.sparse_operator_masked, chunk_size=1)(torch.from_numpy(x)).numpy()
-    assert (want != 0).sum() == 3
-    body = {"inputs": [f64(x)], "sparsity": "auto", "mode": mode}
-    J, meta = sparse_json(client.post("/v1/functions/sparse_operator_masked/jacobian", json=body))
-    np.testing.assert_allclose(J.toarray(), want, rtol=1e-12)
-    assert meta["source"] == "probed" and meta["nnz"] >= 3
+    for name, source in (("buffer_masked", "probed"), ("sparse_operator_masked", "detected")):
+        want = torch.func.jacrev(getattr(sf, name), chunk_size=1)(torch.from_numpy(x)).numpy()
+        assert (want != 0).sum() == 3
+        body = {"inputs": [f64(x)], "sparsity": "auto", "mode": mode}
+        J, meta = sparse_json(client.post(f"/v1/functions/{name}/jacobian", json=body))
+        np.testing.assert_allclose(J.toarray(), want, rtol=1e-12)
+        assert meta["source"] == source and meta["nnz"] >= 3
 
 
 def test_the_dense_hessian_fallback_is_checked_against_a_hessian_vector_product():
@@ -201,3 +203,19 @@ def test_a_sparse_hessian_under_no_grad_is_torch_func_hessians(client):
                                       json={"inputs": [f64(x)], "sparsity": "auto"}), "hessian")
     np.testing.assert_allclose(H.toarray(), want, rtol=1e-12)
     assert any("torch.no_grad" in note for note in meta["notes"])
+
+
+def test_a_constant_torch_sparse_operator_is_traced_exactly(client):
+    """A graph Laplacian or a finite-difference operator kept as a torch.sparse matrix
+    (A @ x, torch.sparse.mm): the tracer failed on it ('reshape is not implemented for
+    sparse tensors'), the pattern was probed (exact: false, three dense jacrevs) and the
+    Hessian had no sparse path. Each output now depends on the stored entries of its row."""
+    x = RNG.uniform(0.5, 1.5, 40)
+    want = torch.func.jacrev(sf.graph_diffusion, chunk_size=1)(torch.from_numpy(x)).numpy()  # vmap cannot run it
+    J, meta = sparse_json(client.post("/v1/functions/graph_diffusion/jacobian", json={"inputs": [f64(x)], "sparsity": "auto"}))
+    np.testing.assert_allclose(J.toarray(), want, rtol=1e-12)
+    assert meta["source"] == "detected" and meta["exact"] is True and not meta["notes"]
+    assert meta["nnz"] == 40 * 4 and meta["colors"] <= 6  # the diagonal, two ring neighbours and a chord
+    doc = client.get("/v1/functions/graph_diffusion/sparsity?shapes=40&kind=jacobian").json()
+    assert doc["pattern"]["exact"] is True and doc["pattern"]["nnz"] == 160
+

@@ -150,11 +150,27 @@ _LINE = frozenset("_softmax _log_softmax sort topk kthvalue softmax log_softmax"
 # Running ops: an element depends on the line up to itself.
 _SCAN = frozenset("cumsum cumprod logcumsumexp cummax cummin".split())
 _LINEAR_SCAN = frozenset({"cumsum"})
-_MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm".split())
+_MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm _sparse_addmm".split())  # the last: torch.sparse.mm
 # Writes of elements of ``src`` (or a fill value) into ``self`` at places an index
 # tensor names along ``dim``: how finite-element residuals and graph operators are
 # assembled (element contributions index_add-ed into global nodes).
 _SCATTER = frozenset("index_add index_reduce scatter_add scatter_reduce scatter index_copy index_fill put".split())
+
+
+def _is_sparse(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.layout != torch.strided
+
+
+def _sparse_ones(t: torch.Tensor) -> Any:
+    """The stored nonzeros of a 2-D sparse tensor (any sparse layout) as a scipy CSR of
+    ones; None for one that is not a plain matrix (batched, hybrid)."""
+    if t.dim() != 2 or t.dense_dim() != 0:
+        return None
+    with torch.no_grad():
+        coo = (t if t.layout == torch.sparse_coo else t.to_sparse_coo()).coalesce()
+        idx = coo.indices().cpu().numpy()
+        keep = (coo.values() != 0).cpu().numpy()
+    return sp.csr_array((np.ones(int(keep.sum()), np.float32), (idx[0][keep], idx[1][keep])), shape=tuple(t.shape))
 
 
 def _ones(m: Any) -> Any:
@@ -641,12 +657,14 @@ class _Tracer:
         on the contracted elements of each operand where the other operand may be
         nonzero (it depends on the input, or is a constant that is not zero)."""
         bias = None
-        if name in ("addmm", "addmv", "baddbmm"):
+        if name in ("addmm", "addmv", "baddbmm", "_sparse_addmm"):
             bias, a, b = args[0], args[1], args[2]
         else:
             a, b = args[0], args[1]
         av = a.value if isinstance(a, _Traced) else a
         bv = b.value if isinstance(b, _Traced) else b
+        if _is_sparse(av) or _is_sparse(bv):
+            return self.sparse_matmul(name, a, b, bias, out)
         if name in ("mv", "addmv"):
             a3, b3 = av.reshape(1, *av.shape), bv.reshape(1, -1, 1)
         elif name in ("dot", "vdot"):
@@ -694,6 +712,33 @@ class _Tracer:
                 hparts.append(self.pairs(_ones(ga), _ones(gb)))
             hparts = [h for h in hparts if h is not None]
             hess = _union(hparts, self.n, self.n) if hparts else None
+        return self.wrap(out, deps, hess)
+
+    def sparse_matmul(self, name: str, a: Any, b: Any, bias: Any, out: torch.Tensor) -> Any:
+        """A constant sparse matrix (COO, CSR, CSC: a graph Laplacian, a finite-difference
+        operator) times a traced operand, either side: an output element depends on the
+        traced elements its row (or column) of the sparse matrix reaches through stored
+        nonzeros. Anything else sparse (a sparse matrix built from traced values,
+        batched or hybrid ones) is taken as dense."""
+        traced = [t for t in (a, b, bias) if isinstance(t, _Traced)]
+        left = _is_sparse(a.value if isinstance(a, _Traced) else a)
+        matrix, other = (a, b) if left else (b, a)
+        pattern = _sparse_ones(matrix) if isinstance(other, _Traced) and not isinstance(matrix, _Traced) else None
+        if pattern is None or other.dim() not in (1, 2):
+            return self.dense(name, traced, out)
+        if left:  # out[i, j] <- other[kk, j] for A[i, kk] stored
+            spread = sp.kron(pattern, sp.identity(1 if other.dim() == 1 else int(other.shape[1]), format="csr"))
+        else:  # out[i, j] <- other[i, kk] for A[kk, j] stored
+            spread = sp.kron(sp.identity(1 if other.dim() == 1 else int(other.shape[0]), format="csr"), pattern.T)
+        spread = sp.csr_array(spread)
+        _check_entries(int(spread.nnz), name)
+        parts = [_ones(spread @ self.deps(other))]
+        if bias is not None and isinstance(bias, _Traced):
+            parts.append(self.deps(bias, tuple(out.shape)))
+        deps = _union(parts, out.numel(), self.n)
+        hess = None
+        if self.hessian:  # linear in the traced operands
+            hess = self.hess_of([t for t in (other, bias) if isinstance(t, _Traced)])
         return self.wrap(out, deps, hess)
 
     def convolution(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
