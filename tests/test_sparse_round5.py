@@ -219,3 +219,22 @@ def test_a_constant_torch_sparse_operator_is_traced_exactly(client):
     doc = client.get("/v1/functions/graph_diffusion/sparsity?shapes=40&kind=jacobian").json()
     assert doc["pattern"]["exact"] is True and doc["pattern"]["nnz"] == 160
 
+
+def test_functions_sharing_a_source_do_not_share_a_pattern():
+    """The library keyed its pattern cache on a function's qualified name and source:
+    the closures of one factory (make(1), make(5)) and two lambdas on one line share
+    both, so make(5)'s sparse Jacobian was read through make(1)'s pattern (exact, so
+    unchecked): 0.9 off. Their closures and code now enter the key; one function's
+    calls still hit the cache."""
+    from jacobian_service.sparsity import sparse_jacobian
+
+    def make(k):
+        return lambda x: torch.roll(x, k) * x
+
+    x = torch.from_numpy(RNG.uniform(0.5, 1.5, 10))
+    shifted = (lambda x: x.roll(1) * x.sin(), lambda x: x.roll(3) * x.sin())
+    for fn in (make(1), make(5), shifted[0], shifted[1]):
+        res = sparse_jacobian(fn, [x])
+        np.testing.assert_allclose(res.matrix.toarray(), torch.func.jacrev(fn)(x).numpy(), rtol=1e-12)
+    one = make(2)
+    assert [sparse_jacobian(one, [x]).timings["cached"] for _ in range(2)] == ["", "memory"]

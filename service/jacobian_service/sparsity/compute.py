@@ -28,6 +28,7 @@ from .coloring import Coloring, choose_coloring, star_coloring
 from .dense import dense_hessian, dense_jacobian
 from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, SEEDED_NOTE, TraceError, is_random, probe, random_note, trace_hessian, trace_jacobian
 from .draws import Draws, TorchDraws, replaying
+from .function_state import function_state
 from .patterns import Declared, Pattern, PatternCache, check_entries, function_fingerprint
 from .verify import differs_from_reverse
 
@@ -165,7 +166,9 @@ def _cache_key(fn: Callable[..., Any], name: str | None, args: Sequence[torch.Te
     return PatternCache.key(
         # the versions of what detects and differentiates: another may trace differently
         torch.__version__, _SERVICE_VERSION, _DETECTION_DIGEST,
-        name or getattr(fn, "__qualname__", "?"), function_fingerprint(fn),
+        # a registered name is one function; without one, two functions may share a
+        # source (closures of one factory, lambdas of one line): their state tells them apart
+        name or getattr(fn, "__qualname__", "?"), function_fingerprint(fn), "" if name else function_state(fn),
         tuple(tuple(a.shape) for a in args), tuple(str(a.dtype) for a in args), tuple(argnums), kind, choice,
     )
 
