@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import io
+import time
 from typing import Any
 
 import numpy as np
@@ -30,11 +31,17 @@ Z = np.array(0.5, dtype=np.float32)
 
 @pytest.fixture(scope="module")
 def c():
+    """Warmed up, as served: the warm-ups are the first calls the tests would pay anyway,
+    and a function none can be made for (no_inputs) must not keep the app from ready."""
     from starlette.testclient import TestClient
 
     from jacobian_service import Settings, create_app
 
-    with TestClient(create_app(Settings(warmup=False, functions=FUNCTIONS)), raise_server_exceptions=False) as client:
+    with TestClient(create_app(Settings(warmup=True, functions=FUNCTIONS)), raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/readyz").text
+            time.sleep(0.05)
         yield client
 
 
@@ -635,3 +642,21 @@ def test_integer_too_wide_for_an_integer_input_is_422(c, transport, k, dtype):
     got, _ = answer(c.post("/v1/functions/int32_arg/jacobian", json={"inputs": [x, {"dtype": dtype, "shape": [], "data": 7}]}),
                     "jacobian")  # a value that fits still casts
     same(got, jacrev(F.int32_arg)(t(X), torch.tensor(7, dtype=torch.int32)))
+
+
+def test_a_function_of_no_inputs(c):
+    """A function taking nothing: its warm-up, which had no Jacobian to take, ended every
+    engine at start-up (the service was never ready; the fixture waits for ready), and
+    evaluate said 'argnums: 0 is out of range'. Evaluate answers f(); derivatives are
+    torch's error (jacrev(f)() has no input), a 422."""
+    got, _ = answer(c.post("/v1/functions/no_inputs/evaluate", json={"inputs": []}), "output")
+    same(got, F.no_inputs())
+    got, _ = answer(c.post("/v1/functions/no_inputs/evaluate", json={"inputs": {}}), "output")
+    same(got, F.no_inputs())
+    for endpoint in ("jacobian", "hessian"):
+        assert_problem(c.post(f"/v1/functions/no_inputs/{endpoint}", json={"inputs": []}), 422, "invalid_input")
+    with pytest.raises(RuntimeError, match="positional inputs"):
+        jacrev(F.no_inputs)()
+    body = assert_problem(c.post("/v1/functions/no_inputs/evaluate", json={"inputs": [], "batched": True}), 422,
+                          "invalid_input")
+    assert "batch" in body["detail"]

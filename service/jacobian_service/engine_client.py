@@ -178,9 +178,9 @@ class InProcessEngines(_Engines):
 
         for spec in self.registry:
             for index in range(len(self.workers)):
-                call = warmup_call(spec)
-                call.deadline = time.monotonic() + self.settings.warmup_timeout_s  # cut between chunks
-                try:
+                try:  # making the call too: one that cannot be made (no inputs) is no reason to never be ready
+                    call = warmup_call(spec)
+                    call.deadline = time.monotonic() + self.settings.warmup_timeout_s  # cut between chunks
                     await self.run("warmup", call, engine=index)
                 except Exception as exc:  # a function that needs special inputs still serves
                     log.warning("warm-up of %s failed: %s", spec.name, exc)

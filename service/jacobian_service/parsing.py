@@ -354,7 +354,14 @@ def parse_call(
     if options.rows is not None and not 0 <= options.rows[0] <= options.rows[1]:
         raise InvalidInput(f"rows must satisfy 0 <= start <= stop, got {list(options.rows)}")
     _check_sparsity(spec, kind, options)
-    positions, as_tuple = spec.argnums(options.argnums)
+    if kind == "evaluate" and not spec.inputs:
+        # Nothing to differentiate, nothing to select: evaluate answers f(), where the
+        # default argnums=0 was a 422 "out of range" for a function that takes no inputs
+        if options.batched:
+            raise InvalidInput(f"batched needs inputs to batch over; {spec.name} takes none")
+        positions, as_tuple = (), False
+    else:
+        positions, as_tuple = spec.argnums(options.argnums)
     argnums = spec.leaf_argnums(positions)
 
     args: list[np.ndarray] = []

@@ -140,6 +140,8 @@ def release_free_heap() -> None:
 
 def warmup_call(spec: FunctionSpec) -> Call:
     """Small inputs of the declared shapes (symbols bound to 3), one array per leaf."""
+    if not spec.inputs:
+        raise ValueError("it takes no inputs: there is no Jacobian to warm up (evaluate serves it)")
     args = []
     for inp in spec.leaf_inputs:
         shape = tuple(3 if isinstance(d, str) else d for d in (inp.shape or (3,)))

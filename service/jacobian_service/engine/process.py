@@ -232,9 +232,12 @@ class EngineServer:
                 tmp = note.with_suffix(".tmp")
                 tmp.write_text(f"{time.monotonic()} {spec.name}")
                 tmp.replace(note)  # whole, for the supervisor's read
-                call = warmup_call(spec)
-                call.deadline = time.monotonic() + self.settings.warmup_timeout_s  # cut between chunks, where it is safe
                 try:
+                    # Making the call is inside too: a function with no inputs has nothing
+                    # to differentiate (warmup_call's argnums raised), and that ended every
+                    # engine at its warm-up, so the service was never ready.
+                    call = warmup_call(spec)
+                    call.deadline = time.monotonic() + self.settings.warmup_timeout_s  # cut between chunks, where it is safe
                     self.engine.jacobian(call)
                 except Exception as exc:  # a function that needs special inputs still serves
                     log.warning("warm-up of %s failed: %s", spec.name, exc)
