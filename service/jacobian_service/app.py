@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
+from jacobian_client import wire
+
+from .compression import Compressible
 from .connections import BodyBudget, SendGuard, abort_connection
 from .engine_client import InProcessEngines, RemoteEngines
 from .logs import configure_logging
@@ -59,6 +62,7 @@ class ServiceApp:
         self.routes = [*ROUTES, *_doc_routes()]
         self.router = Router(self.routes)
         self._openapi: dict[str, Any] | None = None
+        self._openapi_body: Compressible | None = None
         self._lifespans = 0
         auth: Any = AuthMiddleware(self.router, self.service_state.api_keys, settings.metrics_auth, settings.docs_auth)
         if settings.cors_origin_list:
@@ -77,6 +81,13 @@ class ServiceApp:
                                           api_keys=bool(self.service_state.api_keys),
                                           metrics_auth=self.settings.metrics_auth)
         return self._openapi
+
+    def openapi_body(self) -> Compressible:
+        """The document's JSON, written once, with its gzip form (the docs pages fetch
+        it at every load)."""
+        if self._openapi_body is None:
+            self._openapi_body = Compressible(wire.dumps(self.openapi()))
+        return self._openapi_body
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -126,7 +137,8 @@ class ServiceApp:
 
 
 async def openapi_json(request: Request) -> Response:
-    return JSONResponse(request.scope["jacobian_app"].openapi())
+    body, headers = request.scope["jacobian_app"].openapi_body().choose(request.headers.get("accept-encoding", ""))
+    return Response(body, media_type=wire.JSON, headers=headers)
 
 
 def _doc_routes() -> list[Route]:

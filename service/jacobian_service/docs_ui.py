@@ -20,7 +20,9 @@ and ReDoc code and stay open too.
 The pages name each asset with its content's digest (``?v=``): such a URL never changes
 what it holds, so it is cached for a year (``immutable``), and an upgrade of the files
 changes the URL. Any other URL of an asset is revalidated each time (``no-cache``); the
-digest is also the ETag, answered with 304.
+digest is also the ETag, answered with 304. Scripts and styles go gzipped to a browser
+that accepts it (compression.py), under the ETag ``"<digest>-gzip"``: a validator names
+one form of the bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from .compression import Compressible
 from .errors import NotFound
 from .responses import echo
 
@@ -169,6 +172,12 @@ def _asset_file(name: str) -> tuple[bytes, str]:
     return body, hashlib.sha256(body).hexdigest()[:16]
 
 
+@functools.cache
+def _compressible(name: str) -> Compressible:
+    """A text asset with its gzip form, made once (the PNG is compressed already)."""
+    return Compressible(_asset_file(name)[0])
+
+
 def _root(request: Request) -> str:
     return html.escape(str(request.scope.get("root_path", "")).rstrip("/"), quote=True)
 
@@ -223,9 +232,19 @@ async def asset(request: Request, file: str) -> Response:
     if media_type is None:  # only the named files: no path ever reaches the file system
         raise NotFound(f"no docs asset {echo(file)}")
     body, digest = _asset_file(file)
-    etag = f'"{digest}"'
     versioned = request.query_params.get("v") == digest
-    headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable" if versioned else "no-cache"}
-    if _etag_matches(request.headers.get("if-none-match", ""), etag):
-        return Response(status_code=304, headers=headers)
+    headers = {"Cache-Control": "public, max-age=31536000, immutable" if versioned else "no-cache"}
+    tags = [f'"{digest}"']
+    if media_type.startswith("text/"):
+        body, encoding = _compressible(file).choose(request.headers.get("accept-encoding", ""))
+        headers.update(encoding)
+        tags.append(f'"{digest}-gzip"')
+        if "Content-Encoding" in encoding:
+            tags.reverse()  # the tag of the form this answer would send first
+    if_none_match = request.headers.get("if-none-match", "")
+    # A client holding either form has these bytes: 304, with the tag it holds.
+    held = next((tag for tag in tags if _etag_matches(if_none_match, tag)), None)
+    if held is not None:
+        return Response(status_code=304, headers={**headers, "ETag": held})
+    headers["ETag"] = tags[0]
     return Response(body, media_type=media_type, headers=headers)
