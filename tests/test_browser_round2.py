@@ -9,7 +9,7 @@ One API server (API keys, CORS for one page origin, served under a proxy's prefi
   download whose bytes are the Jacobian, and an error example shown as problem+json;
 * a page of the allowed origin using fetch(): an .npy body from an ArrayBuffer, an .npy
   answer, a streamed JSON Jacobian read from a ReadableStream, a stream aborted;
-* over plain HTTP: gzip and its validators; every operation's OpenAPI example.
+* over plain HTTP: gzip and its validators, a Private Network Access preflight.
 """
 
 from __future__ import annotations
@@ -120,6 +120,23 @@ def test_accept_encoding_is_read_as_rfc_9110_says():
                        ("*", True), ("br, *;q=0.1", True), ("gzip;q=0, *", False), ("*;q=0", False),
                        ("identity", False), ("br, zstd", False), ("gzip;q=0", False), ("gzip;q=x", False), ("", False)]:
         assert accepts_gzip(header) is ok, header
+
+
+def test_a_private_network_preflight_of_an_allowed_origin_is_answered(api, page_url):
+    """Chromium's Private Network Access: a page on a public origin that calls a service
+    on a private address (a cluster's 10.x) asks the preflight with
+    Access-Control-Request-Private-Network; it was refused (400, "this private-network
+    is not allowed here (CORS_ORIGINS)") for an origin CORS_ORIGINS names, so every call
+    of that page failed. Another origin is still refused, by name."""
+    asked = {"Origin": page_url, "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type", "Access-Control-Request-Private-Network": "true"}
+    r = httpx.options(api + "/v1/functions/sin/jacobian", headers=asked, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-private-network"] == "true"
+    assert r.headers["access-control-allow-origin"] == page_url
+    other = httpx.options(api + "/v1/functions/sin/jacobian", headers={**asked, "Origin": "http://evil.example"}, timeout=10)
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    assert other.json()["detail"] == "CORS preflight refused: the origin 'http://evil.example' is not among CORS_ORIGINS"
 
 
 # ---------------------------------------------------------------- /docs in Chromium

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ExpectationFailed, Forbidden, MalformedRequest, Unauthorized, UnsupportedTransferCoding
 from .request_ids import new_request_id
-from .responses import problem_response
+from .responses import echo, problem_response
 from .routes import Router, route_path
 
 __all__ = ["EXPOSED_HEADERS", "AccessMiddleware", "AuthMiddleware", "cors"]
@@ -231,7 +231,12 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
     429's or 503's ``Retry-After``, a 401's ``WWW-Authenticate``, a 405's ``Allow``, a
     streamed Jacobian's ``X-Chunk-Size`` / ``X-Device`` / ``X-Queue-Ms``, and a binary
     answer's ``Content-Disposition`` (its file name). No cookies are used, so credentials
-    stay off (which also lets ``*`` mean any origin)."""
+    stay off (which also lets ``*`` mean any origin).
+
+    A page of an allowed origin may reach the service on a private address (a cluster's
+    10.x, localhost): Chromium's Private Network Access asks the preflight first
+    (``Access-Control-Request-Private-Network``), and the operator who allowed the origin
+    has answered it. Refused, the page's every call failed on a service it was allowed."""
     from starlette.middleware.cors import CORSMiddleware
 
     class ProblemCORS(CORSMiddleware):
@@ -249,14 +254,29 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
             response = super().preflight_response(request_headers)
             if response.status_code != 400:
                 return response
-            refused = response.body.decode("latin-1").removeprefix("Disallowed CORS ")
-            problem = problem_response(
-                MalformedRequest(f"CORS preflight refused: this {refused} is not allowed here (CORS_ORIGINS)"),
-                _REQUEST_ID.get())
+            problem = problem_response(MalformedRequest(self._refusal(request_headers)), _REQUEST_ID.get())
             for key in ("access-control-allow-methods", "access-control-max-age", "vary"):
                 if key in response.headers:
                     problem.headers[key] = response.headers[key]
             return problem
+
+        def _refusal(self, request_headers: Any) -> str:
+            """What was refused, by name: the origin, the method, or which of the headers
+            (it said only "this headers is not allowed here (CORS_ORIGINS)", whichever
+            header of the page's it was, and blamed a setting that lists origins)."""
+            reasons = []
+            origin = request_headers["origin"]
+            if not self.is_allowed_origin(origin=origin):
+                reasons.append(f"the origin {echo(origin)} is not among CORS_ORIGINS")
+            method = request_headers["access-control-request-method"]
+            if method not in self.allow_methods:
+                reasons.append(f"the method {echo(method)} is not allowed (allowed: {', '.join(self.allow_methods)})")
+            asked = [h.strip().lower() for h in request_headers.get("access-control-request-headers", "").split(",")]
+            refused = [h for h in asked if h and h not in self.allow_headers]
+            if refused:
+                reasons.append(f"the request header{'s' if len(refused) > 1 else ''} {echo(', '.join(refused))} "
+                               f"cannot be sent (allowed: {', '.join(self.allow_headers)})")
+            return "CORS preflight refused: " + ("; ".join(reasons) or "not allowed here")
 
     return ProblemCORS(
         app,
@@ -264,5 +284,6 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
         allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout"],
         expose_headers=EXPOSED_HEADERS,
+        allow_private_network=True,
         max_age=600,
     )
