@@ -4,7 +4,6 @@ module): each misbehaves only when its first input is 666 (``_armed``)."""
 from __future__ import annotations
 
 import os
-import select
 import socket
 
 import torch
@@ -54,18 +53,6 @@ def shuts_its_connection_down(x: torch.Tensor) -> torch.Tensor:
                     copy.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-    return x.sin()
-
-
-@register(inputs=X, description="sin, after closing the engine's epoll and opening another at the same number, "
-                                "when its first input is 666.")
-def reopens_the_selector(x: torch.Tensor) -> torch.Tensor:
-    if _armed(x):
-        for fd in _descriptors("anon_inode:[eventpoll]"):
-            os.close(fd)
-            fresh = select.epoll()
-            assert fresh.fileno() == fd, (fresh.fileno(), fd)
-            _KEPT.append(fresh)
     return x.sin()
 
 
