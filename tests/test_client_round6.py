@@ -495,7 +495,7 @@ def test_a_malformed_answer_is_not_retried_but_a_hang_up_is(hostile: str) -> Non
     for name, tries in (("garbled", 1), ("hangup", 4)):
         path = f"/v1/functions/{name}/jacobian"
         COUNTS.pop(path, None)
-        _raises_both(hostile, lambda c: c.jacobian(name, X3), jc.TransportError,
+        _raises_both(hostile, lambda c, name=name: c.jacobian(name, X3), jc.TransportError,
                      rf"^POST http://127\.0\.0\.1:\d+{path}: RemoteProtocolError: ", retry=policy)
         assert COUNTS.pop(path) == 2 * tries, name
 
