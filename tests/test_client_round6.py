@@ -607,3 +607,18 @@ def test_wait_ready_does_not_put_the_base_urls_password_in_its_error() -> None:
     with pytest.raises(TimeoutError) as info:
         asyncio.run(main())
     assert "s3cret" not in str(info.value) and "user" not in str(info.value)
+
+
+@pytest.mark.parametrize("cls", [jc.Client, jc.AsyncClient])
+def test_a_base_url_with_credentials_and_an_api_key_is_refused(cls: type, hostile: str) -> None:
+    """Client("http://user:pw@host", api_key="KEY"): httpx sent the URL's credentials as
+    Basic auth in place of the key's Bearer token (the server saw "Basic dXNlcjpwdw==",
+    every call a 401); the two cannot both travel, so the constructor says so, echoing
+    neither. Credentials alone (a proxy's Basic auth) go as before."""
+    url = hostile.replace("http://", "http://user:pw@")
+    with pytest.raises(ValueError, match=r"^base_url carries credentials .* give one of them") as info:
+        cls(url, api_key="KEY")
+    assert "pw" not in str(info.value) and "KEY" not in str(info.value)
+    with jc.Client(url, max_retries=0) as client:
+        client.jacobian("eye", X3)
+    assert SEEN["/v1/functions/eye/jacobian"]["authorization"] == "Basic dXNlcjpwdw=="

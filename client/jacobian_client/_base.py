@@ -39,6 +39,7 @@ class ClientConfig:
             "base_url": base_url, "api_key": api_key, "timeout": timeout, "max_retries": max_retries,
             "retry": retry, "transport": transport, "limits": limits,
             "headers": None if headers is None else dict(headers), "max_response_bytes": max_response_bytes}
+        _check_credentials(base_url, api_key)
         if retry is None:
             retry = RetryPolicy() if max_retries is None else RetryPolicy(max_retries=max_retries)
         elif max_retries is not None:
@@ -57,6 +58,23 @@ class ClientConfig:
             "headers": self.protocol.base_headers,
             "follow_redirects": False,
         }
+
+
+def _check_credentials(base_url: str, api_key: str | None) -> None:
+    """A base URL with ``user:password@`` is sent by httpx as Basic auth, which takes the
+    Authorization header: with an api_key too, the key's Bearer token was silently
+    replaced and every call answered 401. Both cannot travel; say so (without echoing
+    either)."""
+    if api_key is None:
+        return
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError):
+        return  # httpx says what is wrong with it, as before
+    if url.username or url.password:
+        raise ValueError("base_url carries credentials (user:password@host), which are sent as Basic auth in the "
+                         "Authorization header that api_key's Bearer token needs: give one of them (the credentials "
+                         "are not shown here)")
 
 
 H = TypeVar("H", httpx.Client, httpx.AsyncClient)
