@@ -622,3 +622,15 @@ def test_a_base_url_with_credentials_and_an_api_key_is_refused(cls: type, hostil
     with jc.Client(url, max_retries=0) as client:
         client.jacobian("eye", X3)
     assert SEEN["/v1/functions/eye/jacobian"]["authorization"] == "Basic dXNlcjpwdw=="
+
+
+def test_the_cli_says_so_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """jacobian-service call with credentials in --url and --api-key (or a key no header
+    can carry) ended in the constructor's ValueError traceback; one line now, exit 2."""
+    from jacobian_client._cli_call import call_main
+
+    np.save(tmp_path / "x.npy", X3)
+    for url, key in (("http://user:pw@127.0.0.1:9", "KEY"), ("http://127.0.0.1:9", "k\ney")):
+        assert call_main(["sin", "--url", url, "--api-key", key, "-i", str(tmp_path / "x.npy")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err

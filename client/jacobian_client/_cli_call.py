@@ -123,8 +123,13 @@ def call_main(argv: list[str]) -> int:
     if stream_to is not None and isinstance(argnums, tuple):
         print("error: several Jacobians (tuple --argnums) need --out FILE.npz", file=sys.stderr)
         return 2
+    try:  # a key no header can carry, or credentials in --url beside it: one line, not a traceback
+        client = Client(args.url, api_key=args.api_key, timeout=args.timeout)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
-        with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
+        with client:
             if args.method == "jacobian":
                 result = client.jacobian(args.function, *inputs, argnums=argnums, chunk_size=args.chunk_size,
                                          batched=args.batched, rows=rows, out=stream_to, progress=args.progress,
