@@ -289,3 +289,11 @@ def buffer_masked(x: torch.Tensor) -> torch.Tensor:
     buf[1:] = x
     mixed = buf[1:] * torch.tensor([1.0, 4.0, 3.0], dtype=x.dtype) + buf[:-1] * 2
     return mixed.masked_select(_PROBE_MASK) * 2
+
+
+@register(inputs=[Input("u", shape=("ny", "nx"))],
+          description="A smoothed residual: u**2 minus its 3 x 3 average (avg_pool2d) plus a 2 x 2 max_pool1d of the rows.")
+def pooled_residual(u: torch.Tensor) -> torch.Tensor:
+    smooth = F.avg_pool2d(u[None, None], 3, stride=1, padding=1, count_include_pad=False)[0, 0]
+    peaks = F.max_pool1d(u[None], 3, stride=1, padding=1)[0]
+    return u**2 - smooth + 0.5 * peaks

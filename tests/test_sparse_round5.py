@@ -238,3 +238,14 @@ def test_functions_sharing_a_source_do_not_share_a_pattern():
         np.testing.assert_allclose(res.matrix.toarray(), torch.func.jacrev(fn)(x).numpy(), rtol=1e-12)
     one = make(2)
     assert [sparse_jacobian(one, [x]).timings["cached"] for _ in range(2)] == ["", "memory"]
+
+
+def test_pooling_is_traced_exactly(client):
+    """avg_pool and max_pool (1-3-D) were ops the tracer did not know: taken as dense
+    (every output on every input, exact: false, one product per element). Each output
+    now depends on its window of its own channel."""
+    u = RNG.uniform(-1, 1, (6, 7))
+    want = torch.func.jacrev(sf.pooled_residual)(torch.from_numpy(u)).reshape(42, 42).numpy()
+    J, meta = sparse_json(client.post("/v1/functions/pooled_residual/jacobian", json={"inputs": [f64(u)], "sparsity": "auto"}))
+    np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-15)
+    assert meta["exact"] is True and not meta["notes"] and meta["products"] == 9  # a 3 x 3 window

@@ -150,11 +150,19 @@ _LINE = frozenset("_softmax _log_softmax sort topk kthvalue softmax log_softmax"
 # Running ops: an element depends on the line up to itself.
 _SCAN = frozenset("cumsum cumprod logcumsumexp cummax cummin".split())
 _LINEAR_SCAN = frozenset({"cumsum"})
+# Pooling ops and their spatial dims (avg_pool1d and max_pool1d run as the 2-D ones).
+_POOL = {"avg_pool2d": 2, "avg_pool3d": 3, "max_pool2d_with_indices": 2, "max_pool3d_with_indices": 3}
 _MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm _sparse_addmm".split())  # the last: torch.sparse.mm
 # Writes of elements of ``src`` (or a fill value) into ``self`` at places an index
 # tensor names along ``dim``: how finite-element residuals and graph operators are
 # assembled (element contributions index_add-ed into global nodes).
 _SCATTER = frozenset("index_add index_reduce scatter_add scatter_reduce scatter index_copy index_fill put".split())
+
+
+def _per_dim(v: Any, dims: int) -> list[int]:
+    """A pooling argument (an int, or a list of one or ``dims`` ints) per spatial dim."""
+    v = [int(v)] if isinstance(v, int) else [int(i) for i in v]
+    return v * dims if len(v) == 1 else v
 
 
 def _is_sparse(t: Any) -> bool:
@@ -461,6 +469,8 @@ class _Tracer:
             return self.matmul(name, args, kwargs, out)
         if name == "convolution" and _float(out):
             return self.convolution(func, args, kwargs, out)
+        if name in _POOL:
+            return self.pool(func, name, args, kwargs, out)
         if name in _REDUCE or name in _LINE or name in _SCAN:
             return self.along(func, name, args, kwargs, out)
         if torch.Tag.pointwise in func.tags or name in _LINEAR_POINTWISE:
@@ -739,6 +749,46 @@ class _Tracer:
         hess = None
         if self.hessian:  # linear in the traced operands
             hess = self.hess_of([t for t in (other, bias) if isinstance(t, _Traced)])
+        return self.wrap(out, deps, hess)
+
+    def pool(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """Average and max pooling (1-, 2- and 3-D; any kernel, stride, padding,
+        dilation, ceil_mode): an output element depends on its window of its own channel.
+        Max pooling's derivative picks one element of the window, which one following the
+        values: the window holds it whatever the values. Both are linear where they are
+        differentiable (no Hessian pairs)."""
+        named = dict(zip((a.name for a in func._schema.arguments), args))
+        named.update(kwargs)
+        x, dims = named["self"], _POOL[name]
+        values = out[0] if isinstance(out, (tuple, list)) else out
+        xv = x.value if isinstance(x, _Traced) else x
+        if not isinstance(x, _Traced) or xv.dim() < dims + 1 or not _float(values):
+            return self.dense(name, [x] if isinstance(x, _Traced) else [], out)
+        kernel = _per_dim(named["kernel_size"], dims)
+        stride = _per_dim(named.get("stride") or kernel, dims)  # [] means the kernel's
+        padding = _per_dim(named.get("padding", 0), dims)
+        dilation = _per_dim(named.get("dilation", 1), dims)
+        spatial, places = tuple(xv.shape[-dims:]), tuple(values.shape[-dims:])
+        lead, size_in, size_out = xv.numel() // math.prod(spatial), math.prod(spatial), math.prod(places)
+        kc = np.unravel_index(np.arange(math.prod(kernel)), kernel)
+        pc = np.unravel_index(np.arange(size_out), places)
+        valid = np.ones((math.prod(kernel), size_out), bool)
+        q = np.zeros((math.prod(kernel), size_out), np.int64)
+        for d in range(dims):
+            qd = pc[d][None, :] * stride[d] - padding[d] + kc[d][:, None] * dilation[d]
+            valid &= (qd >= 0) & (qd < spatial[d])
+            q = q * spatial[d] + qd
+        tap, at = np.nonzero(valid)
+        q = q[tap, at]
+        _check_entries(lead * q.size, name)
+        channel = np.arange(lead)[:, None]
+        rows = (channel * size_out + at[None, :]).reshape(-1)
+        cols = (channel * size_in + q[None, :]).reshape(-1)
+        m = sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(lead * size_out, xv.numel()))
+        deps = _ones(m @ self.deps(x))
+        hess = self.hess_of([x]) if self.hessian else None
+        if isinstance(out, (tuple, list)):  # (values, indices): the indices carry no derivative
+            return type(out)([self.wrap(values, deps, hess)] + list(out[1:]))
         return self.wrap(out, deps, hess)
 
     def convolution(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
