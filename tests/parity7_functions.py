@@ -412,3 +412,9 @@ def no_inputs():
     """Takes nothing (a constant, a model's state): evaluate answers it, and there is no
     Jacobian to take, nor to warm up."""
     return torch.arange(3.0)
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("y", shape=())], has_aux=True)
+def scalar_aux(x, y):
+    """A scalar with aux: hvp and Hessians ignore aux and return it."""
+    return (x**3).sum() * y, {"norm": x.norm(), "tag": "s"}

@@ -573,6 +573,15 @@ TORCH_CASES = [
     ("ordered_dict_out", "vjp", [X], {"cotangents": {"a": [1, 1, 1], "b": [1, 2, 3]}},
      lambda x: vjp(F.ordered_dict_out, x)[1](
          collections.OrderedDict(b=torch.tensor([1.0, 2, 3]), a=torch.ones(3)))[0]),
+    # hvp of a scalar with aux over a vector and a 0-d input: tangents as a plain ragged list
+    ("scalar_aux", "hvp", [X, Z], {"argnums": [0, 1], "tangents": [[1, 2, 3], 1.0]},
+     lambda x, y: jvp(torch.func.grad(no_aux(F.scalar_aux), argnums=(0, 1)), (x, y),
+                      (torch.tensor([1.0, 2, 3]), torch.tensor(1.0)))[1]),
+    ("scalar_aux", "hvp", [X, Z], {"argnums": [0, 1], "tangents": [[[1, 2, 3], [0, 1, 0]], [1.0, 0.0]],
+                                   "batched_vectors": True},
+     lambda x, y: vmap(lambda a, b: jvp(torch.func.grad(no_aux(F.scalar_aux), argnums=(0, 1)), (x, y), (a, b))[1])(
+         torch.tensor([[1.0, 2, 3], [0, 1, 0]]), torch.tensor([1.0, 0.0]))),
+    ("scalar_aux", "hessian", [X, Z], {"argnums": [1, 0]}, hessian(no_aux(F.scalar_aux), argnums=(1, 0))),
     # all under no_grad: reverse mode's constant (zeros, whatever mode asks), forward's 2 I in jvp
     ("all_no_grad", "jacobian", [X], {"mode": "fwd"}, jacrev(F.all_no_grad)),
     ("all_no_grad", "hessian", [X], {}, hessian(F.all_no_grad)),
