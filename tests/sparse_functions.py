@@ -297,3 +297,9 @@ def pooled_residual(u: torch.Tensor) -> torch.Tensor:
     smooth = F.avg_pool2d(u[None, None], 3, stride=1, padding=1, count_include_pad=False)[0, 0]
     peaks = F.max_pool1d(u[None], 3, stride=1, padding=1)[0]
     return u**2 - smooth + 0.5 * peaks
+
+
+@register(inputs=[Input("x", shape=(3,), dtype="float64")],
+          description="masked_pairs again, under a name of its own (a verdict no other test has learned)")
+def masked_select_pairs_once(x: torch.Tensor) -> torch.Tensor:
+    return x.masked_select(_PAIR_MASK) * 2

@@ -249,3 +249,19 @@ def test_pooling_is_traced_exactly(client):
     J, meta = sparse_json(client.post("/v1/functions/pooled_residual/jacobian", json={"inputs": [f64(u)], "sparsity": "auto"}))
     np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-15)
     assert meta["exact"] is True and not meta["notes"] and meta["products"] == 9  # a 3 x 3 window
+
+
+def test_a_wrong_vmap_is_logged_when_found_not_at_every_request(client, caplog):
+    """The verdict is remembered, and so every later request of a function torch's vmap
+    gets wrong took the slow way logging the same WARNING again ('vmap of the products
+    disagrees with one product; looping'), one a request. Once, when found."""
+    import logging
+
+    x = RNG.uniform(0.5, 1.5, 3)
+    body = {"inputs": [f64(x)], "sparsity": "auto", "mode": "rev", "chunk_size": 2}
+    with caplog.at_level(logging.WARNING, logger="jacobian_service.sparsity"):
+        for _ in range(3):
+            J, _ = sparse_json(client.post("/v1/functions/masked_select_pairs_once/jacobian", json=body))
+    np.testing.assert_allclose(J.toarray(), torch.func.jacrev(sf.masked_select_pairs_once, chunk_size=1)(
+        torch.from_numpy(x)).numpy(), rtol=1e-12)
+    assert sum("disagrees" in r.getMessage() for r in caplog.records) == 1

@@ -517,15 +517,20 @@ def _products_key(fn: Callable[..., Any], name: str | None, argnums: Sequence[in
     return (who, tuple(argnums), tuple((tuple(a.shape), a.dtype) for a in args))
 
 
-def _agrees(seen: Any, check: Callable[[], bool]) -> bool:
-    """``check()``'s verdict, run once per ``seen`` (None: every time) and remembered."""
-    if seen is None:
-        return check()
-    if seen not in _VMAP_CHECKED:
-        _VMAP_CHECKED[seen] = check()
+def _agrees(seen: Any, check: Callable[[], bool], what: str) -> bool:
+    """``check()``'s verdict, run once per ``seen`` (None: every time) and remembered.
+    A disagreement is logged (a warning, ``what`` saying what runs instead) when it is
+    found, not at every later request that the remembered verdict sends the slow way."""
+    if seen is not None and seen in _VMAP_CHECKED:
+        return _VMAP_CHECKED[seen]
+    verdict = check()
+    if not verdict:
+        log.warning("vmap of the products disagrees with one product; %s", what)
+    if seen is not None:
+        _VMAP_CHECKED[seen] = verdict
         while len(_VMAP_CHECKED) > 256:
             _VMAP_CHECKED.popitem(last=False)
-    return _VMAP_CHECKED.get(seen, True)
+    return verdict
 
 
 def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch.Tensor],
@@ -553,9 +558,9 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
                 log.info("vmap of the products failed (%s); looping", type(exc).__name__)
                 state["vmap"] = False
             else:
-                if not check or _agrees(key and (key, count), lambda: vmap_agrees(product, tuple(seeds), out)):
+                if not check or _agrees(key and (key, count), lambda: vmap_agrees(product, tuple(seeds), out),
+                                        "one product at a time"):
                     return out
-                log.warning("vmap of the products disagrees with one product; looping")
                 state["vmap"] = False
         return torch.stack([product(*[s[r] for s in seeds]) for r in range(count)])
 
@@ -910,8 +915,8 @@ def sparse_batch(
         if seen is not None and _VMAP_CHECKED.get(seen) is False:
             raise VmapDisagrees("vmap of the products over the points disagrees with one product")
         out = torch.func.vmap(lambda *point: torch.func.vmap(at(*point))(*seeds))(*args)
-        if not _agrees(seen, lambda: all(vmap_agrees(at(*[a[i] for a in args]), tuple(seeds), out[i]) for i in range(batch))):
-            log.warning("vmap of the products over %d points disagrees with one product; each point alone", batch)
+        if not _agrees(seen, lambda: all(vmap_agrees(at(*[a[i] for a in args]), tuple(seeds), out[i]) for i in range(batch)),
+                       f"over {batch} points: each point alone"):
             raise VmapDisagrees("vmap of the products over the points disagrees with one product")
         return out
 
