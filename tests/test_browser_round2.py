@@ -159,7 +159,7 @@ _OPEN = r"""
 # and read what Swagger UI shows: the status, the body's text, a download link's file
 # name (the link clicked: the browser saves the file).
 _EXECUTE = r"""
-(async (path, method, name, media) => {
+(async (path, method, name, media, body) => {
   const sleep = ms => new Promise(r => setTimeout(r, ms));
   const until = async (f, t = 30000) => { const end = Date.now() + t;
     while (Date.now() < end) { const v = f(); if (v) return v; await sleep(50); } return null; };
@@ -175,6 +175,11 @@ _EXECUTE = r"""
       list => list.value === name || ![...list.options].some(o => o.value === name)), 5000);
   }
   if (media !== null) setSelect(block.querySelector('.response-control-media-type select'), media);
+  if (body !== null) {
+    const text = await until(() => block.querySelector('textarea.body-param__text'));
+    Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set.call(text, body);
+    text.dispatchEvent(new Event('input', {bubbles: true}));
+  }
   await sleep(100);
   block.querySelector('.execute').click();
   const status = await until(() => block.querySelector('.live-responses-table .response .response-col_status'), 60000);
@@ -209,11 +214,12 @@ def _half(*shape: int) -> torch.Tensor:
     return torch.full(shape, 0.5)  # the documents' examples: every number 0.5, symbols sized 3
 
 
-def test_docs_load_gzipped_and_an_npy_answer_is_a_download(api, browser, tmp_path):
+def test_docs_load_gzipped_and_large_answers_are_downloads(api, browser, tmp_path):
     """As a user with a key, behind a proxy's prefix: /docs transfers its scripts and
     the document gzipped (1.5 MB and 90 KB before), asks for the key, and "Try it out"
     -> Execute asking for application/x-npy offers the answer as a file named for what
-    it holds, which the browser saves as the Jacobian torch.func gives. (Swagger UI
+    it holds, which the browser saves as the Jacobian torch.func gives; so is a JSON
+    answer over 1 MB, which Swagger UI rendered whole, freezing the tab. (Swagger UI
     renders slowly on a loaded machine: one Execute here; every operation's example is
     checked over HTTP below, Try it out on others in test_docs_ui.py.)"""
     from jacobian_service import examples as ex
@@ -233,13 +239,28 @@ def test_docs_load_gzipped_and_an_npy_answer_is_a_download(api, browser, tmp_pat
     browser.send("Page.setDownloadBehavior", behavior="allow", downloadPath=str(tmp_path))
     path = "/v1/functions/{name}/jacobian"
     assert browser.eval(f"{_OPEN}({json.dumps(path)}, 'post')")
-    npy = browser.eval(f"{_EXECUTE}({json.dumps(path)}, 'post', 'softmax', 'application/x-npy')", timeout_s=90)
+    npy = browser.eval(f"{_EXECUTE}({json.dumps(path)}, 'post', 'softmax', 'application/x-npy', null)", timeout_s=90)
     assert npy["status"] == "200" and npy["file"] == "softmax-jacobian.npy", npy
     assert f"{api}/v1/functions/softmax/jacobian" in npy["curl"] and "Bearer k1" in npy["curl"], npy
     _wait(lambda: browser.eval("true") and any(e["method"].endswith(".downloadProgress")
                                                and e["params"]["state"] == "completed" for e in browser.events))
     J = np.load(tmp_path / "softmax-jacobian.npy", allow_pickle=False)
     np.testing.assert_allclose(J, torch.func.jacrev(ex.softmax)(_half(3)).numpy(), rtol=1e-5, atol=1e-7)
+
+    # A JSON answer over 1 MB is offered as a file too: Swagger UI rendered it whole in
+    # the page (mlp's Hessian, 14 MB, an example of the list: the tab froze for minutes).
+    x = torch.arange(400, dtype=torch.float32) / 400
+    body = json.dumps({"inputs": {"x": x.tolist()}})
+    big = browser.eval(f"{_EXECUTE}({json.dumps(path)}, 'post', 'softmax', 'application/json', {json.dumps(body)})",
+                       timeout_s=120)
+    assert big["status"] == "200" and big["file"] == "softmax-jacobian.json", {**big, "text": big["text"][:200]}
+    _wait(lambda: browser.eval("true") and (tmp_path / "softmax-jacobian.json").is_file()
+          and sum(e["method"].endswith(".downloadProgress") and e["params"]["state"] == "completed"
+                  for e in browser.events) >= 2)
+    doc = json.loads((tmp_path / "softmax-jacobian.json").read_text())
+    assert doc["jacobian"]["shape"] == [400, 400]
+    np.testing.assert_allclose(np.float32(doc["jacobian"]["data"]), torch.func.jacrev(ex.softmax)(x).numpy(),
+                               rtol=1e-5, atol=1e-7)
 
 
 def _expected(kind: str, name: str, body: dict) -> object:

@@ -88,6 +88,21 @@ _DOCS_JS = r"""(function () {
     return fetch(specUrl, {headers: headers, cache: "no-store"});
   }
 
+  // Swagger UI pretty-prints and renders a JSON answer whole, in the page: mlp's Hessian
+  // (14 MB, an example of the list) froze the tab for minutes. An answer over 1 MB is
+  // offered as a file instead, as the .npy answers are (Content-Disposition: attachment,
+  // which only this page reads: the answer itself is unchanged).
+  var LARGE = 1 << 20;
+  function offerLargeAsFile(response) {
+    var headers = response.headers || {};
+    if (typeof response.text === "string" && response.text.length > LARGE && !headers["content-disposition"]) {
+      var path = String(response.url || "").split("?")[0].split("/").filter(Boolean);
+      headers["content-disposition"] = 'attachment; filename="' + path.slice(-2).join("-") + '.json"';
+      response.headers = headers;
+    }
+    return response;
+  }
+
   async function main() {
     var key = stored();
     var response = await fetchSpec(key);
@@ -111,7 +126,8 @@ _DOCS_JS = r"""(function () {
       deepLinking: true, validatorUrl: null,
       // The key the document was read with authorizes "Try it out" too (the Authorize
       // button shows it, and logs it out).
-      onComplete: function () { if (key) swagger.preauthorizeApiKey("bearer", key); }
+      onComplete: function () { if (key) swagger.preauthorizeApiKey("bearer", key); },
+      responseInterceptor: offerLargeAsFile
     });
     // The examples are per function (the request body's, the sparsity query's shapes),
     // but Swagger UI keeps the first one whatever function "Try it out" picks: Execute
