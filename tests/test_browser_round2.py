@@ -159,7 +159,7 @@ _OPEN = r"""
 # and read what Swagger UI shows: the status, the body's text, a download link's file
 # name (the link clicked: the browser saves the file).
 _EXECUTE = r"""
-(async (path, method, name, media, body) => {
+(async (path, method, name, media, body, ready) => {
   const sleep = ms => new Promise(r => setTimeout(r, ms));
   const until = async (f, t = 30000) => { const end = Date.now() + t;
     while (Date.now() < end) { const v = f(); if (v) return v; await sleep(50); } return null; };
@@ -175,6 +175,9 @@ _EXECUTE = r"""
       list => list.value === name || ![...list.options].some(o => o.value === name)), 5000);
   }
   if (media !== null) setSelect(block.querySelector('.response-control-media-type select'), media);
+  if (ready !== undefined) {  // the body docs.js writes (vjp)
+    await until(() => (block.querySelector('textarea.body-param__text')?.value || '').includes(ready));
+  }
   if (body !== null) {
     const text = await until(() => block.querySelector('textarea.body-param__text'));
     Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set.call(text, body);
@@ -246,6 +249,20 @@ def test_docs_load_gzipped_and_large_answers_are_downloads(api, browser, tmp_pat
                                                and e["params"]["state"] == "completed" for e in browser.events))
     J = np.load(tmp_path / "softmax-jacobian.npy", allow_pickle=False)
     np.testing.assert_allclose(J, torch.func.jacrev(ex.softmax)(_half(3)).numpy(), rtol=1e-5, atol=1e-7)
+
+    # vjp: the body is written for the function picked (its output's shape), and Execute
+    # answers torch.func.vjp's (every function was a 422: the document has no example).
+    vjp_path = "/v1/functions/{name}/vjp"
+    assert browser.eval(f"{_OPEN}({json.dumps(vjp_path)}, 'post')")
+    for name, fn, args in [("planar_arm", ex.planar_arm, (_half(3),)), ("polar", ex.polar, (_half(3), _half(3)))]:
+        got = browser.eval(f"{_EXECUTE}({json.dumps(vjp_path)}, 'post', {json.dumps(name)}, null, null, "
+                           "'cotangents')", timeout_s=90)
+        assert got["status"] == "200", got
+        out, pullback = torch.func.vjp(fn, *args)
+        half = tuple(torch.full_like(t, 0.5) for t in out) if isinstance(out, tuple) else torch.full_like(out, 0.5)
+        want = pullback(half)[0]
+        vjp = json.loads(got["text"])["vjp"]
+        np.testing.assert_allclose(np.asarray(vjp["data"], np.float32).reshape(vjp["shape"]), want.numpy(), rtol=1e-5)
 
     # A JSON answer over 1 MB is offered as a file too: Swagger UI rendered it whole in
     # the page (mlp's Hessian, 14 MB, an example of the list: the tab froze for minutes).

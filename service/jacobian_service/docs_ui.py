@@ -145,7 +145,58 @@ _DOCS_JS = r"""(function () {
         setValue.call(list, picked.value);  // as a user's pick: React hears the change event
         list.dispatchEvent(new Event("change", {bubbles: true}));
       });
+      if (isVjp(block)) fillVjp(block, picked.value);
     });
+    // vjp has no examples in the document: cotangents take the output's shape, which no
+    // declaration gives, and Swagger UI's body made from the schema was refused for every
+    // function (422 "data holds 1 numbers; shape [0] needs 0"). On "Try it out" and on
+    // each function picked, the page asks the function's output at its example inputs
+    // (/evaluate, the key the document was read with) and writes the body: those inputs,
+    // and cotangents of 0.5 shaped as that output.
+    document.addEventListener("click", function (event) {
+      var button = event.target.closest && event.target.closest(".try-out__btn");
+      var block = button && button.closest(".opblock");
+      if (!isVjp(block) || button.classList.contains("cancel")) return;
+      setTimeout(function () {
+        var select = block.querySelector('tr[data-param-name="name"] select');
+        if (select) fillVjp(block, select.value);
+      }, 0);
+    });
+
+    function isVjp(block) {
+      var path = block && block.querySelector(".opblock-summary-path");
+      return !!path && path.getAttribute("data-path") === "/v1/functions/{name}/vjp";
+    }
+    function shaped(tree) {  // 0.5 in the shape of each array of an answer's tree
+      if (Array.isArray(tree)) return tree.map(shaped);
+      if (tree && Array.isArray(tree.shape) && "dtype" in tree) {
+        var value = 0.5;
+        for (var i = tree.shape.length - 1; i >= 0; i--) value = new Array(tree.shape[i]).fill(value);
+        return value;
+      }
+      var out = {};
+      Object.keys(tree || {}).forEach(function (k) { out[k] = shaped(tree[k]); });
+      return out;
+    }
+    async function fillVjp(block, name) {
+      var jvp = spec.paths["/v1/functions/{name}/jvp"];
+      var examples = (((jvp && jvp.post.requestBody.content["application/json"]) || {}).examples) || {};
+      if (!examples[name]) return;
+      var inputs = examples[name].value.inputs;
+      var headers = {"Content-Type": "application/json", Accept: "application/json"};
+      if (key) headers.Authorization = "Bearer " + key;
+      var base = (spec.servers && spec.servers[0] && spec.servers[0].url) || root;
+      var response = await fetch(base + "/v1/functions/" + encodeURIComponent(name) + "/evaluate",
+                                 {method: "POST", headers: headers, body: JSON.stringify({inputs: inputs})});
+      if (!response.ok) return;  // Execute then shows what the function makes of it
+      var output = (await response.json()).output;
+      var text = block.querySelector("textarea.body-param__text");
+      var select = block.querySelector('tr[data-param-name="name"] select');
+      if (!text || (select && select.value !== name)) return;  // closed, or another function picked since
+      var setText = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, "value").set;
+      setText.call(text, JSON.stringify({inputs: inputs, cotangents: shaped(output)}, null, 2));
+      text.dispatchEvent(new Event("input", {bubbles: true}));
+    }
   }
 
   main().catch(function (error) {

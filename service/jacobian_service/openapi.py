@@ -258,7 +258,8 @@ def _response_schema(kind: str) -> dict[str, Any]:
 # the one picked from its list are calls that succeed. Symbolic dimensions are bound to
 # this size (the same name, the same size: n in params.w and x agree).
 _EXAMPLE_SIZE = 3
-# vjp's cotangents have the output's shape, which no declaration gives. hvp's tangents
+# vjp's cotangents have the output's shape, which no declaration gives (the /docs page
+# writes vjp's body from /evaluate's answer: docs_ui.py). hvp's tangents
 # have the input's: its example is right wherever hvp is (a scalar output; the others
 # are told so), where Swagger UI's body made from the schema was never right.
 _EXAMPLE_KINDS = ("jacobian", "hessian", "evaluate", "jvp", "hvp")
