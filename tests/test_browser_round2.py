@@ -438,3 +438,17 @@ def test_a_page_of_the_allowed_origin_posts_and_reads_binary_and_streams(api, pa
     problem = got["problem"]
     assert problem["status"] == 422 and problem["type"] == "application/problem+json"
     assert problem["body"]["code"] == "invalid_input" and problem["body"]["request_id"] == problem["id"]
+
+
+def test_batched_with_one_examples_inputs_says_where_the_dimension_went(api):
+    """Swagger UI's jacobian example with its batched box ticked: the 422 said
+    "input 'x': expected shape (n,), got ()", of a (3,) the user sent, not saying that
+    batched=true had taken the 3 as the batch."""
+    r = httpx.post(api + "/v1/functions/sin/jacobian", params={"batched": "true"}, headers=KEY, timeout=30,
+                   json={"inputs": {"x": [0.5, 0.5, 0.5]}})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["detail"] == ("input 'x': expected shape (n,), got (), for each example: batched=true takes the "
+                                  "leading dimension of (3,) as the batch (3 examples); send (batch,) + (n,)")
+    fine = httpx.post(api + "/v1/functions/sin/jacobian", params={"batched": "true"}, headers=KEY, timeout=30,
+                      json={"inputs": {"x": [[0.5, 0.5, 0.5]]}})
+    assert fine.status_code == 200 and fine.json()["jacobian"]["shape"] == [1, 3, 3]

@@ -18,7 +18,7 @@ from jacobian_client import wire
 from .responses import echo
 from .types import Call
 from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, UnsupportedMediaType, from_wire
-from .registry import FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, FunctionSpec
+from .registry import FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, FunctionSpec, format_shape
 
 __all__ = ["KINDS", "Options", "media_type_of", "parse_call", "parse_sparsity_query"]
 
@@ -376,7 +376,17 @@ def parse_call(
                 raise InvalidInput(f"input {inp.name!r}: batched inputs need a leading batch dimension")
             batch_sizes.add(shape[0])
             shape = shape[1:]
-        inp.bind(tuple(shape), bindings)
+        try:
+            inp.bind(tuple(shape), bindings)
+        except InvalidInput as exc:
+            if not options.batched:
+                raise
+            # Said of the example alone ("expected shape (n,), got ()"), the 422 of a
+            # request sent with batched=true and one example's inputs (Swagger UI's
+            # example, the batched box ticked) did not say where the dimension went.
+            raise InvalidInput(f"{exc.detail}, for each example: batched=true takes the leading dimension of "
+                               f"{format_shape(arr.shape)} as the batch ({arr.shape[0]} examples); send "
+                               f"(batch,) + {format_shape(inp.shape)}") from None
         wire_dtype = "float32" if dtype == "bfloat16" else dtype
         if arr.dtype != np.dtype(wire_dtype):
             _check_fits(inp.name, arr, np.dtype(wire_dtype))
