@@ -151,7 +151,8 @@ _DOCS_JS = r"""(function () {
     // declaration gives, and Swagger UI's body made from the schema was refused for every
     // function (422 "data holds 1 numbers; shape [0] needs 0"). On "Try it out" and on
     // each function picked, the page asks the function's output at its example inputs
-    // (/evaluate, the key the document was read with) and writes the body: those inputs,
+    // (/evaluate, with the key given to Authorize, else the one the document was read
+    // with) and writes the body: those inputs,
     // and cotangents of 0.5 shaped as that output.
     document.addEventListener("click", function (event) {
       var button = event.target.closest && event.target.closest(".try-out__btn");
@@ -163,6 +164,9 @@ _DOCS_JS = r"""(function () {
       }, 0);
     });
 
+    function authorized() {  // the key given to Authorize (DOCS_AUTH=false asks for none up front)
+      try { return swagger.authSelectors.authorized().getIn(["bearer", "value"]) || ""; } catch (e) { return ""; }
+    }
     function isVjp(block) {
       var path = block && block.querySelector(".opblock-summary-path");
       return !!path && path.getAttribute("data-path") === "/v1/functions/{name}/vjp";
@@ -184,7 +188,8 @@ _DOCS_JS = r"""(function () {
       if (!examples[name]) return;
       var inputs = examples[name].value.inputs;
       var headers = {"Content-Type": "application/json", Accept: "application/json"};
-      if (key) headers.Authorization = "Bearer " + key;
+      var bearer = authorized() || key;
+      if (bearer) headers.Authorization = "Bearer " + bearer;
       var base = (spec.servers && spec.servers[0] && spec.servers[0].url) || root;
       var response = await fetch(base + "/v1/functions/" + encodeURIComponent(name) + "/evaluate",
                                  {method: "POST", headers: headers, body: JSON.stringify({inputs: inputs})});
