@@ -1118,7 +1118,23 @@ class _Fresh(TorchDispatchMode):
         super().__init__()
         self.tracer = tracer
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in torch._dynamo.disable, which imports
+        # torch._dynamo at the first op traced (about 2 s: most of a first GET .../sparsity
+        # with warm-up off). The guard matters only once dynamo runs (the function uses
+        # torch.compile): __torch_dispatch__ then takes it itself.
+        return False
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is not None and not getattr(_Fresh, "_guarded", None):
+            # (torch's own guard, as its wrapper would have given, once dynamo is loaded)
+            _Fresh._guarded = dynamo.disable(_Fresh._dispatch, recursive=True)
+        guarded = getattr(_Fresh, "_guarded", None)
+        return guarded(self, func, types, args, kwargs) if guarded is not None else self._dispatch(func, types, args, kwargs)
+
+    def _dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if _tagged(func, torch.Tag.nondeterministic_seeded):  # rand, randint, randperm, bernoulli, dropout, ...
             (self.tracer.seeded if self.tracer.seeded_here(args, kwargs) else self.tracer.random).add(_op(func))
