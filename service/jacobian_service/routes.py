@@ -266,6 +266,14 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     started = time.monotonic()
     spec = state.registry.get(name)
     media = acceptable(_accept(request))
+    if not request.headers.get("content-type") and "origin" in request.headers:
+        # A body with no Content-Type is read as JSON, for clients that leave it out; but
+        # from a web page (it sends Origin) it is the one POST a page of any origin may
+        # send without a CORS preflight: any site a user visits could have their browser
+        # run Jacobians here (unread, but computed; no key needed where none is set).
+        raise UnsupportedMediaType(f"a request from a web page must name its Content-Type ({wire.JSON}, {wire.NPY} "
+                                   f"or {wire.NPZ}): then a page of an origin not allowed is stopped at the CORS "
+                                   "preflight")
     content_type = media_type_of(request.headers.get("content-type"))
     encodings = [e.strip().lower() for e in request.headers.getlist("content-encoding")]
     if any(e not in ("", "identity") for e in encodings):  # a gzip body read as JSON or .npy is only garbage
