@@ -471,32 +471,47 @@ def test_batched_with_one_examples_inputs_says_where_the_dimension_went(api):
     assert fine.status_code == 200 and fine.json()["jacobian"]["shape"] == [1, 3, 3]
 
 
-def test_a_page_of_any_origin_cannot_post_a_body_without_its_type(browser):
-    """A body without Content-Type was read as JSON; from a web page that is a "simple"
-    request, sent without a CORS preflight by a page of any origin: any site a user
-    visited could have their browser run Jacobians on a service without API keys
-    (computed, answered 200, though unread). From a page (it sends Origin) such a body
-    is now a 415 before any work; clients that send no Origin keep the old reading."""
+def test_a_page_of_another_site_cannot_make_the_browser_compute(browser):
+    """A page of any site may have a browser send some requests with no CORS preflight
+    (no-cors: an <img>, a fetch in no-cors mode; a POST whose body has no type, or
+    text/plain): a body without Content-Type was read as JSON, and a GET of a sparsity
+    pattern computes it, so any site a user visited could have their browser run work on
+    a service without API keys (computed, answered 200, though unread by the page).
+    Computing endpoints now refuse a no-cors request of another site (Fetch Metadata):
+    403 before any work; and a body without Content-Type from a page (it sends Origin;
+    browsers without Fetch Metadata) is a 415. A link opened, and clients that are no
+    browser, are served as before."""
     async def page(request):
         return HTMLResponse("<!doctype html><html><body>elsewhere</body></html>")
 
     with serve(real_app(functions="jacobian_service.examples")) as open_api, \
             serve(Starlette(routes=[Route("/", page)])) as elsewhere:
-        def counted(status: str, code: str) -> float:
+        def counted(endpoint: str, function: str, status: str, code: str) -> float:
             text = httpx.get(open_api + "/metrics", timeout=10).text
-            found = re.search(r'^jacobian_service_requests_total\{code="' + code + r'",endpoint="jacobian",'
-                              r'function="sin",status="' + status + r'"\} ([0-9.e+]+)$', text, re.M)
+            found = re.search(r'^jacobian_service_requests_total\{code="' + code + r'",endpoint="' + endpoint
+                              + r'",function="' + function + r'",status="' + status + r'"\} ([0-9.e+]+)$', text, re.M)
             return float(found.group(1)) if found else 0.0
 
+        sparsity = "/v1/functions/lorenz96/sparsity?shapes=8"
         browser.goto(elsewhere + "/")
         browser.wait_for("document.body && document.body.textContent === 'elsewhere'")
-        sent = browser.eval(f"""fetch({json.dumps(open_api)} + '/v1/functions/sin/jacobian', {{method: 'POST',
-          mode: 'no-cors', body: new Blob(['{{"inputs": [[0.5]]}}'])}}).then(r => r.type).catch(e => String(e))""")
-        assert sent == "opaque"  # sent, no preflight asked; the answer hidden from the page
-        _wait(lambda: counted("415", "unsupported_media_type") == 1)
-        assert counted("200", "") == 0  # nothing computed
-        plain = httpx.post(open_api + "/v1/functions/sin/jacobian", content=b'{"inputs": [[0.5]]}', timeout=30)
-        assert plain.status_code == 200, plain.text
+        sent = browser.eval(f"""Promise.all([
+          fetch({json.dumps(open_api)} + '/v1/functions/sin/jacobian', {{method: 'POST', mode: 'no-cors',
+                body: new Blob(['{{"inputs": [[0.5]]}}'])}}),
+          fetch({json.dumps(open_api)} + '/v1/functions/sin/jacobian', {{method: 'POST', mode: 'no-cors',
+                headers: {{'Content-Type': 'text/plain'}}, body: '{{"inputs": [[0.5]]}}'}}),
+          fetch({json.dumps(open_api + sparsity)}, {{mode: 'no-cors'}}),
+        ]).then(rs => rs.map(r => r.type)).catch(e => String(e))""")
+        assert sent == ["opaque"] * 3  # sent, no preflight asked; the answers hidden from the page
+        _wait(lambda: counted("jacobian", "sin", "403", "forbidden") == 2
+              and counted("getSparsity", "lorenz96", "403", "forbidden") == 1)
+        assert counted("jacobian", "sin", "200", "") == 0 and counted("getSparsity", "lorenz96", "200", "") == 0
+
         from_page = httpx.post(open_api + "/v1/functions/sin/jacobian", content=b'{"inputs": [[0.5]]}', timeout=30,
                                headers={"Origin": "http://elsewhere.example"})
         assert from_page.status_code == 415 and from_page.json()["code"] == "unsupported_media_type"
+        plain = httpx.post(open_api + "/v1/functions/sin/jacobian", content=b'{"inputs": [[0.5]]}', timeout=30)
+        assert plain.status_code == 200, plain.text
+        browser.goto(open_api + sparsity)  # a navigation: served
+        browser.wait_for("document.body && document.body.textContent.includes('lorenz96')")
+        assert counted("getSparsity", "lorenz96", "200", "") == 1

@@ -29,6 +29,7 @@ from jacobian_client import wire
 from .connections import Charge, read_body
 from .errors import (
     ClientGone,
+    Forbidden,
     InternalError,
     InvalidInput,
     MethodNotAllowed,
@@ -265,6 +266,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     state = _state(request)
     started = time.monotonic()
     spec = state.registry.get(name)
+    _refuse_other_sites(request)
     media = acceptable(_accept(request))
     if not request.headers.get("content-type") and "origin" in request.headers:
         # A body with no Content-Type is read as JSON, for clients that leave it out; but
@@ -347,6 +349,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
 async def function_sparsity(request: Request, name: str) -> Response:
     """The sparsity pattern of a function's Jacobian (or Hessian) at the shapes in the
     query, its source, the colouring and the number of products a sparse call takes."""
+    _refuse_other_sites(request)
     state = _state(request)
     spec = state.registry.get(name)
     media = _sparse_media(acceptable(_accept(request)), dense_form=False)
@@ -362,6 +365,22 @@ async def function_sparsity(request: Request, name: str) -> Response:
                         headers=attachment(spec.name, "sparsity", wire.NPZ))
     doc["matrix"] = wire.encode_sparse_json(result.value)
     return Response(await _offload(result.nbytes(), wire.dumps, doc), media_type=wire.JSON)
+
+
+def _refuse_other_sites(request: Request) -> None:
+    """Computing endpoints refuse what a page of another site makes a browser send
+    without CORS (Fetch Metadata: ``Sec-Fetch-Mode: no-cors``, an ``<img>`` or a
+    ``fetch(..., {mode: "no-cors"})``): such a request needs no preflight, so any site a
+    user visited could have their browser run work here (a GET .../sparsity, or a POST
+    whose type a page may send), unread but computed. A page of an allowed origin calls
+    in ``cors`` mode, a link opened is a navigation, and clients that are no browser
+    send no such header: all served as before. (Not in the OpenAPI document's 403s,
+    which say where a key is wanted: no client it describes sends such a request, and
+    no script can read the answer.)"""
+    headers = request.headers
+    if headers.get("sec-fetch-mode") == "no-cors" and headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+        raise Forbidden("a page of another site may call this only through CORS (fetch in cors mode, from an origin "
+                        "CORS_ORIGINS names), not as a no-cors request")
 
 
 # A request still computing after this long starts watching for its client's disconnect.
