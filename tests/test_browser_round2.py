@@ -81,7 +81,7 @@ def test_the_docs_scripts_and_the_document_go_gzipped(api):
     from jacobian_service.docs_ui import ASSETS_URL, _asset_file
 
     with httpx.Client(base_url=api, timeout=30, headers=KEY) as http:
-        for name in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "docs.js"):
+        for name in ("swagger-ui-bundle.js", "swagger-ui.css", "docs.js"):  # (ReDoc's: the same code path)
             body, digest = _asset_file(name)
             url = f"{ASSETS_URL}/{name}?v={digest}"
             packed = http.get(url, headers={"Accept-Encoding": "gzip, deflate, br, zstd"})
@@ -271,7 +271,7 @@ def test_docs_load_gzipped_and_large_answers_are_downloads(api, browser, tmp_pat
     # was a 422: the document has no example).
     vjp_path = "/v1/functions/{name}/vjp"
     assert browser.eval(f"{_OPEN}({json.dumps(vjp_path)}, 'post')")
-    for name, fn, args in [("planar_arm", ex.planar_arm, (_half(3),)), ("polar", ex.polar, (_half(3), _half(3)))]:
+    for name, fn, args in [("polar", ex.polar, (_half(3), _half(3)))]:  # a tuple output: cotangents nested
         got = browser.eval(f"{_EXECUTE}({json.dumps(vjp_path)}, 'post', {json.dumps(name)}, null, null, "
                            "'cotangents')", timeout_s=90)
         assert got["status"] == "200", got
@@ -283,7 +283,7 @@ def test_docs_load_gzipped_and_large_answers_are_downloads(api, browser, tmp_pat
 
     # A JSON answer over 1 MB is offered as a file too: Swagger UI rendered it whole in
     # the page (mlp's Hessian, 14 MB, an example of the list: the tab froze for minutes).
-    x = torch.arange(400, dtype=torch.float32) / 400
+    x = torch.arange(320, dtype=torch.float32) / 320  # 1.3 MB of JSON
     body = json.dumps({"inputs": {"x": x.tolist()}})
     big = browser.eval(f"{_EXECUTE}({json.dumps(path)}, 'post', 'softmax', 'application/json', {json.dumps(body)})",
                        timeout_s=120)
@@ -292,7 +292,7 @@ def test_docs_load_gzipped_and_large_answers_are_downloads(api, browser, tmp_pat
           and sum(e["method"].endswith(".downloadProgress") and e["params"]["state"] == "completed"
                   for e in browser.events) >= 2)
     doc = json.loads((tmp_path / "softmax-jacobian.json").read_text())
-    assert doc["jacobian"]["shape"] == [400, 400]
+    assert doc["jacobian"]["shape"] == [320, 320]
     np.testing.assert_allclose(np.float32(doc["jacobian"]["data"]), torch.func.jacrev(ex.softmax)(x).numpy(),
                                rtol=1e-5, atol=1e-7)
 
@@ -515,3 +515,4 @@ def test_a_page_of_another_site_cannot_make_the_browser_compute(browser):
         browser.goto(open_api + sparsity)  # a navigation: served
         browser.wait_for("document.body && document.body.textContent.includes('lorenz96')")
         assert counted("getSparsity", "lorenz96", "200", "") == 1
+        browser.goto("about:blank")  # off this server before it stops
