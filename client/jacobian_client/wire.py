@@ -240,9 +240,19 @@ def _check_shape(shape: Any, limits: Limits, dense: bool = True) -> tuple[int, .
         raise WireError(f"negative dimension in shape {shape}", "invalid_input")
     if any(d > _INT64_MAX for d in shape):
         raise WireError(f"shape {shape} has a dimension beyond int64", "invalid_input")
-    if dense and math.prod(d for d in shape if d) > limits.max_elements:
+    if dense and math.prod(shape) > limits.max_elements:
         raise WireError(
             f"shape {shape} is over the limit of {limits.max_elements} elements", "payload_too_large"
+        )
+    if dense and math.prod(d for d in shape if d) > limits.max_elements:
+        # Nothing to carry, so no 413 (it was 'over the limit of ... elements' for an
+        # array of none): the shape itself is what cannot be taken. Derivatives multiply
+        # shapes (a Hessian's is the output's and the input's twice), and a shape of no
+        # elements whose sizes multiply far enough is one numpy and torch cannot stride.
+        raise WireError(
+            f"shape {shape} holds no elements, but its other sizes multiply to "
+            f"{math.prod(d for d in shape if d)}, past the limit of {limits.max_elements} elements "
+            "that every shape's sizes are held to", "invalid_input"
         )
     return tuple(shape)
 

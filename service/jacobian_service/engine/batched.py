@@ -15,6 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
 from ..types import Call, Result
+from .shapes import span
 from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
 from .hessian import STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, with_output
 from .products import agrees_with_reverse
@@ -76,8 +77,10 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(first))
         in_numel = sum(args[i][0].numel() for i in call.argnums)
         width = in_numel if kind == "jacobian" else in_numel * in_numel
+        widest = max(span(args[i][0].shape) for i in call.argnums)
         engine.check_result_size(call, batch * out_numel * width * engine.wire_itemsize(args[call.argnums[0]].dtype),
-                                 "examples")
+                                 "examples", batch * max((span(o.shape) for o in pytree.tree_leaves(first)), default=1)
+                                 * widest ** (1 if kind == "jacobian" else 2) * engine.wire_itemsize(args[call.argnums[0]].dtype))
     for i, (mode, rows_loop) in enumerate(attempts):
         # Reverse over reverse is watched for a backward pass under no_grad (hessian.py)
         strategy = GradOffWatch(active=kind == "hessian" and mode != TORCHS)

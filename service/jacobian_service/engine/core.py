@@ -25,6 +25,7 @@ from .devices import release_free_heap
 from .products import agrees_with_reverse, over_vectors
 from .profile import Profiles
 from .rows import RowStream
+from .shapes import MAX_SPAN_BYTES
 from .process_settings import ProcessSettings
 
 __all__ = ["Engine", "Streamed", "host_dtype", "to_numpy"]
@@ -233,12 +234,18 @@ class Engine:
             raise function_error(exc) from None
 
     @staticmethod
-    def check_result_size(call: Call, nbytes: int, asked: str = "jacobian") -> None:
+    def check_result_size(call: Call, nbytes: int, asked: str = "jacobian", span: int = 0) -> None:
         """413 before computing a result over the limit, saying what the caller can ask
-        for instead of what was ``asked`` (a key of ``_REMEDIES``)."""
+        for instead of what was ``asked`` (a key of ``_REMEDIES``). ``span``: the bytes
+        its largest block would take were its sizes of 0 taken as 1, what numpy and
+        torch index it by: a Hessian of no elements of a (0, 2^28) input was torch's
+        'Stride calculation overflowed', answered as the function's 500."""
         if call.max_result_bytes is not None and nbytes > call.max_result_bytes:
             raise ResultTooLarge(f"the result would take {nbytes} bytes; the limit is {call.max_result_bytes}. "
                                  f"{_REMEDIES[asked]}")
+        if span > MAX_SPAN_BYTES:
+            raise ResultTooLarge("the result's sizes, those of 0 taken as 1, multiply past 2^63 bytes, what an array "
+                                 f"can be indexed by, though it may hold no elements. {_REMEDIES[asked]}")
 
     def mark_unbatchable(self, name: str, why: BaseException | None = None) -> None:
         """Remember that ``vmap`` cannot run ``name`` (learned once the same inputs ran

@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import ServiceError
 from ..types import Call, Result
+from .shapes import span
 from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
 
 if TYPE_CHECKING:
@@ -184,7 +185,10 @@ def hessian(engine: "Engine", call: Call) -> Result:
     out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
     leaves = pytree.tree_leaves(primals)
     in_numel = sum(p.numel() for p in leaves)
-    engine.check_result_size(call, out_numel * in_numel * in_numel * engine.wire_itemsize(leaves[0].dtype), "hessian")
+    widest = max(span(p.shape) for p in leaves)
+    engine.check_result_size(call, out_numel * in_numel * in_numel * engine.wire_itemsize(leaves[0].dtype), "hessian",
+                             max((span(o.shape) for o in pytree.tree_leaves(out)), default=1) * widest * widest
+                             * engine.wire_itemsize(leaves[0].dtype))
     table = profile.hessian
     key = call.signature()
     known = table.get(key)

@@ -1,0 +1,102 @@
+"""Red team, round seven: hostile clients and the limits, on a real server.
+
+One server for the module (a start costs ~3 s); the protocol cases run a real uvicorn
+with the service's protocol class on a thread (no server start). Each case names what a
+user saw before.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import zipfile
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from numpy.lib import format as npy_format
+
+from jacobian_client import wire
+
+from .conftest import assert_problem, live_server
+
+X = [0.5, 1.0, 2.0]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    with live_server(WORKERS=1, ENGINE_STANDBY="false") as served:
+        yield served
+
+
+def _post(url: str, path: str, **kw) -> httpx.Response:
+    return httpx.post(f"{url}{path}", timeout=60, **kw)
+
+
+def _npy_head(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    """An .npy body of no elements: its header alone."""
+    buf = io.BytesIO()
+    npy_format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _request(path: str, body: bytes, content_type: str = "application/json") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+# ------------------------------------------------------------ shapes of no elements
+
+
+@pytest.mark.parametrize("form", ["npy", "json", "npz"])
+def test_a_shape_of_no_elements_is_not_over_the_element_limit(server, form: str) -> None:
+    """A (0, 2^30) array holds nothing: it was a 413 'shape [0, 1073741824] is over the
+    limit of 268435456 elements' (.npy, JSON array objects, .npz members alike). Its
+    sizes are still held to the limit (derivatives multiply shapes: a Hessian of a
+    (0, 2^28) input is (0, 2^28, 0, 2^28, 0, 2^28), which no array can index), so it is a
+    422 that says so; an array that does hold too many elements keeps its 413."""
+    url, _ = server
+    shape = (0, 1 << 30)
+    if form == "npy":
+        r = _post(url, "/v1/functions/reaction_diffusion/jacobian", content=_npy_head(shape),
+                  headers={"content-type": wire.NPY})
+    elif form == "json":
+        r = _post(url, "/v1/functions/reaction_diffusion/jacobian",
+                  json={"inputs": [{"dtype": "float32", "shape": list(shape), "data": []}]})
+    else:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("u.npy", _npy_head(shape))
+        r = _post(url, "/v1/functions/reaction_diffusion/jacobian", content=buf.getvalue(),
+                  headers={"content-type": wire.NPZ})
+    problem = assert_problem(r, 422, "invalid_input")
+    assert "holds no elements" in problem["detail"] and "268435456" in problem["detail"], problem
+    # an array of as many elements as that shape spans is over the limit: 413, as before
+    problem = assert_problem(_post(url, "/v1/functions/reaction_diffusion/jacobian", content=_npy_head((1 << 15, 1 << 15)),
+                                   headers={"content-type": wire.NPY}), 413, "payload_too_large")
+    assert "over the limit of 268435456 elements" in problem["detail"]
+
+
+def test_a_hessian_of_no_elements_that_no_array_can_index_is_a_413_not_the_functions_500(server) -> None:
+    """A (0, 2^28) input is within every limit, but its Hessian's shape (0, 2^28, 0,
+    2^28, 0, 2^28) cannot be strided: it was torch's 'RuntimeError: Stride calculation
+    overflowed', a 500 function_error blamed on the function (so from (0, 2^22) on). It
+    is now a 413 result_too_large before any derivative, and a smaller one is answered,
+    empty."""
+    url, _ = server
+    npy = {"content-type": wire.NPY}
+    problem = assert_problem(_post(url, "/v1/functions/reaction_diffusion/hessian", content=_npy_head((0, 1 << 22)),
+                                   headers=npy), 413, "result_too_large")
+    assert "2^63" in problem["detail"] and "Stride" not in problem["detail"]
+    # per example: two (0, 2^22) examples
+    problem = assert_problem(_post(url, "/v1/functions/reaction_diffusion/hessian?batched=true",
+                                   content=_npy_head((2, 0, 1 << 22)), headers=npy), 413, "result_too_large")
+    assert "2^63" in problem["detail"]
+    r = _post(url, "/v1/functions/reaction_diffusion/hessian", content=_npy_head((0, 8)), headers=npy)
+    assert r.status_code == 200, r.text
+    H = r.json()["hessian"]
+    assert H["shape"] == [0, 8, 0, 8, 0, 8] and H["data"] == []
+    # the service is unharmed: sin's Jacobian is still cos on the diagonal
+    r = _post(url, "/v1/functions/sin/jacobian", json={"inputs": [X]})
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X)), rtol=1e-6)
