@@ -100,3 +100,38 @@ def test_a_hessian_of_no_elements_that_no_array_can_index_is_a_413_not_the_funct
     # the service is unharmed: sin's Jacobian is still cos on the diagonal
     r = _post(url, "/v1/functions/sin/jacobian", json={"inputs": [X]})
     np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X)), rtol=1e-6)
+
+
+# ------------------------------------------------------------ wire messages
+
+
+def _encrypted_npz() -> bytes:
+    """An .npz whose member says it is encrypted (general purpose flag bit 0)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(X, np.float32))
+    z = io.BytesIO()
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("x.npy", buf.getvalue())
+    body = bytearray(z.getvalue())
+    body[6] |= 1  # the local header's flags
+    central = body.index(b"PK\x01\x02")
+    body[central + 8] |= 1  # the central directory's
+    return bytes(body)
+
+
+def test_an_encrypted_npz_member_is_named_by_its_name_not_a_zipinfo_repr(server) -> None:
+    """Its 400 said "File <ZipInfo filename='x.npy' filemode='?rw-------' file_size=140>
+    is encrypted, password required for extraction": zipfile's internal object."""
+    url, _ = server
+    problem = assert_problem(_post(url, "/v1/functions/sin/jacobian", content=_encrypted_npz(),
+                                   headers={"content-type": wire.NPZ}), 400, "malformed_body")
+    assert problem["detail"] == ".npz member 'x.npy' is encrypted; send the arrays unencrypted, as numpy.savez writes them"
+    # and in the SDK's own reader
+    with pytest.raises(wire.WireError, match="is encrypted") as info:
+        wire.read_npz(_encrypted_npz())
+    assert "ZipInfo" not in str(info.value)
+
+
+def test_zipfile_messages_name_members_by_name() -> None:
+    text = wire._zip_text(RuntimeError("File <ZipInfo filename='a b.npy' filemode='?rw-------' file_size=140> is bad"))
+    assert text == "File 'a b.npy' is bad"

@@ -791,6 +791,15 @@ def read_npy(body: bytes | memoryview, limits: Limits = Limits()) -> np.ndarray:
 _MAX_DEFLATE_RATIO = 1100
 _TINY_MEMBER = 64 << 10  # declared sizes this small are never worth questioning
 _COMPRESSIONS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+_ENCRYPTED = 0x1  # general purpose flag bit 0 (APPNOTE 4.4.4)
+# zipfile's messages name a member by its repr; what a caller reads names it by its name.
+_ZIPINFO = re.compile(r"<ZipInfo filename=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")[^>]*>")
+
+
+def _zip_text(exc: BaseException) -> str:
+    """An exception of zipfile's (or zlib's) as a caller may read it: members by name,
+    no object reprs or addresses, at most 200 characters."""
+    return _ADDRESS.sub("", _ZIPINFO.sub(r"\1", str(exc)))[:200]
 
 
 # The most central-directory bytes one member may take (a 46-byte entry, its name and
@@ -832,11 +841,16 @@ def _npz_infos(body: bytes | memoryview, limits: Limits) -> tuple[zipfile.ZipFil
         zf = zipfile.ZipFile(io.BytesIO(body))
         infos = zf.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError) as exc:
-        raise WireError(f"unreadable .npz: {exc}") from None
+        raise WireError(f"unreadable .npz: {_zip_text(exc)}") from None
     if len(infos) > limits.max_members:
         raise WireError(f".npz has {len(infos)} members; the limit is {limits.max_members}", "payload_too_large")
     member_cap = _MAX_NPY_HEADER + limits.max_elements * 8  # 8: the widest dtype taken
     for info in infos:
+        if info.flag_bits & _ENCRYPTED:
+            # zipfile's own refusal came later and named the member by its ZipInfo repr
+            # ("File <ZipInfo filename='x.npy' filemode='?rw-------' file_size=140> is encrypted").
+            raise WireError(f".npz member {info.filename!r} is encrypted; send the arrays unencrypted, "
+                            "as numpy.savez writes them")
         if info.compress_type not in _COMPRESSIONS:
             raise WireError(
                 f".npz member {info.filename!r} uses compression method {info.compress_type}; "
@@ -888,7 +902,7 @@ def _npz_members(body: bytes | memoryview, limits: Limits) -> Iterator[tuple[str
             with zf.open(info) as member:
                 raw = member.read(info.file_size + 1)  # never more than it declared
         except (zipfile.BadZipFile, NotImplementedError, ValueError, EOFError, OSError, RuntimeError) as exc:
-            raise WireError(f"unreadable .npz member {info.filename!r}: {exc}") from None
+            raise WireError(f"unreadable .npz member {info.filename!r}: {_zip_text(exc)}") from None
         if len(raw) != info.file_size:
             raise WireError(f".npz member {info.filename!r} does not match its declared size")
         yield info.filename, raw
