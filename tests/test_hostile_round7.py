@@ -237,3 +237,20 @@ def test_an_answer_to_a_reset_connection_is_logged_and_counted_as_499() -> None:
     labels = {"function": "sin", "endpoint": "jacobian"}
     assert count("jacobian_service_requests_total", {**labels, "status": "499", "code": "client_closed"}) == 1
     assert count("jacobian_service_requests_total", {**labels, "status": "200", "code": ""}) == 1
+
+
+# ------------------------------------------------------------ limits
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e309", "-Infinity", "abc", "0", "-1"])
+def test_a_request_timeout_that_is_no_deadline_is_refused_naming_it(server, value: str) -> None:
+    """'inf', 'nan' and '1e309' (an infinity) were told the header 'must be a positive
+    number of seconds'; every refusal now names the value and what the header does."""
+    url, _ = server
+    problem = assert_problem(_post(url, "/v1/functions/sin/jacobian", json={"inputs": [X]},
+                                   headers={"x-request-timeout": value}), 422, "invalid_input")
+    assert problem["detail"] == (f"X-Request-Timeout must be a positive, finite number of seconds, not {value!r} "
+                                 "(it shortens the server's REQUEST_TIMEOUT_S, 60 s)")
+    # a long one only leaves the server's deadline in force
+    r = _post(url, "/v1/functions/sin/jacobian", json={"inputs": [X]}, headers={"x-request-timeout": "1e300"})
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X)), rtol=1e-6)

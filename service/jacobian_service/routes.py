@@ -203,12 +203,15 @@ def _deadline(state: ServiceState, request: Request) -> float:
     timeout = state.settings.request_timeout_s
     header = request.headers.get("x-request-timeout")
     if header:
+        # One message for every refusal, naming the value: 'inf', 'nan' and '1e309' (a
+        # float's infinity) were told the header 'must be a positive number of seconds'.
         try:
             asked = float(header)
         except ValueError:
-            raise InvalidInput("X-Request-Timeout must be a number of seconds") from None
+            asked = math.nan
         if not math.isfinite(asked) or asked <= 0:
-            raise InvalidInput("X-Request-Timeout must be a positive number of seconds")
+            raise InvalidInput(f"X-Request-Timeout must be a positive, finite number of seconds, not {echo(header)} "
+                               f"(it shortens the server's REQUEST_TIMEOUT_S, {timeout:g} s)")
         timeout = min(timeout, asked)
     return time.monotonic() + timeout
 
