@@ -18,8 +18,13 @@ SparseConnectivityTracer.jl and asdex:
 - reductions, scans and softmax-like ops: the elements along the reduced dimensions;
 - matrix products: the contracted elements, skipping structural zeros of operands that
   do not depend on the input (constant matrices with zeros stay sparse);
-- convolutions: the kernel window of each output element, skipping zero taps of a
-  constant kernel (a 5-point Laplacian as ``conv2d`` stays 5 points);
+- convolutions, transposed ones too: the kernel window of each output element,
+  skipping zero taps of a constant kernel (a 5-point Laplacian as ``conv2d`` stays 5
+  points);
+- pooling (adaptive too), interpolation, ``unfold``/``fold``: each output element's
+  window of its own channel (interpolation's found by torch's own kernel, per dim);
+- FFTs: the whole line over the transformed dims; ``linalg.cross``: the other two
+  components of the same vectors;
 - any other op: every output element depends on every input element of its arguments
   (dense, conservative); the pattern is then marked ``exact=False`` and the op named.
 
@@ -124,7 +129,9 @@ _MOVEMENT = frozenset(
     unsqueeze_copy squeeze_copy transpose_copy slice_copy select_copy t_copy alias_copy
     reflection_pad1d reflection_pad2d reflection_pad3d replication_pad1d replication_pad2d
     replication_pad3d pixel_shuffle pixel_unshuffle channel_shuffle embedding
-    masked_scatter unfold_copy _unsafe_index repeat_interleave hstack vstack""".split()
+    masked_scatter unfold_copy _unsafe_index repeat_interleave hstack vstack
+    upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d
+    _upsample_nearest_exact2d _upsample_nearest_exact3d im2col""".split()
 )
 # Pointwise ops whose derivative is zero everywhere it exists.
 _ZERO_DERIVATIVE = frozenset("floor ceil round trunc sign sgn fix".split())
@@ -152,6 +159,18 @@ _SCAN = frozenset("cumsum cumprod logcumsumexp cummax cummin".split())
 _LINEAR_SCAN = frozenset({"cumsum"})
 # Pooling ops and their spatial dims (avg_pool1d and max_pool1d run as the 2-D ones).
 _POOL = {"avg_pool2d": 2, "avg_pool3d": 3, "max_pool2d_with_indices": 2, "max_pool3d_with_indices": 3}
+# Adaptive pooling and its spatial dims (the 1-D ones run as the 2-D ones).
+_ADAPTIVE = {"_adaptive_avg_pool2d": 2, "_adaptive_avg_pool3d": 3, "adaptive_max_pool2d": 2, "adaptive_max_pool3d": 3}
+# Interpolation (linear in its input, separable: the weights along a dim depend on that
+# dim's sizes, scale and align_corners alone) and its spatial dims.
+# (Antialiased ones, _upsample_bilinear2d_aa: run on a one-hot input with dims of length
+# 1 beside, torch's kernel gives other weights than on the real shape, so not here.)
+_INTERPOLATE = {"upsample_linear1d": 1, "upsample_bilinear2d": 2, "upsample_bicubic2d": 2, "upsample_trilinear3d": 3}
+# FFTs: an element depends on every element of its line over the transformed dims
+# (``dim``), none across them; linear.
+_FFT = frozenset("_fft_r2c _fft_c2r _fft_c2c".split())
+# Input places per call of an interpolation kernel on one-hot inputs (see interpolate).
+_ONE_HOT_BLOCK = 256
 _MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm _sparse_addmm".split())  # the last: torch.sparse.mm
 # Writes of elements of ``src`` (or a fill value) into ``self`` at places an index
 # tensor names along ``dim``: how finite-element residuals and graph operators are
@@ -471,7 +490,17 @@ class _Tracer:
             return self.convolution(func, args, kwargs, out)
         if name in _POOL:
             return self.pool(func, name, args, kwargs, out)
-        if name in _REDUCE or name in _LINE or name in _SCAN:
+        if name in _ADAPTIVE:
+            return self.adaptive(name, args, out)
+        if name in _INTERPOLATE:
+            return self.interpolate(func, name, args, kwargs, out)
+        if name == "col2im":
+            return self.col2im(func, args, kwargs, out)
+        if name in ("view_as_real", "view_as_complex"):
+            return self.complex_view(name, args[0], out)
+        if name == "linalg_cross":
+            return self.cross(func, args, kwargs, out)
+        if name in _REDUCE or name in _LINE or name in _SCAN or name in _FFT:
             return self.along(func, name, args, kwargs, out)
         if torch.Tag.pointwise in func.tags or name in _LINEAR_POINTWISE:
             try:
@@ -630,7 +659,7 @@ class _Tracer:
         line = _ones(reduce @ deps)  # one row per kept position
         outs, spec = pytree.tree_flatten(out)
         wrapped = []
-        linear = name in _LINEAR_REDUCE or name in _LINEAR_SCAN
+        linear = name in _LINEAR_REDUCE or name in _LINEAR_SCAN or name in _FFT
         hess_in = self.hess_of([x])
         for o in outs:
             if not _float(o):
@@ -791,19 +820,200 @@ class _Tracer:
             return type(out)([self.wrap(values, deps, hess)] + list(out[1:]))
         return self.wrap(out, deps, hess)
 
+    def windows(self, x: "_Traced", spatial: tuple[int, ...], maps: Sequence[Any]) -> Any:
+        """Deps of an op that maps each channel's ``spatial`` block of ``x`` on its own, the
+        same way in every channel, separably: ``maps[d]`` (places out x places in, along
+        dim ``d``) says which input places along ``d`` each output place reads."""
+        inner = sp.csr_array(np.ones((1, 1), np.float32))
+        for m in maps:
+            inner = sp.csr_array(sp.kron(inner, sp.csr_array(m.astype(np.float32))))
+        lead = x.numel() // max(math.prod(spatial), 1)
+        _check_entries(lead * int(inner.nnz), "a windowed op")
+        return _ones(sp.csr_array(sp.kron(sp.identity(lead, format="csr"), inner)) @ self.deps(x))
+
+    def adaptive(self, name: str, args: Any, out: Any) -> Any:
+        """Adaptive average and max pooling: output place ``i`` of ``n`` along a dim of
+        length ``L`` reads places ``floor(i L / n)`` up to ``ceil((i + 1) L / n)`` (torch's
+        windows) of its own channel; max pooling's window holds the element it picks.
+        Linear where differentiable."""
+        x, dims = args[0], _ADAPTIVE[name]
+        values = out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(x, _Traced) or x.dim() < dims + 1 or not _float(values):
+            return self.dense(name, [x] if isinstance(x, _Traced) else [], out)
+        spatial, places = tuple(x.shape[-dims:]), tuple(values.shape[-dims:])
+        maps = []
+        for length, n in zip(spatial, places):
+            i = np.arange(n)
+            start, stop = (i * length) // n, -((-(i + 1) * length) // n)
+            cols = np.arange(length)[None, :]
+            maps.append((cols >= start[:, None]) & (cols < stop[:, None]))
+        deps = self.windows(x, spatial, maps)
+        hess = self.hess_of([x]) if self.hessian else None
+        if isinstance(out, (tuple, list)):  # (values, indices)
+            return type(out)([self.wrap(values, deps, hess)] + list(out[1:]))
+        return self.wrap(out, deps, hess)
+
+    def interpolate(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """Linear, bilinear, bicubic, trilinear interpolation: separable,
+        so each dim's map is torch's own kernel run on a one-hot input along that dim
+        alone (the other dims of length 1, read with weight 1): output place ``o`` reads
+        input place ``c`` where the result is nonzero. Holes inside a window (clamped
+        bicubic taps that cancel) are filled: never a nonzero missed. Linear."""
+        named = dict(zip((a.name for a in func._schema.arguments), args))
+        named.update(kwargs)
+        x, dims = named.get("self", named.get("input")), _INTERPOLATE[name]
+        if not isinstance(x, _Traced) or x.dim() < dims + 1 or not _float(out):
+            return self.dense(name, [x] if isinstance(x, _Traced) else [], out)
+        align = bool(named["align_corners"])
+        if func._overloadname == "vec":
+            factors = named.get("scale_factors")
+            scales = [float(f) for f in factors] if factors else [None] * dims
+        else:
+            scales = [named.get(a.name) for a in func._schema.arguments[3:3 + dims]]
+        spatial, places = tuple(x.shape[-dims:]), tuple(out.shape[-dims:])
+        op = getattr(aten, name).default
+        maps = []
+        with torch.no_grad():
+            for d, (length, n) in enumerate(zip(spatial, places)):
+                sizes = [n if j == d else 1 for j in range(dims)]
+                along = [scales[d] if j == d else None for j in range(dims)]
+                m = np.zeros((n, length), bool)
+                for c0 in range(0, length, _ONE_HOT_BLOCK):  # (a long dim in blocks: length^2 otherwise)
+                    c1 = min(c0 + _ONE_HOT_BLOCK, length)
+                    one_hot = torch.zeros(c1 - c0, length, dtype=torch.float64, device=x.device)
+                    one_hot[torch.arange(c1 - c0), torch.arange(c0, c1)] = 1
+                    y = op(one_hot.reshape([1, c1 - c0] + [length if j == d else 1 for j in range(dims)]), sizes, align, *along)
+                    m[:, c0:c1] = (y.reshape(c1 - c0, n) != 0).T.cpu().numpy()
+                reads = m.any(axis=1)
+                first, last = m.argmax(axis=1), length - 1 - m[:, ::-1].argmax(axis=1)
+                cols = np.arange(length)[None, :]
+                maps.append(reads[:, None] & (cols >= first[:, None]) & (cols <= last[:, None]))
+        return self.wrap(out, self.windows(x, spatial, maps), self.hess_of([x]) if self.hessian else None)
+
+    def col2im(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
+        """``fold`` sums the patches that overlap at each place: its pattern is the
+        transpose of ``unfold``'s (im2col) with the same arguments, found by running
+        im2col on the output's element labels. Linear."""
+        named = dict(zip((a.name for a in func._schema.arguments), args))
+        named.update(kwargs)
+        x = named["self"]
+        labels = torch.arange(1, out.numel() + 1, dtype=torch.float64).reshape(out.shape)
+        lab = aten.im2col.default(labels, named["kernel_size"], named["dilation"], named["padding"], named["stride"])
+        if lab.numel() != x.numel():
+            return self.dense("col2im", [x], out)
+        src = lab.reshape(-1).numpy().astype(np.int64) - 1
+        keep = np.flatnonzero(src >= 0)
+        m = sp.csr_array((np.ones(keep.size, np.float32), (src[keep], keep)), shape=(out.numel(), x.numel()))
+        return self.wrap(out, _ones(m @ self.deps(x)), self.hess_of([x]) if self.hessian else None)
+
+    def complex_view(self, name: str, x: Any, out: torch.Tensor) -> Any:
+        """``view_as_real`` (each complex element as its two parts) and ``view_as_complex``
+        (the two parts as one element). Linear."""
+        n = out.numel()
+        if name == "view_as_real":
+            deps = _select(self.deps(x), np.arange(n) // 2)
+        else:
+            pairs = sp.csr_array((np.ones(2 * n, np.float32), (np.repeat(np.arange(n), 2), np.arange(2 * n))), shape=(n, 2 * n))
+            deps = _ones(pairs @ self.deps(x))
+        return self.wrap(out, deps, self.hess_of([x]) if self.hessian else None)
+
+    def cross(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
+        """``linalg.cross`` (and ``torch.cross``): component ``i`` of ``a x b`` is
+        ``a_j b_k - a_k b_j`` over the other two components ``j, k`` of the same vector
+        (operands broadcast); bilinear."""
+        named = dict(zip((a.name for a in func._schema.arguments), args))
+        named.update(kwargs)
+        a, b, shape = named["self"], named["other"], tuple(out.shape)
+        dim = int(named.get("dim", -1)) % len(shape)
+        at = np.arange(out.numel()).reshape(shape)
+        others = [np.roll(at, -1, axis=dim).reshape(-1), np.roll(at, -2, axis=dim).reshape(-1)]
+        da, db = self.deps(a, shape), self.deps(b, shape)
+        ga = _union([_select(da, o) for o in others], out.numel(), self.n)
+        gb = _union([_select(db, o) for o in others], out.numel(), self.n)
+        hess = None
+        if self.hessian:
+            parts = [h for h in (self.hess_of([a, b]), self.pairs(ga, gb) if ga.nnz and gb.nnz else None) if h is not None]
+            hess = _union(parts, self.n, self.n) if parts else None
+        return self.wrap(out, _ones(ga + gb), hess)
+
+    def transposed_convolution(self, named: dict[str, Any], traced: Sequence[_Traced], out: torch.Tensor) -> Any:
+        """``conv_transpose1d/2d/3d``: input place ``q`` of channel ``c`` adds, through tap
+        ``k`` of weight ``w[c, o']``, to output place ``q * stride - padding + k *
+        dilation`` of channel ``o`` (``o'`` within ``c``'s group); the taps of a constant
+        weight that are zero add nothing. Bilinear in input and weight; the bias adds
+        to its channel."""
+        x, w, bias = named["input"], named["weight"], named.get("bias")
+        xv = x.value if isinstance(x, _Traced) else x
+        wv = w.value if isinstance(w, _Traced) else w
+        stride, padding, dilation = (list(named[k]) for k in ("stride", "padding", "dilation"))
+        groups = int(named["groups"])
+        batch, channels, spatial = xv.shape[0], xv.shape[1], tuple(xv.shape[2:])
+        per_group, kernel = wv.shape[1], tuple(wv.shape[2:])
+        outs, places = out.shape[1], tuple(out.shape[2:])
+        dx, dw = self.deps(x), self.deps(w)
+        taps_per = math.prod(kernel)
+        wmask = (wv != 0).cpu().numpy().reshape(channels, per_group, taps_per) | (np.diff(dw.indptr) > 0).reshape(channels, per_group, taps_per)
+        if isinstance(w, _Traced) and not w.root.const and dx.nnz and not wmask.all():
+            self.reads("convolution: zeros of an operand that varies with the inputs")
+        if dx.nnz == 0:
+            wmask[:] = True
+        c, oo, k = np.nonzero(wmask)
+        q_all = np.arange(math.prod(spatial))
+        _check_entries(batch * q_all.size * c.size, "convolution")
+        kc = np.unravel_index(k, kernel) if kernel else ()
+        qc = np.unravel_index(q_all, spatial) if spatial else ()
+        valid = np.ones((c.size, q_all.size), bool)
+        p = np.zeros((c.size, q_all.size), np.int64)
+        for d in range(len(spatial)):
+            pd = qc[d][None, :] * stride[d] - padding[d] + kc[d][:, None] * dilation[d]
+            valid &= (pd >= 0) & (pd < places[d])
+            p = p * places[d] + pd
+        tap, at = np.nonzero(valid)
+        p = p[tap, at]
+        o = (c[tap] // max(channels // groups, 1)) * per_group + oo[tap]
+        place_out, place_in = math.prod(places), math.prod(spatial)
+        size = int(out.numel())
+        for_batch = np.arange(batch)[:, None]
+        rows = for_batch * outs * place_out + (o * place_out + p)[None, :]
+        parts = []
+        if dx.nnz:
+            cols = (for_batch * channels * place_in + (c[tap] * place_in + at)[None, :]).reshape(-1)
+            m = sp.csr_array((np.ones(cols.size, np.float32), (rows.reshape(-1), cols)), shape=(size, xv.numel()))
+            parts.append(_ones(m @ dx))
+        if dw.nnz:  # (zeros of a constant input only, as convolution's)
+            constant = not isinstance(x, _Traced) or x.root.const
+            xmask = (xv != 0).cpu().numpy().reshape(batch, -1) if constant else np.ones((batch, xv[0].numel()), bool)
+            read = xmask[:, c[tap] * place_in + at]
+            cols = np.broadcast_to(((c[tap] * per_group + oo[tap]) * taps_per + k[tap])[None, :], (batch, tap.size))[read]
+            m = sp.csr_array((np.ones(cols.size, np.float32), (rows[read], cols)), shape=(size, wv.numel()))
+            parts.append(_ones(m @ dw))
+        if isinstance(bias, _Traced) and bias.root.deps.nnz:
+            r = np.arange(size)
+            m = sp.csr_array((np.ones(size, np.float32), (r, (r // max(place_out, 1)) % outs)), shape=(size, outs))
+            parts.append(_ones(m @ self.deps(bias)))
+        deps = _union(parts, size, self.n)
+        hess = None
+        if self.hessian:
+            hparts = [self.hess_of(traced)]
+            if dx.nnz and dw.nnz:  # bilinear: pairs across input and weight
+                hparts.append(self.pairs(deps))
+            hparts = [h for h in hparts if h is not None]
+            hess = _union(hparts, self.n, self.n) if hparts else None
+        return self.wrap(out, deps, hess)
+
     def convolution(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
         """``aten.convolution`` (conv1d/2d/3d, any stride, padding, dilation, groups): an
         output element depends on the input elements its kernel window covers, through
         the taps whose weight may be nonzero (a weight that depends on the input, or a
         constant one that is not zero: a 5-point Laplacian kernel stays 5 points), on
         every tap of its output channel's weights when those depend on the input, and
-        on its channel's bias. Transposed convolutions are taken as dense."""
+        on its channel's bias. Transposed convolutions: :meth:`transposed_convolution`."""
         named = dict(zip((a.name for a in func._schema.arguments), args))
         named.update(kwargs)
         x, w, bias = named["input"], named["weight"], named.get("bias")
         traced = [t for t in (x, w, bias) if isinstance(t, _Traced)]
         if bool(named["transposed"]):
-            return self.dense("convolution", traced, out)
+            return self.transposed_convolution(named, traced, out)
         xv = x.value if isinstance(x, _Traced) else x
         wv = w.value if isinstance(w, _Traced) else w
         stride, padding, dilation = (list(named[k]) for k in ("stride", "padding", "dilation"))
