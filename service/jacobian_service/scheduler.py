@@ -13,6 +13,7 @@ A job is settled exactly once through its ``settle`` callback, whatever the driv
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
@@ -232,11 +233,14 @@ class Worker:
         self.running = len(live)
         self._running_chunk = live[0].kind == "stream_next"
         self.on_run(live)
+        # The engine's own context for its work (engine/dual_level.py); none for a test's engine.
+        computing = getattr(self.engine, "computing", contextlib.nullcontext)
         try:
-            if len(live) > 1:
-                self._run_batch(live, start)
-            else:
-                self._run_alone(live[0])
+            with computing():
+                if len(live) > 1:
+                    self._run_batch(live, start)
+                else:
+                    self._run_alone(live[0])
         except Exception as exc:  # ours, after the function returned: its jobs fail, the engine lives on
             log.exception("the engine failed a batch of %d", len(live))
             for job in live:

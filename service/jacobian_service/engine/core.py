@@ -22,6 +22,7 @@ from . import sparse as _sparse
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh,
                       function_error, is_oom)
 from .devices import release_free_heap
+from .dual_level import beside_a_held_dual_level
 from .products import agrees_with_reverse, over_vectors
 from .profile import Profiles
 from .rows import RowStream
@@ -175,6 +176,12 @@ class Engine:
                 log.warning("%s changed the current CUDA device and left it so; put back to %s",
                             function or "a function", self.device)
             torch.cuda.set_device(self.device)
+
+    @staticmethod
+    def computing() -> Any:
+        """Around each batch the scheduler runs: forward mode that works beside a dual
+        level the caller's thread holds (the in-process layout; ``dual_level``)."""
+        return beside_a_held_dual_level()
 
     def take_settings(self) -> None:
         """For an engine process, which owns its process: the settings as they are now

@@ -1,0 +1,93 @@
+"""Remote functions inside the caller's torch (and JAX): forward mode and transforms,
+each compared with the same function computed in-process by torch.func (jax).
+
+Two servers: the session's ``jacobian-service serve`` subprocess (``cc``, shared with
+test_remote_torch/jax/scipy) and this module's in-process one (``oc``: the engine is a
+thread of this process, sharing torch's process-wide forward-AD state with the caller).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("jacobian_service.app")
+
+import torch.autograd.forward_ad as fwAD  # noqa: E402
+
+from jacobian_client.torch import remote  # noqa: E402
+from jacobian_service import Input, register  # noqa: E402
+from jacobian_service import examples as ex  # noqa: E402
+
+from ._remote_support import Counted, cc, counted, oc, own_url, url  # noqa: E402,F401 (fixtures)
+
+f = torch.func
+X = torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64)
+T = torch.tensor([1.0, 0.5, -2.0], dtype=torch.float64)
+
+
+def close(got, want, tol=1e-12):
+    got_leaves, want_leaves = torch.utils._pytree.tree_flatten(got), torch.utils._pytree.tree_flatten(want)
+    assert got_leaves[1] == want_leaves[1], (got_leaves[1], want_leaves[1])
+    for g, w in zip(got_leaves[0], want_leaves[0]):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+# This module's own functions, served in-process by `oc` (own_url).
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sin(x) * x")
+def sin_times_x(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x) * x
+
+
+@register(inputs=[Input("x", shape=("n",))], description="a scalar: sum of cos(x) x^2")
+def cos_energy(x: torch.Tensor) -> torch.Tensor:
+    return (torch.cos(x) * x**2).sum()
+
+
+def _tangent_through(fn, x, t):
+    """The tangent of fn at a forward-AD dual tensor (the caller's own dual level)."""
+    with fwAD.dual_level():
+        y = fn(fwAD.make_dual(x, t))
+        primal, tangent = fwAD.unpack_dual(y)
+        assert fwAD._current_level == 0  # the caller's level is still its own
+        return primal, tangent
+
+
+# --------------------------------------------------------------------------- forward mode in-process
+
+
+def test_the_in_process_engine_computes_forward_mode_beside_a_dual_level_the_caller_holds(client):
+    """The in-process layout: the engine's thread shares torch's dual levels (one list
+    for the process) with the caller's. A jvp (an hvp, a forward-mode Jacobian) asked while the caller's thread held
+    a level was answered 500 "Nested forward mode AD is not supported at the moment"."""
+    arr = lambda a: {"dtype": "float64", "shape": list(a.shape), "data": a.tolist()}  # noqa: E731
+    body = {"inputs": [arr(X)], "tangents": arr(T)}
+    want_jvp = f.jvp(ex.sin, (X,), (T,))[1]
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(X, T)
+        r = client.post("/v1/functions/sin/jvp", json=body)
+        assert r.status_code == 200, r.text
+        assert np.allclose(r.json()["jvp"]["data"], want_jvp.numpy(), rtol=1e-12)
+        # the caller's level and its tangents are untouched
+        assert fwAD._current_level == 0
+        close(fwAD.unpack_dual(dual * 2).tangent, 2 * T)
+    assert fwAD._current_level == -1
+
+
+def test_a_remote_function_on_a_dual_tensor_in_process(oc):
+    """torch.autograd.forward_ad through a remote function, and gradcheck's forward-AD
+    check, against the in-process server: both failed with FunctionError 500 'Nested
+    forward mode AD'."""
+    g = remote(oc.client, "sin_times_x")
+    close(_tangent_through(g, X, T), f.jvp(sin_times_x, (X,), (T,)))
+    assert oc.take() == ["evaluate", "jvp"]
+    assert torch.autograd.gradcheck(g, (X.clone().requires_grad_(),), check_forward_ad=True)
+    # a scalar function's Hessian-vector product asked inside a dual level
+    want = f.jvp(f.grad(cos_energy), (X,), (T,))[1]
+    with fwAD.dual_level():
+        hv = oc.client.hvp("cos_energy", X.numpy(), tangents=T.numpy())
+    close(torch.as_tensor(np.asarray(hv)), want)
