@@ -91,3 +91,60 @@ def test_a_remote_function_on_a_dual_tensor_in_process(oc):
     with fwAD.dual_level():
         hv = oc.client.hvp("cos_energy", X.numpy(), tangents=T.numpy())
     close(torch.as_tensor(np.asarray(hv)), want)
+
+
+# --------------------------------------------------------------------------- the process layout
+
+
+class _Around(torch.nn.Module):
+    """A local layer (identity at start) feeding a remote function."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3, dtype=torch.float64)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.eye(3, dtype=torch.float64) + 0.1)
+            self.lin.bias.fill_(0.2)
+        self.fn = fn
+
+    def forward(self, a):
+        return self.fn(self.lin(a))
+
+
+def test_first_derivative_transforms_over_a_remote_function_equal_torch_func(cc):
+    """Against `jacobian-service serve` (the engine in its own process): forward-AD dual
+    tensors, torch.func's transforms and torch.autograd.functional's first derivatives,
+    functional_call with a module around the remote call."""
+    sin, add, polar = remote(cc.client, "sin"), remote(cc.client, "add_square"), remote(cc.client, "polar")
+    close(_tangent_through(sin, X, T), f.jvp(ex.sin, (X,), (T,)))
+    # one input dual, the other a plain tensor: its tangent is zero
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(add(fwAD.make_dual(X, T), 2 * X)).tangent
+    close(tangent, f.jvp(lambda a: ex.add_square(a, 2 * X), (X,), (T,))[1])
+    r, th = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([0.3, 0.4], dtype=torch.float64)
+    with fwAD.dual_level():
+        out = polar(fwAD.make_dual(r, th), fwAD.make_dual(th, r))
+        tangents = tuple(fwAD.unpack_dual(o).tangent for o in out)
+    close(tangents, f.jvp(ex.polar, (r, th), (th, r))[1])
+    cc.take()
+    close(f.jvp(sin, (X,), (T,)), f.jvp(ex.sin, (X,), (T,)))
+    close(f.jacfwd(sin)(X), f.jacfwd(ex.sin)(X))
+    close(f.jacrev(sin, chunk_size=2)(X), f.jacrev(ex.sin)(X))
+    close(f.jacfwd(add, argnums=(0, 1))(X, T), f.jacfwd(ex.add_square, argnums=(0, 1))(X, T))
+    XS = torch.stack([X, T, X * T])
+    close(f.vmap(sin)(XS), f.vmap(ex.sin)(XS))
+    close(f.vmap(f.jacfwd(sin))(XS), f.vmap(f.jacfwd(ex.sin))(XS))
+    close(f.vmap(lambda a: f.jvp(sin, (a,), (T,)))(XS), f.vmap(lambda a: f.jvp(ex.sin, (a,), (T,)))(XS))
+    got = cc.take()
+    # jacrev's chunk_size=2 over 3 rows: two batched vjps
+    assert got == ["evaluate", "jvp", "evaluate", "jvp+batched_vectors",
+                   "evaluate", "vjp+batched_vectors", "vjp+batched_vectors", "evaluate", "jvp+batched_vectors",
+                   "evaluate+batched", "evaluate+batched", "jacobian+batched", "evaluate+batched", "jacobian+batched"], got
+    A = torch.autograd.functional
+    close(A.jacobian(sin, X), A.jacobian(ex.sin, X))
+    close(A.vjp(sin, X, T), A.vjp(ex.sin, X, T))
+    m, local = _Around(sin), _Around(ex.sin)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    for transform in (f.jacrev, f.jacfwd):
+        close(transform(lambda p: f.functional_call(m, p, (X,)))(params),
+              transform(lambda p: f.functional_call(local, p, (X,)))(params))
