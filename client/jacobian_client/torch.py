@@ -55,8 +55,9 @@ function: dynamo's error then says so. Tracing into a graph (``make_fx``,
 answer as a constant.
 
 Not supported: second derivatives *through* the remote function (double backward,
-``hessian``, ``jacfwd(jacrev(f))``) raise a clear error; ask the service
-(``client.hessian`` / ``client.hvp``) instead.
+``hessian``, ``jacfwd(jacrev(f))``; a backward pass inside a ``forward_ad`` dual level
+through a call on dual tensors, which differentiates the gradient in forward mode) raise
+a clear error; ask the service (``client.hessian`` / ``client.hvp``) instead.
 """
 
 from __future__ import annotations
@@ -414,6 +415,27 @@ def _second_derivatives(name: str) -> str:
             "client.hessian or client.hvp")
 
 
+def _under_torch_func() -> bool:
+    """Whether a torch.func transform (jacfwd, jvp, hessian) is running: its own forward
+    mode, not a dual level the caller entered."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is None or peek() is not None
+
+
+def _backward_of_a_dual(name: str) -> str:
+    # A backward pass (.backward(), autograd.grad) run inside a torch.autograd.forward_ad
+    # dual level, through a call made on dual tensors, reaches the vjp with those duals:
+    # torch then differentiates the gradient in forward mode, a second derivative. The
+    # user asked for a gradient and a tangent (first derivatives), and the message named
+    # only hessian and jacfwd(jacrev(f)), neither of which they had called.
+    return (f"the remote function {name!r} was called on forward-AD dual tensors, and a backward pass through "
+            "that call ran inside the dual level: torch then differentiates the gradient in forward mode (the "
+            "tangent of the gradient), a second derivative, which is not supported through a remote function. "
+            "Take the gradient after the dual level exits (unpack_dual's primal and tangent inside the level, "
+            "then .backward() / autograd.grad outside it), or use torch.func.jvp and torch.func.vjp / grad; "
+            "for second derivatives ask the service: client.hessian or client.hvp")
+
+
 class _RemoteLinear(torch.autograd.Function):
     """The remote vjp or jvp: inputs then vectors in, products out; one request."""
 
@@ -441,6 +463,8 @@ class _RemoteLinear(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, *tangents: Any) -> Any:  # type: ignore[override]
+        if ctx.lin.mode == "vjp" and not _under_torch_func():
+            raise RuntimeError(_backward_of_a_dual(ctx.lin.ops.name))
         raise RuntimeError(_second_derivatives(ctx.lin.ops.name))
 
     @staticmethod
