@@ -193,11 +193,12 @@ def live_server(*, wrapper: Sequence[str] = (), **settings: Any) -> Iterator[tup
 
 
 class Served:
-    """A shared server as one test sees it: its log from the test's start on."""
+    """A shared server as one test sees it: its log from the test's start on (from the
+    server's own start, for the test it was started for)."""
 
-    def __init__(self, url: str, proc: subprocess.Popen, pidfile: Path) -> None:
+    def __init__(self, url: str, proc: subprocess.Popen, pidfile: Path, fresh: bool) -> None:
         self.url, self.proc, self.pidfile = url, proc, pidfile
-        self._mark = len(proc.read_log())  # type: ignore[attr-defined]
+        self._mark = 0 if fresh else len(proc.read_log())  # type: ignore[attr-defined]
 
     def log(self) -> str:
         return self.proc.read_log()[self._mark:]  # type: ignore[attr-defined]
@@ -224,25 +225,27 @@ class SharedServer:
         self._url = ""
         self._quarantines = 0.0  # the server's count of quarantines when last released
 
-    def serve(self) -> Served:
-        """The server, settled for the next test."""
+    def serve(self, spare: bool = True) -> Served:
+        """The server, settled for the next test (``spare=False``: without waiting for a
+        spare that is still warming up, for a test that neither needs one nor minds one
+        starting beside it)."""
         if self._proc is not None and self._proc.poll() is None:
             try:
-                return self._settled()
+                return self._settled(spare, fresh=False)
             except (AssertionError, httpx.HTTPError) as exc:
                 print(f"shared server replaced: {exc}\n{self._proc.read_log()[-5000:]}")  # type: ignore[attr-defined]
         self.close()
         with pytest.MonkeyPatch.context() as mp:  # only while it starts: the server keeps its environment
             mp.setenv("FAULT_FORK_PIDFILE", str(self.pidfile))
             self._url, self._proc = self._stack.enter_context(live_server(**self.settings))
-        return self._settled()
+        return self._settled(spare, fresh=True)
 
-    def _settled(self) -> Served:
+    def _settled(self, spare: bool, fresh: bool) -> Served:
         url, deadline = self._url, time.monotonic() + 60
         while True:  # (a test may leave just after a restart: a new spare warms up)
             info = httpx.get(f"{url}/v1/info", timeout=5).json()
             up = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-            if up and info["spares"] == [self.standby] * len(info["spares"]):
+            if up and (not spare or info["spares"] == [self.standby] * len(info["spares"])):
                 break
             assert time.monotonic() < deadline, f"not ready with a warm spare within 60 s: {info}"
             time.sleep(0.1)
@@ -258,7 +261,7 @@ class SharedServer:
             released = [n for n in released
                         if httpx.delete(f"{url}/v1/functions/{n}/quarantine", timeout=5).json()["released"]]
         self.pidfile.unlink(missing_ok=True)
-        return Served(url, self._proc, self.pidfile)  # type: ignore[arg-type]
+        return Served(url, self._proc, self.pidfile, fresh)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._stack.close()
@@ -287,14 +290,21 @@ def served(shared_server: SharedServer) -> Served:
     return shared_server.serve()
 
 
+@pytest.fixture
+def served_up(shared_server: SharedServer) -> Served:
+    """``served``, without waiting for a spare still warming up (``SharedServer.serve``)."""
+    return shared_server.serve(spare=False)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: Any, call: Any) -> Any:
     """A failed test on a shared server (a ``served`` fixture) shows that server's side
     of it, as ``live_server`` does for a test that owns its server."""
     report = yield
-    served = getattr(item, "funcargs", {}).get("served")
-    if report.when == "call" and report.failed and isinstance(served, Served):
-        report.sections.append(("server log (this test's part)", served.log()[-20000:]))
+    if report.when == "call" and report.failed:
+        for served in getattr(item, "funcargs", {}).values():
+            if isinstance(served, Served):
+                report.sections.append(("server log (this test's part)", served.log()[-20000:]))
     return report
 
 

@@ -623,8 +623,8 @@ class TestResidentMemoryLimit:
         (setting,) = _RSS_LIMIT
         _recycled_without_losing_a_request(served.url, served.log, leaker, setting, calls=10)
 
-    def test_a_process_a_function_detached_stops_when_the_server_is_killed_outright(self, served):
-        _a_process_a_function_detached_stops_when_the_server_is_killed_outright(served, "daemonizes")
+    def test_a_process_a_function_detached_stops_when_the_server_is_killed_outright(self, served_up):
+        _a_process_a_function_detached_stops_when_the_server_is_killed_outright(served_up, "daemonizes")
 
 
 def test_an_engine_over_its_address_space_cap_by_shared_memory_is_recycled_without_losing_a_request():
@@ -1107,7 +1107,7 @@ class TestFaults:
                 monkeypatch.setenv("FAULT_FORK_PIDFILE", str(pidfile))
                 post, served = make_client(functions=FUNCTIONS).post, None
             else:
-                served = request.getfixturevalue("served")
+                served = request.getfixturevalue("served_up")
                 pidfile = served.pidfile
                 post = stack.enter_context(httpx.Client(base_url=served.url, timeout=30)).post
             assert_sin_jacobian(post("/v1/functions/forks_and_returns/jacobian", json={"inputs": [x]}), x)
@@ -1127,12 +1127,12 @@ class TestFaults:
                 if _alive(child):
                     os.kill(child, 9)
 
-    def test_daemons_left_running_past_the_limit_are_killed_and_the_engine_goes_on(self, served):
+    def test_daemons_left_running_past_the_limit_are_killed_and_the_engine_goes_on(self, served_up):
         """A function that starts a daemon at every call (here 600 at once) left them to
         the server for as long as the engine lived, each holding a pid: enough of them use up
         a container's pids, and no process of the server can start again. Their parents
         exited; the engine, their subreaper, kills them past 512, and serves on."""
-        url, proc = served.url, served.proc
+        url, proc = served_up.url, served_up.proc
         before = restarts(url)
         try:
             r = httpx.post(f"{url}/v1/functions/daemonizes_many/jacobian", json=ARMED, timeout=30)
@@ -1143,7 +1143,7 @@ class TestFaults:
                 time.sleep(0.1)
             sin_ok(url)
             assert restarts(url) == before
-            assert "over 512: " in served.log()
+            assert "over 512: " in served_up.log()
         finally:
             for pid in _sleepers(proc.pid):
                 os.kill(pid, 9)
@@ -1255,14 +1255,14 @@ class TestFaults:
         assert r.status_code == 200
         np.testing.assert_allclose(wire.read_npy(r.content), want, atol=1e-6)
 
-    def test_a_process_a_function_started_in_its_own_session_stops_with_the_server(self, served):
+    def test_a_process_a_function_started_in_its_own_session_stops_with_the_server(self, served_up):
         """The engines' group kill at shutdown cannot reach it: it outlived the server, for
         good. Orphaned as its engine stops, it now comes to ``serve``, a child subreaper,
         which kills what it has taken in once every engine has stopped. (Last in its
         class: it stops the class's server.)"""
         import signal
 
-        with _detached_sleeper(served.url, served.pidfile) as sleeper:
-            served.proc.send_signal(signal.SIGTERM)
-            served.proc.wait(timeout=30)
+        with _detached_sleeper(served_up.url, served_up.pidfile) as sleeper:
+            served_up.proc.send_signal(signal.SIGTERM)
+            served_up.proc.wait(timeout=30)
             _wait_gone(sleeper, 5, "the function's detached process outlived the server")
