@@ -13,6 +13,7 @@ import json
 import socket
 import struct
 import subprocess
+import time
 import zipfile
 from typing import Iterator
 
@@ -35,7 +36,8 @@ X = [0.5, 1.0, 2.0]
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, subprocess.Popen]]:
-    with live_server(WORKERS=1, ENGINE_STANDBY="false") as served:
+    # A body budget of 64 MiB: the stream budget (its size) holds three 9 MB streams
+    with live_server(WORKERS=1, ENGINE_STANDBY="false", BODY_BUDGET_BYTES=64 << 20) as served:
         yield served
 
 
@@ -254,3 +256,55 @@ def test_a_request_timeout_that_is_no_deadline_is_refused_naming_it(server, valu
     # a long one only leaves the server's deadline in force
     r = _post(url, "/v1/functions/sin/jacobian", json={"inputs": [X]}, headers={"x-request-timeout": "1e300"})
     np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X)), rtol=1e-6)
+
+
+# ------------------------------------------------------------ slow readers of streams
+
+
+def _softmax_npy(n: int) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.linspace(0, 1, n, dtype=np.float32))
+    return buf.getvalue()
+
+
+def test_slow_readers_of_streams_hold_no_more_than_the_front_ends_budget(server) -> None:
+    """Each client that asks for a streamed Jacobian and reads nothing keeps its chunk
+    (and the one asked for ahead) in the front end until SEND_TIMEOUT_S: 120 of them
+    (a 2000 x 2000 softmax, 16 MB) grew a front end from 97 MB to 1.9 GB, without bound
+    (MAX_QUEUE streams of 32 MiB chunks: 16 GB). Streams now reserve their two chunks
+    against a budget the size of BODY_BUDGET_BYTES (measured: 114 MB for the 120); one
+    that does not fit now is a 503 with Retry-After, and other requests go on."""
+    url, _ = server
+    n = 1500  # 9 MB: streamed (over STREAM_THRESHOLD_BYTES), one chunk, 18 MB reserved
+    body = _softmax_npy(n)
+    request = _request("/v1/functions/softmax/jacobian", body, wire.NPY).replace(b"\r\n\r\n", b"\r\nAccept: application/x-npy\r\n\r\n", 1)
+    readers = []
+    try:
+        for _ in range(3):  # 54 MB of 64 MiB
+            s = _connect(url, rcvbuf=4096)
+            s.sendall(request)
+            s.settimeout(30)
+            assert s.recv(12) == b"HTTP/1.1 200"
+            readers.append(s)
+        npy = {"content-type": wire.NPY, "accept": wire.NPY}
+        problem = assert_problem(_post(url, "/v1/functions/softmax/jacobian", content=body, headers=npy), 503, "unavailable")
+        assert "BODY_BUDGET_BYTES" in problem["detail"]
+        # JSON streams too
+        assert_problem(_post(url, "/v1/functions/softmax/jacobian", content=body, headers={"content-type": wire.NPY}),
+                       503, "unavailable")
+        # what does not stream is served
+        r = _post(url, "/v1/functions/sin/jacobian", json={"inputs": [X]})
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X)), rtol=1e-6)
+    finally:
+        for s in readers:
+            s.close()
+    # the readers gone, their reservations are given back: the stream is served, whole
+    x = np.linspace(0, 1, n, dtype=np.float32)
+    deadline = time.monotonic() + 20
+    while (r := _post(url, "/v1/functions/softmax/jacobian", content=body, headers=npy)).status_code == 503:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
+    J = np.load(io.BytesIO(r.content))
+    s = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    np.testing.assert_allclose(J[::100, ::100], (np.diag(s) - np.outer(s, s))[::100, ::100], rtol=1e-4, atol=1e-7)

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import math
 import re
-from typing import Any, AsyncIterator, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import numpy as np
 from starlette.responses import Response, StreamingResponse
@@ -15,7 +15,7 @@ from starlette.responses import Response, StreamingResponse
 from jacobian_client import wire
 
 from .types import Result, is_sparse_matrix
-from .errors import NotAcceptable, ServiceError
+from .errors import NotAcceptable, ServiceError, Unavailable
 
 __all__ = [
     "EncodeBudget", "JsonRows", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
@@ -259,6 +259,38 @@ class EncodeBudget:
             async with self._cond:
                 self.used -= nbytes
                 self._cond.notify_all()
+
+
+class StreamBudget:
+    """Bytes of streamed Jacobians' row chunks a front end may hold at once, bounded.
+
+    A client that reads its stream slowly keeps the chunk being sent, and the one asked
+    for ahead, in the front end for as long as it takes (a piece of 1 MiB may wait
+    ``SEND_TIMEOUT_S``): 120 clients that asked for a 2000 x 2000 softmax and read
+    nothing grew a front end by 1.9 GB, and ``MAX_QUEUE`` streams of 32 MiB chunks could
+    take 16 GB. Each stream reserves its two chunks as it starts; one that does not fit
+    now is refused (503 ``unavailable``, ``Retry-After``: its client retries, as for a
+    body that does not fit the body budget). Other requests are not touched, and a
+    stream that started is never cut; the first always starts, whatever its size."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+
+    def reserve(self, nbytes: int) -> Callable[[], None]:
+        """``nbytes`` taken, or 503; returns what gives them back (once, however often
+        called: a stream's end and its body's collection may both call it)."""
+        if self.used and self.used + nbytes > self.max_bytes:
+            raise Unavailable(
+                f"streamed results being sent hold {self.used} of the {self.max_bytes} bytes this front end gives "
+                f"them (BODY_BUDGET_BYTES); this one needs {nbytes}; retry shortly", headers={"Retry-After": "1"})
+        self.used += nbytes
+        held = [nbytes]
+
+        def release() -> None:
+            self.used -= held.pop() if held else 0
+
+        return release
 
 
 def problem_document(error: ServiceError, request_id: str) -> dict[str, Any]:

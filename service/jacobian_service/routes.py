@@ -16,6 +16,7 @@ import math
 import platform
 import re
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -321,13 +322,21 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
                             or (media[0] == wire.JSON and call.mode == "rev" and _could_be_single(call, kind)))))
     result, info = await _cancellable(request, state.engines.run("jacobian_npy" if streamable else kind, call))
     if isinstance(result, StreamHead):
-        if media[0] == wire.NPY:
-            return _stream(state, request, call, result, info)
-        if result.nbytes > call.max_result_bytes:  # streamed .npy has no result limit; JSON keeps it
+        if media[0] != wire.NPY and result.nbytes > call.max_result_bytes:  # streamed .npy has no result limit
             state.engines.close_stream(result)
             raise ResultTooLarge(f"the Jacobian has {result.nbytes} bytes; the limit is {call.max_result_bytes} "
                                  f"(ask for {wire.NPY} to stream it without one)")
-        return _stream_json(state, spec.name, result, info)
+        # The chunk being sent and the one asked for ahead: what a client that stops
+        # reading keeps in this front end (StreamBudget).
+        held = 2 * min(result.nbytes, result.chunk_size * math.prod(result.shape[1:]) * np.dtype(result.dtype).itemsize)
+        try:
+            release = state.streams.reserve(held)
+        except Unavailable:
+            state.engines.close_stream(result)
+            raise
+        if media[0] == wire.NPY:
+            return _stream(state, request, call, result, info, release)
+        return _stream_json(state, spec.name, result, info, release)
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
     nbytes = result.nbytes()  # within the result limit: the engine's worker refused it otherwise (scheduler)
@@ -423,7 +432,8 @@ async def _cancellable(request: Request, work: Awaitable[Any]) -> Any:
             watcher.cancel()
 
 
-def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead, info: JobInfo) -> Response:
+def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead, info: JobInfo,
+            release: Callable[[], None]) -> Response:
     """A large Jacobian as ``.npy``, row chunk by row chunk, with O(chunk) memory.
 
     The header and Content-Length went out from the forward pass; each chunk is asked
@@ -453,6 +463,7 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
                 state.metrics.streamed_bytes.inc(arr.nbytes)
                 yield memoryview(np.ascontiguousarray(arr).reshape(-1)).cast("B")
         finally:
+            release()
             if not done:
                 _drop(pending)
                 state.engines.close_stream(head)
@@ -464,7 +475,15 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
         "X-Queue-Ms": f"{info.queue_s * 1e3:.3f}",
         **attachment(call.spec.name, "jacobian", wire.NPY),
     }
-    return StreamingResponse(body(), media_type=wire.NPY, headers=headers)
+    return StreamingResponse(_released(body(), release), media_type=wire.NPY, headers=headers)
+
+
+def _released(body: AsyncIterator[Any], release: Callable[[], None]) -> AsyncIterator[Any]:
+    """``body``, whose stream reservation is given back when it ends (its ``finally``)
+    or, if it never started (the client gone before the response began), when it is
+    collected: a body never iterated never runs its ``finally``."""
+    weakref.finalize(body, release)
+    return body
 
 
 def _drop(pending: asyncio.Future | None) -> None:
@@ -476,7 +495,8 @@ def _drop(pending: asyncio.Future | None) -> None:
         pending.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
-def _stream_json(state: ServiceState, function: str, head: StreamHead, info: JobInfo) -> Response:
+def _stream_json(state: ServiceState, function: str, head: StreamHead, info: JobInfo,
+                 release: Callable[[], None]) -> Response:
     """A large Jacobian as JSON, written from the engine's row chunks as they come (as
     :func:`_stream` does for ``.npy``): the same document as a gathered one, with
     ``meta`` last, so its times cover the whole stream. Chunked transfer: the length of
@@ -510,11 +530,12 @@ def _stream_json(state: ServiceState, function: str, head: StreamHead, info: Job
                     "compute_ms": round((info.compute_s + time.monotonic() - started) * 1e3, 3)}
             yield rows.end() + b'},"meta":' + wire.dumps(meta) + b"}"
         finally:
+            release()
             if not done:
                 _drop(pending)
                 state.engines.close_stream(head)
 
-    return StreamingResponse(body(), media_type=wire.JSON,
+    return StreamingResponse(_released(body(), release), media_type=wire.JSON,
                              headers={"X-Chunk-Size": str(head.chunk_size), "X-Device": str(info.device)})
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from .connections import BodyBudget
 from .metrics import Metrics
 from .registry import Registry
-from .responses import EncodeBudget
+from .responses import EncodeBudget, StreamBudget
 from .settings import Settings
 
 __all__ = ["ServiceState"]
@@ -24,6 +24,11 @@ class ServiceState:
     api_keys: tuple[str, ...] = ()
     front_ends: int = 1
     draining: bool = False
+    streams: StreamBudget | None = None  # None: the body budget's size (see __post_init__)
+
+    def __post_init__(self) -> None:
+        if self.streams is None:
+            self.streams = StreamBudget(self.body_budget.max_bytes)
 
     @property
     def registry(self) -> Registry:
