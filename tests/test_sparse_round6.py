@@ -1,6 +1,6 @@
 """Sparse Jacobians (round 6): ops the tracer took as dense (every output on every
 input, ``exact: false``) now traced exactly: interpolation, cross products, FFTs,
-adaptive pooling, transposed convolutions, unfold/fold. Each pattern is compared with
+adaptive pooling, transposed convolutions, unfold/fold, normalization layers. Each pattern is compared with
 the nonzeros of dense ``torch.func.jacrev`` (never missing one, and no longer dense).
 """
 
@@ -94,7 +94,16 @@ OPS = {
     "unfold_padded": (lambda x: F.unfold(x, (2, 3), dilation=(1, 2), padding=1, stride=2), (1, 2, 5, 6)),
     "fold": (lambda x: F.fold(x, (3, 4), 2), (1, 8, 6)),
     "fold_strided": (lambda x: F.fold(x, (5, 5), (2, 3), padding=1, stride=2), (2, 6, 9)),
+    # normalization layers: an element on its group (row, sample's channel group, channel)
+    "layer_norm": (lambda x: F.layer_norm(x, (6,)), (4, 6)),
+    "layer_norm_affine": (lambda x: F.layer_norm(x, (3, 3), W_T2[0, :, :, 0] + 1, W_T2[1, :, :, 1]), (2, 4, 3, 3)),
+    "layer_norm_traced_weight": (lambda x: F.layer_norm(x[:, :3], (3,), x[0, 3:], None), (4, 6)),
+    "group_norm": (lambda x: F.group_norm(x, 2, torch.arange(1.0, 5.0, dtype=x.dtype)), (2, 4, 3, 3)),
+    "instance_norm": (lambda x: F.instance_norm(x), (2, 3, 5)),
+    "batch_norm_training": (lambda x: F.batch_norm(x, None, None, training=True), (3, 4, 2, 2)),
+    "batch_norm_eval": (lambda x: F.batch_norm(x, RUNNING[0], RUNNING[1], B_C[1, :2].repeat(2), None, training=False), (2, 4, 3)),
 }
+RUNNING = (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
 
 
 def _jac_pattern(f, x, jac):
@@ -105,7 +114,8 @@ def _jac_pattern(f, x, jac):
 
 
 SHARP = {"nearest2d", "bilinear", "bicubic", "linear1d_corners", "cross", "rfft", "adaptive_avg2d", "adaptive_avg3d",
-         "conv_transpose2d", "conv_transpose2d_groups", "conv_transpose1d", "unfold_padded", "fold_strided"}
+         "conv_transpose2d", "conv_transpose2d_groups", "conv_transpose1d", "unfold_padded", "fold_strided",
+         "layer_norm", "layer_norm_affine", "layer_norm_traced_weight", "group_norm", "instance_norm", "batch_norm_training"}
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
@@ -137,6 +147,8 @@ HESSIANS = {
     "conv_transpose": lambda x: F.conv_transpose1d(x.reshape(1, 2, 4), W_T1, stride=2).sin().sum(),
     "fold_unfold": lambda x: (F.fold(F.unfold(x.reshape(1, 1, 2, 4), 2), (2, 4), 2) ** 2).sum(),
     "adaptive_max": lambda x: F.adaptive_max_pool1d(x.reshape(1, 2, 4), 2).exp().sum(),
+    "layer_norm": lambda x: (F.layer_norm(x.reshape(2, 4), (4,)) ** 2).sum() + x[0, 0] * x[3, 1],
+    "group_norm": lambda x: F.group_norm(x.reshape(2, 2, 2), 1).sin().sum(),
 }
 
 
@@ -149,7 +161,8 @@ def test_hessian_pattern_never_misses_a_nonzero(name):
     got = np.zeros(h.shape, bool)
     got[p.rows, p.cols] = True
     assert p.exact, p.notes
-    assert not ((h != 0) & ~got).any()
+    # (torch's double backward of group_norm leaves ~1e-18 between samples: round-off)
+    assert not ((np.abs(h) > 1e-12 * np.abs(h).max()) & ~got).any()
     assert got.sum() < got.size or name == "rfft_energy"
 
 

@@ -25,6 +25,7 @@ SparseConnectivityTracer.jl and asdex:
   window of its own channel (interpolation's found by torch's own kernel, per dim);
 - FFTs: the whole line over the transformed dims; ``linalg.cross``: the other two
   components of the same vectors;
+- normalization layers (layer, group, instance, batch norm): the element's group;
 - any other op: every output element depends on every input element of its arguments
   (dense, conservative); the pattern is then marked ``exact=False`` and the op named.
 
@@ -169,6 +170,8 @@ _INTERPOLATE = {"upsample_linear1d": 1, "upsample_bilinear2d": 2, "upsample_bicu
 # FFTs: an element depends on every element of its line over the transformed dims
 # (``dim``), none across them; linear.
 _FFT = frozenset("_fft_r2c _fft_c2r _fft_c2c".split())
+# Normalization layers (see _Tracer.normalize).
+_NORMS = frozenset("native_layer_norm native_group_norm native_batch_norm".split())
 # Input places per call of an interpolation kernel on one-hot inputs (see interpolate).
 _ONE_HOT_BLOCK = 256
 _MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm _sparse_addmm".split())  # the last: torch.sparse.mm
@@ -500,6 +503,8 @@ class _Tracer:
             return self.complex_view(name, args[0], out)
         if name == "linalg_cross":
             return self.cross(func, args, kwargs, out)
+        if name in _NORMS and isinstance(out, (tuple, list)):
+            return self.normalize(func, name, args, kwargs, out)
         if name in _REDUCE or name in _LINE or name in _SCAN or name in _FFT:
             return self.along(func, name, args, kwargs, out)
         if torch.Tag.pointwise in func.tags or name in _LINEAR_POINTWISE:
@@ -1000,6 +1005,66 @@ class _Tracer:
             hparts = [h for h in hparts if h is not None]
             hess = _union(hparts, self.n, self.n) if hparts else None
         return self.wrap(out, deps, hess)
+
+    def normalize(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """Layer, group and batch normalization: an element depends on the elements of its
+        group (the trailing ``normalized_shape`` of its own row; its own sample's group of
+        channels; its channel over the batch, when training), and on its place's weight
+        and bias (a channel's, or the trailing place's for layer norm); the saved means
+        and inverse deviations on their group. Batch norm in eval mode is elementwise
+        (running statistics, its channel's)."""
+        named = dict(zip((a.name for a in func._schema.arguments), args))
+        named.update(kwargs)
+        x = named["input"]
+        traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
+        shape, numel = tuple(x.shape), x.numel()
+        at = np.arange(numel)
+        if name == "native_layer_norm":
+            tail = math.prod(named["normalized_shape"])
+            group, place = at // max(tail, 1), at % max(tail, 1)
+            params = ("weight", "bias")
+        else:
+            channels = shape[1] if len(shape) > 1 else 1
+            inner = numel // max(shape[0] * channels, 1) if shape else 1
+            place = (at // max(inner, 1)) % max(channels, 1)
+            if name == "native_group_norm":
+                per = channels // max(int(named["group"]), 1)
+                group = (at // max(inner * channels, 1)) * int(named["group"]) + place // max(per, 1)
+                params = ("weight", "bias")
+            elif bool(named["training"]):
+                group = place
+                params = ("weight", "bias")
+            else:
+                group = at  # eval: each element alone, with its channel's running statistics
+                params = ("weight", "bias", "running_mean", "running_var")
+        groups = int(group.max(initial=-1)) + 1
+        reduce = sp.csr_array((np.ones(numel, np.float32), (group, at)), shape=(max(groups, 0), numel))
+        line = _ones(reduce @ self.deps(x))
+        parts = [_select(line, group)]
+        for p in params:
+            t = named.get(p)
+            if isinstance(t, _Traced) and t.root.deps.nnz:
+                parts.append(_select(self.deps(t), place))
+        deps = _union(parts, numel, self.n)
+        leaves = list(out)
+        hess_in = self.hess_of(traced) if self.hessian else None
+        wrapped = []
+        for i, o in enumerate(leaves):
+            if i == 0:
+                rows = deps
+            elif o.numel() == 0 or not _float(o):
+                wrapped.append(o if not _float(o) else self.wrap(o, _empty(o.numel(), self.n)))
+                continue
+            elif o.numel() == groups:
+                rows = line
+            else:
+                return self.dense(name, traced, out)
+            hess = None
+            if self.hessian:
+                hparts = [h for h in (hess_in, self.pairs(rows)) if h is not None]
+                hess = _union(hparts, self.n, self.n)
+            wrapped.append(self.wrap(o, rows, hess))
+        return type(out)(wrapped)
 
     def convolution(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
         """``aten.convolution`` (conv1d/2d/3d, any stride, padding, dilation, groups): an
