@@ -1,6 +1,6 @@
 """Sparse Jacobians (round 6): ops the tracer took as dense (every output on every
 input, ``exact: false``) now traced exactly: interpolation, cross products, FFTs,
-adaptive pooling, transposed convolutions, unfold/fold, normalization layers. Each pattern is compared with
+adaptive pooling, transposed convolutions, unfold/fold, normalization layers, cdist. Each pattern is compared with
 the nonzeros of dense ``torch.func.jacrev`` (never missing one, and no longer dense).
 """
 
@@ -102,6 +102,10 @@ OPS = {
     "instance_norm": (lambda x: F.instance_norm(x), (2, 3, 5)),
     "batch_norm_training": (lambda x: F.batch_norm(x, None, None, training=True), (3, 4, 2, 2)),
     "batch_norm_eval": (lambda x: F.batch_norm(x, RUNNING[0], RUNNING[1], B_C[1, :2].repeat(2), None, training=False), (2, 4, 3)),
+    # pairwise distances (particles, kernels): each on its two points
+    "cdist": (lambda x: torch.cdist(x[:3], x[3:], p=1), (7, 3)),
+    "cdist_constant": (lambda x: torch.exp(-torch.cdist(x, B_C)), (4, 3)),
+    "cdist_batched": (lambda x: torch.cdist(x, x.flip(1) * 2), (2, 4, 3)),
 }
 RUNNING = (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
 
@@ -115,7 +119,8 @@ def _jac_pattern(f, x, jac):
 
 SHARP = {"nearest2d", "bilinear", "bicubic", "linear1d_corners", "cross", "rfft", "adaptive_avg2d", "adaptive_avg3d",
          "conv_transpose2d", "conv_transpose2d_groups", "conv_transpose1d", "unfold_padded", "fold_strided",
-         "layer_norm", "layer_norm_affine", "layer_norm_traced_weight", "group_norm", "instance_norm", "batch_norm_training"}
+         "layer_norm", "layer_norm_affine", "layer_norm_traced_weight", "group_norm", "instance_norm", "batch_norm_training",
+         "cdist", "cdist_constant", "cdist_batched"}
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
@@ -125,13 +130,15 @@ def test_op_is_traced_exactly_and_never_misses_a_nonzero(name):
     dense jacrev at two points and is far from dense (for those in SHARP: exactly
     jacrev's nonzeros)."""
     f, shape = OPS[name]
+    # (torch's vmap of cdist's backward is wrong: jacrev's rows all read the first point)
+    reference = torch.func.jacrev(f, chunk_size=1) if name.startswith("cdist") else torch.func.jacrev(f)
     x = rand(*shape)
-    jac = torch.func.jacrev(f)(x).reshape(-1, x.numel()).numpy()
+    jac = reference(x).reshape(-1, x.numel()).numpy()
     p, got = _jac_pattern(f, x, jac)
     assert p.exact, p.notes
     assert not [n for n in p.notes if n.startswith("unknown op")], p.notes
     other = rand(*shape)
-    jac2 = torch.func.jacrev(f)(other).reshape(-1, x.numel()).numpy()
+    jac2 = reference(other).reshape(-1, x.numel()).numpy()
     missing = ((jac != 0) | (jac2 != 0)) & ~got
     assert not missing.any(), np.argwhere(missing)[:5]
     assert got.sum() < 0.6 * got.size or got.sum() <= 2 * max(((jac != 0) | (jac2 != 0)).sum(), 1)
@@ -182,3 +189,22 @@ def test_sparse_jacobian_through_these_ops_matches_jacrev_with_few_products():
     assert res.pattern.exact and res.source == "traced", res.pattern.notes
     np.testing.assert_allclose(res.matrix.toarray(), want, rtol=1e-10, atol=1e-12)
     assert res.n_products <= 9, res.n_products  # a 3 x 3 lattice (64 before)
+
+
+def _kernel_matrix(x):
+    """A Gaussian kernel between points and every other point (a radial-basis fit)."""
+    return torch.exp(-torch.cdist(x, x[::2] + 0.5))
+
+
+def test_sparse_jacobian_through_cdist_is_right_where_torch_vmap_is_not():
+    """cdist has no forward-mode rule and torch's vmap of its backward is wrong (jacrev's
+    rows all read the first point): the sparse path runs reverse mode one product at a
+    time and matches autograd's Jacobian, with fewer products than outputs."""
+    from jacobian_service.sparsity.compute import sparse_jacobian
+
+    x = rand(8, 2)
+    res = sparse_jacobian(_kernel_matrix, (x,))
+    want = torch.autograd.functional.jacobian(_kernel_matrix, x).reshape(-1, x.numel()).numpy()
+    assert res.pattern.exact, res.pattern.notes
+    np.testing.assert_allclose(res.matrix.toarray(), want, rtol=1e-10, atol=1e-12)
+    assert res.n_products < 32, res.n_products

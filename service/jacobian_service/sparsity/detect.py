@@ -26,6 +26,7 @@ SparseConnectivityTracer.jl and asdex:
 - FFTs: the whole line over the transformed dims; ``linalg.cross``: the other two
   components of the same vectors;
 - normalization layers (layer, group, instance, batch norm): the element's group;
+- ``cdist``: the two points of each distance;
 - any other op: every output element depends on every input element of its arguments
   (dense, conservative); the pattern is then marked ``exact=False`` and the op named.
 
@@ -505,6 +506,8 @@ class _Tracer:
             return self.cross(func, args, kwargs, out)
         if name in _NORMS and isinstance(out, (tuple, list)):
             return self.normalize(func, name, args, kwargs, out)
+        if name == "_cdist_forward" and _float(out):
+            return self.cdist(args, out)
         if name in _REDUCE or name in _LINE or name in _SCAN or name in _FFT:
             return self.along(func, name, args, kwargs, out)
         if torch.Tag.pointwise in func.tags or name in _LINEAR_POINTWISE:
@@ -1065,6 +1068,30 @@ class _Tracer:
                 hess = _union(hparts, self.n, self.n)
             wrapped.append(self.wrap(o, rows, hess))
         return type(out)(wrapped)
+
+    def cdist(self, args: Any, out: torch.Tensor) -> Any:
+        """``torch.cdist``: distance ``(i, j)`` depends on point ``i`` of the first set and
+        point ``j`` of the second (every coordinate of each), nothing else; nonlinear.
+        Sets batched differently from each other (broadcast batches) are taken as dense."""
+        x1, x2 = args[0], args[1]
+        traced = [t for t in (x1, x2) if isinstance(t, _Traced)]
+        if x1.dim() < 2 or tuple(x1.shape[:-2]) != tuple(x2.shape[:-2]) or tuple(out.shape[:-2]) != tuple(x1.shape[:-2]):
+            return self.dense("_cdist_forward", traced, out)
+        p, r, dims = x1.shape[-2], x2.shape[-2], x1.shape[-1]
+        batch = out.numel() // max(p * r, 1)
+
+        def points(t: Any, count: int) -> Any:  # one row per point: its coordinates' deps
+            at = np.arange(batch * count * dims)
+            gather = sp.csr_array((np.ones(at.size, np.float32), (at // max(dims, 1), at)), shape=(batch * count, at.size))
+            return _ones(gather @ self.deps(t))
+
+        b, i, j = np.unravel_index(np.arange(out.numel()), (batch, p, r))
+        deps = _ones(_select(points(x1, p), b * p + i) + _select(points(x2, r), b * r + j))
+        hess = None
+        if self.hessian:
+            parts = [h for h in (self.hess_of(traced), self.pairs(deps)) if h is not None]
+            hess = _union(parts, self.n, self.n)
+        return self.wrap(out, deps, hess)
 
     def convolution(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
         """``aten.convolution`` (conv1d/2d/3d, any stride, padding, dilation, groups): an
