@@ -106,7 +106,13 @@ OPS = {
     "cdist": (lambda x: torch.cdist(x[:3], x[3:], p=1), (7, 3)),
     "cdist_constant": (lambda x: torch.exp(-torch.cdist(x, B_C)), (4, 3)),
     "cdist_batched": (lambda x: torch.cdist(x, x.flip(1) * 2), (2, 4, 3)),
+    # constant zeros: multiplied by one, or a constant condition's other branch, no entry
+    "kron": (lambda x: torch.kron(x, torch.eye(2, dtype=x.dtype)), (3, 3)),
+    "where_boundary": (lambda u: torch.where(INTERIOR, u.roll(1) - 2 * u + u.roll(-1), u - 1.0), (7,)),
+    "mask_boundary": (lambda u: (u.roll(1) - 2 * u + u.roll(-1)) * INTERIOR + (u - 1) * ~INTERIOR, (7,)),
+    "mask_made_inside": (lambda u: u.clone().mul_(torch.arange(4.0, dtype=u.dtype) % 2), (4,)),
 }
+INTERIOR = torch.arange(7) % 6 != 0  # a 1-D grid's interior (Dirichlet ends)
 RUNNING = (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
 
 
@@ -120,7 +126,7 @@ def _jac_pattern(f, x, jac):
 SHARP = {"nearest2d", "bilinear", "bicubic", "linear1d_corners", "cross", "rfft", "adaptive_avg2d", "adaptive_avg3d",
          "conv_transpose2d", "conv_transpose2d_groups", "conv_transpose1d", "unfold_padded", "fold_strided",
          "layer_norm", "layer_norm_affine", "layer_norm_traced_weight", "group_norm", "instance_norm", "batch_norm_training",
-         "cdist", "cdist_constant", "cdist_batched"}
+         "cdist", "cdist_constant", "cdist_batched", "kron", "where_boundary", "mask_boundary", "mask_made_inside"}
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
@@ -208,3 +214,11 @@ def test_sparse_jacobian_through_cdist_is_right_where_torch_vmap_is_not():
     assert res.pattern.exact, res.pattern.notes
     np.testing.assert_allclose(res.matrix.toarray(), want, rtol=1e-10, atol=1e-12)
     assert res.n_products < 32, res.n_products
+
+
+def test_zeros_of_an_input_that_is_not_differentiated_still_count():
+    """A mask given as an input varies from call to call: its zeros here are no
+    structure, so the pattern keeps those entries (and is not value-dependent)."""
+    x, m = rand(3), torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    p = trace_jacobian(lambda x, m: x * m, (x, m))
+    assert sorted(zip(p.rows.tolist(), p.cols.tolist())) == [(0, 0), (1, 1), (2, 2)] and not p.value_dependent

@@ -9,7 +9,8 @@ that happens to vanish at this point (``x * y`` at ``y = 0``) is still found, as
 SparseConnectivityTracer.jl and asdex:
 
 - pointwise ops (aten's ``pointwise`` tag): an element depends on the broadcast
-  elements it is computed from;
+  elements it is computed from (not through a constant's zero it is multiplied by, nor
+  through the branch a constant ``where`` condition does not pick);
 - data movement (views, slices, cat, gather, index, roll, pad, ...): the op itself is
   run on tensors of element labels, which says where each element came from, exactly;
 - scatter-style writes (``index_add``, ``scatter_add``, ``scatter_reduce``, ``scatter``,
@@ -591,6 +592,10 @@ class _Tracer:
         if name == "where":  # the condition carries no derivative
             operands = [a for a in operands if a.dtype != torch.bool]
         per = [self.deps(a, shape) for a in operands]
+        for i, a in enumerate(operands):
+            kept = self.kept(name, args, a, shape)
+            if kept is not None:
+                per[i] = _ones(sp.diags_array(kept.astype(np.float32)) @ per[i])
         deps = _union(per, math.prod(shape), self.n)
         hess = None
         if self.hessian:
@@ -607,6 +612,31 @@ class _Tracer:
             parts = [p for p in parts if p is not None]
             hess = _union(parts, self.n, self.n) if parts else None
         return self.wrap(o, deps, hess)
+
+    def kept(self, name: str, args: Any, operand: "_Traced", shape: tuple[int, ...]) -> np.ndarray | None:
+        """Where ``operand`` can reach the result of ``mul`` or ``where`` given a constant
+        other argument (one the function made from nothing, or a tensor it holds: the
+        same values at every point, as matmul's constant zeros): not where it is
+        multiplied by a constant zero, nor where a constant condition picks the other
+        branch (a boundary mask: ``torch.where(interior, laplacian, u - g)``). None:
+        everywhere."""
+        def constant(a: Any) -> bool:
+            return isinstance(a, torch.Tensor) and _strided(a) and (not isinstance(a, _Traced) or a.root.const)
+
+        def values(a: Any) -> np.ndarray:
+            v = a.value if isinstance(a, _Traced) else a
+            return torch.broadcast_to(v, shape).reshape(-1).cpu().numpy()
+
+        if name == "mul" and len(args) >= 2:
+            other = args[1] if args[0] is operand else args[0] if args[1] is operand else None
+            if other is not None and constant(other):  # (a float, integer or bool mask)
+                return values(other) != 0
+        if name == "where" and len(args) >= 3 and constant(args[0]) and args[0].dtype == torch.bool:
+            if args[1] is operand and args[2] is not operand:
+                return values(args[0])
+            if args[2] is operand and args[1] is not operand:
+                return ~values(args[0])
+        return None
 
     def movement(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
         """Run the op on element labels: each output element's label names its source."""
