@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from jacobian_service.sparsity.detect import trace_hessian, trace_jacobian
+
 
 def test_tracing_does_not_import_torch_dynamo(monkeypatch):
     """torch wraps a TorchDispatchMode's __torch_dispatch__ so that its first call imports
@@ -26,7 +26,6 @@ def test_tracing_does_not_import_torch_dynamo(monkeypatch):
         def find_spec(self, name, path=None, target=None):
             if name == "torch._dynamo" or name.startswith("torch._dynamo."):
                 raise ImportError("torch._dynamo imported while tracing")
-            return None
 
     for name in [m for m in sys.modules if m == "torch._dynamo" or m.startswith("torch._dynamo.")]:
         monkeypatch.delitem(sys.modules, name)
