@@ -169,3 +169,48 @@ def test_a_backward_pass_inside_a_dual_level_says_what_to_do(oc):
     # torch.func's second derivatives keep their own message
     with pytest.raises(RuntimeError, match=r"second derivatives through the remote function 'cos_energy'"):
         f.jacfwd(f.grad(remote(oc.client, "cos_energy")))(X)
+
+
+# --------------------------------------------------------------------------- JAX
+
+
+def test_jax_forward_mode_and_transforms_over_a_remote_function_equal_local_jax(cc):
+    """jax.linearize (also under jit) and its transpose, jvp under vmap, grad through
+    jax.checkpoint, against the same function written in JAX; second derivatives
+    (hessian, jacfwd(grad), jvp(grad)) refused saying so."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from jacobian_client.jax import remote as jax_remote
+
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        sin, rb = jax_remote(cc.client, "sin"), jax_remote(cc.client, "rosenbrock")
+        x, t = jnp.asarray(X.numpy()), jnp.asarray(T.numpy())
+
+        def rb_local(a):
+            return jnp.sum(100.0 * (a[1:] - a[:-1] ** 2) ** 2 + (1 - a[:-1]) ** 2)
+
+        def same(got, want):
+            got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+            assert len(got_leaves) == len(want_leaves)
+            for g, w in zip(got_leaves, want_leaves):
+                assert g.shape == w.shape and g.dtype == w.dtype, (g, w)
+                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-12, atol=1e-12)
+
+        y, lin = jax.linearize(sin, x)
+        y_local, lin_local = jax.linearize(jnp.sin, x)
+        same((y, lin(t), lin(2 * t)), (y_local, lin_local(t), lin_local(2 * t)))
+        same(jax.linear_transpose(lin, t)(t), jax.linear_transpose(lin_local, t)(t))
+        same(jax.jit(lambda a, b: jax.linearize(sin, a)[1](b))(x, t), lin_local(t))
+        xs = jnp.stack([x, t, x * t])
+        same(jax.vmap(lambda a: jax.jvp(sin, (a,), (t,)))(xs), jax.vmap(lambda a: jax.jvp(jnp.sin, (a,), (t,)))(xs))
+        same(jax.grad(jax.checkpoint(lambda a: sin(a).sum()))(x), jnp.cos(x))
+
+        same(jax.grad(rb)(x), jax.grad(rb_local)(x))
+        for second in (jax.hessian(rb), jax.jacfwd(jax.grad(rb)), lambda a: jax.jvp(jax.grad(rb), (a,), (t,))):
+            with pytest.raises(NotImplementedError, match="second derivatives through the remote function 'rosenbrock'"):
+                second(x)
+    finally:
+        jax.config.update("jax_enable_x64", before)
