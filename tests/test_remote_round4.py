@@ -62,7 +62,7 @@ def _tangent_through(fn, x, t):
 
 def test_the_in_process_engine_computes_forward_mode_beside_a_dual_level_the_caller_holds(client):
     """The in-process layout: the engine's thread shares torch's dual levels (one list
-    for the process) with the caller's. A jvp (an hvp, a forward-mode Jacobian) asked while the caller's thread held
+    for the process) with the caller's. A jvp (an hvp) asked while the caller's thread held
     a level was answered 500 "Nested forward mode AD is not supported at the moment"."""
     arr = lambda a: {"dtype": "float64", "shape": list(a.shape), "data": a.tolist()}  # noqa: E731
     body = {"inputs": [arr(X)], "tangents": arr(T)}

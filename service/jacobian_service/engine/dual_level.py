@@ -6,9 +6,8 @@ learns from a module global (``eager_transforms.JVP_NESTING``), shared by every 
 Under the in-process layout (``serve --in-process``, an app embedded in the caller's
 program, the tests' server) the engine's thread shares both with the caller's: a caller
 inside ``torch.autograd.forward_ad.dual_level()`` (a remote function called on a dual
-tensor, ``gradcheck(check_forward_ad=True)``) that asked for a jvp got 500
-"Nested forward mode AD is not supported at the moment", and a forward-mode Jacobian
-failed over to reverse mode and stayed there for that function.
+tensor, ``gradcheck(check_forward_ad=True)``) that asked for a jvp or an hvp got 500
+"Nested forward mode AD is not supported at the moment".
 
 While another thread holds a level, the engine's forward-mode work runs as a nested jvp
 would: under that level, functorch's own levels (per thread) keeping its tangents apart
