@@ -225,15 +225,19 @@ def _title(kind: str) -> str:
 
 
 def _request_schema(kind: str) -> dict[str, Any]:
-    options = Options.model_json_schema()["properties"]
+    # Only the options this kind takes (parsing.OPTION_KINDS): the body's schema listed
+    # every option for every kind, chunk_size on a vjp, argnums on an evaluate.
+    options = {name: prop for name, prop in Options.model_json_schema()["properties"].items()
+               if kind in OPTION_KINDS[name]}
     props: dict[str, Any] = {"inputs": {"$ref": "#/components/schemas/Inputs"}, **options}
     required = ["inputs"]
     if kind in _VECTORS:
         key = _VECTORS[kind]
         props[key] = {"$ref": "#/components/schemas/ArrayTree"}
         required.append(key)
-    # The server refuses any other member (Options forbids extras; a vjp's tangents, an
-    # evaluate's cotangents): 422, as the schema now says.
+    # The server refuses any other member (an unknown option, a vjp's tangents, an
+    # evaluate's cotangents; one this kind does not take, unless given its default):
+    # 422, as the schema now says.
     return {"type": "object", "required": required, "properties": props, "additionalProperties": False}
 
 
@@ -343,7 +347,7 @@ def _query_parameters(kind: str) -> list[dict[str, Any]]:
     batched_vectors on a jacobian) is not offered there, where Swagger UI showed it."""
     params = []
     for name, prop in Options.model_json_schema()["properties"].items():
-        if kind not in OPTION_KINDS.get(name, (kind,)):
+        if kind not in OPTION_KINDS[name]:
             continue
         if name in _QUERY_FORMS:
             form = _QUERY_FORMS[name]

@@ -25,16 +25,31 @@ __all__ = ["KINDS", "Options", "media_type_of", "parse_call", "parse_sparsity_qu
 Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
 KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
 _VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}
-# The kinds an option is for, where it is not for every kind: the others refuse it
-# (rows, sparsity, batched, batched_vectors: 422 below) or ignore it (sparse_format
-# qualifies sparsity). The OpenAPI document offers its query parameter there only.
+# The kinds each option is for: the one table the parser (which refuses an option on
+# another kind), the OpenAPI document (which offers it there only) and the README follow.
+# An option a kind does not take was silently ignored on some (chunk_size on a vjp,
+# argnums or mode on an evaluate) and refused on others (rows on a jvp): now every one is
+# a 422 naming it and the options the kind takes, unless it is given its default (null,
+# false, 0, "dense"), which asks for nothing, so one body shape may serve every kind.
+_DERIVATIVES = ("jacobian", "hessian", "vjp", "jvp", "hvp")
 OPTION_KINDS: dict[str, tuple[str, ...]] = {
+    "argnums": _DERIVATIVES,
+    "chunk_size": ("jacobian", "hessian"),  # vjp/jvp/hvp run their vectors in one vmap
     "batched": ("jacobian", "hessian", "evaluate"),
+    "return_output": _DERIVATIVES,  # an evaluate's answer is the output
     "rows": ("jacobian",),
+    "mode": ("jacobian",),  # a Hessian's strategy is measured, never asked for
     "sparsity": ("jacobian", "hessian"),
     "sparse_format": ("jacobian", "hessian"),
     "batched_vectors": tuple(_VECTOR_KEY),
 }
+
+
+def options_of(kind: str) -> list[str]:
+    """The options ``kind`` takes, in the table's order (for messages and docs)."""
+    return [name for name, kinds in OPTION_KINDS.items() if kind in kinds]
+
+
 _INT64_MAX = 2**63 - 1
 # Past int64 a number cannot travel to the engine (orjson refuses it): a 500 it was.
 _Int64 = Annotated[StrictInt, Field(ge=-_INT64_MAX - 1, le=_INT64_MAX)]
@@ -90,7 +105,30 @@ def _is_argnum(a: Any) -> bool:
     return isinstance(a, str) or (isinstance(a, int) and not isinstance(a, bool))
 
 
-def _options(raw: Mapping[str, Any]) -> Options:
+def _check_applies(kind: str, raw: Mapping[str, Any]) -> None:
+    """An unknown option, or one ``kind`` does not take given anything but its default:
+    a 422 naming it and what ``kind`` takes (pydantic's "Extra inputs are not permitted"
+    named neither the endpoint nor the options it has)."""
+    takes = options_of(kind)
+    unknown = sorted(k for k in raw if k not in OPTION_KINDS)
+    if unknown:
+        raise InvalidInput(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(echo, unknown))}; "
+                           f"{kind} takes {', '.join(takes)}")
+    refused = [k for k in OPTION_KINDS if k in raw and kind not in OPTION_KINDS[k]
+               and raw[k] != Options.model_fields[k].default]
+    if refused:
+        where = "; ".join(f"{k} is for {_and(OPTION_KINDS[k])}" for k in refused)
+        raise InvalidInput(f"{', '.join(refused)} {'does' if len(refused) == 1 else 'do'} not apply to {kind} "
+                           f"({where}); {kind} takes {', '.join(takes)}")
+
+
+def _and(words: tuple[str, ...]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _options(raw: Mapping[str, Any], kind: str | None = None) -> Options:
+    if kind is not None:
+        _check_applies(kind, raw)
     if not raw:  # most requests: the defaults, validated once (Options is frozen)
         return _DEFAULT_OPTIONS
     argnums = raw.get("argnums", 0)
@@ -145,14 +183,18 @@ def _is_vector_node(obj: Any) -> bool:
     return False
 
 
-def _vector_tree(obj: Any, limits: wire.Limits) -> Any:
+def _vector_tree(obj: Any, limits: wire.Limits, path: str) -> Any:
     """Cotangents/tangents: one array, or lists (tuples) and dicts of them, nested as the
-    responses nest trees."""
+    responses nest trees. A leaf that cannot be read is an error naming its path
+    (``cotangents.a[0]``), as an input leaf's is."""
     if isinstance(obj, dict) and _is_vector_node(obj):
-        return {k: _vector_tree(v, limits) for k, v in obj.items()}
+        return {k: _vector_tree(v, limits, f"{path}.{k}") for k, v in obj.items()}
     if _is_vector_node(obj):
-        return [_vector_tree(v, limits) for v in obj]
-    return _decode(obj, None, limits)[0]
+        return [_vector_tree(v, limits, f"{path}[{i}]") for i, v in enumerate(obj)]
+    try:
+        return wire.decode_json_array(obj, None, limits)[0]
+    except wire.WireError as exc:
+        raise from_wire(wire.WireError(f"{path}: {exc}", exc.code)) from None
 
 
 def _engine_vectors(tree: Any) -> Any:
@@ -297,7 +339,7 @@ def parse_call(
             if vector_key:
                 if vector_key not in doc:
                     raise InvalidInput(f"{kind} needs '{vector_key}'")
-                vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), limits))
+                vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), limits, vector_key))
             both = sorted(set(doc) & set(raw_options))
             if both:  # which one was meant? (the body's won, silently)
                 raise InvalidInput(f"options {both} are given in both the query string and the body; give each once")
@@ -344,12 +386,8 @@ def parse_call(
     except wire.WireError as exc:
         raise from_wire(exc) from None
 
-    options = _options(raw_options)
-    if vector_key is None and options.batched_vectors:
-        raise InvalidInput("batched_vectors applies to vjp, jvp and hvp only")
-    if vector_key and options.batched:
-        raise InvalidInput(f"batched does not apply to {kind}; use batched_vectors")
-    if options.rows is not None and (kind != "jacobian" or options.batched):
+    options = _options(raw_options, kind)
+    if options.rows is not None and options.batched:
         raise InvalidInput("rows applies to non-batched jacobian requests only")
     if options.rows is not None and not 0 <= options.rows[0] <= options.rows[1]:
         raise InvalidInput(f"rows must satisfy 0 <= start <= stop, got {list(options.rows)}")

@@ -117,7 +117,15 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     if kind == "hessian" and mode != TORCHS and batch:
         _check_where_torch_fails(engine, call, [a[0] for a in engine.tensors(call)], pytree.tree_map(lambda t: t[0], value))
     output = engine.host(output) if call.return_output else None
-    return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, call.chunk_size, mode)
+    # meta.chunk_size: the rows of one example's Jacobian each vmap took (row by row: 1;
+    # never more than the example's output has); a Hessian's strategies take no chunks
+    used = None
+    if kind == "jacobian":
+        rows = sum(leaf.numel() for leaf in pytree.tree_leaves(first)) if first is not None else None
+        used = 1 if rows_loop else call.chunk_size
+        if used is not None and rows is not None:
+            used = max(1, min(used, rows))
+    return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, used, mode)
 
 
 def _vmap_rows_agree(engine: "Engine", call: Call, value: Any, rows_loop: bool) -> bool:

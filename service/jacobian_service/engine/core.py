@@ -100,6 +100,12 @@ def host_dtype(dtype: torch.dtype) -> np.dtype:
     return np.dtype("float32") if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
 
 
+
+def _rows_per_vmap(chunk: int, rows: int) -> int:
+    """``meta.chunk_size``: the rows one vmap took, never more than there were (a
+    chunk_size of 100 over 3 rows ran 3 rows, and said 100)."""
+    return max(1, min(chunk, rows))
+
 @dataclass
 class Streamed:
     """A Jacobian too large to gather: its ``.npy`` shape and dtype, known from the
@@ -297,7 +303,7 @@ class Engine:
         aux = self.host(stream.aux)
         chunk = call.chunk_size or stream.auto_chunk()
         value = self._gather(stream, start, stop, chunk)
-        return Result(value, aux, call.spec.has_aux, output, stream.chunk_used or chunk, "rev")
+        return Result(value, aux, call.spec.has_aux, output, _rows_per_vmap(stream.chunk_used or chunk, stop - start), "rev")
 
     def jacobian_npy(self, call: Call, stream_threshold: int) -> Result | Streamed:
         """A Jacobian bound for ``.npy``: gathered when small (or forward mode, or several
@@ -321,7 +327,7 @@ class Engine:
                 yield np.ascontiguousarray(self.host(grads[0]))
                 release_free_heap()  # the last chunk's temporaries: back to the OS, not kept
 
-        return Streamed(shape, host_dtype(primal.dtype), chunk, host())
+        return Streamed(shape, host_dtype(primal.dtype), _rows_per_vmap(chunk, stop - start), host())
 
     def _gather(self, stream: RowStream, start: int, stop: int, chunk: int) -> Any:
         """All rows ``start:stop`` written into preallocated host arrays, then nested.
@@ -377,6 +383,10 @@ class Engine:
         in_numel = sum(p.numel() for p in pytree.tree_leaves(primals))
         if call.mode == "auto" and in_numel >= out_numel:
             return None
+        if call.chunk_size is not None and call.chunk_size < in_numel:
+            # jacfwd pushes every input column in one vmap (it takes no chunk_size): the
+            # bound asked for is kept by reverse mode's row chunks (the result is the same)
+            return None
         self.check_result_size(call, out_numel * call.row_nbytes())
         argnums: int | tuple[int, ...] = tuple(range(len(primals))) if call.as_tuple else 0
         try:
@@ -398,7 +408,9 @@ class Engine:
             return None
         jac = as_input_dtypes(jac, primals, depth=1)  # jacrev's dtypes, not the output's
         output = self.host(out) if call.return_output else None  # f at the values sent
-        return Result(self.host(jac), self.host(box.restore(aux_t)), call.spec.has_aux, output, call.chunk_size, "fwd")
+        # meta.chunk_size: what ran in one vmap, the input's columns (null when not asked)
+        used = in_numel if call.chunk_size is not None else None
+        return Result(self.host(jac), self.host(box.restore(aux_t)), call.spec.has_aux, output, used, "fwd")
 
     # ----------------------------------------------------------------- hessian
 
@@ -441,26 +453,31 @@ class Engine:
         tree = _split_stack(tree, ref_leaves, batched)
         leaves = self._vector_leaves(tree, like, ref_leaves, what)
         out = []
-        for arr, ref in zip(leaves, ref_leaves):
+        # Each leaf's error names its path in the tree (cotangents.a[0]), as an input
+        # leaf's does (params.w): "cotangents: expected shape [3]" left the caller to
+        # find which of a tree's leaves was meant.
+        for (path, arr), ref in zip(leaves, ref_leaves):
             if not isinstance(arr, np.ndarray):
-                raise InvalidInput(f"{what}: expected arrays")
+                raise InvalidInput(f"{what}{path}: expected an array, got {type(arr).__name__}")
             want = ((arr.shape[0],) if batched and arr.ndim else ()) + tuple(ref.shape)
             if tuple(arr.shape) != want or (batched and arr.ndim == 0):
                 shape = ("B", *ref.shape) if batched else tuple(ref.shape)
-                raise InvalidInput(f"{what}: expected shape {list(shape)}, got {list(arr.shape)}")
+                raise InvalidInput(f"{what}{path}: expected shape {list(shape)}, got {list(arr.shape)}")
             if arr.dtype.kind not in "biuf":
-                raise InvalidInput(f"{what}: expected numbers")
+                raise InvalidInput(f"{what}{path}: expected numbers, got {arr.dtype.name}")
             t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
             out.append(t.to(device=self.device, dtype=ref.dtype))
         batch_sizes = {t.shape[0] for t in out} if batched else set()
         if len(batch_sizes) > 1:
-            raise InvalidInput(f"{what}: batched vectors disagree on the batch size: {sorted(batch_sizes)}")
+            sizes = ", ".join(f"{what}{path}: {t.shape[0]}" for (path, _), t in zip(leaves, out))
+            raise InvalidInput(f"{what}: batched vectors disagree on the batch size ({sizes})")
         return pytree.tree_unflatten(out, ref_spec)
 
     @staticmethod
-    def _vector_leaves(tree: Any, like: Any, ref_leaves: list[Any], what: str) -> list[Any]:
+    def _vector_leaves(tree: Any, like: Any, ref_leaves: list[Any], what: str) -> list[tuple[str, Any]]:
+        """The leaves of ``tree`` in ``like``'s order, each with its path (``.a[0]``)."""
         if isinstance(tree, np.ndarray) and len(ref_leaves) == 1:
-            return [tree]
+            return [("", tree)]
 
         def nested(node: Any, ref: Any, path: str) -> list[Any]:
             node = _by_position(node, ref)
@@ -470,7 +487,7 @@ class Engine:
                     # (its entries differ in shape: parsing._is_vector_node).
                     got = f"{len(node)} entries of different shapes" if isinstance(node, list) else type(node).__name__
                     raise InvalidInput(f"{what}{path}: expected one array of shape {list(ref.shape)}, got {got}")
-                return [node]
+                return [(path, node)]
             if isinstance(ref, dict):
                 if not isinstance(node, dict) or set(node) != set(ref):
                     got = sorted(node) if isinstance(node, dict) else type(node).__name__
@@ -482,15 +499,16 @@ class Engine:
 
         tree = _by_position(tree, like)
         flat = isinstance(tree, (list, tuple)) and len(tree) == len(ref_leaves) and all(isinstance(v, np.ndarray) for v in tree)
+        flat_leaves = [(f"[{i}]", v) for i, v in enumerate(tree)] if flat else []
         if flat and not (isinstance(like, (list, tuple)) and len(like) == len(tree)):
-            return list(tree)  # the leaves in order, for any nesting
+            return flat_leaves  # the leaves in order, for any nesting
         if isinstance(tree, dict) and isinstance(like, dict) and set(tree) != set(like):
             raise InvalidInput(f"{what} keys {sorted(tree)} do not match {sorted(like)}")
         try:
             return nested(tree, like, "")
         except InvalidInput:
             if flat:
-                return list(tree)
+                return flat_leaves
             raise
 
     def vjp(self, call: Call) -> Result:
