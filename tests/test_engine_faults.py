@@ -1179,7 +1179,7 @@ class TestFaults:
         engine; a crash promotes it, so the next request is served in well under a second,
         where a cold start costs a torch import and a warm-up. Then a new spare starts."""
         url, proc = served.url, served.proc
-        assert httpx.get(f"{url}/v1/info").json()["spares"] == [True]  # (as ``served`` leaves it)
+        wait_spare(url)
         before = restarts(url)
         r = httpx.post(f"{url}/v1/functions/exits/jacobian", json=ARMED, timeout=30)
         assert_problem(r, 500, "function_error")
