@@ -27,10 +27,10 @@ KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
 _VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}
 # The kinds each option is for: the one table the parser (which refuses an option on
 # another kind), the OpenAPI document (which offers it there only) and the README follow.
-# An option a kind does not take was silently ignored on some (chunk_size on a vjp,
-# argnums or mode on an evaluate) and refused on others (rows on a jvp): now every one is
-# a 422 naming it and the options the kind takes, unless it is given its default (null,
-# false, 0, "dense"), which asks for nothing, so one body shape may serve every kind.
+# An option a kind does not take was silently ignored on some (batched on a vjp, sparsity
+# on an evaluate) and refused on others (rows on a jvp): now each is a 422 naming it and
+# the options the kind takes, unless it is given its default (null, false, 0, "dense"),
+# which asks for nothing, or cannot change the answer there (_MOOT).
 _DERIVATIVES = ("jacobian", "hessian", "vjp", "jvp", "hvp")
 OPTION_KINDS: dict[str, tuple[str, ...]] = {
     "argnums": _DERIVATIVES,
@@ -43,6 +43,16 @@ OPTION_KINDS: dict[str, tuple[str, ...]] = {
     "sparse_format": ("jacobian", "hessian"),
     "batched_vectors": tuple(_VECTOR_KEY),
 }
+# Options that never change an answer are taken, and left unused, where they do not
+# apply, whatever their value: SPEC 3.1 gives one request body for every endpoint and
+# says of mode "the result never depends on it"; chunk_size only bounds memory; an
+# evaluate's answer is the output whatever argnums or return_output say. A client
+# sending one body shape everywhere (as SPEC's example does) must not be refused for
+# them. The options that would change what is computed (batched on a vjp, rows on a
+# Hessian, sparsity on an evaluate) are refused where they do not apply: ignoring one
+# answered another question than the one asked.
+_MOOT: dict[str, tuple[str, ...]] = {"chunk_size": KINDS, "mode": KINDS, "argnums": ("evaluate",),
+                                     "return_output": ("evaluate",)}
 
 
 def options_of(kind: str) -> list[str]:
@@ -106,8 +116,8 @@ def _is_argnum(a: Any) -> bool:
 
 
 def _check_applies(kind: str, raw: Mapping[str, Any]) -> None:
-    """An unknown option, or one ``kind`` does not take given anything but its default:
-    a 422 naming it and what ``kind`` takes (pydantic's "Extra inputs are not permitted"
+    """An unknown option, or one ``kind`` does not take given anything but its default
+    (and not moot there, ``_MOOT``): a 422 naming it and what ``kind`` takes (pydantic's "Extra inputs are not permitted"
     named neither the endpoint nor the options it has)."""
     takes = options_of(kind)
     unknown = sorted(k for k in raw if k not in OPTION_KINDS)
@@ -115,7 +125,7 @@ def _check_applies(kind: str, raw: Mapping[str, Any]) -> None:
         raise InvalidInput(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(echo, unknown))}; "
                            f"{kind} takes {', '.join(takes)}")
     refused = [k for k in OPTION_KINDS if k in raw and kind not in OPTION_KINDS[k]
-               and raw[k] != Options.model_fields[k].default]
+               and raw[k] != Options.model_fields[k].default and kind not in _MOOT.get(k, ())]
     if refused:
         where = "; ".join(f"{k} is for {_and(OPTION_KINDS[k])}" for k in refused)
         raise InvalidInput(f"{', '.join(refused)} {'does' if len(refused) == 1 else 'do'} not apply to {kind} "
