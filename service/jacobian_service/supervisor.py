@@ -30,8 +30,7 @@ a child subreaper, when the engine dies, and is killed then (``orphans``).
 
 Each death is published to the front ends (which engine, which request tags were
 running, why), counted against the function that was running, and the engine restarts
-with exponential backoff (a warm spare is promoted at once, and the backoff delays the
-next spare's start instead). A function that takes its engine down ``quarantine_after``
+with exponential backoff. A function that takes its engine down ``quarantine_after``
 times within ``quarantine_window_s`` is quarantined: the front ends refuse it until
 ``quarantine_cooldown_s`` passes or an operator releases it. A function that crashed
 inside a batch is isolated (its requests run alone from then on), so a retried batch
@@ -463,15 +462,6 @@ class Supervisor:
             engine.backoff_s = 0.0
         if engine.killed_for == "warm-up" or warming is not None or recycled is not None:  # progress or a plan
             engine.restart_at = now
-        elif self.spare_warm(engine):
-            # A warm spare costs nothing to promote: it takes over now. The backoff holds
-            # back what a crash loop would repeat, the next spare's start (a torch import
-            # and a warm-up); it used to hold back the promotion, and a server whose
-            # engine had died a few times in a minute answered 503 for up to 10 s beside
-            # a spare ready to serve.
-            engine.restart_at = now
-            engine.spare_at = max(engine.spare_at, now + engine.backoff_s)
-            engine.backoff_s = min(_BACKOFF_MAX_S, max(0.5, engine.backoff_s * 2))
         else:
             engine.restart_at = now + engine.backoff_s
             engine.backoff_s = min(_BACKOFF_MAX_S, max(0.5, engine.backoff_s * 2))
