@@ -7,11 +7,7 @@ user saw before.
 
 from __future__ import annotations
 
-import asyncio
 import io
-import json
-import socket
-import struct
 import subprocess
 import time
 import zipfile
@@ -23,13 +19,9 @@ import pytest
 from numpy.lib import format as npy_format
 
 from jacobian_client import wire
-from jacobian_service.connections import CONNECTION_LOST
-from jacobian_service.metrics import Metrics
-from jacobian_service.middleware import AccessMiddleware
-from jacobian_service.routes import ROUTES, Router
 
 from .conftest import assert_problem, live_server
-from .test_connections import _connect, _guarded_uvicorn, _read_to_close, _wait_for
+from .test_connections import _connect
 
 X = [0.5, 1.0, 2.0]
 
@@ -146,99 +138,6 @@ def test_an_encrypted_npz_member_is_named_by_its_name_not_a_zipinfo_repr(server)
 def test_zipfile_messages_name_members_by_name() -> None:
     text = wire._zip_text(RuntimeError("File <ZipInfo filename='a b.npy' filemode='?rw-------' file_size=140> is bad"))
     assert text == "File 'a b.npy' is bad"
-
-
-# ------------------------------------------------------------ half-closed clients
-
-
-def test_a_client_that_half_closes_after_its_request_gets_its_answer(server) -> None:
-    """RFC 9112 9.6 lets a client shut down its sending side once its request is sent
-    (``nc -N``, ``shutdown(SHUT_WR)``). It got nothing, the connection closed, while the
-    access log said 200: asyncio closes a transport whose protocol's eof_received says
-    nothing, as uvicorn's does. The answer now comes, and the connection closes after it."""
-    url, _ = server
-    body = json.dumps({"inputs": [X]}).encode()
-    s = _connect(url)
-    s.sendall(_request("/v1/functions/sin/jacobian", body))
-    s.shutdown(socket.SHUT_WR)
-    raw = _read_to_close(s, 30)
-    s.close()
-    head, _, answer = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), raw[:300]
-    np.testing.assert_allclose(json.loads(answer)["jacobian"]["data"], np.diag(np.cos(X)), rtol=1e-6)
-    # A connection that half-closes while idle, or in the middle of its headers, is closed
-    # at once, as before.
-    for sent in (b"", b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\n"):
-        s = _connect(url)
-        s.sendall(sent)
-        s.shutdown(socket.SHUT_WR)
-        assert _read_to_close(s, 5) == b""
-        s.close()
-
-
-@pytest.mark.parametrize("implementation", ["h11", "httptools"])
-@pytest.mark.parametrize("case", ["half-close", "reset"])
-def test_half_close_and_connection_loss_on_either_uvicorn_protocol(implementation: str, case: str) -> None:
-    """Both uvicorn protocols: a half-closed client gets its (slow) answer; one that
-    resets its connection while its request runs has the request marked so that the
-    access log does not say 200 for an answer nobody got (it was unmarked)."""
-    seen: dict[str, bool] = {}
-
-    async def app(scope, receive, send):
-        if scope["type"] != "http":
-            return
-        while (await receive()).get("more_body"):
-            pass
-        await asyncio.sleep(0.3)
-        seen[scope["path"]] = bool(scope.get("state", {}).get(CONNECTION_LOST))
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    with _guarded_uvicorn(app, implementation, 5) as url:
-        s = _connect(url)
-        s.sendall(_request(f"/{case}", b"{}"))
-        if case == "half-close":
-            s.shutdown(socket.SHUT_WR)
-            raw = _read_to_close(s, 5)
-            s.close()
-            assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"\r\n\r\nok"), raw
-            assert seen == {"/half-close": False}
-        else:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.close()  # a reset, not a half-close
-            assert _wait_for(lambda: "/reset" in seen, 5)
-            assert seen == {"/reset": True}
-
-
-def test_an_answer_to_a_reset_connection_is_logged_and_counted_as_499() -> None:
-    """The access middleware counts such a request as 499 client_closed (it said 200)."""
-    metrics = Metrics()
-
-    async def inner(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    middleware = AccessMiddleware(inner, metrics, Router(ROUTES))
-
-    async def run(lost: bool) -> None:
-        scope = {"type": "http", "method": "POST", "path": "/v1/functions/sin/jacobian", "raw_path": b"",
-                 "query_string": b"", "headers": [(b"host", b"t")], "http_version": "1.1",
-                 "state": {CONNECTION_LOST: True} if lost else {}}
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message):
-            pass
-
-        await middleware(scope, receive, send)
-
-    asyncio.run(run(True))
-    asyncio.run(run(False))
-    count = metrics.registry.get_sample_value
-    labels = {"function": "sin", "endpoint": "jacobian"}
-    assert count("jacobian_service_requests_total", {**labels, "status": "499", "code": "client_closed"}) == 1
-    assert count("jacobian_service_requests_total", {**labels, "status": "200", "code": ""}) == 1
 
 
 # ------------------------------------------------------------ limits

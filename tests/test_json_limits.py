@@ -213,9 +213,9 @@ def test_a_stream_left_by_its_client_leaves_no_unretrieved_failure(media):
                                 metrics=SimpleNamespace(streamed_bytes=SimpleNamespace(inc=lambda n: None)))
         head, info = StreamHead(1, (4, 4), "float32", 2, 64), JobInfo(device="cpu")
         if media == "npy":
-            response = routes._stream(state, None, SimpleNamespace(spec=SimpleNamespace(name="f")), head, info)
+            response = routes._stream(state, None, SimpleNamespace(spec=SimpleNamespace(name="f")), head, info, lambda: None)
         else:
-            response = routes._stream_json(state, "f", head, info)
+            response = routes._stream_json(state, "f", head, info, lambda: None)
         body = response.body_iterator
         await body.__anext__()  # the head
         await body.__anext__()  # the first chunk; the second is asked for

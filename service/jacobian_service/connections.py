@@ -464,10 +464,6 @@ class HeadWithBody:
 # when headers come in smaller pieces than that.) Cookies and bearer tokens fit many times.
 MAX_HEADER_BYTES = 32 << 10
 
-#: Set in a request's ``scope["state"]`` when its connection is lost before its response
-#: is complete: whatever it is answered goes nowhere (logged as 499 ``client_closed``).
-CONNECTION_LOST = "connection_lost"
-
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
@@ -501,7 +497,6 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _head_open = True  # httptools: what arrives is a head (the first, or the next after a whole request)
         _framing = 0  # httptools: bytes after the head since the parser last gave the app body bytes
         _body_fed = 0  # body bytes the parser gave in the current data_received
-        _half_closed = False  # the client sent EOF after a whole request: answer it, then close
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop))
@@ -591,35 +586,13 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self.transport.write(_closing_problem(error))
                 self.transport.close()
 
-        def eof_received(self) -> bool | None:
-            """The client shut down its sending side (RFC 9112 9.6 allows a half-close
-            after a whole request: ``nc -N``, ``shutdown(SHUT_WR)``, some proxies).
-            uvicorn's ``eof_received`` returns None, which has asyncio close the
-            transport: the answer being computed went nowhere while the access log
-            said 200. A whole request not yet answered keeps the connection open for
-            its answer, and it closes once that is sent (no other request can come);
-            anything else (idle, a head or body cut short) closes as before."""
-            cycle = getattr(self, "cycle", None)
-            if cycle is not None and not cycle.response_complete and not cycle.more_body:
-                self._half_closed = True
-                return True
-            return None
-
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if self._half_closed:
-                self.transport.close()  # (after what is buffered is written)
-                return
             self._arm_header_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
-            cycle = getattr(self, "cycle", None)
-            if cycle is not None and not cycle.response_complete:
-                # uvicorn drops what the app sends from now on without a word, and the
-                # access log said 200 for an answer nobody got: the middleware reads this.
-                cycle.scope.setdefault("state", {})[CONNECTION_LOST] = True
             super().connection_lost(exc)
 
         def _arm_header_timer(self) -> None:

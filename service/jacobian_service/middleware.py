@@ -12,7 +12,6 @@ import logging
 import time
 from typing import Any
 
-from .connections import CONNECTION_LOST
 from .errors import ExpectationFailed, Forbidden, MalformedRequest, Unauthorized, UnsupportedTransferCoding
 from .request_ids import new_request_id
 from .responses import echo, problem_response
@@ -131,12 +130,7 @@ class AccessMiddleware:
                 message["headers"] = headers
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 # Counted before the last byte leaves, so a client that reads /metrics right
-                # after its response already sees that response counted. One whose
-                # connection is gone (reset while it computed) is nobody's: 499, as one
-                # cancelled while it computed is, never the status it would have had.
-                if state.get(CONNECTION_LOST):
-                    status = 499
-                    state["code"] = "client_closed"
+                # after its response already sees that response counted.
                 record(str(status))
             await send(message)
 
