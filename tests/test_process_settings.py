@@ -249,6 +249,9 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
             until = time.monotonic() + 2.0  # past the alarm's and the watchdog's second
             while time.monotonic() < until:
                 assert _output_dtype(client.post) == "float32"
+            # The CPU-time limit is the engine's own again (not only not yet reached).
+            engine = client.get("/v1/info").json()["engine_pids"][0]
+            assert resource.prlimit(engine, resource.RLIMIT_CPU) == resource.getrlimit(resource.RLIMIT_CPU)
             # The engine's log still reaches the server's output after a function sent its
             # stdout and stderr to /dev/null: the next setting put back is logged.
             for name in ("redirects_stdout_and_stderr", "sets_switch_interval", "stops_being_a_subreaper",
