@@ -71,6 +71,7 @@ def test_every_builtin_json(client, builtins, name, chunk_size):
         rows = sum(np.size(leaf) for leaf in _leaves(wire.decode_tree(doc["jacobian"]))) // inputs[0].size
         assert doc["meta"]["chunk_size"] == min(chunk_size, rows)
     assert doc["meta"]["device"] == DEFAULT_DEVICES[0] and doc["function"] == name
+    assert {"queue_ms", "compute_ms", "batch_size"} <= set(doc["meta"])
 
 
 def _leaves(tree: Any) -> list[Any]:
@@ -79,7 +80,6 @@ def _leaves(tree: Any) -> list[Any]:
     if isinstance(tree, (list, tuple)):
         return [leaf for v in tree for leaf in _leaves(v)]
     return [tree]
-    assert {"queue_ms", "compute_ms", "batch_size"} <= set(doc["meta"])
 
 
 @pytest.mark.parametrize("transport", ["npy", "npz"])

@@ -14,7 +14,6 @@ One API server (API keys, CORS for one page origin, served under a proxy's prefi
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import re

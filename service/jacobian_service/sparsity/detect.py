@@ -442,7 +442,6 @@ class _Tracer:
         )
         out = func(*unwrapped_args, **unwrapped_kwargs)
         name = _op(func)
-        schema = func._schema
         mutated = _writes_first(func)
         if mutated and isinstance(args[0], _Traced):  # written from traced values: no longer the same at every point
             args[0].root.const = False
