@@ -286,6 +286,7 @@ def test_a_process_a_function_started_in_its_own_session_goes_with_its_engine(st
         if starter == "daemonizes":  # already this server's: it lives as long as its engine does
             time.sleep(1.5)  # past the supervisor's look for adopted processes that ended
             assert _alive(sleeper)
+        wait_spare(url)  # the engine's replacement ready to serve: else its warm-up, seconds under load
         r = httpx.post(f"{url}/v1/functions/{fault}/jacobian", json=ARMED, headers=HANG, timeout=30)
         assert_problem(r, *((500, "function_error") if fault == "segfaults" else (504, "timeout")))
         wait_restarts(url, 1, 10)
