@@ -17,7 +17,7 @@ from .request_ids import new_request_id
 from .responses import echo, problem_response
 from .routes import Router, route_path
 
-__all__ = ["EXPOSED_HEADERS", "AccessMiddleware", "AuthMiddleware", "cors"]
+__all__ = ["EXPOSED_HEADERS", "PREFLIGHT_MAX_AGE_S", "AccessMiddleware", "AuthMiddleware", "cors"]
 
 access_log = logging.getLogger("jacobian_service.access")
 _QUIET = ("/healthz", "/readyz", "/metrics")
@@ -219,6 +219,9 @@ EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "Content-Length", "Content-Dis
                    "X-Chunk-Size", "X-Device", "X-Queue-Ms"]
 
 
+# Chromium's cap on a preflight's Access-Control-Max-Age (Firefox's is a day).
+PREFLIGHT_MAX_AGE_S = 7200
+
 _REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("cors_request_id", default="")
 
 
@@ -230,18 +233,30 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
     for them (a browser hides any not named in ``expose_headers``): the request id, a
     429's or 503's ``Retry-After``, a 401's ``WWW-Authenticate``, a 405's ``Allow``, a
     streamed Jacobian's ``X-Chunk-Size`` / ``X-Device`` / ``X-Queue-Ms``, and a binary
-    answer's ``Content-Disposition`` (its file name). No cookies are used, so credentials
-    stay off (which also lets ``*`` mean any origin).
+    answer's ``Content-Disposition`` (its file name).
+
+    A page of an origin named in ``origins`` may call with credentials (``fetch(...,
+    {credentials: "include"})``, axios' ``withCredentials``: a proxy in front that
+    signs users in with a cookie, TLS client certificates): the browser then wants
+    ``Access-Control-Allow-Credentials: true`` beside that very origin, never ``*``, on
+    the preflight and on the answer. Without it every such call of an allowed page
+    failed ("Failed to fetch"). ``*`` grants no credentials (Starlette's
+    ``allow_credentials`` with ``*`` echoes any origin back: every site would read
+    answers with the user's cookies), so under ``*`` only the origins also named get them.
 
     A page of an allowed origin may reach the service on a private address (a cluster's
     10.x, localhost): Chromium's Private Network Access asks the preflight first
     (``Access-Control-Request-Private-Network``), and the operator who allowed the origin
     has answered it. Refused, the page's every call failed on a service it was allowed."""
+    from starlette.datastructures import MutableHeaders
     from starlette.middleware.cors import CORSMiddleware
 
     class ProblemCORS(CORSMiddleware):
         """A refused preflight as problem+json, as every other error (Starlette answers it
         in plain text: "Disallowed CORS origin")."""
+
+        # The origins named, not "*": those that may send credentials.
+        credentialed = frozenset(o for o in origins if o != "*")
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             token = _REQUEST_ID.set(scope.get("state", {}).get("request_id", ""))
@@ -250,9 +265,23 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
             finally:
                 _REQUEST_ID.reset(token)
 
+        async def send(self, message: Any, send: Any, request_headers: Any) -> None:
+            origin = request_headers.get("origin")
+            if message["type"] != "http.response.start" or origin not in self.credentialed:
+                await super().send(message, send, request_headers)
+                return
+
+            async def with_credentials(start: Any) -> None:
+                _allow_credentials(MutableHeaders(scope=start), origin)
+                await send(start)
+
+            await super().send(message, with_credentials, request_headers)
+
         def preflight_response(self, request_headers: Any) -> Any:
             response = super().preflight_response(request_headers)
             if response.status_code != 400:
+                if request_headers["origin"] in self.credentialed:
+                    _allow_credentials(response.headers, request_headers["origin"])
                 return response
             problem = problem_response(MalformedRequest(self._refusal(request_headers)), _REQUEST_ID.get())
             for key in ("access-control-allow-methods", "access-control-max-age", "vary"):
@@ -285,5 +314,20 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
         allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout"],
         expose_headers=EXPOSED_HEADERS,
         allow_private_network=True,
-        max_age=600,
+        # How long a browser may keep a preflight's answer (per page origin and URL:
+        # each function, endpoint and query string is its own). Starlette's 600 s had a
+        # page that calls for 10 minutes ask again for every URL; Chromium keeps one at
+        # most 7200 s, Firefox 86400. An origin struck from CORS_ORIGINS loses nothing
+        # by it: a preflight only lets the request be sent; the answer is read only with
+        # this server's Access-Control-Allow-Origin, and computing endpoints refuse a
+        # page of an origin not allowed (routes._refuse_other_sites).
+        max_age=PREFLIGHT_MAX_AGE_S,
     )
+
+
+def _allow_credentials(headers: Any, origin: str) -> None:
+    """``origin`` by name and credentials allowed (a browser refuses ``*`` with them)."""
+    headers["Access-Control-Allow-Origin"] = origin
+    headers["Access-Control-Allow-Credentials"] = "true"
+    if "origin" not in {v.strip().lower() for v in headers.get("vary", "").split(",")}:
+        headers["Vary"] = ", ".join(v for v in (headers.get("vary", ""), "Origin") if v)

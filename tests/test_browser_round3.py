@@ -1,0 +1,163 @@
+"""A real browser as the outside testers use one, round 3: pages of other origins.
+
+One API server without API keys (so that nothing but the server's own rules stands
+between a page and a computation), CORS_ORIGINS naming one page origin, and one
+headless Chromium for the module:
+
+* a page of the allowed origin calls with credentials (``credentials: "include"``),
+  reads errors as problem+json with their headers, and many parallel calls share
+  kept-alive connections;
+* a page of an origin not allowed makes the browser send every request it can send
+  without a preflight (fetch in cors mode, HEAD, form posts of each encoding, a frame):
+  none is computed (the metrics say so), none readable;
+* over plain HTTP: the preflight's cache lifetime, and credentials never with ``*``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from tests._cdp import Chromium, chromium_binary
+from tests._client_support import real_app, serve
+
+SIN = "/v1/functions/sin/jacobian"
+SPARSITY = "/v1/functions/lorenz96/sparsity?shapes=8"
+
+
+@pytest.fixture(scope="module")
+def pages():
+    """Two page servers: two origins (127.0.0.1 on two ports), the first allowed."""
+    async def page(request):
+        return HTMLResponse("<!doctype html><html><head><meta charset='utf-8'></head><body>page</body></html>")
+
+    site = Starlette(routes=[Route("/", page)])
+    with serve(site) as allowed, serve(site) as other:
+        yield allowed, other
+
+
+@pytest.fixture(scope="module")
+def api(pages):
+    app = real_app(functions="jacobian_service.examples", cors_origins=pages[0], max_request_bytes=1 << 20)
+    with serve(app, ready_path="/readyz") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if chromium_binary() is None:
+        pytest.skip("no chromium binary (apt-get install chromium)")
+    with Chromium() as chromium:
+        yield chromium
+
+
+def _open(browser: Chromium, url: str) -> None:
+    browser.goto(url + "/")
+    browser.wait_for("document.body && document.body.textContent === 'page'")
+
+
+def _counted(api: str, endpoint: str, function: str, status: str, code: str) -> float:
+    text = httpx.get(api + "/metrics", timeout=10).text
+    found = re.search(r'^jacobian_service_requests_total\{code="' + code + r'",endpoint="' + endpoint
+                      + r'",function="' + function + r'",status="' + status + r'"\} ([0-9.e+]+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def _wait(done, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- plain HTTP
+
+
+def test_preflights_are_cached_as_long_as_chromium_keeps_them(api, pages):
+    """Access-Control-Max-Age was Starlette's 600 s: a page working for longer asked a
+    preflight again for each URL (each function, endpoint and query string) every 10
+    minutes. Now 7200 s, Chromium's cap."""
+    r = httpx.options(api + SIN, timeout=10, headers={"Origin": pages[0], "Access-Control-Request-Method": "POST",
+                                                      "Access-Control-Request-Headers": "content-type"})
+    assert r.status_code == 200 and r.headers["access-control-max-age"] == "7200"
+
+
+def test_credentials_go_to_the_origins_named_and_never_with_a_star():
+    """A browser reads a credentialed answer only with Access-Control-Allow-Credentials:
+    true beside the page's own origin. Under ``*`` the answer stays ``*`` and grants no
+    credentials (echoing any origin would let every site read answers with the user's
+    cookies); an origin named beside ``*`` gets them, by name, and so does its preflight."""
+    client = TestClient(real_app(functions="jacobian_service.examples", cors_origins="*, http://named.example"))
+    asked = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    for origin, allow, credentials in [("http://named.example", "http://named.example", "true"),
+                                       ("http://any.example", "*", None)]:
+        preflight = client.options(SIN, headers={**asked, "Origin": origin})
+        answer = client.get("/healthz", headers={"Origin": origin, "Cookie": "session=1"})
+        for r in (preflight, answer):
+            assert r.status_code == 200, r.text
+            assert r.headers["access-control-allow-origin"] == allow
+            assert r.headers.get("access-control-allow-credentials") == credentials
+            assert "origin" in r.headers["vary"].lower()
+
+
+# ---------------------------------------------------------------- Chromium
+
+
+def test_a_page_of_the_allowed_origin_calls_with_credentials_and_reads_errors(api, pages, browser):
+    """fetch(..., {credentials: "include"}) from the allowed origin (a proxy's sign-in
+    cookie, axios' withCredentials) failed every call with "Failed to fetch": the
+    preflight and the answer lacked Access-Control-Allow-Credentials. Now the Jacobian
+    is read and equals torch.func's; a 413 and a 406 are read as problem+json with their
+    X-Request-ID; twelve calls at once (Chromium opens at most 6 connections to a
+    host) all answer, over kept-alive connections."""
+    _open(browser, pages[0])
+    browser.events.clear()
+    got = browser.eval(f"""(async () => {{
+      const api = {json.dumps(api)}, out = {{}}, json = {{'Content-Type': 'application/json'}};
+      document.cookie = 'session=signed-in; SameSite=Lax';  // as a sign-in proxy's cookie
+      const read = async (r) => ({{status: r.status, type: r.headers.get('content-type'),
+                                   id: r.headers.get('x-request-id'), body: await r.json()}});
+      const call = (path, init) => fetch(api + path, {{credentials: 'include', ...init}}).then(read, e => String(e));
+      out.jacobian = await call('{SIN}', {{method: 'POST', headers: json,
+                                          body: JSON.stringify({{inputs: [[0.5, 1.0]]}})}});
+      out.sparsity = await call('{SPARSITY}', {{}});
+      out.large = await call('{SIN}', {{method: 'POST', headers: json, body: new Uint8Array(2 << 20).fill(32)}});
+      out.npy = await call('/v1/functions/polar/jacobian', {{method: 'POST',
+        headers: {{...json, Accept: 'application/x-npy'}}, body: JSON.stringify({{inputs: [[1.0], [0.5]]}})}});
+      out.parallel = await Promise.all(Array.from({{length: 12}}, (_, i) => call('{SIN}', {{method: 'POST',
+        headers: json, body: JSON.stringify({{inputs: [[i / 12]]}})}}).then(r => r.body ? r.body.jacobian.data[0][0] : r)));
+      return out;
+    }})()""", timeout_s=120)
+
+    jacobian = got["jacobian"]
+    assert isinstance(jacobian, dict), (got, browser.messages()[-5:])
+    assert jacobian["status"] == 200 and jacobian["type"] == "application/json"
+    want = torch.func.jacrev(torch.sin)(torch.tensor([0.5, 1.0])).numpy()
+    np.testing.assert_allclose(np.float32(jacobian["body"]["jacobian"]["data"]), want, rtol=1e-6)
+    assert got["sparsity"]["status"] == 200 and got["sparsity"]["body"]["function"] == "lorenz96"
+
+    for name, status, code in [("large", 413, "payload_too_large"), ("npy", 406, "not_acceptable")]:
+        problem = got[name]
+        assert problem["status"] == status and problem["type"] == "application/problem+json", (name, problem)
+        assert problem["body"]["code"] == code and problem["body"]["request_id"] == problem["id"], problem
+    np.testing.assert_allclose(got["parallel"], np.cos(np.arange(12, dtype=np.float32) / 12), rtol=1e-6)
+
+    # Kept alive: the twelve went over at most Chromium's six connections, reused (the
+    # 413 closed its own: its body was left unread).
+    answers = [e["params"]["response"] for e in browser.events if e["method"] == "Network.responseReceived"
+               and e["params"].get("type") != "Preflight" and e["params"]["response"]["url"] == api + SIN
+               and e["params"]["response"]["status"] == 200]
+    assert len(answers) == 13
+    parallel = answers[1:]
+    assert len({a["connectionId"] for a in parallel}) <= 6
+    assert sum(a["connectionReused"] for a in parallel) >= 6
