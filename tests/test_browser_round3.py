@@ -110,6 +110,23 @@ def test_credentials_go_to_the_origins_named_and_never_with_a_star():
             assert "origin" in r.headers["vary"].lower()
 
 
+def test_a_page_of_another_site_is_refused_by_name_without_cors_origins():
+    """Without CORS_ORIGINS no page of another site may have a Jacobian computed; the
+    403 says why (a page of this server's own origin, and clients that are no browser,
+    are served)."""
+    client = TestClient(real_app(functions="jacobian_service.examples"))
+    r = client.get(SPARSITY, headers={"Origin": "http://elsewhere.example", "Sec-Fetch-Site": "cross-site",
+                                      "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty"})
+    assert r.status_code == 403 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["detail"] == ("a page of the origin 'http://elsewhere.example' may not call this: CORS_ORIGINS is "
+                                  "empty (no page of another site may call the API)")
+    framed = client.get(SPARSITY, headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
+                                           "Sec-Fetch-Dest": "iframe"})
+    assert framed.status_code == 403
+    assert framed.json()["detail"] == ("a page of another site may not load this in a frame (Sec-Fetch-Dest: "
+                                       "'iframe'); open it as a link, or fetch it through CORS")
+
+
 # ---------------------------------------------------------------- Chromium
 
 
@@ -161,3 +178,53 @@ def test_a_page_of_the_allowed_origin_calls_with_credentials_and_reads_errors(ap
     parallel = answers[1:]
     assert len({a["connectionId"] for a in parallel}) <= 6
     assert sum(a["connectionReused"] for a in parallel) >= 6
+
+
+def test_a_page_of_another_origin_gets_nothing_computed(api, pages, browser):
+    """A page of an origin CORS_ORIGINS does not name can still have the browser send
+    what needs no preflight: a GET or HEAD in cors mode (the answer hidden from it after
+    the server computed it: .../sparsity ran the function's tracing), a form posted in
+    each encoding, a frame. Each was served (sparsity 200s) or refused only by the body's
+    type; now each computing endpoint refuses it first (403, counted), nothing runs, and
+    the page reads nothing."""
+    _open(browser, pages[1])
+    before = {(e, f, s, c): _counted(api, e, f, s, c) for e, f, s, c in
+              [("getSparsity", "lorenz96", "200", ""), ("jacobian", "sin", "200", ""),
+               ("getSparsity", "lorenz96", "403", "forbidden"), ("jacobian", "sin", "403", "forbidden")]}
+    got = browser.eval(f"""(async () => {{
+      const api = {json.dumps(api)}, out = {{}};
+      const settle = (p) => p.then(r => 'read ' + r.status, e => e.name);
+      out.get = await settle(fetch(api + '{SPARSITY}'));
+      out.head = await settle(fetch(api + '{SPARSITY}', {{method: 'HEAD'}}));
+      out.text = await settle(fetch(api + '{SIN}', {{method: 'POST', headers: {{'Content-Type': 'text/plain'}},
+                                                     body: '{{"inputs": [[0.5]]}}'}}));
+      out.json = await settle(fetch(api + '{SIN}', {{method: 'POST', headers: {{'Content-Type': 'application/json'}},
+                                                     body: '{{"inputs": [[0.5]]}}'}}));  // preflight refused
+      const frame = (name) => {{
+        const f = document.createElement('iframe'); f.name = name; document.body.append(f);
+        return new Promise(resolve => f.addEventListener('load', () => resolve(name)));
+      }};
+      const loads = [];
+      for (const enctype of ['application/x-www-form-urlencoded', 'multipart/form-data', 'text/plain']) {{
+        const loaded = frame(enctype); loads.push(loaded);
+        const form = document.createElement('form');
+        Object.assign(form, {{method: 'post', action: api + '{SIN}', enctype, target: enctype}});
+        const field = document.createElement('input');  // text/plain writes name=value: a JSON body
+        Object.assign(field, {{name: '{{"inputs": [[0.5]], "pad": "', value: '"}}'}});
+        form.append(field); document.body.append(form); form.submit();
+      }}
+      const framed = frame('sparsity'); loads.push(framed);
+      document.querySelector('iframe[name=sparsity]').src = api + '{SPARSITY}';
+      out.frames = await Promise.all(loads);
+      return out;
+    }})()""", timeout_s=120)
+    assert got == {"get": "TypeError", "head": "TypeError", "text": "TypeError", "json": "TypeError",
+                   "frames": ["application/x-www-form-urlencoded", "multipart/form-data", "text/plain", "sparsity"]}
+
+    # GET, HEAD, the frame; text/plain, three forms (the JSON post never left the browser).
+    _wait(lambda: _counted(api, "getSparsity", "lorenz96", "403", "forbidden")
+          == before[("getSparsity", "lorenz96", "403", "forbidden")] + 3
+          and _counted(api, "jacobian", "sin", "403", "forbidden") == before[("jacobian", "sin", "403", "forbidden")] + 4)
+    assert _counted(api, "getSparsity", "lorenz96", "200", "") == before[("getSparsity", "lorenz96", "200", "")]
+    assert _counted(api, "jacobian", "sin", "200", "") == before[("jacobian", "sin", "200", "")]
+    browser.goto("about:blank")  # off these servers before they stop

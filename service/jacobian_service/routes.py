@@ -380,19 +380,43 @@ async def function_sparsity(request: Request, name: str) -> Response:
 
 
 def _refuse_other_sites(request: Request) -> None:
-    """Computing endpoints refuse what a page of another site makes a browser send
-    without CORS (Fetch Metadata: ``Sec-Fetch-Mode: no-cors``, an ``<img>`` or a
-    ``fetch(..., {mode: "no-cors"})``): such a request needs no preflight, so any site a
-    user visited could have their browser run work here (a GET .../sparsity, or a POST
-    whose type a page may send), unread but computed. A page of an allowed origin calls
-    in ``cors`` mode, a link opened is a navigation, and clients that are no browser
-    send no such header: all served as before. (Not in the OpenAPI document's 403s,
-    which say where a key is wanted: no client it describes sends such a request, and
-    no script can read the answer.)"""
+    """Computing endpoints serve a page of another site (Fetch Metadata:
+    ``Sec-Fetch-Site: cross-site`` / ``same-site``) only through CORS from an origin
+    CORS_ORIGINS allows, or as a link opened (a top-level GET navigation). The rest a
+    page of any site may have a browser send with no preflight, so any site a user
+    visited could have run work here, unread but computed (no key needed where none is
+    set):
+
+    * ``no-cors`` (an ``<img>``, ``fetch(..., {mode: "no-cors"})``, a beacon);
+    * ``cors`` mode from an origin not allowed: a GET (or HEAD) of .../sparsity, or a
+      POST whose type a page may send, asks no preflight: the browser hides the answer,
+      after the server computed it;
+    * a form posted (a POST navigation) from such an origin;
+    * a frame (``<iframe>``, ``<object>``: a navigation the page makes unseen).
+
+    Clients that are no browser send no such header, a page of this server's own
+    origin says ``same-origin``, and a URL typed in ``none``: all served as before.
+    (Not in the OpenAPI document's 403s, which say where a key is wanted: no client it
+    describes sends such a request, and no script can read the answer.)"""
     headers = request.headers
-    if headers.get("sec-fetch-mode") == "no-cors" and headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+    if headers.get("sec-fetch-site") not in ("cross-site", "same-site"):
+        return
+    mode = headers.get("sec-fetch-mode", "")
+    if mode == "no-cors":
         raise Forbidden("a page of another site may call this only through CORS (fetch in cors mode, from an origin "
                         "CORS_ORIGINS names), not as a no-cors request")
+    if mode == "navigate" and request.method in ("GET", "HEAD"):
+        dest = headers.get("sec-fetch-dest", "document")
+        if dest == "document":
+            return  # a link followed: the user asked for it
+        raise Forbidden(f"a page of another site may not load this in a frame (Sec-Fetch-Dest: {echo(dest)}); "
+                        "open it as a link, or fetch it through CORS")
+    origin = headers.get("origin", "")
+    allowed = _state(request).settings.cors_origin_list
+    if "*" in allowed or (origin and origin in allowed):
+        return
+    raise Forbidden(f"a page of the origin {echo(origin or 'unknown')} may not call this: CORS_ORIGINS "
+                    f"{'does not name it' if allowed else 'is empty (no page of another site may call the API)'}")
 
 
 # A request still computing after this long starts watching for its client's disconnect.
