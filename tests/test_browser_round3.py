@@ -123,8 +123,9 @@ def test_a_page_of_another_site_is_refused_by_name_without_cors_origins():
     framed = client.get(SPARSITY, headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
                                            "Sec-Fetch-Dest": "iframe"})
     assert framed.status_code == 403
-    assert framed.json()["detail"] == ("a page of another site may not load this in a frame (Sec-Fetch-Dest: "
-                                       "'iframe'); open it as a link, or fetch it through CORS")
+    assert framed.json()["detail"] == ("a page of another site may open this only as a page of its own (a link "
+                                       "followed), not load it into itself (Sec-Fetch-Dest: 'iframe'); or fetch it "
+                                       "through CORS")
 
 
 # ---------------------------------------------------------------- Chromium

@@ -409,8 +409,8 @@ def _refuse_other_sites(request: Request) -> None:
         dest = headers.get("sec-fetch-dest", "document")
         if dest == "document":
             return  # a link followed: the user asked for it
-        raise Forbidden(f"a page of another site may not load this in a frame (Sec-Fetch-Dest: {echo(dest)}); "
-                        "open it as a link, or fetch it through CORS")
+        raise Forbidden(f"a page of another site may open this only as a page of its own (a link followed), not "
+                        f"load it into itself (Sec-Fetch-Dest: {echo(dest)}); or fetch it through CORS")
     origin = headers.get("origin", "")
     allowed = _state(request).settings.cors_origin_list
     if "*" in allowed or (origin and origin in allowed):
