@@ -128,6 +128,24 @@ def test_a_page_of_another_site_is_refused_by_name_without_cors_origins():
                                        "through CORS")
 
 
+def test_the_icon_browsers_ask_for_by_themselves_is_served_openly():
+    """A browser asks for /favicon.ico beside every page that names no icon (a JSON
+    answer opened, the 404 at /): each was a 404 in the access log and the metrics, and
+    with API keys a 401 (one "unauthorized" per page a user opened). Now the pages'
+    icon, open as the docs files are, revalidated by its ETag."""
+    from jacobian_service.docs_ui import _asset_file
+
+    client = TestClient(real_app(functions="jacobian_service.examples", api_keys="k1"))
+    for method in ("GET", "HEAD"):
+        r = client.request(method, "/favicon.ico")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+        assert r.headers["etag"] == f'"{_asset_file("favicon.png")[1]}"'
+    assert client.get("/favicon.ico").content == _asset_file("favicon.png")[0]
+    again = client.get("/favicon.ico", headers={"If-None-Match": r.headers["etag"]})
+    assert again.status_code == 304
+    assert client.get("/v1/info").status_code == 401  # the API keeps its key
+
+
 # ---------------------------------------------------------------- Chromium
 
 

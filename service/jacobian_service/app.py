@@ -152,6 +152,8 @@ def _doc_routes() -> list[Route]:
         Route("GET", "/redoc", docs_ui.redoc, "redoc", "Reference docs (ReDoc)", "docs", auth="public"),
         Route("GET", docs_ui.ASSETS_URL + "/{file}", docs_ui.asset, "docsAsset", "Swagger UI and ReDoc files", "docs",
               auth="public"),
+        Route("GET", "/favicon.ico", docs_ui.favicon, "favicon", "The pages' icon (browsers ask for it)", "docs",
+              auth="public"),
     ]
 
 

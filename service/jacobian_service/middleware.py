@@ -180,7 +180,7 @@ class AuthMiddleware:
         self.keys = [k.encode() for k in keys]
         # The docs pages are HTML shells with nothing secret: they ask for the key that
         # /openapi.json wants (a page load cannot carry one).
-        self.open_paths = {"/healthz", "/readyz", "/docs", "/redoc"}
+        self.open_paths = {"/healthz", "/readyz", "/docs", "/redoc", "/favicon.ico"}
         if not metrics_auth:
             self.open_paths.add("/metrics")
         if not docs_auth:
