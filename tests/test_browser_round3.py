@@ -128,6 +128,28 @@ def test_a_page_of_another_site_is_refused_by_name_without_cors_origins():
                                        "through CORS")
 
 
+def test_a_page_opened_from_a_file_is_told_what_to_do():
+    """A page opened from a file (a tester's saved HTML page) sends Origin: null. Its
+    refused preflight said "the origin 'null' is not among CORS_ORIGINS", and
+    CORS_ORIGINS=null then stopped start-up with "is not an origin: write '*' or
+    scheme://host[:port]". The preflight, the 403 of a request sent without one, and
+    the setting now say why null cannot be named and what to do instead."""
+    from pydantic import ValidationError
+
+    from jacobian_service.settings import NULL_ORIGIN_HINT, Settings
+
+    assert "file://" in NULL_ORIGIN_HINT and "'*'" in NULL_ORIGIN_HINT
+    client = TestClient(real_app(functions="jacobian_service.examples", cors_origins="http://named.example"))
+    r = client.options(SIN, headers={"Origin": "null", "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 400 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["detail"] == "CORS preflight refused: " + NULL_ORIGIN_HINT
+    sent = client.get(SPARSITY, headers={"Origin": "null", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"})
+    assert sent.status_code == 403 and sent.json()["detail"] == "a page of the origin 'null' may not call this: " + NULL_ORIGIN_HINT
+    with pytest.raises(ValidationError) as refused:
+        Settings(cors_origins="http://named.example, null")
+    assert "CORS_ORIGINS entry 'null': " + NULL_ORIGIN_HINT in str(refused.value)
+
+
 def test_the_icon_browsers_ask_for_by_themselves_is_served_openly():
     """A browser asks for /favicon.ico beside every page that names no icon (a JSON
     answer opened, the 404 at /): each was a 404 in the access log and the metrics, and

@@ -16,6 +16,7 @@ from .errors import ExpectationFailed, Forbidden, MalformedRequest, Unauthorized
 from .request_ids import new_request_id
 from .responses import echo, problem_response
 from .routes import Router, route_path
+from .settings import NULL_ORIGIN_HINT
 
 __all__ = ["EXPOSED_HEADERS", "PREFLIGHT_MAX_AGE_S", "AccessMiddleware", "AuthMiddleware", "cors"]
 
@@ -295,7 +296,9 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
             header of the page's it was, and blamed a setting that lists origins)."""
             reasons = []
             origin = request_headers["origin"]
-            if not self.is_allowed_origin(origin=origin):
+            if origin == "null" and not self.is_allowed_origin(origin=origin):
+                reasons.append(NULL_ORIGIN_HINT)
+            elif not self.is_allowed_origin(origin=origin):
                 reasons.append(f"the origin {echo(origin)} is not among CORS_ORIGINS")
             method = request_headers["access-control-request-method"]
             if method not in self.allow_methods:

@@ -45,6 +45,7 @@ from .errors import (
 from .parsing import KINDS, media_type_of, parse_call, parse_sparsity_query
 from .responses import JsonRows, acceptable, attachment, choose, echo, encode, is_single_array, problem_response
 from .scheduler import StreamHead
+from .settings import NULL_ORIGIN_HINT
 from .state import ServiceState
 from .types import Call, JobInfo, Result, tree_leaves
 
@@ -415,6 +416,8 @@ def _refuse_other_sites(request: Request) -> None:
     allowed = _state(request).settings.cors_origin_list
     if "*" in allowed or (origin and origin in allowed):
         return
+    if origin == "null":
+        raise Forbidden(f"a page of the origin 'null' may not call this: {NULL_ORIGIN_HINT}")
     raise Forbidden(f"a page of the origin {echo(origin or 'unknown')} may not call this: CORS_ORIGINS "
                     f"{'does not name it' if allowed else 'is empty (no page of another site may call the API)'}")
 

@@ -28,6 +28,13 @@ _HOST = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)*")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+# A page opened from a file (file://), a data: URL or a sandboxed frame sends
+# "Origin: null": any site can make one, so no list may name it. What to do instead.
+NULL_ORIGIN_HINT = ("a page opened from a file (file://), a data: URL or a sandboxed frame sends Origin: null, which "
+                    "CORS_ORIGINS cannot name (any site can send it): serve the page over http(s) and name its origin, "
+                    "or allow '*'")
+
+
 def _origin(entry: str) -> str:
     """One CORS_ORIGINS entry as a browser spells the Origin it sends: scheme and host in
     lower case, the scheme's default port and one trailing ``/`` dropped (as copied from
@@ -35,6 +42,8 @@ def _origin(entry: str) -> str:
     query, a port out of range) could never match: refused, not silently ignored."""
     if entry == "*":
         return entry
+    if entry.lower() == "null":  # what the refusal of such a page said it sent
+        raise ValueError(f"CORS_ORIGINS entry {entry!r}: {NULL_ORIGIN_HINT}")
     m = _ORIGIN.fullmatch(entry)
     if m is None or not m["host"].isascii() or (m["port"] is not None and not 0 < int(m["port"]) < 65536):
         raise ValueError(
