@@ -145,7 +145,13 @@ def _split_stack(tree: Any, ref_leaves: list[Any], batched: bool) -> Any:
     if batched and tree.ndim < 2:  # each row must hold a batch
         return tree
     rest = tree.shape[2:] if batched else tree.shape[1:]
-    return list(tree) if all(tuple(r.shape) == rest for r in ref_leaves) else tree
+    return _rows(tree) if all(tuple(r.shape) == rest for r in ref_leaves) else tree
+
+
+def _rows(arr: np.ndarray) -> list[np.ndarray]:
+    """An array's rows as arrays: ``list()`` of a 1-d array gives numpy scalars, not
+    0-d arrays, and the 0-d leaves they stood for were refused as no array."""
+    return [arr[i, ...] for i in range(arr.shape[0])]
 
 
 class Engine:
@@ -451,7 +457,7 @@ class Engine:
         tuples, dicts by key), or a flat list of its leaves in order."""
         ref_leaves, ref_spec = pytree.tree_flatten(like)
         tree = _split_stack(tree, ref_leaves, batched)
-        leaves = self._vector_leaves(tree, like, ref_leaves, what)
+        leaves = self._vector_leaves(tree, like, ref_leaves, what, batched)
         out = []
         # Each leaf's error names its path in the tree (cotangents.a[0]), as an input
         # leaf's does (params.w): "cotangents: expected shape [3]" left the caller to
@@ -474,13 +480,22 @@ class Engine:
         return pytree.tree_unflatten(out, ref_spec)
 
     @staticmethod
-    def _vector_leaves(tree: Any, like: Any, ref_leaves: list[Any], what: str) -> list[tuple[str, Any]]:
+    def _vector_leaves(tree: Any, like: Any, ref_leaves: list[Any], what: str,
+                       batched: bool = False) -> list[tuple[str, Any]]:
         """The leaves of ``tree`` in ``like``'s order, each with its path (``.a[0]``)."""
         if isinstance(tree, np.ndarray) and len(ref_leaves) == 1:
             return [("", tree)]
 
         def nested(node: Any, ref: Any, path: str) -> list[Any]:
             node = _by_position(node, ref)
+            if isinstance(node, np.ndarray) and isinstance(ref, (list, tuple)) and node.ndim > batched \
+                    and node.shape[0] == len(ref):
+                # JSON reads a tuple of equal-shaped leaves written as plain lists, at
+                # any depth, as one array (``(a0, a1)`` of two 0-d tangents: ``[1, 2]``):
+                # its rows are the tuple's entries (each holding the batch, if stacked).
+                # Only the top level was split, so torch.func.jvp's own pytree primals
+                # ((one, one), one) were a 422 "expected 2 entries".
+                node = _rows(node)
             if isinstance(ref, torch.Tensor):
                 if not isinstance(node, np.ndarray):
                     # A list here is one the front end could not read as one array
