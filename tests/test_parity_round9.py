@@ -198,3 +198,150 @@ TORCH_CASES = [
 def test_torch_eager_transform_cases(c, name, endpoint, inputs, options, want):
     got, _ = answer(post(c, name, endpoint, inputs, **options), endpoint)
     same(got, want(*t(inputs)), rtol=1e-5)
+
+
+# --- aux: TestJvp / TestVjp's test_aux_tensor, test_aux_pytree; numbers and None beside ---
+
+
+@pytest.mark.parametrize("name", ["aux_cos", "aux_pytree"])
+@pytest.mark.parametrize(("endpoint", "options"), [("jvp", {"tangents": Y.tolist()}), ("vjp", {"cotangents": Y.tolist()}),
+                                                   ("jacobian", {"mode": "fwd", "chunk_size": 1})])
+def test_aux_as_torch(c, name, endpoint, options):
+    fn, x, v = getattr(F, name), t(X), t(Y)
+    got, doc = answer(post(c, name, endpoint, [X], **options), endpoint)
+    if endpoint == "jvp":
+        _, want, aux = jvp(fn, (x,), (v,), has_aux=True)
+    elif endpoint == "vjp":
+        _, pullback, aux = vjp(fn, x, has_aux=True)
+        (want,) = pullback(v)
+    else:
+        want, aux = jacfwd(fn, has_aux=True)(x)
+    same(got, want, rtol=1e-5)
+    same(wire.decode_tree(doc["aux"]), aux)
+
+
+def test_aux_numbers_and_none_ride_beside(c):
+    """torch.func refuses aux that is no tensor ("Expected tensors, got unsupported
+    type int"); the service carries numbers, strings and None (README), on jvp too."""
+    got, doc = answer(post(c, "aux_numbers", "jvp", [X], tangents=Y.tolist()), "jvp")
+    x = t(X)
+    same(got, jvp(no_aux(F.aux_numbers), (x,), (t(Y),))[1], rtol=1e-5)
+    aux = wire.decode_tree(doc["aux"])
+    assert {k: aux[k] for k in ("n", "f", "none", "s")} == {"n": 1, "f": 1.5, "none": None, "s": "abc"}
+    same(aux["t"][0], x.cos())
+    assert aux["t"][1] == 2
+    with pytest.raises(RuntimeError, match="Expected tensors, got unsupported type"):
+        jvp(F.aux_numbers, (x,), (t(Y),), has_aux=True)
+
+
+# --- where torch raises: a 500 function_error saying what torch says ---
+
+
+@pytest.mark.parametrize(
+    ("name", "endpoint", "options", "torch_call", "says"),
+    [
+        # requires_grad_ inside a transformed function (on a detached copy, even)
+        *[("requires_grad_inside", endpoint, options, call, "requires_grad_()")
+          for endpoint, options, call in [("jacobian", {}, lambda x: jacrev(F.requires_grad_inside)(x)),
+                                          ("jacobian", {"mode": "fwd"}, lambda x: jacfwd(F.requires_grad_inside)(x)),
+                                          ("hessian", {}, lambda x: hessian(F.requires_grad_inside)(x)),
+                                          ("vjp", {"cotangents": [1, 1, 1]}, lambda x: vjp(F.requires_grad_inside, x)),
+                                          ("jvp", {"tangents": [1, 1, 1]},
+                                           lambda x: jvp(F.requires_grad_inside, (x,), (torch.ones(3),)))]],
+        # an integer output beside a float one: reverse mode refuses it
+        ("with_int_output", "jacobian", {}, lambda x: jacrev(F.with_int_output)(x), "floating"),
+        ("with_int_output", "hessian", {}, lambda x: hessian(F.with_int_output)(x), "floating"),
+        ("with_int_output", "vjp", {"cotangents": [[1, 1, 1], [1, 1, 1]]}, lambda x: vjp(F.with_int_output, x),
+         "floating"),
+    ],
+)
+def test_where_torch_raises_the_function_fails(c, name, endpoint, options, torch_call, says):
+    body = assert_problem(post(c, name, endpoint, [X], **options), 500, "function_error")
+    assert says in body["detail"]
+    with pytest.raises(RuntimeError):
+        torch_call(t(X))
+
+
+def test_where_torch_answers_an_integer_output_so_does_jvp(c):
+    """torch.func.jvp answers an integer output's tangent (int64 zeros), a stack too."""
+    x = t(X)
+    got, _ = answer(post(c, "with_int_output", "jvp", [X], tangents=[1, 2, 3]), "jvp")
+    same(got, jvp(F.with_int_output, (x,), (torch.tensor([1.0, 2, 3]),))[1])
+    vs = torch.tensor([[1.0, 2, 3], [4, 5, 6]])
+    got, _ = answer(post(c, "with_int_output", "jvp", [X], tangents=vs.tolist(), batched_vectors=True), "jvp")
+    same(got, vmap(lambda v: jvp(F.with_int_output, (x,), (v,))[1])(vs))
+    got, _ = answer(post(c, "requires_grad_inside", "evaluate", [X]), "output")  # no transform: it runs
+    same(got, F.requires_grad_inside(x))
+
+
+# --- dtypes on the wire: float64 and float16 as sent, bfloat16 as float32, no complex ---
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize(
+    ("endpoint", "options", "want"),
+    [
+        ("jacobian", {"mode": "fwd"}, lambda x: jacrev(F.sin_sq)(x)),
+        ("hessian", {}, lambda x: hessian(F.sin_sq)(x)),
+        ("vjp", {"cotangents": [1, 2, 3]}, lambda x: vjp(F.sin_sq, x)[1](torch.tensor([1, 2, 3], dtype=x.dtype))[0]),
+        ("jvp", {"tangents": [1, 2, 3]}, lambda x: jvp(F.sin_sq, (x,), (torch.tensor([1, 2, 3], dtype=x.dtype),))[1]),
+    ],
+)
+def test_float_dtypes_as_torch(c, dtype, endpoint, options, want):
+    x = X.astype(dtype)
+    got, _ = answer(post(c, "sin_sq", endpoint, [x], **options), endpoint)
+    same(got, want(t(x)), rtol=1e-3 if dtype == "float16" else None)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "options", "want"),
+    [
+        ("jacobian", {}, lambda x: jacrev(F.sin_sq)(x)),
+        ("jacobian", {"mode": "fwd"}, lambda x: jacrev(F.sin_sq)(x)),
+        ("jacobian", {"batched": True}, lambda x: vmap(jacrev(F.sin_sq))(x.reshape(3, 1))),
+        ("vjp", {"cotangents": [1, 2, 3]}, lambda x: vjp(F.sin_sq, x)[1](torch.tensor([1.0, 2, 3]).bfloat16())[0]),
+        ("jvp", {"tangents": [1, 2, 3]}, lambda x: jvp(F.sin_sq, (x,), (torch.tensor([1.0, 2, 3]).bfloat16(),))[1]),
+        ("evaluate", {}, F.sin_sq),
+    ],
+)
+def test_bfloat16_computes_in_bfloat16(c, endpoint, options, want):
+    """NumPy has no bfloat16: sent in JSON, it computes in bfloat16 and answers
+    torch's bfloat16 values exactly, as float32 arrays (README)."""
+    x = np.array([0.3, -1.2, 2.0], np.float32)
+    shape = [3, 1] if options.get("batched") else [3]
+    r = c.post(f"/v1/functions/sin_sq/{endpoint}",
+               json={"inputs": [{"dtype": "bfloat16", "shape": shape, "data": x.reshape(shape).tolist()}], **options})
+    got, _ = answer(r, "output" if endpoint == "evaluate" else endpoint)
+    w = want(torch.tensor(x).bfloat16())
+    assert w.dtype == torch.bfloat16
+    same(got, w.float(), rtol=0)
+
+
+def test_a_float32_input_keeps_its_dtype_under_a_bfloat16_output(c):
+    """jacrev's blocks take the input's dtype (float32), whatever the output's."""
+    for mode in ("rev", "fwd"):
+        got, _ = answer(post(c, "returns_bfloat16", "jacobian", [X], mode=mode), "jacobian")
+        same(got, jacrev(F.returns_bfloat16)(t(X)))
+
+
+def test_complex_inputs_are_refused_as_jacrev_refuses_them(c):
+    """test_complex_error (C -> C): jacrev wants real inputs; the wire carries none."""
+    r = c.post("/v1/functions/sin_sq/jacobian", json={"inputs": [{"dtype": "complex64", "shape": [1], "data": [1]}]})
+    assert "unknown dtype 'complex64'" in assert_problem(r, 422, "invalid_input")["detail"]
+    buf = io.BytesIO()
+    np.save(buf, np.array([1 + 2j], np.complex64))
+    r = c.post("/v1/functions/sin_sq/jacobian", content=buf.getvalue(), headers={"content-type": wire.NPY})
+    assert "unsupported dtype complex64" in assert_problem(r, 422, "invalid_input")["detail"]
+    with pytest.raises(RuntimeError, match="jacrev: Expected all inputs"):
+        jacrev(lambda z: z.conj())(torch.ones(1, dtype=torch.cfloat))
+
+
+@pytest.mark.parametrize("media", [wire.NPY, wire.NPZ])
+def test_fortran_order_arrays_as_their_values(c, media):
+    x = np.asfortranarray(rand(3, 2, dtype="float64"))
+    buf = io.BytesIO()
+    np.save(buf, x) if media == wire.NPY else np.savez(buf, x=x)
+    r = c.post("/v1/functions/sin_sq/jacobian", content=buf.getvalue(), headers={"content-type": media, "accept": media})
+    assert r.status_code == 200, r.text
+    got = np.load(io.BytesIO(r.content)) if media == wire.NPY else wire.read_result_npz(r.content)[0]["jacobian"]
+    same(got, jacrev(F.sin_sq)(torch.from_numpy(np.ascontiguousarray(x))))
