@@ -236,3 +236,17 @@ def with_int_output(x):
 def slash_keys(x):
     """Dict keys that are paths elsewhere: "a/b" beside a nested {"a": {"b": ...}}."""
     return {"a/b": x.sin(), "a": {"b": x.cos()}}
+
+
+@register(inputs=[Input("x", shape=V)])
+def digit_keys(x):
+    """A dict output keyed like positions ("1" before "0"): not a list."""
+    return {"1": x.sin(), "0": x.cos()}
+
+
+@register(inputs=[Input("x", shape=V)])
+def scaled_bfloat16(x):
+    """A bfloat16 output of a float32 input, for the vmap check alone (its verdicts are
+    kept per function)."""
+    return (x.sin() * 3).to(torch.bfloat16)
+

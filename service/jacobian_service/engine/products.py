@@ -72,12 +72,21 @@ def vmap_agrees(product: Callable[..., Any], vectors: tuple[Any, ...], value: An
     ``torch.func.jacrev(chunk_size=2)`` is wrong the same way), while a product alone
     is right. It depends on shapes, not values, so one check per request signature and
     number of vectors covers it: one more product, once. A check that cannot run (a
-    product of combined vectors fails) says nothing against ``vmap``."""
+    product of combined vectors fails) says nothing against ``vmap``.
+
+    The combined vectors are in the vectors' own dtype, which may be coarser than the
+    products' (a bfloat16 output's cotangents, whose products take a float32 input's
+    dtype): ``w`` holds multiples of 1/16, exact in every float dtype (bfloat16 keeps 8
+    significant bits), so combining basis vectors rounds nothing, and the tolerance is
+    the coarser dtype's. With a random float ``w`` rounded to bfloat16, every Jacobian
+    of a function with a bfloat16 output failed the check (2^-9 off against a float32
+    tolerance): its rows then ran one VJP at a time, for every later request too."""
     results = [r.detach() for r in pytree.tree_leaves(value)]
     try:
-        first = next(v for v in pytree.tree_leaves(vectors) if isinstance(v, torch.Tensor))
+        tensors = [v for v in pytree.tree_leaves(vectors) if isinstance(v, torch.Tensor)]
         gen = torch.Generator(device="cpu").manual_seed(0)
-        w = torch.rand(first.shape[0], generator=gen, dtype=torch.float64) + 0.5
+        w = torch.randint(8, 25, (tensors[0].shape[0],), generator=gen).to(torch.float64) / 16
+        coarsest = max((torch.finfo(v.dtype).eps for v in tensors if v.is_floating_point()), default=0.0)
 
         def mix(t: torch.Tensor, absolute: bool = False) -> torch.Tensor:
             t = t.abs() if absolute else t
@@ -94,7 +103,7 @@ def vmap_agrees(product: Callable[..., Any], vectors: tuple[Any, ...], value: An
         mixed, scale = mix(r.to(torch.float64)), mix(r.to(torch.float64), absolute=True)
         if d.shape != mixed.shape:
             return False
-        eps = torch.finfo(r.dtype).eps if r.is_floating_point() else 0.0
+        eps = max(torch.finfo(r.dtype).eps, coarsest) if r.is_floating_point() else 0.0
         tol = min(256 * eps, 1e-2) * (scale + d.abs()) + torch.finfo(torch.float64).tiny
         same = (d - mixed).abs() <= tol
         # no verdict where either is not finite: linearity fails there in floating point
