@@ -250,3 +250,26 @@ def scaled_bfloat16(x):
     kept per function)."""
     return (x.sin() * 3).to(torch.bfloat16)
 
+
+class _DynamicBackward(torch.autograd.Function):
+    """The identity whose backward runs an op vmap cannot batch (nonzero), as
+    test_chunk_jacrev_chunksize_one's IdentityWithDynamicBackwardOp."""
+
+    @staticmethod
+    def forward(x):
+        return x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_output.nonzero()
+        return grad_output
+
+
+@register(inputs=[Input("x", shape=V)])
+def row_by_row(x):
+    """Its Jacobian's rows run one VJP at a time: vmap cannot run the backward."""
+    return _DynamicBackward.apply(x) * 2

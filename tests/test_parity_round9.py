@@ -366,3 +366,37 @@ def test_a_bfloat16_output_keeps_vmap(c, caplog):
         same(got, vmap(pullback)(t(vs).bfloat16())[0])
     assert not [r.getMessage() for r in caplog.records if "disagrees" in r.getMessage()]
 
+
+def test_meta_chunk_size_is_one_where_rows_ran_one_by_one(c):
+    """test_chunk_jacrev_chunksize_one: where vmap cannot run the backward, the rows
+    run one VJP each, and meta.chunk_size (the rows one vmap took) said the chunk asked
+    for (5, or 2 with chunk_size=2) while no vmap ran; it says 1, as per-example
+    Jacobians of the same function say."""
+    x = rand(5)
+    want = jacrev(F.row_by_row, chunk_size=1)(t(x))
+    with pytest.raises(RuntimeError):
+        jacrev(F.row_by_row, chunk_size=2)(t(x))
+    for options in ({}, {"chunk_size": 2}, {"rows": [1, 4]}, {"mode": "fwd"}):
+        got, doc = answer(post(c, "row_by_row", "jacobian", [x], **options), "jacobian")
+        same(got, want[slice(*options.get("rows", [0, 5]))])
+        assert doc["meta"]["chunk_size"] == 1, options
+
+
+def test_a_streamed_jacobian_says_one_row_per_vmap_where_rows_run_one_by_one():
+    """The same for a streamed .npy, whose X-Chunk-Size is sent before any row runs:
+    once the function is known to run its rows one by one."""
+    from starlette.testclient import TestClient
+
+    from jacobian_service import Settings, create_app
+
+    x = rand(6)
+    buf = io.BytesIO()
+    np.save(buf, x)
+    settings = Settings(warmup=False, functions=FUNCTIONS, stream_threshold_bytes=1)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        for _ in range(2):  # the first learns that vmap cannot run it; the second streams knowing
+            r = client.post("/v1/functions/row_by_row/jacobian", content=buf.getvalue(),
+                            headers={"content-type": wire.NPY, "accept": wire.NPY})
+            assert r.status_code == 200, r.text
+            same(np.load(io.BytesIO(r.content)), jacrev(F.row_by_row, chunk_size=1)(t(x)))
+        assert r.headers["x-chunk-size"] == "1"

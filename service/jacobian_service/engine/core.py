@@ -333,7 +333,9 @@ class Engine:
                 yield np.ascontiguousarray(self.host(grads[0]))
                 release_free_heap()  # the last chunk's temporaries: back to the OS, not kept
 
-        return Streamed(shape, host_dtype(primal.dtype), _rows_per_vmap(chunk, stop - start), host())
+        # said before any row runs: where rows are known to run one by one, that is 1
+        per_vmap = chunk if self.profiles[call.spec.name].vmap_pullback else 1
+        return Streamed(shape, host_dtype(primal.dtype), _rows_per_vmap(per_vmap, stop - start), host())
 
     def _gather(self, stream: RowStream, start: int, stop: int, chunk: int) -> Any:
         """All rows ``start:stop`` written into preallocated host arrays, then nested.

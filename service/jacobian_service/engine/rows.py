@@ -74,7 +74,8 @@ class RowStream:
         check_floating(self.leaves)
         self.sizes = [leaf.numel() for leaf in self.leaves]
         self.total_rows = sum(self.sizes)
-        self.chunk_used: int | None = None  # after out-of-memory halving
+        self.chunk_used: int | None = None  # after out-of-memory halving; 1 once rows loop
+        self.looped = False  # rows ran one VJP at a time: vmap could not run them, or got them wrong
 
     def auto_chunk(self) -> int:
         per_row = WORKSET_FACTOR * sum((p.numel() + sum(self.sizes)) * p.element_size() for p in self.primals)
@@ -133,7 +134,9 @@ class RowStream:
                     else:
                         measure, chunk_size = False, fits
                         profile.row_bytes[key] = per_row
-            self.chunk_used = chunk_size
+            # meta.chunk_size is the rows one vmap took: none where they ran one by one
+            # (it said the chunk asked for, 5 of 5 rows, where each row was its own VJP)
+            self.chunk_used = 1 if self.looped else chunk_size
             yield s, e, grads
             s = e
 
@@ -171,5 +174,6 @@ class RowStream:
         return self._row_loop(basis)
 
     def _row_loop(self, basis: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        self.looped = self.looped or basis[0].shape[0] > 1
         rows = [self._pullback(pytree.tree_unflatten([b[k] for b in basis], self.out_spec)) for k in range(basis[0].shape[0])]
         return tuple(torch.stack([r[i] for r in rows]) for i in range(len(self.primals)))
