@@ -400,3 +400,14 @@ def test_a_streamed_jacobian_says_one_row_per_vmap_where_rows_run_one_by_one():
             assert r.status_code == 200, r.text
             same(np.load(io.BytesIO(r.content)), jacrev(F.row_by_row, chunk_size=1)(t(x)))
         assert r.headers["x-chunk-size"] == "1"
+
+
+@pytest.mark.parametrize("option", [{"in_dims": [None, 0, 0]}, {"out_dims": 1}])
+def test_vmap_dims_are_refused_naming_what_is_taken(c, option):
+    """Per-example requests are vmap(jacrev(f)) over every input's leading dimension,
+    the batch first in the result (in_dims=0, out_dims=0): other dims are no option,
+    a 422 naming it, never silently ignored. An input vmap would take with
+    in_dims=None is sent repeated (test_torch_eager_transform_cases, net_loss)."""
+    inputs = [{k: np.stack([v] * 2) for k, v in PARAMS.items()}, rand(2, 3), rand(2, 2)]
+    body = assert_problem(post(c, "net_loss", "jacobian", inputs, batched=True, **option), 422, "invalid_input")
+    assert f"unknown option '{next(iter(option))}'" in body["detail"] and "batched" in body["detail"]
