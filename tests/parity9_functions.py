@@ -6,10 +6,9 @@ compared with in-process torch.func by tests/test_parity_round9.py."""
 from __future__ import annotations
 
 import torch
+from jacobian_service import Array, Input, register
 from torch import nn
 from torch.func import functional_call
-
-from jacobian_service import Array, Input, register
 
 V = ("n",)
 

@@ -17,9 +17,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
-
 from jacobian_client import wire
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 from . import parity9_functions as F
 from .conftest import assert_problem
@@ -46,9 +45,8 @@ def tt(*values: float) -> tuple[torch.Tensor, ...]:
 
 @pytest.fixture(scope="module")
 def c():
-    from starlette.testclient import TestClient
-
     from jacobian_service import Settings, create_app
+    from starlette.testclient import TestClient
 
     with TestClient(create_app(Settings(warmup=False, functions=FUNCTIONS)), raise_server_exceptions=False) as client:
         deadline = time.monotonic() + 120
@@ -385,9 +383,8 @@ def test_meta_chunk_size_is_one_where_rows_ran_one_by_one(c):
 def test_a_streamed_jacobian_says_one_row_per_vmap_where_rows_run_one_by_one():
     """The same for a streamed .npy, whose X-Chunk-Size is sent before any row runs:
     once the function is known to run its rows one by one."""
-    from starlette.testclient import TestClient
-
     from jacobian_service import Settings, create_app
+    from starlette.testclient import TestClient
 
     x = rand(6)
     buf = io.BytesIO()
