@@ -423,6 +423,145 @@ class RemoteOps:
         return results
 
 
+    # ----------------------------------------------------------------- second derivatives
+
+    def second(
+        self,
+        mode: str,
+        inputs: Sequence[Any],
+        vec_argnums: Sequence[int],
+        other_argnums: Sequence[int],
+        vectors: Sequence[np.ndarray],
+        out_tree: Tree,
+        batch_ndim: int = 0,
+        tags: Sequence[str] = (),
+    ) -> list[np.ndarray]:
+        """Second-order contractions, what a derivative of a ``linear`` (a backward of the
+        backward, a jvp of a vjp) needs. With ``H_k[i][j]`` output leaf ``k``'s second
+        derivative in inputs ``i`` and ``j``:
+
+        * ``mode="input"``: ``vectors`` are one cotangent ``c_k`` per output leaf, then one
+          ``w_i`` per ``vec_argnums`` entry; returns, per ``other_argnums`` entry ``j``,
+          ``sum_k sum_i c_k . H_k[i][j] . w_i`` (shaped like input ``j``);
+        * ``mode="output"``: ``vectors`` are one ``w_i`` per ``vec_argnums`` entry, then one
+          ``d_j`` per ``other_argnums`` entry; returns, per output leaf ``k``,
+          ``sum_i sum_j H_k[i][j] . w_i . d_j`` (shaped like output ``k``).
+
+        Vectors and results carry ``len(tags)`` leading dimensions, as for ``linear``. One
+        request: an ``hvp`` (``batched_vectors`` for several) for a function with one
+        scalar output at unbatched inputs, else a ``hessian`` (``batched`` for batched
+        inputs) contracted here: the service has no hvp with cotangents or over examples."""
+        if mode not in ("input", "output"):
+            raise ValueError(mode)
+        tags = tuple(tags)
+        if tags.count("p") != batch_ndim:
+            raise ValueError(f"tags {tags} do not match {batch_ndim} batch dimensions of the inputs")
+        lead = len(tags)
+        order = [i for i, t in enumerate(tags) if t == "p"] + [i for i, t in enumerate(tags) if t == "v"]
+        vecs = [np.transpose(np.asarray(v), order + list(range(lead, np.ndim(v)))) for v in vectors]
+        lead_shape = vecs[0].shape[:lead]
+        p_shape, v_shape = lead_shape[:batch_ndim], lead_shape[batch_ndim:]
+        _, flat = _merge_batch(inputs, batch_ndim)
+        in_shapes = {a: np.shape(flat[a])[1 if batch_ndim else 0:] for a in (*vec_argnums, *other_argnums)}
+        n_out = out_tree.num_leaves
+        P, V = math.prod(p_shape), math.prod(v_shape)
+        if 0 in lead_shape:
+            results = self._second_shapes(mode, flat, batch_ndim, other_argnums, in_shapes)
+            return [np.zeros((*lead_shape, *shape), dtype) for shape, dtype in results]
+        if mode == "input":
+            cots, ws = vecs[:n_out], vecs[n_out:]
+            out_shapes = [c.shape[lead:] for c in cots]
+            scalar = n_out == 1 and out_shapes[0] == ()
+            if scalar and batch_ndim == 0:
+                results = self._second_by_hvp(flat, vec_argnums, other_argnums, cots[0], ws, v_shape, in_shapes)
+            else:
+                blocks, union = self._hessian_blocks(flat, batch_ndim, vec_argnums, other_argnums, out_tree)
+                results = []
+                for j in other_argnums:
+                    nj = math.prod(in_shapes[j])
+                    total = 0
+                    for k in range(n_out):
+                        c = cots[k].reshape(P, V, math.prod(out_shapes[k]))
+                        for i, w in zip(vec_argnums, ws):
+                            H = blocks[k][union.index(i)][union.index(j)]
+                            H = H.reshape(P, math.prod(out_shapes[k]), math.prod(in_shapes[i]), nj)
+                            total = total + np.einsum("pvo,poab,pva->pvb", c.astype(H.dtype, copy=False), H,
+                                                      w.reshape(P, V, -1).astype(H.dtype, copy=False))
+                    results.append(np.asarray(total).reshape((*lead_shape, *in_shapes[j])))
+        else:
+            ws, ds = vecs[: len(vec_argnums)], vecs[len(vec_argnums):]
+            blocks, union = self._hessian_blocks(flat, batch_ndim, vec_argnums, other_argnums, out_tree)
+            results = []
+            for k in range(n_out):
+                first = blocks[k][0][0]
+                n_in = len(np.shape(flat[union[0]])) - (1 if batch_ndim else 0)
+                out_shape = first.shape[1 if batch_ndim else 0: first.ndim - 2 * n_in]
+                total = 0
+                for i, w in zip(vec_argnums, ws):
+                    for j, d in zip(other_argnums, ds):
+                        H = blocks[k][union.index(i)][union.index(j)]
+                        H = H.reshape(P, math.prod(out_shape), math.prod(in_shapes[i]), math.prod(in_shapes[j]))
+                        total = total + np.einsum("poab,pva,pvb->pvo", H, w.reshape(P, V, -1).astype(H.dtype, copy=False),
+                                                  d.reshape(P, V, -1).astype(H.dtype, copy=False))
+                results.append(np.asarray(total).reshape((*lead_shape, *out_shape)))
+        inverse = list(np.argsort(order))
+        return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
+
+    def _second_by_hvp(
+        self, inputs: list[Any], vec_argnums: Sequence[int], other_argnums: Sequence[int], cot: np.ndarray,
+        ws: list[np.ndarray], v_shape: tuple[int, ...], in_shapes: dict[int, tuple[int, ...]],
+    ) -> list[np.ndarray]:
+        """``c . H w`` of a scalar function: one hvp request (the vectors stacked), the
+        tangents zero at the inputs only differentiated (``other_argnums``)."""
+        union = sorted(set(vec_argnums) | set(other_argnums))
+        V = math.prod(v_shape)
+        many = len(v_shape) > 0
+        by_arg = dict(zip(vec_argnums, ws))
+        tangents = []
+        for a in union:
+            w = by_arg.get(a)
+            if w is None:
+                w = np.zeros((*v_shape, *in_shapes[a]), np.asarray(inputs[a]).dtype)
+            tangents.append(w.reshape((V, *in_shapes[a])) if many else w)
+        options = {"argnums": tuple(union), "batched_vectors": many}
+        parts = self.client._parts("hvp", self.name, list(inputs), options, vectors=("tangents", tuple(tangents)))
+        leaves = [np.asarray(r) for r in flatten(parts["value"])[0]]
+        if len(leaves) != len(union):
+            raise ValueError(f"unexpected hvp structure: {len(leaves)} results for {len(union)} inputs")
+        c = cot.reshape(V)
+        out = []
+        for j in other_argnums:
+            r = leaves[union.index(j)].reshape(V, -1)
+            out.append((c.astype(r.dtype, copy=False)[:, None] * r).reshape((*v_shape, *in_shapes[j])))
+        return out
+
+    def _hessian_blocks(
+        self, inputs: list[Any], batch_ndim: int, vec_argnums: Sequence[int], other_argnums: Sequence[int],
+        out_tree: Tree,
+    ) -> tuple[list[list[list[np.ndarray]]], list[int]]:
+        """``blocks[k][a][b]``: output leaf ``k``'s Hessian block in inputs ``union[a]`` and
+        ``union[b]``, from one hessian request (batched: one per example)."""
+        union = sorted(set(vec_argnums) | set(other_argnums))
+        n = len(union)
+        parts = self.client._parts("hessian", self.name, inputs, {"argnums": tuple(union), "batched": batch_ndim > 0})
+        leaves = [np.asarray(b) for b in _in_order(parts["value"], _per_argnum(_per_argnum(out_tree, n), n))]
+        if len(leaves) != out_tree.num_leaves * n * n:
+            raise ValueError(f"unexpected Hessian structure: {len(leaves)} blocks for "
+                             f"{out_tree.num_leaves} x {n} x {n}")
+        it = iter(leaves)
+        return [[[next(it) for _ in range(n)] for _ in range(n)] for _ in range(out_tree.num_leaves)], union
+
+    def _second_shapes(
+        self, mode: str, flat: list[Any], batch_ndim: int, other_argnums: Sequence[int],
+        in_shapes: dict[int, tuple[int, ...]],
+    ) -> list[tuple[tuple[int, ...], np.dtype]]:
+        """Per-result (shape, dtype) without a request, for an empty set of vectors."""
+        if mode == "input":
+            return [(in_shapes[j], np.asarray(flat[j]).dtype) for j in other_argnums]
+        template = self._template(_signature(flat, batch_ndim > 0))
+        return [(shape, dtype) for shape, dtype in template.outputs]
+
+
 def _is_coroutine(fn: Any) -> bool:
     import inspect
 

@@ -23,6 +23,8 @@ operation                                  requests
 ``torch.func.jacfwd(f)(x)``                1 evaluate + 1 jvp (``batched_vectors``)
 ``torch.func.vmap(f)(xs)``                 1 evaluate (``batched``)
 ``vmap(grad(f))`` / ``vmap(jacrev(f))``    1 evaluate (``batched``) + 1 jacobian (``batched``)
+``torch.func.hessian(f)(x)``               1 evaluate + 1 jvp + 1 vjp + 1 hvp (scalar f) or hessian
+double backward (``create_graph=True``)    + 1 hvp or hessian (+ 1 jvp when the cotangent depends on x)
 =========================================  ==============================================
 
 How: the function is a :class:`torch.autograd.Function` with ``setup_context``, whose
@@ -54,10 +56,14 @@ function: dynamo's error then says so. Tracing into a graph (``make_fx``,
 ``torch.export``, ``torch.func.linearize``) raises instead: the graph would replay one
 answer as a constant.
 
-Not supported: second derivatives *through* the remote function (double backward,
-``hessian``, ``jacfwd(jacrev(f))``; a backward pass inside a ``forward_ad`` dual level
-through a call on dual tensors, which differentiates the gradient in forward mode) raise
-a clear error; ask the service (``client.hessian`` / ``client.hvp``) instead.
+Second derivatives through the remote function (double backward with
+``create_graph=True``, ``torch.func.hessian``, ``jacrev(jacrev(f))``, ``gradgradcheck``,
+``torch.autograd.functional.hvp`` / ``hessian``, a backward pass inside a ``forward_ad``
+dual level) come from the service's ``hvp`` (a scalar function at unbatched inputs: the
+vectors stacked into one request) or ``hessian`` (otherwise, contracted on the client;
+``batched`` under ``vmap``): the backward of a vjp ``J(x)^T c`` is ``J u`` in ``c`` and
+``c . H u`` in ``x``. Each second-order product is one request. Third derivatives (a
+derivative of a second-order product in the inputs) raise a clear error.
 """
 
 from __future__ import annotations
@@ -406,38 +412,11 @@ class _RemoteFunction(torch.autograd.Function):
         return out, (0,) * len(out)
 
 
-def _second_derivatives(name: str) -> str:
-    # torch.autograd.functional.jvp is a first derivative, computed by torch as a double
-    # backward (the vjp of a vjp): its caller must learn that torch.func.jvp is the way
-    return (f"second derivatives through the remote function {name!r} are not supported (double backward, "
-            "hessian, jacfwd(jacrev(f)); also torch.autograd.functional.jvp / hvp / vhp, which torch computes "
-            "by double backward: use torch.func.jvp for a jvp); for second derivatives ask the service: "
-            "client.hessian or client.hvp")
-
-
-def _under_torch_func() -> bool:
-    """Whether a torch.func transform (jacfwd, jvp, hessian) is running: its own forward
-    mode, not a dual level the caller entered."""
-    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
-    return peek is None or peek() is not None
-
-
-def _backward_of_a_dual(name: str) -> str:
-    # A backward pass (.backward(), autograd.grad) run inside a torch.autograd.forward_ad
-    # dual level, through a call made on dual tensors, reaches the vjp with those duals:
-    # torch then differentiates the gradient in forward mode, a second derivative. The
-    # user asked for a gradient and a tangent (first derivatives), and the message named
-    # only hessian and jacfwd(jacrev(f)), neither of which they had called.
-    return (f"the remote function {name!r} was called on forward-AD dual tensors, and a backward pass through "
-            "that call ran inside the dual level: torch then differentiates the gradient in forward mode (the "
-            "tangent of the gradient), a second derivative, which is not supported through a remote function. "
-            "Take the gradient after the dual level exits (unpack_dual's primal and tangent inside the level, "
-            "then .backward() / autograd.grad outside it), or use torch.func.jvp and torch.func.vjp / grad; "
-            "for second derivatives ask the service: client.hessian or client.hvp")
-
-
 class _RemoteLinear(torch.autograd.Function):
-    """The remote vjp or jvp: inputs then vectors in, products out; one request."""
+    """The remote vjp or jvp: inputs then vectors in, products out; one request. Its own
+    derivatives (a backward of the backward, ``torch.func.hessian``'s jvp of a vjp) are
+    first-order products in the vectors (another ``_RemoteLinear``) and second-order ones
+    in the inputs (``_RemoteSecond``: an hvp or a Hessian on the service)."""
 
     @staticmethod
     def forward(lin: _Linear, *args: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
@@ -455,17 +434,92 @@ class _RemoteLinear(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.lin = inputs[0]
+        lin, *args = inputs
+        ctx.lin = lin
+        ctx.is_tensor = [isinstance(a, torch.Tensor) for a in args]
+        ctx.plain = [None if isinstance(a, torch.Tensor) else a for a in args]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+        # None for a vector's tangent that is not there (jacrev's cotangents under jacfwd in
+        # torch.func.hessian): its product would be a request for zeros
+        ctx.set_materialize_grads(False)
+        ctx.out_meta = [(o.shape, o.dtype) for o in output]
+
+    @staticmethod
+    def _args(ctx: Any) -> tuple[list[Any], list[Any]]:
+        tensors = iter(ctx.saved_tensors)
+        args = [next(tensors) if is_t else plain for is_t, plain in zip(ctx.is_tensor, ctx.plain)]
+        return args[: ctx.lin.n_inputs], args[ctx.lin.n_inputs:]
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
-        raise RuntimeError(_second_derivatives(ctx.lin.ops.name))
+        return _eagerly(_RemoteLinear._backward, ctx, grads)
 
     @staticmethod
-    def jvp(ctx: Any, *tangents: Any) -> Any:  # type: ignore[override]
-        if ctx.lin.mode == "vjp" and not _under_torch_func():
-            raise RuntimeError(_backward_of_a_dual(ctx.lin.ops.name))
-        raise RuntimeError(_second_derivatives(ctx.lin.ops.name))
+    def _backward(ctx: Any, grads: tuple[Any, ...]) -> tuple[Any, ...]:
+        """vjp mode, ``g = J(x)^T c``: ``c``'s gradient is ``J u`` (a jvp), ``x``'s the
+        second-order ``c . H u``. jvp mode, ``h = J(x) t``: ``t``'s is ``J^T c`` (a vjp),
+        ``x``'s ``c . H t``. Leading vector dimensions ("v") that ``x`` lacks are summed."""
+        lin: _Linear = ctx.lin
+        if all(g is None for g in grads):
+            return (None,) * len(ctx.needs_input_grad)
+        grads = tuple(torch.zeros(shape, dtype=dtype, device=lin.device) if g is None else g
+                      for g, (shape, dtype) in zip(grads, ctx.out_meta))
+        xs, vecs = _RemoteLinear._args(ctx)
+        unused = _unused_inputs(ctx)  # autograd.grad(g, cotangents) asks for no second derivative
+        needs = [n and i not in unused for i, n in enumerate(ctx.needs_input_grad[1:])]
+        x_needs = [j for j, x in enumerate(xs) if needs[j] and _differentiable(x)]
+        v_needs = [needs[lin.n_inputs + m] for m in range(len(vecs))]
+        out: list[Any] = [None] * (len(xs) + len(vecs))
+        if lin.mode == "vjp":
+            cots, us = vecs, list(grads)
+        else:
+            us, cots = vecs, list(grads)
+        if any(v_needs):
+            if lin.mode == "vjp":  # c's gradient: J u, shaped (and typed) like the cotangents
+                other = replace(lin, mode="jvp", result_dtypes=tuple(c.dtype for c in cots))
+            else:  # t's gradient: J^T c, like the tangents
+                other = replace(lin, mode="vjp", result_dtypes=tuple(t.dtype for t in us))
+            products = _RemoteLinear.apply(other, *xs, *grads)
+            for m, g in enumerate(products):
+                if v_needs[m]:
+                    out[lin.n_inputs + m] = g
+        if x_needs:
+            sec = _Second(lin.ops, "input", lin.argnums, tuple(x_needs), lin.n_inputs, lin.out_tree,
+                          tuple(xs[j].dtype for j in x_needs), lin.device, lin.batch_ndim, lin.tags)
+            for j, g in zip(x_needs, _RemoteSecond.apply(sec, *xs, *cots, *us)):
+                out[j] = _sum_vector_dims(g, lin.tags)
+        return (None, *out)
+
+    @staticmethod
+    def jvp(ctx: Any, _lin_tangent: Any, *tangents: Any) -> Any:  # type: ignore[override]
+        return _eagerly(_RemoteLinear._jvp, ctx, tangents)
+
+    @staticmethod
+    def _jvp(ctx: Any, tangents: tuple[Any, ...]) -> tuple[Any, ...]:
+        """vjp mode: ``d(J^T c) = J^T dc + (c . H dx)``; jvp mode: ``d(J t) = J dt + H[t, dx]``."""
+        lin: _Linear = ctx.lin
+        xs, vecs = _RemoteLinear._args(ctx)
+        x_tangents, v_tangents = tangents[: lin.n_inputs], tangents[lin.n_inputs:]
+        moved = [j for j, (x, t) in enumerate(zip(xs, x_tangents)) if t is not None and _differentiable(x)]
+        total: list[Any] = [None] * len(lin.result_dtypes)
+        if any(t is not None for t in v_tangents):
+            dvecs = [torch.zeros_like(v) if t is None else t for v, t in zip(vecs, v_tangents)]
+            total = list(_RemoteLinear.apply(lin, *xs, *dvecs))
+        if moved:
+            lead = vecs[0].shape[: len(lin.tags)]
+            dxs = [_spread(x_tangents[j], lin.tags, lead) for j in moved]
+            if lin.mode == "vjp":
+                sec = _Second(lin.ops, "input", tuple(moved), lin.argnums, lin.n_inputs, lin.out_tree,
+                              lin.result_dtypes, lin.device, lin.batch_ndim, lin.tags)
+                second = _RemoteSecond.apply(sec, *xs, *vecs, *dxs)
+            else:
+                sec = _Second(lin.ops, "output", lin.argnums, tuple(moved), lin.n_inputs, lin.out_tree,
+                              lin.result_dtypes, lin.device, lin.batch_ndim, lin.tags)
+                second = _RemoteSecond.apply(sec, *xs, *vecs, *dxs)
+            total = [s if t is None else t + s for t, s in zip(total, second)]
+        return tuple(total)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], lin: _Linear, *args: Any) -> tuple[Any, Any]:
@@ -480,4 +534,158 @@ class _RemoteLinear(torch.autograd.Function):
         else:  # several vectors at the same inputs: a "v" dimension
             inner = replace(lin, tags=("v", *lin.tags))
         out = _RemoteLinear.apply(inner, *xs, *vecs)
+        return out, (0,) * len(out)
+
+
+def _differentiable(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+
+
+def _spread(t: torch.Tensor, tags: tuple[str, ...], lead: Sequence[int]) -> torch.Tensor:
+    """An input-shaped tangent (leading dims for the "p" tags only) given every leading
+    dimension of the vectors: the "v" ones, which the input is shared across, expanded."""
+    for pos, tag in enumerate(tags):
+        if tag == "v":
+            t = t.unsqueeze(pos)
+    return t.expand(*lead, *t.shape[len(tags):])
+
+
+def _sum_vector_dims(g: torch.Tensor, tags: tuple[str, ...]) -> torch.Tensor:
+    """The gradient of an input shared across the vectors ("v" dims): their sum."""
+    dims = [pos for pos, tag in enumerate(tags) if tag == "v"]
+    return g.sum(dim=dims) if dims else g
+
+
+@dataclass(frozen=True)
+class _Second:
+    """A second-order product of the remote function (see ``RemoteOps.second``):
+    ``mode="input"``: args ``xs``, one cotangent per output leaf, one vector per
+    ``vec_argnums``; results per ``other_argnums``. ``mode="output"``: args ``xs``, one
+    vector per ``vec_argnums``, one per ``other_argnums``; results per output leaf."""
+
+    ops: RemoteOps
+    mode: str
+    vec_argnums: tuple[int, ...]
+    other_argnums: tuple[int, ...]
+    n_inputs: int
+    out_tree: Tree
+    result_dtypes: tuple[torch.dtype, ...]
+    device: torch.device
+    batch_ndim: int = 0
+    tags: tuple[str, ...] = ()
+
+
+def _third_derivatives(name: str) -> str:
+    return (f"third derivatives through the remote function {name!r} are not supported (a derivative of a "
+            "second derivative: hessian of a gradient, jacfwd(hessian(f))); second derivatives (double "
+            "backward, torch.func.hessian) are, each one hvp or hessian request")
+
+
+class _RemoteSecond(torch.autograd.Function):
+    """A second-order product: one hvp (a scalar function's) or hessian request."""
+
+    @staticmethod
+    def forward(sec: _Second, *args: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return _eagerly(_RemoteSecond._apply, sec, args)
+
+    @staticmethod
+    def _apply(sec: _Second, args: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+        _refuse_tracing(sec.ops.name)
+        _refuse_legacy_batching(sec.ops.name, args)
+        xs, vectors = args[: sec.n_inputs], args[sec.n_inputs:]
+        results = sec.ops.second(sec.mode, [_host(x) for x in xs], sec.vec_argnums, sec.other_argnums,
+                                 [_host(v) for v in vectors], sec.out_tree, sec.batch_ndim, sec.tags)
+        return tuple(_tensor(r, sec.device, d) for r, d in zip(results, sec.result_dtypes))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        _RemoteLinear.setup_context(ctx, inputs, output)
+        ctx.sec = ctx.lin = inputs[0]
+
+    @staticmethod
+    def _split(ctx: Any) -> tuple[list[Any], list[Any], list[Any]]:
+        """``xs``, the first vector group and the second (see ``_Second``)."""
+        sec: _Second = ctx.sec
+        xs, vecs = _RemoteLinear._args(ctx)
+        n_first = sec.out_tree.num_leaves if sec.mode == "input" else len(sec.vec_argnums)
+        return xs, vecs[:n_first], vecs[n_first:]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
+        return _eagerly(_RemoteSecond._backward, ctx, grads)
+
+    @staticmethod
+    def _backward(ctx: Any, grads: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Linear in each vector group, so their gradients are second-order products again
+        (what torch.autograd.functional.hvp / vhp take by their double-backward trick);
+        the inputs' would be third derivatives."""
+        sec: _Second = ctx.sec
+        if all(g is None for g in grads):
+            return (None,) * len(ctx.needs_input_grad)
+        grads = tuple(torch.zeros(shape, dtype=dtype, device=sec.device) if g is None else g
+                      for g, (shape, dtype) in zip(grads, ctx.out_meta))
+        unused = _unused_inputs(ctx)
+        needs = [n and i not in unused for i, n in enumerate(ctx.needs_input_grad[1:])]
+        xs, first, second = _RemoteSecond._split(ctx)
+        if any(needs[j] and _differentiable(x) for j, x in enumerate(xs)):
+            raise RuntimeError(_third_derivatives(sec.ops.name))
+        n1 = len(first)
+        out: list[Any] = [None] * len(xs)
+        I, J = sec.vec_argnums, sec.other_argnums
+        if sec.mode == "input":  # R_j = c . H[i][j] w_i; grads r_j
+            cots, ws = first, second
+            first_grads = _RemoteSecond._product(sec, "output", I, J, [c.dtype for c in cots], xs, [*ws, *grads]) \
+                if any(needs[len(xs):len(xs) + n1]) else [None] * n1
+            second_grads = _RemoteSecond._product(sec, "input", J, I, [w.dtype for w in ws], xs, [*cots, *grads]) \
+                if any(needs[len(xs) + n1:]) else [None] * len(ws)
+        else:  # R_k = H_k[i][j] w_i d_j; grads c_k
+            ws, ds = first, second
+            first_grads = _RemoteSecond._product(sec, "input", J, I, [w.dtype for w in ws], xs, [*grads, *ds]) \
+                if any(needs[len(xs):len(xs) + n1]) else [None] * n1
+            second_grads = _RemoteSecond._product(sec, "input", I, J, [d.dtype for d in ds], xs, [*grads, *ws]) \
+                if any(needs[len(xs) + n1:]) else [None] * len(ds)
+        return (None, *out, *first_grads, *second_grads)
+
+    @staticmethod
+    def _product(sec: _Second, mode: str, vec_argnums: tuple[int, ...], other_argnums: tuple[int, ...],
+                 dtypes: Sequence[torch.dtype], xs: list[Any], vectors: list[Any]) -> tuple[Any, ...]:
+        other = replace(sec, mode=mode, vec_argnums=vec_argnums, other_argnums=other_argnums,
+                        result_dtypes=tuple(dtypes))
+        return _RemoteSecond.apply(other, *xs, *vectors)
+
+    @staticmethod
+    def jvp(ctx: Any, _sec_tangent: Any, *tangents: Any) -> Any:  # type: ignore[override]
+        return _eagerly(_RemoteSecond._jvp, ctx, tangents)
+
+    @staticmethod
+    def _jvp(ctx: Any, tangents: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Bilinear in the two vector groups: ``d R = R(d first, second) + R(first, d second)``."""
+        sec: _Second = ctx.sec
+        xs, first, second = _RemoteSecond._split(ctx)
+        x_tangents = tangents[: len(xs)]
+        if any(t is not None and _differentiable(x) for x, t in zip(xs, x_tangents)):
+            raise RuntimeError(_third_derivatives(sec.ops.name))
+        d_first, d_second = tangents[len(xs):len(xs) + len(first)], tangents[len(xs) + len(first):]
+        total: list[Any] = [None] * len(sec.result_dtypes)
+        for group, d, keep in ((0, d_first, second), (1, d_second, first)):
+            if all(t is None for t in d):
+                continue
+            vs = [torch.zeros_like(v) if t is None else t for v, t in zip(first if group == 0 else second, d)]
+            part = _RemoteSecond.apply(sec, *xs, *(vs + list(keep) if group == 0 else list(keep) + vs))
+            total = [p if t is None else t + p for t, p in zip(total, part)]
+        return tuple(total)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], sec: _Second, *args: Any) -> tuple[Any, Any]:
+        size = info.batch_size
+        dims = in_dims[1:]
+        xs, vecs = list(args[: sec.n_inputs]), list(args[sec.n_inputs:])
+        x_dims, v_dims = dims[: sec.n_inputs], dims[sec.n_inputs:]
+        vecs = [_batched_input(v, d, size) for v, d in zip(vecs, v_dims)]
+        if any(d is not None for d in x_dims):  # per-example inputs: a "p" dimension
+            xs = [_batched_input(x, d, size) for x, d in zip(xs, x_dims)]
+            inner = replace(sec, batch_ndim=sec.batch_ndim + 1, tags=("p", *sec.tags))
+        else:  # several vectors at the same inputs: a "v" dimension
+            inner = replace(sec, tags=("v", *sec.tags))
+        out = _RemoteSecond.apply(inner, *xs, *vecs)
         return out, (0,) * len(out)
