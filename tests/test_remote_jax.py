@@ -151,12 +151,13 @@ def test_aux_comes_back_as_with_has_aux(cc):
     assert cc.take() == ["evaluate", "vjp"]
 
 
-def test_second_derivatives_are_refused_clearly(cc):
+def test_third_derivatives_are_refused_clearly(cc):
+    """Second derivatives go through (tests/test_remote_round5.py); a third does not."""
     s = remote(cc.client, "sum_sin")
     q = jnp.array([0.3, -0.2, 0.5])
     s(q)
-    with pytest.raises(NotImplementedError, match="second derivatives through the remote function 'sum_sin'"):
-        jax.hessian(s)(q)
+    with pytest.raises(NotImplementedError, match="third derivatives through the remote function 'sum_sin'"):
+        jax.jacfwd(jax.hessian(s))(q)
 
 
 # --------------------------------------------------------------------------- plain aux, probes, shapes

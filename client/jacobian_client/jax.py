@@ -11,7 +11,7 @@
     jax.jit(jax.grad(loss))(q)      # 1 evaluate + 1 vjp request per call
 
 ``remote(client, name)`` works under ``jit``, ``grad`` / ``vjp``, ``jvp`` / ``jacfwd`` /
-``jacrev``, and ``vmap``, composed in any order (first derivatives only).
+``jacrev``, ``hessian`` and ``vmap``, composed in any order (up to second derivatives).
 
 Why primitives, not ``custom_vjp`` / ``custom_jvp``: a ``custom_vjp`` function cannot be
 differentiated in forward mode (``jax.jvp`` raises), and a ``custom_jvp`` whose tangent is
@@ -28,6 +28,11 @@ computed by a ``pure_callback`` cannot be transposed, so ``grad`` fails. Two pri
   ``jacrev``) is one jvp / vjp request with ``batched_vectors=true``; vmap over the
   inputs of a derivative (``vmap(grad(f))``) is one batched ``jacobian`` request,
   contracted on the client;
+* second derivatives (``jax.hessian``, ``grad`` of ``grad``): ``remote_linear``'s JVP in
+  the inputs binds ``remote_second`` (``c . H dx`` for a vjp, ``H[t, dx]`` for a jvp), one
+  ``hvp`` request (a function with one scalar output at unbatched inputs) or ``hessian``
+  request (contracted on the client); it is bilinear in its two vector groups, and its
+  transpose in either is ``remote_second`` again. Third derivatives raise;
 * each primitive lowers to ``jax.pure_callback``, so ``jit`` works.
 
 JAX needs output shapes before it runs anything. The first call with a new input
@@ -57,7 +62,7 @@ error``), whose message ends with the SDK error's class and text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -425,28 +430,52 @@ def _linear_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) -
 
 
 def _linear_transpose(cts: Sequence[Any], *args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) -> list[Any]:
-    if lin.mode != "jvp":
-        raise NotImplementedError(f"second derivatives through the remote function {ops.name!r} are not supported; "
-                                  "ask the service: client.hessian or client.hvp")
+    """The jvp's transpose is the vjp and the vjp's the jvp (a backward of the backward:
+    the cotangent's gradient in grad of grad)."""
     xs, vecs = args[: lin.n_inputs], args[lin.n_inputs:]
     if any(ad.is_undefined_primal(x) for x in xs):
         raise NotImplementedError("remote_linear is linear in its vectors only")
     cotangents = [jnp.zeros(s.shape, s.dtype) if isinstance(c, ad.Zero) else c for c, s in zip(cts, lin.result_structs)]
     grads_structs = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in vecs)
-    vjp = _Linear("vjp", lin.argnums, lin.n_inputs, grads_structs, lin.batch_ndim, lin.tags)
-    grads = remote_linear_p.bind(*xs, *cotangents, ops=ops, shapes=shapes, lin=vjp)
+    other = _Linear("vjp" if lin.mode == "jvp" else "jvp", lin.argnums, lin.n_inputs, grads_structs, lin.batch_ndim,
+                    lin.tags)
+    grads = remote_linear_p.bind(*xs, *cotangents, ops=ops, shapes=shapes, lin=other)
     return [None] * lin.n_inputs + list(grads)
 
 
 def _linear_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
                 lin: _Linear) -> Any:
-    if all(isinstance(t, ad.Zero) for t in tangents[: lin.n_inputs]):  # linear in the vectors
-        out = remote_linear_p.bind(*primals, ops=ops, shapes=shapes, lin=lin)
-        vec_tangents = [jnp.zeros(jnp.shape(p), jnp.result_type(p)) if isinstance(t, ad.Zero) else t
-                        for p, t in zip(primals[lin.n_inputs:], tangents[lin.n_inputs:])]
-        return out, remote_linear_p.bind(*primals[: lin.n_inputs], *vec_tangents, ops=ops, shapes=shapes, lin=lin)
-    raise NotImplementedError(f"second derivatives through the remote function {ops.name!r} are not supported; "
-                              "ask the service: client.hessian or client.hvp")
+    """Linear in the vectors (``J dv`` / ``J^T dv``: the same map); in the inputs a second
+    derivative: ``c . H dx`` for a vjp, ``H[t, dx]`` for a jvp (``remote_second``)."""
+    xs, vecs = primals[: lin.n_inputs], primals[lin.n_inputs:]
+    x_tangents, v_tangents = tangents[: lin.n_inputs], tangents[lin.n_inputs:]
+    out = remote_linear_p.bind(*primals, ops=ops, shapes=shapes, lin=lin)
+    total: list[Any] = [None] * len(out)
+    if not all(isinstance(t, ad.Zero) for t in v_tangents):
+        dvecs = [jnp.zeros(jnp.shape(v), jnp.result_type(v)) if isinstance(t, ad.Zero) else t
+                 for v, t in zip(vecs, v_tangents)]
+        total = list(remote_linear_p.bind(*xs, *dvecs, ops=ops, shapes=shapes, lin=lin))
+    moved = tuple(j for j, (x, t) in enumerate(zip(xs, x_tangents)) if not isinstance(t, ad.Zero) and _is_float(x))
+    if moved:
+        lead = jnp.shape(vecs[0])[: len(lin.tags)]
+        dxs = [_spread(x_tangents[j], lin.tags, lead) for j in moved]
+        if lin.mode == "vjp":  # d(J^T c) in x: c . H dx, per differentiated input
+            sec = _Second("input", moved, lin.argnums, lin.n_inputs, lin.result_structs, lin.batch_ndim, lin.tags)
+        else:  # d(J t) in x: H[t, dx], per output
+            sec = _Second("output", lin.argnums, moved, lin.n_inputs, lin.result_structs, lin.batch_ndim, lin.tags)
+        second = remote_second_p.bind(*xs, *vecs, *dxs, ops=ops, shapes=shapes, sec=sec)
+        total = [s if t is None else t + s for t, s in zip(total, second)]
+    zeros = [ad.Zero(jax_core.ShapedArray(s.shape, s.dtype).to_tangent_aval()) for s in lin.result_structs]
+    return out, [z if t is None else t for t, z in zip(total, zeros)]
+
+
+def _spread(t: Any, tags: tuple[str, ...], lead: Sequence[int]) -> Any:
+    """An input-shaped tangent ("p" leading dims only) given every leading dim of the
+    vectors: the "v" ones, which the input is shared across, broadcast."""
+    for pos, tag in enumerate(tags):
+        if tag == "v":
+            t = jnp.expand_dims(t, pos)
+    return jnp.broadcast_to(t, (*lead, *jnp.shape(t)[len(tags):]))
 
 
 def _linear_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
@@ -475,3 +504,155 @@ mlir.register_lowering(remote_linear_p, mlir.lower_fun(_linear_lowered, multiple
 ad.primitive_jvps[remote_linear_p] = _linear_jvp
 ad.primitive_transposes[remote_linear_p] = _linear_transpose
 batching.primitive_batchers[remote_linear_p] = _linear_batch
+
+
+# ---- second-order products (a derivative of the vjp / jvp in the inputs)
+
+
+remote_second_p = Primitive("remote_second")
+remote_second_p.multiple_results = True
+
+
+@dataclass(frozen=True)
+class _Second:
+    """Parameters of ``remote_second`` (see ``RemoteOps.second``): ``mode="input"``: args
+    ``xs``, one cotangent per output, one vector per ``vec_argnums``; results per
+    ``other_argnums``. ``mode="output"``: args ``xs``, one vector per ``vec_argnums``, one
+    per ``other_argnums``; results per output. Bilinear in the two vector groups."""
+
+    mode: str
+    vec_argnums: tuple[int, ...]
+    other_argnums: tuple[int, ...]
+    n_inputs: int
+    result_structs: tuple[jax.ShapeDtypeStruct, ...]
+    batch_ndim: int = 0
+    tags: tuple[str, ...] = ()
+
+    def __hash__(self) -> int:
+        return hash((self.mode, self.vec_argnums, self.other_argnums, self.n_inputs,
+                     tuple((s.shape, str(s.dtype)) for s in self.result_structs), self.batch_ndim, self.tags))
+
+    def n_first(self, shapes: _Shapes) -> int:
+        return shapes.n_out if self.mode == "input" else len(self.vec_argnums)
+
+
+def _third_derivatives(name: str) -> str:
+    return (f"third derivatives through the remote function {name!r} are not supported (a derivative of a second "
+            "derivative in the inputs: jacfwd(hessian(f)), grad of a Hessian); second derivatives (jax.hessian, "
+            "grad of grad) are, each one hvp or hessian request")
+
+
+def _second_host(ops: RemoteOps, shapes: _Shapes, sec: _Second, *args: Any) -> list[np.ndarray]:
+    xs, vecs = args[: sec.n_inputs], args[sec.n_inputs:]
+    results = ops.second(sec.mode, [np.asarray(x) for x in xs], sec.vec_argnums, sec.other_argnums,
+                         [np.asarray(v) for v in vecs], shapes.out_tree, sec.batch_ndim, sec.tags)
+    out = []
+    for r, s in zip(results, sec.result_structs):
+        r = np.asarray(r)
+        if r.shape != s.shape:  # never reshape
+            raise ValueError(f"remote function {ops.name!r}: a second-order result has shape {list(r.shape)}, "
+                             f"expected {list(s.shape)}")
+        out.append(r.astype(s.dtype, copy=False))
+    return out
+
+
+def _second_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) -> list[Any]:
+    return [jnp.asarray(a) for a in _second_host(ops, shapes, sec, *args)]
+
+
+def _second_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) -> list[Any]:
+    return [jax_core.ShapedArray(s.shape, s.dtype) for s in sec.result_structs]
+
+
+def _second_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) -> Any:
+    return jax.pure_callback(partial(_second_host, ops, shapes, sec), list(sec.result_structs), *args)
+
+
+def _structs_of(vs: Sequence[Any]) -> tuple[jax.ShapeDtypeStruct, ...]:
+    return tuple(jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for v in vs)
+
+
+def _second_swapped(sec: _Second, group: int, first: Sequence[Any], second: Sequence[Any], cts: Sequence[Any],
+                    targets: Sequence[Any]) -> tuple[_Second, list[Any]]:
+    """The product that is ``sec``'s transpose in vector group ``group`` (0: the first,
+    1: the second), with its arguments: ``cts`` are the cotangents of ``sec``'s results,
+    ``targets`` stand for the group's vectors (their shapes and dtypes)."""
+    I, J = sec.vec_argnums, sec.other_argnums
+    structs = _structs_of(targets)
+    if sec.mode == "input":  # R_j = c . H[i][j] w_i
+        if group == 1:  # w: c . H[j][i] r_j
+            return replace(sec, mode="input", vec_argnums=J, other_argnums=I, result_structs=structs), [*first, *cts]
+        return replace(sec, mode="output", vec_argnums=I, other_argnums=J, result_structs=structs), [*second, *cts]
+    # R_k = H_k[w_i, d_j]
+    if group == 0:  # w: r . H[j][i] d_j
+        return replace(sec, mode="input", vec_argnums=J, other_argnums=I, result_structs=structs), [*cts, *second]
+    return replace(sec, mode="input", vec_argnums=I, other_argnums=J, result_structs=structs), [*cts, *first]
+
+
+def _second_transpose(cts: Sequence[Any], *args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) -> list[Any]:
+    xs, vecs = args[: sec.n_inputs], args[sec.n_inputs:]
+    if any(ad.is_undefined_primal(x) for x in xs):
+        raise NotImplementedError(_third_derivatives(ops.name))
+    n1 = sec.n_first(shapes)
+    first, second = list(vecs[:n1]), list(vecs[n1:])
+    undefined = [ad.is_undefined_primal(v) for v in vecs]
+    if any(undefined[:n1]) and any(undefined[n1:]):
+        raise NotImplementedError("remote_second is linear in one vector group at a time")
+    group = 0 if any(undefined[:n1]) else 1
+    targets = first if group == 0 else second
+    target_avals = [jnp.zeros(t.aval.shape, t.aval.dtype) for t in targets]
+    cts = [jnp.zeros(s.shape, s.dtype) if isinstance(c, ad.Zero) else c for c, s in zip(cts, sec.result_structs)]
+    other, vectors = _second_swapped(sec, group, first, second, cts, target_avals)
+    grads = remote_second_p.bind(*xs, *vectors, ops=ops, shapes=shapes, sec=other)
+    none_first = [None] * n1 if group == 1 else list(grads)
+    none_second = [None] * len(second) if group == 0 else list(grads)
+    return [None] * sec.n_inputs + none_first + none_second
+
+
+def _second_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
+                sec: _Second) -> Any:
+    xs = primals[: sec.n_inputs]
+    if any(not isinstance(t, ad.Zero) and _is_float(x) for x, t in zip(xs, tangents[: sec.n_inputs])):
+        raise NotImplementedError(_third_derivatives(ops.name))
+    out = remote_second_p.bind(*primals, ops=ops, shapes=shapes, sec=sec)
+    n1 = sec.n_first(shapes)
+    vecs, dvecs = list(primals[sec.n_inputs:]), list(tangents[sec.n_inputs:])
+    total: list[Any] = [None] * len(out)
+    for lo, hi in ((0, n1), (n1, len(vecs))):  # bilinear: one group's tangents, the other's values
+        if all(isinstance(t, ad.Zero) for t in dvecs[lo:hi]):
+            continue
+        args = list(vecs)
+        args[lo:hi] = [jnp.zeros(jnp.shape(v), jnp.result_type(v)) if isinstance(t, ad.Zero) else t
+                       for v, t in zip(vecs[lo:hi], dvecs[lo:hi])]
+        part = remote_second_p.bind(*xs, *args, ops=ops, shapes=shapes, sec=sec)
+        total = [p if t is None else t + p for t, p in zip(total, part)]
+    zeros = [ad.Zero(jax_core.ShapedArray(s.shape, s.dtype).to_tangent_aval()) for s in sec.result_structs]
+    return out, [z if t is None else t for t, z in zip(total, zeros)]
+
+
+def _second_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
+                  sec: _Second) -> tuple[list[Any], list[int]]:
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    structs = tuple(jax.ShapeDtypeStruct((size, *s.shape), s.dtype) for s in sec.result_structs)
+    if size == 0:
+        return [jnp.zeros(s.shape, s.dtype) for s in structs], [0] * len(structs)
+    xs, vecs = list(args[: sec.n_inputs]), list(args[sec.n_inputs:])
+    x_dims, v_dims = dims[: sec.n_inputs], dims[sec.n_inputs:]
+    vecs = [_front(v, d, size) for v, d in zip(vecs, v_dims)]
+    if any(d is not None for d in x_dims):
+        xs = [_front(x, d, size) for x, d in zip(xs, x_dims)]
+        inner = replace(sec, result_structs=structs, batch_ndim=sec.batch_ndim + 1, tags=("p", *sec.tags))
+        inner_shapes = shapes.batched(size)
+    else:
+        inner = replace(sec, result_structs=structs, tags=("v", *sec.tags))
+        inner_shapes = shapes
+    out = remote_second_p.bind(*xs, *vecs, ops=ops, shapes=inner_shapes, sec=inner)
+    return out, [0] * len(out)
+
+
+remote_second_p.def_impl(_second_impl)
+remote_second_p.def_abstract_eval(_second_abstract)
+mlir.register_lowering(remote_second_p, mlir.lower_fun(_second_lowered, multiple_results=True))
+ad.primitive_jvps[remote_second_p] = _second_jvp
+ad.primitive_transposes[remote_second_p] = _second_transpose
+batching.primitive_batchers[remote_second_p] = _second_batch
