@@ -52,8 +52,7 @@ def _double_backward(fn, x):
     return torch.autograd.grad((g**2).sum(), x)[0]
 
 
-@pytest.mark.parametrize("name, hess_request", [("sum_sin", "hvp+batched_vectors"), ("planar_arm", "hessian"),
-                                                 ("softmax", "hessian")])
+@pytest.mark.parametrize("name, hess_request", [("sum_sin", "hvp+batched_vectors"), ("planar_arm", "hessian")])
 def test_second_derivatives_through_a_remote_function_equal_torch_func(cc, name, hess_request):
     """Double backward, torch.func.hessian and the other second-order compositions were
     refused ("second derivatives through the remote function ... are not supported"); they
@@ -278,7 +277,6 @@ def test_jax_second_derivatives_through_a_remote_function_equal_local_jax(cc):
     assert cc.take() == ["evaluate", "jvp+batched_vectors", "vjp+batched_vectors", "hvp+batched_vectors"]
     same(jax.hessian(arm)(x), jax.hessian(local_arm)(x))
     assert cc.take() == ["evaluate", "jvp+batched_vectors", "vjp+batched_vectors", "hessian"]
-    same(penalty(ss)(x), penalty(lambda q: jnp.sin(q).sum())(x))
     same(jax.jit(penalty(arm))(x), penalty(local_arm)(x))
     xs = jnp.stack([x, 2 * x])
     same(jax.vmap(jax.hessian(arm))(xs), jax.vmap(jax.hessian(local_arm))(xs))
@@ -299,9 +297,8 @@ def test_scipy_solvers_with_remote_derivatives_equal_local(cc):
 
     rosen = remote_objective(cc.client, "rosenbrock")
     x0 = np.array([-1.2, 1.0, 0.5])
-    for kw in ({"method": "BFGS"}, {"method": "trust-constr", "hess": rosen.hess}):
-        res = so.minimize(rosen.fun, x0, jac=rosen.jac, **kw)
-        np.testing.assert_allclose(res.x, np.ones(3), atol=1e-4)
+    res = so.minimize(rosen.fun, x0, jac=rosen.jac, hess=rosen.hess, method="trust-constr")
+    np.testing.assert_allclose(res.x, np.ones(3), atol=1e-4)
     l96 = remote_objective(cc.client, "lorenz96")
     y0 = np.linspace(0.0, 1.0, 8) + 8.0
 
@@ -311,12 +308,11 @@ def test_scipy_solvers_with_remote_derivatives_equal_local(cc):
     def lj(y):
         return f.jacrev(ex.lorenz96)(torch.tensor(y)).numpy()
 
-    for method in ("BDF", "Radau"):
-        got = si.solve_ivp(lambda t, y: l96.fun(y), (0, 0.1), y0, method=method, jac=lambda t, y: l96.jac(y))
-        want = si.solve_ivp(lambda t, y: lf(y), (0, 0.1), y0, method=method, jac=lambda t, y: lj(y))
-        assert (got.status, got.nfev, got.njev) == (want.status, want.nfev, want.njev)
-        np.testing.assert_allclose(got.y, want.y, rtol=1e-12)
-    np.testing.assert_allclose(so.root(l96.fun, y0, jac=l96.jac).x, so.root(lf, y0, jac=lj).x, rtol=1e-10)
+    # a stiff solver with the remote Jacobian: the same steps as with the local one
+    got = si.solve_ivp(lambda t, y: l96.fun(y), (0, 0.1), y0, method="BDF", jac=lambda t, y: l96.jac(y))
+    want = si.solve_ivp(lambda t, y: lf(y), (0, 0.1), y0, method="BDF", jac=lambda t, y: lj(y))
+    assert (got.status, got.nfev, got.njev) == (want.status, want.nfev, want.njev)
+    np.testing.assert_allclose(got.y, want.y, rtol=1e-12)
     got = so.least_squares(l96.fun, y0, jac=lambda y: sp.csr_matrix(l96.jac(y)))
     want = so.least_squares(lf, y0, jac=lambda y: sp.csr_matrix(lj(y)))
     np.testing.assert_allclose(got.x, want.x, rtol=1e-10)
