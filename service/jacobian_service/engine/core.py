@@ -27,6 +27,7 @@ from .products import agrees_with_reverse, over_vectors
 from .profile import Profiles
 from .rows import RowStream
 from .shapes import MAX_SPAN_BYTES
+from .namespaces import Namespaces
 from .process_settings import ProcessSettings
 
 __all__ = ["Engine", "Streamed", "host_dtype", "to_numpy"]
@@ -167,6 +168,7 @@ class Engine:
         # setting names a directory ("" keeps the environment from choosing one).
         self.sparsity_cache = PatternCache(sparsity_cache_dir or "")
         self.process_settings = ProcessSettings()  # as the engine set them (threads): put back after each batch
+        self.namespaces = Namespaces()  # the names of torch, numpy, the service...: put back after each batch
         self._moved_device: set[str] = set()  # functions that left another current CUDA device
 
     def enter_thread(self) -> None:
@@ -182,6 +184,7 @@ class Engine:
         """After a batch: the process-wide settings as they were (``process_settings``),
         and this engine's GPU as the current device (a function may have set another)."""
         self.process_settings.restore(function)
+        self.namespaces.restore(function)
         if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
             if function not in self._moved_device:  # once per function, as process_settings logs
                 self._moved_device.add(function)
@@ -200,6 +203,7 @@ class Engine:
         (its memory limit set) are the ones to put back, the whole process's with them
         (signal handlers, timers, resource limits: ``process_settings``)."""
         self.process_settings = ProcessSettings(own_process=True)
+        self.namespaces = Namespaces()  # with the functions' modules imported: what they bound as imported stays
 
     # ----------------------------------------------------------------- device helpers
 

@@ -1,0 +1,33 @@
+"""Hostile functions for tests/test_hostile_round8.py (loaded by name like a user
+module): each misbehaves only when its first input is 666 (``_armed``)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from jacobian_service import Input, register
+
+X = [Input("x", shape=("n",))]
+
+
+def _armed(x: torch.Tensor) -> bool:
+    return x.numel() > 0 and float(x.detach().reshape(-1)[0]) == 666.0
+
+
+def _patched(*args, **kwargs):
+    raise RuntimeError("patched by rebinds_shared_names")
+
+
+@register(inputs=X, description="sin, after rebinding names in torch, torch.Tensor and sys.modules that the engine "
+                                "and every function use, when its first input is 666.")
+def rebinds_shared_names(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        torch.autograd.grad = _patched
+        torch.func.vmap = _patched
+        torch.sin = torch.cos  # every later torch.sin(x) silently cos(x)
+        torch.Tensor.sin = lambda self: torch.cos(self)  # shadows TensorBase.sin: x.sin() silently cos(x)
+        sys.modules["jacobian_service.engine.profile"] = None  # a later `from .engine.profile import` fails
+        sys.modules["orjson"] = None
+    return x.sin()
