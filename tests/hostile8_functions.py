@@ -31,3 +31,10 @@ def rebinds_shared_names(x: torch.Tensor) -> torch.Tensor:
         sys.modules["jacobian_service.engine.profile"] = None  # a later `from .engine.profile import` fails
         sys.modules["orjson"] = None
     return x.sin()
+
+
+@register(inputs=[Input("x", shape=("m", "n"))], has_aux=True,
+          description="sin of a matrix, with its shape as aux: rows of no elements in, rows of none out.")
+def matrix_sin(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    return x.sin(), list(x.shape)
+

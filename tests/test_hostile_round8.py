@@ -6,6 +6,7 @@ The functions are in tests/hostile8_functions.py; each misbehaves only on the in
 
 from __future__ import annotations
 
+import io
 import subprocess
 import time
 from typing import Iterator
@@ -13,6 +14,9 @@ from typing import Iterator
 import httpx
 import numpy as np
 import pytest
+from numpy.lib import format as npy_format
+
+from jacobian_client import wire
 
 from .conftest import assert_problem, live_server
 
@@ -78,3 +82,40 @@ def test_names_a_function_rebinds_in_torch_and_sys_modules_are_put_back(server) 
                   "sys.modules entries (jacobian_service.engine.profile, orjson)"):
         assert f"rebinds_shared_names rebound or deleted {where}" in log, log[-4000:]
     assert "Traceback" not in log
+
+
+# ----------------------------------------------------------------- rows of no elements
+
+
+def _npy_head(shape: tuple[int, ...]) -> bytes:
+    """An .npy body of no elements: its header alone."""
+    buf = io.BytesIO()
+    npy_format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("endpoint", ["evaluate", "jacobian"])
+def test_rows_of_no_elements_are_counted_as_the_json_that_writes_them(server, endpoint: str) -> None:
+    """A (2^28, 0) input holds nothing, and so does the output of ``sin`` of it (and its
+    Jacobian, (2^28, 0, 2^28, 0)): counted 0 bytes, they passed the result limit, and
+    their 2^28 empty lists, 805 MB of JSON text, were encoded on the front end's event
+    loop: no answer in 90 s, every other client's request waiting with it, until the
+    front end was killed (-9). Now JSON's lists count: 413 at once, the front end free."""
+    url, _ = server
+    started = time.monotonic()
+    r = _post(url, f"/v1/functions/matrix_sin/{endpoint}", content=_npy_head((1 << 28, 0)),
+              headers={"content-type": wire.NPY, "accept": wire.JSON})
+    problem = assert_problem(r, 413, "result_too_large")
+    assert "805306" in problem["detail"], problem  # the JSON it would have written
+    # a (0, 2^28) input writes one empty list: answered, as before
+    r = _post(url, f"/v1/functions/matrix_sin/{endpoint}", content=_npy_head((0, 1 << 28)),
+              headers={"content-type": wire.NPY, "accept": wire.JSON})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["aux"] == [0, 1 << 28]
+    expected = [0, 1 << 28] if endpoint == "evaluate" else [0, 1 << 28, 0, 1 << 28]
+    assert body["output" if endpoint == "evaluate" else "jacobian"]["shape"] == expected
+    r = _post(url, "/v1/functions/sin/jacobian", json={"inputs": [X]})
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - started < 20  # minutes before; seconds of margin on a loaded machine
+
