@@ -38,3 +38,25 @@ def rebinds_shared_names(x: torch.Tensor) -> torch.Tensor:
 def matrix_sin(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     return x.sin(), list(x.shape)
 
+
+_LIBRARIES: list = []  # the Library objects it registered with: kept, as a module would
+
+
+@register(inputs=X, description="sin, after registering cos as torch's sin on the CPU (torch.library), when its "
+                                "first input is 666.")
+def overrides_a_torch_kernel(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        library = torch.library.Library("aten", "IMPL")
+        library.impl("sin", lambda t: torch.cos(t), "CPU")
+        _LIBRARIES.append(library)
+    return x.sin()
+
+
+@register(inputs=X, description="sin, through an operator of its own (torch.library) defined at its first call.")
+def own_operator(x: torch.Tensor) -> torch.Tensor:
+    if not hasattr(torch.ops, "hostile8") or not hasattr(torch.ops.hostile8, "twice"):
+        library = torch.library.Library("hostile8", "DEF")
+        library.define("twice(Tensor x) -> Tensor")
+        library.impl("twice", lambda t: t * 2, "CPU")
+        _LIBRARIES.append(library)
+    return torch.ops.hostile8.twice(x.detach()) * 0 + x.sin()

@@ -119,3 +119,42 @@ def test_rows_of_no_elements_are_counted_as_the_json_that_writes_them(server, en
     assert r.status_code == 200, r.text
     assert time.monotonic() - started < 20  # minutes before; seconds of margin on a loaded machine
 
+
+# ----------------------------------------------------------------- torch's kernels (last: the engine is replaced)
+
+
+def _sin_served(url: str, seconds: float = 60.0) -> None:
+    """Until sin's values are served right (an engine replaced: a spare promoted, or a
+    cold one started)."""
+    deadline = time.monotonic() + seconds
+    while (r := _post(url, "/v1/functions/sin/evaluate", json={"inputs": [X]})).status_code == 503:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.1)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["output"]["data"], np.sin(X), rtol=1e-6)
+
+
+def test_a_kernel_a_function_registers_over_torchs_own_operator_replaces_the_engine(server) -> None:
+    """``torch.library.Library("aten", "IMPL").impl("sin", cos, "CPU")`` in a function
+    replaced torch's sin for the whole engine: every later evaluate of ``sin`` answered
+    cos(x), silently, with 200s. torch cannot take such a kernel back, so the engine
+    leaves after that batch for one whose operators are torch's, the function is named
+    (and, one offence here, quarantined). An operator a function defines in its own
+    namespace is its own business: served, the engine kept."""
+    url, proc = server
+    r = _post(url, "/v1/functions/own_operator/evaluate", json={"inputs": [X]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["output"]["data"], np.sin(X), rtol=1e-6)
+    pids = _engine_pids(url)
+    _sin_served(url)
+    assert _engine_pids(url) == pids  # its own operator: no engine lost
+    r = _post(url, "/v1/functions/overrides_a_torch_kernel/evaluate", json=ARMED)
+    assert r.status_code == 200, r.text  # its own answer, computed under its kernel
+    _sin_served(url)
+    assert _engine_pids(url) != pids
+    _logged(proc, "overrides_a_torch_kernel changed kernels of torch's own operators (torch.library)")
+    deadline = time.monotonic() + 10  # the word reaches front ends twice a second
+    while (r := _post(url, "/v1/functions/overrides_a_torch_kernel/evaluate", json={"inputs": [X]})).status_code != 503:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.1)
+    assert_problem(r, 503, "function_quarantined")

@@ -87,6 +87,7 @@ import torch.autograd.forward_ad as _forward_ad
 from ..heap import refreeze, thawed
 from ..logs import service_loggers
 from ..procfs import descriptor_identity
+from .torch_kernels import KERNELS
 
 __all__ = ["ProcessSettings"]
 
@@ -621,6 +622,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     # This thread's hooks: the engine's thread is the one the functions run on.
     _Setting("the trace function", sys.gettrace, sys.settrace, _hook_changed),
     _Setting("the profile function", sys.getprofile, sys.setprofile, _hook_changed),
+    _Setting("kernels of torch's own operators (torch.library)", KERNELS.count, KERNELS.put, KERNELS.changed),
 )
 
 # torch.nn's global module hooks (register_module_forward_hook and its kin): one that
@@ -921,6 +923,7 @@ class ProcessSettings:
             else _SETTINGS
         self._own_process = own_process
         _STATUS.clear()
+        KERNELS.take()
         self._taken = [_read(s) for s in self._settings]
         self._named: set[tuple[str, str]] = set()  # (function, setting) already logged
         # (function, setting) of the first change that could not be put back: the engine leaves.

@@ -1,0 +1,87 @@
+"""Kernels a function registers over torch's own operators (``torch.library``).
+
+``torch.library.Library("aten", "IMPL").impl("sin", f, "CPU")`` in a function replaced
+torch's ``sin`` on the CPU for the whole process: every later ``evaluate`` of every
+function that calls ``sin`` answered ``f``'s values, silently, for as long as the engine
+lived. torch keeps no way to take such a kernel back from outside the ``Library``
+object that registered it (the function holds it), so the engine leaves instead, for
+one whose operators are torch's (``process_settings``: a setting that cannot be put
+back).
+
+torch itself registers kernels as it goes (batching rules for ``vmap`` the first time
+it runs, from ``torch/_functorch``), and a function may define operators of its own
+(``torch.library.custom_op``, a namespace of its own): neither counts. A new kernel
+counts when its operator's namespace is torch's (``aten``, ``prims``...) and the
+dispatcher says it was registered from a file outside torch's package.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.library
+
+__all__ = ["KERNELS"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_TORCH_NAMESPACES = frozenset({"aten", "prims", "prim", "quantized", "_quantized", "sparse"})
+
+
+class _Kernels:
+    """``torch.library``'s registered kernels ("ns/op/dispatch key"), as vetted so far."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.foreign: list[str] = []  # those the last look found
+
+    def take(self) -> None:
+        """What is registered now is the engine's (torch's, the functions' modules' as
+        imported)."""
+        self.seen = set(_impls())
+
+    def count(self) -> int:
+        return len(_impls())  # one set's size a batch; only a change is looked into
+
+    def changed(self, now: int, taken: Any) -> bool:
+        """Whether a kernel over a torch operator came from outside torch since the
+        last look; the new ones that did not are taken as the engine's."""
+        if now == len(self.seen):
+            return False
+        new = set(_impls()) - self.seen
+        foreign = _foreign(new)
+        self.seen |= new - foreign
+        self.foreign = sorted(foreign)
+        return bool(foreign)
+
+    def put(self, taken: Any) -> None:
+        raise RuntimeError(f"{', '.join(self.foreign[:5])} registered from outside torch, over torch's own "
+                           "operators; torch.library cannot take a kernel back from outside the Library object "
+                           "that registered it")
+
+
+def _impls() -> set[str]:
+    return getattr(torch.library, "_impls", set())
+
+
+def _foreign(keys: set[str]) -> set[str]:
+    found = set()
+    for key in keys:
+        namespace, _, rest = key.partition("/")
+        op, _, dispatch_key = rest.rpartition("/")
+        if namespace not in _TORCH_NAMESPACES:
+            continue  # an operator of the function's own
+        try:
+            dump = torch._C._dispatch_dump(f"{namespace}::{op}")
+        except Exception:  # an operator of that name torch no longer knows: nothing replaced
+            continue
+        prefix = f"{dispatch_key or 'CompositeImplicitAutograd'}: "  # a Library's default key
+        where = next((line for line in dump.splitlines() if line.startswith(prefix)), "")
+        registered_at = where.partition("registered at ")[2].partition(":")[0]
+        if registered_at and not registered_at.startswith(_TORCH_DIR):
+            found.add(key)
+    return found
+
+
+KERNELS = _Kernels()
