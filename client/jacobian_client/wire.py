@@ -331,6 +331,8 @@ def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarr
         except (ValueError, TypeError, OverflowError) as exc:
             if isinstance(exc, WireError):
                 raise
+            if isinstance(exc, OverflowError) and dtype is not None:  # a Python int past 64 bits
+                raise WireError(f"array data does not fit {dtype}", "invalid_input") from None
             raise WireError(f"array data is not a regular array of numbers: {exc}", "invalid_input") from None
         if arr.dtype.kind not in "biuf":
             raise WireError("array data must be numbers", "invalid_input")
@@ -353,7 +355,15 @@ def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarr
             raise WireError(f"array data does not fit {dtype}", "invalid_input") from None
     if dtype is not None and dtype.kind in "iu" and arr.dtype.kind in "iuf" and arr.size:
         info = np.iinfo(dtype)
-        if not (np.isfinite(arr).all() and info.min <= arr.min() and arr.max() <= info.max):
+        if arr.dtype.kind == "f":
+            # Against float bounds that are exact: int64's largest, 2**63 - 1, compared with
+            # a float, is the float 2**63, which passed as fitting and was cast to -2**63
+            # (a sign flip); uint64's 2**64 (a JSON integer past 64 bits, which orjson reads
+            # as a float) was cast to 0. The smallest value is exact as a float.
+            fits = bool(np.isfinite(arr).all()) and arr.min() >= info.min and arr.max() < 2.0 ** (info.bits - (dtype.kind == "i"))
+        else:
+            fits = info.min <= arr.min() and arr.max() <= info.max
+        if not fits:
             raise WireError(f"array data does not fit {dtype}", "invalid_input")
         if arr.dtype.kind == "f" and not (arr == np.trunc(arr)).all():
             # The cast below truncates: 3.5 for an int64 input computed with 3, silently,

@@ -1,0 +1,68 @@
+"""Red team, round nine: hostile clients and the limits (HTTP edge cases, numbers at the
+edges of their dtypes, memory of concurrent bodies).
+
+No server start: the API cases run on the session's in-process app (``client``), the
+protocol cases on a real uvicorn with the service's protocol class on a thread. Each case
+names what a user saw before.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from jacobian_client import wire
+
+from .conftest import assert_problem
+
+X = [0.5, 1.0, 2.0]
+
+
+# ------------------------------------------------------------ integers at the edge of their dtype
+
+
+@pytest.mark.parametrize("dtype, value", [
+    ("int64", "9223372036854775808.0"),  # 2**63, a whole float: was cast to -2**63
+    ("int64", "9.3e18"),
+    ("uint64", "18446744073709551616"),  # 2**64: orjson reads an integer past 64 bits as a float; was 0
+    ("uint64", "18446744073709551615.0"),  # the float 2**64 again
+    ("int32", "2147483648.0"),
+    ("int64", "123456789012345678901234567890"),
+])
+def test_integers_past_their_dtype_are_refused_not_wrapped(client, dtype: str, value: str) -> None:
+    """An integer array of JSON numbers is checked against its dtype's range before the
+    cast, but against float bounds that were not exact: int64's largest, 2**63 - 1, as a
+    float is 2**63, so the float 2**63 passed and was cast to -2**63 (sin's evaluate
+    answered 200 for sin(-2**63)); uint64's 2**64 was cast to 0. Each is now a 422."""
+    body = f'{{"inputs": [{{"dtype": "{dtype}", "shape": [2], "data": [{value}, 1]}}]}}'
+    problem = assert_problem(client.post("/v1/functions/sin/evaluate", content=body,
+                                         headers={"content-type": wire.JSON}), 422, "invalid_input")
+    assert problem["detail"] == f"array data does not fit {dtype}"
+
+
+def test_an_integer_input_past_int64_is_refused_and_its_edges_are_served(client) -> None:
+    """scaled_norm's ``power`` is int64: 2**63 as a whole float was computed as -2**63.
+    -2**63 itself, and uint64's largest for a floating input, are in range and served."""
+    inputs = {"x": [[3.0, 4.0, 0.0]], "scale": 1.0}
+    problem = assert_problem(client.post("/v1/functions/scaled_norm/evaluate",
+                                         json={"inputs": {**inputs, "power": 2.0 ** 63}}), 422, "invalid_input")
+    assert "does not fit int64" in problem["detail"]
+    r = client.post("/v1/functions/scaled_norm/evaluate", json={"inputs": {**inputs, "power": -(2 ** 63)}})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(wire.decode_tree(r.json()["output"]), [5.0])
+    r = client.post("/v1/functions/sin/evaluate",
+                    json={"inputs": [{"dtype": "uint64", "shape": [1], "data": [2 ** 64 - 1]}]})
+    assert r.status_code == 200, r.text
+    assert wire.decode_tree(r.json()["output"]).shape == (1,)
+
+
+def test_the_sdks_reader_refuses_the_same_and_keeps_the_edges() -> None:
+    for dtype, data in [("int64", [2.0 ** 63]), ("uint64", [2.0 ** 64]), ("uint64", [2 ** 64]), ("int64", [-(2 ** 63) - 1]),
+                        ("int8", [128.0]), ("uint8", [-1.0])]:
+        with pytest.raises(wire.WireError, match=f"does not fit {dtype}"):
+            wire.decode_json_array({"dtype": dtype, "shape": [1], "data": data})
+    for dtype, data in [("int64", [-(2.0 ** 63), 2.0 ** 63 - 1024]), ("uint64", [0.0, 2.0 ** 64 - 2048]),
+                        ("int8", [-128.0, 127.0]), ("uint64", [2 ** 64 - 1, 0])]:
+        arr, _ = wire.decode_json_array({"dtype": dtype, "shape": [2], "data": data})
+        assert arr.dtype == np.dtype(dtype) and [int(v) for v in arr] == [int(v) for v in data]
