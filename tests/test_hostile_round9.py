@@ -66,3 +66,26 @@ def test_the_sdks_reader_refuses_the_same_and_keeps_the_edges() -> None:
                         ("int8", [-128.0, 127.0]), ("uint64", [2 ** 64 - 1, 0])]:
         arr, _ = wire.decode_json_array({"dtype": dtype, "shape": [2], "data": data})
         assert arr.dtype == np.dtype(dtype) and [int(v) for v in arr] == [int(v) for v in data]
+
+
+# ------------------------------------------------------------ query integers
+
+
+@pytest.mark.parametrize("query, named", [
+    ("chunk_size=" + "9" * 5000, "chunk_size"),
+    ("argnums=" + "9" * 5000, "argnums"),
+    ("argnums=0," + "1" * 4400, "argnums"),
+    ("rows=0," + "9" * 5000, "rows"),
+])
+def test_a_query_integer_of_thousands_of_digits_is_a_422(client, query: str, named: str) -> None:
+    """int() refuses more than 4,300 digits with a ValueError: ?chunk_size=999...9 was a
+    500 internal_error ("see the server log", and a traceback there)."""
+    npy = wire.write_npy(np.asarray(X, np.float32))
+    problem = assert_problem(client.post(f"/v1/functions/sin/jacobian?{query}", content=b"".join(npy),
+                                         headers={"content-type": wire.NPY}), 422, "invalid_input")
+    assert problem["detail"].startswith(f"{named}: '") and "beyond the range of int64" in problem["detail"]
+    problem = assert_problem(client.get(f"/v1/functions/sin/sparsity?shapes=3&{query}"), 422, "invalid_input")
+    # 19 digits past int64 are still read, and refused where they are used
+    problem = assert_problem(client.post("/v1/functions/sin/jacobian?chunk_size=99999999999999999999", content=b"".join(npy),
+                                         headers={"content-type": wire.NPY}), 422, "invalid_input")
+    assert "chunk_size" in problem["detail"]

@@ -103,10 +103,14 @@ def _query_value(key: str, value: str) -> Any:
     if key in _BOOLEANS:
         return _WORDS.get(value.lower(), value)  # another word stays a string: refused
     if key in ("argnums", "rows") and "," in value:
-        return [_query_value("argnums", v) for v in value.split(",") if v != ""]
+        return [_query_value(key, v) for v in value.split(",") if v != ""]
     if value.lower() in ("", "null", "none") and key in ("chunk_size", "rows"):
         return None
     if key in ("argnums", "rows", "chunk_size") and _INTEGER.fullmatch(value):
+        # int() refuses more than 4,300 digits with a ValueError, which was a 500
+        # internal_error (?chunk_size=999...9); no option means anything past int64.
+        if len(value.lstrip("-").lstrip("0")) > 19:
+            raise InvalidInput(f"{key}: {echo(value, 40)} is beyond the range of int64")
         return int(value)
     return value
 
