@@ -89,3 +89,30 @@ def test_a_query_integer_of_thousands_of_digits_is_a_422(client, query: str, nam
     problem = assert_problem(client.post("/v1/functions/sin/jacobian?chunk_size=99999999999999999999", content=b"".join(npy),
                                          headers={"content-type": wire.NPY}), 422, "invalid_input")
     assert "chunk_size" in problem["detail"]
+
+
+# ------------------------------------------------------------ encoded slashes
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/v1/functions/sin%2Fjacobian"),
+    ("POST", "/v1/functions/sin%2fhessian"),
+    ("DELETE", "/v1/functions/sin%2Fquarantine"),
+    ("GET", "/v1%2Ffunctions"),
+    ("GET", "/v1/functions/sin%2Fsparsity?shapes=3"),
+])
+def test_an_encoded_slash_is_no_path_separator(client, method: str, path: str) -> None:
+    """The server decodes %2F into the path, where routing read it as a separator: POST
+    /v1/functions/sin%2Fjacobian computed sin's Jacobian, DELETE .../f%2Fquarantine
+    released a quarantine, past a proxy whose rules match the path as sent (Envoy's
+    default). No name holds a '/', so such a path is a 404 naming the %2F."""
+    problem = assert_problem(client.request(method, path, json={"inputs": [X]}), 404, "not_found")
+    assert "%2F" in problem["detail"] and "never a separator" in problem["detail"]
+
+
+def test_other_encoded_characters_still_name_their_routes(client) -> None:
+    r = client.get("/v1/functions/%73in")  # 's'
+    assert r.status_code == 200 and r.json()["name"] == "sin"
+    r = client.post("/v1/functions/sin/ev%61luate", json={"inputs": [X]})
+    np.testing.assert_allclose(wire.decode_tree(r.json()["output"]), np.sin(X), rtol=1e-6)
+    assert_problem(client.get("/v1/functions/s%C3%AFn"), 404, "function_not_found")

@@ -636,6 +636,8 @@ class Router:
         """The routes whose path matches the request's, each with its path parameters.
         Kept in the scope: the access middleware labels the request from the same match."""
         state = scope.setdefault("state", {})
+        if "matches" not in state and _encoded_slash(scope):
+            state["matches"] = []
         if "matches" not in state:
             path = route_path(scope)
             segments = path.count("/")
@@ -652,6 +654,10 @@ class Router:
             try:
                 matches = self.match(scope)
                 if not matches:
+                    if _encoded_slash(scope):
+                        raw = scope["raw_path"].decode("latin-1")
+                        raise NotFound(f"no route for {method} {_printable(raw)}: an encoded '/' (%2F) is part of "
+                                       "its path segment, never a separator, and no name holds one")
                     # A browser pointed at the address serve prints lands on "/": say where to go.
                     prefix = _printable(scope.get("root_path", ""))
                     raise NotFound(f"no route for {method} {_printable(route_path(scope))}; the API is under "
@@ -678,6 +684,17 @@ class Router:
             scope["state"]["code"] = "internal_error"
             response = problem_response(InternalError("internal error; see the server log"), _request_id(request))
         await response(scope, receive, send)
+
+
+def _encoded_slash(scope: dict[str, Any]) -> bool:
+    """Whether the request's path, as sent, holds an encoded '/' (``%2F``). The server
+    decodes it into the path like any other character, where it read as a separator:
+    ``POST /v1/functions/sin%2Fjacobian`` computed sin's Jacobian and ``DELETE
+    /v1/functions/f%2Fquarantine`` released a quarantine, past a proxy whose rules (on
+    ``/v1/functions/*/quarantine``, say) match the path as sent, as Envoy's do by default.
+    No function or route name holds a '/', so such a path names nothing here."""
+    raw = scope.get("raw_path") or b""
+    return b"%2" in raw and (b"%2f" in raw or b"%2F" in raw)
 
 
 def route_path(scope: dict[str, Any]) -> str:
