@@ -8,11 +8,15 @@ names what a user saw before.
 
 from __future__ import annotations
 
+import asyncio
+import tracemalloc
+from typing import Any
 
 import numpy as np
 import pytest
 
 from jacobian_client import wire
+from jacobian_service.connections import BodyBudget, read_body
 
 from .conftest import assert_problem
 
@@ -116,3 +120,40 @@ def test_other_encoded_characters_still_name_their_routes(client) -> None:
     r = client.post("/v1/functions/sin/ev%61luate", json={"inputs": [X]})
     np.testing.assert_allclose(wire.decode_tree(r.json()["output"]), np.sin(X), rtol=1e-6)
     assert_problem(client.get("/v1/functions/s%C3%AFn"), 404, "function_not_found")
+
+
+# ------------------------------------------------------------ a body's memory
+
+
+def test_a_body_of_many_pieces_is_held_once() -> None:
+    """A body came as a list of pieces joined at the end: at its peak it was held twice
+    (the pieces and the join) while the budget counted it once, so five 100 MB bodies
+    that fitted a 512 MiB budget grew a front end by 1.06 GB (measured). It now grows
+    one buffer in place: the peak is the body, and a little."""
+    size, piece = 16 << 20, 64 << 10
+    source = memoryview(bytes(range(256)) * (size // 256))
+
+    class Request:
+        headers: dict[str, str] = {}
+
+        def __init__(self) -> None:
+            self.at = 0
+
+        async def receive(self) -> dict[str, Any]:
+            start, self.at = self.at, self.at + piece
+            return {"type": "http.request", "body": bytes(source[start:self.at]), "more_body": self.at < size}
+
+    budget = BodyBudget(64 << 20)
+
+    async def read() -> tuple[int, bool]:
+        tracemalloc.start()
+        try:
+            async with read_body(Request(), budget, 32 << 20, 30, 300) as body:
+                same = body == source
+                return tracemalloc.get_traced_memory()[1], same
+        finally:
+            tracemalloc.stop()
+
+    peak, same = asyncio.run(read())
+    assert same and budget.used == 0
+    assert peak < 1.3 * size, f"peak {peak / size:.2f} x the body"

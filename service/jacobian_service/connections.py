@@ -211,7 +211,7 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
             charge.take(size, f"expanding an .npz of {len(body)} bytes to {size}")
         return size
 
-    async def __aenter__(self) -> bytes:
+    async def __aenter__(self) -> bytes | bytearray:
         request, budget = self._request, self._budget
         limit, idle_s, total_s, is_json, on_timeout = self._args
         declared = request.headers.get("content-length")
@@ -224,7 +224,12 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
             # nothing is held for it: its bytes are charged as they come.
             budget.check(int(declared), f"a body of {declared} bytes")
         try:
-            parts: list[bytes] = []
+            # One buffer, grown in place: the pieces kept in a list and joined at the end
+            # held every body twice at its peak (the pieces and the join), while the budget
+            # counted it once: five 100 MB bodies that fitted a 512 MiB budget grew a
+            # front end by 1.06 GB. A body of one piece (most) is that piece, uncopied; a
+            # longer one grows a bytearray, which realloc extends where it lies.
+            body: bytes | bytearray = b""
             size = 0
             deadline = time.monotonic() + total_s  # (anyio.current_time looks up its backend each call)
             more = True
@@ -254,9 +259,12 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
                     budget.take(size - self._held, "the body")
                     self._held = size
                 if chunk:
-                    parts.append(chunk)
-            body = parts[0] if len(parts) == 1 else b"".join(parts)
-            del parts
+                    if not body:
+                        body = chunk
+                    else:
+                        if not isinstance(body, bytearray):
+                            body = bytearray(body)
+                        body += chunk
             if is_json:
                 cost = json_parse_cost(body)
                 if cost > budget.max_bytes:  # never fits, however long the client waits: 413, not 503
