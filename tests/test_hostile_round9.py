@@ -9,16 +9,21 @@ names what a user saw before.
 from __future__ import annotations
 
 import asyncio
+import socket
 import tracemalloc
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
 
 from jacobian_client import wire
 from jacobian_service.connections import BodyBudget, read_body
+from jacobian_service.metrics import Metrics
+from jacobian_service.middleware import AccessMiddleware
+from jacobian_service.routes import Router
 
 from .conftest import assert_problem
+from .test_connections import _guarded_uvicorn, _read_to_close
 
 X = [0.5, 1.0, 2.0]
 
@@ -157,3 +162,59 @@ def test_a_body_of_many_pieces_is_held_once() -> None:
     peak, same = asyncio.run(read())
     assert same and budget.used == 0
     assert peak < 1.3 * size, f"peak {peak / size:.2f} x the body"
+
+
+# ------------------------------------------------------------ request smuggling shapes
+
+
+_J = b'{"inputs": [[0.5]]}'
+_NEXT = b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+@pytest.fixture(scope="module", params=["h11", "httptools"])
+def framing_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[str]]]:
+    """A real uvicorn (each of its HTTP implementations) with the service's protocol
+    class and access middleware (the framing checks that the HTTP parser leaves to the
+    app are there) over an app that records the paths it is asked for."""
+    seen: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(scope["path"])
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with _guarded_uvicorn(AccessMiddleware(app, Metrics(), Router([])), request.param, 5.0) as url:
+        yield url, seen
+
+
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(_J), _J),
+    b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(_J), _J),
+    b"Content-Length: %d\r\nContent-Length: 4\r\n\r\n%s" % (len(_J), _J),
+    b"Content-Length: %d, 4\r\n\r\n%s" % (len(_J), _J),
+    b"Content-Length: +%d\r\n\r\n%s" % (len(_J), _J),
+    b"Transfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFFFFF1\r\nab\r\n0\r\n\r\n",
+    b"Transfer-Encoding : chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(_J), _J),
+], ids=["cl-then-te", "te-then-cl", "two-lengths", "length-list", "length-plus", "chunk-size-overflow", "te-space"])
+def test_ambiguous_framing_is_refused_and_nothing_behind_it_is_served(framing_server, framing: bytes) -> None:
+    """Request smuggling shapes: a body whose length two readers could read two ways
+    (Content-Length with Transfer-Encoding, two lengths, a chunk size past 64 bits) is
+    a 400 problem+json and the connection closes: the request pipelined behind it never
+    reaches the app, whichever way a proxy in front read the framing. uvicorn's h11 (its
+    HTTP implementation where httptools is not installed) read Content-Length with
+    Transfer-Encoding by the latter, kept the connection and served the request behind."""
+    url, seen = framing_server
+    seen.clear()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                  + framing + _NEXT)
+        answer = _read_to_close(s, 5)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"application/problem+json" in head, answer[:300]
+    assert b"HTTP/1.1 200" not in answer and "/smuggled" not in seen, (answer[:300], seen)
+    assert wire.loads(body)["code"] == "malformed_request"

@@ -59,6 +59,7 @@ class AccessMiddleware:
         seen: set[bytes] = set()
         expects: list[bytes] = []
         codings: list[bytes] = []
+        length = False
         for key, value in scope["headers"]:
             if key in _SINGLETONS:
                 if key in seen and key.decode() not in twice:
@@ -72,6 +73,8 @@ class AccessMiddleware:
                 expects.append(value.strip().lower())
             elif key == b"transfer-encoding":
                 codings.extend(c.strip().lower() for c in value.split(b","))
+            elif key == b"content-length":
+                length = True
         request_id = request_id if request_id.isprintable() and request_id else new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -146,6 +149,13 @@ class AccessMiddleware:
                            request_id)
         elif any(e != b"100-continue" for e in expects):  # RFC 9110 10.1.1: one we cannot meet
             app = _closing(ExpectationFailed("the only expectation served is Expect: 100-continue"), request_id)
+        elif codings and length:
+            # RFC 9112 6.1: such a request may be read two ways, and a server that answers it
+            # must close the connection. httptools refuses it; uvicorn's h11 read the
+            # chunked body, kept the connection and served what followed it, which a proxy
+            # in front that went by Content-Length took for part of the body (smuggled).
+            app = _closing(MalformedRequest("a request with both Content-Length and Transfer-Encoding can be framed two "
+                                            "ways; send one of them"), request_id)
         elif codings and scope.get("http_version") == "1.0":
             # RFC 9112 6.1: HTTP/1.0 has no transfer codings; such a message's framing is
             # faulty (a proxy in front may have read the chunked body as the next request).
