@@ -9,7 +9,10 @@ names what a user saw before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
+import time
 import tracemalloc
 from typing import Any, Iterator
 
@@ -23,7 +26,7 @@ from jacobian_service.middleware import AccessMiddleware
 from jacobian_service.routes import Router
 
 from .conftest import assert_problem
-from .test_connections import _guarded_uvicorn, _read_to_close
+from .test_connections import _guarded_uvicorn, _read_to_close, _wait_for
 
 X = [0.5, 1.0, 2.0]
 
@@ -218,3 +221,88 @@ def test_ambiguous_framing_is_refused_and_nothing_behind_it_is_served(framing_se
     assert head.startswith(b"HTTP/1.1 400 ") and b"application/problem+json" in head, answer[:300]
     assert b"HTTP/1.1 200" not in answer and "/smuggled" not in seen, (answer[:300], seen)
     assert wire.loads(body)["code"] == "malformed_request"
+
+
+# ------------------------------------------------------------ connections held open
+
+
+@contextlib.contextmanager
+def _capped_uvicorn(app: Any, max_connections: int) -> Iterator[tuple[str, int]]:
+    import threading
+
+    import uvicorn
+
+    from jacobian_service.connections import guarded_protocol
+
+    # idle connections are not timed out while a test runs (the header deadline, keep-alive)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
+                                           timeout_keep_alive=60, http=guarded_protocol(60.0, max_connections=max_connections)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait_for(lambda: server.started, 10)
+        yield "127.0.0.1", server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _get(s: socket.socket, path: str) -> None:
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+
+
+def test_a_client_holding_every_connection_leaves_room_for_the_next() -> None:
+    """Each connection holds a file descriptor, and nothing bounded how many a client
+    kept: at the open-file limit uvloop accepted each new connection and closed it at
+    once (measured: 600 idle connections to a front end limited to 400 files, and the
+    next client's request was reset), for as long as the idle ones were held. Past the
+    cap, a new connection now closes the one that has waited longest without a request
+    being answered (an idle keep-alive or a head still coming), and where every one has a
+    request in progress, the new one gets 503 with Retry-After."""
+    release = threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while scope["path"] == "/slow" and not release.is_set():
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with _capped_uvicorn(app, 3) as address:
+        idle = [socket.create_connection(address) for _ in range(3)]
+        try:
+            for s in idle:  # each answered once, then idle on keep-alive, oldest first
+                _get(s, "/")
+                s.settimeout(5)
+                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            with socket.create_connection(address) as s:
+                _get(s, "/")
+                s.settimeout(5)
+                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            idle[0].settimeout(2)
+            assert idle[0].recv(10) == b""  # the oldest was closed to make room
+            idle[1].settimeout(0.2)
+            with pytest.raises(socket.timeout):  # the others are kept
+                idle[1].recv(10)
+        finally:
+            for s in idle:
+                s.close()
+        busy = [socket.create_connection(address) for _ in range(3)]
+        try:
+            for s in busy:
+                _get(s, "/slow")
+            time.sleep(0.3)  # their requests are in progress
+            with socket.create_connection(address) as s:
+                answer = _read_to_close(s, 5)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in head.lower(), answer
+            assert wire.loads(body)["code"] == "unavailable" and "most connections (3)" in wire.loads(body)["detail"]
+            release.set()
+            for s in busy:  # and the requests in progress are answered
+                s.settimeout(5)
+                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        finally:
+            for s in busy:
+                s.close()
+

@@ -31,6 +31,7 @@ as a whole holds at most ``workers x body_budget_bytes`` of request bodies.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Any, Callable
@@ -472,7 +473,8 @@ class HeadWithBody:
 # when headers come in smaller pieces than that.) Cookies and bearer tokens fit many times.
 MAX_HEADER_BYTES = 32 << 10
 
-_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+            503: b"Service Unavailable"}
 
 
 def _closing_problem(error: ServiceError) -> bytes:
@@ -481,21 +483,49 @@ def _closing_problem(error: ServiceError) -> bytes:
     they are."""
     request_id = new_request_id()
     body = wire.dumps(problem_document(error, request_id))
-    return (b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nx-request-id: %s\r\n"
+    extra = b"".join(b"%s: %s\r\n" % (k.lower().encode(), v.encode()) for k, v in error.headers.items()
+                     if k.lower() != "connection")
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nx-request-id: %s\r\n%s"
             b"connection: close\r\n\r\n" % (error.status, _REASONS[error.status], wire.PROBLEM.encode(), len(body),
-                                              request_id.encode()) + body)
+                                              request_id.encode(), extra) + body)
+
+
+def connection_cap() -> int:
+    """The most client connections one front end keeps: its open-file limit, less a
+    reserve for its own files (engine channels, shared memory, logs: ~40) and for the
+    accept that makes room. Past the limit itself uvloop cannot accept at all: it
+    accepted each new connection and closed it at once (a reset), so a client holding
+    that many idle connections refused everyone else for as long as it held them."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1 << 16
+    if soft == getattr(resource, "RLIM_INFINITY", -1) or soft <= 0:
+        return 1 << 16
+    return max(16, soft - max(128, soft // 16))
 
 
 def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type | None = None,
-                     max_header_bytes: int = MAX_HEADER_BYTES) -> type:
+                     max_header_bytes: int = MAX_HEADER_BYTES, max_connections: int | None = None) -> type:
     """uvicorn's HTTP protocol class (httptools, else h11) with a header deadline and a
     header size limit: from its connection (and after each response), a client has
     ``header_timeout_s`` to get a request's headers in, in at most ``max_header_bytes``;
     otherwise it is answered 408 (or 431) and closed. A request whose headers are in is
     left alone: its body and response have their own clocks and limits. ``base`` picks
-    uvicorn's class (tests run both)."""
+    uvicorn's class (tests run both).
+
+    At most ``max_connections`` (default :func:`connection_cap`) connections are kept:
+    one more closes the connection that has waited longest without a request being
+    answered on it (an idle keep-alive, or headers still coming), which any client must
+    expect of an idle connection; where every one has a request in progress, the new one
+    is answered 503 with ``Retry-After`` and closed."""
     if base is None:
         from uvicorn.protocols.http.auto import AutoHTTPProtocol as base
+    cap = connection_cap() if max_connections is None else max_connections
+    # This process's connections, least recently heard from first.
+    live: collections.OrderedDict[Any, None] = collections.OrderedDict()
 
     class HeaderDeadlineProtocol(base):  # type: ignore[misc, valid-type]
         _header_timer: Any = None
@@ -508,10 +538,29 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop))
+            live[self] = None
+            if len(live) > cap:
+                self._make_room()
             self._arm_header_timer()
+
+        def _make_room(self) -> None:
+            for other in live:
+                if other is not self and other._idle() and not other.transport.is_closing():
+                    other.transport.close()  # (connection_lost takes it out of ``live``)
+                    return
+            self._refuse(Unavailable(f"this server holds its most connections ({cap}), each with a request in "
+                                     "progress; retry shortly", headers={"Retry-After": "1"}))
+
+        def _idle(self) -> bool:
+            """No request being answered here: a keep-alive between requests, or a head
+            (or an unread body after its answer) still coming."""
+            cycle = getattr(self, "cycle", None)
+            return cycle is None or cycle.response_complete
 
         def data_received(self, data: bytes) -> None:
             self._heard = True
+            if self in live:
+                live.move_to_end(self)
             in_head = self._in_head()
             if not in_head and getattr(self, "conn", None) is None:  # httptools, a body's bytes
                 self._body_received(data)
@@ -599,6 +648,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             self._arm_header_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            live.pop(self, None)
             if self._header_timer is not None:
                 self._header_timer.cancel()
             super().connection_lost(exc)
