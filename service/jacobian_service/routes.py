@@ -285,7 +285,9 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     encodings = [e.strip().lower() for e in request.headers.getlist("content-encoding")]
     if any(e not in ("", "identity") for e in encodings):  # a gzip body read as JSON or .npy is only garbage
         shown = ", ".join(e for e in encodings if e not in ("", "identity"))
-        raise UnsupportedMediaType(f"Content-Encoding {echo(shown)} is not supported; send the body as it is")
+        # RFC 9110 15.5.16: a 415 for a coding says which codings are served (none)
+        raise UnsupportedMediaType(f"Content-Encoding {echo(shown)} is not supported; send the body as it is",
+                                   headers={"Accept-Encoding": "identity"})
     s = state.settings
     # The body is charged to the process's body budget as it arrives, before it is
     # buffered, and held there (JSON at its parse cost) until it is parsed; an .npz's
