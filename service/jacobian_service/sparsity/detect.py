@@ -973,71 +973,6 @@ class _Tracer:
             hess = _union(parts, self.n, self.n) if parts else None
         return self.wrap(out, _ones(ga + gb), hess)
 
-    def transposed_convolution(self, named: dict[str, Any], traced: Sequence[_Traced], out: torch.Tensor) -> Any:
-        """``conv_transpose1d/2d/3d``: input place ``q`` of channel ``c`` adds, through tap
-        ``k`` of weight ``w[c, o']``, to output place ``q * stride - padding + k *
-        dilation`` of channel ``o`` (``o'`` within ``c``'s group); the taps of a constant
-        weight that are zero add nothing. Bilinear in input and weight; the bias adds
-        to its channel."""
-        x, w, bias = named["input"], named["weight"], named.get("bias")
-        xv = x.value if isinstance(x, _Traced) else x
-        wv = w.value if isinstance(w, _Traced) else w
-        stride, padding, dilation = (list(named[k]) for k in ("stride", "padding", "dilation"))
-        groups = int(named["groups"])
-        batch, channels, spatial = xv.shape[0], xv.shape[1], tuple(xv.shape[2:])
-        per_group, kernel = wv.shape[1], tuple(wv.shape[2:])
-        outs, places = out.shape[1], tuple(out.shape[2:])
-        dx, dw = self.deps(x), self.deps(w)
-        taps_per = math.prod(kernel)
-        wmask = (wv != 0).cpu().numpy().reshape(channels, per_group, taps_per) | (np.diff(dw.indptr) > 0).reshape(channels, per_group, taps_per)
-        if isinstance(w, _Traced) and not w.root.const and dx.nnz and not wmask.all():
-            self.reads("convolution: zeros of an operand that varies with the inputs")
-        if dx.nnz == 0:
-            wmask[:] = True
-        c, oo, k = np.nonzero(wmask)
-        q_all = np.arange(math.prod(spatial))
-        _check_entries(batch * q_all.size * c.size, "convolution")
-        kc = np.unravel_index(k, kernel) if kernel else ()
-        qc = np.unravel_index(q_all, spatial) if spatial else ()
-        valid = np.ones((c.size, q_all.size), bool)
-        p = np.zeros((c.size, q_all.size), np.int64)
-        for d in range(len(spatial)):
-            pd = qc[d][None, :] * stride[d] - padding[d] + kc[d][:, None] * dilation[d]
-            valid &= (pd >= 0) & (pd < places[d])
-            p = p * places[d] + pd
-        tap, at = np.nonzero(valid)
-        p = p[tap, at]
-        o = (c[tap] // max(channels // groups, 1)) * per_group + oo[tap]
-        place_out, place_in = math.prod(places), math.prod(spatial)
-        size = int(out.numel())
-        for_batch = np.arange(batch)[:, None]
-        rows = for_batch * outs * place_out + (o * place_out + p)[None, :]
-        parts = []
-        if dx.nnz:
-            cols = (for_batch * channels * place_in + (c[tap] * place_in + at)[None, :]).reshape(-1)
-            m = sp.csr_array((np.ones(cols.size, np.float32), (rows.reshape(-1), cols)), shape=(size, xv.numel()))
-            parts.append(_ones(m @ dx))
-        if dw.nnz:  # (zeros of a constant input only, as convolution's)
-            constant = not isinstance(x, _Traced) or x.root.const
-            xmask = (xv != 0).cpu().numpy().reshape(batch, -1) if constant else np.ones((batch, xv[0].numel()), bool)
-            read = xmask[:, c[tap] * place_in + at]
-            cols = np.broadcast_to(((c[tap] * per_group + oo[tap]) * taps_per + k[tap])[None, :], (batch, tap.size))[read]
-            m = sp.csr_array((np.ones(cols.size, np.float32), (rows[read], cols)), shape=(size, wv.numel()))
-            parts.append(_ones(m @ dw))
-        if isinstance(bias, _Traced) and bias.root.deps.nnz:
-            r = np.arange(size)
-            m = sp.csr_array((np.ones(size, np.float32), (r, (r // max(place_out, 1)) % outs)), shape=(size, outs))
-            parts.append(_ones(m @ self.deps(bias)))
-        deps = _union(parts, size, self.n)
-        hess = None
-        if self.hessian:
-            hparts = [self.hess_of(traced)]
-            if dx.nnz and dw.nnz:  # bilinear: pairs across input and weight
-                hparts.append(self.pairs(deps))
-            hparts = [h for h in hparts if h is not None]
-            hess = _union(hparts, self.n, self.n) if hparts else None
-        return self.wrap(out, deps, hess)
-
     def normalize(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
         """Layer, group and batch normalization: an element depends on the elements of its
         group (the trailing ``normalized_shape`` of its own row; its own sample's group of
@@ -1123,69 +1058,62 @@ class _Tracer:
         return self.wrap(out, deps, hess)
 
     def convolution(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
-        """``aten.convolution`` (conv1d/2d/3d, any stride, padding, dilation, groups): an
-        output element depends on the input elements its kernel window covers, through
-        the taps whose weight may be nonzero (a weight that depends on the input, or a
-        constant one that is not zero: a 5-point Laplacian kernel stays 5 points), on
-        every tap of its output channel's weights when those depend on the input, and
-        on its channel's bias. Transposed convolutions: :meth:`transposed_convolution`."""
+        """``aten.convolution`` (conv1d/2d/3d and conv_transpose1d/2d/3d, any stride,
+        padding, dilation, groups, output_padding): an output element depends on the
+        input elements its kernel window covers, through the taps whose weight may be
+        nonzero (a weight that depends on the input, or a constant one that is not zero:
+        a 5-point Laplacian kernel stays 5 points), on every tap of its weights that
+        reads an input element that may be nonzero when those depend on the input, and
+        on its channel's bias. Which places a tap links is :func:`_kernel_links`'s
+        arithmetic, for both directions."""
         named = dict(zip((a.name for a in func._schema.arguments), args))
         named.update(kwargs)
         x, w, bias = named["input"], named["weight"], named.get("bias")
         traced = [t for t in (x, w, bias) if isinstance(t, _Traced)]
-        if bool(named["transposed"]):
-            return self.transposed_convolution(named, traced, out)
+        transposed = bool(named["transposed"])
         xv = x.value if isinstance(x, _Traced) else x
         wv = w.value if isinstance(w, _Traced) else w
         stride, padding, dilation = (list(named[k]) for k in ("stride", "padding", "dilation"))
         groups = int(named["groups"])
         batch, channels, spatial = xv.shape[0], xv.shape[1], tuple(xv.shape[2:])
-        outs, per_group, kernel = wv.shape[0], wv.shape[1], tuple(wv.shape[2:])
-        places = tuple(out.shape[2:])
+        outs, places = out.shape[1], tuple(out.shape[2:])
+        # The weight is (out, in / groups, *kernel), transposed (in, out / groups, *kernel).
+        per_group, kernel = wv.shape[1], tuple(wv.shape[2:])
         dx, dw = self.deps(x), self.deps(w)
         taps_per = math.prod(kernel)
-        # The taps (o, c within the group, k) that may be nonzero.
-        wmask = (wv != 0).cpu().numpy().reshape(outs, per_group, taps_per) | (np.diff(dw.indptr) > 0).reshape(outs, per_group, taps_per)
+        # The taps (weight row, column within the group, k) that may be nonzero.
+        wmask = (wv != 0).cpu().numpy().reshape(wv.shape[0], per_group, taps_per) | (np.diff(dw.indptr) > 0).reshape(wv.shape[0], per_group, taps_per)
         if isinstance(w, _Traced) and not w.root.const and dx.nnz and not wmask.all():
             self.reads("convolution: zeros of an operand that varies with the inputs")
         if dx.nnz == 0:
             wmask[:] = True
-        o, cc, k = np.nonzero(wmask)
-        place = np.arange(math.prod(places))
-        _check_entries(batch * place.size * o.size, "convolution")
-        kc = np.unravel_index(k, kernel) if kernel else ()
-        pc = np.unravel_index(place, places) if places else ()
-        valid = np.ones((o.size, place.size), bool)
-        q = np.zeros((o.size, place.size), np.int64)
-        for d in range(len(spatial)):
-            qd = pc[d][None, :] * stride[d] - padding[d] + kc[d][:, None] * dilation[d]
-            valid &= (qd >= 0) & (qd < spatial[d])
-            q = q * spatial[d] + qd
-        tap, at = np.nonzero(valid)
-        q = q[tap, at]
-        c = (o[tap] // max(outs // groups, 1)) * per_group + cc[tap]
+        # A convolution sweeps its output places and reaches into the input; a transposed
+        # one sweeps its input places and reaches into the output: the same arithmetic.
+        sweep, reach = (spatial, places) if transposed else (places, spatial)
+        a, b, k, at, to = _kernel_links(wmask, kernel, sweep, reach, stride, padding, dilation, batch)
+        other = (a // max(wv.shape[0] // groups, 1)) * per_group + b  # the other side's channel
+        (out_ch, out_place, in_ch, in_place) = (other, to, a, at) if transposed else (a, at, other, to)
+        place_out, place_in = math.prod(places), math.prod(spatial)
         size = int(out.numel())
-        parts = []
-        rows_per_batch = (o[tap] * place.size + at)
         for_batch = np.arange(batch)[:, None]
+        rows = for_batch * outs * place_out + (out_ch * place_out + out_place)[None, :]  # (batch, links)
+        parts = []
         if dx.nnz:
-            rows = (for_batch * outs * place.size + rows_per_batch[None, :]).reshape(-1)
-            cols = (for_batch * channels * math.prod(spatial) + (c * math.prod(spatial) + q)[None, :]).reshape(-1)
-            m = sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(size, xv.numel()))
+            cols = (for_batch * channels * place_in + (in_ch * place_in + in_place)[None, :]).reshape(-1)
+            m = sp.csr_array((np.ones(cols.size, np.float32), (rows.reshape(-1), cols)), shape=(size, xv.numel()))
             parts.append(_ones(m @ dx))
-        if dw.nnz:  # every tap of the output channel that reads an input element that may be nonzero
+        if dw.nnz:  # every tap that reads an input element that may be nonzero
             # (zeros of a constant input only: those of one that varies, padding included,
             # would make the pattern hold at this point alone, for a few entries)
             constant = not isinstance(x, _Traced) or x.root.const
             xmask = (xv != 0).cpu().numpy().reshape(batch, -1) if constant else np.ones((batch, xv[0].numel()), bool)
-            read = xmask[:, c * math.prod(spatial) + q]  # (batch, taps x places)
-            rows = (for_batch * outs * place.size + rows_per_batch[None, :])[read]
-            cols = np.broadcast_to(((o[tap] * per_group + cc[tap]) * taps_per + k[tap])[None, :], (batch, tap.size))[read]
-            m = sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(size, wv.numel()))
+            read = xmask[:, in_ch * place_in + in_place]  # (batch, links)
+            cols = np.broadcast_to(((a * per_group + b) * taps_per + k)[None, :], (batch, a.size))[read]
+            m = sp.csr_array((np.ones(cols.size, np.float32), (rows[read], cols)), shape=(size, wv.numel()))
             parts.append(_ones(m @ dw))
         if isinstance(bias, _Traced) and bias.root.deps.nnz:
-            rows = np.arange(size)
-            m = sp.csr_array((np.ones(size, np.float32), (rows, (rows // max(place.size, 1)) % outs)), shape=(size, outs))
+            r = np.arange(size)
+            m = sp.csr_array((np.ones(size, np.float32), (r, (r // max(place_out, 1)) % outs)), shape=(size, outs))
             parts.append(_ones(m @ self.deps(bias)))
         deps = _union(parts, size, self.n)
         hess = None
@@ -1350,6 +1278,31 @@ class _Tracer:
 
 
 _TAGS: dict[Any, frozenset[Any]] = {}
+
+
+def _kernel_links(
+    wmask: np.ndarray, kernel: tuple[int, ...], sweep: tuple[int, ...], reach: tuple[int, ...],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], batch: int,
+) -> tuple[np.ndarray, ...]:
+    """Which places a convolution's taps link: for each tap ``(a, b, k)`` that ``wmask``
+    (weight rows x columns x taps) lets through and each place ``at`` of the swept grid,
+    the place ``at * stride - padding + k * dilation`` of the reached grid, where it lies
+    inside. A convolution sweeps its output and reaches into its input; a transposed one
+    sweeps its input and reaches into its output. Returns ``(a, b, k, at, to)``, one
+    entry per link (flat places), after bounding the links by the entry limit."""
+    a, b, k = np.nonzero(wmask)
+    at_all = np.arange(math.prod(sweep))
+    _check_entries(batch * at_all.size * a.size, "convolution")
+    kc = np.unravel_index(k, kernel) if kernel else ()
+    sc = np.unravel_index(at_all, sweep) if sweep else ()
+    valid = np.ones((a.size, at_all.size), bool)
+    to = np.zeros((a.size, at_all.size), np.int64)
+    for d in range(len(sweep)):
+        td = sc[d][None, :] * stride[d] - padding[d] + kc[d][:, None] * dilation[d]
+        valid &= (td >= 0) & (td < reach[d])
+        to = to * reach[d] + td
+    tap, at = np.nonzero(valid)
+    return a[tap], b[tap], k[tap], at, to[tap, at]
 
 
 def _tagged(func: Any, tag: Any) -> bool:
