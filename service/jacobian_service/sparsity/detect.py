@@ -97,6 +97,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -508,6 +509,8 @@ class _Tracer:
             return self.normalize(func, name, args, kwargs, out)
         if name == "_cdist_forward" and _float(out):
             return self.cdist(args, out)
+        if name == "_linalg_solve_ex":
+            return self.solve(func, args, kwargs, out)
         if name in _REDUCE or name in _LINE or name in _SCAN or name in _FFT:
             return self.along(func, name, args, kwargs, out)
         if torch.Tag.pointwise in func.tags or name in _LINEAR_POINTWISE:
@@ -1057,6 +1060,57 @@ class _Tracer:
             hess = _union(parts, self.n, self.n)
         return self.wrap(out, deps, hess)
 
+    def solve(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """``torch.linalg.solve(A, B)`` with a matrix ``A`` that does not depend on the
+        inputs (an implicit time step's ``I - dt L``, a fixed operator): ``X = A^-1 B``
+        (``B A^-1`` for ``left=False``), and ``A^-1`` is a polynomial in ``A`` of degree
+        below n (Cayley-Hamilton), so ``X[i]`` depends on ``B[l]`` wherever ``l`` is
+        reachable from ``i`` in ``A``'s graph (:func:`_reachable`): block-diagonal and
+        triangular systems keep their structure, and batched systems stay apart. The
+        factors and ``info`` depend on ``A`` alone: a constant ``A``'s are constants, so
+        the error check that reads ``info`` reads nothing of the inputs. An ``A`` that
+        depends on the inputs is taken as dense."""
+        named = dict(zip((a.name for a in func._schema.arguments), args))
+        named.update(kwargs)
+        a, b, left = named["A"], named["B"], bool(named.get("left", True))
+        traced = [t for t in (a, b) if isinstance(t, _Traced)]
+        if self.deps(a).nnz:
+            return self.dense("_linalg_solve_ex", traced, out)
+        av = a.value if isinstance(a, _Traced) else a
+        bv = b.value if isinstance(b, _Traced) else b
+        result = out[0]
+        n = int(av.shape[-1])
+        vector = bv.dim() == 1 or (bv.dim() == av.dim() - 1 and tuple(bv.shape) == tuple(av.shape[:-1]))
+        batch = tuple(result.shape[:-1] if vector else result.shape[:-2])
+        k = 1 if vector else int(result.shape[-1] if left else result.shape[-2])
+        if isinstance(a, _Traced) and not a.root.const and isinstance(b, _Traced) and self.deps(b).nnz:
+            self.reads("linalg.solve: zeros of a matrix that varies with the inputs")
+        mats = (av != 0).cpu().numpy().reshape(-1, n, n)
+        _check_entries(mats.shape[0] * n * n, "linalg.solve")
+        reach = [_reachable(m) for m in mats]
+        at_a = np.broadcast_to(np.arange(mats.shape[0]).reshape(tuple(av.shape[:-2])), batch).reshape(-1)
+        b_batch = tuple(bv.shape[:-1] if vector else bv.shape[:-2])
+        at_b = np.broadcast_to(np.arange(math.prod(b_batch)).reshape(b_batch), batch).reshape(-1)
+        _check_entries(k * sum(int(reach[i].sum()) for i in at_a), "linalg.solve")
+        rows, cols = [], []
+        for ob, (ia, ib) in enumerate(zip(at_a.tolist(), at_b.tolist())):
+            i, l = np.nonzero(reach[ia])  # X[i] on B[l]
+            j = np.arange(k)[None, :]
+            if left:  # X[ob, i, j] <- B[ib, l, j]
+                rows.append(((ob * n + i)[:, None] * k + j).reshape(-1))
+                cols.append(((ib * n + l)[:, None] * k + j).reshape(-1))
+            else:  # X[ob, j, l] <- B[ib, j, i] (X = B A^-1: column l of X on columns i of B reaching l)
+                rows.append(((ob * k + j) * n + l[:, None]).reshape(-1))
+                cols.append(((ib * k + j) * n + i[:, None]).reshape(-1))
+        rows_, cols_ = (np.concatenate(v) if v else np.zeros(0, np.int64) for v in (rows, cols))
+        spread = sp.csr_array((np.ones(rows_.size, np.float32), (rows_, cols_)), shape=(result.numel(), bv.numel()))
+        deps = _ones(spread @ self.deps(b))
+        wrapped = [self.wrap(result, deps, self.hess_of([b]) if self.hessian else None)]  # linear in B
+        const = not isinstance(a, _Traced) or a.root.const
+        for o in out[1:]:  # LU, pivots, info: of A alone
+            wrapped.append(_Traced(o, _Root(o, _empty(o.numel(), self.n), const=const), self))
+        return tuple(wrapped)
+
     def convolution(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
         """``aten.convolution`` (conv1d/2d/3d and conv_transpose1d/2d/3d, any stride,
         padding, dilation, groups, output_padding): an output element depends on the
@@ -1278,6 +1332,35 @@ class _Tracer:
 
 
 _TAGS: dict[Any, frozenset[Any]] = {}
+
+
+def _reachable(mask: np.ndarray) -> np.ndarray:
+    """``R[i, l]``: ``l`` is reachable from ``i`` (``i`` itself included) in the directed
+    graph with an edge ``i -> l`` wherever ``mask[i, l]``: the structure of every power of
+    a matrix, so of its inverse. Strongly connected components are condensed (an
+    irreducible matrix is one component: all of ``R`` at once), then their reach is
+    propagated in reverse topological order, a row of booleans per component."""
+    graph = sp.csr_array(mask)
+    count, label = connected_components(graph, directed=True, connection="strong")
+    src, dst = graph.nonzero()
+    cond = sp.csr_array((np.ones(src.size, bool), (label[src], label[dst])), shape=(count, count))
+    cond.setdiag(False)
+    cond.eliminate_zeros()
+    indeg = np.bincount(cond.indices, minlength=count)
+    order, queue = [], list(np.flatnonzero(indeg == 0))
+    indeg = indeg.copy()
+    while queue:  # Kahn's topological order of the components
+        c = queue.pop()
+        order.append(c)
+        for d in cond.indices[cond.indptr[c] : cond.indptr[c + 1]]:
+            indeg[d] -= 1
+            if indeg[d] == 0:
+                queue.append(d)
+    reach = np.eye(count, dtype=bool)
+    for c in reversed(order):
+        for d in cond.indices[cond.indptr[c] : cond.indptr[c + 1]]:
+            reach[c] |= reach[d]
+    return reach[label][:, label]
 
 
 def _kernel_links(
