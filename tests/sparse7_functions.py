@@ -123,3 +123,17 @@ def implicit_batched(u: torch.Tensor) -> torch.Tensor:
     lap = torch.diag(torch.full((n,), -2.0, dtype=u.dtype)) + torch.diag(torch.ones(n - 1, dtype=u.dtype), 1)
     a = torch.eye(n, dtype=u.dtype) - 0.05 * lap  # upper bidiagonal: its inverse is upper triangular
     return torch.linalg.solve(a.expand(4, n, n), torch.sin(u))
+
+
+@register(inputs=[Input("u", shape=(16, 16), dtype="float64")],
+          description="Semi-Lagrangian advection: u sampled (grid_sample) at the departure points of a fixed swirl.")
+def semi_lagrangian(u: torch.Tensor) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 16, dtype=u.dtype), torch.linspace(-1, 1, 16, dtype=u.dtype), indexing="ij")
+    departure = torch.stack([x + 0.15 * y, y - 0.15 * x], dim=-1)  # one step back along the swirl
+    return F.grid_sample(u[None, None], departure[None], mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+
+
+@register(inputs=[Input("u", shape=(2, 24, 24), dtype="float64")],
+          description="A coarse view of two fields: antialiased bilinear downsampling to 8 x 8.")
+def coarsen(u: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(u[None], size=(8, 8), mode="bilinear", antialias=True)[0]

@@ -169,7 +169,11 @@ _ADAPTIVE = {"_adaptive_avg_pool2d": 2, "_adaptive_avg_pool3d": 3, "adaptive_max
 # dim's sizes, scale and align_corners alone) and its spatial dims.
 # (Antialiased ones, _upsample_bilinear2d_aa: run on a one-hot input with dims of length
 # 1 beside, torch's kernel gives other weights than on the real shape, so not here.)
-_INTERPOLATE = {"upsample_linear1d": 1, "upsample_bilinear2d": 2, "upsample_bicubic2d": 2, "upsample_trilinear3d": 3}
+_INTERPOLATE = {"upsample_linear1d": 1, "upsample_bilinear2d": 2, "upsample_bicubic2d": 2, "upsample_trilinear3d": 3,
+                "_upsample_bilinear2d_aa": 2, "_upsample_bicubic2d_aa": 2}
+# Antialiased modes are separable too, but their kernel's support along one dim changes
+# when the other dims are squeezed to 1: their one-hot inputs keep the real sizes.
+_ANTIALIASED = frozenset({"_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa"})
 # FFTs: an element depends on every element of its line over the transformed dims
 # (``dim``), none across them; linear.
 _FFT = frozenset("_fft_r2c _fft_c2r _fft_c2c".split())
@@ -511,6 +515,8 @@ class _Tracer:
             return self.cdist(args, out)
         if name == "_linalg_solve_ex":
             return self.solve(func, args, kwargs, out)
+        if name in ("grid_sampler_2d", "grid_sampler_3d") and _float(out):
+            return self.grid_sample(func, args, kwargs, out)
         if name in _REDUCE or name in _LINE or name in _SCAN or name in _FFT:
             return self.along(func, name, args, kwargs, out)
         if torch.Tag.pointwise in func.tags or name in _LINEAR_POINTWISE:
@@ -915,15 +921,19 @@ class _Tracer:
         maps = []
         with torch.no_grad():
             for d, (length, n) in enumerate(zip(spatial, places)):
-                sizes = [n if j == d else 1 for j in range(dims)]
-                along = [scales[d] if j == d else None for j in range(dims)]
+                real = name in _ANTIALIASED  # (other dims at their real sizes, read with weights summing to 1)
+                sizes = [n if j == d or real else 1 for j in range(dims)]
+                along = [scales[j] if j == d or real else None for j in range(dims)]
+                shape = [length if j == d else (spatial[j] if real else 1) for j in range(dims)]
                 m = np.zeros((n, length), bool)
                 for c0 in range(0, length, _ONE_HOT_BLOCK):  # (a long dim in blocks: length^2 otherwise)
                     c1 = min(c0 + _ONE_HOT_BLOCK, length)
                     one_hot = torch.zeros(c1 - c0, length, dtype=torch.float64, device=x.device)
                     one_hot[torch.arange(c1 - c0), torch.arange(c0, c1)] = 1
-                    y = op(one_hot.reshape([1, c1 - c0] + [length if j == d else 1 for j in range(dims)]), sizes, align, *along)
-                    m[:, c0:c1] = (y.reshape(c1 - c0, n) != 0).T.cpu().numpy()
+                    view = [1, c1 - c0] + [length if j == d else 1 for j in range(dims)]
+                    y = op(one_hot.reshape(view).expand([1, c1 - c0] + shape).contiguous(), sizes, align, *along)
+                    first = tuple(slice(None) if j == d else 0 for j in range(dims))  # one place of the other dims
+                    m[:, c0:c1] = (y[(0, slice(None)) + first].reshape(c1 - c0, n) != 0).T.cpu().numpy()
                 reads = m.any(axis=1)
                 first, last = m.argmax(axis=1), length - 1 - m[:, ::-1].argmax(axis=1)
                 cols = np.arange(length)[None, :]
@@ -1058,6 +1068,76 @@ class _Tracer:
         if self.hessian:
             parts = [h for h in (self.hess_of(traced), self.pairs(deps)) if h is not None]
             hess = _union(parts, self.n, self.n)
+        return self.wrap(out, deps, hess)
+
+    def grid_sample(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
+        """``F.grid_sample`` (2-D and 3-D; bilinear, nearest, bicubic; every padding mode):
+        output place ``o`` of channel ``c`` reads the input pixels of its own sample and
+        channel around its grid point. Which ones follow the grid only, and a sample's
+        taps are a product over the dims (corners, a 4 x 4 bicubic window), so each dim's
+        taps are found by torch's own kernel: one-hot inputs along that dim, positive
+        fills along the others (two fills: bicubic weights could cancel in one), holes
+        between a place's first and last tap filled. Linear in the input for a grid that
+        does not depend on the inputs; a grid that does makes every output read its
+        whole channel (which pixels follows the values) and its own grid point."""
+        named = dict(zip((a.name for a in func._schema.arguments), args))
+        named.update(kwargs)
+        x, grid = named["input"], named["grid"]
+        traced = [t for t in (x, grid) if isinstance(t, _Traced)]
+        xv = x.value if isinstance(x, _Traced) else x
+        gv = grid.value if isinstance(grid, _Traced) else grid
+        batch, channels, spatial = xv.shape[0], xv.shape[1], tuple(xv.shape[2:])
+        places = math.prod(out.shape[2:])
+        moving = self.deps(grid).nnz > 0
+        if isinstance(grid, _Traced) and not grid.root.const and not moving:
+            self.reads("grid_sample: a grid that varies with the inputs")
+        taps = []  # per dim: (batch * places) x spatial[d], the places read along d
+        for d, length in enumerate(spatial):
+            if moving:
+                taps.append(sp.csr_array(np.ones((batch * places, length), bool)))
+                continue
+            read = np.zeros((batch, places, length), bool)
+            gen = torch.Generator(device="cpu").manual_seed(d)
+            with torch.no_grad():
+                for fill in range(2):
+                    # (in the grid's own dtype: its coordinates rounded as the call rounds them)
+                    other = torch.rand((batch, 1) + spatial, generator=gen, dtype=torch.float64).add_(0.5).to(xv.device, gv.dtype)
+                    for c0 in range(0, length, _ONE_HOT_BLOCK):
+                        c1 = min(c0 + _ONE_HOT_BLOCK, length)
+                        one_hot = torch.zeros((c1 - c0, length), dtype=gv.dtype, device=xv.device)
+                        one_hot[torch.arange(c1 - c0), torch.arange(c0, c1)] = 1
+                        hot = one_hot.reshape([1, c1 - c0] + [length if j == d else 1 for j in range(len(spatial))])
+                        y = func(hot * other, gv, named["interpolation_mode"], named["padding_mode"], named["align_corners"])
+                        read[:, :, c0:c1] |= (y.reshape(batch, c1 - c0, places) != 0).transpose(1, 2).cpu().numpy()
+            cols = np.arange(length)[None, None, :]
+            first = read.argmax(axis=2)[..., None]
+            last = (length - 1 - read[:, :, ::-1].argmax(axis=2))[..., None]
+            read = read.any(axis=2, keepdims=True) & (cols >= first) & (cols <= last)
+            taps.append(sp.csr_array(read.reshape(batch * places, length)))
+        pix = taps[0]
+        for t in taps[1:]:
+            pix = _row_kron(pix, t)  # (batch * places) x pixels: each place's taps, all dims
+        npix = math.prod(spatial)
+        _check_entries(channels * int(pix.nnz), "grid_sample")
+        counts = np.diff(pix.indptr)
+        n, o = np.divmod(np.repeat(np.arange(batch * places), counts), places)
+        c = np.arange(channels)[:, None]
+        rows = (((n[None, :] * channels + c) * places) + o[None, :]).reshape(-1)
+        cols = (((n[None, :] * channels + c) * npix) + pix.indices[None, :]).reshape(-1)
+        m = sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(out.numel(), xv.numel()))
+        parts = [_ones(m @ self.deps(x))]
+        if moving:  # each output on its own grid point (every coordinate)
+            dims = gv.shape[-1]
+            at = np.arange(out.numel())
+            point = (at // (channels * places)) * places + at % places
+            g = sp.csr_array((np.ones(out.numel() * dims, np.float32), (np.repeat(at, dims), (point[:, None] * dims + np.arange(dims)).reshape(-1))),
+                             shape=(out.numel(), gv.numel()))
+            parts.append(_ones(g @ self.deps(grid)))
+        deps = _union(parts, out.numel(), self.n)
+        hess = None
+        if self.hessian:
+            hparts = [h for h in (self.hess_of(traced), self.pairs(deps) if moving else None) if h is not None]
+            hess = _union(hparts, self.n, self.n) if hparts else None
         return self.wrap(out, deps, hess)
 
     def solve(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
@@ -1332,6 +1412,21 @@ class _Tracer:
 
 
 _TAGS: dict[Any, frozenset[Any]] = {}
+
+
+def _row_kron(a: Any, b: Any) -> Any:
+    """Row by row Kronecker product of two boolean CSR matrices with the same rows:
+    row ``r`` holds ``i * b.shape[1] + j`` for each ``i`` of ``a``'s row and ``j`` of
+    ``b``'s (the taps of a sample in two dims)."""
+    ca, cb = np.diff(a.indptr), np.diff(b.indptr)
+    per = ca * cb
+    total = int(per.sum())
+    k = np.arange(total) - np.repeat(np.cumsum(per) - per, per)
+    cbr = np.repeat(cb, per)
+    ai = a.indices[np.repeat(a.indptr[:-1], per) + k // np.maximum(cbr, 1)]
+    bi = b.indices[np.repeat(b.indptr[:-1], per) + k % np.maximum(cbr, 1)]
+    indptr = np.concatenate([[0], np.cumsum(per)])
+    return sp.csr_array((np.ones(total, bool), ai.astype(np.int64) * b.shape[1] + bi, indptr), shape=(a.shape[0], a.shape[1] * b.shape[1]))
 
 
 def _reachable(mask: np.ndarray) -> np.ndarray:
