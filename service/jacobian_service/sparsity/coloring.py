@@ -5,6 +5,8 @@
   column-intersection graph, coloured greedily in networkx's orders (the same colours
   as ``networkx.greedy_color``, computed on plain lists: its graph of dicts took most of
   the time, ~2 of 2.5 s on a 100 x 100 mesh).
+  Where no colouring is known to reach the lower bound, a bounded tabu search
+  (:func:`_tabu_fewer`) then tries to save colours greedy left (periodic stencils).
 - Row colouring (reverse mode, one VJP per colour): the same on the transpose.
 - Star colouring (symmetric Hessians, one HVP per colour): a distance-1 colouring of
   the adjacency graph in which every path on four vertices uses at least three
@@ -329,6 +331,76 @@ def _greedy_passes(
     return best
 
 
+# The local search after greedy (below): graphs up to this many vertices, and at most
+# this many moves in all (a move costs tens of microseconds: ~0.1 s in all).
+_TABU_VERTEX_LIMIT = 20_000
+_TABU_MOVES = 1_500
+_NO_MOVE = 1 << 40  # (a move's conflict change where it is no move, or tabu)
+
+
+def _tabu_fewer(n: int, u: np.ndarray, v: np.ndarray, colors: np.ndarray, lower: int, check_alive: Check = None) -> np.ndarray | None:
+    """A colouring with fewer colours than greedy's, by TabuCol (Hertz and de Werra,
+    "Using tabu search techniques for graph coloring", Computing 39, 1987; with
+    Galinier and Hao's tabu tenure), or None. Greedy in any order leaves periodic
+    stencils above their bound (a 2-D torus's 5-point stencil: 8 colours where 6 or 7
+    do, whatever the order; networkx's orders, DSATUR and iterated greedy alike): from
+    greedy's colouring with its last colour class spread over the others, each move
+    recolours one conflicting vertex to the colour that removes the most conflicts, a
+    move undone only after a tenure, until no edge conflicts (then one colour fewer is
+    tried) or the moves run out. Deterministic (a fixed seed) and bounded: at most
+    ``_TABU_MOVES`` moves in all, on graphs of ``_TABU_VERTEX_LIMIT`` vertices
+    at most, so the same pattern always gets the same colouring."""
+    active = np.flatnonzero(colors >= 0)
+    if active.size > _TABU_VERTEX_LIMIT or u.size == 0:
+        return None
+    alive = _Every(check_alive)
+    rng = np.random.default_rng(0)
+    order = np.argsort(np.concatenate([u, v]), kind="stable")
+    nbr = np.concatenate([v, u])[order]
+    indptr = np.searchsorted(np.concatenate([u, v])[order], np.arange(n + 1))
+    best: np.ndarray | None = None
+    col = colors.copy()
+    k = int(col.max()) + 1
+    moves, budget = 0, min(_TABU_MOVES, 20 * active.size)  # (a small graph gives up sooner)
+    while k - 1 >= max(lower, 1) and moves < budget:
+        k -= 1
+        last = np.flatnonzero(col == k)
+        col[last] = rng.integers(0, k, last.size)
+        gamma = np.zeros((n, k), np.int32)  # gamma[x, c]: neighbours of x coloured c
+        np.add.at(gamma, (np.concatenate([u, v]), col[np.concatenate([v, u])]), 1)
+        conflicts = int(gamma[active, col[active]].sum()) // 2
+        tabu = np.zeros((n, k), np.int64)
+        fewest = conflicts
+        bad = np.zeros(n, bool)  # in a conflict: kept up to date move by move, not rescanned
+        bad[active] = gamma[active, col[active]] > 0
+        for move in range(budget - moves):
+            if conflicts == 0:
+                break
+            moves += 1
+            alive()
+            cv = np.flatnonzero(bad)
+            delta = gamma[cv].astype(np.int64) - gamma[cv, col[cv]][:, None]
+            delta[np.arange(cv.size), col[cv]] = _NO_MOVE
+            allowed = (tabu[cv] <= move) | (conflicts + delta < fewest)  # (aspiration: a new best)
+            delta = np.where(allowed, delta, _NO_MOVE)
+            ties = np.argwhere(delta == delta.min())
+            i, c = ties[rng.integers(len(ties))]
+            x, old = int(cv[i]), int(col[cv[i]])
+            conflicts += int(delta[i, c])
+            around = nbr[indptr[x] : indptr[x + 1]]
+            gamma[around, old] -= 1
+            gamma[around, c] += 1
+            col[x] = c
+            bad[around] = gamma[around, col[around]] > 0
+            bad[x] = gamma[x, c] > 0
+            tabu[x, old] = move + int(0.6 * cv.size) + int(rng.integers(10))
+            fewest = min(fewest, conflicts)
+        if conflicts or bool((col[u] == col[v]).any()):  # (checked whole, not only counted)
+            break
+        best = col.copy()
+    return best
+
+
 def _complete(active: np.ndarray) -> np.ndarray:
     """One colour per active vertex, in index order: the colouring of a complete graph
     (what greedy colouring in natural order gives it)."""
@@ -484,7 +556,6 @@ def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, ch
         _check_graph_size(p, work)  # (only a graph that is built is bounded: a 600 x 600 stencil needs none)
         u, v = _column_graph_edges(p, check_alive)
         colors, strategy = _greedy(n, u, v, active, strategies, check_alive, lower)
-        del u, v
         # A modulus can only win when greedy stayed above the lower bound: a valid
         # colouring by modulus uses at least ``lower`` colours too.
         if int(colors.max(initial=-1)) + 1 > lower:
@@ -499,6 +570,10 @@ def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, ch
             on_grid = _lattice(p, lower, int(colors.max(initial=-1)) + 1, active, check_alive)
             if on_grid is not None:
                 colors, strategy = on_grid, "lattice"
+        if int(colors.max(initial=-1)) + 1 > lower:
+            fewer = _tabu_fewer(n, u, v, colors, lower, check_alive)
+            if fewer is not None:
+                colors, strategy = fewer, f"{strategy}+tabu"
     _check(check_alive)
     k = int(colors.max(initial=-1)) + 1
     gather = p.rows * k + colors[p.cols]
