@@ -281,3 +281,39 @@ def test_an_engine_error_reaches_the_front_end_without_a_cycle():
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_results_reach_the_host_as_torch_gives_them_with_or_without_a_tree_walk(monkeypatch):
+    """A chunk's gradients (a tuple of tensors) and a result without aux (None) are
+    copied to the host without pytree's walk (three walks a small Jacobian, each more
+    than its copies); anything else (a tensor subclass, a namedtuple, nested trees)
+    takes the walk. The arrays are the same either way: bfloat16 as float32, a lazily
+    negated view resolved, a storage-less zero tensor made real."""
+    import collections
+
+    import torch
+
+    from jacobian_service.engine import core
+
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    z = torch.complex(x, x).conj().imag  # the negative bit: numpy() refuses it unresolved
+    zero = torch._efficientzerotensor((2,))
+    tree = (x, x.bfloat16(), z, zero)
+    expected = [x.numpy(), x.numpy(), -x.numpy(), np.zeros(2, np.float32)]
+
+    def no_walk(*args, **kwargs):
+        raise AssertionError("walked")
+
+    monkeypatch.setattr(core.pytree, "tree_map", no_walk)
+    assert core.to_numpy(None) is None
+    got = core.to_numpy(tree)
+    assert type(got) is tuple and all(isinstance(a, np.ndarray) for a in got)
+    for a, e in zip(got, expected):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        np.testing.assert_array_equal(a, e)
+    monkeypatch.undo()
+    Pair = collections.namedtuple("Pair", "a b")
+    walked = core.to_numpy(Pair(x, {"p": torch.nn.Parameter(x.clone())}))
+    assert type(walked) is Pair and isinstance(walked.b["p"], np.ndarray)
+    np.testing.assert_array_equal(walked.b["p"], x.numpy())
+    assert core.to_numpy((torch.nn.Parameter(x.clone()), 3))[1] == 3
