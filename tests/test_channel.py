@@ -85,6 +85,29 @@ def test_a_call_and_its_reply_round_trip_through_the_codec_and_the_frames() -> N
     assert ipc.parse(second)[0] == {"t": "cancel", "id": 8, "sid": None}
 
 
+def test_small_arrays_travel_as_copies_in_c_order_and_large_ones_as_views() -> None:
+    """A small array's frame is a copy (bytes, cheaper to make than a view of its buffer
+    and never changed by a later write to the array: an engine function that rewrites
+    the tensor it returned); a large one's is a view (no copy of megabytes). Either
+    way the other side reads the values and layout sent: non-contiguous, 0-d and empty
+    arrays included."""
+    cases = [np.arange(128, dtype=np.float32), np.arange(12.0).reshape(3, 4).T, np.float32(2.5), np.zeros((0, 3)),
+             np.arange(3000, dtype=np.int16)[::3], np.arange(100_000, dtype=np.float32).reshape(100, 1000)]
+    frames: list = []
+    nodes = [ipc.pack(np.asarray(c), frames) for c in cases]
+    for case, node, frame in zip(cases, nodes, frames):
+        small = np.asarray(case).nbytes <= 4096
+        assert isinstance(frame, bytes) == small, (np.asarray(case).shape, type(frame))
+        back = ipc.unpack(node, frames)
+        assert back.dtype == np.asarray(case).dtype and back.shape == np.asarray(case).shape
+        np.testing.assert_array_equal(back, case)
+    source = np.arange(128, dtype=np.float32)
+    frames = []
+    node = ipc.pack(source, frames)
+    source[:] = -1  # written again after it was packed (before it left)
+    np.testing.assert_array_equal(ipc.unpack(node, frames), np.arange(128, dtype=np.float32))
+
+
 # --------------------------------------------------------------------------- over a socket
 
 
