@@ -174,6 +174,47 @@ def test_access_lines_are_written_a_batch_at_a_time() -> None:
     assert stream.getvalue().endswith("more 3\nlast\n") and stream.writes == 4
 
 
+def test_access_lines_are_formatted_with_their_batch_not_as_each_response_leaves() -> None:
+    """An access line is emitted just before its response's last bytes leave: formatting
+    it there (a time stamp, its message) made every response wait for it. It is
+    formatted when its batch is written, with what the request said (the time it was
+    made, not the time it is written)."""
+    import asyncio
+    import io
+    import logging
+
+    from jacobian_service.logs import BatchedStreamHandler
+
+    formatted: list[str] = []
+
+    class Counting(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            formatted.append(record.getMessage())
+            return super().format(record)
+
+    stream = io.StringIO()
+    handler = BatchedStreamHandler(delay_s=0.05, max_lines=100)
+    handler.setStream(stream)
+    handler.setFormatter(Counting("%(created)f %(message)s"))
+    logger = logging.Logger("access-format-test")
+    logger.addHandler(handler)
+    made: list[tuple[float, float]] = []
+
+    async def requests() -> None:
+        for i in range(3):
+            before = time.time()
+            logger.info("POST /x %d", i)
+            made.append((before, time.time()))
+        assert formatted == [] and stream.getvalue() == ""  # nothing done for them yet
+        await asyncio.sleep(0.2)
+
+    asyncio.run(requests())
+    assert formatted == ["POST /x 0", "POST /x 1", "POST /x 2"]
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == formatted
+    assert all(before - 1e-3 <= float(line.split(" ")[0]) <= after + 1e-3 for line, (before, after) in zip(lines, made))
+
+
 def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on():
     """A list that held itself, or the same list nested in itself 40 times over (2**40
     items), kept the engine in our own walk of aux, growing, until it was killed as a

@@ -46,17 +46,17 @@ class BatchedStreamHandler(logging.StreamHandler):
         super().__init__()
         self.delay_s = delay_s
         self.max_lines = max_lines
-        self._lines: list[str] = []
+        self._records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:  # under the handler's lock
-        try:
-            self._lines.append(self.format(record))
-        except Exception:
-            self.handleError(record)
-            return
-        if len(self._lines) >= self.max_lines:
+        # Kept as it is, formatted with its batch: the access line of a response is
+        # emitted just before the response's last bytes leave, and formatting it there
+        # (the time stamp's strftime above all) sat between a small Jacobian and its
+        # caller. (What an access line carries is strings and numbers, fixed once made.)
+        self._records.append(record)
+        if len(self._records) >= self.max_lines:
             self._write()
-        elif len(self._lines) == 1:
+        elif len(self._records) == 1:
             try:
                 asyncio.get_running_loop().call_later(self.delay_s, self.flush)
             except RuntimeError:  # no loop in this thread: nothing would come back to flush
@@ -67,7 +67,13 @@ class BatchedStreamHandler(logging.StreamHandler):
             self._write()
 
     def _write(self) -> None:
-        lines, self._lines = self._lines, []
+        records, self._records = self._records, []
+        lines = []
+        for record in records:
+            try:
+                lines.append(self.format(record))
+            except Exception:
+                self.handleError(record)
         if lines:
             self.stream.write("\n".join(lines) + "\n")
         super().flush()
