@@ -464,3 +464,35 @@ def test_an_engine_on_a_second_gpu_makes_it_the_current_device_of_its_thread(mon
         engine.restore_settings("moves_device")
     assert current[threading.get_ident()] == 1
     assert caplog.text.count("moves_device changed the current CUDA device and left it so; put back to cuda:1") == 1
+
+
+def test_the_status_file_is_read_whole_through_its_descriptor(monkeypatch):
+    """/proc/self/status is read after every batch (the ignored signals, seccomp, the
+    capabilities): through a descriptor and os.read alone, not a buffered file object
+    (four more system calls and two objects a batch). Fields read as the kernel says;
+    no descriptor free is "unknown this pass", not a change."""
+    import builtins
+    import errno as errno_module
+
+    from jacobian_service.engine import process_settings as ps
+
+    def no_file_objects(*args, **kwargs):
+        raise AssertionError("a buffered file object was opened")
+
+    monkeypatch.setattr(builtins, "open", no_file_objects)
+    ps._STATUS.clear()
+    text = ps._read_file(f"/proc/{os.getpid()}/status")
+    ps._STATUS.clear()
+    assert ps._status(b"Name") == text.split(b"Name:", 1)[1].split(b"\n", 1)[0].strip()
+    assert ps._status_number(b"NoNewPrivs") in (0, 1) and ps._ignored() == int(ps._status(b"SigIgn"), 16)
+    monkeypatch.undo()
+
+    def emfile(*args, **kwargs):
+        raise OSError(errno_module.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(ps.os, "open", emfile)
+    ps._STATUS.clear()
+    with pytest.raises(ps._NoDescriptor):
+        ps._status(b"SigIgn")
+    monkeypatch.undo()
+    ps._STATUS.clear()

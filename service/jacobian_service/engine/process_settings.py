@@ -382,8 +382,7 @@ def _status(field: bytes) -> bytes | None:
     had set: :class:`_NoDescriptor` instead."""
     if not _STATUS:
         try:
-            with open("/proc/self/status", "rb") as fp:
-                _STATUS.append(b"\n" + fp.read())
+            _STATUS.append(b"\n" + _read_file("/proc/self/status"))
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise _NoDescriptor() from exc
@@ -395,6 +394,20 @@ def _status(field: bytes) -> bytes | None:
     start += len(field) + 2
     end = data.find(b"\n", start)
     return data[start:end if end >= 0 else None].strip()
+
+
+def _read_file(path: str) -> bytes:
+    """A small file whole, through the descriptor alone: ``open()``'s buffered file
+    object asks the kernel four more things (fstat twice, isatty, a seek) and builds
+    two objects, at every batch."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        while chunk := os.read(fd, 1 << 16):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def _status_number(field: bytes) -> int | None:
