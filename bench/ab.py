@@ -10,6 +10,11 @@ seeded), each from one keep-alive connection of a lean blocking client, so the m
 drifting load (other jobs on a shared machine) hits both alike: absolute times move from
 run to run, the ratio of the medians holds. Every answer is checked against in-process
 ``torch.func.jacrev`` first.
+
+Run it with one tree twice first (``python -m bench.ab T T``): the ratio it prints is
+what noise alone gives on this machine. On the loaded 2-core VM that was 1.04-1.09,
+the server started second being the slower one: the new tree's server starts first,
+so that such a bias counts against the change, never for it.
 """
 
 from __future__ import annotations
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     J = torch.func.jacrev(mlp)(torch.from_numpy(x)).numpy()
     bodies = {"npy": npy_bytes(x), "json": json_request(x)}
 
-    trees = {"old": args.old.resolve(), "new": args.new.resolve()}
+    trees = {"new": args.new.resolve(), "old": args.old.resolve()}  # started in this order (see above)
     tmp = Path(tempfile.mkdtemp(prefix="jacobian-ab-"))
     procs = {name: start(tree, tmp / f"{name}.log", extra) for name, tree in trees.items()}
     try:
