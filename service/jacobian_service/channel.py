@@ -457,7 +457,8 @@ class Listener:
         # engine spun a core, for ever. Only poll tells.
         self._listening = select.poll()
         self._listening.register(self.sock.fileno(), select.POLLIN)
-        # The front ends' connections too (lost: one shut down under it), by descriptor.
+        # The front ends' connections, by descriptor: the one list of them (the selector's
+        # map holds the same ones), for the hang-up poll, lost() and close().
         self._peers: dict[int, Peer] = {}
         self._dropped_lost = False  # a front end's connection dropped as its descriptor was closed under it
         self._hung_up: list[Peer] = []  # reported by the next poll
@@ -511,7 +512,7 @@ class Listener:
         another opened at its number (the lowest free) held none of the engine's sockets,
         and every later request waited for its deadline (504), the engine beating on,
         for as long as it lived. The selector must still hold the listening socket."""
-        peers = [key.data for key in self.selector.get_map().values() if key.data is not None and not key.data.gone]
+        peers = [peer for peer in self._peers.values() if not peer.gone]
         if self._dropped_lost or any(descriptor_identity(peer.sock.fileno()) != peer.identity for peer in peers):
             return "connection to a front end"
         for what, identity in self._own_identity.items():
@@ -648,9 +649,8 @@ class Listener:
             pass
 
     def close(self) -> None:
-        for key in list(self.selector.get_map().values()):
-            if key.data is not None:
-                self._drop(key.data)
+        for peer in list(self._peers.values()):
+            self._drop(peer)
         self.selector.close()
         self.sock.close()
 
