@@ -153,3 +153,117 @@ def test_a_promoted_spare_is_expected_as_soon_as_it_is_ready(supervisor, warm):
         spare.kill()
         spare.wait()
         spare.stdin.close()  # type: ignore[union-attr]
+
+
+
+# A stand-in engine process (no imports: a start costs milliseconds, even on a busy
+# machine): it ends (status 1) after its life; with --standby it is a spare, warm at
+# once (its flag), promoted by a line on stdin. What a real engine says on its board
+# (ready; a batch run to its end) the test says for it (``fake_engines``).
+_FAKE_ENGINE = """
+import os, sys, time
+if "--standby" in sys.argv:
+    open(os.path.join(sys.argv[1], "spare-%d.ready" % os.getpid()), "w").close()
+    if not sys.stdin.readline().strip():
+        sys.exit(0)
+time.sleep(float(sys.argv[2]))
+sys.exit(1)
+"""
+
+
+@pytest.fixture
+def fake_engines(supervisor):
+    """The supervisor, spares on, its engines stand-ins (``_FAKE_ENGINE``) that live
+    ``life[0]`` s once engines, each ready as it starts and, with ``serves[0]``, having
+    run a batch to its end; the command lines it started, in order."""
+    sup, _ = supervisor
+    sup.settings = Settings(engine_standby=True)
+    started: list[list[str]] = []
+    life, serves = [600.0], [False]
+
+    def command(engine: _Engine) -> list[str]:
+        started.append([sys.executable, "-S", "-c", _FAKE_ENGINE, str(sup.run_dir), str(life[0])])
+        return started[-1]
+
+    spawn = sup._spawn
+
+    def spawn_and_say_ready(engine: _Engine) -> None:
+        spawn(engine)
+        if engine.proc is not None:  # the engine's side of its board
+            board = ipc.StatusBoard(sup.run_dir / f"engine-{engine.index}.status")
+            board.set_ready(time.monotonic())
+            if serves[0]:
+                board.running(time.monotonic(), time.monotonic() + 30, "sin", ["a"])
+                board.idle(time.monotonic())
+            board.close()
+
+    sup._command, sup._spawn = command, spawn_and_say_ready
+    yield sup, started, life, serves
+    for engine in sup.engines:
+        for proc in (engine.proc, engine.spare):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+            if proc is not None:
+                proc.wait()
+                if proc.stdin is not None:
+                    proc.stdin.close()
+
+
+def _tick_until(sup: Supervisor, done, seconds: float) -> float:
+    """Ticks as the supervisor's loop does, until ``done()``; the seconds it took."""
+    t0 = time.monotonic()
+    while not done():
+        assert time.monotonic() - t0 < seconds, f"not within {seconds} s"
+        sup.tick()
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("serves", [False, True])
+def test_a_warm_spare_takes_over_at_once_after_deaths_in_a_row(fake_engines, serves):
+    """A warm spare waited out the restart backoff before it took over (0.5 s after the
+    second death within a minute, doubling to 10 s): the server answered 503 all that
+    while, beside a spare ready to serve. It is promoted at once; the backoff holds back
+    the next spare's start instead (the process start a crash loop repeats), until the
+    promoted engine has run a batch to its end (it works: the backoff is reset)."""
+    sup, started, _, serving = fake_engines
+    engine = _Engine(0, "cpu")
+    sup.engines = [engine]
+    sup._spawn(engine)
+    _tick_until(sup, lambda: sup.spare_warm(engine), 30)
+    engine.backoff_s = 4.0  # as after four deaths in a row
+    engine.spare_at = 0.0  # (spares start 5 s apart at most: as if this one had started long ago)
+    serving[0] = serves  # the spare, once promoted, runs a batch
+    spare = engine.spare
+    engine.proc.kill()  # type: ignore[union-attr]
+    took = _tick_until(sup, lambda: engine.proc is spare, 30)
+    assert took < 1.0, took  # a tick or two, not the 4 s backoff
+    assert engine.restarts == 1 and engine.promoted and len(started) == 2
+    _tick_until(sup, lambda: engine.ready, 5)
+    if serves:  # a new spare starts, the promoted engine having served
+        _tick_until(sup, lambda: engine.spare is not None, 5)
+        assert engine.backoff_s == 0.0 and len(started) == 3
+    else:  # the backoff, doubled, holds it back: no process starts before
+        assert engine.backoff_s == 8.0 and engine.restart_at - time.monotonic() > 2.0
+        for _ in range(20):
+            sup.tick()
+            time.sleep(0.02)
+        assert engine.spare is None and len(started) == 2
+
+
+def test_engines_that_die_as_they_come_up_back_off(fake_engines):
+    """A crash loop: each engine dies a moment after it is ready, having served nothing.
+    Each restart is a process start (a torch import and a warm-up for a real one): they
+    back off (0, 0.5, 1, 2 s ...): 4 in 2 s here, where without the backoff there were
+    one per death, 11 or more."""
+    sup, started, life, _ = fake_engines
+    life[0] = 0.05
+    engine = _Engine(0, "cpu")
+    sup.engines = [engine]
+    sup._spawn(engine)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 2.0:
+        sup.tick()
+        time.sleep(0.02)
+    assert engine.restarts >= 3, engine.restarts  # they did die
+    assert len(started) <= 5, [len(started), engine.restarts]

@@ -302,11 +302,13 @@ class StatusBoard:
     The supervisor reads it to tell a hang from a long computation and to name the
     requests a crash took down: writes to a mapped page outlive the writer, so even a
     segfault leaves the culprit's tag behind. A sequence number, odd while a write is
-    under way, keeps readers from seeing half a write.
+    under way, keeps readers from seeing half a write. The count of batches it has run
+    to their end (``served``) tells the supervisor the engine works: a crash loop's
+    engines end none (``Supervisor`` resets its restart backoff on one).
     """
 
     SIZE = 1 << 16
-    _FIXED = struct.Struct("<QdBdI")  # seq, heartbeat, ready, deadline (0: idle), json length
+    _FIXED = struct.Struct("<QdBdIQ")  # seq, heartbeat, ready, deadline (0: idle), json length, served
 
     def __init__(self, path: Path, create: bool = False) -> None:
         flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
@@ -321,6 +323,7 @@ class StatusBoard:
         self._beat = 0.0
         self._ready = 0
         self._deadline = 0.0
+        self._served = 0
         self._doc = b"{}"
 
     def _write(self) -> None:
@@ -329,7 +332,7 @@ class StatusBoard:
         doc = self._doc[: self.SIZE - self._FIXED.size]
         self._map[self._FIXED.size : self._FIXED.size + len(doc)] = doc
         self._seq += 1
-        self._FIXED.pack_into(self._map, 0, self._seq, self._beat, self._ready, self._deadline, len(doc))
+        self._FIXED.pack_into(self._map, 0, self._seq, self._beat, self._ready, self._deadline, len(doc), self._served)
 
     def beat(self, now: float) -> None:
         self._beat = now
@@ -349,6 +352,8 @@ class StatusBoard:
     def idle(self, now: float, left: list[str] | None = None) -> None:
         """Running nothing; ``left``: the functions whose threads are still alive (the
         suspects, should the engine die now)."""
+        if self._deadline:  # a batch ran to its end
+            self._served += 1
         self._beat, self._deadline, self._doc = now, 0.0, orjson.dumps({"left": left}) if left else b"{}"
         self._write()
 
@@ -364,15 +369,15 @@ class StatusBoard:
 
     def read(self) -> dict[str, Any]:
         for _ in range(100):
-            seq, beat, ready, deadline, length = self._FIXED.unpack_from(self._map, 0)
+            seq, beat, ready, deadline, length, served = self._FIXED.unpack_from(self._map, 0)
             doc = bytes(self._map[self._FIXED.size : self._FIXED.size + length])
             if seq % 2 == 0 and struct.unpack_from("<Q", self._map, 0)[0] == seq:
                 try:
                     running = orjson.loads(doc) if length else {}
                 except orjson.JSONDecodeError:
                     continue
-                return {"beat": beat, "ready": bool(ready), "deadline": deadline, **running}
-        return {"beat": 0.0, "ready": False, "deadline": 0.0}
+                return {"beat": beat, "ready": bool(ready), "deadline": deadline, "served": served, **running}
+        return {"beat": 0.0, "ready": False, "deadline": 0.0, "served": 0}
 
     def close(self) -> None:
         self._map.close()

@@ -30,8 +30,15 @@ a child subreaper, when the engine dies, and is killed then (``orphans``).
 
 Each death is published to the front ends (which engine, which request tags were
 running, why), counted against the function that was running, and the engine restarts
-with exponential backoff. A function that takes its engine down ``quarantine_after``
-times within ``quarantine_window_s`` is quarantined: the front ends refuse it until
+with exponential backoff: a crash loop must not spend the machine on cold starts (a
+torch import and a warm-up each). A spare, warm or warming up, is promoted at once, as
+it costs no start (it waited out a backoff of 1 to 10 s before: 503s beside a spare
+ready to serve); the backoff delays the next spare's start instead. An engine that has
+run a batch to its end works: its backoff is reset then, and a spare it waits for
+starts (a crash loop's engines end none).
+
+A function that takes its engine down ``quarantine_after`` times within
+``quarantine_window_s`` is quarantined: the front ends refuse it until
 ``quarantine_cooldown_s`` passes or an operator releases it. A function that crashed
 inside a batch is isolated (its requests run alone from then on), so a retried batch
 finds the one culprit and spares its batch-mates.
@@ -101,7 +108,7 @@ class _Engine:
     ready: bool = False
     restarts: int = 0
     backoff_s: float = 0.0
-    restart_at: float = 0.0
+    restart_at: float = 0.0  # no process (an engine's cold start, a spare) starts before this
     killed_for: str = ""  # why we killed it ("hang", "heartbeat", "warm-up"), else ""
     running: dict[str, Any] = field(default_factory=dict)
     startup_s: float = 5.0  # the last cold start-up's measured length (spawn to ready)
@@ -117,10 +124,9 @@ class _Engine:
         if self.ready and self.proc is not None:
             return 0.0
         if self.proc is None:
-            wait = max(0.0, self.restart_at - now)
-            if self.spare is not None and self.spare.poll() is None:  # a spare still warming up finishes first
-                return wait + max(0.2, self.startup_s - (now - self.spare_started))
-            return wait + self.startup_s
+            if self.spare is not None and self.spare.poll() is None:  # promoted at once; one warming up finishes first
+                return max(0.2, self.startup_s - (now - self.spare_started))
+            return max(0.0, self.restart_at - now) + self.startup_s
         return max(0.0, self.ready_by - now)
 
 
@@ -204,6 +210,9 @@ class Supervisor:
             # where the spare was serving within one.
             warming_left = engine.startup_s - (now - engine.spare_started)
             engine.ready_by = now + (_PROMOTION_S if warm else max(_PROMOTION_S, warming_left))
+        elif spare is not None and now < engine.restart_at:
+            engine.spare = spare  # it died just now: put down at the next tick; a cold start waits out the backoff
+            return
         else:
             engine.promoted = False
             engine.proc = subprocess.Popen(self._command(engine), env=self._env(), start_new_session=True)
@@ -302,8 +311,8 @@ class Supervisor:
                 engine.spare_at = now + 30.0
             self._spare_flag(spare).unlink(missing_ok=True)
             engine.spare = None
-            self._kill_orphans(spare)  # a warm-up's function may have started some too
-        if engine.ready and now >= engine.spare_at:
+            self._ended(spare)  # a warm-up's function may have started some too
+        if engine.ready and now >= max(engine.spare_at, engine.restart_at):
             engine.spare = subprocess.Popen([*self._command(engine), "--standby"], stdin=subprocess.PIPE,
                                             env=self._env(), start_new_session=True)
             self._ticks[engine.spare.pid] = start_ticks(engine.spare.pid)
@@ -314,6 +323,14 @@ class Supervisor:
         """The engine and spare processes this supervisor started and has not yet
         collected: its children in sessions of their own that are not orphans."""
         return {p.pid for e in self.engines for p in (e.proc, e.spare) if p is not None}
+
+    def _ended(self, proc: subprocess.Popen) -> None:
+        """An engine or spare (``proc``, its group killed) died: what it leaves here goes.
+        A promoted spare's stdin pipe was left open (a descriptor of ``serve``'s per
+        promotion, until its Popen was collected)."""
+        if proc.stdin is not None:
+            proc.stdin.close()
+        self._kill_orphans(proc)
 
     def _kill_orphans(self, proc: subprocess.Popen) -> None:
         """After an engine or spare (``proc``, its group killed) died: what its functions
@@ -343,11 +360,22 @@ class Supervisor:
                 self.release(msg["fn"])
         for engine in self.engines:
             if engine.proc is None:
-                if now >= engine.restart_at:
+                # A spare that died waiting is put down first, with what its warm-up did
+                # (no new one starts: the engine is not ready). One alive takes over at
+                # once; a cold start waits out the backoff.
+                self._tend_spare(engine, now)
+                if engine.spare is not None or now >= engine.restart_at:
                     self._spawn(engine)
                 continue
             self._tend_spare(engine, now)
             status = engine.board.read()  # type: ignore[union-attr]
+            if status.get("served") and engine.backoff_s:
+                # It ran a batch to its end: it works, whatever killed the engines before
+                # it. A crash loop's engines never get this far; without the reset, a
+                # server whose engine died a few times in a minute, each time for a
+                # different request's fault, kept its next spare waiting up to 10 s.
+                engine.backoff_s = 0.0
+                engine.restart_at = min(engine.restart_at, now)
             if status.get("tags"):
                 engine.running = status
             elif status["deadline"] == 0.0:
@@ -475,7 +503,7 @@ class Supervisor:
             "ready_in": engine.ready_in(now),
         }))
         self.publish_state()
-        self._kill_orphans(dead)  # type: ignore[arg-type]  # and those that left its group (after the word: ~20 ms)
+        self._ended(dead)  # type: ignore[arg-type]  # and those that left its group (after the word: ~20 ms)
 
     def _strike(self, function: str, batch: bool) -> None:
         if batch:
