@@ -192,6 +192,122 @@ def live_server(*, wrapper: Sequence[str] = (), **settings: Any) -> Iterator[tup
         log.close()
 
 
+class Served:
+    """A shared server as one test sees it: its log from the test's start on (from the
+    server's own start, for the test it was started for)."""
+
+    def __init__(self, url: str, proc: subprocess.Popen, pidfile: Path, fresh: bool) -> None:
+        self.url, self.proc, self.pidfile = url, proc, pidfile
+        self._mark = 0 if fresh else len(proc.read_log())  # type: ignore[attr-defined]
+
+    def log(self) -> str:
+        return self.proc.read_log()[self._mark:]  # type: ignore[attr-defined]
+
+
+class SharedServer:
+    """One ``live_server`` for a group of tests (a class: ``pytest.fixture(scope="class")``),
+    each of which would otherwise start its own: a start (torch imported and warmed up in
+    the engine, then again in its spare) costs more than most of these tests.
+
+    Each test gets it as a fresh one would be once its spare is warm: up, with a warm
+    spare (``ENGINE_STANDBY``), nothing quarantined (strikes below the threshold stay:
+    a group's tests crash different functions, or set ``QUARANTINE_AFTER`` out of reach),
+    and ``pidfile`` (its ``$FAULT_FORK_PIDFILE``) removed. Counts (restarts) carry over:
+    tests assert on their change. A server that a test left down or stuck is replaced, so
+    that one failure does not fail the rest of the group."""
+
+    def __init__(self, tmp: Path, **settings: Any) -> None:
+        self.settings = settings
+        self.standby = str(settings.get("ENGINE_STANDBY", "true")).lower() != "false"
+        self.pidfile = tmp / "child.pid"
+        self._stack = contextlib.ExitStack()
+        self._proc: subprocess.Popen | None = None
+        self._url = ""
+        self._quarantines = 0.0  # the server's count of quarantines when last released
+
+    def serve(self, spare: bool = True) -> Served:
+        """The server, settled for the next test (``spare=False``: without waiting for a
+        spare that is still warming up, for a test that neither needs one nor minds one
+        starting beside it)."""
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                return self._settled(spare, fresh=False)
+            except (AssertionError, httpx.HTTPError) as exc:
+                print(f"shared server replaced: {exc}\n{self._proc.read_log()[-5000:]}")  # type: ignore[attr-defined]
+        self.close()
+        with pytest.MonkeyPatch.context() as mp:  # only while it starts: the server keeps its environment
+            mp.setenv("FAULT_FORK_PIDFILE", str(self.pidfile))
+            self._url, self._proc = self._stack.enter_context(live_server(**self.settings))
+        return self._settled(spare, fresh=True)
+
+    def _settled(self, spare: bool, fresh: bool) -> Served:
+        url, deadline = self._url, time.monotonic() + 60
+        while True:  # (a test may leave just after a restart: a new spare warms up)
+            info = httpx.get(f"{url}/v1/info", timeout=5).json()
+            up = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+            if up and (not spare or info["spares"] == [self.standby] * len(info["spares"])):
+                break
+            assert time.monotonic() < deadline, f"not ready with a warm spare within 60 s: {info}"
+            time.sleep(0.1)
+        released: list[str] = []
+        quarantines = _metric(url, "jacobian_service_quarantines")
+        if quarantines > self._quarantines:  # some since the last look: find and release them
+            released = [f["name"] for f in httpx.get(f"{url}/v1/functions", timeout=5).json()
+                        if httpx.delete(f"{url}/v1/functions/{f['name']}/quarantine", timeout=5).json()["released"]]
+            self._quarantines = quarantines
+        while released:  # until the supervisor's word reaches the front ends
+            assert time.monotonic() < deadline, f"still quarantined: {released}"
+            time.sleep(0.05)
+            released = [n for n in released
+                        if httpx.delete(f"{url}/v1/functions/{n}/quarantine", timeout=5).json()["released"]]
+        self.pidfile.unlink(missing_ok=True)
+        return Served(url, self._proc, self.pidfile, fresh)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._stack.close()
+        self._proc = None
+        self._quarantines = 0.0
+
+
+def _metric(url: str, name: str) -> float:
+    """A metric without labels, as ``/metrics`` has it."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name} ")), 0.0)
+
+
+@pytest.fixture(scope="class")
+def shared_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedServer]:
+    """The class's ``SharedServer``, with the settings in its ``SERVER`` attribute; it
+    stops when the class's last test is done."""
+    server = SharedServer(tmp_path_factory.mktemp("shared"), **request.cls.SERVER)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def served(shared_server: SharedServer) -> Served:
+    """The class's shared server, settled for this test (``SharedServer``)."""
+    return shared_server.serve()
+
+
+@pytest.fixture
+def served_up(shared_server: SharedServer) -> Served:
+    """``served``, without waiting for a spare still warming up (``SharedServer.serve``)."""
+    return shared_server.serve(spare=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Any:
+    """A failed test on a shared server (a ``served`` fixture) shows that server's side
+    of it, as ``live_server`` does for a test that owns its server."""
+    report = yield
+    if report.when == "call" and report.failed:
+        for served in getattr(item, "funcargs", {}).values():
+            if isinstance(served, Served):
+                report.sections.append(("server log (this test's part)", served.log()[-20000:]))
+    return report
+
+
 @pytest.fixture(scope="session")
 def remote_server() -> Iterator[str]:
     """One ``jacobian-service serve`` (supervisor, front ends, engine process) for every

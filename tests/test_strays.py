@@ -1,5 +1,5 @@
 """``engine.strays``: which function left threads running, using a core (processes: the
-real-server test in test_engine_faults).
+real-server test in test_engine_faults_left_behind).
 
 Each case runs in a fresh interpreter: threads other tests left in this one would take
 their share of the GIL, hence of the CPU time the detector reads. It loads the module
@@ -95,7 +95,7 @@ def run(script: str) -> object:
 
 def test_spinning_threads_are_named_after_two_windows_and_waiting_ones_never():
     """Three spinners, beside one that is not a stray: each gets a quarter of the GIL,
-    added up most of a core. (One alone: the real-server test in test_engine_faults.)"""
+    added up most of a core. (One alone: the real-server test in test_engine_faults_left_behind.)"""
     result = run(SCENARIO.format(spinners=3, load=LOAD))
     assert result["named"] and {(name, str(processes)) for _, name, processes in result["named"]} == {("spins", "{}")}, result
     assert result["named"][0][0] >= 0.55, result  # a first sample, then two hot windows of 0.3 s
