@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -37,6 +38,13 @@ def exits(x: torch.Tensor) -> torch.Tensor:
 def segfaults(x: torch.Tensor) -> torch.Tensor:
     if _armed(x):
         ctypes.string_at(0)  # reads address 0: SIGSEGV
+    return x.sin()
+
+
+@register(inputs=[Input("x", shape=("n",))], description="Stops its own process (SIGSTOP) on the trigger.")
+def stops_itself(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        os.kill(os.getpid(), signal.SIGSTOP)
     return x.sin()
 
 

@@ -80,6 +80,23 @@ class TestFaults:
     def test_a_crash_costs_only_its_request(self, served):
         _a_crash_costs_only_its_request(served, "exits", standby=True)
 
+    def test_a_function_that_stops_its_engine_costs_only_its_request(self, served):
+        """A function that sends its own engine SIGSTOP: the stopped process never beats
+        nor answers. Before, its request waited for its deadline (504), every other
+        request behind it too, with /readyz 200 all along; the supervisor now takes a
+        stop past the hang grace as a hang, at once, and names it."""
+        url = served.url
+        before = restarts(url)
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/v1/functions/stops_itself/jacobian", json=ARMED,
+                       headers={"X-Request-Timeout": "20"}, timeout=30)
+        body = assert_problem(r, 500, "function_error")
+        assert "stops_itself stopped the engine process" in body["detail"]
+        assert time.monotonic() - t0 < 10  # not its 20 s deadline
+        wait_restarts(url, before + 1, 5)
+        back_within(url, 5.0)
+        sin_ok(url)
+
     @pytest.mark.parametrize("name", ["forks", "forks_away"])
     def test_a_crash_that_leaves_a_forked_child_behind_costs_only_its_request(self, name, served):
         """A function whose engine dies leaving a child it forked (a multiprocessing pool's

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 __all__ = ["children", "cpu_seconds", "descendants", "descriptor_identity", "living", "session", "start_ticks",
-           "status_bytes"]
+           "status_bytes", "stopped"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PF_EXITING = 0x4  # a task's flags (include/linux/sched.h)
@@ -91,6 +91,16 @@ def living(pid: int) -> bool:
             fields = f.read().rsplit(b")", 1)[1].split()
         return fields[0] not in (b"Z", b"X") and not int(fields[6]) & _PF_EXITING  # fields 3 and 9
     except (OSError, IndexError, ValueError):
+        return False
+
+
+def stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped by a signal (SIGSTOP, SIGTSTP...: state ``T``). Not a
+    tracer's stop (``t``: a debugger or py-spy looking at it for a moment)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"T"  # field 3
+    except (OSError, IndexError):
         return False
 
 

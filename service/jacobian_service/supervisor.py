@@ -66,7 +66,7 @@ import zmq
 
 from . import ipc
 from .orphans import become_subreaper, kill_adopted, reap_adopted
-from .procfs import start_ticks
+from .procfs import start_ticks, stopped
 from .settings import Settings
 
 __all__ = ["Supervisor"]
@@ -109,7 +109,8 @@ class _Engine:
     restarts: int = 0
     backoff_s: float = 0.0
     restart_at: float = 0.0  # no process (an engine's cold start, a spare) starts before this
-    killed_for: str = ""  # why we killed it ("hang", "heartbeat", "warm-up"), else ""
+    killed_for: str = ""  # why we killed it ("hang", "heartbeat", "warm-up", "stopped"), else ""
+    stopped_since: float = 0.0  # when it was first seen stopped by a signal (0: it was not)
     running: dict[str, Any] = field(default_factory=dict)
     startup_s: float = 5.0  # the last cold start-up's measured length (spawn to ready)
     promoted: bool = False  # the running process was a spare (its start-up says nothing of a cold one)
@@ -223,6 +224,7 @@ class Supervisor:
         engine.started = now
         engine.ready = False
         engine.killed_for = ""
+        engine.stopped_since = 0.0
         log.info("engine %d (%s) %s, generation %d, pid %d", engine.index, engine.device, how, engine.generation,
                  engine.proc.pid)
 
@@ -389,7 +391,17 @@ class Supervisor:
             if code is not None:
                 self._died(engine, code, engine.board.read())  # its last word, written just before it went
                 continue
-            if status["deadline"] and now > status["deadline"] + self.settings.hang_grace_s:
+            # A process stopped by a signal (a function that sent its own engine SIGSTOP)
+            # never beats and never answers: its request waited for its deadline, every
+            # other client's request behind it too, and /readyz said 200 all along. A
+            # stop that lasts past the hang grace is taken as a hang, at once.
+            if not stopped(engine.proc.pid):
+                engine.stopped_since = 0.0
+            elif not engine.stopped_since:
+                engine.stopped_since = now
+            if engine.stopped_since and now - engine.stopped_since > self.settings.hang_grace_s:
+                self._kill(engine, "stopped")
+            elif status["deadline"] and now > status["deadline"] + self.settings.hang_grace_s:
                 self._kill(engine, "hang")
             elif engine.ready and not status["deadline"] and now - status["beat"] > self.settings.engine_heartbeat_s:
                 self._kill(engine, "heartbeat")
@@ -455,6 +467,9 @@ class Supervisor:
         elif engine.killed_for == "warm-up":
             reason = (f"the warm-up of {function} did not return within {self.settings.warmup_timeout_s:g} s "
                       "(WARMUP_TIMEOUT_S); engines skip it from now on")
+        elif engine.killed_for == "stopped":
+            reason = (f"{function or 'a function'} stopped the engine process (a stop signal, such as SIGSTOP) "
+                      f"for more than {self.settings.hang_grace_s:g} s")
         elif engine.killed_for == "heartbeat":
             reason = f"the engine stopped answering for {self.settings.engine_heartbeat_s:g} s"
         elif code < 0:
