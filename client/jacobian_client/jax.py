@@ -407,12 +407,17 @@ def _linear_host(ops: RemoteOps, shapes: _Shapes, lin: _Linear, *args: Any) -> l
     xs, vecs = args[: lin.n_inputs], args[lin.n_inputs:]
     results = ops.linear(lin.mode, [np.asarray(x) for x in xs], lin.argnums, [np.asarray(v) for v in vecs],
                          shapes.out_tree, lin.batch_ndim, lin.tags)
+    return _as_declared(results, lin.result_structs, f"remote function {ops.name!r}: the service's {lin.mode} result")
+
+
+def _as_declared(results: Sequence[Any], structs: Sequence[Any], what: str) -> list[np.ndarray]:
+    """The service's arrays in the shapes and dtypes JAX was promised; a shape that
+    differs is an error, never reshaped: a transposed result would pass silently."""
     out = []
-    for r, s in zip(results, lin.result_structs):
+    for r, s in zip(results, structs):
         r = np.asarray(r)
-        if r.shape != s.shape:  # never reshape: a transposed result would pass silently
-            raise ValueError(f"remote function {ops.name!r}: the service's {lin.mode} result has shape "
-                             f"{list(r.shape)}, expected {list(s.shape)}")
+        if r.shape != s.shape:
+            raise ValueError(f"{what} has shape {list(r.shape)}, expected {list(s.shape)}")
         out.append(r.astype(s.dtype, copy=False))
     return out
 
@@ -546,14 +551,7 @@ def _second_host(ops: RemoteOps, shapes: _Shapes, sec: _Second, *args: Any) -> l
     xs, vecs = args[: sec.n_inputs], args[sec.n_inputs:]
     results = ops.second(sec.mode, [np.asarray(x) for x in xs], sec.vec_argnums, sec.other_argnums,
                          [np.asarray(v) for v in vecs], shapes.out_tree, sec.batch_ndim, sec.tags)
-    out = []
-    for r, s in zip(results, sec.result_structs):
-        r = np.asarray(r)
-        if r.shape != s.shape:  # never reshape
-            raise ValueError(f"remote function {ops.name!r}: a second-order result has shape {list(r.shape)}, "
-                             f"expected {list(s.shape)}")
-        out.append(r.astype(s.dtype, copy=False))
-    return out
+    return _as_declared(results, sec.result_structs, f"remote function {ops.name!r}: a second-order result")
 
 
 def _second_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) -> list[Any]:

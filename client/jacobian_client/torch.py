@@ -523,18 +523,25 @@ class _RemoteLinear(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], lin: _Linear, *args: Any) -> tuple[Any, Any]:
-        size = info.batch_size
-        dims = in_dims[1:]
-        xs, vecs = list(args[: lin.n_inputs]), list(args[lin.n_inputs:])
-        x_dims, v_dims = dims[: lin.n_inputs], dims[lin.n_inputs:]
-        vecs = [_batched_input(v, d, size) for v, d in zip(vecs, v_dims)]
-        if any(d is not None for d in x_dims):  # per-example inputs: a "p" dimension
-            xs = [_batched_input(x, d, size) for x, d in zip(xs, x_dims)]
-            inner = replace(lin, batch_ndim=lin.batch_ndim + 1, tags=("p", *lin.tags))
-        else:  # several vectors at the same inputs: a "v" dimension
-            inner = replace(lin, tags=("v", *lin.tags))
-        out = _RemoteLinear.apply(inner, *xs, *vecs)
-        return out, (0,) * len(out)
+        return _vmapped(_RemoteLinear.apply, info, in_dims, lin, args)
+
+
+def _vmapped(apply: Any, info: Any, in_dims: tuple[Any, ...], op: Any, args: tuple[Any, ...]) -> tuple[Any, Any]:
+    """The vmap rule of the remote products (first and second order): the mapped
+    dimension becomes one more leading dimension of a single request, "p" (per-example
+    inputs) where an input is mapped, else "v" (several vectors at the same inputs)."""
+    size = info.batch_size
+    dims = in_dims[1:]
+    xs, vecs = list(args[: op.n_inputs]), list(args[op.n_inputs:])
+    x_dims, v_dims = dims[: op.n_inputs], dims[op.n_inputs:]
+    vecs = [_batched_input(v, d, size) for v, d in zip(vecs, v_dims)]
+    if any(d is not None for d in x_dims):
+        xs = [_batched_input(x, d, size) for x, d in zip(xs, x_dims)]
+        inner = replace(op, batch_ndim=op.batch_ndim + 1, tags=("p", *op.tags))
+    else:
+        inner = replace(op, tags=("v", *op.tags))
+    out = apply(inner, *xs, *vecs)
+    return out, (0,) * len(out)
 
 
 def _differentiable(x: Any) -> bool:
@@ -677,15 +684,4 @@ class _RemoteSecond(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], sec: _Second, *args: Any) -> tuple[Any, Any]:
-        size = info.batch_size
-        dims = in_dims[1:]
-        xs, vecs = list(args[: sec.n_inputs]), list(args[sec.n_inputs:])
-        x_dims, v_dims = dims[: sec.n_inputs], dims[sec.n_inputs:]
-        vecs = [_batched_input(v, d, size) for v, d in zip(vecs, v_dims)]
-        if any(d is not None for d in x_dims):  # per-example inputs: a "p" dimension
-            xs = [_batched_input(x, d, size) for x, d in zip(xs, x_dims)]
-            inner = replace(sec, batch_ndim=sec.batch_ndim + 1, tags=("p", *sec.tags))
-        else:  # several vectors at the same inputs: a "v" dimension
-            inner = replace(sec, tags=("v", *sec.tags))
-        out = _RemoteSecond.apply(inner, *xs, *vecs)
-        return out, (0,) * len(out)
+        return _vmapped(_RemoteSecond.apply, info, in_dims, sec, args)
