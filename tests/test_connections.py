@@ -939,3 +939,22 @@ def test_the_header_limit_holds_for_every_head_on_a_connection(implementation: s
         # (the response being sent when the over-long head comes is cut off with the connection)
         statuses = re.findall(rb"HTTP/1\.1 (\d{3})", raw)
         assert statuses and statuses[-1] in (b"431", b"400") and b"200" not in statuses, raw  # h11: 400 past its own 16 KiB
+
+
+def test_an_answer_given_before_the_body_is_read_reaches_a_client_still_sending_it(server: str) -> None:
+    """A body declared over the limit is answered 413 at once, unread, and the
+    connection closed. Closed with the client's bytes still coming, the kernel answered
+    them with a reset: a client that sends its whole body before it reads (most HTTP
+    clients; asyncio streams) failed on a write with EPIPE / ECONNRESET and never read
+    the 413 waiting for it (3 of 8 concurrent senders in the red team's run; the SDK's
+    early-413 watch raced it). The server now shuts its side and reads on, discarding,
+    until the client closes (or a few seconds pass), as nginx's lingering close does."""
+    s = _connect(server)
+    with contextlib.closing(s):
+        s.sendall(_head("/v1/functions/mlp/jacobian", 2 * LIMIT))
+        time.sleep(0.3)  # answered and closing by now
+        s.settimeout(5)
+        for _ in range(64):  # 4 MiB more of the body, as a client that writes before it reads
+            s.sendall(b"\0" * 65536)
+        raw = _read_to_close(s, 5)
+    _assert_closing_problem(raw, 413, "payload_too_large")

@@ -406,17 +406,19 @@ class HeadWithBody:
     see every body piece as before.
     """
 
-    __slots__ = ("_flush_at", "_held", "_loop", "_transport")
+    __slots__ = ("_flush_at", "_held", "_lingering", "_loop", "_transport", "_unread")
     _HOLD_BYTES = 4096
 
-    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop, unread: Callable[[], bool] | None = None) -> None:
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
         self._flush_at: asyncio.Handle | None = None
+        self._unread = unread  # whether the client may still be sending (a body, a head) as it is closed
+        self._lingering: asyncio.TimerHandle | None = None
 
     def write(self, data: Any) -> None:
-        if self._transport.is_closing():
+        if self.is_closing():
             # The peer went (a write failed, or it reset the connection) and uvicorn has not
             # heard yet (connection_lost comes a loop tick later): nobody to send to, and
             # uvloop raises on a closed handle, which uvicorn logged as "Exception in ASGI
@@ -436,7 +438,7 @@ class HeadWithBody:
 
     def writelines(self, pieces: Any) -> None:
         self.flush()
-        if not self._transport.is_closing():  # (as in write)
+        if not self.is_closing():  # (as in write)
             self._transport.writelines(pieces)
 
     def flush(self) -> None:
@@ -450,8 +452,35 @@ class HeadWithBody:
         return self._transport.get_write_buffer_size() + len(self._held or b"")
 
     def close(self) -> None:
+        """Closed while the client may still be sending (an answer given before its body
+        was read: a 413, a 401; a head cut off), the kernel answered the bytes still
+        coming with a reset, and a client that sends its whole body before it reads
+        failed on a write (EPIPE, ECONNRESET), never reading the answer waiting for it.
+        A lingering close instead (nginx's, Apache's): the answer goes, then a FIN
+        (``write_eof``); what still arrives is read and dropped (the protocol sees the
+        transport closing) until the client closes too, or ``LINGER_S`` has passed."""
         self.flush()
+        if self._lingering is not None or self._transport.is_closing():
+            return
+        if self._unread is not None and self._unread() and self._transport.can_write_eof():
+            try:
+                self._transport.write_eof()
+                self._transport.resume_reading()  # (flow control may have paused it for an unread body)
+            except (OSError, RuntimeError):  # gone meanwhile
+                self._transport.close()
+                return
+            self._lingering = self._loop.call_later(LINGER_S, self._transport.close)
+            return
         self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._lingering is not None or self._transport.is_closing()
+
+    def ended(self) -> None:
+        """The connection is gone (lost, or the client closed while lingering)."""
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._transport.close()
 
     def write_eof(self) -> None:
         self.flush()
@@ -459,11 +488,18 @@ class HeadWithBody:
 
     def abort(self) -> None:
         self._held = None
+        if self._lingering is not None:
+            self._lingering.cancel()
         self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:  # everything else is the transport's
         return getattr(self._transport, name)
 
+
+# How long a connection closed while its client may still be sending reads on (and drops
+# what it reads) before it is closed outright: long enough for a client's last writes of a
+# body to go and for it to read the answer, short enough to hold no descriptor for long.
+LINGER_S = 2.0
 
 # Request headers (the request line included) past this many bytes are refused with 431,
 # whatever the HTTP implementation: httptools sets no limit of its own, and a few MiB of
@@ -537,7 +573,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _body_fed = 0  # body bytes the parser gave in the current data_received
 
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(HeadWithBody(transport, self.loop))
+            super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending))
             live[self] = None
             if len(live) > cap:
                 self._make_room()
@@ -557,7 +593,19 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             cycle = getattr(self, "cycle", None)
             return cycle is None or cycle.response_complete
 
+        def _may_be_sending(self) -> bool:
+            """The client may still be sending: a body not read to its end, or part of a head."""
+            return not self._in_head() or self._header_bytes > 0
+
+        def eof_received(self) -> bool | None:
+            if self.transport.is_closing():  # lingering: the client has closed too
+                self.transport.ended()
+                return None
+            return super().eof_received()
+
         def data_received(self, data: bytes) -> None:
+            if self.transport.is_closing():  # closing (lingering): what still comes is dropped
+                return
             self._heard = True
             if self in live:
                 live.move_to_end(self)
@@ -649,6 +697,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def connection_lost(self, exc: Exception | None) -> None:
             live.pop(self, None)
+            self.transport.ended()
             if self._header_timer is not None:
                 self._header_timer.cancel()
             super().connection_lost(exc)
