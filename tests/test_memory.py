@@ -160,7 +160,10 @@ def test_an_engine_heap_gives_a_large_block_back_warm():
     fresh = kept[1]  # the first 16 MB block: fresh pages either way (fewer faults than pages with huge pages)
     assert fresh >= 100, kept
     assert kept[2] < fresh // 10 and kept[3] < fresh // 10, kept  # then reused warm
-    assert default[2] > fresh // 2, default  # glibc's defaults: faulted in again
+    # glibc's defaults: faulted in again, in part at least (how much of the grown heap was
+    # there already, and how much transparent huge pages cover, vary with the machine's
+    # state: 197 of 520 seen under a loaded suite); kept, next to none.
+    assert default[2] > max(fresh // 10, 4 * max(kept[2], kept[3])), (kept, default)
 
 
 def test_freeze_heap_collects_start_up_garbage_then_freezes_the_rest():
