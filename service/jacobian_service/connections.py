@@ -406,15 +406,17 @@ class HeadWithBody:
     see every body piece as before.
     """
 
-    __slots__ = ("_flush_at", "_held", "_lingering", "_loop", "_transport", "_unread")
+    __slots__ = ("_flush_at", "_held", "_lingering", "_loop", "_on_linger", "_transport", "_unread")
     _HOLD_BYTES = 4096
 
-    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop, unread: Callable[[], bool] | None = None) -> None:
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop, unread: Callable[[], bool] | None = None,
+                 on_linger: Callable[[], None] | None = None) -> None:
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
         self._flush_at: asyncio.Handle | None = None
         self._unread = unread  # whether the client may still be sending (a body, a head) as it is closed
+        self._on_linger = on_linger  # told when a lingering close begins (the connection is gone for the app)
         self._lingering: asyncio.TimerHandle | None = None
 
     def write(self, data: Any) -> None:
@@ -470,6 +472,8 @@ class HeadWithBody:
                 self._transport.close()
                 return
             self._lingering = self._loop.call_later(LINGER_S, self._transport.close)
+            if self._on_linger is not None:
+                self._on_linger()
             return
         self._transport.close()
 
@@ -573,7 +577,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _body_fed = 0  # body bytes the parser gave in the current data_received
 
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending))
+            super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending, self._app_told_gone))
             live[self] = None
             if len(live) > cap:
                 self._make_room()
@@ -596,6 +600,16 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         def _may_be_sending(self) -> bool:
             """The client may still be sending: a body not read to its end, or part of a head."""
             return not self._in_head() or self._header_bytes > 0
+
+        def _app_told_gone(self) -> None:
+            """As uvicorn's ``connection_lost`` tells the app, when a lingering close
+            begins: no more of the body comes (what arrives is dropped), so a request
+            still reading it ends now, not when the client closes or the linger ends."""
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None:
+                if not cycle.response_complete:
+                    cycle.disconnected = True
+                cycle.message_event.set()
 
         def eof_received(self) -> bool | None:
             if self.transport.is_closing():  # lingering: the client has closed too
