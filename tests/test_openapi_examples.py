@@ -121,7 +121,7 @@ def _sample(name, schema):
         return "0,1"
     if schema.get("type") == "integer":
         return str(schema.get("minimum", 1))
-    return {"argnums": "0", "sparsity": "dense"}[name]
+    return {"argnums": "0", "sparsity": "dense", "in_dims": "0", "out_dims": "0"}[name]
 
 
 @pytest.mark.parametrize("kind", ["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"])
@@ -156,7 +156,8 @@ def test_every_option_is_a_documented_query_parameter_the_server_takes(client, d
 
 # Each option set away from its default, as a query string spells it.
 _SET = {"argnums": "0", "chunk_size": "1", "batched": "true", "return_output": "true", "rows": "0,1",
-        "mode": "fwd", "sparsity": "auto", "sparse_format": "coo", "batched_vectors": "true"}
+        "mode": "fwd", "sparsity": "auto", "sparse_format": "coo", "batched_vectors": "true", "in_dims": "-1",
+        "out_dims": "-1"}
 
 
 @pytest.mark.parametrize("kind", ["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"])
@@ -179,12 +180,14 @@ def test_an_endpoint_offers_the_query_options_it_takes_and_no_other(client, doc,
     assert set(_SET) == set(Options.model_fields)
     for name in Options.model_fields:
         batch = (1,) if name in ("batched", "batched_vectors") else ()
-        x = np.full(batch + (3,), 0.5) if name == "batched" else np.full(3, 0.5)
+        # vmap's dims are for per-example requests: batched=true beside them where offered
+        dims = {"batched": "true"} if name in ("in_dims", "out_dims") and name in offered else {}
+        x = np.full((1, 3), 0.5) if name == "batched" or dims else np.full(3, 0.5)
         vectors = {"vjp": {"cotangents": np.ones(batch)}, "jvp": {"tangents": np.ones(batch + (3,))},
                    "hvp": {"tangents": np.ones(batch + (3,))}}.get(kind, {})
         buf = io.BytesIO()
         np.savez(buf, x=x, **vectors)
-        r = client.post(f"/v1/functions/sum_sin/{kind}", params={name: _SET[name]}, content=buf.getvalue(),
+        r = client.post(f"/v1/functions/sum_sin/{kind}", params={name: _SET[name], **dims}, content=buf.getvalue(),
                         headers={"content-type": "application/x-npz", "accept": "application/json"})
         moot = name in ("chunk_size", "mode") or (kind == "evaluate" and name in ("argnums", "return_output"))
         if name in offered or moot or (name, _SET[name]) == ("argnums", "0"):
@@ -193,9 +196,10 @@ def test_an_endpoint_offers_the_query_options_it_takes_and_no_other(client, doc,
             assert r.status_code == 422 and r.json()["code"] == "invalid_input", (name, r.text)
             assert r.json()["detail"].startswith(f"{name} does not apply to {kind} ("), r.text
     assert offered == {
-        "jacobian": {"argnums", "chunk_size", "batched", "return_output", "rows", "mode", "sparsity", "sparse_format"},
-        "hessian": {"argnums", "chunk_size", "batched", "return_output", "sparsity", "sparse_format"},
-        "evaluate": {"batched"},
+        "jacobian": {"argnums", "chunk_size", "batched", "in_dims", "out_dims", "return_output", "rows", "mode", "sparsity",
+                     "sparse_format"},
+        "hessian": {"argnums", "chunk_size", "batched", "in_dims", "out_dims", "return_output", "sparsity", "sparse_format"},
+        "evaluate": {"batched", "in_dims", "out_dims"},
     }.get(kind, {"argnums", "return_output", "batched_vectors"})
 
 

@@ -35,11 +35,11 @@ X = [0.1, -0.2, 0.3]
 KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
 # A value other than the default for each option, valid where it applies.
 ASKS = {"argnums": [0], "chunk_size": 2, "batched": True, "return_output": True, "rows": [0, 1], "mode": "fwd",
-        "sparsity": "auto", "sparse_format": "coo", "batched_vectors": True}
+        "sparsity": "auto", "sparse_format": "coo", "batched_vectors": True, "in_dims": 1, "out_dims": 1}
 # Options that cannot change the answer where they do not apply, taken there (parsing._MOOT).
 MOOT = {kind: {"chunk_size", "mode"} | ({"argnums", "return_output"} if kind == "evaluate" else set()) for kind in KINDS}
 DEFAULTS = {"argnums": 0, "chunk_size": None, "batched": False, "return_output": False, "rows": None, "mode": None,
-            "sparsity": "dense", "sparse_format": "csr", "batched_vectors": False}
+            "sparsity": "dense", "sparse_format": "csr", "batched_vectors": False, "in_dims": 0, "out_dims": 0}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_the_query_string_is_held_to_the_same_contract(c):
         problem = assert_problem(c.post(f"/v1/functions/sin/evaluate?{query}", content=npy, headers=headers),
                                  422, "invalid_input")
         assert problem["detail"].startswith(f"{option} does not apply to evaluate (")
-        assert problem["detail"].endswith("); evaluate takes batched")
+        assert problem["detail"].endswith("); evaluate takes batched, in_dims, out_dims")
     for query in ("batched_vectors=false&argnums=0", "chunk_size=4&mode=fwd&argnums=0,&return_output=true"):
         r = c.post(f"/v1/functions/sin/evaluate?{query}", content=npy, headers=headers)
         assert r.status_code == 200, (query, r.text)

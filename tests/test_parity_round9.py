@@ -181,7 +181,7 @@ TORCH_CASES = [
      jacrev(F.net_call_buffers, argnums=(0, 1, 2))),
     ("net_loss", "hessian", [PARAMS, X, Y[:2]], {"argnums": [0, 1]}, hessian(F.net_loss, argnums=(0, 1))),
     # per-example: vmap(jacrev(f)) over every input, pytree parameters' leaves stacked; an
-    # input vmap would take with in_dims=None is sent repeated (the service has no in_dims)
+    # input vmap would take with in_dims=None is sent repeated (or with in_dims, round 10)
     ("mul", "jacobian", [np.stack([X, Y]), np.stack([Y, X])], {"batched": True, "argnums": [0, 1]},
      vmap(jacrev(F.mul, argnums=(0, 1)))),
     ("pytree_in_out", "jacobian", [(rand(4), rand(4)), rand(4), rand(4)], {"batched": True, "argnums": [0, 2]},
@@ -399,12 +399,14 @@ def test_a_streamed_jacobian_says_one_row_per_vmap_where_rows_run_one_by_one():
         assert r.headers["x-chunk-size"] == "1"
 
 
-@pytest.mark.parametrize("option", [{"in_dims": [None, 0, 0]}, {"out_dims": 1}])
-def test_vmap_dims_are_refused_naming_what_is_taken(c, option):
-    """Per-example requests are vmap(jacrev(f)) over every input's leading dimension,
-    the batch first in the result (in_dims=0, out_dims=0): other dims are no option,
-    a 422 naming it, never silently ignored. An input vmap would take with
-    in_dims=None is sent repeated (test_torch_eager_transform_cases, net_loss)."""
-    inputs = [{k: np.stack([v] * 2) for k, v in PARAMS.items()}, rand(2, 3), rand(2, 2)]
-    body = assert_problem(post(c, "net_loss", "jacobian", inputs, batched=True, **option), 422, "invalid_input")
-    assert f"unknown option '{next(iter(option))}'" in body["detail"] and "batched" in body["detail"]
+def test_a_shared_parameter_is_in_dims_null_or_sent_repeated_alike(c):
+    """Per-example requests were vmap(jacrev(f)) over every input's leading dimension
+    only, a 422 for in_dims / out_dims: they are options now (tests/test_parity_round10.py).
+    A parameter shared by every example, in_dims=None, answers as the same parameter sent
+    once per example does (test_torch_eager_transform_cases, net_loss)."""
+    x, y = rand(2, 3), rand(2, 2)
+    repeated = [{k: np.stack([v] * 2) for k, v in PARAMS.items()}, x, y]
+    got, _ = answer(post(c, "net_loss", "jacobian", [PARAMS, x, y], batched=True, in_dims=[None, 0, 0]), "jacobian")
+    want, _ = answer(post(c, "net_loss", "jacobian", repeated, batched=True), "jacobian")
+    same(got, want)
+    same(got, vmap(jacrev(F.net_loss), in_dims=(None, 0, 0))(t(PARAMS), t(x), t(y)))

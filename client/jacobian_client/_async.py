@@ -167,6 +167,8 @@ class AsyncClient:
         argnums: int | str | tuple[int | str, ...] = 0,
         chunk_size: int | None = None,
         batched: bool = False,
+        in_dims: Any = 0,
+        out_dims: Any = 0,
         return_output: bool = False,
         rows: tuple[int, int] | None = None,
         mode: str | None = None,
@@ -192,6 +194,7 @@ class AsyncClient:
         ``sparse_format="dense"`` returns that matrix as a numpy array.
         """
         options = {"argnums": argnums, "chunk_size": chunk_size, "batched": batched,
+                   "in_dims": in_dims, "out_dims": out_dims,
                    "return_output": return_output, "rows": rows, "mode": mode,
                    "sparsity": sparsity, "sparse_format": sparse_format}
         return await self._execute(self._proto.compute_call(
@@ -204,6 +207,8 @@ class AsyncClient:
         argnums: int | str | tuple[int | str, ...] = 0,
         chunk_size: int | None = None,
         batched: bool = False,
+        in_dims: Any = 0,
+        out_dims: Any = 0,
         out: PathLike | None = None,
         progress: bool = False,
         transport: str | None = None,
@@ -214,6 +219,7 @@ class AsyncClient:
         with ``sparsity`` (``"auto"`` or a declared name) one sparse ``n x n`` matrix from
         star-coloured Hessian-vector products, as :meth:`jacobian` returns them."""
         options = {"argnums": argnums, "chunk_size": chunk_size, "batched": batched,
+                   "in_dims": in_dims, "out_dims": out_dims,
                    "sparsity": sparsity, "sparse_format": sparse_format}
         return await self._execute(self._proto.compute_call(
             "hessian", name, inputs, options, transport=transport, out=_path(out), progress=progress))
@@ -237,10 +243,11 @@ class AsyncClient:
         return await self._execute(self._proto.sparsity_call(
             name, shapes, kind=kind, sparsity=sparsity, argnums=argnums, mode=mode, dtypes=dtypes, format=format))
 
-    async def evaluate(self, name: str, *inputs: Any, batched: bool = False, transport: str | None = None) -> Any:
+    async def evaluate(self, name: str, *inputs: Any, batched: bool = False, in_dims: Any = 0, out_dims: Any = 0,
+                       transport: str | None = None) -> Any:
         """The function's output (``(output, aux)`` for has_aux functions)."""
         return await self._execute(self._proto.compute_call(
-            "evaluate", name, inputs, {"batched": batched}, transport=transport))
+            "evaluate", name, inputs, {"batched": batched, "in_dims": in_dims, "out_dims": out_dims}, transport=transport))
 
     async def vjp(
         self,

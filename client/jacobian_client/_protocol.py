@@ -391,7 +391,8 @@ def _expected(kind: str, fields: Mapping[str, Any], values: Sequence[Any]) -> Ex
     """The :class:`Expected` of a compute call with these fields and inputs."""
     shapes = [_leaf_shape(v) for i, tree in enumerate(values) for _, v in _input_leaves(tree, str(i))]
     batch = None
-    if (fields.get("batched") and not fields.get("batched_vectors") and "sparsity" not in fields and shapes
+    moved = any(k in fields for k in _DIMS)  # the batch is where in_dims / out_dims say: not checked
+    if (fields.get("batched") and not moved and not fields.get("batched_vectors") and "sparsity" not in fields and shapes
             and all(shapes) and len({s[0] for s in shapes}) == 1):  # type: ignore[index]
         batch = shapes[0][0]  # type: ignore[index]
     suffixes = None
@@ -404,7 +405,7 @@ def _expected(kind: str, fields: Mapping[str, Any], values: Sequence[Any]) -> Ex
             chosen = shapes
         if fields.get("batched"):
             chosen = [s[1:] if s else None for s in chosen]
-        if chosen and all(s is not None for s in chosen):
+        if chosen and all(s is not None for s in chosen) and not moved:
             suffixes = tuple(dict.fromkeys(chosen))  # type: ignore[arg-type]
     # jvp is not: torch.func.jvp gives an integer output an integer (zero) tangent
     floating = kind in ("jacobian", "hessian", "vjp", "hvp")
@@ -492,6 +493,20 @@ def _vector_tree(tree: Any, *, binary: bool) -> Any:
     if isinstance(tree, dict):
         return {str(k): _vector_tree(v, binary=binary) for k, v in tree.items()}
     return json_array(as_wire_value(tree), binary=binary)
+
+
+_DIMS = ("in_dims", "out_dims")
+
+
+def _dims_json(key: str, value: Any) -> Any:
+    """torch's in_dims / out_dims (ints, None, tuples, lists and dicts of them) as JSON."""
+    if value is None or (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))):
+        return None if value is None else int(value)
+    if isinstance(value, (list, tuple)):
+        return [_dims_json(key, v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _dims_json(key, v) for k, v in value.items()}
+    raise ValueError(f"{key} holds ints, None, and tuples, lists or dicts of them (torch.func.vmap's), not {value!r}")
 
 
 def _query_value(value: Any) -> str:
@@ -727,7 +742,7 @@ class Protocol:
         all_arrays = all(isinstance(v, np.ndarray) for _, v in leaves) and all(
             isinstance(v, np.ndarray) for _, v in vector_leaves)
         if binary and all_arrays and values:
-            call.params = {k: _query_value(v) for k, v in fields.items()}
+            call.params = {k: wire.dumps(v).decode() if k in _DIMS else _query_value(v) for k, v in fields.items()}
             buf = io.BytesIO()
             if len(values) == 1 and vectors is None and isinstance(values[0], np.ndarray):
                 np.save(buf, values[0], allow_pickle=False)
@@ -768,6 +783,11 @@ class Protocol:
     def _fields(options: Mapping[str, Any]) -> dict[str, Any]:
         fields: dict[str, Any] = {}
         for key, value in options.items():
+            if key in _DIMS:  # vmap's in_dims / out_dims: None is a dim (shared), 0 the default
+                if isinstance(value, int) and not isinstance(value, bool) and value == 0:
+                    continue
+                fields[key] = _dims_json(key, value)
+                continue
             if value is None or value is False:
                 continue
             if key == "argnums":

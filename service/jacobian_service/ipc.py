@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 _CALL_FIELDS = ("chunk_size", "batched", "mode", "return_output", "batched_vectors", "max_result_bytes", "sparsity",
-                "sparse_format", "deadline")
+                "sparse_format", "out_dims", "deadline")
 
 
 def engine_path(run_dir: Path, index: int) -> Path:
@@ -167,6 +167,7 @@ def encode_call(
             as_tuple=call.as_tuple,
             positions=None if call.positions is None else list(call.positions),
             rows=list(call.rows) if call.rows is not None else None,
+            in_dims=None if call.in_dims is None else list(call.in_dims),
             vectors=pack(call.vectors, frames),
             **{f: getattr(call, f) for f in _CALL_FIELDS},
         )
@@ -185,6 +186,7 @@ def decode_call(header: dict[str, Any], frames: Sequence[Any], spec: FunctionSpe
         as_tuple=header["as_tuple"],
         positions=None if header.get("positions") is None else tuple(header["positions"]),
         rows=(rows[0], rows[1]) if rows is not None else None,
+        in_dims=None if header.get("in_dims") is None else tuple(header["in_dims"]),
         vectors=unpack(header["vectors"], frames),
         **{f: header[f] for f in _CALL_FIELDS if f != "deadline"},
         deadline=math.inf if header["deadline"] is None else header["deadline"],

@@ -334,6 +334,16 @@ _QUERY_FORMS: dict[str, dict[str, Any]] = {
         "description": ("0 when left out; a position or parameter name, or several comma-separated (a tuple of results, "
                         "as argnums=(0, 1); a trailing comma makes a tuple of one: 0,)"),
     },
+    "in_dims": {
+        "schema": {"type": "string"},
+        "description": ("batched: vmap's in_dims, the batch dim of each input: 1, none, one per input comma-separated "
+                        "(0,none: the second input shared by every example), or JSON for nested ones "
+                        "([{\"w\":null,\"b\":0},0])"),
+    },
+    "out_dims": {
+        "schema": {"type": "string"},
+        "description": "batched: vmap's out_dims, where the batch goes in the result: an int, none, or JSON nested as the result",
+    },
     "rows": {
         "schema": {"type": "string", "pattern": "^-?[0-9]+,-?[0-9]+$"},
         "description": "start,stop: rows [start, stop) of the flattened output",

@@ -19,6 +19,7 @@ from .responses import echo
 from .types import Call
 from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, UnsupportedMediaType, from_wire
 from .registry import FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, FunctionSpec, format_shape
+from .vmap_dims import check_out_dims, in_dim_of, leaf_in_dims, query_dims
 
 __all__ = ["KINDS", "Options", "media_type_of", "parse_call", "parse_sparsity_query"]
 
@@ -36,6 +37,8 @@ OPTION_KINDS: dict[str, tuple[str, ...]] = {
     "argnums": _DERIVATIVES,
     "chunk_size": ("jacobian", "hessian"),  # vjp/jvp/hvp run their vectors in one vmap
     "batched": ("jacobian", "hessian", "evaluate"),
+    "in_dims": ("jacobian", "hessian", "evaluate"),
+    "out_dims": ("jacobian", "hessian", "evaluate"),
     "return_output": _DERIVATIVES,  # an evaluate's answer is the output
     "rows": ("jacobian",),
     "mode": ("jacobian",),  # a Hessian's strategy is measured, never asked for
@@ -65,6 +68,11 @@ _INT64_MAX = 2**63 - 1
 _Int64 = Annotated[StrictInt, Field(ge=-_INT64_MAX - 1, le=_INT64_MAX)]
 
 
+# in_dims / out_dims: an int, null, or nested lists and objects of them (vmap_dims reads them)
+_DIMS_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "integer"}, {"type": "null"}, {"type": "array", "items": {}},
+                                          {"type": "object"}]}
+
+
 class Options(BaseModel):
     """Everything a request may say besides its arrays."""
 
@@ -78,6 +86,15 @@ class Options(BaseModel):
     # boolean (the query string's words are read in _query_value).
     chunk_size: StrictInt | None = Field(None, ge=1, le=_INT64_MAX, description="rows (sparse: products) per vmap; null lets the service choose")
     batched: StrictBool = Field(False, description="per-example results over the leading dimension")
+    # torch.func.vmap's, checked by vmap_dims (the front end: against declared shapes;
+    # the engine: out_dims against the result): JSON's forms of torch's ints, None, tuples and dicts.
+    in_dims: Any = Field(
+        0, json_schema_extra=_DIMS_SCHEMA, description=("batched: vmap's in_dims, the batch dim of each input: an int (every input), null (an input "
+                        "shared by every example), or a list with one entry per input (an object: by name), nested "
+                        "as a pytree parameter; negative dims count from the end"))
+    out_dims: Any = Field(
+        0, json_schema_extra=_DIMS_SCHEMA, description=("batched: vmap's out_dims, where the batch goes in the result: an int (every array, aux and "
+                        "output too), or nested as the result is (null: a result the same for every example)"))
     return_output: StrictBool = False
     rows: tuple[_Int64, _Int64] | None = Field(None, description="[start, stop) rows of the flattened output")
     mode: Literal["rev", "fwd", "auto"] | None = Field(
@@ -102,6 +119,8 @@ _WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0":
 def _query_value(key: str, value: str) -> Any:
     if key in _BOOLEANS:
         return _WORDS.get(value.lower(), value)  # another word stays a string: refused
+    if key in ("in_dims", "out_dims"):
+        return query_dims(value)
     if key in ("argnums", "rows") and "," in value:
         return [_query_value(key, v) for v in value.split(",") if v != ""]
     if value.lower() in ("", "null", "none") and key in ("chunk_size", "rows"):
@@ -415,24 +434,35 @@ def parse_call(
     else:
         positions, as_tuple = spec.argnums(options.argnums)
     argnums = spec.leaf_argnums(positions)
+    given = [k for k in ("in_dims", "out_dims") if not (type(getattr(options, k)) is int and getattr(options, k) == 0)]
+    if not options.batched and given:
+        raise InvalidInput(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for per-example requests "
+                           "(vmap's): add batched=true")
+    in_dims = leaf_in_dims(spec, options.in_dims) if options.batched and spec.inputs else None
 
     args: list[np.ndarray] = []
     dtypes: list[str] = []
     bindings: dict[str, tuple[int, str]] = {}
     batch_sizes: set[int] = set()
-    for (arr, sent), inp in zip(arrays, spec.leaf_inputs):
+    for i, ((arr, sent), inp) in enumerate(zip(arrays, spec.leaf_inputs)):
         dtype = inp.resolve_dtype(sent)
         shape = arr.shape
-        if options.batched:
-            if arr.ndim == 0:
+        dim = in_dims[i] if in_dims is not None else 0
+        if options.batched and dim is not None:
+            if arr.ndim == 0 and in_dims is None:
                 raise InvalidInput(f"input {inp.name!r}: batched inputs need a leading batch dimension")
-            batch_sizes.add(shape[0])
-            shape = shape[1:]
+            dim = in_dim_of(inp.name, dim, arr.ndim)
+            batch_sizes.add(shape[dim])
+            shape = shape[:dim] + shape[dim + 1:]
         try:
             inp.bind(tuple(shape), bindings)
         except InvalidInput as exc:
             if not options.batched:
                 raise
+            if in_dims is not None:
+                where = "shared (in_dims null)" if dim is None else f"batched over dim {dim} (in_dims)"
+                raise InvalidInput(f"{exc.detail}, for each example: input {inp.name!r} of shape "
+                                   f"{format_shape(arr.shape)} is {where}") from None
             # Said of the example alone ("expected shape (n,), got ()"), the 422 of a
             # request sent with batched=true and one example's inputs (Swagger UI's
             # example, the batched box ticked) did not say where the dimension went.
@@ -447,7 +477,8 @@ def parse_call(
         args.append(arr)
         dtypes.append(dtype)
     if len(batch_sizes) > 1:
-        raise InvalidInput(f"batched inputs disagree on the batch size: {sorted(batch_sizes)}")
+        raise InvalidInput(f"batched inputs disagree on the batch size: {sorted(batch_sizes)} (torch's vmap: Expected "
+                           "all tensors to have the same size in the mapped dimension)")
     if kind != "evaluate":
         for i in argnums:
             _check_differentiable(spec.leaf_inputs[i].name, spec.leaf_inputs[i].dtype, dtypes[i], arrays[i][1])
@@ -460,6 +491,8 @@ def parse_call(
         positions=positions if spec.has_trees else None,
         chunk_size=options.chunk_size,
         batched=options.batched,
+        in_dims=in_dims,
+        out_dims=check_out_dims(options.out_dims) if options.batched else 0,
         mode=options.mode or ("rev" if options.sparsity == "dense" else "auto"),
         rows=options.rows,
         return_output=options.return_output,

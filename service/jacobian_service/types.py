@@ -19,7 +19,7 @@ import orjson
 from .errors import Timeout
 from .registry import FunctionSpec
 
-__all__ = ["Call", "JobInfo", "Result", "is_sparse_matrix", "never_cancelled", "tree_leaves"]
+__all__ = ["Call", "JobInfo", "Result", "example_shape", "is_sparse_matrix", "never_cancelled", "tree_leaves"]
 
 
 def tree_leaves(tree: Any) -> Iterator[Any]:
@@ -32,6 +32,11 @@ def tree_leaves(tree: Any) -> Iterator[Any]:
             yield from tree_leaves(item)
     else:
         yield tree
+
+
+def example_shape(shape: tuple[int, ...], dim: int | None) -> tuple[int, ...]:
+    """One example's shape of an input batched over ``dim`` (None: shared, all of it)."""
+    return tuple(shape) if dim is None else tuple(shape[:dim]) + tuple(shape[dim + 1:])
 
 
 def never_cancelled() -> bool:
@@ -58,6 +63,10 @@ class Call:
     positions: tuple[int, ...] | None = None
     chunk_size: int | None = None
     batched: bool = False
+    # vmap's in_dims, one per leaf of args (an int, or None: shared by every example);
+    # None is every leaf's 0. out_dims: where the batch goes in the result (vmap_dims).
+    in_dims: tuple[int | None, ...] | None = None
+    out_dims: Any = 0
     mode: str = "rev"
     rows: tuple[int, int] | None = None
     return_output: bool = False
@@ -73,8 +82,9 @@ class Call:
 
     def signature(self, batched: bool = False) -> tuple[Any, ...]:
         """What equal requests share: function, argnums, per-example shapes and dtypes."""
-        shapes = tuple(a.shape[1:] if batched else a.shape for a in self.args)
-        return (self.spec.name, self.argnums, self.as_tuple, shapes, tuple(self.dtypes))
+        dims = self.in_dims or (0,) * len(self.args)
+        shapes = tuple(example_shape(a.shape, d) if batched else a.shape for a, d in zip(self.args, dims))
+        return (self.spec.name, self.argnums, self.as_tuple, shapes, tuple(self.dtypes), self.in_dims)
 
     @property
     def params(self) -> tuple[int, ...]:

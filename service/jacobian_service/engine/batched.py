@@ -19,6 +19,7 @@ from .shapes import span
 from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
 from .hessian import STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, with_output
 from .products import agrees_with_reverse
+from . import vmap_dims as _dims
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -38,7 +39,8 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     Hessian must be torch's own (it switches grad off) loops over its examples.
     """
     args = engine.tensors(call)
-    batch = args[0].shape[0] if args else 0
+    in_dims = _dims.dims(call)
+    batch = _dims.batch_size(args, in_dims)
     box = AuxBox(call.spec)
     argnums: int | tuple[int, ...] = tuple(range(len(call.params))) if call.as_tuple else 0
 
@@ -46,7 +48,7 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     # Size check from one example's forward pass, before any derivative; it also tells
     # whether the function computes with grad off (calling.GradOffWatch).
     watch = GradOffWatch(active=kind == "hessian")  # not on reverse mode's hot path
-    first = engine.guard(lambda: watch.call(box, *fresh([a[0] for a in args]))[0]) if batch else None
+    first = engine.guard(lambda: watch.call(box, *fresh(_dims.example(args, in_dims, 0)))[0]) if batch else None
     check_floating(first)
     no_rows = first is not None and not any(leaf.numel() for leaf in pytree.tree_leaves(first))
     profile.grad_off = profile.grad_off or watch.seen
@@ -75,9 +77,10 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
 
     if first is not None:
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(first))
-        in_numel = sum(args[i][0].numel() for i in call.argnums)
+        one = _dims.example(args, in_dims, 0)
+        in_numel = sum(one[i].numel() for i in call.argnums)
         width = in_numel if kind == "jacobian" else in_numel * in_numel
-        widest = max(span(args[i][0].shape) for i in call.argnums)
+        widest = max(span(one[i].shape) for i in call.argnums)
         engine.check_result_size(call, batch * out_numel * width * engine.wire_itemsize(args[call.argnums[0]].dtype),
                                  "examples", batch * max((span(o.shape) for o in pytree.tree_leaves(first)), default=1)
                                  * widest ** (1 if kind == "jacobian" else 2) * engine.wire_itemsize(args[call.argnums[0]].dtype))
@@ -115,7 +118,12 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False)
         profile.hessian[("per example", call.signature())] = TORCHS
     if kind == "hessian" and mode != TORCHS and batch:
-        _check_where_torch_fails(engine, call, [a[0] for a in engine.tensors(call)], pytree.tree_map(lambda t: t[0], value))
+        _check_where_torch_fails(engine, call, _dims.example(engine.tensors(call), in_dims, 0),
+                                 pytree.tree_map(lambda t: t[0], value))
+    if call.out_dims != 0:  # vmap's out_dims: the batch moved, as the last step
+        value = _dims.lay_out(call, value, kind, _dims.torch_says_unbatched(
+            lambda *a: per_example(*a)[0][0], engine.tensors(call), in_dims, value) if _dims.has_none(call) else None)
+        aux = _dims.lay_out_extra(call, aux)  # return_output's output is no part of torch's call: batch first
     output = engine.host(output) if call.return_output else None
     # meta.chunk_size: the rows of one example's Jacobian each vmap took (row by row: 1;
     # never more than the example's output has); a Hessian's strategies take no chunks
@@ -138,7 +146,7 @@ def _vmap_rows_agree(engine: "Engine", call: Call, value: Any, rows_loop: bool) 
     checked = engine.profiles[call.spec.name].vmap_checked
     key = ("per example", call.signature(batched=True), call.chunk_size)
     if key not in checked:
-        g, primals = differentiable(AuxBox(call.spec), [a[0] for a in engine.tensors(call)], call)
+        g, primals = differentiable(AuxBox(call.spec), _dims.example(engine.tensors(call), _dims.dims(call), 0), call)
         try:
             checked[key] = agrees_with_reverse(g, primals, pytree.tree_map(lambda t: t[0], value))
         except ServiceError:
@@ -154,7 +162,7 @@ def _hessian_agrees_with_hvp(engine: "Engine", call: Call, value: Any) -> bool:
     checked = engine.profiles[call.spec.name].vmap_checked
     key = ("hessian", call.signature(batched=True))
     if key not in checked:
-        g, primals = differentiable(AuxBox(call.spec), [a[0] for a in engine.tensors(call)], call)
+        g, primals = differentiable(AuxBox(call.spec), _dims.example(engine.tensors(call), _dims.dims(call), 0), call)
         argnums: int | tuple[int, ...] = tuple(range(len(primals))) if call.as_tuple else 0
         checked[key] = engine.guard(lambda: agrees_with_hvp(g, primals, argnums, pytree.tree_map(lambda t: t[0], value)))
     return bool(checked.get(key))
@@ -197,7 +205,8 @@ def over_examples(
     """``vmap(fn)`` over the leading dim of ``args`` -> ``(value, aux)``; when vmap
     cannot run the function (or ``use_vmap`` is False), a loop over examples (unless
     ``allow_loop`` is False: request batching then runs each request alone)."""
-    batch = args[0].shape[0] if args else 0
+    in_dims = _dims.dims(call)
+    batch = _dims.batch_size(args, in_dims)
     profile = engine.profiles[call.spec.name]
     use_vmap = use_vmap and profile.vmap_function
     vmap_error: BaseException | None = None
@@ -205,7 +214,7 @@ def over_examples(
         raise InvalidInput(f"{call.spec.name} cannot be batched with vmap, so a batch of no examples has no answer")
     if use_vmap:
         try:
-            value, aux_t = torch.func.vmap(fn)(*args)
+            value, aux_t = torch.func.vmap(fn, in_dims=in_dims)(*args)
             return value, box.restore(aux_t)
         except BaseException as exc:
             if is_oom(exc):
@@ -223,7 +232,7 @@ def over_examples(
     per: list[tuple[Any, Any]] = []
     for b in range(batch):
         call.check_alive()
-        value_b, aux_t = engine.guard(lambda: fn(*[a[b] for a in args]))
+        value_b, aux_t = engine.guard(lambda: fn(*_dims.example(args, in_dims, b)))
         per.append((value_b, box.restore(aux_t)))
     if vmap_error is not None:  # every example works alone: vmap itself is what fails
         engine.mark_unbatchable(call.spec.name, vmap_error)

@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from ..errors import InvalidInput, OutOfMemory, ResultTooLarge
 from ..types import Call, Result, tree_leaves
 from . import batched as _batched
+from . import vmap_dims as _vmap_dims
 from . import hessian as _hessian
 from . import sparse as _sparse
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh,
@@ -457,6 +458,11 @@ class Engine:
         box = AuxBox(call.spec)
         if call.batched:
             out, aux = _batched.over_examples(self, call, box, box, args, allow_loop)
+            if call.out_dims != 0:  # vmap's out_dims: the batch moved, as the last step
+                in_dims = _vmap_dims.dims(call)
+                out = _vmap_dims.lay_out(call, out, "output", _vmap_dims.torch_says_unbatched(
+                    lambda *a: box(*a)[0], self.tensors(call), in_dims, out) if _vmap_dims.has_none(call) else None)
+                aux = _vmap_dims.lay_out_extra(call, aux)
         else:
             out, aux_t = self.guard(lambda: box(*args))
             aux = box.restore(aux_t)

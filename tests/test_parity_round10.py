@@ -1,0 +1,249 @@
+"""PyTorch's own torch.func test cases, round 10 (test/functorch/test_vmap.py's in_dims /
+out_dims, test_eager_transforms.py's per-sample gradients, custom autograd.Functions,
+in-place ops, detach, item, randomness) replayed over HTTP against
+tests/parity10_functions.py.
+
+Per-example requests are ``vmap(jacrev(f), in_dims, out_dims)`` (or hessian, or f):
+every answer is compared with in-process torch.func (values, shapes, dtypes, structure);
+where torch raises, the exact status and code, the detail saying what torch says, and
+that torch raises as well. One in-process app serves the module (no server start)."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from jacobian_client import Client, wire
+from torch.func import hessian, jacrev, vmap
+
+from . import parity10_functions as F
+from .conftest import assert_problem
+from .test_parity_round7 import answer, post, same, t
+
+FUNCTIONS = "tests.parity10_functions"
+RNG = np.random.default_rng(10)
+
+
+def rand(*shape: int, dtype: str = "float32") -> np.ndarray:
+    return RNG.standard_normal(shape).astype(dtype)
+
+
+XS, P = rand(4, 3), rand(3)  # four examples of x, one p every example shares
+XT = rand(3, 4)  # the batch in dim 1 (in_dims=1)
+PARAMS = {"w": rand(2, 3), "b": rand(2)}
+YS = rand(4, 2)
+
+
+@pytest.fixture(scope="module")
+def c():
+    from jacobian_service import Settings, create_app
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(Settings(warmup=False, functions=FUNCTIONS)), raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/readyz").text
+            time.sleep(0.05)
+        yield client
+
+
+def _tuple(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _torch_dims(d):
+    """JSON's dims -> torch's: lists are tuples (per input, per tuple node)."""
+    if isinstance(d, list):
+        return tuple(_torch_dims(v) for v in d)
+    if isinstance(d, dict):
+        return {k: _torch_dims(v) for k, v in d.items()}
+    return d
+
+
+# --- in_dims / out_dims (test_vmap.py: test_in_dims, test_out_dims, test_nested_*) ---
+
+JACOBIAN_CASES = [
+    # (function, inputs, options) -> vmap(jacrev(f, argnums), in_dims, out_dims)
+    ("shared_scale", [XS, P], {"in_dims": [0, None]}),
+    ("shared_scale", [XS, P], {"in_dims": [0, None], "argnums": [0, 1]}),
+    ("shared_scale", [XS, P], {"in_dims": [0, None], "argnums": 1, "out_dims": 1}),
+    ("shared_scale", [XS, P], {"in_dims": [0, None], "argnums": [0, 1], "out_dims": [-1, 0], "chunk_size": 1}),
+    ("shared_scale", [P, XS], {"in_dims": [None, 0], "argnums": [1, 0], "out_dims": 2}),
+    ("shared_scale", [XT, P], {"in_dims": [1, None], "argnums": [0, 1]}),
+    ("shared_scale", [XT, XS], {"in_dims": [-1, 0], "out_dims": -1}),
+    ("row_norms", [rand(2, 3, 4)], {"in_dims": 1}),
+    ("row_norms", [rand(2, 3, 4)], {"in_dims": -1, "out_dims": -1}),
+    # test_per_sample_grads: params shared, examples batched; nested per the pytree, and by name
+    ("linear_loss", [PARAMS, XS, YS], {"in_dims": [None, 0, 0]}),
+    ("linear_loss", [{"w": PARAMS["w"], "b": rand(4, 2)}, XS, YS], {"in_dims": [{"w": None, "b": 0}, 0, 0],
+                                                                     "argnums": [0, 1]}),
+    ("linear_loss", [PARAMS, XS, YS], {"in_dims": {"params": None}, "out_dims": [{"w": 2, "b": 0}, 1],
+                                       "argnums": ["params", "x"]}),
+    # d/dp is the same for every example: out_dims=None answers it once, as torch does
+    ("ignores_x", [XS, rand(2)], {"in_dims": [0, None], "argnums": 1, "out_dims": None}),
+    ("ignores_x", [XS, rand(2)], {"in_dims": [0, None], "argnums": [0, 1], "out_dims": [0, None]}),
+]
+
+
+def _want_jacobian(fn, inputs, options, kind=jacrev):
+    in_dims = options["in_dims"]
+    if isinstance(in_dims, dict):  # by name: the rest take torch's default, 0
+        names = ["params", "x", "y"]
+        in_dims = [in_dims.get(n, 0) for n in names]
+    argnums = options.get("argnums", 0)
+    if isinstance(argnums, list):
+        argnums = tuple({"params": 0, "x": 1}.get(a, a) for a in argnums)
+    transform = kind(fn, argnums=argnums) if kind is hessian else kind(fn, argnums=argnums, chunk_size=options.get("chunk_size"))
+    return vmap(transform, in_dims=_torch_dims(in_dims), out_dims=_torch_dims(options.get("out_dims", 0)))(*t(inputs))
+
+
+@pytest.mark.parametrize(("name", "inputs", "options"), JACOBIAN_CASES)
+def test_per_example_jacobians_take_in_dims_and_out_dims_as_vmap(c, name, inputs, options):
+    got, doc = answer(post(c, name, "jacobian", inputs, batched=True, **options), "jacobian")
+    same(got, _want_jacobian(getattr(F, name), inputs, options))
+
+
+def test_per_example_hessians_and_evaluate_take_them_too(c):
+    options = {"in_dims": [None, 0, 0], "argnums": 1, "out_dims": 2}
+    got, _ = answer(post(c, "linear_loss", "hessian", [PARAMS, XS, YS], batched=True, **options), "hessian")
+    same(got, _want_jacobian(F.linear_loss, [PARAMS, XS, YS], options, hessian))
+    got, _ = answer(post(c, "ignores_x", "hessian", [XS, rand(2)], batched=True, in_dims=[0, None], argnums=1,
+                         out_dims=None), "hessian")
+    same(got, 2 * np.eye(2, dtype=np.float32))  # vmap(hessian(f, 1), (0, None), out_dims=None): one, unbatched
+    got, _ = answer(post(c, "shared_scale", "evaluate", [XT, P], batched=True, in_dims=[1, None], out_dims=1), "output")
+    same(got, vmap(F.shared_scale, in_dims=(1, None), out_dims=1)(*t([XT, P])))
+
+
+def test_an_int_out_dims_moves_the_aux_too(c):
+    """vmap(jacrev(f, has_aux=True), in_dims=(0, None), out_dims=1): jac and aux both."""
+    r = post(c, "scaled_with_aux", "jacobian", [XS, P], batched=True, in_dims=[0, None], out_dims=1, argnums=[0, 1])
+    got, doc = answer(r, "jacobian")
+    jac, aux = vmap(jacrev(F.scaled_with_aux, argnums=(0, 1), has_aux=True), in_dims=(0, None), out_dims=1)(*t([XS, P]))
+    same(got, jac)
+    same(wire.decode_tree(doc["aux"]), aux)
+
+
+def test_in_dims_and_out_dims_in_the_query_string_with_an_npz_body(c):
+    buf = io.BytesIO()
+    np.savez(buf, x=XT, p=P)
+    r = c.post("/v1/functions/shared_scale/jacobian?batched=true&in_dims=1,none&out_dims=-1&argnums=x,p",
+               content=buf.getvalue(), headers={"content-type": wire.NPZ, "accept": wire.NPZ})
+    assert r.status_code == 200, r.text
+    z = np.load(io.BytesIO(r.content))
+    want = vmap(jacrev(F.shared_scale, argnums=(0, 1)), in_dims=(1, None), out_dims=-1)(*t([XT, P]))
+    same((z["jacobian/0"], z["jacobian/1"]), want)
+    r = c.post('/v1/functions/linear_loss/jacobian?batched=true&in_dims=[{"w":null,"b":null},0,0]',
+               content=_npz(params_w=PARAMS["w"], params_b=PARAMS["b"], x=XS, y=YS),
+               headers={"content-type": wire.NPZ, "accept": wire.NPZ})
+    assert r.status_code == 200, r.text
+    z = np.load(io.BytesIO(r.content))
+    want = vmap(jacrev(F.linear_loss), in_dims=(None, 0, 0))(*t([PARAMS, XS, YS]))
+    same({"w": z["jacobian/w"], "b": z["jacobian/b"]}, want)
+
+
+def _npz(**members: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k.replace("_", "/", 1) if k.startswith("params_") else k: v for k, v in members.items()})
+    return buf.getvalue()
+
+
+def test_the_sdk_passes_in_dims_and_out_dims_on_both_transports(c):
+    def forward(request: httpx.Request) -> httpx.Response:
+        r = c.request(request.method, str(request.url.copy_with(scheme="http", host="testserver", port=None)),
+                      content=request.content, headers=dict(request.headers))
+        headers = {k: v for k, v in r.headers.items() if k.lower() not in ("content-encoding", "transfer-encoding")}
+        return httpx.Response(r.status_code, headers=headers, content=r.content)
+
+    want = vmap(jacrev(F.shared_scale, argnums=(0, 1)), in_dims=(1, None), out_dims=(1, -1))(*t([XT, P]))
+    want_l = vmap(jacrev(F.linear_loss), in_dims=({"w": None, "b": None}, 0, 0), out_dims=0)(*t([PARAMS, XS, YS]))
+    with Client("http://sdk.test", http_transport=httpx.MockTransport(forward), max_retries=0) as client:
+        for transport in ("binary", "json"):
+            got = client.jacobian("shared_scale", XT, P, argnums=(0, 1), batched=True, in_dims=(1, None),
+                                  out_dims=(1, -1), transport=transport)
+            same(got, want)
+            same(client.jacobian("linear_loss", PARAMS, XS, YS, batched=True, in_dims=(None, 0, 0),
+                                 transport=transport), want_l)
+            same(client.evaluate("shared_scale", XT, P, batched=True, in_dims=(1, None), transport=transport),
+                 vmap(F.shared_scale, in_dims=(1, None))(*t([XT, P])))
+            H = client.hessian("ignores_x", XS, P[:2], argnums=1, batched=True, in_dims=(0, None), out_dims=None,
+                               transport=transport)
+            same(H, 2 * np.eye(2, dtype=np.float32))
+
+
+# --- where torch's vmap raises: a 422 saying what torch says ---
+
+ERROR_CASES = [
+    # (function, inputs, options, what the detail says, torch's call that raises)
+    ("shared_scale", [XS, P], {"in_dims": [2, None]}, "-2 <= in_dim < 2",
+     lambda: vmap(jacrev(F.shared_scale), in_dims=(2, None))(*t([XS, P]))),
+    ("shared_scale", [XS, P], {"in_dims": [-3, None]}, "Got in_dim=-3",
+     lambda: vmap(jacrev(F.shared_scale), in_dims=(-3, None))(*t([XS, P]))),
+    ("shared_scale", [XS, rand(5, 3)], {"in_dims": 0}, "same size in the mapped dimension",
+     lambda: vmap(jacrev(F.shared_scale))(*t([XS, rand(5, 3)]))),
+    ("shared_scale", [P, P], {"in_dims": [None, None]}, "at least one Tensor to vmap over",
+     lambda: vmap(jacrev(F.shared_scale), in_dims=(None, None))(*t([P, P]))),
+    ("shared_scale", [XS, P], {"in_dims": [0]}, "not compatible with the structure of `inputs`",
+     lambda: vmap(jacrev(F.shared_scale), in_dims=(0,))(*t([XS, P]))),
+    ("shared_scale", [XS, P], {"in_dims": [0.5, None]}, "must be either an integer dimension or None",
+     lambda: vmap(jacrev(F.shared_scale), in_dims=(0.5, None))(*t([XS, P]))),
+    ("shared_scale", [XS, P], {"in_dims": [True, None]}, "integer dimension or null", None),
+    ("linear_loss", [PARAMS, XS, YS], {"in_dims": [[None, None], 0, 0]}, "not compatible with the structure",
+     lambda: vmap(jacrev(F.linear_loss), in_dims=((None, None), 0, 0))(*t([PARAMS, XS, YS]))),
+    ("linear_loss", [PARAMS, XS, YS], {"in_dims": {"wrong": None}}, "not inputs of linear_loss", None),
+    # the example's shape is the declared one: x (3,) batched over dim 1 of a (4, 3) is (4,)
+    ("linear_loss", [PARAMS, XS, YS], {"in_dims": [None, 1, 0]}, "batched over dim 1 (in_dims)", None),
+    ("shared_scale", [XS, P], {"in_dims": [0, None], "out_dims": 3}, "Dimension out of range",
+     lambda: vmap(jacrev(F.shared_scale), in_dims=(0, None), out_dims=3)(*t([XS, P]))),
+    ("shared_scale", [XS, P], {"in_dims": [0, None], "out_dims": None}, "can not return a BatchedTensor",
+     lambda: vmap(jacrev(F.shared_scale), in_dims=(0, None), out_dims=None)(*t([XS, P]))),
+    # d/dp is the same in every example, yet batched in torch (jacrev's cotangents follow the output)
+    ("separable", [XS, P[:2]], {"in_dims": [0, None], "argnums": 1, "out_dims": None}, "can not return a BatchedTensor",
+     lambda: vmap(jacrev(F.separable, argnums=1), in_dims=(0, None), out_dims=None)(*t([XS, P[:2]]))),
+    ("shared_scale", [XS, P], {"in_dims": [0, None], "out_dims": [0, 1]}, "not compatible with the structure of `outputs`",
+     lambda: vmap(jacrev(F.shared_scale), in_dims=(0, None), out_dims=(0, 1))(*t([XS, P]))),
+    ("shared_scale", [XS, P], {"in_dims": [0, None], "out_dims": "1"}, "integer dimension or null", None),
+]
+
+
+@pytest.mark.parametrize(("name", "inputs", "options", "says", "torch_call"), ERROR_CASES)
+def test_what_torchs_vmap_refuses_is_a_422_saying_so(c, name, inputs, options, says, torch_call):
+    if torch_call is not None:
+        with pytest.raises((ValueError, IndexError, RuntimeError)):
+            torch_call()
+    body = assert_problem(post(c, name, "jacobian", inputs, batched=True, **options), 422, "invalid_input")
+    assert says in body["detail"], body["detail"]
+
+
+def test_in_dims_need_batched_and_are_no_option_of_vjp(c):
+    body = assert_problem(post(c, "shared_scale", "jacobian", [P, P], in_dims=[0, None]), 422, "invalid_input")
+    assert "batched=true" in body["detail"]
+    body = assert_problem(post(c, "shared_scale", "vjp", [P, P], in_dims=[0, None], cotangents=P.tolist()), 422, "invalid_input")
+    assert "in_dims" in body["detail"] and "jacobian, hessian and evaluate" in body["detail"]
+    # their defaults ask for nothing, on any endpoint (one body shape for every endpoint)
+    got, _ = answer(post(c, "shared_scale", "vjp", [P, P], in_dims=0, out_dims=0, cotangents=P.tolist()), "vjp")
+    same(got, torch.func.vjp(F.shared_scale, *t([P, P]))[1](t(P))[0])
+
+
+def test_in_dims_and_out_dims_reach_an_engine_process():
+    """The front end hands a call to an engine process over its socket (ipc): in_dims
+    and out_dims go with it (the in-process app above hands the call as it is)."""
+    import orjson
+    from jacobian_service import ipc
+    from jacobian_service.parsing import parse_call
+    from jacobian_service.registry import Registry
+
+    spec = Registry.from_modules([FUNCTIONS], use_entry_points=False).get("linear_loss")
+    body = orjson.dumps({"inputs": [{k: v.tolist() for k, v in PARAMS.items()}, XT.T.tolist(), YS.tolist()],
+                         "batched": True, "in_dims": [None, 0, 0], "out_dims": [{"w": 1, "b": None}, -1],
+                         "argnums": [0, 1]})
+    call = parse_call(spec, "jacobian", wire.JSON, body, {}, wire.Limits())
+    assert call.in_dims == (None, None, 0, 0)
+    frames = ipc.encode_call(1, "jacobian", call)
+    header, rest = ipc.parse([bytes(f) if isinstance(f, memoryview) else f for f in frames])
+    got = ipc.decode_call(header, rest, spec)
+    assert got.in_dims == call.in_dims and got.out_dims == call.out_dims
+    assert got.signature(batched=True) == call.signature(batched=True)
