@@ -247,3 +247,87 @@ def test_in_dims_and_out_dims_reach_an_engine_process():
     got = ipc.decode_call(header, rest, spec)
     assert got.in_dims == call.in_dims and got.out_dims == call.out_dims
     assert got.signature(batched=True) == call.signature(batched=True)
+
+
+# --- TestAutogradFunction, in-place, detach, item, no_grad, randomness, mixed dtypes ---
+
+X = rand(3)
+
+
+def _stack(fn, xs):
+    """torch's answer example by example, where torch's own vmap refuses the function."""
+    return torch.stack([fn(x) for x in t(xs)])
+
+
+SAME_AS_TORCH = [
+    # (function, endpoint, inputs, options, torch's answer)
+    ("custom_setup", "jacobian", [X], {}, lambda x: jacrev(F.custom_setup)(x)),
+    ("custom_setup", "jacobian", [X], {"mode": "fwd"}, lambda x: torch.func.jacfwd(F.custom_setup)(x)),
+    ("custom_setup", "jacobian", [XS], {"batched": True}, lambda x: vmap(jacrev(F.custom_setup))(x)),
+    ("custom_setup", "hessian", [X], {}, lambda x: hessian(F.custom_setup)(x)),
+    # no vmap rule: torch's jacrev runs it (its vmap is over the backward, plain ops);
+    # jacfwd and vmap(jacrev) vmap its forward and raise (below: the service loops)
+    ("custom_no_vmap", "jacobian", [X], {}, lambda x: jacrev(F.custom_no_vmap, chunk_size=1)(x)),
+    ("custom_no_vmap", "jacobian", [X], {"chunk_size": 2}, lambda x: jacrev(F.custom_no_vmap)(x)),
+    # x.detach(): no derivative through those terms; nothing at all through detached_only
+    ("detached", "jacobian", [X], {}, lambda x: jacrev(F.detached)(x)),
+    ("detached", "jacobian", [X], {"mode": "fwd"}, lambda x: torch.func.jacfwd(F.detached)(x)),
+    ("detached", "hessian", [X], {}, lambda x: hessian(F.detached)(x)),
+    ("detached_only", "jacobian", [XS], {"batched": True}, lambda x: vmap(jacrev(F.detached_only))(x)),
+    # .item(): a number with no derivative, in every chunking
+    ("uses_item", "jacobian", [X], {"chunk_size": 2}, lambda x: jacrev(F.uses_item, chunk_size=2)(x)),
+    ("uses_item", "jacobian", [X], {"mode": "fwd"}, lambda x: torch.func.jacfwd(F.uses_item)(x)),
+    ("uses_item", "hessian", [X], {}, lambda x: hessian(F.uses_item)(x)),
+    ("no_grad_inside", "jacobian", [X], {}, lambda x: jacrev(F.no_grad_inside)(x)),
+    ("no_grad_inside", "hessian", [X], {}, lambda x: hessian(F.no_grad_inside)(x)),
+    # a generator seeded in f: jacrev runs f once, so its Jacobian is the noise's diagonal
+    ("seeded_noise", "jacobian", [X], {}, lambda x: jacrev(F.seeded_noise)(x)),
+]
+
+
+@pytest.mark.parametrize(("name", "endpoint", "inputs", "options", "want"), SAME_AS_TORCH)
+def test_functions_torch_transforms_run_answer_as_torch(c, name, endpoint, inputs, options, want):
+    got, _ = answer(post(c, name, endpoint, inputs, **options), endpoint)
+    same(got, want(*t(inputs)))
+
+
+def test_several_outputs_of_mixed_dtypes_keep_each_blocks_dtype(c):
+    x64, y32 = RNG.standard_normal(3), rand(3)
+    for endpoint, transform in (("jacobian", jacrev), ("hessian", hessian)):
+        for mode in ({}, {"mode": "fwd"}) if endpoint == "jacobian" else ({},):
+            got, _ = answer(post(c, "mixed_dtypes", endpoint, [x64, y32], argnums=[0, 1], **mode), endpoint)
+            same(got, transform(F.mixed_dtypes, argnums=(0, 1))(*t([x64, y32])))
+
+
+@pytest.mark.parametrize(("name", "options", "torch_call"), [
+    # forward(ctx, ...) without setup_context: torch.func refuses it in every transform
+    ("custom_old_style", {}, lambda x: jacrev(F.custom_old_style)(x)),
+    ("custom_old_style", {"mode": "fwd"}, lambda x: torch.func.jacfwd(F.custom_old_style)(x)),
+    ("custom_old_style", {"batched": True}, lambda x: vmap(jacrev(F.custom_old_style))(x)),
+    # x.mul_(2) on the input being differentiated: autograd refuses the leaf's in-place op
+    ("inplace_on_input", {}, lambda x: jacrev(F.inplace_on_input)(x)),
+    ("inplace_on_input", {"chunk_size": 1}, lambda x: jacrev(F.inplace_on_input, chunk_size=1)(x)),
+])
+def test_what_torch_refuses_is_the_functions_error_as_torch_words_it(c, name, options, torch_call):
+    x = XS if options.get("batched") else X
+    with pytest.raises(RuntimeError) as raised:
+        torch_call(t(x))
+    body = assert_problem(post(c, name, "jacobian", [x], **options), 500, "function_error")
+    assert str(raised.value).split("\n")[0][:80] in body["detail"], (body["detail"], str(raised.value))
+
+
+def test_where_torchs_vmap_refuses_f_per_example_requests_run_example_by_example(c):
+    """.item() of a batched input, an autograd.Function without a vmap rule, random
+    numbers: torch's vmap(jacrev(f)) raises; the service answers jacrev example by
+    example (README: where vmap cannot run, a loop), with in_dims and out_dims as vmap's."""
+    for name in ("uses_item", "custom_no_vmap"):
+        with pytest.raises(RuntimeError):
+            vmap(jacrev(getattr(F, name)))(t(XS))
+        got, _ = answer(post(c, name, "jacobian", [XS], batched=True), "jacobian")
+        same(got, _stack(jacrev(getattr(F, name), chunk_size=1), XS))
+    p = t(P)
+    want = [_stack(lambda x: jacrev(F.item_scale, argnums=(0, 1))(x, p)[i], XS) for i in (0, 1)]
+    for out_dims in (0, -1):
+        got, _ = answer(post(c, "item_scale", "jacobian", [XS, P], batched=True, in_dims=[0, None], argnums=[0, 1],
+                             out_dims=out_dims), "jacobian")
+        same(got, tuple(w.movedim(0, out_dims) for w in want))
