@@ -278,8 +278,12 @@ def test_bad_hvp_binary_requests(client):
     assert "tangents" in detail
     npy = client.post(HVP, content=npy_bytes(x), headers={"content-type": wire.NPY})
     assert "send application/x-npz" in assert_problem(npy, 422, "invalid_input")["detail"]
-    # integer and bool tangents are numbers: cast to the input's dtype, as for jvp
-    ok, _ = decode(post(x=x, tangents=np.array([1, 0])), "hvp")
+    # integer and bool tangents are what torch.func.jvp refuses ("Expected tangent to be
+    # floating point or complex"), and jvp(grad(f)) with it: refused (they were cast)
+    for tangents in (np.array([1, 0]), np.array([True, False])):
+        detail = assert_problem(post(x=x, tangents=tangents), 422, "invalid_input")["detail"]
+        assert "Expected tangent to be floating point" in detail
+    ok, _ = decode(post(x=x, tangents=np.array([1.0, 0.0])), "hvp")
     np.testing.assert_allclose(ok, [-np.sin(1.0), 0.0], rtol=1e-12)
     still_serving(client)
 

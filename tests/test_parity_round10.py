@@ -331,3 +331,42 @@ def test_where_torchs_vmap_refuses_f_per_example_requests_run_example_by_example
         got, _ = answer(post(c, "item_scale", "jacobian", [XS, P], batched=True, in_dims=[0, None], argnums=[0, 1],
                              out_dims=out_dims), "jacobian")
         same(got, tuple(w.movedim(0, out_dims) for w in want))
+
+
+# --- TestJvp / TestVjp: the dtype of vectors ---
+
+
+@pytest.mark.parametrize("endpoint", ["jvp", "hvp"])
+@pytest.mark.parametrize("dtype", ["int64", "int32", "bool"])
+def test_integer_tangents_are_refused_as_torch_refuses_them(c, endpoint, dtype):
+    """torch.func.jvp raises for a tangent that is not floating ("Expected tangent to be
+    floating point or complex, but got: torch.int64"), and so does jvp(grad(f)): an
+    integer tangent sent with its dtype (JSON's dtype, an .npz member) was cast and
+    answered, 200. Plain JSON numbers carry no dtype, and stay numbers."""
+    v = np.array([1, 0, 1]).astype(dtype)
+    f = (lambda a: F.shared_scale(a, t(P))) if endpoint == "jvp" else (lambda a: F.separable(a, t(P[:2])))
+    g = f if endpoint == "jvp" else torch.func.grad(f)
+    with pytest.raises(ValueError, match="Expected tangent to be floating point"):
+        torch.func.jvp(g, (t(X),), (torch.from_numpy(v),))
+    inputs = [X, P] if endpoint == "jvp" else [X, P[:2]]
+    name = "shared_scale" if endpoint == "jvp" else "separable"
+    tangents = {"dtype": dtype, "shape": [3], "data": v.tolist()}
+    body = assert_problem(post(c, name, endpoint, inputs, tangents=tangents), 422, "invalid_input")
+    assert f"torch.{dtype}" in body["detail"] and "floating point" in body["detail"], body["detail"]
+    buf = io.BytesIO()
+    np.savez(buf, x=inputs[0], p=inputs[1], tangents=v)
+    r = c.post(f"/v1/functions/{name}/{endpoint}", content=buf.getvalue(), headers={"content-type": wire.NPZ})
+    assert "floating point" in assert_problem(r, 422, "invalid_input")["detail"]
+    # the same numbers written plain: numbers, as torch's float tangents
+    got, _ = answer(post(c, name, endpoint, inputs, tangents=[1, 0, 1]), endpoint)
+    same(got, torch.func.jvp(g, (t(X),), (torch.tensor([1.0, 0.0, 1.0]),))[1])
+
+
+def test_integer_cotangents_are_cast_as_torch_casts_them(c):
+    """torch.func.vjp takes an integer cotangent (autograd casts it to the output's dtype)."""
+    v = np.array([1, 2, 3])
+    want = torch.func.vjp(F.shared_scale, *t([X, P]))[1](torch.from_numpy(v))[0]
+    for cotangents in ({"dtype": "int64", "shape": [3], "data": v.tolist()}, v.tolist()):
+        got, _ = answer(post(c, "shared_scale", "vjp", [X, P], cotangents=cotangents), "vjp")
+        same(got, want)
+    assert want.dtype == torch.float32

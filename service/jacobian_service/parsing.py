@@ -225,9 +225,12 @@ def _vector_tree(obj: Any, limits: wire.Limits, path: str) -> Any:
     if _is_vector_node(obj):
         return [_vector_tree(v, limits, f"{path}[{i}]") for i, v in enumerate(obj)]
     try:
-        return wire.decode_json_array(obj, None, limits)[0]
+        arr, sent = wire.decode_json_array(obj, None, limits)
     except wire.WireError as exc:
         raise from_wire(wire.WireError(f"{path}: {exc}", exc.code)) from None
+    # Plain numbers carry no dtype (as an input's take the declared one): [1, 2, 3] is
+    # three numbers, not int64 tangents, which torch.func.jvp refuses (the engine too)
+    return arr.astype(np.float64) if sent is None and arr.dtype.kind in "iu" else arr
 
 
 def _engine_vectors(tree: Any) -> Any:

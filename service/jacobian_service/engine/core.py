@@ -105,6 +105,11 @@ def to_numpy(tree: Any) -> Any:
     return pytree.tree_map(_to_host, tree)
 
 
+def _torch_name(dtype: np.dtype) -> str:
+    """numpy's dtype name as torch spells it (bool_ is torch.bool)."""
+    return "bool" if dtype.kind == "b" else dtype.name
+
+
 def host_dtype(dtype: torch.dtype) -> np.dtype:
     """The numpy dtype a tensor of ``dtype`` reaches the host (and the wire) in."""
     return np.dtype("float32") if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
@@ -491,6 +496,11 @@ class Engine:
                 raise InvalidInput(f"{what}{path}: expected shape {list(shape)}, got {list(arr.shape)}")
             if arr.dtype.kind not in "biuf":
                 raise InvalidInput(f"{what}{path}: expected numbers, got {arr.dtype.name}")
+            if what == "tangents" and arr.dtype.kind != "f":
+                # torch.func.jvp refuses them (vjp casts integer cotangents): an int64
+                # tangent (an .npz member, an explicit dtype) was cast and answered, 200
+                raise InvalidInput(f"{what}{path}: expected floating tangents, got {arr.dtype.name} (torch.func.jvp: "
+                                   f"Expected tangent to be floating point or complex, but got: torch.{_torch_name(arr.dtype)})")
             t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
             out.append(t.to(device=self.device, dtype=ref.dtype))
         batch_sizes = {t.shape[0] for t in out} if batched else set()
