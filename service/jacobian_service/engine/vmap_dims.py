@@ -93,7 +93,7 @@ def lay_out(call: Call, value: Any, what: str, unbatched: Callable[[Any], bool])
     if any(d is None for _, d in per_leaf):
         full = pytree.tree_unflatten([d for _, d in per_leaf], pytree.tree_structure(value))
         if not unbatched(full):
-            raise InvalidInput(f"out_dims is null for a result that differs between examples (torch's vmap: "
+            raise InvalidInput(f"out_dims is null for a result that depends on the batched inputs (torch's vmap: "
                                f"can not return a BatchedTensor when out_dim is None)")
     leaves, spec = pytree.tree_flatten(value)
     moved = [leaf if d == 0 else leaf[0] if d is None else _move(leaf, d, path) for leaf, (path, d) in zip(leaves, per_leaf)]
