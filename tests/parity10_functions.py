@@ -181,3 +181,9 @@ def mixed_dtypes(x, y):
 def item_scale(x, p):
     """.item() of the batched input: torch's vmap raises; the service loops over the examples."""
     return x.sin() * p * x.sum().item()
+
+
+@register(inputs=[Input("x", shape=V), Input("k", shape=(), dtype="int64")])
+def int_power(x, k):
+    """An integer input, shared or batched (test_jac_with_non_tensor_args' kind)."""
+    return x ** k

@@ -76,6 +76,8 @@ JACOBIAN_CASES = [
     ("shared_scale", [XT, P], {"in_dims": [1, None], "argnums": [0, 1]}),
     ("shared_scale", [XT, XS], {"in_dims": [-1, 0], "out_dims": -1}),
     ("row_norms", [rand(2, 3, 4)], {"in_dims": 1}),
+    ("int_power", [np.abs(XS), np.array(3)], {"in_dims": [0, None]}),  # an integer input shared
+    ("int_power", [np.abs(XS), np.array([2, 3, 1, 2])], {"in_dims": 0}),  # ... and batched
     ("row_norms", [rand(2, 3, 4)], {"in_dims": -1, "out_dims": -1}),
     # test_per_sample_grads: params shared, examples batched; nested per the pytree, and by name
     ("linear_loss", [PARAMS, XS, YS], {"in_dims": [None, 0, 0]}),
@@ -191,6 +193,11 @@ ERROR_CASES = [
     ("shared_scale", [XS, P], {"in_dims": [0.5, None]}, "must be either an integer dimension or None",
      lambda: vmap(jacrev(F.shared_scale), in_dims=(0.5, None))(*t([XS, P]))),
     ("shared_scale", [XS, P], {"in_dims": [True, None]}, "integer dimension or null", None),
+    # a 0-d input has no dim to batch over, by default or as asked: null shares it
+    ("int_power", [XS, np.array(3)], {"in_dims": 0}, "in_dims null shares one input",
+     lambda: vmap(jacrev(F.int_power), in_dims=0)(*t([XS, np.array(3)]))),
+    ("int_power", [XS, np.array(3)], {"in_dims": [0, -1]}, "give it null to share it",
+     lambda: vmap(jacrev(F.int_power), in_dims=(0, -1))(*t([XS, np.array(3)]))),
     ("linear_loss", [PARAMS, XS, YS], {"in_dims": [[None, None], 0, 0]}, "not compatible with the structure",
      lambda: vmap(jacrev(F.linear_loss), in_dims=((None, None), 0, 0))(*t([PARAMS, XS, YS]))),
     ("linear_loss", [PARAMS, XS, YS], {"in_dims": {"wrong": None}}, "not inputs of linear_loss", None),

@@ -453,7 +453,9 @@ def parse_call(
         dim = in_dims[i] if in_dims is not None else 0
         if options.batched and dim is not None:
             if arr.ndim == 0 and in_dims is None:
-                raise InvalidInput(f"input {inp.name!r}: batched inputs need a leading batch dimension")
+                raise InvalidInput(f"input {inp.name!r}: batched inputs need a leading batch dimension; in_dims null "
+                                   "shares one input with every example (torch's vmap: Got in_dim=0 for some input, "
+                                   "but that input is a Tensor of dimensionality 0)")
             dim = in_dim_of(inp.name, dim, arr.ndim)
             batch_sizes.add(shape[dim])
             shape = shape[:dim] + shape[dim + 1:]
