@@ -377,3 +377,17 @@ def test_integer_cotangents_are_cast_as_torch_casts_them(c):
         got, _ = answer(post(c, "shared_scale", "vjp", [X, P], cotangents=cotangents), "vjp")
         same(got, want)
     assert want.dtype == torch.float32
+
+
+@pytest.mark.parametrize("option", ["in_dims", "out_dims"])
+def test_dims_nested_without_end_are_a_422_not_a_recursion(c, option):
+    """A query string's JSON has no depth limit of its own: 900 nested lists of out_dims
+    were a RecursionError, 500 internal_error."""
+    buf = io.BytesIO()
+    np.savez(buf, x=XS, p=XS)
+    for depth in (70, 900):
+        r = c.post(f"/v1/functions/shared_scale/jacobian?batched=true&{option}={'[' * depth}{']' * depth}",
+                   content=buf.getvalue(), headers={"content-type": wire.NPZ})
+        assert assert_problem(r, 422, "invalid_input")["detail"] == f"{option} is nested deeper than 64 levels"
+    body = {"inputs": [XS.tolist(), XS.tolist()], "batched": True, option: [[[[[[[[[[0]]]]]]]]]]}
+    assert option in assert_problem(c.post("/v1/functions/shared_scale/jacobian", json=body), 422, "invalid_input")["detail"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from jacobian_client import wire
 
 from .errors import InvalidInput
 from .registry import FunctionSpec
@@ -22,6 +23,16 @@ from .registry import FunctionSpec
 __all__ = ["DEFAULT", "check_out_dims", "in_dim_of", "leaf_in_dims", "query_dims"]
 
 DEFAULT = 0  # torch's default for both: every input's first dim, the batch first
+# Dims nest as inputs and results do (pytrees of a few levels); the checks below recurse,
+# and a query string's JSON has no depth limit of its own (900 levels: a RecursionError, 500)
+MAX_DEPTH = 64
+
+
+def _check_depth(option: str, value: Any) -> None:
+    try:
+        wire.check_depth(value, MAX_DEPTH)
+    except wire.WireError:
+        raise InvalidInput(f"{option} is nested deeper than {MAX_DEPTH} levels") from None
 
 
 def _is_dim(value: Any) -> bool:
@@ -106,6 +117,7 @@ def leaf_in_dims(spec: FunctionSpec, value: Any) -> tuple[int | None, ...] | Non
     int, null, or nested as a pytree parameter is declared."""
     if value == DEFAULT and _is_dim(value):
         return None
+    _check_depth("in_dims", value)
     names = [inp.name for inp in spec.inputs]
     if _is_dim(value):
         per_input = [value] * len(names)
@@ -146,10 +158,15 @@ def check_out_dims(value: Any) -> Any:
     """``out_dims``: an int, null, or a list / object of them nested as the result is
     (torch: a prefix of the outputs' pytree). Its fit to the result is the engine's to
     check, once the result's structure and ranks are known."""
+    _check_depth("out_dims", value)
+    return _out_dims(value)
+
+
+def _out_dims(value: Any) -> Any:
     if _is_dim(value):
         return value
     if isinstance(value, list):
-        return [check_out_dims(v) for v in value]
+        return [_out_dims(v) for v in value]
     if isinstance(value, dict):
-        return {k: check_out_dims(v) for k, v in value.items()}
+        return {k: _out_dims(v) for k, v in value.items()}
     raise _bad_dim("out_dims", value)
