@@ -240,6 +240,7 @@ def test_in_dims_and_out_dims_reach_an_engine_process():
     and out_dims go with it (the in-process app above hands the call as it is)."""
     import orjson
     from jacobian_service import ipc
+    from jacobian_service.errors import InvalidInput
     from jacobian_service.parsing import parse_call
     from jacobian_service.registry import Registry
 
@@ -254,6 +255,12 @@ def test_in_dims_and_out_dims_reach_an_engine_process():
     got = ipc.decode_call(header, rest, spec)
     assert got.in_dims == call.in_dims and got.out_dims == call.out_dims
     assert got.signature(batched=True) == call.signature(batched=True)
+    # a dim past int64 is no dim, and could not travel (orjson refuses it): a 422 first
+    plain = orjson.dumps({"inputs": [{k: v.tolist() for k, v in PARAMS.items()}, XS.tolist(), YS.tolist()],
+                          "batched": True})
+    for query in ({"in_dims": "none,0,0", "out_dims": "99999999999999999999"}, {"in_dims": "none,-99999999999999999999,0"}):
+        with pytest.raises(InvalidInput, match="integer dimension or null"):
+            parse_call(spec, "jacobian", wire.JSON, plain, query, wire.Limits())
 
 
 # --- TestAutogradFunction, in-place, detach, item, no_grad, randomness, mixed dtypes ---

@@ -36,7 +36,9 @@ def _check_depth(option: str, value: Any) -> None:
 
 
 def _is_dim(value: Any) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    # within int64: a dim past it is no dim of any array, and cannot travel to the engine
+    # (orjson refuses it: a 500 it was, for ?out_dims=99999999999999999999)
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63)
 
 
 def query_dims(value: str) -> Any:
@@ -63,7 +65,10 @@ def query_dims(value: str) -> Any:
 
 
 def _bad_dim(option: str, value: Any) -> InvalidInput:
-    shown = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()[:60] if not isinstance(value, str) else repr(value[:40])
+    try:
+        shown = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()[:60] if not isinstance(value, str) else repr(value[:40])
+    except TypeError:  # an int past 64 bits
+        shown = repr(value)[:60]
     return InvalidInput(f"{option}: got {shown} for an input but each dim must be an integer dimension or null "
                         f"(torch's vmap: in_dim must be either an integer dimension or None)" if option == "in_dims" else
                         f"{option}: got {shown} but each dim must be an integer dimension or null "
