@@ -187,3 +187,9 @@ def item_scale(x, p):
 def int_power(x, k):
     """An integer input, shared or batched (test_jac_with_non_tensor_args' kind)."""
     return x ** k
+
+
+@register(inputs=[Input("x", shape=V)])
+def returns_list(x):
+    """A list output: jacrev nests lists; the SDK gives tuples (JSON has one sequence)."""
+    return [x.sin(), (x.cos(), x)]
