@@ -193,3 +193,11 @@ def int_power(x, k):
 def returns_list(x):
     """A list output: jacrev nests lists; the SDK gives tuples (JSON has one sequence)."""
     return [x.sin(), (x.cos(), x)]
+
+
+@register(inputs=[Input("x", shape=V), Input("p", shape=V)])
+def no_grad_shared(x, p):
+    """Grad switched off inside f, a shared p: per-example Hessians take torch's own strategy."""
+    with torch.no_grad():
+        c = x * p
+    return (x * x * c).sum() + (p * x.sin()).sum()

@@ -116,6 +116,10 @@ def test_per_example_hessians_and_evaluate_take_them_too(c):
     got, _ = answer(post(c, "ignores_x", "hessian", [XS, rand(2)], batched=True, in_dims=[0, None], argnums=1,
                          out_dims=None), "hessian")
     same(got, 2 * np.eye(2, dtype=np.float32))  # vmap(hessian(f, 1), (0, None), out_dims=None): one, unbatched
+    # grad switched off inside f: torch's own strategy, example by example, p shared
+    got, doc = answer(post(c, "no_grad_shared", "hessian", [XS, P], batched=True, in_dims=[0, None], argnums=[0, 1],
+                           out_dims=1), "hessian")
+    same(got, vmap(hessian(F.no_grad_shared, argnums=(0, 1)), in_dims=(0, None), out_dims=1)(*t([XS, P])))
     got, _ = answer(post(c, "shared_scale", "evaluate", [XT, P], batched=True, in_dims=[1, None], out_dims=1), "output")
     same(got, vmap(F.shared_scale, in_dims=(1, None), out_dims=1)(*t([XT, P])))
 
