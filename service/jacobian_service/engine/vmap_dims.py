@@ -93,8 +93,8 @@ def lay_out(call: Call, value: Any, what: str, unbatched: Callable[[Any], bool])
     if any(d is None for _, d in per_leaf):
         full = pytree.tree_unflatten([d for _, d in per_leaf], pytree.tree_structure(value))
         if not unbatched(full):
-            raise InvalidInput(f"out_dims is null for a result that depends on the batched inputs (torch's vmap: "
-                               f"can not return a BatchedTensor when out_dim is None)")
+            raise InvalidInput("out_dims is null for a result that depends on the batched inputs (torch's vmap: "
+                               "can not return a BatchedTensor when out_dim is None)")
     leaves, spec = pytree.tree_flatten(value)
     moved = [leaf if d == 0 else leaf[0] if d is None else _move(leaf, d, path) for leaf, (path, d) in zip(leaves, per_leaf)]
     return pytree.tree_unflatten(moved, spec)
@@ -121,11 +121,9 @@ def torch_says_unbatched(fn: Callable[..., Any], args: Sequence[torch.Tensor], i
         try:
             torch.func.vmap(fn, in_dims=tuple(in_dims), out_dims=full)(*first(args, in_dims))
             return True
-        except ValueError as exc:
-            if "out_dim is None" in str(exc):
+        except Exception as exc:  # noqa: BLE001 - any other failure: vmap cannot run fn, the values decide
+            if isinstance(exc, ValueError) and "out_dim is None" in str(exc):
                 return False
-        except Exception:
-            pass
         flat = pytree.tree_leaves(full, is_leaf=lambda x: x is None)
         return all(d is not None or bool((leaf == leaf[:1]).all())
                    for leaf, d in zip(pytree.tree_leaves(value), flat))
