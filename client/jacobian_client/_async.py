@@ -291,6 +291,7 @@ class AsyncClient:
         name: str,
         *inputs: Any,
         tangents: Any,
+        cotangents: Any = None,
         argnums: int | str | tuple[int | str, ...] = 0,
         batched_vectors: bool = False,
         return_output: bool = False,
@@ -298,10 +299,14 @@ class AsyncClient:
     ) -> Any:
         """Hessian-vector products ``H @ t`` of a scalar (0-d) function, forward-over-reverse
         (``POST .../hvp``): ``tangents`` like :meth:`jvp`'s, the result shaped like the
-        differentiated inputs. ``return_output=True`` returns ``(hvp, output)``."""
+        differentiated inputs. ``cotangents`` (like :meth:`vjp`'s, shaped like the output)
+        ask for ``c . H t`` of any function instead, the jvp of the vjp: with
+        ``batched_vectors``, one per tangent, paired by index. ``return_output=True``
+        returns ``(hvp, output)``."""
         options = {"argnums": argnums, "batched_vectors": batched_vectors, "return_output": return_output}
-        return await self._execute(self._proto.compute_call(
-            "hvp", name, inputs, options, vectors=("tangents", tangents), transport=transport))
+        vectors = [("tangents", tangents)] + ([] if cotangents is None else [("cotangents", cotangents)])
+        return await self._execute(self._proto.compute_call("hvp", name, inputs, options, vectors=vectors,
+                                                            transport=transport))
 
     async def _parts(self, kind: str, name: str, inputs: Any, options: Any, vectors: Any = None) -> dict[str, Any]:
         """One compute request whose result comes back by part name (``value``,

@@ -708,7 +708,7 @@ class Protocol:
         inputs: Sequence[Any],
         options: Mapping[str, Any],
         *,
-        vectors: tuple[str, Any] | None = None,
+        vectors: tuple[str, Any] | list[tuple[str, Any]] | None = None,
         transport: str | None = None,
         out: str | None = None,
         sink: Sink | None = None,
@@ -719,7 +719,7 @@ class Protocol:
 
         ``options`` hold the request fields (``argnums``, ``chunk_size``, ...); ``None``
         values and defaults are left out. ``vectors`` is ``("cotangents", tree)`` or
-        ``("tangents", tree)``. ``parts=True`` reads the result as a dict
+        ``("tangents", tree)``, or a list of such pairs (an hvp's tangents and cotangents). ``parts=True`` reads the result as a dict
         ``{"value": ..., "output": ..., "aux": ...}`` (only the parts the server sent),
         so that callers need not know whether the function has aux (the autodiff
         adapters in :mod:`jacobian_client.torch` / ``.jax`` / ``.scipy`` use it).
@@ -738,7 +738,9 @@ class Protocol:
         call = Call("POST", _function_path(name, kind), kind, name=name, out=None if out is None else str(out),
                     sink=sink, progress=progress, return_output=bool(fields.get("return_output")), parts=parts)
 
-        vector_leaves = _vector_leaves(vectors[1]) if vectors is not None else []
+        # one (key, tree) or a list of them (an hvp's tangents and cotangents)
+        groups = [] if vectors is None else [vectors] if isinstance(vectors[0], str) else list(vectors)
+        vector_leaves = [(f"{key}{path}", v) for key, tree in groups for path, v in _vector_leaves(tree)]
         all_arrays = all(isinstance(v, np.ndarray) for _, v in leaves) and all(
             isinstance(v, np.ndarray) for _, v in vector_leaves)
         if binary and all_arrays and values:
@@ -749,14 +751,14 @@ class Protocol:
                 content_type = wire.NPY
             else:
                 members = dict(leaves)
-                members.update((f"{vectors[0]}{path}", v) for path, v in vector_leaves if vectors is not None)
+                members.update(vector_leaves)
                 np.savez(buf, **members)
                 content_type = wire.NPZ
             call.content = buf.getvalue()
         else:
             body: dict[str, Any] = {"inputs": [_json_input(v, binary=binary) for v in values], **fields}
-            if vectors is not None:
-                body[vectors[0]] = _vector_tree(vectors[1], binary=binary)
+            for key, tree in groups:
+                body[key] = _vector_tree(tree, binary=binary)
             call.content = wire.dumps(body)
             content_type = wire.JSON
 

@@ -169,6 +169,7 @@ def encode_call(
             rows=list(call.rows) if call.rows is not None else None,
             in_dims=None if call.in_dims is None else list(call.in_dims),
             vectors=pack(call.vectors, frames),
+            cotangents=pack(call.cotangents, frames),
             **{f: getattr(call, f) for f in _CALL_FIELDS},
         )
         if not math.isfinite(call.deadline):
@@ -188,6 +189,7 @@ def decode_call(header: dict[str, Any], frames: Sequence[Any], spec: FunctionSpe
         rows=(rows[0], rows[1]) if rows is not None else None,
         in_dims=None if header.get("in_dims") is None else tuple(header["in_dims"]),
         vectors=unpack(header["vectors"], frames),
+        cotangents=unpack(header["cotangents"], frames),
         **{f: header[f] for f in _CALL_FIELDS if f != "deadline"},
         deadline=math.inf if header["deadline"] is None else header["deadline"],
     )

@@ -15,7 +15,7 @@ from typing import Any
 from jacobian_client import wire
 
 from . import __version__
-from .parsing import OPTION_KINDS, Options
+from .parsing import OPTION_KINDS, OPTIONAL_VECTORS, Options
 from .registry import Registry
 from .routes import RESULT_KEY, Route
 
@@ -235,6 +235,11 @@ def _request_schema(kind: str) -> dict[str, Any]:
         key = _VECTORS[kind]
         props[key] = {"$ref": "#/components/schemas/ArrayTree"}
         required.append(key)
+    if kind in OPTIONAL_VECTORS:  # hvp's cotangents: c . H t of any output
+        props[OPTIONAL_VECTORS[kind]] = {
+            "$ref": "#/components/schemas/ArrayTree",
+            "description": "optional: shaped like the output (as vjp's); asks for c . H t, the jvp of the vjp, "
+                           "of a function with any output (with batched_vectors, one per tangent, paired by index)"}
     # The server refuses any other member (an unknown option, a vjp's tangents, an
     # evaluate's cotangents; one this kind does not take, unless given its default):
     # 422, as the schema now says.

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from jacobian_client import wire
 
 from .responses import echo
-from .types import Call
+from .types import Call, tree_leaves
 from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, UnsupportedMediaType, from_wire
 from .registry import FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, FunctionSpec, format_shape
 from .vmap_dims import check_out_dims, in_dim_of, leaf_in_dims, query_dims
@@ -26,6 +26,9 @@ __all__ = ["KINDS", "Options", "media_type_of", "parse_call", "parse_sparsity_qu
 Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
 KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
 _VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}
+# Vectors a kind may be given besides its own: hvp's cotangents, shaped like the output,
+# ask for c . H t (any output) where a scalar function's H t needs none.
+OPTIONAL_VECTORS = {"hvp": "cotangents"}
 # The kinds each option is for: the one table the parser (which refuses an option on
 # another kind), the OpenAPI document (which offers it there only) and the README follow.
 # An option a kind does not take was silently ignored on some (batched on a vjp, sparsity
@@ -363,6 +366,8 @@ def parse_call(
     vector_key = _VECTOR_KEY.get(kind)
     raw_options: dict[str, Any] = {k: _query_value(k, v) for k, v in query.items()}
     vectors: Any = None
+    extra_key = OPTIONAL_VECTORS.get(kind)
+    extra: Any = None
     try:
         if media_type == wire.JSON:
             doc = wire.loads(body)
@@ -376,6 +381,8 @@ def parse_call(
                 if vector_key not in doc:
                     raise InvalidInput(f"{kind} needs '{vector_key}'")
                 vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), limits, vector_key))
+            if extra_key and extra_key in doc:
+                extra = _engine_vectors(_vector_tree(doc.pop(extra_key), limits, extra_key))
             both = sorted(set(doc) & set(raw_options))
             if both:  # which one was meant? (the body's won, silently)
                 raise InvalidInput(f"options {both} are given in both the query string and the body; give each once")
@@ -411,6 +418,9 @@ def parse_call(
             members = wire.read_npz(body, limits)
             given_by_name, vectors = _split_members(members, vector_key)
             vectors = _engine_vectors(vectors)
+            if extra_key:
+                given_by_name, extra = _split_members(given_by_name, extra_key)
+                extra = _engine_vectors(extra)
             if vector_key and vectors is None:
                 raise InvalidInput(f"{kind} needs '{vector_key}' members in the .npz")
             arrays = _npz_inputs(spec, given_by_name)
@@ -484,6 +494,8 @@ def parse_call(
     if len(batch_sizes) > 1:
         raise InvalidInput(f"batched inputs disagree on the batch size: {sorted(batch_sizes)} (torch's vmap: Expected "
                            "all tensors to have the same size in the mapped dimension)")
+    if extra is not None and options.batched_vectors:
+        _check_pairs(vector_key or "", vectors, extra_key or "", extra)
     if kind != "evaluate":
         for i in argnums:
             _check_differentiable(spec.leaf_inputs[i].name, spec.leaf_inputs[i].dtype, dtypes[i], arrays[i][1])
@@ -502,10 +514,26 @@ def parse_call(
         rows=options.rows,
         return_output=options.return_output,
         vectors=vectors,
+        cotangents=extra,
         batched_vectors=options.batched_vectors,
         sparsity=options.sparsity,
         sparse_format=options.sparse_format,
     )
+
+
+def _check_pairs(key: str, vectors: Any, extra_key: str, extra: Any) -> None:
+    """Stacked cotangents and tangents (an hvp's ``c . H t``) pair up by index: one
+    number of each, told before any compute (the shapes after the leading dimension are
+    the engine's to check: only the forward pass gives the output's)."""
+    sizes = {}
+    for what, tree in ((extra_key, extra), (key, vectors)):
+        leaves = [leaf for leaf in tree_leaves(tree) if isinstance(leaf, np.ndarray)]
+        if any(leaf.ndim == 0 for leaf in leaves):
+            raise InvalidInput(f"{what}: batched_vectors needs a leading dimension on every vector")
+        sizes[what] = sorted({leaf.shape[0] for leaf in leaves})
+    if len({n for found in sizes.values() for n in found}) > 1:
+        raise InvalidInput(f"{extra_key} and {key} pair up by index: with batched_vectors, as many of each "
+                           f"(leading dimensions {sizes[extra_key]} and {sizes[key]})")
 
 
 def _check_sparsity(spec: FunctionSpec, kind: str, options: Options) -> None:

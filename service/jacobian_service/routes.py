@@ -89,8 +89,9 @@ def _state(request: Request) -> ServiceState:
 def _arrays_nbytes(call: Call) -> int:
     """Bytes of a parsed request's arrays: its inputs (cast to their dtypes) and vectors."""
     total = sum(getattr(a, "nbytes", 0) for a in call.args)
-    if call.vectors is not None:
-        total += sum(getattr(leaf, "nbytes", 0) for leaf in tree_leaves(call.vectors))
+    for vectors in (call.vectors, call.cotangents):
+        if vectors is not None:
+            total += sum(getattr(leaf, "nbytes", 0) for leaf in tree_leaves(vectors))
     return total
 
 

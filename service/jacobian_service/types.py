@@ -71,6 +71,7 @@ class Call:
     rows: tuple[int, int] | None = None
     return_output: bool = False
     vectors: Any = None  # cotangents (vjp) or tangents (jvp, hvp), as numpy trees
+    cotangents: Any = None  # hvp's optional cotangents (c . H t), shaped like the output
     batched_vectors: bool = False
     deadline: float = math.inf  # time.monotonic() seconds: one clock for every process
     max_result_bytes: int | None = None

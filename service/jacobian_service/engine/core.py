@@ -25,7 +25,7 @@ from .calling import (AuxBox, GradOffWatch, as_input_dtypes, check_floating, dif
                       function_error, is_oom)
 from .devices import release_free_heap
 from .dual_level import beside_a_held_dual_level
-from .products import agrees_with_reverse, over_vectors
+from .products import agrees_with_reverse, one_agrees, over_vectors
 from .profile import Profiles
 from .rows import RowStream
 from .shapes import MAX_SPAN_BYTES
@@ -601,34 +601,50 @@ class Engine:
         return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
 
     def hvp(self, call: Call) -> Result:
-        """Hessian-vector products of a scalar function, forward over reverse:
-        ``jvp(grad(f), primals, tangents)``; with ``batched_vectors``, vmapped over them."""
+        """Hessian-vector products, forward over reverse: ``jvp(grad(f), primals,
+        tangents)`` of a scalar function; with ``cotangents`` (shaped like the output, any
+        output), ``c . H t``: the jvp of the vjp, ``jvp(lambda p: vjp(f, p)[1](c), primals,
+        tangents)``, one product per (cotangent, tangent) pair, so a non-scalar function's
+        second-order product needs neither its whole Hessian (m n^2 numbers) nor a
+        contraction on the client; with ``batched_vectors``, vmapped over the stacks."""
         args = self.tensors(call)
         box = AuxBox(call.spec)
         g, primals = differentiable(box, args, call)
         like = primals if call.as_tuple else primals[0]
         # The output first: no tangent can fix a function that is not scalar.
         out, aux_t = self.guard(lambda: g(*fresh(primals)))
-        if not (isinstance(out, torch.Tensor) and out.dim() == 0):
-            raise InvalidInput("hvp needs a function with one scalar (0-d) output")
+        if call.cotangents is None and not (isinstance(out, torch.Tensor) and out.dim() == 0):
+            raise InvalidInput("hvp needs a function with one scalar (0-d) output, or 'cotangents' shaped like "
+                               "its output (c . H t, a vector-Hessian-vector product)")
         tangents = self._vectors(call.vectors, like, "tangents", call.batched_vectors)
         tangents = tuple(tangents) if call.as_tuple else (tangents,)
+        cot = None if call.cotangents is None else self._vectors(call.cotangents, out, "cotangents",
+                                                                 call.batched_vectors)
         self.check_result_size(call, self._vector_batch(call) * call.row_nbytes(), "vectors")
         argnums = tuple(range(len(primals)))
-        grad = torch.func.grad(lambda *p: g(*p)[0], argnums=argnums)
 
-        def push(*t: torch.Tensor) -> Any:
-            return torch.func.jvp(grad, primals, t)[1]
+        def product(g: Callable[..., Any], at: Callable[[], tuple[Any, ...]]) -> Callable[..., Any]:
+            if cot is None:
+                grad = torch.func.grad(lambda *p: g(*p)[0], argnums=argnums)
+                return lambda *t: torch.func.jvp(grad, at(), t)[1]
+            # c first among the vectors: over_vectors maps every vector over its dim 0
+            return lambda c, *t: torch.func.jvp(lambda *p: torch.func.vjp(g, *p, has_aux=True)[1](c), at(), t)[1]
+
+        push = product(g, lambda: primals)
+        vectors = tangents if cot is None else (cot, *tangents)
 
         def again() -> Callable[..., Any]:
             g2, clean = differentiable(box, self.tensors(call), call)
-            grad2 = torch.func.grad(lambda *p: g2(*p)[0], argnums=argnums)
-            return lambda *t: torch.func.jvp(grad2, fresh(clean), t)[1]
+            return product(g2, lambda: fresh(clean))
 
         if call.batched_vectors:
-            value = self.guard(lambda: over_vectors(call.spec.name, push, tangents, *self._checked(call, "hvp"), again))
+            # c . H t is bilinear in (c, t): vmap's products are checked against one pair's
+            # product, not by linearity over mixed vectors (products.one_agrees)
+            check = None if cot is None else one_agrees
+            value = self.guard(lambda: over_vectors(call.spec.name, push, vectors, *self._checked(call, "hvp" if cot is None else "hvp_cotangents"),
+                                                    again, check=check))
         else:
-            value = self.guard(lambda: push(*tangents))
+            value = self.guard(lambda: push(*vectors))
         value = tuple(value) if call.as_tuple else value[0]
         output = self.host(out) if call.return_output else None
         return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
