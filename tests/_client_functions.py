@@ -22,3 +22,33 @@ def slow(x: torch.Tensor) -> torch.Tensor:
 )
 def cubic_pair(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w * x**3).sum() + (x * w**2).sum(), x**2
+
+
+class _SquareNoJvp(torch.autograd.Function):
+    """x**2 with a backward (itself differentiable: torch ops) and no jvp: forward mode
+    refuses it, so forward-over-reverse (an hvp) cannot run where reverse over reverse can."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[0])  # type: ignore[attr-defined]
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return 2 * x * grad
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sin(x)**2 through an op without a forward-mode rule.")
+def square_no_jvp(x: torch.Tensor) -> torch.Tensor:
+    return _SquareNoJvp.apply(torch.sin(x))
+
+
+@register(inputs=[Input("x", shape=("n",))], description="sum(sin(x)**2) through an op without a forward-mode rule.")
+def energy_no_jvp(x: torch.Tensor) -> torch.Tensor:
+    return _SquareNoJvp.apply(torch.sin(x)).sum()

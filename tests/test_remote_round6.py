@@ -24,6 +24,7 @@ import jacobian_client as jc  # noqa: E402
 from jacobian_client.torch import remote  # noqa: E402
 from jacobian_service import examples as ex  # noqa: E402
 
+from . import _client_functions as cf  # noqa: E402
 from ._remote_support import cc, url  # noqa: E402,F401 (fixtures)
 
 f = torch.func
@@ -104,3 +105,74 @@ def test_hvp_cotangents_are_checked_as_a_vjps_are(url):
         assert r.json()["code"] == "invalid_input" and detail in r.json()["detail"], r.text
     r = post("planar_arm", {"inputs": [x], "tangents": t, "cotangents": [1.0, 2.0]}, "jvp")
     assert r.status_code == 422 and "unknown option 'cotangents'" in r.json()["detail"], r.text
+
+
+# --------------------------------------------------------------------------- torch: second order through the hvp
+
+
+def _double_backward(fn, x):
+    """A gradient penalty: the gradient with create_graph, then the gradient of its norm.
+    The cotangent (2 y) depends on x, so both halves of the second derivative count."""
+    x = x.clone().requires_grad_()
+    y = fn(torch.sin(x))
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    return torch.autograd.grad((g**2).sum(), x)[0]
+
+
+def test_a_double_backward_through_a_vector_output_asks_for_one_hvp_not_the_hessian(cc):
+    """The gradient penalty through planar_arm (2 outputs, 3 inputs) fetched its whole
+    Hessian (m n^2 = 18 numbers; m n^2 grows as n^2 for a wide input) and contracted it on
+    the client; it now sends the one (cotangent, tangent) pair to the service's hvp and
+    gets n numbers back. (torch.func.hessian, whose m n pairs would carry the Hessian over
+    in pieces, still asks for the Hessian: test_remote_round5.py.)"""
+    r = remote(cc.client, "planar_arm")
+    cc.take()
+    close(_double_backward(r, X), _double_backward(ex.planar_arm, X))
+    assert cc.take() == ["evaluate", "vjp", "jvp", "hvp", "vjp"]  # the last: through y = f(sin x)
+    # a jvp of the vjp (forward over reverse, torch.autograd.functional's vhp / hvp):
+    # the vectors stacked, one request
+    cot = torch.tensor([[1.0, -1.0], [0.5, 2.0]], dtype=torch.float64)
+    jvp_of_vjp = lambda fn: f.vmap(lambda c: vhv(fn, (X,), c, (T,))[0])(cot)  # noqa: E731
+    close(jvp_of_vjp(r), jvp_of_vjp(ex.planar_arm))
+    assert cc.take() == ["evaluate", "jvp", "vjp+batched_vectors", "hvp+batched_vectors"]
+    # two inputs, a tuple output (polar), in float32
+    rr, th = (X.abs() + 0.5).float(), T.float()
+
+    def penalty(fn):
+        a, b = rr.clone().requires_grad_(), th.clone().requires_grad_()
+        u, v = fn(a, b)
+        ga, gb = torch.autograd.grad((u**3).sum() + (u * v).sum(), (a, b), create_graph=True)
+        return torch.autograd.grad((ga * gb).sum() + (gb**2).sum(), (a, b))
+
+    cc.take()
+    close(penalty(remote(cc.client, "polar")), penalty(ex.polar), 1e-5)
+    assert "hessian" not in cc.take()
+
+
+def test_a_function_without_a_forward_rule_falls_back_to_its_hessian_once(cc):
+    """An op without a forward-mode rule (a custom autograd.Function without jvp) cannot
+    run the service's forward mode: jacrev(jacrev(f)) and the gradient penalty of such a
+    function failed with the hvp's (or the jvp's) 500 (NotImplementedError: ... jvp ...),
+    where in-process reverse over reverse answers. The SDK now asks the Hessian (reverse
+    over reverse, checked by the service) or the Jacobian, warns once, and asks them
+    alone from then on."""
+    local = cf.energy_no_jvp
+    r = remote(cc.client, "energy_no_jvp")
+    want = f.jacrev(f.jacrev(local))(X)
+    close(want, torch.diag(2 * torch.cos(2 * X)))  # d2/dx2 sin(x)^2
+    cc.take()
+    with pytest.warns(RuntimeWarning, match=r"hvp of 'energy_no_jvp' failed \(NotImplementedError.*Hessian"):
+        close(f.jacrev(f.jacrev(r))(X), want)
+    assert cc.take() == ["evaluate", "vjp+batched_vectors", "hvp+batched_vectors", "hessian"]
+    close(f.jacrev(f.jacrev(r))(X), want)  # no warning (errors here), no hvp
+    assert cc.take() == ["evaluate", "vjp+batched_vectors", "hessian"]
+    # a vector output's gradient penalty: its cotangent's gradient J u came from the
+    # jvp (forward mode too), now from the Jacobian; its c . H u from the Hessian
+    local, r = cf.square_no_jvp, remote(cc.client, "square_no_jvp")
+    with pytest.warns(RuntimeWarning) as record:
+        close(_double_backward(r, X), _double_backward(local, X))
+    assert sorted(str(w.message).split(" failed")[0] for w in record) == [
+        "the service's hvp of 'square_no_jvp'", "the service's jvp of 'square_no_jvp'"]
+    cc.take()
+    close(_double_backward(r, X), _double_backward(local, X))
+    assert cc.take() == ["evaluate", "vjp", "jacobian+batched", "hessian", "vjp"]

@@ -37,16 +37,17 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from ._errors import APIError
+from ._errors import APIError, FunctionError
 from ._protocol import _is_input_node
 
 __all__ = ["Remade", "RemoteOps", "Tree", "check_sync_client", "flatten", "is_number", "leaves_like",
-           "refuse_pytree_parameters", "unflatten", "with_hint"]
+           "no_forward_mode", "refuse_pytree_parameters", "unflatten", "with_hint"]
 
 
 def check_sync_client(client: Any) -> None:
@@ -252,6 +253,10 @@ class RemoteOps:
         self.client = client
         self.name = name
         self._templates: dict[tuple[Any, ...], _Template] = {}
+        # False once an hvp (a jvp) failed where the Hessian (the Jacobian) answered: no
+        # forward-mode rule (no_forward_mode)
+        self._hvp_works = True
+        self._jvp_works = True
 
     # ----------------------------------------------------------------- evaluate
 
@@ -346,8 +351,20 @@ class RemoteOps:
         vecs = [np.transpose(v, order + list(range(lead, v.ndim))) for v in vecs]
         p_shape = vecs[0].shape[:batch_ndim] if vecs else ()
         v_shape = vecs[0].shape[batch_ndim:lead] if vecs else ()
-        if batch_ndim == 0:
-            results = self._linear_request(mode, inputs, argnums, vecs, out_tree, v_shape)
+        if batch_ndim == 0 and mode == "jvp" and not self._jvp_works:
+            results = self._jvp_by_jacobian(inputs, argnums, vecs, out_tree, v_shape)
+        elif batch_ndim == 0:
+            try:
+                results = self._linear_request(mode, inputs, argnums, vecs, out_tree, v_shape)
+            except FunctionError as exc:
+                if mode != "jvp":
+                    raise
+                try:
+                    results = self._jvp_by_jacobian(inputs, argnums, vecs, out_tree, v_shape)
+                except APIError:
+                    raise exc from None  # the function fails here whatever the mode: its own error
+                self._jvp_works = False
+                no_forward_mode(self.name, "jvp", exc, "Jacobian (reverse mode), contracted on the client")
         else:
             results = self._linear_by_jacobian(mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape, v_shape)
         inverse = list(np.argsort(order))
@@ -381,6 +398,17 @@ class RemoteOps:
         leaves = _in_order(parts["value"], out_tree) if mode == "jvp" else flatten(parts["value"])[0]
         leaves = [np.asarray(r) for r in leaves]
         return [r.reshape((*v_shape, *r.shape[1:])) if many else r for r in leaves]
+
+    def _jvp_by_jacobian(self, inputs: Sequence[Any], argnums: Sequence[int], vecs: list[np.ndarray],
+                         out_tree: Tree, v_shape: tuple[int, ...]) -> list[np.ndarray]:
+        """``J t`` from the Jacobian (reverse mode), for a function whose jvp fails for
+        want of a forward-mode rule (a custom ``autograd.Function`` without ``jvp``): a
+        double backward needs ``J u`` for its cotangent's gradient, which in-process
+        reverse over reverse computes without forward mode. One example of a batched
+        ``jacobian``, as per-example products are computed."""
+        one = [np.asarray(x)[None] for x in inputs]
+        results = self._linear_by_jacobian("jvp", one, argnums, [v[None] for v in vecs], out_tree, 1, (1,), v_shape)
+        return [r[0] for r in results]
 
     def _linear_by_jacobian(
         self, mode: str, inputs: Sequence[Any], argnums: Sequence[int], vecs: list[np.ndarray], out_tree: Tree,
@@ -448,9 +476,12 @@ class RemoteOps:
           ``sum_i sum_j H_k[i][j] . w_i . d_j`` (shaped like output ``k``).
 
         Vectors and results carry ``len(tags)`` leading dimensions, as for ``linear``. One
-        request: an ``hvp`` (``batched_vectors`` for several) for a function with one
-        scalar output at unbatched inputs, else a ``hessian`` (``batched`` for batched
-        inputs) contracted here: the service has no hvp with cotangents or over examples."""
+        request: for ``"input"`` at unbatched inputs an ``hvp`` (``batched_vectors`` for
+        several; a vector output's cotangents with the tangents) where it pays
+        (``_hvp_pays``), else a ``hessian`` (``batched`` for batched inputs: the service has
+        no hvp over examples) contracted here; ``"output"`` (``H[w, d]``, output-shaped)
+        always the ``hessian``. A function whose hvp fails where its Hessian answers (no
+        forward-mode rule) costs one more request, once (``no_forward_mode``)."""
         if mode not in ("input", "output"):
             raise ValueError(mode)
         tags = tuple(tags)
@@ -471,11 +502,23 @@ class RemoteOps:
         if mode == "input":
             cots, ws = vecs[:n_out], vecs[n_out:]
             out_shapes = [c.shape[lead:] for c in cots]
-            scalar = n_out == 1 and out_shapes[0] == ()
-            if scalar and batch_ndim == 0:
-                results = self._second_by_hvp(flat, vec_argnums, other_argnums, cots[0], ws, v_shape, in_shapes)
-            else:
-                blocks, union = self._hessian_blocks(flat, batch_ndim, vec_argnums, other_argnums, out_tree)
+            results, hvp_error = None, None
+            if batch_ndim == 0 and self._hvp_pays(out_shapes, in_shapes, vec_argnums, other_argnums, V):
+                try:
+                    results = self._second_by_hvp(flat, vec_argnums, other_argnums, cots, ws, v_shape, in_shapes,
+                                                  out_tree)
+                except FunctionError as exc:
+                    hvp_error = exc
+            if results is None:
+                try:
+                    blocks, union = self._hessian_blocks(flat, batch_ndim, vec_argnums, other_argnums, out_tree)
+                except APIError:
+                    if hvp_error is None:
+                        raise
+                    raise hvp_error from None  # the function fails here whatever the strategy: its own error
+                if hvp_error is not None:
+                    self._hvp_works = False
+                    no_forward_mode(self.name, "hvp", hvp_error, "Hessian, contracted on the client")
                 results = []
                 for j in other_argnums:
                     nj = math.prod(in_shapes[j])
@@ -507,12 +550,30 @@ class RemoteOps:
         inverse = list(np.argsort(order))
         return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
 
+    def _hvp_pays(self, out_shapes: Sequence[tuple[int, ...]], in_shapes: dict[int, tuple[int, ...]],
+                  vec_argnums: Sequence[int], other_argnums: Sequence[int], V: int) -> bool:
+        """Whether ``c . H w`` goes to the service's ``hvp`` (cotangents and tangents, one
+        pair per vector) rather than its ``hessian`` (contracted here): always for a
+        scalar function (``c`` is a number, applied here); for a vector output, where the
+        pairs' numbers on the wire, ``V (m + 2n)``, are fewer than the Hessian's ``m n^2``
+        (a double backward, one pair; not ``torch.func.hessian``, whose ``m n`` pairs
+        would carry the Hessian over in pieces). Never once an hvp of this function
+        failed where its Hessian answered (no forward-mode rule: see ``_second_by_hvp``)."""
+        if not self._hvp_works:
+            return False
+        m = sum(math.prod(s) for s in out_shapes)
+        n = sum(math.prod(in_shapes[a]) for a in set(vec_argnums) | set(other_argnums))
+        scalar = len(out_shapes) == 1 and out_shapes[0] == ()
+        return scalar or V * (m + 2 * n) < m * n * n
+
     def _second_by_hvp(
-        self, inputs: list[Any], vec_argnums: Sequence[int], other_argnums: Sequence[int], cot: np.ndarray,
-        ws: list[np.ndarray], v_shape: tuple[int, ...], in_shapes: dict[int, tuple[int, ...]],
+        self, inputs: list[Any], vec_argnums: Sequence[int], other_argnums: Sequence[int], cots: list[np.ndarray],
+        ws: list[np.ndarray], v_shape: tuple[int, ...], in_shapes: dict[int, tuple[int, ...]], out_tree: Tree,
     ) -> list[np.ndarray]:
-        """``c . H w`` of a scalar function: one hvp request (the vectors stacked), the
-        tangents zero at the inputs only differentiated (``other_argnums``)."""
+        """``c . H w``: one hvp request (the vectors stacked, ``batched_vectors``), the
+        tangents zero at the inputs only differentiated (``other_argnums``). A scalar
+        function's ``c`` is a number, applied here to ``H w``; any other's cotangents go
+        with the tangents (the service's ``c . H t``, forward over reverse)."""
         union = sorted(set(vec_argnums) | set(other_argnums))
         V = math.prod(v_shape)
         many = len(v_shape) > 0
@@ -523,12 +584,17 @@ class RemoteOps:
             if w is None:
                 w = np.zeros((*v_shape, *in_shapes[a]), np.asarray(inputs[a]).dtype)
             tangents.append(w.reshape((V, *in_shapes[a])) if many else w)
+        scalar = len(cots) == 1 and cots[0].shape[len(v_shape):] == ()
+        vectors: list[tuple[str, Any]] = [("tangents", tuple(tangents))]
+        if not scalar:
+            stacked = [c.reshape((V, *c.shape[len(v_shape):])) if many else c for c in cots]
+            vectors.append(("cotangents", unflatten(out_tree, stacked)))
         options = {"argnums": tuple(union), "batched_vectors": many}
-        parts = self.client._parts("hvp", self.name, list(inputs), options, vectors=("tangents", tuple(tangents)))
+        parts = self.client._parts("hvp", self.name, list(inputs), options, vectors=vectors)
         leaves = [np.asarray(r) for r in flatten(parts["value"])[0]]
         if len(leaves) != len(union):
             raise ValueError(f"unexpected hvp structure: {len(leaves)} results for {len(union)} inputs")
-        c = cot.reshape(V)
+        c = cots[0].reshape(V) if scalar else np.ones(V)
         out = []
         for j in other_argnums:
             r = leaves[union.index(j)].reshape(V, -1)
@@ -560,6 +626,20 @@ class RemoteOps:
             return [(in_shapes[j], np.asarray(flat[j]).dtype) for j in other_argnums]
         template = self._template(_signature(flat, batch_ndim > 0))
         return [(shape, dtype) for shape, dtype in template.outputs]
+
+
+def no_forward_mode(name: str, kind: str, exc: APIError, instead: str) -> None:
+    """Say once (per remote function and kind) that its ``hvp`` or ``jvp`` failed where the
+    reverse-mode request answered, which takes over from now on. The service's ``hvp``
+    (forward over reverse) and ``jvp`` need a forward-mode rule for every op, which a
+    custom ``autograd.Function`` without ``jvp`` lacks; its ``hessian`` picks a strategy
+    that runs (reverse over reverse, checked against finite differences) and its
+    ``jacobian`` is reverse mode. Where that fails too, the first error is raised and
+    nothing changes."""
+    warnings.warn(
+        f"the service's {kind} of {name!r} failed ({exc.detail}); it is computed from the service's {instead} "
+        "from now on: forward mode needs a forward-mode rule for every op of the function", RuntimeWarning,
+        stacklevel=3)
 
 
 def _is_coroutine(fn: Any) -> bool:

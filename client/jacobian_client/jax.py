@@ -30,8 +30,8 @@ computed by a ``pure_callback`` cannot be transposed, so ``grad`` fails. Two pri
   contracted on the client;
 * second derivatives (``jax.hessian``, ``grad`` of ``grad``): ``remote_linear``'s JVP in
   the inputs binds ``remote_second`` (``c . H dx`` for a vjp, ``H[t, dx]`` for a jvp), one
-  ``hvp`` request (a function with one scalar output at unbatched inputs) or ``hessian``
-  request (contracted on the client); it is bilinear in its two vector groups, and its
+  ``hvp`` request (``c . H dx`` at unbatched inputs, cotangents with the tangents for a
+  vector output) or ``hessian`` request (contracted on the client; see ``RemoteOps.second``); it is bilinear in its two vector groups, and its
   transpose in either is ``remote_second`` again. Third derivatives raise;
 * each primitive lowers to ``jax.pure_callback``, so ``jit`` works.
 

@@ -24,7 +24,7 @@ operation                                  requests
 ``torch.func.vmap(f)(xs)``                 1 evaluate (``batched``)
 ``vmap(grad(f))`` / ``vmap(jacrev(f))``    1 evaluate (``batched``) + 1 jacobian (``batched``)
 ``torch.func.hessian(f)(x)``               1 evaluate + 1 jvp + 1 vjp + 1 hvp (scalar f) or hessian
-double backward (``create_graph=True``)    + 1 hvp or hessian (+ 1 jvp when the cotangent depends on x)
+double backward (``create_graph=True``)    + 1 hvp (+ 1 jvp when the cotangent depends on x)
 =========================================  ==============================================
 
 How: the function is a :class:`torch.autograd.Function` with ``setup_context``, whose
@@ -59,9 +59,11 @@ answer as a constant.
 Second derivatives through the remote function (double backward with
 ``create_graph=True``, ``torch.func.hessian``, ``jacrev(jacrev(f))``, ``gradgradcheck``,
 ``torch.autograd.functional.hvp`` / ``hessian``, a backward pass inside a ``forward_ad``
-dual level) come from the service's ``hvp`` (a scalar function at unbatched inputs: the
-vectors stacked into one request) or ``hessian`` (otherwise, contracted on the client;
-``batched`` under ``vmap``): the backward of a vjp ``J(x)^T c`` is ``J u`` in ``c`` and
+dual level) come from the service's ``hvp`` (at unbatched inputs: a scalar function's
+``H u``, any other's ``c . H u`` with cotangents; the vectors stacked into one request) or
+``hessian`` (contracted on the client: under ``vmap``, ``batched``; where the vectors would
+carry more than the Hessian; a jvp's jvp; a function whose hvp fails for want of a
+forward-mode rule, see ``RemoteOps.second``): the backward of a vjp ``J(x)^T c`` is ``J u`` in ``c`` and
 ``c . H u`` in ``x``. Each second-order product is one request. Third derivatives (a
 derivative of a second-order product in the inputs) raise a clear error.
 """
@@ -589,7 +591,7 @@ def _third_derivatives(name: str) -> str:
 
 
 class _RemoteSecond(torch.autograd.Function):
-    """A second-order product: one hvp (a scalar function's) or hessian request."""
+    """A second-order product: one hvp or hessian request (``RemoteOps.second``)."""
 
     @staticmethod
     def forward(sec: _Second, *args: Any) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
