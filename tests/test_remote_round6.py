@@ -176,3 +176,59 @@ def test_a_function_without_a_forward_rule_falls_back_to_its_hessian_once(cc):
     cc.take()
     close(_double_backward(r, X), _double_backward(local, X))
     assert cc.take() == ["evaluate", "vjp", "jacobian+batched", "hessian", "vjp"]
+
+
+# --------------------------------------------------------------------------- as users use them: SciPy
+
+
+def test_scipy_newton_cg_with_hessp_and_float32_functions(cc):
+    """minimize(method="Newton-CG", hessp=) through the service's hvp reaches the local
+    solution in as many steps; a function without a forward-mode rule
+    gets hessp from its Hessian (one per point, a warning once); a function declared
+    float32 under SciPy's float64 gives float64 answers of its float32 values."""
+    from scipy.optimize import minimize
+
+    from jacobian_client.scipy import remote_objective
+
+    grad = lambda fn: lambda x: f.grad(fn)(torch.from_numpy(x)).numpy()  # noqa: E731
+    hessp = lambda fn: lambda x, p: client_free_hvp(fn, torch.from_numpy(x), torch.from_numpy(p)).numpy()  # noqa: E731
+    sines = remote_objective(cc.client, "sum_sin")
+    x0 = np.array([-1.0, -2.0, 0.5])  # to (-pi/2, -pi/2, -pi/2)
+    want = minimize(lambda x: ex.sum_sin(torch.from_numpy(x)).item(), x0, jac=grad(ex.sum_sin),
+                    hessp=hessp(ex.sum_sin), method="Newton-CG")
+    cc.take()
+    got = minimize(sines.fun, x0, jac=sines.jac, hessp=sines.hessp, method="Newton-CG")
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-10)
+    assert (got.nit, got.nfev, got.njev, got.nhev) == (want.nit, want.nfev, want.njev, want.nhev)
+    requests = cc.take()  # SciPy's nhev counts one hessp more than it calls (Newton-CG)
+    assert set(requests) == {"jacobian+return_output", "hvp"} and got.nhev - 1 <= requests.count("hvp") <= got.nhev
+
+    energy = remote_objective(cc.client, "energy_no_jvp")
+    local_e = lambda x: cf.energy_no_jvp(torch.from_numpy(x)).item()  # noqa: E731
+    hess_e = lambda x, p: f.jacrev(f.jacrev(cf.energy_no_jvp))(torch.from_numpy(x)).numpy() @ p  # noqa: E731
+    y0 = np.array([0.4, -0.3, 1.0])
+    want = minimize(local_e, y0, jac=grad(cf.energy_no_jvp), hessp=hess_e, method="Newton-CG")
+    cc.take()
+    with pytest.warns(RuntimeWarning, match="hvp of 'energy_no_jvp' failed"):
+        got = minimize(energy.fun, y0, jac=energy.jac, hessp=energy.hessp, method="Newton-CG")
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-8, atol=1e-10)
+    assert got.nhev == want.nhev
+    requests = cc.take()
+    assert requests.count("hvp") == 1 and requests.count("hessian") <= got.nit + 1
+
+    # float32 values under SciPy's float64 x: the function's own float32 numbers, as a
+    # local float32 function gives them (the same solution in as many evaluations)
+    from scipy.optimize import least_squares
+
+    from tests import user_functions as uf
+
+    f32 = remote_objective(cc.client, "to_float32")
+    target = np.sin(np.array([0.2, -0.4, 0.9])).astype(np.float32).repeat(3)
+    x0 = np.array([0.1, -0.1, 0.5])
+    local_f32 = lambda x: uf.to_float32(torch.from_numpy(x)).numpy()  # noqa: E731
+    want = least_squares(lambda x: local_f32(x) - target, x0,
+                         jac=lambda x: f.jacrev(uf.to_float32)(torch.from_numpy(x)).numpy())
+    got = least_squares(lambda x: f32.fun(x) - target, x0, jac=f32.jac)
+    assert f32.fun(x0).dtype == local_f32(x0).dtype == np.float32 and got.x.dtype == np.float64
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-12)
+    assert (got.nfev, got.njev) == (want.nfev, want.njev)

@@ -24,7 +24,8 @@ too slow) ``fun(x)`` asks for the value alone, as a derivative-free solver (Neld
 finite differences) needs, and where that answers the objective stops prefetching
 (``prefetch`` becomes False); ``jac(x)`` still raises the service's error. ``fun_and_jac(x)``
 (for ``minimize(..., jac=True)``) is always one request. ``hessp(x, p)`` is one ``hvp``
-request (forward-over-reverse on the service) per call, ``hess(x)`` one ``hessian``
+request (forward-over-reverse on the service) per call (a function without a forward-mode
+rule: one ``hessian`` per point instead, see ``hessp``), ``hess(x)`` one ``hessian``
 request (``x.size`` squared numbers: prefer ``hessp`` for large ``x``).
 
 The inputs held fixed are the ``args`` given here, or SciPy's own ``args=`` when the
@@ -47,9 +48,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._arrays import Bfloat16, as_wire_value, is_torch_tensor
-from ._errors import FunctionError, OutOfMemory, ResultTooLarge, Timeout
+from ._errors import APIError, FunctionError, OutOfMemory, ResultTooLarge, Timeout
 from ._protocol import _input_leaves
-from ._remote import check_sync_client
+from ._remote import check_sync_client, no_forward_mode
 
 __all__ = ["RemoteObjective", "remote_objective"]
 
@@ -94,6 +95,7 @@ class RemoteObjective:
         self.shape = None if shape is None else tuple(shape)
         self.prefetch = prefetch
         self._last = threading.local()  # per thread: see _remember
+        self._hvp_works = True  # False once an hvp failed where the Hessian answered (hessp)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -232,12 +234,41 @@ class RemoteObjective:
         return _fresh(jac)
 
     def hessp(self, x: Any, p: Any, *args: Any) -> np.ndarray:
-        """The Hessian of a scalar function at ``x`` times ``p``: one hvp request."""
+        """The Hessian of a scalar function at ``x`` times ``p``: one hvp request. The
+        service's hvp runs forward over reverse, which a function with an op without a
+        forward-mode rule (a custom ``autograd.Function`` without ``jvp``) cannot: where
+        the hvp fails so and the Hessian answers, ``H @ p`` from the Hessian, kept per
+        ``x`` (one per thread, as the value is: a Krylov solver asks many products at one
+        point), from then on, said once in a ``RuntimeWarning``."""
         x, inputs = self._inputs(x, args)
         p = np.asarray(p, dtype=np.float64)
-        tangent = p.reshape(self.shape) if self.shape is not None else p
-        parts = self.client._parts("hvp", self.name, inputs, {"argnums": self.argnum}, vectors=("tangents", tangent))
-        return np.asarray(parts["value"]).reshape(p.shape)
+        if self._hvp_works:
+            tangent = p.reshape(self.shape) if self.shape is not None else p
+            try:
+                parts = self.client._parts("hvp", self.name, inputs, {"argnums": self.argnum},
+                                           vectors=("tangents", tangent))
+                return np.asarray(parts["value"]).reshape(p.shape)
+            except FunctionError as exc:
+                try:
+                    H = self._hessian_at(x, inputs, args)
+                except APIError:
+                    raise exc from None  # the function fails here whatever the strategy: its own error
+                self._hvp_works = False
+                no_forward_mode(self.name, "hvp", exc, "Hessian (hessp: H @ p, one Hessian per point)")
+        else:
+            H = self._hessian_at(x, inputs, args)
+        return (H @ p.reshape(-1)).reshape(p.shape)
+
+    def _hessian_at(self, x: np.ndarray, inputs: list[Any], args: tuple[Any, ...]) -> np.ndarray:
+        """``hess(x)``, kept for the last ``x`` of this thread (hessp's fall-back)."""
+        key = self._key_of(x, args)
+        last = getattr(self._last, "hessian", None)
+        if last is not None and last[0] == key:
+            return last[1]
+        parts = self.client._parts("hessian", self.name, inputs, {"argnums": self.argnum})
+        H = np.asarray(parts["value"]).reshape(x.size, x.size)
+        self._last.hessian = (key, H)
+        return H
 
     def hess(self, x: Any, *args: Any) -> np.ndarray:
         """The Hessian of a scalar function at ``x``, ``(x.size, x.size)``: one hessian
