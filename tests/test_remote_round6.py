@@ -178,6 +178,164 @@ def test_a_function_without_a_forward_rule_falls_back_to_its_hessian_once(cc):
     assert cc.take() == ["evaluate", "vjp", "jacobian+batched", "hessian", "vjp"]
 
 
+# --------------------------------------------------------------------------- optimisations through a restart
+
+
+def _kill_engine(url):
+    """SIGKILL the engine between two requests: the supervisor starts another, and the
+    requests meanwhile are 503 ``unavailable`` (Retry-After), which the SDK retries."""
+    import os
+    import signal
+
+    before = httpx.get(f"{url}/v1/info", timeout=30).json()["engine_pids"]
+    os.kill(before[0], signal.SIGKILL)
+    return before
+
+
+def test_an_lbfgs_goes_on_through_an_engine_restart(cc, url):
+    """The engine killed in the middle of an optimisation (between two of its requests):
+    the requests until another engine is up are answered 503 with Retry-After, which
+    the SDK's default retries wait out, and the solve ends where the local one does, in
+    as many steps. (SciPy's and JAX's adapters send their requests through the same
+    client, retries and all; one restart costs seconds of the suite.)"""
+    target = torch.tensor([1.5, 1.2], dtype=torch.float64)
+    killed = []
+
+    def lbfgs(fn, kill_at=None):
+        q = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([q], lr=1, max_iter=25, line_search_fn="strong_wolfe")
+        calls = []
+
+        def closure():
+            calls.append(1)
+            if len(calls) == kill_at:
+                killed.append(_kill_engine(url))
+            opt.zero_grad()
+            loss = ((fn(q) - target) ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return q.detach(), len(calls)
+
+    q_local, n_local = lbfgs(ex.planar_arm)
+    q_remote, n_remote = lbfgs(remote(cc.client, "planar_arm"), kill_at=3)
+    assert killed and n_remote == n_local > 3
+    close(q_remote, q_local, 1e-9)
+
+    pids = httpx.get(f"{url}/v1/info", timeout=30).json()["engine_pids"]
+    assert pids[0] != killed[0][0]
+
+
+# --------------------------------------------------------------------------- as users use them: torch
+
+
+def test_checkpoint_autograd_functional_and_jacfwd_of_a_remote_function(cc):
+    """torch.utils.checkpoint recomputes the remote call in the backward pass (its
+    evaluate again, then the vjp); torch.autograd.functional's jacobian / hessian
+    (vectorize=False) and jacfwd (forward mode through the service's jvp) give what they
+    give in-process."""
+    arm = remote(cc.client, "planar_arm")
+    A = torch.autograd.functional
+
+    def checkpointed(fn):
+        x = X.clone().requires_grad_()
+        y = torch.utils.checkpoint.checkpoint(lambda q: (fn(torch.sin(q)) ** 2).sum(), x, use_reentrant=False)
+        y.backward()
+        return y.detach(), x.grad
+
+    cc.take()
+    close(checkpointed(arm), checkpointed(ex.planar_arm))
+    assert cc.take() == ["evaluate", "evaluate", "vjp"]
+    close(A.jacobian(arm, X), A.jacobian(ex.planar_arm, X))
+    assert cc.take() == ["evaluate", "vjp", "vjp"]  # one vjp per output row
+    close(A.hessian(ex.sum_sin, X), A.hessian(remote(cc.client, "sum_sin"), X))
+    close(f.jacfwd(arm)(X), f.jacrev(ex.planar_arm)(X))
+    assert cc.take()[-2:] == ["evaluate", "jvp+batched_vectors"]
+
+
+def test_threads_share_one_client_and_one_remote_function(cc):
+    """DDP-like use: several threads train through one remote function on one client
+    (one connection pool) at once; each thread's gradients are its own inputs', as
+    in-process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    arm = remote(cc.client, "planar_arm")
+
+    def step(fn, k):
+        q = (X * (1 + k / 4)).clone().requires_grad_()
+        for _ in range(3):
+            loss = ((fn(q) - torch.tensor([1.0, 0.5], dtype=torch.float64)) ** 2).sum()
+            (g,) = torch.autograd.grad(loss, q)
+            q = (q - 0.1 * g).detach().requires_grad_()
+        return q.detach()
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda k: step(arm, k), range(8)))
+    for k, q in enumerate(got):
+        close(q, step(ex.planar_arm, k))
+
+
+def test_asyncio_users_call_remote_functions_in_threads_and_the_async_client_alongside(url):
+    """An asyncio program: the torch adapter (synchronous, as torch is) runs in worker
+    threads (asyncio.to_thread) beside AsyncClient calls on the same loop; answers as
+    in-process."""
+    import asyncio
+
+    async def main():
+        with jc.Client(url) as client:
+            arm = remote(client, "planar_arm")
+            async with jc.AsyncClient(url) as aclient:
+                jac = lambda x: f.jacrev(arm)(x)  # noqa: E731
+                got = await asyncio.gather(*(asyncio.to_thread(jac, X * k) for k in (1, 2)),
+                                           aclient.hvp("planar_arm", X.numpy(), tangents=T.numpy(),
+                                                       cotangents=np.array([1.0, -2.0])))
+        return got
+
+    j1, j2, h = asyncio.run(main())
+    close(j1, f.jacrev(ex.planar_arm)(X))
+    close(j2, f.jacrev(ex.planar_arm)(2 * X))
+    close(torch.from_numpy(h), vhv(ex.planar_arm, (X,), torch.tensor([1.0, -2.0], dtype=torch.float64), (T,))[0])
+    with pytest.raises(TypeError, match="AsyncClient"):
+        remote(jc.AsyncClient(url), "planar_arm")
+
+
+# --------------------------------------------------------------------------- as users use them: JAX
+
+
+def test_jax_jit_of_vmap_of_jacrev_with_static_args_and_grad_of_grad_of_a_vector_output(cc):
+    """jax.jit(jax.vmap(jax.jacrev(remote))) with a static argument (recompiled per value,
+    one batched jacobian per call), and jax's grad of grad through a vector output: one
+    hvp with cotangents, as torch's double backward."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    from jacobian_client.jax import remote as jremote
+
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        arm = jremote(cc.client, "planar_arm")
+        xs = jnp.asarray(np.stack([X.numpy(), 2 * X.numpy()]))
+
+        scaled = jax.jit(lambda x, k: k * jax.vmap(jax.jacrev(arm))(x), static_argnums=1)
+        want = f.vmap(f.jacrev(ex.planar_arm))(torch.from_numpy(np.array(xs)))
+        np.testing.assert_allclose(scaled(xs, 3.0), 3 * want.numpy(), rtol=1e-10)
+        cc.take()
+        np.testing.assert_allclose(scaled(2 * xs, 3.0), 3 * f.vmap(f.jacrev(ex.planar_arm))(
+            torch.from_numpy(2 * np.array(xs))).numpy(), rtol=1e-10)
+        assert cc.take() == ["jacobian+batched"]  # compiled once: the evaluate dropped, as unused
+        # grad of grad: the cotangent (2 y) depends on x; a vector output's c . H u
+        # comes from one hvp with cotangents, not the Hessian
+        penalty = lambda fn: jax.grad(lambda q: jnp.sum(jax.grad(lambda p: jnp.sum(fn(jnp.sin(p)) ** 2))(q) ** 2))  # noqa: E731
+        x = jnp.asarray(X.numpy())
+        cc.take()
+        got = penalty(arm)(x)
+        assert "hvp" in cc.take()
+        np.testing.assert_allclose(got, _double_backward(ex.planar_arm, X).numpy(), rtol=1e-10)
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
 # --------------------------------------------------------------------------- as users use them: SciPy
 
 
