@@ -640,9 +640,9 @@ class Engine:
         if call.batched_vectors:
             # c . H t is bilinear in (c, t): vmap's products are checked against one pair's
             # product, not by linearity over mixed vectors (products.one_agrees)
-            check = None if cot is None else one_agrees
-            value = self.guard(lambda: over_vectors(call.spec.name, push, vectors, *self._checked(call, "hvp" if cot is None else "hvp_cotangents"),
-                                                    again, check=check))
+            check, kind = (None, "hvp") if cot is None else (one_agrees, "hvp_cotangents")
+            value = self.guard(lambda: over_vectors(call.spec.name, push, vectors, *self._checked(call, kind), again,
+                                                    check=check))
         else:
             value = self.guard(lambda: push(*vectors))
         value = tuple(value) if call.as_tuple else value[0]
