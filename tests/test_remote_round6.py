@@ -124,7 +124,8 @@ def test_a_double_backward_through_a_vector_output_asks_for_one_hvp_not_the_hess
     Hessian (m n^2 = 18 numbers; m n^2 grows as n^2 for a wide input) and contracted it on
     the client; it now sends the one (cotangent, tangent) pair to the service's hvp and
     gets n numbers back. (torch.func.hessian, whose m n pairs would carry the Hessian over
-    in pieces, still asks for the Hessian: test_remote_round5.py.)"""
+    in pieces, still asks for the Hessian: test_remote_round5.py.) So does a jvp's jvp
+    (H[w, d], output-shaped), from one hvp pairing w with the output's basis."""
     r = remote(cc.client, "planar_arm")
     cc.take()
     close(_double_backward(r, X), _double_backward(ex.planar_arm, X))
@@ -135,6 +136,15 @@ def test_a_double_backward_through_a_vector_output_asks_for_one_hvp_not_the_hess
     jvp_of_vjp = lambda fn: f.vmap(lambda c: vhv(fn, (X,), c, (T,))[0])(cot)  # noqa: E731
     close(jvp_of_vjp(r), jvp_of_vjp(ex.planar_arm))
     assert cc.take() == ["evaluate", "jvp", "vjp+batched_vectors", "hvp+batched_vectors"]
+    # a jvp's jvp (a second directional derivative, H[w, d] per output): each w paired
+    # with each output element's basis cotangent, one hvp (m n numbers, not m n^2)
+    W, D = torch.tensor([0.2, 1.0, 0.3], dtype=torch.float64), T
+    jvp_of_jvp = lambda fn: f.jvp(lambda x: f.jvp(fn, (x,), (W,))[1], (X,), (D,))[1]  # noqa: E731
+    close(jvp_of_jvp(r), jvp_of_jvp(ex.planar_arm))
+    assert cc.take() == ["evaluate", "jvp", "jvp", "hvp+batched_vectors"]
+    two = lambda fn: f.jvp(lambda a, b: f.jvp(fn, (a, b), (W, D))[1], (X.abs(), W), (D, X))[1]  # noqa: E731
+    close(two(remote(cc.client, "polar")), two(ex.polar))
+    assert cc.take() == ["evaluate", "jvp", "jvp", "hvp+batched_vectors"]
     # two inputs, a tuple output (polar), in float32
     rr, th = (X.abs() + 0.5).float(), T.float()
 

@@ -479,8 +479,10 @@ class RemoteOps:
         request: for ``"input"`` at unbatched inputs an ``hvp`` (``batched_vectors`` for
         several; a vector output's cotangents with the tangents) where it pays
         (``_hvp_pays``), else a ``hessian`` (``batched`` for batched inputs: the service has
-        no hvp over examples) contracted here; ``"output"`` (``H[w, d]``, output-shaped)
-        always the ``hessian``. A function whose hvp fails where its Hessian answers (no
+        no hvp over examples) contracted here; ``"output"`` (``H[w, d]``, output-shaped: a
+        jvp's jvp) likewise, its hvp pairing each ``w`` with each output element's basis
+        cotangent (``_second_output_by_hvp``; at inputs whose output shapes this function
+        has seen). A function whose hvp fails where its Hessian answers (no
         forward-mode rule) costs one more request, once (``no_forward_mode``)."""
         if mode not in ("input", "output"):
             raise ValueError(mode)
@@ -533,7 +535,29 @@ class RemoteOps:
                     results.append(np.asarray(total).reshape((*lead_shape, *in_shapes[j])))
         else:
             ws, ds = vecs[: len(vec_argnums)], vecs[len(vec_argnums):]
-            blocks, union = self._hessian_blocks(flat, batch_ndim, vec_argnums, other_argnums, out_tree)
+            known = self._templates.get(_signature(flat, False)) if batch_ndim == 0 else None
+            results, hvp_error = None, None
+            out_shapes = [] if known is None else [shape for shape, _ in known.outputs]
+            pairs = V * sum(math.prod(shape) for shape in out_shapes)  # each w with each output's basis vector
+            if known is not None and self._hvp_pays(out_shapes, in_shapes, vec_argnums, other_argnums, pairs,
+                                                    scalar_always=False):
+                try:
+                    results = self._second_output_by_hvp(flat, vec_argnums, other_argnums, ws, ds, v_shape, in_shapes,
+                                                         out_tree, out_shapes)
+                except FunctionError as exc:
+                    hvp_error = exc
+            if results is not None:
+                inverse = list(np.argsort(order))
+                return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
+            try:
+                blocks, union = self._hessian_blocks(flat, batch_ndim, vec_argnums, other_argnums, out_tree)
+            except APIError:
+                if hvp_error is None:
+                    raise
+                raise hvp_error from None
+            if hvp_error is not None:
+                self._hvp_works = False
+                no_forward_mode(self.name, "hvp", hvp_error, "Hessian, contracted on the client")
             results = []
             for k in range(n_out):
                 first = blocks[k][0][0]
@@ -551,20 +575,22 @@ class RemoteOps:
         return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
 
     def _hvp_pays(self, out_shapes: Sequence[tuple[int, ...]], in_shapes: dict[int, tuple[int, ...]],
-                  vec_argnums: Sequence[int], other_argnums: Sequence[int], V: int) -> bool:
+                  vec_argnums: Sequence[int], other_argnums: Sequence[int], V: int, scalar_always: bool = True) -> bool:
         """Whether ``c . H w`` goes to the service's ``hvp`` (cotangents and tangents, one
         pair per vector) rather than its ``hessian`` (contracted here): always for a
         scalar function (``c`` is a number, applied here); for a vector output, where the
         pairs' numbers on the wire, ``V (m + 2n)``, are fewer than the Hessian's ``m n^2``
         (a double backward, one pair; not ``torch.func.hessian``, whose ``m n`` pairs
-        would carry the Hessian over in pieces). Never once an hvp of this function
-        failed where its Hessian answered (no forward-mode rule: see ``_second_by_hvp``)."""
+        would carry the Hessian over in pieces). ``scalar_always=False`` weighs a scalar's
+        pairs too (a jvp's jvp: ``jacfwd(jacfwd(f))``'s ``n^2`` pairs are the Hessian). Never
+        once an hvp of this function failed where its Hessian answered (no forward-mode
+        rule: see ``no_forward_mode``)."""
         if not self._hvp_works:
             return False
         m = sum(math.prod(s) for s in out_shapes)
         n = sum(math.prod(in_shapes[a]) for a in set(vec_argnums) | set(other_argnums))
         scalar = len(out_shapes) == 1 and out_shapes[0] == ()
-        return scalar or V * (m + 2 * n) < m * n * n
+        return (scalar and scalar_always) or V * (m + 2 * n) < m * n * n
 
     def _second_by_hvp(
         self, inputs: list[Any], vec_argnums: Sequence[int], other_argnums: Sequence[int], cots: list[np.ndarray],
@@ -600,6 +626,38 @@ class RemoteOps:
             r = leaves[union.index(j)].reshape(V, -1)
             out.append((c.astype(r.dtype, copy=False)[:, None] * r).reshape((*v_shape, *in_shapes[j])))
         return out
+
+    def _second_output_by_hvp(
+        self, inputs: list[Any], vec_argnums: Sequence[int], other_argnums: Sequence[int], ws: list[np.ndarray],
+        ds: list[np.ndarray], v_shape: tuple[int, ...], in_shapes: dict[int, tuple[int, ...]], out_tree: Tree,
+        out_shapes: list[tuple[int, ...]],
+    ) -> list[np.ndarray]:
+        """``H_k[w, d]`` per output element ``k`` (a jvp's jvp: a second directional
+        derivative) from one hvp: each output element's basis cotangent ``e_k`` paired with
+        each ``w`` gives ``e_k . H w``, contracted here with ``d``: ``V m`` pairs of ``n``
+        numbers where the Hessian is ``m n^2``."""
+        m = sum(math.prod(s) for s in out_shapes)
+        V = math.prod(v_shape)
+        eye = np.eye(m)
+        cots, start = [], 0
+        for shape in out_shapes:  # the basis, split into the output's leaves: (V, m, *leaf shape)
+            size = math.prod(shape)
+            cots.append(np.broadcast_to(eye[:, start:start + size].reshape(m, *shape), (V, m, *shape)))
+            start += size
+        spread = [np.broadcast_to(w.reshape(V, 1, *w.shape[len(v_shape):]), (V, m, *w.shape[len(v_shape):]))
+                  for w in ws]
+        per = self._second_by_hvp(inputs, vec_argnums, other_argnums, cots, spread, (V, m), in_shapes, out_tree)
+        total = 0
+        for j, d, g in zip(other_argnums, ds, per):
+            g = g.reshape(V, m, -1)
+            total = total + np.einsum("vmn,vn->vm", g, d.reshape(V, -1).astype(g.dtype, copy=False))
+        flat_out = np.asarray(total).reshape((*v_shape, m))
+        results, start = [], 0
+        for shape in out_shapes:
+            size = math.prod(shape)
+            results.append(flat_out[..., start:start + size].reshape((*v_shape, *shape)))
+            start += size
+        return results
 
     def _hessian_blocks(
         self, inputs: list[Any], batch_ndim: int, vec_argnums: Sequence[int], other_argnums: Sequence[int],

@@ -62,8 +62,8 @@ Second derivatives through the remote function (double backward with
 dual level) come from the service's ``hvp`` (at unbatched inputs: a scalar function's
 ``H u``, any other's ``c . H u`` with cotangents; the vectors stacked into one request) or
 ``hessian`` (contracted on the client: under ``vmap``, ``batched``; where the vectors would
-carry more than the Hessian; a jvp's jvp; a function whose hvp fails for want of a
-forward-mode rule, see ``RemoteOps.second``): the backward of a vjp ``J(x)^T c`` is ``J u`` in ``c`` and
+carry more than the Hessian; a function whose hvp fails for want of a forward-mode rule,
+see ``RemoteOps.second``): the backward of a vjp ``J(x)^T c`` is ``J u`` in ``c`` and
 ``c . H u`` in ``x``. Each second-order product is one request. Third derivatives (a
 derivative of a second-order product in the inputs) raise a clear error.
 """
