@@ -51,7 +51,7 @@ import numpy as np
 
 from .patterns import Pattern, check_entries, check_work, sorted_unique, work_limit
 
-__all__ = ["Coloring", "choose_coloring", "column_coloring", "row_coloring", "star_coloring"]
+__all__ = ["Coloring", "acyclic_coloring", "choose_coloring", "column_coloring", "hessian_coloring", "row_coloring", "star_coloring"]
 
 # networkx's greedy strategies tried, keeping the fewest colours. "smallest_last" is the usual
 # winner on meshes; natural order is optimal on plain bands, where the others can lose
@@ -108,10 +108,12 @@ def _all_distinct(values: np.ndarray, bound: int) -> bool:
 @dataclass(frozen=True, eq=False)
 class Coloring:
     """How a derivative is compressed: ``mode`` is ``fwd`` (columns coloured; products
-    are JVPs), ``rev`` (rows; VJPs) or ``star`` (symmetric; HVPs).
+    are JVPs), ``rev`` (rows; VJPs), ``star`` or ``acyclic`` (symmetric; HVPs).
 
     ``gather[k]`` is the flat index, into the compressed matrix, of pattern entry ``k``
-    (``(m, p)`` for fwd and star, ``(p, n)`` for rev, row-major).
+    (``(m, p)`` for fwd, star and acyclic, ``(p, n)`` for rev, row-major). An acyclic
+    colouring reads only its diagonal entries there: ``solve`` (a
+    :class:`.acyclic.Substitution`) solves for the others.
     """
 
     mode: str
@@ -120,6 +122,7 @@ class Coloring:
     gather: np.ndarray
     lower_bound: int
     strategy: str = ""
+    solve: Any = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -774,3 +777,66 @@ def _star_gather(p: Pattern, colors: np.ndarray, k: int) -> np.ndarray:
     if not ok.all():
         raise AssertionError("star colouring cannot recover an entry directly")
     return np.where(direct, slot, mirrored)
+
+
+# --------------------------------------------------------------------------- acyclic
+
+
+def hessian_coloring(p: Pattern, *, check_alive: Check = None, most_summed: int = 0) -> Coloring:
+    """The colouring a sparse Hessian's products use: the star colouring, or an acyclic
+    one where it needs fewer products and no entry is solved from more than
+    ``most_summed`` of them (see :mod:`.acyclic`: 0 keeps star colouring)."""
+    star = star_coloring(p, check_alive=check_alive)
+    if star.n_colors <= star.lower_bound or most_summed < 2:  # (no acyclic colouring uses fewer than 2)
+        return star
+    acyclic = acyclic_coloring(p, check_alive=check_alive, fewer_than=star.n_colors, most_summed=most_summed)
+    return acyclic if acyclic is not None else star
+
+
+def acyclic_coloring(p: Pattern, *, check_alive: Check = None, fewer_than: int | None = None,
+                     most_summed: int | None = None) -> Coloring | None:
+    """The greedy acyclic colouring (GTMP 2007, Algorithm 3.1) in the orders
+    :func:`.acyclic.orders` allows, the fewest colours kept, with its substitution;
+    None where it does not use fewer than ``fewer_than`` colours, where an entry would
+    be solved from more than ``most_summed`` products, or where the passes would take
+    too long."""
+    from .acyclic import acyclic_colors, orders, substitution
+
+    _check(check_alive)
+    if p.shape[0] != p.shape[1] or not p.is_symmetric():
+        raise ValueError("acyclic colouring needs a square symmetric pattern")
+    n = p.shape[0]
+    indptr, nbr = _adjacency(p)
+    names = orders(indptr, nbr)
+    if not names:
+        return None
+    active = np.zeros(n, bool)
+    active[p.rows] = True
+    alive = _Every(check_alive)
+    nodes = np.flatnonzero(active).tolist()
+    ptr, flat = indptr.tolist(), nbr.tolist()
+    best: tuple[np.ndarray, str] | None = None
+    for name in names:
+        order = np.asarray(_order(name, nodes, ptr, flat, alive), np.int64)
+        colors = acyclic_colors(n, indptr, nbr, active, order, check_alive)
+        if best is None or colors.max(initial=-1) < best[0].max(initial=-1):
+            best = (colors, "acyclic_" + name)
+    assert best is not None
+    colors, strategy = best
+    k = int(colors.max(initial=-1)) + 1
+    if fewer_than is not None and k >= fewer_than:
+        return None
+    _check(check_alive)
+    solve = substitution(p, colors)
+    if most_summed is not None and solve.most_summed > most_summed:
+        return None
+    return Coloring("acyclic", colors, k, p.rows * k + colors[p.rows], _star_lower_bound(p), strategy, solve)
+
+
+def acyclic_from(p: Pattern, colors: np.ndarray, strategy: str = "cached") -> Coloring:
+    """An acyclic colouring's map rebuilt from its colours (a cached one: re-checked)."""
+    from .acyclic import substitution
+
+    k = int(colors.max(initial=-1)) + 1
+    return Coloring("acyclic", colors, k, p.rows * k + colors[p.rows], _star_lower_bound(p), strategy,
+                    substitution(p, colors))

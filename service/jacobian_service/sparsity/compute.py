@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from .. import __version__ as _SERVICE_VERSION
 from ..engine.products import vmap_agrees
 from ..errors import exception_text
-from .coloring import Coloring, choose_coloring, star_coloring
+from .coloring import Coloring, choose_coloring, hessian_coloring, star_coloring
 from .dense import dense_hessian, dense_jacobian
 from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, SEEDED_NOTE, TraceError, is_random, probe, random_note, trace_hessian, trace_jacobian
 from .draws import Draws, TorchDraws, replaying
@@ -206,7 +206,7 @@ def resolve(
     key = _cache_key(fn, name, args, argnums, kind, f"{choice}|{mode}")
     p, coloring, cached = _cached(cache, key, lambda: _colored(
         _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size, check_alive, drew),
-        kind, mode, check_alive), lambda: values_digest(args),
+        kind, mode, check_alive, _products_eps(args, argnums)), lambda: values_digest(args),
         # an entry with another output size is stale (the function's output size followed
         # something the key does not hold): detected again, and replaced
         fits=lambda q: kind != "jacobian" or out_size is None or q.shape[0] == out_size,
@@ -269,12 +269,25 @@ def _cached(
     return p, coloring, ""
 
 
-def _colored(p: Pattern, kind: str, mode: str, check_alive: Callable[[], None] | None) -> tuple[Pattern, Coloring]:
-    """``p`` with its colouring: star for a Hessian, else the side ``mode`` asks for."""
+def _products_eps(args: Sequence[Any], argnums: Sequence[int]) -> float:
+    """Machine epsilon of the products' dtype (the first differentiated input's, as the
+    seeds'; the coarsest where they differ): how much round-off a Hessian's acyclic
+    substitution may sum (see :mod:`.acyclic`). The cache key holds the dtypes."""
+    dtypes = [args[i].dtype for i in argnums if isinstance(args[i], torch.Tensor) and args[i].dtype.is_floating_point]
+    return max((float(torch.finfo(d).eps) for d in dtypes), default=float(torch.finfo(torch.float32).eps))
+
+
+def _colored(p: Pattern, kind: str, mode: str, check_alive: Callable[[], None] | None,
+             eps: float = float(torch.finfo(torch.float32).eps)) -> tuple[Pattern, Coloring]:
+    """``p`` with its colouring: star or acyclic for a Hessian (acyclic where it takes
+    fewer products, within what ``eps``, the products' round-off, allows it to sum),
+    else the side ``mode`` asks for."""
     if kind == "hessian" and NO_GRAD_NOTE in p.notes:
         return _every_column(p)
     if kind == "hessian":
-        return p, star_coloring(p, check_alive=check_alive)
+        from .acyclic import most_summed
+
+        return p, hessian_coloring(p, check_alive=check_alive, most_summed=most_summed(eps))
     if (NO_GRAD_NOTE in p.notes or CUSTOM_NOTE in p.notes) and mode != "rev":
         mode = "rev"  # jvp would differentiate through the no_grad values, or use a custom jvp jacrev does not
     return p, choose_coloring(p, mode, check_alive=check_alive)
@@ -340,6 +353,10 @@ def _coloring_from(p: Pattern, colors: np.ndarray, mode: str) -> Coloring:
         lower = int(np.bincount(p.cols, minlength=n).max(initial=0))
     elif NO_GRAD_HESSIAN_NOTE in p.notes:  # every column, read as computed: H need not be symmetric
         return _every_column(p.replace(notes=tuple(n for n in p.notes if n != NO_GRAD_HESSIAN_NOTE)))[1]
+    elif mode == "acyclic":
+        from .coloring import acyclic_from
+
+        return acyclic_from(p, colors)
     else:
         return Coloring("star", colors, k, _star_gather(p, colors, k), 2 if bool((p.rows != p.cols).any()) else 1, "cached")
     _check_unique(gather, mode)
@@ -487,7 +504,27 @@ class _Products:
         flat = block.reshape(*block.shape[:-2], -1)
         if not p.nnz:
             return flat[..., :0]
-        return flat[..., torch.as_tensor(self.coloring.gather, device=flat.device)]
+        read = flat[..., torch.as_tensor(self.coloring.gather, device=flat.device)]
+        solve = self.coloring.solve
+        if solve is None:
+            return read
+        # Acyclic: the off-diagonal entries by substitution over the two-coloured trees,
+        # differences of prefix sums in preorder (see .acyclic), in float64.
+        dev = flat.device
+        signed = flat[..., torch.as_tensor(solve.need, device=dev)].to(torch.float64) * torch.as_tensor(solve.sign, device=dev)
+        prefix = torch.nn.functional.pad(torch.cumsum(signed, dim=-1), (1, 0))
+        lo, hi = torch.as_tensor(solve.lo, device=dev), torch.as_tensor(solve.hi, device=dev)
+        solved = (torch.as_tensor(solve.sign_of, device=dev) * (prefix[..., hi] - prefix[..., lo])).to(read.dtype)
+        return torch.where(torch.as_tensor(solve.direct, device=dev), read, solved)
+
+    def unsolvable(self, block: torch.Tensor) -> bool:
+        """Whether an acyclic colouring's substitution would spread a NaN or an infinity
+        of the products over a tree (star colouring keeps each where its entry is)."""
+        solve = self.coloring.solve
+        if solve is None or not solve.need.size:
+            return False
+        flat = block.transpose(-1, -2).reshape(*block.shape[:-2], -1)
+        return not bool(torch.isfinite(flat[..., torch.as_tensor(solve.need, device=flat.device)]).all())
 
 
 def _products(p: Pattern, coloring: Coloring, primals: Sequence[torch.Tensor], m: int) -> _Products:
@@ -697,7 +734,7 @@ def _widen(
     rows, cols = np.divmod(np.unique(np.concatenate(parts)), n)
     wider = old.replace(rows=rows, cols=cols, notes=old.notes + (WIDENED_NOTE,) if WIDENED_NOTE not in old.notes else old.notes)
     try:  # no deadline here: the answer is computed, and this colouring is bounded by it (dense)
-        p, coloring = _colored(wider, kind, mode, None)
+        p, coloring = _colored(wider, kind, mode, None, _products_eps(args, argnums))
     except Exception as exc:  # never a reason to fail the answer: the next request re-checks
         log.warning("widening sparsity pattern %r failed: %s", old.name, exception_text(exc))
         return
@@ -751,6 +788,16 @@ def _jacobian_products(
     return matrix, p, coloring, chunk
 
 
+def _star_instead(
+    p: Pattern, cache: PatternCache | None, fn: Callable[..., Any], name: str | None, args: Sequence[torch.Tensor],
+    argnums: tuple[int, ...], check_alive: Callable[[], None] | None,
+) -> Coloring:
+    """``p``'s star colouring, cached beside its acyclic one (keyed by its entries)."""
+    key = _cache_key(fn, name, args, argnums, "hessian", f"star:{p.source}:{p.name}:{_fingerprint(p)}")
+    _, coloring, _ = _cached(cache, key, lambda: (p, star_coloring(p, check_alive=check_alive)))
+    return coloring
+
+
 def _recolored(
     p: Pattern, mode: str, cache: PatternCache | None, fn: Callable[..., Any], name: str | None,
     args: Sequence[torch.Tensor], argnums: tuple[int, ...], check_alive: Callable[[], None] | None,
@@ -780,7 +827,7 @@ def sparse_hessian(
     fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan)
     try:
         res = _sparse_hessian(fn, args, argnums, primals, out, aux, planned, memory_budget, check_alive, has_aux,
-                              chunk_size, t0, name)
+                              chunk_size, t0, name, cache)
         if res.pattern is not planned[0] and DENSE_NOTE in res.pattern.notes:
             _widen(fn, args, argnums, pattern, "hessian", "auto", cache, name, res.pattern)
         return res
@@ -793,6 +840,7 @@ def _sparse_hessian(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], primals: tuple[torch.Tensor, ...],
     out: Any, aux: Any, planned: tuple[Pattern, Coloring, str], memory_budget: int,
     check_alive: Callable[[], None] | None, has_aux: bool, chunk_size: int | None, t0: float, name: str | None = None,
+    cache: PatternCache | None = None,
 ) -> SparseResult:
     p, coloring, cached = planned
     t1 = time.perf_counter()
@@ -813,11 +861,16 @@ def _sparse_hessian(
         log.info("forward-over-reverse Hessian products failed (%s); using reverse over reverse", type(exc).__name__)
         run = _single(_product_at("star_rev", fn, argnums, has_aux), args, key and ("star_rev", key))
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
+    if plan.unsolvable(block):  # a NaN or an infinity: star colouring keeps it at its entry
+        log.info("a Hessian product is not finite: star colouring instead of acyclic")
+        coloring = _star_instead(p, cache, fn, name, args, argnums, check_alive)
+        plan = _products(p, coloring, primals, 1)
+        block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
     matrix = _to_csr(p, plan.values(p, block))
     if _proven_wrong(p, coloring, plan, block, matrix, run, None):
         matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "hessian")
     t2 = time.perf_counter()
-    return SparseResult(matrix, p, coloring, coloring.n_colors, "star", p.source, out, aux, chunk,
+    return SparseResult(matrix, p, coloring, coloring.n_colors, coloring.mode, p.source, out, aux, chunk,
                         {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached})  # type: ignore[dict-item]
 
 
@@ -921,6 +974,8 @@ def sparse_batch(
         return out
 
     block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size, batch=batch)
+    if plan.unsolvable(block):  # each point alone, where star colouring replaces it
+        raise ProvenWrong("a product is not finite: an acyclic colouring's substitution would spread it")
     values = plan.values(p, block)
     full = [_to_csr(p, values[i]) for i in range(batch)]
     _proven_wrong(p, coloring, plan, block, full, run, rows)  # raises for any point proven wrong

