@@ -191,3 +191,36 @@ def test_a_nan_product_does_not_spread_over_its_tree(client):
     H, meta = sparse(client, "chain_sqrt", y, kind="hessian")
     assert meta["mode"] == "acyclic" and meta["products"] == 2
     assert_matches(H, hess(s8.chain_sqrt, y))
+
+
+# ------------------------------------------------------------------ solves
+
+
+def test_fixed_matrix_triangular_lu_and_cholesky_solves_are_exact(client):
+    """solve_triangular, lu_solve and cholesky_solve with a fixed matrix were unknown ops
+    ('assumed dense', exact: false: 12 products for three independent 4 x 4 blocks). They
+    are now traced through the inverse's structure, as linalg.solve is: the blocks stay
+    apart (4 products), a bidiagonal system's inverse lower triangular."""
+    x = RNG.uniform(-1, 1, 12)
+    for name, products in (("triangular_step", 12), ("lu_step", 4), ("cholesky_step", 4)):
+        J, meta = sparse(client, name, x)
+        assert meta["exact"] is True and meta["notes"] == [] and meta["products"] == products, (name, meta)
+        assert_matches(J, jac(getattr(s8, name), x))
+    J, _ = sparse(client, "triangular_step", x)
+    assert entries(J) == {(i, j) for i in range(12) for j in range(i + 1)}
+
+
+def test_batched_systems_with_a_state_dependent_matrix_stay_block_diagonal(client):
+    """One Newton step per cell, ``linalg.solve`` over a batch of 3 x 3 matrices that
+    depend on the state: the solve was taken as dense (every cell on every other: 24
+    products for 8 cells) and, its error check reading ``info``, value-dependent (every
+    new point detected again). Now each cell's answer depends on its own cell (the rows
+    of its matrix its row reaches, and its right-hand side): 3 products, one pattern for
+    every point."""
+    for shift, cached in ((0.0, None), (0.5, "memory")):
+        u = RNG.uniform(-1, 1, (8, 3)) + shift
+        J, meta = sparse(client, "cell_newton", u)
+        assert meta["exact"] is True and meta["value_dependent"] is False and meta["notes"] == []
+        assert meta["products"] == 3 and meta["cached"] == cached
+        assert_matches(J, jac(s8.cell_newton, u))
+    assert entries(J) == {(3 * c + i, 3 * c + j) for c in range(8) for i in range(3) for j in range(3)}

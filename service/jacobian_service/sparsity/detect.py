@@ -181,6 +181,8 @@ _FFT = frozenset("_fft_r2c _fft_c2r _fft_c2c".split())
 _NORMS = frozenset("native_layer_norm native_group_norm native_batch_norm".split())
 # Input places per call of an interpolation kernel on one-hot inputs (see interpolate).
 _ONE_HOT_BLOCK = 256
+# Linear solves with a matrix (or its factors): see _Tracer.solve.
+_SOLVES = frozenset("_linalg_solve_ex linalg_solve_triangular linalg_lu_solve cholesky_solve".split())
 _MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm _sparse_addmm".split())  # the last: torch.sparse.mm
 # Writes of elements of ``src`` (or a fill value) into ``self`` at places an index
 # tensor names along ``dim``: how finite-element residuals and graph operators are
@@ -466,6 +468,10 @@ class _Tracer:
 
     def rules(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
         """Wrap ``out`` (a tensor or a tuple/list of them) with its dependencies."""
+        if name == "_linalg_check_errors":
+            # linalg.solve's check of info (a singular matrix): it raises or passes, the
+            # pattern is the same either way, so no value read (a varying A's info varies)
+            return out
         leaves, spec = pytree.tree_flatten(out)
         traced = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)]
         if not any(_float(o) for o in leaves):  # indices, masks, Python scalars: no derivative
@@ -513,8 +519,8 @@ class _Tracer:
             return self.normalize(func, name, args, kwargs, out)
         if name == "_cdist_forward" and _float(out):
             return self.cdist(args, out)
-        if name == "_linalg_solve_ex":
-            return self.solve(func, args, kwargs, out)
+        if name in _SOLVES:
+            return self.solve(func, name, args, kwargs, out)
         if name in ("grid_sampler_2d", "grid_sampler_3d") and _float(out):
             return self.grid_sample(func, args, kwargs, out)
         if name in _REDUCE or name in _LINE or name in _SCAN or name in _FFT:
@@ -1140,56 +1146,94 @@ class _Tracer:
             hess = _union(hparts, self.n, self.n) if hparts else None
         return self.wrap(out, deps, hess)
 
-    def solve(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
-        """``torch.linalg.solve(A, B)`` with a matrix ``A`` that does not depend on the
-        inputs (an implicit time step's ``I - dt L``, a fixed operator): ``X = A^-1 B``
-        (``B A^-1`` for ``left=False``), and ``A^-1`` is a polynomial in ``A`` of degree
-        below n (Cayley-Hamilton), so ``X[i]`` depends on ``B[l]`` wherever ``l`` is
-        reachable from ``i`` in ``A``'s graph (:func:`_reachable`): block-diagonal and
-        triangular systems keep their structure, and batched systems stay apart. The
-        factors and ``info`` depend on ``A`` alone: a constant ``A``'s are constants, so
-        the error check that reads ``info`` reads nothing of the inputs. An ``A`` that
-        depends on the inputs is taken as dense."""
+    def solve(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """Linear solves ``X = A^-1 B`` (``B A^-1`` with ``left=False``):
+        ``torch.linalg.solve``, ``solve_triangular`` (which reads one triangle of ``A``,
+        its diagonal too unless ``unitriangular``), ``lu_solve`` (``A = P L U`` from
+        ``lu_factor``'s ``LU`` and pivots; ``adjoint`` solves with ``A^H``) and
+        ``cholesky_solve`` (``A = L L^H``, or ``U^H U``). ``A^-1`` is a polynomial in
+        ``A`` of degree below n (Cayley-Hamilton), and a factor's inverse likewise, so
+        ``X[i]`` depends on ``B[l]`` wherever ``l`` is reachable from ``i`` in the graph of
+        ``A`` (for factors: the product of their inverses' reaches,
+        :func:`_inverse_structure`): block-diagonal and triangular systems keep their
+        structure, and batched systems stay apart.
+
+        An ``A`` that depends on the inputs (``solve`` and ``solve_triangular``):
+        ``dX = -A^-1 dA X``, so ``X[i, j]`` also depends on every entry of ``A``'s rows
+        that ``i`` reaches (``X dA A^-1`` for ``left=False``: the columns that reach ``l``),
+        and each system of a batch still on its own matrix only (a batch of per-cell
+        systems was taken as dense: every cell on every other). Factors that depend on
+        the inputs are taken as dense. The factors and ``info`` of a constant ``A`` are
+        constants; of a varying one, values of ``A`` that torch's public functions never
+        return (``linalg.solve`` checks ``info`` and raises: see ``rules``)."""
         named = dict(zip((a.name for a in func._schema.arguments), args))
         named.update(kwargs)
-        a, b, left = named["A"], named["B"], bool(named.get("left", True))
-        traced = [t for t in (a, b) if isinstance(t, _Traced)]
-        if self.deps(a).nnz:
-            return self.dense("_linalg_solve_ex", traced, out)
+        if name == "cholesky_solve":
+            a, b, left = named["input2"], named["self"], True
+        else:
+            a, b, left = (named["A"] if name == "_linalg_solve_ex" else named["LU"] if name == "linalg_lu_solve" else named["self"]), named["B"], bool(named.get("left", True))
+        traced = [t for t in (a, b, named.get("pivots")) if isinstance(t, _Traced)]
+        varying = self.deps(a).nnz > 0
+        if varying and name in ("linalg_lu_solve", "cholesky_solve"):
+            return self.dense(name, traced, out)
+        results = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        result = results[0]
         av = a.value if isinstance(a, _Traced) else a
         bv = b.value if isinstance(b, _Traced) else b
-        result = out[0]
         n = int(av.shape[-1])
-        vector = bv.dim() == 1 or (bv.dim() == av.dim() - 1 and tuple(bv.shape) == tuple(av.shape[:-1]))
+        vector = name == "_linalg_solve_ex" and (bv.dim() == 1 or (bv.dim() == av.dim() - 1 and tuple(bv.shape) == tuple(av.shape[:-1])))
         batch = tuple(result.shape[:-1] if vector else result.shape[:-2])
         k = 1 if vector else int(result.shape[-1] if left else result.shape[-2])
-        if isinstance(a, _Traced) and not a.root.const and isinstance(b, _Traced) and self.deps(b).nnz:
-            self.reads("linalg.solve: zeros of a matrix that varies with the inputs")
-        mats = (av != 0).cpu().numpy().reshape(-1, n, n)
-        _check_entries(mats.shape[0] * n * n, "linalg.solve")
-        reach = [_reachable(m) for m in mats]
-        at_a = np.broadcast_to(np.arange(mats.shape[0]).reshape(tuple(av.shape[:-2])), batch).reshape(-1)
+        if isinstance(a, _Traced) and not a.root.const and not varying and isinstance(b, _Traced) and self.deps(b).nnz:
+            self.reads(f"{name}: zeros of a matrix that varies with the inputs")
+        _check_entries(math.prod(av.shape), name)
+        nz = (av != 0).cpu().numpy().reshape(-1, n, n)
+        if varying:  # an entry that depends on the inputs is structure, whatever its value here
+            nz = nz | (np.diff(self.deps(a).indptr) > 0).reshape(nz.shape)
+        struct, inverse = _inverse_structure(name, named, av, nz)
+        _check_entries(sum(int(m.nnz) for m in inverse), name)
+        at_a = np.broadcast_to(np.arange(nz.shape[0]).reshape(tuple(av.shape[:-2])), batch).reshape(-1)
         b_batch = tuple(bv.shape[:-1] if vector else bv.shape[:-2])
         at_b = np.broadcast_to(np.arange(math.prod(b_batch)).reshape(b_batch), batch).reshape(-1)
-        _check_entries(k * sum(int(reach[i].sum()) for i in at_a), "linalg.solve")
-        rows, cols = [], []
+        _check_entries(k * sum(int(inverse[i].nnz) for i in at_a), name)
+        j = np.arange(k)[None, :]
+        rows, cols, arows, acols = [], [], [], []
         for ob, (ia, ib) in enumerate(zip(at_a.tolist(), at_b.tolist())):
-            i, l = np.nonzero(reach[ia])  # X[i] on B[l]
-            j = np.arange(k)[None, :]
+            coo = inverse[ia].tocoo()
+            i, l = coo.row.astype(np.int64), coo.col.astype(np.int64)  # X[i] on B[l]
             if left:  # X[ob, i, j] <- B[ib, l, j]
                 rows.append(((ob * n + i)[:, None] * k + j).reshape(-1))
                 cols.append(((ib * n + l)[:, None] * k + j).reshape(-1))
             else:  # X[ob, j, l] <- B[ib, j, i] (X = B A^-1: column l of X on columns i of B reaching l)
                 rows.append(((ob * k + j) * n + l[:, None]).reshape(-1))
                 cols.append(((ib * k + j) * n + i[:, None]).reshape(-1))
+            if varying:
+                # entries (q, r) of A read: row q reached from i (left), or column r reaching l (right)
+                entries = _entries_reached(struct[ia], inverse[ia], left)  # (n, n * n): per row i (column l)
+                e = entries.tocoo()
+                x, flat = e.row.astype(np.int64), e.col.astype(np.int64) + ia * n * n
+                if left:
+                    arows.append(((ob * n + x)[:, None] * k + j).reshape(-1))
+                else:
+                    arows.append(((ob * k + j) * n + x[:, None]).reshape(-1))
+                acols.append(np.repeat(flat[:, None], k, axis=1).reshape(-1))  # (entry, j), as the rows
         rows_, cols_ = (np.concatenate(v) if v else np.zeros(0, np.int64) for v in (rows, cols))
         spread = sp.csr_array((np.ones(rows_.size, np.float32), (rows_, cols_)), shape=(result.numel(), bv.numel()))
-        deps = _ones(spread @ self.deps(b))
-        wrapped = [self.wrap(result, deps, self.hess_of([b]) if self.hessian else None)]  # linear in B
+        deps = spread @ self.deps(b)
+        if varying:
+            arows_, acols_ = (np.concatenate(v) if v else np.zeros(0, np.int64) for v in (arows, acols))
+            _check_entries(arows_.size, name)
+            deps = deps + sp.csr_array((np.ones(arows_.size, np.float32), (arows_, acols_)), shape=(result.numel(), av.numel())) @ self.deps(a)
+        deps = _ones(deps)
+        hess = None
+        if self.hessian:  # linear in B; with a varying A, B and A meet (every pair of an element's)
+            parts = [m for m in (self.hess_of([a, b]) if varying else self.hess_of([b]), self.pairs(deps) if varying else None) if m is not None]
+            hess = _union(parts, self.n, self.n) if parts else None
+        wrapped = [self.wrap(result, deps, hess)]
         const = not isinstance(a, _Traced) or a.root.const
-        for o in out[1:]:  # LU, pivots, info: of A alone
+        for o in results[1:]:  # LU, pivots, info (of _linalg_solve_ex): of A alone
             wrapped.append(_Traced(o, _Root(o, _empty(o.numel(), self.n), const=const), self))
-        return tuple(wrapped)
+        return tuple(wrapped) if isinstance(out, (tuple, list)) else wrapped[0]
 
     def convolution(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
         """``aten.convolution`` (conv1d/2d/3d and conv_transpose1d/2d/3d, any stride,
@@ -1456,6 +1500,65 @@ def _reachable(mask: np.ndarray) -> np.ndarray:
         for d in cond.indices[cond.indptr[c] : cond.indptr[c + 1]]:
             reach[c] |= reach[d]
     return reach[label][:, label]
+
+
+def _inverse_structure(name: str, named: dict[str, Any], av: torch.Tensor, nz: np.ndarray) -> tuple[list[np.ndarray], list[Any]]:
+    """Per matrix of a batch (``nz``: its entries that may be nonzero): the entries of
+    ``A`` the solve reads, and the structure of the inverse it applies (scipy CSR of
+    booleans, ``inv[i, l]``: ``X[i]`` may depend on ``B[l]``)."""
+    n = nz.shape[-1]
+    eye = np.eye(n, dtype=bool)
+    struct, inverse = [], []
+    if name == "linalg_lu_solve":
+        # A = P L U: A^-1 = U^-1 L^-1 P^T (adjoint: its transpose). The pivots are the
+        # factorisation's own, constants with a constant LU.
+        piv = named["pivots"]
+        pv = (piv.value if isinstance(piv, _Traced) else piv).reshape(-1, n).cpu().numpy().astype(np.int64) - 1
+        for m, p in zip(nz, np.broadcast_to(pv, (nz.shape[0], n)) if pv.shape[0] == 1 else pv):
+            perm = np.arange(n)
+            for i, t in enumerate(p.tolist()):  # LAPACK's row swaps, in order
+                perm[i], perm[t] = perm[t], perm[i]
+            pt = sp.csr_array((np.ones(n, bool), (np.arange(n), perm)), shape=(n, n))  # P^T
+            inv = sp.csr_array(_reachable(np.triu(m) | eye)) @ sp.csr_array(_reachable(np.tril(m, -1) | eye)) @ pt
+            inv = sp.csr_array(inv.T) if bool(named.get("adjoint", False)) else sp.csr_array(inv)
+            struct.append(m)
+            inverse.append(inv)
+        return struct, inverse
+    if name == "cholesky_solve":
+        upper = bool(named.get("upper", False))
+        for m in nz:
+            r = sp.csr_array(_reachable((np.triu(m) if upper else np.tril(m)) | eye))
+            # A = L L^H: A^-1 = L^-H L^-1; A = U^H U: A^-1 = U^-1 U^-H
+            inverse.append(sp.csr_array(r @ r.T) if upper else sp.csr_array(r.T @ r))
+            struct.append(m)
+        return struct, inverse
+    if name == "linalg_solve_triangular":
+        upper, unit = bool(named["upper"]), bool(named.get("unitriangular", False))
+        for m in nz:
+            tri = np.triu(m) if upper else np.tril(m)
+            if unit:
+                tri = tri & ~eye  # the diagonal is taken as ones, never read
+            struct.append(tri)
+            inverse.append(sp.csr_array(_reachable(tri | eye)))
+        return struct, inverse
+    for m in nz:
+        struct.append(m)
+        inverse.append(sp.csr_array(_reachable(m)))
+    return struct, inverse
+
+
+def _entries_reached(struct: np.ndarray, inverse: Any, left: bool) -> Any:
+    """Which entries ``(q, r)`` of a varying ``A`` (flat ``q * n + r``) each row ``i`` of
+    ``X = A^-1 B`` depends on: those of the rows ``q`` that ``i`` reaches (``dX = -A^-1
+    dA X``); for ``X = B A^-1``, each column ``l``'s: those of the columns ``r`` that
+    reach ``l`` (``dX = -X dA A^-1``). A CSR of shape ``(n, n * n)``."""
+    n = struct.shape[0]
+    q, r = np.nonzero(struct)
+    if left:  # S[q, q * n + r]
+        pick = sp.csr_array((np.ones(q.size, np.float32), (q, q * n + r)), shape=(n, n * n))
+        return _ones(sp.csr_array(inverse, dtype=np.float32) @ pick)
+    pick = sp.csr_array((np.ones(r.size, np.float32), (r, q * n + r)), shape=(n, n * n))  # column r's entries
+    return _ones(sp.csr_array(inverse.T, dtype=np.float32) @ pick)
 
 
 def _kernel_links(
