@@ -103,7 +103,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import exception_text
-from .patterns import Pattern, PatternTooLarge, check_entries as _check_entries, entry_limit
+from .patterns import CHOICE_NOTE, Pattern, PatternTooLarge, check_entries as _check_entries, entry_limit
 
 __all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "SEEDED_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
 
@@ -136,6 +136,15 @@ _MOVEMENT = frozenset(
     masked_scatter unfold_copy _unsafe_index repeat_interleave hstack vstack
     upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d
     _upsample_nearest_exact2d _upsample_nearest_exact3d im2col""".split()
+)
+# Ops whose derivative follows a choice the values make (a side of a clamp, the larger of
+# two, a max's element, a sort's order): the tracer keeps every choice's entries, so at a
+# point some stored entries are zeros (Pattern.conservative says so). ``where`` and
+# ``masked_fill`` choose only where their condition is computed (a constant's is structure).
+_CHOICES = frozenset(
+    """clamp clamp_min clamp_max clip hardtanh relu relu6 threshold maximum minimum fmax fmin max min
+    hardsigmoid hardswish amax amin median nanmedian sort topk kthvalue cummax cummin
+    max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool2d adaptive_max_pool3d""".split()
 )
 # Pointwise ops whose derivative is zero everywhere it exists.
 _ZERO_DERIVATIVE = frozenset("floor ceil round trunc sign sgn fix".split())
@@ -346,6 +355,8 @@ class _Tracer:
         # every call, so the pattern may be reused; it is checked all the same.
         self.seeded: set[str] = set()
         self._fresh_generators: set[tuple[str, int]] = set()
+        # Ops that chose by the values (see _CHOICES): the pattern is their union.
+        self.choices: set[str] = set()
         self.check_alive = check_alive
         self._next_check = 0.0
         # What check_alive raised: the trace re-raises it even if the user's function
@@ -392,6 +403,20 @@ class _Tracer:
         """The pattern depends on the inputs' values: say why (the first few reasons)."""
         if len(self.value_reads) < 4 and why not in self.value_reads:
             self.value_reads.append(why)
+
+    def chose(self, name: str, args: Any, traced: Sequence[_Traced]) -> None:
+        """Note an op whose derivative follows a choice the values make (``_CHOICES``;
+        ``where`` and ``masked_fill`` on a condition that is not a constant), applied
+        to values that depend on the inputs while grad is on."""
+        if name not in _CHOICES and name not in ("where", "masked_fill"):
+            return
+        if not torch.is_grad_enabled() or not any(_float(t) and t.root.deps.nnz for t in traced):
+            return
+        if name in ("where", "masked_fill"):
+            cond = args[0] if name == "where" else args[1] if len(args) > 1 else None
+            if not isinstance(cond, _Traced) or cond.root.const:
+                return  # a condition the function holds or made: the same at every point, structure
+        self.choices.add(name)
 
     def valued(self, o: torch.Tensor) -> _Traced:
         """A non-float result computed from traced values (a mask, indices, a count):
@@ -453,6 +478,8 @@ class _Tracer:
         if mutated and isinstance(args[0], _Traced):  # written from traced values: no longer the same at every point
             args[0].root.const = False
         custom = _custom_function()
+        if custom is None:
+            self.chose(name[:-1] if name.endswith("_") else name, args, traced)
         if custom is not None:
             result = self.opaque(custom, func, args, kwargs, out, mutated)
         elif mutated:
@@ -1809,6 +1836,8 @@ def _notes(tracer: _Tracer) -> tuple[str, ...]:
         notes += (random_note(tuple(tracer.random)),)
     if tracer.seeded:
         notes += (f"{SEEDED_NOTE} ({', '.join(sorted(tracer.seeded))})",)
+    if tracer.choices:
+        notes += (f"{CHOICE_NOTE} ({', '.join(sorted(tracer.choices))})",)
     return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ()) + ((CUSTOM_NOTE,) if tracer.custom else ())
 
 

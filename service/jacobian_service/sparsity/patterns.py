@@ -30,6 +30,7 @@ import numpy as np
 
 __all__ = [
     "CACHE_ENV",
+    "CHOICE_NOTE",
     "Declared",
     "Pattern",
     "PatternCache",
@@ -123,6 +124,15 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     return s[keep]
 
 
+#: Note on a pattern that keeps the entries of every choice the values could make (see
+#: :attr:`Pattern.conservative`); the ops that chose follow it in parentheses.
+CHOICE_NOTE = (
+    "a union over choices the values make (both branches of a where on a computed condition, both sides of a "
+    "clamp, maximum or minimum, a relu's zero side, a max's whole window): entries the choices at this point "
+    "make zero are stored as zeros"
+)
+
+
 @dataclass(frozen=True, eq=False)
 class Pattern:
     """Possible nonzeros of an ``(m, n)`` matrix, as sorted unique (row, col) pairs.
@@ -164,6 +174,14 @@ class Pattern:
         object.__setattr__(self, "cols", cols)
 
     # ------------------------------------------------------------------ views
+    @property
+    def conservative(self) -> bool:
+        """Whether some stored entries may be zeros at this point by a choice the values
+        make, not by chance: a union over the branches of a ``where`` on a computed
+        condition, the sides of a ``clamp`` or ``maximum``, a ``relu``'s, a max's
+        window (:data:`CHOICE_NOTE`), or ops taken as dense (``exact`` false)."""
+        return not self.exact or any(n.startswith(CHOICE_NOTE) for n in self.notes)
+
     @property
     def nnz(self) -> int:
         return int(self.rows.size)
@@ -227,6 +245,7 @@ class Pattern:
             "source": self.source,
             "exact": self.exact,
             "value_dependent": self.value_dependent,
+            "conservative": self.conservative,
             "shape": [m, n],
             "nnz": self.nnz,
             "density": self.density,
