@@ -72,3 +72,16 @@ def cell_newton(u: torch.Tensor) -> torch.Tensor:
     a = 4 * eye + torch.diag_embed(u**2) + 0.5 * coupling  # per-cell Jacobian of u^3/3 + ...: depends on u
     residual = u**3 / 3 + u - 1
     return u - torch.linalg.solve(a, residual)
+
+
+# ------------------------------------------------------------------ choices
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")], description="A clamped flux limiter (a choice per element).")
+def limited(u: torch.Tensor) -> torch.Tensor:
+    slope = torch.roll(u, -1) - u
+    return u + torch.clamp(slope, -0.1, 0.1) * torch.roll(u, 1)
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")], description="A plain 3-point stencil: no choices.")
+def stencil(u: torch.Tensor) -> torch.Tensor:
+    return torch.roll(u, 1) - 2 * u + torch.roll(u, -1) + u**3

@@ -250,7 +250,7 @@ def test_pooling_is_traced_exactly(client):
     np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-15)
     assert meta["exact"] is True and meta["products"] == 9  # a 3 x 3 window
     # max pooling's window is a union over the choices of its largest element: said so
-    assert len(meta["notes"]) == 1 and "(max_pool2d_with_indices)" in meta["notes"][0]
+    assert meta["conservative"] is True and len(meta["notes"]) == 1 and "(max_pool2d_with_indices)" in meta["notes"][0]
 
 
 def test_a_wrong_vmap_is_logged_when_found_not_at_every_request(client, caplog):

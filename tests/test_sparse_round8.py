@@ -224,3 +224,25 @@ def test_batched_systems_with_a_state_dependent_matrix_stay_block_diagonal(clien
         assert meta["products"] == 3 and meta["cached"] == cached
         assert_matches(J, jac(s8.cell_newton, u))
     assert entries(J) == {(3 * c + i, 3 * c + j) for c in range(8) for i in range(3) for j in range(3)}
+
+
+# ------------------------------------------------------------------ meta.conservative
+
+
+def test_meta_says_when_the_pattern_is_a_union_over_choices(client):
+    """A pattern kept over the choices the values make (a clamp's sides, both branches of
+    a where on the velocity's sign) stores zeros where this point chose the other way:
+    the docs said so, the answer did not. ``meta.conservative`` now says it, and a note
+    names the ops; a plain stencil's pattern is not conservative."""
+    u = RNG.uniform(-1, 1, 12)
+    J, meta = sparse(client, "limited", u)
+    want = jac(s8.limited, u)
+    assert_matches(J, want, union=True)
+    assert entries(J) != set(zip(*np.nonzero(want)))  # some clamp is saturated here: zeros stored
+    assert meta["conservative"] is True and meta["exact"] is True and meta["value_dependent"] is False
+    assert len(meta["notes"]) == 1 and "union over choices" in meta["notes"][0] and meta["notes"][0].endswith("(clamp)")
+    J, meta = sparse(client, "stencil", u)
+    assert meta["conservative"] is False and meta["notes"] == []
+    assert_matches(J, jac(s8.stencil, u))
+    doc = client.get("/v1/functions/limited/sparsity?shapes=12").json()
+    assert doc["pattern"]["conservative"] is True

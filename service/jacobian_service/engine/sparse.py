@@ -214,6 +214,7 @@ def _meta(call: Call, pattern: Any, coloring: Any, cached: str) -> dict[str, Any
         "source": _SOURCES.get(pattern.source, pattern.source),
         "exact": bool(pattern.exact),
         "value_dependent": bool(pattern.value_dependent),
+        "conservative": bool(pattern.conservative),
         "notes": list(pattern.notes),
         "format": call.sparse_format,
         "shape": [int(d) for d in _shape(call, pattern)],
