@@ -85,3 +85,81 @@ def limited(u: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("u", shape=("n",), dtype="float64")], description="A plain 3-point stencil: no choices.")
 def stencil(u: torch.Tensor) -> torch.Tensor:
     return torch.roll(u, 1) - 2 * u + torch.roll(u, -1) + u**3
+
+
+# ------------------------------------------------------------------ a scientist's functions
+
+def _mesh(nx: int, ny: int) -> torch.Tensor:
+    """Triangles of a structured nx x ny grid of nodes (two per square)."""
+    tris = []
+    for j in range(ny - 1):
+        for i in range(nx - 1):
+            a, b, c, d = j * nx + i, j * nx + i + 1, (j + 1) * nx + i, (j + 1) * nx + i + 1
+            tris += [[a, b, d], [a, d, c]]
+    return torch.tensor(tris)
+
+
+_NX, _NY = 7, 6
+_TRIS = _mesh(_NX, _NY)
+
+
+@register(inputs=[Input("u", shape=(_NX * _NY,), dtype="float64")],
+          description="P1 finite elements: a nonlinear diffusion residual assembled element by element (index_add).")
+def fem_residual(u: torch.Tensor) -> torch.Tensor:
+    # Each triangle's stiffness (unit right triangles: the same 3 x 3 matrix), scaled by
+    # its mean conductivity k(u) = 1 + u^2, applied to its nodes, scattered back.
+    k_local = torch.tensor([[1.0, -1, 0], [-1, 2, -1], [0, -1, 1]], dtype=u.dtype) * 0.5
+    ue = u[_TRIS]  # (elements, 3)
+    kappa = 1 + (ue**2).mean(dim=1, keepdim=True)
+    contrib = kappa * (ue @ k_local.T) + ue**3 / 12
+    r = torch.zeros(_NX * _NY, dtype=u.dtype)
+    return r.index_add(0, _TRIS.reshape(-1), contrib.reshape(-1))
+
+
+@register(inputs=[Input("h", shape=("n", "m"), dtype="float64"), Input("vel", shape=(2, "n", "m"), dtype="float64")],
+          description="An upwinded shallow-water step on a periodic grid: the stencil side follows the velocity's sign.")
+def shallow_water(h: torch.Tensor, vel: torch.Tensor) -> torch.Tensor:
+    dt, g = 0.05, 9.81
+    u, v = vel[0], vel[1]
+    dhdx = torch.where(u > 0, h - torch.roll(h, 1, 1), torch.roll(h, -1, 1) - h)
+    dhdy = torch.where(v > 0, h - torch.roll(h, 1, 0), torch.roll(h, -1, 0) - h)
+    div = (torch.roll(u, -1, 1) - torch.roll(u, 1, 1) + torch.roll(v, -1, 0) - torch.roll(v, 1, 0)) / 2
+    h_new = h - dt * (u * dhdx + v * dhdy + h * div)
+    u_new = u - dt * g * (torch.roll(h, -1, 1) - torch.roll(h, 1, 1)) / 2
+    v_new = v - dt * g * (torch.roll(h, -1, 0) - torch.roll(h, 1, 0)) / 2
+    return torch.cat([h_new.reshape(-1), u_new.reshape(-1), v_new.reshape(-1)])
+
+
+_G = torch.Generator().manual_seed(8)
+_D, _HIDDEN = 16, 32
+_W1 = torch.randn(_HIDDEN, _D, generator=_G, dtype=torch.float64) / 4
+_W2 = torch.randn(_D, _HIDDEN, generator=_G, dtype=torch.float64) / 6
+# Locally connected: hidden unit j sees inputs near j / 2, output i reads hidden units near 2 i.
+_M1 = (torch.arange(_HIDDEN)[:, None] // 2 - torch.arange(_D)[None, :]).abs() <= 1
+_M2 = (torch.arange(_D)[:, None] * 2 - torch.arange(_HIDDEN)[None, :]).abs() <= 2
+
+
+@register(inputs=[Input("x", shape=(_D,), dtype="float64")], description="A neural ODE step (RK2) with a sparse (masked) MLP.")
+def neural_ode_step(x: torch.Tensor) -> torch.Tensor:
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return (_W2 * _M2) @ torch.tanh((_W1 * _M1) @ z)
+
+    dt = 0.1
+    mid = x + 0.5 * dt * f(x)
+    return x + dt * f(mid)
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64"), Input("k", shape=("n",), dtype="float64")],
+          description="A reaction-diffusion residual of two inputs: the state and a per-node rate.")
+def two_inputs(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    lap = torch.roll(u, 1) + torch.roll(u, -1) - 2 * u
+    return lap + k * u**2 + torch.roll(k, 1) * u
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="A stencil whose width follows the input's size: 3 points below 10 elements, 5 from 10.")
+def shape_stencil(u: torch.Tensor) -> torch.Tensor:
+    out = u**2 + torch.roll(u, 1) + torch.roll(u, -1)
+    if u.numel() >= 10:
+        out = out + torch.roll(u, 2) * torch.roll(u, -2)
+    return out

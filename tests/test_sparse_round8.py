@@ -246,3 +246,80 @@ def test_meta_says_when_the_pattern_is_a_union_over_choices(client):
     assert_matches(J, jac(s8.stencil, u))
     doc = client.get("/v1/functions/limited/sparsity?shapes=12").json()
     assert doc["pattern"]["conservative"] is True
+
+
+# ------------------------------------------------------------------ a scientist's functions
+
+
+def test_finite_element_assembly_matches_jacrev(client):
+    """A P1 nonlinear-diffusion residual assembled with index_add over 60 triangles: the
+    mesh's node graph (7 neighbours at most), a few products."""
+    u = RNG.uniform(-1, 1, s8._NX * s8._NY)
+    J, meta = sparse(client, "fem_residual", u)
+    assert_matches(J, jac(s8.fem_residual, u))
+    assert meta["exact"] is True and meta["conservative"] is False and meta["products"] <= 9
+
+
+def test_upwinded_shallow_water_over_both_inputs(client):
+    """An upwinded shallow-water step of (h, velocity): both inputs' columns, the where's
+    branches both kept (conservative), nothing missed whatever the velocity's signs."""
+    h, vel = RNG.uniform(1, 2, (8, 9)), RNG.uniform(-1, 1, (2, 8, 9))
+    J, meta = sparse(client, "shallow_water", h, vel, argnums=[0, 1])
+    want = jac(s8.shallow_water, h, vel, argnums=(0, 1))
+    assert J.shape == (3 * 72, 3 * 72)
+    assert_matches(J, want, union=True)
+    assert meta["conservative"] is True and "(where)" in meta["notes"][-1] and meta["products"] <= 12
+    Jv, _ = sparse(client, "shallow_water", h, vel, argnums=1)  # the velocity's columns alone
+    assert_matches(Jv, jac(s8.shallow_water, h, vel, argnums=(1,)), union=True)
+
+
+def test_neural_ode_step_with_a_sparse_mlp(client):
+    """RK2 of a locally connected (masked) MLP: the masks' zeros are structure."""
+    x = RNG.uniform(-1, 1, 16)
+    J, meta = sparse(client, "neural_ode_step", x)
+    assert_matches(J, jac(s8.neural_ode_step, x), rtol=1e-11)
+    assert meta["exact"] is True and meta["products"] < 16
+
+
+def test_several_inputs_each_argnum_sparse(client):
+    x, k = RNG.uniform(-1, 1, 15), RNG.uniform(-1, 1, 15)
+    for argnums, products in (([0, 1], 3), (1, 3), (0, 3)):
+        J, meta = sparse(client, "two_inputs", x, k, argnums=argnums)
+        nums = tuple(argnums) if isinstance(argnums, list) else (argnums,)
+        assert_matches(J, jac(s8.two_inputs, x, k, argnums=nums))
+        assert meta["products"] == products
+
+
+def test_a_pattern_that_follows_the_shape_is_detected_per_shape(client):
+    """The cache keys on the shapes: a stencil that widens from 10 elements is detected
+    at each shape (3 then 5 products), and a shape seen before is served from the cache."""
+    for n, products, cached in ((9, 3, None), (15, 5, None), (9, 3, "memory")):
+        u = RNG.uniform(-1, 1, n)
+        J, meta = sparse(client, "shape_stencil", u)
+        assert_matches(J, jac(s8.shape_stencil, u))
+        assert meta["products"] == products and meta["cached"] == cached
+
+
+def test_concurrent_first_requests_detect_the_pattern_once(client, monkeypatch):
+    """Four clients asking at once for a pattern nobody asked for yet: one detection
+    (the engine runs them in one batch, or the later ones find it cached), four right
+    answers."""
+    from jacobian_service.sparsity import compute
+
+    calls = []
+    build = compute._build_pattern
+    monkeypatch.setattr(compute, "_build_pattern", lambda *a, **k: calls.append(1) or build(*a, **k))
+    points = [RNG.uniform(-1, 1, 37) for _ in range(4)]
+    out = [None] * 4
+
+    def ask(i):
+        out[i] = sparse(client, "stencil", points[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    for (J, _), x in zip(out, points):
+        assert_matches(J, jac(s8.stencil, x))
