@@ -56,9 +56,13 @@ def most_summed(eps: float) -> int:
 
 
 # One greedy pass costs ~0.3 us a step (a union-find lookup per pair of neighbours): the
-# passes are tried only under this many steps (a few seconds at most, once per pattern:
-# the colouring is cached).
+# passes are tried only under this many steps, and on at most this many vertices (a few
+# seconds at most, once per pattern: the colouring is cached). Past them star colouring
+# stands: a long chain's acyclic colouring is one tree that substitution would not use
+# anyway, and its passes tripled a 100,000-variable Hessian's first colouring.
 _MOST_STEPS = 4_000_000
+_MOST_VERTICES = 20_000
+_EVERY_ORDER_STEPS = 1_000_000  # below this, three orders; above, natural order alone
 
 Check = Callable[[], None] | None
 
@@ -245,12 +249,12 @@ def substitution(p: Pattern, colors: np.ndarray) -> Substitution:
     return Substitution(nodes[order], sign, direct, lo, hi, sign_of, most)
 
 
-def orders(indptr: np.ndarray, nbr: np.ndarray) -> tuple[str, ...]:
+def orders(indptr: np.ndarray, nbr: np.ndarray, vertices: int) -> tuple[str, ...]:
     """The greedy orders to try: smallest-last, largest-first and natural where their
     passes are cheap, natural alone up to :data:`_MOST_STEPS` (and the work limit), none
-    past it."""
+    past it or past :data:`_MOST_VERTICES` active vertices."""
     s = steps(indptr, nbr)
     limit = work_limit()
-    if s > _MOST_STEPS or (limit is not None and 3 * s > limit):
+    if vertices > _MOST_VERTICES or s > _MOST_STEPS or (limit is not None and 3 * s > limit):
         return ()
-    return ("smallest_last", "largest_first", "natural") if 4 * s <= _MOST_STEPS else ("natural",)
+    return ("smallest_last", "largest_first", "natural") if s <= _EVERY_ORDER_STEPS else ("natural",)

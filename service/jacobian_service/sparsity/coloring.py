@@ -807,11 +807,11 @@ def acyclic_coloring(p: Pattern, *, check_alive: Check = None, fewer_than: int |
         raise ValueError("acyclic colouring needs a square symmetric pattern")
     n = p.shape[0]
     indptr, nbr = _adjacency(p)
-    names = orders(indptr, nbr)
-    if not names:
-        return None
     active = np.zeros(n, bool)
     active[p.rows] = True
+    names = orders(indptr, nbr, int(active.sum()))
+    if not names:
+        return None
     alive = _Every(check_alive)
     nodes = np.flatnonzero(active).tolist()
     ptr, flat = indptr.tolist(), nbr.tolist()
