@@ -264,6 +264,11 @@ def test_meta_says_when_the_pattern_is_a_union_over_choices(client):
     assert doc["pattern"]["conservative"] is True
 
 
+def test_the_openapi_document_names_the_new_meta(client):
+    meta = client.get("/openapi.json").json()["components"]["schemas"]["Meta"]["properties"]
+    assert meta["conservative"]["type"] == "boolean" and "acyclic" in meta["mode"]["description"]
+
+
 # ------------------------------------------------------------------ a scientist's functions
 
 

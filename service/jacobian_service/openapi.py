@@ -98,7 +98,7 @@ _COMPONENTS: dict[str, Any] = {
             "device": {"type": ["string", "null"]},
             "chunk_size": {"type": ["integer", "null"]},
             "batch_size": {"type": "integer"},
-            "mode": {"type": ["string", "null"], "description": "rev / fwd (Jacobians), star (sparse Hessians), or the Hessian strategy"},
+            "mode": {"type": ["string", "null"], "description": "rev / fwd (Jacobians), star or acyclic (sparse Hessians), or the Hessian strategy"},
             "queue_ms": {"type": "number"},
             "compute_ms": {"type": "number"},
             # sparse results only (sparsity other than dense)
@@ -107,6 +107,7 @@ _COMPONENTS: dict[str, Any] = {
             "source": {"type": "string", "enum": ["declared", "detected", "probed", "given"]},
             "exact": {"type": "boolean", "description": "false when detection assumed unknown ops dense"},
             "value_dependent": {"type": "boolean", "description": "the pattern depends on the input values: for this point only"},
+            "conservative": {"type": "boolean", "description": "stored entries may be zeros here by a choice the values made (a where, clamp, max: a union), or exact is false"},
             "format": {"type": "string", "enum": ["csr", "coo", "dense"]},
             "shape": {"type": "array", "items": {"type": "integer"}},
             "nnz": {"type": "integer"},
@@ -145,12 +146,12 @@ _COMPONENTS: dict[str, Any] = {
             "sparsity": {"type": "string"},
             "pattern": {
                 "type": "object",
-                "description": "name, source (declared / detected / probed), exact, value_dependent, shape, nnz, density, max_per_row, max_per_col, notes",
+                "description": "name, source (declared / detected / probed), exact, value_dependent, conservative, shape, nnz, density, max_per_row, max_per_col, notes",
                 "additionalProperties": True,
             },
             "coloring": {
                 "type": "object",
-                "description": "mode (fwd / rev / star), colors, products, lower_bound, strategy",
+                "description": "mode (fwd / rev / star / acyclic), colors, products, lower_bound, strategy",
                 "additionalProperties": True,
             },
             "products": {"type": "integer"},
