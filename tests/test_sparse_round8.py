@@ -209,6 +209,29 @@ def test_large_hessians_skip_the_acyclic_passes(monkeypatch):
     assert c.mode == "star" and c.n_colors == 3
 
 
+def test_an_acyclic_colouring_read_back_from_disk_and_over_two_inputs(tmp_path):
+    """A restarted engine reads the colouring's colours from SPARSITY_CACHE_DIR and
+    rebuilds (and re-checks) its substitution; the Hessian over two inputs (their
+    elements concatenated) is coloured acyclically too."""
+    from jacobian_service.sparsity import PatternCache, sparse_hessian
+
+    u = torch.from_numpy(RNG.uniform(-1, 1, (6, 7)))
+    first = sparse_hessian(s8.torus_energy13, [u], cache=PatternCache(tmp_path))
+    again = sparse_hessian(s8.torus_energy13, [u + 0.1], cache=PatternCache(tmp_path))  # a fresh memory: the disk
+    assert first.timings["cached"] == "" and again.timings["cached"] == "disk"
+    assert again.mode == "acyclic" and again.n_products == first.n_products
+    np.testing.assert_allclose(again.matrix.toarray(), hess(s8.torus_energy13, (u + 0.1).numpy()), rtol=1e-12, atol=1e-12)
+
+    def two(a, b):
+        return ((a[1:] * b[:-1]) ** 2).sum() + (a**4).sum() + (b**3 * a).sum()
+
+    a, b = torch.from_numpy(RNG.uniform(-1, 1, 30)), torch.from_numpy(RNG.uniform(-1, 1, 30))
+    r = sparse_hessian(two, [a, b], (0, 1), cache=PatternCache())
+    want = torch.func.hessian(lambda w: two(w[:30], w[30:]))(torch.cat([a, b])).numpy()
+    assert r.mode == "acyclic" and r.n_products == 2
+    np.testing.assert_allclose(r.matrix.toarray(), want, rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------ solves
 
 
