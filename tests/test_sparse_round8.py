@@ -232,6 +232,19 @@ def test_an_acyclic_colouring_read_back_from_disk_and_over_two_inputs(tmp_path):
     np.testing.assert_allclose(r.matrix.toarray(), want, rtol=1e-12, atol=1e-12)
 
 
+def test_a_colouring_its_check_refuses_leaves_star_colouring(monkeypatch, client):
+    """Were the acyclic passes ever to give a colouring that is not acyclic, its check
+    raised out of the colouring: every Hessian of that pattern a 500. Star colouring
+    now stands, and the Hessian is torch's."""
+    from jacobian_service.sparsity import acyclic
+
+    monkeypatch.setattr(acyclic, "acyclic_colors", lambda n, *args, **kwargs: np.zeros(n, np.int64))
+    x = RNG.uniform(-1, 1, 11)
+    H, meta = sparse(client, "chain", x, kind="hessian")
+    assert meta["mode"] == "star" and meta["products"] == 3
+    assert_matches(H, hess(s8.chain, x))
+
+
 # ------------------------------------------------------------------ solves
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .patterns import Pattern, check_entries, check_work, sorted_unique, work_limit
+
+log = logging.getLogger("jacobian_service.sparsity")
 
 __all__ = ["Coloring", "acyclic_coloring", "choose_coloring", "column_coloring", "hessian_coloring", "row_coloring", "star_coloring"]
 
@@ -827,7 +830,11 @@ def acyclic_coloring(p: Pattern, *, check_alive: Check = None, fewer_than: int |
     if fewer_than is not None and k >= fewer_than:
         return None
     _check(check_alive)
-    solve = substitution(p, colors)
+    try:
+        solve = substitution(p, colors)
+    except AssertionError as exc:  # (never seen: the passes' colourings are acyclic) star colouring stands
+        log.warning("acyclic colouring refused by its check (%s): star colouring instead", exc)
+        return None
     if most_summed is not None and solve.most_summed > most_summed:
         return None
     return Coloring("acyclic", colors, k, p.rows * k + colors[p.rows], _star_lower_bound(p), strategy, solve)
