@@ -24,7 +24,7 @@ from starlette.testclient import TestClient
 from jacobian_client import wire
 from jacobian_service import create_app
 from jacobian_service.settings import Settings
-from jacobian_service.sparsity import Pattern, star_coloring, trace_hessian
+from jacobian_service.sparsity import Pattern, star_coloring, trace_hessian, trace_jacobian
 from tests import sparse8_functions as s8
 
 RNG = np.random.default_rng(8)
@@ -260,6 +260,9 @@ def test_fixed_matrix_triangular_lu_and_cholesky_solves_are_exact(client):
         assert_matches(J, jac(getattr(s8, name), x))
     J, _ = sparse(client, "triangular_step", x)
     assert entries(J) == {(i, j) for i in range(12) for j in range(i + 1)}
+    # factors that follow the inputs: dense (a superset), and the note says why, not "unknown op"
+    p = trace_jacobian(lambda v: torch.cholesky_solve(v[:, None], s8._CHOL + torch.diag(v))[:, 0], [torch.from_numpy(x)])
+    assert not p.exact and p.nnz == 144 and p.notes == ("cholesky_solve with factors that depend on the inputs: assumed dense",)
 
 
 def test_batched_systems_with_a_state_dependent_matrix_stay_block_diagonal(client):

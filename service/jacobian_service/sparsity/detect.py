@@ -355,6 +355,8 @@ class _Tracer:
         # every call, so the pattern may be reused; it is checked all the same.
         self.seeded: set[str] = set()
         self._fresh_generators: set[tuple[str, int]] = set()
+        # Known ops taken as dense all the same (their note says why; exact: false).
+        self.densified: set[str] = set()
         # Ops that chose by the values (see _CHOICES): the pattern is their union.
         self.choices: set[str] = set()
         self.check_alive = check_alive
@@ -1201,8 +1203,12 @@ class _Tracer:
             a, b, left = (named["A"] if name == "_linalg_solve_ex" else named["LU"] if name == "linalg_lu_solve" else named["self"]), named["B"], bool(named.get("left", True))
         traced = [t for t in (a, b, named.get("pivots")) if isinstance(t, _Traced)]
         varying = self.deps(a).nnz > 0
-        if varying and name in ("linalg_lu_solve", "cholesky_solve"):
-            return self.dense(name, traced, out)
+        if varying and name in ("linalg_lu_solve", "cholesky_solve"):  # a known op: its note says why dense
+            label = f"{name} with factors that depend on the inputs"
+            result = self.dense(label, traced, out)
+            self.unknown.discard(label)
+            self.densified.add(label)
+            return result
         results = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         result = results[0]
         av = a.value if isinstance(a, _Traced) else a
@@ -1828,6 +1834,7 @@ def is_random(p: Pattern) -> bool:
 
 def _notes(tracer: _Tracer) -> tuple[str, ...]:
     notes = tuple(f"unknown op {name}: assumed dense" for name in sorted(tracer.unknown))
+    notes += tuple(f"{label}: assumed dense" for label in sorted(tracer.densified))
     if tracer.value_reads:
         notes += (f"{VALUES_NOTE} ({'; '.join(tracer.value_reads)})",)
     notes += tuple(f"custom autograd.Function {name}: its backward defines the derivative, assumed dense over its inputs"
@@ -1858,7 +1865,7 @@ def trace_jacobian(
     else:
         mat = sp.vstack(blocks, format="coo") if blocks else _empty(0, tracer.n).tocoo()
     _alive(tracer)
-    return Pattern((m, tracer.n), mat.row, mat.col, source="traced", exact=not (tracer.unknown or tracer.custom), notes=_notes(tracer),
+    return Pattern((m, tracer.n), mat.row, mat.col, source="traced", exact=not (tracer.unknown or tracer.custom or tracer.densified), notes=_notes(tracer),
                    value_dependent=bool(tracer.value_reads or tracer.random))
 
 
@@ -1875,7 +1882,7 @@ def trace_hessian(
     hess = out.root.hess if isinstance(out, _Traced) and out.root.hess is not None else _empty(tracer.n, tracer.n)
     coo = _ones(hess).tocoo()
     _alive(tracer)
-    return Pattern((tracer.n, tracer.n), coo.row, coo.col, source="traced", exact=not (tracer.unknown or tracer.custom), notes=_notes(tracer),
+    return Pattern((tracer.n, tracer.n), coo.row, coo.col, source="traced", exact=not (tracer.unknown or tracer.custom or tracer.densified), notes=_notes(tracer),
                    value_dependent=bool(tracer.value_reads or tracer.random))
 
 
