@@ -116,6 +116,12 @@ def fem_residual(u: torch.Tensor) -> torch.Tensor:
     return r.index_add(0, _TRIS.reshape(-1), contrib.reshape(-1))
 
 
+@register(inputs=[Input("u", shape=(_NX * _NY,), dtype="float64")],
+          description="The energy whose gradient is fem_residual's kind of assembly (a Hessian test).")
+def fem_energy(u: torch.Tensor) -> torch.Tensor:
+    return (fem_residual(u) * u).sum() + (u**4).sum()
+
+
 @register(inputs=[Input("h", shape=("n", "m"), dtype="float64"), Input("vel", shape=(2, "n", "m"), dtype="float64")],
           description="An upwinded shallow-water step on a periodic grid: the stencil side follows the velocity's sign.")
 def shallow_water(h: torch.Tensor, vel: torch.Tensor) -> torch.Tensor:

@@ -320,6 +320,16 @@ def test_finite_element_assembly_matches_jacrev(client):
     assert meta["exact"] is True and meta["conservative"] is False and meta["products"] <= 9
 
 
+def test_finite_element_energy_hessian_by_acyclic_colouring(client):
+    """The Hessian of an energy assembled over the mesh (index_add, then a dot product):
+    torch.func.hessian's, from acyclic colouring's products."""
+    u = RNG.uniform(-1, 1, s8._NX * s8._NY)
+    H, meta = sparse(client, "fem_energy", u, kind="hessian")
+    assert_matches(H, hess(s8.fem_energy, u))
+    star = star_coloring(trace_hessian(s8.fem_energy, [torch.from_numpy(u)]))
+    assert meta["mode"] == "acyclic" and meta["products"] < star.n_colors, (meta["products"], star.n_colors)
+
+
 def test_upwinded_shallow_water_over_both_inputs(client):
     """An upwinded shallow-water step of (h, velocity): both inputs' columns, the where's
     branches both kept (conservative), nothing missed whatever the velocity's signs."""
