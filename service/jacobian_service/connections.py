@@ -517,17 +517,29 @@ _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header 
             503: b"Service Unavailable"}
 
 
-def _closing_problem(error: ServiceError) -> bytes:
+def _closing_problem(error: ServiceError, cors: list[tuple[str, str]] = []) -> bytes:  # noqa: B006 (never changed)
     """A whole problem+json response that closes its connection, for what is answered
     below the app (no request exists yet, so no middleware runs): bytes to write as
-    they are."""
+    they are. ``cors``: the CORS headers the app would give the page that sent it."""
     request_id = new_request_id()
     body = wire.dumps(problem_document(error, request_id))
-    extra = b"".join(b"%s: %s\r\n" % (k.lower().encode(), v.encode()) for k, v in error.headers.items()
-                     if k.lower() != "connection")
+    extra = b"".join(b"%s: %s\r\n" % (k.lower().encode(), v.encode("latin-1"))
+                     for k, v in [*error.headers.items(), *cors] if k.lower() != "connection")
     return (b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nx-request-id: %s\r\n%s"
             b"connection: close\r\n\r\n" % (error.status, _REASONS[error.status], wire.PROBLEM.encode(), len(body),
                                               request_id.encode(), extra) + body)
+
+
+def _origins_in(head: bytes | bytearray) -> list[bytes]:
+    """The ``Origin`` values among the whole header lines of ``head``, a head's bytes
+    from anywhere in it (its first line, perhaps a part, is skipped; so is a last line
+    not yet ended), up to its blank line."""
+    end = head.find(b"\r\n\r\n")
+    if end >= 0:
+        head = head[:end + 2]
+    lines = bytes(head).split(b"\n")[1:-1]  # [-1]: what follows the last line's end, or a line not yet ended
+    return [value.strip() for name, colon, value in (line.partition(b":") for line in lines)
+            if colon and name.lower() == b"origin"]
 
 
 def connection_cap() -> int:
@@ -547,8 +559,16 @@ def connection_cap() -> int:
     return max(16, soft - max(128, soft // 16))
 
 
+# A connection refused for the connection cap waits this long at most for its head, to
+# learn the page's Origin (a browser sends its request as soon as it connects); at most
+# REFUSALS_WAITING such at once, each holding a descriptor (past them, refused at once).
+REFUSAL_WAIT_S = 1.0
+REFUSALS_WAITING = 32
+
+
 def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type | None = None,
-                     max_header_bytes: int = MAX_HEADER_BYTES, max_connections: int | None = None) -> type:
+                     max_header_bytes: int = MAX_HEADER_BYTES, max_connections: int | None = None,
+                     cors: Callable[[str | None], list[tuple[str, str]]] | None = None) -> type:
     """uvicorn's HTTP protocol class (httptools, else h11) with a header deadline and a
     header size limit: from its connection (and after each response), a client has
     ``header_timeout_s`` to get a request's headers in, in at most ``max_header_bytes``;
@@ -560,12 +580,17 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
     one more closes the connection that has waited longest without a request being
     answered on it (an idle keep-alive, or headers still coming), which any client must
     expect of an idle connection; where every one has a request in progress, the new one
-    is answered 503 with ``Retry-After`` and closed."""
+    is answered 503 with ``Retry-After`` and closed.
+
+    ``cors`` (``middleware.cors_answer_headers``) gives these answers written here the
+    CORS headers the app gives its own, for the Origin of the request refused, where it
+    came in: a page of an allowed origin reads them as it reads every other error."""
     if base is None:
         from uvicorn.protocols.http.auto import AutoHTTPProtocol as base
     cap = connection_cap() if max_connections is None else max_connections
     # This process's connections, least recently heard from first.
     live: collections.OrderedDict[Any, None] = collections.OrderedDict()
+    waiting: set[Any] = set()  # connections refused for the cap, their head not yet in
 
     class HeaderDeadlineProtocol(base):  # type: ignore[misc, valid-type]
         _header_timer: Any = None
@@ -575,21 +600,38 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _head_open = True  # httptools: what arrives is a head (the first, or the next after a whole request)
         _framing = 0  # httptools: bytes after the head since the parser last gave the app body bytes
         _body_fed = 0  # body bytes the parser gave in the current data_received
+        _refusal: Any = None  # (the cap's 503, the head it waits for, its timer) once refused for the cap
+        _head_piece = b""  # the last piece of a head given to the parser
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending, self._app_told_gone))
             live[self] = None
             if len(live) > cap:
                 self._make_room()
-            self._arm_header_timer()
+            if self._refusal is None:
+                self._arm_header_timer()
 
         def _make_room(self) -> None:
             for other in live:
-                if other is not self and other._idle() and not other.transport.is_closing():
+                if other is not self and other._idle() and other._refusal is None and not other.transport.is_closing():
                     other.transport.close()  # (connection_lost takes it out of ``live``)
                     return
-            self._refuse(Unavailable(f"this server holds its most connections ({cap}), each with a request in "
-                                     "progress; retry shortly", headers={"Retry-After": "1"}))
+            refusal = Unavailable(f"this server holds its most connections ({cap}), each with a request in "
+                                  "progress; retry shortly", headers={"Retry-After": "1"})
+            if cors is None or len(waiting) >= REFUSALS_WAITING:
+                self._refuse(refusal)
+                return
+            # Answered once its head is in (never given to the parser), or after
+            # REFUSAL_WAIT_S: a page of an allowed origin can read the 503 only with the
+            # CORS headers of its Origin (at once, it read "Failed to fetch").
+            waiting.add(self)
+            self._refusal = (refusal, bytearray(), self.loop.call_later(REFUSAL_WAIT_S, self._refuse_waiting))
+
+        def _refuse_waiting(self) -> None:
+            refusal, head, timer = self._refusal
+            timer.cancel()
+            waiting.discard(self)
+            self._refuse(refusal, _origins_in(head))
 
         def _idle(self) -> bool:
             """No request being answered here: a keep-alive between requests, or a head
@@ -599,7 +641,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def _may_be_sending(self) -> bool:
             """The client may still be sending: a body not read to its end, or part of a head."""
-            return not self._in_head() or self._header_bytes > 0
+            return not self._in_head() or self._header_bytes > 0 or self._refusal is not None
 
         def _app_told_gone(self) -> None:
             """As uvicorn's ``connection_lost`` tells the app, when a lingering close
@@ -621,6 +663,12 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             if self.transport.is_closing():  # closing (lingering): what still comes is dropped
                 return
             self._heard = True
+            if self._refusal is not None:  # refused for the cap: its head is read for its Origin only
+                head = self._refusal[1]
+                head += data[:max_header_bytes - len(head)]
+                if b"\r\n\r\n" in head or len(head) >= max_header_bytes:
+                    self._refuse_waiting()
+                return
             if self in live:
                 live.move_to_end(self)
             in_head = self._in_head()
@@ -635,11 +683,14 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 # is counted from the next piece on: at most one piece (256 KiB) goes uncounted.
                 scan = self._tail + data
                 end = scan.find(b"\r\n\r\n")
+                begun = self._header_bytes > 0  # the head began in an earlier piece (the parser has that part)
                 self._header_bytes += len(data) if end < 0 else end + 4 - len(self._tail)
                 self._tail = scan[-3:] if end < 0 else b""
                 if self._header_bytes > max_header_bytes:
-                    self._refuse(HeadersTooLarge(f"the request's headers are over the limit of {max_header_bytes} bytes"))
+                    self._refuse(HeadersTooLarge(f"the request's headers are over the limit of {max_header_bytes} bytes"),
+                                 self._parsed_origins(begun) + _origins_in(scan))
                     return
+                self._head_piece = data  # (what a 400 of the parser's reads the Origin from)
             super().data_received(data)
 
         def _body_received(self, data: bytes) -> None:
@@ -663,7 +714,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                     self.transport.close()
                 else:
                     self._refuse(HeadersTooLarge(f"the request's chunk framing and trailer fields are over the "
-                                                 f"limit of {max_header_bytes} bytes"))
+                                                 f"limit of {max_header_bytes} bytes"), self._parsed_origins(True))
 
         def on_body(self, body: bytes) -> None:  # httptools
             self._body_fed += len(body)
@@ -698,11 +749,25 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def send_400_response(self, msg: str) -> None:
             """What the parser could not read (uvicorn answers it in plain text)."""
-            self._refuse(MalformedRequest(f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})"))
+            # (httptools gives a header once the next one's name is read: one before the
+            # fault is only in the piece's bytes)
+            self._refuse(MalformedRequest(f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})"),
+                         self._parsed_origins(True) + _origins_in(self._head_piece))
 
-        def _refuse(self, error: ServiceError) -> None:
+        def _parsed_origins(self, begun: bool) -> list[bytes]:
+            """The Origin values of the head in progress that the parser has seen:
+            httptools gives each header as it is read (``begun``: this head's, not the
+            previous request's); h11 holds a head's bytes until it is whole."""
+            conn = getattr(self, "conn", None)
+            if conn is not None:
+                return _origins_in(bytes(getattr(conn, "_receive_buffer", b"")))  # (from its request line)
+            return [v for k, v in (self.headers or ()) if k == b"origin"] if begun else []
+
+        def _refuse(self, error: ServiceError, origins: list[bytes] = []) -> None:  # noqa: B006 (never changed)
             if not self.transport.is_closing():
-                self.transport.write(_closing_problem(error))
+                # One Origin, and one the app would answer: the CORS headers it would give.
+                origin = origins[0].decode("latin-1") if len(set(origins)) == 1 else None
+                self.transport.write(_closing_problem(error, cors(origin) if cors is not None else []))
                 self.transport.close()
 
         def on_response_complete(self) -> None:
@@ -711,6 +776,9 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def connection_lost(self, exc: Exception | None) -> None:
             live.pop(self, None)
+            if self._refusal is not None:
+                self._refusal[2].cancel()
+                waiting.discard(self)
             self.transport.ended()
             if self._header_timer is not None:
                 self._header_timer.cancel()
@@ -737,7 +805,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             if self._heard:  # part of a request: say why it is cut off
                 if on_timeout is not None:
                     on_timeout("header")
-                self._refuse(RequestTimeout(f"the request's headers were not complete within {header_timeout_s:g} s"))
+                self._refuse(RequestTimeout(f"the request's headers were not complete within {header_timeout_s:g} s"),
+                             self._parsed_origins(self._header_bytes > 0))
             self.transport.close()  # (an idle keep-alive connection just closes)
 
     HeaderDeadlineProtocol.__name__ = f"HeaderDeadline{base.__name__}"

@@ -10,7 +10,7 @@ import contextvars
 import hmac
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ExpectationFailed, Forbidden, MalformedRequest, Unauthorized, UnsupportedTransferCoding
 from .request_ids import new_request_id
@@ -18,7 +18,7 @@ from .responses import echo, problem_response
 from .routes import Router, route_path
 from .settings import NULL_ORIGIN_HINT
 
-__all__ = ["EXPOSED_HEADERS", "PREFLIGHT_MAX_AGE_S", "AccessMiddleware", "AuthMiddleware", "cors"]
+__all__ = ["EXPOSED_HEADERS", "PREFLIGHT_MAX_AGE_S", "AccessMiddleware", "AuthMiddleware", "cors", "cors_answer_headers"]
 
 access_log = logging.getLogger("jacobian_service.access")
 _QUIET = ("/healthz", "/readyz", "/metrics")
@@ -336,6 +336,31 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
         # page of an origin not allowed (routes._refuse_other_sites).
         max_age=PREFLIGHT_MAX_AGE_S,
     )
+
+
+def cors_answer_headers(origins: tuple[str, ...]) -> Callable[[str | None], list[tuple[str, str]]]:
+    """The CORS headers :func:`cors` gives an answer (not a preflight's) to a request
+    from a page's ``origin``, for the answers written below the app
+    (``connections.guarded_protocol``: a 431 for oversized headers, a 408 for slow ones,
+    a 400 the parser could not read, the connection cap's 503), where no middleware
+    runs. Without them a page of an allowed origin read "Failed to fetch" where its
+    other errors are problem+json it can read. The same as the app's: a named origin by
+    name with credentials, else ``*`` under ``*``; none for an origin not allowed."""
+    named = frozenset(o for o in origins if o != "*")
+    star = "*" in origins
+    exposed = ("Access-Control-Expose-Headers", ", ".join(EXPOSED_HEADERS))
+
+    def headers(origin: str | None) -> list[tuple[str, str]]:
+        if origin is None:
+            return []
+        if origin in named:
+            return [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"), exposed,
+                    ("Vary", "Origin")]
+        if star:
+            return [("Access-Control-Allow-Origin", "*"), exposed, ("Vary", "Origin")]
+        return []
+
+    return headers
 
 
 def _allow_credentials(headers: Any, origin: str) -> None:

@@ -42,12 +42,15 @@ def _uvicorn_config(app: Any, settings: Settings) -> Any:
     import uvicorn
 
     from .connections import guarded_protocol
+    from .middleware import cors_answer_headers
 
     metrics = app.service_state.metrics
     return uvicorn.Config(
         app,
-        # uvicorn's own protocol (httptools, else h11) with a deadline for request headers.
-        http=guarded_protocol(settings.header_timeout_s, lambda phase: metrics.connection_timeouts.labels(phase).inc()),
+        # uvicorn's own protocol (httptools, else h11) with a deadline for request headers;
+        # what it answers itself carries the app's CORS headers.
+        http=guarded_protocol(settings.header_timeout_s, lambda phase: metrics.connection_timeouts.labels(phase).inc(),
+                              cors=cors_answer_headers(settings.cors_origin_list) if settings.cors_origin_list else None),
         # No WebSocket endpoints: an upgrade request is served as the plain HTTP request
         # it also is. (With a WebSocket library installed, uvicorn would hand the app a
         # websocket scope, which the router cannot take: a plain-text 500.)

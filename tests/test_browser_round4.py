@@ -1,0 +1,214 @@
+"""A real browser as the outside testers use one, round 4.
+
+One API server run as ``serve`` runs it (uvicorn under server.py's configuration: the
+guarded protocol that answers oversized and slow heads itself), without API keys,
+CORS_ORIGINS naming one page origin, and one headless Chromium for the module:
+
+* errors written below the app (431, 408, 400, the connection cap's 503) carry the CORS
+  headers the app gives its own answers, so a page of an allowed origin reads them;
+* tracing headers that browser instrumentation adds pass the preflight;
+* browsers without Fetch Metadata (Safari < 16.4, Firefox < 90): nothing they send
+  without a preflight computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from typing import Any, Iterator
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from jacobian_client import wire
+from tests._cdp import Chromium, chromium_binary
+from tests._client_support import free_port, real_app, serve
+from tests.test_connections import _read_to_close, _wait_for
+
+SIN = "/v1/functions/sin/jacobian"
+CORS_KEYS = ("access-control-allow-origin", "access-control-allow-credentials", "access-control-expose-headers")
+
+
+@contextlib.contextmanager
+def _served_as_serve_does(app: Any) -> Iterator[str]:
+    """``app`` under uvicorn configured as ``serve`` configures it (server.py), on a thread."""
+    from jacobian_service.server import _uvicorn_config
+
+    config = _uvicorn_config(app, app.settings)
+    config.log_level = "warning"
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{app.settings.port}"
+    try:
+        assert _wait_for(lambda: server.started, 30)
+        assert _wait_for(lambda: httpx.get(url + "/readyz", timeout=5).status_code == 200, 30)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def pages():
+    """Two page servers: two origins (127.0.0.1 on two ports), the first allowed."""
+    async def page(request):
+        return HTMLResponse("<!doctype html><html><head><meta charset='utf-8'></head><body>page</body></html>")
+
+    site = Starlette(routes=[Route("/", page)])
+    with serve(site) as allowed, serve(site) as other:
+        yield allowed, other
+
+
+@pytest.fixture(scope="module")
+def api(pages):
+    app = real_app(functions="jacobian_service.examples", cors_origins=pages[0], host="127.0.0.1", port=free_port(),
+                   header_timeout_s=2)
+    with _served_as_serve_does(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if chromium_binary() is None:
+        pytest.skip("no chromium binary (apt-get install chromium)")
+    with Chromium() as chromium:
+        yield chromium
+
+
+def _open(browser: Chromium, url: str) -> None:
+    browser.goto(url + "/")
+    browser.wait_for("document.body && document.body.textContent === 'page'")
+
+
+def _raw(url: str, data: bytes, then: bytes = b"", wait_s: float = 0) -> tuple[dict[str, str], dict[str, Any]]:
+    """Send ``data`` on a new connection (then ``then`` after ``wait_s``), read the answer
+    to its close: its headers (lower-cased names) and its JSON body."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(data)
+        if then:
+            time.sleep(wait_s)
+            s.sendall(then)
+        answer = _read_to_close(s, 10)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    headers[":status"] = lines[0].split()[1]
+    return headers, wire.loads(body)
+
+
+def _cors(headers: Any) -> dict[str, str]:
+    return {k: headers[k] for k in CORS_KEYS if k in headers}
+
+
+# ---------------------------------------------------------------- below the app
+
+
+def test_errors_written_below_the_app_carry_the_apps_cors_headers(api, pages):
+    """A 431 (headers over 32 KiB), a 408 (headers too slow) and a 400 (a head the
+    parser cannot read) are written by the connection itself, with no middleware: they
+    had no CORS headers, so a page of an allowed origin read "Failed to fetch" where it
+    reads every other error. Now each carries the very CORS headers the app gives its
+    own answers to that origin (and none to an origin not allowed)."""
+    allowed, other = pages
+    app_answer = httpx.get(api + "/v1/functions/nope", headers={"Origin": allowed}, timeout=10)
+    assert app_answer.status_code == 404
+    want = _cors(app_answer.headers)
+    assert want["access-control-allow-origin"] == allowed and want["access-control-allow-credentials"] == "true"
+
+    big = b"GET /healthz HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\nX-Big: %s\r\n\r\n"
+    for origin, cors in [(allowed, want), (other, {})]:
+        headers, problem = _raw(api, big % (origin.encode(), b"a" * (40 << 10)))
+        assert (headers[":status"], problem["code"]) == ("431", "headers_too_large")
+        assert _cors(headers) == cors, headers
+    # The head in several pieces, Origin in the first (the parser has read it), the limit
+    # passed in the last.
+    headers, problem = _raw(api, b"GET /healthz HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\nX-Big: " % allowed.encode(),
+                            b"a" * (40 << 10), wait_s=0.1)
+    assert (headers[":status"], problem["code"], _cors(headers)) == ("431", "headers_too_large", want)
+
+    headers, problem = _raw(api, b"GET /healthz HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\nX-Slow: 1\r\n" % allowed.encode())
+    assert (headers[":status"], problem["code"], _cors(headers)) == ("408", "request_timeout", want)
+
+    headers, problem = _raw(api, b"GET /healthz HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\nBad Header: 1\r\n\r\n"
+                            % allowed.encode())
+    assert (headers[":status"], problem["code"], _cors(headers)) == ("400", "malformed_request", want)
+
+
+def test_the_connection_caps_503_waits_for_the_head_to_name_its_origin():
+    """Where every connection a front end keeps has a request in progress, a new one was
+    answered 503 the moment it connected, before its request came: no Origin known, no
+    CORS headers, and a page of an allowed origin could not read the Retry-After it
+    should honour. Now the refusal reads the head first (not parsed, at most 1 s) and
+    answers with that origin's CORS headers; a client that sends nothing still gets the
+    503 within the second."""
+    import asyncio
+
+    from jacobian_service.connections import guarded_protocol
+    from jacobian_service.middleware import cors_answer_headers
+
+    release = threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    origin = "http://page.example"
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
+                                           http=guarded_protocol(60.0, max_connections=1,
+                                                                 cors=cors_answer_headers((origin,)))))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait_for(lambda: server.started, 10)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        with socket.create_connection(url[7:].split(":")) as busy:
+            busy.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            time.sleep(0.2)
+            headers, problem = _raw(url, b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\n"
+                                    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}" % origin.encode())
+            assert (headers[":status"], problem["code"], headers["retry-after"]) == ("503", "unavailable", "1")
+            assert _cors(headers) == {"access-control-allow-origin": origin, "access-control-allow-credentials": "true",
+                                      "access-control-expose-headers": headers["access-control-expose-headers"]}
+            assert "X-Request-ID" in headers["access-control-expose-headers"]
+            started = time.monotonic()
+            headers, problem = _raw(url, b"")  # sends nothing
+            assert headers[":status"] == "503" and not _cors(headers) and time.monotonic() - started < 5
+            release.set()
+            busy.settimeout(5)
+            assert busy.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_page_reads_the_431_of_a_request_whose_headers_are_too_large(api, pages, browser):
+    """From a page of the allowed origin: a request whose headers pass 32 KiB (a large
+    bearer token, say) read "TypeError: Failed to fetch"; now it reads the 431's
+    problem+json and its X-Request-ID."""
+    _open(browser, pages[0])
+    got = browser.eval(f"""(async () => {{
+      const r = await fetch({json.dumps(api + SIN)}, {{method: 'POST', credentials: 'include',
+        headers: {{'Content-Type': 'application/json', Authorization: 'Bearer ' + 'a'.repeat(40 << 10)}},
+        body: JSON.stringify({{inputs: [[0.5]]}})}}).catch(e => e);
+      if (r instanceof Error) return String(r);
+      return {{status: r.status, id: r.headers.get('x-request-id'), body: await r.json()}};
+    }})()""")
+    assert isinstance(got, dict), got
+    assert got["status"] == 431 and got["body"]["code"] == "headers_too_large", got
+    assert got["body"]["request_id"] == got["id"]
+    browser.goto("about:blank")
