@@ -21,7 +21,9 @@ import time
 from typing import Any, Iterator
 
 import httpx
+import numpy as np
 import pytest
+import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
@@ -211,4 +213,25 @@ def test_a_page_reads_the_431_of_a_request_whose_headers_are_too_large(api, page
     assert isinstance(got, dict), got
     assert got["status"] == 431 and got["body"]["code"] == "headers_too_large", got
     assert got["body"]["request_id"] == got["id"]
+    browser.goto("about:blank")
+
+
+def test_a_page_with_tracing_instrumentation_is_served(api, pages, browser):
+    """OpenTelemetry's fetch instrumentation (and Sentry's, Datadog's) adds
+    ``traceparent``, ``tracestate`` and ``baggage`` to a page's calls: the preflight
+    refused those headers, so every call of an instrumented page failed ("Failed to
+    fetch"). Now they pass, and the Jacobian is torch.func's."""
+    _open(browser, pages[0])
+    got = browser.eval(f"""(async () => {{
+      const r = await fetch({json.dumps(api + SIN)}, {{method: 'POST', headers: {{'Content-Type': 'application/json',
+        traceparent: '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01', tracestate: 'rojo=00f067aa0ba902b7',
+        baggage: 'userId=alice', 'sentry-trace': '4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1',
+        'x-datadog-trace-id': '1', 'x-datadog-parent-id': '2', 'x-datadog-origin': 'rum',
+        'x-datadog-sampling-priority': '1', b3: '4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1'}},
+        body: JSON.stringify({{inputs: [[0.5]]}})}}).catch(e => e);
+      return r instanceof Error ? String(r) : {{status: r.status, body: await r.json()}};
+    }})()""")
+    assert isinstance(got, dict) and got["status"] == 200, got
+    want = torch.func.jacrev(torch.sin)(torch.tensor([0.5])).numpy()
+    np.testing.assert_allclose(np.float32(got["body"]["jacobian"]["data"]), want, rtol=1e-6)
     browser.goto("about:blank")

@@ -230,6 +230,16 @@ EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "Content-Length", "Content-Dis
                    "X-Chunk-Size", "X-Device", "X-Queue-Ms"]
 
 
+# Request headers that tracing in a page adds to its calls (OpenTelemetry's fetch and XHR
+# instrumentation, Sentry, Datadog RUM, AWS X-Ray, Zipkin's B3, Jaeger): each is named in
+# the preflight, and one not allowed failed every call of such a page ("Failed to fetch").
+# The service ignores them; a proxy in front may read them.
+TRACE_HEADERS = ["traceparent", "tracestate", "baggage",  # W3C Trace Context and Baggage (OpenTelemetry's default)
+                 "sentry-trace", "uber-trace-id", "x-amzn-trace-id",
+                 "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags",
+                 "x-datadog-trace-id", "x-datadog-parent-id", "x-datadog-origin", "x-datadog-sampling-priority"]
+
+
 # Chromium's cap on a preflight's Access-Control-Max-Age (Firefox's is a day).
 PREFLIGHT_MAX_AGE_S = 7200
 
@@ -317,14 +327,14 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
             refused = [h for h in asked if h and h not in self.allow_headers]
             if refused:
                 reasons.append(f"the request header{'s' if len(refused) > 1 else ''} {echo(', '.join(refused))} "
-                               f"cannot be sent (allowed: {', '.join(self.allow_headers)})")
+                               f"cannot be sent (allowed: {', '.join(sorted(self.allow_headers))})")
             return "CORS preflight refused: " + ("; ".join(reasons) or "not allowed here")
 
     return ProblemCORS(
         app,
         allow_origins=list(origins),
         allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout"],
+        allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout", *TRACE_HEADERS],
         expose_headers=EXPOSED_HEADERS,
         allow_private_network=True,
         # How long a browser may keep a preflight's answer (per page origin and URL:
