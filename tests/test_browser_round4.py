@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -235,3 +236,37 @@ def test_a_page_with_tracing_instrumentation_is_served(api, pages, browser):
     want = torch.func.jacrev(torch.sin)(torch.tensor([0.5])).numpy()
     np.testing.assert_allclose(np.float32(got["body"]["jacobian"]["data"]), want, rtol=1e-6)
     browser.goto("about:blank")
+
+
+def _counted(api: str, endpoint: str, function: str, status: str, code: str) -> float:
+    text = httpx.get(api + "/metrics", timeout=10).text
+    found = re.search(r'^jacobian_service_requests_total\{code="' + code + r'",endpoint="' + endpoint
+                      + r'",function="' + function + r'",status="' + status + r'"\} ([0-9.e+]+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_browser_without_fetch_metadata_cannot_have_a_jacobian_computed(api):
+    """Safari before 16.4 and Firefox before 90 send no Sec-Fetch-* headers, so the 403
+    of a cross-site request never fires there. What such a browser sends from a page of
+    any site without a preflight is a POST of a CORS-safelisted type (each form
+    encoding, ``text/plain`` among them, whose ``name=value`` a page shapes into a JSON
+    body; a beacon; a no-cors fetch) or one with no type (a no-cors fetch of a Blob, a
+    beacon of one), with Origin: each is refused by its type (415) before its body is
+    read, and nothing is computed. A JSON body needs ``application/json``, which needs
+    the preflight that CORS_ORIGINS answers."""
+    evil = "http://evil.example"
+    page = {"Origin": evil, "Referer": evil + "/", "User-Agent": "Mozilla/5.0 (Macintosh) Safari/605.1.15"}
+    body = '{"inputs": [[0.5]], "pad": "="}\r\n'  # <input name='{"inputs": [[0.5]], "pad": "' value='"}'>
+    sent = [("text/plain", body), ("text/plain;charset=UTF-8", body[:-2]),  # a form's, a beacon's string
+            ("text/plain; application/json", body), ("application/x-www-form-urlencoded", "a=1"),
+            ("multipart/form-data; boundary=b", '--b\r\nContent-Disposition: form-data; name="inputs"\r\n\r\n[[0.5]]\r\n--b--\r\n'),
+            (None, body[:-2])]  # a Blob of no type
+    before = _counted(api, "jacobian", "sin", "200", "")
+    for content_type, content in sent:
+        headers = {**page, **({"Content-Type": content_type} if content_type else {})}
+        r = httpx.post(api + SIN, content=content, headers=headers, timeout=10)
+        assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type", (content_type, r.text)
+    assert _counted(api, "jacobian", "sin", "200", "") == before
+    # The same body, as a client that is no browser sends it, is computed.
+    r = httpx.post(api + SIN, content=body[:-2].replace(', "pad": "="', ""), timeout=10)
+    assert r.status_code == 200 and _counted(api, "jacobian", "sin", "200", "") == before + 1
