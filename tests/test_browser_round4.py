@@ -270,3 +270,47 @@ def test_a_browser_without_fetch_metadata_cannot_have_a_jacobian_computed(api):
     # The same body, as a client that is no browser sends it, is computed.
     r = httpx.post(api + SIN, content=body[:-2].replace(', "pad": "="', ""), timeout=10)
     assert r.status_code == 200 and _counted(api, "jacobian", "sin", "200", "") == before + 1
+
+
+def test_every_answer_says_its_type_is_not_to_be_sniffed_and_not_to_be_stored(api, pages):
+    """No answer carried X-Content-Type-Options or Cache-Control: a browser could sniff
+    a problem+json (which echoes what the request sent) or /metrics' text as another
+    type, and a cache in front (Varnish keeps an answer with neither header 2 minutes)
+    could serve /readyz, /metrics or a caller's Jacobian to whoever asks next. Now every
+    answer, app's, preflight's, streamed, binary, and those the connection writes itself,
+    carries ``nosniff`` and ``no-store``; the docs files keep their own caching."""
+    x = np.linspace(0.1, 1.0, 1500).astype(np.float32)  # a 9 MB Jacobian: streamed as .npy
+    npy = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+    answers = {
+        "json": httpx.post(api + SIN, json={"inputs": [[0.5]]}, timeout=30),
+        "npy": httpx.post(api + SIN, content=_npy(x[:3]),
+                          headers=npy, timeout=30),
+        "streamed": httpx.post(api + "/v1/functions/softmax/jacobian", content=_npy(x), headers=npy, timeout=60),
+        "npz": httpx.post(api + "/v1/functions/polar/jacobian", json={"inputs": [[1.0], [0.5]], "argnums": [0, 1]},
+                          headers={"Accept": "application/x-npz"}, timeout=30),
+        "problem": httpx.get(api + "/v1/functions/%3Cb%3Enope", timeout=10),
+        "refused": httpx.post(api + SIN, content="{}", headers={"Content-Type": "text/plain", "Origin": pages[1]},
+                              timeout=10),
+        "preflight": httpx.options(api + SIN, headers={"Origin": pages[0], "Access-Control-Request-Method": "POST"},
+                                   timeout=10),
+        "readyz": httpx.get(api + "/readyz", timeout=10),
+        "metrics": httpx.get(api + "/metrics", timeout=10),
+        "docs": httpx.get(api + "/docs", timeout=10),
+    }
+    expected = {"json": 200, "npy": 200, "streamed": 200, "npz": 200, "problem": 404, "refused": 415, "preflight": 200,
+                "readyz": 200, "metrics": 200, "docs": 200}
+    assert {k: r.status_code for k, r in answers.items()} == expected, {k: r.text[:200] for k, r in answers.items()}
+    assert "x-chunk-size" in answers["streamed"].headers  # (streamed row chunk by row chunk)
+    headers, _ = _raw(api, b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: %s\r\n\r\n" % (b"a" * (40 << 10)))
+    for name, h in [*((k, r.headers) for k, r in answers.items()), ("431", headers)]:
+        assert (h.get("x-content-type-options"), h.get("cache-control")) == ("nosniff", "no-store"), (name, h)
+    asset = httpx.get(api + "/favicon.ico", timeout=10)
+    assert asset.headers["cache-control"] == "no-cache" and asset.headers["x-content-type-options"] == "nosniff"
+
+
+def _npy(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()

@@ -526,6 +526,7 @@ def _closing_problem(error: ServiceError, cors: list[tuple[str, str]] = []) -> b
     extra = b"".join(b"%s: %s\r\n" % (k.lower().encode(), v.encode("latin-1"))
                      for k, v in [*error.headers.items(), *cors] if k.lower() != "connection")
     return (b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nx-request-id: %s\r\n%s"
+            b"x-content-type-options: nosniff\r\ncache-control: no-store\r\n"  # as middleware.py's on every answer
             b"connection: close\r\n\r\n" % (error.status, _REASONS[error.status], wire.PROBLEM.encode(), len(body),
                                               request_id.encode(), extra) + body)
 

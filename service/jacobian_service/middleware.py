@@ -22,6 +22,15 @@ __all__ = ["EXPOSED_HEADERS", "PREFLIGHT_MAX_AGE_S", "AccessMiddleware", "AuthMi
 
 access_log = logging.getLogger("jacobian_service.access")
 _QUIET = ("/healthz", "/readyz", "/metrics")
+# Headers every answer carries. nosniff: a browser takes each answer for the type it
+# says (problem+json echoes what a request sent; /metrics is text), never sniffs one into
+# HTML or script. no-store, unless an answer sets its own caching (the docs pages'
+# files): answers are computed now, for whoever asked (a browser's Back showed a /metrics
+# or /readyz page from its cache, hours old, as it was; a cache in front could keep a
+# caller's Jacobian). Also written by connections.py for the answers below the app.
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+NO_STORE = (b"cache-control", b"no-store")
+
 # Headers that hold one value (RFC 9110 5.3: not a comma-separated list, so two of them
 # cannot be combined): given twice, each reader took the first (the body was read as the
 # first Content-Type, the first Authorization was checked), while a proxy or a log in
@@ -129,6 +138,9 @@ class AccessMiddleware:
                 status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
+                headers.append(NOSNIFF)
+                if not any(k.lower() == b"cache-control" for k, _ in headers):
+                    headers.append(NO_STORE)
                 if not body_asked:
                     headers = [(k, v) for k, v in headers if k.lower() != b"connection"] + [(b"connection", b"close")]
                 message["headers"] = headers
