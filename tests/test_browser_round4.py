@@ -19,6 +19,7 @@ import re
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
@@ -37,6 +38,7 @@ from tests._client_support import free_port, real_app, serve
 from tests.test_connections import _read_to_close, _wait_for
 
 SIN = "/v1/functions/sin/jacobian"
+PREFIX = "/jacobian"
 CORS_KEYS = ("access-control-allow-origin", "access-control-allow-credentials", "access-control-expose-headers")
 
 
@@ -74,9 +76,17 @@ def pages():
 @pytest.fixture(scope="module")
 def api(pages):
     app = real_app(functions="jacobian_service.examples", cors_origins=pages[0], host="127.0.0.1", port=free_port(),
-                   header_timeout_s=2)
+                   header_timeout_s=1, root_path=PREFIX,
+                   stream_threshold_bytes=1 << 16)  # (served at / too: the proxy strips the prefix)
     with _served_as_serve_does(app) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    """One client for the module (a client per call costs its set-up each time)."""
+    with httpx.Client(timeout=30) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +126,14 @@ def _cors(headers: Any) -> dict[str, str]:
 # ---------------------------------------------------------------- below the app
 
 
-def test_errors_written_below_the_app_carry_the_apps_cors_headers(api, pages):
+def test_errors_written_below_the_app_carry_the_apps_cors_headers(api, pages, http):
     """A 431 (headers over 32 KiB), a 408 (headers too slow) and a 400 (a head the
     parser cannot read) are written by the connection itself, with no middleware: they
     had no CORS headers, so a page of an allowed origin read "Failed to fetch" where it
     reads every other error. Now each carries the very CORS headers the app gives its
     own answers to that origin (and none to an origin not allowed)."""
     allowed, other = pages
-    app_answer = httpx.get(api + "/v1/functions/nope", headers={"Origin": allowed}, timeout=10)
+    app_answer = http.get(api + "/v1/functions/nope", headers={"Origin": allowed})
     assert app_answer.status_code == 404
     want = _cors(app_answer.headers)
     assert want["access-control-allow-origin"] == allowed and want["access-control-allow-credentials"] == "true"
@@ -238,14 +248,14 @@ def test_a_page_with_tracing_instrumentation_is_served(api, pages, browser):
     browser.goto("about:blank")
 
 
-def _counted(api: str, endpoint: str, function: str, status: str, code: str) -> float:
-    text = httpx.get(api + "/metrics", timeout=10).text
+def _counted(http: httpx.Client, api: str, endpoint: str, function: str, status: str, code: str) -> float:
+    text = http.get(api + "/metrics").text
     found = re.search(r'^jacobian_service_requests_total\{code="' + code + r'",endpoint="' + endpoint
                       + r'",function="' + function + r'",status="' + status + r'"\} ([0-9.e+]+)$', text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 
 
-def test_a_browser_without_fetch_metadata_cannot_have_a_jacobian_computed(api):
+def test_a_browser_without_fetch_metadata_cannot_have_a_jacobian_computed(api, http):
     """Safari before 16.4 and Firefox before 90 send no Sec-Fetch-* headers, so the 403
     of a cross-site request never fires there. What such a browser sends from a page of
     any site without a preflight is a POST of a CORS-safelisted type (each form
@@ -261,41 +271,39 @@ def test_a_browser_without_fetch_metadata_cannot_have_a_jacobian_computed(api):
             ("text/plain; application/json", body), ("application/x-www-form-urlencoded", "a=1"),
             ("multipart/form-data; boundary=b", '--b\r\nContent-Disposition: form-data; name="inputs"\r\n\r\n[[0.5]]\r\n--b--\r\n'),
             (None, body[:-2])]  # a Blob of no type
-    before = _counted(api, "jacobian", "sin", "200", "")
+    before = _counted(http, api, "jacobian", "sin", "200", "")
     for content_type, content in sent:
         headers = {**page, **({"Content-Type": content_type} if content_type else {})}
-        r = httpx.post(api + SIN, content=content, headers=headers, timeout=10)
+        r = http.post(api + SIN, content=content, headers=headers)
         assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type", (content_type, r.text)
-    assert _counted(api, "jacobian", "sin", "200", "") == before
+    assert _counted(http, api, "jacobian", "sin", "200", "") == before
     # The same body, as a client that is no browser sends it, is computed.
-    r = httpx.post(api + SIN, content=body[:-2].replace(', "pad": "="', ""), timeout=10)
-    assert r.status_code == 200 and _counted(api, "jacobian", "sin", "200", "") == before + 1
+    r = http.post(api + SIN, content=body[:-2].replace(', "pad": "="', ""))
+    assert r.status_code == 200 and _counted(http, api, "jacobian", "sin", "200", "") == before + 1
 
 
-def test_every_answer_says_its_type_is_not_to_be_sniffed_and_not_to_be_stored(api, pages):
+def test_every_answer_says_its_type_is_not_to_be_sniffed_and_not_to_be_stored(api, pages, http):
     """No answer carried X-Content-Type-Options or Cache-Control: a browser could sniff
     a problem+json (which echoes what the request sent) or /metrics' text as another
     type, and a cache in front (Varnish keeps an answer with neither header 2 minutes)
     could serve /readyz, /metrics or a caller's Jacobian to whoever asks next. Now every
     answer, app's, preflight's, streamed, binary, and those the connection writes itself,
     carries ``nosniff`` and ``no-store``; the docs files keep their own caching."""
-    x = np.linspace(0.1, 1.0, 1500).astype(np.float32)  # a 9 MB Jacobian: streamed as .npy
+    x = np.linspace(0.1, 1.0, 200).astype(np.float32)  # 160 kB, over the module's stream threshold: streamed
     npy = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
     answers = {
-        "json": httpx.post(api + SIN, json={"inputs": [[0.5]]}, timeout=30),
-        "npy": httpx.post(api + SIN, content=_npy(x[:3]),
-                          headers=npy, timeout=30),
-        "streamed": httpx.post(api + "/v1/functions/softmax/jacobian", content=_npy(x), headers=npy, timeout=60),
-        "npz": httpx.post(api + "/v1/functions/polar/jacobian", json={"inputs": [[1.0], [0.5]], "argnums": [0, 1]},
-                          headers={"Accept": "application/x-npz"}, timeout=30),
-        "problem": httpx.get(api + "/v1/functions/%3Cb%3Enope", timeout=10),
-        "refused": httpx.post(api + SIN, content="{}", headers={"Content-Type": "text/plain", "Origin": pages[1]},
-                              timeout=10),
-        "preflight": httpx.options(api + SIN, headers={"Origin": pages[0], "Access-Control-Request-Method": "POST"},
-                                   timeout=10),
-        "readyz": httpx.get(api + "/readyz", timeout=10),
-        "metrics": httpx.get(api + "/metrics", timeout=10),
-        "docs": httpx.get(api + "/docs", timeout=10),
+        "json": http.post(api + SIN, json={"inputs": [[0.5]]}),
+        "npy": http.post(api + SIN, content=_npy(x[:3]),
+                          headers=npy),
+        "streamed": http.post(api + "/v1/functions/softmax/jacobian", content=_npy(x), headers=npy),
+        "npz": http.post(api + "/v1/functions/polar/jacobian", json={"inputs": [[1.0], [0.5]], "argnums": [0, 1]},
+                          headers={"Accept": "application/x-npz"}),
+        "problem": http.get(api + "/v1/functions/%3Cb%3Enope"),
+        "refused": http.post(api + SIN, content="{}", headers={"Content-Type": "text/plain", "Origin": pages[1]}),
+        "preflight": http.options(api + SIN, headers={"Origin": pages[0], "Access-Control-Request-Method": "POST"}),
+        "readyz": http.get(api + "/readyz"),
+        "metrics": http.get(api + "/metrics"),
+        "docs": http.get(api + "/docs"),
     }
     expected = {"json": 200, "npy": 200, "streamed": 200, "npz": 200, "problem": 404, "refused": 415, "preflight": 200,
                 "readyz": 200, "metrics": 200, "docs": 200}
@@ -304,7 +312,7 @@ def test_every_answer_says_its_type_is_not_to_be_sniffed_and_not_to_be_stored(ap
     headers, _ = _raw(api, b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: %s\r\n\r\n" % (b"a" * (40 << 10)))
     for name, h in [*((k, r.headers) for k, r in answers.items()), ("431", headers)]:
         assert (h.get("x-content-type-options"), h.get("cache-control")) == ("nosniff", "no-store"), (name, h)
-    asset = httpx.get(api + "/favicon.ico", timeout=10)
+    asset = http.get(api + "/favicon.ico")
     assert asset.headers["cache-control"] == "no-cache" and asset.headers["x-content-type-options"] == "nosniff"
 
 
@@ -314,3 +322,113 @@ def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a)
     return buf.getvalue()
+
+
+def test_a_dashboard_page_polls_the_probes_and_a_beacon_computes_nothing(api, pages, browser, http):
+    """A status page of the allowed origin polls /readyz and /metrics (fetch in cors
+    mode, as a dashboard polls): each read is fresh, never a browser cache's
+    copy (the metrics move between two polls). A page of another origin that fires
+    ``navigator.sendBeacon`` and a ``keepalive`` fetch at the API as it unloads has
+    nothing computed (403 before the body is read, by Fetch Metadata)."""
+    _open(browser, pages[0])
+    got = browser.eval(f"""(async () => {{
+      const api = {json.dumps(api)}, polls = [];
+      const key = 'jacobian_service_requests_total{{code="",endpoint="readyz",function="",status="200"}} ';
+      for (let i = 0; i < 2; i++) {{
+        const ready = await fetch(api + '/readyz');
+        const metrics = await (await fetch(api + '/metrics')).text();
+        const line = metrics.split('\\n').find(l => l.startsWith(key)) || '';
+        polls.push({{ready: ready.status, body: await ready.json(), count: Number(line.slice(key.length))}});
+      }}
+      return polls;
+    }})()""")
+    assert [p["ready"] for p in got] == [200, 200], got
+    assert got[1]["count"] > got[0]["count"] >= 1, got  # fresh: the first poll's /readyz is counted in the second
+
+    _open(browser, pages[1])
+    before = (_counted(http, api, "jacobian", "sin", "200", ""), _counted(http, api, "jacobian", "sin", "403", "forbidden"))
+    sent = browser.eval(f"""(async () => {{
+      const url = {json.dumps(api + SIN)}, body = JSON.stringify({{inputs: [[0.5]]}});
+      const beacon = navigator.sendBeacon(url, body);
+      const kept = await fetch(url, {{method: 'POST', keepalive: true, mode: 'no-cors', body}}).then(r => r.type, e => e.name);
+      return {{beacon, kept}};
+    }})()""")
+    assert sent == {"beacon": True, "kept": "opaque"}, sent
+    _wait(lambda: _counted(http, api, "jacobian", "sin", "403", "forbidden") == before[1] + 2)
+    assert _counted(http, api, "jacobian", "sin", "200", "") == before[0]
+    browser.goto("about:blank")
+
+
+def _wait(done, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- behind nginx
+
+
+@pytest.fixture(scope="module")
+def proxied(api, tmp_path_factory):
+    """nginx on a free port passing ``PREFIX/...`` to the API with the prefix stripped
+    (deploy.md's ``location /jacobian/ { proxy_pass http://upstream/; }``)."""
+    import shutil
+    import subprocess
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        pytest.skip("no nginx (apt-get install nginx-light)")
+    folder = tmp_path_factory.mktemp("nginx")
+    port = free_port()
+    temp = "".join(f"{kind}_temp_path {folder}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (folder / "nginx.conf").write_text(f"""
+daemon off; worker_processes 1; pid {folder}/nginx.pid; error_log {folder}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+  access_log off; {temp}
+  server {{
+    listen 127.0.0.1:{port};
+    location {PREFIX}/ {{
+      proxy_pass {api}/;
+      proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host;
+      proxy_buffering off;
+    }}
+  }}
+}}""")
+    proc = subprocess.Popen([nginx, "-p", str(folder), "-e", f"{folder}/error.log", "-c", str(folder / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(url + PREFIX + "/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is None and False
+        assert _wait_for(up, 10), (folder / "error.log").read_text()
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_docs_behind_nginx_under_a_prefix(proxied, http):
+    """The docs as a user opens them behind a real nginx that strips ROOT_PATH: the page
+    names its scripts under the prefix, they load through it (gzipped, immutable), the
+    OpenAPI document's server is the prefix, and the request Swagger UI's "Try it out"
+    then sends (its ``servers`` URL joined to the operation's path) answers torch.func's
+    Jacobian. (Swagger UI itself runs "Try it out" under a prefix in test_docs_ui.py.)"""
+    page = http.get(proxied + PREFIX + "/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    scripts = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assets = [u for u in scripts if "/docs-assets/" in u]
+    assert assets and all(u.startswith(PREFIX + "/docs-assets/") for u in assets), scripts
+    for url in assets:
+        r = http.get(proxied + url, headers={"Accept-Encoding": "gzip"})
+        assert r.status_code == 200 and "immutable" in r.headers["cache-control"], (url, r.status_code)
+    document = http.get(proxied + PREFIX + "/openapi.json").json()
+    assert [s["url"] for s in document["servers"]] == [PREFIX]
+    r = http.post(proxied + document["servers"][0]["url"] + SIN, json={"inputs": [[0.5, 1.0]]})
+    assert r.status_code == 200, r.text
+    want = torch.func.jacrev(torch.sin)(torch.tensor([0.5, 1.0])).numpy()
+    np.testing.assert_allclose(np.float32(r.json()["jacobian"]["data"]), want, rtol=1e-6)
