@@ -65,4 +65,26 @@ def test_file_names_keep_to_safe_characters():
     from jacobian_service.responses import attachment
 
     assert attachment('a"b/c\\d é', "jacobian", wire.NPY) == {
-        "Content-Disposition": 'attachment; filename="a_b_c_d__-jacobian.npy"'}
+        "Content-Disposition": 'attachment; filename="a_b_c_d__-jacobian.npy"; '
+                               "filename*=UTF-8''a_b_c_d_%C3%A9-jacobian.npy"}
+    assert attachment("sin", "jacobian", wire.NPY) == {"Content-Disposition": 'attachment; filename="sin-jacobian.npy"'}
+
+
+def test_file_names_of_another_script_keep_their_letters():
+    """A function named in another script was saved under underscores alone
+    (``___-jacobian.npy`` for ``ヤコビ``, and so for every function named in it): the
+    name now also goes in ``filename*`` (RFC 6266), which browsers prefer, letters and
+    digits kept, anything else (a right-to-left override that would disguise the
+    extension, a space) still ``_``."""
+    import re
+    import urllib.parse
+
+    from jacobian_service.responses import attachment
+
+    for name, want in [("ヤコビ", "ヤコビ-hessian.npz"), ("größe", "größe-hessian.npz"),
+                       ("x\u202egpj.exe", "x_gpj.exe-hessian.npz"), ("a b", "a_b-hessian.npz")]:
+        header = attachment(name, "hessian", wire.NPZ)["Content-Disposition"]
+        parts = re.fullmatch(r'attachment; filename="([A-Za-z0-9._-]+)"(?:; filename\*=UTF-8\'\'([^;\s"]+))?', header)
+        assert parts, header
+        plain, extended = parts.groups()  # a browser takes filename* where it is given
+        assert (urllib.parse.unquote(extended, errors="strict") if extended else plain) == want, header

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import math
 import re
+import urllib.parse
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import numpy as np
@@ -91,9 +92,17 @@ def attachment(function: str, what: str, media: str) -> dict[str, str]:
     name that says what they are, rather than showing them as text or saving them as a
     corrupted .txt. Made once per function and kind (the dict is shared: not to be
     changed). Characters outside [A-Za-z0-9._-] become ``_``: a quoted file name has no
-    room for quotes, slashes or non-ASCII."""
+    room for quotes, slashes or non-ASCII. A name with letters or digits of another
+    script (``größe``, ``ヤコビ``) also gets them in ``filename*`` (RFC 6266, UTF-8),
+    which browsers prefer: it was saved as ``gr__e-jacobian.npy``, ``___-jacobian.npy``
+    (every function of such names under the same file name). Anything else (spaces,
+    quotes, direction overrides, combining marks) is ``_`` there too."""
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", f"{function}-{what}")
-    return {"Content-Disposition": f'attachment; filename="{stem}{_EXTENSIONS[media]}"'}
+    value = f'attachment; filename="{stem}{_EXTENSIONS[media]}"'
+    wide = re.sub(r"[^\w.-]", "_", f"{function}-{what}")  # (\w: the letters and digits of every script)
+    if wide != stem:
+        value += "; filename*=UTF-8''" + urllib.parse.quote(wide + _EXTENSIONS[media], safe="")
+    return {"Content-Disposition": value}
 
 
 def is_single_array(result: Result) -> bool:
