@@ -366,6 +366,44 @@ def _wait(done, timeout_s: float = 30) -> None:
         time.sleep(0.05)
 
 
+def _press(browser: Chromium, key: str, text: str = "") -> None:
+    """A key pressed and released, as a user's (Tab, Enter)."""
+    code = {"Tab": 9, "Enter": 13}[key]
+    browser.send("Input.dispatchKeyEvent", type="keyDown", key=key, code=key, windowsVirtualKeyCode=code, text=text)
+    browser.send("Input.dispatchKeyEvent", type="keyUp", key=key, code=key, windowsVirtualKeyCode=code)
+
+
+def test_the_docs_with_a_key_by_keyboard_alone_and_a_clean_console(browser):
+    """/docs with API keys, by keyboard alone: the key prompt has the focus, the key typed
+    and Enter show the operations, Tab reaches an operation and Enter opens it. The page
+    first asked for the document without a key, and its 401 was an error in the console
+    of every new tab ("Failed to load resource: ... 401"); the page now says that the
+    document wants a key, so the key is asked first, and the console stays clean."""
+    with serve(real_app(functions="jacobian_service.examples", api_keys="k1")) as url:
+        browser.events.clear()
+        browser.goto(url + "/docs")
+        browser.wait_for("document.activeElement && document.activeElement.name === 'key'", timeout_s=60)
+        browser.send("Input.insertText", text="k1")
+        _press(browser, "Enter", "\r")
+        browser.wait_for("document.querySelectorAll('.opblock').length > 5", timeout_s=60)
+        for _ in range(40):
+            _press(browser, "Tab")
+            if browser.eval("document.activeElement.matches('.opblock-summary-control')"):
+                break
+        focused = browser.eval("document.activeElement.closest('.opblock').querySelector('.opblock-summary-path')"
+                               ".getAttribute('data-path')")
+        _press(browser, "Enter", "\r")
+        browser.wait_for("!!document.querySelector('.opblock.is-open')")
+        assert browser.eval("document.querySelector('.opblock.is-open .opblock-summary-path')"
+                            ".getAttribute('data-path')") == focused
+        spec = [e["params"]["response"]["status"] for e in browser.events if e["method"] == "Network.responseReceived"
+                and e["params"]["response"]["url"] == url + "/openapi.json"]
+        assert spec == [200], spec  # asked once, with the key
+        assert not [m for m in browser.messages() if m.startswith(("error", "exception", "console.error"))], \
+            browser.messages()
+        browser.goto("about:blank")
+
+
 # ---------------------------------------------------------------- behind nginx
 
 

@@ -105,6 +105,9 @@ _DOCS_JS = r"""(function () {
 
   async function main() {
     var key = stored();
+    // The page says when the document wants a key: asked first, not after a request
+    // sent without one (its 401 was an error in the console of every new tab).
+    if (!key && tag.dataset.key === "wanted") key = await ask("");
     var response = await fetchSpec(key);
     while (response.status === 401 || response.status === 403) {
       keep("");
@@ -271,12 +274,14 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline';
 
 def _page(request: Request, title: str, head: str, body: str, ui: str) -> Response:
     root = _root(request)
+    service = request.scope.get("service")
+    wanted = service is not None and bool(service.api_keys) and service.settings.docs_auth  # AuthMiddleware's rule
     return HTMLResponse(headers={"Content-Security-Policy": CSP}, content=f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>jacobian-service - {title}</title>
 {head}<link rel="icon" href="{_url(root, "favicon.png")}"></head>
 <body>{_KEY_FORM}
 {body}
-<script src="{_url(root, "docs.js")}" data-ui="{ui}" data-spec="{root}/openapi.json" data-root="{root}"></script>
+<script src="{_url(root, "docs.js")}" data-ui="{ui}" data-spec="{root}/openapi.json" data-root="{root}"{' data-key="wanted"' if wanted else ''}></script>
 </body></html>""")
 
 
