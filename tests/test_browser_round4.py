@@ -157,6 +157,22 @@ def test_errors_written_below_the_app_carry_the_apps_cors_headers(api, pages, ht
     assert (headers[":status"], problem["code"], _cors(headers)) == ("400", "malformed_request", want)
 
 
+def test_the_cors_headers_written_below_the_app_are_the_apps_under_a_star_too():
+    """One rule for both: for every kind of origin (named, covered by ``*`` only, and,
+    without ``*``, not allowed) the headers written below the app are those the app's
+    CORS middleware gives its own answers (none where it grants none)."""
+    from jacobian_service.middleware import cors_answer_headers
+
+    for origins in ("*, http://named.example", "http://named.example"):
+        client = TestClient(real_app(functions="jacobian_service.examples", cors_origins=origins))
+        below = cors_answer_headers(client.app.settings.cors_origin_list)
+        for origin in ("http://named.example", "http://any.example"):
+            answer = client.get("/healthz", headers={"Origin": origin})
+            written = dict((k.lower(), v) for k, v in below(origin))
+            granted = _cors(answer.headers) if "access-control-allow-origin" in answer.headers else {}
+            assert granted == _cors(written), (origins, origin)  # (Starlette names the exposed headers to anyone)
+
+
 def test_the_connection_caps_503_waits_for_the_head_to_name_its_origin():
     """Where every connection a front end keeps has a request in progress, a new one was
     answered 503 the moment it connected, before its request came: no Origin known, no
