@@ -561,8 +561,9 @@ def connection_cap() -> int:
 
 
 # A connection refused for the connection cap waits this long at most for its head, to
-# learn the page's Origin (a browser sends its request as soon as it connects); at most
-# REFUSALS_WAITING such at once, each holding a descriptor (past them, refused at once).
+# learn the page's Origin (a browser sends its request as soon as it connects), then
+# lingers as it closes; at most REFUSALS_WAITING such at once, waiting or lingering, each
+# holding a descriptor (past them, refused at once and closed, as before).
 REFUSAL_WAIT_S = 1.0
 REFUSALS_WAITING = 32
 
@@ -629,9 +630,10 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             self._refusal = (refusal, bytearray(), self.loop.call_later(REFUSAL_WAIT_S, self._refuse_waiting))
 
         def _refuse_waiting(self) -> None:
+            # (still counted in ``waiting`` while its close lingers: the descriptors held
+            # for such refusals stay bounded, whatever clients do)
             refusal, head, timer = self._refusal
             timer.cancel()
-            waiting.discard(self)
             self._refuse(refusal, _origins_in(head))
 
         def _idle(self) -> bool:
