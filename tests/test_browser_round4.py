@@ -8,7 +8,10 @@ CORS_ORIGINS naming one page origin, and one headless Chromium for the module:
   headers the app gives its own answers, so a page of an allowed origin reads them;
 * tracing headers that browser instrumentation adds pass the preflight;
 * browsers without Fetch Metadata (Safari < 16.4, Firefox < 90): nothing they send
-  without a preflight computes.
+  without a preflight computes; nor does a beacon or a keepalive fetch of another site;
+* every answer says ``nosniff`` and ``no-store``; a dashboard page polls the probes;
+* /docs with a key, by keyboard alone, console clean; the docs behind a real nginx
+  that strips ROOT_PATH (served under PREFIX, and at / as the proxy passes it on).
 """
 
 from __future__ import annotations
@@ -168,7 +171,7 @@ def test_the_cors_headers_written_below_the_app_are_the_apps_under_a_star_too():
         below = cors_answer_headers(client.app.settings.cors_origin_list)
         for origin in ("http://named.example", "http://any.example"):
             answer = client.get("/healthz", headers={"Origin": origin})
-            written = dict((k.lower(), v) for k, v in below(origin))
+            written = {k.lower(): v for k, v in below(origin)}
             granted = _cors(answer.headers) if "access-control-allow-origin" in answer.headers else {}
             assert granted == _cors(written), (origins, origin)  # (Starlette names the exposed headers to anyone)
 
