@@ -210,8 +210,9 @@ def test_the_connection_caps_503_waits_for_the_head_to_name_its_origin(monkeypat
         with socket.create_connection(url[7:].split(":")) as busy:
             busy.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             time.sleep(0.2)
-            headers, problem = _raw(url, b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\n"
-                                    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}" % origin.encode())
+            head = (b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}" % origin.encode())
+            headers, problem = _raw(url, head[:-3], head[-3:], wait_s=0.1)  # its blank line split over two pieces
             assert (headers[":status"], problem["code"], headers["retry-after"]) == ("503", "unavailable", "1")
             assert _cors(headers) == {"access-control-allow-origin": origin, "access-control-allow-credentials": "true",
                                       "access-control-expose-headers": headers["access-control-expose-headers"]}

@@ -668,8 +668,9 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             self._heard = True
             if self._refusal is not None:  # refused for the cap: its head is read for its Origin only
                 head = self._refusal[1]
+                start = max(0, len(head) - 3)  # (only what is new is searched: a trickled head costs no more)
                 head += data[:max_header_bytes - len(head)]
-                if b"\r\n\r\n" in head or len(head) >= max_header_bytes:
+                if head.find(b"\r\n\r\n", start) >= 0 or len(head) >= max_header_bytes:
                     self._refuse_waiting()
                 return
             if self in live:
