@@ -592,7 +592,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
     cap = connection_cap() if max_connections is None else max_connections
     # This process's connections, least recently heard from first.
     live: collections.OrderedDict[Any, None] = collections.OrderedDict()
-    waiting: set[Any] = set()  # connections refused for the cap, their head not yet in
+    waiting: set[Any] = set()  # connections refused for the cap that wait for their head, or linger as they close
 
     class HeaderDeadlineProtocol(base):  # type: ignore[misc, valid-type]
         _header_timer: Any = None

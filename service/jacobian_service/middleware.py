@@ -25,9 +25,10 @@ _QUIET = ("/healthz", "/readyz", "/metrics")
 # Headers every answer carries. nosniff: a browser takes each answer for the type it
 # says (problem+json echoes what a request sent; /metrics is text), never sniffs one into
 # HTML or script. no-store, unless an answer sets its own caching (the docs pages'
-# files): answers are computed now, for whoever asked (a browser's Back showed a /metrics
-# or /readyz page from its cache, hours old, as it was; a cache in front could keep a
-# caller's Jacobian). Also written by connections.py for the answers below the app.
+# files): answers are computed now, for whoever asked (a cache in front that keeps
+# answers without Cache-Control, as Varnish does for 2 minutes, could serve a stale
+# /readyz or /metrics, or one caller's Jacobian to the next). Also written by
+# connections.py for the answers below the app.
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 NO_STORE = (b"cache-control", b"no-store")
 
