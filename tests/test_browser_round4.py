@@ -174,6 +174,8 @@ def test_the_cors_headers_written_below_the_app_are_the_apps_under_a_star_too():
             written = {k.lower(): v for k, v in below(origin)}
             granted = _cors(answer.headers) if "access-control-allow-origin" in answer.headers else {}
             assert granted == _cors(written), (origins, origin)  # (Starlette names the exposed headers to anyone)
+            # (and the app lets the origins it grants read its calls' timing)
+            assert answer.headers.get("timing-allow-origin") == answer.headers.get("access-control-allow-origin")
 
 
 def test_the_connection_caps_503_waits_for_the_head_to_name_its_origin(monkeypatch):
@@ -265,7 +267,9 @@ def test_a_page_with_tracing_instrumentation_is_served(api, pages, browser):
     """OpenTelemetry's fetch instrumentation (and Sentry's, Datadog's) adds
     ``traceparent``, ``tracestate`` and ``baggage`` to a page's calls: the preflight
     refused those headers, so every call of an instrumented page failed ("Failed to
-    fetch"). Now they pass, and the Jacobian is torch.func's."""
+    fetch"). Now they pass, and the Jacobian is torch.func's; and the call's Resource
+    Timing, which such instrumentation records, is the page's to read
+    (Timing-Allow-Origin: it was zeros past the start)."""
     _open(browser, pages[0])
     got = browser.eval(f"""(async () => {{
       const r = await fetch({json.dumps(api + SIN)}, {{method: 'POST', headers: {{'Content-Type': 'application/json',
@@ -274,9 +278,13 @@ def test_a_page_with_tracing_instrumentation_is_served(api, pages, browser):
         'x-datadog-trace-id': '1', 'x-datadog-parent-id': '2', 'x-datadog-origin': 'rum',
         'x-datadog-sampling-priority': '1', b3: '4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1'}},
         body: JSON.stringify({{inputs: [[0.5]]}})}}).catch(e => e);
-      return r instanceof Error ? String(r) : {{status: r.status, body: await r.json()}};
+      if (r instanceof Error) return String(r);
+      const body = await r.json(), timing = performance.getEntriesByName({json.dumps(api + SIN)}).pop();
+      return {{status: r.status, body, firstByte: timing.responseStart, started: timing.requestStart}};
     }})()""")
     assert isinstance(got, dict) and got["status"] == 200, got
+    # The instrumentation reads the call's timing: without Timing-Allow-Origin, zeros.
+    assert got["firstByte"] > 0 and got["started"] > 0, got
     want = torch.func.jacrev(torch.sin)(torch.tensor([0.5])).numpy()
     np.testing.assert_allclose(np.float32(got["body"]["jacobian"]["data"]), want, rtol=1e-6)
     browser.goto("about:blank")
