@@ -18,8 +18,10 @@ reads them all. Small frames are cut out of a staging buffer, so a batch of smal
 replies costs one read; a large frame is read straight into a buffer of its size.
 
 Large arrays go through shared memory instead, both ways. Each side offers the other,
-once connected, a segment of its own (a ``memfd``, which the other side maps through
-``/proc/<pid>/fd``): the engine for results, the front end for inputs. Once the other
+once connected, a segment of its own (a ``memfd``): the engine for results, which the
+front end maps through ``/proc/<pid>/fd``, the front end for inputs, whose descriptor
+rides with its offer (``SCM_RIGHTS``): a confined engine (``engine.confinement``) may
+not open another process's ``/proc/<pid>/fd``, and its inputs went on the socket. Once the other
 side has mapped it, a frame of ``_SHARED_FRAME`` bytes or more is copied into a free
 block of the segment and only its place crosses the socket (a frame size with
 ``_SHARED`` set: the frame is 16 bytes of offset and length). The reader takes the
@@ -294,8 +296,8 @@ class Mapped:
     finalizer that calls ``freed(self, offset)`` once the view's last reference has gone
     (on whatever thread dropped it, or in the garbage collector)."""
 
-    def __init__(self, path: str, size: int, freed: Callable[["Mapped", int], None]) -> None:
-        fd = os.open(path, os.O_RDWR)
+    def __init__(self, path: str | int, size: int, freed: Callable[["Mapped", int], None]) -> None:
+        fd = os.open(path, os.O_RDWR) if isinstance(path, str) else path  # a descriptor received: now ours
         try:
             self.map = mmap.mmap(fd, size)
         finally:
@@ -320,6 +322,7 @@ class Sharing:
         self.taken = False
         self.mapped: Mapped | None = None
         self.given_back: list[int] = []
+        self.received: int | None = None  # the other side's segment's descriptor, sent with its offer
 
     def offer(self) -> bytes | None:
         """The offer of a new segment, to write once connected; None without one."""
@@ -340,8 +343,11 @@ class Sharing:
         kind, data = control[:1], control[1:]
         if kind == _OFFER:
             size, path = data.decode().split(" ", 1)
+            where: str | int = path
+            if self.received is not None:
+                where, self.received = self.received, None
             try:
-                self.mapped = Mapped(path, int(size), freed)
+                self.mapped = Mapped(where, int(size), freed)
             except (OSError, ValueError) as exc:  # e.g. /proc hidden from this process
                 log.info("cannot map the other side's shared memory (%s); its large frames come on the socket", exc)
                 return encode_control(_DECLINE)
@@ -380,9 +386,21 @@ class Sharing:
         del self.given_back[:n]
         return encode_control(_GIVE_BACK, struct.pack(f"<{n}Q", *offsets))
 
+    def receive(self, fds: list[int]) -> None:
+        """Descriptors that came on the socket: the first is the other side's segment
+        (its offer follows in the same read); any other is closed."""
+        for fd in fds:
+            if self.received is None and self.mapped is None:
+                self.received = fd
+            else:
+                os.close(fd)
+
     def close(self) -> None:
         """The connection has gone. The other side's blocks still out stay mapped (their
         views hold the mapping) until they go; nothing is given back for them."""
+        if self.received is not None:
+            os.close(self.received)
+            self.received = None
         if self.own is not None:
             self.own.close()
         self.own, self.taken, self.mapped, self.given_back = None, False, None, []
@@ -604,7 +622,11 @@ class Listener:
         """Read what has arrived; False once the front end has hung up."""
         while True:
             try:
-                n = peer.sock.recv_into(peer.reader.buffer())
+                if peer.sharing.mapped is None:  # its offer may come with its segment's descriptor
+                    n, ancillary, _, _ = peer.sock.recvmsg_into([peer.reader.buffer()], _ANCILLARY)
+                    peer.sharing.receive(_descriptors(ancillary))
+                else:
+                    n = peer.sock.recv_into(peer.reader.buffer())
             except BlockingIOError:
                 return True
             except OSError:
@@ -749,7 +771,7 @@ class Connection(asyncio.BufferedProtocol):
         if sock is not None:
             _grow_buffers(sock)
         if (offer := self._sharing.offer()) is not None:
-            transport.write(offer)
+            transport.write(offer[_send_with_descriptor(sock, offer, self._sharing.own.fd):])  # type: ignore[union-attr]
         if self._outbox and self._flush_at is None:
             self._flush_at = self._loop.call_soon(self._flush)
 
@@ -844,6 +866,37 @@ def _own(views: list[memoryview]) -> None:
     for i, view in enumerate(views):
         if not isinstance(view.obj, bytes):
             views[i] = memoryview(view.tobytes())
+
+
+_ANCILLARY = socket.CMSG_SPACE(4 * struct.calcsize("i")) if hasattr(socket, "CMSG_SPACE") else 0
+
+
+def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors an ``SCM_RIGHTS`` message brought (each now this process's)."""
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            whole = len(data) - len(data) % 4
+            fds.extend(struct.unpack(f"{whole // 4}i", data[:whole]))
+    return fds
+
+
+def _send_with_descriptor(sock: Any, data: bytes, fd: int) -> int:
+    """Send ``data`` with the descriptor ``fd`` attached (``SCM_RIGHTS``) on the socket
+    under an asyncio transport that has written nothing yet; how many bytes went (0: none,
+    the transport sends them all, without the descriptor, and the engine opens the path)."""
+    if sock is None:
+        return 0
+    try:
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(sock.fileno()))
+    except OSError:
+        return 0
+    try:
+        return raw.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+    except OSError:  # BlockingIOError cannot happen on a new connection; any other: the path
+        return 0
+    finally:
+        raw.close()  # the duplicate only
 
 
 def _peer_pid(sock: socket.socket | None) -> int | None:

@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     # torch import and a warm-up (seconds; more on a busy host). Costs one more engine's
     # memory (on a GPU, one more CUDA context); false turns it off.
     engine_standby: bool = True
+    # Each engine process is kept from acting on the server's other processes (signals,
+    # nice, affinity, limits, traces: ``confinement``): a function that signalled its
+    # parent took the whole service down. false: not confined (a kernel that refuses a
+    # confinement leaves the engine unconfined all the same, and the engine logs it).
+    engine_confine: bool = True
     # An address-space cap per engine process (bytes); unset: none.
     engine_memory_limit_bytes: int | None = Field(None, ge=1 << 26)
     # An engine whose resident memory, checked once a second, is over this (bytes) is

@@ -65,6 +65,7 @@ import orjson
 import zmq
 
 from . import ipc
+from .confinement import confiner
 from .orphans import become_subreaper, kill_adopted, reap_adopted
 from .procfs import start_ticks, stopped
 from .settings import Settings
@@ -149,6 +150,7 @@ class Supervisor:
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.bind(f"ipc://{run_dir}/control.sock")
         self._stop = threading.Event()
+        self._go = threading.Event()  # start(): the thread, begun before any engine, ticks from then on
         self._thread: threading.Thread | None = None
         self._last_state = 0.0
         self._reaped_at = 0.0
@@ -168,6 +170,7 @@ class Supervisor:
         server exits rather than restart a process that can never start."""
         first = _Engine(0, self.settings.device)
         self.engines = [first]
+        self._begin()  # its thread exists before any engine does: a thread of serve's the filter names
         self._spawn(first)
         registry = self.run_dir / "registry.json"
         deadline = time.monotonic() + timeout
@@ -216,7 +219,8 @@ class Supervisor:
             return
         else:
             engine.promoted = False
-            engine.proc = subprocess.Popen(self._command(engine), env=self._env(), start_new_session=True)
+            engine.proc = subprocess.Popen(self._command(engine), env=self._env(), start_new_session=True,
+                                           preexec_fn=self._confiner())
             self._ticks[engine.proc.pid] = start_ticks(engine.proc.pid)
             how = "started"
             engine.ready_by = now + engine.startup_s
@@ -227,6 +231,15 @@ class Supervisor:
         engine.stopped_since = 0.0
         log.info("engine %d (%s) %s, generation %d, pid %d", engine.index, engine.device, how, engine.generation,
                  engine.proc.pid)
+
+    def _confiner(self) -> Any:
+        """What a new engine or spare runs before exec to confine itself (``confinement``):
+        its functions then cannot signal (nor renice, pin, limit, trace) ``serve``, its
+        threads and group, every process at once, nor, with Landlock, any process but
+        its own. Made at each start: this process's threads are the ones now. (A
+        ``preexec_fn`` in a process with threads is safe here: the child makes only
+        system calls, through objects made before the fork, and takes no lock.)"""
+        return confiner() if self.settings.engine_confine else None
 
     def _env(self) -> dict[str, str]:
         """A new engine's environment (a spare reads only what to skip: which functions
@@ -316,7 +329,7 @@ class Supervisor:
             self._ended(spare)  # a warm-up's function may have started some too
         if engine.ready and now >= max(engine.spare_at, engine.restart_at):
             engine.spare = subprocess.Popen([*self._command(engine), "--standby"], stdin=subprocess.PIPE,
-                                            env=self._env(), start_new_session=True)
+                                            env=self._env(), start_new_session=True, preexec_fn=self._confiner())
             self._ticks[engine.spare.pid] = start_ticks(engine.spare.pid)
             engine.spare_at = now + 5.0
             engine.spare_started = now
@@ -343,11 +356,22 @@ class Supervisor:
 
     # ----------------------------------------------------------------- watching
 
+    def _begin(self) -> None:
+        """Start the watching thread, which ticks once ``start`` says so. A signal to any
+        thread of a process reaches the process: the engines' seccomp filter names
+        ``serve``'s threads as it starts them, so this one must be there before."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
+            self._thread.start()
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
-        self._thread.start()
+        self._begin()
+        self._go.set()
 
     def _loop(self) -> None:
+        while not self._go.is_set():
+            if self._stop.wait(_TICK_S):
+                return
         while not self._stop.wait(_TICK_S):
             try:
                 self.tick()

@@ -30,6 +30,7 @@ import orjson
 
 from .. import ipc
 from ..channel import Listener, Peer
+from ..confinement import in_force
 from ..errors import InternalError, OutOfMemory, ServiceError, exception_text
 from ..heap import freeze_heap
 from ..logs import configure_logging
@@ -418,6 +419,16 @@ def _kill_quietly(pid: int) -> None:
         pass
 
 
+def _confinement_said(landlock: bool, seccomp: bool, asked: bool) -> str:
+    """What keeps this engine's functions off the server's other processes (``confinement``)."""
+    if landlock:
+        return "its functions reach no process but its own (Landlock)"
+    if seccomp:
+        return "its functions cannot signal serve (seccomp; Landlock's signal scope needs Linux 6.12+)"
+    return ("not confined: ENGINE_CONFINE=false" if not asked else
+            "not confined: the kernel refused; a function can signal serve")
+
+
 def _deadline(header: dict[str, Any], call: Any) -> float:
     if call is not None:
         return call.deadline
@@ -534,7 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = ipc.budget_path(args.run_dir, args.index)  # the one in force from now: this engine's
     budget.with_suffix(".tmp").write_text(str(server.engine.memory_budget))
     budget.with_suffix(".tmp").replace(budget)
-    log.info("engine %d ready on %s (%d functions)", args.index, devices[0], len(registry))
+    landlock, seccomp = in_force()
+    log.info("engine %d ready on %s (%d functions; %s)", args.index, devices[0], len(registry),
+             _confinement_said(landlock, seccomp, settings.engine_confine))
     server.serve()
     return 0
 

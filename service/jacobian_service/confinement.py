@@ -1,0 +1,279 @@
+"""Engines keep their hands off the other processes of the server (no torch).
+
+Functions run in the engine process as the service's user, and the kernel lets a process
+signal, renice, pin or trace any other process of its user: ``os.kill(os.getppid(),
+signal.SIGKILL)`` in a function took ``serve`` down, and with it the front ends and every
+client (``os.kill(-1, SIGKILL)``: every process of the user, a container's whole world).
+The supervisor confines each engine and spare process it starts, between fork and exec
+(``Popen``'s ``preexec_fn``: one thread then, and a confinement binds the thread that
+makes it and all it starts later; in the engine itself, numpy's and torch's imports start
+threads before any code of its own runs), so that its functions and whatever they start
+keep to the engine's own processes:
+
+- **Landlock** (Linux 6.12+, where the kernel runs the Landlock module: ABI 6's signal
+  scope): a signal only reaches a process of the engine's own domain, the engine and its
+  descendants; ``ptrace``, ``process_vm_writev``, ``/proc/PID/mem`` and ``/proc/PID/fd``
+  of any other are refused as well (any Landlock domain does that; the engine therefore
+  takes a front end's shared memory by descriptor, see ``channel``). The front ends, the
+  spare, the other engines, ``serve`` and everything else of the user are out of reach,
+  however a function finds their pids (``/proc``). Nothing of the file system or the
+  network is restricted.
+- **A seccomp filter**, everywhere (x86-64 and arm64): the system calls that act on
+  another process by its pid (signals, ``pidfd_open``, ``ptrace``, ``setpriority``,
+  ``sched_setaffinity`` and the scheduler's, ``prlimit``, ``ioprio_set``,
+  ``process_vm_*``, ``migrate_pages`` / ``move_pages``) fail with EPERM for ``serve``
+  (the engine's parent) and its threads, its process group (the front ends' too), every
+  process (``kill(-1)``) and, for nice and I/O priorities, every process of the user
+  (``PRIO_USER``). Without Landlock, this is what protects ``serve``; a front end, the
+  spare or another engine whose pid a function reads in ``/proc`` can still be signalled
+  (``serve`` starts a front end again, the supervisor replaces a dead spare or engine).
+  A deny list: what it does not name stays allowed, the engine's own children above all
+  (a ``multiprocessing`` pool's ``terminate``, ``Popen.kill``, the engine's own kills of
+  stray processes).
+
+An unprivileged process needs ``no_new_privs`` for either (root needs nothing): it is set
+then, before the engine takes its settings (so no function is blamed for it); a
+set-user-ID program a function runs (``sudo``) then runs without its privilege.
+
+Cost: set once, before exec. The filter runs a few BPF instructions on every system call
+of the engine: lost in noise (a ``read()`` of ``/dev/null``, best of 5 x 200,000: 1.1-1.7
+us with or without it on the loaded 2-core VM); Landlock's scope costs only the signals.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+from typing import Callable
+
+__all__ = ["confiner", "in_force", "landlock_abi"]
+
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_SECCOMP_RET_ERRNO = 0x00050000
+
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+_LANDLOCK_SCOPE_SIGNAL = 1 << 1
+_SYS_LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture (asm-generic)
+_SYS_LANDLOCK_RESTRICT_SELF = 446
+
+# What each system call's target is, by kind:
+#   "pid"    args[0] is a pid: kill's -1 (everyone) and -pgid (a group) included
+#   "tid"    args[0] is a thread of some process (tkill)
+#   "arg1"   args[1] is the pid (ptrace)
+#   "prio"   setpriority(which, who): a process, a group or a user
+#   "ioprio" ioprio_set(which, who), the same with other numbers
+_X86_64 = {62: "pid", 200: "tid", 234: "pid", 129: "pid", 297: "pid", 434: "pid", 101: "arg1", 141: "prio",
+           251: "ioprio", 203: "pid", 144: "pid", 142: "pid", 314: "pid", 302: "pid", 310: "pid", 311: "pid",
+           256: "pid", 279: "pid"}
+_AARCH64 = {129: "pid", 130: "tid", 131: "pid", 138: "pid", 240: "pid", 434: "pid", 117: "arg1", 140: "prio",
+            30: "ioprio", 122: "pid", 119: "pid", 118: "pid", 274: "pid", 261: "pid", 270: "pid", 271: "pid",
+            238: "pid", 239: "pid"}
+# The 32-bit system calls an x86-64 process can still make (int 0x80): else a way round.
+_I386 = {37: "pid", 238: "tid", 270: "pid", 178: "pid", 335: "pid", 434: "pid", 26: "arg1", 97: "prio",
+         289: "ioprio", 241: "pid", 156: "pid", 154: "pid", 351: "pid", 340: "pid", 347: "pid", 348: "pid"}
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_AUDIT_ARCH = {"x86_64": (_AUDIT_ARCH_X86_64, _X86_64), "aarch64": (0xC00000B7, _AARCH64),
+               "arm64": (0xC00000B7, _AARCH64)}
+_AUDIT_ARCH_I386 = 0x40000003
+_X32_SYSCALL_BIT = 0x40000000
+_PRIO_PROCESS, _PRIO_PGRP, _PRIO_USER = 0, 1, 2
+_IOPRIO_WHO_PROCESS, _IOPRIO_WHO_PGRP, _IOPRIO_WHO_USER = 1, 2, 3
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def landlock_abi() -> int:
+    """The Landlock ABI this kernel offers (0: none, or Landlock not among its modules)."""
+    try:
+        abi = _libc().syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+                              ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+    except (OSError, AttributeError):
+        return 0
+    return max(0, abi)
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def confiner(landlock: bool = True) -> Callable[[], None]:
+    """What a new engine process runs between fork and exec (``preexec_fn``) to confine
+    itself against this process (``serve``: its parent, its group, its threads now).
+    Everything is made here, before the fork: the child only makes system calls, and
+    never raises (an engine the kernel will not confine still serves; ``in_force``
+    tells it what it got). ``landlock`` False: the seccomp filter alone, as on a kernel
+    without Landlock's signal scope."""
+    libc = _libc()
+    syscall, prctl = libc.syscall, libc.prctl
+    scope = _RulesetAttr(0, 0, _LANDLOCK_SCOPE_SIGNAL) if landlock and landlock_abi() >= 6 else None
+    scope_size = ctypes.c_size_t(ctypes.sizeof(_RulesetAttr))
+    machine = platform.machine().lower()
+    fprog = program = None
+    if machine in _AUDIT_ARCH:
+        native, table = _AUDIT_ARCH[machine]
+        try:
+            code = _filter(table, native, os.getpid(), os.getpgrp(), _tasks(os.getpid()))
+        except ValueError:  # a jump past 255 instructions: hundreds of threads here; Landlock alone
+            code = b""
+        if code:
+            program = ctypes.create_string_buffer(code, len(code))
+            fprog = _SockFprog(len(code) // 8, ctypes.cast(program, ctypes.c_void_p))
+    get_errno, denied = ctypes.get_errno, (errno.EPERM, errno.EACCES)
+
+    def unprivileged(call: Callable[[], int]) -> None:
+        """``call``, again with no_new_privs where the kernel wants it (no CAP_SYS_ADMIN)."""
+        if call() != 0 and get_errno() in denied and prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
+            call()
+
+    def confine() -> None:
+        try:
+            if scope is not None:
+                ruleset = syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(scope), scope_size, ctypes.c_uint32(0))
+                if ruleset >= 0:
+                    unprivileged(lambda: syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)))
+                    os.close(ruleset)
+            if fprog is not None:
+                unprivileged(lambda: prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0))
+        except BaseException:  # never: the engine starts as it would have, unconfined
+            pass
+
+    confine.keep = program  # type: ignore[attr-defined]  # the filter's buffer lives as long as the function
+    return confine
+
+
+def in_force() -> tuple[bool, bool]:
+    """(Landlock, seccomp) as this process finds itself: a Landlock domain refuses it its
+    parent's descriptors (``/proc/PID/fd/0``, which the same user may read otherwise); a
+    filter shows in ``/proc/self/status``."""
+    landlock = False
+    try:
+        os.readlink(f"/proc/{os.getppid()}/fd/0")
+    except PermissionError:
+        landlock = landlock_abi() >= 6
+    except OSError:
+        pass
+    seccomp = False
+    try:
+        with open("/proc/self/status") as fp:
+            seccomp = any(line.startswith("Seccomp:") and line.split()[1] == "2" for line in fp)
+    except OSError:
+        pass
+    return landlock, seccomp
+
+
+# ------------------------------------------------------------------ the seccomp filter
+
+_LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
+_NR, _ARCH = 0, 4
+
+
+def _arg(i: int) -> int:
+    """Offset of the low 32 bits of args[i] (little-endian): the kernel reads a pid as an
+    int, so the high half, whatever a caller puts there, never changes the target."""
+    return 16 + 8 * i
+
+
+def _u32(value: int) -> int:
+    return value & 0xFFFFFFFF
+
+
+class _Program:
+    """A classic BPF program, built forward with symbolic jumps resolved at the end."""
+
+    def __init__(self) -> None:
+        self.code: list[tuple[int, int, int | str, int | str]] = []  # (op, k, jt, jf); jt/jf labels or 0
+        self.labels: dict[str, int] = {}
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.code)
+
+    def op(self, code: int, k: int, jt: int | str = 0, jf: int | str = 0) -> None:
+        self.code.append((code, k, jt, jf))
+
+    def assemble(self) -> bytes:
+        out = bytearray()
+        for i, (code, k, jt, jf) in enumerate(self.code):
+            offsets = []
+            for target in (jt, jf):
+                if isinstance(target, str):
+                    offset = self.labels[target] - i - 1
+                    if not 0 <= offset <= 255:
+                        raise ValueError("a BPF jump out of range")
+                    offsets.append(offset)
+                else:
+                    offsets.append(target)
+            out += struct.pack("<HBBI", code, offsets[0], offsets[1], _u32(k))
+        return bytes(out)
+
+
+def _filter(table: dict[int, str], native: int, parent: int, group: int, threads: list[int]) -> bytes:
+    """The filter: each listed call whose target is a protected one returns EPERM."""
+    deny_pids = sorted({parent, *threads})
+    # kill(-1): everyone; kill(-group): serve's group, the front ends; 0 (own group) stays.
+    signal_targets = sorted({*deny_pids, _u32(-1), _u32(-group)})
+    p = _Program()
+    p.op(_LD_W_ABS, _ARCH)
+    p.op(_JEQ_K, native, "native", 0)
+    if native == _AUDIT_ARCH_X86_64:
+        p.op(_JEQ_K, _AUDIT_ARCH_I386, "i386", "allow")
+    else:
+        p.op(_RET_K, _SECCOMP_RET_ALLOW)
+    for arch, calls in (("native", table), ("i386", _I386 if native == _AUDIT_ARCH_X86_64 else {})):
+        if not calls:
+            continue
+        p.label(arch)
+        p.op(_LD_W_ABS, _NR)
+        if arch == "native" and native == _AUDIT_ARCH_X86_64:
+            p.op(_JGE_K, _X32_SYSCALL_BIT, "deny", 0)  # the x32 ABI: not this engine's, and a way round the list
+        for nr, kind in calls.items():
+            p.op(_JEQ_K, nr, f"{arch}-{kind}", 0)
+        p.op(_RET_K, _SECCOMP_RET_ALLOW)
+        blocks = {"pid": (0, signal_targets), "tid": (0, deny_pids), "arg1": (1, deny_pids)}
+        for kind, (arg, targets) in blocks.items():
+            p.label(f"{arch}-{kind}")
+            p.op(_LD_W_ABS, _arg(arg))
+            for value in targets:
+                p.op(_JEQ_K, _u32(value), "deny", 0)
+            p.op(_RET_K, _SECCOMP_RET_ALLOW)
+        for kind, (process, pgrp, usr) in (("prio", (_PRIO_PROCESS, _PRIO_PGRP, _PRIO_USER)),
+                                           ("ioprio", (_IOPRIO_WHO_PROCESS, _IOPRIO_WHO_PGRP, _IOPRIO_WHO_USER))):
+            # setpriority(which, who, ...): every process of the user, serve's group, serve
+            p.label(f"{arch}-{kind}")
+            p.op(_LD_W_ABS, _arg(0))
+            p.op(_JEQ_K, usr, "deny", 0)
+            p.op(_JEQ_K, pgrp, f"{arch}-{kind}-pgrp", 0)
+            p.op(_JEQ_K, process, f"{arch}-{kind}-process", "allow")
+            p.label(f"{arch}-{kind}-pgrp")
+            p.op(_LD_W_ABS, _arg(1))
+            p.op(_JEQ_K, _u32(group), "deny", "allow")
+            p.label(f"{arch}-{kind}-process")
+            p.op(_LD_W_ABS, _arg(1))
+            for value in deny_pids:
+                p.op(_JEQ_K, _u32(value), "deny", 0)
+            p.op(_RET_K, _SECCOMP_RET_ALLOW)
+    p.label("allow")
+    p.op(_RET_K, _SECCOMP_RET_ALLOW)
+    p.label("deny")
+    p.op(_RET_K, _SECCOMP_RET_ERRNO | errno.EPERM)
+    return p.assemble()
+
+
+def _tasks(pid: int) -> list[int]:
+    """``pid``'s threads now (a signal to any thread of a process can end the process)."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except (OSError, ValueError):
+        return [pid]

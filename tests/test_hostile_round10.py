@@ -1,0 +1,208 @@
+"""Red team, round ten: what hostile functions did to the server's other processes.
+
+One server for the module (a start costs ~3 s); each case names what a user saw before.
+The functions are in tests/hostile10_functions.py; each misbehaves only on the input 666.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from jacobian_service.confinement import confiner, landlock_abi
+from jacobian_service.procfs import children, stopped
+
+from .conftest import assert_problem, live_server
+
+FUNCTIONS = "jacobian_service.examples,tests.hostile10_functions"
+X = [0.5, 1.0, 2.0]
+# Where the kernel has Landlock's signal scope (Linux 6.12+ with Landlock on), a function
+# reaches no process but its engine's own; elsewhere the seccomp filter keeps it off serve.
+LANDLOCK = landlock_abi() >= 6
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=2, REQUEST_TIMEOUT_S=20) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    # One client: a new one per request (httpx.post) costs its set-up, ~0.2 s each on a busy machine.
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+def _attack(client: httpx.Client, url: str, case: int, pid: int = 0) -> httpx.Response:
+    body = {"inputs": [{"dtype": "float64", "shape": [3], "data": [666.0, float(case), float(pid)]}]}
+    return client.post(f"{url}/v1/functions/signals_the_server/evaluate", json=body)
+
+
+def _refused(r: httpx.Response) -> None:
+    body = assert_problem(r, 500, "function_error")
+    assert body["detail"] == "PermissionError: [Errno 1] Operation not permitted", body
+    assert "Traceback" not in r.text
+
+
+def _sin_ok(url: str) -> None:
+    r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [X]}, timeout=30)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X)), rtol=1e-6)
+
+
+def _info(url: str) -> dict:
+    return httpx.get(f"{url}/v1/info", timeout=10).json()
+
+
+def _front_ends(serve: int) -> list[int]:
+    return [pid for pid in children(serve) if os.getsid(pid) == os.getsid(serve) and b"spawn_main" in _cmdline(pid)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fp:
+            return fp.read()
+    except OSError:
+        return b""
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_function_cannot_signal_renice_pin_or_limit_serve(server, client) -> None:
+    """``os.kill(os.getppid(), signal.SIGKILL)`` in a function killed ``serve``: the front
+    ends stopped with it and every client lost the service (SIGTERM or SIGINT drained
+    it, SIGSTOP froze its supervision; ``os.killpg`` of its group reached the front ends,
+    and under pytest pytest itself; ``os.kill(-1, ...)`` every process of the user; a
+    signal to any thread of serve ends serve as well). Renicing it, pinning it to one
+    core or lowering its open-file limit slowed or broke every client. Now each is
+    refused (EPERM, seccomp or Landlock): the function's own request is a 500 naming
+    it, no engine restarts (the function raised, it did not crash), nothing changed."""
+    url, proc = server
+    serve = proc.pid
+    pids, restarts = _info(url)["engine_pids"], _metric(url, "jacobian_service_engine_restarts{")
+    nice, affinity = os.getpriority(os.PRIO_PROCESS, serve), os.sched_getaffinity(serve)
+    files = resource.prlimit(serve, resource.RLIMIT_NOFILE)
+    thread = max(int(t) for t in os.listdir(f"/proc/{serve}/task") if int(t) != serve)  # one serve had at start
+    for case in range(11):
+        _refused(_attack(client, url, case, thread))
+        assert proc.poll() is None and not stopped(serve), f"case {case}"
+    _sin_ok(url)
+    assert os.getpriority(os.PRIO_PROCESS, serve) == nice
+    assert os.sched_getaffinity(serve) == affinity
+    assert resource.prlimit(serve, resource.RLIMIT_NOFILE) == files
+    assert _info(url)["engine_pids"] == pids
+    assert _metric(url, "jacobian_service_engine_restarts{") == restarts
+    assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+
+
+@pytest.mark.skipif(not LANDLOCK, reason="Landlock's signal scope needs Linux 6.12+ with Landlock on")
+def test_with_landlock_a_function_reaches_no_process_but_its_engines_own(server, client, tmp_path) -> None:
+    """The front end, found in /proc as serve's child, killed by a function: the request
+    itself and every other on that front end failed with a dropped connection; the spare
+    killed: the next crash waited for a cold start; any other process of the user
+    signalled (here a canary that notes a SIGURG). Now refused, as any process outside
+    the engine and its own children."""
+    url, proc = server
+    mark = tmp_path / "canary"
+    canary = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                               "signal.signal(signal.SIGURG, lambda *a: open(sys.argv[1], 'w').close())\n"
+                               "time.sleep(60)", str(mark)])
+    try:
+        front_ends = _front_ends(proc.pid)
+        assert len(front_ends) == 1
+        spare = [p for p in children(proc.pid) if b"--standby" in _cmdline(p)]
+        for case in (11, 12, 13):
+            _refused(_attack(client, url, case, canary.pid))
+        time.sleep(0.2)
+        assert not mark.exists(), "the canary was signalled"
+        assert _front_ends(proc.pid) == front_ends
+        assert [p for p in children(proc.pid) if b"--standby" in _cmdline(p)] == spare
+        assert "its functions reach no process but its own (Landlock)" in proc.read_log()  # type: ignore[attr-defined]
+    finally:
+        canary.kill()
+        canary.wait()
+
+
+@pytest.mark.skipif(not LANDLOCK, reason="only a Landlock domain keeps an engine from /proc/PID/fd")
+def test_a_confined_engine_maps_the_front_ends_shared_memory(server) -> None:
+    """Confined by Landlock, an engine may not open a front end's ``/proc/PID/fd``,
+    where it mapped the front end's shared memory for inputs: every input of 16 KiB
+    and more went through the socket instead (logged once per connection). The
+    descriptor now comes with the offer."""
+    url, proc = server
+    x = np.linspace(0, 1, 50_000, dtype=np.float32)
+    buf = io.BytesIO()
+    np.save(buf, x)
+    r = httpx.post(f"{url}/v1/functions/sin/evaluate", content=buf.getvalue(),
+                   headers={"content-type": "application/x-npy", "accept": "application/x-npy"}, timeout=30)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), np.sin(x), rtol=1e-6)
+    assert "cannot map the other side's shared memory" not in proc.read_log()  # type: ignore[attr-defined]
+
+
+_PROBE = r"""
+import ctypes, os, resource, signal, sys
+serve, sibling = os.getppid(), int(sys.argv[1])
+def tried(what, call):
+    try:
+        call()
+        print(what, "ok")
+    except PermissionError:
+        print(what, "refused")
+tried("kill serve", lambda: os.kill(serve, 0))
+tried("kill serve's group", lambda: os.killpg(os.getpgid(serve), 0))
+tried("kill everyone", lambda: os.kill(-1, 0))
+libc = ctypes.CDLL(None, use_errno=True)
+def tgkill(tgid, tid):
+    if libc.tgkill(tgid, tid, 0) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+tried("tgkill serve", lambda: tgkill(serve, serve))
+tried("pidfd serve", lambda: os.close(os.pidfd_open(serve)))
+tried("nice serve", lambda: os.setpriority(os.PRIO_PROCESS, serve, os.getpriority(os.PRIO_PROCESS, serve)))
+tried("nice serve's group", lambda: os.setpriority(os.PRIO_PGRP, os.getpgid(serve), os.getpriority(os.PRIO_PGRP, os.getpgid(serve))))
+tried("affinity serve", lambda: os.sched_setaffinity(serve, os.sched_getaffinity(serve)))
+tried("limit serve", lambda: resource.prlimit(serve, resource.RLIMIT_NOFILE, resource.prlimit(serve, resource.RLIMIT_NOFILE)))
+tried("kill own group", lambda: os.killpg(0, 0))
+tried("nice self", lambda: os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0)))
+tried("kill sibling", lambda: os.kill(sibling, 0))
+child = os.fork()
+if child == 0:
+    signal.pause()
+tried("kill own child", lambda: os.kill(child, signal.SIGKILL))
+os.waitpid(child, 0)
+"""
+
+
+def test_the_seccomp_filter_alone_keeps_an_engine_off_serve() -> None:
+    """Where the kernel has no Landlock signal scope (before Linux 6.12), the seccomp
+    filter is what stands between a function and ``serve``: this process plays serve,
+    and a process confined as the supervisor confines an engine (without Landlock)
+    tries each call on it. Its own group and children stay its own; a process outside
+    that is not serve (here a sibling: the front ends, the spare) is the documented limit."""
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE, str(sibling.pid)], capture_output=True, text=True,
+                             timeout=30, start_new_session=True, preexec_fn=confiner(landlock=False))
+    finally:
+        sibling.kill()
+        sibling.wait()
+    said = dict(line.rsplit(" ", 1) for line in out.stdout.splitlines())
+    assert said == {
+        "kill serve": "refused", "kill serve's group": "refused", "kill everyone": "refused", "tgkill serve": "refused",
+        "pidfd serve": "refused", "nice serve": "refused", "nice serve's group": "refused",
+        "affinity serve": "refused", "limit serve": "refused",
+        "kill own group": "ok", "nice self": "ok", "kill sibling": "ok", "kill own child": "ok",
+    }, out.stdout + out.stderr
