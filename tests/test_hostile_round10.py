@@ -32,7 +32,9 @@ LANDLOCK = landlock_abi() >= 6
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, subprocess.Popen]]:
-    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=2, REQUEST_TIMEOUT_S=20) as served:
+    # HANG_GRACE_S: a front end stopped by a signal is resumed after it.
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=2, REQUEST_TIMEOUT_S=20,
+                     HANG_GRACE_S=1) as served:
         yield served
 
 
@@ -151,6 +153,23 @@ def test_a_confined_engine_maps_the_front_ends_shared_memory(server) -> None:
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(np.load(io.BytesIO(r.content)), np.sin(x), rtol=1e-6)
     assert "cannot map the other side's shared memory" not in proc.read_log()  # type: ignore[attr-defined]
+
+
+def test_a_front_end_stopped_by_a_signal_is_resumed(server) -> None:
+    """Where a function can still reach a front end (no Landlock) and stops it
+    (SIGSTOP), serve saw it alive and left it so: the connections the kernel gave its
+    socket waited for ever. Now a front end stopped longer than HANG_GRACE_S is resumed."""
+    url, proc = server
+    (front_end,) = _front_ends(proc.pid)
+    os.kill(front_end, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        _sin_ok(url)  # answered once it is resumed
+        assert time.monotonic() - t0 < 15
+        assert not stopped(front_end)
+    finally:
+        os.kill(front_end, signal.SIGCONT)
+    assert "was stopped by a signal" in proc.read_log()  # type: ignore[attr-defined]
 
 
 _PROBE = r"""

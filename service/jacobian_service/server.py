@@ -26,11 +26,13 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from .heap import freeze_heap
 from .orphans import stop_with_parent
+from .procfs import stopped
 from .settings import Settings
 
 __all__ = ["serve", "serve_in_process"]
@@ -124,6 +126,24 @@ def _front_end(run_dir: str, sock: socket.socket, count: int) -> None:
     stop_with_parent(settings.drain_delay_s + settings.drain_grace_s + 5)  # it drains and stops if serve is killed
     freeze_heap()
     DrainingServer(_uvicorn_config(app, settings), app, settings.drain_delay_s).run(sockets=[sock])
+
+
+def _resume_if_stopped(index: int, pid: int, since: dict[int, float], grace_s: float) -> None:
+    """A front end stopped by a signal (SIGSTOP from a function where the engines'
+    confinement cannot keep it off: a kernel without Landlock) is alive to
+    ``is_alive``, and the connections the kernel gives its socket wait for ever: one
+    stopped longer than ``grace_s`` is resumed (SIGCONT; its connections go on)."""
+    if not stopped(pid):
+        since.pop(pid, None)
+        return
+    now = time.monotonic()
+    if now - since.setdefault(pid, now) > grace_s:
+        log.error("front end %d (pid %d) was stopped by a signal for more than %g s; resuming it", index, pid, grace_s)
+        since.pop(pid, None)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except OSError:  # gone just now: started again at the next look
+            pass
 
 
 def _forget_metrics(pid: int | None) -> None:
@@ -239,6 +259,7 @@ def serve(settings: Settings) -> int:
 
         front_ends.extend(start(i) for i in range(count))
         announced = False
+        stopped_since: dict[int, float] = {}  # front ends found stopped by a signal, since when
         while not stopping.is_set():
             if not announced and supervisor.all_ready():
                 # What a user who ran `make serve` does next: where to point a browser or curl.
@@ -249,6 +270,8 @@ def serve(settings: Settings) -> int:
                     log.error("front end %d exited (%s); starting it again", i, p.exitcode)
                     _forget_metrics(p.pid)
                     front_ends[i] = start(i)
+                elif p.pid:
+                    _resume_if_stopped(i, p.pid, stopped_since, settings.hang_grace_s)
             stopping.wait(0.5)
         for p in front_ends:
             p.join(settings.drain_delay_s + settings.drain_grace_s + 10)
