@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import struct
 
 import torch
 from jacobian_service import Input, register
@@ -67,4 +68,29 @@ ATTACKS = {
 def signals_the_server(x: torch.Tensor) -> torch.Tensor:
     if _armed(x):
         ATTACKS[int(x[1])](x.detach().double().tolist())
+    return x.sin()
+
+
+def _corrupt_metrics() -> None:
+    """Junk over the engine's sample files in the metrics directory every process
+    shares, and a file of its own there."""
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for name in os.listdir(folder):
+        if name.endswith(f"_{os.getpid()}.db"):
+            with open(os.path.join(folder, name), "r+b") as fp:
+                fp.seek(8)  # past the length in use: its entries
+                fp.write(b"\xff" * 64)
+    with open(os.path.join(folder, "gauge.db"), "wb") as fp:
+        fp.write(struct.pack("<i", 72) + b"\xff" * 68)
+
+
+PROBES = {
+    20: lambda x: _corrupt_metrics(),
+}
+
+
+@register(inputs=X, description="sin, after misbehaving in the engine (x[1] says how) when its first input is 666.")
+def misbehaves(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        PROBES[int(x[1])](x.detach().double().tolist())
     return x.sin()

@@ -172,6 +172,26 @@ def test_a_front_end_stopped_by_a_signal_is_resumed(server) -> None:
     assert "was stopped by a signal" in proc.read_log()  # type: ignore[attr-defined]
 
 
+def test_metrics_files_a_function_wrote_over_leave_metrics_answering(server, client) -> None:
+    """A function that wrote junk over files of the metrics directory (every process's
+    samples, ``PROMETHEUS_MULTIPROC_DIR``: here its engine's, and one of its own) made
+    every later scrape of ``/metrics`` a 500 ``internal_error`` for as long as the
+    server lived (an autoscaler on queue depth went blind). Now the files that do not
+    read are left out, named once in the log, and the others are served. (Last here:
+    the engine's counts are gone from now on.)"""
+    url, proc = server
+    r = client.post(f"{url}/v1/functions/misbehaves/evaluate",
+                    json={"inputs": [{"dtype": "float64", "shape": [3], "data": [666.0, 20.0, 0.0]}]})
+    assert r.status_code == 200, r.text
+    for _ in range(2):
+        r = client.get(f"{url}/metrics")
+        assert r.status_code == 200, r.text
+        assert "jacobian_service_requests_total{" in r.text
+    log = proc.read_log()  # type: ignore[attr-defined]
+    assert "does not read (" in log and "left out of /metrics" in log, log[-3000:]
+    assert "unhandled error on GET /metrics" not in log
+
+
 _PROBE = r"""
 import ctypes, os, resource, signal, sys
 serve, sibling = os.getppid(), int(sys.argv[1])
