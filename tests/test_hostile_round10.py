@@ -245,3 +245,41 @@ def test_the_seccomp_filter_alone_keeps_an_engine_off_serve() -> None:
         "affinity serve": "refused", "limit serve": "refused",
         "kill own group": "ok", "nice self": "ok", "kill sibling": "ok", "kill own child": "ok",
     }, out.stdout + out.stderr
+
+
+def test_control_messages_no_front_end_sends_do_not_stop_the_supervision(tmp_path) -> None:
+    """The supervisor's control socket (front ends: "release this function") is a file
+    in the run directory, which a function in an engine can reach too (pyzmq is there).
+    A message that was not JSON raised out of the supervisor's tick before it looked at
+    the engines, and a stream of them kept every crash and hang from being seen (and
+    every front end from hearing of one). Now such a message is dropped, and a tick
+    takes at most 64 of them before it watches the engines."""
+    import zmq
+
+    from jacobian_service.settings import Settings
+    from jacobian_service.supervisor import Supervisor
+
+    sup = Supervisor(Settings(), tmp_path)
+    push = sup.ctx.socket(zmq.PUSH)
+    try:
+        push.connect(f"ipc://{tmp_path}/control.sock")
+        sup.quarantined["f"] = time.time() + 600
+        for junk in (b"not json", b"[1]", b'{"t": "release"}', b'{"t": "release", "fn": 3}'):
+            push.send(junk)
+        push.send(b'{"t": "release", "fn": "f"}')
+        deadline = time.monotonic() + 10
+        while "f" in sup.quarantined:  # a tick raised JSONDecodeError at the first junk
+            sup.tick()
+            assert time.monotonic() < deadline, "the release never landed"
+        for _ in range(200):
+            push.send(b"x")
+        while not sup.control.poll(100):
+            pass
+        time.sleep(0.2)  # the flood has arrived
+        sup.tick()
+        assert sup.control.poll(0), "one tick took the whole flood"
+    finally:
+        push.close(linger=0)
+        sup.pub.close(linger=0)
+        sup.control.close(linger=0)
+        sup.ctx.term()

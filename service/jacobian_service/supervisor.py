@@ -79,6 +79,7 @@ _STATE_EVERY_S = 0.5
 _BACKOFF_MAX_S = 10.0
 _STABLE_S = 60.0  # an engine up this long has its backoff reset
 _PROMOTION_S = 1.0  # a warm spare's take-over, as a Retry-After says it (whole seconds)
+_CONTROL_PER_TICK = 64  # control messages taken per tick: a flood cannot keep the engines from being watched
 _REAP_EVERY_S = 1.0  # how often adopted processes that ended are collected (a few /proc reads)
 # Adopted processes running at once past this are a leak (a function that starts a daemon
 # at every call): killed, as the engines recycle themselves past as many children.
@@ -154,6 +155,7 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._last_state = 0.0
         self._reaped_at = 0.0
+        self._said_malformed = -1e9  # when a malformed control message was last logged
         # When each engine and spare process started (clock ticks since boot, by pid):
         # what ties an orphan to the engine that died (``orphans.kill_adopted``).
         self._ticks: dict[int, int | None] = {}
@@ -380,10 +382,10 @@ class Supervisor:
 
     def tick(self) -> None:
         now = time.monotonic()
-        while self.control.poll(0):
-            msg = orjson.loads(self.control.recv())
-            if msg.get("t") == "release":
-                self.release(msg["fn"])
+        for _ in range(_CONTROL_PER_TICK):
+            if not self.control.poll(0):
+                break
+            self._control(self.control.recv())
         for engine in self.engines:
             if engine.proc is None:
                 # A spare that died waiting is put down first, with what its warm-up did
@@ -443,6 +445,24 @@ class Supervisor:
         self._expire_quarantines()
         if now - self._last_state >= _STATE_EVERY_S:
             self.publish_state()
+
+    def _control(self, raw: bytes) -> None:
+        """A front end's word (``{"t": "release", "fn": name}``). The socket is a file
+        in the run directory, which a function in an engine can reach as well: a message
+        that is not JSON (or not that shape) raised out of the tick before the engines
+        were looked at, and a stream of them kept every hang and crash from being seen.
+        It is dropped, said once in a while."""
+        try:
+            msg = orjson.loads(raw)
+            if msg.get("t") == "release" and isinstance(msg.get("fn"), str):
+                self.release(msg["fn"])
+                return
+        except (orjson.JSONDecodeError, AttributeError):
+            pass
+        now = time.monotonic()
+        if now - self._said_malformed > 60:
+            self._said_malformed = now
+            log.warning("ignored a control message that no front end sends (%d bytes)", len(raw))
 
     def _kill(self, engine: _Engine, why: str) -> None:
         log.warning("engine %d: %s; killing pid %d", engine.index, why, engine.proc.pid)  # type: ignore[union-attr]
