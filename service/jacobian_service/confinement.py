@@ -124,13 +124,11 @@ def confiner(landlock: bool = True) -> Callable[[], None]:
     fprog = program = None
     if machine in _AUDIT_ARCH:
         native, table = _AUDIT_ARCH[machine]
-        try:
-            code = _filter(table, native, os.getpid(), os.getpgrp(), _tasks(os.getpid()))
-        except ValueError:  # a jump past 255 instructions: hundreds of threads here; Landlock alone
-            code = b""
-        if code:
-            program = ctypes.create_string_buffer(code, len(code))
-            fprog = _SockFprog(len(code) // 8, ctypes.cast(program, ctypes.c_void_p))
+        code = _filter(table, native, os.getpid(), os.getpgrp(), _tasks(os.getpid()))
+        if len(code) // 8 > _MAX_INSTRUCTIONS:  # thousands of threads: the process itself only
+            code = _filter(table, native, os.getpid(), os.getpgrp(), [])
+        program = ctypes.create_string_buffer(code, len(code))
+        fprog = _SockFprog(len(code) // 8, ctypes.cast(program, ctypes.c_void_p))
     get_errno, denied = ctypes.get_errno, (errno.EPERM, errno.EACCES)
 
     def unprivileged(call: Callable[[], int]) -> None:
@@ -176,8 +174,10 @@ def in_force() -> tuple[bool, bool]:
 
 # ------------------------------------------------------------------ the seccomp filter
 
-_LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
+_LD_W_ABS, _JEQ_K, _JGE_K, _JA, _RET_K = 0x20, 0x15, 0x35, 0x05, 0x06
 _NR, _ARCH = 0, 4
+_MAX_INSTRUCTIONS = 4096  # the kernel's BPF_MAXINSNS
+_DENY = _SECCOMP_RET_ERRNO | errno.EPERM
 
 
 def _arg(i: int) -> int:
@@ -191,31 +191,38 @@ def _u32(value: int) -> int:
 
 
 class _Program:
-    """A classic BPF program, built forward with symbolic jumps resolved at the end."""
+    """A classic BPF program. A conditional jump reaches at most 255 instructions, so
+    every test here only skips the one instruction after it (a return, or an
+    unconditional jump, whose reach is 32 bits): the program stays valid however many
+    pids it names."""
 
     def __init__(self) -> None:
-        self.code: list[tuple[int, int, int | str, int | str]] = []  # (op, k, jt, jf); jt/jf labels or 0
+        self.code: list[tuple[int, int, int, int, str | None]] = []  # (op, k, jt, jf, label of a jump)
         self.labels: dict[str, int] = {}
 
     def label(self, name: str) -> None:
         self.labels[name] = len(self.code)
 
-    def op(self, code: int, k: int, jt: int | str = 0, jf: int | str = 0) -> None:
-        self.code.append((code, k, jt, jf))
+    def load(self, offset: int) -> None:
+        self.code.append((_LD_W_ABS, offset, 0, 0, None))
+
+    def ret(self, value: int) -> None:
+        self.code.append((_RET_K, value, 0, 0, None))
+
+    def if_equal_return(self, value: int, result: int, op: int = _JEQ_K) -> None:
+        self.code.append((op, _u32(value), 0, 1, None))
+        self.ret(result)
+
+    def if_equal_go(self, value: int, label: str) -> None:
+        self.code.append((_JEQ_K, _u32(value), 0, 1, None))
+        self.code.append((_JA, 0, 0, 0, label))
 
     def assemble(self) -> bytes:
         out = bytearray()
-        for i, (code, k, jt, jf) in enumerate(self.code):
-            offsets = []
-            for target in (jt, jf):
-                if isinstance(target, str):
-                    offset = self.labels[target] - i - 1
-                    if not 0 <= offset <= 255:
-                        raise ValueError("a BPF jump out of range")
-                    offsets.append(offset)
-                else:
-                    offsets.append(target)
-            out += struct.pack("<HBBI", code, offsets[0], offsets[1], _u32(k))
+        for i, (code, k, jt, jf, label) in enumerate(self.code):
+            if label is not None:
+                k = self.labels[label] - i - 1
+            out += struct.pack("<HBBI", code, jt, jf, _u32(k))
         return bytes(out)
 
 
@@ -224,50 +231,47 @@ def _filter(table: dict[int, str], native: int, parent: int, group: int, threads
     deny_pids = sorted({parent, *threads})
     # kill(-1): everyone; kill(-group): serve's group, the front ends; 0 (own group) stays.
     signal_targets = sorted({*deny_pids, _u32(-1), _u32(-group)})
+    i386 = _I386 if native == _AUDIT_ARCH_X86_64 else {}
     p = _Program()
-    p.op(_LD_W_ABS, _ARCH)
-    p.op(_JEQ_K, native, "native", 0)
-    if native == _AUDIT_ARCH_X86_64:
-        p.op(_JEQ_K, _AUDIT_ARCH_I386, "i386", "allow")
-    else:
-        p.op(_RET_K, _SECCOMP_RET_ALLOW)
-    for arch, calls in (("native", table), ("i386", _I386 if native == _AUDIT_ARCH_X86_64 else {})):
+    p.load(_ARCH)
+    p.if_equal_go(native, "native")
+    if i386:
+        p.if_equal_go(_AUDIT_ARCH_I386, "i386")
+    p.ret(_SECCOMP_RET_ALLOW)
+    for arch, calls in (("native", table), ("i386", i386)):
         if not calls:
             continue
         p.label(arch)
-        p.op(_LD_W_ABS, _NR)
+        p.load(_NR)
         if arch == "native" and native == _AUDIT_ARCH_X86_64:
-            p.op(_JGE_K, _X32_SYSCALL_BIT, "deny", 0)  # the x32 ABI: not this engine's, and a way round the list
+            p.if_equal_return(_X32_SYSCALL_BIT, _DENY, op=_JGE_K)  # x32 calls: not this engine's, and a way round
         for nr, kind in calls.items():
-            p.op(_JEQ_K, nr, f"{arch}-{kind}", 0)
-        p.op(_RET_K, _SECCOMP_RET_ALLOW)
-        blocks = {"pid": (0, signal_targets), "tid": (0, deny_pids), "arg1": (1, deny_pids)}
-        for kind, (arg, targets) in blocks.items():
+            p.if_equal_go(nr, f"{arch}-{kind}")
+        p.ret(_SECCOMP_RET_ALLOW)
+        for kind, (arg, targets) in {"pid": (0, signal_targets), "tid": (0, deny_pids), "arg1": (1, deny_pids)}.items():
             p.label(f"{arch}-{kind}")
-            p.op(_LD_W_ABS, _arg(arg))
+            p.load(_arg(arg))
             for value in targets:
-                p.op(_JEQ_K, _u32(value), "deny", 0)
-            p.op(_RET_K, _SECCOMP_RET_ALLOW)
+                p.if_equal_return(value, _DENY)
+            p.ret(_SECCOMP_RET_ALLOW)
         for kind, (process, pgrp, usr) in (("prio", (_PRIO_PROCESS, _PRIO_PGRP, _PRIO_USER)),
                                            ("ioprio", (_IOPRIO_WHO_PROCESS, _IOPRIO_WHO_PGRP, _IOPRIO_WHO_USER))):
             # setpriority(which, who, ...): every process of the user, serve's group, serve
             p.label(f"{arch}-{kind}")
-            p.op(_LD_W_ABS, _arg(0))
-            p.op(_JEQ_K, usr, "deny", 0)
-            p.op(_JEQ_K, pgrp, f"{arch}-{kind}-pgrp", 0)
-            p.op(_JEQ_K, process, f"{arch}-{kind}-process", "allow")
+            p.load(_arg(0))
+            p.if_equal_return(usr, _DENY)
+            p.if_equal_go(pgrp, f"{arch}-{kind}-pgrp")
+            p.if_equal_go(process, f"{arch}-{kind}-process")
+            p.ret(_SECCOMP_RET_ALLOW)
             p.label(f"{arch}-{kind}-pgrp")
-            p.op(_LD_W_ABS, _arg(1))
-            p.op(_JEQ_K, _u32(group), "deny", "allow")
+            p.load(_arg(1))
+            p.if_equal_return(group, _DENY)
+            p.ret(_SECCOMP_RET_ALLOW)
             p.label(f"{arch}-{kind}-process")
-            p.op(_LD_W_ABS, _arg(1))
+            p.load(_arg(1))
             for value in deny_pids:
-                p.op(_JEQ_K, _u32(value), "deny", 0)
-            p.op(_RET_K, _SECCOMP_RET_ALLOW)
-    p.label("allow")
-    p.op(_RET_K, _SECCOMP_RET_ALLOW)
-    p.label("deny")
-    p.op(_RET_K, _SECCOMP_RET_ERRNO | errno.EPERM)
+                p.if_equal_return(value, _DENY)
+            p.ret(_SECCOMP_RET_ALLOW)
     return p.assemble()
 
 
