@@ -154,22 +154,31 @@ def confiner(landlock: bool = True) -> Callable[[], None]:
 
 def in_force() -> tuple[bool, bool]:
     """(Landlock, seccomp) as this process finds itself: a Landlock domain refuses it its
-    parent's descriptors (``/proc/PID/fd/0``, which the same user may read otherwise); a
-    filter shows in ``/proc/self/status``."""
+    parent's descriptors (``/proc/PID/fd/0``, which the same user may read otherwise);
+    the filter is one more than its parent has (a container's own profile is in both)."""
+    parent = os.getppid()
     landlock = False
     try:
-        os.readlink(f"/proc/{os.getppid()}/fd/0")
+        os.readlink(f"/proc/{parent}/fd/0")
     except PermissionError:
         landlock = landlock_abi() >= 6
     except OSError:
         pass
-    seccomp = False
+    mine, theirs = _seccomp_filters("self"), _seccomp_filters(str(parent))
+    return landlock, mine is not None and theirs is not None and mine > theirs
+
+
+def _seccomp_filters(pid: str) -> int | None:
+    """How many seccomp filters ``pid`` runs under (``Seccomp_filters``, Linux 5.9+; on
+    older kernels 1 for any, from the mode)."""
     try:
-        with open("/proc/self/status") as fp:
-            seccomp = any(line.startswith("Seccomp:") and line.split()[1] == "2" for line in fp)
+        with open(f"/proc/{pid}/status") as fp:
+            fields = dict(line.split(":", 1) for line in fp if ":" in line)
     except OSError:
-        pass
-    return landlock, seccomp
+        return None
+    if "Seccomp_filters" in fields:
+        return int(fields["Seccomp_filters"])
+    return 1 if fields.get("Seccomp", "0").strip() == "2" else 0
 
 
 # ------------------------------------------------------------------ the seccomp filter
