@@ -479,6 +479,7 @@ def test_the_status_file_is_read_whole_through_its_descriptor(monkeypatch):
     def no_file_objects(*args, **kwargs):
         raise AssertionError("a buffered file object was opened")
 
+    monkeypatch.setattr(ps, "_STATUS_FD", [])  # none kept (an engine process keeps one: below)
     monkeypatch.setattr(builtins, "open", no_file_objects)
     ps._STATUS.clear()
     text = ps._read_file(f"/proc/{os.getpid()}/status")
@@ -496,3 +497,52 @@ def test_the_status_file_is_read_whole_through_its_descriptor(monkeypatch):
         ps._status(b"SigIgn")
     monkeypatch.undo()
     ps._STATUS.clear()
+
+
+def test_the_status_file_is_read_again_through_a_kept_descriptor_that_is_still_its_own(monkeypatch, tmp_path):
+    """An engine process keeps /proc/self/status open and reads it again from its start
+    at each pass (one system call where opening it again took three more): no
+    descriptor is needed then, even with none free. A function may close that descriptor
+    or put another file at its number: what is read there is used only while it names
+    this process, else the file is opened afresh."""
+    from jacobian_service.engine import process_settings as ps
+
+    monkeypatch.setattr(ps, "_STATUS_FD", [])
+    ps.keep_status_open()
+    kept = ps._STATUS_FD[0]
+    real = b"\n" + ps._read_file("/proc/self/status")
+    field = lambda text, name: text.split(b"\n" + name + b":", 1)[1].split(b"\n", 1)[0].strip()  # noqa: E731
+
+    def emfile(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    opened = []
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(ps.os, "open", emfile)  # no descriptor free: the kept one serves
+            ps._STATUS.clear()
+            assert ps._status(b"SigIgn") == field(real, b"SigIgn")
+            assert ps._status(b"Name") == field(real, b"Name")
+        # Another file at its number, a status that names another process: not used.
+        fake = tmp_path / "status"
+        fake.write_bytes(b"Name:\tx\nPid:\t1\nSigIgn:\tffffffffffffffff\nSeccomp:\t2\n")
+        other = os.open(fake, os.O_RDONLY)
+        opened.append(other)
+        os.dup2(other, kept)
+        ps._STATUS.clear()
+        assert ps._status(b"SigIgn") == field(real, b"SigIgn") and ps._status(b"Seccomp") == field(real, b"Seccomp")
+        assert ps._STATUS_FD and ps._STATUS_FD[0] != kept  # its own again, at a new number
+        opened.append(ps._STATUS_FD[0])
+        # Closed under it: opened afresh.
+        os.close(ps._STATUS_FD[0])
+        opened.pop()
+        ps._STATUS.clear()
+        assert ps._status(b"SigIgn") == field(real, b"SigIgn")
+        opened.append(ps._STATUS_FD[0])
+    finally:
+        for fd in {kept, *opened}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        ps._STATUS.clear()

@@ -68,6 +68,7 @@ import faulthandler
 import fcntl
 import functools
 import gc
+import itertools
 import logging
 import operator
 import os
@@ -123,6 +124,16 @@ def _set_default_device(taken: Any) -> None:
 
 def _setter(obj: Any, name: str) -> Callable[[Any], None]:
     return lambda value: setattr(obj, name, value)
+
+
+def _flag(module: Any, name: str) -> Callable[[], Any]:
+    """What ``module.name`` reads, for a flag of ``torch.backends`` (a ``ContextProp`` of
+    the module's class): its getter, torch's own C function. Through the attribute, the
+    module's Python descriptor took ~1 us a read, five reads a batch."""
+    getter = getattr(vars(type(module)).get(name), "getter", None)
+    if callable(getter) and type(getter).__name__ == "builtin_function_or_method":
+        return getter
+    return lambda: getattr(module, name)
 
 
 def _filters() -> list[Any]:
@@ -213,14 +224,37 @@ _FP32_PRECISIONS = tuple(
     if isinstance(getattr(obj, "fp32_precision", None), str))
 
 
+
+
+def _fp32_getter(obj: Any) -> Callable[[], str]:
+    """What ``obj.fp32_precision`` reads, as a call of torch's own getter: through the
+    attribute, torch's Python property machinery (a module's descriptor, or a
+    ``__getattr__``) cost ~1 us a read, nine reads a batch; the getter alone ~0.1 us.
+    Where this torch lays it out otherwise, the attribute."""
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    own = getattr(obj, "__dict__", {})
+    where = (own.get("backend"), own.get("op"))  # torch.backends._FP32Precision
+    prop = vars(type(obj)).get("fp32_precision")
+    inner = getattr(prop, "getter", None)  # a module's ContextProp: a closure over (backend, op)
+    if getattr(getattr(inner, "__code__", None), "co_freevars", None) == ("backend", "op"):
+        where = tuple(cell.cell_contents for cell in inner.__closure__)
+    if getter is not None and all(isinstance(name, str) for name in where):
+        return functools.partial(getter, *where)
+    return lambda: obj.fp32_precision
+
+
+_FP32_GETTERS = tuple(_fp32_getter(obj) for obj in _FP32_PRECISIONS)
+_LEGACY_FP32 = getattr(torch._C, "_get_float32_matmul_precision", torch.get_float32_matmul_precision)
+
+
 def _float32_precision() -> tuple[str | None, tuple[str, ...]]:
     """The legacy matmul precision (None where the per-backend ones disagree with it),
     and each per-backend one."""
     try:
-        legacy: str | None = torch.get_float32_matmul_precision()
+        legacy: str | None = _LEGACY_FP32()
     except RuntimeError:  # "mix of the legacy and new APIs"
         legacy = None
-    return legacy, tuple(obj.fp32_precision for obj in _FP32_PRECISIONS)
+    return legacy, tuple(get() for get in _FP32_GETTERS)
 
 
 def _put_float32_precision(taken: tuple[str | None, tuple[str, ...]]) -> None:
@@ -382,7 +416,7 @@ def _status(field: bytes) -> bytes | None:
     had set: :class:`_NoDescriptor` instead."""
     if not _STATUS:
         try:
-            _STATUS.append(b"\n" + _read_file("/proc/self/status"))
+            _STATUS.append(b"\n" + _status_text())
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise _NoDescriptor() from exc
@@ -394,6 +428,44 @@ def _status(field: bytes) -> bytes | None:
     start += len(field) + 2
     end = data.find(b"\n", start)
     return data[start:end if end >= 0 else None].strip()
+
+
+# A descriptor of this process's /proc/<pid>/status kept open by an engine process
+# (``keep_status_open``), read again from its start at each pass: one system call where
+# opening the file again (a lookup through /proc) and closing it took three more, most of
+# the read's cost (~2/3 of it on the 2-core VM).
+_STATUS_FD: list[int] = []
+
+
+def keep_status_open() -> None:
+    """Keep /proc/self/status open for the passes to come (an engine process, which owns
+    its descriptors: opened before its descriptor watch takes its count)."""
+    if not _STATUS_FD:
+        try:
+            _STATUS_FD.append(os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:  # not Linux, or refused: each pass opens the file
+            pass
+
+
+def _status_text() -> bytes:
+    """/proc/self/status now: through the kept descriptor while it is still this
+    process's status file, else opened afresh (and kept again). A function may close the
+    kept descriptor, or put another file at its number (``os.closerange``, ``dup2``):
+    what is read there must name this process (its ``Pid`` line), or it is not used. A
+    forked child's copy names its parent, and is not used either."""
+    if _STATUS_FD:
+        fd = _STATUS_FD[0]
+        try:
+            text = os.pread(fd, 1 << 16, 0)
+        except OSError:
+            text = b""
+        if len(text) < 1 << 16 and f"\nPid:\t{os.getpid()}\n".encode() in text:
+            return text
+        _STATUS_FD.clear()  # not ours any more: its number is left alone (it may be the function's now)
+        text = _read_file("/proc/self/status")
+        keep_status_open()
+        return text
+    return _read_file("/proc/self/status")
 
 
 def _read_file(path: str) -> bytes:
@@ -594,12 +666,12 @@ _SETTINGS: tuple[_Setting, ...] = (
              torch.use_deterministic_algorithms),
     _Setting("torch's float32 precision (set_float32_matmul_precision, backends' fp32_precision)",
              _float32_precision, _put_float32_precision),
-    _Setting("cuDNN's TF32", lambda: torch.backends.cudnn.allow_tf32, _setter(torch.backends.cudnn, "allow_tf32")),
-    _Setting("cuDNN's benchmark mode", lambda: torch.backends.cudnn.benchmark, _setter(torch.backends.cudnn, "benchmark")),
-    _Setting("cuDNN (enabled)", lambda: torch.backends.cudnn.enabled, _setter(torch.backends.cudnn, "enabled")),
-    _Setting("cuDNN's deterministic mode", lambda: torch.backends.cudnn.deterministic,
+    _Setting("cuDNN's TF32", _flag(torch.backends.cudnn, "allow_tf32"), _setter(torch.backends.cudnn, "allow_tf32")),
+    _Setting("cuDNN's benchmark mode", _flag(torch.backends.cudnn, "benchmark"), _setter(torch.backends.cudnn, "benchmark")),
+    _Setting("cuDNN (enabled)", _flag(torch.backends.cudnn, "enabled"), _setter(torch.backends.cudnn, "enabled")),
+    _Setting("cuDNN's deterministic mode", _flag(torch.backends.cudnn, "deterministic"),
              _setter(torch.backends.cudnn, "deterministic")),
-    _Setting("oneDNN (enabled)", lambda: torch.backends.mkldnn.enabled, _setter(torch.backends.mkldnn, "enabled")),
+    _Setting("oneDNN (enabled)", _flag(torch.backends.mkldnn, "enabled"), _setter(torch.backends.mkldnn, "enabled")),
     _Setting("autocast (entered, not exited)", _autocast, _put_autocast),
     _Setting("scaled-dot-product attention's backends", _sdp, _put_sdp),
     _Setting("flushing denormals to zero", _flushes_denormals, _put_flush_denormals),
@@ -649,7 +721,7 @@ _NN_HOOKS = tuple(name for name in (
 
 def _nn_hooks() -> tuple[dict[Any, Any], ...]:
     module = torch.nn.modules.module
-    return tuple(dict(getattr(module, name)) for name in _NN_HOOKS)
+    return tuple(map(dict, map(getattr, itertools.repeat(module, len(_NN_HOOKS)), _NN_HOOKS)))
 
 
 def _put_nn_hooks(taken: tuple[dict[Any, Any], ...]) -> None:
@@ -661,7 +733,7 @@ def _put_nn_hooks(taken: tuple[dict[Any, Any], ...]) -> None:
 
 
 def _nn_hooks_changed(now: tuple[dict[Any, Any], ...], taken: tuple[dict[Any, Any], ...]) -> bool:
-    return any(a.keys() != b.keys() for a, b in zip(now, taken))
+    return list(map(dict.keys, now)) != list(map(dict.keys, taken))  # each pair as sets of keys
 
 
 _PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30
@@ -935,9 +1007,14 @@ class ProcessSettings:
         self._settings = (_SERVICE_LOGGING, _RESOURCE_LIMITS, *_SETTINGS, *_OWN_PROCESS_SETTINGS) if own_process \
             else _SETTINGS
         self._own_process = own_process
+        if own_process:
+            keep_status_open()
         _STATUS.clear()
         KERNELS.take()
         self._taken = [_read(s) for s in self._settings]
+        # What each pass reads: those read at the start (one unreadable then has nothing to put back)
+        self._checks = [(s, s.get, s.changed, taken) for s, taken in zip(self._settings, self._taken)
+                        if taken is not _UNREADABLE and taken is not _UNKNOWN]
         self._named: set[tuple[str, str]] = set()  # (function, setting) already logged
         # (function, setting) of the first change that could not be put back: the engine leaves.
         self.unrestorable: tuple[str, str] | None = None
@@ -960,13 +1037,15 @@ class ProcessSettings:
             # arms none of its own.
             faulthandler.cancel_dump_traceback_later()
         _STATUS.clear()  # read afresh, once, by the first setting that needs it
-        for setting, taken in zip(self._settings, self._taken):
-            if taken is _UNREADABLE or taken is _UNKNOWN:  # at the start: nothing to put back
+        # _read inlined: a call less for each of the ~60 settings, at every batch
+        for setting, get, changed, taken in self._checks:
+            try:
+                now = get()
+            except _NoDescriptor:
                 continue
-            now = _read(setting)
-            if now is _UNKNOWN:
-                continue
-            if now is _UNREADABLE or setting.changed(now, taken):
+            except Exception:
+                now = _UNREADABLE
+            if now is _UNREADABLE or changed(now, taken):
                 try:
                     setting.put(taken)
                 except Exception as exc:  # a privilege the engine lacks, a value torch refuses now
