@@ -546,3 +546,32 @@ def test_the_status_file_is_read_again_through_a_kept_descriptor_that_is_still_i
             except OSError:
                 pass
         ps._STATUS.clear()
+
+
+def test_a_hook_equal_to_everything_is_still_taken_for_a_change():
+    """The pass that finds nothing changed compares the settings tested by value in one
+    step (``ProcessSettings._unchanged``); a hook is tested by identity, never by ``==``:
+    a profile function whose ``__eq__`` says equal to anything (None included) is still
+    seen, and put back."""
+    from jacobian_service.engine.process_settings import ProcessSettings
+
+    class EqualToEverything:
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __ne__(self, other: object) -> bool:
+            return False
+
+        __hash__ = object.__hash__
+
+        def __call__(self, *args: object) -> None:
+            return None
+
+    before = sys.getprofile()
+    settings = ProcessSettings()
+    try:
+        sys.setprofile(EqualToEverything())
+        settings.restore("equal_hook")
+        assert sys.getprofile() is before
+    finally:
+        sys.setprofile(before)

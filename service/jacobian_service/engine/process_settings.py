@@ -578,6 +578,16 @@ def _put_scheduling(taken: tuple[int, int]) -> None:
 _SAVED_STDIO: list[int] = []
 
 
+def _stack_size() -> int:
+    """New threads' stack size, read without changing it: ``threading.stack_size()``
+    sets it back to the default as it answers. (As the getter, that read put it back
+    itself, before the pass could see and name the change: a pass that reads twice,
+    ``ProcessSettings._unchanged`` then the full one, saw nothing the second time.)"""
+    size = threading.stack_size()
+    threading.stack_size(size)
+    return size
+
+
 def _open(fd: int) -> bool:
     try:
         fcntl.fcntl(fd, fcntl.F_GETFD)  # a third of an fstat's cost
@@ -926,7 +936,7 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("the niceness", _niceness, _set_niceness),
     # What heap.freeze_heap froze: the in-process layout's host may freeze and unfreeze its own.
     _Setting("the garbage collector's frozen objects (gc.unfreeze)", thawed, lambda taken: refreeze()),
-    _Setting("the stack size of new threads", threading.stack_size, threading.stack_size),
+    _Setting("the stack size of new threads", _stack_size, threading.stack_size),
     _Setting("the default socket timeout", socket.getdefaulttimeout, socket.setdefaulttimeout),
     _Setting("the umask", _umask, os.umask),
     _Setting("the timer slack (prctl PR_SET_TIMERSLACK)", _timer_slack, _put_timer_slack),
@@ -953,6 +963,12 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     # After the environment: a TZ it put back takes effect here.
     _Setting("the time zone (TZ, time.tzset)", _time_zone, _put_time_zone),
 )
+
+
+# The tests of a change that equal values always pass (``now == taken``: unchanged), so
+# that settings tested by them can be compared whole (``ProcessSettings._unchanged``).
+# Not those that test identity: a hook equal to the one taken is not it.
+_EQUAL_IS_UNCHANGED = frozenset({operator.ne, operator.gt, operator.lt, _nn_hooks_changed, _environ_changed, _armed})
 
 
 class _Unreadable:
@@ -1015,6 +1031,15 @@ class ProcessSettings:
         # What each pass reads: those read at the start (one unreadable then has nothing to put back)
         self._checks = [(s, s.get, s.changed, taken) for s, taken in zip(self._settings, self._taken)
                         if taken is not _UNREADABLE and taken is not _UNKNOWN]
+        # For the pass that finds nothing changed (nearly every one): the settings whose
+        # test equal values always pass, read into one list and compared with the one
+        # taken in one step; the others (by identity: hooks, handlers, streams; torch's
+        # kernels) each by its own test.
+        by_value = [c for c in self._checks if c[2] in _EQUAL_IS_UNCHANGED]
+        self._value_gets = [get for _, get, _, _ in by_value]
+        self._value_taken = [taken for _, _, _, taken in by_value]
+        self._own_tests = [(get, changed, taken) for _, get, changed, taken in self._checks
+                           if changed not in _EQUAL_IS_UNCHANGED]
         self._named: set[tuple[str, str]] = set()  # (function, setting) already logged
         # (function, setting) of the first change that could not be put back: the engine leaves.
         self.unrestorable: tuple[str, str] | None = None
@@ -1028,6 +1053,21 @@ class ProcessSettings:
         named = function or "a function"
         return f"{named} (or a thread left running by {', '.join(others)})" if others else named
 
+    def _unchanged(self) -> bool:
+        """Whether every setting is as taken (nearly always), at about half the cost of
+        the pass that puts back what differs: no call and no test per setting where a
+        comparison of values tells. Any doubt (a read that fails, one without a
+        descriptor free, a comparison that raises) is the full pass's to settle."""
+        try:
+            if [get() for get in self._value_gets] != self._value_taken:
+                return False
+            for get, changed, taken in self._own_tests:
+                if changed(get(), taken):
+                    return False
+        except Exception:
+            return False
+        return True
+
     def restore(self, function: str) -> None:
         """Put back what differs now (nothing, nearly always)."""
         if self._own_process:
@@ -1037,7 +1077,11 @@ class ProcessSettings:
             # arms none of its own.
             faulthandler.cancel_dump_traceback_later()
         _STATUS.clear()  # read afresh, once, by the first setting that needs it
-        # _read inlined: a call less for each of the ~60 settings, at every batch
+        if self._unchanged():
+            return
+        _STATUS.clear()
+        # Something differs, or a read failed: each setting in its order, as it is read
+        # and put back (_read inlined: a call less for each).
         for setting, get, changed, taken in self._checks:
             try:
                 now = get()
