@@ -184,25 +184,65 @@ def _quote_non_finite(raw: bytes) -> bytes:
     return b"".join(pieces)
 
 
+# orjson reads an integer literal past int64 and uint64 as a float. Past uint64 that float
+# is past every integer dtype's range, and refused there; but every integer within 1024
+# below -2**63 rounds to the float -2**63, which fits int64: -2**63 - 1 for an int64
+# input was computed as -2**63, silently (and JavaScript's JSON.stringify writes int64's
+# lowest as -9223372036854776000). Each of those integers starts so.
+_ROUNDED_TO_INT64_MIN = b"-922337203685477"
+
+
+def _may_be_rounded(body: bytes | str) -> bool:
+    """Whether ``body`` may hold an integer orjson rounded to -2**63: a substring search,
+    at memory speed, on every body."""
+    if isinstance(body, str):
+        return _ROUNDED_TO_INT64_MIN.decode() in body
+    return _ROUNDED_TO_INT64_MIN in (body if isinstance(body, (bytes, bytearray)) else bytes(body))
+
+
+def _exact_integers(body: bytes | str) -> Any:
+    """``body`` read by Python's json, whose integers are exact (refused by an integer
+    dtype they do not fit, taken as floats by a float one), for the few bodies that may
+    hold an integer orjson rounds. orjson has read it already (its strictness holds);
+    nesting past Python's recursion limit, refused by depth later, is read by orjson."""
+    if not isinstance(body, (bytes, bytearray, str)):
+        body = bytes(body)  # (a memoryview, which json.loads refuses)
+    try:
+        return json.loads(body, parse_constant=str)  # constants spelled, as orjson's retry reads them
+    except Exception:  # noqa: BLE001
+        return orjson.loads(body)
+
+
 def loads(body: bytes | str) -> Any:
     """JSON -> Python. Bare ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's
     ``json.dumps``, and so ``requests.post(json=...)``, writes) are read as the strings
     ``"NaN"``, ``"Infinity"``, ``"-Infinity"``, which array data already accepts. orjson
     refuses the bare tokens, so only a body it refuses and that holds one is rewritten
     (strings left alone) and parsed again: the common path keeps orjson's speed, and
-    both keep its strictness and limits."""
+    both keep its strictness and limits. Integers are exact (see _exact_integers)."""
     try:
-        return orjson.loads(body)
+        doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         # Its text, not the exception: a kept exception's traceback holds this frame,
         # and with it the body, in a cycle until the garbage collector runs.
         error = str(exc)
+    else:
+        if not _may_be_rounded(body):
+            return doc
+        del doc  # (not held twice)
+        return _exact_integers(body)
     raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
     if b"NaN" in raw or b"Infinity" in raw:
+        quoted = _quote_non_finite(raw)
         try:
-            return orjson.loads(_quote_non_finite(raw))
+            doc = orjson.loads(quoted)
         except orjson.JSONDecodeError:
             pass
+        else:
+            if not _may_be_rounded(quoted):
+                return doc
+            del doc
+            return _exact_integers(quoted)
     raise WireError(f"unreadable JSON: {error}") from None
 
 
@@ -334,6 +374,10 @@ def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarr
             if isinstance(exc, OverflowError) and dtype is not None:  # a Python int past 64 bits
                 raise WireError(f"array data does not fit {dtype}", "invalid_input") from None
             raise WireError(f"array data is not a regular array of numbers: {exc}", "invalid_input") from None
+        if arr.dtype == object and dtype is None and all(v.__class__ in (int, float) for v in values):
+            # integers past uint64 (read exactly: see loads) among the numbers of an array
+            # of no dtype (cotangents, tangents): floats, as numpy takes [2**63, -1]
+            arr = np.asarray(values, dtype=np.float64).reshape(objects.shape)
         if arr.dtype.kind not in "biuf":
             raise WireError("array data must be numbers", "invalid_input")
     elif arr.dtype.kind == "b" and not want_bool:
