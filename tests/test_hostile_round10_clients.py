@@ -45,3 +45,41 @@ def test_an_integer_below_int64_is_refused_not_rounded_to_its_lowest(client, lit
     assert r.status_code == 200, r.text
     want = np.cos(np.float32(x)) * np.float32([float(literal), 1, 1e29])
     np.testing.assert_allclose(wire.decode_tree(r.json()["vjp"]), want, rtol=1e-6)
+
+
+# ------------------------------------------------------------ numbers past float64's range
+
+
+def test_a_number_past_float64_is_read_as_the_infinity_it_spells(client) -> None:
+    """``1e309`` is valid JSON (RFC 8259 leaves the range to the reader; Python's and
+    JavaScript's read it as Infinity) but orjson refuses it: a 400 "unreadable JSON",
+    where the spelled ``"Infinity"`` was taken for the same float input. Now both read the
+    same, as 1e39 for a float32 input already becomes infinity (numpy's cast)."""
+    def evaluate(x: str, y: str) -> dict:
+        body = f'{{"inputs": {{"x": {{"dtype": "float64", "shape": [3], "data": {x}}}, "y": {y}}}}}'
+        r = client.post("/v1/functions/add_square/evaluate", content=body, headers=JSON)
+        assert r.status_code == 200, r.text
+        return r.json()["output"]
+
+    spelled = evaluate('["Infinity", "-Infinity", 0.5]', "[1, 2, 3]")
+    assert spelled["data"] == ["Infinity", "-Infinity", 9.5]
+    assert evaluate("[1e309, -1e400, 0.5]", "[1, 2, 3]") == spelled
+    assert evaluate("[1E+309, -" + "9" * 400 + ", 0.5]", "[1, 2, 3]") == spelled
+    assert evaluate('["Infinity", "-Infinity", 0.5]', "[1, 2, 1e39]")["data"] == ["Infinity", "-Infinity", "Infinity"]
+    # numbers that only look large are read as they are
+    assert evaluate("[1e308, 1" + "0" * 400 + "e-300, 1e-400]", "[0, 0, 0]")["data"] == [1e308, 1e100, 0.0]
+    # an integer input cannot hold it: 422, as for "Infinity"; an option is no number there
+    for power in ("1e309", '"Infinity"'):
+        body = f'{{"inputs": {{"x": [[3.0, 4.0, 0.0]], "scale": 1.0, "power": {power}}}}}'
+        problem = assert_problem(client.post("/v1/functions/scaled_norm/evaluate", content=body, headers=JSON),
+                                 422, "invalid_input")
+        assert problem["detail"] == "array data does not fit int64: it holds Infinity"
+    problem = assert_problem(client.post("/v1/functions/sin/jacobian", content='{"inputs": [[1.0]], "chunk_size": 1e309}',
+                                         headers=JSON), 422, "invalid_input")
+    assert problem["detail"].startswith("chunk_size")
+    # in a string it stays a string; a body still unreadable stays a 400
+    problem = assert_problem(client.post("/v1/functions/sin/evaluate", content='{"inputs": {"1e309": [1e309]}}',
+                                         headers=JSON), 422, "invalid_input")
+    assert "'1e309'" in problem["detail"]
+    assert_problem(client.post("/v1/functions/sin/evaluate", content='{"inputs": [[1e309 x]]}', headers=JSON),
+                   400, "malformed_body")

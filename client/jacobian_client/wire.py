@@ -174,13 +174,28 @@ _BARE = re.compile(rb"([\[:,]\s*)(NaN|-?Infinity)(?=\s*(?:[,\]}]|\Z))")
 _MAX_STRINGS = 1 << 16
 
 
+# A number literal that may be past float64's range: an exponent of 100 or more, or 309
+# digits before the point. Only these are looked at (float() says), so a body of a
+# million ordinary numbers and one 1e309 costs one call per candidate, not per number.
+_HUGE = re.compile(rb"([\[:,]\s*)(-?(?:0|[1-9]\d*)(?:\.\d+)?[eE]\+?[1-9]\d{2,}|-?[1-9]\d{308,}(?:\.\d+)?(?:[eE][+-]?\d+)?)"
+                   rb"(?=\s*(?:[,\]}]|\Z))")
+
+
+def _spell_huge(match: re.Match[bytes]) -> bytes:
+    value = float(match[2])
+    if not math.isinf(value):
+        return match[0]
+    return match[1] + (b'"-Infinity"' if value < 0 else b'"Infinity"')
+
+
 def _quote_non_finite(raw: bytes) -> bytes:
-    """Bare NaN / Infinity / -Infinity values -> JSON strings; strings left as they are.
-    Linear in the body's size."""
+    """Bare NaN / Infinity / -Infinity values, and numbers past float64's range, -> the
+    JSON strings that spell them; strings left as they are. Linear in the body's size."""
     if raw.count(b'"') > 2 * _MAX_STRINGS:
         return raw
     pieces = _JSON_STRING.split(raw)  # outside, string, outside, string, ..., outside
     pieces[::2] = [_BARE.sub(rb'\1"\2"', p) if b"NaN" in p or b"Infinity" in p else p for p in pieces[::2]]
+    pieces[::2] = [_HUGE.sub(_spell_huge, p) for p in pieces[::2]]
     return b"".join(pieces)
 
 
@@ -216,10 +231,13 @@ def _exact_integers(body: bytes | str) -> Any:
 def loads(body: bytes | str) -> Any:
     """JSON -> Python. Bare ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's
     ``json.dumps``, and so ``requests.post(json=...)``, writes) are read as the strings
-    ``"NaN"``, ``"Infinity"``, ``"-Infinity"``, which array data already accepts. orjson
-    refuses the bare tokens, so only a body it refuses and that holds one is rewritten
-    (strings left alone) and parsed again: the common path keeps orjson's speed, and
-    both keep its strictness and limits. Integers are exact (see _exact_integers)."""
+    ``"NaN"``, ``"Infinity"``, ``"-Infinity"``, which array data already accepts; so is a
+    number past float64's range (``1e309``, ``-1e400``), which Python's and JavaScript's
+    JSON readers read as an infinity: orjson refused it, a 400 "unreadable JSON" for a
+    body that is valid JSON, where the spelled ``"Infinity"`` was taken. orjson refuses
+    both, so only a body it refuses and that holds one is rewritten (strings left alone)
+    and parsed again: the common path keeps orjson's speed, and both keep its strictness
+    and limits."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -232,7 +250,7 @@ def loads(body: bytes | str) -> Any:
         del doc  # (not held twice)
         return _exact_integers(body)
     raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
-    if b"NaN" in raw or b"Infinity" in raw:
+    if b"NaN" in raw or b"Infinity" in raw or _HUGE.search(raw):
         quoted = _quote_non_finite(raw)
         try:
             doc = orjson.loads(quoted)
@@ -337,8 +355,11 @@ def _number(value: Any, dtype: np.dtype | None) -> Any:
         return value
     if kind is bool and dtype is not None and dtype.kind == "b":
         return value
-    if kind is str and value in _SPELLED and (dtype is None or dtype.kind == "f"):
-        return _SPELLED[value]
+    if kind is str and value in _SPELLED:
+        if dtype is None or dtype.kind == "f":
+            return _SPELLED[value]
+        # (a number past float64's range, 1e309, arrives spelled too: see loads)
+        raise WireError(f"array data does not fit {dtype}: it holds {value}", "invalid_input")
     if value is None:
         raise WireError('array data holds null; a missing value is "NaN"', "invalid_input")
     if kind is bool:
