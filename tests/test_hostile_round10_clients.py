@@ -83,3 +83,43 @@ def test_a_number_past_float64_is_read_as_the_infinity_it_spells(client) -> None
     assert "'1e309'" in problem["detail"]
     assert_problem(client.post("/v1/functions/sin/evaluate", content='{"inputs": [[1e309 x]]}', headers=JSON),
                    400, "malformed_body")
+
+
+# ------------------------------------------------------------ bodies that are not UTF-8
+
+
+@pytest.mark.parametrize("charset", ["utf-16", "UTF-16LE", '"iso-8859-1"', "latin-1", "cp1252"])
+def test_a_json_body_in_another_charset_is_a_415_naming_it(client, charset: str) -> None:
+    """A body sent as ``application/json; charset=utf-16`` was read as UTF-8 anyway and
+    refused as "str is not valid UTF-8: surrogates not allowed" (a 400 naming neither the
+    charset nor what to do); one whose latin-1 bytes happened to be ASCII was served."""
+    text = '{"inputs": [[0.5, 1.0]]}'
+    encoding = charset.strip('"').replace("latin-1", "latin_1")
+    problem = assert_problem(client.post("/v1/functions/sin/evaluate", content=text.encode(encoding),
+                                         headers={"content-type": f"application/json; charset={charset}"}),
+                             415, "unsupported_media_type")
+    assert f"charset='{charset.strip(chr(34)).lower()}'" in problem["detail"] and "UTF-8" in problem["detail"]
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "UTF-8", '"utf-8"', "utf8", "us-ascii"])
+def test_a_json_body_that_says_utf8_is_served(client, charset: str) -> None:
+    r = client.post("/v1/functions/sin/evaluate", content='{"inputs": [[0.5]]}',
+                    headers={"content-type": f"application/json;charset={charset}; foo=bar"})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(wire.decode_tree(r.json()["output"]), np.sin([np.float32(0.5)]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("body, says", [
+    ('{"inputs": [[0.5]]}'.encode("utf-16"), "UTF-16"),
+    ('{"inputs": [[0.5]]}'.encode("utf-16-le"), "UTF-16"),
+    ('{"inputs": [[0.5]]}'.encode("utf-32"), "UTF-16 or UTF-32"),
+    (b"\xef\xbb\xbf" + b'{"inputs": [[0.5]]}', "byte order mark (EF BB BF)"),
+    ('{"inputs": {"caf\u00e9": [0.5]}}'.encode("latin-1"), "byte 0xe9 at offset 16"),
+    (b'{"inputs": [[0.5]], "argnums": "\xff"}', "byte 0xff at offset 32"),
+], ids=["utf-16", "utf-16-le", "utf-32", "bom", "latin-1", "0xff"])
+def test_a_json_body_not_in_utf8_is_a_400_saying_so(client, body: bytes, says: str) -> None:
+    """The same bodies with no charset said: orjson's "str is not valid UTF-8: surrogates
+    not allowed: line 1 column 1 (char 0)" for every one, pointing at the first byte."""
+    problem = assert_problem(client.post("/v1/functions/sin/evaluate", content=body, headers=JSON),
+                             400, "malformed_body")
+    assert says in problem["detail"] and "surrogates" not in problem["detail"]

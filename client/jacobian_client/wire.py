@@ -228,6 +228,22 @@ def _exact_integers(body: bytes | str) -> Any:
         return orjson.loads(body)
 
 
+def _unreadable(raw: bytes, error: str) -> str:
+    """Why a body is not JSON, in words a caller can act on. orjson says "str is not
+    valid UTF-8: surrogates not allowed" of any body that is not UTF-8 (a UTF-16 one, a
+    latin-1 accent), which names neither the encoding nor where it goes wrong."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(raw) > 1 and b"\x00" in raw[:4]):
+        return "the body is UTF-16 or UTF-32 (it has NUL bytes or a UTF-16 byte order mark); JSON bodies are UTF-8"
+    if raw[:3] == b"\xef\xbb\xbf":
+        return "the body starts with a UTF-8 byte order mark (EF BB BF); send JSON without one"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (f"the body is not UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start} ({exc.reason}); "
+                "JSON bodies are UTF-8 (a latin-1 or cp1252 text must be re-encoded)")
+    return error
+
+
 def loads(body: bytes | str) -> Any:
     """JSON -> Python. Bare ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's
     ``json.dumps``, and so ``requests.post(json=...)``, writes) are read as the strings
@@ -261,7 +277,7 @@ def loads(body: bytes | str) -> Any:
                 return doc
             del doc
             return _exact_integers(quoted)
-    raise WireError(f"unreadable JSON: {error}") from None
+    raise WireError(f"unreadable JSON: {_unreadable(raw, error)}") from None
 
 
 def dumps(obj: Any) -> bytes:

@@ -21,7 +21,7 @@ from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, Unsupported
 from .registry import FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, FunctionSpec, format_shape
 from .vmap_dims import check_out_dims, in_dim_of, leaf_in_dims, query_dims
 
-__all__ = ["KINDS", "Options", "media_type_of", "parse_call", "parse_sparsity_query"]
+__all__ = ["KINDS", "Options", "check_json_charset", "media_type_of", "parse_call", "parse_sparsity_query"]
 
 Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
 KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
@@ -566,6 +566,23 @@ def media_type_of(content_type: str | None) -> str:
     if not content_type:
         return wire.JSON
     return content_type.split(";", 1)[0].strip().lower()
+
+
+_UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})  # ASCII is UTF-8
+
+
+def check_json_charset(content_type: str | None) -> None:
+    """A JSON body is read as UTF-8 (RFC 8259 8.1): one that says it is another charset
+    (``charset=utf-16``, ``iso-8859-1``) would be misread, and was a 400 "str is not valid
+    UTF-8: surrogates not allowed", which named neither. Now a 415 naming the charset."""
+    if not content_type or ";" not in content_type:
+        return
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.partition("=")
+        charset = value.strip().strip('"').lower()
+        if key.strip().lower() == "charset" and charset not in _UTF8_CHARSETS:
+            raise UnsupportedMediaType(f"a JSON body is read as UTF-8 (RFC 8259), not as charset={echo(charset, 40)}; "
+                                       "send it in UTF-8 (charset=utf-8, or no charset)")
 
 
 _SPARSITY_QUERY = frozenset({"shapes", "dtypes", "kind", "sparsity", "mode", "argnums", "format"})

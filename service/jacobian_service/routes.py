@@ -42,7 +42,7 @@ from .errors import (
     Unavailable,
     UnsupportedMediaType,
 )
-from .parsing import KINDS, media_type_of, parse_call, parse_sparsity_query
+from .parsing import KINDS, check_json_charset, media_type_of, parse_call, parse_sparsity_query
 from .responses import JsonRows, acceptable, attachment, choose, echo, encode, is_single_array, problem_response
 from .scheduler import StreamHead
 from .settings import NULL_ORIGIN_HINT
@@ -283,6 +283,8 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
                                    f"or {wire.NPZ}): then a page of an origin not allowed is stopped at the CORS "
                                    "preflight")
     content_type = media_type_of(request.headers.get("content-type"))
+    if content_type == wire.JSON:
+        check_json_charset(request.headers.get("content-type"))
     encodings = [e.strip().lower() for e in request.headers.getlist("content-encoding")]
     if any(e not in ("", "identity") for e in encodings):  # a gzip body read as JSON or .npy is only garbage
         shown = ", ".join(e for e in encodings if e not in ("", "identity"))
