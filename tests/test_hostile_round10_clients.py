@@ -7,12 +7,16 @@ saw before.
 
 from __future__ import annotations
 
+import io
+import struct
+import zipfile
+
 import numpy as np
 import pytest
 
 from jacobian_client import wire
 
-from .conftest import assert_problem
+from .conftest import assert_problem, npy_bytes
 
 JSON = {"content-type": wire.JSON}
 
@@ -123,3 +127,37 @@ def test_a_json_body_not_in_utf8_is_a_400_saying_so(client, body: bytes, says: s
     problem = assert_problem(client.post("/v1/functions/sin/evaluate", content=body, headers=JSON),
                              400, "malformed_body")
     assert says in problem["detail"] and "surrogates" not in problem["detail"]
+
+
+# ------------------------------------------------------------ .npy headers that lie
+
+
+def _npy_with_length(delta: int) -> bytes:
+    good = npy_bytes(np.arange(4, dtype=np.float32))
+    length = struct.unpack("<H", good[8:10])[0]
+    return good[:8] + struct.pack("<H", length + delta) + good[10:]
+
+
+@pytest.mark.parametrize("delta, says", [
+    (-1, "says the header ends at byte 127, but no newline ends it there"),
+    (-10, "says the header ends at byte 118, but no newline ends it there"),
+    (1, "says the header ends at byte 129, but its newline is byte 128"),
+    (16, "says the header ends at byte 144, but its newline is byte 128"),
+    (1000, "says the header ends at byte 1128, past the body's 144 bytes"),
+])
+def test_an_npy_header_whose_length_lies_is_a_400_saying_so(client, delta: int, says: str) -> None:
+    """A length field one short read the header (numpy's reader does not look for the
+    newline that ends it) and blamed the data: ".npy data holds 17 bytes; its header
+    declares 16"; one longer dumped the data's bytes as an unparsable header
+    ("Cannot parse header: ... \\n\\x00\\x00\\x80?")."""
+    for path in ("/v1/functions/sin/jacobian", "/v1/functions/sin/evaluate"):
+        problem = assert_problem(client.post(path, content=_npy_with_length(delta), headers={"content-type": wire.NPY}),
+                                 400, "malformed_body")
+        assert says in problem["detail"] and "length field" in problem["detail"], problem["detail"]
+    # in an .npz member alike, named
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("x.npy", _npy_with_length(delta))
+    problem = assert_problem(client.post("/v1/functions/sin/jacobian", content=buf.getvalue(),
+                                         headers={"content-type": wire.NPZ}), 400, "malformed_body")
+    assert problem["detail"].startswith("member 'x.npy'") and "length field" in problem["detail"]

@@ -831,6 +831,16 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 def parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     """A whole ``.npy`` header -> ``(shape, fortran_order, dtype)``; pickles, odd dtypes
     and negative shapes refused."""
+    if not header.endswith(b"\n"):
+        # The .npy format ends its header with a newline (the dict, spaces, "\n"), which
+        # numpy's reader does not check: a length field one short read the header well
+        # and then blamed the data (".npy data holds 17 bytes; its header declares 16"),
+        # one too long dumped the data's bytes as the "header" it could not parse.
+        start = 12 if header[6:7] in (b"\x02", b"\x03") else 10
+        ends = header.find(b"\n", start)
+        where = f"its newline is byte {ends + 1}" if ends >= 0 else "no newline ends it there"
+        raise WireError(f"unreadable .npy header: its length field says the header ends at byte {len(header)}, "
+                        f"but {where}: the length field is wrong")
     fp = io.BytesIO(header)
     try:
         version = npy_format.read_magic(fp)
@@ -858,8 +868,11 @@ def parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
 def read_npy(body: bytes | memoryview, limits: Limits = Limits()) -> np.ndarray:
     """A whole ``.npy`` body -> array. Header checked before the data is touched."""
     end = npy_header_length(body)
-    if end is None or end > len(body):
-        raise WireError("unreadable .npy header: the body is cut short")
+    if end is None:
+        raise WireError(f"unreadable .npy header: the body is cut short ({len(body)} bytes, before the header's length)")
+    if end > len(body):
+        raise WireError(f"unreadable .npy header: its length field says the header ends at byte {end}, past the "
+                        f"body's {len(body)} bytes: the body is cut short or the length field is wrong")
     shape, fortran, dtype = parse_npy_header(bytes(body[:end]))
     offset = end
     _check_shape(list(shape), limits)
