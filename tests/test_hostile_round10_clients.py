@@ -161,3 +161,26 @@ def test_an_npy_header_whose_length_lies_is_a_400_saying_so(client, delta: int, 
     problem = assert_problem(client.post("/v1/functions/sin/jacobian", content=buf.getvalue(),
                                          headers={"content-type": wire.NPZ}), 400, "malformed_body")
     assert problem["detail"].startswith("member 'x.npy'") and "length field" in problem["detail"]
+
+
+# ------------------------------------------------------------ request ids
+
+
+@pytest.mark.parametrize("sent", [b"a" * 129, b"caf\xc3\xa9", b"caf\xe9", b"a\tb", b"x\x7f"],
+                         ids=["129-chars", "utf-8", "latin-1", "tab", "del"])
+def test_a_request_id_that_cannot_be_echoed_as_sent_is_replaced(client, sent: bytes) -> None:
+    """An X-Request-ID over 128 characters was cut to 128 (an id neither the client's nor
+    unique), and a non-ASCII one was echoed as its bytes but written into the problem's
+    ``request_id`` decoded as latin-1: "café" came back as "cafÃ©" beside a header that
+    reads "café". Both now get an id of the service's own, in the header and the body."""
+    for r in (client.post("/v1/functions/nope/jacobian", content=b"{}", headers={**JSON, "x-request-id": sent}),
+              client.get("/v1/functions/sin", headers={"x-request-id": sent})):
+        rid = r.headers["x-request-id"]
+        assert rid.encode() != sent and len(rid) == 32 and int(rid, 16) >= 0
+        if r.status_code >= 400:
+            assert assert_problem(r, 404, "function_not_found")["request_id"] == rid
+    # what fits is echoed exactly, in the header and the problem alike
+    for sent in (b"a" * 128, b"req-1 / \"quoted\" <x>", b"~"):
+        r = client.post("/v1/functions/nope/jacobian", content=b"{}", headers={**JSON, "x-request-id": sent})
+        assert r.headers["x-request-id"].encode() == sent
+        assert assert_problem(r, 404, "function_not_found")["request_id"].encode() == sent

@@ -76,7 +76,7 @@ class AccessMiddleware:
                     twice.append(key.decode())
                 seen.add(key)
             if key == b"x-request-id":
-                request_id = value.decode("latin-1")[:128]
+                request_id = value.decode("latin-1")
             elif key == b"host":
                 hosts += 1
             elif key == b"expect":
@@ -85,7 +85,13 @@ class AccessMiddleware:
                 codings.extend(c.strip().lower() for c in value.split(b","))
             elif key == b"content-length":
                 length = True
-        request_id = request_id if request_id.isprintable() and request_id else new_request_id()
+        # A client's id is echoed as sent, or not at all: one over 128 characters was cut
+        # (an id neither the client's nor unique: two sharing their first 128 shared it),
+        # and one of non-ASCII bytes, echoed as its bytes in the header, was written
+        # decoded as latin-1 into the problem's request_id ("café" came back as "cafÃ©"
+        # beside a header read as "café"). Either gets an id of the service's own.
+        if not (0 < len(request_id) <= 128 and request_id.isascii() and request_id.isprintable()):
+            request_id = new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         started = time.perf_counter()
