@@ -10,13 +10,17 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
+from typing import Iterator
 
 import numpy as np
 import pytest
+from starlette.testclient import TestClient
 
 from jacobian_client import wire
+from jacobian_service import create_app
+from jacobian_service.settings import Settings
 
-from .conftest import assert_problem, npy_bytes
+from .conftest import assert_problem, npy_bytes, npz_bytes
 
 JSON = {"content-type": wire.JSON}
 
@@ -184,3 +188,86 @@ def test_a_request_id_that_cannot_be_echoed_as_sent_is_replaced(client, sent: by
         r = client.post("/v1/functions/nope/jacobian", content=b"{}", headers={**JSON, "x-request-id": sent})
         assert r.headers["x-request-id"].encode() == sent
         assert assert_problem(r, 404, "function_not_found")["request_id"].encode() == sent
+
+
+# ------------------------------------------------------------ every limit on every endpoint and format
+
+
+@pytest.fixture(scope="module")
+def limited() -> Iterator[TestClient]:
+    """An in-process app with small limits, so that each is cheap to pass."""
+    settings = Settings(warmup=False, functions="jacobian_service.examples", max_request_bytes=65536,
+                        max_array_elements=1000, max_array_rank=4, max_npz_members=3, max_json_depth=8)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        yield c
+
+
+# (endpoint, function, query): every kind, a sparse Jacobian and Hessian, and a Jacobian
+# large enough to stream (softmax's 1000 x 1000 would be, were its input let in)
+_ENDPOINTS = [("jacobian", "sin", ""), ("hessian", "sum_sin", ""), ("evaluate", "sin", ""), ("vjp", "sin", ""),
+              ("jvp", "sin", ""), ("hvp", "sum_sin", ""), ("jacobian", "lorenz96", "?sparsity=auto"),
+              ("hessian", "rosenbrock", "?sparsity=auto"), ("jacobian", "softmax", "?chunk_size=16")]
+_VECTOR = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}
+# violation -> (status, code, what the detail says), the same on every endpoint and format
+_LIMITS = {
+    "elements": (413, "payload_too_large", "1000 elements"),
+    "rank": (422, "invalid_input", " 4"),
+    "members": (413, "payload_too_large", "the limit is 3"),
+    "depth": (400, "malformed_body", "JSON nested deeper than 8 levels"),
+    "bytes": (413, "payload_too_large", "the limit is 65536"),
+}
+
+
+def _violating_body(kind: str, violation: str, media: str) -> bytes | None:
+    """A body of ``media`` for ``kind`` that passes one limit, or None where that format
+    cannot carry the violation (depth is JSON's; members an .npz's) or the call."""
+    vector = _VECTOR.get(kind)
+    x = {"elements": np.zeros(1001, np.float32), "rank": np.zeros((1, 1, 1, 1, 1), np.float32),
+         "bytes": np.zeros(20000, np.float32)}.get(violation, np.zeros(3, np.float32))
+    if media == wire.JSON:
+        if violation == "members":
+            return None
+        doc: dict = {"inputs": [[[[[[[[[[0.5]]]]]]]]]] if violation == "depth" else [x.tolist()]}
+        if vector:
+            doc[vector] = x.tolist()
+        return wire.dumps(doc)
+    if media == wire.NPY:
+        return None if vector or violation in ("members", "depth") else npy_bytes(x)
+    if violation == "depth":
+        return None
+    members = {"x": x, **({vector: x} if vector else {}), **({"a": x, "b": x, "c": x} if violation == "members" else {})}
+    return npz_bytes(**members)
+
+
+@pytest.mark.parametrize("kind, name, query", _ENDPOINTS, ids=[f"{k}-{n}" for k, n, _ in _ENDPOINTS])
+def test_every_limit_is_refused_alike_on_every_endpoint_and_format(limited, kind: str, name: str, query: str) -> None:
+    """The same oversized, over-ranked, over-deep or over-many input is refused with the
+    same status, code and limit named, whichever endpoint and format it comes in (a
+    streamed or sparse answer included), and nothing is computed: the engine saw none."""
+    before = _engine_calls(limited)
+    seen = 0
+    for violation, (status, code, says) in _LIMITS.items():
+        for media in (wire.JSON, wire.NPY, wire.NPZ):
+            body = _violating_body(kind, violation, media)
+            if body is None:
+                continue
+            r = limited.post(f"/v1/functions/{name}/{kind}{query}", content=body,
+                             headers={"content-type": media, "accept": wire.NPY if name == "softmax" else wire.JSON})
+            detail = assert_problem(r, status, code)["detail"]
+            assert says in detail, (violation, media, detail)
+            seen += 1
+        # query-string options past int64 too (argnums is taken, or moot, everywhere)
+        r = limited.post(f"/v1/functions/{name}/{kind}{query}{'&' if query else '?'}argnums=99999999999999999999",
+                         content=wire.dumps({"inputs": [[0.5]], **({_VECTOR[kind]: [1.0]} if kind in _VECTOR else {})}),
+                         headers=JSON)
+        assert "beyond the range of int64" in assert_problem(r, 422, "invalid_input")["detail"]
+    assert seen >= 8
+    assert _engine_calls(limited) == before
+    # (and the app still computes: the count moves for a request within the limits)
+    assert limited.post("/v1/functions/sin/evaluate", json={"inputs": [[0.5]]}).status_code == 200
+    assert _engine_calls(limited) == before + 1
+
+
+def _engine_calls(c: TestClient) -> float:
+    text = c.get("/metrics").text
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("jacobian_service_batch_size_count "))
