@@ -271,3 +271,30 @@ def test_every_limit_is_refused_alike_on_every_endpoint_and_format(limited, kind
 def _engine_calls(c: TestClient) -> float:
     text = c.get("/metrics").text
     return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("jacobian_service_batch_size_count "))
+
+
+# ------------------------------------------------------------ X-Request-Timeout on streamed answers
+
+
+@pytest.mark.parametrize("accept", [wire.NPY, wire.JSON])
+def test_a_streamed_answer_keeps_the_clients_request_timeout_for_each_chunk(accept: str) -> None:
+    """Each row chunk of a streamed Jacobian gets the request timeout afresh, but it was
+    the server's (60 s) whatever the client's X-Request-Timeout said: a client that asked
+    for 0.5 s got 3 s of chunks of a second each (and a chunk that hung held the engine
+    60 s). Now each chunk gets the client's 0.5 s: the first is cut, the stream aborted
+    (a short body, never one that looks whole), the engine asked for nothing more."""
+    x = np.ones(3, np.float32)
+    with TestClient(create_app(Settings(warmup=False, functions="tests.hostile10_client_functions", stream_threshold_bytes=0)),
+                    raise_server_exceptions=False) as c:
+        r = c.post("/v1/functions/slow_chunks/jacobian?chunk_size=1", content=npy_bytes(x),
+                   headers={"content-type": wire.NPY, "accept": accept, "x-request-timeout": "0.5"})
+        assert r.status_code == 200  # the head went out in time
+        if accept == wire.NPY:
+            assert len(r.content) < len(npy_bytes(np.eye(3, dtype=np.float32)))
+        else:
+            assert r.content.startswith(b'{"function":"slow_chunks"') and not r.content.endswith(b"}}")
+            with pytest.raises(ValueError):
+                r.json()
+        streamed = next(line for line in c.get("/metrics").text.splitlines()
+                        if line.startswith("jacobian_service_streamed_bytes_total"))
+        assert float(streamed.split()[1]) == 0.0  # no chunk came: the first was cut

@@ -202,6 +202,10 @@ async def release_function(request: Request, name: str) -> Response:
 
 
 def _deadline(state: ServiceState, request: Request) -> float:
+    return time.monotonic() + _timeout(state, request)
+
+
+def _timeout(state: ServiceState, request: Request) -> float:
     """The server's timeout, shortened by the client's ``X-Request-Timeout`` (seconds)."""
     timeout = state.settings.request_timeout_s
     header = request.headers.get("x-request-timeout")
@@ -216,7 +220,7 @@ def _deadline(state: ServiceState, request: Request) -> float:
             raise InvalidInput(f"X-Request-Timeout must be a positive, finite number of seconds, not {echo(header)} "
                                f"(it shortens the server's REQUEST_TIMEOUT_S, {timeout:g} s)")
         timeout = min(timeout, asked)
-    return time.monotonic() + timeout
+    return timeout
 
 
 async def _offload(size: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -341,8 +345,8 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
             state.engines.close_stream(result)
             raise
         if media[0] == wire.NPY:
-            return _stream(state, request, call, result, info, release)
-        return _stream_json(state, spec.name, result, info, release)
+            return _stream(state, request, call, result, info, release, _timeout(state, request))
+        return _stream_json(state, spec.name, result, info, release, _timeout(state, request))
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
     nbytes = result.nbytes()  # within the result limit: the engine's worker refused it otherwise (scheduler)
@@ -465,7 +469,7 @@ async def _cancellable(request: Request, work: Awaitable[Any]) -> Any:
 
 
 def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead, info: JobInfo,
-            release: Callable[[], None]) -> Response:
+            release: Callable[[], None], timeout: float | None = None) -> Response:
     """A large Jacobian as ``.npy``, row chunk by row chunk, with O(chunk) memory.
 
     The header and Content-Length went out from the forward pass; each chunk is asked
@@ -475,10 +479,15 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
     """
     header = wire.npy_header(head.shape, np.dtype(head.dtype))
 
+    # A stream that keeps making progress is not timed out: each chunk gets the request's
+    # timeout afresh once the first bytes are out. The request's: a client's shorter
+    # X-Request-Timeout held for its head only, and each later chunk had the server's
+    # 60 s (a chunk that hung held the engine, and a hung engine was killed, that long).
+    # (None: the server's.)
+    timeout = state.settings.request_timeout_s if timeout is None else timeout
+
     def next_deadline() -> float:
-        # A stream that keeps making progress is not timed out: each chunk gets the
-        # request timeout afresh once the first bytes are out.
-        return time.monotonic() + state.settings.request_timeout_s
+        return time.monotonic() + timeout
 
     async def body() -> AsyncIterator[bytes | memoryview]:
         done = False
@@ -528,13 +537,14 @@ def _drop(pending: asyncio.Future | None) -> None:
 
 
 def _stream_json(state: ServiceState, function: str, head: StreamHead, info: JobInfo,
-                 release: Callable[[], None]) -> Response:
+                 release: Callable[[], None], timeout: float | None = None) -> Response:
     """A large Jacobian as JSON, written from the engine's row chunks as they come (as
     :func:`_stream` does for ``.npy``): the same document as a gathered one, with
     ``meta`` last, so its times cover the whole stream. Chunked transfer: the length of
     the text is not known in advance."""
     started = time.monotonic()
     rows = JsonRows(head.shape)
+    timeout = state.settings.request_timeout_s if timeout is None else timeout  # (as _stream's)
 
     async def body() -> AsyncIterator[bytes]:
         done = False
@@ -542,14 +552,12 @@ def _stream_json(state: ServiceState, function: str, head: StreamHead, info: Job
         try:
             yield (wire.dumps(function).join((b'{"function":', b',"jacobian":{"dtype":'))
                    + wire.dumps(np.dtype(head.dtype).name) + b',"shape":' + wire.dumps(list(head.shape)) + b',"data":')
-            deadline = time.monotonic() + state.settings.request_timeout_s
-            pending = asyncio.ensure_future(state.engines.next_chunk(head, deadline))
+            pending = asyncio.ensure_future(state.engines.next_chunk(head, time.monotonic() + timeout))  # as _stream's
             while True:
                 arr = await pending
                 if arr is None:
                     break
-                pending = asyncio.ensure_future(
-                    state.engines.next_chunk(head, time.monotonic() + state.settings.request_timeout_s))
+                pending = asyncio.ensure_future(state.engines.next_chunk(head, time.monotonic() + timeout))
                 state.metrics.streamed_bytes.inc(arr.nbytes)
                 # A chunk's text is several times its size: written a block of rows at a
                 # time, each block's text sent before the next is made.
