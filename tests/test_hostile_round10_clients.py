@@ -298,3 +298,15 @@ def test_a_streamed_answer_keeps_the_clients_request_timeout_for_each_chunk(acce
         streamed = next(line for line in c.get("/metrics").text.splitlines()
                         if line.startswith("jacobian_service_streamed_bytes_total"))
         assert float(streamed.split()[1]) == 0.0  # no chunk came: the first was cut
+
+
+@pytest.mark.parametrize("media, body", [(wire.JSON, b'{"inputs": [[0.5'), (wire.NPY, b"\x93NUMPY junk"),
+                                         (wire.NPZ, b"PK junk")], ids=["json", "npy", "npz"])
+def test_a_malformed_request_timeout_is_refused_before_the_body_is_read(client, media: str, body: bytes) -> None:
+    """X-Request-Timeout was checked once the body had come and been parsed: a client
+    with a typo in it ('5s') uploaded its whole body, held the body budget while it was
+    parsed, and was told of the body's faults (a 400 here) before the header's. Now the
+    header is refused first, as Content-Type and Content-Encoding are."""
+    problem = assert_problem(client.post("/v1/functions/sin/jacobian", content=body,
+                                         headers={"content-type": media, "x-request-timeout": "5s"}), 422, "invalid_input")
+    assert problem["detail"].startswith("X-Request-Timeout must be a positive, finite number of seconds, not '5s'")

@@ -295,6 +295,10 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         # RFC 9110 15.5.16: a 415 for a coding says which codings are served (none)
         raise UnsupportedMediaType(f"Content-Encoding {echo(shown)} is not supported; send the body as it is",
                                    headers={"Accept-Encoding": "identity"})
+    # Checked before the body is read, as the headers above: a malformed X-Request-Timeout
+    # was told only once the whole body had come and been parsed (a 256 MB upload, its
+    # body budget held, for a 422 its headers had decided).
+    timeout = _timeout(state, request)
     s = state.settings
     # The body is charged to the process's body budget as it arrives, before it is
     # buffered, and held there (JSON at its parse cost) until it is parsed; an .npz's
@@ -314,7 +318,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     # queue held arrays the budget never saw (20 of 8 MB: +700 MB, the gauge at 0).
     if (more := _arrays_nbytes(call) - inputs.held) > 0:
         inputs.take(more, f"holding a request's arrays ({more} bytes)")
-    call.deadline = _deadline(state, request)
+    call.deadline = time.monotonic() + timeout
     call.max_result_bytes = state.settings.max_result_bytes
     sparse = call.sparsity != "dense"
     if sparse and call.sparse_format != "dense":
@@ -345,8 +349,8 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
             state.engines.close_stream(result)
             raise
         if media[0] == wire.NPY:
-            return _stream(state, request, call, result, info, release, _timeout(state, request))
-        return _stream_json(state, spec.name, result, info, release, _timeout(state, request))
+            return _stream(state, request, call, result, info, release, timeout)
+        return _stream_json(state, spec.name, result, info, release, timeout)
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
     nbytes = result.nbytes()  # within the result limit: the engine's worker refused it otherwise (scheduler)
