@@ -370,7 +370,7 @@ def parse_call(
     extra: Any = None
     try:
         if media_type == wire.JSON:
-            doc = wire.loads(body)
+            doc = wire.loads(body, exact_integers=spec.takes_integers)
             wire.check_unique_keys(body, wire.check_depth(doc, limits.max_json_depth))
             if not isinstance(doc, dict):
                 raise InvalidInput("the body must be a JSON object with an 'inputs' member")

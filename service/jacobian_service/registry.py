@@ -333,6 +333,12 @@ class FunctionSpec:
         return any(i.tree is not None for i in self.inputs)
 
     @functools.cached_property
+    def takes_integers(self) -> bool:
+        """Whether a leaf input is declared an integer dtype: only then must a JSON
+        body's integers be read exactly (wire.loads), a float one taking them as floats."""
+        return any(leaf.dtype.startswith(("int", "uint")) for leaf in self.leaf_inputs)
+
+    @functools.cached_property
     def leaf_inputs(self) -> tuple[Input, ...]:
         """Every input's leaves, in order: what a request's ``args`` hold."""
         return tuple(leaf for i in self.inputs for leaf in i.leaves())
