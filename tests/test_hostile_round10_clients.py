@@ -313,3 +313,24 @@ def test_a_malformed_request_timeout_is_refused_before_the_body_is_read(client, 
     problem = assert_problem(client.post("/v1/functions/sin/jacobian", content=body,
                                          headers={"content-type": media, "x-request-timeout": "5s"}), 422, "invalid_input")
     assert problem["detail"].startswith("X-Request-Timeout must be a positive, finite number of seconds, not '5s'")
+
+
+# ------------------------------------------------------------ API keys
+
+
+def test_api_keys_are_compared_at_one_length_whatever_the_guess(make_client, monkeypatch) -> None:
+    """Keys were compared with hmac.compare_digest as sent, which is constant-time only
+    between equal lengths: it returns at once on a length that differs, so timing a
+    guess told whether its length was a key's. Now every comparison is of two 32-byte
+    digests, whatever was sent; the right key still passes and the others do not."""
+    from jacobian_service import middleware
+
+    c = make_client(api_keys="short-key,a-much-longer-second-key")
+    lengths: list[tuple[int, int]] = []
+    real = middleware.hmac.compare_digest
+    monkeypatch.setattr(middleware.hmac, "compare_digest", lambda a, b: lengths.append((len(a), len(b))) or real(a, b))
+    for guess in ("x", "short-ke", "short-key!", "k" * 20000, "a-much-longer-second-kex"):
+        assert_problem(c.get("/v1/functions", headers={"authorization": f"Bearer {guess}"}), 403, "forbidden")
+    for key in ("short-key", "a-much-longer-second-key"):
+        assert c.get("/v1/functions", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    assert lengths and set(lengths) == {(32, 32)}

@@ -7,6 +7,7 @@ route is covered alike: there is no second path that could skip the key check.
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import hmac
 import logging
 import time
@@ -207,7 +208,10 @@ class AuthMiddleware:
 
     def __init__(self, app: Any, keys: tuple[str, ...], metrics_auth: bool, docs_auth: bool) -> None:
         self.app = app
-        self.keys = [k.encode() for k in keys]
+        # Compared as SHA-256 digests: hmac.compare_digest is constant-time only between
+        # equal lengths, and returns at once on a length that differs, so the time a
+        # guess took told whether its length was a key's. Digests are all 32 bytes.
+        self.keys = [_digest(k.encode()) for k in keys]
         # The docs pages are HTML shells with nothing secret: they ask for the key that
         # /openapi.json wants (a page load cannot carry one).
         self.open_paths = {"/healthz", "/readyz", "/docs", "/redoc", "/favicon.ico"}
@@ -232,11 +236,15 @@ class AuthMiddleware:
         scheme, _, token = header.partition(" ")
         if not header or scheme.lower() != "bearer" or not token.strip():
             return Unauthorized("send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
-        supplied = token.strip().encode("latin-1")
+        supplied = _digest(token.strip().encode("latin-1"))
         matched = False
         for key in self.keys:  # every key, always: the time taken says nothing of which matched
             matched |= hmac.compare_digest(supplied, key)
         return None if matched else Forbidden("the API key is not valid")
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
 
 
 def _is_open(path: str, open_paths: set[str]) -> bool:
