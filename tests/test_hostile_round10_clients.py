@@ -334,3 +334,24 @@ def test_api_keys_are_compared_at_one_length_whatever_the_guess(make_client, mon
     for key in ("short-key", "a-much-longer-second-key"):
         assert c.get("/v1/functions", headers={"authorization": f"Bearer {key}"}).status_code == 200
     assert lengths and set(lengths) == {(32, 32)}
+
+
+@pytest.mark.parametrize("path, media, status, code, says", [
+    ("/v1/functions/sin/jacobian?bogus=1", wire.NPY, 422, "invalid_input", "unknown option 'bogus'"),
+    ("/v1/functions/sin/jacobian?chunk_size=lots", wire.NPZ, 422, "invalid_input", "chunk_size"),
+    ("/v1/functions/sin/evaluate?rows=0,2", wire.NPY, 422, "invalid_input", "rows does not apply to evaluate"),
+    ("/v1/functions/sin/jacobian?rows=2,1", wire.NPY, 422, "invalid_input", "rows must satisfy"),
+    ("/v1/functions/sin/jacobian?sparsity=nope", wire.NPY, 422, "sparsity_not_found", "no sparsity pattern named 'nope'"),
+    ("/v1/functions/add_square/jacobian", wire.NPY, 422, "invalid_input", "carries one input"),
+    ("/v1/functions/sin/vjp", wire.NPY, 422, "invalid_input", "carries one input"),
+    ("/v1/functions/sin/jacobian?batched=maybe", wire.JSON, 422, "invalid_input", "batched"),
+    ("/v1/functions/sin/jacobian", "text/csv", 415, "unsupported_media_type", "'text/csv' is not supported"),
+])
+def test_what_the_url_decides_is_refused_before_the_body_is_read(client, path, media, status, code, says) -> None:
+    """An option the query string gets wrong, an .npy for a call it cannot carry, a
+    Content-Type not served: each was told only once the whole body had come and been
+    parsed (here a body that is itself unreadable was answered 400 first), so a client
+    uploaded 256 MB for a refusal its URL and headers had decided."""
+    body = {wire.NPY: b"\x93NUMPY junk", wire.NPZ: b"PK junk"}.get(media, b'{"inputs": [[0.5')
+    problem = assert_problem(client.post(path, content=body, headers={"content-type": media}), status, code)
+    assert says in problem["detail"], problem["detail"]

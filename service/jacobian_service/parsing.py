@@ -21,7 +21,7 @@ from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, Unsupported
 from .registry import FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, FunctionSpec, format_shape
 from .vmap_dims import check_out_dims, in_dim_of, leaf_in_dims, query_dims
 
-__all__ = ["KINDS", "Options", "check_json_charset", "media_type_of", "parse_call", "parse_sparsity_query"]
+__all__ = ["KINDS", "Options", "check_head", "check_json_charset", "media_type_of", "parse_call", "parse_sparsity_query"]
 
 Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
 KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
@@ -401,17 +401,7 @@ def parse_call(
                 for leaf in inp.match(obj, lambda value, leaf: _decode(value, leaf.default_dtype, limits))
             ]
         elif media_type == wire.NPY:
-            if len(spec.inputs) != 1 or vector_key:
-                raise InvalidInput(
-                    f"an application/x-npy body carries one input; {spec.name} {kind} needs "
-                    "more: send application/x-npz"
-                )
-            if spec.has_trees:
-                raise InvalidInput(
-                    f"an application/x-npy body carries one array; {spec.name}'s input "
-                    f"{spec.inputs[0].name!r} is a tree of {len(spec.leaf_inputs)}: send application/x-npz "
-                    f"(members {[f'{spec.inputs[0].name}/{p}' for p in spec.inputs[0].member_paths()][:5]}) or JSON"
-                )
+            _check_npy_carries(spec, kind)
             arr = wire.read_npy(body, limits)
             arrays = [(arr, arr.dtype.name)]
         elif media_type == wire.NPZ:
@@ -425,19 +415,12 @@ def parse_call(
                 raise InvalidInput(f"{kind} needs '{vector_key}' members in the .npz")
             arrays = _npz_inputs(spec, given_by_name)
         else:
-            raise UnsupportedMediaType(
-                f"Content-Type {echo(media_type) if media_type else '(none)'} is not supported; "
-                f"send {wire.JSON}, {wire.NPY} or {wire.NPZ}"
-            )
+            raise _unsupported(media_type)
     except wire.WireError as exc:
         raise from_wire(exc) from None
 
     options = _options(raw_options, kind)
-    if options.rows is not None and options.batched:
-        raise InvalidInput("rows applies to non-batched jacobian requests only")
-    if options.rows is not None and not 0 <= options.rows[0] <= options.rows[1]:
-        raise InvalidInput(f"rows must satisfy 0 <= start <= stop, got {list(options.rows)}")
-    _check_sparsity(spec, kind, options)
+    _check_options(spec, kind, options)
     if kind == "evaluate" and not spec.inputs:
         # Nothing to differentiate, nothing to select: evaluate answers f(), where the
         # default argnums=0 was a 422 "out of range" for a function that takes no inputs
@@ -534,6 +517,48 @@ def _check_pairs(key: str, vectors: Any, extra_key: str, extra: Any) -> None:
     if len({n for found in sizes.values() for n in found}) > 1:
         raise InvalidInput(f"{extra_key} and {key} pair up by index: with batched_vectors, as many of each "
                            f"(leading dimensions {sizes[extra_key]} and {sizes[key]})")
+
+
+def check_head(spec: FunctionSpec, kind: Kind, media_type: str, query: Mapping[str, str]) -> None:
+    """What a request's head decides, checked before its body is read (parse_call checks
+    it again, with the body's options): the query's options (unknown ones, ones ``kind``
+    does not take, values that are wrong on their own) and whether an .npy body can
+    carry the call. These were told only once the
+    whole body had come and been parsed: a 256 MB upload for a 422 its URL had decided
+    (``?sparsity=nope``, ``?chunk_size=lots``, an .npy for a function of two inputs)."""
+    if media_type not in (wire.JSON, wire.NPY, wire.NPZ):
+        raise _unsupported(media_type)
+    if media_type == wire.NPY:
+        _check_npy_carries(spec, kind)
+    if query:  # (a JSON body's own options may refuse more, once read; none makes these right)
+        _check_options(spec, kind, _options({k: _query_value(k, v) for k, v in query.items()}, kind))
+
+
+def _unsupported(media_type: str) -> UnsupportedMediaType:
+    return UnsupportedMediaType(f"Content-Type {echo(media_type) if media_type else '(none)'} is not supported; "
+                                f"send {wire.JSON}, {wire.NPY} or {wire.NPZ}")
+
+
+def _check_npy_carries(spec: FunctionSpec, kind: str) -> None:
+    if len(spec.inputs) != 1 or kind in _VECTOR_KEY:
+        raise InvalidInput(
+            f"an application/x-npy body carries one input; {spec.name} {kind} needs "
+            "more: send application/x-npz"
+        )
+    if spec.has_trees:
+        raise InvalidInput(
+            f"an application/x-npy body carries one array; {spec.name}'s input "
+            f"{spec.inputs[0].name!r} is a tree of {len(spec.leaf_inputs)}: send application/x-npz "
+            f"(members {[f'{spec.inputs[0].name}/{p}' for p in spec.inputs[0].member_paths()][:5]}) or JSON"
+        )
+
+
+def _check_options(spec: FunctionSpec, kind: str, options: Options) -> None:
+    if options.rows is not None and options.batched:
+        raise InvalidInput("rows applies to non-batched jacobian requests only")
+    if options.rows is not None and not 0 <= options.rows[0] <= options.rows[1]:
+        raise InvalidInput(f"rows must satisfy 0 <= start <= stop, got {list(options.rows)}")
+    _check_sparsity(spec, kind, options)
 
 
 def _check_sparsity(spec: FunctionSpec, kind: str, options: Options) -> None:

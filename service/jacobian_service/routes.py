@@ -42,7 +42,7 @@ from .errors import (
     Unavailable,
     UnsupportedMediaType,
 )
-from .parsing import KINDS, check_json_charset, media_type_of, parse_call, parse_sparsity_query
+from .parsing import KINDS, check_head, check_json_charset, media_type_of, parse_call, parse_sparsity_query
 from .responses import JsonRows, acceptable, attachment, choose, echo, encode, is_single_array, problem_response
 from .scheduler import StreamHead
 from .settings import NULL_ORIGIN_HINT
@@ -299,6 +299,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     # was told only once the whole body had come and been parsed (a 256 MB upload, its
     # body budget held, for a 422 its headers had decided).
     timeout = _timeout(state, request)
+    check_head(spec, kind, content_type, _query(request))  # (content types parse_call does not take: 415 there)
     s = state.settings
     # The body is charged to the process's body budget as it arrives, before it is
     # buffered, and held there (JSON at its parse cost) until it is parsed; an .npz's
