@@ -174,11 +174,18 @@ _BARE = re.compile(rb"([\[:,]\s*)(NaN|-?Infinity)(?=\s*(?:[,\]}]|\Z))")
 _MAX_STRINGS = 1 << 16
 
 
-# A number literal that may be past float64's range: an exponent of 100 or more, or 309
+# A number literal that may be past float64's range: an exponent of 300 or more, or 309
 # digits before the point. Only these are looked at (float() says), so a body of a
-# million ordinary numbers and one 1e309 costs one call per candidate, not per number.
-_HUGE = re.compile(rb"([\[:,]\s*)(-?(?:0|[1-9]\d*)(?:\.\d+)?[eE]\+?[1-9]\d{2,}|-?[1-9]\d{308,}(?:\.\d+)?(?:[eE][+-]?\d+)?)"
-                   rb"(?=\s*(?:[,\]}]|\Z))")
+# million ordinary numbers and one 1e309 costs one call per candidate, not per number;
+# a body of more than _MAX_HUGE candidates is not rewritten (a Python call each: a body
+# of nothing but 1e300s would cost the front end several times its parse).
+_HUGE = re.compile(rb"([\[:,]\s*)(-?(?:0|[1-9]\d*)(?:\.\d+)?[eE]\+?(?:[3-9]\d\d|[1-9]\d{3,})"
+                   rb"|-?[1-9]\d{308,}(?:\.\d+)?(?:[eE][+-]?\d+)?)(?=\s*(?:[,\]}]|\Z))")
+_MAX_HUGE = 1 << 12
+# orjson's word for such a literal: only a body it refuses so is scanned by _HUGE (a scan
+# tries the pattern at every separator: on a body of a million numbers, twice orjson's
+# parse, which a body with a bare NaN should not pay).
+_OVERFLOW = "number is infinity when parsed as double"
 
 
 def _spell_huge(match: re.Match[bytes]) -> bytes:
@@ -188,14 +195,19 @@ def _spell_huge(match: re.Match[bytes]) -> bytes:
     return match[1] + (b'"-Infinity"' if value < 0 else b'"Infinity"')
 
 
-def _quote_non_finite(raw: bytes) -> bytes:
-    """Bare NaN / Infinity / -Infinity values, and numbers past float64's range, -> the
-    JSON strings that spell them; strings left as they are. Linear in the body's size."""
+def _quote_non_finite(raw: bytes, huge: bool = False) -> bytes:
+    """Bare NaN / Infinity / -Infinity values (``huge``: numbers past float64's range)
+    -> the JSON strings that spell them; strings left as they are. Linear in the body's
+    size."""
     if raw.count(b'"') > 2 * _MAX_STRINGS:
         return raw
+    if huge and sum(1 for _ in itertools.islice(_HUGE.finditer(raw), _MAX_HUGE + 1)) > _MAX_HUGE:
+        return raw
     pieces = _JSON_STRING.split(raw)  # outside, string, outside, string, ..., outside
-    pieces[::2] = [_BARE.sub(rb'\1"\2"', p) if b"NaN" in p or b"Infinity" in p else p for p in pieces[::2]]
-    pieces[::2] = [_HUGE.sub(_spell_huge, p) for p in pieces[::2]]
+    if huge:
+        pieces[::2] = [_HUGE.sub(_spell_huge, p) for p in pieces[::2]]
+    else:
+        pieces[::2] = [_BARE.sub(rb'\1"\2"', p) if b"NaN" in p or b"Infinity" in p else p for p in pieces[::2]]
     return b"".join(pieces)
 
 
@@ -268,17 +280,20 @@ def loads(body: bytes | str, exact_integers: bool = False) -> Any:
         del doc  # (not held twice)
         return _exact_integers(body)
     raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
-    if b"NaN" in raw or b"Infinity" in raw or _HUGE.search(raw):
-        quoted = _quote_non_finite(raw)
+    quoted, said = raw, error
+    for huge in (False, True):  # bare tokens, then (where orjson says so) numbers past float64
+        if not (_OVERFLOW in said if huge else b"NaN" in raw or b"Infinity" in raw):
+            continue
+        quoted = _quote_non_finite(quoted, huge)
         try:
             doc = orjson.loads(quoted)
-        except orjson.JSONDecodeError:
-            pass
-        else:
-            if not exact_integers or not _may_be_rounded(quoted):
-                return doc
-            del doc
-            return _exact_integers(quoted)
+        except orjson.JSONDecodeError as exc:
+            said = str(exc)
+            continue
+        if not exact_integers or not _may_be_rounded(quoted):
+            return doc
+        del doc
+        return _exact_integers(quoted)
     raise WireError(f"unreadable JSON: {_unreadable(raw, error)}") from None
 
 
