@@ -368,3 +368,14 @@ def test_a_body_of_too_many_huge_literals_is_not_rewritten(client) -> None:
     problem = assert_problem(client.post("/v1/functions/sin/evaluate", content=f'{{"inputs": [[{x}, 1e300, 1e309]]}}',
                                          headers=JSON), 400, "malformed_body")
     assert "number is infinity when parsed as double" in problem["detail"]
+
+
+@pytest.mark.parametrize("query", ["api_key=short-key", "access_token=short-key", "x=1&KEY=short-key"])
+def test_an_api_key_in_the_query_string_is_refused_saying_why(make_client, query: str) -> None:
+    """A key sent as ?api_key= is not read (URLs are logged): the 401 asked for the header
+    and said nothing of the key it had been given, as if it were wrong."""
+    c = make_client(api_keys="short-key")
+    for r in (c.get(f"/v1/functions?{query}"), c.post(f"/v1/functions/sin/jacobian?{query}", json={"inputs": [[0.5]]})):
+        detail = assert_problem(r, 401, "unauthorized")["detail"]
+        assert "a key in the query string is not read" in detail and "short-key" not in detail
+    assert "query string" not in assert_problem(c.get("/v1/functions?x=1"), 401, "unauthorized")["detail"]

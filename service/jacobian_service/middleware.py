@@ -10,6 +10,7 @@ import contextvars
 import hashlib
 import hmac
 import logging
+import re
 import time
 from typing import Any, Callable
 
@@ -235,12 +236,22 @@ class AuthMiddleware:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         if not header or scheme.lower() != "bearer" or not token.strip():
-            return Unauthorized("send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+            hint = ""
+            if _KEY_IN_QUERY.search(scope.get("query_string", b"")):
+                # Refused, and said so: a 401 that only asked for the header left a client
+                # that sent ?api_key= wondering whether its key was wrong.
+                hint = ("; a key in the query string is not read (URLs are kept in logs and proxies' "
+                        "histories): send it in the header")
+            return Unauthorized("send 'Authorization: Bearer <key>'" + hint, headers={"WWW-Authenticate": "Bearer"})
         supplied = _digest(token.strip().encode("latin-1"))
         matched = False
         for key in self.keys:  # every key, always: the time taken says nothing of which matched
             matched |= hmac.compare_digest(supplied, key)
         return None if matched else Forbidden("the API key is not valid")
+
+
+# Names clients use for a key in a URL (?api_key=, ?key=, ?access_token=, ?token=).
+_KEY_IN_QUERY = re.compile(rb"(?:^|&)(?:api[_-]?key|apikey|key|access[_-]?token|token|auth)=", re.IGNORECASE)
 
 
 def _digest(key: bytes) -> bytes:
