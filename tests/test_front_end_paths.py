@@ -8,6 +8,7 @@ import logging
 
 
 from jacobian_service.logs import quick_record
+from jacobian_service.routes import ROUTES, Router
 
 _EXTRA = {"request_id": "r-1", "method": "POST", "path": "/v1/functions/sin/jacobian", "status": 200,
           "duration_ms": 1.5}
@@ -49,3 +50,26 @@ def test_quick_record_follows_a_record_factory_set_later() -> None:
     finally:
         logging.setLogRecordFactory(made)
     assert type(record) is Mine and record.request_id == "r-1"
+
+
+def _scope(path: str, method: str = "POST", raw: bytes | None = None) -> dict:
+    return {"type": "http", "method": method, "path": path, "raw_path": raw or path.encode(), "root_path": "",
+            "headers": [], "state": {}}
+
+
+def test_router_keeps_matches_per_path_and_bounded() -> None:
+    router = Router(ROUTES)
+    first = router.match(_scope("/v1/functions/sin/jacobian"))
+    again = router.match(_scope("/v1/functions/sin/jacobian"))
+    other = router.match(_scope("/v1/functions/cos/jacobian"))
+    assert [(r.operation_id, p) for r, p in first] == [("jacobian", {"name": "sin"})]
+    assert again is first  # kept, not matched again
+    assert [(r.operation_id, p) for r, p in other] == [("jacobian", {"name": "cos"})]
+    # an encoded '/' names nothing, whether or not its decoded path was seen
+    assert router.match(_scope("/v1/functions/sin/jacobian", raw=b"/v1/functions/sin%2Fjacobian")) == []
+    assert router.match(_scope("/nowhere")) == []
+    for i in range(Router.CACHED_PATHS + 5):
+        router.match(_scope(f"/v1/functions/f{i}"))
+    assert len(router._cache) <= Router.CACHED_PATHS
+    assert [(r.operation_id, p) for r, p in router.match(_scope("/v1/functions/f3", "GET"))] == \
+        [("getFunction", {"name": "f3"})]

@@ -645,25 +645,39 @@ class Router:
     problems. A trailing slash is a 404 like any unknown path: no redirect built from
     the ``Host`` header."""
 
+    # Paths whose matches are kept (most requests name a few paths again and again).
+    CACHED_PATHS = 1024
+
     def __init__(self, routes: list[Route]) -> None:
         # Each pattern with the literal start of its path and its number of segments:
         # cheap string checks rule out most routes before a regular expression runs.
         self.routes = [(route, route.pattern, route.path.split("{", 1)[0], route.path.count("/")) for route in routes]
+        # path -> its matches, shared by the requests for that path (never changed: the
+        # handlers take the parameters as keywords). Bounded: clients may send any paths;
+        # full, it starts again.
+        self._cache: dict[str, list[tuple[Route, dict[str, str]]]] = {}
 
     def match(self, scope: dict[str, Any]) -> list[tuple[Route, dict[str, str]]]:
         """The routes whose path matches the request's, each with its path parameters.
         Kept in the scope: the access middleware labels the request from the same match."""
         state = scope.setdefault("state", {})
-        if "matches" not in state and _encoded_slash(scope):
-            state["matches"] = []
-        if "matches" not in state:
-            path = route_path(scope)
+        matches = state.get("matches")
+        if matches is None:
+            matches = state["matches"] = [] if _encoded_slash(scope) else self._match(route_path(scope))
+        return matches
+
+    def _match(self, path: str) -> list[tuple[Route, dict[str, str]]]:
+        matches = self._cache.get(path)
+        if matches is None:
             segments = path.count("/")
-            state["matches"] = [
+            matches = [
                 (route, m.groupdict()) for route, pattern, start, count in self.routes
                 if count == segments and path.startswith(start) and (m := pattern.match(path))
             ]
-        return state["matches"]
+            if len(self._cache) >= self.CACHED_PATHS:
+                self._cache.clear()
+            self._cache[path] = matches
+        return matches
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         request = Request(scope, receive)
