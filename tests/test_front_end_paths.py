@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 
+from starlette.requests import Request
 
 from jacobian_service.logs import quick_record
-from jacobian_service.routes import ROUTES, Router
+from jacobian_service.routes import ROUTES, Router, _header
 
 _EXTRA = {"request_id": "r-1", "method": "POST", "path": "/v1/functions/sin/jacobian", "status": 200,
           "duration_ms": 1.5}
@@ -73,3 +74,14 @@ def test_router_keeps_matches_per_path_and_bounded() -> None:
     assert len(router._cache) <= Router.CACHED_PATHS
     assert [(r.operation_id, p) for r, p in router.match(_scope("/v1/functions/f3", "GET"))] == \
         [("getFunction", {"name": "f3"})]
+
+
+def test_header_map_gives_the_first_value_and_defaults() -> None:
+    scope = _scope("/v1/functions/sin/jacobian")
+    scope["headers"] = [(b"origin", b"https://a.example"), (b"accept", b"application/json"),
+                        (b"origin", b"https://b.example"), (b"x-latin", "caf\xe9".encode("latin-1"))]
+    request = Request(scope)
+    assert _header(request, b"origin") == request.headers.get("origin") == "https://a.example"
+    assert _header(request, b"x-latin") == "caf\xe9"
+    assert _header(request, b"sec-fetch-site") is None
+    assert _header(request, b"sec-fetch-mode", "") == ""

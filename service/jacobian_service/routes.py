@@ -115,6 +115,19 @@ def _accept(request: Request) -> str:
     return ", ".join(request.headers.getlist("accept"))
 
 
+def _header(request: Request, name: bytes, default: str | None = None) -> str | None:
+    """A request header's first value (as ``request.headers.get``). The computing
+    endpoints read several, most of them absent (origin, fetch metadata, timeout):
+    Starlette scans the header list for each, and raises and catches a KeyError for each
+    absent one. Here one pass makes a map of them all, kept in the scope's state."""
+    state = request.scope.setdefault("state", {})
+    first = state.get("first_headers")
+    if first is None:  # reversed: where a name repeats, the first value is the one kept
+        first = state["first_headers"] = dict(reversed(request.scope["headers"]))
+    value = first.get(name)
+    return default if value is None else value.decode("latin-1")
+
+
 def _request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
@@ -208,7 +221,7 @@ def _deadline(state: ServiceState, request: Request) -> float:
 def _timeout(state: ServiceState, request: Request) -> float:
     """The server's timeout, shortened by the client's ``X-Request-Timeout`` (seconds)."""
     timeout = state.settings.request_timeout_s
-    header = request.headers.get("x-request-timeout")
+    header = _header(request, b"x-request-timeout")
     if header:
         # One message for every refusal, naming the value: 'inf', 'nan' and '1e309' (a
         # float's infinity) were told the header 'must be a positive number of seconds'.
@@ -278,7 +291,8 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     spec = state.registry.get(name)
     _refuse_other_sites(request)
     media = acceptable(_accept(request))
-    if not request.headers.get("content-type") and "origin" in request.headers:
+    content_type_header = _header(request, b"content-type")
+    if not content_type_header and _header(request, b"origin") is not None:
         # A body with no Content-Type is read as JSON, for clients that leave it out; but
         # from a web page (it sends Origin) it is the one POST a page of any origin may
         # send without a CORS preflight: any site a user visits could have their browser
@@ -286,10 +300,11 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         raise UnsupportedMediaType(f"a request from a web page must name its Content-Type ({wire.JSON}, {wire.NPY} "
                                    f"or {wire.NPZ}): then a page of an origin not allowed is stopped at the CORS "
                                    "preflight")
-    content_type = media_type_of(request.headers.get("content-type"))
+    content_type = media_type_of(content_type_header)
     if content_type == wire.JSON:
-        check_json_charset(request.headers.get("content-type"))
-    encodings = [e.strip().lower() for e in request.headers.getlist("content-encoding")]
+        check_json_charset(content_type_header)
+    encodings = ([e.strip().lower() for e in request.headers.getlist("content-encoding")]
+                 if _header(request, b"content-encoding") is not None else [])
     if any(e not in ("", "identity") for e in encodings):  # a gzip body read as JSON or .npy is only garbage
         shown = ", ".join(e for e in encodings if e not in ("", "identity"))
         # RFC 9110 15.5.16: a 415 for a coding says which codings are served (none)
@@ -413,20 +428,19 @@ def _refuse_other_sites(request: Request) -> None:
     origin says ``same-origin``, and a URL typed in ``none``: all served as before.
     (Not in the OpenAPI document's 403s, which say where a key is wanted: no client it
     describes sends such a request, and no script can read the answer.)"""
-    headers = request.headers
-    if headers.get("sec-fetch-site") not in ("cross-site", "same-site"):
+    if _header(request, b"sec-fetch-site") not in ("cross-site", "same-site"):
         return
-    mode = headers.get("sec-fetch-mode", "")
+    mode = _header(request, b"sec-fetch-mode", "")
     if mode == "no-cors":
         raise Forbidden("a page of another site may call this only through CORS (fetch in cors mode, from an origin "
                         "CORS_ORIGINS names), not as a no-cors request")
     if mode == "navigate" and request.method in ("GET", "HEAD"):
-        dest = headers.get("sec-fetch-dest", "document")
+        dest = _header(request, b"sec-fetch-dest", "document")
         if dest == "document":
             return  # a link followed: the user asked for it
         raise Forbidden(f"a page of another site may open this only as a page of its own (a link followed), not "
                         f"load it into itself (Sec-Fetch-Dest: {echo(dest)}); or fetch it through CORS")
-    origin = headers.get("origin", "")
+    origin = _header(request, b"origin", "")
     allowed = _state(request).settings.cors_origin_list
     if "*" in allowed or (origin and origin in allowed):
         return
