@@ -4,10 +4,13 @@ header map and a body read without a clock. Unit tests, no server."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import pytest
 from starlette.requests import Request
 
+from jacobian_service.connections import _within
 from jacobian_service.logs import quick_record
 from jacobian_service.routes import ROUTES, Router, _header
 
@@ -85,3 +88,31 @@ def test_header_map_gives_the_first_value_and_defaults() -> None:
     assert _header(request, b"x-latin") == "caf\xe9"
     assert _header(request, b"sec-fetch-site") is None
     assert _header(request, b"sec-fetch-mode", "") == ""
+
+
+@pytest.mark.parametrize("delay, expected", [(None, "now"), (0.01, "later"), (5.0, None)])
+def test_within_reads_at_once_or_within_its_time(delay: float | None, expected: str | None) -> None:
+    async def main() -> object:
+        loop = asyncio.get_running_loop()
+        if delay is None:
+            async def ready() -> str:
+                return "now"
+
+            return await _within(ready(), 0.2)
+        fut = loop.create_future()
+        loop.call_later(delay, fut.set_result, "later")
+        return await _within(fut, 0.2)
+
+    assert asyncio.run(main()) == expected
+
+
+def test_within_passes_on_an_outside_cancellation() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(_within(loop.create_future(), 5.0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())

@@ -236,9 +236,7 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
             more = True
             while more:
                 wait = min(idle_s, deadline - time.monotonic())
-                message: dict[str, Any] | None = None
-                with Expiry(wait):
-                    message = await request.receive()
+                message = await _within(request.receive(), wait)
                 if message is None:
                     if on_timeout is not None:
                         on_timeout("body")
@@ -287,6 +285,22 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
     def _give(self) -> None:
         held, self._held = self._held, 0
         self._budget.give(held)
+
+
+async def _within(awaitable: Any, seconds: float) -> Any:
+    """What ``awaitable`` gives, or None if it is still waiting after ``seconds``. One
+    that is done at once (a small body is there with its headers: most requests) runs
+    no clock: a loop timer made and cancelled per request is a good part of reading a
+    small body."""
+    step = awaitable.__await__()
+    try:
+        waiting_on = step.send(None)
+    except StopIteration as done:
+        return done.value
+    result = None
+    with Expiry(seconds):
+        result = await _Resumed(step, waiting_on)
+    return result
 
 
 class _SendTimedOut(Exception):
