@@ -116,3 +116,36 @@ def test_within_passes_on_an_outside_cancellation() -> None:
             await task
 
     asyncio.run(main())
+
+
+def test_a_job_header_carries_every_field_of_the_call() -> None:
+    """encode_call writes the job's header out field by field: each field the engine
+    reads back (decode_call) arrives as sent, given or left at its default."""
+    import dataclasses
+    import math
+
+    import numpy as np
+
+    from jacobian_service import ipc
+    from jacobian_service.registry import FunctionSpec, Input
+    from jacobian_service.types import Call
+
+    spec = FunctionSpec.from_description({"name": "f", "description": "", "has_aux": False, "inputs": [Input("x", ("n",)).describe()]})
+    x = np.arange(3, dtype=np.float32)
+    given = Call(spec=spec, args=[x], dtypes=["float32"], argnums=(0,), as_tuple=True, positions=(0,), chunk_size=2,
+                 batched=True, mode="fwd", rows=(1, 2), return_output=True, vectors=(x, {"a": x}),
+                 batched_vectors=True, deadline=123.5, max_result_bytes=99, sparsity="auto", sparse_format="coo")
+    for call in (given, Call(spec=spec, args=[x], dtypes=["float32"])):
+        frames = ipc.encode_call(5, "jacobian", call, tag="t:5", deadline=7.0)
+        header, arrays = ipc.parse([bytes(memoryview(f)) for f in frames])
+        assert (header["id"], header["kind"], header["tag"], header["fn"]) == (5, "jacobian", "t:5", "f")
+        back = ipc.decode_call(header, arrays, spec)
+        for field in dataclasses.fields(Call):
+            if field.name in ("spec", "args", "vectors", "cancelled"):
+                continue
+            assert getattr(back, field.name) == getattr(call, field.name), field.name
+        np.testing.assert_array_equal(back.args[0], x)
+        assert (back.vectors is None) == (call.vectors is None)
+    assert header["deadline"] is None and math.isinf(back.deadline)  # the default: none
+    stream = ipc.parse(ipc.encode_call(6, "stream_next", None, stream_id=3, deadline=9.0))[0]
+    assert (stream["sid"], stream["deadline"]) == (3, 9.0)

@@ -98,6 +98,8 @@ _COPY_BYTES = 4096
 
 
 def pack(tree: Any, frames: list[Any]) -> Any:
+    if tree is None:  # no vectors, no aux, no output: most messages, at once
+        return _NONE
     if isinstance(tree, np.ndarray):
         if tree.nbytes <= _COPY_BYTES:
             frames.append(tree.tobytes())  # C order, whatever the array's layout
@@ -105,15 +107,15 @@ def pack(tree: Any, frames: list[Any]) -> Any:
         arr = tree if tree.flags.c_contiguous else np.ascontiguousarray(tree)
         frames.append(memoryview(arr.reshape(-1)).cast("B"))
         return ["a", len(frames) - 1, arr.dtype.str, list(arr.shape)]
+    if isinstance(tree, list):
+        return ["l", [pack(t, frames) for t in tree]]
+    if isinstance(tree, tuple):
+        return ["t", [pack(t, frames) for t in tree]]
     if isinstance(tree, np.generic):
         return pack(np.asarray(tree), frames)
     if is_sparse_matrix(tree):
         names = ("indptr", "indices", "data") if tree.format == "csr" else ("row", "col", "data")
         return ["s", tree.format, [int(d) for d in tree.shape], {n: pack(np.asarray(getattr(tree, n)), frames) for n in names}]
-    if isinstance(tree, tuple):
-        return ["t", [pack(t, frames) for t in tree]]
-    if isinstance(tree, list):
-        return ["l", [pack(t, frames) for t in tree]]
     if isinstance(tree, dict):
         # str.__str__, not str(): a key may be a str subclass whose own __str__ is the
         # user's code (it raised SystemExit, and the engine exited).
@@ -121,6 +123,9 @@ def pack(tree: Any, frames: list[Any]) -> Any:
     if isinstance(tree, float) and not math.isfinite(tree):
         return ["f", repr(tree)]
     return ["v", tree]
+
+
+_NONE = ("v", None)  # what None packs to (orjson writes a tuple as a list: ["v",null])
 
 
 def unpack(node: Any, frames: Sequence[Any]) -> Any:
@@ -157,23 +162,35 @@ def encode_call(
     msg_id: int, kind: str, call: Call | None, *, tag: str = "", stream_id: int | None = None, deadline: float | None = None
 ) -> list[Any]:
     frames: list[Any] = []
-    header: dict[str, Any] = {"t": "job", "id": msg_id, "kind": kind, "tag": tag, "sid": stream_id, "deadline": deadline}
-    if call is not None:
-        header.update(
-            fn=call.spec.name,
-            args=pack(list(call.args), frames),
-            dtypes=call.dtypes,
-            argnums=list(call.argnums),
-            as_tuple=call.as_tuple,
-            positions=None if call.positions is None else list(call.positions),
-            rows=list(call.rows) if call.rows is not None else None,
-            in_dims=None if call.in_dims is None else list(call.in_dims),
-            vectors=pack(call.vectors, frames),
-            cotangents=pack(call.cotangents, frames),
-            **{f: getattr(call, f) for f in _CALL_FIELDS},
-        )
-        if not math.isfinite(call.deadline):
-            header["deadline"] = None
+    if call is None:
+        header: dict[str, Any] = {"t": "job", "id": msg_id, "kind": kind, "tag": tag, "sid": stream_id,
+                                  "deadline": deadline}
+    else:
+        # One dict written out (a job per request): the call's own deadline, as the
+        # engine reads it (None for none: JSON has no infinity).
+        header = {
+            "t": "job", "id": msg_id, "kind": kind, "tag": tag, "sid": stream_id,
+            "fn": call.spec.name,
+            "args": pack(list(call.args), frames),
+            "dtypes": call.dtypes,
+            "argnums": list(call.argnums),
+            "as_tuple": call.as_tuple,
+            "positions": None if call.positions is None else list(call.positions),
+            "rows": list(call.rows) if call.rows is not None else None,
+            "in_dims": None if call.in_dims is None else list(call.in_dims),
+            "vectors": pack(call.vectors, frames),
+            "cotangents": pack(call.cotangents, frames),
+            "chunk_size": call.chunk_size,
+            "batched": call.batched,
+            "mode": call.mode,
+            "return_output": call.return_output,
+            "batched_vectors": call.batched_vectors,
+            "max_result_bytes": call.max_result_bytes,
+            "sparsity": call.sparsity,
+            "sparse_format": call.sparse_format,
+            "out_dims": call.out_dims,
+            "deadline": call.deadline if math.isfinite(call.deadline) else None,
+        }
     return [orjson.dumps(header), *frames]
 
 
