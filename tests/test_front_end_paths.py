@@ -149,3 +149,26 @@ def test_a_job_header_carries_every_field_of_the_call() -> None:
     assert header["deadline"] is None and math.isinf(back.deadline)  # the default: none
     stream = ipc.parse(ipc.encode_call(6, "stream_next", None, stream_id=3, deadline=9.0))[0]
     assert (stream["sid"], stream["deadline"]) == (3, 9.0)
+
+
+def test_metrics_observe_writes_what_prometheus_observe_writes() -> None:
+    """Metrics.observe (the latency histograms' short way) leaves the samples that
+    ``labels(...).observe`` leaves: every bucket edge, between edges, past the last,
+    zero, negative and NaN alike."""
+    from prometheus_client import generate_latest
+
+    from jacobian_service.metrics import _LATENCY_BUCKETS, Metrics
+
+    edges = [b for b in _LATENCY_BUCKETS]
+    amounts = [0.0, -1.0, float("nan"), 1e9, *edges, *(b * 0.999 for b in edges), *(b * 1.001 for b in edges)]
+    short, long = Metrics(), Metrics()
+    for i, amount in enumerate(amounts):
+        phase = ("queue", "compute", "encode", "total")[i % 4]
+        short.observe(short.latency, amount, "jacobian", phase)
+        long.latency.labels("jacobian", phase).observe(amount)
+
+    def samples(m: Metrics) -> list[str]:
+        return [line for line in generate_latest(m.registry).decode().splitlines()
+                if line.startswith("jacobian_service_latency_seconds") and "_created" not in line]
+
+    assert samples(short) == samples(long) and len(samples(short)) > 4 * len(edges)

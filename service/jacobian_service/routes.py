@@ -384,7 +384,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         ("encode", time.monotonic() - encode_start),
         ("total", time.monotonic() - started),
     ):
-        state.metrics.child(state.metrics.latency, kind, phase).observe(seconds)
+        state.metrics.observe(state.metrics.latency, seconds, kind, phase)
     return response
 
 
