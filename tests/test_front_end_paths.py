@@ -172,3 +172,21 @@ def test_metrics_observe_writes_what_prometheus_observe_writes() -> None:
                 if line.startswith("jacobian_service_latency_seconds") and "_created" not in line]
 
     assert samples(short) == samples(long) and len(samples(short)) > 4 * len(edges)
+
+
+def test_accept_is_read_once_per_header_and_refusals_still_refuse() -> None:
+    from jacobian_service.errors import NotAcceptable
+    from jacobian_service.responses import _kept_acceptable, acceptable
+
+    header = "application/x-npy, application/json;q=0.5"
+    first = acceptable(header)
+    first.append("changed by a caller")  # a copy each time: the kept answer is not changed
+    hits = _kept_acceptable.cache_info().hits
+    assert acceptable(header) == ["application/x-npy", "application/json"]
+    assert _kept_acceptable.cache_info().hits == hits + 1
+    for _ in range(2):
+        with pytest.raises(NotAcceptable):
+            acceptable("text/html")
+    long = ", ".join(["text/html"] * 40 + ["application/x-npz;q=0.2"])  # past what is kept: read each time
+    assert acceptable(long) == ["application/x-npz"]
+    assert acceptable(None) == acceptable("") == ["application/json"]

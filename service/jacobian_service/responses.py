@@ -28,7 +28,23 @@ _JOIN_BYTES = 1 << 20
 
 
 def acceptable(accept: str | None) -> list[str]:
-    """Our media types the ``Accept`` header allows, best first (q, then header order)."""
+    """Our media types the ``Accept`` header allows, best first (q, then header order).
+    Clients send the same few headers again and again: each short one is read once and
+    kept (a long one, which only a client making trouble sends, is read each time)."""
+    if accept is not None and len(accept) <= _KEPT_ACCEPT_CHARS:
+        return list(_kept_acceptable(accept))
+    return _acceptable(accept)
+
+
+_KEPT_ACCEPT_CHARS = 256
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_acceptable(accept: str) -> tuple[str, ...]:
+    return tuple(_acceptable(accept))  # (a refusal raises, and is not kept)
+
+
+def _acceptable(accept: str | None) -> list[str]:
     if not accept or not accept.strip():
         return [wire.JSON]
     ranked: list[tuple[float, int, str]] = []
