@@ -190,3 +190,50 @@ def test_accept_is_read_once_per_header_and_refusals_still_refuse() -> None:
     long = ", ".join(["text/html"] * 40 + ["application/x-npz;q=0.2"])  # past what is kept: read each time
     assert acceptable(long) == ["application/x-npz"]
     assert acceptable(None) == acceptable("") == ["application/json"]
+
+
+def test_the_header_clock_restarts_per_response_without_a_new_timer() -> None:
+    """A keep-alive connection's header deadline restarts after each response; the one
+    loop timer running finds the deadline moved and waits the rest, and the connection
+    is still closed once the full time has passed with no new request."""
+    from jacobian_service.connections import guarded_protocol
+
+    class Loop:
+        def __init__(self) -> None:
+            self.now, self.timers = 0.0, []
+
+        def time(self) -> float:
+            return self.now
+
+        def call_later(self, delay: float, callback: object) -> object:
+            self.timers.append((self.now + delay, callback))
+            return self
+
+        def cancel(self) -> None:
+            pass
+
+    class Transport:
+        closed = False
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def close(self) -> None:
+            self.closed = True
+
+    class Base:
+        pass
+
+    protocol = guarded_protocol(10.0, base=Base)()
+    protocol.loop, protocol.transport = Loop(), Transport()
+    for second in range(20):  # a response a second
+        protocol.loop.now = float(second)
+        protocol._arm_header_timer()
+    assert len(protocol.loop.timers) == 1  # one timer, not one per response
+    due, fire = protocol.loop.timers[-1]
+    protocol.loop.now = due  # 10 s after the first response: the clock restarted at 19 s
+    fire()
+    assert not protocol.transport.closed and protocol.loop.timers[-1][0] == 29.0
+    protocol.loop.now = 29.0
+    protocol.loop.timers[-1][1]()
+    assert protocol.transport.closed  # an idle keep-alive connection, closed at its deadline

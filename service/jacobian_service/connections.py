@@ -610,6 +610,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
     class HeaderDeadlineProtocol(base):  # type: ignore[misc, valid-type]
         _header_timer: Any = None
+        _header_deadline = 0.0  # loop time by which the next head must be in
         _heard = False  # any byte since the timer was armed
         _header_bytes = 0  # bytes of the head being received
         _tail = b""  # the last 3 of them
@@ -803,14 +804,22 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             super().connection_lost(exc)
 
         def _arm_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
             self._heard = False
             if getattr(self, "conn", None) is not None:  # h11 has no head callbacks: a head begins after a response
                 self._header_bytes, self._tail = 0, b""
-            self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+            # The clock restarts after every response; the timer is not made again for it
+            # (a loop timer cancelled and made per response, on a busy keep-alive
+            # connection): the one running, due earlier, finds the deadline moved and
+            # waits the rest.
+            self._header_deadline = self.loop.time() + header_timeout_s
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
 
         def _header_timeout(self) -> None:
+            left = self._header_deadline - self.loop.time()
+            if left > 0:  # the clock restarted since this timer was set
+                self._header_timer = self.loop.call_later(left, self._header_timeout)
+                return
             self._header_timer = None
             cycle = getattr(self, "cycle", None)
             if cycle is not None and not cycle.response_complete:
