@@ -400,3 +400,33 @@ def test_scipy_newton_cg_with_hessp_and_float32_functions(cc):
     assert f32.fun(x0).dtype == local_f32(x0).dtype == np.float32 and got.x.dtype == np.float64
     np.testing.assert_allclose(got.x, want.x, rtol=1e-12)
     assert (got.nfev, got.njev) == (want.nfev, want.njev)
+
+
+def test_an_hvp_that_fails_for_another_reason_is_raised_not_taken_for_a_missing_forward_rule(cc, monkeypatch):
+    """Only an error that says the function has no forward-mode rule switches a remote
+    function to its Hessian: an engine that crashed or hung on the hvp (a transient
+    ``function_error``, seen in a full suite run) switched forward mode off for good, with
+    a warning that the function lacked a rule it has."""
+    import warnings
+
+    from jacobian_client.scipy import remote_objective
+
+    crash = {"code": "function_error", "detail": "the engine stopped answering for 10 s while running this request; "
+                                                 "the engine was restarted"}
+    sines = remote_objective(cc.client, "sum_sin")
+    real = cc.client._parts
+
+    def parts(kind, *args, **kwargs):
+        if kind == "hvp":
+            raise jc.FunctionError(httpx.Response(500, json=crash), crash)
+        return real(kind, *args, **kwargs)
+
+    monkeypatch.setattr(cc.client, "_parts", parts)
+    x, p = np.array([0.1, 0.2, 0.3]), np.array([1.0, 0.0, 0.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(jc.FunctionError, match="stopped answering"):
+            sines.hessp(x, p)
+    assert sines._hvp_works  # the next hessp asks the hvp again
+    monkeypatch.setattr(cc.client, "_parts", real)
+    np.testing.assert_allclose(sines.hessp(x, p), [-np.sin(0.1), 0.0, 0.0], rtol=1e-6)

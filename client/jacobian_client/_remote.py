@@ -47,7 +47,7 @@ from ._errors import APIError, FunctionError
 from ._protocol import _is_input_node
 
 __all__ = ["Remade", "RemoteOps", "Tree", "check_sync_client", "flatten", "is_number", "leaves_like",
-           "no_forward_mode", "refuse_pytree_parameters", "unflatten", "with_hint"]
+           "lacks_forward_mode", "no_forward_mode", "refuse_pytree_parameters", "unflatten", "with_hint"]
 
 
 def check_sync_client(client: Any) -> None:
@@ -357,7 +357,7 @@ class RemoteOps:
             try:
                 results = self._linear_request(mode, inputs, argnums, vecs, out_tree, v_shape)
             except FunctionError as exc:
-                if mode != "jvp":
+                if mode != "jvp" or not lacks_forward_mode(exc):
                     raise
                 try:
                     results = self._jvp_by_jacobian(inputs, argnums, vecs, out_tree, v_shape)
@@ -510,6 +510,8 @@ class RemoteOps:
                     results = self._second_by_hvp(flat, vec_argnums, other_argnums, cots, ws, v_shape, in_shapes,
                                                   out_tree)
                 except FunctionError as exc:
+                    if not lacks_forward_mode(exc):
+                        raise
                     hvp_error = exc
             if results is None:
                 try:
@@ -545,6 +547,8 @@ class RemoteOps:
                     results = self._second_output_by_hvp(flat, vec_argnums, other_argnums, ws, ds, v_shape, in_shapes,
                                                          out_tree, out_shapes)
                 except FunctionError as exc:
+                    if not lacks_forward_mode(exc):
+                        raise
                     hvp_error = exc
             if results is not None:
                 inverse = list(np.argsort(order))
@@ -684,6 +688,17 @@ class RemoteOps:
             return [(in_shapes[j], np.asarray(flat[j]).dtype) for j in other_argnums]
         template = self._template(_signature(flat, batch_ndim > 0))
         return [(shape, dtype) for shape, dtype in template.outputs]
+
+
+def lacks_forward_mode(exc: APIError) -> bool:
+    """Whether a failed ``jvp`` / ``hvp`` says the function has no forward-mode rule
+    (torch: "You must implement the jvp function ... forward mode AD", "Trying to use
+    forward AD with ..."), the one failure the reverse-mode request is a way round. An
+    engine that crashed or hung on the request (a ``function_error`` too) is not: falling
+    back on it switched forward mode off for that function for good, on one transient
+    crash, and warned that the function lacked a rule it has."""
+    detail = exc.detail.lower()
+    return "forward" in detail or "jvp" in detail
 
 
 def no_forward_mode(name: str, kind: str, exc: APIError, instead: str) -> None:

@@ -50,7 +50,7 @@ import numpy as np
 from ._arrays import Bfloat16, as_wire_value, is_torch_tensor
 from ._errors import APIError, FunctionError, OutOfMemory, ResultTooLarge, Timeout
 from ._protocol import _input_leaves
-from ._remote import check_sync_client, no_forward_mode
+from ._remote import check_sync_client, lacks_forward_mode, no_forward_mode
 
 __all__ = ["RemoteObjective", "remote_objective"]
 
@@ -249,6 +249,8 @@ class RemoteObjective:
                                            vectors=("tangents", tangent))
                 return np.asarray(parts["value"]).reshape(p.shape)
             except FunctionError as exc:
+                if not lacks_forward_mode(exc):
+                    raise
                 try:
                     H = self._hessian_at(x, inputs, args)
                 except APIError:
