@@ -491,6 +491,9 @@ def test_the_status_file_is_read_whole_through_its_descriptor(monkeypatch):
     def emfile(*args, **kwargs):
         raise OSError(errno_module.EMFILE, "Too many open files")
 
+    # none kept here either: undo() put back the module's own list, which holds one once an
+    # in-process engine of an earlier test (same pytest worker) has kept it
+    monkeypatch.setattr(ps, "_STATUS_FD", [])
     monkeypatch.setattr(ps.os, "open", emfile)
     ps._STATUS.clear()
     with pytest.raises(ps._NoDescriptor):
