@@ -237,3 +237,21 @@ def test_the_header_clock_restarts_per_response_without_a_new_timer() -> None:
     protocol.loop.now = 29.0
     protocol.loop.timers[-1][1]()
     assert protocol.transport.closed  # an idle keep-alive connection, closed at its deadline
+
+
+def test_metrics_observe_takes_the_librarys_way_where_its_attributes_are_not_there(monkeypatch) -> None:
+    """The short way reads prometheus_client's own attributes (``_upper_bounds``,
+    ``_buckets``, ``_sum``), which its public API does not promise: a release without
+    them gets ``observe`` itself, not an AttributeError on every computing request."""
+    from jacobian_service.metrics import Metrics
+
+    seen: list[float] = []
+
+    class Child:  # a histogram child of a prometheus_client that keeps its state elsewhere
+        def observe(self, amount: float) -> None:
+            seen.append(amount)
+
+    m = Metrics()
+    monkeypatch.setattr(m, "child", lambda *args: Child())
+    m.observe(m.latency, 0.25, "jacobian", "total")
+    assert seen == [0.25]

@@ -119,11 +119,15 @@ class Metrics:
         ``observe`` increments them. Four per computing request (queue, compute, encode,
         total). A NaN, which no bucket takes, goes the long way."""
         child = self.child(histogram, *values)
-        if amount != amount:
+        try:  # prometheus_client's own attributes (0.19-0.26 have them): a later one may not
+            bounds, buckets, total = child._upper_bounds, child._buckets, child._sum
+        except AttributeError:
+            bounds = None
+        if bounds is None or amount != amount:
             child.observe(amount)
             return
-        child._sum.inc(amount)
-        child._buckets[bisect_left(child._upper_bounds, amount)].inc(1)
+        total.inc(amount)
+        buckets[bisect_left(bounds, amount)].inc(1)
 
     def update_engines(self, depth: int, stats: dict[str, Any]) -> None:
         self.queue_depth.set(depth)
