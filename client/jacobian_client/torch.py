@@ -70,6 +70,7 @@ derivative of a second-order product in the inputs) raise a clear error.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
@@ -120,21 +121,38 @@ def _eagerly(fn: Callable[..., Any], *args: Any) -> Any:
     dynamo would trace into the request (the wire decoding) and fail. Not only the call
     itself: a backward pass that runs inside a compiled function (``loss.backward()`` in a
     compiled training step, ``torch.autograd.grad``, ``jacrev``) has dynamo trace the
-    Functions' backward and forward too, hence this wraps each of them. The disabled
-    wrapper is made on first need: ``torch.compiler.disable`` imports torch._dynamo
-    (seconds), which only a caller that compiles has paid for already."""
-    if not torch.compiler.is_compiling():
+    Functions' backward and forward too, hence this wraps each of them.
+
+    Not only while dynamo traces this very frame (``is_compiling()``): a frame of a
+    compiled function that runs eagerly after a graph break (torch.func's transforms,
+    under which dynamo does not trace) still has dynamo's frame hook set, so every Python
+    frame it calls is compiled on its own, the SDK's request and wire code included:
+    ``torch.compile(lambda x: jacrev(remote)(x), backend="aot_eager")`` (and inductor, the
+    default) failed inside the SDK's .npy reader with dynamo's "AssertionError: Expected
+    np.nditer base, got <class 'bytes'>". So wherever torch._dynamo is loaded the call
+    runs disabled. The disabled wrapper is made on first need: ``torch.compiler.disable``
+    imports torch._dynamo (seconds), which only a caller that compiles has paid for
+    already; without it loaded nothing can be compiling."""
+    if torch.compiler.is_compiling():
+        if not _disabled:
+            # Made here, under dynamo, the wrapper's own making is a graph break (dynamo does not
+            # trace torch.compiler.disable): with fullgraph=True, dynamo's error named only
+            # `disable` ("Avoid calling the function `disable`"). This break comes first and
+            # says why (torch._dynamo is imported: it is tracing this).
+            torch._dynamo.graph_break(msg=_NO_FULLGRAPH)
+            _disabled.append(_make_disabled())
+        return _disabled[0](fn, *args)
+    if "torch._dynamo" not in sys.modules:
         return fn(*args)
     if not _disabled:
-        # Made here, under dynamo, the wrapper's own making is a graph break (dynamo does not
-        # trace torch.compiler.disable): with fullgraph=True, dynamo's error named only
-        # `disable` ("Avoid calling the function `disable`"). This break comes first and
-        # says why (torch._dynamo is imported: it is tracing this).
-        torch._dynamo.graph_break(msg=_NO_FULLGRAPH)
-        # the reason is what dynamo prints once the wrapper exists: without one it said
-        # "Skip calling `torch.compiler.disable()`d function ... (reason: None)"
-        _disabled.append(torch.compiler.disable(remote_call_runs_eagerly, reason=_NO_FULLGRAPH))
+        _disabled.append(_make_disabled())
     return _disabled[0](fn, *args)
+
+
+def _make_disabled() -> Callable[..., Any]:
+    # the reason is what dynamo prints once the wrapper exists: without one it said
+    # "Skip calling `torch.compiler.disable()`d function ... (reason: None)"
+    return torch.compiler.disable(remote_call_runs_eagerly, reason=_NO_FULLGRAPH)
 
 
 _NO_FULLGRAPH = (

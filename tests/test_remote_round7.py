@@ -1,0 +1,59 @@
+"""Remote functions inside the caller's torch, JAX and SciPy code, round 7: the
+adapters under the compilers and transforms users reach for (torch.compile with an
+AOT backend, ...). Every derivative is compared with the same function computed
+in-process.
+
+One server: the session's ``jacobian-service serve`` subprocess (``cc``), shared with the
+other adapter test files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("jacobian_service.app")
+
+import jacobian_client as jc  # noqa: E402,F401
+from jacobian_client.torch import remote  # noqa: E402
+from jacobian_service import examples as ex  # noqa: E402
+
+from ._remote_support import cc, url  # noqa: E402,F401 (fixtures)
+
+f = torch.func
+X = torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64)
+T = torch.tensor([1.0, 0.5, -2.0], dtype=torch.float64)
+
+
+def close(got, want, tol=1e-10):
+    got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
+    want_leaves, want_spec = torch.utils._pytree.tree_flatten(want)
+    assert got_spec == want_spec, (got_spec, want_spec)
+    for g, w in zip(got_leaves, want_leaves):
+        g, w = torch.as_tensor(g), torch.as_tensor(w)
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's notes on graph breaks and non-leaf .grad
+def test_torch_compile_with_an_aot_backend_runs_the_requests_of_transforms_eagerly(cc):
+    """torch.compile(lambda x: grad(remote)(x)) (or jacrev, vmap) with an AOT backend
+    (aot_eager, and inductor, the default) failed inside the SDK's .npy reader: dynamo does not trace
+    under torch.func's transforms, so the frame ran eagerly with dynamo's frame hook
+    still set, and every frame below it, the SDK's request code included, was compiled
+    on its own ("AssertionError: Expected np.nditer base, got <class 'bytes'>"). The
+    requests now run with dynamo disabled wherever it is loaded."""
+    import torch._dynamo
+
+    arm = remote(cc.client, "planar_arm")
+    try:
+        cc.take()
+        grad = torch.compile(lambda x: 2 * f.grad(lambda y: arm(y).sum())(x), backend="aot_eager")
+        close(grad(X), 2 * f.grad(lambda y: ex.planar_arm(y).sum())(X))
+        assert cc.take() == ["evaluate", "vjp"]
+    finally:
+        torch._dynamo.reset()
