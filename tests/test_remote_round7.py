@@ -57,3 +57,39 @@ def test_torch_compile_with_an_aot_backend_runs_the_requests_of_transforms_eager
         assert cc.take() == ["evaluate", "vjp"]
     finally:
         torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_service_that_is_down_is_a_connection_error_in_every_adapter():
+    """With the service down (nothing listening), a remote call in torch, JAX (under jit
+    too: the shape probe runs at trace time) or a SciPy solve raised the SDK's plain
+    TransportError, which ``except ConnectionError`` (code written for sockets: a loop
+    that waits for the service to come back) did not catch. It is now a
+    ServiceUnreachable, a TransportError and a builtin ConnectionError, saying what to
+    check; it pickles as itself."""
+    import pickle
+    import socket
+
+    from scipy.optimize import minimize
+
+    from jacobian_client.scipy import remote_objective
+
+    with socket.socket() as held:  # bound, never listening: connections are refused
+        held.bind(("127.0.0.1", 0))
+        client = jc.Client(f"http://127.0.0.1:{held.getsockname()[1]}", max_retries=0)
+        calls = [lambda: remote(client, "planar_arm")(X),
+                 lambda: minimize(remote_objective(client, "sum_sin").fun, X.numpy(),
+                                  jac=remote_objective(client, "sum_sin").jac)]
+        jax = pytest.importorskip("jax")
+        from jacobian_client.jax import remote as jremote
+
+        calls += [lambda: jremote(client, "planar_arm")(jax.numpy.ones(3)),
+                  lambda: jax.jit(jremote(client, "planar_arm"))(jax.numpy.ones(3))]
+        for call in calls:
+            with pytest.raises(ConnectionError, match="Connection refused; is the service running") as info:
+                call()
+            assert isinstance(info.value, jc.ServiceUnreachable) and isinstance(info.value, jc.TransportError)
+        back = pickle.loads(pickle.dumps(info.value))
+        assert type(back) is jc.ServiceUnreachable and str(back) == str(info.value)

@@ -6,6 +6,9 @@
     ├── TransportError                      the bytes did not arrive intact: connect / read
     │   │                                   failures, client-side timeouts, a body that
     │   │                                   cannot be decoded
+    │   ├── ServiceUnreachable              no connection could be made (refused, a host that
+    │   │                                   does not resolve), retries spent; also a builtin
+    │   │                                   ConnectionError
     │   ├── IncompleteResponse              a body cut short (connection aborted mid-stream,
     │   │                                   or fewer bytes than its header declared)
     │   └── ResponseTooLarge                a body over the client's max_response_bytes
@@ -59,6 +62,7 @@ __all__ = [
     "PayloadTooLarge",
     "ResponseTooLarge",
     "ResultTooLarge",
+    "ServiceUnreachable",
     "SparsityNotFound",
     "Timeout",
     "TransportError",
@@ -75,6 +79,14 @@ class JacobianServiceError(Exception):
 
 class TransportError(JacobianServiceError):
     """The request or its response did not travel intact (the cause is chained)."""
+
+
+class ServiceUnreachable(TransportError, ConnectionError):
+    """No connection to the server could be made (refused, no route, a host name that does
+    not resolve), after the client's retries: the service is down or the URL is wrong.
+    Also a builtin :class:`ConnectionError`, what code written for sockets catches (a
+    training loop that waits for the service to come back, say): a plain
+    ``TransportError`` slipped past ``except ConnectionError``."""
 
 
 class IncompleteResponse(TransportError):

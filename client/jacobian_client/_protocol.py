@@ -51,7 +51,7 @@ import numpy as np
 from . import wire
 from ._arrays import Plain, as_wire_value, is_torch_tensor, json_array
 from ._decoding import ACCEPT_ENCODING, is_identity, too_large
-from ._errors import IncompleteResponse, JacobianServiceError, TransportError
+from ._errors import IncompleteResponse, JacobianServiceError, ServiceUnreachable, TransportError
 from ._models import FunctionInfo
 from ._npystream import FileSink, MemorySink, NpyHeader, NpyReceiver, Sink
 from ._progress import Progress
@@ -214,7 +214,10 @@ def transport_error(exc: BaseException, call: Call) -> TransportError:
         where = shown_url(exc.request.url)  # type: ignore[attr-defined]
     except (AttributeError, RuntimeError):  # not httpx's, or one made before any request
         where = call.path
-    return TransportError(f"{call.method} {where}: {kind}: {exc or 'no detail'}")
+    message = f"{call.method} {where}: {kind}: {exc or 'no detail'}"
+    if isinstance(exc, httpx.ConnectError):  # not a timeout: nothing answered at all
+        return ServiceUnreachable(f"{message}; is the service running, and is the client's base_url its address?")
+    return TransportError(message)
 
 
 def not_an_answer(call: Call, response: httpx.Response) -> TransportError | None:
