@@ -93,3 +93,46 @@ def test_a_service_that_is_down_is_a_connection_error_in_every_adapter():
             assert isinstance(info.value, jc.ServiceUnreachable) and isinstance(info.value, jc.TransportError)
         back = pickle.loads(pickle.dumps(info.value))
         assert type(back) is jc.ServiceUnreachable and str(back) == str(info.value)
+
+
+# --------------------------------------------------------------------------- SciPy
+
+
+def test_scipy_least_squares_with_a_sparse_jacobian_from_the_service(cc):
+    """least_squares(jac=) takes a sparse Jacobian (and then solves with lsmr), and the
+    service computes one from a few compressed products; but remote_objective's jac was
+    always dense (n^2 numbers on the wire for lorenz96's 13-wide band). With
+    ``sparsity=`` it is a scipy.sparse CSR array, fetched with the value as before (one
+    request per point), and the solve is the one a local sparse Jacobian gives; ``hess``
+    likewise (trust-constr takes a sparse Hessian)."""
+    import scipy.sparse as sp
+    from scipy.optimize import least_squares
+
+    from jacobian_client.scipy import remote_objective
+
+    n = 32
+    lz = remote_objective(cc.client, "lorenz96", sparsity="band")
+    x = np.linspace(-1.0, 2.0, n)
+    J = lz.jac(x)
+    want = f.jacrev(ex.lorenz96)(torch.from_numpy(x)).numpy()
+    assert sp.issparse(J) and J.format == "csr" and J.shape == (n, n) and J.nnz == 13 * n
+    np.testing.assert_allclose(J.toarray(), want, rtol=1e-10, atol=1e-12)
+    J.data[:] = 0  # the caller's own copy: the cache keeps its matrix
+    np.testing.assert_allclose(lz.jac(x).toarray(), want, rtol=1e-10, atol=1e-12)
+
+    target = ex.lorenz96(torch.from_numpy(np.sin(x))).numpy()
+    local_fun = lambda q: ex.lorenz96(torch.from_numpy(q)).numpy() - target  # noqa: E731
+    local_jac = lambda q: sp.csr_array(f.jacrev(ex.lorenz96)(torch.from_numpy(q)).numpy())  # noqa: E731
+    wanted = least_squares(local_fun, x, jac=local_jac)
+    cc.take()
+    got = least_squares(lambda q: lz.fun(q) - target, x, jac=lz.jac)
+    np.testing.assert_allclose(got.x, wanted.x, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(got.x, np.sin(x), atol=1e-6)
+    assert (got.nfev, got.njev) == (wanted.nfev, wanted.njev)
+    # the value brings the sparse Jacobian along (x0's is cached from the jac above)
+    assert cc.take() == ["jacobian+return_output"] * (got.nfev - 1), got.nfev
+
+    rb = remote_objective(cc.client, "rosenbrock", sparsity="auto")
+    H = rb.hess(x)
+    assert sp.issparse(H) and H.shape == (n, n) and H.nnz == 3 * n - 2  # tridiagonal
+    np.testing.assert_allclose(H.toarray(), f.hessian(ex.rosenbrock)(torch.from_numpy(x)).numpy(), rtol=1e-10)

@@ -28,6 +28,13 @@ request (forward-over-reverse on the service) per call (a function without a for
 rule: one ``hessian`` per point instead, see ``hessp``), ``hess(x)`` one ``hessian``
 request (``x.size`` squared numbers: prefer ``hessp`` for large ``x``).
 
+``sparsity="auto"`` (the pattern traced by the service) or the name of a pattern the
+function declares makes ``jac`` and ``fun_and_jac`` return the Jacobian as a
+``scipy.sparse`` CSR array, (output elements) x (input elements), computed from a few
+compressed products, and ``hess`` the Hessian likewise: what ``least_squares(jac=)`` (its
+``trf`` / ``dogbox`` methods with ``tr_solver="lsmr"``, chosen for a sparse Jacobian) and
+``minimize(method="trust-constr", hess=)`` take. Without it the Jacobian is dense.
+
 The inputs held fixed are the ``args`` given here, or SciPy's own ``args=`` when the
 solver passes any (``minimize(f.fun, x0, args=(w,), jac=f.jac)``): every callable takes
 them after its own arguments, as SciPy calls it.
@@ -51,6 +58,7 @@ from ._arrays import Bfloat16, as_wire_value, is_torch_tensor
 from ._errors import APIError, FunctionError, OutOfMemory, ResultTooLarge, Timeout
 from ._protocol import _input_leaves
 from ._remote import check_sync_client, lacks_forward_mode, no_forward_mode
+from .wire import is_sparse
 
 __all__ = ["RemoteObjective", "remote_objective"]
 
@@ -63,14 +71,17 @@ def remote_objective(
     argnum: int = 0,
     shape: tuple[int, ...] | None = None,
     prefetch: bool = True,
+    sparsity: str | None = None,
 ) -> RemoteObjective:
     """SciPy callables for the remote function ``name`` as a function of one input.
 
     ``argnum`` says which of the function's inputs the optimizer's ``x`` is; ``args``
     are the other inputs in order, held fixed. ``shape`` reshapes the flat ``x`` SciPy
     works with into the input's shape (``jac`` is then flattened to match).
+    ``sparsity`` (``"auto"`` or a declared pattern's name): sparse Jacobians and Hessians.
     """
-    return RemoteObjective(client, name, args=args, argnum=argnum, shape=shape, prefetch=prefetch)
+    return RemoteObjective(client, name, args=args, argnum=argnum, shape=shape, prefetch=prefetch,
+                           sparsity=sparsity)
 
 
 class RemoteObjective:
@@ -86,6 +97,7 @@ class RemoteObjective:
         argnum: int = 0,
         shape: tuple[int, ...] | None = None,
         prefetch: bool = True,
+        sparsity: str | None = None,
     ) -> None:
         check_sync_client(client)
         self.client = client
@@ -94,6 +106,7 @@ class RemoteObjective:
         self.argnum = int(argnum)
         self.shape = None if shape is None else tuple(shape)
         self.prefetch = prefetch
+        self.sparsity = sparsity
         self._last = threading.local()  # per thread: see _remember
         self._hvp_works = True  # False once an hvp failed where the Hessian answered (hessp)
 
@@ -173,7 +186,16 @@ class RemoteObjective:
                             "Client.jacobian for the others.")
         return tree
 
-    def _flat_jac(self, jac: Any, x: np.ndarray) -> np.ndarray:
+    def _derivative_options(self) -> dict[str, Any]:
+        """The request options of a ``jacobian`` or ``hessian``: ``sparsity`` when asked."""
+        options: dict[str, Any] = {"argnums": self.argnum}
+        if self.sparsity is not None:
+            options["sparsity"] = self.sparsity
+        return options
+
+    def _flat_jac(self, jac: Any, x: np.ndarray) -> Any:
+        if is_sparse(jac):  # (output elements) x (input elements): flat already
+            return jac
         jac = np.asarray(self._one_array(jac))
         out_ndim = jac.ndim - (len(self.shape) if self.shape is not None else x.ndim)
         return jac.reshape(jac.shape[:out_ndim] + (x.size,)) if self.shape is not None else jac
@@ -190,7 +212,7 @@ class RemoteObjective:
         value, jac = self._cached(x, args)
         if value is not None and jac is not None:
             return value, jac
-        parts = self.client._parts("jacobian", self.name, inputs, {"argnums": self.argnum, "return_output": True})
+        parts = self.client._parts("jacobian", self.name, inputs, {**self._derivative_options(), "return_output": True})
         value, jac = self._value_of(parts["output"]), self._flat_jac(parts["value"], x)
         self._remember(x, args, value, jac)
         return value, jac
@@ -228,7 +250,7 @@ class RemoteObjective:
         if jac is None and self.prefetch:
             jac = self._both(x, inputs, args)[1]
         elif jac is None:
-            parts = self.client._parts("jacobian", self.name, inputs, {"argnums": self.argnum})
+            parts = self.client._parts("jacobian", self.name, inputs, self._derivative_options())
             jac = self._flat_jac(parts["value"], x)
             self._remember(x, args, jac=jac)
         return _fresh(jac)
@@ -272,11 +294,14 @@ class RemoteObjective:
         self._last.hessian = (key, H)
         return H
 
-    def hess(self, x: Any, *args: Any) -> np.ndarray:
+    def hess(self, x: Any, *args: Any) -> Any:
         """The Hessian of a scalar function at ``x``, ``(x.size, x.size)``: one hessian
-        request (for ``minimize(..., hess=)``: trust-exact, dogleg, Newton-CG)."""
+        request (for ``minimize(..., hess=)``: trust-exact, dogleg, Newton-CG; with
+        ``sparsity``, a CSR array, for trust-constr)."""
         x, inputs = self._inputs(x, args)
-        parts = self.client._parts("hessian", self.name, inputs, {"argnums": self.argnum})
+        parts = self.client._parts("hessian", self.name, inputs, self._derivative_options())
+        if is_sparse(parts["value"]):
+            return parts["value"]
         return np.asarray(parts["value"]).reshape(x.size, x.size)
 
 
@@ -290,5 +315,5 @@ _DERIVATIVE_ERRORS = (FunctionError, ResultTooLarge, Timeout, OutOfMemory)
 
 
 def _fresh(value: Any) -> Any:
-    """A copy of a cached array (floats are immutable and pass as they are)."""
-    return value.copy() if isinstance(value, np.ndarray) else value
+    """A copy of a cached array, dense or sparse (floats are immutable and pass as they are)."""
+    return value.copy() if isinstance(value, np.ndarray) or is_sparse(value) else value
