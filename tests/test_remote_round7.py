@@ -132,7 +132,13 @@ def test_scipy_least_squares_with_a_sparse_jacobian_from_the_service(cc):
     # the value brings the sparse Jacobian along (x0's is cached from the jac above)
     assert cc.take() == ["jacobian+return_output"] * (got.nfev - 1), got.nfev
 
-    rb = remote_objective(cc.client, "rosenbrock", sparsity="auto")
-    H = rb.hess(x)
-    assert sp.issparse(H) and H.shape == (n, n) and H.nnz == 3 * n - 2  # tridiagonal
-    np.testing.assert_allclose(H.toarray(), f.hessian(ex.rosenbrock)(torch.from_numpy(x)).numpy(), rtol=1e-10)
+    # a scalar function: its Hessian sparse, its gradient the dense array minimize takes
+    grad = f.grad(ex.rosenbrock)(torch.from_numpy(x)).numpy()
+    for prefetch in (True, False):
+        rb = remote_objective(cc.client, "rosenbrock", sparsity="auto", prefetch=prefetch)
+        H = rb.hess(x)
+        assert sp.issparse(H) and H.shape == (n, n) and H.nnz == 3 * n - 2  # tridiagonal
+        np.testing.assert_allclose(H.toarray(), f.hessian(ex.rosenbrock)(torch.from_numpy(x)).numpy(), rtol=1e-10)
+        g = rb.jac(x)
+        assert type(g) is np.ndarray and g.shape == (n,)
+        np.testing.assert_allclose(g, grad, rtol=1e-10)

@@ -33,7 +33,8 @@ function declares makes ``jac`` and ``fun_and_jac`` return the Jacobian as a
 ``scipy.sparse`` CSR array, (output elements) x (input elements), computed from a few
 compressed products, and ``hess`` the Hessian likewise: what ``least_squares(jac=)`` (its
 ``trf`` / ``dogbox`` methods with ``tr_solver="lsmr"``, chosen for a sparse Jacobian) and
-``minimize(method="trust-constr", hess=)`` take. Without it the Jacobian is dense.
+``minimize(method="trust-constr", hess=)`` take. A scalar function's gradient stays a
+dense array, as ``minimize`` takes it. Without it the Jacobian is dense.
 
 The inputs held fixed are the ``args`` given here, or SciPy's own ``args=`` when the
 solver passes any (``minimize(f.fun, x0, args=(w,), jac=f.jac)``): every callable takes
@@ -193,8 +194,10 @@ class RemoteObjective:
             options["sparsity"] = self.sparsity
         return options
 
-    def _flat_jac(self, jac: Any, x: np.ndarray) -> Any:
+    def _flat_jac(self, jac: Any, x: np.ndarray, output: Any = None) -> Any:
         if is_sparse(jac):  # (output elements) x (input elements): flat already
+            if np.ndim(self._one_array(output)) == 0:  # a scalar's 1 x n: minimize takes the gradient
+                return np.asarray(jac.toarray()).reshape(x.size)
             return jac
         jac = np.asarray(self._one_array(jac))
         out_ndim = jac.ndim - (len(self.shape) if self.shape is not None else x.ndim)
@@ -213,7 +216,7 @@ class RemoteObjective:
         if value is not None and jac is not None:
             return value, jac
         parts = self.client._parts("jacobian", self.name, inputs, {**self._derivative_options(), "return_output": True})
-        value, jac = self._value_of(parts["output"]), self._flat_jac(parts["value"], x)
+        value, jac = self._value_of(parts["output"]), self._flat_jac(parts["value"], x, parts["output"])
         self._remember(x, args, value, jac)
         return value, jac
 
@@ -249,6 +252,12 @@ class RemoteObjective:
         _, jac = self._cached(x, args)
         if jac is None and self.prefetch:
             jac = self._both(x, inputs, args)[1]
+        elif jac is None and self.sparsity is not None:
+            # the output comes along: whether the function is scalar (its gradient is dense)
+            parts = self.client._parts("jacobian", self.name, inputs,
+                                       {**self._derivative_options(), "return_output": True})
+            jac = self._flat_jac(parts["value"], x, parts["output"])
+            self._remember(x, args, self._value_of(parts["output"]), jac)
         elif jac is None:
             parts = self.client._parts("jacobian", self.name, inputs, self._derivative_options())
             jac = self._flat_jac(parts["value"], x)
