@@ -59,6 +59,45 @@ def test_torch_compile_with_an_aot_backend_runs_the_requests_of_transforms_eager
         torch._dynamo.reset()
 
 
+# --------------------------------------------------------------------------- calls by name
+
+
+def test_remote_functions_take_their_inputs_by_name_as_in_process(cc):
+    """``arm(angles=q)``, as the function itself is called in-process, failed with
+    "Remade.__call__() got an unexpected keyword argument 'angles'", a class the caller
+    never wrote. Keywords are now placed by the names the function declares (asked once,
+    on the first keyword call), in torch (under autograd and torch.func) and JAX (under
+    jit and grad), and a wrong call is a TypeError as Python's own."""
+    pol = remote(cc.client, "polar")
+    r = (X.abs() + 0.5).requires_grad_()
+    cc.take()
+    u, v = pol(theta=X, r=r)
+    (u * v).sum().backward()
+    want_r = r.detach().clone().requires_grad_()
+    wu, wv = ex.polar(want_r, X)
+    (wu * wv).sum().backward()
+    close((u.detach(), v.detach(), r.grad), (wu.detach(), wv.detach(), want_r.grad))
+    assert cc.take() == ["polar", "evaluate", "vjp"]  # the names, once
+    close(f.grad(lambda t: pol(r.detach(), theta=t)[1].sum())(X), f.grad(lambda t: ex.polar(r.detach(), t)[1].sum())(X))
+    assert cc.take() == ["evaluate", "vjp"]
+    for call, message in [(lambda: pol(X, r=X), "multiple values for input 'r'"),
+                          (lambda: pol(X, angle=X), "unexpected keyword argument 'angle'; its inputs are r, theta"),
+                          (lambda: pol(theta=X), "missing input(s) 'r'"),
+                          (lambda: pol(X, X, X, theta=X), "takes 2 inputs (r, theta) but 3 positional")]:
+        with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            call()
+    assert cc.take() == []
+
+    jax = pytest.importorskip("jax")
+    from jacobian_client.jax import remote as jremote
+
+    jpol = jremote(cc.client, "polar")
+    rn, tn = r.detach().numpy().astype(np.float32), X.numpy().astype(np.float32)
+    grad = jax.jit(jax.grad(lambda t: (jpol(theta=t, r=rn)[1] ** 2).sum()))(tn)
+    want = f.grad(lambda t: (ex.polar(torch.from_numpy(rn), t)[1] ** 2).sum())(torch.from_numpy(tn))
+    np.testing.assert_allclose(np.asarray(grad), want.numpy(), rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- failures
 
 

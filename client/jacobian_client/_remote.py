@@ -83,8 +83,8 @@ class Remade:
         self._made = (make, args, kwargs)
         functools.update_wrapper(self, fn)
 
-    def __call__(self, *inputs: Any) -> Any:
-        return self._fn(*inputs)
+    def __call__(self, *inputs: Any, **named: Any) -> Any:
+        return self._fn(*inputs, **named)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_remake, self._made)
@@ -239,6 +239,8 @@ class _Template:
         return Evaluated(outputs, self.out_tree, aux, self.aux_tree)
 
 
+_MISSING = object()  # an input not given (RemoteOps.bind)
+
 # Per-example signatures remembered per remote function (oldest dropped first): a caller
 # cycling through more input shapes than this pays a request to relearn one.
 _MAX_SIGNATURES = 64
@@ -257,6 +259,37 @@ class RemoteOps:
         # forward-mode rule (no_forward_mode)
         self._hvp_works = True
         self._jvp_works = True
+        self._names: tuple[str, ...] | None = None  # the inputs' names, asked on the first keyword call
+
+    # ----------------------------------------------------------------- keyword inputs
+
+    def bind(self, inputs: Sequence[Any], named: dict[str, Any]) -> tuple[Any, ...]:
+        """The inputs in the function's order, keyword ones placed by the names it
+        declares (``arm(angles=q)``, as the function itself is called in-process), checked
+        as Python checks a call. The names come from ``GET /v1/functions/{name}``, once, on
+        the first keyword call; without keywords nothing is asked. Without this a keyword
+        call failed with "Remade.__call__() got an unexpected keyword argument", a name the
+        caller never wrote."""
+        if not named:
+            return tuple(inputs)
+        if self._names is None:
+            self._names = tuple(i.name for i in self.client.function(self.name).inputs)
+        names, call = self._names, f"remote({self.name!r})"
+        listed = ", ".join(names)
+        if len(inputs) > len(names):
+            raise TypeError(f"{call} takes {len(names)} inputs ({listed}) but {len(inputs)} positional ones were given")
+        bound: list[Any] = [*inputs, *[_MISSING] * (len(names) - len(inputs))]
+        for key, value in named.items():
+            if key not in names:
+                raise TypeError(f"{call} got an unexpected keyword argument {key!r}; its inputs are {listed}")
+            i = names.index(key)
+            if bound[i] is not _MISSING:
+                raise TypeError(f"{call} got multiple values for input {key!r}")
+            bound[i] = value
+        missing = [n for n, v in zip(names, bound) if v is _MISSING]
+        if missing:
+            raise TypeError(f"{call} is missing input(s) {', '.join(map(repr, missing))} (its inputs are {listed})")
+        return tuple(bound)
 
     # ----------------------------------------------------------------- evaluate
 

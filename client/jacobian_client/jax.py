@@ -89,7 +89,8 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
     known: dict[Any, _Shapes] = {}
     given = None if out_shape is None else _shapes_from_struct(out_shape)
 
-    def fn(*inputs: Any) -> Any:
+    def fn(*inputs: Any, **named: Any) -> Any:
+        inputs = ops.bind(inputs, named)  # by name too: the names asked once, on the first keyword call
         refuse_pytree_parameters(name, inputs)
         arrays = [jnp.asarray(x) if not isinstance(x, jax_core.Tracer) else x for x in inputs]
         key = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in arrays)

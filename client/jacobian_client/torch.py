@@ -86,19 +86,21 @@ def remote(client: Any, name: str) -> Callable[..., Any]:
     """A callable on torch tensors that evaluates and differentiates the remote function
     ``name`` through ``client`` (a :class:`jacobian_client.Client`).
 
-    Call it with the function's inputs, positionally. Tensors are sent (floating ones are
+    Call it with the function's inputs, positionally or by their names (the first
+    keyword call asks the service for the names, once). Tensors are sent (floating ones are
     differentiable); Python numbers pass through as plain numbers.
     """
     ops = RemoteOps(client, name)
 
-    def call(*inputs: Any) -> Any:
+    def call(inputs: tuple[Any, ...], named: dict[str, Any]) -> Any:
+        inputs = ops.bind(inputs, named)  # inside _eagerly: a keyword call's names may need a request
         refuse_pytree_parameters(name, inputs)
         spec = _Spec(ops)
         flat = _RemoteFunction.apply(spec, *inputs)
         return spec.rebuild(flat)
 
-    def fn(*inputs: Any) -> Any:
-        return _eagerly(call, *inputs)
+    def fn(*inputs: Any, **named: Any) -> Any:
+        return _eagerly(call, inputs, named)
 
     fn.__name__ = fn.__qualname__ = f"remote_{name}"
     fn.__doc__ = f"The remote function {name!r}, differentiable by torch autograd and torch.func."
