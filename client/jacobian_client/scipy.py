@@ -33,8 +33,9 @@ function declares makes ``jac`` and ``fun_and_jac`` return the Jacobian as a
 ``scipy.sparse`` CSR array, (output elements) x (input elements), computed from a few
 compressed products, and ``hess`` the Hessian likewise: what ``least_squares(jac=)`` (its
 ``trf`` / ``dogbox`` methods with ``tr_solver="lsmr"``, chosen for a sparse Jacobian) and
-``minimize(method="trust-constr", hess=)`` take. A scalar function's gradient stays a
-dense array, as ``minimize`` takes it. Without it the Jacobian is dense.
+``minimize(method="trust-constr", hess=)`` take (not MINPACK's ``root``, ``trust-exact``
+or ``dogleg``, which factor dense matrices). A scalar function's gradient stays a dense
+array, as ``minimize`` takes it. Without it the Jacobian is dense.
 
 The inputs held fixed are the ``args`` given here, or SciPy's own ``args=`` when the
 solver passes any (``minimize(f.fun, x0, args=(w,), jac=f.jac)``): every callable takes
