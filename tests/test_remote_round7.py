@@ -1,7 +1,7 @@
-"""Remote functions inside the caller's torch, JAX and SciPy code, round 7: the
-adapters under the compilers and transforms users reach for (torch.compile with an
-AOT backend, ...). Every derivative is compared with the same function computed
-in-process.
+"""Remote functions inside the caller's torch, JAX and SciPy code, round 7: torch.compile
+with an AOT backend around torch.func transforms, inputs by name, a service that is down
+(a ConnectionError in every adapter), and sparse Jacobians for SciPy's least_squares.
+Every derivative is compared with the same function computed in-process.
 
 One server: the session's ``jacobian-service serve`` subprocess (``cc``), shared with the
 other adapter test files.
