@@ -183,3 +183,54 @@ def test_scipy_least_squares_with_a_sparse_jacobian_from_the_service(cc):
         g = rb.jac(x)
         assert type(g) is np.ndarray and g.shape == (n,)
         np.testing.assert_allclose(g, grad, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_threads_sharing_a_remote_function_over_many_input_shapes():
+    """A remote function remembers the output shapes of its last 64 input signatures;
+    threads sharing it (a thread pool, DDP-like training on sequences of many lengths)
+    evicted the oldest at once, and a forward raised KeyError (both deleting it) or
+    "dictionary changed size during iteration". Writers now take turns. (A stub client:
+    no server; the eviction holds each thread until the other arrives or 0.2 s pass, so
+    the two meet there whenever they can.)"""
+    import threading
+
+    from jacobian_client._remote import RemoteOps
+
+    class Stub:
+        def _parts(self, kind, name, inputs, options, vectors=None):
+            return {"value": 2 * np.asarray(inputs[0])}
+
+    ops = RemoteOps(Stub(), "double")
+    for n in range(1, 65):
+        ops.evaluate([np.ones(n)])
+    meet = threading.Barrier(2)
+
+    class Meeting(dict):
+        def __delitem__(self, key):
+            try:
+                meet.wait(timeout=0.2)
+            except threading.BrokenBarrierError:  # taking turns: nobody else comes
+                pass
+            super().__delitem__(key)
+
+    ops._templates = Meeting(ops._templates)
+    errors, results = [], {}
+
+    def work(n):
+        try:
+            results[n] = ops.evaluate([np.full(n, 3.0)]).outputs[0]
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (100, 101)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(np.array_equal(results[n], np.full(n, 6.0)) for n in (100, 101))
+    assert len(ops._templates) == 64 and list(ops._templates)[-2:] in (
+        [(((100,), "<f8"),), (((101,), "<f8"),)], [(((101,), "<f8"),), (((100,), "<f8"),)])

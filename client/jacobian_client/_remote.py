@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -255,6 +256,10 @@ class RemoteOps:
         self.client = client
         self.name = name
         self._templates: dict[tuple[Any, ...], _Template] = {}
+        # one writer at a time: threads sharing a remote function (a thread pool, DDP-like
+        # training) each remember signatures, and two evicting at once raised KeyError (both
+        # deleting the oldest) or "dictionary changed size during iteration" from a forward
+        self._templates_lock = threading.Lock()
         # False once an hvp (a jvp) failed where the Hessian (the Jacobian) answered: no
         # forward-mode rule (no_forward_mode)
         self._hvp_works = True
@@ -321,10 +326,11 @@ class RemoteOps:
         return ev
 
     def _remember(self, signature: tuple[Any, ...], template: _Template) -> None:
-        self._templates.pop(signature, None)
-        self._templates[signature] = template
-        while len(self._templates) > _MAX_SIGNATURES:
-            del self._templates[next(iter(self._templates))]
+        with self._templates_lock:
+            self._templates.pop(signature, None)
+            self._templates[signature] = template
+            while len(self._templates) > _MAX_SIGNATURES:
+                del self._templates[next(iter(self._templates))]
 
     def _aux_tree(self, signature: tuple[Any, ...], batched_aux: Any, flat: Sequence[Any]) -> Tree:
         """One example's aux structure, for reading a batched aux."""
@@ -344,13 +350,13 @@ class RemoteOps:
         if known is not None:
             return known
         try:
-            self.evaluate([np.zeros(shape, np.dtype(dtype)) for shape, dtype in signature])
+            ev = self.evaluate([np.zeros(shape, np.dtype(dtype)) for shape, dtype in signature])
         except APIError as exc:
             raise with_hint(exc, f"an empty batch of {self.name!r} is answered without the service, from the "
                                  "output shapes of an earlier call with the same per-example input shapes; there "
                                  "was none, and the evaluate at zeros that learns them failed (make one call "
                                  "with real inputs of these shapes first)") from exc
-        return self._templates[signature]
+        return _Template.of(ev, 0)  # not read back: another thread may have evicted it already
 
     # ----------------------------------------------------------------- vjp / jvp
 
