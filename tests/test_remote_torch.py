@@ -121,7 +121,7 @@ def test_vmap_is_one_batched_evaluate(cc):
     xs = torch.randn(5, 3, dtype=torch.float64)
     close(f.vmap(arm)(xs), f.vmap(ex.planar_arm)(xs))
     assert cc.take() == ["evaluate+batched"]
-    # in_dims other than 0, and an input left unbatched (expanded for the request)
+    # in_dims other than 0, and an input left unbatched (sent once: the request's in_dims)
     r, th = torch.rand(3, 4, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
     close(f.vmap(remote(cc.client, "polar"), in_dims=(1, None))(r, th), f.vmap(ex.polar, in_dims=(1, None))(r, th))
     assert cc.take() == ["evaluate+batched"]

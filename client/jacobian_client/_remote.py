@@ -18,6 +18,12 @@ the inputs have too (the k-th ``"p"`` is the inputs' k-th leading dimension) and
 for one only the vectors have. Each transform level puts its dimension in front, so
 this is enough to describe any nesting of ``vmap`` over inputs and vectors.
 
+An input every example shares (``vmap``'s ``in_dims=None``: a model's weights beside a
+batch of examples) carries none of the batch dimensions (``shared``): it is sent once,
+with the request's ``in_dims`` saying so, not copied per example. Every other input
+carries all of them (an input batched at some ``vmap`` levels only is expanded over the
+rest by the adapter: the service takes one batch dimension per input).
+
 Plain (non-array) aux values under a batch: the service runs a batch with ``vmap`` when it
 can, and then a plain value was computed once for the whole batch; otherwise it loops over
 the examples and lists each plain leaf's values, one per example. Only the structure of
@@ -298,17 +304,19 @@ class RemoteOps:
 
     # ----------------------------------------------------------------- evaluate
 
-    def evaluate(self, inputs: Sequence[Any], batch_ndim: int = 0, aux_tree: Tree | None = None) -> Evaluated:
+    def evaluate(self, inputs: Sequence[Any], batch_ndim: int = 0, aux_tree: Tree | None = None,
+                 shared: Sequence[bool] = ()) -> Evaluated:
         """Outputs at ``inputs`` whose first ``batch_ndim`` dimensions are batch
-        dimensions (every array input has them; flattened into one for the request).
-        ``aux_tree``: one example's aux structure, when the caller knows it (see the
-        module docstring; else it is looked up or learned)."""
-        batch_shape, flat = _merge_batch(inputs, batch_ndim)
-        batched = batch_ndim > 0
-        signature = _signature(flat, batched)
+        dimensions (every array input has them but the ``shared`` ones, see the module
+        docstring; flattened into one for the request). ``aux_tree``: one example's aux
+        structure, when the caller knows it (see the module docstring; else it is looked
+        up or learned)."""
+        batch = _merge_batch(inputs, batch_ndim, shared)
+        batch_shape, flat, batched = batch.shape, batch.flat, batch.batched
+        signature = batch.signature()
         if batched and math.prod(batch_shape) == 0:
             return self._template(signature).empty(batch_shape)
-        parts = self.client._parts("evaluate", self.name, flat, {"batched": batched})
+        parts = self.client._parts("evaluate", self.name, flat, batch.options())
         outputs, out_tree = flatten(parts["value"])
         outputs = [_split_batch(np.asarray(o), batch_shape) for o in outputs]
         aux: list[Any] = []
@@ -317,7 +325,7 @@ class RemoteOps:
                 aux, aux_tree = flatten(parts["aux"])
             else:
                 if aux_tree is None:
-                    aux_tree = self._aux_tree(signature, parts["aux"], flat)
+                    aux_tree = self._aux_tree(signature, parts["aux"], batch)
                 aux = _example_leaves(parts["aux"], aux_tree, batch_shape, self.name)
         else:
             aux_tree = None
@@ -332,7 +340,7 @@ class RemoteOps:
             while len(self._templates) > _MAX_SIGNATURES:
                 del self._templates[next(iter(self._templates))]
 
-    def _aux_tree(self, signature: tuple[Any, ...], batched_aux: Any, flat: Sequence[Any]) -> Tree:
+    def _aux_tree(self, signature: tuple[Any, ...], batched_aux: Any, batch: _Batch) -> Tree:
         """One example's aux structure, for reading a batched aux."""
         known = self._templates.get(signature)
         if known is not None and known.aux_tree is not None:
@@ -341,7 +349,7 @@ class RemoteOps:
         if all(_is_array(a) for a in leaves):  # arrays are stacked either way: nothing to tell apart
             return tree
         # one example at the caller's own values (not zeros: a function may refuse those)
-        example = self.evaluate([np.asarray(a)[0] for a in flat])
+        example = self.evaluate(batch.first_example())
         assert example.aux_tree is not None
         return example.aux_tree
 
@@ -369,12 +377,14 @@ class RemoteOps:
         out_tree: Tree,
         batch_ndim: int = 0,
         tags: Sequence[str] = (),
+        shared: Sequence[bool] = (),
     ) -> list[np.ndarray]:
         """``mode="vjp"``: ``vectors`` are cotangents, one per output leaf; returns one
         gradient per ``argnums`` entry. ``mode="jvp"``: ``vectors`` are tangents, one per
         ``argnums`` entry; returns one tangent per output leaf. Inputs carry
-        ``batch_ndim`` leading dimensions; vectors carry ``len(tags)`` (see the module
-        docstring), and so do the results."""
+        ``batch_ndim`` leading dimensions (but the ``shared`` ones); vectors carry
+        ``len(tags)`` (see the module docstring), and so do the results: a shared
+        input's gradient too, one per example (summing them is the adapter's part)."""
         if mode not in ("vjp", "jvp"):
             raise ValueError(mode)
         tags = tuple(tags)
@@ -383,7 +393,7 @@ class RemoteOps:
         lead = len(tags)
         lead_shape = np.shape(vectors[0])[:lead] if len(vectors) else ()
         if 0 in lead_shape:  # no vectors or no examples: nothing to ask
-            return self._empty_linear(mode, inputs, argnums, lead_shape, batch_ndim)
+            return self._empty_linear(mode, inputs, argnums, lead_shape, batch_ndim, shared)
         # vectors' leading dims -> (p..., v...)
         order = [i for i, t in enumerate(tags) if t == "p"] + [i for i, t in enumerate(tags) if t == "v"]
         vecs = [np.asarray(v) for v in vectors]
@@ -405,17 +415,17 @@ class RemoteOps:
                 self._jvp_works = False
                 no_forward_mode(self.name, "jvp", exc, "Jacobian (reverse mode), contracted on the client")
         else:
-            results = self._linear_by_jacobian(mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape, v_shape)
+            results = self._linear_by_jacobian(mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape, v_shape,
+                                               shared)
         inverse = list(np.argsort(order))
         return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
 
     def _empty_linear(self, mode: str, inputs: Sequence[Any], argnums: Sequence[int], lead_shape: tuple[int, ...],
-                      batch_ndim: int) -> list[np.ndarray]:
+                      batch_ndim: int, shared: Sequence[bool]) -> list[np.ndarray]:
+        batch = _merge_batch(inputs, batch_ndim, shared)
         if mode == "vjp":
-            return [np.zeros((*lead_shape, *np.shape(inputs[a])[batch_ndim:]), np.result_type(np.asarray(inputs[a])))
-                    for a in argnums]
-        _, flat = _merge_batch(inputs, batch_ndim)
-        template = self._template(_signature(flat, batch_ndim > 0))
+            return [np.zeros((*lead_shape, *batch.in_shape(a)), np.result_type(np.asarray(inputs[a]))) for a in argnums]
+        template = self._template(batch.signature())
         return [np.zeros((*lead_shape, *shape), dtype) for shape, dtype in template.outputs]
 
     def _linear_request(
@@ -451,12 +461,12 @@ class RemoteOps:
 
     def _linear_by_jacobian(
         self, mode: str, inputs: Sequence[Any], argnums: Sequence[int], vecs: list[np.ndarray], out_tree: Tree,
-        batch_ndim: int, p_shape: tuple[int, ...], v_shape: tuple[int, ...],
+        batch_ndim: int, p_shape: tuple[int, ...], v_shape: tuple[int, ...], shared: Sequence[bool] = (),
     ) -> list[np.ndarray]:
         """Per-example products with batched inputs: one batched Jacobian request,
         contracted here with each example's vectors."""
-        _, flat = _merge_batch(inputs, batch_ndim)
-        parts = self.client._parts("jacobian", self.name, flat, {"argnums": tuple(argnums), "batched": True})
+        batch = _merge_batch(inputs, batch_ndim, shared)
+        parts = self.client._parts("jacobian", self.name, batch.flat, {"argnums": tuple(argnums), **batch.options()})
         n_out, n_arg = out_tree.num_leaves, len(argnums)
         leaves = _in_order(parts["value"], _per_argnum(out_tree, n_arg))  # outputs outer, argnums inner
         if len(leaves) != n_out * n_arg:
@@ -465,7 +475,7 @@ class RemoteOps:
         V = math.prod(v_shape)
         nb = batch_ndim + len(v_shape)
         blocks = [[np.asarray(leaves[k * n_arg + i]) for i in range(n_arg)] for k in range(n_out)]
-        in_shapes = [np.shape(flat[a])[1:] for a in argnums]
+        in_shapes = [batch.in_shape(a) for a in argnums]
         results = []
         if mode == "vjp":
             out_shapes = [v.shape[nb:] for v in vecs]
@@ -502,6 +512,7 @@ class RemoteOps:
         out_tree: Tree,
         batch_ndim: int = 0,
         tags: Sequence[str] = (),
+        shared: Sequence[bool] = (),
     ) -> list[np.ndarray]:
         """Second-order contractions, what a derivative of a ``linear`` (a backward of the
         backward, a jvp of a vjp) needs. With ``H_k[i][j]`` output leaf ``k``'s second
@@ -533,12 +544,13 @@ class RemoteOps:
         vecs = [np.transpose(np.asarray(v), order + list(range(lead, np.ndim(v)))) for v in vectors]
         lead_shape = vecs[0].shape[:lead]
         p_shape, v_shape = lead_shape[:batch_ndim], lead_shape[batch_ndim:]
-        _, flat = _merge_batch(inputs, batch_ndim)
-        in_shapes = {a: np.shape(flat[a])[1 if batch_ndim else 0:] for a in (*vec_argnums, *other_argnums)}
+        batch = _merge_batch(inputs, batch_ndim, shared)
+        flat = batch.flat
+        in_shapes = {a: batch.in_shape(a) for a in (*vec_argnums, *other_argnums)}
         n_out = out_tree.num_leaves
         P, V = math.prod(p_shape), math.prod(v_shape)
         if 0 in lead_shape:
-            results = self._second_shapes(mode, flat, batch_ndim, other_argnums, in_shapes)
+            results = self._second_shapes(mode, batch, other_argnums, in_shapes)
             return [np.zeros((*lead_shape, *shape), dtype) for shape, dtype in results]
         if mode == "input":
             cots, ws = vecs[:n_out], vecs[n_out:]
@@ -554,7 +566,7 @@ class RemoteOps:
                     hvp_error = exc
             if results is None:
                 try:
-                    blocks, union = self._hessian_blocks(flat, batch_ndim, vec_argnums, other_argnums, out_tree)
+                    blocks, union = self._hessian_blocks(batch, vec_argnums, other_argnums, out_tree)
                 except APIError:
                     if hvp_error is None:
                         raise
@@ -576,7 +588,7 @@ class RemoteOps:
                     results.append(np.asarray(total).reshape((*lead_shape, *in_shapes[j])))
         else:
             ws, ds = vecs[: len(vec_argnums)], vecs[len(vec_argnums):]
-            known = self._templates.get(_signature(flat, False)) if batch_ndim == 0 else None
+            known = self._templates.get(batch.signature()) if batch_ndim == 0 else None
             results, hvp_error = None, None
             out_shapes = [] if known is None else [shape for shape, _ in known.outputs]
             pairs = V * sum(math.prod(shape) for shape in out_shapes)  # each w with each output's basis vector
@@ -593,7 +605,7 @@ class RemoteOps:
                 inverse = list(np.argsort(order))
                 return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
             try:
-                blocks, union = self._hessian_blocks(flat, batch_ndim, vec_argnums, other_argnums, out_tree)
+                blocks, union = self._hessian_blocks(batch, vec_argnums, other_argnums, out_tree)
             except APIError:
                 if hvp_error is None:
                     raise
@@ -604,7 +616,7 @@ class RemoteOps:
             results = []
             for k in range(n_out):
                 first = blocks[k][0][0]
-                n_in = len(np.shape(flat[union[0]])) - (1 if batch_ndim else 0)
+                n_in = len(batch.in_shape(union[0]))
                 out_shape = first.shape[1 if batch_ndim else 0: first.ndim - 2 * n_in]
                 total = 0
                 for i, w in zip(vec_argnums, ws):
@@ -703,14 +715,13 @@ class RemoteOps:
         return results
 
     def _hessian_blocks(
-        self, inputs: list[Any], batch_ndim: int, vec_argnums: Sequence[int], other_argnums: Sequence[int],
-        out_tree: Tree,
+        self, batch: _Batch, vec_argnums: Sequence[int], other_argnums: Sequence[int], out_tree: Tree,
     ) -> tuple[list[list[list[np.ndarray]]], list[int]]:
         """``blocks[k][a][b]``: output leaf ``k``'s Hessian block in inputs ``union[a]`` and
         ``union[b]``, from one hessian request (batched: one per example)."""
         union = sorted(set(vec_argnums) | set(other_argnums))
         n = len(union)
-        parts = self.client._parts("hessian", self.name, inputs, {"argnums": tuple(union), "batched": batch_ndim > 0})
+        parts = self.client._parts("hessian", self.name, batch.flat, {"argnums": tuple(union), **batch.options()})
         leaves = [np.asarray(b) for b in _in_order(parts["value"], _per_argnum(_per_argnum(out_tree, n), n))]
         if len(leaves) != out_tree.num_leaves * n * n:
             raise ValueError(f"unexpected Hessian structure: {len(leaves)} blocks for "
@@ -719,13 +730,12 @@ class RemoteOps:
         return [[[next(it) for _ in range(n)] for _ in range(n)] for _ in range(out_tree.num_leaves)], union
 
     def _second_shapes(
-        self, mode: str, flat: list[Any], batch_ndim: int, other_argnums: Sequence[int],
-        in_shapes: dict[int, tuple[int, ...]],
+        self, mode: str, batch: _Batch, other_argnums: Sequence[int], in_shapes: dict[int, tuple[int, ...]],
     ) -> list[tuple[tuple[int, ...], np.dtype]]:
         """Per-result (shape, dtype) without a request, for an empty set of vectors."""
         if mode == "input":
-            return [(in_shapes[j], np.asarray(flat[j]).dtype) for j in other_argnums]
-        template = self._template(_signature(flat, batch_ndim > 0))
+            return [(in_shapes[j], np.asarray(batch.flat[j]).dtype) for j in other_argnums]
+        template = self._template(batch.signature())
         return [(shape, dtype) for shape, dtype in template.outputs]
 
 
@@ -758,13 +768,6 @@ def _is_coroutine(fn: Any) -> bool:
     import inspect
 
     return inspect.iscoroutinefunction(fn)
-
-
-def _signature(flat: Sequence[Any], batched: bool) -> tuple[Any, ...]:
-    """One example's input shapes and dtypes (``flat`` has one leading batch dimension
-    when ``batched``)."""
-    skip = 1 if batched else 0
-    return tuple((np.shape(a)[skip:], np.asarray(a).dtype.str) for a in flat)
 
 
 def _example_leaves(batched_aux: Any, tree: Tree, batch_shape: tuple[int, ...], name: str) -> list[Any]:
@@ -812,13 +815,54 @@ def _example_leaves(batched_aux: Any, tree: Tree, batch_shape: tuple[int, ...], 
     return leaves
 
 
-def _merge_batch(inputs: Sequence[Any], batch_ndim: int) -> tuple[tuple[int, ...], list[Any]]:
-    """Inputs with ``batch_ndim`` leading batch dims -> one leading batch dim."""
+@dataclass(frozen=True)
+class _Batch:
+    """A request's inputs: ``flat`` with one leading batch dimension (the ``shape`` of
+    the adapter's batch dimensions, merged), but the ``shared`` ones, sent once."""
+
+    shape: tuple[int, ...]  # () unbatched
+    flat: list[Any]
+    shared: tuple[bool, ...]
+    batched: bool
+
+    def is_shared(self, i: int) -> bool:
+        return i < len(self.shared) and self.shared[i]
+
+    def in_shape(self, i: int) -> tuple[int, ...]:
+        """One example's shape of input ``i``."""
+        return np.shape(self.flat[i])[1 if self.batched and not self.is_shared(i) else 0:]
+
+    def signature(self) -> tuple[Any, ...]:
+        """One example's input shapes and dtypes."""
+        return tuple((self.in_shape(i), np.asarray(a).dtype.str) for i, a in enumerate(self.flat))
+
+    def options(self) -> dict[str, Any]:
+        """``batched``, and vmap's ``in_dims`` where an input is shared (0 is the default)."""
+        if not self.batched:
+            return {"batched": False}
+        if not any(self.is_shared(i) for i in range(len(self.flat))):
+            return {"batched": True}
+        return {"batched": True, "in_dims": tuple(None if self.is_shared(i) else 0 for i in range(len(self.flat)))}
+
+    def first_example(self) -> list[Any]:
+        return [np.asarray(a) if self.is_shared(i) else np.asarray(a)[0] for i, a in enumerate(self.flat)]
+
+
+def _merge_batch(inputs: Sequence[Any], batch_ndim: int, shared: Sequence[bool] = ()) -> _Batch:
+    """Inputs with ``batch_ndim`` leading batch dims (none where ``shared``) -> one
+    leading batch dim."""
     if batch_ndim == 0:
-        return (), list(inputs)
+        return _Batch((), list(inputs), (), False)
+    shared = tuple(bool(s) for s in shared) + (False,) * (len(inputs) - len(shared))
     arrays = [np.asarray(x) for x in inputs]
-    batch_shape = arrays[0].shape[:batch_ndim]
-    return batch_shape, [a.reshape((math.prod(batch_shape), *a.shape[batch_ndim:])) for a in arrays]
+    carried = [a for a, s in zip(arrays, shared) if not s]
+    if not carried:
+        raise ValueError("a batch needs one input that is not shared (vmap: at least one input mapped)")
+    batch_shape = carried[0].shape[:batch_ndim]
+    # a shared input goes as it came (a plain number stays one)
+    flat = [x if s else a.reshape((math.prod(batch_shape), *a.shape[batch_ndim:]))
+            for x, a, s in zip(inputs, arrays, shared)]
+    return _Batch(batch_shape, flat, shared, True)
 
 
 def _split_batch(arr: Any, batch_shape: tuple[int, ...]) -> Any:

@@ -27,7 +27,9 @@ computed by a ``pure_callback`` cannot be transposed, so ``grad`` fails. Two pri
   ``evaluate`` with ``batched=true``; vmap over tangents / cotangents (``jacfwd``,
   ``jacrev``) is one jvp / vjp request with ``batched_vectors=true``; vmap over the
   inputs of a derivative (``vmap(grad(f))``) is one batched ``jacobian`` request,
-  contracted on the client;
+  contracted on the client. An input ``vmap`` leaves unbatched (``in_axes=(0, None)``:
+  weights every example shares) is sent once, the request's ``in_dims`` saying so, not
+  copied per example;
 * second derivatives (``jax.hessian``, ``grad`` of ``grad``): ``remote_linear``'s JVP in
   the inputs binds ``remote_second`` (``c . H dx`` for a vjp, ``H[t, dx]`` for a jvp), one
   ``hvp`` request (``c . H dx`` at unbatched inputs, cotangents with the tangents for a
@@ -107,7 +109,7 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
                     ops.stash = (values, ev)
             else:
                 shapes = known[key] = _probe(ops, arrays)
-        flat = remote_eval_p.bind(*arrays, ops=ops, shapes=shapes, batch_ndim=0)
+        flat = remote_eval_p.bind(*arrays, ops=ops, shapes=shapes, batch_ndim=0, shared=())
         return shapes.rebuild(flat)
 
     fn.__name__ = fn.__qualname__ = f"remote_{name}"
@@ -121,13 +123,14 @@ class _Ops(RemoteOps):
 
     stash: tuple[list[np.ndarray], Evaluated] | None = None
 
-    def evaluate_cached(self, inputs: Sequence[np.ndarray], batch_ndim: int, aux_tree: Tree | None) -> Evaluated:
+    def evaluate_cached(self, inputs: Sequence[np.ndarray], batch_ndim: int, aux_tree: Tree | None,
+                        shared: tuple[bool, ...] = ()) -> Evaluated:
         stash, self.stash = self.stash, None  # one use at most: never an answer for later values
         if stash is not None and batch_ndim == 0 and len(stash[0]) == len(inputs) and all(
                 a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
                 for a, b in zip(stash[0], inputs)):
             return stash[1]
-        return self.evaluate(inputs, batch_ndim, aux_tree)
+        return self.evaluate(inputs, batch_ndim, aux_tree, shared)
 
 
 def _values_of(arrays: Sequence[Any]) -> tuple[list[np.ndarray] | None, bool]:
@@ -330,30 +333,31 @@ class _Linear:
     result_structs: tuple[jax.ShapeDtypeStruct, ...]
     batch_ndim: int = 0
     tags: tuple[str, ...] = ()
+    shared: tuple[bool, ...] = ()  # per input, under a batch: it carries no batch dims (see _add_level)
 
     def __hash__(self) -> int:
         return hash((self.mode, self.argnums, self.n_inputs, tuple((s.shape, str(s.dtype)) for s in self.result_structs),
-                     self.batch_ndim, self.tags))
+                     self.batch_ndim, self.tags, self.shared))
 
 
 # ---- evaluation
 
 
-def _eval_host(ops: _Ops, shapes: _Shapes, batch_ndim: int, *args: Any) -> list[np.ndarray]:
-    ev = ops.evaluate_cached([np.asarray(a) for a in args], batch_ndim, shapes.aux_tree)
+def _eval_host(ops: _Ops, shapes: _Shapes, batch_ndim: int, shared: tuple[bool, ...], *args: Any) -> list[np.ndarray]:
+    ev = ops.evaluate_cached([np.asarray(a) for a in args], batch_ndim, shapes.aux_tree, shared)
     return shapes.host_values(ev, ops.name)
 
 
-def _eval_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int) -> list[Any]:
-    return [jnp.asarray(a) for a in _eval_host(ops, shapes, batch_ndim, *args)]
+def _eval_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int, shared: tuple[bool, ...]) -> list[Any]:
+    return [jnp.asarray(a) for a in _eval_host(ops, shapes, batch_ndim, shared, *args)]
 
 
-def _eval_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int) -> list[Any]:
+def _eval_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int, shared: tuple[bool, ...]) -> list[Any]:
     return [jax_core.ShapedArray(s.shape, s.dtype) for s in shapes.structs]
 
 
-def _eval_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int) -> Any:
-    return jax.pure_callback(partial(_eval_host, ops, shapes, batch_ndim), list(shapes.structs), *args)
+def _eval_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int, shared: tuple[bool, ...]) -> Any:
+    return jax.pure_callback(partial(_eval_host, ops, shapes, batch_ndim, shared), list(shapes.structs), *args)
 
 
 def _is_float(x: Any) -> bool:
@@ -361,16 +365,21 @@ def _is_float(x: Any) -> bool:
 
 
 def _eval_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
-              batch_ndim: int) -> tuple[list[Any], list[Any]]:
-    out = remote_eval_p.bind(*primals, ops=ops, shapes=shapes, batch_ndim=batch_ndim)
+              batch_ndim: int, shared: tuple[bool, ...]) -> tuple[list[Any], list[Any]]:
+    out = remote_eval_p.bind(*primals, ops=ops, shapes=shapes, batch_ndim=batch_ndim, shared=shared)
     argnums = tuple(i for i, (p, t) in enumerate(zip(primals, tangents))
                     if not isinstance(t, ad.Zero) and _is_float(p))
     zeros = [ad.Zero(jax_core.ShapedArray(s.shape, s.dtype).to_tangent_aval()) for s in shapes.structs]
     aux_zeros = zeros[shapes.n_out:]
     if not argnums:
         return out, zeros
-    lin = _Linear("jvp", argnums, len(primals), shapes.structs[: shapes.n_out], batch_ndim, ("p",) * batch_ndim)
-    tangents_out = remote_linear_p.bind(*primals, *[tangents[i] for i in argnums], ops=ops, shapes=shapes, lin=lin)
+    lin = _Linear("jvp", argnums, len(primals), shapes.structs[: shapes.n_out], batch_ndim, ("p",) * batch_ndim,
+                  shared)
+    # a shared input's tangent is shaped like it; the jvp's vectors carry every batch dim
+    batch_shape = next((jnp.shape(p)[:batch_ndim] for i, p in enumerate(primals) if not _is_shared(shared, i)), ())
+    spread = [jnp.broadcast_to(tangents[i], (*batch_shape, *jnp.shape(tangents[i])))
+              if batch_ndim and _is_shared(shared, i) else tangents[i] for i in argnums]
+    tangents_out = remote_linear_p.bind(*primals, *spread, ops=ops, shapes=shapes, lin=lin)
     # an integer output (indices, counts) has no tangent: JAX's is a symbolic zero of dtype
     # float0, as jax.jvp gives it in-process (the service answers integer zeros for it)
     tangents_out = [t if jnp.issubdtype(s.dtype, jnp.inexact) else zero
@@ -379,12 +388,12 @@ def _eval_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteOps
 
 
 def _eval_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
-                batch_ndim: int) -> tuple[list[Any], list[int]]:
+                batch_ndim: int, shared: tuple[bool, ...]) -> tuple[list[Any], list[int]]:
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     if size == 0:  # an empty batch: nothing to ask, and the shapes are known
         return [jnp.zeros(s.shape, s.dtype) for s in shapes.batched(0).structs], [0] * len(shapes.structs)
-    moved = [_front(a, d, size) for a, d in zip(args, dims)]
-    out = remote_eval_p.bind(*moved, ops=ops, shapes=shapes.batched(size), batch_ndim=batch_ndim + 1)
+    moved, now_shared = _add_level(args, dims, size, batch_ndim, shared)
+    out = remote_eval_p.bind(*moved, ops=ops, shapes=shapes.batched(size), batch_ndim=batch_ndim + 1, shared=now_shared)
     return out, [0] * len(out)
 
 
@@ -392,6 +401,35 @@ def _front(x: Any, dim: Any, size: int) -> Any:
     if dim is None:
         return jnp.broadcast_to(x, (size, *jnp.shape(x)))
     return jnp.moveaxis(x, dim, 0)
+
+
+def _is_shared(shared: Sequence[bool], i: int) -> bool:
+    return i < len(shared) and shared[i]
+
+
+def _add_level(xs: Sequence[Any], dims: Sequence[Any], size: int, batch_ndim: int,
+               shared: Sequence[bool]) -> tuple[list[Any], tuple[bool, ...]]:
+    """The inputs of a request once this vmap level's axis is put in front of the
+    ``batch_ndim`` it has already, and which are shared. An input no level so far maps
+    (every one before the first level) stays as it is, sent once: the request's
+    ``in_dims`` says so, where broadcasting it copied it per example. The service takes
+    one batch dimension per input, so an input mapped at some levels only is broadcast
+    over the others (nested vmaps that map different inputs)."""
+    was_shared = [batch_ndim == 0 or _is_shared(shared, i) for i in range(len(xs))]
+    inner = next((tuple(jnp.shape(x)[:batch_ndim]) for x, s in zip(xs, was_shared) if not s), ())
+    out, flags = [], []
+    for x, d, s in zip(xs, dims, was_shared):
+        if d is None and s:
+            out.append(x)
+            flags.append(True)
+            continue
+        x = _front(x, d, size)
+        if d is not None and s:  # mapped here, shared by the inner levels
+            rest = jnp.shape(x)[1:]
+            x = jnp.broadcast_to(jnp.reshape(x, (size, *(1,) * batch_ndim, *rest)), (size, *inner, *rest))
+        out.append(x)
+        flags.append(False)
+    return out, tuple(flags)
 
 
 remote_eval_p.def_impl(_eval_impl)
@@ -407,7 +445,7 @@ batching.primitive_batchers[remote_eval_p] = _eval_batch
 def _linear_host(ops: RemoteOps, shapes: _Shapes, lin: _Linear, *args: Any) -> list[np.ndarray]:
     xs, vecs = args[: lin.n_inputs], args[lin.n_inputs:]
     results = ops.linear(lin.mode, [np.asarray(x) for x in xs], lin.argnums, [np.asarray(v) for v in vecs],
-                         shapes.out_tree, lin.batch_ndim, lin.tags)
+                         shapes.out_tree, lin.batch_ndim, lin.tags, lin.shared)
     return _as_declared(results, lin.result_structs, f"remote function {ops.name!r}: the service's {lin.mode} result")
 
 
@@ -444,7 +482,7 @@ def _linear_transpose(cts: Sequence[Any], *args: Any, ops: RemoteOps, shapes: _S
     cotangents = [jnp.zeros(s.shape, s.dtype) if isinstance(c, ad.Zero) else c for c, s in zip(cts, lin.result_structs)]
     grads_structs = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in vecs)
     other = _Linear("vjp" if lin.mode == "jvp" else "jvp", lin.argnums, lin.n_inputs, grads_structs, lin.batch_ndim,
-                    lin.tags)
+                    lin.tags, lin.shared)
     grads = remote_linear_p.bind(*xs, *cotangents, ops=ops, shapes=shapes, lin=other)
     return [None] * lin.n_inputs + list(grads)
 
@@ -464,22 +502,25 @@ def _linear_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteO
     moved = tuple(j for j, (x, t) in enumerate(zip(xs, x_tangents)) if not isinstance(t, ad.Zero) and _is_float(x))
     if moved:
         lead = jnp.shape(vecs[0])[: len(lin.tags)]
-        dxs = [_spread(x_tangents[j], lin.tags, lead) for j in moved]
+        dxs = [_spread(x_tangents[j], lin.tags, lead, _is_shared(lin.shared, j)) for j in moved]
         if lin.mode == "vjp":  # d(J^T c) in x: c . H dx, per differentiated input
-            sec = _Second("input", moved, lin.argnums, lin.n_inputs, lin.result_structs, lin.batch_ndim, lin.tags)
+            sec = _Second("input", moved, lin.argnums, lin.n_inputs, lin.result_structs, lin.batch_ndim, lin.tags,
+                          lin.shared)
         else:  # d(J t) in x: H[t, dx], per output
-            sec = _Second("output", lin.argnums, moved, lin.n_inputs, lin.result_structs, lin.batch_ndim, lin.tags)
+            sec = _Second("output", lin.argnums, moved, lin.n_inputs, lin.result_structs, lin.batch_ndim, lin.tags,
+                          lin.shared)
         second = remote_second_p.bind(*xs, *vecs, *dxs, ops=ops, shapes=shapes, sec=sec)
         total = [s if t is None else t + s for t, s in zip(total, second)]
     zeros = [ad.Zero(jax_core.ShapedArray(s.shape, s.dtype).to_tangent_aval()) for s in lin.result_structs]
     return out, [z if t is None else t for t, z in zip(total, zeros)]
 
 
-def _spread(t: Any, tags: tuple[str, ...], lead: Sequence[int]) -> Any:
-    """An input-shaped tangent ("p" leading dims only) given every leading dim of the
-    vectors: the "v" ones, which the input is shared across, broadcast."""
+def _spread(t: Any, tags: tuple[str, ...], lead: Sequence[int], shared: bool = False) -> Any:
+    """An input-shaped tangent ("p" leading dims only; none for an input the examples
+    share) given every leading dim of the vectors: the ones the input is shared across,
+    broadcast (transposed: summed)."""
     for pos, tag in enumerate(tags):
-        if tag == "v":
+        if tag == "v" or shared:
             t = jnp.expand_dims(t, pos)
     return jnp.broadcast_to(t, (*lead, *jnp.shape(t)[len(tags):]))
 
@@ -494,11 +535,11 @@ def _linear_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, s
     x_dims, v_dims = dims[: lin.n_inputs], dims[lin.n_inputs:]
     vecs = [_front(v, d, size) for v, d in zip(vecs, v_dims)]
     if any(d is not None for d in x_dims):
-        xs = [_front(x, d, size) for x, d in zip(xs, x_dims)]
-        inner = _Linear(lin.mode, lin.argnums, lin.n_inputs, structs, lin.batch_ndim + 1, ("p", *lin.tags))
+        xs, shared = _add_level(xs, x_dims, size, lin.batch_ndim, lin.shared)
+        inner = _Linear(lin.mode, lin.argnums, lin.n_inputs, structs, lin.batch_ndim + 1, ("p", *lin.tags), shared)
         inner_shapes = shapes.batched(size)
     else:
-        inner = _Linear(lin.mode, lin.argnums, lin.n_inputs, structs, lin.batch_ndim, ("v", *lin.tags))
+        inner = _Linear(lin.mode, lin.argnums, lin.n_inputs, structs, lin.batch_ndim, ("v", *lin.tags), lin.shared)
         inner_shapes = shapes
     out = remote_linear_p.bind(*xs, *vecs, ops=ops, shapes=inner_shapes, lin=inner)
     return out, [0] * len(out)
@@ -533,10 +574,12 @@ class _Second:
     result_structs: tuple[jax.ShapeDtypeStruct, ...]
     batch_ndim: int = 0
     tags: tuple[str, ...] = ()
+    shared: tuple[bool, ...] = ()
 
     def __hash__(self) -> int:
         return hash((self.mode, self.vec_argnums, self.other_argnums, self.n_inputs,
-                     tuple((s.shape, str(s.dtype)) for s in self.result_structs), self.batch_ndim, self.tags))
+                     tuple((s.shape, str(s.dtype)) for s in self.result_structs), self.batch_ndim, self.tags,
+                     self.shared))
 
     def n_first(self, shapes: _Shapes) -> int:
         return shapes.n_out if self.mode == "input" else len(self.vec_argnums)
@@ -551,7 +594,7 @@ def _third_derivatives(name: str) -> str:
 def _second_host(ops: RemoteOps, shapes: _Shapes, sec: _Second, *args: Any) -> list[np.ndarray]:
     xs, vecs = args[: sec.n_inputs], args[sec.n_inputs:]
     results = ops.second(sec.mode, [np.asarray(x) for x in xs], sec.vec_argnums, sec.other_argnums,
-                         [np.asarray(v) for v in vecs], shapes.out_tree, sec.batch_ndim, sec.tags)
+                         [np.asarray(v) for v in vecs], shapes.out_tree, sec.batch_ndim, sec.tags, sec.shared)
     return _as_declared(results, sec.result_structs, f"remote function {ops.name!r}: a second-order result")
 
 
@@ -639,8 +682,9 @@ def _second_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, s
     x_dims, v_dims = dims[: sec.n_inputs], dims[sec.n_inputs:]
     vecs = [_front(v, d, size) for v, d in zip(vecs, v_dims)]
     if any(d is not None for d in x_dims):
-        xs = [_front(x, d, size) for x, d in zip(xs, x_dims)]
-        inner = replace(sec, result_structs=structs, batch_ndim=sec.batch_ndim + 1, tags=("p", *sec.tags))
+        xs, shared = _add_level(xs, x_dims, size, sec.batch_ndim, sec.shared)
+        inner = replace(sec, result_structs=structs, batch_ndim=sec.batch_ndim + 1, tags=("p", *sec.tags),
+                        shared=shared)
         inner_shapes = shapes.batched(size)
     else:
         inner = replace(sec, result_structs=structs, tags=("v", *sec.tags))

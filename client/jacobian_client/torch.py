@@ -33,6 +33,9 @@ backward and jvp call a second Function, the remote linear map (vjp or jvp). Bot
 instead of running one request per row or example: vmap over the vectors becomes
 ``batched_vectors``; vmap over the inputs becomes ``batched`` (for derivatives, a batched
 Jacobian contracted with the vectors on the client: the service has no batched vjp).
+An input ``vmap`` leaves unbatched (``in_dims=(0, None)``: weights every example shares)
+is sent once, the request's ``in_dims`` saying so, as ``vmap`` itself does not copy it;
+its gradient is the examples' sum, as torch gives it.
 
 Outputs keep the function's structure (a tensor, tuple or dict); has_aux functions return
 ``(output, aux)`` and aux is not differentiated. Outputs land on the device of the first
@@ -173,6 +176,7 @@ class _Spec:
 
     ops: RemoteOps
     batch_ndim: int = 0
+    shared: tuple[bool, ...] = ()  # per input, under a batch: it carries no batch dims (see _add_level)
     out_tree: Tree | None = None
     n_out: int = 0
     aux_tree: Tree | None = None
@@ -206,6 +210,7 @@ class _Linear:
     device: torch.device
     batch_ndim: int = 0
     tags: tuple[str, ...] = ()
+    shared: tuple[bool, ...] = ()
 
 
 # --------------------------------------------------------------------------- host <-> torch
@@ -296,12 +301,46 @@ def _result(arr: Any, device: torch.device, low: torch.dtype | None) -> torch.Te
 
 
 def _batched_input(x: Any, dim: int | None, size: int) -> Any:
-    """An input with this vmap level's dimension in front (expanded when unbatched)."""
+    """A vector with this vmap level's dimension in front (expanded when unbatched)."""
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(np.asarray(x))
     if dim is None:
         return x.unsqueeze(0).expand(size, *x.shape)
     return x.movedim(dim, 0)
+
+
+def _is_shared(shared: Sequence[bool], i: int) -> bool:
+    return i < len(shared) and shared[i]
+
+
+def _add_level(xs: Sequence[Any], dims: Sequence[Any], size: int, batch_ndim: int,
+               shared: Sequence[bool]) -> tuple[list[Any], tuple[bool, ...]]:
+    """The inputs of a request once this vmap level's dimension is put in front of the
+    ``batch_ndim`` it has already, and which are shared. An input no level so far maps
+    (every one before the first level) stays as it is, sent once: ``vmap`` does not copy
+    an ``in_dims=None`` input per example, and neither does the request (its ``in_dims``).
+    The service takes one batch dimension per input, so an input mapped at some levels
+    only is expanded over the others (a view here; nested vmaps that map different inputs)."""
+    was_shared = [batch_ndim == 0 or _is_shared(shared, i) for i in range(len(xs))]
+    inner = next((tuple(x.shape[:batch_ndim]) for x, s in zip(xs, was_shared) if not s), ())
+    out, flags = [], []
+    for x, d, s in zip(xs, dims, was_shared):
+        if d is None and s:
+            out.append(x)
+            flags.append(True)
+            continue
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(np.asarray(x))
+        if d is None:
+            x = x.unsqueeze(0).expand(size, *x.shape)
+        else:
+            x = x.movedim(d, 0)
+            if s:  # mapped here, shared by the inner levels
+                rest = x.shape[1:]
+                x = x.reshape(size, *(1,) * batch_ndim, *rest).expand(size, *inner, *rest)
+        out.append(x)
+        flags.append(False)
+    return out, tuple(flags)
 
 
 def _unused_inputs(ctx: Any) -> set[int]:
@@ -349,7 +388,7 @@ class _RemoteFunction(torch.autograd.Function):
         _refuse_tracing(spec.ops.name)
         _refuse_legacy_batching(spec.ops.name, inputs)
         _refuse_meta(spec.ops.name, inputs)
-        ev = spec.ops.evaluate([_host(x) for x in inputs], spec.batch_ndim)
+        ev = spec.ops.evaluate([_host(x) for x in inputs], spec.batch_ndim, shared=spec.shared)
         device, low = _device(inputs), _low_precision(inputs)
         outputs = [_result(o, device, low) for o in ev.outputs]
         spec.out_tree, spec.n_out = ev.out_tree, len(outputs)
@@ -382,7 +421,7 @@ class _RemoteFunction(torch.autograd.Function):
         assert spec.out_tree is not None
         dtypes = tuple(xs[i].dtype for i in argnums) if mode == "vjp" else tuple(spec.out_dtypes)
         return _Linear(spec.ops, mode, tuple(argnums), len(xs), spec.out_tree, dtypes, _device(xs),
-                       spec.batch_ndim, ("p",) * spec.batch_ndim)
+                       spec.batch_ndim, ("p",) * spec.batch_ndim, spec.shared)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -400,7 +439,9 @@ class _RemoteFunction(torch.autograd.Function):
         spec: _Spec = ctx.spec
         cotangents = grads[: spec.n_out]  # materialized by autograd: zeros for unused outputs
         results = _RemoteLinear.apply(_RemoteFunction._linear(ctx, "vjp", argnums, xs), *xs, *cotangents)
-        by_input = dict(zip(argnums, results))
+        # a shared input's gradient is its examples' sum (vmap's own expand would have summed it)
+        by_input = {i: r.sum(dim=tuple(range(spec.batch_ndim))) if spec.batch_ndim and _is_shared(spec.shared, i) else r
+                    for i, r in zip(argnums, results)}
         return (None, *[by_input.get(i) for i in range(len(xs))])
 
     @staticmethod
@@ -417,7 +458,7 @@ class _RemoteFunction(torch.autograd.Function):
         if not argnums:
             return (None,) * (spec.n_out + n_aux)
         lin = _RemoteFunction._linear(ctx, "jvp", argnums, xs)
-        results = _RemoteLinear.apply(lin, *xs, *[tangents[i] for i in argnums])
+        results = _RemoteLinear.apply(lin, *xs, *[_spread_shared(tangents[i], spec, xs, i) for i in argnums])
         # an integer output (indices, counts) has no tangent: torch refuses one (the service
         # answers zeros for it)
         results = [r if dtype.is_floating_point or dtype.is_complex else None
@@ -426,9 +467,8 @@ class _RemoteFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], spec: _Spec, *inputs: Any) -> tuple[Any, Any]:
-        size = info.batch_size
-        batched = [_batched_input(x, d, size) for x, d in zip(inputs, in_dims[1:])]
-        inner = replace(spec, batch_ndim=spec.batch_ndim + 1)
+        batched, shared = _add_level(inputs, in_dims[1:], info.batch_size, spec.batch_ndim, spec.shared)
+        inner = replace(spec, batch_ndim=spec.batch_ndim + 1, shared=shared)
         out = _RemoteFunction.apply(inner, *batched)
         spec.learn(inner)
         return out, (0,) * len(out)
@@ -451,7 +491,7 @@ class _RemoteLinear(torch.autograd.Function):
         xs, vectors = args[: lin.n_inputs], args[lin.n_inputs:]
         vecs = [_host(v) if isinstance(v, torch.Tensor) else np.asarray(v) for v in vectors]
         results = lin.ops.linear(lin.mode, [_host(x) for x in xs], lin.argnums, vecs, lin.out_tree,
-                                 lin.batch_ndim, lin.tags)
+                                 lin.batch_ndim, lin.tags, lin.shared)
         return tuple(_tensor(r, lin.device, d) for r, d in zip(results, lin.result_dtypes))
 
     @staticmethod
@@ -509,9 +549,9 @@ class _RemoteLinear(torch.autograd.Function):
                     out[lin.n_inputs + m] = g
         if x_needs:
             sec = _Second(lin.ops, "input", lin.argnums, tuple(x_needs), lin.n_inputs, lin.out_tree,
-                          tuple(xs[j].dtype for j in x_needs), lin.device, lin.batch_ndim, lin.tags)
+                          tuple(xs[j].dtype for j in x_needs), lin.device, lin.batch_ndim, lin.tags, lin.shared)
             for j, g in zip(x_needs, _RemoteSecond.apply(sec, *xs, *cots, *us)):
-                out[j] = _sum_vector_dims(g, lin.tags)
+                out[j] = _sum_vector_dims(g, lin.tags, _is_shared(lin.shared, j))
         return (None, *out)
 
     @staticmethod
@@ -531,14 +571,14 @@ class _RemoteLinear(torch.autograd.Function):
             total = list(_RemoteLinear.apply(lin, *xs, *dvecs))
         if moved:
             lead = vecs[0].shape[: len(lin.tags)]
-            dxs = [_spread(x_tangents[j], lin.tags, lead) for j in moved]
+            dxs = [_spread(x_tangents[j], lin.tags, lead, _is_shared(lin.shared, j)) for j in moved]
             if lin.mode == "vjp":
                 sec = _Second(lin.ops, "input", tuple(moved), lin.argnums, lin.n_inputs, lin.out_tree,
-                              lin.result_dtypes, lin.device, lin.batch_ndim, lin.tags)
+                              lin.result_dtypes, lin.device, lin.batch_ndim, lin.tags, lin.shared)
                 second = _RemoteSecond.apply(sec, *xs, *vecs, *dxs)
             else:
                 sec = _Second(lin.ops, "output", lin.argnums, tuple(moved), lin.n_inputs, lin.out_tree,
-                              lin.result_dtypes, lin.device, lin.batch_ndim, lin.tags)
+                              lin.result_dtypes, lin.device, lin.batch_ndim, lin.tags, lin.shared)
                 second = _RemoteSecond.apply(sec, *xs, *vecs, *dxs)
             total = [s if t is None else t + s for t, s in zip(total, second)]
         return tuple(total)
@@ -558,8 +598,8 @@ def _vmapped(apply: Any, info: Any, in_dims: tuple[Any, ...], op: Any, args: tup
     x_dims, v_dims = dims[: op.n_inputs], dims[op.n_inputs:]
     vecs = [_batched_input(v, d, size) for v, d in zip(vecs, v_dims)]
     if any(d is not None for d in x_dims):
-        xs = [_batched_input(x, d, size) for x, d in zip(xs, x_dims)]
-        inner = replace(op, batch_ndim=op.batch_ndim + 1, tags=("p", *op.tags))
+        xs, shared = _add_level(xs, x_dims, size, op.batch_ndim, op.shared)
+        inner = replace(op, batch_ndim=op.batch_ndim + 1, tags=("p", *op.tags), shared=shared)
     else:
         inner = replace(op, tags=("v", *op.tags))
     out = apply(inner, *xs, *vecs)
@@ -570,18 +610,30 @@ def _differentiable(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
 
 
-def _spread(t: torch.Tensor, tags: tuple[str, ...], lead: Sequence[int]) -> torch.Tensor:
-    """An input-shaped tangent (leading dims for the "p" tags only) given every leading
-    dimension of the vectors: the "v" ones, which the input is shared across, expanded."""
+def _spread(t: torch.Tensor, tags: tuple[str, ...], lead: Sequence[int], shared: bool = False) -> torch.Tensor:
+    """An input-shaped tangent (leading dims for the "p" tags only; none for an input
+    the examples share) given every leading dimension of the vectors: the ones the input
+    is shared across, expanded."""
     for pos, tag in enumerate(tags):
-        if tag == "v":
+        if tag == "v" or shared:
             t = t.unsqueeze(pos)
     return t.expand(*lead, *t.shape[len(tags):])
 
 
-def _sum_vector_dims(g: torch.Tensor, tags: tuple[str, ...]) -> torch.Tensor:
-    """The gradient of an input shared across the vectors ("v" dims): their sum."""
-    dims = [pos for pos, tag in enumerate(tags) if tag == "v"]
+def _spread_shared(t: torch.Tensor, spec: _Spec, xs: Sequence[Any], i: int) -> torch.Tensor:
+    """A tangent of input ``i`` given every batch dimension: a shared input's tangent
+    has none (it is shaped like the input), and the jvp's vectors carry them all."""
+    if not spec.batch_ndim or not _is_shared(spec.shared, i):
+        return t
+    batch_shape = next(x.shape[: spec.batch_ndim] for j, x in enumerate(xs)
+                       if isinstance(x, torch.Tensor) and not _is_shared(spec.shared, j))
+    return t.expand(*batch_shape, *t.shape)
+
+
+def _sum_vector_dims(g: torch.Tensor, tags: tuple[str, ...], shared: bool = False) -> torch.Tensor:
+    """The gradient of an input shared across the vectors ("v" dims), or across the
+    examples too (an input the examples share): their sum."""
+    dims = [pos for pos, tag in enumerate(tags) if tag == "v" or shared]
     return g.sum(dim=dims) if dims else g
 
 
@@ -602,6 +654,7 @@ class _Second:
     device: torch.device
     batch_ndim: int = 0
     tags: tuple[str, ...] = ()
+    shared: tuple[bool, ...] = ()
 
 
 def _third_derivatives(name: str) -> str:
@@ -623,7 +676,7 @@ class _RemoteSecond(torch.autograd.Function):
         _refuse_legacy_batching(sec.ops.name, args)
         xs, vectors = args[: sec.n_inputs], args[sec.n_inputs:]
         results = sec.ops.second(sec.mode, [_host(x) for x in xs], sec.vec_argnums, sec.other_argnums,
-                                 [_host(v) for v in vectors], sec.out_tree, sec.batch_ndim, sec.tags)
+                                 [_host(v) for v in vectors], sec.out_tree, sec.batch_ndim, sec.tags, sec.shared)
         return tuple(_tensor(r, sec.device, d) for r, d in zip(results, sec.result_dtypes))
 
     @staticmethod
