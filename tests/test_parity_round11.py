@@ -21,16 +21,19 @@ import json
 from typing import Any, Iterator
 
 import httpx
+import jacobian_client as jc
 import numpy as np
 import pytest
 import torch
-
-import jacobian_client as jc
+from jacobian_client import wire
 from jacobian_client.torch import remote
 
+from . import parity11_functions as F
 from . import user_functions as uf
 from ._client_functions import cubic_pair
 from ._remote_support import url  # noqa: F401 (fixture)
+from .conftest import assert_problem
+from .test_parity_round7 import answer, arr, post, same, t, wire_tree
 
 f = torch.func
 
@@ -203,20 +206,17 @@ def test_torch_nested_vmaps_merge_their_batches_and_keep_a_shared_input_shared(r
     close(grads, f.vmap(f.vmap(f.grad(lambda a, b: uf.solve(a, b).sum()), in_dims=inner), in_dims=(0, None))(As, BS))
 
 
-jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402 (after the importorskip)
-from jacobian_client.jax import remote as jax_remote  # noqa: E402 (after the importorskip)
-
-
 @pytest.fixture
-def x64() -> Iterator[None]:
+def jx() -> Iterator[Any]:
+    """jax with float64 on (as the remote function computes), put back after."""
+    jax = pytest.importorskip("jax")
     before = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
-    yield
+    yield jax
     jax.config.update("jax_enable_x64", before)
 
 
-def jclose(got: Any, want: Any, tol: float = 1e-10) -> None:
+def jclose(jax: Any, got: Any, want: Any, tol: float = 1e-10) -> None:
     got_leaves, got_tree = jax.tree.flatten(got)
     want_leaves, want_tree = jax.tree.flatten(want)
     assert got_tree == want_tree
@@ -225,22 +225,199 @@ def jclose(got: Any, want: Any, tol: float = 1e-10) -> None:
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol, atol=tol)
 
 
-def test_jax_vmap_sends_a_shared_input_once(rc, x64):
+def test_jax_vmap_sends_a_shared_input_once(rc, jx):
     """jax.vmap(f, in_axes=(None, 0)) broadcast A to every example for the request; now
     it goes once, and grad through the vmap (jvp, then transposed: the shared input's
     tangent spread over the examples, its cotangent summed) is the same function's in
     torch (jnp.linalg.solve's would cost seconds of tracing for the same numbers)."""
+    jax = jx
+    import jax.numpy as jnp
+    from jacobian_client.jax import remote as jax_remote
+
     solve = jax_remote(rc.client, "solve")
     a, bs = jnp.asarray(A.numpy()), jnp.asarray(BS.numpy())
     solve(a, bs[0])  # the shapes, learned once at real values
     rc.take()
-    jclose(jax.vmap(solve, in_axes=(None, 0))(a, bs), jnp.asarray(f.vmap(uf.solve, in_dims=(None, 0))(A, BS).numpy()))
+    jclose(jax, jax.vmap(solve, in_axes=(None, 0))(a, bs), jnp.asarray(f.vmap(uf.solve, in_dims=(None, 0))(A, BS).numpy()))
     _sent_once(rc.take(), "0", (3, 3), [None, 0])
 
     def batch_loss(g, vmap, dims):
         return lambda a, bs: (vmap(g, dims)(a, bs) ** 2).sum()
 
     want = f.grad(batch_loss(uf.solve, f.vmap, (None, 0)), argnums=(0, 1))(A, BS)
-    jclose(jax.grad(batch_loss(solve, jax.vmap, (None, 0)), argnums=(0, 1))(a, bs),
+    jclose(jax, jax.grad(batch_loss(solve, jax.vmap, (None, 0)), argnums=(0, 1))(a, bs),
            tuple(jnp.asarray(w.numpy()) for w in want))
     _sent_once(rc.take(), "0", (3, 3), [None, 0])
+
+
+# --------------------------------------------------------------------------- 2. test_eager_transforms.py, more
+
+
+@pytest.fixture(scope="module")
+def c() -> Iterator[Any]:
+    import time
+
+    from jacobian_service import Settings, create_app
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(Settings(warmup=False, functions="tests.parity11_functions")),
+                    raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/readyz").text
+            time.sleep(0.05)
+        yield client
+
+
+RNG = np.random.default_rng(11)
+
+
+def rand(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype("float32")
+
+
+def test_linearize_is_a_jvp_with_the_output(c):
+    """TestLinearize: linearize(f, x) is (f(x), jvp_fn), whose answers those tests hold
+    equal to jvp's (the reference here: linearize traces with make_fx, seconds); over
+    HTTP one jvp with return_output, a stack of tangents for vmap(jvp_fn)
+    (test_linearize_composition), and a dict-and-tuple input with a nested dict output
+    (..._nested_input_nested_output)."""
+    x, tx, txs = rand(3, 1), rand(3, 1), rand(3, 3, 1)
+
+    def jvp_fn(v):
+        return f.jvp(F.cos_and_sum, (t(x),), (v,))[1]
+
+    output = F.cos_and_sum(t(x))
+    got, doc = answer(post(c, "cos_and_sum", "jvp", [x], tangents=arr(tx), return_output=True), "jvp")
+    same(got, jvp_fn(t(tx)))
+    same(wire.decode_tree(doc["output"]), output)
+    got, _ = answer(post(c, "cos_and_sum", "jvp", [x], tangents=arr(txs), batched_vectors=True), "jvp")
+    same(got, f.vmap(jvp_fn)(t(txs)))
+    arg = {"x": rand(3, 1), "yz": (rand(3, 1), rand(3, 1))}
+    tan = {"x": rand(3, 1), "yz": (rand(3, 1), rand(3, 1))}
+    output, tangent = f.jvp(F.nested_io, (t(arg),), (t(tan),))
+    got, doc = answer(post(c, "nested_io", "jvp", [arg], tangents=wire_tree(tan), return_output=True), "jvp")
+    same(got, tangent)
+    same(wire.decode_tree(doc["output"]), output)
+
+
+def test_jvp_of_pytrees_aux_and_unrelated_inputs_and_outputs(c):
+    """TestJvp: test_pytree_inputs (tuple tangents, 0-d leaves), test_unrelated_input /
+    _output (the input itself; a captured tensor: zeros), test_aux_pytree, an integer
+    output's tangent (int64 zeros), and test_disable_fwd_grad_inside: the jvp is torch's
+    2x t, where jacrev (and so the service's Jacobian, in every mode) says 0."""
+    one = np.array(1.0, dtype="float32")
+    primals, tangents = ((one, one), one, one), ((one, 2 * one), one, one)
+    want = f.jvp(F.pytree_affine, t(primals), t(tangents))
+    got, doc = answer(post(c, "pytree_affine", "jvp", list(primals), tangents=wire_tree(tangents), argnums=[0, 1, 2],
+                           return_output=True), "jvp")
+    same((wire.decode_tree(doc["output"]), got), want)
+    x, y, tx, ty = rand(2, 3), rand(2, 3), rand(2, 3), rand(2, 3)
+    got, _ = answer(post(c, "first_only", "jvp", [x, y], tangents=wire_tree([tx, ty]), argnums=[0, 1]), "jvp")
+    same(got, f.jvp(F.first_only, (t(x), t(y)), (t(tx), t(ty)))[1])
+    got, _ = answer(post(c, "unrelated_output", "jvp", [x], tangents=arr(tx)), "jvp")
+    same(got, f.jvp(F.unrelated_output, (t(x),), (t(tx),))[1])
+    v, tv = rand(3), rand(3)
+    _, tangent, aux = f.jvp(F.sin_aux_tree, (t(v),), (t(tv),), has_aux=True)
+    got, doc = answer(post(c, "sin_aux_tree", "jvp", [v], tangents=arr(tv)), "jvp")
+    same((got, wire.decode_tree(doc["aux"], sequence=list)), (tangent, aux))
+    got, _ = answer(post(c, "sin_and_argmax", "jvp", [v], tangents=arr(tv)), "jvp")
+    same(got, f.jvp(F.sin_and_argmax, (t(v),), (t(tv),))[1])
+    got, _ = answer(post(c, "forward_grad_off", "jvp", [v], tangents=arr(tv)), "jvp")
+    same(got, f.jvp(F.forward_grad_off, (t(v),), (t(tv),))[1])
+    np.testing.assert_allclose(got, 2 * v * tv, rtol=1e-6)
+    for mode in ("rev", "fwd"):
+        got, doc = answer(post(c, "forward_grad_off", "jacobian", [v], mode=mode), "jacobian")
+        same(got, f.jacrev(F.forward_grad_off)(t(v)))
+        assert doc["meta"]["mode"] == "rev" and not got.any()
+
+
+def test_hessians_of_several_inputs(c):
+    """TestHessian: several inputs with argnums tuples in any order, outputs unrelated to
+    some input or to all (zeros), and vmap(hessian(loss)) == vmap(jacrev(jacrev(loss)))
+    per example (test_jacfwd_different_levels)."""
+    xyz = [rand(2, 3), rand(3, 5), rand(5, 5)]
+    got, _ = answer(post(c, "relu_chain", "hessian", xyz, argnums=[2, 0]), "hessian")
+    same(got, f.hessian(F.relu_chain, argnums=(2, 0))(*t(xyz)), rtol=1e-5)
+    for name in ("ignores_y", "ones_scalar"):
+        xy = [rand(2), rand(3)]
+        got, _ = answer(post(c, name, "hessian", xy, argnums=[0, 1]), "hessian")
+        same(got, f.hessian(getattr(F, name), argnums=(0, 1))(*t(xy)))
+    batch = [rand(3, 2, 2), rand(3, 5, 2), rand(3, 5, 2)]
+    got, _ = answer(post(c, "fit_loss", "hessian", batch, batched=True), "hessian")
+    same(got, f.vmap(f.jacrev(f.jacrev(F.fit_loss)))(*t(batch)), rtol=1e-5)
+
+
+def test_a_scalar_outputs_jacobian_is_grad_and_value(c):
+    """grad / grad_and_value: the Jacobian of a 0-d output is shaped like each input (the
+    gradient), return_output is the value, the aux as has_aux returns it (plain numbers
+    too: torch.func.grad would refuse those, jacrev-style aux keeps them)."""
+    x, y = rand(2, 3), rand(3)
+    (grads, value) = f.grad_and_value(lambda a, b: F.loss_with_aux(a, b)[0], argnums=(0, 1))(t(x), t(y))
+    got, doc = answer(post(c, "loss_with_aux", "jacobian", [x, y], argnums=[0, 1], return_output=True), "jacobian")
+    same(got, grads)
+    same(wire.decode_tree(doc["output"]), value)
+    assert doc["aux"]["count"] == 3
+    same(wire.decode_tree(doc["aux"]["norm"]), t(y).norm())
+
+
+def test_functional_call_over_a_module_with_buffers(c):
+    """functional_call(module, (params, buffers), x): Jacobians in the parameters (a dict
+    keyed by dotted names) and the input, per example with the bias shared, and the
+    module's own buffers untouched."""
+    params, x = {"lin.weight": rand(2, 3), "lin.bias": rand(2)}, rand(3)
+    scale = F._MODULE.scale.clone()
+    got, _ = answer(post(c, "module_call", "jacobian", [params, x], argnums=[0, 1]), "jacobian")
+    same(got, f.jacrev(F.module_call, argnums=(0, 1))(t(params), t(x)))
+    batch = {"lin.weight": rand(4, 2, 3), "lin.bias": rand(2)}
+    xs, dims = rand(4, 3), [{"lin.weight": 0, "lin.bias": None}, 0]
+    got, _ = answer(post(c, "module_call", "jacobian", [batch, xs], argnums=0, batched=True, in_dims=dims), "jacobian")
+    same(got, f.vmap(f.jacrev(F.module_call), in_dims=({"lin.weight": 0, "lin.bias": None}, 0))(t(batch), t(xs)))
+    assert torch.equal(F._MODULE.scale, scale)
+
+
+def test_an_op_without_a_derivative_is_torchs_error(c):
+    """igamma has no derivative in its first input (NotImplementedError, reverse and
+    forward mode): every derivative request is a 500 function_error with torch's message
+    and no traceback, as SPEC's table has it; its value is answered."""
+    a = np.abs(rand(3)) + 0.5
+    with pytest.raises(NotImplementedError):
+        f.jacrev(F.gammainc_in_a)(t(a))
+    with pytest.raises(NotImplementedError):
+        f.jvp(F.gammainc_in_a, (t(a),), (t(a),))
+    for endpoint, options, says in [
+        ("jacobian", {}, "the derivative for 'igamma: input' is not implemented"),
+        ("jacobian", {"mode": "fwd"}, "the derivative for 'igamma: input' is not implemented"),
+        ("vjp", {"cotangents": arr(a)}, "the derivative for 'igamma: input' is not implemented"),
+        ("jvp", {"tangents": arr(a)}, "Trying to use forward AD with igamma"),
+        ("hessian", {}, "igamma"),
+    ]:
+        body = assert_problem(post(c, "gammainc_in_a", endpoint, [a], **options), 500, "function_error")
+        assert body["detail"].startswith("NotImplementedError: ") and says in body["detail"], (endpoint, body)
+    got, _ = answer(post(c, "gammainc_in_a", "evaluate", [a]), "output")
+    same(got, F.gammainc_in_a(t(a)))
+
+
+def test_in_place_writes_and_data_dependent_control_flow(c):
+    """In-place on an input: forward mode runs it (jvp as torch's), reverse mode raises
+    torch's leaf-variable error (500), a batched evaluate runs. Control flow on a value
+    (.item()): torch's vmap refuses it; per-example requests answer each example's
+    torch.func result, with chunks of one row or not."""
+    x, tx = rand(3), rand(3)
+    got, _ = answer(post(c, "doubles_input", "jvp", [x], tangents=arr(tx)), "jvp")
+    same(got, f.jvp(F.doubles_input, (t(x),), (t(tx),))[1])
+    body = assert_problem(post(c, "doubles_input", "jacobian", [x]), 500, "function_error")
+    assert "leaf Variable that requires grad is being used in an in-place operation" in body["detail"]
+    with pytest.raises(RuntimeError, match="in-place operation"):
+        f.jacrev(F.doubles_input)(t(x))
+    xs = np.array([[1, 2, 3], [-1, -2, -3]], dtype="float32")
+    got, _ = answer(post(c, "doubles_input", "evaluate", [xs], batched=True), "output")
+    same(got, f.vmap(F.doubles_input)(t(xs)))
+    with pytest.raises(RuntimeError, match="data-dependent control flow"):
+        f.vmap(f.jacrev(F.branchy))(t(xs))
+    want = torch.stack([f.jacrev(F.branchy)(v) for v in t(xs)])
+    for options in ({}, {"chunk_size": 1}):
+        got, _ = answer(post(c, "branchy", "jacobian", [xs], batched=True, **options), "jacobian")
+        same(got, want)
+    got, _ = answer(post(c, "branchy", "hessian", [xs], batched=True), "hessian")
+    same(got, torch.stack([f.hessian(F.branchy)(v) for v in t(xs)]))
