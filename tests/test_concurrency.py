@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from typing import Any
 
@@ -230,3 +231,41 @@ def test_an_aux_over_the_result_limit_is_refused_before_it_leaves_the_engine():
         worker.run(worker.take(lambda s: None))
     assert isinstance(settled[0][1], ResultTooLarge) and "bytes with its aux and output" in str(settled[0][1]) and settled[0][0] is None
     assert settled[1][1] is None and settled[1][0].aux == {"blob": "x" * 10}
+
+
+def test_an_in_process_answer_leaves_once_the_engines_context_is_exited():
+    """The in-process layout: an answer settled inside the engine's ``computing()``
+    context (which raises torch.func's JVP_NESTING, shared by every thread) let the
+    caller's next torch.func.jvp / jacfwd run while it was raised, and fail 'no level
+    exists'. Answers now leave once the group has run, as an engine process sends them."""
+    import threading
+    import time
+
+    from jacobian_service.scheduler import Job, ThreadedWorker, Worker
+
+    class Engine:
+        device = "cpu"
+        inside = False
+
+        @contextlib.contextmanager
+        def computing(self):
+            Engine.inside = True
+            try:
+                yield
+            finally:
+                Engine.inside = False
+
+    seen, done = [], threading.Event()
+
+    def settle(*args):
+        seen.append(Engine.inside)
+        done.set()
+
+    threaded = ThreadedWorker(Worker(Engine(), max_queue=10), "test-worker")
+    threaded.start()
+    try:  # a stream chunk of no stream: settled with an error inside the run
+        threaded.submit(Job("stream_next", None, settle, deadline=time.monotonic() + 60, stream_id=1))
+        assert done.wait(30)
+    finally:
+        threaded.stop()
+    assert seen == [False]

@@ -415,13 +415,31 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 
 class ThreadedWorker:
-    """A :class:`Worker` driven by its own thread (the in-process mode)."""
+    """A :class:`Worker` driven by its own thread (the in-process mode).
+
+    The answers of a group it runs leave once the group has run (the worker's
+    ``on_settled``), as an engine process sends its replies, not from inside the engine's
+    ``computing()`` context: that context nests the engine's forward mode under a dual
+    level the caller's thread holds by raising torch.func's ``JVP_NESTING``, a module
+    global every thread shares (``engine/dual_level.py``). An answer settled inside it let
+    the caller's thread run on while the count was still raised: its next
+    ``torch.func.jvp`` / ``jacfwd`` took itself for a nested one, entered no dual level, and
+    failed "Trying to create a dual Tensor for forward AD but no level exists" (a remote
+    function's jacfwd against the in-process server, now and then)."""
 
     def __init__(self, worker: Worker, name: str) -> None:
         self.worker = worker
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._held: list[tuple[Settle, Any, BaseException | None, JobInfo]] | None = None  # while a group runs
+        then = worker.on_settled
+
+        def on_settled() -> None:
+            self._send_held()
+            then()
+
+        worker.on_settled = on_settled
 
     def start(self) -> None:
         self.thread.start()
@@ -430,9 +448,28 @@ class ThreadedWorker:
         return self.thread.is_alive()
 
     def submit(self, job: Job) -> None:
+        settle = job.settle
+        job.settle = lambda result, error, info: self._settle(settle, result, error, info)
         with self.cond:
             self.worker.submit(job)
             self.cond.notify()
+
+    def _settle(self, settle: Settle, result: Any, error: BaseException | None, info: JobInfo) -> None:
+        """Held while a group runs on this thread (see the class); at once otherwise (a
+        job failed as the worker stops, a caller's own thread)."""
+        held = self._held
+        if held is not None and threading.current_thread() is self.thread:
+            held.append((settle, result, error, info))
+        else:
+            settle(result, error, info)
+
+    def _send_held(self) -> None:
+        held, self._held = self._held, ([] if self._held is not None else None)
+        for settle, result, error, info in held or ():
+            try:
+                settle(result, error, info)
+            except Exception:  # the caller's side is gone (a closed loop), as Job.finish takes it
+                log.debug("could not settle a job", exc_info=True)
 
     def depth(self) -> int:
         # Under the lock: the worker's thread takes jobs off the queue meanwhile, and a
@@ -473,5 +510,10 @@ class ThreadedWorker:
             if group is None:
                 self.worker.tidy()
                 continue
-            self.worker.run(group)
+            self._held = []
+            try:
+                self.worker.run(group)
+            finally:
+                self._send_held()  # on_settled has sent them; this, whatever it could not
+                self._held = None
             del group  # not kept while waiting: the jobs hold their requests' arrays
