@@ -181,3 +181,20 @@ def batch_norm_train(params, x):
     written in place at every call."""
     buffers = {k: v.clone() for k, v in _BN.named_buffers()}
     return torch.func.functional_call(_BN, (params, buffers), (x,))
+
+
+# --- random draws (jacfwd's randomness=) ---
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def dropout_train(x):
+    """Dropout in training mode: a fresh mask at every call. torch.func.jvp under vmap
+    over tangents refuses it (randomness="error"); randomness="same" gives every tangent
+    the one mask."""
+    return torch.nn.functional.dropout(x, p=0.5, training=True)
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def noisy_energy(x):
+    """A scalar times a fresh random number: its Hessian-vector products are 2 r t."""
+    return (x ** 2).sum() * torch.rand(())

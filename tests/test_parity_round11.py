@@ -421,3 +421,29 @@ def test_in_place_writes_and_data_dependent_control_flow(c):
         same(got, want)
     got, _ = answer(post(c, "branchy", "hessian", [xs], batched=True), "hessian")
     same(got, torch.stack([f.hessian(F.branchy)(v) for v in t(xs)]))
+
+
+def test_a_stack_of_products_of_a_random_function_is_of_one_draw(c):
+    """jacfwd / vmap(jvp)'s randomness=: torch's vmap refuses a random op (randomness=
+    "error"), so the service runs the tangents one at a time, and each drew its own
+    dropout mask; return_output's output was yet another draw, so J t_k matched neither
+    the output nor each other (a 200). Now every product replays the draws of the call
+    whose output is answered, as randomness="same" gives them, and as the Jacobian (one
+    call, its VJPs) is."""
+    x = np.abs(rand(16)) + 0.5
+    with pytest.raises(RuntimeError, match="randomness"):
+        f.jacfwd(F.dropout_train)(t(x))
+    f.jacfwd(F.dropout_train, randomness="same")(t(x))  # runs: one mask for every tangent
+    got, doc = answer(post(c, "dropout_train", "jvp", [x], tangents=arr(np.eye(16, dtype="float32")),
+                           batched_vectors=True, return_output=True), "jvp")
+    output = wire.decode_tree(doc["output"])
+    same(np.diag(got), output / x, rtol=1e-6)  # J e_k at k: mask_k / (1 - p), the output's own mask
+    assert not (got - np.diag(np.diag(got))).any()
+    ts = rand(3, 16)
+    got, doc = answer(post(c, "noisy_energy", "hvp", [x], tangents=arr(ts), batched_vectors=True,
+                           return_output=True), "hvp")
+    r = wire.decode_tree(doc["output"]) / (x.astype("float64") ** 2).sum()
+    np.testing.assert_allclose(got, 2 * r * ts, rtol=1e-5)
+    got, doc = answer(post(c, "noisy_energy", "hvp", [x], tangents=arr(ts[0]), return_output=True), "hvp")
+    r = wire.decode_tree(doc["output"]) / (x.astype("float64") ** 2).sum()
+    np.testing.assert_allclose(got, 2 * r * ts[0], rtol=1e-5)

@@ -25,7 +25,7 @@ from .calling import (AuxBox, GradOffWatch, as_input_dtypes, check_floating, dif
                       function_error, is_oom)
 from .devices import release_free_heap
 from .dual_level import beside_a_held_dual_level
-from .products import agrees_with_reverse, one_agrees, over_vectors
+from .products import agrees_with_reverse, one_agrees, over_vectors, rng_replay
 from .profile import Profiles
 from .rows import RowStream
 from .shapes import MAX_SPAN_BYTES
@@ -584,7 +584,9 @@ class Engine:
             return torch.func.jvp(g, primals, t, has_aux=True)
 
         # The output's size (hence the result's) is known only after a forward pass:
-        # take it from a plain call, before any product is computed.
+        # take it from a plain call, before any product is computed, whose random draws
+        # the products then make too (products.rng_replay).
+        replay = rng_replay()
         out, aux_t = self.guard(lambda: g(*fresh(primals)))
         per = sum(t.numel() * self.wire_itemsize(t.dtype) for t in pytree.tree_leaves(out))
         self.check_result_size(call, self._vector_batch(call) * per, "vectors")
@@ -594,7 +596,7 @@ class Engine:
                 return lambda *t: torch.func.jvp(g2, fresh(clean), t, has_aux=True)[1]
 
             value = self.guard(lambda: over_vectors(call.spec.name, lambda *t: push(*t)[1], tangents,
-                                                    *self._checked(call, "jvp"), again))
+                                                    *self._checked(call, "jvp"), again, replay=replay))
         else:
             out, value, aux_t = self.guard(lambda: push(*tangents))
         output = self.host(out) if call.return_output else None
@@ -611,7 +613,9 @@ class Engine:
         box = AuxBox(call.spec)
         g, primals = differentiable(box, args, call)
         like = primals if call.as_tuple else primals[0]
-        # The output first: no tangent can fix a function that is not scalar.
+        # The output first: no tangent can fix a function that is not scalar. Its random
+        # draws are the products' too (products.rng_replay).
+        replay = rng_replay()
         out, aux_t = self.guard(lambda: g(*fresh(primals)))
         if call.cotangents is None and not (isinstance(out, torch.Tensor) and out.dim() == 0):
             raise InvalidInput("hvp needs a function with one scalar (0-d) output, or 'cotangents' shaped like "
@@ -642,8 +646,9 @@ class Engine:
             # product, not by linearity over mixed vectors (products.one_agrees)
             check, kind = (None, "hvp") if cot is None else (one_agrees, "hvp_cotangents")
             value = self.guard(lambda: over_vectors(call.spec.name, push, vectors, *self._checked(call, kind), again,
-                                                    check=check))
+                                                    check=check, replay=replay))
         else:
+            replay()
             value = self.guard(lambda: push(*vectors))
         value = tuple(value) if call.as_tuple else value[0]
         output = self.host(out) if call.return_output else None

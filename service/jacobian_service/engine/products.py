@@ -18,14 +18,34 @@ from torch.utils import _pytree as pytree
 from ..errors import ServiceError
 from .calling import changed_between_calls, fresh, function_error, is_oom
 
-__all__ = ["agrees_with_reverse", "one_agrees", "over_vectors", "vmap_agrees"]
+__all__ = ["agrees_with_reverse", "one_agrees", "over_vectors", "rng_replay", "vmap_agrees"]
 
 log = logging.getLogger("jacobian_service.engine")
 
 
+def rng_replay() -> Callable[[], None]:
+    """A function that puts torch's random generators back as they are now (CPU, and
+    every CUDA device once CUDA is in use): each call after it then draws what the first
+    call did. A request's products run one at a time where ``vmap`` cannot run them, and
+    ``vmap`` refuses any random op: a function that draws (dropout in training mode,
+    noise) gave each tangent of a stack its own draw, and the output ``return_output``
+    answered yet another, products of no one call. Replayed before each, they are the
+    products of the call whose output is answered, as ``torch.func.jvp`` under
+    ``vmap(randomness="same")`` gives them and as the Jacobian (one call, its VJPs) is."""
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def replay() -> None:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+    return replay
+
+
 def over_vectors(name: str, product: Callable[..., Any], vectors: tuple[Any, ...], checked: Any, key: Any,
                  again: Callable[[], Callable[..., Any]] | None = None,
-                 check: Callable[..., bool] | None = None) -> Any:
+                 check: Callable[..., bool] | None = None, replay: Callable[[], None] | None = None) -> Any:
     """``vmap(product)(*vectors)``; where torch's ``vmap`` cannot run the product (an op
     of the derivative without a batching rule, a custom ``autograd.Function`` without a
     vmap rule), or runs it wrong (:func:`vmap_agrees`, checked once per ``key`` and
@@ -37,7 +57,8 @@ def over_vectors(name: str, product: Callable[..., Any], vectors: tuple[Any, ...
     ``vmap`` ran, and a check or loop on what it left answered for other values (a
     stack of jvp tangents came back 2x torch's, with a 200). So ``vmap`` and each
     product of the loop get copies of the vectors, and the check the product on fresh
-    inputs."""
+    inputs. ``replay`` (:func:`rng_replay`) runs before each product of the loop: the
+    generators as they were for the call whose output is answered."""
     leaves = [v for v in pytree.tree_leaves(vectors) if isinstance(v, torch.Tensor) and v.dim()]
     batch = leaves[0].shape[0] if leaves else 0
     try:
@@ -55,7 +76,11 @@ def over_vectors(name: str, product: Callable[..., Any], vectors: tuple[Any, ...
             return value
         log.warning("vmap of %s's products disagrees with one product; one vector at a time", name)
     one = again() if again is not None else product
-    per = [one(*fresh(_take(vectors, k))) for k in range(batch)]
+    per = []
+    for k in range(batch):
+        if replay is not None:
+            replay()
+        per.append(one(*fresh(_take(vectors, k))))
     return pytree.tree_map(lambda *xs: torch.stack(xs), *per)
 
 
