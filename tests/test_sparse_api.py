@@ -665,7 +665,7 @@ def test_get_sparsity_several_inputs_and_argnums(client):
     ("shapes=26&sparsity=dense", 422, "invalid_input"),
     ("shapes=26&format=dense", 422, "invalid_input"),
     ("shapes=26&colour=1", 422, "invalid_input"),
-    ("shapes=99999999999", 422, "invalid_input"),
+    ("shapes=99999999999", 413, "payload_too_large"),  # over the element limit, as in a body
 ])
 def test_get_sparsity_errors(client, query, status, code):
     assert_problem(client.get(f"/v1/functions/lorenz96/sparsity?{query}"), status, code)
@@ -839,20 +839,22 @@ def test_get_sparsity_shapes_are_bounded_like_a_body(client):
     assert_problem(client.get("/v1/functions/lorenz96/sparsity?shapes=40000000"), 413, "payload_too_large")
 
 
-@pytest.mark.parametrize("name,shapes,needle", [
-    ("sin", "99999999999999999999999", "beyond int64"),  # was an OverflowError: 500
-    ("sin", "9223372036854775808", "beyond int64"),  # 2**63: numpy's "maximum allowed dimension exceeded"
-    ("sin", "0,99999999999999999999999", "beyond int64"),
-    ("sin", "9" * 5000, "beyond int64"),  # int() refuses more than 4,300 digits
-    ("sin", "0,9223372036854775807", "over the array limits"),  # holds nothing, but numpy refuses it
-    ("reaction_diffusion", "4294967296,4294967296", "over the array limits"),  # np.prod wrapped to 0
-    ("reaction_diffusion", "65536,65536", "over the array limits"),
+@pytest.mark.parametrize("name,shapes,status,needle", [
+    ("sin", "99999999999999999999999", 422, "beyond int64"),  # was an OverflowError: 500
+    ("sin", "9223372036854775808", 422, "beyond int64"),  # 2**63: numpy's "maximum allowed dimension exceeded"
+    ("sin", "0,99999999999999999999999", 422, "beyond int64"),
+    ("sin", "9" * 5000, 422, "beyond int64"),  # int() refuses more than 4,300 digits
+    ("sin", "0,9223372036854775807", 422, "holds no elements"),  # holds nothing, but numpy refuses it
+    # over the element limit: a 413, as the same shape in a body is (it was a 422 here)
+    ("reaction_diffusion", "4294967296,4294967296", 413, "over the limit of 268435456 elements"),  # np.prod wrapped to 0
+    ("reaction_diffusion", "65536,65536", 413, "over the limit of 268435456 elements"),
 ])
-def test_get_sparsity_shapes_are_checked_as_the_wire_checks_them(client, name, shapes, needle):
+def test_get_sparsity_shapes_are_checked_as_the_wire_checks_them(client, name, shapes, status, needle):
     """Sizes are Python ints within int64 whose product (exact, over the non-zero sizes)
-    is within the element limit, as the JSON and .npy paths check a shape: a 422 that
-    says which, never a 500 from an overflow further on."""
-    problem = assert_problem(client.get(f"/v1/functions/{name}/sparsity", params={"shapes": shapes}), 422, "invalid_input")
+    is within the element limit, as the JSON and .npy paths check a shape: a 422 or 413
+    that says which, as a body's shape gets, never a 500 from an overflow further on."""
+    code = "invalid_input" if status == 422 else "payload_too_large"
+    problem = assert_problem(client.get(f"/v1/functions/{name}/sparsity", params={"shapes": shapes}), status, code)
     assert needle in problem["detail"] and "Traceback" not in problem["detail"]
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "SparseCOO",
     "WireError",
     "check_depth",
+    "check_shape",
     "check_unique_keys",
     "decode_json_array",
     "decode_sparse_json",
@@ -346,6 +347,11 @@ def _check_shape(shape: Any, limits: Limits, dense: bool = True) -> tuple[int, .
             "that every shape's sizes are held to", "invalid_input"
         )
     return tuple(shape)
+
+
+# The service holds the shapes a query string names (GET .../sparsity?shapes=) to the same
+# rule, so that one limit is answered with one status however the shape came.
+check_shape = _check_shape
 
 
 def _depth(obj: Any, limit: int) -> int:

@@ -7,6 +7,7 @@ straight to numpy by :mod:`jacobian_client.wire`).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal, Mapping
 
@@ -630,17 +631,6 @@ def _shapes(text: str) -> list[tuple[int, ...]]:
     return shapes
 
 
-def _elements(shape: tuple[int, ...]) -> tuple[int, int]:
-    """``(elements, nonzero-dims product)`` of ``shape``, exact (Python ints, never
-    numpy's wrapping int64): a shape with a zero dimension holds nothing, but numpy
-    still refuses one whose other dimensions multiply past its limits."""
-    elements = nonzero = 1
-    for d in shape:
-        elements *= d
-        nonzero *= d or 1
-    return elements, nonzero
-
-
 def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: wire.Limits) -> tuple[str, Call]:
     """``GET /v1/functions/{name}/sparsity?shapes=...``: the derivative kind and a
     :class:`Call` at a fixed point of those shapes. Patterns are structural (detected or
@@ -675,11 +665,13 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
     sent: list[str] = []
     total = 0
     for shape, name, inp in zip(shapes, dtype_names, spec.inputs):
-        elements, nonzero = _elements(shape) if len(shape) <= limits.max_rank else (0, 0)
-        if len(shape) > limits.max_rank or nonzero > limits.max_elements:
-            raise InvalidInput(f"input {inp.name!r}: shape {list(shape)} is over the array limits "
-                               f"(at most {limits.max_rank} dimensions and {limits.max_elements} elements)")
-        total += elements * 8  # 8: the widest element a body may carry
+        # The rule a body's array is held to (wire.check_shape), and its status: a shape
+        # over the element limit was a 422 here where the same shape posted is a 413.
+        try:
+            wire.check_shape(list(shape), limits)
+        except wire.WireError as exc:
+            raise from_wire(wire.WireError(f"shapes: input {inp.name!r}: {exc}", exc.code)) from None
+        total += math.prod(shape) * 8  # 8: the widest element a body may carry
         if total > limits.max_bytes:  # no more than a request body could carry
             raise PayloadTooLarge(f"these shapes hold more than {limits.max_bytes} bytes, the request limit")
         if name is not None and name not in wire.DTYPES:
