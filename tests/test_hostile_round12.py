@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import zipfile
 
+import numpy as np
 import pytest
 from numpy.lib import format as npy_format
 
@@ -86,3 +87,35 @@ def test_a_shape_over_a_limit_gets_one_status_on_every_endpoint_and_method(clien
     assert seen == 18
     # within the limits, both are answered
     assert client.get("/v1/functions/reaction_diffusion/sparsity?shapes=4,4").json()["pattern"]["shape"] == [16, 16]
+
+
+# ------------------------------------------------------------ integers below int64, for a float input
+
+
+@pytest.mark.parametrize("literal", ["-9223372036854775809", "-9223372036854776000", "-9223372036854776832"])
+def test_an_explicit_int64_below_its_range_is_refused_for_a_float_input_too(client, literal: str) -> None:
+    """Round ten read integer literals exactly for functions that take integers; for a
+    float function the body was read as orjson reads it, which rounds every integer
+    literal within 1024 below -2**63 to the float -2**63, and that fits int64: ``sin``'s
+    evaluate of ``{"dtype": "int64", "data": [-2**63 - 1]}`` (or int64 cotangents of a
+    vjp) answered 200, computed with -2**63, while one past the top, 2**63, is a 422.
+    Now an array that names an integer dtype is read exactly whatever the function: 422."""
+    def post(endpoint: str, doc: str):
+        return client.post(f"/v1/functions/sin/{endpoint}", content=doc, headers=JSON)
+
+    for endpoint, doc in (
+        ("evaluate", f'{{"inputs": [{{"dtype": "int64", "shape": [2], "data": [1, {literal}]}}]}}'),
+        ("evaluate", f'{{"inputs": {{"x": {{"dtype": "int64", "data": [{literal}]}}}}}}'),  # no shape: still an array
+        ("vjp", f'{{"inputs": [[0.5]], "cotangents": {{"dtype": "int64", "shape": [1], "data": [{literal}]}}}}'),
+    ):
+        problem = assert_problem(post(endpoint, doc), 422, "invalid_input")
+        assert problem["detail"].endswith("array data does not fit int64"), problem
+    # int64's lowest itself is read exactly and served, as is the literal in plain numbers
+    # or a float array, which carry no integer dtype (a float, as any JSON reader makes it)
+    r = post("evaluate", '{"inputs": [{"dtype": "int64", "shape": [1], "data": [-9223372036854775808]}]}')
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(wire.decode_tree(r.json()["output"]), np.sin(np.float32([-2.0**63])), rtol=1e-6)
+    for cotangents in (f"[{literal}]", f'{{"dtype": "float64", "shape": [1], "data": [{literal}]}}'):
+        r = post("vjp", f'{{"inputs": [[0.5]], "cotangents": {cotangents}}}')
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(wire.decode_tree(r.json()["vjp"]), [np.cos(np.float32(0.5)) * float(literal)], rtol=1e-6)

@@ -355,6 +355,36 @@ def _check_fits(name: str, arr: np.ndarray, target: np.dtype) -> None:
         raise InvalidInput(f"input {name!r}: {bad} does not fit {target.name}")
 
 
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+_INTEGER_DTYPES = ("int", "uint")
+
+
+def _names_integer_dtype(doc: Any) -> bool:
+    """Whether an array object of a JSON body names an integer dtype. Such an array's
+    numbers must be read exactly whatever the function's inputs are: orjson reads every
+    integer literal within 1024 below -2**63 as the float -2**63, which fits int64, so
+    ``{"dtype": "int64", "data": [-9223372036854775809]}`` sent to a float input (an
+    ``evaluate``, int64 cotangents) was computed with -2**63, answered 200, where one past
+    the top, 2**63, is a 422. (A float function's body is read as orjson reads it, and
+    only one that names an integer dtype is read again, exactly: the search for such
+    literals costs ~15 % of a large body's parse.) Objects are walked, and lists that
+    hold more than numbers; a list of numbers is judged by its items' types, in C, as
+    ``wire.check_depth`` does, and an array's data is not looked into at all. A body of
+    plain lists has no object below its top: the caller skips it by its member count."""
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            dtype = node.get("dtype")
+            if isinstance(dtype, str) and dtype.startswith(_INTEGER_DTYPES):
+                return True
+            if not wire.is_array_object(node):
+                stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif node and (isinstance(node[0], (dict, list)) or not _SCALARS.issuperset(map(type, node))):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return False
+
+
 def parse_call(
     spec: FunctionSpec,
     kind: Kind,
@@ -372,9 +402,12 @@ def parse_call(
     try:
         if media_type == wire.JSON:
             doc = wire.loads(body, exact_integers=spec.takes_integers)
-            wire.check_unique_keys(body, wire.check_depth(doc, limits.max_json_depth))
+            members = wire.check_depth(doc, limits.max_json_depth)
+            wire.check_unique_keys(body, members)
             if not isinstance(doc, dict):
                 raise InvalidInput("the body must be a JSON object with an 'inputs' member")
+            if not spec.takes_integers and members > len(doc) and _names_integer_dtype(doc):
+                doc = wire.loads(body, exact_integers=True)  # (rare: read again, its integers exact)
             if "inputs" not in doc:
                 raise InvalidInput("the body has no 'inputs'")
             given = doc.pop("inputs")
