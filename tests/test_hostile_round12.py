@@ -9,17 +9,81 @@ what a user saw before.
 from __future__ import annotations
 
 import io
+import json
+import socket
+import subprocess
+import time
 import zipfile
+from typing import Iterator
 
+import httpx
 import numpy as np
 import pytest
 from numpy.lib import format as npy_format
 
 from jacobian_client import wire
 
-from .conftest import assert_problem
+from .conftest import assert_problem, live_server
 
 JSON = {"content-type": wire.JSON}
+X = [0.5, 1.0, 2.0]
+BODY = b'{"inputs": [[0.5, 1.0, 2.0]]}'
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    with live_server(FUNCTIONS="jacobian_service.examples", WORKERS=1, WARMUP="false") as served:
+        yield served
+
+
+def _exchange(url: str, data: bytes, wait: float = 10.0) -> tuple[bytes, bool]:
+    """``data`` sent as it is on a new connection: (what came back, whether the server
+    closed the connection after it). Read until the server closes, or until ``wait``
+    passes with nothing more (then it kept the connection)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as s:
+        s.sendall(data)
+        got = b""
+        try:
+            while chunk := s.recv(1 << 16):
+                got += chunk
+                if _whole(got):
+                    s.settimeout(0.3)  # an answer is in: does the server close now?
+        except socket.timeout:
+            return got, False
+        return got, True
+
+
+def _whole(got: bytes) -> bool:
+    head, sep, body = got.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), None)
+    return bool(sep) and length is not None and len(body) >= length
+
+
+def _answer(got: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = got.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def _problem(got: bytes, status: int, code: str) -> dict:
+    """A problem+json answer written on the wire, checked as assert_problem checks one."""
+    got_status, headers, body = _answer(got)
+    assert got_status == status, got
+    assert headers["content-type"] == wire.PROBLEM
+    doc = json.loads(body[:int(headers["content-length"])])
+    assert set(doc) == {"type", "title", "status", "detail", "code", "request_id"}
+    assert doc["status"] == status and doc["code"] == code and doc["request_id"] == headers["x-request-id"]
+    assert "Traceback" not in body.decode("latin-1")
+    return doc
+
+
+def _sin_ok(url: str) -> None:
+    """Another client is served as before."""
+    r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [X]}, timeout=30)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(wire.decode_tree(r.json()["jacobian"]), np.diag(np.cos(np.float32(X))), rtol=1e-6)
 
 
 # ------------------------------------------------------------ one limit, one status
@@ -119,3 +183,47 @@ def test_an_explicit_int64_below_its_range_is_refused_for_a_float_input_too(clie
         r = post("vjp", f'{{"inputs": [[0.5]], "cotangents": {cotangents}}}')
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(wire.decode_tree(r.json()["vjp"]), [np.cos(np.float32(0.5)) * float(literal)], rtol=1e-6)
+
+
+# ------------------------------------------------------------ what the HTTP parser refuses, said
+
+
+def _post(headers: bytes, body: bytes = BODY, path: bytes = b"/v1/functions/sin/jacobian", length: bool = True) -> bytes:
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n" + headers
+            + (b"Content-Length: %d\r\n" % len(body) if length else b"") + b"\r\n" + body)
+
+
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+# request -> what the detail says (the parser's reason, and the header at fault)
+_UNPARSABLE = {
+    "obs-fold": (_post(b"X-Trace: a\r\n b\r\n"), "(Unexpected whitespace after header value): the header 'X-Trace' "
+                 "is folded onto a next line that starts with whitespace (obs-fold, RFC 9112 5.2)"),
+    "NUL in a value": (_post(b"X-Trace: a\x00b\r\n"), "(Invalid header value char): the header 'X-Trace' holds the byte "
+                       "0x00, a control character"),
+    "CR in a value": (_post(b"X-Trace: a\rb\r\n"), "the header 'X-Trace' holds the byte 0x0d"),
+    "space before the colon": (_post(b"Content-Length : 5\r\n"),
+                               "the header line 'Content-Length : 5' has no valid name"),
+    "two Content-Lengths": (_post(b"Content-Length: 29\r\n"), "(Duplicate Content-Length)"),
+    "Content-Length and Transfer-Encoding": (_post(_CHUNKED, b"1d\r\n" + BODY + b"\r\n0\r\n\r\n"),
+                                             "(Content-Length can't be present with Transfer-Encoding)"),
+    "chunk size overflow": (_post(_CHUNKED, b"1" + b"0" * 16 + b"\r\n", length=False), "(Chunk size overflow)"),
+    "a coding not chunked, last": (_post(b"Transfer-Encoding: gzip\r\n", length=False),
+                                   "(Request has invalid `Transfer-Encoding`)"),
+}
+
+
+@pytest.mark.parametrize("case", list(_UNPARSABLE))
+def test_what_the_parser_refuses_is_named_in_the_problem(server, case: str) -> None:
+    """A header folded onto the next line (obs-fold), a NUL or a CR in a header's value,
+    two Content-Lengths, a chunk size past 64 bits: each was a 400 saying only "the
+    request is not valid HTTP/1.1 (Invalid HTTP request received)", uvicorn's words for
+    every fault of the parser, which a client (or a proxy's operator) could not act on.
+    Now the detail gives the parser's reason and, where a header line is at fault, names
+    it. Still a 400 malformed_request that closes the connection; other clients served."""
+    url, _ = server
+    data, says = _UNPARSABLE[case]
+    got, closed = _exchange(url, data)
+    detail = _problem(got, 400, "malformed_request")["detail"]
+    assert detail.startswith("the request is not valid HTTP/1.1 (") and says in detail, detail
+    assert closed
+    _sin_ok(url)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import time
 from typing import Any, Callable
 
@@ -45,7 +46,7 @@ from jacobian_client import wire
 
 from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
 from .request_ids import new_request_id
-from .responses import problem_document
+from .responses import echo, problem_document
 
 __all__ = ["BodyBudget", "Charge", "Expiry", "HeadWithBody", "SendGuard", "abort_connection", "guarded_protocol", "json_parse_cost", "read_body"]
 
@@ -545,6 +546,58 @@ def _closing_problem(error: ServiceError, cors: list[tuple[str, str]] = []) -> b
                                               request_id.encode(), extra) + body)
 
 
+# A request line (RFC 9112 3: method, target, version), to find in a piece of bytes where
+# the head being read begins; a header field's name (a token) and what a value may not hold
+# (RFC 9110 5.5: controls other than a tab).
+_REQUEST_LINE = re.compile(rb"(?m)^[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ [A-Z]+/[0-9]\.[0-9]\r?$")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+# llhttp's reasons that say nothing to a client, in words that do (None: uvicorn's own).
+_PARSER_REASONS = {
+    "User callback error": "Invalid HTTP request received",  # (a CONNECT's authority target, which no route takes)
+    "Pause on PRI/Upgrade": "an HTTP/2 connection preface: this server speaks HTTP/1.1 and 1.0",
+}
+
+
+def header_fault(piece: bytes | bytearray) -> str | None:
+    """Which header line of the head in ``piece`` (the bytes the parser refused were in)
+    is not HTTP, in words naming it, or None: a line folded onto the next (obs-fold,
+    RFC 9112 5.2), a control character in a value (a NUL), a name that is no token
+    (``Content-Length : 5``). Read from the last request line in the piece on (a piece
+    may hold whole requests before it), or, with none, from its second line (its first
+    may be a line's end); run only on a refusal."""
+    piece = bytes(piece)
+    starts = [m.end() for m in _REQUEST_LINE.finditer(piece)]
+    lines = piece[starts[-1]:].split(b"\n")[1:] if starts else piece.split(b"\n")[1:]
+    name = None
+    for line in lines:
+        line = line[:-1] if line.endswith(b"\r") else line
+        if not line:  # the blank line that ends the head
+            return None
+        if line[:1] in (b" ", b"\t"):
+            if name is None:
+                return "the first header line starts with whitespace"
+            return (f"the header {_shown(name)} is folded onto a next line that starts with whitespace "
+                    "(obs-fold, RFC 9112 5.2): send each header on one line")
+        field, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(field):
+            return (f"the header line {_shown(line)} has no valid name: a name is a token, then ':' with no "
+                    "whitespace before it (RFC 9112 5.1)")
+        name = field
+        control = _CONTROL.search(value)
+        if control is not None:
+            return (f"the header {_shown(name)} holds the byte 0x{control[0][0]:02x}, a control character: a "
+                    "value is visible characters, spaces and tabs (RFC 9110 5.5)")
+    return None
+
+
+def _shown(raw: bytes) -> str:
+    """A client's bytes quoted back in a message: cut short, escaped (responses.echo)."""
+    return echo(raw.decode("latin-1"), 60)
+
+
 def _origins_in(head: bytes | bytearray) -> list[bytes]:
     """The ``Origin`` values among the whole header lines of ``head``, a head's bytes
     from anywhere in it (its first line, perhaps a part, is skipped; so is a last line
@@ -767,10 +820,22 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             return self._head_open
 
         def send_400_response(self, msg: str) -> None:
-            """What the parser could not read (uvicorn answers it in plain text)."""
+            """What the parser could not read (uvicorn answers it in plain text), with the
+            parser's reason and, where a header line is at fault, which one: uvicorn says
+            only "Invalid HTTP request received" of a folded header, a NUL in a value, two
+            Content-Lengths or a chunk size that overflows alike."""
             # (httptools gives a header once the next one's name is read: one before the
             # fault is only in the piece's bytes)
-            self._refuse(MalformedRequest(f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})"),
+            reason = msg.rstrip(".")
+            if getattr(self, "conn", None) is None:  # httptools: a parser in error says why again
+                try:
+                    self.parser.feed_data(b"")
+                except Exception as exc:  # noqa: BLE001 (HttpParserError and its kinds)
+                    said = str(exc)
+                    if type(exc).__name__ != "HttpParserUpgrade" and said:  # (a CONNECT's text is an offset)
+                        reason = _PARSER_REASONS.get(said, said)
+            fault = header_fault(self._head_piece)
+            self._refuse(MalformedRequest(f"the request is not valid HTTP/1.1 ({reason})" + (f": {fault}" if fault else "")),
                          self._parsed_origins(True) + _origins_in(self._head_piece))
 
         def _parsed_origins(self, begun: bool) -> list[bytes]:
