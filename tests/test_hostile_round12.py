@@ -23,7 +23,7 @@ from numpy.lib import format as npy_format
 
 from jacobian_client import wire
 
-from .conftest import assert_problem, live_server
+from .conftest import assert_problem, decode, live_server
 
 JSON = {"content-type": wire.JSON}
 X = [0.5, 1.0, 2.0]
@@ -227,3 +227,35 @@ def test_what_the_parser_refuses_is_named_in_the_problem(server, case: str) -> N
     assert detail.startswith("the request is not valid HTTP/1.1 (") and says in detail, detail
     assert closed
     _sin_ok(url)
+
+
+# ------------------------------------------------------------ Accept: a type named outranks a range
+
+
+@pytest.mark.parametrize("accept, function, chosen", [
+    ("application/json;q=0, */*", "sin", wire.NPY),  # anything but JSON
+    ("application/json;q=0, */*", "polar", wire.NPZ),  # ... that can carry a tuple
+    ("application/json;q=0, application/x-npy;q=0, application/*", "sin", wire.NPZ),
+    ("application/json;q=0.1, */*;q=0.5", "sin", wire.NPY),  # JSON named, least wanted
+    ("*/*", "sin", wire.JSON),  # (curl's: JSON, as before)
+    ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", "polar", wire.JSON),  # a browser's
+])
+def test_a_media_type_refused_by_name_is_not_served_through_a_range(client, accept: str, function: str, chosen: str) -> None:
+    """RFC 9110 12.5.1: a media type named outranks a range that covers it. ``Accept:
+    application/json;q=0, */*`` (anything but JSON) was answered JSON: ``*/*`` stood for
+    JSON alone, whatever was refused by name. Now a range covers the types not named
+    (JSON first, so ``*/*`` alone is JSON as before), and a type named keeps its own
+    weight, zero included."""
+    x = np.float32([0.5, 1.0, 2.0])
+    inputs = [x.tolist()] * (2 if function == "polar" else 1)
+    r = client.post(f"/v1/functions/{function}/jacobian", json={"inputs": inputs}, headers={"accept": accept})
+    assert r.status_code == 200 and r.headers["content-type"] == chosen, (r.headers, r.text[:300])
+    J, _ = decode(r)
+    if function == "sin":
+        np.testing.assert_allclose(J, np.diag(np.cos(x)), rtol=1e-6)
+    else:  # polar(r, theta) = (r cos t, r sin t): d/dr of its first output
+        np.testing.assert_allclose(J[0], np.diag(np.cos(x)), rtol=1e-6)
+    # refusing every type by name, or the range itself, leaves nothing: 406 as before
+    r = client.post("/v1/functions/sin/jacobian", json={"inputs": [x.tolist()]},
+                    headers={"accept": "application/json;q=0, application/x-npy;q=0, application/x-npz;q=0, */*"})
+    assert_problem(r, 406, "not_acceptable")

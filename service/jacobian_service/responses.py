@@ -48,6 +48,11 @@ def _acceptable(accept: str | None) -> list[str]:
     if not accept or not accept.strip():
         return [wire.JSON]
     ranked: list[tuple[float, int, str]] = []
+    # RFC 9110 12.5.1: a type named outranks a range that covers it, whatever the two
+    # weights: ``application/json;q=0, */*`` is anything but JSON, and was answered JSON
+    # (the range stood for JSON alone). A range covers what is not named, JSON first.
+    named: set[str] = set()
+    ranges: list[tuple[float, int]] = []
     for order, part in enumerate(accept.split(",")):
         fields = [f.strip() for f in part.split(";")]
         media = fields[0].lower()
@@ -65,12 +70,15 @@ def _acceptable(accept: str | None) -> list[str]:
                     q = 0.0
                 if not 0.0 <= q <= 1.0:  # (NaN too)
                     q = 0.0
-        if q <= 0:
-            continue
         if media in ("*/*", "application/*"):
-            ranked.append((q, order, wire.JSON))
+            if q > 0:
+                ranges.append((q, order))
         elif media in _OFFERED:
-            ranked.append((q, order, media))
+            named.add(media)
+            if q > 0:
+                ranked.append((q, order, media))
+    for q, order in ranges:
+        ranked.extend((q, order, media) for media in _OFFERED if media not in named)
     seen: list[str] = []
     for _, _, media in sorted(ranked, key=lambda r: (-r[0], r[1])):
         if media not in seen:
