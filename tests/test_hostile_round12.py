@@ -209,6 +209,10 @@ _UNPARSABLE = {
     "chunk size overflow": (_post(_CHUNKED, b"1" + b"0" * 16 + b"\r\n", length=False), "(Chunk size overflow)"),
     "a coding not chunked, last": (_post(b"Transfer-Encoding: gzip\r\n", length=False),
                                    "(Request has invalid `Transfer-Encoding`)"),
+    # llhttp reads these as HTTP/1 and uvicorn served them (no Host check: that is 1.1's)
+    "HTTP/2.0 in the request line": (_post(b"").replace(b"HTTP/1.1\r\nHost: t\r\n", b"HTTP/2.0\r\n", 1),
+                                     "(HTTP/2.0 in a request line framed as HTTP/1: this server speaks HTTP/1.1 and HTTP/1.0)"),
+    "HTTP/0.9 with headers": (_post(b"").replace(b"HTTP/1.1", b"HTTP/0.9", 1), "(HTTP/0.9 in a request line framed as HTTP/1"),
 }
 
 
@@ -219,7 +223,9 @@ def test_what_the_parser_refuses_is_named_in_the_problem(server, case: str) -> N
     request is not valid HTTP/1.1 (Invalid HTTP request received)", uvicorn's words for
     every fault of the parser, which a client (or a proxy's operator) could not act on.
     Now the detail gives the parser's reason and, where a header line is at fault, names
-    it. Still a 400 malformed_request that closes the connection; other clients served."""
+    it. Still a 400 malformed_request that closes the connection; other clients served.
+    A request line naming HTTP/2.0 (or 0.9) over HTTP/1 framing was served (200, its
+    missing Host unchecked): now refused the same way."""
     url, _ = server
     data, says = _UNPARSABLE[case]
     got, closed = _exchange(url, data)

@@ -554,6 +554,9 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
+# The versions an HTTP/1 request line may name (uvicorn speaks no HTTP/2).
+_HTTP1_VERSIONS = frozenset({"1.1", "1.0"})
+
 # llhttp's reasons that say nothing to a client, in words that do (None: uvicorn's own).
 _PARSER_REASONS = {
     "User callback error": "Invalid HTTP request received",  # (a CONNECT's authority target, which no route takes)
@@ -672,6 +675,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _body_fed = 0  # body bytes the parser gave in the current data_received
         _refusal: Any = None  # (the cap's 503, the head it waits for, its timer) once refused for the cap
         _head_piece = b""  # the last piece of a head given to the parser
+        _fault: str | None = None  # why a callback of ours stopped the parser (httptools)
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending, self._app_told_gone))
@@ -805,6 +809,15 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         # uvicorn's own state cannot say it (it stops updating a request once answered).
         def on_headers_complete(self) -> None:  # httptools
             self._head_open, self._header_bytes, self._tail, self._framing = False, 0, b"", 0
+            version = self.parser.get_http_version()
+            if version not in _HTTP1_VERSIONS:
+                # llhttp reads "GET / HTTP/2.0" (and HTTP/0.9 with headers) framed as
+                # HTTP/1, and uvicorn served it, Host check and all skipped (the app checks
+                # Host for 1.1): a request line no HTTP/1 client sends. Raised here, the
+                # parser stops and uvicorn answers it unreadable (send_400_response).
+                self._fault = (f"HTTP/{version} in a request line framed as HTTP/1: this server speaks "
+                               "HTTP/1.1 and HTTP/1.0")
+                raise ValueError(self._fault)
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:  # httptools
@@ -827,7 +840,9 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             # (httptools gives a header once the next one's name is read: one before the
             # fault is only in the piece's bytes)
             reason = msg.rstrip(".")
-            if getattr(self, "conn", None) is None:  # httptools: a parser in error says why again
+            if self._fault is not None:  # one of ours, raised in a parser's callback
+                reason = self._fault
+            elif getattr(self, "conn", None) is None:  # httptools: a parser in error says why again
                 try:
                     self.parser.feed_data(b"")
                 except Exception as exc:  # noqa: BLE001 (HttpParserError and its kinds)
