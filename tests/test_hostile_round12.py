@@ -265,3 +265,63 @@ def test_a_media_type_refused_by_name_is_not_served_through_a_range(client, acce
     r = client.post("/v1/functions/sin/jacobian", json={"inputs": [x.tolist()]},
                     headers={"accept": "application/json;q=0, application/x-npy;q=0, application/x-npz;q=0, */*"})
     assert_problem(r, 406, "not_acceptable")
+
+
+# ------------------------------------------------------------ every route, every method; empty bodies
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "TRACE", "OPTIONS")
+
+
+def test_every_route_answers_a_method_it_does_not_take_405_naming_those_it_does(client) -> None:
+    """TRACE, OPTIONS (no CORS configured), PUT, PATCH and the wrong one of GET / POST /
+    DELETE / HEAD on every route of the table: a 405 problem naming the methods the path
+    takes in ``Allow`` (HEAD wherever GET is), never a 404 or a body echoing the request
+    (TRACE); a HEAD's answer has no body."""
+    routes = client.app.routes
+    by_path: dict[str, set[str]] = {}
+    for route in routes:
+        by_path.setdefault(route.path, set()).add(route.method)
+    assert len(by_path) >= 15
+    for path, methods in by_path.items():
+        allowed = methods | ({"HEAD"} if "GET" in methods else set())
+        url = path.replace("{name}", "sin").replace("{file}", "swagger-ui.css")
+        for method in _METHODS:
+            if method in allowed:
+                continue
+            r = client.request(method, url)
+            assert r.status_code == 405, (method, url, r.status_code)
+            assert r.headers["allow"] == ", ".join(sorted(allowed)), (method, url, r.headers)
+            if method == "HEAD":
+                assert r.content == b""
+            else:
+                assert f"{method} is not allowed here" in assert_problem(r, 405, "method_not_allowed")["detail"]
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"])
+def test_an_empty_body_is_refused_on_every_endpoint_and_format(client, kind: str) -> None:
+    """A body of no bytes, in each format (and with no Content-Type, read as JSON): a 400
+    saying the body cannot be read; an .npy for an endpoint that needs vectors is refused
+    by its head (422) before a byte of it is read."""
+    url = f"/v1/functions/{'sum_sin' if kind in ('hessian', 'hvp') else 'sin'}/{kind}"
+    for media, status, code, says in (
+        (None, 400, "malformed_body", "unreadable JSON"),
+        (wire.JSON, 400, "malformed_body", "unreadable JSON"),
+        (wire.NPZ, 400, "malformed_body", "unreadable .npz"),
+        (wire.NPY, *((422, "invalid_input", "carries one input") if kind in _VECTOR else
+                     (400, "malformed_body", "the body is cut short (0 bytes"))),
+    ):
+        r = client.post(url, content=b"", headers={"content-type": media} if media else {})
+        assert says in assert_problem(r, status, code)["detail"], (media, r.text)
+
+
+def test_a_body_over_the_limit_announced_with_100_continue_is_refused_before_it_is_sent(server) -> None:
+    """``Expect: 100-continue`` with a Content-Length over MAX_REQUEST_BYTES: the 413 comes
+    at once, with no ``100 Continue`` before it (the client never uploads the terabyte),
+    and the connection closes; other clients are served."""
+    url, _ = server
+    head = _post(b"Expect: 100-continue\r\n", body=b"").replace(b"Content-Length: 0", b"Content-Length: 1000000000000")
+    got, closed = _exchange(url, head)
+    assert b"100 Continue" not in got and closed
+    assert "the body has 1000000000000 bytes; the limit is" in _problem(got, 413, "payload_too_large")["detail"]
+    _sin_ok(url)
