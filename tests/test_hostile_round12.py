@@ -330,3 +330,26 @@ def test_a_body_over_the_limit_announced_with_100_continue_is_refused_before_it_
     assert b"100 Continue" not in got and closed
     assert "the body has 1000000000000 bytes; the limit is" in _problem(got, 413, "payload_too_large")["detail"]
     _sin_ok(url)
+
+
+# ------------------------------------------------------------ .npy headers: one fault, one answer
+
+
+def _npy_with_header(header: str, data: bytes) -> bytes:
+    text = header.encode()
+    pad = (64 - (10 + len(text) + 1) % 64) % 64
+    text += b" " * pad + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + data
+
+
+@pytest.mark.parametrize("size", ["True", "2.0"])
+def test_an_npy_header_whose_shape_holds_no_integer_is_a_400_in_either_body(client, size: str) -> None:
+    """numpy's header reader takes ``True`` for a size (a bool is an int to it): such a
+    header was a 422 "'shape' must be a list of integers" (words for a JSON array) where
+    a size of 2.0 is a 400 "unreadable .npy header". Now both are that 400, in an .npy
+    body and as an .npz member alike."""
+    body = _npy_with_header(f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({size}, 2), }}",
+                            np.float32([0.5, 1.0]).tobytes())
+    for media, content in ((wire.NPY, body), (wire.NPZ, _npz(x=body))):
+        r = client.post("/v1/functions/sin/evaluate", content=content, headers={"content-type": media})
+        assert "unreadable .npy header: shape is not valid" in assert_problem(r, 400, "malformed_body")["detail"]

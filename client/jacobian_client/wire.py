@@ -883,6 +883,11 @@ def parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     if fp.tell() != len(header):
         raise WireError("unreadable .npy header: its length field is wrong")
     dtype = _checked_dtype(dtype)
+    if any(type(d) is not int for d in shape):
+        # numpy's reader takes a boolean for a size (True is an int to isinstance), which
+        # was then a 422 "'shape' must be a list of integers", words for a JSON array,
+        # where a size of 2.0 is this 400: one malformed header, one answer
+        raise WireError(f"unreadable .npy header: shape is not valid: {shape}")
     if any(d < 0 for d in shape):
         raise WireError(f".npy header declares a negative shape {shape}")
     return shape, fortran, dtype
