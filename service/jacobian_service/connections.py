@@ -557,7 +557,7 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # The versions an HTTP/1 request line may name (uvicorn speaks no HTTP/2).
 _HTTP1_VERSIONS = frozenset({"1.1", "1.0"})
 
-# llhttp's reasons that say nothing to a client, in words that do (None: uvicorn's own).
+# llhttp's reasons that say nothing to a client, in words that do.
 _PARSER_REASONS = {
     "User callback error": "Invalid HTTP request received",  # (a CONNECT's authority target, which no route takes)
     "Pause on PRI/Upgrade": "an HTTP/2 connection preface: this server speaks HTTP/1.1 and 1.0",
