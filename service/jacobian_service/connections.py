@@ -546,10 +546,12 @@ def _closing_problem(error: ServiceError, cors: list[tuple[str, str]] = []) -> b
                                               request_id.encode(), extra) + body)
 
 
-# A request line (RFC 9112 3: method, target, version), to find in a piece of bytes where
-# the head being read begins; a header field's name (a token) and what a value may not hold
-# (RFC 9110 5.5: controls other than a tab).
-_REQUEST_LINE = re.compile(rb"(?m)^[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ [A-Z]+/[0-9]\.[0-9]\r?$")
+# A request line's end (RFC 9112 3: " HTTP/1.1" and its line break), to find in a piece of
+# bytes where the head being read begins: a head pipelined behind a body follows it on the
+# same line, so no start of a line is looked for (and this pattern, anchored on a space,
+# stays linear in the piece, whatever its bytes); a header field's name (a token) and what
+# a value may not hold (RFC 9110 5.5: controls other than a tab).
+_REQUEST_LINE_END = re.compile(rb" [A-Z]+/[0-9]\.[0-9]\r?\n")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -569,11 +571,14 @@ def header_fault(piece: bytes | bytearray) -> str | None:
     is not HTTP, in words naming it, or None: a line folded onto the next (obs-fold,
     RFC 9112 5.2), a control character in a value (a NUL), a name that is no token
     (``Content-Length : 5``). Read from the last request line in the piece on (a piece
-    may hold whole requests before it), or, with none, from its second line (its first
-    may be a line's end); run only on a refusal."""
+    may hold whole requests before it, a head pipelined behind a body beginning on its
+    last line), or, with none, from its second line (its first may be a line's end); run
+    only on a refusal."""
     piece = bytes(piece)
-    starts = [m.end() for m in _REQUEST_LINE.finditer(piece)]
-    lines = piece[starts[-1]:].split(b"\n")[1:] if starts else piece.split(b"\n")[1:]
+    start = None
+    for start in _REQUEST_LINE_END.finditer(piece):  # (the last)
+        pass
+    lines = piece[start.end():].split(b"\n") if start is not None else piece.split(b"\n")[1:]
     name = None
     for line in lines:
         line = line[:-1] if line.endswith(b"\r") else line
