@@ -1,5 +1,6 @@
 """Red team, round twelve: hostile clients and every limit (one limit, one status on
-every endpoint and method; what the HTTP parser refuses, said; paths read as sent).
+every endpoint and method; integers held to the dtype an array names; what the HTTP
+parser refuses, said; Accept's ranges; every route's methods; empty bodies).
 
 The API cases run on the session's in-process app (``client``); the cases of the HTTP
 connection itself on one real server for the module (a start costs ~3 s). Each names
@@ -13,7 +14,6 @@ import json
 import re
 import socket
 import subprocess
-import time
 import zipfile
 from typing import Iterator
 
