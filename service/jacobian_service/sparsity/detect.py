@@ -135,7 +135,9 @@ _MOVEMENT = frozenset(
     replication_pad3d pixel_shuffle pixel_unshuffle channel_shuffle embedding
     masked_scatter unfold_copy _unsafe_index repeat_interleave hstack vstack
     upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d
-    _upsample_nearest_exact2d _upsample_nearest_exact3d im2col""".split()
+    _upsample_nearest_exact2d _upsample_nearest_exact3d im2col
+    diagonal_copy rot90 block_diag unsafe_split unsafe_split_with_sizes unsafe_chunk split_copy
+    split_with_sizes_copy unbind_copy""".split()
 )
 # Ops whose derivative follows a choice the values make (a side of a clamp, the larger of
 # two, a max's element, a sort's order): the tracer keeps every choice's entries, so at a
@@ -144,7 +146,7 @@ _MOVEMENT = frozenset(
 _CHOICES = frozenset(
     """clamp clamp_min clamp_max clip hardtanh relu relu6 threshold maximum minimum fmax fmin max min
     hardsigmoid hardswish amax amin median nanmedian sort topk kthvalue cummax cummin
-    max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool2d adaptive_max_pool3d""".split()
+    max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool2d adaptive_max_pool3d aminmax""".split()
 )
 # Pointwise ops whose derivative is zero everywhere it exists.
 _ZERO_DERIVATIVE = frozenset("floor ceil round trunc sign sgn fix".split())
@@ -163,7 +165,7 @@ _LINEAR_POINTWISE = frozenset(
 _LINEAR_REDUCE = frozenset("sum mean nansum".split())
 _REDUCE = _LINEAR_REDUCE | frozenset(
     """prod amax amin max min logsumexp norm linalg_vector_norm var std var_mean std_mean
-    nanmean median nanmedian""".split()
+    nanmean median nanmedian aminmax""".split()
 )
 # Same-shape ops where an element depends on its whole line along ``dim``.
 _LINE = frozenset("_softmax _log_softmax sort topk kthvalue softmax log_softmax".split())
@@ -544,6 +546,8 @@ class _Tracer:
             return self.complex_view(name, args[0], out)
         if name == "linalg_cross":
             return self.cross(func, args, kwargs, out)
+        if name == "trace" and _float(out) and args[0].dim() == 2:
+            return self.diagonal_sum(args[0], out)
         if name in _NORMS and isinstance(out, (tuple, list)):
             return self.normalize(func, name, args, kwargs, out)
         if name == "_cdist_forward" and _float(out):
@@ -759,7 +763,9 @@ class _Tracer:
             else:  # line ops: every element sees its whole line
                 oshape = tuple(o.shape)
                 okept = tuple(1 if d in dims else s for d, s in enumerate(oshape))
-                if okept != kept:
+                if okept != kept and o.numel() == line.shape[0] and len(oshape) in (ndim, ndim - len(dims)):
+                    rows = line  # a line op that reduces its dim (kthvalue): the reduced layout, C order
+                elif okept != kept:
                     rows = self.dense(name, [x], o).root.deps
                 else:
                     back = np.broadcast_to(np.arange(math.prod(kept)).reshape(kept), oshape).reshape(-1)
@@ -1001,6 +1007,13 @@ class _Tracer:
             pairs = sp.csr_array((np.ones(2 * n, np.float32), (np.repeat(np.arange(n), 2), np.arange(2 * n))), shape=(n, 2 * n))
             deps = _ones(pairs @ self.deps(x))
         return self.wrap(out, deps, self.hess_of([x]) if self.hessian else None)
+
+    def diagonal_sum(self, x: "_Traced", out: torch.Tensor) -> Any:
+        """``torch.trace``: the sum of the main diagonal, nothing else (linear)."""
+        rows, cols = x.shape
+        k = min(rows, cols)
+        on = sp.csr_array((np.ones(k, np.float32), (np.zeros(k, np.int64), np.arange(k) * (cols + 1))), shape=(1, rows * cols))
+        return self.wrap(out, _ones(on @ self.deps(x)), self.hess_of([x]))
 
     def cross(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
         """``linalg.cross`` (and ``torch.cross``): component ``i`` of ``a x b`` is
