@@ -55,3 +55,49 @@ def row_order_stats(x: torch.Tensor) -> torch.Tensor:
 def structured_energy(Q: torch.Tensor) -> torch.Tensor:
     blocks = torch.block_diag(*Q.reshape(-1, 2, 2)[:2])
     return (torch.diag(Q) ** 3).sum() + torch.trace(Q) ** 2 + (torch.rot90(Q, 1, (0, 1)) * Q).sum() + (blocks**4).sum()
+
+
+# ------------------------------------------------------------------ elementwise ops aten does not tag pointwise
+
+
+@register(inputs=[Input("x", shape=("r", "c2"), dtype="float64")], description="A gated linear unit along the rows: F.glu.")
+def gated(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.glu(x, 1)
+
+
+@register(inputs=[Input("x", shape=(2, "n"), dtype="float64")],
+          description="A complex field from moduli and phases (torch.polar), times torch.complex, as real pairs.")
+def phasor(x: torch.Tensor) -> torch.Tensor:
+    z = torch.polar(torch.exp(x[0]), x[1]) * torch.complex(x[0], x[1] ** 2)
+    return torch.view_as_real(z)
+
+
+@register(inputs=[Input("x", shape=("b", 3, "l"), dtype="float64")],
+          description="PReLU with a fixed weight per channel, and log-sigmoid: elementwise.")
+def activations(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor([0.1, 0.2, 0.3], dtype=x.dtype)
+    return torch.nn.functional.prelu(x, w) + torch.nn.functional.logsigmoid(x)
+
+
+@register(inputs=[Input("x", shape=("b", "n"), dtype="float64")],
+          description="Per-sample residuals by mse_loss, huber_loss and binary_cross_entropy (reduction none).")
+def loss_terms(x: torch.Tensor) -> torch.Tensor:
+    F = torch.nn.functional
+    p = torch.sigmoid(x)
+    return torch.cat([F.mse_loss(x[:, 1:], x[:, :-1], reduction="none"),
+                      F.huber_loss(x, 0.5 * x.roll(1, 1), reduction="none", delta=0.3),
+                      F.binary_cross_entropy(p, torch.full_like(p, 0.25), reduction="none")], 1)
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="A robust smoothing energy: mean Huber of neighbour differences plus a logistic term.")
+def smoothing_energy(x: torch.Tensor) -> torch.Tensor:
+    F = torch.nn.functional
+    return F.huber_loss(x[1:], x[:-1], delta=0.2) + F.mse_loss(x, torch.ones_like(x), reduction="sum") \
+        - F.logsigmoid(x[1:] * x[:-1]).sum()
+
+
+@register(inputs=[Input("x", shape=("b", "t", "d"), dtype="float64")],
+          description="Self-attention over a batch of sequences: each sequence on its own.")
+def attention(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(x, x, x)

@@ -123,3 +123,48 @@ def test_their_hessian_is_sparse_too(client):
     np.testing.assert_allclose(H.toarray(), want, rtol=1e-12, atol=1e-12)
     assert set(zip(*np.nonzero(want))) <= entries(H)
     assert meta["exact"] is True and meta["products"] <= 8, meta
+
+
+# ------------------------------------------------------------------ elementwise ops aten does not tag pointwise
+
+
+def test_elementwise_ops_without_aten_s_pointwise_tag(client):
+    """``glu``, ``torch.polar``, ``torch.complex``, ``prelu`` (``_prelu_kernel``) and
+    ``logsigmoid`` (``log_sigmoid_forward``) work element by element, but aten does not
+    tag them pointwise: each was dense (a GLU over 4 rows: 12 products; the phasor field
+    of 6 points: 12; prelu + logsigmoid over 2 x 3 x 4: 24). Now 1, 2 and 1."""
+    for name, x, products in (("gated", RNG.uniform(-1, 1, (4, 6)), 1),
+                              ("phasor", RNG.uniform(0.5, 1.5, (2, 6)), 2),
+                              ("activations", RNG.uniform(-1, 1, (2, 3, 4)), 1)):
+        J, meta = sparse(client, name, x)
+        assert_exact(J, meta, jac(getattr(s9, name), x))
+        assert meta["products"] == products, (name, meta["products"])
+
+
+def test_losses_are_sums_of_their_terms(client):
+    """``mse_loss``, ``huber_loss`` and ``binary_cross_entropy`` were unknown ops: a batch
+    of per-sample residuals (reduction none) took one product per output, and the
+    Hessian of a smoothing energy written with them (reduction mean / sum), tridiagonal,
+    one Hessian-vector product per unknown (12). Now their terms are elementwise, and a
+    reduced loss the sum of its terms: 3 products where 15 were, and 2 or 3 for the Hessian."""
+    x = RNG.uniform(-1, 1, (3, 5))
+    J, meta = sparse(client, "loss_terms", x)
+    assert_exact(J, meta, jac(s9.loss_terms, x))
+    assert meta["products"] == 3
+    x = RNG.uniform(-1, 1, 12)
+    H, meta = sparse(client, "smoothing_energy", x, kind="hessian")
+    want = hess(s9.smoothing_energy, x)
+    np.testing.assert_allclose(H.toarray(), want, rtol=1e-12, atol=1e-12)
+    assert set(zip(*np.nonzero(want))) <= entries(H) and H.nnz == 3 * 12 - 2
+    assert meta["exact"] is True and meta["products"] <= 3, meta
+
+
+def test_attention_keeps_its_sequences_apart(client):
+    """``scaled_dot_product_attention`` runs ``_safe_softmax``, an unknown op: every
+    output of a batch of 3 sequences depended on all of them (24 products for 3 x 4 x 2).
+    Now each sequence's outputs on its own 8 inputs: 8 products, and every entry of the
+    block is a nonzero."""
+    x = RNG.uniform(-1, 1, (3, 4, 2))
+    J, meta = sparse(client, "attention", x)
+    assert_exact(J, meta, jac(s9.attention, x))
+    assert meta["products"] == 8

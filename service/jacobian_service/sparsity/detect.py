@@ -27,6 +27,8 @@ SparseConnectivityTracer.jl and asdex:
 - FFTs: the whole line over the transformed dims; ``linalg.cross``: the other two
   components of the same vectors;
 - normalization layers (layer, group, instance, batch norm): the element's group;
+- elementwise losses (``mse_loss``, ``huber_loss``, ...): their terms pointwise, and
+  reduced, the sum of the terms;
 - ``cdist``: the two points of each distance;
 - any other op: every output element depends on every input element of its arguments
   (dense, conservative); the pattern is then marked ``exact=False`` and the op named.
@@ -146,7 +148,8 @@ _MOVEMENT = frozenset(
 _CHOICES = frozenset(
     """clamp clamp_min clamp_max clip hardtanh relu relu6 threshold maximum minimum fmax fmin max min
     hardsigmoid hardswish amax amin median nanmedian sort topk kthvalue cummax cummin
-    max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool2d adaptive_max_pool3d aminmax""".split()
+    max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool2d adaptive_max_pool3d aminmax
+    _prelu_kernel""".split()
 )
 # Pointwise ops whose derivative is zero everywhere it exists.
 _ZERO_DERIVATIVE = frozenset("floor ceil round trunc sign sgn fix".split())
@@ -159,7 +162,15 @@ _NO_DEPS = frozenset(
 # Pointwise ops that are linear in every argument that carries dependencies.
 _LINEAR_POINTWISE = frozenset(
     """add sub rsub neg positive where clone _to_copy copy alias lift_fresh contiguous
-    masked_fill _conj real""".split()
+    masked_fill _conj real complex""".split()
+)
+# Elementwise ops (over broadcast arguments) that aten does not tag pointwise.
+_UNTAGGED_POINTWISE = frozenset("complex polar _prelu_kernel log_sigmoid_forward".split())
+# Elementwise losses with a ``reduction`` (0 none: elementwise; 1 mean, 2 sum: the sum of
+# the elementwise terms, linear, so the Hessian keeps each term's pairs only).
+_LOSSES = frozenset(
+    """mse_loss l1_loss huber_loss smooth_l1_loss soft_margin_loss binary_cross_entropy
+    binary_cross_entropy_with_logits""".split()
 )
 # Reductions over ``dim`` (all dims when absent): linear ones pass Hessian pairs on.
 _LINEAR_REDUCE = frozenset("sum mean nansum".split())
@@ -168,7 +179,7 @@ _REDUCE = _LINEAR_REDUCE | frozenset(
     nanmean median nanmedian aminmax""".split()
 )
 # Same-shape ops where an element depends on its whole line along ``dim``.
-_LINE = frozenset("_softmax _log_softmax sort topk kthvalue softmax log_softmax".split())
+_LINE = frozenset("_softmax _log_softmax _safe_softmax sort topk kthvalue softmax log_softmax".split())
 # Running ops: an element depends on the line up to itself.
 _SCAN = frozenset("cumsum cumprod logcumsumexp cummax cummin".split())
 _LINEAR_SCAN = frozenset({"cumsum"})
@@ -548,6 +559,10 @@ class _Tracer:
             return self.cross(func, args, kwargs, out)
         if name == "trace" and _float(out) and args[0].dim() == 2:
             return self.diagonal_sum(args[0], out)
+        if name == "glu" and _float(out):
+            return self.glu(func, args, kwargs, out)
+        if name in _LOSSES and _float(out):
+            return self.loss(func, name, args, kwargs, out)
         if name in _NORMS and isinstance(out, (tuple, list)):
             return self.normalize(func, name, args, kwargs, out)
         if name == "_cdist_forward" and _float(out):
@@ -558,7 +573,7 @@ class _Tracer:
             return self.grid_sample(func, args, kwargs, out)
         if name in _REDUCE or name in _LINE or name in _SCAN or name in _FFT:
             return self.along(func, name, args, kwargs, out)
-        if torch.Tag.pointwise in func.tags or name in _LINEAR_POINTWISE:
+        if torch.Tag.pointwise in func.tags or name in _LINEAR_POINTWISE or name in _UNTAGGED_POINTWISE:
             try:
                 return pytree.tree_unflatten(
                     [self.pointwise(name, args, kwargs, o) if _float(o) else o for o in leaves], spec
@@ -1014,6 +1029,36 @@ class _Tracer:
         k = min(rows, cols)
         on = sp.csr_array((np.ones(k, np.float32), (np.zeros(k, np.int64), np.arange(k) * (cols + 1))), shape=(1, rows * cols))
         return self.wrap(out, _ones(on @ self.deps(x)), self.hess_of([x]))
+
+    def glu(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
+        """``F.glu``: ``a * sigmoid(b)`` of the two halves along ``dim``, element by
+        element: each output on its element of either half."""
+        x = args[0]
+        dim = _dims(func, args, kwargs, x.dim())[0]
+        half = x.shape[dim] // 2
+        places = torch.arange(x.numel()).reshape(x.shape)
+        deps = self.deps(x)
+        rows = _union([_select(deps, places.narrow(dim, start, half).reshape(-1).numpy()) for start in (0, half)],
+                      out.numel(), self.n)
+        hess = None
+        if self.hessian:
+            hess = _union([h for h in (self.hess_of([x]), self.pairs(rows)) if h is not None], self.n, self.n)
+        return self.wrap(out, rows, hess)
+
+    def loss(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
+        """An elementwise loss: its terms as a pointwise op over the broadcast arguments,
+        then, reduced (mean or sum), their sum: one element on every term's inputs, and
+        only each term's pairs for the Hessian (a sum is linear)."""
+        names = [a.name for a in func._schema.arguments]
+        at = names.index("reduction")
+        reduction = kwargs["reduction"] if "reduction" in kwargs else (
+            args[at] if at < len(args) else func._schema.arguments[at].default_value)
+        shapes = [tuple(a.shape) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        terms = self.pointwise(name, args, kwargs, out.new_empty(torch.broadcast_shapes(*shapes)))
+        if int(reduction) == 0 and tuple(terms.shape) == tuple(out.shape):
+            return self.wrap(out, terms.root.deps, terms.root.hess)
+        every = _ones(sp.csr_array(np.asarray(terms.root.deps.sum(axis=0)).reshape(1, -1)))
+        return self.wrap(out, sp.csr_array(np.ones((out.numel(), 1), np.float32)) @ every, terms.root.hess)
 
     def cross(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
         """``linalg.cross`` (and ``torch.cross``): component ``i`` of ``a x b`` is
