@@ -101,3 +101,42 @@ def smoothing_energy(x: torch.Tensor) -> torch.Tensor:
           description="Self-attention over a batch of sequences: each sequence on its own.")
 def attention(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+
+# ------------------------------------------------------------------ in-place ops as their out-of-place rules
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="A running integral and a running product, computed in place (cumsum_, cumprod_).")
+def running_in_place(x: torch.Tensor) -> torch.Tensor:
+    s = 0.1 * x
+    s.cumsum_(0)
+    p = 1 + 0.1 * x
+    p.cumprod_(0)
+    return torch.cat([s, p])
+
+
+@register(inputs=[Input("x", shape=("r", "c"), dtype="float64")],
+          description="The lower and strictly upper triangles of a field, masked in place (tril_, triu_).")
+def triangles_in_place(x: torch.Tensor) -> torch.Tensor:
+    lower, upper = torch.sin(x), x**2
+    lower.tril_()
+    upper.triu_(1)
+    return lower + upper
+
+
+def _tridiagonal(n: int) -> torch.Tensor:
+    return 2 * torch.eye(n, dtype=torch.float64) - torch.diag(torch.ones(n - 1, dtype=torch.float64), 1) \
+        - torch.diag(torch.ones(n - 1, dtype=torch.float64), -1)
+
+
+@register(inputs=[Input("x", shape=("b", 6), dtype="float64")],
+          description="Per-sample linear maps with a tridiagonal weight, accumulated in place (addmm_, addmv_, baddbmm_).")
+def linear_in_place(x: torch.Tensor) -> torch.Tensor:
+    y = torch.zeros(x.shape[0], 6, dtype=x.dtype)
+    y.addmm_(x, _tridiagonal(6))
+    z = torch.zeros(6, dtype=x.dtype)
+    z.addmv_(_tridiagonal(6), x[0])
+    w = torch.zeros(x.shape[0], 1, 6, dtype=x.dtype)
+    w.baddbmm_(torch.tanh(x)[:, None, :], _tridiagonal(6).expand(x.shape[0], 6, 6))
+    return torch.cat([y.reshape(-1), z, w.reshape(-1)])

@@ -168,3 +168,28 @@ def test_attention_keeps_its_sequences_apart(client):
     J, meta = sparse(client, "attention", x)
     assert_exact(J, meta, jac(s9.attention, x))
     assert meta["products"] == 8
+
+
+# ------------------------------------------------------------------ in-place ops
+
+
+def test_in_place_ops_follow_their_out_of_place_rules(client):
+    """In place, only pointwise, scatter and copy ops were traced: ``cumsum_`` and
+    ``cumprod_`` were dense (a running integral stored its upper triangle of zeros,
+    exact false), ``tril_`` / ``triu_`` stopped the tracer (the pattern was probed
+    numerically), and ``addmm_`` / ``addmv_`` / ``baddbmm_`` with a tridiagonal weight
+    were dense (24 products for 4 samples, 1,188 entries stored for 144 nonzeros). Now
+    each follows its out-of-place rule: the lower triangles exactly (72 entries, not
+    128), the triangles traced in 1 product, the linear maps in 3."""
+    x = RNG.uniform(-1, 1, 8)
+    J, meta = sparse(client, "running_in_place", x)
+    assert_exact(J, meta, jac(s9.running_in_place, x))
+    assert J.nnz == 2 * 8 * 9 // 2
+    x = RNG.uniform(-1, 1, (4, 5))
+    J, meta = sparse(client, "triangles_in_place", x)
+    assert_exact(J, meta, jac(s9.triangles_in_place, x))
+    assert meta["products"] == 1
+    x = RNG.uniform(-1, 1, (4, 6))
+    J, meta = sparse(client, "linear_in_place", x)
+    assert_exact(J, meta, jac(s9.linear_in_place, x))
+    assert meta["products"] == 3

@@ -1430,6 +1430,13 @@ class _Tracer:
             fresh = self.scatter(func, base, args, kwargs, target.value)
         elif torch.Tag.pointwise in func.tags or base in _LINEAR_POINTWISE:
             fresh = self.pointwise(base, args, kwargs, target.value)
+        # In place as out of place: the same rule (addmm_, cumsum_, tril_: dense or probed before)
+        elif base in _MATMUL:
+            fresh = self.matmul(base, args, kwargs, target.value)
+        elif base in _SCAN or base in _LINE or base in _FFT:
+            fresh = self.along(func, base, args, kwargs, target.value)
+        elif base in ("tril", "triu"):  # same shape: the out-of-place op on the labels
+            fresh = self.movement(getattr(aten, base).default, args, kwargs, target.value)
         elif base in _MOVEMENT:  # other in-place movement (resize_-like): not traced
             raise TraceError(f"{name}: in-place change of layout is not traced")
         else:
