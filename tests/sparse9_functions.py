@@ -140,3 +140,8 @@ def linear_in_place(x: torch.Tensor) -> torch.Tensor:
     w = torch.zeros(x.shape[0], 1, 6, dtype=x.dtype)
     w.baddbmm_(torch.tanh(x)[:, None, :], _tridiagonal(6).expand(x.shape[0], 6, 6))
     return torch.cat([y.reshape(-1), z, w.reshape(-1)])
+
+
+@register(inputs=[Input("x", shape=("n",))], description="x * sum(x): every output on every input.")
+def all_coupled(x: torch.Tensor) -> torch.Tensor:
+    return x * x.sum()

@@ -193,3 +193,15 @@ def test_in_place_ops_follow_their_out_of_place_rules(client):
     J, meta = sparse(client, "linear_in_place", x)
     assert_exact(J, meta, jac(s9.linear_in_place, x))
     assert meta["products"] == 3
+
+
+def test_a_pattern_past_the_limit_is_a_413_that_names_the_limit(client):
+    """``x * x.sum()`` at n = 30,000 has 9e8 pattern entries, past the limit: the 413
+    said 'mul (every output on every input) would hold ...', the words of an op the
+    tracer does not know, for a plain product (its elementwise rule raised the limit's
+    error, which was taken for a broadcast failure and the op for an unknown one)."""
+    r = client.get("/v1/functions/all_coupled/sparsity?shapes=30000")
+    assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+    doc = r.json()
+    assert doc["code"] == "result_too_large"
+    assert "900,000,000 entries" in doc["detail"] and "every output on every input" not in doc["detail"], doc

@@ -578,6 +578,8 @@ class _Tracer:
                 return pytree.tree_unflatten(
                     [self.pointwise(name, args, kwargs, o) if _float(o) else o for o in leaves], spec
                 )
+            except PatternTooLarge:  # (a RuntimeError) the limit's own message: not an unknown op's
+                raise
             except RuntimeError:  # shapes that do not broadcast elementwise (complex views)
                 return self.dense(name, traced, out)
         return self.dense(name, traced, out)
