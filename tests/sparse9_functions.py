@@ -145,3 +145,19 @@ def linear_in_place(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("x", shape=("n",))], description="x * sum(x): every output on every input.")
 def all_coupled(x: torch.Tensor) -> torch.Tensor:
     return x * x.sum()
+
+
+_LABELS = torch.tensor([0, 3, 1, 3, 2, 0, 1, 2])
+
+
+@register(inputs=[Input("z", shape=(8, 4), dtype="float64")],
+          description="Per-sample cross-entropy of 8 samples' logits with fixed labels (one ignored), and their NLL.")
+def classifier_losses(z: torch.Tensor) -> torch.Tensor:
+    F = torch.nn.functional
+    return torch.cat([F.cross_entropy(z, _LABELS, reduction="none"),
+                      F.nll_loss(z, _LABELS, reduction="none", ignore_index=3)])
+
+
+@register(inputs=[Input("z", shape=(8, 4), dtype="float64")], description="Mean cross-entropy of 8 samples' logits.")
+def classifier_energy(z: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(z, _LABELS, label_smoothing=0.1)

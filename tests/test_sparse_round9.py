@@ -205,3 +205,20 @@ def test_a_pattern_past_the_limit_is_a_413_that_names_the_limit(client):
     doc = r.json()
     assert doc["code"] == "result_too_large"
     assert "900,000,000 entries" in doc["detail"] and "every output on every input" not in doc["detail"], doc
+
+
+def test_cross_entropy_keeps_its_samples_apart(client):
+    """``cross_entropy`` / ``nll_loss`` run ``nll_loss_forward``, an unknown op: every
+    sample's loss depended on every sample's logits (16 products for 8 samples, 512
+    entries stored for 38), and the mean loss's block-diagonal Hessian took 32 products.
+    Now a sample's term reads its own logits (NLL: its target class's element, none for
+    an ignored one): 2 products (a sample's two rows); the Hessian's 4 x 4 blocks take 4."""
+    z = RNG.uniform(-2, 2, (8, 4))
+    J, meta = sparse(client, "classifier_losses", z)
+    assert_exact(J, meta, jac(s9.classifier_losses, z))
+    assert meta["products"] == 2
+    H, meta = sparse(client, "classifier_energy", z, kind="hessian")
+    want = hess(s9.classifier_energy, z)
+    np.testing.assert_allclose(H.toarray(), want, rtol=1e-12, atol=1e-12)
+    assert set(zip(*np.nonzero(want))) <= entries(H) and H.nnz == 8 * 16
+    assert meta["exact"] is True and meta["products"] == 4, meta

@@ -563,6 +563,8 @@ class _Tracer:
             return self.glu(func, args, kwargs, out)
         if name in _LOSSES and _float(out):
             return self.loss(func, name, args, kwargs, out)
+        if name == "nll_loss_forward" and args[0].dim() in (1, 2):
+            return self.nll_loss(func, args, kwargs, out)
         if name in _NORMS and isinstance(out, (tuple, list)):
             return self.normalize(func, name, args, kwargs, out)
         if name == "_cdist_forward" and _float(out):
@@ -1061,6 +1063,32 @@ class _Tracer:
             return self.wrap(out, terms.root.deps, terms.root.hess)
         every = _ones(sp.csr_array(np.asarray(terms.root.deps.sum(axis=0)).reshape(1, -1)))
         return self.wrap(out, sp.csr_array(np.ones((out.numel(), 1), np.float32)) @ every, terms.root.hess)
+
+    def nll_loss(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """``nll_loss`` (``cross_entropy`` after its ``log_softmax``): sample ``i``'s term
+        is ``-w[t_i] x[i, t_i]``, its target class's element alone (none where ``t_i`` is
+        ``ignore_index``); reduced, the terms' sum. Linear in ``x``; torch does not
+        differentiate the weights. Targets computed from values or given as an input
+        make the pattern value-dependent."""
+        names = [a.name for a in func._schema.arguments]
+
+        def arg(name: str) -> Any:
+            at = names.index(name)
+            return kwargs[name] if name in kwargs else args[at] if at < len(args) else func._schema.arguments[at].default_value
+
+        x, target = arg("self"), arg("target")
+        reduction, ignore = int(arg("reduction")), int(arg("ignore_index"))
+        if isinstance(target, _Traced):
+            self.reads("nll_loss: class indices computed from values or given as an input")
+        t = (target.value if isinstance(target, _Traced) else target).reshape(-1).cpu().numpy().astype(np.int64)
+        classes = x.shape[-1]
+        keep = (t != ignore) & (t >= 0) & (t < classes)
+        terms = _select(self.deps(x), np.where(keep, np.arange(t.size) * classes + t, -1))
+        if reduction != 0:
+            terms = _ones(sp.csr_array(np.asarray(terms.sum(axis=0)).reshape(1, -1)))
+        output, total_weight = out
+        hess = self.hess_of([x])
+        return (self.wrap(output, terms, hess), self.wrap(total_weight, _empty(total_weight.numel(), self.n)))
 
     def cross(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
         """``linalg.cross`` (and ``torch.cross``): component ``i`` of ``a x b`` is
