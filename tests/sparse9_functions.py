@@ -73,10 +73,11 @@ def phasor(x: torch.Tensor) -> torch.Tensor:
 
 
 @register(inputs=[Input("x", shape=("b", 3, "l"), dtype="float64")],
-          description="PReLU with a fixed weight per channel, and log-sigmoid: elementwise.")
+          description="PReLU with a fixed weight per channel, log-sigmoid and hardswish: elementwise.")
 def activations(x: torch.Tensor) -> torch.Tensor:
     w = torch.tensor([0.1, 0.2, 0.3], dtype=x.dtype)
-    return torch.nn.functional.prelu(x, w) + torch.nn.functional.logsigmoid(x)
+    F = torch.nn.functional
+    return F.prelu(x, w) + F.logsigmoid(x) + F.hardswish(4 * x)
 
 
 @register(inputs=[Input("x", shape=("b", "n"), dtype="float64")],

@@ -129,10 +129,11 @@ def test_their_hessian_is_sparse_too(client):
 
 
 def test_elementwise_ops_without_aten_s_pointwise_tag(client):
-    """``glu``, ``torch.polar``, ``torch.complex``, ``prelu`` (``_prelu_kernel``) and
-    ``logsigmoid`` (``log_sigmoid_forward``) work element by element, but aten does not
-    tag them pointwise: each was dense (a GLU over 4 rows: 12 products; the phasor field
-    of 6 points: 12; prelu + logsigmoid over 2 x 3 x 4: 24). Now 1, 2 and 1."""
+    """``glu``, ``torch.polar``, ``torch.complex``, ``prelu`` (``_prelu_kernel``),
+    ``logsigmoid`` (``log_sigmoid_forward``) and ``hardswish`` work element by element,
+    but aten does not tag them pointwise: each was dense (a GLU over 4 rows: 12
+    products; the phasor field of 6 points: 12; the activations over 2 x 3 x 4: 24).
+    Now 1, 2 and 1."""
     for name, x, products in (("gated", RNG.uniform(-1, 1, (4, 6)), 1),
                               ("phasor", RNG.uniform(0.5, 1.5, (2, 6)), 2),
                               ("activations", RNG.uniform(-1, 1, (2, 3, 4)), 1)):

@@ -165,7 +165,7 @@ _LINEAR_POINTWISE = frozenset(
     masked_fill _conj real complex""".split()
 )
 # Elementwise ops (over broadcast arguments) that aten does not tag pointwise.
-_UNTAGGED_POINTWISE = frozenset("complex polar _prelu_kernel log_sigmoid_forward".split())
+_UNTAGGED_POINTWISE = frozenset("complex polar _prelu_kernel log_sigmoid_forward hardswish".split())
 # Elementwise losses with a ``reduction`` (0 none: elementwise; 1 mean, 2 sum: the sum of
 # the elementwise terms, linear, so the Hessian keeps each term's pairs only).
 _LOSSES = frozenset(
