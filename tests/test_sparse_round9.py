@@ -223,3 +223,34 @@ def test_cross_entropy_keeps_its_samples_apart(client):
     np.testing.assert_allclose(H.toarray(), want, rtol=1e-12, atol=1e-12)
     assert set(zip(*np.nonzero(want))) <= entries(H) and H.nnz == 8 * 16
     assert meta["exact"] is True and meta["products"] == 4, meta
+
+
+# ------------------------------------------------------------------ colouring quality
+
+
+def test_colourings_take_no_more_products_than_scipy_s_grouping():
+    """scipy's own column grouping (``optimize._numdiff.group_columns``, what
+    ``least_squares(jac_sparsity=...)`` uses) against the service's colourings on the
+    same patterns: bands (the optimum is the band's width), a 2-D 5-point stencil (5),
+    random sparse patterns and a wide one. The service never takes more products, and
+    reaches the lower bound (the most entries in a row or column) where it is known
+    to be the optimum."""
+    from scipy.optimize._numdiff import group_columns
+
+    from jacobian_service.sparsity import Pattern, choose_coloring
+
+    n = 120
+    grid = sp.diags([np.ones(9), np.ones(10), np.ones(9)], [-1, 0, 1])
+    cases = [(sp.diags([np.ones(n - abs(k)) for k in range(-b, b + 1)], list(range(-b, b + 1))), 2 * b + 1) for b in (1, 2, 5)]
+    cases.append((sp.kron(sp.identity(10), grid) + sp.kron(grid, sp.identity(10)), 5))
+    cases.append((sp.random(200, 200, density=0.01, random_state=1) + sp.identity(200), None))
+    cases.append((sp.random(60, 240, density=0.03, random_state=2), None))
+    for A, optimum in cases:
+        A = sp.csr_array(A)
+        A.data[:] = 1
+        p = Pattern(A.shape, A.tocoo().row, A.tocoo().col)
+        ours = choose_coloring(p).n_colors
+        scipys = min(int(group_columns(A).max()) + 1, int(group_columns(sp.csr_array(A.T)).max()) + 1)
+        assert ours <= scipys, (A.shape, A.nnz, ours, scipys)
+        if optimum is not None:
+            assert ours == optimum, (ours, optimum)
