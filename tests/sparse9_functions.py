@@ -162,3 +162,13 @@ def classifier_losses(z: torch.Tensor) -> torch.Tensor:
 @register(inputs=[Input("z", shape=(8, 4), dtype="float64")], description="Mean cross-entropy of 8 samples' logits.")
 def classifier_energy(z: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(z, _LABELS, label_smoothing=0.1)
+
+
+def _bead_energy(x: torch.Tensor) -> torch.Tensor:
+    return ((x[1:] - x[:-1]) ** 2).sum() + (x[:, 0] * x[:, 1]).sum() + (x.diagonal() ** 3).sum()
+
+
+@register(inputs=[Input("x", shape=("n", 3), dtype="float64")],
+          description="Forces on a chain of beads, -grad E by torch.func.grad inside: the Jacobian is -Hessian E.")
+def bead_forces(x: torch.Tensor) -> torch.Tensor:
+    return -torch.func.grad(_bead_energy)(x)

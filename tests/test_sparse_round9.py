@@ -254,3 +254,16 @@ def test_colourings_take_no_more_products_than_scipy_s_grouping():
         assert ours <= scipys, (A.shape, A.nnz, ours, scipys)
         if optimum is not None:
             assert ours == optimum, (ours, optimum)
+
+
+def test_forces_by_torch_func_grad_inside_are_traced(client):
+    """A force computed inside the function as ``-torch.func.grad(E)`` runs the backward
+    ops of E's slices, row picks and diagonal (``slice_backward``, ``select_backward``,
+    ``diagonal_backward``), which place the gradient into zeros: they were unknown ops,
+    so the force Jacobian of 6 beads (the energy's Hessian, 60 nonzeros) stored all
+    324 entries and took 18 products. Now the placement is traced as the forward
+    slices are: the Hessian's entries exactly, 4 products."""
+    x = RNG.uniform(-1, 1, (6, 3))
+    J, meta = sparse(client, "bead_forces", x)
+    assert_exact(J, meta, jac(s9.bead_forces, x))
+    assert meta["products"] == 4

@@ -139,7 +139,7 @@ _MOVEMENT = frozenset(
     upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d
     _upsample_nearest_exact2d _upsample_nearest_exact3d im2col
     diagonal_copy rot90 block_diag unsafe_split unsafe_split_with_sizes unsafe_chunk split_copy
-    split_with_sizes_copy unbind_copy""".split()
+    split_with_sizes_copy unbind_copy select_backward slice_backward diagonal_backward""".split()
 )
 # Ops whose derivative follows a choice the values make (a side of a clamp, the larger of
 # two, a max's element, a sort's order): the tracer keeps every choice's entries, so at a
