@@ -172,3 +172,15 @@ def _bead_energy(x: torch.Tensor) -> torch.Tensor:
           description="Forces on a chain of beads, -grad E by torch.func.grad inside: the Jacobian is -Hessian E.")
 def bead_forces(x: torch.Tensor) -> torch.Tensor:
     return -torch.func.grad(_bead_energy)(x)
+
+
+def _row_energy(x: torch.Tensor) -> torch.Tensor:
+    F = torch.nn.functional
+    return F.softplus(x).sum() + F.elu(x - 0.5).sum() + F.mse_loss(x[:, 0], x[:, 1], reduction="sum") \
+        + (x.log_softmax(1) ** 2).sum()
+
+
+@register(inputs=[Input("x", shape=("n", 3), dtype="float64")],
+          description="-grad of an energy of softplus, elu, mse_loss and log_softmax per row: rows stay apart.")
+def row_forces(x: torch.Tensor) -> torch.Tensor:
+    return -torch.func.grad(_row_energy)(x)

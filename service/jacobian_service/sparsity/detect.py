@@ -165,7 +165,14 @@ _LINEAR_POINTWISE = frozenset(
     masked_fill _conj real complex""".split()
 )
 # Elementwise ops (over broadcast arguments) that aten does not tag pointwise.
-_UNTAGGED_POINTWISE = frozenset("complex polar _prelu_kernel log_sigmoid_forward hardswish".split())
+_UNTAGGED_POINTWISE = frozenset(
+    """complex polar _prelu_kernel log_sigmoid_forward hardswish elu_backward softplus_backward
+    hardtanh_backward hardswish_backward hardsigmoid_backward leaky_relu_backward mish_backward
+    log_sigmoid_backward softshrink_backward hardshrink_backward mse_loss_backward huber_loss_backward
+    smooth_l1_loss_backward binary_cross_entropy_backward""".split()
+)
+# Softmax's backward: an element on its line along ``dim`` of the gradient and the output.
+_LINE_BACKWARD = frozenset("_softmax_backward_data _log_softmax_backward_data".split())
 # Elementwise losses with a ``reduction`` (0 none: elementwise; 1 mean, 2 sum: the sum of
 # the elementwise terms, linear, so the Hessian keeps each term's pairs only).
 _LOSSES = frozenset(
@@ -563,6 +570,8 @@ class _Tracer:
             return self.glu(func, args, kwargs, out)
         if name in _LOSSES and _float(out):
             return self.loss(func, name, args, kwargs, out)
+        if name in _LINE_BACKWARD and _float(out):
+            return self.line_backward(func, name, args, kwargs, out)
         if name == "nll_loss_forward" and args[0].dim() in (1, 2):
             return self.nll_loss(func, args, kwargs, out)
         if name in _NORMS and isinstance(out, (tuple, list)):
@@ -1063,6 +1072,16 @@ class _Tracer:
             return self.wrap(out, terms.root.deps, terms.root.hess)
         every = _ones(sp.csr_array(np.asarray(terms.root.deps.sum(axis=0)).reshape(1, -1)))
         return self.wrap(out, sp.csr_array(np.ones((out.numel(), 1), np.float32)) @ every, terms.root.hess)
+
+    def line_backward(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
+        """``_softmax_backward_data(grad, output, dim)`` (a gradient taken inside the
+        function): each element on its line along ``dim`` of both operands."""
+        parts = [self.along(func, name, (a,) + tuple(args[1:]), kwargs, out) for a in args[:2]]
+        deps = _union([p.root.deps for p in parts], out.numel(), self.n)
+        hess = None
+        if self.hessian:
+            hess = _union([h for h in (self.hess_of(args[:2]), self.pairs(deps)) if h is not None], self.n, self.n)
+        return self.wrap(out, deps, hess)
 
     def nll_loss(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
         """``nll_loss`` (``cross_entropy`` after its ``log_softmax``): sample ``i``'s term
