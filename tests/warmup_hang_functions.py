@@ -1,24 +1,18 @@
-"""Functions that never return, on any input, the warm-up's included: a sleep, and a
-deadlock in native code, which no signal handler reaches (the supervisor tells a hang by
-the time alone: a busy loop is the same case); and one whose first call takes longer
-than the warm-up limit (an import), which must not be left broken by the warm-up's end.
+"""Functions that never return, on any input, the warm-up's included: a deadlock in
+native code, which no signal handler reaches (the supervisor tells a hang by the time
+alone: a sleep or a busy loop is the same case, and cost the suite ~12 s more); and one
+whose first call takes longer than the warm-up limit (an import), which must not be left
+broken by the warm-up's end.
 Loaded only by the warm-up test (any other server with them would wait
 WARMUP_TIMEOUT_S for each)."""
 
 from __future__ import annotations
 
 import ctypes
-import time
 
 import torch
 
 from jacobian_service import Input, register
-
-
-@register(inputs=[Input("x", shape=("n",))], description="Sleeps for an hour on every input.")
-def sleeps_always(x: torch.Tensor) -> torch.Tensor:
-    time.sleep(3600)
-    return x.sin()
 
 
 @register(inputs=[Input("x", shape=("n",))], description="Locks a mutex it holds: a deadlock in C.")
