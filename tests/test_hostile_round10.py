@@ -248,12 +248,14 @@ def test_the_seccomp_filter_alone_keeps_an_engine_off_serve() -> None:
 
 
 def test_control_messages_no_front_end_sends_do_not_stop_the_supervision(tmp_path) -> None:
-    """The supervisor's control socket (front ends: "release this function") is a file
-    in the run directory, which a function in an engine can reach too (pyzmq is there).
-    A message that was not JSON raised out of the supervisor's tick before it looked at
-    the engines, and a stream of them kept every crash and hang from being seen (and
-    every front end from hearing of one). Now such a message is dropped, and a tick
-    takes at most 64 of them before it watches the engines."""
+    """The supervisor's control socket (front ends: "release this function") was a file
+    in the run directory, which a function in an engine could reach too (pyzmq is
+    there; without Landlock it still can, see test_hostile_round11). A message that was
+    not JSON raised out of the supervisor's tick before it looked at the engines, and a
+    stream of them kept every crash and hang from being seen (and every front end from
+    hearing of one). Now such a message is dropped (and one not signed with the front
+    ends' key), and a tick takes at most 64 of them before it watches the engines."""
+    import orjson
     import zmq
 
     from jacobian_service.settings import Settings
@@ -262,11 +264,12 @@ def test_control_messages_no_front_end_sends_do_not_stop_the_supervision(tmp_pat
     sup = Supervisor(Settings(), tmp_path)
     push = sup.ctx.socket(zmq.PUSH)
     try:
-        push.connect(f"ipc://{tmp_path}/control.sock")
+        push.connect(sup.channel.control)
         sup.quarantined["f"] = time.time() + 600
         for junk in (b"not json", b"[1]", b'{"t": "release"}', b'{"t": "release", "fn": 3}'):
             push.send(junk)
-        push.send(b'{"t": "release", "fn": "f"}')
+            push.send(sup.channel.sign(orjson.loads(junk)) if junk.startswith(b"{") else sup.channel.key + junk)
+        push.send(sup.channel.sign({"t": "release", "fn": "f"}))
         deadline = time.monotonic() + 10
         while "f" in sup.quarantined:  # a tick raised JSONDecodeError at the first junk
             sup.tick()

@@ -22,7 +22,7 @@ def supervisor(tmp_path: Path):
     sup = Supervisor(Settings(), tmp_path)
     sub = sup.ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(ipc.events_address(tmp_path))
+    sub.connect(sup.channel.events)
     time.sleep(0.2)  # the subscription reaches the publisher (ZeroMQ's slow joiner)
     yield sup, sub
     sub.close(linger=0)

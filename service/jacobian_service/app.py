@@ -45,7 +45,8 @@ log = logging.getLogger("jacobian_service")
 class ServiceApp:
     """The ASGI app: lifespan (engines up, then down) and the middleware stack."""
 
-    def __init__(self, settings: Settings, engines: Any, metrics: Metrics, front_ends: int = 1) -> None:
+    def __init__(self, settings: Settings, engines: Any, metrics: Metrics, front_ends: int = 1,
+                 api_keys: tuple[str, ...] | None = None) -> None:
         self.settings = settings
         self.service_state = ServiceState(
             settings=settings,
@@ -56,7 +57,7 @@ class ServiceApp:
             # results is encoded within the memory budget's worth of results at a time.
             encode_budget=EncodeBudget(settings.memory_budget_bytes or (256 << 20)),
             body_budget=BodyBudget(settings.body_budget, metrics.body_bytes),
-            api_keys=settings.load_api_keys(),
+            api_keys=api_keys if api_keys is not None else settings.load_api_keys(),
             front_ends=front_ends,
         )
         self.routes = [*ROUTES, *_doc_routes()]
@@ -161,20 +162,22 @@ def _doc_routes() -> list[Route]:
 
 
 def create_app(
-    settings: Settings | None = None, registry: Registry | None = None, *, run_dir: Path | None = None, front_ends: int = 1
+    settings: Settings | None = None, registry: Registry | None = None, *, run_dir: Path | None = None, front_ends: int = 1,
+    channel: Any = None, api_keys: tuple[str, ...] | None = None,
 ) -> ServiceApp:
-    """The front end. With ``run_dir`` it talks to the supervisor's engine processes;
-    without, it runs engines on threads here (``registry`` overrides the modules named
-    in ``settings``)."""
+    """The front end. With ``run_dir`` it talks to the supervisor's engine processes
+    (through ``channel``, ``supervision.Channel``, which ``serve`` hands it, as it does
+    the ``api_keys`` it loaded); without, it runs engines on threads here (``registry``
+    overrides the modules named in ``settings``)."""
     settings = settings or Settings()
     configure_logging(settings.log_format)
     metrics = Metrics()
     if run_dir is not None:
-        engines: Any = RemoteEngines(settings, run_dir)
+        engines: Any = RemoteEngines(settings, run_dir, channel)
     else:
         # Loading the functions is configuration, not a resource: do it here, so a bad
         # user module fails at start-up.
         registry = registry if registry is not None else Registry.from_modules(settings.function_modules)
         configure_logging(settings.log_format)  # again: a module may have configured logging as it was imported
         engines = InProcessEngines(settings, registry, on_batch=metrics.batch_size.observe)
-    return ServiceApp(settings, engines, metrics, front_ends)
+    return ServiceApp(settings, engines, metrics, front_ends, api_keys)

@@ -16,8 +16,9 @@ keep to the engine's own processes:
   of any other are refused as well (any Landlock domain does that; the engine therefore
   takes a front end's shared memory by descriptor, see ``channel``). The front ends, the
   spare, the other engines, ``serve`` and everything else of the user are out of reach,
-  however a function finds their pids (``/proc``). Nothing of the file system or the
-  network is restricted.
+  however a function finds their pids (``/proc``). The same scope keeps it from
+  connecting to an abstract Unix socket bound outside the engine: the supervisor's
+  (``supervision``). Nothing of the file system or the network is restricted.
 - **A seccomp filter**, everywhere (x86-64 and arm64): the system calls that act on
   another process by its pid (signals, ``pidfd_open``, ``ptrace``, ``setpriority``,
   ``sched_setaffinity`` and the scheduler's, ``prlimit``, ``ioprio_set``,
@@ -58,6 +59,7 @@ _SECCOMP_RET_ALLOW = 0x7FFF0000
 _SECCOMP_RET_ERRNO = 0x00050000
 
 _LANDLOCK_CREATE_RULESET_VERSION = 1
+_LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0
 _LANDLOCK_SCOPE_SIGNAL = 1 << 1
 _SYS_LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture (asm-generic)
 _SYS_LANDLOCK_RESTRICT_SELF = 446
@@ -118,7 +120,8 @@ def confiner(landlock: bool = True) -> Callable[[], None]:
     without Landlock's signal scope."""
     libc = _libc()
     syscall, prctl = libc.syscall, libc.prctl
-    scope = _RulesetAttr(0, 0, _LANDLOCK_SCOPE_SIGNAL) if landlock and landlock_abi() >= 6 else None
+    scope = _RulesetAttr(0, 0, _LANDLOCK_SCOPE_SIGNAL | _LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET) \
+        if landlock and landlock_abi() >= 6 else None
     scope_size = ctypes.c_size_t(ctypes.sizeof(_RulesetAttr))
     machine = platform.machine().lower()
     fprog = program = None

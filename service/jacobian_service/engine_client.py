@@ -35,6 +35,7 @@ from .errors import FunctionError, FunctionQuarantined, Timeout, Unavailable
 from .registry import FunctionSpec, Registry
 from .scheduler import Job, StreamHead
 from .settings import Settings
+from .supervision import Channel
 from .types import Call, JobInfo, Result
 
 __all__ = ["InProcessEngines", "RemoteEngines"]
@@ -62,6 +63,8 @@ async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any) -> Any:
 
 
 _FIRST_STATE_S = 10.0
+_OVERDUE_EVERY_S = 1.0
+_MAX_CANCELLED = 4096  # cancels awaiting their engine's answer, kept (a hung engine's pile, bounded)
 _LOST_GRACE_S = 2.0  # after a broken engine connection, for the supervisor's word to come first
 _RESENDS = 3  # tries of a request whose engines leave as planned before starting it
 # A request that finds no engine up waits this long for one before its 503: a spare's
@@ -256,9 +259,10 @@ class RemoteEngines(_Engines):
     replies routed to the waiting requests as they are read), and a ZeroMQ subscription
     to the supervisor's events."""
 
-    def __init__(self, settings: Settings, run_dir: Path) -> None:
+    def __init__(self, settings: Settings, run_dir: Path, channel: Channel | None = None) -> None:
         self.settings = settings
         self.run_dir = run_dir
+        self.channel = channel if channel is not None else Channel.in_run_dir(run_dir)
         doc = orjson.loads((run_dir / "registry.json").read_bytes())
         self.registry = Registry(FunctionSpec.from_description(d) for d in doc["functions"])
         self.devices: list[str] = doc["devices"]
@@ -277,6 +281,9 @@ class RemoteEngines(_Engines):
         self._waiting = 0  # requests waiting for an engine to come up
         self._pids: dict[int, int | None] = {}  # engine index -> its process, as the last state said
         self._died: dict[int, int] = {}  # engine index -> the last generation whose "died" was read
+        # Requests cancelled (deadline, client gone) that their engine has not yet answered:
+        # msg id -> (engine index, its pid then, when cancelled, function). See _overdue.
+        self._cancelled: dict[int, tuple[int, int | None, float, str]] = {}
 
     async def start(self) -> None:
         import zmq
@@ -286,11 +293,12 @@ class RemoteEngines(_Engines):
         self._socks = [self._connection(index) for index in range(len(self.devices))]
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sub.connect(ipc.events_address(self.run_dir))
+        self._sub.connect(self.channel.events)
         self._control = self._ctx.socket(zmq.PUSH)
         self._control.setsockopt(zmq.LINGER, 0)
-        self._control.connect(f"ipc://{self.run_dir}/control.sock")
+        self._control.connect(self.channel.control)
         self._tasks.append(asyncio.create_task(self._events()))
+        self._tasks.append(asyncio.create_task(self._overdue()))
         # uvicorn accepts once the lifespan has started, and the kernel has been queueing
         # connections on this front end's socket since the supervisor bound it. Waiting
         # here for the supervisor's first word keeps a new front end from answering 503
@@ -338,6 +346,7 @@ class RemoteEngines(_Engines):
             except Exception:
                 log.exception("unreadable reply from engine %d", index)
                 return
+            self._cancelled.pop(header["id"], None)  # a cancel taken (or a late answer): the engine reads its socket
             entry = self._pending.get(header["id"])
             if entry is not None and not entry[0].done():
                 entry[0].set_result((header, arrays))
@@ -449,8 +458,30 @@ class RemoteEngines(_Engines):
     def release(self, name: str) -> bool:
         if self.quarantined(name) is None:
             return False
-        self._control.send(orjson.dumps({"t": "release", "fn": name}))
+        self._control.send(self.channel.sign({"t": "release", "fn": name}))
         return True
+
+    async def _overdue(self) -> None:
+        """Tell the supervisor about engines that hold a cancelled request past the hang
+        grace (``Supervisor._overdue``): an engine takes a cancel at its next look at its
+        socket, between batches or chunks, and answers it. The supervisor's own watch
+        reads the engine's status board, which a function's thread can write ("idle"
+        while the engine hangs in the function): the front end's word does not depend
+        on it. Once a second, the oldest such request per engine."""
+        while True:
+            await asyncio.sleep(_OVERDUE_EVERY_S)
+            try:
+                now, oldest = time.monotonic(), {}
+                for msg_id, (index, pid, since, function) in list(self._cancelled.items()):
+                    if pid is None or self._pids.get(index) != pid:  # that engine has gone: nothing to wait for
+                        del self._cancelled[msg_id]
+                    elif now - since > self.settings.hang_grace_s and since < oldest.get(index, (0, math.inf))[1]:
+                        oldest[index] = (pid, since, function)
+                for index, (pid, since, function) in oldest.items():
+                    self._control.send(self.channel.sign({"t": "overdue", "engine": index, "pid": pid, "since": since,
+                                                          "function": function}))
+            except Exception:  # never the end of the task
+                log.exception("could not tell the supervisor of an overdue engine")
 
     # ----------------------------------------------------------------- requests
 
@@ -521,6 +552,9 @@ class RemoteEngines(_Engines):
             # A cancelled await cancels ``fut`` too, so "no reply yet" is "not done, or cancelled".
             if not fut.done() or fut.cancelled():
                 sock.send(ipc.encode_cancel(msg_id, stream_id if kind == "stream_next" else None))
+                if len(self._cancelled) < _MAX_CANCELLED:  # the engine answers it (see _overdue)
+                    self._cancelled[msg_id] = (index, self._pids.get(index), time.monotonic(),
+                                               call.spec.name if call is not None else "")
 
         try:
             sock.send(frames)

@@ -33,7 +33,7 @@ from typing import Any
 from .heap import freeze_heap
 from .orphans import stop_with_parent
 from .procfs import stopped
-from .settings import Settings
+from .settings import FRONT_END_ONLY, Settings
 
 __all__ = ["serve", "serve_in_process"]
 
@@ -114,18 +114,43 @@ def serve_in_process(settings: Settings) -> int:
     return 0
 
 
-def _front_end(run_dir: str, sock: socket.socket, count: int) -> None:
-    """One front-end process (spawned: no torch, no state from the parent)."""
+def _front_end(run_dir: str, sock: socket.socket, count: int, channel: Any, api_keys: tuple[str, ...]) -> None:
+    """One front-end process (spawned: no torch, no state from the parent). ``channel``
+    (``supervision.Channel``) and ``api_keys`` come through the spawn's pipe: they are
+    in no environment a function could read (``/proc/PID/environ``)."""
     from .app import create_app
     from .drain import DrainingServer
 
     settings = Settings()
-    app = create_app(settings, run_dir=Path(run_dir), front_ends=count)
+    app = create_app(settings, run_dir=Path(run_dir), front_ends=count, channel=channel, api_keys=api_keys)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     stop_with_parent(settings.drain_delay_s + settings.drain_grace_s + 5)  # it drains and stops if serve is killed
     freeze_heap()
     DrainingServer(_uvicorn_config(app, settings), app, settings.drain_delay_s).run(sockets=[sock])
+
+
+def forget_environment(names: frozenset[str]) -> None:
+    """Take the variables ``names`` (in any case) out of this process's environment, and
+    out of what ``/proc/PID/environ`` shows of it: the block the kernel gave the process
+    at exec, which unsetting a variable leaves as it was. A function in an engine reads
+    any process's ``/proc/PID/environ`` of its user (Landlock does not cover it): the API
+    keys were there, in ``serve``'s and in every front end's (which inherit it)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        environ = ctypes.POINTER(ctypes.c_void_p).in_dll(libc, "environ")
+        i = 0
+        while (entry := environ[i]) is not None:
+            name, eq, value = ctypes.string_at(entry).partition(b"=")
+            if eq and name.decode(errors="replace").upper() in names:
+                ctypes.memset(entry + len(name) + 1, ord("*"), len(value))
+            i += 1
+    except (OSError, AttributeError, ValueError):  # no C environ to reach here: os.environ below still goes
+        pass
+    for name in [n for n in os.environ if n.upper() in names]:
+        del os.environ[name]
 
 
 def _resume_if_stopped(index: int, pid: int, since: dict[int, float], grace_s: float) -> None:
@@ -200,10 +225,12 @@ def _bind(settings: Settings, count: int) -> list[socket.socket]:
 
 def serve(settings: Settings) -> int:
     from .logs import configure_logging
+    from .supervision import Channel
     from .supervisor import Supervisor
 
     configure_logging(settings.log_format)
-    settings.load_api_keys()  # fail closed, here, before anything starts
+    api_keys = settings.load_api_keys()  # fail closed, here, before anything starts
+    forget_environment(FRONT_END_ONLY)  # the front ends get the keys from here, and no engine needs them
     if settings.port:  # a port taken is said at once, not after an engine has loaded torch (seconds)
         try:
             _bind(settings, 1)[0].close()
@@ -212,7 +239,7 @@ def serve(settings: Settings) -> int:
             return 1
     raise_open_file_limit()  # before any process starts: they inherit it
     run_dir = Path(tempfile.mkdtemp(prefix="jacobian-service-"))
-    supervisor = Supervisor(settings, run_dir)
+    supervisor = Supervisor(settings, run_dir, Channel.new(run_dir))
     stopping = threading.Event()
     front_ends: list[Any] = []
 
@@ -253,7 +280,8 @@ def serve(settings: Settings) -> int:
 
         def start(i: int) -> Any:
             sock = socks[i % len(socks)]
-            p = ctx.Process(target=_front_end, args=(str(run_dir), sock, count), name=f"front-end-{i}", daemon=False)
+            p = ctx.Process(target=_front_end, args=(str(run_dir), sock, count, supervisor.channel, api_keys),
+                            name=f"front-end-{i}", daemon=False)
             p.start()
             return p
 

@@ -14,7 +14,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jacobian_client.wire import Limits
 
-__all__ = ["Settings", "SettingsError", "describe_invalid", "unknown_variables"]
+__all__ = ["FRONT_END_ONLY", "Settings", "SettingsError", "describe_invalid", "unknown_variables"]
+
+# The settings only front ends use, as variables: the API keys and the file holding them.
+# ``serve`` hands the keys to its front ends itself and takes these out of its environment,
+# which every engine's function can read (supervisor, server.forget_environment).
+FRONT_END_ONLY = frozenset({"JACOBIAN_SERVICE_API_KEYS", "JACOBIAN_SERVICE_API_KEYS_FILE"})
 
 
 def _split(value: str) -> tuple[str, ...]:

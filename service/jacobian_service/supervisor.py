@@ -68,7 +68,8 @@ from . import ipc
 from .confinement import confiner
 from .orphans import become_subreaper, kill_adopted, reap_adopted
 from .procfs import start_ticks, stopped
-from .settings import Settings
+from .settings import FRONT_END_ONLY, Settings
+from .supervision import Channel
 
 __all__ = ["Supervisor"]
 
@@ -99,6 +100,12 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def _engine_environ(environ: Any) -> dict[str, str]:
+    """An engine's environment: without the settings only front ends use (the API keys),
+    matched in any case, as the settings read them."""
+    return {name: value for name, value in environ.items() if name.upper() not in FRONT_END_ONLY}
+
+
 @dataclass
 class _Engine:
     index: int
@@ -111,7 +118,7 @@ class _Engine:
     restarts: int = 0
     backoff_s: float = 0.0
     restart_at: float = 0.0  # no process (an engine's cold start, a spare) starts before this
-    killed_for: str = ""  # why we killed it ("hang", "heartbeat", "warm-up", "stopped"), else ""
+    killed_for: str = ""  # why we killed it ("hang", "overdue", "heartbeat", "warm-up", "stopped"), else ""
     stopped_since: float = 0.0  # when it was first seen stopped by a signal (0: it was not)
     running: dict[str, Any] = field(default_factory=dict)
     startup_s: float = 5.0  # the last cold start-up's measured length (spawn to ready)
@@ -134,9 +141,12 @@ class _Engine:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, run_dir: Path) -> None:
+    def __init__(self, settings: Settings, run_dir: Path, channel: Channel | None = None) -> None:
         self.settings = settings
         self.run_dir = run_dir
+        # The sockets front ends reach this by, and the key their word is signed with
+        # (``supervision``): out of the engines' reach.
+        self.channel = channel if channel is not None else Channel.new(run_dir)
         self.engines: list[_Engine] = []
         self.strikes: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self.quarantined: dict[str, float] = {}  # function -> until (time.time())
@@ -146,10 +156,12 @@ class Supervisor:
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(ipc.events_address(run_dir))
-        self.control = self.ctx.socket(zmq.PULL)  # front ends: "release this function"
+        self.channel.guard(self.pub)
+        self.pub.bind(self.channel.events)
+        self.control = self.ctx.socket(zmq.PULL)  # front ends: "release this function", "this engine is overdue"
         self.control.setsockopt(zmq.LINGER, 0)
-        self.control.bind(f"ipc://{run_dir}/control.sock")
+        self.channel.guard(self.control)
+        self.control.bind(self.channel.control)
         self._stop = threading.Event()
         self._go = threading.Event()  # start(): the thread, begun before any engine, ticks from then on
         self._thread: threading.Thread | None = None
@@ -245,8 +257,10 @@ class Supervisor:
 
     def _env(self) -> dict[str, str]:
         """A new engine's environment (a spare reads only what to skip: which functions
-        to run alone it learns when promoted)."""
-        return {**os.environ, ipc.ISOLATE_ENV: ipc.names_env(self.isolate),
+        to run alone it learns when promoted). Without the API keys: only the front ends
+        check them, and a function reads its engine's environment (``os.environ``,
+        ``/proc/self/environ``), where they were there for the taking."""
+        return {**_engine_environ(os.environ), ipc.ISOLATE_ENV: ipc.names_env(self.isolate),
                 ipc.SKIP_WARMUP_ENV: ipc.names_env(self.skip_warmup)}
 
     def _warm_up_hung(self, proc: subprocess.Popen, now: float) -> str | None:
@@ -447,22 +461,62 @@ class Supervisor:
             self.publish_state()
 
     def _control(self, raw: bytes) -> None:
-        """A front end's word (``{"t": "release", "fn": name}``). The socket is a file
-        in the run directory, which a function in an engine can reach as well: a message
-        that is not JSON (or not that shape) raised out of the tick before the engines
-        were looked at, and a stream of them kept every hang and crash from being seen.
-        It is dropped, said once in a while."""
-        try:
-            msg = orjson.loads(raw)
-            if msg.get("t") == "release" and isinstance(msg.get("fn"), str):
-                self.release(msg["fn"])
-                return
-        except (orjson.JSONDecodeError, AttributeError):
-            pass
+        """A front end's word, signed with the channel's key (``supervision``):
+        ``{"t": "release", "fn": name}`` or ``{"t": "overdue", ...}`` (``_overdue``).
+        A function in an engine that reached the socket lifted any quarantine with a
+        well-formed message: one without the key's signature is dropped, as is one that
+        is not of those shapes (a message that was not JSON raised out of the tick
+        before the engines were looked at, and a stream of them kept every hang and crash
+        from being seen), said once in a while."""
+        msg = self.channel.verify(raw)
+        if msg is not None and msg.get("t") == "release" and isinstance(msg.get("fn"), str):
+            self.release(msg["fn"])
+            return
+        if msg is not None and msg.get("t") == "overdue" and self._overdue(msg):
+            return
         now = time.monotonic()
         if now - self._said_malformed > 60:
             self._said_malformed = now
-            log.warning("ignored a control message that no front end sends (%d bytes)", len(raw))
+            log.warning("ignored a control message that no front end sends (%d bytes%s)", len(raw),
+                        ", not signed with the front ends' key" if msg is None else "")
+
+    def _overdue(self, msg: dict[str, Any]) -> bool:
+        """A front end cancelled a request at its deadline (or its client left) and the
+        engine has not taken the cancel in ``hang_grace_s`` since: ``{"t": "overdue",
+        "engine": i, "pid": pid, "since": when it cancelled (monotonic), "function": f}``.
+
+        An engine reads its socket between batches and between a long job's chunks, and
+        answers a cancel there. The supervisor's own watch trusts the engine's status
+        board, which a function's thread can write: "idle", fresh beats, while the
+        engine's thread hangs in the function. Its requests were cut at their deadlines
+        (504) and nothing restarted it, until ``serve`` restarted. Now, on a front end's
+        word: an engine whose board says idle while it holds a cancel past the grace is
+        hung (an idle engine reads its socket every few milliseconds), and so is one
+        holding it past the longest time any batch may legitimately run from then on
+        (a batch running when the cancel came ends by its deadline, at most
+        ``request_timeout_s`` after it, plus the grace, or the board's own watch kills
+        it): a board that says "running" for ever is not believed for ever. Killed as a
+        hang, put down to the function of the cancelled request. True: a well-formed word."""
+        index, pid, since, function = msg.get("engine"), msg.get("pid"), msg.get("since"), msg.get("function", "")
+        if not (isinstance(index, int) and isinstance(pid, int) and isinstance(since, (int, float))
+                and isinstance(function, str) and 0 <= index < len(self.engines)):
+            return False
+        engine = self.engines[index]
+        if engine.proc is None or engine.proc.pid != pid or engine.proc.poll() is not None:
+            return True  # gone already: the word is late
+        now, grace = time.monotonic(), self.settings.hang_grace_s
+        status = engine.board.read()  # type: ignore[union-attr]
+        if now - since < grace:
+            return True
+        idle = status["deadline"] == 0.0
+        if not idle and now - since < self.settings.request_timeout_s + 2 * grace + 1.0:
+            return True  # perhaps a long batch, whose own deadline the board's watch keeps
+        engine.running = {"function": function, "tags": []}
+        log.error("engine %d held a cancelled request of %s for %.1f s while its status board said it was %s: "
+                  "a function wrote the board, or the engine hangs", index, function or "a function", now - since,
+                  "idle" if idle else f"running {status.get('function') or 'something'}")
+        self._kill(engine, "overdue")
+        return True
 
     def _kill(self, engine: _Engine, why: str) -> None:
         log.warning("engine %d: %s; killing pid %d", engine.index, why, engine.proc.pid)  # type: ignore[union-attr]
@@ -486,6 +540,8 @@ class Supervisor:
             running = {"tags": status["tags"]} if status.get("stray") and status.get("tags") else {}
         elif warming is not None:
             running = {"function": warming, "tags": []}
+        elif engine.killed_for == "overdue":  # its board was not believed: the front end's word names the function
+            running = engine.running
         elif status.get("tags"):
             running = status
         elif engine.killed_for == "warm-up" or status.get("deadline") != 0.0:
@@ -508,6 +564,9 @@ class Supervisor:
             reason = recycled
         elif engine.killed_for == "hang":
             reason = f"{function or 'a function'} did not return by its deadline (plus {self.settings.hang_grace_s:g} s)"
+        elif engine.killed_for == "overdue":
+            reason = (f"{function or 'a function'} did not return by its deadline (plus {self.settings.hang_grace_s:g} s); "
+                      "the engine's status board, which a function can write, said otherwise")
         elif engine.killed_for == "warm-up":
             reason = (f"the warm-up of {function} did not return within {self.settings.warmup_timeout_s:g} s "
                       "(WARMUP_TIMEOUT_S); engines skip it from now on")
@@ -554,7 +613,7 @@ class Supervisor:
             engine.backoff_s = min(_BACKOFF_MAX_S, max(0.5, engine.backoff_s * 2))
         self.pub.send(orjson.dumps({
             "t": "died", "engine": engine.index, "generation": engine.generation, "pid": pid, "tags": tags,
-            "function": function, "reason": reason, "hang": engine.killed_for == "hang",
+            "function": function, "reason": reason, "hang": engine.killed_for in ("hang", "overdue"),
             # It left between batches (a stray thread, its memory limit), or died warming
             # up: what it did not answer it never started, and the front ends send it to
             # the next engine.

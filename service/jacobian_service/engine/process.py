@@ -31,7 +31,7 @@ import orjson
 from .. import ipc
 from ..channel import Listener, Peer
 from ..confinement import in_force
-from ..errors import InternalError, OutOfMemory, ServiceError, exception_text
+from ..errors import InternalError, OutOfMemory, ServiceError, Timeout, exception_text
 from ..heap import freeze_heap
 from ..logs import configure_logging
 from ..metrics import Metrics
@@ -138,6 +138,11 @@ class EngineServer:
             job = self.pending.pop((peer, msg_id), None)
             if job is not None:
                 job.done = True
+                # Answered, as any job is: the front end, which has given up on it, waits
+                # for this to know the engine reads its socket (a hung engine never does,
+                # whatever its board says: ``Supervisor._overdue``). One that is running
+                # answers again when it stops; the front end drops what it no longer waits for.
+                self._send(peer, ipc.encode_error(msg_id, Timeout("cancelled by the front end")))
             if header.get("sid") is not None:
                 self.worker.close_stream(header["sid"])
             return
