@@ -169,18 +169,20 @@ def supervisor(tmp_path: Path) -> Iterator[tuple[Supervisor, object]]:
 
     sup = Supervisor(Settings(hang_grace_s=0.2, request_timeout_s=1.0), tmp_path)
     sub = sup.ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(sup.channel.events)
-    time.sleep(0.2)  # the subscription reaches the publisher (ZeroMQ's slow joiner)
-    yield sup, sub
-    for engine in sup.engines:
-        if engine.proc is not None:
-            engine.proc.kill()
-            engine.proc.wait()
-    sub.close(linger=0)
-    sup.pub.close(linger=0)
-    sup.control.close(linger=0)
-    sup.ctx.term()
+    try:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(sup.channel.events)
+        time.sleep(0.2)  # the subscription reaches the publisher (ZeroMQ's slow joiner)
+        yield sup, sub
+    finally:  # the sockets closed whatever failed: a context with sockets open hangs when collected
+        for engine in sup.engines:
+            if engine.proc is not None:
+                engine.proc.kill()
+                engine.proc.wait()
+        sub.close(linger=0)
+        sup.pub.close(linger=0)
+        sup.control.close(linger=0)
+        sup.ctx.term()
 
 
 def _died(sub) -> dict:
