@@ -26,6 +26,30 @@ def test_still_out_of_memory_at_one_row_is_507(client):
     assert client.get("/healthz").status_code == 200
 
 
+def test_memory_the_engine_itself_cannot_get_is_a_507(client, monkeypatch):
+    """Under ENGINE_MEMORY_LIMIT_BYTES (red team: a function had kept most of its
+    engine's address space, an untouched mmap of /dev/zero, which no resident-memory
+    watch sees), the engine's own copy of a request's inputs failed with numpy's
+    MemoryError: the request was a 500 ``internal_error`` and the log had a traceback,
+    where the same allocation in the function was a 507 ``out_of_memory``. Now a 507
+    either way, and the next request is served."""
+    from jacobian_service.engine.core import Engine
+
+    staged = Engine.tensors
+
+    def tensors(self, call):
+        np.empty(1 << 60, dtype=np.uint8)  # numpy's own MemoryError, as the address-space limit makes it
+        return staged(self, call)
+
+    monkeypatch.setattr(Engine, "tensors", tensors)
+    body = assert_problem(client.post("/v1/functions/sin/evaluate", json={"inputs": [[0.5, 1.0]]}), 507, "out_of_memory")
+    assert body["detail"].startswith("out of memory: the engine could not hold what this request needs"), body
+    monkeypatch.setattr(Engine, "tensors", staged)
+    r = client.post("/v1/functions/sin/evaluate", json={"inputs": [[0.5, 1.0]]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["output"]["data"], np.sin([0.5, 1.0]), rtol=1e-6)
+
+
 def test_chunk_size_follows_the_memory_budget(make_client):
     x = {"inputs": [[0.5] * 512]}
     roomy = make_client(memory_budget_bytes=1 << 30)

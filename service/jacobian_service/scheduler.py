@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator
 
-from .errors import InternalError, Overloaded, ResultTooLarge, ServiceError, Timeout, Unavailable
+from .errors import InternalError, OutOfMemory, Overloaded, ResultTooLarge, ServiceError, Timeout, Unavailable
 from .types import Call, JobInfo, Result, never_cancelled
 
 __all__ = ["Job", "StreamHead", "ThreadedWorker", "Worker"]
@@ -49,6 +49,21 @@ class StreamHead:
     chunk_size: int
     nbytes: int
     engine: int = 0  # which engine holds it (set by the engine client)
+
+
+def engine_error(exc: BaseException, what: str) -> ServiceError:
+    """What a request is answered for an error raised by the engine's own code (not by
+    the function, which the engine maps itself): its 500, logged with its traceback;
+    but an allocation that failed is out of memory (507), as it is in a function. Under
+    ``ENGINE_MEMORY_LIMIT_BYTES`` the engine's own copies (staging a request's inputs,
+    say) meet the limit too, and such a request was a 500 ``internal_error`` with a
+    traceback in the log, where the same request failing in the function was a 507."""
+    if isinstance(exc, MemoryError):
+        log.warning("%s: out of memory (%s)", what, exc)
+        return OutOfMemory(f"out of memory: the engine could not hold what this request needs ({type(exc).__name__}); "
+                           "send less at a time, or give the engine more memory")
+    log.error("%s", what, exc_info=exc)
+    return InternalError(f"internal error ({type(exc).__name__})")
 
 
 @dataclass(eq=False)  # identity: deque.remove must find this job, not an equal one
@@ -242,9 +257,9 @@ class Worker:
                 else:
                     self._run_alone(live[0])
         except Exception as exc:  # ours, after the function returned: its jobs fail, the engine lives on
-            log.exception("the engine failed a batch of %d", len(live))
+            error = engine_error(exc, f"the engine failed a batch of {len(live)}")
             for job in live:
-                job.finish(error=InternalError(f"internal error ({type(exc).__name__})"))
+                job.finish(error=error)
         finally:
             self.running = 0
             # The answers leave before the tidying below, which is no caller's business:
@@ -311,8 +326,7 @@ class Worker:
             error = exc.with_traceback(None)
             error.__cause__ = error.__context__ = None
         except BaseException as exc:  # not raised by a function (the engine maps those): ours
-            log.exception("job failed unexpectedly")
-            error = InternalError(f"internal error ({type(exc).__name__})")
+            error = engine_error(exc, "job failed unexpectedly")
         job.info.compute_s = time.monotonic() - start
         if error is None:
             self._remember(job, result, 1, job.info.compute_s)

@@ -38,7 +38,7 @@ from ..metrics import Metrics
 from ..orphans import become_subreaper, kill_descendants, stop_with_parent
 from ..procfs import descendants, status_bytes
 from ..registry import FunctionModuleNotFound, Registry
-from ..scheduler import Job, Worker
+from ..scheduler import Job, Worker, engine_error
 from ..settings import Settings
 from .descriptor_watch import DescriptorWatch
 from .memory_watch import MemoryWatch, limit_of, shared_beyond_resident
@@ -157,9 +157,8 @@ class EngineServer:
             self.pending[(peer, msg_id)] = job
         except ServiceError as exc:
             self._send(peer, ipc.encode_error(msg_id, exc))
-        except Exception as exc:  # a malformed message is our bug: answer, never die of it
-            log.exception("could not take a job")
-            self._send(peer, ipc.encode_error(msg_id, InternalError(f"internal error ({type(exc).__name__})")))
+        except Exception as exc:  # a malformed message is our bug (or memory ran out): answer, never die of it
+            self._send(peer, ipc.encode_error(msg_id, engine_error(exc, "could not take a job")))
 
     def _cancelled(self, job: Job) -> Any:
         def cancelled() -> bool:
