@@ -207,9 +207,9 @@ def _engine(sup: Supervisor, tmp_path: Path, board_says: str) -> subprocess.Pope
 @pytest.mark.parametrize("board_says", ["idle", "running"])
 def test_a_front_ends_overdue_word_is_believed_over_the_board(supervisor, tmp_path, board_says) -> None:
     """What the supervisor does with a front end's word that an engine holds a request it
-    cancelled (``overdue``): nothing within the hang grace, nothing unsigned, nothing
-    for another process; past the grace, an engine whose board says idle is killed as
-    hung. One whose board says it runs something (a batch may legitimately run to its
+    cancelled (``overdue``): nothing within the hang grace (a second at least), nothing
+    unsigned, nothing for another process; past it, an engine whose board says idle is
+    killed as hung. One whose board says it runs something (a batch may legitimately run to its
     own deadline) is killed once no batch could still be running: request_timeout_s
     plus twice the grace plus a second after the cancel. The death names the function
     the front end named and none of the tags the board claims (those would be failed)."""
@@ -217,10 +217,12 @@ def test_a_front_ends_overdue_word_is_believed_over_the_board(supervisor, tmp_pa
     proc = _engine(sup, tmp_path, board_says)
     word = {"t": "overdue", "engine": 0, "pid": proc.pid, "function": "forges_its_board"}
     now = time.monotonic()
-    sup._control(sup.channel.sign({**word, "since": now - 0.1}))  # within the grace
+    sup._control(sup.channel.sign({**word, "since": now - 0.5}))  # past the grace (0.2 s), within the least wait
     sup._control(b"\0" * 32 + orjson.dumps({**word, "since": now - 60}))  # not signed
     sup._control(sup.channel.sign({**word, "pid": proc.pid + 1, "since": now - 60}))  # another process
-    sup._control(sup.channel.sign({**word, "since": now - 0.3}))  # past the grace
+    time.sleep(0.1)
+    assert proc.poll() is None
+    sup._control(sup.channel.sign({**word, "since": now - 1.1}))  # past both
     if board_says == "running":
         assert proc.poll() is None
         sup._control(sup.channel.sign({**word, "since": time.monotonic() - 2.5}))  # no batch runs this long

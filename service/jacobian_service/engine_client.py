@@ -35,7 +35,7 @@ from .errors import FunctionError, FunctionQuarantined, Timeout, Unavailable
 from .registry import FunctionSpec, Registry
 from .scheduler import Job, StreamHead
 from .settings import Settings
-from .supervision import Channel
+from .supervision import OVERDUE_AFTER_MIN_S, Channel
 from .types import Call, JobInfo, Result
 
 __all__ = ["InProcessEngines", "RemoteEngines"]
@@ -472,10 +472,11 @@ class RemoteEngines(_Engines):
             await asyncio.sleep(_OVERDUE_EVERY_S)
             try:
                 now, oldest = time.monotonic(), {}
+                overdue_after = max(self.settings.hang_grace_s, OVERDUE_AFTER_MIN_S)
                 for msg_id, (index, pid, since, function) in list(self._cancelled.items()):
                     if pid is None or self._pids.get(index) != pid:  # that engine has gone: nothing to wait for
                         del self._cancelled[msg_id]
-                    elif now - since > self.settings.hang_grace_s and since < oldest.get(index, (0, math.inf))[1]:
+                    elif now - since > overdue_after and since < oldest.get(index, (0, math.inf))[1]:
                         oldest[index] = (pid, since, function)
                 for index, (pid, since, function) in oldest.items():
                     self._control.send(self.channel.sign({"t": "overdue", "engine": index, "pid": pid, "since": since,

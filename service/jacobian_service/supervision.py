@@ -41,9 +41,14 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Channel"]
+__all__ = ["OVERDUE_AFTER_MIN_S", "Channel"]
 
 _MAC = hashlib.sha256().digest_size
+# A cancel an engine has not answered for this long at least (or HANG_GRACE_S, if longer)
+# is overdue (``Supervisor._overdue``): an idle engine reads its socket every few
+# milliseconds, but a grace of 0 must not make a healthy engine that has not looked yet
+# a hung one.
+OVERDUE_AFTER_MIN_S = 1.0
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ from .confinement import confiner
 from .orphans import become_subreaper, kill_adopted, reap_adopted
 from .procfs import start_ticks, stopped
 from .settings import FRONT_END_ONLY, Settings
-from .supervision import Channel
+from .supervision import OVERDUE_AFTER_MIN_S, Channel
 
 __all__ = ["Supervisor"]
 
@@ -506,7 +506,7 @@ class Supervisor:
             return True  # gone already: the word is late
         now, grace = time.monotonic(), self.settings.hang_grace_s
         status = engine.board.read()  # type: ignore[union-attr]
-        if now - since < grace:
+        if now - since < max(grace, OVERDUE_AFTER_MIN_S):
             return True
         idle = status["deadline"] == 0.0
         if not idle and now - since < self.settings.request_timeout_s + 2 * grace + 1.0:
