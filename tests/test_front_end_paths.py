@@ -255,3 +255,57 @@ def test_metrics_observe_takes_the_librarys_way_where_its_attributes_are_not_the
     monkeypatch.setattr(m, "child", lambda *args: Child())
     m.observe(m.latency, 0.25, "jacobian", "total")
     assert seen == [0.25]
+
+
+def test_dtype_name_is_numpys_and_keeps_only_numpys_own() -> None:
+    """parsing.dtype_name (kept per dtype: numpy computes ``.name`` in Python at every
+    read) names every dtype as numpy does, and keeps only numpy's own dtypes."""
+    import numpy as np
+
+    from jacobian_service import parsing
+
+    kinds = ["<f4", ">f4", "f8", "f2", "i1", "<i8", ">i8", "u1", "?", "c8", "c16", "O", "<U3", "S5", "V8", "M8[s]",
+             "m8[ms]", [("a", "<f4"), ("b", "<i2")]]
+    for kind in kinds:
+        dtype = np.dtype(kind)
+        assert parsing.dtype_name(dtype) == parsing.dtype_name(dtype) == dtype.name, kind
+    kept = parsing._DTYPE_NAMES
+    assert np.dtype("<f4") in kept and np.dtype(">f4") not in kept
+    assert all(dtype.isbuiltin for dtype in kept)
+
+
+def test_an_npy_answer_does_not_walk_the_result_and_json_walks_it_once(client, monkeypatch) -> None:
+    """``Result.nbytes`` (a walk of the result's tree) decides whether an answer is
+    encoded on a thread: an .npy answer never is, and is not walked; a JSON one is
+    walked once (its encoding took the caller's count, not a second walk)."""
+    import io
+    import sys
+
+    import numpy as np
+    import torch
+
+    from jacobian_client import wire
+    from jacobian_service.examples import mlp
+    from jacobian_service.types import Result
+
+    from .conftest import npy_bytes
+
+    walks: list[int] = []
+    walk = Result.nbytes
+
+    def counted(self: Result) -> int:  # the front end's walks (an in-process engine's own check is not one)
+        if sys._getframe(1).f_code.co_filename.endswith(("routes.py", "responses.py")):
+            walks.append(1)
+        return walk(self)
+
+    monkeypatch.setattr(Result, "nbytes", counted)
+    x = np.random.default_rng(3).standard_normal(128).astype(np.float32)
+    want = torch.func.jacrev(mlp)(torch.from_numpy(x)).numpy()
+    r = client.post("/v1/functions/mlp/jacobian", content=npy_bytes(x),
+                    headers={"content-type": wire.NPY, "accept": wire.NPY})
+    assert r.status_code == 200 and np.allclose(np.load(io.BytesIO(r.content)), want, rtol=1e-5, atol=1e-6)
+    assert walks == []
+    r = client.post("/v1/functions/mlp/jacobian", json={"inputs": [x.tolist()]})
+    assert r.status_code == 200 and np.allclose(np.asarray(r.json()["jacobian"]["data"], np.float32), want,
+                                                rtol=1e-5, atol=1e-6)
+    assert walks == [1]

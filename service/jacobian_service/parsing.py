@@ -67,6 +67,21 @@ def options_of(kind: str) -> list[str]:
     return [name for name, kinds in OPTION_KINDS.items() if kind in kinds]
 
 
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, kept per dtype: numpy computes it in Python at every read (a
+    property, ~1 us), once per request's array. Only numpy's own dtypes are kept (a
+    bounded set); another (a structured one) is named as numpy names it."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = dtype.name
+        if dtype.isbuiltin:
+            _DTYPE_NAMES[dtype] = name
+    return name
+
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
 _INT64_MAX = 2**63 - 1
 # Past int64 a number cannot travel to the engine (orjson refuses it): a 500 it was.
 _Int64 = Annotated[StrictInt, Field(ge=-_INT64_MAX - 1, le=_INT64_MAX)]
@@ -146,6 +161,8 @@ def _check_applies(kind: str, raw: Mapping[str, Any]) -> None:
     """An unknown option, or one ``kind`` does not take given anything but its default
     (and not moot there, ``_MOOT``): a 422 naming it and what ``kind`` takes (pydantic's "Extra inputs are not permitted"
     named neither the endpoint nor the options it has)."""
+    if not raw:  # most requests give no option: nothing to refuse
+        return
     takes = options_of(kind)
     unknown = sorted(k for k in raw if k not in OPTION_KINDS)
     if unknown:
@@ -185,7 +202,7 @@ def _decode(obj: Any, default_dtype: str | None, limits: wire.Limits) -> tuple[n
         arr, sent = wire.decode_json_array(obj, default_dtype, limits)
     except wire.WireError as exc:
         raise from_wire(exc) from None
-    return arr, sent or arr.dtype.name
+    return arr, sent or dtype_name(arr.dtype)
 
 
 def _leading_shape(obj: Any) -> tuple[int, ...]:
@@ -328,7 +345,7 @@ def _npz_inputs(spec: FunctionSpec, members: Mapping[str, np.ndarray]) -> list[t
                 f"input {inp.name!r} is a tree of {len(want)} arrays, members {[f'{label}/{k}' for k in want]}"
                 + (f"; missing {missing}" if missing else "") + (f"; unknown {extra[:10]}" if extra else "")
             )
-        out.extend((sub[k], sub[k].dtype.name) for k in want)
+        out.extend((sub[k], dtype_name(sub[k].dtype)) for k in want)
     return out
 
 
@@ -437,7 +454,7 @@ def parse_call(
         elif media_type == wire.NPY:
             _check_npy_carries(spec, kind)
             arr = wire.read_npy(body, limits)
-            arrays = [(arr, arr.dtype.name)]
+            arrays = [(arr, dtype_name(arr.dtype))]
         elif media_type == wire.NPZ:
             members = wire.read_npz(body, limits)
             given_by_name, vectors = _split_members(members, vector_key)

@@ -133,9 +133,10 @@ def is_single_array(result: Result) -> bool:
     return isinstance(result.value, np.ndarray) and not result.has_aux and result.output is None
 
 
-def encode(media: str, function: str, key: str, result: Result, meta: dict[str, Any]) -> Response:
+def encode(media: str, function: str, key: str, result: Result, meta: dict[str, Any], nbytes: int | None = None) -> Response:
     """Encode a gathered result. JSON and .npz are CPU-heavy for large results (the caller
-    runs them off the loop); .npy is a header and views of the arrays."""
+    runs them off the loop); .npy is a header and views of the arrays. ``nbytes``: the
+    result's ``nbytes()``, where the caller has it already."""
     if media == wire.NPY:
         pieces = wire.write_npy(result.value)
         if result.value.nbytes < _JOIN_BYTES:  # one plain body: cheaper than a streamed one
@@ -156,7 +157,7 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
         return Response(wire.write_npz(trees, {"function": function, **meta}), media_type=wire.NPZ,
                         headers=attachment(function, key, media))
     document = {"function": function, **trees, "meta": meta}
-    if result.nbytes() < _JOIN_BYTES:  # small: one body, encoded at once
+    if (result.nbytes() if nbytes is None else nbytes) < _JOIN_BYTES:  # small: one body, encoded at once
         return Response(wire.dumps(wire.encode_tree(document)), media_type=wire.JSON)
     # Large: written piece by piece as it is sent (on a worker thread: Starlette iterates a
     # plain iterator there), so encoding holds O(piece), not the whole document.

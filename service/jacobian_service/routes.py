@@ -370,15 +370,21 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         return _stream_json(state, spec.name, result, info, release, timeout)
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
-    nbytes = result.nbytes()  # within the result limit: the engine's worker refused it otherwise (scheduler)
-    encoding = (chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result))
-    if nbytes < _OFFLOAD_BYTES or chosen == wire.NPY:
-        # Small, or .npy: a header and views of the arrays, nothing built whatever the
-        # size (a thread hop cost a 4 MB .npy answer more than its encoding).
-        response = encode(*encoding)
+    meta = _meta(info, result)
+    if chosen == wire.NPY:
+        # .npy: a header and views of the arrays, nothing built whatever the size (a
+        # thread hop cost a 4 MB .npy answer more than its encoding): its size (a walk
+        # of the result) is not needed.
+        response = encode(chosen, spec.name, RESULT_KEY[kind], result, meta)
     else:
-        async with state.encode_budget.hold(nbytes):
-            response = await _offload(nbytes, encode, *encoding)
+        # Within the result limit: the engine's worker refused it otherwise (scheduler).
+        nbytes = result.nbytes()
+        encoding = (chosen, spec.name, RESULT_KEY[kind], result, meta, nbytes)
+        if nbytes < _OFFLOAD_BYTES:
+            response = encode(*encoding)
+        else:
+            async with state.encode_budget.hold(nbytes):
+                response = await _offload(nbytes, encode, *encoding)
     for phase, seconds in (
         ("queue", info.queue_s),
         ("compute", info.compute_s),
