@@ -309,3 +309,38 @@ def test_an_npy_answer_does_not_walk_the_result_and_json_walks_it_once(client, m
     assert r.status_code == 200 and np.allclose(np.asarray(r.json()["jacobian"]["data"], np.float32), want,
                                                 rtol=1e-5, atol=1e-6)
     assert walks == [1]
+
+
+def test_a_front_end_collects_its_young_objects_past_what_requests_in_flight_hold(tmp_path, monkeypatch) -> None:
+    """A front-end process (server._front_end) serves with the young generation's
+    threshold at FRONT_END_YOUNG_OBJECTS, the older ones as they were (Python's 700
+    had requests in flight set off a collection every few requests, each finding
+    them alive)."""
+    import gc
+    import socket
+
+    from jacobian_service import drain, heap, server
+
+    (tmp_path / "registry.json").write_text('{"functions": [], "devices": ["cpu"]}')
+    seen: list[tuple[int, int, int]] = []
+
+    class Serving:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def run(self, sockets: object = None) -> None:
+            seen.append(gc.get_threshold())
+
+    monkeypatch.setattr(drain, "DrainingServer", Serving)
+    monkeypatch.setattr(server, "freeze_heap", lambda: None)  # not this test process's heap
+    monkeypatch.setattr(server, "stop_with_parent", lambda *args: None)
+    monkeypatch.setattr(server.signal, "signal", lambda *args: None)  # nor its signal handlers
+    before = gc.get_threshold()
+    gc.set_threshold(700, before[1], before[2])
+    try:
+        with socket.socket() as sock:
+            server._front_end(str(tmp_path), sock, 1)
+    finally:
+        gc.set_threshold(*before)
+    assert seen == [(heap.FRONT_END_YOUNG_OBJECTS, before[1], before[2])]
+    assert heap.FRONT_END_YOUNG_OBJECTS >= 10 * 700
