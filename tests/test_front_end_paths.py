@@ -344,3 +344,64 @@ def test_a_front_end_collects_its_young_objects_past_what_requests_in_flight_hol
         gc.set_threshold(*before)
     assert seen == [(heap.FRONT_END_YOUNG_OBJECTS, before[1], before[2])]
     assert heap.FRONT_END_YOUNG_OBJECTS >= 10 * 700
+
+
+def test_a_request_waits_on_its_engine_under_one_loop_timer_and_still_hears_its_client_leave() -> None:
+    """routes._cancellable and the engine client's deadline share one loop timer: a job
+    answered at once makes one timer, and starts no watcher; one that waits past
+    _WATCH_AFTER_S starts watching for the client's disconnect on that same timer,
+    which then still ends the wait at the deadline; a client that leaves cancels the
+    job (the engine is told) with a ClientGone."""
+    import time
+
+    from jacobian_service import routes
+    from jacobian_service.engine_client import _await
+    from jacobian_service.errors import ClientGone, Timeout
+
+    async def scenario(answer_after: float | None, leave_after: float | None, deadline_s: float) -> dict:
+        loop = asyncio.get_running_loop()
+        timers: list[float] = []
+        call_later = loop.call_later
+
+        def counted(delay, callback, *args, **kwargs):
+            timers.append(delay)
+            return call_later(delay, callback, *args, **kwargs)
+
+        loop.call_later = counted  # type: ignore[method-assign]
+        left = asyncio.Event()
+        receives = []
+
+        class Client:  # a request whose client leaves (http.disconnect) when told
+            async def receive(self) -> dict:
+                receives.append(1)
+                await left.wait()
+                return {"type": "http.disconnect"}
+
+        abandoned = []
+
+        async def run(kind: str, call: object, on_slow: object = None) -> object:
+            fut = loop.create_future()
+            if answer_after is not None:
+                call_later(answer_after, fut.set_result, ("result", "info"))
+            return await _await(fut, time.monotonic() + deadline_s, lambda: abandoned.append(kind), on_slow)
+
+        if leave_after is not None:
+            call_later(leave_after, left.set)
+        outcome: object
+        try:
+            outcome = await routes._cancellable(Client(), run, "jacobian", None)
+        except (ClientGone, Timeout) as exc:
+            outcome = type(exc).__name__
+        finally:
+            loop.call_later = call_later  # type: ignore[method-assign]
+        return {"outcome": outcome, "timers": timers, "watched": bool(receives), "abandoned": abandoned}
+
+    quick = asyncio.run(scenario(0.001, None, 30))
+    assert quick == {"outcome": ("result", "info"), "timers": [routes._WATCH_AFTER_S], "watched": False,
+                     "abandoned": []}
+    gone = asyncio.run(scenario(None, 0.1, 30))
+    assert gone["outcome"] == "ClientGone" and gone["watched"] and gone["abandoned"] == ["jacobian"]
+    assert gone["timers"][0] == routes._WATCH_AFTER_S and len(gone["timers"]) == 2  # the rest of the way, re-armed
+    late = asyncio.run(scenario(None, None, 0.1))  # no answer, the client stays: the deadline still ends it
+    assert late["outcome"] == "Timeout" and late["watched"] and late["abandoned"] == ["jacobian"]
+    assert abs(sum(late["timers"]) - 0.1) < 0.05

@@ -78,19 +78,37 @@ class Expiry:
     ``on_expire`` runs and the task is cancelled; the cancellation ends the block
     (swallowed) and ``e.expired`` says so. What ``anyio.move_on_after`` does, for the
     per-request hot path: one loop timer, where a cancel scope costs several times more
-    (every request passes two of these: its body, and its response pieces)."""
+    (every request passes two of these: its body, and its response pieces).
 
-    __slots__ = ("_handle", "_on_expire", "_seconds", "_task", "expired")
+    ``early``: ``(seconds, callback)``, a callback to run once if the block is still
+    awaiting after those seconds (fewer than ``seconds``), on the same loop timer,
+    which then waits the rest: a request's engine wait starts watching for its client's
+    disconnect this way (``routes._cancellable``), where a second timer per request cost
+    as much again."""
 
-    def __init__(self, seconds: float, on_expire: Callable[[], None] | None = None) -> None:
+    __slots__ = ("_early", "_handle", "_on_expire", "_seconds", "_task", "expired")
+
+    def __init__(self, seconds: float, on_expire: Callable[[], None] | None = None,
+                 early: tuple[float, Callable[[], None]] | None = None) -> None:
         self._seconds = seconds
         self._on_expire = on_expire
+        self._early = early if early is not None and early[0] < seconds else None
         self.expired = False
 
     def __enter__(self) -> "Expiry":
-        self._task = asyncio.current_task()
-        self._handle = asyncio.get_running_loop().call_later(max(self._seconds, 0), self._fire)
+        self._task = task = asyncio.current_task()
+        loop = task.get_loop()  # (asyncio.get_running_loop asks the process id on 3.11: a system call)
+        if self._early is None:
+            self._handle = loop.call_later(max(self._seconds, 0), self._fire)
+        else:
+            self._handle = loop.call_later(max(self._early[0], 0), self._fire_early)
         return self
+
+    def _fire_early(self) -> None:
+        after, callback = self._early  # type: ignore[misc]
+        self._early = None
+        self._handle = self._task.get_loop().call_later(max(self._seconds - after, 0), self._fire)  # type: ignore[union-attr]
+        callback()
 
     def _fire(self) -> None:
         self.expired = True

@@ -43,12 +43,13 @@ __all__ = ["InProcessEngines", "RemoteEngines"]
 log = logging.getLogger("jacobian_service")
 
 
-async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any) -> Any:
+async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any, on_slow: Any = None) -> Any:
     """Await ``fut`` until ``deadline``; leaving early (timeout, or the caller cancelled)
     tells the engine, which stops at its next chunk. (One loop timer: ``asyncio.timeout``
-    costs several times more, on every request.)"""
+    costs several times more, on every request.) ``on_slow``'s callback runs if it waits
+    longer than its seconds, on the same timer."""
     try:
-        with Expiry(deadline - time.monotonic()) as expiry:
+        with Expiry(deadline - time.monotonic(), early=on_slow) as expiry:
             try:
                 return await fut
             except BaseException:
@@ -89,7 +90,9 @@ class _Engines:
     ``quarantined``/``release``, ``depth``, ``info`` and ``engine_stats``."""
 
     async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
-                  deadline: float | None = None) -> tuple[Any, JobInfo]:
+                  deadline: float | None = None, on_slow: Any = None) -> tuple[Any, JobInfo]:
+        """``on_slow``: ``(seconds, callback)``, the callback run once if the job is not
+        answered within those seconds (``routes._cancellable``)."""
         raise NotImplementedError
 
     async def next_chunk(self, head: StreamHead, deadline: float) -> np.ndarray | None:
@@ -225,7 +228,7 @@ class InProcessEngines(_Engines):
         return {d: torch.cuda.memory_allocated(d) for d in self.devices if d.startswith("cuda")}
 
     async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
-                  deadline: float | None = None) -> tuple[Any, JobInfo]:
+                  deadline: float | None = None, on_slow: Any = None) -> tuple[Any, JobInfo]:
         index = engine if engine is not None else min(range(len(self.workers)), key=lambda i: self.workers[i].depth())
         target = self.workers[index]
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -233,7 +236,7 @@ class InProcessEngines(_Engines):
         job = Job(kind, call, _settler(fut), deadline=until, stream_id=stream_id)
         target.submit(job)
         try:
-            result, info = await _await(fut, until, lambda: target.cancel(job))
+            result, info = await _await(fut, until, lambda: target.cancel(job), on_slow)
         finally:
             # A failed future holds its exception, whose traceback holds this frame: it
             # must not hold the future, nor the job (whose settle holds the future). The
@@ -494,16 +497,19 @@ class RemoteEngines(_Engines):
                               headers={"Retry-After": _seconds(soonest)})
         return min(ready, key=lambda i: self._load[i])
 
-    async def _engine_for(self, deadline: float) -> int:
+    async def _engine_for(self, deadline: float, on_slow: Any = None) -> int:
         """An engine that is up; when none is, wait up to ``_READY_WAIT_S`` (within the
         request's deadline) for one, then 503 with the supervisor's Retry-After. The
-        waiters are bounded like an engine queue: past ``max_queue`` the 503 is at once."""
+        waiters are bounded like an engine queue: past ``max_queue`` the 503 is at once.
+        A wait is slow already: ``on_slow``'s callback runs as it begins."""
         try:
             return self._pick()
         except Unavailable:
             wait = min(_READY_WAIT_S, deadline - time.monotonic())
             if wait <= 0 or self._waiting >= self.settings.max_queue:
                 raise
+        if on_slow is not None:
+            on_slow[1]()
         self._waiting += 1
         try:
             await asyncio.wait_for(self._any_ready.wait(), wait)
@@ -514,7 +520,7 @@ class RemoteEngines(_Engines):
         return self._pick()
 
     async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
-                  deadline: float | None = None) -> tuple[Any, JobInfo]:
+                  deadline: float | None = None, on_slow: Any = None) -> tuple[Any, JobInfo]:
         if call is not None:
             left = self.quarantined(call.spec.name)
             if left is not None:
@@ -526,7 +532,7 @@ class RemoteEngines(_Engines):
         until = deadline if deadline is not None else call.deadline  # type: ignore[union-attr]
         for _ in range(_RESENDS):
             try:
-                result, info, index = await self._run_once(kind, call, engine, stream_id, until)
+                result, info, index = await self._run_once(kind, call, engine, stream_id, until, on_slow)
                 break
             except _Resend:  # its engine left as planned before starting it: the next one takes it
                 continue
@@ -538,9 +544,9 @@ class RemoteEngines(_Engines):
         return result, info
 
     async def _run_once(self, kind: str, call: Call | None, engine: int | None, stream_id: int | None,
-                        until: float) -> tuple[Any, JobInfo, int]:
+                        until: float, on_slow: Any = None) -> tuple[Any, JobInfo, int]:
         """One try on one engine: its answer, and which engine gave it."""
-        index = engine if engine is not None else await self._engine_for(until)
+        index = engine if engine is not None else await self._engine_for(until, on_slow)
         msg_id = next(self._ids)
         tag = f"{self._prefix}{msg_id}"
         frames = ipc.encode_call(msg_id, kind, call, tag=tag, stream_id=stream_id, deadline=until)
@@ -559,7 +565,7 @@ class RemoteEngines(_Engines):
 
         try:
             sock.send(frames)
-            header, arrays = await _await(fut, until, abandon)
+            header, arrays = await _await(fut, until, abandon, on_slow)
         finally:
             self._pending.pop(msg_id, None)
             self._load[index] -= 1

@@ -351,7 +351,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         (sparse and call.sparse_format == "dense" and media[0] == wire.NPY)
         or (not sparse and (media[0] == wire.NPY
                             or (media[0] == wire.JSON and call.mode == "rev" and _could_be_single(call, kind)))))
-    result, info = await _cancellable(request, state.engines.run("jacobian_npy" if streamable else kind, call))
+    result, info = await _cancellable(request, state.engines.run, "jacobian_npy" if streamable else kind, call)
     if isinstance(result, StreamHead):
         if media[0] != wire.NPY and result.nbytes > call.max_result_bytes:  # streamed .npy has no result limit
             state.engines.close_stream(result)
@@ -405,7 +405,7 @@ async def function_sparsity(request: Request, name: str) -> Response:
     kind, call = parse_sparsity_query(spec, _query(request), state.settings.wire_limits)
     call.deadline = _deadline(state, request)
     call.max_result_bytes = state.settings.max_result_bytes
-    result, info = await _cancellable(request, state.engines.run(f"sparsity_{kind}", call))
+    result, info = await _cancellable(request, state.engines.run, f"sparsity_{kind}", call)
     doc = {"function": spec.name, **(result.sparse_meta or {}),
            "meta": {"device": info.device, "queue_ms": round(info.queue_s * 1e3, 3),
                     "compute_ms": round(info.compute_s * 1e3, 3)}}
@@ -461,11 +461,13 @@ def _refuse_other_sites(request: Request) -> None:
 _WATCH_AFTER_S = 0.02
 
 
-async def _cancellable(request: Request, work: Awaitable[Any]) -> Any:
-    """Await ``work`` unless the client disconnects first (the engine then stops at its
-    next chunk: leaving the await tells it). The watcher task starts only once the work
-    has taken ``_WATCH_AFTER_S``: most requests are done sooner, and a task per request
-    is a good part of a small request's cost."""
+async def _cancellable(request: Request, run: Callable[..., Awaitable[Any]], kind: str, call: Call) -> Any:
+    """``run(kind, call)`` (the engines'), unless the client disconnects first (the
+    engine then stops at its next chunk: leaving the await tells it). The watcher task
+    starts only once the job has waited ``_WATCH_AFTER_S`` (or waits for an engine to
+    come up): most requests are done sooner, and a task per request is a good part of
+    a small request's cost. The engine client's deadline timer tells it when
+    (``on_slow``): one loop timer per request, not two."""
     current = asyncio.current_task()
     gone = False
     watcher: asyncio.Future[None] | None = None
@@ -479,17 +481,16 @@ async def _cancellable(request: Request, work: Awaitable[Any]) -> Any:
 
     def start() -> None:
         nonlocal watcher
-        watcher = asyncio.ensure_future(watch())
+        if watcher is None:  # (once: a job sent again to another engine waits on)
+            watcher = asyncio.ensure_future(watch())
 
-    timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, start)
     try:
-        return await work
+        return await run(kind, call, on_slow=(_WATCH_AFTER_S, start))
     except asyncio.CancelledError:
         if gone:
             raise ClientGone("the client closed the connection; its work was cancelled") from None
         raise
     finally:
-        timer.cancel()
         if watcher is not None:
             watcher.cancel()
 
