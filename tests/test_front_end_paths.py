@@ -405,3 +405,62 @@ def test_a_request_waits_on_its_engine_under_one_loop_timer_and_still_hears_its_
     late = asyncio.run(scenario(None, None, 0.1))  # no answer, the client stays: the deadline still ends it
     assert late["outcome"] == "Timeout" and late["watched"] and late["abandoned"] == ["jacobian"]
     assert abs(sum(late["timers"]) - 0.1) < 0.05
+
+
+@pytest.mark.parametrize("path", ["/v1/functions/sin/jacobian", "/v1/functions/a\\b", "/v1/\x01x", "/v1/caf\u00e9",
+                                  "/v1/\u2028", "/v1/a b'\"", "/" + "y" * 600])
+def test_the_access_line_and_the_answer_headers_are_what_they_were(path: str) -> None:
+    """AccessMiddleware's one-pass header rewrite and its path escape (a printable ASCII
+    path without a backslash is its own escape) give what the long way gave: the path
+    as ``unicode_escape`` writes it, at most 500 characters; the app's X-Request-ID
+    replaced by the request's, its Cache-Control kept, no-store added where it set none."""
+    from jacobian_service.metrics import Metrics
+    from jacobian_service.middleware import AccessMiddleware
+
+    def app_with(headers: list) -> object:
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": list(headers)})
+            await send({"type": "http.response.body", "body": b"ok"})
+        return app
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    async def call(headers: list) -> tuple[list, list]:
+        scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode("utf-8", "replace"),
+                 "root_path": "", "query_string": b"", "http_version": "1.1", "state": {},
+                 "headers": [(b"host", b"t"), (b"x-request-id", b"rid-1")]}
+        sent: list = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        keep = Keep()
+        logger = logging.getLogger("jacobian_service.access")
+        logger.addHandler(keep)
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        try:
+            await AccessMiddleware(app_with(headers), Metrics(), Router(ROUTES))(scope, receive, send)
+        finally:
+            logger.removeHandler(keep)
+            logger.setLevel(level)
+        return sent[0]["headers"], keep.records
+
+    own = [(b"content-type", b"text/plain"), (b"x-request-id", b"the-apps"), (b"content-length", b"2")]
+    headers, records = asyncio.run(call(own))
+    assert headers == [own[0], own[2], (b"x-request-id", b"rid-1"), (b"x-content-type-options", b"nosniff"),
+                       (b"cache-control", b"no-store")]
+    cached = [(b"Cache-Control", b"max-age=60"), (b"content-length", b"2")]
+    headers, _ = asyncio.run(call(cached))
+    assert headers == [*cached, (b"x-request-id", b"rid-1"), (b"x-content-type-options", b"nosniff")]
+    want = path.encode("unicode_escape").decode("ascii")[:500]
+    assert [(r.path, r.getMessage()) for r in records] == [(want, f"GET {want} 200")]

@@ -110,7 +110,11 @@ class AccessMiddleware:
             method = scope["method"]
             # The route of this method; else (a CORS preflight, which the CORS middleware
             # answers, a 405) the route of this path, so that they count under it too.
-            route, params = next(((r, p) for r, p in matches if r.method == method), matches[0] if matches else (None, {}))
+            route, params = matches[0] if matches else (None, {})
+            for r, p in matches:
+                if r.method == method:
+                    route, params = r, p
+                    break
             endpoint = route.operation_id if route else "_unrouted"
             # The label comes from the path, so requests refused before their handler ran
             # (auth, unknown function, bad body) count under their function too.
@@ -122,7 +126,10 @@ class AccessMiddleware:
                 function = "_unknown"  # bounded label values, whatever names clients send
             self.metrics.child(self.metrics.requests, function, endpoint, outcome, code).inc()
             if path not in _QUIET:
-                safe = path.encode("unicode_escape").decode("ascii")[:500]
+                # (control characters and non-ASCII escaped; a printable ASCII path
+                # without a backslash is its own escape)
+                safe = path[:500] if path.isascii() and path.isprintable() and "\\" not in path else \
+                    path.encode("unicode_escape").decode("ascii")[:500]
                 _log_access(
                     "%s %s %s", scope["method"], safe, outcome,
                     request_id=request_id, method=scope["method"], path=safe,
@@ -147,10 +154,17 @@ class AccessMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers = []
+                cached = False
+                for header in message.get("headers", ()):  # (one pass: most answers carry 3 or 4)
+                    key = header[0].lower()
+                    if key == b"x-request-id":
+                        continue
+                    cached = cached or key == b"cache-control"
+                    headers.append(header)
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 headers.append(NOSNIFF)
-                if not any(k.lower() == b"cache-control" for k, _ in headers):
+                if not cached:
                     headers.append(NO_STORE)
                 if not body_asked:
                     headers = [(k, v) for k, v in headers if k.lower() != b"connection"] + [(b"connection", b"close")]
