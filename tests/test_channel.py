@@ -7,6 +7,7 @@ import asyncio
 import os
 import random
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -574,3 +575,69 @@ def test_a_shared_frame_outside_any_segment_closes_that_connection_only(tmp_path
         good.close()
     finally:
         listener.close()
+
+
+def test_blocks_given_back_ride_with_jobs_under_one_timer_and_go_alone_only_when_owed_long(tmp_path: Path) -> None:
+    """Each small request's result frees a block of the engine's segment. Blocks ride with
+    the next job; alone only once owed _GIVE_BACK_AFTER_S. The timer that sends them
+    alone is left running when a job takes them (it was made and cancelled once per
+    request): a stream of requests makes one timer per _GIVE_BACK_AFTER_S at most."""
+    from jacobian_service import channel
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        conn = Connection(tmp_path / "nobody.sock", lambda frames: None)
+        conn._closed = True  # (no engine: this test is the transport)
+        conn._connecting.cancel()
+        writes: list[tuple[float, bytes]] = []
+
+        class Transport:
+            def write(self, data: bytes) -> None:
+                writes.append((loop.time(), bytes(data)))
+
+            def writelines(self, pieces: list) -> None:
+                self.write(b"".join(bytes(memoryview(p)) for p in pieces))
+
+            def close(self) -> None:
+                pass
+
+        conn._transport = Transport()
+        mapped = object()
+        conn._sharing.mapped = mapped  # (the engine's segment, as mapped)
+        timers: list[float] = []
+        call_later = loop.call_later
+
+        def counted(delay, callback, *args):
+            if getattr(callback, "__self__", None) is conn:  # the connection's own (not the sleeps')
+                timers.append(delay)
+            return call_later(delay, callback, *args)
+
+        loop.call_later = counted  # type: ignore[method-assign]
+        try:
+            began = loop.time()
+            for i in range(20):  # back to back: each job takes the block the previous answer freed
+                conn._give_back(mapped, 4096 * i)
+                conn.send([b'{"job": %d}' % i])
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+            took = loop.time() - began
+            assert len(writes) == 20
+            assert all(data.startswith(channel.encode_control(channel._GIVE_BACK, struct.pack("<Q", 4096 * i)))
+                       for i, (_, data) in enumerate(writes))  # each block with the next job
+            # one per _GIVE_BACK_AFTER_S at most, not one per request
+            assert len(timers) <= 2 + took / channel._GIVE_BACK_AFTER_S and len(timers) < 20, (timers, took)
+            writes.clear()
+            freed = loop.time()
+            conn._give_back(mapped, 1 << 20)  # no job follows: it goes alone, once owed long enough
+            await asyncio.sleep(4 * channel._GIVE_BACK_AFTER_S)
+            assert [data for _, data in writes] == [channel.encode_control(channel._GIVE_BACK, struct.pack("<Q", 1 << 20))]
+            assert writes[0][0] - freed >= channel._GIVE_BACK_AFTER_S - 1e-3
+            timers.clear()
+            await asyncio.sleep(3 * channel._GIVE_BACK_AFTER_S)
+            assert timers == [] and conn._give_back_at is None  # nothing owed: the timer stopped
+        finally:
+            loop.call_later = call_later  # type: ignore[method-assign]
+            conn._transport = None
+            conn.close()
+
+    asyncio.run(main())

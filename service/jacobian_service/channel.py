@@ -716,6 +716,7 @@ class Connection(asyncio.BufferedProtocol):
         self._outbox: list[Sequence[Any]] = []
         self._flush_at: asyncio.Handle | None = None
         self._give_back_at: asyncio.TimerHandle | None = None
+        self._owed_since = 0.0  # loop time of the first block given back since the last message sent
         self._closed = False
         self._connecting: asyncio.Task | None = None
         self._peer_pid: int | None = None  # the engine's, from the kernel (SO_PEERCRED)
@@ -812,8 +813,28 @@ class Connection(asyncio.BufferedProtocol):
                 self._loop.call_soon_threadsafe(self._give_back, mapped, offset)
                 return
             if self._sharing.freed(mapped, offset):
+                if len(self._sharing.given_back) == 1:  # the first owed since the last message sent
+                    self._owed_since = self._loop.time()
                 if self._give_back_at is None:  # with the next job, or alone a little later
-                    self._give_back_at = self._loop.call_later(_GIVE_BACK_AFTER_S, self._flush)
+                    self._give_back_at = self._loop.call_later(_GIVE_BACK_AFTER_S, self._give_back_due)
+        except RuntimeError:  # the loop has closed: nothing to give back to
+            pass
+
+    def _give_back_due(self) -> None:
+        """The give-back timer: blocks owed ``_GIVE_BACK_AFTER_S`` go alone; blocks owed
+        for less (a job since took the earlier ones) wait the rest; none owed, it stops.
+        A job that takes the blocks leaves the timer running: made and cancelled per
+        request (each small request's result frees a block), it cost a loop timer per
+        request; kept, it is made once per ``_GIVE_BACK_AFTER_S`` at most."""
+        self._give_back_at = None
+        if not self._sharing.given_back:
+            return
+        try:
+            left = self._owed_since + _GIVE_BACK_AFTER_S - self._loop.time()
+            if left > 0:
+                self._give_back_at = self._loop.call_later(left, self._give_back_due)
+                return
+            self._flush()
         except RuntimeError:  # the loop has closed: nothing to give back to
             pass
 
@@ -826,10 +847,9 @@ class Connection(asyncio.BufferedProtocol):
             self._flush_at = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        # (Blocks owed go with what is sent; the give-back timer, left running, then finds
+        # none owed, or only blocks owed since, which it gives their time.)
         self._flush_at = None
-        if self._give_back_at is not None:  # what it would send goes now
-            self._give_back_at.cancel()
-            self._give_back_at = None
         if self._transport is None or not (self._outbox or self._sharing.given_back):
             return
         buffers, total = encode_messages(self._outbox, self._sharing.place())
