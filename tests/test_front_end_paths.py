@@ -311,41 +311,6 @@ def test_an_npy_answer_does_not_walk_the_result_and_json_walks_it_once(client, m
     assert walks == [1]
 
 
-def test_a_front_end_collects_its_young_objects_past_what_requests_in_flight_hold(tmp_path, monkeypatch) -> None:
-    """A front-end process (server._front_end) serves with the young generation's
-    threshold at FRONT_END_YOUNG_OBJECTS, the older ones as they were (Python's 700
-    had requests in flight set off a collection every few requests, each finding
-    them alive)."""
-    import gc
-    import socket
-
-    from jacobian_service import drain, heap, server
-
-    (tmp_path / "registry.json").write_text('{"functions": [], "devices": ["cpu"]}')
-    seen: list[tuple[int, int, int]] = []
-
-    class Serving:
-        def __init__(self, *args: object) -> None:
-            pass
-
-        def run(self, sockets: object = None) -> None:
-            seen.append(gc.get_threshold())
-
-    monkeypatch.setattr(drain, "DrainingServer", Serving)
-    monkeypatch.setattr(server, "freeze_heap", lambda: None)  # not this test process's heap
-    monkeypatch.setattr(server, "stop_with_parent", lambda *args: None)
-    monkeypatch.setattr(server.signal, "signal", lambda *args: None)  # nor its signal handlers
-    before = gc.get_threshold()
-    gc.set_threshold(700, before[1], before[2])
-    try:
-        with socket.socket() as sock:
-            server._front_end(str(tmp_path), sock, 1)
-    finally:
-        gc.set_threshold(*before)
-    assert seen == [(heap.FRONT_END_YOUNG_OBJECTS, before[1], before[2])]
-    assert heap.FRONT_END_YOUNG_OBJECTS >= 10 * 700
-
-
 def test_a_request_waits_on_its_engine_under_one_loop_timer_and_still_hears_its_client_leave() -> None:
     """routes._cancellable and the engine client's deadline share one loop timer: a job
     answered at once makes one timer, and starts no watcher; one that waits past

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import gc
 
-__all__ = ["FRONT_END_YOUNG_OBJECTS", "freeze_heap", "front_end_collections", "refreeze", "thawed"]
+__all__ = ["freeze_heap", "refreeze", "thawed"]
 
 _thawed = False  # gc.unfreeze() called since freeze_heap (or the last refreeze)
 
@@ -62,26 +62,3 @@ def refreeze() -> None:
     global _thawed
     gc.freeze()
     _thawed = False
-
-
-# A front end's young-generation threshold (Python's default is 700 tracked objects).
-# Each request in flight holds some tens of them (its scope, task, coroutines, closures,
-# arrays' headers) and frees them when it ends; 16 to 32 requests at once went past 700
-# every 8 to 10 requests, and each collection walked what they held, only to find it
-# alive: measured on the 2-core VM under wrk -c16, one front end, ~400 young
-# collections (and ~40 of the middle generation) in 10 s, where at 10,000 there were
-# none (what is left to the collector, a few cycles per hundred requests, reaches it
-# after ~15,000 requests). Cyclic garbage waits that long for its collection: a few
-# thousand small objects. (A cycle through a request's frame, an exception's
-# traceback, would hold its arrays as long: the request path breaks those it makes, as
-# engine_client._await does. With one request at a time the count never reached 700
-# either: such a cycle waited as long before.)
-FRONT_END_YOUNG_OBJECTS = 10_000
-
-
-def front_end_collections() -> None:
-    """A front end's collector: the young generation collected every
-    ``FRONT_END_YOUNG_OBJECTS`` tracked objects (the older generations' thresholds as
-    they are). Engines keep Python's (their batches are torch's objects)."""
-    young, middle, old = gc.get_threshold()
-    gc.set_threshold(max(young, FRONT_END_YOUNG_OBJECTS), middle, old)

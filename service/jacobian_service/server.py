@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .heap import freeze_heap, front_end_collections
+from .heap import freeze_heap
 from .orphans import stop_with_parent
 from .procfs import stopped
 from .settings import FRONT_END_ONLY, Settings
@@ -127,7 +127,6 @@ def _front_end(run_dir: str, sock: socket.socket, count: int, channel: Any, api_
         signal.signal(sig, lambda *_: None)
     stop_with_parent(settings.drain_delay_s + settings.drain_grace_s + 5)  # it drains and stops if serve is killed
     freeze_heap()
-    front_end_collections()
     DrainingServer(_uvicorn_config(app, settings), app, settings.drain_delay_s).run(sockets=[sock])
 
 
