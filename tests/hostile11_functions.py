@@ -145,9 +145,11 @@ def _reach() -> str:
     run_dir, _ = _engine_args()
     files = sorted(p.name for p in run_dir.iterdir() if p.name in ("events.sock", "control.sock"))
     control, events = _abstract("/control"), _abstract("/events")
-    said = [f"files={files}", f"abstract={len(control)},{len(events)}"]
-    for name in control + events:
-        said.append(f"{name.rsplit('/', 1)[1]}: connect {_try_connect(name)}, bind {_try_bind(name)}")
+    # Every server on this machine's network namespace has its own pair (other tests'
+    # servers too, running beside this one): what each allows, said once.
+    said = [f"files={files}", f"abstract={'found' if control and events else 'missing'}"]
+    said += sorted({f"{name.rsplit('/', 1)[1]}: connect {_try_connect(name)}, bind {_try_bind(name)}"
+                    for name in control + events})
     return "; ".join(said)
 
 
