@@ -74,7 +74,7 @@ def test_64_concurrent_clients_mixed(builtins, batch_size):
 
             return await asyncio.gather(*(one(c) for c in cases))
 
-    with live_server(MAX_BATCH_SIZE=batch_size, MAX_BATCH_WAIT_MS=2) as (url, _):
+    with live_server(MAX_BATCH_SIZE=batch_size, MAX_BATCH_WAIT_MS=2, ENGINE_STANDBY="false") as (url, _):
         results = asyncio.run(main(url))
     batched = 0
     for case, (got, meta) in zip(cases, results):

@@ -32,7 +32,7 @@ TOTAL = 4.0  # read_timeout_s: a body trickled within IDLE still ends here
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, Any]]:
-    with live_server(WORKERS=1, WARMUP="false", MAX_REQUEST_BYTES=LIMIT, BODY_BUDGET_BYTES=BUDGET,
+    with live_server(WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", MAX_REQUEST_BYTES=LIMIT, BODY_BUDGET_BYTES=BUDGET,
                      READ_IDLE_TIMEOUT_S=IDLE, READ_TIMEOUT_S=TOTAL, HEADER_TIMEOUT_S=1, SEND_TIMEOUT_S=1) as (url, proc):
         yield url, proc
 
@@ -450,7 +450,7 @@ def test_many_stalled_uploads_hold_no_more_than_the_budget() -> None:
     sent; then no 16 MiB one fits in what is left.)"""
     from ._rss import front_end_pid, status_bytes
 
-    with live_server(WORKERS=1, WARMUP="false", MAX_REQUEST_BYTES=16 * MiB, BODY_BUDGET_BYTES=32 * MiB,
+    with live_server(WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", MAX_REQUEST_BYTES=16 * MiB, BODY_BUDGET_BYTES=32 * MiB,
                      READ_IDLE_TIMEOUT_S=60) as (url, proc):
         pid = front_end_pid(proc.pid)
         before = status_bytes(pid, "VmRSS")
@@ -518,7 +518,7 @@ def test_streams_left_unread_count_against_the_engines_queue() -> None:
     third held, and once they hang up a request is served again."""
     from .conftest import npy_bytes
 
-    with live_server(WORKERS=1, WARMUP="false", MAX_QUEUE=2) as (url, _):
+    with live_server(WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", MAX_QUEUE=2) as (url, _):
         body = npy_bytes(np.linspace(-1, 1, 4096, dtype=np.float32))
         readers: list[socket.socket] = []
         try:

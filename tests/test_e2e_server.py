@@ -20,7 +20,7 @@ from .conftest import DEFAULT_DEVICES, assert_problem, live_server, npy_bytes
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, Any]]:
-    with live_server(STREAM_THRESHOLD_BYTES=2 << 20, MEMORY_BUDGET_BYTES=64 << 20) as served:
+    with live_server(STREAM_THRESHOLD_BYTES=2 << 20, MEMORY_BUDGET_BYTES=64 << 20, ENGINE_STANDBY="false") as served:
         yield served
 
 

@@ -34,7 +34,7 @@ BODY = b'{"inputs": [[0.5, 1.0, 2.0]]}'
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, subprocess.Popen]]:
     global _other
-    with live_server(FUNCTIONS="jacobian_service.examples", WORKERS=1, WARMUP="false") as served, \
+    with live_server(FUNCTIONS="jacobian_service.examples", WORKERS=1, WARMUP="false", ENGINE_STANDBY="false") as served, \
             httpx.Client(timeout=30) as _other:  # another client (one: each new one costs its set-up)
         yield served
 

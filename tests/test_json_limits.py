@@ -54,7 +54,7 @@ def server(request):
     STREAM_THRESHOLD_BYTES, as .npy is). One front end, so that its RSS is the one that
     encodes; a 64 MiB result allowed."""
     threshold = 1 << 40 if request.param == "gathered" else MiB
-    with live_server(WORKERS=1, WARMUP="false", MAX_RESULT_BYTES=128 * MiB, STREAM_THRESHOLD_BYTES=threshold,
+    with live_server(WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", MAX_RESULT_BYTES=128 * MiB, STREAM_THRESHOLD_BYTES=threshold,
                      MAX_REQUEST_BYTES=4 * MiB, BODY_BUDGET_BYTES=16 * MiB) as (url, proc):
         yield url, proc
 

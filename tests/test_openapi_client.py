@@ -48,7 +48,7 @@ def _generator() -> str:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with live_server(WORKERS=1, WARMUP="false") as (url, _proc):
+    with live_server(WORKERS=1, WARMUP="false", ENGINE_STANDBY="false") as (url, _proc):
         yield url
 
 

@@ -506,7 +506,7 @@ def test_a_tree_call_crosses_the_ipc_codec_whole():
 def test_served_with_engine_processes():
     """`serve` (engine processes: trees cross the IPC hand-off as flat leaves)."""
     params = {"w": W, "b": B}
-    with live_server(FUNCTIONS=FUNCTIONS) as (url, _):
+    with live_server(FUNCTIONS=FUNCTIONS, ENGINE_STANDBY="false") as (url, _):
         with jc.Client(url) as client:
             assert client.function("dense_layer").inputs[0].tree["type"] == "dict"
             got = client.jacobian("dense_layer", params, X, argnums=(0, 1))

@@ -699,7 +699,7 @@ def test_openapi_documents_the_option_and_the_endpoint(client):
 
 @pytest.fixture(scope="module")
 def server():
-    with live_server(functions=FUNCTIONS) as (url, proc):
+    with live_server(functions=FUNCTIONS, engine_standby="false") as (url, proc):
         yield url
 
 
