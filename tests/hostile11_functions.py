@@ -99,22 +99,12 @@ def _abstract(suffix: str) -> list[str]:
                    and row[7].endswith(suffix) and (held is None or f"socket:[{row[6]}]" in held)})
 
 
-def _try_connect(name: str) -> str:
+def _try(name: str, how: str) -> str:
+    """``connect`` or ``bind`` an AF_UNIX socket to the abstract ``name``: what it did."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect("\0" + name[1:])
-        return "connected"
-    except OSError as exc:
-        return os.strerror(exc.errno) if exc.errno else type(exc).__name__
-    finally:
-        sock.close()
-
-
-def _try_bind(name: str) -> str:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind("\0" + name[1:])
-        return "bound"
+        getattr(sock, how)("\0" + name[1:])
+        return "connected" if how == "connect" else "bound"
     except OSError as exc:
         return os.strerror(exc.errno) if exc.errno else type(exc).__name__
     finally:
@@ -148,7 +138,7 @@ def _reach() -> str:
     # Every server on this machine's network namespace has its own pair (other tests'
     # servers too, running beside this one): what each allows, said once.
     said = [f"files={files}", f"abstract={'found' if control and events else 'missing'}"]
-    said += sorted({f"{name.rsplit('/', 1)[1]}: connect {_try_connect(name)}, bind {_try_bind(name)}"
+    said += sorted({f"{name.rsplit('/', 1)[1]}: connect {_try(name, 'connect')}, bind {_try(name, 'bind')}"
                     for name in control + events})
     return "; ".join(said)
 
