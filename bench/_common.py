@@ -98,6 +98,13 @@ class Context:
             env["JACOBIAN_SERVICE_WARMUP"] = "false"
         return env
 
+    @property
+    def side_env(self) -> dict[str, str]:
+        """``service_env`` for a server that never restarts its engine: without a warm spare
+        under ``--quick`` (a spare is one more torch start-up on the run's few cores; the
+        full run measures the service as shipped)."""
+        return {**self.service_env, "JACOBIAN_SERVICE_ENGINE_STANDBY": "false"} if self.quick else self.service_env
+
     def opt(self, name: str, full: Any, quick: Any) -> Any:
         """A setting from the command line, else this run's default."""
         value = self.options.get(name)

@@ -22,7 +22,7 @@ PATH = "/v1/functions/softmax/jacobian"
 
 def on_socket_env(ctx: Context) -> dict[str, str]:
     """The second server's: results through the engine's socket."""
-    return {**ctx.service_env, "JACOBIAN_SERVICE_SHARED_MEMORY_BYTES": "0"}
+    return {**ctx.side_env, "JACOBIAN_SERVICE_SHARED_MEMORY_BYTES": "0"}
 
 
 def run(ctx: Context) -> Report:

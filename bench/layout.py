@@ -103,7 +103,7 @@ def batched_jacobians_per_s(x: np.ndarray, batch: int, repeats: int) -> float:
 
 def layouts(ctx: Context) -> dict[str, tuple[dict[str, str], tuple[str, ...]]]:
     """The service configurations compared: label -> (env, serve arguments)."""
-    env = {**ctx.service_env, "JACOBIAN_SERVICE_MAX_BATCH_SIZE": "64"}
+    env = {**ctx.side_env, "JACOBIAN_SERVICE_MAX_BATCH_SIZE": "64"}
     workers = ctx.opt("workers", [1, 2, 4], [2])
     out = {"in-process layout": (env, ("--in-process",))}
     for n in workers:
