@@ -129,3 +129,29 @@ def test_outputs_that_are_views_of_the_input(c, chunk_size):
     cot = like(F.views_of_input(t(x)))
     got, _ = answer(post(c, "views_of_input", "vjp", [x], cotangents=wire_tree(cot)), "vjp")
     same(got, f.vjp(F.views_of_input, t(x))[1](t(tuple(cot)))[0])
+
+
+def test_per_example_hessian_of_an_output_of_a_shared_input_alone_takes_out_dims_null(c):
+    """vmap(hessian(f, argnums=1), in_dims=(0, None), out_dims=(0, None)): the second
+    output, exp(s), depends on the shared s alone, and torch answers its Hessian once.
+    The service judged that by its own strategy, reverse over reverse, which batches it
+    (its rows are pulled back with the first output's, which depends on x), and answered
+    422 "out_dims is null for a result that depends on the batched inputs" where torch
+    answers. Now torch's own transform judges it; where torch refuses, so does the service."""
+    xs, s = rand(4, 3), np.float64(0.7)
+    want = f.vmap(f.hessian(F.scaled_and_own, argnums=1), in_dims=(0, None), out_dims=(0, None))(t(xs), t(s))
+    for options in ({}, {"chunk_size": 1}):
+        got, _ = answer(post(c, "scaled_and_own", "hessian", [xs, s], argnums=1, batched=True,
+                             in_dims=[0, None], out_dims=[0, None], **options), "hessian")
+        same(got, want)
+        assert got[1].shape == ()  # once, not per example
+    # x * s is linear in s: torch leaves both Hessians in s unbatched, and so does the service
+    want = f.vmap(f.hessian(F.scaled_and_own, argnums=1), in_dims=(0, None), out_dims=None)(t(xs), t(s))
+    got, _ = answer(post(c, "scaled_and_own", "hessian", [xs, s], argnums=1, batched=True,
+                         in_dims=[0, None], out_dims=None), "hessian")
+    same(got, want)
+    # the Jacobian in s: torch's jacrev batches every output's rows (its cotangents follow x)
+    with pytest.raises(ValueError, match="out_dim is None"):
+        f.vmap(f.jacrev(F.scaled_and_own, argnums=1), in_dims=(0, None), out_dims=(0, None))(t(xs), t(s))
+    assert_problem(post(c, "scaled_and_own", "jacobian", [xs, s], argnums=1, batched=True,
+                        in_dims=[0, None], out_dims=[0, None]), 422, "invalid_input")

@@ -75,6 +75,18 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         jac, (out, aux_t) = torch.func.jacrev(g, argnums=argnums, has_aux=True, chunk_size=chunk)(*primals)
         return (jac, out), aux_t
 
+    def as_torch(*example: torch.Tensor) -> Any:
+        """One example's result as torch's own transform computes it, for what torch's
+        vmap leaves unbatched (``out_dims`` null): torch.func.hessian is forward over
+        reverse, whatever strategy ran. Reverse over reverse pulls every output's rows
+        back through one VJP, so d2/ds2 of an output of a shared ``s`` alone came out
+        batched beside an output that depends on x, and the request was a 422 where
+        ``vmap(hessian(f), out_dims=(0, None))`` answers."""
+        if kind != "hessian":
+            return per_example(*example)[0][0]
+        g, primals = differentiable(box, example, call)
+        return STRATEGIES[TORCHS](with_output(g), argnums)(*primals)[0]
+
     if first is not None:
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(first))
         one = _dims.example(args, in_dims, 0)
@@ -122,7 +134,7 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
                                  pytree.tree_map(lambda t: t[0], value))
     if call.out_dims != 0:  # vmap's out_dims: the batch moved, as the last step
         value = _dims.lay_out(call, value, kind, _dims.torch_says_unbatched(
-            lambda *a: per_example(*a)[0][0], engine.tensors(call), in_dims, value) if _dims.has_none(call) else None)
+            as_torch, engine.tensors(call), in_dims, value) if _dims.has_none(call) else None)
         aux = _dims.lay_out_extra(call, aux)  # return_output's output is no part of torch's call: batch first
     output = engine.host(output) if call.return_output else None
     # meta.chunk_size: the rows of one example's Jacobian each vmap took (row by row: 1;
