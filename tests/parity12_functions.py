@@ -101,3 +101,28 @@ def adds_into_captured(x):
     a captured Tensor')."""
     _CAPTURED.add_(x)
     return x * 2
+
+
+# --- empty inputs (shape (0,)) on every endpoint; 0-d inputs per example ---
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def cube(x):
+    return x ** 3
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def sum_cube(x):
+    return (x ** 3).sum()
+
+
+@register(inputs=[Input("x", shape=())])
+def sin2(x):
+    """A 0-d input and output."""
+    return x.sin() * 2
+
+
+@register(inputs=[Input("x", shape=(3,)), Input("y", shape=(3,))])
+def mul_sin(x, y):
+    """Called with the same tensor for x and y (inputs that alias each other)."""
+    return x * y.sin()

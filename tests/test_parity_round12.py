@@ -155,3 +155,71 @@ def test_per_example_hessian_of_an_output_of_a_shared_input_alone_takes_out_dims
         f.vmap(f.jacrev(F.scaled_and_own, argnums=1), in_dims=(0, None), out_dims=(0, None))(t(xs), t(s))
     assert_problem(post(c, "scaled_and_own", "jacobian", [xs, s], argnums=1, batched=True,
                         in_dims=[0, None], out_dims=[0, None]), 422, "invalid_input")
+
+
+def test_in_place_writes_into_a_captured_tensor_are_torchs_error(c):
+    """test_inplace_on_captures: jacrev (and vmap(jacrev)) of f writing x into a tensor f
+    captures raise torch's error; the service's 500 function_error says the same."""
+    x, xs = rand(3), rand(2, 3)
+    with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+        f.jacrev(F.adds_into_captured)(t(x))
+    for inputs, options in (([x], {}), ([xs], {"batched": True}), ([x], {"chunk_size": 1})):
+        body = assert_problem(post(c, "adds_into_captured", "jacobian", inputs, **options), 500, "function_error")
+        assert body["detail"].startswith("RuntimeError: ") and "mutate a captured Tensor" in body["detail"], body
+        assert "Traceback" not in body["detail"]
+
+
+def test_empty_inputs_on_every_endpoint(c):
+    """Inputs of shape (0,): every endpoint answers torch.func's (empty) result, with its
+    shape and dtype; per-example requests of no examples, and no vectors, too."""
+    e, e2, x = np.zeros(0), np.zeros((0, 2)), rand(2)
+    for name, fn in (("cube", F.cube), ("sum_cube", F.sum_cube)):
+        as_torch(c, name, "jacobian", [e], lambda: f.jacrev(fn)(t(e)))
+        as_torch(c, name, "jacobian", [e], lambda: f.jacfwd(fn)(t(e)), mode="fwd")
+        as_torch(c, name, "hessian", [e], lambda: f.hessian(fn)(t(e)))
+        as_torch(c, name, "jvp", [e], lambda: f.jvp(fn, (t(e),), (t(e),))[1], tangents=arr(e))
+        out = fn(t(e))
+        as_torch(c, name, "vjp", [e], lambda: f.vjp(fn, t(e))[1](torch.zeros_like(out))[0],
+                 cotangents=arr(out.numpy()))
+        got, _ = answer(post(c, name, "evaluate", [e]), "output")
+        same(got, out)
+    as_torch(c, "sum_cube", "hvp", [e], lambda: f.jvp(f.grad(F.sum_cube), (t(e),), (t(e),))[1], tangents=arr(e))
+    as_torch(c, "cube", "jacobian", [e2], lambda: f.vmap(f.jacrev(F.cube))(t(e2)), batched=True)
+    as_torch(c, "cube", "jacobian", [e2.T], lambda: f.vmap(f.jacrev(F.cube))(t(e2.T)), batched=True)
+    as_torch(c, "cube", "hessian", [e2], lambda: f.vmap(f.hessian(F.cube))(t(e2)), batched=True)
+    as_torch(c, "cube", "vjp", [x], lambda: f.vmap(f.vjp(F.cube, t(x))[1])(t(e2))[0],
+             cotangents=arr(e2), batched_vectors=True)
+    as_torch(c, "cube", "jvp", [x], lambda: f.vmap(lambda v: f.jvp(F.cube, (t(x),), (v,))[1])(t(e2)),
+             tangents=arr(e2), batched_vectors=True)
+
+
+def test_zero_dim_inputs_per_example(c):
+    """A 0-d input batched (shape (B,)): vmap(jacrev / hessian / f) with in_dims -1 and
+    out_dims, chunk_size 1, and stacks of 0-d vectors for vjp / jvp / hvp."""
+    zs, z = rand(4), np.float64(0.3)
+    for transform, endpoint in ((f.jacrev, "jacobian"), (f.hessian, "hessian"), (lambda g: g, "evaluate")):
+        key = "output" if endpoint == "evaluate" else endpoint
+        for options in ({}, {"in_dims": -1, "out_dims": -1}, {"chunk_size": 1}):
+            dims = {k: v for k, v in options.items() if k != "chunk_size"}
+            got, _ = answer(post(c, "sin2", endpoint, [zs], batched=True, **options), key)
+            same(got, f.vmap(transform(F.sin2), **dims)(t(zs)))
+    got, _ = answer(post(c, "sin2", "vjp", [z], cotangents=arr(zs), batched_vectors=True), "vjp")
+    same(got, f.vmap(f.vjp(F.sin2, t(z))[1])(t(zs))[0])
+    got, _ = answer(post(c, "sin2", "jvp", [z], tangents=arr(zs), batched_vectors=True), "jvp")
+    same(got, f.vmap(lambda v: f.jvp(F.sin2, (t(z),), (v,))[1])(t(zs)))
+    got, _ = answer(post(c, "sin2", "hvp", [z], tangents=arr(zs), batched_vectors=True), "hvp")
+    same(got, f.vmap(lambda v: f.jvp(f.grad(F.sin2), (t(z),), (v,))[1])(t(zs)))
+
+
+def test_inputs_that_alias_each_other(c):
+    """jacrev(f, argnums=(0, 1))(x, x): one tensor passed for both parameters; over HTTP
+    the same array twice, in every mode and per example, is torch's answer."""
+    x, xs = rand(3), rand(2, 3)
+    want = f.jacrev(F.mul_sin, argnums=(0, 1))(t(x), t(x))
+    for options in ({}, {"mode": "fwd"}, {"chunk_size": 1}):
+        got, _ = answer(post(c, "mul_sin", "jacobian", [x, x], argnums=[0, 1], **options), "jacobian")
+        same(got, want)
+    got, _ = answer(post(c, "mul_sin", "hessian", [x, x], argnums=[0, 1]), "hessian")
+    same(got, f.hessian(F.mul_sin, argnums=(0, 1))(t(x), t(x)))
+    got, _ = answer(post(c, "mul_sin", "jacobian", [xs, xs], argnums=[0, 1], batched=True), "jacobian")
+    same(got, f.vmap(f.jacrev(F.mul_sin, argnums=(0, 1)))(t(xs), t(xs)))
