@@ -126,3 +126,10 @@ def sin2(x):
 def mul_sin(x, y):
     """Called with the same tensor for x and y (inputs that alias each other)."""
     return x * y.sin()
+
+
+@register(inputs=[Input("x", shape=(3,))])
+def sin_and_argmax(x):
+    """A tuple output with an integer (non-differentiable) member: jacrev and
+    torch.func.hessian refuse it, in vjp's words."""
+    return x.sin(), x.argmax()

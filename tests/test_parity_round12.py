@@ -223,3 +223,23 @@ def test_inputs_that_alias_each_other(c):
     same(got, f.hessian(F.mul_sin, argnums=(0, 1))(t(x), t(x)))
     got, _ = answer(post(c, "mul_sin", "jacobian", [xs, xs], argnums=[0, 1], batched=True), "jacobian")
     same(got, f.vmap(f.jacrev(F.mul_sin, argnums=(0, 1)))(t(xs), t(xs)))
+
+
+@pytest.mark.parametrize("options", [{}, {"mode": "fwd"}, {"mode": "auto"}, {"chunk_size": 1}, {"batched": True},
+                                     {"sparsity": "auto"}, {"endpoint": "hessian"}, {"endpoint": "hessian", "batched": True}])
+def test_an_integer_output_is_refused_in_jacrevs_words(c, options):
+    """jacrev / torch.func.hessian of f returning (sin x, argmax x) raise; the service's 500 said its own words ("the function returned a torch.int64
+    output; only floating outputs can be differentiated") wherever it checked the output
+    itself (forward mode, Hessians, per-example, sparse), and torch's only where jacrev
+    ran. Now every path says what torch says (a complex output is the wire's refusal
+    before it: "the output holds a complex128 tensor, which the wire does not carry")."""
+    options = dict(options)
+    endpoint = options.pop("endpoint", "jacobian")
+    name, fn = "sin_and_argmax", F.sin_and_argmax
+    x = rand(3)
+    inputs = [np.stack([x, -x])] if options.get("batched") else [x]
+    with pytest.raises(RuntimeError) as raised:
+        (f.hessian if endpoint == "hessian" else f.jacrev)(fn)(t(x))
+    assert "All outputs of f must be floating-point" in str(raised.value)
+    body = assert_problem(post(c, name, endpoint, inputs, **options), 500, "function_error")
+    assert body["detail"] == f"RuntimeError: {str(raised.value).splitlines()[0]}", body

@@ -180,11 +180,19 @@ def changed_between_calls(what: str) -> FunctionError:
 
 
 def check_floating(out: Any) -> None:
-    """Only floating outputs have derivatives: jacrev refuses the rest, so every mode
-    does (forward mode would answer zeros of the output's integer dtype)."""
-    for leaf in pytree.tree_leaves(out):
-        if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point():
-            raise FunctionError(f"the function returned a {leaf.dtype} output; only floating outputs can be differentiated")
+    """Only real floating outputs have derivatives: jacrev refuses the rest, so every
+    mode does (forward mode would answer zeros of the output's integer dtype), in
+    jacrev's words, which torch.func.hessian (it runs jacrev) says too: an integer or
+    boolean output is refused by jacrev's vjp, then a complex one by jacrev itself."""
+    leaves = pytree.tree_leaves(out)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and not (leaf.is_floating_point() or leaf.is_complex()):
+            raise FunctionError("RuntimeError: vjp(f, ...): All outputs of f must be floating-point or complex Tensors, "
+                                f"got Tensor with dtype {leaf.dtype}")
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.is_complex():
+            raise FunctionError("RuntimeError: jacrev: Expected all outputs to be real but received complex tensor at "
+                                f"flattened input idx: {i}")
 
 
 def fresh(tree: Any) -> Any:
