@@ -243,3 +243,17 @@ def test_an_integer_output_is_refused_in_jacrevs_words(c, options):
     assert "All outputs of f must be floating-point" in str(raised.value)
     body = assert_problem(post(c, name, endpoint, inputs, **options), 500, "function_error")
     assert body["detail"] == f"RuntimeError: {str(raised.value).splitlines()[0]}", body
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2])
+@pytest.mark.parametrize("argnums", [1, [1, 0]])
+def test_hessians_with_chunk_size_and_argnums(c, chunk_size, argnums):
+    """TestHessian with TestJac's chunk_size: hessian(f, argnums) in any order, plain and
+    per example, is torch's whatever the chunk_size (which only splits the work)."""
+    x, y, xs, ys = rand(3), rand(3), rand(2, 3), rand(2, 3)
+    torch_argnums = tuple(argnums) if isinstance(argnums, list) else argnums
+    got, _ = answer(post(c, "mul_sin", "hessian", [x, y], argnums=argnums, chunk_size=chunk_size), "hessian")
+    same(got, f.hessian(F.mul_sin, argnums=torch_argnums)(t(x), t(y)))
+    got, _ = answer(post(c, "mul_sin", "hessian", [xs, ys], argnums=argnums, chunk_size=chunk_size, batched=True),
+                    "hessian")
+    same(got, f.vmap(f.hessian(F.mul_sin, argnums=torch_argnums))(t(xs), t(ys)))
