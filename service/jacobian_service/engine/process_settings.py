@@ -17,7 +17,8 @@ every function, for as long as the engine lives. Measured or reproduced:
   failed, "No viable backend"), ``gc.disable()`` (memory held by reference
   cycles never freed), ``gc.set_debug(gc.DEBUG_SAVEALL)`` (every later function's
   cyclic garbage kept for good), ``gc.unfreeze()`` (what ``heap.freeze_heap`` took out of the
-  collector's sight walked again by every full collection, ~0.2 s each), a low recursion limit, ``numpy.seterr(all="raise")``;
+  collector's sight walked again by every full collection, ~0.2 s each), a low recursion limit (a raised one: a later function's deep recursion through C overflowed the
+  engine's stack, SIGSEGV, where it raised RecursionError), ``numpy.seterr(all="raise")``;
 - ``signal.alarm(2)`` (or any interval timer): two seconds later SIGALRM killed the
   engine, in the middle of whichever function's request was running then, which took
   the blame; a CPU-time or file-size limit does the same with SIGXCPU / SIGXFSZ, and a
@@ -45,10 +46,9 @@ every function, for as long as the engine lives. Measured or reproduced:
 
 The engine takes these settings as it starts and, after each batch, puts back what the
 batch changed, naming the function in the log once per setting. Where a library may
-legitimately change a setting as it is lazily imported (warning filters, the recursion
-limit), only the harmful direction counts: warnings made errors (or filters reset), a
-lower limit, environment variables the engine started with changed or removed (torch
-itself adds ``TORCHINDUCTOR_CACHE_DIR`` on a first use). A few cannot always be put
+legitimately change a setting as it is lazily imported (warning filters), only the harmful
+direction counts: warnings made errors (or filters reset), a lower int-string digit limit,
+environment variables the engine started with changed or removed (torch itself adds ``TORCHINDUCTOR_CACHE_DIR`` on a first use). A few cannot always be put
 back: a lowered hard resource limit or a raised niceness need a privilege the engine
 may lack, descriptors a function closed (all of them: ``os.closerange``) are gone, an
 engine started as root that a function switched to another user for good (``os.setuid``)
@@ -696,7 +696,14 @@ _SETTINGS: tuple[_Setting, ...] = (
     # request it falls (one sleeping 0.2 s took mlp's worst latency from 27 to 220 ms).
     _Setting("the garbage collector's callbacks", lambda: tuple(gc.callbacks),
              lambda taken: gc.callbacks.__setitem__(slice(None), taken)),
-    _Setting("the recursion limit (lowered)", sys.getrecursionlimit, sys.setrecursionlimit, operator.lt),
+    # Raised counts too: Python's limit is what keeps a deep recursion through C (a
+    # built-in calling back into Python, torch's ops) a RecursionError rather than a
+    # stack overflow. One function left it at 10**6, and a later function that recursed
+    # 100,000 levels through ``map`` and caught its RecursionError segfaulted the engine
+    # instead, and was struck for it (8 MiB of stack held 10,000 such levels, not
+    # 20,000). The libraries that raise it do so for their own call (networkx puts it
+    # back; inductor sets its 2000 again at each compilation).
+    _Setting("the recursion limit", sys.getrecursionlimit, sys.setrecursionlimit),
     # 0 is no limit: lowered means a limit where there was none, or a smaller one.
     _Setting("the digit limit of int-string conversions (lowered)", sys.get_int_max_str_digits,
              sys.set_int_max_str_digits, lambda now, taken: now != 0 and (taken == 0 or now < taken)),

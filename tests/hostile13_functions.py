@@ -1,0 +1,158 @@
+"""Hostile functions for tests/test_hostile_round13.py (loaded by name like a user
+module): each misbehaves only when its first input is 666 (``_armed``), the second input
+picking how; otherwise it is ``sin`` (with ``sin`` as aux where it has one)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import torch
+from jacobian_service import Input, register
+
+X = [Input("x", shape=("n",))]
+
+
+def _armed(x: torch.Tensor) -> int | None:
+    """The case asked for (the second input), or None: behave."""
+    flat = x.detach().reshape(-1)
+    if flat.numel() > 1 and float(flat[0]) == 666.0:
+        return int(float(flat[1]))
+    return None
+
+
+# ------------------------------------------------------------ what a function returns runs code
+
+
+class _InterruptsLen(list):
+    def __len__(self) -> int:
+        raise KeyboardInterrupt("from aux's __len__")
+
+
+class _ExitsIter(list):
+    def __iter__(self):
+        raise SystemExit(3)
+
+
+class _GeneratorExitIter(dict):
+    def __iter__(self):
+        raise GeneratorExit()
+
+
+class _HangsIndex(int):
+    def __index__(self) -> int:
+        threading.Event().wait()
+        return 0
+
+    __int__ = __index__
+
+
+class _InterruptsFloat(float):
+    def __float__(self) -> float:
+        raise KeyboardInterrupt("from __float__")
+
+
+# case -> (aux, what the client gets: a status and the detail, or the aux read back)
+AUX_CASES = {
+    1: lambda: _InterruptsLen([1]),
+    2: lambda: _ExitsIter([1]),
+    3: lambda: _GeneratorExitIter(a=1),
+    4: lambda: [_HangsIndex(1)],
+    5: lambda: [_InterruptsFloat(2.5)],
+}
+
+
+@register(inputs=X, has_aux=True, description="sin, sin as aux; armed (666), its aux's methods misbehave.")
+def hostile_aux(x: torch.Tensor):
+    y = x.sin()
+    case = _armed(x)
+    return y, (y if case is None else AUX_CASES[case]())
+
+
+class _StrExits(Exception):
+    def __str__(self) -> str:
+        raise SystemExit(4)
+
+    __repr__ = __str__
+
+
+class _HugeStr(Exception):
+    def __str__(self) -> str:
+        return "x" * (16 << 20)
+
+
+def _cyclic() -> Exception:
+    a, b = ValueError("a"), ValueError("b")
+    a.__cause__, b.__cause__ = b, a
+    return a
+
+
+RAISES = {
+    1: _StrExits,
+    2: _HugeStr,
+    3: _cyclic,
+    4: lambda: ValueError("y" * (16 << 20)),
+    5: KeyboardInterrupt,
+    6: GeneratorExit,
+}
+
+
+@register(inputs=X, description="sin; armed (666), it raises an exception that misbehaves.")
+def hostile_raises(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case is not None:
+        raise RAISES[case]()
+    return x.sin()
+
+
+class _Function(torch.Tensor):
+    """A subclass whose every torch call hangs (0), raises KeyboardInterrupt (1) or ends the
+    process (2)."""
+
+    how = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if cls.how == 1:
+            raise KeyboardInterrupt("from __torch_function__")
+        if cls.how == 2:
+            os._exit(6)
+        threading.Event().wait()
+
+
+@register(inputs=X, description="sin; armed (666), it returns sin as a subclass whose torch calls misbehave.")
+def hostile_subclass(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    y = x.sin()
+    if case is None:
+        return y
+    _Function.how = case
+    with torch._C.DisableTorchFunctionSubclass():
+        return y.as_subclass(_Function)
+
+
+# ------------------------------------------------------------ what later functions pay for
+
+
+@register(inputs=X, description="sin, after raising the recursion limit to a million and leaving it so.")
+def raises_recursion_limit(x: torch.Tensor) -> torch.Tensor:
+    sys.setrecursionlimit(10**6)
+    return x.sin()
+
+
+def _recurse(n: int) -> int:
+    """From n up to 0, each level through C (``map`` calls back into Python), so each
+    takes C stack as well as a Python frame."""
+    return n if n >= 0 else sum(map(_recurse, [n + 1]))
+
+
+@register(inputs=X, description="sin, after recursing as deep as x[1] asks (armed: 666) and catching the RecursionError.")
+def recurses(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case is not None:
+        try:
+            _recurse(-case)
+        except RecursionError:
+            pass
+    return x.sin()

@@ -1,0 +1,126 @@
+"""Red team, round thirteen: what a hostile function returns or raises runs code in the
+engine after the function is done, and what it leaves set costs later functions.
+
+One server for the module,
+each case naming what a user saw before. The functions are in tests/hostile13_functions.py;
+each misbehaves only on the input 666, the second input picking how.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import assert_problem, live_server
+
+FUNCTIONS = "jacobian_service.examples,tests.hostile13_functions"
+X = [0.5, 1.0, 2.0]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    # QUARANTINE_AFTER=1: one strike quarantines, so a strike on the wrong function shows.
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=1) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+def _armed(client: httpx.Client, url: str, function: str, case: int, endpoint: str = "evaluate",
+           **headers: str) -> httpx.Response:
+    body = {"inputs": [{"dtype": "float64", "shape": [3], "data": [666.0, float(case), 0.0]}]}
+    return client.post(f"{url}/v1/functions/{function}/{endpoint}", json=body, headers=headers)
+
+
+def _sin_ok(client: httpx.Client, url: str) -> None:
+    """Another client is served as before, and the service says it is ready."""
+    r = client.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [X]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(np.float32(X))), rtol=1e-6)
+    assert client.get(f"{url}/readyz").status_code == 200
+
+
+def _engine_pid(client: httpx.Client, url: str) -> int | None:
+    return client.get(f"{url}/v1/info").json()["engine_pids"][0]
+
+
+# ------------------------------------------------------------ what later functions pay for
+
+
+def test_a_raised_recursion_limit_is_put_back(server, client) -> None:
+    """A function raised the recursion limit to a million and left it so; a later function
+    of another user that recursed 100,000 levels through C and caught its RecursionError
+    (as code that probes its depth does) overflowed the engine's stack instead: SIGSEGV,
+    its request a 500 "the engine process was killed", and that function struck (here
+    quarantined). Now the limit is put back after the batch, raised as lowered: the later
+    function gets its RecursionError, and answers."""
+    url, proc = server
+    before = _engine_pid(client, url)
+    r = client.post(f"{url}/v1/functions/raises_recursion_limit/evaluate", json={"inputs": [X]})
+    assert r.status_code == 200, r.text
+    r = _armed(client, url, "recurses", 100_000)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["output"]["data"], np.sin([666.0, 100_000.0, 0.0]), rtol=1e-12)
+    assert _engine_pid(client, url) == before
+    _sin_ok(client, url)
+    assert "raises_recursion_limit changed the recursion limit" in proc.read_log()  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------ what it returns or raises runs code
+
+
+# (function, case, endpoint) -> what the client gets: (status, the detail's start) or, for a
+# 200, the aux it reads back. None: no aux (the output is checked).
+_CASES = {
+    ("hostile_aux", 1, "jacobian"): (500, "KeyboardInterrupt: from aux's __len__"),
+    ("hostile_aux", 2, "jacobian"): (500, "SystemExit: 3"),
+    ("hostile_aux", 3, "jacobian"): (500, "GeneratorExit: "),
+    ("hostile_aux", 4, "jacobian"): (200, [1]),  # __index__ / __int__ hang: never called
+    ("hostile_aux", 5, "jacobian"): (200, [2.5]),  # __float__ raises: never called
+    ("hostile_raises", 1, "evaluate"): (500, "_StrExits: (its message could not be made: its __str__ raised)"),
+    ("hostile_raises", 2, "evaluate"): (500, "_HugeStr: xxxx"),
+    ("hostile_raises", 3, "evaluate"): (500, "ValueError: a"),  # its cause's cause is itself
+    ("hostile_raises", 4, "evaluate"): (500, "ValueError: yyyy"),
+    ("hostile_raises", 5, "jacobian"): (500, "KeyboardInterrupt: "),
+    ("hostile_raises", 6, "jacobian"): (500, "GeneratorExit: "),
+    ("hostile_subclass", 0, "evaluate"): (200, None),  # every torch call of it hangs
+    ("hostile_subclass", 1, "jacobian"): (200, None),  # ... raises KeyboardInterrupt
+    ("hostile_subclass", 2, "evaluate"): (200, None),  # ... ends the process
+}
+
+
+def test_what_a_function_returns_or_raises_costs_only_its_own_request(server, client) -> None:
+    """Aux whose ``__len__``/``__iter__`` raise BaseExceptions (KeyboardInterrupt,
+    SystemExit, GeneratorExit) or whose numbers' ``__index__``/``__float__`` hang or raise;
+    exceptions whose ``__str__`` raises SystemExit or is 16 MB, whose cause is cyclic, or
+    that are BaseExceptions; outputs of a tensor subclass whose every torch call hangs,
+    raises or ends the process: each is its own request's answer, a 500 whose detail is
+    bounded or a 200, the engine the same process (nothing restarted, nothing struck,
+    nothing hung), the log not grown by the huge messages, other clients served."""
+    url, proc = server
+    before, log_before = _engine_pid(client, url), len(proc.read_log())  # type: ignore[attr-defined]
+    for (function, case, endpoint), (status, says) in _CASES.items():
+        r = _armed(client, url, function, case, endpoint)
+        if status == 200:
+            assert r.status_code == 200, (function, case, r.text)
+            doc = r.json()
+            if says is None:
+                got = doc["output"]["data"] if endpoint == "evaluate" else np.diag(doc["jacobian"]["data"])
+                want = np.sin([666.0, case, 0.0]) if endpoint == "evaluate" else np.cos([666.0, case, 0.0])
+                np.testing.assert_allclose(got, want, rtol=1e-12)
+            else:
+                assert doc["aux"] == says, (function, case, doc)
+        else:
+            detail = assert_problem(r, 500, "function_error")["detail"]
+            assert detail.startswith(says) and len(detail) <= 2000, (function, case, detail[:200])
+        assert _engine_pid(client, url) == before, (function, case)
+    _sin_ok(client, url)
+    assert len(proc.read_log()) - log_before < 64 << 10  # type: ignore[attr-defined]
