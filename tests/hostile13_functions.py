@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
+from pathlib import Path
 
 import torch
-from jacobian_service import Input, register
+from jacobian_service import Input, ipc, register
 
 X = [Input("x", shape=("n",))]
 
@@ -155,4 +157,29 @@ def recurses(x: torch.Tensor) -> torch.Tensor:
             _recurse(-case)
         except RecursionError:
             pass
+    return x.sin()
+
+
+# ------------------------------------------------------------ a hang only the front ends see
+
+
+def _engine_args() -> tuple[str, int]:
+    argv = sys.argv
+    return argv[argv.index("--run-dir") + 1], int(argv[argv.index("--index") + 1])
+
+
+@register(inputs=X, description="sin; armed (666), a thread of it writes the engine's board idle while it hangs.")
+def hangs_behind_its_board(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        run_dir, index = _engine_args()
+        board = ipc.StatusBoard(Path(run_dir) / f"engine-{index}.status")
+        board._ready = 1
+
+        def forge() -> None:
+            while True:
+                board.idle(time.monotonic())
+                time.sleep(0.01)
+
+        threading.Thread(target=forge, daemon=True).start()
+        threading.Event().wait()
     return x.sin()

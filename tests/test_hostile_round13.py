@@ -1,14 +1,19 @@
 """Red team, round thirteen: what a hostile function returns or raises runs code in the
-engine after the function is done, and what it leaves set costs later functions.
+engine after the function is done, what it leaves set costs later functions, and a hang
+only the front ends see is put down to the function that hangs.
 
-One server for the module,
+One server for the module (two front ends: a hang's requests may come through either),
 each case naming what a user saw before. The functions are in tests/hostile13_functions.py;
 each misbehaves only on the input 666, the second input picking how.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import subprocess
+import time
+from contextlib import closing
+from types import SimpleNamespace
 from typing import Iterator
 
 import httpx
@@ -24,7 +29,9 @@ X = [0.5, 1.0, 2.0]
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, subprocess.Popen]]:
     # QUARANTINE_AFTER=1: one strike quarantines, so a strike on the wrong function shows.
-    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=1) as served:
+    # WARMUP=false: the spare that takes over from a hung engine is ready sooner.
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=2, WARMUP="false", QUARANTINE_AFTER=1, REQUEST_TIMEOUT_S=20,
+                     HANG_GRACE_S=0.5) as served:
         yield served
 
 
@@ -50,6 +57,82 @@ def _sin_ok(client: httpx.Client, url: str) -> None:
 
 def _engine_pid(client: httpx.Client, url: str) -> int | None:
     return client.get(f"{url}/v1/info").json()["engine_pids"][0]
+
+
+# ------------------------------------------------------------ a hang seen only by the front ends
+
+
+def _pinned(url: str) -> tuple[httpx.Client, str]:
+    """A client on one connection, hence one front end, and which (its request ids' prefix)."""
+    c = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+    return c, c.get(f"{url}/healthz").headers["x-request-id"][:16]
+
+
+def _pair(url: str, same: bool) -> tuple[httpx.Client, httpx.Client]:
+    """Two pinned clients, on one front end or on two (the kernel spreads connections)."""
+    first, where = _pinned(url)
+    for _ in range(64):
+        other, there = _pinned(url)
+        if (there == where) == same:
+            return first, other
+        other.close()
+    raise AssertionError("the connections all went to one front end")
+
+
+def test_a_hang_is_put_down_to_its_function_not_to_a_request_queued_behind(server, client) -> None:
+    """A function hangs (its thread writing the engine's board idle, so that only the
+    front ends' word finds the hang) with the default deadline, and a request of ``sin``
+    with ``X-Request-Timeout: 1``, sent through another front end, waits behind it. The front end that cancelled ``sin``
+    told the supervisor, naming ``sin``: ``sin`` was struck for the hang (here
+    quarantined: every later ``sin`` a 503), the hung request got a retryable 503 as if
+    it had only waited, and the function that hung went free. Now the oldest job the
+    engine had not answered, of any front end, is the one struck (each front end tells the
+    supervisor of its oldest), and its request is the 504; ``sin`` is served."""
+    url, proc = server
+    before = _engine_pid(client, url)
+    hung_client, behind_client = _pair(url, same=False)
+    with closing(hung_client), closing(behind_client), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        hung = pool.submit(_armed, hung_client, url, "hangs_behind_its_board", 0)
+        time.sleep(0.5)
+        behind = behind_client.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [X]},
+                                    headers={"x-request-timeout": "1"})
+        r = hung.result()
+    assert_problem(behind, 504, "timeout")
+    detail = assert_problem(r, 504, "timeout")["detail"]
+    assert detail.startswith("hangs_behind_its_board hung: the engine did not take a cancelled request"), detail
+    deadline = time.monotonic() + 30  # the spare takes over
+    while _engine_pid(client, url) in (before, None) or client.get(f"{url}/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the hung engine was never replaced"
+        time.sleep(0.1)
+    _sin_ok(client, url)
+    log = proc.read_log()  # type: ignore[attr-defined]
+    assert "held a cancelled request of sin" in log and "(in hangs_behind_its_board, the oldest job" in log, log[-3000:]
+    assert_problem(_armed(client, url, "hangs_behind_its_board", 0), 503, "function_quarantined")
+    assert client.delete(f"{url}/v1/functions/hangs_behind_its_board/quarantine").status_code == 200
+
+
+def test_the_word_of_one_front_end_names_its_oldest_job_not_the_cancelled_one() -> None:
+    """Through one front end alone (``WORKERS=1``) the same hang struck ``sin``: the front
+    end's word named the request it cancelled. Now it names its oldest job on that engine
+    (its function and tag), cancelled or not, beside the cancelled request's function."""
+    from jacobian_service.engine_client import RemoteEngines
+    from jacobian_service.supervision import Channel
+
+    sent: list[bytes] = []
+    loop_future = concurrent.futures.Future()  # a pending job: a future not done
+    now = time.monotonic()
+    front_end = SimpleNamespace(
+        settings=SimpleNamespace(hang_grace_s=0.5), channel=Channel("", "", b"k" * 32),
+        _control=SimpleNamespace(send=sent.append), _pids={0: 4242}, _told_oldest=set(),
+        # the hang: sent 5 s ago with the default deadline, still waited for
+        _pending={1: (loop_future, 0, "fe:1", now - 5.0, True, "hangs_behind_its_board")},
+        # queued behind it: sent 4 s ago, cancelled at its deadline 3 s ago
+        _cancelled={2: (0, 4242, now - 3.0, now - 4.0, "fe:2", "sin")},
+    )
+    RemoteEngines._tell_overdue(front_end, now)  # type: ignore[arg-type]
+    words = [front_end.channel.verify(raw) for raw in sent]
+    assert words == [{"t": "overdue", "engine": 0, "pid": 4242, "since": now - 3.0, "function": "sin",
+                      "sent": now - 5.0, "tag": "fe:1", "hung": "hangs_behind_its_board"}], words
 
 
 # ------------------------------------------------------------ what later functions pay for

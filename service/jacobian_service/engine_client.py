@@ -65,6 +65,9 @@ async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any, on_slow:
 
 _FIRST_STATE_S = 10.0
 _OVERDUE_EVERY_S = 1.0
+# A job unanswered for longer is told to the supervisor (``oldest``: a suspect, should the
+# engine be found hung); quicker ones, nearly all, cost no message.
+_OLDEST_AFTER_S = 0.25
 _MAX_CANCELLED = 4096  # cancels awaiting their engine's answer, kept (a hung engine's pile, bounded)
 _LOST_GRACE_S = 2.0  # after a broken engine connection, for the supervisor's word to come first
 _RESENDS = 3  # tries of a request whose engines leave as planned before starting it
@@ -271,9 +274,8 @@ class RemoteEngines(_Engines):
         self.devices: list[str] = doc["devices"]
         self._doc = doc
         self._ids = itertools.count(1)
-        # id -> (future, engine, tag, when it was sent)
-        # msg id -> (future, engine index, tag, when sent, whether another engine may take it)
-        self._pending: dict[int, tuple[asyncio.Future, int, str, float, bool]] = {}
+        # msg id -> (future, engine index, tag, when sent, whether another engine may take it, function)
+        self._pending: dict[int, tuple[asyncio.Future, int, str, float, bool, str]] = {}
         self._load = [0] * len(self.devices)
         self._state: dict[str, Any] = {"engines": [], "quarantined": {}, "quarantines": 0}
         self._state_at = 0.0
@@ -285,8 +287,9 @@ class RemoteEngines(_Engines):
         self._pids: dict[int, int | None] = {}  # engine index -> its process, as the last state said
         self._died: dict[int, int] = {}  # engine index -> the last generation whose "died" was read
         # Requests cancelled (deadline, client gone) that their engine has not yet answered:
-        # msg id -> (engine index, its pid then, when cancelled, function). See _overdue.
-        self._cancelled: dict[int, tuple[int, int | None, float, str]] = {}
+        # msg id -> (engine index, its pid then, when cancelled, when sent, tag, function). See _overdue.
+        self._cancelled: dict[int, tuple[int, int | None, float, float, str, str]] = {}
+        self._told_oldest: set[int] = set()  # engines whose oldest job this front end last told the supervisor of
 
     async def start(self) -> None:
         import zmq
@@ -337,7 +340,7 @@ class RemoteEngines(_Engines):
         asyncio.get_running_loop().call_later(_LOST_GRACE_S, self._fail_sent_before, index, broke)
 
     def _fail_sent_before(self, index: int, broke: float) -> None:
-        for fut, engine, _, sent, _ in list(self._pending.values()):
+        for fut, engine, _, sent, *_ in list(self._pending.values()):
             if engine == index and sent <= broke and not fut.done():
                 fut.set_exception(Unavailable("the connection to the engine broke while this request waited; retry",
                                               headers={"Retry-After": "1"}))
@@ -408,7 +411,7 @@ class RemoteEngines(_Engines):
         started, and goes to the engine that takes over, unseen by the client. (Not a
         stream's next chunk: the stream was that engine's.)"""
         alone = len(tags) == 1
-        for fut, engine, tag, _, movable in list(self._pending.values()):
+        for fut, engine, tag, _, movable, _ in list(self._pending.values()):
             if engine != index or fut.done():
                 continue
             if planned and movable and tag not in tags:
@@ -470,22 +473,58 @@ class RemoteEngines(_Engines):
         socket, between batches or chunks, and answers it. The supervisor's own watch
         reads the engine's status board, which a function's thread can write ("idle"
         while the engine hangs in the function): the front end's word does not depend
-        on it. Once a second, the oldest such request per engine."""
+        on it. Once a second, per engine.
+
+        Which function hangs is the one the engine took first of those it has not
+        answered: the oldest job sent, cancelled or not, of any front end. The word named
+        the cancelled request's function, so a request with a short deadline queued
+        behind a hang with a long one (``X-Request-Timeout: 1`` behind the default 60 s)
+        was struck for it, and quarantined at the third time, while the function that
+        hung went free. Now the word names this front end's oldest job on that engine,
+        and each front end holding a job older than a quarter second tells the supervisor
+        of its oldest (``oldest``), which weighs them all: the hang's request may have come
+        through another front end. (At the word, the hang's job is older than the overdue
+        cancel, hence than the grace, a second at least: each front end's last look, at
+        most a second before, already saw it.)"""
         while True:
             await asyncio.sleep(_OVERDUE_EVERY_S)
             try:
-                now, oldest = time.monotonic(), {}
-                overdue_after = max(self.settings.hang_grace_s, OVERDUE_AFTER_MIN_S)
-                for msg_id, (index, pid, since, function) in list(self._cancelled.items()):
-                    if pid is None or self._pids.get(index) != pid:  # that engine has gone: nothing to wait for
-                        del self._cancelled[msg_id]
-                    elif now - since > overdue_after and since < oldest.get(index, (0, math.inf))[1]:
-                        oldest[index] = (pid, since, function)
-                for index, (pid, since, function) in oldest.items():
-                    self._control.send(self.channel.sign({"t": "overdue", "engine": index, "pid": pid, "since": since,
-                                                          "function": function}))
+                self._tell_overdue(time.monotonic())
             except Exception:  # never the end of the task
                 log.exception("could not tell the supervisor of an overdue engine")
+
+    def _tell_overdue(self, now: float) -> None:
+        overdue_after = max(self.settings.hang_grace_s, OVERDUE_AFTER_MIN_S)
+        overdue: dict[int, tuple[float, str]] = {}  # engine -> its earliest cancel overdue (when, function)
+        oldest: dict[int, tuple[int, float, str, str]] = {}  # engine -> (its pid, sent, tag, function): the oldest job
+
+        def consider(index: int, pid: int | None, sent: float, tag: str, function: str) -> None:
+            if pid is not None and sent < oldest.get(index, (0, math.inf))[1]:
+                oldest[index] = (pid, sent, tag, function)
+
+        for msg_id, (index, pid, since, sent, tag, function) in list(self._cancelled.items()):
+            if pid is None or self._pids.get(index) != pid:  # that engine has gone: nothing to wait for
+                del self._cancelled[msg_id]
+                continue
+            consider(index, pid, sent, tag, function)
+            if now - since > overdue_after and since < overdue.get(index, (math.inf, ""))[0]:
+                overdue[index] = (since, function)
+        for fut, index, tag, sent, _, function in list(self._pending.values()):
+            if not fut.done():
+                consider(index, self._pids.get(index), sent, tag, function)
+        told = set()
+        for index, (pid, sent, tag, function) in oldest.items():
+            if index in overdue:  # "function": the cancelled request's; "hung": the oldest job's
+                since, cancelled = overdue[index]
+                self._control.send(self.channel.sign({"t": "overdue", "engine": index, "pid": pid, "since": since,
+                                                      "function": cancelled, "sent": sent, "tag": tag, "hung": function}))
+            elif now - sent > _OLDEST_AFTER_S:
+                self._control.send(self.channel.sign({"t": "oldest", "from": os.getpid(), "engine": index, "pid": pid,
+                                                      "sent": sent, "tag": tag, "function": function}))
+                told.add(index)
+        for index in self._told_oldest - told:  # answered since: no longer a suspect
+            self._control.send(self.channel.sign({"t": "oldest", "from": os.getpid(), "engine": index, "sent": None}))
+        self._told_oldest = told
 
     # ----------------------------------------------------------------- requests
 
@@ -551,7 +590,9 @@ class RemoteEngines(_Engines):
         tag = f"{self._prefix}{msg_id}"
         frames = ipc.encode_call(msg_id, kind, call, tag=tag, stream_id=stream_id, deadline=until)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending[msg_id] = (fut, index, tag, time.monotonic(), engine is None)
+        function = call.spec.name if call is not None else ""
+        sent = time.monotonic()
+        self._pending[msg_id] = (fut, index, tag, sent, engine is None, function)
         self._load[index] += 1
         sock = self._socks[index]
 
@@ -561,7 +602,7 @@ class RemoteEngines(_Engines):
                 sock.send(ipc.encode_cancel(msg_id, stream_id if kind == "stream_next" else None))
                 if len(self._cancelled) < _MAX_CANCELLED:  # the engine answers it (see _overdue)
                     self._cancelled[msg_id] = (index, self._pids.get(index), time.monotonic(),
-                                               call.spec.name if call is not None else "")
+                                               sent, tag, function)
 
         try:
             sock.send(frames)

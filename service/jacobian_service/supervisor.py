@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -85,6 +86,12 @@ _REAP_EVERY_S = 1.0  # how often adopted processes that ended are collected (a f
 # Adopted processes running at once past this are a leak (a function that starts a daemon
 # at every call): killed, as the engines recycle themselves past as many children.
 _MAX_ADOPTED = 512
+# Front ends whose oldest jobs are kept per engine (``_told_oldest``): a bound on what
+# signed words can make the supervisor hold; serve starts far fewer.
+_MAX_FRONT_ENDS = 256
+# A front end tells its oldest job once a second while it has one; older news is stale
+# (that front end gone, or its word lost).
+_OLDEST_FRESH_S = 3.0
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -168,6 +175,9 @@ class Supervisor:
         self._last_state = 0.0
         self._reaped_at = 0.0
         self._said_malformed = -1e9  # when a malformed control message was last logged
+        # Each front end's oldest unanswered job per engine, as it last told (``oldest``):
+        # engine index -> {front end pid: (engine pid, sent, tag, function, when told)}.
+        self._oldest: dict[int, dict[int, tuple[int, float, str, str, float]]] = collections.defaultdict(dict)
         # When each engine and spare process started (clock ticks since boot, by pid):
         # what ties an orphan to the engine that died (``orphans.kill_adopted``).
         self._ticks: dict[int, int | None] = {}
@@ -474,16 +484,54 @@ class Supervisor:
             return
         if msg is not None and msg.get("t") == "overdue" and self._overdue(msg):
             return
+        if msg is not None and msg.get("t") == "oldest" and self._told_oldest(msg):
+            return
         now = time.monotonic()
         if now - self._said_malformed > 60:
             self._said_malformed = now
             log.warning("ignored a control message that no front end sends (%d bytes%s)", len(raw),
                         ", not signed with the front ends' key" if msg is None else "")
 
+    def _told_oldest(self, msg: dict[str, Any]) -> bool:
+        """A front end's oldest job unanswered on an engine: ``{"t": "oldest", "from": its
+        pid, "engine": i, "pid": pid, "sent": when (monotonic), "tag": t, "function": f}``,
+        or ``"sent": None`` once it has none. Should the engine be found hung
+        (``_overdue``), the oldest job of all is the one it hangs in. True: well-formed."""
+        index, sender, sent = msg.get("engine"), msg.get("from"), msg.get("sent")
+        if not (isinstance(index, int) and isinstance(sender, int) and 0 <= index < len(self.engines)):
+            return False
+        if sent is None:
+            self._oldest[index].pop(sender, None)
+            return True
+        pid, tag, function = msg.get("pid"), msg.get("tag", ""), msg.get("function", "")
+        if not (isinstance(pid, int) and isinstance(sent, (int, float)) and isinstance(tag, str)
+                and isinstance(function, str)):
+            return False
+        if sender in self._oldest[index] or len(self._oldest[index]) < _MAX_FRONT_ENDS:
+            self._oldest[index][sender] = (pid, float(sent), tag, function, time.monotonic())
+        return True
+
+    def _hung_in(self, index: int, pid: int, msg: dict[str, Any]) -> dict[str, Any]:
+        """What engine ``index`` (process ``pid``), found hung on ``msg`` (an ``overdue``
+        word), hangs in: the oldest job any front end has sent it and not had answered
+        (the engine takes its jobs in order, and answers a cancel at its next look at its
+        socket). The word's own front end said its oldest (``hung``: its function); the
+        others told theirs within the last seconds (``_told_oldest``). A word that names
+        no job stands for the cancelled request's function."""
+        sent, tag, function = msg.get("sent"), msg.get("tag", ""), msg.get("hung", msg.get("function", ""))
+        function = function if isinstance(function, str) else ""
+        best = (float(sent) if isinstance(sent, (int, float)) else math.inf, tag if isinstance(tag, str) else "", function)
+        now = time.monotonic()
+        for engine_pid, other_sent, other_tag, other_function, told in self._oldest.get(index, {}).values():
+            if engine_pid == pid and now - told < _OLDEST_FRESH_S and other_sent < best[0]:
+                best = (other_sent, other_tag, other_function)
+        return {"function": best[2], "tags": [best[1]] if best[1] else []}
+
     def _overdue(self, msg: dict[str, Any]) -> bool:
         """A front end cancelled a request at its deadline (or its client left) and the
         engine has not taken the cancel in ``hang_grace_s`` since: ``{"t": "overdue",
-        "engine": i, "pid": pid, "since": when it cancelled (monotonic), "function": f}``.
+        "engine": i, "pid": pid, "since": when it cancelled (monotonic), "function": the
+        cancelled request's, "sent", "tag", "hung": that front end's oldest job there}``.
 
         An engine reads its socket between batches and between a long job's chunks, and
         answers a cancel there. The supervisor's own watch trusts the engine's status
@@ -496,7 +544,8 @@ class Supervisor:
         (a batch running when the cancel came ends by its deadline, at most
         ``request_timeout_s`` after it, plus the grace, or the board's own watch kills
         it): a board that says "running" for ever is not believed for ever. Killed as a
-        hang, put down to the function of the cancelled request. True: a well-formed word."""
+        hang, put down to the job it hangs in (``_hung_in``), not to the cancelled
+        request, which may have waited behind it. True: a well-formed word."""
         index, pid, since, function = msg.get("engine"), msg.get("pid"), msg.get("since"), msg.get("function", "")
         if not (isinstance(index, int) and isinstance(pid, int) and isinstance(since, (int, float))
                 and isinstance(function, str) and 0 <= index < len(self.engines)):
@@ -511,10 +560,12 @@ class Supervisor:
         idle = status["deadline"] == 0.0
         if not idle and now - since < self.settings.request_timeout_s + 2 * grace + 1.0:
             return True  # perhaps a long batch, whose own deadline the board's watch keeps
-        engine.running = {"function": function, "tags": []}
+        engine.running = self._hung_in(index, pid, msg)
         log.error("engine %d held a cancelled request of %s for %.1f s while its status board said it was %s: "
-                  "a function wrote the board, or the engine hangs", index, function or "a function", now - since,
-                  "idle" if idle else f"running {status.get('function') or 'something'}")
+                  "a function wrote the board, or the engine hangs (in %s, the oldest job it had not answered)",
+                  index, function or "a function", now - since,
+                  "idle" if idle else f"running {status.get('function') or 'something'}",
+                  engine.running["function"] or "a function")
         self._kill(engine, "overdue")
         return True
 
@@ -565,8 +616,9 @@ class Supervisor:
         elif engine.killed_for == "hang":
             reason = f"{function or 'a function'} did not return by its deadline (plus {self.settings.hang_grace_s:g} s)"
         elif engine.killed_for == "overdue":
-            reason = (f"{function or 'a function'} did not return by its deadline (plus {self.settings.hang_grace_s:g} s); "
-                      "the engine's status board, which a function can write, said otherwise")
+            reason = (f"{function or 'a function'} hung: the engine did not take a cancelled request within "
+                      f"{max(self.settings.hang_grace_s, OVERDUE_AFTER_MIN_S):g} s, and its status board, which a "
+                      "function can write, said otherwise")
         elif engine.killed_for == "warm-up":
             reason = (f"the warm-up of {function} did not return within {self.settings.warmup_timeout_s:g} s "
                       "(WARMUP_TIMEOUT_S); engines skip it from now on")
@@ -600,6 +652,7 @@ class Supervisor:
         for suspect in suspects:
             self._strike(suspect, batch=False)
         engine.proc = None
+        self._oldest.pop(engine.index, None)  # its jobs are answered now, by the word just sent
         engine.ready = False
         engine.running = {}
         engine.restarts += 1
