@@ -183,3 +183,24 @@ def hangs_behind_its_board(x: torch.Tensor) -> torch.Tensor:
         threading.Thread(target=forge, daemon=True).start()
         threading.Event().wait()
     return x.sin()
+
+
+# ------------------------------------------------------------ address space reserved, never touched
+
+_RESERVED: list = []
+
+
+@register(inputs=X, description="sin; armed (666), it reserves all but 64 MiB of the engine's address-space cap, "
+                                "untouched, and keeps it.")
+def reserves_address_space(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        import mmap
+        import resource
+
+        cap = resource.getrlimit(resource.RLIMIT_AS)[0]
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * mmap.PAGESIZE
+        room = (cap - size - (64 << 20)) // mmap.PAGESIZE * mmap.PAGESIZE
+        _RESERVED.append(mmap.mmap(-1, room, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000,  # MAP_NORESERVE
+                                   prot=mmap.PROT_READ))
+    return x.sin()

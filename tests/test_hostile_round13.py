@@ -10,6 +10,7 @@ each misbehaves only on the input 666, the second input picking how.
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import subprocess
 import time
 from contextlib import closing
@@ -29,9 +30,10 @@ X = [0.5, 1.0, 2.0]
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, subprocess.Popen]]:
     # QUARANTINE_AFTER=1: one strike quarantines, so a strike on the wrong function shows.
-    # WARMUP=false: the spare that takes over from a hung engine is ready sooner.
+    # WARMUP=false: the spare that takes over from a hung engine is ready sooner. An engine
+    # holds ~1 GiB of address space once started.
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=2, WARMUP="false", QUARANTINE_AFTER=1, REQUEST_TIMEOUT_S=20,
-                     HANG_GRACE_S=0.5) as served:
+                     HANG_GRACE_S=0.5, ENGINE_MEMORY_LIMIT_BYTES=3 << 30) as served:
         yield served
 
 
@@ -57,6 +59,16 @@ def _sin_ok(client: httpx.Client, url: str) -> None:
 
 def _engine_pid(client: httpx.Client, url: str) -> int | None:
     return client.get(f"{url}/v1/info").json()["engine_pids"][0]
+
+
+def _settled(client: httpx.Client, url: str, spare: bool) -> None:
+    """Ready, and (``spare``) with a warm spare: a test that takes its engine down needs
+    one, which the test before may have used (a new one warms up in seconds)."""
+    deadline = time.monotonic() + 60
+    while client.get(f"{url}/readyz").status_code != 200 or (
+            spare and not all(client.get(f"{url}/v1/info").json()["spares"])):
+        assert time.monotonic() < deadline, "not ready (with a warm spare) within 60 s"
+        time.sleep(0.1)
 
 
 # ------------------------------------------------------------ a hang seen only by the front ends
@@ -89,6 +101,7 @@ def test_a_hang_is_put_down_to_its_function_not_to_a_request_queued_behind(serve
     engine had not answered, of any front end, is the one struck (each front end tells the
     supervisor of its oldest), and its request is the 504; ``sin`` is served."""
     url, proc = server
+    _settled(client, url, spare=True)
     before = _engine_pid(client, url)
     hung_client, behind_client = _pair(url, same=False)
     with closing(hung_client), closing(behind_client), concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -146,6 +159,7 @@ def test_a_raised_recursion_limit_is_put_back(server, client) -> None:
     quarantined). Now the limit is put back after the batch, raised as lowered: the later
     function gets its RecursionError, and answers."""
     url, proc = server
+    _settled(client, url, spare=False)
     before = _engine_pid(client, url)
     r = client.post(f"{url}/v1/functions/raises_recursion_limit/evaluate", json={"inputs": [X]})
     assert r.status_code == 200, r.text
@@ -155,6 +169,37 @@ def test_a_raised_recursion_limit_is_put_back(server, client) -> None:
     assert _engine_pid(client, url) == before
     _sin_ok(client, url)
     assert "raises_recursion_limit changed the recursion limit" in proc.read_log()  # type: ignore[attr-defined]
+
+
+def test_address_space_reserved_and_kept_untouched_recycles_the_engine(server, client) -> None:
+    """A function reserved all but 64 MiB of its engine's address-space cap
+    (``ENGINE_MEMORY_LIMIT_BYTES``) in an untouched ``mmap`` kept in a global: no resident
+    size counts it, nothing was said, and every later request of every function that
+    needed room, here a 64 MiB ``.npy`` input to ``sin``, was a 507 ``out_of_memory`` in
+    that engine until it restarted. Now address space kept reserved and untouched between
+    requests past half the cap recycles the engine (no request lost, no one
+    struck; the log names the function), and the request is served."""
+    url, proc = server
+    _settled(client, url, spare=True)
+    before = _engine_pid(client, url)
+    r = _armed(client, url, "reserves_address_space", 0)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 15
+    while _engine_pid(client, url) in (before, None) or client.get(f"{url}/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the engine holding the reservation was never recycled"
+        time.sleep(0.1)
+    x = np.linspace(0, 1, 16 << 20, dtype=np.float32)
+    body = io.BytesIO()
+    np.save(body, x)
+    r = client.post(f"{url}/v1/functions/sin/evaluate", content=body.getvalue(),
+                    headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
+    assert r.status_code == 200, r.text[:500]
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), np.sin(x), rtol=1e-6)
+    log = proc.read_log()  # type: ignore[attr-defined]
+    assert "of address space reserved and untouched between requests" in log, log[-3000:]
+    assert "grown most by reserves_address_space +" in log, log[-3000:]
+    r = client.post(f"{url}/v1/functions/reserves_address_space/evaluate", json={"inputs": [X]})
+    assert r.status_code == 200, r.text  # not struck
 
 
 # ------------------------------------------------------------ what it returns or raises runs code
@@ -189,6 +234,7 @@ def test_what_a_function_returns_or_raises_costs_only_its_own_request(server, cl
     bounded or a 200, the engine the same process (nothing restarted, nothing struck,
     nothing hung), the log not grown by the huge messages, other clients served."""
     url, proc = server
+    _settled(client, url, spare=False)
     before, log_before = _engine_pid(client, url), len(proc.read_log())  # type: ignore[attr-defined]
     for (function, case, endpoint), (status, says) in _CASES.items():
         r = _armed(client, url, function, case, endpoint)

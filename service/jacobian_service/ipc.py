@@ -301,6 +301,10 @@ def recycle_reason(status: dict[str, Any]) -> str | None:
         return (f"its memory (resident, and shared memory it keeps) reached {memory['held'] >> 20} MiB, over "
                 f"{memory.get('setting', 'ENGINE_MAX_RSS_BYTES')} "
                 f"({memory['limit'] >> 20} MiB); grown most by {grown(memory, lambda b: f'{b >> 20} MiB')}")
+    if (reserved := status.get("reserved")) is not None:
+        return (f"it kept {reserved['held'] >> 20} MiB of address space reserved and untouched between requests, "
+                f"over {reserved['setting']} ({reserved['limit'] >> 20} MiB), room every request needs; grown most by "
+                f"{grown(reserved, lambda b: f'{b >> 20} MiB')}")
     if (device := status.get("device_memory")) is not None:
         return (f"its tensors on {device['device']} held {device['held'] >> 20} MiB between requests, over "
                 f"ENGINE_MAX_DEVICE_BYTES ({device['limit'] >> 20} MiB); grown most by "
@@ -382,7 +386,7 @@ class StatusBoard:
         """The engine leaves, and says why: ``{"stray": function}`` (it left a thread
         running: ``engine.strays``; with ``"left"``, what else it left: a setting the
         engine cannot put back, ``engine.process_settings``), ``{"memory": ...}`` or
-        ``{"device_memory": ...}`` (``engine.memory_watch``), ``{"descriptors": ...}``
+        ``{"device_memory": ...}`` or ``{"reserved": ...}`` (``engine.memory_watch``), ``{"descriptors": ...}``
         (``engine.descriptor_watch``) or ``{"threads": ...}`` or ``{"processes": ...}``
         (``engine.strays``)."""
         self._beat, self._deadline, self._doc = now, 0.0, orjson.dumps(why)

@@ -28,6 +28,12 @@ engine keeps on its GPU between requests to ``ENGINE_MAX_DEVICE_BYTES``
 (``devices.device_memory_watch``): a function that keeps device tensors in a global
 would otherwise leave every later request of every function out of memory (507), for
 as long as the engine lived.
+
+Under ``ENGINE_MEMORY_LIMIT_BYTES`` the address space an engine keeps reserved and never
+touches is watched too (``ReservedWatch``, past half the cap): no resident size counts it, yet it is taken
+from the cap. A function that kept a 2.9 GiB ``mmap`` (``PROT_NONE``, or of ``/dev/zero``,
+untouched) in a global under a 3 GiB cap left every later request that needed room a 507
+``out_of_memory``, in that engine until it restarted.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from typing import Callable
 
 from ..procfs import status_bytes
 
-__all__ = ["MemoryWatch", "limit_of", "shared_beyond_resident"]
+__all__ = ["MemoryWatch", "ReservedWatch", "limit_of", "shared_beyond_resident"]
 
 log = logging.getLogger("jacobian_service.engine")
 
@@ -147,3 +153,63 @@ class MemoryWatch:
             return None
         return {"held": held, "limit": self.limit, "setting": self.setting,
                 "grown": [[name, grown] for name, grown in self._grown.most_common(3)]}
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _untouched() -> int | None:
+    """Address space this process holds but has no page of in memory (``VmSize`` less
+    ``VmRSS``, one read of ``/proc/self/statm``)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            size, resident = f.read().split()[:2]
+        return (int(size) - int(resident)) * _PAGE
+    except (OSError, ValueError):
+        return None
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
+def _stack_bytes() -> int:
+    """A new thread's stack, as ``strays`` counts it."""
+    import resource
+    import threading
+
+    stack = threading.stack_size() or resource.getrlimit(resource.RLIMIT_STACK)[0]
+    return 8 << 20 if stack == resource.RLIM_INFINITY or stack <= 0 else stack
+
+
+class ReservedWatch(MemoryWatch):
+    """Address space reserved and left untouched between requests, beyond what the engine
+    held so once started (libraries' unread pages, thread stacks), against half the
+    address-space cap: past it, the engine is recycled as for its memory (half the room
+    gone for good to a reservation nobody uses is a leak; below it, a large request's
+    own untouched reservations come and go). The stacks of threads started since are
+    left out: those are the threads' watch's (``strays``), which recycles at half the
+    stacks the room holds, naming them. Pages swapped out read as untouched too, and a
+    thread's malloc arena (64 MiB reserved) as a reservation. Unset cap: nothing watched."""
+
+    def __init__(self, address_space: int | None) -> None:
+        super().__init__(address_space // 2 if address_space else None, read=self._beyond_start,
+                         setting="half of ENGINE_MEMORY_LIMIT_BYTES")
+        self._start = 0
+        self._threads = 0
+        self._stack = 0
+
+    def _beyond_start(self) -> int | None:
+        untouched = _untouched()
+        if untouched is None:
+            return None
+        stacks = max(0, _threads() - self._threads) * self._stack
+        return max(0, untouched - self._start - stacks)
+
+    def start(self) -> None:
+        if self.limit is not None:
+            self._start, self._threads, self._stack = _untouched() or 0, _threads(), _stack_bytes()
+        super().start()

@@ -41,7 +41,7 @@ from ..registry import FunctionModuleNotFound, Registry
 from ..scheduler import Job, Worker, engine_error
 from ..settings import Settings
 from .descriptor_watch import DescriptorWatch
-from .memory_watch import MemoryWatch, limit_of, shared_beyond_resident
+from .memory_watch import MemoryWatch, ReservedWatch, limit_of, shared_beyond_resident
 from .strays import Strays
 
 log = logging.getLogger("jacobian_service.engine")
@@ -89,6 +89,7 @@ class EngineServer:
         self.strays = Strays()  # after the functions' modules are imported: their threads are not strays
         limit, setting = limit_of(settings.engine_max_rss_bytes, settings.engine_memory_limit_bytes)
         self.memory = MemoryWatch(limit, setting=setting, beyond=shared_beyond_resident)
+        self.reserved = ReservedWatch(settings.engine_memory_limit_bytes)
         self.device_watch = device_memory_watch(device, settings.engine_max_device_bytes)  # None on the CPU
         # With ENGINE_MAX_DEVICE_BYTES unset the watch acts only once a request has run out
         # of memory: what is held may be a model a function loads on its first call, which
@@ -260,6 +261,7 @@ class EngineServer:
         self._suspect(self.strays.left())  # what the warm-ups left running, each put down to its function
         self.board.idle(time.monotonic(), self._left)
         self.memory.start()
+        self.reserved.start()
         if self.device_watch is not None:
             self.device_watch.start()
         self.descriptors.start()
@@ -322,6 +324,7 @@ class EngineServer:
                 self._suspect(left)
                 self.board.idle(time.monotonic(), left)
             self.memory.after_run(self._ran)
+            self.reserved.after_run(self._ran)
             if self.device_watch is not None:
                 self.device_watch.after_run(self._ran)
             self.descriptors.after_run(self._ran)
@@ -343,6 +346,8 @@ class EngineServer:
             return {"processes": found.processes_left}
         if (over := self.memory.check(now)) is not None:
             return {"memory": over}
+        if (over := self.reserved.check(now)) is not None:
+            return {"reserved": over}
         if self.device_watch is not None and self._ran_out and (over := self.device_watch.check(now)) is not None:
             return {"device_memory": {**over, "device": self.device}}
         if (over := self.descriptors.check(now)) is not None:
