@@ -62,6 +62,7 @@ AUX_CASES = {
     3: lambda: _GeneratorExitIter(a=1),
     4: lambda: [_HangsIndex(1)],
     5: lambda: [_InterruptsFloat(2.5)],
+    6: lambda: list(range(2_000_000)),
 }
 
 
@@ -123,12 +124,30 @@ class _Function(torch.Tensor):
         threading.Event().wait()
 
 
+class _Dispatch(torch.Tensor):
+    """A wrapper subclass whose every op raises KeyboardInterrupt (3) or SystemExit (4)."""
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor, how: int):
+        t = torch.Tensor._make_wrapper_subclass(cls, elem.shape, dtype=elem.dtype, device=elem.device)
+        t.how = how
+        return t
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if next(a.how for a in args if isinstance(a, _Dispatch)) == 3:
+            raise KeyboardInterrupt("from __torch_dispatch__")
+        raise SystemExit(2)
+
+
 @register(inputs=X, description="sin; armed (666), it returns sin as a subclass whose torch calls misbehave.")
 def hostile_subclass(x: torch.Tensor) -> torch.Tensor:
     case = _armed(x)
     y = x.sin()
     if case is None:
         return y
+    if case >= 3:
+        return _Dispatch(y.detach(), case)
     _Function.how = case
     with torch._C.DisableTorchFunctionSubclass():
         return y.as_subclass(_Function)
@@ -140,6 +159,25 @@ def hostile_subclass(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="sin, after raising the recursion limit to a million and leaving it so.")
 def raises_recursion_limit(x: torch.Tensor) -> torch.Tensor:
     sys.setrecursionlimit(10**6)
+    return x.sin()
+
+
+@register(inputs=X, description="sin, after pointing faulthandler at a file it then closes.")
+def points_faulthandler_away(x: torch.Tensor) -> torch.Tensor:
+    import faulthandler
+    import tempfile
+
+    with tempfile.TemporaryFile() as f:
+        faulthandler.enable(file=f)
+    return x.sin()
+
+
+@register(inputs=X, description="sin; armed (666), it says whether faulthandler is on, in a RuntimeError.")
+def reports_faulthandler(x: torch.Tensor) -> torch.Tensor:
+    import faulthandler
+
+    if _armed(x) is not None:
+        raise RuntimeError(f"faulthandler enabled: {faulthandler.is_enabled()}")
     return x.sin()
 
 

@@ -202,6 +202,22 @@ def test_address_space_reserved_and_kept_untouched_recycles_the_engine(server, c
     assert r.status_code == 200, r.text  # not struck
 
 
+def test_faulthandler_left_pointing_at_a_closed_file_is_turned_off(server, client) -> None:
+    """A function enabled faulthandler on a file and closed it: for as long as the engine
+    lived, a later function's crash had its traceback written to that descriptor number,
+    by then whatever that function had opened (its own output file, a socket). Now
+    faulthandler is put back after the batch as the engine started: off."""
+    url, proc = server
+    _settled(client, url, spare=False)
+    detail = assert_problem(_armed(client, url, "reports_faulthandler", 0), 500, "function_error")["detail"]
+    assert detail == "RuntimeError: faulthandler enabled: False", detail
+    r = client.post(f"{url}/v1/functions/points_faulthandler_away/evaluate", json={"inputs": [X]})
+    assert r.status_code == 200, r.text
+    detail = assert_problem(_armed(client, url, "reports_faulthandler", 0), 500, "function_error")["detail"]
+    assert detail == "RuntimeError: faulthandler enabled: False", detail
+    assert "points_faulthandler_away changed faulthandler (enabled)" in proc.read_log()  # type: ignore[attr-defined]
+
+
 # ------------------------------------------------------------ what it returns or raises runs code
 
 
@@ -213,6 +229,7 @@ _CASES = {
     ("hostile_aux", 3, "jacobian"): (500, "GeneratorExit: "),
     ("hostile_aux", 4, "jacobian"): (200, [1]),  # __index__ / __int__ hang: never called
     ("hostile_aux", 5, "jacobian"): (200, [2.5]),  # __float__ raises: never called
+    ("hostile_aux", 6, "jacobian"): (500, "aux holds more than 1,000,000 items; return large data as a tensor"),
     ("hostile_raises", 1, "evaluate"): (500, "_StrExits: (its message could not be made: its __str__ raised)"),
     ("hostile_raises", 2, "evaluate"): (500, "_HugeStr: xxxx"),
     ("hostile_raises", 3, "evaluate"): (500, "ValueError: a"),  # its cause's cause is itself
@@ -222,15 +239,19 @@ _CASES = {
     ("hostile_subclass", 0, "evaluate"): (200, None),  # every torch call of it hangs
     ("hostile_subclass", 1, "jacobian"): (200, None),  # ... raises KeyboardInterrupt
     ("hostile_subclass", 2, "evaluate"): (200, None),  # ... ends the process
+    ("hostile_subclass", 3, "evaluate"): (500, "KeyboardInterrupt: from __torch_dispatch__"),  # every op, as a wrapper
+    ("hostile_subclass", 3, "jacobian"): (500, "KeyboardInterrupt: from __torch_dispatch__"),
+    ("hostile_subclass", 4, "jacobian"): (500, "SystemExit: 2"),
 }
 
 
 def test_what_a_function_returns_or_raises_costs_only_its_own_request(server, client) -> None:
     """Aux whose ``__len__``/``__iter__`` raise BaseExceptions (KeyboardInterrupt,
     SystemExit, GeneratorExit) or whose numbers' ``__index__``/``__float__`` hang or raise;
-    exceptions whose ``__str__`` raises SystemExit or is 16 MB, whose cause is cyclic, or
+    a 2-million-item list; exceptions whose ``__str__`` raises SystemExit or is 16 MB, whose cause is cyclic, or
     that are BaseExceptions; outputs of a tensor subclass whose every torch call hangs,
-    raises or ends the process: each is its own request's answer, a 500 whose detail is
+    raises or ends the process, or of a wrapper subclass whose every op raises
+    KeyboardInterrupt or SystemExit (``__torch_dispatch__``): each is its own request's answer, a 500 whose detail is
     bounded or a 200, the engine the same process (nothing restarted, nothing struck,
     nothing hung), the log not grown by the huge messages, other clients served."""
     url, proc = server

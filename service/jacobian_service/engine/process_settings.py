@@ -958,6 +958,13 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("the exception hooks (sys.excepthook, sys.unraisablehook, threading.excepthook)",
              lambda: (sys.excepthook, sys.unraisablehook, threading.excepthook), _put_exception_hooks,
              lambda now, taken: any(a is not b for a, b in zip(now, taken))),
+    # faulthandler left enabled writes a later crash's traceback to the descriptor it was
+    # given, by number: closed since, and that number is whatever file the crashing
+    # function opened next (its own output, a socket). Which file it holds cannot be
+    # read, only whether it is on: put back as the engine started (off, unless
+    # PYTHONFAULTHANDLER; then on stderr).
+    _Setting("faulthandler (enabled)", faulthandler.is_enabled,
+             lambda taken: faulthandler.enable(sys.__stderr__) if taken else faulthandler.disable()),
     _Setting("torch.nn's global module hooks", _nn_hooks, _put_nn_hooks, _nn_hooks_changed),
     _Setting("the fork hooks (os.register_at_fork)", _fork_hooks, _put_fork_hooks,
              lambda now, taken: any(a > b for a, b in zip(now, taken))),
