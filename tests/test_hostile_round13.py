@@ -148,6 +148,29 @@ def test_the_word_of_one_front_end_names_its_oldest_job_not_the_cancelled_one() 
                       "sent": now - 5.0, "tag": "fe:1", "hung": "hangs_behind_its_board"}], words
 
 
+def test_the_supervisor_keeps_the_word_of_new_front_ends_once_old_ones_have_gone() -> None:
+    """The supervisor keeps each front end's oldest job per engine, for at most
+    ``_MAX_FRONT_ENDS`` front ends (a bound on what signed words make it hold). Front ends
+    that were restarted (new pids) stayed counted: after that many, a new front end's word
+    was dropped, and a hang whose job came through it was put down to a request queued
+    behind. Now those silent for ``_OLDEST_FRESH_S`` make room."""
+    import collections
+
+    from jacobian_service import supervisor
+
+    sup = SimpleNamespace(engines=[None], _oldest=collections.defaultdict(dict))
+    told = supervisor.Supervisor._told_oldest
+    for pid in range(supervisor._MAX_FRONT_ENDS):
+        assert told(sup, {"engine": 0, "from": pid, "pid": 7, "sent": 1.0, "tag": "t", "function": "f"})
+    new = {"engine": 0, "from": 99_999, "pid": 7, "sent": 2.0, "tag": "u", "function": "g"}
+    told(sup, new)  # all still fresh: the bound holds
+    assert 99_999 not in sup._oldest[0] and len(sup._oldest[0]) == supervisor._MAX_FRONT_ENDS
+    for pid, entry in sup._oldest[0].items():  # ... and then those front ends went silent
+        sup._oldest[0][pid] = (*entry[:4], entry[4] - supervisor._OLDEST_FRESH_S)
+    told(sup, new)
+    assert list(sup._oldest[0]) == [99_999], len(sup._oldest[0])
+
+
 # ------------------------------------------------------------ what later functions pay for
 
 

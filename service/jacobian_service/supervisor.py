@@ -507,8 +507,12 @@ class Supervisor:
         if not (isinstance(pid, int) and isinstance(sent, (int, float)) and isinstance(tag, str)
                 and isinstance(function, str)):
             return False
-        if sender in self._oldest[index] or len(self._oldest[index]) < _MAX_FRONT_ENDS:
-            self._oldest[index][sender] = (pid, float(sent), tag, function, time.monotonic())
+        told, now = self._oldest[index], time.monotonic()
+        if sender not in told and len(told) >= _MAX_FRONT_ENDS:  # front ends gone (restarted) say no more
+            for stale in [k for k, v in told.items() if now - v[4] >= _OLDEST_FRESH_S]:
+                del told[stale]
+        if sender in told or len(told) < _MAX_FRONT_ENDS:
+            told[sender] = (pid, float(sent), tag, function, now)
         return True
 
     def _hung_in(self, index: int, pid: int, msg: dict[str, Any]) -> dict[str, Any]:
