@@ -353,7 +353,9 @@ class RemoteEngines(_Engines):
                 log.exception("unreadable reply from engine %d", index)
                 return
             self._cancelled.pop(header["id"], None)  # a cancel taken (or a late answer): the engine reads its socket
-            entry = self._pending.get(header["id"])
+            # Answered: no longer pending, even where its caller has just given up (its
+            # future cancelled, its abandon yet to run): see ``abandon`` in _run_once.
+            entry = self._pending.pop(header["id"], None)
             if entry is not None and not entry[0].done():
                 entry[0].set_result((header, arrays))
 
@@ -597,8 +599,14 @@ class RemoteEngines(_Engines):
         sock = self._socks[index]
 
         def abandon() -> None:
-            # A cancelled await cancels ``fut`` too, so "no reply yet" is "not done, or cancelled".
-            if not fut.done() or fut.cancelled():
+            # A cancelled await cancels ``fut`` too, so "no reply yet" is "not done, or
+            # cancelled, and still pending": the engine's answer can be read between the
+            # cancellation and this (a deadline already past, an X-Request-Timeout of
+            # 1e-9, or a client leaving as the answer comes). A cancel sent then was never
+            # answered (the engine had finished the job), and the front end, waiting for
+            # that answer, reported the engine as hung: the supervisor killed it, every
+            # request it held got a 503, and one client could do that at will.
+            if msg_id in self._pending and (not fut.done() or fut.cancelled()):
                 sock.send(ipc.encode_cancel(msg_id, stream_id if kind == "stream_next" else None))
                 if len(self._cancelled) < _MAX_CANCELLED:  # the engine answers it (see _overdue)
                     self._cancelled[msg_id] = (index, self._pids.get(index), time.monotonic(),
