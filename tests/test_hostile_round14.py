@@ -9,13 +9,36 @@ the rest on one real server for the module.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import io
+import re
+import subprocess
+import time
+from typing import Any, Iterator
 
+import httpx
+import numpy as np
 import pytest
 
+from jacobian_client import wire
 from jacobian_service import ipc
 
+from .conftest import assert_problem, live_server
+from .test_connections import _connect
 from .test_engine_client import _answer, _call, _state, engines  # noqa: F401 (engines: a fixture)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    # A body budget of 32 MiB: the stream budget (its size) holds one 9 MB softmax stream
+    # (its two chunks, 18 MB), not two.
+    with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false", BODY_BUDGET_BYTES=32 << 20) as served:
+        yield served
+
+
+def _batches(url: str) -> float:
+    """Batches the engines ran, from /metrics (each job an engine runs is in one)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return float(re.search(r"^jacobian_service_batch_size_count (\S+)$", text, re.M).group(1))
 
 
 class _Recording:
@@ -66,3 +89,48 @@ async def test_an_answer_read_as_its_caller_gives_up_leaves_no_cancel_to_wait_fo
         await request
     assert ("cancel", msg_id) not in conn.sent, conn.sent
     assert engines._cancelled == {}, "a cancel nobody will answer: the engine would be reported hung"
+
+
+# ------------------------------------------------------------ the stream budget
+
+
+def test_a_stream_refused_for_the_stream_budget_costs_the_engine_nothing(server) -> None:
+    """A stream is refused (503, Retry-After) when the row chunks of the streams being
+    sent hold the front end's stream budget. It was refused only once the engine had run
+    the function's forward pass (the stream's size is known from the output's shape): a
+    client retrying it, as told, had the engine run that pass at every retry, for
+    nothing. Now a request equal to one that streamed before (function, input shapes and
+    dtypes, the options that shape the stream) is refused before it reaches an engine."""
+    url, _ = server
+    n = 1500  # 9 MB: streamed (over STREAM_THRESHOLD_BYTES) in one chunk; 18 MB reserved
+    x = np.linspace(0, 1, n, dtype=np.float32)
+    buf = io.BytesIO()
+    np.save(buf, x)
+    body = buf.getvalue()
+    npy = {"content-type": wire.NPY, "accept": wire.NPY}
+    reader = _connect(url, rcvbuf=4096)  # asks for the stream and reads none of it
+    try:
+        reader.sendall(b"POST /v1/functions/softmax/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-npy\r\n"
+                       b"Accept: application/x-npy\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        reader.settimeout(30)
+        assert reader.recv(12) == b"HTTP/1.1 200"
+        before = _batches(url)
+        for _ in range(3):  # a client retrying
+            problem = assert_problem(httpx.post(f"{url}/v1/functions/softmax/jacobian", content=body, headers=npy,
+                                                timeout=30), 503, "unavailable")
+            assert "BODY_BUDGET_BYTES" in problem["detail"]
+        # what does not stream is served meanwhile
+        r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
+        assert _batches(url) == before + 1, "the refused streams ran in the engine"
+    finally:
+        reader.close()
+    # the reader gone, its reservation is given back: the stream is served, whole
+    deadline = time.monotonic() + 20
+    while (r := httpx.post(f"{url}/v1/functions/softmax/jacobian", content=body, headers=npy, timeout=60)).status_code == 503:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
+    J = np.load(io.BytesIO(r.content))
+    s = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    np.testing.assert_allclose(J[::100, ::100], (np.diag(s) - np.outer(s, s))[::100, ::100], rtol=1e-4, atol=1e-7)

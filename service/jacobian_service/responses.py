@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import math
@@ -307,17 +308,46 @@ class StreamBudget:
     body that does not fit the body budget). Other requests are not touched, and a
     stream that started is never cut; the first always starts, whatever its size."""
 
+    # Requests whose streams were seen (their keys: see ``check``), at most this many.
+    KNOWN = 1024
+
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.used = 0
+        self._known: collections.OrderedDict[Any, int] = collections.OrderedDict()
 
-    def reserve(self, nbytes: int) -> Callable[[], None]:
-        """``nbytes`` taken, or 503; returns what gives them back (once, however often
-        called: a stream's end and its body's collection may both call it)."""
+    def check(self, key: Any) -> None:
+        """Before a request that may stream is sent to an engine: 503 now if an equal
+        one (``key``: the function, its input shapes and dtypes, and the options that
+        shape the stream) streamed before and its stream would not fit now. A stream's
+        size is known only from the forward pass (the output's shape), so a refusal after
+        it cost the engine that pass, and a client retrying a stream refused for the
+        budget had the engine run it at every retry, for nothing."""
+        nbytes = self._known.get(key)
+        if nbytes is not None:
+            self._known.move_to_end(key)
+            self._refuse(nbytes)
+
+    def learn(self, key: Any, nbytes: int | None) -> None:
+        """What a request of ``key`` holds when it streams (None: it did not stream)."""
+        if nbytes is None:
+            self._known.pop(key, None)
+            return
+        self._known[key] = nbytes
+        self._known.move_to_end(key)
+        if len(self._known) > self.KNOWN:
+            self._known.popitem(last=False)
+
+    def _refuse(self, nbytes: int) -> None:
         if self.used and self.used + nbytes > self.max_bytes:
             raise Unavailable(
                 f"streamed results being sent hold {self.used} of the {self.max_bytes} bytes this front end gives "
                 f"them (BODY_BUDGET_BYTES); this one needs {nbytes}; retry shortly", headers={"Retry-After": "1"})
+
+    def reserve(self, nbytes: int) -> Callable[[], None]:
+        """``nbytes`` taken, or 503; returns what gives them back (once, however often
+        called: a stream's end and its body's collection may both call it)."""
+        self._refuse(nbytes)
         self.used += nbytes
         held = [nbytes]
 

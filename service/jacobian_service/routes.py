@@ -351,17 +351,20 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         (sparse and call.sparse_format == "dense" and media[0] == wire.NPY)
         or (not sparse and (media[0] == wire.NPY
                             or (media[0] == wire.JSON and call.mode == "rev" and _could_be_single(call, kind)))))
+    stream_key = None
+    if streamable:  # refused before any work where an equal request's stream would not fit now
+        stream_key = (media[0], call.signature(), call.rows, call.chunk_size, call.mode, call.sparsity, call.sparse_format)
+        state.streams.check(stream_key)
     result, info = await _cancellable(request, state.engines.run, "jacobian_npy" if streamable else kind, call)
+    if stream_key is not None:
+        state.streams.learn(stream_key, _stream_hold(result) if isinstance(result, StreamHead) else None)
     if isinstance(result, StreamHead):
         if media[0] != wire.NPY and result.nbytes > call.max_result_bytes:  # streamed .npy has no result limit
             state.engines.close_stream(result)
             raise ResultTooLarge(f"the Jacobian has {result.nbytes} bytes; the limit is {call.max_result_bytes} "
                                  f"(ask for {wire.NPY} to stream it without one)")
-        # The chunk being sent and the one asked for ahead: what a client that stops
-        # reading keeps in this front end (StreamBudget).
-        held = 2 * min(result.nbytes, result.chunk_size * math.prod(result.shape[1:]) * np.dtype(result.dtype).itemsize)
         try:
-            release = state.streams.reserve(held)
+            release = state.streams.reserve(_stream_hold(result))
         except Unavailable:
             state.engines.close_stream(result)
             raise
@@ -414,6 +417,12 @@ async def function_sparsity(request: Request, name: str) -> Response:
                         headers=attachment(spec.name, "sparsity", wire.NPZ))
     doc["matrix"] = wire.encode_sparse_json(result.value)
     return Response(await _offload(result.nbytes(), wire.dumps, doc), media_type=wire.JSON)
+
+
+def _stream_hold(head: StreamHead) -> int:
+    """The chunk being sent and the one asked for ahead: what a client that stops
+    reading keeps in this front end (StreamBudget)."""
+    return 2 * min(head.nbytes, head.chunk_size * math.prod(head.shape[1:]) * np.dtype(head.dtype).itemsize)
 
 
 def _refuse_other_sites(request: Request) -> None:
