@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
 import subprocess
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
@@ -28,11 +30,25 @@ from .test_engine_client import _answer, _call, _state, engines  # noqa: F401 (e
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, subprocess.Popen]]:
+def server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
     # A body budget of 32 MiB: the stream budget (its size) holds one 9 MB softmax stream
-    # (its two chunks, 18 MB), not two.
-    with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false", BODY_BUDGET_BYTES=32 << 20) as served:
-        yield served
+    # (its two chunks, 18 MB), not two. hostile14_functions count their steps in a file.
+    global _steps
+    _steps = tmp_path_factory.mktemp("steps") / "steps"
+    os.environ["HOSTILE14_STEPS"] = str(_steps)
+    try:
+        with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false", BODY_BUDGET_BYTES=32 << 20,
+                         FUNCTIONS="jacobian_service.examples,tests.hostile14_functions") as served:
+            yield served
+    finally:
+        os.environ.pop("HOSTILE14_STEPS", None)
+
+
+_steps: Path
+
+
+def _steps_taken() -> int:
+    return _steps.stat().st_size if _steps.exists() else 0
 
 
 def _batches(url: str) -> float:
@@ -134,3 +150,38 @@ def test_a_stream_refused_for_the_stream_budget_costs_the_engine_nothing(server)
     J = np.load(io.BytesIO(r.content))
     s = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
     np.testing.assert_allclose(J[::100, ::100], (np.diag(s) - np.outer(s, s))[::100, ::100], rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------ work for a client that left
+
+
+@pytest.mark.parametrize("endpoint", ["jvp", "hvp"])
+def test_a_stack_of_vectors_stops_at_the_next_product_once_its_client_has_gone(server, endpoint: str) -> None:
+    """Found by a red team, measured on a real server: a client that times out or hangs
+    up stops the engine's work at its next chunk, for a Jacobian's rows, per-example
+    Jacobians and sparse ones; but a stack of vectors (``batched_vectors``) that runs one
+    product at a time (torch's vmap cannot run them: here a custom autograd.Function
+    without a vmap rule) ran every product: 40 jvp tangents ran 31 more products after the
+    client had gone, 40 hvp tangents 72 more (two steps each), holding the engine from
+    everyone else. Now each product of the loop first checks that its request is alive."""
+    url, _ = server
+    n = 30  # 50 ms a step: 1.5 s of jvp products (3 s of hvp), left after 0.5
+    x = np.linspace(0.1, 1, n).tolist()
+    fn = "slow_steps" if endpoint == "jvp" else "slow_scalar"
+    body = {"inputs": [x], "tangents": np.eye(n).tolist(), "batched_vectors": True}
+    # (a small stack first: the engine learns that vmap cannot run them, and the request
+    # left below spends its time on products)
+    small = {"inputs": [x[:3]], "tangents": np.eye(3).tolist(), "batched_vectors": True}
+    r = httpx.post(f"{url}/v1/functions/{fn}/{endpoint}", json=small, timeout=30)
+    assert r.status_code == 200, r.text
+    before = _steps_taken()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/v1/functions/{fn}/{endpoint}", json=body, timeout=0.5)
+    left_at = _steps_taken()
+    time.sleep(0.8)  # 16 more steps, had it run on
+    assert _steps_taken() - left_at <= 3, f"{_steps_taken() - left_at} steps after the client left (of {n})"
+    assert left_at > before, "no product had started: the test measured nothing"
+    # the engine is free: the next request is answered, and right (sin's Jacobian-vector products)
+    r = httpx.post(f"{url}/v1/functions/slow_steps/jvp", json=small, timeout=30)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["jvp"]["data"], np.diag(np.cos(x[:3])), rtol=1e-6)

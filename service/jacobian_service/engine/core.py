@@ -572,7 +572,8 @@ class Engine:
         out, pullback, aux_t = self.guard(lambda: torch.func.vjp(g, *primals, has_aux=True))
         cot = self._vectors(call.vectors, out, "cotangents", call.batched_vectors)
         if call.batched_vectors:
-            grads = self.guard(lambda: over_vectors(call.spec.name, pullback, (cot,), *self._checked(call, "vjp")))
+            grads = self.guard(lambda: over_vectors(call.spec.name, pullback, (cot,), *self._checked(call, "vjp"),
+                                                                alive=call.check_alive))
         else:
             grads = self.guard(lambda: pullback(cot))
         value = tuple(grads) if call.as_tuple else grads[0]
@@ -603,7 +604,8 @@ class Engine:
                 return lambda *t: torch.func.jvp(g2, fresh(clean), t, has_aux=True)[1]
 
             value = self.guard(lambda: over_vectors(call.spec.name, lambda *t: push(*t)[1], tangents,
-                                                    *self._checked(call, "jvp"), again, replay=replay))
+                                                    *self._checked(call, "jvp"), again, replay=replay,
+                                                    alive=call.check_alive))
         else:
             out, value, aux_t = self.guard(lambda: push(*tangents))
         output = self.host(out) if call.return_output else None
@@ -653,7 +655,7 @@ class Engine:
             # product, not by linearity over mixed vectors (products.one_agrees)
             check, kind = (None, "hvp") if cot is None else (one_agrees, "hvp_cotangents")
             value = self.guard(lambda: over_vectors(call.spec.name, push, vectors, *self._checked(call, kind), again,
-                                                    check=check, replay=replay))
+                                                    check=check, replay=replay, alive=call.check_alive))
         else:
             replay()
             value = self.guard(lambda: push(*vectors))

@@ -45,7 +45,8 @@ def rng_replay() -> Callable[[], None]:
 
 def over_vectors(name: str, product: Callable[..., Any], vectors: tuple[Any, ...], checked: Any, key: Any,
                  again: Callable[[], Callable[..., Any]] | None = None,
-                 check: Callable[..., bool] | None = None, replay: Callable[[], None] | None = None) -> Any:
+                 check: Callable[..., bool] | None = None, replay: Callable[[], None] | None = None,
+                 alive: Callable[[], None] | None = None) -> Any:
     """``vmap(product)(*vectors)``; where torch's ``vmap`` cannot run the product (an op
     of the derivative without a batching rule, a custom ``autograd.Function`` without a
     vmap rule), or runs it wrong (:func:`vmap_agrees`, checked once per ``key`` and
@@ -58,7 +59,10 @@ def over_vectors(name: str, product: Callable[..., Any], vectors: tuple[Any, ...
     stack of jvp tangents came back 2x torch's, with a 200). So ``vmap`` and each
     product of the loop get copies of the vectors, and the check the product on fresh
     inputs. ``replay`` (:func:`rng_replay`) runs before each product of the loop: the
-    generators as they were for the call whose output is answered."""
+    generators as they were for the call whose output is answered. ``alive`` (the
+    request's ``check_alive``) runs before each product of the loop: a request whose
+    client left, or whose deadline passed, stops there, as a Jacobian's rows do (a stack
+    of 40 jvp tangents ran all 40 products after its client had gone)."""
     leaves = [v for v in pytree.tree_leaves(vectors) if isinstance(v, torch.Tensor) and v.dim()]
     batch = leaves[0].shape[0] if leaves else 0
     try:
@@ -78,6 +82,8 @@ def over_vectors(name: str, product: Callable[..., Any], vectors: tuple[Any, ...
     one = again() if again is not None else product
     per = []
     for k in range(batch):
+        if alive is not None:
+            alive()
         if replay is not None:
             replay()
         per.append(one(*fresh(_take(vectors, k))))
