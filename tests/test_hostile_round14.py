@@ -12,6 +12,7 @@ import asyncio
 import io
 import os
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -37,7 +38,9 @@ def server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
     _steps = tmp_path_factory.mktemp("steps") / "steps"
     os.environ["HOSTILE14_STEPS"] = str(_steps)
     try:
-        with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false", BODY_BUDGET_BYTES=32 << 20,
+        # (HANG_GRACE_S 1: a front end reports an engine holding a cancelled request after
+        # 1 s, not 5: the module's last test sees whether any did)
+        with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false", BODY_BUDGET_BYTES=32 << 20, HANG_GRACE_S=1,
                          FUNCTIONS="jacobian_service.examples,tests.hostile14_functions") as served:
             yield served
     finally:
@@ -105,6 +108,27 @@ async def test_an_answer_read_as_its_caller_gives_up_leaves_no_cancel_to_wait_fo
         await request
     assert ("cancel", msg_id) not in conn.sent, conn.sent
     assert engines._cancelled == {}, "a cancel nobody will answer: the engine would be reported hung"
+
+
+def _engine_pids(url: str) -> list[int]:
+    return httpx.get(f"{url}/v1/info", timeout=30).json()["engine_pids"]
+
+
+_first_pids: list[int] = []
+
+
+@pytest.mark.parametrize("timeout", ["1e-308", "1e-9", "0.0001", "0.001"])
+def test_a_request_timeout_shorter_than_any_answer_is_a_504(server, timeout: str) -> None:
+    """Each of these is answered 504 ``timeout``; before, some of them (the engine's answer
+    read as the request gave up) had the engine killed as hung about five seconds later
+    (the unit test above says how). Whether any did is checked by the module's last test,
+    once the time a front end waits before reporting has passed."""
+    url, _ = server
+    _first_pids[:] = _first_pids or _engine_pids(url)
+    for _ in range(5):
+        r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]},
+                       headers={"X-Request-Timeout": timeout}, timeout=30)
+        assert_problem(r, 504, "timeout")
 
 
 # ------------------------------------------------------------ the stream budget
@@ -185,3 +209,72 @@ def test_a_stack_of_vectors_stops_at_the_next_product_once_its_client_has_gone(s
     r = httpx.post(f"{url}/v1/functions/slow_steps/jvp", json=small, timeout=30)
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["jvp"]["data"], np.diag(np.cos(x[:3])), rtol=1e-6)
+
+
+# ------------------------------------------------------------ pipelining behind a refusal
+
+_J = b'{"inputs": [[0.5, 1.0]]}'
+_BIG = b'{"inputs": [[' + b",".join([b"0.5"] * 100_000) + b"]]}"  # 400 KB: several pieces
+
+
+def _post(path: bytes, body: bytes, content_type: bytes = b"application/json", extra: bytes = b"") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: %s\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (path, content_type, extra, len(body), body))
+
+
+_REFUSED = {
+    "404 function": (_post(b"/v1/functions/nope/jacobian", _BIG), 404),
+    "422 query option, before the body": (_post(b"/v1/functions/sin/jacobian?nope=1", _BIG), 422),
+    "422 X-Request-Timeout": (_post(b"/v1/functions/sin/jacobian", _J, extra=b"X-Request-Timeout: 0\r\n"), 422),
+    "415": (_post(b"/v1/functions/sin/jacobian", _BIG, b"text/plain"), 415),
+    "405 with a body": (b"PUT /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(_BIG), _BIG), 405),
+    "406": (_post(b"/v1/functions/sin_aux/jacobian", _J, extra=b"Accept: application/x-npy\r\n"), 406),
+    "400 JSON": (_post(b"/v1/functions/sin/jacobian", b"{nope}"), 400),
+    "400 no Host": (b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+    "404 chunked": (b"POST /v1/functions/nope/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(_BIG), _BIG), 404),
+    "413 declared": (b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 99999999999\r\n\r\n", 413),
+}
+
+
+@pytest.mark.parametrize("case", list(_REFUSED))
+def test_a_request_pipelined_behind_a_refused_one_is_answered_or_told_the_connection_closes(server, case: str) -> None:
+    """Left open by round eleven: after a 4xx on a keep-alive connection, the request
+    pipelined behind it (sent in the same write) must be answered, or the refusal must say
+    ``Connection: close`` and the connection close: never an answer silently dropped with
+    the connection left open. Checked for refusals before the body is read (404, 422 of
+    the query or a header, 415, 405), after it (400, 406), of the framing (chunked) and
+    of the head (no Host), and one that leaves the body unread (413)."""
+    url, _ = server
+    refusal, status = _REFUSED[case]
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(refusal + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        got, closed = b"", False
+        while len(re.findall(rb"HTTP/1\.1 \d{3} ", got)) < 2 or not got.endswith(b'{"status":"ok"}'):
+            try:
+                piece = s.recv(1 << 16)
+            except socket.timeout:
+                break
+            if not piece:
+                closed = True
+                break
+            got += piece
+    statuses = [int(x) for x in re.findall(rb"HTTP/1\.1 (\d{3}) ", got)]
+    assert statuses[:1] == [status], got[:400]
+    first = got.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"content-type: application/problem+json" in first, got[:400]
+    if statuses == [status]:  # not answered: only where the refusal said the connection closes, and it did
+        assert b"connection: close" in first and closed, got[:400]
+    else:
+        assert statuses == [status, 200] and got.endswith(b'{"status":"ok"}'), got[-400:]
+
+
+def test_no_client_of_this_module_had_an_engine_killed(server) -> None:
+    """Last in the module (more than HANG_GRACE_S and a report's second after the short
+    timeouts above): the engine is the one that served the first request."""
+    url, proc = server
+    assert _first_pids, "the short timeouts' test did not run first"
+    assert _engine_pids(url) == _first_pids, proc.read_log()[-3000:]
+    assert "overdue" not in proc.read_log(), proc.read_log()[-3000:]
