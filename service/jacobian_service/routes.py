@@ -149,8 +149,9 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state = _state(request)
-    state.metrics.update_engines(state.engines.depth(), state.engines.engine_stats())
-    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    body = await state.metrics.scrape(lambda: state.metrics.update_engines(state.engines.depth(),
+                                                                           state.engines.engine_stats()))
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 async def info(request: Request) -> Response:
