@@ -339,3 +339,24 @@ async def test_concurrent_scrapes_of_metrics_share_renders_off_the_event_loop(mo
     assert all(b"jacobian_service_queue_depth" in a.body for a in answers)
     assert len(renders) <= 2, f"{len(renders)} renders for 50 concurrent scrapes"
     assert max(ticks_during) > 0, "the event loop stood still while /metrics rendered"
+
+
+# ------------------------------------------------------------ X-Request-Timeout's spelling
+
+
+@pytest.mark.parametrize("value", ["1_0", "1_000", "+5", "1,5", "5s", "0x10", "Infinity", "1e309"])
+def test_x_request_timeout_is_a_plain_decimal_number(client, value: str) -> None:
+    """``X-Request-Timeout: 1_0`` was read as 10 seconds (Python's float() takes digit
+    separators), as ``+5`` as 5: spellings no other reader of the header (a proxy, a
+    client library) takes for those numbers. Now a 422 naming the value, as ``0x10``
+    and ``Infinity`` were."""
+    r = client.post("/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, headers={"X-Request-Timeout": value})
+    problem = assert_problem(r, 422, "invalid_input")
+    assert f"not '{value}'" in problem["detail"], problem["detail"]
+
+
+@pytest.mark.parametrize("value", ["5", "5.", ".5", "0.25", "2e1", "2E+1", "1e-3"])
+def test_x_request_timeout_takes_every_decimal_spelling(client, value: str) -> None:
+    r = client.post("/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, headers={"X-Request-Timeout": value})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], [[np.cos(0.5)]], rtol=1e-6)

@@ -219,6 +219,10 @@ def _deadline(state: ServiceState, request: Request) -> float:
     return time.monotonic() + _timeout(state, request)
 
 
+# X-Request-Timeout's seconds: digits, an optional fraction and exponent.
+_SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _timeout(state: ServiceState, request: Request) -> float:
     """The server's timeout, shortened by the client's ``X-Request-Timeout`` (seconds)."""
     timeout = state.settings.request_timeout_s
@@ -226,10 +230,10 @@ def _timeout(state: ServiceState, request: Request) -> float:
     if header:
         # One message for every refusal, naming the value: 'inf', 'nan' and '1e309' (a
         # float's infinity) were told the header 'must be a positive number of seconds'.
-        try:
-            asked = float(header)
-        except ValueError:
-            asked = math.nan
+        # A decimal number as HTTP headers spell one: Python's float() also read "1_0"
+        # as 10 and " 5 " as 5, which no other reader of the header (a proxy's, a
+        # client's) takes for the same number, if for one at all.
+        asked = float(header) if _SECONDS.fullmatch(header) else math.nan
         if not math.isfinite(asked) or asked <= 0:
             raise InvalidInput(f"X-Request-Timeout must be a positive, finite number of seconds, not {echo(header)} "
                                f"(it shortens the server's REQUEST_TIMEOUT_S, {timeout:g} s)")
