@@ -62,6 +62,14 @@ SEND_PIECE_BYTES = 1 << 20
 # 80 for "-1.2345678901234567e-05". Counted per separator (',' or '['): an upper bound
 # on the numbers.
 JSON_BYTES_PER_NUMBER = 80
+# Each piece of a body costs the front end its wake-ups whatever its size (~30-90 us:
+# the parser, the request cycle, this loop), so a client that sent its body a byte per
+# TCP segment (1-byte chunks, or a Content-Length body trickled) had a front end spend
+# ~90 us a byte: one client could keep a core busy at 11 KB/s, for READ_TIMEOUT_S. Past
+# FEW_PIECES pieces a body's pieces must average MIN_PIECE_BYTES (any client writing
+# more than a few bytes at a time does; reads of whole segments are ~1,400 bytes).
+FEW_PIECES = 1024
+MIN_PIECE_BYTES = 64
 # Refusals that leave a body unread close the connection: the client would otherwise
 # go on sending a body nobody reads.
 _CLOSE = {"Connection": "close"}
@@ -253,6 +261,7 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
             size = 0
             deadline = time.monotonic() + total_s  # (anyio.current_time looks up its backend each call)
             more = True
+            pieces = 0
             while more:
                 wait = min(idle_s, deadline - time.monotonic())
                 message = await _within(request.receive(), wait)
@@ -268,6 +277,13 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
                 chunk = message.get("body", b"")
                 more = message.get("more_body", False)
                 size += len(chunk)
+                pieces += 1
+                if pieces > FEW_PIECES and size < MIN_PIECE_BYTES * pieces:
+                    if on_timeout is not None:
+                        on_timeout("body")
+                    raise RequestTimeout(
+                        f"the body trickled: {size} bytes in {pieces} pieces; past {FEW_PIECES} pieces they must "
+                        f"average at least {MIN_PIECE_BYTES} bytes (send it in larger writes)", headers=_CLOSE)
                 if size > limit:
                     raise PayloadTooLarge(f"the body is over the limit of {limit} bytes", headers=_CLOSE)
                 if size > self._held:  # charged as it arrives, before it is kept
