@@ -355,7 +355,7 @@ def test_x_request_timeout_is_a_plain_decimal_number(client, value: str) -> None
     assert f"not '{value}'" in problem["detail"], problem["detail"]
 
 
-@pytest.mark.parametrize("value", ["5", "5.", ".5", "0.25", "2e1", "2E+1", "300e-1"])
+@pytest.mark.parametrize("value", ["5", "5.", ".5e1", "2.5e1", "2e1", "2E+1", "300e-1"])
 def test_x_request_timeout_takes_every_decimal_spelling(client, value: str) -> None:
     r = client.post("/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, headers={"X-Request-Timeout": value})
     assert r.status_code == 200, r.text
