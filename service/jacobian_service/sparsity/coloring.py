@@ -111,10 +111,13 @@ def _all_distinct(values: np.ndarray, bound: int) -> bool:
 @dataclass(frozen=True, eq=False)
 class Coloring:
     """How a derivative is compressed: ``mode`` is ``fwd`` (columns coloured; products
-    are JVPs), ``rev`` (rows; VJPs), ``star`` or ``acyclic`` (symmetric; HVPs).
+    are JVPs), ``rev`` (rows; VJPs), ``bidirectional`` (both: see :mod:`.bicoloring`),
+    ``star`` or ``acyclic`` (symmetric; HVPs).
 
     ``gather[k]`` is the flat index, into the compressed matrix, of pattern entry ``k``
-    (``(m, p)`` for fwd, star and acyclic, ``(p, n)`` for rev, row-major). An acyclic
+    (``(m, p)`` for fwd, star and acyclic, ``(p, n)`` for rev, row-major; for
+    bidirectional the forward products' ``(m, kf)`` then the reverse ones' ``(kr, n)``,
+    whose colourings ``parts`` holds, -1 for a column or row not seeded). An acyclic
     colouring reads only its diagonal entries there: ``solve`` (a
     :class:`.acyclic.Substitution`) solves for the others.
     """
@@ -126,15 +129,19 @@ class Coloring:
     lower_bound: int
     strategy: str = ""
     solve: Any = None
+    parts: Any = None  # bidirectional: (the forward colouring, the reverse one)
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "mode": self.mode,
             "colors": self.n_colors,
             "products": self.n_colors,
             "lower_bound": self.lower_bound,
             "strategy": self.strategy,
         }
+        if self.parts is not None:
+            out["fwd_products"], out["rev_products"] = self.parts[0].n_colors, self.parts[1].n_colors
+        return out
 
 
 def _graph_work(p: Pattern) -> int:
@@ -607,13 +614,27 @@ def _check_unique(gather: np.ndarray, what: str, bound: int | None = None) -> No
 def choose_coloring(p: Pattern, mode: str = "auto", *, check_alive: Check = None) -> Coloring:
     """The side with fewer colours (``mode`` ``fwd`` / ``rev`` forces one). On a tie
     reverse mode wins: VJPs are what ``jacrev`` computes (forward-mode AD does not
-    honour ``torch.no_grad`` inside the function)."""
+    honour ``torch.no_grad`` inside the function). ``auto`` also tries a bicolouring
+    (JVPs and VJPs together, see :mod:`.bicoloring`) and takes it where it needs fewer
+    products: a dense row beside a dense column needs one product per column on
+    either side alone, and 3 together."""
     if mode == "fwd":
         return column_coloring(p, check_alive=check_alive)
     if mode == "rev":
         return row_coloring(p, check_alive=check_alive)
     if mode != "auto":
         raise ValueError(f"mode must be auto, fwd or rev, got {mode!r}")
+    best = _one_sided(p, check_alive)
+    if best.n_colors > 2:  # (two products, one a side, is the least a bicolouring takes)
+        from .bicoloring import bicoloring
+
+        both = bicoloring(p, best.n_colors, check_alive=check_alive)
+        if both is not None:
+            return both
+    return best
+
+
+def _one_sided(p: Pattern, check_alive: Check) -> Coloring:
     # Each side needs at least its lower bound (the most entries in a row for fwd, in a
     # column for rev): one side's colouring can settle the choice without the other's,
     # which may be far costlier (a dense row's clique of columns beside 1-entry columns).

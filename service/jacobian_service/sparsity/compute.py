@@ -357,6 +357,10 @@ def _coloring_from(p: Pattern, colors: np.ndarray, mode: str) -> Coloring:
         from .coloring import acyclic_from
 
         return acyclic_from(p, colors)
+    elif mode == "bidirectional":
+        from .bicoloring import bicoloring_from
+
+        return bicoloring_from(p, colors)
     else:
         return Coloring("star", colors, k, _star_gather(p, colors, k), 2 if bool((p.rows != p.cols).any()) else 1, "cached")
     _check_unique(gather, mode)
@@ -695,7 +699,7 @@ def _sparse_jacobian(
     except _ForwardFailed as exc:  # an op without forward AD (cdist): jacrev has an answer
         log.info("forward-mode products failed (%s); using reverse mode", exc)
         matrix = None
-    if coloring.mode == "fwd" and (matrix is None or differs_from_reverse(matrix, m, primals[0], reverse, rows)):
+    if coloring.mode in ("fwd", "bidirectional") and (matrix is None or differs_from_reverse(matrix, m, primals[0], reverse, rows)):
         # The answer never depends on mode (SPEC): where jvp and vjp differ (prelu at 0,
         # ties of fmax) or jvp cannot run, jacrev's, by VJPs over the same pattern.
         coloring = _recolored(p, "rev", cache, fn, name, args, argnums, check_alive)
@@ -769,21 +773,32 @@ def _jacobian_products(
     """The Jacobian over ``p`` from ``coloring``'s products (``reverse`` runs VJPs), or
     densely when they prove ``p`` wrong. Returns ``(matrix, pattern, coloring, chunk)``;
     raises :class:`_ForwardFailed` when a JVP fails."""
-    plan = _products(p, coloring, [args[i] for i in argnums], m)
-    run = reverse if coloring.mode == "rev" else _single(_product_at(coloring.mode, fn, argnums, has_aux), args,
-                                                         key and (coloring.mode, key))
+    primals = [args[i] for i in argnums]
+    jvps = _lazily(lambda: _single(_product_at("fwd", fn, argnums, has_aux), args, key and ("fwd", key)))
 
     def forward(seeds: list[torch.Tensor]) -> torch.Tensor:
         try:
-            return run(seeds)
+            return jvps(seeds)
         except Exception as exc:
             if _is_oom(exc):
                 raise
             raise _ForwardFailed(f"{type(exc).__name__}: {exception_text(exc)}") from exc
 
-    block, chunk = plan.compressed(run if coloring.mode == "rev" else forward, memory_budget, check_alive, chunk_size)
-    matrix = _to_csr(p, plan.values(p, block))
-    if _proven_wrong(p, coloring, plan, block, matrix, run, rows):
+    if coloring.mode == "bidirectional":  # JVPs for some entries, VJPs for the others
+        sides = [_products(p, part, primals, m) for part in coloring.parts]
+        runs = [forward, reverse]
+        blocks, chunks = zip(*[plan.compressed(run, memory_budget, check_alive, chunk_size) for plan, run in zip(sides, runs)])
+        flat = torch.cat([blocks[0].transpose(-1, -2).reshape(-1), blocks[1].reshape(-1)])
+        matrix = _to_csr(p, flat[torch.as_tensor(coloring.gather, device=flat.device)] if p.nnz else flat[:0])
+        wrong = _proven_wrong(p, coloring, sides, list(blocks), matrix, runs, rows)
+        chunk = max(chunks)
+    else:
+        plan = _products(p, coloring, primals, m)
+        run = reverse if coloring.mode == "rev" else forward
+        block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
+        matrix = _to_csr(p, plan.values(p, block))
+        wrong = _proven_wrong(p, coloring, [plan], [block], matrix, [run], rows)
+    if wrong:
         matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "jacobian")
     return matrix, p, coloring, chunk
 
@@ -867,7 +882,7 @@ def _sparse_hessian(
         plan = _products(p, coloring, primals, 1)
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
     matrix = _to_csr(p, plan.values(p, block))
-    if _proven_wrong(p, coloring, plan, block, matrix, run, None):
+    if _proven_wrong(p, coloring, [plan], [block], matrix, [run], None):
         matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "hessian")
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, coloring.mode, p.source, out, aux, chunk,
@@ -875,8 +890,8 @@ def _sparse_hessian(
 
 
 def _proven_wrong(
-    p: Pattern, coloring: Coloring, plan: "_Products", block: torch.Tensor, matrix: Any,
-    run: Callable[[list[torch.Tensor]], torch.Tensor], rows: tuple[int, int] | None,
+    p: Pattern, coloring: Coloring, plans: "list[_Products]", blocks: list[torch.Tensor], matrix: Any,
+    runs: list[Callable[[list[torch.Tensor]], torch.Tensor]], rows: tuple[int, int] | None,
 ) -> bool:
     """Whether the products prove ``p`` wrong (see :mod:`.verify`): nothing to check for
     an exact traced pattern (a superset by construction; checking took ~60 % more time
@@ -891,11 +906,15 @@ def _proven_wrong(
     if p.source == "traced" and p.exact and not is_random(p) and not seeded:
         return False
     batch = isinstance(matrix, list)
-    stray = sum(strays(p, coloring, b, rows) for b in block) if batch else strays(p, coloring, block, rows)
+    stray = 0
+    for plan, block in zip(plans, blocks):  # (a bicolouring: its JVPs' and its VJPs')
+        part = plan.coloring
+        stray += sum(strays(p, part, b, rows) for b in block) if batch else strays(p, part, block, rows)
     off = 0.0
     if not stray and (p.source in ("declared", "probe", "given") or is_random(p) or seeded):
         check = disagrees_batch if batch else disagrees
-        off = check(matrix, "rev" if coloring.mode == "rev" else "fwd", plan.seed_shapes, plan.like, run, rows)
+        plan, run = plans[-1], runs[-1]  # a bicolouring's VJPs: a random cotangent checks every entry
+        off = check(matrix, "rev" if plan.coloring.mode == "rev" else "fwd", plan.seed_shapes, plan.like, run, rows)
     if not stray and not off:
         return False
     why = (f"{stray} product value(s) fall where the pattern has no entry of that colour" if stray
@@ -978,7 +997,7 @@ def sparse_batch(
         raise ProvenWrong("a product is not finite: an acyclic colouring's substitution would spread it")
     values = plan.values(p, block)
     full = [_to_csr(p, values[i]) for i in range(batch)]
-    _proven_wrong(p, coloring, plan, block, full, run, rows)  # raises for any point proven wrong
+    _proven_wrong(p, coloring, [plan], [block], full, [run], rows)  # raises for any point proven wrong
     return [_rows_of(m, rows) for m in full], chunk
 
 

@@ -42,8 +42,13 @@ def covered(p: Pattern, coloring: Coloring) -> np.ndarray:
     some pattern entry lands: ``(k, n)`` for rev, ``(width, k)`` for fwd and star."""
     k = coloring.n_colors
     if coloring.mode == "rev":
-        return coloring.colors[p.rows] * p.shape[1] + p.cols
-    return p.rows * k + coloring.colors[p.cols]  # star: every entry, either of its two places
+        colour = coloring.colors[p.rows]
+        places = colour * p.shape[1] + p.cols
+    else:
+        colour = coloring.colors[p.cols]
+        places = p.rows * k + colour  # star: every entry, either of its two places
+    # (a bicolouring's side seeds some columns or rows only: the others land nowhere)
+    return places if bool((colour >= 0).all()) else places[colour >= 0]
 
 
 def strays(p: Pattern, coloring: Coloring, block: torch.Tensor, rows: tuple[int, int] | None = None) -> int:

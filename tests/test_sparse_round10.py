@@ -1,0 +1,186 @@
+"""Sparse Jacobians and Hessians, round 10: bicolouring (JVPs and VJPs together) for
+arrowhead and bordered Jacobians, exact patterns through the backward ops a gradient
+taken inside the function runs, and what a scientist computes (an unstructured mesh,
+a kinetics network from a torch.sparse stoichiometry, a neural ODE with a
+block-diagonal weight, a partially separable objective) through the service and the
+SDK into SciPy. Every answer is compared with torch's reverse mode in this process
+(``torch.autograd.functional``: no vmap, which cannot run torch.sparse products), every
+nonzero stored, and the pattern no wider than the true nonzeros.
+
+One in-process app serves every case (no new server process); the SDK reaches it
+through an httpx transport.
+"""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.integrate import solve_ivp
+from scipy.optimize import least_squares, minimize
+from starlette.testclient import TestClient
+
+from jacobian_client import Client, wire
+from jacobian_client.scipy import remote_objective
+from jacobian_service import create_app
+from jacobian_service.settings import Settings
+from tests import sparse10_functions as s10
+
+RNG = np.random.default_rng(10)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(create_app(Settings(warmup=False, functions="tests.sparse10_functions"))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sdk(client):
+    def forward(request: httpx.Request) -> httpx.Response:
+        r = client.request(request.method, str(request.url.copy_with(scheme="http", host="testserver", port=None)),
+                           content=request.content, headers=dict(request.headers))
+        headers = {k: v for k, v in r.headers.items() if k.lower() not in ("content-encoding", "transfer-encoding")}
+        return httpx.Response(r.status_code, headers=headers, content=r.content)
+
+    with Client("http://sdk.test", http_transport=httpx.MockTransport(forward), max_retries=0) as c:
+        yield c
+
+
+def f64(x):
+    return {"dtype": "float64", "shape": list(x.shape), "data": x.reshape(-1).tolist()}
+
+
+def sparse(client, name, x, kind="jacobian", **options):
+    r = client.post(f"/v1/functions/{name}/{kind}", json={"inputs": [f64(x)], "sparsity": "auto", **options})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    return wire.decode_sparse_json(doc[kind]), doc["meta"]
+
+
+def jac(f, x):
+    t = torch.from_numpy(x)
+    return torch.autograd.functional.jacobian(lambda a: f(a).reshape(-1), t).reshape(-1, t.numel()).numpy()
+
+
+def entries(J):
+    coo = sp.coo_array(J)
+    return set(zip(coo.row.tolist(), coo.col.tolist()))
+
+
+def assert_exact(J, meta, want):
+    """Values equal to torch's, every nonzero stored and nothing more, traced exactly."""
+    np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+    nonzero = set(zip(*np.nonzero(want)))
+    assert nonzero == entries(J), (len(nonzero), J.nnz)
+    assert meta["exact"] is True and meta["source"] == "detected", meta
+
+
+# ------------------------------------------------------------------ bicolouring
+
+
+def test_an_arrowhead_jacobian_takes_three_products_by_bicolouring(client):
+    """A dense row (a normalisation over every species) beside a dense column (a
+    parameter every equation reads) needs one product per column with JVPs alone, and
+    one per row with VJPs alone: 40 products at n = 40. The dense row by one VJP and the
+    rest by two JVPs (column 0, then every other column: they share no row below the
+    first) recover it from 3, whatever n; meta.mode says ``bidirectional``, and the
+    pattern's description splits the products by side."""
+    x = RNG.uniform(0.5, 1.5, 40)
+    J, meta = sparse(client, "arrowhead", x)
+    assert_exact(J, meta, jac(s10.arrowhead, x))
+    assert (meta["mode"], meta["products"], meta["colors"]) == ("bidirectional", 3, 3), meta
+    d = client.get("/v1/functions/arrowhead/sparsity", params={"shapes": "40", "dtypes": "float64"}).json()
+    assert d["coloring"]["mode"] == "bidirectional" and d["products"] == 3
+    assert (d["coloring"]["fwd_products"], d["coloring"]["rev_products"]) == (2, 1)
+    assert d["coloring"]["lower_bound"] <= 3
+    # one side forced: one product per column, and the same matrix
+    Jf, mf = sparse(client, "arrowhead", x, mode="fwd")
+    assert (mf["mode"], mf["products"]) == ("fwd", 40) and np.array_equal(Jf.toarray(), J.toarray())
+    # a block of rows: from the products its own rows need
+    r = client.post("/v1/functions/arrowhead/jacobian", json={"inputs": [f64(x)], "sparsity": "auto", "rows": [0, 8]})
+    assert r.status_code == 200 and r.json()["meta"]["products"] <= 3, r.text
+    np.testing.assert_allclose(wire.decode_sparse_json(r.json()["jacobian"]).toarray(), J.toarray()[:8], rtol=0, atol=0)
+
+
+def test_a_bordered_block_diagonal_jacobian_by_bicolouring(client):
+    """2 x 2 cells coupled through two global unknowns and two global constraints: two
+    dense rows, two dense columns. Either side alone takes 42 products; the two dense
+    rows by VJPs and the cells (2 colours) with the two dense columns by JVPs take 6."""
+    x = RNG.uniform(0.5, 1.5, 42)
+    J, meta = sparse(client, "bordered", x)
+    assert_exact(J, meta, jac(s10.bordered, x))
+    assert (meta["mode"], meta["products"]) == ("bidirectional", 6), meta
+
+
+# ------------------------------------------------------------------ what a scientist computes
+
+
+@pytest.mark.parametrize("name, n, products", [("mesh_residual", 42, 9), ("kinetics", 50, 14), ("neural_rhs", 24, 4)])
+def test_mesh_kinetics_and_neural_ode_against_dense(client, name, n, products):
+    """A diffusion residual on an unstructured triangulation (fluxes ``index_add``-ed over
+    its edges: each node on its neighbours), 50 species reacting by mass action through
+    a ``torch.sparse`` stoichiometry (``torch.sparse.mm``), and a neural ODE's right-hand
+    side with a block-diagonal weight (6 subsystems of 4): exact patterns, the values of
+    torch's reverse mode, and few products."""
+    x = RNG.uniform(0.5, 1.5, n)
+    J, meta = sparse(client, name, x)
+    assert_exact(J, meta, jac(getattr(s10, name), x))
+    assert meta["products"] <= products, meta
+
+
+# ------------------------------------------------------------------ the SDK into SciPy
+
+
+def test_sdk_sparse_jacobians_drive_least_squares_and_bdf(sdk):
+    """``least_squares`` with the service's sparse Jacobian (a decay fit with a shared
+    rate and a total: a dense column and a dense row, 4 products by bicolouring) reaches
+    the solution the in-process Jacobian gives it, and
+    ``jac_sparsity`` from ``client.sparsity`` is the true pattern; ``solve_ivp(BDF)``
+    with the neural ODE's sparse Jacobian follows the dense-Jacobian trajectory."""
+    n = 30
+    x0 = np.full(n, 0.5)
+    obj = remote_objective(sdk, "decay_fit", sparsity="auto")
+    got = least_squares(obj.fun, x0, jac=obj.jac, method="trf", tr_solver="lsmr", xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    assert sp.issparse(obj.jac(x0))
+    want = least_squares(lambda x: s10.decay_fit(torch.from_numpy(x)).numpy(), x0,
+                         jac=lambda x: jac(s10.decay_fit, x), method="trf", xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-5, atol=1e-7)
+    assert got.cost == pytest.approx(want.cost, rel=1e-9)
+    info = sdk.sparsity("decay_fit", (n,))
+    assert info["coloring"]["mode"] == "bidirectional" and info["products"] == 4, info["coloring"]
+    pattern = info["matrix"]
+    assert entries(pattern) == set(zip(*np.nonzero(jac(s10.decay_fit, RNG.uniform(0.5, 1.5, n)))))
+    fd = least_squares(lambda x: s10.decay_fit(torch.from_numpy(x)).numpy(), x0, jac_sparsity=pattern,
+                       method="trf", xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    np.testing.assert_allclose(fd.x, want.x, rtol=1e-5, atol=1e-6)
+
+    rhs = lambda t, y: s10.neural_rhs(torch.from_numpy(y)).numpy()  # noqa: E731
+    y0 = np.linspace(-1, 1, 24)
+    remote = solve_ivp(rhs, (0, 2), y0, method="BDF", jac=lambda t, y: sdk.jacobian("neural_rhs", y, sparsity="auto"),
+                       rtol=1e-8, atol=1e-10)
+    local = solve_ivp(rhs, (0, 2), y0, method="BDF", jac=lambda t, y: jac(s10.neural_rhs, y), rtol=1e-8, atol=1e-10)
+    assert remote.success and local.success
+    np.testing.assert_allclose(remote.y[:, -1], local.y[:, -1], rtol=1e-6, atol=1e-9)
+
+
+def test_sdk_sparse_hessian_drives_trust_constr(sdk):
+    """A partially separable objective, sum of f_i(x[i-1], x[i], x[i+1]): its Hessian
+    is pentadiagonal; the service's sparse Hessian
+    in ``minimize(method="trust-constr")`` reaches the minimum the dense in-process
+    Hessian does."""
+    n = 30
+    x0 = RNG.uniform(0.5, 1.5, n)
+    H = sdk.hessian("separable", x0, sparsity="auto")
+    t = torch.from_numpy(x0)
+    np.testing.assert_allclose(H.toarray(), torch.autograd.functional.hessian(s10.separable, t).numpy(), rtol=1e-12, atol=1e-12)
+    assert H.nnz == 5 * n - 6  # f_i couples x[i-1] with x[i+1] too: pentadiagonal
+    obj = remote_objective(sdk, "separable", sparsity="auto")
+    got = minimize(obj.fun, x0, jac=obj.jac, hess=obj.hess, method="trust-constr", options={"gtol": 1e-10})
+    f = lambda x: float(s10.separable(torch.from_numpy(x)))  # noqa: E731
+    g = lambda x: torch.func.grad(s10.separable)(torch.from_numpy(x)).numpy()  # noqa: E731
+    h = lambda x: torch.autograd.functional.hessian(s10.separable, torch.from_numpy(x)).numpy()  # noqa: E731
+    want = minimize(f, x0, jac=g, hess=h, method="trust-constr", options={"gtol": 1e-10})
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-6, atol=1e-8)
