@@ -36,6 +36,41 @@ def bordered(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.sum().reshape(1), (x**3).sum().reshape(1) - 2.0, local])
 
 
+_W3 = torch.tensor([[[1.0, -2.0, 1.0]]], dtype=torch.float64)
+
+
+def _bending(u: torch.Tensor) -> torch.Tensor:
+    """A rod's bending energy (its curvature by a 3-tap convolution), a quartic on-site
+    potential, and a coarse-grained smoothing term by 2-point average pooling."""
+    curvature = F.conv1d(u.reshape(1, 1, -1), _W3)
+    coarse = F.avg_pool1d(u.reshape(1, 1, -1), 2)
+    return 0.5 * (curvature**2).sum() + 0.25 * (u**4).sum() + (coarse**3).sum()
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="The force -dE/du of a rod's bending energy (conv1d, avg_pool1d): its Jacobian is E's Hessian.")
+def rod_force(u: torch.Tensor) -> torch.Tensor:
+    return -torch.func.grad(_bending)(u)
+
+
+def _field_energy(u: torch.Tensor) -> torch.Tensor:
+    """A field on an 8-wide periodic grid of rows: layer-normalised rows, a linear
+    upsampling, a reflection-padded gradient and a max-pooled penalty."""
+    rows = u.reshape(-1, 8)
+    normed = F.layer_norm(rows, (8,))
+    fine = F.interpolate(rows.unsqueeze(1), scale_factor=2, mode="linear", align_corners=False)
+    padded = F.pad(rows.unsqueeze(1), (1, 1), mode="reflect")
+    slope = padded[..., 1:] - padded[..., :-1]
+    peaks = F.max_pool1d(rows.unsqueeze(1), 2)
+    return (normed**3).sum() + (fine**3).sum() + (slope**4).sum() + (peaks**2).sum()
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="The gradient of a field energy through layer_norm, interpolate, reflection pad and max_pool1d.")
+def field_gradient(u: torch.Tensor) -> torch.Tensor:
+    return torch.func.grad(_field_energy)(u)
+
+
 def _mesh(nx: int, ny: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An unstructured triangulation of an nx x ny grid of points (diagonals in varying
     directions), as its edge list (each edge once) and the points' coordinates."""

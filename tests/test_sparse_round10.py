@@ -4,8 +4,9 @@ taken inside the function runs, and what a scientist computes (an unstructured m
 a kinetics network from a torch.sparse stoichiometry, a neural ODE with a
 block-diagonal weight, a partially separable objective) through the service and the
 SDK into SciPy. Every answer is compared with torch's reverse mode in this process
-(``torch.autograd.functional``: no vmap, which cannot run torch.sparse products), every
-nonzero stored, and the pattern no wider than the true nonzeros.
+(``torch.autograd.functional``, which needs no vmap: vmap cannot run torch.sparse
+products; ``torch.func.jacrev`` for the forces, whose gradients inside take seconds one
+row at a time), every nonzero stored, and the pattern no wider than the true nonzeros.
 
 One in-process app serves every case (no new server process); the SDK reaches it
 through an httpx transport.
@@ -65,6 +66,10 @@ def jac(f, x):
     return torch.autograd.functional.jacobian(lambda a: f(a).reshape(-1), t).reshape(-1, t.numel()).numpy()
 
 
+def jacrev(f, x):
+    return torch.func.jacrev(f)(torch.from_numpy(x)).reshape(-1, x.size).numpy()
+
+
 def entries(J):
     coo = sp.coo_array(J)
     return set(zip(coo.row.tolist(), coo.col.tolist()))
@@ -113,6 +118,31 @@ def test_a_bordered_block_diagonal_jacobian_by_bicolouring(client):
     J, meta = sparse(client, "bordered", x)
     assert_exact(J, meta, jac(s10.bordered, x))
     assert (meta["mode"], meta["products"]) == ("bidirectional", 6), meta
+
+
+# ------------------------------------------------------------------ backward ops inside
+
+
+def test_forces_through_summing_backward_ops_are_traced_exactly(client):
+    """A force computed inside the function as ``-torch.func.grad(E)`` runs the backward
+    ops of E's convolution, pooling, layer norm, upsampling, padding and max pooling
+    (``convolution_backward``, ``avg_pool2d_backward``, ``native_layer_norm_backward``,
+    ``upsample_linear1d_backward``, ``reflection_pad1d_backward``,
+    ``max_pool2d_with_indices_backward``): each sums the gradient over what its forward
+    op reached, and each was an unknown op taken as dense (every force on every
+    position: 24 and 32 products, exact false). Each is now the vector-Jacobian product
+    of its forward op's traced links: E's Hessian pattern, exactly."""
+    u = RNG.uniform(0.5, 1.5, 24)
+    J, meta = sparse(client, "rod_force", u)
+    assert_exact(J, meta, jacrev(s10.rod_force, u))
+    assert meta["products"] == 5, meta  # a pentadiagonal Hessian (the 3-tap curvature squared)
+    u = RNG.uniform(0.5, 1.5, 32)
+    J, meta = sparse(client, "field_gradient", u)
+    want = jacrev(s10.field_gradient, u)
+    np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+    assert set(zip(*np.nonzero(want))) <= entries(J) and meta["exact"] is True, meta
+    # rows of 8 stay apart (4 blocks of 8 x 8: max pooling's choices keep their window)
+    assert J.nnz == 4 * 64 and meta["products"] == 8, meta
 
 
 # ------------------------------------------------------------------ what a scientist computes

@@ -105,6 +105,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import exception_text
+from .adjoints import ADJOINTS, adjoint
 from .patterns import CHOICE_NOTE, Pattern, PatternTooLarge, check_entries as _check_entries, entry_limit
 
 __all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "SEEDED_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
@@ -169,7 +170,7 @@ _UNTAGGED_POINTWISE = frozenset(
     """complex polar _prelu_kernel log_sigmoid_forward hardswish elu_backward softplus_backward
     hardtanh_backward hardswish_backward hardsigmoid_backward leaky_relu_backward mish_backward
     log_sigmoid_backward softshrink_backward hardshrink_backward mse_loss_backward huber_loss_backward
-    smooth_l1_loss_backward binary_cross_entropy_backward""".split()
+    smooth_l1_loss_backward binary_cross_entropy_backward _prelu_kernel_backward""".split()
 )
 # Softmax's backward: an element on its line along ``dim`` of the gradient and the output.
 _LINE_BACKWARD = frozenset("_softmax_backward_data _log_softmax_backward_data".split())
@@ -572,6 +573,8 @@ class _Tracer:
             return self.loss(func, name, args, kwargs, out)
         if name in _LINE_BACKWARD and _float(out):
             return self.line_backward(func, name, args, kwargs, out)
+        if name in ADJOINTS:
+            return self.adjoint(func, name, args, kwargs, out, traced)
         if name == "nll_loss_forward" and args[0].dim() in (1, 2):
             return self.nll_loss(func, args, kwargs, out)
         if name in _NORMS and isinstance(out, (tuple, list)):
@@ -1082,6 +1085,83 @@ class _Tracer:
         if self.hessian:
             hess = _union([h for h in (self.hess_of(args[:2]), self.pairs(deps)) if h is not None], self.n, self.n)
         return self.wrap(out, deps, hess)
+
+    def adjoint(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any, traced: Sequence[_Traced]) -> Any:
+        """A backward op that sums (``convolution_backward``, the pooling, padding,
+        upsampling and normalization backwards, ...: see :mod:`.adjoints`): the
+        vector-Jacobian product of its forward op ``F``. ``F`` is traced on its own, each
+        of its differentiated arguments ``z`` with one dependency per element, which
+        gives its links ``L`` (outputs x ``z``) and pairs ``H``; then
+        ``grad_z = L^T deps(g)``, and where ``F`` is not linear also
+        ``((L^T L) o H) deps(z)``: element ``k`` reads the arguments that meet it in the
+        second derivative of an output that reaches it."""
+        a, mask = adjoint(func, args, kwargs)
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        # (a gradient the op was not asked for may still come back, empty or zeros)
+        asked = {a.wrt[i] for i, o in enumerate(outs) if i < len(a.wrt) and _float(o) and (mask is None or mask[i])}
+        primal = [i for i, v in enumerate(a.args) if isinstance(v, torch.Tensor) and _float(v) and _strided(v)
+                  and (i in asked or (isinstance(v, _Traced) and not v.root.const))]
+        sizes = [int(a.args[i].numel()) for i in primal]
+        sub = _Tracer(sum(sizes), True)
+        fargs, offset = list(a.args), 0
+        for i, size in zip(primal, sizes):
+            v = a.args[i]
+            value = (v.value if isinstance(v, _Traced) else v).detach().contiguous().clone()
+            eye = sp.csr_array((np.ones(size, np.float32), (np.arange(size), offset + np.arange(size))), shape=(size, sub.n))
+            fargs[i] = sub.wrap(value, eye, None)
+            offset += size
+        for i, v in enumerate(fargs):
+            if i in primal or not isinstance(v, _Traced):
+                continue
+            # a constant's values are structure (a kernel's zero taps); indices computed
+            # from the inputs stay traced, so that the forward op's reading them is seen
+            fargs[i] = v.value if v.root.const else sub.valued(v.value)
+        with torch.enable_grad():
+            fout = a.forward(*fargs)
+        if a.pick is not None:
+            fout = fout[a.pick]
+        for why in sub.value_reads:
+            self.reads(why)
+        self.choices |= sub.choices
+        self.densified |= sub.densified
+        if sub.unknown or not isinstance(fout, _Traced):
+            return self.dense(name, traced, out)
+        links = sp.csr_array(sub.deps(fout))  # F's outputs x z
+        reach = links.T.tocsr()
+        own = [self.deps(a.args[i]) for i in primal]
+        extra = _empty(sizes[0] if primal else 0, self.n)
+        if primal and primal[0] == 0:  # statistics the forward op computed from its first argument
+            extra = _union([_select(self.deps(s), index()) for s, index in a.saved], sizes[0], self.n)
+            own[0] = _ones(own[0] + extra)
+        grads = reach @ self.deps(a.grad, tuple(fout.shape))
+        pairs = fout.root.hess
+        if not a.linear and pairs is not None and pairs.nnz and primal:
+            per_out = np.diff(links.indptr).astype(np.int64)
+            _check_entries(int((per_out * per_out).sum()), f"{name} (arguments meeting in its forward op)")
+            meet = _ones(reach @ links).multiply(pairs)
+            grads = grads + _ones(meet) @ sp.vstack(own, format="csr")
+        grads = _ones(grads)
+        starts = dict(zip(primal, np.cumsum([0] + sizes[:-1]).tolist()))
+        hess = None
+        if self.hessian:
+            parts = [self.hess_of(traced)] + ([] if a.linear else [self.pairs(grads)])
+            parts = [p for p in parts if p is not None]
+            hess = _union(parts, self.n, self.n) if parts else None
+        wrapped = []
+        for i, o in enumerate(outs):
+            at = a.wrt[i] if i < len(a.wrt) else None
+            if not _float(o):
+                wrapped.append(o)
+            elif mask is not None and not mask[i]:
+                wrapped.append(self.wrap(o, _empty(o.numel(), self.n)))
+            elif at in starts and a.args[at].numel() == o.numel():
+                deps = grads[starts[at] : starts[at] + o.numel()]
+                if at == 0 and extra.nnz:
+                    deps = _ones(deps + extra)
+                wrapped.append(self.wrap(o, deps, hess))
+            else:  # (no forward argument to read it from)
+                wrapped.append(self.dense(name, traced, o))
+        return type(out)(wrapped) if isinstance(out, (tuple, list)) else wrapped[0]
 
     def nll_loss(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
         """``nll_loss`` (``cross_entropy`` after its ``log_softmax``): sample ``i``'s term
