@@ -120,6 +120,28 @@ def test_a_bordered_block_diagonal_jacobian_by_bicolouring(client):
     assert (meta["mode"], meta["products"]) == ("bidirectional", 6), meta
 
 
+def test_a_bicolouring_from_the_disk_cache_and_a_declared_pattern_checked_on_both_sides(tmp_path):
+    """A bicolouring read back from ``SPARSITY_CACHE_DIR`` (its map rebuilt from the
+    colours and checked) gives the same matrix; a declared arrowhead missing one entry,
+    in the part its VJP reads or in the part its JVPs read, is proven wrong by the
+    products (a 422 through the service), never answered with mixed-up values."""
+    from jacobian_service.sparsity import PatternCache, coo, sparse_jacobian
+    from jacobian_service.sparsity.compute import PatternMismatch
+
+    x = torch.from_numpy(RNG.uniform(0.5, 1.5, 12))
+    want = jac(s10.arrowhead, x.numpy())
+    sparse_jacobian(s10.arrowhead, [x], cache=PatternCache(tmp_path))
+    again = sparse_jacobian(s10.arrowhead, [x], cache=PatternCache(tmp_path))
+    assert again.timings["cached"] == "disk" and again.mode == "bidirectional"
+    np.testing.assert_allclose(again.matrix.toarray(), want, rtol=1e-12, atol=1e-12)
+    rows, cols = np.nonzero(want)
+    assert sparse_jacobian(s10.arrowhead, [x], pattern=coo(rows, cols, want.shape)).mode == "bidirectional"
+    for missing in ((0, 7), (5, 0), (5, 5)):  # the dense row's (a VJP), the dense column's, the diagonal's (JVPs)
+        keep = ~((rows == missing[0]) & (cols == missing[1]))
+        with pytest.raises(PatternMismatch):
+            sparse_jacobian(s10.arrowhead, [x], pattern=coo(rows[keep], cols[keep], want.shape))
+
+
 # ------------------------------------------------------------------ backward ops inside
 
 
