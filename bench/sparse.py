@@ -1,7 +1,9 @@
 """``python -m bench.sparse [--quick] [--rounds N] [--torch-threads T] [--service]``: sparse
 vs dense derivatives, in process (no HTTP), side by side, with asdex (JAX) as a peer when
 installed; ``--service`` adds the same sparse calls through a real ``serve`` process (SDK,
-binary ``.npz`` answers), against the in-process dense ``jacrev`` of the same run.
+binary ``.npz`` answers), against the in-process dense ``jacrev`` of the same run;
+``--large N`` times only a bandwidth-20 band and a partially separable Hessian at n = N
+(dense estimated from 256 of its products: at n = 100,000 it would not fit in memory).
 
 Cases (issue 11): lorenz96 at n = 8192 (periodic band), one reaction-diffusion step on a
 128 x 128 grid (5-point stencil), and the sparse Hessian of a separable-plus-banded
@@ -41,6 +43,64 @@ def median_time(fn: Callable[[], Any], rounds: int) -> tuple[float, Any]:
 def hessian_objective(x: torch.Tensor) -> torch.Tensor:
     """Chained Rosenbrock (banded) plus a separable quartic: a tridiagonal Hessian."""
     return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum() + (x**4).sum()
+
+
+_BAND = torch.linspace(-1.0, 1.0, 21).reshape(1, 1, 21)
+
+
+def banded20(x: torch.Tensor) -> torch.Tensor:
+    """A band of bandwidth 20 (offsets -10..10, not periodic): a 21-tap convolution of
+    a pointwise nonlinearity, as a nonlocal diffusion term is discretised."""
+    return torch.nn.functional.conv1d(torch.sin(x).reshape(1, 1, -1), _BAND.to(x.dtype), padding=10).reshape(-1) - x**3
+
+
+def separable(x: torch.Tensor) -> torch.Tensor:
+    """A partially separable objective, sum of f_i(x[i-1], x[i], x[i+1]): a pentadiagonal
+    Hessian (f_i couples x[i-1] with x[i+1] too)."""
+    a, b, c = x[:-2], x[1:-1], x[2:]
+    return ((b - a * c) ** 2 + 0.1 * (a + b + c) ** 4).sum() + (x**2).sum()
+
+
+def dense_estimate(fn: Callable[..., Any], x: torch.Tensor, kind: str, rows: int = 256) -> float:
+    """Seconds dense ``jacrev`` (``hessian``'s ``jacfwd(jacrev)``) would take at this n,
+    from ``rows`` of its products (VJPs, or HVPs) vmapped as torch does and scaled to n:
+    the dense matrix itself (n x n) would not fit in memory at n = 100,000."""
+    n = x.numel()
+    if kind == "hessian":
+        grad = torch.func.grad(fn)
+        product = lambda v: torch.func.jvp(grad, (x,), (v,))[1]  # noqa: E731
+    else:
+        _, pullback = torch.func.vjp(fn, x)
+        product = lambda v: pullback(v)[0]  # noqa: E731
+    basis = torch.eye(rows, n, dtype=x.dtype)
+    t0 = time.perf_counter()
+    torch.func.vmap(product)(basis)
+    return (time.perf_counter() - t0) * n / rows
+
+
+def large_cases(n: int, rounds: int) -> list[Row]:
+    """Round 10: a band of bandwidth 20 (Jacobian) and a partially separable objective
+    (Hessian) at ``n``: sparse calls (pattern cached) against dense ``jacrev`` estimated
+    from 256 of its products."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for label, fn, kind, dtype in (("band 20 (21 diagonals)", banded20, "jacobian", torch.float32),
+                                   ("separable Hessian", separable, "hessian", torch.float64)):
+        x = torch.rand(n, generator=gen, dtype=dtype) + 0.5
+        cache = PatternCache()
+        call = (lambda: sparse_hessian(fn, [x], cache=cache, name=label)) if kind == "hessian" else \
+            (lambda: sparse_jacobian(fn, [x], cache=cache, name=label))
+        # (a small call first: the process's first products and traces pay torch's warm-up)
+        (sparse_hessian if kind == "hessian" else sparse_jacobian)(fn, [x[:64]], cache=PatternCache(), name="warm-up")
+        t0 = time.perf_counter()
+        first = call()
+        first_s = time.perf_counter() - t0
+        sparse_s, got = median_time(call, rounds)
+        dense_s = dense_estimate(fn, x, kind)
+        rows.append({"case": label, "n": n, "nnz": got.matrix.nnz, "mode": got.mode, "colors": got.n_products,
+                     "first_s": first_s, "sparse_s": sparse_s, "dense_s": dense_s, "ratio": dense_s / sparse_s,
+                     "plan_first_s": first.timings["plan_s"]})
+    return rows
 
 
 def _ms(s: float) -> str:
@@ -193,9 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--no-asdex", action="store_true")
     p.add_argument("--service", action="store_true", help="also time the sparse calls through a real server")
+    p.add_argument("--large", type=int, default=0, metavar="N",
+                   help="only the round-10 cases at n = N (a bandwidth-20 band, a separable Hessian)")
     args = p.parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    if args.large:
+        print(f"# sparse vs dense at n = {args.large:,} (torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
+              "dense estimated from 256 products)\n")
+        print("| case | n | nnz | mode | products | first call | sparse | dense jacrev (est.) | ratio |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in large_cases(args.large, args.rounds):
+            print(f"| {r['case']} | {r['n']:,} | {r['nnz']:,} | {r['mode']} | {r['colors']} | {_ms(r['first_s'])} "
+                  f"| {_ms(r['sparse_s'])} | {_ms(r['dense_s'])} | {r['ratio']:,.0f}x |")
+        return 0
     n_lorenz, grid, n_hess = (512, 24, 256) if args.quick else (8192, 128, 4096)
     builtins = Registry.from_modules()
     lorenz, rd = builtins.get("lorenz96"), builtins.get("reaction_diffusion")
