@@ -262,3 +262,18 @@ def test_bicolouring_is_tried_only_where_a_dense_line_stands_out(monkeypatch):
     cols = np.r_[np.arange(n), np.zeros(n - 1, int), np.arange(1, n)]
     got = choose_coloring(Pattern((n, n), rows, cols))
     assert (got.mode, got.n_colors) == ("bidirectional", 3)
+
+
+def test_hessian_colourings_match_sparsematrixcolorings_counts_on_bands():
+    """SparseMatrixColorings.jl's published counts (its test/theory.jl, after Gebremedhin,
+    Tarafdar, Pothen, Walther 2009) for a symmetric band with rho off-diagonal bands:
+    star colouring 2 floor(rho/2) + 1 colours, acyclic floor(rho/2) + 1. The service's
+    star and acyclic colourings reach both (rho = 10: 11 and 6; rho = 20: 21 and 11).
+    A guard on colouring quality, not a fix."""
+    from jacobian_service.sparsity import banded
+    from jacobian_service.sparsity.coloring import acyclic_coloring, star_coloring
+
+    for rho in (10, 20):
+        p = banded(rho // 2, rho // 2).build([(300,)], 300)
+        assert star_coloring(p).n_colors == 2 * (rho // 2) + 1
+        assert acyclic_coloring(p).n_colors == rho // 2 + 1
