@@ -277,3 +277,31 @@ def test_hessian_colourings_match_sparsematrixcolorings_counts_on_bands():
         p = banded(rho // 2, rho // 2).build([(300,)], 300)
         assert star_coloring(p).n_colors == 2 * (rho // 2) + 1
         assert acyclic_coloring(p).n_colors == rho // 2 + 1
+
+
+def test_a_constant_mask_in_masked_fill_is_structure():
+    """Dirichlet rows written with ``masked_fill`` on a constant boundary mask
+    (``laplacian.masked_fill(boundary, 0) + boundary * (u - g)``) kept each boundary
+    row's periodic neighbours (stored zeros, an extra product), and a fill value that is
+    traced reached every element, masked or not; ``torch.where`` on a constant condition
+    already added nothing from the branch it does not pick. Now the masked places read
+    the fill value alone and the others ``self`` alone, as jacrev's nonzeros are."""
+    from jacobian_service.sparsity import sparse_jacobian
+
+    n = 12
+    boundary = torch.zeros(n, dtype=torch.bool)
+    boundary[[0, n - 1]] = True
+
+    def dirichlet(u):
+        laplacian = u.roll(1) + u.roll(-1) - 2 * u
+        return laplacian.masked_fill(boundary, 0.0) + boundary * (u - 1.0)
+
+    def pinned(u):  # the boundary held at the first interior value
+        return torch.sin(u).masked_fill(boundary, 0.0).masked_fill(boundary, u[1])
+
+    for f in (dirichlet, pinned):
+        u = torch.from_numpy(RNG.uniform(0.5, 1.5, n))
+        got = sparse_jacobian(f, [u])
+        want = torch.func.jacrev(f)(u).numpy()
+        np.testing.assert_allclose(got.matrix.toarray(), want, rtol=1e-12, atol=1e-12)
+        assert entries(got.matrix) == set(zip(*np.nonzero(want))), (f.__name__, got.matrix.nnz, int((want != 0).sum()))

@@ -692,12 +692,12 @@ class _Tracer:
         return self.wrap(o, deps, hess)
 
     def kept(self, name: str, args: Any, operand: "_Traced", shape: tuple[int, ...]) -> np.ndarray | None:
-        """Where ``operand`` can reach the result of ``mul`` or ``where`` given a constant
-        other argument (one the function made from nothing, or a tensor it holds: the
-        same values at every point, as matmul's constant zeros): not where it is
-        multiplied by a constant zero, nor where a constant condition picks the other
-        branch (a boundary mask: ``torch.where(interior, laplacian, u - g)``). None:
-        everywhere."""
+        """Where ``operand`` can reach the result of ``mul``, ``where`` or ``masked_fill``
+        given a constant other argument (one the function made from nothing, or a tensor
+        it holds: the same values at every point, as matmul's constant zeros): not where
+        it is multiplied by a constant zero, nor where a constant condition picks the
+        other branch (a boundary mask: ``torch.where(interior, laplacian, u - g)``,
+        ``u.masked_fill(boundary, 0)``). None: everywhere."""
         def constant(a: Any) -> bool:
             return isinstance(a, torch.Tensor) and _strided(a) and (not isinstance(a, _Traced) or a.root.const)
 
@@ -714,6 +714,12 @@ class _Tracer:
                 return values(args[0])
             if args[2] is operand and args[1] is not operand:
                 return ~values(args[0])
+        if name == "masked_fill" and len(args) >= 3 and constant(args[1]) and args[1].dtype == torch.bool:
+            # (self where the constant mask is off, the fill value where it is on)
+            if args[0] is operand and args[2] is not operand:
+                return ~values(args[1])
+            if args[2] is operand and args[0] is not operand:
+                return values(args[1])
         return None
 
     def movement(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
