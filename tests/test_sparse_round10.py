@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 from scipy.integrate import solve_ivp
 from scipy.optimize import least_squares, minimize
 from starlette.testclient import TestClient
@@ -305,3 +306,31 @@ def test_a_constant_mask_in_masked_fill_is_structure():
         want = torch.func.jacrev(f)(u).numpy()
         np.testing.assert_allclose(got.matrix.toarray(), want, rtol=1e-12, atol=1e-12)
         assert entries(got.matrix) == set(zip(*np.nonzero(want))), (f.__name__, got.matrix.nnz, int((want != 0).sum()))
+
+
+def test_a_segmentation_loss_keeps_its_pixels_apart():
+    """``cross_entropy`` over an image (logits ``(N, C, H, W)``, a class per pixel) runs
+    ``nll_loss2d_forward`` (and a gradient of it inside the function
+    ``nll_loss2d_backward``): unknown ops, every pixel's loss on every logit (108
+    entries for 15 on a 2 x 3 image of 3 classes with one ignored pixel, exact false).
+    Now each pixel's term reads its target class's logit there, as ``nll_loss`` does for
+    a batch of samples; its gradient is traced as nll_loss2d_forward's adjoint."""
+    from jacobian_service.sparsity import sparse_jacobian
+
+    target = torch.tensor([[[0, 1, 2], [1, 0, -100]]])
+    weight = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+
+    def per_pixel(x):
+        return F.cross_entropy(x.reshape(1, 3, 2, 3), target, ignore_index=-100, reduction="none")
+
+    def gradient(x):
+        return torch.func.grad(lambda y: F.cross_entropy(y.reshape(1, 3, 2, 3), target, weight=weight))(x)
+
+    for f in (per_pixel, gradient):
+        x = torch.from_numpy(RNG.uniform(0.5, 1.5, 18))
+        got = sparse_jacobian(f, [x])
+        want = torch.func.jacrev(f)(x).reshape(-1, 18).numpy()
+        np.testing.assert_allclose(got.matrix.toarray(), want, rtol=1e-12, atol=1e-12)
+        assert set(zip(*np.nonzero(want))) <= entries(got.matrix) and got.pattern.exact, got.pattern.notes
+    assert got.matrix.nnz <= 54  # the ignored pixel's line: log_softmax's backward reads it
+    assert sparse_jacobian(per_pixel, [x]).matrix.nnz == 5 * 3  # each pixel on its 3 logits; the ignored one on none

@@ -167,12 +167,15 @@ def _grid_sampler(forward: Any) -> Callable[[dict[str, Any]], Adjoint]:
     return build
 
 
-def _nll_loss(n: dict[str, Any]) -> Adjoint:
-    x = n["self"]
-    args = [x, n["target"], n["weight"], n["reduction"], n["ignore_index"]]
-    total = n["total_weight"]
-    return Adjoint(aten.nll_loss_forward.default, args, n["grad_output"], [0], pick=0, linear=True,
-                   saved=[(total, _broadcast(total, tuple(x.shape), (1,) * x.dim()))])
+def _nll_loss(forward: Any) -> Callable[[dict[str, Any]], Adjoint]:
+    def build(n: dict[str, Any]) -> Adjoint:
+        x = n["self"]
+        args = [x, n["target"], n["weight"], n["reduction"], n["ignore_index"]]
+        total = n["total_weight"]
+        return Adjoint(forward, args, n["grad_output"], [0], pick=0, linear=True,
+                       saved=[(total, _broadcast(total, tuple(x.shape), (1,) * x.dim()))])
+
+    return build
 
 
 def _table() -> dict[str, Callable[[dict[str, Any]], Adjoint]]:
@@ -204,7 +207,8 @@ def _table() -> dict[str, Callable[[dict[str, Any]], Adjoint]]:
         "native_group_norm_backward": _group_norm,
         "grid_sampler_2d_backward": _grid_sampler(aten.grid_sampler_2d.default),
         "grid_sampler_3d_backward": _grid_sampler(aten.grid_sampler_3d.default),
-        "nll_loss_backward": _nll_loss,
+        "nll_loss_backward": _nll_loss(aten.nll_loss_forward.default),
+        "nll_loss2d_backward": _nll_loss(aten.nll_loss2d_forward.default),
     }
     for name, rest in (("upsample_linear1d", ("align_corners", "scales")),
                        ("upsample_bilinear2d", ("align_corners", "scales_h", "scales_w")),

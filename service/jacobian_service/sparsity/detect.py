@@ -575,7 +575,7 @@ class _Tracer:
             return self.line_backward(func, name, args, kwargs, out)
         if name in ADJOINTS:
             return self.adjoint(func, name, args, kwargs, out, traced)
-        if name == "nll_loss_forward" and args[0].dim() in (1, 2):
+        if (name == "nll_loss_forward" and args[0].dim() in (1, 2)) or (name == "nll_loss2d_forward" and args[0].dim() == 4):
             return self.nll_loss(func, args, kwargs, out)
         if name in _NORMS and isinstance(out, (tuple, list)):
             return self.normalize(func, name, args, kwargs, out)
@@ -1172,7 +1172,8 @@ class _Tracer:
     def nll_loss(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
         """``nll_loss`` (``cross_entropy`` after its ``log_softmax``): sample ``i``'s term
         is ``-w[t_i] x[i, t_i]``, its target class's element alone (none where ``t_i`` is
-        ``ignore_index``); reduced, the terms' sum. Linear in ``x``; torch does not
+        ``ignore_index``; ``nll_loss2d``, a segmentation's: each pixel's term its target
+        class's element at that pixel); reduced, the terms' sum. Linear in ``x``; torch does not
         differentiate the weights. Targets computed from values or given as an input
         make the pattern value-dependent."""
         names = [a.name for a in func._schema.arguments]
@@ -1186,9 +1187,13 @@ class _Tracer:
         if isinstance(target, _Traced):
             self.reads("nll_loss: class indices computed from values or given as an input")
         t = (target.value if isinstance(target, _Traced) else target).reshape(-1).cpu().numpy().astype(np.int64)
-        classes = x.shape[-1]
+        # classes along dim 1 (dim 0 of one sample), then the places (nll_loss2d: H x W)
+        classes = x.shape[1] if x.dim() >= 2 else x.shape[0]
+        places = math.prod(x.shape[2:])
         keep = (t != ignore) & (t >= 0) & (t < classes)
-        terms = _select(self.deps(x), np.where(keep, np.arange(t.size) * classes + t, -1))
+        at = np.arange(t.size)
+        sample, place = at // places, at % places
+        terms = _select(self.deps(x), np.where(keep, (sample * classes + t) * places + place, -1))
         if reduction != 0:
             terms = _ones(sp.csr_array(np.asarray(terms.sum(axis=0)).reshape(1, -1)))
         output, total_weight = out
