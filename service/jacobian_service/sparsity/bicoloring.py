@@ -69,7 +69,7 @@ def _peeled(p: Pattern, k: int, check_alive: Check) -> tuple[np.ndarray, np.ndar
     sent to reverse mode; -1 where a column or row is not seeded."""
     from .coloring import column_coloring, row_coloring
 
-    m, n = p.shape
+    m = p.shape[0]
     order = np.argsort(-_counts(p.rows, m), kind="stable")
     peeled = np.zeros(m, bool)
     peeled[order[:k]] = True
@@ -97,7 +97,6 @@ def _side(p: Pattern, fewer_than: int, check_alive: Check) -> tuple[np.ndarray, 
 def bicoloring(p: Pattern, fewer_than: int, *, check_alive: Check = None):  # -> Coloring | None
     """A bidirectional colouring of ``p`` with fewer than ``fewer_than`` products (JVPs
     and VJPs together), or None where none of the peelings tried has that few."""
-    m, n = p.shape
     if not p.nnz or fewer_than <= 2:  # both sides take a product each: never below 2
         return None
     rows = _side(p, fewer_than, check_alive)
