@@ -41,6 +41,7 @@ there are none, one ``evaluate`` at zeros of one example's shapes learns them.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import threading
@@ -51,10 +52,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._errors import APIError, FunctionError
-from ._protocol import _is_input_node
 
-__all__ = ["Remade", "RemoteOps", "Tree", "check_sync_client", "flatten", "is_number", "leaves_like",
-           "lacks_forward_mode", "no_forward_mode", "refuse_pytree_parameters", "unflatten", "with_hint"]
+__all__ = ["LEAF", "Remade", "RemoteOps", "Tree", "check_sync_client", "flatten", "is_number", "leaves_like",
+           "lacks_forward_mode", "no_forward_mode", "per_argnum", "unflatten", "with_hint"]
 
 
 def check_sync_client(client: Any) -> None:
@@ -105,14 +105,6 @@ def _remake(make: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 # --------------------------------------------------------------------------- trees
-
-
-def refuse_pytree_parameters(name: str, inputs: Sequence[Any]) -> None:
-    """The adapters take one array per parameter: a pytree parameter (what the client
-    would send as one, a dict or a list/tuple of arrays) is refused by name."""
-    if any(_is_input_node(x) for x in inputs):
-        raise TypeError(f"remote({name!r}) takes one array per parameter; pytree parameters (dicts, "
-                        "tuples of arrays) are not supported here: use Client.jacobian/vjp/jvp, which nest over them")
 
 
 @dataclass(frozen=True)
@@ -197,11 +189,12 @@ def _in_order(tree: Any, spec: Tree) -> list[Any]:
     return leaves if leaves is not None else flatten(tree)[0]
 
 
-def _per_argnum(out_tree: Tree, n_arg: int) -> Tree:
-    """A Jacobian's structure: ``out_tree`` with a tuple over the argnums at each leaf."""
+def per_argnum(out_tree: Tree, n_arg: int, children: tuple[Tree, ...] | None = None) -> Tree:
+    """A Jacobian's structure: ``out_tree`` with a tuple over the argnums at each leaf,
+    each entry ``children[a]`` (the argnum's own structure: a pytree parameter's) or a leaf."""
     if out_tree.kind == "leaf":
-        return Tree("tuple", (LEAF,) * n_arg)
-    return Tree(out_tree.kind, tuple(_per_argnum(c, n_arg) for c in out_tree.children), out_tree.keys)
+        return Tree("tuple", children if children is not None else (LEAF,) * n_arg)
+    return Tree(out_tree.kind, tuple(per_argnum(c, n_arg, children) for c in out_tree.children), out_tree.keys)
 
 
 def _is_array(leaf: Any) -> bool:
@@ -268,9 +261,39 @@ class RemoteOps:
         self._templates_lock = threading.Lock()
         # False once an hvp (a jvp) failed where the Hessian (the Jacobian) answered: no
         # forward-mode rule (no_forward_mode)
-        self._hvp_works = True
-        self._jvp_works = True
+        self._works = {"hvp": True, "jvp": True}  # shared with the layouts' views (for_layout)
         self._names: tuple[str, ...] | None = None  # the inputs' names, asked on the first keyword call
+        self._layout: Any = None  # a _params.Layout: pytree parameters, translated at the wire (for_layout)
+        self._views: dict[Any, RemoteOps] = {}
+
+    def for_layout(self, layout: Any) -> RemoteOps:
+        """These ops for inputs with pytree parameters (``_params.Layout``; None: one array
+        per parameter, these very ops): every operation then takes one input per leaf, and
+        each request goes out by parameter. One view per layout, kept (a JAX primitive's
+        parameter, by identity), with its own signatures (the leaves' shapes alone do not
+        say which parameter holds them) and the forward-mode findings of these."""
+        if layout is None:
+            return self
+        with self._templates_lock:
+            view = self._views.get(layout)
+            if view is None:
+                view = copy.copy(self)  # shares the client, the names and _works
+                view._layout, view._views = layout, {}
+                view._templates, view._templates_lock = {}, threading.Lock()
+                vars(view).pop("stash", None)  # a subclass's answer for one call (jax's) is not the view's
+                self._views[layout] = view
+            return view
+
+    def _request(self, kind: str, inputs: Sequence[Any], options: dict[str, Any], vectors: Any = None,
+                 out_tree: Tree | None = None) -> dict[str, Any]:
+        """One request of this function, by parameter on the wire (see ``for_layout``)."""
+        if self._layout is None:
+            return self.client._parts(kind, self.name, list(inputs), options, vectors=vectors)
+
+        def send(kind: str, params: list[Any], options: dict[str, Any], vectors: Any) -> dict[str, Any]:
+            return self.client._parts(kind, self.name, params, options, vectors=vectors)
+
+        return self._layout.request(send, kind, inputs, options, vectors, out_tree)
 
     # ----------------------------------------------------------------- keyword inputs
 
@@ -316,7 +339,7 @@ class RemoteOps:
         signature = batch.signature()
         if batched and math.prod(batch_shape) == 0:
             return self._template(signature).empty(batch_shape)
-        parts = self.client._parts("evaluate", self.name, flat, batch.options())
+        parts = self._request("evaluate", flat, batch.options())
         outputs, out_tree = flatten(parts["value"])
         outputs = [_split_batch(np.asarray(o), batch_shape) for o in outputs]
         aux: list[Any] = []
@@ -400,7 +423,7 @@ class RemoteOps:
         vecs = [np.transpose(v, order + list(range(lead, v.ndim))) for v in vecs]
         p_shape = vecs[0].shape[:batch_ndim] if vecs else ()
         v_shape = vecs[0].shape[batch_ndim:lead] if vecs else ()
-        if batch_ndim == 0 and mode == "jvp" and not self._jvp_works:
+        if batch_ndim == 0 and mode == "jvp" and not self._works["jvp"]:
             results = self._jvp_by_jacobian(inputs, argnums, vecs, out_tree, v_shape)
         elif batch_ndim == 0:
             try:
@@ -412,7 +435,7 @@ class RemoteOps:
                     results = self._jvp_by_jacobian(inputs, argnums, vecs, out_tree, v_shape)
                 except APIError:
                     raise exc from None  # the function fails here whatever the mode: its own error
-                self._jvp_works = False
+                self._works["jvp"] = False
                 no_forward_mode(self.name, "jvp", exc, "Jacobian (reverse mode), contracted on the client")
         else:
             results = self._linear_by_jacobian(mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape, v_shape,
@@ -443,7 +466,7 @@ class RemoteOps:
             vec_tree = tuple(stacked)
             key = "tangents"
         options = {"argnums": tuple(argnums), "batched_vectors": many}
-        parts = self.client._parts(mode, self.name, list(inputs), options, vectors=(key, vec_tree))
+        parts = self._request(mode, list(inputs), options, vectors=(key, vec_tree))
         leaves = _in_order(parts["value"], out_tree) if mode == "jvp" else flatten(parts["value"])[0]
         leaves = [np.asarray(r) for r in leaves]
         return [r.reshape((*v_shape, *r.shape[1:])) if many else r for r in leaves]
@@ -466,9 +489,9 @@ class RemoteOps:
         """Per-example products with batched inputs: one batched Jacobian request,
         contracted here with each example's vectors."""
         batch = _merge_batch(inputs, batch_ndim, shared)
-        parts = self.client._parts("jacobian", self.name, batch.flat, {"argnums": tuple(argnums), **batch.options()})
+        parts = self._request("jacobian", batch.flat, {"argnums": tuple(argnums), **batch.options()}, out_tree=out_tree)
         n_out, n_arg = out_tree.num_leaves, len(argnums)
-        leaves = _in_order(parts["value"], _per_argnum(out_tree, n_arg))  # outputs outer, argnums inner
+        leaves = _in_order(parts["value"], per_argnum(out_tree, n_arg))  # outputs outer, argnums inner
         if len(leaves) != n_out * n_arg:
             raise ValueError(f"unexpected Jacobian structure: {len(leaves)} blocks for {n_out} x {n_arg}")
         P = math.prod(p_shape)
@@ -572,7 +595,7 @@ class RemoteOps:
                         raise
                     raise hvp_error from None  # the function fails here whatever the strategy: its own error
                 if hvp_error is not None:
-                    self._hvp_works = False
+                    self._works["hvp"] = False
                     no_forward_mode(self.name, "hvp", hvp_error, "Hessian, contracted on the client")
                 results = []
                 for j in other_argnums:
@@ -611,7 +634,7 @@ class RemoteOps:
                     raise
                 raise hvp_error from None
             if hvp_error is not None:
-                self._hvp_works = False
+                self._works["hvp"] = False
                 no_forward_mode(self.name, "hvp", hvp_error, "Hessian, contracted on the client")
             results = []
             for k in range(n_out):
@@ -640,7 +663,7 @@ class RemoteOps:
         pairs too (a jvp's jvp: ``jacfwd(jacfwd(f))``'s ``n^2`` pairs are the Hessian). Never
         once an hvp of this function failed where its Hessian answered (no forward-mode
         rule: see ``no_forward_mode``)."""
-        if not self._hvp_works:
+        if not self._works["hvp"]:
             return False
         m = sum(math.prod(s) for s in out_shapes)
         n = sum(math.prod(in_shapes[a]) for a in set(vec_argnums) | set(other_argnums))
@@ -671,7 +694,7 @@ class RemoteOps:
             stacked = [c.reshape((V, *c.shape[len(v_shape):])) if many else c for c in cots]
             vectors.append(("cotangents", unflatten(out_tree, stacked)))
         options = {"argnums": tuple(union), "batched_vectors": many}
-        parts = self.client._parts("hvp", self.name, list(inputs), options, vectors=vectors)
+        parts = self._request("hvp", list(inputs), options, vectors=vectors)
         leaves = [np.asarray(r) for r in flatten(parts["value"])[0]]
         if len(leaves) != len(union):
             raise ValueError(f"unexpected hvp structure: {len(leaves)} results for {len(union)} inputs")
@@ -721,8 +744,8 @@ class RemoteOps:
         ``union[b]``, from one hessian request (batched: one per example)."""
         union = sorted(set(vec_argnums) | set(other_argnums))
         n = len(union)
-        parts = self.client._parts("hessian", self.name, batch.flat, {"argnums": tuple(union), **batch.options()})
-        leaves = [np.asarray(b) for b in _in_order(parts["value"], _per_argnum(_per_argnum(out_tree, n), n))]
+        parts = self._request("hessian", batch.flat, {"argnums": tuple(union), **batch.options()}, out_tree=out_tree)
+        leaves = [np.asarray(b) for b in _in_order(parts["value"], per_argnum(per_argnum(out_tree, n), n))]
         if len(leaves) != out_tree.num_leaves * n * n:
             raise ValueError(f"unexpected Hessian structure: {len(leaves)} blocks for "
                              f"{out_tree.num_leaves} x {n} x {n}")

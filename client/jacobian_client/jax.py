@@ -76,8 +76,8 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from ._errors import APIError, FunctionNotFound
-from ._remote import (Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like, refuse_pytree_parameters,
-                      unflatten, with_hint)
+from ._params import split_params
+from ._remote import Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like, unflatten, with_hint
 
 __all__ = ["remote"]
 
@@ -87,15 +87,18 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
     :class:`jacobian_client.Client`). ``out_shape``: the output's structure with
     ``jax.ShapeDtypeStruct`` leaves, to skip the shape probe (functions without aux; it
     applies to every input signature)."""
-    ops = _Ops(client, name)
+    base_ops = _Ops(client, name)
     known: dict[Any, _Shapes] = {}
     given = None if out_shape is None else _shapes_from_struct(out_shape)
 
     def fn(*inputs: Any, **named: Any) -> Any:
-        inputs = ops.bind(inputs, named)  # by name too: the names asked once, on the first keyword call
-        refuse_pytree_parameters(name, inputs)
-        arrays = [jnp.asarray(x) if not isinstance(x, jax_core.Tracer) else x for x in inputs]
-        key = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in arrays)
+        inputs = base_ops.bind(inputs, named)  # by name too: the names asked once, on the first keyword call
+        # a pytree parameter (a dict of arrays, what jax.grad differentiates as one) goes in
+        # leaf by leaf: a primitive takes arrays
+        leaves, layout = split_params(inputs)
+        ops = base_ops.for_layout(layout)
+        arrays = [jnp.asarray(x) if not isinstance(x, jax_core.Tracer) else x for x in leaves]
+        key = (layout, *((tuple(a.shape), jnp.dtype(a.dtype).name) for a in arrays))
         traced = any(isinstance(a, jax_core.Tracer) for a in arrays)
         shapes = given or known.get(key)
         if shapes is None:

@@ -80,7 +80,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ._remote import Remade, RemoteOps, Tree, refuse_pytree_parameters, unflatten
+from ._params import split_params
+from ._remote import Remade, RemoteOps, Tree, unflatten
 
 __all__ = ["remote"]
 
@@ -97,9 +98,10 @@ def remote(client: Any, name: str) -> Callable[..., Any]:
 
     def call(inputs: tuple[Any, ...], named: dict[str, Any]) -> Any:
         inputs = ops.bind(inputs, named)  # inside _eagerly: a keyword call's names may need a request
-        refuse_pytree_parameters(name, inputs)
-        spec = _Spec(ops)
-        flat = _RemoteFunction.apply(spec, *inputs)
+        # a pytree parameter (a dict of tensors) goes in leaf by leaf: autograd differentiates tensors
+        leaves, layout = split_params(inputs)
+        spec = _Spec(ops.for_layout(layout))
+        flat = _RemoteFunction.apply(spec, *leaves)
         return spec.rebuild(flat)
 
     def fn(*inputs: Any, **named: Any) -> Any:
