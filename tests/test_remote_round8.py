@@ -157,3 +157,51 @@ def test_jax_grad_over_a_dict_parameter(url):
     finally:
         jax.config.update("jax_enable_x64", before)
 
+
+# --------------------------------------------------------------------------- the async SDK
+
+
+def test_an_async_client_serves_several_event_loops(url):
+    """An AsyncClient used by a second ``asyncio.run`` (a script that runs one per step)
+    failed with "RuntimeError: Event loop is closed": httpx pooled the first loop's
+    connection and the second loop reused it; threads each running a loop of their own
+    failed so too, or drove one socket from two loops. Each loop now has connections of
+    its own, so every call answers, the Jacobian torch.func computes; once closed, the
+    client is closed for every loop."""
+    import asyncio
+    import threading
+
+    client = jc.AsyncClient(url, max_retries=0)
+    x = torch.tensor([0.3, -1.2, 0.7])
+    want = f.jacrev(ex.softmax)(x).numpy()
+
+    async def jacobian(scale: float) -> np.ndarray:
+        return await client.jacobian("softmax", (scale * x).numpy())
+
+    for _ in range(2):  # one loop after another: the first loop is closed when the second asks
+        np.testing.assert_allclose(asyncio.run(jacobian(1.0)), want, rtol=1e-6, atol=1e-7)
+
+    got, errors = {}, []
+
+    def work(i: int) -> None:
+        async def both() -> list[np.ndarray]:
+            return await asyncio.gather(jacobian(1.0 + i), jacobian(1.0 + i))
+
+        try:
+            got[i] = asyncio.run(both())
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]  # three loops at once
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i in range(3):
+        for J in got[i]:
+            np.testing.assert_allclose(J, f.jacrev(ex.softmax)((1.0 + i) * x).numpy(), rtol=1e-6, atol=1e-7)
+
+    asyncio.run(client.aclose())
+    with pytest.raises(jc.JacobianServiceError, match="this client is closed"):
+        asyncio.run(jacobian(1.0))

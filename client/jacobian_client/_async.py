@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, Mapping
 import anyio
 import httpx
 
-from ._base import DEFAULT_TIMEOUT, ClientConfig, PerProcess, reduce_client
+from ._base import DEFAULT_TIMEOUT, ClientConfig, PerLoop, reduce_client
 from ._decoding import adecoded
 from ._errors import IncompleteResponse, NotAcceptable, TransportError, error_from_response
 from ._headwait import body_deadline, bound_head_reads, head_deadline
@@ -82,13 +82,14 @@ class AsyncClient:
         )
         self._proto = config.protocol
         self._args = config.args if http_transport is None else None
-        self._pool = PerProcess(
+        self._pool = PerLoop(
             lambda kwargs: bound_head_reads(httpx.AsyncClient(transport=http_transport, **kwargs)), config.httpx_kwargs
         )
 
     @property
     def _http(self) -> httpx.AsyncClient:
-        """This process's httpx client (a forked child makes its own: see PerProcess)."""
+        """This process's and this event loop's httpx client (a forked child, or another
+        loop, makes its own: see PerLoop)."""
         return self._pool.get()
 
     # ------------------------------------------------------------------ lifecycle
@@ -101,7 +102,7 @@ class AsyncClient:
         return str(self._http.base_url)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._pool.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self

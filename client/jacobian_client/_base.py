@@ -5,14 +5,17 @@ Kept apart so both constructors read the same way and accept the same things.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+import weakref
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import httpx
 
 from ._protocol import DEFAULT_LIMITS, DEFAULT_MAX_RESPONSE_BYTES, Protocol, RetryPolicy
 
-__all__ = ["ClientConfig", "DEFAULT_TIMEOUT", "PerProcess", "reduce_client"]
+__all__ = ["ClientConfig", "DEFAULT_TIMEOUT", "PerLoop", "PerProcess", "reduce_client"]
 
 #: seconds; the connect phase gets at most 10 s of it so a dead host is noticed quickly
 DEFAULT_TIMEOUT = 60.0
@@ -117,6 +120,56 @@ class PerProcess(Generic[H]):
                                            "event_hooks": old.event_hooks})
             self._fork = _forks
         return self._client
+
+
+class PerLoop(PerProcess[httpx.AsyncClient]):
+    """The async httpx client of one process and one event loop. httpx's pooled
+    connections belong to the loop that opened them: an ``AsyncClient`` used from a
+    second loop (a script calling ``asyncio.run`` once per step, threads each running a
+    loop of their own) reused the first loop's connections, and its request failed with
+    "RuntimeError: Event loop is closed" (with the first loop still running in another
+    thread, two loops drove one socket). The first loop that asks gets the first client;
+    any other loop one of its own, made at its first request with what the caller added
+    to the first (event hooks, headers, cookies) and dropped with its loop. Outside any
+    loop it is the first client. ``aclose()`` closes the calling loop's client and the
+    ``AsyncClient`` for every loop (the others' connections go with their loops: they
+    cannot be closed from this one)."""
+
+    def __init__(self, make: Callable[[dict[str, Any]], httpx.AsyncClient], kwargs: dict[str, Any]) -> None:
+        super().__init__(make, kwargs)
+        self._lock = threading.Lock()
+        self._first = self._client
+        self._home: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = \
+            weakref.WeakKeyDictionary()
+        self._closed: httpx.AsyncClient | None = None
+
+    def get(self) -> httpx.AsyncClient:
+        first = super().get()
+        if self._closed is not None:
+            return self._closed
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return first
+        with self._lock:
+            if first is not self._first:  # a forked child's new client: its loops start afresh
+                self._first, self._home, self._by_loop = first, None, weakref.WeakKeyDictionary()
+            if self._home is None:
+                self._home = weakref.ref(loop)
+            if self._home() is loop:
+                return first
+            client = self._by_loop.get(loop)
+            if client is None:
+                client = self._make({**self._kwargs, "headers": first.headers, "cookies": first.cookies,
+                                     "event_hooks": first.event_hooks})
+                self._by_loop[loop] = client
+            return client
+
+    async def aclose(self) -> None:
+        client = self.get()
+        self._closed = client
+        await client.aclose()
 
 
 def reduce_client(client: Any, args: dict[str, Any] | None) -> tuple[Any, ...]:
