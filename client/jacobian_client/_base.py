@@ -143,6 +143,8 @@ class PerLoop(PerProcess[httpx.AsyncClient]):
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = \
             weakref.WeakKeyDictionary()
         self._closed: httpx.AsyncClient | None = None
+        # each loop's closer (_close_with), held here: a loop holds its async generators weakly
+        self._closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
 
     def get(self) -> httpx.AsyncClient:
         first = super().get()
@@ -155,8 +157,10 @@ class PerLoop(PerProcess[httpx.AsyncClient]):
         with self._lock:
             if first is not self._first:  # a forked child's new client: its loops start afresh
                 self._first, self._home, self._by_loop = first, None, weakref.WeakKeyDictionary()
+                self._closers = weakref.WeakKeyDictionary()
             if self._home is None:
                 self._home = weakref.ref(loop)
+                self._closers[loop] = _close_with(loop, first)
             if self._home() is loop:
                 return first
             client = self._by_loop.get(loop)
@@ -164,12 +168,40 @@ class PerLoop(PerProcess[httpx.AsyncClient]):
                 client = self._make({**self._kwargs, "headers": first.headers, "cookies": first.cookies,
                                      "event_hooks": first.event_hooks})
                 self._by_loop[loop] = client
+                self._closers[loop] = _close_with(loop, client)
             return client
 
     async def aclose(self) -> None:
         client = self.get()
         self._closed = client
         await client.aclose()
+
+
+_starting: set[asyncio.Task[Any]] = set()  # held until they ran: a loop keeps weak references to its tasks
+
+
+def _close_with(loop: asyncio.AbstractEventLoop, client: httpx.AsyncClient) -> Any:
+    """Close ``client`` as ``loop`` ends (``asyncio.run`` finalizes a loop's live async
+    generators before closing it): its connections can be closed from no other loop, and
+    left open they were sockets unclosed at garbage collection (a ResourceWarning per
+    loop)."""
+
+    async def until_the_loop_ends() -> Any:
+        try:
+            yield
+        finally:
+            if not client.is_closed:
+                await client.aclose()
+
+    closer = until_the_loop_ends()
+
+    async def start() -> None:
+        await closer.__anext__()  # first iterated in this loop: the loop finalizes it
+
+    task = loop.create_task(start())
+    _starting.add(task)
+    task.add_done_callback(_starting.discard)
+    return closer  # to be held: collected, it would be finalized (the client closed) at once
 
 
 def reduce_client(client: Any, args: dict[str, Any] | None) -> tuple[Any, ...]:
