@@ -56,7 +56,7 @@ def counted(url: str, **kwargs: object) -> Iterator[Counted]:
 
 
 # The modules the adapter tests call into, by name: the engine process loads them.
-FUNCTIONS = "jacobian_service.examples,tests.user_functions,tests._client_functions,tests.pytree_functions"
+FUNCTIONS = "jacobian_service.examples,tests.user_functions,tests._client_functions,tests.pytree_functions,tests.remote8_functions"
 
 # The server's settings: no cross-request batching (counts are per call); no warm-up and
 # no spare engine, which only cost start-up time here (each is a torch import or a run of

@@ -205,3 +205,43 @@ def test_an_async_client_serves_several_event_loops(url):
     asyncio.run(client.aclose())
     with pytest.raises(jc.JacobianServiceError, match="this client is closed"):
         asyncio.run(jacobian(1.0))
+
+
+# --------------------------------------------------------------------------- a changed registry
+
+
+def test_a_remote_function_after_its_server_restarted_with_a_changed_registry(cc):
+    """``r8_changed(a, b)`` becomes ``r8_changed(b, a)`` returning two rows (another
+    registry after a restart: here the same server's ``r8_changed_v2``, which the client
+    reaches under the old name from then on). A keyword call ``fn(a=A, b=B)`` placed the
+    inputs by the names asked before, by position: the service read b=A, a=B, and
+    answered a wrong value (and gradient) with a 200. Keyword calls now go by name, so the
+    service places them: the new function's answers, as in-process. JAX's learned output
+    shape no longer matches: a ValueError saying so and what to do, never a reshaped
+    answer."""
+    pytest.importorskip("jax")
+    from jacobian_client.jax import remote as jremote
+
+    from . import remote8_functions as r8
+
+    a = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    b = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
+    fn, jfn = remote(cc.client, "r8_changed"), jremote(cc.client, "r8_changed")
+    same(fn(b=b, a=a), r8.r8_changed(a, b))
+    np.testing.assert_allclose(jfn(a=a.numpy(), b=b.numpy()), r8.r8_changed(a, b).numpy())
+
+    def restarted(request):  # the service restarted with the changed registry
+        request.url = request.url.copy_with(path=request.url.path.replace("/r8_changed/", "/r8_changed_v2/"))
+
+    cc.client._http.event_hooks["request"].insert(0, restarted)
+    cc.take()
+    same(fn(b=b, a=a), r8.r8_changed_v2(a=a, b=b))
+    same(f.grad(lambda a: fn(a=a, b=b)[0].sum())(a), f.grad(lambda a: r8.r8_changed_v2(a=a, b=b)[0].sum())(a))
+    same(fn(b, a), r8.r8_changed_v2(b, a))  # by position: the new order, as in-process
+    assert cc.take() == ["evaluate", "evaluate", "vjp", "evaluate"]  # the names are not asked again
+    with pytest.raises(ValueError, match=r"returned output 0 of shape \[2, 3\], expected \[3\].*changed on the "
+                                         r"service \(a restart with another registry\), make the remote function"):
+        jfn(a=a.numpy(), b=b.numpy())
+    np.testing.assert_allclose(jremote(cc.client, "r8_changed")(a=a.numpy(), b=b.numpy()),
+                               r8.r8_changed_v2(a=a, b=b).numpy())
+

@@ -309,10 +309,12 @@ class AsyncClient:
         return await self._execute(self._proto.compute_call("hvp", name, inputs, options, vectors=vectors,
                                                             transport=transport))
 
-    async def _parts(self, kind: str, name: str, inputs: Any, options: Any, vectors: Any = None) -> dict[str, Any]:
+    async def _parts(self, kind: str, name: str, inputs: Any, options: Any, vectors: Any = None,
+                     names: Any = None) -> dict[str, Any]:
         """One compute request whose result comes back by part name (``value``,
         ``output``, ``aux``); for the autodiff adapters, which must not guess aux."""
-        return await self._execute(self._proto.compute_call(kind, name, inputs, options, vectors=vectors, parts=True))
+        return await self._execute(self._proto.compute_call(kind, name, inputs, options, vectors=vectors, parts=True,
+                                                                names=names))
 
     def jacrev(
         self, name: str, argnums: int | str | tuple[int | str, ...] = 0, *, chunk_size: int | None = None,

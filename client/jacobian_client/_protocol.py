@@ -717,6 +717,7 @@ class Protocol:
         sink: Sink | None = None,
         progress: bool = False,
         parts: bool = False,
+        names: Sequence[str] | None = None,
     ) -> Call:
         """A POST to ``/v1/functions/{name}/{kind}``.
 
@@ -726,6 +727,8 @@ class Protocol:
         ``{"value": ..., "output": ..., "aux": ...}`` (only the parts the server sent),
         so that callers need not know whether the function has aux (the autodiff
         adapters in :mod:`jacobian_client.torch` / ``.jax`` / ``.scipy`` use it).
+        ``names``: the inputs go by these parameter names, not by position (a JSON object,
+        ``.npz`` members named so), for the server to place (an adapter's keyword call).
         """
         transport = transport or self.transport
         if transport not in TRANSPORTS:
@@ -734,7 +737,8 @@ class Protocol:
             raise ValueError("out= streams a binary .npy into the file; it cannot be used with transport='json'")
         fields = self._fields(options)
         values = [_input_tree(x) for x in inputs]
-        leaves = [leaf for i, v in enumerate(values) for leaf in _input_leaves(v, str(i))]
+        keys = [str(i) for i in range(len(values))] if names is None else [str(n) for n in names]
+        leaves = [leaf for key, v in zip(keys, values) for leaf in _input_leaves(v, key)]
         binary = transport == BINARY
         if parts and (out is not None or sink is not None):
             raise ValueError("parts=True reads the whole result; it cannot stream into out=")
@@ -749,7 +753,7 @@ class Protocol:
         if binary and all_arrays and values:
             call.params = {k: wire.dumps(v).decode() if k in _DIMS else _query_value(v) for k, v in fields.items()}
             buf = io.BytesIO()
-            if len(values) == 1 and vectors is None and isinstance(values[0], np.ndarray):
+            if len(values) == 1 and vectors is None and isinstance(values[0], np.ndarray) and names is None:
                 np.save(buf, values[0], allow_pickle=False)
                 content_type = wire.NPY
             else:
@@ -759,7 +763,8 @@ class Protocol:
                 content_type = wire.NPZ
             call.content = buf.getvalue()
         else:
-            body: dict[str, Any] = {"inputs": [_json_input(v, binary=binary) for v in values], **fields}
+            json_inputs = [_json_input(v, binary=binary) for v in values]
+            body: dict[str, Any] = {"inputs": json_inputs if names is None else dict(zip(keys, json_inputs)), **fields}
             for key, tree in groups:
                 body[key] = _vector_tree(tree, binary=binary)
             call.content = wire.dumps(body)

@@ -264,36 +264,47 @@ class RemoteOps:
         self._works = {"hvp": True, "jvp": True}  # shared with the layouts' views (for_layout)
         self._names: tuple[str, ...] | None = None  # the inputs' names, asked on the first keyword call
         self._layout: Any = None  # a _params.Layout: pytree parameters, translated at the wire (for_layout)
+        self._wire_names: tuple[str, ...] | None = None  # a keyword call's view: inputs by name (for_layout)
         self._views: dict[Any, RemoteOps] = {}
 
-    def for_layout(self, layout: Any) -> RemoteOps:
-        """These ops for inputs with pytree parameters (``_params.Layout``; None: one array
-        per parameter, these very ops): every operation then takes one input per leaf, and
-        each request goes out by parameter. One view per layout, kept (a JAX primitive's
-        parameter, by identity), with its own signatures (the leaves' shapes alone do not
-        say which parameter holds them) and the forward-mode findings of these."""
-        if layout is None:
+    def for_layout(self, layout: Any, names: tuple[str, ...] | None = None) -> RemoteOps:
+        """These ops for one call's inputs. ``layout`` (a ``_params.Layout``): pytree
+        parameters, one input per leaf here, nested by parameter on the wire. ``names``:
+        a keyword call, whose inputs go by name on the wire (``bind``). None for both:
+        these very ops. One view per kind of call, kept (a JAX primitive's parameter, by
+        identity), with its own signatures (the leaves' shapes alone do not say which
+        parameter holds them) and the forward-mode findings of these."""
+        if layout is None and names is None:
             return self
         with self._templates_lock:
-            view = self._views.get(layout)
+            view = self._views.get((layout, names))
             if view is None:
                 view = copy.copy(self)  # shares the client, the names and _works
-                view._layout, view._views = layout, {}
+                view._layout, view._wire_names, view._views = layout, names, {}
                 view._templates, view._templates_lock = {}, threading.Lock()
                 vars(view).pop("stash", None)  # a subclass's answer for one call (jax's) is not the view's
-                self._views[layout] = view
+                self._views[(layout, names)] = view
             return view
 
     def _request(self, kind: str, inputs: Sequence[Any], options: dict[str, Any], vectors: Any = None,
                  out_tree: Tree | None = None) -> dict[str, Any]:
-        """One request of this function, by parameter on the wire (see ``for_layout``)."""
+        """One request of this function, by parameter (and by name) on the wire (see
+        ``for_layout``)."""
         if self._layout is None:
-            return self.client._parts(kind, self.name, list(inputs), options, vectors=vectors)
+            return self._send(kind, list(inputs), options, vectors)
+        return self._layout.request(self._send, kind, inputs, options, vectors, out_tree)
 
-        def send(kind: str, params: list[Any], options: dict[str, Any], vectors: Any) -> dict[str, Any]:
+    def _send(self, kind: str, params: list[Any], options: dict[str, Any], vectors: Any) -> dict[str, Any]:
+        names = self._wire_names
+        if names is None:
             return self.client._parts(kind, self.name, params, options, vectors=vectors)
-
-        return self._layout.request(send, kind, inputs, options, vectors, out_tree)
+        # a keyword call: the inputs, argnums and in_dims by name, for the service to place
+        options = dict(options)
+        if "argnums" in options:
+            options["argnums"] = tuple(names[a] for a in options["argnums"])
+        if isinstance(options.get("in_dims"), (tuple, list)):
+            options["in_dims"] = dict(zip(names, options["in_dims"]))
+        return self.client._parts(kind, self.name, params, options, vectors=vectors, names=names)
 
     # ----------------------------------------------------------------- keyword inputs
 
@@ -324,6 +335,14 @@ class RemoteOps:
         if missing:
             raise TypeError(f"{call} is missing input(s) {', '.join(map(repr, missing))} (its inputs are {listed})")
         return tuple(bound)
+
+    def names_of(self, named: dict[str, Any]) -> tuple[str, ...] | None:
+        """The names a call's inputs go by on the wire: the function's, for a keyword call
+        (after ``bind``), else None (by position). The names were asked once; the service
+        may have restarted with a changed registry since (the same names in another
+        order): by position, the inputs went to the wrong parameters, a wrong answer with a
+        200; by name the service places them, or says which name it does not know (422)."""
+        return self._names if named else None
 
     # ----------------------------------------------------------------- evaluate
 

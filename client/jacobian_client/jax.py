@@ -96,7 +96,7 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
         # a pytree parameter (a dict of arrays, what jax.grad differentiates as one) goes in
         # leaf by leaf: a primitive takes arrays
         leaves, layout = split_params(inputs)
-        ops = base_ops.for_layout(layout)
+        ops = base_ops.for_layout(layout, base_ops.names_of(named))  # a keyword call goes by name (torch's remote)
         arrays = [jnp.asarray(x) if not isinstance(x, jax_core.Tracer) else x for x in leaves]
         key = (layout, *((tuple(a.shape), jnp.dtype(a.dtype).name) for a in arrays))
         traced = any(isinstance(a, jax_core.Tracer) for a in arrays)
@@ -277,7 +277,9 @@ class _Shapes:
             if arr.shape != struct.shape:
                 what = f"output {i}" if i < self.n_out else f"aux array {i - self.n_out}"
                 raise ValueError(f"remote function {name!r} returned {what} of shape {list(arr.shape)}, "
-                                 f"expected {list(struct.shape)}")
+                                 f"expected {list(struct.shape)}, the shape learned for these input shapes (at an "
+                                 "earlier call, or from out_shape=); if the function changed on the service (a "
+                                 "restart with another registry), make the remote function again")
             if i >= self.n_out and not np.can_cast(arr.dtype, struct.dtype, "same_kind"):
                 raise ValueError(f"remote function {name!r} returned aux {i - self.n_out} as {arr.dtype}, "
                                  f"learned as {struct.dtype} (a number that changed kind, e.g. an int then a "

@@ -100,7 +100,9 @@ def remote(client: Any, name: str) -> Callable[..., Any]:
         inputs = ops.bind(inputs, named)  # inside _eagerly: a keyword call's names may need a request
         # a pytree parameter (a dict of tensors) goes in leaf by leaf: autograd differentiates tensors
         leaves, layout = split_params(inputs)
-        spec = _Spec(ops.for_layout(layout))
+        # a keyword call goes by name: the service places the inputs (the names asked once
+        # may be stale, a restart with a changed registry: a wrong answer by position)
+        spec = _Spec(ops.for_layout(layout, ops.names_of(named)))
         flat = _RemoteFunction.apply(spec, *leaves)
         return spec.rebuild(flat)
 
