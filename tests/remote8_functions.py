@@ -4,6 +4,8 @@ which the test's client reaches under the first one's name)."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from jacobian_service import Input, register
@@ -19,3 +21,26 @@ def r8_changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def r8_changed_v2(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.stack([a * torch.exp(b), b])
 
+
+class _SlowPull(torch.autograd.Function):
+    """The identity, whose backward takes 20 ms and reads its cotangent's value: torch's
+    vmap cannot batch it, so a stack of cotangents runs one at a time (an engine looks for
+    a cancel between them)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx: object, inputs: object, output: object) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02 + 0.0 * float(grad.sum()))
+        return grad
+
+
+@register(inputs=[Input("x", shape=("n",))], description="The identity; 20 ms per vjp, one cotangent at a time.")
+def r8_slow_pull(x: torch.Tensor) -> torch.Tensor:
+    return _SlowPull.apply(x)

@@ -245,3 +245,25 @@ def test_a_remote_function_after_its_server_restarted_with_a_changed_registry(cc
     np.testing.assert_allclose(jremote(cc.client, "r8_changed")(a=a.numpy(), b=b.numpy()),
                                r8.r8_changed_v2(a=a, b=b).numpy())
 
+
+# --------------------------------------------------------------------------- a client's timeout
+
+
+def test_a_client_timeout_inside_an_adapter_frees_the_engine(url):
+    """``jacrev`` of a remote function whose VJPs torch's vmap cannot batch (``r8_slow_pull``:
+    20 ms each) is one vjp request of n cotangents, which the engine runs one at a time.
+    With the SDK's ``timeout`` past, the client left (the front end logs 499 and cancels
+    the job), but the engine ran the loop to its end for nobody: the next request, anyone's,
+    waited those seconds (4 s for 200 cotangents). The loop now looks for the cancel before
+    each product, as a Jacobian's row chunks do, and the engine is free at once."""
+    import time
+
+    x = torch.linspace(0.0, 1.0, 400, dtype=torch.float64)  # 8 s of VJPs, one at a time
+    with jc.Client(url, timeout=1.0, max_retries=0) as hasty:
+        pull = remote(hasty, "r8_slow_pull")
+        with pytest.raises(jc.TransportError, match=r"r8_slow_pull/vjp: ReadTimeout"):
+            f.jacrev(pull)(x)
+    with jc.Client(url, timeout=30) as other:
+        started = time.monotonic()
+        np.testing.assert_allclose(other.evaluate("sin", np.array([0.1, 0.2])), np.sin([0.1, 0.2]), rtol=1e-6)
+        assert time.monotonic() - started < 4.0  # the 7 s of the cancelled loop are not waited for

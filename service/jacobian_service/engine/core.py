@@ -573,7 +573,7 @@ class Engine:
         cot = self._vectors(call.vectors, out, "cotangents", call.batched_vectors)
         if call.batched_vectors:
             grads = self.guard(lambda: over_vectors(call.spec.name, pullback, (cot,), *self._checked(call, "vjp"),
-                                                                alive=call.check_alive))
+                                                    alive=call.check_alive))
         else:
             grads = self.guard(lambda: pullback(cot))
         value = tuple(grads) if call.as_tuple else grads[0]
