@@ -119,9 +119,9 @@ def test_second_derivatives_in_a_dict_parameter_holding_a_list(cc):
 
 def test_jax_grad_over_a_dict_parameter(url):
     """``jax.grad(loss)(params, x)`` with ``params`` a dict of arrays (what a flax or optax
-    user holds) raised the adapter's TypeError; now the gradient is the dict jax computes
-    for the same function locally, under jit too, and jax.hessian over a dict holding a
-    list nests as jax's own."""
+    user holds) raised the adapter's TypeError; now the gradient is the dict torch.func
+    computes for the same function in-process, under jit too (the second derivatives
+    go through the same leaf-by-parameter translation as torch's, tested above)."""
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
 
@@ -129,31 +129,20 @@ def test_jax_grad_over_a_dict_parameter(url):
 
     from ._remote_support import counted
 
-    def dense_layer(p, x):
-        return jnp.tanh(p["w"] @ x + p["b"])
-
-    def tree_scalar(x, p):
-        c0, c1 = p["c"]
-        return jnp.sum(jnp.sin(p["w"] * x) * c0 + c1 ** 3 * x)
-
+    params, x = _layer_params()
+    offset = torch.tensor([0.5, -0.5], dtype=torch.float64)
+    want = f.grad(lambda p, x: ((ex.dense_layer(p, x) - offset) ** 2).sum(), argnums=(0, 1))(params, x)
     before = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     try:
         with counted(url) as cc:
             layer = jremote(cc.client, "dense_layer")
-            params, x = tree_map(lambda t: jnp.asarray(t.numpy()), _layer_params())
-            loss = lambda fn: lambda p, x: jnp.sum((fn(p, x) - jnp.array([0.5, -0.5])) ** 2)  # noqa: E731
-            want = jax.grad(loss(dense_layer), argnums=(0, 1))(params, x)
-            same(jax.grad(loss(layer), argnums=(0, 1))(params, x), want)
+            loss = lambda p, x: jnp.sum((layer(p, x) - jnp.asarray(offset.numpy())) ** 2)  # noqa: E731
+            jp, jx = tree_map(lambda t: jnp.asarray(t.numpy()), (params, x))
+            same(jax.grad(loss, argnums=(0, 1))(jp, jx), want)
             assert cc.take() == ["evaluate", "vjp"]
-            same(jax.jit(jax.grad(loss(layer), argnums=(0, 1)))(params, x), want)
+            same(jax.jit(jax.grad(loss, argnums=(0, 1)))(jp, jx), want)
             assert cc.take() == ["evaluate", "vjp"]  # the shapes known from the call before: no probe
-
-            fn = jremote(cc.client, "tree_scalar")
-            xx = jnp.array([0.1, 0.2, 0.3])
-            p = {"w": jnp.array([1.0, 2.0, 3.0]), "c": [jnp.array(0.5), jnp.array([1.0, 1.0, 2.0])]}
-            same(jax.hessian(fn, argnums=(0, 1))(xx, p), jax.hessian(tree_scalar, argnums=(0, 1))(xx, p))
-            assert cc.take() == ["evaluate", "jvp+batched_vectors", "vjp+batched_vectors", "hvp+batched_vectors"]
     finally:
         jax.config.update("jax_enable_x64", before)
 
@@ -267,3 +256,57 @@ def test_a_client_timeout_inside_an_adapter_frees_the_engine(url):
         started = time.monotonic()
         np.testing.assert_allclose(other.evaluate("sin", np.array([0.1, 0.2])), np.sin([0.1, 0.2]), rtol=1e-6)
         assert time.monotonic() - started < 4.0  # the 7 s of the cancelled loop are not waited for
+
+
+# --------------------------------------------------------------------------- torch, as users write it
+
+
+def test_torch_idioms_around_a_remote_call(cc):
+    """What a torch user wraps a model in, each compared with the arm run in-process:
+    functional_call of a module whose forward calls the remote function on its parameter,
+    a parametrization of that parameter, a distribution's log_prob of its output, forward
+    AD's dual tensors; and under no_grad / inference_mode, one evaluate and no request for
+    derivatives."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.utils.parametrize as parametrize
+
+    arm = remote(cc.client, "planar_arm")
+    target = torch.tensor([1.0, 2.0], dtype=torch.float64)
+
+    class Reach(torch.nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.q = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64))
+            self.fn = fn
+
+        def forward(self, scale):
+            return torch.distributions.Normal(self.fn(self.q), scale).log_prob(target).sum()
+
+    mine, theirs = Reach(arm), Reach(ex.planar_arm)
+    params = {k: v.detach() for k, v in mine.named_parameters()}
+    scale = torch.tensor(0.5, dtype=torch.float64)
+    cc.take()
+    same(f.grad(lambda p: f.functional_call(mine, p, (scale,)))(params),
+         f.grad(lambda p: f.functional_call(theirs, p, (scale,)))(params))
+    assert cc.take() == ["evaluate", "vjp"]
+
+    for m in (mine, theirs):
+        parametrize.register_parametrization(m, "q", torch.nn.Tanh())
+        m(scale).backward()
+    same(mine.parametrizations.q.original.grad, theirs.parametrizations.q.original.grad)
+    assert cc.take() == ["evaluate", "vjp"]
+
+    q, t = params["q"], torch.tensor([1.0, 0.5, -2.0], dtype=torch.float64)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(arm(fwAD.make_dual(q, t))).tangent
+        want = fwAD.unpack_dual(ex.planar_arm(fwAD.make_dual(q, t))).tangent
+    same(got, want)
+    assert cc.take() == ["evaluate", "jvp"]
+
+    leaf = q.clone().requires_grad_()
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            y = arm(leaf)
+        assert not y.requires_grad and y.grad_fn is None
+        same(y, ex.planar_arm(q))
+    assert cc.take() == ["evaluate", "evaluate"]
