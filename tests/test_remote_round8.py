@@ -8,8 +8,6 @@ other adapter test files.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 import pytest
 
@@ -268,7 +266,7 @@ def test_torch_idioms_around_a_remote_call(cc):
     AD's dual tensors; and under no_grad / inference_mode, one evaluate and no request for
     derivatives."""
     import torch.autograd.forward_ad as fwAD
-    import torch.nn.utils.parametrize as parametrize
+    from torch.nn.utils import parametrize
 
     arm = remote(cc.client, "planar_arm")
     target = torch.tensor([1.0, 2.0], dtype=torch.float64)
