@@ -37,6 +37,11 @@ computed by a ``pure_callback`` cannot be transposed, so ``grad`` fails. Two pri
   transpose in either is ``remote_second`` again. Third derivatives raise;
 * each primitive lowers to ``jax.pure_callback``, so ``jit`` works.
 
+A pytree parameter (a dict of arrays, declared with ``tree=``) is taken as the function
+takes it (``jax.grad(loss)(params, x)``: the gradient a dict like ``params``): each leaf is
+one operand of the primitives, and requests carry the parameter nested (see
+``jacobian_client._params``).
+
 JAX needs output shapes before it runs anything. The first call with a new input
 signature (shapes and dtypes) learns them with one ``evaluate``: at the caller's own
 values whenever they are known (plain calls, ``grad`` / ``jvp`` / ``vmap`` outside

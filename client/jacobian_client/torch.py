@@ -37,6 +37,11 @@ An input ``vmap`` leaves unbatched (``in_dims=(0, None)``: weights every example
 is sent once, the request's ``in_dims`` saying so, as ``vmap`` itself does not copy it;
 its gradient is the examples' sum, as torch gives it.
 
+A pytree parameter (a dict or tuple of tensors, declared with ``tree=``) is taken as the
+function takes it, ``layer({"w": w, "b": b}, x)``: each leaf is a tensor of its own to
+autograd and ``torch.func`` (``vmap``'s ``in_dims`` nested in the dict too), and requests
+carry the parameter nested (see ``jacobian_client._params``).
+
 Outputs keep the function's structure (a tensor, tuple or dict); has_aux functions return
 ``(output, aux)`` and aux is not differentiated. Outputs land on the device of the first
 tensor input (a CUDA tensor in gives a CUDA tensor out) with the dtype the service
