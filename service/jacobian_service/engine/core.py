@@ -70,6 +70,13 @@ TORCH_DTYPES = {
     "float64": torch.float64,
 }
 
+# numpy's dtype for each name a request's dtype may take where an array of it is copied
+# as it is (bfloat16 travels as float32: none). Told by identity, not by ``dtype.name``,
+# which numpy computes in Python at every read (~1 us, a few on a loaded machine); a
+# dtype that is not the very object (another byte order) takes the converting path,
+# which gives the same copy.
+_AS_SENT = {name: np.dtype(name) for name in TORCH_DTYPES if name != "bfloat16"}
+
 
 def materialized(leaf: torch.Tensor) -> torch.Tensor:
     """``leaf`` detached, as a tensor with storage. Forward mode answers some tangents with
@@ -254,7 +261,7 @@ class Engine:
             # Always a copy, never the request's own array: a function may write into
             # its inputs, and a later call (the output for return_output, reverse mode
             # after forward mode failed) must start from the values sent.
-            if not cuda and arr.dtype.name == dtype:  # nearly every request: one copy, by numpy
+            if not cuda and arr.dtype is _AS_SENT.get(dtype):  # nearly every request: one copy, by numpy
                 out.append(torch.from_numpy(arr.copy()))
                 continue
             writeable = arr.flags.writeable
@@ -314,7 +321,7 @@ class Engine:
                 raise InvalidInput("rows applies to functions with a single output")
             if not 0 <= start <= stop <= stream.total_rows:
                 raise InvalidInput(f"rows [{start}, {stop}] is out of range for {stream.total_rows} output rows")
-        self.profiles[call.spec.name].output_rows[call.signature()] = stream.total_rows
+        self.profiles[call.spec.name].output_rows[stream.signature] = stream.total_rows
         return stream
 
     def jacobian(self, call: Call, stream: RowStream | None = None) -> Result:
@@ -393,7 +400,7 @@ class Engine:
                 b.reshape((*leaf.shape, *p.shape)) if not rows_only else b for b, p in zip(blocks[j], stream.primals)
             ]
             nested.append(stream.call.group(shaped))  # over argnums, pytree parameters included
-        return nested[0] if rows_only else pytree.tree_unflatten(nested, stream.out_spec)
+        return nested[0] if rows_only else stream.nest(nested)
 
     def _forward_jacobian(self, call: Call) -> Result | None:
         """jacfwd, when ``mode`` asks for it (``auto``: inputs fewer than outputs) and

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -31,6 +31,10 @@ log = logging.getLogger("jacobian_service.engine")
 # the CPU estimate (DESIGN: measure on CUDA, estimate on CPU).
 WORKSET_FACTOR = 4
 _MIN_AUTO_CHUNK = 16  # CPU BLAS is slower at 2-8 rows than at 1 (DESIGN "Pitfalls")
+# The spec of an output that is one tensor (nearly every function's): such an output
+# needs no pytree walk to flatten or rebuild. Each walk costs a few microseconds, and
+# each leaves a reference cycle (torch's recursive helper) for the collector.
+_ONE_TENSOR = pytree.tree_structure(torch.empty(0))
 
 
 def _basis(
@@ -70,12 +74,17 @@ class RowStream:
             raise function_error(exc) from None
         self.output = output
         self.aux = self.box.restore(aux_tensors)
-        self.leaves, self.out_spec = pytree.tree_flatten(output)
+        if type(output) is torch.Tensor:
+            self.leaves, self.out_spec = [output], _ONE_TENSOR
+        else:
+            self.leaves, self.out_spec = pytree.tree_flatten(output)
         check_floating(self.leaves)
         self.sizes = [leaf.numel() for leaf in self.leaves]
         self.total_rows = sum(self.sizes)
         self.chunk_used: int | None = None  # after out-of-memory halving; 1 once rows loop
         self.looped = False  # rows ran one VJP at a time: vmap could not run them, or got them wrong
+        self.signature = call.signature()  # the profile's key for this Jacobian's rows
+        self._vmapped: Any = None  # the pullback under vmap, made once for all chunks
 
     def auto_chunk(self) -> int:
         per_row = WORKSET_FACTOR * sum((p.numel() + sum(self.sizes)) * p.element_size() for p in self.primals)
@@ -99,7 +108,7 @@ class RowStream:
         per request signature, so later requests start at the right size.
         """
         profile = self.engine.profiles[self.call.spec.name]
-        key = self.call.signature()
+        key = self.signature
         measure, full, per_row = False, chunk_size, 0
         if calibrate:
             known = profile.row_bytes.get(key)
@@ -151,9 +160,11 @@ class RowStream:
         basis = _basis(self.sizes, [leaf.shape for leaf in self.leaves], start, stop, self.leaves)
         profile = self.engine.profiles[self.call.spec.name]
         if stop - start > 1 and profile.vmap_pullback:
-            cotangents = pytree.tree_unflatten(basis, self.out_spec)
+            cotangents = self.nest(basis)
+            if self._vmapped is None:
+                self._vmapped = torch.func.vmap(self._pullback)
             try:
-                grads = torch.func.vmap(self._pullback)(cotangents)
+                grads = self._vmapped(cotangents)
             except Exception as exc:
                 if is_oom(exc):
                     raise
@@ -163,7 +174,7 @@ class RowStream:
                 return grads
             # torch's vmap can be silently wrong for some shapes (products.vmap_agrees):
             # checked once per signature and rows per chunk
-            key = ("rows", self.call.signature(), stop - start)
+            key = ("rows", self.signature, stop - start)
             if key not in profile.vmap_checked:
                 profile.vmap_checked[key] = vmap_agrees(self._pullback, (cotangents,), grads)
                 if not profile.vmap_checked.get(key):
@@ -175,5 +186,9 @@ class RowStream:
 
     def _row_loop(self, basis: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         self.looped = self.looped or basis[0].shape[0] > 1
-        rows = [self._pullback(pytree.tree_unflatten([b[k] for b in basis], self.out_spec)) for k in range(basis[0].shape[0])]
+        rows = [self._pullback(self.nest([b[k] for b in basis])) for k in range(basis[0].shape[0])]
         return tuple(torch.stack([r[i] for r in rows]) for i in range(len(self.primals)))
+
+    def nest(self, leaves: list[torch.Tensor]) -> Any:
+        """One tensor per output leaf, nested as the output is."""
+        return leaves[0] if self.out_spec is _ONE_TENSOR else pytree.tree_unflatten(leaves, self.out_spec)
