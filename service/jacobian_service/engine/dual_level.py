@@ -31,12 +31,20 @@ except ImportError:  # a torch without it: nothing to share
     _eager = None  # type: ignore[assignment]
 
 
-@contextlib.contextmanager
-def beside_a_held_dual_level() -> Iterator[None]:
+# What a batch runs in where no level is held (an engine process, always): one context
+# kept, not a generator's made and entered per batch.
+_NOTHING_HELD = contextlib.nullcontext()
+
+
+def beside_a_held_dual_level() -> contextlib.AbstractContextManager[None]:
     """Around a batch: torch.func's forward mode nests under a dual level already entered."""
     if _eager is None or not hasattr(_eager, "JVP_NESTING") or _forward_ad._current_level < 0:
-        yield
-        return
+        return _NOTHING_HELD
+    return _nested()
+
+
+@contextlib.contextmanager
+def _nested() -> Iterator[None]:
     _eager.JVP_NESTING += 1
     try:
         yield
