@@ -145,6 +145,9 @@ def _check_aux(aux: Any) -> None:
 
 def _check_output(out: Any) -> Any:
     """``out`` if the wire can carry it, its tensor subclasses made plain tensors."""
+    if type(out) is torch.Tensor:  # one plain tensor (nearly every function): no pytree walk
+        _check_tensor(out, "the output")
+        return out
     leaves, treespec = pytree.tree_flatten(out)
     if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
         raise FunctionError(f"the function returned {type(out).__name__}; expected a tensor or a tuple/dict of tensors")
@@ -184,7 +187,13 @@ def check_floating(out: Any) -> None:
     mode does (forward mode would answer zeros of the output's integer dtype), in
     jacrev's words, which torch.func.hessian (it runs jacrev) says too: an integer or
     boolean output is refused by jacrev's vjp, then a complex one by jacrev itself."""
-    leaves = pytree.tree_leaves(out)
+    # One tensor, or a flat list of them (a Jacobian's output leaves): no pytree walk
+    if type(out) is torch.Tensor:
+        leaves: Any = (out,)
+    elif type(out) is list and all(type(leaf) is torch.Tensor for leaf in out):
+        leaves = out
+    else:
+        leaves = pytree.tree_leaves(out)
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor) and not (leaf.is_floating_point() or leaf.is_complex()):
             raise FunctionError("RuntimeError: vjp(f, ...): All outputs of f must be floating-point or complex Tensors, "
