@@ -142,14 +142,14 @@ class Result:
 
 
 def _leaf_nbytes(leaf: Any) -> int:
+    if leaf is None or isinstance(leaf, bool):  # first: no aux, no output (most results)
+        return 5
     if isinstance(leaf, np.ndarray):
         return max(leaf.nbytes, _lists_nbytes(leaf.shape))
     if isinstance(leaf, str):
         return _text_nbytes(str.__str__(leaf))
     if is_sparse_matrix(leaf):  # a scipy CSR/COO array: its index and value arrays
         return sum(getattr(leaf, name).nbytes for name in _SPARSE_ARRAYS[leaf.format])
-    if leaf is None or isinstance(leaf, bool):
-        return 5
     if isinstance(leaf, (int, float)):
         return 24  # the longest a float or a 64-bit integer takes as text
     return 0
