@@ -50,6 +50,19 @@ def client() -> Iterator[TestClient]:
         yield c
 
 
+@contextlib.contextmanager
+def ready_app(functions: str, *, warmup: bool = False) -> Iterator[TestClient]:
+    """An in-process app serving ``functions``, for a module's tests, once ``/readyz``
+    says its engine is up (server exceptions not raised: a test reads a 500 as a client
+    does). The parity rounds' modules each hold one."""
+    with TestClient(create_app(Settings(warmup=warmup, functions=functions)), raise_server_exceptions=False) as c:
+        deadline = time.monotonic() + 120
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, c.get("/readyz").text
+            time.sleep(0.05)
+        yield c
+
+
 @pytest.fixture
 def make_client(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A fresh app configured through the environment, as an operator would."""

@@ -11,7 +11,6 @@ that torch raises as well. One in-process app serves the module (no server start
 from __future__ import annotations
 
 import io
-import time
 
 import httpx
 import numpy as np
@@ -21,7 +20,7 @@ from jacobian_client import Client, wire
 from torch.func import hessian, jacrev, vmap
 
 from . import parity10_functions as F
-from .conftest import assert_problem
+from .conftest import assert_problem, ready_app
 from .test_parity_round7 import answer, post, same, t
 
 FUNCTIONS = "tests.parity10_functions"
@@ -40,14 +39,7 @@ YS = rand(4, 2)
 
 @pytest.fixture(scope="module")
 def c():
-    from jacobian_service import Settings, create_app
-    from starlette.testclient import TestClient
-
-    with TestClient(create_app(Settings(warmup=False, functions=FUNCTIONS)), raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/readyz").text
-            time.sleep(0.05)
+    with ready_app(FUNCTIONS) as client:
         yield client
 
 

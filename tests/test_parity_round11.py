@@ -31,7 +31,7 @@ from jacobian_client.torch import remote
 from . import parity11_functions as F
 from . import user_functions as uf
 from ._client_functions import cubic_pair
-from .conftest import assert_problem
+from .conftest import assert_problem, ready_app
 from .test_parity_round7 import answer, arr, post, same, t, wire_tree
 
 f = torch.func
@@ -255,17 +255,7 @@ def test_jax_vmap_sends_a_shared_input_once(rc, jx):
 
 @pytest.fixture(scope="module")
 def c() -> Iterator[Any]:
-    import time
-
-    from jacobian_service import Settings, create_app
-    from starlette.testclient import TestClient
-
-    with TestClient(create_app(Settings(warmup=False, functions="tests.parity11_functions")),
-                    raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/readyz").text
-            time.sleep(0.05)
+    with ready_app("tests.parity11_functions") as client:
         yield client
 
 

@@ -15,7 +15,6 @@ One in-process app serves the module (no server start), as rounds 7-11.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -23,7 +22,7 @@ import pytest
 import torch
 
 from . import parity12_functions as F
-from .conftest import assert_problem
+from .conftest import assert_problem, ready_app
 from .test_parity_round7 import answer, arr, post, same, t, wire_tree
 
 f = torch.func
@@ -31,15 +30,7 @@ f = torch.func
 
 @pytest.fixture(scope="module")
 def c() -> Iterator[Any]:
-    from jacobian_service import Settings, create_app
-    from starlette.testclient import TestClient
-
-    with TestClient(create_app(Settings(warmup=False, functions="tests.parity12_functions")),
-                    raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/readyz").text
-            time.sleep(0.05)
+    with ready_app("tests.parity12_functions") as client:
         yield client
 
 

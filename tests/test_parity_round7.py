@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import io
-import time
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from torch.func import hessian, jacfwd, jacrev, jvp, vjp, vmap
 from jacobian_client import wire
 
 from . import parity7_functions as F
-from .conftest import assert_problem
+from .conftest import assert_problem, ready_app
 
 FUNCTIONS = "tests.parity7_functions"
 X = np.array([0.1, -0.2, 0.3], dtype=np.float32)
@@ -33,15 +32,7 @@ Z = np.array(0.5, dtype=np.float32)
 def c():
     """Warmed up, as served: the warm-ups are the first calls the tests would pay anyway,
     and a function none can be made for (no_inputs) must not keep the app from ready."""
-    from starlette.testclient import TestClient
-
-    from jacobian_service import Settings, create_app
-
-    with TestClient(create_app(Settings(warmup=True, functions=FUNCTIONS)), raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/readyz").text
-            time.sleep(0.05)
+    with ready_app(FUNCTIONS, warmup=True) as client:
         yield client
 
 

@@ -15,7 +15,6 @@ Values are compared with in-process torch.func. One in-process app serves the mo
 from __future__ import annotations
 
 import io
-import time
 from typing import Any
 
 import httpx
@@ -28,7 +27,7 @@ from jacobian_service.parsing import OPTION_KINDS, options_of
 from torch.func import hessian, jacrev, jvp, vjp
 
 from . import parity8_functions as F
-from .conftest import assert_problem
+from .conftest import assert_problem, ready_app
 
 FUNCTIONS = "tests.parity8_functions,jacobian_service.examples"
 X = [0.1, -0.2, 0.3]
@@ -44,14 +43,7 @@ DEFAULTS = {"argnums": 0, "chunk_size": None, "batched": False, "return_output":
 
 @pytest.fixture(scope="module")
 def c():
-    from jacobian_service import Settings, create_app
-    from starlette.testclient import TestClient
-
-    with TestClient(create_app(Settings(warmup=False, functions=FUNCTIONS)), raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/readyz").text
-            time.sleep(0.05)
+    with ready_app(FUNCTIONS) as client:
         yield client
 
 

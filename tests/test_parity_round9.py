@@ -12,7 +12,6 @@ torch raises as well. One in-process app serves the module (no server start)."""
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from jacobian_client import wire
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 from . import parity9_functions as F
-from .conftest import assert_problem
+from .conftest import assert_problem, ready_app
 from .test_parity_round7 import answer, no_aux, post, same, t, wire_tree
 
 FUNCTIONS = "tests.parity9_functions"
@@ -45,14 +44,7 @@ def tt(*values: float) -> tuple[torch.Tensor, ...]:
 
 @pytest.fixture(scope="module")
 def c():
-    from jacobian_service import Settings, create_app
-    from starlette.testclient import TestClient
-
-    with TestClient(create_app(Settings(warmup=False, functions=FUNCTIONS)), raise_server_exceptions=False) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/readyz").text
-            time.sleep(0.05)
+    with ready_app(FUNCTIONS) as client:
         yield client
 
 

@@ -30,6 +30,8 @@ from jacobian_service import create_app
 from jacobian_service.settings import Settings
 from tests import sparse10_functions as s10
 
+from .test_sparse_round9 import f64, jac, sparse  # the round-9 helpers: a request, its answer, torch's
+
 RNG = np.random.default_rng(10)
 
 
@@ -49,22 +51,6 @@ def sdk(client):
 
     with Client("http://sdk.test", http_transport=httpx.MockTransport(forward), max_retries=0) as c:
         yield c
-
-
-def f64(x):
-    return {"dtype": "float64", "shape": list(x.shape), "data": x.reshape(-1).tolist()}
-
-
-def sparse(client, name, x, kind="jacobian", **options):
-    r = client.post(f"/v1/functions/{name}/{kind}", json={"inputs": [f64(x)], "sparsity": "auto", **options})
-    assert r.status_code == 200, r.text
-    doc = r.json()
-    return wire.decode_sparse_json(doc[kind]), doc["meta"]
-
-
-def jac(f, x):
-    t = torch.from_numpy(x)
-    return torch.autograd.functional.jacobian(lambda a: f(a).reshape(-1), t).reshape(-1, t.numel()).numpy()
 
 
 def jacrev(f, x):
