@@ -48,9 +48,11 @@ def client() -> Iterator[httpx.Client]:
         yield c
 
 
-def _armed(client: httpx.Client, url: str, function: str, case: int, **headers: str) -> httpx.Response:
+def _armed(client: httpx.Client, url: str, function: str, case: int, endpoint: str = "evaluate",
+           **headers: str) -> httpx.Response:
+    """A hostile function's request on its armed input (666; ``case`` picks how it misbehaves)."""
     body = {"inputs": [{"dtype": "float64", "shape": [3], "data": [666.0, float(case), 0.0]}]}
-    return client.post(f"{url}/v1/functions/{function}/evaluate", json=body, headers=headers)
+    return client.post(f"{url}/v1/functions/{function}/{endpoint}", json=body, headers=headers)
 
 
 def _seen(r: httpx.Response) -> str:
@@ -66,8 +68,16 @@ def _sin_ok(client: httpx.Client, url: str) -> None:
     assert client.get(f"{url}/readyz").status_code == 200
 
 
-def _engine_pid(client: httpx.Client, url: str) -> int:
+def _engine_pid(client: httpx.Client, url: str) -> int | None:
     return client.get(f"{url}/v1/info").json()["engine_pids"][0]
+
+
+def _replaced(client: httpx.Client, url: str, before: int | None, within: float, what: str) -> None:
+    """Engine ``before`` gone, another in its place, and the service ready."""
+    deadline = time.monotonic() + within
+    while _engine_pid(client, url) in (before, None) or client.get(f"{url}/readyz").status_code != 200:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
 
 
 def test_no_engine_holds_the_api_keys(server, client) -> None:
@@ -110,10 +120,7 @@ def test_an_engine_hung_behind_a_forged_status_board_is_restarted(server, client
     assert_problem(behind, 503, "unavailable")
     assert behind.headers["retry-after"]
     assert time.monotonic() - t0 < 10
-    deadline = time.monotonic() + 30  # a spare still warming up finishes first
-    while _engine_pid(client, url) in (before, None) or client.get(f"{url}/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "the hung engine was never replaced"
-        time.sleep(0.1)
+    _replaced(client, url, before, 30, "the hung engine was never replaced")  # (30 s: a spare still warming up finishes first)
     _sin_ok(client, url)
     log = proc.read_log()  # type: ignore[attr-defined]
     assert "held a cancelled request of forges_its_board" in log and "said it was idle" in log, log[-3000:]

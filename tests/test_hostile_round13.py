@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from .conftest import assert_problem, live_server
+from .test_hostile_round11 import _armed, _engine_pid, _replaced  # round 11's: the same functions' conventions
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile13_functions"
 X = [0.5, 1.0, 2.0]
@@ -43,22 +44,12 @@ def client() -> Iterator[httpx.Client]:
         yield c
 
 
-def _armed(client: httpx.Client, url: str, function: str, case: int, endpoint: str = "evaluate",
-           **headers: str) -> httpx.Response:
-    body = {"inputs": [{"dtype": "float64", "shape": [3], "data": [666.0, float(case), 0.0]}]}
-    return client.post(f"{url}/v1/functions/{function}/{endpoint}", json=body, headers=headers)
-
-
 def _sin_ok(client: httpx.Client, url: str) -> None:
     """Another client is served as before, and the service says it is ready."""
     r = client.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [X]})
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(np.float32(X))), rtol=1e-6)
     assert client.get(f"{url}/readyz").status_code == 200
-
-
-def _engine_pid(client: httpx.Client, url: str) -> int | None:
-    return client.get(f"{url}/v1/info").json()["engine_pids"][0]
 
 
 def _settled(client: httpx.Client, url: str, spare: bool) -> None:
@@ -113,10 +104,7 @@ def test_a_hang_is_put_down_to_its_function_not_to_a_request_queued_behind(serve
     assert_problem(behind, 504, "timeout")
     detail = assert_problem(r, 504, "timeout")["detail"]
     assert detail.startswith("hangs_behind_its_board hung: the engine did not take a cancelled request"), detail
-    deadline = time.monotonic() + 30  # the spare takes over
-    while _engine_pid(client, url) in (before, None) or client.get(f"{url}/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "the hung engine was never replaced"
-        time.sleep(0.1)
+    _replaced(client, url, before, 30, "the hung engine was never replaced")  # (the spare takes over)
     _sin_ok(client, url)
     log = proc.read_log()  # type: ignore[attr-defined]
     assert "held a cancelled request of sin" in log and "(in hangs_behind_its_board, the oldest job" in log, log[-3000:]
@@ -207,10 +195,7 @@ def test_address_space_reserved_and_kept_untouched_recycles_the_engine(server, c
     before = _engine_pid(client, url)
     r = _armed(client, url, "reserves_address_space", 0)
     assert r.status_code == 200, r.text
-    deadline = time.monotonic() + 15
-    while _engine_pid(client, url) in (before, None) or client.get(f"{url}/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "the engine holding the reservation was never recycled"
-        time.sleep(0.1)
+    _replaced(client, url, before, 15, "the engine holding the reservation was never recycled")
     x = np.linspace(0, 1, 16 << 20, dtype=np.float32)
     body = io.BytesIO()
     np.save(body, x)

@@ -198,9 +198,14 @@ def test_slow_readers_of_streams_hold_no_more_than_the_front_ends_budget(server)
         for s in readers:
             s.close()
     # the readers gone, their reservations are given back: the stream is served, whole
-    x = np.linspace(0, 1, n, dtype=np.float32)
+    _softmax_served_whole(url, body, np.linspace(0, 1, n, dtype=np.float32), npy)
+
+
+def _softmax_served_whole(url: str, body: bytes, x: np.ndarray, headers: dict[str, str]) -> None:
+    """``softmax``'s streamed Jacobian at ``x`` (``body``), once the stream budget has room
+    again (its 503s retried for 20 s), equal to softmax's Jacobian on a sample of entries."""
     deadline = time.monotonic() + 20
-    while (r := _post(url, "/v1/functions/softmax/jacobian", content=body, headers=npy)).status_code == 503:
+    while (r := _post(url, "/v1/functions/softmax/jacobian", content=body, headers=headers)).status_code == 503:
         assert time.monotonic() < deadline, r.text
         time.sleep(0.2)
     assert r.status_code == 200, r.text

@@ -3,7 +3,8 @@
 - **events** (PUB, supervisor -> front ends): the engines' state, their deaths;
 - **control** (PULL, front ends -> supervisor): "release this function from
   quarantine" (the operator's ``DELETE .../quarantine``, through a front end's API-key
-  check), "this engine has held my cancelled request past its grace" (``overdue``).
+  check), "this engine has held my cancelled request past its grace" (``overdue``),
+  "my oldest job unanswered on this engine" (``oldest``: whom a hang is put down to).
 
 Functions run in the engines as the service's user. Both sockets were files in the run
 directory: a function connected to ``control.sock`` (pyzmq, or a plain ``AF_UNIX``
