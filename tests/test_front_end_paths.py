@@ -429,3 +429,25 @@ def test_the_access_line_and_the_answer_headers_are_what_they_were(path: str) ->
     assert headers == [*cached, (b"x-request-id", b"rid-1"), (b"x-content-type-options", b"nosniff")]
     want = path.encode("unicode_escape").decode("ascii")[:500]
     assert [(r.path, r.getMessage()) for r in records] == [(want, f"GET {want} 200")]
+
+
+def test_the_server_runs_the_app_without_a_proxy_headers_layer() -> None:
+    """uvicorn wraps the app in its X-Forwarded-* middleware unless told not to: a layer
+    per request (a scan of every header) for a scope's client and scheme nothing reads."""
+    from types import SimpleNamespace
+
+    from jacobian_service.metrics import Metrics
+    from jacobian_service.server import _uvicorn_config
+    from jacobian_service.settings import Settings
+
+    class App:
+        service_state = SimpleNamespace(metrics=Metrics())
+
+        async def __call__(self, scope, receive, send) -> None:
+            pass
+
+    app = App()
+    config = _uvicorn_config(app, Settings())
+    config.load()
+    assert config.loaded_app is app
+
