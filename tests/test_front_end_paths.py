@@ -451,3 +451,19 @@ def test_the_server_runs_the_app_without_a_proxy_headers_layer() -> None:
     config.load()
     assert config.loaded_app is app
 
+
+@pytest.mark.parametrize("headers", [[], [(b"accept", b"application/x-npy")],
+                                     [(b"accept", b"text/html"), (b"host", b"h"), (b"accept", b"application/json;q=0.5")],
+                                     [(b"accept", b"caf\xe9/x")], [(b"accept-encoding", b"gzip")]])
+def test_accept_is_every_accept_header_joined_without_starlettes_header_map(headers, monkeypatch) -> None:
+    """routes._accept reads the scope's header list as Starlette's getlist would, every
+    Accept header joined, without making Starlette's ``Headers`` per request."""
+    from jacobian_service import routes
+
+    expected = ", ".join(Request({"type": "http", "headers": headers}).headers.getlist("accept"))
+
+    def built(self):
+        raise AssertionError("Starlette's Headers made")
+
+    monkeypatch.setattr(Request, "headers", property(built))
+    assert routes._accept(Request({"type": "http", "headers": headers})) == expected

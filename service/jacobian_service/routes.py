@@ -111,8 +111,10 @@ def _query(request: Request) -> dict[str, str]:
 def _accept(request: Request) -> str:
     """Every ``Accept`` header as one list (RFC 9110 5.3): a client (or a proxy) may send
     its media ranges in several; only the first was read (``text/html`` then
-    ``application/json`` was a 406)."""
-    return ", ".join(request.headers.getlist("accept"))
+    ``application/json`` was a 406). Read from the scope's list as it is (names in lower
+    case, as the server gives them): Starlette's ``Headers`` made and scanned per request
+    cost ~2 us more."""
+    return b", ".join([v for k, v in request.scope["headers"] if k == b"accept"]).decode("latin-1")
 
 
 def _header(request: Request, name: bytes, default: str | None = None) -> str | None:
