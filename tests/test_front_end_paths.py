@@ -467,3 +467,37 @@ def test_accept_is_every_accept_header_joined_without_starlettes_header_map(head
 
     monkeypatch.setattr(Request, "headers", property(built))
     assert routes._accept(Request({"type": "http", "headers": headers})) == expected
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_time_stamps_are_made_once_a_second_and_read_as_before(fmt, monkeypatch) -> None:
+    """The service's formatters (an access line per request) write each line's time stamp
+    as logging's own formatter (text) and strftime of gmtime (json) write it, the text to
+    the second made once per second, not once per line."""
+    import json
+    import time
+
+    from jacobian_service.logs import configure_logging
+
+    configure_logging(fmt)
+    formatter = logging.getLogger("jacobian_service.access").handlers[0].formatter
+    made = []
+    strftime = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda *a: made.append(a) or strftime(*a))
+    records = []
+    for created in (1_700_000_000.001, 1_700_000_000.5, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_001.25,
+                    1_700_003_600.75):
+        record = logging.makeLogRecord({"name": "jacobian_service.access", "msg": "m", "levelno": logging.INFO,
+                                        "levelname": "INFO"})
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        records.append((record, formatter.format(record)))
+    assert len(made) == 3  # three seconds
+    monkeypatch.undo()
+    for record, line in records:
+        if fmt == "text":
+            assert line == logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s").format(record)
+        else:
+            assert json.loads(line)["ts"] == (strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                                              + f".{int(record.msecs):03d}Z")
+    configure_logging("text")
+
