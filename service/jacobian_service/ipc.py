@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 _CALL_FIELDS = ("chunk_size", "batched", "mode", "return_output", "batched_vectors", "max_result_bytes", "sparsity",
-                "sparse_format", "out_dims", "deadline")
+                "sparse_format", "out_dims", "stream_room", "deadline")
 
 
 def engine_path(run_dir: Path, index: int) -> Path:
@@ -189,6 +189,7 @@ def encode_call(
             "sparsity": call.sparsity,
             "sparse_format": call.sparse_format,
             "out_dims": call.out_dims,
+            "stream_room": call.stream_room,
             "deadline": call.deadline if math.isfinite(call.deadline) else None,
         }
     return [orjson.dumps(header), *frames]

@@ -20,7 +20,7 @@ from .types import Result, is_sparse_matrix
 from .errors import NotAcceptable, ServiceError, Unavailable
 
 __all__ = [
-    "EncodeBudget", "JsonRows", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
+    "EncodeBudget", "JsonRows", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
     "pieces_response", "problem_document", "problem_response",
 ]
 
@@ -303,58 +303,90 @@ class StreamBudget:
     for ahead, in the front end for as long as it takes (a piece of 1 MiB may wait
     ``SEND_TIMEOUT_S``): 120 clients that asked for a 2000 x 2000 softmax and read
     nothing grew a front end by 1.9 GB, and ``MAX_QUEUE`` streams of 32 MiB chunks could
-    take 16 GB. Each stream reserves its two chunks as it starts; one that does not fit
-    now is refused (503 ``unavailable``, ``Retry-After``: its client retries, as for a
-    body that does not fit the body budget). Other requests are not touched, and a
-    stream that started is never cut; the first always starts, whatever its size."""
+    take 16 GB. A request that may stream reserves its two chunks before it is sent to an
+    engine (:meth:`admit`); one that does not fit now is refused there (503
+    ``unavailable``, ``Retry-After``: its client retries, as for a body that does not fit
+    the body budget), before the engine has run anything. Other requests are not
+    touched, and a stream that started is never cut; the first always starts, whatever
+    its size."""
 
-    # Requests whose streams were seen (their keys: see ``check``), at most this many.
+    # Requests seen (their keys: see ``admit``) and their results' sizes, at most this many.
     KNOWN = 1024
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, stream_threshold: int = 8 << 20) -> None:
         self.max_bytes = max_bytes
+        self.stream_threshold = stream_threshold  # the engines stream only results larger than this
         self.used = 0
         self._known: collections.OrderedDict[Any, int] = collections.OrderedDict()
 
-    def check(self, key: Any) -> None:
-        """Before a request that may stream is sent to an engine: 503 now if an equal
-        one (``key``: the function, its input shapes and dtypes, and the options that
-        shape the stream) streamed before and its stream would not fit now. A stream's
-        size is known only from the forward pass (the output's shape), so a refusal after
-        it cost the engine that pass, and a client retrying a stream refused for the
-        budget had the engine run it at every retry, for nothing."""
-        nbytes = self._known.get(key)
-        if nbytes is not None:
-            self._known.move_to_end(key)
-            self._refuse(nbytes)
+    def admit(self, key: Any, row_nbytes: int, chunk_rows: int, least_rows: int, nbytes: int | None) -> StreamHold:
+        """Room for the stream of a request about to be sent to an engine, or 503 now.
 
-    def learn(self, key: Any, nbytes: int | None) -> None:
-        """What a request of ``key`` holds when it streams (None: it did not stream)."""
-        if nbytes is None:
-            self._known.pop(key, None)
-            return
+        A stream's size is known only from the forward pass (the output's shape): a
+        refusal once the engine had answered cost it that pass, and a client retrying as
+        told had the engine run it at every retry, for nothing (the first request of a
+        kind too: only requests equal to one seen before were refused up front). So the
+        room is reserved before: ``chunk_rows`` rows of ``row_nbytes`` a chunk at most
+        (an explicit ``chunk_size``, or the engine's bound), ``least_rows`` at least, for
+        a result of ``nbytes`` (None: not known; else given by ``rows``, or learned from
+        an equal request, ``key``: the function, its input shapes and dtypes, and the
+        options that shape the stream). A stream of unknown size takes half the room
+        left, down to its least, and the engine sizes its chunks to what it got
+        (``Call.stream_room``); one of known size takes its whole two chunks or is
+        refused. A result known to be gathered (not streamed) holds nothing."""
+        known = self._known.get(key)
+        if known is not None:
+            self._known.move_to_end(key)
+            nbytes = known if nbytes is None else nbytes
+        if nbytes is not None and nbytes <= self.stream_threshold:
+            return StreamHold(self, 0, None)
+        most = 2 * min(chunk_rows * row_nbytes, math.inf if nbytes is None else nbytes)
+        least = most if nbytes is not None else min(most, 2 * least_rows * row_nbytes)
+        room = int(min(most, max(least, (self.max_bytes - self.used) // 2)))
+        self._refuse(room)
+        self.used += room
+        return StreamHold(self, room, room)
+
+    def learn(self, key: Any, nbytes: int) -> None:
+        """The size of the result a request of ``key`` had (0: it was gathered, not streamed)."""
         self._known[key] = nbytes
         self._known.move_to_end(key)
         if len(self._known) > self.KNOWN:
             self._known.popitem(last=False)
 
-    def _refuse(self, nbytes: int) -> None:
-        if self.used and self.used + nbytes > self.max_bytes:
+    def _refuse(self, nbytes: int, own: int = 0) -> None:
+        """503 if ``nbytes`` do not fit beside what others hold (``own``: held by the same request)."""
+        others = self.used - own
+        if others and others + nbytes > self.max_bytes:
             raise Unavailable(
-                f"streamed results being sent hold {self.used} of the {self.max_bytes} bytes this front end gives "
+                f"streamed results being sent hold {others} of the {self.max_bytes} bytes this front end gives "
                 f"them (BODY_BUDGET_BYTES); this one needs {nbytes}; retry shortly", headers={"Retry-After": "1"})
 
-    def reserve(self, nbytes: int) -> Callable[[], None]:
-        """``nbytes`` taken, or 503; returns what gives them back (once, however often
-        called: a stream's end and its body's collection may both call it)."""
-        self._refuse(nbytes)
-        self.used += nbytes
-        held = [nbytes]
 
-        def release() -> None:
-            self.used -= held.pop() if held else 0
+class StreamHold:
+    """What one request holds on a :class:`StreamBudget`. ``room``: what the engine's chunks
+    must fit (None: no bound, the request was not expected to stream)."""
 
-        return release
+    __slots__ = ("_budget", "held", "room")
+
+    def __init__(self, budget: StreamBudget, held: int, room: int | None) -> None:
+        self._budget, self.held, self.room = budget, held, room
+
+    def keep(self, nbytes: int) -> Callable[[], None]:
+        """Hold ``nbytes`` (the stream's two chunks, as the engine sized them) in place of
+        the room reserved; returns what gives them back (once, however often called: a
+        stream's end and its body's collection may both call it). Within the room it
+        always fits; a stream not expected (an equal request's result was gathered)
+        takes its place now, or 503."""
+        if nbytes > self.held:
+            self._budget._refuse(nbytes, self.held)
+        self._budget.used += nbytes - self.held
+        self.held = nbytes
+        return self.release
+
+    def release(self) -> None:
+        self._budget.used -= self.held
+        self.held = 0
 
 
 def problem_document(error: ServiceError, request_id: str) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from .responses import JsonRows, acceptable, attachment, choose, echo, encode, i
 from .scheduler import StreamHead
 from .settings import NULL_ORIGIN_HINT
 from .state import ServiceState
-from .types import Call, JobInfo, Result, tree_leaves
+from .types import HOST_CHUNK_BYTES, SPARSE_CHUNK_BYTES, Call, JobInfo, Result, tree_leaves
 
 __all__ = ["DERIVATIVE_KINDS", "ROUTES", "Route", "Router"]
 
@@ -358,21 +358,29 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         (sparse and call.sparse_format == "dense" and media[0] == wire.NPY)
         or (not sparse and (media[0] == wire.NPY
                             or (media[0] == wire.JSON and call.mode == "rev" and _could_be_single(call, kind)))))
-    stream_key = None
-    if streamable:  # refused before any work where an equal request's stream would not fit now
-        stream_key = (media[0], call.signature(), call.rows, call.chunk_size, call.mode, call.sparsity, call.sparse_format)
-        state.streams.check(stream_key)
-    result, info = await _cancellable(request, state.engines.run, "jacobian_npy" if streamable else kind, call)
-    if stream_key is not None:
-        state.streams.learn(stream_key, _stream_hold(result) if isinstance(result, StreamHead) else None)
-    if isinstance(result, StreamHead):
-        if media[0] != wire.NPY and result.nbytes > call.max_result_bytes:  # streamed .npy has no result limit
-            state.engines.close_stream(result)
-            raise ResultTooLarge(f"the Jacobian has {result.nbytes} bytes; the limit is {call.max_result_bytes} "
-                                 f"(ask for {wire.NPY} to stream it without one)")
+    if not streamable:
+        result, info = await _cancellable(request, state.engines.run, kind, call)
+    else:  # its stream's room reserved (or 503) before any work; the engine's chunks fit it
+        # (the result's size is the same as .npy and as JSON: one key for both)
+        stream_key = (call.signature(), call.rows, call.chunk_size, call.mode, call.sparsity, call.sparse_format)
+        hold = state.streams.admit(stream_key, *_stream_bounds(call, sparse))
+        call.stream_room = hold.room
         try:
-            release = state.streams.reserve(_stream_hold(result))
-        except Unavailable:
+            result, info = await _cancellable(request, state.engines.run, "jacobian_npy", call)
+        except BaseException:
+            hold.release()
+            raise
+        state.streams.learn(stream_key, result.nbytes if isinstance(result, StreamHead) else 0)
+        if not isinstance(result, StreamHead):
+            hold.release()
+    if isinstance(result, StreamHead):
+        try:
+            if media[0] != wire.NPY and result.nbytes > call.max_result_bytes:  # streamed .npy has no result limit
+                raise ResultTooLarge(f"the Jacobian has {result.nbytes} bytes; the limit is {call.max_result_bytes} "
+                                     f"(ask for {wire.NPY} to stream it without one)")
+            release = hold.keep(_stream_hold(result))
+        except ServiceError:
+            hold.release()
             state.engines.close_stream(result)
             raise
         if media[0] == wire.NPY:
@@ -430,6 +438,21 @@ def _stream_hold(head: StreamHead) -> int:
     """The chunk being sent and the one asked for ahead: what a client that stops
     reading keeps in this front end (StreamBudget)."""
     return 2 * min(head.nbytes, head.chunk_size * math.prod(head.shape[1:]) * np.dtype(head.dtype).itemsize)
+
+
+def _stream_bounds(call: Call, sparse: bool) -> tuple[int, int, int, int | None]:
+    """What a stream of ``call`` may hold, known before compute (StreamBudget.admit):
+    a row's bytes, the most rows a chunk takes (an explicit ``chunk_size``, else the
+    engine's bound: HOST_CHUNK_BYTES of rows, a densified sparse Jacobian's
+    SPARSE_CHUNK_BYTES), the fewest, and the result's bytes where ``rows`` tells them."""
+    row = call.row_nbytes()
+    if sparse:
+        most, least = max(1, SPARSE_CHUNK_BYTES // max(1, row)), 1
+    else:
+        most = least = call.chunk_size or 0
+        most = most or max(1, HOST_CHUNK_BYTES // max(1, row))
+        least = least or 1
+    return row, most, least, None if call.rows is None else (call.rows[1] - call.rows[0]) * row
 
 
 def _refuse_other_sites(request: Request) -> None:

@@ -28,7 +28,7 @@ class ServiceState:
 
     def __post_init__(self) -> None:
         if self.streams is None:
-            self.streams = StreamBudget(self.body_budget.max_bytes)
+            self.streams = StreamBudget(self.body_budget.max_bytes, self.settings.stream_threshold_bytes)
 
     @property
     def registry(self) -> Registry:

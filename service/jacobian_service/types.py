@@ -19,7 +19,18 @@ import orjson
 from .errors import Timeout
 from .registry import FunctionSpec
 
-__all__ = ["Call", "JobInfo", "Result", "example_shape", "is_sparse_matrix", "never_cancelled", "tree_leaves"]
+__all__ = ["HOST_CHUNK_BYTES", "SPARSE_CHUNK_BYTES", "Call", "JobInfo", "Result", "example_shape", "is_sparse_matrix", "never_cancelled", "tree_leaves"]
+
+
+# The most bytes of rows a streamed Jacobian's chunk the engine chooses holds on the host
+# (its copy from the device, the copy on its way to the front end, the front end's).
+# On the CPU the memory budget already keeps chunks near this (the 2 GB softmax's are
+# 23.5 MB); on a GPU the budget is device memory, half of what is free: tens of GB, and a
+# 2 GB Jacobian came to the host in one chunk. Here (no torch) for the front end too: it
+# bounds what a stream holds there before the engine has said how large it is.
+HOST_CHUNK_BYTES = 32 << 20
+# A sparse Jacobian streamed densely: rows of about this many bytes a chunk (at least one).
+SPARSE_CHUNK_BYTES = 1 << 20
 
 
 def tree_leaves(tree: Any) -> Iterator[Any]:
@@ -79,6 +90,10 @@ class Call:
     # result travels: "csr" / "coo" (sparse) or "dense" (the same 2-D matrix, dense).
     sparsity: str = "dense"
     sparse_format: str = "csr"
+    # Bytes the front end holds for this request's streamed row chunks (the one being
+    # sent and the one asked for ahead), reserved before the engine runs anything: a
+    # streamed Jacobian's chunks are sized to fit them (StreamBudget). None: not bounded.
+    stream_room: int | None = None
     cancelled: Callable[[], bool] = field(default=never_cancelled)  # the engine sets its job's check while it runs
 
     def signature(self, batched: bool = False) -> tuple[Any, ...]:

@@ -16,7 +16,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import InvalidInput, OutOfMemory, ResultTooLarge
-from ..types import Call, Result, tree_leaves
+from ..types import HOST_CHUNK_BYTES, Call, Result, tree_leaves
 from . import batched as _batched
 from . import vmap_dims as _vmap_dims
 from . import hessian as _hessian
@@ -50,12 +50,14 @@ _REMEDIES = {
 
 log = logging.getLogger("jacobian_service.engine")
 
-# The most bytes of rows a streamed Jacobian's chunk the engine chooses holds on the host
-# (its copy from the device, the copy on its way to the front end, the front end's).
-# On the CPU the memory budget already keeps chunks near this (the 2 GB softmax's are
-# 23.5 MB); on a GPU the budget is device memory, half of what is free: tens of GB, and a
-# 2 GB Jacobian came to the host in one chunk.
-HOST_CHUNK_BYTES = 32 << 20
+
+def _room_rows(call: Call, most: int, row_nbytes: int) -> int:
+    """Rows a streamed chunk may hold: ``most`` bytes of them, and within the front end's
+    room for this stream (two chunks: ``Call.stream_room``); at least one."""
+    if call.stream_room is not None:
+        most = min(most, call.stream_room // 2)
+    return max(1, most // max(1, row_nbytes))
+
 
 TORCH_DTYPES = {
     "bool": torch.bool,
@@ -357,7 +359,7 @@ class Engine:
             return self.jacobian(call, stream)
         primal = stream.primals[0]
         shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)
-        chunk = call.chunk_size or min(stream.auto_chunk(), max(1, HOST_CHUNK_BYTES // max(1, call.row_nbytes())))
+        chunk = call.chunk_size or min(stream.auto_chunk(), _room_rows(call, HOST_CHUNK_BYTES, call.row_nbytes()))
         rows = stream.chunks(start, stop, chunk, calibrate=not call.chunk_size)
 
         def host() -> Iterator[np.ndarray]:

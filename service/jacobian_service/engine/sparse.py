@@ -176,7 +176,8 @@ def streamed_rows(engine: Any, call: Call, stream_threshold: int) -> Result | An
     larger than ``stream_threshold``, its rows densified a chunk at a time as the
     client reads them. So a 16,384 x 16,384 Jacobian (1 GB dense) never exists whole
     in any process, and is not held to the result limit."""
-    from .core import Streamed
+    from ..types import SPARSE_CHUNK_BYTES
+    from .core import Streamed, _room_rows
 
     result = sparse_derivative(engine, call, "jacobian", dense_streamed=True)
     csr = result.value
@@ -185,8 +186,9 @@ def streamed_rows(engine: Any, call: Call, stream_threshold: int) -> Result | An
     if m * n * dtype.itemsize <= stream_threshold:
         result.value = csr.toarray().astype(dtype, copy=False)  # as the streamed rows are
         return result
-    # Chunks of about 1 MiB of dense rows (at least one row): the front end's buffer.
-    chunk = max(1, (1 << 20) // max(n * dtype.itemsize, 1))
+    # Chunks of about 1 MiB of dense rows (at least one row): the front end's buffer,
+    # within its room for this stream.
+    chunk = _room_rows(call, SPARSE_CHUNK_BYTES, n * dtype.itemsize)
     rows = (csr[s : s + chunk].toarray().astype(dtype, copy=False) for s in range(0, m, chunk))
     return Streamed((m, n), dtype, chunk, rows)
 

@@ -1,0 +1,107 @@
+"""Red team, round sixteen: hostile clients and limits (a first stream the stream budget
+would refuse; ...).
+
+Each names what a user saw before. One real server for the module (one front end, no
+spare engine), whose body budget of 32 MiB makes the stream budget as small.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from jacobian_client import wire
+
+from .conftest import assert_problem, live_server
+from .test_connections import _connect
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
+    global _steps
+    _steps = tmp_path_factory.mktemp("steps") / "steps"
+    os.environ["HOSTILE18_STEPS"] = str(_steps)
+    try:
+        with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false", BODY_BUDGET_BYTES=32 << 20, HANG_GRACE_S=1,
+                         FUNCTIONS="jacobian_service.examples,tests.hostile18_functions") as served:
+            yield served
+    finally:
+        os.environ.pop("HOSTILE18_STEPS", None)
+
+
+_steps: Path
+
+
+def _steps_taken() -> int:
+    return _steps.stat().st_size if _steps.exists() else 0
+
+
+def _batches(url: str) -> float:
+    """Batches the engines ran, from /metrics (each job an engine runs is in one)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return float(re.search(r"^jacobian_service_batch_size_count (\S+)$", text, re.M).group(1))
+
+
+def _npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+def _softmax_jacobian(x: np.ndarray) -> np.ndarray:
+    s = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    return np.diag(s) - np.outer(s, s)
+
+
+# ------------------------------------------------------------ the stream budget, first requests
+
+
+def test_a_first_stream_is_refused_before_any_work_or_served_within_the_room_left(server) -> None:
+    """Left open by round twelve: a stream is refused (503, Retry-After) when the row
+    chunks of the streams being sent hold the front end's stream budget, but only a
+    request equal to one that streamed before was refused before it reached an engine. A
+    first one was refused once the engine had run its forward pass (its size known only
+    then): with a softmax stream held by a client that reads nothing, a first softmax
+    of 1600 asked for as .npy was a 503 after the engine's work, and a client retrying
+    it, as told, had the engine run it again at every retry. Now a stream's room is
+    reserved before the engine runs anything: one whose chunks cannot fit (an explicit
+    ``chunk_size`` of 1500 rows, 19 MB for its two) is refused there, as .npy and as
+    JSON, and one of unknown size is given what is left and the engine sizes its chunks
+    to fit: served, whole and right."""
+    url, _ = server
+    held = np.linspace(0, 1, 1500, dtype=np.float32)  # 9 MB: streamed, its two chunks ~17 MB of the 32 MiB
+    body = _npy(held)
+    reader = _connect(url, rcvbuf=4096)  # asks for the stream and reads none of it
+    try:
+        reader.sendall(b"POST /v1/functions/softmax/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-npy\r\n"
+                       b"Accept: application/x-npy\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        reader.settimeout(30)
+        assert reader.recv(12) == b"HTTP/1.1 200"
+        x = np.linspace(0, 2, 1600, dtype=np.float32)  # never asked for before: its size unknown to the front end
+        before = _batches(url)
+        for accept in (wire.NPY, wire.JSON):
+            r = httpx.post(f"{url}/v1/functions/softmax/jacobian?chunk_size=1500", content=_npy(x),
+                           headers={"content-type": wire.NPY, "accept": accept}, timeout=30)
+            problem = assert_problem(r, 503, "unavailable")
+            assert "BODY_BUDGET_BYTES" in problem["detail"] and r.headers["retry-after"] == "1"
+        assert _batches(url) == before, "a refused stream ran in the engine"
+        # the same without a chunk_size: served beside the held stream, in smaller chunks
+        r = httpx.post(f"{url}/v1/functions/softmax/jacobian", content=_npy(x),
+                       headers={"content-type": wire.NPY, "accept": wire.NPY}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert int(r.headers["x-chunk-size"]) < 1600  # streamed: in chunks that fit the room left
+        J = np.load(io.BytesIO(r.content))
+        assert J.shape == (1600, 1600)
+        np.testing.assert_allclose(J[::97, ::89], _softmax_jacobian(x.astype(np.float64))[::97, ::89], rtol=1e-4,
+                                   atol=1e-7)
+    finally:
+        reader.close()
+
