@@ -1,5 +1,5 @@
 """Red team, round sixteen: hostile clients and limits (a first stream the stream budget
-would refuse; ...).
+would refuse; a Hessian whose client left; ...).
 
 Each names what a user saw before. One real server for the module (one front end, no
 spare engine), whose body budget of 32 MiB makes the stream budget as small.
@@ -11,6 +11,7 @@ import io
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -105,3 +106,35 @@ def test_a_first_stream_is_refused_before_any_work_or_served_within_the_room_lef
     finally:
         reader.close()
 
+
+# ------------------------------------------------------------ a Hessian whose client left
+
+
+@pytest.mark.parametrize("how", ["client gone", "X-Request-Timeout"])
+def test_a_hessian_stops_between_its_strategies_once_its_client_has_gone(server, how: str) -> None:
+    """Found by a red team, measured on a real server: a client that hangs up, or whose
+    X-Request-Timeout passes, stops a Jacobian's work at its next chunk, but a Hessian
+    ran on to its end: a first Hessian measures each strategy twice, checks each against
+    a Hessian-vector product, so it ran ten calls of the function (1.5 s of this one) for
+    a client gone after 0.4 s, the engine held from everyone else. Now it stops between
+    steps: at most the call under way runs after its client has gone."""
+    url, _ = server
+    n = 3 if how == "client gone" else 4  # a shape not seen: its strategies are measured
+    body = {"inputs": [np.linspace(0.1, 1, n).tolist()]}
+    before = _steps_taken()
+    if how == "client gone":
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/functions/slow_hessian/hessian", json=body, timeout=0.4)
+    else:
+        r = httpx.post(f"{url}/v1/functions/slow_hessian/hessian", json=body, headers={"X-Request-Timeout": "0.4"},
+                       timeout=30)
+        assert_problem(r, 504, "timeout")
+    left_at = _steps_taken()
+    assert left_at > before, "the Hessian had not started: the test measured nothing"
+    time.sleep(0.9)  # six more calls, had it run on
+    assert _steps_taken() - left_at <= 1, f"{_steps_taken() - left_at} calls after the client left"
+    # the engine is free: the next Hessian is answered, and right (sum_sin's: diag(-sin x))
+    x = [0.3, 0.7]
+    r = httpx.post(f"{url}/v1/functions/sum_sin/hessian", json={"inputs": [x]}, timeout=30)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["hessian"]["data"], np.diag(-np.sin(x)), rtol=1e-6)

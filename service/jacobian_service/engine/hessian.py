@@ -206,12 +206,19 @@ def hessian(engine: "Engine", call: Call) -> Result:
     for name in order:
         if measure and found is not None and name == "jacrev_jacrev" and out_numel > _REV_REV_MAX_OUTPUTS:
             break  # last in the order: see _REV_REV_MAX_OUTPUTS
+        # A request whose client left, or whose deadline passed, stops between steps (each
+        # strategy's runs, the checks below): a first Hessian measures up to three
+        # strategies, twice each, and ran them all for a client long gone, the engine
+        # held from everyone else. (Timeout is a ServiceError: it passes the except below.)
+        call.check_alive()
         fn = STRATEGIES[name](g_out, argnums)
         watch = GradOffWatch(active=name != TORCHS)  # a backward under no_grad (see below)
         try:
             # Every run on its own copies of the inputs, for a function that writes
             # into them; measuring runs each twice (a transform's first call pays extra).
-            watch.call(fn, *fresh(primals)) if measure else None
+            if measure:
+                watch.call(fn, *fresh(primals))
+                call.check_alive()
             start = time.perf_counter()
             value = watch.call(fn, *fresh(primals))
             engine.synchronize()
@@ -227,9 +234,11 @@ def hessian(engine: "Engine", call: Call) -> Result:
             # differentiated a gradient computed without a graph and found 0. Only
             # torch's own strategy sees through it; where it cannot run, its error.
             profile.grad_off = True
+            call.check_alive()
             found, used = engine.guard(lambda: STRATEGIES[TORCHS](g_out, argnums)(*fresh(primals))), TORCHS
             table[key] = TORCHS
             break
+        call.check_alive()
         if measure and not engine.guard(lambda: agrees_with_hvp(g, primals, argnums, value[0])):
             rejected[name] = value  # torch's vmap got this strategy wrong (see agrees_with_hvp)
             continue
@@ -245,6 +254,7 @@ def hessian(engine: "Engine", call: Call) -> Result:
     if known is None:
         table[key] = used
     if used != TORCHS and not finite(found[0]):
+        call.check_alive()
         try:
             found, used = engine.guard(lambda: STRATEGIES[TORCHS](g_out, argnums)(*fresh(primals))), TORCHS
         except ServiceError as exc:
@@ -254,6 +264,7 @@ def hessian(engine: "Engine", call: Call) -> Result:
     torch_failed = torch_failed or profile.hessian_torch_error.get(key)
     if used != TORCHS and torch_failed is not None and finite(found[0]):
         # an answer torch would not give: checked against jacrev's Jacobian nearby
+        call.check_alive()
         g_check, _ = differentiable(AuxBox(call.spec), args, call)  # its own aux: the answer's stays whole
         if not engine.guard(lambda: agrees_with_differences(g_check, fresh(primals), argnums, found[0])):
             raise type(torch_failed)(torch_failed.detail) from None  # a new one: the kept one keeps no frames
