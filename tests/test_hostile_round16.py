@@ -1,5 +1,5 @@
 """Red team, round sixteen: hostile clients and limits (a first stream the stream budget
-would refuse; a Hessian whose client left; ...).
+would refuse; a Hessian whose client left; a request asking to switch protocols; ...).
 
 Each names what a user saw before. One real server for the module (one front end, no
 spare engine), whose body budget of 32 MiB makes the stream budget as small.
@@ -22,7 +22,7 @@ import pytest
 from jacobian_client import wire
 
 from .conftest import assert_problem, live_server
-from .test_connections import _connect
+from .test_connections import _connect, _problem, _read_to_close
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +138,38 @@ def test_a_hessian_stops_between_its_strategies_once_its_client_has_gone(server,
     r = httpx.post(f"{url}/v1/functions/sum_sin/hessian", json={"inputs": [x]}, timeout=30)
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["hessian"]["data"], np.diag(-np.sin(x)), rtol=1e-6)
+
+
+# ------------------------------------------------------------ Upgrade: h2c, websocket, ...
+
+_J = b'{"inputs": [[0.5, 1.0]]}'
+
+
+@pytest.mark.parametrize("upgrade", [b"h2c", b"websocket"])
+def test_a_request_asking_to_switch_protocols_with_a_body_is_refused_not_read_as_empty(server, upgrade: bytes) -> None:
+    """Found by a red team: a POST with ``Connection: upgrade`` and an ``Upgrade`` (as
+    ``curl --http2`` sends one: h2c) had its body taken by the HTTP parser for the new
+    protocol's bytes: the app read an empty body and answered 400 malformed_body "a
+    zero-length, empty document" of a good JSON body, and the connection stayed open, a
+    request pipelined behind it never answered. No protocol is switched to here: such a
+    request is now a 400 saying why, and the connection closes. A bodiless one is served
+    as the HTTP/1.1 request it also is, and its connection serves the next."""
+    url, _ = server
+    extra = b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n" if upgrade == b"h2c" else b"Sec-WebSocket-Version: 13\r\n"
+    head = (b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nUpgrade: %s\r\n"
+            b"Connection: Upgrade\r\n%sContent-Length: %d\r\n\r\n" % (upgrade, extra, len(_J)))
+    with _connect(url) as s:
+        s.sendall(head + _J + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        raw = _read_to_close(s, 10)  # closed after the refusal: never left waiting
+    status, headers, problem = _problem(raw)
+    assert status == 400 and headers["content-type"] == wire.PROBLEM and headers["connection"] == "close", raw
+    assert problem["code"] == "malformed_request" and "switch protocols" in problem["detail"], problem
+    assert b'{"status":"ok"}' not in raw and b"Traceback" not in raw  # (the pipelined request: not read as one)
+    # bodiless: served, and the connection goes on
+    with _connect(url) as s:
+        s.settimeout(10)
+        s.sendall(b"GET /v1/functions/sin HTTP/1.1\r\nHost: t\r\nUpgrade: %s\r\nConnection: Upgrade\r\n%s\r\n"
+                  % (upgrade, extra))
+        assert s.recv(12) == b"HTTP/1.1 200"
+    r = httpx.post(f"{url}/v1/functions/sin/jacobian", content=_J, headers={"content-type": wire.JSON}, timeout=30)
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos([0.5, 1.0])), rtol=1e-6)

@@ -593,6 +593,13 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # The versions an HTTP/1 request line may name (uvicorn speaks no HTTP/2).
 _HTTP1_VERSIONS = frozenset({"1.1", "1.0"})
 
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a head's (lower-cased) fields announce a body: a Content-Length other than 0,
+    or a Transfer-Encoding."""
+    return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip().lstrip(b"0") != b"")
+               for name, value in headers)
+
 # llhttp's reasons that say nothing to a client, in words that do.
 _PARSER_REASONS = {
     "User callback error": "Invalid HTTP request received",  # (a CONNECT's authority target, which no route takes)
@@ -856,6 +863,17 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 # parser stops and uvicorn answers it unreadable (send_400_response).
                 self._fault = (f"HTTP/{version} in a request line framed as HTTP/1: this server speaks "
                                "HTTP/1.1 and HTTP/1.0")
+                raise ValueError(self._fault)
+            if self.parser.should_upgrade() and _has_body(self.headers):
+                # "Connection: upgrade" with an Upgrade (h2c, websocket, ...): llhttp takes
+                # what follows the head for the new protocol's bytes, so the body never
+                # reached the app, which answered a JSON body "a zero-length, empty
+                # document" (400 malformed_body) and left the body unread on a connection
+                # kept open. No protocol is switched to here (no 101), and a bodiless
+                # upgrade request is served as the HTTP/1.1 request it also is.
+                self._fault = ("a request asking to switch protocols (Connection: upgrade) with a body, which this "
+                               "server cannot read as HTTP/1.1: it speaks HTTP/1.1 only; send the request without "
+                               "'Connection: upgrade'")
                 raise ValueError(self._fault)
             super().on_headers_complete()
 
