@@ -1,8 +1,10 @@
 """Red team, round sixteen: hostile clients and limits (a first stream the stream budget
-would refuse; a Hessian whose client left; a request asking to switch protocols; ...).
+would refuse; a Hessian whose client left; a request asking to switch protocols; a
+dense sparse result over the limit).
 
 Each names what a user saw before. One real server for the module (one front end, no
-spare engine), whose body budget of 32 MiB makes the stream budget as small.
+spare engine), whose body budget of 32 MiB makes the stream budget as small, and whose
+result limit is 1 MiB.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
     os.environ["HOSTILE18_STEPS"] = str(_steps)
     try:
         with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false", BODY_BUDGET_BYTES=32 << 20, HANG_GRACE_S=1,
+                         MAX_RESULT_BYTES=1 << 20,
                          FUNCTIONS="jacobian_service.examples,tests.hostile18_functions") as served:
             yield served
     finally:
@@ -173,3 +176,28 @@ def test_a_request_asking_to_switch_protocols_with_a_body_is_refused_not_read_as
         assert s.recv(12) == b"HTTP/1.1 200"
     r = httpx.post(f"{url}/v1/functions/sin/jacobian", content=_J, headers={"content-type": wire.JSON}, timeout=30)
     np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
+
+
+# ------------------------------------------------------------ a dense sparse result over the limit
+
+
+def test_a_sparse_jacobian_asked_for_densely_over_the_result_limit_is_refused_before_its_pattern(server) -> None:
+    """Found by a red team: ``sparse_format=dense`` asks for the sparse Jacobian as a dense
+    matrix, whose size (outputs x inputs) is known from the shapes; but the result limit
+    was checked only once the pattern had been detected and coloured: a 20,000-element
+    lorenz96 (1.6 GB dense) was a 413 after 16 s of detection, and its remedy said only
+    "Ask for a smaller input". Now it is refused before the pattern is looked for (none
+    is detected, or cached, for it), saying what to ask for instead; the sparse matrix
+    itself is served."""
+    url, _ = server
+    n = 520  # dense: 1.08 MB of float32, over the 1 MiB limit; a band of 13 a row
+    x = np.linspace(0, 1, n).tolist()
+    r = httpx.post(f"{url}/v1/functions/lorenz96/jacobian", json={"inputs": [x], "sparsity": "auto",
+                                                                  "sparse_format": "dense"}, timeout=60)
+    problem = assert_problem(r, 413, "result_too_large")
+    assert f"{n * n * 4} bytes" in problem["detail"] and "sparse_format=csr" in problem["detail"], problem
+    r = httpx.post(f"{url}/v1/functions/lorenz96/jacobian", json={"inputs": [x], "sparsity": "auto"}, timeout=60)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["meta"]["cached"] is None, "the refused request had detected (and cached) the pattern"
+    assert doc["meta"]["nnz"] == 13 * n and doc["meta"]["shape"] == [n, n]
