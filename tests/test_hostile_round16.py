@@ -110,6 +110,39 @@ def test_a_first_stream_is_refused_before_any_work_or_served_within_the_room_lef
         reader.close()
 
 
+def test_the_stream_budget_reserves_before_work_what_the_engine_is_then_held_to() -> None:
+    """StreamBudget's bookkeeping, without a server: what ``admit`` reserves before the
+    engine runs (a known size: its two chunks, or 503; an unknown one: half the room
+    left, at least two rows), what the engine's chunks are then held to (``room``), and
+    what ``keep`` and ``release`` give back."""
+    from jacobian_service.errors import Unavailable
+    from jacobian_service.responses import StreamBudget
+
+    MB = 1 << 20
+    budget = StreamBudget(32 * MB, stream_threshold=8 * MB)
+    row = 6000  # bytes of one row (a softmax of 1500 float32)
+    first = budget.admit("a", row, 5000, 1, None)  # unknown, the budget empty: half of it
+    assert first.room == first.held == budget.used == 16 * MB
+    first.keep(2 * 1500 * row)  # the engine's head: its two chunks of 1500 rows (18 MB)
+    assert budget.used == 18_000_000
+    budget.learn("a", 1500 * row)
+    with pytest.raises(Unavailable):  # known now: its two chunks do not fit beside the first's
+        budget.admit("a", row, 5000, 1, None)
+    assert budget.used == 18_000_000
+    other = budget.admit("b", row, 5000, 1, None)  # unknown: half the room left, chunks sized to it
+    assert other.room == (32 * MB - 18_000_000) // 2 and budget.used == 18_000_000 + other.room
+    other.release()
+    other.release()  # (once, however often called)
+    with pytest.raises(Unavailable):  # an explicit chunk_size's two chunks must fit: refused before work
+        budget.admit("c", row, 1500, 1500, None)
+    budget.learn("small", 0)  # gathered, not streamed: holds nothing, its chunks not bounded
+    small = budget.admit("small", row, 5000, 1, None)
+    assert small.room is None and small.held == 0
+    assert budget.admit("rows", row, 5000, 1, 100 * row).room is None  # rows= under the threshold: never streamed
+    first.release()
+    assert budget.used == 0
+
+
 # ------------------------------------------------------------ a Hessian whose client left
 
 
