@@ -444,8 +444,12 @@ def _stream_bounds(call: Call, sparse: bool) -> tuple[int, int, int, int | None]
     """What a stream of ``call`` may hold, known before compute (StreamBudget.admit):
     a row's bytes, the most rows a chunk takes (an explicit ``chunk_size``, else the
     engine's bound: HOST_CHUNK_BYTES of rows, a densified sparse Jacobian's
-    SPARSE_CHUNK_BYTES), the fewest, and the result's bytes where ``rows`` tells them."""
+    SPARSE_CHUNK_BYTES), the fewest, and the result's bytes where ``rows`` tells them (0:
+    the engine gathers it, never streamed: per-example, forward mode without ``rows``, or
+    a derivative w.r.t. several arrays; engine.core's jacobian_npy)."""
     row = call.row_nbytes()
+    if not sparse and (call.batched or (call.rows is None and call.mode != "rev") or not call.single_primal()):
+        return row, 1, 1, 0
     if sparse:
         most, least = max(1, SPARSE_CHUNK_BYTES // max(1, row)), 1
     else:
