@@ -1,0 +1,367 @@
+"""PyTorch's own torch.func test cases, round 13, replayed over HTTP against
+tests/parity13_functions.py and compared with in-process torch.func (values, shapes,
+dtypes, structure; torch's error where torch raises).
+
+1. test/functorch/test_ops.py's checks over ``op_db`` ops round 12 left out:
+   test_vjp, test_jvp, test_vmapvjp, test_jvpvjp and test_vmapjvpall as an outside tester
+   runs them over HTTP, argnums over every tensor input.
+2. nn.Module per-sample gradients, model ensembles, BatchNorm under vmap, random
+   functions under vmap, nested vmap.
+
+One in-process app serves the module (no server start), as rounds 7-12.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from jacobian_client import wire
+from torch.utils._pytree import (
+    tree_flatten,
+    tree_leaves,
+    tree_structure,
+    tree_unflatten,
+)
+
+from . import parity13_functions as F
+from .conftest import assert_problem, ready_app
+from .test_parity_round7 import answer, arr, post, same, t, wire_tree
+
+f = torch.func
+
+
+@pytest.fixture(scope="module")
+def c() -> Iterator[Any]:
+    with ready_app("tests.parity13_functions") as client:
+        yield client
+
+
+RNG = np.random.default_rng(13)
+
+
+def rand(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape)
+
+
+def sample(kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One input as OpInfo's sample makers make it for the op's domain."""
+    x = rand(*shape)
+    if kind == "pos":
+        return np.abs(x) + 0.5
+    if kind == "unit":
+        return RNG.uniform(0.1, 0.9, shape)
+    if kind == "full":
+        return x + 3 * np.eye(shape[-2], shape[-1])
+    if kind == "spd":
+        return x @ np.swapaxes(x, -1, -2) + np.eye(shape[-1])
+    return x
+
+
+def samples(op: F.Op, batch: int | None = None) -> list[np.ndarray]:
+    kinds = (op.make,) * len(op.shapes) if isinstance(op.make, str) else op.make
+    if batch is None:
+        return [sample(k, s) for k, s in zip(kinds, op.shapes)]
+    return [np.stack([sample(k, s) for _ in range(batch)]) for k, s in zip(kinds, op.shapes)]
+
+
+def like(tree: Any, batch: int | None = None) -> Any:
+    """Random arrays shaped like a torch tree (cotangents for its output), as the wire
+    nests them (lists)."""
+    if isinstance(tree, torch.Tensor):
+        return rand(*((batch,) if batch else ()), *tree.shape)
+    return [like(v, batch) for v in tree]
+
+
+def shaped_as(arrays: Any, out: Any) -> Any:
+    """Wire-nested arrays as torch tensors nested as ``out`` (a namedtuple such as
+    slogdet's), as torch.func.vjp wants its cotangents."""
+    return tree_unflatten(t(tree_leaves(arrays)), tree_structure(out))
+
+
+def plain(tree: Any) -> Any:
+    """torch's return types (namedtuples such as max's) as the plain tuples the wire
+    answers, and its ZeroTensors (slogdet's sign has no derivative) as zeros, for
+    ``same``."""
+    if isinstance(tree, tuple):
+        return tuple(plain(v) for v in tree)
+    if isinstance(tree, torch.Tensor) and tree._is_zerotensor():
+        return torch.zeros(tree.shape, dtype=tree.dtype)
+    return tree
+
+
+def as_torch(c, name: str, endpoint: str, inputs: list[Any], torch_call: Callable[[], Any], **options: Any) -> None:
+    """The endpoint's answer is torch_call()'s, or, where torch raises, a 500
+    function_error naming torch's exception and saying its message."""
+    try:
+        want = torch_call()
+    except Exception as exc:  # noqa: BLE001 - whatever torch raises, the service says
+        body = assert_problem(post(c, name, endpoint, inputs, **options), 500, "function_error")
+        assert body["detail"].startswith(f"{type(exc).__name__}: "), (body, exc)
+        assert str(exc).splitlines()[0][:80] in body["detail"], (str(exc), body)
+        return
+    got, _ = answer(post(c, name, endpoint, inputs, **options), endpoint)
+    same(got, plain(want), rtol=1e-8)
+
+
+def partial(fn: Callable[..., Any], xs: list[torch.Tensor], argnums: tuple[int, ...]) -> Callable[..., Any]:
+    """fn of the argnums inputs alone, the others held at xs."""
+    def g(*p: torch.Tensor) -> Any:
+        full = list(xs)
+        for i, v in zip(argnums, p):
+            full[i] = v
+        return fn(*full)
+    return g
+
+
+# ops torch's vmap refuses: unique's output has a data-dependent shape, batch_norm in
+# training mode writes running stats not batched, gaussian_nll_loss checks var < 0 with
+# data-dependent control flow. The service runs their examples one at a time (README:
+# where vmap cannot run, it loops), as vmap means: each example's answer, stacked.
+VMAP_REFUSES = {"unique": "dynamic shape", "batch_norm_train": "running_mean or running_var",
+                "gaussian_nll": "data-dependent control flow"}
+
+
+def per_example(op: F.Op, transform: Callable[..., Any], xb: list[torch.Tensor]) -> Any:
+    """vmap(transform)(*xb), or where torch's vmap refuses the op, the stack of each
+    example's answer (an error of the first example's raised as it is)."""
+    if op.name not in VMAP_REFUSES:
+        return f.vmap(transform)(*xb)
+    with pytest.raises(RuntimeError, match=VMAP_REFUSES[op.name]):
+        f.vmap(transform)(*xb)
+    answers = [transform(*(x[i] for x in xb)) for i in range(len(xb[0]))]
+    leaves = [tree_flatten(a)[0] for a in answers]
+    return tree_unflatten([torch.stack(col) for col in zip(*leaves)], tree_structure(answers[0]))
+
+
+@pytest.mark.parametrize("op", F.OPS, ids=[o.name for o in F.OPS])
+def test_ops_checks_over_http(c, op):
+    """test_vjp, test_jvp, test_vmapvjp, test_jvpvjp, test_vmapjvpall of op_db ops."""
+    name, fn, an = f"op_{op.name}", op.fn, op.argnums
+    xs = samples(op)
+    tx = t(xs)
+    g = partial(fn, tx, an)
+    primals = tuple(tx[i] for i in an)
+    out = fn(*tx)
+    tans = [rand(*xs[i].shape) for i in an]
+    cot = like(out)
+    cot_t = shaped_as(cot, out)
+    argnums = list(an)
+    # test_vjp / jacobian in both modes
+    for options in ({}, {"mode": "fwd"}):
+        as_torch(c, name, "jacobian", xs, lambda: f.jacrev(g, argnums=tuple(range(len(an))), chunk_size=1)(*primals),
+                 argnums=argnums, **options)
+    as_torch(c, name, "vjp", xs, lambda: f.vjp(g, *primals)[1](cot_t), argnums=argnums, cotangents=wire_tree(cot))
+    # test_jvp
+    as_torch(c, name, "jvp", xs, lambda: f.jvp(g, primals, tuple(t(tans)))[1], argnums=argnums,
+             tangents=[arr(v) for v in tans])
+    # test_vmapvjp: per-example Jacobians, and a stack of cotangents at one input
+    xb = samples(op, 2)
+    as_torch(c, name, "jacobian", xb,
+             lambda: per_example(op, f.jacrev(fn, argnums=an), t(xb)), argnums=argnums, batched=True)
+    cots = like(out, 3)
+    cots_t = shaped_as(cots, out)
+    as_torch(c, name, "vjp", xs, lambda: f.vmap(f.vjp(g, *primals)[1])(cots_t), argnums=argnums,
+             cotangents=wire_tree(cots), batched_vectors=True)
+    # test_vmapjvpall: a stack of tangents
+    tb = [rand(3, *xs[i].shape) for i in an]
+    as_torch(c, name, "jvp", xs, lambda: f.vmap(lambda *v: f.jvp(g, primals, v)[1])(*t(tb)), argnums=argnums,
+             tangents=[arr(v) for v in tb], batched_vectors=True)
+    # test_jvpvjp: c . H t, the jvp of the vjp
+    if op.twice:
+        as_torch(c, name, "hvp", xs,
+                 lambda: f.jvp(lambda *p: f.vjp(g, *p)[1](cot_t), primals, tuple(t(tans)))[1],
+                 argnums=argnums, tangents=[arr(v) for v in tans], cotangents=wire_tree(cot))
+
+
+# --------------------------------------------------------------------------- Hessians torch cannot take
+
+
+def test_a_hessian_torch_has_no_forward_rule_for_is_reverse_over_reverse(c):
+    """grid_sample has no forward-AD rule, so torch.func.hessian raises; its double
+    backward exists, and the service answers reverse over reverse (README: checked
+    against differences of jacrev), jacrev(jacrev)'s blocks, row by row."""
+    op = next(o for o in F.OPS if o.name == "grid_sample")
+    xs = samples(op)
+    with pytest.raises(NotImplementedError, match="forward AD with grid_sampler_2d"):
+        f.hessian(op.fn, argnums=(0, 1))(*t(xs))
+    want = f.jacrev(f.jacrev(op.fn, argnums=(0, 1), chunk_size=1), argnums=(0, 1), chunk_size=1)(*t(xs))
+    got, doc = answer(post(c, "op_grid_sample", "hessian", xs, argnums=[0, 1]), "hessian")
+    same(got, want, rtol=1e-9)
+    assert doc["meta"]["mode"] == "jacrev_jacrev"
+
+
+def test_per_example_hessian_of_a_solve_is_each_examples(c):
+    """vmap(torch.func.hessian(linalg.solve)) is silently wrong in torch (forward mode
+    under a vmap over examples: README) for the second example's d2/dA2 blocks; the
+    service answers each example's torch.func.hessian, as reverse over reverse does."""
+    op = next(o for o in F.OPS if o.name == "solve")
+    xb = samples(op, 2)
+    loop = [f.hessian(torch.linalg.solve, argnums=(0, 1))(*t([x[i] for x in xb])) for i in range(2)]
+    want = tree_unflatten([torch.stack(col) for col in zip(*(tree_leaves(h) for h in loop))], tree_structure(loop[0]))
+    got, _ = answer(post(c, "op_solve", "hessian", xb, argnums=[0, 1], batched=True), "hessian")
+    same(got, want, rtol=1e-9)
+    vmapped = f.vmap(f.hessian(torch.linalg.solve, argnums=(0, 1)))(*t(xb))
+    assert not torch.allclose(vmapped[0][0], want[0][0])  # torch's own vmap is the wrong one
+
+
+def test_a_complex_output_is_the_wires_refusal(c):
+    """linalg.eigvals of a real matrix is complex: torch's jacrev / jacfwd / hessian refuse
+    it, and the wire carries no complex, so every endpoint is a 500 saying so (README)."""
+    x = sample("full", (2, 2))
+    with pytest.raises(RuntimeError, match="Expected all outputs to be real"):
+        f.jacrev(F.eigvals)(t(x))
+    for endpoint, options in (("evaluate", {}), ("jacobian", {}), ("jacobian", {"mode": "fwd"}), ("hessian", {}),
+                              ("jvp", {"tangents": arr(rand(2, 2))}), ("vjp", {"cotangents": arr(rand(2))}),
+                              ("jacobian", {"batched": True})):
+        inputs = [np.stack([x, x.T])] if options.get("batched") else [x]
+        body = assert_problem(post(c, "eigvals", endpoint, inputs, **options), 500, "function_error")
+        assert body["detail"] == "the output holds a complex128 tensor, which the wire does not carry", body
+
+
+# --------------------------------------------------------------------------- 2. modules, ensembles, vmap
+
+
+def model_params() -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in F.MODEL.named_parameters()}
+
+
+def test_per_sample_gradients_of_a_module(c):
+    """torch's per-sample-gradients tutorial: vmap(grad(loss), in_dims=(None, 0, 0)) of a
+    functional_call loss, the parameters shared, examples and integer targets batched;
+    per parameter tree and per input, and per-example Hessians in x."""
+    params, xs, ys = model_params(), rand(5, 4), np.array([0, 2, 1, 1, 0])
+    tp, tx, ty = t(params), t(xs), t(ys)
+    got, _ = answer(post(c, "sample_loss", "jacobian", [params, xs, ys], batched=True, in_dims=[None, 0, 0]), "jacobian")
+    same(got, f.vmap(f.grad(F.sample_loss), in_dims=(None, 0, 0))(tp, tx, ty), rtol=1e-9)
+    got, _ = answer(post(c, "sample_loss", "jacobian", [params, xs, ys], batched=True, in_dims={"params": None},
+                         argnums=["params", "x"]), "jacobian")
+    same(got, f.vmap(f.grad(F.sample_loss, argnums=(0, 1)), in_dims=(None, 0, 0))(tp, tx, ty), rtol=1e-9)
+    got, _ = answer(post(c, "sample_loss", "hessian", [params, xs, ys], batched=True, in_dims=[None, 0, 0], argnums=1),
+                    "hessian")
+    same(got, f.vmap(f.hessian(F.sample_loss, argnums=1), in_dims=(None, 0, 0))(tp, tx, ty), rtol=1e-9)
+    # the target is an integer: not differentiable (jacrev: only floating inputs)
+    body = assert_problem(post(c, "sample_loss", "jacobian", [params, xs, ys], batched=True, in_dims=[None, 0, 0],
+                               argnums=2), 422, "invalid_input")
+    assert "'target' is int64" in body["detail"], body
+
+
+def test_model_ensembles_from_stack_module_state(c):
+    """torch's model-ensembling tutorial: stack_module_state's parameters vmapped over
+    (in_dims=(0, None): one minibatch for every model; (0, 0): one each), their outputs
+    and per-model Jacobians; some parameters shared (in_dims nested, None), out_dims
+    nested as the result."""
+    models = [F.MODEL]
+    for seed in (1, 2):
+        m = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+        torch.manual_seed(seed)
+        for p in m.parameters():
+            p.data.normal_()
+        models.append(m)
+    stacked, _ = f.stack_module_state(models)
+    sp = {k: v.detach().numpy() for k, v in stacked.items()}
+    mb, mbs = rand(2, 4), rand(3, 2, 4)
+    got, _ = answer(post(c, "model_call", "evaluate", [sp, mb], batched=True, in_dims=[0, None]), "output")
+    same(got, f.vmap(F.model_call, in_dims=(0, None))(t(sp), t(mb)))
+    got, _ = answer(post(c, "model_call", "evaluate", [sp, mbs], batched=True), "output")
+    same(got, f.vmap(F.model_call)(t(sp), t(mbs)))
+    got, _ = answer(post(c, "model_call", "jacobian", [sp, mb], batched=True, in_dims=[0, None]), "jacobian")
+    same(got, f.vmap(f.jacrev(F.model_call), in_dims=(0, None))(t(sp), t(mb)))
+    mixed = {k: sp[k] if "weight" in k else model_params()[k] for k in sp}
+    dims = {k: 0 if "weight" in k else None for k in sp}
+    outs = {k: 1 if "weight" in k else 0 for k in sp}
+    got, _ = answer(post(c, "model_call", "jacobian", [mixed, mb], batched=True, in_dims=[dims, None], out_dims=outs),
+                    "jacobian")
+    same(got, f.vmap(f.jacrev(F.model_call), in_dims=(dims, None), out_dims=outs)(t(mixed), t(mb)))
+
+
+def test_batch_norm_under_vmap(c):
+    """BatchNorm1d under vmap: in eval mode, and with running stats off
+    (replace_all_batch_norm_modules_), vmap runs it and per-example Jacobians are
+    torch's. In training mode with running stats torch's vmap refuses it ("Batch norm
+    got a batched tensor as input while the running_mean ... were not batched"): a
+    per-example evaluate answers each example's (normalized by its own batch, as the
+    loop the README says runs where vmap cannot); its derivatives are torch's error
+    (the module writes num_batches_tracked, a captured tensor), plain and per example."""
+    xb = rand(2, 4, 3)
+    for name in ("bn_eval", "bn_no_stats"):
+        fn = getattr(F, name)
+        got, _ = answer(post(c, name, "jacobian", [xb], batched=True), "jacobian")
+        same(got, f.vmap(f.jacrev(fn))(t(xb)))
+        got, _ = answer(post(c, name, "evaluate", [xb], batched=True), "output")
+        same(got, f.vmap(fn)(t(xb)))
+    with pytest.raises(RuntimeError, match="running_mean or running_var"):
+        f.vmap(F.bn_train)(t(xb))
+    got, _ = answer(post(c, "bn_train", "evaluate", [xb], batched=True), "output")
+    with torch.no_grad():
+        same(got, torch.stack([F.bn_train(v) for v in t(xb)]))
+    with pytest.raises(RuntimeError, match="mutate a captured Tensor") as raised:
+        f.jacrev(F.bn_train)(t(xb[0]))
+    for inputs, options in (([xb[0]], {}), ([xb], {"batched": True})):
+        body = assert_problem(post(c, "bn_train", "jacobian", inputs, **options), 500, "function_error")
+        assert body["detail"] == f"RuntimeError: {str(raised.value).splitlines()[0]}", body
+
+
+def test_random_functions_under_vmap(c):
+    """vmap's randomness: torch's default "error" refuses dropout; "different" gives each
+    example its own mask. A per-example request loops where vmap cannot run (README),
+    so each example draws its own, and each example's Jacobian is of its own draw (the
+    output answered beside it). vmap(randomness="different") inside the function: its
+    Jacobian is of the one call whose output is answered, in every mode."""
+    x = np.abs(rand(32)) + 0.5
+    xs = np.stack([x] * 4)
+    with pytest.raises(RuntimeError, match="randomness"):
+        f.vmap(F.dropout)(t(xs))
+    got, _ = answer(post(c, "dropout", "evaluate", [xs], batched=True), "output")
+    assert set(np.unique(np.round(got / x, 9))) <= {0.0, 2.0}
+    assert len({row.tobytes() for row in got}) == 4  # "different": a mask each (two alike: 2^-32)
+    for options in ({}, {"chunk_size": 1}):
+        jac, doc = answer(post(c, "dropout", "jacobian", [xs], batched=True, return_output=True, **options), "jacobian")
+        out = wire.decode_tree(doc["output"])
+        for j, o in zip(jac, out):
+            same(j, np.diag(o / x), rtol=1e-12)
+        assert len({row.tobytes() for row in out}) == 4
+    xr = np.abs(rand(3, 4)) + 0.5
+    f.jacrev(F.vmap_different_inside)(t(xr))  # torch runs it
+    for options in ({}, {"mode": "fwd"}, {"chunk_size": 1}):
+        jac, doc = answer(post(c, "vmap_different_inside", "jacobian", [xr], return_output=True, **options), "jacobian")
+        out = wire.decode_tree(doc["output"])
+        same(jac, np.diag((out / xr).ravel()).reshape(3, 4, 3, 4), rtol=1e-12)
+
+
+def test_chunk_size_past_the_batch_and_in_dims_all_none(c):
+    """vmap(f, chunk_size=100) over 2 examples is vmap(f); jacrev's chunk_size past its
+    rows too. in_dims None for every input: torch's vmap says "Expected at least one
+    Tensor to vmap over", the service's 422 says so on every per-example endpoint."""
+    xb, yb = rand(2, 3), rand(2, 3)
+    want = f.vmap(f.jacrev(F.two_in, argnums=(0, 1), chunk_size=100), chunk_size=100)(t(xb), t(yb))
+    for chunk in (2, 3, 100):
+        got, doc = answer(post(c, "two_in", "jacobian", [xb, yb], batched=True, chunk_size=chunk, argnums=[0, 1]),
+                          "jacobian")
+        same(got, want)
+        assert doc["meta"]["chunk_size"] == min(chunk, 3)
+    got, _ = answer(post(c, "two_in", "evaluate", [xb, yb], batched=True, chunk_size=100), "output")
+    same(got, f.vmap(F.two_in, chunk_size=100)(t(xb), t(yb)))
+    with pytest.raises(ValueError, match="at least one Tensor to vmap over"):
+        f.vmap(F.two_in, in_dims=(None, None))(t(xb[0]), t(yb[0]))
+    for endpoint in ("jacobian", "hessian", "evaluate"):
+        for in_dims in ([None, None], None):
+            body = assert_problem(post(c, "two_in", endpoint, [xb[0], yb[0]], batched=True, in_dims=in_dims),
+                                  422, "invalid_input")
+            assert "Expected at least one Tensor to vmap over" in body["detail"], body
+
+
+def test_nested_vmap_inside_the_function(c):
+    """f maps a grad and a vmap of a vmap over its rows: jacrev, jacfwd, hessian and the
+    per-example transforms over it (vmap of vmap of vmap) are torch's."""
+    x, xb = rand(3, 2), rand(2, 3, 2)
+    for endpoint, options, want in (("jacobian", {}, f.jacrev(F.nested_vmap)(t(x))),
+                                    ("jacobian", {"mode": "fwd"}, f.jacfwd(F.nested_vmap)(t(x))),
+                                    ("hessian", {}, f.hessian(F.nested_vmap)(t(x))),
+                                    ("jacobian", {"batched": True}, f.vmap(f.jacrev(F.nested_vmap))(t(xb))),
+                                    ("hessian", {"batched": True}, f.vmap(f.hessian(F.nested_vmap))(t(xb)))):
+        got, _ = answer(post(c, "nested_vmap", endpoint, [xb if options.get("batched") else x], **options), endpoint)
+        same(got, want)
