@@ -180,6 +180,26 @@ def test_ops_checks_over_http(c, op):
 # --------------------------------------------------------------------------- Hessians torch cannot take
 
 
+@pytest.mark.parametrize("name", ["embedding_bag", "ctc_loss", "zeta"])
+def test_a_hessian_no_strategy_can_take_is_torchs_error(c, name):
+    """torch.func.hessian (forward over reverse) of an op without a forward-AD rule or a
+    double backward raises "Trying to use forward AD with _embedding_bag that does not
+    support it". The service tried its faster strategies, then torch's, then reverse over
+    reverse, and answered the last one's error ("the derivative for
+    '_embedding_bag_backward' is not implemented"), which torch never says. Now the
+    500 says what torch.func.hessian says, plain and per example."""
+    op = next(o for o in F.OPS if o.name == name)
+    xs, xb = samples(op), samples(op, 2)
+    with pytest.raises(NotImplementedError, match="Trying to use forward AD") as raised:
+        f.hessian(op.fn, argnums=op.argnums)(*t(xs))
+    want = f"NotImplementedError: {str(raised.value).splitlines()[0]}"
+    for inputs, options in (([*xs], {}), ([*xb], {"batched": True})):
+        for _ in range(2):  # the first request measures the strategies, the next knows them
+            body = assert_problem(post(c, f"op_{name}", "hessian", inputs, argnums=list(op.argnums), **options),
+                                  500, "function_error")
+            assert body["detail"].startswith(want), (body, want)
+
+
 def test_a_hessian_torch_has_no_forward_rule_for_is_reverse_over_reverse(c):
     """grid_sample has no forward-AD rule, so torch.func.hessian raises; its double
     backward exists, and the service answers reverse over reverse (README: checked

@@ -250,6 +250,13 @@ def hessian(engine: "Engine", call: Call) -> Result:
         used = TORCHS if TORCHS in rejected else next(iter(rejected))
         found = rejected[used]
     if found is None:
+        # No strategy ran: the error is torch.func.hessian's (forward over reverse), as
+        # torch says it ("Trying to use forward AD with _embedding_bag ..."), not the
+        # last fallback's (reverse over reverse: "the derivative for
+        # '_embedding_bag_backward' is not implemented"), which torch never runs. This
+        # call's own: one kept from another call may be of other inputs
+        if torch_failed is not None:
+            raise torch_failed from None
         raise function_error(failure or RuntimeError("no Hessian strategy ran"))
     if known is None:
         table[key] = used
