@@ -200,6 +200,21 @@ def test_a_hessian_no_strategy_can_take_is_torchs_error(c, name):
             assert body["detail"].startswith(want), (body, want)
 
 
+def test_a_sparse_hessian_no_product_can_take_is_torchs_error(c):
+    """The sparse Hessian (sparsity auto) of ctc_loss, which has neither a forward-AD rule
+    nor a double backward: its forward-over-reverse products failed, reverse over
+    reverse's too, and the 500 said the last ("derivative for aten::_ctc_loss_backward
+    is not implemented"). Now it says what torch.func.hessian says, as the dense one."""
+    op = next(o for o in F.OPS if o.name == "ctc_loss")
+    xs = samples(op)
+    with pytest.raises(NotImplementedError, match="Trying to use forward AD") as raised:
+        f.hessian(op.fn)(*t(xs))
+    for fmt in ("csr", "dense"):
+        body = assert_problem(post(c, "op_ctc_loss", "hessian", xs, sparsity="auto", sparse_format=fmt),
+                              500, "function_error")
+        assert body["detail"].startswith(f"NotImplementedError: {str(raised.value).splitlines()[0]}"), body
+
+
 def test_a_hessian_torch_has_no_forward_rule_for_is_reverse_over_reverse(c):
     """grid_sample has no forward-AD rule, so torch.func.hessian raises; its double
     backward exists, and the service answers reverse over reverse (README: checked

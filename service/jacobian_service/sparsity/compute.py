@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .. import __version__ as _SERVICE_VERSION
 from ..engine.products import vmap_agrees
-from ..errors import exception_text
+from ..errors import ServiceError, exception_text
 from .coloring import Coloring, choose_coloring, hessian_coloring, star_coloring
 from .dense import dense_hessian, dense_jacobian
 from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, SEEDED_NOTE, TraceError, is_random, probe, random_note, trace_hessian, trace_jacobian
@@ -872,10 +872,17 @@ def _sparse_hessian(
         if _is_oom(exc):
             raise
         # An op without forward AD: the same products by reverse over reverse, as the
-        # dense Hessian falls back (where that fails too, its error is the answer).
+        # dense Hessian falls back. Where that fails too (no double backward either:
+        # ctc_loss), the answer is forward over reverse's error, torch.func.hessian's
+        # own ("Trying to use forward AD with _ctc_loss ..."), as the dense Hessian's is.
         log.info("forward-over-reverse Hessian products failed (%s); using reverse over reverse", type(exc).__name__)
         run = _single(_product_at("star_rev", fn, argnums, has_aux), args, key and ("star_rev", key))
-        block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
+        try:
+            block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
+        except Exception as rev_exc:
+            if _is_oom(rev_exc) or isinstance(rev_exc, ServiceError):  # out of memory, past the deadline
+                raise
+            raise exc.with_traceback(None) from None
     if plan.unsolvable(block):  # a NaN or an infinity: star colouring keeps it at its entry
         log.info("a Hessian product is not finite: star colouring instead of acyclic")
         coloring = _star_instead(p, cache, fn, name, args, argnums, check_alive)
