@@ -264,3 +264,16 @@ def noisy_quad(x):
 def noisy_vec(x):
     """A fresh random scale per element: J = diag(2 r x)."""
     return x ** 2 * torch.rand(x.shape, dtype=x.dtype)
+
+
+_BN_MOD = nn.BatchNorm1d(3).double().train()
+BN_PARAMS = {"weight": Array((3,)), "bias": Array((3,))}
+BN_BUFFERS = {"running_mean": Array((3,)), "running_var": Array((3,)), "num_batches_tracked": Array((), dtype="int64")}
+
+
+@register(inputs=[Input("params", tree=BN_PARAMS), Input("buffers", tree=BN_BUFFERS), Input("x", shape=(4, 3))])
+def bn_functional(params, buffers, x):
+    """BatchNorm1d in training mode through functional_call, its buffers an input (the way
+    torch's docs batch it: each example its own running stats, in_dims 0 for them); it
+    writes the running stats into the buffers it is given."""
+    return torch.func.functional_call(_BN_MOD, (params, buffers), (x,))

@@ -245,10 +245,16 @@ def test_per_example_hessian_of_a_solve_is_each_examples(c):
 
 def test_a_complex_output_is_the_wires_refusal(c):
     """linalg.eigvals of a real matrix is complex: torch's jacrev / jacfwd / hessian refuse
-    it, and the wire carries no complex, so every endpoint is a 500 saying so (README)."""
+    it, and the wire carries no complex, so every endpoint is a 500 saying so (README); a
+    complex input (to take abs or angle of) is a 422 naming its dtype. Complex numbers
+    made inside from real inputs are served: complex_abs / complex_angle in the sweep."""
     x = sample("full", (2, 2))
     with pytest.raises(RuntimeError, match="Expected all outputs to be real"):
         f.jacrev(F.eigvals)(t(x))
+    # and a complex input (abs or angle of it) is no dtype the wire reads: 422 naming it
+    body = assert_problem(c.post("/v1/functions/two_in/jacobian", json={"inputs": [
+        {"dtype": "complex128", "shape": [3], "data": [1, 2, 3]}, [1, 2, 3]]}), 422, "invalid_input")
+    assert body["detail"].startswith("unknown dtype 'complex128'"), body
     for endpoint, options in (("evaluate", {}), ("jacobian", {}), ("jacobian", {"mode": "fwd"}), ("hessian", {}),
                               ("jvp", {"tangents": arr(rand(2, 2))}), ("vjp", {"cotangents": arr(rand(2))}),
                               ("jacobian", {"batched": True})):
@@ -320,7 +326,9 @@ def test_batch_norm_under_vmap(c):
     got a batched tensor as input while the running_mean ... were not batched"): a
     per-example evaluate answers each example's (normalized by its own batch, as the
     loop the README says runs where vmap cannot); its derivatives are torch's error
-    (the module writes num_batches_tracked, a captured tensor), plain and per example."""
+    (the module writes num_batches_tracked, a captured tensor), plain and per example.
+    Its buffers given as an input through functional_call, one set per example, torch's
+    vmap runs it, and the service's per-example Jacobians are torch's."""
     xb = rand(2, 4, 3)
     for name in ("bn_eval", "bn_no_stats"):
         fn = getattr(F, name)
@@ -338,6 +346,14 @@ def test_batch_norm_under_vmap(c):
     for inputs, options in (([xb[0]], {}), ([xb], {"batched": True})):
         body = assert_problem(post(c, "bn_train", "jacobian", inputs, **options), 500, "function_error")
         assert body["detail"] == f"RuntimeError: {str(raised.value).splitlines()[0]}", body
+    # the buffers as an input (functional_call), one set per example: torch's vmap runs it
+    params = {"weight": rand(3), "bias": rand(3)}
+    one = {"running_mean": rand(3), "running_var": np.abs(rand(3)) + 0.5, "num_batches_tracked": np.array(0)}
+    buffers = {k: np.stack([v, v]) for k, v in one.items()}
+    want = f.vmap(f.jacrev(F.bn_functional, argnums=(0, 2)), in_dims=(None, 0, 0))(t(params), t(buffers), t(xb))
+    got, _ = answer(post(c, "bn_functional", "jacobian", [params, buffers, xb], batched=True, in_dims=[None, 0, 0],
+                         argnums=[0, 2]), "jacobian")
+    same(got, want)
 
 
 def test_random_functions_under_vmap(c):
