@@ -3,7 +3,7 @@ tests/parity13_functions.py and compared with in-process torch.func (values, sha
 dtypes, structure; torch's error where torch raises).
 
 1. test/functorch/test_ops.py's checks over ``op_db`` ops round 12 left out:
-   test_vjp, test_jvp, test_vmapvjp, test_jvpvjp and test_vmapjvpall as an outside tester
+   test_vjp, test_jvp, test_vmapvjp, test_jvpvjp, test_vmapjvpall and test_vmapjvpvjp as an outside tester
    runs them over HTTP, argnums over every tensor input.
 2. nn.Module per-sample gradients, model ensembles, BatchNorm under vmap, random
    functions under vmap, nested vmap.
@@ -139,7 +139,7 @@ def per_example(op: F.Op, transform: Callable[..., Any], xb: list[torch.Tensor])
 
 @pytest.mark.parametrize("op", F.OPS, ids=[o.name for o in F.OPS])
 def test_ops_checks_over_http(c, op):
-    """test_vjp, test_jvp, test_vmapvjp, test_jvpvjp, test_vmapjvpall of op_db ops."""
+    """test_vjp, test_jvp, test_vmapvjp, test_jvpvjp, test_vmapjvpall, test_vmapjvpvjp of op_db ops."""
     name, fn, an = f"op_{op.name}", op.fn, op.argnums
     xs = samples(op)
     tx = t(xs)
@@ -175,6 +175,10 @@ def test_ops_checks_over_http(c, op):
         as_torch(c, name, "hvp", xs,
                  lambda: f.jvp(lambda *p: f.vjp(g, *p)[1](cot_t), primals, tuple(t(tans)))[1],
                  argnums=argnums, tangents=[arr(v) for v in tans], cotangents=wire_tree(cot))
+        # test_vmapjvpvjp: a stack of (cotangent, tangent) pairs
+        as_torch(c, name, "hvp", xs,
+                 lambda: f.vmap(lambda cc, *v: f.jvp(lambda *p: f.vjp(g, *p)[1](cc), primals, v)[1])(cots_t, *t(tb)),
+                 argnums=argnums, tangents=[arr(v) for v in tb], cotangents=wire_tree(cots), batched_vectors=True)
 
 
 # --------------------------------------------------------------------------- Hessians torch cannot take
