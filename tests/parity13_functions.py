@@ -15,6 +15,7 @@ cases replayed over HTTP.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -277,3 +278,10 @@ def bn_functional(params, buffers, x):
     torch's docs batch it: each example its own running stats, in_dims 0 for them); it
     writes the running stats into the buffers it is given."""
     return torch.func.functional_call(_BN_MOD, (params, buffers), (x,))
+
+
+@register(inputs=[Input("seconds", shape=())])
+def hold(seconds):
+    """Keeps the engine busy, so that requests sent meanwhile queue and go as one batch."""
+    time.sleep(float(seconds))
+    return seconds * 1

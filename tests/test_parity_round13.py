@@ -13,7 +13,9 @@ One in-process app serves the module (no server start), as rounds 7-12.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -420,3 +422,26 @@ def test_nested_vmap_inside_the_function(c):
                                     ("hessian", {"batched": True}, f.vmap(f.hessian(F.nested_vmap))(t(xb)))):
         got, _ = answer(post(c, "nested_vmap", endpoint, [xb if options.get("batched") else x], **options), endpoint)
         same(got, want)
+
+
+def test_hessians_stacked_from_several_requests_keep_request_batching(c):
+    """Requests for the Hessian of a function arriving together are stacked into one
+    per-example call. eigh's must be torch.func.hessian's own, example by example
+    (reverse over reverse reads another triangle of the input), and the stacked call
+    refused that loop as if vmap could not run the function: the scheduler ran each
+    request alone, logged "vmap cannot batch op_eigh", and never stacked that
+    function's requests again (its Jacobians and evaluations included). Now the loop
+    runs for the stack, as for each request alone: one batch, torch's answers."""
+    op = next(o for o in F.OPS if o.name == "eigh")
+    xs = [samples(op) for _ in range(4)]
+    with ThreadPoolExecutor(5) as pool:
+        busy = pool.submit(post, c, "hold", "evaluate", [np.float64(0.8)])
+        time.sleep(0.2)  # the engine holds: the Hessians queue behind it and leave as one batch
+        sent = [pool.submit(post, c, "op_eigh", "hessian", x) for x in xs]
+        assert busy.result().status_code == 200
+        responses = [s.result() for s in sent]
+    for x, response in zip(xs, responses):
+        got, _ = answer(response, "hessian")
+        same(got, f.hessian(op.fn)(*t(x)), rtol=1e-9)
+    assert max(r.json()["meta"]["batch_size"] for r in responses) > 1
+    assert c.app.service_state.engines.workers[0].worker.engine.profiles["op_eigh"].vmap_function

@@ -234,7 +234,10 @@ def over_examples(
             if isinstance(exc, (ServiceError, KeyboardInterrupt, SystemExit)) or not isinstance(exc, Exception):
                 raise function_error(exc) from None
             vmap_error = exc.with_traceback(None)  # its frames (holding the batch) go now, not at a collection
-    if not allow_loop:
+    # A loop asked for (use_vmap False: a Hessian that must be torch's own, example by
+    # example) is no failure of vmap, and a stacked batch runs it as each request alone
+    # would: refused, the scheduler took it for one and never batched the function again
+    if not allow_loop and (vmap_error is not None or not profile.vmap_function):
         raise function_error(vmap_error) if vmap_error else FunctionError(f"{call.spec.name} cannot be batched with vmap")
     if batch == 0:
         raise InvalidInput(f"{call.spec.name} cannot be batched with vmap ({type(vmap_error).__name__}), "
