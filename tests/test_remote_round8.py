@@ -248,7 +248,8 @@ def test_a_client_timeout_inside_an_adapter_frees_the_engine(url):
     x = torch.linspace(0.0, 1.0, 400, dtype=torch.float64)  # 8 s of VJPs, one at a time
     with jc.Client(url, timeout=1.0, max_retries=0) as hasty:
         pull = remote(hasty, "r8_slow_pull")
-        with pytest.raises(jc.TransportError, match=r"r8_slow_pull/vjp: ReadTimeout"):
+        # the server's 504 at the deadline the SDK sends (round 9), or on a loaded box the client's own clock
+        with pytest.raises((jc.Timeout, jc.TransportError), match=r"504 timeout|r8_slow_pull/vjp: ReadTimeout"):
             f.jacrev(pull)(x)
     with jc.Client(url, timeout=30) as other:
         started = time.monotonic()

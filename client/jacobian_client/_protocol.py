@@ -317,6 +317,17 @@ class Deadline:
                                  f"({received} bytes received)")
 
 
+def server_deadline(timeout: float | None) -> str | None:
+    """The ``X-Request-Timeout`` a client with this ``timeout`` sends (None: none): a
+    tenth less, at most half a second less, for the server's answer to travel and the
+    client's clock to have started first (it starts before the upload ends, the server's
+    once the body is read). Spelled as the header's decimal number, to nine digits
+    ("59.5", "0.18": not 0.18000000000000002)."""
+    if timeout is None or not math.isfinite(timeout) or timeout <= 0:
+        return None
+    return format(float(timeout) - min(0.5, float(timeout) / 10), ".9g")
+
+
 # --------------------------------------------------------------------------- calls
 
 
@@ -670,11 +681,36 @@ class Protocol:
             self.base_headers["Authorization"] = f"Bearer {api_key}"
         self.functions_cache: dict[str, FunctionInfo] = {}
         self._npy_refused: set[tuple[str, str]] = set()
+        # the seconds computing requests carry (see _computing_headers): repr spells a
+        # positive finite float as the header's decimal number ("60.0", "1e-05")
+        own = any(k.lower() == "x-request-timeout" for k in (headers or {}))
+        self._send_timeout = None if own else server_deadline(timeout)
 
     # ----------------------------------------------------------------- metadata calls
 
     def _headers(self, **extra: str) -> dict[str, str]:
         return {"X-Request-ID": uuid.uuid4().hex, **extra}
+
+    def _computing_headers(self, **extra: str) -> dict[str, str]:
+        """A request that runs the function: this client's ``timeout`` goes with it as
+        ``X-Request-Timeout``, the server's deadline over queue and compute (it only ever
+        shortens the server's ``REQUEST_TIMEOUT_S``). Without it a call the client had
+        given up on (its ``timeout`` past, the connection closed) ran on in the engine:
+        an engine looks for a cancel between row chunks and products, but one long call
+        of the function held it to the server's own deadline (60 s by default) plus the
+        hang grace, every other request waiting behind it; now the engine is stopped (and
+        restarted, if the call will not return) at the caller's deadline plus that grace.
+        Not sent where the caller's own ``headers=`` name one, or for no timeout
+        (``None``, an ``httpx.Timeout``).
+
+        A little less than the timeout (see :func:`server_deadline`): the server's 504
+        ``timeout``, typed and naming the request, then reaches the caller before its own
+        clock runs out. Sent as the timeout itself, which of the two ended the call was a
+        race (a ``Timeout`` one time, a ``TransportError`` the next)."""
+        headers = self._headers(**extra)
+        if self._send_timeout is not None:
+            headers["X-Request-Timeout"] = self._send_timeout
+        return headers
 
     def functions_call(self) -> Call:
         return Call("GET", "/v1/functions", "functions", headers=self._headers(Accept=wire.JSON))
@@ -697,7 +733,7 @@ class Protocol:
         if dtypes is not None:
             params["dtypes"] = ";".join(dtypes)
         return Call("GET", _function_path(name, "sparsity"), "sparsity", name=name, params=params,
-                    headers=self._headers(Accept=wire.JSON))
+                    headers=self._computing_headers(Accept=wire.JSON))
 
     def info_call(self) -> Call:
         return Call("GET", "/v1/info", "info", headers=self._headers(Accept=wire.JSON))
@@ -784,7 +820,7 @@ class Protocol:
             accept = NPY_OR_NPZ  # the server picks npz itself when the result is more
         else:
             accept = wire.NPZ
-        call.headers = self._headers(**{"Content-Type": content_type, "Accept": accept})
+        call.headers = self._computing_headers(**{"Content-Type": content_type, "Accept": accept})
         if accept == NPY_OR_NPZ:  # for a server that does not negotiate: 406, then npz
             call.fallback = replace(call, headers={**call.headers, "Accept": wire.NPZ})
         return call

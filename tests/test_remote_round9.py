@@ -1,0 +1,86 @@
+"""Remote functions inside the caller's torch, JAX and SciPy code, round 9: the client's
+timeout as the server's deadline, SciPy's Jacobian prefetch and cache under stiff ODE
+solvers, and users' idioms compared with torch.func / jax in-process.
+
+One server: the session's ``jacobian-service serve`` subprocess (``cc``), shared with the
+other adapter test files.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("jacobian_service.app")
+
+import jacobian_client as jc  # noqa: E402
+from jacobian_client.torch import remote  # noqa: E402
+from jacobian_service import examples as ex  # noqa: E402
+
+from ._remote_support import cc, url  # noqa: E402,F401 (fixtures)
+
+f = torch.func
+
+
+def _sent_timeouts(client: jc.Client) -> list[tuple[str, str | None]]:
+    """Record each request's endpoint and X-Request-Timeout."""
+    seen: list[tuple[str, str | None]] = []
+    client._http.event_hooks["request"].append(
+        lambda r: seen.append((r.url.path.rsplit("/", 1)[-1], r.headers.get("x-request-timeout"))))
+    return seen
+
+
+# --------------------------------------------------------------------------- the client's timeout
+
+
+def test_every_computing_request_carries_the_clients_timeout(cc, url):
+    """The SDK's ``timeout`` goes with each request that runs the function, as
+    ``X-Request-Timeout`` (a tenth less, at most 0.5 s less, so the server's 504 comes
+    first), whichever adapter sends it; metadata requests and a client whose own headers
+    name one are left alone."""
+    seen = _sent_timeouts(cc.client)
+    arm = remote(cc.client, "planar_arm")
+    q = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    arm(q).sum().backward()
+    cc.client.sparsity("lorenz96", (8,))
+    cc.client.function("sin")
+    assert seen == [("evaluate", "59.5"), ("vjp", "59.5"), ("sparsity", "59.5"), ("sin", None)]
+    with jc.Client(url, timeout=2.0) as short, jc.Client(url, timeout=None) as endless, \
+            jc.Client(url, timeout=2.0, headers={"X-Request-Timeout": "7"}) as own:
+        for client, want in ((short, "1.8"), (endless, None), (own, "7")):
+            sent = _sent_timeouts(client)
+            client.evaluate("sin", np.array([0.1]))
+            assert sent == [("evaluate", want)]
+    assert jc._protocol.server_deadline(0.2) == "0.18"
+
+
+def test_a_call_past_the_clients_timeout_stops_the_engine_soon_after(url):
+    """One call of the function that runs long (``r9_stall``: a 30 s sleep, which no
+    cancel interrupts) under a client whose ``timeout`` is 1 s: the client gave up at 1 s,
+    but the server's deadline was its own REQUEST_TIMEOUT_S (60 s), so the engine stayed
+    in the call, every other request waiting behind it, until it returned (30 s) or that
+    deadline and the hang grace passed. The SDK now sends its timeout as
+    X-Request-Timeout: the caller gets the server's 504 (``Timeout``), and the engine,
+    past that deadline plus the grace (1 s on this server), is replaced, its queue served
+    by the new one within seconds."""
+    before = httpx.get(f"{url}/v1/info", timeout=30).json()["engine_pids"]
+    with jc.Client(url, timeout=1.0, max_retries=0) as hasty:
+        stall = remote(hasty, "r9_stall")
+        started = time.monotonic()
+        with pytest.raises((jc.Timeout, jc.TransportError)):  # the 504, or the client's own clock on a loaded box
+            stall(torch.tensor([30.0, 1.0], dtype=torch.float64))
+    replaced = None
+    while time.monotonic() - started < 20:
+        pids = httpx.get(f"{url}/v1/info", timeout=30).json()["engine_pids"]
+        if pids and pids[0] != before[0]:
+            replaced = time.monotonic() - started
+            break
+        time.sleep(0.1)
+    assert replaced is not None and replaced < 20  # not at the 30 s the call would take
+    with jc.Client(url, timeout=60) as other:  # the new engine answers (its start waited for)
+        other.wait_ready(60)
+        np.testing.assert_allclose(other.evaluate("sin", np.array([0.1, 0.2])), np.sin([0.1, 0.2]), rtol=1e-6)
