@@ -58,6 +58,43 @@ def test_every_computing_request_carries_the_clients_timeout(cc, url):
     assert jc._protocol.server_deadline(0.2) == "0.18"
 
 
+# --------------------------------------------------------------------------- SciPy: stiff ODE solvers
+
+
+@pytest.mark.parametrize("method", ["Radau", "BDF", "LSODA"])
+def test_stiff_solvers_fetch_the_jacobians_they_use(cc, method):
+    """``solve_ivp(method=Radau | BDF | LSODA, jac=)`` keeps one Jacobian over many steps:
+    Radau evaluated 45 points of this Lorenz-96 system and differentiated 2, but with
+    ``prefetch`` (the default) each of the 45 requests computed and sent the Jacobian
+    along (n x n numbers where an evaluate sends n), and BDF's first Jacobian, at the
+    point before its last evaluation, was asked again (one point cached). The objective
+    now sees how few points are differentiated and asks for values alone (after 4
+    points), keeps two points, and solves as the local callables do, step for step."""
+    si = pytest.importorskip("scipy.integrate")
+    from jacobian_client.scipy import remote_objective
+
+    def lf(y):
+        return ex.lorenz96(torch.from_numpy(y)).numpy()
+
+    def lj(y):
+        return f.jacrev(ex.lorenz96)(torch.from_numpy(y)).numpy()
+
+    y0 = np.linspace(0.0, 1.0, 8) + 8.0
+    l96 = remote_objective(cc.client, "lorenz96")
+    cc.take()
+    got = si.solve_ivp(lambda t, y: l96.fun(y), (0, 2), y0, method=method, jac=lambda t, y: l96.jac(y))
+    want = si.solve_ivp(lambda t, y: lf(y), (0, 2), y0, method=method, jac=lambda t, y: lj(y))
+    assert (got.status, got.nfev, got.njev) == (want.status, want.nfev, want.njev) and got.nfev > 20
+    np.testing.assert_allclose(got.y, want.y, rtol=1e-12)
+    sent = cc.take()
+    jacobians = sum(r.startswith("jacobian") for r in sent)
+    assert jacobians <= 4 + got.njev, sent  # the first points', then the ones used
+    assert len(sent) <= got.nfev + got.njev and set(sent) <= {"evaluate", "jacobian", "jacobian+return_output"}
+
+
+# --------------------------------------------------------------------------- last: it replaces the engine
+
+
 def test_a_call_past_the_clients_timeout_stops_the_engine_soon_after(url):
     """One call of the function that runs long (``r9_stall``: a 30 s sleep, which no
     cancel interrupts) under a client whose ``timeout`` is 1 s: the client gave up at 1 s,

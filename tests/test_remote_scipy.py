@@ -48,15 +48,38 @@ class Local:
         return f.jvp(f.grad(self.fn), (t,), (torch.from_numpy(np.asarray(p, dtype=np.float64)),))[1].numpy()
 
     def expected_requests(self) -> list[str]:
-        """With prefetch: one jacobian+output request per fun/jac call at a new point
-        (the point before is cached), one hvp per hessp call."""
-        out, last = [], None
+        """With prefetch: one jacobian+output request per fun/jac call at a new point (the
+        last two are cached), while at least 1 in 4 of the last 16 evaluated points had
+        their Jacobian asked for (judged from the 4th point on); else an evaluate, and a
+        jacobian when jac asks for that point. One hvp per hessp call."""
+        out: list[str] = []
+        cache: list[list] = []  # the last two points, oldest first: [x, has its Jacobian, its asked flag]
+        asked: list[list[bool]] = []  # per evaluated point: was its Jacobian asked for
         for kind, x in self.calls:
             if kind == "hessp":
                 out.append("hvp")
-            elif x != last:
+                continue
+            entry = next((e for e in cache if e[0] == x), None)
+            if kind == "fun" and entry is None:
+                recent = asked[-16:]
+                pays = len(recent) < 4 or 4 * sum(a[0] for a in recent) >= len(recent)
+                entry = [x, pays, [False]]
+                asked.append(entry[2])
+                out.append("jacobian+return_output" if pays else "evaluate")
+            elif kind == "jac" and entry is None:
+                entry = [x, True, [False]]
+                asked.append(entry[2])
                 out.append("jacobian+return_output")
-                last = x
+            elif kind == "jac" and not entry[1]:
+                entry[1] = True
+                out.append("jacobian")
+            else:
+                if kind == "jac":
+                    entry[2][0] = True
+                continue  # answered from the cache: its place in it unchanged
+            if kind == "jac":
+                entry[2][0] = True
+            cache = [e for e in cache if e[0] != x][-1:] + [entry]
         return out
 
 

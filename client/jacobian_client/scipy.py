@@ -18,7 +18,13 @@ function) in one ``jacobian`` request with ``return_output=true`` and keeps both
 point and then differentiates it pays one request per point, not two. Solvers that
 evaluate points they never differentiate (a rejected trust-region step) pay for a
 Jacobian they do not use: pass ``prefetch=False`` to ask for the value alone there, and
-the Jacobian only when ``jac`` is called (then one request each). When a prefetched
+the Jacobian only when ``jac`` is called (then one request each). Solvers that
+differentiate few of the points they evaluate (stiff ODE solvers, ``solve_ivp``'s Radau,
+BDF and LSODA, keep one Jacobian over many steps; MINPACK's ``hybrj`` updates its own) are
+seen doing so: once 4 points were evaluated, a point's Jacobian is fetched with its value
+only while at least 1 in 4 of the last 16 evaluated points had theirs asked for (a
+Jacobian asked at a point evaluated without it costs its own request and counts too, so
+prefetching comes back when the solver differentiates again). When a prefetched
 Jacobian fails (the function raised while differentiated, or its Jacobian is too large or
 too slow) ``fun(x)`` asks for the value alone, as a derivative-free solver (Nelder-Mead,
 finite differences) needs, and where that answers the objective stops prefetching
@@ -44,12 +50,14 @@ them after its own arguments, as SciPy calls it.
 Every call returns fresh arrays: a solver may write into what ``fun`` or ``jac`` gave it
 (in-place scaling, say), and that must not change what the cache gives the next caller.
 The cache is keyed by ``x`` and by the contents of ``args`` (the inputs held fixed), so
-changing ``args`` between fits, in place or by rebinding, is seen. It holds one point per
-thread: solves running in threads (multi-start in a thread pool) may share an objective.
+changing ``args`` between fits, in place or by rebinding, is seen. It holds the last two
+points per thread (BDF's first Jacobian is at the point before its last evaluation): solves
+running in threads (multi-start in a thread pool) may share an objective.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import threading
 from typing import Any, Sequence
@@ -111,15 +119,21 @@ class RemoteObjective:
         self.sparsity = sparsity
         self._last = threading.local()  # per thread: see _remember
         self._hvp_works = True  # False once an hvp failed where the Hessian answered (hessp)
+        # the last evaluated points, each a one-item list set True when its Jacobian was
+        # asked for: whether prefetching pays (_prefetch_pays)
+        self._asked: collections.deque[list[bool]] = collections.deque(maxlen=_RECENT)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_last"]  # a thread-local cannot be pickled; a copy starts with no point cached
+        state["_asked"] = list(self._asked)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        asked = state.pop("_asked", [])
         self.__dict__.update(state)
         self._last = threading.local()
+        self._asked = collections.deque(asked, maxlen=_RECENT)
 
     # ----------------------------------------------------------------- helpers
 
@@ -153,24 +167,56 @@ class RemoteObjective:
             digest.update(arr.tobytes() if arr.dtype != object else repr(leaf).encode())
         return digest.digest()
 
+    def _points(self) -> collections.OrderedDict[bytes, tuple[Any, Any, list[bool]]]:
+        """This thread's last points, oldest first: key -> (value, Jacobian, asked)."""
+        points = getattr(self._last, "points", None)
+        if points is None:
+            points = self._last.points = collections.OrderedDict()
+        return points
+
     def _remember(self, x: np.ndarray, args: tuple[Any, ...], value: Any = None, jac: Any = None) -> None:
-        """Keep the value and/or Jacobian at ``x``: the last point, one per thread. Threads
-        sharing an objective (multi-start solves in a thread pool) each have their own:
-        one shared point, written and read in steps, gave a thread another thread's
-        Jacobian (silently), and threads taking turns would evict each other's point.
-        Each entry is one tuple, replaced whole."""
+        """Keep the value and/or Jacobian at ``x``: the last ``_CACHED`` points, per thread.
+        Threads sharing an objective (multi-start solves in a thread pool) each have their
+        own: one shared point, written and read in steps, gave a thread another thread's
+        Jacobian (silently), and threads taking turns would evict each other's points.
+        Each entry is one tuple, replaced whole. A point new here is one more evaluated
+        point in the prefetch's count (``_asked``)."""
         key = self._key_of(x, args)
-        last = getattr(self._last, "entry", None)
-        if last is not None and last[0] == key:
-            value = last[1] if value is None else value
-            jac = last[2] if jac is None else jac
-        self._last.entry = (key, value, jac)
+        points = self._points()
+        known = points.pop(key, None)
+        if known is not None:
+            value = known[0] if value is None else value
+            jac = known[1] if jac is None else jac
+            asked = known[2]
+        else:
+            asked = [False]
+            self._asked.append(asked)
+        points[key] = (value, jac, asked)
+        while len(points) > _CACHED:
+            points.popitem(last=False)
 
     def _cached(self, x: np.ndarray, args: tuple[Any, ...]) -> tuple[Any, Any]:
-        last = getattr(self._last, "entry", None)
-        if last is not None and last[0] == self._key_of(x, args):
-            return last[1], last[2]
-        return None, None
+        known = self._points().get(self._key_of(x, args))
+        return (known[0], known[1]) if known is not None else (None, None)
+
+    def _jacobian_asked(self, x: np.ndarray, args: tuple[Any, ...]) -> None:
+        """``jac(x)`` (or ``fun_and_jac``) was called: a point whose Jacobian the solver uses."""
+        known = self._points().get(self._key_of(x, args))
+        if known is not None:
+            known[2][0] = True
+
+    def _prefetch_pays(self) -> bool:
+        """Whether ``fun(x)`` fetches the Jacobian along: ``prefetch``, unless the solver
+        asks few of the points it evaluates for one (a stiff ODE solver keeps one
+        Jacobian over many steps: Radau evaluated 45 points of a Lorenz-96 system and
+        differentiated 2, and every one of the 45 requests computed and sent a Jacobian,
+        n x n numbers, where an evaluate sends n). From ``_MIN_SEEN`` points on, it pays
+        while at least one in ``_PAYS_EVERY`` of the last ``_RECENT`` had its Jacobian
+        asked for."""
+        if not self.prefetch:
+            return False
+        recent = list(self._asked)
+        return len(recent) < _MIN_SEEN or _PAYS_EVERY * sum(a[0] for a in recent) >= len(recent)
 
     def _value_of(self, output: Any) -> Any:
         out = np.asarray(self._one_array(output))
@@ -208,7 +254,9 @@ class RemoteObjective:
 
     def fun_and_jac(self, x: Any, *args: Any) -> tuple[Any, np.ndarray]:
         """Value and Jacobian (gradient for a scalar function) in one request."""
-        value, jac = self._both(*self._inputs(x, args), args)
+        x, inputs = self._inputs(x, args)
+        value, jac = self._both(x, inputs, args)
+        self._jacobian_asked(x, args)
         return _fresh(value), _fresh(jac)
 
     def _both(self, x: np.ndarray, inputs: list[Any], args: tuple[Any, ...]) -> tuple[Any, np.ndarray]:
@@ -227,7 +275,7 @@ class RemoteObjective:
         x, inputs = self._inputs(x, args)
         value, _ = self._cached(x, args)
         jacobian_failed = False
-        if value is None and self.prefetch:
+        if value is None and self._prefetch_pays():
             try:
                 value = self._both(x, inputs, args)[0]
             except _DERIVATIVE_ERRORS:
@@ -250,8 +298,8 @@ class RemoteObjective:
     def jac(self, x: Any, *args: Any) -> np.ndarray:
         """The Jacobian at ``x`` (the gradient for a scalar function)."""
         x, inputs = self._inputs(x, args)
-        _, jac = self._cached(x, args)
-        if jac is None and self.prefetch:
+        value, jac = self._cached(x, args)
+        if jac is None and self.prefetch and value is None:  # a point never evaluated: its value comes along
             jac = self._both(x, inputs, args)[1]
         elif jac is None and self.sparsity is not None:
             # the output comes along: whether the function is scalar (its gradient is dense)
@@ -263,6 +311,7 @@ class RemoteObjective:
             parts = self.client._parts("jacobian", self.name, inputs, self._derivative_options())
             jac = self._flat_jac(parts["value"], x)
             self._remember(x, args, jac=jac)
+        self._jacobian_asked(x, args)
         return _fresh(jac)
 
     def hessp(self, x: Any, p: Any, *args: Any) -> np.ndarray:
@@ -314,6 +363,14 @@ class RemoteObjective:
             return parts["value"]
         return np.asarray(parts["value"]).reshape(x.size, x.size)
 
+
+# The points whose values and Jacobians are kept, per thread (see _remember)
+_CACHED = 2
+# Prefetching's count (see _prefetch_pays): the last _RECENT evaluated points, judged from
+# _MIN_SEEN on; it pays while one in _PAYS_EVERY of them was differentiated
+_RECENT = 16
+_MIN_SEEN = 4
+_PAYS_EVERY = 4
 
 # What a ``jacobian`` request can fail with where an ``evaluate`` of the same inputs may
 # not: the function raised while differentiated (or refused to be: an integer output), or
