@@ -92,6 +92,103 @@ def test_stiff_solvers_fetch_the_jacobians_they_use(cc, method):
     assert len(sent) <= got.nfev + got.njev and set(sent) <= {"evaluate", "jacobian", "jacobian+return_output"}
 
 
+# --------------------------------------------------------------------------- API keys, errors in the adapters
+
+
+class _Gate:
+    """An httpx transport in front of the session server: it demands ``Authorization:
+    Bearer k9`` (401 otherwise, as a server with API keys answers), answers an endpoint
+    with a problem it is told to (``fail``), and passes the rest on."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.fail, self.keys = url, {}, []
+        self.real = httpx.Client(timeout=30)
+
+    def __enter__(self) -> _Gate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.close()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.keys.append(request.headers.get("authorization"))
+        endpoint = request.url.path.rsplit("/", 1)[-1]
+        if request.headers.get("authorization") != "Bearer k9":
+            return self._problem(401, "unauthorized")
+        if endpoint in self.fail:
+            return self._problem(*self.fail[endpoint])
+        headers = {k: v for k, v in request.headers.items() if k not in ("host", "authorization")}
+        answer = self.real.send(httpx.Request(request.method, self.url + request.url.raw_path.decode(), headers=headers,
+                                              content=request.content))
+        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
+
+    @staticmethod
+    def _problem(status: int, code: str) -> httpx.Response:
+        return httpx.Response(status, headers={"content-type": "application/problem+json", "retry-after": "0"},
+                              json={"type": f"urn:jacobian-service:problem:{code}", "title": code, "status": status,
+                                    "detail": f"the gate's {code}", "code": code, "request_id": "r9"})
+
+
+def test_an_api_key_from_the_environment_reaches_every_adapter(url, monkeypatch):
+    """``$JACOBIAN_SERVICE_API_KEY``, which the command line's ``--api-key`` reads, was
+    ignored by the SDK: with the key exported, ``jacobian-service call`` was served and a
+    remote function in torch, JAX or SciPy (a ``Client(url)`` made without a key) got
+    401. A client made without ``api_key`` now sends the variable's key; ``api_key=""``
+    sends none (401, raised as ``Unauthorized`` from inside ``backward``), an explicit
+    key wins. Each adapter's answer equals the in-process one."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    from jacobian_client.jax import remote as jremote
+    from jacobian_client.scipy import remote_objective
+
+    monkeypatch.setenv("JACOBIAN_SERVICE_API_KEY", "k9")
+    with _Gate(url) as gate, jc.Client("http://gate", http_transport=httpx.MockTransport(gate)) as client:
+        q = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+        remote(client, "sum_sin")(q).backward()
+        torch.testing.assert_close(q.grad, torch.cos(q.detach()))
+        x = jnp.array([0.3, -0.2, 0.5], dtype=jnp.float32)
+        np.testing.assert_allclose(jax.grad(jremote(client, "sum_sin"))(x), jax.grad(lambda x: jnp.sin(x).sum())(x),
+                                   rtol=1e-6)
+        objective = remote_objective(client, "sum_sin")
+        x = np.array([0.3, -0.2, 0.5])
+        np.testing.assert_allclose((objective.fun(x), *objective.jac(x)), (np.sin(x).sum(), *np.cos(x)), rtol=1e-12)
+        assert set(gate.keys) == {"Bearer k9"} and len(gate.keys) == 5  # evaluate, vjp (torch, jax), jacobian
+        assert jc.AsyncClient("http://gate")._proto.base_headers["Authorization"] == "Bearer k9"
+        assert jc.Client("http://gate", api_key="mine")._proto.base_headers["Authorization"] == "Bearer mine"
+        with jc.Client("http://gate", api_key="", http_transport=httpx.MockTransport(gate)) as keyless:
+            with pytest.raises(jc.Unauthorized, match="401 unauthorized"):
+                remote(keyless, "sum_sin")(q).backward()
+
+
+def test_a_failed_derivative_request_raises_its_code_inside_grad_and_backward(url):
+    """The service answering the backward's request with a problem (the forward's went
+    through): ``loss.backward()`` and ``jax.grad`` raise the SDK's exception for its code
+    (429 and 503 after the client's retries, which the Retry-After of 0 keeps short),
+    naming it; under ``jax.jit`` XLA's JaxRuntimeError carries it."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    from jacobian_client.jax import remote as jremote
+
+    with _Gate(url) as gate, jc.Client("http://gate", api_key="k9", http_transport=httpx.MockTransport(gate),
+                                       retry=jc.RetryPolicy(max_retries=2, backoff_base=0.001)) as client:
+        fn = jremote(client, "sum_sin")
+        jitted = jax.jit(jax.grad(fn))
+        x = jnp.array([0.3, -0.2, 0.5])
+        for status, code, error, tries in ((422, "invalid_input", jc.InvalidInput, 1),
+                                           (500, "function_error", jc.FunctionError, 1),
+                                           (429, "overloaded", jc.Overloaded, 3), (503, "unavailable", jc.Unavailable, 3)):
+            gate.fail["vjp"], gate.keys = (status, code), []
+            q = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+            loss = remote(client, "sum_sin")(q)
+            with pytest.raises(error, match=f"{status} {code}: the gate's {code}"):
+                loss.backward()
+            with pytest.raises(error, match=f"{status} {code}"):
+                jax.grad(fn)(x)
+            with pytest.raises(jax.errors.JaxRuntimeError, match=f"{error.__name__}: {status} {code}"):
+                jitted(x)
+            assert len(gate.keys) == 2 + 3 * tries  # torch's and jax's evaluate; each vjp (jit's evaluate is dropped)
+
+
 # --------------------------------------------------------------------------- last: it replaces the engine
 
 

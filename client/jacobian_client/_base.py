@@ -13,7 +13,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import httpx
 
-from ._protocol import DEFAULT_LIMITS, DEFAULT_MAX_RESPONSE_BYTES, Protocol, RetryPolicy
+from ._protocol import DEFAULT_LIMITS, DEFAULT_MAX_RESPONSE_BYTES, Protocol, RetryPolicy, _check_api_key
 
 __all__ = ["ClientConfig", "DEFAULT_TIMEOUT", "PerLoop", "PerProcess", "reduce_client"]
 
@@ -37,6 +37,7 @@ class ClientConfig:
         headers: Mapping[str, str] | None,
         max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
+        api_key = _key_from_environment(base_url, api_key)
         # what a pickled client is made again from, in another process (see reduce_client)
         self.args: dict[str, Any] = {
             "base_url": base_url, "api_key": api_key, "timeout": timeout, "max_retries": max_retries,
@@ -61,6 +62,37 @@ class ClientConfig:
             "headers": self.protocol.base_headers,
             "follow_redirects": False,
         }
+
+
+#: the API key a client made without one sends (the command line's --api-key reads it too)
+API_KEY_VARIABLE = "JACOBIAN_SERVICE_API_KEY"
+
+
+def _key_from_environment(base_url: str, api_key: str | None) -> str | None:
+    """``api_key``, or where none is given, ``$JACOBIAN_SERVICE_API_KEY`` (unset or empty:
+    none). The command line read the variable, the SDK did not: the same key exported for
+    both had ``jacobian-service call`` served and every ``Client(url)`` (a remote function
+    in torch, JAX or SciPy, each with a client made without a key) answered 401. A URL
+    carrying its own ``user:password@`` keeps its Basic auth (both cannot travel), and
+    ``api_key=""`` sends no key whatever the environment says. A pickled client carries
+    the key it found, not the variable's name."""
+    if api_key is not None:
+        return api_key
+    key = os.environ.get(API_KEY_VARIABLE) or None
+    if key is None:
+        return None
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError):
+        return key
+    if url.username or url.password:
+        return None
+    try:
+        _check_api_key(key)
+    except ValueError:
+        raise ValueError(f"${API_KEY_VARIABLE} holds a control or non-ASCII character; an HTTP header carries "
+                         "printable ASCII only (the key is not shown here)") from None
+    return key
 
 
 def _check_credentials(base_url: str, api_key: str | None) -> None:

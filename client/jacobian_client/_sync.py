@@ -34,7 +34,8 @@ class Client:
     ...     J = client.jacobian("sin", x)
 
     Arguments: ``base_url``; ``api_key`` (sent as ``Authorization: Bearer KEY``;
-    printable ASCII, else a ValueError here; a ValueError too with ``user:password@`` in
+    None: ``$JACOBIAN_SERVICE_API_KEY`` where set, ``""``: no key; printable ASCII, else a
+    ValueError here; a ValueError too with ``user:password@`` in
     ``base_url``, which would take the same header); ``timeout`` (below); ``max_retries`` or
     a full :class:`RetryPolicy` as ``retry``; ``transport`` the default wire format,
     ``"binary"`` (npy/npz) or ``"json"``; ``limits`` the connection pool
