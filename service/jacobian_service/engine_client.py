@@ -221,7 +221,7 @@ class InProcessEngines(_Engines):
                 "memory_budget_bytes": [w.worker.engine.memory_budget for w in self.workers], "engines": "in-process"}
 
     def engine_stats(self) -> dict[str, Any]:
-        return {"restarts": {}, "quarantines": 0, "memory": self._device_memory()}
+        return {"restarts": {}, "quarantines": 0, "memory": self._device_memory(), "output_dropped": {}}
 
     def _device_memory(self) -> dict[str, int]:
         if not any(d.startswith("cuda") for d in self.devices):
@@ -460,8 +460,11 @@ class RemoteEngines(_Engines):
             return None
 
     def engine_stats(self) -> dict[str, Any]:
-        restarts = {str(e["device"]): e["restarts"] for e in self._engines()}
-        return {"restarts": restarts, "quarantines": self._state.get("quarantines", 0), "memory": {}}
+        engines = self._engines()
+        restarts = {str(e["device"]): e["restarts"] for e in engines}
+        dropped = {str(e["device"]): e.get("output_dropped", 0) for e in engines}
+        return {"restarts": restarts, "quarantines": self._state.get("quarantines", 0), "memory": {},
+                "output_dropped": dropped}
 
     def release(self, name: str) -> bool:
         if self.quarantined(name) is None:

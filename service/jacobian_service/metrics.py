@@ -104,6 +104,12 @@ class Metrics:
             "jacobian_service_engine_restarts", "Engine process restarts since start, by device.", ["device"], registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.output_dropped = Gauge(
+            "jacobian_service_engine_output_dropped_bytes",
+            "Bytes engine processes wrote to stdout/stderr that serve's log did not take (over "
+            "ENGINE_OUTPUT_BYTES_PER_S, or read slower), since start, by device.", ["device"], registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.quarantines = Gauge(
             "jacobian_service_quarantines", "Functions quarantined since start (crashing or hanging engines).", registry=r,
             multiprocess_mode="mostrecent",
@@ -141,6 +147,8 @@ class Metrics:
         for device, count in stats["restarts"].items():
             self.engine_restarts.labels(device).set(count)
         self.quarantines.set(stats["quarantines"])
+        for device, count in stats.get("output_dropped", {}).items():
+            self.output_dropped.labels(device).set(count)
         for device, used in stats["memory"].items():
             self.device_memory.labels(device).set(used)
 

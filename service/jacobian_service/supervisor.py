@@ -68,6 +68,7 @@ import zmq
 from . import ipc
 from .confinement import confiner
 from .orphans import become_subreaper, kill_adopted, reap_adopted
+from .output_relay import OutputRelay
 from .procfs import start_ticks, stopped
 from .settings import FRONT_END_ONLY, Settings
 from .supervision import OVERDUE_AFTER_MIN_S, Channel
@@ -160,6 +161,9 @@ class Supervisor:
         self.quarantines = 0
         self.isolate: set[str] = set()
         self.skip_warmup: set[str] = set()  # functions whose warm-up hung an engine
+        # What engines write to stdout/stderr, into serve's own under a budget: a function's
+        # 64 MB write grew serve's log by 64 MB.
+        self.output = OutputRelay(settings.engine_output_bytes_per_s)
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -200,6 +204,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout
         while not registry.exists():
             if first.proc.poll() is not None:  # type: ignore[union-attr]
+                self.output.flush(2.0)  # its own message first
                 raise RuntimeError(f"the engine process exited with status {first.proc.returncode} while loading functions")  # type: ignore[union-attr]
             if time.monotonic() > deadline:
                 raise RuntimeError("the engine process did not load the functions in time")
@@ -243,9 +248,7 @@ class Supervisor:
             return
         else:
             engine.promoted = False
-            engine.proc = subprocess.Popen(self._command(engine), env=self._env(), start_new_session=True,
-                                           preexec_fn=self._confiner())
-            self._ticks[engine.proc.pid] = start_ticks(engine.proc.pid)
+            engine.proc = self._start(engine, standby=False)
             how = "started"
             engine.ready_by = now + engine.startup_s
         engine.generation += 1
@@ -255,6 +258,26 @@ class Supervisor:
         engine.stopped_since = 0.0
         log.info("engine %d (%s) %s, generation %d, pid %d", engine.index, engine.device, how, engine.generation,
                  engine.proc.pid)
+
+    def _start(self, engine: _Engine, standby: bool) -> subprocess.Popen:
+        """An engine process (``standby``: a spare, told to take over on its stdin), its
+        output relayed (``output_relay``): not serve's own descriptors, where a function's
+        writes landed whole."""
+        out_r, out_w, err_r, err_w = self.output.pipes()
+        try:
+            proc = subprocess.Popen([*self._command(engine), *(["--standby"] if standby else [])],
+                                    stdin=subprocess.PIPE if standby else None, stdout=out_w, stderr=err_w,
+                                    env=self._env(), start_new_session=True, preexec_fn=self._confiner())
+        except BaseException:
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        self.output.watch(engine.index, f"engine {engine.index} (pid {proc.pid})", out_r, err_r)
+        self._ticks[proc.pid] = start_ticks(proc.pid)
+        return proc
 
     def _confiner(self) -> Any:
         """What a new engine or spare runs before exec to confine itself (``confinement``):
@@ -354,9 +377,7 @@ class Supervisor:
             engine.spare = None
             self._ended(spare)  # a warm-up's function may have started some too
         if engine.ready and now >= max(engine.spare_at, engine.restart_at):
-            engine.spare = subprocess.Popen([*self._command(engine), "--standby"], stdin=subprocess.PIPE,
-                                            env=self._env(), start_new_session=True, preexec_fn=self._confiner())
-            self._ticks[engine.spare.pid] = start_ticks(engine.spare.pid)
+            engine.spare = self._start(engine, standby=True)
             engine.spare_at = now + 5.0
             engine.spare_started = now
 
@@ -386,6 +407,7 @@ class Supervisor:
         """Start the watching thread, which ticks once ``start`` says so. A signal to any
         thread of a process reaches the process: the engines' seccomp filter names
         ``serve``'s threads as it starts them, so this one must be there before."""
+        self.output.start()  # (its threads too)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
             self._thread.start()
@@ -709,12 +731,14 @@ class Supervisor:
     def publish_state(self) -> None:
         self._last_state = mono = time.monotonic()
         now = time.time()
+        dropped = self.output.dropped()
         self.pub.send(orjson.dumps({
             "t": "state",
             "engines": [{"index": e.index, "device": e.device, "generation": e.generation, "up": e.proc is not None,
                          "ready": e.ready and e.proc is not None, "restarts": e.restarts, "spare": self.spare_warm(e),
                          "pid": e.proc.pid if e.proc is not None else None,
-                         "ready_in": round(e.ready_in(mono), 2)} for e in self.engines],
+                         "ready_in": round(e.ready_in(mono), 2),
+                         "output_dropped": dropped.get(e.index, 0)} for e in self.engines],
             "quarantined": {f: max(0.0, until - now) for f, until in self.quarantined.items()},
             "quarantines": self.quarantines,
         }))
@@ -744,6 +768,7 @@ class Supervisor:
         # daemon) are out of reach of the engines' group kills above, and came here as
         # their engines died: every engine has, so all of them go.
         kill_adopted((), None)
+        self.output.stop(2.0)  # the last of their output, written
         self.pub.close()
         self.control.close()
         self.ctx.term()

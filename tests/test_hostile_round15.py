@@ -1,0 +1,139 @@
+"""Red team, round fifteen: what a function writes to its engine's standard output and
+error, and what it leaves changed in the modules, libraries and process it shares with
+every later function of its engine.
+
+One server for the module, each case naming what a user saw before. The functions are in
+tests/hostile15_functions.py; each misbehaves only on the input 666 (round 11's
+``_armed``), the second input picking how.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from jacobian_service.output_relay import OutputRelay
+
+from .conftest import live_server
+from .hostile15_functions import FLOOD_BYTES
+from .test_hostile_round11 import _armed, _engine_pid
+from .test_hostile_round13 import _sin_ok
+
+FUNCTIONS = "jacobian_service.examples,tests.hostile15_functions"
+X = [0.5, 1.0, 2.0]
+ARMED_SIN = np.sin(np.array([666.0, 0.0, 0.0]))  # what a function armed (case 0-3) answers when it behaves
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    # QUARANTINE_AFTER=1: one strike quarantines, so a strike on the wrong function shows.
+    # WARMUP=false: a spare that takes over is ready sooner.
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=1, REQUEST_TIMEOUT_S=20,
+                     HANG_GRACE_S=0.5) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+def _evaluated(r: httpx.Response, case: int) -> None:
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["output"]["data"], np.sin([666.0, float(case), 0.0]), rtol=1e-12)
+
+
+def _metric(client: httpx.Client, url: str, name: str) -> float:
+    text = client.get(f"{url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def _log_until(proc: subprocess.Popen, start: int, pattern: str, within: float = 10.0) -> str:
+    """Serve's log from ``start`` on, once ``pattern`` is in it."""
+    deadline = time.monotonic() + within
+    while True:
+        log = proc.read_log()[start:]  # type: ignore[attr-defined]
+        if re.search(pattern, log) or time.monotonic() > deadline:
+            return log
+        time.sleep(0.1)
+
+
+# ------------------------------------------------------------ what a function writes to stdout/stderr
+
+
+def test_a_functions_flood_of_output_costs_serves_log_a_bounded_share(server, client) -> None:
+    """A function's 64 MB ``os.write(1, ...)`` (and a 64 MB line written to
+    ``sys.stderr``) landed whole in serve's log: 64 MB more a request, a disk or a log
+    pipeline filled by a loop of them. Now each engine's output reaches serve's log
+    through ``serve`` (``output_relay``), line by line, under ENGINE_OUTPUT_BYTES_PER_S
+    (64 KiB a second, 1 MiB at once): the rest is dropped, counted in a metric and said
+    in the log. The function's request is answered, the engine serves on, and a line a
+    function prints still reaches the log, at once (line-buffered, as on a terminal)."""
+    url, proc = server
+    pid = _engine_pid(client, url)
+    start = len(proc.read_log())  # type: ignore[attr-defined]
+    _evaluated(_armed(client, url, "floods_output", 3), 3)
+    assert "floods_output says hello" in _log_until(proc, start, "floods_output says hello")
+    for case in (2, 1):  # (the over-long line first, while the budget has room for its head)
+        before = len(proc.read_log())  # type: ignore[attr-defined]
+        _evaluated(_armed(client, url, "floods_output", case), case)
+        log = _log_until(proc, before, rf"engine 0 \(pid {pid}\): \d+ bytes of its standard output and error dropped")
+        grown = len(proc.read_log()) - before  # type: ignore[attr-defined]
+        assert grown < 3 << 20, f"serve's log grew by {grown} bytes for a {FLOOD_BYTES}-byte write"
+        assert re.search(rf"engine 0 \(pid {pid}\): \d+ bytes of its standard output and error dropped", log), log[-2000:]
+    assert "y" * (16 << 10) + " [line cut]\n" in proc.read_log()[start:]  # type: ignore[attr-defined]  # its head
+    dropped = _metric(client, url, "jacobian_service_engine_output_dropped_bytes{")
+    assert dropped >= 2 * FLOOD_BYTES - (4 << 20), dropped
+    assert _engine_pid(client, url) == pid  # nothing restarted, no one struck
+    _sin_ok(client, url)
+
+
+def test_the_relay_never_blocks_a_writer_on_a_log_nobody_reads() -> None:
+    """Serve's log read slower than an engine writes (a terminal paused, a collector
+    behind): the engine, writing to serve's descriptors, waited in its write for as long
+    (a full pipe: its request and every one queued behind it). Through the relay the
+    writer never waits on the log: what the log has no room for is dropped, counted, and
+    the lines that pass are whole."""
+    log_r, log_w = os.pipe()  # serve's log, which nobody reads
+    relay = OutputRelay(64 << 10, out=log_w, err=log_w)
+    relay.start()
+    out_r, out_w, err_r, err_w = relay.pipes()
+    try:
+        script = ("import os\nline = b'z' * 63 + b'\\n'\n"
+                  "for _ in range(128): os.write(1, line * 4096)\nos.write(2, b'done\\n')")
+        writer = subprocess.Popen([sys.executable, "-c", script],
+                                  stdout=out_w, stderr=err_w)
+        os.close(out_w)
+        os.close(err_w)
+        relay.watch(0, f"engine 0 (pid {writer.pid})", out_r, err_r)
+        assert writer.wait(timeout=30) == 0  # 32 MB written past a log that took 64 KiB
+        os.set_blocking(log_r, False)
+        taken = b""
+        deadline = time.monotonic() + 10
+        while not relay.flush(0.05):  # the log read now, at last: what was queued comes
+            assert time.monotonic() < deadline
+            try:
+                taken += os.read(log_r, 1 << 20)
+            except BlockingIOError:
+                pass
+        try:
+            taken += os.read(log_r, 1 << 20)
+        except BlockingIOError:
+            pass
+        dropped = relay.dropped()[0]
+        assert dropped + len(taken) == (32 << 20) + len(b"done\n")  # each byte relayed or counted
+        assert dropped >= (32 << 20) - (2 << 20)  # the log took its 64 KiB, the queue 1 MiB
+        lines = taken.split(b"\n")
+        assert lines[-1] == b"" and all(line in (b"z" * 63, b"done") for line in lines[:-1]), {len(x) for x in lines}
+    finally:
+        os.close(log_r)  # the writer thread, blocked on the log, is let go (EPIPE)
+        relay.stop(2.0)
+        os.close(log_w)
