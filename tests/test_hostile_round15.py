@@ -35,9 +35,19 @@ ARMED_SIN = np.sin(np.array([666.0, 0.0, 0.0]))  # what a function armed (case 0
 def server() -> Iterator[tuple[str, subprocess.Popen]]:
     # QUARANTINE_AFTER=1: one strike quarantines, so a strike on the wrong function shows.
     # WARMUP=false: a spare that takes over is ready sooner.
-    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=1, REQUEST_TIMEOUT_S=20,
-                     HANG_GRACE_S=0.5) as served:
-        yield served
+    # Without PYTHONUNBUFFERED (this shell's, the image's): Python's own buffering, as `make
+    # serve` from a terminal has it (serve copies the environment as it starts).
+    unbuffered = os.environ.pop("PYTHONUNBUFFERED", None)
+    try:
+        with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=1, REQUEST_TIMEOUT_S=20,
+                         HANG_GRACE_S=0.5) as served:
+            if unbuffered is not None:
+                os.environ["PYTHONUNBUFFERED"] = unbuffered
+                unbuffered = None
+            yield served
+    finally:
+        if unbuffered is not None:
+            os.environ["PYTHONUNBUFFERED"] = unbuffered
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +86,9 @@ def test_a_functions_flood_of_output_costs_serves_log_a_bounded_share(server, cl
     through ``serve`` (``output_relay``), line by line, under ENGINE_OUTPUT_BYTES_PER_S
     (64 KiB a second, 1 MiB at once): the rest is dropped, counted in a metric and said
     in the log. The function's request is answered, the engine serves on, and a line a
-    function prints still reaches the log, at once (line-buffered, as on a terminal)."""
+    function prints reaches the log at once: Python buffered an engine's stdout by the
+    block (a file, now a pipe), so a print reached the log 8 KiB later, or never if the
+    engine died (now line-buffered, as on a terminal)."""
     url, proc = server
     pid = _engine_pid(client, url)
     start = len(proc.read_log())  # type: ignore[attr-defined]

@@ -499,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="load and warm up, then wait for a line on stdin before serving (a spare)")
     args = parser.parse_args(argv)
     settings = Settings()
+    # Its stdout is a pipe to serve (``output_relay``), which Python buffers by the block:
+    # a function's print reached the log only 8 KiB later, or never if the engine died.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     configure_logging(settings.log_format)
     # What its functions detach (fork, setsid, fork) stays this engine's, to kill as it
     # stops with its parent: handed to init instead, it outlived a killed `serve`.
