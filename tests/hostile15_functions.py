@@ -34,11 +34,81 @@ def floods_output(x: torch.Tensor) -> torch.Tensor:
         block = line * ((1 << 20) // len(line))
         for _ in range(FLOOD_BYTES // len(block)):
             os.write(1, block)
-    elif case == 2:  # one line without an end, through sys.stderr
+    elif case == 2:  # one line of 64 MB, through sys.stderr
         chunk = "y" * (1 << 20)
         for _ in range(FLOOD_BYTES >> 20):
             sys.stderr.write(chunk)
+        sys.stderr.write("\n")  # (a line left unended would end with the engine's next log line)
         sys.stderr.flush()
     elif case == 3:  # a line, printed: it reaches serve's log (under the budget)
         print("floods_output says hello")
     return torch.sin(x)
+
+
+# ------------------------------------------------------------ what a function patches and leaves
+
+
+def _doubled(original):
+    def patched(*args, **kwargs):
+        return original(*args, **kwargs) * 2
+    return patched
+
+
+def _patch(case: int) -> None:
+    """Rebind (or change in place) something every later function's answer goes through."""
+    if case == 1:  # the module torch.einsum calls through (torch.functional: _VF.einsum)
+        import torch._VF as VF
+        VF.einsum = _doubled(torch._C._VariableFunctions.einsum)
+    elif case == 2:  # the C module torch.nn.functional calls through at run time
+        torch._C._nn.mse_loss = _doubled(torch._C._nn.mse_loss)
+    elif case == 3:  # the engine's table of dtypes: float64 inputs computed in float32
+        from jacobian_service.engine import core
+        core.TORCH_DTYPES["float64"] = torch.float32
+        core._AS_SENT.pop("float64", None)
+    elif case == 4:  # every custom autograd.Function
+        torch.autograd.Function.apply = classmethod(_doubled(torch.autograd.Function.apply.__func__))
+    elif case == 5:  # a constant of the engine's: None in an answer packed as something else
+        from jacobian_service import ipc
+        ipc._NONE = ("v", 1.0)
+    elif case == 6:  # the same table, rebound
+        from jacobian_service.engine import core
+        core.TORCH_DTYPES = {**core.TORCH_DTYPES, "float64": torch.float32}
+        core._AS_SENT = {}
+
+
+@register(inputs=X, description="sin; armed (666), it patches what later functions' answers go through (x[1] picks).")
+def patches(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case is not None:
+        _patch(case)
+    return torch.sin(x)
+
+
+@register(inputs=X, description="x*x through torch.einsum.")
+def uses_einsum(x: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("i,i->i", x, x)
+
+
+@register(inputs=X, description="mse_loss(x, 0): mean(x^2).")
+def uses_mse_loss(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(x, torch.zeros_like(x))
+
+
+class _Square(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+@register(inputs=X, description="x*x through a custom autograd.Function.")
+def uses_autograd_function(x: torch.Tensor) -> torch.Tensor:
+    return _Square.apply(x)

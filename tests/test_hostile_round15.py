@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from jacobian_service.output_relay import OutputRelay
 
-from .conftest import live_server
+from .conftest import assert_problem, live_server
 from .hostile15_functions import FLOOD_BYTES
 from .test_hostile_round11 import _armed, _engine_pid
 from .test_hostile_round13 import _sin_ok
@@ -149,3 +149,66 @@ def test_the_relay_never_blocks_a_writer_on_a_log_nobody_reads() -> None:
         os.close(log_r)  # the writer thread, blocked on the log, is let go (EPIPE)
         relay.stop(2.0)
         os.close(log_w)
+
+
+# ------------------------------------------------------------ what a function patches and leaves
+
+F64 = {"dtype": "float64", "shape": [3], "data": X}
+_X = np.array(X)
+# case -> (the victim, another client's function; its Jacobian at X; where the log says the patch was)
+PATCHES = {
+    1: ("uses_einsum", np.diag(2 * _X), "names in torch._VF (einsum)"),
+    2: ("uses_mse_loss", 2 * _X / 3, "names in torch._C._nn (mse_loss)"),
+    4: ("uses_autograd_function", np.diag(2 * _X), "names in torch.autograd.Function (apply)"),
+    5: ("sin", np.diag(np.cos(_X)), "names in jacobian_service.ipc (_NONE)"),
+    6: ("sin", np.diag(np.cos(_X)), "names in jacobian_service.engine.core (TORCH_DTYPES, _AS_SENT)"),
+}
+VALUES = {"uses_einsum": _X * _X, "uses_mse_loss": np.mean(_X * _X), "uses_autograd_function": _X * _X, "sin": np.sin(_X)}
+
+
+def _victim_served_right(client: httpx.Client, url: str, victim: str, jacobian: np.ndarray) -> None:
+    """Another client's float64 Jacobian and value, as torch.func.jacrev and f answer in-process."""
+    r = client.post(f"{url}/v1/functions/{victim}/jacobian", json={"inputs": [F64]})
+    assert r.status_code == 200, r.text
+    assert r.json()["jacobian"]["dtype"] == "float64", r.json()
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], jacobian, rtol=1e-12)
+    r = client.post(f"{url}/v1/functions/{victim}/evaluate", json={"inputs": [F64]})
+    assert r.status_code == 200, r.text
+    assert r.json()["output"]["dtype"] == "float64", r.json()
+    np.testing.assert_allclose(r.json()["output"]["data"], VALUES[victim], rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", PATCHES)
+def test_a_patch_of_what_every_function_goes_through_is_put_back(server, client, case: int) -> None:
+    """A function patched what other functions' answers go through and returned; the
+    next function, another client's, got a wrong answer with a 200: ``torch._VF.einsum``
+    (what ``torch.einsum`` calls) or ``torch._C._nn.mse_loss`` (what ``F.mse_loss``
+    calls) doubled made every later einsum's (mse_loss's) Jacobian twice torch's, and
+    ``torch.autograd.Function.apply`` doubled every custom Function's; the engine's own
+    ``ipc._NONE`` rebound answered every later evaluate's output as ``1.0``, and its
+    dtype table rebound (``core.TORCH_DTYPES``) every later float64 request in float32.
+    Now each is put back after the function's batch, in the same engine, the log naming
+    the function (no restart: nothing is lost). The patcher's own answer is its own."""
+    url, proc = server
+    victim, jacobian, where = PATCHES[case]
+    pid = _engine_pid(client, url)
+    _victim_served_right(client, url, victim, jacobian)
+    r = _armed(client, url, "patches", case)
+    assert r.status_code == 200, r.text
+    _victim_served_right(client, url, victim, jacobian)
+    log = _log_until(proc, 0, f"patches rebound or deleted {re.escape(where)}")
+    assert f"patches rebound or deleted {where}" in log, log[-3000:]
+    assert _engine_pid(client, url) == pid
+    _sin_ok(client, url)
+
+
+def test_a_table_of_the_engines_changed_in_place_fails_its_function_alone(server, client) -> None:
+    """``core.TORCH_DTYPES["float64"] = torch.float32`` in a function, a change in place
+    that no name's rebinding shows: every later float64 request of every function was
+    computed and answered in float32 (a 200, ``"dtype": "float32"``). The engine's tables
+    are read-only now: the function's own request is its 500, the others are served."""
+    url, _ = server
+    r = _armed(client, url, "patches", 3)
+    assert_problem(r, 500, "function_error")
+    assert r.json()["detail"] == "TypeError: 'mappingproxy' object does not support item assignment", r.json()
+    _victim_served_right(client, url, "sin", np.diag(np.cos(_X)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -61,7 +62,11 @@ def _room_rows(call: Call, most: int, row_nbytes: int) -> int:
     return max(1, most // max(1, row_nbytes))
 
 
-TORCH_DTYPES = {
+# Read-only, as the tables below (``MappingProxyType``): a function that changed one in
+# place (``TORCH_DTYPES["float64"] = torch.float32``) had every later float64 request of
+# every function computed and answered in float32. Rebinding the name is put back after
+# its batch (``namespaces``); changing the table now raises, in that function alone.
+TORCH_DTYPES = MappingProxyType({
     "bool": torch.bool,
     "int8": torch.int8,
     "int16": torch.int16,
@@ -72,14 +77,14 @@ TORCH_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
     "float64": torch.float64,
-}
+})
 
 # numpy's dtype for each name a request's dtype may take where an array of it is copied
 # as it is (bfloat16 travels as float32: none). Told by identity, not by ``dtype.name``,
 # which numpy computes in Python at every read (~1 us, a few on a loaded machine); a
 # dtype that is not the very object (another byte order) takes the converting path,
 # which gives the same copy.
-_AS_SENT = {name: np.dtype(name) for name in TORCH_DTYPES if name != "bfloat16"}
+_AS_SENT = MappingProxyType({name: np.dtype(name) for name in TORCH_DTYPES if name != "bfloat16"})
 
 
 def materialized(leaf: torch.Tensor) -> torch.Tensor:
@@ -228,7 +233,7 @@ class Engine:
         (its memory limit set) are the ones to put back, the whole process's with them
         (signal handlers, timers, resource limits: ``process_settings``)."""
         self.process_settings = ProcessSettings(own_process=True)
-        self.namespaces = Namespaces()  # with the functions' modules imported: what they bound as imported stays
+        self.namespaces = Namespaces(own_process=True)  # with the functions' modules imported: what they bound as imported stays
 
     # ----------------------------------------------------------------- device helpers
 

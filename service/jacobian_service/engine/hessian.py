@@ -19,6 +19,8 @@ computed again torch's way, and that is the answer.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -34,12 +36,13 @@ if TYPE_CHECKING:
 
 __all__ = ["STRATEGIES", "TORCHS", "agrees_with_differences", "agrees_with_hvp", "candidates", "finite", "hessian", "with_output"]
 
-# Equal ways to compute torch.func.hessian.
-STRATEGIES: dict[str, Callable[[Callable[..., Any], Any], Callable[..., Any]]] = {
+# Equal ways to compute torch.func.hessian (read-only, as core.TORCH_DTYPES: one a
+# function replaced in place computed every later Hessian its way).
+STRATEGIES: Mapping[str, Callable[[Callable[..., Any], Any], Callable[..., Any]]] = MappingProxyType({
     "jacrev_grad": lambda g, a: torch.func.jacrev(torch.func.grad(g, argnums=a, has_aux=True), argnums=a, has_aux=True),
     "jacfwd_jacrev": lambda g, a: torch.func.jacfwd(torch.func.jacrev(g, argnums=a, has_aux=True), argnums=a, has_aux=True),
     "jacrev_jacrev": lambda g, a: torch.func.jacrev(torch.func.jacrev(g, argnums=a, has_aux=True), argnums=a, has_aux=True),
-}
+})
 TORCHS = "jacfwd_jacrev"  # torch.func.hessian's own
 _MEASURE_ELEMENTS = 1 << 20  # measure strategies only where running each is cheap
 # Reverse over reverse pulls back one row per output element and input element, forward

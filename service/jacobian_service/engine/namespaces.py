@@ -39,14 +39,27 @@ __all__ = ["Namespaces"]
 # The modules guarded, where imported: torch and the parts of it whose functions the
 # engine calls by attribute (torch.func.jacrev, torch.autograd.grad, pytree.tree_map...),
 # and what the engine encodes answers with.
+# And the modules torch's own Python functions look their kernels up in as they run:
+# ``torch.einsum`` calls ``torch._VF.einsum``, ``F.mse_loss`` ``torch._C._nn.mse_loss``.
+# One a function patched doubled every later einsum's (mse_loss's) answer, silently.
 _MODULES = (
     "builtins", "numpy", "orjson", "torch", "torch.func", "torch.autograd", "torch.autograd.forward_ad",
-    "torch.autograd.functional", "torch.autograd.graph", "torch.nn.functional", "torch.linalg", "torch.fft",
-    "torch.special", "torch.utils._pytree", "torch._functorch.apis", "torch._functorch.eager_transforms",
-    "torch._functorch.vmap", "torch._C", "torch._C._functorch",
+    "torch.autograd.functional", "torch.autograd.graph", "torch.autograd.function", "torch.nn.functional",
+    "torch.linalg", "torch.fft", "torch.special", "torch.functional", "torch._tensor", "torch._VF",
+    "torch.utils._pytree", "torch._functorch.apis", "torch._functorch.eager_transforms", "torch._functorch.vmap",
+    "torch._C", "torch._C._functorch", "torch._C._nn",
 )
+# Modules that find their names on demand (``__getattr__``): a name set there, none of
+# their own, shadows the one they would find (``torch._VF.einsum``), and is taken away.
+_SHADOWED = frozenset({"torch._VF"})
 _SERVICE = "jacobian_service"  # the service's own modules: every one imported when the engine starts
-_CLASSES = ("torch.Tensor", "torch.nn.Module")  # a name added shadows a base's method
+# A name added shadows a base's method. ``torch.autograd.Function.apply`` patched doubled
+# every later custom Function's answer (and Jacobian), silently.
+_CLASSES = ("torch.Tensor", "torch.nn.Module", "torch.autograd.Function")
+# In an engine process, every name of the service's own modules is watched, not only what
+# it calls: ``ipc._NONE`` rebound made every later answer's None (an evaluate's Jacobian
+# slot) pack as 1.0. These are the ones the service rebinds itself as it runs.
+_SERVICE_STATE = frozenset({("jacobian_service.heap", "_thawed")})
 
 _MISSING = object()
 
@@ -90,13 +103,17 @@ def _class_dict(cls: type) -> dict:
 
 
 class _Guarded:
-    """One namespace: its dict as taken, and the dict's version then."""
+    """One namespace: its dict as taken, and the dict's version then. ``strict``: every
+    name is watched, and one added is taken away (a class); ``whole``: every name is
+    watched, one added kept (the service's modules in an engine process)."""
 
-    def __init__(self, label: str, owner: Any, d: dict, is_class: bool, version: Any) -> None:
-        self.label, self.owner, self.d, self.is_class = label, owner, d, is_class
+    def __init__(self, label: str, owner: Any, d: dict, strict: bool, version: Any, whole: bool = False,
+                 skip: frozenset[str] = frozenset()) -> None:
+        self.label, self.owner, self.d, self.strict, self.skip = label, owner, d, strict, skip
+        self.whole = whole or strict or owner is sys.modules
         # A module's own state (a flag, a counter, a cache it rebinds as it runs) is not
         # watched: only what code calls or imports by name, functions, classes, modules.
-        self.taken = dict(d) if is_class or owner is sys.modules else {k: v for k, v in d.items() if _watched(v)}
+        self.taken = {k: v for k, v in d.items() if (self.whole or _watched(v)) and k not in skip}
         self.tag = version(d) if version is not None else None
         self.version = self.tag.value if self.tag is not None else None
 
@@ -105,19 +122,19 @@ class _Guarded:
         (in a class) added; new names of a module become part of what is taken."""
         d, taken = self.d, self.taken
         found = [(k, v) for k, v in taken.items() if d.get(k, _MISSING) is not v]
-        added = [k for k in d if k not in taken]  # (a module's unwatched names among them: cheap, and rare)
-        if self.is_class:
+        added = [k for k in d if k not in taken and k not in self.skip]  # (a module's unwatched names among them)
+        if self.strict:
             found += [(k, _MISSING) for k in added]
         else:
-            taken.update((k, d[k]) for k in added if _owner_watches(self.owner, d[k]))
+            taken.update((k, d[k]) for k in added if self.whole or _owner_watches(self.owner, d[k]))
         return found
 
     def put_back(self, name: str, value: Any) -> None:
-        if self.owner is sys.modules:
+        if self.owner is self.d:  # sys.modules: its items
             if value is _MISSING:
-                sys.modules.pop(name, None)
+                self.d.pop(name, None)
             else:
-                sys.modules[name] = value
+                self.d[name] = value
         elif value is _MISSING:
             delattr(self.owner, name)
         else:
@@ -128,7 +145,10 @@ class Namespaces:
     """The names of the shared namespaces as they are when made; :meth:`restore` puts
     back what a function changed."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_process: bool = False) -> None:
+        """``own_process``: in an engine process, whose service modules nothing else
+        changes, every name of them is watched (in-process, the caller's code may set
+        them: a test's monkeypatch)."""
         if "torch" in sys.modules:
             # Imported by torch at the first backward pass of every jacrev (its
             # compiled_autograd), and then it rebinds torch.manual_seed (wrapped): imported
@@ -141,8 +161,11 @@ class Namespaces:
         names += sorted(n for n in sys.modules if n == _SERVICE or n.startswith(_SERVICE + "."))
         for name in names:
             module = sys.modules[name]
-            if isinstance(module, ModuleType):
-                guarded.append(_Guarded(name, module, vars(module), False, self._version))
+            if not isinstance(module, ModuleType):
+                continue
+            own = own_process and (name == _SERVICE or name.startswith(_SERVICE + "."))
+            skip = frozenset(attr for where, attr in _SERVICE_STATE if where == name)
+            guarded.append(_Guarded(name, module, vars(module), name in _SHADOWED, self._version, whole=own, skip=skip))
         for path in _CLASSES:
             module, _, attr = path.rpartition(".")
             cls = getattr(sys.modules.get(module), attr, None)
