@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -578,3 +579,99 @@ def test_a_hook_equal_to_everything_is_still_taken_for_a_change():
         assert sys.getprofile() is before
     finally:
         sys.setprofile(before)
+
+
+# ----------------------------------------------------------------- the pass that finds nothing changed
+# In this process, as an engine process takes them (``own_process``): what each test
+# changes is put back by the pass itself, and each test checks that it was.
+
+
+def _own_settings():
+    from jacobian_service.engine.process_settings import ProcessSettings
+
+    return ProcessSettings(own_process=True)  # in the test's body: pytest changes the environment between phases
+
+
+def test_the_pass_that_finds_nothing_changed_reads_what_the_status_text_tells_from_it(monkeypatch):
+    """/proc/self/status, read at each pass for the ignored signals, seccomp and the
+    capabilities, tells the ids, the groups, the signal mask and the umask too: the pass
+    that finds nothing changed (nearly every one) compares those lines, where it made a
+    system call or two for each (and prctl through ctypes for no_new_privs)."""
+    if threading.get_native_id() != os.getpid():
+        pytest.skip("the status text is the main thread's")
+    from jacobian_service.engine import process_settings as ps
+
+    monkeypatch.setattr(ps, "_TIMERS", ())  # pytest-timeout's timer, counting down: a change at each pass
+    own_settings = _own_settings()
+    calls: list[str] = []
+
+    def counted(name, real):
+        def call(*args):
+            calls.append(name)
+            return real(*args)
+        return call
+
+    for module, name in ((os, "getresuid"), (os, "getresgid"), (os, "getgroups"), (os, "umask"),
+                         (ps.signal, "pthread_sigmask")):
+        monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+    own_settings.restore("changes_nothing")
+    own_settings.restore("changes_nothing")
+    assert calls == [] and own_settings.unrestorable is None
+
+
+def test_what_the_status_text_tells_is_still_put_back_and_named(engine_log):
+    """The status lines stand for the ids, the mask, the umask and the affinity only while
+    they are the same: a function that changes one is seen there, and the full pass puts
+    it back and names it."""
+    own_settings = _own_settings()
+    umask = os.umask(0o077)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, {min(cpus)})
+    try:
+        own_settings.restore("changes_what_the_status_tells")
+        assert os.umask(umask) == umask
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == mask
+        assert os.sched_getaffinity(0) == cpus
+    finally:
+        os.umask(umask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.sched_setaffinity(0, cpus)
+    said = " ".join(engine_log)
+    for setting in ("the umask", "the signal mask", *(["the CPU affinity"] if len(cpus) > 1 else [])):
+        assert f"changes_what_the_status_tells changed {setting}" in said, (setting, engine_log)
+
+
+def test_handlers_hooks_and_streams_equal_to_everything_are_still_taken_for_a_change():
+    """Signal handlers, exception hooks and sys.stdout are compared by their ids in the
+    pass that finds nothing changed: one whose ``__eq__`` says equal to anything is
+    still seen, and put back."""
+
+    class EqualToEverything:
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __ne__(self, other: object) -> bool:
+            return False
+
+        __hash__ = object.__hash__
+
+        def __call__(self, *args: object) -> None:
+            return None
+
+        def write(self, text: str) -> int:
+            return len(text)
+
+    own_settings = _own_settings()
+    before = (signal.getsignal(signal.SIGUSR1), sys.unraisablehook, sys.stdout)
+    try:
+        signal.signal(signal.SIGUSR1, EqualToEverything())
+        sys.unraisablehook = EqualToEverything()
+        sys.stdout = EqualToEverything()
+        own_settings.restore("sets_equal_hooks")
+        assert (signal.getsignal(signal.SIGUSR1), sys.unraisablehook, sys.stdout) == before
+        assert all(a is b for a, b in zip((signal.getsignal(signal.SIGUSR1), sys.unraisablehook, sys.stdout), before))
+    finally:
+        signal.signal(signal.SIGUSR1, before[0])
+        sys.unraisablehook, sys.stdout = before[1], before[2]

@@ -73,6 +73,7 @@ import logging
 import operator
 import os
 import resource
+import select
 import signal
 import socket
 import sys
@@ -100,6 +101,22 @@ class _Setting(NamedTuple):
     get: Callable[[], Any]  # each a call of a microsecond or less
     put: Callable[[Any], None]
     changed: Callable[[Any, Any], bool] = operator.ne  # (now, taken)
+    # For the pass that finds nothing changed (nearly every one): the lines of
+    # /proc/self/status, as (first field, last field) of each run of lines, that tell
+    # this setting's value whole. That pass reads them from the one text it reads anyway,
+    # in place of ``get``'s own system calls; the same lines mean the same value, and
+    # lines that differ send the pass to ``get`` (``ProcessSettings._unchanged``).
+    status: tuple[tuple[bytes, bytes], ...] = ()
+    # Given the value taken, a cheaper stand-in for ``get`` in that pass, whose reading
+    # equal to the one taken means the setting unchanged (None: none for that value,
+    # ``get`` is read); with ``status``, a getter of what those lines do not tell (None:
+    # nothing).
+    quick: Callable[[Any], Callable[[], Any] | None] | None = None
+
+
+# Each getter of a tuple called, as ``tuple(map(_call, getters))``: a generator
+# expression in its place cost ~3x the instructions (frames resumed one item at a time).
+_call: Callable[[Callable[[], Any]], Any] = getattr(operator, "call", lambda f: f())  # (3.11+)
 
 
 # The default device as torch keeps it: the context ``torch.set_default_device`` installs
@@ -111,7 +128,10 @@ _DEVICE_CONTEXT = getattr(torch, "_GLOBAL_DEVICE_CONTEXT", None)
 def _default_device() -> Any:
     if _DEVICE_CONTEXT is None:
         return torch.get_default_device()
-    return getattr(_DEVICE_CONTEXT, "device_context", None)
+    # From the thread's own dict of the (thread-local) context: the attribute exists only
+    # once a default device is set, and ``getattr`` with a default raised and caught an
+    # AttributeError at every batch.
+    return _DEVICE_CONTEXT.__dict__.get("device_context")
 
 
 def _set_default_device(taken: Any) -> None:
@@ -147,6 +167,10 @@ def _repaired(now: list[Any], taken: list[Any]) -> list[Any]:
     return [f for f in now if f[0] != "error" and f not in taken] + taken
 
 
+def _filters_changed(now: list[Any], taken: list[Any]) -> bool:
+    return now != taken and _repaired(now, taken) != now
+
+
 def _put_filters(taken: list[Any]) -> None:
     warnings.filters[:] = _repaired(list(warnings.filters), taken)
     warnings._filters_mutated()  # type: ignore[attr-defined]  # what warnings' own functions call
@@ -166,8 +190,12 @@ else:  # pragma: no cover - torch 2.3
                   torch.set_autocast_gpu_dtype))
 
 
+_AUTOCAST_GETTERS = tuple(get for enabled, dtype, _, _ in _AUTOCAST for get in (enabled, dtype))
+
+
 def _autocast() -> tuple[tuple[bool, Any], ...]:
-    return tuple((enabled(), dtype()) for enabled, dtype, _, _ in _AUTOCAST)
+    cpu_on, cpu_dtype, cuda_on, cuda_dtype = map(_call, _AUTOCAST_GETTERS)
+    return (cpu_on, cpu_dtype), (cuda_on, cuda_dtype)
 
 
 def _put_autocast(taken: tuple[tuple[bool, Any], ...]) -> None:
@@ -185,8 +213,11 @@ _SDP = tuple((getattr(torch.backends.cuda, f"{name}_sdp_enabled"), getattr(torch
              if hasattr(torch.backends.cuda, f"{name}_sdp_enabled"))
 
 
+_SDP_GETTERS = tuple(enabled for enabled, _ in _SDP)
+
+
 def _sdp() -> tuple[bool, ...]:
-    return tuple(enabled() for enabled, _ in _SDP)
+    return tuple(map(_call, _SDP_GETTERS))
 
 
 def _put_sdp(taken: tuple[bool, ...]) -> None:
@@ -254,7 +285,7 @@ def _float32_precision() -> tuple[str | None, tuple[str, ...]]:
         legacy: str | None = _LEGACY_FP32()
     except RuntimeError:  # "mix of the legacy and new APIs"
         legacy = None
-    return legacy, tuple(get() for get in _FP32_GETTERS)
+    return legacy, tuple(map(_call, _FP32_GETTERS))
 
 
 def _put_float32_precision(taken: tuple[str | None, tuple[str, ...]]) -> None:
@@ -275,6 +306,14 @@ def _gc_debug() -> tuple[int, int]:
     ``DEBUG_STATS`` wrote a report to stderr at every collection. The flags, and how
     long ``gc.garbage`` was."""
     return gc.get_debug(), len(gc.garbage)
+
+
+def _gc_debug_changed(now: tuple[int, int], taken: tuple[int, int]) -> bool:
+    return now[0] != taken[0]
+
+
+def _digits_lowered(now: int, taken: int) -> bool:
+    return now != 0 and (taken == 0 or now < taken)  # 0 is no limit
 
 
 def _put_gc_debug(taken: tuple[int, int]) -> None:
@@ -369,6 +408,18 @@ def _exit_dual_levels(taken: int) -> None:
         _forward_ad.exit_dual_level()
 
 
+def _any_replaced(now: tuple[Any, ...], taken: tuple[Any, ...]) -> bool:
+    return any(a is not b for a, b in zip(now, taken))
+
+
+def _identities(get: Callable[[], tuple[Any, ...]]) -> Callable[[], tuple[int, ...]]:
+    """A stand-in for a setting of objects tested by identity (hooks, handlers, streams):
+    their ids, compared as values in one step with the rest (``_Setting.quick``). The
+    objects taken are kept alive by the values taken, so no other object takes one of
+    their ids: the same ids are the same objects, whatever their ``__eq__`` says."""
+    return lambda: tuple(map(id, get()))
+
+
 def _hook_changed(now: Any, taken: Any) -> bool:
     # Only a hook a function added counts: under the in-process layout the engine's thread
     # may have been made without the hook its maker's thread had (a debugger's).
@@ -414,6 +465,18 @@ def _status(field: bytes) -> bytes | None:
     refused, every field then read as changed (the seccomp state, the capabilities, the
     ignored signals), and the engine left naming "a seccomp filter" that no function
     had set: :class:`_NoDescriptor` instead."""
+    data = _status_data()
+    start = data.find(b"\n" + field + b":")
+    if start < 0:
+        return None
+    start += len(field) + 2
+    end = data.find(b"\n", start)
+    return data[start:end if end >= 0 else None].strip()
+
+
+def _status_data() -> bytes:
+    """/proc/self/status as this pass read it (read now if not yet), after a newline:
+    every field's line starts with one."""
     if not _STATUS:
         try:
             _STATUS.append(b"\n" + _status_text())
@@ -421,13 +484,30 @@ def _status(field: bytes) -> bytes | None:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise _NoDescriptor() from exc
             _STATUS.append(b"")
-    data = _STATUS[0]
-    start = data.find(b"\n" + field + b":")
-    if start < 0:
-        return None
-    start += len(field) + 2
-    end = data.find(b"\n", start)
-    return data[start:end if end >= 0 else None].strip()
+    return _STATUS[0]
+
+
+def _status_lines(runs: tuple[tuple[bytes, bytes], ...]) -> Callable[[], list[bytes | None]]:
+    """A reader of runs of lines of /proc/self/status, each given as its (first, last)
+    field and read whole, from the start of the first line to the end of the last (None
+    where the text has no such run): one comparison of these stands for the settings
+    they tell (``_Setting.status``)."""
+    needles = tuple((b"\n" + first + b":", b"\n" + last + b":") for first, last in runs)
+
+    def read() -> list[bytes | None]:
+        data = _status_data()
+        lines: list[bytes | None] = []
+        for first, last in needles:
+            start = data.find(first)
+            stop = data.find(last, start) if start >= 0 else -1
+            if stop < 0:
+                lines.append(None)
+                continue
+            end = data.find(b"\n", stop + 1)
+            lines.append(data[start:end] if end >= 0 else data[start:])
+        return lines
+
+    return read
 
 
 # A descriptor of this process's /proc/<pid>/status kept open by an engine process
@@ -524,7 +604,7 @@ _TIMERS = tuple(getattr(signal, name) for name in ("ITIMER_REAL", "ITIMER_VIRTUA
 
 
 def _timers() -> tuple[tuple[float, float], ...]:
-    return tuple(signal.getitimer(which) for which in _TIMERS)
+    return tuple(map(signal.getitimer, _TIMERS))
 
 
 def _disarm(taken: Any) -> None:
@@ -606,7 +686,16 @@ def _stdio() -> tuple[Any, ...]:
                 _SAVED_STDIO.append(os.dup(fd))  # not inherited by children (O_CLOEXEC)
             except OSError:  # started closed: nothing to keep
                 _SAVED_STDIO.append(-1)
-    return (descriptor_identity(0), descriptor_identity(1), descriptor_identity(2), *map(_open, _SAVED_STDIO))
+        for fd in _SAVED_STDIO:
+            if fd >= 0:
+                _SAVED_POLL.register(fd, 0)
+    # Which duplicates are closed, in one poll (POLLNVAL) where three fcntl calls took three.
+    closed = [fd for fd, events in _SAVED_POLL.poll(0) if events & select.POLLNVAL]
+    return (descriptor_identity(0), descriptor_identity(1), descriptor_identity(2),
+            *[fd >= 0 and fd not in closed for fd in _SAVED_STDIO])
+
+
+_SAVED_POLL = select.poll()
 
 
 def _put_stdio(taken: tuple[Any, ...]) -> None:
@@ -650,7 +739,7 @@ def _put_environ(taken: _Environment) -> None:
 
 
 def _time_zone() -> tuple[bytes | None, tuple[str, str], int]:
-    return os.environb.get(b"TZ"), time.tzname, time.timezone
+    return (_ENVIRON_DATA if _ENVIRON_DATA is not None else os.environb).get(b"TZ"), time.tzname, time.timezone
 
 
 def _put_time_zone(taken: tuple[bytes | None, tuple[str, str], int]) -> None:
@@ -686,12 +775,12 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("scaled-dot-product attention's backends", _sdp, _put_sdp),
     _Setting("flushing denormals to zero", _flushes_denormals, _put_flush_denormals),
     _Setting("the warning filters", _filters, _put_filters,
-             lambda now, taken: now != taken and _repaired(now, taken) != now),
+             _filters_changed),
     _Setting("the garbage collector (disabled)", gc.isenabled, _set_gc),
     # A first threshold of 0 disables automatic collection as surely, with isenabled() True.
     _Setting("the garbage collector's thresholds", gc.get_threshold, lambda taken: gc.set_threshold(*taken)),
     _Setting("the garbage collector's debug flags (gc.set_debug)", _gc_debug, _put_gc_debug,
-             lambda now, taken: now[0] != taken[0]),
+             _gc_debug_changed),
     # A callback appended there runs at every later collection, in whichever function's
     # request it falls (one sleeping 0.2 s took mlp's worst latency from 27 to 220 ms).
     _Setting("the garbage collector's callbacks", lambda: tuple(gc.callbacks),
@@ -706,7 +795,7 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("the recursion limit", sys.getrecursionlimit, sys.setrecursionlimit),
     # 0 is no limit: lowered means a limit where there was none, or a smaller one.
     _Setting("the digit limit of int-string conversions (lowered)", sys.get_int_max_str_digits,
-             sys.set_int_max_str_digits, lambda now, taken: now != 0 and (taken == 0 or now < taken)),
+             sys.set_int_max_str_digits, _digits_lowered),
     _Setting("the thread switch interval", sys.getswitchinterval, sys.setswitchinterval),
     _Setting("numpy's floating-point error handling", np.geterr, lambda taken: np.seterr(**taken)),
     # RTLD_GLOBAL (sys.setdlopenflags) left every later extension a function imports
@@ -789,7 +878,7 @@ _LOGGERS: list[logging.Logger] = []  # those that existed when the engine took i
 def _service_logging() -> tuple[Any, ...]:
     if not _LOGGERS:
         _LOGGERS.extend(service_loggers())
-    return tuple((lg.level, lg.disabled, lg.propagate, tuple((h, h.level) for h in lg.handlers)) for lg in _LOGGERS)
+    return tuple([(lg.level, lg.disabled, lg.propagate, tuple([(h, h.level) for h in lg.handlers])) for lg in _LOGGERS])
 
 
 def _put_service_logging(taken: tuple[Any, ...]) -> None:
@@ -799,6 +888,10 @@ def _put_service_logging(taken: tuple[Any, ...]) -> None:
         logger.handlers[:] = [h for h, _ in handlers]
         for handler, handler_level in handlers:
             handler.setLevel(handler_level)
+
+
+def _exception_hooks() -> tuple[Any, Any, Any]:
+    return sys.excepthook, sys.unraisablehook, threading.excepthook
 
 
 def _put_exception_hooks(taken: tuple[Any, Any, Any]) -> None:
@@ -815,9 +908,13 @@ def _subreaper() -> int:
     prctl = _prctl()
     if prctl is None:
         return 0
-    flag = ctypes.c_int(0)
-    prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
-    return flag.value
+    _SUBREAPER_FLAG.value = 0
+    prctl(_PR_GET_CHILD_SUBREAPER, _SUBREAPER_FLAG_REF, 0, 0, 0)
+    return _SUBREAPER_FLAG.value
+
+
+_SUBREAPER_FLAG = ctypes.c_int(0)  # what the kernel writes to, made once (the engine's one thread reads it)
+_SUBREAPER_FLAG_REF = ctypes.byref(_SUBREAPER_FLAG)
 
 
 def _put_subreaper(taken: int) -> None:
@@ -883,10 +980,20 @@ def _confinement() -> _Confinement:
     when it refuses this very read, not where the engine may do without the flag
     (CAP_SYS_ADMIN: root) or started with it set, as under Kubernetes'
     ``allowPrivilegeEscalation: false``.)"""
+    return _Confinement(_status_number(b"Seccomp"), _status_number(b"Seccomp_filters"),
+                        _status_number(b"NoNewPrivs"), _mdwe())
+
+
+def _mdwe() -> int | None:
+    """Memory-deny-write-execute's flags, which no line of /proc/self/status shows (None:
+    this kernel has none, and no process can set it)."""
     prctl = _prctl()
     mdwe = int(prctl(_PR_GET_MDWE, 0, 0, 0, 0)) if prctl is not None else -1
-    return _Confinement(_status_number(b"Seccomp"), _status_number(b"Seccomp_filters"),
-                        _status_number(b"NoNewPrivs"), mdwe if mdwe >= 0 else None)
+    return mdwe if mdwe >= 0 else None
+
+
+def _confinement_rest(taken: _Confinement) -> Callable[[], Any] | None:
+    return _mdwe if taken.mdwe is not None else None
 
 
 def _lift_confinement(taken: _Confinement) -> None:
@@ -907,6 +1014,10 @@ def _fork_hook_lists() -> tuple[list[Any], ...]:
     os.register_at_fork(before=_no_fork_hook, after_in_parent=_no_fork_hook, after_in_child=_no_fork_hook)
     lists = tuple(r for r in gc.get_referrers(_no_fork_hook) if type(r) is list and r and r[-1] is _no_fork_hook)
     return lists if len(lists) == 3 else ()
+
+
+def _more_fork_hooks(now: tuple[int, ...], taken: tuple[int, ...]) -> bool:
+    return any(a > b for a, b in zip(now, taken))
 
 
 def _fork_hooks() -> tuple[int, ...]:
@@ -930,34 +1041,34 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("the trace function of new threads", threading.gettrace, threading.settrace, _hook_changed),
     _Setting("the profile function of new threads", threading.getprofile, threading.setprofile, _hook_changed),
     _Setting("signal handlers", _handlers, _put_handlers,
-             lambda now, taken: any(a is not b and b is not None for a, b in zip(now, taken))),
-    _Setting("the signal mask", _mask, _put_mask),
-    _Setting("signals ignored outside Python (SigIgn)", _ignored, _put_ignored),
+             lambda now, taken: any(a is not b and b is not None for a, b in zip(now, taken)),
+             quick=lambda taken: _identities(_handlers) if None not in taken else None),
+    _Setting("the signal mask", _mask, _put_mask, status=((b"SigBlk", b"SigBlk"),)),
+    _Setting("signals ignored outside Python (SigIgn)", _ignored, _put_ignored, status=((b"SigIgn", b"SigIgn"),)),
     _Setting("an interval timer (signal.alarm, setitimer)", _timers, _disarm, _armed),
     *((_Setting("the scheduling policy (sched_setscheduler)", _scheduling, _put_scheduling),
        # Pinned to a CPU (``os.sched_setaffinity``): every later request ran on that one,
        # however busy, and torch's threads started later were pinned with it.
        _Setting("the CPU affinity (sched_setaffinity)", functools.partial(os.sched_getaffinity, 0),
-                functools.partial(os.sched_setaffinity, 0)))
+                functools.partial(os.sched_setaffinity, 0), status=((b"Cpus_allowed", b"Cpus_allowed"),)))
       if hasattr(os, "sched_getscheduler") and hasattr(os, "sched_getaffinity") else ()),
     _Setting("the niceness", _niceness, _set_niceness),
     # What heap.freeze_heap froze: the in-process layout's host may freeze and unfreeze its own.
     _Setting("the garbage collector's frozen objects (gc.unfreeze)", thawed, lambda taken: refreeze()),
     _Setting("the stack size of new threads", _stack_size, threading.stack_size),
     _Setting("the default socket timeout", socket.getdefaulttimeout, socket.setdefaulttimeout),
-    _Setting("the umask", _umask, os.umask),
+    _Setting("the umask", _umask, os.umask, status=((b"Umask", b"Umask"),)),
     _Setting("the timer slack (prctl PR_SET_TIMERSLACK)", _timer_slack, _put_timer_slack),
     _Setting("the child subreaper flag (prctl PR_SET_CHILD_SUBREAPER)", _subreaper, _put_subreaper),
     _Setting("the system-call filter (seccomp), no_new_privs or memory-deny-write-execute (prctl)", _confinement,
-             _lift_confinement),
+             _lift_confinement, status=((b"NoNewPrivs", b"Seccomp_filters"),), quick=_confinement_rest),
     _Setting("the user, groups or capabilities (os.setuid, setgid, setgroups, capset)", _credentials,
-             _put_credentials),
+             _put_credentials, status=((b"Uid", b"Gid"), (b"Groups", b"Groups"), (b"CapInh", b"CapAmb"))),
     # Hooks every later error of every function goes through: one that ends the process
     # (``os._exit``) ended the engine at the next exception raised in a ``__del__`` or a
     # thread, under whichever function's request that fell in, which took the blame.
     _Setting("the exception hooks (sys.excepthook, sys.unraisablehook, threading.excepthook)",
-             lambda: (sys.excepthook, sys.unraisablehook, threading.excepthook), _put_exception_hooks,
-             lambda now, taken: any(a is not b for a, b in zip(now, taken))),
+             _exception_hooks, _put_exception_hooks, _any_replaced, quick=lambda taken: _identities(_exception_hooks)),
     # faulthandler left enabled writes a later crash's traceback to the descriptor it was
     # given, by number: closed since, and that number is whatever file the crashing
     # function opened next (its own output, a socket). Which file it holds cannot be
@@ -967,9 +1078,9 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
              lambda taken: faulthandler.enable(sys.__stderr__) if taken else faulthandler.disable()),
     _Setting("torch.nn's global module hooks", _nn_hooks, _put_nn_hooks, _nn_hooks_changed),
     _Setting("the fork hooks (os.register_at_fork)", _fork_hooks, _put_fork_hooks,
-             lambda now, taken: any(a > b for a, b in zip(now, taken))),
-    _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams,
-             lambda now, taken: any(a is not b for a, b in zip(now, taken))),
+             _more_fork_hooks),
+    _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams, _any_replaced,
+             quick=lambda taken: _identities(_streams)),
     _Setting("descriptors 0-2 (stdin, stdout, stderr) or the engine's own", _stdio, _put_stdio),
     # torch keeps the current dual level in a module global, not per thread.
     _Setting("a forward-AD dual level (entered, not exited)", _dual_level, _exit_dual_levels, operator.gt),
@@ -982,7 +1093,8 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
 # The tests of a change that equal values always pass (``now == taken``: unchanged), so
 # that settings tested by them can be compared whole (``ProcessSettings._unchanged``).
 # Not those that test identity: a hook equal to the one taken is not it.
-_EQUAL_IS_UNCHANGED = frozenset({operator.ne, operator.gt, operator.lt, _nn_hooks_changed, _environ_changed, _armed})
+_EQUAL_IS_UNCHANGED = frozenset({operator.ne, operator.gt, operator.lt, _nn_hooks_changed, _environ_changed, _armed,
+                                 _filters_changed, _gc_debug_changed, _digits_lowered, _more_fork_hooks})
 
 
 class _Unreadable:
@@ -1049,11 +1161,31 @@ class ProcessSettings:
         # test equal values always pass, read into one list and compared with the one
         # taken in one step; the others (by identity: hooks, handlers, streams; torch's
         # kernels) each by its own test.
-        by_value = [c for c in self._checks if c[2] in _EQUAL_IS_UNCHANGED]
-        self._value_gets = [get for _, get, _, _ in by_value]
-        self._value_taken = [taken for _, _, _, taken in by_value]
-        self._own_tests = [(get, changed, taken) for _, get, changed, taken in self._checks
-                           if changed not in _EQUAL_IS_UNCHANGED]
+        # Settings that lines of /proc/self/status tell (the ids, the signal mask, the
+        # umask...) are compared as those lines, read from the one text that pass reads
+        # anyway, in place of a system call or two each.
+        by_status = self._by_status()
+        # Others by a cheaper stand-in (``_Setting.quick``), where there is one.
+        self._value_gets, self._value_taken, self._own_tests = [], [], []
+        for setting, get, changed, taken in self._checks:
+            # (with status lines, ``quick`` tells only what they do not: read without them, not at all)
+            quick = setting.quick(taken) if setting.quick is not None and (
+                setting in by_status or not setting.status) else None
+            if quick is not None:
+                self._value_gets.append(quick)
+                self._value_taken.append(quick())
+            elif setting in by_status:
+                pass  # its status lines tell it whole
+            elif changed in _EQUAL_IS_UNCHANGED:
+                self._value_gets.append(get)
+                self._value_taken.append(taken)
+            else:
+                self._own_tests.append((get, changed, taken))
+        if by_status:
+            lines = _status_lines(tuple(dict.fromkeys(run for setting in by_status for run in setting.status)))
+            self._value_gets.append(lines)
+            self._value_taken.append(lines())
+        self._thread = threading.get_ident() if by_status else None
         self._named: set[tuple[str, str]] = set()  # (function, setting) already logged
         # (function, setting) of the first change that could not be put back: the engine leaves.
         self.unrestorable: tuple[str, str] | None = None
@@ -1067,11 +1199,30 @@ class ProcessSettings:
         named = function or "a function"
         return f"{named} (or a thread left running by {', '.join(others)})" if others else named
 
+    def _by_status(self) -> dict[_Setting, Any]:
+        """The settings (with their values taken) that the pass finding nothing changed
+        compares as lines of /proc/self/status (``_Setting.status``): where the text taken
+        has every line each needs, and only in an engine process's main thread, whose
+        status it is (the mask, the affinity, the capabilities are a thread's own; the
+        engine's batches run there)."""
+        if not self._own_process or threading.get_native_id() != os.getpid():
+            return {}
+        try:
+            read = _status_lines(tuple(run for s, _, _, _ in self._checks for run in s.status))
+            found = dict(zip((run for s, _, _, _ in self._checks for run in s.status), read()))
+        except Exception:  # no text to read: each setting read by its own getter
+            return {}
+        return {setting: taken for setting, _, changed, taken in self._checks
+                if setting.status and changed in _EQUAL_IS_UNCHANGED
+                and all(found.get(run) is not None for run in setting.status)}
+
     def _unchanged(self) -> bool:
         """Whether every setting is as taken (nearly always), at about half the cost of
         the pass that puts back what differs: no call and no test per setting where a
         comparison of values tells. Any doubt (a read that fails, one without a
         descriptor free, a comparison that raises) is the full pass's to settle."""
+        if self._thread is not None and threading.get_ident() != self._thread:  # status lines: that thread's
+            return False
         try:
             if [get() for get in self._value_gets] != self._value_taken:
                 return False
@@ -1103,16 +1254,17 @@ class ProcessSettings:
                 continue
             except Exception:
                 now = _UNREADABLE
-            if now is _UNREADABLE or changed(now, taken):
-                try:
-                    setting.put(taken)
-                except Exception as exc:  # a privilege the engine lacks, a value torch refuses now
-                    log.error("%s changed %s (to %s), which cannot be put back here (%s)", self._who(function),
-                              setting.what, _shown(now, taken), exc)
-                    self.unrestorable = self.unrestorable or (function, setting.what)
-                    continue
-                if (function, setting.what) not in self._named:
-                    self._named.add((function, setting.what))
-                    log.warning("%s changed %s (to %s) and left it so; put back to %s for the other functions "
-                                "(it is put back after each of its calls)", self._who(function), setting.what,
-                                _shown(now, taken), _shown(taken, now, taken=True))
+            if now is not _UNREADABLE and not changed(now, taken):
+                continue
+            try:
+                setting.put(taken)
+            except Exception as exc:  # a privilege the engine lacks, a value torch refuses now
+                log.error("%s changed %s (to %s), which cannot be put back here (%s)", self._who(function),
+                          setting.what, _shown(now, taken), exc)
+                self.unrestorable = self.unrestorable or (function, setting.what)
+                continue
+            if (function, setting.what) not in self._named:
+                self._named.add((function, setting.what))
+                log.warning("%s changed %s (to %s) and left it so; put back to %s for the other functions "
+                            "(it is put back after each of its calls)", self._who(function), setting.what,
+                            _shown(now, taken), _shown(taken, now, taken=True))
