@@ -643,6 +643,40 @@ def test_what_the_status_text_tells_is_still_put_back_and_named(engine_log):
         assert f"changes_what_the_status_tells changed {setting}" in said, (setting, engine_log)
 
 
+def test_a_global_module_hook_put_in_place_of_another_under_its_key_is_put_back(engine_log):
+    """torch.nn's global hooks are counted, not copied, where the engine started with none;
+    with hooks of its own, a hook put in place of one of them under the same key (the
+    dict's own assignment: same keys, same length) doubled every later module's output,
+    and was kept: the full pass compared the keys alone. Hooks are told by identity."""
+    from torch.nn.modules import module as nn_module
+
+    from jacobian_service.engine.process_settings import ProcessSettings
+
+    linear = torch.nn.Linear(2, 2, bias=False)
+    x = torch.ones(2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(2))
+    handle = nn_module.register_module_forward_hook(lambda module, args, out: out)  # the engine's own
+    try:
+        settings = ProcessSettings(own_process=True)
+        key = next(iter(nn_module._global_forward_hooks))
+        nn_module._global_forward_hooks[key] = lambda module, args, out: out * 2  # what the function does
+        assert torch.equal(linear(x), 2 * x)
+        settings.restore("swaps_a_module_hook")
+        assert torch.equal(linear(x), x)
+        handle.remove()
+        fresh = ProcessSettings(own_process=True)  # none of its own: counted
+        nn_module.register_module_forward_hook(lambda module, args, out: out * 2)
+        fresh.restore("adds_a_module_hook")
+        assert torch.equal(linear(x), x) and not nn_module._global_forward_hooks
+    finally:
+        handle.remove()
+        nn_module._global_forward_hooks.clear()
+    said = " ".join(engine_log)
+    for function in ("swaps_a_module_hook", "adds_a_module_hook"):
+        assert f"{function} changed torch.nn's global module hooks" in said, engine_log
+
+
 def test_handlers_hooks_and_streams_equal_to_everything_are_still_taken_for_a_change():
     """Signal handlers, exception hooks and sys.stdout are compared by their ids in the
     pass that finds nothing changed: one whose ``__eq__`` says equal to anything is
