@@ -709,3 +709,34 @@ def test_handlers_hooks_and_streams_equal_to_everything_are_still_taken_for_a_ch
     finally:
         signal.signal(signal.SIGUSR1, before[0])
         sys.unraisablehook, sys.stdout = before[1], before[2]
+
+
+def test_a_change_let_be_is_compared_with_from_then_on(monkeypatch):
+    """An environment variable added (torch adds TORCHINDUCTOR_CACHE_DIR at its first
+    compile) or an "ignore" warning filter (a library imported lazily) is let be, as
+    harmless: every pass after it then differed from the values taken and ran the full
+    pass, at twice the cost, for as long as the engine lived. The pass that lets a
+    change be now compares the next ones with it, and a change after it is still seen."""
+    from jacobian_service.engine import process_settings as ps
+
+    monkeypatch.setattr(ps, "_TIMERS", ())  # pytest-timeout's timer, counting down: a change at each pass
+    settings = _own_settings()
+    monkeypatch.setenv("JACOBIAN_SERVICE_TEST_ADDED", "1")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="a library's own")
+        settings.restore("adds_harmless_things")
+        ps._STATUS.clear()
+        assert settings._unchanged()
+        assert os.environ["JACOBIAN_SERVICE_TEST_ADDED"] == "1"
+        monkeypatch.setenv("JACOBIAN_SERVICE_TEST_ADDED", "2")  # an added variable changed again: let be too
+        settings.restore("changes_it_again")
+        ps._STATUS.clear()
+        assert settings._unchanged()
+        let_be = list(warnings.filters)
+        warnings.simplefilter("error")  # harmful: still put back
+        ps._STATUS.clear()
+        assert not settings._unchanged()
+        settings.restore("makes_warnings_errors")
+        assert warnings.filters == let_be
+        ps._STATUS.clear()
+        assert settings._unchanged()

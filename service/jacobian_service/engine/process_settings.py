@@ -1159,6 +1159,15 @@ def _shown(value: Any, other: Any, taken: bool = False) -> Any:
     return getattr(value, "device", value)
 
 
+def _passed(get: Callable[[], Any], changed: Callable[[Any, Any], bool], taken: Any) -> Any:
+    """A setting's value now where its test lets it be, else the value taken."""
+    try:
+        now = get()
+        return taken if changed(now, taken) else now
+    except Exception:
+        return taken
+
+
 class ProcessSettings:
     """The settings as they were when made; :meth:`restore` puts back what changed.
     ``own_process``: the engine owns its process (an engine process), and the settings of
@@ -1186,7 +1195,8 @@ class ProcessSettings:
         by_status = self._by_status()
         # Others by a cheaper stand-in (``_Setting.quick``), where there is one.
         self._value_gets, self._value_taken, self._own_tests = [], [], []
-        for setting, get, changed, taken in self._checks:
+        self._compared: dict[int, int] = {}  # a setting's index -> its value's, where compared as read by ``get``
+        for index, (setting, get, changed, taken) in enumerate(self._checks):
             # (with status lines, ``quick`` tells only what they do not: read without them, not at all)
             quick = setting.quick(taken) if setting.quick is not None and (
                 setting in by_status or not setting.status) else None
@@ -1196,6 +1206,7 @@ class ProcessSettings:
             elif setting in by_status:
                 pass  # its status lines tell it whole
             elif changed in _EQUAL_IS_UNCHANGED:
+                self._compared[index] = len(self._value_gets)
                 self._value_gets.append(get)
                 self._value_taken.append(taken)
             else:
@@ -1266,14 +1277,21 @@ class ProcessSettings:
         _STATUS.clear()
         # Something differs, or a read failed: each setting in its order, as it is read
         # and put back (_read inlined: a call less for each).
-        for setting, get, changed, taken in self._checks:
+        for index, (setting, get, changed, taken) in enumerate(self._checks):
             try:
                 now = get()
             except _NoDescriptor:
                 continue
             except Exception:
                 now = _UNREADABLE
+            compared = self._compared.get(index)
             if now is not _UNREADABLE and not changed(now, taken):
+                if compared is not None:
+                    # A change let be (a library's "ignore" warning filter, an environment
+                    # variable torch adds): the next passes compare with it, and find
+                    # nothing changed without this pass. (Where equal values always pass
+                    # the test, a value equal to this one passes it as this one did.)
+                    self._value_taken[compared] = now
                 continue
             try:
                 setting.put(taken)
@@ -1282,6 +1300,8 @@ class ProcessSettings:
                           setting.what, _shown(now, taken), exc)
                 self.unrestorable = self.unrestorable or (function, setting.what)
                 continue
+            if compared is not None:  # what it was put back to (the filters keep a library's "ignore"), if let be
+                self._value_taken[compared] = _passed(get, changed, taken)
             if (function, setting.what) not in self._named:
                 self._named.add((function, setting.what))
                 log.warning("%s changed %s (to %s) and left it so; put back to %s for the other functions "
