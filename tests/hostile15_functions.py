@@ -34,12 +34,12 @@ def floods_output(x: torch.Tensor) -> torch.Tensor:
         block = line * ((1 << 20) // len(line))
         for _ in range(FLOOD_BYTES // len(block)):
             os.write(1, block)
-    elif case == 2:  # one line of 64 MB, through sys.stderr
+    elif case == 2:  # one line of 64 MB through sys.stderr, left unended; and a umask the engine puts back
         chunk = "y" * (1 << 20)
         for _ in range(FLOOD_BYTES >> 20):
             sys.stderr.write(chunk)
-        sys.stderr.write("\n")  # (a line left unended would end with the engine's next log line)
         sys.stderr.flush()
+        os.umask(0o077)
     elif case == 3:  # a line, printed: it reaches serve's log (under the budget)
         print("floods_output says hello")
     return torch.sin(x)

@@ -85,7 +85,9 @@ def test_a_functions_flood_of_output_costs_serves_log_a_bounded_share(server, cl
     pipeline filled by a loop of them. Now each engine's output reaches serve's log
     through ``serve`` (``output_relay``), line by line, under ENGINE_OUTPUT_BYTES_PER_S
     (64 KiB a second, 1 MiB at once): the rest is dropped, counted in a metric and said
-    in the log. The function's request is answered, the engine serves on, and a line a
+    in the log; what the engine says itself comes whole through a pipe of its own (it
+    was taken into a line the function left unended). The function's request is
+    answered, the engine serves on, and a line a
     function prints reaches the log at once: Python buffered an engine's stdout by the
     block (a file, now a pipe), so a print reached the log 8 KiB later, or never if the
     engine died (now line-buffered, as on a terminal)."""
@@ -101,7 +103,11 @@ def test_a_functions_flood_of_output_costs_serves_log_a_bounded_share(server, cl
         grown = len(proc.read_log()) - before  # type: ignore[attr-defined]
         assert grown < 3 << 20, f"serve's log grew by {grown} bytes for a {FLOOD_BYTES}-byte write"
         assert re.search(rf"engine 0 \(pid {pid}\): \d+ bytes of its standard output and error dropped", log), log[-2000:]
-    assert "y" * (16 << 10) + " [line cut]\n" in proc.read_log()[start:]  # type: ignore[attr-defined]  # its head
+    log = proc.read_log()[start:]  # type: ignore[attr-defined]
+    assert "y" * (16 << 10) + " [line cut]\n" in log  # the unended line's head
+    # What the engine said next (the umask it put back) is a line of its own, whole: its
+    # log has a pipe and a budget of its own, which the function's line did not take.
+    assert re.search(r"\n\S+ \S+ WARNING jacobian_service.engine: floods_output changed the umask", log), log[-3000:]
     dropped = _metric(client, url, "jacobian_service_engine_output_dropped_bytes{")
     assert dropped >= 2 * FLOOD_BYTES - (4 << 20), dropped
     assert _engine_pid(client, url) == pid  # nothing restarted, no one struck
@@ -117,7 +123,7 @@ def test_the_relay_never_blocks_a_writer_on_a_log_nobody_reads() -> None:
     log_r, log_w = os.pipe()  # serve's log, which nobody reads
     relay = OutputRelay(64 << 10, out=log_w, err=log_w)
     relay.start()
-    out_r, out_w, err_r, err_w = relay.pipes()
+    (out_r, out_w), (err_r, err_w) = relay.pipe(), relay.pipe()
     try:
         script = ("import os\nline = b'z' * 63 + b'\\n'\n"
                   "for _ in range(128): os.write(1, line * 4096)\nos.write(2, b'done\\n')")
@@ -125,7 +131,7 @@ def test_the_relay_never_blocks_a_writer_on_a_log_nobody_reads() -> None:
                                   stdout=out_w, stderr=err_w)
         os.close(out_w)
         os.close(err_w)
-        relay.watch(0, f"engine 0 (pid {writer.pid})", out_r, err_r)
+        relay.watch(0, f"engine 0 (pid {writer.pid})", [(out_r, 1), (err_r, 2)])
         assert writer.wait(timeout=30) == 0  # 32 MB written past a log that took 64 KiB
         os.set_blocking(log_r, False)
         taken = b""

@@ -62,6 +62,8 @@ def engine_path(run_dir: Path, index: int) -> Path:
 # to run alone (they crashed inside a batch) and those whose warm-up to skip (it hung).
 ISOLATE_ENV = "JACOBIAN_SERVICE_ISOLATE"
 SKIP_WARMUP_ENV = "JACOBIAN_SERVICE_SKIP_WARMUP"
+# The descriptor an engine writes its own log lines to (a pipe to serve: output_relay).
+LOG_FD_ENV = "JACOBIAN_SERVICE_ENGINE_LOG_FD"
 
 
 def names_env(names: set[str]) -> str:

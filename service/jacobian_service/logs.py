@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any
 
 import orjson
 
-__all__ = ["BatchedStreamHandler", "JsonFormatter", "TextFormatter", "configure_logging", "quick_record", "service_loggers"]
+__all__ = ["BatchedStreamHandler", "FdStream", "JsonFormatter", "TextFormatter", "configure_logging", "quick_record",
+           "service_loggers"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -167,12 +169,39 @@ def service_loggers() -> tuple[logging.Logger, ...]:
                                                             name.startswith("jacobian_service.")))
 
 
-def configure_logging(fmt: str) -> None:
+class FdStream:
+    """A stream onto a descriptor of the process's own: an engine's log pipe to serve
+    (``output_relay``), apart from its stdout and stderr, which its functions write to.
+    Each record is one ``write`` (``StreamHandler`` writes a line at once): whole in the
+    pipe, never mixed into a line a function left unended. Where the descriptor fails
+    (a function closed it), the line goes to stderr, as before there was one."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, text: str) -> int:
+        data = memoryview(text.encode("utf-8", "backslashreplace"))
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except InterruptedError:
+            return self.write(bytes(data).decode("utf-8", "replace"))
+        except OSError:
+            if sys.stderr is not None:
+                sys.stderr.write(bytes(data).decode("utf-8", "replace"))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def configure_logging(fmt: str, stream: Any = None) -> None:
     """Configure the ``jacobian_service`` logger tree once (idempotent). The access log
     (a line per request) has its own batched handler; everything else is written as it
     happens. Again after the functions' modules are imported: one that configures
     logging as it is imported (``logging.config.dictConfig``, which disables every
-    logger made before it by default) silenced the service's loggers for good."""
+    logger made before it by default) silenced the service's loggers for good. ``stream``: where its lines go (stderr
+    unless given: an engine's log pipe)."""
     formatter = JsonFormatter() if fmt == "json" else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     for logger in service_loggers():
         logger.disabled = False
@@ -184,5 +213,7 @@ def configure_logging(fmt: str) -> None:
             handler._jacobian_service = True  # type: ignore[attr-defined]
             logger.addHandler(handler)
             logger.propagate = False
+        if stream is not None and handler.stream is not stream:
+            handler.setStream(stream)
         handler.setFormatter(formatter)
         logger.setLevel(logging.INFO)

@@ -17,9 +17,9 @@ bytes, so a function never waits on serve's log:
   ``jacobian_service_engine_output_dropped_bytes``), and said in serve's log at most
   once a second per process, when it ends, or when the relay stops.
 
-The engine's own log lines come the same way, under the same budget: a function that
-floods can have them dropped, but what the supervisor says of an engine (a death, a
-strike) is written by this process, not relayed.
+The engine's own log lines come through a pipe of their own, under a budget of their
+own (``logs.FdStream``): a function that floods its stdout and stderr, or leaves a line
+there unended (which took the engine's next line into it), costs them nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class _Process:
     refilled: float
     dropped: int = 0  # bytes, since it was last said
     said: float = 0.0
-    open: int = 2  # its pipes not yet at their end
+    open: int = 0  # its pipes not yet at their end
 
 
 @dataclass
@@ -94,27 +94,25 @@ class OutputRelay:
             for thread in self._threads:
                 thread.start()
 
-    def pipes(self) -> tuple[int, int, int, int]:
-        """(stdout read end, write end, stderr read end, write end) for a process about to
-        start: the write ends are its descriptors 1 and 2 (closed here once it has
-        them: ``watch``)."""
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        for fd in (out_r, err_r):
-            try:  # room for a burst while the reader is not scheduled
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-            except OSError:  # above fs.pipe-max-size: the default (64 KiB) serves
-                pass
-        return out_r, out_w, err_r, err_w
+    def pipe(self) -> tuple[int, int]:
+        """(read end, write end) of a pipe for a process about to start, to ``watch`` once
+        it has its write end (closed here then)."""
+        read, write = os.pipe2(os.O_CLOEXEC)
+        try:  # room for a burst while the reader is not scheduled
+            fcntl.fcntl(read, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        except OSError:  # above fs.pipe-max-size: the default (64 KiB) serves
+            pass
+        return read, write
 
-    def watch(self, key: int, label: str, out_r: int, err_r: int) -> None:
-        """Relay a started process's pipes (``pipes``' read ends, owned from now on),
-        counting what is dropped against engine ``key``."""
+    def watch(self, key: int, label: str, reads: list[tuple[int, int]]) -> None:
+        """Relay a started process's pipes (``pipe``'s read ends, owned from now on, each
+        with the stream, 1 or 2, its lines go to) under one budget, counting what is
+        dropped against engine ``key``."""
         now = time.monotonic()
-        process = _Process(key, label, float(self.burst_bytes), now)
+        process = _Process(key, label, float(self.burst_bytes), now, open=len(reads))
         with self._lock:
-            self._new += [(out_r, _Pipe(process, 1)), (err_r, _Pipe(process, 2))]
-            self._pipes += 2
+            self._new += [(fd, _Pipe(process, stream)) for fd, stream in reads]
+            self._pipes += len(reads)
         self._wake()
 
     def dropped(self) -> dict[int, int]:

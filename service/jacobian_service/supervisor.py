@@ -262,20 +262,24 @@ class Supervisor:
     def _start(self, engine: _Engine, standby: bool) -> subprocess.Popen:
         """An engine process (``standby``: a spare, told to take over on its stdin), its
         output relayed (``output_relay``): not serve's own descriptors, where a function's
-        writes landed whole."""
-        out_r, out_w, err_r, err_w = self.output.pipes()
+        writes landed whole. Its own log lines come through a third pipe (its descriptor
+        named in ``ipc.LOG_FD_ENV``), apart from what its functions write."""
+        out, err, own = self.output.pipe(), self.output.pipe(), self.output.pipe()
         try:
             proc = subprocess.Popen([*self._command(engine), *(["--standby"] if standby else [])],
-                                    stdin=subprocess.PIPE if standby else None, stdout=out_w, stderr=err_w,
-                                    env=self._env(), start_new_session=True, preexec_fn=self._confiner())
+                                    stdin=subprocess.PIPE if standby else None, stdout=out[1], stderr=err[1],
+                                    pass_fds=(own[1],), env={**self._env(), ipc.LOG_FD_ENV: str(own[1])},
+                                    start_new_session=True, preexec_fn=self._confiner())
         except BaseException:
-            os.close(out_r)
-            os.close(err_r)
+            for fd in (out[0], err[0], own[0]):
+                os.close(fd)
             raise
         finally:
-            os.close(out_w)
-            os.close(err_w)
-        self.output.watch(engine.index, f"engine {engine.index} (pid {proc.pid})", out_r, err_r)
+            for fd in (out[1], err[1], own[1]):
+                os.close(fd)
+        label = f"engine {engine.index} (pid {proc.pid})"
+        self.output.watch(engine.index, label, [(out[0], 1), (err[0], 2)])
+        self.output.watch(engine.index, f"{label}'s own log", [(own[0], 2)])  # a budget of its own
         self._ticks[proc.pid] = start_ticks(proc.pid)
         return proc
 

@@ -33,7 +33,7 @@ from ..channel import Listener, Peer
 from ..confinement import in_force
 from ..errors import InternalError, OutOfMemory, ServiceError, Timeout, exception_text
 from ..heap import freeze_heap
-from ..logs import configure_logging
+from ..logs import FdStream, configure_logging
 from ..metrics import Metrics
 from ..orphans import become_subreaper, kill_descendants, stop_with_parent
 from ..procfs import descendants, status_bytes
@@ -490,6 +490,17 @@ def _first_for_the_oom_killer() -> None:
         pass
 
 
+def _own_log() -> FdStream | None:
+    """The pipe serve gave this engine for its own log lines (``output_relay``), kept
+    from the programs its functions start; None where it was given none (stderr, then)."""
+    try:
+        fd = int(os.environ.get(ipc.LOG_FD_ENV, ""))
+        os.set_inheritable(fd, False)
+    except (ValueError, OSError):
+        return None
+    return FdStream(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jacobian-service-engine")
     parser.add_argument("--index", type=int, required=True)
@@ -501,8 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     # Its stdout is a pipe to serve (``output_relay``), which Python buffers by the block:
     # a function's print reached the log only 8 KiB later, or never if the engine died.
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    configure_logging(settings.log_format)
+    if sys.stdout is not None:
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    own_log = _own_log()
+    configure_logging(settings.log_format, own_log)
     # What its functions detach (fork, setsid, fork) stays this engine's, to kill as it
     # stops with its parent: handed to init instead, it outlived a killed `serve`.
     become_subreaper()
@@ -521,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     except FunctionModuleNotFound as exc:
         log.error("%s", exc)
         return 1
-    configure_logging(settings.log_format)  # again: a module may have configured logging as it was imported
+    configure_logging(settings.log_format, own_log)  # again: a module may have configured logging as it was imported
     devices = resolve_devices(args.device)
     server = EngineServer(settings, registry, devices[0])  # on a GPU: its CUDA context
     _limit_memory(settings.engine_memory_limit_bytes, str(devices[0]))  # before the registry: a bad cap stops `serve`
