@@ -70,6 +70,17 @@ def _patch(case: int) -> None:
     elif case == 5:  # a constant of the engine's: None in an answer packed as something else
         from jacobian_service import ipc
         ipc._NONE = ("v", 1.0)
+    elif case == 7:  # the socket the engine answers on: a 3x3 float64 array's frame sent as zeros
+        import socket
+        send = socket.socket.sendmsg
+
+        def sendmsg(self, buffers, *args):
+            return send(self, [bytes(len(b)) if len(b) == 72 else b for b in buffers], *args)
+        socket.socket.sendmsg = sendmsg
+    elif case == 8:  # the engine's clock: every later deadline in the past
+        import time
+        monotonic = time.monotonic
+        time.monotonic = lambda: monotonic() + 1e6
     elif case == 6:  # the same table, rebound
         from jacobian_service.engine import core
         core.TORCH_DTYPES = {**core.TORCH_DTYPES, "float64": torch.float32}

@@ -168,6 +168,8 @@ PATCHES = {
     4: ("uses_autograd_function", np.diag(2 * _X), "names in torch.autograd.Function (apply)"),
     5: ("sin", np.diag(np.cos(_X)), "names in jacobian_service.ipc (_NONE)"),
     6: ("sin", np.diag(np.cos(_X)), "names in jacobian_service.engine.core (TORCH_DTYPES, _AS_SENT)"),
+    7: ("sin", np.diag(np.cos(_X)), "names in socket.socket (sendmsg)"),
+    8: ("sin", np.diag(np.cos(_X)), "names in time (monotonic)"),
 }
 VALUES = {"uses_einsum": _X * _X, "uses_mse_loss": np.mean(_X * _X), "uses_autograd_function": _X * _X, "sin": np.sin(_X)}
 
@@ -192,7 +194,10 @@ def test_a_patch_of_what_every_function_goes_through_is_put_back(server, client,
     calls) doubled made every later einsum's (mse_loss's) Jacobian twice torch's, and
     ``torch.autograd.Function.apply`` doubled every custom Function's; the engine's own
     ``ipc._NONE`` rebound answered every later evaluate's output as ``1.0``, and its
-    dtype table rebound (``core.TORCH_DTYPES``) every later float64 request in float32.
+    dtype table rebound (``core.TORCH_DTYPES``) every later float64 request in float32;
+    a ``sendmsg`` of its own on ``socket.socket`` (zeroing 72-byte frames) sent every later
+    3x3 float64 Jacobian as zeros, and ``time.monotonic`` run ahead answered every later
+    request of every function 504 ("waited in the queue past its deadline"), /readyz 200.
     Now each is put back after the function's batch, in the same engine, the log naming
     the function (no restart: nothing is lost). The patcher's own answer is its own."""
     url, proc = server

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import operator
 import sys
 from types import ModuleType
 from typing import Any
@@ -48,20 +49,29 @@ _MODULES = (
     "torch.linalg", "torch.fft", "torch.special", "torch.functional", "torch._tensor", "torch._VF",
     "torch.utils._pytree", "torch._functorch.apis", "torch._functorch.eager_transforms", "torch._functorch.vmap",
     "torch._C", "torch._C._functorch", "torch._C._nn",
+    # The standard library the engine's own loop calls by attribute: ``time.monotonic``
+    # patched to run ahead put every later request of every function past its deadline
+    # (504s, /readyz 200, for as long as the engine lived).
+    "time", "os", "struct", "socket", "select", "selectors", "mmap", "math", "threading",
 )
 # Modules that find their names on demand (``__getattr__``): a name set there, none of
 # their own, shadows the one they would find (``torch._VF.einsum``), and is taken away.
 _SHADOWED = frozenset({"torch._VF"})
 _SERVICE = "jacobian_service"  # the service's own modules: every one imported when the engine starts
-# A name added shadows a base's method. ``torch.autograd.Function.apply`` patched doubled
-# every later custom Function's answer (and Jacobian), silently.
-_CLASSES = ("torch.Tensor", "torch.nn.Module", "torch.autograd.Function")
+# Each with the classes it inherits from (a name added shadows a base's method).
+# ``torch.autograd.Function.apply`` patched doubled every later custom Function's answer
+# (and Jacobian), silently; a ``sendmsg`` set on ``socket.socket`` (over the C method of
+# its base) sent every later client's 3x3 float64 Jacobian as zeros, with a 200.
+_CLASSES = ("torch.Tensor", "torch.nn.Module", "torch.autograd.Function", "socket.socket",
+            "selectors.DefaultSelector")
+_IMMUTABLE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: a type no one can set a name on (3.10+)
 # In an engine process, every name of the service's own modules is watched, not only what
 # it calls: ``ipc._NONE`` rebound made every later answer's None (an evaluate's Jacobian
 # slot) pack as 1.0. These are the ones the service rebinds itself as it runs.
 _SERVICE_STATE = frozenset({("jacobian_service.heap", "_thawed")})
 
 _MISSING = object()
+_VALUE = operator.attrgetter("value")
 
 
 def _version_reader() -> Any:
@@ -168,11 +178,14 @@ class Namespaces:
             guarded.append(_Guarded(name, module, vars(module), name in _SHADOWED, self._version, whole=own, skip=skip))
         for path in _CLASSES:
             module, _, attr = path.rpartition(".")
-            cls = getattr(sys.modules.get(module), attr, None)
-            if isinstance(cls, type):
-                guarded.append(_Guarded(path, cls, _class_dict(cls), True, self._version))
+            found = getattr(sys.modules.get(module), attr, None)
+            for cls in found.__mro__ if isinstance(found, type) else ():
+                if cls is not object and not cls.__flags__ & _IMMUTABLE and all(g.owner is not cls for g in guarded):
+                    label = path if cls is found else f"{cls.__module__}.{cls.__qualname__}"
+                    guarded.append(_Guarded(label, cls, _class_dict(cls), True, self._version))
         guarded.append(_Guarded("sys.modules", sys.modules, sys.modules, False, self._version))
         self._guarded = guarded
+        self._tags = [g.tag for g in guarded]
         self._versions = [g.version for g in guarded]
         self._named: set[tuple[str, str]] = set()  # (function, namespace) already logged
 
@@ -181,8 +194,8 @@ class Namespaces:
         if sys.modules is not self._modules:  # the whole table rebound: the import system keeps the old one
             sys.modules = self._modules
             self._log(function, "sys", ["modules"])
-        if self._version is not None and [g.tag.value for g in self._guarded] == self._versions:
-            return  # nothing changed (~0.3 us a dict)
+        if self._version is not None and list(map(_VALUE, self._tags)) == self._versions:
+            return  # nothing changed (~0.1 us a dict)
         for guarded in self._guarded:
             if guarded.tag is not None and guarded.tag.value == guarded.version:
                 continue
