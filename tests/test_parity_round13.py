@@ -445,3 +445,34 @@ def test_hessians_stacked_from_several_requests_keep_request_batching(c):
         same(got, f.hessian(op.fn)(*t(x)), rtol=1e-9)
     assert max(r.json()["meta"]["batch_size"] for r in responses) > 1
     assert c.app.service_state.engines.workers[0].worker.engine.profiles["op_eigh"].vmap_function
+
+
+def test_what_vmap_refuses_once_loops_alone(c):
+    """torch's vmap refuses BatchNorm's running stats shared by every example (in_dims
+    null for the buffers) but runs them given per example, and refuses grid_sample's
+    double backward but runs its Jacobian. The service loops over the examples it
+    refuses (each example's torch answer), and that marked the whole function as one
+    vmap cannot batch: every later per-example request of it, of any kind and in_dims,
+    looped over its examples one call each, and its requests were never stacked again.
+    Now only what was refused loops; the rest still runs one vmap."""
+    engine = c.app.service_state.engines.workers[0].worker.engine
+    params = {"weight": rand(3), "bias": rand(3)}
+    one = {"running_mean": rand(3), "running_var": np.abs(rand(3)) + 0.5, "num_batches_tracked": np.array(0)}
+    xb = rand(2, 4, 3)
+    with pytest.raises(RuntimeError, match="running_mean or running_var"):
+        f.vmap(F.bn_functional, in_dims=(None, None, 0))(t(params), t(one), t(xb))
+    want = torch.stack([f.jacrev(F.bn_functional, argnums=2)(t(params), t(one), x) for x in t(xb)])
+    got, _ = answer(post(c, "bn_functional", "jacobian", [params, one, xb], batched=True, in_dims=[None, None, 0],
+                         argnums=2), "jacobian")
+    same(got, want)
+    op = next(o for o in F.OPS if o.name == "grid_sample")
+    xs = samples(op, 2)
+    rev_rev = f.jacrev(f.jacrev(op.fn, argnums=(0, 1)), argnums=(0, 1))
+    with pytest.raises(RuntimeError):
+        f.vmap(rev_rev)(*t(xs))
+    got, _ = answer(post(c, "op_grid_sample", "hessian", xs, batched=True, argnums=[0, 1]), "hessian")
+    loop = [rev_rev(*t([x[i] for x in xs])) for i in range(2)]
+    same(got, tree_unflatten([torch.stack(col) for col in zip(*(tree_leaves(h) for h in loop))],
+                             tree_structure(loop[0])), rtol=1e-9)
+    for name in ("bn_functional", "op_grid_sample"):
+        assert engine.profiles[name].vmap_function, name  # the function, and its other requests, still vmap

@@ -101,7 +101,7 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         strategy = GradOffWatch(active=kind == "hessian" and mode != TORCHS)
         try:
             (value, output), aux = strategy.call(over_examples, engine, call, box, per_example,
-                                                 engine.tensors(call) if i else args, allow_loop, mode != TORCHS)
+                                                 engine.tensors(call) if i else args, allow_loop, mode != TORCHS, kind)
             break
         except FunctionError:
             # A strategy can fail where an equal one runs (torch lacks a double backward
@@ -114,7 +114,7 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         profile.hessian[("per example", call.signature())] = mode
     if kind == "jacobian" and batch and not _vmap_rows_agree(engine, call, value, rows_loop):
         rows_loop = True  # torch's vmap of the pullback is wrong for these shapes: row by row
-        (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop)
+        (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, what=kind)
     if kind == "jacobian" and rows_loop:
         profile.vmap_pullback = False
     profile.grad_off = profile.grad_off or strategy.seen
@@ -122,12 +122,12 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         # where f is not smooth the strategies may differ (NaN against torch's 0), and a
         # backward under no_grad makes reverse over reverse 0: torch's own, example by example
         mode = TORCHS
-        (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False)
+        (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False, kind)
     if kind == "hessian" and mode != TORCHS and batch and not _hessian_agrees_with_hvp(engine, call, value):
         # a strategy torch's vmap gets wrong, or one choosing otherwise than torch's own
         # (hessian.agrees_with_hvp): torch's own, example by example, from now on
         mode = TORCHS
-        (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False)
+        (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False, kind)
         profile.hessian[("per example", call.signature())] = TORCHS
     if kind == "hessian" and mode != TORCHS and batch:
         _check_where_torch_fails(engine, call, _dims.example(engine.tensors(call), in_dims, 0),
@@ -212,15 +212,22 @@ def _check_where_torch_fails(engine: "Engine", call: Call, example: list[torch.T
 
 def over_examples(
     engine: "Engine", call: Call, box: AuxBox, fn: Callable[..., Any], args: list[torch.Tensor], allow_loop: bool,
-    use_vmap: bool = True,
+    use_vmap: bool = True, what: str = "evaluate",
 ) -> tuple[Any, Any]:
     """``vmap(fn)`` over the leading dim of ``args`` -> ``(value, aux)``; when vmap
     cannot run the function (or ``use_vmap`` is False), a loop over examples (unless
-    ``allow_loop`` is False: request batching then runs each request alone)."""
+    ``allow_loop`` is False: request batching then runs each request alone).
+
+    What vmap refused is remembered for ``what`` ran (the function, its Jacobian, its
+    Hessian) and how its inputs were batched: torch refuses a BatchNorm's running stats
+    shared by every example (in_dims null) where it runs them given per example, and a
+    grid_sample's double backward where it runs its Jacobian. Only the function itself,
+    every input batched, refusing says that vmap cannot batch the function at all."""
     in_dims = _dims.dims(call)
     batch = _dims.batch_size(args, in_dims)
     profile = engine.profiles[call.spec.name]
-    use_vmap = use_vmap and profile.vmap_function
+    refused = (what, call.in_dims)
+    use_vmap = use_vmap and profile.vmap_function and refused not in profile.vmap_refused
     vmap_error: BaseException | None = None
     if batch == 0 and not use_vmap:  # vmap answers an empty batch; a loop cannot
         raise InvalidInput(f"{call.spec.name} cannot be batched with vmap, so a batch of no examples has no answer")
@@ -250,7 +257,8 @@ def over_examples(
         value_b, aux_t = engine.guard(lambda: fn(*_dims.example(args, in_dims, b)))
         per.append((value_b, box.restore(aux_t)))
     if vmap_error is not None:  # every example works alone: vmap itself is what fails
-        engine.mark_unbatchable(call.spec.name, vmap_error)
+        whole = what == "evaluate" and all(d is not None for d in call.in_dims or ())
+        engine.mark_unbatchable(call.spec.name, vmap_error, None if whole else refused)
     try:
         value = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
         return value, _stack_aux([p[1] for p in per])

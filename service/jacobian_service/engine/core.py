@@ -307,10 +307,17 @@ class Engine:
             raise ResultTooLarge("the result's sizes, those of 0 taken as 1, multiply past 2^63 bytes, what an array "
                                  f"can be indexed by, though it may hold no elements. {_REMEDIES[asked]}")
 
-    def mark_unbatchable(self, name: str, why: BaseException | None = None) -> None:
+    def mark_unbatchable(self, name: str, why: BaseException | None = None, refused: Any = None) -> None:
         """Remember that ``vmap`` cannot run ``name`` (learned once the same inputs ran
-        one by one), so batched requests loop and request batching leaves it alone."""
+        one by one), so batched requests loop and request batching leaves it alone; or,
+        given ``refused``, only what it refused (batched.over_examples)."""
         profile = self.profiles[name]
+        if refused is not None:
+            if refused not in profile.vmap_refused:
+                log.info("vmap cannot batch %s's %s with in_dims %s (%s); looping over those examples from now on",
+                         name, *refused, type(why).__name__ if why else "?")
+                profile.vmap_refused[refused] = True
+            return
         if profile.vmap_function:
             log.info("vmap cannot batch %s (%s); looping over examples from now on", name, type(why).__name__ if why else "?")
             profile.vmap_function = False

@@ -64,6 +64,9 @@ class BatchStats:
 class FunctionProfile:
     vmap_pullback: bool = True  # False once vmap of its pullback failed (row loop instead)
     vmap_function: bool = True  # False once vmap of the function failed deterministically
+    # (what ran: "evaluate" / "jacobian" / "hessian", in_dims) vmap refused, where only
+    # that is refused (batched.over_examples): those examples loop, the rest still vmap
+    vmap_refused: _LRU[Any, bool] = field(default_factory=_LRU)
     # (what, signature, vectors) -> whether vmap of its products agreed with one product
     # (products.vmap_agrees): torch's vmap can be silently wrong for some shapes
     vmap_checked: _LRU[Any, bool] = field(default_factory=_LRU)
