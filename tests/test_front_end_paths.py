@@ -501,3 +501,42 @@ def test_log_time_stamps_are_made_once_a_second_and_read_as_before(fmt, monkeypa
                                               + f".{int(record.msecs):03d}Z")
     configure_logging("text")
 
+
+def test_quick_multiprocess_values_write_the_samples_the_library_writes(tmp_path, monkeypatch) -> None:
+    """metrics' multiprocess values write an increment straight into its file (9 per
+    computing request): the files then read, merged, as the library's own values'
+    files do: counters, histograms, gauges set and incremented, and a series made after
+    the first writes grew the file past its first map (the map is then a new one)."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from jacobian_service.metrics import _quick_values, process_id
+
+    def served(value_class, folder) -> tuple[bytes, list]:
+        folder.mkdir()
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
+        monkeypatch.setattr(values, "ValueClass", value_class)
+        r = CollectorRegistry()
+        counter = Counter("c", "counted", ["l"], registry=r)
+        histogram = Histogram("h", "observed", ["p"], buckets=(0.1, 1.0), registry=r)
+        gauge = Gauge("g", "gauged", registry=r, multiprocess_mode="livesum")
+        for i in range(5):
+            counter.labels("a").inc()
+            counter.labels("b").inc(2.5)
+            histogram.labels("x").observe(0.3 * i)
+            gauge.inc(3)
+            gauge.dec(1)
+        gauge.set(7)
+        for i in range(300):  # ~280 bytes a series: past the first 64 KiB of the file
+            counter.labels(f"many-{i}-" + "x" * 200).inc(i)
+        counter.labels("a").inc(10)
+        histogram.labels("x").observe(0.05)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=str(folder))
+        return generate_latest(merged), [counter.labels("a")._value, histogram.labels("x")._sum]
+
+    library, _ = served(values.MultiProcessValue(process_identifier=process_id), tmp_path / "library")
+    quick, learnt = served(_quick_values(values.MultiProcessValue(process_identifier=process_id)), tmp_path / "quick")
+    assert quick == library and b'c_total{l="a"} 15.0' in quick
+    assert all(v._quick is not None for v in learnt)  # (the short way was taken)
+    assert max(f.stat().st_size for f in (tmp_path / "quick").iterdir()) > 1 << 16

@@ -12,6 +12,8 @@ import asyncio
 import glob
 import logging
 import os
+import struct
+import threading
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -35,12 +37,66 @@ def process_id() -> int:
     return _pid[0]
 
 
+_pack_sample = struct.Struct("dd").pack  # a sample as the library's files hold it: value, timestamp
+_sample_lock = threading.Lock()
+
+
+def _quick_values(library: Any) -> Any:
+    """``library`` (prometheus_client's multiprocess value class) with an ``inc`` that
+    writes the short way.
+
+    A computing request writes 9 samples (its count, and each of the four latency
+    histograms' bucket and sum): ~2 us each the library's way (its lock, its fork check
+    through two calls, ``write_value``'s two dict look-ups, a helper's call) where the
+    write itself, 16 bytes into the file's map, is ~0.15 us. Here each value learns its
+    place in its file once, from the library's own attributes, checked by reading its
+    sample back through the library; then an increment is the lock and that write. A
+    value whose attributes are not where this release keeps them, or whose process
+    forked (the library then starts new files), goes the library's way."""
+
+    class QuickValue(library):  # type: ignore[misc, valid-type]
+        _quick: tuple[int, Any, int] | None = None  # (pid, file, place of the sample) once learnt
+
+        def inc(self, amount: float) -> None:
+            quick = self._quick
+            if quick is None or quick[0] != _pid[0]:
+                with _sample_lock:
+                    super().inc(amount)
+                    self._quick = _place(self)
+                return
+            with _sample_lock:
+                self._value = value = self._value + amount
+                self._timestamp = 0.0
+                at = quick[2]
+                quick[1]._m[at:at + 16] = _pack_sample(value, 0.0)
+
+        def set(self, value: float, timestamp: float | None = None) -> None:
+            with _sample_lock:  # (one lock for every write here: a set cannot interleave an inc)
+                super().set(value, timestamp)
+
+    return QuickValue
+
+
+def _place(value: Any) -> tuple[int, Any, int] | None:
+    """(pid, file, place) of ``value``'s sample in its file, where the library keeps
+    them (0.19-0.26 do) and the sample read there is the value's; else None."""
+    try:
+        file = value._file
+        at = file._positions[value._key]
+        written = struct.unpack_from("dd", file._m, at)
+        if written != file.read_value(value._key) or written[0] != value._value:
+            return None
+    except Exception:  # (AttributeError, KeyError, TypeError, struct.error: not this release's layout)
+        return None
+    return _pid[0], file, at
+
+
 if getattr(values.ValueClass, "_multiprocess", False):
     # In multiprocess mode every sample written (several per request) first asks the
     # pid, to notice a fork: ~10 system calls per request in a front end. The same check
-    # with the kept pid. (Set before any metric exists: a metric takes the class when
-    # it is made.)
-    values.ValueClass = values.MultiProcessValue(process_identifier=process_id)
+    # with the kept pid; increments written the short way. (Set before any metric
+    # exists: a metric takes the class when it is made.)
+    values.ValueClass = _quick_values(values.MultiProcessValue(process_identifier=process_id))
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
