@@ -4,7 +4,7 @@ dense sparse result over the limit).
 
 Each names what a user saw before. One real server for the module (one front end, no
 spare engine), whose body budget of 32 MiB makes the stream budget as small, and whose
-result limit is 1 MiB.
+result limit is 256 KiB.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
     os.environ["HOSTILE18_STEPS"] = str(_steps)
     try:
         with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false", BODY_BUDGET_BYTES=32 << 20, HANG_GRACE_S=1,
-                         MAX_RESULT_BYTES=1 << 20,
+                         MAX_RESULT_BYTES=256 << 10,
                          FUNCTIONS="jacobian_service.examples,tests.hostile18_functions") as served:
             yield served
     finally:
@@ -244,7 +244,7 @@ def test_a_sparse_jacobian_asked_for_densely_over_the_result_limit_is_refused_be
     is detected, or cached, for it), saying what to ask for instead; the sparse matrix
     itself is served."""
     url, _ = server
-    n = 520  # dense: 1.08 MB of float32, over the 1 MiB limit; a band of 13 a row
+    n = 257  # dense: 264 KB of float32, over the 256 KiB limit; a band of 13 a row
     x = np.linspace(0, 1, n).tolist()
     r = httpx.post(f"{url}/v1/functions/lorenz96/jacobian", json={"inputs": [x], "sparsity": "auto",
                                                                   "sparse_format": "dense"}, timeout=60)
@@ -255,3 +255,17 @@ def test_a_sparse_jacobian_asked_for_densely_over_the_result_limit_is_refused_be
     doc = r.json()
     assert doc["meta"]["cached"] is None, "the refused request had detected (and cached) the pattern"
     assert doc["meta"]["nnz"] == 13 * n and doc["meta"]["shape"] == [n, n]
+
+
+@pytest.mark.parametrize("target", [b"evil:443", b"/v1/functions"])
+def test_a_connect_is_told_this_is_no_proxy(server, target: bytes) -> None:
+    """Found by a red team: CONNECT (a tunnel through a proxy) was a 400 saying only
+    "Invalid HTTP request received", where TRACE is a 405 naming what is allowed. Now the
+    400 says what was asked and why it is not served, and the connection closes."""
+    url, _ = server
+    with _connect(url) as s:
+        s.sendall(b"CONNECT %s HTTP/1.1\r\nHost: evil:443\r\n\r\n" % target)
+        raw = _read_to_close(s, 10)
+    status, headers, problem = _problem(raw)
+    assert status == 400 and headers["content-type"] == wire.PROBLEM and headers["connection"] == "close", raw
+    assert problem["code"] == "malformed_request" and "no proxy" in problem["detail"], problem

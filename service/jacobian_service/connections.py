@@ -864,6 +864,9 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self._fault = (f"HTTP/{version} in a request line framed as HTTP/1: this server speaks "
                                "HTTP/1.1 and HTTP/1.0")
                 raise ValueError(self._fault)
+            if self.parser.get_method() == b"CONNECT":  # uvicorn said only "Invalid HTTP request received"
+                self._fault = "CONNECT asks for a tunnel to another host: this server is no proxy"
+                raise ValueError(self._fault)
             if self.parser.should_upgrade() and _has_body(self.headers):
                 # "Connection: upgrade" with an Upgrade (h2c, websocket, ...): llhttp takes
                 # what follows the head for the new protocol's bytes, so the body never
