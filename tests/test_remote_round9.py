@@ -92,6 +92,35 @@ def test_stiff_solvers_fetch_the_jacobians_they_use(cc, method):
     assert len(sent) <= got.nfev + got.njev and set(sent) <= {"evaluate", "jacobian", "jacobian+return_output"}
 
 
+# --------------------------------------------------------------------------- integer leaves of a dict parameter
+
+
+def test_a_derivative_beside_an_integer_leaf_says_why_it_is_refused(cc):
+    """``grad`` over ``cfg["w"]`` of ``tree_int(cfg, x)`` with ``cfg = {"w": w, "k": 3}``:
+    in-process it closes over ``k``; through the service it asks for the whole parameter,
+    which the service (as torch.func, "only Tensors of floating point dtype can require
+    gradients") refuses, and the adapters raised its 422 alone, naming a leaf the caller
+    never differentiated (``cfg.k``). The 422 now says why and the way out (torch and
+    JAX alike); the value, and derivatives in the other input, equal torch.func's."""
+    jax = pytest.importorskip("jax")
+    from jacobian_client.jax import remote as jremote
+
+    from . import pytree_functions as pf
+
+    fn = remote(cc.client, "tree_int")
+    w, x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), torch.tensor([0.5, 0.2, 0.1], dtype=torch.float64)
+    k = torch.tensor(3)
+    why = r"leaf 0\['k'\] is int(64|32), which the service, as torch.func, does not differentiate: pass integer values"
+    with pytest.raises(jc.InvalidInput, match=why):
+        f.grad(lambda w: fn({"w": w, "k": k}, x).sum())(w)
+    jfn = jremote(cc.client, "tree_int")
+    with pytest.raises(jc.InvalidInput, match=why):
+        jax.grad(lambda w: jfn({"w": w, "k": k.numpy()}, x.numpy()).sum())(w.numpy().astype(np.float32))
+    want = f.grad(lambda x: pf.tree_int({"w": w, "k": k}, x).sum())(x)
+    torch.testing.assert_close(f.grad(lambda x: fn({"w": w, "k": k}, x).sum())(x), want)
+    torch.testing.assert_close(fn({"w": w, "k": k}, x), pf.tree_int({"w": w, "k": k}, x))
+
+
 # --------------------------------------------------------------------------- API keys, errors in the adapters
 
 

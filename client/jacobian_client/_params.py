@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ._protocol import _is_input_node
-from ._remote import LEAF, Tree, leaves_like, per_argnum, unflatten
+from ._errors import InvalidInput
+from ._remote import LEAF, Tree, leaves_like, per_argnum, unflatten, with_hint
 
 __all__ = ["Layout", "split_params"]
 
@@ -89,7 +90,7 @@ class Layout:
     # ----------------------------------------------------------------- one request
 
     def request(self, send: Callable[..., dict[str, Any]], kind: str, inputs: Sequence[Any], options: dict[str, Any],
-                vectors: Any = None, out_tree: Tree | None = None) -> dict[str, Any]:
+                vectors: Any = None, out_tree: Tree | None = None, name: str = "") -> dict[str, Any]:
         """``send(kind, params, options, vectors)`` with everything by parameter; the
         answer's ``value`` back by leaf, shaped as it is for one array per parameter
         (``out_tree``: the output's structure, for a ``jacobian`` or ``hessian``)."""
@@ -105,13 +106,37 @@ class Layout:
             pairs = [(key, self._tangents(inputs, leaf_argnums, params, tree) if key == "tangents" else tree)
                      for key, tree in pairs]
             vectors = pairs[0] if isinstance(vectors, tuple) else pairs
-        parts = send(kind, self.nest(inputs), options, vectors)
+        try:
+            parts = send(kind, self.nest(inputs), options, vectors)
+        except InvalidInput as exc:
+            hint = self._integer_leaf_hint(inputs, leaf_argnums, params, name)
+            if hint is None:
+                raise
+            raise with_hint(exc, hint) from exc
         if kind in ("vjp", "hvp"):
             parts["value"] = self._by_leaf_gradients(parts["value"], leaf_argnums, params)
         elif kind in ("jacobian", "hessian"):
             assert out_tree is not None
             parts["value"] = self._by_leaf_blocks(parts["value"], leaf_argnums, params, out_tree, kind == "hessian")
         return parts
+
+    def _integer_leaf_hint(self, inputs: Sequence[Any], leaf_argnums: tuple[int, ...], params: tuple[int, ...],
+                           name: str) -> str | None:
+        """A derivative in some leaves of a parameter asks for the whole parameter, which
+        the service (as torch.func: "only Tensors of floating point dtype can require
+        gradients") refuses when it holds an integer leaf. ``grad`` over ``cfg["w"]`` of a
+        function of ``{"w": w, "k": 3}``, which in-process closes over ``k``, raised the
+        service's 422 alone, naming a leaf the caller never differentiated (``cfg.k``):
+        why, and the way out, for the 422 of such a request (None: not one)."""
+        for p in params:
+            for i, path in zip(self.leaves_of(p), _leaf_paths(self.params[p])):
+                dtype = np.asarray(inputs[i]).dtype
+                if i not in leaf_argnums and dtype.kind in "biu":
+                    return (f"remote({name!r}): a derivative in some leaves of input {p} asks the service for the "
+                            f"whole parameter (it differentiates parameters, not leaves), and its leaf {p}{path} is "
+                            f"{dtype}, which the service, as torch.func, does not differentiate: pass integer values "
+                            "as an input of their own (or as a float leaf)")
+        return None
 
     def _param_value(self, p: int, per_leaf: Sequence[Any]) -> Any:
         """One value per leaf (``in_dims``) -> the parameter's: one value where its leaves
@@ -175,6 +200,14 @@ class Layout:
                     picked.append(block[position[i]])
         want = per_argnum(out_tree, n)
         return unflatten(per_argnum(want, n) if hessian else want, picked)
+
+
+def _leaf_paths(tree: Tree, path: str = "") -> list[str]:
+    """Each leaf's path below its parameter, in leaf order (``['w']``, ``[1]['scale']``)."""
+    if tree.kind == "leaf":
+        return [path]
+    keys = [repr(k) for k in tree.keys] if tree.kind == "dict" else [str(i) for i in range(len(tree.children))]
+    return [p for key, child in zip(keys, tree.children) for p in _leaf_paths(child, f"{path}[{key}]")]
 
 
 def _float_dtype(x: Any) -> np.dtype:

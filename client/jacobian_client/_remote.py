@@ -292,7 +292,7 @@ class RemoteOps:
         ``for_layout``)."""
         if self._layout is None:
             return self._send(kind, list(inputs), options, vectors)
-        return self._layout.request(self._send, kind, inputs, options, vectors, out_tree)
+        return self._layout.request(self._send, kind, inputs, options, vectors, out_tree, name=self.name)
 
     def _send(self, kind: str, params: list[Any], options: dict[str, Any], vectors: Any) -> dict[str, Any]:
         names = self._wire_names
