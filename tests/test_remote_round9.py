@@ -58,6 +58,61 @@ def test_every_computing_request_carries_the_clients_timeout(cc, url):
     assert jc._protocol.server_deadline(0.2) == "0.18"
 
 
+def test_an_error_answered_late_in_the_attempt_keeps_its_problem(monkeypatch):
+    """The server's 504 at the X-Request-Timeout a client sent comes near the end of the
+    client's time, and after a long upload past it: the client's clock for the head
+    starts over as the upload ends, but the error's body was read against the attempt's
+    clock, which had run out, so the problem document was dropped and the caller saw
+    "Timeout: 504: Gateway Timeout", without its code, detail or request id. The body of
+    an error gets a window of its own now, as a 200's does (sync and async). Here the
+    attempt's clock started 10 s before a 5 s timeout, as a slow upload's would."""
+    import asyncio
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from jacobian_client import _protocol
+
+    class Late(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            body = json.dumps({"type": "urn:jacobian-service:problem:timeout", "title": "Timeout", "status": 504,
+                               "detail": "the request ran past its deadline", "code": "timeout",
+                               "request_id": "late"}).encode()
+            self.send_response(504)
+            self.send_header("content-type", "application/problem+json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    def started_long_ago(self, call):
+        first = [time.monotonic() - 10]
+        return _protocol.Deadline(self.timeout, progress_bytes=_protocol.STREAM_PROGRESS_BYTES,
+                                  clock=lambda: first.pop() if first else time.monotonic())
+
+    monkeypatch.setattr(_protocol.Protocol, "deadline", started_long_ago)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Late)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    late = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with jc.Client(late, timeout=5, max_retries=0) as client:
+            with pytest.raises(jc.Timeout, match=r"504 timeout: the request ran past its deadline \(request late\)"):
+                client.evaluate("sin", np.array([0.1]))
+
+        async def main() -> None:
+            async with jc.AsyncClient(late, timeout=5, max_retries=0) as client:
+                await client.evaluate("sin", np.array([0.1]))
+
+        with pytest.raises(jc.Timeout, match=r"504 timeout: the request ran past its deadline \(request late\)"):
+            asyncio.run(main())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # --------------------------------------------------------------------------- SciPy: stiff ODE solvers
 
 

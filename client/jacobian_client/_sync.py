@@ -413,6 +413,12 @@ class Client:
                     deadline.responded()
                     return response, deadline
                 body: bytes | None = None
+                # the head came within its time: the problem document gets a window of its
+                # own, as a 200's body does. Read against the attempt's clock, an error
+                # that came late in it (the server's 504 at the X-Request-Timeout this
+                # client sent, after a long upload) lost its body: "504: Gateway Timeout",
+                # without its code, detail or request id
+                deadline.responded()
                 try:
                     body = self._read(call, response, deadline, MAX_ERROR_BODY)
                 except (httpx.HTTPError, TransportError):
