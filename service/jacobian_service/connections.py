@@ -879,6 +879,12 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                                "'Connection: upgrade'")
                 raise ValueError(self._fault)
             super().on_headers_complete()
+            if self.parser.should_upgrade():
+                # Served as HTTP/1.1, and the connection closed after it: llhttp dropped
+                # what came behind the head in the same piece (a request pipelined behind
+                # it went unanswered, the connection left open) and stops framing
+                # requests here.
+                self.cycle.keep_alive = False
 
         def on_message_complete(self) -> None:  # httptools
             super().on_message_complete()
