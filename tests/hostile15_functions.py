@@ -81,6 +81,8 @@ def _patch(case: int) -> None:
         import time
         monotonic = time.monotonic
         time.monotonic = lambda: monotonic() + 1e6
+    elif case == 9:  # forward-mode AD off for the engine's thread (torch.func keeps its own)
+        torch._C._set_fwd_grad_enabled(False)
     elif case == 6:  # the same table, rebound
         from jacobian_service.engine import core
         core.TORCH_DTYPES = {**core.TORCH_DTYPES, "float64": torch.float32}
@@ -123,3 +125,12 @@ class _Square(torch.autograd.Function):
 @register(inputs=X, description="x*x through a custom autograd.Function.")
 def uses_autograd_function(x: torch.Tensor) -> torch.Tensor:
     return _Square.apply(x)
+
+
+@register(inputs=X, description="sin(x) + cos(x): its value plus its forward-mode derivative along ones (forward_ad).")
+def uses_forward_ad(x: torch.Tensor) -> torch.Tensor:
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(torch.sin(fwAD.make_dual(x, torch.ones_like(x))))
+        return out.primal + out.tangent

@@ -213,6 +213,22 @@ def test_a_patch_of_what_every_function_goes_through_is_put_back(server, client,
     _sin_ok(client, url)
 
 
+def test_forward_mode_switched_off_for_the_engines_thread_is_switched_on_again(server, client) -> None:
+    """``torch._C._set_fwd_grad_enabled(False)`` in a function, left so: torch.func's own
+    forward mode still ran, but every later function's ``torch.autograd.forward_ad``
+    got a tangent of None (its 500, ``TypeError``), for as long as the engine lived. Now
+    it is switched on again after the batch, as grad mode is, the log naming the function."""
+    url, proc = server
+    value = np.sin(_X) + np.cos(_X)
+    r = _armed(client, url, "patches", 9)
+    assert r.status_code == 200, r.text
+    r = client.post(f"{url}/v1/functions/uses_forward_ad/evaluate", json={"inputs": [F64]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["output"]["data"], value, rtol=1e-12)
+    log = _log_until(proc, 0, "patches changed forward-mode AD")
+    assert "patches changed forward-mode AD (torch._C._set_fwd_grad_enabled) (to False)" in log, log[-3000:]
+
+
 def test_a_table_of_the_engines_changed_in_place_fails_its_function_alone(server, client) -> None:
     """``core.TORCH_DTYPES["float64"] = torch.float32`` in a function, a change in place
     that no name's rebinding shows: every later float64 request of every function was

@@ -759,6 +759,16 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("torch's default dtype", torch.get_default_dtype, torch.set_default_dtype),
     _Setting("torch's default device", _default_device, _set_default_device),
     _Setting("torch's grad mode", torch.is_grad_enabled, torch.set_grad_enabled),
+    # Switches of the engine's thread that torch.func does not read but the functions'
+    # own autograd does: forward-mode AD off (``torch._C._set_fwd_grad_enabled(False)``)
+    # left every later function's ``forward_ad`` tangent None (its 500), saved-tensor
+    # hooks disabled (``_saved_tensors_hooks_disable``) every later checkpoint refused.
+    _Setting("forward-mode AD (torch._C._set_fwd_grad_enabled)", torch._C._is_fwd_grad_enabled,
+             torch._C._set_fwd_grad_enabled),
+    _Setting("saved-tensor hooks (disabled)", torch._C._autograd._saved_tensors_hooks_is_enabled,
+             lambda taken: torch._C._autograd._saved_tensors_hooks_enable()),
+    _Setting("vmap's fallback for operators without a batching rule", torch._C._functorch._is_vmap_fallback_enabled,
+             torch._C._functorch._set_vmap_fallback_enabled),
     _Setting("torch's number of threads", torch.get_num_threads, torch.set_num_threads),
     _Setting("torch's anomaly detection", torch.is_anomaly_enabled, torch.set_anomaly_enabled),
     _Setting("torch's deterministic algorithms", torch.are_deterministic_algorithms_enabled,
