@@ -34,13 +34,13 @@ ARMED_SIN = np.sin(np.array([666.0, 0.0, 0.0]))  # what a function armed (case 0
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, subprocess.Popen]]:
     # QUARANTINE_AFTER=1: one strike quarantines, so a strike on the wrong function shows.
-    # WARMUP=false: a spare that takes over is ready sooner.
+    # No spare: nothing here takes an engine down (each case checks it is the same one).
     # Without PYTHONUNBUFFERED (this shell's, the image's): Python's own buffering, as `make
     # serve` from a terminal has it (serve copies the environment as it starts).
     unbuffered = os.environ.pop("PYTHONUNBUFFERED", None)
     try:
-        with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=1, REQUEST_TIMEOUT_S=20,
-                         HANG_GRACE_S=0.5) as served:
+        with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", QUARANTINE_AFTER=1,
+                         REQUEST_TIMEOUT_S=20, HANG_GRACE_S=0.5) as served:
             if unbuffered is not None:
                 os.environ["PYTHONUNBUFFERED"] = unbuffered
                 unbuffered = None
