@@ -98,7 +98,7 @@ _COMPONENTS: dict[str, Any] = {
             "device": {"type": ["string", "null"]},
             "chunk_size": {"type": ["integer", "null"]},
             "batch_size": {"type": "integer"},
-            "mode": {"type": ["string", "null"], "description": "rev / fwd / bidirectional (Jacobians), star or acyclic (sparse Hessians), or the Hessian strategy"},
+            "mode": {"type": ["string", "null"], "description": "rev / fwd / bidirectional / symmetric (Jacobians), star or acyclic (sparse Hessians), or the Hessian strategy"},
             "queue_ms": {"type": "number"},
             "compute_ms": {"type": "number"},
             # sparse results only (sparsity other than dense)
@@ -151,7 +151,7 @@ _COMPONENTS: dict[str, Any] = {
             },
             "coloring": {
                 "type": "object",
-                "description": "mode (fwd / rev / bidirectional / star / acyclic), colors, products, lower_bound, strategy; fwd_products and rev_products for bidirectional",
+                "description": "mode (fwd / rev / bidirectional / symmetric / star / acyclic), colors, products, lower_bound, strategy; fwd_products and rev_products for bidirectional",
                 "additionalProperties": True,
             },
             "products": {"type": "integer"},

@@ -361,6 +361,10 @@ def _coloring_from(p: Pattern, colors: np.ndarray, mode: str) -> Coloring:
         from .bicoloring import bicoloring_from
 
         return bicoloring_from(p, colors)
+    elif mode == "symmetric":
+        from .symmetric import symmetric_from
+
+        return symmetric_from(p, colors)
     else:
         return Coloring("star", colors, k, _star_gather(p, colors, k), 2 if bool((p.rows != p.cols).any()) else 1, "cached")
     _check_unique(gather, mode)
@@ -644,6 +648,8 @@ def sparse_jacobian(
                                has_aux, cache, name, rows, chunk_size, t0)
         if res.pattern is not planned[0] and DENSE_NOTE in res.pattern.notes:
             _widen(fn, args, argnums, pattern, "jacobian", mode, cache, name, res.pattern)
+        elif res.pattern is planned[0] and rows is None and mode == "auto" and isinstance(pattern, str):
+            _symmetric_next(fn, args, argnums, pattern, cache, name, planned[1], res)
         return res
     finally:
         if drawn is not None:  # the generators as one call leaves them, as after jacrev
@@ -699,7 +705,9 @@ def _sparse_jacobian(
     except _ForwardFailed as exc:  # an op without forward AD (cdist): jacrev has an answer
         log.info("forward-mode products failed (%s); using reverse mode", exc)
         matrix = None
-    if coloring.mode in ("fwd", "bidirectional") and (matrix is None or differs_from_reverse(matrix, m, primals[0], reverse, rows)):
+    # (a symmetric Jacobian's JVPs too: the VJP proves the values symmetric at this point)
+    if coloring.mode in ("fwd", "bidirectional", "symmetric") and (
+            matrix is None or differs_from_reverse(matrix, m, primals[0], reverse, rows)):
         # The answer never depends on mode (SPEC): where jvp and vjp differ (prelu at 0,
         # ties of fmax) or jvp cannot run, jacrev's, by VJPs over the same pattern.
         coloring = _recolored(p, "rev", cache, fn, name, args, argnums, check_alive)
@@ -745,6 +753,59 @@ def _widen(
     cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring})
     log.info("sparsity pattern %r (%s) of %s widened by the nonzeros the products missed: %d -> %d entries",
              old.name, old.source, name, old.nnz, p.nnz)
+
+
+def _symmetric_next(
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], pattern: str,
+    cache: PatternCache | None, name: str | None, planned: Coloring, res: SparseResult,
+) -> None:
+    """What colouring the next request of this function and these shapes gets, as far as
+    symmetry goes (see :mod:`.symmetric`): a Jacobian computed the plain way that is
+    symmetric entry by entry, with a symmetric pattern a star or acyclic colouring
+    reads from fewer JVPs, sends later requests to that colouring (tried once per cache
+    entry); one read as symmetric that the VJP proved otherwise (answered by VJPs)
+    sends them back to the plain colouring. Per-point and per-draw patterns are left
+    alone (nothing reuses them)."""
+    from .symmetric import MODE, symmetric_coloring, symmetric_values
+
+    p = res.pattern
+    # (detected patterns only: a declared or probed one gets the random product's check,
+    # which would take an asymmetric point for a pattern missing entries)
+    if p.source != "traced" or p.value_dependent or is_random(p) or NO_GRAD_NOTE in p.notes or CUSTOM_NOTE in p.notes:
+        return
+    cache = _DEFAULT_CACHE if cache is None else cache
+    key = _cache_key(fn, name, args, argnums, "jacobian", f"{pattern}|auto")
+    hit = cache.get(key)
+    if hit is None or hit.get("pattern") is not p or hit.get("coloring") is not planned:
+        return  # (another request replaced the entry meanwhile, or it was never cached)
+    try:  # no deadline here: the answer is computed; the colourings are bounded by its pattern
+        if planned.mode == MODE:
+            if res.coloring is not planned:  # the VJP proved it not symmetric here: the plain colouring
+                _, plain = _colored(p, "jacobian", "auto", None)
+                cache.put(key, {"pattern": p, "colors": plain.colors, "mode": plain.mode, "coloring": plain,
+                                "symmetric_tried": True})
+                log.info("the Jacobian of %s is not symmetric at this point: back to its %s colouring", name, plain.mode)
+            return
+        if hit.get("symmetric_tried") or res.coloring is not planned or planned.n_colors <= 2:
+            return
+        hit["symmetric_tried"] = True
+        eps = _products_eps(args, argnums)
+        if not symmetric_values(res.matrix, eps):
+            return
+        from .acyclic import most_summed
+
+        # JVPs read as symmetric get the one VJP forward products get: against VJPs
+        # alone (reverse mode's colouring) that check is one more product to pay for
+        # (a 5-point Laplacian's 4 colours and the VJP gain nothing on its 5 VJPs)
+        fewer_than = planned.n_colors - (1 if planned.mode == "rev" else 0)
+        sym = symmetric_coloring(p, fewer_than, most_summed(eps))
+    except Exception as exc:  # never a reason to fail the answer
+        log.warning("symmetric colouring of %s failed: %s", name, exception_text(exc))
+        return
+    if sym is not None:
+        cache.put(key, {"pattern": p, "colors": sym.colors, "mode": sym.mode, "coloring": sym, "symmetric_tried": True})
+        log.info("the Jacobian of %s is symmetric: %d JVPs read as symmetric from now on, where %s took %d",
+                 name, sym.n_colors, planned.mode, planned.n_colors)
 
 
 def _lazily(make: Callable[[], Callable[[list[torch.Tensor]], torch.Tensor]]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
@@ -796,6 +857,8 @@ def _jacobian_products(
         plan = _products(p, coloring, primals, m)
         run = reverse if coloring.mode == "rev" else forward
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
+        if plan.unsolvable(block):  # a symmetric Jacobian's substitution would spread a NaN: jacrev's
+            raise _ForwardFailed("a product is not finite: an acyclic colouring's substitution would spread it")
         matrix = _to_csr(p, plan.values(p, block))
         wrong = _proven_wrong(p, coloring, [plan], [block], matrix, [run], rows)
     if wrong:
