@@ -28,7 +28,6 @@ from .test_hostile_round13 import _sin_ok
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile15_functions"
 X = [0.5, 1.0, 2.0]
-ARMED_SIN = np.sin(np.array([666.0, 0.0, 0.0]))  # what a function armed (case 0-3) answers when it behaves
 
 
 @pytest.fixture(scope="module")
