@@ -16,6 +16,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+
 from tests import sparse11_functions as s11
 
 from .conftest import ready_app
@@ -90,3 +91,82 @@ def test_a_jacobian_symmetric_at_one_point_only_is_never_answered_symmetrised(cl
     J, meta = sparse(client, "nearly_symmetric", x)
     assert_exact(J, meta, jac(s11.nearly_symmetric, x))
     assert (meta["mode"], meta["products"]) == ("bidirectional", 5), meta
+
+
+# ------------------------------------------------------------------ a scientist's functions
+
+
+def test_collocation_assembly_pair_forces_against_jacrev(client):
+    """Direct collocation of a damped pendulum (block-banded defects, a dense column for
+    the final time: 7 JVPs, the densest row's count), a finite-element residual
+    assembled by ``index_add`` over 32 triangles, and pair forces over a fixed neighbour
+    list (gather, then ``index_add`` into both atoms): each the Jacobian torch's
+    reverse mode gives, every nonzero stored and nothing more. The forces are the
+    gradient of a pair energy: symmetric, so their next request reads fewer JVPs."""
+    z = RNG.uniform(0.5, 1.5, 64)
+    J, meta = sparse(client, "collocation", z)
+    assert_exact(J, meta, jac(s11.collocation, z))
+    assert J[:, 63].nnz == 40 and meta["products"] == 7, meta  # every defect reads T (the 3 boundary rows not)
+    u = RNG.uniform(0.5, 1.5, 25)
+    J, meta = sparse(client, "fe_residual", u)
+    assert_exact(J, meta, jac(s11.fe_residual, u))
+    assert meta["products"] <= 7, meta  # 7 nodes in the densest patch
+    r = np.arange(12)[:, None] * np.array([1.1, 0.0, 0.0]) + RNG.uniform(-0.1, 0.1, (12, 3))
+    J, meta = sparse(client, "pair_forces", r)
+    want = jac(s11.pair_forces, r)
+    assert_exact(J, meta, want, rtol=1e-10)
+    J2, meta2 = sparse(client, "pair_forces", r)
+    np.testing.assert_allclose(J2.toarray(), want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+    assert meta2["mode"] == "symmetric" and meta2["products"] + 1 < meta["products"], (meta, meta2)
+
+
+def test_a_finite_element_hessian_against_torch(client):
+    """The membrane's energy: its Hessian is the FE stiffness pattern (node pairs sharing
+    a triangle), 137 entries, recovered from 4 acyclic-coloured products."""
+    u = RNG.uniform(0.5, 1.5, 25)
+    H, meta = sparse(client, "fe_energy", u, kind="hessian")
+    want = torch.autograd.functional.hessian(s11.fe_energy, torch.from_numpy(u)).numpy()
+    assert_exact(H, meta, want, rtol=1e-10)
+    assert H.nnz == 137 and meta["products"] <= 5, meta
+
+
+def test_several_inputs_and_a_dict_output_in_one_sparse_matrix(client):
+    """A message-passing layer over an edge list, d{h', energy}/d(h, W): one CSR matrix,
+    the outputs' elements in order (h' then energy) by the inputs' (h then W), as
+    torch's jacrev blocks concatenated; exact, and fewer products than rows."""
+    from jacobian_client import wire
+
+    h, w = RNG.uniform(-1, 1, (8, 4)), RNG.uniform(-1, 1, (4, 4))
+    r = client.post("/v1/functions/gnn_layer/jacobian", json={"inputs": [f64(h), f64(w)], "argnums": ["h", "w"], "sparsity": "auto"})
+    assert r.status_code == 200, r.text
+    J, meta = wire.decode_sparse_json(r.json()["jacobian"]), r.json()["meta"]
+    th, tw = torch.from_numpy(h), torch.from_numpy(w)
+    blocks = torch.func.jacrev(s11.gnn_layer, argnums=(0, 1))(th, tw)
+    want = np.concatenate([np.concatenate([blocks[k][i].reshape(s11.gnn_layer(th, tw)[k].numel(), -1).numpy() for i in (0, 1)], 1)
+                           for k in ("h", "energy")], 0)
+    assert J.shape == (40, 48) == want.shape
+    assert_exact(J, meta, want)
+    assert meta["products"] < 40, meta
+
+
+def test_a_pattern_that_follows_the_values(client):
+    """``if x[0] > 0`` in Python: the pattern holds at its point only (meta
+    value_dependent), so each point is detected on its own and a later point on the
+    other branch is never read through the first one's pattern; ``torch.where`` on the
+    data keeps both branches' entries (a union, not value dependent), zeros stored
+    where this point's choice makes them zero. Sparse and batched do not combine (422)."""
+    for x0 in (0.7, -0.7, 0.9):
+        x = RNG.uniform(0.5, 1.5, 12)
+        x[0] = x0
+        J, meta = sparse(client, "branch_on_data", x)
+        assert_exact(J, meta, jac(s11.branch_on_data, x))
+        assert meta["value_dependent"] is True, meta
+    for _ in range(2):
+        x = RNG.uniform(-1, 1, 12)
+        J, meta = sparse(client, "where_on_data", x)
+        want = jac(s11.where_on_data, x)
+        np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+        assert set(zip(*np.nonzero(want))) <= entries(J) and J.nnz == 3 * 12 and meta["value_dependent"] is False
+    r = client.post("/v1/functions/where_on_data/jacobian", json={"inputs": [f64(np.ones((3, 6)))], "batched": True, "sparsity": "auto"})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_input", r.text
+    assert r.json()["detail"] == "sparsity other than dense does not combine with batched"
