@@ -170,3 +170,24 @@ def test_a_pattern_that_follows_the_values(client):
     r = client.post("/v1/functions/where_on_data/jacobian", json={"inputs": [f64(np.ones((3, 6)))], "batched": True, "sparsity": "auto"})
     assert r.status_code == 422 and r.json()["code"] == "invalid_input", r.text
     assert r.json()["detail"] == "sparsity other than dense does not combine with batched"
+
+
+def test_a_power_of_one_or_zero_is_traced_as_what_it_is():
+    """``S ** p`` at p = 1 (a generic energy's exponent): torch's gradient multiplies by
+    ``S ** 0``, ones, which the tracer took to read every element of S: the force
+    -grad(sin(x[0]) * x.sum() ** 1) was dense (36 entries stored for 11 nonzeros), its
+    Hessian too. Now x ** 0 reads nothing and x ** 1 adds no second derivative."""
+    from jacobian_service.sparsity import PatternCache, sparse_hessian, sparse_jacobian
+
+    def energy(x):
+        return torch.sin(x[0]) * x.sum() ** 1 + (x * x.roll(1)).pow(1).sum() + x.sum() ** 0 * x[1] ** 2
+
+    def force(x):
+        return -torch.func.grad(energy)(x)
+
+    x = torch.from_numpy(RNG.uniform(0.5, 1.5, 6))
+    for got, want in ((sparse_jacobian(force, [x], cache=PatternCache()), torch.func.jacrev(force)(x)),
+                      (sparse_hessian(energy, [x], cache=PatternCache()), torch.func.hessian(energy)(x))):
+        np.testing.assert_allclose(got.matrix.toarray(), want.numpy(), rtol=1e-12, atol=1e-12)
+        assert entries(got.matrix) == set(zip(*np.nonzero(want.numpy()))), (got.matrix.nnz, int((want != 0).sum()))
+

@@ -161,6 +161,16 @@ _NO_DEPS = frozenset(
     normal uniform exponential""".split()
 )
 # Pointwise ops that are linear in every argument that carries dependencies.
+def _exponent(e: Any) -> float | None:
+    """A power's exponent where it is a plain number (a Python scalar; a 0-d tensor
+    that is no traced value), else None."""
+    if isinstance(e, (int, float)) and not isinstance(e, bool):
+        return float(e)
+    if isinstance(e, torch.Tensor) and not isinstance(e, _Traced) and e.numel() == 1 and not e.is_complex():
+        return float(e)
+    return None
+
+
 _LINEAR_POINTWISE = frozenset(
     """add sub rsub neg positive where clone _to_copy copy alias lift_fresh contiguous
     masked_fill _conj real complex""".split()
@@ -681,7 +691,9 @@ class _Tracer:
             first = args[0] if args else None
             linear_div = name == "div" and len(operands) == 1 and operands[0] is first
             linear_mul = name == "mul" and len(operands) == 1
-            if name in _LINEAR_POINTWISE or linear_div or linear_mul:
+            # x ** 1 is x, x ** 0 a constant: no second derivative
+            linear_pow = name == "pow" and len(args) >= 2 and args[0] is first and _exponent(args[1]) in (0, 1)
+            if name in _LINEAR_POINTWISE or linear_div or linear_mul or linear_pow:
                 pass
             elif name == "mul" and len(per) == 2:
                 parts.append(self.pairs(per[0], per[1]))
@@ -709,6 +721,10 @@ class _Tracer:
             other = args[1] if args[0] is operand else args[0] if args[1] is operand else None
             if other is not None and constant(other):  # (a float, integer or bool mask)
                 return values(other) != 0
+        if name == "pow" and len(args) >= 2 and args[0] is operand and _exponent(args[1]) == 0:
+            # x ** 0 is 1 wherever x is (torch's own gradient of x ** 1, S ** p at p = 1,
+            # multiplies by S ** 0: a force -grad(sin(x[0]) * x.sum() ** 1) was dense)
+            return np.zeros(math.prod(shape), bool)
         if name == "where" and len(args) >= 3 and constant(args[0]) and args[0].dtype == torch.bool:
             if args[1] is operand and args[2] is not operand:
                 return values(args[0])
