@@ -487,27 +487,25 @@ def _status_data() -> bytes:
     return _STATUS[0]
 
 
-def _status_lines(runs: tuple[tuple[bytes, bytes], ...]) -> Callable[[], list[bytes | None]]:
-    """A reader of runs of lines of /proc/self/status, each given as its (first, last)
-    field and read whole, from the start of the first line to the end of the last (None
-    where the text has no such run): one comparison of these stands for the settings
-    they tell (``_Setting.status``)."""
-    needles = tuple((b"\n" + first + b":", b"\n" + last + b":") for first, last in runs)
+def _status_line_numbers(runs: tuple[tuple[bytes, bytes], ...]) -> dict[tuple[bytes, bytes], range]:
+    """Where each run of lines of /proc/self/status, given as its (first, last) field,
+    is in the text read now, by line number: those it has."""
+    numbers = {line.split(b":", 1)[0]: n for n, line in enumerate(_status_data().split(b"\n"))}
+    return {(first, last): range(numbers[first], numbers[last] + 1) for first, last in runs
+            if first in numbers and last in numbers and numbers[first] <= numbers[last]}
 
-    def read() -> list[bytes | None]:
-        data = _status_data()
-        lines: list[bytes | None] = []
-        for first, last in needles:
-            start = data.find(first)
-            stop = data.find(last, start) if start >= 0 else -1
-            if stop < 0:
-                lines.append(None)
-                continue
-            end = data.find(b"\n", stop + 1)
-            lines.append(data[start:end] if end >= 0 else data[start:])
-        return lines
 
-    return read
+def _status_lines(numbers: list[int]) -> Callable[[], Any]:
+    """A reader of lines of /proc/self/status by number: one comparison of these stands
+    for the settings they tell (``_Setting.status``). By number, in one split and one
+    pick: which lines a process's status has, and in what order, is the kernel's build's
+    (its Vm lines, whose numbers change width, move the lines' offsets, never their
+    numbers); a line is compared with its field's name, so another field at that number
+    is a difference, sent to the full pass, as is a text with fewer lines (IndexError).
+    Looked for by name instead, each line took a bytes.find (~2 k instructions a call,
+    most of it parsing its arguments): ~48 k a pass, more than the system calls saved."""
+    pick = operator.itemgetter(*numbers, 0)  # (two at least: a tuple, always)
+    return lambda: pick(_status_data().split(b"\n"))
 
 
 # A descriptor of this process's /proc/<pid>/status kept open by an engine process
@@ -1197,13 +1195,12 @@ class ProcessSettings:
                         if taken is not _UNREADABLE and taken is not _UNKNOWN]
         # For the pass that finds nothing changed (nearly every one): the settings whose
         # test equal values always pass, read into one list and compared with the one
-        # taken in one step; the others (by identity: hooks, handlers, streams; torch's
-        # kernels) each by its own test.
-        # Settings that lines of /proc/self/status tell (the ids, the signal mask, the
-        # umask...) are compared as those lines, read from the one text that pass reads
-        # anyway, in place of a system call or two each.
+        # taken in one step; the others (torch's kernels, hooks that may be None) each by
+        # its own test. Settings that lines of /proc/self/status tell (the ids, the signal
+        # mask, the umask...) are compared as those lines, read from the one text that
+        # pass reads anyway, in place of a system call or two each; others by a cheaper
+        # stand-in (``_Setting.quick``: ids for what is tested by identity), where there is one.
         by_status = self._by_status()
-        # Others by a cheaper stand-in (``_Setting.quick``), where there is one.
         self._value_gets, self._value_taken, self._own_tests = [], [], []
         self._compared: dict[int, int] = {}  # a setting's index -> its value's, where compared as read by ``get``
         for index, (setting, get, changed, taken) in enumerate(self._checks):
@@ -1222,7 +1219,8 @@ class ProcessSettings:
             else:
                 self._own_tests.append((get, changed, taken))
         if by_status:
-            lines = _status_lines(tuple(dict.fromkeys(run for setting in by_status for run in setting.status)))
+            numbers = _status_line_numbers(tuple(run for setting in by_status for run in setting.status))
+            lines = _status_lines(sorted({n for run in numbers.values() for n in run}))
             self._value_gets.append(lines)
             self._value_taken.append(lines())
         self._thread = threading.get_ident() if by_status else None
@@ -1248,19 +1246,18 @@ class ProcessSettings:
         if not self._own_process or threading.get_native_id() != os.getpid():
             return {}
         try:
-            read = _status_lines(tuple(run for s, _, _, _ in self._checks for run in s.status))
-            found = dict(zip((run for s, _, _, _ in self._checks for run in s.status), read()))
+            found = _status_line_numbers(tuple(run for s, _, _, _ in self._checks for run in s.status))
         except Exception:  # no text to read: each setting read by its own getter
             return {}
         return {setting: taken for setting, _, changed, taken in self._checks
-                if setting.status and changed in _EQUAL_IS_UNCHANGED
-                and all(found.get(run) is not None for run in setting.status)}
+                if setting.status and changed in _EQUAL_IS_UNCHANGED and all(run in found for run in setting.status)}
 
     def _unchanged(self) -> bool:
-        """Whether every setting is as taken (nearly always), at about half the cost of
-        the pass that puts back what differs: no call and no test per setting where a
-        comparison of values tells. Any doubt (a read that fails, one without a
-        descriptor free, a comparison that raises) is the full pass's to settle."""
+        """Whether every setting is as taken, or as the last full pass let it be (nearly
+        always), at a fraction of the cost of the pass that puts back what differs: no
+        call and no test per setting where a comparison of values tells. Any doubt (a
+        read that fails, one without a descriptor free, a comparison that raises, another
+        thread than the one whose status lines were taken) is the full pass's to settle."""
         if self._thread is not None and threading.get_ident() != self._thread:  # status lines: that thread's
             return False
         try:
