@@ -641,3 +641,39 @@ def test_blocks_given_back_ride_with_jobs_under_one_timer_and_go_alone_only_when
             conn.close()
 
     asyncio.run(main())
+
+
+def test_a_mapped_block_is_freed_once_its_last_view_goes_and_not_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame in the other side's segment is a read-only view of its block; the block is
+    freed (``freed(mapped, offset)``, once) when the last view of it goes: a numpy array
+    over it, a slice, on the loop's thread or another; not while one lives. (A weak
+    reference's callback, not weakref.finalize's object per frame.)"""
+    import weakref
+
+    from jacobian_service.channel import Mapped
+
+    def no_finalize(*args, **kwargs):
+        raise AssertionError("weakref.finalize made per frame")
+
+    monkeypatch.setattr(weakref, "finalize", no_finalize)
+    fd = os.memfd_create("mapped-test")
+    os.ftruncate(fd, 1 << 16)
+    freed: list[tuple[object, int]] = []
+    mapped = Mapped(fd, 1 << 16, lambda m, offset: freed.append((m, offset)))
+    mapped.map[4096:4096 + 8] = np.arange(2, dtype=np.float32).tobytes()
+    view = mapped.frame(4096, 8)
+    arr = np.frombuffer(view, np.float32)
+    piece = view[4:]
+    assert view.readonly and list(arr) == [0.0, 1.0]
+    del view
+    assert freed == []
+    del arr
+    assert freed == []
+    worker = threading.Thread(target=lambda held=[piece]: held.clear())  # the last view, dropped on another thread
+    del piece
+    worker.start()
+    worker.join()
+    assert freed == [(mapped, 4096)]
+    again = mapped.frame(4096, 8)  # the same block, given out again, is freed again
+    del again
+    assert freed == [(mapped, 4096), (mapped, 4096)] and not mapped._blocks

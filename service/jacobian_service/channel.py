@@ -303,11 +303,28 @@ class Mapped:
         finally:
             os.close(fd)
         self._freed = freed
+        # offset -> a weak reference to the block's view there, whose callback is the
+        # finalizer. (weakref.finalize did the same at ~4,500 more instructions a frame:
+        # a Python object with its registry and its atexit flag, a frame per request.)
+        # The callback holds this object weakly: a mapping nobody holds any more is no
+        # connection's, and nothing of it is given back (Sharing.freed).
+        self._blocks: dict[int, weakref.ref] = {}
+        self._me = weakref.ref(self)
 
     def frame(self, offset: int, length: int) -> memoryview:
         block = (ctypes.c_char * length).from_buffer(self.map, offset)  # a view, not a copy
-        weakref.finalize(block, self._freed, self, offset).atexit = False
+        self._blocks[offset] = weakref.ref(block, functools.partial(_block_gone, self._me, self._blocks, offset))
         return memoryview(block).cast("B").toreadonly()
+
+
+def _block_gone(mapped: weakref.ref, blocks: dict[int, weakref.ref], offset: int, ref: weakref.ref) -> None:
+    """The last view of ``mapped``'s block at ``offset`` has gone (on whatever thread
+    dropped it, or in the garbage collector): its ``freed``."""
+    if blocks.get(offset) is ref:
+        del blocks[offset]
+    owner = mapped()
+    if owner is not None:
+        owner._freed(owner, offset)
 
 
 class Sharing:
