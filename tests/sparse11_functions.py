@@ -135,3 +135,8 @@ def branch_on_data(x: torch.Tensor) -> torch.Tensor:
           description="torch.where on the data: x * x.roll(1) where x > 0, x.roll(-1) elsewhere.")
 def where_on_data(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x * x.roll(1), x.roll(-1))
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")], description="A periodic 3-point coupling (a band of 3 diagonals).")
+def ring(x: torch.Tensor) -> torch.Tensor:
+    return x * x.roll(1) - x.roll(-1) ** 2

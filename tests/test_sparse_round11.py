@@ -11,6 +11,8 @@ through an httpx transport.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -25,10 +27,16 @@ from .test_sparse_round9 import f64, jac, sparse  # the round-9 helpers: a reque
 RNG = np.random.default_rng(11)
 
 
+#: The app's result limit: small, so that the limits' answers come from small inputs.
+LIMIT = 65536
+
+
 @pytest.fixture(scope="module")
 def client():
-    with ready_app("tests.sparse11_functions") as c:
-        yield c
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JACOBIAN_SERVICE_MAX_RESULT_BYTES", str(LIMIT))
+        with ready_app("tests.sparse11_functions") as c:
+            yield c
 
 
 def entries(J):
@@ -191,3 +199,57 @@ def test_a_power_of_one_or_zero_is_traced_as_what_it_is():
         np.testing.assert_allclose(got.matrix.toarray(), want.numpy(), rtol=1e-12, atol=1e-12)
         assert entries(got.matrix) == set(zip(*np.nonzero(want.numpy()))), (got.matrix.nnz, int((want != 0).sum()))
 
+
+# ------------------------------------------------------------------ limits
+
+
+def _npy(x):
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+def _refused(r, detail):
+    """A 413 problem whose detail starts with ``detail`` (the size and the limit; what to
+    ask for instead follows)."""
+    assert r.status_code == 413 and r.headers["content-type"].startswith("application/problem+json"), r.text
+    doc = r.json()
+    assert (doc["code"], doc["status"], doc["type"]) == ("result_too_large", 413, "urn:jacobian-service:problem:result_too_large")
+    assert doc["detail"].startswith(detail) and "Ask for" in doc["detail"], doc["detail"]
+
+
+def test_the_result_limit_on_every_format(client):
+    """Under a 64 KiB result limit, a 3-diagonal ring: at n = 600 CSR and COO pass, the
+    dense JSON (2.9 MB) is a 413 saying its size, and the dense matrix as ``.npy``
+    streams (it was a 413 where every larger one streamed: under the stream threshold it
+    was gathered and held to the limit). At n = 2000 the CSR (80,004 bytes) and COO
+    (96,000) are 413s, JSON and ``.npz`` alike, each saying its own size; at n = 4200
+    the pattern itself is past the limit (8,192 entries), a 413 before any product.
+    (The sparse matrix as JSON or ``.npz`` says it needs a smaller input.)"""
+    x = RNG.uniform(0.5, 1.5, 600)
+    want = jac(s11.ring, x)
+    for fmt in ("csr", "coo"):
+        J, meta = sparse(client, "ring", x, sparse_format=fmt)
+        assert_exact(J, meta, want)
+    r = client.post("/v1/functions/ring/jacobian", json={"inputs": [f64(x)], "sparsity": "auto", "sparse_format": "dense"})
+    _refused(r, f"the result would take {600 * 600 * 8} bytes; the limit is {LIMIT}.")
+    r = client.post("/v1/functions/ring/jacobian?sparsity=auto&sparse_format=dense", content=_npy(x),
+                    headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), want, rtol=1e-12, atol=1e-12)
+    x = RNG.uniform(0.5, 1.5, 2000)
+    for fmt, size in (("csr", 6000 * 12 + 2001 * 4), ("coo", 6000 * 16)):
+        r = client.post("/v1/functions/ring/jacobian", json={"inputs": [f64(x)], "sparsity": "auto", "sparse_format": fmt})
+        _refused(r, f"the result would take {size} bytes; the limit is {LIMIT}. Ask for a smaller input.")
+    r = client.post("/v1/functions/ring/jacobian?sparsity=auto", content=_npy(x),
+                    headers={"content-type": "application/x-npy", "accept": "application/x-npz"})
+    _refused(r, f"the result would take {6000 * 12 + 2001 * 4} bytes; the limit is {LIMIT}. Ask for a smaller input.")
+    x = RNG.uniform(0.5, 1.5, 4200)
+    too_dense = ("the sparsity pattern is too dense for the limits: a traced tensor would hold 8,400 entries; the limit "
+                 "is 8,192. Ask for sparsity=dense (streamed as .npy), or a smaller input")
+    for fmt in ("csr", "coo"):
+        r = client.post("/v1/functions/ring/jacobian", json={"inputs": [f64(x)], "sparsity": "auto", "sparse_format": fmt})
+        _refused(r, too_dense)
+    r = client.post("/v1/functions/ring/jacobian?sparsity=auto", content=_npy(x),
+                    headers={"content-type": "application/x-npy", "accept": "application/x-npz"})
+    _refused(r, too_dense)
