@@ -65,7 +65,7 @@ _XY = torch.stack(torch.meshgrid(torch.linspace(0, 1, 5, dtype=torch.float64), t
 
 def _fe_energy(u: torch.Tensor) -> torch.Tensor:
     """A nonlinear membrane on 32 linear triangles: sum over elements of area * (1 + |grad u|^2)^(1/2)
-    plus a cubic reaction, the element gradients gathered from the connectivity."""
+    plus a quartic reaction under a load, the element gradients gathered from the connectivity."""
     p = _XY[_TRIS]  # (E, 3, 2)
     d1, d2 = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
     area = 0.5 * (d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]).abs()
@@ -74,7 +74,7 @@ def _fe_energy(u: torch.Tensor) -> torch.Tensor:
     det = d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]
     gx = (du1 * d2[:, 1] - du2 * d1[:, 1]) / det
     gy = (du2 * d1[:, 0] - du1 * d2[:, 0]) / det
-    return (area * torch.sqrt(1 + gx**2 + gy**2)).sum() + (u**3).sum() / 3
+    return (area * torch.sqrt(1 + gx**2 + gy**2)).sum() + (u**4).sum() / 4 - u.sum()
 
 
 @register(inputs=[Input("u", shape=(25,), dtype="float64")],

@@ -138,6 +138,42 @@ def test_a_finite_element_hessian_against_torch(client):
     assert H.nnz == 137 and meta["products"] <= 5, meta
 
 
+@pytest.fixture(scope="module")
+def sdk(client):
+    import httpx
+
+    from jacobian_client import Client
+
+    def forward(request: httpx.Request) -> httpx.Response:
+        r = client.request(request.method, str(request.url.copy_with(scheme="http", host="testserver", port=None)),
+                           content=request.content, headers=dict(request.headers))
+        headers = {k: v for k, v in r.headers.items() if k.lower() not in ("content-encoding", "transfer-encoding")}
+        return httpx.Response(r.status_code, headers=headers, content=r.content)
+
+    with Client("http://sdk.test", http_transport=httpx.MockTransport(forward), max_retries=0) as c:
+        yield c
+
+
+def test_the_membrane_by_trust_constr_with_the_services_sparse_hessian(sdk):
+    """The membrane's minimum by ``minimize(method="trust-constr")`` with the service's
+    sparse Hessian (and gradient) through the SDK is the one the in-process Hessian
+    reaches; each Hessian is a scipy sparse matrix with the stiffness pattern."""
+    from scipy.optimize import minimize
+
+    from jacobian_client.scipy import remote_objective
+
+    u0 = RNG.uniform(-0.5, 0.5, 25)
+    obj = remote_objective(sdk, "fe_energy", sparsity="auto")
+    assert sp.issparse(obj.hess(u0)) and obj.hess(u0).nnz == 137
+    got = minimize(obj.fun, u0, jac=obj.jac, hess=obj.hess, method="trust-constr", options={"gtol": 1e-10})
+    f = lambda u: float(s11.fe_energy(torch.from_numpy(u)))  # noqa: E731
+    g = lambda u: torch.func.grad(s11.fe_energy)(torch.from_numpy(u)).numpy()  # noqa: E731
+    h = lambda u: torch.autograd.functional.hessian(s11.fe_energy, torch.from_numpy(u)).numpy()  # noqa: E731
+    want = minimize(f, u0, jac=g, hess=h, method="trust-constr", options={"gtol": 1e-10})
+    assert got.success and want.success
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-7, atol=1e-9)
+
+
 def test_several_inputs_and_a_dict_output_in_one_sparse_matrix(client):
     """A message-passing layer over an edge list, d{h', energy}/d(h, W): one CSR matrix,
     the outputs' elements in order (h' then energy) by the inputs' (h then W), as
