@@ -6,8 +6,9 @@ binary ``.npz`` answers), against the in-process dense ``jacrev`` of the same ru
 (dense estimated from 256 of its products: at n = 100,000 it would not fit in memory).
 
 Cases (issue 11): lorenz96 at n = 8192 (periodic band), one reaction-diffusion step on a
-128 x 128 grid (5-point stencil), and the sparse Hessian of a separable-plus-banded
-objective at n = 4096. For each: medians of dense ``torch.func.jacrev`` (or ``hessian``)
+128 x 128 grid (5-point stencil), the sparse Hessian of a separable-plus-banded
+objective at n = 4096, and the symmetric Jacobian of a chain's force at n = 2048 (read
+from 3 JVPs once seen symmetric, where bicolouring takes 5). For each: medians of dense ``torch.func.jacrev`` (or ``hessian``)
 and of the sparse path with its pattern and colouring cached (steady state), the first
 call (detection + colouring) on its own, the ratio, colours against the known optimum,
 result bytes against nnz x (value + index) bytes, and the largest difference from dense.
@@ -59,6 +60,16 @@ def separable(x: torch.Tensor) -> torch.Tensor:
     Hessian (f_i couples x[i-1] with x[i+1] too)."""
     a, b, c = x[:-2], x[1:-1], x[2:]
     return ((b - a * c) ** 2 + 0.1 * (a + b + c) ** 4).sum() + (x**2).sum()
+
+
+def chain_force(x: torch.Tensor) -> torch.Tensor:
+    """The force -dE/dx of a chain in a global field x[0] (round 11): a symmetric
+    Jacobian, an arrowhead with a tridiagonal body. Bicolouring takes 5 products; read
+    as symmetric (from its second call on) 3 JVPs over an acyclic colouring."""
+    def energy(y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((y[1:] - y[:-1]) ** 2).sum() + 0.25 * (y**4).sum() + torch.sin(y[0]) * y.sum()
+
+    return -torch.func.grad(energy)(x)
 
 
 def dense_estimate(fn: Callable[..., Any], x: torch.Tensor, kind: str, rows: int = 256) -> float:
@@ -268,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"| {_ms(r['sparse_s'])} | {_ms(r['dense_s'])} | {r['ratio']:,.0f}x |")
         return 0
     n_lorenz, grid, n_hess = (512, 24, 256) if args.quick else (8192, 128, 4096)
+    n_chain = 256 if args.quick else 2048
     builtins = Registry.from_modules()
     lorenz, rd = builtins.get("lorenz96"), builtins.get("reaction_diffusion")
     gen = torch.Generator().manual_seed(0)
@@ -285,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                  args.rounds, 1 if not args.quick else args.dense_rounds),
         run_case(f"hessian rosenbrock+quartic n={n_hess}", hessian_objective,
                  torch.randn(n_hess, generator=gen, dtype=torch.float64), "hessian", 3, args.rounds, 1),
+        run_case(f"chain force -dE/dx n={n_chain} (symmetric)", chain_force,
+                 torch.rand(n_chain, generator=gen, dtype=torch.float64) + 0.5, "jacobian", 3, args.rounds, 1),
     ]
     print("| case | n | nnz | source | mode | colours (optimum) | dense | sparse | ratio | first call | bytes / ideal | max diff (rel) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
