@@ -649,7 +649,7 @@ def sparse_jacobian(
         if res.pattern is not planned[0] and DENSE_NOTE in res.pattern.notes:
             _widen(fn, args, argnums, pattern, "jacobian", mode, cache, name, res.pattern)
         elif res.pattern is planned[0] and rows is None and mode == "auto" and isinstance(pattern, str):
-            _symmetric_next(fn, args, argnums, pattern, cache, name, planned[1], res)
+            _symmetric_next(fn, args, argnums, pattern, cache, name, planned[1], res, check_alive)
         return res
     finally:
         if drawn is not None:  # the generators as one call leaves them, as after jacrev
@@ -758,6 +758,7 @@ def _widen(
 def _symmetric_next(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], pattern: str,
     cache: PatternCache | None, name: str | None, planned: Coloring, res: SparseResult,
+    check_alive: Callable[[], None] | None = None,
 ) -> None:
     """What colouring the next request of this function and these shapes gets, as far as
     symmetry goes (see :mod:`.symmetric`): a Jacobian computed the plain way that is
@@ -765,7 +766,9 @@ def _symmetric_next(
     reads from fewer JVPs, sends later requests to that colouring (tried once per cache
     entry); one read as symmetric that the VJP proved otherwise (answered by VJPs)
     sends them back to the plain colouring. Per-point and per-draw patterns are left
-    alone (nothing reuses them)."""
+    alone (nothing reuses them). The colouring runs within the request's deadline
+    (``check_alive``): one stopped by it is logged, the answer stands, and the function
+    keeps its plain colouring."""
     from .symmetric import MODE, symmetric_coloring, symmetric_values
 
     p = res.pattern
@@ -778,10 +781,10 @@ def _symmetric_next(
     hit = cache.get(key)
     if hit is None or hit.get("pattern") is not p or hit.get("coloring") is not planned:
         return  # (another request replaced the entry meanwhile, or it was never cached)
-    try:  # no deadline here: the answer is computed; the colourings are bounded by its pattern
+    try:
         if planned.mode == MODE:
             if res.coloring is not planned:  # the VJP proved it not symmetric here: the plain colouring
-                _, plain = _colored(p, "jacobian", "auto", None)
+                plain = hit.get("plain") or _colored(p, "jacobian", "auto", check_alive)[1]  # (kept, or from disk)
                 cache.put(key, {"pattern": p, "colors": plain.colors, "mode": plain.mode, "coloring": plain,
                                 "symmetric_tried": True})
                 log.info("the Jacobian of %s is not symmetric at this point: back to its %s colouring", name, plain.mode)
@@ -798,12 +801,13 @@ def _symmetric_next(
         # alone (reverse mode's colouring) that check is one more product to pay for
         # (a 5-point Laplacian's 4 colours and the VJP gain nothing on its 5 VJPs)
         fewer_than = planned.n_colors - (1 if planned.mode == "rev" else 0)
-        sym = symmetric_coloring(p, fewer_than, most_summed(eps))
-    except Exception as exc:  # never a reason to fail the answer
+        sym = symmetric_coloring(p, fewer_than, most_summed(eps), check_alive)
+    except Exception as exc:  # never a reason to fail the answer (a deadline passed meanwhile among them)
         log.warning("symmetric colouring of %s failed: %s", name, exception_text(exc))
         return
     if sym is not None:
-        cache.put(key, {"pattern": p, "colors": sym.colors, "mode": sym.mode, "coloring": sym, "symmetric_tried": True})
+        cache.put(key, {"pattern": p, "colors": sym.colors, "mode": sym.mode, "coloring": sym, "symmetric_tried": True,
+                        "plain": planned})
         log.info("the Jacobian of %s is symmetric: %d JVPs read as symmetric from now on, where %s took %d",
                  name, sym.n_colors, planned.mode, planned.n_colors)
 
