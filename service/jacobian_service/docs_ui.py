@@ -103,6 +103,24 @@ _DOCS_JS = r"""(function () {
     return response;
   }
 
+  // Swagger UI shows a parameter's values ("Available values", "Default value",
+  // "Example") through its Markdown renderer, which reads HTML: the path parameter's
+  // values are the registered function names, so a name such as <img src=x onerror=...>
+  // was drawn as an image (its handler stopped by the CSP only), and markdown in a name
+  // as a link. Those lines are values, never prose: shown as text.
+  var VALUE_LINES = ["<i>Available values</i> : ", "<i>Default value</i> : ", "<i>Example</i> : "];
+  function valuesAsText() {
+    return {wrapComponents: {Markdown: function (Original, system) {
+      return function (props) {
+        var h = system.React.createElement, source = String(props.source == null ? "" : props.source);
+        var lead = VALUE_LINES.filter(function (l) { return source.indexOf(l) === 0; })[0];
+        if (lead === undefined) return h(Original, props);
+        return h("div", {className: ((props.className || "") + " markdown").trim()},
+                 h("p", null, h("i", null, lead.slice(3, lead.indexOf("</i>"))), " : " + source.slice(lead.length)));
+      };
+    }}};
+  }
+
   async function main() {
     var key = stored();
     // The page says when the document wants a key: asked first, not after a request
@@ -126,7 +144,7 @@ _DOCS_JS = r"""(function () {
     }
     var swagger = SwaggerUIBundle({
       spec: spec, dom_id: "#swagger-ui", presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout",
-      deepLinking: true, validatorUrl: null,
+      deepLinking: true, validatorUrl: null, plugins: [valuesAsText],
       // The key the document was read with authorizes "Try it out" too (the Authorize
       // button shows it, and logs it out).
       onComplete: function () { if (key) swagger.preauthorizeApiKey("bearer", key); },
