@@ -18,7 +18,6 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-
 from tests import sparse11_functions as s11
 
 from .conftest import ready_app

@@ -22,7 +22,8 @@ VJPs, as ``jacrev`` computes it, and the function goes back to its plain colouri
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
