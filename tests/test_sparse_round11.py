@@ -288,3 +288,33 @@ def test_the_result_limit_on_every_format(client):
     r = client.post("/v1/functions/ring/jacobian?sparsity=auto", content=_npy(x),
                     headers={"content-type": "application/x-npy", "accept": "application/x-npz"})
     _refused(r, too_dense)
+
+
+def test_concurrent_sparse_requests_batched_or_alone_are_each_their_own_point(client):
+    """Equal sparse requests arriving together are computed as one batch (the products
+    vmapped over their points) where the colouring is reverse mode, each alone
+    otherwise; whichever, every answer is its own point's Jacobian. ``pair_forces``,
+    read as symmetric by now, and ``nearly_symmetric``, whose points are asymmetric."""
+    import threading
+
+    for name, shape in (("ring", (300,)), ("pair_forces", (12, 3)), ("nearly_symmetric", (40,))):
+        xs = [RNG.uniform(0.5, 1.5, shape) for _ in range(6)]
+        if name == "pair_forces":
+            xs = [np.arange(12)[:, None] * np.array([1.1, 0.0, 0.0]) + RNG.uniform(-0.1, 0.1, (12, 3)) for _ in range(6)]
+        out = [None] * len(xs)
+
+        def post(i, name=name, xs=xs, out=out):
+            out[i] = client.post(f"/v1/functions/{name}/jacobian", json={"inputs": [f64(xs[i])], "sparsity": "auto"})
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for x, r in zip(xs, out):
+            assert r.status_code == 200, r.text
+            from jacobian_client import wire
+
+            want = jac(getattr(s11, name), x)
+            np.testing.assert_allclose(wire.decode_sparse_json(r.json()["jacobian"]).toarray(), want,
+                                       rtol=1e-10, atol=1e-10 * np.abs(want).max())
