@@ -36,3 +36,21 @@ def template_name(x: torch.Tensor) -> torch.Tensor:
 @register(name="a?b#c%41 é", inputs=[Input("x", shape=(2,))], description="URL characters in a name")
 def url_name(x: torch.Tensor) -> torch.Tensor:
     return 2 * x
+
+
+# Names that every JavaScript object already has as properties (the pages hold the
+# document in objects keyed by them).
+@register(name="hasOwnProperty", inputs=[Input("x", shape=(2,))], description="an Object.prototype name")
+def has_own_property(x: torch.Tensor) -> torch.Tensor:
+    return 3 * x
+
+
+@register(name="__proto__", inputs=[Input("__proto__", shape=(2,)), Input("constructor", shape=(2,))],
+          description="an Object.prototype name, its inputs too")
+def proto(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a * b
+
+
+@register(name="plain", inputs=[Input("toString", shape=(2,))], description="an input named as a prototype's")
+def plain(x: torch.Tensor) -> torch.Tensor:
+    return x.cos()

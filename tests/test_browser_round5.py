@@ -31,7 +31,7 @@ from tests.test_browser_round2 import _EXECUTE, _OPEN
 
 IMG_NAME = fns.IMG + "x"
 NAMES = [IMG_NAME, '" onmouseover="window.__pwned=5" x="', "{{constructor.constructor('window.__pwned=7')()}}",
-         "a?b#c%41 é"]
+         "a?b#c%41 é", "hasOwnProperty", "__proto__", "plain"]
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,10 @@ def browser() -> Iterator[Chromium]:
 
 
 def _violations(browser: Chromium) -> list[str]:
-    """Console lines of a CSP refusal or a failed load, but ReDoc's logo from its CDN
-    (refused by design: docs_ui.CSP)."""
-    return [m for m in browser.messages() if m.startswith("error:") and "cdn.redoc.ly" not in m]
+    """Console lines of a CSP refusal, a failed load or an exception, but ReDoc's logo
+    from its CDN (refused by design: docs_ui.CSP)."""
+    return [m for m in browser.messages()
+            if m.startswith(("error:", "exception:", "console.error:")) and "cdn.redoc.ly" not in m]
 
 
 def test_the_registry_is_text_in_the_docs(api, browser):
@@ -62,7 +63,12 @@ def test_the_registry_is_text_in_the_docs(api, browser):
     ``<img src=x onerror=...>x`` was drawn as an image, fetched from /x, its handler
     stopped by the page's CSP alone ("Executing inline event handler violates ...").
     Now the names are text there; neither page runs, fetches or makes anything from
-    the registry, and ReDoc too shows each name as written."""
+    the registry, and ReDoc too shows each name as written.
+
+    A function named as a property every JavaScript object has (hasOwnProperty) left
+    /redoc blank ("TypeError: Cannot convert undefined or null to object"): the
+    document's examples were keyed by it. Such a function now has no example, and
+    inputs so named (__proto__, toString) are given by position in theirs."""
     names = [f["name"] for f in httpx.get(api + "/v1/functions", timeout=30).json()]  # (the enum's order)
     assert sorted(names) == sorted(NAMES)
     browser.events.clear()
@@ -84,7 +90,7 @@ def test_the_registry_is_text_in_the_docs(api, browser):
     browser.wait_for("document.body.innerText.includes('Available values') || "
                      "document.querySelectorAll('[data-section-id]').length > 10")
     text = browser.eval("document.getElementById('redoc').innerText")
-    assert IMG_NAME in text and NAMES[1] in text, text[:500]
+    assert IMG_NAME in text and NAMES[1] in text and "hasOwnProperty" in text, text[:500]
     assert browser.eval("String(window.__pwned)") == "undefined"
     assert not [u for u in browser.requests() if u.startswith(api) and u.split("?")[0].rsplit("/", 1)[-1] == "x"]
     assert _violations(browser) == []
@@ -105,7 +111,16 @@ def test_execute_calls_a_function_by_its_hostile_name(api, browser):
     want = torch.func.jacrev(fns.img_name)(torch.full((3,), 0.5))  # the example: n sized 3, every number 0.5
     J = answer["jacobian"]
     np.testing.assert_allclose(np.float32(J["data"]).reshape(J["shape"]), want.numpy(), rtol=1e-6)
-    for name, fn in [(NAMES[1], fns.quote_name), (NAMES[3], fns.url_name)]:
+    # A function named as an object's own property has no example: picked for vjp, the
+    # page looked its example up as examples[name], found Object.prototype's
+    # hasOwnProperty, and threw (a TypeError in the console). The body typed runs.
+    vjp = "/v1/functions/{name}/vjp"
+    assert browser.eval(f"{_OPEN}({json.dumps(vjp)}, 'post')")
+    body = json.dumps({"inputs": [[0.25, 0.75]], "cotangents": [1.0, 1.0]})
+    got = browser.eval(f"{_EXECUTE}({json.dumps(vjp)}, 'post', 'hasOwnProperty', 'application/json', {json.dumps(body)})",
+                       timeout_s=90)
+    assert got["status"] == "200" and json.loads(got["text"])["vjp"]["data"] == [3.0, 3.0], got
+    for name, fn in [(NAMES[1], fns.quote_name), (NAMES[3], fns.url_name), ("hasOwnProperty", fns.has_own_property)]:
         status, body = browser.eval(
             f"fetch('/v1/functions/' + encodeURIComponent({json.dumps(name)}) + '/jacobian', {{method: 'POST', "
             "headers: {'content-type': 'application/json'}, body: JSON.stringify({inputs: [[0.25, 0.75]]})})"

@@ -206,7 +206,8 @@ _DOCS_JS = r"""(function () {
     async function fillVjp(block, name) {
       var jvp = spec.paths["/v1/functions/{name}/jvp"];
       var examples = (((jvp && jvp.post.requestBody.content["application/json"]) || {}).examples) || {};
-      if (!examples[name]) return;
+      // (own keys only: a function named constructor has no example, yet every object has one)
+      if (!Object.prototype.hasOwnProperty.call(examples, name)) return;
       var inputs = examples[name].value.inputs;
       var headers = {"Content-Type": "application/json", Accept: "application/json"};
       var bearer = authorized() || key;

@@ -282,6 +282,27 @@ class _TooLarge(Exception):
     pass
 
 
+# The pages read the document into JavaScript objects keyed as the document is, and an
+# object key that names a property every object inherits is not a plain key there: an
+# example keyed by a function named hasOwnProperty left /redoc blank ("Cannot convert
+# undefined or null to object"), and one keyed __proto__ vanished from Swagger UI (its
+# Execute sent no inputs). A function so named gets no example; inputs so named are
+# given by position, as the body may give them.
+_JS_OBJECT_KEYS = frozenset({
+    "__proto__", "constructor", "hasOwnProperty", "isPrototypeOf", "propertyIsEnumerable", "toLocaleString",
+    "toString", "valueOf", "__defineGetter__", "__defineSetter__", "__lookupGetter__", "__lookupSetter__"})
+
+
+def _tree_keys(node: dict[str, Any]) -> set[str]:
+    """Every dict key of a declared tree (an Input's or a node's)."""
+    node = node.get("tree") or node
+    if node.get("type") == "dict":
+        return set(node["items"]).union(*(_tree_keys(child) for child in node["items"].values()))
+    if node.get("type") in ("tuple", "list"):
+        return set().union(*(_tree_keys(child) for child in node["items"]))
+    return set()
+
+
 def _example_leaf(node: dict[str, Any]) -> Any:
     dims = [d if isinstance(d, int) else _EXAMPLE_SIZE for d in (node.get("shape") or [])]
     if math.prod(dims) > _EXAMPLE_MAX_NUMBERS:
@@ -307,10 +328,14 @@ def _example_input(node: dict[str, Any]) -> Any:
 def _request_examples(kind: str, functions: list[dict[str, Any]]) -> dict[str, Any]:
     examples = {}
     for function in functions:
+        if function["name"] in _JS_OBJECT_KEYS or _JS_OBJECT_KEYS & set().union(*map(_tree_keys, function["inputs"])):
+            continue
         try:
-            inputs = {i["name"]: _example_input(i) for i in function["inputs"]}
+            inputs: Any = {i["name"]: _example_input(i) for i in function["inputs"]}
         except _TooLarge:
             continue
+        if _JS_OBJECT_KEYS & set(inputs):
+            inputs = list(inputs.values())
         body: dict[str, Any] = {"inputs": inputs}
         if kind in ("jvp", "hvp") and function["inputs"]:  # argnums 0: one tangent, shaped as the first input
             body["tangents"] = _example_input(function["inputs"][0])
@@ -323,7 +348,7 @@ def _shapes_examples(functions: list[dict[str, Any]]) -> dict[str, Any]:
     input has no one shape)."""
     examples = {}
     for function in functions:
-        if all(not i.get("tree") for i in function["inputs"]):
+        if function["name"] not in _JS_OBJECT_KEYS and all(not i.get("tree") for i in function["inputs"]):
             shapes = ";".join(",".join(str(d if isinstance(d, int) else _EXAMPLE_SIZE) for d in (i["shape"] or []))
                               for i in function["inputs"])
             examples[function["name"]] = {"summary": function["name"], "value": shapes}
