@@ -9,6 +9,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 from jacobian_client import wire
 
@@ -138,6 +139,31 @@ def test_payload_and_result_limits(make_client):
     np.testing.assert_allclose(got, np.diag(np.cos(np.full(40, 0.5))), rtol=1e-6)
     still_serving(c)
 
+
+
+@pytest.mark.parametrize("mode", [None, "rev", "auto"])
+def test_a_npy_jacobian_between_the_result_limit_and_the_stream_threshold_streams(make_client, mode):
+    """A streamed .npy is not held to MAX_RESULT_BYTES, but one under the stream threshold
+    (8 MiB) was gathered and then held to it: with a 4 KiB limit, a 40 x 40 softmax
+    Jacobian (6,400 bytes) as .npy was a 413 while a 2,000 x 2,000 one (16 MB) streamed
+    (and with mode=auto that one was a 413 too: auto gathered). Each now streams."""
+    c = make_client(max_result_bytes=4096)
+    x = np.linspace(0.1, 1.0, 40, dtype=np.float32)
+    query = f"?mode={mode}" if mode else ""
+    response = c.post(f"/v1/functions/softmax/jacobian{query}", content=npy_bytes(x),
+                      headers={"content-type": wire.NPY, "accept": wire.NPY})
+    got, _ = decode(response)
+    want = torch.func.jacrev(torch.softmax, argnums=0)(torch.from_numpy(x), 0).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    if mode == "auto":  # the larger one too
+        big = np.linspace(0.1, 1.0, 1500, dtype=np.float32)
+        response = c.post("/v1/functions/softmax/jacobian?mode=auto", content=npy_bytes(big),
+                          headers={"content-type": wire.NPY, "accept": wire.NPY})
+        assert response.status_code == 200 and np.load(io.BytesIO(response.content)).shape == (1500, 1500)
+    # as JSON it is gathered, and refused
+    assert_problem(c.post(f"/v1/functions/softmax/jacobian{query}", json={"inputs": [x.tolist()]}), 413,
+                   "result_too_large")
+    still_serving(c)
 
 
 @pytest.mark.parametrize(("path", "body", "remedy"), [

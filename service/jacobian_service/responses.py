@@ -315,7 +315,7 @@ class StreamBudget:
 
     def __init__(self, max_bytes: int, stream_threshold: int = 8 << 20) -> None:
         self.max_bytes = max_bytes
-        self.stream_threshold = stream_threshold  # the engines stream only results larger than this
+        self.stream_threshold = stream_threshold  # the engines stream only results larger than this (and the result limit)
         self.used = 0
         self._known: collections.OrderedDict[Any, int] = collections.OrderedDict()
 

@@ -174,7 +174,7 @@ class Worker:
             return None
         if kind == "jacobian_npy":  # batchable only once earlier calls showed it is small
             rows = self.engine.profiles[call.spec.name].output_rows.get(call.signature())
-            if rows is None or call.mode == "fwd" or rows * call.row_nbytes() > self.stream_threshold:
+            if rows is None or call.mode == "fwd" or rows * call.row_nbytes() > call.gathered_at_most(self.stream_threshold):
                 return None
             kind = "jacobian"
         if kind not in ("jacobian", "evaluate", "hessian"):

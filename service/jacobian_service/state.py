@@ -28,7 +28,9 @@ class ServiceState:
 
     def __post_init__(self) -> None:
         if self.streams is None:
-            self.streams = StreamBudget(self.body_budget.max_bytes, self.settings.stream_threshold_bytes)
+            # the engines gather a .npy Jacobian only up to the smaller of the two (Call.gathered_at_most)
+            s = self.settings
+            self.streams = StreamBudget(self.body_budget.max_bytes, min(s.stream_threshold_bytes, s.max_result_bytes))
 
     @property
     def registry(self) -> Registry:

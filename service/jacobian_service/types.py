@@ -119,6 +119,13 @@ class Call:
         """Bytes of one Jacobian row on the wire (args hold bfloat16 as float32 already)."""
         return sum(self.args[i].nbytes for i in self.argnums)
 
+    def gathered_at_most(self, stream_threshold: int) -> int:
+        """The most bytes of a ``.npy`` Jacobian gathered whole: a larger one streams, and
+        a streamed ``.npy`` is not held to ``max_result_bytes``. (Gathered up to the stream
+        threshold alone, one between the result limit and the threshold was a 413 while
+        every larger one streamed.)"""
+        return stream_threshold if self.max_result_bytes is None else min(stream_threshold, self.max_result_bytes)
+
     def check_alive(self) -> None:
         if self.cancelled():
             raise Timeout("the request was cancelled")

@@ -365,11 +365,18 @@ class Engine:
         the output shape, hence the header and length, before any row is computed."""
         if call.sparsity != "dense" and call.sparse_format == "dense":
             return _sparse.streamed_rows(self, call, stream_threshold)
-        if call.batched or call.sparsity != "dense" or (call.rows is None and call.mode != "rev"):
+        if call.batched or call.sparsity != "dense":
             return self.jacobian(call)
+        if call.rows is None and call.mode != "rev":
+            forward = self._forward_jacobian(call)
+            if forward is not None:
+                return forward
+            # reverse mode after all (``auto``), streamed as ``mode=rev`` is: gathered, a
+            # large one was a 413 where mode=rev streamed it
         stream = self.row_stream(call)
         start, stop = call.rows or (0, stream.total_rows)
-        if len(stream.leaves) != 1 or not call.single_primal() or (stop - start) * call.row_nbytes() <= stream_threshold:
+        if (len(stream.leaves) != 1 or not call.single_primal()
+                or (stop - start) * call.row_nbytes() <= call.gathered_at_most(stream_threshold)):
             return self.jacobian(call, stream)
         primal = stream.primals[0]
         shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)
@@ -437,8 +444,9 @@ class Engine:
         check_floating(out)
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
         in_numel = sum(p.numel() for p in pytree.tree_leaves(primals))
-        if call.mode == "auto" and in_numel >= out_numel:
-            return None
+        if call.mode == "auto" and (in_numel >= out_numel or (
+                call.max_result_bytes is not None and out_numel * call.row_nbytes() > call.max_result_bytes)):
+            return None  # reverse mode: fewer passes, or (past the result limit) a .npy it can stream
         if call.chunk_size is not None and call.chunk_size < in_numel:
             # jacfwd pushes every input column in one vmap (it takes no chunk_size): the
             # bound asked for is kept by reverse mode's row chunks (the result is the same)

@@ -193,10 +193,7 @@ def streamed_rows(engine: Any, call: Call, stream_threshold: int) -> Result | An
     csr = result.value
     m, n = csr.shape
     dtype = _dense_dtype(call)
-    # Gathered only where the result limit lets it through whole: one under the stream
-    # threshold but over MAX_RESULT_BYTES was a 413 while every larger one streamed
-    limit = stream_threshold if call.max_result_bytes is None else min(stream_threshold, call.max_result_bytes)
-    if m * n * dtype.itemsize <= limit:
+    if m * n * dtype.itemsize <= call.gathered_at_most(stream_threshold):
         result.value = csr.toarray().astype(dtype, copy=False)  # as the streamed rows are
         return result
     # Chunks of about 1 MiB of dense rows (at least one row): the front end's buffer,
