@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from jacobian_client import wire
 
 from .conftest import assert_problem, live_server
 from .test_connections import _connect, _problem, _read_to_close
+from .test_hostile_round14 import _batches  # round 14's: batches the engines ran, from /metrics
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +46,6 @@ _steps: Path
 
 def _steps_taken() -> int:
     return _steps.stat().st_size if _steps.exists() else 0
-
-
-def _batches(url: str) -> float:
-    """Batches the engines ran, from /metrics (each job an engine runs is in one)."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return float(re.search(r"^jacobian_service_batch_size_count (\S+)$", text, re.M).group(1))
 
 
 def _npy(x: np.ndarray) -> bytes:

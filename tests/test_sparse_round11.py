@@ -22,6 +22,7 @@ from tests import sparse11_functions as s11
 
 from .conftest import ready_app
 from .test_sparse_round9 import f64, jac, sparse  # the round-9 helpers: a request, its answer, torch's
+from .test_sparse_round10 import sdk  # noqa: F401 (round 10's fixture: the SDK through this module's in-process app)
 
 RNG = np.random.default_rng(11)
 
@@ -135,22 +136,6 @@ def test_a_finite_element_hessian_against_torch(client):
     want = torch.autograd.functional.hessian(s11.fe_energy, torch.from_numpy(u)).numpy()
     assert_exact(H, meta, want, rtol=1e-10)
     assert H.nnz == 137 and meta["products"] <= 5, meta
-
-
-@pytest.fixture(scope="module")
-def sdk(client):
-    import httpx
-
-    from jacobian_client import Client
-
-    def forward(request: httpx.Request) -> httpx.Response:
-        r = client.request(request.method, str(request.url.copy_with(scheme="http", host="testserver", port=None)),
-                           content=request.content, headers=dict(request.headers))
-        headers = {k: v for k, v in r.headers.items() if k.lower() not in ("content-encoding", "transfer-encoding")}
-        return httpx.Response(r.status_code, headers=headers, content=r.content)
-
-    with Client("http://sdk.test", http_transport=httpx.MockTransport(forward), max_retries=0) as c:
-        yield c
 
 
 def test_the_membrane_by_trust_constr_with_the_services_sparse_hessian(sdk):
