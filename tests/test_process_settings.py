@@ -552,24 +552,31 @@ def test_the_status_file_is_read_again_through_a_kept_descriptor_that_is_still_i
         ps._STATUS.clear()
 
 
+class EqualToEverything:
+    """A hook (a handler, a profile function, a stream) whose ``__eq__`` says equal to
+    anything, None included: only an identity test sees it replace another."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+    def __call__(self, *args: object) -> None:
+        return None
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
 def test_a_hook_equal_to_everything_is_still_taken_for_a_change():
     """The pass that finds nothing changed compares the settings tested by value in one
     step (``ProcessSettings._unchanged``); a hook is tested by identity, never by ``==``:
     a profile function whose ``__eq__`` says equal to anything (None included) is still
     seen, and put back."""
     from jacobian_service.engine.process_settings import ProcessSettings
-
-    class EqualToEverything:
-        def __eq__(self, other: object) -> bool:
-            return True
-
-        def __ne__(self, other: object) -> bool:
-            return False
-
-        __hash__ = object.__hash__
-
-        def __call__(self, *args: object) -> None:
-            return None
 
     before = sys.getprofile()
     settings = ProcessSettings()
@@ -681,21 +688,6 @@ def test_handlers_hooks_and_streams_equal_to_everything_are_still_taken_for_a_ch
     """Signal handlers, exception hooks and sys.stdout are compared by their ids in the
     pass that finds nothing changed: one whose ``__eq__`` says equal to anything is
     still seen, and put back."""
-
-    class EqualToEverything:
-        def __eq__(self, other: object) -> bool:
-            return True
-
-        def __ne__(self, other: object) -> bool:
-            return False
-
-        __hash__ = object.__hash__
-
-        def __call__(self, *args: object) -> None:
-            return None
-
-        def write(self, text: str) -> int:
-            return len(text)
 
     own_settings = _own_settings()
     before = (signal.getsignal(signal.SIGUSR1), sys.unraisablehook, sys.stdout)
