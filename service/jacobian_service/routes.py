@@ -445,10 +445,11 @@ def _stream_bounds(call: Call, sparse: bool) -> tuple[int, int, int, int | None]
     a row's bytes, the most rows a chunk takes (an explicit ``chunk_size``, else the
     engine's bound: HOST_CHUNK_BYTES of rows, a densified sparse Jacobian's
     SPARSE_CHUNK_BYTES), the fewest, and the result's bytes where ``rows`` tells them (0:
-    the engine gathers it, never streamed: per-example, forward mode without ``rows``, or
-    a derivative w.r.t. several arrays; engine.core's jacobian_npy)."""
+    the engine gathers it, never streamed: per-example, ``mode=fwd`` without ``rows``, or
+    a derivative w.r.t. several arrays; engine.core's jacobian_npy. ``mode=auto`` may
+    stream: reverse mode where forward would not pay or its result would pass the limit)."""
     row = call.row_nbytes()
-    if not sparse and (call.batched or (call.rows is None and call.mode != "rev") or not call.single_primal()):
+    if not sparse and (call.batched or (call.rows is None and call.mode == "fwd") or not call.single_primal()):
         return row, 1, 1, 0
     if sparse:
         most, least = max(1, SPARSE_CHUNK_BYTES // max(1, row)), 1
