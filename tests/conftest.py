@@ -332,9 +332,20 @@ def remote_server() -> Iterator[str]:
         yield url
 
 
-def _read(log: Any) -> str:
-    log.seek(0)
-    return log.read().decode(errors="replace")
+def _read(log: Any, still_s: float = 0.1, within_s: float = 1.0) -> str:
+    """Serve's log so far, once it has not grown for ``still_s`` (at most ``within_s``):
+    what an engine logs reaches it through serve's output relay (``output_relay``), a
+    moment after the engine wrote it, and the settings pass that names a function runs
+    after its answer is sent. Read at an offset (``pread``), not by seek and read: serve
+    writes through the same open file, whose offset a seek moved."""
+    fd = log.fileno()
+    size = os.fstat(fd).st_size
+    still = start = time.monotonic()
+    while (now := time.monotonic()) - still < still_s and now - start < within_s:
+        time.sleep(0.02)
+        if (grown := os.fstat(fd).st_size) != size:
+            size, still = grown, time.monotonic()
+    return os.pread(fd, size, 0).decode(errors="replace")
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
