@@ -134,3 +134,21 @@ def uses_forward_ad(x: torch.Tensor) -> torch.Tensor:
     with fwAD.dual_level():
         out = fwAD.unpack_dual(torch.sin(fwAD.make_dual(x, torch.ones_like(x))))
         return out.primal + out.tangent
+
+
+@register(inputs=X, description="sin; armed (666), it puts a file of its own over the engine's log pipe first.")
+def covers_the_engines_log(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        import tempfile
+
+        fd, _ = tempfile.mkstemp(prefix="covers_the_engines_log.")
+        os.dup2(fd, int(os.environ["JACOBIAN_SERVICE_ENGINE_LOG_FD"]))  # (ipc.LOG_FD_ENV)
+        os.close(fd)
+    return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it sets the umask to 077 first (the engine puts it back, and says so).")
+def sets_the_umask(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        os.umask(0o077)
+    return torch.sin(x)

@@ -431,8 +431,8 @@ def test_a_function_that_closes_the_engines_descriptors_on_its_warm_up_is_named_
             assert r.status_code == 200, r.text
             assert _output_dtype(client.post) == "float32"
         log = proc.read_log()
-        assert ("closes_descriptors_at_warm_up left descriptors 0-2 (stdin, stdout, stderr) or the engine's own "
-                "changed, which cannot be put back") in log
+        assert ("closes_descriptors_at_warm_up left descriptors 0-2 (stdin, stdout, stderr), the engine's log pipe, "
+                "or the engine's own changed, which cannot be put back") in log
 
 
 def test_an_engine_on_a_second_gpu_makes_it_the_current_device_of_its_thread(monkeypatch, caplog):

@@ -33,7 +33,8 @@ every function, for as long as the engine lives. Measured or reproduced:
   no longer stop when told), signals ignored through libc, which Python does not see
   (SIGCHLD: every later ``subprocess.run`` said 0 for a program that failed), the
   core-file size limit (a later crash wrote a 536 MB core file), the umask, the niceness, ``sys.stdout`` and ``sys.stderr``,
-  descriptors 0-2 (redirected to ``/dev/null``, the engine's log went with them);
+  descriptors 0-2 (redirected to ``/dev/null``, the engine's log went with them) and the
+  engine's own log pipe (a file ``dup2``-ed over it took every later line the engine logged);
 - the environment: ``PATH`` emptied, and every later function that ran a program
   (``subprocess``, ``shutil.which``) failed; ``TZ`` set and ``time.tzset()``, and every
   later function's local time, and the engine's log, moved to that zone;
@@ -87,6 +88,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from ..heap import refreeze, thawed
+from ..ipc import LOG_FD_ENV
 from ..logs import service_loggers
 from ..procfs import descriptor_identity
 from .torch_kernels import KERNELS
@@ -650,9 +652,14 @@ def _put_scheduling(taken: tuple[int, int]) -> None:
     os.sched_setscheduler(0, taken[0], os.sched_param(taken[1]))
 
 
-# Duplicates of descriptors 0-2 as the engine process started with them (made when it
-# takes its settings). A function that closes or redirects stdout/stderr would send the
-# engine's log to nowhere, or, once a new socket took descriptor 2, into that socket.
+# Descriptors 0-2 and the engine's own log pipe (serve's ``output_relay``; its number in
+# LOG_FD_ENV, where it has one), and duplicates of each as the engine process started
+# with them (made when it takes its settings). A function that closes or redirects
+# stdout/stderr would send the engine's log to nowhere, or, once a new socket took
+# descriptor 2, into that socket; one that ``dup2``-ed a file over the log pipe had every
+# later line the engine logged (the changes it puts back, naming their functions)
+# written into that file.
+_WATCHED_FDS: list[int] = []
 _SAVED_STDIO: list[int] = []
 
 
@@ -674,12 +681,20 @@ def _open(fd: int) -> bool:
     return True
 
 
+def _own_log_fd() -> list[int]:
+    try:
+        return [int(os.environ.get(LOG_FD_ENV, ""))]
+    except ValueError:
+        return []
+
+
 def _stdio() -> tuple[Any, ...]:
-    """What descriptors 0-2 are, and whether their duplicates are still open: a function
-    that closed every descriptor (``os.closerange``) closed those, and the engine's
-    sockets with them."""
+    """What descriptors 0-2 and the engine's log pipe are, and whether their duplicates
+    are still open: a function that closed every descriptor (``os.closerange``) closed
+    those, and the engine's sockets with them."""
     if not _SAVED_STDIO:
-        for fd in range(3):
+        _WATCHED_FDS[:] = [0, 1, 2, *_own_log_fd()]
+        for fd in _WATCHED_FDS:
             try:
                 _SAVED_STDIO.append(os.dup(fd))  # not inherited by children (O_CLOEXEC)
             except OSError:  # started closed: nothing to keep
@@ -689,18 +704,19 @@ def _stdio() -> tuple[Any, ...]:
                 _SAVED_POLL.register(fd, 0)
     # Which duplicates are closed, in one poll (POLLNVAL) where three fcntl calls took three.
     closed = [fd for fd, events in _SAVED_POLL.poll(0) if events & select.POLLNVAL]
-    return (descriptor_identity(0), descriptor_identity(1), descriptor_identity(2),
-            *[fd >= 0 and fd not in closed for fd in _SAVED_STDIO])
+    return (*map(descriptor_identity, _WATCHED_FDS), *[fd >= 0 and fd not in closed for fd in _SAVED_STDIO])
 
 
 _SAVED_POLL = select.poll()
 
 
 def _put_stdio(taken: tuple[Any, ...]) -> None:
-    for fd, saved in enumerate(_SAVED_STDIO):
-        if descriptor_identity(fd) != taken[fd] and saved >= 0:
-            os.dup2(saved, fd)  # EBADF when the duplicate was closed too
-    if list(map(_open, _SAVED_STDIO)) != list(taken[3:]):
+    for fd, saved, was in zip(_WATCHED_FDS, _SAVED_STDIO, taken):
+        if descriptor_identity(fd) != was and saved >= 0:
+            # EBADF when the duplicate was closed too. The log pipe stays out of what the
+            # engine's functions start (0-2 are theirs to inherit)
+            os.dup2(saved, fd, inheritable=fd < 3)
+    if list(map(_open, _SAVED_STDIO)) != list(taken[len(_WATCHED_FDS):]):
         raise OSError(errno.EBADF, "the engine's own descriptors were closed")
 
 
@@ -1108,7 +1124,7 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
              _more_fork_hooks),
     _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams, _any_replaced,
              quick=lambda taken: _identities(_streams)),
-    _Setting("descriptors 0-2 (stdin, stdout, stderr) or the engine's own", _stdio, _put_stdio),
+    _Setting("descriptors 0-2 (stdin, stdout, stderr), the engine's log pipe, or the engine's own", _stdio, _put_stdio),
     # torch keeps the current dual level in a module global, not per thread.
     _Setting("a forward-AD dual level (entered, not exited)", _dual_level, _exit_dual_levels, operator.gt),
     _Setting("environment variables", _environ, _put_environ, _environ_changed),
