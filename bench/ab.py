@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,19 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: flo
     raise RuntimeError(f"server not ready after {timeout} s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
+def stop(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """Stop servers started by :func:`start`: all told at once, then each waited for
+    (killed after 30 s)."""
+    procs = list(procs)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.splitlines()[0])
     p.add_argument("old", type=Path)
@@ -182,13 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in clients.values():
             c.close()
     finally:
-        for proc, _ in procs.values():
-            proc.terminate()
-        for proc, _ in procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc for proc, _ in procs.values())
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import numpy as np
 from jacobian_service.procfs import cpu_seconds
 
 from ._server import npy_bytes, process_label, tree_pids
-from .ab import start, wait_ready
+from .ab import start, stop, wait_ready
 from .layout import _LUA, wrk
 
 
@@ -82,13 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"servers: old :{procs['old'][1]} new :{procs['new'][1]}; kept up {args.keep:g} s", flush=True)
             time.sleep(args.keep)
     finally:
-        for proc, _ in procs.values():
-            proc.terminate()
-        for proc, _ in procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc for proc, _ in procs.values())
     return 0
 
 
