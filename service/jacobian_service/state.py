@@ -10,6 +10,7 @@ from .metrics import Metrics
 from .registry import Registry
 from .responses import EncodeBudget, StreamBudget
 from .settings import Settings
+from .types import gathered_at_most
 
 __all__ = ["ServiceState"]
 
@@ -28,9 +29,9 @@ class ServiceState:
 
     def __post_init__(self) -> None:
         if self.streams is None:
-            # the engines gather a .npy Jacobian only up to the smaller of the two (Call.gathered_at_most)
             s = self.settings
-            self.streams = StreamBudget(self.body_budget.max_bytes, min(s.stream_threshold_bytes, s.max_result_bytes))
+            self.streams = StreamBudget(self.body_budget.max_bytes,
+                                        gathered_at_most(s.stream_threshold_bytes, s.max_result_bytes))
 
     @property
     def registry(self) -> Registry:

@@ -19,7 +19,7 @@ import orjson
 from .errors import Timeout
 from .registry import FunctionSpec
 
-__all__ = ["HOST_CHUNK_BYTES", "SPARSE_CHUNK_BYTES", "Call", "JobInfo", "Result", "example_shape", "is_sparse_matrix", "never_cancelled", "tree_leaves"]
+__all__ = ["HOST_CHUNK_BYTES", "SPARSE_CHUNK_BYTES", "Call", "JobInfo", "Result", "example_shape", "gathered_at_most", "is_sparse_matrix", "never_cancelled", "tree_leaves"]
 
 
 # The most bytes of rows a streamed Jacobian's chunk the engine chooses holds on the host
@@ -53,6 +53,14 @@ def example_shape(shape: tuple[int, ...], dim: int | None) -> tuple[int, ...]:
 def never_cancelled() -> bool:
     """A call's cancel check when no engine job is running it."""
     return False
+
+
+def gathered_at_most(stream_threshold: int, max_result_bytes: int | None) -> int:
+    """The most bytes of a ``.npy`` Jacobian the engines gather whole: a larger one
+    streams, and a streamed ``.npy`` is not held to ``max_result_bytes``. (Gathered up to
+    the stream threshold alone, one between the result limit and the threshold was a 413
+    while every larger one streamed.) The front end's stream budget reads the same rule."""
+    return stream_threshold if max_result_bytes is None else min(stream_threshold, max_result_bytes)
 
 
 @dataclass
@@ -120,11 +128,8 @@ class Call:
         return sum(self.args[i].nbytes for i in self.argnums)
 
     def gathered_at_most(self, stream_threshold: int) -> int:
-        """The most bytes of a ``.npy`` Jacobian gathered whole: a larger one streams, and
-        a streamed ``.npy`` is not held to ``max_result_bytes``. (Gathered up to the stream
-        threshold alone, one between the result limit and the threshold was a 413 while
-        every larger one streamed.)"""
-        return stream_threshold if self.max_result_bytes is None else min(stream_threshold, self.max_result_bytes)
+        """:func:`gathered_at_most` under this call's result limit."""
+        return gathered_at_most(stream_threshold, self.max_result_bytes)
 
     def check_alive(self) -> None:
         if self.cancelled():
