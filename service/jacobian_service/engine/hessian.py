@@ -197,7 +197,12 @@ def hessian(engine: "Engine", call: Call) -> Result:
     known = table.get(key)
     order = (known, "jacrev_jacrev") if known else candidates(isinstance(out, torch.Tensor) and out.dim() == 0)
     measure = known is None and out_numel * in_numel * in_numel <= _MEASURE_ELEMENTS
-    if profile.grad_off:  # the strategies differ for it: torch's own, or torch's failure
+    # No input elements: the Hessian has no entries, which every strategy gives alike, and
+    # torch's own cannot (jacfwd over a basis of no vectors fails to take its aux, an
+    # IndexError: a 500 for a function that reads a gradient under no_grad, which is
+    # held to torch's own strategy below)
+    vacuous = in_numel == 0
+    if profile.grad_off and not vacuous:  # the strategies differ for it: torch's own, or torch's failure
         order, measure, known = (TORCHS,), False, TORCHS
     found: Any = None
     used = ""
@@ -232,7 +237,7 @@ def hessian(engine: "Engine", call: Call) -> Result:
             failure = exc  # e.g. no forward-AD rule for an op: try the next strategy
             torch_failed = function_error(exc) if name == TORCHS else torch_failed
             continue
-        if watch.seen:
+        if watch.seen and not vacuous:
             # A backward pass switched grad off (@once_differentiable): this strategy
             # differentiated a gradient computed without a graph and found 0. Only
             # torch's own strategy sees through it; where it cannot run, its error.
