@@ -62,7 +62,8 @@ requests (a backward pass inside a compiled function), runs outside the compiled
 compiles. ``fullgraph=True`` allows no graph break, so it cannot hold a remote
 function: dynamo's error then says so. Tracing into a graph (``make_fx``,
 ``torch.export``, ``torch.func.linearize``) raises instead: the graph would replay one
-answer as a constant.
+answer as a constant. ``torch.fx.symbolic_trace`` records each call as a node of its
+graph, which calls the service when the GraphModule runs (see ``_fx_tracer``).
 
 Second derivatives through the remote function (double backward with
 ``create_graph=True``, ``torch.func.hessian``, ``jacrev(jacrev(f))``, ``gradgradcheck``,
@@ -112,11 +113,39 @@ def remote(client: Any, name: str) -> Callable[..., Any]:
         return spec.rebuild(flat)
 
     def fn(*inputs: Any, **named: Any) -> Any:
+        tracer = _fx_tracer((inputs, named))
+        if tracer is not None:  # torch.fx.symbolic_trace: one node of the graph, called when it runs
+            return tracer.create_proxy("call_function", made, inputs, named)
         return _eagerly(call, inputs, named)
 
     fn.__name__ = fn.__qualname__ = f"remote_{name}"
     fn.__doc__ = f"The remote function {name!r}, differentiable by torch autograd and torch.func."
-    return Remade(fn, remote, (client, name), {})
+    made = Remade(fn, remote, (client, name), {})
+    return made
+
+
+def _fx_tracer(tree: Any) -> Any:
+    """The ``torch.fx`` tracer whose Proxy is among the inputs (a tree of them), or None.
+
+    ``torch.fx.symbolic_trace`` (FX graph mode quantization, torchvision's feature
+    extraction) calls a model with Proxies, which hold no values: the remote function
+    read one as an array and failed with numpy's "ValueError: invalid __array_struct__".
+    The call is recorded instead, as ``torch.fx.wrap`` records a function, and the traced
+    GraphModule calls the remote function when it runs, with that run's tensors: the
+    requests are made then, never baked into the graph (which make_fx would do, and is
+    refused for: see ``_refuse_tracing``). Without torch.fx loaded there is no Proxy."""
+    fx = sys.modules.get("torch.fx")
+    proxy = getattr(fx, "Proxy", None)
+    if proxy is None:
+        return None
+    if isinstance(tree, proxy):
+        return tree.tracer
+    children = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (tuple, list)) else ()
+    for child in children:
+        tracer = _fx_tracer(child)
+        if tracer is not None:
+            return tracer
+    return None
 
 
 # --------------------------------------------------------------------------- outside torch.compile
