@@ -32,7 +32,10 @@ finite differences) needs, and where that answers the objective stops prefetchin
 (for ``minimize(..., jac=True)``) is always one request. ``hessp(x, p)`` is one ``hvp``
 request (forward-over-reverse on the service) per call (a function without a forward-mode
 rule: one ``hessian`` per point instead, see ``hessp``), ``hess(x)`` one ``hessian``
-request (``x.size`` squared numbers: prefer ``hessp`` for large ``x``).
+request (``x.size`` squared numbers: prefer ``hessp`` for large ``x``). A vector function
+as a constraint (``NonlinearConstraint(c.fun, lb, ub, jac=c.jac, hess=c.constraint_hess)``
+for ``trust-constr``): ``constraint_hess(x, v)``, the Hessian of ``v . c(x)``, is one
+``hvp`` request.
 
 ``sparsity="auto"`` (the pattern traced by the service) or the name of a pattern the
 function declares makes ``jac`` and ``fun_and_jac`` return the Jacobian as a
@@ -65,9 +68,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._arrays import Bfloat16, as_wire_value, is_torch_tensor
-from ._errors import APIError, FunctionError, OutOfMemory, ResultTooLarge, Timeout
+from ._errors import APIError, FunctionError, InvalidInput, OutOfMemory, ResultTooLarge, Timeout
 from ._protocol import _input_leaves
-from ._remote import check_sync_client, lacks_forward_mode, no_forward_mode
+from ._remote import check_sync_client, lacks_forward_mode, no_forward_mode, with_hint
 from .wire import is_sparse
 
 __all__ = ["RemoteObjective", "remote_objective"]
@@ -356,12 +359,80 @@ class RemoteObjective:
     def hess(self, x: Any, *args: Any) -> Any:
         """The Hessian of a scalar function at ``x``, ``(x.size, x.size)``: one hessian
         request (for ``minimize(..., hess=)``: trust-exact, dogleg, Newton-CG; with
-        ``sparsity``, a CSR array, for trust-constr)."""
+        ``sparsity``, a CSR array, for trust-constr). A function with a vector output has
+        no such matrix (a constraint's: see ``constraint_hess``)."""
         x, inputs = self._inputs(x, args)
-        parts = self.client._parts("hessian", self.name, inputs, self._derivative_options())
+        try:
+            parts = self.client._parts("hessian", self.name, inputs, self._derivative_options())
+        except InvalidInput as exc:
+            if not args or self.args:
+                raise
+            # NonlinearConstraint(hess=obj.hess) calls hess(x, v): v was sent as an input
+            raise with_hint(exc, f"remote_objective({self.name!r}).hess(x, *args) took {len(args)} more "
+                                 "argument(s) as the function's inputs held fixed (SciPy's args=); "
+                                 "NonlinearConstraint calls hess(x, v) with Lagrange multipliers v: pass "
+                                 "hess=constraint_hess there") from None
         if is_sparse(parts["value"]):
             return parts["value"]
-        return np.asarray(parts["value"]).reshape(x.size, x.size)
+        H = np.asarray(parts["value"])
+        if H.size != x.size * x.size:
+            # a vector output's Hessians, one per element: reshaped, numpy's "cannot reshape array of
+            # size 18 into shape (3,3)" said nothing of why
+            raise TypeError(f"remote_objective: {self.name!r} returns an output of shape "
+                            f"{list(H.shape[: H.ndim - 2 * len(self._x_shape(x))])}; "
+                            "hess(x) is the Hessian of a scalar function (minimize(hess=)). For a vector "
+                            "function as a constraint (NonlinearConstraint(hess=)), pass constraint_hess: the "
+                            "Hessian of v . f(x) for the multipliers v")
+        return H.reshape(x.size, x.size)
+
+    def constraint_hess(self, x: Any, v: Any, *args: Any) -> np.ndarray:
+        """The Hessian of ``v . f(x)``, ``sum_i v_i H_i(x)``, ``(x.size, x.size)``: what
+        ``NonlinearConstraint(fun, lb, ub, jac=obj.jac, hess=obj.constraint_hess)`` takes
+        (trust-constr's Lagrangian, ``v`` its multipliers, one per output element). One
+        ``hvp`` request: the cotangent ``v`` paired with each of the ``x.size`` basis
+        tangents, ``x.size`` products of (outputs + 2 x.size) numbers where the Hessians
+        are outputs x x.size^2. The output's shape comes from the value at ``x`` (the
+        solver's own, cached; else one request). A function without a forward-mode rule:
+        its ``hessian``, contracted with ``v`` here (see ``hessp``)."""
+        x, inputs = self._inputs(x, args)
+        value, _ = self._cached(x, args)
+        if value is None:
+            value = self.fun(x, *args)
+        out_shape = np.shape(value)
+        v = np.asarray(v, dtype=np.float64)
+        if v.size != int(np.prod(out_shape)):
+            raise ValueError(f"remote_objective: constraint_hess of {self.name!r} takes one multiplier per output "
+                             f"element ({int(np.prod(out_shape))}, the output's shape {list(out_shape)}); "
+                             f"got {v.size}")
+        n = x.size
+        arr_shape = self._x_shape(x)
+        if self._hvp_works:
+            tangents = np.eye(n).reshape((n, *arr_shape))
+            cotangents = np.broadcast_to(v.reshape(out_shape), (n, *out_shape))
+            try:
+                parts = self.client._parts("hvp", self.name, inputs, {"argnums": self.argnum, "batched_vectors": True},
+                                           vectors=[("tangents", tangents), ("cotangents", cotangents)])
+                return np.asarray(parts["value"], dtype=np.float64).reshape(n, n)
+            except FunctionError as exc:
+                if not lacks_forward_mode(exc):
+                    raise
+                try:
+                    H = self._hessians_at(inputs, n)
+                except APIError:
+                    raise exc from None
+                self._hvp_works = False
+                no_forward_mode(self.name, "hvp", exc, "Hessian (constraint_hess: v . H, one Hessian per call)")
+        else:
+            H = self._hessians_at(inputs, n)
+        return np.tensordot(v.reshape(-1), H.reshape(-1, n, n), 1)
+
+    def _hessians_at(self, inputs: list[Any], n: int) -> np.ndarray:
+        parts = self.client._parts("hessian", self.name, inputs, {"argnums": self.argnum})
+        return np.asarray(parts["value"], dtype=np.float64).reshape(-1, n, n)
+
+    def _x_shape(self, x: np.ndarray) -> tuple[int, ...]:
+        """The shape ``x`` is sent in (``shape``, else SciPy's own)."""
+        return self.shape if self.shape is not None else x.shape
 
 
 # The points whose values and Jacobians are kept, per thread (see _remember)
