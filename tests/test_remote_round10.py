@@ -132,9 +132,15 @@ def test_trust_constr_takes_a_remote_constraint_with_its_hessian(cc):
     # u + dt (lap(u) + u (1 - u)): only -dt u**2 is curved, v . H = diag(-2 dt v)
     np.testing.assert_allclose(rd.constraint_hess(u, w), np.diag(-0.2 * w), rtol=1e-12, atol=1e-12)
 
-    with pytest.raises(TypeError, match=r"'planar_arm' returns an output of shape \[2\]; hess\(x\) is the Hessian "
-                                        r"of a scalar function .* pass constraint_hess"):
-        arm.hess(x0)
+    cc.take()
+    with pytest.raises(TypeError, match=r"'planar_arm' returns an output of shape \[2\]; hess\(x\) is for a "
+                                        r"scalar function .* pass constraint_hess"):
+        arm.hess(x0 + 1)  # a point not evaluated: from the answer
+    for call, scipy_call in ((arm.hess, r"hess\(x\)"), (lambda x: arm.hessp(x, x), r"hessp\(x, p\)")):
+        arm.fun(x0 + 2)
+        with pytest.raises(TypeError, match=rf"shape \[2\]; {scipy_call} is for a scalar function"):
+            call(x0 + 2)  # an evaluated point: from its value, no request
+    assert cc.take() == ["hessian", "jacobian+return_output"]
     with pytest.raises(jc.InvalidInput, match=r"NonlinearConstraint calls hess\(x, v\) with Lagrange multipliers v: "
                                               r"pass hess=constraint_hess there: unknown inputs \['1'\]"):
         solve(arm.fun, arm.jac, arm.hess)

@@ -325,6 +325,7 @@ class RemoteObjective:
         ``x`` (one per thread, as the value is: a Krylov solver asks many products at one
         point), from then on, said once in a ``RuntimeWarning``."""
         x, inputs = self._inputs(x, args)
+        self._scalar_only(x, args, "hessp(x, p)")  # else the service's 422 asks for cotangents hessp has none of
         p = np.asarray(p, dtype=np.float64)
         if self._hvp_works:
             tangent = p.reshape(self.shape) if self.shape is not None else p
@@ -362,6 +363,7 @@ class RemoteObjective:
         ``sparsity``, a CSR array, for trust-constr). A function with a vector output has
         no such matrix (a constraint's: see ``constraint_hess``)."""
         x, inputs = self._inputs(x, args)
+        self._scalar_only(x, args, "hess(x)")
         try:
             parts = self.client._parts("hessian", self.name, inputs, self._derivative_options())
         except InvalidInput as exc:
@@ -378,12 +380,21 @@ class RemoteObjective:
         if H.size != x.size * x.size:
             # a vector output's Hessians, one per element: reshaped, numpy's "cannot reshape array of
             # size 18 into shape (3,3)" said nothing of why
-            raise TypeError(f"remote_objective: {self.name!r} returns an output of shape "
-                            f"{list(H.shape[: H.ndim - 2 * len(self._x_shape(x))])}; "
-                            "hess(x) is the Hessian of a scalar function (minimize(hess=)). For a vector "
-                            "function as a constraint (NonlinearConstraint(hess=)), pass constraint_hess: the "
-                            "Hessian of v . f(x) for the multipliers v")
+            raise self._not_scalar(H.shape[: H.ndim - 2 * len(self._x_shape(x))], "hess(x)")
         return H.reshape(x.size, x.size)
+
+    def _scalar_only(self, x: np.ndarray, args: tuple[Any, ...], call: str) -> None:
+        """Refuse ``call`` (a scalar function's second derivative) where the value at ``x``,
+        known already (a solver evaluates a point before its Hessian), is not a scalar."""
+        value, _ = self._cached(x, args)
+        if isinstance(value, np.ndarray) and value.size != 1:
+            raise self._not_scalar(value.shape, call)
+
+    def _not_scalar(self, out_shape: tuple[int, ...], call: str) -> TypeError:
+        return TypeError(f"remote_objective: {self.name!r} returns an output of shape {list(out_shape)}; {call} is "
+                         "for a scalar function (minimize's hess= and hessp=). For a vector function as a constraint "
+                         "(NonlinearConstraint(hess=)), pass constraint_hess: the Hessian of v . f(x) for the "
+                         "multipliers v")
 
     def constraint_hess(self, x: Any, v: Any, *args: Any) -> np.ndarray:
         """The Hessian of ``v . f(x)``, ``sum_i v_i H_i(x)``, ``(x.size, x.size)``: what
