@@ -131,6 +131,14 @@ def test_trust_constr_takes_a_remote_constraint_with_its_hessian(cc):
     u, w = np.linspace(0.1, 0.9, 9), np.linspace(-1.0, 1.0, 9)
     # u + dt (lap(u) + u (1 - u)): only -dt u**2 is curved, v . H = diag(-2 dt v)
     np.testing.assert_allclose(rd.constraint_hess(u, w), np.diag(-0.2 * w), rtol=1e-12, atol=1e-12)
+    # no forward-mode rule (hvp fails): the Hessians, contracted; x_i sin x_i has 2 cos x_i - x_i sin x_i
+    nf = remote_objective(cc.client, "no_forward_ad")
+    want = np.diag(w[:3] * (2 * np.cos(x0) - x0 * np.sin(x0)))
+    with pytest.warns(RuntimeWarning, match="hvp of 'no_forward_ad' failed"):
+        np.testing.assert_allclose(nf.constraint_hess(x0, w[:3]), want, rtol=1e-12, atol=1e-12)
+    cc.take()
+    np.testing.assert_allclose(nf.constraint_hess(x0, w[:3]), want, rtol=1e-12, atol=1e-12)
+    assert cc.take() == ["hessian"]
 
     cc.take()
     with pytest.raises(TypeError, match=r"'planar_arm' returns an output of shape \[2\]; hess\(x\) is for a "
