@@ -7,9 +7,14 @@ a loop of them fills a disk or a log pipeline). Now each engine and spare writes
 pipes of its own, which one thread here reads at once, whatever it then does with the
 bytes, so a function never waits on serve's log:
 
-- a line passes whole while its process's budget (a token bucket: ``bytes_per_s``,
-  holding at most ``burst_bytes``, full at start) has room for it, and is dropped
-  otherwise; a line longer than ``max_line`` is cut there, marked, the rest dropped;
+- a line passes whole while its engine's budget (a token bucket: ``bytes_per_s``,
+  holding at most ``burst_bytes``, full when the engine's first process starts) has
+  room for it, and is dropped otherwise; a line longer than ``max_line`` is cut there,
+  marked, the rest dropped. The bucket is the engine's (its index), not a process's:
+  the spare that takes a dead engine's place, and every process after it, draws on
+  what the dead one left. With a bucket per process, a function that printed its
+  16 seconds' worth and crashed its engine had a full one again in the promoted spare
+  at once: it printed its way through each restart;
 - lines wait for a second thread, the only one that writes to serve's descriptors, in
   a queue of at most ``queue_bytes``: a slow reader of serve's log (a terminal, a
   collector) costs the lines it has no room for, never an engine blocked in a write;
@@ -43,12 +48,18 @@ _SAY_EVERY_S = 1.0
 
 
 @dataclass
-class _Process:
-    """One engine or spare: its budget, what it lost, its label in serve's log."""
-    key: int  # the engine index it serves (what ``dropped`` counts by)
-    label: str
+class _Budget:
+    """A token bucket: bytes that may pass now, as of ``refilled``."""
     tokens: float
     refilled: float
+
+
+@dataclass
+class _Process:
+    """One engine or spare: the budget it draws on, what it lost, its label in serve's log."""
+    key: int  # the engine index it serves (what ``dropped`` counts by)
+    label: str
+    budget: _Budget  # its engine's (shared with the processes before and after it)
     dropped: int = 0  # bytes, since it was last said
     said: float = 0.0
     open: int = 0  # its pipes not yet at their end
@@ -80,6 +91,7 @@ class OutputRelay:
         self._writing = False  # the writer holds lines taken off the queue
         self._pipes = 0  # pipes registered and not at their end
         self._dropped: dict[int, int] = collections.defaultdict(int)  # engine index -> bytes, ever
+        self._budgets: dict[tuple[int, str], _Budget] = {}  # (engine index, which budget) -> its bucket
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -104,12 +116,15 @@ class OutputRelay:
             pass
         return read, write
 
-    def watch(self, key: int, label: str, reads: list[tuple[int, int]]) -> None:
+    def watch(self, key: int, label: str, reads: list[tuple[int, int]], budget: str = "output") -> None:
         """Relay a started process's pipes (``pipe``'s read ends, owned from now on, each
-        with the stream, 1 or 2, its lines go to) under one budget, counting what is
-        dropped against engine ``key``."""
+        with the stream, 1 or 2, its lines go to) under engine ``key``'s budget named
+        ``budget`` (full the first time it is named; what the engine's earlier processes
+        left of it after that), counting what is dropped against that engine."""
         now = time.monotonic()
-        process = _Process(key, label, float(self.burst_bytes), now, open=len(reads))
+        with self._lock:
+            bucket = self._budgets.setdefault((key, budget), _Budget(float(self.burst_bytes), now))
+        process = _Process(key, label, bucket, open=len(reads))
         with self._lock:
             self._new += [(fd, _Pipe(process, stream)) for fd, stream in reads]
             self._pipes += len(reads)
@@ -228,14 +243,16 @@ class OutputRelay:
             start = stop
 
     def _line(self, pipe: _Pipe, line: bytes) -> bool:
-        """Queue one whole line for serve's log if its process's budget and the queue have
-        room for it; else count it dropped. Whether it was queued."""
+        """Queue one whole line for serve's log if its engine's budget and the queue have
+        room for it; else count it dropped. Whether it was queued. (The budgets are read
+        and spent by this thread alone: the reader's.)"""
         process = pipe.process
+        budget = process.budget
         now = time.monotonic()
-        process.tokens = min(float(self.burst_bytes), process.tokens + (now - process.refilled) * self.bytes_per_s)
-        process.refilled = now
+        budget.tokens = min(float(self.burst_bytes), budget.tokens + (now - budget.refilled) * self.bytes_per_s)
+        budget.refilled = now
         queued = False
-        if len(line) <= process.tokens:
+        if len(line) <= budget.tokens:
             with self._lock:
                 if self._queued + len(line) <= self.queue_bytes:  # else serve's log is read slower than this
                     self._queue.append((pipe.stream, line))
@@ -243,7 +260,7 @@ class OutputRelay:
                     self._lock.notify_all()
                     queued = True
         if queued:
-            process.tokens -= len(line)
+            budget.tokens -= len(line)
         else:
             self._drop(process, len(line))
         return queued

@@ -160,9 +160,9 @@ class Settings(BaseSettings):
     engine_max_device_bytes: int | None = Field(None, ge=0)
     # What each engine process writes to its standard output and error (a function's
     # prints, the engine's own log lines) goes to serve's, line by line, at most this many
-    # bytes a second per process (16 seconds' worth at once): the lines over it are dropped,
-    # counted and said in serve's log (``output_relay``). A function's 1 GB write landed
-    # whole in serve's log.
+    # bytes a second per engine, its spare and successors sharing the budget (16 seconds'
+    # worth at once): the lines over it are dropped, counted and said in serve's log
+    # (``output_relay``). A function's 1 GB write landed whole in serve's log.
     engine_output_bytes_per_s: int = Field(64 << 10, ge=1 << 10)
     # Shared memory each engine gives each front end for results, and each front end
     # each engine for inputs (arrays of 16 KiB and more): the reader takes them where the

@@ -279,7 +279,8 @@ class Supervisor:
                 os.close(fd)
         label = f"engine {engine.index} (pid {proc.pid})"
         self.output.watch(engine.index, label, [(out[0], 1), (err[0], 2)])
-        self.output.watch(engine.index, f"{label}'s own log", [(own[0], 2)])  # a budget of its own
+        # (the engine's budgets: a spare promoted after a crash draws on what the dead one left)
+        self.output.watch(engine.index, f"{label}'s own log", [(own[0], 2)], budget="log")  # a budget of its own
         self._ticks[proc.pid] = start_ticks(proc.pid)
         return proc
 
