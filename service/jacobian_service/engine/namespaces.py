@@ -35,7 +35,7 @@ from typing import Any
 
 log = logging.getLogger("jacobian_service.engine")
 
-__all__ = ["Namespaces"]
+__all__ = ["Namespaces", "described"]
 
 # The modules guarded, where imported: torch and the parts of it whose functions the
 # engine calls by attribute (torch.func.jacrev, torch.autograd.grad, pytree.tree_map...),
@@ -68,7 +68,11 @@ _IMMUTABLE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: a type no one can set a name on
 # In an engine process, every name of the service's own modules is watched, not only what
 # it calls: ``ipc._NONE`` rebound made every later answer's None (an evaluate's Jacobian
 # slot) pack as 1.0. These are the ones the service rebinds itself as it runs.
-_SERVICE_STATE = frozenset({("jacobian_service.heap", "_thawed")})
+# And torch's own: ``torch.set_default_dtype`` rebinds ``torch.Storage`` (the default
+# dtype's storage class) from C; the dtype is a setting ``process_settings`` puts back,
+# and torch.Storage with it. Watched, a function that set float64 was named for a
+# rebinding, and its own answer refused.
+_SERVICE_STATE = frozenset({("jacobian_service.heap", "_thawed"), ("torch", "Storage")})
 
 _MISSING = object()
 _VALUE = operator.attrgetter("value")
@@ -139,6 +143,15 @@ class _Guarded:
             taken.update((k, d[k]) for k in added if self.whole or _owner_watches(self.owner, d[k]))
         return found
 
+    def differs(self) -> list[str]:
+        """The names ``changed`` would find, read only: nothing taken is updated (the
+        put-back after the batch still finds them)."""
+        d, taken = self.d, self.taken
+        found = [k for k, v in taken.items() if d.get(k, _MISSING) is not v]
+        if self.strict:
+            found += [k for k in d if k not in taken and k not in self.skip]
+        return found
+
     def put_back(self, name: str, value: Any) -> None:
         if self.owner is self.d:  # sys.modules: its items
             if value is _MISSING:
@@ -164,6 +177,17 @@ class Namespaces:
             # compiled_autograd), and then it rebinds torch.manual_seed (wrapped): imported
             # before the names are taken, not blamed on the first function to run.
             import torch._dynamo  # noqa: F401
+
+            # And torch.compile's first use patches nn.Module's __init__ and __setstate__
+            # (to tag modules made inside a compiled forward), once per process: done
+            # now, as a compiled function's first call would, it is no function's
+            # rebinding (one put back after each call, its answers refused for it).
+            try:
+                from torch._dynamo.mutation_guard import install_generation_tagging_init
+
+                install_generation_tagging_init()
+            except Exception as exc:  # another torch: its first compile is put back, as any rebinding
+                log.debug("torch.compile's module tagging not installed: %s", exc)
         self._version = _version_reader()
         self._modules = sys.modules
         guarded: list[_Guarded] = []
@@ -188,6 +212,22 @@ class Namespaces:
         self._tags = [g.tag for g in guarded]
         self._versions = [g.version for g in guarded]
         self._named: set[tuple[str, str]] = set()  # (function, namespace) already logged
+
+    def patched(self) -> list[tuple[str, list[str]]]:
+        """(namespace, names) of what was rebound or deleted since the last put-back, read
+        only, before it: what a batch's answers were computed, packed and sent under
+        (the engine process refuses them: ``EngineServer._patched``). As cheap as ``restore``
+        when nothing changed (the version tags); a dict changed only by names added (a
+        lazy import) is compared name by name, and nothing is found."""
+        found = [("sys", ["modules"])] if sys.modules is not self._modules else []
+        if self._version is not None and list(map(_VALUE, self._tags)) == self._versions:
+            return found
+        for guarded in self._guarded:
+            if guarded.tag is None or guarded.tag.value != guarded.version:
+                names = guarded.differs()
+                if names:
+                    found.append(("sys.modules" if guarded.label == "sys.modules" else guarded.label, sorted(names)))
+        return found
 
     def restore(self, function: str) -> None:
         """Put back what differs now (nothing, nearly always: a version tag read each)."""
@@ -215,7 +255,13 @@ class Namespaces:
         if (function, label) in self._named:
             return
         self._named.add((function, label))
-        shown = ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        where = "sys.modules entries" if label == "sys.modules" else f"names in {label}"
-        log.warning("%s rebound or deleted %s (%s) and left them so; put back for the other functions (they are "
-                    "put back after each of its calls)", function or "a function", where, shown)
+        log.warning("%s rebound or deleted %s and left them so; put back for the other functions (they are "
+                    "put back after each of its calls)", function or "a function", described(label, names))
+
+
+def described(label: str, names: list[str]) -> str:
+    """What was rebound where, as the log and a refused answer say it: ``names in
+    torch._VF (einsum)``, ``sys.modules entries (orjson)``."""
+    shown = ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    where = "sys.modules entries" if label == "sys.modules" else f"names in {label}"
+    return f"{where} ({shown})"

@@ -31,17 +31,25 @@ import orjson
 from .. import ipc
 from ..channel import Listener, Peer
 from ..confinement import in_force
-from ..errors import InternalError, OutOfMemory, ServiceError, Timeout, exception_text
+from ..errors import (
+    FunctionError,
+    InternalError,
+    OutOfMemory,
+    ServiceError,
+    Timeout,
+    exception_text,
+)
 from ..heap import freeze_heap
 from ..logs import FdStream, configure_logging
 from ..metrics import Metrics
 from ..orphans import become_subreaper, kill_descendants, stop_with_parent
 from ..procfs import descendants, status_bytes
 from ..registry import FunctionModuleNotFound, Registry
-from ..scheduler import Job, Worker, engine_error
+from ..scheduler import Job, StreamHead, Worker, engine_error
 from ..settings import Settings
 from .descriptor_watch import DescriptorWatch
 from .memory_watch import MemoryWatch, ReservedWatch, limit_of, shared_beyond_resident
+from .namespaces import described
 from .strays import Strays
 
 log = logging.getLogger("jacobian_service.engine")
@@ -100,6 +108,7 @@ class EngineServer:
         self._ran_tags: list[str] = []  # its requests
         self._left: list[str] = []  # functions whose threads are alive (strays.left)
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
+        self._refusal: ServiceError | None = None  # the batch's answers refused (``_patched``)
         self._last_pump = 0.0
         self._lost_warming: dict[str, Any] | None = None  # a warm-up closed the channel's descriptors: _lost
 
@@ -172,6 +181,8 @@ class EngineServer:
     def _settle(self, peer: Peer, msg_id: int) -> Any:
         def settle(result: Any, error: BaseException | None, info: Any) -> None:
             self.pending.pop((peer, msg_id), None)
+            if error is None:
+                error = self._patched(result)
             if isinstance(error, OutOfMemory):
                 self._ran_out = True
             try:
@@ -190,6 +201,28 @@ class EngineServer:
 
         return settle
 
+    def _patched(self, result: Any) -> ServiceError | None:
+        """The function's 500 in place of an answer computed, packed or sent under names
+        it rebound in what the engine and torch call (``namespaces``; put back after the
+        batch): ``ipc._NONE`` rebound packed its own evaluate's output as 1.0, a
+        ``sendmsg`` of its own on ``socket.socket`` sent its own Jacobian as zeros, a
+        doubled ``torch._VF.einsum`` ran in torch.func's work on it, all with a 200. What
+        it changed here cannot be told from what changed its answer: refused, naming
+        the change, once it is put back. (The version tags alone, as the put-back reads them.)"""
+        if self._refusal is None:
+            found = self.engine.namespaces.patched()
+            if not found:
+                return None
+            self.engine.namespaces.restore(self._ran)  # now: the refusal itself is packed and sent by the engine's own code
+            # (kept for the batch: its other answers were computed under it too)
+            self._refusal = FunctionError(
+                f"{self._ran or 'the function'} rebound or deleted "
+                f"{'; '.join(described(label, names) for label, names in found)}, which the engine's work on its "
+                f"answer goes through: not answered (put back after each of its calls)")
+        if isinstance(result, StreamHead):  # its rows are never asked for
+            self.worker.close_stream(result.stream_id)
+        return self._refusal
+
     def _send(self, peer: Peer, frames: list[Any]) -> None:
         self._outbox.setdefault(peer, []).append(frames)
 
@@ -204,6 +237,7 @@ class EngineServer:
         call = self.worker.call_of(jobs[0])  # a stream's chunk: its stream's function takes the blame
         function = call.spec.name if call is not None else ""
         self._ran, self._ran_tags = function, [j.tag for j in jobs]
+        self._refusal = None  # (``_patched``: per batch)
         self.board.running(time.monotonic(), max(j.deadline for j in jobs), function, [j.tag for j in jobs], self._left)
 
     # ----------------------------------------------------------------- loop
