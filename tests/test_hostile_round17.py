@@ -10,10 +10,78 @@ the input 666 (round 11's ``_armed``), the second input picking how.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import numpy as np
+import pytest
 from jacobian_service.output_relay import OutputRelay
+
+from .conftest import assert_problem, live_server
+from .hostile17_functions import B, W
+from .test_hostile_round11 import _armed, _engine_pid
+from .test_hostile_round13 import _sin_ok
+from .test_hostile_round15 import _log_until
+
+FUNCTIONS = "jacobian_service.examples,tests.hostile17_functions"
+X = [0.5, 1.0, 2.0]
+F64 = {"dtype": "float64", "shape": [3], "data": X}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    # QUARANTINE_AFTER=1: a strike on the wrong function shows. No spare: nothing here
+    # takes an engine down (each case checks it is the same one).
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", QUARANTINE_AFTER=1,
+                     REQUEST_TIMEOUT_S=20, HANG_GRACE_S=0.5) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+# ------------------------------------------------------------ torch.nn's classes
+
+
+def _linear_served_right(client: httpx.Client, url: str) -> None:
+    """Another client's ``tanh(W x + b)`` (torch.nn.Linear, torch.nn.Tanh): its value and
+    its Jacobian, ``diag(1 - tanh^2) W``, as computed here."""
+    y = np.tanh(np.array(W) @ X + np.array(B))
+    r = client.post(f"{url}/v1/functions/uses_linear/jacobian", json={"inputs": [F64], "return_output": True})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(1 - y * y) @ np.array(W), rtol=1e-12)
+    np.testing.assert_allclose(r.json()["output"]["data"], y, rtol=1e-12)
+
+
+@pytest.mark.parametrize("case, where", [(1, "names in torch.nn.Linear (forward)"),
+                                         (2, "names in torch.nn.Tanh (__call__)")])
+def test_a_torch_nn_class_a_function_patches_is_put_back(server, client, case: int, where: str) -> None:
+    """Left open by round fifteen: torch.nn's classes were not guarded, only nn.Module
+    itself. A function that set ``torch.nn.Linear.forward`` to double, or a ``__call__``
+    of its own on ``torch.nn.Tanh`` (over nn.Module's), and returned had every later
+    function's Linear (Tanh) layer, and its Jacobian, changed, with a 200, for the
+    engine's life. Each of torch.nn's Module classes is now guarded as nn.Module is (a
+    version tag each, read in one gather): put back after the batch, the log naming the
+    function; its own request is its 500, naming the patch."""
+    url, proc = server
+    pid = _engine_pid(client, url)
+    _linear_served_right(client, url)
+    problem = assert_problem(_armed(client, url, "patches_nn", case), 500, "function_error")
+    assert problem["detail"].startswith(f"patches_nn rebound or deleted {where}, which the engine's work"), problem
+    _linear_served_right(client, url)
+    log = _log_until(proc, 0, f"patches_nn rebound or deleted {re.escape(where)}")
+    assert f"patches_nn rebound or deleted {where} and left them so" in log, log[-3000:]
+    assert _engine_pid(client, url) == pid  # put back in place, no one struck
+    _sin_ok(client, url)
+
+
 
 
 # ------------------------------------------------------------ output across a restart

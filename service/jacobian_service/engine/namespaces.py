@@ -15,12 +15,15 @@ own modules) and of ``sys.modules`` as the engine starts, and after each batch p
 back what a function rebound or deleted, naming it in the log once per function.
 Names added to a module stay (torch and numpy bind submodules and caches as they are
 lazily imported, legitimately); a name added to a class (``torch.Tensor``,
-``torch.nn.Module``) shadows the method its base defines, and is taken away again.
+``torch.nn.Module`` and each of torch.nn's Module classes) shadows the method its base
+defines, and is taken away again.
 
-The check after a batch costs about 15 us (ProcessSettings: ~0.6 ms): each dict's version tag (CPython's
-``ma_version_tag``, which every change of the dict bumps) is compared with the one
-taken, and only a dict that changed is compared name by name. Where the tag cannot be
-read (another Python), every dict is compared (~0.6 ms).
+The check after a batch costs a few microseconds, whatever the number of dicts
+(~270): each dict's version tag (CPython's ``ma_version_tag``, which every change of the
+dict bumps) is compared with the one taken, all of them read in one numpy gather
+(``_gather``; one ctypes read each, ~60 ns, where the gather cannot be made), and only a
+dict that changed is compared name by name. Where the tag cannot be read (another
+Python), every dict is compared (~0.6 ms).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import gc
 import logging
 import operator
 import sys
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -65,6 +69,14 @@ _SERVICE = "jacobian_service"  # the service's own modules: every one imported w
 _CLASSES = ("torch.Tensor", "torch.nn.Module", "torch.autograd.Function", "socket.socket",
             "selectors.DefaultSelector")
 _IMMUTABLE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: a type no one can set a name on (3.10+)
+# And every torch.nn.Module subclass of torch's own (``torch.nn.Linear``, ``Conv2d``...,
+# ~190): ``torch.nn.Linear.forward`` rebound to double doubled every later function's
+# Linear layer, and its Jacobian, silently. Each is one more dict's version tag, read in
+# the one gather that reads them all (``_gather``): no cost per class that counts.
+_NN_MODULES = "torch.nn."
+# A name a class gets without anyone setting it: Python 3.10+ stores an empty
+# ``__annotations__`` in a class's dict the first time it is read there (torch.jit reads it).
+_CLASS_SKIP = frozenset({"__annotations__"})
 # In an engine process, every name of the service's own modules is watched, not only what
 # it calls: ``ipc._NONE`` rebound made every later answer's None (an evaluate's Jacobian
 # slot) pack as 1.0. These are the ones the service rebinds itself as it runs.
@@ -100,6 +112,53 @@ def _version_reader() -> Any:
             return None
         seen = tag.value
     return version
+
+
+def _gather(tags: list[Any]) -> Callable[[], bytes] | None:
+    """One read of every version tag, as bytes: numpy's ``take`` over a window of this
+    process's memory from the lowest tag to the highest (none read but the tags: the
+    window is never touched elsewhere). Reading them one by one (``ctypes``' ``value``,
+    ~60 ns each) cost a time per dict; this costs about one call, whatever their number.
+    None where the window cannot be made (the tags not 8-byte aligned alike), or reads
+    other than the tags do: then they are read one by one."""
+    addresses = [ctypes.addressof(tag) for tag in tags]
+    if not addresses:
+        return None
+    low, high = min(addresses), max(addresses)
+    if any((a - low) % 8 for a in addresses):
+        return None
+    try:
+        import numpy as np
+
+        window = np.ctypeslib.as_array((ctypes.c_uint64 * ((high - low) // 8 + 1)).from_address(low))
+        index = np.array([(a - low) // 8 for a in addresses], dtype=np.intp)
+        take = window.take  # (bound now: a function that rebinds numpy's names cannot reach it)
+        if take(index).tolist() != [tag.value for tag in tags]:
+            return None
+    except Exception:  # (an address space numpy cannot span)
+        return None
+    return lambda: take(index).tobytes()
+
+
+def _packed(versions: list[Any]) -> bytes:
+    """Versions as ``_gather`` reads them."""
+    return b"".join(int(v).to_bytes(8, sys.byteorder) for v in versions)
+
+
+def _nn_classes() -> list[type]:
+    """torch.nn's own Module subclasses (those of torch.nn.* modules), imported now."""
+    nn = sys.modules.get("torch.nn")
+    root = getattr(nn, "Module", None)
+    if not isinstance(root, type):
+        return []
+    found: list[type] = []
+    todo = [root]
+    while todo:
+        for cls in type.__subclasses__(todo.pop()):
+            if cls not in found:
+                found.append(cls)
+                todo.append(cls)
+    return [cls for cls in found if str(getattr(cls, "__module__", "")).startswith(_NN_MODULES)]
 
 
 def _watched(value: Any) -> bool:
@@ -200,17 +259,26 @@ class Namespaces:
             own = own_process and (name == _SERVICE or name.startswith(_SERVICE + "."))
             skip = frozenset(attr for where, attr in _SERVICE_STATE if where == name)
             guarded.append(_Guarded(name, module, vars(module), name in _SHADOWED, self._version, whole=own, skip=skip))
+        classes = []
         for path in _CLASSES:
             module, _, attr = path.rpartition(".")
             found = getattr(sys.modules.get(module), attr, None)
-            for cls in found.__mro__ if isinstance(found, type) else ():
-                if cls is not object and not cls.__flags__ & _IMMUTABLE and all(g.owner is not cls for g in guarded):
-                    label = path if cls is found else f"{cls.__module__}.{cls.__qualname__}"
-                    guarded.append(_Guarded(label, cls, _class_dict(cls), True, self._version))
+            classes += [(path if cls is found else "", cls) for cls in (found.__mro__ if isinstance(found, type) else ())]
+        nn = sys.modules.get("torch.nn")
+        classes += [(f"torch.nn.{cls.__name__}" if getattr(nn, cls.__name__, None) is cls else "", cls)
+                    for cls in _nn_classes()]
+        for label, cls in classes:
+            if cls is not object and not cls.__flags__ & _IMMUTABLE and all(g.owner is not cls for g in guarded):
+                guarded.append(_Guarded(label or f"{cls.__module__}.{cls.__qualname__}", cls, _class_dict(cls), True,
+                                        self._version, skip=_CLASS_SKIP))
         guarded.append(_Guarded("sys.modules", sys.modules, sys.modules, False, self._version))
         self._guarded = guarded
         self._tags = [g.tag for g in guarded]
         self._versions = [g.version for g in guarded]
+        # Every tag in one read where it can be (``_gather``), else one by one.
+        gathered = _gather(self._tags) if self._version is not None else None
+        self._read = gathered if gathered is not None else (lambda: _packed(list(map(_VALUE, self._tags))))
+        self._read_taken = _packed(self._versions) if self._version is not None else b""
         self._named: set[tuple[str, str]] = set()  # (function, namespace) already logged
 
     def patched(self) -> list[tuple[str, list[str]]]:
@@ -220,7 +288,7 @@ class Namespaces:
         when nothing changed (the version tags); a dict changed only by names added (a
         lazy import) is compared name by name, and nothing is found."""
         found = [("sys", ["modules"])] if sys.modules is not self._modules else []
-        if self._version is not None and list(map(_VALUE, self._tags)) == self._versions:
+        if self._version is not None and self._read() == self._read_taken:
             return found
         for guarded in self._guarded:
             if guarded.tag is None or guarded.tag.value != guarded.version:
@@ -234,8 +302,8 @@ class Namespaces:
         if sys.modules is not self._modules:  # the whole table rebound: the import system keeps the old one
             sys.modules = self._modules
             self._log(function, "sys", ["modules"])
-        if self._version is not None and list(map(_VALUE, self._tags)) == self._versions:
-            return  # nothing changed (~0.1 us a dict)
+        if self._version is not None and self._read() == self._read_taken:
+            return  # nothing changed (one gather of every tag)
         for guarded in self._guarded:
             if guarded.tag is not None and guarded.tag.value == guarded.version:
                 continue
@@ -250,6 +318,8 @@ class Namespaces:
             if guarded.tag is not None:
                 guarded.version = guarded.tag.value
         self._versions = [g.version for g in self._guarded]
+        if self._version is not None:
+            self._read_taken = _packed(self._versions)
 
     def _log(self, function: str, label: str, names: list[str]) -> None:
         if (function, label) in self._named:

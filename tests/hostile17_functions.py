@@ -1,0 +1,50 @@
+"""Hostile functions for tests/test_hostile_round17.py (loaded by name like a user
+module): each misbehaves only when its first input is 666 (round 11's ``_armed``), the
+second input picking how; otherwise it is ``sin``. Beside them, the functions they harm."""
+
+from __future__ import annotations
+
+import torch
+from jacobian_service import Input, register
+
+X = [Input("x", shape=("n",))]
+
+
+def _armed(x: torch.Tensor) -> int | None:
+    """The case asked for (the second input), or None: behave."""
+    flat = x.detach().reshape(-1)
+    if flat.numel() > 1 and float(flat[0]) == 666.0:
+        return int(float(flat[1]))
+    return None
+
+
+# ------------------------------------------------------------ torch.nn's classes
+
+W = [[0.3, 0.6, 0.0], [0.0, 0.3, -0.3], [0.15, 0.0, 0.3]]
+B = [0.1, -0.2, 0.3]
+_LAYER = torch.nn.Linear(3, 3, dtype=torch.float64)
+with torch.no_grad():
+    _LAYER.weight.copy_(torch.tensor(W, dtype=torch.float64))
+    _LAYER.bias.copy_(torch.tensor(B, dtype=torch.float64))
+_TANH = torch.nn.Tanh()
+
+
+@register(inputs=[Input("x", shape=(3,))], description="tanh(W x + b) through torch.nn.Linear and torch.nn.Tanh.")
+def uses_linear(x: torch.Tensor) -> torch.Tensor:
+    return _TANH(_LAYER(x.to(torch.float64)))
+
+
+def _doubled(original):
+    def patched(*args, **kwargs):
+        return original(*args, **kwargs) * 2
+    return patched
+
+
+@register(inputs=X, description="sin; armed (666), it patches a torch.nn class's method first (x[1] picks).")
+def patches_nn(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case == 1:  # a method of the class itself
+        torch.nn.Linear.forward = _doubled(torch.nn.Linear.forward)
+    elif case == 2:  # a name added to a subclass, over nn.Module's __call__
+        torch.nn.Tanh.__call__ = lambda self, t: t
+    return torch.sin(x)
