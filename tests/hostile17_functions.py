@@ -4,6 +4,11 @@ second input picking how; otherwise it is ``sin``. Beside them, the functions th
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+
 import torch
 from jacobian_service import Input, register
 
@@ -48,3 +53,49 @@ def patches_nn(x: torch.Tensor) -> torch.Tensor:
     elif case == 2:  # a name added to a subclass, over nn.Module's __call__
         torch.nn.Tanh.__call__ = lambda self, t: t
     return torch.sin(x)
+
+
+# ------------------------------------------------------------ the import system
+
+LAZY = "tests.hostile17_lazy"  # imported by nobody but uses_a_lazy_import
+
+
+class _Impostor(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves its own module in place of ``LAZY``."""
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.machinery.ModuleSpec(name, self) if name == LAZY else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        module.SCALE = 2.0
+
+
+@register(inputs=X, description="sin; armed (666), it puts an import finder of its own ahead of Python's first.")
+def inserts_an_import_finder(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        sys.meta_path.insert(0, _Impostor())
+    return torch.sin(x)
+
+
+@register(inputs=X, description="x * SCALE of a module it imports at its first call (1.0).")
+def uses_a_lazy_import(x: torch.Tensor) -> torch.Tensor:
+    return x * importlib.import_module(LAZY).SCALE
+
+
+# ------------------------------------------------------------ randomness
+
+
+@register(inputs=X, description="sin; armed (666), it seeds torch's generator (torch.manual_seed(x[1])) first.")
+def seeds_torch(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case is not None:
+        torch.manual_seed(case)
+    return torch.sin(x)
+
+
+@register(inputs=X, description="x + uniform noise drawn from torch's generator (a Monte Carlo step).")
+def noisy(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.rand(x.shape, dtype=x.dtype)

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from jacobian_service.output_relay import OutputRelay
 
 from .conftest import assert_problem, live_server
@@ -83,6 +84,53 @@ def test_a_torch_nn_class_a_function_patches_is_put_back(server, client, case: i
 
 
 
+
+# ------------------------------------------------------------ the import system and randomness
+
+
+def test_an_import_finder_a_function_puts_ahead_of_pythons_is_put_behind(server, client) -> None:
+    """A function that put an import finder of its own first on ``sys.meta_path`` and
+    returned answered every later import of every function: another function importing
+    a module at its first call got the finder's impostor (``x * 2.0`` for ``x * 1.0``,
+    with a 200). The finders are now put back after the batch (one put ahead of Python's
+    own goes behind them, where it finds only what nothing else would), the log naming
+    the function. A setting of the process, not a name the engine's work goes through:
+    the function's own answer stands."""
+    url, proc = server
+    r = _armed(client, url, "inserts_an_import_finder", 1)
+    assert r.status_code == 200, r.text
+    r = client.post(f"{url}/v1/functions/uses_a_lazy_import/evaluate", json={"inputs": [F64]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["output"]["data"], X, rtol=1e-12)  # the real module's SCALE, 1.0
+    log = _log_until(proc, 0, "inserts_an_import_finder changed the import system's finders")
+    assert "inserts_an_import_finder changed the import system's finders (ahead of Python's own on sys.meta_path, " \
+           "sys.path_hooks) (to add _Impostor)" in log, log[-3000:]
+
+
+def test_a_seed_a_function_sets_is_not_left_for_the_next_functions_draws(server, client) -> None:
+    """``torch.manual_seed(0)`` in a function left torch's generator, which every
+    function draws from, in a known state after each of its calls: another client's
+    ``x + rand`` (a Monte Carlo step) answered the same draws after each of them, the
+    ones ``torch.manual_seed(0); torch.rand(3)`` gives anywhere. The engine now draws a
+    fresh seed after a batch that set one (the log naming the function): the next draws
+    are unknown, and differ at each time."""
+    url, proc = server
+    torch.manual_seed(0)  # (this process's generator: what anyone can compute)
+    known = torch.rand(3, dtype=torch.float64).numpy()
+    drawn = []
+    for _ in range(2):
+        r = _armed(client, url, "seeds_torch", 0)
+        assert r.status_code == 200, r.text
+        r = client.post(f"{url}/v1/functions/noisy/evaluate",
+                        json={"inputs": [{"dtype": "float64", "shape": [3], "data": [0.0, 0.0, 0.0]}]})
+        assert r.status_code == 200, r.text
+        drawn.append(np.array(r.json()["output"]["data"]))
+        assert ((0 <= drawn[-1]) & (drawn[-1] < 1)).all(), drawn
+    assert not np.array_equal(drawn[0], known) and not np.array_equal(drawn[1], known), (drawn, known)
+    assert not np.array_equal(drawn[0], drawn[1]), drawn
+    log = _log_until(proc, 0, "seeds_torch changed torch's random seed")
+    assert "seeds_torch changed torch's random seed (torch.manual_seed) (to 0) and left it so; put back to a seed " \
+           "drawn afresh" in log, log[-3000:]
 
 # ------------------------------------------------------------ output across a restart
 

@@ -1077,10 +1077,88 @@ def _put_fork_hooks(taken: tuple[int, ...]) -> None:
         del hooks[count:]  # the latest: registered by the batch
 
 
+# The import system's finders: a finder a function put ahead of Python's own on
+# ``sys.meta_path`` (or a hook ahead of its own on ``sys.path_hooks``) answered every
+# later import of every function: one serving a module of its own in place of one not
+# yet imported gave another function, importing it at its first call, the impostor
+# (its answers silently doubled, with a 200). Only that direction is harmful: a finder
+# appended behind Python's own finds only what nothing else would (six's, a library's
+# lazily installed one), and is let be; one put ahead is moved behind the finders taken.
+_FINDERS_APART = object()  # between the two lists in one tuple
+
+
+def _finders() -> tuple[Any, ...]:
+    return (*sys.meta_path, _FINDERS_APART, *sys.path_hooks)
+
+
+def _split(finders: tuple[Any, ...]) -> tuple[list[Any], list[Any]]:
+    at = next(i for i, f in enumerate(finders) if f is _FINDERS_APART)
+    return list(finders[:at]), list(finders[at + 1:])
+
+
+def _behind(now: list[Any], taken: list[Any]) -> list[Any]:
+    """The finders taken, in their order, then those added (by identity)."""
+    return taken + [f for f in now if all(f is not t for t in taken)]
+
+
+def _finders_repaired(now: tuple[Any, ...], taken: tuple[Any, ...]) -> tuple[Any, ...]:
+    (meta, hooks), (meta_taken, hooks_taken) = _split(now), _split(taken)
+    return (*_behind(meta, meta_taken), _FINDERS_APART, *_behind(hooks, hooks_taken))
+
+
+def _finders_changed(now: tuple[Any, ...], taken: tuple[Any, ...]) -> bool:
+    repaired = _finders_repaired(now, taken)
+    return len(repaired) != len(now) or any(a is not b for a, b in zip(repaired, now))
+
+
+def _put_finders(taken: tuple[Any, ...]) -> None:
+    now = _finders()
+    meta, hooks = _split(_finders_repaired(now, taken))
+    if any(a is not b for a, b in zip(_split(now)[1], hooks)) or len(hooks) != len(_split(now)[1]):
+        sys.path_importer_cache.clear()  # finders the hook made for path entries: made again by Python's own
+    sys.meta_path[:] = meta
+    sys.path_hooks[:] = hooks
+
+
+class _SeedValue(int):
+    """A seed read (told apart in the log, ``_shown``)."""
+
+
+class _Seed:
+    """torch's random seed: ``torch.manual_seed(0)`` in a function set the generator every
+    later function draws from to a known state, after each of its calls: the next draws
+    of another client's function (noise, a Monte Carlo estimate, dropout) were the same
+    at every such call, known in advance. A seed set is put back as a seed drawn afresh
+    (``torch.seed()``, from the OS's entropy): the draws after it are no one's to know.
+    (torch's own start seed is fixed: the engine takes it as it finds it.)"""
+
+    def __init__(self) -> None:
+        self.expected: int | None = None  # the seed the generator should have: the start's, or the last drawn here
+
+    def get(self) -> int:
+        seed = _SeedValue(torch.initial_seed())
+        if self.expected is None:
+            self.expected = seed
+        return seed
+
+    def changed(self, now: int, taken: int) -> bool:
+        return now != self.expected
+
+    def put(self, taken: int) -> None:
+        self.expected = torch.seed()
+
+
+_SEED = _Seed()
+
+
 # Settings of the whole process, put back only by an engine that owns its process. In the
 # in-process layout the host shares them and may change them itself, as it has every
 # right to: pytest-timeout arms a SIGALRM timer, pytest's capture swaps sys.stdout.
 _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
+    _Setting("the import system's finders (ahead of Python's own on sys.meta_path, sys.path_hooks)", _finders,
+             _put_finders, _finders_changed, quick=lambda taken: _identities(_finders)),
+    # (the engine's alone: in-process, the host seeds torch for its own draws)
+    _Setting("torch's random seed (torch.manual_seed)", _SEED.get, _SEED.put, _SEED.changed),
     _Setting("the trace function of new threads", threading.gettrace, threading.settrace, _hook_changed),
     _Setting("the profile function of new threads", threading.getprofile, threading.setprofile, _hook_changed),
     _Setting("signal handlers", _handlers, _put_handlers,
@@ -1175,6 +1253,13 @@ _RESOURCE_LIMITS = _Setting("resource limits", _limits, _put_limits)
 def _shown(value: Any, other: Any, taken: bool = False) -> Any:
     """For the log: a default-device context as its device; the environment by the
     names of its variables that differ from ``other``, never by their values."""
+    if isinstance(value, _SeedValue) and taken:  # put back as a fresh one, not the one taken
+        return "a seed drawn afresh"
+    if isinstance(value, tuple) and any(v is _FINDERS_APART for v in value):  # the finders: those added, by name
+        if taken:
+            return "the finders the engine started with first, those added behind them"
+        added = [f for f in value if f is not _FINDERS_APART and all(f is not t for t in other)]
+        return "add " + ", ".join(getattr(f, "__qualname__", None) or type(f).__qualname__ for f in added)
     if isinstance(value, _Environment):
         if taken:
             return "the values the engine started with"
