@@ -99,3 +99,38 @@ def seeds_torch(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="x + uniform noise drawn from torch's generator (a Monte Carlo step).")
 def noisy(x: torch.Tensor) -> torch.Tensor:
     return x + torch.rand(x.shape, dtype=x.dtype)
+
+
+# ------------------------------------------------------------ the engine's table of functions
+
+
+@register(inputs=X, description="x * x: what swaps_a_function puts its own code in place of.")
+def squares(x: torch.Tensor) -> torch.Tensor:
+    return x * x
+
+
+def _cubes(x: torch.Tensor) -> torch.Tensor:
+    return x * x * x
+
+
+@register(inputs=X, description="sin; armed (666), it makes another function (squares) run its own code (x[1] picks how).")
+def swaps_a_function(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    spec = next((s for s in sys.modules[__name__].__jacobian_functions__ if s.name == "squares"), None)
+    if case == 1:  # the spec's function (a frozen dataclass: object.__setattr__ all the same)
+        object.__setattr__(spec, "fn", _cubes)
+    elif case == 2:  # the function's code, in place
+        squares.__code__ = _cubes.__code__
+    elif case == 3:  # the engine's table, found up the stack: another spec under the name
+        import dataclasses
+
+        from jacobian_service.registry import Registry
+
+        frame = sys._getframe()
+        while frame is not None:
+            for value in list(frame.f_locals.values()):
+                registry = getattr(value, "registry", None)
+                if isinstance(registry, Registry):
+                    registry._specs["squares"] = dataclasses.replace(spec, fn=_cubes)
+            frame = frame.f_back
+    return torch.sin(x)

@@ -132,6 +132,40 @@ def test_a_seed_a_function_sets_is_not_left_for_the_next_functions_draws(server,
     assert "seeds_torch changed torch's random seed (torch.manual_seed) (to 0) and left it so; put back to a seed " \
            "drawn afresh" in log, log[-3000:]
 
+# ------------------------------------------------------------ the engine's table of functions
+
+
+@pytest.mark.parametrize("case, where", [(1, "names in the registry's squares (fn)"),
+                                         (2, "names in the registry's squares (__code__)"),
+                                         (3, "names in the registry (squares)")])
+def test_another_functions_code_swapped_in_is_put_back(server, client, case: int, where: str) -> None:
+    """A function that reached another function's spec (its module's
+    ``__jacobian_functions__``) and set its ``fn`` to one of its own (``object.__setattr__``
+    gets past the frozen dataclass), set its ``__code__`` to its own, or put another spec
+    under its name in the engine's registry (found up the stack), had every later request
+    of that function (another client's ``x * x``) answer its code's (``x^3``: a Jacobian
+    diag(3x^2)), with a 200, for the engine's life. The registry, each spec, its inputs
+    and its function's code are now guarded as the namespaces are: put back after the
+    batch, the log naming the function; its own request is its 500, naming the change."""
+    url, proc = server
+    pid = _engine_pid(client, url)
+
+    def squares_served_right() -> None:
+        r = client.post(f"{url}/v1/functions/squares/jacobian", json={"inputs": [F64], "return_output": True})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(2 * np.array(X)), rtol=1e-12)
+        np.testing.assert_allclose(r.json()["output"]["data"], np.square(X), rtol=1e-12)
+
+    squares_served_right()
+    problem = assert_problem(_armed(client, url, "swaps_a_function", case), 500, "function_error")
+    assert problem["detail"].startswith(f"swaps_a_function rebound or deleted {where}, which the engine's"), problem
+    squares_served_right()
+    # (logged once per function and namespace: the spec's, for the first case that changed it)
+    log = _log_until(proc, 0, "swaps_a_function rebound or deleted names in the registry")
+    assert "swaps_a_function rebound or deleted names in the registry" in log, log[-3000:]
+    assert _engine_pid(client, url) == pid
+
+
 # ------------------------------------------------------------ output across a restart
 
 

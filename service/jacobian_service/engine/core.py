@@ -228,12 +228,14 @@ class Engine:
         level the caller's thread holds (the in-process layout; ``dual_level``)."""
         return beside_a_held_dual_level()
 
-    def take_settings(self) -> None:
+    def take_settings(self, registry: Any = None) -> None:
         """For an engine process, which owns its process: the settings as they are now
         (its memory limit set) are the ones to put back, the whole process's with them
-        (signal handlers, timers, resource limits: ``process_settings``)."""
+        (signal handlers, timers, resource limits: ``process_settings``), and the
+        ``registry``'s functions as they are (``namespaces``)."""
         self.process_settings = ProcessSettings(own_process=True)
-        self.namespaces = Namespaces(own_process=True)  # with the functions' modules imported: what they bound as imported stays
+        # with the functions' modules imported: what they bound as imported stays
+        self.namespaces = Namespaces(own_process=True, registry=registry)
 
     # ----------------------------------------------------------------- device helpers
 

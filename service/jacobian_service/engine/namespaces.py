@@ -16,7 +16,9 @@ back what a function rebound or deleted, naming it in the log once per function.
 Names added to a module stay (torch and numpy bind submodules and caches as they are
 lazily imported, legitimately); a name added to a class (``torch.Tensor``,
 ``torch.nn.Module`` and each of torch.nn's Module classes) shadows the method its base
-defines, and is taken away again.
+defines, and is taken away again. In an engine process, the engine's own registry of
+functions is guarded the same way (its table, each spec, each spec's inputs), and each
+function's code object: one function could otherwise make another run its code.
 
 The check after a batch costs a few microseconds, whatever the number of dicts
 (~270): each dict's version tag (CPython's ``ma_version_tag``, which every change of the
@@ -34,7 +36,7 @@ import logging
 import operator
 import sys
 from collections.abc import Callable
-from types import ModuleType
+from types import FunctionType, ModuleType
 from typing import Any
 
 log = logging.getLogger("jacobian_service.engine")
@@ -161,6 +163,30 @@ def _nn_classes() -> list[type]:
     return [cls for cls in found if str(getattr(cls, "__module__", "")).startswith(_NN_MODULES)]
 
 
+_CODE = operator.attrgetter("__code__")  # (a function's code, read in C: ~0.1 us a function with id)
+
+
+def _registry(registry: Any, version: Any) -> list[_Guarded]:
+    """The engine's functions as namespaces: the registry's table of them, each one's
+    spec and its declared inputs (frozen dataclasses: ``object.__setattr__`` changes them
+    all the same). A function that set another's ``fn`` to one of its own (through its
+    module's ``__jacobian_functions__``) had every later request of that function run
+    its code, with a 200, for the engine's life."""
+    if registry is None:
+        return []
+    table = getattr(registry, "_specs", None)
+    found = [_Guarded("the registry", table, table, True, version)] if isinstance(table, dict) else []
+    for spec in registry:
+        name = getattr(spec, "name", "?")
+        # Every name watched; one added kept (a spec caches what it derives, has_trees...)
+        found.append(_Guarded(f"the registry's {name}", spec, vars(spec), False, version, whole=True, items=True))
+        for item in getattr(spec, "inputs", ()):
+            if hasattr(item, "__dict__"):
+                found.append(_Guarded(f"the registry's {name} ({getattr(item, 'name', '?')})", item, vars(item), False,
+                                      version, whole=True, items=True))
+    return found
+
+
 def _watched(value: Any) -> bool:
     return isinstance(value, ModuleType) or callable(value)
 
@@ -181,8 +207,9 @@ class _Guarded:
     watched, one added kept (the service's modules in an engine process)."""
 
     def __init__(self, label: str, owner: Any, d: dict, strict: bool, version: Any, whole: bool = False,
-                 skip: frozenset[str] = frozenset()) -> None:
+                 skip: frozenset[str] = frozenset(), items: bool = False) -> None:
         self.label, self.owner, self.d, self.strict, self.skip = label, owner, d, strict, skip
+        self.items = items  # put back through the dict itself (a frozen dataclass's attributes)
         self.whole = whole or strict or owner is sys.modules
         # A module's own state (a flag, a counter, a cache it rebinds as it runs) is not
         # watched: only what code calls or imports by name, functions, classes, modules.
@@ -212,7 +239,7 @@ class _Guarded:
         return found
 
     def put_back(self, name: str, value: Any) -> None:
-        if self.owner is self.d:  # sys.modules: its items
+        if self.owner is self.d or self.items:  # sys.modules, the registry: its items; a frozen spec: its dict
             if value is _MISSING:
                 self.d.pop(name, None)
             else:
@@ -227,10 +254,11 @@ class Namespaces:
     """The names of the shared namespaces as they are when made; :meth:`restore` puts
     back what a function changed."""
 
-    def __init__(self, own_process: bool = False) -> None:
+    def __init__(self, own_process: bool = False, registry: Any = None) -> None:
         """``own_process``: in an engine process, whose service modules nothing else
         changes, every name of them is watched (in-process, the caller's code may set
-        them: a test's monkeypatch)."""
+        them: a test's monkeypatch). ``registry``: the engine's functions, whose table,
+        specs, declared inputs and code are watched too (``_registry``)."""
         if "torch" in sys.modules:
             # Imported by torch at the first backward pass of every jacrev (its
             # compiled_autograd), and then it rebinds torch.manual_seed (wrapped): imported
@@ -272,6 +300,14 @@ class Namespaces:
                 guarded.append(_Guarded(label or f"{cls.__module__}.{cls.__qualname__}", cls, _class_dict(cls), True,
                                         self._version, skip=_CLASS_SKIP))
         guarded.append(_Guarded("sys.modules", sys.modules, sys.modules, False, self._version))
+        guarded += _registry(registry, self._version)
+        # A function's code swapped in place (``victim.__code__ = other.__code__``): in no
+        # dict, so its code object's identity is read, per function.
+        self._code = [(getattr(spec, "name", "?"), spec.fn) for spec in (registry or ())
+                      if isinstance(getattr(spec, "fn", None), FunctionType)]
+        self._functions = [fn for _, fn in self._code]
+        self._code_objects = list(map(_CODE, self._functions))
+        self._code_taken = self._codes()
         self._guarded = guarded
         self._tags = [g.tag for g in guarded]
         self._versions = [g.version for g in guarded]
@@ -288,6 +324,9 @@ class Namespaces:
         when nothing changed (the version tags); a dict changed only by names added (a
         lazy import) is compared name by name, and nothing is found."""
         found = [("sys", ["modules"])] if sys.modules is not self._modules else []
+        if self._codes() != self._code_taken:
+            found += [(f"the registry's {name}", ["__code__"]) for (name, fn), taken in zip(self._code, self._code_taken)
+                      if id(fn.__code__) != taken]
         if self._version is not None and self._read() == self._read_taken:
             return found
         for guarded in self._guarded:
@@ -302,6 +341,11 @@ class Namespaces:
         if sys.modules is not self._modules:  # the whole table rebound: the import system keeps the old one
             sys.modules = self._modules
             self._log(function, "sys", ["modules"])
+        if self._codes() != self._code_taken:
+            for (name, fn), code in zip(self._code, self._code_objects):
+                if fn.__code__ is not code:
+                    fn.__code__ = code
+                    self._log(function, f"the registry's {name}", ["__code__"])
         if self._version is not None and self._read() == self._read_taken:
             return  # nothing changed (one gather of every tag)
         for guarded in self._guarded:
@@ -320,6 +364,10 @@ class Namespaces:
         self._versions = [g.version for g in self._guarded]
         if self._version is not None:
             self._read_taken = _packed(self._versions)
+
+    def _codes(self) -> list[int]:
+        """The ids of the functions' code objects (kept alive by ``_code_objects``)."""
+        return list(map(id, map(_CODE, self._functions)))
 
     def _log(self, function: str, label: str, names: list[str]) -> None:
         if (function, label) in self._named:

@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(args.run_dir / "registry.json")
     _first_for_the_oom_killer()
     _no_core_files()
-    server.engine.take_settings()  # with the memory limit: it is no function's change to undo
+    server.engine.take_settings(server.registry)  # with the memory limit: it is no function's change to undo
     skip = set(ipc.names_from_env(ipc.SKIP_WARMUP_ENV))
     if args.standby:
         # A spare: everything slow (torch, the functions, warm-up) is done before the
