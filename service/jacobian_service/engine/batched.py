@@ -176,7 +176,8 @@ def _hessian_agrees_with_hvp(engine: "Engine", call: Call, value: Any) -> bool:
     if key not in checked:
         g, primals = differentiable(AuxBox(call.spec), _dims.example(engine.tensors(call), _dims.dims(call), 0), call)
         argnums: int | tuple[int, ...] = tuple(range(len(primals))) if call.as_tuple else 0
-        checked[key] = engine.guard(lambda: agrees_with_hvp(g, primals, argnums, pytree.tree_map(lambda t: t[0], value)))
+        checked[key] = engine.guard(lambda: agrees_with_hvp(g, primals, argnums, pytree.tree_map(lambda t: t[0], value),
+                                                            call.check_alive))
     return bool(checked.get(key))
 
 
@@ -206,7 +207,7 @@ def _check_where_torch_fails(engine: "Engine", call: Call, example: list[torch.T
                 raise function_error(exc) from None
             errors[key] = function_error(exc)
     failed = errors.get(key)
-    if failed and not engine.guard(lambda: agrees_with_differences(g, fresh(primals), argnums, value)):
+    if failed and not engine.guard(lambda: agrees_with_differences(g, fresh(primals), argnums, value, call.check_alive)):
         raise type(failed)(failed.detail) from None  # a new one: the kept one keeps no frames
 
 

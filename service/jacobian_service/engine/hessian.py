@@ -73,7 +73,12 @@ def finite(value: Any) -> bool:
     return all(bool(torch.isfinite(leaf).all()) for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor))
 
 
-def agrees_with_differences(g: Callable[..., Any], primals: tuple[Any, ...], argnums: Any, value: Any) -> bool:
+def _nothing() -> None:
+    pass
+
+
+def agrees_with_differences(g: Callable[..., Any], primals: tuple[Any, ...], argnums: Any, value: Any,
+                            alive: Callable[[], None] = _nothing) -> bool:
     """Whether a Hessian that torch's own strategy could not compute (no forward rule)
     is the derivative of jacrev's Jacobian: one random direction ``v``, ``H v`` against
     central differences of jacrev at ``x +- h v``.
@@ -84,8 +89,11 @@ def agrees_with_differences(g: Callable[..., Any], primals: tuple[Any, ...], arg
     raises. The test is loose (5 % of the scale, plus the differences' round-off): what
     it must see is a part of the Hessian missing; where it fails the request fails as
     torch's strategy did. A function whose output changes between calls (it draws
-    random numbers) has no differences to check against: its answer stands."""
-    twice = [pytree.tree_leaves(g(*fresh(primals))[0]) for _ in range(2)]
+    random numbers) has no differences to check against: its answer stands.
+
+    ``alive`` (``Call.check_alive``) runs before each call of the function: a request
+    whose client left, or whose deadline passed, stops here too."""
+    twice = [_called(alive, g, primals) for _ in range(2)]
     if not all(torch.equal(a, b) for a, b in zip(*twice)):
         return True
     leaves, spec = pytree.tree_flatten(primals)
@@ -104,8 +112,13 @@ def agrees_with_differences(g: Callable[..., Any], primals: tuple[Any, ...], arg
         # function's strategies under vmap can be wrong (jacrev(grad) 36 off, torch's raising)
         jac = torch.func.jacrev(g, argnums=argnums, has_aux=True, chunk_size=rows)
         try:
-            plus, minus = at(1.0), at(-1.0)
+            alive()
+            plus = at(1.0)
+            alive()
+            minus = at(-1.0)
             break
+        except ServiceError:  # (alive's: the request stops)
+            raise
         except Exception as exc:  # undefined nearby (a Cholesky factor): no verdict, the answer stands
             if is_oom(exc):
                 raise
@@ -125,7 +138,13 @@ def agrees_with_differences(g: Callable[..., Any], primals: tuple[Any, ...], arg
     return True
 
 
-def agrees_with_hvp(g: Callable[..., Any], primals: tuple[Any, ...], argnums: Any, value: Any) -> bool:
+def _called(alive: Callable[[], None], g: Callable[..., Any], primals: tuple[Any, ...]) -> list[torch.Tensor]:
+    alive()
+    return pytree.tree_leaves(g(*fresh(primals))[0])
+
+
+def agrees_with_hvp(g: Callable[..., Any], primals: tuple[Any, ...], argnums: Any, value: Any,
+                    alive: Callable[[], None] = _nothing) -> bool:
     """Whether a strategy's Hessian is the derivative of the gradient: ``w^T H v`` against
     one Hessian-vector product of ``w^T f`` (forward over reverse, no ``vmap``), random
     ``w`` and ``v``; checked once per function and shapes, as strategies are measured.
@@ -135,8 +154,10 @@ def agrees_with_hvp(g: Callable[..., Any], primals: tuple[Any, ...], argnums: An
     weighted sum are 209 off where finite differences, ``jacrev(grad)`` and the HVP say
     0, so the answer depended on which strategy was measured fastest. A strategy that
     disagrees is not chosen. No verdict where the HVP cannot run (no forward rule) or
-    the output changes between calls (random draws)."""
-    twice = [pytree.tree_leaves(g(*fresh(primals))[0]) for _ in range(2)]
+    the output changes between calls (random draws). ``alive``: as for
+    :func:`agrees_with_differences` (its three calls of the function ran on for a client
+    gone: 0.45 s of a function of 150 ms a call)."""
+    twice = [_called(alive, g, primals) for _ in range(2)]
     if not all(torch.equal(a, b) for a, b in zip(*twice)):
         return True
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -147,6 +168,7 @@ def agrees_with_hvp(g: Callable[..., Any], primals: tuple[Any, ...], argnums: An
     def weighted(*p: Any) -> torch.Tensor:
         return sum((wi * oi).sum() for wi, oi in zip(w, pytree.tree_leaves(g(*p)[0])))
 
+    alive()
     try:
         _, hv = torch.func.jvp(torch.func.grad(weighted, argnums=argnums),
                                fresh(primals), pytree.tree_unflatten(v, pytree.tree_structure(primals)))
@@ -247,7 +269,7 @@ def hessian(engine: "Engine", call: Call) -> Result:
             table[key] = TORCHS
             break
         call.check_alive()
-        if measure and not engine.guard(lambda: agrees_with_hvp(g, primals, argnums, value[0])):
+        if measure and not engine.guard(lambda: agrees_with_hvp(g, primals, argnums, value[0], call.check_alive)):
             rejected[name] = value  # torch's vmap got this strategy wrong (see agrees_with_hvp)
             continue
         if found is None or measure and timings[name] < timings[used]:
@@ -281,7 +303,7 @@ def hessian(engine: "Engine", call: Call) -> Result:
         # an answer torch would not give: checked against jacrev's Jacobian nearby
         call.check_alive()
         g_check, _ = differentiable(AuxBox(call.spec), args, call)  # its own aux: the answer's stays whole
-        if not engine.guard(lambda: agrees_with_differences(g_check, fresh(primals), argnums, found[0])):
+        if not engine.guard(lambda: agrees_with_differences(g_check, fresh(primals), argnums, found[0], call.check_alive)):
             raise type(torch_failed)(torch_failed.detail) from None  # a new one: the kept one keeps no frames
     value, (out, aux_t) = found
     value = as_input_dtypes(value, primals, depth=2)  # torch.func.hessian's block dtypes
