@@ -45,6 +45,7 @@ except ImportError:  # Python 3.10: anyio's backport
 from jacobian_client import wire
 
 from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
+from .half_close import PROBE, PeerWatch
 from .request_ids import new_request_id
 from .responses import echo, problem_document
 
@@ -722,6 +723,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _refusal: Any = None  # (the cap's 503, the head it waits for, its timer) once refused for the cap
         _head_piece = b""  # the last piece of a head given to the parser
         _fault: str | None = None  # why a callback of ours stopped the parser (httptools)
+        _half_closed = False  # the client sent its FIN after whole requests: they are answered, then it closes
+        _peer_watch: PeerWatch | None = None  # meanwhile: whether the FIN was a client gone (half_close.py)
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending, self._app_told_gone))
@@ -778,7 +781,43 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             if self.transport.is_closing():  # lingering: the client has closed too
                 self.transport.ended()
                 return None
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None and not cycle.response_complete and self._in_head() and self._refusal is None:
+                # Whole requests, not all answered, and no more coming (a head begun after
+                # them never ends): a half-close (RFC 9112 9.6), or a client gone (the
+                # same FIN). Answered: uvicorn's
+                # eof_received said nothing, so the connection closed at once and the
+                # answer went nowhere (logged 200, or a request waiting for an engine
+                # cancelled as if its client had left). half_close.py tells a client
+                # that left by the reset its next byte gets.
+                self._half_close(cycle)
+                return True  # (the transport stays open for writing)
             return super().eof_received()
+
+        def _half_close(self, cycle: Any) -> None:
+            self._half_closed = True
+            conn = getattr(self, "conn", None)  # h11: requests pipelined are bytes in its buffer
+            if conn is None or not conn.trailing_data[0]:
+                cycle.keep_alive = False  # the last request: its answer says the connection closes, then does
+            self._probe_peer()
+            self._peer_watch = PeerWatch(self.loop, self.transport.get_extra_info("socket"), self._peer_gone)
+
+        def _probe_peer(self) -> None:
+            """Where nothing is being written (an answer, a stream's chunks), whose bytes
+            would draw the reset of a client gone, an interim answer does (HTTP/1.1 only)."""
+            cycle = getattr(self, "cycle", None)
+            if (cycle is not None and not cycle.response_started and not cycle.response_complete
+                    and not getattr(self, "pipeline", None) and cycle.scope.get("http_version", "1.1") == "1.1"
+                    and not self.transport.is_closing()):
+                cycle.waiting_for_100_continue = False  # (uvicorn would send its own at the body's first read)
+                self.transport.write(PROBE)
+
+        def _peer_gone(self) -> None:
+            """The half-closed connection's peer reset it: the client had closed, not
+            half-closed. Dropped now, so that its request stops (uvicorn tells the app the
+            client is gone), not at its answer."""
+            self._peer_watch = None
+            self.transport.abort()
 
         def data_received(self, data: bytes) -> None:
             if self.transport.is_closing():  # closing (lingering): what still comes is dropped
@@ -937,10 +976,22 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            if self._half_closed:  # no request can follow the last one answered
+                cycle = getattr(self, "cycle", None)
+                if (cycle is None or cycle.response_complete) and not getattr(self, "pipeline", None):
+                    self._stop_peer_watch()
+                    self.transport.close()
+                return
             self._arm_header_timer()
+
+        def _stop_peer_watch(self) -> None:
+            if self._peer_watch is not None:
+                self._peer_watch.stop()
+                self._peer_watch = None
 
         def connection_lost(self, exc: Exception | None) -> None:
             live.pop(self, None)
+            self._stop_peer_watch()
             if self._refusal is not None:
                 self._refusal[2].cancel()
                 waiting.discard(self)
