@@ -29,8 +29,12 @@ What is known up front is not computed:
   order gives: those colours come without the graph (likewise for star colouring when
   every vertex is adjacent to every other);
 - a pattern whose graph product would take more than :func:`.patterns.work_limit`
-  steps (one per pair of entries sharing a row) is refused with
-  :class:`~.patterns.PatternTooLarge` before it starts;
+  steps (one per pair of entries sharing a row), or whose graph would hold more than
+  the graph limit, is not given a graph: a modulus, runs or lattice colouring a few
+  colours above the lower bound colours it where one exists (a periodic band whose
+  width does not divide n: lorenz96 at n = 300,000 takes 14 colours by runs, the
+  fewest any colouring can use, where its 13 entries a row would have the graph try
+  for 13), else it is refused with :class:`~.patterns.PatternTooLarge`;
 - the greedy star colouring is skipped (the distance-2 colouring, itself a star
   colouring, is used) when a bound on its steps is past that limit.
 
@@ -50,7 +54,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .patterns import Pattern, check_entries, check_work, sorted_unique, work_limit
+from .patterns import Pattern, PatternTooLarge, check_entries, check_work, sorted_unique, work_limit
 
 log = logging.getLogger("jacobian_service.sparsity")
 
@@ -149,6 +153,17 @@ def _graph_work(p: Pattern) -> int:
     share a row, the sum of the squared row counts (``n**3`` for a dense ``n x n``)."""
     per_row = np.bincount(p.rows, minlength=p.shape[0]).astype(np.int64)
     return int((per_row * per_row).sum())
+
+
+def _graph_within_limits(p: Pattern, work: int) -> bool:
+    """Whether the column graph may be built: its product's steps within the work limit
+    and its entries within the graph limit."""
+    try:
+        check_work(work, "the colouring's column graph")
+        _check_graph_size(p, work)
+    except PatternTooLarge:
+        return False
+    return True
 
 
 def _check_graph_size(p: Pattern, work: int) -> None:
@@ -420,13 +435,11 @@ def _complete(active: np.ndarray) -> np.ndarray:
     return np.where(active, np.cumsum(active) - 1, -1).astype(np.int64)
 
 
-def _at_the_bound(p: Pattern, work: int, lower: int, active: np.ndarray, check_alive: Check = None) -> tuple[np.ndarray, str] | None:
+def _at_the_bound(p: Pattern, lower: int, active: np.ndarray, check_alive: Check = None) -> tuple[np.ndarray, str] | None:
     """A colouring with as many colours as the lower bound by a modulus or a lattice,
     tried before the graph is built: on bands and stencils one is found in a few passes
     over the entries (a 300 x 300 mesh: 0.1 s, where the graph and the greedy passes
-    took 5-20 s), and it is optimal. None when neither reaches the bound. A pattern
-    whose graph would be past the work limit is refused first, as it always was."""
-    check_work(work, "the colouring's column graph")
+    took 5-20 s), and it is optimal. None when neither reaches the bound."""
     by_modulus = _modulo(p, lower, active, check_alive, most=lower)
     if by_modulus is not None:
         return by_modulus, "modulo"
@@ -435,6 +448,36 @@ def _at_the_bound(p: Pattern, work: int, lower: int, active: np.ndarray, check_a
         return by_runs, "runs"
     on_grid = _lattice(p, lower, lower + 1, active, check_alive)
     return (on_grid, "lattice") if on_grid is not None else None
+
+
+def _without_graph(p: Pattern, work: int, lower: int, active: np.ndarray, check_alive: Check) -> tuple[np.ndarray, str]:
+    """A colouring for a pattern whose column graph is past the limits (its entries, or
+    its product's steps): the fewest colours a modulus, runs or a lattice reach below
+    twice the lower bound, without the graph. A periodic band w wide needs
+    ``ceil(n / floor(n / w))`` colours, one more than its rows' w where w does not divide
+    n, which only the graph was tried for: lorenz96 at n = 300,000 (13 entries a row)
+    was a 413 after its whole detection, though the runs colour it with 14, the fewest
+    possible. Raises the limit's :class:`~.patterns.PatternTooLarge` where none is found,
+    or where the tries would take more steps than the limit (each looks at every entry,
+    up to three times the lower bound of them)."""
+    limit = work_limit()
+    if limit is None or 3 * lower * p.nnz <= limit:
+        above, worse = lower + 1, 2 * lower  # (the bound itself was tried: _at_the_bound)
+        found: tuple[np.ndarray, str] | None = None
+        by_modulus = _modulo(p, above, active, check_alive, most=worse - 1)
+        if by_modulus is not None:
+            found, worse = (by_modulus, "modulo"), int(by_modulus.max(initial=-1)) + 1
+        by_runs = _runs(p, above, worse, active, check_alive)
+        if by_runs is not None:
+            found, worse = (by_runs, "runs"), int(by_runs.max(initial=-1)) + 1
+        on_grid = _lattice(p, above, worse, active, check_alive)
+        if on_grid is not None:
+            found = (on_grid, "lattice")
+        if found is not None:
+            return found
+    check_work(work, "the colouring's column graph")  # refused as the graph is, with its message
+    _check_graph_size(p, work)
+    raise AssertionError("the column graph is within the limits")  # (never: called only past them)
 
 
 def _modulo(p: Pattern, lower: int, active: np.ndarray, check_alive: Check = None, most: int | None = None) -> np.ndarray | None:
@@ -510,9 +553,7 @@ def _lattice(p: Pattern, lower: int, worse: int, active: np.ndarray, check_alive
     widths = values[order].tolist()
     # a grid's offsets are in nearly every row: only those pair up as a 3-D grid's widths
     common = values[order][counts[order] * 2 >= m].tolist()[:3]
-    mid = m // 2
-    sample = (p.rows >= mid) & (p.rows < mid + _LATTICE_SAMPLE_ROWS)
-    rows, cols = p.rows[sample] - mid, p.cols[sample]
+    rows, cols = _lattice_sample(p)
     # 3-D grids: two widths, a row's (w1) and a plane's (w2, a multiple of w1)
     pairs = [(a, b) for a in common for b in common if b > a and b % a == 0]
     for k in range(max(lower, 1), min(worse, lower + _LATTICE_EXTRA_COLOURS + 1)):
@@ -541,6 +582,22 @@ def _lattice(p: Pattern, lower: int, worse: int, active: np.ndarray, check_alive
     return None
 
 
+def _lattice_sample(p: Pattern) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a lattice candidate is first checked on, renumbered below
+    ``_LATTICE_SAMPLE_ROWS``: half from the middle of the grid, half its last rows,
+    where a periodic grid or band wraps around (a candidate right in the middle and
+    wrong there cost a check of every entry: 17 of them, 1.2 s, on a 300,000-column
+    periodic band)."""
+    m = p.shape[0]
+    half = _LATTICE_SAMPLE_ROWS // 2
+    mid, end = m // 2, max(m - half, m // 2 + half)
+    in_mid = (p.rows >= mid) & (p.rows < mid + half)
+    at_end = p.rows >= end
+    sample = in_mid | at_end
+    rows = np.where(at_end, p.rows - end + half, p.rows - mid)[sample]
+    return rows, p.cols[sample]
+
+
 def _distinct_shifts(rows: np.ndarray, base: np.ndarray, step: np.ndarray, k: int) -> list[int]:
     """The shifts s in ``range(k)`` for which ``(base + s * step) mod k`` gives no two
     entries of a sample row (``rows`` below ``_LATTICE_SAMPLE_ROWS``) one colour: every
@@ -563,10 +620,11 @@ def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, ch
         # one): the graph is complete, every colouring needs a colour per column, and
         # every greedy order gives that many. No graph, no greedy pass.
         colors, strategy = _complete(active), "natural"
-    elif (at_bound := _at_the_bound(p, work, lower, active, check_alive)) is not None:
+    elif (at_bound := _at_the_bound(p, lower, active, check_alive)) is not None:
         colors, strategy = at_bound  # optimal: no greedy order could use fewer
+    elif not _graph_within_limits(p, work):  # (only a graph that is built is bounded: a 600 x 600 stencil needs none)
+        colors, strategy = _without_graph(p, work, lower, active, check_alive)
     else:
-        _check_graph_size(p, work)  # (only a graph that is built is bounded: a 600 x 600 stencil needs none)
         u, v = _column_graph_edges(p, check_alive)
         colors, strategy = _greedy(n, u, v, active, strategies, check_alive, lower)
         # A modulus can only win when greedy stayed above the lower bound: a valid
@@ -678,8 +736,6 @@ def star_coloring(p: Pattern, *, check_alive: Check = None) -> Coloring:
     _check(check_alive)
     if p.shape[0] != p.shape[1] or not p.is_symmetric():
         raise ValueError("star colouring needs a square symmetric pattern")
-    _check_graph_size(p, _graph_work(p))  # the distance-2 colouring's graph, as always
-    _check(check_alive)
     indptr, nbr = _adjacency(p)
     degree = np.diff(indptr)
     _check(check_alive)
@@ -693,6 +749,8 @@ def star_coloring(p: Pattern, *, check_alive: Check = None) -> Coloring:
         # greedy star colouring in largest-first order, gives them in index order.
         colors, strategy = _complete(active), "star_largest_first"
     else:
+        # The distance-2 colouring: past the graph's limits, by a modulus, runs or a
+        # lattice where one exists (a periodic band's Hessian), else refused (raises)
         d2 = column_coloring(p, check_alive=check_alive)
         candidates = [(d2.colors, "distance2_" + d2.strategy)]
         limit = work_limit()

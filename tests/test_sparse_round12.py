@@ -1,0 +1,83 @@
+"""Sparse Jacobians and Hessians, round 12: the limits of detection and colouring (a
+periodic band past the colouring graph's limit, a pattern past the result limit on
+GET as on POST), a float32 force symmetric at one point only, and what a scientist
+computes (periodic finite-difference stencils in 2-D and 3-D, a kinetics network, a
+bundle-adjustment residual, a graph network's message pass, patterns that follow the
+values) through the service and the SDK into SciPy, against torch.func in this
+process and finite differences.
+
+One in-process app serves every case (no new server process), under a 1 MiB result
+limit and a 4 MiB memory budget (so a colouring graph past 65,536 entries is past its
+limit at a few thousand unknowns); the SDK reaches it through an httpx transport.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from tests import sparse12_functions as s12
+
+from .conftest import ready_app
+from .test_sparse_round9 import sparse  # round 9's helper: a request and its answer
+
+RNG = np.random.default_rng(12)
+
+#: The app's result limit and memory budget (the colouring graph's limit is budget / 64).
+LIMIT = 1 << 20
+BUDGET = 4 << 20
+
+
+@pytest.fixture(scope="module")
+def client():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JACOBIAN_SERVICE_MAX_RESULT_BYTES", str(LIMIT))
+        mp.setenv("JACOBIAN_SERVICE_MEMORY_BUDGET_BYTES", str(BUDGET))
+        with ready_app("tests.sparse12_functions") as c:
+            yield c
+
+
+def entries(J):
+    coo = sp.coo_array(J)
+    return set(zip(coo.row.tolist(), coo.col.tolist()))
+
+
+def products_agree(f, x, J, rtol=1e-12):
+    """``J`` against torch's own JVP and VJP with random vectors (the dense Jacobian of
+    a large input would not fit): ``J v`` and ``u^T J``."""
+    t = torch.from_numpy(x)
+    v, u = torch.from_numpy(RNG.standard_normal(x.size)), torch.from_numpy(RNG.standard_normal(J.shape[0]))
+    _, jv = torch.func.jvp(f, (t,), (v.reshape(t.shape),))
+    _, pull = torch.func.vjp(f, t)
+    (uj,) = pull(u.reshape(f(t).shape))
+    jv, uj = jv.reshape(-1).numpy(), uj.reshape(-1).numpy()
+    np.testing.assert_allclose(J @ v.numpy(), jv, rtol=rtol, atol=rtol * np.abs(jv).max())
+    np.testing.assert_allclose(J.T @ u.numpy(), uj, rtol=rtol, atol=rtol * np.abs(uj).max())
+
+
+
+
+# ------------------------------------------------------------------ limits
+
+
+def test_a_periodic_band_past_the_graph_limit_is_coloured_by_runs(client):
+    """A periodic 5-wide band at n = 12,001 (not a multiple of 5): its column graph
+    would hold 300,025 entries, past the limit (65,536 here; lorenz96 at n = 300,000
+    meets the default's the same way: 50.7 M entries for 4.2 M, after 11 s of
+    detection). It was a 413 after detection, though cutting the columns into runs of
+    at most 5 colours it with 6, the fewest any colouring can use
+    (ceil(n / floor(n / 5))): the graph was only ever needed to look for 5. Now GET
+    .../sparsity and the POST colour it by runs, and the Jacobian is torch's."""
+    n = 12_001
+    d = client.get("/v1/functions/hyperburgers/sparsity", params={"shapes": str(n), "dtypes": "float64"})
+    assert d.status_code == 200, d.text
+    coloring = d.json()["coloring"]
+    assert (coloring["colors"], coloring["lower_bound"], coloring["strategy"]) == (6, 5, "runs"), coloring
+    x = RNG.uniform(0.5, 1.5, n)
+    J, meta = sparse(client, "hyperburgers", x)
+    assert (meta["products"], meta["nnz"], meta["exact"]) == (6, 5 * n, True), meta
+    want = {(i, (i + k) % n) for i in range(n) for k in (-2, -1, 0, 1, 2)}
+    assert entries(J) == want
+    products_agree(s12.hyperburgers, x, J.tocsr())
