@@ -21,7 +21,7 @@ import torch
 from tests import sparse12_functions as s12
 
 from .conftest import ready_app
-from .test_sparse_round9 import sparse  # round 9's helper: a request and its answer
+from .test_sparse_round9 import f64, sparse  # round 9's helpers: an array's JSON, a request and its answer
 
 RNG = np.random.default_rng(12)
 
@@ -57,6 +57,11 @@ def products_agree(f, x, J, rtol=1e-12):
     np.testing.assert_allclose(J.T @ u.numpy(), uj, rtol=rtol, atol=rtol * np.abs(uj).max())
 
 
+def problem(r, status, code):
+    assert r.status_code == status and r.headers["content-type"].startswith("application/problem+json"), r.text
+    doc = r.json()
+    assert (doc["code"], doc["status"]) == (code, status), doc
+    return doc
 
 
 # ------------------------------------------------------------------ limits
@@ -81,3 +86,22 @@ def test_a_periodic_band_past_the_graph_limit_is_coloured_by_runs(client):
     want = {(i, (i + k) % n) for i in range(n) for k in (-2, -1, 0, 1, 2)}
     assert entries(J) == want
     products_agree(s12.hyperburgers, x, J.tocsr())
+
+
+def test_get_and_post_word_a_pattern_over_the_result_limit_alike(client):
+    """A pattern whose matrix is over the result limit (a ring followed by 300,000
+    constant outputs: the CSR's row pointers alone take 1.2 MB): GET .../sparsity said
+    'the result takes 1201414 bytes with its aux and output' (the engine's last check
+    of what a function returns: it has neither) where the POST says what the result
+    would take and what to ask for. Now both say it the POST's way, each with its own
+    size (the pattern's ones are int8), before the matrix is built; COO has no row
+    pointers and fits."""
+    n, m = 100, 100 + 300_000
+    r = client.get("/v1/functions/padded/sparsity", params={"shapes": str(n), "dtypes": "float64"})
+    doc = problem(r, 413, "result_too_large")
+    assert doc["detail"] == f"the result would take {2 * n * 5 + (m + 1) * 4} bytes; the limit is {LIMIT}. Ask for a smaller input."
+    r = client.post("/v1/functions/padded/jacobian", json={"inputs": [f64(np.ones(n))], "sparsity": "auto"})
+    doc = problem(r, 413, "result_too_large")
+    assert doc["detail"] == f"the result would take {2 * n * 12 + (m + 1) * 4} bytes; the limit is {LIMIT}. Ask for a smaller input."
+    r = client.get("/v1/functions/padded/sparsity", params={"shapes": str(n), "dtypes": "float64", "format": "coo"})
+    assert r.status_code == 200 and r.json()["pattern"]["nnz"] == 2 * n, r.text

@@ -291,6 +291,10 @@ def describe(engine: Any, call: Call, kind: str) -> Result:
     args = engine.tensors(call)
     box = _boxed(call)
     pattern, coloring, cached, _ = _plan(engine, call, kind, args, box)
+    # Held to the result limit as a POST's sparse matrix is, in its words (the pattern's
+    # ones are int8): it was 'the result takes N bytes with its aux and output', the
+    # engine's last check of what a function returned, where this has neither.
+    engine.check_result_size(call, _result_nbytes(call, pattern.shape, pattern.nnz, 1), _remedy(call))
     matrix = pattern.to_csr(np.ones(pattern.nnz, dtype=np.int8))
     if call.sparse_format == "coo":
         matrix = matrix.tocoo()
