@@ -61,8 +61,11 @@ def test_a_symmetric_jacobian_is_read_from_three_jvps_once_seen_symmetric(client
     or by substitution, has fewer), as the first request takes; its answer is
     symmetric entry by entry, so the next ones read 3 JVPs over an acyclic colouring
     as a Hessian is read (meta.mode ``symmetric``, meta.products 3), each checked by
-    the one VJP forward products get. float64 and float32 alike."""
-    for name, dtype, rtol in (("chain_force", np.float64, 1e-12), ("chain_force32", np.float32, 2e-5)):
+    the one VJP forward products get. float64 only: in float32 that VJP cannot tell an
+    asymmetry of hundreds of ulps from round-off (round 12), so chain_force32 keeps its
+    5 products, every entry read alone."""
+    for name, dtype, rtol, then in (("chain_force", np.float64, 1e-12, ("symmetric", 3)),
+                                    ("chain_force32", np.float32, 2e-5, ("bidirectional", 5))):
         first = None
         for _ in range(3):
             x = RNG.uniform(0.5, 1.5, 40).astype(dtype)
@@ -77,9 +80,9 @@ def test_a_symmetric_jacobian_is_read_from_three_jvps_once_seen_symmetric(client
             assert entries(J) == set(zip(*np.nonzero(want)))
             first = first or meta
         assert (first["mode"], first["products"]) == ("bidirectional", 5), first
-        assert (meta["mode"], meta["products"]) == ("symmetric", 3), meta
+        assert (meta["mode"], meta["products"]) == then, meta
         d = client.get(f"/v1/functions/{name}/sparsity", params={"shapes": "40"}).json()
-        assert (d["coloring"]["mode"], d["products"]) == ("symmetric", 3), d["coloring"]
+        assert (d["coloring"]["mode"], d["products"]) == then, d["coloring"]
 
 
 def test_a_jacobian_symmetric_at_one_point_only_is_never_answered_symmetrised(client):

@@ -769,7 +769,7 @@ def _symmetric_next(
     alone (nothing reuses them). The colouring runs within the request's deadline
     (``check_alive``): one stopped by it is logged, the answer stands, and the function
     keeps its plain colouring."""
-    from .symmetric import MODE, symmetric_coloring, symmetric_values
+    from .symmetric import MODE, checkable, symmetric_coloring, symmetric_values
 
     p = res.pattern
     # (detected patterns only: a declared or probed one gets the random product's check,
@@ -793,7 +793,7 @@ def _symmetric_next(
             return
         hit["symmetric_tried"] = True
         eps = _products_eps(args, argnums)
-        if not symmetric_values(res.matrix, eps):
+        if not checkable(eps) or not symmetric_values(res.matrix, eps):  # (float32: the check cannot tell)
             return
         from .acyclic import most_summed
 

@@ -18,6 +18,13 @@ Jacobian read this way is checked as forward products always are, by one VJP wit
 random cotangent against the matrix (:func:`.verify.differs_from_reverse`). Where it
 differs (the function is symmetric at some points only), that request is answered by
 VJPs, as ``jacrev`` computes it, and the function goes back to its plain colouring.
+
+That VJP tells values apart only past its round-off tolerance (1024 ulps of a column's
+scale, :mod:`.verify`): ~2e-13 in float64, but ~1.2e-4 in float32, where a force
+symmetric at its first point and slightly asymmetric later (J[0, j] off by 1e-3 of
+itself) passed the check and was answered with one triangle copied onto the other.
+So only float64 Jacobians are read this way (:func:`checkable`); float32 and narrower
+keep their plain colouring, every entry read alone.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import numpy as np
 from .coloring import Coloring, _star_gather, acyclic_from, hessian_coloring
 from .patterns import Pattern
 
-__all__ = ["MODE", "symmetric_coloring", "symmetric_from", "symmetric_values"]
+__all__ = ["MODE", "checkable", "symmetric_coloring", "symmetric_from", "symmetric_values"]
 
 #: ``Coloring.mode`` (and ``meta.mode``) of a Jacobian read as symmetric from JVPs.
 MODE = "symmetric"
@@ -38,6 +45,18 @@ MODE = "symmetric"
 # Entries i, j and j, i agree within this many ulps of the larger: round-off (a
 # gradient's Jacobian computed by JVPs or VJPs is symmetric up to its own round-off).
 _ULPS = 64
+
+
+# The coarsest machine epsilon whose checking VJP resolves an asymmetry finely enough: float64's.
+_COARSEST_EPS = 2.0**-52
+
+
+def checkable(eps: float) -> bool:
+    """Whether a Jacobian whose values have machine epsilon ``eps`` may be read as
+    symmetric: whether the one checking VJP tells an asymmetric point from round-off
+    closely enough (float64: within ~2e-13 of a column's scale; float32's 1.2e-4 let
+    asymmetries of hundreds of ulps of an entry through)."""
+    return eps <= _COARSEST_EPS
 
 
 def symmetric_values(matrix: Any, eps: float) -> bool:
