@@ -46,3 +46,106 @@ def drifting_force(x: torch.Tensor) -> torch.Tensor:
     force = -torch.func.grad(_chain_energy)(x)
     drift = ASYM * 0.5 * ((x[1:] - 1) ** 2).sum()
     return torch.cat([(force[0] + drift).reshape(1), force[1:]])
+
+
+# ------------------------------------------------------------------ a scientist's functions
+
+
+@register(inputs=[Input("u", shape=("ny", "nx"), dtype="float64")],
+          description="One explicit step of periodic advection-diffusion-reaction on a 2-D torus: upwind advection "
+                      "(velocity (1, 0.5)), the 5-point Laplacian, a logistic reaction.")
+def advect2d(u: torch.Tensor) -> torch.Tensor:
+    dt, nu = 0.01, 0.1
+    lap = u.roll(1, 0) + u.roll(-1, 0) + u.roll(1, 1) + u.roll(-1, 1) - 4 * u
+    adv = 1.0 * (u - u.roll(1, 1)) + 0.5 * (u - u.roll(1, 0))  # upwind: both velocities positive
+    return u + dt * (nu * lap - adv + u * (1 - u))
+
+
+@register(inputs=[Input("u", shape=("nz", "ny", "nx"), dtype="float64")],
+          description="The residual of a nonlinear Poisson problem on a periodic 3-D grid: 7-point Laplacian plus sinh(u).")
+def poisson3d(u: torch.Tensor) -> torch.Tensor:
+    lap = sum(u.roll(s, d) for d in (0, 1, 2) for s in (1, -1)) - 6 * u
+    return -lap + torch.sinh(u)
+
+
+def _network(species: int, reactions: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random mass-action network: reaction r turns reactants a[r] + b[r] into c[r],
+    three distinct species (a product that is also a reactant would cancel its own
+    entry exactly: a zero the pattern keeps, as structure)."""
+    g = torch.Generator().manual_seed(seed)
+    ab = torch.stack([torch.randperm(species, generator=g)[:3] for _ in range(reactions)])
+    rates = torch.rand(reactions, generator=g, dtype=torch.float64) + 0.1
+    return ab, rates, torch.arange(reactions)
+
+
+_REACT, _RATES, _ = _network(60, 90, 7)
+
+
+@register(inputs=[Input("c", shape=(60,), dtype="float64")],
+          description="Mass-action kinetics of 60 species in 90 random reactions A + B -> C (sparse, not banded).")
+def kinetics(c: torch.Tensor) -> torch.Tensor:
+    a, b, p = _REACT[:, 0], _REACT[:, 1], _REACT[:, 2]
+    rate = _RATES * c[a] * c[b]
+    dc = torch.zeros_like(c).index_add(0, a, -rate).index_add(0, b, -rate).index_add(0, p, rate)
+    return dc
+
+
+_CAMS, _PTS, _OBS = 6, 40, 160
+_g = torch.Generator().manual_seed(3)
+#: Which camera and which point each observation sees (every point seen at least twice).
+_OBS_CAM = torch.randint(0, _CAMS, (_OBS,), generator=_g)
+_OBS_PT = torch.cat([torch.arange(_PTS), torch.arange(_PTS), torch.randint(0, _PTS, (_OBS - 2 * _PTS,), generator=_g)])
+_SEEN = torch.randn(_OBS, 2, generator=_g, dtype=torch.float64) * 0.1
+
+
+def _rotate(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Rodrigues' rotation of the points p by the axis-angle vectors w (row by row)."""
+    theta = (w * w).sum(1, keepdim=True).add(1e-12).sqrt()
+    k = w / theta
+    cos, sin = theta.cos(), theta.sin()
+    return p * cos + torch.linalg.cross(k, p) * sin + k * (k * p).sum(1, keepdim=True) * (1 - cos)
+
+
+@register(inputs=[Input("cams", shape=(_CAMS, 6), dtype="float64"), Input("pts", shape=(_PTS, 3), dtype="float64")],
+          description="Bundle adjustment's reprojection residuals: 160 observations of 40 points by 6 cameras "
+                      "(axis-angle rotation, translation, pinhole projection).")
+def bundle(cams: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    c = cams[_OBS_CAM]
+    q = _rotate(c[:, :3], pts[_OBS_PT]) + c[:, 3:]
+    return (q[:, :2] / (q[:, 2:] + 5.0) - _SEEN).reshape(-1)
+
+
+_EDGES = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 3, 6, 9, 2],
+                       [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 5, 8, 1, 4, 7]])
+
+
+@register(inputs=[Input("h", shape=(10, 3), dtype="float64")],
+          description="A graph network's message pass on a fixed edge list: h + sum over in-edges of tanh(h[src] * h[dst]).")
+def message_pass(h: torch.Tensor) -> torch.Tensor:
+    src, dst = _EDGES
+    msg = torch.tanh(h[src] * h[dst])
+    return h + torch.zeros_like(h).index_add(0, dst, msg)
+
+
+@register(inputs=[Input("h", shape=(10, 3), dtype="float64"), Input("edges", shape=(2, "e"), dtype="int64")],
+          description="message_pass on the edge list given with the request (a value-dependent pattern).")
+def message_pass_on(h: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    src, dst = edges
+    msg = torch.tanh(h[src] * h[dst])
+    return h + torch.zeros_like(h).index_add(0, dst, msg)
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="relu of a ring coupling: the pattern holds everywhere; entries are zero where the relu is off.")
+def relu_ring(x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x - x.roll(1)) + 0.5 * x
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="Each element coupled to the next in sorted order (indexing by the data's order).")
+def sorted_chain(x: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(x)
+    y = x[order]
+    out = torch.empty_like(x)
+    out[order] = y * y.roll(-1)
+    return out

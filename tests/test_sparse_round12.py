@@ -23,6 +23,7 @@ from tests import sparse12_functions as s12
 
 from .conftest import ready_app
 from .test_sparse_round9 import f64, jac, sparse  # the round-9 helpers: an array's JSON, a request, torch's
+from .test_sparse_round10 import sdk  # noqa: F401 (round 10's fixture: the SDK through this module's in-process app)
 
 RNG = np.random.default_rng(12)
 
@@ -135,3 +136,135 @@ def test_a_float32_force_symmetric_at_one_point_only_is_never_answered_symmetris
             assert modes == [("bidirectional", 5)] * 3, modes
         else:
             assert modes == [("bidirectional", 5), ("symmetric", 3), ("rev", 40)], modes
+
+
+# ------------------------------------------------------------------ a scientist's functions
+
+
+def central(f, x, h=1e-6):
+    """The Jacobian by central differences, column by column (float64)."""
+    t = torch.from_numpy(x)
+    cols = []
+    for j in range(x.size):
+        e = torch.zeros(x.size, dtype=torch.float64)
+        e[j] = h
+        e = e.reshape(t.shape)
+        cols.append(((f(t + e) - f(t - e)) / (2 * h)).reshape(-1).numpy())
+    return np.stack(cols, 1)
+
+
+def group_columns_count(J):
+    """What scipy's own column grouping (least_squares' jac_sparsity) takes: the
+    fewer of its columns' and its rows' groups."""
+    from scipy.optimize._numdiff import group_columns
+
+    A = sp.csr_array(J)
+    return min(int(group_columns(A).max()) + 1, int(group_columns(sp.csr_array(A.T)).max()) + 1)
+
+
+def _npy(x):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+def test_periodic_stencils_in_every_format(client, sdk):
+    """An explicit advection-diffusion-reaction step on a 15 x 15 torus (upwind
+    advection and the 5-point Laplacian: a 5-point pattern that wraps around) and a
+    nonlinear Poisson residual on a 7 x 7 x 7 periodic grid (7-point). Each Jacobian is
+    torch.func.jacrev's and central differences' (to 1e-8), every nonzero stored and
+    nothing more, from the optimum 5 and 7 products (a lattice; scipy's grouping takes
+    more on the 3-D grid), in every format: CSR and COO as JSON and .npz, the dense
+    matrix as JSON and .npy, and through the SDK as scipy sparse arrays."""
+    import io
+
+    cases = (("advect2d", s12.advect2d, (15, 15), 5), ("poisson3d", s12.poisson3d, (7, 7, 7), 7))
+    for name, f, shape, optimum in cases:
+        x = RNG.uniform(0.2, 0.8, shape)
+        want = torch.func.jacrev(f)(torch.from_numpy(x)).reshape(x.size, x.size).numpy()
+        np.testing.assert_allclose(central(f, x), want, rtol=1e-8, atol=1e-8)
+        nonzero = set(zip(*np.nonzero(want)))
+        for fmt in ("csr", "coo"):
+            J, meta = sparse(client, name, x, sparse_format=fmt)
+            assert J.format == fmt and entries(J) == nonzero, (fmt, J.nnz, len(nonzero))
+            np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+            assert (meta["products"], meta["exact"], meta["value_dependent"], meta["conservative"]) == (optimum, True, False, False), meta
+            r = client.post(f"/v1/functions/{name}/jacobian?sparsity=auto&sparse_format={fmt}", content=_npy(x),
+                            headers={"content-type": "application/x-npy", "accept": "application/x-npz"})
+            assert r.status_code == 200, r.text
+            J = sp.load_npz(io.BytesIO(r.content))
+            assert J.format == fmt and entries(J) == nonzero
+            np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+        assert optimum <= group_columns_count(want)
+        r = client.post(f"/v1/functions/{name}/jacobian", json={"inputs": [f64(x)], "sparsity": "auto", "sparse_format": "dense"})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.asarray(r.json()["jacobian"]["data"]), want, rtol=1e-12, atol=1e-12)
+        r = client.post(f"/v1/functions/{name}/jacobian?sparsity=auto&sparse_format=dense", content=_npy(x),
+                        headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.load(io.BytesIO(r.content)), want, rtol=1e-12, atol=1e-12)
+        for fmt in ("csr", "coo"):
+            J = sdk.jacobian(name, x, sparsity="auto", sparse_format=fmt)
+            assert isinstance(J, sp.sparray) and J.format == fmt and entries(J) == nonzero, type(J)
+            np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+    assert group_columns_count(want) > 7  # (scipy's grouping on the 3-D grid)
+
+
+def test_kinetics_and_bundle_adjustment_against_jacrev(client):
+    """Mass-action kinetics of 60 species in 90 random reactions (sparse, not banded:
+    gathers and index_add) and bundle adjustment's reprojection residuals of 40 points
+    seen by 6 cameras, differentiated by both (one matrix, camera columns then point
+    columns: 8 entries a row, its camera's rotation and 2 of its translations, and its
+    point). Each is jacrev's exactly, the pattern its nonzeros, in no more products
+    than scipy's grouping and, for the bundle, the 8 a row needs (scipy's takes more)."""
+    c = RNG.uniform(0.1, 1.0, 60)
+    J, meta = sparse(client, "kinetics", c)
+    want = jac(s12.kinetics, c)
+    np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(central(s12.kinetics, c), want, rtol=1e-7, atol=1e-8)
+    assert entries(J) == set(zip(*np.nonzero(want))) and meta["exact"] is True
+    assert meta["products"] <= group_columns_count(want), meta
+    cams = np.concatenate([RNG.normal(0, 0.1, (6, 3)), RNG.normal(0, 0.5, (6, 3))], 1)
+    pts = RNG.normal(0, 1, (40, 3))
+    r = client.post("/v1/functions/bundle/jacobian", json={"inputs": [f64(cams), f64(pts)], "argnums": [0, 1], "sparsity": "auto"})
+    assert r.status_code == 200, r.text
+    J, meta = wire.decode_sparse_json(r.json()["jacobian"]), r.json()["meta"]
+    blocks = torch.func.jacrev(s12.bundle, argnums=(0, 1))(torch.from_numpy(cams), torch.from_numpy(pts))
+    want = np.concatenate([blocks[0].reshape(320, 36).numpy(), blocks[1].reshape(320, 120).numpy()], 1)
+    np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+    assert entries(J) == set(zip(*np.nonzero(want))) and J.shape == (320, 156)
+    assert meta["products"] == int((want != 0).sum(1).max()) == 8 < group_columns_count(want), meta
+
+
+def test_patterns_that_follow_the_values_say_so(client):
+    """A message pass on a fixed edge list holds everywhere (value_dependent false);
+    on an edge list sent with the request it holds for that list only (value_dependent
+    true, a note says why), and another list gets its own. relu's pattern holds
+    everywhere as a union over its choices (conservative, a note names relu: zeros are
+    stored where it is off); indexing by the data's own order holds at its point only.
+    Every answer is jacrev's at its own point."""
+    h = RNG.uniform(-1, 1, (10, 3))
+    J, meta = sparse(client, "message_pass", h)
+    np.testing.assert_allclose(J.toarray(), jac(s12.message_pass, h), rtol=1e-12, atol=1e-12)
+    assert meta["value_dependent"] is False and entries(J) == set(zip(*np.nonzero(jac(s12.message_pass, h))))
+    for edges in (s12._EDGES.numpy(), np.array([[0, 2, 4, 6], [9, 7, 5, 3]])):
+        body = {"inputs": [f64(h), {"dtype": "int64", "shape": list(edges.shape), "data": edges.tolist()}], "sparsity": "auto"}
+        r = client.post("/v1/functions/message_pass_on/jacobian", json=body)
+        assert r.status_code == 200, r.text
+        J, meta = wire.decode_sparse_json(r.json()["jacobian"]), r.json()["meta"]
+        want = torch.func.jacrev(s12.message_pass_on)(torch.from_numpy(h), torch.from_numpy(edges)).reshape(30, 30).numpy()
+        np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+        assert entries(J) == set(zip(*np.nonzero(want))) and meta["value_dependent"] is True, meta
+        assert meta["notes"], meta
+    for x in (RNG.uniform(-1, 1, 30), RNG.uniform(-1, 1, 30)):
+        J, meta = sparse(client, "relu_ring", x)
+        want = jac(s12.relu_ring, x)
+        np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+        assert J.nnz == 60 and (meta["value_dependent"], meta["conservative"]) == (False, True), meta
+        assert any("relu" in note for note in meta["notes"]), meta["notes"]
+        J, meta = sparse(client, "sorted_chain", x)
+        want = jac(s12.sorted_chain, x)
+        np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+        assert entries(J) == set(zip(*np.nonzero(want))) and meta["value_dependent"] is True, meta
