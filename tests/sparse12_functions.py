@@ -149,3 +149,25 @@ def sorted_chain(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     out[order] = y * y.roll(-1)
     return out
+
+
+#: A tabulated property (an equation of state, a rate law) on a fixed grid.
+_XP = torch.linspace(0.0, 2.0, 11, dtype=torch.float64)
+_FP = torch.sin(3 * _XP)
+_PERM = torch.tensor([3, 1, 4, 0, 2, 9, 7, 5, 8, 6, 10])
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="Linear interpolation in a fixed table (searchsorted, then the table at those indices), "
+                      "times the next element: a pattern that holds at every point.")
+def tabulated(x: torch.Tensor) -> torch.Tensor:
+    idx = torch.searchsorted(_XP, x).clamp(1, 10)
+    slope = (_FP[idx] - _FP[idx - 1]) / (_XP[idx] - _XP[idx - 1])
+    return (_FP[idx - 1] + (x - _XP[idx - 1]) * slope) * x.roll(-1)
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="x read at a fixed table's entries, looked up at indices computed from x: value-dependent.")
+def table_indexed(x: torch.Tensor) -> torch.Tensor:
+    idx = torch.searchsorted(_XP, x).clamp(0, 10)
+    return x * x[_PERM[idx] % x.numel()]

@@ -268,3 +268,30 @@ def test_patterns_that_follow_the_values_say_so(client):
         want = jac(s12.sorted_chain, x)
         np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
         assert entries(J) == set(zip(*np.nonzero(want))) and meta["value_dependent"] is True, meta
+
+
+def test_a_lookup_table_at_indices_computed_from_the_data_holds_everywhere(client):
+    """Linear interpolation in a fixed table: ``searchsorted(xp, x)``, then the table at
+    those indices. What moves is the table's entries, which depend on no input, so the
+    pattern (the interpolant times the next element: 2 entries a row) holds at every
+    point; it was marked value_dependent ('index: an output shape that depends on
+    values', though an integer index fixes the shape), detected anew at every point and
+    said to hold at that point only. Now it is cached for every point (meta.cached on
+    the second request, at another point). x read at the table's entries at those
+    indices still depends on the values, and says so."""
+    metas = []
+    for _ in range(2):
+        x = RNG.uniform(0.1, 1.9, 30)
+        J, meta = sparse(client, "tabulated", x)
+        want = jac(s12.tabulated, x)
+        np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+        assert entries(J) == set(zip(*np.nonzero(want))) and J.nnz == 60
+        metas.append(meta)
+    assert [(m["value_dependent"], m["notes"], m["cached"]) for m in metas] == [(False, [], None), (False, [], "memory")], metas
+    for _ in range(2):
+        x = RNG.uniform(0.1, 1.9, 30)
+        J, meta = sparse(client, "table_indexed", x)
+        want = jac(s12.table_indexed, x)
+        np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+        assert meta["value_dependent"] is True and meta["cached"] is None, meta
+        assert meta["notes"] == ["depends on the input values: exact at this point only (index: indices or masks computed from values)"]

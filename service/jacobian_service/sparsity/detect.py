@@ -53,7 +53,9 @@ shapes. Some depend on the input values, and the tracer says so
 - converts a traced value to Python (``if x.sum() > 0``, ``.item()``, ``bool(...)``),
 - indexes, gathers or scatters with indices or masks computed from traced values
   (``x[x > 0]``, ``x[torch.argsort(x)]``) or taken from a non-differentiated input
-  (``x[idx]``),
+  (``x[idx]``); a gather of what depends on no input (a table the function holds, at
+  indices computed from ``x``: an interpolation) moves no dependency, and reads nothing,
+  and an integer index fixes its output's shape whatever its values,
 - runs an op whose output's shape depends on values (``nonzero``, ``unique``),
 - contracts with an operand that does not depend on the differentiated inputs but
   varies with the inputs (a non-differentiated input ``A @ x``) and has zeros here:
@@ -539,10 +541,10 @@ class _Tracer:
             # but a Python value or an output shape is read here and now.
             if not all(isinstance(o, torch.Tensor) for o in leaves) or _tagged(func, torch.Tag.data_dependent_output):
                 self.reads(f"{name}: a traced value converted to Python")
-            elif _tagged(func, torch.Tag.dynamic_output_shape) and (name not in _STATIC_INDEX or _valued(traced)):
+            elif _tagged(func, torch.Tag.dynamic_output_shape) and _shape_from_values(name, traced):
                 self.reads(f"{name}: an output shape that depends on values")
             return pytree.tree_unflatten([self.valued(o) if isinstance(o, torch.Tensor) else o for o in leaves], spec)
-        if _tagged(func, torch.Tag.dynamic_output_shape) and (name not in _STATIC_INDEX or _valued(traced)):
+        if _tagged(func, torch.Tag.dynamic_output_shape) and _shape_from_values(name, traced):
             self.reads(f"{name}: an output shape that depends on values")
         if not torch.is_grad_enabled():
             self.no_grad = True
@@ -742,11 +744,12 @@ class _Tracer:
         """Run the op on element labels: each output element's label names its source."""
         roots: dict[int, tuple[_Root, int]] = {}
         offset = 0
+        indexed_by_values = False
 
         def label(a: Any) -> Any:
-            nonlocal offset
+            nonlocal offset, indexed_by_values
             if isinstance(a, _Traced) and not _float(a):  # an index or mask made from values
-                self.reads(f"{_op(func)}: indices or masks computed from values")
+                indexed_by_values = True
                 return a.value
             if isinstance(a, _Traced):
                 if id(a.root) not in roots:
@@ -769,6 +772,12 @@ class _Tracer:
         sources = list(roots.values())
         stacked = sp.vstack([r.deps for r, _ in sources], format="csr") if sources else _empty(0, self.n)
         hess = self.hess_of([a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, _Traced)])
+        if indexed_by_values and (stacked.nnz or (hess is not None and hess.nnz)):
+            # Which elements move follows the values only where what moves depends on the
+            # inputs: a table the function holds, looked up at indices computed from x
+            # (searchsorted, then fp[idx]: an interpolation), moves no dependency, and
+            # its pattern holds at every point (it was detected anew at each one)
+            self.reads(f"{_op(func)}: indices or masks computed from values")
         outs, spec = pytree.tree_flatten(out)
         labs = pytree.tree_leaves(labelled)
         wrapped = []
@@ -1870,6 +1879,19 @@ _LAYOUT_INPLACE = frozenset("squeeze_ unsqueeze_ t_ transpose_ swapdims_ swapaxe
 # Ops tagged dynamic_output_shape whose output's shape is fixed by their index or mask
 # arguments: data-dependent only when those are traced.
 _STATIC_INDEX = frozenset("index masked_select index_put repeat_interleave".split())
+
+
+def _shape_from_values(name: str, traced: Sequence[_Traced]) -> bool:
+    """Whether an op tagged dynamic_output_shape has an output shape that follows the
+    values here: always, but for those of ``_STATIC_INDEX`` with no traced index or
+    mask; and ``index`` only by a traced boolean mask (its count of True), an integer
+    index fixing the shape whatever its values (what it moves is the movement rule's)."""
+    if name not in _STATIC_INDEX:
+        return True
+    valued = _valued(traced)
+    if name == "index":
+        return any(t.dtype == torch.bool for t in valued)
+    return bool(valued)
 
 
 def _fill_value(args: Any) -> "_Traced | None":
