@@ -3,7 +3,9 @@ vs dense derivatives, in process (no HTTP), side by side, with asdex (JAX) as a 
 installed; ``--service`` adds the same sparse calls through a real ``serve`` process (SDK,
 binary ``.npz`` answers), against the in-process dense ``jacrev`` of the same run;
 ``--large N`` times only a bandwidth-20 band and a partially separable Hessian at n = N
-(dense estimated from 256 of its products: at n = 100,000 it would not fit in memory).
+(dense estimated from 256 of its products: at n = 100,000 it would not fit in memory);
+``--stencil [SIDE ...]`` only a periodic 2-D advection-diffusion stencil at n = 10^4 and
+~10^5, sparse and dense rounds interleaved.
 
 Cases (issue 11): lorenz96 at n = 8192 (periodic band), one reaction-diffusion step on a
 128 x 128 grid (5-point stencil), the sparse Hessian of a separable-plus-banded
@@ -70,6 +72,62 @@ def chain_force(x: torch.Tensor) -> torch.Tensor:
         return 0.5 * ((y[1:] - y[:-1]) ** 2).sum() + 0.25 * (y**4).sum() + torch.sin(y[0]) * y.sum()
 
     return -torch.func.grad(energy)(x)
+
+
+def stencil2d(u: torch.Tensor) -> torch.Tensor:
+    """One explicit step of periodic advection-diffusion-reaction on a 2-D torus (round
+    12): upwind advection, the 5-point Laplacian, a logistic reaction. A 5-point
+    pattern that wraps around: 5 products on a torus whose sides are multiples of 5."""
+    lap = u.roll(1, 0) + u.roll(-1, 0) + u.roll(1, 1) + u.roll(-1, 1) - 4 * u
+    adv = (u - u.roll(1, 1)) + 0.5 * (u - u.roll(1, 0))
+    return u + 0.01 * (0.1 * lap - adv + u * (1 - u))
+
+
+#: Above this many unknowns the dense Jacobian is estimated (its n x n float32 would
+#: take 1.6 GB at 20,000 and 40 GB at 100,000), at or below it measured.
+_DENSE_MEASURED_MOST = 16_384
+
+
+def stencil_cases(sides: list[int], rounds: int, dense_rounds: int) -> list[Row]:
+    """Round 12: the periodic stencil at n = side^2, sparse (pattern cached) and dense
+    ``jacrev`` side by side: their rounds interleaved (sparse, dense, sparse, ...) so
+    that the machine's load falls on both alike, medians of each. Dense is measured
+    (chunks of 2,048 VJPs) up to ``_DENSE_MEASURED_MOST`` unknowns, estimated from 256
+    of its products above."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for side in sides:
+        u = torch.rand(side, side, generator=gen) + 0.5
+        n = u.numel()
+        cache = PatternCache()
+        sparse_jacobian(stencil2d, [u[:10, :10].contiguous()], cache=PatternCache(), name="warm-up")
+        t0 = time.perf_counter()
+        got = sparse_jacobian(stencil2d, [u], cache=cache, name="stencil2d")
+        first_s = time.perf_counter() - t0
+        measured = n <= _DENSE_MEASURED_MOST
+        sparse_times, dense_times = [], []
+        for r in range(max(rounds, dense_rounds)):
+            if r < rounds:
+                t0 = time.perf_counter()
+                got = sparse_jacobian(stencil2d, [u], cache=cache, name="stencil2d")
+                sparse_times.append(time.perf_counter() - t0)
+            if r < dense_rounds:
+                if measured:
+                    t0 = time.perf_counter()
+                    dense = torch.func.jacrev(stencil2d, chunk_size=2048)(u)
+                    dense_times.append(time.perf_counter() - t0)
+                else:
+                    dense_times.append(dense_estimate(lambda v: stencil2d(v.reshape(side, side)).reshape(-1), u.reshape(-1), "jacobian"))
+        diff = float("nan")
+        if measured:
+            want = dense.reshape(n, n).numpy()
+            diff = float(np.abs(got.matrix.toarray() - want).max() / np.abs(want).max())
+            del dense, want
+        sparse_s, dense_s = statistics.median(sparse_times), statistics.median(dense_times)
+        rows.append({"case": f"periodic stencil {side}x{side}", "n": n, "nnz": got.matrix.nnz, "mode": got.mode,
+                     "colors": got.n_products, "first_s": first_s, "sparse_s": sparse_s, "dense_s": dense_s,
+                     "measured": measured, "ratio": dense_s / sparse_s, "rel_diff": diff})
+    return rows
 
 
 def dense_estimate(fn: Callable[..., Any], x: torch.Tensor, kind: str, rows: int = 256) -> float:
@@ -266,9 +324,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--service", action="store_true", help="also time the sparse calls through a real server")
     p.add_argument("--large", type=int, default=0, metavar="N",
                    help="only the round-10 cases at n = N (a bandwidth-20 band, a separable Hessian)")
+    p.add_argument("--stencil", type=int, nargs="*", metavar="SIDE",
+                   help="only the periodic 2-D stencil (round 12) on SIDE x SIDE tori (default 100 and 315: "
+                        "n = 10,000 and 99,225), sparse and dense rounds interleaved")
     args = p.parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    if args.stencil is not None:
+        sides = args.stencil or [100, 315]
+        print(f"# periodic 2-D stencil, sparse vs dense jacrev (torch {torch.__version__}, {torch.get_num_threads()} "
+              f"torch threads; medians, rounds interleaved; dense estimated from 256 products above "
+              f"{_DENSE_MEASURED_MOST:,} unknowns)\n")
+        print("| case | n | nnz | mode | products | first call | sparse | dense jacrev | ratio | max diff (rel) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in stencil_cases(sides, args.rounds, args.dense_rounds):
+            dense = _ms(r["dense_s"]) + ("" if r["measured"] else " (est.)")
+            print(f"| {r['case']} | {r['n']:,} | {r['nnz']:,} | {r['mode']} | {r['colors']} | {_ms(r['first_s'])} "
+                  f"| {_ms(r['sparse_s'])} | {dense} | {r['ratio']:,.0f}x | {r['rel_diff']:.1e} |", flush=True)
+        return 0
     if args.large:
         print(f"# sparse vs dense at n = {args.large:,} (torch {torch.__version__}, {torch.get_num_threads()} torch threads; "
               "dense estimated from 256 products)\n")
