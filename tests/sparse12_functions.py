@@ -171,3 +171,9 @@ def tabulated(x: torch.Tensor) -> torch.Tensor:
 def table_indexed(x: torch.Tensor) -> torch.Tensor:
     idx = torch.searchsorted(_XP, x).clamp(0, 10)
     return x * x[_PERM[idx] % x.numel()]
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="A periodic chain's energy with nearest and next-nearest springs: a 5-wide periodic band Hessian.")
+def ring_energy(u: torch.Tensor) -> torch.Tensor:
+    return (0.5 * (u - u.roll(1)) ** 2 + 0.25 * (u - u.roll(2)) ** 4 + torch.cos(u)).sum()

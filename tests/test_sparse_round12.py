@@ -90,6 +90,21 @@ def test_a_periodic_band_past_the_graph_limit_is_coloured_by_runs(client):
     products_agree(s12.hyperburgers, x, J.tocsr())
 
 
+def test_a_periodic_band_hessian_past_the_graph_limit_is_coloured(client):
+    """The energy of a periodic chain with next-nearest springs at n = 3,001: its
+    Hessian's column graph would hold 75,025 entries, past the limit (65,536), and the
+    star colouring refused it before anything else was tried (a 413), though the
+    greedy star passes need no such graph and the distance-2 colouring has its runs.
+    Now it is answered from 5 acyclic-coloured products, torch's Hessian-vector
+    products exactly."""
+    n = 3_001
+    x = RNG.uniform(0.5, 1.5, n)
+    H, meta = sparse(client, "ring_energy", x, kind="hessian")
+    assert meta["mode"] in ("star", "acyclic") and meta["products"] <= 6 and meta["nnz"] == 5 * n, meta
+    assert entries(H) == {(i, (i + k) % n) for i in range(n) for k in (-2, -1, 0, 1, 2)}
+    products_agree(torch.func.grad(s12.ring_energy), x, H.tocsr())
+
+
 def test_get_and_post_word_a_pattern_over_the_result_limit_alike(client):
     """A pattern whose matrix is over the result limit (a ring followed by 300,000
     constant outputs: the CSR's row pointers alone take 1.2 MB): GET .../sparsity said
