@@ -292,8 +292,10 @@ def test_a_lookup_table_at_indices_computed_from_the_data_holds_everywhere(clien
     point; it was marked value_dependent ('index: an output shape that depends on
     values', though an integer index fixes the shape), detected anew at every point and
     said to hold at that point only. Now it is cached for every point (meta.cached on
-    the second request, at another point). x read at the table's entries at those
-    indices still depends on the values, and says so."""
+    the second request, at another point), and requests at several points arriving
+    together share it, each answered its own point's Jacobian. x read at the table's
+    entries at those indices still depends on the values, and says so."""
+    import threading
     metas = []
     for _ in range(2):
         x = RNG.uniform(0.1, 1.9, 30)
@@ -303,6 +305,20 @@ def test_a_lookup_table_at_indices_computed_from_the_data_holds_everywhere(clien
         assert entries(J) == set(zip(*np.nonzero(want))) and J.nnz == 60
         metas.append(meta)
     assert [(m["value_dependent"], m["notes"], m["cached"]) for m in metas] == [(False, [], None), (False, [], "memory")], metas
+    xs = [RNG.uniform(0.1, 1.9, 30) for _ in range(4)]
+    out = [None] * len(xs)
+
+    def post(i):
+        out[i] = client.post("/v1/functions/tabulated/jacobian", json={"inputs": [f64(xs[i])], "sparsity": "auto"})
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for x, r in zip(xs, out):
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(wire.decode_sparse_json(r.json()["jacobian"]).toarray(), jac(s12.tabulated, x), rtol=1e-12, atol=1e-12)
     for _ in range(2):
         x = RNG.uniform(0.1, 1.9, 30)
         J, meta = sparse(client, "table_indexed", x)
