@@ -117,7 +117,8 @@ def stencil_cases(sides: list[int], rounds: int, dense_rounds: int) -> list[Row]
                     dense = torch.func.jacrev(stencil2d, chunk_size=2048)(u)
                     dense_times.append(time.perf_counter() - t0)
                 else:
-                    dense_times.append(dense_estimate(lambda v: stencil2d(v.reshape(side, side)).reshape(-1), u.reshape(-1), "jacobian"))
+                    dense_times.append(dense_estimate(lambda v, side=side: stencil2d(v.reshape(side, side)).reshape(-1), u.reshape(-1),
+                                                      "jacobian"))
         diff = float("nan")
         if measured:
             want = dense.reshape(n, n).numpy()
