@@ -1,0 +1,253 @@
+"""A real browser as the outside testers use one, round 6: a 2 GB Jacobian streamed into
+a page, and the page letting go of it.
+
+One ``serve`` (a supervisor, one front end, one engine: every process measured) and one
+headless Chromium for the module. The page asks for ``softmax``'s Jacobian at n = 23,000
+as ``.npy`` (2.1 GB, streamed row chunk by row chunk) and reads it through a
+ReadableStream reader:
+
+* aborted (AbortController), navigated away from, or its tab closed mid-stream: the
+  engine stops at its next chunk, the stream's room in the front end's budget is given
+  back (the same request, refused 503 beside the running stream, is served at once),
+  and no process's resident memory grows by more than 256 MB;
+* read slowly, then not at all: the engine runs no further ahead of the page than the
+  buffers between them hold, and goes on when the page reads again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+from tests._cdp import Chromium, chromium_binary
+
+from .conftest import live_server
+
+MiB = 1 << 20
+N = 23_000  # softmax's Jacobian: N x N float32, 2.1 GB
+BUDGET = 100 * MiB  # the front end's stream room: one such stream's two chunks, not two streams'
+GROWTH = 256 * MiB  # what no process may grow by while a page takes and drops a stream
+STREAMED = re.compile(r"^jacobian_service_streamed_bytes_total (\S+)$", re.M)
+
+# The page's side: an .npy body made in the page, the stream read piece by piece
+# (``pause`` set: not read until it is cleared), its state in window.__s.
+_PAGE = r"""
+window.__npy = (n) => {
+  let h = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + n + ",), }";
+  const total = Math.ceil((10 + h.length + 1) / 64) * 64;
+  h = h + " ".repeat(total - 10 - h.length - 1) + "\n";
+  const buf = new Uint8Array(total + 4 * n);
+  buf.set([0x93, 78, 85, 77, 80, 89, 1, 0, h.length & 255, h.length >> 8]);
+  for (let i = 0; i < h.length; i++) buf[10 + i] = h.charCodeAt(i);
+  const x = new Float32Array(buf.buffer, total, n);
+  for (let i = 0; i < n; i++) x[i] = (i % 100) / 100;
+  return buf;
+};
+window.__ask = (n) => fetch('/v1/functions/softmax/jacobian', {method: 'POST', signal: window.__ctrl.signal,
+  headers: {'Content-Type': 'application/x-npy', Accept: 'application/x-npy'}, body: window.__npy(n)});
+window.__start = (n) => {
+  window.__s = {bytes: 0, pause: false};
+  window.__ctrl = new AbortController();
+  window.__ask(n).then(async r => {
+    window.__s.status = r.status;
+    window.__s.length = Number(r.headers.get('content-length'));
+    window.__s.chunk = Number(r.headers.get('x-chunk-size'));
+    const reader = r.body.getReader();
+    for (;;) {
+      while (window.__s.pause) await new Promise(ok => setTimeout(ok, 20));
+      const {done, value} = await reader.read();
+      if (done) { window.__s.done = true; break; }
+      window.__s.bytes += value.length;
+    }
+  }).catch(e => { window.__s.error = e.name; });
+  return true;
+};
+true
+"""
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (the supervisor, front end, engine, helpers)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += _tree(int(child))
+    return found
+
+
+def _status(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait(done: Callable[[], Any], timeout_s: float = 60, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = done()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator["_Server"]:
+    # One front end and an engine never restarted here (no spare to start); a stream
+    # budget that holds one such stream's two chunks and not a second stream's.
+    with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false", BODY_BUDGET_BYTES=BUDGET,
+                     FUNCTIONS="jacobian_service.examples") as (url, proc):
+        server = _Server(url, proc)
+        try:
+            yield server
+        finally:
+            server.http.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Chromium]:
+    if chromium_binary() is None:
+        pytest.skip("no chromium binary (apt-get install chromium)")
+    with Chromium() as chromium:
+        yield chromium
+
+
+class _Server:
+    """The served processes, as a page's stream moves them."""
+
+    def __init__(self, url: str, proc: Any) -> None:
+        self.url, self.pids = url, _tree(proc.pid)
+        assert len(self.pids) >= 3, self.pids  # serve, its front end, its engine (and helpers)
+        self.http = httpx.Client(timeout=30)
+
+    def streamed(self) -> float:
+        """Bytes of row chunks the front end has had from the engine, all streams."""
+        found = STREAMED.search(self.http.get(self.url + "/metrics").text)
+        return float(found.group(1)) if found else 0.0
+
+    def mark(self) -> dict[int, int]:
+        """Every process's resident size now, its high-water mark reset to it."""
+        for pid in self.pids:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return {pid: _status(pid, "VmRSS") for pid in self.pids}
+
+    def growth(self, marked: dict[int, int]) -> dict[int, int]:
+        """How far each process's resident size rose at its peak since ``marked``."""
+        return {pid: _status(pid, "VmHWM") - rss for pid, rss in marked.items()}
+
+    def still(self, seconds: float = 1.0) -> bool:
+        """No chunk asked of the engine for ``seconds``, nor CPU spent by it."""
+        before, cpu = self.streamed(), {pid: _cpu_s(pid) for pid in self.pids}
+        time.sleep(seconds)
+        spent = sum(_cpu_s(pid) - cpu[pid] for pid in self.pids)
+        return self.streamed() == before and spent < 0.5 * seconds
+
+
+def _page(browser: Chromium, url: str) -> None:
+    browser.goto(url + "/healthz")
+    browser.wait_for("document.body && document.body.textContent.includes('ok')")
+    browser.eval(_PAGE)
+
+
+def _state(browser: Chromium, target: str = "window") -> dict[str, Any]:
+    return json.loads(browser.eval(f"JSON.stringify({target}.__s || {{}})"))
+
+
+def _reading(browser: Chromium, past: int, target: str = "window") -> dict[str, Any]:
+    """The page's stream once it has read ``past`` bytes."""
+    def read() -> dict[str, Any] | None:
+        s = _state(browser, target)
+        return s if s.get("bytes", 0) > past or "error" in s or s.get("status", 200) != 200 else None
+
+    state = _wait(read, what=f"the page reading {past} bytes")
+    assert state["status"] == 200 and "error" not in state, state
+    assert state["length"] == 128 + 4 * N * N, state  # the whole .npy announced: 2.1 GB
+    return state
+
+
+def test_a_page_that_lets_go_of_a_streamed_jacobian_stops_the_work(api, browser):
+    """Aborted by an AbortController, then by navigating away, then by closing the
+    tab, each mid-stream of a 2.1 GB Jacobian: the engine stops at the next chunk, the
+    stream's room is given back (the same request beside the running stream is a 503
+    the page reads with its Retry-After; once the page let go, it is served), and no
+    process grows by more than 256 MB."""
+    server = api
+    _page(browser, server.url)
+    marked = server.mark()
+
+    # 1. AbortController, with a second stream refused beside the first and served after.
+    browser.eval(f"window.__start({N})")
+    _reading(browser, 20 * MiB)
+    refused = browser.eval(f"""(async () => {{
+      const r = await fetch('/v1/functions/softmax/jacobian', {{method: 'POST',
+        headers: {{'Content-Type': 'application/x-npy', Accept: 'application/x-npy'}}, body: window.__npy({N})}});
+      return {{status: r.status, retry: r.headers.get('retry-after'), body: await r.json()}};
+    }})()""")
+    assert (refused["status"], refused["body"]["code"], refused["retry"]) == (503, "unavailable", "1"), refused
+    browser.eval("window.__ctrl.abort(); true")
+    assert _wait(lambda: _state(browser).get("error")) == "AbortError"
+    assert _wait(server.still, 20, "the engine stopping after the abort")
+    browser.eval(f"window.__start({N})")  # the room given back: served at once
+    _reading(browser, 20 * MiB)
+
+    # 2. Navigating away mid-stream (the stream of the request just served).
+    browser.goto("about:blank")
+    assert _wait(server.still, 20, "the engine stopping after the page went")
+
+    # 3. The tab closed mid-stream: a tab of its own, opened by the page.
+    _page(browser, server.url)
+    opened = browser.send("Runtime.evaluate", expression="(window.__tab = window.open('/healthz', 'stream')) !== null",
+                          userGesture=True, returnByValue=True)  # (a click's: no popup blocked)
+    assert opened["result"]["value"] is True, opened
+    browser.wait_for("window.__tab.document.readyState === 'complete' && "
+                     "window.__tab.document.body.textContent.includes('ok')")
+    browser.eval(f"window.__tab.eval({json.dumps(_PAGE)}); window.__tab.__start({N})")
+    _reading(browser, 20 * MiB, "window.__tab")
+    browser.eval("window.__tab.close(); true")
+    assert _wait(server.still, 20, "the engine stopping after the tab closed")
+    browser.eval(f"window.__start({N})")  # and its room given back too
+    _reading(browser, 20 * MiB)
+    browser.eval("window.__ctrl.abort(); true")
+    assert _wait(server.still, 20)
+
+    grown = server.growth(marked)
+    assert max(grown.values()) < GROWTH, {pid: g // MiB for pid, g in grown.items()}
+    browser.goto("about:blank")
+
+
+def test_a_page_that_reads_slowly_holds_the_engine_back(api, browser):
+    """A page that stops reading its stream (a ReadableStream reader not called) stops
+    the engine once the buffers between them are full: the engine is never further
+    ahead of the page than the front end's two chunks and the sockets' and the
+    browser's buffers (64 MiB here, of a 2.1 GB Jacobian). Read again, it goes on."""
+    server = api
+    _page(browser, server.url)
+    marked, before = server.mark(), server.streamed()
+    browser.eval(f"window.__start({N})")
+    state = _reading(browser, 20 * MiB)
+    chunk = state["chunk"] * 4 * N
+    browser.eval("window.__s.pause = true")
+    assert _wait(server.still, 30, "the engine held back by a page that reads nothing")
+    held = _state(browser)["bytes"]
+    ahead = server.streamed() - before - held
+    assert 0 <= ahead <= 2 * chunk + 64 * MiB, (ahead // MiB, chunk // MiB)
+    browser.eval("window.__s.pause = false")
+    _reading(browser, held + 4 * chunk)  # read again: the engine goes on
+    browser.eval("window.__ctrl.abort(); true")
+    assert _wait(server.still, 20)
+    grown = server.growth(marked)
+    assert max(grown.values()) < GROWTH, {pid: g // MiB for pid, g in grown.items()}
+    browser.goto("about:blank")
