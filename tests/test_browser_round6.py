@@ -12,6 +12,9 @@ ReadableStream reader:
   and no process's resident memory grows by more than 256 MB;
 * read slowly, then not at all: the engine runs no further ahead of the page than the
   buffers between them hold, and goes on when the page reads again.
+
+And a page of another origin that CORS_ORIGINS allows, calling as web apps' HTTP
+libraries call (the headers they add to every request).
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
+
 from tests._cdp import Chromium, chromium_binary
+from tests._client_support import serve
 
 from .conftest import live_server
 
@@ -105,11 +113,21 @@ def _wait(done: Callable[[], Any], timeout_s: float = 60, what: str = "") -> Any
 
 
 @pytest.fixture(scope="module")
-def api() -> Iterator["_Server"]:
+def page() -> Iterator[str]:
+    """A page server: another origin (127.0.0.1 on another port), the one CORS_ORIGINS allows."""
+    async def blank(request: Any) -> HTMLResponse:
+        return HTMLResponse("<!doctype html><html><head><meta charset='utf-8'></head><body>page</body></html>")
+
+    with serve(Starlette(routes=[Route("/", blank)])) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def api(page: str) -> Iterator["_Server"]:
     # One front end and an engine never restarted here (no spare to start); a stream
     # budget that holds one such stream's two chunks and not a second stream's.
     with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false", BODY_BUDGET_BYTES=BUDGET,
-                     FUNCTIONS="jacobian_service.examples") as (url, proc):
+                     FUNCTIONS="jacobian_service.examples", CORS_ORIGINS=page) as (url, proc):
         server = _Server(url, proc)
         try:
             yield server
@@ -250,4 +268,30 @@ def test_a_page_that_reads_slowly_holds_the_engine_back(api, browser):
     assert _wait(server.still, 20)
     grown = server.growth(marked)
     assert max(grown.values()) < GROWTH, {pid: g // MiB for pid, g in grown.items()}
+    browser.goto("about:blank")
+
+
+def test_a_page_calls_as_its_http_library_does(api, page, browser):
+    """Headers a web app's HTTP library or framework adds to every call: Laravel's (and
+    Rails') axios set-up sends ``X-Requested-With: XMLHttpRequest``, "no-cache"
+    interceptors (Angular's, the IE fix) ``Cache-Control``, ``Pragma``, ``Expires`` and
+    ``If-Modified-Since``. None is CORS-safelisted, and the preflight refused each: every
+    call of such a page of an allowed origin read "TypeError: Failed to fetch". Now they
+    pass, and the Jacobian is torch.func's."""
+    import numpy as np
+    import torch
+
+    browser.goto(page + "/")
+    browser.wait_for("document.body && document.body.textContent === 'page'")
+    headers = {"Content-Type": "application/json", "X-Requested-With": "XMLHttpRequest", "Cache-Control": "no-cache",
+               "Pragma": "no-cache", "Expires": "0", "If-Modified-Since": "Mon, 26 Jul 1997 05:00:00 GMT"}
+    got = browser.eval(f"""(async () => {{
+      const r = await fetch({json.dumps(api.url + "/v1/functions/sin/jacobian")}, {{method: 'POST',
+        headers: {json.dumps(headers)}, body: JSON.stringify({{inputs: [[0.5, 1.0]]}})}}).catch(e => e);
+      if (r instanceof Error) return String(r);
+      return {{status: r.status, body: await r.json()}};
+    }})()""")
+    assert isinstance(got, dict) and got["status"] == 200, got
+    want = torch.func.jacrev(torch.sin)(torch.tensor([0.5, 1.0])).numpy()
+    np.testing.assert_allclose(np.float32(got["body"]["jacobian"]["data"]), want, rtol=1e-6)
     browser.goto("about:blank")

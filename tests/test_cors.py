@@ -192,10 +192,11 @@ def test_preflights_count_under_their_endpoint(url):
     assert 'endpoint="_unrouted"' not in httpx.get(url + "/metrics", timeout=10).text
 
 
-_ALLOWED_HEADERS = ("accept, accept-language, authorization, b3, baggage, content-language, content-type, sentry-trace, "
-                    "traceparent, tracestate, uber-trace-id, x-amzn-trace-id, x-b3-flags, x-b3-parentspanid, "
-                    "x-b3-sampled, x-b3-spanid, x-b3-traceid, x-datadog-origin, x-datadog-parent-id, "
-                    "x-datadog-sampling-priority, x-datadog-trace-id, x-request-id, x-request-timeout")
+_ALLOWED_HEADERS = ("accept, accept-language, authorization, b3, baggage, cache-control, content-language, "
+                    "content-type, expires, if-modified-since, pragma, sentry-trace, traceparent, tracestate, "
+                    "uber-trace-id, x-amzn-trace-id, x-b3-flags, x-b3-parentspanid, x-b3-sampled, x-b3-spanid, "
+                    "x-b3-traceid, x-datadog-origin, x-datadog-parent-id, x-datadog-sampling-priority, "
+                    "x-datadog-trace-id, x-request-id, x-request-timeout, x-requested-with")
 
 
 @pytest.mark.parametrize("headers, refused", [

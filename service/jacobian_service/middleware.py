@@ -294,6 +294,16 @@ TRACE_HEADERS = ["traceparent", "tracestate", "baggage",  # W3C Trace Context an
                  "x-datadog-trace-id", "x-datadog-parent-id", "x-datadog-origin", "x-datadog-sampling-priority"]
 
 
+# Request headers that a page's HTTP library or framework sets on every call it makes:
+# ``X-Requested-With`` (Laravel's and Rails' axios / jQuery set-up, AngularJS apps), the
+# cache-busting ``Cache-Control`` / ``Pragma`` / ``Expires`` / ``If-Modified-Since`` of
+# "no-cache" interceptors (Angular's, the old IE fix). None is CORS-safelisted, so each
+# is named in the preflight, and refused it failed every call of such a page ("Failed to
+# fetch", the preflight's problem unreadable to it). The service reads none of them: its
+# answers are ``no-store`` whatever a request asks of caches.
+LIBRARY_HEADERS = ["X-Requested-With", "Cache-Control", "Pragma", "Expires", "If-Modified-Since"]
+
+
 # Chromium's cap on a preflight's Access-Control-Max-Age (Firefox's is a day).
 PREFLIGHT_MAX_AGE_S = 7200
 
@@ -388,7 +398,8 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
         app,
         allow_origins=list(origins),
         allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout", *TRACE_HEADERS],
+        allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout", *TRACE_HEADERS,
+                       *LIBRARY_HEADERS],
         expose_headers=EXPOSED_HEADERS,
         allow_private_network=True,
         # How long a browser may keep a preflight's answer (per page origin and URL:
