@@ -295,3 +295,32 @@ def test_a_page_calls_as_its_http_library_does(api, page, browser):
     want = torch.func.jacrev(torch.sin)(torch.tensor([0.5, 1.0])).numpy()
     np.testing.assert_allclose(np.float32(got["body"]["jacobian"]["data"]), want, rtol=1e-6)
     browser.goto("about:blank")
+
+
+def _press_enter(browser: Chromium) -> None:
+    browser.send("Input.dispatchKeyEvent", type="keyDown", key="Enter", code="Enter", windowsVirtualKeyCode=13, text="\r")
+    browser.send("Input.dispatchKeyEvent", type="keyUp", key="Enter", code="Enter", windowsVirtualKeyCode=13)
+
+
+def test_a_key_pasted_with_a_character_a_header_cannot_carry_is_asked_again(browser):
+    """/docs with API keys: a key pasted with a zero-width space copied along (from a chat
+    or a wiki page) made the page's fetch() throw before it sent anything; the page
+    said "The API description could not be loaded: Failed to execute 'fetch' on
+    'Window': ... non ISO-8859-1 code point" and disabled the key field: nothing to do
+    but reload. Now the key is asked for again, the character named, and the key typed
+    again shows the operations."""
+    from tests._client_support import real_app
+
+    with serve(real_app(functions="jacobian_service.examples", api_keys="k1")) as url:
+        browser.goto(url + "/docs")
+        browser.wait_for("document.activeElement && document.activeElement.name === 'key'", timeout_s=60)
+        browser.send("Input.insertText", text="k1\u200b")
+        _press_enter(browser)
+        said = browser.wait_for("document.getElementById('api-key-message').textContent")
+        assert "U+200B" in said and "type the key again" in said, said
+        assert browser.eval("document.activeElement.name === 'key' && !document.activeElement.disabled")
+        browser.send("Input.insertText", text="k1")
+        _press_enter(browser)
+        browser.wait_for("document.querySelectorAll('.opblock').length > 5", timeout_s=60)
+        assert browser.eval("sessionStorage.getItem('jacobian-service-api-key')") == "k1"
+        browser.goto("about:blank")

@@ -121,15 +121,31 @@ _DOCS_JS = r"""(function () {
     }}};
   }
 
+  // A key goes in a header, which carries printable ASCII only here (the server compares
+  // the header's bytes with its keys). A key pasted with a character copied along (a
+  // zero-width space, a typographic quote) made fetch() throw before sending anything:
+  // the page said "The API description could not be loaded: Failed to execute 'fetch'
+  // ... non ISO-8859-1 code point" and disabled the field, until the page was reloaded.
+  // Such a key is asked for again, the character named.
+  async function askSendable(message) {
+    for (;;) {
+      var key = await ask(message), bad = /[^\x20-\x7e]/.exec(key);
+      if (!bad) return key;
+      var code = bad[0].charCodeAt(0).toString(16).toUpperCase();
+      message = "That key holds U+" + ("000" + code).slice(-4) + ", which a header cannot carry (a character " +
+                "copied with it?); type the key again.";
+    }
+  }
+
   async function main() {
     var key = stored();
     // The page says when the document wants a key: asked first, not after a request
     // sent without one (its 401 was an error in the console of every new tab).
-    if (!key && tag.dataset.key === "wanted") key = await ask("");
+    if (!key && tag.dataset.key === "wanted") key = await askSendable("");
     var response = await fetchSpec(key);
     while (response.status === 401 || response.status === 403) {
       keep("");
-      key = await ask(response.status === 403 ? "That key was refused; try another." : "");
+      key = await askSendable(response.status === 403 ? "That key was refused; try another." : "");
       response = await fetchSpec(key);
     }
     if (!response.ok) throw new Error(specUrl + " answered " + response.status);
