@@ -302,16 +302,26 @@ def _press_enter(browser: Chromium) -> None:
     browser.send("Input.dispatchKeyEvent", type="keyUp", key="Enter", code="Enter", windowsVirtualKeyCode=13)
 
 
-def test_a_key_pasted_with_a_character_a_header_cannot_carry_is_asked_again(browser):
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[str]:
+    """A server with API keys for the docs pages (engines on threads: a quick start)."""
+    from tests._client_support import real_app
+
+    with serve(real_app(functions="jacobian_service.examples", api_keys="k1")) as url:
+        yield url
+
+
+def test_a_key_pasted_with_a_character_a_header_cannot_carry_is_asked_again(keyed, browser):
     """/docs with API keys: a key pasted with a zero-width space copied along (from a chat
     or a wiki page) made the page's fetch() throw before it sent anything; the page
     said "The API description could not be loaded: Failed to execute 'fetch' on
     'Window': ... non ISO-8859-1 code point" and disabled the key field: nothing to do
     but reload. Now the key is asked for again, the character named, and the key typed
     again shows the operations."""
-    from tests._client_support import real_app
-
-    with serve(real_app(functions="jacobian_service.examples", api_keys="k1")) as url:
+    url = keyed
+    browser.goto(url + "/healthz")
+    browser.eval("sessionStorage.clear(); true")
+    if True:
         browser.goto(url + "/docs")
         browser.wait_for("document.activeElement && document.activeElement.name === 'key'", timeout_s=60)
         browser.send("Input.insertText", text="k1\u200b")
@@ -324,3 +334,47 @@ def test_a_key_pasted_with_a_character_a_header_cannot_carry_is_asked_again(brow
         browser.wait_for("document.querySelectorAll('.opblock').length > 5", timeout_s=60)
         assert browser.eval("sessionStorage.getItem('jacobian-service-api-key')") == "k1"
         browser.goto("about:blank")
+
+
+def test_try_it_out_of_hvp_answers_for_a_function_of_any_output(keyed, browser):
+    """hvp's examples (inputs and tangents) answer for a function of one scalar output
+    only: "Try it out" of hvp with every other function's example (sin, mlp, the has_aux
+    sin_aux: 11 of the 13 built-ins) was a 422 "hvp needs a function with one scalar (0-d) output, or
+    'cotangents' shaped like its output". The page now writes such a function's body
+    with cotangents of 0.5 shaped as its output (asked of /evaluate, as for vjp), and
+    Execute answers torch.func's c . H t (the jvp of the vjp); a scalar function keeps
+    its example."""
+    import numpy as np
+    import torch
+
+    from jacobian_service import examples as ex
+    from tests.test_browser_round2 import _EXECUTE, _OPEN
+
+    browser.goto(keyed + "/healthz")
+    browser.eval("sessionStorage.setItem('jacobian-service-api-key', 'k1'); true")
+    browser.goto(keyed + "/docs")
+    browser.wait_for("document.querySelectorAll('.opblock').length > 5", timeout_s=60)
+    path = "/v1/functions/{name}/hvp"
+    assert browser.eval(f"{_OPEN}({json.dumps(path)}, 'post')")
+    clear = ("(() => { const t = [...document.querySelectorAll('.opblock-post')].find(e => e.querySelector("
+             f"'.opblock-summary-path').getAttribute('data-path') === {json.dumps(path)}).querySelector('textarea'); "
+             "Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set.call(t, ''); "
+             "t.dispatchEvent(new Event('input', {bubbles: true})); return true; })()")
+    for name, fn, n in [("sin_aux", lambda x: ex.sin_aux(x)[0], 3)]:  # (a vector output, and aux beside it)
+        browser.eval(clear)  # (a body written for the function before has cotangents too)
+        got = browser.eval(f"{_EXECUTE}({json.dumps(path)}, 'post', {json.dumps(name)}, 'application/json', null, "
+                           "'cotangents')", timeout_s=90)
+        assert got["status"] == "200", (name, got)
+        x, t = torch.full((n,), 0.5), torch.full((n,), 0.5)
+        c = torch.full_like(fn(x), 0.5)
+        want = torch.func.jvp(lambda y: torch.func.vjp(fn, y)[1](c)[0], (x,), (t,))[1]
+        hvp = json.loads(got["text"])["hvp"]
+        np.testing.assert_allclose(np.float32(hvp["data"]).reshape(hvp["shape"]), want.numpy(), rtol=1e-5, atol=1e-6)
+    # A function of one scalar output keeps its example (no cotangents): torch.func's H t.
+    got = browser.eval(f"{_EXECUTE}({json.dumps(path)}, 'post', 'sum_sin', 'application/json', null)", timeout_s=90)
+    assert got["status"] == "200", got
+    x = torch.full((3,), 0.5)
+    want = torch.func.jvp(torch.func.grad(ex.sum_sin), (x,), (x,))[1]
+    np.testing.assert_allclose(np.float32(json.loads(got["text"])["hvp"]["data"]), want.numpy(), rtol=1e-5)
+    assert "cotangents" not in browser.eval("[...document.querySelectorAll('textarea.body-param__text')].pop().value")
+    browser.goto("about:blank")

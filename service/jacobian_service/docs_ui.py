@@ -182,7 +182,7 @@ _DOCS_JS = r"""(function () {
         setValue.call(list, picked.value);  // as a user's pick: React hears the change event
         list.dispatchEvent(new Event("change", {bubbles: true}));
       });
-      if (isVjp(block)) fillVjp(block, picked.value);
+      if (vectorKind(block)) fillVectors(block, picked.value);
     });
     // vjp has no examples in the document: cotangents take the output's shape, which no
     // declaration gives, and Swagger UI's body made from the schema was refused for every
@@ -190,23 +190,27 @@ _DOCS_JS = r"""(function () {
     // each function picked, the page asks the function's output at its example inputs
     // (/evaluate, with the key given to Authorize, else the one the document was read
     // with) and writes the body: those inputs,
-    // and cotangents of 0.5 shaped as that output.
+    // and cotangents of 0.5 shaped as that output. hvp's examples (inputs, tangents) are
+    // right for a function of one scalar output only: every other function's was a 422
+    // ("hvp needs a function with one scalar (0-d) output, or 'cotangents' ..."), so its
+    // body gets such cotangents too (c . H t).
     document.addEventListener("click", function (event) {
       var button = event.target.closest && event.target.closest(".try-out__btn");
       var block = button && button.closest(".opblock");
-      if (!isVjp(block) || button.classList.contains("cancel")) return;
+      if (!vectorKind(block) || button.classList.contains("cancel")) return;
       setTimeout(function () {
         var select = block.querySelector('tr[data-param-name="name"] select');
-        if (select) fillVjp(block, select.value);
+        if (select) fillVectors(block, select.value);
       }, 0);
     });
 
     function authorized() {  // the key given to Authorize (DOCS_AUTH=false asks for none up front)
       try { return swagger.authSelectors.authorized().getIn(["bearer", "value"]) || ""; } catch (e) { return ""; }
     }
-    function isVjp(block) {
+    function vectorKind(block) {  // "vjp", "hvp" or null: the operations whose body the page writes
       var path = block && block.querySelector(".opblock-summary-path");
-      return !!path && path.getAttribute("data-path") === "/v1/functions/{name}/vjp";
+      var kind = path && /^\/v1\/functions\/\{name\}\/(vjp|hvp)$/.exec(path.getAttribute("data-path"));
+      return kind ? kind[1] : null;
     }
     function shaped(tree) {  // 0.5 in the shape of each array of an answer's tree
       if (Array.isArray(tree)) return tree.map(shaped);
@@ -219,9 +223,10 @@ _DOCS_JS = r"""(function () {
       Object.keys(tree || {}).forEach(function (k) { out[k] = shaped(tree[k]); });
       return out;
     }
-    async function fillVjp(block, name) {
-      var jvp = spec.paths["/v1/functions/{name}/jvp"];
-      var examples = (((jvp && jvp.post.requestBody.content["application/json"]) || {}).examples) || {};
+    async function fillVectors(block, name) {
+      var kind = vectorKind(block);
+      var from = spec.paths["/v1/functions/{name}/" + (kind === "hvp" ? "hvp" : "jvp")];
+      var examples = (((from && from.post.requestBody.content["application/json"]) || {}).examples) || {};
       // (own keys only: a function named constructor has no example, yet every object has one)
       if (!Object.prototype.hasOwnProperty.call(examples, name)) return;
       var inputs = examples[name].value.inputs;
@@ -233,11 +238,16 @@ _DOCS_JS = r"""(function () {
                                  {method: "POST", headers: headers, body: JSON.stringify({inputs: inputs})});
       if (!response.ok) return;  // Execute then shows what the function makes of it
       var output = (await response.json()).output;
+      var body = {inputs: inputs, cotangents: shaped(output)};
+      if (kind === "hvp") {
+        if (output && Array.isArray(output.shape) && output.shape.length === 0) return;  // a scalar: the example is right
+        body = {inputs: inputs, tangents: examples[name].value.tangents, cotangents: body.cotangents};
+      }
       var text = block.querySelector("textarea.body-param__text");
       var select = block.querySelector('tr[data-param-name="name"] select');
       if (!text || (select && select.value !== name)) return;  // closed, or another function picked since
       var setText = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, "value").set;
-      setText.call(text, JSON.stringify({inputs: inputs, cotangents: shaped(output)}, null, 2));
+      setText.call(text, JSON.stringify(body, null, 2));
       text.dispatchEvent(new Event("input", {bubbles: true}));
     }
   }
