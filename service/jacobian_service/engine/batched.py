@@ -177,7 +177,7 @@ def _hessian_agrees_with_hvp(engine: "Engine", call: Call, value: Any) -> bool:
         g, primals = differentiable(AuxBox(call.spec), _dims.example(engine.tensors(call), _dims.dims(call), 0), call)
         argnums: int | tuple[int, ...] = tuple(range(len(primals))) if call.as_tuple else 0
         checked[key] = engine.guard(lambda: agrees_with_hvp(g, primals, argnums, pytree.tree_map(lambda t: t[0], value),
-                                                            call.check_alive))
+                                                            alive=call.check_alive))
     return bool(checked.get(key))
 
 

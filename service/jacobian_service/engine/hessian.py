@@ -144,7 +144,7 @@ def _called(alive: Callable[[], None], g: Callable[..., Any], primals: tuple[Any
 
 
 def agrees_with_hvp(g: Callable[..., Any], primals: tuple[Any, ...], argnums: Any, value: Any,
-                    alive: Callable[[], None] = _nothing) -> bool:
+                    output: Any = None, alive: Callable[[], None] = _nothing) -> bool:
     """Whether a strategy's Hessian is the derivative of the gradient: ``w^T H v`` against
     one Hessian-vector product of ``w^T f`` (forward over reverse, no ``vmap``), random
     ``w`` and ``v``; checked once per function and shapes, as strategies are measured.
@@ -154,10 +154,11 @@ def agrees_with_hvp(g: Callable[..., Any], primals: tuple[Any, ...], argnums: An
     weighted sum are 209 off where finite differences, ``jacrev(grad)`` and the HVP say
     0, so the answer depended on which strategy was measured fastest. A strategy that
     disagrees is not chosen. No verdict where the HVP cannot run (no forward rule) or
-    the output changes between calls (random draws). ``alive``: as for
+    the output changes between calls (random draws). ``output``: that of the call whose
+    Hessian ``value`` is, where known (one call fewer). ``alive``: as for
     :func:`agrees_with_differences` (its three calls of the function ran on for a client
     gone: 0.45 s of a function of 150 ms a call)."""
-    twice = [_called(alive, g, primals) for _ in range(2)]
+    twice = [pytree.tree_leaves(output) if output is not None and i == 0 else _called(alive, g, primals) for i in range(2)]
     if not all(torch.equal(a, b) for a, b in zip(*twice)):
         return True
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -217,7 +218,10 @@ def hessian(engine: "Engine", call: Call) -> Result:
     table = profile.hessian
     key = call.signature()
     known = table.get(key)
-    order = (known, "jacrev_jacrev") if known else candidates(isinstance(out, torch.Tensor) and out.dim() == 0)
+    scalar = isinstance(out, torch.Tensor) and out.dim() == 0
+    # The strategy measured fastest first; where it cannot run, or its answer at these
+    # inputs disagrees with the HVP (below), torch's own next, then the rest
+    order = tuple(dict.fromkeys((known, TORCHS, *candidates(scalar)))) if known else candidates(scalar)
     measure = known is None and out_numel * in_numel * in_numel <= _MEASURE_ELEMENTS
     # No input elements: the Hessian has no entries, which every strategy gives alike, and
     # torch's own cannot (jacfwd over a basis of no vectors fails to take its aux, an
@@ -269,8 +273,14 @@ def hessian(engine: "Engine", call: Call) -> Result:
             table[key] = TORCHS
             break
         call.check_alive()
-        if measure and not engine.guard(lambda: agrees_with_hvp(g, primals, argnums, value[0], call.check_alive)):
-            rejected[name] = value  # torch's vmap got this strategy wrong (see agrees_with_hvp)
+        # Every answer not torch's own is checked at the inputs it is for, not only where
+        # the strategies were measured: where f is not twice differentiable (the gradient
+        # prelu(x) at 0) each mode takes its own side, so a strategy that agreed with
+        # torch's at the point measured answered otherwise at the kink (0.6 where
+        # torch.func.hessian says 1), and the same request had two answers, by what had
+        # been asked before it.
+        if (measure or name != TORCHS) and not engine.guard(lambda: agrees_with_hvp(g, primals, argnums, value[0], value[1][0], alive=call.check_alive)):
+            rejected[name] = value  # torch's vmap got this strategy wrong, or it took another side (agrees_with_hvp)
             continue
         if found is None or measure and timings[name] < timings[used]:
             found, used = value, name  # measuring, the winner's own value

@@ -1,0 +1,20 @@
+"""Functions for tests/test_parity_round14.py, round 14 of PyTorch's own torch.func test
+cases replayed over HTTP: TestHessian's functions at points where they are not twice
+differentiable (each AD mode takes its own side of a kink)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as nnf
+from jacobian_service import Input, register
+
+_W = torch.tensor([0.2], dtype=torch.float64)
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def prelu_energy(x):
+    """0.5 x prelu(x), slope 0.2 below 0: its gradient is prelu(x), whose derivative at 0
+    forward mode takes as 1 and reverse mode as 0.2 (README: prelu at 0), so at an x
+    holding a 0 torch.func.hessian (forward over reverse) says 1 there, jacrev(grad) and
+    jacrev(jacrev) 0.6 (half of each side); elsewhere every strategy agrees."""
+    return (0.5 * x * nnf.prelu(x, _W.to(x.dtype))).sum()

@@ -1,0 +1,65 @@
+"""PyTorch's own torch.func test cases, round 14, replayed over HTTP against
+tests/parity14_functions.py and compared with in-process torch.func (values, shapes,
+dtypes; torch's error where torch raises).
+
+TestHessian's checks (``hessian(f)(x)`` against torch's reference) at points where f
+is not twice differentiable: the answer is ``torch.func.hessian``'s whatever the
+service measured fastest at other points before.
+
+One in-process app serves the module (no server start), as rounds 7-13.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from . import parity14_functions as F
+from .conftest import ready_app
+from .test_parity_round7 import answer, post, same, t
+
+f = torch.func
+
+
+@pytest.fixture(scope="module")
+def c() -> Iterator[Any]:
+    with ready_app("tests.parity14_functions") as client:
+        yield client
+
+
+def engine(c) -> Any:
+    return c.app.service_state.engines.workers[0].worker.engine
+
+
+KINK = np.array([0.0, 1.0, -1.0])  # prelu_energy's gradient has a kink at 0
+SMOOTH = np.array([0.3, 1.0, -1.0])
+
+
+@pytest.mark.parametrize("strategy", ["jacrev_grad", "jacrev_jacrev"])
+def test_a_hessian_at_a_kink_is_torchs_whatever_was_measured_before(c, strategy):
+    """The first Hessian of a function and shapes measures the strategies and keeps the
+    fastest (README); each is checked against one HVP there, so at a point where they
+    disagree torch's own is answered. Measured at a smooth point (where all agree, and
+    reverse over reverse may well win), the kept strategy answered every later point:
+    at x = [0, 1, -1] the Hessian's [0, 0] was 0.6 where torch.func.hessian says 1 (and
+    a server whose first request was that x answered 1). Now an answer that is not
+    torch's own strategy's is checked against one HVP at its own inputs."""
+    table = engine(c).profiles["prelu_energy"].hessian
+    want_smooth = f.hessian(F.prelu_energy)(t(SMOOTH))
+    got, _ = answer(post(c, "prelu_energy", "hessian", [SMOOTH]), "hessian")
+    same(got, want_smooth, rtol=1e-12)
+    for key in list(table._d):  # whichever won here: the one reverse mode takes the kink with
+        table[key] = strategy
+    want = f.hessian(F.prelu_energy)(t(KINK))
+    assert want[0, 0] == 1 and f.jacrev(f.grad(F.prelu_energy))(t(KINK))[0, 0] == pytest.approx(0.6)
+    got, doc = answer(post(c, "prelu_energy", "hessian", [KINK]), "hessian")
+    same(got, want, rtol=1e-12)
+    assert doc["meta"]["mode"] == "jacfwd_jacrev"
+    # the strategy kept stays the function's fast one where it agrees
+    got, doc = answer(post(c, "prelu_energy", "hessian", [SMOOTH]), "hessian")
+    same(got, want_smooth, rtol=1e-12)
+    assert doc["meta"]["mode"] == strategy
