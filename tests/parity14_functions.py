@@ -4,6 +4,8 @@ differentiable (each AD mode takes its own side of a kink)."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as nnf
 from jacobian_service import Input, register
@@ -18,3 +20,18 @@ def prelu_energy(x):
     holding a 0 torch.func.hessian (forward over reverse) says 1 there, jacrev(grad) and
     jacrev(jacrev) 0.6 (half of each side); elsewhere every strategy agrees."""
     return (0.5 * x * nnf.prelu(x, _W.to(x.dtype))).sum()
+
+
+@register(inputs=[Input("x", shape=(4,))])
+def fmax_pairs(x):
+    """fmax of x's halves, squared: where a pair ties, forward mode takes the second's
+    tangent and reverse mode splits the gradient, so torch.func.hessian and
+    jacrev(grad) differ there by 2 (elsewhere they agree); torch's vmap runs it."""
+    return (torch.fmax(x[:2], x[2:]) ** 2).sum()
+
+
+@register(inputs=[Input("seconds", shape=())])
+def hold(seconds):
+    """Keeps the engine busy, so that requests sent meanwhile queue and go as one batch."""
+    time.sleep(float(seconds))
+    return seconds * 1

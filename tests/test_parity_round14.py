@@ -11,7 +11,9 @@ One in-process app serves the module (no server start), as rounds 7-13.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -63,3 +65,31 @@ def test_a_hessian_at_a_kink_is_torchs_whatever_was_measured_before(c, strategy)
     got, doc = answer(post(c, "prelu_energy", "hessian", [SMOOTH]), "hessian")
     same(got, want_smooth, rtol=1e-12)
     assert doc["meta"]["mode"] == strategy
+
+
+def test_hessians_stacked_from_several_requests_are_each_torchs(c):
+    """Hessian requests of one function arriving together are stacked into one
+    per-example call (request batching), which checked its first example alone, once
+    per signature: a request at a tie stacked behind one at a smooth point was
+    answered jacrev(grad)'s Hessian, 2 off where torch.func.hessian (and the same
+    request sent alone) answers. A request's answer does not depend on what it was stacked with:
+    every stacked request's Hessian is checked against one HVP at its own inputs.
+    (A per-example request, batched=true, still checks its first example once per
+    signature: README.)"""
+    smooth, tie = np.array([1.0, 0.5, 0.3, 1.0]), np.array([1.0, 0.5, 1.0, 0.3])
+    xs = [smooth, tie, smooth * 2, tie * 3]
+    assert not torch.allclose(f.hessian(F.fmax_pairs)(t(tie)), f.jacrev(f.grad(F.fmax_pairs))(t(tie)))
+    answer(post(c, "fmax_pairs", "hessian", [smooth]), "hessian")  # measures the strategies, alone
+    with ThreadPoolExecutor(5) as pool:
+        busy = pool.submit(post, c, "hold", "evaluate", [np.float64(0.6)])
+        time.sleep(0.2)  # the engine holds: the Hessians queue behind it and leave as one batch
+        sent = []
+        for x in xs:  # in this order: the stack's first example, which was checked, is at a smooth point
+            sent.append(pool.submit(post, c, "fmax_pairs", "hessian", [x]))
+            time.sleep(0.05)
+        assert busy.result().status_code == 200
+        responses = [s.result() for s in sent]
+    for x, response in zip(xs, responses):
+        got, _ = answer(response, "hessian")
+        same(got, f.hessian(F.fmax_pairs)(t(x)), rtol=1e-12)
+    assert max(r.json()["meta"]["batch_size"] for r in responses) > 1

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["batched", "over_examples", "run_batch", "take"]
 
 
-def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) -> Result:
+def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True, stacked: bool = False) -> Result:
     """``vmap(jacrev(f))`` (or a Hessian) over the leading dim of every input.
 
     Reverse mode only under ``vmap`` over examples: torch (2.13) gets forward-mode AD
@@ -37,6 +37,9 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     ``mode`` asks, a batched Hessian reverse over reverse (where torch cannot run one
     strategy, the next, and torch's own last, example by example); a function whose
     Hessian must be torch's own (it switches grad off) loops over its examples.
+
+    ``stacked``: the examples are requests stacked by request batching
+    (:func:`run_batch`), each of whose Hessians is checked as it would be alone.
     """
     args = engine.tensors(call)
     in_dims = _dims.dims(call)
@@ -129,6 +132,8 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         mode = TORCHS
         (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False, kind)
         profile.hessian[("per example", call.signature())] = TORCHS
+    if kind == "hessian" and mode != TORCHS and batch and stacked:
+        value = _examples_as_torchs(engine, call, value, argnums)
     if kind == "hessian" and mode != TORCHS and batch:
         _check_where_torch_fails(engine, call, _dims.example(engine.tensors(call), in_dims, 0),
                                  pytree.tree_map(lambda t: t[0], value))
@@ -179,6 +184,91 @@ def _hessian_agrees_with_hvp(engine: "Engine", call: Call, value: Any) -> bool:
         checked[key] = engine.guard(lambda: agrees_with_hvp(g, primals, argnums, pytree.tree_map(lambda t: t[0], value),
                                                             alive=call.check_alive))
     return bool(checked.get(key))
+
+
+def _examples_as_torchs(engine: "Engine", call: Call, value: Any, argnums: Any) -> Any:
+    """``value`` (Hessians of stacked requests, batch first) with each example whose
+    Hessian disagrees with one HVP at its own inputs (hessian.agrees_with_hvp) replaced
+    by torch's own strategy's for it, as each request alone is checked (hessian.py).
+    Where f is not twice differentiable (``fmax`` at a tie) each mode takes its own
+    side, and the first example's check (once per signature) said nothing of the
+    others: a request at the tie stacked behind one elsewhere was answered jacrev(grad)'s
+    Hessian, 2 off torch.func.hessian's, which the same request alone gets. Every
+    example's HVP runs in one ``vmap`` (a loop of them cost several times the stacked
+    Hessian); an example it flags is checked again alone, without ``vmap``, before its
+    Hessian is replaced (torch's forward mode under a ``vmap`` over examples can be the
+    wrong one: then, for this signature, the stacked check is left off)."""
+    checked = engine.profiles[call.spec.name].vmap_checked
+    key = ("hessian hvp under vmap", call.signature(batched=True))
+    if checked.get(key) is False:
+        return value
+    args, in_dims = engine.tensors(call), _dims.dims(call)
+    batch = _dims.batch_size(args, in_dims)
+    flagged = engine.guard(lambda: _hvp_misses(call, args, in_dims, argnums, value, batch))
+    if not flagged:
+        return value
+    leaves, spec = pytree.tree_flatten(value)
+    leaves = [leaf.clone() for leaf in leaves]
+    for b in flagged:
+        call.check_alive()
+        g, primals = differentiable(AuxBox(call.spec), _dims.example(engine.tensors(call), in_dims, b), call)
+        mine = [leaf[b] for leaf in leaves]
+        if engine.guard(lambda: agrees_with_hvp(g, primals, argnums, pytree.tree_unflatten(mine, spec))):
+            checked[key] = False  # vmap's HVP was the one off, not the answer
+            continue
+        own = engine.guard(lambda: STRATEGIES[TORCHS](with_output(g), argnums)(*fresh(primals))[0])
+        for leaf, block in zip(leaves, pytree.tree_leaves(as_input_dtypes(own, primals, depth=2))):
+            leaf[b] = block
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _hvp_misses(call: Call, args: list[torch.Tensor], in_dims: Sequence[int | None], argnums: Any, value: Any,
+                batch: int) -> list[int]:
+    """The examples whose Hessian in ``value`` is not ``w^T H v`` of one HVP each (random
+    ``w``, ``v``; the tolerance of hessian.agrees_with_hvp), all HVPs in one ``vmap``.
+    Where that ``vmap`` cannot run, every example, to be checked alone."""
+    g0, p0 = differentiable(AuxBox(call.spec), _dims.example(args, in_dims, 0), call)
+    outs, leaves = pytree.tree_leaves(g0(*fresh(p0))[0]), pytree.tree_leaves(p0)
+    spec = pytree.tree_structure(p0)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    w = [(torch.rand((batch, *o.shape), generator=gen, dtype=torch.float64) - 0.5).to(o.device, o.dtype) for o in outs]
+    v = [(torch.rand((batch, *p.shape), generator=gen, dtype=torch.float64) - 0.5).to(p.device, p.dtype) for p in leaves]
+
+    def hvp(example: list[torch.Tensor], w_b: list[torch.Tensor], v_b: list[torch.Tensor]) -> Any:
+        g, primals = differentiable(AuxBox(call.spec), example, call)
+
+        def weighted(*p: Any) -> torch.Tensor:
+            return sum((wi * oi).sum() for wi, oi in zip(w_b, pytree.tree_leaves(g(*p)[0])))
+
+        return torch.func.jvp(torch.func.grad(weighted, argnums=argnums), primals, pytree.tree_unflatten(v_b, spec))[1]
+
+    try:
+        hv = pytree.tree_leaves(torch.func.vmap(hvp, in_dims=(list(in_dims), 0, 0))(list(fresh(args)), w, v))
+    except Exception as exc:  # vmap cannot run it: each example alone
+        if is_oom(exc):
+            raise
+        return list(range(batch))
+    blocks = pytree.tree_leaves(value)
+    n = len(leaves)
+    if len(hv) != n or len(blocks) != len(outs) * n * n:
+        return list(range(batch))
+    sizes = [p.numel() for p in leaves]
+    w64 = [x.to(torch.float64).reshape(batch, o.numel()) for x, o in zip(w, outs)]
+    v64 = [x.to(torch.float64).reshape(batch, size) for x, size in zip(v, sizes)]
+    off = torch.zeros(batch, dtype=torch.bool, device=leaves[0].device if leaves else None)
+    for j in range(n):
+        want = hv[j].detach().to(torch.float64).reshape(batch, sizes[j])
+        mine, scale = torch.zeros_like(want), torch.zeros_like(want)
+        for i, wi in enumerate(w64):
+            for k, vk in enumerate(v64):
+                b = blocks[(i * n + j) * n + k].detach().to(torch.float64).reshape(batch, wi.shape[1], sizes[j], sizes[k])
+                mine = mine + torch.einsum("bo,bojk,bk->bj", wi, b, vk)
+                scale = scale + torch.einsum("bo,bojk,bk->bj", wi.abs(), b.abs(), vk.abs())
+        eps = torch.finfo(leaves[j].dtype).eps
+        same = (mine - want).abs() <= min(1024 * eps, 1e-2) * (scale + want.abs()) + torch.finfo(torch.float64).tiny
+        same |= ~(mine.isfinite() & want.isfinite())  # no verdict, as hessian.agrees_with_hvp
+        off |= ~same.all(dim=1)
+    return [int(b) for b in off.nonzero().flatten()]
 
 
 def _hessian_order(known: str | None, scalar: bool) -> list[str]:
@@ -290,7 +380,7 @@ def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result
     if kind == "evaluate":
         result = engine.evaluate(stacked, allow_loop=False)
     else:
-        result = batched(engine, stacked, kind, allow_loop=False)
+        result = batched(engine, stacked, kind, allow_loop=False, stacked=True)
     return [
         Result(
             value=take(result.value, i),
