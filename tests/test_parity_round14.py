@@ -73,9 +73,7 @@ def test_hessians_stacked_from_several_requests_are_each_torchs(c):
     per signature: a request at a tie stacked behind one at a smooth point was
     answered jacrev(grad)'s Hessian, 2 off where torch.func.hessian (and the same
     request sent alone) answers. A request's answer does not depend on what it was stacked with:
-    every stacked request's Hessian is checked against one HVP at its own inputs.
-    (A per-example request, batched=true, still checks its first example once per
-    signature: README.)"""
+    every stacked request's Hessian is checked against one HVP at its own inputs."""
     smooth, tie = np.array([1.0, 0.5, 0.3, 1.0]), np.array([1.0, 0.5, 1.0, 0.3])
     xs = [smooth, tie, smooth * 2, tie * 3]
     assert not torch.allclose(f.hessian(F.fmax_pairs)(t(tie)), f.jacrev(f.grad(F.fmax_pairs))(t(tie)))
@@ -93,3 +91,18 @@ def test_hessians_stacked_from_several_requests_are_each_torchs(c):
         got, _ = answer(response, "hessian")
         same(got, f.hessian(F.fmax_pairs)(t(x)), rtol=1e-12)
     assert max(r.json()["meta"]["batch_size"] for r in responses) > 1
+
+
+def test_a_per_example_hessian_at_a_tie_is_vmap_of_torchs(c):
+    """vmap(torch.func.hessian(f)) answers each example's forward-over-reverse Hessian;
+    the service checked only the first example of a signature against one HVP, once,
+    so the second example, at a tie of fmax, was answered jacrev(grad)'s, 2 off. Now
+    every example is checked, in_dims and out_dims laid out after."""
+    smooth, tie = np.array([1.0, 0.5, 0.3, 1.0]), np.array([1.0, 0.5, 1.0, 0.3])
+    xb = np.stack([smooth * 3, tie, smooth, tie * 2])
+    want = f.vmap(f.hessian(F.fmax_pairs))(t(xb))
+    assert not torch.allclose(want, f.vmap(f.jacrev(f.grad(F.fmax_pairs)))(t(xb)))
+    got, _ = answer(post(c, "fmax_pairs", "hessian", [xb], batched=True), "hessian")
+    same(got, want, rtol=1e-12)
+    got, _ = answer(post(c, "fmax_pairs", "hessian", [xb.T], batched=True, in_dims=1, out_dims=-1), "hessian")
+    same(got, f.vmap(f.hessian(F.fmax_pairs), in_dims=1, out_dims=-1)(t(xb.T)), rtol=1e-12)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["batched", "over_examples", "run_batch", "take"]
 
 
-def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True, stacked: bool = False) -> Result:
+def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) -> Result:
     """``vmap(jacrev(f))`` (or a Hessian) over the leading dim of every input.
 
     Reverse mode only under ``vmap`` over examples: torch (2.13) gets forward-mode AD
@@ -37,9 +37,6 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True, st
     ``mode`` asks, a batched Hessian reverse over reverse (where torch cannot run one
     strategy, the next, and torch's own last, example by example); a function whose
     Hessian must be torch's own (it switches grad off) loops over its examples.
-
-    ``stacked``: the examples are requests stacked by request batching
-    (:func:`run_batch`), each of whose Hessians is checked as it would be alone.
     """
     args = engine.tensors(call)
     in_dims = _dims.dims(call)
@@ -132,7 +129,7 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True, st
         mode = TORCHS
         (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False, kind)
         profile.hessian[("per example", call.signature())] = TORCHS
-    if kind == "hessian" and mode != TORCHS and batch and stacked:
+    if kind == "hessian" and mode != TORCHS and batch:
         value = _examples_as_torchs(engine, call, value, argnums)
     if kind == "hessian" and mode != TORCHS and batch:
         _check_where_torch_fails(engine, call, _dims.example(engine.tensors(call), in_dims, 0),
@@ -187,17 +184,18 @@ def _hessian_agrees_with_hvp(engine: "Engine", call: Call, value: Any) -> bool:
 
 
 def _examples_as_torchs(engine: "Engine", call: Call, value: Any, argnums: Any) -> Any:
-    """``value`` (Hessians of stacked requests, batch first) with each example whose
-    Hessian disagrees with one HVP at its own inputs (hessian.agrees_with_hvp) replaced
-    by torch's own strategy's for it, as each request alone is checked (hessian.py).
-    Where f is not twice differentiable (``fmax`` at a tie) each mode takes its own
-    side, and the first example's check (once per signature) said nothing of the
-    others: a request at the tie stacked behind one elsewhere was answered jacrev(grad)'s
-    Hessian, 2 off torch.func.hessian's, which the same request alone gets. Every
-    example's HVP runs in one ``vmap`` (a loop of them cost several times the stacked
+    """``value`` (per-example Hessians, batch first) with each example whose Hessian
+    disagrees with one HVP at its own inputs (hessian.agrees_with_hvp) replaced by
+    torch's own strategy's for it, as a plain Hessian is checked (hessian.py). Where f
+    is not twice differentiable (``fmax`` at a tie) each mode takes its own side, and
+    the first example's check (once per signature) said nothing of the others: an
+    example at a tie was answered jacrev(grad)'s Hessian, 2 off what
+    ``vmap(torch.func.hessian(f))`` and torch.func.hessian of it answer (a plain
+    request at the tie too, when request batching stacked it behind another). Every
+    example's HVP runs in one ``vmap`` (a loop of them cost several times the batched
     Hessian); an example it flags is checked again alone, without ``vmap``, before its
     Hessian is replaced (torch's forward mode under a ``vmap`` over examples can be the
-    wrong one: then, for this signature, the stacked check is left off)."""
+    wrong one: then, for this signature, the check is left off)."""
     checked = engine.profiles[call.spec.name].vmap_checked
     key = ("hessian hvp under vmap", call.signature(batched=True))
     if checked.get(key) is False:
@@ -380,7 +378,7 @@ def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result
     if kind == "evaluate":
         result = engine.evaluate(stacked, allow_loop=False)
     else:
-        result = batched(engine, stacked, kind, allow_loop=False, stacked=True)
+        result = batched(engine, stacked, kind, allow_loop=False)
     return [
         Result(
             value=take(result.value, i),
