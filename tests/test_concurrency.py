@@ -146,6 +146,41 @@ def test_a_batchs_answers_leave_before_the_engine_puts_its_settings_back():
     assert order == ["settled", "sent", "restored"]
 
 
+def test_the_engine_offers_its_core_between_a_batchs_answers_and_its_tidying(monkeypatch):
+    """A front end woken by a reply on the engine's core waited for the engine's tidying
+    after the batch (0.3 ms a request on the loaded VM): the engine yields once its
+    answers are sent, before putting its settings back; with nothing sent, it does not."""
+    import time
+
+    from jacobian_service.engine import process
+    from jacobian_service.scheduler import Job, Worker
+
+    order = []
+    monkeypatch.setattr(process.os, "sched_yield", lambda: order.append("yielded"))
+
+    class Engine:
+        device = "cpu"
+
+        def restore_settings(self, function):
+            order.append("restored")
+
+    class Listener:
+        def send(self, peer, messages):
+            order.append(("sent", peer, len(messages)))
+
+    server = process.EngineServer.__new__(process.EngineServer)  # its replies' path alone
+    server._outbox, server.listener = {}, Listener()
+    worker = Worker(Engine(), max_queue=10, on_settled=server.flush)
+    for _ in range(2):  # a batch's answers to one front end: one send, one yield
+        worker.submit(Job("stream_next", None, lambda *a: server._send("front end", [b"reply"]),
+                          deadline=time.monotonic() + 60, stream_id=1))
+        worker.run(worker.take(lambda s: None))
+    assert order == [("sent", "front end", 1), "yielded", "restored"] * 2
+    order.clear()
+    server.flush()
+    assert order == []
+
+
 def test_profile_tables_are_read_while_the_engine_writes_them(frequent_switches):
     import threading
     import time
