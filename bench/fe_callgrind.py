@@ -1,14 +1,15 @@
 """Instructions per request of the front end's app (callgrind), for source trees side by side.
 
-    python -m bench.fe_callgrind TREE [TREE ...] [--requests 300]
+    python -m bench.fe_callgrind TREE [TREE ...] [--requests 300] [--format npy|json]
 
 Times on a shared machine move with its other jobs (this VM ran at load 10-19 for hours);
 instruction counts do not. Each tree's app is built as a served front end builds it
 (``create_app`` over a run directory's ``registry.json``, no torch, multiprocess metrics),
 its engines faked behind the real IPC codec (``ipc.encode_call`` of each job, a prebuilt
 reply through ``ipc.parse`` / ``decode_reply``), and posts small ``mlp`` Jacobians over
-``.npy`` through the whole ASGI stack (middleware, routing, parsing, encoding, metrics, the
-access line). uvicorn, the event loop's I/O and the channel's sockets are not in it.
+``.npy`` (or JSON, ``--format json``: the request's 128 numbers parsed, the answer's
+8,192 written as text) through the whole ASGI stack (middleware, routing, parsing,
+encoding, metrics, the access line). uvicorn, the event loop's I/O and the channel's sockets are not in it.
 Only the measured loop is counted (``--toggle-collect`` on ``sys.call_tracing``): start-up,
 which varies by more than a request costs, is left out. Counts of one tree repeat to within
 ~0.5 %.
@@ -27,8 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-HEADERS = [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"content-type", b"application/x-npy"),
-           (b"accept", b"application/x-npy")]
+MEDIA = {"npy": b"application/x-npy", "json": b"application/json"}
+
+
+def _headers(fmt: str) -> list[tuple[bytes, bytes]]:
+    return [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"), (b"content-type", MEDIA[fmt]), (b"accept", MEDIA[fmt])]
 
 
 def _registry(run_dir: Path) -> None:
@@ -43,7 +47,7 @@ def _registry(run_dir: Path) -> None:
     (run_dir / "registry.json").write_bytes(orjson.dumps(doc))
 
 
-def _drive(run_dir: Path, requests: int) -> None:
+def _drive(run_dir: Path, requests: int, fmt: str = "npy") -> None:
     """The measured process: the app, a faked engine, ``requests`` requests."""
     import gc
 
@@ -55,9 +59,15 @@ def _drive(run_dir: Path, requests: int) -> None:
     app = create_app(Settings(), run_dir=run_dir, channel=object())
     rng = np.random.default_rng(0)
     jac = rng.standard_normal((64, 128)).astype(np.float32)
-    buf = io.BytesIO()
-    np.save(buf, rng.standard_normal(128).astype(np.float32))
-    body = buf.getvalue()
+    x = rng.standard_normal(128).astype(np.float32)
+    if fmt == "json":
+        from jacobian_client import wire
+
+        body = wire.dumps({"inputs": [wire.encode_tree(x)]})
+    else:
+        buf = io.BytesIO()
+        np.save(buf, x)
+        body = buf.getvalue()
     reply = [bytes(f) for f in ipc.encode_reply(1, Result(value=jac, chunk_size=64, mode="rev"),
                                                 JobInfo(device="cpu", batch_size=1, queue_s=1e-4, compute_s=2e-4))]
 
@@ -67,7 +77,7 @@ def _drive(run_dir: Path, requests: int) -> None:
         return ipc.decode_reply(*ipc.parse(reply))
 
     app.service_state.engines.run = run
-    headers = [*HEADERS, (b"content-length", str(len(body)).encode())]
+    headers = [*_headers(fmt), (b"content-length", str(len(body)).encode())]
 
     async def one() -> None:
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "server": ("127.0.0.1", 8000),
@@ -100,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fe_callgrind", description=__doc__.splitlines()[0])
     p.add_argument("trees", type=Path, nargs="+")
     p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--format", choices=sorted(MEDIA), default="npy", help="the request's and the answer's (default npy)")
     p.add_argument("--drive", type=Path, help=argparse.SUPPRESS)  # (the measured process)
     args = p.parse_args(argv)
     if args.drive is not None:
-        _drive(args.drive, args.requests)
+        _drive(args.drive, args.requests, args.format)
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="jacobian-fe-callgrind-"))
     _registry(tmp)
@@ -112,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=os.pathsep.join(str(tree / d) for d in ("service", "client", ".")),
                    PROMETHEUS_MULTIPROC_DIR=str(Path(tempfile.mkdtemp(dir=tmp))))
         # (this file run as a script: the measured tree's own bench may not have it)
-        command = [sys.executable, str(Path(__file__).resolve()), str(tree), "--drive", str(tmp)]
+        command = [sys.executable, str(Path(__file__).resolve()), str(tree), "--drive", str(tmp), "--format", args.format]
         subprocess.run([*command, "--requests", "1"], env=env, cwd=tree, check=True, capture_output=True)  # .pyc written
         env["PROMETHEUS_MULTIPROC_DIR"] = str(Path(tempfile.mkdtemp(dir=tmp)))
         out = subprocess.run(["valgrind", "--tool=callgrind", "--collect-atstart=no",
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         line = next((x for x in out.stderr.splitlines() if "Collected" in x), None)
         if out.returncode != 0 or line is None:
             raise RuntimeError(out.stderr[-3000:])
-        print(f"{tree}: {int(line.split()[-1]) // args.requests:,} instructions a request", flush=True)
+        print(f"{tree}: {int(line.split()[-1]) // args.requests:,} instructions a request ({args.format})", flush=True)
     return 0
 
 
