@@ -258,18 +258,21 @@ def test_metrics_observe_takes_the_librarys_way_where_its_attributes_are_not_the
 
 
 def test_dtype_name_is_numpys_and_keeps_only_numpys_own() -> None:
-    """parsing.dtype_name (kept per dtype: numpy computes ``.name`` in Python at every
-    read) names every dtype as numpy does, and keeps only numpy's own dtypes."""
+    """wire.dtype_name (kept per dtype: numpy computes ``.name`` in Python at every
+    read), which parsing names requests' arrays and encode_tree answers' arrays by,
+    names every dtype as numpy does, and keeps only numpy's own dtypes."""
     import numpy as np
 
+    from jacobian_client import wire
     from jacobian_service import parsing
 
     kinds = ["<f4", ">f4", "f8", "f2", "i1", "<i8", ">i8", "u1", "?", "c8", "c16", "O", "<U3", "S5", "V8", "M8[s]",
              "m8[ms]", [("a", "<f4"), ("b", "<i2")]]
     for kind in kinds:
         dtype = np.dtype(kind)
-        assert parsing.dtype_name(dtype) == parsing.dtype_name(dtype) == dtype.name, kind
-    kept = parsing._DTYPE_NAMES
+        assert parsing.dtype_name(dtype) == wire.dtype_name(dtype) == dtype.name, kind
+        assert wire.encode_tree(np.zeros(0, dtype))["dtype"] == dtype.name, kind
+    kept = wire._DTYPE_NAMES
     assert np.dtype("<f4") in kept and np.dtype(">f4") not in kept
     assert all(dtype.isbuiltin for dtype in kept)
 

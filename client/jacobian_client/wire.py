@@ -54,6 +54,7 @@ __all__ = [
     "decode_json_array",
     "decode_sparse_json",
     "decode_tree",
+    "dtype_name",
     "dumps",
     "encode_sparse_json",
     "encode_tree",
@@ -627,19 +628,32 @@ def check_unique_keys(body: bytes, members: int) -> None:
         pass
 
 
+_AS_THEY_ARE = frozenset({str, int, bool, type(None)})
+
+
 def encode_tree(tree: Any) -> Any:
     """Arrays -> ``{"dtype", "shape", "data"}``; sparse matrices -> sparse objects;
     tuples -> lists; the rest as is."""
-    if is_sparse(tree):
-        return encode_sparse_json(tree)
-    if isinstance(tree, np.ndarray):
+    # An answer's document, its meta's leaves and its arrays come first: asked whether
+    # it was sparse first, each looked for a ``format`` attribute it lacks (an
+    # AttributeError made and dropped inside getattr): 2/3 of a small JSON answer's walk.
+    kind = tree.__class__
+    if kind in _AS_THEY_ARE:
+        return tree
+    if kind is float:
+        return tree if math.isfinite(tree) else _spell_number(tree)  # a plain number (aux) as arrays spell theirs
+    if kind is dict:  # (no sparse matrix is one)
+        return {str(k): encode_tree(v) for k, v in tree.items()}
+    if isinstance(tree, np.ndarray):  # (nor is one an array)
         arr = _c_order(tree)
         # orjson serialises no 0-d arrays; a numpy scalar keeps its precision (item() would
         # write a float32 with float64's digits)
         data: Any = arr[()] if arr.ndim == 0 else arr
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             data = _spell_nonfinite(arr)
-        return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": data}
+        return {"dtype": dtype_name(arr.dtype), "shape": list(arr.shape), "data": data}
+    if is_sparse(tree):
+        return encode_sparse_json(tree)
     if isinstance(tree, np.floating) and np.isfinite(tree):
         return tree  # written in its own precision (an aux's float32 scalar), as arrays are
     if isinstance(tree, np.generic):
@@ -655,6 +669,21 @@ def encode_tree(tree: Any) -> Any:
 
 def _spell_number(x: float) -> str:
     return "NaN" if math.isnan(x) else "Infinity" if x > 0 else "-Infinity"
+
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, kept per dtype: numpy computes it in Python at every read (a
+    property, ~1 us), once per array read or written. Only numpy's own dtypes are kept
+    (a bounded set); another (a structured one) is named as numpy names it."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = dtype.name
+        if dtype.isbuiltin:
+            _DTYPE_NAMES[dtype] = name
+    return name
 
 
 def decode_tree(tree: Any, sequence: type = tuple, limits: Limits = Limits()) -> Any:

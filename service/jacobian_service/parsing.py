@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from jacobian_client import wire
+from jacobian_client.wire import dtype_name
 
 from .responses import echo
 from .types import Call, tree_leaves
@@ -65,21 +66,6 @@ _MOOT: dict[str, tuple[str, ...]] = {"chunk_size": KINDS, "mode": KINDS, "argnum
 def options_of(kind: str) -> list[str]:
     """The options ``kind`` takes, in the table's order (for messages and docs)."""
     return [name for name, kinds in OPTION_KINDS.items() if kind in kinds]
-
-
-def dtype_name(dtype: np.dtype) -> str:
-    """``dtype.name``, kept per dtype: numpy computes it in Python at every read (a
-    property, ~1 us), once per request's array. Only numpy's own dtypes are kept (a
-    bounded set); another (a structured one) is named as numpy names it."""
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = dtype.name
-        if dtype.isbuiltin:
-            _DTYPE_NAMES[dtype] = name
-    return name
-
-
-_DTYPE_NAMES: dict[np.dtype, str] = {}
 
 
 _INT64_MAX = 2**63 - 1
