@@ -148,8 +148,9 @@ def test_a_batchs_answers_leave_before_the_engine_puts_its_settings_back():
 
 def test_the_engine_offers_its_core_between_a_batchs_answers_and_its_tidying(monkeypatch):
     """A front end woken by a reply on the engine's core waited for the engine's tidying
-    after the batch (0.3 ms a request on the loaded VM): the engine yields once its
-    answers are sent, before putting its settings back; with nothing sent, it does not."""
+    after the batch (0.3 ms a request on the loaded VM): the engine yields once a lone
+    answer is sent, before putting its settings back; with nothing sent, or a batch's
+    several answers (under load), it does not."""
     import time
 
     from jacobian_service.engine import process
@@ -179,6 +180,11 @@ def test_the_engine_offers_its_core_between_a_batchs_answers_and_its_tidying(mon
     order.clear()
     server.flush()
     assert order == []
+    server._send("front end", [b"a"]), server._send("front end", [b"b"])
+    server.flush()
+    server._send("front end", [b"a"]), server._send("another", [b"b"])
+    server.flush()
+    assert order == [("sent", "front end", 2), ("sent", "front end", 1), ("sent", "another", 1)]
 
 
 def test_profile_tables_are_read_while_the_engine_writes_them(frequent_switches):
