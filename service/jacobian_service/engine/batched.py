@@ -401,6 +401,10 @@ def deterministic_failure(exc: BaseException) -> bool:
 def take(tree: Any, i: int) -> Any:
     """Example ``i`` of a batched numpy tree; non-array leaves were computed once for all."""
     # leaf[i, ...] keeps a 0-d result an array (leaf[i] would be a numpy scalar)
+    if type(tree) is np.ndarray:  # a plain Jacobian (most batches): no pytree walk per request
+        return tree[i, ...]
+    if tree is None:  # no aux, no output
+        return None
     return pytree.tree_map(lambda leaf: leaf[i, ...] if isinstance(leaf, np.ndarray) else leaf, tree)
 
 
