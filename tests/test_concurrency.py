@@ -310,3 +310,37 @@ def test_an_in_process_answer_leaves_once_the_engines_context_is_exited():
     finally:
         threaded.stop()
     assert seen == [False]
+
+
+def test_the_queue_bound_counts_the_live_requests_exactly():
+    """The bound on queued requests (429) counts only what still waits: the queue's
+    length is read first (a walk of the whole queue per request was O(queue) under load),
+    and the jobs are counted only once it reaches the bound, so a cancelled job in the
+    middle of the queue, or a stream's next chunk, still leaves room."""
+    import time
+
+    from jacobian_service.errors import Overloaded
+    from jacobian_service.scheduler import Job, Worker
+    from jacobian_service.types import Call
+
+    spec = Registry.from_modules(["jacobian_service.examples"]).get("sin")
+
+    class Engine:
+        device = "cpu"
+
+    def job(kind: str = "evaluate") -> Job:
+        call = Call(spec, [np.zeros(2, np.float32)], ["float32"]) if kind != "stream_next" else None
+        return Job(kind, call, lambda result, error, info: None, deadline=time.monotonic() + 60, stream_id=1)
+
+    worker = Worker(Engine(), max_queue=2)
+    first, second = job(), job()
+    worker.submit(first)
+    worker.submit(second)
+    with pytest.raises(Overloaded, match="holds 2 requests"):
+        worker.submit(job())
+    second.done = True  # cancelled while queued, behind a live job: not popped
+    worker.submit(job())  # one live request: room for this one
+    worker.submit(job("stream_next"))  # a stream's chunk is not bounded, nor counted
+    with pytest.raises(Overloaded, match="holds 2 requests"):
+        worker.submit(job())
+    assert len(worker.jobs) == 4

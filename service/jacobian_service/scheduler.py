@@ -148,9 +148,13 @@ class Worker:
                 self.jobs.popleft()
             # A stream counts once, whether or not its next chunk is queued or running; one
             # whose caller has gone is closed on the engine's thread, and not counted.
-            depth = sum(1 for j in self.jobs if not j.done and j.kind != "stream_next")
-            depth += 0 if self._running_chunk else self.running
+            running = 0 if self._running_chunk else self.running
             streams = max(0, len(self._streams) - len(self._closing))
+            # Counted only when the queue's length alone could reach the bound: a job at
+            # a time, the count walked the whole queue, O(queue) per request under load.
+            depth = len(self.jobs) + running
+            if depth + streams >= self.max_queue:
+                depth = sum(1 for j in self.jobs if not j.done and j.kind != "stream_next") + running
             if depth + streams >= self.max_queue:
                 raise Overloaded(
                     f"the engine holds {depth} requests and {streams} open streams (limit {self.max_queue} in all); "
@@ -170,16 +174,15 @@ class Worker:
                 return None
             return (kind, call.signature(), call.chunk_size, call.mode, call.return_output, call.rows,
                     call.sparsity, call.sparse_format)
-        if call.rows is not None:
+        if call.rows is not None or kind not in ("jacobian_npy", "jacobian", "evaluate", "hessian"):
             return None
+        signature = call.signature()  # once: a nested tuple of the shapes, built per request
         if kind == "jacobian_npy":  # batchable only once earlier calls showed it is small
-            rows = self.engine.profiles[call.spec.name].output_rows.get(call.signature())
+            rows = self.engine.profiles[call.spec.name].output_rows.get(signature)
             if rows is None or call.mode == "fwd" or rows * call.row_nbytes() > call.gathered_at_most(self.stream_threshold):
                 return None
             kind = "jacobian"
-        if kind not in ("jacobian", "evaluate", "hessian"):
-            return None
-        return (kind, call.signature(), call.chunk_size, call.mode, call.return_output)
+        return (kind, signature, call.chunk_size, call.mode, call.return_output)
 
     def has_work(self) -> bool:
         while self.jobs and self.jobs[0].done:
@@ -295,9 +298,11 @@ class Worker:
             return
         elapsed = time.monotonic() - start
         self.on_batch(len(live))
+        # One key, one batch: its statistics once (they were written for each job in
+        # turn, each overwriting the last, a result's size walked per request).
+        self._remember(live[-1], results[-1], len(live), elapsed)
         for job, result in zip(live, results):
             job.info.batch_size, job.info.compute_s = len(live), elapsed
-            self._remember(job, result, len(live), elapsed)
             try:
                 result = _within_limit(job.call, result)  # type: ignore[arg-type]
             except ResultTooLarge as exc:  # this request's aux alone: its batch-mates are answered
