@@ -17,7 +17,7 @@ from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Tim
 from ..types import Call, Result
 from .shapes import span
 from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
-from .hessian import STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, with_output
+from .hessian import CHECK_ELEMENTS, STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, with_output
 from .products import agrees_with_reverse
 from . import vmap_dims as _dims
 
@@ -198,8 +198,8 @@ def _examples_as_torchs(engine: "Engine", call: Call, value: Any, argnums: Any) 
     wrong one: then, for this signature, the check is left off)."""
     checked = engine.profiles[call.spec.name].vmap_checked
     key = ("hessian hvp under vmap", call.signature(batched=True))
-    if checked.get(key) is False:
-        return value
+    if checked.get(key) is False or sum(leaf.numel() for leaf in pytree.tree_leaves(value)) > CHECK_ELEMENTS:
+        return value  # (read in float64: as a plain Hessian, a large one is not checked)
     args, in_dims = engine.tensors(call), _dims.dims(call)
     batch = _dims.batch_size(args, in_dims)
     flagged = engine.guard(lambda: _hvp_misses(call, args, in_dims, argnums, value, batch))

@@ -34,7 +34,7 @@ from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, diff
 if TYPE_CHECKING:
     from .core import Engine
 
-__all__ = ["STRATEGIES", "TORCHS", "agrees_with_differences", "agrees_with_hvp", "candidates", "finite", "hessian", "with_output"]
+__all__ = ["CHECK_ELEMENTS", "STRATEGIES", "TORCHS", "agrees_with_differences", "agrees_with_hvp", "candidates", "finite", "hessian", "with_output"]
 
 # Equal ways to compute torch.func.hessian (read-only, as core.TORCH_DTYPES: one a
 # function replaced in place computed every later Hessian its way).
@@ -45,6 +45,9 @@ STRATEGIES: Mapping[str, Callable[[Callable[..., Any], Any], Callable[..., Any]]
 })
 TORCHS = "jacfwd_jacrev"  # torch.func.hessian's own
 _MEASURE_ELEMENTS = 1 << 20  # measure strategies only where running each is cheap
+# Check an answer against one HVP only up to this many entries: the check reads the
+# Hessian in float64, a copy twice a float32 one's size (larger ones were never checked)
+CHECK_ELEMENTS = _MEASURE_ELEMENTS
 # Reverse over reverse pulls back one row per output element and input element, forward
 # over reverse pushes one tangent per input element: past a few outputs it cannot win,
 # and timing it was most of a first Hessian (mlp, 64 outputs: 3.6 s of 4 s measuring a
@@ -279,7 +282,9 @@ def hessian(engine: "Engine", call: Call) -> Result:
         # torch's at the point measured answered otherwise at the kink (0.6 where
         # torch.func.hessian says 1), and the same request had two answers, by what had
         # been asked before it.
-        if (measure or name != TORCHS) and not engine.guard(lambda: agrees_with_hvp(g, primals, argnums, value[0], value[1][0], alive=call.check_alive)):
+        check = measure or (name != TORCHS and out_numel * in_numel * in_numel <= CHECK_ELEMENTS)
+        if check and not engine.guard(lambda: agrees_with_hvp(g, primals, argnums, value[0], value[1][0],
+                                                              alive=call.check_alive)):
             rejected[name] = value  # torch's vmap got this strategy wrong, or it took another side (agrees_with_hvp)
             continue
         if found is None or measure and timings[name] < timings[used]:
