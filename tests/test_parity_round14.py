@@ -22,7 +22,7 @@ import torch
 
 from . import parity14_functions as F
 from .conftest import ready_app
-from .test_parity_round7 import answer, post, same, t
+from .test_parity_round7 import answer, arr, post, same, t
 
 f = torch.func
 
@@ -124,3 +124,20 @@ def test_jacobian_rows_checked_at_other_rows_are_checked_again(c):
     for chunk in (2, 4, None):
         got, _ = answer(post(c, "cdist", "jacobian", [x], chunk_size=chunk), "jacobian")
         same(got, want, rtol=1e-12)
+
+
+def test_stacked_one_hot_cotangents_are_checked_every_time(c):
+    """TestVjp's batched cotangents (vmap of a vjp) with cdist: torch's vmap of its
+    pullback is right for the one-hot cotangents of rows 1:3 and wrong for rows 0:2, 2:4
+    and dense ones. vmap's products were checked once per signature and batch size, so
+    after a stack of rows 1:3 had passed, rows 0:2 were answered wrong (a 200, rows of
+    the wrong output). A stack holding zeros is checked every time now, and a dense one
+    is not taken on a sparse one's pass; each answer is one vjp per cotangent."""
+    x = np.random.default_rng(14).standard_normal((2, 3))
+    _, pullback = f.vjp(F.cdist, t(x))
+    basis = np.eye(4).reshape(4, 2, 2)
+    for cots in (basis[1:3], basis[0:2], basis[2:4], np.random.default_rng(1).standard_normal((2, 2, 2))):
+        want = torch.stack([pullback(v)[0] for v in t(cots)])
+        got, _ = answer(post(c, "cdist", "vjp", [x], cotangents=arr(cots), batched_vectors=True), "vjp")
+        same(got, want, rtol=1e-12)
+    assert not torch.allclose(f.vmap(pullback)(t(basis[0:2]))[0], torch.stack([pullback(v)[0] for v in t(basis[0:2])]))
