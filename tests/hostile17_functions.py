@@ -109,6 +109,11 @@ def squares(x: torch.Tensor) -> torch.Tensor:
     return x * x
 
 
+@register(inputs=X, description="x * scale, its default 2.0.")
+def scaled(x: torch.Tensor, scale: float = 2.0) -> torch.Tensor:
+    return x * scale
+
+
 def _cubes(x: torch.Tensor) -> torch.Tensor:
     return x * x * x
 
@@ -121,6 +126,8 @@ def swaps_a_function(x: torch.Tensor) -> torch.Tensor:
         object.__setattr__(spec, "fn", _cubes)
     elif case == 2:  # the function's code, in place
         squares.__code__ = _cubes.__code__
+    elif case == 4:  # another function's default
+        scaled.__defaults__ = (3.0,)
     elif case == 3:  # the engine's table, found up the stack: another spec under the name
         import dataclasses
 

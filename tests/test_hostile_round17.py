@@ -137,11 +137,12 @@ def test_a_seed_a_function_sets_is_not_left_for_the_next_functions_draws(server,
 
 @pytest.mark.parametrize("case, where", [(1, "names in the registry's squares (fn)"),
                                          (2, "names in the registry's squares (__code__)"),
-                                         (3, "names in the registry (squares)")])
+                                         (3, "names in the registry (squares)"),
+                                         (4, "names in the registry's scaled (__defaults__)")])
 def test_another_functions_code_swapped_in_is_put_back(server, client, case: int, where: str) -> None:
     """A function that reached another function's spec (its module's
     ``__jacobian_functions__``) and set its ``fn`` to one of its own (``object.__setattr__``
-    gets past the frozen dataclass), set its ``__code__`` to its own, or put another spec
+    gets past the frozen dataclass), set its ``__code__`` to its own (or another's ``__defaults__``), or put another spec
     under its name in the engine's registry (found up the stack), had every later request
     of that function (another client's ``x * x``) answer its code's (``x^3``: a Jacobian
     diag(3x^2)), with a 200, for the engine's life. The registry, each spec, its inputs
@@ -156,10 +157,17 @@ def test_another_functions_code_swapped_in_is_put_back(server, client, case: int
         np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(2 * np.array(X)), rtol=1e-12)
         np.testing.assert_allclose(r.json()["output"]["data"], np.square(X), rtol=1e-12)
 
+    def scaled_served_right() -> None:  # (case 4: its default, 2.0, set to 3.0)
+        r = client.post(f"{url}/v1/functions/scaled/jacobian", json={"inputs": [F64]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], 2 * np.eye(3), rtol=1e-12)
+
     squares_served_right()
+    scaled_served_right()
     problem = assert_problem(_armed(client, url, "swaps_a_function", case), 500, "function_error")
     assert problem["detail"].startswith(f"swaps_a_function rebound or deleted {where}, which the engine's"), problem
     squares_served_right()
+    scaled_served_right()
     # (logged once per function and namespace: the spec's, for the first case that changed it)
     log = _log_until(proc, 0, "swaps_a_function rebound or deleted names in the registry")
     assert "swaps_a_function rebound or deleted names in the registry" in log, log[-3000:]

@@ -18,7 +18,8 @@ lazily imported, legitimately); a name added to a class (``torch.Tensor``,
 ``torch.nn.Module`` and each of torch.nn's Module classes) shadows the method its base
 defines, and is taken away again. In an engine process, the engine's own registry of
 functions is guarded the same way (its table, each spec, each spec's inputs), and each
-function's code object: one function could otherwise make another run its code.
+function's code and defaults (their pointers in the function object, read in the same
+gather): one function could otherwise make another run its code.
 
 The check after a batch costs a few microseconds, whatever the number of dicts
 (~270): each dict's version tag (CPython's ``ma_version_tag``, which every change of the
@@ -163,7 +164,35 @@ def _nn_classes() -> list[type]:
     return [cls for cls in found if str(getattr(cls, "__module__", "")).startswith(_NN_MODULES)]
 
 
-_CODE = operator.attrgetter("__code__")  # (a function's code, read in C: ~0.1 us a function with id)
+# What a function runs, beside its dict: its code and its defaults (read in C, by
+# identity: ~0.1 us a function for each).
+_RUNS = ("__code__", "__defaults__", "__kwdefaults__")
+_RUN_GETTERS = tuple(map(operator.attrgetter, _RUNS))
+
+
+def _slots(functions: list[FunctionType], ids: list[int]) -> list[Any] | None:
+    """Views of each function's code, defaults and keyword-defaults pointers (CPython's
+    ``PyFunctionObject`` fields), to be read in the gather with the dicts' tags; None
+    where their offsets are not found on a probe, or a view does not read the ids
+    ``_codes`` gives."""
+    def probe(a: Any = _MISSING, *, b: Any = _MISSING) -> None:
+        pass
+
+    where = []
+    for want in (id(probe.__code__), id(probe.__defaults__), id(probe.__kwdefaults__)):
+        at = [o for o in range(16, 256, 8) if ctypes.c_uint64.from_address(id(probe) + o).value == want]
+        if len(at) != 1:
+            return None
+        where.append(at[0])
+    if not functions:
+        return []
+    views = [ctypes.c_uint64.from_address(id(fn) + o) for o in where for fn in functions]  # (as _codes orders them)
+    none = id(None)  # (a function without defaults holds NULL there: read as None)
+    return views if [v.value or none for v in views] == ids else None
+
+
+def _call_on(fn: Any) -> Callable[[Callable[[Any], Any]], Any]:
+    return lambda getter: getter(fn)
 
 
 def _registry(registry: Any, version: Any) -> list[_Guarded]:
@@ -301,20 +330,31 @@ class Namespaces:
                                         self._version, skip=_CLASS_SKIP))
         guarded.append(_Guarded("sys.modules", sys.modules, sys.modules, False, self._version))
         guarded += _registry(registry, self._version)
-        # A function's code swapped in place (``victim.__code__ = other.__code__``): in no
-        # dict, so its code object's identity is read, per function.
+        # A function's code or defaults swapped in place (``victim.__code__ =
+        # other.__code__``, ``victim.__defaults__ = (3.0,)``): in no dict, so the objects'
+        # identities are read, per function (a keyword-defaults dict changed in place is
+        # a dict, guarded as the others).
         self._code = [(getattr(spec, "name", "?"), spec.fn) for spec in (registry or ())
                       if isinstance(getattr(spec, "fn", None), FunctionType)]
         self._functions = [fn for _, fn in self._code]
-        self._code_objects = list(map(_CODE, self._functions))
+        self._code_objects = [tuple(map(_call_on(fn), _RUN_GETTERS)) for fn in self._functions]
         self._code_taken = self._codes()
+        # Read in the gather below where CPython's function layout is found (``_slots``):
+        # then nothing is read per function when nothing changed.
+        slots = _slots(self._functions, self._code_taken) if self._version is not None else None
+        guarded += [_Guarded(f"the registry's {name} (keyword defaults)", fn.__kwdefaults__, fn.__kwdefaults__, True,
+                             self._version) for name, fn in self._code if isinstance(fn.__kwdefaults__, dict)]
         self._guarded = guarded
         self._tags = [g.tag for g in guarded]
         self._versions = [g.version for g in guarded]
-        # Every tag in one read where it can be (``_gather``), else one by one.
-        gathered = _gather(self._tags) if self._version is not None else None
-        self._read = gathered if gathered is not None else (lambda: _packed(list(map(_VALUE, self._tags))))
-        self._read_taken = _packed(self._versions) if self._version is not None else b""
+        # Every tag (and the functions' slots) in one read where it can be (``_gather``),
+        # else one by one.
+        views = self._tags + (slots or [])
+        self._slot_taken = [view.value for view in slots] if slots else []
+        self._codes_apart = not slots  # the functions' code read on its own, at each check
+        gathered = _gather(views) if self._version is not None else None
+        self._read = gathered if gathered is not None else (lambda: _packed(list(map(_VALUE, views))))
+        self._read_taken = _packed(self._versions + self._slot_taken) if self._version is not None else b""
         self._named: set[tuple[str, str]] = set()  # (function, namespace) already logged
 
     def patched(self) -> list[tuple[str, list[str]]]:
@@ -324,11 +364,10 @@ class Namespaces:
         when nothing changed (the version tags); a dict changed only by names added (a
         lazy import) is compared name by name, and nothing is found."""
         found = [("sys", ["modules"])] if sys.modules is not self._modules else []
-        if self._codes() != self._code_taken:
-            found += [(f"the registry's {name}", ["__code__"]) for (name, fn), taken in zip(self._code, self._code_taken)
-                      if id(fn.__code__) != taken]
-        if self._version is not None and self._read() == self._read_taken:
+        if self._version is not None and self._read() == self._read_taken and not (
+                self._codes_apart and self._codes() != self._code_taken):
             return found
+        found += [(f"the registry's {name}", names) for name, _, names in self._swapped()]
         for guarded in self._guarded:
             if guarded.tag is None or guarded.tag.value != guarded.version:
                 names = guarded.differs()
@@ -341,13 +380,14 @@ class Namespaces:
         if sys.modules is not self._modules:  # the whole table rebound: the import system keeps the old one
             sys.modules = self._modules
             self._log(function, "sys", ["modules"])
-        if self._codes() != self._code_taken:
-            for (name, fn), code in zip(self._code, self._code_objects):
-                if fn.__code__ is not code:
-                    fn.__code__ = code
-                    self._log(function, f"the registry's {name}", ["__code__"])
-        if self._version is not None and self._read() == self._read_taken:
+        if self._version is not None and self._read() == self._read_taken and not (
+                self._codes_apart and self._codes() != self._code_taken):
             return  # nothing changed (one gather of every tag)
+        for name, fn, names in self._swapped():
+            for attr, taken in zip(_RUNS, self._code_objects[self._functions.index(fn)]):
+                if attr in names:
+                    setattr(fn, attr, taken)
+            self._log(function, f"the registry's {name}", names)
         for guarded in self._guarded:
             if guarded.tag is not None and guarded.tag.value == guarded.version:
                 continue
@@ -363,11 +403,23 @@ class Namespaces:
                 guarded.version = guarded.tag.value
         self._versions = [g.version for g in self._guarded]
         if self._version is not None:
-            self._read_taken = _packed(self._versions)
+            self._read_taken = _packed(self._versions + self._slot_taken)
 
     def _codes(self) -> list[int]:
-        """The ids of the functions' code objects (kept alive by ``_code_objects``)."""
-        return list(map(id, map(_CODE, self._functions)))
+        """The ids of the functions' code objects and defaults (kept alive by
+        ``_code_objects``), in one list."""
+        functions = self._functions
+        return [*map(id, map(_RUN_GETTERS[0], functions)), *map(id, map(_RUN_GETTERS[1], functions)),
+                *map(id, map(_RUN_GETTERS[2], functions))]
+
+    def _swapped(self) -> list[tuple[str, Any, list[str]]]:
+        """(name, function, attributes) of each function whose code or defaults differ."""
+        found = []
+        for (name, fn), taken in zip(self._code, self._code_objects):
+            names = [attr for attr, was in zip(_RUNS, taken) if getattr(fn, attr) is not was]
+            if names:
+                found.append((name, fn, names))
+        return found
 
     def _log(self, function: str, label: str, names: list[str]) -> None:
         if (function, label) in self._named:
