@@ -296,3 +296,40 @@ def test_a_hessians_checks_stop_once_its_request_is_over(server) -> None:
     r = _other.post(f"{_url}/v1/functions/slow_fourth_call/hessian", json={"inputs": [[0.5, 1.0]]})
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["hessian"]["data"], np.diag([0.5, 1.0]), rtol=1e-6)
+
+
+def test_half_closed_requests_behind_a_stream_and_after_an_expectation_are_answered(server) -> None:
+    """A half-close after pipelined requests with a stream in the middle, and after a
+    request that announced ``Expect: 100-continue`` but sent its body anyway: every answer
+    comes, in order, whole."""
+    s = _connect(_url)
+    s.sendall(_request("POST", "/v1/functions/slow_sin/evaluate", b'{"inputs": [[0.5]]}', extra="Expect: 100-continue\r\n")
+              + _request("POST", "/v1/functions/softmax/jacobian?chunk_size=16", _npy(_SOFTMAX_X), "application/x-npy",
+                         "Accept: application/x-npy\r\n")
+              + _request("GET", "/v1/functions/sin"))
+    s.shutdown(socket.SHUT_WR)
+    raw = _read_to_close(s, 30)
+    s.close()
+    final = [a for a in _responses(raw) if a[0] >= 200]
+    assert [a[0] for a in final] == [200, 200, 200], raw[:1000]
+    np.testing.assert_allclose(json.loads(final[0][2])["output"]["data"], [np.sin(0.5)], rtol=1e-6)
+    _check_streamed_softmax(final[1][2])
+    assert json.loads(final[2][2])["name"] == "sin"
+
+
+@pytest.mark.parametrize("tail", ["half a head", "half a body"])
+def test_a_half_close_inside_the_next_request_answers_the_whole_ones(server, tail: str) -> None:
+    """What comes after whole requests and is cut by the FIN can never be a request: the
+    whole ones are answered, then the connection closes; the cut one is not answered."""
+    whole = _request("POST", "/v1/functions/slow_sin/evaluate", b'{"inputs": [[0.5]]}')
+    cut = (b"GET /v1/functions HTTP/1.1\r\nHost: t\r\n" if tail == "half a head"
+           else _request("POST", "/v1/functions/sin/evaluate", b'{"inputs": [[0.5]]}')[:-5])
+    s = _connect(_url)
+    s.sendall(whole + cut)
+    s.shutdown(socket.SHUT_WR)
+    raw = _read_to_close(s, 30)
+    s.close()
+    final = [a for a in _responses(raw) if a[0] >= 200]
+    assert [a[0] for a in final] == [200], raw[:1000]
+    np.testing.assert_allclose(json.loads(final[0][2])["output"]["data"], [np.sin(0.5)], rtol=1e-6)
+    _sin_ok()

@@ -782,24 +782,36 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self.transport.ended()
                 return None
             cycle = getattr(self, "cycle", None)
-            if cycle is not None and not cycle.response_complete and self._in_head() and self._refusal is None:
-                # Whole requests, not all answered, and no more coming (a head begun after
-                # them never ends): a half-close (RFC 9112 9.6), or a client gone (the
-                # same FIN). Answered: uvicorn's
-                # eof_received said nothing, so the connection closed at once and the
-                # answer went nowhere (logged 200, or a request waiting for an engine
-                # cancelled as if its client had left). half_close.py tells a client
-                # that left by the reset its next byte gets.
+            if cycle is None or cycle.response_complete or self._refusal is not None:
+                return super().eof_received()
+            # Whole requests, not all answered, and no more coming: a half-close (RFC
+            # 9112 9.6), or a client gone (the same FIN). Answered: uvicorn's eof_received
+            # said nothing, so the connection closed at once and the answer went nowhere
+            # (logged 200, or a request waiting for an engine cancelled as if its client
+            # had left). half_close.py tells a client that left by the reset its next
+            # byte gets. What the FIN cut short can never be a request: a head begun is
+            # dropped with the connection, a body (httptools: its request queued behind
+            # whole ones) is never run.
+            if self._in_head():
                 self._half_close(cycle)
                 return True  # (the transport stays open for writing)
-            return super().eof_received()
+            pipeline = getattr(self, "pipeline", None)
+            if pipeline and pipeline[0][0] is cycle:
+                pipeline.popleft()
+                cycle.disconnected = True
+                self._half_close(None)
+                return True
+            return super().eof_received()  # the request running was cut short: its client is gone
 
         def _half_close(self, cycle: Any) -> None:
+            """``cycle``: the last whole request, where it is known (httptools keeps the
+            one running nowhere once another is queued behind it)."""
             self._half_closed = True
             conn = getattr(self, "conn", None)  # h11: requests pipelined are bytes in its buffer
-            if conn is None or not conn.trailing_data[0]:
+            if cycle is not None and (conn is None or not conn.trailing_data[0]):
                 cycle.keep_alive = False  # the last request: its answer says the connection closes, then does
-            self._probe_peer()
+            if cycle is not None:
+                self._probe_peer()
             self._peer_watch = PeerWatch(self.loop, self.transport.get_extra_info("socket"), self._peer_gone)
 
         def _probe_peer(self) -> None:
@@ -975,10 +987,11 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self.transport.close()
 
         def on_response_complete(self) -> None:
+            queued = bool(getattr(self, "pipeline", None))  # httptools: one is started next
             super().on_response_complete()
             if self._half_closed:  # no request can follow the last one answered
-                cycle = getattr(self, "cycle", None)
-                if (cycle is None or cycle.response_complete) and not getattr(self, "pipeline", None):
+                cycle = getattr(self, "cycle", None)  # (h11: the next one, if it started one)
+                if not queued and (cycle is None or cycle.response_complete or cycle.disconnected):
                     self._stop_peer_watch()
                     self.transport.close()
                 return
