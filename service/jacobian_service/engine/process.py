@@ -47,6 +47,7 @@ from ..procfs import descendants, status_bytes
 from ..registry import FunctionModuleNotFound, Registry
 from ..scheduler import Job, StreamHead, Worker, engine_error
 from ..settings import Settings
+from ..yielding import offer_the_cpu
 from .descriptor_watch import DescriptorWatch
 from .memory_watch import MemoryWatch, ReservedWatch, limit_of, shared_beyond_resident
 from .namespaces import described
@@ -62,23 +63,6 @@ _EXIT_LEAVING = 75  # EX_TEMPFAIL; the board, not the status, tells the supervis
 # The least room an address-space cap must leave above what a loaded engine maps: the
 # default memory budget of one chunk of rows on the CPU.
 _MIN_ROOM = 256 << 20
-
-
-def _offer_the_cpu() -> None:
-    """Let a process the replies just woke run before the engine's own work after them.
-
-    The kernel often wakes the front end that reads a reply on the engine's core (a
-    socket's wake-up is a "sync" one, as if the writer would sleep next), but the engine
-    goes on with its batch's tidying (the settings put back, ``gc.collect``, its watches:
-    ~0.1 ms quiet, 0.3-0.8 ms on the loaded 2-core VM), and the scheduler lets it run on:
-    the front end, and the caller behind it, waited for all of it. Traced (``perf record``
-    of sched and syscall events, one client, small ``mlp`` Jacobians): a median 310-370 us
-    from the reply's ``sendmsg`` to the front end's wake-up where both ran on one core,
-    25-30 us where they ran on two. Yielding costs one system call where nobody waits."""
-    try:
-        os.sched_yield()
-    except OSError:  # (refused by a filter a function set: the engine leaves after this batch)
-        pass
 
 
 class EngineServer:
@@ -254,7 +238,7 @@ class EngineServer:
             # batch's answers wake front ends with work queued anyway, and a yield would
             # hand the core between batches to whatever else is runnable (the load
             # generator on this VM), which no throughput run has weighed yet.
-            _offer_the_cpu()
+            offer_the_cpu()  # (why: yielding.py)
 
     def _on_run(self, jobs: list[Job]) -> None:
         call = self.worker.call_of(jobs[0])  # a stream's chunk: its stream's function takes the blame
