@@ -545,3 +545,56 @@ def test_quick_multiprocess_values_write_the_samples_the_library_writes(tmp_path
     assert quick == library and b'c_total{l="a"} 15.0' in quick
     assert all(v._quick is not None for v in learnt)  # (the short way was taken)
     assert max(f.stat().st_size for f in (tmp_path / "quick").iterdir()) > 1 << 16
+
+
+def test_a_lone_answers_front_end_offers_its_core_once_the_last_bytes_are_handed_over(monkeypatch) -> None:
+    """A client woken by its answer on the front end's core waited for the rest of the
+    request's end in the front end (~75 us on the loaded VM) before it could read it: a
+    front end with one request yields once that request's last body bytes are handed to
+    the server; with another request in flight (load), it does not; nor for a body piece
+    with more to come."""
+    import asyncio
+
+    from jacobian_service import yielding
+    from jacobian_service.metrics import Metrics
+    from jacobian_service.middleware import AccessMiddleware
+    from jacobian_service.routes import ROUTES, Router
+
+    events: list = []
+    monkeypatch.setattr(yielding.os, "sched_yield", lambda: events.append("yielded"))
+
+    def scope(who: str) -> dict:
+        return {"type": "http", "method": "GET", "path": "/healthz", "raw_path": b"/healthz", "root_path": "",
+                "query_string": b"", "http_version": "1.1", "state": {"who": who}, "headers": [(b"host", b"t")]}
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    def send_to(who: str):
+        async def send(message):
+            if message["type"] == "http.response.body":
+                events.append((who, message["more_body"]))
+
+        return send
+
+    async def run() -> None:
+        release = asyncio.Event()
+
+        async def app(scope, receive, send):
+            if scope["state"]["who"] == "second":
+                await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            pieces = 2 if scope["state"]["who"] == "lone" else 1
+            for i in range(pieces):
+                await send({"type": "http.response.body", "body": b"x" * (2 // pieces), "more_body": i < pieces - 1})
+
+        middleware = AccessMiddleware(app, Metrics(), Router(ROUTES))
+        await middleware(scope("lone"), receive, send_to("lone"))
+        second = asyncio.create_task(middleware(scope("second"), receive, send_to("second")))
+        await asyncio.sleep(0)  # the second is in flight, waiting
+        await middleware(scope("first"), receive, send_to("first"))  # answered meanwhile: not alone
+        release.set()
+        await second  # alone by then
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    assert events == [("lone", True), ("lone", False), "yielded", ("first", False), ("second", False), "yielded"], events

@@ -20,6 +20,7 @@ from .request_ids import new_request_id
 from .responses import echo, problem_response
 from .routes import Router, route_path
 from .settings import NULL_ORIGIN_HINT
+from .yielding import offer_the_cpu
 
 __all__ = ["EXPOSED_HEADERS", "PREFLIGHT_MAX_AGE_S", "AccessMiddleware", "AuthMiddleware", "cors", "cors_answer_headers"]
 
@@ -62,6 +63,7 @@ class AccessMiddleware:
         self.app = app
         self.metrics = metrics
         self.router = router
+        self.active = 0  # HTTP requests in this process now
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -173,6 +175,13 @@ class AccessMiddleware:
                 # Counted before the last byte leaves, so a client that reads /metrics right
                 # after its response already sees that response counted.
                 record(str(status))
+                await send(message)
+                # Its last bytes are with the kernel; what is left of the request here (the
+                # server's and the app's ends of it: ~75 us on the loaded VM) need not hold a
+                # lone client woken on this core (yielding.py).
+                if self.active == 1:
+                    offer_the_cpu()
+                return
             await send(message)
 
         # RFC 9112 3.2: an HTTP/1.1 request with no Host, or more than one, is a 400 (the
@@ -203,9 +212,11 @@ class AccessMiddleware:
             # gzip body under chunked framing was read as the JSON or .npy it is not).
             app = _closing(UnsupportedTransferCoding("the only transfer coding served is chunked; send the body as it is"),
                            request_id)
+        self.active += 1
         try:
             await app(scope, receive if body_asked else receive_marked, send_with_id)
         finally:
+            self.active -= 1
             if not recorded:
                 record("aborted")
 
