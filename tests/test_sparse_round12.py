@@ -70,14 +70,14 @@ def problem(r, status, code):
 
 
 def test_a_periodic_band_past_the_graph_limit_is_coloured_by_runs(client):
-    """A periodic 5-wide band at n = 12,001 (not a multiple of 5): its column graph
-    would hold 300,025 entries, past the limit (65,536 here; lorenz96 at n = 300,000
+    """A periodic 5-wide band at n = 3,001 (not a multiple of 5): its column graph
+    would hold 75,025 entries, past the limit (65,536 here; lorenz96 at n = 300,000
     meets the default's the same way: 50.7 M entries for 4.2 M, after 11 s of
     detection). It was a 413 after detection, though cutting the columns into runs of
     at most 5 colours it with 6, the fewest any colouring can use
     (ceil(n / floor(n / 5))): the graph was only ever needed to look for 5. Now GET
     .../sparsity and the POST colour it by runs, and the Jacobian is torch's."""
-    n = 12_001
+    n = 3_001
     d = client.get("/v1/functions/hyperburgers/sparsity", params={"shapes": str(n), "dtypes": "float64"})
     assert d.status_code == 200, d.text
     coloring = d.json()["coloring"]
