@@ -488,8 +488,11 @@ def _modulo(p: Pattern, lower: int, active: np.ndarray, check_alive: Check = Non
     stencil on a w-wide grid (offsets 0, +-1, +-w are distinct mod 5 unless w = 0 mod 5).
     """
     m, n = p.shape
+    rows, cols = _lattice_sample(p)
     for k in range(max(lower, 1), min(2 * lower if most is None else most, n) + 1):
         _check(check_alive)  # each try looks at every entry
+        if not _all_distinct(rows * k + cols % k, _LATTICE_SAMPLE_ROWS * k):  # (a sample's rows first)
+            continue
         slots = p.rows * k + p.cols % k
         if _all_distinct(slots, m * k):
             return np.where(active, np.arange(n) % k, -1)
@@ -507,11 +510,14 @@ def _runs(p: Pattern, lower: int, worse: int, active: np.ndarray, check_alive: C
     none of 13 and 14 divides 8,192), the runs take 14; a periodic tridiagonal on 17
     points took 5 where 4 do. Where k divides n the runs are ``j mod k`` itself."""
     m, n = p.shape
+    rows, cols = _lattice_sample(p)
     for k in range(max(lower, 1), min(worse, n + 1)):
         _check(check_alive)  # each try looks at every entry
         q = -(-n // k)
         starts = (np.arange(q + 1, dtype=np.int64) * n) // q
         colors = np.arange(n, dtype=np.int64) - np.repeat(starts[:-1], np.diff(starts))
+        if not _all_distinct(rows * k + colors[cols], _LATTICE_SAMPLE_ROWS * k):  # (a sample's rows first)
+            continue
         if _all_distinct(p.rows * k + colors[p.cols], m * k):
             return np.where(active, colors, -1)
     return None
@@ -583,7 +589,7 @@ def _lattice(p: Pattern, lower: int, worse: int, active: np.ndarray, check_alive
 
 
 def _lattice_sample(p: Pattern) -> tuple[np.ndarray, np.ndarray]:
-    """The rows a lattice candidate is first checked on, renumbered below
+    """The rows a modulus, runs or lattice candidate is first checked on, renumbered below
     ``_LATTICE_SAMPLE_ROWS``: half from the middle of the grid, half its last rows,
     where a periodic grid or band wraps around (a candidate right in the middle and
     wrong there cost a check of every entry: 17 of them, 1.2 s, on a 300,000-column
