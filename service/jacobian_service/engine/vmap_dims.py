@@ -89,7 +89,12 @@ def lay_out(call: Call, value: Any, what: str, unbatched: Callable[[Any], bool])
     says that torch's vmap would, given the full out_dims; else torch's error."""
     if call.out_dims == 0:
         return value
-    per_leaf = _per_leaf(call.out_dims, value, what)
+    out_dims = call.out_dims
+    if isinstance(value, torch.Tensor) and isinstance(out_dims, list) and len(out_dims) == 1:
+        # torch's vmap takes a tuple of one for a result that is one tensor
+        # (test_out_dims_edge_case: out_dims=(1,) is out_dims=1), at the top only
+        out_dims = out_dims[0]
+    per_leaf = _per_leaf(out_dims, value, what)
     if any(d is None for _, d in per_leaf):
         full = pytree.tree_unflatten([d for _, d in per_leaf], pytree.tree_structure(value))
         if not unbatched(full):

@@ -1,0 +1,72 @@
+"""Functions for tests/test_parity_round15.py, round 15 of PyTorch's own torch.func test
+cases replayed over HTTP: test_vmap.py's TestVmapAPI and test_eager_transforms.py's
+TestJvp / TestVjp / TestLinearize shapes rounds 7-13 did not replay."""
+
+from __future__ import annotations
+
+import torch
+from jacobian_service import Array, Input, register
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def identity(x):
+    """test_vmap's function returning its input unchanged; test_vjp / jvp of the identity."""
+    return x
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("y", shape=("n",))])
+def return_both(x, y):
+    """Returns its inputs unchanged, swapped: a tuple output aliasing both inputs."""
+    return y, x
+
+
+@register(inputs=[Input("x", shape=(2, 3)), Input("y", shape=(3,))])
+def pair_out(x, y):
+    """A tuple output of two ranks, for out_dims given per output."""
+    return x * y, (x ** 2).sum(0)
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def returns_float(x):
+    """A non-tensor output: vmap says it must only return Tensors."""
+    return float(x.sum())
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def returns_none(x):
+    return None
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def with_int_output(x):
+    """A tuple output whose second element is not differentiable (an integer)."""
+    return x.sin(), (x > 0).sum()
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("k", shape=(), dtype="int64")])
+def scaled_by_int(x, k):
+    """An integer input beside a float one."""
+    return x * k
+
+
+@register(inputs=[Input("x", shape=(), dtype="float64")])
+def scalar_out(x):
+    return x.sin() * 2
+
+
+@register(inputs=[Input("p", tree={"a": Array((2,)), "b": (Array((3,)), Array(()))})])
+def tree_in(p):
+    """A dict-of-tuple parameter, a tuple output."""
+    a, (b, c) = p["a"], p["b"]
+    return a.sum() * b, c * a
+
+
+@register(inputs=[Input("x", shape=("n",))], has_aux=True)
+def aux_int(x):
+    """has_aux with an integer tensor and a tensor aliasing the input."""
+    return x.exp(), (x.argmax(), x)
+
+
+@register(inputs=[Input("x", shape=("n", 2))])
+def transpose_view(x):
+    return x.t()
