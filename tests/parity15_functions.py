@@ -70,3 +70,11 @@ def aux_int(x):
 @register(inputs=[Input("x", shape=("n", 2))])
 def transpose_view(x):
     return x.t()
+
+
+@register(inputs=[Input("x", shape=(3,)), Input("y", shape=(3,))])
+def add_into_y(x, y):
+    """test_vmap.py's test_inplace_fallback / unsupported in-place: y += x in place,
+    which vmap refuses where y is shared and x batched."""
+    y.add_(x)
+    return y * 2

@@ -97,3 +97,25 @@ def test_out_dims_of_one_for_a_result_of_one_tensor(c, sdk):
             torch_call()
         body = assert_problem(post(c, name, "evaluate", inputs, batched=True, **options), 422, "invalid_input")
         assert "out_dims is not compatible with the structure of `outputs`" in body["detail"], body
+
+
+def test_examples_run_one_by_one_each_see_the_shared_inputs_as_sent(c):
+    """test_vmap.py's in-place cases: f writes into y (y.add_(x)). torch's vmap refuses
+    it with y shared and x batched ("output with shape [3] doesn't match the broadcast
+    shape [4, 3]"), so the service runs the examples one by one (README), and each
+    example wrote into the one shared y the next example read: a batched evaluate of
+    x = 0..11 and y = 1 answered [[2,4,6],[8,12,16],[20,26,32],[38,46,54]], every row
+    after the first off by the earlier examples' writes. Now each example is f of its x
+    and y as sent, as each alone answers (and as vmap answers y batched); the Jacobian's
+    output too."""
+    xs, y = np.arange(12, dtype="float32").reshape(4, 3), np.ones(3, dtype="float32")
+    with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+        vmap(F.add_into_y, in_dims=(0, None))(t(xs), t(y))
+    want = torch.stack([F.add_into_y(x, t(y)) for x in t(xs)])
+    same(want.numpy(), vmap(F.add_into_y)(t(xs), t(np.stack([y] * 4))))  # y per example: vmap runs it alike
+    got, _ = answer(post(c, "add_into_y", "evaluate", [xs, y], batched=True, in_dims=[0, None]), "output")
+    same(got, want)
+    jac, doc = answer(post(c, "add_into_y", "jacobian", [xs, y], batched=True, in_dims=[0, None], return_output=True),
+                      "jacobian")
+    same(jac, torch.stack([jacrev(F.add_into_y)(x, t(y)) for x in t(xs)]))
+    same(wire.decode_tree(doc["output"]), want)

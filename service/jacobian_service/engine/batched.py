@@ -343,7 +343,10 @@ def over_examples(
     per: list[tuple[Any, Any]] = []
     for b in range(batch):
         call.check_alive()
-        value_b, aux_t = engine.guard(lambda: fn(*_dims.example(args, in_dims, b)))
+        # each example gets the shared inputs as sent, as it would alone: a function that
+        # writes into one (y.add_(x), which vmap refuses) must not hand its write on
+        example = [a.clone() if d is None else a for a, d in zip(_dims.example(args, in_dims, b), in_dims)]
+        value_b, aux_t = engine.guard(lambda: fn(*example))
         per.append((value_b, box.restore(aux_t)))
     if vmap_error is not None:  # every example works alone: vmap itself is what fails
         whole = what == "evaluate" and all(d is not None for d in call.in_dims or ())
