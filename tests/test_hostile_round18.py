@@ -23,6 +23,7 @@ import pytest
 
 from .conftest import live_server
 from .test_connections import _connect, _read_to_close
+from .test_hostile_round16 import _npy, _softmax_jacobian  # a .npy body; softmax's Jacobian in numpy
 
 KEY = "round18-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -55,16 +56,6 @@ _url: str
 def _steps_taken() -> int:
     return _steps.stat().st_size if _steps.exists() else 0
 
-
-def _npy(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, x)
-    return buf.getvalue()
-
-
-def _softmax_jacobian(x: np.ndarray) -> np.ndarray:
-    s = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
-    return np.diag(s) - np.outer(s, s)
 
 
 def _request(method: str, path: str, body: bytes = b"", content_type: str = "application/json",

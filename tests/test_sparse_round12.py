@@ -24,6 +24,7 @@ from tests import sparse12_functions as s12
 from .conftest import ready_app
 from .test_sparse_round9 import f64, jac, sparse  # the round-9 helpers: an array's JSON, a request, torch's
 from .test_sparse_round10 import sdk  # noqa: F401 (round 10's fixture: the SDK through this module's in-process app)
+from .test_sparse_round11 import entries  # a sparse matrix's (row, column) set
 
 RNG = np.random.default_rng(12)
 
@@ -39,11 +40,6 @@ def client():
         mp.setenv("JACOBIAN_SERVICE_MEMORY_BUDGET_BYTES", str(BUDGET))
         with ready_app("tests.sparse12_functions") as c:
             yield c
-
-
-def entries(J):
-    coo = sp.coo_array(J)
-    return set(zip(coo.row.tolist(), coo.col.tolist()))
 
 
 def products_agree(f, x, J, rtol=1e-12):
