@@ -339,3 +339,9 @@ def test_a_results_size_counts_what_json_will_write():
     assert Result(value, {"k" * (16 << 20): 1}, True).nbytes() >= 16 << 20
     assert Result(value, {"c": "\x01" * (4 << 20)}, True).nbytes() >= 6 * (4 << 20)
     assert Result(value, {"e": "é" * 1000}, True).nbytes() >= 2000  # UTF-8's bytes
+    # A lone array (most results: counted without the walk) counts as the walk counts it,
+    # its empty lists' brackets and commas included.
+    for array in (np.zeros((64, 128), np.float32), np.zeros((1 << 20, 0), np.float32), np.float64(2.0) * np.ones(())):
+        walked = Result([array]).nbytes()  # a list of it: walked, with the list's own 0
+        assert Result(array).nbytes() == walked >= array.nbytes
+    assert Result(np.zeros((1 << 20, 0), np.float32)).nbytes() > 3 << 20  # "[[],[],...]": 3 bytes a list

@@ -154,6 +154,10 @@ class Result:
         number. Counting only arrays and characters let an aux of 900,000 floats, a 16 MB
         dict key or 4 MB of control characters (6 bytes each as JSON) past the result
         limit (a second red team), and 21 MB of JSON was then encoded on the event loop."""
+        if self.aux is None and self.output is None and type(self.value) is np.ndarray:
+            # Nearly every result (the engine checks each one it answers): one array, as
+            # the walk below counts it, without the walk (~3/4 of its cost).
+            return _leaf_nbytes(self.value) + 10  # (+ 5 for each None, as _leaf_nbytes)
         total = 0
         stack = [self.value, self.aux, self.output]
         while stack:
