@@ -17,7 +17,7 @@ from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Tim
 from ..types import Call, Result
 from .shapes import span
 from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
-from .hessian import CHECK_ELEMENTS, STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, with_output
+from .hessian import CHECK_ELEMENTS, STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, hvp_misses, with_output
 from .products import agrees_with_reverse
 from . import vmap_dims as _dims
 
@@ -250,22 +250,7 @@ def _hvp_misses(call: Call, args: list[torch.Tensor], in_dims: Sequence[int | No
     n = len(leaves)
     if len(hv) != n or len(blocks) != len(outs) * n * n:
         return list(range(batch))
-    sizes = [p.numel() for p in leaves]
-    w64 = [x.to(torch.float64).reshape(batch, o.numel()) for x, o in zip(w, outs)]
-    v64 = [x.to(torch.float64).reshape(batch, size) for x, size in zip(v, sizes)]
-    off = torch.zeros(batch, dtype=torch.bool, device=leaves[0].device if leaves else None)
-    for j in range(n):
-        want = hv[j].detach().to(torch.float64).reshape(batch, sizes[j])
-        mine, scale = torch.zeros_like(want), torch.zeros_like(want)
-        for i, wi in enumerate(w64):
-            for k, vk in enumerate(v64):
-                b = blocks[(i * n + j) * n + k].detach().to(torch.float64).reshape(batch, wi.shape[1], sizes[j], sizes[k])
-                mine = mine + torch.einsum("bo,bojk,bk->bj", wi, b, vk)
-                scale = scale + torch.einsum("bo,bojk,bk->bj", wi.abs(), b.abs(), vk.abs())
-        eps = torch.finfo(leaves[j].dtype).eps
-        same = (mine - want).abs() <= min(1024 * eps, 1e-2) * (scale + want.abs()) + torch.finfo(torch.float64).tiny
-        same |= ~(mine.isfinite() & want.isfinite())  # no verdict, as hessian.agrees_with_hvp
-        off |= ~same.all(dim=1)
+    off = hvp_misses(blocks, w, v, hv, [p.dtype for p in leaves], batch)
     return [int(b) for b in off.nonzero().flatten()]
 
 

@@ -18,6 +18,7 @@ computed again torch's way, and that is the answer.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -34,7 +35,7 @@ from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, diff
 if TYPE_CHECKING:
     from .core import Engine
 
-__all__ = ["CHECK_ELEMENTS", "STRATEGIES", "TORCHS", "agrees_with_differences", "agrees_with_hvp", "candidates", "finite", "hessian", "with_output"]
+__all__ = ["CHECK_ELEMENTS", "STRATEGIES", "TORCHS", "agrees_with_differences", "agrees_with_hvp", "candidates", "finite", "hessian", "hvp_misses", "with_output"]
 
 # Equal ways to compute torch.func.hessian (read-only, as core.TORCH_DTYPES: one a
 # function replaced in place computed every later Hessian its way).
@@ -180,25 +181,41 @@ def agrees_with_hvp(g: Callable[..., Any], primals: tuple[Any, ...], argnums: An
         if is_oom(exc):
             raise
         return True
-    hv = [h.detach().to(torch.float64) for h in pytree.tree_leaves(hv)]
-    blocks = [b.detach().to(torch.float64) for b in pytree.tree_leaves(value)]
+    hv = pytree.tree_leaves(hv)
+    blocks = pytree.tree_leaves(value)
     n = len(leaves)
     if len(hv) != n or len(blocks) != len(outs) * n * n:
         return False
-    w64, v64 = [x.to(torch.float64) for x in w], [x.to(torch.float64) for x in v]
+    one = [[t.unsqueeze(0) for t in ts] for ts in (blocks, w, v, hv)]  # (a batch of one example)
+    return not bool(hvp_misses(*one, [p.dtype for p in leaves], 1).any())
+
+
+def hvp_misses(blocks: list[torch.Tensor], w: list[torch.Tensor], v: list[torch.Tensor], hv: list[torch.Tensor],
+               dtypes: list[torch.dtype], batch: int) -> torch.Tensor:
+    """For each of ``batch`` examples (the first dimension of every tensor): whether
+    ``w^T H v`` of its Hessian (``blocks``, output by input by input, as a pytree of
+    Hessians flattens) misses its Hessian-vector product ``hv`` of ``w^T f`` beyond
+    round-off (``dtypes``: the inputs', whose precision bounds it). No verdict where
+    either side is not finite: see products.vmap_agrees. (agrees_with_hvp's one example,
+    batched.py's examples of a per-example Hessian.)"""
+    n = len(hv)
+    sizes = [math.prod(h.shape[1:]) for h in hv]  # each input's (v's and hv's alike)
+    w64 = [x.detach().to(torch.float64).reshape(batch, math.prod(x.shape[1:])) for x in w]
+    v64 = [x.detach().to(torch.float64).reshape(batch, size) for x, size in zip(v, sizes)]
+    off = torch.zeros(batch, dtype=torch.bool, device=hv[0].device if hv else None)
     for j in range(n):
-        mine, scale = torch.zeros_like(hv[j]), torch.zeros_like(hv[j])
+        want = hv[j].detach().to(torch.float64).reshape(batch, sizes[j])
+        mine, scale = torch.zeros_like(want), torch.zeros_like(want)
         for i, wi in enumerate(w64):
             for k, vk in enumerate(v64):
-                b = blocks[(i * n + j) * n + k]
-                mine = mine + torch.tensordot(torch.tensordot(wi, b, dims=wi.dim()), vk, dims=vk.dim())
-                scale = scale + torch.tensordot(torch.tensordot(wi.abs(), b.abs(), dims=wi.dim()), vk.abs(), dims=vk.dim())
-        eps = torch.finfo(leaves[j].dtype).eps
-        same = (mine - hv[j]).abs() <= min(1024 * eps, 1e-2) * (scale + hv[j].abs()) + torch.finfo(torch.float64).tiny
-        same |= ~(mine.isfinite() & hv[j].isfinite())  # no verdict: see products.vmap_agrees
-        if not bool(same.all()):
-            return False
-    return True
+                b = blocks[(i * n + j) * n + k].detach().to(torch.float64).reshape(batch, wi.shape[1], sizes[j], sizes[k])
+                mine = mine + torch.einsum("bo,bojk,bk->bj", wi, b, vk)
+                scale = scale + torch.einsum("bo,bojk,bk->bj", wi.abs(), b.abs(), vk.abs())
+        eps = torch.finfo(dtypes[j]).eps
+        same = (mine - want).abs() <= min(1024 * eps, 1e-2) * (scale + want.abs()) + torch.finfo(torch.float64).tiny
+        same |= ~(mine.isfinite() & want.isfinite())
+        off |= ~same.all(dim=1)
+    return off
 
 
 def hessian(engine: "Engine", call: Call) -> Result:
