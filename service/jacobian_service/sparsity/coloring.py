@@ -155,15 +155,15 @@ def _graph_work(p: Pattern) -> int:
     return int((per_row * per_row).sum())
 
 
-def _graph_within_limits(p: Pattern, work: int) -> bool:
-    """Whether the column graph may be built: its product's steps within the work limit
-    and its entries within the graph limit."""
+def _graph_refusal(p: Pattern, work: int) -> PatternTooLarge | None:
+    """Why the column graph may not be built (its product's steps past the work limit,
+    or its entries past the graph limit), or None where it may."""
     try:
         check_work(work, "the colouring's column graph")
         _check_graph_size(p, work)
-    except PatternTooLarge:
-        return False
-    return True
+    except PatternTooLarge as exc:
+        return exc
+    return None
 
 
 def _check_graph_size(p: Pattern, work: int) -> None:
@@ -450,14 +450,15 @@ def _at_the_bound(p: Pattern, lower: int, active: np.ndarray, check_alive: Check
     return (on_grid, "lattice") if on_grid is not None else None
 
 
-def _without_graph(p: Pattern, work: int, lower: int, active: np.ndarray, check_alive: Check) -> tuple[np.ndarray, str]:
+def _without_graph(p: Pattern, lower: int, active: np.ndarray, check_alive: Check,
+                   refusal: PatternTooLarge) -> tuple[np.ndarray, str]:
     """A colouring for a pattern whose column graph is past the limits (its entries, or
     its product's steps): the fewest colours a modulus, runs or a lattice reach below
     twice the lower bound, without the graph. A periodic band w wide needs
     ``ceil(n / floor(n / w))`` colours, one more than its rows' w where w does not divide
     n, which only the graph was tried for: lorenz96 at n = 300,000 (13 entries a row)
     was a 413 after its whole detection, though the runs colour it with 14, the fewest
-    possible. Raises the limit's :class:`~.patterns.PatternTooLarge` where none is found,
+    possible. Raises ``refusal`` (the graph's, :func:`_graph_refusal`) where none is found,
     or where the tries would take more steps than the limit (each looks at every entry,
     up to three times the lower bound of them)."""
     limit = work_limit()
@@ -475,9 +476,7 @@ def _without_graph(p: Pattern, work: int, lower: int, active: np.ndarray, check_
             found = (on_grid, "lattice")
         if found is not None:
             return found
-    check_work(work, "the colouring's column graph")  # refused as the graph is, with its message
-    _check_graph_size(p, work)
-    raise AssertionError("the column graph is within the limits")  # (never: called only past them)
+    raise refusal  # refused as the graph is, with its message
 
 
 def _modulo(p: Pattern, lower: int, active: np.ndarray, check_alive: Check = None, most: int | None = None) -> np.ndarray | None:
@@ -628,8 +627,8 @@ def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, ch
         colors, strategy = _complete(active), "natural"
     elif (at_bound := _at_the_bound(p, lower, active, check_alive)) is not None:
         colors, strategy = at_bound  # optimal: no greedy order could use fewer
-    elif not _graph_within_limits(p, work):  # (only a graph that is built is bounded: a 600 x 600 stencil needs none)
-        colors, strategy = _without_graph(p, work, lower, active, check_alive)
+    elif (refusal := _graph_refusal(p, work)) is not None:  # (only a graph that is built is bounded: a 600 x 600 stencil needs none)
+        colors, strategy = _without_graph(p, lower, active, check_alive, refusal)
     else:
         u, v = _column_graph_edges(p, check_alive)
         colors, strategy = _greedy(n, u, v, active, strategies, check_alive, lower)
