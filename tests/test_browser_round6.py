@@ -34,10 +34,11 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from tests._cdp import Chromium, chromium_binary
+from tests._cdp import Chromium
 from tests._client_support import serve
 
 from .conftest import live_server
+from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
 
 MiB = 1 << 20
 N = 23_000  # softmax's Jacobian: N x N float32, 2.1 GB
@@ -136,14 +137,6 @@ def api(page: str) -> Iterator["_Server"]:
             yield server
         finally:
             server.http.close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Chromium]:
-    if chromium_binary() is None:
-        pytest.skip("no chromium binary (apt-get install chromium)")
-    with Chromium() as chromium:
-        yield chromium
 
 
 class _Server:
