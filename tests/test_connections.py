@@ -732,7 +732,9 @@ def test_queued_requests_hold_their_arrays_on_the_body_budget() -> None:
         body = npy_bytes(np.full(3 * MiB // 4, 0.5, np.float32))  # 3 MiB of arrays each
         with ThreadPoolExecutor(8) as pool:
             slow = pool.submit(httpx.post, f"{url}/v1/functions/slow_rows/jacobian?chunk_size=1",
-                               json={"inputs": [[0.1] * 40]}, timeout=60)  # 40 chunks of 50 ms: the engine is busy
+                               json={"inputs": [[0.1] * 100]}, timeout=60)  # 100 chunks of 50 ms: the engine is busy
+            # (for 5 s: 2 s was not always past the six uploads on a loaded machine, which then
+            # found the budget freed and were all admitted)
             time.sleep(0.5)
             queued = [pool.submit(httpx.post, f"{url}/v1/functions/sin/evaluate", content=body,
                                   headers={"content-type": wire.NPY, "accept": wire.NPY}, timeout=60) for _ in range(6)]
