@@ -25,7 +25,7 @@ from starlette.responses import Response
 from jacobian_client import wire
 
 from .compression import Compressible
-from .connections import BodyBudget, SendGuard, abort_connection
+from .connections import BodyBudget, SendGuard, abort_connection, unsent_bytes
 from .engine_client import InProcessEngines, RemoteEngines
 from .logs import configure_logging
 from .metrics import Metrics
@@ -69,7 +69,8 @@ class ServiceApp:
         if settings.cors_origin_list:
             auth = cors(auth, settings.cors_origin_list)
         guard = SendGuard(auth, settings.send_timeout_s,
-                          on_timeout=lambda phase: metrics.connection_timeouts.labels(phase).inc())
+                          on_timeout=lambda phase: metrics.connection_timeouts.labels(phase).inc(),
+                          min_rate=settings.min_send_rate_bytes_per_s)
         self.asgi = AccessMiddleware(guard, metrics, self.router)
 
     @property
@@ -96,15 +97,18 @@ class ServiceApp:
             return
         scope["service"] = self.service_state
         scope["jacobian_app"] = self
-        # The server's own send, for cutting off a client that stops reading (SendGuard).
+        # The server's own send, for cutting off a client that stops reading or reads too
+        # slowly (SendGuard).
         state = scope.setdefault("state", {})
         state["abort_connection"] = functools.partial(abort_connection, send)
+        state["unsent"] = functools.partial(unsent_bytes, send)
         try:
             await self.asgi(scope, receive, send)
         finally:
             # That send is bound to uvicorn's request cycle, which holds this scope: left
             # here, every request would leave a cycle that only the garbage collector frees.
             state.pop("abort_connection", None)
+            state.pop("unsent", None)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         engines = self.service_state.engines

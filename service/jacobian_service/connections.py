@@ -21,8 +21,10 @@ bodies also get a byte budget:
   it is parsed; an ``.npz`` body its declared expanded size (:meth:`read_body.expand`),
   before a member is inflated, held until the request's arrays are gone.
 * **responses**: :class:`SendGuard` sends bodies in pieces and gives each piece
-  ``send_timeout_s`` to leave; a client that stops reading has its connection aborted,
-  and the response (and the result it holds) is dropped.
+  ``send_timeout_s`` to leave, and the client a minimum average rate while the server
+  waits on it (``min_send_rate_bytes_per_s``); a client that stops reading, or reads
+  more slowly, has its connection aborted, and the response (and the result it holds)
+  is dropped.
 
 The budget is per front-end process: ``serve`` runs ``workers`` of them, so the server
 as a whole holds at most ``workers x body_budget_bytes`` of request bodies.
@@ -32,8 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import logging
 import re
+import struct
+import termios
 import time
 from typing import Any, Callable
 
@@ -49,7 +54,8 @@ from .half_close import PROBE, PeerWatch
 from .request_ids import new_request_id
 from .responses import echo, problem_document
 
-__all__ = ["BodyBudget", "Charge", "Expiry", "HeadWithBody", "SendGuard", "abort_connection", "guarded_protocol", "json_parse_cost", "read_body"]
+__all__ = ["BodyBudget", "Charge", "Expiry", "HeadWithBody", "SendGuard", "abort_connection", "guarded_protocol", "json_parse_cost",
+           "read_body", "unsent_bytes"]
 
 log = logging.getLogger("jacobian_service")
 
@@ -340,28 +346,49 @@ async def _within(awaitable: Any, seconds: float) -> Any:
 
 
 class _SendTimedOut(Exception):
-    """A response piece did not leave within the send timeout (the client stopped reading)."""
+    """A response piece did not leave within the send timeout (the client stopped
+    reading), or the client read under the minimum rate; says which."""
 
 
 class SendGuard:
     """ASGI layer under the access log: every response body goes out in pieces of at most
-    ``SEND_PIECE_BYTES``, each within ``send_timeout_s``. A piece that cannot leave (the
-    client stopped reading, its window and our buffers are full) aborts the connection
-    (through ``scope["state"]["abort_connection"]``, set where the server's own ``send``
-    is at hand): the transport's buffer is dropped at once, not kept until the peer
-    reads, and the app unwinds, freeing what the response held. The access log above
-    sees the pieces, so a response cut off before its last one counts as aborted."""
+    ``SEND_PIECE_BYTES``, each within ``send_timeout_s``, and at ``min_rate`` bytes a
+    second on average while the server waits on the client. A piece that cannot leave (the
+    client stopped reading, its window and our buffers are full), or a client that reads
+    too slowly, aborts the connection (through ``scope["state"]["abort_connection"]``, set
+    where the server's own ``send`` is at hand): the transport's buffer is dropped at once,
+    not kept until the peer reads, and the app unwinds, freeing what the response held. The
+    access log above sees the pieces, so a response cut off before its last one counts as
+    aborted.
 
-    def __init__(self, app: Any, send_timeout_s: float, on_timeout: Any = None) -> None:
+    The rate: a send waits only when the client reads slower than the server writes
+    (flow control), so the time a response's sends wait is the client's, never the
+    engine's. That time may reach ``send_timeout_s`` plus one second per ``min_rate``
+    bytes the client has taken (sent, less what still waits in this process's transport
+    and the kernel's send queue: ``scope["state"]["unsent"]``), checked as each wait ends.
+    A response of N bytes then holds its connection, and a stream its engine's forward
+    pass and its room on the stream budget, for at most its production time plus
+    ``send_timeout_s`` (one piece's wait) plus ``send_timeout_s + N / min_rate`` of the
+    client's. Before, only each wait was bounded, and a wait ends once the transport has
+    drained to its low-water mark, which the kernel lets it do once its send queue has
+    half drained (~1.4 MB read on loopback, tens of KB where the queue stays small): a
+    client that read just fast enough never let one last 30 s, and kept its stream as
+    long as it liked. ``min_rate`` 0: each wait alone is bounded, as before."""
+
+    def __init__(self, app: Any, send_timeout_s: float, on_timeout: Any = None, min_rate: int = 0) -> None:
         self.app = app
         self.send_timeout_s = send_timeout_s
         self.on_timeout = on_timeout
+        self.min_rate = min_rate
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         timeout = self.send_timeout_s
+        min_rate = self.min_rate
+        sent = 0  # body bytes handed to the server
+        waited = 0.0  # seconds this response's sends have waited on the client
 
         def abort() -> None:  # the connection goes first: the send's buffer is dropped
             cut = scope.get("state", {}).get("abort_connection")
@@ -369,20 +396,36 @@ class SendGuard:
                 cut()
 
         async def send_one(message: dict[str, Any]) -> None:
+            nonlocal sent, waited
             # Most pieces leave at once (the transport takes them without waiting): no
             # clock for those. A piece whose send has to wait (flow control) waits the
             # rest of the way under the clock.
             step = send(message).__await__()
+            sent += len(message.get("body", b""))
             try:
                 waiting_on = step.send(None)
             except StopIteration:
                 return
+            began = time.monotonic()
             with Expiry(timeout, abort) as expiry:
                 await _Resumed(step, waiting_on)
             if expiry.expired:
                 if self.on_timeout is not None:
                     self.on_timeout("send")
-                raise _SendTimedOut()
+                raise _SendTimedOut(f"a client stopped reading its response for {timeout:.1f} s")
+            if min_rate:
+                waited += time.monotonic() - began
+                if waited > timeout:  # (only then is the client's rate worth a look)
+                    unsent = scope.get("state", {}).get("unsent")
+                    taken = sent - (unsent() if unsent is not None else 0)
+                    if waited > timeout + taken / min_rate:
+                        abort()
+                        if self.on_timeout is not None:
+                            self.on_timeout("send")
+                        raise _SendTimedOut(
+                            f"a client took {taken} bytes of its response while the server waited "
+                            f"{waited:.1f} s on it, under the minimum of {min_rate} bytes/s after "
+                            f"{timeout:g} s (MIN_SEND_RATE_BYTES_PER_S)")
 
         async def guarded(message: dict[str, Any]) -> None:
             body = message.get("body", b"")
@@ -398,12 +441,15 @@ class SendGuard:
 
         try:
             await self.app(scope, receive, guarded)
-        except _SendTimedOut:
-            log.info("a client stopped reading its response for %.1f s; connection aborted", timeout)
+        except _SendTimedOut as cut:
+            log.info("%s; connection aborted", cut)
         except BaseExceptionGroup as group:  # a task group's (StreamingResponse)
             if group.subgroup(_SendTimedOut) is None or group.subgroup(lambda e: not isinstance(e, _SendTimedOut)) is not None:
                 raise
-            log.info("a client stopped reading its response for %.1f s; connection aborted", timeout)
+            cut = group.subgroup(_SendTimedOut)
+            while isinstance(cut, BaseExceptionGroup):
+                cut = cut.exceptions[0]
+            log.info("%s; connection aborted", cut)
 
 
 class _Resumed:
@@ -432,6 +478,22 @@ class _Resumed:
                     value = step.send(sent)
                 except StopIteration as stop:
                     return stop.value
+
+
+def unsent_bytes(send: Any) -> int:
+    """Bytes written on the connection of the server's ``send`` that its client has not
+    taken yet: in the transport's buffer and the kernel's send queue (``TIOCOUTQ``: not
+    yet acknowledged). (0 where neither can be read.)"""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None:
+        return 0
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    try:
+        unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (AttributeError, OSError, ValueError):  # not Linux, not a socket, closed
+        pass
+    return unsent
 
 
 def abort_connection(send: Any) -> None:

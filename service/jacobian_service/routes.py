@@ -193,6 +193,7 @@ async def info(request: Request) -> Response:
             "read_idle_timeout_s": s.read_idle_timeout_s,
             "read_timeout_s": s.read_timeout_s,
             "send_timeout_s": s.send_timeout_s,
+            "min_send_rate_bytes_per_s": s.min_send_rate_bytes_per_s,
         },
         "auth": bool(state.api_keys),
     })

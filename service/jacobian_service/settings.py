@@ -216,6 +216,14 @@ class Settings(BaseSettings):
     read_idle_timeout_s: float = Field(30.0, gt=0)
     read_timeout_s: float = Field(300.0, gt=0)
     send_timeout_s: float = Field(30.0, gt=0)
+    # ... and a client must take a response at this average rate (bytes a second) while
+    # the server waits on it: the time its response's pieces wait for it to read may
+    # reach send_timeout_s plus a second per this many bytes it has read, then the
+    # connection is aborted (SendGuard). A client reading a streamed Jacobian just fast
+    # enough for each piece to leave within send_timeout_s held its stream (the engine's
+    # forward pass, a place in its queue, the front end's stream budget) for as long as it
+    # liked. The default is the rate a 1 MiB piece in 30 s already asked; 0: no minimum.
+    min_send_rate_bytes_per_s: int = Field(32 << 10, ge=0)
 
     # Security and operations
     api_keys: str = ""

@@ -1,0 +1,124 @@
+"""Red team, round twenty: hostile clients over raw sockets (a reader that keeps a
+response alive by reading it just fast enough; ...).
+
+Each names what a user saw before. The reader cases run the real service on a thread of
+this process (``_client_support.real_server``: engines on threads, no process to start),
+with a send timeout of 1 s and a minimum read rate far above what the slow reader here
+reads; the HTTP cases run a bare app under each uvicorn protocol with the server's
+guarded protocol class (``test_connections._guarded_uvicorn``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from ._client_support import real_server
+from .test_hostile_round16 import _npy, _softmax_jacobian  # a .npy body; softmax's Jacobian in numpy
+
+MIN_RATE = 64 << 20  # bytes a second: far above what the slow reader below reads
+SEND_TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    with real_server(functions="jacobian_service.examples", send_timeout_s=SEND_TIMEOUT_S,
+                     min_send_rate_bytes_per_s=MIN_RATE, stream_threshold_bytes=64 << 10) as served:
+        yield served
+
+
+# ------------------------------------------------------------ a reader just fast enough
+
+_X = np.linspace(-1, 1, 1400).astype(np.float32)  # a 7.8 MB float32 Jacobian: far past socket buffers
+
+
+def _post(path: str, body: bytes, content_type: str, accept: str) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: {content_type}\r\nAccept: {accept}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+_READ_SLOWLY = {
+    # streamed from the engine row chunk by row chunk, .npy and JSON: read at 500 KB/s,
+    # well under what the engine makes (a reader faster than the server never waits)
+    "npy stream": (_post("/v1/functions/softmax/jacobian?chunk_size=8", _npy(_X), "application/x-npy",
+                         "application/x-npy"), 5e5),
+    "json stream": (_post("/v1/functions/softmax/jacobian", json.dumps({"inputs": [_X.tolist()], "chunk_size": 8}).encode(),
+                          "application/json", "application/json"), 5e5),
+    # gathered, sent in pieces of 1 MiB: read at 2 MB/s, each piece within the send timeout
+    "npz": (_post("/v1/functions/softmax/jacobian", _npy(_X), "application/x-npy", "application/x-npz"), 2e6),
+}
+
+
+def _read_at(url: str, request: bytes, bytes_per_s: float, within_s: float) -> tuple[int, bool]:
+    """Send ``request`` and read its answer at ``bytes_per_s``: the bytes read, and whether
+    the server cut the connection (EOF or reset) within ``within_s``."""
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.socket()
+    # A small segment size makes the server's kernel queue ~200 KB for this connection,
+    # not ~3 MB, so that each of its sends waits on this reader rather than on a buffer
+    # filling; and each wait is short at this pace (a wait ends once ~150 KB are read).
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1024)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    s.connect((host, int(port)))
+    got = 0
+    try:
+        s.sendall(request)
+        start = time.monotonic()
+        s.settimeout(within_s)
+        while time.monotonic() - start < within_s:
+            piece = s.recv(16384)
+            if not piece:
+                return got, True
+            got += len(piece)
+            ahead = got / bytes_per_s - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)  # the pace itself: what this client is
+        return got, False
+    except ConnectionResetError:
+        return got, True
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("case", list(_READ_SLOWLY))
+def test_a_reader_under_the_minimum_rate_is_cut_off_whatever_the_format(url: str, case: str,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Left by round eighteen: a client that reads its response just fast enough that no
+    send waits ``SEND_TIMEOUT_S`` for it (a wait ends once the transport drains to its
+    low-water mark) kept a streamed Jacobian open for as long as it liked, holding the
+    engine's forward pass, a place in its queue and the stream's room on the front end's
+    budget (a 7.8 MB answer read at 0.5 MB/s, each wait ~0.3 s, was never cut). Now the time
+    a response waits on its client may reach ``SEND_TIMEOUT_S`` plus a second per
+    ``MIN_SEND_RATE_BYTES_PER_S`` bytes taken: past it the connection is aborted, the
+    response dropped; for streamed .npy, streamed JSON and gathered .npz alike. Other
+    clients are served as before."""
+    request, rate = _READ_SLOWLY[case]
+    with caplog.at_level(logging.INFO, logger="jacobian_service"):
+        got, cut = _read_at(url, request, rate, 6.0)
+    assert cut, f"read {got} bytes at {rate:g} B/s for 6 s, never cut"
+    assert got < _X.nbytes * _X.size, got  # (well before the end)
+    assert any("under the minimum of" in r.getMessage() and "MIN_SEND_RATE_BYTES_PER_S" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(np.float32([0.5, 1.0]))), rtol=1e-6)
+
+
+def test_a_reader_that_keeps_up_gets_the_whole_stream(url: str) -> None:
+    """The minimum holds what the server waits on the client, never its own time: a
+    reader that takes each piece as it comes is not cut, however long the stream."""
+    body = _npy(_X[:600])
+    with httpx.stream("POST", f"{url}/v1/functions/softmax/jacobian?chunk_size=8", content=body, timeout=30,
+                      headers={"Content-Type": "application/x-npy", "Accept": "application/x-npy"}) as r:
+        assert r.status_code == 200
+        raw = r.read()
+    import io
+
+    np.testing.assert_allclose(np.load(io.BytesIO(raw)), _softmax_jacobian(_X[:600].astype(np.float64)), atol=1e-6)
