@@ -1,5 +1,6 @@
 """Red team, round twenty: hostile clients over raw sockets (a reader that keeps a
-response alive by reading it just fast enough; ...).
+response alive by reading it just fast enough; a half-close that cuts a pipelined body,
+under uvicorn's h11; ...).
 
 Each names what a user saw before. The reader cases run the real service on a thread of
 this process (``_client_support.real_server``: engines on threads, no process to start),
@@ -10,6 +11,7 @@ guarded protocol class (``test_connections._guarded_uvicorn``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 
 from ._client_support import real_server
+from .test_connections import _connect, _guarded_uvicorn, _read_to_close
 from .test_hostile_round16 import _npy, _softmax_jacobian  # a .npy body; softmax's Jacobian in numpy
 
 MIN_RATE = 64 << 20  # bytes a second: far above what the slow reader below reads
@@ -122,3 +125,45 @@ def test_a_reader_that_keeps_up_gets_the_whole_stream(url: str) -> None:
     import io
 
     np.testing.assert_allclose(np.load(io.BytesIO(raw)), _softmax_jacobian(_X[:600].astype(np.float64)), atol=1e-6)
+
+
+# ------------------------------------------------------------ half-closed, body cut (h11)
+
+
+@pytest.mark.parametrize("implementation", ["h11", "httptools"])
+def test_a_half_close_that_cuts_a_pipelined_body_answers_the_whole_request_at_once(implementation: str) -> None:
+    """Left by round eighteen, under uvicorn's h11 (the protocol used where httptools is
+    not installed): a whole request, then the head and part of the body of another, then
+    a half-close. The whole one was answered, but h11 then started the cut one from its
+    buffer, whose body could never come: its read waited (to the body's 408, 30 s by
+    default) and the connection with it. Now the connection closes as soon as the whole
+    request is answered, and the cut one is told its client is gone, as under httptools."""
+    told: list[str] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                told.append(scope["path"])
+                return
+            if not message.get("more_body"):
+                break
+        await asyncio.sleep(0.2)  # answered once the FIN is in
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with _guarded_uvicorn(app, implementation, 5.0) as served:
+        s = _connect(served)
+        s.sendall(b"POST /whole HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}"
+                  b"POST /cut HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n{}")
+        s.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        raw = _read_to_close(s, 10)
+        took = time.monotonic() - started
+        s.close()
+    answers = [line for line in raw.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    assert [a for a in answers if not a.startswith(b"HTTP/1.1 100")] == [b"HTTP/1.1 200 OK"], raw
+    assert raw.endswith(b"\r\n\r\nok") and took < 3, (took, raw)
+    assert "/whole" not in told

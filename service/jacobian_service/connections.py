@@ -1053,6 +1053,14 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             super().on_response_complete()
             if self._half_closed:  # no request can follow the last one answered
                 cycle = getattr(self, "cycle", None)  # (h11: the next one, if it started one)
+                if cycle is not None and not cycle.response_complete and not self._in_head():
+                    # h11 started the next request from the bytes that came before the
+                    # FIN, and the FIN cut its body: it can never be whole. Its client is
+                    # gone for it at once (its body's first read says so), as httptools'
+                    # (eof_received drops it from the pipeline); it waited for the rest
+                    # of that body, and the connection with it, until the body's 408.
+                    cycle.disconnected = True
+                    cycle.message_event.set()
                 if not queued and (cycle is None or cycle.response_complete or cycle.disconnected):
                     self._stop_peer_watch()
                     self.transport.close()
