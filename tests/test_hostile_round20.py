@@ -167,3 +167,49 @@ def test_a_half_close_that_cuts_a_pipelined_body_answers_the_whole_request_at_on
     assert [a for a in answers if not a.startswith(b"HTTP/1.1 100")] == [b"HTTP/1.1 200 OK"], raw
     assert raw.endswith(b"\r\n\r\nok") and took < 3, (took, raw)
     assert "/whole" not in told
+
+
+# ------------------------------------------------------------ pipelined past the room
+
+
+def test_requests_pipelined_past_the_room_are_dropped_and_the_connection_closes() -> None:
+    """A client that pipelines requests and reads nothing: uvicorn's httptools protocol
+    made a request cycle (scope, headers, event) for every head in each piece it read
+    (256 KiB: ~9,000 short GETs), then read the next piece at each answer: 4 MB of
+    pipelined GETs grew a served front end by 260 MB, kept until the send timeout, for
+    every such connection. Now at most MAX_PIPELINED requests wait behind the one being
+    answered: those are answered, in order, then the connection closes (RFC 9112 9.3.2:
+    the client retries the rest), and what came past them is read and dropped, kept
+    nowhere. (h11 reads one request at a time.)"""
+    from jacobian_service.connections import MAX_PIPELINED
+
+    def rss() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) << 10 for line in status if line.startswith("VmRSS"))
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = scope["path"].encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    with _guarded_uvicorn(app, "httptools", 5.0) as served:
+        s = _connect(served)
+        s.sendall(b"".join(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(3 * MAX_PIPELINED)))
+        raw = _read_to_close(s, 10)
+        s.close()
+        bodies = [answer.rpartition(b"\r\n\r\n")[2] for answer in raw.split(b"HTTP/1.1 200 OK\r\n")[1:]]
+        assert bodies == [b"/%d" % i for i in range(MAX_PIPELINED + 1)], raw[-300:]
+
+        # 8 MB of them from a client that reads nothing: read and dropped, nothing kept
+        before = rss()
+        s = _connect(served, rcvbuf=4096)
+        s.settimeout(10)
+        try:
+            s.sendall(b"GET /n HTTP/1.1\r\nHost: t\r\n\r\n" * ((8 << 20) // 28))
+        except OSError:  # (the connection closed under the last of it)
+            pass
+        grown = rss() - before
+        s.close()
+    assert grown < 16 << 20, f"the front end grew by {grown >> 20} MiB"

@@ -653,6 +653,12 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
+# Requests a connection may have pipelined behind the one being answered (httptools;
+# h11 reads one request at a time). A client past them has the rest of what it sends
+# dropped, and its connection closed once those are answered: RFC 9112 9.3.2 has a
+# client that pipelines retry the requests a closed connection left unanswered.
+MAX_PIPELINED = 16
+
 # The versions an HTTP/1 request line may name (uvicorn speaks no HTTP/2).
 _HTTP1_VERSIONS = frozenset({"1.1", "1.0"})
 
@@ -786,6 +792,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _head_piece = b""  # the last piece of a head given to the parser
         _fault: str | None = None  # why a callback of ours stopped the parser (httptools)
         _half_closed = False  # the client sent its FIN after whole requests: they are answered, then it closes
+        _dropping = False  # httptools: past MAX_PIPELINED requests queued, the rest of what comes is dropped
         _peer_watch: PeerWatch | None = None  # meanwhile: whether the FIN was a client gone (half_close.py)
 
         def connection_made(self, transport: Any) -> None:
@@ -854,7 +861,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             # byte gets. What the FIN cut short can never be a request: a head begun is
             # dropped with the connection, a body (httptools: its request queued behind
             # whole ones) is never run.
-            if self._in_head():
+            if self._in_head() or self._dropping:  # (dropping: what the FIN cut was never kept)
                 self._half_close(cycle)
                 return True  # (the transport stays open for writing)
             pipeline = getattr(self, "pipeline", None)
@@ -894,8 +901,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             self.transport.abort()
 
         def data_received(self, data: bytes) -> None:
-            if self.transport.is_closing():  # closing (lingering): what still comes is dropped
-                return
+            if self.transport.is_closing() or self._dropping:  # closing (lingering), or past the pipeline's
+                return  # room: what still comes is dropped
             self._heard = True
             if self._refusal is not None:  # refused for the cap: its head is read for its Origin only
                 head = self._refusal[1]
@@ -953,7 +960,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def on_body(self, body: bytes) -> None:  # httptools
             self._body_fed += len(body)
-            super().on_body(body)
+            if not self._dropping:  # (uvicorn adds it to its newest request's: one kept, whole)
+                super().on_body(body)
 
         def on_header(self, name: bytes, value: bytes) -> None:  # httptools
             if self._head_open:
@@ -968,6 +976,9 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         # uvicorn's own state cannot say it (it stops updating a request once answered).
         def on_headers_complete(self) -> None:  # httptools
             self._head_open, self._header_bytes, self._tail, self._framing = False, 0, b"", 0
+            if self._dropping or len(self.pipeline) >= MAX_PIPELINED:
+                self._drop_the_rest()
+                return
             version = self.parser.get_http_version()
             if version not in _HTTP1_VERSIONS:
                 # llhttp reads "GET / HTTP/2.0" (and HTTP/0.9 with headers) framed as
@@ -1000,8 +1011,22 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self.cycle.keep_alive = False
 
         def on_message_complete(self) -> None:  # httptools
-            super().on_message_complete()
+            if not self._dropping:
+                super().on_message_complete()
             self._head_open = True
+
+        def _drop_the_rest(self) -> None:
+            """More requests pipelined than MAX_PIPELINED wait behind the one being
+            answered: the rest is dropped (what the parser has of it is read on, none of
+            its requests kept; what comes later is not parsed), and the connection closes
+            once the requests kept are answered. uvicorn made a request cycle for every head in each piece it
+            read (256 KiB: ~9,000 short GETs), then read the next at each answer: 4 MB of
+            pipelined GETs from a client that read nothing grew a front end by 260 MB."""
+            if not self._dropping:
+                self._dropping = True
+                self.cycle.keep_alive = False  # (the newest kept, queued: it closes the connection)
+                log.info("a client pipelined more than %d requests behind the one being answered; the rest "
+                         "are dropped, and its connection closes once those are answered", MAX_PIPELINED)
 
         def _in_head(self) -> bool:
             conn = getattr(self, "conn", None)
@@ -1016,6 +1041,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             parser's reason and, where a header line is at fault, which one: uvicorn says
             only "Invalid HTTP request received" of a folded header, a NUL in a value, two
             Content-Lengths or a chunk size that overflows alike."""
+            if self._dropping:  # in what was dropped: nobody waits for its answer (the parser stops)
+                return
             # (httptools gives a header once the next one's name is read: one before the
             # fault is only in the piece's bytes)
             reason = msg.rstrip(".")
