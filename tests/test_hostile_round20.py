@@ -213,3 +213,36 @@ def test_requests_pipelined_past_the_room_are_dropped_and_the_connection_closes(
         grown = rss() - before
         s.close()
     assert grown < 16 << 20, f"the front end grew by {grown >> 20} MiB"
+
+
+# ------------------------------------------------------------ the proxy's prefix, twice
+
+
+@pytest.mark.parametrize("path, detail", [
+    ("/api/v1/functions", "/api is the prefix (ROOT_PATH) a proxy in front strips before passing requests on, and "
+                          "this request still has it (the proxy keeps it, or the request came past the proxy); "
+                          "without it the path is /v1/functions"),
+    ("/nowhere", "the API is under /api/v1/functions, its interactive docs at /api/docs"),
+])
+def test_a_path_that_still_has_the_proxys_prefix_is_told_so(path: str, detail: str) -> None:
+    """Served with ROOT_PATH=/api behind a proxy that strips it, a request that still
+    had the prefix (sent past the proxy, or through one that keeps it) was answered "no
+    route for GET /api/v1/functions; the API is under /api/v1/functions": the path it
+    asked for. It now says what is wrong. (The scope is uvicorn's with --root-path: the
+    path keeps the prefix and root_path names it.)"""
+    from jacobian_service.routes import ROUTES, Router
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "GET", "path": "/api" + path, "raw_path": ("/api" + path).encode(),
+             "root_path": "/api", "query_string": b"", "headers": [], "state": {"request_id": "r-1"}}
+    asyncio.run(Router(ROUTES)(scope, receive, send))
+    problem = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    assert (sent[0]["status"], problem["code"]) == (404, "not_found"), problem
+    assert problem["detail"] == f"no route for GET {path}" + (": " if path.startswith("/api") else "; ") + detail

@@ -758,8 +758,17 @@ class Router:
                         raise NotFound(f"no route for {method} {_printable(raw)}: an encoded '/' (%2F) is part of "
                                        "its path segment, never a separator, and no name holds one")
                     # A browser pointed at the address serve prints lands on "/": say where to go.
-                    prefix = _printable(scope.get("root_path", ""))
-                    raise NotFound(f"no route for {method} {_printable(route_path(scope))}; the API is under "
+                    root = scope.get("root_path", "")
+                    prefix, path = _printable(root), route_path(scope)
+                    if root and path.startswith(root.rstrip("/") + "/"):
+                        # The prefix twice (a client past the proxy, or a proxy that keeps
+                        # it): "the API is under /api/v1/functions" was said of a request
+                        # for /api/v1/functions itself.
+                        raise NotFound(f"no route for {method} {_printable(path)}: {prefix} is the prefix (ROOT_PATH) "
+                                       "a proxy in front strips before passing requests on, and this request still "
+                                       "has it (the proxy keeps it, or the request came past the proxy); without it "
+                                       f"the path is {_printable(path[len(root.rstrip('/')):])}")
+                    raise NotFound(f"no route for {method} {_printable(path)}; the API is under "
                                    f"{prefix}/v1/functions, its interactive docs at {prefix}/docs")
                 for route, params in matches:
                     if route.method == method or (method == "HEAD" and route.method == "GET"):
