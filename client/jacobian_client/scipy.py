@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import threading
 from typing import Any, Sequence
 
@@ -90,7 +91,9 @@ def remote_objective(
 
     ``argnum`` says which of the function's inputs the optimizer's ``x`` is; ``args``
     are the other inputs in order, held fixed. ``shape`` reshapes the flat ``x`` SciPy
-    works with into the input's shape (``jac`` is then flattened to match).
+    works with into the input's shape (``jac`` is then flattened to match). An output of
+    more than one dimension comes back flat from ``fun`` (C order), and ``jac`` is (output
+    elements) x (``x.size``): SciPy's solvers take vectors and matrices only.
     ``sparsity`` (``"auto"`` or a declared pattern's name): sparse Jacobians and Hessians.
     """
     return RemoteObjective(client, name, args=args, argnum=argnum, shape=shape, prefetch=prefetch,
@@ -250,8 +253,10 @@ class RemoteObjective:
                 return np.asarray(jac.toarray()).reshape(x.size)
             return jac
         jac = np.asarray(self._one_array(jac))
-        out_ndim = jac.ndim - (len(self.shape) if self.shape is not None else x.ndim)
-        return jac.reshape(jac.shape[:out_ndim] + (x.size,)) if self.shape is not None else jac
+        out_shape = jac.shape[: jac.ndim - len(self._x_shape(x))]
+        # SciPy's Jacobian is (output elements) x (x.size), as a sparse one is: an output of
+        # more dimensions (a grid) kept them, (h, w, x.size), which no solver takes
+        return jac.reshape(x.shape) if not out_shape else jac.reshape(math.prod(out_shape), *x.shape)
 
     # ----------------------------------------------------------------- SciPy callables
 
@@ -260,7 +265,7 @@ class RemoteObjective:
         x, inputs = self._inputs(x, args)
         value, jac = self._both(x, inputs, args)
         self._jacobian_asked(x, args)
-        return _fresh(value), _fresh(jac)
+        return _flat(_fresh(value)), _fresh(jac)
 
     def _both(self, x: np.ndarray, inputs: list[Any], args: tuple[Any, ...]) -> tuple[Any, np.ndarray]:
         """Value and Jacobian, the cached arrays themselves (callers hand out copies)."""
@@ -296,7 +301,7 @@ class RemoteObjective:
                 # says). A value that fails too raised above and changes nothing: a caller
                 # that turns such points into inf keeps prefetching elsewhere.
                 self.prefetch = False
-        return _fresh(value)
+        return _flat(_fresh(value))
 
     def jac(self, x: Any, *args: Any) -> np.ndarray:
         """The Jacobian at ``x`` (the gradient for a scalar function)."""
@@ -408,7 +413,8 @@ class RemoteObjective:
         x, inputs = self._inputs(x, args)
         value, _ = self._cached(x, args)
         if value is None:
-            value = self.fun(x, *args)
+            self.fun(x, *args)
+            value, _ = self._cached(x, args)  # the output's own shape, which the cotangents take
         out_shape = np.shape(value)
         v = np.asarray(v, dtype=np.float64)
         if v.size != int(np.prod(out_shape)):
@@ -461,6 +467,15 @@ _PAYS_EVERY = 4
 # would answer for another placement of x, silently. Anything else (auth, an unknown
 # function, an unavailable server) would fail the value too.
 _DERIVATIVE_ERRORS = (FunctionError, ResultTooLarge, Timeout, OutOfMemory)
+
+
+def _flat(value: Any) -> Any:
+    """A value as SciPy takes it: a float, or one vector. An output of more dimensions (a
+    grid, ``reaction_diffusion``'s ``(h, w)``) is flattened in C order, the order of the
+    Jacobian's rows: kept, ``least_squares`` refused it ("`fun` must return at most 1-d
+    array_like"), ``root`` too, and ``NonlinearConstraint`` failed deep in trust-constr
+    with an IndexError."""
+    return value.reshape(-1) if isinstance(value, np.ndarray) and value.ndim > 1 else value
 
 
 def _fresh(value: Any) -> Any:

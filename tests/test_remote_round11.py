@@ -1,0 +1,96 @@
+"""Remote functions inside the caller's torch, JAX and SciPy code, round 11: each case
+compared with the same computation in-process.
+
+One server: the session's ``jacobian-service serve`` subprocess (``cc``), shared with the
+other adapter test files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("jacobian_service.app")
+
+from jacobian_service import examples as ex  # noqa: E402
+
+from ._remote_support import cc, url  # noqa: E402,F401 (fixtures)
+
+
+# --------------------------------------------------------------------------- SciPy: a grid output
+
+
+def _grid_step(u: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``reaction_diffusion`` in-process as SciPy takes it: the value flat (C order) and its
+    Jacobian in closed form, ``I + dt (L + diag(1 - 2u))`` with ``L`` the 5-point Laplacian
+    (zero boundaries), (output elements) x (input elements)."""
+    h, w = shape
+    dt, n = 0.1, h * w
+    value = ex.reaction_diffusion(torch.from_numpy(u.reshape(shape))).numpy().reshape(n)
+    lap = -4.0 * np.eye(n)
+    for i in range(h):
+        for j in range(w):
+            for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                if 0 <= i + di < h and 0 <= j + dj < w:
+                    lap[i * w + j, (i + di) * w + j + dj] = 1.0
+    return value, np.eye(n) + dt * (lap + np.diag(1 - 2 * u))
+
+
+def test_scipy_solvers_take_a_function_whose_output_is_a_grid(cc):
+    """SciPy works with vectors: ``x`` flat, ``fun(x)`` one vector, ``jac(x)`` (output
+    elements) x (x.size). ``shape=`` made ``x`` a grid for the function, but an output
+    of more dimensions than one (``reaction_diffusion``'s ``(h, w)``, the service's own
+    example with a declared stencil sparsity) came back as it is: ``least_squares``
+    refused ``fun`` ("`fun` must return at most 1-d array_like. f0.shape: (3, 3)"),
+    ``root`` too ("mismatch between the input and output shape"), and trust-constr's
+    ``NonlinearConstraint`` failed deep inside SciPy with "IndexError: boolean index did
+    not match"; the dense ``jac`` was ``(3, 3, 9)`` where the sparse one was ``(9, 9)``.
+    Now each solve is the local one (flat value, closed-form Jacobian), step for step."""
+    so = pytest.importorskip("scipy.optimize")
+    sparse = pytest.importorskip("scipy.sparse")
+    from jacobian_client.scipy import remote_objective
+
+    shape = (3, 3)
+    u_true, u0 = np.linspace(0.1, 0.9, 9), np.full(9, 0.5)
+    target = _grid_step(u_true, shape)[0]
+
+    def local(u):
+        return _grid_step(u, shape)[0]
+
+    def local_jac(u):
+        return _grid_step(u, shape)[1]
+
+    def solves(fun, jac, hess, sparse_jac=False):
+        resid = lambda u: fun(u) - target  # noqa: E731
+        out = {"least_squares": so.least_squares(resid, u0, jac=jac)}
+        if not sparse_jac:  # MINPACK factors dense matrices only
+            out["root"] = so.root(resid, u0, jac=jac)
+        out["trust-constr"] = so.minimize(lambda u: float(u @ u), u0, jac=lambda u: 2 * u, method="trust-constr",
+                                          constraints=[so.NonlinearConstraint(fun, 0.2, 0.5, jac=jac, hess=hess)],
+                                          options={"maxiter": 15})
+        return out
+
+    def local_hess(u, v):  # only dt u (1 - u) is curved: v . H = diag(-2 dt v)
+        return np.diag(-0.2 * v)
+
+    rd = remote_objective(cc.client, "reaction_diffusion", shape=shape)
+    value, jac = rd.fun(u0), rd.jac(u0)
+    assert value.shape == (9,) and jac.shape == (9, 9)
+    np.testing.assert_allclose(value, local(u0), rtol=1e-12)
+    np.testing.assert_allclose(jac, local_jac(u0), rtol=1e-12, atol=1e-15)
+    v, J = rd.fun_and_jac(u0 + 0.1)
+    np.testing.assert_allclose(v, local(u0 + 0.1), rtol=1e-12)
+    np.testing.assert_allclose(J, local_jac(u0 + 0.1), rtol=1e-12, atol=1e-15)
+    stencil = remote_objective(cc.client, "reaction_diffusion", shape=shape, sparsity="stencil")
+    for remote_fns, local_fns, is_sparse in (
+            ((rd.fun, rd.jac, rd.constraint_hess), (local, local_jac, local_hess), False),
+            ((stencil.fun, stencil.jac, stencil.constraint_hess),
+             (local, lambda u: sparse.csr_array(local_jac(u)), local_hess), True)):
+        got, want = solves(*remote_fns, sparse_jac=is_sparse), solves(*local_fns, sparse_jac=is_sparse)
+        for method in want:
+            g, w = got[method], want[method]
+            assert (g.success, g.nfev) == (w.success, w.nfev), method
+            np.testing.assert_allclose(g.x, w.x, rtol=1e-9, atol=1e-12, err_msg=method)
+        np.testing.assert_allclose(got["least_squares"].x, u_true, rtol=1e-6)
+    cc.take()
