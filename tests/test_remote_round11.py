@@ -94,3 +94,61 @@ def test_scipy_solvers_take_a_function_whose_output_is_a_grid(cc):
             np.testing.assert_allclose(g.x, w.x, rtol=1e-9, atol=1e-12, err_msg=method)
         np.testing.assert_allclose(got["least_squares"].x, u_true, rtol=1e-6)
     cc.take()
+
+
+# --------------------------------------------------------------------------- torch: forward mode in some inputs
+
+
+def test_forward_mode_asks_only_for_the_inputs_it_differentiates(cc):
+    """torch gave the remote function's jvp a tangent of zeros for every floating input
+    forward mode did not differentiate (a model's weights beside the ``x`` of ``jvp`` /
+    ``jacfwd``: autograd materializes them), so each counted as differentiated: the jvp
+    request (a batched jacobian under ``vmap``) asked for them all, and a parameter
+    holding an integer leaf beside them was refused, ``torch.func.jvp`` in ``x`` alone of
+    ``tree_int({"w": w, "k": 2}, x)`` a 422 ("a derivative in some leaves of input 0 ...
+    leaf 0['k'] is int64"), where in-process it works; ``jacfwd`` in ``x`` of a 32 x 64
+    ``dense_layer`` sent 1.1 MB of zero weight tangents for 50 KB. Now those inputs have
+    no tangent (None) and only ``x`` is asked for, with torch's numbers; the backward
+    pass, whose unused outputs' cotangents were materialized the same way, fills them."""
+    from . import pytree_functions as pf
+    from jacobian_client.torch import remote
+
+    f = torch.func
+    tree_int = remote(cc.client, "tree_int")
+    w, x, t = (torch.tensor(v, dtype=torch.float64) for v in ([0.5, 1.5], [2.0, -1.0], [1.0, 0.25]))
+    ks = torch.tensor([1, 2, 3])
+
+    def cases(fn):
+        at = lambda k: (lambda z: fn({"w": w, "k": k}, z))  # noqa: E731
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.unpack_dual(at(ks[1])(torch.autograd.forward_ad.make_dual(x, t))).tangent
+        return (f.jvp(at(ks[1]), (x,), (t,)), f.jacfwd(at(ks[1]))(x), dual,
+                f.vmap(lambda k: f.jvp(at(k), (x,), (t,)))(ks))
+
+    cc.take()
+    got, want = cases(tree_int), cases(pf.tree_int)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert cc.take() == ["evaluate", "jvp"] * 2 + ["evaluate", "jvp+batched_vectors", "evaluate+batched",
+                                                    "jacobian+batched"]
+
+    # what the jvp carries: the tangents of x alone, not zeros for each weight
+    sent: list[tuple[str, int]] = []
+    cc.client._http.event_hooks["request"].append(lambda r: sent.append((r.url.path.rsplit("/", 1)[-1], len(r.content))))
+    layer = remote(cc.client, "dense_layer")
+    g = torch.Generator().manual_seed(11)
+    params = {"w": torch.randn(32, 64, dtype=torch.float64, generator=g),
+              "b": torch.randn(32, dtype=torch.float64, generator=g)}
+    x = torch.randn(64, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(f.jacfwd(layer, argnums=1)(params, x), f.jacfwd(ex.dense_layer, argnums=1)(params, x),
+                               rtol=1e-12, atol=1e-12)
+    (_, evaluated), (kind, carried) = sent
+    assert kind == "jvp" and carried < evaluated + 2 * 64 * 64 * 8, sent  # was 1116376 bytes
+
+    # a backward pass using one of two outputs: the other's cotangent, zeros
+    polar = remote(cc.client, "polar")
+    r, theta = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([0.1, 0.2], dtype=torch.float64)
+    for fn in (polar, ex.polar):
+        a, b = r.clone().requires_grad_(), theta.clone().requires_grad_()
+        fn(a, b)[1].pow(2).sum().backward()
+        sent.append((a.grad, b.grad))
+    torch.testing.assert_close(sent[-2], sent[-1], rtol=1e-12, atol=1e-12)

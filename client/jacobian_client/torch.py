@@ -447,6 +447,13 @@ class _RemoteFunction(torch.autograd.Function):
         ctx.save_for_forward(*tensors)
         if len(output) > spec.n_out:
             ctx.mark_non_differentiable(*output[spec.n_out:])
+        # None, not zeros, for the tangent of an input forward mode does not differentiate (a
+        # model's weights beside the x of jvp / jacfwd): materialized, every floating input
+        # looked differentiated, and the jvp (a batched jacobian under vmap) was asked for
+        # them all, zero tangents sent (jacfwd in x of a 32 x 64 layer: 1.1 MB for 50 KB),
+        # and a parameter beside them holding an integer leaf refused with a 422
+        ctx.set_materialize_grads(False)
+        ctx.out_meta = [(o.shape, o.dtype) for o in output[: spec.n_out]]
 
     @staticmethod
     def _inputs(ctx: Any) -> list[Any]:
@@ -475,7 +482,11 @@ class _RemoteFunction(torch.autograd.Function):
         if not argnums:
             return (None,) * (1 + len(xs))
         spec: _Spec = ctx.spec
-        cotangents = grads[: spec.n_out]  # materialized by autograd: zeros for unused outputs
+        if all(g is None for g in grads[: spec.n_out]):
+            return (None,) * (1 + len(xs))
+        device = _device(xs)  # an unused output's cotangent: zeros (the vjp takes one per output)
+        cotangents = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                      for g, (shape, dtype) in zip(grads, ctx.out_meta)]
         results = _RemoteLinear.apply(_RemoteFunction._linear(ctx, "vjp", argnums, xs), *xs, *cotangents)
         # a shared input's gradient is its examples' sum (vmap's own expand would have summed it)
         by_input = {i: r.sum(dim=tuple(range(spec.batch_ndim))) if spec.batch_ndim and _is_shared(spec.shared, i) else r
