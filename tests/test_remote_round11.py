@@ -152,3 +152,42 @@ def test_forward_mode_asks_only_for_the_inputs_it_differentiates(cc):
         fn(a, b)[1].pow(2).sum().backward()
         sent.append((a.grad, b.grad))
     torch.testing.assert_close(sent[-2], sent[-1], rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- JAX: x64 switched on later
+
+
+def test_jax_dtypes_follow_x64_as_it_is_when_the_call_is_traced(cc):
+    """JAX canonicalizes dtypes when a function is traced (float64 is float32 while
+    ``jax_enable_x64`` is off); the adapter did so once, when ``remote()`` was made or a
+    signature's shapes were learned. So a module-level ``remote(client, name,
+    out_shape=ShapeDtypeStruct((2,), float64))`` made before the program switched x64 on
+    cut every later result to float32 (``jit(arm)(q)`` float32, 1e-7 off), and a
+    float64 function called once with x64 off answered float32 after it was switched
+    on. Now each call takes x64 as it is: float64 then, equal to torch's float64."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    from jacobian_client.jax import remote
+
+    from . import user_functions as uf
+
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        arm = remote(cc.client, "planar_arm", out_shape=jax.ShapeDtypeStruct((2,), jnp.float64))
+        solve = remote(cc.client, "solve")  # float64 inputs declared: computed and answered in float64
+        q, a, b = [0.3, -0.2, 0.123456789012345], [[2.0, 0.5], [0.1, 3.0]], [1.0, 2.0]
+        assert jax.jit(arm)(jnp.asarray(q)).dtype == jnp.float32  # as JAX gives float64 without x64
+        assert solve(jnp.asarray(a), jnp.asarray(b)).dtype == jnp.float32
+        jax.config.update("jax_enable_x64", True)
+        got = jax.jit(arm)(jnp.asarray(q, jnp.float64))
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(got, ex.planar_arm(torch.tensor(q, dtype=torch.float64)).numpy(), rtol=1e-14)
+        a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)  # the signature learned above
+        for x in (solve(a32, b32), jax.jit(solve)(a32, b32)):
+            assert x.dtype == jnp.float64
+            np.testing.assert_allclose(x, uf.solve(torch.tensor(np.asarray(a32), dtype=torch.float64),
+                                                   torch.tensor(np.asarray(b32), dtype=torch.float64)).numpy(),
+                                       rtol=1e-14)
+    finally:
+        jax.config.update("jax_enable_x64", before)

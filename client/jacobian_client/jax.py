@@ -50,7 +50,8 @@ for its forward; only under ``jit``, where inputs are abstract, at zeros of thos
 (a *probe*; pass ``out_shape=`` to skip it, or make one call outside ``jit`` first). A
 function that cannot take zeros (``1/x``, a Cholesky factor) then fails with its own error
 class, the message saying it was the probe. Outputs come back in the dtype the service
-computed in, canonicalised for JAX (float64 needs ``jax_enable_x64``), except that inputs
+computed in, canonicalised for JAX as the call is traced (float64 needs ``jax_enable_x64``, as it
+is then: not when ``remote()`` was made), except that inputs
 all bfloat16 (which the service computes in float32) or all float16 get their dtype back,
 as jax would give it; a result whose shape is not the one learned raises rather than
 being reshaped.
@@ -94,7 +95,11 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
     applies to every input signature)."""
     base_ops = _Ops(client, name)
     known: dict[Any, _Shapes] = {}
-    given = None if out_shape is None else _shapes_from_struct(out_shape)
+    # out_shape's dtypes, and the shapes learned, as JAX canonicalizes them when the call is
+    # traced (float64 is float32 without x64), not when remote() was made: a module-level
+    # remote(..., out_shape=float64) made before jax_enable_x64 was switched on cut every
+    # later result to float32, silently (and shapes learned with x64 off held after it)
+    given: dict[bool, _Shapes] = {}
 
     def fn(*inputs: Any, **named: Any) -> Any:
         inputs = base_ops.bind(inputs, named)  # by name too: the names asked once, on the first keyword call
@@ -103,9 +108,12 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
         leaves, layout = split_params(inputs)
         ops = base_ops.for_layout(layout, base_ops.names_of(named))  # a keyword call goes by name (torch's remote)
         arrays = [jnp.asarray(x) if not isinstance(x, jax_core.Tracer) else x for x in leaves]
-        key = (layout, *((tuple(a.shape), jnp.dtype(a.dtype).name) for a in arrays))
+        x64 = bool(jax.config.jax_enable_x64)
+        key = (layout, x64, *((tuple(a.shape), jnp.dtype(a.dtype).name) for a in arrays))
         traced = any(isinstance(a, jax_core.Tracer) for a in arrays)
-        shapes = given or known.get(key)
+        if out_shape is not None and x64 not in given:
+            given[x64] = _shapes_from_struct(out_shape)
+        shapes = given.get(x64) or known.get(key)
         if shapes is None:
             values, whole = _values_of(arrays)
             if values is not None:
