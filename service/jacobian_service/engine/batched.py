@@ -18,7 +18,7 @@ from ..types import Call, Result
 from .shapes import span
 from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
 from .hessian import CHECK_ELEMENTS, STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, hvp_misses, with_output
-from .products import agrees_with_reverse
+from .products import agrees_with_reverse, reverse_misses
 from . import vmap_dims as _dims
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
                 raise
     if kind == "hessian" and len(attempts) > 1:
         profile.hessian[("per example", call.signature())] = mode
-    if kind == "jacobian" and batch and not _vmap_rows_agree(engine, call, value, rows_loop):
+    if kind == "jacobian" and batch and not _vmap_rows_agree(engine, call, value, rows_loop, first):
         rows_loop = True  # torch's vmap of the pullback is wrong for these shapes: row by row
         (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, what=kind)
     if kind == "jacobian" and rows_loop:
@@ -150,24 +150,54 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, used, mode)
 
 
-def _vmap_rows_agree(engine: "Engine", call: Call, value: Any, rows_loop: bool) -> bool:
-    """Whether ``jacrev``'s rows under ``vmap`` are right for this signature and
-    ``chunk_size``: torch's vmap of a pullback can be silently wrong for some shapes
-    (products.vmap_agrees), so the first example's Jacobian is checked against one
-    VJP (products.agrees_with_reverse), once per signature and chunk size."""
+def _vmap_rows_agree(engine: "Engine", call: Call, value: Any, rows_loop: bool, first: Any) -> bool:
+    """Whether ``jacrev``'s rows under ``vmap`` are right for every example of this
+    request: torch's vmap of a pullback can be silently wrong (products.vmap_agrees), for
+    some shapes and, at the same shapes, for some values and not others. cdist's pullback
+    is wrong where two points coincide (x = [0, 1]: 1.0 off), and right where all do
+    (x = [0, 0]): the first example, checked once per signature and chunk size, said
+    nothing of the others, nor of later requests, which were answered 1.0 off with a 200.
+    So every example's Jacobian is checked against one VJP of its own at its own inputs
+    (products.reverse_misses), every request, all in one vmap over the examples (a
+    fraction of the Jacobian's cost: one pullback a example against one per row); where
+    that vmap cannot run, example by example (products.agrees_with_reverse)."""
     if rows_loop:
         return True
-    checked = engine.profiles[call.spec.name].vmap_checked
-    key = ("per example", call.signature(batched=True), call.chunk_size)
-    if key not in checked:
-        g, primals = differentiable(AuxBox(call.spec), _dims.example(engine.tensors(call), _dims.dims(call), 0), call)
-        try:
-            checked[key] = agrees_with_reverse(g, primals, pytree.tree_map(lambda t: t[0], value))
-        except ServiceError:
+    args, in_dims = engine.tensors(call), _dims.dims(call)
+    batch = _dims.batch_size(args, in_dims)
+    return not engine.guard(lambda: _vjp_misses(engine, call, args, in_dims, value, batch, first))
+
+
+def _vjp_misses(engine: "Engine", call: Call, args: list[torch.Tensor], in_dims: Sequence[int | None], value: Any,
+                batch: int, first: Any) -> bool:
+    """Whether an example's Jacobian in ``value`` is not ``v^T J`` of one VJP of its
+    own (random positive ``v`` per example, shaped like ``first``, one example's output)."""
+    outs, out_spec = pytree.tree_flatten(first)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = [(torch.rand((batch, *o.shape), generator=gen, dtype=torch.float64) + 0.5).to(o.device, o.dtype) for o in outs]
+
+    def pulled(example: list[torch.Tensor], v_b: list[torch.Tensor]) -> Any:
+        g, primals = differentiable(AuxBox(call.spec), example, call)
+        _, pullback, _ = torch.func.vjp(g, *primals, has_aux=True)
+        return pullback(pytree.tree_unflatten(v_b, out_spec))
+
+    try:
+        rev = pytree.tree_leaves(torch.func.vmap(pulled, in_dims=(list(in_dims), 0))(args, v))  # (fresh copies)
+    except Exception as exc:  # vmap cannot run it: each example alone
+        if is_oom(exc) or isinstance(exc, ServiceError):
             raise
-        except Exception:  # no verdict (a block torch keeps without storage): vmap's answer stands
-            checked[key] = True
-    return bool(checked.get(key))
+        values = [pytree.tree_map(lambda t: t[b], value) for b in range(batch)]
+        for b in range(batch):
+            call.check_alive()
+            g, primals = differentiable(AuxBox(call.spec), _dims.example(engine.tensors(call), in_dims, b), call)
+            if not agrees_with_reverse(g, primals, values[b]):
+                return True
+        return False
+    blocks = pytree.tree_leaves(value)
+    if len(blocks) != len(outs) * len(rev):
+        return True
+    eps = torch.finfo(outs[0].dtype).eps if outs and outs[0].is_floating_point() else 0.0
+    return bool(reverse_misses(v, blocks, rev, eps, batch).any())
 
 
 def _hessian_agrees_with_hvp(engine: "Engine", call: Call, value: Any) -> bool:

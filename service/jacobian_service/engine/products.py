@@ -10,6 +10,7 @@ against one VJP).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 import torch
@@ -18,7 +19,7 @@ from torch.utils import _pytree as pytree
 from ..errors import ServiceError
 from .calling import changed_between_calls, fresh, function_error, is_oom
 
-__all__ = ["agrees_with_reverse", "one_agrees", "over_vectors", "rng_replay", "vmap_agrees"]
+__all__ = ["agrees_with_reverse", "one_agrees", "over_vectors", "reverse_misses", "rng_replay", "vmap_agrees"]
 
 log = logging.getLogger("jacobian_service.engine")
 
@@ -217,19 +218,39 @@ def agrees_with_reverse(g: Callable[..., Any], primals: tuple[Any, ...], jac: An
         if is_oom(exc) or not isinstance(exc, Exception):  # SystemExit is still the function's error
             raise function_error(exc) from None
         return False
-    blocks = [b.detach().to("cpu", torch.float64) for b in pytree.tree_leaves(jac)]  # (output, parameter leaf)
+    blocks = [b.detach() for b in pytree.tree_leaves(jac)]  # (output, parameter leaf)
     n = len(rev)
     if len(blocks) != len(outs) * n or any(
             tuple(blocks[i * n + j].shape) != (*outs[i].shape, *rev[j].shape) for i in range(len(outs)) for j in range(n)):
         raise changed_between_calls("output")
+    eps = torch.finfo(outs[0].dtype).eps if outs and outs[0].is_floating_point() else 0.0
+    return not bool(reverse_misses([vi[None] for vi in v], [b[None] for b in blocks], [r[None] for r in rev], eps, 1).any())
+
+
+def reverse_misses(v: list[torch.Tensor], blocks: list[torch.Tensor], rev: list[torch.Tensor], eps: float,
+                   batch: int) -> torch.Tensor:
+    """For each of ``batch`` examples (the first dimension of every tensor): whether
+    ``v^T J`` of its Jacobian (``blocks``, output leaf by parameter leaf, as a pytree of
+    Jacobians flattens) misses its VJP ``rev`` of the cotangents ``v`` (positive, so
+    that ``v^T |J|`` bounds round-off) beyond round-off of ``eps`` (the output dtype's).
+    NaN against NaN and an infinity against the same agree; NaN against a number does
+    not. Read in float64 on the CPU, a block at a time. (agrees_with_reverse's one
+    example, batched.py's examples of a per-example Jacobian.)"""
+    n = len(rev)
+    off = torch.zeros(batch, dtype=torch.bool)
+    sizes = [math.prod(r.shape[1:]) for r in rev]
+    v64 = [x.detach().to("cpu", torch.float64).reshape(batch, 1, math.prod(x.shape[1:])) for x in v]
     for j, r in enumerate(rev):
-        fwd = sum(torch.tensordot(vi, blocks[i * n + j], dims=vi.dim()) for i, vi in enumerate(v))
-        scale = sum(torch.tensordot(vi, blocks[i * n + j].abs(), dims=vi.dim()) for i, vi in enumerate(v))
-        eps = torch.finfo(outs[0].dtype).eps if outs and outs[0].is_floating_point() else 0.0
-        tol = min(256 * eps, 1e-2) * (scale + fwd.abs()) + torch.finfo(torch.float64).tiny
-        same = (fwd - r).abs() <= tol
-        same |= torch.isnan(fwd) & torch.isnan(r)
-        same |= torch.isinf(fwd) & (fwd == r)
-        if not bool(same.all()):
-            return False
-    return True
+        want = r.detach().to("cpu", torch.float64).reshape(batch, sizes[j])
+        mine, scale = torch.zeros_like(want), torch.zeros_like(want)
+        for i, vi in enumerate(v64):
+            b = blocks[i * n + j].detach().to("cpu", torch.float64).reshape(batch, vi.shape[2], sizes[j])
+            mine += torch.bmm(vi, b).squeeze(1)
+            scale += torch.bmm(vi, b.abs()).squeeze(1)
+        same = (mine - want).abs() <= min(256 * eps, 1e-2) * (scale + mine.abs()) + torch.finfo(torch.float64).tiny
+        if bool(same.all()):  # (the common case: no NaN or infinity to look at)
+            continue
+        same |= torch.isnan(mine) & torch.isnan(want)
+        same |= torch.isinf(mine) & (mine == want)
+        off |= ~same.all(dim=1)
+    return off
