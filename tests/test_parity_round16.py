@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import httpx
 import numpy as np
 import pytest
 import torch
+from jacobian_client import Client, wire
+from jacobian_client.torch import remote
 from torch.func import jacrev, vmap
 
 from . import parity16_functions as F
-from .conftest import ready_app
+from .conftest import ready_app, torch_tree
 from .test_parity_round7 import answer, post, same, t
 
 
@@ -57,3 +60,64 @@ def test_every_example_of_a_per_example_jacobian_is_checked(c):
     answer(post(c, "self_distances_later", "jacobian", [np.zeros((2, 2))], batched=True), "jacobian")
     got, _ = answer(post(c, "self_distances_later", "jacobian", [later], batched=True), "jacobian")
     same(got, torch.stack([jacrev(f, chunk_size=1)(x) for x in t(later)]), rtol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def sdk(c) -> Iterator[Client]:
+    """The SDK over the module's app (no socket)."""
+
+    def forward(request: httpx.Request) -> httpx.Response:
+        r = c.request(request.method, str(request.url.copy_with(scheme="http", host="testserver", port=None)),
+                      content=request.content, headers=dict(request.headers))
+        headers = {k: v for k, v in r.headers.items() if k.lower() not in ("content-encoding", "transfer-encoding")}
+        return httpx.Response(r.status_code, headers=headers, content=r.content)
+
+    with Client("http://sdk.test", http_transport=httpx.MockTransport(forward), max_retries=0) as client:
+        yield client
+
+
+def test_an_output_of_shared_inputs_alone_is_unbatched_under_vmap(c, sdk):
+    """test_vmap.py's out_dims=None (test_out_dims_none, test_nested_out_dims): an output
+    that depends on no batched input is unbatched under vmap, and out_dims=None takes it.
+    The SDK's torch adapter said every output of a remote function was batched, so
+    vmap(remote(f), in_dims=(0, None), out_dims=(0, None)) raised torch's "can not return
+    a BatchedTensor when out_dim is None" where vmap(f, ...) answers; per-example evaluate
+    requests now say which outputs torch's vmap left unbatched (meta.unbatched), JSON and
+    .npz alike."""
+    xs, w = np.arange(6.0).reshape(3, 2) - 2, np.array([0.5, -1.5])
+    body = {"inputs": [xs.tolist(), w.tolist()], "batched": True, "in_dims": [0, None]}
+    r = c.post("/v1/functions/scaled_and_weight/evaluate", json=body)
+    assert r.status_code == 200 and r.json()["meta"]["unbatched"] == [False, True], r.text
+    r = c.post("/v1/functions/scaled_and_weight/evaluate", json=body, headers={"Accept": "application/x-npz"})
+    assert r.status_code == 200 and wire.read_result_npz(r.content)[1]["unbatched"] == [False, True]
+    r = c.post("/v1/functions/scaled_and_weight/evaluate", json={**body, "in_dims": 0, "inputs": [xs.tolist()] * 2})
+    assert r.json()["meta"]["unbatched"] == [False, False]
+    assert "unbatched" not in c.post("/v1/functions/scaled_and_weight/evaluate",
+                                     json={"inputs": [w.tolist(), w.tolist()]}).json()["meta"]
+
+    f = remote(sdk, "scaled_and_weight")
+    for out_dims in ((0, None), 0, (None, None), (1, None)):
+        try:
+            want = vmap(F.scaled_and_weight, in_dims=(0, None), out_dims=out_dims)(t(xs), t(w))
+        except ValueError as exc:
+            with pytest.raises(ValueError, match="out_dim is None"):
+                vmap(f, in_dims=(0, None), out_dims=out_dims)(t(xs), t(w))
+            assert "out_dim is None" in str(exc)
+            continue
+        same(torch_tree(vmap(f, in_dims=(0, None), out_dims=out_dims)(t(xs), t(w))), want, rtol=1e-12)
+    # nested: the inner vmap maps x, the outer nothing of w either
+    xss = np.arange(12.0).reshape(2, 3, 2)
+    nested = vmap(vmap(f, in_dims=(0, None), out_dims=(0, None)), in_dims=(0, None), out_dims=(0, None))
+    want = vmap(vmap(F.scaled_and_weight, in_dims=(0, None), out_dims=(0, None)), in_dims=(0, None),
+                out_dims=(0, None))(t(xss), t(w))
+    same(torch_tree(nested(t(xss), t(w))), want, rtol=1e-12)
+    # derivatives through it: the unbatched output's gradient counted once, not per example
+    wt = t(w).requires_grad_()
+    a, b = vmap(f, in_dims=(0, None), out_dims=(0, None))(t(xs), wt)
+    (a.sum() + b.sum()).backward()
+    w_ref = t(w).requires_grad_()
+    a, b = vmap(F.scaled_and_weight, in_dims=(0, None), out_dims=(0, None))(t(xs), w_ref)
+    (a.sum() + b.sum()).backward()
+    same(torch_tree(wt.grad), w_ref.grad, rtol=1e-12)
+    same(torch_tree(vmap(jacrev(lambda x, w: f(x, w)[0]), in_dims=(0, None))(t(xs), t(w))),
+         vmap(jacrev(lambda x, w: F.scaled_and_weight(x, w)[0]), in_dims=(0, None))(t(xs), t(w)), rtol=1e-12)

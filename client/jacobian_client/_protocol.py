@@ -971,18 +971,20 @@ class Protocol:
                     raise TypeError(f"expected a JSON object as the {call.kind} response")
                 return doc
             key = RESULT_KEY[call.kind]
+            meta: Any = {}
             if ctype == wire.NPY:
                 trees = {key: wire.read_npy(body, self._limits)}
             elif ctype == wire.NPZ and wire.is_sparse_npz(body, self._limits):
-                matrix, trees, _meta = wire.read_sparse_result_npz(body, self._limits)
+                matrix, trees, meta = wire.read_sparse_result_npz(body, self._limits)
                 trees[key] = matrix
             elif ctype == wire.NPZ:
-                trees, _meta = wire.read_result_npz(body, self._limits)
+                trees, meta = wire.read_result_npz(body, self._limits)
             elif ctype in (wire.JSON, ""):
                 doc = wire.loads(body)
                 if not isinstance(doc, dict):
                     raise wire.WireError("a JSON result is an object")
                 trees = {k: wire.decode_tree(doc[k], tuple, self._limits) for k in (key, "output", "aux") if k in doc}
+                meta = doc.get("meta", {})
             else:
                 raise TransportError(f"unexpected response Content-Type {ctype!r}")
         except (wire.WireError, KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -998,13 +1000,14 @@ class Protocol:
                 _check_arrays(trees[part], f"the {call.kind} response's {part!r}")
         if call.expect is not None:
             call.expect.check_tree(trees[key])
-        return self._assemble(call, _writable(trees))
+        return self._assemble(call, _writable(trees), meta if isinstance(meta, dict) else {})
 
     @staticmethod
-    def _assemble(call: Call, trees: Mapping[str, Any]) -> Any:
+    def _assemble(call: Call, trees: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> Any:
         key = RESULT_KEY[call.kind]
         if call.parts:
-            named = {"value": trees[key], "aux": trees.get("aux")}
+            # meta too, for the adapters: a per-example evaluate's "unbatched" (torch's vmap rule)
+            named = {"value": trees[key], "aux": trees.get("aux"), "meta": meta or None}
             if key != "output" and "output" in trees:
                 named["output"] = trees["output"]
             return {k: v for k, v in named.items() if k == "value" or v is not None}

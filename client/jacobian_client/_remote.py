@@ -210,6 +210,10 @@ class Evaluated:
     out_tree: Tree
     aux: list[Any]  # leaves of one example's aux tree: arrays and plain values (numbers are arrays when batched)
     aux_tree: Tree | None  # None: the function has no aux
+    # per output leaf, whether the batch left it unbatched: it depends on no batched input, as
+    # the service's vmap found (meta.unbatched; its examples are equal). None: not known (no
+    # batch, the examples ran one by one, an empty batch); every output batched then
+    unbatched: list[bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -371,7 +375,9 @@ class RemoteOps:
                 aux = _example_leaves(parts["aux"], aux_tree, batch_shape, self.name)
         else:
             aux_tree = None
-        ev = Evaluated(outputs, out_tree, aux, aux_tree)
+        flags = (parts.get("meta") or {}).get("unbatched") if batched else None
+        unbatched = [bool(f) for f in flags] if isinstance(flags, list) and len(flags) == len(outputs) else None
+        ev = Evaluated(outputs, out_tree, aux, aux_tree, unbatched)
         self._remember(signature, _Template.of(ev, batch_ndim))
         return ev
 

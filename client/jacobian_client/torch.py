@@ -220,10 +220,11 @@ class _Spec:
     aux_tree: Tree | None = None
     aux_plain: list[Any] = field(default_factory=list)  # aux leaves: None where a tensor output holds it
     out_dtypes: list[torch.dtype] = field(default_factory=list)
+    unbatched: tuple[bool, ...] = ()  # per output, under a batch: it depends on no batched input (vmap)
 
     def learn(self, other: _Spec) -> None:
         self.out_tree, self.n_out, self.aux_tree = other.out_tree, other.n_out, other.aux_tree
-        self.aux_plain, self.out_dtypes = other.aux_plain, other.out_dtypes
+        self.aux_plain, self.out_dtypes, self.unbatched = other.aux_plain, other.out_dtypes, other.unbatched
 
     def rebuild(self, flat: Sequence[torch.Tensor]) -> Any:
         assert self.out_tree is not None
@@ -431,6 +432,7 @@ class _RemoteFunction(torch.autograd.Function):
         outputs = [_result(o, device, low) for o in ev.outputs]
         spec.out_tree, spec.n_out = ev.out_tree, len(outputs)
         spec.out_dtypes = [o.dtype for o in outputs]
+        spec.unbatched = tuple(ev.unbatched or ())
         spec.aux_tree = ev.aux_tree
         spec.aux_plain = [None if isinstance(a, np.ndarray) else a for a in ev.aux]
         aux = [_result(a, device, low) for a in ev.aux if isinstance(a, np.ndarray)]
@@ -520,7 +522,15 @@ class _RemoteFunction(torch.autograd.Function):
         inner = replace(spec, batch_ndim=spec.batch_ndim + 1, shared=shared)
         out = _RemoteFunction.apply(inner, *batched)
         spec.learn(inner)
-        return out, (0,) * len(out)
+        # An output that depends on no batched input (shared weights' alone, a constant) is
+        # unbatched, as torch's vmap leaves it for f in-process: vmap(f, in_dims=(0, None),
+        # out_dims=(0, None)) takes it. Said batched, torch raised "can not return a
+        # BatchedTensor when out_dim is None" for the remote f. The service's vmap says
+        # which (meta.unbatched: depending on no input batched at any level, so at this one);
+        # the examples are equal, and this level's dimension, in front, goes.
+        flags = inner.unbatched
+        dims = tuple(None if k < len(flags) and flags[k] else 0 for k in range(len(out)))
+        return tuple(o[0] if d is None else o for o, d in zip(out, dims)), dims
 
 
 class _RemoteLinear(torch.autograd.Function):

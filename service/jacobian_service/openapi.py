@@ -101,6 +101,9 @@ _COMPONENTS: dict[str, Any] = {
             "mode": {"type": ["string", "null"], "description": "rev / fwd / bidirectional / symmetric (Jacobians), star or acyclic (sparse Hessians), or the Hessian strategy"},
             "queue_ms": {"type": "number"},
             "compute_ms": {"type": "number"},
+            "unbatched": {"type": "array", "items": {"type": "boolean"},
+                          "description": "per-example evaluate: per output array, whether torch's vmap left it unbatched "
+                                         "(it depends on no batched input); absent where the examples ran one by one"},
             # sparse results only (sparsity other than dense)
             "sparsity": {"type": "string", "description": "what the request asked: auto or a declared name"},
             "pattern": {"type": "string", "description": "the pattern's name"},

@@ -147,6 +147,9 @@ class Result:
     chunk_size: int | None = None
     mode: str | None = None
     sparse_meta: dict[str, Any] | None = None  # how a sparse result was computed (meta)
+    # per-example evaluate: per output leaf, whether torch's vmap left it unbatched (it depends on
+    # no batched input: meta.unbatched); None where the examples ran one by one
+    unbatched: list[bool] | None = None
 
     def nbytes(self) -> int:
         """Bytes the response will carry at least (value, aux and output): every array,

@@ -24,7 +24,7 @@ from . import vmap_dims as _dims
 if TYPE_CHECKING:
     from .core import Engine
 
-__all__ = ["batched", "over_examples", "run_batch", "take"]
+__all__ = ["UnbatchedOutputs", "batched", "over_examples", "run_batch", "take"]
 
 
 def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) -> Result:
@@ -372,6 +372,29 @@ def over_examples(
     except (RuntimeError, ValueError, TypeError):  # x[x > 0], or results that follow a call count
         raise FunctionError("the function's results for the examples differ in shape or structure, so they cannot be "
                             "stacked into one batched answer") from None
+
+
+class UnbatchedOutputs:
+    """A function under ``vmap`` over examples that notes which of its output leaves
+    torch's vmap leaves unbatched: those that depend on no batched input (an output of
+    shared weights alone, a constant), which ``vmap(f, out_dims=None)`` takes and the
+    answer carries expanded over the examples (``flags``, ``meta.unbatched``). A remote
+    function under torch's vmap (the SDK's adapter) answers them unbatched, as torch
+    does f: it said every output was batched, and ``vmap(remote(f), in_dims=(0, None),
+    out_dims=(0, None))`` raised torch's "can not return a BatchedTensor when out_dim is
+    None" where ``vmap(f, ...)`` answers. Only what vmap ran says so: where the examples
+    run one by one (the inputs are plain tensors then), ``flags`` stays None."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.flags: list[bool] | None = None
+
+    def __call__(self, *example: Any) -> Any:
+        out, aux = self.fn(*example)
+        if any(isinstance(x, torch.Tensor) and torch._C._functorch.is_batchedtensor(x) for x in example):
+            self.flags = [not (isinstance(leaf, torch.Tensor) and torch._C._functorch.is_batchedtensor(leaf))
+                          for leaf in pytree.tree_leaves(out)]
+        return out, aux
 
 
 def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result]:
