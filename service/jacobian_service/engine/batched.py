@@ -16,7 +16,8 @@ from torch.utils import _pytree as pytree
 from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
 from ..types import Call, Result
 from .shapes import span
-from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
+from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, check_floating, differentiable, fresh,
+                      function_error, is_oom)
 from .hessian import CHECK_ELEMENTS, STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, hvp_misses, with_output
 from .products import agrees_with_reverse, reverse_misses
 from . import vmap_dims as _dims
@@ -193,9 +194,10 @@ def _vjp_misses(engine: "Engine", call: Call, args: list[torch.Tensor], in_dims:
             if not agrees_with_reverse(g, primals, values[b]):
                 return True
         return False
-    blocks = pytree.tree_leaves(value)
-    if len(blocks) != len(outs) * len(rev):
-        return True
+    blocks, n = pytree.tree_leaves(value), len(rev)
+    if len(blocks) != len(outs) * n or any(tuple(blocks[i * n + j].shape) != (batch, *outs[i].shape, *rev[j].shape[1:])
+                                           for i in range(len(outs)) for j in range(n)):
+        raise changed_between_calls("output")  # (a function whose output follows a call count)
     eps = torch.finfo(outs[0].dtype).eps if outs and outs[0].is_floating_point() else 0.0
     return bool(reverse_misses(v, blocks, rev, eps, batch).any())
 
