@@ -62,6 +62,46 @@ def test_every_example_of_a_per_example_jacobian_is_checked(c):
     same(got, torch.stack([jacrev(f, chunk_size=1)(x) for x in t(later)]), rtol=1e-12)
 
 
+
+def test_a_jacobian_whose_rows_were_checked_at_zeros_is_checked_again(c):
+    """TestJac's plain jacrev of cdist: a Jacobian's row chunks were checked once per
+    signature and rows, and a first request where all points coincide (x = [0, 0, 0],
+    a Jacobian of zeros, which vmap gets right) passed, so x = [0, 1, 2] was answered
+    torch's vmap's rows, 1.0 off jacrev(chunk_size=1) and central differences, with a
+    200. A pass over zeros alone is not kept; the answer is the row loop's."""
+    f = F._self_distances
+    zeros, x = np.zeros(3), np.array([0.0, 1.0, 2.0])
+    want = jacrev(f, chunk_size=1)(t(x))
+    assert not torch.allclose(jacrev(f)(t(x)), want) and torch.allclose(want, differences(f, t(x)), atol=1e-6)
+    got, _ = answer(post(c, "self_distances_plain", "jacobian", [zeros]), "jacobian")
+    same(got, jacrev(f, chunk_size=1)(t(zeros)), rtol=1e-12)
+    got, _ = answer(post(c, "self_distances_plain", "jacobian", [x]), "jacobian")
+    same(got, want, rtol=1e-12)
+
+
+def test_every_stack_of_cotangents_is_checked(c):
+    """TestVjp's batched cotangents (vmap of a vjp) with cdist: torch's vmap of its
+    pullback over dense cotangents is right where all points coincide and wrong where
+    some do, at the same shapes. A stack was checked once per signature and batch size,
+    so after x = [0, 0, 0] had passed, x = [0, 1, 2] and [0, 1, 0] were answered 5.7
+    and 6.0 off with a 200; each answer is one vjp per cotangent, JSON and .npz alike."""
+    f = F._self_distances
+    cots = np.random.default_rng(16).standard_normal((2, 3, 3))
+    for x in ([0.0, 0.0, 0.0], [0.0, 1.0, 2.0], [0.0, 1.0, 0.0]):
+        _, pullback = torch.func.vjp(f, torch.tensor(x, dtype=torch.float64))
+        want = torch.stack([pullback(v)[0] for v in t(cots)])
+        got, _ = answer(post(c, "self_distances_vjp", "vjp", [np.array(x)], cotangents=cots.tolist(),
+                             batched_vectors=True), "vjp")
+        same(got, want, rtol=1e-12)
+    r = c.post("/v1/functions/self_distances_vjp/vjp", headers={"Accept": "application/x-npz"},
+               json={"inputs": [{"dtype": "float64", "shape": [3], "data": [1.0, 0.0, 1.0]}],
+                     "cotangents": {"dtype": "float64", "shape": [2, 3, 3], "data": cots.tolist()},
+                     "batched_vectors": True})
+    assert r.status_code == 200, r.text
+    _, pullback = torch.func.vjp(f, torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+    same(wire.read_result_npz(r.content)[0]["vjp"], torch.stack([pullback(v)[0] for v in t(cots)]), rtol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def sdk(c) -> Iterator[Client]:
     """The SDK over the module's app (no socket)."""

@@ -50,8 +50,8 @@ def over_vectors(name: str, product: Callable[..., Any], vectors: tuple[Any, ...
                  alive: Callable[[], None] | None = None) -> Any:
     """``vmap(product)(*vectors)``; where torch's ``vmap`` cannot run the product (an op
     of the derivative without a batching rule, a custom ``autograd.Function`` without a
-    vmap rule), or runs it wrong (:func:`vmap_agrees`, checked once per ``key`` and
-    remembered in ``checked``), one vector at a time, stacked: what ``vmap`` should
+    vmap rule), or runs it wrong (:func:`vmap_agrees`, checked at every stack, a failure
+    remembered per ``key`` in ``checked``), one vector at a time, stacked: what ``vmap`` should
     answer, as a Jacobian's rows are then (rows.py), so a stack of vectors is answered
     wherever one vector is. ``again()`` gives the product on fresh inputs, for the check
     and the loop: a function that writes into its inputs in forward mode (``x.mul_(2)``:
@@ -75,17 +75,17 @@ def over_vectors(name: str, product: Callable[..., Any], vectors: tuple[Any, ...
     else:
         if not batch:
             return value
-        # A stack holding zeros (one-hot vectors: the rows of an identity, as a remote
-        # function's jacrev sends them) is checked every time: torch's vmap of cdist's
-        # pullback is right for the one-hot cotangents of rows 1:3 and wrong for rows 0:2,
-        # so once the first had passed, the second was answered wrong (as a Jacobian's
-        # chunks were: rows.py). Dense stacks are checked once per key, as before.
-        verdict = checked.get(key)  # None: not checked yet
-        sparse = verdict is not False and any(bool((v == 0).any()) for v in leaves)
-        if verdict is None or sparse:
+        # Every stack is checked, one more product: torch's vmap of cdist's pullback is
+        # right for the one-hot cotangents of rows 1:3 and wrong for rows 0:2 (as a
+        # Jacobian's chunks were: rows.py), and, for dense cotangents at the same shapes,
+        # right where all points coincide (x = [0, 0, 0]) and wrong where some do
+        # ([0, 1, 0]: 6.0 off), so a pass, once per key, said nothing of the next stack.
+        # A failure is kept: the key's stacks then go one vector at a time.
+        verdict = checked.get(key)  # False: found wrong before
+        if verdict is not False:
             verdict = (check or vmap_agrees)(again() if again is not None else product, vectors, value)
-            if not (verdict and sparse):  # a sparse stack's pass says nothing of the next stack
-                checked[key] = verdict
+            if not verdict:
+                checked[key] = False
         if verdict:
             return value
         log.warning("vmap of %s's products disagrees with one product; one vector at a time", name)
@@ -160,8 +160,7 @@ def one_agrees(product: Callable[..., Any], vectors: tuple[Any, ...], value: Any
     """Whether ``value``, ``vmap(product)(*vectors)``, holds the last vectors' product:
     the check of a product bilinear in its vectors (an hvp's ``c . H t``, one per pair),
     which :func:`vmap_agrees`'s mix of vectors cannot make (``B(sum w c, sum w t)`` is no
-    sum of the ``B(c_k, t_k)``). One more product, once per signature and batch size, as
-    that check; the last pair, since a batching rule that mixes vectors with another
+    sum of the ``B(c_k, t_k)``). One more product a stack, as that check; the last pair, since a batching rule that mixes vectors with another
     dimension's rows (``masked_select``'s) gets more than the first wrong. A check that
     cannot run says nothing against ``vmap``."""
     results = [r.detach() for r in pytree.tree_leaves(value)]
