@@ -63,6 +63,22 @@ def ready_app(functions: str, *, warmup: bool = False) -> Iterator[TestClient]:
         yield c
 
 
+@contextlib.contextmanager
+def sdk_over(app: TestClient) -> Iterator[Any]:
+    """A :class:`jacobian_client.Client` whose requests go to the in-process ``app`` (no
+    socket, no retries): the SDK and its adapters against a module's ``ready_app``."""
+    from jacobian_client import Client
+
+    def forward(request: httpx.Request) -> httpx.Response:
+        r = app.request(request.method, str(request.url.copy_with(scheme="http", host="testserver", port=None)),
+                        content=request.content, headers=dict(request.headers))
+        headers = {k: v for k, v in r.headers.items() if k.lower() not in ("content-encoding", "transfer-encoding")}
+        return httpx.Response(r.status_code, headers=headers, content=r.content)
+
+    with Client("http://sdk.test", http_transport=httpx.MockTransport(forward), max_retries=0) as client:
+        yield client
+
+
 @pytest.fixture
 def make_client(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A fresh app configured through the environment, as an operator would."""

@@ -16,7 +16,6 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,7 +23,7 @@ from jacobian_client import Client, wire
 from torch.func import hessian, jacrev, jvp, vjp, vmap
 
 from . import parity15_functions as F
-from .conftest import assert_problem, ready_app
+from .conftest import assert_problem, ready_app, sdk_over
 from .test_parity_round7 import answer, arr, post, same, t
 
 RNG = np.random.default_rng(15)
@@ -40,14 +39,7 @@ def c() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def sdk(c) -> Iterator[Client]:
     """The SDK over the module's app (no socket)."""
-
-    def forward(request: httpx.Request) -> httpx.Response:
-        r = c.request(request.method, str(request.url.copy_with(scheme="http", host="testserver", port=None)),
-                      content=request.content, headers=dict(request.headers))
-        headers = {k: v for k, v in r.headers.items() if k.lower() not in ("content-encoding", "transfer-encoding")}
-        return httpx.Response(r.status_code, headers=headers, content=r.content)
-
-    with Client("http://sdk.test", http_transport=httpx.MockTransport(forward), max_retries=0) as client:
+    with sdk_over(c) as client:
         yield client
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,7 +23,7 @@ from jacobian_client.torch import remote
 from torch.func import jacrev, vmap
 
 from . import parity16_functions as F
-from .conftest import ready_app, torch_tree
+from .conftest import ready_app, sdk_over, torch_tree
 from .test_parity_round7 import answer, post, same, t
 
 
@@ -105,14 +104,7 @@ def test_every_stack_of_cotangents_is_checked(c):
 @pytest.fixture(scope="module")
 def sdk(c) -> Iterator[Client]:
     """The SDK over the module's app (no socket)."""
-
-    def forward(request: httpx.Request) -> httpx.Response:
-        r = c.request(request.method, str(request.url.copy_with(scheme="http", host="testserver", port=None)),
-                      content=request.content, headers=dict(request.headers))
-        headers = {k: v for k, v in r.headers.items() if k.lower() not in ("content-encoding", "transfer-encoding")}
-        return httpx.Response(r.status_code, headers=headers, content=r.content)
-
-    with Client("http://sdk.test", http_transport=httpx.MockTransport(forward), max_retries=0) as client:
+    with sdk_over(c) as client:
         yield client
 
 

@@ -14,7 +14,6 @@ through an httpx transport.
 
 from __future__ import annotations
 
-import httpx
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -24,12 +23,13 @@ from scipy.integrate import solve_ivp
 from scipy.optimize import least_squares, minimize
 from starlette.testclient import TestClient
 
-from jacobian_client import Client, wire
+from jacobian_client import wire
 from jacobian_client.scipy import remote_objective
 from jacobian_service import create_app
 from jacobian_service.settings import Settings
 from tests import sparse10_functions as s10
 
+from .conftest import sdk_over
 from .test_sparse_round9 import f64, jac, sparse  # the round-9 helpers: a request, its answer, torch's
 
 RNG = np.random.default_rng(10)
@@ -43,13 +43,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def sdk(client):
-    def forward(request: httpx.Request) -> httpx.Response:
-        r = client.request(request.method, str(request.url.copy_with(scheme="http", host="testserver", port=None)),
-                           content=request.content, headers=dict(request.headers))
-        headers = {k: v for k, v in r.headers.items() if k.lower() not in ("content-encoding", "transfer-encoding")}
-        return httpx.Response(r.status_code, headers=headers, content=r.content)
-
-    with Client("http://sdk.test", http_transport=httpx.MockTransport(forward), max_retries=0) as c:
+    with sdk_over(client) as c:
         yield c
 
 
