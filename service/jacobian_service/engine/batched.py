@@ -410,6 +410,8 @@ class UnbatchedOutputs:
         if any(isinstance(x, torch.Tensor) and torch._C._functorch.is_batchedtensor(x) for x in example):
             self.flags = [not (isinstance(leaf, torch.Tensor) and torch._C._functorch.is_batchedtensor(leaf))
                           for leaf in pytree.tree_leaves(out)]
+        else:  # the loop over examples, after a vmap that failed once f had returned: no word
+            self.flags = None
         return out, aux
 
 
