@@ -28,3 +28,10 @@ def scaled_and_weight(x, w):
     """(x * w, w ** 2): under vmap(in_dims=(0, None)) the second output depends on the
     shared w alone, so torch's vmap leaves it unbatched (out_dims=None takes it)."""
     return x * w, w ** 2
+
+
+@register(inputs=[Input("x", shape=("n",)), Input("w", shape=("n",))], has_aux=True)
+def scaled_with_weight_aux(x, w):
+    """(x * w, aux {"w2": w * 2, "n": x.numel()}): under vmap(in_dims=(0, None)) the aux's
+    tensor depends on the shared w alone."""
+    return x * w, {"w2": w * 2, "xs": x.sum()}

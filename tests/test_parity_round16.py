@@ -153,3 +153,19 @@ def test_an_output_of_shared_inputs_alone_is_unbatched_under_vmap(c, sdk):
     same(torch_tree(wt.grad), w_ref.grad, rtol=1e-12)
     same(torch_tree(vmap(jacrev(lambda x, w: f(x, w)[0]), in_dims=(0, None))(t(xs), t(w))),
          vmap(jacrev(lambda x, w: F.scaled_and_weight(x, w)[0]), in_dims=(0, None))(t(xs), t(w)), rtol=1e-12)
+
+
+def test_an_aux_of_shared_inputs_alone_is_unbatched_under_vmap(c, sdk):
+    """The same for a has_aux function's aux: vmap(f, in_dims=(0, None), out_dims=(0,
+    {"w2": None, "xs": 0})) takes the aux's w * 2 unbatched in-process, and raised for the
+    remote f (meta.aux_unbatched, one boolean per aux leaf)."""
+    xs, w = np.arange(6.0).reshape(3, 2) - 2, np.array([0.5, -1.5])
+    r = c.post("/v1/functions/scaled_with_weight_aux/evaluate",
+               json={"inputs": [xs.tolist(), w.tolist()], "batched": True, "in_dims": [0, None]})
+    assert r.status_code == 200 and r.json()["meta"]["aux_unbatched"] == [True, False], r.text
+    f = remote(sdk, "scaled_with_weight_aux")
+    out_dims = (0, {"w2": None, "xs": 0})
+    want = vmap(F.scaled_with_weight_aux, in_dims=(0, None), out_dims=out_dims)(t(xs), t(w))
+    same(torch_tree(vmap(f, in_dims=(0, None), out_dims=out_dims)(t(xs), t(w))), want, rtol=1e-12)
+    same(torch_tree(vmap(f, in_dims=(0, None))(t(xs), t(w))), vmap(F.scaled_with_weight_aux, in_dims=(0, None))(
+        t(xs), t(w)), rtol=1e-12)

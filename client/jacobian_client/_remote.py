@@ -214,6 +214,12 @@ class Evaluated:
     # the service's vmap found (meta.unbatched; its examples are equal). None: not known (no
     # batch, the examples ran one by one, an empty batch); every output batched then
     unbatched: list[bool] | None = None
+    aux_unbatched: list[bool] | None = None  # the same per aux leaf (meta.aux_unbatched)
+
+
+def _flags(value: Any, n: int) -> list[bool] | None:
+    """A meta.unbatched list of ``n`` booleans, else None (not said: every leaf batched)."""
+    return [bool(f) for f in value] if isinstance(value, list) and len(value) == n else None
 
 
 @dataclass(frozen=True)
@@ -375,9 +381,9 @@ class RemoteOps:
                 aux = _example_leaves(parts["aux"], aux_tree, batch_shape, self.name)
         else:
             aux_tree = None
-        flags = (parts.get("meta") or {}).get("unbatched") if batched else None
-        unbatched = [bool(f) for f in flags] if isinstance(flags, list) and len(flags) == len(outputs) else None
-        ev = Evaluated(outputs, out_tree, aux, aux_tree, unbatched)
+        meta = (parts.get("meta") or {}) if batched else {}
+        ev = Evaluated(outputs, out_tree, aux, aux_tree, _flags(meta.get("unbatched"), len(outputs)),
+                       _flags(meta.get("aux_unbatched"), len(aux)))
         self._remember(signature, _Template.of(ev, batch_ndim))
         return ev
 

@@ -432,7 +432,10 @@ class _RemoteFunction(torch.autograd.Function):
         outputs = [_result(o, device, low) for o in ev.outputs]
         spec.out_tree, spec.n_out = ev.out_tree, len(outputs)
         spec.out_dtypes = [o.dtype for o in outputs]
-        spec.unbatched = tuple(ev.unbatched or ())
+        # per output, then per aux array (aux plain values are no outputs of the Function)
+        spec.unbatched = (*(ev.unbatched or [False] * len(outputs)),
+                          *[bool(f) for a, f in zip(ev.aux, ev.aux_unbatched or [False] * len(ev.aux))
+                            if isinstance(a, np.ndarray)])
         spec.aux_tree = ev.aux_tree
         spec.aux_plain = [None if isinstance(a, np.ndarray) else a for a in ev.aux]
         aux = [_result(a, device, low) for a in ev.aux if isinstance(a, np.ndarray)]

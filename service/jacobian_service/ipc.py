@@ -247,7 +247,7 @@ def encode_reply(msg_id: int, result: Any, info: JobInfo) -> list[Any]:
             "chunk_size": result.chunk_size,
             "mode": result.mode,
             "sparse_meta": result.sparse_meta,
-            "unbatched": result.unbatched,
+            "batch_meta": result.batch_meta,
         }
     elif isinstance(result, StreamHead):
         header = {"t": "head", "sid": result.stream_id, "shape": list(result.shape), "dtype": result.dtype,
@@ -291,7 +291,7 @@ def decode_reply(header: dict[str, Any], frames: Sequence[Any]) -> tuple[Any, Jo
             chunk_size=header["chunk_size"],
             mode=header["mode"],
             sparse_meta=header.get("sparse_meta"),
-            unbatched=header.get("unbatched"),
+            batch_meta=header.get("batch_meta"),
         )
         return result, info
     if kind == "head":

@@ -104,6 +104,9 @@ _COMPONENTS: dict[str, Any] = {
             "unbatched": {"type": "array", "items": {"type": "boolean"},
                           "description": "per-example evaluate: per output array, whether torch's vmap left it unbatched "
                                          "(it depends on no batched input); absent where the examples ran one by one"},
+            "aux_unbatched": {"type": "array", "items": {"type": "boolean"},
+                              "description": "per-example evaluate of a has_aux function: the same per aux leaf (a plain "
+                                             "value: false)"},
             # sparse results only (sparsity other than dense)
             "sparsity": {"type": "string", "description": "what the request asked: auto or a declared name"},
             "pattern": {"type": "string", "description": "the pattern's name"},

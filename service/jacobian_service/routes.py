@@ -259,7 +259,7 @@ def _meta(info: JobInfo, result: Result) -> dict[str, Any]:
         "queue_ms": round(info.queue_s * 1e3, 3),
         "compute_ms": round(info.compute_s * 1e3, 3),
         **(result.sparse_meta or {}),  # sparse results: sparsity, source, colors, products, nnz
-        **({"unbatched": result.unbatched} if result.unbatched is not None else {}),  # per-example evaluate
+        **(result.batch_meta or {}),  # per-example evaluate: unbatched, aux_unbatched
     }
 
 

@@ -147,9 +147,10 @@ class Result:
     chunk_size: int | None = None
     mode: str | None = None
     sparse_meta: dict[str, Any] | None = None  # how a sparse result was computed (meta)
-    # per-example evaluate: per output leaf, whether torch's vmap left it unbatched (it depends on
-    # no batched input: meta.unbatched); None where the examples ran one by one
-    unbatched: list[bool] | None = None
+    # per-example evaluate: per output leaf (and aux leaf), whether torch's vmap left it unbatched (it
+    # depends on no batched input): meta.unbatched (and aux_unbatched); None where the examples ran
+    # one by one
+    batch_meta: dict[str, list[bool]] | None = None
 
     def nbytes(self) -> int:
         """Bytes the response will carry at least (value, aux and output): every array,

@@ -391,28 +391,39 @@ def over_examples(
 
 
 class UnbatchedOutputs:
-    """A function under ``vmap`` over examples that notes which of its output leaves
-    torch's vmap leaves unbatched: those that depend on no batched input (an output of
-    shared weights alone, a constant), which ``vmap(f, out_dims=None)`` takes and the
-    answer carries expanded over the examples (``flags``, ``meta.unbatched``). A remote
+    """A function under ``vmap`` over examples (an AuxBox) that notes which of its output
+    leaves, and aux leaves, torch's vmap leaves unbatched: those that depend on no batched
+    input (an output of shared weights alone, a constant), which ``vmap(f, out_dims=None)``
+    takes and the answer carries expanded over the examples (``flags`` and ``aux_flags``,
+    a plain aux value never: ``meta.unbatched`` and ``meta.aux_unbatched``). A remote
     function under torch's vmap (the SDK's adapter) answers them unbatched, as torch
     does f: it said every output was batched, and ``vmap(remote(f), in_dims=(0, None),
     out_dims=(0, None))`` raised torch's "can not return a BatchedTensor when out_dim is
     None" where ``vmap(f, ...)`` answers. Only what vmap ran says so: where the examples
     run one by one (the inputs are plain tensors then), ``flags`` stays None."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: AuxBox) -> None:
         self.fn = fn
         self.flags: list[bool] | None = None
+        self.aux_flags: list[bool] | None = None
 
     def __call__(self, *example: Any) -> Any:
         out, aux = self.fn(*example)
-        if any(isinstance(x, torch.Tensor) and torch._C._functorch.is_batchedtensor(x) for x in example):
-            self.flags = [not (isinstance(leaf, torch.Tensor) and torch._C._functorch.is_batchedtensor(leaf))
-                          for leaf in pytree.tree_leaves(out)]
+        if any(_batched(x) for x in example):
+            self.flags = [isinstance(leaf, torch.Tensor) and not _batched(leaf) for leaf in pytree.tree_leaves(out)]
+            self.aux_flags = [isinstance(leaf, torch.Tensor) and not _batched(leaf) for leaf in self.fn.leaves]
         else:  # the loop over examples, after a vmap that failed once f had returned: no word
-            self.flags = None
+            self.flags = self.aux_flags = None
         return out, aux
+
+    def meta(self) -> dict[str, list[bool]] | None:
+        if self.flags is None:
+            return None
+        return {"unbatched": self.flags, **({"aux_unbatched": self.aux_flags} if self.fn.spec.has_aux else {})}
+
+
+def _batched(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and torch._C._functorch.is_batchedtensor(x)
 
 
 def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result]:

@@ -501,11 +501,11 @@ class Engine:
     def evaluate(self, call: Call, allow_loop: bool = True) -> Result:
         args = self.tensors(call)
         box = AuxBox(call.spec)
-        unbatched = None
+        batch_meta = None
         if call.batched:
             watch = _batched.UnbatchedOutputs(box)
             out, aux = _batched.over_examples(self, call, box, watch, args, allow_loop)
-            unbatched = watch.flags
+            batch_meta = watch.meta()
             if call.out_dims != 0:  # vmap's out_dims: the batch moved, as the last step
                 in_dims = _vmap_dims.dims(call)
                 out = _vmap_dims.lay_out(call, out, "output", _vmap_dims.torch_says_unbatched(
@@ -516,7 +516,7 @@ class Engine:
             aux = box.restore(aux_t)
         self.check_result_size(call, sum(t.numel() * self.wire_itemsize(t.dtype) for t in pytree.tree_leaves(out)),
                                "evaluate")
-        return Result(self.host(out), self.host(aux), call.spec.has_aux, unbatched=unbatched)
+        return Result(self.host(out), self.host(aux), call.spec.has_aux, batch_meta=batch_meta)
 
     def _vectors(self, tree: Any, like: Any, what: str, batched: bool) -> Any:
         """Check a cotangent/tangent tree against the shapes it must match; to tensors.
