@@ -2,11 +2,12 @@
 tests/parity16_functions.py and compared with in-process torch.func (values, shapes,
 dtypes; torch's error where torch raises).
 
-1. test_eager_transforms.py's TestJac cases under vmap (per-example Jacobians, batched
-   requests) at values where torch's vmap of a pullback is wrong for some examples and
-   right for others of the same shapes (cdist where points coincide).
-2. test_vmap.py's out_dims=None for an output that depends on shared inputs alone,
-   through the SDK's torch adapter (``remote``) as in-process.
+1. test_eager_transforms.py's TestJac / TestVjp cases (per-example Jacobians, plain
+   Jacobians, stacks of cotangents) at values where torch's vmap of a pullback is wrong
+   for some points and right for others of the same shapes (cdist where points
+   coincide): no check's pass there may stand for other values.
+2. test_vmap.py's out_dims=None for an output (or aux) that depends on shared inputs
+   alone, through the SDK's torch adapter (``remote``) as in-process.
 
 One in-process app serves the module (no server start), as rounds 7-15.
 """
