@@ -194,7 +194,7 @@ class AsyncClient:
         ``sparsity="auto"`` (detected) or a declared pattern's name computes the Jacobian
         from a few compressed products and returns it as one 2-D sparse matrix (output
         elements x input elements, C order): a ``scipy.sparse`` CSR array when scipy is
-        installed (``sparse_format="coo"``: COO), else a :class:`~jacobian_client.wire.SparseCOO`;
+        installed (``sparse_format="csc"``: CSC, ``"coo"``: COO), else a :class:`~jacobian_client.wire.SparseCOO`;
         ``sparse_format="dense"`` returns that matrix as a numpy array.
         """
         options = {"argnums": argnums, "chunk_size": chunk_size, "batched": batched,

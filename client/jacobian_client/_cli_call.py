@@ -57,8 +57,8 @@ def build_parser(prog: str = "jacobian-service call") -> argparse.ArgumentParser
     p.add_argument("--progress", action="store_true", help="show a progress bar while streaming")
     p.add_argument("--sparsity", default=None, metavar="NAME",
                    help="jacobian/hessian: auto (detected) or a declared pattern's name: a sparse result")
-    p.add_argument("--sparse-format", choices=("csr", "coo", "dense"), default=None,
-                   help="with --sparsity: the result as CSR (default), COO, or a dense 2-D array")
+    p.add_argument("--sparse-format", choices=(*wire.SPARSE_FIELDS, "dense"), default=None,
+                   help="with --sparsity: the result as CSR (default), CSC, COO, or a dense 2-D array")
     p.add_argument("--pattern", action="store_true",
                    help="print the result's sparsity pattern (braille) instead of the JSON result")
     p.add_argument("--pattern-width", type=int, default=60, metavar="CHARS",

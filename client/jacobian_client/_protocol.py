@@ -853,8 +853,8 @@ class Protocol:
                     raise ValueError("sparsity is 'dense', 'auto' or a declared pattern's name")
                 if value == "dense":
                     continue
-            elif key == "sparse_format" and value not in ("csr", "coo", "dense"):
-                raise ValueError("sparse_format is 'csr', 'coo' or 'dense'")
+            elif key == "sparse_format" and value not in (*wire.SPARSE_FIELDS, "dense"):
+                raise ValueError("sparse_format is 'csr', 'csc', 'coo' or 'dense'")
             fields[key] = value
         return fields
 

@@ -45,6 +45,7 @@ __all__ = [
     "NPZ",
     "PROBLEM",
     "PROBLEM_STATUS",
+    "SPARSE_FIELDS",
     "Limits",
     "SparseCOO",
     "WireError",
@@ -1180,7 +1181,9 @@ def read_result_npz(body: bytes | memoryview, limits: Limits = Limits()) -> tupl
 #
 # A sparse derivative is a 2-D matrix (output elements) x (input elements), both
 # flattened in C order (SPEC 7). In JSON it is a sparse object
-# ``{"format": "csr", "shape", "dtype", "indptr", "indices", "data"}`` or
+# ``{"format": "csr", "shape", "dtype", "indptr", "indices", "data"}``, the same with
+# ``"format": "csc"`` (``indptr`` over the columns, ``indices`` the rows: what
+# scipy's ``splu`` and Julia's ``SparseMatrixCSC`` hold) or
 # ``{"format": "coo", "shape", "dtype", "row", "col", "data"}``; as a body it is an
 # ``.npz`` with exactly the members ``scipy.sparse.save_npz`` writes (``format``,
 # ``shape``, ``data``, ``indices`` + ``indptr`` or ``row`` + ``col``, ``_is_array``),
@@ -1188,7 +1191,9 @@ def read_result_npz(body: bytes | memoryview, limits: Limits = Limits()) -> tupl
 # imported at module level: the SDK's base install has none, and then decodes to
 # :class:`SparseCOO`; with scipy installed it returns ``scipy.sparse`` arrays.
 
-_SPARSE_FIELDS = {"csr": ("indptr", "indices"), "coo": ("row", "col")}
+#: Each sparse format's index arrays beside ``data``: the one table the JSON object, the
+#: ``.npz`` members, the engines' IPC frames and the result's size are read from.
+SPARSE_FIELDS = {"csr": ("indptr", "indices"), "csc": ("indptr", "indices"), "coo": ("row", "col")}
 
 
 class SparseCOO(NamedTuple):
@@ -1225,19 +1230,18 @@ def is_sparse(obj: Any) -> bool:
 
 
 def is_sparse_object(obj: Any) -> bool:
-    return isinstance(obj, dict) and obj.get("format") in _SPARSE_FIELDS and "shape" in obj and "data" in obj
+    return isinstance(obj, dict) and obj.get("format") in SPARSE_FIELDS and "shape" in obj and "data" in obj
 
 
 def _sparse_arrays(matrix: Any) -> tuple[str, tuple[int, int], dict[str, np.ndarray]]:
-    """``(format, shape, arrays)`` of a CSR or COO matrix (others become CSR or COO)."""
+    """``(format, shape, arrays)`` of a CSR, CSC or COO matrix (others become CSR)."""
     if isinstance(matrix, SparseCOO):
         return "coo", tuple(matrix.shape), {"row": matrix.row, "col": matrix.col, "data": matrix.data}  # type: ignore[return-value]
-    if matrix.format not in _SPARSE_FIELDS:
+    if matrix.format not in SPARSE_FIELDS:
         matrix = matrix.tocsr()
     shape = tuple(int(d) for d in matrix.shape)
-    if matrix.format == "csr":
-        return "csr", shape, {"indptr": matrix.indptr, "indices": matrix.indices, "data": matrix.data}  # type: ignore[return-value]
-    return "coo", shape, {"row": matrix.row, "col": matrix.col, "data": matrix.data}  # type: ignore[return-value]
+    fmt = matrix.format
+    return fmt, shape, {name: getattr(matrix, name) for name in (*SPARSE_FIELDS[fmt], "data")}  # type: ignore[return-value]
 
 
 def encode_sparse_json(matrix: Any) -> dict[str, Any]:
@@ -1245,7 +1249,7 @@ def encode_sparse_json(matrix: Any) -> dict[str, Any]:
     fmt, shape, arrays = _sparse_arrays(matrix)
     data = _c_order(np.asarray(arrays["data"]))
     out: dict[str, Any] = {"format": fmt, "shape": list(shape), "dtype": data.dtype.name}
-    for name in _SPARSE_FIELDS[fmt]:
+    for name in SPARSE_FIELDS[fmt]:
         out[name] = _c_order(np.asarray(arrays[name]))
     out["data"] = _spell_nonfinite(data) if data.dtype.kind == "f" and not np.isfinite(data).all() else data
     return out
@@ -1259,15 +1263,17 @@ def _check_sparse(fmt: str, shape: tuple[int, ...], arrays: dict[str, np.ndarray
     data = arrays["data"]
     if data.ndim != 1 or data.size > limits.max_elements:
         raise WireError("sparse 'data' must be 1-D and within the element limit", "invalid_input")
-    for name in _SPARSE_FIELDS[fmt]:
+    for name in SPARSE_FIELDS[fmt]:
         a = arrays[name]
         if a.ndim != 1 or a.dtype.kind not in "iu":
             raise WireError(f"sparse {name!r} must be a 1-D integer array", "invalid_input")
-    if fmt == "csr":
+    if fmt in ("csr", "csc"):  # compressed rows (csr) or columns (csc)
+        major, minor = (m, n) if fmt == "csr" else (n, m)
+        axis = 0 if fmt == "csr" else 1
         indptr, indices = arrays["indptr"], arrays["indices"]
-        if indptr.size != m + 1 or indices.size != data.size or (indptr.size and (indptr[0] != 0 or indptr[-1] != data.size)) or np.any(np.diff(indptr) < 0):
-            raise WireError("sparse csr: indptr must rise from 0 to nnz over shape[0] + 1 entries", "invalid_input")
-        bad = indices.size and (indices.min() < 0 or indices.max() >= n)
+        if indptr.size != major + 1 or indices.size != data.size or (indptr.size and (indptr[0] != 0 or indptr[-1] != data.size)) or np.any(np.diff(indptr) < 0):
+            raise WireError(f"sparse {fmt}: indptr must rise from 0 to nnz over shape[{axis}] + 1 entries", "invalid_input")
+        bad = indices.size and (indices.min() < 0 or indices.max() >= minor)
     else:
         row, col = arrays["row"], arrays["col"]
         if row.size != data.size or col.size != data.size:
@@ -1287,27 +1293,31 @@ def _to_matrix(fmt: str, shape: tuple[int, int], arrays: dict[str, np.ndarray], 
             if as_scipy:
                 raise
     if sparse is not None:
-        if fmt == "csr":
-            return sparse.csr_array((arrays["data"], arrays["indices"], arrays["indptr"]), shape=shape)
+        if fmt in ("csr", "csc"):
+            make = sparse.csr_array if fmt == "csr" else sparse.csc_array
+            return make((arrays["data"], arrays["indices"], arrays["indptr"]), shape=shape)
         return sparse.coo_array((arrays["data"], (arrays["row"], arrays["col"])), shape=shape)
     if fmt == "csr":
         row = np.repeat(np.arange(shape[0]), np.diff(arrays["indptr"]))
         return SparseCOO(row, arrays["indices"], arrays["data"], shape)
+    if fmt == "csc":
+        col = np.repeat(np.arange(shape[1]), np.diff(arrays["indptr"]))
+        return SparseCOO(arrays["indices"], col, arrays["data"], shape)
     return SparseCOO(arrays["row"], arrays["col"], arrays["data"], shape)
 
 
 def decode_sparse_json(obj: Any, limits: Limits = Limits(), as_scipy: bool | None = None) -> Any:
     """The JSON sparse object -> a sparse matrix (scipy when installed, else SparseCOO)."""
     if not is_sparse_object(obj):
-        raise WireError("expected a sparse object with format csr or coo, shape and data", "invalid_input")
+        raise WireError("expected a sparse object with format csr, csc or coo, shape and data", "invalid_input")
     fmt = obj["format"]
-    unknown = set(obj) - {"format", "shape", "dtype", "data", *_SPARSE_FIELDS[fmt]}
+    unknown = set(obj) - {"format", "shape", "dtype", "data", *SPARSE_FIELDS[fmt]}
     if unknown:
         raise WireError(f"unknown sparse keys {sorted(unknown)}", "invalid_input")
     shape = _check_shape(obj["shape"], limits, dense=False)
     dtype = _np_dtype(obj.get("dtype", "float64"))
     arrays = {"data": _from_numbers(obj["data"], dtype, limits).reshape(-1)}
-    for name in _SPARSE_FIELDS[fmt]:
+    for name in SPARSE_FIELDS[fmt]:
         if name not in obj:
             raise WireError(f"sparse {fmt} needs {name!r}", "invalid_input")
         arrays[name] = _from_numbers(obj[name], np.dtype(np.int64), limits).reshape(-1)
@@ -1329,7 +1339,7 @@ def write_sparse_npz(matrix: Any, meta: dict[str, Any] | None = None, trees: dic
     buf = io.BytesIO()
     structure: dict[str, Any] = {}
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name in _SPARSE_FIELDS[fmt]:
+        for name in SPARSE_FIELDS[fmt]:
             _write_member(zf, f"{name}.npy", write_npy(np.asarray(arrays[name])))
         _write_member(zf, "format.npy", _scalar_npy(np.array(fmt.encode("ascii"))))
         _write_member(zf, "shape.npy", write_npy(np.asarray(shape, dtype=np.int64)))
@@ -1396,11 +1406,11 @@ def _sparse_from_members(members: dict[str, bytes], limits: Limits, as_scipy: bo
     if raw_format is None:
         raise WireError("not a sparse .npz: no 'format' member")
     fmt = _read_format(raw_format)
-    if fmt not in _SPARSE_FIELDS:
-        raise WireError(f"sparse format {fmt!r} is not supported; send csr or coo", "invalid_input")
+    if fmt not in SPARSE_FIELDS:
+        raise WireError(f"sparse format {fmt!r} is not supported; send csr, csc or coo", "invalid_input")
     members.pop("_is_array.npy", None)
     arrays = _npz_arrays(iter(members.items()), limits)
-    need = {"shape", "data", *_SPARSE_FIELDS[fmt]}
+    need = {"shape", "data", *SPARSE_FIELDS[fmt]}
     if set(arrays) != need:
         raise WireError(f"sparse {fmt} .npz needs members {sorted(need)}, got {sorted(arrays)}")
     shape = tuple(int(d) for d in arrays.pop("shape").reshape(-1))

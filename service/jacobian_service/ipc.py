@@ -14,7 +14,7 @@ dict keys stay strings of any spelling, and non-finite floats survive JSON:
     ["t", [...]] / ["l", [...]]  a tuple / a list
     ["d", {key: ...}]            a dict
     ["f", "nan" | "inf" | "-inf"] a non-finite float
-    ["s", fmt, shape, {name: array}] a sparse matrix (scipy CSR or COO): its index and
+    ["s", fmt, shape, {name: array}] a sparse matrix (scipy CSR, CSC or COO): its index and
                                  value arrays as frames; scipy is imported only to read one
     ["v", value]                 any other JSON value
 """
@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import orjson
+
+from jacobian_client.wire import SPARSE_FIELDS
 
 from .errors import ServiceError
 from .registry import FunctionSpec
@@ -113,7 +115,7 @@ def pack(tree: Any, frames: list[Any]) -> Any:
     if isinstance(tree, np.generic):
         return pack(np.asarray(tree), frames)
     if is_sparse_matrix(tree):
-        names = ("indptr", "indices", "data") if tree.format == "csr" else ("row", "col", "data")
+        names = (*SPARSE_FIELDS[tree.format], "data")
         return ["s", tree.format, [int(d) for d in tree.shape], {n: pack(np.asarray(getattr(tree, n)), frames) for n in names}]
     if isinstance(tree, dict):
         # str.__str__, not str(): a key may be a str subclass whose own __str__ is the
@@ -144,8 +146,9 @@ def unpack(node: Any, frames: Sequence[Any]) -> Any:
 
         arrays = {k: unpack(v, frames) for k, v in node[3].items()}
         shape = tuple(node[2])
-        if body == "csr":
-            return sp.csr_array((arrays["data"], arrays["indices"], arrays["indptr"]), shape=shape)
+        if body in ("csr", "csc"):
+            make = sp.csr_array if body == "csr" else sp.csc_array
+            return make((arrays["data"], arrays["indices"], arrays["indptr"]), shape=shape)
         return sp.coo_array((arrays["data"], (arrays["row"], arrays["col"])), shape=shape)
     return body
 

@@ -114,7 +114,7 @@ _COMPONENTS: dict[str, Any] = {
             "exact": {"type": "boolean", "description": "false when detection assumed unknown ops dense"},
             "value_dependent": {"type": "boolean", "description": "the pattern depends on the input values: for this point only"},
             "conservative": {"type": "boolean", "description": "stored entries may be zeros here by a choice the values made (a where, clamp, max: a union), or exact is false"},
-            "format": {"type": "string", "enum": ["csr", "coo", "dense"]},
+            "format": {"type": "string", "enum": [*wire.SPARSE_FIELDS, "dense"]},
             "shape": {"type": "array", "items": {"type": "integer"}},
             "nnz": {"type": "integer"},
             "colors": {"type": "integer"},
@@ -128,11 +128,12 @@ _COMPONENTS: dict[str, Any] = {
         "type": "object",
         "description": (
             "a sparse 2-D matrix, (output elements) x (input elements), both flattened in C order: "
-            "CSR (indptr, indices, data) or COO (row, col, data)"
+            "CSR (indptr over the rows, indices the columns, data), CSC (indptr over the columns, indices the rows, "
+            "data) or COO (row, col, data)"
         ),
         "required": ["format", "shape", "data"],
         "properties": {
-            "format": {"type": "string", "enum": ["csr", "coo"]},
+            "format": {"type": "string", "enum": list(wire.SPARSE_FIELDS)},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2, "maxItems": 2},
             "dtype": {"type": "string", "enum": sorted(wire.DTYPES)},
             "indptr": {"type": "array", "items": {"type": "integer"}},

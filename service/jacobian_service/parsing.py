@@ -108,8 +108,8 @@ class Options(BaseModel):
     sparsity: StrictStr = Field(
         "dense", description="jacobian/hessian: dense (v1), auto (detected), or a declared pattern's name"
     )
-    sparse_format: Literal["csr", "coo", "dense"] = Field(
-        "csr", description="with sparsity other than dense: the result as CSR, COO, or a dense 2-D array (streamed as .npy when large)"
+    sparse_format: Literal["csr", "csc", "coo", "dense"] = Field(
+        "csr", description="with sparsity other than dense: the result as CSR, CSC, COO, or a dense 2-D array (streamed as .npy when large)"
     )
     batched_vectors: StrictBool = Field(False, description="vjp/jvp: vectors carry a leading batch dimension")
 
@@ -685,8 +685,8 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
     if kind not in ("jacobian", "hessian"):
         raise InvalidInput(f"kind is jacobian or hessian, not {echo(kind)}")
     fmt = query.get("format", "csr")
-    if fmt not in ("csr", "coo"):
-        raise InvalidInput(f"format is csr or coo, not {echo(fmt)}")
+    if fmt not in wire.SPARSE_FIELDS:
+        raise InvalidInput(f"format is csr, csc or coo, not {echo(fmt)}")
     dtype_names = query["dtypes"].split(";") if "dtypes" in query else [None] * len(shapes)
     if len(dtype_names) != len(shapes):
         raise InvalidInput(f"dtypes gives {len(dtype_names)} dtypes for {len(shapes)} inputs")

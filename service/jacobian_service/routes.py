@@ -680,7 +680,7 @@ _SPARSITY_PARAMETERS = [
     {"name": "argnums", "in": "query", "schema": {"type": "string", "default": "0"},
      "description": "differentiated inputs: positions or names, comma-separated"},
     {"name": "dtypes", "in": "query", "schema": {"type": "string"}, "description": "input dtypes, ';' between inputs"},
-    {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["csr", "coo"], "default": "csr"}},
+    {"name": "format", "in": "query", "schema": {"type": "string", "enum": list(wire.SPARSE_FIELDS), "default": "csr"}},
 ]
 
 ROUTES: list[Route] = [

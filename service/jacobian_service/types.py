@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import orjson
 
+from jacobian_client.wire import SPARSE_FIELDS
+
 from .errors import Timeout
 from .registry import FunctionSpec
 
@@ -183,8 +185,8 @@ def _leaf_nbytes(leaf: Any) -> int:
         return max(leaf.nbytes, _lists_nbytes(leaf.shape))
     if isinstance(leaf, str):
         return _text_nbytes(str.__str__(leaf))
-    if is_sparse_matrix(leaf):  # a scipy CSR/COO array: its index and value arrays
-        return sum(getattr(leaf, name).nbytes for name in _SPARSE_ARRAYS[leaf.format])
+    if is_sparse_matrix(leaf):  # a scipy CSR/CSC/COO array: its index and value arrays
+        return leaf.data.nbytes + sum(getattr(leaf, name).nbytes for name in SPARSE_FIELDS[leaf.format])
     if isinstance(leaf, (int, float)):
         return 24  # the longest a float or a 64-bit integer takes as text
     return 0
@@ -214,12 +216,11 @@ def _text_nbytes(text: str) -> int:
         return 6 * len(text)
 
 
-_SPARSE_ARRAYS = {"csr": ("data", "indices", "indptr"), "coo": ("data", "row", "col")}
 
 
 def is_sparse_matrix(obj: Any) -> bool:
-    """A scipy CSR or COO array, told without importing scipy (the front end may not have)."""
-    return getattr(obj, "format", None) in _SPARSE_ARRAYS and hasattr(obj, "nnz") and hasattr(obj, "data")
+    """A scipy CSR, CSC or COO array, told without importing scipy (the front end may not have)."""
+    return getattr(obj, "format", None) in SPARSE_FIELDS and hasattr(obj, "nnz") and hasattr(obj, "data")
 
 
 @dataclass

@@ -47,7 +47,7 @@ _REMEDIES = {
     "hessian": "Ask for a smaller input, or a sparse Hessian (sparsity=auto) if it is mostly zeros.",
     "examples": "Ask for fewer examples or a smaller input.",
     "sparse": "Ask for a smaller input.",
-    "sparse_dense": "Ask for the sparse matrix itself (sparse_format=csr or coo), a sparse Jacobian's dense form "
+    "sparse_dense": "Ask for the sparse matrix itself (sparse_format=csr, csc or coo), a sparse Jacobian's dense form "
                     "as application/x-npy (streamed without this limit), or a smaller input.",
 }
 

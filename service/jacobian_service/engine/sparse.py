@@ -13,7 +13,7 @@ The compression itself lives in :mod:`jacobian_service.sparsity`; this module fi
 - an unknown pattern name is a 422 ``sparsity_not_found``; a declared pattern that does
   not fit the shapes a 422 ``invalid_input``; the function's own failures a 500.
 
-The result is a scipy CSR or COO array, or the same 2-D matrix dense, as asked.
+The result is a scipy CSR, CSC or COO array, or the same 2-D matrix dense, as asked.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ def _result_nbytes(call: Call, shape: tuple[int, int], nnz: int, itemsize: int) 
         return m * n * itemsize
     if call.sparse_format == "coo":
         return nnz * (itemsize + 2 * index)
-    return nnz * (itemsize + index) + (m + 1) * index
+    major = n if call.sparse_format == "csc" else m  # csc's indptr runs over the columns
+    return nnz * (itemsize + index) + (major + 1) * index
 
 
 def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool = False) -> Result:
@@ -204,10 +205,18 @@ def streamed_rows(engine: Any, call: Call, stream_threshold: int) -> Result | An
 
 
 def _formatted(call: Call, matrix: Any) -> Any:
-    if call.sparse_format == "coo":
-        return matrix.tocoo()
+    """The computed CSR in the format asked for."""
     if call.sparse_format == "dense":
         return matrix.toarray().astype(_dense_dtype(call), copy=False)
+    return _as_format(matrix, call.sparse_format)
+
+
+def _as_format(matrix: Any, fmt: str) -> Any:
+    """A CSR as ``fmt`` (csr, csc or coo): the POSTs' matrices and GET's pattern alike."""
+    if fmt == "coo":
+        return matrix.tocoo()
+    if fmt == "csc":
+        return matrix.tocsc()
     return matrix
 
 
@@ -286,8 +295,8 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
 
 
 def describe(engine: Any, call: Call, kind: str) -> Result:
-    """What ``GET /v1/functions/{name}/sparsity`` answers: the pattern (as a CSR or COO
-    array of ones), its source, the colouring and the number of products."""
+    """What ``GET /v1/functions/{name}/sparsity`` answers: the pattern (as a CSR, CSC or
+    COO array of ones), its source, the colouring and the number of products."""
     args = engine.tensors(call)
     box = _boxed(call)
     pattern, coloring, cached, _ = _plan(engine, call, kind, args, box)
@@ -295,9 +304,7 @@ def describe(engine: Any, call: Call, kind: str) -> Result:
     # ones are int8): it was 'the result takes N bytes with its aux and output', the
     # engine's last check of what a function returned, where this has neither.
     engine.check_result_size(call, _result_nbytes(call, pattern.shape, pattern.nnz, 1), _remedy(call))
-    matrix = pattern.to_csr(np.ones(pattern.nnz, dtype=np.int8))
-    if call.sparse_format == "coo":
-        matrix = matrix.tocoo()
+    matrix = _as_format(pattern.to_csr(np.ones(pattern.nnz, dtype=np.int8)), call.sparse_format)
     m, n = pattern.shape
     doc = {
         "kind": kind,

@@ -1,0 +1,35 @@
+"""Functions for tests/test_sparse_round13.py: a scientist's implicit step (whose
+Jacobian scipy's sparse LU takes as CSC), a scalar energy (a sparse Hessian), and a
+function of many inputs and one output (a wide Jacobian, whose CSC holds a column
+pointer per input). Loaded by module name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jacobian_service import Input, register
+
+#: The implicit step's time step and diffusion coefficient.
+DT, NU = 0.1, 0.5
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64"), Input("u0", shape=("n",), dtype="float64")],
+          description="The residual of one backward-Euler step of 1-D reaction-diffusion (Fisher-KPP, Dirichlet "
+                      "ends): u - u0 - dt (nu u'' + u (1 - u)). Its Jacobian in u is tridiagonal.")
+def implicit_step(u: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
+    padded = torch.nn.functional.pad(u, (1, 1))
+    lap = padded[2:] - 2 * u + padded[:-2]
+    return u - u0 - DT * (NU * lap + u * (1 - u))
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="A chain's energy with a quartic on-site term: a tridiagonal Hessian.")
+def chain_energy(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((x[1:] - x[:-1]) ** 2).sum() + 0.25 * (x**4).sum()
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="One output, the sum of the first half of the inputs: a 1 x n Jacobian with n / 2 entries.")
+def head_sum(x: torch.Tensor) -> torch.Tensor:
+    return x[: x.numel() // 2].sum().reshape(1)

@@ -1,0 +1,170 @@
+"""Sparse Jacobians and Hessians, round 13: ``sparse_format=csc``, the compressed
+columns scipy's sparse LU (``splu``) and Julia's ``SparseMatrixCSC`` hold, on every
+endpoint and format (JSON, ``.npz`` read by ``scipy.sparse.load_npz``, the SDK, ``GET
+.../sparsity``, through the engine process's IPC), its result limit, and each answer
+against torch.func in this process.
+
+One in-process app serves most cases (no new server process), under a 1 MiB result
+limit; the engine process's IPC is crossed on the session's shared ``remote_server``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+
+from jacobian_client import Client, wire
+from jacobian_service import examples
+from tests import sparse13_functions as s13
+
+from .conftest import ready_app
+from .test_sparse_round9 import f64
+from .test_sparse_round10 import sdk  # noqa: F401 (round 10's fixture: the SDK through this module's in-process app)
+from .test_sparse_round11 import _npy, _refused  # an array as an .npy body; a 413 problem's detail
+
+RNG = np.random.default_rng(13)
+
+#: The app's result limit.
+LIMIT = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def client():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JACOBIAN_SERVICE_MAX_RESULT_BYTES", str(LIMIT))
+        with ready_app("tests.sparse13_functions") as c:
+            yield c
+
+
+def jacrev(f, *args, argnums=0):
+    ts = [torch.from_numpy(a) for a in args]
+    J = torch.func.jacrev(f, argnums=argnums)(*ts)
+    return J.reshape(-1, ts[argnums].numel()).numpy()
+
+
+def assert_csc(J, want):
+    """``J`` a scipy CSC array, canonical (sorted rows, no duplicates), equal to ``want``."""
+    assert isinstance(J, sp.csc_array) and J.format == "csc", type(J)
+    assert J.has_canonical_format
+    np.testing.assert_allclose(J.toarray(), want, rtol=1e-13, atol=1e-13)
+
+
+# ------------------------------------------------------------------ csc everywhere
+
+
+def test_csc_on_every_endpoint_and_format(client, sdk):
+    """``sparse_format=csc`` was a 422 ('Input should be 'csr', 'coo' or 'dense''), and
+    ``GET .../sparsity?format=csc`` one too ('format is csr or coo'), though a scientist
+    solving the implicit step's Newton system with ``scipy.sparse.linalg.splu`` needs
+    CSC: handed a CSR, splu converts it with a SparseEfficiencyWarning (an error under
+    this suite's filterwarnings). Now the Jacobian (and the Hessian) come back as CSC
+    in JSON, as ``.npz`` (``load_npz`` reads a csc_array), through the SDK, for
+    ``rows`` too, and GET draws the pattern as CSC; every one is torch's matrix."""
+    n = 40
+    u, u0 = RNG.uniform(0.2, 0.8, n), RNG.uniform(0.2, 0.8, n)
+    want = jacrev(s13.implicit_step, u, u0)
+    body = {"inputs": [f64(u), f64(u0)], "sparsity": "auto", "sparse_format": "csc"}
+    r = client.post("/v1/functions/implicit_step/jacobian", json=body)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert (doc["jacobian"]["format"], doc["meta"]["format"], doc["meta"]["products"]) == ("csc", "csc", 3), doc["meta"]
+    assert len(doc["jacobian"]["indptr"]) == n + 1  # one pointer a column
+    assert_csc(wire.decode_sparse_json(doc["jacobian"]), want)
+    # .npz: exactly what scipy.sparse.save_npz writes, read with no SDK
+    npz = io.BytesIO()
+    np.savez(npz, u=u, u0=u0)
+    r = client.post("/v1/functions/implicit_step/jacobian?sparsity=auto&sparse_format=csc", content=npz.getvalue(),
+                    headers={"content-type": "application/x-npz", "accept": "application/x-npz"})
+    assert r.status_code == 200, r.text
+    assert_csc(sp.load_npz(io.BytesIO(r.content)), want)
+    # rows: a (6, n) slice of the matrix, still by columns
+    r = client.post("/v1/functions/implicit_step/jacobian", json={**body, "rows": [5, 11]})
+    assert r.status_code == 200, r.text
+    assert_csc(wire.decode_sparse_json(r.json()["jacobian"]), want[5:11])
+    # the Hessian of an energy
+    x = RNG.uniform(0.5, 1.5, n)
+    r = client.post("/v1/functions/chain_energy/hessian", json={"inputs": [f64(x)], "sparsity": "auto", "sparse_format": "csc"})
+    assert r.status_code == 200, r.text
+    H = torch.func.hessian(s13.chain_energy)(torch.from_numpy(x)).numpy()
+    assert_csc(wire.decode_sparse_json(r.json()["hessian"]), H)
+    # GET .../sparsity: the pattern's ones, by columns
+    for name, kind, shapes, dense in (("implicit_step", "jacobian", f"{n};{n}", want), ("chain_energy", "hessian", str(n), H)):
+        r = client.get(f"/v1/functions/{name}/sparsity", params={"shapes": shapes, "kind": kind, "format": "csc"})
+        assert r.status_code == 200, r.text
+        P = wire.decode_sparse_json(r.json()["matrix"])
+        assert isinstance(P, sp.csc_array) and P.dtype == np.int8
+        assert np.array_equal(P.toarray() != 0, dense != 0)
+    # the SDK: a csc_array that splu takes as it is, and the Newton step it gives
+    J = sdk.jacobian("implicit_step", u, u0, sparsity="auto", sparse_format="csc")
+    assert_csc(J, want)
+    F = s13.implicit_step(torch.from_numpy(u), torch.from_numpy(u0)).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # splu's SparseEfficiencyWarning on a CSR
+        du = spla.splu(J).solve(-F)
+    np.testing.assert_allclose(du, np.linalg.solve(want, -F), rtol=1e-12, atol=1e-14)
+    assert isinstance(sdk.hessian("chain_energy", x, sparsity="auto", sparse_format="csc"), sp.csc_array)
+    info = sdk.sparsity("chain_energy", (n,), kind="hessian", format="csc")
+    assert isinstance(info["matrix"], sp.csc_array)
+
+
+def test_csc_is_held_to_the_result_limit_by_its_own_size(client):
+    """A CSC holds a pointer per column, a CSR one per row: the sum of the first 60,000
+    of 120,000 inputs is 720,008 bytes as CSR and 960,000 as COO, under the 1 MiB
+    limit, and 1,200,004 as CSC, past it. The CSC's 413 says its own size before any
+    product, its JSON and .npz answers alike; CSR and COO are torch's row of ones."""
+    n = 120_000
+    x = RNG.uniform(0.5, 1.5, n)
+    for accept in ("application/json", "application/x-npz"):
+        r = client.post("/v1/functions/head_sum/jacobian?sparsity=auto&sparse_format=csc", content=_npy(x),
+                        headers={"content-type": "application/x-npy", "accept": accept})
+        _refused(r, f"the result would take {n // 2 * (8 + 4) + (n + 1) * 4} bytes; the limit is {LIMIT}. "
+                    "Ask for a smaller input.")
+    want = jacrev(s13.head_sum, x)
+    for fmt in ("csr", "coo"):
+        r = client.post(f"/v1/functions/head_sum/jacobian?sparsity=auto&sparse_format={fmt}", content=_npy(x),
+                        headers={"content-type": "application/x-npy", "accept": "application/json"})
+        assert r.status_code == 200, r.text
+        J = wire.decode_sparse_json(r.json()["jacobian"])
+        assert J.format == fmt and J.nnz == n // 2
+        assert np.array_equal(J.toarray(), want)
+
+
+def test_csc_through_the_engine_process(remote_server):
+    """The same over a real server, whose engine process sends the matrix to its front
+    end as raw index frames (IPC): lorenz96's periodic band and rosenbrock's Hessian as
+    CSC, JSON and .npz, and through the SDK, against torch in this process."""
+    n = 30
+    x = RNG.uniform(0.5, 1.5, n)
+    want = jacrev(examples.lorenz96, x)
+    with Client(remote_server, max_retries=0) as c:
+        for transport in ("json", "binary"):
+            J = c.jacobian("lorenz96", x, sparsity="auto", sparse_format="csc", transport=transport)
+            assert_csc(J, want)
+        H = c.hessian("rosenbrock", x, sparsity="auto", sparse_format="csc")
+        assert_csc(H, torch.func.hessian(examples.rosenbrock)(torch.from_numpy(x)).numpy())
+        info = c.sparsity("lorenz96", (n,), format="csc")
+        assert isinstance(info["matrix"], sp.csc_array) and np.array_equal(info["matrix"].toarray() != 0, want != 0)
+
+
+def test_the_wire_reads_csc_with_or_without_scipy_and_refuses_a_hostile_one():
+    """The SDK's reader: a CSC object or save_npz body back as a csc_array, or without
+    scipy as SparseCOO entries; one whose pointers run over the rows (a CSR's) or whose
+    row indices pass the shape is refused, as a hostile CSR is."""
+    m = sp.random_array((7, 5), density=0.4, format="csc", rng=RNG)
+    for back in (wire.decode_sparse_json(wire.loads(wire.dumps(wire.encode_sparse_json(m)))),
+                 wire.read_sparse_npz(wire.write_sparse_npz(m))[0], sp.load_npz(io.BytesIO(wire.write_sparse_npz(m)))):
+        assert isinstance(back, sp.csc_array) and np.array_equal(back.toarray(), m.toarray())
+    plain = wire.decode_sparse_json(wire.encode_sparse_json(m), as_scipy=False)
+    assert isinstance(plain, wire.SparseCOO) and np.array_equal(plain.toarray(), m.toarray())
+    good = wire.encode_sparse_json(m)
+    as_rows = {**wire.encode_sparse_json(m.tocsr()), "format": "csc"}  # 8 pointers for 5 columns
+    with pytest.raises(wire.WireError, match=r"sparse csc: indptr must rise from 0 to nnz over shape\[1\] \+ 1 entries"):
+        wire.decode_sparse_json(as_rows)
+    with pytest.raises(wire.WireError, match="outside the shape"):
+        wire.decode_sparse_json({**good, "indices": [7] * len(good["indices"])})  # row 7 of 7
