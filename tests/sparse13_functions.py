@@ -33,3 +33,41 @@ def chain_energy(x: torch.Tensor) -> torch.Tensor:
           description="One output, the sum of the first half of the inputs: a 1 x n Jacobian with n / 2 entries.")
 def head_sum(x: torch.Tensor) -> torch.Tensor:
     return x[: x.numel() // 2].sum().reshape(1)
+
+
+# ------------------------------------------------------------------ empty patterns that jacrev cannot differentiate
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="x * roll(x) written through out= into a buffer it made: autograd refuses out= on values that "
+                      "need a gradient, and the trace never sees the write (an empty pattern).")
+def out_write(x: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(x)
+    torch.mul(x, x.roll(1), out=y)
+    return y
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="The distinct rounded values: zero derivative (round), through unique, which has none.")
+def rounded_unique(x: torch.Tensor) -> torch.Tensor:
+    return torch.unique(x.round())
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="The sum of squares of rounded_unique: an empty Hessian pattern that torch.func.hessian refuses.")
+def rounded_unique_energy(x: torch.Tensor) -> torch.Tensor:
+    return (torch.unique(x.round()) ** 2).sum()
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="2 round(x): a zero Jacobian that jacrev answers.")
+def rounded(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x.round()
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="The sum of the means of x's even and odd elements by index_reduce (no forward AD): a zero "
+                      "Hessian, which reverse over reverse answers.")
+def mean_pairs(x: torch.Tensor) -> torch.Tensor:
+    means = x.new_zeros(2).index_reduce(0, torch.arange(x.numel()) % 2, x, "mean", include_self=False)
+    return means.sum()

@@ -168,3 +168,53 @@ def test_the_wire_reads_csc_with_or_without_scipy_and_refuses_a_hostile_one():
         wire.decode_sparse_json(as_rows)
     with pytest.raises(wire.WireError, match="outside the shape"):
         wire.decode_sparse_json({**good, "indices": [7] * len(good["indices"])})  # row 7 of 7
+
+
+# ------------------------------------------------------------------ an empty pattern is still jacrev's answer
+
+
+def _dense_and_sparse(client, name, kind, x, **options):
+    """The dense route's answer and the sparse one's (``sparsity=auto``), as responses."""
+    body = {"inputs": [f64(x)], **options}
+    return (client.post(f"/v1/functions/{name}/{kind}", json=body),
+            client.post(f"/v1/functions/{name}/{kind}", json={**body, "sparsity": "auto"}))
+
+
+def _torch_error(call):
+    """What torch raises, as the service words a function's failure: 'Type: message'."""
+    with pytest.raises(Exception) as caught, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unique's and index_reduce's own warnings
+        call()
+    return f"{type(caught.value).__name__}: {str(caught.value).splitlines()[0]}"
+
+
+@pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta")  # (the engine runs in this process)
+def test_an_empty_pattern_that_jacrev_cannot_differentiate_is_its_error(client):
+    """A pattern with no entries needs no product, so the function never ran under
+    autodiff and the answer was a 200 of zeros where jacrev raises: a product written
+    through ``out=`` (which autograd refuses, and the trace never sees), ``unique`` of
+    rounded values (no derivative), a Hessian through it (torch.func.hessian: no
+    forward AD). Now one product with a zero seed runs, and the answer is torch's error
+    (500 function_error), the dense route's, whatever the mode. Zero Jacobians and
+    Hessians that torch answers stay 200 (and a Hessian through index_reduce, which has
+    no forward AD, is still reverse over reverse's zeros)."""
+    x = np.linspace(0.6, 1.6, 6)
+    t = torch.from_numpy(x)
+    cases = (("out_write", "jacobian", lambda: torch.func.jacrev(s13.out_write)(t)),
+             ("rounded_unique", "jacobian", lambda: torch.func.jacrev(s13.rounded_unique)(t)),
+             ("rounded_unique_energy", "hessian", lambda: torch.func.hessian(s13.rounded_unique_energy)(t)))
+    for name, kind, torchs in cases:
+        want = _torch_error(torchs)
+        for mode in ("rev", "fwd") if kind == "jacobian" else (None,):
+            dense, sparse = _dense_and_sparse(client, name, kind, x, **({"mode": mode} if mode else {}))
+            for r in (dense, sparse):
+                assert r.status_code == 500 and r.headers["content-type"].startswith("application/problem+json"), r.text
+                doc = r.json()
+                assert (doc["code"], doc["status"]) == ("function_error", 500) and doc["detail"].startswith(want), (name, mode, doc)
+                assert "Traceback" not in r.text
+    for name, kind, want in (("rounded", "jacobian", np.zeros((6, 6))), ("mean_pairs", "hessian", np.zeros((6, 6)))):
+        dense, sparse = _dense_and_sparse(client, name, kind, x)
+        assert dense.status_code == 200 and sparse.status_code == 200, (dense.text, sparse.text)
+        assert np.array_equal(np.asarray(wire.decode_tree(dense.json())[kind]), want)
+        S = wire.decode_sparse_json(sparse.json()[kind])
+        assert (S.nnz, sparse.json()["meta"]["products"]) == (0, 0) and np.array_equal(S.toarray(), want)

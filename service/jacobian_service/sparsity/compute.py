@@ -484,6 +484,13 @@ class _Products:
         per = _WORKSET_FACTOR * batch * (self.width + seed_width) * self.like.element_size()
         chunk = max(1, min(k, memory_budget // max(per, 1), chunk_size or k))
         axis = 0 if batch == 1 else 1
+        if k == 0 and self.width and seed_width:
+            # An empty pattern needs no product, but jacrev still runs the function under
+            # its transform, and fails where it fails (an op without a derivative, such as
+            # unique; a write through out=, which the trace never sees): one product with
+            # a zero seed, its value unused, so that the answer is that failure, not zeros
+            # (and the callers' fallbacks run as for any product: reverse over reverse).
+            run(_split(torch.zeros((1, seed_width), dtype=self.like.dtype, device=self.like.device), self.seed_shapes))
         blocks: list[torch.Tensor] = []
         start = 0
         while start < k:
@@ -943,8 +950,8 @@ def _sparse_hessian(
         # ctc_loss), the answer is forward over reverse's error, torch.func.hessian's
         # own ("Trying to use forward AD with _ctc_loss ..."), as the dense Hessian's is.
         log.info("forward-over-reverse Hessian products failed (%s); using reverse over reverse", type(exc).__name__)
-        run = _single(_product_at("star_rev", fn, argnums, has_aux), args, key and ("star_rev", key))
-        try:
+        try:  # (building it takes the gradient, which fails for an op without a derivative)
+            run = _single(_product_at("star_rev", fn, argnums, has_aux), args, key and ("star_rev", key))
             block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
         except Exception as rev_exc:
             if _is_oom(rev_exc) or isinstance(rev_exc, ServiceError):  # out of memory, past the deadline
