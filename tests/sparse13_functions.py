@@ -1,12 +1,16 @@
 """Functions for tests/test_sparse_round13.py: a scientist's implicit step (whose
 Jacobian scipy's sparse LU takes as CSC), a scalar energy (a sparse Hessian), and a
 function of many inputs and one output (a wide Jacobian, whose CSC holds a column
-pointer per input). Loaded by module name.
+pointer per input); functions jacrev cannot differentiate whose patterns are empty, and
+Hessians through a backward that switches grad off. Loaded by module name.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch.autograd.function import once_differentiable
 
 from jacobian_service import Input, register
 
@@ -71,3 +75,64 @@ def rounded(x: torch.Tensor) -> torch.Tensor:
 def mean_pairs(x: torch.Tensor) -> torch.Tensor:
     means = x.new_zeros(2).index_reduce(0, torch.arange(x.numel()) % 2, x, "mean", include_self=False)
     return means.sum()
+
+
+# ------------------------------------------------------------------ backwards that switch grad off
+
+
+class _CubeOnce(torch.autograd.Function):
+    """a ** 3 whose backward is @once_differentiable (run under no_grad), vmappable, no
+    jvp: torch.func.hessian cannot run it, reverse over reverse answers 0 for its part."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: torch.Tensor) -> torch.Tensor:
+        return a**3
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        return 3 * a**2 * g
+
+
+class _CubeOnceJvp(torch.autograd.Function):
+    """The same with a jvp and no vmap rule: torch.func.hessian cannot vmap it."""
+
+    @staticmethod
+    def forward(a: torch.Tensor) -> torch.Tensor:
+        return a**3
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.a = inputs[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        return 3 * a**2 * g
+
+    @staticmethod
+    def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        return 3 * ctx.a**2 * t
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="sum(x^3 roll(x)) through a Function with a @once_differentiable backward and no jvp.")
+def once_energy(x: torch.Tensor) -> torch.Tensor:
+    return (_CubeOnce.apply(x) * x.roll(1)).sum()
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="sum(x^3 roll(x) c), c the values of x read as a list (which the tracer cannot), through a "
+                      "Function with a @once_differentiable backward, a jvp and no vmap rule: probed.")
+def once_energy_probed(x: torch.Tensor) -> torch.Tensor:
+    c = torch.tensor(x.detach().tolist(), dtype=x.dtype)
+    return (_CubeOnceJvp.apply(x) * x.roll(1) * c).sum()

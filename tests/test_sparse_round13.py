@@ -218,3 +218,30 @@ def test_an_empty_pattern_that_jacrev_cannot_differentiate_is_its_error(client):
         assert np.array_equal(np.asarray(wire.decode_tree(dense.json())[kind]), want)
         S = wire.decode_sparse_json(sparse.json()[kind])
         assert (S.nnz, sparse.json()["meta"]["products"]) == (0, 0) and np.array_equal(S.toarray(), want)
+
+
+# ------------------------------------------------------------------ a backward that switches grad off
+
+
+def test_a_hessian_through_a_backward_under_no_grad_is_torchs_error_as_the_dense_one(client):
+    """A custom Function whose backward is ``@once_differentiable`` runs it under
+    no_grad: reverse over reverse then differentiates a gradient computed without a
+    graph and finds 0 where the Hessian is not. The dense Hessian knows (it answers
+    torch.func.hessian's error where that cannot run); the sparse one did not:
+
+    - ``once_energy`` (no jvp): its forward-over-reverse products failed, and the
+      reverse-over-reverse fallback answered 200 with a Hessian 13.4 off;
+    - ``once_energy_probed`` (a jvp, no vmap rule, traced values read as a list, so
+      probed): the probe's Hessian, reverse over reverse, was not even symmetric, a 422
+      'sparsity 'auto': star colouring needs a square symmetric pattern' for a pattern
+      the service found; symmetric, the products proved it wrong, and the dense
+      fallback, reverse over reverse again, answered 200, 21.5 off.
+
+    Now each is torch.func.hessian's error (500 function_error), the dense route's."""
+    x = np.linspace(0.6, 1.6, 6)
+    for name, fn in (("once_energy", s13.once_energy), ("once_energy_probed", s13.once_energy_probed)):
+        want = _torch_error(lambda fn=fn: torch.func.hessian(fn)(torch.from_numpy(x)))
+        for r in _dense_and_sparse(client, name, "hessian", x):
+            assert r.status_code == 500 and r.headers["content-type"].startswith("application/problem+json"), (name, r.text)
+            doc = r.json()
+            assert (doc["code"], doc["status"]) == ("function_error", 500) and doc["detail"].startswith(want), (name, doc)

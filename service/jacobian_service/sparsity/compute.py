@@ -22,6 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import __version__ as _SERVICE_VERSION
+from ..engine.calling import GradOffWatch
 from ..engine.products import vmap_agrees
 from ..errors import ServiceError, exception_text
 from .coloring import Coloring, choose_coloring, hessian_coloring, star_coloring
@@ -950,12 +951,24 @@ def _sparse_hessian(
         # ctc_loss), the answer is forward over reverse's error, torch.func.hessian's
         # own ("Trying to use forward AD with _ctc_loss ..."), as the dense Hessian's is.
         log.info("forward-over-reverse Hessian products failed (%s); using reverse over reverse", type(exc).__name__)
-        try:  # (building it takes the gradient, which fails for an op without a derivative)
-            run = _single(_product_at("star_rev", fn, argnums, has_aux), args, key and ("star_rev", key))
-            block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
+        watch = GradOffWatch()
+
+        def reverse_over_reverse() -> tuple[Callable[[list[torch.Tensor]], torch.Tensor], tuple[torch.Tensor, int]]:
+            # (building it takes the gradient, which fails for an op without a derivative)
+            rev = _single(_product_at("star_rev", fn, argnums, has_aux), args, key and ("star_rev", key))
+            return rev, plan.compressed(rev, memory_budget, check_alive, chunk_size)
+
+        try:
+            run, (block, chunk) = watch.call(reverse_over_reverse)
         except Exception as rev_exc:
             if _is_oom(rev_exc) or isinstance(rev_exc, ServiceError):  # out of memory, past the deadline
                 raise
+            raise exc.with_traceback(None) from None
+        if watch.seen:
+            # A backward that switches grad off (@once_differentiable, no_grad inside it):
+            # reverse over reverse differentiated a gradient computed without a graph, 0
+            # where the Hessian is not. Only forward over reverse sees through it, and it
+            # cannot run: its error, torch.func.hessian's, as the dense Hessian answers.
             raise exc.with_traceback(None) from None
     if plan.unsolvable(block):  # a NaN or an infinity: star colouring keeps it at its entry
         log.info("a Hessian product is not finite: star colouring instead of acyclic")

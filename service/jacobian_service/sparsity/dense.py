@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..engine.calling import GradOffWatch
 from ..engine.hessian import agrees_with_hvp
 from ..engine.products import agrees_with_reverse
 
@@ -69,12 +70,14 @@ def dense_hessian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor
     strategy = (lambda f: torch.func.jacrev(torch.func.jacrev(f, argnums=argnums), argnums=argnums)) if reverse \
         else (lambda f: torch.func.hessian(f, argnums=argnums))
     h = None
+    failed: Exception | None = None  # torch's own strategy's error
     if verdict.get("vmap", True):
         try:
             h = strategy(g)(*primals)
         except Exception as exc:
             if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
                 raise
+            failed = exc
         if h is not None and "vmap" not in verdict:
             verdict["vmap"] = agrees_with_hvp(_with_aux(g), tuple(primals), argnums, h)
             if not verdict["vmap"]:
@@ -83,5 +86,15 @@ def dense_hessian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor
             verdict["vmap"] = False
     if not verdict["vmap"]:
         inner = torch.func.jacrev(g, argnums=argnums, chunk_size=1)
-        h = torch.func.jacrev(inner, argnums=argnums, chunk_size=1)(*primals)
+        watch = GradOffWatch()
+        rows = watch.call(torch.func.jacrev(inner, argnums=argnums, chunk_size=1), *primals)
+        if watch.seen and not reverse:
+            # A backward that switches grad off (@once_differentiable): reverse over
+            # reverse found 0 where the Hessian is not. torch.func.hessian sees through
+            # it: its answer, or, where it cannot run (no jvp rule), its error.
+            if failed is not None:
+                raise failed.with_traceback(None)
+            if h is not None:
+                return h
+        h = rows
     return h

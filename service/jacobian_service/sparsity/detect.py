@@ -2186,5 +2186,10 @@ def probe(
         nz = (dense != 0).cpu().numpy()
         found = nz if found is None else found | nz
     assert found is not None
+    if hessian:
+        # A Hessian's pattern is symmetric, as star and acyclic colourings need: an
+        # entry seen on one side holds its pair (reverse over reverse through a backward
+        # that switches grad off, or under no_grad, saw one of them only).
+        found = found | found.T
     notes = ("numerical probe at this point and random ones: entries that vanish at every probed point are missed",) + ((why,) if why else ())
     return Pattern.from_dense(found, source="probe", exact=False, notes=notes)
