@@ -136,3 +136,23 @@ def once_energy(x: torch.Tensor) -> torch.Tensor:
 def once_energy_probed(x: torch.Tensor) -> torch.Tensor:
     c = torch.tensor(x.detach().tolist(), dtype=x.dtype)
     return (_CubeOnceJvp.apply(x) * x.roll(1) * c).sum()
+
+
+# ------------------------------------------------------------------ Hessians computed inside the function
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="A Hessian-vector product of chain_energy computed inside (jvp of grad, v = ones): "
+                      "H(x) 1, a tridiagonal Jacobian.")
+def chain_hvp(x: torch.Tensor) -> torch.Tensor:
+    return torch.func.jvp(torch.func.grad(chain_energy), (x,), (torch.ones_like(x),))[1]
+
+
+def _cell_energy(u: torch.Tensor) -> torch.Tensor:
+    return (u**3).sum() * u[0]
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="Each 3-element cell's Hessian row sums (torch.func.hessian under vmap inside): block diagonal.")
+def cell_hessians(x: torch.Tensor) -> torch.Tensor:
+    return torch.func.vmap(torch.func.hessian(_cell_energy))(x.reshape(-1, 3)).sum(-1).reshape(-1)

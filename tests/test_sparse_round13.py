@@ -245,3 +245,26 @@ def test_a_hessian_through_a_backward_under_no_grad_is_torchs_error_as_the_dense
             assert r.status_code == 500 and r.headers["content-type"].startswith("application/problem+json"), (name, r.text)
             doc = r.json()
             assert (doc["code"], doc["status"]) == ("function_error", 500) and doc["detail"].startswith(want), (name, doc)
+
+
+# ------------------------------------------------------------------ Hessians computed inside the function
+
+
+def test_a_hessian_computed_inside_the_function_is_detected_without_a_crash(client):
+    """A function that computes a Hessian-vector product (jvp of grad) or a Hessian
+    inside itself: under the tracer, torch makes ZeroTensors for the tangents, which the
+    tracer wrapped as constants, and torch (2.13) crashed the process at the next op on
+    one (a segmentation fault: an engine process died at every such request, and with
+    the in-process layout the server). Now ZeroTensors stay unwrapped: chain_hvp traces
+    (an op on one taken as dense: exact false), cell_hessians' trace fails cleanly and
+    its pattern is probed; each answer is jacrev's, its pattern holding every nonzero."""
+    x = RNG.uniform(0.5, 1.5, 12)
+    for name, source in (("chain_hvp", "detected"), ("cell_hessians", "probed")):
+        r = client.post(f"/v1/functions/{name}/jacobian", json={"inputs": [f64(x)], "sparsity": "auto"})
+        assert r.status_code == 200, r.text
+        meta = r.json()["meta"]
+        assert (meta["source"], meta["exact"]) == (source, False), meta
+        J = wire.decode_sparse_json(r.json()["jacobian"])
+        want = jacrev(getattr(s13, name), x)
+        np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+        assert J.nnz >= np.count_nonzero(want)

@@ -1903,8 +1903,11 @@ def _fill_value(args: Any) -> "_Traced | None":
 
 def _strided(o: torch.Tensor) -> bool:
     """A dense tensor: the tracer's wrapper holds no other layout (``to_sparse()`` of a
-    constant stays a plain tensor)."""
-    return o.layout == torch.strided
+    constant stays a plain tensor), nor a ZeroTensor (the zeros torch makes for a
+    tangent under a jvp of a grad: a Hessian or Hessian-vector product computed inside
+    the function). torch (2.13) crashes the process, a segmentation fault, at the next
+    op on such a wrapper: the engine died at every such request."""
+    return o.layout == torch.strided and not o._is_zerotensor()
 
 
 def _float(o: Any) -> bool:
