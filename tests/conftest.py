@@ -79,6 +79,17 @@ def sdk_over(app: TestClient) -> Iterator[Any]:
         yield client
 
 
+@contextlib.contextmanager
+def ready_app_with(functions: str, **settings: Any) -> Iterator[TestClient]:
+    """``ready_app`` under these settings, given as an operator would
+    (``JACOBIAN_SERVICE_<NAME>`` in the environment, for the app's life only)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in settings.items():
+            mp.setenv(f"JACOBIAN_SERVICE_{key.upper()}", str(value))
+        with ready_app(functions) as c:
+            yield c
+
+
 @pytest.fixture
 def make_client(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A fresh app configured through the environment, as an operator would."""

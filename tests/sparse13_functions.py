@@ -101,23 +101,15 @@ class _CubeOnce(torch.autograd.Function):
         return 3 * a**2 * g
 
 
-class _CubeOnceJvp(torch.autograd.Function):
+class _CubeOnceJvp(_CubeOnce):
     """The same with a jvp and no vmap rule: torch.func.hessian cannot vmap it."""
 
-    @staticmethod
-    def forward(a: torch.Tensor) -> torch.Tensor:
-        return a**3
+    generate_vmap_rule = False
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        ctx.save_for_backward(inputs[0])
+        _CubeOnce.setup_context(ctx, inputs, output)
         ctx.a = inputs[0]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
-        (a,) = ctx.saved_tensors
-        return 3 * a**2 * g
 
     @staticmethod
     def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from tests import sparse11_functions as s11
 
-from .conftest import ready_app
+from .conftest import ready_app_with
 from .test_sparse_round9 import f64, jac, sparse  # the round-9 helpers: a request, its answer, torch's
 from .test_sparse_round10 import sdk  # noqa: F401 (round 10's fixture: the SDK through this module's in-process app)
 
@@ -33,10 +33,8 @@ LIMIT = 65536
 
 @pytest.fixture(scope="module")
 def client():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JACOBIAN_SERVICE_MAX_RESULT_BYTES", str(LIMIT))
-        with ready_app("tests.sparse11_functions") as c:
-            yield c
+    with ready_app_with("tests.sparse11_functions", max_result_bytes=LIMIT) as c:
+        yield c
 
 
 def entries(J):

@@ -21,7 +21,7 @@ import torch
 from jacobian_client import wire
 from tests import sparse12_functions as s12
 
-from .conftest import ready_app
+from .conftest import ready_app_with
 from .test_sparse_round9 import f64, jac, sparse  # the round-9 helpers: an array's JSON, a request, torch's
 from .test_sparse_round10 import sdk  # noqa: F401 (round 10's fixture: the SDK through this module's in-process app)
 from .test_sparse_round11 import entries  # a sparse matrix's (row, column) set
@@ -35,11 +35,8 @@ BUDGET = 4 << 20
 
 @pytest.fixture(scope="module")
 def client():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JACOBIAN_SERVICE_MAX_RESULT_BYTES", str(LIMIT))
-        mp.setenv("JACOBIAN_SERVICE_MEMORY_BUDGET_BYTES", str(BUDGET))
-        with ready_app("tests.sparse12_functions") as c:
-            yield c
+    with ready_app_with("tests.sparse12_functions", max_result_bytes=LIMIT, memory_budget_bytes=BUDGET) as c:
+        yield c
 
 
 def products_agree(f, x, J, rtol=1e-12):

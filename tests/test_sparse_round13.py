@@ -23,7 +23,7 @@ from jacobian_client import Client, wire
 from jacobian_service import examples
 from tests import sparse13_functions as s13
 
-from .conftest import ready_app
+from .conftest import ready_app_with
 from .test_sparse_round9 import f64
 from .test_sparse_round10 import sdk  # noqa: F401 (round 10's fixture: the SDK through this module's in-process app)
 from .test_sparse_round11 import _npy, _refused  # an array as an .npy body; a 413 problem's detail
@@ -36,10 +36,8 @@ LIMIT = 1 << 20
 
 @pytest.fixture(scope="module")
 def client():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JACOBIAN_SERVICE_MAX_RESULT_BYTES", str(LIMIT))
-        with ready_app("tests.sparse13_functions") as c:
-            yield c
+    with ready_app_with("tests.sparse13_functions", max_result_bytes=LIMIT) as c:
+        yield c
 
 
 def jacrev(f, *args, argnums=0):
