@@ -148,3 +148,11 @@ def _cell_energy(u: torch.Tensor) -> torch.Tensor:
           description="Each 3-element cell's Hessian row sums (torch.func.hessian under vmap inside): block diagonal.")
 def cell_hessians(x: torch.Tensor) -> torch.Tensor:
     return torch.func.vmap(torch.func.hessian(_cell_energy))(x.reshape(-1, 3)).sum(-1).reshape(-1)
+
+
+@register(inputs=[Input("u", shape=("ny", "nx"), dtype="float64")],
+          description="Each row's spectrum, conjugated, read by parts (.conj().real, .conj().imag): each output on "
+                      "its row.")
+def row_spectra(u: torch.Tensor) -> torch.Tensor:
+    s = torch.fft.rfft(u, dim=1).conj()
+    return torch.cat([s.real, 2 * s.imag], dim=1)

@@ -266,3 +266,21 @@ def test_a_hessian_computed_inside_the_function_is_detected_without_a_crash(clie
         want = jacrev(getattr(s13, name), x)
         np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
         assert J.nnz >= np.count_nonzero(want)
+
+
+def test_the_parts_of_a_conjugated_spectrum_are_traced(client):
+    """``torch.fft.rfft(u).conj().imag``: torch reads the parts of the tracer's wrapper
+    (which carries no conjugate bit) as ``view_as_real``, which the conjugated value
+    refused, so tracing failed and the pattern was probed (dense Jacobians at three
+    points; meta.source 'probed', exact false). Now it is traced: each row's outputs on
+    that row alone (3 products for 3 rows of 8), jacrev's values."""
+    u = RNG.uniform(0.5, 1.5, (3, 8))
+    r = client.post("/v1/functions/row_spectra/jacobian", json={"inputs": [f64(u)], "sparsity": "auto"})
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta"]
+    assert (meta["source"], meta["exact"], meta["products"]) == ("detected", True, 8), meta
+    J = wire.decode_sparse_json(r.json()["jacobian"])
+    want = jacrev(s13.row_spectra, u)
+    np.testing.assert_allclose(J.toarray(), want, rtol=1e-12, atol=1e-12)
+    rows = np.repeat(np.arange(3), 10)  # 5 frequencies, real and imaginary parts, a row
+    assert {(i, j) for i, j in zip(*J.nonzero())} <= {(k, j) for k in range(30) for j in range(rows[k] * 8, rows[k] * 8 + 8)}

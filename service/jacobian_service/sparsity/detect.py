@@ -504,9 +504,7 @@ class _Tracer:
             return self.relayout(func, args, kwargs)
         if all(t.root.const for t in traced):
             return self.constant(func, args, kwargs, traced)
-        unwrapped_args, unwrapped_kwargs = pytree.tree_map(
-            lambda a: a.value if isinstance(a, _Traced) else a, (args, kwargs)
-        )
+        unwrapped_args, unwrapped_kwargs = _unwrapped(func, args, kwargs)
         out = func(*unwrapped_args, **unwrapped_kwargs)
         name = _op(func)
         mutated = _writes_first(func)
@@ -615,7 +613,7 @@ class _Tracer:
         it): no dependencies, and nothing it reads is a value of the inputs. Float
         results stay traced (a buffer written in place later gets dependencies); a view
         shares its base's root, so that a write through it reaches the base."""
-        unwrapped_args, unwrapped_kwargs = pytree.tree_map(lambda a: a.value if isinstance(a, _Traced) else a, (args, kwargs))
+        unwrapped_args, unwrapped_kwargs = _unwrapped(func, args, kwargs)
         out = func(*unwrapped_args, **unwrapped_kwargs)
         schema = func._schema
         if _writes_first(func) and isinstance(args[0], _Traced):
@@ -1855,6 +1853,19 @@ def _tagged(func: Any, tag: Any) -> bool:
     if tags is None:
         tags = _TAGS[func] = frozenset(func.tags)
     return tag in tags
+
+
+def _unwrapped(func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """``args`` and ``kwargs`` with each traced tensor's value in its place, for ``func``
+    to run on. The wrapper carries no conjugate bit where its value does
+    (``torch.fft.rfft(x).conj()``), so torch reads ``.imag`` / ``.real`` of it as
+    ``view_as_real`` of the wrapper, which the value, conjugate unresolved, refuses
+    ('view_as_real doesn't work on unresolved conjugated tensors'): there, the value
+    resolved (the same numbers; tracing then failed and the pattern was probed)."""
+    resolve = _op(func) == "view_as_real"
+    return pytree.tree_map(
+        lambda a: (a.value.resolve_conj() if resolve else a.value) if isinstance(a, _Traced) else a, (args, kwargs)
+    )
 
 
 def _writes_first(func: Any) -> bool:
