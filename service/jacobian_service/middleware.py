@@ -290,9 +290,18 @@ def _is_open(path: str, open_paths: set[str]) -> bool:
     return path in open_paths or path.startswith("/docs-assets/")
 
 
-# The response headers a script may read (routes.py's streams send the X- ones).
+# The response headers a script may read (routes.py's streams send the X- ones; a 415
+# for a Content-Encoding says which codings are served in Accept-Encoding).
 EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "Content-Length", "Content-Disposition", "WWW-Authenticate", "Allow",
-                   "X-Chunk-Size", "X-Device", "X-Queue-Ms"]
+                   "X-Chunk-Size", "X-Device", "X-Queue-Ms", "Accept-Encoding"]
+
+
+# Request headers the service reads and answers for: each must pass the preflight, or
+# a page of an allowed origin that sends it reads "Failed to fetch" where any other
+# client gets the service's answer. Content-Encoding is refused with a 415 that says
+# none is served (routes.py): a page that gzipped its body (CompressionStream) had its
+# preflight refused, and never read why.
+SERVICE_HEADERS = ["Authorization", "Content-Type", "Content-Encoding", "Accept", "X-Request-ID", "X-Request-Timeout"]
 
 
 # Request headers that tracing in a page adds to its calls (OpenTelemetry's fetch and XHR
@@ -328,8 +337,8 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
     name (a ``*`` would not cover it). Scripts may read every header the service sends
     for them (a browser hides any not named in ``expose_headers``): the request id, a
     429's or 503's ``Retry-After``, a 401's ``WWW-Authenticate``, a 405's ``Allow``, a
-    streamed Jacobian's ``X-Chunk-Size`` / ``X-Device`` / ``X-Queue-Ms``, and a binary
-    answer's ``Content-Disposition`` (its file name).
+    streamed Jacobian's ``X-Chunk-Size`` / ``X-Device`` / ``X-Queue-Ms``, a binary
+    answer's ``Content-Disposition`` (its file name), and a 415's ``Accept-Encoding``.
 
     A page of an origin named in ``origins`` may call with credentials (``fetch(...,
     {credentials: "include"})``, axios' ``withCredentials``: a proxy in front that
@@ -409,8 +418,7 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
         app,
         allow_origins=list(origins),
         allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
-        allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID", "X-Request-Timeout", *TRACE_HEADERS,
-                       *LIBRARY_HEADERS],
+        allow_headers=[*SERVICE_HEADERS, *TRACE_HEADERS, *LIBRARY_HEADERS],
         expose_headers=EXPOSED_HEADERS,
         allow_private_network=True,
         # How long a browser may keep a preflight's answer (per page origin and URL:

@@ -1,0 +1,84 @@
+"""A real browser as the outside testers use one, round 7.
+
+One API server (an API key, CORS_ORIGINS naming one page origin) and round 5's headless
+Chromium for the module:
+
+* a page of the allowed origin that gzips its body (CompressionStream) reads the
+  service's 415 and which codings it serves, where its preflight was refused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
+
+from tests._cdp import Chromium
+from tests._client_support import real_app, serve
+
+from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
+
+SIN = "/v1/functions/sin/jacobian"
+KEY = {"Authorization": "Bearer k1"}
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator[str]:
+    """A page server: another origin (127.0.0.1 on another port), the one CORS_ORIGINS allows."""
+    async def blank(request: Any) -> HTMLResponse:
+        return HTMLResponse("<!doctype html><html><head><meta charset='utf-8'></head><body>page</body></html>")
+
+    with serve(Starlette(routes=[Route("/", blank)])) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def api(page: str) -> Iterator[str]:
+    app = real_app(functions="jacobian_service.examples", api_keys="k1", cors_origins=page)
+    with serve(app, ready_path="/readyz") as url:
+        yield url
+
+
+def _on_page(browser: Chromium, page: str) -> None:
+    browser.goto(page + "/")
+    browser.wait_for("document.body && document.body.textContent === 'page'")
+    browser.events.clear()
+
+
+def _console_errors(browser: Chromium) -> list[str]:
+    browser.eval("true")  # (the events sent meanwhile, read)
+    return [m for m in browser.messages() if m.startswith(("error:", "exception:", "console.error:"))]
+
+
+def test_a_page_that_gzips_its_body_reads_why_it_is_refused(api, page, browser):
+    """A page of the allowed origin that gzips its JSON body (CompressionStream) and says
+    so (Content-Encoding: gzip) read "TypeError: Failed to fetch": the preflight refused
+    the header, so the service's 415, which says that no coding is served
+    (Accept-Encoding: identity), never reached it. Now the page reads that 415 and its
+    Accept-Encoding, and the same body sent as it is answers torch.func's Jacobian."""
+    _on_page(browser, page)
+    got = browser.eval(f"""(async () => {{
+      const text = JSON.stringify({{inputs: [[0.5, 1.0]]}});
+      const gz = await new Response(new Blob([text]).stream().pipeThrough(new CompressionStream('gzip'))).arrayBuffer();
+      const call = (body, more) => fetch({json.dumps(api + SIN)}, {{method: 'POST', body,
+        headers: {{'Content-Type': 'application/json', Authorization: 'Bearer k1', ...more}}}})
+        .then(async r => ({{status: r.status, type: r.headers.get('content-type'),
+                            accepts: r.headers.get('accept-encoding'), body: await r.json()}}), e => String(e));
+      return [await call(gz, {{'Content-Encoding': 'gzip'}}), await call(text, {{}})];
+    }})()""")
+    refused, plain = got
+    assert isinstance(refused, dict), refused
+    assert (refused["status"], refused["type"], refused["accepts"]) == (415, "application/problem+json", "identity")
+    assert refused["body"]["code"] == "unsupported_media_type"
+    assert refused["body"]["detail"] == "Content-Encoding 'gzip' is not supported; send the body as it is"
+    assert plain["status"] == 200, plain
+    want = torch.func.jacrev(torch.sin)(torch.tensor([0.5, 1.0])).numpy()
+    np.testing.assert_allclose(np.float32(plain["body"]["jacobian"]["data"]), want, rtol=1e-6)
+    assert [m for m in _console_errors(browser) if "CORS" in m] == []
+
