@@ -4,7 +4,9 @@ One API server (an API key, CORS_ORIGINS naming one page origin) and round 5's h
 Chromium for the module:
 
 * a page of the allowed origin that gzips its body (CompressionStream) reads the
-  service's 415 and which codings it serves, where its preflight was refused.
+  service's 415 and which codings it serves, where its preflight was refused;
+* a preflight refused for a header or a method does not have the console blame the
+  page's origin, which CORS_ORIGINS allows.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -82,3 +85,27 @@ def test_a_page_that_gzips_its_body_reads_why_it_is_refused(api, page, browser):
     np.testing.assert_allclose(np.float32(plain["body"]["jacobian"]["data"]), want, rtol=1e-6)
     assert [m for m in _console_errors(browser) if "CORS" in m] == []
 
+
+def test_a_refused_preflight_does_not_blame_an_allowed_origin(api, page, browser):
+    """A page of the allowed origin sending a header the service does not take, or a
+    method it has nowhere: the preflight is refused (the page reads "Failed to fetch",
+    as CORS has it), but the console said "No 'Access-Control-Allow-Origin' header is
+    present on the requested resource", sending the developer to CORS_ORIGINS, which
+    names the origin: the refusal (a problem+json naming the header or method) had lost
+    its Access-Control-Allow-Origin. It keeps it now: the console says the preflight
+    was refused, and nothing of the origin."""
+    _on_page(browser, page)
+    for init in ("{method: 'POST', headers: {'Content-Type': 'application/json', 'X-Not-Taken': '1'}, body: '{}'}",
+                 "{method: 'PUT', headers: {'Content-Type': 'application/json'}, body: '{}'}"):
+        browser.events.clear()
+        got = browser.eval(f"fetch({json.dumps(api + SIN)}, {init}).then(r => r.status, e => String(e))")
+        assert got == "TypeError: Failed to fetch", got
+        cors = [m for m in _console_errors(browser) if "CORS policy" in m]
+        assert len(cors) == 1 and "preflight" in cors[0], cors
+        assert "Access-Control-Allow-Origin" not in cors[0], cors
+    # Over HTTP: the refusal is still the problem naming what it refused, for the origin.
+    r = httpx.options(api + SIN, headers={"Origin": page, "Access-Control-Request-Method": "POST",
+                                          "Access-Control-Request-Headers": "content-type, x-not-taken"}, timeout=10)
+    assert (r.status_code, r.json()["code"]) == (400, "malformed_request"), r.text
+    assert r.json()["detail"].startswith("CORS preflight refused: the request header 'x-not-taken' cannot be sent")
+    assert (r.headers["access-control-allow-origin"], r.headers["access-control-allow-credentials"]) == (page, "true")

@@ -384,14 +384,20 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
 
         def preflight_response(self, request_headers: Any) -> Any:
             response = super().preflight_response(request_headers)
+            if request_headers["origin"] in self.credentialed:
+                _allow_credentials(response.headers, request_headers["origin"])
             if response.status_code != 400:
-                if request_headers["origin"] in self.credentialed:
-                    _allow_credentials(response.headers, request_headers["origin"])
                 return response
+            # The refusal keeps the CORS headers Starlette gave it: an allowed origin's
+            # Access-Control-Allow-Origin above all. Without it a page of an allowed
+            # origin whose preflight was refused for a header or a method read in the
+            # console "No 'Access-Control-Allow-Origin' header is present", sent to look
+            # for its origin in CORS_ORIGINS, where it was; with it Chromium says the
+            # preflight was refused, whose detail (DevTools' network panel) names what.
             problem = problem_response(MalformedRequest(self._refusal(request_headers)), _REQUEST_ID.get())
-            for key in ("access-control-allow-methods", "access-control-max-age", "vary"):
-                if key in response.headers:
-                    problem.headers[key] = response.headers[key]
+            for key, value in response.headers.items():
+                if key.startswith("access-control-") or key in ("timing-allow-origin", "vary"):
+                    problem.headers[key] = value
             return problem
 
         def _refusal(self, request_headers: Any) -> str:
