@@ -127,14 +127,36 @@ _DOCS_JS = r"""(function () {
   // the page said "The API description could not be loaded: Failed to execute 'fetch'
   // ... non ISO-8859-1 code point" and disabled the field, until the page was reloaded.
   // Such a key is asked for again, the character named.
+  function unsendable(value) {  // "U+200B" for the first character a header cannot carry, else ""
+    var bad = /[^\x20-\x7e]/.exec(value);
+    return bad ? "U+" + ("000" + bad[0].charCodeAt(0).toString(16).toUpperCase()).slice(-4) : "";
+  }
   async function askSendable(message) {
     for (;;) {
-      var key = await ask(message), bad = /[^\x20-\x7e]/.exec(key);
+      var key = await ask(message), bad = unsendable(key);
       if (!bad) return key;
-      var code = bad[0].charCodeAt(0).toString(16).toUpperCase();
-      message = "That key holds U+" + ("000" + code).slice(-4) + ", which a header cannot carry (a character " +
-                "copied with it?); type the key again.";
+      message = "That key holds " + bad + ", which a header cannot carry (a character copied with it?); " +
+                "type the key again.";
     }
+  }
+  // The same key typed into Swagger UI's Authorize dialog was let through to fetch(),
+  // which threw: Execute showed "TypeError: Failed to execute 'fetch' on 'Window': ...
+  // non ISO-8859-1 code point", naming neither the key nor the character, and the page's
+  // own call for vjp's body threw into the console. Such a request is not sent; Execute
+  // says which header holds what, and what to do (as the fetch that fails it: an error
+  // thrown here left Swagger UI's answer blank).
+  function sendableHeaders(request) {
+    var said = "";
+    Object.keys(request.headers || {}).some(function (name) {
+      var bad = unsendable(String(request.headers[name]));
+      if (bad) said = name.toLowerCase() === "authorization"
+        ? "The key given to Authorize holds " + bad + ", which a header cannot carry (a character copied with " +
+          "it?): Logout there and type the key again."
+        : "The " + name + " header holds " + bad + ", which a header cannot carry: type it again.";
+      return !!bad;
+    });
+    if (said) request.userFetch = function () { return Promise.reject(new Error(said)); };
+    return request;
   }
 
   async function main() {
@@ -164,7 +186,7 @@ _DOCS_JS = r"""(function () {
       // The key the document was read with authorizes "Try it out" too (the Authorize
       // button shows it, and logs it out).
       onComplete: function () { if (key) swagger.preauthorizeApiKey("bearer", key); },
-      responseInterceptor: offerLargeAsFile
+      requestInterceptor: sendableHeaders, responseInterceptor: offerLargeAsFile
     });
     // The examples are per function (the request body's, the sparsity query's shapes),
     // but Swagger UI keeps the first one whatever function "Try it out" picks: Execute
@@ -232,11 +254,13 @@ _DOCS_JS = r"""(function () {
       var inputs = examples[name].value.inputs;
       var headers = {"Content-Type": "application/json", Accept: "application/json"};
       var bearer = authorized() || key;
+      if (unsendable(bearer)) return;  // fetch() would throw; Execute says why (sendableHeaders)
       if (bearer) headers.Authorization = "Bearer " + bearer;
       var base = (spec.servers && spec.servers[0] && spec.servers[0].url) || root;
       var response = await fetch(base + "/v1/functions/" + encodeURIComponent(name) + "/evaluate",
-                                 {method: "POST", headers: headers, body: JSON.stringify({inputs: inputs})});
-      if (!response.ok) return;  // Execute then shows what the function makes of it
+                                 {method: "POST", headers: headers, body: JSON.stringify({inputs: inputs})})
+        .catch(function () { return null; });  // (the server gone: as an answer that is no output)
+      if (!response || !response.ok) return;  // Execute then shows what the function makes of it
       var output = (await response.json()).output;
       var body = {inputs: inputs, cotangents: shaped(output)};
       if (kind === "hvp") {
