@@ -8,12 +8,15 @@ Chromium for the module:
 * a preflight refused for a header or a method does not have the console blame the
   page's origin, which CORS_ORIGINS allows;
 * /redoc leaves the console without an error;
-* /docs: a key given to Authorize with a character a header cannot carry is named.
+* /docs: a key given to Authorize with a character a header cannot carry is named;
+* an upload whose argnums names no parameter is refused before its body is sent.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import time
 from typing import Any, Iterator
 
 import httpx
@@ -181,3 +184,37 @@ def test_a_key_given_to_authorize_that_a_header_cannot_carry_is_named(api, brows
     assert "Logout there and type the key again" in said, said
     assert _console_errors(browser) == []
     browser.goto("about:blank")
+
+
+def _answer_to_head(url: str, head: str) -> bytes:
+    """What the server answers a request's head alone (its body never sent)."""
+    host, port = url.removeprefix("http://").split(":")
+    got = b""
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(head.encode())
+        deadline = time.monotonic() + 10
+        while b'"request_id"' not in got and time.monotonic() < deadline:
+            piece = conn.recv(65536)
+            if not piece:
+                break
+            got += piece
+    return got
+
+
+def test_an_upload_whose_argnums_names_no_parameter_is_refused_before_its_body(api, page, browser):
+    """A page uploading an .npy with an argnums that names no parameter of the function
+    (?argnums=y, ?argnums=7 for sin's one input) was told so only once its whole body
+    had come and been parsed: a 16 MB upload of the wrong bytes read a 400 about the
+    body (bad magic) instead of the 422 its URL had decided, and a right one waited for
+    its whole upload. Now the head decides it, as it does the other options."""
+    _on_page(browser, page)
+    got = browser.eval(f"""(async () => {{
+      const r = await fetch({json.dumps(api + SIN + "?argnums=y")}, {{method: 'POST', body: new Blob([new Uint8Array(16 << 20)]),
+        headers: {{'Content-Type': 'application/x-npy', Authorization: 'Bearer k1'}}}});
+      return {{status: r.status, body: await r.json()}};
+    }})()""")
+    assert (got["status"], got["body"]["code"]) == (422, "invalid_input"), got
+    assert got["body"]["detail"] == "argnums: 'y' is not a parameter of 'sin'; it has ['x']"
+    answer = _answer_to_head(api, f"POST {SIN}?argnums=7 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k1\r\n"
+                                  "Content-Type: application/x-npy\r\nContent-Length: 67108864\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 422 ") and b"argnums: 7 is out of range for 'sin'" in answer, answer[:300]

@@ -458,14 +458,7 @@ def parse_call(
 
     options = _options(raw_options, kind)
     _check_options(spec, kind, options)
-    if kind == "evaluate" and not spec.inputs:
-        # Nothing to differentiate, nothing to select: evaluate answers f(), where the
-        # default argnums=0 was a 422 "out of range" for a function that takes no inputs
-        if options.batched:
-            raise InvalidInput(f"batched needs inputs to batch over; {spec.name} takes none")
-        positions, as_tuple = (), False
-    else:
-        positions, as_tuple = spec.argnums(options.argnums)
+    positions, as_tuple = _positions(spec, kind, options)
     argnums = spec.leaf_argnums(positions)
     given = [k for k in ("in_dims", "out_dims") if not (type(getattr(options, k)) is int and getattr(options, k) == 0)]
     if not options.batched and given:
@@ -541,6 +534,17 @@ def parse_call(
     )
 
 
+def _positions(spec: FunctionSpec, kind: str, options: Options) -> tuple[tuple[int, ...], bool]:
+    """The parameters ``argnums`` selects, and whether as a tuple (``spec.argnums``)."""
+    if kind == "evaluate" and not spec.inputs:
+        # Nothing to differentiate, nothing to select: evaluate answers f(), where the
+        # default argnums=0 was a 422 "out of range" for a function that takes no inputs
+        if options.batched:
+            raise InvalidInput(f"batched needs inputs to batch over; {spec.name} takes none")
+        return (), False
+    return spec.argnums(options.argnums)
+
+
 def _check_pairs(key: str, vectors: Any, extra_key: str, extra: Any) -> None:
     """Stacked cotangents and tangents (an hvp's ``c . H t``) pair up by index: one
     number of each, told before any compute (the shapes after the leading dimension are
@@ -559,16 +563,21 @@ def _check_pairs(key: str, vectors: Any, extra_key: str, extra: Any) -> None:
 def check_head(spec: FunctionSpec, kind: Kind, media_type: str, query: Mapping[str, str]) -> None:
     """What a request's head decides, checked before its body is read (parse_call checks
     it again, with the body's options): the query's options (unknown ones, ones ``kind``
-    does not take, values that are wrong on their own) and whether an .npy body can
-    carry the call. These were told only once the
-    whole body had come and been parsed: a 256 MB upload for a 422 its URL had decided
+    does not take, values that are wrong on their own, an argnums naming no parameter)
+    and whether an .npy body can carry the call. These were told only once the whole
+    body had come and been parsed: a 256 MB upload for a 422 its URL had decided
     (``?sparsity=nope``, ``?chunk_size=lots``, an .npy for a function of two inputs)."""
     if media_type not in (wire.JSON, wire.NPY, wire.NPZ):
         raise _unsupported(media_type)
     if media_type == wire.NPY:
         _check_npy_carries(spec, kind)
     if query:  # (a JSON body's own options may refuse more, once read; none makes these right)
-        _check_options(spec, kind, _options({k: _query_value(k, v) for k, v in query.items()}, kind))
+        options = _options({k: _query_value(k, v) for k, v in query.items()}, kind)
+        _check_options(spec, kind, options)
+        # An argnums naming no parameter (?argnums=y, ?argnums=7 for a function of one
+        # input) was told only once the body had come and been parsed: a page uploading
+        # a 64 MB .npy waited for all of it to read a 422 its URL had decided.
+        _positions(spec, kind, options)
 
 
 def _unsupported(media_type: str) -> UnsupportedMediaType:
