@@ -206,7 +206,8 @@ def test_an_upload_whose_argnums_names_no_parameter_is_refused_before_its_body(a
     (?argnums=y, ?argnums=7 for sin's one input) was told so only once its whole body
     had come and been parsed: a 16 MB upload of the wrong bytes read a 400 about the
     body (bad magic) instead of the 422 its URL had decided, and a right one waited for
-    its whole upload. Now the head decides it, as it does the other options."""
+    its whole upload. Now the head decides it, as it does the other options; so it does
+    per-example dims an .npy's query gets wrong (in_dims without batched=true)."""
     _on_page(browser, page)
     got = browser.eval(f"""(async () => {{
       const r = await fetch({json.dumps(api + SIN + "?argnums=y")}, {{method: 'POST', body: new Blob([new Uint8Array(16 << 20)]),
@@ -218,3 +219,7 @@ def test_an_upload_whose_argnums_names_no_parameter_is_refused_before_its_body(a
     answer = _answer_to_head(api, f"POST {SIN}?argnums=7 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k1\r\n"
                                   "Content-Type: application/x-npy\r\nContent-Length: 67108864\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 422 ") and b"argnums: 7 is out of range for 'sin'" in answer, answer[:300]
+    # So were per-example dims an .npy's query gets wrong: the body gives no options.
+    answer = _answer_to_head(api, f"POST {SIN}?in_dims=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k1\r\n"
+                                  "Content-Type: application/x-npy\r\nContent-Length: 67108864\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 422 ") and b"in_dims is for per-example requests" in answer, answer[:300]

@@ -460,11 +460,7 @@ def parse_call(
     _check_options(spec, kind, options)
     positions, as_tuple = _positions(spec, kind, options)
     argnums = spec.leaf_argnums(positions)
-    given = [k for k in ("in_dims", "out_dims") if not (type(getattr(options, k)) is int and getattr(options, k) == 0)]
-    if not options.batched and given:
-        raise InvalidInput(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for per-example requests "
-                           "(vmap's): add batched=true")
-    in_dims = leaf_in_dims(spec, options.in_dims) if options.batched and spec.inputs else None
+    in_dims, out_dims = _per_example(spec, options)
 
     args: list[np.ndarray] = []
     dtypes: list[str] = []
@@ -522,7 +518,7 @@ def parse_call(
         chunk_size=options.chunk_size,
         batched=options.batched,
         in_dims=in_dims,
-        out_dims=check_out_dims(options.out_dims) if options.batched else 0,
+        out_dims=out_dims,
         mode=options.mode or ("rev" if options.sparsity == "dense" else "auto"),
         rows=options.rows,
         return_output=options.return_output,
@@ -545,6 +541,17 @@ def _positions(spec: FunctionSpec, kind: str, options: Options) -> tuple[tuple[i
     return spec.argnums(options.argnums)
 
 
+def _per_example(spec: FunctionSpec, options: Options) -> tuple[Any, Any]:
+    """``in_dims`` (one per leaf input; None unless batched) and ``out_dims``, checked
+    against the function's inputs."""
+    given = [k for k in ("in_dims", "out_dims") if not (type(getattr(options, k)) is int and getattr(options, k) == 0)]
+    if not options.batched and given:
+        raise InvalidInput(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for per-example requests "
+                           "(vmap's): add batched=true")
+    in_dims = leaf_in_dims(spec, options.in_dims) if options.batched and spec.inputs else None
+    return in_dims, check_out_dims(options.out_dims) if options.batched else 0
+
+
 def _check_pairs(key: str, vectors: Any, extra_key: str, extra: Any) -> None:
     """Stacked cotangents and tangents (an hvp's ``c . H t``) pair up by index: one
     number of each, told before any compute (the shapes after the leading dimension are
@@ -563,8 +570,8 @@ def _check_pairs(key: str, vectors: Any, extra_key: str, extra: Any) -> None:
 def check_head(spec: FunctionSpec, kind: Kind, media_type: str, query: Mapping[str, str]) -> None:
     """What a request's head decides, checked before its body is read (parse_call checks
     it again, with the body's options): the query's options (unknown ones, ones ``kind``
-    does not take, values that are wrong on their own, an argnums naming no parameter)
-    and whether an .npy body can carry the call. These were told only once the whole
+    does not take, values that are wrong on their own, an argnums naming no parameter,
+    per-example dims that do not fit) and whether an .npy body can carry the call. These were told only once the whole
     body had come and been parsed: a 256 MB upload for a 422 its URL had decided
     (``?sparsity=nope``, ``?chunk_size=lots``, an .npy for a function of two inputs)."""
     if media_type not in (wire.JSON, wire.NPY, wire.NPZ):
@@ -576,8 +583,12 @@ def check_head(spec: FunctionSpec, kind: Kind, media_type: str, query: Mapping[s
         _check_options(spec, kind, options)
         # An argnums naming no parameter (?argnums=y, ?argnums=7 for a function of one
         # input) was told only once the body had come and been parsed: a page uploading
-        # a 64 MB .npy waited for all of it to read a 422 its URL had decided.
+        # a 64 MB .npy waited for all of it to read a 422 its URL had decided. So were
+        # in_dims and out_dims that do not fit, or come without batched=true: decided
+        # here where the body gives no options (.npy, .npz) or the query says batched.
         _positions(spec, kind, options)
+        if media_type != wire.JSON or options.batched:
+            _per_example(spec, options)
 
 
 def _unsupported(media_type: str) -> UnsupportedMediaType:
