@@ -17,33 +17,20 @@ from __future__ import annotations
 import json
 import socket
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from starlette.applications import Starlette
-from starlette.responses import HTMLResponse
-from starlette.routing import Route
 
 from tests._cdp import Chromium
 from tests._client_support import real_app, serve
 
 from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
+from .test_browser_round6 import page  # noqa: F401 (round 6's: a page of the origin CORS_ORIGINS allows)
 
 SIN = "/v1/functions/sin/jacobian"
-KEY = {"Authorization": "Bearer k1"}
-
-
-@pytest.fixture(scope="module")
-def page() -> Iterator[str]:
-    """A page server: another origin (127.0.0.1 on another port), the one CORS_ORIGINS allows."""
-    async def blank(request: Any) -> HTMLResponse:
-        return HTMLResponse("<!doctype html><html><head><meta charset='utf-8'></head><body>page</body></html>")
-
-    with serve(Starlette(routes=[Route("/", blank)])) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -142,21 +129,15 @@ def test_redoc_leaves_the_console_without_an_error(api, browser):
     browser.goto("about:blank")
 
 
-# Swagger UI's Authorize dialog: Logout (the key the page was opened with), the key typed,
-# Authorize, Close.
-_REAUTHORIZE = r"""
-(async (key) => {
+# Swagger UI's Authorize dialog: Logout (the key the page was opened with), Close.
+_LOGOUT = r"""
+(async () => {
   const sleep = ms => new Promise(r => setTimeout(r, ms));
   const until = async (f, t = 30000) => { const end = Date.now() + t;
     while (Date.now() < end) { const v = f(); if (v) return v; await sleep(50); } return null; };
   document.querySelector('.auth-wrapper .authorize').click();
-  const logout = await until(() => [...document.querySelectorAll('.modal-ux .modal-btn')].find(
-    b => b.textContent.trim() === 'Logout'));
-  logout.click();
-  const input = await until(() => document.querySelector('.modal-ux input[type=text], .modal-ux input[type=password]'));
-  Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(input, key);
-  input.dispatchEvent(new Event('input', {bubbles: true}));
-  (await until(() => document.querySelector('.modal-ux .modal-btn.authorize'))).click();
+  (await until(() => [...document.querySelectorAll('.modal-ux .modal-btn')].find(b => b.textContent.trim() === 'Logout')))
+    .click();
   (await until(() => document.querySelector('.modal-ux .modal-btn.btn-done'))).click();
   return true;
 })"""
@@ -170,11 +151,12 @@ def test_a_key_given_to_authorize_that_a_header_cannot_carry_is_named(api, brows
     body threw into the console (twice: on Try it out and on the function picked). Now
     Execute says that the key given to Authorize holds U+200B and what to do, and
     nothing is thrown."""
-    from tests.test_browser_round2 import _EXECUTE, _OPEN
+    from tests.test_browser_round2 import _AUTHORIZE, _EXECUTE, _OPEN
 
     _keyed(browser, api, "/docs")
     browser.wait_for("document.querySelectorAll('.opblock').length > 5", timeout_s=60)
-    assert browser.eval(f"{_REAUTHORIZE}('k1\\u200b')", timeout_s=60)
+    assert browser.eval(f"{_LOGOUT}()", timeout_s=60)
+    assert browser.eval(f"{_AUTHORIZE}('k1\\u200b')", timeout_s=60)
     shown = "[...document.querySelectorAll('.live-responses-table .response-col_description')].pop().innerText"
     vjp = "/v1/functions/{name}/vjp"
     assert browser.eval(f"{_OPEN}({json.dumps(vjp)}, 'post')")
