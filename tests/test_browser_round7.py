@@ -9,7 +9,8 @@ Chromium for the module:
   page's origin, which CORS_ORIGINS allows;
 * /redoc leaves the console without an error;
 * /docs: a key given to Authorize with a character a header cannot carry is named;
-* an upload whose argnums names no parameter is refused before its body is sent.
+* an upload whose argnums names no parameter is refused before its body is sent;
+* ROOT_PATH with a trailing slash is one prefix.
 """
 
 from __future__ import annotations
@@ -205,3 +206,23 @@ def test_an_upload_whose_argnums_names_no_parameter_is_refused_before_its_body(a
     answer = _answer_to_head(api, f"POST {SIN}?in_dims=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k1\r\n"
                                   "Content-Type: application/x-npy\r\nContent-Length: 67108864\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 422 ") and b"in_dims is for per-example requests" in answer, answer[:300]
+
+
+def test_a_root_path_with_a_trailing_slash_is_one_prefix(builtins):
+    """ROOT_PATH=/jacobian/ (as nginx's ``location /jacobian/`` reads) was written before
+    every path as it was: the document's servers said /jacobian/, so the body /docs
+    writes for vjp asked /jacobian//v1/functions/sin/evaluate, which a proxy that does
+    not merge slashes (nginx with merge_slashes off) passed on as //v1/...: a 404, and
+    Try it out of vjp a 422 (the 404's own hint read "the API is under
+    /jacobian//v1/functions"). The prefix is now one, without its trailing slash; one
+    that is no path stops start-up."""
+    from jacobian_service.openapi import build_openapi
+    from jacobian_service.routes import ROUTES
+    from jacobian_service.settings import Settings
+
+    settings = Settings(root_path="/jacobian/")  # (what serve hands uvicorn, and the document)
+    assert settings.root_path == "/jacobian"
+    assert build_openapi(ROUTES, builtins, settings.root_path)["servers"] == [{"url": "/jacobian"}]
+    assert Settings(root_path="/").root_path == ""
+    with pytest.raises(ValueError, match="root_path is a path prefix starting with '/'"):
+        Settings(root_path="jacobian")

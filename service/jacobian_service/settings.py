@@ -256,6 +256,18 @@ class Settings(BaseSettings):
             return value
         raise ValueError("device must be auto, cpu, cuda or cuda:N")
 
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, value: str) -> str:
+        # The prefix is written before every path (the OpenAPI document's servers, the
+        # docs pages' own calls, a 404's hint): /jacobian/ was written /jacobian//v1/...,
+        # which a proxy that does not merge slashes passed on as //v1/..., a 404 (the
+        # vjp body /docs writes asked /evaluate there: Try it out of vjp was a 422).
+        value = value.strip().rstrip("/")
+        if value and not value.startswith("/"):
+            raise ValueError("root_path is a path prefix starting with '/', such as /jacobian")
+        return value
+
     @field_validator("cors_origins")
     @classmethod
     def _cors_origins(cls, value: str) -> str:
