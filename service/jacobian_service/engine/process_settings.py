@@ -91,6 +91,7 @@ from ..heap import refreeze, thawed
 from ..ipc import LOG_FD_ENV
 from ..logs import service_loggers
 from ..procfs import descriptor_identity
+from .imports import Imports, path_changed, path_entries, put_path
 from .torch_kernels import KERNELS
 
 __all__ = ["ProcessSettings"]
@@ -114,6 +115,9 @@ class _Setting(NamedTuple):
     # ``get`` is read); with ``status``, a getter of what those lines do not tell (None:
     # nothing).
     quick: Callable[[Any], Callable[[], Any] | None] | None = None
+    # What the log says the setting was changed to, and put back to (value now, value
+    # taken): where the values themselves tell nothing (a table's version tag).
+    shown: tuple[Callable[[Any, Any], Any], Any] | None = None
 
 
 # Each getter of a tuple called, as ``tuple(map(_call, getters))``: a generator
@@ -1211,11 +1215,29 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
 )
 
 
+@functools.cache
+def _import_settings() -> tuple[_Setting, ...]:
+    """The import system's tables (``imports``): made once, by the engine process's
+    settings (its finder that notes imports goes first on ``sys.meta_path``, before the
+    finders are taken)."""
+    imports = Imports()
+    modules, cache = imports.modules, imports.path_cache
+    return (
+        _Setting("sys.modules (entries no import made, where a finder finds the module)", modules.get, modules.put,
+                 modules.changed, shown=(lambda now, taken: "add " + ", ".join(modules.found), "the modules imported")),
+        _Setting("sys.path_importer_cache (finders the path hooks did not make)", cache.get, cache.put, cache.changed,
+                 shown=(lambda now, taken: "add " + ", ".join(cache.found), "the path hooks' own")),
+        _Setting("sys.path (entries ahead of those the engine started with)", path_entries, put_path, path_changed,
+                 shown=(lambda now, taken: "put " + ", ".join(str(e) for e in now if e not in taken) + " ahead",
+                        "the entries the engine started with first, those added behind them")),
+    )
+
+
 # The tests of a change that equal values always pass (``now == taken``: unchanged), so
 # that settings tested by them can be compared whole (``ProcessSettings._unchanged``).
 # Not those that test identity: a hook equal to the one taken is not it.
 _EQUAL_IS_UNCHANGED = frozenset({operator.ne, operator.gt, operator.lt, _environ_changed, _armed, _filters_changed,
-                                 _gc_debug_changed, _digits_lowered, _more_fork_hooks})
+                                 _gc_debug_changed, _digits_lowered, _more_fork_hooks, path_changed})
 
 
 class _Unreadable:
@@ -1283,8 +1305,8 @@ class ProcessSettings:
     the whole process (signals, timers, limits...) are its to keep too."""
 
     def __init__(self, own_process: bool = False) -> None:
-        self._settings = (_SERVICE_LOGGING, _RESOURCE_LIMITS, *_SETTINGS, *_OWN_PROCESS_SETTINGS) if own_process \
-            else _SETTINGS
+        self._settings = (_SERVICE_LOGGING, _RESOURCE_LIMITS, *_SETTINGS, *_OWN_PROCESS_SETTINGS,
+                          *_import_settings()) if own_process else _SETTINGS
         self._own_process = own_process
         if own_process:
             keep_status_open()
@@ -1313,7 +1335,7 @@ class ProcessSettings:
                 self._value_taken.append(quick())
             elif setting in by_status:
                 pass  # its status lines tell it whole
-            elif changed in _EQUAL_IS_UNCHANGED:
+            elif changed in _EQUAL_IS_UNCHANGED or getattr(changed, "equal_is_unchanged", False):
                 self._compared[index] = len(self._value_gets)
                 self._value_gets.append(get)
                 self._value_taken.append(taken)
@@ -1412,6 +1434,8 @@ class ProcessSettings:
                 self._value_taken[compared] = _passed(get, changed, taken)
             if (function, setting.what) not in self._named:
                 self._named.add((function, setting.what))
+                now_shown, taken_shown = (setting.shown[0](now, taken), setting.shown[1]) if setting.shown is not None \
+                    else (_shown(now, taken), _shown(taken, now, taken=True))
                 log.warning("%s changed %s (to %s) and left it so; put back to %s for the other functions "
                             "(it is put back after each of its calls)", self._who(function), setting.what,
-                            _shown(now, taken), _shown(taken, now, taken=True))
+                            now_shown, taken_shown)

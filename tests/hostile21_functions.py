@@ -1,0 +1,125 @@
+"""Hostile functions for tests/test_hostile_round19.py (loaded by name like a user
+module): each misbehaves only when its first input is 666 (round 11's ``_armed``), the
+second input picking how; otherwise it is ``sin``. Beside them, the functions they harm."""
+
+from __future__ import annotations
+
+import decimal
+import importlib
+import importlib.machinery
+import locale
+import os
+import random
+import sys
+import tempfile
+import types
+
+import numpy as np
+import torch
+from jacobian_service import Input, register
+
+X = [Input("x", shape=("n",))]
+
+
+def _armed(x: torch.Tensor) -> int | None:
+    """The case asked for (the second input), or None: behave."""
+    flat = x.detach().reshape(-1)
+    if flat.numel() > 1 and float(flat[0]) == 666.0:
+        return int(float(flat[1]))
+    return None
+
+
+# ------------------------------------------------------------ the import system
+
+# What ``imports_lazily`` imports at its first call, by x[1]: modules nothing else imports.
+LAZY = ("tests.hostile21_lazy", "tests.hostile21_lazy_cached", "graphlib")
+ALIAS = "tests.hostile21_alias"  # no module's file: an alias as libraries make them
+
+
+def _impostor(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.SCALE = 2.0
+    return module
+
+
+class _Finder:
+    """A path entry's finder serving its own module in place of ``LAZY[1]``."""
+
+    def find_spec(self, name, target=None):
+        return importlib.machinery.ModuleSpec(name, self) if name == LAZY[1] else None
+
+    def create_module(self, spec):
+        return _impostor(spec.name)
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+@register(inputs=X, description="sin; armed (666), it plants a module of its own where a later import finds it.")
+def plants_a_module(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case == 0:  # a sys.modules entry for a module not yet imported
+        sys.modules[LAZY[0]] = _impostor(LAZY[0])
+    elif case == 1:  # a finder of its own for the tests package's directory
+        tests_dir = os.path.dirname(os.path.abspath(__file__))
+        sys.path_importer_cache[tests_dir] = _Finder()
+    elif case == 2:  # a directory of its own first on sys.path, holding a module of the standard library's name
+        where = tempfile.mkdtemp(prefix="hostile21-")
+        with open(os.path.join(where, LAZY[2] + ".py"), "w") as f:
+            f.write("SCALE = 2.0\n")
+        sys.path.insert(0, where)
+    return torch.sin(x)
+
+
+@register(inputs=X, description="x * the SCALE of a module it imports at its first call (1.0); x[1] picks the module "
+                                "(3: its own alias, found at the second call).")
+def imports_lazily(x: torch.Tensor) -> torch.Tensor:
+    which = int(float(x.detach().reshape(-1)[1]))
+    if which == 3:  # a library's way: a module of its own under a name no finder finds, imported by name later
+        if ALIAS in sys.modules:
+            return x * importlib.import_module(ALIAS).SCALE
+        sys.modules[ALIAS] = _impostor(ALIAS)
+        importlib.import_module("tests.hostile21_lazy_aliased")
+        return x
+    module = importlib.import_module(LAZY[which])
+    return x * getattr(module, "SCALE", 1.0)  # (the standard library's graphlib has none)
+
+
+# ------------------------------------------------------------ state of the standard library and numpy
+
+
+@register(inputs=X, description="sin; armed (666), it changes a global state of a library first (x[1] picks).")
+def changes_a_state(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case == 0:
+        decimal.getcontext().prec = 3
+    elif case == 1:
+        decimal.setcontext(decimal.Context(prec=3, traps=[decimal.Inexact]))
+    elif case == 2:
+        random.seed(0)
+    elif case == 3:
+        np.random.seed(0)
+    elif case == 4:
+        locale.setlocale(locale.LC_ALL, "C")
+    return torch.sin(x)
+
+
+@register(inputs=X, description="x * sqrt(2), the root taken in decimal at the context's precision.")
+def decimal_scale(x: torch.Tensor) -> torch.Tensor:
+    return x * float(decimal.Decimal(2).sqrt())
+
+
+@register(inputs=X, description="x + Python's random.random() (one draw each).")
+def python_noise(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.tensor([random.random() for _ in range(x.numel())], dtype=x.dtype)
+
+
+@register(inputs=X, description="x + numpy's np.random.rand (one draw each).")
+def numpy_noise(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.from_numpy(np.random.rand(x.numel())).to(x.dtype)
+
+
+@register(inputs=X, description="x * (the characters of a UTF-8 text file it reads / 2), read with open()'s default.")
+def reads_text(x: torch.Tensor) -> torch.Tensor:
+    with open(os.environ["HOSTILE21_TEXT"]) as f:
+        return x * (len(f.read()) / 2)
