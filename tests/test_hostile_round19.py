@@ -97,3 +97,73 @@ def test_modules_imported_and_aliased_by_a_function_stay(server, client) -> None
     np.testing.assert_allclose(_evaluated(client, url, "imports_lazily", x), x, rtol=1e-12)  # imports, aliases
     np.testing.assert_allclose(_evaluated(client, url, "imports_lazily", x), 2 * np.array(x), rtol=1e-12)  # kept
     assert "imports_lazily changed" not in proc.read_log()
+
+
+# ------------------------------------------------------------ the standard library's and numpy's state
+
+
+@pytest.mark.parametrize("case, shown", [(0, "prec=3"), (1, "prec=3, traps=['Inexact'")])
+def test_decimals_context_a_function_changes_is_put_back(server, client, case: int, shown: str) -> None:
+    """Left open by round seventeen: ``decimal.getcontext().prec = 3`` in a function, and
+    another client's ``x * sqrt(2)`` taken in decimal answered 1.41 (``[0.705, 1.41,
+    2.82]``) with a 200; a context of its own with a trap on ``Inexact``
+    (``decimal.setcontext``) failed it, 500 ``Inexact``, for the engine's life (the
+    context is the engine thread's, which runs every function). Now it is put back after
+    the batch, the log naming the function and what it set."""
+    url, proc = server
+    r = _armed(client, url, "changes_a_state", case)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(_evaluated(client, url, "decimal_scale", X), np.sqrt(2) * np.array(X), rtol=1e-15)
+    if case == 0:  # (logged once per function and setting)
+        log = _log_until(proc, 0, "changes_a_state changed decimal's context")
+        assert f"changes_a_state changed decimal's context (decimal.getcontext, setcontext) (to {shown})" in log, \
+            log[-3000:]
+
+
+@pytest.mark.parametrize("case, victim, what", [
+    (2, "python_noise", "the state of Python's random generator"),
+    (3, "numpy_noise", "the state of numpy's global random generator"),
+])
+def test_a_seed_a_function_sets_in_random_or_numpy_is_not_left_for_the_next_draws(server, client, case: int, victim: str,
+                                                                                  what: str) -> None:
+    """Left open by round seventeen (which did it for ``torch.manual_seed``):
+    ``random.seed(0)`` or ``np.random.seed(0)`` in a function left Python's (numpy's)
+    global generator in a known state after each of its calls: another client's
+    ``x + random()`` answered the same draws after each of them, the ones that seed gives
+    anywhere ([0.844, 0.758, 0.421]; numpy's [0.549, 0.715, 0.603]). Now a generator
+    whose state a batch moved is re-seeded from the OS's entropy after it: the next draws
+    are unknown, and differ each time."""
+    url, proc = server
+    if case == 2:
+        import random
+
+        random.seed(0)  # (this process's generator: what anyone can compute)
+        known = np.array([random.random() for _ in range(3)])
+    else:
+        known = np.random.RandomState(0).rand(3)
+    drawn = []
+    for _ in range(2):
+        r = _armed(client, url, "changes_a_state", case)
+        assert r.status_code == 200, r.text
+        drawn.append(np.array(_evaluated(client, url, victim, [0.0, 0.0, 0.0])))
+        assert ((0 <= drawn[-1]) & (drawn[-1] < 1)).all(), drawn
+    assert not np.allclose(drawn[0], known) and not np.allclose(drawn[1], known), (drawn, known)
+    assert not np.array_equal(drawn[0], drawn[1]), drawn
+    log = _log_until(proc, 0, f"changes_a_state changed {what}")
+    assert f"changes_a_state changed {what}" in log and "put back to a seed drawn afresh" in log, log[-3000:]
+
+
+def test_the_locale_a_function_sets_is_put_back(server, client) -> None:
+    """Left open by round seventeen: ``locale.setlocale(locale.LC_ALL, "C")`` in a
+    function (the engine's is C.UTF-8 here), and every later function reading a UTF-8
+    text file with ``open()``'s default encoding (the locale's) failed, 500
+    ``UnicodeDecodeError: 'ascii' codec can't decode byte 0xc3``, for the engine's life.
+    Now the locale is put back after the batch, the log naming the function."""
+    url, proc = server
+    np.testing.assert_allclose(_evaluated(client, url, "reads_text", X), X, rtol=1e-15)  # two characters read: x * 1
+    start = len(proc.read_log())
+    r = _armed(client, url, "changes_a_state", 4)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(_evaluated(client, url, "reads_text", X), X, rtol=1e-15)
+    log = _log_until(proc, start, "changes_a_state changed the locale")
+    assert "changes_a_state changed the locale (locale.setlocale) (to C)" in log, log[-3000:]

@@ -43,7 +43,10 @@ every function, for as long as the engine lives. Measured or reproduced:
 - torch.nn's global module hooks (one doubling every output doubled every later
   ``nn.Module``'s Jacobian, silently), fork hooks (``os.register_at_fork``: one ending the
   child ran in every later function's ``os.fork``, whose children all exited at once) and the thread's timer slack (30 s of it made the
-  idle engine oversleep its heartbeat, and the supervisor killed it as hung).
+  idle engine oversleep its heartbeat, and the supervisor killed it as hung);
+- the standard library's and numpy's global state (decimal's context, the locale, the
+  global random generators: ``library_state``) and what a function planted for another's
+  first import (``imports``).
 
 The engine takes these settings as it starts and, after each batch, puts back what the
 batch changed, naming the function in the log once per setting. Where a library may
@@ -92,6 +95,7 @@ from ..ipc import LOG_FD_ENV
 from ..logs import service_loggers
 from ..procfs import descriptor_identity
 from .imports import Imports, path_changed, path_entries, put_path
+from .library_state import DecimalContext, generators, locale_now, put_locale
 from .torch_kernels import KERNELS
 
 __all__ = ["ProcessSettings"]
@@ -1216,13 +1220,20 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
 
 
 @functools.cache
-def _import_settings() -> tuple[_Setting, ...]:
-    """The import system's tables (``imports``): made once, by the engine process's
-    settings (its finder that notes imports goes first on ``sys.meta_path``, before the
-    finders are taken)."""
+def _library_settings() -> tuple[_Setting, ...]:
+    """The state of the standard library and numpy (``library_state``) and the import
+    system's tables (``imports``), as the engine process takes its settings: made once
+    (the finder that notes imports goes first on ``sys.meta_path``, before the finders
+    are taken)."""
     imports = Imports()
     modules, cache = imports.modules, imports.path_cache
+    context = DecimalContext()
     return (
+        _Setting("decimal's context (decimal.getcontext, setcontext)", context.get, context.put, context.changed,
+                 shown=(context.shown, "the engine's own")),
+        _Setting("the locale (locale.setlocale)", locale_now, put_locale),
+        *(_Setting(g.what, g.fingerprint, g.put, g.changed, shown=(lambda now, taken: "one of its own",
+                                                                   "a seed drawn afresh")) for g in generators()),
         _Setting("sys.modules (entries no import made, where a finder finds the module)", modules.get, modules.put,
                  modules.changed, shown=(lambda now, taken: "add " + ", ".join(modules.found), "the modules imported")),
         _Setting("sys.path_importer_cache (finders the path hooks did not make)", cache.get, cache.put, cache.changed,
@@ -1306,7 +1317,7 @@ class ProcessSettings:
 
     def __init__(self, own_process: bool = False) -> None:
         self._settings = (_SERVICE_LOGGING, _RESOURCE_LIMITS, *_SETTINGS, *_OWN_PROCESS_SETTINGS,
-                          *_import_settings()) if own_process else _SETTINGS
+                          *_library_settings()) if own_process else _SETTINGS
         self._own_process = own_process
         if own_process:
             keep_status_open()

@@ -1,0 +1,194 @@
+"""Global state of the standard library and numpy that every function of an engine
+shares, put back after each batch (settings of ``process_settings``).
+
+Measured, each for as long as the engine lived, with no line in any log:
+
+- ``decimal.getcontext().prec = 3`` in a function: another client's ``sqrt(2)`` taken in
+  ``decimal`` answered 1.41, with a 200; a context of its own set with a trap on
+  ``Inexact`` (``decimal.setcontext``) made every later function that rounds in decimal
+  fail, 500 ``Inexact``. The context is the engine thread's, which runs every function;
+- ``locale.setlocale(locale.LC_ALL, "C")``: every later function reading a UTF-8 text
+  file with ``open()``'s default encoding (the locale's) failed, 500
+  ``UnicodeDecodeError: 'ascii' codec can't decode``;
+- ``random.seed(0)`` or ``np.random.seed(0)``: every later function drawing from Python's
+  ``random`` or numpy's global ``np.random`` (noise, a Monte Carlo step) drew the same
+  numbers after each of its calls, the ones that seed gives anywhere (as round
+  seventeen found for ``torch.manual_seed``).
+
+decimal's context and the locale are put back as the engine started. A random generator
+whose state a batch moved (a seed, a state set, or draws: which of them cannot be told
+from the state) is re-seeded from the OS's entropy, as torch's is after a seed: the next
+draws are no one's to know. A function that draws from them pays for that (~10 us for
+Python's, ~20 us for numpy's a batch); the others read a few bytes of each generator's
+state a batch (``ctypes``, as ``namespaces`` reads dict versions).
+"""
+
+from __future__ import annotations
+
+import _locale
+import ctypes
+import decimal
+import locale
+import os
+import random
+import sys
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["DecimalContext", "Generator", "generators", "locale_now", "put_locale"]
+
+
+# ------------------------------------------------------------ decimal
+
+
+class DecimalContext:
+    """decimal's context of the engine's thread: its settings (precision, exponent limits,
+    traps, rounding, clamp, capitals; not its flags, which every operation sets), and the
+    object itself (``setcontext`` replaces it). Put back as a fresh copy of the one taken,
+    its flags as they were then."""
+
+    def __init__(self) -> None:
+        self.expected = decimal.getcontext()
+        self._pristine = self.expected.copy()
+        self._read = _context_reader()
+        self._viewed: Any = None
+        self._views: Callable[[], Any] = lambda: None
+
+    def get(self) -> tuple[Any, Any]:
+        ctx = decimal.getcontext()
+        if ctx is not self._viewed:  # (a context set since: read there from now on)
+            self._viewed, self._views = ctx, self._read(ctx)
+        return ctx, self._views()
+
+    def changed(self, now: tuple[Any, Any], taken: tuple[Any, Any]) -> bool:
+        return now[0] is not self.expected or now[1] != taken[1]
+
+    # (``process_settings``: equal values are no change, compared in one step with the others)
+    changed.equal_is_unchanged = True  # type: ignore[attr-defined]
+
+    def put(self, taken: tuple[Any, Any]) -> None:
+        fresh = self._pristine.copy()
+        decimal.setcontext(fresh)
+        self.expected = fresh
+
+    def shown(self, now: tuple[Any, Any], taken: tuple[Any, Any]) -> str:
+        """The settings that differ from the engine's own, for the log."""
+        was = _settings(self._pristine)
+        return ", ".join(f"{name}={value!r}" for name, value in _settings(now[0]).items() if was[name] != value) or \
+            "a context of its own"
+
+
+def _settings(ctx: decimal.Context) -> dict[str, Any]:
+    return {"prec": ctx.prec, "rounding": ctx.rounding, "Emax": ctx.Emax, "Emin": ctx.Emin, "capitals": ctx.capitals,
+            "clamp": ctx.clamp, "traps": sorted(s.__name__ for s, on in ctx.traps.items() if on)}
+
+
+# CPython's C decimal lays a context out as its object header, then libmpdec's context
+# (prec, emax, emin as 64-bit values, the traps' bits, the status' (flags), a new trap,
+# round, clamp, allcr), two object pointers and ``capitals``. Read there, a context's
+# settings cost three reads of its memory (~0.2 us) where its attributes took ~2 us a
+# batch; the offsets are checked on two contexts of known settings, else the attributes.
+_MPD = object.__basicsize__  # where libmpdec's context starts
+
+
+def _raw_reader(ctx: decimal.Context) -> Callable[[], Any]:
+    limits = (ctypes.c_char * 28).from_address(id(ctx) + _MPD)  # prec, emax, emin, traps
+    modes = (ctypes.c_char * 12).from_address(id(ctx) + _MPD + 36)  # round, clamp, allcr
+    capitals = ctypes.c_int.from_address(id(ctx) + _MPD + 64)
+    return lambda: (limits.raw, modes.raw, capitals.value)
+
+
+def _attribute_reader(ctx: decimal.Context) -> Callable[[], Any]:
+    return lambda: tuple(_settings(ctx).values())
+
+
+def _context_reader() -> Callable[[decimal.Context], Callable[[], Any]]:
+    """How to read a context's settings: in its memory, where the layout checks."""
+    try:
+        probes = [decimal.Context(prec=7, Emax=11, Emin=-13, rounding=decimal.ROUND_DOWN, clamp=1, capitals=0,
+                                  traps=[decimal.Inexact]),
+                  decimal.Context(prec=9, Emax=5, Emin=-3, rounding=decimal.ROUND_UP, clamp=0, capitals=1, traps=[])]
+        (a_limits, a_modes, a_capitals), (b_limits, b_modes, b_capitals) = (_raw_reader(p)() for p in probes)
+        if (int.from_bytes(a_limits[:8], sys.byteorder, signed=True), int.from_bytes(a_limits[8:16], sys.byteorder),
+                int.from_bytes(a_limits[16:24], sys.byteorder, signed=True)) == (7, 11, -13) and \
+                int.from_bytes(b_limits[:8], sys.byteorder) == 9 and a_limits[24:] != b_limits[24:] and \
+                a_modes[4:8] != b_modes[4:8] and a_modes[:4] != b_modes[:4] and (a_capitals, b_capitals) == (0, 1) and \
+                decimal.getcontext().__class__ is decimal.Context:
+            return _raw_reader
+    except Exception:  # another decimal (the pure-Python one): by its attributes
+        pass
+    return _attribute_reader
+
+
+# ------------------------------------------------------------ the locale
+
+
+def locale_now() -> str:
+    """Every category's locale, as ``setlocale(LC_ALL)`` answers (one string)."""
+    return _locale.setlocale(_locale.LC_ALL, None)
+
+
+def put_locale(taken: str) -> None:
+    locale.setlocale(locale.LC_ALL, taken)
+
+
+# ------------------------------------------------------------ random generators
+
+
+class Generator:
+    """A global random generator: ``fingerprint`` reads a few bytes of its state that
+    any seed, state set or draw changes; ``reseed`` seeds it from the OS's entropy."""
+
+    def __init__(self, what: str, fingerprint: Callable[[], Any], reseed: Callable[[], None]) -> None:
+        self.what, self.fingerprint, self._reseed = what, fingerprint, reseed
+        self.expected = fingerprint()
+
+    def changed(self, now: Any, taken: Any) -> bool:
+        return now != self.expected
+
+    changed.equal_is_unchanged = True  # type: ignore[attr-defined]
+
+    def put(self, taken: Any) -> None:
+        self._reseed()
+        self.expected = self.fingerprint()
+
+
+def _python_random() -> Generator | None:
+    """Python's ``random`` (its module's own ``Random``, CPython's Mersenne Twister: its
+    position, then its first words of state, read as 16 bytes), where the layout checks
+    against ``getstate``. (Not the first word alone: every seed by an array, as Python's
+    are, sets it to 2^31.)"""
+    inst = getattr(random, "_inst", None)
+    if type(inst) is not random.Random:
+        return None
+    view = (ctypes.c_uint32 * 4).from_address(id(inst) + object.__basicsize__)
+    _, state, _ = inst.getstate()
+    if list(view) != [state[-1], *state[:3]]:
+        return None
+    raw = (ctypes.c_char * 16).from_buffer(view)
+    return Generator("the state of Python's random generator (random.seed, random.setstate, or draws)",
+                     lambda: raw.raw, lambda: inst.seed(os.urandom(32)))
+
+
+def _numpy_random() -> Generator | None:
+    """numpy's global ``np.random`` (the legacy ``RandomState`` its functions draw from,
+    an MT19937: its first words of state and its position), where the layout checks
+    against ``get_state``."""
+    try:
+        rand = np.random.mtrand._rand
+        address = rand._bit_generator.ctypes.state_address
+        _, key, pos, _, _ = rand.get_state(legacy=True)
+    except Exception:  # another numpy
+        return None
+    words, position = (ctypes.c_uint32 * 3).from_address(address), ctypes.c_int.from_address(address + 4 * len(key))
+    if list(words) != [int(k) for k in key[:3]] or position.value != pos:
+        return None
+    raw = (ctypes.c_char * 12).from_buffer(words)
+    return Generator("the state of numpy's global random generator (np.random.seed, set_state, or draws)",
+                     lambda: (raw.raw, position.value),
+                     lambda: rand.seed(np.frombuffer(os.urandom(32), dtype=np.uint32)))
+
+
+def generators() -> list[Generator]:
+    return [g for g in (_python_random(), _numpy_random()) if g is not None]
