@@ -10,6 +10,7 @@ import importlib.machinery
 import locale
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import types
@@ -101,6 +102,8 @@ def changes_a_state(x: torch.Tensor) -> torch.Tensor:
         np.random.seed(0)
     elif case == 4:
         locale.setlocale(locale.LC_ALL, "C")
+    elif case == 5:  # a variable the engine did not start with, read by the programs functions start
+        os.environ["PYTHONHOME"] = "/nonexistent"
     return torch.sin(x)
 
 
@@ -123,3 +126,9 @@ def numpy_noise(x: torch.Tensor) -> torch.Tensor:
 def reads_text(x: torch.Tensor) -> torch.Tensor:
     with open(os.environ["HOSTILE21_TEXT"]) as f:
         return x * (len(f.read()) / 2)
+
+
+@register(inputs=X, description="x * what a Python program it starts prints (1.0).")
+def runs_python(x: torch.Tensor) -> torch.Tensor:
+    done = subprocess.run([sys.executable, "-S", "-c", "print(1.0)"], capture_output=True, check=True, timeout=20)
+    return x * float(done.stdout)

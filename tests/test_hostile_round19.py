@@ -167,3 +167,23 @@ def test_the_locale_a_function_sets_is_put_back(server, client) -> None:
     np.testing.assert_allclose(_evaluated(client, url, "reads_text", X), X, rtol=1e-15)
     log = _log_until(proc, start, "changes_a_state changed the locale")
     assert "changes_a_state changed the locale (locale.setlocale) (to C)" in log, log[-3000:]
+
+
+def test_a_variable_steering_later_programs_a_function_adds_is_taken_away(server, client) -> None:
+    """Only the variables the engine started with were put back: one a function added
+    stayed, as libraries add theirs, and went to every later program of every function
+    that ran one. ``os.environ["PYTHONHOME"] = "/nonexistent"`` made another client's
+    function that runs ``python -c 'print(1.0)'`` fail, 500 ``CalledProcessError``
+    (the child's "Fatal Python error: init_fs_encoding"), for the engine's life; an
+    ``LD_PRELOAD`` of its own would have run its library in each. The dynamic loader's,
+    the interpreter's and a few more such variables (``LD_*``, ``PYTHON*``,
+    ``GLIBC_TUNABLES``...) a function adds are now taken away after its batch, the log
+    naming the function and the variable, never its value."""
+    url, proc = server
+    start = len(proc.read_log())
+    r = _armed(client, url, "changes_a_state", 5)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(_evaluated(client, url, "runs_python", X), X, rtol=1e-15)
+    log = _log_until(proc, start, "changes_a_state changed environment variables")
+    assert "changes_a_state changed environment variables (to other values of PYTHONHOME)" in log, log[-3000:]
+    assert "/nonexistent" not in log[start:], log[start:]

@@ -750,14 +750,32 @@ def _environ() -> _Environment:
     return _Environment(_ENVIRON_DATA if _ENVIRON_DATA is not None else os.environb)
 
 
+# Variables that steer the programs a function starts rather than describe anything
+# (the dynamic loader's, the interpreter's, glibc's tunables, what a shell sources first).
+# One added by a function went to every later program of every function that ran one:
+# ``PYTHONHOME=/nonexistent`` made every later ``subprocess.run([sys.executable, ...])``
+# fail ("Fatal Python error: init_fs_encoding"), and an ``LD_PRELOAD`` of its own would
+# have loaded its library into each. Other variables a function adds stay, as a library
+# adds its own (torch's TORCHINDUCTOR_CACHE_DIR, at a first use).
+_STEERING_PREFIXES = (b"LD_", b"PYTHON")
+_STEERING = frozenset({b"GLIBC_TUNABLES", b"GCONV_PATH", b"BASH_ENV", b"ENV", b"MALLOC_CHECK_", b"MALLOC_PERTURB_"})
+
+
+def _steering_added(now: _Environment, taken: _Environment) -> list[bytes]:
+    return [key for key in now if key not in taken and (key.startswith(_STEERING_PREFIXES) or key in _STEERING)]
+
+
 def _environ_changed(now: _Environment, taken: _Environment) -> bool:
-    return now != taken and any(now.get(key) != value for key, value in taken.items())
+    return now != taken and (any(now.get(key) != value for key, value in taken.items())
+                             or bool(_steering_added(now, taken)))
 
 
 def _put_environ(taken: _Environment) -> None:
     for key, value in taken.items():
         if os.environb.get(key) != value:
             os.environb[key] = value  # putenv too: for the programs a function starts
+    for key in _steering_added(_environ(), taken):
+        del os.environb[key]  # unsetenv too
 
 
 def _time_zone() -> tuple[bytes | None, tuple[str, str], int]:
@@ -1296,7 +1314,8 @@ def _shown(value: Any, other: Any, taken: bool = False) -> Any:
     if isinstance(value, _Environment):
         if taken:
             return "the values the engine started with"
-        names = sorted(k.decode(errors="replace") for k in other if value.get(k) != other[k])  # those put back
+        names = sorted(k.decode(errors="replace") for k in (*other, *_steering_added(value, other))
+                       if value.get(k) != other.get(k))  # those put back, those taken away
         return f"other values of {', '.join(names)}"
     return getattr(value, "device", value)
 
