@@ -132,3 +132,10 @@ def reads_text(x: torch.Tensor) -> torch.Tensor:
 def runs_python(x: torch.Tensor) -> torch.Tensor:
     done = subprocess.run([sys.executable, "-S", "-c", "print(1.0)"], capture_output=True, check=True, timeout=20)
     return x * float(done.stdout)
+
+
+@register(inputs=X, description="sin; armed (666), it rebinds a global of another module's functions first.")
+def rebinds_a_global(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        sys.modules["tests.hostile21_victims"].SCALE = 2.0
+    return torch.sin(x)

@@ -22,7 +22,7 @@ from .conftest import live_server
 from .test_hostile_round11 import _armed, _engine_pid
 from .test_hostile_round15 import _log_until
 
-FUNCTIONS = "jacobian_service.examples,tests.hostile21_functions"
+FUNCTIONS = "jacobian_service.examples,tests.hostile21_functions,tests.hostile21_victims"
 X = [0.5, 1.0, 2.0]
 F64 = {"dtype": "float64", "shape": [3], "data": X}
 
@@ -187,3 +187,27 @@ def test_a_variable_steering_later_programs_a_function_adds_is_taken_away(server
     log = _log_until(proc, start, "changes_a_state changed environment variables")
     assert "changes_a_state changed environment variables (to other values of PYTHONHOME)" in log, log[-3000:]
     assert "/nonexistent" not in log[start:], log[start:]
+
+
+# ------------------------------------------------------------ another function's module
+
+
+def test_a_global_of_another_functions_module_a_function_rebinds_is_put_back(server, client) -> None:
+    """Left open by round seventeen (README named it a limit): a function that rebound
+    a global of another module's functions (``victims.SCALE = 2.0``) had every later
+    request of them answer with it: another client's ``x * SCALE`` answered ``x * 2.0``
+    with a 200, for the engine's life. Each function's module is now guarded as the
+    engine's namespaces are (a version tag each, in the one gather): a name another
+    module's function rebinds there is put back after its batch, the log naming it. What
+    a module's own functions rebind there stays (a counter of its calls counts on)."""
+    url, proc = server
+    pid = _engine_pid(client, url)
+    np.testing.assert_allclose(_evaluated(client, url, "counts_calls", X), X, rtol=1e-15)
+    r = _armed(client, url, "rebinds_a_global", 1)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(_evaluated(client, url, "module_scaled", X), X, rtol=1e-15)
+    np.testing.assert_allclose(_evaluated(client, url, "counts_calls", X), 2 * np.array(X), rtol=1e-15)
+    log = _log_until(proc, 0, "rebinds_a_global rebound or deleted")
+    assert "rebinds_a_global rebound or deleted names in the module tests.hostile21_victims (SCALE)" in log, log[-3000:]
+    assert "counts_calls rebound" not in log, log[-3000:]
+    assert _engine_pid(client, url) == pid

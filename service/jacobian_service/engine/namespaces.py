@@ -19,7 +19,8 @@ lazily imported, legitimately); a name added to a class (``torch.Tensor``,
 defines, and is taken away again. In an engine process, the engine's own registry of
 functions is guarded the same way (its table, each spec, each spec's inputs), and each
 function's code and defaults (their pointers in the function object, read in the same
-gather): one function could otherwise make another run its code.
+gather): one function could otherwise make another run its code. And each function's
+module: a name a function of another module rebinds there is put back (``_modules_of``).
 
 The check after a batch costs a few microseconds, whatever the number of dicts
 (~270): each dict's version tag (CPython's ``ma_version_tag``, which every change of the
@@ -216,6 +217,21 @@ def _registry(registry: Any, version: Any) -> list[_Guarded]:
     return found
 
 
+def _modules_of(registry: Any, version: Any, guarded: list[_Guarded]) -> list[_Guarded]:
+    """Each function's module (its globals) not guarded already, as a namespace its own
+    functions may change and no other may: a function that rebound a name in another
+    function's module (``victims.SCALE = 2.0``) had every later request of that module's
+    functions answer with it (``x * 2.0`` for ``x * 1.0``), with a 200, for the engine's
+    life. Every name watched (a constant as much as a function); one added kept."""
+    found: dict[int, tuple[dict, str, list[str]]] = {}
+    for spec in registry or ():
+        d = getattr(getattr(spec, "fn", None), "__globals__", None)
+        if isinstance(d, dict) and all(g.d is not d for g in guarded):
+            found.setdefault(id(d), (d, str(d.get("__name__", "?")), []))[2].append(getattr(spec, "name", "?"))
+    return [_Guarded(f"the module {name}", d, d, False, version, whole=True, owners=frozenset(names))
+            for d, name, names in found.values()]
+
+
 def _watched(value: Any) -> bool:
     return isinstance(value, ModuleType) or callable(value)
 
@@ -236,8 +252,11 @@ class _Guarded:
     watched, one added kept (the service's modules in an engine process)."""
 
     def __init__(self, label: str, owner: Any, d: dict, strict: bool, version: Any, whole: bool = False,
-                 skip: frozenset[str] = frozenset(), items: bool = False) -> None:
+                 skip: frozenset[str] = frozenset(), items: bool = False, owners: frozenset[str] | None = None) -> None:
         self.label, self.owner, self.d, self.strict, self.skip = label, owner, d, strict, skip
+        # A function's module: the functions whose changes there stay (``_modules_of``);
+        # no answer is refused for it (none of the engine's work goes through it).
+        self.owners = owners
         self.items = items  # put back through the dict itself (a frozen dataclass's attributes)
         self.whole = whole or strict or owner is sys.modules
         # A module's own state (a flag, a counter, a cache it rebinds as it runs) is not
@@ -330,6 +349,7 @@ class Namespaces:
                                         self._version, skip=_CLASS_SKIP))
         guarded.append(_Guarded("sys.modules", sys.modules, sys.modules, False, self._version))
         guarded += _registry(registry, self._version)
+        guarded += _modules_of(registry, self._version, guarded)
         # A function's code or defaults swapped in place (``victim.__code__ =
         # other.__code__``, ``victim.__defaults__ = (3.0,)``): in no dict, so the objects'
         # identities are read, per function (a keyword-defaults dict changed in place is
@@ -369,7 +389,7 @@ class Namespaces:
             return found
         found += [(f"the registry's {name}", names) for name, _, names in self._swapped()]
         for guarded in self._guarded:
-            if guarded.tag is None or guarded.tag.value != guarded.version:
+            if guarded.owners is None and (guarded.tag is None or guarded.tag.value != guarded.version):
                 names = guarded.differs()
                 if names:
                     found.append(("sys.modules" if guarded.label == "sys.modules" else guarded.label, sorted(names)))
@@ -390,6 +410,11 @@ class Namespaces:
             self._log(function, f"the registry's {name}", names)
         for guarded in self._guarded:
             if guarded.tag is not None and guarded.tag.value == guarded.version:
+                continue
+            if guarded.owners is not None and function in guarded.owners:  # its own module: what it set stays
+                guarded.taken = {k: v for k, v in guarded.d.items() if k not in guarded.skip}
+                if guarded.tag is not None:
+                    guarded.version = guarded.tag.value
                 continue
             found = guarded.changed()
             for name, value in found:
