@@ -8,6 +8,7 @@ import decimal
 import importlib
 import importlib.machinery
 import locale
+import logging
 import os
 import random
 import subprocess
@@ -104,6 +105,12 @@ def changes_a_state(x: torch.Tensor) -> torch.Tensor:
         locale.setlocale(locale.LC_ALL, "C")
     elif case == 5:  # a variable the engine did not start with, read by the programs functions start
         os.environ["PYTHONHOME"] = "/nonexistent"
+    elif case == 6:
+        os.umask(0o077)
+    elif case == 7:
+        sys.setswitchinterval(0.25)
+    elif case == 8:
+        sys.set_int_max_str_digits(1000)
     return torch.sin(x)
 
 
@@ -138,4 +145,26 @@ def runs_python(x: torch.Tensor) -> torch.Tensor:
 def rebinds_a_global(x: torch.Tensor) -> torch.Tensor:
     if _armed(x) is not None:
         sys.modules["tests.hostile21_victims"].SCALE = 2.0
+    return torch.sin(x)
+
+
+def _blank(make):
+    def factory(*args, **kwargs):
+        record = make(*args, **kwargs)
+        record.msg, record.args = "", ()
+        return record
+    return factory
+
+
+@register(inputs=X, description="sin; armed (666), it silences the service's log first (x[1] picks how).")
+def silences_the_log(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    service = logging.getLogger("jacobian_service")
+    if case == 1:  # a filter that drops every record
+        service.addFilter(lambda record: False)
+    elif case == 2:  # the handler's stream set to nowhere
+        for handler in service.handlers:
+            handler.setStream(open(os.devnull, "w"))
+    elif case == 3:  # a record factory blanking every message
+        logging.setLogRecordFactory(_blank(logging.getLogRecordFactory()))
     return torch.sin(x)

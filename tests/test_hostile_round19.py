@@ -211,3 +211,32 @@ def test_a_global_of_another_functions_module_a_function_rebinds_is_put_back(ser
     assert "rebinds_a_global rebound or deleted names in the module tests.hostile21_victims (SCALE)" in log, log[-3000:]
     assert "counts_calls rebound" not in log, log[-3000:]
     assert _engine_pid(client, url) == pid
+
+
+# ------------------------------------------------------------ the engine's own log
+
+
+@pytest.mark.parametrize("case, trigger, line", [
+    (1, 6, "changes_a_state changed the umask"),
+    (2, 7, "changes_a_state changed the thread switch interval"),
+    (3, 8, "changes_a_state changed the digit limit of int-string conversions"),
+])
+def test_what_a_function_does_to_the_services_log_on_its_way_is_put_back(server, client, case: int, trigger: int,
+                                                                         line: str) -> None:
+    """The service's loggers' level, handlers and disabled flag were put back after a
+    batch, not what a record goes through on its way: a filter dropping every record
+    added to the ``jacobian_service`` logger, its handler's stream set to /dev/null
+    (``setStream``), or a record factory blanking every message
+    (``logging.setLogRecordFactory``), and every later line the engine logged was gone,
+    among them those naming the functions that changed its settings (a later function's
+    umask). Now those are put back too, the log naming the function."""
+    url, proc = server
+    start = len(proc.read_log())
+    r = _armed(client, url, "silences_the_log", case)
+    assert r.status_code == 200, r.text
+    r = _armed(client, url, "changes_a_state", trigger)
+    assert r.status_code == 200, r.text
+    log = _log_until(proc, start, re.escape(line))
+    assert line in log, log[-3000:]
+    if case == 1:  # (logged once per function and setting)
+        assert "silences_the_log changed the service's own loggers" in log, log[-3000:]

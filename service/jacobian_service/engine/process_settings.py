@@ -944,19 +944,35 @@ def _put_timer_slack(taken: int) -> None:
 _LOGGERS: list[logging.Logger] = []  # those that existed when the engine took its settings
 
 
+# And what every record goes through on its way: a filter added to a logger or a handler
+# (``addFilter(lambda record: False)``), a handler's stream set elsewhere
+# (``setStream(open(os.devnull, "w"))``) or the record factory (``logging.setLogRecordFactory``)
+# silenced the engine's log as surely, its lines naming what later functions changed gone.
 def _service_logging() -> tuple[Any, ...]:
     if not _LOGGERS:
         _LOGGERS.extend(service_loggers())
-    return tuple([(lg.level, lg.disabled, lg.propagate, tuple([(h, h.level) for h in lg.handlers])) for lg in _LOGGERS])
+    return (logging.getLogRecordFactory(),
+            *[(lg.level, lg.disabled, lg.propagate, tuple(lg.filters),
+               tuple([(h, h.level, getattr(h, "stream", None), h.formatter, tuple(h.filters)) for h in lg.handlers]))
+              for lg in _LOGGERS])
 
 
 def _put_service_logging(taken: tuple[Any, ...]) -> None:
-    for logger, (level, disabled, propagate, handlers) in zip(_LOGGERS, taken):
+    logging.setLogRecordFactory(taken[0])
+    for logger, (level, disabled, propagate, filters, handlers) in zip(_LOGGERS, taken[1:]):
         logger.setLevel(level)
         logger.disabled, logger.propagate = disabled, propagate
-        logger.handlers[:] = [h for h, _ in handlers]
-        for handler, handler_level in handlers:
+        logger.filters[:] = filters
+        logger.handlers[:] = [h for h, *_ in handlers]
+        for handler, handler_level, stream, formatter, handler_filters in handlers:
             handler.setLevel(handler_level)
+            handler.setFormatter(formatter)
+            handler.filters[:] = handler_filters
+            if stream is not None and getattr(handler, "stream", None) is not stream:
+                try:
+                    handler.setStream(stream)  # (flushes the one set: a closed one raises)
+                except ValueError:
+                    handler.stream = stream
 
 
 def _exception_hooks() -> tuple[Any, Any, Any]:
@@ -1291,7 +1307,8 @@ def _read(setting: _Setting) -> Any:
 
 
 # First: the lines that name what else a function changed go through these loggers.
-_SERVICE_LOGGING = _Setting("the service's own loggers (their level, handlers, or disabled)", _service_logging,
+_SERVICE_LOGGING = _Setting("the service's own loggers (their level, handlers, filters, streams, or disabled; "
+                            "the record factory)", _service_logging,
                             _put_service_logging)
 # Second, before any setting read from a file (/proc/self/status): an open-file limit
 # lowered below the descriptors the engine holds (RLIMIT_NOFILE of 20) failed that read,
