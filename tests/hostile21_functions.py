@@ -141,10 +141,15 @@ def runs_python(x: torch.Tensor) -> torch.Tensor:
     return x * float(done.stdout)
 
 
-@register(inputs=X, description="sin; armed (666), it rebinds a global of another module's functions first.")
+@register(inputs=X, description="sin; armed (666), it rebinds a global (1) or a closure's variable (2) of another module's "
+                                "functions first.")
 def rebinds_a_global(x: torch.Tensor) -> torch.Tensor:
-    if _armed(x) is not None:
-        sys.modules["tests.hostile21_victims"].SCALE = 2.0
+    case = _armed(x)
+    victims = sys.modules["tests.hostile21_victims"]
+    if case == 1:
+        victims.SCALE = 2.0
+    elif case == 2:  # a variable of another function's closure
+        victims.closure_scaled.__closure__[0].cell_contents = 2.0
     return torch.sin(x)
 
 

@@ -20,3 +20,13 @@ def counts_calls(x: torch.Tensor) -> torch.Tensor:
     global _CALLS
     _CALLS += 1
     return x * _CALLS
+
+
+def _scaled_by(scale: float):
+    def closure_scaled(x: torch.Tensor) -> torch.Tensor:
+        return x * scale
+    return closure_scaled
+
+
+closure_scaled = register(inputs=[Input("x", shape=("n",))],
+                          description="x * scale, a variable of the closure a factory made it in (1.0).")(_scaled_by(1.0))

@@ -240,3 +240,18 @@ def test_what_a_function_does_to_the_services_log_on_its_way_is_put_back(server,
     assert line in log, log[-3000:]
     if case == 1:  # (logged once per function and setting)
         assert "silences_the_log changed the service's own loggers" in log, log[-3000:]
+
+
+def test_a_variable_of_another_functions_closure_a_function_sets_is_put_back(server, client) -> None:
+    """As a module's global, a variable of the closure a factory made a function in
+    (``make(scale)``): another module's function that set
+    ``victim.__closure__[0].cell_contents = 2.0`` had every later request of it answer
+    ``x * 2.0`` with a 200, for the engine's life. The functions' closure cells are now
+    read in the same gather: put back after the batch, the log naming the function."""
+    url, proc = server
+    np.testing.assert_allclose(_evaluated(client, url, "closure_scaled", X), X, rtol=1e-15)
+    r = _armed(client, url, "rebinds_a_global", 2)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(_evaluated(client, url, "closure_scaled", X), X, rtol=1e-15)
+    log = _log_until(proc, 0, "rebinds_a_global rebound or deleted names in the closure")
+    assert "rebinds_a_global rebound or deleted names in the closure of closure_scaled (scale)" in log, log[-3000:]

@@ -20,7 +20,8 @@ defines, and is taken away again. In an engine process, the engine's own registr
 functions is guarded the same way (its table, each spec, each spec's inputs), and each
 function's code and defaults (their pointers in the function object, read in the same
 gather): one function could otherwise make another run its code. And each function's
-module: a name a function of another module rebinds there is put back (``_modules_of``).
+module and closure cells: a name a function of another module rebinds there is put back
+(``_modules_of``, ``_closures``).
 
 The check after a batch costs a few microseconds, whatever the number of dicts
 (~270): each dict's version tag (CPython's ``ma_version_tag``, which every change of the
@@ -232,6 +233,40 @@ def _modules_of(registry: Any, version: Any, guarded: list[_Guarded]) -> list[_G
             for d, name, names in found.values()]
 
 
+def _closures(registry: Any) -> list[tuple[str, Any, str, Any]]:
+    """(function, its module, variable, cell) of each closure cell of the engine's
+    functions: a function made by a factory (``make(scale)``) reads its ``scale`` there,
+    and one of another module that set ``victim.__closure__[0].cell_contents = 2.0`` had
+    every later request of it answer with that."""
+    found: list[tuple[str, Any, str, Any]] = []
+    for spec in registry or ():
+        fn = getattr(spec, "fn", None)
+        if isinstance(fn, FunctionType) and fn.__closure__:
+            for variable, cell in zip(fn.__code__.co_freevars, fn.__closure__):
+                if all(cell is not c for *_, c in found):
+                    found.append((getattr(spec, "name", "?"), fn.__module__, variable, cell))
+    return found
+
+
+def _contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # empty
+        return _MISSING
+
+
+def _cell_views(cells: list[Any]) -> list[Any] | None:
+    """Views of each cell's contents pointer (CPython's ``PyCellObject``: after its
+    header), to be read in the gather with the dicts' tags; None where a view does not
+    read what the cell holds."""
+    views = [ctypes.c_uint64.from_address(id(cell) + object.__basicsize__) for cell in cells]
+    return views if [v.value for v in views] == _cell_ids([_contents(c) for c in cells]) else None
+
+
+def _cell_ids(contents: list[Any]) -> list[int]:
+    return [0 if value is _MISSING else id(value) for value in contents]
+
+
 def _watched(value: Any) -> bool:
     return isinstance(value, ModuleType) or callable(value)
 
@@ -369,13 +404,32 @@ class Namespaces:
         self._versions = [g.version for g in guarded]
         # Every tag (and the functions' slots) in one read where it can be (``_gather``),
         # else one by one.
-        views = self._tags + (slots or [])
+        # Each function's closure cells, as its module's globals are (``_closures``): their
+        # contents' identities, read in the gather with the rest where the layout is found.
+        self._cells = _closures(registry)
+        self._module_of = {getattr(spec, "name", "?"): getattr(getattr(spec, "fn", None), "__module__", None)
+                           for spec in (registry or ())}
+        self._cell_taken = [_contents(cell) for *_, cell in self._cells]  # (kept alive: their ids stay theirs)
+        cell_views = _cell_views([cell for *_, cell in self._cells]) if slots is not None else None
+        self._cells_apart = bool(self._cells) and cell_views is None  # read on their own, at each check
+        views = self._tags + (slots or []) + (cell_views or [])
         self._slot_taken = [view.value for view in slots] if slots else []
+        self._cells_read = cell_views is not None
         self._codes_apart = not slots  # the functions' code read on its own, at each check
         gathered = _gather(views) if self._version is not None else None
         self._read = gathered if gathered is not None else (lambda: _packed(list(map(_VALUE, views))))
-        self._read_taken = _packed(self._versions + self._slot_taken) if self._version is not None else b""
+        self._read_taken = self._taken_read() if self._version is not None else b""
         self._named: set[tuple[str, str]] = set()  # (function, namespace) already logged
+
+    def _taken_read(self) -> bytes:
+        """What the gather reads when nothing changed since the last put-back."""
+        return _packed(self._versions + self._slot_taken + (_cell_ids(self._cell_taken) if self._cells_read else []))
+
+    def _unchanged(self) -> bool:
+        """Nothing changed since the last put-back (one gather, nearly always)."""
+        return self._version is not None and self._read() == self._read_taken and not (
+            self._codes_apart and self._codes() != self._code_taken) and not (
+            self._cells_apart and any(_contents(c) is not t for (*_, c), t in zip(self._cells, self._cell_taken)))
 
     def patched(self) -> list[tuple[str, list[str]]]:
         """(namespace, names) of what was rebound or deleted since the last put-back, read
@@ -384,8 +438,7 @@ class Namespaces:
         when nothing changed (the version tags); a dict changed only by names added (a
         lazy import) is compared name by name, and nothing is found."""
         found = [("sys", ["modules"])] if sys.modules is not self._modules else []
-        if self._version is not None and self._read() == self._read_taken and not (
-                self._codes_apart and self._codes() != self._code_taken):
+        if self._unchanged():
             return found
         found += [(f"the registry's {name}", names) for name, _, names in self._swapped()]
         for guarded in self._guarded:
@@ -400,14 +453,25 @@ class Namespaces:
         if sys.modules is not self._modules:  # the whole table rebound: the import system keeps the old one
             sys.modules = self._modules
             self._log(function, "sys", ["modules"])
-        if self._version is not None and self._read() == self._read_taken and not (
-                self._codes_apart and self._codes() != self._code_taken):
+        if self._unchanged():
             return  # nothing changed (one gather of every tag)
         for name, fn, names in self._swapped():
             for attr, taken in zip(_RUNS, self._code_objects[self._functions.index(fn)]):
                 if attr in names:
                     setattr(fn, attr, taken)
             self._log(function, f"the registry's {name}", names)
+        for index, (name, module, variable, cell) in enumerate(self._cells):
+            taken = self._cell_taken[index]
+            if _contents(cell) is taken:
+                continue
+            if self._module_of.get(function) == module:  # a function of its own module: what it set stays
+                self._cell_taken[index] = _contents(cell)
+                continue
+            if taken is _MISSING:
+                del cell.cell_contents
+            else:
+                cell.cell_contents = taken
+            self._log(function, f"the closure of {name}", [variable])
         for guarded in self._guarded:
             if guarded.tag is not None and guarded.tag.value == guarded.version:
                 continue
@@ -428,7 +492,7 @@ class Namespaces:
                 guarded.version = guarded.tag.value
         self._versions = [g.version for g in self._guarded]
         if self._version is not None:
-            self._read_taken = _packed(self._versions + self._slot_taken)
+            self._read_taken = self._taken_read()
 
     def _codes(self) -> list[int]:
         """The ids of the functions' code objects and defaults (kept alive by
