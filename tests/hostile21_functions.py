@@ -18,18 +18,9 @@ import types
 
 import numpy as np
 import torch
-from jacobian_service import Input, register
+from jacobian_service import register
 
-X = [Input("x", shape=("n",))]
-
-
-def _armed(x: torch.Tensor) -> int | None:
-    """The case asked for (the second input), or None: behave."""
-    flat = x.detach().reshape(-1)
-    if flat.numel() > 1 and float(flat[0]) == 666.0:
-        return int(float(flat[1]))
-    return None
-
+from tests.hostile17_functions import X, _armed  # the input, and the case it asks for (666 first)
 
 # ------------------------------------------------------------ the import system
 

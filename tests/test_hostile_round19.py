@@ -21,10 +21,9 @@ import pytest
 from .conftest import live_server
 from .test_hostile_round11 import _armed, _engine_pid
 from .test_hostile_round15 import _log_until
+from .test_hostile_round17 import X, client  # noqa: F401  (its inputs [0.5, 1, 2]; its module's httpx client)
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile21_functions,tests.hostile21_victims"
-X = [0.5, 1.0, 2.0]
-F64 = {"dtype": "float64", "shape": [3], "data": X}
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +39,6 @@ def server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
             yield served
     finally:
         os.environ.pop("HOSTILE21_TEXT", None)
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=30) as c:
-        yield c
 
 
 def _evaluated(client: httpx.Client, url: str, function: str, x: list[float]) -> list[float]:
@@ -153,40 +146,34 @@ def test_a_seed_a_function_sets_in_random_or_numpy_is_not_left_for_the_next_draw
     assert f"changes_a_state changed {what}" in log and "put back to a seed drawn afresh" in log, log[-3000:]
 
 
-def test_the_locale_a_function_sets_is_put_back(server, client) -> None:
+@pytest.mark.parametrize("case, victim, changed", [
+    (4, "reads_text", "the locale (locale.setlocale) (to C)"),
+    (5, "runs_python", "environment variables (to other values of PYTHONHOME)"),
+])
+def test_the_locale_or_a_variable_steering_programs_a_function_sets_is_put_back(server, client, case: int, victim: str,
+                                                                                changed: str) -> None:
     """Left open by round seventeen: ``locale.setlocale(locale.LC_ALL, "C")`` in a
     function (the engine's is C.UTF-8 here), and every later function reading a UTF-8
     text file with ``open()``'s default encoding (the locale's) failed, 500
     ``UnicodeDecodeError: 'ascii' codec can't decode byte 0xc3``, for the engine's life.
-    Now the locale is put back after the batch, the log naming the function."""
+    And only the environment variables the engine started with were put back: one a
+    function added stayed, as libraries add theirs, and went to every later program of
+    every function that ran one: ``os.environ["PYTHONHOME"] = "/nonexistent"`` made
+    another client's function that runs ``python -c 'print(1.0)'`` fail, 500
+    ``CalledProcessError`` (the child's "Fatal Python error: init_fs_encoding"); an
+    ``LD_PRELOAD`` of its own would have run its library in each. Now the locale is put
+    back after the batch, and the dynamic loader's, the interpreter's and a few more such
+    variables (``LD_*``, ``PYTHON*``, ``GLIBC_TUNABLES``...) a function adds are taken
+    away, the log naming the function (and the variable, never its value)."""
     url, proc = server
-    np.testing.assert_allclose(_evaluated(client, url, "reads_text", X), X, rtol=1e-15)  # two characters read: x * 1
+    np.testing.assert_allclose(_evaluated(client, url, victim, X), X, rtol=1e-15)  # x * 1
     start = len(proc.read_log())
-    r = _armed(client, url, "changes_a_state", 4)
+    r = _armed(client, url, "changes_a_state", case)
     assert r.status_code == 200, r.text
-    np.testing.assert_allclose(_evaluated(client, url, "reads_text", X), X, rtol=1e-15)
-    log = _log_until(proc, start, "changes_a_state changed the locale")
-    assert "changes_a_state changed the locale (locale.setlocale) (to C)" in log, log[-3000:]
-
-
-def test_a_variable_steering_later_programs_a_function_adds_is_taken_away(server, client) -> None:
-    """Only the variables the engine started with were put back: one a function added
-    stayed, as libraries add theirs, and went to every later program of every function
-    that ran one. ``os.environ["PYTHONHOME"] = "/nonexistent"`` made another client's
-    function that runs ``python -c 'print(1.0)'`` fail, 500 ``CalledProcessError``
-    (the child's "Fatal Python error: init_fs_encoding"), for the engine's life; an
-    ``LD_PRELOAD`` of its own would have run its library in each. The dynamic loader's,
-    the interpreter's and a few more such variables (``LD_*``, ``PYTHON*``,
-    ``GLIBC_TUNABLES``...) a function adds are now taken away after its batch, the log
-    naming the function and the variable, never its value."""
-    url, proc = server
-    start = len(proc.read_log())
-    r = _armed(client, url, "changes_a_state", 5)
-    assert r.status_code == 200, r.text
-    np.testing.assert_allclose(_evaluated(client, url, "runs_python", X), X, rtol=1e-15)
-    log = _log_until(proc, start, "changes_a_state changed environment variables")
-    assert "changes_a_state changed environment variables (to other values of PYTHONHOME)" in log, log[-3000:]
-    assert "/nonexistent" not in log[start:], log[start:]
+    np.testing.assert_allclose(_evaluated(client, url, victim, X), X, rtol=1e-15)
+    log = _log_until(proc, start, f"changes_a_state changed {re.escape(changed.split(' (')[0])}")
+    assert f"changes_a_state changed {changed}" in log, log[-3000:]
+    assert "/nonexistent" not in log, log
 
 
 # ------------------------------------------------------------ another function's module
