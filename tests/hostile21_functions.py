@@ -25,7 +25,7 @@ from tests.hostile17_functions import X, _armed  # the input, and the case it as
 # ------------------------------------------------------------ the import system
 
 # What ``imports_lazily`` imports at its first call, by x[1]: modules nothing else imports.
-LAZY = ("tests.hostile21_lazy", "tests.hostile21_lazy_cached", "graphlib")
+LAZY = ("tests.hostile21_lazy", "tests.hostile21_lazy_cached", "graphlib", "tests.hostile21_lazy_blind")
 ALIAS = "tests.hostile21_alias"  # no module's file: an alias as libraries make them
 
 
@@ -33,6 +33,13 @@ def _impostor(name: str) -> types.ModuleType:
     module = types.ModuleType(name)
     module.SCALE = 2.0
     return module
+
+
+class _Blind:
+    """A path entry's finder that finds nothing."""
+
+    def find_spec(self, name, target=None):
+        return None
 
 
 class _Finder:
@@ -61,14 +68,17 @@ def plants_a_module(x: torch.Tensor) -> torch.Tensor:
         with open(os.path.join(where, LAZY[2] + ".py"), "w") as f:
             f.write("SCALE = 2.0\n")
         sys.path.insert(0, where)
+    elif case == 3:  # both: a sys.modules entry, and a blind finder for the directory the real module is in
+        sys.path_importer_cache[os.path.dirname(os.path.abspath(__file__))] = _Blind()
+        sys.modules[LAZY[3]] = _impostor(LAZY[3])
     return torch.sin(x)
 
 
 @register(inputs=X, description="x * the SCALE of a module it imports at its first call (1.0); x[1] picks the module "
-                                "(3: its own alias, found at the second call).")
+                                "(4: its own alias, found at the second call).")
 def imports_lazily(x: torch.Tensor) -> torch.Tensor:
     which = int(float(x.detach().reshape(-1)[1]))
-    if which == 3:  # a library's way: a module of its own under a name no finder finds, imported by name later
+    if which == 4:  # a library's way: a module of its own under a name no finder finds, imported by name later
         if ALIAS in sys.modules:
             return x * importlib.import_module(ALIAS).SCALE
         sys.modules[ALIAS] = _impostor(ALIAS)

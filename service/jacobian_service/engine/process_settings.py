@@ -1268,13 +1268,15 @@ def _library_settings() -> tuple[_Setting, ...]:
         _Setting("the locale (locale.setlocale)", locale_now, put_locale),
         *(_Setting(g.what, g.fingerprint, g.put, g.changed, shown=(lambda now, taken: "one of its own",
                                                                    "a seed drawn afresh")) for g in generators()),
-        _Setting("sys.modules (entries no import made, where a finder finds the module)", modules.get, modules.put,
-                 modules.changed, shown=(lambda now, taken: "add " + ", ".join(modules.found), "the modules imported")),
+        # The path's finders and entries first: whether a finder finds a module planted in
+        # sys.modules is asked of them (a finder of its own cached for a directory would say no).
         _Setting("sys.path_importer_cache (finders the path hooks did not make)", cache.get, cache.put, cache.changed,
                  shown=(lambda now, taken: "add " + ", ".join(cache.found), "the path hooks' own")),
         _Setting("sys.path (entries ahead of those the engine started with)", path_entries, put_path, path_changed,
                  shown=(lambda now, taken: "put " + ", ".join(str(e) for e in now if e not in taken) + " ahead",
                         "the entries the engine started with first, those added behind them")),
+        _Setting("sys.modules (entries no import made, where a finder finds the module)", modules.get, modules.put,
+                 modules.changed, shown=(lambda now, taken: "add " + ", ".join(modules.found), "the modules imported")),
     )
 
 
