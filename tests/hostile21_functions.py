@@ -112,6 +112,8 @@ def changes_a_state(x: torch.Tensor) -> torch.Tensor:
         sys.setswitchinterval(0.25)
     elif case == 8:
         sys.set_int_max_str_digits(1000)
+    elif case == 9:  # past os.environ: what programs get, not what Python shows
+        os.putenv("PYTHONHOME", "/nonexistent")
     return torch.sin(x)
 
 

@@ -152,6 +152,7 @@ def test_a_seed_a_function_sets_in_random_or_numpy_is_not_left_for_the_next_draw
 @pytest.mark.parametrize("case, victim, changed", [
     (4, "reads_text", "the locale (locale.setlocale) (to C)"),
     (5, "runs_python", "environment variables (to other values of PYTHONHOME)"),
+    (9, "runs_python", "the environment as programs get it (os.putenv, setenv) (to other values of PYTHONHOME)"),
 ])
 def test_the_locale_or_a_variable_steering_programs_a_function_sets_is_put_back(server, client, case: int, victim: str,
                                                                                 changed: str) -> None:
@@ -164,7 +165,8 @@ def test_the_locale_or_a_variable_steering_programs_a_function_sets_is_put_back(
     every function that ran one: ``os.environ["PYTHONHOME"] = "/nonexistent"`` made
     another client's function that runs ``python -c 'print(1.0)'`` fail, 500
     ``CalledProcessError`` (the child's "Fatal Python error: init_fs_encoding"); an
-    ``LD_PRELOAD`` of its own would have run its library in each. Now the locale is put
+    ``LD_PRELOAD`` of its own would have run its library in each; ``os.putenv`` (past
+    ``os.environ``, which the engine read) did the same unseen. Now the locale is put
     back after the batch, and the dynamic loader's, the interpreter's and a few more such
     variables (``LD_*``, ``PYTHON*``, ``GLIBC_TUNABLES``...) a function adds are taken
     away, the log naming the function (and the variable, never its value)."""

@@ -1,4 +1,4 @@
-"""Global state of the standard library and numpy that every function of an engine
+"""Global state of the standard library, numpy and libc that every function of an engine
 shares, put back after each batch (settings of ``process_settings``).
 
 Measured, each for as long as the engine lived, with no line in any log:
@@ -13,7 +13,9 @@ Measured, each for as long as the engine lived, with no line in any log:
 - ``random.seed(0)`` or ``np.random.seed(0)``: every later function drawing from Python's
   ``random`` or numpy's global ``np.random`` (noise, a Monte Carlo step) drew the same
   numbers after each of its calls, the ones that seed gives anywhere (as round
-  seventeen found for ``torch.manual_seed``).
+  seventeen found for ``torch.manual_seed``);
+- ``os.putenv("PYTHONHOME", "/nonexistent")``, past ``os.environ``: every later function's
+  ``subprocess.run([sys.executable, ...])`` failed (``ProgramEnvironment``).
 
 decimal's context and the locale are put back as the engine started. A random generator
 whose state a batch moved (a seed, a state set, or draws: which of them cannot be told
@@ -36,7 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["DecimalContext", "Generator", "generators", "locale_now", "put_locale"]
+__all__ = ["DecimalContext", "Generator", "ProgramEnvironment", "generators", "locale_now", "put_locale"]
 
 
 # ------------------------------------------------------------ decimal
@@ -192,3 +194,75 @@ def _numpy_random() -> Generator | None:
 
 def generators() -> list[Generator]:
     return [g for g in (_python_random(), _numpy_random()) if g is not None]
+
+
+# ------------------------------------------------------------ the environment as programs get it
+
+
+class ProgramEnvironment:
+    """libc's own environment (``environ``), which the programs a function starts get:
+    ``os.putenv`` (or ``setenv`` through ctypes) changes it past ``os.environ``, which
+    the environment's own setting reads (``process_settings``).
+    ``os.putenv("PYTHONHOME", "/nonexistent")`` failed every later function's
+    ``subprocess.run([sys.executable, ...])`` (exit 1), for the engine's life. As there:
+    a variable the engine started with is put back, and one that steers programs
+    (``steering``) taken away. Read a batch as the array of its entries' pointers
+    (a setenv, putenv or unsetenv changes it; ~0.2 us), walked only when it changed."""
+
+    def __init__(self, steering: Callable[[bytes], bool]) -> None:
+        libc = ctypes.CDLL(None)
+        self._environ = ctypes.c_void_p.in_dll(libc, "environ")
+        self._steering = steering
+        self.taken = self._walk()
+        self._view(self._environ.value)
+        self.expected = self.get()
+        self.found: list[str] = []
+
+    def _view(self, pointer: int | None) -> None:
+        """A view of the entries' pointers (and the NULL after them), as many as there
+        are now: made again whenever libc moves the array."""
+        self._pointer = pointer
+        count = len(self._entries())
+        self._pointers = (ctypes.c_char * (8 * (count + 1))).from_address(pointer) if pointer else None
+
+    def _entries(self) -> list[bytes]:
+        pointer = self._environ.value
+        if not pointer:
+            return []
+        entries = ctypes.cast(pointer, ctypes.POINTER(ctypes.c_char_p))
+        found = []
+        while (entry := entries[len(found)]) is not None:
+            found.append(entry)
+        return found
+
+    def _walk(self) -> dict[bytes, bytes]:
+        return dict(entry.partition(b"=")[::2] for entry in self._entries())
+
+    def get(self) -> tuple[Any, bytes]:
+        pointer = self._environ.value
+        if pointer != self._pointer:
+            self._view(pointer)
+        return pointer, self._pointers.raw if self._pointers is not None else b""
+
+    def changed(self, now: Any, taken: Any) -> bool:
+        if now == self.expected:
+            return False
+        env = self._walk()
+        self.found = sorted({*(k for k, v in self.taken.items() if env.get(k) != v),
+                             *(k for k in env if k not in self.taken and self._steering(k))})
+        if not self.found:
+            self.expected = now
+        return bool(self.found)
+
+    changed.equal_is_unchanged = True  # type: ignore[attr-defined]
+
+    def put(self, taken: Any) -> None:
+        for key in self.found:
+            if key in self.taken:
+                os.putenv(key, self.taken[key])
+            else:
+                os.unsetenv(key)
+        self.expected = self.get()
+
+    def shown(self, now: Any, taken: Any) -> str:
+        return "other values of " + ", ".join(k.decode(errors="replace") for k in self.found)

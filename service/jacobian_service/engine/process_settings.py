@@ -95,7 +95,7 @@ from ..ipc import LOG_FD_ENV
 from ..logs import service_loggers
 from ..procfs import descriptor_identity
 from .imports import Imports, path_changed, path_entries, put_path
-from .library_state import DecimalContext, generators, locale_now, put_locale
+from .library_state import DecimalContext, ProgramEnvironment, generators, locale_now, put_locale
 from .torch_kernels import KERNELS
 
 __all__ = ["ProcessSettings"]
@@ -761,8 +761,12 @@ _STEERING_PREFIXES = (b"LD_", b"PYTHON")
 _STEERING = frozenset({b"GLIBC_TUNABLES", b"GCONV_PATH", b"BASH_ENV", b"ENV", b"MALLOC_CHECK_", b"MALLOC_PERTURB_"})
 
 
+def _steers(key: bytes) -> bool:
+    return key.startswith(_STEERING_PREFIXES) or key in _STEERING
+
+
 def _steering_added(now: _Environment, taken: _Environment) -> list[bytes]:
-    return [key for key in now if key not in taken and (key.startswith(_STEERING_PREFIXES) or key in _STEERING)]
+    return [key for key in now if key not in taken and _steers(key)]
 
 
 def _environ_changed(now: _Environment, taken: _Environment) -> bool:
@@ -1253,6 +1257,11 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
 )
 
 
+def _program_environment_setting(env: ProgramEnvironment) -> _Setting:
+    return _Setting("the environment as programs get it (os.putenv, setenv)", env.get, env.put, env.changed,
+                    shown=(env.shown, "the values the engine started with"))
+
+
 @functools.cache
 def _library_settings() -> tuple[_Setting, ...]:
     """The state of the standard library and numpy (``library_state``) and the import
@@ -1262,7 +1271,13 @@ def _library_settings() -> tuple[_Setting, ...]:
     imports = Imports()
     modules, cache = imports.modules, imports.path_cache
     context = DecimalContext()
+    try:
+        programs: tuple[_Setting, ...] = (_program_environment_setting(ProgramEnvironment(_steers)),)
+    except (OSError, ValueError, AttributeError) as exc:  # no libc environ to read: os.environ's alone
+        log.debug("libc's environment not watched: %s", exc)
+        programs = ()
     return (
+        *programs,
         _Setting("decimal's context (decimal.getcontext, setcontext)", context.get, context.put, context.changed,
                  shown=(context.shown, "the engine's own")),
         _Setting("the locale (locale.setlocale)", locale_now, put_locale),
