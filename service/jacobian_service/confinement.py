@@ -50,7 +50,7 @@ import platform
 import struct
 from typing import Callable
 
-__all__ = ["confiner", "in_force", "landlock_abi"]
+__all__ = ["confiner", "in_force", "landlock_abi", "protected"]
 
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
@@ -111,13 +111,23 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def confiner(landlock: bool = True) -> Callable[[], None]:
+def protected() -> tuple[int, int, list[int]]:
+    """What an engine is kept off, as this process (``serve``) is now: its pid, its
+    process group and its threads. Data, so that another process (the fork server,
+    ``fork_server``) can make the same filter for an engine it forks."""
+    return os.getpid(), os.getpgrp(), _tasks(os.getpid())
+
+
+def confiner(landlock: bool = True, target: tuple[int, int, list[int]] | None = None) -> Callable[[], None]:
     """What a new engine process runs between fork and exec (``preexec_fn``) to confine
-    itself against this process (``serve``: its parent, its group, its threads now).
+    itself against this process (``serve``: its parent, its group, its threads now), or
+    against ``target`` (``protected()`` of ``serve``, made there: the fork server confines
+    the engines it forks for ``serve``).
     Everything is made here, before the fork: the child only makes system calls, and
     never raises (an engine the kernel will not confine still serves; ``in_force``
     tells it what it got). ``landlock`` False: the seccomp filter alone, as on a kernel
     without Landlock's signal scope."""
+    parent, group, threads = target if target is not None else protected()
     libc = _libc()
     syscall, prctl = libc.syscall, libc.prctl
     scope = _RulesetAttr(0, 0, _LANDLOCK_SCOPE_SIGNAL | _LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET) \
@@ -127,9 +137,9 @@ def confiner(landlock: bool = True) -> Callable[[], None]:
     fprog = program = None
     if machine in _AUDIT_ARCH:
         native, table = _AUDIT_ARCH[machine]
-        code = _filter(table, native, os.getpid(), os.getpgrp(), _tasks(os.getpid()))
+        code = _filter(table, native, parent, group, threads)
         if len(code) // 8 > _MAX_INSTRUCTIONS:  # thousands of threads: the process itself only
-            code = _filter(table, native, os.getpid(), os.getpgrp(), [])
+            code = _filter(table, native, parent, group, [])
         program = ctypes.create_string_buffer(code, len(code))
         fprog = _SockFprog(len(code) // 8, ctypes.cast(program, ctypes.c_void_p))
     get_errno, denied = ctypes.get_errno, (errno.EPERM, errno.EACCES)

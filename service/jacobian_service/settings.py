@@ -146,6 +146,10 @@ class Settings(BaseSettings):
     # parent took the whole service down. false: not confined (a kernel that refuses a
     # confinement leaves the engine unconfined all the same, and the engine logs it).
     engine_confine: bool = True
+    # Engines and spares are forked from a zygote that imported torch once per serve
+    # (``fork_server``): a start costs ~0.3 s of CPU instead of ~3 s of imports. Where it
+    # cannot serve (down, starting, refused) engines are exec'd as before; false: always.
+    engine_fork_server: bool = True
     # An address-space cap per engine process (bytes); unset: none.
     engine_memory_limit_bytes: int | None = Field(None, ge=1 << 26)
     # An engine whose resident memory, checked once a second, is over this (bytes) is

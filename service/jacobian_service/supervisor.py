@@ -66,7 +66,7 @@ import orjson
 import zmq
 
 from . import ipc
-from .confinement import confiner
+from .fork_server import Forked, ForkServer, start_engine
 from .orphans import become_subreaper, kill_adopted, reap_adopted
 from .output_relay import OutputRelay
 from .procfs import start_ticks, stopped
@@ -95,7 +95,7 @@ _MAX_FRONT_ENDS = 256
 _OLDEST_FRESH_S = 3.0
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def _signal_group(proc: subprocess.Popen | Forked, sig: int) -> None:
     """Signal an engine's process group: the engine and whatever it forked (a function's
     multiprocessing pool, say). Each engine leads a session, hence a group, of its own
     (``start_new_session``, which Python 3.10 has too), so nothing else is in it. A child
@@ -118,7 +118,7 @@ def _engine_environ(environ: Any) -> dict[str, str]:
 class _Engine:
     index: int
     device: str
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | Forked | None = None
     board: ipc.StatusBoard | None = None
     generation: int = 0
     started: float = 0.0
@@ -131,7 +131,7 @@ class _Engine:
     running: dict[str, Any] = field(default_factory=dict)
     startup_s: float = 5.0  # the last cold start-up's measured length (spawn to ready)
     promoted: bool = False  # the running process was a spare (its start-up says nothing of a cold one)
-    spare: subprocess.Popen | None = None  # warmed up, waiting on stdin to take over
+    spare: subprocess.Popen | Forked | None = None  # warmed up, waiting on stdin to take over
     spare_at: float = 0.0  # when a spare may be started next
     spare_started: float = 0.0
     ready_by: float = 0.0  # when the running process should say it is ready (set as it starts)
@@ -185,7 +185,11 @@ class Supervisor:
         # When each engine and spare process started (clock ticks since boot, by pid):
         # what ties an orphan to the engine that died (``orphans.kill_adopted``).
         self._ticks: dict[int, int | None] = {}
-        if not become_subreaper():
+        # The zygote engines are forked from (``fork_server``), started with the first
+        # engine. A forked engine is handed to this process as a subreaper: not one here.
+        self.forks: ForkServer | None = None
+        self._subreaper = become_subreaper()
+        if not self._subreaper:
             log.warning("not a child subreaper here: a process a function starts in a session of its own "
                         "may outlive its engine")
 
@@ -199,6 +203,8 @@ class Supervisor:
         first = _Engine(0, self.settings.device)
         self.engines = [first]
         self._begin()  # its thread exists before any engine does: a thread of serve's the filter names
+        if (forks := self._fork_server()) is not None:
+            forks.ready(wait_s=timeout / 5)  # its imports are the engine's own: the first engine is forked too
         self._spawn(first)
         registry = self.run_dir / "registry.json"
         deadline = time.monotonic() + timeout
@@ -249,7 +255,7 @@ class Supervisor:
         else:
             engine.promoted = False
             engine.proc = self._start(engine, standby=False)
-            how = "started"
+            how = "started" + (" (forked)" if isinstance(engine.proc, Forked) else "")
             engine.ready_by = now + engine.startup_s
         engine.generation += 1
         engine.started = now
@@ -259,17 +265,19 @@ class Supervisor:
         log.info("engine %d (%s) %s, generation %d, pid %d", engine.index, engine.device, how, engine.generation,
                  engine.proc.pid)
 
-    def _start(self, engine: _Engine, standby: bool) -> subprocess.Popen:
+    def _start(self, engine: _Engine, standby: bool) -> subprocess.Popen | Forked:
         """An engine process (``standby``: a spare, told to take over on its stdin), its
         output relayed (``output_relay``): not serve's own descriptors, where a function's
         writes landed whole. Its own log lines come through a third pipe (its descriptor
-        named in ``ipc.LOG_FD_ENV``), apart from what its functions write."""
+        named in ``ipc.LOG_FD_ENV``), apart from what its functions write. Forked from
+        the zygote where it serves, else exec'd (``fork_server``); confined either way:
+        its functions then cannot signal (nor renice, pin, limit, trace) ``serve``, its
+        threads (the ones now: the filter is made at each start) and group, every process
+        at once, nor, with Landlock, any process but its own (``confinement``)."""
         out, err, own = self.output.pipe(), self.output.pipe(), self.output.pipe()
         try:
-            proc = subprocess.Popen([*self._command(engine), *(["--standby"] if standby else [])],
-                                    stdin=subprocess.PIPE if standby else None, stdout=out[1], stderr=err[1],
-                                    pass_fds=(own[1],), env={**self._env(), ipc.LOG_FD_ENV: str(own[1])},
-                                    start_new_session=True, preexec_fn=self._confiner())
+            proc = start_engine(self._fork_server(), [*self._command(engine), *(["--standby"] if standby else [])],
+                                self._env(), out[1], err[1], own[1], standby, self.settings.engine_confine)
         except BaseException:
             for fd in (out[0], err[0], own[0]):
                 os.close(fd)
@@ -284,14 +292,13 @@ class Supervisor:
         self._ticks[proc.pid] = start_ticks(proc.pid)
         return proc
 
-    def _confiner(self) -> Any:
-        """What a new engine or spare runs before exec to confine itself (``confinement``):
-        its functions then cannot signal (nor renice, pin, limit, trace) ``serve``, its
-        threads and group, every process at once, nor, with Landlock, any process but
-        its own. Made at each start: this process's threads are the ones now. (A
-        ``preexec_fn`` in a process with threads is safe here: the child makes only
-        system calls, through objects made before the fork, and takes no lock.)"""
-        return confiner() if self.settings.engine_confine else None
+    def _fork_server(self) -> ForkServer | None:
+        """The zygote (started at the first call), where engines are forked: None with
+        ``engine_fork_server`` off, or where this process is no subreaper (a forked
+        engine would be handed to init, its exit status lost)."""
+        if self.forks is None and self.settings.engine_fork_server and self._subreaper:
+            self.forks = ForkServer(_engine_environ(os.environ))
+        return self.forks
 
     def _env(self) -> dict[str, str]:
         """A new engine's environment (a spare reads only what to skip: which functions
@@ -301,7 +308,7 @@ class Supervisor:
         return {**_engine_environ(os.environ), ipc.ISOLATE_ENV: ipc.names_env(self.isolate),
                 ipc.SKIP_WARMUP_ENV: ipc.names_env(self.skip_warmup)}
 
-    def _warm_up_hung(self, proc: subprocess.Popen, now: float) -> str | None:
+    def _warm_up_hung(self, proc: subprocess.Popen | Forked, now: float) -> str | None:
         """The function whose warm-up in ``proc`` has run past its limit, added to those
         the engines started from now on skip."""
         try:
@@ -331,7 +338,7 @@ class Supervisor:
         self.skip_warmup.add(function)
         return function
 
-    def _spare_flag(self, spare: subprocess.Popen) -> Path:
+    def _spare_flag(self, spare: subprocess.Popen | Forked) -> Path:
         return self.run_dir / f"spare-{spare.pid}.ready"
 
     def all_ready(self) -> bool:
@@ -341,10 +348,10 @@ class Supervisor:
     def spare_warm(self, engine: _Engine) -> bool:
         return engine.spare is not None and self._is_warm(engine.spare)
 
-    def _is_warm(self, spare: subprocess.Popen) -> bool:
+    def _is_warm(self, spare: subprocess.Popen | Forked) -> bool:
         return spare.poll() is None and self._spare_flag(spare).exists()
 
-    def _promote(self, spare: subprocess.Popen) -> bool:
+    def _promote(self, spare: subprocess.Popen | Forked) -> bool:
         try:
             spare.stdin.write(orjson.dumps({"isolate": sorted(self.isolate)}) + b"\n")  # type: ignore[union-attr]
             spare.stdin.flush()  # type: ignore[union-attr]
@@ -391,7 +398,7 @@ class Supervisor:
         collected: its children in sessions of their own that are not orphans."""
         return {p.pid for e in self.engines for p in (e.proc, e.spare) if p is not None}
 
-    def _ended(self, proc: subprocess.Popen) -> None:
+    def _ended(self, proc: subprocess.Popen | Forked) -> None:
         """An engine or spare (``proc``, its group killed) died: what it leaves here goes.
         A promoted spare's stdin pipe was left open (a descriptor of ``serve``'s per
         promotion, until its Popen was collected)."""
@@ -399,7 +406,7 @@ class Supervisor:
             proc.stdin.close()
         self._kill_orphans(proc)
 
-    def _kill_orphans(self, proc: subprocess.Popen) -> None:
+    def _kill_orphans(self, proc: subprocess.Popen | Forked) -> None:
         """After an engine or spare (``proc``, its group killed) died: what its functions
         started in sessions of their own, handed to this process as their subreaper."""
         after = self._ticks.pop(proc.pid, None)
@@ -437,6 +444,8 @@ class Supervisor:
             if not self.control.poll(0):
                 break
             self._control(self.control.recv())
+        if self.forks is not None:
+            self.forks.tend()  # a zygote that died is started again
         for engine in self.engines:
             if engine.proc is None:
                 # A spare that died waiting is put down first, with what its warm-up did
@@ -773,6 +782,8 @@ class Supervisor:
         # daemon) are out of reach of the engines' group kills above, and came here as
         # their engines died: every engine has, so all of them go.
         kill_adopted((), None)
+        if self.forks is not None:
+            self.forks.stop()
         self.output.stop(2.0)  # the last of their output, written
         self.pub.close()
         self.control.close()
