@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -69,6 +70,13 @@ def _descriptors(pid: int) -> dict[int, str]:
     return found
 
 
+def _seqpacket_sockets() -> set[str]:
+    """Inodes of the Unix sockets of type SOCK_SEQPACKET (5) on this host."""
+    with open("/proc/net/unix") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return {row[6] for row in rows if len(row) > 6 and int(row[4], 16) == socket.SOCK_SEQPACKET}
+
+
 class TestForkServer:
     SERVER: ClassVar[dict[str, Any]] = {**SETTINGS, "FUNCTIONS": FUNCTIONS}
 
@@ -89,18 +97,17 @@ class TestForkServer:
         sin_ok(url)
 
     def test_an_engine_holds_only_its_own_descriptors(self, served):
-        """What the zygote held (its socket to serve, the pipes of each fork) is closed
-        in the engine: its only pipes are the four serve gave it, at 0-3 (stdin, a
-        spare's; stdout, stderr; its own log, named in its environment)."""
-        serve = served.proc.pid
-        zygote = _zygote(serve)
-        theirs = {t for t in _descriptors(zygote).values() if t.startswith("socket:")}
-        assert theirs  # its socket to serve
+        """What the zygote held (its socket to serve, the only SOCK_SEQPACKET socket of
+        the service; the pipes of each fork) is closed in the engine: its only pipes are
+        the four serve gave it, at 0-3 (stdin, a spare's; stdout, stderr; its own log)."""
+        seqpacket = _seqpacket_sockets()
+        assert seqpacket  # serve's and the zygote's ends
         for pid in (_engine(served.url), _spare(served)):
             held = _descriptors(pid)
-            assert not theirs & set(held.values()), held
             given = {held[fd] for fd in (1, 2, 3)} | ({held[0]} if held[0].startswith("pipe:") else set())
             assert {t for t in held.values() if t.startswith("pipe:")} == given, held
+            sockets = {t[len("socket:["):-1] for t in held.values() if t.startswith("socket:[")}
+            assert not sockets & seqpacket, held
 
     def test_a_forked_engine_is_confined(self, served):
         """As an exec'd engine: a function that kills serve, or the zygote, is refused

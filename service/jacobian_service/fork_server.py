@@ -46,7 +46,6 @@ worse. A zygote that died (a function killed it, the OOM killer) is started agai
 from __future__ import annotations
 
 import fcntl
-import gc
 import logging
 import os
 import select
@@ -76,6 +75,8 @@ _FDS = 4  # stdin, stdout, stderr, the engine's own log
 _LOG_FD = 3
 _REPLY_S = 10.0  # a zygote that does not answer a start in this long is stuck: killed
 _BACKOFF_MAX_S = 60.0
+_ENV_CHANGES = 3  # the environment changed more often than this: no zygote from then on
+_PR_SET_DUMPABLE = 4
 # Set per start, not at the zygote's: what may differ from the zygote's environment.
 _PER_START = frozenset({ipc.ISOLATE_ENV, ipc.SKIP_WARMUP_ENV, ipc.LOG_FD_ENV})
 
@@ -143,6 +144,7 @@ class ForkServer:
         self._ready = False
         self._backoff_s = 1.0
         self._launch_at = 0.0
+        self._env_changes = 0
         self.launches = 0
         self._launch()
 
@@ -233,10 +235,16 @@ class ForkServer:
             if base != {k: v for k, v in self.env.items() if k not in _PER_START}:
                 # What torch and the service read as they import was another environment:
                 # a zygote for this one is started; this engine is exec'd.
-                log.info("the environment changed since the fork server started: starting it again")
                 self.env = dict(env)
                 self._close()
-                self._launch()
+                self._env_changes += 1
+                if self._env_changes > _ENV_CHANGES:  # it changes at every start: a zygote would be of no use
+                    log.warning("the environment changed since the fork server started, %d times: engines start "
+                                "the old way from now on", self._env_changes)
+                    self._launch_at = float("inf")
+                else:
+                    log.info("the environment changed since the fork server started: starting it again")
+                    self._launch()
                 return None
             return self._fork(argv, env, stdout, stderr, log_fd, standby, confine)
 
@@ -355,6 +363,10 @@ def main() -> None:
     """The zygote: ``python -c _BOOT FD "" "" ...`` (FD: its socket to ``serve``)."""
     sock = socket.socket(fileno=int(sys.argv[1]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # serve's terminal's ^C is serve's to handle
+    # Not dumpable: a process of the same user may not open its /proc/PID/mem nor trace
+    # it (an engine's function, where no Landlock domain keeps it off); each engine is
+    # made dumpable again, as an exec'd one is.
+    _dumpable(False)
     refused = _load()
     if refused:
         sock.send(orjson.dumps({"refused": refused}))
@@ -375,8 +387,9 @@ def _load() -> str:
     from . import registry, scheduler  # noqa: F401
     from .engine import core, devices, process  # noqa: F401
 
-    gc.collect()
-    gc.freeze()  # what the imports made stays shared with the engines (no collector writes to it)
+    # (No gc.freeze() here, though it would keep more pages shared: frozen objects are out
+    # of gc.get_referrers' sight, which the engine's process_settings use to find the
+    # interpreter's fork-hook lists, and the engine freezes its heap itself once warm.)
     if len(os.listdir("/proc/self/task")) > 1:
         # numpy's OpenBLAS started its threads as it was imported; its fork handler
         # stops them: one fork, and the zygote holds none.
@@ -495,11 +508,18 @@ def _become(request: dict[str, Any], fds: list[int], sock: socket.socket, confin
     os.environ.clear()
     os.environ.update(request["env"])
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    _dumpable(True)
     _reseed()
     _write_cmdline(request["argv"])
     if confine is not None:
         confine()
     return _Engine(request["argv"])
+
+
+def _dumpable(on: bool) -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, int(on), 0, 0, 0)
 
 
 def _max_fd() -> int:
