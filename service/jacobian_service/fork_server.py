@@ -384,8 +384,11 @@ def _load() -> str:
     import torch  # noqa: F401
     import torch._dynamo  # noqa: F401  (engine.namespaces takes it; ~1.2 s)
 
-    from . import registry, scheduler  # noqa: F401
-    from .engine import core, devices, process  # noqa: F401
+    # What engine/process.py imports, and what its main() imports later; not that module
+    # itself, which each engine runs as __main__, as python -m does (imported here too,
+    # an engine would hold two copies of it).
+    from . import channel, errors, heap, ipc, logs, metrics, orphans, procfs, registry, scheduler  # noqa: F401
+    from .engine import core, descriptor_watch, devices, memory_watch, namespaces, strays  # noqa: F401
 
     # (No gc.freeze() here, though it would keep more pages shared: frozen objects are out
     # of gc.get_referrers' sight, which the engine's process_settings use to find the

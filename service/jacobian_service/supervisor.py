@@ -204,7 +204,7 @@ class Supervisor:
         self.engines = [first]
         self._begin()  # its thread exists before any engine does: a thread of serve's the filter names
         if (forks := self._fork_server()) is not None:
-            forks.ready(wait_s=timeout / 5)  # its imports are the engine's own: the first engine is forked too
+            forks.ready(wait_s=timeout / 2)  # its imports are the engine's own: the first engine is forked too
         self._spawn(first)
         registry = self.run_dir / "registry.json"
         deadline = time.monotonic() + timeout
