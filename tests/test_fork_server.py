@@ -23,7 +23,7 @@ from jacobian_service.procfs import children
 from jacobian_service.settings import Settings
 from jacobian_service.supervisor import Supervisor, _Engine, _signal_group
 
-from ._fault_support import SETTINGS, _cmdline, sin_ok, wait_spare
+from ._fault_support import SETTINGS, _cmdline, restarts, sin_ok, wait_restarts, wait_spare
 from .test_hostile_round10 import LANDLOCK, _attack, _refused
 
 FUNCTIONS = "jacobian_service.examples,tests.fault_functions,tests.hostile10_functions"
@@ -136,10 +136,15 @@ class TestForkServer:
         zygote = _zygote(serve)
         assert zygote != old
         assert f"fork server (pid {old}): it exited with status -9" in since
+        count, promoted = restarts(url), _spare(served)
         os.kill(_engine(url), signal.SIGKILL)
-        sin_ok(url)  # the spare, promoted
+        wait_restarts(url, count + 1, 30)  # (a request sent before the front end learns of it: 503, retry)
+        while not (spares := [p for p in children(serve) if b"--standby" in _cmdline(p) and p != promoted]):
+            assert time.monotonic() < deadline, "no new spare"  # (the front ends' word of a warm one may be the old one's)
+            time.sleep(0.1)
         wait_spare(url)
-        spare = _spare(served)
+        sin_ok(url)
+        spare = spares[0]
         assert _cpu_s(spare) < _cpu_s(zygote) / 2
         assert _parent_and_session(spare) == (serve, spare)
 
