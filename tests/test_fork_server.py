@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,9 +19,11 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
+from jacobian_service import fork_server
 from jacobian_service.fork_server import Forked
+from jacobian_service.orphans import become_subreaper
 from jacobian_service.procfs import children
-from jacobian_service.settings import Settings
+from jacobian_service.settings import FRONT_END_ONLY, Settings
 from jacobian_service.supervisor import Supervisor, _Engine, _signal_group
 
 from ._fault_support import SETTINGS, _cmdline, restarts, sin_ok, wait_restarts, wait_spare
@@ -169,3 +172,29 @@ def test_with_the_setting_off_engines_are_execd(tmp_path: Path, monkeypatch: pyt
         sup.pub.close(linger=0)
         sup.control.close(linger=0)
         sup.ctx.term()
+
+
+def test_a_stuck_zygote_is_replaced_and_the_engine_execd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zygote that does not answer a start (stopped here; a function could not: it is
+    out of every engine's reach) held serve's supervisor thread for as long: killed
+    after ``_REPLY_S``, and that engine is exec'd (never worse than before)."""
+    monkeypatch.setattr(fork_server, "_REPLY_S", 0.5)
+    assert become_subreaper()
+    forks = fork_server.ForkServer({k: v for k, v in os.environ.items() if k.upper() not in FRONT_END_ONLY})
+    try:
+        assert forks.ready(wait_s=120)
+        zygote = forks.pid
+        os.kill(zygote, signal.SIGSTOP)  # type: ignore[arg-type]
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            argv = [sys.executable, "-m", "jacobian_service.no_such_module"]
+            proc = fork_server.start_engine(forks, argv, dict(forks.env), null, null, null, standby=False,
+                                            confine=False)
+        finally:
+            os.close(null)
+        assert isinstance(proc, subprocess.Popen) and proc.wait(30) == 1  # exec'd: python -m says no such module
+        assert forks.pid is None and not os.path.exists(f"/proc/{zygote}")  # killed, collected
+        forks.tend()  # started again once its backoff (1 s) has passed
+        assert forks.pid is None
+    finally:
+        forks.stop()

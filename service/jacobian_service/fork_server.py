@@ -267,7 +267,10 @@ class ForkServer:
         except (OSError, orjson.JSONDecodeError) as exc:
             reply, why = None, f"its socket failed ({exc})"
         else:
-            why = f"it did not answer within {_REPLY_S:g} s" if readable == [] else "it closed its socket"
+            why = "it closed its socket"
+            if not readable:
+                why = f"it did not answer within {_REPLY_S:g} s"
+                self._late()
         finally:
             if stdin_r is not None:
                 os.close(stdin_r)
@@ -289,6 +292,19 @@ class ForkServer:
                 os.close(stdin_w)
             return None
         return Forked(pid, list(argv), open(stdin_w, "wb") if stdin_w is not None else None)
+
+    def _late(self) -> None:
+        """A zygote that did not answer in time is killed; an answer it sent meanwhile
+        names an engine serve never took (the zygote's go may have reached it): killed."""
+        assert self._sock is not None and self._proc is not None
+        self._proc.kill()
+        self._proc.wait()
+        try:
+            while select.select([self._sock], [], [], 0)[0] and (data := self._sock.recv(_MAX_MESSAGE)):
+                if isinstance(pid := orjson.loads(data).get("pid"), int) and _parent(pid) == os.getpid():
+                    _kill_quietly(pid)
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            pass
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._lock:
@@ -328,9 +344,15 @@ def _valid(fd: int) -> bool:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """This process's umask, read (setting it to read it back would change it for a
+    moment under serve's other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):  # before Linux 4.7: set and put back
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _parent(pid: int) -> int | None:
