@@ -174,7 +174,8 @@ def test_the_supervisors_sockets_are_out_of_the_engines_reach(server, client) ->
 def supervisor(tmp_path: Path) -> Iterator[tuple[Supervisor, object]]:
     import zmq
 
-    sup = Supervisor(Settings(hang_grace_s=0.2, request_timeout_s=1.0), tmp_path)
+    # (engines exec'd, as test_supervisor's: the zygote's own tests are test_fork_server's)
+    sup = Supervisor(Settings(hang_grace_s=0.2, request_timeout_s=1.0, engine_fork_server=False), tmp_path)
     sub = sup.ctx.socket(zmq.SUB)
     try:
         sub.setsockopt(zmq.SUBSCRIBE, b"")

@@ -19,7 +19,9 @@ from jacobian_service.supervisor import Supervisor, _Engine
 
 @pytest.fixture
 def supervisor(tmp_path: Path):
-    sup = Supervisor(Settings(), tmp_path)
+    # (engines exec'd: the zygote's own tests are test_fork_server's; one started here
+    # beside each test's engines would cost its imports again, and outlive the test)
+    sup = Supervisor(Settings(engine_fork_server=False), tmp_path)
     sub = sup.ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(sup.channel.events)
@@ -123,7 +125,7 @@ def test_an_engine_that_died_in_a_warm_up_names_the_function_whose_warm_up_it_wa
 
 def test_a_spare_that_died_in_a_warm_up_has_the_next_spare_skip_it(supervisor):
     sup, _ = supervisor
-    sup.settings = Settings(engine_standby=True)
+    sup.settings = Settings(engine_standby=True, engine_fork_server=False)
     engine = _Engine(0, "cpu", spare_at=0.0)
     engine.spare = _ended_while_warming_up(sup, "exits_below_one")
     sup._tend_spare(engine, time.monotonic())
@@ -177,7 +179,7 @@ def fake_engines(supervisor):
     ``life[0]`` s once engines, each ready as it starts and, with ``serves[0]``, having
     run a batch to its end; the command lines it started, in order."""
     sup, _ = supervisor
-    sup.settings = Settings(engine_standby=True)
+    sup.settings = Settings(engine_standby=True, engine_fork_server=False)
     started: list[list[str]] = []
     life, serves = [600.0], [False]
 
