@@ -169,9 +169,10 @@ def _refuse_and_close(h: BaseHTTPRequestHandler, length: int) -> None:
     h.wfile.flush()
     # The reset discards what the client's socket holds, the 413 included: a client that
     # watches while it sends reads it well within this, but one woken late on a loaded
-    # machine (the full suite) found only the reset (a ReadError, not the 413). A client
-    # that does not watch still writes on into the reset.
-    time.sleep(0.2)
+    # machine (the full suite) found only the reset (a ReadError, not the 413): 0.2 s was
+    # not always enough beside a loaded suite. A client that does not watch still writes
+    # on into the reset.
+    time.sleep(1.0)
     h.close_connection = True
 
 
