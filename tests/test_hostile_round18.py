@@ -147,6 +147,22 @@ _HALF_CLOSED = {
 }
 
 
+def _sent_half_closed(data: bytes, timeout_s: float = 30) -> bytes:
+    """What a new connection answers to ``data`` sent whole and then its sending side
+    shut (``shutdown(SHUT_WR)``), read until the server closes it."""
+    s = _connect(_url)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    raw = _read_to_close(s, timeout_s)
+    s.close()
+    return raw
+
+
+def _final(raw: bytes) -> list:
+    """The final (non-1xx) answers in ``raw``, in order."""
+    return [a for a in _responses(raw) if a[0] >= 200]
+
+
 @pytest.mark.parametrize("case", list(_HALF_CLOSED))
 def test_a_client_that_half_closes_after_its_request_is_answered(server, case: str) -> None:
     """Left by round sixteen: a client that shuts down its sending side once its request
@@ -157,13 +173,9 @@ def test_a_client_that_half_closes_after_its_request_is_answered(server, case: s
     (logged 200). Now each is answered, whole and right, streams too, and the connection
     closes after it."""
     request, check = _HALF_CLOSED[case]
-    s = _connect(_url)
-    s.sendall(request)
-    s.shutdown(socket.SHUT_WR)
-    raw = _read_to_close(s, 30)
-    s.close()
+    raw = _sent_half_closed(request)
     answers = _responses(raw)
-    final = [a for a in answers if a[0] >= 200]
+    final = _final(raw)
     assert len(final) == 1 and final[0][0] == 200, raw[:500]
     assert all(a[0] == 100 for a in answers[:-1]), raw[:500]  # (at most an interim 100 Continue before it)
     check(final[0][2])  # (and the connection closed after it: _read_to_close returned)
@@ -172,14 +184,10 @@ def test_a_client_that_half_closes_after_its_request_is_answered(server, case: s
 def test_half_closed_pipelined_requests_are_all_answered_in_order(server) -> None:
     """Requests pipelined in one write, then a half-close: each answered, in order (a
     failing one in the middle answered with its error), then the connection closes."""
-    s = _connect(_url)
-    s.sendall(_request("POST", "/v1/functions/slow_sin/evaluate", b'{"inputs": [[0.5]]}')
-              + _request("POST", "/v1/functions/nope/jacobian", b'{"inputs": [[0.5]]}')
-              + _request("POST", "/v1/functions/slow_sin/jacobian", b'{"inputs": [[0.25]]}'))
-    s.shutdown(socket.SHUT_WR)
-    raw = _read_to_close(s, 30)
-    s.close()
-    final = [a for a in _responses(raw) if a[0] >= 200]
+    raw = _sent_half_closed(_request("POST", "/v1/functions/slow_sin/evaluate", b'{"inputs": [[0.5]]}')
+                            + _request("POST", "/v1/functions/nope/jacobian", b'{"inputs": [[0.5]]}')
+                            + _request("POST", "/v1/functions/slow_sin/jacobian", b'{"inputs": [[0.25]]}'))
+    final = _final(raw)
     assert [a[0] for a in final] == [200, 404, 200], raw[:1000]
     np.testing.assert_allclose(json.loads(final[0][2])["output"]["data"], [np.sin(0.5)], rtol=1e-6)
     assert json.loads(final[1][2])["code"] == "function_not_found"
@@ -188,11 +196,7 @@ def test_half_closed_pipelined_requests_are_all_answered_in_order(server) -> Non
 
 def test_an_http10_client_that_half_closes_gets_no_interim_answer(server) -> None:
     """RFC 9110 15.2: no 1xx to an HTTP/1.0 client; its answer comes alone."""
-    s = _connect(_url)
-    s.sendall(_request("POST", "/v1/functions/slow_sin/evaluate", b'{"inputs": [[0.5]]}', version="1.0"))
-    s.shutdown(socket.SHUT_WR)
-    raw = _read_to_close(s, 30)
-    s.close()
+    raw = _sent_half_closed(_request("POST", "/v1/functions/slow_sin/evaluate", b'{"inputs": [[0.5]]}', version="1.0"))
     assert raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw[:300]
     np.testing.assert_allclose(json.loads(raw.partition(b"\r\n\r\n")[2])["output"]["data"], [np.sin(0.5)], rtol=1e-6)
 
@@ -293,15 +297,12 @@ def test_half_closed_requests_behind_a_stream_and_after_an_expectation_are_answe
     """A half-close after pipelined requests with a stream in the middle, and after a
     request that announced ``Expect: 100-continue`` but sent its body anyway: every answer
     comes, in order, whole."""
-    s = _connect(_url)
-    s.sendall(_request("POST", "/v1/functions/slow_sin/evaluate", b'{"inputs": [[0.5]]}', extra="Expect: 100-continue\r\n")
-              + _request("POST", "/v1/functions/softmax/jacobian?chunk_size=16", _npy(_SOFTMAX_X), "application/x-npy",
-                         "Accept: application/x-npy\r\n")
-              + _request("GET", "/v1/functions/sin"))
-    s.shutdown(socket.SHUT_WR)
-    raw = _read_to_close(s, 30)
-    s.close()
-    final = [a for a in _responses(raw) if a[0] >= 200]
+    raw = _sent_half_closed(
+        _request("POST", "/v1/functions/slow_sin/evaluate", b'{"inputs": [[0.5]]}', extra="Expect: 100-continue\r\n")
+        + _request("POST", "/v1/functions/softmax/jacobian?chunk_size=16", _npy(_SOFTMAX_X), "application/x-npy",
+                   "Accept: application/x-npy\r\n")
+        + _request("GET", "/v1/functions/sin"))
+    final = _final(raw)
     assert [a[0] for a in final] == [200, 200, 200], raw[:1000]
     np.testing.assert_allclose(json.loads(final[0][2])["output"]["data"], [np.sin(0.5)], rtol=1e-6)
     _check_streamed_softmax(final[1][2])
@@ -315,12 +316,8 @@ def test_a_half_close_inside_the_next_request_answers_the_whole_ones(server, tai
     whole = _request("POST", "/v1/functions/slow_sin/evaluate", b'{"inputs": [[0.5]]}')
     cut = (b"GET /v1/functions HTTP/1.1\r\nHost: t\r\n" if tail == "half a head"
            else _request("POST", "/v1/functions/sin/evaluate", b'{"inputs": [[0.5]]}')[:-5])
-    s = _connect(_url)
-    s.sendall(whole + cut)
-    s.shutdown(socket.SHUT_WR)
-    raw = _read_to_close(s, 30)
-    s.close()
-    final = [a for a in _responses(raw) if a[0] >= 200]
+    raw = _sent_half_closed(whole + cut)
+    final = _final(raw)
     assert [a[0] for a in final] == [200], raw[:1000]
     np.testing.assert_allclose(json.loads(final[0][2])["output"]["data"], [np.sin(0.5)], rtol=1e-6)
     _sin_ok()
