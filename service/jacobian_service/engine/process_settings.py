@@ -1302,6 +1302,12 @@ _EQUAL_IS_UNCHANGED = frozenset({operator.ne, operator.gt, operator.lt, _environ
                                  _gc_debug_changed, _digits_lowered, _more_fork_hooks, path_changed})
 
 
+def _equal_is_unchanged(changed: Callable[[Any, Any], bool]) -> bool:
+    """Whether ``changed`` is such a test: one of those above, or a method of a setting
+    made elsewhere that says so (``equal_is_unchanged``: library_state's, imports')."""
+    return changed in _EQUAL_IS_UNCHANGED or getattr(changed, "equal_is_unchanged", False)
+
+
 class _Unreadable:
     def __repr__(self) -> str:
         return "a value that cannot be read"
@@ -1399,7 +1405,7 @@ class ProcessSettings:
                 self._value_taken.append(quick())
             elif setting in by_status:
                 pass  # its status lines tell it whole
-            elif changed in _EQUAL_IS_UNCHANGED or getattr(changed, "equal_is_unchanged", False):
+            elif _equal_is_unchanged(changed):
                 self._compared[index] = len(self._value_gets)
                 self._value_gets.append(get)
                 self._value_taken.append(taken)
@@ -1437,7 +1443,7 @@ class ProcessSettings:
         except Exception:  # no text to read: each setting read by its own getter
             return {}
         return {setting: taken for setting, _, changed, taken in self._checks
-                if setting.status and changed in _EQUAL_IS_UNCHANGED and all(run in found for run in setting.status)}
+                if setting.status and _equal_is_unchanged(changed) and all(run in found for run in setting.status)}
 
     def _unchanged(self) -> bool:
         """Whether every setting is as taken, or as the last full pass let it be (nearly
