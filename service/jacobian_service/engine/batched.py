@@ -177,7 +177,8 @@ def _vmap_rows_agree(engine: "Engine", call: Call, value: Any, rows_loop: bool, 
         return False
     nonzero = torch.zeros(batch, dtype=torch.bool)
     for leaf in pytree.tree_leaves(value):
-        nonzero |= leaf.reshape(batch, -1).ne(0).any(dim=1).cpu() if leaf.numel() else nonzero
+        if leaf.numel():
+            nonzero |= leaf.reshape(batch, -1).ne(0).any(dim=1).cpu()
     if bool(nonzero.all()):
         checked[key] = True
     return True

@@ -223,7 +223,7 @@ class ProgramEnvironment:
         are now: made again whenever libc moves the array."""
         self._pointer = pointer
         count = len(self._entries())
-        self._pointers = (ctypes.c_char * (8 * (count + 1))).from_address(pointer) if pointer else None
+        self._pointers = (ctypes.c_char * (ctypes.sizeof(ctypes.c_void_p) * (count + 1))).from_address(pointer) if pointer else None
 
     def _entries(self) -> list[bytes]:
         pointer = self._environ.value
