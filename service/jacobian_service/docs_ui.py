@@ -91,13 +91,40 @@ _DOCS_JS = r"""(function () {
   // Swagger UI pretty-prints and renders a JSON answer whole, in the page: mlp's Hessian
   // (14 MB, an example of the list) froze the tab for minutes. An answer over 1 MB is
   // offered as a file instead, as the .npy answers are (Content-Disposition: attachment,
-  // which only this page reads: the answer itself is unchanged).
-  var LARGE = 1 << 20;
+  // which only this page reads: the answer itself is unchanged). What costs is the
+  // values, not the bytes: each is a line of its own once pretty-printed, and the
+  // highlighter makes elements of each. A 0.9 MB sparsity pattern (320,000 indices)
+  // froze the tab for minutes too; a JSON answer of more than MANY values is a file.
+  var LARGE = 1 << 20, MANY = 10000;
+  function manyValues(text) {  // more than MANY values (or containers) in a JSON text?
+    for (var i = 0, n = 0; i < text.length; i++) {
+      var c = text.charCodeAt(i);
+      if ((c === 44 || c === 91 || c === 123) && ++n > MANY) return true;  // , [ {
+    }
+    return false;
+  }
+  // The name such a file is saved under follows the server's rule for its .npy / .npz
+  // answers (responses.attachment): RFC 6266's filename of [A-Za-z0-9._-], and for a name
+  // with letters or digits of another script filename* (RFC 8187, UTF-8) keeping them.
+  // The page wrote the URL's percent-encoded segments into filename=, which RFC 6266
+  // reads as they are (größe's answer: filename="gr%C3%B6%C3%9Fe-jacobian.json", shown
+  // so among the answer's headers), and kept what the server's names never hold (a
+  // quote, ';', '%20').
+  function attachment(stem) {
+    var plain = stem.replace(/[^A-Za-z0-9._-]/gu, "_");  // (u: one "_" per character, astral ones too)
+    var value = 'attachment; filename="' + plain + '.json"';
+    var wide = stem.replace(/[^\p{L}\p{N}_.-]/gu, "_");  // (Python's \w: the letters and digits of every script)
+    return wide === plain ? value : value + "; filename*=UTF-8''" + encodeURIComponent(wide + ".json");
+  }
+  function decoded(segment) {
+    try { return decodeURIComponent(segment); } catch (e) { return segment; }
+  }
   function offerLargeAsFile(response) {
-    var headers = response.headers || {};
-    if (typeof response.text === "string" && response.text.length > LARGE && !headers["content-disposition"]) {
-      var path = String(response.url || "").split("?")[0].split("/").filter(Boolean);
-      headers["content-disposition"] = 'attachment; filename="' + path.slice(-2).join("-") + '.json"';
+    var headers = response.headers || {}, text = response.text;
+    if (typeof text !== "string" || headers["content-disposition"]) return response;
+    if (text.length > LARGE || (/json/i.test(headers["content-type"] || "") && manyValues(text))) {
+      var path = String(response.url || "").split("?")[0].split("/").filter(Boolean).slice(-2);
+      headers["content-disposition"] = attachment(path.map(decoded).join("-"));
       response.headers = headers;
     }
     return response;

@@ -1,0 +1,124 @@
+"""A real browser as the outside testers use one, round 8.
+
+One API server (an API key; the built-ins and tests/browser8_functions.py, whose
+functions are named in other scripts and with characters no file name of the server's
+holds) and round 5's headless Chromium for the module:
+
+* /docs' Try it out of a JSON answer too big to draw offers it as a file named as the
+  server names its .npy / .npz answers, in an RFC 6266 Content-Disposition (filename,
+  and filename* for a name in another script), which Chromium saves under that name;
+* a JSON answer of many small values (a sparsity pattern's indices) is such a file
+  too, however few its bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from jacobian_client import wire
+from jacobian_service.responses import attachment
+from tests import browser8_functions as fns
+from tests._cdp import Chromium
+from tests._client_support import real_app, serve
+from tests.test_browser_round2 import _EXECUTE, _OPEN, _wait
+
+from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
+
+KEY = {"Authorization": "Bearer k1"}
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[str]:
+    app = real_app(functions="tests.browser8_functions,jacobian_service.examples", workers=1, engine_standby=False,
+                   api_keys="k1")
+    with serve(app, ready_path="/readyz") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("downloads")
+
+
+def _docs(browser: Chromium, api: str, downloads: Path) -> None:
+    """/docs with the key in the tab (as the page keeps it once asked), files saved to
+    ``downloads``; the page of the test before kept when it is that one."""
+    if browser.eval(f"location.href === {json.dumps(api + '/docs')} && "
+                    "document.querySelectorAll('.opblock').length > 10"):
+        return
+    browser.goto(api + "/healthz")
+    browser.wait_for("document.body && document.body.textContent.includes('ok')")
+    browser.eval("sessionStorage.setItem('jacobian-service-api-key', 'k1'); true")
+    browser.events.clear()
+    browser.goto(api + "/docs")
+    browser.wait_for("document.querySelectorAll('.opblock').length > 10", timeout_s=60)
+    browser.send("Page.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
+
+
+def _saved(browser: Chromium, file: Path) -> bytes:
+    _wait(lambda: browser.eval("true") and file.is_file() and file.stat().st_size > 0, 30)
+    return file.read_bytes()
+
+
+# The answer's headers as Swagger UI lists them under the answer.
+_HEADERS = ("(path => [...[...document.querySelectorAll('.opblock')].find(e => e.querySelector('.opblock-summary-path')"
+            "?.getAttribute('data-path') === path).querySelectorAll('.live-responses-table pre')]"
+            ".map(p => p.textContent).find(t => t.includes('content-type:')))")
+
+
+def test_a_json_answer_saved_from_docs_is_named_as_the_servers_files(api, browser, downloads):
+    """A JSON answer /docs offers as a file (here softmax's Jacobian at n = 120, 14,400
+    numbers) was given a Content-Disposition of the page's making whose filename= held
+    the URL's percent-encoded name: ``filename="gr%C3%B6%C3%9Fe-jacobian.json"`` among
+    the answer's headers, which RFC 6266 reads as it is; and the name kept what the
+    server's file names never hold: the answer of 'a;b%20"c" é' was saved as
+    ``a;b%20_c_ é-jacobian.json``, its .npy as ``a_b_20_c__é-jacobian.npy``. Now the
+    page names it as the server names the function's .npy and .npz answers
+    (responses.attachment): the header is that one with .json, and Chromium saves the
+    file under the name the server gives, the Jacobian torch.func's."""
+    _docs(browser, api, downloads)
+    path = "/v1/functions/{name}/jacobian"
+    assert browser.eval(f"{_OPEN}({json.dumps(path)}, 'post')")
+    want = torch.func.jacrev(fns.softmax)(torch.full((fns.N,), 0.5)).numpy()
+    for name in fns.NAMES:
+        got = browser.eval(f"{_EXECUTE}({json.dumps(path)}, 'post', {json.dumps(name)}, 'application/json', null)",
+                           timeout_s=90)
+        header = attachment(name, "jacobian", wire.NPZ)["Content-Disposition"].replace(".npz", ".json")
+        shown = browser.eval(f"{_HEADERS}({json.dumps(path)})")
+        assert got["status"] == "200" and f"content-disposition: {header}" in shown, (got, shown)
+        file = {"größe": "größe", "ヤコビ": "ヤコビ", 'a;b%20"c" é': "a_b_20_c__é"}[name] + "-jacobian.json"
+        assert got["file"] == file, got
+        answer = json.loads(_saved(browser, downloads / file))
+        assert answer["function"] == name
+        J = answer["jacobian"]
+        np.testing.assert_allclose(np.float32(J["data"]).reshape(J["shape"]), want, rtol=1e-6, atol=1e-9)
+
+
+def test_a_json_answer_of_many_values_is_a_file_however_few_its_bytes(api, browser, downloads):
+    """/docs offered a JSON answer as a file when its text passed 1 MB; what freezes the
+    tab is its values, each a line of its own once Swagger UI pretty-prints it, each made
+    into elements by its highlighter. Try it out of a dense sparsity pattern (größe at
+    n = 400: 0.9 MB, 320,000 indices) froze the tab past two minutes; at n = 120 (80 KB,
+    14,400 indices) the page drew for seconds. Such an answer (over 10,000 values) is
+    now a file, named as the server names the pattern's .npz, holding what the service
+    answers; sin's (a few values) is still drawn in the page."""
+    _docs(browser, api, downloads)
+    path = "/v1/functions/{name}/sparsity"
+    assert browser.eval(f"{_OPEN}({json.dumps(path)}, 'get')")
+    got = browser.eval(f"{_EXECUTE}({json.dumps(path)}, 'get', 'größe', 'application/json', null)", timeout_s=90)
+    assert got["status"] == "200" and got["file"] == "größe-sparsity.json", {**got, "text": got["text"][:300]}
+    shown = browser.eval(f"{_HEADERS}({json.dumps(path)})")
+    assert 'filename="gr__e-sparsity.json"; filename*=UTF-8\'\'gr%C3%B6%C3%9Fe-sparsity.json' in shown, shown
+    pattern = json.loads(_saved(browser, downloads / "größe-sparsity.json"))
+    want = httpx.get(api + "/v1/functions/größe/sparsity", params={"shapes": fns.N}, headers=KEY, timeout=30).json()
+    assert pattern["pattern"] == want["pattern"] and want["pattern"]["nnz"] == fns.N * fns.N
+    got = browser.eval(f"{_EXECUTE}({json.dumps(path)}, 'get', 'sin', 'application/json', null)", timeout_s=90)
+    assert got["status"] == "200" and got["file"] is None and json.loads(got["text"])["function"] == "sin", got
+    browser.goto("about:blank")
