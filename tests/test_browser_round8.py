@@ -13,6 +13,8 @@ holds) and round 5's headless Chromium for the module:
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +22,7 @@ from typing import Iterator
 import httpx
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
 
 from jacobian_client import wire
@@ -121,4 +124,43 @@ def test_a_json_answer_of_many_values_is_a_file_however_few_its_bytes(api, brows
     assert pattern["pattern"] == want["pattern"] and want["pattern"]["nnz"] == fns.N * fns.N
     got = browser.eval(f"{_EXECUTE}({json.dumps(path)}, 'get', 'sin', 'application/json', null)", timeout_s=90)
     assert got["status"] == "200" and got["file"] is None and json.loads(got["text"])["function"] == "sin", got
+    browser.goto("about:blank")
+
+
+def test_a_page_caching_answers_keeps_each_format_apart(api, browser):
+    """A page (its service worker) that keeps answers in the Cache API, by request, to
+    answer offline: the Cache API honours Vary (not no-store), and the service's answers
+    chosen by Accept did not say so. The JSON it kept for sin's sparsity pattern was the
+    match for its request of the pattern's .npz (the page's .npz reader then read JSON).
+    Every answer of a route whose media type Accept picks now says ``Vary: Accept``
+    (beside ``Origin`` where CORS adds it), its errors too: the request for the .npz
+    misses, is asked of the service, and is the .npz scipy's load_npz reads."""
+    browser.goto(api + "/healthz")
+    browser.wait_for("document.body && document.body.textContent.includes('ok')")
+    got = browser.eval("""(async () => {
+      const ask = accept => new Request('/v1/functions/sin/sparsity?shapes=3',
+        {headers: {Accept: accept, Authorization: 'Bearer k1'}});
+      const cache = await caches.open('answers');
+      await cache.put(ask('application/json'), await fetch(ask('application/json')));
+      const kept = await cache.match(ask('application/json'));
+      const other = (await cache.match(ask('application/x-npz'))) || await fetch(ask('application/x-npz'));
+      await caches.delete('answers');
+      return {kept: [kept.headers.get('content-type'), (await kept.json()).pattern.nnz],
+              other: [other.headers.get('content-type'), other.headers.get('vary'),
+                      btoa(String.fromCharCode(...new Uint8Array(await other.arrayBuffer())))]};
+    })()""")
+    assert got["kept"] == ["application/json", 3], got
+    media, vary, body = got["other"]
+    assert (media, vary) == ("application/x-npz", "Accept"), got["other"]
+    pattern = scipy.sparse.load_npz(io.BytesIO(base64.b64decode(body)))
+    assert pattern.shape == (3, 3) and pattern.nnz == 3
+    # Over HTTP: every format of a derivative, its 406, and HEAD; CORS' Origin beside it.
+    with httpx.Client(base_url=api, headers=KEY, timeout=30) as http:
+        for accept, status in [("application/json", 200), ("application/x-npy", 200), ("application/x-npz", 200),
+                               ("text/csv", 406)]:
+            r = http.post("/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, headers={"Accept": accept})
+            assert (r.status_code, r.headers["vary"]) == (status, "Accept"), (accept, r.headers)
+        r = http.head("/v1/functions/sin/sparsity?shapes=3", headers={"Accept": "application/x-npz"})
+        assert (r.status_code, r.headers["vary"]) == (200, "Accept")
+        assert "vary" not in http.get("/v1/functions/sin").headers  # (one format: nothing varies)
     browser.goto("about:blank")

@@ -505,6 +505,12 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
             "schema": {"type": "string"},
             "description": 'binary answers (.npy / .npz): attachment; filename="<function>-<what>.npy"',
         }
+    if route.negotiated:
+        ok["headers"]["Vary"] = {
+            "schema": {"type": "string"},
+            "description": "Accept (the answer's media type is the one Accept picks; its errors say so too), "
+                           "and Origin for a page's call",
+        }
     op["responses"] = {"200": ok, **_problems(route.errors, route.auth in guarded)}
     if route.auth in guarded:
         op["security"] = [{"bearer": []}]

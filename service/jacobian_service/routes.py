@@ -76,6 +76,7 @@ class Route:
     params: dict[str, Any] = field(default_factory=dict)  # fixed handler arguments
     errors: tuple[str, ...] = ()  # problem codes this route answers (besides auth)
     doc: dict[str, Any] = field(default_factory=dict)  # OpenAPI additions
+    negotiated: bool = False  # its answer's media type is the one Accept picks (its answers say Vary: Accept)
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -697,12 +698,12 @@ ROUTES: list[Route] = [
           errors=("function_not_found", "invalid_input", "sparsity_not_found", "not_acceptable", "payload_too_large",
                   "result_too_large", "function_error",
                   "overloaded", "unavailable", "function_quarantined", "timeout", "out_of_memory"),
-          doc={"parameters": _SPARSITY_PARAMETERS}),
+          doc={"parameters": _SPARSITY_PARAMETERS}, negotiated=True),
     Route("DELETE", "/v1/functions/{name}/quarantine", release_function, "releaseFunction",
           "Release a quarantined function (operators)", "operations", errors=("function_not_found",)),
     *[
         Route("POST", f"/v1/functions/{{name}}/{kind}", derivative, kind, summary, "derivatives",
-              params={"kind": kind}, errors=_DERIVATIVE_ERRORS)
+              params={"kind": kind}, errors=_DERIVATIVE_ERRORS, negotiated=True)
         for kind, summary in _SUMMARIES.items()
     ],
 ]
@@ -750,6 +751,7 @@ class Router:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         request = Request(scope, receive)
         method = scope["method"]
+        negotiated = False
         try:
             try:
                 matches = self.match(scope)
@@ -773,6 +775,7 @@ class Router:
                                    f"{prefix}/v1/functions, its interactive docs at {prefix}/docs")
                 for route, params in matches:
                     if route.method == method or (method == "HEAD" and route.method == "GET"):
+                        negotiated = route.negotiated
                         response = await route.handler(request, **params, **route.params)
                         break
                 else:
@@ -792,7 +795,23 @@ class Router:
             log.exception("unhandled error on %s %s", method, _printable(scope["path"]))
             scope["state"]["code"] = "internal_error"
             response = problem_response(InternalError("internal error; see the server log"), _request_id(request))
+        if negotiated:
+            _vary_accept(response)
         await response(scope, receive, send)
+
+
+def _vary_accept(response: Response) -> None:
+    """``Vary: Accept`` on every answer of a route whose media type the request's Accept
+    picks (RFC 9110 12.5.5), its errors too (a 406 is Accept's). Without it a cache that
+    keeps answers by URL, as the Cache API a page's service worker keeps them by (it
+    honours Vary, not no-store), gave the JSON it held for a sparsity pattern to the
+    page's request for the pattern's .npz: the page's .npz reader failed on JSON."""
+    headers = response.raw_headers
+    for i, (key, value) in enumerate(headers):
+        if key == b"vary":
+            headers[i] = (key, value + b", Accept")
+            return
+    headers.append((b"vary", b"Accept"))
 
 
 def _encoded_slash(scope: dict[str, Any]) -> bool:
