@@ -408,7 +408,8 @@ def _number(value: Any, dtype: np.dtype | None) -> Any:
     if kind is str:
         allowed = "" if dtype is not None and dtype.kind != "f" else ' (besides "NaN", "Infinity", "-Infinity" in float arrays)'
         raise WireError(f"array data holds the string {value[:20]!r}; numbers are JSON numbers{allowed}", "invalid_input")
-    raise WireError("array data is not a regular array of numbers", "invalid_input")
+    hint = _typed_array(value) if kind is dict else None
+    raise WireError("array data holds " + hint if hint else "array data is not a regular array of numbers", "invalid_input")
 
 
 def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarray:
@@ -491,6 +492,20 @@ def _bfloat16_from_bytes(raw: bytes) -> np.ndarray:
     return (halves << 16).view(np.float32)
 
 
+def _typed_array(obj: dict[str, Any]) -> str | None:
+    """What is said of an object keyed '0', '1', ... in order where an array goes: a
+    page's ``JSON.stringify`` of a typed array (a Float32Array: what WebGL, WebAssembly
+    and file readers give) writes one. Such a page read "unknown array keys ['0', '1',
+    '10', '100', '1000', ...]" (every index, in string order) for an input, "array data
+    is not a regular array of numbers" for an array's data or rows: nothing of what it
+    had done."""
+    if not obj or not all(key == str(i) for i, key in enumerate(obj)):
+        return None
+    return (f"an object keyed '0' to '{len(obj) - 1}': what JSON.stringify makes of a typed array "
+            "(Float32Array, Float64Array); send Array.from(it), or its bytes as "
+            '{"dtype": ..., "shape": [...], "base64": ...}')
+
+
 def decode_json_array(obj: Any, default_dtype: str | None = None, limits: Limits = Limits()) -> tuple[np.ndarray, str | None]:
     """One JSON array -> ``(ndarray, dtype name sent or None)``.
 
@@ -501,7 +516,9 @@ def decode_json_array(obj: Any, default_dtype: str | None = None, limits: Limits
     if isinstance(obj, dict):
         unknown = set(obj) - {"dtype", "shape", "data", "base64"}
         if unknown:
-            raise WireError(f"unknown array keys {sorted(unknown)}", "invalid_input")
+            listed = sorted(unknown)  # (ten at most: a stringified typed array's keys were every index)
+            raise WireError(_typed_array(obj) or f"unknown array keys {listed[:10]}"
+                            + (f" and {len(listed) - 10} more" if len(listed) > 10 else ""), "invalid_input")
         # "dtype": null is no dtype, as left out (clients built from models send it so):
         # it took the data's own (int64, or float64) instead of the declared dtype.
         name = obj.get("dtype")
