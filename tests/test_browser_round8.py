@@ -171,28 +171,31 @@ def test_a_typed_array_a_page_stringified_is_named(api, browser):
     readers give) writes an object keyed '0', '1', ...: sent as an input, the page read
     422 "unknown array keys ['0', '1', '10', '100', '1000', '10000', ...]" (every index in
     string order, cut at the problem's limit), as an array's data "array data is not a
-    regular array of numbers", nothing of what it had done. Both now name it and what to
-    send; ``Array.from`` of it answers torch.func's Jacobian, and other unknown keys are
+    regular array of numbers", as vjp's cotangents "expected one array of shape [3], got
+    3 entries of different shapes": nothing of what it had done. Each now names it and
+    what to send; ``Array.from`` of it answers torch.func's Jacobian, and other unknown keys are
     listed ten at most."""
     browser.goto(api + "/healthz")
     browser.wait_for("document.body && document.body.textContent.includes('ok')")
     got = browser.eval("""(async () => {
-      const send = inputs => fetch('/v1/functions/sin/jacobian', {method: 'POST', body: JSON.stringify({inputs}),
-        headers: {'Content-Type': 'application/json', Authorization: 'Bearer k1'}})
+      const send = (inputs, more = {}, to = 'jacobian') => fetch('/v1/functions/sin/' + to, {method: 'POST',
+        body: JSON.stringify({inputs, ...more}), headers: {'Content-Type': 'application/json', Authorization: 'Bearer k1'}})
         .then(async r => [r.status, r.headers.get('content-type'), await r.json()]);
       const x = new Float32Array([0.25, 0.5, 1.0]), big = new Float32Array(20000);
       const keys = Object.fromEntries([...Array(12).keys()].map(i => ['k' + i, i]));
-      return [await send([big]), await send([{dtype: 'float32', shape: [3], data: x}]), await send([keys]),
+      return [await send([big]), await send([{dtype: 'float32', shape: [3], data: x}]),
+              await send([Array.from(x)], {cotangents: new Float32Array([1, 1, 1])}, 'vjp'), await send([keys]),
               await send([Array.from(x)])];
     })()""")
     hint = ("what JSON.stringify makes of a typed array (Float32Array, Float64Array); send Array.from(it), "
             'or its bytes as {"dtype": ..., "shape": [...], "base64": ...}')
     details = [f"an object keyed '0' to '19999': {hint}", f"array data holds an object keyed '0' to '2': {hint}",
+               f"cotangents: expected one array of shape [3], got an object keyed '0' to '2': {hint}",
                "unknown array keys ['k0', 'k1', 'k10', 'k11', 'k2', 'k3', 'k4', 'k5', 'k6', 'k7'] and 2 more"]
     for (status, media, problem), detail in zip(got, details):
         assert (status, media, problem["code"], problem["detail"]) == (422, "application/problem+json",
                                                                        "invalid_input", detail), problem
-    status, _, answer = got[3]
+    status, _, answer = got[4]
     want = torch.func.jacrev(torch.sin)(torch.tensor([0.25, 0.5, 1.0])).numpy()
     assert status == 200 and answer["function"] == "sin", answer
     np.testing.assert_allclose(np.float32(answer["jacobian"]["data"]), want, rtol=1e-6)

@@ -77,6 +77,7 @@ __all__ = [
     "read_sparse_npz",
     "read_sparse_result_npz",
     "tree_from_paths",
+    "typed_array",
     "vector_leaves",
     "write_npy",
     "write_npz",
@@ -408,7 +409,7 @@ def _number(value: Any, dtype: np.dtype | None) -> Any:
     if kind is str:
         allowed = "" if dtype is not None and dtype.kind != "f" else ' (besides "NaN", "Infinity", "-Infinity" in float arrays)'
         raise WireError(f"array data holds the string {value[:20]!r}; numbers are JSON numbers{allowed}", "invalid_input")
-    hint = _typed_array(value) if kind is dict else None
+    hint = typed_array(value) if kind is dict else None
     raise WireError("array data holds " + hint if hint else "array data is not a regular array of numbers", "invalid_input")
 
 
@@ -492,13 +493,14 @@ def _bfloat16_from_bytes(raw: bytes) -> np.ndarray:
     return (halves << 16).view(np.float32)
 
 
-def _typed_array(obj: dict[str, Any]) -> str | None:
+def typed_array(obj: dict[str, Any]) -> str | None:
     """What is said of an object keyed '0', '1', ... in order where an array goes: a
     page's ``JSON.stringify`` of a typed array (a Float32Array: what WebGL, WebAssembly
     and file readers give) writes one. Such a page read "unknown array keys ['0', '1',
     '10', '100', '1000', ...]" (every index, in string order) for an input, "array data
-    is not a regular array of numbers" for an array's data or rows: nothing of what it
-    had done."""
+    is not a regular array of numbers" for an array's data or rows, and for cotangents
+    "expected one array of shape [3], got 3 entries of different shapes" (the engine's
+    _vector_leaves): nothing of what it had done."""
     if not obj or not all(key == str(i) for i, key in enumerate(obj)):
         return None
     return (f"an object keyed '0' to '{len(obj) - 1}': what JSON.stringify makes of a typed array "
@@ -517,7 +519,7 @@ def decode_json_array(obj: Any, default_dtype: str | None = None, limits: Limits
         unknown = set(obj) - {"dtype", "shape", "data", "base64"}
         if unknown:
             listed = sorted(unknown)  # (ten at most: a stringified typed array's keys were every index)
-            raise WireError(_typed_array(obj) or f"unknown array keys {listed[:10]}"
+            raise WireError(typed_array(obj) or f"unknown array keys {listed[:10]}"
                             + (f" and {len(listed) - 10} more" if len(listed) > 10 else ""), "invalid_input")
         # "dtype": null is no dtype, as left out (clients built from models send it so):
         # it took the data's own (int64, or float64) instead of the declared dtype.

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from jacobian_client import wire
+
 from ..errors import InvalidInput, OutOfMemory, ResultTooLarge
 from ..types import HOST_CHUNK_BYTES, Call, Result, tree_leaves
 from . import batched as _batched
@@ -559,8 +561,9 @@ class Engine:
         if isinstance(tree, np.ndarray) and len(ref_leaves) == 1:
             return [("", tree)]
 
-        def nested(node: Any, ref: Any, path: str) -> list[Any]:
-            node = _by_position(node, ref)
+        def nested(node: Any, ref: Any, path: str, sent: Any = None) -> list[Any]:
+            # (sent: the node as the request gave it, for what is said of it)
+            sent, node = node if sent is None else sent, _by_position(node, ref)
             if isinstance(node, np.ndarray) and isinstance(ref, (list, tuple)) and node.ndim > batched \
                     and node.shape[0] == len(ref):
                 # JSON reads a tuple of equal-shaped leaves written as plain lists, at
@@ -573,7 +576,8 @@ class Engine:
                 if not isinstance(node, np.ndarray):
                     # A list here is one the front end could not read as one array
                     # (its entries differ in shape: parsing._is_vector_node).
-                    got = f"{len(node)} entries of different shapes" if isinstance(node, list) else type(node).__name__
+                    got = (isinstance(sent, dict) and wire.typed_array(sent)) or (
+                        f"{len(node)} entries of different shapes" if isinstance(node, list) else type(node).__name__)
                     raise InvalidInput(f"{what}{path}: expected one array of shape {list(ref.shape)}, got {got}")
                 return [(path, node)]
             if isinstance(ref, dict):
@@ -585,7 +589,7 @@ class Engine:
                 raise InvalidInput(f"{what}{path}: expected {len(ref)} entries")
             return [leaf for i, (n, r) in enumerate(zip(node, ref)) for leaf in nested(n, r, f"{path}[{i}]")]
 
-        tree = _by_position(tree, like)
+        sent, tree = tree, _by_position(tree, like)
         flat = isinstance(tree, (list, tuple)) and len(tree) == len(ref_leaves) and all(isinstance(v, np.ndarray) for v in tree)
         flat_leaves = [(f"[{i}]", v) for i, v in enumerate(tree)] if flat else []
         if flat and not (isinstance(like, (list, tuple)) and len(like) == len(tree)):
@@ -593,7 +597,7 @@ class Engine:
         if isinstance(tree, dict) and isinstance(like, dict) and set(tree) != set(like):
             raise InvalidInput(f"{what} keys {sorted(tree)} do not match {sorted(like)}")
         try:
-            return nested(tree, like, "")
+            return nested(tree, like, "", sent)
         except InvalidInput:
             if flat:
                 return flat_leaves
