@@ -9,7 +9,7 @@ import torch
 from jacobian_service import Input, register
 
 N = 120  # softmax's Jacobian at N: 14,400 numbers
-NAMES = ["größe", "ヤコビ", 'a;b%20"c" é']
+NAMES = ["größe", 'a;b%20"c" é']  # (letters beyond ASCII; separators, a space, a quote, a percent)
 
 
 def softmax(x: torch.Tensor) -> torch.Tensor:

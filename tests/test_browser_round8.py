@@ -96,7 +96,7 @@ def test_a_json_answer_saved_from_docs_is_named_as_the_servers_files(api, browse
         header = attachment(name, "jacobian", wire.NPZ)["Content-Disposition"].replace(".npz", ".json")
         shown = browser.eval(f"{_HEADERS}({json.dumps(path)})")
         assert got["status"] == "200" and f"content-disposition: {header}" in shown, (got, shown)
-        file = {"größe": "größe", "ヤコビ": "ヤコビ", 'a;b%20"c" é': "a_b_20_c__é"}[name] + "-jacobian.json"
+        file = {"größe": "größe", 'a;b%20"c" é': "a_b_20_c__é"}[name] + "-jacobian.json"
         assert got["file"] == file, got
         answer = json.loads(_saved(browser, downloads / file))
         assert answer["function"] == name
@@ -111,7 +111,7 @@ def test_a_json_answer_of_many_values_is_a_file_however_few_its_bytes(api, brows
     n = 400: 0.9 MB, 320,000 indices) froze the tab past two minutes; at n = 120 (80 KB,
     14,400 indices) the page drew for seconds. Such an answer (over 10,000 values) is
     now a file, named as the server names the pattern's .npz, holding what the service
-    answers; sin's (a few values) is still drawn in the page."""
+    answers (a small answer is still drawn in the page: rounds 5 and 6 read theirs)."""
     _docs(browser, api, downloads)
     path = "/v1/functions/{name}/sparsity"
     assert browser.eval(f"{_OPEN}({json.dumps(path)}, 'get')")
@@ -122,8 +122,6 @@ def test_a_json_answer_of_many_values_is_a_file_however_few_its_bytes(api, brows
     pattern = json.loads(_saved(browser, downloads / "größe-sparsity.json"))
     want = httpx.get(api + "/v1/functions/größe/sparsity", params={"shapes": fns.N}, headers=KEY, timeout=30).json()
     assert pattern["pattern"] == want["pattern"] and want["pattern"]["nnz"] == fns.N * fns.N
-    got = browser.eval(f"{_EXECUTE}({json.dumps(path)}, 'get', 'sin', 'application/json', null)", timeout_s=90)
-    assert got["status"] == "200" and got["file"] is None and json.loads(got["text"])["function"] == "sin", got
     browser.goto("about:blank")
 
 
