@@ -35,7 +35,7 @@ from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, diff
 if TYPE_CHECKING:
     from .core import Engine
 
-__all__ = ["CHECK_ELEMENTS", "STRATEGIES", "TORCHS", "agrees_with_differences", "agrees_with_hvp", "candidates", "finite", "hessian", "hvp_misses", "with_output"]
+__all__ = ["CHECK_ELEMENTS", "STRATEGIES", "TORCHS", "agrees_with_differences", "agrees_with_hvp", "candidates", "finite", "hessian", "hvp_misses", "refusal", "with_output"]
 
 # Equal ways to compute torch.func.hessian (read-only, as core.TORCH_DTYPES: one a
 # function replaced in place computed every later Hessian its way).
@@ -71,6 +71,27 @@ def with_output(g: Callable[..., Any]) -> Callable[..., Any]:
         return out, (out, aux_t)
 
     return h
+
+
+# What a refusal adds to torch.func.hessian's error where another strategy ran but
+# disagrees with the HVP (see refusal)
+_DISAGREES = ("; the service's reverse-over-reverse Hessian, which torch.func.hessian does not compute, disagrees "
+              "here with forward over reverse (its Hessian-vector products): a custom autograd.Function whose jvp "
+              "and backward disagree?")
+
+
+def refusal(torch_failed: BaseException) -> ServiceError:
+    """torch.func.hessian's error (``torch_failed``: the exception or its problem), as the
+    answer where torch's own strategy cannot run (a custom ``autograd.Function`` without a
+    vmap rule) and reverse over reverse, which can, disagrees with forward over reverse.
+
+    A Function whose ``jvp`` and ``backward`` disagree has two Hessians: torch.func.hessian
+    differentiates its backward in forward mode, through its jvp, and so do the service's
+    ``/hvp`` and sparse Hessians; reverse over reverse differentiates the backward alone.
+    Where torch's own runs it is the answer on every route; where it cannot, neither is
+    torch's, and the dense and sparse routes answered one each (both 200, 4.5 apart)."""
+    problem = function_error(torch_failed)
+    return type(problem)(f"{problem.detail}{_DISAGREES}"[:2000])
 
 
 def finite(value: Any) -> bool:
@@ -309,6 +330,13 @@ def hessian(engine: "Engine", call: Call) -> Result:
         if not measure:
             break
     if found is None and rejected:  # none agrees: torch.func.hessian's answer, as torch gives it
+        if TORCHS not in rejected and torch_failed is not None:
+            # torch's own cannot run (a custom Function without a vmap rule), and every
+            # other strategy disagrees with the forward-over-reverse HVP: a Function
+            # whose jvp and backward disagree, whose reverse-over-reverse Hessian is not
+            # torch's math (the /hvp, the sparse Hessian's products). No answer is
+            # torch's, so torch's error (see refusal)
+            raise refusal(torch_failed)
         used = TORCHS if TORCHS in rejected else next(iter(rejected))
         found = rejected[used]
     if found is None:

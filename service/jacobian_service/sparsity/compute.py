@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .. import __version__ as _SERVICE_VERSION
 from ..engine.calling import GradOffWatch
+from ..engine.hessian import refusal
 from ..engine.products import vmap_agrees
 from ..errors import ServiceError, exception_text
 from .coloring import Coloring, choose_coloring, hessian_coloring, star_coloring
@@ -598,7 +599,7 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
     itself vmapped: see :data:`NO_GRAD_HESSIAN_NOTE`)."""
     product = at(*args)
     vmapped = torch.func.vmap(product)
-    state = {"vmap": True}
+    state: dict[str, Any] = {"vmap": True, "ran": False, "error": None}
 
     def run(seeds: list[torch.Tensor]) -> torch.Tensor:
         count = seeds[0].shape[0]
@@ -609,15 +610,58 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
                 if _is_oom(exc):
                     raise
                 log.info("vmap of the products failed (%s); looping", type(exc).__name__)
-                state["vmap"] = False
+                state["vmap"], state["error"] = False, exc
             else:
+                state["ran"] = True
                 if not check or _agrees(key and (key, count), lambda: vmap_agrees(product, tuple(seeds), out),
                                         "one product at a time"):
                     return out
                 state["vmap"] = False
         return torch.stack([product(*[s[r] for s in seeds]) for r in range(count)])
 
+    def vmap_error(seeds: list[torch.Tensor]) -> Exception | None:
+        """vmap's error for these products, None where it runs them; tried on two copies
+        of ``seeds`` where no chunk had more than one seed to vmap (chunk_size=1)."""
+        if not state["ran"] and state["error"] is None:
+            try:
+                vmapped(*[torch.cat([s, s]) for s in seeds])
+            except Exception as exc:
+                if _is_oom(exc):
+                    raise
+                state["error"] = exc
+            else:
+                state["ran"] = True
+        return state["error"]
+
+    run.vmap_error = vmap_error  # type: ignore[attr-defined]
     return run
+
+
+def _refused_where_torchs_cannot_run(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...],
+                                     has_aux: bool, plan: "_Products", run: Callable[[list[torch.Tensor]], torch.Tensor]) -> None:
+    """Raise torch.func.hessian's error where it cannot run (vmap of its products fails:
+    a custom ``autograd.Function`` without a vmap rule) and the looped forward-over-reverse
+    products disagree with reverse over reverse at one random seed (a Function whose jvp
+    and backward disagree: the dense /hessian refuses it, see engine.hessian.refusal).
+    Where torch's vmap runs, its products are the answer, whichever side they take."""
+    gen = torch.Generator().manual_seed(0)
+    seeds = [(torch.rand((1, *s), generator=gen, dtype=torch.float64) - 0.5).to(plan.like.device, plan.like.dtype)
+             for s in plan.seed_shapes]
+    error = run.vmap_error(seeds)  # type: ignore[attr-defined]
+    if error is None:
+        return
+    forward = run(seeds)[0]
+    try:
+        reverse = _product_at("star_rev", fn, argnums, has_aux)(*args)(*[s[0] for s in seeds])
+    except Exception as exc:  # no double backward: nothing to disagree with
+        if _is_oom(exc) or isinstance(exc, ServiceError):
+            raise
+        return
+    if not forward.numel():
+        return
+    scale = float(forward.abs().max()) + float(reverse.abs().max())
+    if float((forward - reverse).abs().max()) > min(1024 * _products_eps(args, argnums), 1e-2) * scale:
+        raise refusal(error)
 
 
 def _to_csr(p: Pattern, values: torch.Tensor) -> Any:
@@ -940,7 +984,7 @@ def _sparse_hessian(
     # vmaps them (one product alone differentiates an in-place write under no_grad
     # twice: x.mul_(2) then x**3 gave 48 x where torch.func.hessian says 24 x)
     torchs = NO_GRAD_HESSIAN_NOTE in p.notes
-    run = _single(_product_at("star", fn, argnums, has_aux), args, key and ("star", key), check=not torchs)
+    run = star = _single(_product_at("star", fn, argnums, has_aux), args, key and ("star", key), check=not torchs)
     try:
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
     except Exception as exc:
@@ -970,6 +1014,8 @@ def _sparse_hessian(
             # where the Hessian is not. Only forward over reverse sees through it, and it
             # cannot run: its error, torch.func.hessian's, as the dense Hessian answers.
             raise exc.with_traceback(None) from None
+    if not torchs and run is star:
+        _refused_where_torchs_cannot_run(fn, args, argnums, has_aux, plan, star)
     if plan.unsolvable(block):  # a NaN or an infinity: star colouring keeps it at its entry
         log.info("a Hessian product is not finite: star colouring instead of acyclic")
         coloring = _star_instead(p, cache, fn, name, args, argnums, check_alive)
