@@ -81,3 +81,9 @@ cube_energy_no_vmap = _energy(_CubeNoVmap)
 for _name in ("wrong_jvp_energy", "wrong_jvp_energy_no_vmap", "wrong_jvp_energy_no_vmap_probed", "cube_energy_no_vmap"):
     register(name=_name, inputs=[Input("x", shape=("n",))])(globals()[_name])
 
+
+@register(inputs=[Input("x", shape=("n",)), Input("w", shape=("n",))])
+def loss_and_penalty(x, w):
+    """(sum((x w)^2), sum(w^2)): under vmap(in_dims=(0, None)) the penalty depends on the
+    shared w alone, and so does its derivative in w (torch's vmap leaves both unbatched)."""
+    return ((x * w) ** 2).sum(), (w**2).sum()

@@ -8,6 +8,9 @@ dtypes; torch's error where torch raises).
    through the jvp; reverse over reverse the backward alone. Every route (dense, sparse,
    every chunk size, probed or traced) answers torch.func.hessian's, or, where that
    cannot run (no vmap rule), its error.
+2. test_vmap.py's out_dims=None over transforms: a derivative of an output of shared
+   inputs alone (grad, vjp, jacrev, jacfwd, jvp, hessian in a shared w) through the SDK's
+   torch adapter (``remote``) is unbatched under vmap, as torch's is in-process.
 
 One in-process app serves the module (no server start), as rounds 7-16.
 """
@@ -20,9 +23,11 @@ import numpy as np
 import pytest
 import torch
 from jacobian_client import wire
+from jacobian_client.torch import remote
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 from . import parity17_functions as F
-from .conftest import assert_problem, ready_app
+from .conftest import assert_problem, ready_app, sdk_over, torch_tree
 from .test_parity_round7 import same, t
 
 
@@ -84,3 +89,67 @@ def test_a_hessian_through_a_function_whose_jvp_and_backward_disagree_is_torchs_
         loop = torch.stack([torch.func.jvp(g, (t(x),), (e,))[1] for e in torch.eye(n, dtype=torch.float64)], -1)
         for options in ROUTES:
             same(_hessian(c, "cube_energy_no_vmap", x, **options), loop)
+
+
+# --------------------------------------------------------------------------- 2. derivatives under vmap, SDK
+
+
+@pytest.fixture(scope="module")
+def sdk(c) -> Iterator[Any]:
+    """The SDK over the module's app (no socket)."""
+    with sdk_over(c) as client:
+        yield client
+
+
+def _penalty(f: Any) -> Any:
+    return lambda x, w: f(x, w)[1]
+
+
+# test_vmap.py's out_dims=None over transforms (test_out_dims_none, TestVmapOfGrad's
+# per-sample gradients with shared weights): each transform of (x, w) -> f, and torch's
+# out_dims for its result, mapped over x with w shared
+UNBATCHED_DERIVATIVES = {
+    "grad in w": (lambda f: grad(_penalty(f), argnums=1), None),
+    "grad in x and w": (lambda f: grad(_penalty(f), argnums=(0, 1)), (0, None)),
+    "vjp in w": (lambda f: lambda x, w: vjp(lambda w: _penalty(f)(x, w), w)[1](torch.tensor(1.0, dtype=w.dtype))[0], None),
+    "jacrev in w": (lambda f: jacrev(_penalty(f), argnums=1), None),
+    "jacfwd in w": (lambda f: jacfwd(_penalty(f), argnums=1), None),
+    "jvp in w": (lambda f: lambda x, w: jvp(lambda w: f(x, w), (w,), (torch.ones_like(w),))[1], (0, None)),
+    "hessian in w": (lambda f: hessian(_penalty(f), argnums=1), None),
+}
+
+
+@pytest.mark.parametrize("case", UNBATCHED_DERIVATIVES)
+def test_a_derivative_of_shared_inputs_alone_is_unbatched_under_vmap(sdk, case):
+    """Round 16 made the SDK's remote outputs unbatched under vmap where torch's are;
+    their derivatives stayed batched: vmap(grad(lambda x, w: f(x, w)[1], argnums=1),
+    in_dims=(0, None), out_dims=None) of the penalty sum(w^2) raised torch's "can not
+    return a BatchedTensor when out_dim is None" for the remote f where torch answers
+    (and so did vjp, jacrev, jacfwd, jvp and hessian in w, and grad in (x, w) with
+    out_dims=(0, None)). The remote products' vmap rule now says a result is unbatched
+    where it follows from unbatched outputs, shared inputs and vectors this level does
+    not map; out_dims=0 and nested vmaps answer as before, as torch does."""
+    transform, out_dims = UNBATCHED_DERIVATIVES[case]
+    f = remote(sdk, "loss_and_penalty")
+    xs, w = t(np.arange(6.0).reshape(3, 2) - 2), t(np.array([0.5, -1.5]))
+    for dims in (out_dims, 0):
+        want = vmap(transform(F.loss_and_penalty), in_dims=(0, None), out_dims=dims)(xs, w)
+        same(torch_tree(vmap(transform(f), in_dims=(0, None), out_dims=dims)(xs, w)), want, rtol=1e-12)
+    xss = xs.reshape(1, 3, 2).expand(2, 3, 2)
+    nested = lambda g: vmap(vmap(transform(g), in_dims=(0, None), out_dims=out_dims), in_dims=(0, None), out_dims=out_dims)
+    same(torch_tree(nested(f)(xss, w)), nested(F.loss_and_penalty)(xss, w), rtol=1e-12)
+
+
+def test_a_derivative_that_follows_a_batched_output_stays_batched(sdk):
+    """Where torch's vmap batches a derivative, the SDK's does too: jacrev in w of both
+    outputs (its cotangents' basis spans the batched loss as well), grad in w of the
+    loss, out_dims=None raising torch's error for either."""
+    f = remote(sdk, "loss_and_penalty")
+    xs, w = t(np.arange(6.0).reshape(3, 2) - 2), t(np.array([0.5, -1.5]))
+    for transform, dims in ((lambda g: jacrev(g, argnums=1), (None, None)),
+                            (lambda g: grad(lambda x, w: g(x, w)[0], argnums=1), None)):
+        for g in (F.loss_and_penalty, f):
+            with pytest.raises(ValueError, match="can not return a BatchedTensor when out_dim is None"):
+                vmap(transform(g), in_dims=(0, None), out_dims=dims)(xs, w)
+        same(torch_tree(vmap(transform(f), in_dims=(0, None))(xs, w)),
+             vmap(transform(F.loss_and_penalty), in_dims=(0, None))(xs, w), rtol=1e-12)

@@ -250,6 +250,8 @@ class _Linear:
     batch_ndim: int = 0
     tags: tuple[str, ...] = ()
     shared: tuple[bool, ...] = ()
+    unbatched: tuple[bool, ...] = ()  # per output: it depends on no batched input (_Spec's; see _vmapped)
+    idle: tuple[bool, ...] = ()  # vjp, per output: no cotangent came for it (zeros sent)
 
 
 # --------------------------------------------------------------------------- host <-> torch
@@ -471,7 +473,7 @@ class _RemoteFunction(torch.autograd.Function):
         assert spec.out_tree is not None
         dtypes = tuple(xs[i].dtype for i in argnums) if mode == "vjp" else tuple(spec.out_dtypes)
         return _Linear(spec.ops, mode, tuple(argnums), len(xs), spec.out_tree, dtypes, _device(xs),
-                       spec.batch_ndim, ("p",) * spec.batch_ndim, spec.shared)
+                       spec.batch_ndim, ("p",) * spec.batch_ndim, spec.shared, tuple(spec.unbatched[: spec.n_out]))
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -492,7 +494,8 @@ class _RemoteFunction(torch.autograd.Function):
         device = _device(xs)  # an unused output's cotangent: zeros (the vjp takes one per output)
         cotangents = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
                       for g, (shape, dtype) in zip(grads, ctx.out_meta)]
-        results = _RemoteLinear.apply(_RemoteFunction._linear(ctx, "vjp", argnums, xs), *xs, *cotangents)
+        lin = replace(_RemoteFunction._linear(ctx, "vjp", argnums, xs), idle=tuple(g is None for g in grads[: spec.n_out]))
+        results = _RemoteLinear.apply(lin, *xs, *cotangents)
         # a shared input's gradient is its examples' sum (vmap's own expand would have summed it)
         by_input = {i: r.sum(dim=tuple(range(spec.batch_ndim))) if spec.batch_ndim and _is_shared(spec.shared, i) else r
                     for i, r in zip(argnums, results)}
@@ -611,7 +614,8 @@ class _RemoteLinear(torch.autograd.Function):
                     out[lin.n_inputs + m] = g
         if x_needs:
             sec = _Second(lin.ops, "input", lin.argnums, tuple(x_needs), lin.n_inputs, lin.out_tree,
-                          tuple(xs[j].dtype for j in x_needs), lin.device, lin.batch_ndim, lin.tags, lin.shared)
+                          tuple(xs[j].dtype for j in x_needs), lin.device, lin.batch_ndim, lin.tags, lin.shared,
+                          lin.unbatched, lin.idle if lin.mode == "vjp" else ())
             for j, g in zip(x_needs, _RemoteSecond.apply(sec, *xs, *cots, *us)):
                 out[j] = _sum_vector_dims(g, lin.tags, _is_shared(lin.shared, j))
         return (None, *out)
@@ -636,11 +640,12 @@ class _RemoteLinear(torch.autograd.Function):
             dxs = [_spread(x_tangents[j], lin.tags, lead, _is_shared(lin.shared, j)) for j in moved]
             if lin.mode == "vjp":
                 sec = _Second(lin.ops, "input", tuple(moved), lin.argnums, lin.n_inputs, lin.out_tree,
-                              lin.result_dtypes, lin.device, lin.batch_ndim, lin.tags, lin.shared)
+                              lin.result_dtypes, lin.device, lin.batch_ndim, lin.tags, lin.shared, lin.unbatched,
+                              lin.idle)
                 second = _RemoteSecond.apply(sec, *xs, *vecs, *dxs)
             else:
                 sec = _Second(lin.ops, "output", lin.argnums, tuple(moved), lin.n_inputs, lin.out_tree,
-                              lin.result_dtypes, lin.device, lin.batch_ndim, lin.tags, lin.shared)
+                              lin.result_dtypes, lin.device, lin.batch_ndim, lin.tags, lin.shared, lin.unbatched)
                 second = _RemoteSecond.apply(sec, *xs, *vecs, *dxs)
             total = [s if t is None else t + s for t, s in zip(total, second)]
         return tuple(total)
@@ -665,7 +670,30 @@ def _vmapped(apply: Any, info: Any, in_dims: tuple[Any, ...], op: Any, args: tup
     else:
         inner = replace(op, tags=("v", *op.tags))
     out = apply(inner, *xs, *vecs)
-    return out, (0,) * len(out)
+    dims = _result_dims(op, x_dims, v_dims, size)
+    return tuple(o[0] if d is None else o for o, d in zip(out, dims)), dims
+
+
+def _result_dims(op: Any, x_dims: Sequence[Any], v_dims: Sequence[Any], size: int) -> tuple[int | None, ...]:
+    """This vmap level's dimension for each result of a remote product: None where torch's
+    vmap leaves it unbatched for the function in-process, as the function's own outputs
+    are (``_RemoteFunction.vmap``). That is where no vector is mapped at this level and
+    the result follows from outputs that depend on no batched input (``op.unbatched``, the
+    batched evaluate's ``meta.unbatched``) and from inputs this level does not map: the
+    gradient in a shared ``w`` of ``sum(w**2)`` under ``vmap(grad(f, argnums=1),
+    in_dims=(0, None))``, its jvp, its Hessian. Said batched, ``out_dims=None`` raised
+    "can not return a BatchedTensor" where torch answers. An output with no cotangent
+    (``op.idle``) adds nothing. The examples' rows are then equal: the first is kept."""
+    per_input = op.mode == "vjp" or (isinstance(op, _Second) and op.mode == "input")
+    results = op.argnums if isinstance(op, _Linear) and per_input else \
+        op.other_argnums if per_input else range(op.out_tree.num_leaves)
+    flags = op.unbatched
+    if not size or len(flags) != op.out_tree.num_leaves or any(d is not None for d in v_dims):
+        return (0,) * len(results)
+    if per_input:
+        quiet = all(f or (k < len(op.idle) and op.idle[k]) for k, f in enumerate(flags))
+        return tuple(None if quiet and x_dims[j] is None else 0 for j in results)
+    return tuple(None if flags[k] else 0 for k in results)
 
 
 def _differentiable(x: Any) -> bool:
@@ -717,6 +745,8 @@ class _Second:
     batch_ndim: int = 0
     tags: tuple[str, ...] = ()
     shared: tuple[bool, ...] = ()
+    unbatched: tuple[bool, ...] = ()  # as _Linear's
+    idle: tuple[bool, ...] = ()  # mode "input": per output, no cotangent came for it
 
 
 def _third_derivatives(name: str) -> str:
@@ -794,7 +824,7 @@ class _RemoteSecond(torch.autograd.Function):
     def _product(sec: _Second, mode: str, vec_argnums: tuple[int, ...], other_argnums: tuple[int, ...],
                  dtypes: Sequence[torch.dtype], xs: list[Any], vectors: list[Any]) -> tuple[Any, ...]:
         other = replace(sec, mode=mode, vec_argnums=vec_argnums, other_argnums=other_argnums,
-                        result_dtypes=tuple(dtypes))
+                        result_dtypes=tuple(dtypes), idle=())  # (its cotangents, if any, are gradients)
         return _RemoteSecond.apply(other, *xs, *vectors)
 
     @staticmethod
