@@ -153,3 +153,21 @@ def test_a_derivative_that_follows_a_batched_output_stays_batched(sdk):
                 vmap(transform(g), in_dims=(0, None), out_dims=dims)(xs, w)
         same(torch_tree(vmap(transform(f), in_dims=(0, None))(xs, w)),
              vmap(transform(F.loss_and_penalty), in_dims=(0, None))(xs, w), rtol=1e-12)
+
+
+def test_a_hessian_of_a_remote_function_under_vmap_is_torchs_when_not_symmetric(sdk):
+    """TestHessian's vmap(hessian(f)) through the SDK's torch adapter, for sum(cube(x)
+    roll(x)) whose cube has a jvp that disagrees with its backward (torch.func.hessian is
+    not symmetric there). Without vmap the second derivative comes from the service's hvp
+    (H w: the jvp of the gradient) and equals torch's; under vmap from a per-example
+    Hessian contracted on the client, which contracted w with H's first index, H^T w,
+    so the answer came back transposed, 4.5 off vmap(hessian(f)). Now both contract as the
+    hvp does."""
+    f = remote(sdk, "wrong_jvp_energy")
+    x = t(np.linspace(0.6, 1.6, 5))
+    xs = torch.stack([x, x.flip(0) * 0.5])
+    want = vmap(hessian(F.wrong_jvp_energy))(xs)
+    assert not torch.allclose(want, want.transpose(1, 2))
+    same(torch_tree(vmap(hessian(f))(xs)), want, rtol=1e-12)
+    same(torch_tree(hessian(f)(x)), hessian(F.wrong_jvp_energy)(x), rtol=1e-12)
+

@@ -574,7 +574,8 @@ class RemoteOps:
 
         * ``mode="input"``: ``vectors`` are one cotangent ``c_k`` per output leaf, then one
           ``w_i`` per ``vec_argnums`` entry; returns, per ``other_argnums`` entry ``j``,
-          ``sum_k sum_i c_k . H_k[i][j] . w_i`` (shaped like input ``j``);
+          ``sum_k sum_i c_k . H_k[j][i] . w_i`` (shaped like input ``j``: the hvp's
+          contraction, ``H[j][i]`` the derivative in input ``i`` of the gradient in ``j``);
         * ``mode="output"``: ``vectors`` are one ``w_i`` per ``vec_argnums`` entry, then one
           ``d_j`` per ``other_argnums`` entry; returns, per output leaf ``k``,
           ``sum_i sum_j H_k[i][j] . w_i . d_j`` (shaped like output ``k``).
@@ -635,9 +636,15 @@ class RemoteOps:
                     for k in range(n_out):
                         c = cots[k].reshape(P, V, math.prod(out_shapes[k]))
                         for i, w in zip(vec_argnums, ws):
-                            H = blocks[k][union.index(i)][union.index(j)]
-                            H = H.reshape(P, math.prod(out_shapes[k]), math.prod(in_shapes[i]), nj)
-                            total = total + np.einsum("pvo,poab,pva->pvb", c.astype(H.dtype, copy=False), H,
+                            # H_k[j][i] w_i, as the hvp contracts (its tangent, the second
+                            # index: jvp of the gradient), not H_k[i][j] w_i: they differ
+                            # where torch.func.hessian is not symmetric (a custom Function
+                            # whose jvp and backward disagree), and vmap(hessian(remote(f)))
+                            # came back its transpose, 4.5 off torch's, where hessian alone
+                            # (an hvp) was right
+                            H = blocks[k][union.index(j)][union.index(i)]
+                            H = H.reshape(P, math.prod(out_shapes[k]), nj, math.prod(in_shapes[i]))
+                            total = total + np.einsum("pvo,poba,pva->pvb", c.astype(H.dtype, copy=False), H,
                                                       w.reshape(P, V, -1).astype(H.dtype, copy=False))
                     results.append(np.asarray(total).reshape((*lead_shape, *in_shapes[j])))
         else:
