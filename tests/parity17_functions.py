@@ -87,3 +87,9 @@ def loss_and_penalty(x, w):
     """(sum((x w)^2), sum(w^2)): under vmap(in_dims=(0, None)) the penalty depends on the
     shared w alone, and so does its derivative in w (torch's vmap leaves both unbatched)."""
     return ((x * w) ** 2).sum(), (w**2).sum()
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def sin_in_tuple(x):
+    """A tuple of one output, (sin x,): its cotangents are a tuple of one, as torch's vjp takes them."""
+    return (x.sin(),)

@@ -171,3 +171,32 @@ def test_a_hessian_of_a_remote_function_under_vmap_is_torchs_when_not_symmetric(
     same(torch_tree(vmap(hessian(f))(xs)), want, rtol=1e-12)
     same(torch_tree(hessian(f)(x)), hessian(F.wrong_jvp_energy)(x), rtol=1e-12)
 
+
+# --------------------------------------------------------------------------- 3. tuples of one vector
+
+
+def test_a_tuple_of_one_vector_in_plain_json_lists_is_taken(c):
+    """TestJvp / TestVjp with tuples of one: torch.func.jvp(f, (x,), (t,)) (argnums=[0])
+    and vjp of an output (y,) with cotangents (v,). Written as plain JSON lists, [[1, 2,
+    3]], the tuple reads as one array of shape (1, 3): the service answered 422 'expected
+    shape [3], got [1, 3]' where a tuple of two ([[...], [...]]) was taken, for jvp, hvp
+    and vjp alike; now its one row, stacked vectors (batched_vectors) too."""
+    x, v, u = np.array([0.1, -0.2, 0.3]), np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.0, -1.0])
+    X, V, U = t(x), t(v), t(u)
+    cases = [
+        ("sin_in_tuple", "jvp", {"argnums": [0], "tangents": [v.tolist()]}, jvp(F.sin_in_tuple, (X,), (V,))[1]),
+        ("sin_in_tuple", "jvp", {"argnums": [0], "tangents": [[v.tolist(), u.tolist()]], "batched_vectors": True},
+         vmap(lambda d: jvp(F.sin_in_tuple, (X,), (d,))[1])(torch.stack([V, U]))),
+        ("sin_in_tuple", "vjp", {"cotangents": [v.tolist()]}, vjp(F.sin_in_tuple, X)[1]((V,))[0]),
+        ("sin_in_tuple", "vjp", {"argnums": [0], "cotangents": [[v.tolist(), u.tolist()]], "batched_vectors": True},
+         vmap(vjp(F.sin_in_tuple, X)[1])((torch.stack([V, U]),))),
+        ("wrong_jvp_energy", "hvp", {"argnums": [0], "tangents": [v.tolist()]},
+         jvp(grad(F.wrong_jvp_energy, argnums=(0,)), (X,), (V,))[1]),
+    ]
+    for name, kind, options, want in cases:
+        r = c.post(f"/v1/functions/{name}/{kind}", json={"inputs": [f64(x)], **options})
+        assert r.status_code == 200, (name, kind, options, r.text)
+        same(wire.decode_tree(r.json()[kind]), want, rtol=1e-12)
+    # an array of another shape is still the 422 naming it
+    r = c.post("/v1/functions/sin_in_tuple/jvp", json={"inputs": [f64(x)], "argnums": [0], "tangents": [[1.0, 2.0]]})
+    assert "tangents: expected shape [3], got [1, 2]" in assert_problem(r, 422, "invalid_input")["detail"]

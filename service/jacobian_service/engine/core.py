@@ -559,6 +559,14 @@ class Engine:
                        batched: bool = False) -> list[tuple[str, Any]]:
         """The leaves of ``tree`` in ``like``'s order, each with its path (``.a[0]``)."""
         if isinstance(tree, np.ndarray) and len(ref_leaves) == 1:
+            if isinstance(like, (list, tuple)) and len(like) == 1 and tree.ndim == ref_leaves[0].dim() + 1 + batched \
+                    and tree.shape[0] == 1 and tuple(tree.shape[1 + batched:]) == tuple(ref_leaves[0].shape):
+                # A tuple of one vector (torch's (t,) for argnums=(0,), or for an output
+                # (y,)) written as plain lists, [[1, 2, 3]]: JSON reads it as one array
+                # with a leading 1, which can only mean its one row (as _split_stack
+                # takes the rows of a tuple of several). It was a 422 "expected shape
+                # [3], got [1, 3]" where [[1, 2, 3], [4, 5, 6]] for two was taken.
+                return [("[0]", tree[0])]
             return [("", tree)]
 
         def nested(node: Any, ref: Any, path: str, sent: Any = None) -> list[Any]:
