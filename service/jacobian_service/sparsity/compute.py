@@ -550,6 +550,10 @@ def _products(p: Pattern, coloring: Coloring, primals: Sequence[torch.Tensor], m
     return _Products(coloring, [q.shape for q in primals], p.shape[0], primals[0])
 
 
+# (function, mode, shapes) whose products vmap was seen to run (_single's vmap_error);
+# bounded as _VMAP_CHECKED
+_VMAP_RUNS: collections.OrderedDict[Any, bool] = collections.OrderedDict()
+
 # (function, mode, shapes, seeds per chunk) -> whether vmap's products agreed with one
 # product (the engine's products.vmap_agrees); bounded: clients choose shapes
 _VMAP_CHECKED: collections.OrderedDict[Any, bool] = collections.OrderedDict()
@@ -621,8 +625,10 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
 
     def vmap_error(seeds: list[torch.Tensor]) -> Exception | None:
         """vmap's error for these products, None where it runs them; tried on two copies
-        of ``seeds`` where no chunk had more than one seed to vmap (chunk_size=1)."""
-        if not state["ran"] and state["error"] is None:
+        of ``seeds`` where no chunk had more than one seed to vmap (chunk_size=1, or one
+        colour: a diagonal Hessian), once per ``key`` where it runs (a try costs two
+        products, as much as such a request's own)."""
+        if not state["ran"] and state["error"] is None and not (key is not None and key in _VMAP_RUNS):
             try:
                 vmapped(*[torch.cat([s, s]) for s in seeds])
             except Exception as exc:
@@ -631,6 +637,10 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
                 state["error"] = exc
             else:
                 state["ran"] = True
+                if key is not None:
+                    _VMAP_RUNS[key] = True
+                    while len(_VMAP_RUNS) > 256:
+                        _VMAP_RUNS.popitem(last=False)
         return state["error"]
 
     run.vmap_error = vmap_error  # type: ignore[attr-defined]
