@@ -518,14 +518,16 @@ def test_streams_left_unread_count_against_the_engines_queue() -> None:
     third held, and once they hang up a request is served again."""
     from .conftest import npy_bytes
 
-    with live_server(WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", MAX_QUEUE=2) as (url, _):
+    # (two clients, as a proxy on loopback names them: one client holds half the queue's streams)
+    with live_server(WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", MAX_QUEUE=2, TRUSTED_PROXIES="127.0.0.1") as (url, _):
         body = npy_bytes(np.linspace(-1, 1, 4096, dtype=np.float32))
         readers: list[socket.socket] = []
         try:
-            for _ in range(2):
+            for i in range(2):
                 s = _connect(url, rcvbuf=4096)
                 readers.append(s)
-                s.sendall(_head("/v1/functions/softmax/jacobian", len(body), extra="Accept: application/x-npy\r\n") + body)
+                s.sendall(_head("/v1/functions/softmax/jacobian", len(body),
+                                extra=f"Accept: application/x-npy\r\nX-Forwarded-For: 192.0.2.{i + 1}\r\n") + body)
                 s.settimeout(30)
                 head = s.recv(4096)
                 assert head.startswith(b"HTTP/1.1 200"), head[:500]

@@ -34,6 +34,7 @@ def server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
     os.environ["HOSTILE18_STEPS"] = str(_steps)
     try:
         with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false", BODY_BUDGET_BYTES=32 << 20, HANG_GRACE_S=1,
+                         TRUSTED_PROXIES="127.0.0.1",  # (a reader below names itself another client)
                          MAX_RESULT_BYTES=256 << 10,
                          FUNCTIONS="jacobian_service.examples,tests.hostile18_functions") as served:
             yield served
@@ -79,7 +80,9 @@ def test_a_first_stream_is_refused_before_any_work_or_served_within_the_room_lef
     body = _npy(held)
     reader = _connect(url, rcvbuf=4096)  # asks for the stream and reads none of it
     try:
+        # (another client than the one below, as a proxy would say: one client may hold half the budget)
         reader.sendall(b"POST /v1/functions/softmax/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-npy\r\n"
+                       b"X-Forwarded-For: 192.0.2.1\r\n"
                        b"Accept: application/x-npy\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         reader.settimeout(30)
         assert reader.recv(12) == b"HTTP/1.1 200"

@@ -29,7 +29,8 @@ X = [0.5, 1.0, 2.0]
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, subprocess.Popen]]:
     # A body budget of 64 MiB: the stream budget (its size) holds three 9 MB streams
-    with live_server(WORKERS=1, ENGINE_STANDBY="false", BODY_BUDGET_BYTES=64 << 20) as served:
+    with live_server(WORKERS=1, ENGINE_STANDBY="false", BODY_BUDGET_BYTES=64 << 20,
+                     TRUSTED_PROXIES="127.0.0.1") as served:  # (clients told apart: X-Forwarded-For)
         yield served
 
 
@@ -179,9 +180,9 @@ def test_slow_readers_of_streams_hold_no_more_than_the_front_ends_budget(server)
     request = _request("/v1/functions/softmax/jacobian", body, wire.NPY).replace(b"\r\n\r\n", b"\r\nAccept: application/x-npy\r\n\r\n", 1)
     readers = []
     try:
-        for _ in range(3):  # 54 MB of 64 MiB
+        for i in range(3):  # 54 MB of 64 MiB, three clients (one may hold half the budget)
             s = _connect(url, rcvbuf=4096)
-            s.sendall(request)
+            s.sendall(request.replace(b"\r\n\r\n", b"\r\nX-Forwarded-For: 192.0.2.%d\r\n\r\n" % (i + 1), 1))
             s.settimeout(30)
             assert s.recv(12) == b"HTTP/1.1 200"
             readers.append(s)

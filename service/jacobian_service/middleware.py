@@ -14,6 +14,7 @@ import re
 import time
 from typing import Any, Callable
 
+from . import clients
 from .errors import ExpectationFailed, Forbidden, MalformedRequest, Unauthorized, UnsupportedTransferCoding
 from .logs import quick_record
 from .request_ids import new_request_id
@@ -274,7 +275,10 @@ class AuthMiddleware:
         matched = False
         for key in self.keys:  # every key, always: the time taken says nothing of which matched
             matched |= hmac.compare_digest(supplied, key)
-        return None if matched else Forbidden("the API key is not valid")
+        if not matched:
+            return Forbidden("the API key is not valid")
+        scope.setdefault("state", {})[clients.KEY] = supplied  # the client, for its share of the streams (clients.py)
+        return None
 
 
 # Names clients use for a key in a URL (?api_key=, ?key=, ?access_token=, ?token=).

@@ -17,7 +17,7 @@ from starlette.responses import Response, StreamingResponse
 from jacobian_client import wire
 
 from .types import Result, is_sparse_matrix
-from .errors import NotAcceptable, ServiceError, Unavailable
+from .errors import NotAcceptable, Overloaded, ServiceError, Unavailable
 
 __all__ = [
     "EncodeBudget", "JsonRows", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
@@ -308,18 +308,28 @@ class StreamBudget:
     ``unavailable``, ``Retry-After``: its client retries, as for a body that does not fit
     the body budget), before the engine has run anything. Other requests are not
     touched, and a stream that started is never cut; the first always starts, whatever
-    its size."""
+    its size.
+
+    Shared among clients (``clients.py``): one client holds at most ``per_client``
+    streams and half the budget's bytes at once, or 429 ``overloaded`` (its first stream
+    always starts). A stream is held at its client's pace (``SEND_TIMEOUT_S`` and the
+    minimum rate bound it, per stream): one client that opened ``MAX_QUEUE`` streams and
+    read none had the engine answer 429 to every other client's every request, and a few
+    large ones held the whole budget, for as long as it kept opening them."""
 
     # Requests seen (their keys: see ``admit``) and their results' sizes, at most this many.
     KNOWN = 1024
 
-    def __init__(self, max_bytes: int, stream_threshold: int = 8 << 20) -> None:
+    def __init__(self, max_bytes: int, stream_threshold: int = 8 << 20, per_client: int = 0) -> None:
         self.max_bytes = max_bytes
         self.stream_threshold = stream_threshold  # the engines stream only results larger than this (and the result limit)
+        self.per_client = per_client  # 0: no share per client
         self.used = 0
         self._known: collections.OrderedDict[Any, int] = collections.OrderedDict()
+        self._clients: dict[str, list[int]] = {}  # client -> [streams, bytes] it holds
 
-    def admit(self, key: Any, row_nbytes: int, chunk_rows: int, least_rows: int, nbytes: int | None) -> StreamHold:
+    def admit(self, key: Any, row_nbytes: int, chunk_rows: int, least_rows: int, nbytes: int | None,
+              client: str | None = None) -> StreamHold:
         """Room for the stream of a request about to be sent to an engine, or 503 now.
 
         A stream's size is known only from the forward pass (the output's shape): a
@@ -338,14 +348,18 @@ class StreamBudget:
         if known is not None:
             self._known.move_to_end(key)
             nbytes = known if nbytes is None else nbytes
+        client = client if self.per_client else None
         if nbytes is not None and nbytes <= self.stream_threshold:
-            return StreamHold(self, 0, None)
+            return StreamHold(self, 0, None, client)
         most = 2 * min(chunk_rows * row_nbytes, math.inf if nbytes is None else nbytes)
         least = most if nbytes is not None else min(most, 2 * least_rows * row_nbytes)
-        room = int(min(most, max(least, (self.max_bytes - self.used) // 2)))
-        self._refuse(room)
-        self.used += room
-        return StreamHold(self, room, room)
+        free = (self.max_bytes - self.used) // 2
+        if client in self._clients:  # ... and half of what its client's share has left
+            free = min(free, (self.max_bytes // 2 - self._clients[client][1]) // 2)
+        room = int(min(most, max(least, free)))
+        hold = StreamHold(self, 0, room, client)
+        hold.keep(room, stream=nbytes is not None)  # (one of unknown size is held to the share once it streams)
+        return hold
 
     def learn(self, key: Any, nbytes: int) -> None:
         """The size of the result a request of ``key`` had (0: it was gathered, not streamed)."""
@@ -362,30 +376,68 @@ class StreamBudget:
                 f"streamed results being sent hold {others} of the {self.max_bytes} bytes this front end gives "
                 f"them (BODY_BUDGET_BYTES); this one needs {nbytes}; retry shortly", headers={"Retry-After": "1"})
 
+    def _check_share(self, client: str, nbytes: int, own: int, counted: bool) -> None:
+        """429 if a stream of the client's holding ``own`` bytes (``counted``: already
+        one of its streams) would pass its share at ``nbytes``. Its first stream always
+        starts."""
+        streams, held = self._clients.get(client, (0, 0))
+        others, held = streams - counted, held - own
+        if others and (others >= self.per_client or held + nbytes > self.max_bytes // 2):
+            raise Overloaded(
+                f"this client holds {others} streamed results ({held} bytes) being sent; one client may hold "
+                f"{self.per_client} and half of the {self.max_bytes} bytes this front end gives them at once "
+                "(MAX_STREAMS_PER_CLIENT, BODY_BUDGET_BYTES): read those first, or retry shortly",
+                headers={"Retry-After": "1"})
+
+    def _give_back(self, client: str, streams: int, nbytes: int) -> None:
+        share = self._clients[client]
+        share[0] -= streams
+        share[1] -= nbytes
+        if share == [0, 0]:
+            del self._clients[client]
+
 
 class StreamHold:
     """What one request holds on a :class:`StreamBudget`. ``room``: what the engine's chunks
-    must fit (None: no bound, the request was not expected to stream)."""
+    must fit (None: no bound, the request was not expected to stream). ``client``: whose
+    share it counts in once it holds bytes (None: no share per client)."""
 
-    __slots__ = ("_budget", "held", "room")
+    __slots__ = ("_budget", "client", "counted", "held", "room")
 
-    def __init__(self, budget: StreamBudget, held: int, room: int | None) -> None:
+    def __init__(self, budget: StreamBudget, held: int, room: int | None, client: str | None = None) -> None:
         self._budget, self.held, self.room = budget, held, room
+        self.client, self.counted = client, False
 
-    def keep(self, nbytes: int) -> Callable[[], None]:
+    def keep(self, nbytes: int, stream: bool = True) -> Callable[[], None]:
         """Hold ``nbytes`` (the stream's two chunks, as the engine sized them) in place of
         the room reserved; returns what gives them back (once, however often called: a
         stream's end and its body's collection may both call it). Within the room it
         always fits; a stream not expected (an equal request's result was gathered)
-        takes its place now, or 503."""
+        takes its place now, or 503. ``stream``: a stream of the client's from here on,
+        held to its share (429); else room for a result that may not stream at all
+        (its size unknown before the forward pass), charged to the client's bytes only."""
+        budget = self._budget
         if nbytes > self.held:
-            self._budget._refuse(nbytes, self.held)
-        self._budget.used += nbytes - self.held
+            budget._refuse(nbytes, self.held)
+        if self.client is not None:
+            if stream and (not self.counted or nbytes > self.held):
+                budget._check_share(self.client, nbytes, self.held, self.counted)
+            share = budget._clients.setdefault(self.client, [0, 0])
+            share[0] += stream and not self.counted
+            share[1] += nbytes - self.held
+            self.counted = self.counted or stream
+            if share == [0, 0]:  # (nothing held: an empty result's room)
+                del budget._clients[self.client]
+        budget.used += nbytes - self.held
         self.held = nbytes
         return self.release
 
     def release(self) -> None:
-        self._budget.used -= self.held
+        budget = self._budget
+        budget.used -= self.held
+        if self.client in budget._clients:
+            budget._give_back(self.client, self.counted, self.held)
+        self.counted = False
         self.held = 0
 
 

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jacobian_client import wire
 
+from .clients import client_of
 from .connections import Charge, read_body
 from .errors import (
     ClientGone,
@@ -195,6 +196,7 @@ async def info(request: Request) -> Response:
             "read_timeout_s": s.read_timeout_s,
             "send_timeout_s": s.send_timeout_s,
             "min_send_rate_bytes_per_s": s.min_send_rate_bytes_per_s,
+            "max_streams_per_client": state.streams.per_client,  # per front-end process; 0: none
         },
         "auth": bool(state.api_keys),
     })
@@ -366,7 +368,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     else:  # its stream's room reserved (or 503) before any work; the engine's chunks fit it
         # (the result's size is the same as .npy and as JSON: one key for both)
         stream_key = (call.signature(), call.rows, call.chunk_size, call.mode, call.sparsity, call.sparse_format)
-        hold = state.streams.admit(stream_key, *_stream_bounds(call, sparse))
+        hold = state.streams.admit(stream_key, *_stream_bounds(call, sparse), client_of(request.scope, state.proxies))
         call.stream_room = hold.room
         try:
             result, info = await _cancellable(request, state.engines.run, "jacobian_npy", call)

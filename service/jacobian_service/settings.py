@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jacobian_client.wire import Limits
 
+from .clients import parse_proxies
+
 __all__ = ["FRONT_END_ONLY", "Settings", "SettingsError", "describe_invalid", "unknown_variables"]
 
 # The settings only front ends use, as variables: the API keys and the file holding them.
@@ -228,6 +230,17 @@ class Settings(BaseSettings):
     # forward pass, a place in its queue, the front end's stream budget) for as long as it
     # liked. The default is the rate a 1 MiB piece in 30 s already asked; 0: no minimum.
     min_send_rate_bytes_per_s: int = Field(32 << 10, ge=0)
+    # Streamed results are held at their client's pace (each an engine's queue place, its
+    # forward pass, room on the stream budget): one client that opened MAX_QUEUE streams
+    # and read none had every other client's every request refused (429). A client
+    # (clients.py: its API key, else its address, or the one a trusted proxy forwarded
+    # for) holds at most this many streams per front end, and half the stream budget.
+    # Unset: MAX_QUEUE / (2 x front ends), at least 1 (a client's streams, over every
+    # front end, hold at most half an engine's queue); 0: no share per client.
+    max_streams_per_client: int | None = Field(None, ge=0)
+    # Proxies (comma-separated addresses or networks) whose X-Forwarded-For names the
+    # client: its last entry, the address the proxy appended.
+    trusted_proxies: str = ""
 
     # Security and operations
     api_keys: str = ""
@@ -272,6 +285,12 @@ class Settings(BaseSettings):
             raise ValueError("root_path is a path prefix starting with '/', such as /jacobian")
         return value
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: str) -> str:
+        parse_proxies(value)  # (a ValueError names the entry that is no address or network)
+        return value
+
     @field_validator("cors_origins")
     @classmethod
     def _cors_origins(cls, value: str) -> str:
@@ -304,6 +323,11 @@ class Settings(BaseSettings):
     @property
     def body_budget(self) -> int:
         return self.body_budget_bytes or max(2 * self.max_request_bytes, 64 << 20)
+
+    def streams_per_client(self, front_ends: int) -> int:
+        if self.max_streams_per_client is not None:
+            return self.max_streams_per_client
+        return max(1, self.max_queue // (2 * front_ends))
 
     @property
     def front_end_count(self) -> int:

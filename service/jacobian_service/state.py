@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .clients import parse_proxies
 from .connections import BodyBudget
 from .metrics import Metrics
 from .registry import Registry
@@ -26,12 +27,15 @@ class ServiceState:
     front_ends: int = 1
     draining: bool = False
     streams: StreamBudget | None = None  # None: the body budget's size (see __post_init__)
+    proxies: tuple[Any, ...] = ()  # TRUSTED_PROXIES, parsed (see __post_init__)
 
     def __post_init__(self) -> None:
         if self.streams is None:
             s = self.settings
             self.streams = StreamBudget(self.body_budget.max_bytes,
-                                        gathered_at_most(s.stream_threshold_bytes, s.max_result_bytes))
+                                        gathered_at_most(s.stream_threshold_bytes, s.max_result_bytes),
+                                        per_client=s.streams_per_client(self.front_ends))
+        self.proxies = parse_proxies(self.settings.trusted_proxies)  # (clients.client_of)
 
     @property
     def registry(self) -> Registry:
