@@ -188,3 +188,22 @@ def test_a_client_share_is_given_back_whole() -> None:
     for release in (*heads, other.release, gathered.release, other.release):
         release()
     assert budget.used == 0 and budget._clients == {}
+
+
+# ------------------------------------------------------------ odd Host headers
+
+
+@pytest.mark.parametrize("host", ["a b", "evil.example/path", "user@evil.example", "h:80:80", "h\x7f", "h\u00e9".encode()])
+def test_a_host_header_that_is_no_host_is_a_400(client, host: str | bytes) -> None:
+    """RFC 9112 3.2: a request with a Host that is no ``host[:port]`` is a 400, as one with
+    none or two already was. Such a Host was served (``Host: a b/c@d``: 200), though a
+    proxy in front could have routed it by another reading of that value. A good one,
+    IPv6 literals and ports included, is served."""
+    from .conftest import assert_problem
+
+    body = assert_problem(client.get("/healthz", headers={"host": host}), 400,
+                          "malformed_request")
+    assert "Host" in body["detail"]
+    for good in ("localhost", "localhost:8000", "[::1]:8000", "api.example.org", ""):
+        r = client.get("/healthz", headers={"host": good})
+        assert r.status_code == 200, (good, r.text)

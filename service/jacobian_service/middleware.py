@@ -44,6 +44,9 @@ NO_STORE = (b"cache-control", b"no-store")
 # Host check's. (Two X-Request-IDs, a client's and a proxy's, are no such question: the
 # last is echoed.)
 _SINGLETONS = frozenset({b"content-type", b"authorization", b"x-request-timeout"})
+# RFC 9110 7.2: Host = uri-host [ ":" port ], uri-host an IP-literal or a reg-name
+# (unreserved, pct-encoded and sub-delims characters; empty where the target has none).
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*(?::[0-9]*)?")
 
 
 def _log_access(message: str, *args: Any, **extra: Any) -> None:
@@ -72,6 +75,7 @@ class AccessMiddleware:
             return
         request_id = ""
         hosts = 0
+        bad_host: bytes | None = None
         twice: list[str] = []
         seen: set[bytes] = set()
         expects: list[bytes] = []
@@ -86,6 +90,8 @@ class AccessMiddleware:
                 request_id = value.decode("latin-1")
             elif key == b"host":
                 hosts += 1
+                if _HOST.fullmatch(value) is None:
+                    bad_host = value
             elif key == b"expect":
                 expects.append(value.strip().lower())
             elif key == b"transfer-encoding":
@@ -191,6 +197,9 @@ class AccessMiddleware:
         if hosts != 1 and scope.get("http_version") == "1.1":
             app = problem_response(MalformedRequest(f"an HTTP/1.1 request needs one Host header; it has {hosts}"),
                                    request_id)
+        elif bad_host is not None:  # (RFC 9112 3.2: a 400, as for none; one a proxy in front may have routed otherwise)
+            app = problem_response(MalformedRequest(f"the Host header {echo(bad_host.decode('latin-1'))} is no "
+                                                    "host[:port]"), request_id)
         elif twice:  # which one was meant? A proxy in front may have read the other one
             app = _closing(MalformedRequest(f"the header {', '.join(twice)} is given more than once; give it once"),
                            request_id)
