@@ -1,16 +1,20 @@
 """Red team, round twenty-two: hostile clients over raw sockets (one client opening many
-streamed Jacobians at once and reading none of them; ...).
+streamed Jacobians at once and reading none of them; a Host header that is no host;
+pipelined heads whose bytes add up; ...).
 
 Each names what a user saw before. The server cases run the real service on a thread of
 this process (``_client_support.real_server``: engines on threads, no process to start)
 with a queue of 8 and a trusted proxy on loopback, so that the clients here are told
-apart as they would be behind a proxy (``X-Forwarded-For``).
+apart as they would be behind a proxy (``X-Forwarded-For``); the HTTP cases run the
+in-process app (``client``) or a bare app under the server's guarded protocol class
+(``test_connections._guarded_uvicorn``).
 """
 
 from __future__ import annotations
 
 import io
 import socket
+import time
 from typing import Iterator
 
 import httpx
@@ -207,3 +211,62 @@ def test_a_host_header_that_is_no_host_is_a_400(client, host: str | bytes) -> No
     for good in ("localhost", "localhost:8000", "[::1]:8000", "api.example.org", ""):
         r = client.get("/healthz", headers={"host": good})
         assert r.status_code == 200, (good, r.text)
+
+
+# ------------------------------------------------------------ pipelined heads that add up
+
+
+def test_pipelined_heads_hold_at_most_one_heads_worth_of_bytes(caplog: pytest.LogCaptureFixture) -> None:
+    """Left by round twenty: at most MAX_PIPELINED (16) requests wait behind the one being
+    answered, but each head may be 32 KiB, and a head of short fields waits parsed, as
+    Python objects costing ~14 times its bytes: 16 heads of 30 KB (3,500 fields each)
+    behind a slow request grew a front end by 6.7 MB per connection (20 connections:
+    +131 MB; an idle one costs ~5.5 KiB). Now the heads waiting hold at most
+    MAX_PIPELINED_HEAD_BYTES (32 KiB) in all, as one head may: past it the rest is dropped
+    and the connection closes once those kept are answered, as past MAX_PIPELINED (the
+    same connection measured: 212 KB). Small pipelined requests are kept as before."""
+    import asyncio
+    import logging
+    import threading
+
+    from jacobian_service.connections import MAX_PIPELINED_HEAD_BYTES
+
+    from .test_connections import _connect, _guarded_uvicorn, _read_to_close
+
+    released = threading.Event()
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/0":  # the slow one: answered once the heads behind it are all read
+            while not released.is_set():
+                await asyncio.sleep(0.01)
+        body = scope["path"].encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    fields = b"".join(b"x-f%d: v\r\n" % i for i in range(1200))  # ~12 KB of short fields
+    assert 2 * len(fields) < MAX_PIPELINED_HEAD_BYTES < 3 * len(fields)
+    with caplog.at_level(logging.INFO, logger="jacobian_service"), _guarded_uvicorn(app, "httptools", 5.0) as served:
+        s = _connect(served)
+        s.sendall(b"GET /0 HTTP/1.1\r\nHost: t\r\n\r\n"
+                  + b"".join(b"GET /%d HTTP/1.1\r\nHost: t\r\n%s\r\n" % (i, fields) for i in range(1, 6)))
+        deadline = time.monotonic() + 5  # (the heads are read: the drop is logged, or they were all kept)
+        while not any("bytes of heads" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        released.set()
+        raw = _read_to_close(s, 10)
+        s.close()
+        bodies = [answer.rpartition(b"\r\n\r\n")[2] for answer in raw.split(b"HTTP/1.1 200 OK\r\n")[1:]]
+        assert bodies == [b"/0", b"/1", b"/2"], raw[-300:]
+
+        # small ones are kept, all answered on a connection kept open
+        s = _connect(served)
+        s.sendall(b"".join(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(1, 9)))
+        s.settimeout(10)
+        raw = b""
+        while raw.count(b"HTTP/1.1 200 OK") < 8 or not raw.endswith(b"/8"):
+            piece = s.recv(65536)
+            assert piece, raw[-300:]
+            raw += piece
+        s.close()
