@@ -45,6 +45,19 @@ def _head(sock: socket.socket) -> bytes:
     return head
 
 
+def _answered(sock: socket.socket, requests: bytes, count: int, last_body: bytes) -> None:
+    """Send ``requests`` and read until ``count`` 200 answers are in, the last ending in
+    ``last_body``, on a connection that stays open; then close it."""
+    sock.sendall(requests)
+    sock.settimeout(10)
+    raw = b""
+    while raw.count(b"HTTP/1.1 200 OK") < count or not raw.endswith(last_body):
+        piece = sock.recv(65536)
+        assert piece, raw[-300:]
+        raw += piece
+    sock.close()
+
+
 # ------------------------------------------------------------ one client, many streams
 
 
@@ -245,7 +258,7 @@ def test_pipelined_heads_hold_at_most_one_heads_worth_of_bytes(caplog: pytest.Lo
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body})
 
-    fields = b"".join(b"x-f%d: v\r\n" % i for i in range(1200))  # ~12 KB of short fields
+    fields = b"".join(b"x-f%d: %s\r\n" % (i, b"v" * 110) for i in range(100))  # ~12 KB in 100 fields
     assert 2 * len(fields) < MAX_PIPELINED_HEAD_BYTES < 3 * len(fields)
     with caplog.at_level(logging.INFO, logger="jacobian_service"), _guarded_uvicorn(app, "httptools", 5.0) as served:
         s = _connect(served)
@@ -261,12 +274,34 @@ def test_pipelined_heads_hold_at_most_one_heads_worth_of_bytes(caplog: pytest.Lo
         assert bodies == [b"/0", b"/1", b"/2"], raw[-300:]
 
         # small ones are kept, all answered on a connection kept open
+        _answered(_connect(served), b"".join(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(1, 9)), 8, b"/8")
+
+
+def test_a_head_of_more_fields_than_the_limit_is_a_431() -> None:
+    """Within the 32 KiB a head may hold, short fields ("a1:b", 3,500 of them) held ~420 KB
+    of Python objects per request (~14 times their bytes), for as long as it ran: a
+    request queued or streamed (its deadline, its reader) on each of many connections.
+    Now a head has at most MAX_HEADER_FIELDS (256) fields: past them it is 431
+    headers_too_large at once, the connection closed; 256 are served. (httptools, the
+    server's parser; h11 has its own 16 KiB limit.)"""
+    from jacobian_service.connections import MAX_HEADER_FIELDS
+
+    from .test_connections import _assert_closing_problem, _connect, _guarded_uvicorn, _read_to_close
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    def head(fields: int) -> bytes:  # Host and the rest: ``fields`` in all
+        return b"GET / HTTP/1.1\r\nHost: t\r\n" + b"".join(b"a%d:b\r\n" % i for i in range(fields - 1)) + b"\r\n"
+
+    with _guarded_uvicorn(app, "httptools", 5.0) as served:
         s = _connect(served)
-        s.sendall(b"".join(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(1, 9)))
-        s.settimeout(10)
-        raw = b""
-        while raw.count(b"HTTP/1.1 200 OK") < 8 or not raw.endswith(b"/8"):
-            piece = s.recv(65536)
-            assert piece, raw[-300:]
-            raw += piece
+        s.sendall(head(MAX_HEADER_FIELDS + 1))
+        raw = _read_to_close(s, 5)
         s.close()
+        body = _assert_closing_problem(raw, 431, "headers_too_large")
+        assert f"{MAX_HEADER_FIELDS} fields" in body["detail"], body
+        # (and the next head on the connection counts afresh)
+        _answered(_connect(served), head(MAX_HEADER_FIELDS) * 2, 2, b"ok")

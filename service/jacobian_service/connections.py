@@ -624,6 +624,10 @@ LINGER_S = 2.0
 # (uvicorn's h11 has a 16 KiB limit of its own, which it reports as an unreadable request
 # when headers come in smaller pieces than that.) Cookies and bearer tokens fit many times.
 MAX_HEADER_BYTES = 32 << 10
+# ... and in at most this many fields (httptools): within 32 KiB, 3,500 short fields
+# ("a1:b") held ~420 KB of Python objects for as long as their request ran (a queued or
+# streamed one: its deadline, its reader), where 256 fields of any size hold ~80 KB.
+MAX_HEADER_FIELDS = 256
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
             503: b"Service Unavailable"}
@@ -797,6 +801,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _refusal: Any = None  # (the cap's 503, the head it waits for, its timer) once refused for the cap
         _head_piece = b""  # the last piece of a head given to the parser
         _fault: str | None = None  # why a callback of ours stopped the parser (httptools)
+        _fields = 0  # httptools: header fields of the head being received
+        _too_many_fields = False  # ... past MAX_HEADER_FIELDS: the parser stopped, a 431 is due
         _half_closed = False  # the client sent its FIN after whole requests: they are answered, then it closes
         _dropping = False  # httptools: past MAX_PIPELINED requests queued, the rest of what comes is dropped
         _peer_watch: PeerWatch | None = None  # meanwhile: whether the FIN was a client gone (half_close.py)
@@ -971,6 +977,10 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def on_header(self, name: bytes, value: bytes) -> None:  # httptools
             if self._head_open:
+                self._fields += 1
+                if self._fields > MAX_HEADER_FIELDS:  # (raised: the parser stops; send_400_response answers 431)
+                    self._too_many_fields = True
+                    raise ValueError("too many header fields")
                 super().on_header(name, value)
             # else a trailer field: not a header (RFC 9110 6.5.1), and nothing here reads
             # trailers (uvicorn appended them to the request's headers after the app had
@@ -981,7 +991,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         # (or one pipelined behind a response still being sent) still a head, counted.
         # uvicorn's own state cannot say it (it stops updating a request once answered).
         def on_headers_complete(self) -> None:  # httptools
-            self._head_open, self._header_bytes, self._tail, self._framing = False, 0, b"", 0
+            self._head_open, self._header_bytes, self._tail, self._framing, self._fields = False, 0, b"", 0, 0
             ahead = getattr(self, "cycle", None)  # (uvicorn queues this one behind it if not answered yet)
             waits = ahead is not None and not ahead.response_complete
             # (counted from what the parser gave, not from the bytes read: a head that
@@ -1056,6 +1066,10 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             only "Invalid HTTP request received" of a folded header, a NUL in a value, two
             Content-Lengths or a chunk size that overflows alike."""
             if self._dropping:  # in what was dropped: nobody waits for its answer (the parser stops)
+                return
+            if self._too_many_fields:
+                self._refuse(HeadersTooLarge(f"the request's headers are over the limit of {MAX_HEADER_FIELDS} fields "
+                                             f"(and {max_header_bytes} bytes)"), self._parsed_origins(True))
                 return
             # (httptools gives a header once the next one's name is read: one before the
             # fault is only in the piece's bytes)
