@@ -393,16 +393,16 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         return _stream_json(state, spec.name, result, info, release, timeout)
     chosen = choose(media, is_single_array(result))
     encode_start = time.monotonic()
-    meta = _meta(info, result)
     if chosen == wire.NPY:
         # .npy: a header and views of the arrays, nothing built whatever the size (a
         # thread hop cost a 4 MB .npy answer more than its encoding): its size (a walk
-        # of the result) is not needed.
-        response = encode(chosen, spec.name, RESULT_KEY[kind], result, meta)
+        # of the result) is not needed, nor its meta, which a bare array has no place
+        # for (its two round()s, correctly rounded through dtoa, ~6k instructions).
+        response = encode(chosen, spec.name, RESULT_KEY[kind], result, {})
     else:
         # Within the result limit: the engine's worker refused it otherwise (scheduler).
         nbytes = result.nbytes()
-        encoding = (chosen, spec.name, RESULT_KEY[kind], result, meta, nbytes)
+        encoding = (chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result), nbytes)
         if nbytes < _OFFLOAD_BYTES:
             response = encode(*encoding)
         else:
