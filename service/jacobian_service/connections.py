@@ -54,7 +54,7 @@ from .half_close import PROBE, PeerWatch
 from .request_ids import new_request_id
 from .responses import echo, problem_document
 
-__all__ = ["BodyBudget", "Charge", "Expiry", "HeadWithBody", "SendGuard", "abort_connection", "guarded_protocol", "json_parse_cost",
+__all__ = ["BodyBudget", "Charge", "Expiry", "HeadWithBody", "SendGuard", "abort_connection", "first_header", "guarded_protocol", "json_parse_cost",
            "read_body", "unsent_bytes"]
 
 log = logging.getLogger("jacobian_service")
@@ -211,6 +211,20 @@ class Charge:
             self._budget.give(held)
 
 
+def first_header(scope: dict[str, Any], name: bytes, default: str | None = None) -> str | None:
+    """A request header's first value (as Starlette's ``request.headers.get``). The
+    computing endpoints read several, most of them absent (origin, fetch metadata,
+    timeout, Content-Length): Starlette makes a ``Headers`` per request, scans the header
+    list for each name, and raises and catches a KeyError for each absent one. Here one
+    pass makes a map of them all, kept in the scope's state."""
+    state = scope.setdefault("state", {})
+    first = state.get("first_headers")
+    if first is None:  # reversed: where a name repeats, the first value is the one kept
+        first = state["first_headers"] = dict(reversed(scope["headers"]))
+    value = first.get(name)
+    return default if value is None else value.decode("latin-1")
+
+
 class read_body:  # lower case: it reads as a function, ``async with read_body(...) as body``
     """The request's body, charged against ``budget`` piece by piece as it arrives and
     held there until the block ends (the caller parses inside it). 413 over ``limit``,
@@ -249,7 +263,7 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
     async def __aenter__(self) -> bytes | bytearray:
         request, budget = self._request, self._budget
         limit, idle_s, total_s, is_json, on_timeout = self._args
-        declared = request.headers.get("content-length")
+        declared = first_header(request.scope, b"content-length")
         if declared is not None:
             if not declared.isascii() or not declared.isdigit():
                 raise MalformedBody("Content-Length is not a number", headers=_CLOSE)

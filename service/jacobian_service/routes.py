@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from jacobian_client import wire
 
 from .clients import client_of
-from .connections import Charge, read_body
+from .connections import Charge, first_header, read_body
 from .errors import (
     ClientGone,
     Forbidden,
@@ -120,16 +120,7 @@ def _accept(request: Request) -> str:
 
 
 def _header(request: Request, name: bytes, default: str | None = None) -> str | None:
-    """A request header's first value (as ``request.headers.get``). The computing
-    endpoints read several, most of them absent (origin, fetch metadata, timeout):
-    Starlette scans the header list for each, and raises and catches a KeyError for each
-    absent one. Here one pass makes a map of them all, kept in the scope's state."""
-    state = request.scope.setdefault("state", {})
-    first = state.get("first_headers")
-    if first is None:  # reversed: where a name repeats, the first value is the one kept
-        first = state["first_headers"] = dict(reversed(request.scope["headers"]))
-    value = first.get(name)
-    return default if value is None else value.decode("latin-1")
+    return first_header(request.scope, name, default)
 
 
 def _request_id(request: Request) -> str:
