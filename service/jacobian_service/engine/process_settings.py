@@ -95,7 +95,7 @@ from ..ipc import LOG_FD_ENV
 from ..logs import service_loggers
 from ..procfs import descriptor_identity
 from .imports import Imports, path_changed, path_entries, put_path
-from .library_state import DecimalContext, ProgramEnvironment, generators, locale_now, put_locale
+from .library_state import DecimalContext, Generator, ProgramEnvironment, generators, locale_now, put_locale
 from .torch_kernels import KERNELS
 
 __all__ = ["ProcessSettings"]
@@ -1176,25 +1176,52 @@ class _Seed:
     of another client's function (noise, a Monte Carlo estimate, dropout) were the same
     at every such call, known in advance. A seed set is put back as a seed drawn afresh
     (``torch.seed()``, from the OS's entropy): the draws after it are no one's to know.
-    (torch's own start seed is fixed: the engine takes it as it finds it.)"""
+    (torch's own start seed is fixed: the engine takes it as it finds it.)
+
+    A state set with no seed (``torch.set_rng_state`` of one a function kept from an
+    earlier call) left ``initial_seed`` as it was: the same draws after each of its calls,
+    unseen. ``state`` is the setting for that (library_state's ``Generator``, as Python's
+    and numpy's are): a state a batch moved (set, or draws) is re-seeded the same way.
+    After this setting (the seed first: its own line says what was set), and told of each
+    seed drawn here, so that one change is put back, and named, once."""
 
     def __init__(self) -> None:
         self.expected: int | None = None  # the seed the generator should have: the start's, or the last drawn here
+        self.state = Generator("the state of torch's random generator (torch.set_rng_state, or draws)",
+                               _generator_state, lambda: self.put(None))
 
     def get(self) -> int:
         seed = _SeedValue(torch.initial_seed())
-        if self.expected is None:
-            self.expected = seed
+        if self.expected is None:  # taken (the state with it: what the functions' modules drew as loaded stays)
+            self.expected, self.state.expected = seed, _generator_state()
         return seed
 
     def changed(self, now: int, taken: int) -> bool:
         return now != self.expected
 
-    def put(self, taken: int) -> None:
-        self.expected = torch.seed()
+    def put(self, taken: int | None) -> None:
+        self.expected = torch.seed()  # (CUDA's generators too, once CUDA is in use)
+        self.state.expected = _generator_state()
+
+
+def _generator_state() -> tuple[bytes, ...]:
+    """What any seed, state set or draw changes of torch's default generators: the CPU's
+    first 48 bytes (its seed, position, and first words of the Mersenne Twister's state,
+    which a draw past the last word makes anew), ~2 us; each CUDA device's seed and
+    offset, once CUDA is in use."""
+    cpu = torch.default_generator.get_state()[:48].numpy().tobytes()
+    if not torch.cuda.is_initialized():
+        return (cpu,)
+    return (cpu, *(g.get_state().numpy().tobytes() for g in torch.cuda.default_generators))
 
 
 _SEED = _Seed()
+
+
+def _generator_setting(generator: Generator) -> _Setting:
+    """A global random generator's setting: its state's fingerprint, re-seeded when moved."""
+    return _Setting(generator.what, generator.fingerprint, generator.put, generator.changed,
+                    shown=(lambda now, taken: "one of its own", "a seed drawn afresh"))
 
 
 # Settings of the whole process, put back only by an engine that owns its process. In the
@@ -1205,6 +1232,7 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
              _put_finders, _finders_changed, quick=lambda taken: _identities(_finders)),
     # (the engine's alone: in-process, the host seeds torch for its own draws)
     _Setting("torch's random seed (torch.manual_seed)", _SEED.get, _SEED.put, _SEED.changed),
+    _generator_setting(_SEED.state),
     _Setting("the trace function of new threads", threading.gettrace, threading.settrace, _hook_changed),
     _Setting("the profile function of new threads", threading.getprofile, threading.setprofile, _hook_changed),
     _Setting("signal handlers", _handlers, _put_handlers,
@@ -1281,8 +1309,7 @@ def _library_settings() -> tuple[_Setting, ...]:
         _Setting("decimal's context (decimal.getcontext, setcontext)", context.get, context.put, context.changed,
                  shown=(context.shown, "the engine's own")),
         _Setting("the locale (locale.setlocale)", locale_now, put_locale),
-        *(_Setting(g.what, g.fingerprint, g.put, g.changed, shown=(lambda now, taken: "one of its own",
-                                                                   "a seed drawn afresh")) for g in generators()),
+        *(_generator_setting(g) for g in generators()),
         # The path's finders and entries first: whether a finder finds a module planted in
         # sys.modules is asked of them (a finder of its own cached for a directory would say no).
         _Setting("sys.path_importer_cache (finders the path hooks did not make)", cache.get, cache.put, cache.changed,

@@ -1,0 +1,24 @@
+"""Hostile functions for tests/test_hostile_round21.py (loaded by name like a user
+module): each misbehaves only when its first input is 666 (round 11's ``_armed``), the
+second input picking how; otherwise it is ``sin``. Beside them, the functions they harm."""
+
+from __future__ import annotations
+
+import torch
+from jacobian_service import register
+
+from tests.hostile17_functions import X, _armed  # the input, and the case it asks for (666 first)
+
+# ------------------------------------------------------------ torch's random generator
+
+@register(inputs=X, description="sin; armed (666), it rewinds torch's random generator to its seed's first draws "
+                                "(torch.set_rng_state), the seed left as it was.")
+def rewinds_torch(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        torch.set_rng_state(torch.Generator().manual_seed(torch.initial_seed()).get_state())
+    return torch.sin(x)
+
+
+@register(inputs=X, description="x + torch.rand (one draw each): a Monte Carlo step.")
+def torch_noise(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.rand(x.shape, dtype=x.dtype)

@@ -1,0 +1,70 @@
+"""Red team, round twenty-one: hostile functions that leave torch's state for the next
+function (a generator rewound with no seed set; ...).
+
+Each case names what a user saw before. One real server for the module (as round
+nineteen); the functions are in tests/hostile23_functions.py, each misbehaving only on
+the input 666 (round 11's ``_armed``), the second input picking how.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import live_server
+from .test_hostile_round11 import _armed, _engine_pid
+from .test_hostile_round15 import _log_until
+from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
+
+FUNCTIONS = "tests.hostile23_functions"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    # QUARANTINE_AFTER=1: a strike on the wrong function shows. No spare: nothing here
+    # takes an engine down (each case checks it is the same one).
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", QUARANTINE_AFTER=1,
+                     REQUEST_TIMEOUT_S=20, HANG_GRACE_S=0.5) as served:
+        yield served
+
+
+def _evaluated(client: httpx.Client, url: str, function: str, x: list[float]) -> np.ndarray:
+    r = client.post(f"{url}/v1/functions/{function}/evaluate",
+                    json={"inputs": [{"dtype": "float64", "shape": [len(x)], "data": x}]})
+    assert r.status_code == 200, r.text
+    return np.array(r.json()["output"]["data"])
+
+
+# ------------------------------------------------------------ torch's random generator
+
+
+def test_a_generator_a_function_rewinds_is_not_left_for_the_next_draws(server, client) -> None:
+    """Round seventeen put back a seed a function set (``torch.manual_seed``), told by
+    ``torch.initial_seed()``; a state set with no seed (``torch.set_rng_state`` of a
+    state the function kept from its first call) left the seed as it was, and was
+    never seen: a function rewinding the generator to its seed's first draws had
+    another client's ``x + torch.rand(3)`` (a Monte Carlo step) answer the same draws
+    after each of its calls, [0.877, 0.730, 0.786] each time, with a 200, for the
+    engine's life: those torch's start seed gives anywhere, known in advance. Now
+    the generator's state is read after each batch (its first words and position, as
+    Python's and numpy's are), and one a batch moved is re-seeded from the OS's
+    entropy: the next draws are unknown, and differ at each time."""
+    url, proc = server
+    pid = _engine_pid(client, url)
+    zeros = [0.0, 0.0, 0.0]
+    drawn = []
+    for _ in range(3):
+        r = _armed(client, url, "rewinds_torch", 0)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["output"]["data"], np.sin([666.0, 0.0, 0.0]), rtol=1e-12)
+        drawn.append(_evaluated(client, url, "torch_noise", zeros))
+        assert ((0 <= drawn[-1]) & (drawn[-1] < 1)).all(), drawn
+    assert not np.array_equal(drawn[0], drawn[1]) and not np.array_equal(drawn[1], drawn[2]), drawn
+    log = _log_until(proc, 0, "rewinds_torch changed the state of torch's random generator")
+    assert "rewinds_torch changed the state of torch's random generator (torch.set_rng_state, or draws) (to one of " \
+           "its own) and left it so; put back to a seed drawn afresh" in log, log[-3000:]
+    assert _engine_pid(client, url) == pid
