@@ -22,3 +22,26 @@ def rewinds_torch(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="x + torch.rand (one draw each): a Monte Carlo step.")
 def torch_noise(x: torch.Tensor) -> torch.Tensor:
     return x + torch.rand(x.shape, dtype=x.dtype)
+
+
+# ------------------------------------------------------------ torch's profiler
+
+_PROFILER: list[torch.profiler.profile] = []
+
+
+@register(inputs=X, description="sin; armed (666), case 0 enters torch's profiler and leaves it so; case 1 stops it "
+                                "and fails naming the operators it recorded (RuntimeError 'seen: ...').")
+def profiles(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case == 0:
+        _PROFILER[:] = [torch.profiler.profile(record_shapes=True)]
+        _PROFILER[0].__enter__()
+    elif case == 1:
+        _PROFILER[0].__exit__(None, None, None)
+        raise RuntimeError(f"seen: {sorted({event.name for event in _PROFILER[0].events()})}")
+    return torch.sin(x)
+
+
+@register(inputs=X, description="erf(x) / 2: an operator nothing else here runs.")
+def erf_half(x: torch.Tensor) -> torch.Tensor:
+    return torch.erf(x) / 2

@@ -1,5 +1,5 @@
 """Red team, round twenty-one: hostile functions that leave torch's state for the next
-function (a generator rewound with no seed set; ...).
+function (a generator rewound with no seed set; a profiler left running; ...).
 
 Each case names what a user saw before. One real server for the module (as round
 nineteen); the functions are in tests/hostile23_functions.py, each misbehaving only on
@@ -8,6 +8,7 @@ the input 666 (round 11's ``_armed``), the second input picking how.
 
 from __future__ import annotations
 
+import math
 import subprocess
 from collections.abc import Iterator
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from .conftest import live_server
-from .test_hostile_round11 import _armed, _engine_pid
+from .test_hostile_round11 import _armed, _engine_pid, _seen
 from .test_hostile_round15 import _log_until
 from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
 
@@ -67,4 +68,30 @@ def test_a_generator_a_function_rewinds_is_not_left_for_the_next_draws(server, c
     log = _log_until(proc, 0, "rewinds_torch changed the state of torch's random generator")
     assert "rewinds_torch changed the state of torch's random generator (torch.set_rng_state, or draws) (to one of " \
            "its own) and left it so; put back to a seed drawn afresh" in log, log[-3000:]
+    assert _engine_pid(client, url) == pid
+
+
+# ------------------------------------------------------------ torch's profiler
+
+
+def test_a_profiler_a_function_leaves_running_is_stopped_after_its_batch(server, client) -> None:
+    """A function that entered torch's profiler (``torch.profiler.profile(record_shapes=
+    True).__enter__()``) and returned had every later request's operators recorded into
+    it, for the engine's life: held without end (the engine's memory grown at every
+    request of every function), and read by the function at its next call: it stopped
+    the profiler and named another client's operators (``seen: [... 'aten::erf', ...]``, the
+    victim's ``erf``, with their input shapes to be had). Now the profiler is stopped
+    after the batch that left it running, its events dropped, the log naming the
+    function: it records nothing of another request."""
+    url, proc = server
+    pid = _engine_pid(client, url)
+    r = _armed(client, url, "profiles", 0)
+    assert r.status_code == 200, r.text
+    x = [0.5, 1.0, 2.0]
+    np.testing.assert_allclose(_evaluated(client, url, "erf_half", x), [math.erf(v) / 2 for v in x], rtol=1e-12)
+    seen = _seen(_armed(client, url, "profiles", 1))
+    assert "aten::erf" not in seen, seen
+    log = _log_until(proc, 0, "profiles changed torch's profiler")
+    assert "profiles changed torch's profiler (entered, not exited) (to True) and left it so; put back to False" \
+           in log, log[-3000:]
     assert _engine_pid(client, url) == pid

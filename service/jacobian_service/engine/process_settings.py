@@ -794,6 +794,16 @@ def _put_time_zone(taken: tuple[bytes | None, tuple[str, str], int]) -> None:
     time.tzset()
 
 
+def _stop_profiler() -> None:
+    """Stops torch's profiler on this thread, its events dropped (the legacy one, which
+    torch's own stop refuses, by its own)."""
+    try:
+        torch.autograd._disable_profiler()
+    except RuntimeError:
+        if torch.autograd._profiler_enabled():
+            torch.autograd._disable_profiler_legacy()
+
+
 _SETTINGS: tuple[_Setting, ...] = (
     # First: leaving them restores the grad mode each saved, which the grad mode's own
     # setting, after, then checks.
@@ -867,6 +877,12 @@ _SETTINGS: tuple[_Setting, ...] = (
     # This thread's hooks: the engine's thread is the one the functions run on.
     _Setting("the trace function", sys.gettrace, sys.settrace, _hook_changed),
     _Setting("the profile function", sys.getprofile, sys.setprofile, _hook_changed),
+    # torch's profiler left entered (``torch.profiler.profile().__enter__()``, ``start()``
+    # without ``stop()``; the engine's thread's own): every later function's operators were
+    # recorded into it, their names, input shapes and stacks, held without end (memory
+    # grown at every request), for the function to read at its next call.
+    _Setting("torch's profiler (entered, not exited)", torch.autograd._profiler_enabled, lambda taken: _stop_profiler(),
+             operator.gt),
     _Setting("kernels of torch's own operators (torch.library)", KERNELS.count, KERNELS.put, KERNELS.changed),
 )
 
