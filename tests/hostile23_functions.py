@@ -4,6 +4,9 @@ second input picking how; otherwise it is ``sin``. Beside them, the functions th
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 from jacobian_service import register
 
@@ -45,3 +48,20 @@ def profiles(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="erf(x) / 2: an operator nothing else here runs.")
 def erf_half(x: torch.Tensor) -> torch.Tensor:
     return torch.erf(x) / 2
+
+
+# ------------------------------------------------------------ the run directory's notes
+
+PLANTED = 400  # notes for the pids after the engine's own: the next engines' and spares'
+
+
+@register(inputs=X, description="sin; armed (666), it leaves notes in the run directory saying that the next processes' "
+                                "warm-up of erf_half began long ago, then ends its engine (os._exit).")
+def plants_notes(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        run_dir = sys.argv[sys.argv.index("--run-dir") + 1]
+        for pid in range(os.getpid() + 1, os.getpid() + PLANTED):
+            with open(os.path.join(run_dir, f"warming-{pid}"), "w") as f:  # (ipc.warming_path's name)
+                f.write("0 erf_half")
+        os._exit(1)
+    return torch.sin(x)

@@ -1,5 +1,6 @@
 """Red team, round twenty-one: hostile functions that leave torch's state for the next
-function (a generator rewound with no seed set; a profiler left running; ...).
+function (a generator rewound with no seed set; a profiler left running), and notes in
+the run directory for the engines started after their own.
 
 Each case names what a user saw before. One real server for the module (as round
 nineteen); the functions are in tests/hostile23_functions.py, each misbehaving only on
@@ -9,15 +10,20 @@ the input 666 (round 11's ``_armed``), the second input picking how.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
 
-from .conftest import live_server
-from .test_hostile_round11 import _armed, _engine_pid, _seen
+from jacobian_service import ipc
+from jacobian_service.fork_server import start_engine
+
+from .conftest import _metric, assert_problem, live_server
+from .test_hostile_round11 import _armed, _engine_pid, _replaced, _seen
 from .test_hostile_round15 import _log_until
 from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
 
@@ -95,3 +101,53 @@ def test_a_profiler_a_function_leaves_running_is_stopped_after_its_batch(server,
     assert "profiles changed torch's profiler (entered, not exited) (to True) and left it so; put back to False" \
            in log, log[-3000:]
     assert _engine_pid(client, url) == pid
+
+
+# ------------------------------------------------------------ the run directory (last: it ends the engine)
+
+
+def test_notes_a_function_plants_for_the_next_engines_are_not_believed(server, client) -> None:
+    """The supervisor reads a process's warm-up note (``warming-PID`` in the run
+    directory: which function it is warming up, since when) to kill a warm-up that
+    hangs and to name one that ends its process, and strikes that function. The run
+    directory is the functions' to write: one that left notes for the pids after its
+    engine's own (the next engines' and spares', allocated in turn), saying the warm-up
+    of another client's function began long ago, and ended its engine, had each engine
+    started after it killed before it was ready, as hung in that warm-up: the other
+    function struck (``QUARANTINE_AFTER``: 503 ``quarantined`` for every client of it)
+    and skipped, and the engines killed one after the other while the pids ran through
+    the notes; the planting function, struck once, went free of the rest. Now the
+    supervisor takes away any note or flag under a process's pid as it starts it
+    (before the process has loaded a function, let alone warmed one up): a note is
+    believed only from the process whose pid it names."""
+    url, proc = server
+    pid = _engine_pid(client, url)
+    start = len(proc.read_log())
+    assert_problem(_armed(client, url, "plants_notes", 0), 500, "function_error")
+    _replaced(client, url, pid, 60, "no engine ready after the crash")
+    x = [0.5, 1.0, 2.0]
+    np.testing.assert_allclose(_evaluated(client, url, "erf_half", x), [math.erf(v) / 2 for v in x], rtol=1e-12)
+    log = proc.read_log()[start:]
+    assert "warm-up of erf_half" not in log, log[-3000:]
+    assert "started (forked)" in log, log[-3000:]  # (the zygote took the notes away; exec'd: below)
+    assert _metric(url, "jacobian_service_quarantines") == 1  # plants_notes alone, for its crash
+
+
+def test_an_execd_engine_finds_no_note_left_under_its_pid(tmp_path) -> None:
+    """The same where the engine is exec'd (no zygote: ``ENGINE_FORK_SERVER=false``, or
+    one that cannot serve): the notes under its pid are gone before it runs. A process
+    started as an engine is (``start_engine``) looks for its own, planted for the pids
+    after this one's."""
+    for pid in range(os.getpid() + 1, os.getpid() + 2000):
+        ipc.warming_path(tmp_path, pid).write_text("0 erf_half")
+        ipc.spare_ready_path(tmp_path, pid).touch()
+    look = ("import os, sys; d, p = sys.argv[1], os.getpid(); "
+            "sys.exit(2 if not int(sys.argv[2]) < p < int(sys.argv[3]) else "
+            "os.path.exists(f'{d}/warming-{p}') or os.path.exists(f'{d}/spare-{p}.ready'))")
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        child = start_engine(None, [sys.executable, "-S", "-c", look, str(tmp_path), str(os.getpid()), str(os.getpid() + 2000)],
+                             dict(os.environ), null, null, null, standby=False, confine=False, run_dir=tmp_path)
+    finally:
+        os.close(null)
+    assert child.wait(30) == 0  # (1: it found a note under its pid; 2: its pid is not among those planted)

@@ -55,6 +55,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import orjson
@@ -224,7 +225,7 @@ class ForkServer:
                 self._ready_now(0.0)
 
     def start(self, argv: Sequence[str], env: Mapping[str, str], stdout: int, stderr: int, log_fd: int,
-              standby: bool, confine: bool, wait_s: float = 0.0) -> Forked | None:
+              standby: bool, confine: bool, wait_s: float = 0.0, run_dir: Path | None = None) -> Forked | None:
         """An engine forked from the zygote (``argv``: its command, ``python -m module
         args``), or None where the zygote cannot give one now (the caller starts it
         the old way)."""
@@ -246,10 +247,10 @@ class ForkServer:
                     log.info("the environment changed since the fork server started: starting it again")
                     self._launch()
                 return None
-            return self._fork(argv, env, stdout, stderr, log_fd, standby, confine)
+            return self._fork(argv, env, stdout, stderr, log_fd, standby, confine, run_dir)
 
     def _fork(self, argv: Sequence[str], env: Mapping[str, str], stdout: int, stderr: int, log_fd: int,
-              standby: bool, confine: bool) -> Forked | None:
+              standby: bool, confine: bool, run_dir: Path | None) -> Forked | None:
         assert self._sock is not None and self._proc is not None
         stdin_r = stdin_w = None
         if standby:
@@ -259,7 +260,8 @@ class ForkServer:
             stdin = 0 if _valid(0) else os.open(os.devnull, os.O_RDONLY)
         request = {"argv": list(argv), "env": {**env, ipc.LOG_FD_ENV: str(_LOG_FD)}, "cwd": os.getcwd(),
                    "umask": _umask(), "serve": os.getpid(),
-                   "confine": list(protected()) if confine else None}
+                   "confine": list(protected()) if confine else None,
+                   "run_dir": str(run_dir) if run_dir is not None else None}
         try:
             socket.send_fds(self._sock, [orjson.dumps(request)], [stdin, stdout, stderr, log_fd])
             readable, _, _ = select.select([self._sock], [], [], _REPLY_S)
@@ -322,17 +324,28 @@ class ForkServer:
 
 
 def start_engine(forks: ForkServer | None, argv: list[str], env: Mapping[str, str], stdout: int, stderr: int,
-                 log_fd: int, standby: bool, confine: bool, wait_s: float = 0.0) -> Any:
+                 log_fd: int, standby: bool, confine: bool, wait_s: float = 0.0, run_dir: Path | None = None) -> Any:
     """An engine process (``standby``: a spare, its stdin a pipe): forked by the zygote
     where it can, else exec'd, as before it (``subprocess.Popen``): confined, in a
-    session of its own, its log on ``log_fd``."""
+    session of its own, its log on ``log_fd``. With ``run_dir``, the notes there under
+    its pid (``ipc.clear_notes``: a function's, left for the processes after its engine)
+    are taken away before it runs, and before ``serve`` learns its pid: by the zygote,
+    or exec'd, between fork and exec."""
     if forks is not None:
-        forked = forks.start(argv, env, stdout, stderr, log_fd, standby, confine, wait_s)
+        forked = forks.start(argv, env, stdout, stderr, log_fd, standby, confine, wait_s, run_dir)
         if forked is not None:
             return forked
+    confine_it = confiner() if confine else None
+
+    def before_exec() -> None:
+        if run_dir is not None:
+            ipc.clear_notes(run_dir, os.getpid())
+        if confine_it is not None:
+            confine_it()
+
     return subprocess.Popen(argv, stdin=subprocess.PIPE if standby else None, stdout=stdout, stderr=stderr,
-                            pass_fds=(log_fd,), env={**env, ipc.LOG_FD_ENV: str(log_fd)},
-                            start_new_session=True, preexec_fn=confiner() if confine else None)
+                            pass_fds=(log_fd,), env={**env, ipc.LOG_FD_ENV: str(log_fd)}, start_new_session=True,
+                            preexec_fn=before_exec if run_dir is not None or confine_it is not None else None)
 
 
 def _valid(fd: int) -> bool:
@@ -513,6 +526,8 @@ def _fork(request: dict[str, Any], fds: list[int], sock: socket.socket) -> _Engi
         os.close(go_w)  # (EOF: nothing runs)
         raise OSError("the middle process did not fork")
     try:
+        if request.get("run_dir") is not None:  # before serve reads them, or the engine writes its own
+            ipc.clear_notes(Path(request["run_dir"]), int(data))
         sock.send(orjson.dumps({"pid": int(data)}))  # serve has it before it runs
         os.write(go_w, b"g")
     finally:

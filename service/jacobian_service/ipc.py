@@ -85,6 +85,24 @@ def warming_path(run_dir: Path, pid: int) -> Path:
     return run_dir / f"warming-{pid}"
 
 
+def spare_ready_path(run_dir: Path, pid: int) -> Path:
+    """Made by spare process ``pid`` once it is warm (the supervisor's sign)."""
+    return run_dir / f"spare-{pid}.ready"
+
+
+def clear_notes(run_dir: Path, pid: int) -> None:
+    """Take away what says anything of process ``pid`` in the run directory (its warm-up
+    note, its spare's flag), as the supervisor starts it: the run directory is the
+    functions' to write, and notes a function left for the pids after its engine's (the
+    next engines', allocated in turn) had each of them killed before it was ready, as
+    hung in another function's warm-up, which was struck for it."""
+    for path in (warming_path(run_dir, pid), spare_ready_path(run_dir, pid)):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # not a file (a directory planted there reads as no note), or the directory refused
+            pass
+
+
 def events_address(run_dir: Path) -> str:
     return f"ipc://{run_dir}/events.sock"
 

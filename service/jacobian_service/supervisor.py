@@ -277,7 +277,8 @@ class Supervisor:
         out, err, own = self.output.pipe(), self.output.pipe(), self.output.pipe()
         try:
             proc = start_engine(self._fork_server(), [*self._command(engine), *(["--standby"] if standby else [])],
-                                self._env(), out[1], err[1], own[1], standby, self.settings.engine_confine)
+                                self._env(), out[1], err[1], own[1], standby, self.settings.engine_confine,
+                                run_dir=self.run_dir)  # (notes a function left under its pid: taken away)
         except BaseException:
             for fd in (out[0], err[0], own[0]):
                 os.close(fd)
@@ -339,7 +340,7 @@ class Supervisor:
         return function
 
     def _spare_flag(self, spare: subprocess.Popen | Forked) -> Path:
-        return self.run_dir / f"spare-{spare.pid}.ready"
+        return ipc.spare_ready_path(self.run_dir, spare.pid)
 
     def all_ready(self) -> bool:
         """Every engine up and warmed: what /readyz reports (read by serve's start-up line)."""
