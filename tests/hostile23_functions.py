@@ -58,9 +58,10 @@ PLANTED = 400  # notes for the pids after the engine's own: the next engines' an
 @register(inputs=X, description="sin; armed (666), it leaves notes in the run directory saying that the next processes' "
                                 "warm-up of erf_half began long ago, then ends its engine (os._exit).")
 def plants_notes(x: torch.Tensor) -> torch.Tensor:
-    if _armed(x) is not None:
+    case = _armed(x)
+    if case is not None:
         run_dir = sys.argv[sys.argv.index("--run-dir") + 1]
-        for pid in range(os.getpid() + 1, os.getpid() + PLANTED):
+        for pid in range(os.getpid() + (case == 0), os.getpid() + PLANTED):  # (1: its own engine's pid too)
             with open(os.path.join(run_dir, f"warming-{pid}"), "w") as f:  # (ipc.warming_path's name)
                 f.write("0 erf_half")
         os._exit(1)

@@ -621,7 +621,12 @@ class Supervisor:
         recycled = ipc.recycle_reason(status)  # planned: no function's fault, no backoff
         planned = bool(status.get("stray")) or recycled is not None
         # A warm-up that ended the engine (a crash; one it killed is on its own record).
-        warming = None if planned else self._warm_up_crashed(engine.proc.pid)  # type: ignore[union-attr]
+        # Not while its board names jobs: a warm-up runs none, and a note found then is a
+        # function's, written in its request to have another function struck for its own
+        # crash (which went free, its request a retryable 503): taken away unread.
+        if status.get("tags"):
+            ipc.clear_notes(self.run_dir, engine.proc.pid)  # type: ignore[union-attr]
+        warming = None if planned or status.get("tags") else self._warm_up_crashed(engine.proc.pid)  # type: ignore[union-attr]
         # What it ran when it went: its board says. An engine that left as planned, or
         # went with its board saying idle, ran nothing: what this supervisor last saw it
         # run is stale, and those requests may be answered already, their replies not yet
