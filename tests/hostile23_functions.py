@@ -4,6 +4,7 @@ second input picking how; otherwise it is ``sin``. Beside them, the functions th
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -65,4 +66,20 @@ def plants_notes(x: torch.Tensor) -> torch.Tensor:
             with open(os.path.join(run_dir, f"warming-{pid}"), "w") as f:  # (ipc.warming_path's name)
                 f.write("0 erf_half")
         os._exit(1)
+    return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it rewrites the run directory's registry.json: erf_half declared as "
+                                "taking 2 numbers, with a description of its own.")
+def rewrites_registry(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        path = os.path.join(sys.argv[sys.argv.index("--run-dir") + 1], "registry.json")
+        with open(path) as f:
+            doc = json.load(f)
+        for function in doc["functions"]:
+            if function["name"] == "erf_half":
+                function["description"] = "forged"
+                function["inputs"][0]["shape"] = [2]
+        with open(path, "w") as f:
+            json.dump(doc, f)
     return torch.sin(x)

@@ -1,6 +1,7 @@
 """Red team, round twenty-one: hostile functions that leave torch's state for the next
-function (a generator rewound with no seed set; a profiler left running), and notes in
-the run directory for the engines started after their own.
+function (a generator rewound with no seed set; a profiler left running), and what
+they write in the run directory (the registry a front end started again reads; notes
+for the engines started after their own).
 
 Each case names what a user saw before. One real server for the module (as round
 nineteen); the functions are in tests/hostile23_functions.py, each misbehaving only on
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ import pytest
 from jacobian_service import ipc
 from jacobian_service.fork_server import start_engine
 
+from ._rss import front_end_pid
 from .conftest import _metric, assert_problem, live_server
 from .test_hostile_round11 import _armed, _engine_pid, _replaced, _seen
 from .test_hostile_round15 import _log_until
@@ -104,7 +107,39 @@ def test_a_profiler_a_function_leaves_running_is_stopped_after_its_batch(server,
     assert _engine_pid(client, url) == pid
 
 
-# ------------------------------------------------------------ the run directory (last: it ends the engine)
+# ------------------------------------------------------------ the run directory
+
+
+def test_a_front_end_started_again_does_not_read_a_registry_a_function_rewrote(server, client) -> None:
+    """Front ends learnt the functions (names, inputs, descriptions) from the run
+    directory's ``registry.json``, which engine 0 writes at start-up, and which a
+    function can rewrite (its engine's ``--run-dir``): a front end started again later
+    (one that died: a function can kill one where no Landlock domain stops it) served
+    what the function wrote. Here ``erf_half`` declared as taking 2 numbers: its
+    description "forged", and another client's 3 numbers a 422 ``invalid_input``.
+    Now ``serve`` hands each front end the registry it read at start-up, as it hands
+    the API keys: the file is read once, before any function has run."""
+    url, proc = server
+    r = _armed(client, url, "rewrites_registry", 0)
+    assert r.status_code == 200, r.text
+    before = front_end_pid(proc.pid)
+    os.kill(before, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:  # serve starts it again
+        assert time.monotonic() < deadline, "no front end started again"
+        try:
+            if front_end_pid(proc.pid) != before and client.get(f"{url}/readyz").status_code == 200:
+                break
+        except (LookupError, httpx.TransportError):
+            pass
+        time.sleep(0.1)
+    described = client.get(f"{url}/v1/functions/erf_half").json()
+    assert described["description"] == "erf(x) / 2: an operator nothing else here runs.", described
+    x = [0.5, 1.0, 2.0]
+    np.testing.assert_allclose(_evaluated(client, url, "erf_half", x), [math.erf(v) / 2 for v in x], rtol=1e-12)
+
+
+# ------------------------------------------------------------ the run directory's notes (last: it ends the engine)
 
 
 @pytest.mark.parametrize("case", [0, 1])

@@ -167,17 +167,17 @@ def _doc_routes() -> list[Route]:
 
 def create_app(
     settings: Settings | None = None, registry: Registry | None = None, *, run_dir: Path | None = None, front_ends: int = 1,
-    channel: Any = None, api_keys: tuple[str, ...] | None = None,
+    channel: Any = None, api_keys: tuple[str, ...] | None = None, registry_doc: dict[str, Any] | None = None,
 ) -> ServiceApp:
     """The front end. With ``run_dir`` it talks to the supervisor's engine processes
     (through ``channel``, ``supervision.Channel``, which ``serve`` hands it, as it does
-    the ``api_keys`` it loaded); without, it runs engines on threads here (``registry``
+    the ``api_keys`` it loaded and the ``registry_doc`` engine 0 wrote); without, it runs engines on threads here (``registry``
     overrides the modules named in ``settings``)."""
     settings = settings or Settings()
     configure_logging(settings.log_format)
     metrics = Metrics()
     if run_dir is not None:
-        engines: Any = RemoteEngines(settings, run_dir, channel)
+        engines: Any = RemoteEngines(settings, run_dir, channel, registry_doc)
     else:
         # Loading the functions is configuration, not a resource: do it here, so a bad
         # user module fails at start-up.

@@ -265,11 +265,16 @@ class RemoteEngines(_Engines):
     replies routed to the waiting requests as they are read), and a ZeroMQ subscription
     to the supervisor's events."""
 
-    def __init__(self, settings: Settings, run_dir: Path, channel: Channel | None = None) -> None:
+    def __init__(self, settings: Settings, run_dir: Path, channel: Channel | None = None,
+                 registry: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.run_dir = run_dir
         self.channel = channel if channel is not None else Channel.in_run_dir(run_dir)
-        doc = orjson.loads((run_dir / "registry.json").read_bytes())
+        # The registry as ``serve`` read it at start-up (``registry``), not the run
+        # directory's file, which a function can rewrite: a front end started again
+        # later (one that died) read the functions, their inputs and descriptions, from
+        # whatever was there. (The file: a front end made without serve, in tests.)
+        doc = registry if registry is not None else orjson.loads((run_dir / "registry.json").read_bytes())
         self.registry = Registry(FunctionSpec.from_description(d) for d in doc["functions"])
         self.devices: list[str] = doc["devices"]
         self._doc = doc

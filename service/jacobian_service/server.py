@@ -118,15 +118,19 @@ def serve_in_process(settings: Settings) -> int:
     return 0
 
 
-def _front_end(run_dir: str, sock: socket.socket, count: int, channel: Any, api_keys: tuple[str, ...]) -> None:
+def _front_end(run_dir: str, sock: socket.socket, count: int, channel: Any, api_keys: tuple[str, ...],
+               registry: dict[str, Any]) -> None:
     """One front-end process (spawned: no torch, no state from the parent). ``channel``
     (``supervision.Channel``) and ``api_keys`` come through the spawn's pipe: they are
-    in no environment a function could read (``/proc/PID/environ``)."""
+    in no environment a function could read (``/proc/PID/environ``); so does the
+    ``registry`` ``serve`` read at start-up: the run directory's file is in a function's
+    reach, and a front end started again read whatever it had written there."""
     from .app import create_app
     from .drain import DrainingServer
 
     settings = Settings()
-    app = create_app(settings, run_dir=Path(run_dir), front_ends=count, channel=channel, api_keys=api_keys)
+    app = create_app(settings, run_dir=Path(run_dir), front_ends=count, channel=channel, api_keys=api_keys,
+                     registry_doc=registry)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     stop_with_parent(settings.drain_delay_s + settings.drain_grace_s + 5)  # it drains and stops if serve is killed
@@ -284,7 +288,7 @@ def serve(settings: Settings) -> int:
 
         def start(i: int) -> Any:
             sock = socks[i % len(socks)]
-            p = ctx.Process(target=_front_end, args=(str(run_dir), sock, count, supervisor.channel, api_keys),
+            p = ctx.Process(target=_front_end, args=(str(run_dir), sock, count, supervisor.channel, api_keys, doc),
                             name=f"front-end-{i}", daemon=False)
             p.start()
             return p
