@@ -21,12 +21,12 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-
 from jacobian_service import ipc
 from jacobian_service.fork_server import start_engine
 
 from ._rss import front_end_pid
 from .conftest import _metric, assert_problem, live_server
+from .hostile23_functions import next_pids
 from .test_hostile_round11 import _armed, _engine_pid, _replaced, _seen
 from .test_hostile_round15 import _log_until
 from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
@@ -180,8 +180,9 @@ def test_an_execd_engine_finds_no_note_left_under_its_pid(tmp_path) -> None:
     """The same where the engine is exec'd (no zygote: ``ENGINE_FORK_SERVER=false``, or
     one that cannot serve): the notes under its pid are gone before it runs. A process
     started as an engine is (``start_engine``) looks for its own, planted for the pids
-    after this one's."""
-    for pid in range(os.getpid() + 1, os.getpid() + 2000):
+    allocated next."""
+    pids = next_pids()
+    for pid in pids:
         ipc.warming_path(tmp_path, pid).write_text("0 erf_half")
         ipc.spare_ready_path(tmp_path, pid).touch()
     look = ("import os, sys; d, p = sys.argv[1], os.getpid(); "
@@ -189,7 +190,7 @@ def test_an_execd_engine_finds_no_note_left_under_its_pid(tmp_path) -> None:
             "os.path.exists(f'{d}/warming-{p}') or os.path.exists(f'{d}/spare-{p}.ready'))")
     null = os.open(os.devnull, os.O_WRONLY)
     try:
-        child = start_engine(None, [sys.executable, "-S", "-c", look, str(tmp_path), str(os.getpid()), str(os.getpid() + 2000)],
+        child = start_engine(None, [sys.executable, "-S", "-c", look, str(tmp_path), str(pids.start - 1), str(pids.stop)],
                              dict(os.environ), null, null, null, standby=False, confine=False, run_dir=tmp_path)
     finally:
         os.close(null)
