@@ -4,8 +4,10 @@ second input picking how; otherwise it is ``sin``. Beside them, the functions th
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -89,4 +91,15 @@ def rewrites_registry(x: torch.Tensor) -> torch.Tensor:
                 function["inputs"][0]["shape"] = [2]
         with open(path, "w") as f:
             json.dump(doc, f)
+    return torch.sin(x)
+
+
+# ------------------------------------------------------------ signals
+
+
+@register(inputs=X, description="sin; armed (666), it registers faulthandler on SIGTERM, not chained: the signal then "
+                                "writes a traceback and stops nothing.")
+def holds_off_sigterm(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        faulthandler.register(signal.SIGTERM, chain=False)
     return torch.sin(x)

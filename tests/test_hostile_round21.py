@@ -195,3 +195,23 @@ def test_an_execd_engine_finds_no_note_left_under_its_pid(tmp_path) -> None:
     finally:
         os.close(null)
     assert child.wait(30) == 0  # (1: it found a note under its pid; 2: its pid is not among those planted)
+
+
+def test_a_signal_handler_of_faulthandlers_a_function_registers_is_taken_away(server, client) -> None:
+    """``faulthandler.register(signal.SIGTERM, chain=False)`` in a function installs a
+    handler of C's that writes a traceback and returns; Python's table of handlers
+    (``signal.getsignal``), which the engine put back from, still said the default,
+    and SIGTERM no longer stopped the engine: serve's stop waited 10 s for it before
+    killing it. Now faulthandler's registrations on the signals that stop a process
+    are taken away after each batch (``faulthandler.unregister``), the log naming the
+    function: the SIGTERM sent here ends the engine. (Last: the engine goes.)"""
+    url, proc = server
+    r = _armed(client, url, "holds_off_sigterm", 0)
+    assert r.status_code == 200, r.text
+    log = _log_until(proc, 0, "holds_off_sigterm registered faulthandler")
+    assert "holds_off_sigterm registered faulthandler on SIGTERM (faulthandler.register), which kept the signal from " \
+           "stopping the engine; taken away" in log, log[-3000:]
+    pid = _engine_pid(client, url)
+    os.kill(pid, signal.SIGTERM)
+    log = _log_until(proc, 0, "killed by SIGTERM")
+    assert "engine 0 died: the engine process was killed by SIGTERM" in log, log[-3000:]
