@@ -348,14 +348,27 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Any:
     return report
 
 
+# The service's settings in the environment as the session began (an operator's, such as
+# DEVICE on a GPU host); a module's own (ready_app_with, make_client) hold for its app only.
+_SESSION_SETTINGS = {k: v for k, v in os.environ.items() if k.startswith("JACOBIAN_SERVICE_")}
+
+
 @pytest.fixture(scope="session")
 def remote_server() -> Iterator[str]:
     """One ``jacobian-service serve`` (supervisor, front ends, engine process) for every
     adapter test module in the session: test_remote_torch/jax/scipy use it through
-    tests/_remote_support.py, which holds its settings."""
+    tests/_remote_support.py, which holds its settings. Started under the session's
+    environment: first asked for by a module whose app had set its own settings (a 1 MiB
+    result limit), it inherited them, for every later module of that worker."""
     from ._remote_support import SERVER_SETTINGS
 
-    with live_server(**SERVER_SETTINGS) as (url, _):
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as mp:  # only while it starts: the server keeps its environment
+            for key in [k for k in os.environ if k.startswith("JACOBIAN_SERVICE_")]:
+                mp.delenv(key)
+            for key, value in _SESSION_SETTINGS.items():
+                mp.setenv(key, value)
+            url, _ = stack.enter_context(live_server(**SERVER_SETTINGS))
         yield url
 
 

@@ -349,20 +349,20 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     # A large single-array Jacobian is streamed from the engine row chunk by row chunk,
     # as .npy or as JSON: the front end then holds one chunk, never the whole result.
     # (Only one bare array streams: .npy was refused above otherwise; JSON checks here.)
-    # A sparse Jacobian asked for as a dense .npy streams too: densified row chunk by chunk.
-    streamable = kind == "jacobian" and (
-        (sparse and call.sparse_format == "dense" and media[0] == wire.NPY)
-        or (not sparse and (media[0] == wire.NPY
-                            or (media[0] == wire.JSON and call.mode == "rev" and _could_be_single(call, kind)))))
+    # A sparse Jacobian or Hessian asked for as a dense .npy streams too: densified row
+    # chunk by chunk (a Hessian's was a 413 where the same size of Jacobian streamed).
+    streamable = (sparse and call.sparse_format == "dense" and media[0] == wire.NPY) or (
+        kind == "jacobian" and not sparse
+        and (media[0] == wire.NPY or (media[0] == wire.JSON and call.mode == "rev" and _could_be_single(call, kind))))
     if not streamable:
         result, info = await _cancellable(request, state.engines.run, kind, call)
     else:  # its stream's room reserved (or 503) before any work; the engine's chunks fit it
         # (the result's size is the same as .npy and as JSON: one key for both)
-        stream_key = (call.signature(), call.rows, call.chunk_size, call.mode, call.sparsity, call.sparse_format)
-        hold = state.streams.admit(stream_key, *_stream_bounds(call, sparse), client_of(request.scope, state.proxies))
+        stream_key = (kind, call.signature(), call.rows, call.chunk_size, call.mode, call.sparsity, call.sparse_format)
+        hold = state.streams.admit(stream_key, *_stream_bounds(call, sparse, kind), client_of(request.scope, state.proxies))
         call.stream_room = hold.room
         try:
-            result, info = await _cancellable(request, state.engines.run, "jacobian_npy", call)
+            result, info = await _cancellable(request, state.engines.run, f"{kind}_npy", call)
         except BaseException:
             hold.release()
             raise
@@ -436,15 +436,18 @@ def _stream_hold(head: StreamHead) -> int:
     return 2 * min(head.nbytes, head.chunk_size * math.prod(head.shape[1:]) * np.dtype(head.dtype).itemsize)
 
 
-def _stream_bounds(call: Call, sparse: bool) -> tuple[int, int, int, int | None]:
+def _stream_bounds(call: Call, sparse: bool, kind: str = "jacobian") -> tuple[int, int, int, int | None]:
     """What a stream of ``call`` may hold, known before compute (StreamBudget.admit):
     a row's bytes, the most rows a chunk takes (an explicit ``chunk_size``, else the
     engine's bound: HOST_CHUNK_BYTES of rows, a densified sparse Jacobian's
-    SPARSE_CHUNK_BYTES), the fewest, and the result's bytes where ``rows`` tells them (0:
-    the engine gathers it, never streamed: per-example, ``mode=fwd`` without ``rows``, or
-    a derivative w.r.t. several arrays; engine.core's jacobian_npy. ``mode=auto`` may
-    stream: reverse mode where forward would not pay or its result would pass the limit)."""
+    SPARSE_CHUNK_BYTES), the fewest, and the result's bytes where ``rows`` tells them, or
+    the shapes (a Hessian: a row per input element) (0: the engine gathers it, never
+    streamed: per-example, ``mode=fwd`` without ``rows``, or a derivative w.r.t. several
+    arrays; engine.core's jacobian_npy. ``mode=auto`` may stream: reverse mode where
+    forward would not pay or its result would pass the limit)."""
     row = call.row_nbytes()
+    if kind == "hessian":  # (sparse: a dense Hessian is never streamed)
+        return row, max(1, SPARSE_CHUNK_BYTES // max(1, row)), 1, sum(call.args[i].size for i in call.argnums) * row
     if not sparse and (call.batched or (call.rows is None and call.mode == "fwd") or not call.single_primal()):
         return row, 1, 1, 0
     if sparse:

@@ -32,15 +32,15 @@ log = logging.getLogger("jacobian_service.scheduler")
 _BATCH_WORKSET_FACTOR = 4
 _REFILL_WAIT_MAX_S = 0.002
 _TIDY_EVERY_S = 1.0  # an idle in-process engine thread closes idle streams this often
-_KINDS = frozenset({"jacobian", "jacobian_npy", "hessian", "evaluate", "vjp", "jvp", "hvp", "stream_next", "warmup",
-                    "sparsity_jacobian", "sparsity_hessian"})
+_KINDS = frozenset({"jacobian", "jacobian_npy", "hessian", "hessian_npy", "evaluate", "vjp", "jvp", "hvp",
+                    "stream_next", "warmup", "sparsity_jacobian", "sparsity_hessian"})
 
 Settle = Callable[[Any, "BaseException | None", JobInfo], None]
 
 
 @dataclass
 class StreamHead:
-    """The answer to a ``jacobian_npy`` job whose result is streamed: ask for its rows
+    """The answer to a ``jacobian_npy`` (or ``hessian_npy``) job whose result is streamed: ask for its rows
     with ``stream_next`` jobs naming ``stream_id``, one chunk each, until ``None``."""
 
     stream_id: int
@@ -349,8 +349,8 @@ class Worker:
         call.cancelled = self.cancelled_for(job)
         if job.kind == "warmup":
             return self.engine.jacobian(call)
-        if job.kind == "jacobian_npy":
-            out = self.engine.jacobian_npy(call, self.stream_threshold)
+        if job.kind in ("jacobian_npy", "hessian_npy"):  # a dense .npy, maybe streamed
+            out = getattr(self.engine, job.kind)(call, self.stream_threshold)
             if hasattr(out, "chunks"):  # Streamed: keep the rows for stream_next jobs
                 sid = next(self._stream_ids)
                 self._streams[sid] = (out.chunks, time.monotonic(), call)

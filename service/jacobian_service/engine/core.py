@@ -49,8 +49,8 @@ _REMEDIES = {
     "hessian": "Ask for a smaller input, or a sparse Hessian (sparsity=auto) if it is mostly zeros.",
     "examples": "Ask for fewer examples or a smaller input.",
     "sparse": "Ask for a smaller input.",
-    "sparse_dense": "Ask for the sparse matrix itself (sparse_format=csr, csc or coo), a sparse Jacobian's dense form "
-                    "as application/x-npy (streamed without this limit), or a smaller input.",
+    "sparse_dense": "Ask for the sparse matrix itself (sparse_format=csr, csc or coo), its dense form as "
+                    "application/x-npy (streamed without this limit), or a smaller input.",
 }
 
 log = logging.getLogger("jacobian_service.engine")
@@ -368,7 +368,7 @@ class Engine:
         outputs), else :class:`Streamed` row chunk by row chunk. The forward pass fixes
         the output shape, hence the header and length, before any row is computed."""
         if call.sparsity != "dense" and call.sparse_format == "dense":
-            return _sparse.streamed_rows(self, call, stream_threshold)
+            return _sparse.streamed_rows(self, call, stream_threshold, "jacobian")
         if call.batched or call.sparsity != "dense":
             return self.jacobian(call)
         if call.rows is None and call.mode != "rev":
@@ -488,6 +488,11 @@ class Engine:
         if call.batched:
             return _batched.batched(self, call, "hessian")
         return _hessian.hessian(self, call)
+
+    def hessian_npy(self, call: Call, stream_threshold: int) -> Result | Streamed:
+        """A sparse Hessian bound for a dense ``.npy`` (``sparse_format=dense``; the
+        front end sends no other here): streamed as a sparse Jacobian's dense form is."""
+        return _sparse.streamed_rows(self, call, stream_threshold, "hessian")
 
     # ----------------------------------------------------------------- sparsity patterns
 

@@ -181,16 +181,16 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
     return Result(matrix, aux, call.spec.has_aux, output, res.chunk_size, res.mode, meta)
 
 
-def streamed_rows(engine: Any, call: Call, stream_threshold: int) -> Result | Any:
-    """A sparse Jacobian asked for as a dense ``.npy`` (``sparse_format=dense``): the
-    products and the CSR as always (O(nnz) memory), then, when the dense matrix is
-    larger than ``stream_threshold``, its rows densified a chunk at a time as the
-    client reads them. So a 16,384 x 16,384 Jacobian (1 GB dense) never exists whole
-    in any process, and is not held to the result limit."""
+def streamed_rows(engine: Any, call: Call, stream_threshold: int, kind: str) -> Result | Any:
+    """A sparse Jacobian (``kind``, or Hessian) asked for as a dense ``.npy``
+    (``sparse_format=dense``): the products and the CSR as always (O(nnz) memory), then,
+    when the dense matrix is larger than ``stream_threshold``, its rows densified a chunk
+    at a time as the client reads them. So a 16,384 x 16,384 Jacobian (1 GB dense) never
+    exists whole in any process, and is not held to the result limit."""
     from ..types import SPARSE_CHUNK_BYTES
     from .core import Streamed, _room_rows
 
-    result = sparse_derivative(engine, call, "jacobian", dense_streamed=True)
+    result = sparse_derivative(engine, call, kind, dense_streamed=True)
     csr = result.value
     m, n = csr.shape
     dtype = _dense_dtype(call)

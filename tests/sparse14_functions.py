@@ -1,0 +1,29 @@
+"""Functions for tests/test_sparse_round14.py: a ring's energy (a sparse Hessian whose
+dense form is large), and functions whose patterns are far smaller than their inputs
+(the tracer's entry limit). Loaded by module name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jacobian_service import Input, register
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="A periodic chain's energy with a quartic on-site term: a cyclic tridiagonal Hessian.")
+def ring_energy(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((x - x.roll(1)) ** 2).sum() + 0.25 * (x**4).sum()
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="The product of the first three inputs: three entries, whatever the input's size.")
+def head_product(x: torch.Tensor) -> torch.Tensor:
+    return x[:3].prod()
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="sin of every input but the first, then the first three of those: an intermediate of n - 1 "
+                      "entries, a pattern of three.")
+def tail_sines(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x[1:])[:3]
