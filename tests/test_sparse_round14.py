@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from jacobian_client import Client
+from jacobian_client import Client, wire
 from jacobian_service import examples
 from tests import sparse14_functions as s14
 
@@ -100,3 +100,62 @@ def test_a_sparse_hessians_dense_npy_streams_through_the_engine_process(remote_s
     with Client(remote_server, max_retries=0) as c:
         H = c.hessian("rosenbrock", x, sparsity="auto", sparse_format="dense")
     np.testing.assert_allclose(H, want, rtol=1e-5, atol=1e-3)
+
+
+# ------------------------------------------------------------------ the tracer's entry limit: the inputs are not the answer
+
+#: Entries one traced tensor may hold in this app: its result limit's (1 MiB / 8), under
+#: the memory budget's (256 MiB / 16).
+ENTRIES = LIMIT // 8
+
+
+def _auto(client, name, x, kind="jacobian"):
+    return client.post(f"/v1/functions/{name}/{kind}?sparsity=auto", content=_npy(x),
+                       headers={"content-type": "application/x-npy", "accept": "application/json"})
+
+
+def test_an_input_larger_than_the_entry_limit_is_not_counted_against_it(client):
+    """The tracer starts from one entry per differentiated input element, and counted
+    those against the entry limit, which is derived from the result limit: the product
+    of the first three of 131,073 inputs (a pattern of 3 entries) was a 413 'the
+    sparsity pattern is too dense for the limits: a traced tensor would hold 131,073
+    entries; the limit is 131,072', its Hessian (9 entries) too. Now the inputs are held
+    to the memory budget's bound alone; every tensor the function computes is still
+    counted, to the entry: sin of all but the first input passes at 131,073 inputs (an
+    intermediate of 131,072 entries) and is refused at 131,074, naming 131,073."""
+    n = ENTRIES + 1
+    x = RNG.uniform(0.5, 1.5, n)
+    r = _auto(client, "head_product", x)
+    assert r.status_code == 200, r.text
+    J = wire.decode_sparse_json(r.json()["jacobian"])
+    assert (J.shape, J.nnz, r.json()["meta"]["exact"]) == ((1, n), 3, True)
+    np.testing.assert_allclose(J.toarray(), jacrev(s14.head_product, x), rtol=1e-15, atol=0)
+    r = _auto(client, "head_product", x, kind="hessian")
+    assert r.status_code == 200, r.text
+    H = wire.decode_sparse_json(r.json()["hessian"]).tocoo()
+    assert H.shape == (n, n) and set(H.row) | set(H.col) <= {0, 1, 2}
+    head = torch.from_numpy(x[:3])  # the rest held fixed: torch's Hessian of the block where the entries are
+    want = torch.func.hessian(lambda h: s14.head_product(torch.cat([h, torch.from_numpy(x[3:])])))(head).numpy()
+    np.testing.assert_allclose(H.tocsr()[:3, :3].toarray(), want, rtol=1e-15, atol=0)
+    r = _auto(client, "tail_sines", x)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(wire.decode_sparse_json(r.json()["jacobian"]).toarray(), jacrev(s14.tail_sines, x),
+                               rtol=1e-15, atol=0)
+    r = _auto(client, "tail_sines", RNG.uniform(0.5, 1.5, n + 1))
+    _refused(r, f"the sparsity pattern is too dense for the limits: a traced tensor would hold {n:,} entries; the limit "
+                f"is {ENTRIES:,}. Ask for sparsity=dense")
+
+
+def test_the_inputs_entries_have_their_own_bound():
+    """The inputs' own entries are bounded apart (the service gives the memory budget's
+    share, budget / 16): at the bound the trace runs, one element past it is refused
+    before the tracer builds anything, in words that name the inputs."""
+    from jacobian_service.sparsity import PatternTooLarge, entry_limit
+    from jacobian_service.sparsity.detect import trace_hessian, trace_jacobian
+
+    with entry_limit(10, None, 20):
+        assert trace_jacobian(s14.head_product, [torch.rand(20, dtype=torch.float64)]).nnz == 3
+        assert trace_hessian(s14.head_product, [torch.rand(20, dtype=torch.float64)]).nnz == 9
+        for trace in (trace_jacobian, trace_hessian):
+            with pytest.raises(PatternTooLarge, match="^tracing 21 input elements would hold as many entries; the limit is 20$"):
+                trace(s14.head_product, [torch.rand(21, dtype=torch.float64)])

@@ -73,7 +73,8 @@ def _plan(
     if n == 0 or m == 0:  # nothing to detect (and probing cannot shape an empty Jacobian)
         choice = Pattern((n if kind == "hessian" else m, n), [], [], name="empty", source="empty")
     try:
-        with entry_limit(_max_entries(engine, None if dense_streamed else call.max_result_bytes), engine.memory_budget // 64):
+        with entry_limit(_max_entries(engine, None if dense_streamed else call.max_result_bytes), engine.memory_budget // 64,
+                         _max_entries(engine, None)):
             pattern, coloring, cached = resolve(
                 box, args, call.argnums, choice, kind=kind, mode=mode, declared=call.spec.sparsity, has_aux=True,
                 cache=engine.sparsity_cache, name=call.spec.name, out_size=m, rows=call.rows,
@@ -109,7 +110,9 @@ def _max_entries(engine: Any, max_result_bytes: int | None) -> int:
     """Most entries detection may hold in one matrix: what the result limit lets
     through (a value and an index are at least 8 bytes), and what the memory budget
     holds in the tracer's sparse matrices (~16 bytes an entry with a copy). The
-    colouring's graph gets budget / 64 (scipy's product, then the greedy passes)."""
+    colouring's graph gets budget / 64 (scipy's product, then the greedy passes), and
+    the inputs' own entries the budget's part alone (``max_result_bytes`` None): they
+    are no part of the answer."""
     limit = engine.memory_budget // 16
     if max_result_bytes is not None:
         limit = min(limit, max_result_bytes // 8)

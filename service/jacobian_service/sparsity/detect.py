@@ -108,7 +108,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import exception_text
 from .adjoints import ADJOINTS, adjoint
-from .patterns import CHOICE_NOTE, Pattern, PatternTooLarge, check_entries as _check_entries, entry_limit
+from .patterns import CHOICE_NOTE, Pattern, PatternTooLarge, check_entries as _check_entries, check_input_entries, entry_limit
 
 __all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "SEEDED_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
 
@@ -490,8 +490,9 @@ class _Tracer:
         cross = _ones(g.T @ h)
         return _ones(cross + cross.T)
 
-    def wrap(self, value: torch.Tensor, deps: Any, hess: Any = None) -> _Traced:
-        _check_entries(int(deps.nnz), "a traced tensor")
+    def wrap(self, value: torch.Tensor, deps: Any, hess: Any = None, checked: bool = True) -> _Traced:
+        if checked:  # (an input's identity is bounded apart: check_input_entries)
+            _check_entries(int(deps.nnz), "a traced tensor")
         if hess is not None:
             _check_entries(int(hess.nnz), "the Hessian pattern")
         return _Traced(value, _Root(value, _ones(deps), hess if self.hessian else None), self)
@@ -2023,6 +2024,7 @@ def _trace(
     check_alive: Callable[[], None] | None = None,
 ) -> tuple[list[Any], _Tracer]:
     sizes = [args[i].numel() for i in argnums]
+    check_input_entries(sum(sizes))
     tracer = _Tracer(sum(sizes), hessian, check_alive)
     full: list[Any] = list(args)
     for i, a in enumerate(args):  # the others too, with no dependencies: to see their values read
@@ -2033,7 +2035,7 @@ def _trace(
     for i, size in zip(argnums, sizes):
         t = args[i].detach().clone()  # the function may write into it: never into the caller's
         eye = sp.csr_array((np.ones(size, np.float32), (np.arange(size), offset + np.arange(size))), shape=(size, tracer.n))
-        full[i] = tracer.wrap(t, eye, None)
+        full[i] = tracer.wrap(t, eye, None, checked=False)
         offset += size
     _locked(check_alive)
     try:

@@ -59,21 +59,29 @@ class PatternTooLarge(RuntimeError):
     probing would need the dense derivative, larger still)."""
 
 
-# Most pattern entries (dependency pairs) one detection may hold in a single matrix, and
-# most entries of the colouring's graph (its pure-Python greedy pass costs far more per
-# entry); None: no bound. Set per call by :func:`entry_limit` (the service derives them
-# from its result limit and memory budget), read where an op would multiply entries.
-_LIMITS: contextvars.ContextVar[tuple[int | None, int | None]] = contextvars.ContextVar(
-    "max_pattern_entries", default=(None, None)
+# Most pattern entries (dependency pairs) one detection may hold in a single matrix, most
+# entries of the colouring's graph (its pure-Python greedy pass costs far more per
+# entry), and most elements of the differentiated inputs the tracer starts from (one
+# entry each); None: no bound. Set per call by :func:`entry_limit` (the service derives
+# them from its result limit and memory budget), read where an op would multiply entries.
+_LIMITS: contextvars.ContextVar[tuple[int | None, int | None, int | None]] = contextvars.ContextVar(
+    "max_pattern_entries", default=(None, None, None)
 )
 
 
 @contextlib.contextmanager
-def entry_limit(max_entries: int | None, max_graph_entries: int | None = None) -> Iterator[None]:
+def entry_limit(max_entries: int | None, max_graph_entries: int | None = None,
+                max_input_entries: int | None = None) -> Iterator[None]:
     """Bound detection (tracing, probing) and declared patterns to ``max_entries``
-    entries each, and the colouring graph to ``max_graph_entries``: past them they raise
-    :class:`PatternTooLarge`."""
-    token = _LIMITS.set((max_entries, max_graph_entries))
+    entries each, the colouring graph to ``max_graph_entries``, and the inputs' own
+    entries (the tracer's identity, one per differentiated element) to
+    ``max_input_entries``: past them they raise :class:`PatternTooLarge`.
+
+    The inputs are bounded apart: they are no part of the answer, which ``max_entries``
+    is derived from (the result limit's), and the request's body limit already admitted
+    them. Counted as any traced tensor, ``x[:3].prod()`` of more inputs than the result
+    could hold entries was refused as too dense, its pattern 3 entries."""
+    token = _LIMITS.set((max_entries, max_graph_entries, max_input_entries))
     try:
         yield
     finally:
@@ -84,6 +92,13 @@ def check_entries(count: int, what: str, graph: bool = False) -> None:
     limit = _LIMITS.get()[1 if graph else 0]
     if limit is not None and count > limit:
         raise PatternTooLarge(f"{what} would hold {count:,} entries; the limit is {limit:,}")
+
+
+def check_input_entries(count: int) -> None:
+    """The differentiated inputs' elements against ``max_input_entries`` (:func:`entry_limit`)."""
+    limit = _LIMITS.get()[2]
+    if limit is not None and count > limit:
+        raise PatternTooLarge(f"tracing {count:,} input elements would hold as many entries; the limit is {limit:,}")
 
 
 #: Steps of compiled work (the colouring graph's sparse product: one multiply-add for each
