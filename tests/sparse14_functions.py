@@ -27,3 +27,11 @@ def head_product(x: torch.Tensor) -> torch.Tensor:
                       "entries, a pattern of three.")
 def tail_sines(x: torch.Tensor) -> torch.Tensor:
     return torch.sin(x[1:])[:3]
+
+
+@register(inputs=[Input("u", shape=("m", "n"), dtype="float64"), Input("k", shape=("m", "n"), dtype="float64")],
+          description="Heat flow on a grid with a diffusivity per cell (Dirichlet zero edges) and a cubic source: a "
+                      "5-point stencil in u, diagonal in k.")
+def heat_source(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    p = torch.nn.functional.pad(u, (1, 1, 1, 1))
+    return k * (p[2:, 1:-1] + p[:-2, 1:-1] + p[1:-1, 2:] + p[1:-1, :-2] - 4 * u) + u**3

@@ -159,3 +159,42 @@ def test_the_inputs_entries_have_their_own_bound():
         for trace in (trace_jacobian, trace_hessian):
             with pytest.raises(PatternTooLarge, match="^tracing 21 input elements would hold as many entries; the limit is 20$"):
                 trace(s14.head_product, [torch.rand(21, dtype=torch.float64)])
+
+
+# ------------------------------------------------------------------ a sparse derivative of several inputs is one array
+
+
+def _npz(**arrays):
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_a_sparse_derivative_of_several_inputs_is_one_npy_array(client, sdk, tmp_path):
+    """A sparse derivative is one 2-D matrix whatever ``argnums`` is (the inputs'
+    columns concatenated), as its JSON and ``.npz`` answers hold it. As a dense ``.npy``
+    it was a 406 'this result is not one bare array (it has several arrays, aux or
+    output)' for ``argnums=0,1`` and for a tuple of one, so a large one could not
+    stream: the SDK's ``out=`` failed with that 406, and without ``out=`` it asked for
+    ``.npz``, a 413 past the result limit. Now each streams as ``.npy``, the SDK's too,
+    and equals jacrev's blocks side by side (a Hessian's for ``argnums=0,``)."""
+    m = 20  # a 400 x 800 float64 Jacobian: 2,560,000 bytes, over the 1 MiB limit
+    u, k = RNG.uniform(0.5, 1.5, (m, m)), RNG.uniform(0.5, 1.5, (m, m))
+    blocks = torch.func.jacrev(s14.heat_source, argnums=(0, 1))(torch.from_numpy(u), torch.from_numpy(k))
+    want = np.hstack([b.reshape(m * m, m * m).numpy() for b in blocks])
+    for argnums, expected in (("0,1", want), ("1,", want[:, m * m:])):
+        r = client.post(f"/v1/functions/heat_source/jacobian?sparsity=auto&sparse_format=dense&argnums={argnums}",
+                        content=_npz(u=u, k=k), headers={"content-type": "application/x-npz", "accept": "application/x-npy"})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/x-npy" and int(r.headers["content-length"]) == len(r.content)
+        np.testing.assert_allclose(np.load(io.BytesIO(r.content)), expected, rtol=1e-13, atol=1e-13)
+    x = RNG.uniform(0.5, 1.5, 30)
+    r = client.post("/v1/functions/ring_energy/hessian?sparsity=auto&sparse_format=dense&argnums=0,", content=_npy(x),
+                    headers=NPY)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), hessian(s14.ring_energy, x), rtol=1e-13, atol=1e-13)
+    J = sdk.jacobian("heat_source", u, k, argnums=(0, 1), sparsity="auto", sparse_format="dense")
+    np.testing.assert_allclose(J, want, rtol=1e-13, atol=1e-13)
+    path = tmp_path / "J.npy"
+    sdk.jacobian("heat_source", u, k, argnums=(0, 1), sparsity="auto", sparse_format="dense", out=path)
+    np.testing.assert_allclose(np.load(path), want, rtol=1e-13, atol=1e-13)

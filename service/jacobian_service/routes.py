@@ -271,10 +271,12 @@ def _sparse_media(media: list[str], dense_form: bool = True) -> list[str]:
 
 
 def _could_be_single(call: Call, kind: str) -> bool:
-    """Whether the result may be one bare array, judged before compute."""
+    """Whether the result may be one bare array, judged before compute. A sparse
+    derivative is one 2-D matrix whatever ``argnums`` and the outputs are (their columns
+    and rows concatenated): as a dense ``.npy`` it was a 406 for ``argnums=0,1``."""
     if call.spec.has_aux or call.return_output:
         return False
-    return kind in ("evaluate", "jvp") or call.single_primal()
+    return kind in ("evaluate", "jvp") or call.sparsity != "dense" or call.single_primal()
 
 
 async def derivative(request: Request, name: str, kind: str) -> Response:
