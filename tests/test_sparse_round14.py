@@ -198,3 +198,19 @@ def test_a_sparse_derivative_of_several_inputs_is_one_npy_array(client, sdk, tmp
     path = tmp_path / "J.npy"
     sdk.jacobian("heat_source", u, k, argnums=(0, 1), sparsity="auto", sparse_format="dense", out=path)
     np.testing.assert_allclose(np.load(path), want, rtol=1e-13, atol=1e-13)
+
+
+def test_a_dense_form_with_its_output_is_refused_in_words_that_hold(client):
+    """With ``return_output`` a sparse derivative's dense form is not one array: ``.npy``
+    is a 406, so it is gathered (``.npz``) and held to the result limit. Its 413 told
+    the caller to ask for 'its dense form as application/x-npy (streamed without this
+    limit)', the request just refused with a 406. Now it offers the sparse matrix, and
+    says the dense form streams alone."""
+    x = RNG.uniform(0.5, 1.5, 400)
+    url = "/v1/functions/ring_energy/hessian?sparsity=auto&sparse_format=dense&return_output=true"
+    r = client.post(url, content=_npy(x), headers=NPY)
+    assert r.status_code == 406 and r.json()["code"] == "not_acceptable", r.text
+    r = client.post(url, content=_npy(x), headers={**NPY, "accept": "application/x-npz"})
+    _refused(r, f"the result would take {400 * 400 * 8} bytes; the limit is {LIMIT}. Ask for the sparse matrix itself "
+                "(sparse_format=csr, csc or coo), or a smaller input (its dense form streams as application/x-npy only "
+                "alone: without return_output, of a function without aux).")

@@ -51,6 +51,9 @@ _REMEDIES = {
     "sparse": "Ask for a smaller input.",
     "sparse_dense": "Ask for the sparse matrix itself (sparse_format=csr, csc or coo), its dense form as "
                     "application/x-npy (streamed without this limit), or a smaller input.",
+    "sparse_dense_parts": "Ask for the sparse matrix itself (sparse_format=csr, csc or coo), or a smaller input (its "
+                          "dense form streams as application/x-npy only alone: without return_output, of a "
+                          "function without aux).",
 }
 
 log = logging.getLogger("jacobian_service.engine")

@@ -126,8 +126,12 @@ def _shape(call: Call, pattern: Any) -> tuple[int, int]:
 
 
 def _remedy(call: Call) -> str:
-    """What a sparse result over the limit may ask for instead (a key of core's _REMEDIES)."""
-    return "sparse_dense" if call.sparse_format == "dense" else "sparse"
+    """What a sparse result over the limit may ask for instead (a key of core's _REMEDIES).
+    With aux or the output beside it, the dense form is not one array: no ``.npy``
+    (a 406), so no stream to offer."""
+    if call.sparse_format != "dense":
+        return "sparse"
+    return "sparse_dense_parts" if call.spec.has_aux or call.return_output else "sparse_dense"
 
 
 def _result_nbytes(call: Call, shape: tuple[int, int], nnz: int, itemsize: int) -> int:
