@@ -35,3 +35,10 @@ def tail_sines(x: torch.Tensor) -> torch.Tensor:
 def heat_source(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     p = torch.nn.functional.pad(u, (1, 1, 1, 1))
     return k * (p[2:, 1:-1] + p[:-2, 1:-1] + p[1:-1, 2:] + p[1:-1, :-2] - 4 * u) + u**3
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="CUTEst's ARWHEAD: sum (-4 x_i + 3) + (x_i^2 + x_n^2)^2 over i < n; an arrowhead Hessian (the "
+                      "last variable meets every other).")
+def arwhead(x: torch.Tensor) -> torch.Tensor:
+    return (-4 * x[:-1] + 3).sum() + ((x[:-1] ** 2 + x[-1] ** 2) ** 2).sum()

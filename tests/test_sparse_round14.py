@@ -214,3 +214,56 @@ def test_a_dense_form_with_its_output_is_refused_in_words_that_hold(client):
     _refused(r, f"the result would take {400 * 400 * 8} bytes; the limit is {LIMIT}. Ask for the sparse matrix itself "
                 "(sparse_format=csr, csc or coo), or a smaller input (its dense form streams as application/x-npy only "
                 "alone: without return_output, of a function without aux).")
+
+
+# ------------------------------------------------------------------ star colouring of a Hessian with a dense row
+
+
+def test_an_arrowhead_hessian_is_star_coloured_in_linear_time(client):
+    """CUTEst's ARWHEAD, a standard sparse-Hessian test (asdex and SparseMatrixColorings
+    colour it with 2 colours in milliseconds): its last variable meets every other. The
+    greedy star colouring walked, for each vertex, its neighbours' neighbours: through
+    that variable, every vertex, n^2 pure-Python steps (12.8 s at n = 5,000; at n =
+    20,000 the request ran to its deadline, a 504, holding the engine all along).
+    Now the colours around each vertex are kept as it goes: 2 products, well inside a
+    10 s deadline, and the Hessian is torch's (its products with random vectors at n =
+    20,000, every entry at n = 40)."""
+    for n in (40, 20_000):
+        x = RNG.uniform(0.5, 1.5, n)
+        r = client.post("/v1/functions/arwhead/hessian?sparsity=auto", content=_npy(x),
+                        headers={"content-type": "application/x-npy", "accept": "application/json",
+                                 "x-request-timeout": "10"})
+        assert r.status_code == 200, r.text
+        meta = r.json()["meta"]
+        assert (meta["mode"], meta["products"], meta["nnz"]) == ("star", 2, 3 * n - 2), meta
+        H = wire.decode_sparse_json(r.json()["hessian"])
+        if n == 40:
+            np.testing.assert_allclose(H.toarray(), hessian(s14.arwhead, x), rtol=1e-13, atol=1e-13)
+            continue
+        tx = torch.from_numpy(x)
+        for v in torch.from_numpy(RNG.standard_normal((2, n))):
+            want = torch.func.jvp(torch.func.grad(s14.arwhead), (tx,), (v,))[1].numpy()
+            np.testing.assert_allclose(H @ v.numpy(), want, rtol=1e-12, atol=1e-9)
+
+
+def test_the_greedy_star_colouring_reads_kept_colours_as_walking_did():
+    """The colours each vertex forbids, kept as vertices are coloured, are those the walk
+    over neighbours' neighbours found: the same colouring, vertex for vertex, on random
+    graphs with hubs (vertices next to every other), in three orders."""
+    from jacobian_service.sparsity import coloring
+    from jacobian_service.sparsity.patterns import Pattern
+
+    from .test_sparsity_patterns import _greedy_star_by_walking
+
+    rng = np.random.default_rng(14)
+    for _ in range(30):
+        n, k = int(rng.integers(2, 40)), int(rng.integers(1, 6))
+        r, c = rng.integers(0, n, n * k // 2 + 1), rng.integers(0, n, n * k // 2 + 1)
+        hubs = rng.integers(0, n, int(rng.integers(0, 3)))
+        hr, hc = np.repeat(hubs, n), np.tile(np.arange(n), hubs.size)
+        p = Pattern((n, n), np.r_[r, c, hr, hc, np.arange(n)], np.r_[c, r, hc, hr, np.arange(n)])
+        indptr, nbr = coloring._adjacency(p)
+        active = np.bincount(p.rows, minlength=n) > 0
+        for seq in (np.argsort(-np.diff(indptr), kind="stable"), np.arange(n), rng.permutation(n)):
+            want = _greedy_star_by_walking(indptr, nbr, seq.tolist(), active)
+            assert np.array_equal(coloring._greedy_star(p, indptr, nbr, seq), want)

@@ -67,6 +67,10 @@ _STRATEGIES = ("smallest_last", "natural", "largest_first")
 # Above this many graph edges only the cheapest strategies are tried: each pass is pure
 # Python, a few tenths of a microsecond per edge (smallest-last's order about a microsecond).
 _ALL_STRATEGIES_EDGE_LIMIT = 2_000_000
+# A greedy star pass whose bound is past the work limit is still tried for this many steps
+# (~1 s of pure Python): its bound counts every neighbour's degree, where it reads the
+# colours around them, often far fewer.
+_STAR_TRY_STEPS = 2_000_000
 # Long loops call check_alive at most this often (a monotonic clock read otherwise).
 _CHECK_EVERY_S = 0.005
 # The graph product runs in blocks of about this many seconds (sized as it goes: a
@@ -758,44 +762,65 @@ def star_coloring(p: Pattern, *, check_alive: Check = None) -> Coloring:
         # lattice where one exists (a periodic band's Hessian), else refused (raises)
         d2 = column_coloring(p, check_alive=check_alive)
         candidates = [(d2.colors, "distance2_" + d2.strategy)]
+        # Two passes, each within half the work limit by its bound; past that, still
+        # tried a moment (a vertex next to every other bounds n^2 steps and takes n)
         limit = work_limit()
-        if limit is None or 2 * _star_steps(indptr, nbr, degree) <= limit:  # two passes
-            candidates[:0] = [
-                (_greedy_star(p, indptr, nbr, np.argsort(-degree, kind="stable"), check_alive), "star_largest_first"),
-                (_greedy_star(p, indptr, nbr, np.arange(p.shape[0]), check_alive), "star_natural"),
-            ]
+        budget = None if limit is None else limit // 2 if 2 * _star_steps(degree) <= limit else _STAR_TRY_STEPS
+        # A pass stops once it is worse than the one it would have to beat (the fewest
+        # colours win, the first of equals): natural order gives an arrowhead's leaves a
+        # colour each, an n^2 walk for n colours where largest-first takes 2.
+        beat = int(d2.colors.max(initial=-1)) + 2  # (first, it wins a tie with distance-2)
+        for seq, name in ((np.argsort(-degree, kind="stable"), "star_largest_first"), (np.arange(p.shape[0]), "star_natural")):
+            try:
+                found = _greedy_star(p, indptr, nbr, seq, check_alive, budget, beat - 1)
+            except _Worse:
+                continue
+            if found is None:  # past its budget: the other order would be too
+                break
+            candidates.insert(len(candidates) - 1, (found, name))
+            beat = min(beat, int(found.max(initial=-1)) + 1)
         colors, strategy = min(candidates, key=lambda c: int(c[0].max(initial=-1)))
     _check(check_alive)
     k = int(colors.max(initial=-1)) + 1
     return Coloring("star", colors, k, _star_gather(p, colors, k), _star_lower_bound(p), strategy)
 
 
-def _star_steps(indptr: np.ndarray, nbr: np.ndarray, degree: np.ndarray) -> int:
-    """A bound on the steps of one greedy star pass: for each vertex ``v``, each
-    neighbour ``w``, each neighbour ``x`` of ``w``, one step and at most ``deg(x)``
-    more; summed, ``deg(w) * (deg(w) + sum of deg(x) over x next to w)`` over ``w``."""
+def _star_steps(degree: np.ndarray) -> int:
+    """A bound on the steps of one greedy star pass (:func:`_greedy_star_pass`): for each
+    vertex ``v``, each neighbour ``w``, one step and one per colour around ``w`` (at most
+    ``deg(w)``), and two per neighbour as ``v`` is coloured; summed, ``deg(w) * (deg(w) +
+    1)`` over ``w`` and twice the degrees. Most patterns take far fewer: the colours
+    around a vertex are few where its degree is not."""
     deg = degree.astype(np.float64)
-    owner = np.repeat(np.arange(degree.size), degree)
-    around = np.bincount(owner, weights=deg[nbr], minlength=degree.size)
-    return int(min(float((deg * (deg + around)).sum()), 2.0**62))
+    return int(min(float((deg * (deg + 3)).sum()), 2.0**62))
 
 
-def _greedy_star(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarray, check_alive: Check = None) -> np.ndarray:
+class _Worse(Exception):
+    """A greedy pass stopped: it needs more colours than it had to beat."""
+
+
+def _greedy_star(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarray, check_alive: Check = None,
+                 budget: int | None = None, most: int | None = None) -> np.ndarray | None:
     """GMP 2005, Algorithm 4.1. For each vertex v in ``seq``, forbid: the colours of its
     neighbours w; for an uncoloured neighbour w, the colours of w's neighbours x (v and
     x would be same-coloured ends of a path through w whose middle is still open); for
     a coloured w, the colour of each neighbour x of w that has another neighbour y of
     w's colour (v-w-x-y would be a two-coloured path on four vertices).
 
-    That last test reads a count of each vertex's coloured neighbours per colour (w is
-    one of x's neighbours of w's colour: another exists when the count is 2 or more),
-    kept as vertices are coloured, rather than walking x's neighbours: the same colours,
-    a vertex in deg^2 steps rather than deg^3 (a 9-point stencil: 8x fewer)."""
+    Both sets of colours are kept per vertex as vertices are coloured, rather than
+    found by walking w's neighbours: the same colours, in steps that follow the
+    colours around w, not its degree. Walking them, a vertex next to every other (the
+    global variable of an arrowhead Hessian, CUTEst's ARWHEAD) cost every vertex a walk
+    over all of them: n^2 pure-Python steps, 12.8 s at n = 5,000 and past the request's
+    deadline (504) at 20,000, for the 2 colours largest-first gives. None where the pass
+    would take more than ``budget`` steps; :class:`_Worse` where it needs more than
+    ``most`` colours."""
     with _no_gc():  # a dict per vertex: collections would scan them all, freeing nothing
-        return _greedy_star_pass(p, indptr, nbr, seq, check_alive)
+        return _greedy_star_pass(p, indptr, nbr, seq, check_alive, budget, most)
 
 
-def _greedy_star_pass(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarray, check_alive: Check) -> np.ndarray:
+def _greedy_star_pass(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarray, check_alive: Check,
+                      budget: int | None = None, most: int | None = None) -> np.ndarray | None:
     n = p.shape[0]
     alive = _Every(check_alive)
     alive()
@@ -808,35 +833,58 @@ def _greedy_star_pass(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.n
         if i % 4096 == 0:
             alive()
         adj.append(flat[bounds[i] : bounds[i + 1]])
-    count: list[dict[int, int]] = [{} for _ in range(n)]  # count[x][c]: coloured neighbours of x of colour c
+    # count[x][c]: x's coloured neighbours of colour c (its keys: the colours around x);
+    # first[x][c]: the first of them.
+    count: list[dict[int, int]] = [{} for _ in range(n)]
+    first: list[dict[int, int]] = [{} for _ in range(n)]
+    # twice[w] (w coloured): the colours of w's coloured neighbours x that have another
+    # neighbour of w's colour (count[x][color[w]] >= 2).
+    twice: list[set[int]] = [set() for _ in range(n)]
     forbidden: list[int] = [-1]
+    steps = 0
     for v in seq.tolist():
         alive()
         if not active[v]:
             continue
         for w in adj[v]:
-            if len(adj[w]) > 64:  # a long inner loop follows: check within the vertex too
-                alive()
             cw = color[w]
-            if cw >= 0:
+            if cw < 0:
+                around: Any = count[w]  # the colours of w's coloured neighbours
+            else:
                 forbidden[cw] = v
-            for x in adj[w]:
-                cx = color[x]
-                if cx < 0 or x == v:
-                    continue
-                if cw < 0 or count[x].get(cw, 0) > 1:
-                    forbidden[cx] = v
+                around = twice[w]
+            steps += len(around) + 1
+            for cx in around:
+                forbidden[cx] = v
+        if budget is not None and steps > budget:
+            return None
         c = 0
         while forbidden[c] == v:
             c += 1
             if c == len(forbidden):
                 forbidden.append(-1)
+        if most is not None and c >= most:
+            raise _Worse
         color[v] = c
         if c + 1 == len(forbidden):
             forbidden.append(-1)
+        mine = twice[v]
         for x in adj[v]:
             around = count[x]
-            around[c] = around.get(c, 0) + 1
+            k = around.get(c, 0) + 1
+            around[c] = k
+            if k == 1:
+                first[x][c] = v
+            elif color[x] >= 0:  # x, coloured, now has two or more neighbours of colour c
+                mine.add(color[x])
+                if k == 2:
+                    twice[first[x][c]].add(color[x])
+        held = count[v]  # v, now coloured, as the x of its coloured neighbours w
+        for w in adj[v]:
+            cw = color[w]
+            if cw >= 0 and held.get(cw, 0) >= 2:
+                twice[w].add(c)
+        steps += 2 * len(adj[v])
     return np.asarray(color, np.int64)
 
 
