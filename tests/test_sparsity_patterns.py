@@ -343,12 +343,18 @@ def test_long_colourings_stop_soon_after_the_deadline():
     blocks = Pattern.from_dense(np.kron(np.eye(2, dtype=bool), np.ones((1000, 1000), bool))[:, np.random.default_rng(0).permutation(2000)])
     n = 90_000  # 4 entries a row, anywhere: no modulus or lattice reaches the bound, greedy runs
     scattered = Pattern((n, n), np.repeat(np.arange(n), 4), np.random.default_rng(0).integers(0, n, 4 * n))
-    arrow = np.eye(6000, dtype=bool)
-    arrow[0] = arrow[:, 0] = True  # a hub: the greedy star colouring visits it from every vertex
+    # ~50 neighbours a vertex, anywhere: a greedy star pass of ~3.6 s (an arrowhead's hub
+    # was one, until the pass kept the colours around each vertex: milliseconds now)
+    from jacobian_service.sparsity import coloring
+
+    m, rng = 16_000, np.random.default_rng(0)
+    r, c = rng.integers(0, m, 50 * m), rng.integers(0, m, 50 * m)
+    random = Pattern((m, m), np.r_[r, c, np.arange(m)], np.r_[c, r, np.arange(m)])
+    indptr, nbr = coloring._adjacency(random)
     cases = [
         ("graph product", lambda check: column_coloring(blocks, check_alive=check)),
         ("greedy passes", lambda check: column_coloring(scattered, check_alive=check)),
-        ("star colouring", lambda check: star_coloring(Pattern.from_dense(arrow), check_alive=check)),
+        ("star colouring", lambda check: coloring._greedy_star(random, indptr, nbr, np.arange(m), check)),
     ]
     for what, colour in cases:
         t0 = time.monotonic()
