@@ -5,9 +5,13 @@ dense form is large), and functions whose patterns are far smaller than their in
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 
 from jacobian_service import Input, register
+from jacobian_service.sparsity import banded, from_callable
 
 
 @register(inputs=[Input("x", shape=("n",), dtype="float64")],
@@ -42,3 +46,18 @@ def heat_source(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
                       "last variable meets every other).")
 def arwhead(x: torch.Tensor) -> torch.Tensor:
     return (-4 * x[:-1] + 3).sum() + ((x[:-1] ** 2 + x[-1] ** 2) ** 2).sum()
+
+
+def _lower_triangle(in_shapes: Any, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """A chain's Hessian structure as Ipopt and CUTEst give it: the diagonal and the
+    entries below it."""
+    i = np.arange(m)
+    return np.r_[i, i[1:]], np.r_[i, i[:-1]]
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          sparsity={"lower": banded(1, 0, hessian=True), "lower_coo": from_callable(_lower_triangle, hessian=True)},
+          description="A chain's energy with a quartic on-site term, its Hessian's pattern declared as its lower "
+                      "triangle.")
+def chain_lower(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((x[1:] - x[:-1]) ** 2).sum() + 0.25 * (x**4).sum()

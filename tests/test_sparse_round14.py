@@ -267,3 +267,31 @@ def test_the_greedy_star_colouring_reads_kept_colours_as_walking_did():
         for seq in (np.argsort(-np.diff(indptr), kind="stable"), np.arange(n), rng.permutation(n)):
             want = _greedy_star_by_walking(indptr, nbr, seq.tolist(), active)
             assert np.array_equal(coloring._greedy_star(p, indptr, nbr, seq), want)
+
+
+# ------------------------------------------------------------------ a declared Hessian pattern given as one triangle
+
+
+def test_a_declared_hessian_pattern_of_one_triangle_is_mirrored(client, sdk):
+    """A Hessian's structure is often given as one triangle (Ipopt's and CUTEst's
+    convention). Declared so (``banded(1, 0, hessian=True)``, or a callable returning
+    the lower triangle), it was a 422 'sparsity 'lower': star colouring needs a square
+    symmetric pattern', on the POST and on GET .../sparsity. A Hessian is symmetric, so
+    the triangle says where the rest is: it is mirrored (a note says so) and the
+    Hessian is torch's, in every format; the products still check it."""
+    n = 30
+    x = RNG.uniform(0.5, 1.5, n)
+    want = hessian(s14.chain_lower, x)
+    for name in ("lower", "lower_coo"):
+        for fmt in ("csr", "csc", "coo"):
+            r = client.post("/v1/functions/chain_lower/hessian",
+                            json={"inputs": [f64(x)], "sparsity": name, "sparse_format": fmt})
+            assert r.status_code == 200, r.text
+            doc = r.json()
+            assert (doc["meta"]["source"], doc["meta"]["nnz"], doc["hessian"]["format"]) == ("declared", 3 * n - 2, fmt)
+            assert doc["meta"]["notes"] == ["the declared Hessian pattern is not symmetric: mirrored (a Hessian is)"]
+            np.testing.assert_allclose(wire.decode_sparse_json(doc["hessian"]).toarray(), want, rtol=1e-13, atol=1e-13)
+        r = client.get("/v1/functions/chain_lower/sparsity", params={"shapes": str(n), "kind": "hessian", "sparsity": name})
+        assert r.status_code == 200, r.text
+        assert r.json()["pattern"]["nnz"] == 3 * n - 2
+    np.testing.assert_allclose(sdk.hessian("chain_lower", x, sparsity="lower").toarray(), want, rtol=1e-13, atol=1e-13)

@@ -278,6 +278,10 @@ def _index_dtype(p: Pattern) -> type:
 # --------------------------------------------------------------------------- declared
 
 
+#: Note on a declared Hessian pattern that was not symmetric (one triangle, say).
+MIRRORED_NOTE = "the declared Hessian pattern is not symmetric: mirrored (a Hessian is)"
+
+
 @dataclass(frozen=True)
 class Declared:
     """A pattern declared at ``@register``: ``build(in_shapes, out_size)`` makes it.
@@ -298,6 +302,13 @@ class Declared:
         check_entries(p.nnz, f"the declared {self.kind} pattern")
         if p.shape != (m, n):
             raise ValueError(f"declared {self.kind} pattern has shape {p.shape}; the derivative is {(m, n)}")
+        if self.hessian and not p.is_symmetric():
+            # A Hessian is symmetric: one triangle (Ipopt's and CUTEst's convention for a
+            # Hessian's structure) says where the other's entries are. It was refused, a
+            # 422 'star colouring needs a square symmetric pattern'.
+            check_entries(2 * p.nnz, f"the declared {self.kind} pattern, mirrored")
+            p = p.replace(rows=np.concatenate([p.rows, p.cols]), cols=np.concatenate([p.cols, p.rows]),
+                          notes=(*p.notes, MIRRORED_NOTE))
         return p.replace(name=name or self.kind, source="declared")
 
     def describe(self) -> dict[str, Any]:
