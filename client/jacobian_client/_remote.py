@@ -54,7 +54,7 @@ import numpy as np
 from ._errors import APIError, FunctionError
 
 __all__ = ["LEAF", "Remade", "RemoteOps", "Tree", "check_sync_client", "flatten", "is_number", "leaves_like",
-           "lacks_forward_mode", "no_forward_mode", "per_argnum", "unflatten", "with_hint"]
+           "lacks_forward_mode", "no_forward_mode", "per_argnum", "shape_mismatch", "unflatten", "with_hint"]
 
 
 def check_sync_client(client: Any) -> None:
@@ -77,6 +77,18 @@ def with_hint(exc: APIError, hint: str) -> APIError:
     problem = dict(exc.problem)
     problem["detail"] = f"{hint}: {exc.detail}"
     return type(exc)(exc.response, problem)
+
+
+def shape_mismatch(name: str, what: str, got: Sequence[int], expected: Sequence[int]) -> ValueError:
+    """A result the service sent in another shape than the output shapes learned for
+    these input shapes: an error, never reshaped into place (a transposed result would
+    pass silently, and did: a per-example Jacobian read in the learned output's order)."""
+    return ValueError(
+        f"remote function {name!r} returned {what} of shape {list(got)}, expected {list(expected)}, from the output shapes "
+        "learned for these input shapes (at an earlier call, from jax's out_shape=, or under jax.jit from the "
+        "evaluate at zeros); an output whose shape follows the input values cannot be traced by jax.jit (as "
+        "x[x > 0] cannot in-process: call it outside jit); if the function changed on the service (a restart with "
+        "another registry), make the remote function again")
 
 
 class Remade:
@@ -533,6 +545,9 @@ class RemoteOps:
         results = []
         if mode == "vjp":
             out_shapes = [v.shape[nb:] for v in vecs]
+            for k in range(n_out):
+                for i in range(n_arg):
+                    self._check_block(blocks[k][i], (P, *out_shapes[k], *in_shapes[i]), "the Jacobian")
             for i in range(n_arg):
                 total = None
                 for k in range(n_out):
@@ -544,6 +559,8 @@ class RemoteOps:
         else:
             for k in range(n_out):
                 out_shape = blocks[k][0].shape[1:len(blocks[k][0].shape) - len(in_shapes[0])]
+                for i in range(n_arg):  # the output's shape is the service's; the jvp's result is checked by its caller
+                    self._check_block(blocks[k][i], (P, *out_shape, *in_shapes[i]), "the Jacobian")
                 total = None
                 for i in range(n_arg):
                     J = blocks[k][i].reshape(P, math.prod(out_shape), math.prod(in_shapes[i]))
@@ -553,6 +570,11 @@ class RemoteOps:
                 results.append(total.reshape((*p_shape, *v_shape, *out_shape)))
         return results
 
+    def _check_block(self, block: np.ndarray, expected: tuple[int, ...], what: str) -> None:
+        """A block of the service's Jacobian or Hessian, before it is reshaped for a
+        contraction: its shape must be the one the vectors (the output learned) say."""
+        if block.shape != tuple(expected):
+            raise shape_mismatch(self.name, f"a block of {what}", block.shape, expected)
 
     # ----------------------------------------------------------------- second derivatives
 
@@ -604,6 +626,7 @@ class RemoteOps:
         in_shapes = {a: batch.in_shape(a) for a in (*vec_argnums, *other_argnums)}
         n_out = out_tree.num_leaves
         P, V = math.prod(p_shape), math.prod(v_shape)
+        p_lead = (P,) if batch_ndim else ()  # a batched hessian's leading dim (one request dim for every vmap level)
         if 0 in lead_shape:
             results = self._second_shapes(mode, batch, other_argnums, in_shapes)
             return [np.zeros((*lead_shape, *shape), dtype) for shape, dtype in results]
@@ -643,6 +666,7 @@ class RemoteOps:
                             # came back its transpose, 4.5 off torch's, where hessian alone
                             # (an hvp) was right
                             H = blocks[k][union.index(j)][union.index(i)]
+                            self._check_block(H, (*p_lead, *out_shapes[k], *in_shapes[j], *in_shapes[i]), "the Hessian")
                             H = H.reshape(P, math.prod(out_shapes[k]), nj, math.prod(in_shapes[i]))
                             total = total + np.einsum("pvo,poba,pva->pvb", c.astype(H.dtype, copy=False), H,
                                                       w.reshape(P, V, -1).astype(H.dtype, copy=False))
@@ -683,6 +707,7 @@ class RemoteOps:
                 for i, w in zip(vec_argnums, ws):
                     for j, d in zip(other_argnums, ds):
                         H = blocks[k][union.index(i)][union.index(j)]
+                        self._check_block(H, (*p_lead, *out_shape, *in_shapes[i], *in_shapes[j]), "the Hessian")
                         H = H.reshape(P, math.prod(out_shape), math.prod(in_shapes[i]), math.prod(in_shapes[j]))
                         total = total + np.einsum("poab,pva,pvb->pvo", H, w.reshape(P, V, -1).astype(H.dtype, copy=False),
                                                   d.reshape(P, V, -1).astype(H.dtype, copy=False))

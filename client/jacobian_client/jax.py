@@ -79,11 +79,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import core as jax_core
 from jax.extend.core import Primitive
+from jax.experimental import io_callback
 from jax.interpreters import ad, batching, mlir
 
 from ._errors import APIError, FunctionNotFound
 from ._params import split_params
-from ._remote import Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like, unflatten, with_hint
+from ._remote import (Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like, shape_mismatch, unflatten,
+                      with_hint)
 
 __all__ = ["remote"]
 
@@ -259,6 +261,11 @@ class _Shapes:
         static = tuple(_LIVE if _is_live(a) else a for a in ev.aux)
         return cls(structs, len(ev.outputs), ev.out_tree, ev.aux_tree, static)
 
+    def has_empty(self) -> bool:
+        """Whether a result has no elements, which XLA would never ask the service for
+        (see ``_eval_lowered``)."""
+        return any(0 in s.shape for s in self.structs)
+
     def batched(self, size: int) -> _Shapes:
         structs = tuple(jax.ShapeDtypeStruct((size, *s.shape), s.dtype) for s in self.structs)
         return _Shapes(structs, self.n_out, self.out_tree, self.aux_tree, self.aux_static)
@@ -289,10 +296,7 @@ class _Shapes:
             arr = np.asarray(value)
             if arr.shape != struct.shape:
                 what = f"output {i}" if i < self.n_out else f"aux array {i - self.n_out}"
-                raise ValueError(f"remote function {name!r} returned {what} of shape {list(arr.shape)}, "
-                                 f"expected {list(struct.shape)}, the shape learned for these input shapes (at an "
-                                 "earlier call, or from out_shape=); if the function changed on the service (a "
-                                 "restart with another registry), make the remote function again")
+                raise shape_mismatch(name, what, arr.shape, struct.shape)
             if i >= self.n_out and not np.can_cast(arr.dtype, struct.dtype, "same_kind"):
                 raise ValueError(f"remote function {name!r} returned aux {i - self.n_out} as {arr.dtype}, "
                                  f"learned as {struct.dtype} (a number that changed kind, e.g. an int then a "
@@ -370,12 +374,41 @@ def _eval_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int, sha
     return [jnp.asarray(a) for a in _eval_host(ops, shapes, batch_ndim, shared, *args)]
 
 
-def _eval_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int, shared: tuple[bool, ...]) -> list[Any]:
-    return [jax_core.ShapedArray(s.shape, s.dtype) for s in shapes.structs]
+def _eval_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int,
+                   shared: tuple[bool, ...]) -> tuple[list[Any], Any]:
+    avals = [jax_core.ShapedArray(s.shape, s.dtype) for s in shapes.structs]
+    return avals, (_RUN_ALWAYS if shapes.has_empty() else set())
 
 
 def _eval_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int, shared: tuple[bool, ...]) -> Any:
-    return jax.pure_callback(partial(_eval_host, ops, shapes, batch_ndim, shared), list(shapes.structs), *args)
+    """The evaluate as a host callback. Under ``jit`` the output shapes are the ones
+    learned (at zeros, or an earlier call), and the answer is checked against them as it
+    comes. But XLA never runs a callback for a result with no elements (it knows its
+    value), nor one whose results are unused (JAX's DCE: ``jacrev`` needs no output
+    value): a function whose output was empty at zeros and is not at the caller's values
+    (``x[x > 0]``, which in-process ``jit`` cannot trace) answered ``jit(f)`` with ``[]``
+    and ``jit(jacrev(f))`` with ``(0, n)``, no request made. Where a result is empty the
+    evaluate is a callback with an effect, which both keep, so the check runs (one
+    request, where ``jacrev`` would have made none)."""
+    host = partial(_eval_host, ops, shapes, batch_ndim, shared)
+    if shapes.has_empty() and _RUN_ALWAYS:
+        return io_callback(host, list(shapes.structs), *args)
+    return jax.pure_callback(host, list(shapes.structs), *args)
+
+
+def _io_effect() -> set[Any]:
+    """The effect of an unordered ``io_callback`` (kept by JAX's DCE and by XLA), for
+    ``remote_eval`` to declare where it lowers to one; none (a plain ``pure_callback``, as
+    before) where this JAX keeps it elsewhere."""
+    try:
+        from jax._src.callback import _IOEffect
+
+        return {_IOEffect}
+    except ImportError:
+        return set()
+
+
+_RUN_ALWAYS = _io_effect()
 
 
 def _is_float(x: Any) -> bool:
@@ -451,7 +484,7 @@ def _add_level(xs: Sequence[Any], dims: Sequence[Any], size: int, batch_ndim: in
 
 
 remote_eval_p.def_impl(_eval_impl)
-remote_eval_p.def_abstract_eval(_eval_abstract)
+remote_eval_p.def_effectful_abstract_eval(_eval_abstract)
 mlir.register_lowering(remote_eval_p, mlir.lower_fun(_eval_lowered, multiple_results=True))
 ad.primitive_jvps[remote_eval_p] = _eval_jvp
 batching.primitive_batchers[remote_eval_p] = _eval_batch
@@ -464,17 +497,17 @@ def _linear_host(ops: RemoteOps, shapes: _Shapes, lin: _Linear, *args: Any) -> l
     xs, vecs = args[: lin.n_inputs], args[lin.n_inputs:]
     results = ops.linear(lin.mode, [np.asarray(x) for x in xs], lin.argnums, [np.asarray(v) for v in vecs],
                          shapes.out_tree, lin.batch_ndim, lin.tags, lin.shared)
-    return _as_declared(results, lin.result_structs, f"remote function {ops.name!r}: the service's {lin.mode} result")
+    return _as_declared(results, lin.result_structs, ops.name, f"a {lin.mode} result")
 
 
-def _as_declared(results: Sequence[Any], structs: Sequence[Any], what: str) -> list[np.ndarray]:
+def _as_declared(results: Sequence[Any], structs: Sequence[Any], name: str, what: str) -> list[np.ndarray]:
     """The service's arrays in the shapes and dtypes JAX was promised; a shape that
     differs is an error, never reshaped: a transposed result would pass silently."""
     out = []
     for r, s in zip(results, structs):
         r = np.asarray(r)
         if r.shape != s.shape:
-            raise ValueError(f"{what} has shape {list(r.shape)}, expected {list(s.shape)}")
+            raise shape_mismatch(name, what, r.shape, s.shape)
         out.append(r.astype(s.dtype, copy=False))
     return out
 
@@ -613,7 +646,7 @@ def _second_host(ops: RemoteOps, shapes: _Shapes, sec: _Second, *args: Any) -> l
     xs, vecs = args[: sec.n_inputs], args[sec.n_inputs:]
     results = ops.second(sec.mode, [np.asarray(x) for x in xs], sec.vec_argnums, sec.other_argnums,
                          [np.asarray(v) for v in vecs], shapes.out_tree, sec.batch_ndim, sec.tags, sec.shared)
-    return _as_declared(results, sec.result_structs, f"remote function {ops.name!r}: a second-order result")
+    return _as_declared(results, sec.result_structs, ops.name, "a second-order result")
 
 
 def _second_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) -> list[Any]:
