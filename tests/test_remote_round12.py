@@ -77,3 +77,59 @@ def test_jit_never_answers_an_output_whose_shape_follows_the_values(cc, jx):
     np.testing.assert_allclose(np.asarray(jax.vmap(jax.grad(loss))(jnp.asarray(xs.numpy()))),
                                torch.stack([torch.func.grad(local_loss)(z) for z in xs]).numpy(), rtol=1e-12,
                                atol=1e-12)  # (torch's vmap cannot run its data-dependent branch in-process)
+
+
+# --------------------------------------------------------------------------- torch: a 0-d input beside dimensioned ones
+
+
+def test_a_zero_dim_input_decides_neither_the_dtype_nor_the_device(cc):
+    """torch promotes as if a 0-d tensor beside dimensioned ones were a number: a float64
+    0-d scale times a bfloat16 ``x`` is bfloat16 (and a CPU 0-d tensor goes with CUDA
+    ones, see the CUDA case below). The adapter counted the scale: ``r12_scaled(s, x)``
+    answered the service's float32 where in-process answers bfloat16, and so did its aux
+    beside ``scaled_norm``'s bfloat16 ``x``. Now every output and gradient has in-process
+    torch's dtype, and values equal it within bfloat16's precision."""
+    from jacobian_client.torch import remote
+
+    from . import remote12_functions as r12
+    from . import user_functions as uf
+
+    s = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=torch.bfloat16, requires_grad=True)
+    got = remote(cc.client, "r12_scaled")(s, x)
+    want = r12.r12_scaled(s, x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    grads = torch.autograd.grad(got.sum(), (s, x))
+    local = torch.autograd.grad(want.sum(), (s, x))
+    for g, w in zip(grads, local):
+        assert g.dtype == w.dtype and g.device == w.device
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
+
+    xs = x.detach().repeat(2, 1)
+    power = torch.tensor(2)
+    (norms, aux), (want_norms, want_aux) = remote(cc.client, "scaled_norm")(xs, s, power), uf.scaled_norm(xs, s, power)
+    assert norms.dtype == aux["total"].dtype == want_norms.dtype == want_aux["total"].dtype == torch.bfloat16
+    torch.testing.assert_close(norms, want_norms, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_a_cpu_zero_dim_input_goes_with_cuda_ones(cc):
+    """A CPU 0-d scale first, ``x`` on CUDA: in-process the result is on CUDA, and so are
+    the remote function's output and ``x``'s gradient (they were on the CPU, and the
+    backward failed: "invalid gradient ... expected device cuda:0 but got cpu")."""
+    from jacobian_client.torch import remote
+
+    from . import remote12_functions as r12
+
+    s = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, device="cuda", requires_grad=True)
+    got, want = remote(cc.client, "r12_scaled")(s, x), r12.r12_scaled(s, x)
+    assert got.device == want.device and got.device.type == "cuda"
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(torch.autograd.grad(got.sum(), (s, x)), torch.autograd.grad(want.sum(), (s, x))):
+        assert g.device == w.device
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    jac = torch.func.jacrev(remote(cc.client, "r12_scaled"), argnums=1)(s.detach(), x.detach())
+    assert jac.device.type == "cuda"
+    torch.testing.assert_close(jac, torch.func.jacrev(r12.r12_scaled, argnums=1)(s.detach(), x.detach()))

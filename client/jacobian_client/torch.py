@@ -43,11 +43,12 @@ autograd and ``torch.func`` (``vmap``'s ``in_dims`` nested in the dict too), and
 carry the parameter nested (see ``jacobian_client._params``).
 
 Outputs keep the function's structure (a tensor, tuple or dict); has_aux functions return
-``(output, aux)`` and aux is not differentiated. Outputs land on the device of the first
-tensor input (a CUDA tensor in gives a CUDA tensor out) with the dtype the service
-computed in (float64 in, float64 out; bfloat16 / float16 inputs alone get their dtype
-back, mixed with other floating inputs the promoted dtype, as torch gives it).
-Derivatives take the dtype and device of what they differentiate.
+``(output, aux)`` and aux is not differentiated. Outputs land on the inputs' device (a
+CUDA tensor in gives a CUDA tensor out; a CPU 0-d tensor beside CUDA ones decides
+nothing, as in torch's ops) with the dtype the service computed in (float64 in, float64
+out; bfloat16 / float16 inputs alone get their dtype back, mixed with other floating
+inputs the promoted dtype, as torch gives it: a 0-d tensor beside dimensioned ones takes
+no part). Derivatives take the dtype and device of what they differentiate.
 
 Plain aux values (numbers, strings) come back as they are, computed at every call. Under
 ``torch.func.vmap``, whose function may return tensors only, numbers come back as tensors
@@ -313,17 +314,28 @@ def _refuse_legacy_batching(name: str, tensors: Sequence[Any]) -> None:
 
 
 def _device(inputs: Sequence[Any]) -> torch.device:
-    return next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    """Where results go: the inputs' device, as torch decides it for its ops, where a CPU
+    0-d tensor (a scale, a temperature) goes with tensors on any device and decides
+    nothing. The first tensor decided: ``f(torch.tensor(2.0), x_cuda)`` answered on the
+    CPU where ``f`` in-process answers on CUDA, and its backward failed ("invalid gradient
+    ... expected device cuda:0 but got cpu") for the CUDA input's gradient."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    chosen = next((t for t in tensors if t.ndim > 0 or t.device.type != "cpu"), tensors[0] if tensors else None)
+    return chosen.device if chosen is not None else torch.device("cpu")
 
 
 def _low_precision(inputs: Sequence[Any]) -> torch.dtype | None:
     """The dtype float32 results are given back as: bfloat16 travels as float32 (numpy has
     none), so the service computes and answers float32 where torch would answer bfloat16
-    (float16 likewise wherever it comes back float32). Only when every floating input has
-    that one dtype: beside an input of another floating dtype, torch's promotion decides
-    (a bfloat16 x times a float64 w is float64), and the service's dtype is the answer;
-    casting it down lost precision (1e-3 off in float16), silently."""
-    dtypes = {x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()}
+    (float16 likewise wherever it comes back float32). Only when every floating input that
+    takes part in torch's promotion has that one dtype: beside an input of another floating
+    dtype, torch's promotion decides (a bfloat16 x times a float64 w is float64), and the
+    service's dtype is the answer; casting it down lost precision (1e-3 off in float16),
+    silently. A 0-d tensor beside dimensioned floating ones takes no part (torch: a
+    bfloat16 x times a float64 0-d scale is bfloat16), where it was counted, and the
+    service's float32 answered for torch's bfloat16."""
+    floating = [x for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    dtypes = {x.dtype for x in ([x for x in floating if x.ndim > 0] or floating)}
     low = dtypes.pop() if len(dtypes) == 1 else None
     return low if low in (torch.bfloat16, torch.float16) else None
 
