@@ -133,3 +133,38 @@ def test_a_cpu_zero_dim_input_goes_with_cuda_ones(cc):
     jac = torch.func.jacrev(remote(cc.client, "r12_scaled"), argnums=1)(s.detach(), x.detach())
     assert jac.device.type == "cuda"
     torch.testing.assert_close(jac, torch.func.jacrev(r12.r12_scaled, argnums=1)(s.detach(), x.detach()))
+
+
+# --------------------------------------------------------------------------- SciPy: complex-step differentiation
+
+
+def test_scipy_complex_step_is_refused_not_cut_to_its_real_part(cc):
+    """SciPy's complex-step differentiation evaluates ``fun(x + h i)``; the service
+    computes in real dtypes, and the objective cast ``x`` to float64 with numpy's
+    ComplexWarning alone: every difference was zero, and ``least_squares(jac="cs")``
+    stopped at ``x0`` after one evaluation (1.2 off the solution it finds in-process,
+    where ``lorenz96`` takes complex ``x``). It is a TypeError naming the way out now, for
+    ``minimize`` too; ``'3-point'`` solves as in-process, evaluation for evaluation."""
+    so = pytest.importorskip("scipy.optimize")
+    from jacobian_client.scipy import remote_objective
+
+    from jacobian_service import examples as ex
+
+    def local(x):
+        return ex.lorenz96(torch.as_tensor(x)).numpy()
+
+    x0 = np.linspace(-1.0, 1.0, 6)
+    target = local(np.linspace(0.2, 0.8, 6))
+    l96 = remote_objective(cc.client, "lorenz96")
+    with pytest.raises(TypeError, match=r"complex x \(complex128\).*jac='cs'.*jac=obj.jac"):
+        so.least_squares(lambda x: l96.fun(x) - target, x0, jac="cs")
+    rb = remote_objective(cc.client, "rosenbrock")
+    with pytest.raises(TypeError, match=r"complex x"):
+        so.minimize(rb.fun, x0, jac="cs", method="BFGS")
+    with pytest.raises(TypeError, match=r"complex p"):
+        rb.hessp(x0, x0 + 1j)
+    in_process = so.least_squares(lambda x: local(x) - target, x0, jac="cs")
+    remote = so.least_squares(lambda x: l96.fun(x) - target, x0, jac="3-point")
+    assert in_process.success and remote.success
+    np.testing.assert_allclose(remote.x, in_process.x, atol=1e-8)
+    assert remote.nfev == so.least_squares(lambda x: local(x) - target, x0, jac="3-point").nfev

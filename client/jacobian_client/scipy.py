@@ -144,7 +144,7 @@ class RemoteObjective:
     # ----------------------------------------------------------------- helpers
 
     def _inputs(self, x: Any, args: tuple[Any, ...]) -> tuple[np.ndarray, list[Any]]:
-        x = np.asarray(x, dtype=np.float64)
+        x = _real(x, "x")
         arr = x.reshape(self.shape) if self.shape is not None else x
         inputs = list(self._held(args))
         # a negative argnum counts from the end, as the service reads it: list.insert(-1, x)
@@ -331,7 +331,7 @@ class RemoteObjective:
         point), from then on, said once in a ``RuntimeWarning``."""
         x, inputs = self._inputs(x, args)
         self._scalar_only(x, args, "hessp(x, p)")  # else the service's 422 asks for cotangents hessp has none of
-        p = np.asarray(p, dtype=np.float64)
+        p = _real(p, "p")
         if self._hvp_works:
             tangent = p.reshape(self.shape) if self.shape is not None else p
             try:
@@ -416,7 +416,7 @@ class RemoteObjective:
             self.fun(x, *args)
             value, _ = self._cached(x, args)  # the output's own shape, which the cotangents take
         out_shape = np.shape(value)
-        v = np.asarray(v, dtype=np.float64)
+        v = _real(v, "v")
         if v.size != int(np.prod(out_shape)):
             raise ValueError(f"remote_objective: constraint_hess of {self.name!r} takes one multiplier per output "
                              f"element ({int(np.prod(out_shape))}, the output's shape {list(out_shape)}); "
@@ -481,3 +481,18 @@ def _flat(value: Any) -> Any:
 def _fresh(value: Any) -> Any:
     """A copy of a cached array, dense or sparse (floats are immutable and pass as they are)."""
     return value.copy() if isinstance(value, np.ndarray) or is_sparse(value) else value
+
+
+def _real(value: Any, what: str) -> np.ndarray:
+    """A solver's vector as the float64 array SciPy works in. A complex one cannot be sent
+    (the service computes in real dtypes): SciPy's complex-step differentiation
+    (``least_squares(jac="cs")``, ``minimize(jac="cs")``) evaluates ``fun(x + h i)``, and
+    the cast to float64 dropped ``h i`` with numpy's ComplexWarning alone, so every
+    difference was zero: ``least_squares`` stopped at once at ``x0``, a wrong answer."""
+    arr = np.asarray(value)
+    if np.iscomplexobj(arr):
+        raise TypeError(f"remote_objective got a complex {what} ({arr.dtype}); the service computes in real "
+                        "dtypes, so SciPy's complex-step differentiation (jac='cs') cannot run it: pass "
+                        "jac=obj.jac (the service's exact Jacobian) or jac='2-point' / '3-point'")
+    return arr.astype(np.float64, copy=False)
+
