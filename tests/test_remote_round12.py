@@ -54,14 +54,16 @@ def test_jit_never_answers_an_output_whose_shape_follows_the_values(cc, jx):
     x = jnp.array([1.0, -2.0, 3.0])
     for transform, arg in ((jax.jit(kp), x), (jax.jit(jax.vmap(kp)), jnp.stack([x, x])),
                            (jax.jit(jax.jacrev(kp)), x), (jax.jit(jax.jacfwd(kp)), x)):
-        with pytest.raises(jax.errors.JaxRuntimeError, match=r"'keeps_positives' returned output 0 of shape \[(2, )?2\], "
-                                                             r"expected \[(2, )?0\].*cannot be traced by jax.jit"):
+        with pytest.raises(jax.errors.JaxRuntimeError, match=r"'keeps_positives' returned (output 0|a jvp result) of "
+                                                             r"shape \[(\d, )?2\], expected \[(\d, )?0\].*cannot be "
+                                                             r"traced by jax.jit"):
             transform(arg)
     negative = jnp.array([-1.0, -2.0, -3.0])  # empty here too: the answer stands, as torch.func's
     want = torch.func.jacrev(uf.keeps_positives)(torch.tensor(np.asarray(negative)))
+    cc.take()
     got = jax.jit(jax.jacrev(kp))(negative)
     assert got.shape == tuple(want.shape) == (0, 3)
-    assert cc.take().count("evaluate") == 5  # the probe, then one per call: none answered unasked
+    assert cc.take() == ["evaluate"]  # the check of the shapes learned; the Jacobian itself asks nothing
 
     w = torch.arange(6.0, dtype=torch.float64).reshape(2, 3)
     xs = torch.stack([torch.linspace(0.1, 0.6, 6, dtype=torch.float64), torch.linspace(-0.2, 0.5, 6, dtype=torch.float64)])

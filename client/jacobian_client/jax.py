@@ -261,11 +261,6 @@ class _Shapes:
         static = tuple(_LIVE if _is_live(a) else a for a in ev.aux)
         return cls(structs, len(ev.outputs), ev.out_tree, ev.aux_tree, static)
 
-    def has_empty(self) -> bool:
-        """Whether a result has no elements, which XLA would never ask the service for
-        (see ``_eval_lowered``)."""
-        return any(0 in s.shape for s in self.structs)
-
     def batched(self, size: int) -> _Shapes:
         structs = tuple(jax.ShapeDtypeStruct((size, *s.shape), s.dtype) for s in self.structs)
         return _Shapes(structs, self.n_out, self.out_tree, self.aux_tree, self.aux_static)
@@ -374,41 +369,27 @@ def _eval_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int, sha
     return [jnp.asarray(a) for a in _eval_host(ops, shapes, batch_ndim, shared, *args)]
 
 
-def _eval_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int,
-                   shared: tuple[bool, ...]) -> tuple[list[Any], Any]:
-    avals = [jax_core.ShapedArray(s.shape, s.dtype) for s in shapes.structs]
-    return avals, (_RUN_ALWAYS if shapes.has_empty() else set())
+def _eval_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int, shared: tuple[bool, ...]) -> list[Any]:
+    return [jax_core.ShapedArray(s.shape, s.dtype) for s in shapes.structs]
 
 
 def _eval_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int, shared: tuple[bool, ...]) -> Any:
-    """The evaluate as a host callback. Under ``jit`` the output shapes are the ones
-    learned (at zeros, or an earlier call), and the answer is checked against them as it
-    comes. But XLA never runs a callback for a result with no elements (it knows its
-    value), nor one whose results are unused (JAX's DCE: ``jacrev`` needs no output
-    value): a function whose output was empty at zeros and is not at the caller's values
-    (``x[x > 0]``, which in-process ``jit`` cannot trace) answered ``jit(f)`` with ``[]``
-    and ``jit(jacrev(f))`` with ``(0, n)``, no request made. Where a result is empty the
-    evaluate is a callback with an effect, which both keep, so the check runs (one
-    request, where ``jacrev`` would have made none)."""
-    host = partial(_eval_host, ops, shapes, batch_ndim, shared)
-    if shapes.has_empty() and _RUN_ALWAYS:
-        return io_callback(host, list(shapes.structs), *args)
-    return jax.pure_callback(host, list(shapes.structs), *args)
+    return _callback(partial(_eval_host, ops, shapes, batch_ndim, shared), shapes.structs, *args)
 
 
-def _io_effect() -> set[Any]:
-    """The effect of an unordered ``io_callback`` (kept by JAX's DCE and by XLA), for
-    ``remote_eval`` to declare where it lowers to one; none (a plain ``pure_callback``, as
-    before) where this JAX keeps it elsewhere."""
-    try:
-        from jax._src.callback import _IOEffect
-
-        return {_IOEffect}
-    except ImportError:
-        return set()
-
-
-_RUN_ALWAYS = _io_effect()
+def _callback(host: Any, structs: Sequence[Any], *args: Any) -> Any:
+    """A primitive under ``jit``: a host callback, whose answer is checked against the
+    shapes learned (at zeros, or an earlier call) as it comes. XLA runs no pure callback
+    for a result without elements (it knows its value) nor for one whose results go
+    unused: a function whose output was empty at zeros and is not at the caller's values
+    (``x[x > 0]``, which in-process ``jit`` cannot trace) answered ``jit(f)`` with ``[]`` and
+    ``jit(vmap(f))`` with ``(2, 0)``, asking nothing. A callback with a result without
+    elements is an ``io_callback`` (XLA keeps it), so the check runs: one request. No JAX
+    effect is declared (``checkpoint`` and ``vmap`` of ``cond`` refuse effects), so JAX's
+    own DCE still drops an unused one (see ``_linear_batch`` for ``jacrev``'s)."""
+    if any(0 in s.shape for s in structs):
+        return io_callback(host, list(structs), *args)
+    return jax.pure_callback(host, list(structs), *args)
 
 
 def _is_float(x: Any) -> bool:
@@ -484,7 +465,7 @@ def _add_level(xs: Sequence[Any], dims: Sequence[Any], size: int, batch_ndim: in
 
 
 remote_eval_p.def_impl(_eval_impl)
-remote_eval_p.def_effectful_abstract_eval(_eval_abstract)
+remote_eval_p.def_abstract_eval(_eval_abstract)
 mlir.register_lowering(remote_eval_p, mlir.lower_fun(_eval_lowered, multiple_results=True))
 ad.primitive_jvps[remote_eval_p] = _eval_jvp
 batching.primitive_batchers[remote_eval_p] = _eval_batch
@@ -521,7 +502,21 @@ def _linear_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) 
 
 
 def _linear_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) -> Any:
-    return jax.pure_callback(partial(_linear_host, ops, shapes, lin), list(lin.result_structs), *args)
+    host = partial(_checked_when_empty, partial(_linear_host, ops, shapes, lin), ops, shapes, lin.n_inputs,
+                   lin.batch_ndim, lin.shared, len(lin.tags))
+    return _callback(host, lin.result_structs, *args)
+
+
+def _checked_when_empty(host: Any, ops: _Ops, shapes: _Shapes, n_inputs: int, batch_ndim: int,
+                        shared: tuple[bool, ...], n_lead: int, *args: Any) -> list[np.ndarray]:
+    """A product under ``jit`` over no vectors at all: ``jacrev`` of an output learned
+    empty (its basis has no vectors) asks the service nothing, and JAX drops the forward,
+    whose value it does not use; ``jit(jacrev(f))`` of ``x[x > 0]`` answered ``(0, n)``.
+    The shapes learned are checked by one evaluate at these inputs first."""
+    vecs = args[n_inputs:]
+    if vecs and 0 in np.shape(vecs[0])[:n_lead]:
+        _eval_host(ops, shapes, batch_ndim, shared, *args[:n_inputs])
+    return host(*args)
 
 
 def _linear_transpose(cts: Sequence[Any], *args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) -> list[Any]:
@@ -580,10 +575,12 @@ def _linear_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, s
                   lin: _Linear) -> tuple[list[Any], list[int]]:
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     structs = tuple(jax.ShapeDtypeStruct((size, *s.shape), s.dtype) for s in lin.result_structs)
-    if size == 0:  # no examples or no vectors: nothing to ask
-        return [jnp.zeros(s.shape, s.dtype) for s in structs], [0] * len(structs)
     xs, vecs = list(args[: lin.n_inputs]), list(args[lin.n_inputs:])
     x_dims, v_dims = dims[: lin.n_inputs], dims[lin.n_inputs:]
+    if size == 0 and any(d is not None for d in x_dims):  # no examples: nothing to ask, nothing learned to check
+        return [jnp.zeros(s.shape, s.dtype) for s in structs], [0] * len(structs)
+    # no vectors (jacrev of an output learned empty) is bound all the same: nothing to ask
+    # either, but under jit the shapes learned are checked (_checked_when_empty)
     vecs = [_front(v, d, size) for v, d in zip(vecs, v_dims)]
     if any(d is not None for d in x_dims):
         xs, shared = _add_level(xs, x_dims, size, lin.batch_ndim, lin.shared)
@@ -658,7 +655,9 @@ def _second_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) 
 
 
 def _second_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) -> Any:
-    return jax.pure_callback(partial(_second_host, ops, shapes, sec), list(sec.result_structs), *args)
+    host = partial(_checked_when_empty, partial(_second_host, ops, shapes, sec), ops, shapes, sec.n_inputs,
+                   sec.batch_ndim, sec.shared, len(sec.tags))
+    return _callback(host, sec.result_structs, *args)
 
 
 def _structs_of(vs: Sequence[Any]) -> tuple[jax.ShapeDtypeStruct, ...]:
@@ -727,10 +726,10 @@ def _second_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, s
                   sec: _Second) -> tuple[list[Any], list[int]]:
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     structs = tuple(jax.ShapeDtypeStruct((size, *s.shape), s.dtype) for s in sec.result_structs)
-    if size == 0:
-        return [jnp.zeros(s.shape, s.dtype) for s in structs], [0] * len(structs)
     xs, vecs = list(args[: sec.n_inputs]), list(args[sec.n_inputs:])
     x_dims, v_dims = dims[: sec.n_inputs], dims[sec.n_inputs:]
+    if size == 0 and any(d is not None for d in x_dims):  # as _linear_batch
+        return [jnp.zeros(s.shape, s.dtype) for s in structs], [0] * len(structs)
     vecs = [_front(v, d, size) for v, d in zip(vecs, v_dims)]
     if any(d is not None for d in x_dims):
         xs, shared = _add_level(xs, x_dims, size, sec.batch_ndim, sec.shared)
