@@ -11,7 +11,7 @@ does not matter.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -82,6 +82,17 @@ def url(remote_server: str) -> str:
 def cc(url: str) -> Iterator[Counted]:
     with counted(url) as c:
         yield c
+
+
+@pytest.fixture
+def jx() -> Iterator[Any]:
+    """jax with float64 on (as the remote function computes), put back after; the test
+    skips where jax is not installed."""
+    jax = pytest.importorskip("jax")
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield jax
+    jax.config.update("jax_enable_x64", before)
 
 
 # A module that registers functions of its own (aux of plain numbers, ...) serves them

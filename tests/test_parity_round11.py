@@ -31,6 +31,7 @@ from jacobian_client.torch import remote
 from . import parity11_functions as F
 from . import user_functions as uf
 from ._client_functions import cubic_pair
+from ._remote_support import jx  # noqa: F401 (fixture)
 from .conftest import assert_problem, ready_app
 from .test_parity_round7 import answer, arr, post, same, t, wire_tree
 
@@ -204,16 +205,6 @@ def test_torch_nested_vmaps_merge_their_batches_and_keep_a_shared_input_shared(r
     # A shared by the inner level and mapped by the outer: spread over the inner batch
     grads = f.vmap(f.vmap(f.grad(lambda a, b: solve(a, b).sum()), in_dims=inner), in_dims=(0, None))(As, BS)
     close(grads, f.vmap(f.vmap(f.grad(lambda a, b: uf.solve(a, b).sum()), in_dims=inner), in_dims=(0, None))(As, BS))
-
-
-@pytest.fixture
-def jx() -> Iterator[Any]:
-    """jax with float64 on (as the remote function computes), put back after."""
-    jax = pytest.importorskip("jax")
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield jax
-    jax.config.update("jax_enable_x64", before)
 
 
 def jclose(jax: Any, got: Any, want: Any, tol: float = 1e-10) -> None:

@@ -8,25 +8,13 @@ other adapter test files; it also serves tests/remote12_functions.py.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("jacobian_service.app")
 
-from ._remote_support import cc, url  # noqa: E402,F401 (fixtures)
-
-
-@pytest.fixture
-def jx() -> Iterator[object]:
-    """jax with x64 on (float64 values compared with torch's), as it was after."""
-    jax = pytest.importorskip("jax")
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield jax
-    jax.config.update("jax_enable_x64", before)
+from ._remote_support import cc, jx, url  # noqa: E402,F401 (fixtures)
 
 
 # --------------------------------------------------------------------------- JAX: an output whose shape follows the values
