@@ -103,6 +103,27 @@ def test_a_zero_dim_input_decides_neither_the_dtype_nor_the_device(cc):
     torch.testing.assert_close(norms, want_norms, rtol=1e-2, atol=1e-2)
 
 
+def test_jax_a_python_float_takes_no_part_in_the_dtype(cc, jx):
+    """jax's promotion leaves weakly typed values (a Python float) out: ``1.5 * x`` of a
+    bfloat16 ``x`` is bfloat16. The adapter counted ``jnp.asarray(1.5)``: ``r12_scaled(1.5,
+    x)`` answered the service's float32, under jit too. Now it is bfloat16 as in-process;
+    a strongly typed float32 scale still promotes to float32, and the two calls, of the
+    same shapes and dtypes, are learned apart."""
+    jax = jx
+    jnp = jax.numpy
+    from jacobian_client.jax import remote
+
+    f = remote(cc.client, "r12_scaled")
+    x = jnp.array([0.3, -0.2, 0.5], dtype=jnp.bfloat16)
+    local = lambda s, z: s * jnp.sin(z)  # noqa: E731 (r12_scaled in jax)
+    with jax.enable_x64(False):  # a Python float is float32 then, as the strong scale is
+        for s in (jnp.float32(1.5), 1.5, jnp.asarray(1.5)):  # strong first: its shapes must not answer the weak
+            for call in (f, jax.jit(f)):
+                got, want = call(s, x), local(s, x)
+                assert got.dtype == want.dtype, (s, got.dtype, want.dtype)
+                np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=1e-2)
+
+
 @pytest.mark.gpu
 def test_a_cpu_zero_dim_input_goes_with_cuda_ones(cc):
     """A CPU 0-d scale first, ``x`` on CUDA: in-process the result is on CUDA, and so are

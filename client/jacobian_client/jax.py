@@ -53,7 +53,7 @@ class, the message saying it was the probe. Outputs come back in the dtype the s
 computed in, canonicalised for JAX as the call is traced (float64 needs ``jax_enable_x64``, as it
 is then: not when ``remote()`` was made), except that inputs
 all bfloat16 (which the service computes in float32) or all float16 get their dtype back,
-as jax would give it; a result whose shape is not the one learned raises rather than
+as jax would give it (a Python float beside them, weakly typed, takes no part); a result whose shape is not the one learned raises rather than
 being reshaped.
 
 Aux (``has_aux`` functions): arrays and plain numbers (bool, int, float) are live values,
@@ -111,7 +111,7 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
         ops = base_ops.for_layout(layout, base_ops.names_of(named))  # a keyword call goes by name (torch's remote)
         arrays = [jnp.asarray(x) if not isinstance(x, jax_core.Tracer) else x for x in leaves]
         x64 = bool(jax.config.jax_enable_x64)
-        key = (layout, x64, *((tuple(a.shape), jnp.dtype(a.dtype).name) for a in arrays))
+        key = (layout, x64, *((tuple(a.shape), jnp.dtype(a.dtype).name, _is_weak(a)) for a in arrays))
         traced = any(isinstance(a, jax_core.Tracer) for a in arrays)
         if out_shape is not None and x64 not in given:
             given[x64] = _shapes_from_struct(out_shape)
@@ -195,12 +195,20 @@ def _value_of(x: Any) -> tuple[np.ndarray | None, bool]:
 
 def _low_precision(arrays: Sequence[Any]) -> Any:
     """bfloat16 comes back float32 (the service computes it so), float16 wherever the
-    service upcasts: when every floating input has one such dtype, float32 results are
-    given it back, as jax would compute them; beside another floating dtype, jax's
-    promotion decides and the service's dtype stands."""
-    floating = {jnp.dtype(a.dtype) for a in arrays if jnp.issubdtype(a.dtype, jnp.floating)}
+    service upcasts: when every floating input that takes part in jax's promotion has one
+    such dtype, float32 results are given it back, as jax would compute them; beside
+    another floating dtype, jax's promotion decides and the service's dtype stands. A
+    weakly typed input (a Python float: ``f(1.5, x)``, traced or not) takes no part, as in
+    jax (``1.5 * x`` of a bfloat16 ``x`` is bfloat16), where it was counted, and the
+    service's float32 answered for jax's bfloat16."""
+    floating = {jnp.dtype(a.dtype) for a in arrays if jnp.issubdtype(a.dtype, jnp.floating) and not _is_weak(a)}
     low = floating.pop() if len(floating) == 1 else None
     return low if low in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else None
+
+
+def _is_weak(a: Any) -> bool:
+    """Whether jax holds ``a`` weakly typed (made from a Python scalar), traced or not."""
+    return bool(getattr(getattr(a, "aval", a), "weak_type", False))
 
 
 def _probe(ops: RemoteOps, arrays: Sequence[Any]) -> _Shapes:
