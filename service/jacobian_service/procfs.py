@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 __all__ = ["children", "cpu_seconds", "descendants", "descriptor_identity", "living", "session", "start_ticks",
-           "status_bytes", "stopped"]
+           "status_bytes", "stopped", "waited_seconds"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PF_EXITING = 0x4  # a task's flags (include/linux/sched.h)
@@ -60,6 +60,19 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
         return (int(fields[11]) + int(fields[12])) / _TICKS_S  # utime, stime: fields 14 and 15
     except (OSError, IndexError, ValueError):
         return None
+
+
+def waited_seconds(pid: int, thread: int | None = None) -> float:
+    """The time a thread (or a process's main thread) has spent runnable, waiting for a
+    CPU: the run-queue delay, ``schedstat``'s second field. A task that spins on a loaded
+    host runs only its share of a core but waits the rest of the time; one that sleeps
+    waits only for its wake-ups. 0 where there is no ``schedstat`` (a kernel without
+    scheduler statistics) or the task has gone."""
+    try:
+        with open(f"/proc/{pid}/schedstat" if thread is None else f"/proc/{pid}/task/{thread}/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def start_ticks(pid: int) -> int | None:

@@ -8,7 +8,10 @@ median 35-55 -> 171 ms over HTTP) for as long as the engine lives. A process tha
 keeps running takes a core: one more each time the function is called.
 
 ``Strays.check`` finds those that used more than ``share`` of a core over each of the
-last two ``every_s`` in which no function ran: one burst (a flush, say) is let be, and a
+last two ``every_s`` in which no function ran, or wanted more than half of one (the CPU
+time plus the time spent runnable, waiting for a CPU: on a loaded host a spinning
+process runs only its turn, a tenth of a core at a load of 20 on two, under the share,
+and was never found; a task that sleeps waits only for its wake-ups): one burst (a flush, say) is let be, and a
 pool that a function hands work to and waits for works only while it runs. The share is
 low (a fifth), and one function's threads are added up, because a thread that spins
 gets only its turn of the GIL: beside a busy engine thread, half a core; beside three
@@ -50,11 +53,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..orphans import kill_detached, reap_detached
-from ..procfs import cpu_seconds, descendants, status_bytes
+from ..procfs import cpu_seconds, descendants, status_bytes, waited_seconds
 
 log = logging.getLogger("jacobian_service.engine")
 
 __all__ = ["Found", "Strays"]
+
+# Of a core, over a window, run or waited for: a task that spins on a loaded host (it is
+# runnable all the time); a poller's wake-ups wait far less.
+_WANTED_SHARE = 0.5
 
 
 @dataclass
@@ -84,7 +91,7 @@ class Strays:
         self._alive: set[int] = set()  # every thread alive after the last batch
         self._process_owner: dict[int, str] = {}  # pid -> the functions run in the window it was first seen
         self._ran: set[str] = set()  # functions run since the last window (none: an idle window)
-        self._cpu: dict[tuple[str, int], float] = {}  # CPU seconds at the last window
+        self._cpu: dict[tuple[str, int], tuple[float, float]] = {}  # CPU and run-queue seconds at the last window
         # Over their share in the last window: ("function", name), for its threads added
         # up, or ("process", pid).
         self._hot: set[tuple[str, Any]] = set()
@@ -123,18 +130,23 @@ class Strays:
             self._process_owner[pid] = ran
         self._children = {pid: self._children.get(pid, ran) for pid in children}
         used: dict[tuple[str, Any], float] = {}
+        wanted: dict[tuple[str, Any], float] = {}
         for kind, owners in (("thread", self._thread_owner), ("process", self._process_owner)):
             for ident in list(owners):
-                cpu = cpu_seconds(os.getpid(), ident) if kind == "thread" else cpu_seconds(ident)
+                task = (os.getpid(), ident) if kind == "thread" else (ident,)
+                cpu = cpu_seconds(*task)
                 if cpu is None:  # ended
                     del owners[ident]
                     self._cpu.pop((kind, ident), None)
                     continue
-                before, self._cpu[(kind, ident)] = self._cpu.get((kind, ident)), cpu
+                now_seconds = (cpu, waited_seconds(*task))
+                before, self._cpu[(kind, ident)] = self._cpu.get((kind, ident)), now_seconds
                 if before is not None and idle:
                     key = ("function", owners[ident]) if kind == "thread" else ("process", ident)
-                    used[key] = used.get(key, 0.0) + cpu - before
-        hot = {key for key, seconds in used.items() if seconds > self.share * window}
+                    used[key] = used.get(key, 0.0) + cpu - before[0]
+                    wanted[key] = wanted.get(key, 0.0) + cpu - before[0] + now_seconds[1] - before[1]
+        hot = {key for key, seconds in used.items() if seconds > self.share * window or
+               wanted[key] > _WANTED_SHARE * window}
         culprits, self._hot = hot & self._hot, hot
         if self.max_threads is None:
             self.max_threads = _thread_limit()

@@ -1,0 +1,52 @@
+"""``engine.strays`` on a loaded host: a process or thread a function left spinning is
+found though it runs only its turn of a core.
+
+Before, a stray counted only the CPU time it used: at a load of ~20 on two cores a
+spinning process ran a tenth of a core, under the share (a fifth), and was never killed
+(test_engine_faults_left_behind: "still running after 10 s"). Here the scenario pins
+itself, with nine CPU burners, to one core: a spinner gets ~a tenth of it. Each case runs
+in a fresh interpreter (test_strays.run), the module loaded from its file."""
+
+from __future__ import annotations
+
+from .test_strays import LOAD, run
+
+LOADED = """
+import json, os, subprocess, sys, threading, time
+{load}
+
+os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})  # one core, shared with the burners below
+spin = [sys.executable, "-c", "while True: pass"]
+burners = [subprocess.Popen(spin) for _ in range(9)]  # started before the watch: never named
+try:
+    strays = Strays(share=0.2, every_s=0.3)
+    spinner = subprocess.Popen(spin)
+    poller = subprocess.Popen([sys.executable, "-c", "import time\\nprint(flush=True)\\nwhile True: time.sleep(0.01)"],
+                              stdout=subprocess.PIPE)
+    poller.stdout.readline()  # started (its start-up, at a tenth of a core, is work of its own)
+    stop = threading.Event()
+    def spin_here():
+        while not stop.is_set():
+            pass
+    threading.Thread(target=spin_here, daemon=True).start()
+    strays.after_run("spins")
+    named, t0, found = {{}}, time.monotonic(), None
+    while time.monotonic() - t0 < 8 and not (named.get("processes") and named.get("thread")):
+        time.sleep(0.05)
+        if (found := strays.check(time.monotonic())) is not None:
+            named.setdefault("processes", found.processes)
+            named.setdefault("thread", found.thread_function)
+    stop.set()
+    print(json.dumps({{"processes": {{str(p): f for p, f in (named.get("processes") or {{}}).items()}},
+                      "thread": named.get("thread"), "spinner": spinner.pid, "poller": poller.pid}}))
+    spinner.kill(); poller.kill()
+finally:
+    for b in burners:
+        b.kill()
+"""
+
+
+def test_a_stray_that_spins_on_a_loaded_core_is_named_and_one_that_polls_is_not():
+    result = run(LOADED.format(load=LOAD))
+    assert result["processes"] == {str(result["spinner"]): "spins"}, result  # not the poller
+    assert result["thread"] == "spins", result
