@@ -6,6 +6,17 @@ behind a proxy too), else the address a trusted proxy says it forwarded for (the
 ``TRUSTED_PROXIES``), else the peer's address. Without keys or trusted proxies, every
 caller behind one proxy is one client. Connections and ports are never a client: a
 client that opens more connections is the same client.
+
+Behind proxies in tiers, each appending its peer, the client is the last entry that is
+not itself a trusted proxy (the last alone named the inner proxy's own peer, the outer
+proxy: every caller one client). An address is compared as an address, not as text: a
+port or brackets a proxy wrote beside it (``1.2.3.4:51000``, ``[2001:db8::1]:443``: each
+connection had been a client of its own), an IPv6 zone, another spelling of the same
+IPv6 address, or an IPv4 address seen mapped into IPv6 (a server listening on ``::``
+sees an IPv4 proxy as ``::ffff:10.0.0.1``, which ``10.0.0.0/8`` did not take) are one
+address. ``Forwarded`` (RFC 7239) is never read: a proxy that appends to
+``X-Forwarded-For`` passes a client's own ``Forwarded`` through, and read first it would
+let each request name a client of its own.
 """
 
 from __future__ import annotations
@@ -30,18 +41,37 @@ def client_of(scope: dict[str, Any], proxies: Networks = ()) -> str:
     key = scope.get("state", {}).get(KEY)
     if key is not None:
         return "key:" + key.hex()[:16]
-    peer = (scope.get("client") or ("",))[0]
-    if proxies and _among(peer, proxies):
-        forwarded = b",".join(v for k, v in scope["headers"] if k == b"x-forwarded-for")
-        last = forwarded.rsplit(b",", 1)[-1].strip().decode("latin-1")
-        if last:
-            return "addr:" + last
-    return "addr:" + peer
+    peer = _address((scope.get("client") or ("",))[0])
+    if not (proxies and _among(peer, proxies)):
+        return "addr:" + str(peer)
+    forwarded = b",".join(v for k, v in scope["headers"] if k == b"x-forwarded-for").decode("latin-1")
+    client = peer
+    for entry in reversed(forwarded.split(",")):  # nearest hop first; each entry its proxy's peer
+        if entry.strip():
+            client = _address(entry)
+            if not _among(client, proxies):
+                break
+    return "addr:" + str(client)
 
 
-def _among(address: str, proxies: Networks) -> bool:
+def _address(text: str) -> "ipaddress.IPv4Address | ipaddress.IPv6Address | str":
+    """An entry as proxies write it, as an address: without the port or brackets beside
+    it ("1.2.3.4:51000", "[2001:db8::1]:443"), its IPv6 zone ("fe80::1%eth0") or quotes,
+    an IPv4 address mapped into IPv6 as IPv4; or as it is where it is none (the test
+    client's "testclient", a Unix socket's "", "unknown")."""
+    text = text.strip().strip('"')
+    host = text
+    if text.startswith("["):
+        host = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # (an IPv6 address has two at least)
+        host = text.partition(":")[0]
     try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:  # (the test client's "testclient", a Unix socket's "")
-        return False
-    return any(ip in net for net in proxies)
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return text
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped if mapped is not None else ip
+
+
+def _among(address: "ipaddress.IPv4Address | ipaddress.IPv6Address | str", proxies: Networks) -> bool:
+    return not isinstance(address, str) and any(address in net for net in proxies)

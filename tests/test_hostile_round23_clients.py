@@ -1,0 +1,71 @@
+"""Red team, round twenty-three: hostile clients over raw sockets and odd HTTP (evading
+the per-client share of the streams behind proxies; the header-field limit on uvicorn's
+h11; one client's many connections pushing out other clients' idle keep-alives; ...).
+
+Each names what a user saw before. Who a client is (``clients.client_of``) is checked on
+the scopes a server makes, without a server; the HTTP cases run a bare app under the
+server's guarded protocol class (``test_connections._guarded_uvicorn``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from jacobian_service.clients import client_of, parse_proxies
+
+# ------------------------------------------------------------ who a client is, behind proxies
+
+_PROXIES = parse_proxies("10.0.0.0/8, fd00::/8")
+
+
+def _client(peer: str, *forwarded: str, **state) -> str:
+    headers = [(b"host", b"t")] + [(b"x-forwarded-for", f.encode()) for f in forwarded]
+    return client_of({"client": (peer, 51000), "headers": headers, "state": state}, _PROXIES)
+
+
+def test_proxies_in_tiers_name_the_client_not_the_outer_proxy() -> None:
+    """Behind two trusted proxies (a load balancer, then nginx), the inner one appends the
+    outer one's address: the last entry was the load balancer's for every caller, so all
+    of them were one client, each held to one share (one caller's streams refused the
+    others 429). The client is the last entry that is no trusted proxy."""
+    assert _client("10.0.0.2", "203.0.113.7, 10.0.0.1") == "addr:203.0.113.7"
+    assert _client("10.0.0.2", "198.51.100.9, 10.0.0.1") == "addr:198.51.100.9"
+    # What a client wrote itself, before its proxy's entry, is still never read ...
+    assert _client("10.0.0.2", "10.9.9.9, 192.0.2.1, 203.0.113.7, 10.0.0.1") == "addr:203.0.113.7"
+    # ... nor anything from a peer that is no trusted proxy.
+    assert _client("192.0.2.50", "203.0.113.7") == "addr:192.0.2.50"
+    # Several headers are one list (RFC 9110 5.3), in order; empty entries are no hop.
+    assert _client("10.0.0.2", "192.0.2.1", "203.0.113.7 ,  ", " 10.0.0.1") == "addr:203.0.113.7"
+
+
+@pytest.mark.parametrize("written", ["203.0.113.7:51000", "203.0.113.7:443", '"203.0.113.7"', " 203.0.113.7 "])
+def test_a_port_beside_an_address_is_no_client_of_its_own(written: str) -> None:
+    """A proxy that writes its peer's port too (Azure's gateway, some nginx set-ups:
+    ``$remote_addr:$remote_port``) made each connection a client of its own: one caller
+    opening a connection per stream had a share per stream, no share at all."""
+    assert _client("10.0.0.2", written) == "addr:203.0.113.7"
+
+
+@pytest.mark.parametrize("written", ["2001:db8::1", "[2001:db8::1]:443", "[2001:DB8:0::1]", "2001:db8:0:0:0:0:0:1",
+                                     "[2001:db8::1]"])
+def test_ipv6_spellings_are_one_client(written: str) -> None:
+    assert _client("fd00::5", written) == "addr:2001:db8::1"
+
+
+def test_an_ipv6_zone_and_a_mapped_ipv4_peer_are_addresses() -> None:
+    """A server listening on ``::`` sees an IPv4 proxy as ``::ffff:10.0.0.2``, which
+    ``10.0.0.0/8`` did not take: the proxy was no trusted proxy and every caller behind it
+    one client."""
+    assert _client("::ffff:10.0.0.2", "203.0.113.7") == "addr:203.0.113.7"
+    assert _client("10.0.0.2", "::ffff:203.0.113.7") == "addr:203.0.113.7"
+    assert _client("10.0.0.2", "fe80::1%eth0") == _client("10.0.0.2", "[fe80::1%25eth0]:80") == "addr:fe80::1"
+    # A name or an obfuscated entry (RFC 7239's "unknown", "_hidden") is kept as written.
+    assert _client("10.0.0.2", "unknown") == "addr:unknown"
+
+
+def test_forwarded_is_never_read_and_a_key_is_its_own_client() -> None:
+    """``Forwarded`` (RFC 7239) a client sends passes a proxy that appends to
+    ``X-Forwarded-For``: read, each request could name a client of its own."""
+    scope = {"client": ("10.0.0.2", 1), "headers": [(b"forwarded", b"for=192.0.2.1"), (b"x-forwarded-for", b"203.0.113.7")]}
+    assert client_of(scope, _PROXIES) == "addr:203.0.113.7"
+    assert _client("10.0.0.2", "203.0.113.7", api_key_digest=b"\x01" * 32) == "key:" + "01" * 8
