@@ -638,7 +638,7 @@ LINGER_S = 2.0
 # (uvicorn's h11 has a 16 KiB limit of its own, which it reports as an unreadable request
 # when headers come in smaller pieces than that.) Cookies and bearer tokens fit many times.
 MAX_HEADER_BYTES = 32 << 10
-# ... and in at most this many fields (httptools): within 32 KiB, 3,500 short fields
+# ... and in at most this many fields (either parser): within 32 KiB, 3,500 short fields
 # ("a1:b") held ~420 KB of Python objects for as long as their request ran (a queued or
 # streamed one: its deadline, its reader), where 256 fields of any size hold ~80 KB.
 MAX_HEADER_FIELDS = 256
@@ -815,7 +815,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _refusal: Any = None  # (the cap's 503, the head it waits for, its timer) once refused for the cap
         _head_piece = b""  # the last piece of a head given to the parser
         _fault: str | None = None  # why a callback of ours stopped the parser (httptools)
-        _fields = 0  # httptools: header fields of the head being received
+        _fields = 0  # header fields of the head being received (h11: its lines)
         _too_many_fields = False  # ... past MAX_HEADER_FIELDS: the parser stopped, a 431 is due
         _half_closed = False  # the client sent its FIN after whole requests: they are answered, then it closes
         _dropping = False  # httptools: past MAX_PIPELINED requests queued, the rest of what comes is dropped
@@ -952,12 +952,23 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 scan = self._tail + data
                 end = scan.find(b"\r\n\r\n")
                 begun = self._header_bytes > 0  # the head began in an earlier piece (the parser has that part)
-                self._header_bytes += len(data) if end < 0 else end + 4 - len(self._tail)
+                in_piece = len(data) if end < 0 else end + 4 - len(self._tail)
+                self._header_bytes += in_piece
                 self._tail = scan[-3:] if end < 0 else b""
                 if self._header_bytes > max_header_bytes:
                     self._refuse(HeadersTooLarge(f"the request's headers are over the limit of {max_header_bytes} bytes"),
                                  self._parsed_origins(begun) + _origins_in(scan))
                     return
+                if getattr(self, "conn", None) is not None:
+                    # h11 has no callback per field: its lines are counted here (the request
+                    # line and the blank line besides the fields). Without, 3,000 short fields
+                    # within h11's 16 KiB were read and held where httptools stops at 256.
+                    self._fields += data.count(b"\n", 0, max(0, in_piece))
+                    if self._fields > MAX_HEADER_FIELDS + 2:
+                        self._refuse(HeadersTooLarge(f"the request's headers are over the limit of {MAX_HEADER_FIELDS} "
+                                                     f"fields (and {max_header_bytes} bytes)"),
+                                     self._parsed_origins(begun) + _origins_in(scan))
+                        return
                 self._head_piece = data  # (what a 400 of the parser's reads the Origin from)
             super().data_received(data)
 
@@ -1155,7 +1166,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         def _arm_header_timer(self) -> None:
             self._heard = False
             if getattr(self, "conn", None) is not None:  # h11 has no head callbacks: a head begins after a response
-                self._header_bytes, self._tail = 0, b""
+                self._header_bytes, self._tail, self._fields = 0, b"", 0
             # The clock restarts after every response; the timer is not made again for it
             # (a loop timer cancelled and made per response, on a busy keep-alive
             # connection): the one running, due earlier, finds the deadline moved and
