@@ -113,3 +113,73 @@ def test_header_fields_past_the_limit_are_431_under_either_parser(implementation
         raw = _read_to_close(s, 5)
         s.close()
         assert raw.startswith(b"HTTP/1.1 200 OK") and raw.endswith(b"\r\n\r\n%d" % MAX_HEADER_FIELDS), raw[-300:]
+
+
+# ------------------------------------------------------------ the connection cap, among clients
+
+def test_one_address_past_the_connection_cap_closes_its_own_idle_connections() -> None:
+    """Past the connection cap a new connection closed the one that had waited longest
+    idle, whoever's: one client opening connections (an idle one costs it nothing) closed
+    every other client's keep-alive, each of its new ones costing another client its
+    connection. Now the cap takes room from the address holding the most: its own
+    longest idle one goes; where all of its others have requests in progress, its new one
+    is 503 (another client's idle keep-alive stays). A client is an address here (no
+    request is read yet): behind a proxy, by age as before."""
+    import asyncio
+    import socket
+    import threading
+
+    from jacobian_client import wire
+
+    from .test_connections import _read_to_close
+    from .test_hostile_round9 import _capped_uvicorn, _get
+
+    release, entered = threading.Event(), threading.Semaphore(0)
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/slow":
+            entered.release()
+        while scope["path"] == "/slow" and not release.is_set():
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def served(s: socket.socket, path: str = "/") -> None:
+        _get(s, path)
+        s.settimeout(5)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200"), path
+
+    opened: list[socket.socket] = []
+    with _capped_uvicorn(app, 3) as address:
+        try:
+            victim = socket.create_connection(address, source_address=("127.0.0.2", 0))
+            opened.append(victim)
+            served(victim)  # then idle on keep-alive: the oldest connection
+            for _ in range(6):  # the other client opens twice the cap, each used once
+                opened.append(socket.create_connection(address))
+                served(opened[-1])
+            served(victim)  # still open (before: closed by the first of them)
+            mine = opened[-2:]  # the other client's two left; its older ones were closed
+            for s in opened[1:-2]:
+                s.settimeout(5)
+                assert s.recv(10) == b""
+            for s in mine:  # busy, then one more of its own: refused, the victim's kept
+                _get(s, "/slow")
+            assert entered.acquire(timeout=5) and entered.acquire(timeout=5)  # (their requests are in progress)
+            with socket.create_connection(address) as s:
+                answer = _read_to_close(s, 5)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in head.lower(), answer
+            detail = wire.loads(body)["detail"]
+            assert "most connections (3), 2 of them this client address's" in detail, detail
+            served(victim)
+            release.set()
+            for s in mine:
+                s.settimeout(5)
+                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        finally:
+            release.set()
+            for s in opened:
+                s.close()

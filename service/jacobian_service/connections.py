@@ -51,6 +51,7 @@ from jacobian_client import wire
 
 from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
 from .half_close import PROBE, PeerWatch
+from .holders import Holders
 from .request_ids import new_request_id
 from .responses import echo, problem_document
 
@@ -790,8 +791,10 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
     At most ``max_connections`` (default :func:`connection_cap`) connections are kept:
     one more closes the connection that has waited longest without a request being
     answered on it (an idle keep-alive, or headers still coming), which any client must
-    expect of an idle connection; where every one has a request in progress, the new one
-    is answered 503 with ``Retry-After`` and closed.
+    expect of an idle connection, of the peer address holding the most connections
+    (:class:`holders.Holders`); where every one has a request in progress (or the address
+    holding the most has none idle and the new one is its own), the new one is answered
+    503 with ``Retry-After`` and closed.
 
     ``cors`` (``middleware.cors_answer_headers``) gives these answers written here the
     CORS headers the app gives its own, for the Origin of the request refused, where it
@@ -801,6 +804,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
     cap = connection_cap() if max_connections is None else max_connections
     # This process's connections, least recently heard from first.
     live: collections.OrderedDict[Any, None] = collections.OrderedDict()
+    holders = Holders()  # ... and by address, which holds the most (the cap takes room from it)
     waiting: set[Any] = set()  # connections refused for the cap that wait for their head, or linger as they close
 
     class HeaderDeadlineProtocol(base):  # type: ignore[misc, valid-type]
@@ -820,21 +824,41 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _half_closed = False  # the client sent its FIN after whole requests: they are answered, then it closes
         _dropping = False  # httptools: past MAX_PIPELINED requests queued, the rest of what comes is dropped
         _peer_watch: PeerWatch | None = None  # meanwhile: whether the FIN was a client gone (half_close.py)
+        _peer: str = ""  # the client's address (holders)
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending, self._app_told_gone))
+            peer = transport.get_extra_info("peername")
+            self._peer = peer[0] if isinstance(peer, tuple) and peer else ""  # (the address; a port is no client)
             live[self] = None
+            holders.add(self._peer, self)
             if len(live) > cap:
                 self._make_room()
             if self._refusal is None:
                 self._arm_header_timer()
 
+        def _may_close(self, other: Any) -> bool:
+            return other is not self and other._idle() and other._refusal is None and not other.transport.is_closing()
+
         def _make_room(self) -> None:
-            for other in live:
-                if other is not self and other._idle() and other._refusal is None and not other.transport.is_closing():
-                    other.transport.close()  # (connection_lost takes it out of ``live``)
-                    return
-            refusal = Unavailable(f"this server holds its most connections ({cap}), each with a request in "
+            # The idle connection that waited longest, where its address holds as many as
+            # any; else the longest-waiting idle one of the address holding the most. By
+            # age alone, one client opening connections past the cap closed every other
+            # client's idle keep-alive (theirs were older), each of its new ones costing
+            # another client its connection. Behind a proxy every client is one address:
+            # by age, as before.
+            oldest = next((other for other in live if self._may_close(other)), None)
+            greedy = False  # this new connection's address holds the most, none of them idle
+            if oldest is not None and holders.count(oldest._peer) < holders.most:
+                greediest = holders.greediest()
+                other = next((c for c in greediest if self._may_close(c)), None)
+                greedy = other is None and self in greediest
+                oldest = None if greedy else other or oldest
+            if oldest is not None:
+                oldest.transport.close()  # (connection_lost takes it out of ``live``)
+                return
+            held = f", {holders.count(self._peer) - 1} of them this client address's" if greedy else ""
+            refusal = Unavailable(f"this server holds its most connections ({cap}){held}, each with a request in "
                                   "progress; retry shortly", headers={"Retry-After": "1"})
             if cors is None or len(waiting) >= REFUSALS_WAITING:
                 self._refuse(refusal)
@@ -939,6 +963,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 return
             if self in live:
                 live.move_to_end(self)
+                holders.heard(self._peer, self)
             in_head = self._in_head()
             if not in_head and getattr(self, "conn", None) is None:  # httptools, a body's bytes
                 self._body_received(data)
@@ -1154,6 +1179,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def connection_lost(self, exc: Exception | None) -> None:
             live.pop(self, None)
+            holders.remove(self._peer, self)
             self._stop_peer_watch()
             if self._refusal is not None:
                 self._refusal[2].cancel()
