@@ -46,7 +46,14 @@ NO_STORE = (b"cache-control", b"no-store")
 _SINGLETONS = frozenset({b"content-type", b"authorization", b"x-request-timeout"})
 # RFC 9110 7.2: Host = uri-host [ ":" port ], uri-host an IP-literal or a reg-name
 # (unreserved, pct-encoded and sub-delims characters; empty where the target has none).
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*(?::[0-9]*)?")
+# An IPv6 literal may name its zone (RFC 6874: "%25" and the zone, as httpx, and so this
+# project's SDK, send it for a link-local address: [fe80::1%25eth0]:8000 was a 400; or
+# "%" and the zone, as Python's http.client before 3.12 did); an IP-literal may also be an
+# IPvFuture (RFC 3986 3.2.2).
+# One or the other: a literal with more beside it ("[::1]x", "[::1][::2]") is neither.
+_HOST = re.compile(rb"(?:\[(?:[0-9A-Fa-f:.]+(?:%(?:[A-Za-z0-9\-._~]|%[0-9A-Fa-f]{2})+)?"
+                   rb"|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
+                   rb"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
 
 
 def _log_access(message: str, *args: Any, **extra: Any) -> None:
