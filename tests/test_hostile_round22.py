@@ -137,7 +137,7 @@ def test_a_client_is_its_key_else_its_address_or_what_a_trusted_proxy_says() -> 
     assert client_of(scope("192.0.2.1", forwarded=(b"203.0.113.5",)), proxies) == "addr:192.0.2.1"  # not a proxy of ours
     assert client_of(scope("10.1.2.3", forwarded=(b"6.6.6.6, 203.0.113.5",)), proxies) == "addr:203.0.113.5"
     assert client_of(scope("10.1.2.3", forwarded=(b"6.6.6.6", b"203.0.113.6")), proxies) == "addr:203.0.113.6"
-    assert client_of(scope("::1", forwarded=(b"2001:db8::1",)), proxies) == "addr:2001:db8::1"
+    assert client_of(scope("::1", forwarded=(b"2001:db8::1",)), proxies) == "addr:2001:db8::/64"  # (its /64: round 23)
     assert client_of(scope("10.1.2.3"), proxies) == "addr:10.1.2.3"  # a proxy that forwarded for nobody
     assert client_of(scope("10.1.2.3", key=b"\x01" * 32), proxies) == client_of(scope("192.0.2.9", key=b"\x01" * 32))
     assert client_of(scope("10.1.2.3", key=b"\x01" * 32)) != client_of(scope("10.1.2.3", key=b"\x02" * 32))

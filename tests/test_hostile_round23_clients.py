@@ -50,7 +50,20 @@ def test_a_port_beside_an_address_is_no_client_of_its_own(written: str) -> None:
 @pytest.mark.parametrize("written", ["2001:db8::1", "[2001:db8::1]:443", "[2001:DB8:0::1]", "2001:db8:0:0:0:0:0:1",
                                      "[2001:db8::1]"])
 def test_ipv6_spellings_are_one_client(written: str) -> None:
-    assert _client("fd00::5", written) == "addr:2001:db8::1"
+    assert _client("fd00::5", written) == "addr:2001:db8::/64"
+
+
+def test_an_ipv6_client_is_its_64() -> None:
+    """A host is given a /64 and may send from any address in it (RFC 8981: a temporary
+    address a connection): each address its own client, one host held a stream share,
+    and the connection cap's count, per address it chose. One /64 is one client, for the
+    share and for the cap alike; another /64 is another."""
+    from jacobian_service.clients import address_client
+
+    assert _client("10.0.0.2", "2001:db8::1") == _client("10.0.0.2", "2001:db8::ab:cd:ef:1") == "addr:2001:db8::/64"
+    assert _client("10.0.0.2", "2001:db8:0:1::1") == "addr:2001:db8:0:1::/64"
+    assert _client("2001:db8::1") == _client("2001:db8::2") == "addr:" + address_client("2001:db8::2")
+    assert address_client("::ffff:192.0.2.1") == address_client("192.0.2.1") == "192.0.2.1"
 
 
 def test_an_ipv6_zone_and_a_mapped_ipv4_peer_are_addresses() -> None:
@@ -59,7 +72,7 @@ def test_an_ipv6_zone_and_a_mapped_ipv4_peer_are_addresses() -> None:
     one client."""
     assert _client("::ffff:10.0.0.2", "203.0.113.7") == "addr:203.0.113.7"
     assert _client("10.0.0.2", "::ffff:203.0.113.7") == "addr:203.0.113.7"
-    assert _client("10.0.0.2", "fe80::1%eth0") == _client("10.0.0.2", "[fe80::1%25eth0]:80") == "addr:fe80::1"
+    assert _client("10.0.0.2", "fe80::1%eth0") == _client("10.0.0.2", "[fe80::1%25eth0]:80") == "addr:fe80::/64"
     # A name or an obfuscated entry (RFC 7239's "unknown", "_hidden") is kept as written.
     assert _client("10.0.0.2", "unknown") == "addr:unknown"
 

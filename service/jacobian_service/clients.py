@@ -14,7 +14,8 @@ port or brackets a proxy wrote beside it (``1.2.3.4:51000``, ``[2001:db8::1]:443
 connection had been a client of its own), an IPv6 zone, another spelling of the same
 IPv6 address, or an IPv4 address seen mapped into IPv6 (a server listening on ``::``
 sees an IPv4 proxy as ``::ffff:10.0.0.1``, which ``10.0.0.0/8`` did not take) are one
-address. ``Forwarded`` (RFC 7239) is never read: a proxy that appends to
+address, and an IPv6 address is its /64 (a host's own, any address of which it may
+send from). ``Forwarded`` (RFC 7239) is never read: a proxy that appends to
 ``X-Forwarded-For`` passes a client's own ``Forwarded`` through, and read first it would
 let each request name a client of its own.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-__all__ = ["KEY", "client_of", "parse_proxies"]
+__all__ = ["KEY", "address_client", "client_of", "parse_proxies"]
 
 # Where AuthMiddleware leaves the digest of the key a request was let in with (scope["state"]).
 KEY = "api_key_digest"
@@ -43,7 +44,7 @@ def client_of(scope: dict[str, Any], proxies: Networks = ()) -> str:
         return "key:" + key.hex()[:16]
     peer = _address((scope.get("client") or ("",))[0])
     if not (proxies and _among(peer, proxies)):
-        return "addr:" + str(peer)
+        return "addr:" + _named(peer)
     forwarded = b",".join(v for k, v in scope["headers"] if k == b"x-forwarded-for").decode("latin-1")
     client = peer
     for entry in reversed(forwarded.split(",")):  # nearest hop first; each entry its proxy's peer
@@ -51,7 +52,22 @@ def client_of(scope: dict[str, Any], proxies: Networks = ()) -> str:
             client = _address(entry)
             if not _among(client, proxies):
                 break
-    return "addr:" + str(client)
+    return "addr:" + _named(client)
+
+
+def address_client(address: str) -> str:
+    """A peer's address (as a socket gives it) as a client: what the connection cap
+    counts connections by (``connections.guarded_protocol``), as ``client_of`` names it."""
+    return address if ":" not in address else _named(_address(address))  # (IPv4: as it is)
+
+
+def _named(address: "ipaddress.IPv4Address | ipaddress.IPv6Address | str") -> str:
+    """An IPv6 address names its /64: a host is given a /64 and may send from any address
+    in it (RFC 8981's temporary addresses; one a connection), and each address its own
+    client let one host hold a share, and connections, per address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return str(address)
 
 
 def _address(text: str) -> "ipaddress.IPv4Address | ipaddress.IPv6Address | str":

@@ -49,6 +49,7 @@ except ImportError:  # Python 3.10: anyio's backport
 
 from jacobian_client import wire
 
+from .clients import address_client
 from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
 from .half_close import PROBE, PeerWatch
 from .holders import Holders
@@ -829,7 +830,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending, self._app_told_gone))
             peer = transport.get_extra_info("peername")
-            self._peer = peer[0] if isinstance(peer, tuple) and peer else ""  # (the address; a port is no client)
+            self._peer = address_client(peer[0]) if isinstance(peer, tuple) and peer else ""  # (a port is no client)
             live[self] = None
             holders.add(self._peer, self)
             if len(live) > cap:
