@@ -154,7 +154,8 @@ _CHOICES = frozenset(
     max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool2d adaptive_max_pool3d aminmax
     _prelu_kernel""".split()
 )
-# Pointwise ops whose derivative is zero everywhere it exists.
+# Pointwise ops whose derivative is zero everywhere it exists, for real arguments: the
+# sgn of a complex z is z / |z|, whose derivative is not (_zero_derivative).
 _ZERO_DERIVATIVE = frozenset("floor ceil round trunc sign sgn fix".split())
 # Outputs that never depend on the values of their tensor arguments.
 _NO_DEPS = frozenset(
@@ -162,7 +163,14 @@ _NO_DEPS = frozenset(
     new_ones new_empty new_full new_empty_strided fill zero detach bernoulli
     normal uniform exponential""".split()
 )
-# Pointwise ops that are linear in every argument that carries dependencies.
+
+
+def _zero_derivative(name: str, traced: list[Any]) -> bool:
+    """An op of _ZERO_DERIVATIVE on real arguments (sgn takes complex ones too: z / |z|,
+    pointwise with a derivative, whose Jacobian came back all zeros, exact, with a 200)."""
+    return name in _ZERO_DERIVATIVE and not any(a.is_complex() for a in traced)
+
+
 def _exponent(e: Any) -> float | None:
     """A power's exponent where it is a plain number (a Python scalar; a 0-d tensor
     that is no traced value), else None."""
@@ -173,6 +181,7 @@ def _exponent(e: Any) -> float | None:
     return None
 
 
+# Pointwise ops that are linear in every argument that carries dependencies.
 _LINEAR_POINTWISE = frozenset(
     """add sub rsub neg positive where clone _to_copy copy alias lift_fresh contiguous
     masked_fill _conj real complex""".split()
@@ -549,7 +558,7 @@ class _Tracer:
             self.no_grad = True
         if name == "fill" and _fill_value(args) is not None and torch.is_grad_enabled():
             return self.filled(_fill_value(args), out)
-        if name in _NO_DEPS or name in _ZERO_DERIVATIVE or not torch.is_grad_enabled():
+        if name in _NO_DEPS or _zero_derivative(name, traced) or not torch.is_grad_enabled():
             wrapped = [self.wrap(o, _empty(o.numel(), self.n)) if _float(o) else o for o in leaves]
             return pytree.tree_unflatten(wrapped, spec)
         if name in _MOVEMENT:
