@@ -4,6 +4,8 @@ cases replayed over HTTP: test_ops.py's OpInfo sweeps over complex-to-real funct
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from jacobian_service import register
@@ -31,3 +33,41 @@ def complex_sgn_energy(x: torch.Tensor) -> torch.Tensor:
 def real_sgn_times(x: torch.Tensor) -> torch.Tensor:
     """sgn(x) x = |x| away from 0: sgn of a real tensor still has no derivative."""
     return torch.sgn(x) * x
+
+
+class _CubeNoJvp(torch.autograd.Function):
+    """a ** 3 with a backward (3 a^2 g) and neither a jvp nor a vmap rule:
+    torch.func.hessian cannot run, reverse over reverse can."""
+
+    @staticmethod
+    def forward(a: torch.Tensor) -> torch.Tensor:
+        return a**3
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        return 3 * a**2 * g
+
+
+class _CubeNoJvpDetached(_CubeNoJvp):
+    """Its backward cuts its graph (a.detach()): reverse over reverse finds no 6 a term,
+    so the Hessian's diagonal comes out 0 where it is 6 a roll(a)."""
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        return 3 * a.detach() ** 2 * g
+
+
+@register
+def cube_energy_detached(x: torch.Tensor) -> torch.Tensor:
+    return (_CubeNoJvpDetached.apply(x) * x.roll(1)).sum()
+
+
+@register
+def cube_energy_no_jvp(x: torch.Tensor) -> torch.Tensor:
+    return (_CubeNoJvp.apply(x) * x.roll(1)).sum()

@@ -15,10 +15,11 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from torch.func import hessian, jacrev
+import torch
+from torch.func import grad, hessian, jacrev, jvp
 
 from . import parity18_functions as F
-from .conftest import ready_app
+from .conftest import assert_problem, ready_app
 from .test_parity_round7 import answer, post, same, t
 
 
@@ -57,3 +58,33 @@ def test_sgn_of_a_complex_tensor_has_a_derivative_on_the_sparse_routes(c):
     r = c.get("/v1/functions/complex_sgn/sparsity", params={"shapes": "6"})
     assert r.status_code == 200, r.text
     assert r.json()["pattern"]["nnz"] == 12  # each part of sgn(z_i) on z_i's two parts
+
+
+def test_a_sparse_hessian_that_reverse_over_reverse_gets_wrong_is_torchs_error(c):
+    """TestHessian over a custom autograd.Function with neither a jvp nor a vmap rule
+    (torch.func.hessian raises) whose backward cuts its graph (3 a.detach()^2 g): reverse
+    over reverse misses the 6 a roll(a) diagonal. The dense /hessian checks such an
+    answer against central differences of jacrev and refuses it (500, torch's error);
+    the sparse one (sparsity=auto), falling back to reverse-over-reverse products as
+    forward over reverse failed, answered that Hessian, diagonal 0 (3 to 13 off),
+    with a 200. It is now checked the same way and refused the same way; the same
+    Function with a backward that keeps its graph is still answered, on both routes,
+    the Hessian central differences of jacrev give."""
+    x = np.linspace(0.6, 1.6, 5)
+    errors = []
+    for transform in (lambda: hessian(F.cube_energy_detached)(t(x)),  # the dense route's: torch's
+                      lambda: jvp(grad(F.cube_energy_detached), (t(x),), (t(x),))):  # the sparse one's products'
+        with pytest.raises((RuntimeError, NotImplementedError)) as caught:
+            transform()
+        errors.append(f"{type(caught.value).__name__}: {str(caught.value).splitlines()[0]}")
+    for options, error in (({}, errors[0]), ({"sparsity": "auto"}, errors[1]),
+                           ({"sparsity": "auto", "chunk_size": 1}, errors[1])):
+        doc = assert_problem(post(c, "cube_energy_detached", "hessian", [x], **options), 500, "function_error")
+        assert doc["detail"].startswith(error), (options, doc)
+    g = jacrev(F.cube_energy_no_jvp, chunk_size=1)
+    eps = 1e-6
+    want = torch.stack([(g(t(x) + eps * e) - g(t(x) - eps * e)) / (2 * eps) for e in torch.eye(5, dtype=torch.float64)])
+    assert want.diagonal().abs().min() > 3  # the part the detached backward loses
+    dense, _ = answer(post(c, "cube_energy_no_jvp", "hessian", [x]), "hessian")
+    same(dense, want, rtol=1e-6)
+    same(_sparse(c, "cube_energy_no_jvp", "hessian", x), want.numpy(), rtol=1e-6)

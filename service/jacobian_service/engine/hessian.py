@@ -117,7 +117,9 @@ def agrees_with_differences(g: Callable[..., Any], primals: tuple[Any, ...], arg
     random numbers) has no differences to check against: its answer stands.
 
     ``alive`` (``Call.check_alive``) runs before each call of the function: a request
-    whose client left, or whose deadline passed, stops here too."""
+    whose client left, or whose deadline passed, stops here too. ``value``: the
+    Hessian's blocks, or a function of the direction (one tensor per input) giving
+    ``H v`` (one per gradient leaf): a sparse Hessian's, never made dense."""
     twice = [_called(alive, g, primals) for _ in range(2)]
     if not all(torch.equal(a, b) for a, b in zip(*twice)):
         return True
@@ -149,12 +151,18 @@ def agrees_with_differences(g: Callable[..., Any], primals: tuple[Any, ...], arg
                 raise
             if rows == 1:
                 return True
-    blocks = [b.detach().to(torch.float64) for b in pytree.tree_leaves(value)]
-    n = len(leaves)
-    if len(plus) * n != len(blocks):
+    if callable(value):
+        products = [p.detach().to(torch.float64) for p in value(v)]
+    else:
+        blocks = [b.detach().to(torch.float64) for b in pytree.tree_leaves(value)]
+        n = len(leaves)
+        if len(plus) * n != len(blocks):
+            return False
+        products = [sum(torch.tensordot(blocks[ij * n + k], d.to(torch.float64), dims=d.dim()) for k, d in enumerate(v))
+                    for ij in range(len(plus))]
+    if len(products) != len(plus):
         return False
-    for ij, (jp, jm) in enumerate(zip(plus, minus)):
-        hv = sum(torch.tensordot(blocks[ij * n + k], d.to(torch.float64), dims=d.dim()) for k, d in enumerate(v))
+    for hv, jp, jm in zip(products, plus, minus):
         fd = (jp - jm) / (2 * h)
         scale = float(hv.abs().max()) + float(fd.abs().max()) if hv.numel() else 0.0
         noise = 64 * eps * (float(jp.abs().max()) + float(jm.abs().max())) / h if jp.numel() else 0.0

@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .. import __version__ as _SERVICE_VERSION
 from ..engine.calling import GradOffWatch
-from ..engine.hessian import refusal
+from ..engine.hessian import agrees_with_differences, refusal
 from ..engine.products import vmap_agrees
 from ..errors import ServiceError, exception_text
 from .coloring import Coloring, choose_coloring, hessian_coloring, star_coloring
@@ -994,6 +994,7 @@ def _sparse_hessian(
     # vmaps them (one product alone differentiates an in-place write under no_grad
     # twice: x.mul_(2) then x**3 gave 48 x where torch.func.hessian says 24 x)
     torchs = NO_GRAD_HESSIAN_NOTE in p.notes
+    forward_failed: Exception | None = None  # torch.func.hessian's own error, reverse over reverse answering
     run = star = _single(_product_at("star", fn, argnums, has_aux), args, key and ("star", key), check=not torchs)
     try:
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
@@ -1024,6 +1025,7 @@ def _sparse_hessian(
             # where the Hessian is not. Only forward over reverse sees through it, and it
             # cannot run: its error, torch.func.hessian's, as the dense Hessian answers.
             raise exc.with_traceback(None) from None
+        forward_failed = exc
     if not torchs and run is star:
         _refused_where_torchs_cannot_run(fn, args, argnums, has_aux, plan, star)
     if plan.unsolvable(block):  # a NaN or an infinity: star colouring keeps it at its entry
@@ -1034,9 +1036,31 @@ def _sparse_hessian(
     matrix = _to_csr(p, plan.values(p, block))
     if _proven_wrong(p, coloring, [plan], [block], matrix, [run], None):
         matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "hessian")
+    elif forward_failed is not None and not _agrees_with_differences(fn, args, argnums, has_aux, primals, matrix,
+                                                                     check_alive):
+        raise forward_failed.with_traceback(None) from None
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, coloring.mode, p.source, out, aux, chunk,
                         {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached})  # type: ignore[dict-item]
+
+
+def _agrees_with_differences(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...],
+                             has_aux: bool, primals: tuple[torch.Tensor, ...], matrix: Any,
+                             check_alive: Callable[[], None] | None) -> bool:
+    """A reverse-over-reverse Hessian (torch.func.hessian's forward over reverse could
+    not run: a custom ``autograd.Function`` without ``jvp``) against central differences
+    of jacrev, as the dense Hessian is checked (engine.hessian.agrees_with_differences):
+    reverse over reverse misses what a backward hides from its graph (``a.detach()``
+    inside it), and answered 0 there with a 200 where the dense route refuses."""
+    g = _flat_fn(fn, args, argnums, has_aux)
+
+    def product(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        flat = np.concatenate([d.detach().to(torch.float64).cpu().numpy().reshape(-1) for d in v])
+        hv = torch.from_numpy(np.asarray(matrix @ flat, dtype=np.float64))
+        return [part.reshape(d.shape) for part, d in zip(hv.split([d.numel() for d in v]), v)]
+
+    return agrees_with_differences(lambda *d: (g(*d).sum(), ()), tuple(fresh(primals)), tuple(range(len(primals))),
+                                   product, check_alive or (lambda: None))
 
 
 def _proven_wrong(
