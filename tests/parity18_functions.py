@@ -71,3 +71,24 @@ def cube_energy_detached(x: torch.Tensor) -> torch.Tensor:
 @register
 def cube_energy_no_jvp(x: torch.Tensor) -> torch.Tensor:
     return (_CubeNoJvp.apply(x) * x.roll(1)).sum()
+
+
+class _CubeWrongJvpNoVmap(_CubeNoJvp):
+    """A jvp (2 a t) that disagrees with the backward (3 a^2 g), and no vmap rule:
+    torch.func.hessian raises; torch.func.jvp of the gradient, one tangent, answers
+    through the jvp."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        return 2 * a * t
+
+
+@register
+def wrong_jvp_energy_no_vmap(x: torch.Tensor) -> torch.Tensor:
+    return (_CubeWrongJvpNoVmap.apply(x) * x.roll(1)).sum()

@@ -20,7 +20,7 @@ from torch.func import grad, hessian, jacrev, jvp
 
 from . import parity18_functions as F
 from .conftest import assert_problem, ready_app
-from .test_parity_round7 import answer, post, same, t
+from .test_parity_round7 import answer, arr, post, same, t
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +88,23 @@ def test_a_sparse_hessian_that_reverse_over_reverse_gets_wrong_is_torchs_error(c
     dense, _ = answer(post(c, "cube_energy_no_jvp", "hessian", [x]), "hessian")
     same(dense, want, rtol=1e-6)
     same(_sparse(c, "cube_energy_no_jvp", "hessian", x), want.numpy(), rtol=1e-6)
+
+
+def test_stacked_hvp_tangents_of_a_function_without_a_vmap_rule_are_torchs_one_by_one(c):
+    """test_vmap.py's vmap over jvp(grad(f)) for a custom Function without a vmap rule
+    whose jvp and backward disagree: torch's vmap over the tangents raises, each tangent
+    alone is answered by torch (forward over reverse, through the jvp). The service
+    answers the stack with each tangent's torch.func product (README: a stack of vectors
+    is answered wherever one vector is), not reverse over reverse's (which differs
+    here), while the dense and sparse Hessians, which no torch.func call computes for
+    this Function, are refused (round 17)."""
+    x = np.linspace(0.6, 1.6, 5)
+    ts = np.stack([np.eye(5)[0], np.arange(5.0) - 2, np.ones(5)])
+    one = lambda v: jvp(grad(F.wrong_jvp_energy_no_vmap), (t(x),), (v,))[1]  # noqa: E731
+    with pytest.raises(RuntimeError, match="vmap over"):
+        torch.func.vmap(one)(t(ts))
+    want = torch.stack([one(v) for v in t(ts)])
+    reverse = torch.stack([jacrev(grad(F.wrong_jvp_energy_no_vmap), chunk_size=1)(t(x)) @ v for v in t(ts)])
+    assert not torch.allclose(want, reverse)  # the two Hessians this Function has
+    got, _ = answer(post(c, "wrong_jvp_energy_no_vmap", "hvp", [x], tangents=arr(ts), batched_vectors=True), "hvp")
+    same(got, want, rtol=1e-12)
