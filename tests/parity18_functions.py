@@ -1,14 +1,18 @@
 """Functions for tests/test_parity_round18.py, round 18 of PyTorch's own torch.func test
 cases replayed over HTTP: test_ops.py's OpInfo sweeps over complex-to-real functions
-(sgn, whose derivative is zero for real arguments and not for complex ones)."""
+(sgn, whose derivative is zero for real arguments and not for complex ones), and
+TestHessian / test_vmap.py cases over custom autograd.Functions without a jvp or a vmap
+rule (a backward that cuts its graph; a jvp that disagrees with the backward)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-
 from jacobian_service import register
+
+from .parity17_functions import _CubeWrongJvpNoVmap, _energy
+from .sparse13_functions import _CubeOnce
 
 
 def _z(x: torch.Tensor) -> torch.Tensor:
@@ -35,17 +39,11 @@ def real_sgn_times(x: torch.Tensor) -> torch.Tensor:
     return torch.sgn(x) * x
 
 
-class _CubeNoJvp(torch.autograd.Function):
-    """a ** 3 with a backward (3 a^2 g) and neither a jvp nor a vmap rule:
-    torch.func.hessian cannot run, reverse over reverse can."""
+class _CubeNoJvp(_CubeOnce):
+    """a ** 3 with a backward (3 a^2 g) that keeps its graph, and neither a jvp nor a
+    vmap rule: torch.func.hessian cannot run, reverse over reverse can."""
 
-    @staticmethod
-    def forward(a: torch.Tensor) -> torch.Tensor:
-        return a**3
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        ctx.save_for_backward(inputs[0])
+    generate_vmap_rule = False
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
@@ -63,32 +61,23 @@ class _CubeNoJvpDetached(_CubeNoJvp):
         return 3 * a.detach() ** 2 * g
 
 
+# sum(cube(x) roll(x)) of each (round 17's energy)
+_detached, _no_jvp = _energy(_CubeNoJvpDetached), _energy(_CubeNoJvp)
+# round 17's Function whose jvp (2 a t) disagrees with its backward (3 a^2 g), no vmap rule:
+# torch.func.hessian raises; torch.func.jvp of the gradient, one tangent, answers through the jvp
+_wrong_jvp = _energy(_CubeWrongJvpNoVmap)
+
+
 @register
 def cube_energy_detached(x: torch.Tensor) -> torch.Tensor:
-    return (_CubeNoJvpDetached.apply(x) * x.roll(1)).sum()
+    return _detached(x)
 
 
 @register
 def cube_energy_no_jvp(x: torch.Tensor) -> torch.Tensor:
-    return (_CubeNoJvp.apply(x) * x.roll(1)).sum()
-
-
-class _CubeWrongJvpNoVmap(_CubeNoJvp):
-    """A jvp (2 a t) that disagrees with the backward (3 a^2 g), and no vmap rule:
-    torch.func.hessian raises; torch.func.jvp of the gradient, one tangent, answers
-    through the jvp."""
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:
-        (a,) = ctx.saved_tensors
-        return 2 * a * t
+    return _no_jvp(x)
 
 
 @register
 def wrong_jvp_energy_no_vmap(x: torch.Tensor) -> torch.Tensor:
-    return (_CubeWrongJvpNoVmap.apply(x) * x.roll(1)).sum()
+    return _wrong_jvp(x)

@@ -2,9 +2,12 @@
 tests/parity18_functions.py and compared with in-process torch.func (values, shapes,
 dtypes; torch's error where torch raises).
 
-test_ops.py's OpInfo-driven jacrev / hessian checks over complex-to-real functions
-(sgn of a complex tensor), through the sparse routes (``sparsity: "auto"``, whose
-pattern the service detects) as well as the dense ones.
+1. test_ops.py's OpInfo-driven jacrev / hessian checks over complex-to-real functions
+   (sgn of a complex tensor), through the sparse routes (``sparsity: "auto"``, whose
+   pattern the service detects) as well as the dense ones.
+2. TestHessian over custom autograd.Functions that torch.func.hessian cannot run (no
+   jvp, no vmap rule): every route answers the Hessian or refuses it alike.
+3. test_vmap.py's vmap over jvp(grad(f)) for such a Function: stacked hvp tangents.
 
 One in-process app serves the module (no server start), as rounds 7-17.
 """
