@@ -172,8 +172,7 @@ class Pattern:
 
     def __post_init__(self) -> None:
         m, n = (int(d) for d in self.shape)
-        rows = np.asarray(self.rows, dtype=np.int64).ravel()
-        cols = np.asarray(self.cols, dtype=np.int64).ravel()
+        rows, cols = _indices(self.rows, "rows"), _indices(self.cols, "cols")
         if rows.shape != cols.shape:
             raise ValueError("rows and cols must have the same length")
         if rows.size and (rows.min() < 0 or rows.max() >= m or cols.min() < 0 or cols.max() >= n):
@@ -268,6 +267,25 @@ class Pattern:
             "max_per_col": int(per_col.max()) if n else 0,
             "notes": list(self.notes),
         }
+
+
+def _indices(values: Any, what: str) -> np.ndarray:
+    """A pattern's row or column indices as int64, refusing any that are not whole
+    numbers: a declared pattern given as ``0.5, 1.5`` was cast to ``0, 1`` (and ``nan``
+    to a huge negative), another pattern than declared, its products then read at the
+    wrong places. Whole floats (``np.arange(n, dtype=float)``) lose nothing and pass."""
+    a = np.asarray(values).ravel()
+    if a.dtype.kind in "iu":
+        return a.astype(np.int64, copy=False)
+    if a.size == 0:  # (np.asarray([]) is float64)
+        return np.zeros(0, np.int64)
+    if a.dtype.kind != "f":
+        raise ValueError(f"pattern {what} must be integer indices; got an array of {a.dtype}")
+    whole = np.isfinite(a) & (np.floor(a) == a)
+    if not whole.all():
+        shown = ", ".join(repr(float(v)) for v in a[~whole][:3])
+        raise ValueError(f"pattern {what} must be whole numbers (indices); got {shown}")
+    return a.astype(np.int64)
 
 
 def _index_dtype(p: Pattern) -> type:
@@ -367,7 +385,8 @@ def block_diagonal(block: int | tuple[int, int], *, hessian: bool = False) -> De
 
 def coo(rows: Sequence[int], cols: Sequence[int], shape: tuple[int, int] | None = None, *, hessian: bool = False) -> Declared:
     """An explicit pattern for one fixed shape (checked against the call's)."""
-    r, c = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+    # (checked as whole indices when the pattern is built: a 422 naming them, not a cast)
+    r, c = np.asarray(rows), np.asarray(cols)
 
     def build(in_shapes: Shapes, m: int) -> Pattern:
         n = sum(int(np.prod(s, dtype=np.int64)) for s in in_shapes)
