@@ -60,3 +60,22 @@ def renormed(x):
 @register(inputs=[Input("x", shape=(4, 3), dtype="float64"), Input("y", shape=(4, 3), dtype="float64")])
 def dists(x, y):
     return torch.stack([torch.dist(x[i], y[i]) for i in range(4)])
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="Sums of squares of pairs and a running sum, each written with out= into a buffer it makes.")
+def out_reductions(x):
+    w = x.reshape(-1, 2)
+    s = torch.empty(w.shape[0], dtype=x.dtype)
+    torch.sum(w * w, dim=1, out=s)
+    c = torch.empty(x.shape[0], dtype=x.dtype)
+    torch.cumsum(x, 0, out=c)
+    return torch.cat([s, c])
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64"), Input("y", shape=("n",), dtype="float64")],
+          description="x times a weight y * y computed with out= into a buffer it makes (y not differentiated).")
+def out_weight(x, y):
+    w = torch.empty(x.shape[0], dtype=x.dtype)
+    torch.mul(y, y, out=w)
+    return x * w

@@ -64,3 +64,59 @@ def test_a_declared_pattern_of_whole_float_indices_is_read_as_integers(client):
     assert r.status_code == 200, r.text
     assert r.json()["meta"]["nnz"] == 7
     np.testing.assert_allclose(csr(r.json()), jacrev(s15.bidiag_sin, x), rtol=1e-13, atol=1e-15)
+
+
+# ------------------------------------------------------------------ out= writes
+
+
+def _pattern(doc):
+    """A GET .../sparsity answer's matrix as a dense boolean array."""
+    m = doc["matrix"]
+    dense = np.zeros(m["shape"], bool)
+    for i in range(m["shape"][0]):
+        dense[i, m["indices"][m["indptr"][i]:m["indptr"][i + 1]]] = True
+    return dense
+
+
+def test_a_result_written_through_out_is_traced(client):
+    """``torch.sum(w * w, dim=1, out=s)``, ``torch.cumsum(x, 0, out=c)`` into buffers the
+    function made: the tracer wrapped the out overload's result beside the buffer, which
+    kept no dependencies, so GET .../sparsity showed an empty pattern (nnz 0) where
+    each sum reads its pair and each running sum its prefix. Now an out= op is traced
+    as the op out of place copied into its buffer: the pattern is the out-of-place
+    function's (jacrev's nonzeros at a random point). Autograd refuses out= on values
+    that need a gradient, so the POSTs answer torch's error, sparse as dense."""
+    r = client.get("/v1/functions/out_reductions/sparsity?shapes=6")
+    assert r.status_code == 200, r.text
+    assert r.json()["pattern"]["exact"] is True and r.json()["pattern"]["value_dependent"] is False
+
+    def same_out_of_place(x):
+        w = x.reshape(-1, 2)
+        return torch.cat([(w * w).sum(1), x.cumsum(0)])
+
+    x = np.random.default_rng(15).uniform(0.5, 1.5, 6)
+    np.testing.assert_array_equal(_pattern(r.json()), jacrev(same_out_of_place, x) != 0)
+    r = client.get("/v1/functions/out_write/sparsity?shapes=4")
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(_pattern(r.json()), (np.eye(4) + np.roll(np.eye(4), -1, axis=1)) > 0)
+    dense = client.post("/v1/functions/out_write/jacobian", json={"inputs": [[1.0, 2.0, 3.0, 4.0]]})
+    want = assert_problem(dense, 500, "function_error")["detail"]
+    assert want.startswith("RuntimeError: mul(): functions with out=... arguments don't support automatic differentiation")
+    r = client.post("/v1/functions/out_write/jacobian", json={"inputs": [[1.0, 2.0, 3.0, 4.0]], "sparsity": "auto"})
+    assert assert_problem(r, 500, "function_error")["detail"] == want
+
+
+def test_a_buffer_written_through_out_from_an_input_is_no_constant(client):
+    """``torch.mul(y, y, out=w)`` into a buffer the function made (``y`` not
+    differentiated, which autograd allows), then ``x * w``: the buffer stayed a
+    constant to the tracer, its zeros at the first point (y = 0, 1, 0, 1) structure, and
+    the pattern without (0, 0) and (2, 2) was cached for every point: at y = 1 the
+    answer was 0 where jacrev's is 1, a 200. Now the write makes the buffer vary with
+    the inputs: its zeros are no structure, and every point gets jacrev's values."""
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    for y in (np.array([0.0, 1.0, 0.0, 1.0]), np.array([1.0, 1.0, 1.0, 1.0]), np.array([0.5, 0.0, 2.0, 1.0])):
+        r = client.post("/v1/functions/out_weight/jacobian",
+                        json={"inputs": [x.tolist(), y.tolist()], "sparsity": "auto", "sparse_format": "dense"})
+        assert r.status_code == 200, r.text
+        got = np.asarray(r.json()["jacobian"]["data"])
+        np.testing.assert_array_equal(got, jacrev(s15.out_weight, x, y))

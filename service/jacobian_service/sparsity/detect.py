@@ -510,6 +510,8 @@ class _Tracer:
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any], traced: Sequence[_Traced]) -> Any:
         """``func`` on ``args``, ``traced`` being the traced tensors among them."""
         self.alive()
+        if _out_arguments(func):
+            return self.into(func, args, kwargs)
         if _op(func) in _LAYOUT_INPLACE and args and isinstance(args[0], _Traced):
             return self.relayout(func, args, kwargs)
         if all(t.root.const for t in traced):
@@ -1617,6 +1619,26 @@ class _Tracer:
         self.write(target, fresh)
         return target
 
+    def into(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        """``torch.mul(a, b, out=y)``: the op out of place (its own rule), then each
+        result copied into its ``out=`` tensor, as ``y.copy_(a * b)`` is traced. The
+        out overload's result was wrapped beside ``y``, which kept the dependencies it
+        had (none, for a buffer the function made): ``GET .../sparsity`` showed an empty
+        pattern for what reads two elements a row. (Autograd refuses ``out=`` on values
+        that need a gradient: the products then answer torch's error, as ``jacrev``.)"""
+        names = _out_arguments(func)
+        functional = _functional(func)
+        targets = [kwargs.get(n) for n in names]
+        if functional is None or not all(isinstance(t, torch.Tensor) for t in targets):
+            raise TraceError(f"{_op(func)}: an out= overload with no out-of-place one is not traced")
+        rest = {k: v for k, v in kwargs.items() if k not in names}
+        results = pytree.tree_leaves(functional(*args, **rest))  # traced through this dispatch again
+        for target, result in zip(targets, results):
+            if tuple(target.shape) != tuple(result.shape):  # torch would resize the out= tensor
+                raise TraceError(f"{_op(func)}: an out= tensor of another shape (resized) is not traced")
+            target.copy_(result)
+        return targets[0] if len(targets) == 1 else tuple(targets)
+
     def relayout(self, func: Any, args: Any, kwargs: dict[str, Any]) -> _Traced:
         """``x.squeeze_()``, ``x.t_()``, ...: the same elements (and dependencies) seen
         through new sizes and strides. torch's own ``matmul`` of a vector and a matrix
@@ -1882,6 +1904,33 @@ def _writes_first(func: Any) -> bool:
     """The op writes into its first argument (``x.add_(y)``, ``x.index_add_(...)``)."""
     arguments = func._schema.arguments
     return bool(arguments) and arguments[0].alias_info is not None and arguments[0].alias_info.is_write
+
+
+_OUTS: dict[Any, tuple[str, ...]] = {}
+
+
+def _out_arguments(func: Any) -> tuple[str, ...]:
+    """The names of the ``out=`` arguments of an out overload (``mul.out``: ``out``;
+    ``max.dim_max``: ``max``, ``max_values``), else (); remembered per op."""
+    names = _OUTS.get(func)
+    if names is None:
+        names = _OUTS[func] = tuple(a.name for a in func._schema.arguments if a.is_out)
+    return names
+
+
+def _functional(func: Any) -> Any:
+    """The out-of-place overload an out overload writes the result of: the one of the
+    same op with the same arguments but the ``out=`` ones (``mul.Tensor`` for
+    ``mul.out``), else None."""
+    want = [(a.name, str(a.type)) for a in func._schema.arguments if not a.is_out]
+    packet = func.overloadpacket
+    for overload in packet.overloads():
+        candidate = getattr(packet, overload)
+        arguments = candidate._schema.arguments
+        if not any(a.is_out or (a.alias_info is not None and a.alias_info.is_write) for a in arguments) \
+                and [(a.name, str(a.type)) for a in arguments] == want:
+            return candidate
+    return None
 
 
 def base_name(name: str) -> str:
