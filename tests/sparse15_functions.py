@@ -79,3 +79,9 @@ def out_weight(x, y):
     w = torch.empty(x.shape[0], dtype=x.dtype)
     torch.mul(y, y, out=w)
     return x * w
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="sum over a ring of x_i^2 x_{i+1}: a scalar; its gradient a cyclic band.")
+def ring_sum(x):
+    return (x * x * x.roll(-1)).sum()

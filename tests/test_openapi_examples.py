@@ -151,7 +151,8 @@ def test_every_option_is_a_documented_query_parameter_the_server_takes(client, d
         if name == "rows" and kind != "jacobian":
             continue  # rows of a Jacobian only
         value = "auto" if name == "sparsity" and kind in ("jacobian", "hessian") else _sample(name, schema)
-        r = client.post(f"/v1/functions/sum_sin/{kind}", params={name: value}, content=buf.getvalue(),
+        beside = {"sparsity": "auto"} if name == "sparse_format" else {}  # (a sparse result's format)
+        r = client.post(f"/v1/functions/sum_sin/{kind}", params={name: value, **beside}, content=buf.getvalue(),
                         headers={"content-type": "application/x-npz", "accept": "application/json", "x-request-timeout": "30"})
         assert r.status_code == 200, (name, value, r.text)
 
@@ -184,7 +185,9 @@ def test_an_endpoint_offers_the_query_options_it_takes_and_no_other(client, doc,
         batch = (1,) if name in ("batched", "batched_vectors") else ()
         # vmap's dims are for per-example requests: batched=true beside them where offered
         dims = {"batched": "true"} if name in ("in_dims", "out_dims") and name in offered else {}
-        x = np.full((1, 3), 0.5) if name == "batched" or dims else np.full(3, 0.5)
+        # (and sparse_format a sparse result: sparsity beside it)
+        dims = {"sparsity": "auto"} if name == "sparse_format" and name in offered else dims
+        x = np.full((1, 3), 0.5) if name == "batched" or "batched" in dims else np.full(3, 0.5)
         vectors = {"vjp": {"cotangents": np.ones(batch)}, "jvp": {"tangents": np.ones(batch + (3,))},
                    "hvp": {"tangents": np.ones(batch + (3,))}}.get(kind, {})
         buf = io.BytesIO()

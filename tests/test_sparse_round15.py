@@ -13,7 +13,7 @@ import torch
 
 from tests import sparse15_functions as s15
 
-from .conftest import assert_problem, ready_app
+from .conftest import assert_problem, decode, npy_bytes, ready_app
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,45 @@ def test_a_buffer_written_through_out_from_an_input_is_no_constant(client):
         assert r.status_code == 200, r.text
         got = np.asarray(r.json()["jacobian"]["data"])
         np.testing.assert_array_equal(got, jacrev(s15.out_weight, x, y))
+
+
+# ------------------------------------------------------------------ sparse_format without sparsity
+
+
+@pytest.mark.parametrize("fmt", ["csc", "coo", "dense"])
+def test_a_sparse_format_without_sparsity_is_refused_naming_sparsity(client, fmt):
+    """``sparse_format`` shapes a sparse result; with ``sparsity`` left at ``dense`` it
+    was read by nothing: ``sparse_format=csc`` (or ``coo``, or ``dense``, whose 2-D
+    matrix is not jacrev's shape) answered jacrev's array with a 200, as if the option
+    had been honoured. Now a 422 that says to add ``sparsity``, in the body and in the
+    query string (an ``.npy`` body: before it is read), on a Hessian too; its default
+    (``csr``) asks for nothing and passes, as any option's default does; with
+    ``sparsity=auto`` beside it the answer is that format, jacrev's values."""
+    want = (f"sparse_format={fmt} applies to a sparse result: add sparsity=auto (or a declared pattern's name); "
+            "with sparsity=dense (the default) the answer is jacrev's array")
+    x = np.array([0.5, 1.0, 1.5])
+    for kind in ("jacobian", "hessian"):
+        r = client.post(f"/v1/functions/ring_sum/{kind}", json={"inputs": [x.tolist()], "sparse_format": fmt})
+        assert assert_problem(r, 422, "invalid_input")["detail"] == want
+    r = client.post(f"/v1/functions/ring_sum/jacobian?sparse_format={fmt}", content=npy_bytes(x),
+                    headers={"content-type": "application/x-npy", "accept": "application/json"})
+    assert assert_problem(r, 422, "invalid_input")["detail"] == want
+    r = client.post("/v1/functions/ring_sum/jacobian", json={"inputs": [x.tolist()], "sparse_format": "csr"})
+    assert r.status_code == 200 and np.asarray(r.json()["jacobian"]["data"]).shape == (3,), r.text
+    r = client.post("/v1/functions/ring_sum/jacobian", json={"inputs": [x.tolist()], "sparse_format": fmt, "sparsity": "auto"})
+    J, _ = decode(r)
+    assert r.json()["meta"]["format"] == fmt
+    np.testing.assert_allclose(J.toarray() if hasattr(J, "toarray") else J, jacrev(s15.ring_sum, x), rtol=1e-13, atol=0)
+
+
+def test_the_cli_refuses_a_sparse_format_without_sparsity(tmp_path, capsys):
+    """The CLI sent ``--sparse-format`` only beside ``--sparsity``: alone it was dropped
+    and the dense array printed (exit 0). Now exit 2 and a line saying to add
+    ``--sparsity``, before any request (the URL serves nothing)."""
+    from jacobian_client._cli_call import call_main
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.array([0.5, 1.0]))
+    assert call_main(["ring_sum", "--input", str(path), "--sparse-format", "csc", "--url", "http://127.0.0.1:9"]) == 2
+    assert capsys.readouterr().err == ("error: --sparse-format applies to a sparse result: add --sparsity auto (or a "
+                                       "declared pattern's name)\n")

@@ -116,6 +116,12 @@ def call_main(argv: list[str]) -> int:
     if args.sparsity is not None and args.method == "evaluate":
         print("error: --sparsity applies to jacobian and hessian", file=sys.stderr)
         return 2
+    if args.sparse_format not in (None, "csr") and args.sparsity in (None, "dense"):
+        # (it shapes a sparse result: left off, it was dropped and the dense array printed;
+        # the server refuses it alone too)
+        print("error: --sparse-format applies to a sparse result: add --sparsity auto (or a declared "
+              "pattern's name)", file=sys.stderr)
+        return 2
     if sparse and stream_to is not None:
         print("error: a sparse result goes to --out FILE.npz (scipy.sparse.load_npz reads it)", file=sys.stderr)
         return 2

@@ -623,6 +623,13 @@ def _check_sparsity(spec: FunctionSpec, kind: str, options: Options) -> None:
     before any compute, from the declared names every front end knows."""
     name = options.sparsity
     if name == "dense":
+        if options.sparse_format != _DEFAULT_OPTIONS.sparse_format:
+            # It shapes the sparse path's matrix only: csc alone was answered jacrev's
+            # dense array with a 200, as if read. (Its default asks for nothing, and
+            # passes, as any option's default does where the option does not apply.)
+            raise InvalidInput(f"sparse_format={options.sparse_format} applies to a sparse result: add sparsity=auto "
+                               "(or a declared pattern's name); with sparsity=dense (the default) the answer is "
+                               "jacrev's array")
         return
     if kind not in ("jacobian", "hessian"):
         raise InvalidInput(f"sparsity applies to jacobian and hessian requests only, not {kind}")
