@@ -27,9 +27,6 @@ def bidiag_sin(x):
     return torch.sin(x) + torch.nn.functional.pad(x[:-1], (1, 0))
 
 
-_BUF = torch.zeros(4, dtype=torch.float64)
-
-
 @register(inputs=[Input("x", shape=(4,), dtype="float64")])
 def out_write(x):
     y = torch.empty(4, dtype=x.dtype)
@@ -37,29 +34,64 @@ def out_write(x):
     return y
 
 
-@register(inputs=[Input("x", shape=(4,), dtype="float64")])
-def out_write_nograd(x):
-    with torch.no_grad():
-        y = torch.empty(4, dtype=x.dtype)
-        torch.mul(x, x.roll(1), out=y)
-    return y + x
+_IDX = (0, 2, 4, 5, 9, 1, 0, 7)
+_OFFSETS = (0, 2, 3, 6)
 
 
-@register(inputs=[Input("w", shape=(10, 3), dtype="float64")])
+@register(inputs=[Input("w", shape=(10, 3), dtype="float64")],
+          description="embedding_bag sums of a table's rows: four bags of fixed indices.")
 def bag(w):
-    idx = torch.tensor([0, 2, 4, 5, 9, 1])
-    offsets = torch.tensor([0, 2, 3])
-    return torch.nn.functional.embedding_bag(idx, w, offsets, mode="sum")
+    return torch.nn.functional.embedding_bag(torch.tensor(_IDX), w, torch.tensor(_OFFSETS), mode="sum")
 
 
-@register(inputs=[Input("x", shape=(4, 3), dtype="float64")])
+@register(inputs=[Input("w", shape=(10, 3), dtype="float64")],
+          description="embedding_bag means over 2-D indices (bags of 3) with padding_idx 0 left out.")
+def bag_mean_pad(w):
+    return torch.nn.functional.embedding_bag(torch.tensor(_IDX[:6]).reshape(2, 3), w, mode="mean", padding_idx=0)
+
+
+@register(inputs=[Input("w", shape=(10, 3), dtype="float64"), Input("s", shape=(8,), dtype="float64")],
+          description="embedding_bag sums weighted per index (per_sample_weights).")
+def bag_weighted(w, s):
+    return torch.nn.functional.embedding_bag(torch.tensor(_IDX), w, torch.tensor(_OFFSETS), mode="sum",
+                                             per_sample_weights=s)
+
+
+@register(inputs=[Input("w", shape=(10, 3), dtype="float64")],
+          description="embedding_bag maxima, offsets with the last one the end (include_last_offset).")
+def bag_max(w):
+    return torch.nn.functional.embedding_bag(torch.tensor(_IDX), w, torch.tensor(_OFFSETS + (8,)), mode="max",
+                                             include_last_offset=True)
+
+
+@register(inputs=[Input("w", shape=(10, 3), dtype="float64"), Input("idx", shape=(8,), dtype="int64")],
+          description="embedding_bag sums at indices given with the request.")
+def bag_at(w, idx):
+    return torch.nn.functional.embedding_bag(idx, w, torch.tensor(_OFFSETS), mode="sum")
+
+
+@register(inputs=[Input("x", shape=(4, 3), dtype="float64")],
+          description="torch.renorm of each row to norm at most 0.5, and of each column to 1-norm at most 10.")
 def renormed(x):
-    return torch.renorm(x, p=2, dim=0, maxnorm=1.0)
+    return torch.cat([torch.renorm(x, p=2, dim=0, maxnorm=0.5), torch.renorm(x, p=1, dim=1, maxnorm=10.0)])
 
 
-@register(inputs=[Input("x", shape=(4, 3), dtype="float64"), Input("y", shape=(4, 3), dtype="float64")])
+@register(inputs=[Input("x", shape=(4, 3), dtype="float64")],
+          description="A scalar from renormed rows: (renorm(x) * x).sum().")
+def renorm_energy(x):
+    return (torch.renorm(x, p=2, dim=0, maxnorm=0.5) * x).sum()
+
+
+@register(inputs=[Input("x", shape=(4, 3), dtype="float64"), Input("y", shape=(4, 3), dtype="float64")],
+          description="torch.dist of each row pair (2-norm), and of x's first row to each of y's (inf-norm, broadcast).")
 def dists(x, y):
-    return torch.stack([torch.dist(x[i], y[i]) for i in range(4)])
+    return torch.stack([torch.dist(x[i], y[i]) for i in range(4)] + [torch.dist(x[0], y, p=float("inf"))])
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="Sum of torch.dist of neighbouring pairs: a banded Hessian.")
+def dist_chain(x):
+    return sum(torch.dist(x[i:i + 2], x[i + 1:i + 3]) for i in range(x.shape[0] - 2))
 
 
 @register(inputs=[Input("x", shape=("n",), dtype="float64")],

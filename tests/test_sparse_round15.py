@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from jacobian_service.sparsity.patterns import CHOICE_NOTE
 from tests import sparse15_functions as s15
 
 from .conftest import assert_problem, decode, npy_bytes, ready_app
@@ -162,3 +163,85 @@ def test_the_cli_refuses_a_sparse_format_without_sparsity(tmp_path, capsys):
     assert call_main(["ring_sum", "--input", str(path), "--sparse-format", "csc", "--url", "http://127.0.0.1:9"]) == 2
     assert capsys.readouterr().err == ("error: --sparse-format applies to a sparse result: add --sparsity auto (or a "
                                        "declared pattern's name)\n")
+
+
+# ------------------------------------------------------------------ embedding_bag, renorm, dist traced exactly
+
+RNG = np.random.default_rng(1515)
+
+
+def _point(name):
+    """A random point in [0.5, 1.5) for each of a function's inputs (by its declared shapes)."""
+    return {
+        "bag": [(10, 3)], "bag_mean_pad": [(10, 3)], "bag_weighted": [(10, 3), (8,)], "bag_max": [(10, 3)],
+"renormed": [(4, 3)], "renorm_energy": [(4, 3)], "dists": [(4, 3), (4, 3)],
+        "dist_chain": [(7,)],
+    }[name]
+
+
+def _sparse(client, name, kind, xs):
+    argnums = list(range(len(xs)))
+    r = client.post(f"/v1/functions/{name}/{kind}",
+                    json={"inputs": [x.tolist() for x in xs], "sparsity": "auto", "argnums": argnums})
+    J, doc = decode(r, kind)
+    return J.toarray(), doc["meta"]
+
+
+@pytest.mark.parametrize(("name", "chooses"), [
+    ("bag", None), ("bag_mean_pad", None), ("bag_weighted", None), ("bag_max", "embedding_bag"), ("renormed", "renorm"),
+    ("dists", "dist"),
+])
+def test_embedding_bag_renorm_and_dist_are_traced_exactly(client, name, chooses):
+    """``embedding_bag`` (sum, mean with padding_idx, per-sample weights, max with
+    include_last_offset), ``renorm`` and ``dist`` were unknown ops to the tracer: every
+    output on every input element (bag: a 12 x 30 Jacobian of 3 entries a row taken as
+    360; renorm 144 for 36), ``exact`` false, a note 'unknown op ...: assumed dense'. Now
+    each bag reads its indices' rows column by column (and their weights), each renormed
+    element its slice, each distance the elements of both operands: ``exact`` true, the
+    pattern jacrev's nonzeros at a random point (a max bag's and renorm's a union over
+    the choices the values make, ``conservative`` and noted), the values jacrev's."""
+    fn = getattr(s15, name)
+    xs = [RNG.uniform(0.5, 1.5, shape) for shape in _point(name)]
+    want = jacrev(fn, *xs, argnums=tuple(range(len(xs))))
+    got, meta = _sparse(client, name, "jacobian", xs)
+    assert meta["exact"] is True and meta["source"] == "detected", meta
+    assert meta["conservative"] is (chooses is not None) and not any("unknown op" in n for n in meta["notes"]), meta
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    shapes = ";".join(",".join(map(str, x.shape)) for x in xs)
+    r = client.get(f"/v1/functions/{name}/sparsity?shapes={shapes}&argnums={','.join(map(str, range(len(xs))))}")
+    pattern = _pattern(r.json())
+    if chooses:  # a union over the choices the values make (noted): jacrev's nonzeros, and more
+        assert (pattern >= (want != 0)).all() and pattern.sum() > (want != 0).sum()
+        assert any(n.startswith(CHOICE_NOTE) and n.endswith(f"({chooses})") for n in meta["notes"]), meta["notes"]
+    else:
+        np.testing.assert_array_equal(pattern, want != 0)
+
+
+@pytest.mark.parametrize("name", ["renorm_energy", "dist_chain"])
+def test_their_hessians_are_torchs(client, name):
+    """Sparse Hessians through ``renorm`` and ``dist`` (torch has none through
+    ``embedding_bag``: '_embedding_bag_backward' has no derivative), against torch's."""
+    fn = getattr(s15, name)
+    xs = [RNG.uniform(0.5, 1.5, shape) for shape in _point(name)]
+    ts = [torch.from_numpy(x) for x in xs]
+    every = tuple(range(len(xs)))
+    H = torch.func.jacrev(torch.func.grad(fn, argnums=every), argnums=every)(*ts)
+    sizes = [x.size for x in xs]
+    want = np.block([[np.asarray(H[i][j]).reshape(sizes[i], sizes[j]) for j in range(len(xs))] for i in range(len(xs))])
+    got, meta = _sparse(client, name, "hessian", xs)
+    assert meta["exact"] is True and not any("unknown op" in n for n in meta["notes"]), meta
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert meta["nnz"] < want.size  # sparse, not taken as dense
+
+
+def test_embedding_bag_indices_given_with_the_request_are_each_their_own(client):
+    """Indices sent as an input make the pattern value-dependent (as ``embedding``'s):
+    each index set gets its own, each answer jacrev's."""
+    w = RNG.uniform(0.5, 1.5, (10, 3))
+    for idx in ([0, 2, 4, 5, 9, 1, 0, 7], [3, 3, 8, 1, 1, 6, 2, 2]):
+        r = client.post("/v1/functions/bag_at/jacobian", json={"inputs": [w.tolist(), idx], "sparsity": "auto"})
+        J, doc = decode(r)
+        assert doc["meta"]["value_dependent"] is True and doc["meta"]["exact"] is True, doc["meta"]
+        want = torch.func.jacrev(s15.bag_at)(torch.from_numpy(w), torch.tensor(idx)).reshape(12, 30).numpy()
+        np.testing.assert_allclose(J.toarray(), want, rtol=1e-13, atol=0)
+        assert doc["meta"]["nnz"] == int((want != 0).sum())

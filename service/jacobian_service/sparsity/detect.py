@@ -29,7 +29,9 @@ SparseConnectivityTracer.jl and asdex:
 - normalization layers (layer, group, instance, batch norm): the element's group;
 - elementwise losses (``mse_loss``, ``huber_loss``, ...): their terms pointwise, and
   reduced, the sum of the terms;
-- ``cdist``: the two points of each distance;
+- ``cdist``: the two points of each distance; ``dist``: every element of both;
+- ``embedding_bag``: each bag's element on its indices' rows (that column) and weights;
+  ``renorm``: an element on its slice along ``dim``;
 - any other op: every output element depends on every input element of its arguments
   (dense, conservative); the pattern is then marked ``exact=False`` and the op named.
 
@@ -152,7 +154,7 @@ _CHOICES = frozenset(
     """clamp clamp_min clamp_max clip hardtanh relu relu6 threshold maximum minimum fmax fmin max min
     hardsigmoid hardswish amax amin median nanmedian sort topk kthvalue cummax cummin
     max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool2d adaptive_max_pool3d aminmax
-    _prelu_kernel""".split()
+    _prelu_kernel renorm""".split()
 )
 # Pointwise ops whose derivative is zero everywhere it exists, for real arguments: the
 # sgn of a complex z is z / |z|, whose derivative is not (_zero_derivative).
@@ -462,6 +464,12 @@ class _Tracer:
                 return  # a condition the function holds or made: the same at every point, structure
         self.choices.add(name)
 
+    def chose_by_values(self, name: str, traced: Sequence[_Traced]) -> None:
+        """Note ``name`` among the choices (see :meth:`chose`) where its argument's
+        values pick (``dist`` with ``p=inf``; a max ``embedding_bag``)."""
+        if torch.is_grad_enabled() and any(_float(t) and t.root.deps.nnz for t in traced):
+            self.choices.add(name)
+
     def valued(self, o: torch.Tensor) -> _Traced:
         """A non-float result computed from traced values (a mask, indices, a count):
         traced with no dependencies, so that what later reads its values is seen."""
@@ -603,6 +611,14 @@ class _Tracer:
             return self.normalize(func, name, args, kwargs, out)
         if name == "_cdist_forward" and _float(out):
             return self.cdist(args, out)
+        if name == "dist" and _float(out):  # |x - y|_p: one number on every element of both
+            if _exponent(args[2] if len(args) > 2 else kwargs.get("p", 2)) in (math.inf, -math.inf):
+                self.chose_by_values(name, traced)  # the largest (smallest) difference's elements
+            return self.whole(name, traced, out)
+        if name == "renorm" and _float(out):
+            return self.along(func, name, args, kwargs, out)
+        if name in ("_embedding_bag", "_embedding_bag_forward_only"):
+            return self.embedding_bag(args, kwargs, out)
         if name in _SOLVES:
             return self.solve(func, name, args, kwargs, out)
         if name in ("grid_sampler_2d", "grid_sampler_3d") and _float(out):
@@ -807,6 +823,8 @@ class _Tracer:
         shape = tuple(x.shape)
         ndim = len(shape)
         dims = _dims(func, args, kwargs, ndim)
+        if name == "renorm":  # each slice along dim is scaled as a whole: its line is every other dim
+            dims = tuple(d for d in range(ndim) if d not in dims)
         deps = self.deps(x)
         numel = max(math.prod(shape), 1)
         # Where each input element lands when the dims are reduced (keepdim shape).
@@ -849,6 +867,54 @@ class _Tracer:
                 hess = _union(parts, self.n, self.n) if parts else None
             wrapped.append(self.wrap(o, rows, hess))
         return pytree.tree_unflatten(wrapped, spec)
+
+    def whole(self, name: str, traced: Sequence[_Traced], out: torch.Tensor) -> Any:
+        """An op whose one number reads every element of its operands (``dist``): the
+        dense rule, exact here (it was noted as an unknown op, ``exact`` false)."""
+        result = self.dense(name, traced, out)
+        self.unknown.discard(name)
+        return result
+
+    def embedding_bag(self, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """``F.embedding_bag`` (``nn.EmbeddingBag``): ``output[b, d]`` reads
+        ``weight[indices[j], d]`` (and ``per_sample_weights[j]``) for each ``j`` of bag
+        ``b`` but those at ``padding_idx``; a max bag picks by the values (a choice).
+        Indices or offsets computed from values or given as an input make the pattern
+        value-dependent, as ``embedding``'s do."""
+        names = ("weight", "indices", "offsets", "scale_grad_by_freq", "mode", "sparse", "per_sample_weights",
+                 "include_last_offset", "padding_idx")
+        named = {**dict(zip(names, args)), **kwargs}
+        weight, indices, offsets = named["weight"], named["indices"], named["offsets"]
+        mode, psw = int(named.get("mode", 0)), named.get("per_sample_weights")
+        padding = named.get("padding_idx", -1)
+        padding = -1 if padding is None else int(padding)
+        if _valued([t for t in (indices, offsets) if isinstance(t, _Traced)]):
+            self.reads("embedding_bag: indices computed from values or given as an input")
+        idx = (indices.value if isinstance(indices, _Traced) else indices).reshape(-1).cpu().numpy().astype(np.int64)
+        starts = (offsets.value if isinstance(offsets, _Traced) else offsets).reshape(-1).cpu().numpy().astype(np.int64)
+        output = out[0]
+        bags, width = (int(output.shape[0]), int(output.shape[1])) if output.dim() == 2 else (0, 0)
+        # bag of each index position: starts are sorted; past the bags (include_last_offset's end) none
+        bag = np.searchsorted(starts, np.arange(idx.size), side="right") - 1
+        keep = (bag >= 0) & (bag < bags) & (idx != padding if padding >= 0 else True)
+        j = np.flatnonzero(keep)
+        d = np.arange(width)
+        at = (bag[j][:, None] * width + d).reshape(-1)
+        w_rows = sp.csr_array((np.ones(at.size, np.float32), (at, (idx[j][:, None] * width + d).reshape(-1))),
+                              shape=(bags * width, weight.numel()))
+        parts = [w_rows @ self.deps(weight)]
+        if isinstance(psw, _Traced):
+            p_rows = sp.csr_array((np.ones(at.size, np.float32), (at, np.repeat(j, width))), shape=(bags * width, psw.numel()))
+            parts.append(p_rows @ self.deps(psw))
+        rows = _union(parts, bags * width, self.n)
+        if mode == 2:
+            self.chose_by_values("embedding_bag", [weight])
+        hess = None
+        if self.hessian:
+            linear = mode != 2 and not (isinstance(psw, _Traced) and psw.root.deps.nnz)
+            hs = [h for h in (self.hess_of([weight, psw]), None if linear else self.pairs(rows)) if h is not None]
+            hess = _union(hs, self.n, self.n) if hs else None
+        return (self.wrap(output, rows, hess), *out[1:])
 
     def matmul(self, name: str, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
         """Contractions as batched ``(b, m, k) @ (b, k, n)``: an output element depends
@@ -1608,7 +1674,7 @@ class _Tracer:
         # In place as out of place: the same rule (addmm_, cumsum_, tril_: dense or probed before)
         elif base in _MATMUL:
             fresh = self.matmul(base, args, kwargs, target.value)
-        elif base in _SCAN or base in _LINE or base in _FFT:
+        elif base in _SCAN or base in _LINE or base in _FFT or base == "renorm":
             fresh = self.along(func, base, args, kwargs, target.value)
         elif base in ("tril", "triu"):  # same shape: the out-of-place op on the labels
             fresh = self.movement(getattr(aten, base).default, args, kwargs, target.value)
