@@ -117,3 +117,9 @@ def out_weight(x, y):
           description="sum over a ring of x_i^2 x_{i+1}: a scalar; its gradient a cyclic band.")
 def ring_sum(x):
     return (x * x * x.roll(-1)).sum()
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="The first three elements of x / sum(x): a pattern of 3 rows, through an n x n intermediate.")
+def head_shares(x):
+    return (x / x.sum())[:3]

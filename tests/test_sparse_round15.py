@@ -7,6 +7,8 @@ One in-process app serves every case (no new server process).
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ import torch
 from jacobian_service.sparsity.patterns import CHOICE_NOTE
 from tests import sparse15_functions as s15
 
-from .conftest import assert_problem, decode, npy_bytes, ready_app
+from .conftest import assert_problem, decode, npy_bytes, ready_app, ready_app_with
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +247,33 @@ def test_embedding_bag_indices_given_with_the_request_are_each_their_own(client)
         want = torch.func.jacrev(s15.bag_at)(torch.from_numpy(w), torch.tensor(idx)).reshape(12, 30).numpy()
         np.testing.assert_allclose(J.toarray(), want, rtol=1e-13, atol=0)
         assert doc["meta"]["nnz"] == int((want != 0).sum())
+
+
+# ------------------------------------------------------------------ the entry limit holds from the cache too
+
+
+def test_a_pattern_detected_for_a_stream_is_held_to_a_json_answers_entry_limit():
+    """Detection is bounded per matrix by min(budget / 16, result limit / 8) entries,
+    but a dense ``.npy`` (streamed, not held to the result limit) by the budget's alone.
+    ``(x / x.sum())[:3]`` at n = 400 goes through a 160,000-entry intermediate: over a
+    1 MiB limit's 131,072 as JSON (413), within a stream's. The stream's pattern was
+    cached, and the same JSON request after it was answered from the cache (200) where
+    alone it was a 413: the answer followed what came before. Now the cached pattern
+    keeps the most entries its detection held, and a request under a lower limit is
+    refused as detecting would have refused it; the stream itself still streams."""
+    n = 400
+    x = np.random.default_rng(4).uniform(0.5, 1.5, n)
+    with ready_app_with("tests.sparse15_functions", max_result_bytes=1 << 20) as c:
+        url = "/v1/functions/head_shares/jacobian"
+        r = c.post(url, json={"inputs": [x.tolist()], "sparsity": "auto"})
+        fresh = assert_problem(r, 413, "result_too_large")["detail"]
+        assert "would hold 160,000 entries; the limit is 131,072" in fresh
+        r = c.post(f"{url}?sparsity=auto&sparse_format=dense", content=npy_bytes(x),
+                   headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.load(io.BytesIO(r.content)), jacrev(s15.head_shares, x), rtol=1e-13, atol=1e-17)
+        for body in ({"sparsity": "auto"}, {"sparsity": "auto", "rows": [0, 1]}):
+            r = c.post(url, json={"inputs": [x.tolist()], **body})
+            assert assert_problem(r, 413, "result_too_large")["detail"] == (
+                "the sparsity pattern is too dense for the limits: detecting this pattern would hold 160,000 entries; "
+                "the limit is 131,072. Ask for sparsity=dense (streamed as .npy), or a smaller input")

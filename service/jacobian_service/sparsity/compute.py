@@ -31,7 +31,7 @@ from .dense import dense_hessian, dense_jacobian
 from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, SEEDED_NOTE, TraceError, is_random, probe, random_note, trace_hessian, trace_jacobian
 from .draws import Draws, TorchDraws, replaying
 from .function_state import function_state
-from .patterns import Declared, Pattern, PatternCache, check_entries, function_fingerprint
+from .patterns import Declared, Pattern, PatternCache, check_entries, counting_entries, function_fingerprint
 from .verify import differs_from_reverse
 
 __all__ = ["OutputSizeChanged", "PatternMismatch", "ProvenWrong", "SparseResult", "VmapDisagrees", "describe_sparsity", "resolve", "sparse_hessian", "sparse_jacobian"]
@@ -255,11 +255,15 @@ def _cached(
         hit = cache.get(key)
     if hit is not None and hit.get("colors") is not None and (fits is None or fits(hit["pattern"])):
         p = hit["pattern"]
+        # as detecting would have refused it under this request's limit (a JSON answer's,
+        # lower than a streamed .npy's, whose detection cached it)
+        check_entries(int(hit.get("peak", 0)), "detecting this pattern")
         if "coloring" not in hit:  # read from disk: rebuild (and check) the map once
             hit["coloring"] = _coloring_from(p, np.asarray(hit["colors"]), hit["mode"])
             return p, hit["coloring"], "disk"
         return p, hit["coloring"], "memory"
-    p, coloring = build()
+    with counting_entries() as peak:
+        p, coloring = build()
     if is_random(p):
         return p, coloring, ""
     if p.value_dependent and not marked:
@@ -267,7 +271,7 @@ def _cached(
             return p, coloring, ""
         cache.put(key, {"value_dependent": True})
         key = PatternCache.key(key, values())
-    cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring})
+    cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring, "peak": peak[0]})
     return p, coloring, ""
 
 

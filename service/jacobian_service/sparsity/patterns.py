@@ -39,6 +39,7 @@ __all__ = [
     "check_entries",
     "check_work",
     "block_diagonal",
+    "counting_entries",
     "coo",
     "declared",
     "entry_limit",
@@ -88,7 +89,31 @@ def entry_limit(max_entries: int | None, max_graph_entries: int | None = None,
         _LIMITS.reset(token)
 
 
+# The most entries any one matrix of the detection under way was counted at (see
+# counting_entries); None outside one.
+_PEAK: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("pattern_peak", default=None)
+
+
+@contextlib.contextmanager
+def counting_entries() -> Iterator[list[int]]:
+    """Within: the most entries :func:`check_entries` was asked about for one matrix
+    (the graph's apart), in the one-item list yielded. Kept beside a cached pattern, it
+    holds a later request to the entry limit its detection would have met: a limit
+    derived from the result limit (JSON) is lower than a streamed ``.npy``'s, and a
+    pattern detected for the stream was served from the cache to a JSON request that
+    detecting would have refused (413)."""
+    box = [0]
+    token = _PEAK.set(box)
+    try:
+        yield box
+    finally:
+        _PEAK.reset(token)
+
+
 def check_entries(count: int, what: str, graph: bool = False) -> None:
+    peak = None if graph else _PEAK.get()
+    if peak is not None and count > peak[0]:
+        peak[0] = count
     limit = _LIMITS.get()[1 if graph else 0]
     if limit is not None and count > limit:
         raise PatternTooLarge(f"{what} would hold {count:,} entries; the limit is {limit:,}")
@@ -595,6 +620,7 @@ def _entry_to_arrays(entry: dict[str, Any]) -> dict[str, np.ndarray]:
         "exact": np.asarray(p.exact),
         "notes": np.asarray(list(p.notes) or [""]),
         "values": np.asarray(p.value_dependent),
+        "peak": np.asarray(int(entry.get("peak", 0)), np.int64),
     }
     if entry.get("colors") is not None:
         out["colors"] = np.asarray(entry["colors"], np.int64)
@@ -608,7 +634,7 @@ def _entry_from_arrays(z: dict[str, np.ndarray]) -> dict[str, Any]:
     notes = tuple(str(s) for s in z["notes"] if str(s))
     p = Pattern(tuple(int(d) for d in z["shape"]), z["rows"], z["cols"], str(z["name"]), str(z["source"]), bool(z["exact"]), notes,  # type: ignore[arg-type]
                 bool(z["values"]) if "values" in z else False)
-    entry: dict[str, Any] = {"pattern": p}
+    entry: dict[str, Any] = {"pattern": p, "peak": int(z["peak"]) if "peak" in z else 0}
     if "colors" in z:
         entry["colors"] = z["colors"]
         entry["mode"] = str(z["mode"])
