@@ -123,3 +123,20 @@ def ring_sum(x):
           description="The first three elements of x / sum(x): a pattern of 3 rows, through an n x n intermediate.")
 def head_shares(x):
     return (x / x.sum())[:3]
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64"), Input("k", shape=("n",), dtype="float64")],
+          description="Two outputs of two inputs: a ring's flux k_i (u_{i+1} - u_i) and its source u^2 k.")
+def flux_source(u, k):
+    return k * (u.roll(-1) - u), u * u * k
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64"), Input("k", shape=("n",), dtype="float64")],
+          description="An energy of two inputs: sum k_i (u_{i+1} - u_i)^2 + u^4.")
+def two_energy(u, k):
+    return (k * (u.roll(-1) - u) ** 2).sum() + (u**4).sum()
+
+
+def flux_source_flat(u, k):
+    """flux_source's outputs concatenated (its Jacobian's rows, in order), for jacrev in the tests."""
+    return torch.cat(flux_source(u, k))

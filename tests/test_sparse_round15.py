@@ -2,7 +2,7 @@
 indices), ``out=`` writes seen by the tracer, ... Each answer against torch.func in this
 process.
 
-One in-process app serves every case (no new server process).
+One in-process app, under a 1 MiB result limit, serves every case (no new server process).
 """
 
 from __future__ import annotations
@@ -11,17 +11,22 @@ import io
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from jacobian_service.sparsity.patterns import CHOICE_NOTE
 from tests import sparse15_functions as s15
 
-from .conftest import assert_problem, decode, npy_bytes, ready_app, ready_app_with
+from .conftest import assert_problem, decode, npy_bytes, npz_bytes, ready_app_with, sdk_over
+
+
+#: The app's result limit (the entry limit's test reads it; every other answer is far smaller).
+LIMIT = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def client():
-    with ready_app("tests.sparse15_functions") as c:
+    with ready_app_with("tests.sparse15_functions", max_result_bytes=LIMIT) as c:
         yield c
 
 
@@ -34,8 +39,6 @@ def jacrev(f, *xs, argnums=0):
 
 
 def csr(doc):
-    import scipy.sparse as sp
-
     j = doc["jacobian"]
     return sp.csr_array((j["data"], j["indices"], j["indptr"]), shape=j["shape"]).toarray()
 
@@ -252,7 +255,7 @@ def test_embedding_bag_indices_given_with_the_request_are_each_their_own(client)
 # ------------------------------------------------------------------ the entry limit holds from the cache too
 
 
-def test_a_pattern_detected_for_a_stream_is_held_to_a_json_answers_entry_limit():
+def test_a_pattern_detected_for_a_stream_is_held_to_a_json_answers_entry_limit(client):
     """Detection is bounded per matrix by min(budget / 16, result limit / 8) entries,
     but a dense ``.npy`` (streamed, not held to the result limit) by the budget's alone.
     ``(x / x.sum())[:3]`` at n = 400 goes through a 160,000-entry intermediate: over a
@@ -263,17 +266,54 @@ def test_a_pattern_detected_for_a_stream_is_held_to_a_json_answers_entry_limit()
     refused as detecting would have refused it; the stream itself still streams."""
     n = 400
     x = np.random.default_rng(4).uniform(0.5, 1.5, n)
-    with ready_app_with("tests.sparse15_functions", max_result_bytes=1 << 20) as c:
-        url = "/v1/functions/head_shares/jacobian"
-        r = c.post(url, json={"inputs": [x.tolist()], "sparsity": "auto"})
-        fresh = assert_problem(r, 413, "result_too_large")["detail"]
-        assert "would hold 160,000 entries; the limit is 131,072" in fresh
-        r = c.post(f"{url}?sparsity=auto&sparse_format=dense", content=npy_bytes(x),
-                   headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
+    url = "/v1/functions/head_shares/jacobian"
+    r = client.post(url, json={"inputs": [x.tolist()], "sparsity": "auto"})
+    fresh = assert_problem(r, 413, "result_too_large")["detail"]
+    assert f"would hold 160,000 entries; the limit is {LIMIT // 8:,}" in fresh
+    r = client.post(f"{url}?sparsity=auto&sparse_format=dense", content=npy_bytes(x),
+               headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), jacrev(s15.head_shares, x), rtol=1e-13, atol=1e-17)
+    for body in ({"sparsity": "auto"}, {"sparsity": "auto", "rows": [0, 1]}):
+        r = client.post(url, json={"inputs": [x.tolist()], **body})
+        assert assert_problem(r, 413, "result_too_large")["detail"] == (
+            "the sparsity pattern is too dense for the limits: detecting this pattern would hold 160,000 entries; "
+            "the limit is 131,072. Ask for sparsity=dense (streamed as .npy), or a smaller input")
+
+
+# ------------------------------------------------------------------ several inputs and outputs, every format
+
+
+def test_several_inputs_and_outputs_in_every_format_are_jacrevs(client, tmp_path):
+    """Two outputs of two inputs (``argnums=[0, 1]``): the Jacobian as JSON and ``.npz``
+    (``scipy.sparse.load_npz``) in CSR, CSC and COO, dense, by rows across both outputs,
+    and through the SDK (scipy.sparse arrays, ``out=``); a Hessian of two inputs, one of
+    them alone. Each against torch.func in this process (no defect found here)."""
+    n = 6
+    u, k = RNG.uniform(0.5, 1.5, n), RNG.uniform(0.5, 1.5, n)
+    J = jacrev(s15.flux_source_flat, u, k, argnums=(0, 1))
+    H = torch.func.hessian(s15.two_energy, argnums=(0, 1))(torch.from_numpy(u), torch.from_numpy(k))
+    Hw = np.block([[H[a][b].numpy() for b in range(2)] for a in range(2)])
+    url = "/v1/functions/flux_source/jacobian"
+    for fmt in ("csr", "csc", "coo"):
+        r = client.post(f"{url}?argnums=0,1&sparsity=auto&sparse_format={fmt}", content=npz_bytes(u=u, k=k),
+                        headers={"content-type": "application/x-npz", "accept": "application/x-npz"})
         assert r.status_code == 200, r.text
-        np.testing.assert_allclose(np.load(io.BytesIO(r.content)), jacrev(s15.head_shares, x), rtol=1e-13, atol=1e-17)
-        for body in ({"sparsity": "auto"}, {"sparsity": "auto", "rows": [0, 1]}):
-            r = c.post(url, json={"inputs": [x.tolist()], **body})
-            assert assert_problem(r, 413, "result_too_large")["detail"] == (
-                "the sparsity pattern is too dense for the limits: detecting this pattern would hold 160,000 entries; "
-                "the limit is 131,072. Ask for sparsity=dense (streamed as .npy), or a smaller input")
+        M = sp.load_npz(io.BytesIO(r.content))
+        assert M.format == fmt
+        np.testing.assert_array_equal(M.toarray(), J)
+    r = client.post(url, json={"inputs": [u.tolist(), k.tolist()], "argnums": [0, 1], "sparsity": "auto", "rows": [3, 9],
+                               "sparse_format": "dense"})
+    np.testing.assert_array_equal(decode(r)[0], J[3:9])
+    r = client.post("/v1/functions/two_energy/hessian",
+                    json={"inputs": [u.tolist(), k.tolist()], "argnums": [0, 1], "sparsity": "auto", "sparse_format": "coo"})
+    np.testing.assert_allclose(decode(r, "hessian")[0].toarray(), Hw, rtol=1e-13, atol=1e-14)
+    with sdk_over(client) as sdk:
+        for fmt, kind in (("csr", sp.csr_array), ("csc", sp.csc_array), ("coo", sp.coo_array)):
+            M = sdk.jacobian("flux_source", u, k, argnums=(0, 1), sparsity="auto", sparse_format=fmt)
+            assert isinstance(M, kind)
+            np.testing.assert_array_equal(M.toarray(), J)
+        sdk.jacobian("flux_source", u, k, argnums=(0, 1), sparsity="auto", sparse_format="dense", out=tmp_path / "J.npy")
+        np.testing.assert_array_equal(np.load(tmp_path / "J.npy"), J)
+        Hk = sdk.hessian("two_energy", u, k, argnums=1, sparsity="auto")
+        np.testing.assert_allclose(Hk.toarray(), H[1][1].numpy(), rtol=1e-13, atol=1e-14)
