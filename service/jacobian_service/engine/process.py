@@ -565,6 +565,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from .devices import keep_free_heap, resolve_devices
 
+    # torch's generators seeded from the OS's entropy, before any module of the functions
+    # draws. A forked engine had the zygote's state (fork_server), the same in every
+    # engine, spare and restart: a client that saw one engine's first draws (x +
+    # torch.rand(3)) knew the next engine's. CUDA's, seeded as it starts (queued: no CUDA
+    # here yet), had torch's fixed default seed. No seed is pinned: the engine seeds
+    # afresh after any batch that draws anyway (process_settings); a function that wants
+    # the same draws each time keeps a generator of its own.
+    torch.cuda.manual_seed_all(torch.default_generator.seed())
+
     keep_free_heap()
 
     threads = settings.torch_threads if settings.torch_threads is not None else max(1, (os.cpu_count() or 2) // 2)

@@ -1,0 +1,26 @@
+"""Hostile functions for tests/test_hostile_round23.py (loaded by name like a user
+module): each misbehaves only when its first input is 666 (round 11's ``_armed``), the
+second input picking how; otherwise it is ``sin``. Beside them, the functions they harm."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from jacobian_service import register
+
+from tests.hostile17_functions import X, _armed  # the input, and the case it asks for (666 first)
+
+# ------------------------------------------------------------ torch's random generator
+
+
+@register(inputs=X, description="x + torch.rand (one draw each): a Monte Carlo step.")
+def noise25(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.rand(x.shape, dtype=x.dtype)
+
+
+@register(inputs=X, description="sin; armed (666), it ends its engine (os._exit).")
+def exits25(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        os._exit(3)
+    return torch.sin(x)
