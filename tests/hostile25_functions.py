@@ -5,6 +5,7 @@ second input picking how; otherwise it is ``sin``. Beside them, the functions th
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from jacobian_service import register
@@ -23,4 +24,24 @@ def noise25(x: torch.Tensor) -> torch.Tensor:
 def exits25(x: torch.Tensor) -> torch.Tensor:
     if _armed(x) is not None:
         os._exit(3)
+    return torch.sin(x)
+
+
+# ------------------------------------------------------------ the standard streams
+
+
+@register(inputs=X, description="sin, printing x to stdout and a line to stderr (a function that logs).")
+def prints25(x: torch.Tensor) -> torch.Tensor:
+    print("prints25 x =", x.tolist())
+    sys.stderr.write(f"prints25 stderr {x.tolist()}\n")
+    return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), case 0 closes sys.stdout, case 1 sys.stderr's buffer.")
+def closes_streams(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case == 0:
+        sys.stdout.close()
+    elif case == 1:
+        sys.stderr.buffer.close()
     return torch.sin(x)

@@ -1,5 +1,6 @@
 """Red team, round twenty-three: hostile functions against what every engine starts
-with (torch's generator, as forked from the zygote).
+with (torch's generator, as forked from the zygote) and what the process keeps that
+Python's own tables do not show (a standard stream closed in its place).
 
 Each case names what a user saw before. One real server for the module (as round
 twenty-one); the functions are in tests/hostile25_functions.py, each misbehaving only on
@@ -17,6 +18,7 @@ import pytest
 
 from .conftest import assert_problem, live_server
 from .test_hostile_round11 import _armed, _engine_pid, _replaced
+from .test_hostile_round15 import _log_until
 from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
 
 FUNCTIONS = "tests.hostile25_functions"
@@ -58,3 +60,28 @@ def test_each_engine_starts_torchs_generator_afresh(server, client) -> None:
         firsts.append(_evaluated(client, url, "noise25", [0.0, 0.0, 0.0]))  # the new engine's first draws
         assert ((0 <= firsts[-1]) & (firsts[-1] < 1)).all(), firsts
     assert not np.array_equal(firsts[0], firsts[1]), firsts
+
+
+# ------------------------------------------------------------ the standard streams
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_a_standard_stream_a_function_closes_is_opened_again(server, client, case: int) -> None:
+    """``sys.stdout.close()`` in a function (``sys.stderr.buffer.close()``, case 1) kept
+    the stream object in its place, which the engine's check of the streams (by
+    identity) took for unchanged: every later request of any function that prints
+    failed, 500 ``ValueError: I/O operation on closed file.``, for the engine's life.
+    Now a closed standard stream of the engine's is opened again on its descriptor (the
+    same object, re-initialised), the log naming the function: the next function's
+    request answers, and what it prints reaches the log."""
+    url, proc = server
+    pid, start = _engine_pid(client, url), len(proc.read_log())
+    r = _armed(client, url, "closes_streams", case)
+    assert r.status_code == 200, r.text
+    x = [0.5, 1.0, float(case)]
+    np.testing.assert_allclose(_evaluated(client, url, "prints25", x), np.sin(x), rtol=1e-12)
+    log = _log_until(proc, start, rf"prints25 stderr \[0.5, 1.0, {float(case)}\]")
+    assert f"prints25 x = [0.5, 1.0, {float(case)}]" in log and f"prints25 stderr [0.5, 1.0, {float(case)}]" in log, \
+        log[-3000:]
+    assert "closes_streams changed sys.stdin, sys.stdout or sys.stderr (closed)" in proc.read_log()  # (named once)
+    assert _engine_pid(client, url) == pid

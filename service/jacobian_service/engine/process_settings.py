@@ -72,6 +72,7 @@ import faulthandler
 import fcntl
 import functools
 import gc
+import io
 import itertools
 import logging
 import operator
@@ -739,6 +740,35 @@ def _put_streams(taken: tuple[Any, Any, Any]) -> None:
     sys.stdin, sys.stdout, sys.stderr = taken
 
 
+# The engine's own sys.stdin, sys.stdout and sys.stderr, as first read (``_closed_streams``).
+_OWN_STREAMS: list[Any] = []
+
+
+def _closed_streams() -> tuple[bool, ...]:
+    """Whether the engine's own standard streams are closed. ``sys.stdout.close()`` in a
+    function keeps the object in its place (the identity ``_streams`` reads), and every
+    later function's ``print`` failed, 500 ``ValueError: I/O operation on closed file.``,
+    for the engine's life (so did its ``.buffer``'s close). ~0.1 us a stream."""
+    if not _OWN_STREAMS:
+        _OWN_STREAMS[:] = _streams()
+    return tuple(bool(getattr(stream, "closed", False)) for stream in _OWN_STREAMS)
+
+
+def _reopen_streams(taken: tuple[bool, ...]) -> None:
+    """Each stream a function closed, opened again on its descriptor (0-2, which stay
+    open: Python's standard streams never close them) as the same object, re-initialised
+    in place with its own settings: whoever holds it (``sys.__stdout__``, a logging
+    handler) writes again, and ``_streams`` still finds the object it took."""
+    for fd, (stream, was) in enumerate(zip(_OWN_STREAMS, taken)):
+        if was or not getattr(stream, "closed", False):
+            continue
+        # Buffered as it was (stderr's may be a raw FileIO, written through at once).
+        raw = isinstance(getattr(stream, "buffer", None), io.RawIOBase)
+        binary = open(fd, "rb" if fd == 0 else "wb", buffering=0 if raw else -1, closefd=False)
+        stream.__init__(binary, encoding=stream.encoding, errors=stream.errors,
+                        line_buffering=stream.line_buffering, write_through=stream.write_through)
+
+
 class _Environment(dict):
     """The environment's variables as bytes, as the process has them. Shown in the log
     by the names that differ, never by value (a value may be a secret)."""
@@ -1305,6 +1335,8 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
              _more_fork_hooks),
     _Setting("sys.stdin, sys.stdout or sys.stderr", _streams, _put_streams, _any_replaced,
              quick=lambda taken: _identities(_streams)),
+    # After them: the engine's own streams, put back in their places first.
+    _Setting("sys.stdin, sys.stdout or sys.stderr (closed)", _closed_streams, _reopen_streams),
     _Setting("descriptors 0-2 (stdin, stdout, stderr), the engine's log pipe, or the engine's own", _stdio, _put_stdio),
     # torch keeps the current dual level in a module global, not per thread.
     _Setting("a forward-AD dual level (entered, not exited)", _dual_level, _exit_dual_levels, operator.gt),
