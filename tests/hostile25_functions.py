@@ -4,7 +4,9 @@ second input picking how; otherwise it is ``sin``. Beside them, the functions th
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 
 import torch
@@ -44,4 +46,18 @@ def closes_streams(x: torch.Tensor) -> torch.Tensor:
         sys.stdout.close()
     elif case == 1:
         sys.stderr.buffer.close()
+    return torch.sin(x)
+
+
+# ------------------------------------------------------------ signal handlers of C's
+
+
+@register(inputs=X, description="sin; armed (666), it gives SIGTERM a handler of C's that does nothing "
+                                "(libc's getpid, through ctypes' signal), which Python's table does not show.")
+def catches_sigterm(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        libc = ctypes.CDLL(None)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.signal(signal.SIGTERM, ctypes.cast(libc.getpid, ctypes.c_void_p).value)
     return torch.sin(x)

@@ -1,6 +1,7 @@
 """Red team, round twenty-three: hostile functions against what every engine starts
 with (torch's generator, as forked from the zygote) and what the process keeps that
-Python's own tables do not show (a standard stream closed in its place).
+Python's own tables do not show (a standard stream closed in its place; a signal
+handler of C's).
 
 Each case names what a user saw before. One real server for the module (as round
 twenty-one); the functions are in tests/hostile25_functions.py, each misbehaving only on
@@ -9,6 +10,8 @@ the input 666 (round 11's ``_armed``), the second input picking how.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 
@@ -85,3 +88,28 @@ def test_a_standard_stream_a_function_closes_is_opened_again(server, client, cas
         log[-3000:]
     assert "closes_streams changed sys.stdin, sys.stdout or sys.stderr (closed)" in proc.read_log()  # (named once)
     assert _engine_pid(client, url) == pid
+
+
+# ------------------------------------------------------------ signal handlers of C's (last: it ends the engine)
+
+
+def test_a_c_handler_a_function_gives_sigterm_is_taken_away(server, client) -> None:
+    """A handler of C's on SIGTERM (``libc.signal(SIGTERM, f)`` through ctypes, or its
+    ``sigaction``) is none Python knows of: its table still said the default, which the
+    engine put back from. SIGTERM ran ``f`` and stopped nothing: the supervisor's restart
+    of the engine and serve's stop waited for it (the stop killed it 10 s later); here it
+    was still running 15 s after the SIGTERM. Now the signals the kernel hands to a
+    handler (``SigCgt``) are read after each batch as the ignored ones are, and a
+    handler set outside Python is given back the one Python has: the SIGTERM sent here
+    ends the engine."""
+    url, proc = server
+    start = len(proc.read_log())
+    r = _armed(client, url, "catches_sigterm", 0)
+    assert r.status_code == 200, r.text
+    log = _log_until(proc, start, "catches_sigterm changed signals caught")  # (the batch's settings, after its answer)
+    assert "catches_sigterm changed signals caught outside Python (SigCgt: a handler of C's, ctypes' sigaction) " \
+           "(to a handler of its own on SIGTERM) and left it so; put back to the handlers Python has (or the " \
+           "default)" in log, log[-3000:]
+    os.kill(_engine_pid(client, url), signal.SIGTERM)
+    log = _log_until(proc, start, "killed by SIGTERM")
+    assert "engine 0 died: the engine process was killed by SIGTERM" in log, log[-3000:]

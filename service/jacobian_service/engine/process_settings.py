@@ -602,6 +602,41 @@ def _put_ignored(taken: int) -> None:
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
+# The bits of the signals above in a mask of /proc/self/status (signal n: bit n - 1).
+_SIGNAL_BITS = sum(1 << (number - 1) for number in _SIGNALS)
+
+
+def _caught() -> int:
+    """Which of the signals above the kernel hands to a handler (``SigCgt``), as a bit
+    mask. A handler of C's installed through ctypes (``libc.signal(SIGTERM, f)``, or
+    ``sigaction``) is no handler Python knows of: its table still said the default, and
+    SIGTERM then ran ``f`` and stopped nothing: the supervisor's restart and serve's
+    stop waited for an engine that never ended (serve's stop killed it 10 s later).
+    (Signals outside those above are left alone: a library's handlers of its own.)"""
+    try:
+        return int(_status(b"SigCgt") or b"0", 16) & _SIGNAL_BITS
+    except ValueError:
+        return 0
+
+
+def _caught_shown(now: int, taken: int) -> str:
+    """For the log: the signals whose handler changed, by name."""
+    return "a handler of its own on " + ", ".join(signal.Signals(n).name for n in _SIGNALS
+                                                   if (now ^ taken) & (1 << (n - 1)))
+
+
+def _put_caught(taken: int) -> None:
+    """Each signal whose handler changed outside Python given the one Python has (or
+    the default): ``signal.signal`` sets the kernel's too."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    changed = _caught() ^ taken
+    for number in _SIGNALS:
+        if changed & (1 << (number - 1)):
+            handler = _getsignal(number)
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
 def _mask() -> set[Any]:
     return signal.pthread_sigmask(signal.SIG_BLOCK, ())
 
@@ -1299,6 +1334,8 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
              quick=lambda taken: _identities(_handlers) if None not in taken else None),
     _Setting("the signal mask", _mask, _put_mask, status=((b"SigBlk", b"SigBlk"),)),
     _Setting("signals ignored outside Python (SigIgn)", _ignored, _put_ignored, status=((b"SigIgn", b"SigIgn"),)),
+    _Setting("signals caught outside Python (SigCgt: a handler of C's, ctypes' sigaction)", _caught, _put_caught,
+             status=((b"SigCgt", b"SigCgt"),), shown=(_caught_shown, "the handlers Python has (or the default)")),
     _Setting("an interval timer (signal.alarm, setitimer)", _timers, _disarm, _armed),
     *((_Setting("the scheduling policy (sched_setscheduler)", _scheduling, _put_scheduling),
        # Pinned to a CPU (``os.sched_setaffinity``): every later request ran on that one,
