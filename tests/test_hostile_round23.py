@@ -15,7 +15,6 @@ import signal
 import subprocess
 from collections.abc import Iterator
 
-import httpx
 import numpy as np
 import pytest
 
@@ -23,6 +22,7 @@ from .conftest import assert_problem, live_server
 from .test_hostile_round11 import _armed, _engine_pid, _replaced
 from .test_hostile_round15 import _log_until
 from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
+from .test_hostile_round21 import _evaluated  # an evaluate's 200 output
 
 FUNCTIONS = "tests.hostile25_functions"
 
@@ -34,13 +34,6 @@ def server() -> Iterator[tuple[str, subprocess.Popen]]:
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", QUARANTINE_AFTER=50,
                      REQUEST_TIMEOUT_S=20, HANG_GRACE_S=0.5) as served:
         yield served
-
-
-def _evaluated(client: httpx.Client, url: str, function: str, x: list[float]) -> np.ndarray:
-    r = client.post(f"{url}/v1/functions/{function}/evaluate",
-                    json={"inputs": [{"dtype": "float64", "shape": [len(x)], "data": x}]})
-    assert r.status_code == 200, r.text
-    return np.array(r.json()["output"]["data"])
 
 
 # ------------------------------------------------------------ torch's generator at an engine's start
