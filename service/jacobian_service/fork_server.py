@@ -30,8 +30,9 @@ A forked engine is what an exec'd one is:
 - **its confinement**: the same seccomp filter and Landlock scope (``confinement``),
   made from what ``serve`` sends (its pid, group and threads now) plus the zygote's pid.
 - **nothing of the zygote's**: the random generators seeded anew (Python's own,
-  numpy's global one; ``multiprocessing``'s authentication key); Python's string hash
-  key is the zygote's (fixed at exec).
+  numpy's global one; torch's, by the engine itself as it starts, exec'd or forked;
+  ``multiprocessing``'s authentication key); Python's string hash key is the zygote's
+  (fixed at exec).
 
 The zygote holds no thread when it forks (numpy's OpenBLAS starts its threads as it is
 imported, and stops them at a fork: one fork at start-up does that) and never

@@ -1260,7 +1260,7 @@ class _Seed:
     of another client's function (noise, a Monte Carlo estimate, dropout) were the same
     at every such call, known in advance. A seed set is put back as a seed drawn afresh
     (``_reseed``, from the OS's entropy): the draws after it are no one's to know.
-    (torch's own start seed is fixed: the engine takes it as it finds it.)
+    (The seed it starts with is drawn from the OS's entropy as the engine starts: ``engine.process``.)
 
     A state set with no seed (``torch.set_rng_state`` of one a function kept from an
     earlier call) left ``initial_seed`` as it was: the same draws after each of its calls,
