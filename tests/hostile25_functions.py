@@ -22,6 +22,15 @@ def noise25(x: torch.Tensor) -> torch.Tensor:
     return x + torch.rand(x.shape, dtype=x.dtype)
 
 
+# Drawn unseeded as the module loads, as an nn.Linear made without a seed draws its weights.
+_W = torch.randn(3)
+
+
+@register(inputs=X, description="x * W, W drawn from torch's generator (unseeded) as the module loads.")
+def module_weights25(x: torch.Tensor) -> torch.Tensor:
+    return x * _W.to(x.dtype)
+
+
 @register(inputs=X, description="sin; armed (666), it ends its engine (os._exit).")
 def exits25(x: torch.Tensor) -> torch.Tensor:
     if _armed(x) is not None:

@@ -48,14 +48,19 @@ def test_each_engine_starts_torchs_generator_afresh(server, client) -> None:
     torch's generators from the OS's entropy as it starts (CUDA's queued for its start,
     which had torch's fixed default seed)."""
     url, _ = server
-    firsts = []
+    firsts, weights = [], []
     for _ in range(2):
         pid = _engine_pid(client, url)
         assert_problem(_armed(client, url, "exits25", 0), 500, "function_error")
         _replaced(client, url, pid, 60, "no engine after the crash")
         firsts.append(_evaluated(client, url, "noise25", [0.0, 0.0, 0.0]))  # the new engine's first draws
         assert ((0 <= firsts[-1]) & (firsts[-1] < 1)).all(), firsts
+        weights.append(_evaluated(client, url, "module_weights25", [1.0, 1.0, 1.0]))
     assert not np.array_equal(firsts[0], firsts[1]), firsts
+    # ... but after its functions' modules loaded: what a module draws as it loads (an
+    # unseeded nn.Linear's weights) is the same in every engine, as in any fresh process
+    # (seeded before them, each restart changed such a function's answers)
+    assert np.array_equal(weights[0], weights[1]), weights
 
 
 # ------------------------------------------------------------ the standard streams

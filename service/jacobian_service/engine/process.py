@@ -565,15 +565,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from .devices import keep_free_heap, resolve_devices
 
-    # torch's generators seeded from the OS's entropy, before any module of the functions
-    # draws. A forked engine had the zygote's state (fork_server), the same in every
-    # engine, spare and restart: a client that saw one engine's first draws (x +
-    # torch.rand(3)) knew the next engine's. CUDA's, seeded as it starts (queued: no CUDA
-    # here yet), had torch's fixed default seed. No seed is pinned: the engine seeds
-    # afresh after any batch that draws anyway (process_settings); a function that wants
-    # the same draws each time keeps a generator of its own.
-    torch.cuda.manual_seed_all(torch.default_generator.seed())
-
     keep_free_heap()
 
     threads = settings.torch_threads if settings.torch_threads is not None else max(1, (os.cpu_count() or 2) // 2)
@@ -584,6 +575,19 @@ def main(argv: list[str] | None = None) -> int:
     except FunctionModuleNotFound as exc:
         log.error("%s", exc)
         return 1
+    # torch's generators seeded from the OS's entropy, once the functions' modules are
+    # loaded and before any request runs. A forked engine had the zygote's state
+    # (fork_server), the same in every engine, spare and restart: a client that saw one
+    # engine's first draws (x + torch.rand(3)) knew the next engine's. After the modules,
+    # not before: what a module draws as it loads (an unseeded nn.Linear's weights) is
+    # what any fresh Python process draws from torch's fixed start seed, the same in every
+    # engine (one per GPU), restart and spare, so an answer does not depend on which
+    # engine gave it; seeded first, every restart changed such a function's weights, and
+    # its Jacobians. CUDA's is queued for its start (it had torch's fixed default seed).
+    # No seed is pinned: the engine seeds afresh after any batch that draws anyway
+    # (process_settings); a function that wants the same draws each time keeps a
+    # generator of its own.
+    torch.cuda.manual_seed_all(torch.default_generator.seed())
     configure_logging(settings.log_format, own_log)  # again: a module may have configured logging as it was imported
     devices = resolve_devices(args.device)
     server = EngineServer(settings, registry, devices[0])  # on a GPU: its CUDA context
