@@ -82,7 +82,7 @@ from jax.extend.core import Primitive
 from jax.experimental import io_callback
 from jax.interpreters import ad, batching, mlir
 
-from ._errors import APIError, FunctionNotFound
+from ._errors import APIError, FunctionNotFound, InvalidInput
 from ._params import split_params
 from ._remote import (Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like, shape_mismatch, unflatten,
                       with_hint)
@@ -510,21 +510,36 @@ def _linear_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) 
 
 
 def _linear_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) -> Any:
-    host = partial(_checked_when_empty, partial(_linear_host, ops, shapes, lin), ops, shapes, lin.n_inputs,
+    host = partial(_checked, partial(_linear_host, ops, shapes, lin), ops, shapes, lin.n_inputs,
                    lin.batch_ndim, lin.shared, len(lin.tags))
     return _callback(host, lin.result_structs, *args)
 
 
-def _checked_when_empty(host: Any, ops: _Ops, shapes: _Shapes, n_inputs: int, batch_ndim: int,
-                        shared: tuple[bool, ...], n_lead: int, *args: Any) -> list[np.ndarray]:
-    """A product under ``jit`` over no vectors at all: ``jacrev`` of an output learned
-    empty (its basis has no vectors) asks the service nothing, and JAX drops the forward,
-    whose value it does not use; ``jit(jacrev(f))`` of ``x[x > 0]`` answered ``(0, n)``.
-    The shapes learned are checked by one evaluate at these inputs first."""
+def _checked(host: Any, ops: _Ops, shapes: _Shapes, n_inputs: int, batch_ndim: int, shared: tuple[bool, ...],
+             n_lead: int, *args: Any) -> list[np.ndarray]:
+    """A product under ``jit``, checked against the output shapes learned before anything
+    ran (an evaluate at zeros): the one place they meet the caller's values, where the
+    forward's evaluate is not (``grad`` of a sum uses no output value, so XLA drops it).
+
+    * Over no vectors at all: ``jacrev`` of an output learned empty (its basis has no
+      vectors) asks the service nothing; ``jit(jacrev(f))`` of ``x[x > 0]`` answered
+      ``(0, n)``. The shapes are checked by one evaluate at these inputs first.
+    * Refused as invalid (422): the cotangents were shaped as learned, and where the
+      output's shape follows the values (``r12_turns``: ``3 x 2`` at zeros, ``2 x 3`` here)
+      the service said only "cotangents: expected shape [2, 3], got [3, 2]", with nothing
+      on why. One evaluate at these inputs then checks the shapes learned, and raises the
+      ``ValueError`` that says so (``shape_mismatch``); any other refusal stands."""
     vecs = args[n_inputs:]
     if vecs and 0 in np.shape(vecs[0])[:n_lead]:
         _eval_host(ops, shapes, batch_ndim, shared, *args[:n_inputs])
-    return host(*args)
+    try:
+        return host(*args)
+    except InvalidInput as exc:
+        try:
+            _eval_host(ops, shapes, batch_ndim, shared, *args[:n_inputs])
+        except APIError:
+            raise exc from None  # the check failed on its own: the refusal is the answer
+        raise
 
 
 def _linear_transpose(cts: Sequence[Any], *args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) -> list[Any]:
@@ -588,7 +603,7 @@ def _linear_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, s
     if size == 0 and any(d is not None for d in x_dims):  # no examples: nothing to ask, nothing learned to check
         return [jnp.zeros(s.shape, s.dtype) for s in structs], [0] * len(structs)
     # no vectors (jacrev of an output learned empty) is bound all the same: nothing to ask
-    # either, but under jit the shapes learned are checked (_checked_when_empty)
+    # either, but under jit the shapes learned are checked (_checked)
     vecs = [_front(v, d, size) for v, d in zip(vecs, v_dims)]
     if any(d is not None for d in x_dims):
         xs, shared = _add_level(xs, x_dims, size, lin.batch_ndim, lin.shared)
@@ -663,7 +678,7 @@ def _second_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) 
 
 
 def _second_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) -> Any:
-    host = partial(_checked_when_empty, partial(_second_host, ops, shapes, sec), ops, shapes, sec.n_inputs,
+    host = partial(_checked, partial(_second_host, ops, shapes, sec), ops, shapes, sec.n_inputs,
                    sec.batch_ndim, sec.shared, len(sec.tags))
     return _callback(host, sec.result_structs, *args)
 
