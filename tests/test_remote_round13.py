@@ -50,3 +50,57 @@ def test_jit_derivatives_say_why_an_output_of_another_shape_is_refused(cc, jx):
     local = torch.func.grad(lambda z: (r12.r12_turns(z) * w).sum())(torch.tensor(np.asarray(-x)))
     got = jax.jit(jax.grad(lambda z: (turns(z) * jnp.asarray(w.numpy())).sum()))(-x)
     np.testing.assert_allclose(np.asarray(got), local.numpy(), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- JAX: outputs of shared inputs alone under vmap
+
+
+def test_jax_vmap_leaves_an_output_of_shared_inputs_alone_unbatched(cc, jx):
+    """jax's vmap leaves an output that depends on no mapped input unbatched (``out_axes=
+    None`` takes it). The adapter said every output was batched, so ``vmap(remote(f),
+    in_axes=(0, None), out_axes=(0, None))`` of ``(x * w, w ** 2)`` raised jax's "vmap has
+    mapped output but out_axes is None" where jax answers for the same function
+    in-process (torch's adapter was fixed last round); so did an aux array of ``w`` alone.
+    Now the batched evaluate's ``meta.unbatched`` says which, learned at the caller's
+    values outside jit (no extra request) and under jit by one batched evaluate of one
+    example where an input is shared (none where every input is mapped)."""
+    jax = jx
+    jnp = jax.numpy
+    from jacobian_client.jax import remote
+
+    def local(x, w):
+        return x * w, w ** 2
+
+    def local_aux(x, w):
+        return x * w, {"w2": w * 2, "xs": x.sum()}
+
+    xs, w = jnp.arange(6.0).reshape(3, 2) - 2, jnp.array([0.5, -1.5])
+    cases = ((local, "scaled_and_weight", (0, None)), (local_aux, "scaled_with_weight_aux", (0, {"w2": None, "xs": 0})))
+    for fn, name, out_axes in cases:
+        want = jax.vmap(fn, in_axes=(0, None), out_axes=out_axes)(xs, w)
+        for jit, requests in ((False, ["evaluate", "evaluate+batched"]),
+                              (True, ["evaluate", "evaluate+batched", "evaluate+batched"])):
+            f = remote(cc.client, name)  # learns afresh
+            cc.take()
+            vm = jax.vmap(f, in_axes=(0, None), out_axes=out_axes)
+            got = (jax.jit(vm) if jit else vm)(xs, w)
+            assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+            for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+                assert g.shape == e.shape
+                np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-12)
+            assert cc.take() == requests  # (under jit: the shapes at zeros, the one-example batch, the batch)
+    # nested: each level's output of w alone, as jax's
+    f = remote(cc.client, "scaled_and_weight")
+    nested = lambda g: jax.vmap(jax.vmap(g, in_axes=(0, None), out_axes=(0, None)),  # noqa: E731
+                                in_axes=(0, None), out_axes=(0, None))
+    for g, e in zip(nested(f)(jnp.stack([xs, xs + 1]), w), nested(local)(jnp.stack([xs, xs + 1]), w)):
+        assert g.shape == e.shape
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-12)
+    # every input mapped: no probe under jit, every output batched (as jax's, w ** 2 then of a mapped w)
+    f = remote(cc.client, "scaled_and_weight")
+    cc.take()
+    got = jax.jit(jax.vmap(f))(xs, xs + 1)
+    want = jax.vmap(local)(xs, xs + 1)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-12)
+    assert cc.take() == ["evaluate", "evaluate+batched"]

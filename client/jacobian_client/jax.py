@@ -29,7 +29,8 @@ computed by a ``pure_callback`` cannot be transposed, so ``grad`` fails. Two pri
   inputs of a derivative (``vmap(grad(f))``) is one batched ``jacobian`` request,
   contracted on the client. An input ``vmap`` leaves unbatched (``in_axes=(0, None)``:
   weights every example shares) is sent once, the request's ``in_dims`` saying so, not
-  copied per example;
+  copied per example; an output of such inputs alone comes back unbatched, as jax's
+  (see ``_unbatched``);
 * second derivatives (``jax.hessian``, ``grad`` of ``grad``): ``remote_linear``'s JVP in
   the inputs binds ``remote_second`` (``c . H dx`` for a vjp, ``H[t, dx]`` for a jvp), one
   ``hvp`` request (``c . H dx`` at unbatched inputs, cotangents with the tangents for a
@@ -124,7 +125,7 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
                 if not traced:  # concrete inputs: this evaluation is the answer
                     return shapes.rebuild([jnp.asarray(v) for v in shapes.host_values(ev, ops.name)])
                 if whole:  # grad / jvp outside jit: their forward asks for these very values next
-                    ops.stash = (values, ev)
+                    ops.stash = (values, 0, (), ev)
             else:
                 shapes = known[key] = _probe(ops, arrays)
         flat = remote_eval_p.bind(*arrays, ops=ops, shapes=shapes, batch_ndim=0, shared=())
@@ -136,18 +137,19 @@ def remote(client: Any, name: str, *, out_shape: Any = None) -> Callable[..., An
 
 
 class _Ops(RemoteOps):
-    """RemoteOps with a one-shot answer kept for the forward that follows a shape probe
-    at the caller's own values (so that first ``grad`` costs no extra request)."""
+    """RemoteOps with a one-shot answer kept for the forward that follows a request made
+    at the caller's own values (the shapes learned, or which outputs a batch leaves
+    unbatched), so it costs no extra request."""
 
-    stash: tuple[list[np.ndarray], Evaluated] | None = None
+    stash: tuple[list[np.ndarray], int, tuple[bool, ...], Evaluated] | None = None
 
     def evaluate_cached(self, inputs: Sequence[np.ndarray], batch_ndim: int, aux_tree: Tree | None,
                         shared: tuple[bool, ...] = ()) -> Evaluated:
         stash, self.stash = self.stash, None  # one use at most: never an answer for later values
-        if stash is not None and batch_ndim == 0 and len(stash[0]) == len(inputs) and all(
-                a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
-                for a, b in zip(stash[0], inputs)):
-            return stash[1]
+        if stash is not None and (stash[1], stash[2]) == (batch_ndim, tuple(shared)) and len(stash[0]) == len(inputs) \
+                and all(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+                        for a, b in zip(stash[0], inputs)):
+            return stash[3]
         return self.evaluate(inputs, batch_ndim, aux_tree, shared)
 
 
@@ -428,13 +430,60 @@ def _eval_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteOps
 
 
 def _eval_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
-                batch_ndim: int, shared: tuple[bool, ...]) -> tuple[list[Any], list[int]]:
+                batch_ndim: int, shared: tuple[bool, ...]) -> tuple[list[Any], list[Any]]:
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     if size == 0:  # an empty batch: nothing to ask, and the shapes are known
         return [jnp.zeros(s.shape, s.dtype) for s in shapes.batched(0).structs], [0] * len(shapes.structs)
     moved, now_shared = _add_level(args, dims, size, batch_ndim, shared)
+    flags = _unbatched(ops, shapes, moved, batch_ndim + 1, now_shared)
     out = remote_eval_p.bind(*moved, ops=ops, shapes=shapes.batched(size), batch_ndim=batch_ndim + 1, shared=now_shared)
-    return out, [0] * len(out)
+    # an output of no mapped input (shared weights' alone, a constant) is unbatched, as jax's
+    # vmap leaves it for f in-process (out_axes=None takes it); its examples are equal
+    out_dims: list[Any] = [None if f else 0 for f in flags]
+    return [o[0] if d is None else o for o, d in zip(out, out_dims)], out_dims
+
+
+def _unbatched(ops: _Ops, shapes: _Shapes, xs: Sequence[Any], batch_ndim: int,
+               shared: tuple[bool, ...]) -> tuple[bool, ...]:
+    """Per output (then live aux) leaf, whether a batch leaves it unbatched: it depends on
+    no mapped input, as the service's vmap finds (the batched evaluate's
+    ``meta.unbatched``). Said batched, ``jax.vmap(f, in_axes=(0, None), out_axes=(0,
+    None))`` of ``(x * w, w ** 2)`` raised "vmap has mapped output but out_axes is None"
+    where jax answers for f in-process. JAX needs the answer before the batch runs, so it
+    is learned once per per-example signature: at the caller's values when they are known
+    (a vmap outside jit: that very request, reused by the evaluate that follows), else
+    (under jit) by one batched evaluate of one example (zeros, or the first example of an
+    outer batch), and only where some input is shared: with every input mapped only a
+    constant output could be unbatched. A failed probe leaves every output batched, as
+    do examples the service ran one by one (no ``meta.unbatched``)."""
+    n = len(shapes.structs)
+    example = tuple((tuple(jnp.shape(x))[0 if _is_shared(shared, i) else batch_ndim:], jnp.dtype(jnp.result_type(x)).name)
+                    for i, x in enumerate(xs))
+    key = (ops._layout, ops._wire_names, shapes, batch_ndim, shared, example)
+    learned: dict[Any, tuple[bool, ...]] = vars(ops).setdefault("_unbatched", {})
+    if key in learned:
+        return learned[key]
+    values, whole = _values_of(xs)
+    if values is not None and whole:  # the caller's own batch: this request answers the bind that follows
+        ev = ops.evaluate(values, batch_ndim, shapes.aux_tree, shared)
+        ops.stash = (values, batch_ndim, shared, ev)
+    elif not any(shared):
+        return (False,) * n
+    else:
+        one = [v if _is_shared(shared, i) else v[(slice(0, 1),) * batch_ndim]
+               for i, v in enumerate(values)] if values is not None else \
+              [np.zeros(s if _is_shared(shared, i) else (1,) * batch_ndim + s, d) for i, (s, d) in enumerate(example)]
+        try:
+            ev = ops.evaluate(one, batch_ndim, shapes.aux_tree, shared)
+        except APIError:  # no word: every output batched, as before
+            ev = None
+    flags = (False,) * n
+    if ev is not None and ev.unbatched is not None:
+        aux = ev.aux_unbatched or [False] * len(ev.aux)
+        got = (*ev.unbatched, *(f for a, f in zip(ev.aux, aux) if _is_live(a)))
+        flags = got if len(got) == n else flags
+    learned[key] = flags
+    return flags
 
 
 def _front(x: Any, dim: Any, size: int) -> Any:
