@@ -104,3 +104,40 @@ def test_jax_vmap_leaves_an_output_of_shared_inputs_alone_unbatched(cc, jx):
     for g, e in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-12)
     assert cc.take() == ["evaluate", "evaluate+batched"]
+
+
+def test_jax_vmap_leaves_a_derivative_of_shared_inputs_alone_unbatched(cc, jx):
+    """The same for derivatives, as torch's adapter has them: the gradient in a shared
+    ``w`` of ``sum(w ** 2)`` under ``vmap(grad(..., argnums=1), in_axes=(0, None),
+    out_axes=None)`` (its jvp, ``jacrev`` and ``jacfwd`` in ``w`` alike) raised jax's "vmap
+    has mapped output" where jax answers in-process; one that a batched output feeds
+    (``jacrev`` in ``w`` of both outputs, a gradient of both) stays batched, as jax's. No
+    request more than before: the forward's batch said which outputs are unbatched."""
+    jax = jx
+    jnp = jax.numpy
+    from jacobian_client.jax import remote
+
+    def local(x, w):
+        return x * w, w ** 2
+
+    xs, w = jnp.arange(6.0).reshape(3, 2) - 2, jnp.array([0.5, -1.5])
+    shared = (0, None)
+    cases = (
+        (lambda g: jax.vmap(jax.grad(lambda x, w: g(x, w)[1].sum(), argnums=1), shared, None), False),
+        (lambda g: jax.vmap(jax.grad(lambda x, w: g(x, w)[1].sum(), argnums=(0, 1)), shared, (0, None)), False),
+        (lambda g: jax.vmap(lambda x, w: jax.jvp(lambda v: g(x, v)[1], (w,), (jnp.ones(2),))[1], shared, None), False),
+        (lambda g: jax.vmap(jax.jacrev(lambda x, w: g(x, w)[1], argnums=1), shared, None), False),
+        (lambda g: jax.vmap(jax.jacfwd(lambda x, w: g(x, w)[1], argnums=1), shared, None), False),
+        (lambda g: jax.vmap(jax.jacrev(g, argnums=1), shared), True),
+        (lambda g: jax.vmap(jax.grad(lambda x, w: sum(o.sum() for o in g(x, w)), argnums=1), shared), True),
+    )
+    for k, (make, batched) in enumerate(cases):
+        want = make(local)(xs, w)
+        for jit in (False, True) if k in (0, 5) else (False,):  # jit's rule is the same one (CI time)
+            f = remote(cc.client, "scaled_and_weight")
+            got = (jax.jit(make(f)) if jit else make(f))(xs, w)
+            assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+            for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+                assert g.shape == e.shape
+                np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-12, atol=1e-12)
+        assert batched == (jax.tree_util.tree_leaves(want)[-1].shape[0] == 3)

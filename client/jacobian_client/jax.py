@@ -29,7 +29,8 @@ computed by a ``pure_callback`` cannot be transposed, so ``grad`` fails. Two pri
   inputs of a derivative (``vmap(grad(f))``) is one batched ``jacobian`` request,
   contracted on the client. An input ``vmap`` leaves unbatched (``in_axes=(0, None)``:
   weights every example shares) is sent once, the request's ``in_dims`` saying so, not
-  copied per example; an output of such inputs alone comes back unbatched, as jax's
+  copied per example; an output of such inputs alone (and a first derivative of such
+  outputs in them) comes back unbatched, as jax's
   (see ``_unbatched``);
 * second derivatives (``jax.hessian``, ``grad`` of ``grad``): ``remote_linear``'s JVP in
   the inputs binds ``remote_second`` (``c . H dx`` for a vjp, ``H[t, dx]`` for a jvp), one
@@ -361,10 +362,11 @@ class _Linear:
     batch_ndim: int = 0
     tags: tuple[str, ...] = ()
     shared: tuple[bool, ...] = ()  # per input, under a batch: it carries no batch dims (see _add_level)
+    idle: tuple[bool, ...] = ()  # vjp, per output: no cotangent came for it (zeros sent; see _linear_dims)
 
     def __hash__(self) -> int:
         return hash((self.mode, self.argnums, self.n_inputs, tuple((s.shape, str(s.dtype)) for s in self.result_structs),
-                     self.batch_ndim, self.tags, self.shared))
+                     self.batch_ndim, self.tags, self.shared, self.idle))
 
 
 # ---- evaluation
@@ -603,7 +605,7 @@ def _linear_transpose(cts: Sequence[Any], *args: Any, ops: RemoteOps, shapes: _S
     cotangents = [jnp.zeros(s.shape, s.dtype) if isinstance(c, ad.Zero) else c for c, s in zip(cts, lin.result_structs)]
     grads_structs = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in vecs)
     other = _Linear("vjp" if lin.mode == "jvp" else "jvp", lin.argnums, lin.n_inputs, grads_structs, lin.batch_ndim,
-                    lin.tags, lin.shared)
+                    lin.tags, lin.shared, tuple(isinstance(c, ad.Zero) for c in cts) if lin.mode == "jvp" else ())
     grads = remote_linear_p.bind(*xs, *cotangents, ops=ops, shapes=shapes, lin=other)
     return [None] * lin.n_inputs + list(grads)
 
@@ -659,13 +661,43 @@ def _linear_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, s
     vecs = [_front(v, d, size) for v, d in zip(vecs, v_dims)]
     if any(d is not None for d in x_dims):
         xs, shared = _add_level(xs, x_dims, size, lin.batch_ndim, lin.shared)
-        inner = _Linear(lin.mode, lin.argnums, lin.n_inputs, structs, lin.batch_ndim + 1, ("p", *lin.tags), shared)
+        inner = replace(lin, result_structs=structs, batch_ndim=lin.batch_ndim + 1, tags=("p", *lin.tags),
+                        shared=shared)
         inner_shapes = shapes.batched(size)
+        out_dims = _linear_dims(ops, shapes, lin, xs, shared, x_dims, v_dims)
     else:
-        inner = _Linear(lin.mode, lin.argnums, lin.n_inputs, structs, lin.batch_ndim, ("v", *lin.tags), lin.shared)
+        inner = replace(lin, result_structs=structs, tags=("v", *lin.tags))
         inner_shapes = shapes
+        out_dims = [0] * len(structs)
     out = remote_linear_p.bind(*xs, *vecs, ops=ops, shapes=inner_shapes, lin=inner)
-    return out, [0] * len(out)
+    return [o[0] if d is None else o for o, d in zip(out, out_dims)], out_dims
+
+
+def _linear_dims(ops: _Ops, shapes: _Shapes, lin: _Linear, xs: Sequence[Any], shared: tuple[bool, ...],
+                 x_dims: Sequence[Any], v_dims: Sequence[Any]) -> list[Any]:
+    """This vmap level's dimension for each result of a product at batched inputs: None
+    where jax's vmap leaves it unbatched in-process, as the outputs of shared inputs alone
+    are (``_unbatched``, learned by the forward's batch). That is where no vector is mapped
+    at this level and the result follows from such outputs and from inputs this level
+    does not map: the gradient in a shared ``w`` of ``sum(w ** 2)`` under
+    ``vmap(grad(f, argnums=1), in_axes=(0, None))``, its vjp, jvp, ``jacrev``, ``jacfwd``.
+    Said batched, ``out_axes=None`` raised "vmap has mapped output" where jax answers. An
+    output with no cotangent (``lin.idle``) adds nothing; the examples' rows are equal,
+    the first is kept. Second derivatives stay batched."""
+    n = len(lin.result_structs)
+    if any(d is not None for d in v_dims):
+        return [0] * n
+    example = tuple((tuple(jnp.shape(x))[0 if _is_shared(shared, i) else lin.batch_ndim + 1:],
+                     jnp.dtype(jnp.result_type(x)).name) for i, x in enumerate(xs))
+    flags = vars(ops).get("_unbatched", {}).get((ops._layout, ops._wire_names, shapes, lin.batch_ndim + 1, shared,
+                                                 example))
+    if flags is None:
+        return [0] * n
+    flags = flags[: shapes.n_out]
+    if lin.mode == "jvp":
+        return [None if f else 0 for f in flags]
+    quiet = all(f or (k < len(lin.idle) and lin.idle[k]) for k, f in enumerate(flags))
+    return [None if quiet and x_dims[j] is None else 0 for j in lin.argnums]
 
 
 remote_linear_p.def_impl(_linear_impl)
