@@ -111,8 +111,9 @@ def test_jax_vmap_leaves_a_derivative_of_shared_inputs_alone_unbatched(cc, jx):
     ``w`` of ``sum(w ** 2)`` under ``vmap(grad(..., argnums=1), in_axes=(0, None),
     out_axes=None)`` (its jvp, ``jacrev`` and ``jacfwd`` in ``w`` alike) raised jax's "vmap
     has mapped output" where jax answers in-process; one that a batched output feeds
-    (``jacrev`` in ``w`` of both outputs, a gradient of both) stays batched, as jax's. No
-    request more than before: the forward's batch said which outputs are unbatched."""
+    (``jacrev`` in ``w`` of both outputs, a gradient of both) stays batched, as jax's; the
+    Hessian in ``w`` alike. No request more than before: the forward's batch said which
+    outputs are unbatched."""
     jax = jx
     jnp = jax.numpy
     from jacobian_client.jax import remote
@@ -128,12 +129,14 @@ def test_jax_vmap_leaves_a_derivative_of_shared_inputs_alone_unbatched(cc, jx):
         (lambda g: jax.vmap(lambda x, w: jax.jvp(lambda v: g(x, v)[1], (w,), (jnp.ones(2),))[1], shared, None), False),
         (lambda g: jax.vmap(jax.jacrev(lambda x, w: g(x, w)[1], argnums=1), shared, None), False),
         (lambda g: jax.vmap(jax.jacfwd(lambda x, w: g(x, w)[1], argnums=1), shared, None), False),
+        (lambda g: jax.vmap(jax.hessian(lambda x, w: g(x, w)[1].sum(), argnums=1), shared, None), False),
         (lambda g: jax.vmap(jax.jacrev(g, argnums=1), shared), True),
+        (lambda g: jax.vmap(jax.hessian(lambda x, w: sum(o.sum() for o in g(x, w)), argnums=1), shared), True),
         (lambda g: jax.vmap(jax.grad(lambda x, w: sum(o.sum() for o in g(x, w)), argnums=1), shared), True),
     )
     for k, (make, batched) in enumerate(cases):
         want = make(local)(xs, w)
-        for jit in (False, True) if k in (0, 5) else (False,):  # jit's rule is the same one (CI time)
+        for jit in (False, True) if k in (0, 5, 6) else (False,):  # jit's rule is the same one (CI time)
             f = remote(cc.client, "scaled_and_weight")
             got = (jax.jit(make(f)) if jit else make(f))(xs, w)
             assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)

@@ -29,8 +29,8 @@ computed by a ``pure_callback`` cannot be transposed, so ``grad`` fails. Two pri
   inputs of a derivative (``vmap(grad(f))``) is one batched ``jacobian`` request,
   contracted on the client. An input ``vmap`` leaves unbatched (``in_axes=(0, None)``:
   weights every example shares) is sent once, the request's ``in_dims`` saying so, not
-  copied per example; an output of such inputs alone (and a first derivative of such
-  outputs in them) comes back unbatched, as jax's
+  copied per example; an output of such inputs alone (and a derivative of such outputs
+  in them) comes back unbatched, as jax's
   (see ``_unbatched``);
 * second derivatives (``jax.hessian``, ``grad`` of ``grad``): ``remote_linear``'s JVP in
   the inputs binds ``remote_second`` (``c . H dx`` for a vjp, ``H[t, dx]`` for a jvp), one
@@ -362,7 +362,7 @@ class _Linear:
     batch_ndim: int = 0
     tags: tuple[str, ...] = ()
     shared: tuple[bool, ...] = ()  # per input, under a batch: it carries no batch dims (see _add_level)
-    idle: tuple[bool, ...] = ()  # vjp, per output: no cotangent came for it (zeros sent; see _linear_dims)
+    idle: tuple[bool, ...] = ()  # vjp, per output: no cotangent came for it (zeros sent; see _result_dims)
 
     def __hash__(self) -> int:
         return hash((self.mode, self.argnums, self.n_inputs, tuple((s.shape, str(s.dtype)) for s in self.result_structs),
@@ -628,7 +628,7 @@ def _linear_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteO
         dxs = [_spread(x_tangents[j], lin.tags, lead, _is_shared(lin.shared, j)) for j in moved]
         if lin.mode == "vjp":  # d(J^T c) in x: c . H dx, per differentiated input
             sec = _Second("input", moved, lin.argnums, lin.n_inputs, lin.result_structs, lin.batch_ndim, lin.tags,
-                          lin.shared)
+                          lin.shared, lin.idle)
         else:  # d(J t) in x: H[t, dx], per output
             sec = _Second("output", lin.argnums, moved, lin.n_inputs, lin.result_structs, lin.batch_ndim, lin.tags,
                           lin.shared)
@@ -664,7 +664,7 @@ def _linear_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, s
         inner = replace(lin, result_structs=structs, batch_ndim=lin.batch_ndim + 1, tags=("p", *lin.tags),
                         shared=shared)
         inner_shapes = shapes.batched(size)
-        out_dims = _linear_dims(ops, shapes, lin, xs, shared, x_dims, v_dims)
+        out_dims = _result_dims(ops, shapes, lin, xs, shared, x_dims, v_dims)
     else:
         inner = replace(lin, result_structs=structs, tags=("v", *lin.tags))
         inner_shapes = shapes
@@ -673,31 +673,33 @@ def _linear_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, s
     return [o[0] if d is None else o for o, d in zip(out, out_dims)], out_dims
 
 
-def _linear_dims(ops: _Ops, shapes: _Shapes, lin: _Linear, xs: Sequence[Any], shared: tuple[bool, ...],
+def _result_dims(ops: _Ops, shapes: _Shapes, op: Any, xs: Sequence[Any], shared: tuple[bool, ...],
                  x_dims: Sequence[Any], v_dims: Sequence[Any]) -> list[Any]:
-    """This vmap level's dimension for each result of a product at batched inputs: None
-    where jax's vmap leaves it unbatched in-process, as the outputs of shared inputs alone
-    are (``_unbatched``, learned by the forward's batch). That is where no vector is mapped
-    at this level and the result follows from such outputs and from inputs this level
-    does not map: the gradient in a shared ``w`` of ``sum(w ** 2)`` under
-    ``vmap(grad(f, argnums=1), in_axes=(0, None))``, its vjp, jvp, ``jacrev``, ``jacfwd``.
-    Said batched, ``out_axes=None`` raised "vmap has mapped output" where jax answers. An
-    output with no cotangent (``lin.idle``) adds nothing; the examples' rows are equal,
-    the first is kept. Second derivatives stay batched."""
-    n = len(lin.result_structs)
+    """This vmap level's dimension for each result of a product (``op``: a ``_Linear`` or
+    ``_Second``) at batched inputs: None where jax's vmap leaves it unbatched in-process,
+    as the outputs of shared inputs alone are (``_unbatched``, learned by the forward's
+    batch). That is where no vector is mapped at this level and the result follows from
+    such outputs and from inputs this level does not map: the gradient in a shared ``w``
+    of ``sum(w ** 2)`` under ``vmap(grad(f, argnums=1), in_axes=(0, None))``, its vjp, jvp,
+    ``jacrev``, ``jacfwd``, Hessian. Said batched, ``out_axes=None`` raised "vmap has
+    mapped output" where jax answers. An output with no cotangent (``op.idle``) adds
+    nothing; the examples' rows are equal, the first is kept."""
+    n = len(op.result_structs)
     if any(d is not None for d in v_dims):
         return [0] * n
-    example = tuple((tuple(jnp.shape(x))[0 if _is_shared(shared, i) else lin.batch_ndim + 1:],
+    example = tuple((tuple(jnp.shape(x))[0 if _is_shared(shared, i) else op.batch_ndim + 1:],
                      jnp.dtype(jnp.result_type(x)).name) for i, x in enumerate(xs))
-    flags = vars(ops).get("_unbatched", {}).get((ops._layout, ops._wire_names, shapes, lin.batch_ndim + 1, shared,
+    flags = vars(ops).get("_unbatched", {}).get((ops._layout, ops._wire_names, shapes, op.batch_ndim + 1, shared,
                                                  example))
     if flags is None:
         return [0] * n
     flags = flags[: shapes.n_out]
-    if lin.mode == "jvp":
+    per_input = op.mode in ("vjp", "input")
+    if not per_input:
         return [None if f else 0 for f in flags]
-    quiet = all(f or (k < len(lin.idle) and lin.idle[k]) for k, f in enumerate(flags))
-    return [None if quiet and x_dims[j] is None else 0 for j in lin.argnums]
+    quiet = all(f or (k < len(op.idle) and op.idle[k]) for k, f in enumerate(flags))
+    results = op.argnums if isinstance(op, _Linear) else op.other_argnums
+    return [None if quiet and x_dims[j] is None else 0 for j in results]
 
 
 remote_linear_p.def_impl(_linear_impl)
@@ -730,11 +732,12 @@ class _Second:
     batch_ndim: int = 0
     tags: tuple[str, ...] = ()
     shared: tuple[bool, ...] = ()
+    idle: tuple[bool, ...] = ()  # mode "input": per output, no cotangent came for it (see _result_dims)
 
     def __hash__(self) -> int:
         return hash((self.mode, self.vec_argnums, self.other_argnums, self.n_inputs,
                      tuple((s.shape, str(s.dtype)) for s in self.result_structs), self.batch_ndim, self.tags,
-                     self.shared))
+                     self.shared, self.idle))
 
     def n_first(self, shapes: _Shapes) -> int:
         return shapes.n_out if self.mode == "input" else len(self.vec_argnums)
@@ -780,12 +783,12 @@ def _second_swapped(sec: _Second, group: int, first: Sequence[Any], second: Sequ
     structs = _structs_of(targets)
     if sec.mode == "input":  # R_j = c . H[i][j] w_i
         if group == 1:  # w: c . H[j][i] r_j
-            return replace(sec, mode="input", vec_argnums=J, other_argnums=I, result_structs=structs), [*first, *cts]
-        return replace(sec, mode="output", vec_argnums=I, other_argnums=J, result_structs=structs), [*second, *cts]
+            return replace(sec, mode="input", vec_argnums=J, other_argnums=I, result_structs=structs, idle=()), [*first, *cts]
+        return replace(sec, mode="output", vec_argnums=I, other_argnums=J, result_structs=structs, idle=()), [*second, *cts]
     # R_k = H_k[w_i, d_j]
     if group == 0:  # w: r . H[j][i] d_j
-        return replace(sec, mode="input", vec_argnums=J, other_argnums=I, result_structs=structs), [*cts, *second]
-    return replace(sec, mode="input", vec_argnums=I, other_argnums=J, result_structs=structs), [*cts, *first]
+        return replace(sec, mode="input", vec_argnums=J, other_argnums=I, result_structs=structs, idle=()), [*cts, *second]
+    return replace(sec, mode="input", vec_argnums=I, other_argnums=J, result_structs=structs, idle=()), [*cts, *first]
 
 
 def _second_transpose(cts: Sequence[Any], *args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) -> list[Any]:
@@ -843,11 +846,13 @@ def _second_batch(args: Sequence[Any], dims: Sequence[Any], *, ops: RemoteOps, s
         inner = replace(sec, result_structs=structs, batch_ndim=sec.batch_ndim + 1, tags=("p", *sec.tags),
                         shared=shared)
         inner_shapes = shapes.batched(size)
+        out_dims = _result_dims(ops, shapes, sec, xs, shared, x_dims, v_dims)
     else:
         inner = replace(sec, result_structs=structs, tags=("v", *sec.tags))
         inner_shapes = shapes
+        out_dims = [0] * len(structs)
     out = remote_second_p.bind(*xs, *vecs, ops=ops, shapes=inner_shapes, sec=inner)
-    return out, [0] * len(out)
+    return [o[0] if d is None else o for o, d in zip(out, out_dims)], out_dims
 
 
 remote_second_p.def_impl(_second_impl)
