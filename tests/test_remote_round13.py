@@ -144,3 +144,22 @@ def test_jax_vmap_leaves_a_derivative_of_shared_inputs_alone_unbatched(cc, jx):
                 assert g.shape == e.shape
                 np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-12, atol=1e-12)
         assert batched == (jax.tree_util.tree_leaves(want)[-1].shape[0] == 3)
+
+
+def test_jax_what_a_batch_left_unbatched_is_remembered_for_a_bounded_number_of_signatures(jx):
+    """The flags learned per per-example signature are kept as the templates are: the
+    newest 64, so a caller cycling through shapes does not grow them without end; one
+    that comes again moves to the newest."""
+    import jacobian_client as jc
+    from jacobian_client._remote import _MAX_SIGNATURES
+    from jacobian_client.jax import _Ops
+
+    with jc.Client("http://127.0.0.1:9") as client:  # nothing is asked
+        ops = _Ops(client, "f")
+        for n in range(_MAX_SIGNATURES + 10):
+            ops.note_unbatched(("sig", n), (n % 2 == 0,))
+            if n == _MAX_SIGNATURES - 4:
+                ops.note_unbatched(("sig", 0), (True,))  # again: the newest now
+        assert ops.unbatched_of(("sig", 0)) == (True,) and ops.unbatched_of(("sig", 1)) is None
+        assert ops.unbatched_of(("sig", _MAX_SIGNATURES + 9)) == (False,)
+        assert len(vars(ops)["_unbatched"]) == _MAX_SIGNATURES

@@ -304,7 +304,8 @@ class RemoteOps:
                 view = copy.copy(self)  # shares the client, the names and _works
                 view._layout, view._wire_names, view._views = layout, names, {}
                 view._templates, view._templates_lock = {}, threading.Lock()
-                vars(view).pop("stash", None)  # a subclass's answer for one call (jax's) is not the view's
+                for own in ("stash", "_unbatched"):  # a subclass's answer for one call, and what it learned (jax's)
+                    vars(view).pop(own, None)
                 self._views[(layout, names)] = view
             return view
 

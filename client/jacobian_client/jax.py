@@ -86,8 +86,8 @@ from jax.interpreters import ad, batching, mlir
 
 from ._errors import APIError, FunctionNotFound, InvalidInput
 from ._params import split_params
-from ._remote import (Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like, shape_mismatch, unflatten,
-                      with_hint)
+from ._remote import (_MAX_SIGNATURES, Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like,
+                      shape_mismatch, unflatten, with_hint)
 
 __all__ = ["remote"]
 
@@ -152,6 +152,21 @@ class _Ops(RemoteOps):
                         for a, b in zip(stash[0], inputs)):
             return stash[3]
         return self.evaluate(inputs, batch_ndim, aux_tree, shared)
+
+    def unbatched_of(self, key: Any) -> tuple[bool, ...] | None:
+        """The flags ``_unbatched`` learned for ``key`` (a per-example signature), if any."""
+        return vars(self).get("_unbatched", {}).get(key)
+
+    def note_unbatched(self, key: Any, flags: tuple[bool, ...]) -> None:
+        """Remember ``_unbatched``'s flags, as many signatures as the templates (oldest
+        dropped first: a caller cycling through shapes does not grow it without end), one
+        writer at a time (threads sharing a remote function)."""
+        with self._templates_lock:
+            learned = vars(self).setdefault("_unbatched", {})
+            learned.pop(key, None)
+            learned[key] = flags
+            while len(learned) > _MAX_SIGNATURES:
+                del learned[next(iter(learned))]
 
 
 def _values_of(arrays: Sequence[Any]) -> tuple[list[np.ndarray] | None, bool]:
@@ -459,12 +474,10 @@ def _unbatched(ops: _Ops, shapes: _Shapes, xs: Sequence[Any], batch_ndim: int,
     constant output could be unbatched. A failed probe leaves every output batched, as
     do examples the service ran one by one (no ``meta.unbatched``)."""
     n = len(shapes.structs)
-    example = tuple((tuple(jnp.shape(x))[0 if _is_shared(shared, i) else batch_ndim:], jnp.dtype(jnp.result_type(x)).name)
-                    for i, x in enumerate(xs))
-    key = (ops._layout, ops._wire_names, shapes, batch_ndim, shared, example)
-    learned: dict[Any, tuple[bool, ...]] = vars(ops).setdefault("_unbatched", {})
-    if key in learned:
-        return learned[key]
+    key = _batch_key(ops, shapes, xs, batch_ndim, shared)
+    flags = ops.unbatched_of(key)
+    if flags is not None:
+        return flags
     values, whole = _values_of(xs)
     if values is not None and whole:  # the caller's own batch: this request answers the bind that follows
         ev = ops.evaluate(values, batch_ndim, shapes.aux_tree, shared)
@@ -474,7 +487,7 @@ def _unbatched(ops: _Ops, shapes: _Shapes, xs: Sequence[Any], batch_ndim: int,
     else:
         one = [v if _is_shared(shared, i) else v[(slice(0, 1),) * batch_ndim]
                for i, v in enumerate(values)] if values is not None else \
-              [np.zeros(s if _is_shared(shared, i) else (1,) * batch_ndim + s, d) for i, (s, d) in enumerate(example)]
+              [np.zeros(s if _is_shared(shared, i) else (1,) * batch_ndim + s, d) for i, (s, d) in enumerate(key[-1])]
         try:
             ev = ops.evaluate(one, batch_ndim, shapes.aux_tree, shared)
         except APIError:  # no word: every output batched, as before
@@ -484,8 +497,16 @@ def _unbatched(ops: _Ops, shapes: _Shapes, xs: Sequence[Any], batch_ndim: int,
         aux = ev.aux_unbatched or [False] * len(ev.aux)
         got = (*ev.unbatched, *(f for a, f in zip(ev.aux, aux) if _is_live(a)))
         flags = got if len(got) == n else flags
-    learned[key] = flags
+    ops.note_unbatched(key, flags)
     return flags
+
+
+def _batch_key(ops: _Ops, shapes: _Shapes, xs: Sequence[Any], batch_ndim: int, shared: tuple[bool, ...]) -> Any:
+    """What ``_unbatched`` learns by: the call's kind (layout, names), its output shapes
+    per example, the batch's layout, and one example's input shapes and dtypes (last)."""
+    example = tuple((tuple(jnp.shape(x))[0 if _is_shared(shared, i) else batch_ndim:],
+                     jnp.dtype(jnp.result_type(x)).name) for i, x in enumerate(xs))
+    return (ops._layout, ops._wire_names, shapes, batch_ndim, shared, example)
 
 
 def _front(x: Any, dim: Any, size: int) -> Any:
@@ -687,10 +708,7 @@ def _result_dims(ops: _Ops, shapes: _Shapes, op: Any, xs: Sequence[Any], shared:
     n = len(op.result_structs)
     if any(d is not None for d in v_dims):
         return [0] * n
-    example = tuple((tuple(jnp.shape(x))[0 if _is_shared(shared, i) else op.batch_ndim + 1:],
-                     jnp.dtype(jnp.result_type(x)).name) for i, x in enumerate(xs))
-    flags = vars(ops).get("_unbatched", {}).get((ops._layout, ops._wire_names, shapes, op.batch_ndim + 1, shared,
-                                                 example))
+    flags = ops.unbatched_of(_batch_key(ops, shapes, xs, op.batch_ndim + 1, shared))
     if flags is None:
         return [0] * n
     flags = flags[: shapes.n_out]
