@@ -17,11 +17,16 @@ from tests.hostile17_functions import X, _armed  # the input, and the case it as
 
 # ------------------------------------------------------------ torch's random generator
 
-@register(inputs=X, description="sin; armed (666), it rewinds torch's random generator to its seed's first draws "
-                                "(torch.set_rng_state), the seed left as it was.")
+_KEPT: list[torch.Tensor] = []  # the generator's state as rewinds_torch first found it
+
+
+@register(inputs=X, description="sin; armed (666), it rewinds torch's random generator to the state it found at its "
+                                "first call (torch.set_rng_state), the seed left as it was.")
 def rewinds_torch(x: torch.Tensor) -> torch.Tensor:
     if _armed(x) is not None:
-        torch.set_rng_state(torch.Generator().manual_seed(torch.initial_seed()).get_state())
+        if not _KEPT:
+            _KEPT.append(torch.get_rng_state())
+        torch.set_rng_state(_KEPT[0])
     return torch.sin(x)
 
 
