@@ -222,7 +222,12 @@ def agrees_with_reverse(g: Callable[..., Any], primals: tuple[Any, ...], jac: An
     if len(blocks) != len(outs) * n or any(
             tuple(blocks[i * n + j].shape) != (*outs[i].shape, *rev[j].shape) for i in range(len(outs)) for j in range(n)):
         raise changed_between_calls("output")
-    eps = torch.finfo(outs[0].dtype).eps if outs and outs[0].is_floating_point() else 0.0
+    # Round-off of jacrev's blocks, each a gradient in its input's dtype (the finest
+    # input's), not the output's: forward mode rounds every column to the output's dtype,
+    # so f = sin(x).float() of a float64 x, mode=fwd, answered float32-rounded values as
+    # float64 (2.5e-8 off jacrev's), within the float32 round-off this took as the bound.
+    floating = [p.dtype for p in pytree.tree_leaves(primals) if isinstance(p, torch.Tensor) and p.is_floating_point()]
+    eps = min((torch.finfo(d).eps for d in floating), default=0.0)
     return not bool(reverse_misses([vi[None] for vi in v], [b[None] for b in blocks], [r[None] for r in rev], eps, 1).any())
 
 

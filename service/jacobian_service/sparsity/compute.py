@@ -455,7 +455,11 @@ def _product_at(mode: str, fn: Callable[..., Any], argnums: tuple[int, ...], has
         primals = tuple(args[i] for i in argnums)
         # Each call of the function gets its own copy of the primals (see _flat_fn).
         if mode == "fwd":
-            return lambda *t: torch.func.jvp(g, tuple(fresh(primals)), t)[1]
+            # in the dtype a VJP's row has (the inputs', as jacrev's blocks): a JVP's is
+            # the output's, so a float64 output of a float32 input, mode=fwd, came back
+            # a float64 matrix where every other route answers float32
+            rev = _gradient_dtype(primals)
+            return lambda *t: _as(torch.func.jvp(g, tuple(fresh(primals)), t)[1], rev)
         if mode == "rev":
             _, pullback = torch.func.vjp(g, *fresh(primals))  # one forward pass for every seed
             return lambda t: torch.cat([gr.reshape(-1) for gr in pullback(t)])
@@ -466,6 +470,22 @@ def _product_at(mode: str, fn: Callable[..., Any], argnums: tuple[int, ...], has
         return lambda *t: torch.cat([h.reshape(-1) for h in torch.func.jvp(grad, tuple(fresh(primals)), t)[1]])
 
     return at
+
+
+def _gradient_dtype(primals: Sequence[torch.Tensor]) -> torch.dtype | None:
+    """The dtype of a reverse product's flat row (its gradients concatenated), where
+    every differentiated input is real floating; else None."""
+    dtypes = [p.dtype for p in primals]
+    if not dtypes or not all(d.is_floating_point for d in dtypes):
+        return None
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype)
 
 
 @dataclass
