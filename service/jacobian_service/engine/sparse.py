@@ -57,7 +57,7 @@ def _plan(
     m = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
     if kind == "hessian" and m != 1:
         raise InvalidInput(f"a sparse Hessian needs a function with one scalar output; this one has {m} elements")
-    mode = call.mode if kind == "jacobian" else "auto"
+    mode = _mode(engine, call, kind)
     # Imported on the first sparse request: the tracer's imports cost ~0.1 s, which every
     # engine start (and restart after a crash) would pay otherwise.
     from ..sparsity import Pattern, PatternTooLarge, entry_limit
@@ -98,6 +98,17 @@ def _plan(
     except BaseException as exc:
         raise function_error(exc) from None
     return pattern, coloring, cached, choice
+
+
+def _mode(engine: Any, call: Call, kind: str) -> str:
+    """The side a sparse Jacobian's products take: the request's ``mode``, or reverse
+    mode once forward mode failed for the function (the dense route's profile bit,
+    ``forward_ad``): a function without forward AD (cdist) asked for ``mode=fwd`` or
+    ``auto`` retried its JVPs (vmapped, then one by one) at every request, for
+    reverse mode's answer each time."""
+    if kind != "jacobian":
+        return "auto"
+    return call.mode if engine.profiles[call.spec.name].forward_ad else "rev"
 
 
 def _copies(args: list[Any]) -> list[Any]:
@@ -163,8 +174,10 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
                   chunk_size=call.chunk_size)
     try:
         if kind == "jacobian":
-            res = sparse_jacobian(box, args, call.argnums, choice, call.mode, engine.memory_budget,
+            res = sparse_jacobian(box, args, call.argnums, choice, _mode(engine, call, kind), engine.memory_budget,
                                   call.check_alive, rows=call.rows, **common)
+            if res.forward_failed:
+                engine.profiles[call.spec.name].forward_ad = False
         else:
             res = sparse_hessian(box, args, call.argnums, choice, engine.memory_budget, call.check_alive, **common)
     except ServiceError:

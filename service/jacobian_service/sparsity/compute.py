@@ -96,6 +96,9 @@ class SparseResult:
     aux: Any = None
     chunk_size: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    # A JVP failed (an op without forward AD, a custom Function without jvp), so VJPs
+    # answered: the caller may remember it and ask for mode="rev" from then on
+    forward_failed: bool = False
 
     def nbytes(self) -> int:
         m = self.matrix
@@ -781,6 +784,7 @@ def _sparse_jacobian(
 ) -> SparseResult:
     m = sum(o.numel() for o in pytree.tree_leaves(out))
     p, coloring, cached = planned
+    forward_failed = False
     _check_rows(p, "jacobian", m)
     t1 = time.perf_counter()
     key = _products_key(fn, name, argnums, args)
@@ -791,6 +795,7 @@ def _sparse_jacobian(
     except _ForwardFailed as exc:  # an op without forward AD (cdist): jacrev has an answer
         log.info("forward-mode products failed (%s); using reverse mode", exc)
         matrix = None
+        forward_failed = not isinstance(exc, _NotFinite)
     # (a symmetric Jacobian's JVPs too: the VJP proves the values symmetric at this point)
     if coloring.mode in ("fwd", "bidirectional", "symmetric") and (
             matrix is None or differs_from_reverse(matrix, m, primals[0], reverse, rows)):
@@ -802,7 +807,8 @@ def _sparse_jacobian(
     matrix = _rows_of(matrix, rows)
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, coloring.mode, p.source, out, aux, chunk,
-                        {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached})  # type: ignore[dict-item]
+                        {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached},  # type: ignore[dict-item]
+                        forward_failed)
 
 
 def _widen(
@@ -915,6 +921,11 @@ class _ForwardFailed(RuntimeError):
     """A forward-mode product failed (not for want of memory): reverse mode may not."""
 
 
+class _NotFinite(_ForwardFailed):
+    """Forward mode ran, but a symmetric colouring cannot read these products (a NaN):
+    of this point, not of the function."""
+
+
 def _jacobian_products(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], has_aux: bool, p: Pattern,
     coloring: Coloring, m: int, memory_budget: int, check_alive: Callable[[], None] | None,
@@ -948,7 +959,7 @@ def _jacobian_products(
         run = reverse if coloring.mode == "rev" else forward
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
         if plan.unsolvable(block):  # a symmetric Jacobian's substitution would spread a NaN: jacrev's
-            raise _ForwardFailed("a product is not finite: an acyclic colouring's substitution would spread it")
+            raise _NotFinite("a product is not finite: an acyclic colouring's substitution would spread it")
         matrix = _to_csr(p, plan.values(p, block))
         wrong = _proven_wrong(p, coloring, [plan], [block], matrix, [run], rows)
     if wrong:
