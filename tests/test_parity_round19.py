@@ -77,6 +77,22 @@ def test_a_float32_output_of_a_float64_input_is_jacrevs_to_float64_precision_in_
         same(_dense(sparse, want.shape), want)
 
 
+def test_the_check_against_one_reverse_product_takes_jacrevs_answer_and_not_jacfwds():
+    """The check every forward-mode (and the sparse routes' dense) Jacobian passes,
+    products.agrees_with_reverse, at float64 round-off for a float32 output of a float64
+    input: it read v^T J with its float64 v where the VJP got v rounded to float32, so
+    jacrev's own Jacobian failed it (the sparse routes' dense fallback then ran it row by
+    row). jacrev's passes, jacfwd's float32-rounded one does not."""
+    from jacobian_service.engine.products import agrees_with_reverse
+
+    def g(x: torch.Tensor) -> tuple[torch.Tensor, tuple[()]]:
+        return F.narrowing(x), ()
+
+    x = t(X)
+    assert agrees_with_reverse(g, (x,), jacrev(F.narrowing)(x))
+    assert not agrees_with_reverse(g, (x,), jacfwd(F.narrowing)(x))
+
+
 def test_a_float64_output_of_a_float32_input_is_float32_in_every_mode(c, sdk):
     """The other way round: outer(sin x, exp x).double() of a float32 x. jacrev's
     Jacobian is float32; the sparse route's forward products (mode=fwd) answered a

@@ -210,7 +210,10 @@ def agrees_with_reverse(g: Callable[..., Any], primals: tuple[Any, ...], jac: An
         out, pullback, _ = torch.func.vjp(g, *fresh(primals), has_aux=True)
         outs, out_spec = pytree.tree_flatten(out)
         gen = torch.Generator(device="cpu").manual_seed(0)
-        v = [torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5 for o in outs]
+        # each v as its output's dtype holds it (the cotangent the VJP gets): v^T J is read
+        # in float64 with the inputs' round-off as the bound, below
+        v = [(torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5).to(o.dtype).to(torch.float64)
+             if o.is_floating_point() else torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5 for o in outs]
         rev = [r.detach().to("cpu", torch.float64) for r in pytree.tree_leaves(
             pullback(pytree.tree_unflatten([vi.to(o.device, o.dtype) for vi, o in zip(v, outs)], out_spec)))]
     except BaseException as exc:
