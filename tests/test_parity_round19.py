@@ -24,19 +24,14 @@ from jacobian_client import wire
 from torch.func import jacfwd, jacrev
 
 from . import parity19_functions as F
-from .conftest import ready_app, sdk_over
+from .conftest import ready_app
 from .test_parity_round7 import answer, post, same, t
+from .test_parity_round15 import sdk  # noqa: F401 (the SDK over this module's app)
 
 
 @pytest.fixture(scope="module")
 def c() -> Iterator[Any]:
     with ready_app("tests.parity19_functions") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def sdk(c) -> Iterator[Any]:
-    with sdk_over(c) as client:
         yield client
 
 
