@@ -10,6 +10,7 @@ dense path does), and only the pattern's entries leave the device.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import logging
 import time
@@ -481,10 +482,7 @@ def _gradient_dtype(primals: Sequence[torch.Tensor]) -> torch.dtype | None:
     dtypes = [p.dtype for p in primals]
     if not dtypes or not all(d.is_floating_point for d in dtypes):
         return None
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
-    return out
+    return functools.reduce(torch.promote_types, dtypes)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
