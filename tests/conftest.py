@@ -163,7 +163,10 @@ def assert_problem(response: Any, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith(wire.PROBLEM)
     body = response.json()
-    assert set(body) == {"type", "title", "status", "detail", "code", "request_id"}
+    # SPEC's members, and those of a vector refused for its shape all together or none
+    extensions = set(body) - {"type", "title", "status", "detail", "code", "request_id"}
+    assert extensions in (set(), {"field", "path", "expected_shape", "got_shape"}), body
+    assert len(body) == 6 + len(extensions), body
     assert body["status"] == status and body["code"] == code
     assert body["request_id"] == response.headers["x-request-id"]
     assert "Traceback" not in response.text and 'File "' not in response.text

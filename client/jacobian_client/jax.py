@@ -596,19 +596,21 @@ def _checked(host: Any, ops: _Ops, shapes: _Shapes, n_inputs: int, batch_ndim: i
     * Over no vectors at all: ``jacrev`` of an output learned empty (its basis has no
       vectors) asks the service nothing; ``jit(jacrev(f))`` of ``x[x > 0]`` answered
       ``(0, n)``. The shapes are checked by one evaluate at these inputs first.
-    * Its cotangents refused (a 422 naming them): they were shaped as learned, and where
-      the output's shape follows the values (``r12_turns``: ``3 x 2`` at zeros, ``2 x 3``
-      here) the service said only "cotangents: expected shape [2, 3], got [3, 2]", with
-      nothing on why. One evaluate at these inputs then checks the shapes learned, and
-      raises the ``ValueError`` that says so (``shape_mismatch``); any other refusal
-      stands, with no request more."""
+    * Its cotangents refused for their shape (a 422 whose ``field`` is ``cotangents``):
+      they were shaped as learned, and where the output's shape follows the values
+      (``r12_turns``: ``3 x 2`` at zeros, ``2 x 3`` here) the service said only
+      "cotangents: expected shape [2, 3], got [3, 2]", with nothing on why. One evaluate
+      at these inputs then checks the shapes learned, and raises the ``ValueError`` that
+      says so (``shape_mismatch``); any other refusal stands, with no request more. The
+      problem's fields tell, not its words: a function whose input is named
+      ``cotangents`` had its every 422 followed by an evaluate."""
     vecs = args[n_inputs:]
     if vecs and 0 in np.shape(vecs[0])[:n_lead]:
         _eval_host(ops, shapes, batch_ndim, shared, *args[:n_inputs])
     try:
         return host(*args)
     except InvalidInput as exc:
-        if "cotangents" not in exc.detail:
+        if exc.problem.get("field") != "cotangents":
             raise
         try:
             _eval_host(ops, shapes, batch_ndim, shared, *args[:n_inputs])

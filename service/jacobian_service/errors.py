@@ -28,10 +28,14 @@
     └── OutOfMemory           507     out_of_memory
 
 Handlers never put a traceback in a body: ``detail`` is built from the exception's type
-and message only.
+and message only. An error may carry ``fields``, RFC 9457 extension members of its body
+for a client's code to read where it would otherwise parse the detail's words (a vector
+refused for its shape: ``field``, ``path``, ``expected_shape``, ``got_shape``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from jacobian_client.wire import PROBLEM_STATUS, WireError
 
@@ -75,7 +79,8 @@ class ServiceError(Exception):
     code = "internal_error"
     title = "Internal error"
 
-    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None,
+                 fields: dict[str, Any] | None = None) -> None:
         # Details quote what clients sent (argnums, input keys, names): cut, whatever the
         # message, so that no request makes its answer as large as itself (a 3 MB argnums
         # list came back whole in a 422).
@@ -84,6 +89,7 @@ class ServiceError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.headers = headers or {}
+        self.fields = fields or {}  # extension members of the problem body (module docstring)
 
 
 def _error(name: str, code: str, title: str) -> type[ServiceError]:

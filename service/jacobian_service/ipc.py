@@ -285,12 +285,12 @@ def encode_cancel(msg_id: int, stream_id: int | None = None) -> list[Any]:
 
 def encode_error(msg_id: int, error: ServiceError) -> list[Any]:
     header = {"t": "error", "id": msg_id, "status": error.status, "code": error.code, "title": error.title,
-              "detail": error.detail, "headers": error.headers}
+              "detail": error.detail, "headers": error.headers, "fields": error.fields}
     return [orjson.dumps(header)]
 
 
 def _remote_error(header: dict[str, Any]) -> ServiceError:
-    error = ServiceError(header["detail"], headers=header.get("headers") or {})
+    error = ServiceError(header["detail"], headers=header.get("headers") or {}, fields=header.get("fields") or {})
     error.status, error.code, error.title = header["status"], header["code"], header["title"]
     return error
 

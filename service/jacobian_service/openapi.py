@@ -180,6 +180,18 @@ _COMPONENTS: dict[str, Any] = {
             "detail": {"type": "string"},
             "code": {"type": "string", "enum": sorted(wire.PROBLEM_STATUS)},
             "request_id": {"type": "string"},
+            # Extension members (RFC 9457 3.2) of some problems, for a client's code to read
+            # rather than the detail's words.
+            "field": {"type": "string", "description": "a 422 refusing a vector for its shape: the body's member "
+                                                       "refused, `cotangents` or `tangents`"},
+            "path": {"type": "string", "description": "with `field`: the refused leaf's path within it, as the "
+                                                      "detail writes it (`[0]`, `.a`; empty for one array)"},
+            "expected_shape": {"type": "array", "items": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+                               "description": "with `field`: the shape the leaf must have, of the function's output "
+                                              "(cotangents) or input (tangents) at the request's inputs; `B` for a "
+                                              "stack's leading dimension (`batched_vectors`)"},
+            "got_shape": {"type": "array", "items": {"type": "integer"},
+                          "description": "with `field`: the shape the request sent"},
         },
     },
     "Input": {

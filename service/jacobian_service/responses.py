@@ -442,8 +442,9 @@ class StreamHold:
 
 
 def problem_document(error: ServiceError, request_id: str) -> dict[str, Any]:
-    """The problem+json body of ``error`` (SPEC 3.4)."""
-    return {
+    """The problem+json body of ``error`` (SPEC 3.4), with its extension members
+    (``error.fields``) after SPEC's, which they never replace."""
+    doc = {
         "type": f"urn:jacobian-service:problem:{error.code}",
         "title": error.title,
         "status": error.status,
@@ -451,6 +452,8 @@ def problem_document(error: ServiceError, request_id: str) -> dict[str, Any]:
         "code": error.code,
         "request_id": request_id,
     }
+    doc.update((k, v) for k, v in error.fields.items() if k not in doc)
+    return doc
 
 
 def problem_response(error: ServiceError, request_id: str) -> Response:

@@ -546,7 +546,11 @@ class Engine:
             want = ((arr.shape[0],) if batched and arr.ndim else ()) + tuple(ref.shape)
             if tuple(arr.shape) != want or (batched and arr.ndim == 0):
                 shape = ("B", *ref.shape) if batched else tuple(ref.shape)
-                raise InvalidInput(f"{what}{path}: expected shape {list(shape)}, got {list(arr.shape)}")
+                # The shapes as fields too: a client's code reads them (jax's adapter
+                # tells an output whose shape follows the values by them), not the words.
+                raise InvalidInput(f"{what}{path}: expected shape {list(shape)}, got {list(arr.shape)}",
+                                   fields={"field": what, "path": path, "expected_shape": list(shape),
+                                           "got_shape": list(arr.shape)})
             if arr.dtype.kind not in "biuf":
                 raise InvalidInput(f"{what}{path}: expected numbers, got {arr.dtype.name}")
             if what == "tangents" and arr.dtype.kind != "f":
