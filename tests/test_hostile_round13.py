@@ -133,7 +133,7 @@ def test_the_word_of_one_front_end_names_its_oldest_job_not_the_cancelled_one() 
     RemoteEngines._tell_overdue(front_end, now)  # type: ignore[arg-type]
     words = [front_end.channel.verify(raw) for raw in sent]
     assert words == [{"t": "overdue", "engine": 0, "pid": 4242, "since": now - 3.0, "function": "sin",
-                      "sent": now - 5.0, "tag": "fe:1", "hung": "hangs_behind_its_board"}], words
+                      "sent": now - 5.0, "tag": "fe:1", "hung": "hangs_behind_its_board", "given_up": ["fe:2"]}], words
 
 
 def test_the_supervisor_keeps_the_word_of_new_front_ends_once_old_ones_have_gone() -> None:

@@ -8,14 +8,22 @@ other adapter test files.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import socket
+import time
+
 import httpx
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("jacobian_service.app")
 
+import jacobian_client as jc  # noqa: E402
 
 from ._remote_support import cc, jx, url  # noqa: E402,F401 (fixtures)
+from .test_hostile_round11 import _died, _engine, supervisor  # noqa: E402,F401 (a fixture)
 
 
 # --------------------------------------------------------------------------- a vector refused for its shape: fields
@@ -73,3 +81,59 @@ def test_jit_reads_the_refusals_fields_not_its_words(cc, jx):
     with pytest.raises(jax.errors.JaxRuntimeError, match=r"InvalidInput: 422 invalid_input: .*cotangents\.k"):
         loss(w, x)
     assert cc.take() == ["evaluate", "vjp"]  # the shape probe, the refused vjp: no check after it
+
+
+# --------------------------------------------------------------------------- a call whose client left
+
+
+def test_an_engine_running_only_for_clients_that_left_is_replaced_as_planned(supervisor, tmp_path):
+    """The supervisor, told by a front end which requests it gave up on past the grace
+    (``given_up``), replaces an engine whose running batch (its board's tags) is only
+    those, before the batch's deadline: planned (no strike, no backoff, what it had not
+    started goes on to the next engine). A batch with a request still waited for is
+    left to run; so is one with nothing given up (test_hostile_round11 covers that)."""
+    sup, sub = supervisor
+    proc = _engine(sup, tmp_path, "running")  # board: sin for ["1:7"], due in ten minutes
+    word = {"t": "overdue", "engine": 0, "pid": proc.pid, "function": "sin", "since": time.monotonic() - 1.1}
+    sup._control(sup.channel.sign({**word, "given_up": ["1:8"]}))  # another request: 1:7 is still waited for
+    time.sleep(0.1)
+    assert proc.poll() is None
+    sup._control(sup.channel.sign({**word, "given_up": ["1:8", "1:7"]}))
+    assert proc.wait(5) == -9
+    died = _died(sub)
+    assert died["planned"] and not died["hang"] and died["tags"] == [] and died["function"] == "", died
+    assert "only for requests whose clients had left" in died["reason"], died
+    assert not sup.strikes.get("sin")
+
+
+def test_a_call_whose_async_client_was_cancelled_frees_its_engine_soon(url):
+    """An ``AsyncClient`` call cancelled while the function runs one call no cancel
+    interrupts (``r14_announced_stall``, 20 s): the SDK closes its connection and the
+    front end cancels the job (499), but the engine stayed in the call until it returned
+    or its deadline (59.5 s) passed, every request behind it waiting. Now the engine,
+    running only for requests given up past the hang grace (1 s here), is replaced as
+    planned: a request queued behind it goes on to the spare, answered 200 (no retry
+    allowed) within seconds, not at 20 s."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.settimeout(30)
+
+    async def main() -> float:
+        async with jc.AsyncClient(url, timeout=60, max_retries=0) as ac:
+            stall = asyncio.ensure_future(ac.evaluate("r14_announced_stall", np.array([20.0, port])))
+            conn, _ = await asyncio.get_running_loop().run_in_executor(None, listener.accept)  # the call has begun
+            conn.close()
+            started = time.monotonic()
+            with jc.Client(url, timeout=60, max_retries=0) as other, concurrent.futures.ThreadPoolExecutor(1) as pool:
+                behind = pool.submit(other.evaluate, "sin", np.array([0.1, 0.2]))
+                stall.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await stall
+                np.testing.assert_allclose(behind.result(30), np.sin([0.1, 0.2]), rtol=1e-6)
+            return time.monotonic() - started
+
+    try:
+        waited = asyncio.run(main())
+    finally:
+        listener.close()
+    assert waited < 10, waited  # the grace, the front end's next word, the spare's take-over: not the 20 s call

@@ -69,6 +69,7 @@ _OVERDUE_EVERY_S = 1.0
 # engine be found hung); quicker ones, nearly all, cost no message.
 _OLDEST_AFTER_S = 0.25
 _MAX_CANCELLED = 4096  # cancels awaiting their engine's answer, kept (a hung engine's pile, bounded)
+_MAX_GIVEN_UP = 256  # tags of overdue cancels an overdue word names (batches are far smaller)
 _LOST_GRACE_S = 2.0  # after a broken engine connection, for the supervisor's word to come first
 _RESENDS = 3  # tries of a request whose engines leave as planned before starting it
 # A request that finds no engine up waits this long for one before its 503: a spare's
@@ -495,7 +496,12 @@ class RemoteEngines(_Engines):
         of its oldest (``oldest``), which weighs them all: the hang's request may have come
         through another front end. (At the word, the hang's job is older than the overdue
         cancel, hence than the grace, a second at least: each front end's last look, at
-        most a second before, already saw it.)"""
+        most a second before, already saw it.)
+
+        The word also names the requests cancelled past the grace (``given_up``: their
+        tags): an engine running only such requests computes for nobody (their clients
+        left, or their deadlines passed), and the supervisor replaces it at once rather
+        than at its batch's own deadline (``Supervisor._overdue``)."""
         while True:
             await asyncio.sleep(_OVERDUE_EVERY_S)
             try:
@@ -506,6 +512,7 @@ class RemoteEngines(_Engines):
     def _tell_overdue(self, now: float) -> None:
         overdue_after = max(self.settings.hang_grace_s, OVERDUE_AFTER_MIN_S)
         overdue: dict[int, tuple[float, str]] = {}  # engine -> its earliest cancel overdue (when, function)
+        given_up: dict[int, list[str]] = {}  # engine -> the tags of its overdue cancels
         oldest: dict[int, tuple[int, float, str, str]] = {}  # engine -> (its pid, sent, tag, function): the oldest job
 
         def consider(index: int, pid: int | None, sent: float, tag: str, function: str) -> None:
@@ -517,8 +524,10 @@ class RemoteEngines(_Engines):
                 del self._cancelled[msg_id]
                 continue
             consider(index, pid, sent, tag, function)
-            if now - since > overdue_after and since < overdue.get(index, (math.inf, ""))[0]:
-                overdue[index] = (since, function)
+            if now - since > overdue_after:
+                given_up.setdefault(index, []).append(tag)
+                if since < overdue.get(index, (math.inf, ""))[0]:
+                    overdue[index] = (since, function)
         for fut, index, tag, sent, _, function in list(self._pending.values()):
             if not fut.done():
                 consider(index, self._pids.get(index), sent, tag, function)
@@ -527,7 +536,8 @@ class RemoteEngines(_Engines):
             if index in overdue:  # "function": the cancelled request's; "hung": the oldest job's
                 since, cancelled = overdue[index]
                 self._control.send(self.channel.sign({"t": "overdue", "engine": index, "pid": pid, "since": since,
-                                                      "function": cancelled, "sent": sent, "tag": tag, "hung": function}))
+                                                      "function": cancelled, "sent": sent, "tag": tag, "hung": function,
+                                                      "given_up": given_up[index][-_MAX_GIVEN_UP:]}))
             elif now - sent > _OLDEST_AFTER_S:
                 self._control.send(self.channel.sign({"t": "oldest", "from": os.getpid(), "engine": index, "pid": pid,
                                                       "sent": sent, "tag": tag, "function": function}))

@@ -93,6 +93,7 @@ _MAX_FRONT_ENDS = 256
 # A front end tells its oldest job once a second while it has one; older news is stale
 # (that front end gone, or its word lost).
 _OLDEST_FRESH_S = 3.0
+_MAX_GIVEN_UP = 256  # tags an overdue word names (engine_client's bound), taken from each
 
 
 def _signal_group(proc: subprocess.Popen | Forked, sig: int) -> None:
@@ -182,6 +183,9 @@ class Supervisor:
         # Each front end's oldest unanswered job per engine, as it last told (``oldest``):
         # engine index -> {front end pid: (engine pid, sent, tag, function, when told)}.
         self._oldest: dict[int, dict[int, tuple[int, float, str, str, float]]] = collections.defaultdict(dict)
+        # Requests the front ends gave up on past the grace (``overdue`` words' ``given_up``):
+        # engine index -> {tag: (engine pid, when told)}, kept _OLDEST_FRESH_S.
+        self._given_up: dict[int, dict[str, tuple[int, float]]] = collections.defaultdict(dict)
         # When each engine and spare process started (clock ticks since boot, by pid):
         # what ties an orphan to the engine that died (``orphans.kill_adopted``).
         self._ticks: dict[int, int | None] = {}
@@ -599,6 +603,17 @@ class Supervisor:
         if now - since < max(grace, OVERDUE_AFTER_MIN_S):
             return True
         idle = status["deadline"] == 0.0
+        if not idle and now < status["deadline"] and self._for_nobody(index, pid, msg.get("given_up"), status, now):
+            # Every request of its batch given up past the grace, before the batch's
+            # deadline (the hang watch's, strikes and all, once it passes): a call no
+            # cancel interrupts (one evaluate) held the engine to that deadline, 60 s by
+            # default, every request behind it waiting, for clients long gone. Replaced
+            # now, as planned: nobody's fault, and what it had not started goes on to
+            # the next engine.
+            log.warning("engine %d runs %s only for requests cancelled %.1f s ago or more (their clients left): "
+                        "replaced", index, status.get("function") or "a function", now - since)
+            self._kill(engine, "abandoned")
+            return True
         if not idle and now - since < self.settings.request_timeout_s + 2 * grace + 1.0:
             return True  # perhaps a long batch, whose own deadline the board's watch keeps
         engine.running = self._hung_in(index, pid, msg)
@@ -610,6 +625,22 @@ class Supervisor:
         self._kill(engine, "overdue")
         return True
 
+    def _for_nobody(self, index: int, pid: int, given_up: Any, status: dict[str, Any], now: float) -> bool:
+        """Whether engine ``index`` (process ``pid``) runs a batch (``status``, its board)
+        whose every request some front end has given up on (this word's ``given_up``
+        tags, or another front end's within ``_OLDEST_FRESH_S``: a batch may hold
+        requests of several)."""
+        known = self._given_up[index]
+        for tag, (engine_pid, told) in list(known.items()):
+            if engine_pid != pid or now - told >= _OLDEST_FRESH_S:
+                del known[tag]
+        if isinstance(given_up, list):
+            for tag in given_up[:_MAX_GIVEN_UP]:
+                if isinstance(tag, str) and (tag in known or len(known) < _MAX_FRONT_ENDS * _MAX_GIVEN_UP):
+                    known[tag] = (pid, now)
+        tags = status.get("tags")
+        return isinstance(tags, list) and bool(tags) and all(isinstance(t, str) and t in known for t in tags)
+
     def _kill(self, engine: _Engine, why: str) -> None:
         log.warning("engine %d: %s; killing pid %d", engine.index, why, engine.proc.pid)  # type: ignore[union-attr]
         engine.killed_for = why
@@ -619,6 +650,9 @@ class Supervisor:
 
     def _died(self, engine: _Engine, code: int, status: dict[str, Any]) -> None:
         recycled = ipc.recycle_reason(status)  # planned: no function's fault, no backoff
+        if engine.killed_for == "abandoned":  # (_overdue) its requests' clients left: planned too
+            recycled = (f"it ran {status.get('function') or 'a function'} only for requests whose clients had left "
+                        "(or given up) before their deadlines")
         planned = bool(status.get("stray")) or recycled is not None
         # A warm-up that ended the engine (a crash; one it killed is on its own record).
         # Not while its board names jobs: a warm-up runs none, and a note found then is a
