@@ -32,8 +32,8 @@ from .test_hostile_round11 import _died, _engine, supervisor  # noqa: E402,F401 
 def test_a_vector_refused_for_its_shape_says_so_in_fields(url):
     """A cotangent or tangent of the wrong shape is a 422 whose body carries the shapes as
     members (``field``, ``path``, ``expected_shape``, ``got_shape``), across the engine
-    process and the front end, JSON and ``.npz`` alike: a client's code reads them, not
-    the detail's words (jax's adapter told an output whose shape follows the values by
+    process and the front end (vjp, jvp, hvp; one array, a stack, a tree's leaf): a
+    client's code reads them, not the detail's words (jax's adapter told an output whose shape follows the values by
     the word "cotangents")."""
     x = [0.1, 0.2, 0.3]
     cases = [

@@ -35,7 +35,7 @@ from .errors import FunctionError, FunctionQuarantined, Timeout, Unavailable
 from .registry import FunctionSpec, Registry
 from .scheduler import Job, StreamHead
 from .settings import Settings
-from .supervision import OVERDUE_AFTER_MIN_S, Channel
+from .supervision import MAX_GIVEN_UP, OVERDUE_AFTER_MIN_S, Channel
 from .types import Call, JobInfo, Result
 
 __all__ = ["InProcessEngines", "RemoteEngines"]
@@ -69,7 +69,6 @@ _OVERDUE_EVERY_S = 1.0
 # engine be found hung); quicker ones, nearly all, cost no message.
 _OLDEST_AFTER_S = 0.25
 _MAX_CANCELLED = 4096  # cancels awaiting their engine's answer, kept (a hung engine's pile, bounded)
-_MAX_GIVEN_UP = 256  # tags of overdue cancels an overdue word names (batches are far smaller)
 _LOST_GRACE_S = 2.0  # after a broken engine connection, for the supervisor's word to come first
 _RESENDS = 3  # tries of a request whose engines leave as planned before starting it
 # A request that finds no engine up waits this long for one before its 503: a spare's
@@ -537,7 +536,7 @@ class RemoteEngines(_Engines):
                 since, cancelled = overdue[index]
                 self._control.send(self.channel.sign({"t": "overdue", "engine": index, "pid": pid, "since": since,
                                                       "function": cancelled, "sent": sent, "tag": tag, "hung": function,
-                                                      "given_up": given_up[index][-_MAX_GIVEN_UP:]}))
+                                                      "given_up": given_up[index][-MAX_GIVEN_UP:]}))
             elif now - sent > _OLDEST_AFTER_S:
                 self._control.send(self.channel.sign({"t": "oldest", "from": os.getpid(), "engine": index, "pid": pid,
                                                       "sent": sent, "tag": tag, "function": function}))

@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["OVERDUE_AFTER_MIN_S", "Channel"]
+__all__ = ["MAX_GIVEN_UP", "OVERDUE_AFTER_MIN_S", "Channel"]
 
 _MAC = hashlib.sha256().digest_size
 # A cancel an engine has not answered for this long at least (or HANG_GRACE_S, if longer)
@@ -50,6 +50,9 @@ _MAC = hashlib.sha256().digest_size
 # milliseconds, but a grace of 0 must not make a healthy engine that has not looked yet
 # a hung one.
 OVERDUE_AFTER_MIN_S = 1.0
+# Tags of requests given up past the grace that one overdue word names, at most (a batch
+# holds far fewer): what a word can make the supervisor keep is bounded.
+MAX_GIVEN_UP = 256
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ from .orphans import become_subreaper, kill_adopted, reap_adopted
 from .output_relay import OutputRelay
 from .procfs import start_ticks, stopped
 from .settings import FRONT_END_ONLY, Settings
-from .supervision import OVERDUE_AFTER_MIN_S, Channel
+from .supervision import MAX_GIVEN_UP, OVERDUE_AFTER_MIN_S, Channel
 
 __all__ = ["Supervisor"]
 
@@ -93,7 +93,6 @@ _MAX_FRONT_ENDS = 256
 # A front end tells its oldest job once a second while it has one; older news is stale
 # (that front end gone, or its word lost).
 _OLDEST_FRESH_S = 3.0
-_MAX_GIVEN_UP = 256  # tags an overdue word names (engine_client's bound), taken from each
 
 
 def _signal_group(proc: subprocess.Popen | Forked, sig: int) -> None:
@@ -635,8 +634,8 @@ class Supervisor:
             if engine_pid != pid or now - told >= _OLDEST_FRESH_S:
                 del known[tag]
         if isinstance(given_up, list):
-            for tag in given_up[:_MAX_GIVEN_UP]:
-                if isinstance(tag, str) and (tag in known or len(known) < _MAX_FRONT_ENDS * _MAX_GIVEN_UP):
+            for tag in given_up[:MAX_GIVEN_UP]:
+                if isinstance(tag, str) and (tag in known or len(known) < _MAX_FRONT_ENDS * MAX_GIVEN_UP):
                     known[tag] = (pid, now)
         tags = status.get("tags")
         return isinstance(tags, list) and bool(tags) and all(isinstance(t, str) and t in known for t in tags)
