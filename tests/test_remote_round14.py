@@ -108,19 +108,19 @@ def test_an_engine_running_only_for_clients_that_left_is_replaced_as_planned(sup
 
 def test_a_call_whose_async_client_was_cancelled_frees_its_engine_soon(url):
     """An ``AsyncClient`` call cancelled while the function runs one call no cancel
-    interrupts (``r14_announced_stall``, 20 s): the SDK closes its connection and the
+    interrupts (``r14_announced_stall``, 30 s): the SDK closes its connection and the
     front end cancels the job (499), but the engine stayed in the call until it returned
     or its deadline (59.5 s) passed, every request behind it waiting. Now the engine,
     running only for requests given up past the hang grace (1 s here), is replaced as
     planned: a request queued behind it goes on to the spare, answered 200 (no retry
-    allowed) within seconds, not at 20 s."""
+    allowed) within seconds, not at 30 s."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     listener.settimeout(30)
 
     async def main() -> float:
         async with jc.AsyncClient(url, timeout=60, max_retries=0) as ac:
-            stall = asyncio.ensure_future(ac.evaluate("r14_announced_stall", np.array([20.0, port])))
+            stall = asyncio.ensure_future(ac.evaluate("r14_announced_stall", np.array([30.0, port])))
             conn, _ = await asyncio.get_running_loop().run_in_executor(None, listener.accept)  # the call has begun
             conn.close()
             started = time.monotonic()
@@ -129,11 +129,11 @@ def test_a_call_whose_async_client_was_cancelled_frees_its_engine_soon(url):
                 stall.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await stall
-                np.testing.assert_allclose(behind.result(30), np.sin([0.1, 0.2]), rtol=1e-6)
+                np.testing.assert_allclose(behind.result(60), np.sin([0.1, 0.2]), rtol=1e-6)
             return time.monotonic() - started
 
     try:
         waited = asyncio.run(main())
     finally:
         listener.close()
-    assert waited < 10, waited  # the grace, the front end's next word, the spare's take-over: not the 20 s call
+    assert waited < 15, waited  # the grace, the front end's next word, the spare's take-over: not the 30 s call
