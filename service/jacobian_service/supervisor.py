@@ -728,6 +728,14 @@ class Supervisor:
         _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]  # its children, if any, go too
         if function and recycled is None:
             self._strike(function, batch=len(tags) > 1)
+        elif engine.killed_for == "abandoned" and status.get("function"):
+            # Its requests are nobody's failure (their clients left), but the function did
+            # not give the engine back within the grace of a cancel, as a hang does not
+            # by its deadline: struck. Else a caller that always leaves early (or a
+            # function that hangs for callers that do) replaced engines for ever, a
+            # torch start-up each, and was never quarantined, where the same caller
+            # sending `X-Request-Timeout` instead is.
+            self._strike(status["function"], batch=False)
         for suspect in suspects:
             self._strike(suspect, batch=False)
         engine.proc = None
