@@ -556,8 +556,9 @@ def _guarded_uvicorn(app, implementation: str, header_timeout_s: float, on_timeo
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
     else:
         base = pytest.importorskip("uvicorn.protocols.http.httptools_impl").HttpToolsProtocol
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
-                                           http=guarded_protocol(header_timeout_s, on_timeout, base=base), **config))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           http=guarded_protocol(header_timeout_s, on_timeout, base=base),
+                                           **{"lifespan": "off", **config}))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

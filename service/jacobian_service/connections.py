@@ -51,6 +51,7 @@ from jacobian_client import wire
 
 from .clients import address_client
 from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
+from .framing import close_delimited, strict_h11_buffer
 from .half_close import PROBE, PeerWatch
 from .holders import Holders
 from .request_ids import new_request_id
@@ -829,6 +830,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending, self._app_told_gone))
+            if getattr(self, "conn", None) is not None:  # h11: refusing what llhttp refuses (framing.py)
+                strict_h11_buffer(self.conn, self._h11_fault)
             peer = transport.get_extra_info("peername")
             self._peer = address_client(peer[0]) if isinstance(peer, tuple) and peer else ""  # (a port is no client)
             live[self] = None
@@ -837,6 +840,9 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self._make_room()
             if self._refusal is None:
                 self._arm_header_timer()
+
+        def _h11_fault(self, reason: str) -> None:
+            self._fault = reason  # (send_400_response says it)
 
         def _may_close(self, other: Any) -> bool:
             return other is not self and other._idle() and other._refusal is None and not other.transport.is_closing()
@@ -1077,6 +1083,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 raise ValueError(self._fault)
             super().on_headers_complete()
             self.cycle.head_bytes = size  # (what it holds while it waits in the pipeline)
+            if version == "1.0":  # (uvicorn chunked an answer of no Content-Length to it: framing.py)
+                close_delimited(self.cycle)
             if self.parser.should_upgrade():
                 # Served as HTTP/1.1, and the connection closed after it: llhttp dropped
                 # what came behind the head in the same piece (a request pipelined behind

@@ -1,0 +1,192 @@
+"""HTTP/1 message framing held alike under both of uvicorn's HTTP implementations.
+
+The server parses requests with httptools (llhttp) where it is installed, else with h11
+(``connections.guarded_protocol`` takes either). A request that one parser frames one way
+and another parser (a proxy in front) another way is how requests are smuggled, and a
+client must get the same answer from either server. Two gaps:
+
+* **h11 read what llhttp refuses**: two Content-Length fields of one value, or a list of
+  them (``Content-Length: 24, 24``), a header folded onto the next line (obs-fold), lines
+  ending in a bare LF, a chunk size followed by whitespace or an extension that is no
+  token or quoted string, trailer fields that frame (Content-Length, Transfer-Encoding),
+  and any HTTP/1.x version, and it took an absolute-form target (``http://host/path``,
+  which a server must accept) for a path (404); a chunk size line ending in a bare LF left the request waiting
+  for its body's timeout. :class:`StrictReceiveBuffer`, h11's receive buffer, refuses
+  them (400) where llhttp does; it skips empty lines before a request line, as llhttp
+  does and RFC 9112 2.2 asks (h11 answered a client that sent CRLF after a body 400 at
+  its next request), and reads a chunk size's leading zeros, as llhttp does.
+* **httptools answered HTTP/1.0 with chunked framing**: uvicorn chunked every answer
+  without a Content-Length (a streamed or large JSON Jacobian) whatever the request's
+  version, and an HTTP/1.0 client, which knows no transfer coding (RFC 9112 6.1: a
+  server must not send one to it), read the chunk sizes as part of the JSON.
+  :func:`close_delimited` ends such an answer by closing the connection, as h11 does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import h11
+from h11._receivebuffer import ReceiveBuffer  # (uvicorn's h11 protocol reads through one per connection)
+
+__all__ = ["StrictReceiveBuffer", "close_delimited", "strict_h11_buffer"]
+
+
+def close_delimited(cycle: Any) -> None:
+    """An HTTP/1.0 request's answer under uvicorn's httptools protocol (``cycle``, its
+    request-response cycle, before its app runs): one without a Content-Length is sent as
+    it is, its end the connection's close, never chunked."""
+    send = cycle.send
+
+    async def send_to_http10(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            if (cycle.scope["method"] != "HEAD" and message["status"] not in (204, 304)
+                    and not any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in message.get("headers", ()))):
+                cycle.keep_alive = False  # (its answer says so, and the connection closes after its last byte)
+                cycle.chunked_encoding = False
+        elif cycle.chunked_encoding is False and cycle.keep_alive is False:
+            # uvicorn counts the body down from a Content-Length: each piece is what is left.
+            cycle.expected_content_length = len(message.get("body", b""))
+        await send(message)
+
+    cycle.send = send_to_http10  # (read by run_asgi once it runs, after this)
+
+
+# A chunk's size line as llhttp reads it: hex digits (any leading zeros, at most 64 bits
+# of value), then extensions, each a token name and perhaps "=" and a token or a quoted
+# string (either of the two may be empty, not both); no whitespace anywhere (RFC 9112 7.1.1 allows some around ";" and
+# "=", which llhttp refuses and h11 took with anything after the first ";").
+_TOKEN_CHAR = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]"
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_EXT_VALUE = rb"=(?:%s*|%s)" % (_TOKEN_CHAR, _QUOTED)
+_CHUNK_LINE = re.compile(rb"(?P<size>[0-9A-Fa-f]+)(?:;(?:%s+(?:%s)?|%s))*\r\n" % (_TOKEN_CHAR, _EXT_VALUE, _EXT_VALUE))
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BLANK_LINE = re.compile(rb"\n\r?\n")  # (where h11 ends a head)
+_HTTP1 = (b"HTTP/1.1", b"HTTP/1.0")
+
+
+def _head_fault(head: bytes, trailers: bool) -> str | None:
+    """What llhttp refuses and h11 reads in a whole head (or trailer section), its blank
+    line included, in words (llhttp's where it has some), or None."""
+    if _BARE_LF.search(head) is not None:
+        return "a line ends in a bare LF: lines end in CRLF (RFC 9112 2.2)"
+    lines = head.split(b"\r\n")
+    if not trailers:
+        version = lines[0].rpartition(b" ")[2]
+        if version not in _HTTP1:
+            return (f"{version.decode('latin-1')} in a request line framed as HTTP/1: this server speaks HTTP/1.1 "
+                    "and HTTP/1.0")
+        lines = lines[1:]
+    lengths = 0
+    for line in lines:
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            return "Unexpected whitespace after header value"  # (a folded line: header_fault names it)
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        if name == b"content-length":
+            if trailers:
+                return "a trailer field cannot frame the body: Content-Length in the trailer section"
+            lengths += 1
+            if lengths > 1:
+                return "Duplicate Content-Length"
+            if b"," in value:
+                return "Invalid character in Content-Length"
+        elif name == b"transfer-encoding" and trailers:
+            return "a trailer field cannot frame the body: Transfer-Encoding in the trailer section"
+    return None
+
+
+# An absolute-form target (RFC 9112 3.2.2, which a server must accept): llhttp reads its
+# path and query, h11 gave the whole URL as the path (404).
+_ABSOLUTE = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(?P<path>/[^#]*)(?:#.*)?")
+
+
+def _origin_form(target: bytes) -> bytes | None:
+    """A request target as uvicorn's httptools protocol reads it: a path and query, a
+    fragment dropped (no client sends one; llhttp drops it); None where llhttp refuses it
+    (no path: an authority-form target, one without its "/")."""
+    if target[:1] == b"/" or target == b"*":
+        return target.partition(b"#")[0]
+    match = _ABSOLUTE.fullmatch(target)
+    return match["path"] if match is not None else None
+
+
+def strict_h11_buffer(conn: Any, on_fault: Callable[[str], None]) -> None:
+    """Give h11's connection ``conn`` a :class:`StrictReceiveBuffer` (before it has read
+    anything); ``on_fault`` is told why it refuses a request, before h11 raises."""
+    if type(getattr(conn, "_receive_buffer", None)) is ReceiveBuffer:  # (an h11 whose insides differ: left as it is)
+        conn._receive_buffer = StrictReceiveBuffer(conn, on_fault)
+
+
+class StrictReceiveBuffer(ReceiveBuffer):
+    """h11's receive buffer, refusing what llhttp refuses (above) as h11 reads it."""
+
+    def __init__(self, conn: Any, on_fault: Callable[[str], None]) -> None:
+        super().__init__()
+        self._conn = conn
+        self._on_fault = on_fault
+
+    def _refuse(self, reason: str) -> None:
+        self._on_fault(reason)
+        raise h11.RemoteProtocolError(reason)
+
+    def maybe_extract_lines(self) -> Any:
+        """A head (the client idle), or a chunked body's trailer section."""
+        data = self._data
+        trailers = self._conn.their_state is not h11.IDLE
+        if not trailers and data[:2] == b"\r\n":
+            end = 0
+            while data[end:end + 2] == b"\r\n":  # empty lines before a request line are skipped
+                end += 2
+            self._extract(end)
+        if data[:1] == b"\n":
+            self._refuse("a line ends in a bare LF: lines end in CRLF (RFC 9112 2.2)")
+        if data[:2] != b"\r\n":  # (else an empty trailer section, which h11 reads as it is)
+            match = _BLANK_LINE.search(data, self._multiple_lines_search)
+            if match is None:
+                self._multiple_lines_search = max(0, len(data) - 2)
+                return None
+            fault = _head_fault(bytes(data[:match.end()]), trailers)
+            if fault is not None:
+                self._refuse(fault)
+            if not trailers:
+                self._request_line(data.find(b"\r\n"))
+        return super().maybe_extract_lines()
+
+    def _request_line(self, end: int) -> None:
+        """The request line as llhttp reads it, for h11 to read: its target in
+        origin-form, and one space between its parts (llhttp reads several)."""
+        line = bytes(self._data[:end])
+        parts = [p for p in line.split(b" ") if p]
+        if len(parts) != 3:
+            return  # (h11 refuses it, as llhttp does)
+        origin = _origin_form(parts[1])
+        if origin is None:
+            self._refuse(f"the request target {parts[1][:60].decode('latin-1')!r} is no path (origin-form) nor URL "
+                         "(absolute-form) (RFC 9112 3.2)")
+        written = b" ".join((parts[0], origin, parts[2]))
+        if written != line:
+            self._data[:end] = written
+            self._multiple_lines_search = 0  # (the blank line moved)
+
+    def is_next_line_obviously_invalid_request_line(self) -> bool:
+        return self._data != b"\r" and super().is_next_line_obviously_invalid_request_line()  # (a CRLF half in)
+
+    def maybe_extract_next_line(self) -> Any:
+        """A chunk's size line (h11 reads no other line alone)."""
+        start = max(0, self._next_line_search - 1)
+        line = super().maybe_extract_next_line()
+        if line is None:
+            if self._data.find(b"\n", start) >= 0:
+                self._refuse("a chunk size line ends in a bare LF: lines end in CRLF (RFC 9112 2.2)")
+            return None
+        match = _CHUNK_LINE.fullmatch(line)
+        if match is None:
+            self._refuse("Invalid character in chunk size or its extensions")
+        size = match["size"].lstrip(b"0") or b"0"
+        if len(size) > 16:
+            self._refuse("Chunk size overflow")
+        return bytearray(size + b"\r\n")  # (h11 reads at most 20 digits, and drops extensions)
