@@ -202,3 +202,33 @@ def test_smuggling_forms_on_the_service_leave_an_honest_client_served(urls: dict
     for J in answers:
         np.testing.assert_allclose(J, expected, rtol=1e-5, atol=1e-7)
 
+
+# ------------------------------------------------------------ who a client is
+
+def test_forwarded_entries_of_any_length_keep_the_front_ends_memory() -> None:
+    """Who a client is was cached by the text of its X-Forwarded-For entry (4,096 kept):
+    a caller inside a trusted network (taken for a proxy, README), or a trusted proxy
+    passing what it was sent, that wrote 4,096 entries of 30 KB had a front end keep
+    234 MB, for good. No address is that long: such an entry is kept as written, cut to
+    80 characters, and its text is not kept; a long entry that is an address padded with
+    whitespace is still that address."""
+    import tracemalloc
+
+    from jacobian_service.clients import client_of, parse_proxies
+
+    proxies = parse_proxies("10.0.0.0/8")
+
+    def client(entry: bytes) -> str:
+        return client_of({"client": ("10.0.0.2", 1), "headers": [(b"x-forwarded-for", entry)]}, proxies)
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        names = {client(b"%05d" % i + b"y" * 30000) for i in range(300)}
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1 << 20, grown  # (before: ~18 MB, the 300 entries kept)
+    assert len(names) == 300 and all(len(n) <= len("addr:") + 80 for n in names)
+    assert client(b" " * 200 + b"203.0.113.7") == "addr:203.0.113.7"
+
