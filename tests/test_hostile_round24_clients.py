@@ -232,3 +232,16 @@ def test_forwarded_entries_of_any_length_keep_the_front_ends_memory() -> None:
     assert len(names) == 300 and all(len(n) <= len("addr:") + 80 for n in names)
     assert client(b" " * 200 + b"203.0.113.7") == "addr:203.0.113.7"
 
+
+# ------------------------------------------------------------ weights
+
+@pytest.mark.parametrize("weight", ["1e999", "inf", "2", "nan", "-0.5"])
+def test_an_absurd_weight_is_read_alike_in_accept_and_accept_encoding(client, weight: str) -> None:
+    """A weight outside 0 to 1 left its ``Accept`` entry out, and was read as wanting gzip
+    in ``Accept-Encoding`` (``gzip;q=1e999``, ``inf``, ``2``: the OpenAPI document came
+    gzipped). Both headers read a weight one way (``responses.qvalue``)."""
+    r = client.post("/v1/functions/sin/jacobian", json={"inputs": [[0.5]]},
+                    headers={"Accept": f"application/x-npy;q={weight}, application/json;q=0.5"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.headers
+    doc = client.get("/openapi.json", headers={"Accept-Encoding": f"gzip;q={weight}, identity;q=0.5"})
+    assert doc.status_code == 200 and "content-encoding" not in doc.headers and doc.json()["openapi"], doc.headers

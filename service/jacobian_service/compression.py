@@ -13,6 +13,8 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass, field
 
+from .responses import qvalue
+
 __all__ = ["Compressible", "accepts_gzip"]
 
 
@@ -27,10 +29,7 @@ def accepts_gzip(accept_encoding: str) -> bool:
         for param in params:
             key, _, value = param.partition("=")
             if key.strip() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
+                q = qvalue(value)  # (as Accept's: one out of 0 to 1 is 0)
         if coding in ("gzip", "x-gzip"):
             named = q if named is None else max(named, q)
         elif coding == "*":

@@ -21,7 +21,7 @@ from .errors import NotAcceptable, Overloaded, ServiceError, Unavailable
 
 __all__ = [
     "EncodeBudget", "JsonRows", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
-    "pieces_response", "problem_document", "problem_response",
+    "pieces_response", "problem_document", "problem_response", "qvalue",
 ]
 
 _OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
@@ -61,16 +61,7 @@ def _acceptable(accept: str | None) -> list[str]:
         for param in fields[1:]:
             key, _, value = param.partition("=")
             if key.strip().lower() == "q":
-                # A weight from 0 to 1; anything else (nan, inf, 2, 1e9) leaves the entry
-                # out: a NaN among the weights sorted the others in no order at all. Read
-                # as leniently as RFC 9110's grammar allows in practice: Java's default
-                # header says "q=.2".
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-                if not 0.0 <= q <= 1.0:  # (NaN too)
-                    q = 0.0
+                q = qvalue(value)
         if media in ("*/*", "application/*"):
             if q > 0:
                 ranges.append((q, order))
@@ -87,6 +78,19 @@ def _acceptable(accept: str | None) -> list[str]:
     if not seen:
         raise NotAcceptable(f"Accept {echo(accept)} allows none of {', '.join(_OFFERED)}")
     return seen
+
+
+def qvalue(text: str) -> float:
+    """A weight (RFC 9110 12.4.2) in ``Accept`` or ``Accept-Encoding``: from 0 to 1; anything
+    else (nan, inf, 2, 1e999, a word) is 0, which leaves its entry out: a NaN among the
+    weights sorted the others in no order at all, and ``gzip;q=1e999`` (infinity) was read
+    as wanting gzip where ``application/json;q=1e999`` was left out. Read as leniently as
+    the grammar allows in practice: Java's default header says "q=.2"."""
+    try:
+        q = float(text)
+    except ValueError:
+        return 0.0
+    return q if 0.0 <= q <= 1.0 else 0.0  # (NaN too)
 
 
 def echo(value: str, limit: int = 100) -> str:
