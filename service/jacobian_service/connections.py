@@ -51,7 +51,7 @@ from jacobian_client import wire
 
 from .clients import address_client
 from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
-from .framing import close_delimited, strict_h11_buffer
+from .framing import http10, strict_h11_buffer
 from .half_close import PROBE, PeerWatch
 from .holders import Holders
 from .request_ids import new_request_id
@@ -1083,8 +1083,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 raise ValueError(self._fault)
             super().on_headers_complete()
             self.cycle.head_bytes = size  # (what it holds while it waits in the pipeline)
-            if version == "1.0":  # (uvicorn chunked an answer of no Content-Length to it: framing.py)
-                close_delimited(self.cycle)
+            if version == "1.0":  # (uvicorn chunked an answer of no Content-Length to it, after a 100: framing.py)
+                http10(self.cycle)
             if self.parser.should_upgrade():
                 # Served as HTTP/1.1, and the connection closed after it: llhttp dropped
                 # what came behind the head in the same piece (a request pipelined behind

@@ -19,7 +19,8 @@ client must get the same answer from either server. Two gaps:
   without a Content-Length (a streamed or large JSON Jacobian) whatever the request's
   version, and an HTTP/1.0 client, which knows no transfer coding (RFC 9112 6.1: a
   server must not send one to it), read the chunk sizes as part of the JSON.
-  :func:`close_delimited` ends such an answer by closing the connection, as h11 does.
+  :func:`http10` ends such an answer by closing the connection, as h11 does, and sends
+  such a client no ``100 Continue``, which uvicorn sent it (and it took for its answer).
 """
 
 from __future__ import annotations
@@ -30,22 +31,30 @@ from typing import Any, Callable
 import h11
 from h11._receivebuffer import ReceiveBuffer  # (uvicorn's h11 protocol reads through one per connection)
 
-__all__ = ["StrictReceiveBuffer", "close_delimited", "strict_h11_buffer"]
+__all__ = ["StrictReceiveBuffer", "http10", "strict_h11_buffer"]
 
 
-def close_delimited(cycle: Any) -> None:
+def http10(cycle: Any) -> None:
     """An HTTP/1.0 request's answer under uvicorn's httptools protocol (``cycle``, its
     request-response cycle, before its app runs): one without a Content-Length is sent as
-    it is, its end the connection's close, never chunked."""
+    it is, its end the connection's close, never chunked; and no ``100 Continue`` goes
+    before it (RFC 9110 10.1.1 and 15.2: such a request's ``Expect: 100-continue`` is
+    ignored, and no 1xx is sent to HTTP/1.0, whose clients take it for their answer).
+    uvicorn sent one once the app asked for the body, h11's protocol none."""
+    cycle.waiting_for_100_continue = False
     send = cycle.send
+    unsized = False
 
     async def send_to_http10(message: dict[str, Any]) -> None:
+        nonlocal unsized
         if message["type"] == "http.response.start":
-            if (cycle.scope["method"] != "HEAD" and message["status"] not in (204, 304)
-                    and not any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in message.get("headers", ()))):
+            unsized = (cycle.scope["method"] != "HEAD" and message["status"] not in (204, 304)
+                       and not any(k.lower() in (b"content-length", b"transfer-encoding")
+                                   for k, _ in message.get("headers", ())))
+            if unsized:
                 cycle.keep_alive = False  # (its answer says so, and the connection closes after its last byte)
                 cycle.chunked_encoding = False
-        elif cycle.chunked_encoding is False and cycle.keep_alive is False:
+        elif unsized:
             # uvicorn counts the body down from a Content-Length: each piece is what is left.
             cycle.expected_content_length = len(message.get("body", b""))
         await send(message)
