@@ -543,9 +543,11 @@ def test_streams_left_unread_count_against_the_engines_queue() -> None:
 
 
 @contextlib.contextmanager
-def _guarded_uvicorn(app, implementation: str, header_timeout_s: float, on_timeout=None, **config) -> Iterator[str]:
+def _guarded_uvicorn(app, implementation: str, header_timeout_s: float, on_timeout=None, start_s: float = 10,
+                     **config) -> Iterator[str]:
     """A real uvicorn serving ``app`` with our guarded protocol over uvicorn's ``h11`` or
-    ``httptools`` class, on a thread; yields its URL."""
+    ``httptools`` class, on a thread; yields its URL (started within ``start_s``: an app
+    whose lifespan starts engines takes longer)."""
     import threading
 
     import uvicorn
@@ -562,7 +564,7 @@ def _guarded_uvicorn(app, implementation: str, header_timeout_s: float, on_timeo
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        assert _wait_for(lambda: server.started, 10)
+        assert _wait_for(lambda: server.started, start_s)
         yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     finally:
         server.should_exit = True

@@ -647,7 +647,7 @@ MAX_HEADER_BYTES = 32 << 10
 MAX_HEADER_FIELDS = 256
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
-            503: b"Service Unavailable"}
+            501: b"Not Implemented", 503: b"Service Unavailable"}
 
 
 def _closing_problem(error: ServiceError, cors: list[tuple[str, str]] = []) -> bytes:  # noqa: B006 (never changed)
@@ -820,7 +820,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _body_fed = 0  # body bytes the parser gave in the current data_received
         _refusal: Any = None  # (the cap's 503, the head it waits for, its timer) once refused for the cap
         _head_piece = b""  # the last piece of a head given to the parser
-        _fault: str | None = None  # why a callback of ours stopped the parser (httptools)
+        _fault: str | ServiceError | None = None  # why a callback of ours stopped the parser (or an error to answer)
         _fields = 0  # header fields of the head being received (h11: its lines)
         _too_many_fields = False  # ... past MAX_HEADER_FIELDS: the parser stopped, a 431 is due
         _half_closed = False  # the client sent its FIN after whole requests: they are answered, then it closes
@@ -841,7 +841,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             if self._refusal is None:
                 self._arm_header_timer()
 
-        def _h11_fault(self, reason: str) -> None:
+        def _h11_fault(self, reason: str | ServiceError) -> None:
             self._fault = reason  # (send_400_response says it)
 
         def _may_close(self, other: Any) -> bool:
@@ -1132,6 +1132,9 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 return
             # (httptools gives a header once the next one's name is read: one before the
             # fault is only in the piece's bytes)
+            if isinstance(self._fault, ServiceError):  # (framing.py: what the app answers under the other parser)
+                self._refuse(self._fault, self._parsed_origins(True) + _origins_in(self._head_piece))
+                return
             reason = msg.rstrip(".")
             if self._fault is not None:  # one of ours, raised in a parser's callback
                 reason = self._fault

@@ -14,7 +14,9 @@ client must get the same answer from either server. Two gaps:
   for its body's timeout. :class:`StrictReceiveBuffer`, h11's receive buffer, refuses
   them (400) where llhttp does; it skips empty lines before a request line, as llhttp
   does and RFC 9112 2.2 asks (h11 answered a client that sent CRLF after a body 400 at
-  its next request), and reads a chunk size's leading zeros, as llhttp does.
+  its next request), and reads a chunk size's leading zeros, as llhttp does. A transfer
+  coding before chunked (``gzip, chunked``), which llhttp passes and the app answers 501,
+  is that 501 (h11 refused it 400).
 * **httptools answered HTTP/1.0 with chunked framing**: uvicorn chunked every answer
   without a Content-Length (a streamed or large JSON Jacobian) whatever the request's
   version, and an HTTP/1.0 client, which knows no transfer coding (RFC 9112 6.1: a
@@ -31,7 +33,12 @@ from typing import Any, Callable
 import h11
 from h11._receivebuffer import ReceiveBuffer  # (uvicorn's h11 protocol reads through one per connection)
 
-__all__ = ["StrictReceiveBuffer", "http10", "strict_h11_buffer"]
+from .errors import ServiceError, UnsupportedTransferCoding
+
+__all__ = ["UNSUPPORTED_CODING", "StrictReceiveBuffer", "http10", "strict_h11_buffer"]
+
+# (RFC 9112 6.1: 501 for a transfer coding the server does not understand; middleware.py says it too)
+UNSUPPORTED_CODING = "the only transfer coding served is chunked; send the body as it is"
 
 
 def http10(cycle: Any) -> None:
@@ -75,12 +82,14 @@ _BLANK_LINE = re.compile(rb"\n\r?\n")  # (where h11 ends a head)
 _HTTP1 = (b"HTTP/1.1", b"HTTP/1.0")
 
 
-def _head_fault(head: bytes, trailers: bool) -> str | None:
+def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
     """What llhttp refuses and h11 reads in a whole head (or trailer section), its blank
-    line included, in words (llhttp's where it has some), or None."""
+    line included, in words (llhttp's where it has some), or None; or the error the app
+    answers where llhttp passes what h11 refuses (a transfer coding before chunked, 501)."""
     if _BARE_LF.search(head) is not None:
         return "a line ends in a bare LF: lines end in CRLF (RFC 9112 2.2)"
     lines = head.split(b"\r\n")
+    version = b""
     if not trailers:
         version = lines[0].rpartition(b" ")[2]
         if version not in _HTTP1:
@@ -88,6 +97,7 @@ def _head_fault(head: bytes, trailers: bool) -> str | None:
                     "and HTTP/1.0")
         lines = lines[1:]
     lengths = 0
+    codings: list[bytes] = []
     for line in lines:
         if not line:
             break
@@ -103,8 +113,14 @@ def _head_fault(head: bytes, trailers: bool) -> str | None:
                 return "Duplicate Content-Length"
             if b"," in value:
                 return "Invalid character in Content-Length"
-        elif name == b"transfer-encoding" and trailers:
-            return "a trailer field cannot frame the body: Transfer-Encoding in the trailer section"
+        elif name == b"transfer-encoding":
+            if trailers:
+                return "a trailer field cannot frame the body: Transfer-Encoding in the trailer section"
+            codings.extend(c.strip().lower() for c in value.split(b","))
+    if not trailers and len(codings) > 1 and codings[-1] == b"chunked" and codings.count(b"chunked") == 1 \
+            and not lengths and version == b"HTTP/1.1":
+        # (llhttp passes "gzip, chunked" to the app, whose answer is 501; h11 refused it 400)
+        return UnsupportedTransferCoding(UNSUPPORTED_CODING)
     return None
 
 
@@ -123,9 +139,10 @@ def _origin_form(target: bytes) -> bytes | None:
     return match["path"] if match is not None else None
 
 
-def strict_h11_buffer(conn: Any, on_fault: Callable[[str], None]) -> None:
+def strict_h11_buffer(conn: Any, on_fault: Callable[[str | ServiceError], None]) -> None:
     """Give h11's connection ``conn`` a :class:`StrictReceiveBuffer` (before it has read
-    anything); ``on_fault`` is told why it refuses a request, before h11 raises."""
+    anything); ``on_fault`` is told why it refuses a request (a reason for a 400, or the
+    error to answer), before h11 raises."""
     if type(getattr(conn, "_receive_buffer", None)) is ReceiveBuffer:  # (an h11 whose insides differ: left as it is)
         conn._receive_buffer = StrictReceiveBuffer(conn, on_fault)
 
@@ -133,14 +150,14 @@ def strict_h11_buffer(conn: Any, on_fault: Callable[[str], None]) -> None:
 class StrictReceiveBuffer(ReceiveBuffer):
     """h11's receive buffer, refusing what llhttp refuses (above) as h11 reads it."""
 
-    def __init__(self, conn: Any, on_fault: Callable[[str], None]) -> None:
+    def __init__(self, conn: Any, on_fault: Callable[[str | ServiceError], None]) -> None:
         super().__init__()
         self._conn = conn
         self._on_fault = on_fault
 
-    def _refuse(self, reason: str) -> None:
+    def _refuse(self, reason: str | ServiceError) -> None:
         self._on_fault(reason)
-        raise h11.RemoteProtocolError(reason)
+        raise h11.RemoteProtocolError(str(reason))
 
     def maybe_extract_lines(self) -> Any:
         """A head (the client idle), or a chunked body's trailer section."""

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from . import clients
 from .errors import ExpectationFailed, Forbidden, MalformedRequest, Unauthorized, UnsupportedTransferCoding
+from .framing import UNSUPPORTED_CODING
 from .logs import quick_record
 from .request_ids import new_request_id
 from .responses import echo, problem_response
@@ -227,8 +228,7 @@ class AccessMiddleware:
         elif any(c not in (b"chunked", b"") for c in codings):
             # RFC 9112 6.1: a transfer coding the server does not understand is a 501 (a
             # gzip body under chunked framing was read as the JSON or .npy it is not).
-            app = _closing(UnsupportedTransferCoding("the only transfer coding served is chunked; send the body as it is"),
-                           request_id)
+            app = _closing(UnsupportedTransferCoding(UNSUPPORTED_CODING), request_id)
         self.active += 1
         try:
             await app(scope, receive if body_asked else receive_marked, send_with_id)
