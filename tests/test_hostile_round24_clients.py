@@ -57,6 +57,7 @@ REFUSED = {
     "a folded header (obs-fold)": _HEAD + b"X-A: a\r\n b\r\nContent-Length: 5\r\n\r\nhello",
     "a head of bare LF line ends": _HEAD.replace(b"\r\n", b"\n") + b"Content-Length: 5\n\nhello",
     "HTTP/1.2": _HEAD.replace(b"HTTP/1.1", b"HTTP/1.2") + b"Content-Length: 5\r\n\r\nhello",
+    "a method llhttp does not know": _HEAD.replace(b"POST", b"post") + b"Content-Length: 5\r\n\r\nhello",
     "whitespace after a chunk size": _CHUNKED + b"5 \r\nhello\r\n0\r\n\r\n",
     "a tab after a chunk size": _CHUNKED + b"5\t\r\nhello\r\n0\r\n\r\n",
     "whitespace in a chunk extension": _CHUNKED + b"5; a = b\r\nhello\r\n0\r\n\r\n",
@@ -70,6 +71,8 @@ REFUSED = {
     "a trailer field ending in a bare LF": _CHUNKED + _HELLO + b"0\r\nX-A: a\n\r\n",
     "a chunk size line ending in a bare LF": _CHUNKED + b"5\nhello\r\n0\r\n\r\n",  # (h11: no answer until the body's timeout)
     "an authority-form target": b"GET t:80 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    "an upgrade with a body (h2c smuggling)": _HEAD.replace(b"close", b"Upgrade") + b"Upgrade: h2c\r\nContent-Length: 5"
+                                                b"\r\n\r\nhello",
 }
 
 # Passed by llhttp to the app, which answers 501 (RFC 9112 6.1); h11 refused it, 400.

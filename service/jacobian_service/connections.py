@@ -51,7 +51,7 @@ from jacobian_client import wire
 
 from .clients import address_client
 from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
-from .framing import http10, strict_h11_buffer
+from .framing import UPGRADE_WITH_BODY, has_body, http10, strict_h11_buffer
 from .half_close import PROBE, PeerWatch
 from .holders import Holders
 from .request_ids import new_request_id
@@ -690,12 +690,6 @@ MAX_PIPELINED_HEAD_BYTES = 32 << 10
 _HTTP1_VERSIONS = frozenset({"1.1", "1.0"})
 
 
-def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a head's (lower-cased) fields announce a body: a Content-Length other than 0,
-    or a Transfer-Encoding."""
-    return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip().lstrip(b"0") != b"")
-               for name, value in headers)
-
 # llhttp's reasons that say nothing to a client, in words that do.
 _PARSER_REASONS = {
     "User callback error": "Invalid HTTP request received",  # (a CONNECT's authority target, which no route takes)
@@ -1070,16 +1064,14 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             if self.parser.get_method() == b"CONNECT":  # uvicorn said only "Invalid HTTP request received"
                 self._fault = "CONNECT asks for a tunnel to another host: this server is no proxy"
                 raise ValueError(self._fault)
-            if self.parser.should_upgrade() and _has_body(self.headers):
+            if self.parser.should_upgrade() and has_body(self.headers):
                 # "Connection: upgrade" with an Upgrade (h2c, websocket, ...): llhttp takes
                 # what follows the head for the new protocol's bytes, so the body never
                 # reached the app, which answered a JSON body "a zero-length, empty
                 # document" (400 malformed_body) and left the body unread on a connection
                 # kept open. No protocol is switched to here (no 101), and a bodiless
                 # upgrade request is served as the HTTP/1.1 request it also is.
-                self._fault = ("a request asking to switch protocols (Connection: upgrade) with a body, which this "
-                               "server cannot read as HTTP/1.1: it speaks HTTP/1.1 only; send the request without "
-                               "'Connection: upgrade'")
+                self._fault = UPGRADE_WITH_BODY  # (h11 read it: framing.py refuses it there too)
                 raise ValueError(self._fault)
             super().on_headers_complete()
             self.cycle.head_bytes = size  # (what it holds while it waits in the pipeline)

@@ -9,7 +9,8 @@ client must get the same answer from either server. Two gaps:
   them (``Content-Length: 24, 24``), a header folded onto the next line (obs-fold), lines
   ending in a bare LF, a chunk size followed by whitespace or an extension that is no
   token or quoted string, trailer fields that frame (Content-Length, Transfer-Encoding),
-  and any HTTP/1.x version, and it took an absolute-form target (``http://host/path``,
+  any HTTP/1.x version, any token for a method (llhttp knows a list), and a request asking to switch protocols with a body (which llhttp,
+  and perhaps a proxy in front, take for the new protocol's bytes), and it took an absolute-form target (``http://host/path``,
   which a server must accept) for a path (404); a chunk size line ending in a bare LF left the request waiting
   for its body's timeout. :class:`StrictReceiveBuffer`, h11's receive buffer, refuses
   them (400) where llhttp does; it skips empty lines before a request line, as llhttp
@@ -35,10 +36,21 @@ from h11._receivebuffer import ReceiveBuffer  # (uvicorn's h11 protocol reads th
 
 from .errors import ServiceError, UnsupportedTransferCoding
 
-__all__ = ["UNSUPPORTED_CODING", "StrictReceiveBuffer", "http10", "strict_h11_buffer"]
+__all__ = ["UNSUPPORTED_CODING", "UPGRADE_WITH_BODY", "StrictReceiveBuffer", "has_body", "http10", "strict_h11_buffer"]
 
 # (RFC 9112 6.1: 501 for a transfer coding the server does not understand; middleware.py says it too)
 UNSUPPORTED_CODING = "the only transfer coding served is chunked; send the body as it is"
+# llhttp takes what follows such a head for the new protocol's bytes (a proxy in front may
+# too: a tunnel), so its body is never read as HTTP/1.1 (connections.py refuses it there).
+UPGRADE_WITH_BODY = ("a request asking to switch protocols (Connection: upgrade) with a body, which this server "
+                     "cannot read as HTTP/1.1: it speaks HTTP/1.1 only; send the request without 'Connection: upgrade'")
+
+
+def has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a head's (lower-cased) fields announce a body: a Content-Length other than 0,
+    or a Transfer-Encoding."""
+    return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip().lstrip(b"0") != b"")
+               for name, value in headers)
 
 
 def http10(cycle: Any) -> None:
@@ -80,6 +92,12 @@ _CHUNK_LINE = re.compile(rb"(?P<size>[0-9A-Fa-f]+)(?:;(?:%s+(?:%s)?|%s))*\r\n" %
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # (where h11 ends a head)
 _HTTP1 = (b"HTTP/1.1", b"HTTP/1.0")
+# The methods llhttp reads in an HTTP/1 request (httptools 0.9; CONNECT and PRI it reads
+# otherwise): any other token (a lower-case "post", "FOO") it refuses, 400, where h11
+# passed it to the app, which answered 405.
+_LLHTTP_METHODS = frozenset(b"""DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH
+    SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PATCH
+    PURGE MKCALENDAR LINK UNLINK SOURCE QUERY PRI""".split())
 
 
 def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
@@ -91,6 +109,8 @@ def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
     lines = head.split(b"\r\n")
     version = b""
     if not trailers:
+        if lines[0].partition(b" ")[0] not in _LLHTTP_METHODS:
+            return "Invalid method encountered"
         version = lines[0].rpartition(b" ")[2]
         if version not in _HTTP1:
             return (f"{version.decode('latin-1')} in a request line framed as HTTP/1: this server speaks HTTP/1.1 "
@@ -98,6 +118,7 @@ def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
         lines = lines[1:]
     lengths = 0
     codings: list[bytes] = []
+    fields: list[tuple[bytes, bytes]] = []
     for line in lines:
         if not line:
             break
@@ -105,6 +126,7 @@ def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
             return "Unexpected whitespace after header value"  # (a folded line: header_fault names it)
         name, _, value = line.partition(b":")
         name = name.lower()
+        fields.append((name, value))
         if name == b"content-length":
             if trailers:
                 return "a trailer field cannot frame the body: Content-Length in the trailer section"
@@ -121,6 +143,9 @@ def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
             and not lengths and version == b"HTTP/1.1":
         # (llhttp passes "gzip, chunked" to the app, whose answer is 501; h11 refused it 400)
         return UnsupportedTransferCoding(UNSUPPORTED_CODING)
+    if not trailers and has_body(fields) and any(n == b"upgrade" for n, _ in fields) and any(
+            t.strip().lower() == b"upgrade" for n, v in fields if n == b"connection" for t in v.split(b",")):
+        return UPGRADE_WITH_BODY  # (h11 read the body and kept the connection; llhttp cannot)
     return None
 
 
