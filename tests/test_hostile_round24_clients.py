@@ -49,8 +49,7 @@ _HEAD = b"POST /p?q=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
 _CHUNKED = _HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
 _HELLO = b"5\r\nhello\r\n"
 
-# Each was read (200, or h11 waited) under one parser and refused (400) under the other:
-# h11 read them all but the last, which llhttp reads.
+# Each was read by h11 (served, or waited on) and refused (400) by llhttp.
 REFUSED = {
     "two Content-Lengths of one value": _HEAD + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
     "a Content-Length list": _HEAD + b"Content-Length: 5, 5\r\n\r\nhello",

@@ -9,15 +9,17 @@ client must get the same answer from either server. Two gaps:
   them (``Content-Length: 24, 24``), a header folded onto the next line (obs-fold), lines
   ending in a bare LF, a chunk size followed by whitespace or an extension that is no
   token or quoted string, trailer fields that frame (Content-Length, Transfer-Encoding),
-  any HTTP/1.x version, any token for a method (llhttp knows a list), and a request asking to switch protocols with a body (which llhttp,
-  and perhaps a proxy in front, take for the new protocol's bytes), and it took an absolute-form target (``http://host/path``,
-  which a server must accept) for a path (404); a chunk size line ending in a bare LF left the request waiting
-  for its body's timeout. :class:`StrictReceiveBuffer`, h11's receive buffer, refuses
-  them (400) where llhttp does; it skips empty lines before a request line, as llhttp
-  does and RFC 9112 2.2 asks (h11 answered a client that sent CRLF after a body 400 at
-  its next request), and reads a chunk size's leading zeros, as llhttp does. A transfer
-  coding before chunked (``gzip, chunked``), which llhttp passes and the app answers 501,
-  is that 501 (h11 refused it 400).
+  any HTTP/1.x version, any token for a method (llhttp knows a list), and a request
+  asking to switch protocols with a body (which llhttp, and perhaps a proxy in front,
+  take for the new protocol's bytes); it took an absolute-form target
+  (``http://host/path``, which a server must accept) for a path (404); a chunk size line
+  ending in a bare LF left the request waiting for its body's timeout.
+  :class:`StrictReceiveBuffer`, h11's receive buffer, refuses them (400) where llhttp
+  does; it skips empty lines before a request line, as llhttp does and RFC 9112 2.2 asks
+  (h11 answered a client that sent CRLF after a body 400 at its next request), and reads
+  a chunk size's leading zeros, as llhttp does. A transfer coding before chunked
+  (``gzip, chunked``), which llhttp passes and the app answers 501, is that 501 (h11
+  refused it 400).
 * **httptools answered HTTP/1.0 with chunked framing**: uvicorn chunked every answer
   without a Content-Length (a streamed or large JSON Jacobian) whatever the request's
   version, and an HTTP/1.0 client, which knows no transfer coding (RFC 9112 6.1: a
@@ -83,8 +85,9 @@ def http10(cycle: Any) -> None:
 
 # A chunk's size line as llhttp reads it: hex digits (any leading zeros, at most 64 bits
 # of value), then extensions, each a token name and perhaps "=" and a token or a quoted
-# string (either of the two may be empty, not both); no whitespace anywhere (RFC 9112 7.1.1 allows some around ";" and
-# "=", which llhttp refuses and h11 took with anything after the first ";").
+# string (either of the two may be empty, not both); no whitespace anywhere (RFC 9112
+# 7.1.1 allows some around ";" and "=", which llhttp refuses; h11 took anything after the
+# first ";").
 _TOKEN_CHAR = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]"
 _QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
 _EXT_VALUE = rb"=(?:%s*|%s)" % (_TOKEN_CHAR, _QUOTED)
@@ -113,8 +116,8 @@ def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
             return "Invalid method encountered"
         version = lines[0].rpartition(b" ")[2]
         if version not in _HTTP1:
-            return (f"{version.decode('latin-1')} in a request line framed as HTTP/1: this server speaks HTTP/1.1 "
-                    "and HTTP/1.0")
+            return (f"{(version or b'no version').decode('latin-1')[:20]} in a request line framed as HTTP/1: this "
+                    "server speaks HTTP/1.1 and HTTP/1.0")
         lines = lines[1:]
     lengths = 0
     codings: list[bytes] = []
