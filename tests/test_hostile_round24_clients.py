@@ -257,3 +257,43 @@ def test_an_absurd_weight_is_read_alike_in_accept_and_accept_encoding(client, we
     assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.headers
     doc = client.get("/openapi.json", headers={"Accept-Encoding": f"gzip;q={weight}, identity;q=0.5"})
     assert doc.status_code == 200 and "content-encoding" not in doc.headers and doc.json()["openapi"], doc.headers
+
+
+def test_an_http10_answers_connection_can_still_be_cut_off() -> None:
+    """The send that makes an HTTP/1.0 answer unchunked (framing.http10) stands in for
+    uvicorn's: the connection is found through it (its ``__self__``'s transport) to cut off
+    a client that reads too slowly (SendGuard) and to count what it has not read. A plain
+    function in its place had none: such a client, over HTTP/1.0, was never cut off."""
+    import asyncio
+
+    from jacobian_service.connections import abort_connection, unsent_bytes
+    from jacobian_service.framing import http10
+
+    class Transport:
+        aborted = False
+
+        def abort(self) -> None:
+            self.aborted = True
+
+        def get_write_buffer_size(self) -> int:
+            return 7
+
+        def get_extra_info(self, name: str) -> None:
+            return None
+
+    class Cycle:  # uvicorn's httptools RequestResponseCycle, as far as http10 and the guard read it
+        def __init__(self) -> None:
+            self.transport, self.scope, self.sent = Transport(), {"method": "POST"}, []
+            self.waiting_for_100_continue, self.keep_alive, self.chunked_encoding = True, True, None
+            self.expected_content_length = 0
+
+        async def send(self, message: dict) -> None:
+            self.sent.append(message)
+
+    cycle = Cycle()
+    http10(cycle)
+    asyncio.run(cycle.send({"type": "http.response.start", "status": 200, "headers": []}))
+    assert (cycle.keep_alive, cycle.chunked_encoding, cycle.waiting_for_100_continue) == (False, False, False)
+    assert unsent_bytes(cycle.send) == 7
+    abort_connection(cycle.send)
+    assert cycle.transport.aborted and len(cycle.sent) == 1

@@ -31,6 +31,7 @@ client must get the same answer from either server. Two gaps:
 from __future__ import annotations
 
 import re
+import types
 from typing import Any, Callable
 
 import h11
@@ -66,7 +67,7 @@ def http10(cycle: Any) -> None:
     send = cycle.send
     unsized = False
 
-    async def send_to_http10(message: dict[str, Any]) -> None:
+    async def send_to_http10(cycle: Any, message: dict[str, Any]) -> None:
         nonlocal unsized
         if message["type"] == "http.response.start":
             unsized = (cycle.scope["method"] != "HEAD" and message["status"] not in (204, 304)
@@ -80,7 +81,10 @@ def http10(cycle: Any) -> None:
             cycle.expected_content_length = len(message.get("body", b""))
         await send(message)
 
-    cycle.send = send_to_http10  # (read by run_asgi once it runs, after this)
+    # (read by run_asgi once it runs, after this.) A method of the cycle, as uvicorn's own:
+    # connections.abort_connection and unsent_bytes find the connection as its __self__'s
+    # transport (a plain function had none: an HTTP/1.0 reader too slow was never cut off).
+    cycle.send = types.MethodType(send_to_http10, cycle)
 
 
 # A chunk's size line as llhttp reads it: hex digits (any leading zeros, at most 64 bits
