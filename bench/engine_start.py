@@ -47,8 +47,7 @@ def _one(forks: ForkServer | None, run_dir: Path, env: dict[str, str], standby: 
     finally:
         os.close(null)
     try:
-        flag = run_dir / f"spare-{proc.pid}.ready"
-        while not (flag.exists() if standby else board.read()["ready"]):
+        while not (ipc.said_warm(proc.stdin) if standby else board.read()["ready"]):
             if proc.poll() is not None:
                 raise SystemExit(f"the engine exited with status {proc.returncode}")
             time.sleep(0.005)

@@ -190,10 +190,9 @@ def test_an_execd_engine_finds_no_note_left_under_its_pid(tmp_path) -> None:
     pids = next_pids()
     for pid in pids:
         ipc.warming_path(tmp_path, pid).write_text("0 erf_half")
-        ipc.spare_ready_path(tmp_path, pid).touch()
     look = ("import os, sys; d, p = sys.argv[1], os.getpid(); "
             "sys.exit(2 if not int(sys.argv[2]) < p < int(sys.argv[3]) else "
-            "os.path.exists(f'{d}/warming-{p}') or os.path.exists(f'{d}/spare-{p}.ready'))")
+            "os.path.exists(f'{d}/warming-{p}'))")
     null = os.open(os.devnull, os.O_WRONLY)
     try:
         child = start_engine(None, [sys.executable, "-S", "-c", look, str(tmp_path), str(pids.start - 1), str(pids.stop)],

@@ -3,6 +3,7 @@ engines: a process stands in for one, and a SUB socket reads what the front ends
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 import zmq
 
 from jacobian_service import ipc
+from jacobian_service.fork_server import spare_stdin
 from jacobian_service.settings import Settings
 from jacobian_service.supervisor import Supervisor, _Engine
 
@@ -140,11 +142,18 @@ def test_a_promoted_spare_is_expected_as_soon_as_it_is_ready(supervisor, warm):
     though a warm spare serves within milliseconds: an SDK client waited 18 s for an
     engine that was back in one. A spare still warming up takes what its warm-up has left."""
     sup, _ = supervisor
-    spare = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline(); sys.stdin.readline()"],
-                             stdin=subprocess.PIPE, start_new_session=True)
+    theirs, ours = spare_stdin()  # (as the supervisor starts a spare: its word that it is warm comes on it)
+    say = "import os; os.write(0, b'warm\\n'); " if warm else ""
+    spare = subprocess.Popen([sys.executable, "-c", say + "import sys; sys.stdin.readline(); sys.stdin.readline()"],
+                             stdin=theirs, start_new_session=True)
+    os.close(theirs)
+    spare.stdin = ours
     try:
         if warm:
-            sup._spare_flag(spare).touch()
+            deadline = time.monotonic() + 30
+            while not sup._is_warm(spare):  # (its word, once it has started)
+                assert time.monotonic() < deadline, "the spare never said it was warm"
+                time.sleep(0.01)
         engine = _Engine(0, "cpu", spare=spare, startup_s=20.0, spare_started=time.monotonic() - 5.0)
         sup.engines = [engine]
         sup._spawn(engine)
@@ -160,12 +169,13 @@ def test_a_promoted_spare_is_expected_as_soon_as_it_is_ready(supervisor, warm):
 
 # A stand-in engine process (no imports: a start costs milliseconds, even on a busy
 # machine): it ends (status 1) after its life; with --standby it is a spare, warm at
-# once (its flag), promoted by a line on stdin. What a real engine says on its board
-# (ready; a batch run to its end) the test says for it (``fake_engines``).
+# once (its word on stdin, as ipc.say_warm), promoted by a line on stdin. What a real
+# engine says on its board (ready; a batch run to its end) the test says for it
+# (``fake_engines``).
 _FAKE_ENGINE = """
 import os, sys, time
 if "--standby" in sys.argv:
-    open(os.path.join(sys.argv[1], "spare-%d.ready" % os.getpid()), "w").close()
+    os.write(0, b"warm\\n")
     if not sys.stdin.readline().strip():
         sys.exit(0)
 time.sleep(float(sys.argv[2]))

@@ -255,7 +255,7 @@ class ForkServer:
         assert self._sock is not None and self._proc is not None
         stdin_r = stdin_w = None
         if standby:
-            stdin_r, stdin_w = os.pipe()
+            stdin_r, stdin_w = spare_stdin()
             stdin = stdin_r
         else:  # serve's own, as an exec'd engine inherits it
             stdin = 0 if _valid(0) else os.open(os.devnull, os.O_RDONLY)
@@ -282,7 +282,7 @@ class ForkServer:
         pid = reply.get("pid") if isinstance(reply, dict) else None
         if not isinstance(pid, int):
             if stdin_w is not None:
-                os.close(stdin_w)
+                stdin_w.close()
             if isinstance(reply, dict) and "refused" in reply:  # this one start (its command line too long)
                 log.info("fork server: %s; this engine starts the old way", reply["refused"])
                 return None
@@ -292,9 +292,9 @@ class ForkServer:
             log.error("fork server: engine pid %d is not serve's child; killed, started the old way", pid)
             _kill_quietly(pid)
             if stdin_w is not None:
-                os.close(stdin_w)
+                stdin_w.close()
             return None
-        return Forked(pid, list(argv), open(stdin_w, "wb") if stdin_w is not None else None)
+        return Forked(pid, list(argv), stdin_w)
 
     def _late(self) -> None:
         """A zygote that did not answer in time is killed; an answer it sent meanwhile
@@ -324,6 +324,16 @@ class ForkServer:
             self._launch_at = float("inf")
 
 
+def spare_stdin() -> tuple[int, Any]:
+    """A spare's stdin: a socket pair, its end (a descriptor, for the spare's 0) and
+    the supervisor's (a file, unbuffered): the promotion's line goes one way, the
+    spare's word that it is warm (``ipc.say_warm``) the other. No other process holds
+    either end (``/proc/PID/fd`` opens no socket), so no function can say it for a
+    spare, as one could make its flag file in the run directory."""
+    theirs, ours = socket.socketpair()
+    return theirs.detach(), open(ours.detach(), "wb", buffering=0)
+
+
 def start_engine(forks: ForkServer | None, argv: list[str], env: Mapping[str, str], stdout: int, stderr: int,
                  log_fd: int, standby: bool, confine: bool, wait_s: float = 0.0, run_dir: Path | None = None) -> Any:
     """An engine process (``standby``: a spare, its stdin a pipe): forked by the zygote
@@ -344,9 +354,20 @@ def start_engine(forks: ForkServer | None, argv: list[str], env: Mapping[str, st
         if confine_it is not None:
             confine_it()
 
-    return subprocess.Popen(argv, stdin=subprocess.PIPE if standby else None, stdout=stdout, stderr=stderr,
-                            pass_fds=(log_fd,), env={**env, ipc.LOG_FD_ENV: str(log_fd)}, start_new_session=True,
-                            preexec_fn=before_exec if run_dir is not None or confine_it is not None else None)
+    theirs, ours = spare_stdin() if standby else (None, None)
+    try:
+        proc = subprocess.Popen(argv, stdin=theirs, stdout=stdout, stderr=stderr,
+                                pass_fds=(log_fd,), env={**env, ipc.LOG_FD_ENV: str(log_fd)}, start_new_session=True,
+                                preexec_fn=before_exec if run_dir is not None or confine_it is not None else None)
+    except BaseException:
+        if ours is not None:
+            ours.close()
+        raise
+    finally:
+        if theirs is not None:
+            os.close(theirs)
+    proc.stdin = ours
+    return proc
 
 
 def _valid(fd: int) -> bool:

@@ -25,6 +25,7 @@ import math
 import struct
 import mmap
 import os
+import select
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -85,22 +86,39 @@ def warming_path(run_dir: Path, pid: int) -> Path:
     return run_dir / f"warming-{pid}"
 
 
-def spare_ready_path(run_dir: Path, pid: int) -> Path:
-    """Made by spare process ``pid`` once it is warm (the supervisor's sign)."""
-    return run_dir / f"spare-{pid}.ready"
+SPARE_WARM = b"warm\n"  # what a spare writes on its stdin, a socket (``say_warm``)
+
+
+def say_warm() -> None:
+    """A spare's word that it is warm, on its stdin: a socket whose other end only the
+    supervisor holds (``fork_server.spare_stdin``). It was a flag file in the run
+    directory, which the functions write: one made by a running function for the spare
+    still warming up had it counted warm (a 503's Retry-After said it would serve at
+    once; ``/v1/info`` said a spare was ready)."""
+    os.write(0, SPARE_WARM)
+
+
+def said_warm(stdin: Any) -> bool:
+    """Whether the spare whose stdin (the supervisor's end) is ``stdin`` has said it is
+    warm since last asked (never blocks)."""
+    try:
+        fd = stdin.fileno()
+        readable, _, _ = select.select([fd], [], [], 0)
+        return bool(readable) and os.read(fd, len(SPARE_WARM)) == SPARE_WARM
+    except (OSError, ValueError):  # closed, or it died just now
+        return False
 
 
 def clear_notes(run_dir: Path, pid: int) -> None:
     """Take away what says anything of process ``pid`` in the run directory (its warm-up
-    note, its spare's flag), as the supervisor starts it: the run directory is the
+    note), as the supervisor starts it: the run directory is the
     functions' to write, and notes a function left for the pids after its engine's (the
     next engines', allocated in turn) had each of them killed before it was ready, as
     hung in another function's warm-up, which was struck for it."""
-    for path in (warming_path(run_dir, pid), spare_ready_path(run_dir, pid)):
-        try:
-            path.unlink(missing_ok=True)
-        except OSError:  # not a file (a directory planted there reads as no note), or the directory refused
-            pass
+    try:
+        warming_path(run_dir, pid).unlink(missing_ok=True)
+    except OSError:  # not a file (a directory planted there reads as no note), or the directory refused
+        pass
 
 
 def events_address(run_dir: Path) -> str:

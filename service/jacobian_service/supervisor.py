@@ -158,6 +158,7 @@ class Supervisor:
         self.engines: list[_Engine] = []
         self.strikes: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self.quarantined: dict[str, float] = {}  # function -> until (time.time())
+        self._warm: set[int] = set()  # the spares (pids) that have said they are warm (``_is_warm``)
         self.quarantines = 0
         self.isolate: set[str] = set()
         self.skip_warmup: set[str] = set()  # functions whose warm-up hung an engine
@@ -241,7 +242,7 @@ class Supervisor:
         spare, engine.spare = engine.spare, None
         warm = spare is not None and self._is_warm(spare)
         if spare is not None:
-            self._spare_flag(spare).unlink(missing_ok=True)
+            self._warm.discard(spare.pid)
         now = time.monotonic()
         if spare is not None and spare.poll() is None and self._promote(spare):
             engine.proc = spare
@@ -342,9 +343,6 @@ class Supervisor:
         self.skip_warmup.add(function)
         return function
 
-    def _spare_flag(self, spare: subprocess.Popen | Forked) -> Path:
-        return ipc.spare_ready_path(self.run_dir, spare.pid)
-
     def all_ready(self) -> bool:
         """Every engine up and warmed: what /readyz reports (read by serve's start-up line)."""
         return all(e.ready and e.proc is not None for e in self.engines)
@@ -353,7 +351,13 @@ class Supervisor:
         return engine.spare is not None and self._is_warm(engine.spare)
 
     def _is_warm(self, spare: subprocess.Popen | Forked) -> bool:
-        return spare.poll() is None and self._spare_flag(spare).exists()
+        """Whether the spare has said it is warm, on its stdin (``ipc.said_warm``): its
+        own word, which no function of another process can say for it."""
+        if spare.poll() is not None:
+            return False
+        if spare.pid not in self._warm and ipc.said_warm(spare.stdin):
+            self._warm.add(spare.pid)
+        return spare.pid in self._warm
 
     def _promote(self, spare: subprocess.Popen | Forked) -> bool:
         try:
@@ -389,7 +393,7 @@ class Supervisor:
                 log.warning("engine %d: the spare exited with status %s", engine.index, code)
                 _signal_group(spare, signal.SIGKILL)  # what it forked goes with it
                 engine.spare_at = now + 30.0
-            self._spare_flag(spare).unlink(missing_ok=True)
+            self._warm.discard(spare.pid)
             engine.spare = None
             self._ended(spare)  # a warm-up's function may have started some too
         if engine.ready and now >= max(engine.spare_at, engine.restart_at):

@@ -609,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.warmup:
             server.warm_up(ipc.warming_path(args.run_dir, os.getpid()), skip)
         freeze_heap()  # now, not at promotion: its full collection takes ~0.2 s
-        ipc.spare_ready_path(args.run_dir, os.getpid()).touch()  # the supervisor's sign that it is warm
+        ipc.say_warm()  # the supervisor's sign that it is warm (on its stdin, a socket only the supervisor shares)
         line = sys.stdin.readline()
         if not line.strip():
             return 0

@@ -1,0 +1,75 @@
+"""Red team, round twenty-four: hostile functions against what the supervisor believes
+(a warm-up note, a spare's ready flag, both in the run directory, which the functions
+write; a status board that still names a function whose answers have left).
+
+Each case names what a user saw before. One real server for the module (a spare, and
+warm-ups on: a spare's warm-up is what is attacked; one strike quarantines); the
+functions are in tests/hostile27_functions.py, each misbehaving only on the input 666
+(round 11's ``_armed``), the second input picking how.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from .conftest import live_server
+from .test_hostile_round11 import _armed, _engine_pid, _replaced
+from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
+
+FUNCTIONS = "tests.hostile27_functions"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    # QUARANTINE_AFTER=1: a strike is a quarantine, which every caller of the function sees.
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=1, REQUEST_TIMEOUT_S=20,
+                     HANG_GRACE_S=0.5) as served:
+        yield served
+
+
+def _spares(client: httpx.Client, url: str) -> list[bool]:
+    return client.get(f"{url}/v1/info").json()["spares"]
+
+
+def _until(what: str, done, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_spares_ready_flag_a_function_makes_is_not_believed(server, client) -> None:
+    """A spare said it was warm with a flag file in the run directory, which the
+    functions write: a running function that made it for the spare still warming up
+    had it counted warm (``/v1/info``'s ``spares`` said [true]; a 503's Retry-After while
+    it took over said it would serve at once). Now a spare says so on its stdin, a
+    socket only the supervisor holds the other end of: the flag changes nothing, and the
+    spare counts warm once it is."""
+    url, _ = server
+    _until("no warm spare at first", lambda: _spares(client, url) == [True])
+    assert _armed(client, url, "slow_spare27", 0).status_code == 200  # the next spare's warm-up waits
+    try:
+        pid = _engine_pid(client, url)
+        os.kill(pid, signal.SIGKILL)  # the spare takes over; the next one warms up (slowly)
+        _replaced(client, url, pid, 30, "no engine after the kill")
+        flagged = []
+
+        def forged() -> bool:
+            r = _armed(client, url, "slow_spare27", 1)
+            assert r.status_code == 200, r.text
+            flagged.append(r.json()["output"]["data"][0])
+            return flagged[-1] > 0
+
+        _until("no spare started", forged)
+        time.sleep(0.3)  # (the supervisor's ticks: 0.1 s)
+        assert _spares(client, url) == [False]
+    finally:
+        assert _armed(client, url, "slow_spare27", 2).status_code == 200
+    _until("the spare never counted warm", lambda: _spares(client, url) == [True])
