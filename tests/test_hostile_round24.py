@@ -17,11 +17,14 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
 
 from .conftest import live_server
 from .test_hostile_round11 import _armed, _engine_pid, _replaced
+from .test_hostile_round15 import _log_until
 from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
+from .test_hostile_round21 import _evaluated  # an evaluate's 200 output
 
 FUNCTIONS = "tests.hostile27_functions"
 
@@ -73,3 +76,23 @@ def test_a_spares_ready_flag_a_function_makes_is_not_believed(server, client) ->
     finally:
         assert _armed(client, url, "slow_spare27", 2).status_code == 200
     _until("the spare never counted warm", lambda: _spares(client, url) == [True])
+
+
+def test_a_warm_up_note_a_ready_engine_writes_shifts_no_blame(server, client) -> None:
+    """A function wrote a warm-up note under its own engine's pid (``warming-PID``,
+    naming victim27) and left a timer that ended the engine (``os._exit``) after its
+    request was answered. The engine died idle, ready long since, yet the supervisor
+    believed the note: "the warm-up of victim27 ended the engine", victim27 struck
+    (quarantined: every caller's request a 503 ``function_quarantined``) and its warm-up
+    skipped for good, the planter free. Now a note under the pid of a process that has
+    said it is ready is a function's, taken away unread: the function whose thread was
+    alive is blamed, victim27 answers."""
+    url, proc = server
+    start, pid = len(proc.read_log()), _engine_pid(client, url)
+    r = _armed(client, url, "shifts_blame27", 0)
+    assert r.status_code == 200, r.text
+    log = _log_until(proc, start, "engine 0 died")
+    assert "engine 0 died: the engine process exited with status 1; shifts_blame27 left threads running, which are " \
+           "blamed" in log and "warm-up of victim27" not in log, log[-3000:]
+    _replaced(client, url, pid, 30, "no engine after the timer")
+    np.testing.assert_allclose(_evaluated(client, url, "victim27", [0.5]), np.sin([0.5]), rtol=1e-12)

@@ -123,6 +123,11 @@ class _Engine:
     generation: int = 0
     started: float = 0.0
     ready: bool = False
+    # Its process has said it is ready (the board, seen once): past its warm-ups for good.
+    # A warm-up note under its pid is then a function's, written to have another function
+    # blamed for its own crash or hang: never believed (the board's flag alone is not: a
+    # function can write the board).
+    was_ready: bool = False
     restarts: int = 0
     backoff_s: float = 0.0
     restart_at: float = 0.0  # no process (an engine's cold start, a spare) starts before this
@@ -263,7 +268,7 @@ class Supervisor:
             engine.ready_by = now + engine.startup_s
         engine.generation += 1
         engine.started = now
-        engine.ready = False
+        engine.ready = engine.was_ready = False
         engine.killed_for = ""
         engine.stopped_since = 0.0
         log.info("engine %d (%s) %s, generation %d, pid %d", engine.index, engine.device, how, engine.generation,
@@ -481,6 +486,7 @@ class Supervisor:
                     engine.startup_s = now - engine.started
                 self._last_state = 0.0  # tell the front ends now, all at once, not within 0.5 s
             engine.ready = status["ready"]
+            engine.was_ready = engine.was_ready or engine.ready
             code = engine.proc.poll()
             if code is not None:
                 self._died(engine, code, engine.board.read())  # its last word, written just before it went
@@ -499,7 +505,7 @@ class Supervisor:
                 self._kill(engine, "hang")
             elif engine.ready and not status["deadline"] and now - status["beat"] > self.settings.engine_heartbeat_s:
                 self._kill(engine, "heartbeat")
-            elif not engine.ready and (function := self._warm_up_hung(engine.proc, now)) is not None:
+            elif not engine.was_ready and (function := self._warm_up_hung(engine.proc, now)) is not None:
                 engine.running = {"function": function, "tags": []}
                 self._kill(engine, "warm-up")
         if now - self._reaped_at >= _REAP_EVERY_S:  # a subreaper's duty: no zombies
@@ -658,12 +664,15 @@ class Supervisor:
                         "(or given up) before their deadlines")
         planned = bool(status.get("stray")) or recycled is not None
         # A warm-up that ended the engine (a crash; one it killed is on its own record).
-        # Not while its board names jobs: a warm-up runs none, and a note found then is a
-        # function's, written in its request to have another function struck for its own
-        # crash (which went free, its request a retryable 503): taken away unread.
-        if status.get("tags"):
+        # Not while its board names jobs, nor once it has said it is ready (it then has
+        # no warm-up left, and a thread a function left can end it while idle): a note
+        # found then is a function's, written to have another function struck for its own
+        # crash (which went free, its request a retryable 503; or, while idle, the
+        # function named was struck and its warm-up skipped for good): taken away unread.
+        past_warm_ups = bool(status.get("tags")) or engine.was_ready or status.get("ready", False)
+        if past_warm_ups:
             ipc.clear_notes(self.run_dir, engine.proc.pid)  # type: ignore[union-attr]
-        warming = None if planned or status.get("tags") else self._warm_up_crashed(engine.proc.pid)  # type: ignore[union-attr]
+        warming = None if planned or past_warm_ups else self._warm_up_crashed(engine.proc.pid)  # type: ignore[union-attr]
         # What it ran when it went: its board says. An engine that left as planned, or
         # went with its board saying idle, ran nothing: what this supervisor last saw it
         # run is stale, and those requests may be answered already, their replies not yet
