@@ -78,6 +78,28 @@ def test_a_spares_ready_flag_a_function_makes_is_not_believed(server, client) ->
     _until("the spare never counted warm", lambda: _spares(client, url) == [True])
 
 
+def test_a_kill_from_outside_after_a_functions_answers_strikes_it_not(server, client) -> None:
+    """An engine killed by SIGKILL (the OOM killer, an operator's ``kill -9``) just after
+    a function's 200, while it still tidied after the batch (its settings put back, its
+    garbage collected), had its status board still naming that function and its
+    request: the function was struck as if it had crashed its engine (here, one strike:
+    quarantined, every caller's request a 503 ``function_quarantined`` for 600 s),
+    though its caller held its answer. Now the board says the answers have left; a
+    SIGKILL the supervisor did not send then strikes no one (as while idle; a crash or a
+    hang there, a ``__del__``'s, is still the function's)."""
+    url, proc = server
+    start, pid = len(proc.read_log()), _engine_pid(client, url)
+    r = _armed(client, url, "lingers27", 0)  # (its garbage's collection then takes 2 s)
+    assert r.status_code == 200, r.text
+    os.kill(pid, signal.SIGKILL)
+    log = _log_until(proc, start, "engine 0 died")
+    assert "engine 0 died: the engine process was killed by SIGKILL (out of memory?) after lingers27 had answered " \
+           "its requests (not blamed) (running nothing for 0 requests)" in log, log[-3000:]
+    assert "quarantined" not in log, log[-3000:]
+    _replaced(client, url, pid, 30, "no engine after the kill")
+    np.testing.assert_allclose(_evaluated(client, url, "lingers27", [0.5]), np.sin([0.5]), rtol=1e-12)
+
+
 def test_a_warm_up_note_a_ready_engine_writes_shifts_no_blame(server, client) -> None:
     """A function wrote a warm-up note under its own engine's pid (``warming-PID``,
     naming victim27) and left a timer that ended the engine (``os._exit``) after its

@@ -402,6 +402,7 @@ class StatusBoard:
         self._deadline = 0.0
         self._served = 0
         self._doc = b"{}"
+        self._running: dict[str, Any] = {}
 
     def _write(self) -> None:
         self._seq += 1
@@ -422,8 +423,18 @@ class StatusBoard:
     def running(self, now: float, deadline: float, function: str, tags: list[str], left: list[str] | None = None) -> None:
         """Running ``function`` for the requests ``tags``; ``left`` as for :meth:`idle`."""
         self._beat, self._deadline = now, deadline if math.isfinite(deadline) else 1e300
-        self._doc = orjson.dumps({"function": function, "tags": tags, "left": left} if left else
-                                 {"function": function, "tags": tags})
+        self._running = {"function": function, "tags": tags, "left": left} if left else {"function": function, "tags": tags}
+        self._doc = orjson.dumps(self._running)
+        self._write()
+
+    def answered(self, now: float) -> None:
+        """The batch's requests are answered; the engine still tidies after it (settings
+        put back, its garbage collected), under its function's name: a crash or a hang
+        there (a ``__del__``) is still that function's, but its requests are no longer
+        held (no tags), and a SIGKILL the supervisor did not send (the OOM killer, an
+        operator) strikes it no more than an idle engine's would."""
+        self._beat = now
+        self._doc = orjson.dumps({**self._running, "tags": [], "answered": True})
         self._write()
 
     def idle(self, now: float, left: list[str] | None = None) -> None:

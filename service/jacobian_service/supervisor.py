@@ -677,7 +677,12 @@ class Supervisor:
         # went with its board saying idle, ran nothing: what this supervisor last saw it
         # run is stale, and those requests may be answered already, their replies not yet
         # read by the front ends, which would fail them if named. A warm-up it killed is
-        # on its own record.
+        # on its own record. A SIGKILL not ours after the batch's answers left (the OOM
+        # killer, an operator: ``kill -9`` just after a 200) is no more the function's
+        # than one while idle: its function was struck and, one strike from quarantine,
+        # refused to every caller, its caller holding a 200.
+        killed_outside = (code == -signal.SIGKILL and not engine.killed_for and bool(status.get("answered"))
+                          and not planned and warming is None)
         running: dict[str, Any]
         if planned:  # its requests answered (unless it says which of them may not be: a closed connection's)
             running = {"tags": status["tags"]} if status.get("stray") and status.get("tags") else {}
@@ -685,7 +690,9 @@ class Supervisor:
             running = {"function": warming, "tags": []}
         elif engine.killed_for == "overdue":  # its board was not believed: the front end's word names the function
             running = engine.running
-        elif status.get("tags"):
+        elif killed_outside:
+            running = {}
+        elif status.get("tags") or status.get("answered"):  # (answered: tidying after its batch, a __del__ say)
             running = status
         elif engine.killed_for == "warm-up" or status.get("deadline") != 0.0:
             running = engine.running
@@ -722,6 +729,8 @@ class Supervisor:
         elif code < 0:
             name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
             reason = f"the engine process was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+            if killed_outside:
+                reason += f" after {status.get('function') or 'a function'} had answered its requests (not blamed)"
         else:
             reason = f"the engine process exited with status {code}"
         if warming is not None:

@@ -91,7 +91,7 @@ class EngineServer:
             stream_idle_s=settings.request_timeout_s,
             on_run=self._on_run,
             cancelled_for=self._cancelled,
-            on_settled=self.flush,
+            on_settled=self._settled,
             on_batch=self.metrics.batch_size.observe if self.metrics else (lambda size: None),
         )
         self.pending: dict[tuple[Peer, int], Job] = {}
@@ -239,6 +239,14 @@ class EngineServer:
             # hand the core between batches to whatever else is runnable (the load
             # generator on this VM), which no throughput run has weighed yet.
             offer_the_cpu()  # (why: yielding.py)
+
+    def _settled(self) -> None:
+        """A batch's answers leave, the board saying so first: the send offers the CPU
+        (a lone answer), and its caller could have its 200, and the engine be killed,
+        before a line after it ran. Dead between the two, its requests are answered by
+        the supervisor's word as any it held (a 503), the function no more struck."""
+        self.board.answered(time.monotonic())
+        self.flush()
 
     def _on_run(self, jobs: list[Job]) -> None:
         call = self.worker.call_of(jobs[0])  # a stream's chunk: its stream's function takes the blame
