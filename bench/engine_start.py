@@ -47,7 +47,8 @@ def _one(forks: ForkServer | None, run_dir: Path, env: dict[str, str], standby: 
     finally:
         os.close(null)
     try:
-        while not (ipc.said_warm(proc.stdin) if standby else board.read()["ready"]):
+        said = b""  # (a spare's words on its stdin: its warm-ups, then that it is warm)
+        while not (ipc.SPARE_WARM in (said := said + ipc.heard(proc.stdin)) if standby else board.read()["ready"]):
             if proc.poll() is not None:
                 raise SystemExit(f"the engine exited with status {proc.returncode}")
             time.sleep(0.005)

@@ -44,7 +44,8 @@ _SLOW = "slow-spare27"  # while this file is in the run directory, a spare's war
 
 @register(inputs=X, description="sin; its warm-up in a spare waits while a file of its own is in the run directory. "
                                 "Armed (666): case 0 makes that file, case 1 makes the ready flag of every spare "
-                                "of its serve (a process started with --standby) but its own engine, case 2 removes the file.")
+                                "of its serve (a process started with --standby) but its own engine, and a warm-up "
+                                "note saying it began warming victim27 up long ago, case 2 removes the file.")
 def slow_spare27(x: torch.Tensor) -> torch.Tensor:
     case, marker = _armed(x), os.path.join(_run_dir(), _SLOW)
     if case is None and "--standby" in sys.argv:  # a spare's warm-up (the only call a spare makes before it serves)
@@ -63,6 +64,8 @@ def slow_spare27(x: torch.Tensor) -> torch.Tensor:
                 continue
             if b"--standby" in argv and _run_dir().encode() in argv and int(pid) != os.getpid():  # (this serve's)
                 open(os.path.join(_run_dir(), f"spare-{pid}.ready"), "w").close()  # (the flag's name, before)
+                with open(os.path.join(_run_dir(), f"warming-{pid}"), "w") as f:  # (ipc.warming_path's name)
+                    f.write("0 victim27")  # its warm-up of victim27 began long ago
                 flagged += 1
         return torch.full_like(x, flagged)  # how many spares it made the flag of
     elif case == 2 and os.path.exists(marker):

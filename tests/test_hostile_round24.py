@@ -48,14 +48,18 @@ def _until(what: str, done, within: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_spares_ready_flag_a_function_makes_is_not_believed(server, client) -> None:
+def test_a_spares_ready_flag_and_warm_up_note_a_function_makes_are_not_believed(server, client) -> None:
     """A spare said it was warm with a flag file in the run directory, which the
     functions write: a running function that made it for the spare still warming up
     had it counted warm (``/v1/info``'s ``spares`` said [true]; a 503's Retry-After while
-    it took over said it would serve at once). Now a spare says so on its stdin, a
-    socket only the supervisor holds the other end of: the flag changes nothing, and the
-    spare counts warm once it is."""
-    url, _ = server
+    it took over said it would serve at once). A warm-up note it wrote there for that
+    spare (its warm-up of victim27 begun long ago) had the spare killed as hung in it
+    ("the spare's warm-up of victim27 did not return"), and every later engine skip
+    victim27's warm-up. Now a spare says both on its stdin, a socket only the supervisor
+    holds the other end of: the flag and the note change nothing, and the spare counts
+    warm once it is."""
+    url, proc = server
+    start = len(proc.read_log())
     _until("no warm spare at first", lambda: _spares(client, url) == [True])
     assert _armed(client, url, "slow_spare27", 0).status_code == 200  # the next spare's warm-up waits
     try:
@@ -73,9 +77,11 @@ def test_a_spares_ready_flag_a_function_makes_is_not_believed(server, client) ->
         _until("no spare started", forged)
         time.sleep(0.3)  # (the supervisor's ticks: 0.1 s)
         assert _spares(client, url) == [False]
+        assert "victim27" not in proc.read_log()[start:], proc.read_log()[start:][-3000:]
     finally:
         assert _armed(client, url, "slow_spare27", 2).status_code == 200
     _until("the spare never counted warm", lambda: _spares(client, url) == [True])
+    assert "victim27" not in proc.read_log()[start:], proc.read_log()[start:][-3000:]  # (nor killed meanwhile)
 
 
 def test_a_kill_from_outside_after_a_functions_answers_strikes_it_not(server, client) -> None:

@@ -126,10 +126,17 @@ def test_an_engine_that_died_in_a_warm_up_names_the_function_whose_warm_up_it_wa
 
 
 def test_a_spare_that_died_in_a_warm_up_has_the_next_spare_skip_it(supervisor):
+    """A spare's warm-up is told on its stdin (``ipc.say_warming``), read after its death."""
     sup, _ = supervisor
     sup.settings = Settings(engine_standby=True, engine_fork_server=False)
     engine = _Engine(0, "cpu", spare_at=0.0)
-    engine.spare = _ended_while_warming_up(sup, "exits_below_one")
+    theirs, ours = spare_stdin()
+    spare = subprocess.Popen([sys.executable, "-c", "import os; os.write(0, b'w exits_below_one\\n')"], stdin=theirs,
+                             start_new_session=True)
+    os.close(theirs)
+    spare.stdin = ours
+    spare.wait()
+    engine.spare = spare
     sup._tend_spare(engine, time.monotonic())
     assert "exits_below_one" in sup.skip_warmup and "exits_below_one" in sup.strikes
     assert engine.spare is None and engine.spare_at <= time.monotonic()  # (no new one: the engine is not up)

@@ -89,6 +89,15 @@ def warming_path(run_dir: Path, pid: int) -> Path:
 SPARE_WARM = b"warm\n"  # what a spare writes on its stdin, a socket (``say_warm``)
 
 
+def say_warming(function: str) -> None:
+    """A spare's note that it warms ``function`` up from now, on its stdin (as
+    ``say_warm``): the supervisor reads a spare's notes there, not in the run directory,
+    where a running function wrote one under the pid of the spare still warming up
+    (``0 victim``) and had it killed as hung in that warm-up, which later engines then
+    skipped."""
+    os.write(0, b"w " + function.encode("utf-8", "replace") + b"\n")
+
+
 def say_warm() -> None:
     """A spare's word that it is warm, on its stdin: a socket whose other end only the
     supervisor holds (``fork_server.spare_stdin``). It was a flag file in the run
@@ -98,15 +107,17 @@ def say_warm() -> None:
     os.write(0, SPARE_WARM)
 
 
-def said_warm(stdin: Any) -> bool:
-    """Whether the spare whose stdin (the supervisor's end) is ``stdin`` has said it is
-    warm since last asked (never blocks)."""
+def heard(stdin: Any) -> bytes:
+    """What the spare whose stdin (the supervisor's end) is ``stdin`` has said since last
+    asked (``say_warming``, ``say_warm``), never blocking: read after its death too."""
+    got = b""
     try:
         fd = stdin.fileno()
-        readable, _, _ = select.select([fd], [], [], 0)
-        return bool(readable) and os.read(fd, len(SPARE_WARM)) == SPARE_WARM
-    except (OSError, ValueError):  # closed, or it died just now
-        return False
+        while select.select([fd], [], [], 0)[0] and (more := os.read(fd, 4096)):
+            got += more
+    except (OSError, ValueError):  # closed
+        pass
+    return got
 
 
 def clear_notes(run_dir: Path, pid: int) -> None:

@@ -153,6 +153,15 @@ class _Engine:
         return max(0.0, self.ready_by - now)
 
 
+@dataclass
+class _SpareWord:
+    """What a spare has said on its stdin (``Supervisor._hear``)."""
+
+    warm: bool = False
+    warming: tuple[float, str] | None = None  # (since, function): the warm-up it is in
+    rest: bytes = b""  # a line not yet ended
+
+
 class Supervisor:
     def __init__(self, settings: Settings, run_dir: Path, channel: Channel | None = None) -> None:
         self.settings = settings
@@ -163,7 +172,7 @@ class Supervisor:
         self.engines: list[_Engine] = []
         self.strikes: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self.quarantined: dict[str, float] = {}  # function -> until (time.time())
-        self._warm: set[int] = set()  # the spares (pids) that have said they are warm (``_is_warm``)
+        self._words: dict[int, _SpareWord] = {}  # what each spare (pid) has said on its stdin (``_hear``)
         self.quarantines = 0
         self.isolate: set[str] = set()
         self.skip_warmup: set[str] = set()  # functions whose warm-up hung an engine
@@ -247,7 +256,7 @@ class Supervisor:
         spare, engine.spare = engine.spare, None
         warm = spare is not None and self._is_warm(spare)
         if spare is not None:
-            self._warm.discard(spare.pid)
+            self._words.pop(spare.pid, None)
         now = time.monotonic()
         if spare is not None and spare.poll() is None and self._promote(spare):
             engine.proc = spare
@@ -356,13 +365,43 @@ class Supervisor:
         return engine.spare is not None and self._is_warm(engine.spare)
 
     def _is_warm(self, spare: subprocess.Popen | Forked) -> bool:
-        """Whether the spare has said it is warm, on its stdin (``ipc.said_warm``): its
+        """Whether the spare has said it is warm, on its stdin (``ipc.say_warm``): its
         own word, which no function of another process can say for it."""
-        if spare.poll() is not None:
-            return False
-        if spare.pid not in self._warm and ipc.said_warm(spare.stdin):
-            self._warm.add(spare.pid)
-        return spare.pid in self._warm
+        return spare.poll() is None and self._hear(spare, time.monotonic()).warm
+
+    def _hear(self, spare: subprocess.Popen | Forked, now: float) -> _SpareWord:
+        """What the spare has said on its stdin so far: which warm-up it is in, since when
+        (``ipc.say_warming``, timed here), and whether it is warm. Its warm-up notes in
+        the run directory are not read: a running function wrote one for it."""
+        word = self._words.setdefault(spare.pid, _SpareWord())
+        if said := ipc.heard(spare.stdin):
+            *lines, word.rest = (word.rest + said).split(b"\n")
+            for line in lines:
+                if line == ipc.SPARE_WARM.strip():
+                    word.warm, word.warming = True, None
+                elif line.startswith(b"w ") and not word.warm:
+                    word.warming = (now, line[2:].decode("utf-8", "replace"))
+        return word
+
+    def _spare_hung(self, spare: subprocess.Popen | Forked, now: float) -> str | None:
+        """The function whose warm-up in the spare has run past its limit (as
+        ``_warm_up_hung``, from the spare's own word), added to those skipped from now on."""
+        word = self._hear(spare, now)
+        if word.warming is None or now <= word.warming[0] + self.settings.warmup_timeout_s:
+            return None
+        function, word.warming = word.warming[1], None
+        self.skip_warmup.add(function)
+        return function
+
+    def _spare_crashed(self, spare: subprocess.Popen | Forked) -> str | None:
+        """The function whose warm-up the dead spare was in (as ``_warm_up_crashed``, from
+        its own word), added to those skipped from now on."""
+        word = self._hear(spare, time.monotonic())
+        ipc.clear_notes(self.run_dir, spare.pid)  # (its file notes: read by no one)
+        if word.warming is None or not word.warming[1]:
+            return None
+        self.skip_warmup.add(word.warming[1])
+        return word.warming[1]
 
     def _promote(self, spare: subprocess.Popen | Forked) -> bool:
         try:
@@ -380,7 +419,7 @@ class Supervisor:
         spare = engine.spare
         if spare is not None:
             code = spare.poll()
-            if code is None and (function := self._warm_up_hung(spare, now)) is not None:
+            if code is None and (function := self._spare_hung(spare, now)) is not None:
                 log.error("engine %d: the spare's warm-up of %s did not return; killing pid %d (the next "
                           "spare skips it)", engine.index, function, spare.pid)
                 _signal_group(spare, signal.SIGKILL)
@@ -388,7 +427,7 @@ class Supervisor:
                 engine.spare_at = now
             elif code is None:
                 return
-            elif (function := self._warm_up_crashed(spare.pid)) is not None:
+            elif (function := self._spare_crashed(spare)) is not None:
                 log.error("engine %d: the spare's warm-up of %s ended it (status %s); the next spare skips it",
                           engine.index, function, code)
                 _signal_group(spare, signal.SIGKILL)  # what it forked goes with it
@@ -398,7 +437,7 @@ class Supervisor:
                 log.warning("engine %d: the spare exited with status %s", engine.index, code)
                 _signal_group(spare, signal.SIGKILL)  # what it forked goes with it
                 engine.spare_at = now + 30.0
-            self._warm.discard(spare.pid)
+            self._words.pop(spare.pid, None)
             engine.spare = None
             self._ended(spare)  # a warm-up's function may have started some too
         if engine.ready and now >= max(engine.spare_at, engine.restart_at):

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -257,7 +257,7 @@ class EngineServer:
 
     # ----------------------------------------------------------------- loop
 
-    def warm_up(self, note: Path, skip: set[str]) -> None:
+    def warm_up(self, note: Path, skip: set[str], say: Callable[[str], None] | None = None) -> None:
         """The first jacrev of a function costs ~1 s: pay it before saying ready.
 
         A function that never returns on the warm-up input would keep the engine, hence
@@ -268,7 +268,8 @@ class EngineServer:
         jacrev). ``note`` says which function is warming since when; the supervisor
         kills an engine (or spare) stuck past ``warmup_timeout_s`` and has the ones
         started after it ``skip`` that function's warm-up. It then serves unwarmed, and
-        its requests meet the hang detection like any other's."""
+        its requests meet the hang detection like any other's. A spare also ``say``s
+        each (``ipc.say_warming``): its supervisor believes that, not the note."""
         from ..registry import FunctionSpec, Input
         from .devices import warmup_call
 
@@ -287,6 +288,8 @@ class EngineServer:
                 tmp = note.with_suffix(".tmp")
                 tmp.write_text(f"{time.monotonic()} {spec.name}")
                 tmp.replace(note)  # whole, for the supervisor's read
+                if say is not None:
+                    say(spec.name)
                 try:
                     # Making the call is inside too: a function with no inputs has nothing
                     # to differentiate (warmup_call's argnums raised), and that ended every
@@ -615,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         # engine it replaces dies; the supervisor's line says go, and which functions
         # to run alone. An empty line (EOF) means the supervisor has gone.
         if settings.warmup:
-            server.warm_up(ipc.warming_path(args.run_dir, os.getpid()), skip)
+            server.warm_up(ipc.warming_path(args.run_dir, os.getpid()), skip, say=ipc.say_warming)
         freeze_heap()  # now, not at promotion: its full collection takes ~0.2 s
         ipc.say_warm()  # the supervisor's sign that it is warm (on its stdin, a socket only the supervisor shares)
         line = sys.stdin.readline()
