@@ -19,7 +19,7 @@ A forked engine is what an exec'd one is:
   process (so its parent is ``serve`` from its first line on: ``stop_with_parent``,
   ``confinement.in_force``) and said go (a zygote that died first never lets it run).
   ``serve`` counts it among its own (``Supervisor._own``), never among the orphans.
-- **its descriptors**: stdin (a spare's pipe; ``serve``'s own otherwise), stdout, stderr
+- **its descriptors**: stdin (a spare's socket, ``spare_stdin``; ``serve``'s own otherwise), stdout, stderr
   and its own log pipe, sent over the zygote's socket (``SCM_RIGHTS``) and put at 0-3;
   every other descriptor closed, the zygote's socket with them. A new session.
 - **its environment, directory, argv and command line**: the supervisor's, per start
@@ -336,7 +336,7 @@ def spare_stdin() -> tuple[int, Any]:
 
 def start_engine(forks: ForkServer | None, argv: list[str], env: Mapping[str, str], stdout: int, stderr: int,
                  log_fd: int, standby: bool, confine: bool, wait_s: float = 0.0, run_dir: Path | None = None) -> Any:
-    """An engine process (``standby``: a spare, its stdin a pipe): forked by the zygote
+    """An engine process (``standby``: a spare, its stdin a socket, ``spare_stdin``): forked by the zygote
     where it can, else exec'd, as before it (``subprocess.Popen``): confined, in a
     session of its own, its log on ``log_fd``. With ``run_dir``, the notes there under
     its pid (``ipc.clear_notes``: a function's, left for the processes after its engine)

@@ -452,7 +452,7 @@ class Supervisor:
 
     def _ended(self, proc: subprocess.Popen | Forked) -> None:
         """An engine or spare (``proc``, its group killed) died: what it leaves here goes.
-        A promoted spare's stdin pipe was left open (a descriptor of ``serve``'s per
+        A promoted spare's stdin socket was left open (a descriptor of ``serve``'s per
         promotion, until its Popen was collected)."""
         if proc.stdin is not None:
             proc.stdin.close()
