@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from .conftest import live_server
-from .test_hostile_round11 import _armed, _engine_pid, _replaced
+from .test_hostile_round11 import _armed, _engine_pid, _replaced, supervisor  # noqa: F401 (a fixture)
 from .test_hostile_round15 import _log_until
 from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
 from .test_hostile_round21 import _evaluated  # an evaluate's 200 output
@@ -124,3 +124,34 @@ def test_a_warm_up_note_a_ready_engine_writes_shifts_no_blame(server, client) ->
            "blamed" in log and "warm-up of victim27" not in log, log[-3000:]
     _replaced(client, url, pid, 30, "no engine after the timer")
     np.testing.assert_allclose(_evaluated(client, url, "victim27", [0.5]), np.sin([0.5]), rtol=1e-12)
+
+
+def test_sigkills_from_outside_after_one_functions_answers_strike_it_from_the_second(supervisor, tmp_path) -> None:
+    """One SIGKILL the supervisor did not send, after a function's answers left, strikes
+    no one (the test above: the OOM killer, an operator). The same again within the
+    quarantine window is the function's doing (a ``__del__`` that kills its engine after
+    each answer, or allocates until the OOM killer does): without a strike it replaced
+    engines for ever, a torch start-up each, and was never quarantined. The supervisor
+    alone, its engine a stand-in whose board says a function's answers have left."""
+    from jacobian_service import ipc
+    from jacobian_service.supervisor import _Engine
+
+    sup, _ = supervisor
+    sup.settings = sup.settings.model_copy(update={"quarantine_after": 1})
+    board = ipc.StatusBoard(tmp_path / "engine-0.status", create=True)
+
+    def killed_after(function: str) -> None:
+        now = time.monotonic()
+        board.running(now, now + 600, function, ["1:7"])
+        board.answered(now)
+        proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        engine = _Engine(0, "cpu", proc=proc, board=board)
+        sup.engines = [engine]
+        proc.kill()  # (from outside: not the supervisor's kill)
+        sup._died(engine, proc.wait(5), board.read())
+
+    killed_after("lingers")
+    killed_after("other")  # another function's: lingers still once
+    assert not sup.strikes.get("lingers") and not sup.strikes.get("other") and not sup.quarantined
+    killed_after("lingers")
+    assert len(sup.strikes["lingers"]) == 1 and "lingers" in sup.quarantined and "other" not in sup.quarantined

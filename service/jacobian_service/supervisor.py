@@ -93,6 +93,7 @@ _MAX_FRONT_ENDS = 256
 # A front end tells its oldest job once a second while it has one; older news is stale
 # (that front end gone, or its word lost).
 _OLDEST_FRESH_S = 3.0
+_MAX_KILLED_AFTER = 64  # functions remembered for SIGKILLs from outside after their answers (_killed_again)
 
 
 def _signal_group(proc: subprocess.Popen | Forked, sig: int) -> None:
@@ -172,6 +173,11 @@ class Supervisor:
         self.engines: list[_Engine] = []
         self.strikes: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self.quarantined: dict[str, float] = {}  # function -> until (time.time())
+        # When engines were SIGKILLed from outside just after each function's answers
+        # (``_died``): one such kill strikes no one, a second within the quarantine window
+        # strikes the function. At most _MAX_KILLED_AFTER names (the board, which names
+        # them, is the functions' to write).
+        self._killed_after: dict[str, collections.deque[float]] = {}
         self._words: dict[int, _SpareWord] = {}  # what each spare (pid) has said on its stdin (``_hear``)
         self.quarantines = 0
         self.isolate: set[str] = set()
@@ -722,6 +728,7 @@ class Supervisor:
         # refused to every caller, its caller holding a 200.
         killed_outside = (code == -signal.SIGKILL and not engine.killed_for and bool(status.get("answered"))
                           and not planned and warming is None)
+        after, repeated = "", False  # (such a kill: after whose answers, and whether again: _killed_again)
         running: dict[str, Any]
         if planned:  # its requests answered (unless it says which of them may not be: a closed connection's)
             running = {"tags": status["tags"]} if status.get("stray") and status.get("tags") else {}
@@ -769,7 +776,11 @@ class Supervisor:
             name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
             reason = f"the engine process was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
             if killed_outside:
-                reason += f" after {status.get('function') or 'a function'} had answered its requests (not blamed)"
+                after = status.get("function") or "a function"
+                repeated = self._killed_again(after)
+                reason += (f" after {after} had answered its requests" +
+                           (f", the second time within {self.settings.quarantine_window_s:g} s (struck)" if repeated
+                            else " (not blamed)"))
         else:
             reason = f"the engine process exited with status {code}"
         if warming is not None:
@@ -797,6 +808,8 @@ class Supervisor:
             # torch start-up each, and was never quarantined, where the same caller
             # sending `X-Request-Timeout` instead is.
             self._strike(status["function"], batch=False)
+        elif killed_outside and repeated:
+            self._strike(after, batch=False)
         for suspect in suspects:
             self._strike(suspect, batch=False)
         engine.proc = None
@@ -823,6 +836,23 @@ class Supervisor:
         }))
         self.publish_state()
         self._ended(dead)  # type: ignore[arg-type]  # and those that left its group (after the word: ~20 ms)
+
+    def _killed_again(self, function: str) -> bool:
+        """Whether an engine was SIGKILLed from outside just after ``function``'s answers
+        before, within the quarantine window (this one counted). Once is the OOM killer's
+        or an operator's ``kill -9`` (the function not struck: its caller holds a 200);
+        again and again, the function itself (a ``__del__`` that kills its engine, or
+        allocates until the OOM killer does, after each answer): else it replaced engines
+        for ever, a torch start-up each, never quarantined."""
+        now = time.time()
+        times = self._killed_after.pop(function, None) or collections.deque()
+        times.append(now)
+        while now - times[0] > self.settings.quarantine_window_s:
+            times.popleft()
+        self._killed_after[function] = times  # (the newest last: the oldest named go first)
+        while len(self._killed_after) > _MAX_KILLED_AFTER:
+            del self._killed_after[next(iter(self._killed_after))]
+        return len(times) > 1
 
     def _strike(self, function: str, batch: bool) -> None:
         if batch:
