@@ -172,6 +172,26 @@ def _by_position(node: Any, ref: Any) -> Any:
     return [node[str(i)] for i in range(len(node))]
 
 
+def _tangents_by_name(tree: Any, call: Call) -> Any:
+    """Tangents keyed by the names of the parameters ``argnums`` names, as ``inputs`` and
+    ``argnums`` may name them (``{"x": tx, "y": ty}`` for ``argnums: ["x", "y"]``, what a
+    page writes): in the parameters' order, as the tuple torch.func.jvp takes. Such an
+    object was a 422 "tangents: expected 2 entries", two entries given. An object keyed by
+    names other than those (``{"x": tx, "z": tz}``) is a 422 naming both sets."""
+    if not isinstance(tree, dict):
+        return tree
+    names = [call.spec.inputs[p].name for p in call.params]
+    if call.as_tuple and len(set(names)) == len(names):
+        if set(tree) == set(names):
+            return [tree[n] for n in names]
+        if set(tree) != {str(i) for i in range(len(tree))}:  # (an .npz's members by position: _by_position)
+            raise InvalidInput(f"tangents: keys {sorted(tree)} are not the names of the parameters argnums "
+                               f"names, {names}: send an object keyed by those, or a list in that order")
+    elif not call.as_tuple and list(tree) == names and call.spec.inputs[call.params[0]].tree is None:
+        return tree[names[0]]  # (argnums naming one array parameter: {"x": tx})
+    return tree
+
+
 def _split_stack(tree: Any, ref_leaves: list[Any], batched: bool) -> Any:
     """One array where several leaves of equal shape are due: JSON reads a tuple of
     vectors written as plain lists (``[[1, 0], [0, 1]]`` for two 2-vectors) as one
@@ -645,7 +665,7 @@ class Engine:
         box = AuxBox(call.spec)
         g, primals = differentiable(box, args, call)
         like = primals if call.as_tuple else primals[0]
-        tangents = self._vectors(call.vectors, like, "tangents", call.batched_vectors)
+        tangents = self._vectors(_tangents_by_name(call.vectors, call), like, "tangents", call.batched_vectors)
         tangents = tuple(tangents) if call.as_tuple else (tangents,)
 
         def push(*t: torch.Tensor) -> tuple[Any, Any, Any]:
@@ -689,7 +709,7 @@ class Engine:
         if call.cotangents is None and not (isinstance(out, torch.Tensor) and out.dim() == 0):
             raise InvalidInput("hvp needs a function with one scalar (0-d) output, or 'cotangents' shaped like "
                                "its output (c . H t, a vector-Hessian-vector product)")
-        tangents = self._vectors(call.vectors, like, "tangents", call.batched_vectors)
+        tangents = self._vectors(_tangents_by_name(call.vectors, call), like, "tangents", call.batched_vectors)
         tangents = tuple(tangents) if call.as_tuple else (tangents,)
         cot = None if call.cotangents is None else self._vectors(call.cotangents, out, "cotangents",
                                                                  call.batched_vectors)
