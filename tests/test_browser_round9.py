@@ -1,17 +1,21 @@
 """A real browser as the outside testers use one, round 9.
 
-One API server (CORS_ORIGINS naming one page origin) and round 5's headless Chromium
-for the module:
+One API server (CORS_ORIGINS naming one page origin; the app run by the
+tests' uvicorn, which speaks WebSocket) and round 5's headless Chromium for the module:
 
 * a page's ``jvp`` / ``hvp`` with tangents keyed by the parameters' names, as it names
   ``inputs`` and ``argnums``, answers torch.func's products;
+* a page's ``new WebSocket(...)`` on the API reads the answer the same GET gets (a 405
+  on a POST-only route), never a 500.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Iterator
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -35,6 +39,11 @@ def _on_page(browser: Chromium, page: str) -> None:
     browser.goto(page + "/")
     browser.wait_for("document.body && document.body.textContent === 'page'")
     browser.events.clear()
+
+
+def _console_errors(browser: Chromium) -> list[str]:
+    browser.eval("true")  # (the events sent meanwhile, read)
+    return [m for m in browser.messages() if m.startswith(("error:", "exception:", "console.error:"))]
 
 
 def test_a_page_sends_tangents_keyed_by_the_parameters_names(api, page, browser):
@@ -94,4 +103,32 @@ def test_a_page_sends_tangents_keyed_by_the_parameters_names(api, page, browser)
     assert (status, problem["code"], problem["detail"]) == (
         422, "invalid_input", "tangents: keys ['x', 'z'] are not the names of the parameters argnums names, "
         "['x', 'y']: send an object keyed by those, or a list in that order"), problem
+    browser.goto("about:blank")
+
+
+def test_a_websocket_on_the_api_reads_what_the_same_get_gets(api, page, browser):
+    """The service has no WebSocket endpoint. Under an ASGI server that speaks WebSocket
+    (uvicorn run by hand, the tests' own), the app was handed the handshake as a
+    ``websocket`` scope, which its router asserted on: a page's ``new WebSocket(...)``
+    read "Unexpected response code: 500" and the server logged a traceback. The
+    handshake is now served as the GET it also is, as ``jacobian-service serve``
+    (``ws="none"``) serves it: 405 on a POST-only route, 200 where a GET is answered
+    (which no WebSocket can take; with API keys, a 401 first): the handshake fails
+    cleanly, and no request is answered 500."""
+    _on_page(browser, page)
+    ws = api.replace("http://", "ws://")
+    got = browser.eval(f"""(async () => {{
+      const open = path => new Promise(done => {{
+        const ws = new WebSocket({json.dumps(ws)} + path);
+        ws.onopen = () => {{ ws.close(); done('open'); }};
+        ws.onerror = () => done('error');
+      }});
+      return [await open('/v1/functions/sin/jacobian'), await open('/v1/functions'), await open('/healthz')];
+    }})()""")
+    assert got == ["error", "error", "error"], got
+    refused = sorted(re.sub(r"^.*Unexpected response code: ", "", m) + " " + m.split("'")[1].split("/", 3)[3]
+                     for m in _console_errors(browser) if "WebSocket connection" in m)
+    assert refused == ["200 healthz", "200 v1/functions", "405 v1/functions/sin/jacobian"], _console_errors(browser)
+    metrics = httpx.get(api + "/metrics", timeout=10).text
+    assert re.findall(r'^jacobian_service_requests_total\{[^}]*status="500"\}.*$', metrics, re.MULTILINE) == []
     browser.goto("about:blank")

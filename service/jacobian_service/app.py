@@ -36,6 +36,7 @@ from .responses import EncodeBudget
 from .routes import ROUTES, Route, Router
 from .settings import Settings
 from .state import ServiceState
+from .upgrades import as_plain_get
 
 __all__ = ["ServiceApp", "create_app"]
 
@@ -94,6 +95,9 @@ class ServiceApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+            return
+        if scope["type"] == "websocket":  # (no WebSocket endpoint: the GET it also is, as under serve)
+            await as_plain_get(self, scope, receive, send)
             return
         scope["service"] = self.service_state
         scope["jacobian_app"] = self

@@ -54,8 +54,9 @@ def _uvicorn_config(app: Any, settings: Settings) -> Any:
         http=guarded_protocol(settings.header_timeout_s, lambda phase: metrics.connection_timeouts.labels(phase).inc(),
                               cors=cors_answer_headers(settings.cors_origin_list) if settings.cors_origin_list else None),
         # No WebSocket endpoints: an upgrade request is served as the plain HTTP request
-        # it also is. (With a WebSocket library installed, uvicorn would hand the app a
-        # websocket scope, which the router cannot take: a plain-text 500.)
+        # it also is, by the guarded protocol above. (With a WebSocket library installed,
+        # uvicorn would hand the app a websocket scope, which it serves as the same GET:
+        # upgrades.py.)
         ws="none",
         host=settings.host,
         port=settings.port,
