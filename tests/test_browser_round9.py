@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests._cdp import Chromium
 from tests._client_support import real_app, serve
 
 from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
 from .test_browser_round6 import page  # noqa: F401 (round 6's: a page of the origin CORS_ORIGINS allows)
+from .test_browser_round7 import _console_errors, _on_page
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +33,6 @@ def api(page: str) -> Iterator[str]:
                    engine_standby=False)
     with serve(app, ready_path="/readyz") as url:
         yield url
-
-
-def _on_page(browser: Chromium, page: str) -> None:
-    browser.goto(page + "/")
-    browser.wait_for("document.body && document.body.textContent === 'page'")
-    browser.events.clear()
-
-
-def _console_errors(browser: Chromium) -> list[str]:
-    browser.eval("true")  # (the events sent meanwhile, read)
-    return [m for m in browser.messages() if m.startswith(("error:", "exception:", "console.error:"))]
 
 
 def test_a_page_sends_tangents_keyed_by_the_parameters_names(api, page, browser):
