@@ -6,13 +6,19 @@ tests' uvicorn, which speaks WebSocket) and round 5's headless Chromium for the 
 * a page's ``jvp`` / ``hvp`` with tangents keyed by the parameters' names, as it names
   ``inputs`` and ``argnums``, answers torch.func's products;
 * a page's ``new WebSocket(...)`` on the API reads the answer the same GET gets (a 405
-  on a POST-only route), never a 500.
+  on a POST-only route), never a 500;
+* an answer its client does not take (a page that awaits its answers' heads before it
+  reads any body) is reset once the send clock has run out, never left to the kernel
+  (the front end's connection, HeadWithBody, on loopback sockets).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import re
+import socket
 from typing import Iterator
 
 import httpx
@@ -20,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 
+from jacobian_service.connections import HeadWithBody
 from tests._client_support import real_app, serve
 
 from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
@@ -121,3 +128,53 @@ def test_a_websocket_on_the_api_reads_what_the_same_get_gets(api, page, browser)
     metrics = httpx.get(api + "/metrics", timeout=10).text
     assert re.findall(r'^jacobian_service_requests_total\{[^}]*status="500"\}.*$', metrics, re.MULTILINE) == []
     browser.goto("about:blank")
+
+
+def test_an_answer_its_client_does_not_take_is_reset_not_left_to_the_kernel():
+    """A page that awaits its answers' heads before it reads any body (``await
+    Promise.all(urls.map(u => fetch(u)))``, then ``.arrayBuffer()``) takes none of them
+    while it waits; Chromium stops reading the sockets. Eight such fetches of a 3.2 MB
+    ``.npy`` stalled the page past three minutes (Chromium's six connections to the host
+    held: docs/deploy.md tells pages how to read). The server's side of it: the answers
+    went, the app was done, and the connection was closed (the keep-alive's end) or
+    aborted (the send clock's cut-off of a stream, ``SendGuard``) with the answer's
+    unsent bytes handed to the kernel, which kept each socket (FIN-WAIT-1, up to its
+    4 MB send buffer) for as long as the client kept its window shut: seen past five
+    minutes, the "aborted" stream's bytes all still readable, then an end of file, as
+    if the answer had been whole. Now an answer not yet taken has the send clock
+    (SEND_TIMEOUT_S plus its bytes at MIN_SEND_RATE_BYTES_PER_S) to be taken, then its
+    connection is reset, and an abort is a reset: the kernel frees the socket at once,
+    and the client is told (ECONNRESET). Here the front end's connection (HeadWithBody)
+    on loopback sockets, to a client that reads nothing: 3 MB closed, then aborted."""
+    size = 3 << 20
+
+    async def told_reset(end: str) -> float:
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+
+        class Answer(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                conn = HeadWithBody(transport, loop, drain=(0.5, 8 << 20))  # (the clock: 0.5 s + 3 MB at 8 MB/s)
+                conn.write(b"x" * size)
+                getattr(conn, end)()
+                ended.set_result(loop.time())
+
+        server = await loop.create_server(Answer, "127.0.0.1", 0)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (a window that stays shut)
+        client.setblocking(False)
+        try:
+            await loop.sock_connect(client, server.sockets[0].getsockname())
+            since = await ended
+            # (SO_ERROR: the reset as it arrives, whatever the receive queue holds)
+            while client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != errno.ECONNRESET:
+                assert loop.time() < since + 10, f"{end}: an answer not taken, never reset"
+                await asyncio.sleep(0.02)
+            return loop.time() - since
+        finally:
+            client.close()
+            server.close()
+
+    closed, aborted = asyncio.run(told_reset("close")), asyncio.run(told_reset("abort"))
+    assert 0.5 <= closed < 5, closed  # the send clock's time to take it, then the reset
+    assert aborted < 1, aborted  # at once

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import fcntl
 import logging
 import re
+import socket
 import struct
 import termios
 import time
@@ -502,8 +504,10 @@ def unsent_bytes(send: Any) -> int:
     taken yet: in the transport's buffer and the kernel's send queue (``TIOCOUTQ``: not
     yet acknowledged). (0 where neither can be read.)"""
     transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is None:
-        return 0
+    return 0 if transport is None else _unsent(transport)
+
+
+def _unsent(transport: Any) -> int:
     unsent = transport.get_write_buffer_size()
     sock = transport.get_extra_info("socket")
     try:
@@ -535,11 +539,14 @@ class HeadWithBody:
     see every body piece as before.
     """
 
-    __slots__ = ("_flush_at", "_held", "_lingering", "_loop", "_on_linger", "_transport", "_unread")
+    __slots__ = ("_drain", "_flush_at", "_held", "_lingering", "_loop", "_on_linger", "_transport", "_unread")
     _HOLD_BYTES = 4096
 
     def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop, unread: Callable[[], bool] | None = None,
-                 on_linger: Callable[[], None] | None = None) -> None:
+                 on_linger: Callable[[], None] | None = None, drain: tuple[float, float] | None = None) -> None:
+        # (send_timeout_s, min_rate): how long an answer its client has not taken may
+        # hold a connection being closed (None: closed at once, as asyncio closes)
+        self._drain = drain
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
@@ -604,7 +611,32 @@ class HeadWithBody:
             if self._on_linger is not None:
                 self._on_linger()
             return
+        unsent = _unsent(self._transport) if self._drain is not None else 0
+        if unsent:
+            # An answer its client has not taken (a keep-alive closed after an answer the
+            # client does not read: a page awaiting many answers' heads before reading
+            # any body). Closed now, the kernel kept the socket (FIN-WAIT-1) with up to
+            # its send buffer (4 MB) unsent for as long as the client kept its window
+            # shut, minutes and more, memory no limit here counts. The answer now has
+            # the send clock a response has (SendGuard: SEND_TIMEOUT_S plus its bytes at
+            # MIN_SEND_RATE) to be taken, then the connection is reset: the kernel frees
+            # it, and the client is told.
+            timeout_s, min_rate = self._drain
+            self._drain_until(self._loop.time() + timeout_s + (unsent / min_rate if min_rate else 0.0))
+            return
         self._transport.close()
+
+    def _drain_until(self, deadline: float) -> None:
+        """Close once the client has taken every byte, or reset at ``deadline``."""
+        self._lingering = None
+        if self._transport.is_closing():
+            return
+        if not _unsent(self._transport):
+            self._transport.close()
+        elif self._loop.time() >= deadline:
+            self.abort()
+        else:
+            self._lingering = self._loop.call_later(_DRAIN_POLL_S, self._drain_until, deadline)
 
     def is_closing(self) -> bool:
         return self._lingering is not None or self._transport.is_closing()
@@ -623,6 +655,12 @@ class HeadWithBody:
         self._held = None
         if self._lingering is not None:
             self._lingering.cancel()
+        if _unsent(self._transport):
+            # A reset, not a FIN behind bytes the client is not taking (the kernel would
+            # keep those, and the client's connection open, for as long as it reads none)
+            with contextlib.suppress(AttributeError, OSError):
+                self._transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                                     struct.pack("ii", 1, 0))
         self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:  # everything else is the transport's
@@ -633,6 +671,8 @@ class HeadWithBody:
 # what it reads) before it is closed outright: long enough for a client's last writes of a
 # body to go and for it to read the answer, short enough to hold no descriptor for long.
 LINGER_S = 2.0
+# How often a connection closed with an answer its client has not taken yet looks again.
+_DRAIN_POLL_S = 0.25
 
 # Request headers (the request line included) past this many bytes are refused with 431,
 # whatever the HTTP implementation: httptools sets no limit of its own, and a few MiB of
@@ -776,7 +816,8 @@ REFUSALS_WAITING = 32
 
 def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type | None = None,
                      max_header_bytes: int = MAX_HEADER_BYTES, max_connections: int | None = None,
-                     cors: Callable[[str | None], list[tuple[str, str]]] | None = None) -> type:
+                     cors: Callable[[str | None], list[tuple[str, str]]] | None = None,
+                     drain: tuple[float, float] | None = None) -> type:
     """uvicorn's HTTP protocol class (httptools, else h11) with a header deadline and a
     header size limit: from its connection (and after each response), a client has
     ``header_timeout_s`` to get a request's headers in, in at most ``max_header_bytes``;
@@ -794,7 +835,11 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
 
     ``cors`` (``middleware.cors_answer_headers``) gives these answers written here the
     CORS headers the app gives its own, for the Origin of the request refused, where it
-    came in: a page of an allowed origin reads them as it reads every other error."""
+    came in: a page of an allowed origin reads them as it reads every other error.
+
+    ``drain`` (``SEND_TIMEOUT_S``, ``MIN_SEND_RATE_BYTES_PER_S``): a connection closed
+    with an answer its client has not taken yet is kept until it is taken, for that long
+    at most, then reset (:meth:`HeadWithBody.close`)."""
     if base is None:
         from uvicorn.protocols.http.auto import AutoHTTPProtocol as base
     cap = connection_cap() if max_connections is None else max_connections
@@ -823,7 +868,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _peer: str = ""  # the client's address (holders)
 
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending, self._app_told_gone))
+            super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending, self._app_told_gone, drain))
             if getattr(self, "conn", None) is not None:  # h11: refusing what llhttp refuses (framing.py)
                 strict_h11_buffer(self.conn, self._h11_fault)
             peer = transport.get_extra_info("peername")

@@ -52,7 +52,8 @@ def _uvicorn_config(app: Any, settings: Settings) -> Any:
         # uvicorn's own protocol (httptools, else h11) with a deadline for request headers;
         # what it answers itself carries the app's CORS headers.
         http=guarded_protocol(settings.header_timeout_s, lambda phase: metrics.connection_timeouts.labels(phase).inc(),
-                              cors=cors_answer_headers(settings.cors_origin_list) if settings.cors_origin_list else None),
+                              cors=cors_answer_headers(settings.cors_origin_list) if settings.cors_origin_list else None,
+                              drain=(settings.send_timeout_s, settings.min_send_rate_bytes_per_s)),
         # No WebSocket endpoints: an upgrade request is served as the plain HTTP request
         # it also is, by the guarded protocol above. (With a WebSocket library installed,
         # uvicorn would hand the app a websocket scope, which it serves as the same GET:
