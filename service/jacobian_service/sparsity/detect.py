@@ -339,6 +339,10 @@ class _Traced(torch.Tensor):
             cls, value.shape, strides=value.stride(), storage_offset=value.storage_offset(),
             dtype=value.dtype, device=value.device, requires_grad=False,
         )
+        # The wrapper's own storage has no data (a null pointer): code that reads it
+        # below dispatch (a DLPack export, ``torch.utils.dlpack.to_dlpack``) handed the
+        # null on and crashed the engine (SIGSEGV) where jacrev raises. Now it raises.
+        torch._C._set_throw_on_mutable_data_ptr(r)
         r.value, r.root, r.tracer = value, root, tracer
         return r
 
@@ -356,6 +360,17 @@ class _Traced(torch.Tensor):
 
     def tolist(self) -> Any:  # type: ignore[override]
         return self.value.tolist() if self._plain() else super().tolist()
+
+    def untyped_storage(self) -> Any:  # type: ignore[override]
+        """The storage is the value's, which the trace does not follow: reading or
+        writing through it (``share_memory_``, ``set_(t.untyped_storage())``,
+        ``storage()``) fails the trace, as ``jacrev`` fails there ('Cannot access
+        storage of TensorWrapper'). The wrapper's own, with no data, crashed the engine
+        (SIGSEGV: three such requests quarantined the function, its ``/evaluate`` too).
+        Kept past its trace, the tensor is a plain constant: its value's storage."""
+        if self.tracer.done:
+            return self.value.untyped_storage()
+        raise TraceError("untyped_storage: a traced tensor's storage (share_memory_, set_, storage()) is not traced")
 
     @property
     def requires_grad(self) -> bool:  # type: ignore[override]
