@@ -1,13 +1,19 @@
 """Sparse Jacobians and Hessians, round 16: functions that reach a tensor's storage
-(``share_memory_``, DLPack) under the tracer. Each answer against torch.func (or its
-error) in this process.
+(``share_memory_``, DLPack) under the tracer; functions of each matrix of a batch
+(``det``, ``inv``, ``eigh``, ...: finite elements). Each answer against torch.func (or
+its error) in this process.
 
 One in-process app serves every case (no new server process).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
+import torch
+
+from tests import sparse16_functions as s16
 
 from .conftest import assert_problem, ready_app
 
@@ -42,3 +48,54 @@ def test_a_function_that_reaches_a_storage_is_torchs_error_not_a_crash(client, n
     r = client.post(f"/v1/functions/{name}/evaluate", json=body)
     assert r.status_code == 200, r.text
 
+
+# ------------------------------------------------------------------ functions of each matrix of a batch
+
+
+def csr(doc, key="jacobian"):
+    j = doc[key]
+    return sp.csr_array((j["data"], j["indices"], j["indptr"]), shape=j["shape"])
+
+
+@pytest.mark.parametrize("name", sorted(s16.CELL_FUNCTIONS))
+def test_a_function_of_each_matrix_of_a_batch_reads_its_own_matrix(client, name):
+    """det, logdet, inv, eigvalsh, svdvals, cholesky, qr, matrix_exp, pinv, lu_factor of
+    a batch of 3 x 3 matrices (a cell's local system, an element's deformation
+    gradient): each was an unknown op to the tracer, every output on every matrix
+    ('unknown op _linalg_det: assumed dense', exact false; inv of 4 cells: 36 products
+    where 9 do). Now each output element reads its own matrix's 9 elements: exact, one
+    block per cell, as many products as a cell has outputs (at most 9), and the values
+    jacrev's."""
+    cells = 4
+    a = np.random.default_rng(16).uniform(-0.5, 0.5, (cells, 3, 3)) + 3 * np.eye(3)
+    r = client.post(f"/v1/functions/{name}/jacobian", json={"inputs": [a.tolist()], "sparsity": "auto"})
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta"]
+    assert meta["exact"] is True and not [n for n in meta["notes"] if "unknown op" in n], meta
+    want = torch.func.jacrev(s16.CELL_FUNCTIONS[name])(torch.from_numpy(a)).reshape(-1, a.size).numpy()
+    got = csr(r.json())
+    np.testing.assert_allclose(got.toarray(), want, rtol=1e-10, atol=1e-12)
+    per_cell = want.shape[0] // cells
+    coo = got.tocoo()
+    assert (coo.row // per_cell == coo.col // 9).all()  # no entry outside its own cell's block
+    assert meta["products"] == min(per_cell, 9)
+    r = client.get(f"/v1/functions/{name}/sparsity?shapes={cells},3,3")
+    assert r.status_code == 200, r.text
+    assert r.json()["pattern"]["exact"] is True and r.json()["products"] == min(per_cell, 9)
+
+
+def test_a_finite_element_energys_hessian_couples_the_nodes_of_an_element(client):
+    """A neo-Hookean membrane on a triangle mesh: each element's deformation gradient
+    ``F`` and ``log det F``. ``det`` was an unknown op, so the sparse Hessian was dense
+    (24 products for 12 nodes; a mesh of thousands of nodes, one product per unknown or
+    the 413 of a pattern too dense). Now it pairs the nodes of one element: the pattern
+    is torch.func.hessian's nonzeros, from 8 products, and the values its values."""
+    x = s16.REFERENCE + torch.from_numpy(np.random.default_rng(6).normal(0, 0.05, (12, 2)))
+    r = client.post("/v1/functions/neo_hookean/hessian", json={"inputs": [x.tolist()], "sparsity": "auto"})
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta"]
+    want = torch.func.hessian(s16.neo_hookean)(x).reshape(24, 24).numpy()
+    got = csr(r.json(), "hessian").toarray()
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(got != 0, want != 0)
+    assert meta["exact"] is True and meta["products"] == 8, meta

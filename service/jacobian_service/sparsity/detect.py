@@ -26,6 +26,8 @@ SparseConnectivityTracer.jl and asdex:
   window of its own channel (interpolation's found by torch's own kernel, per dim);
 - FFTs: the whole line over the transformed dims; ``linalg.cross``: the other two
   components of the same vectors;
+- functions of each matrix of a batch (``det``, ``inv``, ``eigh``, ``svd``, ``qr``,
+  ``cholesky``, ...): every element of the matrix it belongs to;
 - normalization layers (layer, group, instance, batch norm): the element's group;
 - elementwise losses (``mse_loss``, ``huber_loss``, ...): their terms pointwise, and
   reduced, the sum of the terms;
@@ -237,6 +239,15 @@ _ONE_HOT_BLOCK = 256
 # Linear solves with a matrix (or its factors): see _Tracer.solve.
 _SOLVES = frozenset("_linalg_solve_ex linalg_solve_triangular linalg_lu_solve cholesky_solve".split())
 _MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm _sparse_addmm".split())  # the last: torch.sparse.mm
+# Functions of each matrix of a batch (the last two dims): det, inverse, eigen and
+# singular values, factorizations (see _Tracer.matrices). A finite-element energy takes
+# det or the inverse of each element's deformation gradient: they were unknown ops, every
+# element coupled to every other.
+_MATRIX_FUNCTIONS = frozenset(
+    """_linalg_det _linalg_slogdet linalg_inv_ex _linalg_eigh _linalg_svd linalg_cholesky_ex linalg_qr
+    linalg_matrix_exp linalg_pinv linalg_lu_factor_ex linalg_lu linalg_eig linalg_ldl_factor_ex cholesky_inverse
+    geqrf""".split()
+)
 # Writes of elements of ``src`` (or a fill value) into ``self`` at places an index
 # tensor names along ``dim``: how finite-element residuals and graph operators are
 # assembled (element contributions index_add-ed into global nodes).
@@ -640,6 +651,8 @@ class _Tracer:
             return self.grid_sample(func, args, kwargs, out)
         if name in _REDUCE or name in _LINE or name in _SCAN or name in _FFT:
             return self.along(func, name, args, kwargs, out)
+        if name in _MATRIX_FUNCTIONS:
+            return self.matrices(name, args, traced, out)
         if torch.Tag.pointwise in func.tags or name in _LINEAR_POINTWISE or name in _UNTAGGED_POINTWISE:
             try:
                 return pytree.tree_unflatten(
@@ -880,6 +893,40 @@ class _Tracer:
             if self.hessian:
                 parts = [h for h in (hess_in, None if linear else self.pairs(rows)) if h is not None]
                 hess = _union(parts, self.n, self.n) if parts else None
+            wrapped.append(self.wrap(o, rows, hess))
+        return pytree.tree_unflatten(wrapped, spec)
+
+    def matrices(self, name: str, args: Any, traced: Sequence[_Traced], out: Any) -> Any:
+        """A function of each matrix of a batch (``det``, ``inv``, ``eigh``, ``svd``,
+        ``cholesky``, ``qr``, ``matrix_exp``, ...: ``_MATRIX_FUNCTIONS``): every output
+        element of batch entry ``b`` (its leading dims the input's batch dims) reads
+        every element of matrix ``b``, none of another; non-linear, so the Hessian pairs
+        the elements of each matrix. An output not laid out by batch, or another traced
+        argument that depends on the inputs (``pinv``'s ``atol``), is taken as dense."""
+        x = args[0]
+        batch = tuple(x.shape[:-2]) if isinstance(x, _Traced) and x.dim() >= 2 else None
+        if batch is None or any(_float(t) and t is not x and t.root.deps.nnz for t in traced):
+            return self.dense(name, traced, out)
+        count = math.prod(batch)
+        owner = np.repeat(np.arange(count), x.shape[-2] * x.shape[-1])  # each element's matrix, C order
+        gather = sp.csr_array((np.ones(owner.size, np.float32), (owner, np.arange(owner.size))), shape=(count, owner.size))
+        per_matrix = _ones(gather @ self.deps(x))
+        hess_in = self.hess_of([x])
+        leaves, spec = pytree.tree_flatten(out)
+        wrapped = []
+        for o in leaves:
+            if not _float(o):
+                wrapped.append(o)
+                continue
+            if tuple(o.shape[: len(batch)]) != batch:
+                wrapped.append(self.dense(name, [x], o))
+                continue
+            back = np.repeat(np.arange(count), o.numel() // count if count else 0)
+            _check_entries(int(np.diff(per_matrix.indptr)[back].sum()), name)
+            rows = _select(per_matrix, back)
+            hess = None
+            if self.hessian:
+                hess = _union([h for h in (hess_in, self.pairs(rows)) if h is not None], self.n, self.n)
             wrapped.append(self.wrap(o, rows, hess))
         return pytree.tree_unflatten(wrapped, spec)
 
