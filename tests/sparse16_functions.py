@@ -68,3 +68,14 @@ def neo_hookean(x: torch.Tensor) -> torch.Tensor:
     F = edges @ _EDGES_INV
     log_j = torch.log(torch.linalg.det(F))
     return (0.5 * ((F * F).sum((-2, -1)) - 2) - log_j + 0.5 * log_j**2).sum()
+
+
+@register(inputs=[Input("u", shape=("m", "n"), dtype="float64")],
+          description="A coarse grid copied onto a finer one by nearest neighbours at scale 1.7 (nearest and "
+                      "nearest-exact), beside the grid with ghost cells of value 1: each output copies one input.")
+def nearest_prolongation(u: torch.Tensor) -> torch.Tensor:
+    grid = u[None, None]
+    fine = torch.nn.functional.interpolate(grid, scale_factor=1.7, mode="nearest")
+    exact = torch.nn.functional.interpolate(grid, scale_factor=(1.7, 1.3), mode="nearest-exact")
+    ghosts = torch.constant_pad_nd(u, [1, 1, 1, 1], 1)
+    return torch.cat([fine.reshape(-1), exact.reshape(-1), 2 * ghosts.reshape(-1)])

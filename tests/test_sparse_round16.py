@@ -99,3 +99,31 @@ def test_a_finite_element_energys_hessian_couples_the_nodes_of_an_element(client
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(got != 0, want != 0)
     assert meta["exact"] is True and meta["products"] == 8, meta
+
+
+# ------------------------------------------------------------------ movement ops with numbers among their arguments
+
+
+def _pattern(doc):
+    """A GET .../sparsity answer's matrix as a dense boolean array."""
+    return csr(doc, "matrix").toarray() != 0
+
+
+def test_nearest_interpolation_at_a_fractional_scale_copies_the_elements_torch_copies(client):
+    """``F.interpolate(u, scale_factor=1.7, mode="nearest")`` (and ``nearest-exact``):
+    the tracer ran the op on element labels with every float argument set to 0 (taken
+    for a fill value), so the kernel's ``scales`` became 0 and torch computed the scale
+    from the sizes, another mapping than 1.7's: the pattern put output 3 on input 2
+    where torch copies input 1, exact and unchecked, and the POST answered 200 with
+    entries 1.0 off jacrev's (and GET .../sparsity that pattern). Now only the fill
+    value (``constant_pad_nd``'s ``value``, an int 1 too) is 0 on labels: the pattern is
+    jacrev's nonzeros exactly, and the values jacrev's."""
+    u = np.random.default_rng(16).uniform(0.5, 1.5, (4, 5))
+    want = torch.func.jacrev(s16.nearest_prolongation)(torch.from_numpy(u)).reshape(-1, u.size).numpy()
+    r = client.post("/v1/functions/nearest_prolongation/jacobian", json={"inputs": [u.tolist()], "sparsity": "auto"})
+    assert r.status_code == 200, r.text
+    assert r.json()["meta"]["exact"] is True
+    np.testing.assert_array_equal(csr(r.json()).toarray(), want)
+    r = client.get("/v1/functions/nearest_prolongation/sparsity?shapes=4,5")
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(_pattern(r.json()), want != 0)

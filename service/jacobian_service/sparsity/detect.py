@@ -812,11 +812,9 @@ class _Tracer:
                 return self.labels(a) + roots[id(a.root)][1] * (self.labels(a) > 0)
             if _float(a):
                 return torch.zeros(a.shape, dtype=torch.float64, device=a.device)  # constants: no source
-            if isinstance(a, float):
-                return 0.0  # a fill value (padding): no source
             return a
 
-        labelled_args, labelled_kwargs = pytree.tree_map(label, (args, kwargs))
+        labelled_args, labelled_kwargs = pytree.tree_map(label, _unfilled(func, args, kwargs))
         try:
             labelled = func(*labelled_args, **labelled_kwargs)
         except Exception:  # e.g. an op that needs complex or integer data, not labels
@@ -2059,6 +2057,22 @@ def _functional(func: Any) -> Any:
                 and [(a.name, str(a.type)) for a in arguments] == want:
             return candidate
     return None
+
+
+def _unfilled(func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``args`` and ``kwargs`` with the fill value (``constant_pad_nd``'s ``value``) 0:
+    on labels, what is filled in names no source, whatever the value (an int 5 named
+    element 4). Every other number is kept: ``upsample_nearest``'s ``scales`` say which
+    element each output copies, and 0 there (every float was taken for a fill value)
+    made torch compute its scale from the sizes: at ``scale_factor=1.7`` the pattern was
+    another mapping than the op's (a 200 with values 1.0 off jacrev's)."""
+    names = [a.name for a in func._schema.arguments]
+    if "value" not in names:
+        return args, kwargs
+    at = names.index("value")
+    if at < len(args):
+        return (*args[:at], 0.0, *args[at + 1 :]), kwargs
+    return args, ({**kwargs, "value": 0.0} if "value" in kwargs else kwargs)
 
 
 def base_name(name: str) -> str:
