@@ -38,6 +38,7 @@ CELL_FUNCTIONS = {
     "cell_matrix_exp": lambda a: torch.linalg.matrix_exp(0.1 * a),
     "cell_pinv": lambda a: torch.linalg.pinv(a),
     "cell_lu_factor": lambda a: torch.linalg.lu_factor(a).LU,
+    "cell_lu_unpack": lambda a: torch.lu_unpack(*torch.linalg.lu_factor(a))[2],
 }
 
 for _name, _fn in CELL_FUNCTIONS.items():

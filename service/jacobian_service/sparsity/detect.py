@@ -246,7 +246,7 @@ _MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm _sparse_addmm".split
 _MATRIX_FUNCTIONS = frozenset(
     """_linalg_det _linalg_slogdet linalg_inv_ex _linalg_eigh _linalg_svd linalg_cholesky_ex linalg_qr
     linalg_matrix_exp linalg_pinv linalg_lu_factor_ex linalg_lu linalg_eig linalg_ldl_factor_ex cholesky_inverse
-    geqrf""".split()
+    geqrf cholesky lu_unpack""".split()
 )
 # Writes of elements of ``src`` (or a fill value) into ``self`` at places an index
 # tensor names along ``dim``: how finite-element residuals and graph operators are
