@@ -80,3 +80,9 @@ def nearest_prolongation(u: torch.Tensor) -> torch.Tensor:
     exact = torch.nn.functional.interpolate(grid, scale_factor=(1.7, 1.3), mode="nearest-exact")
     ghosts = torch.constant_pad_nd(u, [1, 1, 1, 1], 1)
     return torch.cat([fine.reshape(-1), exact.reshape(-1), 2 * ghosts.reshape(-1)])
+
+
+@register(inputs=[Input("x", shape=(8,), dtype="float64")],
+          description="diag(x[:4]) + x[4:] v^T for a constant v with zeros (torch.addr): a rank-one update.")
+def rank_one_update(x: torch.Tensor) -> torch.Tensor:
+    return torch.addr(torch.diag(x[:4]), x[4:], torch.tensor([1.0, 0.0, 2.0, 0.0], dtype=x.dtype))

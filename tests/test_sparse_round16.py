@@ -127,3 +127,18 @@ def test_nearest_interpolation_at_a_fractional_scale_copies_the_elements_torch_c
     r = client.get("/v1/functions/nearest_prolongation/sparsity?shapes=4,5")
     assert r.status_code == 200, r.text
     np.testing.assert_array_equal(_pattern(r.json()), want != 0)
+
+
+def test_a_rank_one_update_is_a_product(client):
+    """``torch.addr(M, u, v)`` (``M + u v^T``, a quasi-Newton or Sherman-Morrison
+    update) was an unknown op: every element on every input (exact false, 'unknown
+    op addr: assumed dense'). Now it is traced as the product it is: element (i, j)
+    reads ``M[i, j]``, ``u[i]`` where ``v[j]`` may be nonzero, and ``v[j]``; so a
+    constant ``v``'s zeros leave their columns to ``M``. The pattern is jacrev's
+    nonzeros exactly."""
+    x = np.random.default_rng(1).uniform(0.5, 1.5, 8)
+    want = torch.func.jacrev(s16.rank_one_update)(torch.from_numpy(x)).reshape(-1, 8).numpy()
+    r = client.post("/v1/functions/rank_one_update/jacobian", json={"inputs": [x.tolist()], "sparsity": "auto"})
+    assert r.status_code == 200, r.text
+    assert r.json()["meta"]["exact"] is True and r.json()["meta"]["nnz"] == int((want != 0).sum())
+    np.testing.assert_array_equal(csr(r.json()).toarray(), want)

@@ -238,7 +238,7 @@ _NORMS = frozenset("native_layer_norm native_group_norm native_batch_norm".split
 _ONE_HOT_BLOCK = 256
 # Linear solves with a matrix (or its factors): see _Tracer.solve.
 _SOLVES = frozenset("_linalg_solve_ex linalg_solve_triangular linalg_lu_solve cholesky_solve".split())
-_MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm _sparse_addmm".split())  # the last: torch.sparse.mm
+_MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm addr _sparse_addmm".split())  # the last: torch.sparse.mm
 # Functions of each matrix of a batch (the last two dims): det, inverse, eigen and
 # singular values, factorizations (see _Tracer.matrices). A finite-element energy takes
 # det or the inverse of each element's deformation gradient: they were unknown ops, every
@@ -981,7 +981,7 @@ class _Tracer:
         on the contracted elements of each operand where the other operand may be
         nonzero (it depends on the input, or is a constant that is not zero)."""
         bias = None
-        if name in ("addmm", "addmv", "baddbmm", "_sparse_addmm"):
+        if name in ("addmm", "addmv", "baddbmm", "addr", "_sparse_addmm"):
             bias, a, b = args[0], args[1], args[2]
         else:
             a, b = args[0], args[1]
@@ -993,6 +993,8 @@ class _Tracer:
             a3, b3 = av.reshape(1, *av.shape), bv.reshape(1, -1, 1)
         elif name in ("dot", "vdot"):
             a3, b3 = av.reshape(1, 1, -1), bv.reshape(1, -1, 1)
+        elif name == "addr":  # M + outer(u, v): a product over a contracted dim of 1
+            a3, b3 = av.reshape(1, -1, 1), bv.reshape(1, 1, -1)
         elif name in ("mm", "addmm"):
             a3, b3 = av.unsqueeze(0), bv.unsqueeze(0)
         else:
