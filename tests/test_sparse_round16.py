@@ -142,3 +142,54 @@ def test_a_rank_one_update_is_a_product(client):
     assert r.status_code == 200, r.text
     assert r.json()["meta"]["exact"] is True and r.json()["meta"]["nnz"] == int((want != 0).sum())
     np.testing.assert_array_equal(csr(r.json()).toarray(), want)
+
+
+# ------------------------------------------------------------------ the library's pattern cache key
+
+
+class _Shift:
+    """A callable stencil object whose shift is an attribute."""
+
+    def __init__(self, shift: int) -> None:
+        self.shift = shift
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x.roll(self.shift)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x.roll(self.shift)
+
+
+#: A module-level setting a library function reads (a notebook sets it again).
+SHIFT = 1
+
+
+def _shifted(x: torch.Tensor) -> torch.Tensor:
+    return x * x.roll(SHIFT)
+
+
+def _set_shift(k: int) -> None:
+    global SHIFT
+    SHIFT = k
+
+
+def test_a_library_functions_key_follows_its_objects_state():
+    """Called through the library (``sparse_jacobian(fn, args)``, no registered name),
+    a function is keyed by its code and what it carries; objects counted by type and
+    identity alone. A callable object (or a bound method) whose attribute changed
+    (``op.shift = 2``), a closure over a dict that changed (``cfg["shift"] = 2``), or
+    a function reading a global set again (``SHIFT = 2``), kept its first pattern:
+    exact, so unchecked, and the answer 1.3 off jacrev's. Now an object's attributes,
+    a dict's items and the plain globals a function reads are part of the key."""
+    from jacobian_service.sparsity import PatternCache, sparse_jacobian
+
+    x = torch.from_numpy(np.random.default_rng(3).uniform(0.5, 1.5, 6))
+    op, cfg = _Shift(1), {"shift": 1}
+    for fn, change in [(op, lambda k: setattr(op, "shift", k)), (op.apply, lambda k: setattr(op, "shift", k)),
+                       (lambda x: x * x.roll(cfg["shift"]), lambda k: cfg.__setitem__("shift", k)),
+                       (_shifted, _set_shift)]:
+        cache = PatternCache()
+        for k in (1, 2):
+            change(k)
+            got = sparse_jacobian(fn, [x], cache=cache).matrix.toarray()
+            np.testing.assert_array_equal(got, torch.func.jacrev(fn)(x).numpy())
