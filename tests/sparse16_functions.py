@@ -86,3 +86,9 @@ def nearest_prolongation(u: torch.Tensor) -> torch.Tensor:
           description="diag(x[:4]) + x[4:] v^T for a constant v with zeros (torch.addr): a rank-one update.")
 def rank_one_update(x: torch.Tensor) -> torch.Tensor:
     return torch.addr(torch.diag(x[:4]), x[4:], torch.tensor([1.0, 0.0, 2.0, 0.0], dtype=x.dtype))
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="A mode filter: the most frequent value of each window of 3 (torch.mode).")
+def mode_filter(x: torch.Tensor) -> torch.Tensor:
+    return torch.mode(x.unfold(0, 3, 1), -1).values

@@ -144,6 +144,21 @@ def test_a_rank_one_update_is_a_product(client):
     np.testing.assert_array_equal(csr(r.json()).toarray(), want)
 
 
+def test_a_mode_filter_reads_its_window(client):
+    """``torch.mode`` over windows of 3 (a mode filter on a signal with repeated
+    values) was an unknown op: every output on every input (exact false, 'unknown op
+    mode: assumed dense'). Now it is a line op as
+    ``kthvalue``: each output on its window (a union over which element the values
+    pick, noted), 3 products, the values jacrev's."""
+    x = [1.0, 2.0, 2.0, 3.0, 1.0, 1.0, 4.0, 4.0, 4.0, 2.0, 5.0, 5.0]
+    want = torch.func.jacrev(s16.mode_filter)(torch.tensor(x, dtype=torch.float64)).numpy()
+    r = client.post("/v1/functions/mode_filter/jacobian", json={"inputs": [x], "sparsity": "auto"})
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta"]
+    assert meta["exact"] is True and meta["conservative"] is True and meta["products"] == 3, meta
+    np.testing.assert_array_equal(csr(r.json()).toarray(), want)
+
+
 # ------------------------------------------------------------------ the library's pattern cache key
 
 

@@ -154,7 +154,7 @@ _MOVEMENT = frozenset(
 # ``masked_fill`` choose only where their condition is computed (a constant's is structure).
 _CHOICES = frozenset(
     """clamp clamp_min clamp_max clip hardtanh relu relu6 threshold maximum minimum fmax fmin max min
-    hardsigmoid hardswish amax amin median nanmedian sort topk kthvalue cummax cummin
+    hardsigmoid hardswish amax amin median nanmedian sort topk kthvalue mode cummax cummin
     max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool2d adaptive_max_pool3d aminmax
     _prelu_kernel renorm""".split()
 )
@@ -212,7 +212,7 @@ _REDUCE = _LINEAR_REDUCE | frozenset(
     nanmean median nanmedian aminmax""".split()
 )
 # Same-shape ops where an element depends on its whole line along ``dim``.
-_LINE = frozenset("_softmax _log_softmax _safe_softmax sort topk kthvalue softmax log_softmax".split())
+_LINE = frozenset("_softmax _log_softmax _safe_softmax sort topk kthvalue mode softmax log_softmax".split())
 # Running ops: an element depends on the line up to itself.
 _SCAN = frozenset("cumsum cumprod logcumsumexp cummax cummin".split())
 _LINEAR_SCAN = frozenset({"cumsum"})
