@@ -92,3 +92,9 @@ def rank_one_update(x: torch.Tensor) -> torch.Tensor:
           description="A mode filter: the most frequent value of each window of 3 (torch.mode).")
 def mode_filter(x: torch.Tensor) -> torch.Tensor:
     return torch.mode(x.unfold(0, 3, 1), -1).values
+
+
+@register(inputs=[Input("x", shape=("points", 3), dtype="float64")],
+          description="The distances between every pair of points (F.pdist): each reads its two points.")
+def pair_distances(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pdist(x)

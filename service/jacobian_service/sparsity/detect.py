@@ -31,7 +31,7 @@ SparseConnectivityTracer.jl and asdex:
 - normalization layers (layer, group, instance, batch norm): the element's group;
 - elementwise losses (``mse_loss``, ``huber_loss``, ...): their terms pointwise, and
   reduced, the sum of the terms;
-- ``cdist``: the two points of each distance; ``dist``: every element of both;
+- ``cdist``, ``pdist``: the two points of each distance; ``dist``: every element of both;
 - ``embedding_bag``: each bag's element on its indices' rows (that column) and weights;
   ``renorm``: an element on its slice along ``dim``;
 - any other op: every output element depends on every input element of its arguments
@@ -637,6 +637,8 @@ class _Tracer:
             return self.normalize(func, name, args, kwargs, out)
         if name == "_cdist_forward" and _float(out):
             return self.cdist(args, out)
+        if name == "_pdist_forward" and _float(out) and args[0].dim() == 2:
+            return self.pdist(args, kwargs, out)
         if name == "dist" and _float(out):  # |x - y|_p: one number on every element of both
             if _exponent(args[2] if len(args) > 2 else kwargs.get("p", 2)) in (math.inf, -math.inf):
                 self.chose_by_values(name, traced)  # the largest (smallest) difference's elements
@@ -1464,6 +1466,25 @@ class _Tracer:
         if self.hessian:
             parts = [h for h in (self.hess_of(traced), self.pairs(deps)) if h is not None]
             hess = _union(parts, self.n, self.n)
+        return self.wrap(out, deps, hess)
+
+    def pdist(self, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
+        """``F.pdist`` of ``n`` points: distance ``k``, the ``k``-th pair ``(i, j)``,
+        ``i < j``, in row order (``triu_indices``), depends on points ``i`` and ``j``
+        (every coordinate of each), nothing else; nonlinear. ``p=inf``: the largest
+        coordinate difference's (a choice, noted)."""
+        x = args[0]
+        n, dims = x.shape
+        at = np.arange(n * dims)
+        gather = sp.csr_array((np.ones(at.size, np.float32), (at // max(dims, 1), at)), shape=(n, at.size))
+        points = _ones(gather @ self.deps(x))
+        i, j = np.triu_indices(n, 1)
+        deps = _ones(_select(points, i) + _select(points, j))
+        if _exponent(args[1] if len(args) > 1 else kwargs.get("p", 2.0)) in (math.inf, -math.inf):
+            self.chose_by_values("pdist", [x])
+        hess = None
+        if self.hessian:
+            hess = _union([h for h in (self.hess_of([x]), self.pairs(deps)) if h is not None], self.n, self.n)
         return self.wrap(out, deps, hess)
 
     def grid_sample(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
