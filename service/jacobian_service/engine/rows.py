@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from ..types import Call
 from .calling import AuxBox, check_floating, function_error, is_oom, partial
 from .devices import PeakMemory
+from .lean_vmap import vmap_rows
 from .products import vmap_agrees
 
 if TYPE_CHECKING:
@@ -92,7 +93,6 @@ class RowStream:
         self.chunk_used: int | None = None  # after out-of-memory halving; 1 once rows loop
         self.looped = False  # rows ran one VJP at a time: vmap could not run them, or got them wrong
         self.signature = call.signature()  # the profile's key for this Jacobian's rows
-        self._vmapped: Any = None  # the pullback under vmap, made once for all chunks
 
     def auto_chunk(self) -> int:
         per_row = WORKSET_FACTOR * sum((p.numel() + sum(self.sizes)) * p.element_size() for p in self.primals)
@@ -169,10 +169,8 @@ class RowStream:
         profile = self.engine.profiles[self.call.spec.name]
         if stop - start > 1 and profile.vmap_pullback:
             cotangents = self.nest(basis)
-            if self._vmapped is None:
-                self._vmapped = torch.func.vmap(self._pullback)
             try:
-                grads = self._vmapped(cotangents)
+                grads = vmap_rows(self._pullback, cotangents)  # torch.func.vmap's, less its Python
             except Exception as exc:
                 if is_oom(exc):
                     raise
