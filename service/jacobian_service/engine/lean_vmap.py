@@ -37,7 +37,8 @@ def vmap_rows(pullback: Callable[[Any], Any], cotangents: Any) -> Any:
     if _STEPS is None or type(cotangents) is not torch.Tensor or cotangents.ndim == 0 or _export_mode() is not None:
         return torch.func.vmap(pullback)(cotangents)
     increment, decrement, add_dim, remove_dim, load_decompositions = _STEPS
-    load_decompositions()  # (vmap's first step: once per process, then a flag)
+    if not getattr(_predispatch, "DECOMPOSITIONS_LOADED", False):  # (once: vmap's own first step asks at each call,
+        load_decompositions()  # through one more import of torch._export, and returns at this flag)
     size = cotangents.shape[0]
     level = increment(size, "error")
     try:
