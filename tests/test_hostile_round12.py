@@ -284,18 +284,20 @@ _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "TRACE", "OPTIONS")
 
 
 def test_every_route_answers_a_method_it_does_not_take_405_naming_those_it_does(client) -> None:
-    """TRACE, OPTIONS (no CORS configured), PUT, PATCH and the wrong one of GET / POST /
-    DELETE / HEAD on every route of the table: a 405 problem naming the methods the path
-    takes in ``Allow`` (HEAD wherever GET is), never a 404 or a body echoing the request
-    (TRACE); a HEAD's answer has no body."""
+    """TRACE, PUT, PATCH and the wrong one of GET / POST / DELETE / HEAD on every route of
+    the table: a 405 problem naming the methods the path takes in ``Allow`` (HEAD wherever
+    GET is, OPTIONS everywhere: a plain OPTIONS is answered 204 with that ``Allow``), never
+    a 404 or a body echoing the request (TRACE); a HEAD's answer has no body."""
     routes = client.app.routes
     by_path: dict[str, set[str]] = {}
     for route in routes:
         by_path.setdefault(route.path, set()).add(route.method)
     assert len(by_path) >= 15
     for path, methods in by_path.items():
-        allowed = methods | ({"HEAD"} if "GET" in methods else set())
+        allowed = methods | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())
         url = path.replace("{name}", "sin").replace("{file}", "swagger-ui.css")
+        r = client.options(url)
+        assert (r.status_code, r.headers["allow"]) == (204, ", ".join(sorted(allowed))), (url, r.status_code)
         for method in _METHODS:
             if method in allowed:
                 continue

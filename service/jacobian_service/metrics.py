@@ -114,7 +114,7 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "jacobian_service_requests",
-            "Requests answered, by function, endpoint, status and problem code (preflight: a CORS preflight).",
+            "Requests answered, by function, endpoint, status and problem code (preflight: a CORS preflight; options: a plain OPTIONS).",
             ["function", "endpoint", "status", "code"],
             registry=r,
         )

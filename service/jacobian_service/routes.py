@@ -777,9 +777,17 @@ class Router:
                         response = await route.handler(request, **params, **route.params)
                         break
                 else:
-                    allowed = sorted({r.method for r, _ in matches} | ({"HEAD"} if any(r.method == "GET" for r, _ in matches) else set()))
-                    raise MethodNotAllowed(f"{method} is not allowed here; allowed: {', '.join(allowed)}",
-                                           headers={"Allow": ", ".join(allowed)})
+                    allowed = _allowed(matches)
+                    if method != "OPTIONS":
+                        raise MethodNotAllowed(f"{method} is not allowed here; allowed: {allowed}",
+                                               headers={"Allow": allowed})
+                    # A plain OPTIONS (a CORS preflight is answered before this, by the
+                    # CORS middleware) asks what the path takes (RFC 9110 9.3.7): it was a
+                    # 405 whose Allow left OPTIONS out, though every path answers it. Past
+                    # auth as every method is: without a key it is the 401 the path's
+                    # GET or POST gets, and tells nothing the caller may not know.
+                    scope["state"]["code"] = "options"  # not a call of the endpoint (as "preflight")
+                    response = Response(status_code=204, headers={"Allow": allowed})
             except ServiceError as exc:
                 scope["state"]["code"] = exc.code
                 response = problem_response(exc, _request_id(request))
@@ -796,6 +804,16 @@ class Router:
         if negotiated:
             _vary_accept(response)
         await response(scope, receive, send)
+
+
+def _allowed(matches: list[tuple[Route, dict[str, str]]]) -> str:
+    """The ``Allow`` of a path (RFC 9110 10.2.1), from the routes its path matches: their
+    methods, HEAD wherever GET is (the router serves it with GET's handler) and OPTIONS
+    (which the router answers on every path), for a 405 and an OPTIONS alike."""
+    methods = {r.method for r, _ in matches} | {"OPTIONS"}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
 
 
 def _vary_accept(response: Response) -> None:
