@@ -9,13 +9,15 @@ tests' uvicorn) and round 5's headless Chromium for the module:
 * on every path of the table (docs, metrics and probes included) the methods a page
   finds answered are those ``Allow`` names, HEAD wherever GET is;
 * with no CORS origins configured, a plain OPTIONS is answered alike, and a keyed
-  path's stays the 401 (httpx, in-process: no browser is needed to show it).
+  path's stays the 401 (httpx, in-process: no browser is needed to show it);
+* ``OPTIONS *`` (no browser sends it; a socket) says what the server takes.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 from typing import Iterator
 
 import pytest
@@ -136,3 +138,27 @@ def test_a_plain_options_without_cors_origins(make_client, keys):
     assert re.search(r'^jacobian_service_requests_total\{code="options",endpoint="jacobian",function="sin",'
                      r'status="204"\} 1\.0$', text, re.M), text
     assert c.options("/v1/nowhere", headers=key).status_code == 404
+
+
+def _raw(url: str, request: bytes) -> bytes:
+    """One request as sent (httpx cannot send the asterisk form), its answer read to the close."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_options_asterisk_says_what_the_server_takes(api):
+    """``OPTIONS * HTTP/1.1`` asks of the server, not of one path (RFC 9110 9.3.7): it was
+    a 404 "no route for OPTIONS *". Now a 204 whose ``Allow`` is every method some path
+    takes; past the key check as every request (without the key, a 401)."""
+    ask = b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%s\r\n"
+    head, _, body = _raw(api, ask % b"Authorization: Bearer k1\r\n").partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert (lines[0], body) == ("HTTP/1.1 204 No Content", b""), head
+    assert "allow: DELETE, GET, HEAD, OPTIONS, POST" in lines, head
+    refused = _raw(api, ask % b"")
+    assert refused.startswith(b"HTTP/1.1 401 ") and b'"code":"unauthorized"' in refused, refused

@@ -723,6 +723,8 @@ class Router:
         # handlers take the parameters as keywords). Bounded: clients may send any paths;
         # full, it starts again.
         self._cache: dict[str, list[tuple[Route, dict[str, str]]]] = {}
+        # What the server takes on some path: the Allow of ``OPTIONS *``.
+        self.server_allow = _allowed([(route, {}) for route in routes])
 
     def match(self, scope: dict[str, Any]) -> list[tuple[Route, dict[str, str]]]:
         """The routes whose path matches the request's, each with its path parameters.
@@ -753,7 +755,11 @@ class Router:
         try:
             try:
                 matches = self.match(scope)
-                if not matches:
+                # ``OPTIONS *`` asks of the server, not of a path (RFC 9110 9.3.7: a client's
+                # "ping"): answered below with what the server takes; it was a 404 "no
+                # route for OPTIONS *".
+                asterisk = method == "OPTIONS" and scope["path"] == "*"
+                if not matches and not asterisk:
                     if _encoded_slash(scope):
                         raw = scope["raw_path"].decode("latin-1")
                         raise NotFound(f"no route for {method} {_printable(raw)}: an encoded '/' (%2F) is part of "
@@ -777,7 +783,7 @@ class Router:
                         response = await route.handler(request, **params, **route.params)
                         break
                 else:
-                    allowed = _allowed(matches)
+                    allowed = _allowed(matches) if matches else self.server_allow  # (none: OPTIONS *)
                     if method != "OPTIONS":
                         raise MethodNotAllowed(f"{method} is not allowed here; allowed: {allowed}",
                                                headers={"Allow": allowed})
