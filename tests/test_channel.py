@@ -418,7 +418,6 @@ def test_large_frames_come_through_shared_memory_and_their_blocks_come_back(tmp_
 
 
 def test_a_full_segment_sends_on_the_socket(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    import ctypes
     import logging
 
     caplog.set_level(logging.INFO, logger="jacobian_service.channel")
@@ -436,7 +435,7 @@ def test_a_full_segment_sends_on_the_socket(tmp_path: Path, caplog: pytest.LogCa
                 conn.send([b"{}", payload])
             await _until(lambda: len(got) == 4)
             assert [bytes(m[1]) for m in got] == payloads
-            assert [isinstance(m[1].obj, ctypes.Array) for m in got] == [True, False, False, False]
+            assert [isinstance(m[1].obj, np.ndarray) for m in got] == [True, False, False, False]  # a view of the segment
             assert caplog.text.count("is full") == 1  # said once, not per frame
         finally:
             conn.close()
@@ -659,8 +658,8 @@ def test_a_mapped_block_is_freed_once_its_last_view_goes_and_not_before(monkeypa
     fd = os.memfd_create("mapped-test")
     os.ftruncate(fd, 1 << 16)
     freed: list[tuple[object, int]] = []
+    os.pwrite(fd, np.arange(2, dtype=np.float32).tobytes(), 4096)  # the writer's: the mapping here is read-only
     mapped = Mapped(fd, 1 << 16, lambda m, offset: freed.append((m, offset)))
-    mapped.map[4096:4096 + 8] = np.arange(2, dtype=np.float32).tobytes()
     view = mapped.frame(4096, 8)
     arr = np.frombuffer(view, np.float32)
     piece = view[4:]

@@ -31,6 +31,12 @@ back. A full segment, or none, sends frames on the socket as before. Measured on
 2-core VM: 4 MB through the socket took 0.80 ms and 0.58 ms of the reader's CPU; a copy
 into a mapped segment takes 0.10 ms.
 
+Only the writer can write a segment: it is sealed (``F_SEAL_FUTURE_WRITE``, no shrinking
+or growing) before it is offered, and the reader maps it read-only, which the seal keeps
+so (``mprotect`` cannot make it writable). An engine's functions run where its mapping of
+the front end's segment is: mapped read-write, a function (ctypes, ``/proc/self/maps``)
+rewrote the large inputs of other callers' requests queued behind it.
+
 The channel's own messages (an offer, its answer, blocks given back) have ``_CONTROL``
 set in their frame count and one frame: a kind byte, then its data.
 """
@@ -39,8 +45,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import ctypes
 import errno
+import fcntl
 import functools
 import logging
 import mmap
@@ -54,6 +60,8 @@ import time
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+import numpy
 
 from .procfs import descriptor_identity, living
 
@@ -85,6 +93,10 @@ _GIVE_BACK_AFTER_S = 0.01
 # gives blocks back; a front end that closes its connection on purpose says so first
 # (``_BYE``): any other end of a connection whose front end lives was not its doing.
 _OFFER, _TAKE, _DECLINE, _GIVE_BACK, _BYE = b"o", b"t", b"d", b"g", b"b"
+# Seals on a segment before it is offered: no new writable mapping, no write(2), and a fixed
+# size (a reader that shrank it would fault the writer's copies). F_SEAL_FUTURE_WRITE
+# (Linux 5.1) has no name in Python's fcntl.
+_SEALS = 0x0010 | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _HUNG_UP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 Place = Callable[[memoryview], "bytes | None"]
@@ -238,11 +250,16 @@ class Segment:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.fd = os.memfd_create("jacobian-shared", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("jacobian-shared", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)  # its length only: no page is taken yet
-            self.map = mmap.mmap(self.fd, size)
+            self.map = mmap.mmap(self.fd, size)  # this side's mapping, made before the seals: writable
+            # The other side maps it read-only and cannot make it writable. A kernel
+            # without the seal fails here: no segment, the frames go on the socket.
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
         except BaseException:
+            if hasattr(self, "map"):
+                self.map.close()
             os.close(self.fd)
             raise
         self.path = f"/proc/{os.getpid()}/fd/{self.fd}"  # where the other side opens it
@@ -292,14 +309,15 @@ class Segment:
 
 
 class Mapped:
-    """The other side's segment, mapped here: its frames as read-only views, each with a
-    finalizer that calls ``freed(self, offset)`` once the view's last reference has gone
-    (on whatever thread dropped it, or in the garbage collector)."""
+    """The other side's segment, mapped here read-only (sealed: it stays so): its frames
+    as read-only views, each with a finalizer that calls ``freed(self, offset)`` once the
+    view's last reference has gone (on whatever thread dropped it, or in the garbage
+    collector)."""
 
     def __init__(self, path: str | int, size: int, freed: Callable[["Mapped", int], None]) -> None:
-        fd = os.open(path, os.O_RDWR) if isinstance(path, str) else path  # a descriptor received: now ours
+        fd = os.open(path, os.O_RDONLY) if isinstance(path, str) else path  # a descriptor received: now ours
         try:
-            self.map = mmap.mmap(fd, size)
+            self.map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
         self._freed = freed
@@ -312,9 +330,11 @@ class Mapped:
         self._me = weakref.ref(self)
 
     def frame(self, offset: int, length: int) -> memoryview:
-        block = (ctypes.c_char * length).from_buffer(self.map, offset)  # a view, not a copy
+        # A view, not a copy, and read-only as the mapping (ctypes' from_buffer wants a
+        # writable one); the array holds the mapping as its buffer's owner.
+        block = numpy.frombuffer(self.map, numpy.uint8, length, offset)
         self._blocks[offset] = weakref.ref(block, functools.partial(_block_gone, self._me, self._blocks, offset))
-        return memoryview(block).cast("B").toreadonly()
+        return memoryview(block)
 
 
 def _block_gone(mapped: weakref.ref, blocks: dict[int, weakref.ref], offset: int, ref: weakref.ref) -> None:
