@@ -51,6 +51,28 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "can't allocate memory" in exception_text(exc)
 
 
+# What torch says where forward-mode AD is missing, not merely failing: an op without a
+# forward formula, a custom autograd.Function without jvp (eager or under torch.func)
+_NO_FORWARD_AD = ("Trying to use forward AD with", "implement the jvp function for custom autograd.Function",
+                  "jvp is not implemented for")
+
+
+def lacks_forward_ad(exc: BaseException) -> bool:
+    """Whether ``exc``, or one it was raised from, says the function has no forward-mode
+    AD: what a profile may remember (forward mode skipped from then on). Any other
+    failure of a forward-mode transform (vmap of a custom Function without a vmap rule,
+    the function's own error at these inputs) says nothing of the next request's, and
+    marking it steered every later request, on every route, to reverse mode."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen and len(seen) < 16:
+        seen.add(id(cause))
+        if any(marker in exception_text(cause) for marker in _NO_FORWARD_AD):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def function_error(exc: BaseException) -> ServiceError:
     """A failure inside the user's function (or a transform of it) as a problem.
 

@@ -25,7 +25,7 @@ from . import vmap_dims as _vmap_dims
 from . import hessian as _hessian
 from . import sparse as _sparse
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh,
-                      function_error, is_oom)
+                      function_error, is_oom, lacks_forward_ad)
 from .devices import release_free_heap
 from .dual_level import beside_a_held_dual_level
 from .products import agrees_with_reverse, one_agrees, over_vectors, rng_replay
@@ -491,7 +491,10 @@ class Engine:
             # autograd.Function without jvp has a jacrev); a function that fails of
             # itself fails again in reverse mode, with its own error.
             log.info("jacfwd failed for %s (%s); using reverse mode", call.spec.name, type(exc).__name__)
-            profile.forward_ad = False
+            # remembered only where forward AD is missing: a vmap failure (a custom Function
+            # without a vmap rule, whose one-by-one JVPs the sparse route runs) or an error
+            # of these inputs is no reason to keep the next request off forward mode
+            profile.forward_ad = profile.forward_ad and not lacks_forward_ad(exc)
             return None
         g_check, _ = differentiable(AuxBox(call.spec), args, call)  # its own aux: the answer's stays whole
         if not agrees_with_reverse(g_check, primals, jac):

@@ -23,7 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import __version__ as _SERVICE_VERSION
-from ..engine.calling import GradOffWatch
+from ..engine.calling import GradOffWatch, lacks_forward_ad
 from ..engine.hessian import agrees_with_differences, refusal
 from ..engine.products import vmap_agrees
 from ..errors import ServiceError, exception_text
@@ -97,8 +97,8 @@ class SparseResult:
     aux: Any = None
     chunk_size: int = 0
     timings: dict[str, float] = field(default_factory=dict)
-    # A JVP failed (an op without forward AD, a custom Function without jvp), so VJPs
-    # answered: the caller may remember it and ask for mode="rev" from then on
+    # A JVP failed for want of forward AD (an op without it, a custom Function without
+    # jvp), so VJPs answered: the caller may remember it and ask for mode="rev" from then on
     forward_failed: bool = False
 
     def nbytes(self) -> int:
@@ -793,7 +793,7 @@ def _sparse_jacobian(
     except _ForwardFailed as exc:  # an op without forward AD (cdist): jacrev has an answer
         log.info("forward-mode products failed (%s); using reverse mode", exc)
         matrix = None
-        forward_failed = not isinstance(exc, _NotFinite)
+        forward_failed = lacks_forward_ad(exc)  # not a NaN of this point, nor an error of these inputs
     # (a symmetric Jacobian's JVPs too: the VJP proves the values symmetric at this point)
     if coloring.mode in ("fwd", "bidirectional", "symmetric") and (
             matrix is None or differs_from_reverse(matrix, m, primals[0], reverse, rows)):
