@@ -30,7 +30,8 @@ from torch.utils import _pytree as pytree
 from ..errors import ServiceError
 from ..types import Call, Result
 from .shapes import span
-from .calling import AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom
+from .calling import (AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom,
+                      lacks_forward_ad)
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -177,7 +178,8 @@ def _called(alive: Callable[[], None], g: Callable[..., Any], primals: tuple[Any
 
 
 def agrees_with_hvp(g: Callable[..., Any], primals: tuple[Any, ...], argnums: Any, value: Any,
-                    output: Any = None, alive: Callable[[], None] = _nothing) -> bool:
+                    output: Any = None, alive: Callable[[], None] = _nothing,
+                    no_forward_ad: Callable[[], None] = _nothing) -> bool:
     """Whether a strategy's Hessian is the derivative of the gradient: ``w^T H v`` against
     one Hessian-vector product of ``w^T f`` (forward over reverse, no ``vmap``), random
     ``w`` and ``v``; checked once per function and shapes, as strategies are measured.
@@ -190,7 +192,8 @@ def agrees_with_hvp(g: Callable[..., Any], primals: tuple[Any, ...], argnums: An
     the output changes between calls (random draws). ``output``: that of the call whose
     Hessian ``value`` is, where known (one call fewer). ``alive``: as for
     :func:`agrees_with_differences` (its three calls of the function ran on for a client
-    gone: 0.45 s of a function of 150 ms a call)."""
+    gone: 0.45 s of a function of 150 ms a call). ``no_forward_ad``: called where the HVP
+    failed for want of forward AD (the caller's profile keeps it: no verdict next time either)."""
     twice = [pytree.tree_leaves(output) if output is not None and i == 0 else _called(alive, g, primals) for i in range(2)]
     if not all(torch.equal(a, b) for a, b in zip(*twice)):
         return True
@@ -209,6 +212,8 @@ def agrees_with_hvp(g: Callable[..., Any], primals: tuple[Any, ...], argnums: An
     except Exception as exc:
         if is_oom(exc):
             raise
+        if lacks_forward_ad(exc):
+            no_forward_ad()
         return True
     hv = pytree.tree_leaves(hv)
     blocks = pytree.tree_leaves(value)
@@ -279,6 +284,9 @@ def hessian(engine: "Engine", call: Call) -> Result:
     vacuous = in_numel == 0
     if profile.grad_off and not vacuous:  # the strategies differ for it: torch's own, or torch's failure
         order, measure, known = (TORCHS,), False, TORCHS
+
+    def no_forward_ad() -> None:
+        profile.hvp_forward = False
     found: Any = None
     used = ""
     timings: dict[str, float] = {}
@@ -311,6 +319,8 @@ def hessian(engine: "Engine", call: Call) -> Result:
                 raise function_error(exc) from None
             failure = exc  # e.g. no forward-AD rule for an op: try the next strategy
             torch_failed = function_error(exc) if name == TORCHS else torch_failed
+            if name == TORCHS and lacks_forward_ad(exc):
+                profile.hvp_forward = False
             continue
         if watch.seen and not vacuous:
             # A backward pass switched grad off (@once_differentiable): this strategy
@@ -328,9 +338,11 @@ def hessian(engine: "Engine", call: Call) -> Result:
         # torch's at the point measured answered otherwise at the kink (0.6 where
         # torch.func.hessian says 1), and the same request had two answers, by what had
         # been asked before it.
-        check = measure or (name != TORCHS and out_numel * in_numel * in_numel <= CHECK_ELEMENTS)
+        # (no check where the HVP, forward over reverse, failed for this function for want
+        # of forward AD: it gives no verdict, and failed again at every request)
+        check = (measure or (name != TORCHS and out_numel * in_numel * in_numel <= CHECK_ELEMENTS)) and profile.hvp_forward
         if check and not engine.guard(lambda: agrees_with_hvp(g, primals, argnums, value[0], value[1][0],
-                                                              alive=call.check_alive)):
+                                                              alive=call.check_alive, no_forward_ad=no_forward_ad)):
             rejected[name] = value  # torch's vmap got this strategy wrong, or it took another side (agrees_with_hvp)
             continue
         if found is None or measure and timings[name] < timings[used]:

@@ -70,7 +70,11 @@ class FunctionProfile:
     # (what, signature, vectors) -> whether vmap of its products agreed with one product
     # (products.vmap_agrees): torch's vmap can be silently wrong for some shapes
     vmap_checked: _LRU[Any, bool] = field(default_factory=_LRU)
-    forward_ad: bool = True  # False once jacfwd failed (reverse mode instead)
+    forward_ad: bool = True  # False once jacfwd failed for want of forward AD (reverse mode instead)
+    # False once forward over reverse (torch.func.hessian's products, the HVP checks) failed
+    # for want of forward AD: reverse over reverse first. Its own bit: a backward without
+    # forward AD (_cdist_backward) leaves the function's jacfwd running.
+    hvp_forward: bool = True
     # True once seen computing with grad off (torch.no_grad): forward mode, which sees
     # through it, is not jacrev then; Hessians take torch.func.hessian's own strategy.
     grad_off: bool = False

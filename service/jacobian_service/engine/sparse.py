@@ -179,7 +179,11 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
             if res.forward_failed:
                 engine.profiles[call.spec.name].forward_ad = False
         else:
-            res = sparse_hessian(box, args, call.argnums, choice, engine.memory_budget, call.check_alive, **common)
+            profile = engine.profiles[call.spec.name]
+            res = sparse_hessian(box, args, call.argnums, choice, engine.memory_budget, call.check_alive,
+                                 forward_ad=profile.hvp_forward, **common)
+            if res.forward_failed:  # forward over reverse, for want of forward AD: reverse over reverse next time
+                profile.hvp_forward = False
     except ServiceError:
         raise
     except (OutputSizeChanged, PatternMismatch) as exc:  # never blamed on the function as its failure (500)

@@ -97,8 +97,9 @@ class SparseResult:
     aux: Any = None
     chunk_size: int = 0
     timings: dict[str, float] = field(default_factory=dict)
-    # A JVP failed for want of forward AD (an op without it, a custom Function without
-    # jvp), so VJPs answered: the caller may remember it and ask for mode="rev" from then on
+    # A JVP (a Hessian's forward-over-reverse product) failed for want of forward AD (an op
+    # without it, a custom Function without jvp), so VJPs (reverse over reverse) answered:
+    # the caller may remember it and ask for reverse mode from then on
     forward_failed: bool = False
 
     def nbytes(self) -> int:
@@ -989,10 +990,12 @@ def sparse_hessian(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), pattern: Any = "auto",
     memory_budget: int = 1 << 30, check_alive: Callable[[], None] | None = None, *, has_aux: bool = False,
     declared: Mapping[str, Declared] | None = None, cache: PatternCache | None = None, name: str | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | None = None, forward_ad: bool = True,
 ) -> SparseResult:
     """The Hessian of a scalar ``fn`` as CSR, from star-coloured Hessian-vector products
-    (forward over reverse: ``jvp`` of ``grad``)."""
+    (forward over reverse: ``jvp`` of ``grad``). ``forward_ad`` False: they failed for
+    ``fn`` before for want of forward AD (``SparseResult.forward_failed``), so reverse
+    over reverse runs first, and forward over reverse only where its error is the answer."""
     t0 = time.perf_counter()
 
     def plan(f: Callable[..., Any], at: Any, drew: bool) -> tuple[Pattern, Coloring, str]:
@@ -1004,7 +1007,7 @@ def sparse_hessian(
     fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan)
     try:
         res = _sparse_hessian(fn, args, argnums, primals, out, aux, planned, memory_budget, check_alive, has_aux,
-                              chunk_size, t0, name, cache)
+                              chunk_size, t0, name, cache, forward_ad)
         if res.pattern is not planned[0] and DENSE_NOTE in res.pattern.notes:
             _widen(fn, args, argnums, pattern, "hessian", "auto", cache, name, res.pattern)
         return res
@@ -1017,7 +1020,7 @@ def _sparse_hessian(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], primals: tuple[torch.Tensor, ...],
     out: Any, aux: Any, planned: tuple[Pattern, Coloring, str], memory_budget: int,
     check_alive: Callable[[], None] | None, has_aux: bool, chunk_size: int | None, t0: float, name: str | None = None,
-    cache: PatternCache | None = None,
+    cache: PatternCache | None = None, forward_ad: bool = True,
 ) -> SparseResult:
     p, coloring, cached = planned
     t1 = time.perf_counter()
@@ -1028,8 +1031,20 @@ def _sparse_hessian(
     # twice: x.mul_(2) then x**3 gave 48 x where torch.func.hessian says 24 x)
     torchs = NO_GRAD_HESSIAN_NOTE in p.notes
     forward_failed: Exception | None = None  # torch.func.hessian's own error, reverse over reverse answering
+    # Forward over reverse not run, having failed for this function before for want of
+    # forward AD (it ran again, failing, at every request): run only where its error is
+    # the answer, this request's own (a kept one may be of other inputs)
+    unasked = False
     run = star = _single(_product_at("star", fn, argnums, has_aux), args, key and ("star", key), check=not torchs)
+
+    def reverse_over_reverse() -> tuple[Callable[[list[torch.Tensor]], torch.Tensor], tuple[torch.Tensor, int]]:
+        # (building it takes the gradient, which fails for an op without a derivative)
+        rev = _single(_product_at("star_rev", fn, argnums, has_aux), args, key and ("star_rev", key))
+        return rev, plan.compressed(rev, memory_budget, check_alive, chunk_size)
+
     try:
+        if not forward_ad and not torchs:
+            raise _Unasked
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
     except Exception as exc:
         if _is_oom(exc):
@@ -1038,27 +1053,27 @@ def _sparse_hessian(
         # dense Hessian falls back. Where that fails too (no double backward either:
         # ctc_loss), the answer is forward over reverse's error, torch.func.hessian's
         # own ("Trying to use forward AD with _ctc_loss ..."), as the dense Hessian's is.
-        log.info("forward-over-reverse Hessian products failed (%s); using reverse over reverse", type(exc).__name__)
+        log.info("forward-over-reverse Hessian products %s; using reverse over reverse",
+                 "failed before" if isinstance(exc, _Unasked) else f"failed ({type(exc).__name__})")
         watch = GradOffWatch()
-
-        def reverse_over_reverse() -> tuple[Callable[[list[torch.Tensor]], torch.Tensor], tuple[torch.Tensor, int]]:
-            # (building it takes the gradient, which fails for an op without a derivative)
-            rev = _single(_product_at("star_rev", fn, argnums, has_aux), args, key and ("star_rev", key))
-            return rev, plan.compressed(rev, memory_budget, check_alive, chunk_size)
-
+        answered = True
         try:
             run, (block, chunk) = watch.call(reverse_over_reverse)
         except Exception as rev_exc:
             if _is_oom(rev_exc) or isinstance(rev_exc, ServiceError):  # out of memory, past the deadline
                 raise
-            raise exc.with_traceback(None) from None
-        if watch.seen:
+            answered = False
+        if not answered or watch.seen:
             # A backward that switches grad off (@once_differentiable, no_grad inside it):
             # reverse over reverse differentiated a gradient computed without a graph, 0
             # where the Hessian is not. Only forward over reverse sees through it, and it
             # cannot run: its error, torch.func.hessian's, as the dense Hessian answers.
+            if isinstance(exc, _Unasked):
+                return _asked(fn, args, argnums, primals, out, aux, planned, memory_budget, check_alive, has_aux,
+                              chunk_size, t0, name, cache)
             raise exc.with_traceback(None) from None
-        forward_failed = exc
+        unasked = isinstance(exc, _Unasked)
+        forward_failed = None if unasked else exc
     if not torchs and run is star:
         _refused_where_torchs_cannot_run(fn, args, argnums, has_aux, plan, star)
     if plan.unsolvable(block):  # a NaN or an infinity: star colouring keeps it at its entry
@@ -1069,12 +1084,27 @@ def _sparse_hessian(
     matrix = _to_csr(p, plan.values(p, block))
     if _proven_wrong(p, coloring, [plan], [block], matrix, [run], None):
         matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "hessian")
-    elif forward_failed is not None and not _agrees_with_differences(fn, args, argnums, has_aux, primals, matrix,
-                                                                     check_alive):
+    elif (forward_failed is not None or unasked) and not _agrees_with_differences(fn, args, argnums, has_aux, primals,
+                                                                                 matrix, check_alive):
+        if forward_failed is None:
+            return _asked(fn, args, argnums, primals, out, aux, planned, memory_budget, check_alive, has_aux,
+                          chunk_size, t0, name, cache)
         raise forward_failed.with_traceback(None) from None
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, coloring.mode, p.source, out, aux, chunk,
-                        {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached})  # type: ignore[dict-item]
+                        {"plan_s": t1 - t0, "compute_s": t2 - t1, "cached": cached},  # type: ignore[dict-item]
+                        unasked or (forward_failed is not None and lacks_forward_ad(forward_failed)))
+
+
+class _Unasked(Exception):
+    """Forward over reverse not run (see _sparse_hessian's ``unasked``)."""
+
+
+def _asked(*args: Any) -> SparseResult:
+    """_sparse_hessian's answer with forward over reverse run (its ``forward_ad``
+    True): where reverse over reverse, run first, cannot stand alone, torch's products
+    answer, or their error, this request's own, is the answer."""
+    return _sparse_hessian(*args, forward_ad=True)
 
 
 def _agrees_with_differences(fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...],
