@@ -109,7 +109,9 @@ class Layout:
         try:
             parts = send(kind, self.nest(inputs), options, vectors)
         except InvalidInput as exc:
-            hint = self._integer_leaf_hint(inputs, leaf_argnums, params, name)
+            # an array refused for its shape (its members say so) is not that refusal
+            hint = None if "expected_shape" in exc.problem else self._integer_leaf_hint(inputs, leaf_argnums, params,
+                                                                                      name)
             if hint is None:
                 raise
             raise with_hint(exc, hint) from exc

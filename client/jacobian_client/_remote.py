@@ -829,12 +829,14 @@ class RemoteOps:
 def lacks_forward_mode(exc: APIError) -> bool:
     """Whether a failed ``jvp`` / ``hvp`` says the function has no forward-mode rule
     (torch: "You must implement the jvp function ... forward mode AD", "Trying to use
-    forward AD with ..."), the one failure the reverse-mode request is a way round. An
-    engine that crashed or hung on the request (a ``function_error`` too) is not: falling
-    back on it switched forward mode off for that function for good, on one transient
-    crash, and warned that the function lacked a rule it has."""
-    detail = exc.detail.lower()
-    return "forward" in detail or "jvp" in detail
+    forward AD with ..."), the one failure the reverse-mode request is a way round: the
+    problem's member ``"unsupported": "forward_mode"``, which the service sets from the
+    exception torch raised, never the detail's words. Read from the words ("forward",
+    "jvp"), a function's own error that said them (``ValueError("bad jvp input")``) cost
+    a reverse-mode request and a warning that the function lacked a rule it has; an
+    engine that crashed or hung on the request (a ``function_error`` too) is not one
+    either: falling back on it switched forward mode off for that function for good."""
+    return exc.problem.get("unsupported") == "forward_mode"
 
 
 def no_forward_mode(name: str, kind: str, exc: APIError, instead: str) -> None:

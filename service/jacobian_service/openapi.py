@@ -182,16 +182,26 @@ _COMPONENTS: dict[str, Any] = {
             "request_id": {"type": "string"},
             # Extension members (RFC 9457 3.2) of some problems, for a client's code to read
             # rather than the detail's words.
-            "field": {"type": "string", "description": "a 422 refusing a vector for its shape: the body's member "
-                                                       "refused, `cotangents` or `tangents`"},
-            "path": {"type": "string", "description": "with `field`: the refused leaf's path within it, as the "
-                                                      "detail writes it (`[0]`, `.a`; empty for one array)"},
+            "field": {"type": "string", "description": "a 422 refusing an array for its shape: the body's member "
+                                                       "(or query parameter) that gave it: `inputs`, `cotangents`, "
+                                                       "`tangents`, or `shapes` (sparsity)"},
+            "path": {"type": "string", "description": "with `field`: the refused array within it, as the detail "
+                                                      "writes it: an input's name (a tree leaf's as `params.w`); a "
+                                                      "vector leaf's path (`[0]`, `.a`; empty for one array)"},
             "expected_shape": {"type": "array", "items": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
-                               "description": "with `field`: the shape the leaf must have, of the function's output "
-                                              "(cotangents) or input (tangents) at the request's inputs; `B` for a "
-                                              "stack's leading dimension (`batched_vectors`)"},
+                               "description": "with `field`: the shape the array must have: an input's declared "
+                                              "shape, a size symbol bound by an earlier input as its size and one "
+                                              "not bound as its name (any size); the function's output "
+                                              "(cotangents) or input (tangents) at the request's inputs; `B` for "
+                                              "a batch's dimension (`batched`, at its `in_dims`; "
+                                              "`batched_vectors`)"},
             "got_shape": {"type": "array", "items": {"type": "integer"},
                           "description": "with `field`: the shape the request sent"},
+            "unsupported": {"type": "string", "enum": ["forward_mode"],
+                            "description": "a 500 `function_error` of a `jvp` or `hvp` whose function has an op "
+                                           "without a forward-mode rule (torch raised NotImplementedError in "
+                                           "forward mode, its plain call having run): the reverse-mode request "
+                                           "(`jacobian`, `hessian`) can answer"},
         },
     },
     "Input": {

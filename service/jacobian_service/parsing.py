@@ -20,7 +20,7 @@ from jacobian_client.wire import dtype_name
 from .responses import echo
 from .types import Call, tree_leaves
 from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, UnsupportedMediaType, from_wire
-from .registry import FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, FunctionSpec, format_shape
+from .registry import FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, FunctionSpec, format_shape, shape_fields
 from .vmap_dims import check_out_dims, in_dim_of, leaf_in_dims, query_dims
 
 __all__ = ["KINDS", "Options", "check_head", "check_json_charset", "media_type_of", "parse_call", "parse_sparsity_query"]
@@ -474,7 +474,8 @@ def parse_call(
             if arr.ndim == 0 and in_dims is None:
                 raise InvalidInput(f"input {inp.name!r}: batched inputs need a leading batch dimension; in_dims null "
                                    "shares one input with every example (torch's vmap: Got in_dim=0 for some input, "
-                                   "but that input is a Tensor of dimensionality 0)")
+                                   "but that input is a Tensor of dimensionality 0)",
+                                   fields=shape_fields("inputs", inp.name, ["B", *(inp.shape or ())], ()))
             dim = in_dim_of(inp.name, dim, arr.ndim)
             batch_sizes.add(shape[dim])
             shape = shape[:dim] + shape[dim + 1:]
@@ -483,16 +484,22 @@ def parse_call(
         except InvalidInput as exc:
             if not options.batched:
                 raise
+            # The members say the whole array's shapes, the batch's dimension "B" where
+            # it goes (none for a shared input), as the detail says them
+            expected = list(exc.fields["expected_shape"])
+            if dim is not None:
+                expected.insert(dim, "B")
+            fields = shape_fields("inputs", inp.name, expected, arr.shape)
             if in_dims is not None:
                 where = "shared (in_dims null)" if dim is None else f"batched over dim {dim} (in_dims)"
                 raise InvalidInput(f"{exc.detail}, for each example: input {inp.name!r} of shape "
-                                   f"{format_shape(arr.shape)} is {where}") from None
+                                   f"{format_shape(arr.shape)} is {where}", fields=fields) from None
             # Said of the example alone ("expected shape (n,), got ()"), the 422 of a
             # request sent with batched=true and one example's inputs (Swagger UI's
             # example, the batched box ticked) did not say where the dimension went.
             raise InvalidInput(f"{exc.detail}, for each example: batched=true takes the leading dimension of "
                                f"{format_shape(arr.shape)} as the batch ({arr.shape[0]} examples); send "
-                               f"(batch,) + {format_shape(inp.shape)}") from None
+                               f"(batch,) + {format_shape(inp.shape)}", fields=fields) from None
         wire_dtype = "float32" if dtype == "bfloat16" else dtype
         if arr.dtype != np.dtype(wire_dtype):
             _check_fits(inp.name, arr, np.dtype(wire_dtype))
@@ -741,7 +748,7 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
             raise InvalidInput(f"dtypes: unknown dtype {echo(name)}")
         dtype = inp.resolve_dtype(name) if name is not None else inp.default_dtype
         sent.append(name or dtype)
-        inp.bind(shape, bindings)
+        inp.bind(shape, bindings, field="shapes")
         wire_dtype = "float32" if dtype == "bfloat16" else dtype
         if np.dtype(wire_dtype).kind == "f":
             arr = rng.uniform(0.5, 1.5, shape).astype(wire_dtype)

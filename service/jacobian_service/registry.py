@@ -23,7 +23,7 @@ from .errors import FunctionNotFound, InvalidInput
 from .sparsity.patterns import Declared, declared as _declared_patterns
 
 __all__ = ["ENTRY_POINT_GROUP", "QUERY_INTEGER", "Array", "FunctionModuleNotFound", "FunctionSpec", "Input", "Registry",
-           "format_shape", "register"]
+           "format_shape", "register", "shape_fields"]
 
 ENTRY_POINT_GROUP = "jacobian_service.functions"
 BUILTIN_MODULE = "jacobian_service.examples"
@@ -138,22 +138,33 @@ class Input:
             return self.dtype
         raise InvalidInput(f"input {self.name!r}: expected {self.dtype}, got {sent} (no same_kind cast)")
 
-    def bind(self, shape: tuple[int, ...], bindings: dict[str, tuple[int, str]]) -> None:
-        """Check ``shape`` against the declared one, binding symbols in place."""
+    def bind(self, shape: tuple[int, ...], bindings: dict[str, tuple[int, str]], field: str = "inputs") -> None:
+        """Check ``shape`` against the declared one, binding symbols in place. A refusal
+        carries the shapes as problem members (``field``: the body's member or query
+        parameter that gave the shape), as a vector's does: a client's code reads them,
+        not the detail's words."""
         if self.shape is None:
             return
+
+        def refused(detail: str) -> InvalidInput:
+            return InvalidInput(detail, fields=shape_fields(field, self.name, self.expected_shape(bindings), shape))
+
         if len(shape) != len(self.shape) or any(
             isinstance(want, int) and want != got for want, got in zip(self.shape, shape)
         ):
-            raise InvalidInput(f"input {self.name!r}: expected shape {format_shape(self.shape)}, got {format_shape(shape)}")
+            raise refused(f"input {self.name!r}: expected shape {format_shape(self.shape)}, got {format_shape(shape)}")
         for want, got in zip(self.shape, shape):
             if isinstance(want, str):
                 size, owner = bindings.setdefault(want, (got, self.name))
                 if size != got:
-                    raise InvalidInput(
-                        f"input {self.name!r}: expected shape {format_shape(self.shape)} with {want} = {size} "
-                        f"(bound by {owner!r}), got {format_shape(shape)}"
-                    )
+                    raise refused(f"input {self.name!r}: expected shape {format_shape(self.shape)} with {want} = {size} "
+                                  f"(bound by {owner!r}), got {format_shape(shape)}")
+
+    def expected_shape(self, bindings: dict[str, tuple[int, str]]) -> list[Dim]:
+        """The declared shape with the symbols bound so far as their sizes (others stay
+        names: any size)."""
+        assert self.shape is not None
+        return [bindings[d][0] if isinstance(d, str) and d in bindings else d for d in self.shape]
 
     # ------------------------------------------------------------ pytree parameters
 
@@ -279,6 +290,13 @@ def _tree_from_description(doc: dict[str, Any]) -> Any:
         return {k: _tree_from_description(v) for k, v in doc["items"].items()}
     items = [_tree_from_description(v) for v in doc["items"]]
     return items if kind == "list" else tuple(items)
+
+
+def shape_fields(field: str, path: str, expected: Sequence[Dim], got: Sequence[int]) -> dict[str, Any]:
+    """The problem members of an array refused for its shape (errors.py): the body's
+    ``field``, the array's ``path`` in it, the shape it must have (a name: any size;
+    ``"B"``: a batch's) and the one it has."""
+    return {"field": field, "path": path, "expected_shape": list(expected), "got_shape": list(got)}
 
 
 def format_shape(shape: Sequence[Dim] | None) -> str:

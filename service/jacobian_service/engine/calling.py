@@ -73,18 +73,32 @@ def lacks_forward_ad(exc: BaseException) -> bool:
     return False
 
 
-def function_error(exc: BaseException) -> ServiceError:
+def function_error(exc: BaseException, *, forward_mode: bool = False) -> ServiceError:
     """A failure inside the user's function (or a transform of it) as a problem.
 
     ``BaseException`` on purpose: a function that raises ``SystemExit`` or
-    ``KeyboardInterrupt`` has failed its request, not the engine."""
+    ``KeyboardInterrupt`` has failed its request, not the engine.
+
+    ``forward_mode``: ``exc`` came from a forward-mode product (jvp, hvp) of a function
+    whose plain call had just run. Torch raises ``NotImplementedError`` there for an op
+    or a custom ``autograd.Function`` without a forward-mode rule ("Trying to use forward
+    AD with igamma ...", "You must implement the jvp function ..."); the problem then says
+    so in a member of its own, ``"unsupported": "forward_mode"``, which the SDK's
+    adapters read to switch to reverse mode: they read the detail's words ("forward",
+    "jvp") before, and any function error saying them (a ``ValueError("bad jvp
+    input")``) cost a reverse-mode request and a warning that the function lacked a
+    rule it has."""
     if isinstance(exc, ServiceError):
         return exc
     if is_oom(exc):
         return OutOfMemory(f"out of memory: {type(exc).__name__}")
     text = exception_text(exc).strip()
     message = text.splitlines()[0] if text else ""
-    return FunctionError(f"{type(exc).__name__}: {message}"[:2000])
+    # (NotImplementedError: torch's type for it; lacks_forward_ad: its words, where another
+    # type carries them, as the profiles read them)
+    missing = forward_mode and (isinstance(exc, NotImplementedError) or lacks_forward_ad(exc))
+    fields = {"unsupported": "forward_mode"} if missing else None
+    return FunctionError(f"{type(exc).__name__}: {message}"[:2000], fields=fields)
 
 
 def _check_tensor(leaf: torch.Tensor, what: str) -> None:

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from jacobian_client import wire
 
 from ..errors import InvalidInput, OutOfMemory, ResultTooLarge
+from ..registry import shape_fields
 from ..types import HOST_CHUNK_BYTES, Call, Result, tree_leaves
 from . import batched as _batched
 from . import vmap_dims as _vmap_dims
@@ -314,11 +315,13 @@ class Engine:
     def wire_itemsize(dtype: torch.dtype) -> int:
         return 4 if dtype == torch.bfloat16 else dtype.itemsize
 
-    def guard(self, fn: Callable[[], Any]) -> Any:
+    def guard(self, fn: Callable[[], Any], forward_mode: bool = False) -> Any:
+        """``fn()``, its failure the function's problem (``forward_mode``: a jvp or hvp
+        product's, after the plain call ran: calling.function_error)."""
         try:
             return fn()
         except BaseException as exc:
-            raise function_error(exc) from None
+            raise function_error(exc, forward_mode=forward_mode) from None
 
     @staticmethod
     def check_result_size(call: Call, nbytes: int, asked: str = "jacobian", span: int = 0) -> None:
@@ -572,8 +575,7 @@ class Engine:
                 # The shapes as fields too: a client's code reads them (jax's adapter
                 # tells an output whose shape follows the values by them), not the words.
                 raise InvalidInput(f"{what}{path}: expected shape {list(shape)}, got {list(arr.shape)}",
-                                   fields={"field": what, "path": path, "expected_shape": list(shape),
-                                           "got_shape": list(arr.shape)})
+                                   fields=shape_fields(what, path, shape, arr.shape))
             if arr.dtype.kind not in "biuf":
                 raise InvalidInput(f"{what}{path}: expected numbers, got {arr.dtype.name}")
             if what == "tangents" and arr.dtype.kind != "f":
@@ -688,9 +690,9 @@ class Engine:
 
             value = self.guard(lambda: over_vectors(call.spec.name, lambda *t: push(*t)[1], tangents,
                                                     *self._checked(call, "jvp"), again, replay=replay,
-                                                    alive=call.check_alive))
+                                                    alive=call.check_alive), forward_mode=True)
         else:
-            out, value, aux_t = self.guard(lambda: push(*tangents))
+            out, value, aux_t = self.guard(lambda: push(*tangents), forward_mode=True)
         output = self.host(out) if call.return_output else None
         return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
 
@@ -738,10 +740,11 @@ class Engine:
             # product, not by linearity over mixed vectors (products.one_agrees)
             check, kind = (None, "hvp") if cot is None else (one_agrees, "hvp_cotangents")
             value = self.guard(lambda: over_vectors(call.spec.name, push, vectors, *self._checked(call, kind), again,
-                                                    check=check, replay=replay, alive=call.check_alive))
+                                                    check=check, replay=replay, alive=call.check_alive),
+                               forward_mode=True)
         else:
             replay()
-            value = self.guard(lambda: push(*vectors))
+            value = self.guard(lambda: push(*vectors), forward_mode=True)
         value = tuple(value) if call.as_tuple else value[0]
         output = self.host(out) if call.return_output else None
         return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
