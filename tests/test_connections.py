@@ -21,7 +21,7 @@ import pytest
 
 from jacobian_client import wire
 
-from .conftest import live_server, npy_bytes
+from .conftest import SharedServer, live_server, npy_bytes
 
 MiB = 1 << 20
 LIMIT = 8 * MiB  # max_request_bytes
@@ -442,17 +442,38 @@ def test_client_that_never_reads_is_abandoned(server: str, accept: str) -> None:
     assert httpx.get(f"{server}/healthz", timeout=5).status_code == 200
 
 
-def test_many_stalled_uploads_hold_no_more_than_the_budget() -> None:
-    """The issue's case, scaled down: uploads that stall after most of their body. Only
-    what fits the budget is admitted (and buffered); the rest are refused before their
-    bodies are read. Before, every one was buffered: 10 x 12 MiB grew the front end by
-    121 MiB here. (Two 16 MiB bodies fit the 32 MiB free, each charged the 12 MiB it
-    sent; then no 16 MiB one fits in what is left.)"""
-    from ._rss import front_end_pid, status_bytes
+# Runs ``serve`` under the soft open-file limit a shell or a systemd service often has
+# (1024), scaled down; the hard limit stays as it was.
+_LOW_OPEN_FILE_LIMIT = [
+    sys.executable, "-c",
+    "import os, resource, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
 
-    with live_server(WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", MAX_REQUEST_BYTES=16 * MiB, BODY_BUDGET_BYTES=32 * MiB,
-                     READ_IDLE_TIMEOUT_S=60) as (url, proc):
-        pid = front_end_pid(proc.pid)
+
+class TestCrowds:
+    """Crowds of stalled uploads and of idle connections on one server of their own (a
+    start costs more than either test): each one's setting is one the other does not
+    feel. The budget, request limit and READ_IDLE_TIMEOUT_S=60 are the stalled uploads'
+    (held while looked at, or refused before they reach the engine); the low soft
+    open-file limit is the idle connections' (``serve`` raises it at start). (Unread
+    streams have a server of their own: this budget would refuse their 64 MiB.)"""
+
+    SERVER = dict(wrapper=_LOW_OPEN_FILE_LIMIT, WORKERS=1, WARMUP="false", ENGINE_STANDBY="false",
+                  MAX_REQUEST_BYTES=16 * MiB, BODY_BUDGET_BYTES=32 * MiB, READ_IDLE_TIMEOUT_S=60)
+
+    def test_many_stalled_uploads_hold_no_more_than_the_budget(self, shared_server: SharedServer) -> None:
+        """The issue's case, scaled down: uploads that stall after most of their body. Only
+        what fits the budget is admitted (and buffered); the rest are refused before their
+        bodies are read. Before, every one was buffered: 10 x 12 MiB grew the front end by
+        121 MiB here. (Two 16 MiB bodies fit the 32 MiB free, each charged the 12 MiB it
+        sent; then no 16 MiB one fits in what is left.)"""
+        from ._rss import front_end_pid, status_bytes
+
+        served = shared_server.serve()
+        url = served.url
+        pid = front_end_pid(served.proc.pid)
         before = status_bytes(pid, "VmRSS")
         conns = []
         for _ in range(10):
@@ -470,43 +491,33 @@ def test_many_stalled_uploads_hold_no_more_than_the_budget() -> None:
         assert held < 48 * MiB, f"10 stalled uploads grew the front end by {held / MiB:.0f} MiB"
         assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") == 0, 10)
 
+    def test_idle_connections_past_the_soft_open_file_limit_leave_room_for_other_clients(
+            self, shared_server: SharedServer) -> None:
+        """A client holds 400 idle connections to a server started with a soft limit of 256
+        open files. Before, the front end ran out of descriptors and uvloop closed every new
+        connection as soon as it accepted it: the next client got no answer at all
+        ("Server disconnected without sending a response"). ``serve`` now raises its soft
+        limit to the hard one, for itself and the processes it starts."""
+        import resource
 
-# Runs ``serve`` under the soft open-file limit a shell or a systemd service often has
-# (1024), scaled down; the hard limit stays as it was.
-_LOW_OPEN_FILE_LIMIT = [
-    sys.executable, "-c",
-    "import os, resource, sys; "
-    "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
-    "os.execv(sys.argv[1], sys.argv[1:])",
-]
+        from ._rss import front_end_pid
 
-
-def test_idle_connections_past_the_soft_open_file_limit_leave_room_for_other_clients() -> None:
-    """A client holds 400 idle connections to a server started with a soft limit of 256
-    open files. Before, the front end ran out of descriptors and uvloop closed every new
-    connection as soon as it accepted it: the next client got no answer at all
-    ("Server disconnected without sending a response"). ``serve`` now raises its soft
-    limit to the hard one, for itself and the processes it starts."""
-    import resource
-
-    from ._rss import front_end_pid
-
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard != resource.RLIM_INFINITY and hard < 1024:
-        pytest.skip(f"the hard open-file limit here ({hard}) leaves no room above the test's 400 connections")
-    with live_server(wrapper=_LOW_OPEN_FILE_LIMIT, WORKERS=1, WARMUP="false") as (url, proc):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and hard < 1024:
+            pytest.skip(f"the hard open-file limit here ({hard}) leaves no room above the test's 400 connections")
+        served = shared_server.serve()
         idle = []
         try:
             for _ in range(400):
-                idle.append(_connect(url))
+                idle.append(_connect(served.url))
             time.sleep(0.5)  # accepted, each holding a descriptor (the header deadline is 10 s away)
-            r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, timeout=10)
+            r = httpx.post(f"{served.url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, timeout=10)
             assert r.status_code == 200, r.text
             assert r.json()["jacobian"]["data"][0] == pytest.approx([math.cos(0.5)], rel=1e-6)
         finally:
             for s in idle:
                 s.close()
-        limits = Path(f"/proc/{front_end_pid(proc.pid)}/limits").read_text()
+        limits = Path(f"/proc/{front_end_pid(served.proc.pid)}/limits").read_text()
         soft = int(re.search(r"^Max open files\s+(\d+)", limits, re.M).group(1))  # type: ignore[union-attr]
         assert soft > 400, limits
 
@@ -724,31 +735,31 @@ def test_head_and_body_arrive_together_on_either_protocol(implementation: str) -
             assert client.get("/later").content == b"okay"
 
 
-def test_queued_requests_hold_their_arrays_on_the_body_budget() -> None:
+def test_queued_requests_hold_their_arrays_on_the_body_budget(server: str) -> None:
     """Found by a second red team: a request's body was released from the budget once
     parsed, though its arrays (the body itself, for an .npy) lived on while it waited
     behind a slow request: 20 queued bodies of 8 MB took a front end +700 MB with the
-    gauge at 0. The arrays now hold their bytes until the request ends."""
+    gauge at 0. The arrays now hold their bytes until the request ends. (On the module's
+    server: one engine, no spare, a 12 MiB budget; its read deadlines end with the bodies,
+    which arrive at once, not with the wait behind the slow request.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    MiB = 1 << 20
-    with live_server(WORKERS=1, WARMUP="false", FUNCTIONS="jacobian_service.examples,tests.user_functions",
-                     MAX_REQUEST_BYTES=4 * MiB, BODY_BUDGET_BYTES=12 * MiB, ENGINE_STANDBY="false") as (url, _):
-        body = npy_bytes(np.full(3 * MiB // 4, 0.5, np.float32))  # 3 MiB of arrays each
-        with ThreadPoolExecutor(8) as pool:
-            slow = pool.submit(httpx.post, f"{url}/v1/functions/slow_rows/jacobian?chunk_size=1",
-                               json={"inputs": [[0.1] * 100]}, timeout=60)  # 100 chunks of 50 ms: the engine is busy
-            # (for 5 s: 2 s was not always past the six uploads on a loaded machine, which then
-            # found the budget freed and were all admitted)
-            time.sleep(0.5)
-            queued = [pool.submit(httpx.post, f"{url}/v1/functions/sin/evaluate", content=body,
-                                  headers={"content-type": wire.NPY, "accept": wire.NPY}, timeout=60) for _ in range(6)]
-            assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") >= 9 * MiB, 5)
-            statuses = sorted(f.result().status_code for f in queued)
-            assert slow.result().status_code == 200
-        assert statuses.count(200) >= 3 and statuses.count(503) >= 2, statuses  # 4 fit in 12 MiB, less the slow one's
-        assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") == 0, 5)
-        assert httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, timeout=30).status_code == 200
+    url = server
+    body = npy_bytes(np.full(3 * MiB // 4, 0.5, np.float32))  # 3 MiB of arrays each
+    with ThreadPoolExecutor(8) as pool:
+        slow = pool.submit(httpx.post, f"{url}/v1/functions/slow_rows/jacobian?chunk_size=1",
+                           json={"inputs": [[0.1] * 100]}, timeout=60)  # 100 chunks of 50 ms: the engine is busy
+        # (for 5 s: 2 s was not always past the six uploads on a loaded machine, which then
+        # found the budget freed and were all admitted)
+        time.sleep(0.5)
+        queued = [pool.submit(httpx.post, f"{url}/v1/functions/sin/evaluate", content=body,
+                              headers={"content-type": wire.NPY, "accept": wire.NPY}, timeout=60) for _ in range(6)]
+        assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") >= 9 * MiB, 5)
+        statuses = sorted(f.result().status_code for f in queued)
+        assert slow.result().status_code == 200
+    assert statuses.count(200) >= 3 and statuses.count(503) >= 2, statuses  # 4 fit in 12 MiB, less the slow one's
+    assert _wait_for(lambda: _metric(url, "jacobian_service_body_bytes_in_flight") == 0, 5)
+    assert httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]}, timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize("implementation", ["h11", "httptools"])
