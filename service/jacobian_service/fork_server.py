@@ -430,8 +430,12 @@ def main() -> None:
         return
     sock.send(orjson.dumps({"ready": os.getpid()}))
     engine = _serve(sock)
-    if engine is None:  # serve has gone (EOF)
-        return
+    if engine is None:  # serve has gone (EOF): out at once, as a forked engine leaves
+        # (the interpreter's own exit tore down torch's modules for ~1 s, and serve's
+        # stop waits for this process: every SIGTERM'd server took that long more).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     _run(engine)
 
 
