@@ -178,3 +178,48 @@ def test_an_answer_its_client_does_not_take_is_reset_not_left_to_the_kernel():
     closed, aborted = asyncio.run(told_reset("close")), asyncio.run(told_reset("abort"))
     assert 0.5 <= closed < 5, closed  # the send clock's time to take it, then the reset
     assert aborted < 1, aborted  # at once
+
+
+def test_a_closed_answers_last_bytes_are_looked_at_again_soon_then_less_often(monkeypatch):
+    """The last bytes of any answer are unacknowledged for a round trip when its
+    connection closes, so a close that waits for them to be taken must look again soon:
+    at a fixed quarter second, a client reading to the end of file (an HTTP/1.0 unsized
+    answer) waited that long for every close across a real network. First after 2 ms,
+    doubling to a quarter second; closed once nothing is unsent (the loop and socket
+    faked: what is scheduled, not how long it takes)."""
+    from jacobian_service import connections
+
+    unsent = [4096] * 9 + [0]  # (the close's own look, then one a wait)
+    monkeypatch.setattr(connections, "_unsent", lambda transport: unsent.pop(0))
+
+    class Loop:
+        def __init__(self) -> None:
+            self.later: list[tuple[float, object, tuple]] = []
+
+        def time(self) -> float:
+            return 0.0
+
+        def call_later(self, delay, fn, *args):
+            self.later.append((delay, fn, args))
+
+    class Transport:
+        closed = aborted = False
+
+        def is_closing(self) -> bool:
+            return self.closed or self.aborted
+
+        def close(self) -> None:
+            self.closed = True
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    loop, transport = Loop(), Transport()
+    HeadWithBody(transport, loop, drain=(30.0, 32 << 10)).close()
+    delays = []
+    while loop.later:
+        delay, fn, args = loop.later.pop()
+        delays.append(delay)
+        fn(*args)
+    assert delays == [0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25], delays
+    assert transport.closed and not transport.aborted

@@ -626,8 +626,11 @@ class HeadWithBody:
             return
         self._transport.close()
 
-    def _drain_until(self, deadline: float) -> None:
-        """Close once the client has taken every byte, or reset at ``deadline``."""
+    def _drain_until(self, deadline: float, wait: float | None = None) -> None:
+        """Close once the client has taken every byte, or reset at ``deadline``. Looked
+        at again soon, then less often: the last bytes of any answer are unacknowledged
+        for a round trip, and a client reading to the end of file (HTTP/1.0's unsized
+        answers) waits for the close."""
         self._lingering = None
         if self._transport.is_closing():
             return
@@ -636,7 +639,8 @@ class HeadWithBody:
         elif self._loop.time() >= deadline:
             self.abort()
         else:
-            self._lingering = self._loop.call_later(_DRAIN_POLL_S, self._drain_until, deadline)
+            wait = _DRAIN_FIRST_S if wait is None else wait
+            self._lingering = self._loop.call_later(wait, self._drain_until, deadline, min(2 * wait, _DRAIN_POLL_S))
 
     def is_closing(self) -> bool:
         return self._lingering is not None or self._transport.is_closing()
@@ -671,7 +675,9 @@ class HeadWithBody:
 # what it reads) before it is closed outright: long enough for a client's last writes of a
 # body to go and for it to read the answer, short enough to hold no descriptor for long.
 LINGER_S = 2.0
-# How often a connection closed with an answer its client has not taken yet looks again.
+# How often a connection closed with an answer its client has not taken yet looks again:
+# first after a round trip's time on a LAN, doubling to a quarter second.
+_DRAIN_FIRST_S = 0.002
 _DRAIN_POLL_S = 0.25
 
 # Request headers (the request line included) past this many bytes are refused with 431,
