@@ -155,3 +155,47 @@ def test_sigkills_from_outside_after_one_functions_answers_strike_it_from_the_se
     assert not sup.strikes.get("lingers") and not sup.strikes.get("other") and not sup.quarantined
     killed_after("lingers")
     assert len(sup.strikes["lingers"]) == 1 and "lingers" in sup.quarantined and "other" not in sup.quarantined
+
+
+def test_a_spares_stdin_flooded_by_a_warm_up_keeps_the_supervisor_reading_a_bounded_amount(supervisor) -> None:
+    """The functions a spare's warm-up runs hold its end of the stdin it says "warm" on.
+    One writing without end (no newline) kept the supervisor in its read of that word
+    (every engine unwatched meanwhile) and its unfinished line growing with every byte.
+    A look reads at most ``HEARD_AT_MOST``, and an unfinished line keeps only its tail;
+    the spare's real word still counts after the flood."""
+    import socket
+    import threading
+    from types import SimpleNamespace
+
+    from jacobian_service import ipc
+
+    sup, _ = supervisor
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+
+    def flood() -> None:
+        theirs.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                theirs.send(b"x" * 65536)
+            except (TimeoutError, OSError):
+                pass
+
+    writer = threading.Thread(target=flood, daemon=True)
+    writer.start()
+    spare = SimpleNamespace(pid=1 << 22, stdin=ours)
+    try:
+        looked = threading.Thread(target=lambda: [sup._hear(spare, time.monotonic()) for _ in range(20)], daemon=True)
+        looked.start()
+        looked.join(20)
+        assert not looked.is_alive(), "the supervisor never left its read of a flooded stdin"
+        assert len(sup._words[spare.pid].rest) <= 4096
+    finally:
+        stop.set()
+        writer.join(5)
+    while ipc.heard(ours):  # what the flood left
+        pass
+    theirs.sendall(b"\n" + ipc.SPARE_WARM)
+    assert sup._hear(spare, time.monotonic()).warm
+    ours.close()
+    theirs.close()

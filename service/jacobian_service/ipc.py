@@ -107,13 +107,20 @@ def say_warm() -> None:
     os.write(0, SPARE_WARM)
 
 
+# What the supervisor reads of a spare's stdin at one look: a spare's word is a few short
+# lines; the functions its warm-up runs hold its end too, and one writing without end kept
+# the supervisor's loop reading, every engine unwatched, its memory growing.
+HEARD_AT_MOST = 64 << 10
+
+
 def heard(stdin: Any) -> bytes:
     """What the spare whose stdin (the supervisor's end) is ``stdin`` has said since last
-    asked (``say_warming``, ``say_warm``), never blocking: read after its death too."""
+    asked (``say_warming``, ``say_warm``), never blocking: read after its death too. At
+    most ``HEARD_AT_MOST`` bytes a call."""
     got = b""
     try:
         fd = stdin.fileno()
-        while select.select([fd], [], [], 0)[0] and (more := os.read(fd, 4096)):
+        while len(got) < HEARD_AT_MOST and select.select([fd], [], [], 0)[0] and (more := os.read(fd, 4096)):
             got += more
     except (OSError, ValueError):  # closed
         pass

@@ -93,6 +93,7 @@ _MAX_FRONT_ENDS = 256
 # A front end tells its oldest job once a second while it has one; older news is stale
 # (that front end gone, or its word lost).
 _OLDEST_FRESH_S = 3.0
+_SPARE_LINE_MAX = 4096  # a spare's line kept while it is unfinished (a warm-up's "w NAME")
 _MAX_KILLED_AFTER = 64  # functions remembered for SIGKILLs from outside after their answers (_killed_again)
 
 
@@ -382,6 +383,7 @@ class Supervisor:
         word = self._words.setdefault(spare.pid, _SpareWord())
         if said := ipc.heard(spare.stdin):
             *lines, word.rest = (word.rest + said).split(b"\n")
+            word.rest = word.rest[-_SPARE_LINE_MAX:]  # (no line of its word is longer: a flood's tail)
             for line in lines:
                 if line == ipc.SPARE_WARM.strip():
                     word.warm, word.warming = True, None
