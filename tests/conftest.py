@@ -209,11 +209,16 @@ def live_server(*, wrapper: Sequence[str] = (), **settings: Any) -> Iterator[tup
     )
     proc.read_log = lambda: _read(log)  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
+    # Ready once THIS serve has said it listens on the port, then /readyz says 200: the
+    # port, free when picked, may have been taken meanwhile by another test's server
+    # (xdist workers pick at once), whose 200 was taken for this one's, its 404s for the
+    # functions of this one (this serve failing to bind, later).
+    bound = f" functions on {url} with "
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                if bound in _read(log, still_s=0.0) and httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
