@@ -466,12 +466,12 @@ def test_float16_inputs_get_their_sparse_jacobian_in_every_format(client, fmt, a
 
 @pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
 def test_an_integer_output_is_refused_as_jacrev_refuses_it(client, mode):
-    """jacrev refuses a function with an integer output (the dense route: 500
-    function_error); sparse requests answered 200, the integer output's rows zeros."""
+    """jacrev refuses a function with an integer output (the dense route: 422
+    invalid_input); sparse requests answered 200, the integer output's rows zeros."""
     body = {"inputs": [[1.0, 3.0, 2.0]], "mode": mode}
-    dense = assert_problem(client.post("/v1/functions/with_an_index/jacobian", json=body), 500, "function_error")
+    dense = assert_problem(client.post("/v1/functions/with_an_index/jacobian", json=body), 422, "invalid_input")
     sparse = assert_problem(client.post("/v1/functions/with_an_index/jacobian", json={**body, "sparsity": "auto"}),
-                            500, "function_error")
+                            422, "invalid_input")
     assert "int64" in dense["detail"] and "int64" in sparse["detail"]
 
 

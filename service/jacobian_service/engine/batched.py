@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
 from ..types import Call, Result
 from .shapes import span
-from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, check_floating, differentiable, fresh,
+from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, differentiable, fresh,
                       function_error, is_oom)
 from .hessian import CHECK_ELEMENTS, STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, hvp_misses, with_output
 from .products import agrees_with_reverse, reverse_misses
@@ -50,7 +50,6 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     # whether the function computes with grad off (calling.GradOffWatch).
     watch = GradOffWatch(active=kind == "hessian")  # not on reverse mode's hot path
     first = engine.guard(lambda: watch.call(box, *fresh(_dims.example(args, in_dims, 0)))[0]) if batch else None
-    check_floating(first)
     no_rows = first is not None and not any(leaf.numel() for leaf in pytree.tree_leaves(first))
     profile.grad_off = profile.grad_off or watch.seen
     attempts = [("rev", not profile.vmap_pullback)]  # (strategy, jacrev row by row: see rows.py)

@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from jacobian_client import wire
 
-from ..errors import FunctionError, OutOfMemory, ServiceError, exception_text
+from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, exception_text
 from ..registry import FunctionSpec
 from ..types import Call
 
@@ -220,24 +220,36 @@ def changed_between_calls(what: str) -> FunctionError:
 
 def check_floating(out: Any) -> None:
     """Only real floating outputs have derivatives: jacrev refuses the rest, so every
-    mode does (forward mode would answer zeros of the output's integer dtype), in
-    jacrev's words, which torch.func.hessian (it runs jacrev) says too: an integer or
-    boolean output is refused by jacrev's vjp, then a complex one by jacrev itself."""
-    # One tensor, or a flat list of them (a Jacobian's output leaves): no pytree walk
-    if type(out) is torch.Tensor:
-        leaves: Any = (out,)
-    elif type(out) is list and all(type(leaf) is torch.Tensor for leaf in out):
-        leaves = out
+    mode does (forward mode would answer zeros of the output's integer dtype), and
+    torch.func.hessian (it runs jacrev) too. The function did not fail: the request asked
+    for a derivative its output does not have, so this is the request's 422, as for an
+    integer input to differentiate (the function's 500 ``function_error`` said so
+    before, though its evaluate and jvp answer), naming the output and quoting torch:
+    an integer or boolean output is refused by jacrev's vjp, a complex one by jacrev."""
+    if type(out) is torch.Tensor:  # one tensor (nearly every function): no pytree walk
+        if out.is_floating_point():
+            return
+        paths: Any = (((), out),)
     else:
-        leaves = pytree.tree_leaves(out)
-    for leaf in leaves:
+        if all(not isinstance(leaf, torch.Tensor) or leaf.is_floating_point() for leaf in pytree.tree_leaves(out)):
+            return  # (the box checks at every call: the paths only for the refusal's words)
+        paths = pytree.tree_flatten_with_path(out)[0]
+    for path, leaf in paths:
         if isinstance(leaf, torch.Tensor) and not (leaf.is_floating_point() or leaf.is_complex()):
-            raise FunctionError("RuntimeError: vjp(f, ...): All outputs of f must be floating-point or complex Tensors, "
-                                f"got Tensor with dtype {leaf.dtype}")
-    for i, leaf in enumerate(leaves):
+            raise InvalidInput(f"{_output_at(path)} is {str(leaf.dtype).removeprefix('torch.')}, which has no "
+                               "derivative: only floating-point outputs can be differentiated (torch.func.jacrev: "
+                               "vjp(f, ...): All outputs of f must be floating-point or complex Tensors, got Tensor "
+                               f"with dtype {leaf.dtype}); evaluate and jvp answer it")
+    for i, (path, leaf) in enumerate(paths):
         if isinstance(leaf, torch.Tensor) and leaf.is_complex():
-            raise FunctionError("RuntimeError: jacrev: Expected all outputs to be real but received complex tensor at "
-                                f"flattened input idx: {i}")
+            raise InvalidInput(f"{_output_at(path)} is {str(leaf.dtype).removeprefix('torch.')}, which has no "
+                               "real derivative (torch.func.jacrev: Expected all outputs to be real but received "
+                               f"complex tensor at flattened input idx: {i})")
+
+
+def _output_at(path: tuple[Any, ...]) -> str:
+    """``the output`` or ``the output[1]`` / ``the output['k']``, as pytree spells a leaf's path."""
+    return f"the output{pytree.keystr(path)}" if path else "the output"
 
 
 def fresh(tree: Any) -> Any:
@@ -255,8 +267,12 @@ class AuxBox:
     non-tensor leaves of aux are kept here, beside the call, and put back afterwards.
     """
 
-    def __init__(self, spec: FunctionSpec) -> None:
+    def __init__(self, spec: FunctionSpec, differentiated: bool = True) -> None:
         self.spec = spec
+        # The output is differentiated in reverse mode (every route but evaluate, jvp and
+        # a scalar's hvp): an integer output is refused at the call (check_floating), not
+        # left to torch.func.vjp, whose RuntimeError is the function's 500 function_error
+        self.differentiated = differentiated
         self.leaves: list[Any] = []
         self.treespec: Any = None
         self.pid = os.getpid()
@@ -272,11 +288,16 @@ class AuxBox:
                 # sockets (or in-process, a second server on its port). It ends here.
                 os._exit(0)
         if not self.spec.has_aux:
-            return _check_output(result), ()
+            out = _check_output(result)
+            if self.differentiated:
+                check_floating(out)
+            return out, ()
         if not (isinstance(result, tuple) and len(result) == 2):
             raise FunctionError(f"{self.spec.name} has has_aux=True but did not return (output, aux)")
         out, aux = result
         out = _check_output(out)
+        if self.differentiated:
+            check_floating(out)
         _check_aux(aux)
         leaves, self.treespec = pytree.tree_flatten(aux)
         self.leaves = [_aux_leaf(leaf) for leaf in leaves]

@@ -25,7 +25,7 @@ from . import batched as _batched
 from . import vmap_dims as _vmap_dims
 from . import hessian as _hessian
 from . import sparse as _sparse
-from .calling import (AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh,
+from .calling import (AuxBox, GradOffWatch, as_input_dtypes, differentiable, fresh,
                       function_error, is_oom, lacks_forward_ad)
 from .devices import release_free_heap
 from .dual_level import beside_a_held_dual_level
@@ -471,7 +471,6 @@ class Engine:
         if watch.seen:  # forward mode would see through its no_grad: jacrev's answer
             profile.grad_off = True
             return None
-        check_floating(out)
         out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
         in_numel = sum(p.numel() for p in pytree.tree_leaves(primals))
         if call.mode == "auto" and (in_numel >= out_numel or (
@@ -536,7 +535,7 @@ class Engine:
 
     def evaluate(self, call: Call, allow_loop: bool = True) -> Result:
         args = self.tensors(call)
-        box = AuxBox(call.spec)
+        box = AuxBox(call.spec, differentiated=False)
         batch_meta = None
         if call.batched:
             watch = _batched.UnbatchedOutputs(box)
@@ -667,7 +666,7 @@ class Engine:
 
     def jvp(self, call: Call) -> Result:
         args = self.tensors(call)
-        box = AuxBox(call.spec)
+        box = AuxBox(call.spec, differentiated=False)  # torch.func.jvp answers integer outputs
         g, primals = differentiable(box, args, call)
         like = primals if call.as_tuple else primals[0]
         tangents = self._vectors(_tangents_by_name(call.vectors, call), like, "tangents", call.batched_vectors)
@@ -704,7 +703,8 @@ class Engine:
         second-order product needs neither its whole Hessian (m n^2 numbers) nor a
         contraction on the client; with ``batched_vectors``, vmapped over the stacks."""
         args = self.tensors(call)
-        box = AuxBox(call.spec)
+        box = AuxBox(call.spec, differentiated=call.cotangents is not None)  # c . H t: a vjp; t: a grad,
+        # which answers a scalar integer output zeros, as torch.func's hvp (jvp of grad) does
         g, primals = differentiable(box, args, call)
         like = primals if call.as_tuple else primals[0]
         # The output first: no tangent can fix a function that is not scalar. Its random

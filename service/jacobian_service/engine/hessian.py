@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from ..errors import ServiceError
 from ..types import Call, Result
 from .shapes import span
-from .calling import (AuxBox, GradOffWatch, as_input_dtypes, check_floating, differentiable, fresh, function_error, is_oom,
+from .calling import (AuxBox, GradOffWatch, as_input_dtypes, differentiable, fresh, function_error, is_oom,
                       lacks_forward_ad)
 
 if TYPE_CHECKING:
@@ -259,7 +259,6 @@ def hessian(engine: "Engine", call: Call) -> Result:
     argnums: int | tuple[int, ...] = tuple(range(len(primals))) if call.as_tuple else 0
     watch = GradOffWatch()
     out, _ = engine.guard(lambda: watch.call(g, *fresh(primals)))
-    check_floating(out)
     profile = engine.profiles[call.spec.name]
     profile.grad_off = profile.grad_off or watch.seen
     out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))

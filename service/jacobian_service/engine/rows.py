@@ -16,7 +16,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..types import Call
-from .calling import AuxBox, check_floating, function_error, is_oom, partial
+from .calling import AuxBox, function_error, is_oom, partial
 from .devices import PeakMemory
 from .lean_vmap import vmap_rows
 from .products import vmap_agrees
@@ -87,7 +87,6 @@ class RowStream:
             self.leaves, self.out_spec = [output], _ONE_TENSOR
         else:
             self.leaves, self.out_spec = pytree.tree_flatten(output)
-        check_floating(self.leaves)
         self.sizes = [leaf.numel() for leaf in self.leaves]
         self.total_rows = sum(self.sizes)
         self.chunk_used: int | None = None  # after out-of-memory halving; 1 once rows loop

@@ -29,7 +29,7 @@ from jacobian_client._pattern import braille
 
 from ..errors import InvalidInput, ResultTooLarge, ServiceError, SparsityNotFound
 from ..types import Call, Result
-from .calling import AuxBox, check_floating, function_error
+from .calling import AuxBox, function_error
 
 __all__ = ["describe", "run_batch", "sparse_derivative", "streamed_rows"]
 
@@ -53,7 +53,6 @@ def _plan(
     compute functions (the request's name, or the empty pattern). ``dense_streamed``:
     the result limit does not bound the pattern (the memory budget still does)."""
     out, _ = engine.guard(lambda: box(*_copies(args)))  # the function may write into its inputs
-    check_floating(out)  # as jacrev refuses an integer output (the products gave it zeros)
     m = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
     if kind == "hessian" and m != 1:
         raise InvalidInput(f"a sparse Hessian needs a function with one scalar output; this one has {m} elements")
