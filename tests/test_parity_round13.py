@@ -97,10 +97,15 @@ def plain(tree: Any) -> Any:
 
 def as_torch(c, name: str, endpoint: str, inputs: list[Any], torch_call: Callable[[], Any], **options: Any) -> None:
     """The endpoint's answer is torch_call()'s, or, where torch raises, a 500
-    function_error naming torch's exception and saying its message."""
+    function_error naming torch's exception and saying its message (where torch refuses
+    an integer output, which has no derivative, the request's 422 quoting it: round 21)."""
     try:
         want = torch_call()
     except Exception as exc:  # noqa: BLE001 - whatever torch raises, the service says
+        if "All outputs of f must be floating-point" in str(exc):
+            body = assert_problem(post(c, name, endpoint, inputs, **options), 422, "invalid_input")
+            assert str(exc).splitlines()[0] in body["detail"], (str(exc), body)
+            return
         body = assert_problem(post(c, name, endpoint, inputs, **options), 500, "function_error")
         assert body["detail"].startswith(f"{type(exc).__name__}: "), (body, exc)
         assert str(exc).splitlines()[0][:80] in body["detail"], (str(exc), body)
