@@ -6,6 +6,7 @@ with aux of non-tensors and integer tensors, 0-d and empty tensors, float16/bflo
 
 from __future__ import annotations
 
+import torch
 from jacobian_service import Input, register
 
 V = ("n",)
@@ -46,3 +47,10 @@ def sin_and_sign(x):
 def index_with_float_aux(x):
     """has_aux whose output is the integer one: refused, whatever the aux."""
     return x.argmax(), x.sin()
+
+
+@register(inputs=[Input("x", shape=V)])
+def sin_and_polar(x):
+    """A real output beside a complex one: jacrev refuses ("Expected all outputs to be
+    real"); the wire carries no complex, so evaluate and jvp cannot answer either."""
+    return x.sin(), torch.polar(x.abs() + 1, x)

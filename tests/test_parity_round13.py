@@ -256,7 +256,8 @@ def test_per_example_hessian_of_a_solve_is_each_examples(c):
 
 def test_a_complex_output_is_the_wires_refusal(c):
     """linalg.eigvals of a real matrix is complex: torch's jacrev / jacfwd / hessian refuse
-    it, and the wire carries no complex, so every endpoint is a 500 saying so (README); a
+    it, and the wire carries no complex, so evaluate and jvp are a 500 saying so (README),
+    the derivative routes (since round 21) the request's 422 in jacrev's words; a
     complex input (to take abs or angle of) is a 422 naming its dtype. Complex numbers
     made inside from real inputs are served: complex_abs / complex_angle in the sweep."""
     x = sample("full", (2, 2))
@@ -270,8 +271,14 @@ def test_a_complex_output_is_the_wires_refusal(c):
                               ("jvp", {"tangents": arr(rand(2, 2))}), ("vjp", {"cotangents": arr(rand(2))}),
                               ("jacobian", {"batched": True})):
         inputs = [np.stack([x, x.T])] if options.get("batched") else [x]
-        body = assert_problem(post(c, "eigvals", endpoint, inputs, **options), 500, "function_error")
-        assert body["detail"] == "the output holds a complex128 tensor, which the wire does not carry", body
+        if endpoint in ("evaluate", "jvp"):
+            body = assert_problem(post(c, "eigvals", endpoint, inputs, **options), 500, "function_error")
+            assert body["detail"] == "the output holds a complex128 tensor, which the wire does not carry", body
+        else:
+            body = assert_problem(post(c, "eigvals", endpoint, inputs, **options), 422, "invalid_input")
+            assert body["detail"] == ("the output is complex128, which has no real derivative (torch.func.jacrev: "
+                                      "Expected all outputs to be real but received complex tensor at flattened "
+                                      "input idx: 0)"), body
 
 
 # --------------------------------------------------------------------------- 2. modules, ensembles, vmap

@@ -150,3 +150,26 @@ def test_where_torch_answers_an_integer_output_so_does_the_service(c):
         same(answer(post(c, name, "evaluate", [X]), "output")[0], fn(t(X)))
     got, _ = answer(post(c, "argmax_of", "hvp", [X], tangents=arr(X)), "hvp")
     same(got, jvp(grad(F.argmax_of), (t(X),), (t(X),))[1])
+
+
+def test_a_complex_output_is_refused_as_jacrev_refuses_it(c, sdk):
+    """TestJac.test_complex_error (R -> C): jacrev raises "Expected all outputs to be
+    real", jacfwd and hessian too. The service's 500 function_error said the wire does
+    not carry complex (as if the function had failed) on every route; the derivative
+    routes are now the request's 422 in jacrev's words, naming the leaf. evaluate and
+    jvp, which torch answers in complex, stay the function's 500: no format carries it."""
+    with pytest.raises(RuntimeError, match="Expected all outputs to be real") as raised:
+        jacrev(F.sin_and_polar)(t(X))
+    says = str(raised.value).splitlines()[0]
+    with pytest.raises(RuntimeError, match="Expected all outputs to be real"):
+        hessian(F.sin_and_polar)(t(X))
+    for endpoint, options in ROUTES[:10] + [("vjp", {"cotangents": [arr(X), arr(X)]})]:
+        inputs = [np.stack([X, -X])] if options.get("batched") else [X]
+        body = assert_problem(post(c, "sin_and_polar", endpoint, inputs, **options), 422, "invalid_input")
+        assert body["detail"] == f"the output[1] is complex64, which has no real derivative (torch.func.{says})", body
+    for transport in ("binary", "json"):
+        with pytest.raises(InvalidInput, match="Expected all outputs to be real"):
+            sdk.jacobian("sin_and_polar", X, transport=transport)
+    for endpoint, options in (("evaluate", {}), ("jvp", {"tangents": arr(X)})):
+        body = assert_problem(post(c, "sin_and_polar", endpoint, [X], **options), 500, "function_error")
+        assert body["detail"] == "the output holds a complex64 tensor, which the wire does not carry", body

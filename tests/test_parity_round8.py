@@ -256,12 +256,16 @@ CANNOT = {
 @pytest.mark.parametrize("name", sorted(CANNOT))
 def test_outputs_torch_or_the_wire_cannot_take_are_the_functions_error_everywhere(c, name):
     """Never a 200, never internal_error: a 500 function_error saying what was wrong,
-    on every endpoint; where torch.func's jacrev / jvp raise in-process, so does it."""
+    on every endpoint; where torch.func's jacrev / jvp raise in-process, so does it.
+    (A complex output's derivative, which torch refuses, is the request's 422 since
+    round 21: test_parity_round13::test_a_complex_output_is_the_wires_refusal.)"""
     fn = getattr(F, name)
     if name in TORCH_RAISES:  # jacrev in-process raises too (meta_out's it computes: the wire cannot)
         with pytest.raises(RuntimeError):
             jacrev(fn, has_aux=name == "aux_triple")(torch.tensor(X))
     for kind in KINDS:
+        if name == "complex_out" and kind not in ("evaluate", "jvp", "hvp"):
+            continue
         problem = assert_problem(c.post(f"/v1/functions/{name}/{kind}", json=body(kind)), 500, "function_error")
         assert problem["detail"].endswith(CANNOT[name]), (kind, problem["detail"])
 

@@ -179,9 +179,14 @@ def _check_aux(aux: Any) -> None:
             _aux_leaf(node)
 
 
-def _check_output(out: Any) -> Any:
-    """``out`` if the wire can carry it, its tensor subclasses made plain tensors."""
+def _check_output(out: Any, differentiated: bool) -> Any:
+    """``out`` if the wire can carry it, its tensor subclasses made plain tensors; if it
+    is to be ``differentiated``, first that it has a derivative (:func:`check_floating`:
+    a complex output, which the wire does not carry, is then the request's 422 in
+    jacrev's words, as an integer one is, not the function's 500)."""
     if type(out) is torch.Tensor:  # one plain tensor (nearly every function): no pytree walk
+        if differentiated:
+            check_floating(out)
         _check_tensor(out, "the output")
         return out
     leaves, treespec = pytree.tree_flatten(out)
@@ -190,6 +195,8 @@ def _check_output(out: Any) -> Any:
     if any(type(leaf) is not torch.Tensor for leaf in leaves):
         leaves = [_plain(leaf) for leaf in leaves]
         out = pytree.tree_unflatten(leaves, treespec)
+    if differentiated:
+        check_floating(out)
     for leaf in leaves:
         _check_tensor(leaf, "the output")
     return out
@@ -224,8 +231,10 @@ def check_floating(out: Any) -> None:
     torch.func.hessian (it runs jacrev) too. The function did not fail: the request asked
     for a derivative its output does not have, so this is the request's 422, as for an
     integer input to differentiate (the function's 500 ``function_error`` said so
-    before, though its evaluate and jvp answer), naming the output and quoting torch:
-    an integer or boolean output is refused by jacrev's vjp, a complex one by jacrev."""
+    before, though its evaluate and jvp answer an integer output), naming the output and
+    quoting torch: an integer or boolean output is refused by jacrev's vjp, a complex
+    one by jacrev (the wire carries no complex: evaluate and jvp refuse it as the
+    function's 500)."""
     if type(out) is torch.Tensor:  # one tensor (nearly every function): no pytree walk
         if out.is_floating_point():
             return
@@ -270,8 +279,9 @@ class AuxBox:
     def __init__(self, spec: FunctionSpec, differentiated: bool = True) -> None:
         self.spec = spec
         # The output is differentiated in reverse mode (every route but evaluate, jvp and
-        # a scalar's hvp): an integer output is refused at the call (check_floating), not
-        # left to torch.func.vjp, whose RuntimeError is the function's 500 function_error
+        # a scalar's hvp): an integer or complex output is refused at the call
+        # (check_floating), not left to torch.func.vjp, whose RuntimeError was the
+        # function's 500 function_error, or to the wire (complex: 500 too)
         self.differentiated = differentiated
         self.leaves: list[Any] = []
         self.treespec: Any = None
@@ -288,16 +298,11 @@ class AuxBox:
                 # sockets (or in-process, a second server on its port). It ends here.
                 os._exit(0)
         if not self.spec.has_aux:
-            out = _check_output(result)
-            if self.differentiated:
-                check_floating(out)
-            return out, ()
+            return _check_output(result, self.differentiated), ()
         if not (isinstance(result, tuple) and len(result) == 2):
             raise FunctionError(f"{self.spec.name} has has_aux=True but did not return (output, aux)")
         out, aux = result
-        out = _check_output(out)
-        if self.differentiated:
-            check_floating(out)
+        out = _check_output(out, self.differentiated)
         _check_aux(aux)
         leaves, self.treespec = pytree.tree_flatten(aux)
         self.leaves = [_aux_leaf(leaf) for leaf in leaves]
