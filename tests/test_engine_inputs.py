@@ -52,10 +52,10 @@ def test_an_integer_leaf_nested_in_a_list_output_is_refused():
     """The floating check takes a flat list of tensors without a walk; a list that nests
     (a tuple inside) is still walked to its leaves."""
     from jacobian_service.engine.calling import check_floating
-    from jacobian_service.errors import FunctionError
+    from jacobian_service.errors import InvalidInput
 
     check_floating([torch.ones(2), torch.ones(3)])
-    with pytest.raises(FunctionError, match="int64"):
+    with pytest.raises(InvalidInput, match=r"the output\[1\]\[0\] is int64"):  # the request's 422 (round 21)
         check_floating([torch.ones(2), (torch.ones(2, dtype=torch.int64),)])
-    with pytest.raises(FunctionError, match="int64"):
+    with pytest.raises(InvalidInput, match="the output is int64"):
         check_floating(torch.ones(2, dtype=torch.int64))
