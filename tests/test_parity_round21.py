@@ -21,19 +21,14 @@ from jacobian_client import InvalidInput, wire
 from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
 
 from . import parity21_functions as F
-from .conftest import assert_problem, npy_bytes, npz_bytes, ready_app, sdk_over
+from .conftest import assert_problem, npy_bytes, npz_bytes, ready_app
 from .test_parity_round7 import answer, arr, post, same, t
+from .test_parity_round15 import sdk  # noqa: F401 (the SDK over this module's app)
 
 
 @pytest.fixture(scope="module")
 def c() -> Iterator[Any]:
     with ready_app("tests.parity21_functions") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def sdk(c) -> Iterator[Any]:
-    with sdk_over(c) as client:
         yield client
 
 
