@@ -93,6 +93,9 @@ def test_an_integer_output_is_the_requests_422_on_every_derivative_route(c, name
         body = assert_problem(post(c, name, endpoint, inputs, **options), 422, "invalid_input")
         assert body["detail"].startswith(NO_DERIVATIVE[name] + ", which has no derivative"), (endpoint, options, body)
         assert says in body["detail"], (endpoint, options, body)
+    # the pattern of a Jacobian that does not exist (GET .../sparsity), likewise
+    body = assert_problem(c.get(f"/v1/functions/{name}/sparsity?shapes=3"), 422, "invalid_input")
+    assert body["detail"].startswith(NO_DERIVATIVE[name] + ", which has no derivative"), body
 
 
 @pytest.mark.parametrize("accept", [wire.NPY, wire.NPZ, wire.JSON])

@@ -196,7 +196,7 @@ def _check_output(out: Any, differentiated: bool) -> Any:
         leaves = [_plain(leaf) for leaf in leaves]
         out = pytree.tree_unflatten(leaves, treespec)
     if differentiated:
-        check_floating(out)
+        check_floating(out, leaves)
     for leaf in leaves:
         _check_tensor(leaf, "the output")
     return out
@@ -225,7 +225,7 @@ def changed_between_calls(what: str) -> FunctionError:
     return FunctionError(_CHANGED.format(what=what))
 
 
-def check_floating(out: Any) -> None:
+def check_floating(out: Any, leaves: Sequence[Any] | None = None) -> None:
     """Only real floating outputs have derivatives: jacrev refuses the rest, so every
     mode does (forward mode would answer zeros of the output's integer dtype), and
     torch.func.hessian (it runs jacrev) too. The function did not fail: the request asked
@@ -240,8 +240,11 @@ def check_floating(out: Any) -> None:
             return
         paths: Any = (((), out),)
     else:
-        if all(not isinstance(leaf, torch.Tensor) or leaf.is_floating_point() for leaf in pytree.tree_leaves(out)):
-            return  # (the box checks at every call: the paths only for the refusal's words)
+        # ``leaves``: out's, where the caller has them (the box checks at every call: no
+        # second walk); the paths only for the refusal's words
+        if all(leaf.is_floating_point() for leaf in (pytree.tree_leaves(out) if leaves is None else leaves)
+               if isinstance(leaf, torch.Tensor)):
+            return
         paths = pytree.tree_flatten_with_path(out)[0]
     for path, leaf in paths:
         if isinstance(leaf, torch.Tensor) and not (leaf.is_floating_point() or leaf.is_complex()):
