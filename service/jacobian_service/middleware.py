@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from . import clients
 from .errors import ExpectationFailed, Forbidden, MalformedRequest, Unauthorized, UnsupportedTransferCoding
-from .framing import UNSUPPORTED_CODING
+from .framing import UNSUPPORTED_CODING, has_body
 from .logs import quick_record
 from .request_ids import new_request_id
 from .responses import echo, problem_response
@@ -159,8 +159,12 @@ class AccessMiddleware:
         # may never send it (RFC 9110 10.1.1), and the connection kept open took its next
         # request for the body: eaten, no answer, until the connection timed out. Such an
         # answer now closes the connection (as Go's server does). Only requests that
-        # expect pay for the wrapped receive.
-        body_asked = not expects
+        # expect pay for the wrapped receive. A request that announces no body (no
+        # Content-Length, or 0, and no Transfer-Encoding) leaves nothing in the stream
+        # to be taken for the next request, whatever it expects: its connection is kept
+        # (a client that sends the header on every request, as .NET's ExpectContinue on
+        # an HttpClient's default headers does, had each GET close its connection).
+        body_asked = not expects or not has_body(scope["headers"])
 
         async def receive_marked() -> dict[str, Any]:
             nonlocal body_asked
