@@ -1,20 +1,25 @@
 """Red team, round twenty-five: hostile clients over raw sockets and odd HTTP (an
-``Expect: 100-continue`` on a request with no body; ...).
+``Expect: 100-continue`` on a request with no body; a ``;`` or ``,`` inside a quoted
+parameter value of Content-Type or Accept; ...).
 
-Each names what a user saw before. The HTTP cases run the real app (no engines started:
-nothing here computes) under the server's guarded protocol class on each of uvicorn's
-parsers (``test_connections._guarded_uvicorn``).
+Each names what a user saw before. The connection cases run the real app (no engines
+started: nothing there computes) under the server's guarded protocol class on each of
+uvicorn's parsers (``test_connections._guarded_uvicorn``); the header cases run on the
+session's in-process app (``client``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from typing import Iterator
 
+import numpy as np
 import pytest
 
 from ._client_support import real_app
+from .conftest import assert_problem, decode
 from .test_connections import _connect, _guarded_uvicorn, _read_to_close
 
 IMPLEMENTATIONS = ["h11", "httptools"]
@@ -64,3 +69,45 @@ def test_an_expectation_on_a_request_with_no_body_keeps_the_connection(urls: dic
     s.close()
     answers = _answers(raw)
     assert [status for status, _ in answers] == [200] and b"connection: close" in answers[0][1], raw[:400]
+
+
+# ------------------------------------------------------------ header parameters: quoted strings
+
+
+def _softmax_jacobian(x: np.ndarray) -> np.ndarray:
+    import torch
+
+    return torch.func.jacrev(torch.softmax, argnums=0)(torch.from_numpy(x), 0).numpy()
+
+
+@pytest.mark.parametrize("content_type, accept", [
+    ('application/json; foo="a;charset=utf-16"', "application/json"),
+    ('application/json; charset="utf\\-8"', "application/json"),  # (a quoted pair: utf-8)
+    ("application/json", 'application/json; ext="a;q=0"'),
+    ("application/json", 'application/json;q=0.5; ext="b, application/x-npy;q=1;c="'),  # (no .npy asked for)
+])
+def test_a_separator_inside_a_quoted_parameter_value_separates_nothing(client, content_type: str, accept: str) -> None:
+    """A parameter's value may be a quoted string (RFC 9110 5.6.4, 5.6.6), which may hold
+    ``;`` and ``,``. They were split at all the same: ``application/json;
+    foo="a;charset=utf-16"`` was a 415 "not as charset='utf-16'" for a UTF-8 body, and
+    ``Accept: application/json; ext="a;q=0"`` a 406 (JSON read as refused), and a quoted
+    ``, application/x-npy;q=1`` was answered .npy, never asked for. Each is the
+    JSON Jacobian, as torch.func.jacrev computes it."""
+    x = np.linspace(-1, 1, 5, dtype=np.float32)
+    r = client.post("/v1/functions/softmax/jacobian", content=json.dumps({"inputs": [x.tolist()]}),
+                    headers={"content-type": content_type, "accept": accept})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json"), r.text
+    J, _ = decode(r)
+    np.testing.assert_allclose(J, _softmax_jacobian(x), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("content_type, said", [
+    ('application/json; foo="a;b"; charset=utf-16', "utf-16"),
+    ('application/json; charset="latin\\"1"', 'latin"1'),
+])
+def test_a_charset_beside_or_in_quotes_is_still_read(client, content_type: str, said: str) -> None:
+    """The other side of the same reading: a charset after a quoted value holding a ``;``,
+    or a quoted one, is still the charset said, and refused where it is not UTF-8."""
+    problem = assert_problem(client.post("/v1/functions/softmax/jacobian", content=b'{"inputs": [[0.5]]}',
+                                         headers={"content-type": content_type}), 415, "unsupported_media_type")
+    assert f"charset={said!r}" in problem["detail"], problem

@@ -18,6 +18,7 @@ from jacobian_client import wire
 
 from .types import Result, is_sparse_matrix
 from .errors import NotAcceptable, Overloaded, ServiceError, Unavailable
+from .header_params import split_unquoted
 
 __all__ = [
     "EncodeBudget", "JsonRows", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
@@ -54,8 +55,8 @@ def _acceptable(accept: str | None) -> list[str]:
     # (the range stood for JSON alone). A range covers what is not named, JSON first.
     named: set[str] = set()
     ranges: list[tuple[float, int]] = []
-    for order, part in enumerate(accept.split(",")):
-        fields = [f.strip() for f in part.split(";")]
+    for order, part in enumerate(split_unquoted(accept, ",")):  # (a quoted value may hold a "," or ";")
+        fields = [f.strip() for f in split_unquoted(part, ";")]
         media = fields[0].lower()
         q = 1.0
         for param in fields[1:]:
