@@ -1,6 +1,7 @@
 """Red team, round twenty-five: hostile clients over raw sockets and odd HTTP (an
 ``Expect: 100-continue`` on a request with no body; a ``;`` or ``,`` inside a quoted
-parameter value of Content-Type or Accept; ...).
+parameter value of Content-Type or Accept; a control character in a header or trailer
+field's value, read by h11 and refused by llhttp).
 
 Each names what a user saw before. The connection cases run the real app (no engines
 started: nothing there computes) under the server's guarded protocol class on each of
@@ -13,14 +14,16 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 from typing import Iterator
 
+import httpx
 import numpy as np
 import pytest
 
 from ._client_support import real_app
 from .conftest import assert_problem, decode
-from .test_connections import _connect, _guarded_uvicorn, _read_to_close
+from .test_connections import _connect, _guarded_uvicorn, _problem, _read_to_close
 
 IMPLEMENTATIONS = ["h11", "httptools"]
 
@@ -111,3 +114,50 @@ def test_a_charset_beside_or_in_quotes_is_still_read(client, content_type: str, 
     problem = assert_problem(client.post("/v1/functions/softmax/jacobian", content=b'{"inputs": [[0.5]]}',
                                          headers={"content-type": content_type}), 415, "unsupported_media_type")
     assert f"charset={said!r}" in problem["detail"], problem
+
+
+# ------------------------------------------------------------ control characters in field values
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("byte", [0x01, 0x1B, 0x7F])
+def test_a_control_character_in_a_field_value_is_a_400_under_either_parser(urls: dict[str, str], implementation: str,
+                                                                           byte: int) -> None:
+    """RFC 9110 5.5: a field's value is visible characters, spaces and tabs. llhttp refuses
+    any other control character; uvicorn's h11 refused only NUL and whitespace, and read
+    0x01-0x08, 0x0e-0x1f and DEL into the value: a GET /healthz with ``X-A: a<ESC>b`` was
+    a 200 there and a 400 under httptools (a proxy in front reading it either way), and a
+    chunked body's trailer field holding one was kept (the JSON's own 400
+    malformed_body). Now each is the same 400 malformed_request under both, the
+    connection closed and what was pipelined behind it never read; an honest client on a
+    keep-alive connection beside them is served throughout."""
+    url = urls[implementation]
+    control = bytes([byte])
+    honest: list[int] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            while not stop.is_set() or len(honest) < 3:
+                r = c.get("/v1/functions/softmax")
+                honest.append(r.status_code if r.json()["name"] == "softmax" else -1)
+
+    thread = threading.Thread(target=keep_asking)
+    thread.start()
+    try:
+        chunked = b"1\r\n{\r\n0\r\nX-T: a" + control + b"b\r\n\r\n"  # (a body that is no JSON: read, it is a 400 of its own)
+        for request in (b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: a" + control + b"b\r\n\r\n" + _NEXT,
+                        b"POST /v1/functions/softmax/evaluate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n" + chunked + _NEXT):
+            s = _connect(url)
+            s.sendall(request)
+            raw = _read_to_close(s, 10)
+            s.close()
+            assert [status for status, _ in _answers(raw)] == [400], raw[-300:]  # (and nothing after it)
+            _, headers, problem = _problem(raw)
+            assert problem["code"] == "malformed_request" and headers["connection"] == "close", raw[-300:]
+            assert problem["detail"].startswith("the request is not valid HTTP/1.1 (Invalid header value char)"), problem
+    finally:
+        stop.set()
+        thread.join(30)
+    assert honest and set(honest) == {200}, honest

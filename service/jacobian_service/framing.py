@@ -13,7 +13,9 @@ client must get the same answer from either server. Two gaps:
   asking to switch protocols with a body (which llhttp, and perhaps a proxy in front,
   take for the new protocol's bytes); it took an absolute-form target
   (``http://host/path``, which a server must accept) for a path (404); a chunk size line
-  ending in a bare LF left the request waiting for its body's timeout.
+  ending in a bare LF left the request waiting for its body's timeout; a control
+  character (0x01-0x08, 0x0e-0x1f, DEL) in a header or trailer field's value was read
+  into it.
   :class:`StrictReceiveBuffer`, h11's receive buffer, refuses them (400) where llhttp
   does; it skips empty lines before a request line, as llhttp does and RFC 9112 2.2 asks
   (h11 answered a client that sent CRLF after a body 400 at its next request), and reads
@@ -97,6 +99,11 @@ _QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
 _EXT_VALUE = rb"=(?:%s*|%s)" % (_TOKEN_CHAR, _QUOTED)
 _CHUNK_LINE = re.compile(rb"(?P<size>[0-9A-Fa-f]+)(?:;(?:%s+(?:%s)?|%s))*\r\n" % (_TOKEN_CHAR, _EXT_VALUE, _EXT_VALUE))
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+# A control character in a field's value (RFC 9110 5.5: visible characters, spaces and
+# tabs, and obs-text), which llhttp refuses; h11 refuses only NUL and what Python's regex
+# calls whitespace, and read the rest (0x01-0x08, 0x0e-0x1f, DEL) into the value. (A CR is
+# h11's to refuse: it does.)
+_VALUE_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # (where h11 ends a head)
 _HTTP1 = (b"HTTP/1.1", b"HTTP/1.0")
 # The methods llhttp reads in an HTTP/1 request (httptools 0.9; CONNECT and PRI it reads
@@ -132,6 +139,8 @@ def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
         if line[:1] in (b" ", b"\t"):
             return "Unexpected whitespace after header value"  # (a folded line: header_fault names it)
         name, _, value = line.partition(b":")
+        if _VALUE_CONTROL.search(value) is not None:
+            return "Invalid header value char"  # (llhttp's words; connections.header_fault names the field)
         name = name.lower()
         fields.append((name, value))
         if name == b"content-length":
