@@ -1,7 +1,8 @@
 """Red team, round twenty-five: hostile clients over raw sockets and odd HTTP (an
 ``Expect: 100-continue`` on a request with no body; a ``;`` or ``,`` inside a quoted
 parameter value of Content-Type or Accept; a control character in a header or trailer
-field's value, read by h11 and refused by llhttp).
+field's value, read by h11 and refused by llhttp; h11's own 16 KiB limit on a head that
+comes in pieces, met before the server's 32 KiB).
 
 Each names what a user saw before. The connection cases run the real app (no engines
 started: nothing there computes) under the server's guarded protocol class on each of
@@ -14,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
 import threading
+import time
 from typing import Iterator
 
 import httpx
@@ -42,6 +45,29 @@ def _answers(raw: bytes) -> list[tuple[int, bytes]]:
 
 
 _NEXT = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+
+
+@contextlib.contextmanager
+def _an_honest_client_beside(url: str) -> Iterator[None]:
+    """While the block runs, an honest client asks for a function's description on one
+    keep-alive connection, again and again: every answer must be whole and right."""
+    honest: list[int] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            while not stop.is_set() or len(honest) < 3:
+                r = c.get("/v1/functions/softmax")
+                honest.append(r.status_code if r.json()["name"] == "softmax" else -1)
+
+    thread = threading.Thread(target=keep_asking)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+    assert honest and set(honest) == {200}, honest
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -133,19 +159,8 @@ def test_a_control_character_in_a_field_value_is_a_400_under_either_parser(urls:
     keep-alive connection beside them is served throughout."""
     url = urls[implementation]
     control = bytes([byte])
-    honest: list[int] = []
-    stop = threading.Event()
-
-    def keep_asking() -> None:
-        with httpx.Client(base_url=url, timeout=10) as c:
-            while not stop.is_set() or len(honest) < 3:
-                r = c.get("/v1/functions/softmax")
-                honest.append(r.status_code if r.json()["name"] == "softmax" else -1)
-
-    thread = threading.Thread(target=keep_asking)
-    thread.start()
-    try:
-        chunked = b"1\r\n{\r\n0\r\nX-T: a" + control + b"b\r\n\r\n"  # (a body that is no JSON: read, it is a 400 of its own)
+    chunked = b"1\r\n{\r\n0\r\nX-T: a" + control + b"b\r\n\r\n"  # (a body that is no JSON: read, it is a 400 of its own)
+    with _an_honest_client_beside(url):
         for request in (b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: a" + control + b"b\r\n\r\n" + _NEXT,
                         b"POST /v1/functions/softmax/evaluate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                         b"Transfer-Encoding: chunked\r\n\r\n" + chunked + _NEXT):
@@ -157,7 +172,40 @@ def test_a_control_character_in_a_field_value_is_a_400_under_either_parser(urls:
             _, headers, problem = _problem(raw)
             assert problem["code"] == "malformed_request" and headers["connection"] == "close", raw[-300:]
             assert problem["detail"].startswith("the request is not valid HTTP/1.1 (Invalid header value char)"), problem
-    finally:
-        stop.set()
-        thread.join(30)
-    assert honest and set(honest) == {200}, honest
+
+
+# ------------------------------------------------------------ the header limit at its edge, in pieces
+
+
+def _send_in_pieces(url: str, data: bytes, piece: int = 4096) -> bytes:
+    """``data`` written a piece at a time, as a slow client's writes arrive (each its own
+    read at the server); what the server sends until it closes."""
+    s = _connect(url)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for start in range(0, len(data), piece):
+        s.sendall(data[start:start + piece])
+        time.sleep(0.005)  # (pacing the client: no event of the server's to wait for)
+    raw = _read_to_close(s, 10)
+    s.close()
+    return raw
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_the_header_limit_holds_at_its_edge_under_either_parser_in_pieces(urls: dict[str, str],
+                                                                         implementation: str) -> None:
+    """A head of exactly MAX_HEADER_BYTES is served and one byte more is a 431, under
+    either parser, however the bytes come. Under uvicorn's h11 its own 16 KiB limit on an
+    unfinished head came first when a head arrived in pieces: a 20 KiB head, or one of
+    exactly the limit, was a 400 "Invalid HTTP request received" (httptools: 200), and one
+    byte over the limit a 400 (httptools: 431)."""
+    from jacobian_service.connections import MAX_HEADER_BYTES
+
+    url = urls[implementation]
+    start = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Pad: "
+    with _an_honest_client_beside(url):
+        for size, status in ((MAX_HEADER_BYTES, 200), (MAX_HEADER_BYTES + 1, 431)):
+            raw = _send_in_pieces(url, start + b"a" * (size - len(start) - 4) + b"\r\n\r\n")
+            assert [s for s, _ in _answers(raw)] == [status], raw[-300:]
+            if status == 431:
+                _, _, problem = _problem(raw)
+                assert problem["code"] == "headers_too_large" and f"limit of {MAX_HEADER_BYTES} bytes" in problem["detail"]

@@ -53,7 +53,7 @@ from jacobian_client import wire
 
 from .clients import address_client
 from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
-from .framing import UPGRADE_WITH_BODY, has_body, http10, strict_h11_buffer
+from .framing import UPGRADE_WITH_BODY, framing_too_large, has_body, head_too_large, http10, strict_h11_buffer
 from .half_close import PROBE, PeerWatch
 from .holders import Holders
 from .request_ids import new_request_id
@@ -684,8 +684,9 @@ _DRAIN_POLL_S = 0.25
 # whatever the HTTP implementation: httptools sets no limit of its own, and a few MiB of
 # short headers cost a front end ~12 times their size as Python objects (measured: 2 MB
 # of "X-H1: v" lines grew it by 24 MB), held by a client for up to header_timeout_s.
-# (uvicorn's h11 has a 16 KiB limit of its own, which it reports as an unreadable request
-# when headers come in smaller pieces than that.) Cookies and bearer tokens fit many times.
+# (uvicorn's h11 has a 16 KiB limit of its own, which it reported as an unreadable request,
+# 400, when headers came in smaller pieces than that: framing.strict_h11_buffer sets it to
+# this one.) Cookies and bearer tokens fit many times.
 MAX_HEADER_BYTES = 32 << 10
 # ... and in at most this many fields (either parser): within 32 KiB, 3,500 short fields
 # ("a1:b") held ~420 KB of Python objects for as long as their request ran (a queued or
@@ -876,7 +877,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending, self._app_told_gone, drain))
             if getattr(self, "conn", None) is not None:  # h11: refusing what llhttp refuses (framing.py)
-                strict_h11_buffer(self.conn, self._h11_fault)
+                strict_h11_buffer(self.conn, self._h11_fault, max_header_bytes)
             peer = transport.get_extra_info("peername")
             self._peer = address_client(peer[0]) if isinstance(peer, tuple) and peer else ""  # (a port is no client)
             live[self] = None
@@ -1033,7 +1034,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self._header_bytes += in_piece
                 self._tail = scan[-3:] if end < 0 else b""
                 if self._header_bytes > max_header_bytes:
-                    self._refuse(HeadersTooLarge(f"the request's headers are over the limit of {max_header_bytes} bytes"),
+                    self._refuse(head_too_large(max_header_bytes),
                                  self._parsed_origins(begun) + _origins_in(scan))
                     return
                 if getattr(self, "conn", None) is not None:
@@ -1069,8 +1070,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 if cycle is not None and cycle.response_started:  # answered already: nobody to tell
                     self.transport.close()
                 else:
-                    self._refuse(HeadersTooLarge(f"the request's chunk framing and trailer fields are over the "
-                                                 f"limit of {max_header_bytes} bytes"), self._parsed_origins(True))
+                    self._refuse(framing_too_large(max_header_bytes), self._parsed_origins(True))
 
         def on_body(self, body: bytes) -> None:  # httptools
             self._body_fed += len(body)

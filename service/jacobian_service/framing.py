@@ -39,9 +39,10 @@ from typing import Any, Callable
 import h11
 from h11._receivebuffer import ReceiveBuffer  # (uvicorn's h11 protocol reads through one per connection)
 
-from .errors import ServiceError, UnsupportedTransferCoding
+from .errors import HeadersTooLarge, ServiceError, UnsupportedTransferCoding
 
-__all__ = ["UNSUPPORTED_CODING", "UPGRADE_WITH_BODY", "StrictReceiveBuffer", "has_body", "http10", "strict_h11_buffer"]
+__all__ = ["UNSUPPORTED_CODING", "UPGRADE_WITH_BODY", "StrictReceiveBuffer", "framing_too_large", "has_body", "head_too_large",
+           "http10", "strict_h11_buffer"]
 
 # (RFC 9112 6.1: 501 for a transfer coding the server does not understand; middleware.py says it too)
 UNSUPPORTED_CODING = "the only transfer coding served is chunked; send the body as it is"
@@ -49,6 +50,17 @@ UNSUPPORTED_CODING = "the only transfer coding served is chunked; send the body 
 # too: a tunnel), so its body is never read as HTTP/1.1 (connections.py refuses it there).
 UPGRADE_WITH_BODY = ("a request asking to switch protocols (Connection: upgrade) with a body, which this server "
                      "cannot read as HTTP/1.1: it speaks HTTP/1.1 only; send the request without 'Connection: upgrade'")
+
+
+def head_too_large(limit: int) -> HeadersTooLarge:
+    """The 431 of a head past ``limit`` bytes, whichever parser reads it."""
+    return HeadersTooLarge(f"the request's headers are over the limit of {limit} bytes")
+
+
+def framing_too_large(limit: int) -> HeadersTooLarge:
+    """The 431 of chunk size lines and trailer fields past ``limit`` bytes between two
+    pieces of a body, whichever parser reads them."""
+    return HeadersTooLarge(f"the request's chunk framing and trailer fields are over the limit of {limit} bytes")
 
 
 def has_body(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -180,21 +192,28 @@ def _origin_form(target: bytes) -> bytes | None:
     return match["path"] if match is not None else None
 
 
-def strict_h11_buffer(conn: Any, on_fault: Callable[[str | ServiceError], None]) -> None:
+def strict_h11_buffer(conn: Any, on_fault: Callable[[str | ServiceError], None], limit: int) -> None:
     """Give h11's connection ``conn`` a :class:`StrictReceiveBuffer` (before it has read
     anything); ``on_fault`` is told why it refuses a request (a reason for a 400, or the
-    error to answer), before h11 raises."""
+    error to answer), before h11 raises. ``limit``: the most bytes a head, or the chunk
+    framing and trailers between two pieces of a body, may hold (431 past it)."""
     if type(getattr(conn, "_receive_buffer", None)) is ReceiveBuffer:  # (an h11 whose insides differ: left as it is)
-        conn._receive_buffer = StrictReceiveBuffer(conn, on_fault)
+        conn._receive_buffer = StrictReceiveBuffer(conn, on_fault, limit)
+        # h11's own limit on an unfinished head or line (uvicorn's 16 KiB), reached first,
+        # was its 400 "Invalid HTTP request received" for a head of 16 to 32 KiB come in
+        # pieces (httptools: 200), or one past 32 KiB (431), and for trailers of 16 KiB: the
+        # buffer's limit above is the one met, h11's never.
+        conn._max_incomplete_event_size = limit
 
 
 class StrictReceiveBuffer(ReceiveBuffer):
     """h11's receive buffer, refusing what llhttp refuses (above) as h11 reads it."""
 
-    def __init__(self, conn: Any, on_fault: Callable[[str | ServiceError], None]) -> None:
+    def __init__(self, conn: Any, on_fault: Callable[[str | ServiceError], None], limit: int) -> None:
         super().__init__()
         self._conn = conn
         self._on_fault = on_fault
+        self._limit = limit
 
     def _refuse(self, reason: str | ServiceError) -> None:
         self._on_fault(reason)
@@ -214,6 +233,8 @@ class StrictReceiveBuffer(ReceiveBuffer):
         if data[:2] != b"\r\n":  # (else an empty trailer section, which h11 reads as it is)
             match = _BLANK_LINE.search(data, self._multiple_lines_search)
             if match is None:
+                if len(data) > self._limit:  # (a head's bytes are counted before this, connections.py: the same 431)
+                    self._refuse(framing_too_large(self._limit) if trailers else head_too_large(self._limit))
                 self._multiple_lines_search = max(0, len(data) - 2)
                 return None
             fault = _head_fault(bytes(data[:match.end()]), trailers)
@@ -249,6 +270,8 @@ class StrictReceiveBuffer(ReceiveBuffer):
         if line is None:
             if self._data.find(b"\n", start) >= 0:
                 self._refuse("a chunk size line ends in a bare LF: lines end in CRLF (RFC 9112 2.2)")
+            if len(self._data) > self._limit:
+                self._refuse(framing_too_large(self._limit))
             return None
         match = _CHUNK_LINE.fullmatch(line)
         if match is None:
