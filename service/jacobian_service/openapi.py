@@ -539,6 +539,18 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
     return op
 
 
+# OPTIONS and HEAD are the router's on every path (routes._allowed), not operations: as
+# FastAPI leaves them out, and schemathesis treats them as implicit (its checks hold a
+# plain OPTIONS's Allow, less those two, to the methods a path lists, and send every
+# other method for a 405). Listed, each path would show Swagger UI and ReDoc an operation
+# more, and client generators a function more, that calls nothing. The document says so
+# once, where a reader of /docs and /redoc sees it.
+_IMPLICIT_METHODS = (
+    "Every path also answers `OPTIONS` (204, its `Allow` naming the methods it takes; a CORS preflight where "
+    "`CORS_ORIGINS` allows the page) and, wherever it answers `GET`, `HEAD`: the server's own, not listed as "
+    "operations. Any other method is a 405 `method_not_allowed` with that `Allow`.")
+
+
 def build_openapi(routes: list[Route], registry: Registry, root_path: str = "", *, api_keys: bool = False,
                   metrics_auth: bool = False) -> dict[str, Any]:
     """``api_keys`` / ``metrics_auth``: what the server in front of this document
@@ -559,7 +571,8 @@ def build_openapi(routes: list[Route], registry: Registry, root_path: str = "", 
         "info": {
             "title": "jacobian-service",
             "version": __version__,
-            "description": "Jacobians of registered PyTorch functions, computed like torch.func.jacrev.",
+            "description": "Jacobians of registered PyTorch functions, computed like torch.func.jacrev.\n\n"
+                           + _IMPLICIT_METHODS,
         },
         "paths": paths,
         "components": {"schemas": schemas},

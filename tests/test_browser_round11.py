@@ -1,0 +1,91 @@
+"""A real browser as the outside testers use one, round 11: what the document leaves
+out.
+
+One API server (CORS_ORIGINS naming one page origin, an API key; the app run by the
+tests' uvicorn) and round 5's headless Chromium for the module:
+
+* OPTIONS and HEAD are answered on every path and are not operations of the OpenAPI
+  document (as FastAPI leaves them out; schemathesis' checks hold the server to that):
+  the document says so where /docs and /redoc show it, both pages render it with no
+  console error, and every path's plain OPTIONS ``Allow``, less those two, is the methods
+  the document lists for it, every other method a 405 (httpx: no browser needed).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import httpx
+import pytest
+
+from tests._client_support import real_app, serve
+
+from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
+from .test_browser_round6 import page  # noqa: F401 (round 6's: a page of the origin CORS_ORIGINS allows)
+from .test_browser_round7 import _console_errors
+
+KEY = {"Authorization": "Bearer k1"}
+
+
+@pytest.fixture(scope="module")
+def api(page: str) -> Iterator[str]:
+    app = real_app(functions="jacobian_service.examples", cors_origins=page, api_keys="k1", workers=1,
+                   engine_standby=False)
+    with serve(app, ready_path="/readyz") as url:
+        yield url
+
+
+# What schemathesis sends a path for its unsupported_method check (its coverage phase's
+# default unexpected methods), and the methods it takes as implicit (allow_header_conformance).
+_PROBED = {"GET", "PUT", "POST", "DELETE", "OPTIONS", "PATCH", "TRACE", "QUERY"}
+_IMPLICIT = {"HEAD", "OPTIONS"}
+
+
+def test_options_and_head_are_told_once_and_not_listed(api):
+    """The document lists exactly the table's operations, no OPTIONS nor HEAD, and says
+    in its description (which /docs and /redoc show) that every path answers them; on
+    every path a plain OPTIONS is the 204 whose ``Allow``, less OPTIONS and HEAD, names
+    exactly the methods the document lists, and every other method schemathesis tries is
+    the 405 with that ``Allow``."""
+    from jacobian_service.routes import ROUTES
+
+    with httpx.Client(base_url=api, headers=KEY, timeout=30) as c:
+        doc = c.get("/openapi.json").json()
+        listed = {path: {method.upper() for method in ops} for path, ops in doc["paths"].items()}
+        table: dict[str, set[str]] = {}
+        for route in ROUTES:
+            table.setdefault(route.path, set()).add(route.method)
+        assert listed == table
+        description = doc["info"]["description"]
+        assert "`OPTIONS` (204" in description and "`HEAD`" in description, description
+        for path, methods in listed.items():
+            url = path.replace("{name}", "sin")
+            r = c.options(url)
+            assert r.status_code == 204, (path, r.text)
+            allow = set(r.headers["allow"].split(", "))
+            assert allow - _IMPLICIT == methods and allow >= {"OPTIONS"}, (path, allow)
+            for method in sorted(_PROBED - methods - _IMPLICIT):
+                r = c.request(method, url)
+                assert (r.status_code, r.headers.get("allow"), r.json()["code"]) == (405, ", ".join(sorted(allow)),
+                                                                                   "method_not_allowed"), (path, method)
+
+
+def test_the_docs_pages_tell_it_and_render_with_no_console_error(api, browser):
+    """/docs and /redoc (the key given, as their prompt keeps it) draw the document's description,
+    the sentence on OPTIONS and HEAD, and every operation, with nothing in the console."""
+    browser.goto(api + "/healthz")  # (the key the pages' prompt keeps in this tab, given before they load)
+    browser.eval("sessionStorage.setItem('jacobian-service-api-key', 'k1'); true")
+    browser.events.clear()
+    browser.goto(api + "/docs")
+    browser.wait_for("document.querySelectorAll('.opblock').length >= 14", 60)
+    info = browser.wait_for("document.querySelector('.info .markdown, .info .renderedMarkdown')?.textContent")
+    assert "Every path also answers OPTIONS (204" in info, info
+    assert browser.eval("document.querySelectorAll('.opblock-options, .opblock-head').length") == 0
+    assert _console_errors(browser) == []
+    browser.events.clear()
+    browser.goto(api + "/redoc")
+    text = browser.wait_for("document.body.innerText.includes('Every path also answers') && "
+                            "document.body.innerText.includes('Every registered function') && document.body.innerText", 60)
+    assert "not listed as operations" in text
+    assert _console_errors(browser) == []
+    browser.goto("about:blank")
