@@ -1,5 +1,5 @@
 """A real browser as the outside testers use one, round 11: what the document leaves
-out.
+out, and a page's conditional requests.
 
 One API server (CORS_ORIGINS naming one page origin, an API key; the app run by the
 tests' uvicorn) and round 5's headless Chromium for the module:
@@ -8,11 +8,16 @@ tests' uvicorn) and round 5's headless Chromium for the module:
   document (as FastAPI leaves them out; schemathesis' checks hold the server to that):
   the document says so where /docs and /redoc show it, both pages render it with no
   console error, and every path's plain OPTIONS ``Allow``, less those two, is the methods
-  the document lists for it, every other method a 405 (httpx: no browser needed).
+  the document lists for it, every other method a 405 (httpx: no browser needed);
+* a page of the allowed origin revalidating (If-None-Match, If-Unmodified-Since,
+  If-Range; If-Modified-Since passed already) reads the whole answer, as any other
+  client does: no answer carries a validator (no ETag, no Last-Modified), and none of
+  fetch's cache modes keeps or revalidates one.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Iterator
 
 import httpx
@@ -22,7 +27,7 @@ from tests._client_support import real_app, serve
 
 from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
 from .test_browser_round6 import page  # noqa: F401 (round 6's: a page of the origin CORS_ORIGINS allows)
-from .test_browser_round7 import _console_errors
+from .test_browser_round7 import _console_errors, _on_page
 
 KEY = {"Authorization": "Bearer k1"}
 
@@ -88,4 +93,59 @@ def test_the_docs_pages_tell_it_and_render_with_no_console_error(api, browser):
                             "document.body.innerText.includes('Every registered function') && document.body.innerText", 60)
     assert "not listed as operations" in text
     assert _console_errors(browser) == []
+    browser.goto("about:blank")
+
+
+# A page's revalidations: each conditional header a library or a page sends (an ETag a
+# gateway in front added; If-Range beside a Range that is not the simple one).
+_CONDITIONS = {
+    "If-None-Match": '"a5f0", W/"b1"',
+    "If-Modified-Since": "Mon, 26 Jul 1997 05:00:00 GMT",
+    "If-Unmodified-Since": "Mon, 26 Jul 1997 05:00:00 GMT",
+    "If-Range": '"a5f0"',
+}
+
+
+def test_a_page_revalidating_reads_the_whole_answer(api, page, browser):
+    """A page of the allowed origin sending If-None-Match, If-Unmodified-Since or If-Range
+    (with a Range) read "TypeError: Failed to fetch": its preflight refused the header
+    (only If-Modified-Since passed), where any other client read the answer. Now each is
+    the 200 a plain call gets, its very bytes, with no validator (ETag, Last-Modified) and
+    ``no-store``; so are fetch's cache modes (no-store, no-cache, reload, force-cache), a
+    second call never served from a cache."""
+    _on_page(browser, page)
+    calls = {
+        "functions": ["/v1/functions", {}],
+        "document": ["/openapi.json", {}],
+        "sparsity": ["/v1/functions/lorenz96/sparsity?shapes=4", {}],
+        "jacobian": ["/v1/functions/sin/jacobian", {"method": "POST", "body": json.dumps({"inputs": [[0.5, 1.0]]})}],
+    }
+    got = browser.eval(f"""(async () => {{
+      const api = {json.dumps(api)}, conditions = {json.dumps(_CONDITIONS)}, out = {{}};
+      const headers = {{Authorization: 'Bearer k1', 'Content-Type': 'application/json'}};
+      const read = (path, init) => fetch(api + path, init).then(async r => [r.status, r.headers.get('etag'),
+        r.headers.get('last-modified'), r.headers.get('cache-control'), await r.text()], e => String(e));
+      for (const [name, [path, init]] of Object.entries({json.dumps(calls)})) {{
+        out[name] = {{plain: await read(path, {{...init, headers}})}};
+        for (const [condition, value] of Object.entries(conditions)) {{
+          const more = condition === 'If-Range' ? {{Range: 'bytes=0-9, 20-29'}} : {{}};
+          out[name][condition] = await read(path, {{...init, headers: {{...headers, ...more, [condition]: value}}}});
+        }}
+        for (const cache of ['no-store', 'no-cache', 'reload', 'force-cache', 'default'])
+          out[name][cache] = await read(path, {{...init, headers, cache}});
+      }}
+      return out;
+    }})()""", timeout_s=60)
+    for name, answers in got.items():
+        status, etag, modified, cache_control, body = answers.pop("plain")
+        assert (status, etag, modified, cache_control) == (200, None, None, "no-store"), (name, answers)
+        # (the computed answers' meta, timings and the pattern's cache, differ call to call)
+        result = {"jacobian": "jacobian", "sparsity": "matrix"}.get(name)
+        for how, answer in answers.items():
+            assert isinstance(answer, list), (name, how, answer)
+            assert answer[:4] == [200, None, None, "no-store"], (name, how, answer)
+            if result:
+                assert json.loads(answer[4])[result] == json.loads(body)[result], (name, how)
+            else:
+                assert answer[4] == body, (name, how)
     browser.goto("about:blank")

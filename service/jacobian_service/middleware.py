@@ -340,12 +340,26 @@ TRACE_HEADERS = ["traceparent", "tracestate", "baggage",  # W3C Trace Context an
 
 # Request headers that a page's HTTP library or framework sets on every call it makes:
 # ``X-Requested-With`` (Laravel's and Rails' axios / jQuery set-up, AngularJS apps), the
-# cache-busting ``Cache-Control`` / ``Pragma`` / ``Expires`` / ``If-Modified-Since`` of
-# "no-cache" interceptors (Angular's, the old IE fix). None is CORS-safelisted, so each
-# is named in the preflight, and refused it failed every call of such a page ("Failed to
-# fetch", the preflight's problem unreadable to it). The service reads none of them: its
-# answers are ``no-store`` whatever a request asks of caches.
-LIBRARY_HEADERS = ["X-Requested-With", "Cache-Control", "Pragma", "Expires", "If-Modified-Since"]
+# cache-busting ``Cache-Control`` / ``Pragma`` / ``Expires`` of "no-cache" interceptors
+# (Angular's; with If-Modified-Since, the old IE fix: CONDITIONAL_HEADERS). None is
+# CORS-safelisted, so each is named in the preflight, and refused it failed every call of
+# such a page ("Failed to fetch", the preflight's problem unreadable to it). The service
+# reads none of them: its answers are ``no-store`` whatever a request asks of caches.
+LIBRARY_HEADERS = ["X-Requested-With", "Cache-Control", "Pragma", "Expires"]
+
+
+# The conditional request headers (RFC 9110 13.1) whose answer, from a service whose
+# answers carry no validator (no ETag, no Last-Modified: each is computed afresh and
+# ``no-store``, nothing to revalidate), is the whole answer: an If-None-Match tag never
+# matches (its ``*`` is not evaluated, as If-Match is not), If-Modified-Since and
+# If-Unmodified-Since are ignored without a date (13.1.3, 13.1.4), and If-Range goes with
+# a Range, which a server may ignore (14.2) and this one does (a Range other than one
+# plain ``bytes=a-b``, which needs no preflight, is named too). A page's library
+# revalidating (an ETag a gateway in front added, axios-cache-interceptor's, a
+# hand-written conditional GET) read "Failed to fetch", its preflight refused, where any
+# other client read the 200; only If-Modified-Since passed. If-Match is not here: no tag
+# can match it, its answer would be a 412, which the service does not give.
+CONDITIONAL_HEADERS = ["If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range", "Range"]
 
 
 # Chromium's cap on a preflight's Access-Control-Max-Age (Firefox's is a day).
@@ -448,7 +462,7 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
         app,
         allow_origins=list(origins),
         allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
-        allow_headers=[*SERVICE_HEADERS, *TRACE_HEADERS, *LIBRARY_HEADERS],
+        allow_headers=[*SERVICE_HEADERS, *TRACE_HEADERS, *LIBRARY_HEADERS, *CONDITIONAL_HEADERS],
         expose_headers=EXPOSED_HEADERS,
         allow_private_network=True,
         # How long a browser may keep a preflight's answer (per page origin and URL:
