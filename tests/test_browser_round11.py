@@ -1,8 +1,8 @@
 """A real browser as the outside testers use one, round 11: what the document leaves
 out, and a page's conditional requests.
 
-One API server (CORS_ORIGINS naming one page origin, an API key; the app run by the
-tests' uvicorn) and round 5's headless Chromium for the module:
+Round 10's API server (CORS_ORIGINS naming one page origin, an API key; the app run by
+the tests' uvicorn) and round 5's headless Chromium for the module:
 
 * OPTIONS and HEAD are answered on every path and are not operations of the OpenAPI
   document (as FastAPI leaves them out; schemathesis' checks hold the server to that):
@@ -18,26 +18,15 @@ tests' uvicorn) and round 5's headless Chromium for the module:
 from __future__ import annotations
 
 import json
-from typing import Iterator
 
 import httpx
-import pytest
-
-from tests._client_support import real_app, serve
 
 from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
 from .test_browser_round6 import page  # noqa: F401 (round 6's: a page of the origin CORS_ORIGINS allows)
 from .test_browser_round7 import _console_errors, _on_page
+from .test_browser_round10 import api  # noqa: F401 (round 10's: the server, CORS_ORIGINS naming that page, a key)
 
 KEY = {"Authorization": "Bearer k1"}
-
-
-@pytest.fixture(scope="module")
-def api(page: str) -> Iterator[str]:
-    app = real_app(functions="jacobian_service.examples", cors_origins=page, api_keys="k1", workers=1,
-                   engine_standby=False)
-    with serve(app, ready_path="/readyz") as url:
-        yield url
 
 
 # What schemathesis sends a path for its unsupported_method check (its coverage phase's
