@@ -65,22 +65,24 @@ def test_options_and_head_are_told_once_and_not_listed(api):
 
 
 def test_the_docs_pages_tell_it_and_render_with_no_console_error(api, browser):
-    """/docs and /redoc (the key given, as their prompt keeps it) draw the document's description,
-    the sentence on OPTIONS and HEAD, and every operation, with nothing in the console."""
+    """/docs and /redoc (the key given, as their prompt keeps it; each typed with a trailing
+    slash, and redirected) draw the document's description, the sentence on OPTIONS and
+    HEAD, and every operation, with nothing in the console."""
     browser.goto(api + "/healthz")  # (the key the pages' prompt keeps in this tab, given before they load)
     browser.eval("sessionStorage.setItem('jacobian-service-api-key', 'k1'); true")
     browser.events.clear()
-    browser.goto(api + "/docs")
+    browser.goto(api + "/docs/")  # (typed with a trailing slash: redirected)
     browser.wait_for("document.querySelectorAll('.opblock').length >= 14", 60)
+    assert browser.eval("location.pathname") == "/docs"
     info = browser.wait_for("document.querySelector('.info .markdown, .info .renderedMarkdown')?.textContent")
     assert "Every path also answers OPTIONS (204" in info, info
     assert browser.eval("document.querySelectorAll('.opblock-options, .opblock-head').length") == 0
     assert _console_errors(browser) == []
     browser.events.clear()
-    browser.goto(api + "/redoc")
+    browser.goto(api + "/redoc/")
     text = browser.wait_for("document.body.innerText.includes('Every path also answers') && "
                             "document.body.innerText.includes('Every registered function') && document.body.innerText", 60)
-    assert "not listed as operations" in text
+    assert "not listed as operations" in text and browser.eval("location.pathname") == "/redoc"
     assert _console_errors(browser) == []
     browser.goto("about:blank")
 
@@ -141,3 +143,29 @@ def test_a_page_revalidating_reads_the_whole_answer(api, page, browser):
             else:
                 assert answer[4] == body, (name, how)
     browser.goto("about:blank")
+
+
+def test_a_path_typed_with_a_trailing_slash_is_redirected_to_the_route(api):
+    """``/docs/`` (typed so into an address bar), ``/v1/functions/``, ``/openapi.json/``
+    were 404 problem+json; with API keys ``/docs/`` was even a 401, the pages' openness
+    being for ``/docs`` alone. Now a GET or HEAD of a route's path but for a trailing slash
+    is the 307 to it (as Starlette's and FastAPI's routers answer), relative (``../docs``:
+    it holds behind a proxy's prefix) and with its query; past the key check as every
+    request (a guarded path without the key: the 401). Other methods keep a 404 that
+    names the path; ``/`` and ``/docs//`` stay 404s. (/docs/ and /redoc/ in Chromium: below.)"""
+    with httpx.Client(base_url=api, timeout=30) as c:
+        for path, where, key in [("/docs/", "../docs", False), ("/redoc/", "../redoc", False),
+                                 ("/v1/functions/", "../functions", True), ("/openapi.json/", "../openapi.json", True),
+                                 ("/v1/functions/lorenz96/sparsity/?shapes=4", "../sparsity?shapes=4", True)]:
+            for method in ("GET", "HEAD"):
+                r = c.request(method, path, headers=KEY)
+                assert (r.status_code, r.headers.get("location"), r.content) == (307, where, b""), (method, path)
+                if key:
+                    assert c.request(method, path).status_code == 401, (method, path)
+        r = c.get("/v1/functions/lorenz96/sparsity/?shapes=4", headers=KEY, follow_redirects=True)
+        assert (r.status_code, str(r.url)) == (200, api + "/v1/functions/lorenz96/sparsity?shapes=4"), r.text
+        r = c.post("/v1/functions/sin/jacobian/", headers=KEY, json={"inputs": [[0.5]]})
+        assert (r.status_code, r.json()["detail"]) == (404, "no route for POST /v1/functions/sin/jacobian/: the path "
+                                                            "takes no trailing slash (/v1/functions/sin/jacobian)"), r.text
+        for path in ("/", "/docs//"):
+            assert c.get(path, headers=KEY).status_code == 404, path

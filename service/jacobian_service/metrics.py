@@ -114,7 +114,7 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "jacobian_service_requests",
-            "Requests answered, by function, endpoint, status and problem code (preflight: a CORS preflight; options: a plain OPTIONS).",
+            "Requests answered, by function, endpoint, status and problem code (preflight: a CORS preflight; options: a plain OPTIONS; redirect: a path with a trailing slash sent to its route).",
             ["function", "endpoint", "status", "code"],
             registry=r,
         )

@@ -310,8 +310,9 @@ def _digest(key: bytes) -> bytes:
 
 
 def _is_open(path: str, open_paths: set[str]) -> bool:
-    # The Swagger UI / ReDoc files are public code: open even when the pages are not.
-    return path in open_paths or path.startswith("/docs-assets/")
+    # The Swagger UI / ReDoc files are public code: open even when the pages are not. An
+    # open path with a trailing slash (/docs/) is open too: the router redirects it there.
+    return path in open_paths or path.startswith("/docs-assets/") or (path.endswith("/") and path[:-1] in open_paths)
 
 
 # The response headers a script may read (routes.py's streams send the X- ones; a 415

@@ -748,6 +748,24 @@ class Router:
             self._cache[path] = matches
         return matches
 
+    def _slash_redirect(self, scope: dict[str, Any], method: str) -> Response | None:
+        """A GET or HEAD of a path that is a route's but for a trailing slash (``/docs/``,
+        ``/v1/functions/``, as typed into an address bar or joined by a client): the 307
+        to the route's path (as Starlette's and FastAPI's routers answer), where the page
+        was a 404 problem+json. Location is relative (``../docs``), so that it holds
+        behind a proxy's prefix; the query goes along. Other methods keep the 404: a body
+        re-sent on a redirect is the client's to decide: their 404 names the path."""
+        path = route_path(scope)
+        if not path.endswith("/") or path == "/" or not self._match(path[:-1]):
+            return None
+        if method not in ("GET", "HEAD"):
+            raise NotFound(f"no route for {method} {_printable(path)}: the path takes no trailing slash "
+                           f"({_printable(path[:-1])})")
+        raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+        last = raw[:-1].rsplit(b"/", 1)[-1].decode("latin-1")
+        query = scope.get("query_string", b"").decode("latin-1")
+        return Response(status_code=307, headers={"Location": f"../{last}" + (f"?{query}" if query else "")})
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         request = Request(scope, receive)
         method = scope["method"]
@@ -764,6 +782,9 @@ class Router:
                         raw = scope["raw_path"].decode("latin-1")
                         raise NotFound(f"no route for {method} {_printable(raw)}: an encoded '/' (%2F) is part of "
                                        "its path segment, never a separator, and no name holds one")
+                    if (redirect := self._slash_redirect(scope, method)) is not None:
+                        scope["state"]["code"] = "redirect"
+                        raise _Answered(redirect)
                     # A browser pointed at the address serve prints lands on "/": say where to go.
                     root = scope.get("root_path", "")
                     prefix, path = _printable(root), route_path(scope)
@@ -794,6 +815,8 @@ class Router:
                     # GET or POST gets, and tells nothing the caller may not know.
                     scope["state"]["code"] = "options"  # not a call of the endpoint (as "preflight")
                     response = Response(status_code=204, headers={"Allow": allowed})
+            except _Answered as answered:
+                response = answered.response
             except ServiceError as exc:
                 scope["state"]["code"] = exc.code
                 response = problem_response(exc, _request_id(request))
@@ -810,6 +833,13 @@ class Router:
         if negotiated:
             _vary_accept(response)
         await response(scope, receive, send)
+
+
+class _Answered(Exception):
+    """The router's answer, found before any route ran (a redirect)."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
 
 
 def _allowed(matches: list[tuple[Route, dict[str, str]]]) -> str:
