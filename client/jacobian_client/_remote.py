@@ -46,15 +46,18 @@ import functools
 import math
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from ._errors import APIError, FunctionError
+from . import wire
+from ._errors import APIError, FunctionError, JacobianServiceError
 
 __all__ = ["LEAF", "Remade", "RemoteOps", "Tree", "check_sync_client", "flatten", "is_number", "leaves_like",
-           "lacks_forward_mode", "no_forward_mode", "per_argnum", "shape_mismatch", "unflatten", "with_hint"]
+           "lacks_forward_mode", "no_forward_mode", "per_argnum", "service_capabilities", "shape_mismatch", "unflatten",
+           "with_hint"]
 
 
 def check_sync_client(client: Any) -> None:
@@ -473,7 +476,7 @@ class RemoteOps:
             try:
                 results = self._linear_request(mode, inputs, argnums, vecs, out_tree, v_shape)
             except FunctionError as exc:
-                if mode != "jvp" or not lacks_forward_mode(exc):
+                if mode != "jvp" or not lacks_forward_mode(self.client, exc):
                     raise
                 try:
                     results = self._jvp_by_jacobian(inputs, argnums, vecs, out_tree, v_shape)
@@ -640,7 +643,7 @@ class RemoteOps:
                     results = self._second_by_hvp(flat, vec_argnums, other_argnums, cots, ws, v_shape, in_shapes,
                                                   out_tree)
                 except FunctionError as exc:
-                    if not lacks_forward_mode(exc):
+                    if not lacks_forward_mode(self.client, exc):
                         raise
                     hvp_error = exc
             if results is None:
@@ -684,7 +687,7 @@ class RemoteOps:
                     results = self._second_output_by_hvp(flat, vec_argnums, other_argnums, ws, ds, v_shape, in_shapes,
                                                          out_tree, out_shapes)
                 except FunctionError as exc:
-                    if not lacks_forward_mode(exc):
+                    if not lacks_forward_mode(self.client, exc):
                         raise
                     hvp_error = exc
             if results is not None:
@@ -826,17 +829,54 @@ class RemoteOps:
         return [(shape, dtype) for shape, dtype in template.outputs]
 
 
-def lacks_forward_mode(exc: APIError) -> bool:
+def lacks_forward_mode(client: Any, exc: APIError) -> bool:
     """Whether a failed ``jvp`` / ``hvp`` says the function has no forward-mode rule
     (torch: "You must implement the jvp function ... forward mode AD", "Trying to use
     forward AD with ..."), the one failure the reverse-mode request is a way round: the
     problem's member ``"unsupported": "forward_mode"``, which the service sets from the
-    exception torch raised, never the detail's words. Read from the words ("forward",
-    "jvp"), a function's own error that said them (``ValueError("bad jvp input")``) cost
-    a reverse-mode request and a warning that the function lacked a rule it has; an
-    engine that crashed or hung on the request (a ``function_error`` too) is not one
-    either: falling back on it switched forward mode off for that function for good."""
-    return exc.problem.get("unsupported") == "forward_mode"
+    exception torch raised. Read from the words ("forward", "jvp"), a function's own
+    error that said them (``ValueError("bad jvp input")``) cost a reverse-mode request
+    and a warning that the function lacked a rule it has; an engine that crashed or hung
+    on the request (a ``function_error`` too) is not one either: falling back on it
+    switched forward mode off for that function for good.
+
+    A service older than the member answers the same failure without it, with torch's
+    exception in the detail ("NotImplementedError: You must implement the jvp function
+    ..."): read by the member alone, such a function's ``jvp``, ``hessian`` and SciPy
+    ``hessp`` raised where they fell back before. Where the member is missing and the
+    detail carries torch's type or words (``wire.NO_FORWARD_AD_WORDS``), the service is
+    asked once (per client) whether it sets the member (``/v1/info``'s
+    ``capabilities``): if it does, its absence stands; if not, the words decide."""
+    if exc.problem.get("unsupported") == "forward_mode":
+        return True
+    detail = exc.detail
+    if not (detail.startswith("NotImplementedError:") or any(w in detail for w in wire.NO_FORWARD_AD_WORDS)):
+        return False  # no service would call this a missing rule: no request to ask
+    return "unsupported_member" not in service_capabilities(client)
+
+
+# The capabilities each client's service lists (GET /v1/info), asked once per client
+_capabilities: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def service_capabilities(client: Any) -> frozenset[str]:
+    """``/v1/info``'s ``capabilities`` (``wire.CAPABILITIES``), asked once per client: none
+    for a service older than the list, or one without ``/v1/info`` (404). A failure of
+    the request itself (the service overloaded, a dropped connection) says nothing of
+    the service: none, but asked again next time."""
+    known = _capabilities.get(client)
+    if known is None:
+        try:
+            listed = client.info().get("capabilities")
+        except APIError as exc:
+            if exc.status_code != 404:
+                return frozenset()
+            listed = None
+        except JacobianServiceError:
+            return frozenset()
+        known = frozenset(c for c in listed if isinstance(c, str)) if isinstance(listed, list) else frozenset()
+        _capabilities[client] = known
+    return known
 
 
 def no_forward_mode(name: str, kind: str, exc: APIError, instead: str) -> None:

@@ -339,7 +339,7 @@ class RemoteObjective:
                                            vectors=("tangents", tangent))
                 return np.asarray(parts["value"]).reshape(p.shape)
             except FunctionError as exc:
-                if not lacks_forward_mode(exc):
+                if not lacks_forward_mode(self.client, exc):
                     raise
                 try:
                     H = self._hessian_at(x, inputs, args)
@@ -431,7 +431,7 @@ class RemoteObjective:
                                            vectors=[("tangents", tangents), ("cotangents", cotangents)])
                 return np.asarray(parts["value"], dtype=np.float64).reshape(n, n)
             except FunctionError as exc:
-                if not lacks_forward_mode(exc):
+                if not lacks_forward_mode(self.client, exc):
                     raise
                 try:
                     H = self._hessians_at(inputs, n)

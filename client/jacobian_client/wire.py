@@ -119,6 +119,22 @@ PROBLEM_STATUS: dict[str, int] = {
     "out_of_memory": 507,
 }
 
+#: What ``GET /v1/info``'s ``capabilities`` lists: behaviours a client cannot tell from an
+#: answer alone. ``"unsupported_member"``: a ``jvp`` / ``hvp`` that fails for want of a
+#: forward-mode rule is a ``function_error`` with ``"unsupported": "forward_mode"``, so
+#: the member's absence means the function failed otherwise. An older service (no such
+#: list) answered the same failure without the member, and the SDK then reads torch's
+#: words in the detail (:data:`NO_FORWARD_AD_WORDS`).
+CAPABILITIES: tuple[str, ...] = ("unsupported_member",)
+
+#: What torch says where forward-mode AD is missing, not merely failing: an op without a
+#: forward formula, a custom ``autograd.Function`` without ``jvp`` (eager or under
+#: ``torch.func``). The engine sets the member from them (and from torch's type for it,
+#: ``NotImplementedError``); the SDK reads them in an older service's detail.
+NO_FORWARD_AD_WORDS: tuple[str, ...] = (
+    "Trying to use forward AD with", "implement the jvp function for custom autograd.Function",
+    "jvp is not implemented for")
+
 #: dtype names accepted on the wire (bfloat16 decodes to float32; see module doc).
 DTYPES = frozenset(
     {

@@ -157,6 +157,9 @@ async def info(request: Request) -> Response:
     engine_info = state.engines.info()
     return JSONResponse({
         "version": __version__,
+        # what an answer alone does not say (wire.CAPABILITIES): an SDK talking to an older
+        # service, which lists none, falls back on what that one said
+        "capabilities": list(wire.CAPABILITIES),
         "torch": engine_info["torch"],
         "python": platform.python_version(),
         "devices": state.engines.devices,

@@ -51,10 +51,6 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "can't allocate memory" in exception_text(exc)
 
 
-# What torch says where forward-mode AD is missing, not merely failing: an op without a
-# forward formula, a custom autograd.Function without jvp (eager or under torch.func)
-_NO_FORWARD_AD = ("Trying to use forward AD with", "implement the jvp function for custom autograd.Function",
-                  "jvp is not implemented for")
 
 
 def lacks_forward_ad(exc: BaseException) -> bool:
@@ -67,7 +63,7 @@ def lacks_forward_ad(exc: BaseException) -> bool:
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen and len(seen) < 16:
         seen.add(id(cause))
-        if any(marker in exception_text(cause) for marker in _NO_FORWARD_AD):
+        if any(marker in exception_text(cause) for marker in wire.NO_FORWARD_AD_WORDS):
             return True
         cause = cause.__cause__ or cause.__context__
     return False

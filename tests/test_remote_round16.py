@@ -1,0 +1,155 @@
+"""Remote functions inside the caller's torch / JAX / SciPy code, round 16: a new SDK
+against an older service (one that answered a missing forward-mode rule without the
+``unsupported`` member); each case compared with the same computation in-process.
+
+One server: the session's ``jacobian-service serve`` subprocess (``cc``, ``url``), shared
+with the other adapter test files. The older service is that server behind an
+``httpx.MockTransport`` that takes out what round 15 added to its answers.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import httpx
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("jacobian_service.app")
+
+import jacobian_client as jc  # noqa: E402
+from jacobian_client import wire  # noqa: E402
+from jacobian_client._errors import error_from_response  # noqa: E402
+from jacobian_client._remote import lacks_forward_mode  # noqa: E402
+from jacobian_client.torch import remote  # noqa: E402
+
+from . import _client_functions as cf  # noqa: E402
+from ._remote_support import Counted, cc, url  # noqa: E402,F401 (fixtures)
+
+f = torch.func
+X = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64)
+T = torch.tensor([1.0, 0.5, -2.0], dtype=torch.float64)
+
+
+def close(got, want, **kw):
+    torch.testing.assert_close(got, want, **kw)
+
+
+# --------------------------------------------------------------------------- an older service
+
+
+class OlderService:
+    """The session's server as a service older than round 15 answered: a problem without
+    the ``unsupported`` member, a ``/v1/info`` without ``capabilities``. Every answer is
+    the real server's, the rest of its bytes untouched."""
+
+    def __init__(self) -> None:
+        self.http = httpx.Client(timeout=60)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        r = self.http.send(httpx.Request(request.method, request.url, headers=request.headers,
+                                         content=request.read()))
+        content, path = r.content, request.url.path
+        if r.headers.get("content-type", "").startswith(wire.PROBLEM) or path == "/v1/info":
+            body = json.loads(content)
+            body.pop("unsupported", None)
+            body.pop("capabilities", None)
+            content = json.dumps(body).encode()
+        headers = [(k, v) for k, v in r.headers.multi_items() if k.lower() not in ("content-length",
+                                                                                   "content-encoding")]
+        return httpx.Response(r.status_code, headers=headers, content=content)
+
+
+@pytest.fixture
+def old(url):
+    service = OlderService()
+    c = Counted(url, http_transport=httpx.MockTransport(service))
+    yield c
+    c.close()
+    service.http.close()
+
+
+def test_the_service_lists_what_an_answer_alone_does_not_say(url):
+    """``/v1/info``'s ``capabilities``: ``unsupported_member``, the member a missing
+    forward-mode rule's 500 carries (its absence then means another failure)."""
+    info = httpx.get(f"{url}/v1/info", timeout=30).json()
+    assert info["capabilities"] == ["unsupported_member"]
+
+
+def test_a_new_sdk_falls_back_to_reverse_mode_against_an_older_service(old):
+    """An older service answers a jvp / hvp of a function without a forward-mode rule with
+    a plain 500 ``function_error`` ("NotImplementedError: You must implement the jvp
+    function ..."), no ``unsupported`` member. Round 15's SDK read the member alone, so
+    ``torch.func.jvp``, ``torch.func.hessian`` and SciPy's ``hessp`` of such a function
+    raised ``FunctionError`` where they had fallen back to the Jacobian / Hessian before.
+    Now a 500 without the member whose detail carries torch's exception asks the service,
+    once per client, whether it sets the member: an older one lists no capabilities, and
+    torch's words decide, as before round 15."""
+    sq = remote(old.client, "square_no_jvp")
+    want = f.jvp(lambda x: torch.sin(x) ** 2, (X,), (T,))  # in-process forward mode raises: its math
+    with pytest.warns(RuntimeWarning, match=r"jvp of 'square_no_jvp' failed \(NotImplementedError"):
+        got = f.jvp(sq, (X,), (T,))
+    close(got, want)
+    assert old.take() == ["evaluate", "jvp", "info", "jacobian+batched"]
+    close(f.jvp(sq, (X,), (T,)), want)  # from now on the Jacobian alone
+    assert old.take() == ["evaluate", "jacobian+batched"]
+
+    energy = remote(old.client, "energy_no_jvp")
+    want = f.jacrev(f.jacrev(cf.energy_no_jvp))(X)  # reverse over reverse runs in-process
+    with pytest.warns(RuntimeWarning) as record:  # hessian is jacfwd(jacrev): a jvp, then an hvp
+        close(f.hessian(energy)(X), want)
+    assert sorted(str(w.message).split(" failed")[0] for w in record) == [
+        "the service's hvp of 'energy_no_jvp'", "the service's jvp of 'energy_no_jvp'"]
+    requests = old.take()
+    assert "hessian" in requests and "info" not in requests  # asked once per client
+
+    from scipy.optimize import minimize
+
+    from jacobian_client.scipy import remote_objective
+
+    obj = remote_objective(old.client, "energy_no_jvp")
+    local_e = lambda x: cf.energy_no_jvp(torch.from_numpy(x)).item()  # noqa: E731
+    grad_e = lambda x: f.grad(cf.energy_no_jvp)(torch.from_numpy(x)).numpy()  # noqa: E731
+    hess_e = lambda x, p: f.jacrev(f.jacrev(cf.energy_no_jvp))(torch.from_numpy(x)).numpy() @ p  # noqa: E731
+    y0 = np.array([0.4, -0.3, 1.0])
+    want = minimize(local_e, y0, jac=grad_e, hessp=hess_e, method="Newton-CG")
+    with pytest.warns(RuntimeWarning, match="hvp of 'energy_no_jvp' failed"):
+        got = minimize(obj.fun, y0, jac=obj.jac, hessp=obj.hessp, method="Newton-CG")
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-8, atol=1e-10)
+    assert (got.nit, got.nhev) == (want.nit, want.nhev)
+    requests = old.take()
+    assert requests.count("hvp") == 1 and "info" not in requests
+
+
+def test_a_functions_own_error_asks_nothing_more_of_either_service(old, cc):
+    """A function's own error under a transform, whatever its words ("forward", "jvp"), is
+    no missing rule on either service: raised after its one jvp, no ``/v1/info`` and no
+    reverse-mode request."""
+    t = torch.ones(2, dtype=torch.float64)
+    for client in (old, cc):
+        fn = remote(client.client, "r15_says_forward")
+        client.take()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(jc.FunctionError, match="the forward solver takes plain tensors"):
+                f.jvp(fn, (X[:2],), (t,))
+        assert client.take() == ["evaluate", "jvp"]
+
+
+def test_a_new_service_without_the_member_is_believed(cc):
+    """On a service that lists ``unsupported_member`` a 500 without it is the function's
+    failure even where its detail reads like torch's (the service marks every
+    ``NotImplementedError`` of a forward-mode product, so no answer of it is so: the
+    error is made here, the service's capabilities asked of the real one): one
+    ``/v1/info`` per client, then nothing more."""
+    response = httpx.Response(500, json={"code": "function_error", "title": "Function error",
+                                         "detail": "NotImplementedError: not for these inputs"},
+                              request=httpx.Request("POST", "http://x/v1/functions/f/jvp"))
+    exc = error_from_response(response)
+    assert isinstance(exc, jc.FunctionError)
+    cc.take()
+    assert not lacks_forward_mode(cc.client, exc)
+    assert not lacks_forward_mode(cc.client, exc)
+    assert cc.take() == ["info"]
