@@ -152,3 +152,31 @@ def test_a_new_service_without_the_member_is_believed(cc):
     assert not lacks_forward_mode(cc.client, exc)
     assert cc.take() == ["info"]
 
+
+# --------------------------------------------------------------------------- forward AD's symbolic zeros
+
+
+def test_a_tangent_that_is_a_symbolic_zero_is_sent_as_zeros(cc):
+    """``jacfwd(jacfwd(lambda r, t: polar(2 * r, t)[1].sum()))``: the inner jacfwd's tangent
+    of ``2 * r`` is ``2 e_i``, constant in ``r``, so the outer level's tangent of it is
+    torch's ``ZeroTensor`` (forward AD's symbolic zero), which reached the adapter's
+    conversion to numpy: ``RuntimeError: Cannot convert a ZeroTensor to numpy``, where
+    in-process answers. A ZeroTensor is now sent as the zeros it stands for; the same with
+    one handed to ``torch.func.jvp`` as a tangent."""
+    from jacobian_service import examples as ex
+
+    polar = remote(cc.client, "polar")
+    r, t = X, torch.tensor([0.5, 0.2, -0.4], dtype=torch.float64)
+
+    def loss(fn):
+        return lambda r, t: (fn(r, t)[0] * fn(2 * r, t)[1]).sum()
+
+    def twice(g):
+        return f.jacfwd(f.jacfwd(g, argnums=(0, 1)), argnums=(0, 1))
+
+    got, want = twice(loss(polar))(r, t), twice(loss(ex.polar))(r, t)
+    for row_got, row_want in zip(got, want):
+        for g, w in zip(row_got, row_want):
+            close(g, w)
+    zero = torch._efficientzerotensor(3, dtype=torch.float64)
+    close(f.jvp(lambda r: polar(r, t), (r,), (zero,)), f.jvp(lambda r: ex.polar(r, t), (r,), (zero,)))

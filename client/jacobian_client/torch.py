@@ -262,7 +262,12 @@ def _host(x: Any) -> Any:
     if not isinstance(x, torch.Tensor):
         return x
     t = x.detach()
-    if t.device.type != "cpu":
+    if t._is_zerotensor():
+        # forward AD's symbolic zero (the tangent of a tangent that is constant in the
+        # input: 2 * e_i under jacfwd(jacfwd(lambda r: f(2 * r)))), which numpy cannot read
+        # ("Cannot convert a ZeroTensor to numpy"): the zeros it stands for
+        t = torch.zeros(t.shape, dtype=t.dtype)
+    elif t.device.type != "cpu":
         t = t.cpu()
     if t.dtype == torch.bfloat16:
         t = t.float()
