@@ -291,12 +291,22 @@ def _refuse_tracing(name: str) -> None:
             "call it eagerly (torch.func.jvp in place of linearize; torch.compile runs it outside the graph)")
 
 
-def _refuse_meta(name: str, inputs: Sequence[Any]) -> None:
+def _refuse_unsendable(name: str, inputs: Sequence[Any]) -> None:
     """A tensor on the 'meta' device has a shape and no values, and the service computes
     from values: torch's own "Cannot copy out of meta tensor; no data!" (NotImplementedError,
-    from inside the SDK's conversion) did not say which call or why."""
+    from inside the SDK's conversion) did not say which call or why. A tensor of another
+    layout than strided (sparse, nested) has no array a request can carry: its conversion
+    said "can't convert Sparse layout tensor to numpy" or, for a nested tensor, torch's
+    "Internal error: NestedTensorImpl doesn't support sizes. Please file an issue"."""
     for i, x in enumerate(inputs):
-        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+        if not isinstance(x, torch.Tensor):
+            continue
+        if x.is_nested or x.layout != torch.strided:
+            dense = "torch.nested.to_padded_tensor(x, 0.0)" if x.is_nested else "x.to_dense()"
+            raise TypeError(
+                f"the remote function {name!r} got a {'nested' if x.is_nested else str(x.layout)} tensor (input "
+                f"{i}): requests carry dense arrays; pass it dense ({dense})")
+        if x.device.type == "meta":
             raise ValueError(
                 f"the remote function {name!r} got a tensor on the 'meta' device (input {i}, shape "
                 f"{tuple(x.shape)}): it has no values to send, and the service computes from values; call it "
@@ -445,7 +455,7 @@ class _RemoteFunction(torch.autograd.Function):
     def _evaluate(spec: _Spec, inputs: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
         _refuse_tracing(spec.ops.name)
         _refuse_legacy_batching(spec.ops.name, inputs)
-        _refuse_meta(spec.ops.name, inputs)
+        _refuse_unsendable(spec.ops.name, inputs)
         ev = spec.ops.evaluate([_host(x) for x in inputs], spec.batch_ndim, shared=spec.shared)
         device, low = _device(inputs), _low_precision(inputs)
         outputs = [_result(o, device, low) for o in ev.outputs]
