@@ -208,3 +208,40 @@ def test_a_sparse_or_nested_input_is_refused_by_name_before_any_request(cc):
                                           f"carry dense arrays; pass it dense ({dense}"), str(info.value)
     assert cc.take() == []
     close(fn(x.to_sparse().to_dense()), torch.sin(x))
+
+
+# --------------------------------------------------------------------------- JAX: the shape probe's hint
+
+
+def _answering(status: int, code: str, headers: dict[str, str] | None = None) -> httpx.MockTransport:
+    """A service that answers every request with one problem (no retries asked of it)."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, headers={"content-type": wire.PROBLEM, **(headers or {})},
+                              content=json.dumps({"code": code, "title": code, "status": status,
+                                                  "detail": "the service is busy"}).encode())
+    return httpx.MockTransport(handler)
+
+
+def test_the_shape_probes_hint_is_only_for_what_the_zeros_may_have_caused():
+    """Under ``jax.jit`` a first call learns the output shapes from one ``evaluate`` at
+    zeros; its failure was raised with a hint (the function "failed in the shape probe
+    ...; pass out_shape= to remote(), or call it once outside jit"), which suits a
+    function that cannot take zeros (``cholesky``) but sent a caller whose service was
+    busy (429), restarting (503) or refused the key (401) off to change working code. Those
+    are raised as they are now, their class and words the service's; a quarantine (503
+    ``function_quarantined``, which a crash at zeros may have earned) and the function's
+    own error keep the hint."""
+    jax = pytest.importorskip("jax")
+    from jacobian_client.jax import remote as jremote
+
+    x = np.zeros(3, np.float32)
+    for status, code, cls, hinted in [(429, "overloaded", jc.Overloaded, False),
+                                      (503, "unavailable", jc.Unavailable, False),
+                                      (401, "unauthorized", jc.Unauthorized, False),
+                                      (503, "function_quarantined", jc.FunctionQuarantined, True),
+                                      (500, "function_error", jc.FunctionError, True)]:
+        with jc.Client("http://service.test", max_retries=0, http_transport=_answering(status, code)) as client:
+            with pytest.raises(cls) as info:
+                jax.jit(jremote(client, "sin"))(x)
+        assert ("failed in the shape probe" in info.value.detail) is hinted, (code, info.value.detail)
+        assert info.value.detail.endswith("the service is busy")

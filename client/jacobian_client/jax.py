@@ -84,7 +84,8 @@ from jax.extend.core import Primitive
 from jax.experimental import io_callback
 from jax.interpreters import ad, batching, mlir
 
-from ._errors import APIError, FunctionNotFound, InvalidInput
+from ._errors import (APIError, Forbidden, FunctionNotFound, FunctionQuarantined, InvalidInput, Overloaded,
+                      Unauthorized, Unavailable)
 from ._params import split_params
 from ._remote import (_MAX_SIGNATURES, Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like,
                       shape_mismatch, unflatten, with_hint)
@@ -229,12 +230,23 @@ def _is_weak(a: Any) -> bool:
     return bool(getattr(getattr(a, "aval", a), "weak_type", False))
 
 
+# Failures of the probe that say nothing of the function at zeros: no such function, the
+# service busy or restarting (429, a 503 other than a quarantine, which a crash at zeros
+# may have earned), a key refused. The probe's hint (pass out_shape=, call it outside jit
+# first) sent a caller whose service was restarting off to change working code.
+_NOT_THE_ZEROS = (FunctionNotFound, Overloaded, Unauthorized, Forbidden)
+
+
+def _not_the_zeros(exc: APIError) -> bool:
+    return isinstance(exc, _NOT_THE_ZEROS) or (isinstance(exc, Unavailable) and not isinstance(exc, FunctionQuarantined))
+
+
 def _probe(ops: RemoteOps, arrays: Sequence[Any]) -> _Shapes:
     """The output shapes under ``jit``: one evaluate at zeros of the input shapes."""
     try:
         ev = ops.evaluate([np.zeros(a.shape, a.dtype) for a in arrays])
     except APIError as exc:
-        if isinstance(exc, FunctionNotFound):  # no probe could help: say only that
+        if _not_the_zeros(exc):  # no probe could help: say only that
             raise
         shapes = ", ".join(f"{jnp.dtype(a.dtype).name}{list(a.shape)}" for a in arrays)
         raise with_hint(exc, f"jacobian_client.jax: {ops.name!r} failed in the shape probe, an evaluate at zeros "
