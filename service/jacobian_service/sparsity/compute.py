@@ -29,7 +29,7 @@ from ..engine.products import vmap_agrees
 from ..errors import ServiceError, exception_text
 from .coloring import Coloring, choose_coloring, hessian_coloring, star_coloring
 from .dense import dense_hessian, dense_jacobian
-from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, SEEDED_NOTE, TraceError, is_random, probe, random_note, trace_hessian, trace_jacobian
+from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, TraceError, checked, is_random, probe, random_note, trace_hessian, trace_jacobian
 from .draws import Draws, TorchDraws, replaying
 from .function_state import function_state
 from .patterns import Declared, Pattern, PatternCache, check_entries, counting_entries, function_fingerprint
@@ -1134,12 +1134,13 @@ def _proven_wrong(
     an exact traced pattern (a superset by construction; checking took ~60 % more time
     on lorenz96 at n = 8192), the free check for one traced through ops it does not know,
     the random product too for those not traced and those of functions that draw random
-    numbers (a ``torch.Generator`` the function keeps draws anew at every call). A declared pattern proven wrong raises
+    numbers (a ``torch.Generator`` the function keeps draws anew at every call) or read
+    their tensors' text (``detect.checked``). A declared pattern proven wrong raises
     :class:`PatternMismatch` (it is trusted: the caller must know); for the others the
     caller computes densely."""
     from .verify import disagrees, disagrees_batch, strays
 
-    seeded = any(note.startswith(SEEDED_NOTE) for note in p.notes)
+    seeded = checked(p)  # it seeds its own generator, or reads its tensors' text
     if p.source == "traced" and p.exact and not is_random(p) and not seeded:
         return False
     batch = isinstance(matrix, list)

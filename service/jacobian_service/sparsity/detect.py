@@ -34,6 +34,9 @@ SparseConnectivityTracer.jl and asdex:
 - ``cdist``, ``pdist``: the two points of each distance; ``dist``: every element of both;
 - ``embedding_bag``: each bag's element on its indices' rows (that column) and weights;
   ``renorm``: an element on its slice along ``dim``;
+- ``triangular_solve``, ``addbmm``, ``linalg_lstsq``: as the ops they amount to
+  (``_REWRITES``), and an op torch composes of others met undecomposed, as those;
+  ``as_strided_scatter``: every writer of a place, and the input's own element;
 - any other op: every output element depends on every input element of its arguments
   (dense, conservative); the pattern is then marked ``exact=False`` and the op named.
 
@@ -55,6 +58,8 @@ shapes. Some depend on the input values, and the tracer says so
 (``Pattern.value_dependent``, with the reason in ``notes``) when the function:
 
 - converts a traced value to Python (``if x.sum() > 0``, ``.item()``, ``bool(...)``),
+  or reads its text (``str(x)``: the value's text; jacrev's tensors print otherwise, so
+  such a pattern is also checked against the products, ``TEXT_NOTE``),
 - indexes, gathers or scatters with indices or masks computed from traced values
   (``x[x > 0]``, ``x[torch.argsort(x)]``) or taken from a non-differentiated input
   (``x[idx]``); a gather of what depends on no input (a table the function holds, at
@@ -114,7 +119,7 @@ from ..errors import exception_text
 from .adjoints import ADJOINTS, adjoint
 from .patterns import CHOICE_NOTE, Pattern, PatternTooLarge, check_entries as _check_entries, check_input_entries, entry_limit
 
-__all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "SEEDED_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
+__all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "SEEDED_NOTE", "TEXT_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "checked", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
 
 aten = torch.ops.aten
 
@@ -239,6 +244,34 @@ _ONE_HOT_BLOCK = 256
 # Linear solves with a matrix (or its factors): see _Tracer.solve.
 _SOLVES = frozenset("_linalg_solve_ex linalg_solve_triangular linalg_lu_solve cholesky_solve".split())
 _MATMUL = frozenset("mm bmm mv dot vdot addmm addmv baddbmm addr _sparse_addmm".split())  # the last: torch.sparse.mm
+def _lstsq(named: dict[str, Any], outs: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    """``linalg.lstsq(A, B)``: torch differentiates its solution as ``pinv(A) @ B`` (its
+    backward computes ``pinv(A)``), residuals as ``|A X - B|^2`` per column, singular
+    values as ``svdvals(A)``; the rank is an integer."""
+    a, b = named["self"], named["b"]
+    vector = b.dim() == a.dim() - 1
+    x = torch.linalg.pinv(a) @ (b.unsqueeze(-1) if vector else b)
+    residuals = ((a @ x - (b.unsqueeze(-1) if vector else b)) ** 2).sum(-2) if outs[1].numel() else None
+    return (x.squeeze(-1) if vector else x, residuals, None, torch.linalg.svdvals(a) if outs[3].numel() else None)
+
+
+# Ops traced as the ops they amount to (see _Tracer.rewritten): each was an unknown op,
+# every output on every input (a triangular solve of a banded system made it dense).
+# Each takes the op's named arguments and its outputs, and gives one result per output.
+_REWRITES: dict[str, Callable[[dict[str, Any], Sequence[torch.Tensor]], tuple[Any, ...]]] = {
+    # M + sum over the batch of b1[i] @ b2[i] (beta 0: M is not read)
+    "addbmm": lambda n, outs: ((n["batch1"] @ n["batch2"]).sum(0) * n.get("alpha", 1)
+                               + (n["self"] * n.get("beta", 1) if n.get("beta", 1) != 0 else 0),),
+    # the deprecated torch.triangular_solve(b, A): (A^-1 b or A^-T b, a copy of A)
+    "triangular_solve": lambda n, outs: (
+        torch.linalg.solve_triangular(n["A"].mT if n.get("transpose", False) else n["A"], n["self"],
+                                      upper=bool(n.get("upper", True)) != bool(n.get("transpose", False)),
+                                      unitriangular=bool(n.get("unitriangular", False))),
+        n["A"].clone()),
+    "linalg_lstsq": _lstsq,
+}
+
+
 # Functions of each matrix of a batch (the last two dims): det, inverse, eigen and
 # singular values, factorizations (see _Tracer.matrices). A finite-element energy takes
 # det or the inverse of each element's deformation gradient: they were unknown ops, every
@@ -357,8 +390,20 @@ class _Traced(torch.Tensor):
         r.value, r.root, r.tracer = value, root, tracer
         return r
 
-    def __repr__(self) -> str:  # never print through dispatch
-        return f"_Traced({tuple(self.shape)}, {self.dtype})"
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        """The value's text (``str``, ``repr``, ``format``, an f-string go through here).
+        Text is the values: a function that branches on it (``'nan' in str(x)``) follows
+        them, and under jacrev its tensors print otherwise (``GradTrackingTensor(lvl=1,
+        value=...)``). A placeholder here took another branch than jacrev's and kept its
+        pattern, exact and unchecked (a wrong 200). Now the read is noted: the pattern is
+        this point's only, and checked against the products (``TEXT_NOTE``)."""
+        if not self._plain():
+            self.tracer.reads("str/repr/format: a traced tensor's text (its values)")
+            self.tracer.text = True
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():  # never print through dispatch, nor the tracer's mode
+            return repr(self.value)
 
     def _plain(self) -> bool:
         """A constant (made by the function from nothing), or kept past its trace: its
@@ -417,6 +462,8 @@ class _Tracer:
         self.custom: set[str] = set()  # custom autograd.Functions met (their backward is not traced)
         # Why the pattern depends on the input values (empty: on shapes alone).
         self.value_reads: list[str] = []
+        # The function read a traced tensor's text (str, repr): see _Traced.__repr__.
+        self.text = False
         # Random ops met (every op that draws is tagged, whatever the generator): the
         # pattern may follow the draws (indices from randint), which differ per call.
         self.random: set[str] = set()
@@ -597,6 +644,8 @@ class _Tracer:
         if name in _NO_DEPS or _zero_derivative(name, traced) or not torch.is_grad_enabled():
             wrapped = [self.wrap(o, _empty(o.numel(), self.n)) if _float(o) else o for o in leaves]
             return pytree.tree_unflatten(wrapped, spec)
+        if name == "as_strided_scatter" and _float(out):
+            return self.strided_scatter(func, args, kwargs, out)
         if name in _MOVEMENT:
             return self.movement(func, args, kwargs, out)
         if name == "index_put":
@@ -649,6 +698,8 @@ class _Tracer:
             return self.embedding_bag(args, kwargs, out)
         if name in _SOLVES:
             return self.solve(func, name, args, kwargs, out)
+        if name in _REWRITES:
+            return self.rewritten(func, name, args, kwargs, out)
         if name in ("grid_sampler_2d", "grid_sampler_3d") and _float(out):
             return self.grid_sample(func, args, kwargs, out)
         if name in _REDUCE or name in _LINE or name in _SCAN or name in _FFT:
@@ -664,6 +715,10 @@ class _Tracer:
                 raise
             except RuntimeError:  # shapes that do not broadcast elementwise (complex views)
                 return self.dense(name, traced, out)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            # An op torch defines by others (matmul, svdvals), met where autograd does not
+            # decompose it first (called by a rule of _REWRITES): its own definition, traced.
+            return self.rewrap(out, func.decompose(*args, **kwargs))
         return self.dense(name, traced, out)
 
     def constant(self, func: Any, args: Any, kwargs: dict[str, Any], traced: Sequence[_Traced]) -> Any:
@@ -844,6 +899,56 @@ class _Tracer:
                 src = lab.reshape(-1).cpu().numpy().astype(np.int64) - 1
                 wrapped.append(self.wrap(o, _select(stacked, src), hess))
         return pytree.tree_unflatten(wrapped, spec)
+
+    def rewritten(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        """An op the tracer knows as other ops (``_REWRITES``): those run on the traced
+        arguments (each through its own rule), and each result's dependencies go to the
+        op's own output (its values stay the op's)."""
+        named = dict(zip((a.name for a in func._schema.arguments), args))
+        named.update(kwargs)
+        return self.rewrap(out, _REWRITES[name](named, pytree.tree_leaves(out)))
+
+    def rewrap(self, out: Any, results: Any) -> Any:
+        """``out`` with the dependencies of ``results``, traced results of the same
+        structure (None for an output with nothing to depend on)."""
+        outs, spec = pytree.tree_flatten(out)
+        parts = pytree.tree_leaves(results, is_leaf=lambda v: v is None)
+        wrapped = []
+        for o, r in zip(outs, parts):
+            if not _float(o):
+                wrapped.append(o)
+            elif isinstance(r, _Traced):
+                wrapped.append(self.wrap(o, self.deps(r, tuple(o.shape)), self.hess_of([r])))
+            else:  # (an empty output: no elements, nothing to depend on)
+                wrapped.append(self.wrap(o, _empty(o.numel(), self.n)))
+        return pytree.tree_unflatten(wrapped, spec)
+
+    def strided_scatter(self, func: Any, args: Any, kwargs: dict[str, Any], out: torch.Tensor) -> Any:
+        """``as_strided_scatter(x, src, size, stride, offset)``: ``x`` with the strided
+        view written from ``src``. Run on labels, one writer per place survives, but a
+        view that overlaps itself (stride (1, 1)) sends several ``src`` elements to one
+        place, and torch's backward gives each of them its place's gradient: the losers
+        were missing from an exact pattern (a wrong 200). torch's backward also gives
+        ``x`` the gradient of the places written (not of the others: a formula that
+        keeps the slice). So each place reads every ``src`` element written there and
+        ``x``'s own element, written or not: a superset of both torch's answer and the
+        derivative of the values."""
+        named = dict(zip((a.name for a in func._schema.arguments), args))
+        named.update(kwargs)
+        x, src = named["self"], named["src"]
+        size, stride = [int(v) for v in named["size"]], [int(v) for v in named["stride"]]
+        offset = named.get("storage_offset")
+        # Which place (C order) each src element is written to: the op's own geometry,
+        # read off a tensor of place numbers laid out as its output.
+        places = torch.empty_strided(tuple(out.shape), out.stride(), dtype=torch.float64)
+        places.copy_(torch.arange(out.numel(), dtype=torch.float64).reshape(out.shape))
+        to = places.as_strided(size, stride, int(offset) if offset is not None else places.storage_offset())
+        to = to.reshape(-1).numpy().astype(np.int64)
+        _check_entries(to.size, "as_strided_scatter")
+        write = sp.csr_array((np.ones(to.size, np.float32), (to, np.arange(to.size))), shape=(out.numel(), to.size))
+        deps = _ones(write @ self.deps(src, size) + self.deps(x, tuple(out.shape)))
+        hess = self.hess_of([x, src]) if self.hessian else None
+        return self.wrap(out, deps, hess)
 
     def along(self, func: Any, name: str, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
         """Reductions, line ops (softmax, sort) and scans along dimensions."""
@@ -2305,6 +2410,19 @@ RANDOM_NOTE = "draws random numbers: exact for this request's draws only, never 
 SEEDED_NOTE = "draws from a generator it seeds itself: the same draws at every call, checked"
 
 
+#: Note on patterns of functions that read a traced tensor's text (``str(x)``): the text
+#: jacrev's tensors give is another (``GradTrackingTensor(...)``), so a branch on it may
+#: go another way there than in the trace. The products check the pattern.
+TEXT_NOTE = "reads a tensor's text (str, repr, format), which differs under jacrev: checked"
+
+
+def checked(p: Pattern) -> bool:
+    """Whether a traced ``p`` is checked against its products although exact: the
+    function seeds its own generator (``SEEDED_NOTE``) or reads its tensors' text
+    (``TEXT_NOTE``): the trace may have taken another way than the products."""
+    return any(n.startswith((SEEDED_NOTE, TEXT_NOTE)) for n in p.notes)
+
+
 def random_note(ops: Sequence[str] = ()) -> str:
     return f"{RANDOM_NOTE} ({', '.join(sorted(ops))})" if ops else RANDOM_NOTE
 
@@ -2325,6 +2443,8 @@ def _notes(tracer: _Tracer) -> tuple[str, ...]:
         notes += (random_note(tuple(tracer.random)),)
     if tracer.seeded:
         notes += (f"{SEEDED_NOTE} ({', '.join(sorted(tracer.seeded))})",)
+    if tracer.text:
+        notes += (TEXT_NOTE,)
     if tracer.choices:
         notes += (f"{CHOICE_NOTE} ({', '.join(sorted(tracer.choices))})",)
     return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ()) + ((CUSTOM_NOTE,) if tracer.custom else ())

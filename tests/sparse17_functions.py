@@ -1,0 +1,92 @@
+"""Functions for tests/test_sparse_round17.py. Loaded by module name."""
+
+from __future__ import annotations
+
+import torch
+
+from jacobian_service import Input, register
+
+# ------------------------------------------------------------------ a branch on a tensor's text
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="A chain's residual that couples every element to the first when the text of its input "
+                      "shows a minus sign (a sign check by str): the tracer saw a placeholder's text.")
+def text_sign(u: torch.Tensor) -> torch.Tensor:
+    return u * u[0] if "-" in str(u) else u**2 + u.roll(1)
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="A residual that couples every element to the first where the repr of its input names "
+                      "a Tensor( wrapper, as jacrev's GradTrackingTensor(...) does and a plain tensor's does not.")
+def text_wrapper(u: torch.Tensor) -> torch.Tensor:
+    return u * u[0] if "Tensor(" in repr(u) else u**2
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="A chain energy whose coupling to the first element follows an f-string of its input "
+                      "(its Hessian through the text check).")
+def text_energy(u: torch.Tensor) -> torch.Tensor:
+    base = ((u[1:] - u[:-1]) ** 2).sum() + (u**4).sum()
+    return base + (u * u[0]).sum() if "Tensor(" in f"{u}" else base
+
+
+# ------------------------------------------------------------------ as_strided_scatter
+
+
+@register(inputs=[Input("u", shape=(6,), dtype="float64")],
+          description="as_strided_scatter through a view that overlaps itself (stride (1, 1)): several src "
+                      "elements land on one place; torch's backward gives each its place's gradient.")
+def strided_overlap(u: torch.Tensor) -> torch.Tensor:
+    return torch.as_strided_scatter(torch.zeros(5, dtype=u.dtype), (u * u).reshape(2, 3), (2, 3), (1, 1), 0)
+
+
+@register(inputs=[Input("u", shape=(6,), dtype="float64")],
+          description="as_strided_scatter of a patch into the input itself at an offset: torch's backward "
+                      "gives the input the gradient of the places written.")
+def strided_patch(u: torch.Tensor) -> torch.Tensor:
+    return torch.as_strided_scatter(u * 1.0, u[:4].reshape(2, 2) ** 2, (2, 2), (1, 2), 1)
+
+
+# ------------------------------------------------------------------ ops traced as what they amount to
+
+#: A lower-triangular band (a one-sided implicit step: upwind advection): each solve
+#: reaches back two places along the band.
+_LOWER = (torch.eye(8, dtype=torch.float64) * 2 - torch.diag(torch.full((7,), 0.5, dtype=torch.float64), -1)
+          + torch.diag(torch.full((6,), 0.1, dtype=torch.float64), -2))
+
+
+@register(inputs=[Input("u", shape=(8, 2), dtype="float64")],
+          description="The deprecated torch.triangular_solve with a fixed lower band, and its transpose.")
+def upwind_step(u: torch.Tensor) -> torch.Tensor:
+    x = torch.triangular_solve(u, _LOWER, upper=False).solution
+    y = torch.triangular_solve(u**2, _LOWER, upper=False, transpose=True).solution
+    return torch.cat([x, y])
+
+
+@register(inputs=[Input("a", shape=(4, 4), dtype="float64")],
+          description="A triangular solve against a lower band that follows the input's diagonal "
+                      "(torch.triangular_solve with a varying A, unitriangular off).")
+def varying_triangle(a: torch.Tensor) -> torch.Tensor:
+    m = torch.tril(a) * (torch.tril(torch.ones(4, 4, dtype=a.dtype)) - torch.tril(torch.ones(4, 4, dtype=a.dtype), -2)) + 3 * torch.eye(4, dtype=a.dtype)
+    return torch.triangular_solve(torch.ones(4, 1, dtype=a.dtype), m, upper=False).solution
+
+
+#: Per-group weights with structural zeros (a group reads 2 of its 3 features).
+_W = torch.tensor([[[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]], [[0.5, 0.0, 0.0], [0.0, 1.0, 1.0]]], dtype=torch.float64)
+
+
+@register(inputs=[Input("u", shape=(2, 3, 2), dtype="float64")],
+          description="torch.addbmm: a bias plus the sum over groups of a fixed sparse map of each group's state.")
+def grouped_sum(u: torch.Tensor) -> torch.Tensor:
+    return torch.addbmm(torch.ones(2, 2, dtype=u.dtype), _W, u.tanh(), beta=0.5)
+
+
+_A = torch.tensor([[1.0, 0.2], [0.1, 1.0], [0.5, -0.3], [0.0, 1.0]], dtype=torch.float64)
+
+
+@register(inputs=[Input("b", shape=("cells", 4), dtype="float64")],
+          description="A least-squares fit of two parameters per cell (torch.linalg.lstsq, fixed design): "
+                      "each cell's fit reads its own observations.")
+def cell_fit(b: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.lstsq(_A.expand(b.shape[0], 4, 2), b.unsqueeze(-1) ** 2).solution.squeeze(-1)
