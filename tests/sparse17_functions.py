@@ -31,6 +31,15 @@ def text_energy(u: torch.Tensor) -> torch.Tensor:
     return base + (u * u[0]).sum() if "Tensor(" in f"{u}" else base
 
 
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="A residual written for numpy arrays and torch tensors alike, which takes its torch path "
+                      "where type(u) is torch.Tensor (jacrev's tensors are; the tracer's are a subclass).")
+def type_dispatch(u):
+    if type(u) is torch.Tensor:
+        return u * u[0] + u.roll(1)
+    return u**2 + u.roll(1)  # (numpy arrays, and anything else array-like)
+
+
 # ------------------------------------------------------------------ as_strided_scatter
 
 
@@ -90,3 +99,31 @@ _A = torch.tensor([[1.0, 0.2], [0.1, 1.0], [0.5, -0.3], [0.0, 1.0]], dtype=torch
                       "each cell's fit reads its own observations.")
 def cell_fit(b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(_A.expand(b.shape[0], 4, 2), b.unsqueeze(-1) ** 2).solution.squeeze(-1)
+
+
+# ------------------------------------------------------------------ Hessians a scientist registers
+
+#: A chain of 24 beads numbered in a random order (as a mesh generator numbers nodes):
+#: the Hessian is a band of half-width 2 under a permutation.
+ORDER = torch.from_numpy(__import__("numpy").random.default_rng(7).permutation(24))
+
+
+@register(inputs=[Input("x", shape=(24,), dtype="float64")],
+          description="A bead chain's energy (anharmonic springs to the first and second neighbours, an on-site "
+                      "potential), beads numbered in a random order: a permuted band Hessian.")
+def bead_energy(x: torch.Tensor) -> torch.Tensor:
+    u = x[ORDER]
+    d1, d2 = u[1:] - u[:-1], u[2:] - u[:-2]
+    return (d1**2 + 0.1 * d1**4).sum() + 0.5 * (d2**2).sum() + torch.cos(u).sum()
+
+
+#: Each 3-d block's Cholesky factor of its covariance (independent groups).
+_CHOL = torch.tensor([[1.0, 0.0, 0.0], [0.3, 1.2, 0.0], [-0.2, 0.4, 0.9]], dtype=torch.float64)
+
+
+@register(inputs=[Input("theta", shape=("groups", 3), dtype="float64")],
+          description="A log-likelihood of independent groups (a 3-d Gaussian each, through a triangular solve, "
+                      "and a softplus prior): a block-diagonal Hessian.")
+def group_loglik(theta: torch.Tensor) -> torch.Tensor:
+    w = torch.linalg.solve_triangular(_CHOL, theta.T, upper=False)
+    return -0.5 * (w**2).sum() - torch.nn.functional.softplus(theta).sum()

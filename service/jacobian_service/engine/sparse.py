@@ -77,7 +77,7 @@ def _plan(
             pattern, coloring, cached = resolve(
                 box, args, call.argnums, choice, kind=kind, mode=mode, declared=call.spec.sparsity, has_aux=True,
                 cache=engine.sparsity_cache, name=call.spec.name, out_size=m, rows=call.rows,
-                check_alive=call.check_alive,
+                check_alive=call.check_alive, output=out,
             )
     except ServiceError:  # Timeout from check_alive (504) among them
         raise

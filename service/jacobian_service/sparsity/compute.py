@@ -185,6 +185,7 @@ def resolve(
     kind: str = "jacobian", mode: str = "auto", declared: Mapping[str, Declared] | None = None, has_aux: bool = False,
     cache: PatternCache | None = None, name: str | None = None, out_size: int | None = None,
     rows: tuple[int, int] | None = None, check_alive: Callable[[], None] | None = None, drew: bool = False,
+    output: Any = None,
 ) -> tuple[Pattern, Coloring, str]:
     """The pattern and colouring to use, from the cache when this function, these
     shapes and this choice were seen before. ``pattern`` is ``"auto"`` (detect), the
@@ -196,12 +197,14 @@ def resolve(
     ``check_alive`` (a request's deadline and cancel check) is called while detecting
     and colouring; what it raises propagates, and nothing is cached then. ``drew``:
     the function drew random numbers in the caller's forward pass (see :mod:`.draws`),
-    so a detected pattern is this draw's alone: detected afresh and never cached."""
+    so a detected pattern is this draw's alone: detected afresh and never cached.
+    ``output``: that forward pass's output (without aux), which a detection's traced
+    run is compared with (``detect._diverged``)."""
     if rows is not None:
         if kind != "jacobian":
             raise ValueError("rows applies to Jacobians only")
         full, _, _ = resolve(fn, args, argnums, pattern, kind=kind, mode=mode, declared=declared, has_aux=has_aux,
-                             cache=cache, name=name, out_size=out_size, check_alive=check_alive, drew=drew)
+                             cache=cache, name=name, out_size=out_size, check_alive=check_alive, drew=drew, output=output)
         return _restricted(full, fn, args, argnums, mode, cache, name, rows, check_alive)
     argnums = tuple(argnums)
     if isinstance(pattern, Pattern):
@@ -212,7 +215,7 @@ def resolve(
         choice = str(pattern)
     key = _cache_key(fn, name, args, argnums, kind, f"{choice}|{mode}")
     p, coloring, cached = _cached(cache, key, lambda: _colored(
-        _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size, check_alive, drew),
+        _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size, check_alive, drew, output),
         kind, mode, check_alive, _products_eps(args, argnums)), lambda: values_digest(args),
         # an entry with another output size is stale (the function's output size followed
         # something the key does not hold): detected again, and replaced
@@ -382,10 +385,19 @@ def _coloring_from(p: Pattern, colors: np.ndarray, mode: str) -> Coloring:
     return Coloring(mode, colors, k, gather, lower, "cached")
 
 
+def _flat(output: Any) -> torch.Tensor | None:
+    """The forward pass's output flattened and concatenated (as ``_flat_fn`` returns
+    it), for comparing with the traced run's; None where there is none (or not tensors)."""
+    leaves = pytree.tree_leaves(output) if output is not None else []
+    if not leaves or not all(isinstance(o, torch.Tensor) for o in leaves):
+        return None
+    return torch.cat([o.detach().reshape(-1) for o in leaves])
+
+
 def _build_pattern(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], pattern: Any, kind: str,
     declared: Mapping[str, Declared], has_aux: bool, out_size: int | None,
-    check_alive: Callable[[], None] | None = None, drew: bool = False,
+    check_alive: Callable[[], None] | None = None, drew: bool = False, output: Any = None,
 ) -> Pattern:
     in_shapes = [tuple(args[i].shape) for i in argnums]
     if isinstance(pattern, Pattern):
@@ -411,7 +423,8 @@ def _build_pattern(
         # Every input is traced (the others with no dependencies), so that reading a
         # non-differentiated input's values (A @ x, x[idx]) is seen.
         every = _flat_fn(fn, args, tuple(range(len(args))), has_aux)
-        found = (trace_hessian if kind == "hessian" else trace_jacobian)(every, list(args), argnums, check_alive=check_alive)
+        found = (trace_hessian if kind == "hessian" else trace_jacobian)(every, list(args), argnums, check_alive=check_alive,
+                                                                         against=_flat(output))
     except TraceError as exc:
         log.info("sparsity tracing failed (%s); probing numerically", exc)
         found = probe(g, diff, tuple(range(len(diff))), hessian=kind == "hessian", why=f"tracing failed: {exc}",
@@ -728,7 +741,7 @@ def sparse_jacobian(
     def plan(f: Callable[..., Any], at: Any, drew: bool) -> tuple[Pattern, Coloring, str]:
         m = sum(o.numel() for o in pytree.tree_leaves(at[2]))
         return resolve(f, args, argnums, pattern, kind="jacobian", mode=mode, declared=declared, has_aux=has_aux,
-                       cache=cache, name=name, out_size=m, rows=rows, check_alive=check_alive, drew=drew)
+                       cache=cache, name=name, out_size=m, rows=rows, check_alive=check_alive, drew=drew, output=at[2])
 
     fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan)
     try:
@@ -1002,7 +1015,7 @@ def sparse_hessian(
         if sum(o.numel() for o in pytree.tree_leaves(at[2])) != 1:
             raise ValueError("a sparse Hessian needs a function with one scalar output")
         return resolve(f, args, argnums, pattern, kind="hessian", declared=declared, has_aux=has_aux,
-                       cache=cache, name=name, out_size=1, check_alive=check_alive, drew=drew)
+                       cache=cache, name=name, out_size=1, check_alive=check_alive, drew=drew, output=at[2])
 
     fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan)
     try:

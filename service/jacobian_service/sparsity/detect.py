@@ -119,7 +119,7 @@ from ..errors import exception_text
 from .adjoints import ADJOINTS, adjoint
 from .patterns import CHOICE_NOTE, Pattern, PatternTooLarge, check_entries as _check_entries, check_input_entries, entry_limit
 
-__all__ = ["CUSTOM_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "SEEDED_NOTE", "TEXT_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "checked", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
+__all__ = ["CUSTOM_NOTE", "DIVERGED_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "SEEDED_NOTE", "TEXT_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "checked", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
 
 aten = torch.ops.aten
 
@@ -464,6 +464,8 @@ class _Tracer:
         self.value_reads: list[str] = []
         # The function read a traced tensor's text (str, repr): see _Traced.__repr__.
         self.text = False
+        # The traced run's output differs from a plain call's (see _diverged).
+        self.diverged = False
         # Random ops met (every op that draws is tagged, whatever the generator): the
         # pattern may follow the draws (indices from randint), which differ per call.
         self.random: set[str] = set()
@@ -2415,12 +2417,17 @@ SEEDED_NOTE = "draws from a generator it seeds itself: the same draws at every c
 #: go another way there than in the trace. The products check the pattern.
 TEXT_NOTE = "reads a tensor's text (str, repr, format), which differs under jacrev: checked"
 
+#: Note on patterns whose traced run computed other values than a plain call of the
+#: function (a branch on ``type(x)``, which the tracer cannot hook): checked.
+DIVERGED_NOTE = "the traced run computed other values than the function (a branch on a tensor's type?): checked"
+
 
 def checked(p: Pattern) -> bool:
     """Whether a traced ``p`` is checked against its products although exact: the
-    function seeds its own generator (``SEEDED_NOTE``) or reads its tensors' text
-    (``TEXT_NOTE``): the trace may have taken another way than the products."""
-    return any(n.startswith((SEEDED_NOTE, TEXT_NOTE)) for n in p.notes)
+    function seeds its own generator (``SEEDED_NOTE``), reads its tensors' text
+    (``TEXT_NOTE``), or its traced run computed other values than a plain call
+    (``DIVERGED_NOTE``): the trace may have taken another way than the products."""
+    return any(n.startswith((SEEDED_NOTE, TEXT_NOTE, DIVERGED_NOTE)) for n in p.notes)
 
 
 def random_note(ops: Sequence[str] = ()) -> str:
@@ -2445,19 +2452,47 @@ def _notes(tracer: _Tracer) -> tuple[str, ...]:
         notes += (f"{SEEDED_NOTE} ({', '.join(sorted(tracer.seeded))})",)
     if tracer.text:
         notes += (TEXT_NOTE,)
+    if tracer.diverged:
+        notes += (DIVERGED_NOTE,)
     if tracer.choices:
         notes += (f"{CHOICE_NOTE} ({', '.join(sorted(tracer.choices))})",)
     return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ()) + ((CUSTOM_NOTE,) if tracer.custom else ())
 
 
+def _diverged(leaves: Sequence[Any], against: torch.Tensor | None) -> bool:
+    """Whether the traced run computed other values than a plain call (``against``, its
+    output flattened: the request's forward pass): the function then went another way under the tracer than under
+    jacrev for something the tracer cannot see. ``type(x) is torch.Tensor`` is False for
+    a traced tensor (no Python hook changes ``type``), True for jacrev's: a function that
+    branches on it kept another branch's pattern, exact and unchecked (a 200 1.0 off
+    jacrev's). The values tell: the pattern is then checked (``DIVERGED_NOTE``)."""
+    if against is None:
+        return False
+    values = [o.value if isinstance(o, _Traced) else o for o in leaves]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return True
+    got = torch.cat([v.detach().reshape(-1) for v in values]) if values else torch.zeros(0)
+    want = against.detach()
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return True
+    if not (got.is_floating_point() or got.is_complex()):
+        return not torch.equal(got, want)
+    # the same ops on the same values: equal but for nondeterministic kernels' round-off
+    tol = 1024 * torch.finfo(got.real.dtype if got.is_complex() else got.dtype).eps
+    scale = float(want.abs().nan_to_num(0.0, 0.0, 0.0).max()) if want.numel() else 0.0
+    return not torch.allclose(got, want, rtol=tol, atol=tol * scale, equal_nan=True)
+
+
 def trace_jacobian(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), *,
-    check_alive: Callable[[], None] | None = None,
+    check_alive: Callable[[], None] | None = None, against: torch.Tensor | None = None,
 ) -> Pattern:
     """The Jacobian pattern of ``fn`` at ``args`` w.r.t. ``argnums``, flattened and
     concatenated over outputs (rows) and differentiated inputs (columns).
-    ``check_alive`` is called as the trace goes (see the module doc)."""
+    ``check_alive`` is called as the trace goes (see the module doc); ``against``: a
+    plain call's output, flattened (see :func:`_diverged`)."""
     leaves, tracer = _trace(fn, args, argnums, False, check_alive)
+    tracer.diverged = _diverged(leaves, against)
     _alive(tracer)  # the steps below take a while on millions of entries: check between
     blocks = [tracer.deps(o) for o in leaves]
     m = sum(o.numel() for o in leaves)
@@ -2473,10 +2508,11 @@ def trace_jacobian(
 
 def trace_hessian(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), *,
-    check_alive: Callable[[], None] | None = None,
+    check_alive: Callable[[], None] | None = None, against: torch.Tensor | None = None,
 ) -> Pattern:
     """The Hessian pattern of a scalar ``fn`` (a superset: see the module doc)."""
     leaves, tracer = _trace(fn, args, argnums, True, check_alive)
+    tracer.diverged = _diverged(leaves, against)
     if len(leaves) != 1 or leaves[0].numel() != 1:
         raise ValueError("a sparse Hessian needs a function with one scalar output")
     _alive(tracer)

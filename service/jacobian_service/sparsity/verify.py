@@ -13,8 +13,8 @@ another entry: the values of reported entries are wrong, silently. Two checks ca
 Exact traced patterns are supersets by construction and get no check (unless the
 function draws random numbers: a generator it keeps draws anew at each call); those
 traced through ops the tracer does not know get the free check; declared, probed and
-given ones, and those of functions that draw or read their tensors' text (``str(x)``,
-which differs under jacrev), get both.
+given ones, and those of functions that draw, read their tensors' text (``str(x)``,
+which differs under jacrev) or computed other values traced than plainly, get both.
 """
 
 from __future__ import annotations
