@@ -127,3 +127,11 @@ _CHOL = torch.tensor([[1.0, 0.0, 0.0], [0.3, 1.2, 0.0], [-0.2, 0.4, 0.9]], dtype
 def group_loglik(theta: torch.Tensor) -> torch.Tensor:
     w = torch.linalg.solve_triangular(_CHOL, theta.T, upper=False)
     return -0.5 * (w**2).sum() - torch.nn.functional.softplus(theta).sum()
+
+
+@register(inputs=[Input("u", shape=(2, 4, 4), dtype="float64")],
+          description="Max pooling with indices, then max_unpool2d of a function of the pooled values (a "
+                      "segmentation network's decoder step): each value back where its maximum was.")
+def unpooled(u: torch.Tensor) -> torch.Tensor:
+    y, idx = torch.nn.functional.max_pool2d(u.unsqueeze(0), 2, return_indices=True)
+    return torch.nn.functional.max_unpool2d(torch.tanh(y), idx, 2).squeeze(0)

@@ -108,14 +108,16 @@ def test_as_strided_scatter_keeps_every_entry_torchs_backward_reads(client, name
     ("varying_triangle", (4, 4), None),
     ("grouped_sum", (2, 3, 2), 1),  # the 4 outputs read disjoint elements through W's nonzeros
     ("cell_fit", (5, 4), 2),  # each cell's 2 parameters on its own 4 observations
+    ("unpooled", (2, 4, 4), None),  # each unpooled value on its pooling window (indices from values)
 ])
 def test_ops_that_were_unknown_are_traced_as_what_they_compute(client, name, shape, products):
     """``torch.triangular_solve`` (the deprecated form of ``solve_triangular``),
-    ``torch.addbmm`` and ``torch.linalg.lstsq`` were unknown ops: every output on every
-    input, exact false ('unknown op triangular_solve: assumed dense'), one product per
-    output row. Now each is traced as what it computes (``solve_triangular`` of ``A``
-    or its transpose; the sum of ``bmm``; ``pinv(A) @ B``, as torch differentiates
-    lstsq): the pattern holds jacrev's nonzeros, exact, in fewer products."""
+    ``torch.addbmm``, ``torch.linalg.lstsq`` and ``max_unpool2d`` were unknown ops: every
+    output on every input, exact false ('unknown op triangular_solve: assumed dense'),
+    one product per output row. Now each is traced as what it computes
+    (``solve_triangular`` of ``A`` or its transpose; the sum of ``bmm``; ``pinv(A) @ B``,
+    as torch differentiates lstsq; torch's decomposition of max_unpool, a write at the
+    indices): the pattern holds jacrev's nonzeros, exact, in fewer products."""
     x = np.random.default_rng(17).uniform(0.5, 1.5, shape)
     got, meta = sparse_answer(client, name, [x])
     want = jacrev(getattr(s17, name), x)

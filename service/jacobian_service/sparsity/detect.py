@@ -35,7 +35,8 @@ SparseConnectivityTracer.jl and asdex:
 - ``embedding_bag``: each bag's element on its indices' rows (that column) and weights;
   ``renorm``: an element on its slice along ``dim``;
 - ``triangular_solve``, ``addbmm``, ``linalg_lstsq``: as the ops they amount to
-  (``_REWRITES``), and an op torch composes of others met undecomposed, as those;
+  (``_REWRITES``), an op torch composes of others met undecomposed as those, and
+  ``max_unpool`` through torch's decomposition (``_DECOMPOSED``);
   ``as_strided_scatter``: every writer of a place, and the input's own element;
 - any other op: every output element depends on every input element of its arguments
   (dense, conservative); the pattern is then marked ``exact=False`` and the op named.
@@ -254,6 +255,11 @@ def _lstsq(named: dict[str, Any], outs: Sequence[torch.Tensor]) -> tuple[Any, ..
     residuals = ((a @ x - (b.unsqueeze(-1) if vector else b)) ** 2).sum(-2) if outs[1].numel() else None
     return (x.squeeze(-1) if vector else x, residuals, None, torch.linalg.svdvals(a) if outs[3].numel() else None)
 
+
+# Ops traced through torch's own decomposition (torch._decomp), where it computes what
+# the op's backward differentiates: max_unpool places each value where its index says
+# (a scatter), as its backward gathers the gradient from there.
+_DECOMPOSED = frozenset("max_unpool2d max_unpool3d".split())
 
 # Ops traced as the ops they amount to (see _Tracer.rewritten): each was an unknown op,
 # every output on every input (a triangular solve of a banded system made it dense).
@@ -650,7 +656,7 @@ class _Tracer:
             return self.strided_scatter(func, args, kwargs, out)
         if name in _MOVEMENT:
             return self.movement(func, args, kwargs, out)
-        if name == "index_put":
+        if name in ("index_put", "_unsafe_index_put"):  # (the latter: torch's decompositions write with it)
             return self.index_put(args, kwargs, out)
         if name in _SCATTER:
             return self.scatter(func, name, args, kwargs, out)
@@ -721,6 +727,11 @@ class _Tracer:
             # An op torch defines by others (matmul, svdvals), met where autograd does not
             # decompose it first (called by a rule of _REWRITES): its own definition, traced.
             return self.rewrap(out, func.decompose(*args, **kwargs))
+        if name in _DECOMPOSED:
+            from torch._decomp import decomposition_table
+
+            if func in decomposition_table:  # torch's own decomposition, traced op by op
+                return self.rewrap(out, decomposition_table[func](*args, **kwargs))
         return self.dense(name, traced, out)
 
     def constant(self, func: Any, args: Any, kwargs: dict[str, Any], traced: Sequence[_Traced]) -> Any:
