@@ -51,12 +51,14 @@ def test_a_branch_on_a_tensors_text_is_jacrevs_branch(client, name):
     trace took the branch that keeps to the diagonal where jacrev's couples every
     element to the first: exact, unchecked, a 200 whose column 0 was missing (1.0 and
     more off jacrev's). Now a traced tensor's text is its values' (the sign check
-    goes jacrev's way), and the pattern is checked against the products: jacrev's
-    tensors print as ``GradTrackingTensor(...)``, which the trace cannot know."""
-    u = np.array([-0.5, 1.5, 0.7, 2.0, 1.1])
-    got, meta = sparse_answer(client, name, [u])
-    np.testing.assert_allclose(got.toarray(), jacrev(getattr(s17, name), u), rtol=1e-12, atol=1e-12)
-    assert any("text" in n for n in meta["notes"]), meta
+    goes jacrev's way), and the pattern is checked against the products at every
+    request: jacrev's tensors print as ``GradTrackingTensor(...)``, which the trace
+    cannot know, and the cached pattern meets points whose text branches otherwise
+    (no minus sign: the second point)."""
+    for u in (np.array([-0.5, 1.5, 0.7, 2.0, 1.1]), np.array([0.5, 1.5, 0.7, 2.0, 1.1])):
+        got, meta = sparse_answer(client, name, [u])
+        np.testing.assert_allclose(got.toarray(), jacrev(getattr(s17, name), u), rtol=1e-12, atol=1e-12)
+        assert any("text" in n for n in meta["notes"]), meta
 
 
 def test_a_hessian_through_a_text_check_is_torchs(client):

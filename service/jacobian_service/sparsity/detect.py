@@ -59,8 +59,6 @@ shapes. Some depend on the input values, and the tracer says so
 (``Pattern.value_dependent``, with the reason in ``notes``) when the function:
 
 - converts a traced value to Python (``if x.sum() > 0``, ``.item()``, ``bool(...)``),
-  or reads its text (``str(x)``: the value's text; jacrev's tensors print otherwise, so
-  such a pattern is also checked against the products, ``TEXT_NOTE``),
 - indexes, gathers or scatters with indices or masks computed from traced values
   (``x[x > 0]``, ``x[torch.argsort(x)]``) or taken from a non-differentiated input
   (``x[idx]``); a gather of what depends on no input (a table the function holds, at
@@ -70,6 +68,11 @@ shapes. Some depend on the input values, and the tracer says so
 - contracts with an operand that does not depend on the differentiated inputs but
   varies with the inputs (a non-differentiated input ``A @ x``) and has zeros here:
   those zeros are structural here only.
+
+A function that reads a traced tensor's text (``str(x)``: the value's text; jacrev's
+tensors print otherwise, ``TEXT_NOTE``), or whose traced run computes other values than
+the request's forward pass (a branch on ``type(x)``, ``DIVERGED_NOTE``), gets a pattern
+checked against its products at every request (:func:`checked`).
 
 Non-differentiated inputs are traced too, with no dependencies, so that reading their
 values is seen. Masks and indices computed from traced values are traced as well (with
@@ -402,9 +405,10 @@ class _Traced(torch.Tensor):
         them, and under jacrev its tensors print otherwise (``GradTrackingTensor(lvl=1,
         value=...)``). A placeholder here took another branch than jacrev's and kept its
         pattern, exact and unchecked (a wrong 200). Now the read is noted: the pattern is
-        this point's only, and checked against the products (``TEXT_NOTE``)."""
+        checked against the products at every request (``TEXT_NOTE``), which catches a
+        branch the text takes otherwise at any point; not made this point's only, so a
+        function that merely prints its input is not detected anew at every point."""
         if not self._plain():
-            self.tracer.reads("str/repr/format: a traced tensor's text (its values)")
             self.tracer.text = True
         from torch.utils._python_dispatch import _disable_current_modes
 
