@@ -108,8 +108,11 @@ class Call:
 
     def signature(self, batched: bool = False) -> tuple[Any, ...]:
         """What equal requests share: function, argnums, per-example shapes and dtypes."""
-        dims = self.in_dims or (0,) * len(self.args)
-        shapes = tuple(example_shape(a.shape, d) if batched else a.shape for a, d in zip(self.args, dims))
+        if batched:
+            dims = self.in_dims or (0,) * len(self.args)
+            shapes = tuple(example_shape(a.shape, d) for a, d in zip(self.args, dims))
+        else:  # (every .npy Jacobian's stream key: no generator, no dims)
+            shapes = tuple([a.shape for a in self.args])
         return (self.spec.name, self.argnums, self.as_tuple, shapes, tuple(self.dtypes), self.in_dims)
 
     @property
