@@ -91,3 +91,36 @@ def test_a_failing_pullback_leaves_no_vmap_level_behind():
         torch.func.vmap(lambda t: (t * 2, None))(torch.eye(2))
     assert torch._C._functorch.maybe_current_level() == level_before
     assert torch.equal(vmap_rows(lambda t: (t * 3,), torch.eye(2))[0], torch.eye(2) * 3)
+
+
+def test_latency_samples_written_together_are_the_librarys_samples(tmp_path, monkeypatch) -> None:
+    """Metrics.observe_all writes a request's latency phases under one lock, straight
+    into the multiprocess files: the files then read, merged, as those of the library's
+    own ``labels(...).observe`` do (edges, between, past the last, zero, NaN)."""
+    from prometheus_client import CollectorRegistry, generate_latest, values
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from jacobian_service.metrics import _LATENCY_BUCKETS, Metrics, _quick_values, process_id
+
+    amounts = [0.0, float("nan"), 1e9, *_LATENCY_BUCKETS, *(b * 1.001 for b in _LATENCY_BUCKETS)]
+    amounts += amounts[:(-len(amounts)) % 4]  # whole requests of four phases
+
+    def merged(value_class, folder, together: bool) -> bytes:
+        folder.mkdir()
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
+        monkeypatch.setattr(values, "ValueClass", value_class)
+        m = Metrics()
+        for i in range(0, len(amounts), 4):
+            phases = list(zip(amounts[i:i + 4], (("jacobian", p) for p in ("queue", "compute", "encode", "total"))))
+            if together:
+                m.observe_all(m.latency, phases)
+            else:
+                for amount, labels in phases:
+                    m.latency.labels(*labels).observe(amount)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(folder))
+        return b"\n".join(line for line in generate_latest(registry).splitlines() if b"latency" in line)
+
+    library = merged(values.MultiProcessValue(process_identifier=process_id), tmp_path / "library", False)
+    quick = merged(_quick_values(values.MultiProcessValue(process_identifier=process_id)), tmp_path / "quick", True)
+    assert quick == library and library.count(b"_bucket{") == 4 * (len(_LATENCY_BUCKETS) + 1)

@@ -45,8 +45,11 @@ def client_of(scope: dict[str, Any], proxies: Networks = ()) -> str:
     key = scope.get("state", {}).get(KEY)
     if key is not None:
         return "key:" + key.hex()[:16]
-    peer = _address((scope.get("client") or ("",))[0])
-    if not (proxies and _among(peer, proxies)):
+    text = (scope.get("client") or ("",))[0]
+    if not proxies:
+        return _peer_client(text) if len(text) <= _LONGEST_ADDRESS else "addr:" + _named(_address(text))
+    peer = _address(text)
+    if not _among(peer, proxies):
         return "addr:" + _named(peer)
     forwarded = b",".join(v for k, v in scope["headers"] if k == b"x-forwarded-for").decode("latin-1")
     client = peer
@@ -75,6 +78,15 @@ def _named(address: "ipaddress.IPv4Address | ipaddress.IPv6Address | str") -> st
     if isinstance(address, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
     return str(address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_client(text: str) -> str:
+    """``client_of`` a peer with no proxy trusted, by the peer's text as the server gave
+    it: the two caches below are keyed by the parsed address, whose hash is Python code
+    (``ipaddress``'s ``__hash__``, a ``hex`` of its ``int``), asked again at every
+    request that may stream; a string keeps its hash. Short texts only (as below)."""
+    return "addr:" + _named(_address(text))
 
 
 # No address as a proxy writes it ("[IPv6%zone]:port") is longer. An entry that is held

@@ -58,17 +58,24 @@ def _quick_values(library: Any) -> Any:
         _quick: tuple[int, Any, int] | None = None  # (pid, file, place of the sample) once learnt
 
         def inc(self, amount: float) -> None:
-            quick = self._quick
-            if quick is None or quick[0] != _pid[0]:
-                with _sample_lock:
-                    super().inc(amount)
-                    self._quick = _place(self)
-                return
+            QuickValue.inc_all([(self, amount)])
+
+        @staticmethod
+        def inc_all(pairs: list[tuple[Any, float]]) -> None:
+            """``value.inc(amount)`` for each pair, under the lock once: a computing
+            request's eight latency samples (each its lock and its call, the long way)."""
+            pid = _pid[0]
             with _sample_lock:
-                self._value = value = self._value + amount
-                self._timestamp = 0.0
-                at = quick[2]
-                quick[1]._m[at:at + 16] = _pack_sample(value, 0.0)
+                for value, amount in pairs:
+                    quick = value._quick
+                    if quick is None or quick[0] != pid:
+                        library.inc(value, amount)
+                        value._quick = _place(value)
+                        continue
+                    value._value = total = value._value + amount
+                    value._timestamp = 0.0
+                    at = quick[2]
+                    quick[1]._m[at:at + 16] = _pack_sample(total, 0.0)
 
         def set(self, value: float, timestamp: float | None = None) -> None:
             with _sample_lock:  # (one lock for every write here: a set cannot interleave an inc)
@@ -183,20 +190,34 @@ class Metrics:
 
     def observe(self, histogram: Any, amount: float, *values: str) -> None:
         """``histogram.labels(*values).observe(amount)``, the same samples written the
-        short way: the bucket found by bisection, not by prometheus_client's walk over
-        the bounds (with its checks, per call), its value and the sum incremented as
-        ``observe`` increments them. Four per computing request (queue, compute, encode,
-        total). A NaN, which no bucket takes, goes the long way."""
-        child = self.child(histogram, *values)
-        try:  # prometheus_client's own attributes (0.19-0.26 have them): a later one may not
-            bounds, buckets, total = child._upper_bounds, child._buckets, child._sum
-        except AttributeError:
-            bounds = None
-        if bounds is None or amount != amount:
-            child.observe(amount)
+        short way (:meth:`observe_all`)."""
+        self.observe_all(histogram, [(amount, values)])
+
+    def observe_all(self, histogram: Any, observations: list[tuple[float, tuple[str, ...]]]) -> None:
+        """``histogram.labels(*values).observe(amount)`` for each ``(amount, values)``,
+        the same samples written the short way: the bucket found by bisection, not by
+        prometheus_client's walk over the bounds (with its checks, per call), its value
+        and the sum incremented as ``observe`` increments them, all under one lock
+        (``inc_all``, where the values are this module's). Four per computing request
+        (queue, compute, encode, total). A NaN, which no bucket takes, goes the long way."""
+        pairs: list[tuple[Any, float]] = []
+        for amount, labels in observations:
+            child = self.child(histogram, *labels)
+            try:
+                bounds, buckets, total = child._upper_bounds, child._buckets, child._sum
+            except AttributeError:
+                bounds = None
+            if bounds is None or amount != amount:
+                child.observe(amount)
+                continue
+            pairs.append((total, amount))
+            pairs.append((buckets[bisect_left(bounds, amount)], 1))
+        inc_all = getattr(type(pairs[0][0]), "inc_all", None) if pairs else None
+        if inc_all is not None:
+            inc_all(pairs)
             return
-        total.inc(amount)
-        buckets[bisect_left(bounds, amount)].inc(1)
+        for value, amount in pairs:
+            value.inc(amount)
 
     def update_engines(self, depth: int, stats: dict[str, Any]) -> None:
         self.queue_depth.set(depth)

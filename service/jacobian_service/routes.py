@@ -404,13 +404,12 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         else:
             async with state.encode_budget.hold(nbytes):
                 response = await _offload(nbytes, encode, *encoding)
-    for phase, seconds in (
-        ("queue", info.queue_s),
-        ("compute", info.compute_s),
-        ("encode", time.monotonic() - encode_start),
-        ("total", time.monotonic() - started),
-    ):
-        state.metrics.observe(state.metrics.latency, seconds, kind, phase)
+    state.metrics.observe_all(state.metrics.latency, [
+        (info.queue_s, (kind, "queue")),
+        (info.compute_s, (kind, "compute")),
+        (time.monotonic() - encode_start, (kind, "encode")),
+        (time.monotonic() - started, (kind, "total")),
+    ])
     return response
 
 
