@@ -8,8 +8,8 @@ shared machine's times move with its other jobs; instruction counts do not. Each
 put-back, the watchers, encoding the replies) on small ``mlp`` Jacobians, its socket faked:
 each poll, once the previous batch has been answered, hands it ``--batch`` jobs as front
 ends encode them (``ipc.encode_call``; two front ends, alternating), and each send is laid
-out as the channel does (``channel.encode_messages``, large frames copied into a shared
-segment, given back at once). Kernel I/O is not in it. Only the measured batches are
+out as the channel does (``channel.encode_messages``, large frames in sealed memfds, or a
+shared segment's blocks in trees before them, given back at once). Kernel I/O is not in it. Only the measured batches are
 counted (``--toggle-collect`` on ``sys.call_tracing``); batches of a few sizes have been
 run first, so that the counted ones meet warm caches, as under load. Under callgrind torch
 loads for minutes: ``--native ROUNDS`` runs the same loop natively instead, the trees
@@ -69,7 +69,9 @@ def _drive(tmp: Path, batches: int, size: int, kind: str) -> None:
 
         def __init__(self) -> None:
             self.peers = [object(), object()]
-            self.segment = channel.Segment(64 << 20)
+            # Where results go, as the tree's engine puts them: each large one in a sealed memfd
+            # of its own, or (trees before it) a block of a segment. Both give back by ``used``.
+            self.segment = channel.Sealed() if hasattr(channel, "Sealed") else channel.Segment(64 << 20)
             self.batches: list[int] = []
             self.waiting = 0  # replies still due for the batch handed out
             self.checked = False

@@ -380,85 +380,155 @@ def _run_beside(echo: _Echo, main) -> None:
         echo.close()
 
 
-def test_large_frames_come_through_shared_memory_and_their_blocks_come_back(tmp_path: Path) -> None:
-    """A frame of 16 KiB and more is read where the engine wrote it (a read-only view of
-    the mapped segment); its block is the engine's again once the last view has gone,
-    here on another thread, as when a large JSON encoding drops the result."""
+def _result_mappings() -> int:
+    """This process's mappings of an engine's sealed results."""
+    with open("/proc/self/maps") as f:
+        return sum("memfd:jacobian-result" in line for line in f)
+
+
+def test_large_frames_come_through_sealed_memfds_given_back_once_mapped(tmp_path: Path) -> None:
+    """A frame of 4 MiB and more from an engine is read where the engine wrote it: a
+    memfd of its own, sealed, mapped read-only here (smaller ones come on the socket);
+    the engine's descriptor of it is
+    given back (closed) as soon as it is mapped, while the frame is still held. The
+    mapping goes when the last view does, here on another thread, as when a large JSON
+    encoding drops the result."""
     path = tmp_path / "e.sock"
     echo = _SharedEcho(path, 16 << 20)
-    payloads = [_big(1, 4 << 20), b"small" * 3000, _big(2, 70_000)]  # 15,000 bytes: on the socket
+    payloads = [_big(1, 4 << 20), b"small" * 3000, _big(2, 70_000), _big(7, 5 << 20)]  # the 2nd, 3rd: on the socket
 
     async def main() -> None:
         got: list[list] = []
         conn = Connection(path, got.append)
         try:
-            await _until(lambda: echo.segments())  # offered, mapped, taken
-            segment = echo.segments()[0]
+            await _until(lambda: echo.segments())  # offered, opened, taken
+            sealed = echo.segments()[0]
+            before = _result_mappings()
             for i, payload in enumerate(payloads):
                 conn.send([b'{"i":%d}' % i, payload])
-            await _until(lambda: len(got) == 3)
+            await _until(lambda: len(got) == 4)
             frames = [m[1] for m in got]
             assert [bytes(f) for f in frames] == payloads
-            assert all(isinstance(f, memoryview) and f.readonly for f in (frames[0], frames[2]))
-            assert isinstance(frames[1], bytes)
-            assert sorted(segment.used.values()) == [73_728, 4 << 20]  # 70,000 and 4 MiB, in whole pages
-            array = np.frombuffer(frames[0], np.uint8)  # a view of a view: the block stays out
+            assert all(isinstance(f, memoryview) and f.readonly for f in (frames[0], frames[3]))
+            assert [isinstance(getattr(f, "obj", f), np.ndarray) for f in frames] == [True, False, False, True]
+            assert _result_mappings() == before + 2
+            await _until(lambda: not sealed.used)  # given back while still held
+            array = np.frombuffer(frames[0], np.uint8)  # a view of a view: the mapping stays
             got.clear()
             del frames
-            await asyncio.sleep(0.1)
-            assert sorted(segment.used.values()) == [4 << 20]
+            assert _result_mappings() == before + 1 and bytes(array[:64]) == payloads[0][:64]
             await asyncio.to_thread(lambda box: box.clear(), [array])  # the last view goes on another thread
             del array
-            await _until(lambda: not segment.used)
-            assert segment.free == [(0, 16 << 20)]  # merged back into one
+            assert _result_mappings() == before
         finally:
             conn.close()
 
     _run_beside(echo, main)
 
 
-def test_a_full_segment_sends_on_the_socket(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_engines_result_memfd_cannot_be_written_by_anyone(tmp_path: Path) -> None:
+    """The engine's descriptor of a result, until the front end gives it back, is in the
+    engine, where its functions run: opened again through ``/proc/self/fd`` read-write,
+    it takes no write, no writable mapping, no change of size (sealed ``F_SEAL_WRITE``;
+    the engine never mapped it, which the seal would have refused)."""
+    import errno
+    import mmap
+
+    from jacobian_service.channel import Sealed
+
+    sealed = Sealed()
+    try:
+        payload = _big(5, 4 << 20)
+        place = sealed.place(memoryview(payload))
+        fd, inode = int.from_bytes(place[:8], "little"), int.from_bytes(place[8:16], "little")
+        assert list(sealed.used) == [fd] and os.fstat(fd).st_ino == inode
+        with open("/proc/self/maps") as f:
+            assert not [line for line in f if line.split()[4:5] == [str(inode)]]  # never mapped here
+        rw = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+        try:
+            for attempt in (lambda: os.pwrite(rw, b"\xff" * 8, 0), lambda: mmap.mmap(rw, 4 << 20),
+                            lambda: os.ftruncate(rw, 0), lambda: os.ftruncate(rw, 1 << 20)):
+                with pytest.raises(PermissionError) as raised:
+                    attempt()
+                assert raised.value.errno == errno.EPERM
+            assert os.pread(rw, 4 << 20, 0) == payload
+        finally:
+            os.close(rw)
+        sealed.give_back(fd)
+        assert not sealed.used
+        with pytest.raises(OSError):  # closed
+            os.fstat(fd)
+    finally:
+        sealed.close()
+
+
+def test_a_result_memfd_replaced_before_the_front_end_opens_it_is_refused() -> None:
+    """A function closes the engine's descriptor of a result not yet opened by the front
+    end, and puts a memfd of its own (its own values, sealed as the engine's are) at that number: the front
+    end finds another inode and refuses it (the connection breaks), never reading it."""
+    import fcntl
+
+    from jacobian_service.channel import _FROZEN, Sealed, SealedFrames
+
+    sealed = Sealed()
+    freed: list[int] = []
+    try:
+        reader = SealedFrames(sealed.path, lambda frames, fd: freed.append(fd))
+        payload = _big(6, 4 << 20)
+        place = sealed.place(memoryview(payload))
+        fd = int.from_bytes(place[:8], "little")
+        assert bytes(reader.frame(*reader.PLACE.unpack(place))) == payload and freed == [fd]
+        sealed.give_back(fd)
+        place = sealed.place(memoryview(payload))
+        fd = int.from_bytes(place[:8], "little")
+        forged = os.memfd_create("jacobian-result", os.MFD_ALLOW_SEALING)
+        os.pwrite(forged, b"\xff" * len(payload), 0)
+        fcntl.fcntl(forged, fcntl.F_ADD_SEALS, _FROZEN)  # sealed as the engine's are
+        os.dup2(forged, fd)  # the number now the function's memfd
+        os.close(forged)
+        with pytest.raises(ConnectionError):
+            reader.frame(*reader.PLACE.unpack(place))
+        assert len(freed) == 1  # the forged one is not given back
+        sealed.give_back(fd)  # not the engine's memfd any more: left open, not closed under its owner
+        os.fstat(fd)
+        os.close(fd)
+    finally:
+        sealed.close()
+
+
+def test_a_full_segment_sends_on_the_socket(caplog: pytest.LogCaptureFixture) -> None:
+    """A front end's segment (its large inputs) with no block free: None, the frame goes
+    on the socket; said once, not per frame."""
     import logging
 
+    from jacobian_service.channel import Segment
+
     caplog.set_level(logging.INFO, logger="jacobian_service.channel")
-
-    path = tmp_path / "e.sock"
-    echo = _SharedEcho(path, 1 << 20)
-    payloads = [_big(i, 600_000) for i in range(4)]  # 1 MiB holds one of them
-
-    async def main() -> None:
-        got: list[list] = []
-        conn = Connection(path, got.append)
-        try:
-            await _until(lambda: echo.segments())
-            for payload in payloads:  # all kept: no block comes back meanwhile
-                conn.send([b"{}", payload])
-            await _until(lambda: len(got) == 4)
-            assert [bytes(m[1]) for m in got] == payloads
-            assert [isinstance(m[1].obj, np.ndarray) for m in got] == [True, False, False, False]  # a view of the segment
-            assert caplog.text.count("is full") == 1  # said once, not per frame
-        finally:
-            conn.close()
-
-    _run_beside(echo, main)
+    segment = Segment(1 << 20)
+    try:
+        places = [segment.place(memoryview(_big(i, 600_000))) for i in range(4)]  # 1 MiB holds one of them
+        assert [p is not None for p in places] == [True, False, False, False]
+        assert caplog.text.count("is full") == 1
+    finally:
+        segment.close()
 
 
-def test_blocks_of_an_engine_that_died_stay_readable(tmp_path: Path) -> None:
+def test_results_of_an_engine_that_died_stay_readable(tmp_path: Path) -> None:
     """An engine crash while a response is still being written: the front end's mapping
-    keeps the pages, and the next engine's segment is a new one."""
+    keeps the pages, and the next engine's results come as its own."""
     path = tmp_path / "e.sock"
 
     async def main() -> None:
         got: list[list] = []
         conn = Connection(path, got.append)
         first = await asyncio.to_thread(_SharedEcho, path, 8 << 20)
-        payload = _big(3, 1 << 20)
+        payload = _big(3, 4 << 20)
         try:
             await _until(lambda: first.segments())
             conn.send([b"{}", payload])
             await _until(lambda: len(got) == 1)
         finally:
-            await asyncio.to_thread(first.close)  # its segment closes with it
+            await asyncio.to_thread(first.close)  # its descriptors close with it
         kept = got.pop()[1]
         assert bytes(kept) == payload
         second = await asyncio.to_thread(_SharedEcho, path, 8 << 20)
@@ -467,9 +537,7 @@ def test_blocks_of_an_engine_that_died_stay_readable(tmp_path: Path) -> None:
             conn.send([b"{}", payload[::-1]])
             await _until(lambda: len(got) == 1)
             assert bytes(got[0][1]) == payload[::-1] and bytes(kept) == payload
-            del kept  # given back to nobody: the engine it belonged to has gone
-            await asyncio.sleep(0.05)
-            assert list(second.segments()[0].used.values()) == [1 << 20]  # only its own block
+            await _until(lambda: not second.segments()[0].used)
         finally:
             conn.close()
             await asyncio.to_thread(second.close)
