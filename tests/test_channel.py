@@ -426,6 +426,27 @@ def test_large_frames_come_through_sealed_memfds_given_back_once_mapped(tmp_path
     _run_beside(echo, main)
 
 
+def test_an_engine_made_undumpable_by_a_function_is_dumpable_again_when_it_offers_a_result() -> None:
+    """The front end opens a result through ``/proc/<engine>/fd``, which a process of the
+    same user may open only while the engine is dumpable. A function that cleared the flag
+    (``prctl(PR_SET_DUMPABLE, 0)``) made the next large answer, another caller's, a 503
+    (the front end dropped the engine's connection) and struck that caller's function
+    (seen with a server run as a non-root user; root opens it anyway). Offering a result
+    makes the engine dumpable again."""
+    from jacobian_service.channel import _PR_GET_DUMPABLE, _PR_SET_DUMPABLE, Sealed, _prctl
+
+    sealed = Sealed()
+    try:
+        _prctl()(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+        assert _prctl()(_PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
+        fd = int.from_bytes(sealed.place(memoryview(_big(3, 4 << 20)))[:8], "little")
+        assert _prctl()(_PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
+        sealed.give_back(fd)
+    finally:
+        _prctl()(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+        sealed.close()
+
+
 def test_an_engines_result_memfd_cannot_be_written_by_anyone(tmp_path: Path) -> None:
     """The engine's descriptor of a result, until the front end gives it back, is in the
     engine, where its functions run: opened again through ``/proc/self/fd`` read-write,

@@ -378,6 +378,12 @@ class Sealed:
             os.close(fd)
             return None
         self.used[fd] = inode
+        # The front end opens it through /proc/<engine>/fd, which only a dumpable process
+        # lets a process of its user open: a function that had cleared the flag
+        # (prctl(PR_SET_DUMPABLE, 0)) made the next large answer, another caller's, a 503
+        # and blamed that caller's function for the broken connection (under a non-root
+        # user, as in the image; root opens it anyway). An engine is dumpable (fork_server).
+        _prctl()(_PR_SET_DUMPABLE, 1, 0, 0, 0)
         return _SEALED_PLACE.pack(fd, inode, frame.nbytes)
 
     def give_back(self, fd: int) -> None:
@@ -391,6 +397,16 @@ class Sealed:
         for fd in list(self.used):
             self.give_back(fd)
         os.close(self.fd)
+
+
+_PR_GET_DUMPABLE, _PR_SET_DUMPABLE = 3, 4
+
+
+@functools.cache
+def _prctl() -> Callable[..., int]:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _inode(fd: int) -> int | None:
