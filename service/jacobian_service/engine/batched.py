@@ -18,7 +18,8 @@ from ..types import Call, Result
 from .shapes import span
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, differentiable, fresh,
                       function_error, is_oom)
-from .hessian import CHECK_ELEMENTS, STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, hvp_misses, with_output
+from .hessian import (CHECK_ELEMENTS, STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, gradient,
+                      hvp_misses, with_output)
 from .products import agrees_with_reverse, reverse_misses
 from . import vmap_dims as _dims
 
@@ -284,7 +285,7 @@ def _hvp_misses(call: Call, args: list[torch.Tensor], in_dims: Sequence[int | No
         def weighted(*p: Any) -> torch.Tensor:
             return sum((wi * oi).sum() for wi, oi in zip(w_b, pytree.tree_leaves(g(*p)[0])))
 
-        return torch.func.jvp(torch.func.grad(weighted, argnums=argnums), primals, pytree.tree_unflatten(v_b, spec))[1]
+        return torch.func.jvp(gradient(weighted, argnums), primals, pytree.tree_unflatten(v_b, spec))[1]
 
     try:
         hv = pytree.tree_leaves(torch.func.vmap(hvp, in_dims=(list(in_dims), 0, 0))(list(fresh(args)), w, v))

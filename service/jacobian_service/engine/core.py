@@ -723,7 +723,7 @@ class Engine:
 
         def product(g: Callable[..., Any], at: Callable[[], tuple[Any, ...]]) -> Callable[..., Any]:
             if cot is None:
-                grad = torch.func.grad(lambda *p: g(*p)[0], argnums=argnums)
+                grad = _hessian.gradient(lambda *p: g(*p)[0], argnums)
                 return lambda *t: torch.func.jvp(grad, at(), t)[1]
             # c first among the vectors: over_vectors maps every vector over its dim 0
             return lambda c, *t: torch.func.jvp(lambda *p: torch.func.vjp(g, *p, has_aux=True)[1](c), at(), t)[1]

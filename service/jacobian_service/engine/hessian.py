@@ -36,7 +36,8 @@ from .calling import (AuxBox, GradOffWatch, as_input_dtypes, differentiable, fre
 if TYPE_CHECKING:
     from .core import Engine
 
-__all__ = ["CHECK_ELEMENTS", "STRATEGIES", "TORCHS", "agrees_with_differences", "agrees_with_hvp", "candidates", "finite", "hessian", "hvp_misses", "refusal", "with_output"]
+__all__ = ["CHECK_ELEMENTS", "STRATEGIES", "TORCHS", "agrees_with_differences", "agrees_with_hvp", "candidates", "finite",
+           "gradient", "hessian", "hvp_misses", "refusal", "with_output"]
 
 # Equal ways to compute torch.func.hessian (read-only, as core.TORCH_DTYPES: one a
 # function replaced in place computed every later Hessian its way).
@@ -60,6 +61,48 @@ _REV_REV_MAX_OUTPUTS = 16
 def candidates(scalar_output: bool) -> tuple[str, ...]:
     """Strategies in the order usually fastest; grad needs a 0-d output."""
     return ("jacrev_grad", "jacfwd_jacrev", "jacrev_jacrev") if scalar_output else ("jacfwd_jacrev", "jacrev_jacrev")
+
+
+class _NotRealScalar(Exception):
+    """The function's output is not a real floating 0-d tensor (see :func:`gradient`)."""
+
+
+def gradient(f: Callable[..., Any], argnums: int | tuple[int, ...] = 0) -> Callable[..., Any]:
+    """``torch.func.grad(f, argnums)``, computed as ``torch.func.hessian``'s ``jacrev``
+    computes the gradient: a ``torch.func.vjp``, its pullback called with a cotangent of
+    one. Every Hessian-vector product (``/hvp``, a sparse Hessian's products, the checks
+    of a Hessian against one HVP) is the ``jvp`` of this, so it is the product of
+    ``torch.func.hessian``'s Hessian.
+
+    ``torch.func.grad`` runs its backward pass inside its own transform level, where the
+    cotangent a custom ``autograd.Function``'s backward gets requires grad: a
+    ``@once_differentiable`` backward then detaches what it returns, and forward mode over
+    it loses the backward's own derivative. So ``jvp(grad(f))`` of ``sum(F(x) cos x)``
+    (F a once-differentiable cube with a jvp) was -0.106 where ``torch.func.hessian``
+    (``jacfwd(jacrev(f))``) and the math say 1.534: the /hvp and the sparse Hessian
+    answered the one, the dense Hessian the other, each with a 200. A ``vjp``'s pullback
+    runs outside the level, as ``jacrev``'s does. An output that is not a real floating
+    scalar gets ``torch.func.grad``'s own answer (zeros for an integer one) or error."""
+    positions = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+    def grad(*args: Any) -> Any:
+        def of(*diff: Any) -> torch.Tensor:
+            full = list(args)
+            for i, d in zip(positions, diff):
+                full[i] = d
+            out = f(*full)
+            if not (isinstance(out, torch.Tensor) and out.dim() == 0 and out.is_floating_point()):
+                raise _NotRealScalar
+            return out
+
+        try:
+            out, pullback = torch.func.vjp(of, *[args[i] for i in positions])
+        except _NotRealScalar:
+            return torch.func.grad(f, argnums=argnums)(*args)
+        grads = pullback(torch.ones_like(out))
+        return grads[0] if isinstance(argnums, int) else grads
+
+    return grad
 
 
 def with_output(g: Callable[..., Any]) -> Callable[..., Any]:
@@ -207,7 +250,7 @@ def agrees_with_hvp(g: Callable[..., Any], primals: tuple[Any, ...], argnums: An
 
     alive()
     try:
-        _, hv = torch.func.jvp(torch.func.grad(weighted, argnums=argnums),
+        _, hv = torch.func.jvp(gradient(weighted, argnums),
                                fresh(primals), pytree.tree_unflatten(v, pytree.tree_structure(primals)))
     except Exception as exc:
         if is_oom(exc):

@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 from .. import __version__ as _SERVICE_VERSION
 from ..engine.calling import GradOffWatch, lacks_forward_ad
-from ..engine.hessian import agrees_with_differences, refusal
+from ..engine.hessian import agrees_with_differences, gradient, refusal
 from ..engine.products import vmap_agrees
 from ..errors import ServiceError, exception_text
 from .coloring import Coloring, choose_coloring, hessian_coloring, star_coloring
@@ -481,7 +481,7 @@ def _product_at(mode: str, fn: Callable[..., Any], argnums: tuple[int, ...], has
         if mode == "rev":
             _, pullback = torch.func.vjp(g, *fresh(primals))  # one forward pass for every seed
             return lambda t: torch.cat([gr.reshape(-1) for gr in pullback(t)])
-        grad = torch.func.grad(lambda *d: g(*d).sum(), argnums=tuple(range(len(primals))))
+        grad = gradient(lambda *d: g(*d).sum(), tuple(range(len(primals))))
         if mode == "star_rev":
             _, pullback = torch.func.vjp(grad, *fresh(primals))  # one gradient pass for every seed
             return lambda *t: torch.cat([h.reshape(-1) for h in pullback(tuple(t))])

@@ -1,0 +1,78 @@
+"""PyTorch's own torch.func test cases, round 22: custom ``autograd.Function``s as
+torch's autograd_function_db and test_eager_transforms.py's TestAutogradFunction write
+them (tests/parity22_functions.py), replayed over HTTP and compared with in-process
+torch.func (values, shapes, dtypes).
+
+1. A ``@once_differentiable`` backward with a jvp, under a function whose cotangent
+   depends on x: ``torch.func.jvp(torch.func.grad(f))`` loses the backward's derivative
+   where ``torch.func.hessian`` keeps it. The /hvp and the sparse Hessian answered the
+   one, the dense Hessian the other; every route is torch.func.hessian's now.
+2. The db's Functions (numpy forwards with a hand-written ``vmap`` staticmethod,
+   ``generate_vmap_rule``, ``save_for_forward``, ``mark_non_differentiable``,
+   ``mark_dirty``, a backward returning a too-large gradient) over every derivative route.
+
+One in-process app serves the module (no server start), as rounds 7-21.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch.func import grad, hessian, jvp
+
+from . import parity22_functions as F
+from .conftest import ready_app
+from .test_parity_round7 import answer, arr, post, same, t
+
+
+@pytest.fixture(scope="module")
+def c() -> Iterator[Any]:
+    with ready_app("tests.parity22_functions") as client:
+        yield client
+
+
+X = np.array([0.3, -1.2, 0.7], dtype=np.float32)
+TANGENTS = np.array([[1.0, 0.5, -0.25], [-0.5, 0.0, 2.0]], dtype=np.float32)
+
+
+def _dense(matrix: Any) -> np.ndarray:
+    return np.asarray(matrix.todense())
+
+
+def test_hvp_and_sparse_hessian_through_a_once_differentiable_backward_are_torch_hessians(c):
+    """f = sum(F(x) cos x), F a cube whose backward is @once_differentiable, with a jvp.
+    torch.func.hessian (jacfwd(jacrev(f))) differentiates the backward in forward mode:
+    its Hessian is the math's. torch.func.jvp(torch.func.grad(f)) runs the backward
+    inside grad's level, where its cotangent (cos x) requires grad, so
+    once_differentiable detaches what it returns and forward mode loses the backward's
+    part: -0.106 where the Hessian says 1.534. The dense /hessian answered
+    torch.func.hessian's, the /hvp (one tangent or a stack) and the sparse Hessian the
+    other, each a 200. Every route is now the product of torch.func.hessian's Hessian."""
+    x = t(X)
+    want = hessian(F.cube_once_energy)(x)
+    h = 1e-3  # the math: central differences of the gradient, in float64
+    x64 = x.double()
+
+    def g64(y):
+        return (3 * y**2 * y.cos() - y**3 * y.sin())
+
+    fd = torch.stack([(g64(x64 + h * e) - g64(x64 - h * e)) / (2 * h) for e in torch.eye(3, dtype=torch.float64)])
+    torch.testing.assert_close(want.double(), fd, rtol=1e-4, atol=1e-4)
+    by_grad = jvp(grad(F.cube_once_energy), (x,), (torch.from_numpy(TANGENTS[0]),))[1]
+    assert float((by_grad - want @ torch.from_numpy(TANGENTS[0])).abs().max()) > 1.0  # torch's recipe is off here
+
+    dense, doc = answer(post(c, "cube_once_energy", "hessian", [X]), "hessian")
+    same(dense, want)
+    sparse, doc = answer(post(c, "cube_once_energy", "hessian", [X], sparsity="auto"), "hessian")
+    same(_dense(sparse), want.numpy(), rtol=1e-5)
+    one, _ = answer(post(c, "cube_once_energy", "hvp", [X], tangents=arr(TANGENTS[0])), "hvp")
+    same(one, want @ torch.from_numpy(TANGENTS[0]), rtol=1e-5)
+    stack, _ = answer(post(c, "cube_once_energy", "hvp", [X], tangents=arr(TANGENTS), batched_vectors=True), "hvp")
+    same(stack, torch.from_numpy(TANGENTS) @ want.T, rtol=1e-5)
+    # c . H t with cotangents (a jvp of a vjp) was torch.func.hessian's already: the same
+    pair, _ = answer(post(c, "cube_once_energy", "hvp", [X], tangents=arr(TANGENTS[0]),
+                          cotangents=arr(np.float32(2.0))), "hvp")
+    same(pair, 2 * want @ torch.from_numpy(TANGENTS[0]), rtol=1e-5)
