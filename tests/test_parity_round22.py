@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 import torch
-from torch.func import grad, hessian, jvp
+from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
 
 from . import parity22_functions as F
 from .conftest import ready_app
@@ -76,3 +76,31 @@ def test_hvp_and_sparse_hessian_through_a_once_differentiable_backward_are_torch
     pair, _ = answer(post(c, "cube_once_energy", "hvp", [X], tangents=arr(TANGENTS[0]),
                           cotangents=arr(np.float32(2.0))), "hvp")
     same(pair, 2 * want @ torch.from_numpy(TANGENTS[0]), rtol=1e-5)
+
+
+def test_a_backward_not_linear_in_its_cotangent_keeps_vmap(c):
+    """torch's CubeGenVmap: (x^3, 3x^2) whose backward is g s + 6 s (s = 3x^2), a term
+    that does not scale with the cotangent. jacrev's rows are vmap(vjp_fn) over the
+    identity, each row's own VJP. The engine's check of vmap's rows mixes cotangents
+    (linearity), which such a backward fails though vmap ran it right: every Jacobian of
+    the function then ran one VJP a row from its first request on (meta.chunk_size 1,
+    the profile's "no vmap" bit set), per-example ones too, and a stack of vjp
+    cotangents one at a time. A failed check is now confirmed one product at a time,
+    and vmap's rows stand where they are those (the same values, as before)."""
+    x = t(X)
+    want = jacrev(F.cube_gen_vmap)(x)
+    assert float((want[0] - torch.diag(torch.diagonal(want[0]))).abs().max()) > 1  # the 6 s term: not diagonal
+    for _ in range(2):  # the first request and a later one
+        got, doc = answer(post(c, "cube_gen_vmap", "jacobian", [X]), "jacobian")
+        same(got, want)
+        assert doc["meta"]["chunk_size"] == 6, doc["meta"]  # the 6 rows in one vmap, not one VJP a row
+    xs = np.stack([X, 0.5 * X])
+    got, doc = answer(post(c, "cube_gen_vmap", "jacobian", [xs], batched=True), "jacobian")
+    same(got, vmap(jacrev(F.cube_gen_vmap))(t(xs)))
+    assert doc["meta"]["chunk_size"] is None, doc["meta"]  # (1: row by row)
+    ones = np.ones((2, 3), np.float32)
+    cot = [arr(ones), arr(2 * ones)]
+    got, _ = answer(post(c, "cube_gen_vmap", "vjp", [X], cotangents=cot, batched_vectors=True), "vjp")
+    _, pullback = vjp(F.cube_gen_vmap, x)
+    same(got, vmap(pullback)((torch.from_numpy(ones), torch.from_numpy(2 * ones)))[0])
+

@@ -20,7 +20,7 @@ from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_cal
                       function_error, is_oom)
 from .hessian import (CHECK_ELEMENTS, STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, gradient,
                       hvp_misses, with_output)
-from .products import agrees_with_reverse, reverse_misses
+from .products import agrees_with_reverse, reverse_misses, same_products
 from . import vmap_dims as _dims
 
 if TYPE_CHECKING:
@@ -114,8 +114,9 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     if kind == "hessian" and len(attempts) > 1:
         profile.hessian[("per example", call.signature())] = mode
     if kind == "jacobian" and batch and not _vmap_rows_agree(engine, call, value, rows_loop, first):
-        rows_loop = True  # torch's vmap of the pullback is wrong for these shapes: row by row
+        rows_loop, vmapped = True, value  # torch's vmap of the pullback is wrong for these shapes: row by row
         (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, what=kind)
+        rows_loop = not same_products(value, vmapped)  # (the same: a pullback not linear in its cotangent)
     if kind == "jacobian" and rows_loop:
         profile.vmap_pullback = False
     profile.grad_off = profile.grad_off or strategy.seen

@@ -19,7 +19,8 @@ from torch.utils import _pytree as pytree
 from ..errors import ServiceError
 from .calling import changed_between_calls, fresh, function_error, is_oom
 
-__all__ = ["agrees_with_reverse", "one_agrees", "over_vectors", "reverse_misses", "rng_replay", "vmap_agrees"]
+__all__ = ["agrees_with_reverse", "one_agrees", "over_vectors", "reverse_misses", "rng_replay", "same_products",
+           "vmap_agrees"]
 
 log = logging.getLogger("jacobian_service.engine")
 
@@ -66,30 +67,40 @@ def over_vectors(name: str, product: Callable[..., Any], vectors: tuple[Any, ...
     of 40 jvp tangents ran all 40 products after its client had gone)."""
     leaves = [v for v in pytree.tree_leaves(vectors) if isinstance(v, torch.Tensor) and v.dim()]
     batch = leaves[0].shape[0] if leaves else 0
+    one = again if again is not None else (lambda: product)
     try:
         value = torch.func.vmap(product)(*fresh(vectors))
     except Exception as exc:
         if is_oom(exc) or isinstance(exc, ServiceError) or not batch:
             raise
+        # said once the products ran: where the first fails too (no forward-mode rule for
+        # a jvp), that is the function's own error, this request's answer, not vmap's
+        looped = _one_at_a_time(one(), vectors, batch, replay, alive)
         log.info("vmap of %s's products failed (%s); one vector at a time", name, type(exc).__name__)
-    else:
-        if not batch:
-            return value
-        # Every stack is checked, one more product: torch's vmap of cdist's pullback is
-        # right for the one-hot cotangents of rows 1:3 and wrong for rows 0:2 (as a
-        # Jacobian's chunks were: rows.py), and, for dense cotangents at the same shapes,
-        # right where all points coincide (x = [0, 0, 0]) and wrong where some do
-        # ([0, 1, 0]: 6.0 off), so a pass, once per key, said nothing of the next stack.
-        # A failure is kept: the key's stacks then go one vector at a time.
-        verdict = checked.get(key)  # False: found wrong before
-        if verdict is not False:
-            verdict = (check or vmap_agrees)(again() if again is not None else product, vectors, value)
-            if not verdict:
-                checked[key] = False
-        if verdict:
-            return value
-        log.warning("vmap of %s's products disagrees with one product; one vector at a time", name)
-    one = again() if again is not None else product
+        return looped
+    if not batch:
+        return value
+    # Every stack is checked, one more product: torch's vmap of cdist's pullback is
+    # right for the one-hot cotangents of rows 1:3 and wrong for rows 0:2 (as a
+    # Jacobian's chunks were: rows.py), and, for dense cotangents at the same shapes,
+    # right where all points coincide (x = [0, 0, 0]) and wrong where some do
+    # ([0, 1, 0]: 6.0 off), so a pass, once per key, said nothing of the next stack.
+    # A failure is kept: the key's stacks then go one vector at a time.
+    if checked.get(key) is False:  # found wrong before
+        return _one_at_a_time(one(), vectors, batch, replay, alive)
+    if (check or vmap_agrees)(one(), vectors, value):
+        return value
+    looped = _one_at_a_time(one(), vectors, batch, replay, alive)
+    if same_products(looped, value):  # a product not linear in its vector: vmap's are right
+        return value
+    checked[key] = False
+    log.warning("vmap of %s's products disagrees with one product; one vector at a time", name)
+    return looped
+
+
+def _one_at_a_time(one: Callable[..., Any], vectors: tuple[Any, ...], batch: int,
+                   replay: Callable[[], None] | None, alive: Callable[[], None] | None) -> Any:
+    """``one``'s products, a vector at a time, stacked (see :func:`over_vectors`)."""
     per = []
     for k in range(batch):
         if alive is not None:
@@ -171,10 +182,26 @@ def one_agrees(product: Callable[..., Any], vectors: tuple[Any, ...], value: Any
         if is_oom(exc):
             raise
         return True
+    return _close(direct, [r[k] for r in results])
+
+
+def same_products(looped: Any, value: Any) -> bool:
+    """Whether ``value``, ``vmap(product)(*vectors)``, holds ``looped``, the same products
+    one vector at a time, to round-off: where :func:`vmap_agrees` said no, whether
+    ``vmap`` is wrong or the product is not linear in its vector, which that check takes
+    it to be. A custom ``autograd.Function`` may add a term of its own in its backward
+    (torch's autograd_function_db's CubeGenVmap: ``g s + 6 s``): ``vmap`` runs it as one
+    product at a time does, and jacrev's rows are those, but the linear mix of vectors
+    disagreed, so every Jacobian of such a function ran one VJP a row, the profile
+    saying ``vmap`` could not run its pullback."""
+    return _close([d.detach() for d in pytree.tree_leaves(looped)], [r.detach() for r in pytree.tree_leaves(value)])
+
+
+def _close(direct: list[torch.Tensor], results: list[torch.Tensor]) -> bool:
+    """Leaf by leaf, the same products to round-off (of ``results``' first dtype)."""
     if len(direct) != len(results):
         return False
     for d, r in zip(direct, results):
-        r = r[k]
         if d.shape != r.shape:
             return False
         if not r.is_floating_point():

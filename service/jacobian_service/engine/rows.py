@@ -19,7 +19,7 @@ from ..types import Call
 from .calling import AuxBox, function_error, is_oom, partial
 from .devices import PeakMemory
 from .lean_vmap import vmap_rows
-from .products import vmap_agrees
+from .products import same_products, vmap_agrees
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -190,17 +190,23 @@ class RowStream:
             key = ("rows", self.signature, start, stop)
             if key not in profile.vmap_checked:
                 if not vmap_agrees(self._pullback, (cotangents,), grads):
-                    profile.vmap_checked[key] = False
-                    log.warning("vmap of %s's pullback disagrees with one VJP; using the row loop", self.call.spec.name)
-                    profile.vmap_pullback = False
-                    return self._row_loop(basis)
+                    looped = self._row_loop(basis, count=False)
+                    if not same_products(looped, grads):
+                        profile.vmap_checked[key] = False
+                        log.warning("vmap of %s's pullback disagrees with one VJP; using the row loop", self.call.spec.name)
+                        profile.vmap_pullback = False
+                        self.looped = True
+                        return looped
+                    # vmap's rows are the VJPs one by one: a pullback not linear in its
+                    # cotangent, which vmap runs right (products.same_products)
                 if any(bool(g.any()) for g in grads):
                     profile.vmap_checked[key] = True
             return grads
         return self._row_loop(basis)
 
-    def _row_loop(self, basis: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        self.looped = self.looped or basis[0].shape[0] > 1
+    def _row_loop(self, basis: list[torch.Tensor], count: bool = True) -> tuple[torch.Tensor, ...]:
+        """One VJP a row; ``count`` False: a check's rows, not (yet) the answer's."""
+        self.looped = self.looped or (count and basis[0].shape[0] > 1)
         rows = [self._pullback(self.nest([b[k] for b in basis])) for k in range(basis[0].shape[0])]
         return tuple(torch.stack([r[i] for r in rows]) for i in range(len(self.primals)))
 

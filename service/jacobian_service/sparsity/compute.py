@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from .. import __version__ as _SERVICE_VERSION
 from ..engine.calling import GradOffWatch, lacks_forward_ad
 from ..engine.hessian import agrees_with_differences, gradient, refusal
-from ..engine.products import vmap_agrees
+from ..engine.products import same_products, vmap_agrees
 from ..errors import ServiceError, exception_text
 from .coloring import Coloring, choose_coloring, hessian_coloring, star_coloring
 from .dense import dense_hessian, dense_jacobian
@@ -656,11 +656,25 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
                 state["vmap"], state["error"] = False, exc
             else:
                 state["ran"] = True
-                if not check or _agrees(key and (key, count), lambda: vmap_agrees(product, tuple(seeds), out),
-                                        "one product at a time"):
+                looped: list[torch.Tensor] = []
+
+                def agrees() -> bool:
+                    if vmap_agrees(product, tuple(seeds), out):
+                        return True
+                    # vmap's products may be right for a product not linear in its seed
+                    # (a custom backward adding a term of its own): the same one by one
+                    looped.append(one_by_one(seeds))
+                    return same_products(looped[0], out)
+
+                if not check or _agrees(key and (key, count), agrees, "one product at a time"):
                     return out
                 state["vmap"] = False
-        return torch.stack([product(*[s[r] for s in seeds]) for r in range(count)])
+                if looped:
+                    return looped[0]
+        return one_by_one(seeds)
+
+    def one_by_one(seeds: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([product(*[s[r] for s in seeds]) for r in range(seeds[0].shape[0])])
 
     def vmap_error(seeds: list[torch.Tensor]) -> Exception | None:
         """vmap's error for these products, None where it runs them; tried on two copies
