@@ -7,7 +7,9 @@ torch.func (values, shapes, dtypes).
    depends on x: ``torch.func.jvp(torch.func.grad(f))`` loses the backward's derivative
    where ``torch.func.hessian`` keeps it. The /hvp and the sparse Hessian answered the
    one, the dense Hessian the other; every route is torch.func.hessian's now.
-2. The db's Functions (numpy forwards with a hand-written ``vmap`` staticmethod,
+2. A backward not linear in its cotangent (the db's CubeGenVmap): vmap runs it right,
+   the engine's linearity check said otherwise, and the function lost vmap for good.
+3. The db's Functions (numpy forwards with a hand-written ``vmap`` staticmethod,
    ``generate_vmap_rule``, ``save_for_forward``, ``mark_non_differentiable``,
    ``mark_dirty``, a backward returning a too-large gradient) over every derivative route.
 
@@ -16,6 +18,7 @@ One in-process app serves the module (no server start), as rounds 7-21.
 
 from __future__ import annotations
 
+import io
 from typing import Any, Iterator
 
 import numpy as np
@@ -104,3 +107,96 @@ def test_a_backward_not_linear_in_its_cotangent_keeps_vmap(c):
     _, pullback = vjp(F.cube_gen_vmap, x)
     same(got, vmap(pullback)((torch.from_numpy(ones), torch.from_numpy(2 * ones)))[0])
 
+
+RNG = np.random.default_rng(22)
+
+
+def _point(*shape: int) -> np.ndarray:
+    return (RNG.uniform(0.5, 1.5, shape) * RNG.choice([-1, 1], shape)).astype(np.float32)
+
+
+# name -> inputs: the db's Functions (see parity22_functions), each over every route
+DB = {
+    "numpy_cube": [_point(3)],
+    "numpy_cube_energy": [_point(3)],
+    "numpy_mul": [_point(3), _point(3, 3)],
+    "numpy_sort": [_point(3, 4)],
+    "scaled_energy": [_point(3)],
+    "zero_gradients": [_point(3), _point(3)],
+    "numpy_exp": [_point(3)],
+}
+
+
+def _flat(blocks: Any, out: Any) -> np.ndarray:
+    """A Jacobian's blocks (output leaf by input) as the sparse routes' 2-D matrix."""
+    outs = list(out) if isinstance(out, tuple) else [out]
+    rows = list(blocks) if isinstance(out, tuple) else [blocks]
+    parts = [[b] if isinstance(b, torch.Tensor) else list(b) for b in rows]
+    return torch.cat([torch.cat([b.reshape(o.numel(), -1) for b in row], 1) for o, row in zip(outs, parts)], 0).numpy()
+
+
+@pytest.mark.parametrize("name", list(DB))
+def test_the_dbs_functions_are_torchs_on_every_route(c, name):
+    """Numpy forwards with a hand-written vmap staticmethod (NumpyCube, NumpyMul,
+    NumpySort with mark_non_differentiable orders, NumpyExp_ with mark_dirty),
+    generate_vmap_rule with setup_context and save_for_forward (ScaleGrad, whose
+    backward and jvp scale by 3.14: the Function's derivative, not the identity's;
+    ZeroGradients, whose backward returns zeros larger than its input), registered as
+    service functions: every Jacobian mode, chunk_size 1, the sparse route (the tracer
+    cannot see into numpy: probed), vjp and jvp (one vector, a stack), per-example
+    Jacobians, and for a scalar the Hessian (dense, sparse, per example) and hvp, each
+    torch.func's; the Jacobian as .npz too."""
+    inputs = DB[name]
+    fn = getattr(F, name)
+    several = len(inputs) > 1
+    argnums: Any = tuple(range(len(inputs))) if several else 0
+    opts = {"argnums": list(range(len(inputs)))} if several else {}
+    out = fn(*t(inputs))
+    want = jacrev(fn, argnums=argnums)(*t(inputs))
+    for options in ({}, {"mode": "fwd"}, {"mode": "auto"}, {"chunk_size": 1}):
+        same(answer(post(c, name, "jacobian", inputs, **opts, **options), "jacobian")[0], want, rtol=1e-5)
+    sparse, _ = answer(post(c, name, "jacobian", inputs, **opts, sparsity="auto", sparse_format="dense"), "jacobian")
+    same(sparse, _flat(want, out), rtol=1e-5)
+    r = c.post(f"/v1/functions/{name}/jacobian", json={"inputs": [arr(a) for a in inputs], **opts},
+               headers={"accept": "application/x-npz"})
+    assert r.status_code == 200, r.text
+    members = np.load(io.BytesIO(r.content))
+    got = [members[k] for k in sorted(k for k in members.files if k.startswith("jacobian"))]
+    flat = [b for row in (want if isinstance(want, tuple) else (want,))
+            for b in ((row,) if isinstance(row, torch.Tensor) else row)]
+    assert len(got) == len(flat)
+    for g, w in zip(got, flat):
+        same(g, w, rtol=1e-5)
+
+    outs = out if isinstance(out, tuple) else (out,)
+    cot = [torch.linspace(0.5, 1.5, o.numel()).reshape(o.shape) for o in outs]
+    wire_cot = [arr(v.numpy()) for v in cot] if isinstance(out, tuple) else arr(cot[0].numpy())
+    _, pullback = vjp(fn, *t(inputs))
+    pulled = pullback(tuple(cot) if isinstance(out, tuple) else cot[0])
+    same(answer(post(c, name, "vjp", inputs, cotangents=wire_cot, **opts), "vjp")[0], pulled if several else pulled[0])
+    stack = [torch.stack([v, -2 * v]) for v in cot]
+    wire_stack = [arr(v.numpy()) for v in stack] if isinstance(out, tuple) else arr(stack[0].numpy())
+    pulled = vmap(pullback)(tuple(stack) if isinstance(out, tuple) else stack[0])
+    same(answer(post(c, name, "vjp", inputs, cotangents=wire_stack, batched_vectors=True, **opts), "vjp")[0],
+         pulled if several else pulled[0])
+    tangents = [torch.linspace(-1, 1, a.size).reshape(a.shape) for a in inputs]
+    wire_t = [arr(v.numpy()) for v in tangents] if several else arr(tangents[0].numpy())
+    same(answer(post(c, name, "jvp", inputs, tangents=wire_t, **opts), "jvp")[0],
+         jvp(fn, tuple(t(inputs)), tuple(tangents))[1])
+    stacked = [torch.stack([v, 3 * v]) for v in tangents]
+    wire_t = [arr(v.numpy()) for v in stacked] if several else arr(stacked[0].numpy())
+    same(answer(post(c, name, "jvp", inputs, tangents=wire_t, batched_vectors=True, **opts), "jvp")[0],
+         vmap(lambda *v: jvp(fn, tuple(t(inputs)), v)[1])(*stacked))
+    if several:
+        return
+    xs = np.stack([inputs[0], 0.5 * inputs[0]])
+    same(answer(post(c, name, "jacobian", [xs], batched=True), "jacobian")[0], vmap(jacrev(fn))(t(xs)), rtol=1e-5)
+    if not (isinstance(out, torch.Tensor) and out.dim() == 0):
+        return
+    h = hessian(fn)(t(inputs[0]))
+    same(answer(post(c, name, "hessian", inputs), "hessian")[0], h, rtol=1e-5)
+    same(_dense(answer(post(c, name, "hessian", inputs, sparsity="auto"), "hessian")[0]), h.numpy(), rtol=1e-5)
+    same(answer(post(c, name, "hessian", [xs], batched=True), "hessian")[0], vmap(hessian(fn))(t(xs)), rtol=1e-5)
+    same(answer(post(c, name, "hvp", inputs, tangents=arr(tangents[0].numpy())), "hvp")[0], h @ tangents[0], rtol=1e-5)
+    same(answer(post(c, name, "hvp", inputs, tangents=arr(stacked[0].numpy()), batched_vectors=True), "hvp")[0],
+         stacked[0] @ h.T, rtol=1e-5)
