@@ -4,7 +4,8 @@ cases replayed over HTTP: custom ``autograd.Function``s as torch's autograd_func
 TestAutogradFunction write them: numpy forwards with a hand-written ``vmap``
 staticmethod, ``generate_vmap_rule``, ``setup_context``, ``save_for_forward`` and a jvp,
 ``mark_non_differentiable``, ``mark_dirty``, ``once_differentiable``, a backward that
-returns a gradient larger than its input (autograd sums it down)."""
+returns a gradient larger than its input (autograd sums it down), ``set_materialize_grads(False)``,
+a float argument with ``needs_input_grad``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 from jacobian_service import Input, register
+
+from .sparse13_functions import _CubeOnce
 
 V = ("n",)
 
@@ -257,25 +260,14 @@ class NumpyExp_(torch.autograd.Function):
         return t
 
 
-class CubeOnce(torch.autograd.Function):
-    """x ** 3 with a once_differentiable backward (3 x^2 g, no graph) and a jvp."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return x**3
+class CubeOnce(_CubeOnce):
+    """sparse13's cube with a @once_differentiable backward (3 x^2 g, no graph), vmap
+    rule generated, given a jvp: torch.func.hessian runs it."""
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        ctx.save_for_backward(inputs[0])
+        _CubeOnce.setup_context(ctx, inputs, output)
         ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return 3 * x**2 * g
 
     @staticmethod
     def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:
@@ -328,3 +320,75 @@ def numpy_exp(x):
 @register(inputs=[Input("x", shape=V)])
 def cube_once_energy(x):
     return (CubeOnce.apply(x) * x.cos()).sum()
+
+
+class _SplitLazy(torch.autograd.Function):
+    """(sin x, cos x) with set_materialize_grads(False): its backward gets None for an
+    output that was not used."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> Any:
+        return x.sin(), x.cos()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(inputs[0])
+        ctx.x = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, gs: Any, gc: Any) -> Any:
+        (x,) = ctx.saved_tensors
+        out = torch.zeros_like(x)
+        if gs is not None:
+            out = out + gs * x.cos()
+        if gc is not None:
+            out = out - gc * x.sin()
+        return out
+
+    @staticmethod
+    def jvp(ctx: Any, t: torch.Tensor) -> Any:
+        x = ctx.x
+        return t * x.cos(), -t * x.sin()
+
+
+class _Scaled(torch.autograd.Function):
+    """a * x with a float argument; needs_input_grad; a vmap rule by hand that moves the
+    batch last; a jvp reading what setup_context kept on ctx."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, a: float) -> torch.Tensor:
+        return a * x
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.a = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        return (ctx.a * g if ctx.needs_input_grad[0] else None), None
+
+    @staticmethod
+    def jvp(ctx: Any, t: torch.Tensor, _: Any) -> torch.Tensor:
+        return ctx.a * t
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, x: torch.Tensor, a: float) -> Any:
+        return _Scaled.apply(x.movedim(in_dims[0], -1), a), x.dim() - 1
+
+
+@register(inputs=[Input("x", shape=V)])
+def lazy_sin(x):
+    return _SplitLazy.apply(x)[0] * x
+
+
+@register(inputs=[Input("x", shape=V)])
+def lazy_sin_energy(x):
+    return (_SplitLazy.apply(x)[0] ** 2).sum()
+
+
+@register(inputs=[Input("x", shape=(2, "n"))])
+def scaled_moved(x):
+    return _Scaled.apply(x, 2.5) * x

@@ -124,6 +124,9 @@ DB = {
     "scaled_energy": [_point(3)],
     "zero_gradients": [_point(3), _point(3)],
     "numpy_exp": [_point(3)],
+    "lazy_sin": [_point(3)],
+    "lazy_sin_energy": [_point(3)],
+    "scaled_moved": [_point(2, 3)],
 }
 
 
@@ -141,7 +144,9 @@ def test_the_dbs_functions_are_torchs_on_every_route(c, name):
     NumpySort with mark_non_differentiable orders, NumpyExp_ with mark_dirty),
     generate_vmap_rule with setup_context and save_for_forward (ScaleGrad, whose
     backward and jvp scale by 3.14: the Function's derivative, not the identity's;
-    ZeroGradients, whose backward returns zeros larger than its input), registered as
+    ZeroGradients, whose backward returns zeros larger than its input; set_materialize_grads
+    False, its backward given None for an output not used; a float argument,
+    needs_input_grad, a vmap rule that moves the batch last), registered as
     service functions: every Jacobian mode, chunk_size 1, the sparse route (the tracer
     cannot see into numpy: probed), vjp and jvp (one vector, a stack), per-example
     Jacobians, and for a scalar the Hessian (dense, sparse, per example) and hvp, each
