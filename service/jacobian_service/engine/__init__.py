@@ -1,13 +1,10 @@
 """The torch side: everything that needs torch, split by what it needs it for.
 
-    core.py      Engine: one device; Jacobians (rows or forward mode), evaluate, vjp, jvp, hvp
-    rows.py      reverse-mode rows chunk by chunk (jacrev's vjp + vmap over the identity)
-    hessian.py   Hessian strategies, measured per function and shapes
-    batched.py   per-example vmap, and request batching (stack, run, split)
-    calling.py   calling the user's function: aux, fixed inputs, failures
-    profile.py   what is learned per function at run time, bounded
-    devices.py   device choice, memory budgets, the heap policy, warm-up calls
-    process.py   the engine process: a socket in front of a scheduler and an engine
+The engine process (``process.py``) runs an :class:`Engine` (``core.py``) on one device;
+the other modules are its parts (rows, Hessians, batching, products, calling the
+function) and the watches that keep one function from spoiling the next (settings,
+namespaces, imports, memory, descriptors, strays). docs/architecture.md ("Where the
+code is") names each module's one job; tests/test_code_map.py keeps that list whole.
 """
 
 from __future__ import annotations
