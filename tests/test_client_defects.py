@@ -32,7 +32,7 @@ import jacobian_client as jc
 from jacobian_client import _errors
 from jacobian_client._arrays import Bfloat16, as_wire_value
 from jacobian_client._npystream import FileSink, MemorySink, NpyReceiver
-from jacobian_client._protocol import Protocol, _is_input_node
+from jacobian_client._protocol import Protocol, is_input_node
 
 from .conftest import npy_bytes
 
@@ -520,11 +520,11 @@ def test_lists_of_scalars_are_one_array(client: jc.Client) -> None:
 
 
 def test_which_lists_are_pytree_nodes() -> None:
-    assert not _is_input_node(list(np.arange(3.0)))
-    assert not _is_input_node([[np.float64(1.0), 2.0], [3.0, np.array(4.0)]])  # 2-D, still one array
-    assert _is_input_node([np.float64(1.0), np.ones(2)])  # holds an array of rank 1
-    assert _is_input_node([1.0, {"w": 2.0}])
-    assert _is_input_node((np.float64(1.0), np.float64(2.0)))  # a tuple of 0-d leaves stays a node
+    assert not is_input_node(list(np.arange(3.0)))
+    assert not is_input_node([[np.float64(1.0), 2.0], [3.0, np.array(4.0)]])  # 2-D, still one array
+    assert is_input_node([np.float64(1.0), np.ones(2)])  # holds an array of rank 1
+    assert is_input_node([1.0, {"w": 2.0}])
+    assert is_input_node((np.float64(1.0), np.float64(2.0)))  # a tuple of 0-d leaves stays a node
 
 
 # --------------------------------------------------------------------------- 4. out= leaves nothing behind

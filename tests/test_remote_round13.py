@@ -151,15 +151,15 @@ def test_jax_what_a_batch_left_unbatched_is_remembered_for_a_bounded_number_of_s
     newest 64, so a caller cycling through shapes does not grow them without end; one
     that comes again moves to the newest."""
     import jacobian_client as jc
-    from jacobian_client._remote import _MAX_SIGNATURES
+    from jacobian_client._remote import MAX_SIGNATURES
     from jacobian_client.jax import _Ops
 
     with jc.Client("http://127.0.0.1:9") as client:  # nothing is asked
         ops = _Ops(client, "f")
-        for n in range(_MAX_SIGNATURES + 10):
+        for n in range(MAX_SIGNATURES + 10):
             ops.note_unbatched(("sig", n), (n % 2 == 0,))
-            if n == _MAX_SIGNATURES - 4:
+            if n == MAX_SIGNATURES - 4:
                 ops.note_unbatched(("sig", 0), (True,))  # again: the newest now
         assert ops.unbatched_of(("sig", 0)) == (True,) and ops.unbatched_of(("sig", 1)) is None
-        assert ops.unbatched_of(("sig", _MAX_SIGNATURES + 9)) == (False,)
-        assert len(vars(ops)["_unbatched"]) == _MAX_SIGNATURES
+        assert ops.unbatched_of(("sig", MAX_SIGNATURES + 9)) == (False,)
+        assert len(vars(ops)["_unbatched"]) == MAX_SIGNATURES

@@ -13,7 +13,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import httpx
 
-from ._protocol import DEFAULT_LIMITS, DEFAULT_MAX_RESPONSE_BYTES, Protocol, RetryPolicy, _check_api_key
+from ._protocol import DEFAULT_LIMITS, DEFAULT_MAX_RESPONSE_BYTES, Protocol, RetryPolicy, check_api_key
 
 __all__ = ["ClientConfig", "DEFAULT_TIMEOUT", "PerLoop", "PerProcess", "reduce_client"]
 
@@ -88,7 +88,7 @@ def _key_from_environment(base_url: str, api_key: str | None) -> str | None:
     if url.username or url.password:
         return None
     try:
-        _check_api_key(key)
+        check_api_key(key)
     except ValueError:
         raise ValueError(f"${API_KEY_VARIABLE} holds a control or non-ASCII character; an HTTP header carries "
                          "printable ASCII only (the key is not shown here)") from None

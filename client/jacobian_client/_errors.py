@@ -52,6 +52,7 @@ __all__ = [
     "Forbidden",
     "FunctionError",
     "FunctionNotFound",
+    "FunctionQuarantined",
     "IncompleteResponse",
     "InvalidInput",
     "JacobianServiceError",

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ._protocol import _is_input_node
+from ._protocol import is_input_node
 from ._errors import InvalidInput
 from ._remote import LEAF, Tree, leaves_like, per_argnum, unflatten, with_hint
 
@@ -30,7 +30,7 @@ __all__ = ["Layout", "split_params"]
 def split_params(inputs: Sequence[Any]) -> tuple[list[Any], Layout | None]:
     """The inputs' leaves, and their layout (None when every input is one array: nothing
     to translate). A pytree parameter is what the client sends as one: a dict, or a
-    list / tuple holding arrays (``_is_input_node``); a list of numbers stays one array."""
+    list / tuple holding arrays (``is_input_node``); a list of numbers stays one array."""
     leaves: list[Any] = []
     trees = []
     for x in inputs:
@@ -52,7 +52,7 @@ def _flatten_param(x: Any) -> tuple[list[Any], Tree]:
             children.append(tree)
         # keys as the wire writes them (and the service answers them): text
         return leaves, Tree("dict", tuple(children), tuple(str(k) for k in x))
-    if isinstance(x, (list, tuple)) and _is_input_node(x):
+    if isinstance(x, (list, tuple)) and is_input_node(x):
         leaves, children = [], []
         for v in x:
             sub, tree = _flatten_param(v)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["braille", "plot_pattern"]
+__all__ = ["braille", "coords", "plot_pattern"]
 
 # Bit of each dot in a braille cell, indexed [row][column] (Unicode's dot numbering).
 _DOT_BITS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], dtype=np.int64)
@@ -47,7 +47,7 @@ def plot_pattern(matrix: Any, ax: Any = None, **spy_kwargs: Any) -> Any:
         raise ImportError("plot_pattern needs matplotlib: pip install 'jacobian-service[plot]'") from exc
     if ax is None:
         _, ax = plt.subplots()
-    rows, cols, shape = _coords(matrix)
+    rows, cols, shape = coords(matrix)
     ax.plot(cols, rows, linestyle="none", marker="s", markersize=spy_kwargs.pop("markersize", 1), **spy_kwargs)
     ax.set_xlim(-0.5, shape[1] - 0.5)
     ax.set_ylim(shape[0] - 0.5, -0.5)
@@ -56,7 +56,7 @@ def plot_pattern(matrix: Any, ax: Any = None, **spy_kwargs: Any) -> Any:
     return ax
 
 
-def _coords(matrix: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+def coords(matrix: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """(rows, cols, shape) from a scipy sparse matrix, a SparseCOO or a dense array: a
     1-D array is drawn as one row, a scalar as a 1 x 1 matrix; more dimensions are a
     ValueError."""

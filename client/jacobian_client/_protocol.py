@@ -66,7 +66,10 @@ __all__ = [
     "Deadline",
     "Protocol",
     "RetryPolicy",
+    "check_api_key",
     "client_closed",
+    "input_leaves",
+    "is_input_node",
     "not_an_answer",
     "parse_retry_after",
     "shapes_of",
@@ -403,7 +406,7 @@ def _leaf_shape(value: Any) -> tuple[int, ...] | None:
 
 def _expected(kind: str, fields: Mapping[str, Any], values: Sequence[Any]) -> Expected | None:
     """The :class:`Expected` of a compute call with these fields and inputs."""
-    shapes = [_leaf_shape(v) for i, tree in enumerate(values) for _, v in _input_leaves(tree, str(i))]
+    shapes = [_leaf_shape(v) for i, tree in enumerate(values) for _, v in input_leaves(tree, str(i))]
     batch = None
     moved = any(k in fields for k in _DIMS)  # the batch is where in_dims / out_dims say: not checked
     if (fields.get("batched") and not moved and not fields.get("batched_vectors") and "sparsity" not in fields and shapes
@@ -414,7 +417,7 @@ def _expected(kind: str, fields: Mapping[str, Any], values: Sequence[Any]) -> Ex
         argnums = fields.get("argnums", 0)
         picked = argnums if isinstance(argnums, list) else [argnums]
         if all(isinstance(a, int) and -len(values) <= a < len(values) for a in picked):
-            chosen = [_leaf_shape(v) for a in picked for _, v in _input_leaves(values[a], "")]
+            chosen = [_leaf_shape(v) for a in picked for _, v in input_leaves(values[a], "")]
         else:  # a parameter's name: its position is the server's to know; any input's shape will do
             chosen = shapes
         if fields.get("batched"):
@@ -431,7 +434,7 @@ def _expected(kind: str, fields: Mapping[str, Any], values: Sequence[Any]) -> Ex
         argnums = fields.get("argnums", 0)
         picked = argnums if isinstance(argnums, list) else [argnums]
         if all(isinstance(a, int) and -len(values) <= a < len(values) for a in picked):
-            sizes = [_leaf_shape(v) for a in picked for _, v in _input_leaves(values[a], "")]
+            sizes = [_leaf_shape(v) for a in picked for _, v in input_leaves(values[a], "")]
             if all(s is not None for s in sizes):
                 columns = sum(math.prod(s) for s in sizes)  # type: ignore[arg-type]
     return Expected(kind, suffixes, batch, floating, sparse, columns)
@@ -545,33 +548,33 @@ def _vector_leaves(tree: Any, path: str = "") -> list[tuple[str, Any]]:
     return [(path, as_wire_value(tree))]
 
 
-def _is_input_node(value: Any) -> bool:
+def is_input_node(value: Any) -> bool:
     """A pytree parameter: a dict, a list holding arrays of rank >= 1, dicts or such
     lists, or a tuple holding any arrays (0-d too: a tuple of 0-d leaves). A list (or
     tuple) of plain numbers, and a list of scalars of any kind, stays one array."""
     if isinstance(value, dict):
         return True
     if isinstance(value, tuple):
-        return any(_is_array_like(v) or isinstance(v, dict) or _is_input_node(v) for v in value)
-    return isinstance(value, list) and any(_is_subtree(v) or _is_input_node(v) for v in value)
+        return any(_is_array_like(v) or isinstance(v, dict) or is_input_node(v) for v in value)
+    return isinstance(value, list) and any(_is_subtree(v) or is_input_node(v) for v in value)
 
 
 def _input_tree(value: Any) -> Any:
     """One caller input -> a wire value, or (a pytree parameter) lists and dicts of them."""
     if isinstance(value, dict):
         return {str(k): _input_tree(v) for k, v in value.items()}
-    if _is_input_node(value):
+    if is_input_node(value):
         return [_input_tree(v) for v in value]
     return as_wire_value(value)
 
 
-def _input_leaves(tree: Any, path: str) -> list[tuple[str, Any]]:
+def input_leaves(tree: Any, path: str) -> list[tuple[str, Any]]:
     """``(.npz member path, wire value)`` per leaf: ``0``, or ``0/w``, ``0/1/0`` below a
     pytree parameter (the server's parsing.py reads them by the declared tree)."""
     if isinstance(tree, dict):
-        return [leaf for k, v in tree.items() for leaf in _input_leaves(v, f"{path}/{k}")]
+        return [leaf for k, v in tree.items() for leaf in input_leaves(v, f"{path}/{k}")]
     if isinstance(tree, list):
-        return [leaf for i, v in enumerate(tree) for leaf in _input_leaves(v, f"{path}/{i}")]
+        return [leaf for i, v in enumerate(tree) for leaf in input_leaves(v, f"{path}/{i}")]
     return [(path, tree)]
 
 
@@ -676,7 +679,7 @@ class Protocol:
                                    max_bytes=self.max_response_bytes or 1 << 62)
         # the codings the clients decode themselves, piece by bounded piece (see _decoding)
         self.base_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING, **(headers or {})}
-        _check_api_key(api_key)
+        check_api_key(api_key)
         if api_key:
             self.base_headers["Authorization"] = f"Bearer {api_key}"
         self.functions_cache: dict[str, FunctionInfo] = {}
@@ -774,7 +777,7 @@ class Protocol:
         fields = self._fields(options)
         values = [_input_tree(x) for x in inputs]
         keys = [str(i) for i in range(len(values))] if names is None else [str(n) for n in names]
-        leaves = [leaf for key, v in zip(keys, values) for leaf in _input_leaves(v, key)]
+        leaves = [leaf for key, v in zip(keys, values) for leaf in input_leaves(v, key)]
         binary = transport == BINARY
         if parts and (out is not None or sink is not None):
             raise ValueError("parts=True reads the whole result; it cannot stream into out=")
@@ -1023,7 +1026,7 @@ class Protocol:
         return (trees[key], *extras) if extras else trees[key]
 
 
-def _check_api_key(api_key: Any) -> None:
+def check_api_key(api_key: Any) -> None:
     """An API key goes in a header: printable ASCII only. Checked up front, in words that
     never echo the key (httpx's own errors quote the header, secret and all)."""
     if api_key is None:

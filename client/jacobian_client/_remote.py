@@ -55,9 +55,9 @@ import numpy as np
 from . import wire
 from ._errors import APIError, FunctionError, JacobianServiceError
 
-__all__ = ["LEAF", "Remade", "RemoteOps", "Tree", "check_sync_client", "flatten", "is_number", "leaves_like",
-           "lacks_forward_mode", "no_forward_mode", "per_argnum", "service_capabilities", "shape_mismatch", "unflatten",
-           "with_hint"]
+__all__ = ["LEAF", "MAX_SIGNATURES", "Evaluated", "Remade", "RemoteOps", "Tree", "check_sync_client", "flatten",
+           "is_number", "lacks_forward_mode", "leaves_like", "no_forward_mode", "per_argnum", "service_capabilities",
+           "shape_mismatch", "unflatten", "with_hint"]
 
 
 def check_sync_client(client: Any) -> None:
@@ -268,7 +268,7 @@ _MISSING = object()  # an input not given (RemoteOps.bind)
 
 # Per-example signatures remembered per remote function (oldest dropped first): a caller
 # cycling through more input shapes than this pays a request to relearn one.
-_MAX_SIGNATURES = 64
+MAX_SIGNATURES = 64
 
 
 class RemoteOps:
@@ -407,7 +407,7 @@ class RemoteOps:
         with self._templates_lock:
             self._templates.pop(signature, None)
             self._templates[signature] = template
-            while len(self._templates) > _MAX_SIGNATURES:
+            while len(self._templates) > MAX_SIGNATURES:
                 del self._templates[next(iter(self._templates))]
 
     def _aux_tree(self, signature: tuple[Any, ...], batched_aux: Any, batch: _Batch) -> Tree:

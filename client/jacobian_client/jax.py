@@ -87,7 +87,7 @@ from jax.interpreters import ad, batching, mlir
 from ._errors import (APIError, Forbidden, FunctionNotFound, FunctionQuarantined, InvalidInput, Overloaded,
                       Unauthorized, Unavailable)
 from ._params import split_params
-from ._remote import (_MAX_SIGNATURES, Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like,
+from ._remote import (MAX_SIGNATURES, Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like,
                       shape_mismatch, unflatten, with_hint)
 
 __all__ = ["remote"]
@@ -166,7 +166,7 @@ class _Ops(RemoteOps):
             learned = vars(self).setdefault("_unbatched", {})
             learned.pop(key, None)
             learned[key] = flags
-            while len(learned) > _MAX_SIGNATURES:
+            while len(learned) > MAX_SIGNATURES:
                 del learned[next(iter(learned))]
 
 

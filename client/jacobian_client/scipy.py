@@ -70,7 +70,7 @@ import numpy as np
 
 from ._arrays import Bfloat16, as_wire_value, is_torch_tensor
 from ._errors import APIError, FunctionError, InvalidInput, OutOfMemory, ResultTooLarge, Timeout
-from ._protocol import _input_leaves
+from ._protocol import input_leaves
 from ._remote import check_sync_client, lacks_forward_mode, no_forward_mode, with_hint
 from .wire import is_sparse
 
@@ -164,7 +164,7 @@ class RemoteObjective:
         fixed, by content (a caller may change ``args`` between fits, in place or by
         rebinding: the cache answered the old ones' value, silently)."""
         digest = hashlib.blake2b(digest_size=20)
-        for path, leaf in [("x", x), *_input_leaves(list(self._held(args)), "")]:  # pytree inputs: by path
+        for path, leaf in [("x", x), *input_leaves(list(self._held(args)), "")]:  # pytree inputs: by path
             if is_torch_tensor(leaf):  # as it is sent (bfloat16 as its words, lazy neg/conj views resolved)
                 wire = as_wire_value(leaf)
                 leaf = wire.words if isinstance(wire, Bfloat16) else wire

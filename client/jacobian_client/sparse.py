@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._pattern import _coords, braille, plot_pattern
+from ._pattern import coords, braille, plot_pattern
 from .wire import SparseCOO, decode_sparse_json, read_sparse_npz
 
 __all__ = ["SparseCOO", "braille", "decode_sparse_json", "pattern_string", "plot_pattern", "read_sparse_npz"]
@@ -18,5 +18,5 @@ __all__ = ["SparseCOO", "braille", "decode_sparse_json", "pattern_string", "plot
 
 def pattern_string(matrix: Any, max_width: int = 60) -> str:
     """A sparse matrix's (or dense array's) pattern as braille lines, with a title."""
-    rows, cols, shape = _coords(matrix)
+    rows, cols, shape = coords(matrix)
     return f"{shape[0]} x {shape[1]}, {len(rows)} stored entries\n" + braille(rows, cols, shape, max_width)

@@ -39,8 +39,10 @@ import orjson
 from numpy.lib import format as npy_format
 
 __all__ = [
+    "CAPABILITIES",
     "DTYPES",
     "JSON",
+    "NO_FORWARD_AD_WORDS",
     "NPY",
     "NPZ",
     "PROBLEM",
@@ -59,13 +61,13 @@ __all__ = [
     "dumps",
     "encode_sparse_json",
     "encode_tree",
+    "expanded_size",
+    "flatten_tree",
+    "is_array_object",
     "is_sparse",
     "is_sparse_npz",
     "is_sparse_object",
     "json_data",
-    "expanded_size",
-    "flatten_tree",
-    "is_array_object",
     "loads",
     "npy_header",
     "npy_header_length",

@@ -40,7 +40,13 @@ from .scheduler import StreamHead
 from .types import Call, JobInfo, Result, is_sparse_matrix
 
 __all__ = [
+    "ISOLATE_ENV",
+    "LOG_FD_ENV",
+    "SKIP_WARMUP_ENV",
+    "SPARE_WARM",
     "StatusBoard",
+    "budget_path",
+    "clear_notes",
     "decode_call",
     "decode_reply",
     "encode_call",
@@ -49,7 +55,14 @@ __all__ = [
     "encode_reply",
     "engine_path",
     "events_address",
+    "heard",
+    "names_env",
+    "names_from_env",
+    "parse",
     "recycle_reason",
+    "say_warm",
+    "say_warming",
+    "warming_path",
 ]
 
 

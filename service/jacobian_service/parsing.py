@@ -24,7 +24,8 @@ from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, Unsupported
 from .registry import FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, FunctionSpec, format_shape, shape_fields
 from .vmap_dims import check_out_dims, in_dim_of, leaf_in_dims, query_dims
 
-__all__ = ["KINDS", "Options", "check_head", "check_json_charset", "media_type_of", "parse_call", "parse_sparsity_query"]
+__all__ = ["KINDS", "OPTIONAL_VECTORS", "OPTION_KINDS", "Options", "check_head", "check_json_charset", "media_type_of",
+           "parse_call", "parse_sparsity_query"]
 
 Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
 KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")

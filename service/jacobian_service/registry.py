@@ -22,8 +22,8 @@ import numpy as np
 from .errors import FunctionNotFound, InvalidInput
 from .sparsity.patterns import Declared, declared as _declared_patterns
 
-__all__ = ["ENTRY_POINT_GROUP", "QUERY_INTEGER", "Array", "FunctionModuleNotFound", "FunctionSpec", "Input", "Registry",
-           "format_shape", "register", "shape_fields"]
+__all__ = ["ENTRY_POINT_GROUP", "FLOATING", "FLOAT_DTYPES", "QUERY_INTEGER", "Array", "FunctionModuleNotFound",
+           "FunctionSpec", "Input", "Registry", "format_shape", "register", "shape_fields"]
 
 ENTRY_POINT_GROUP = "jacobian_service.functions"
 BUILTIN_MODULE = "jacobian_service.examples"

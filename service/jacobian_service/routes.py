@@ -50,7 +50,7 @@ from .settings import NULL_ORIGIN_HINT
 from .state import ServiceState
 from .types import HOST_CHUNK_BYTES, SPARSE_CHUNK_BYTES, Call, JobInfo, Result, tree_leaves
 
-__all__ = ["DERIVATIVE_KINDS", "ROUTES", "Route", "Router"]
+__all__ = ["DERIVATIVE_KINDS", "RESULT_KEY", "ROUTES", "Route", "Router", "route_path"]
 
 log = logging.getLogger("jacobian_service")
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Hashable, Iterator
 from .errors import InternalError, OutOfMemory, Overloaded, ResultTooLarge, ServiceError, Timeout, Unavailable
 from .types import Call, JobInfo, Result, never_cancelled
 
-__all__ = ["Job", "StreamHead", "ThreadedWorker", "Worker"]
+__all__ = ["Job", "StreamHead", "ThreadedWorker", "Worker", "engine_error"]
 
 log = logging.getLogger("jacobian_service.scheduler")
 

@@ -17,7 +17,7 @@ from jacobian_client.wire import Limits
 
 from .clients import parse_proxies
 
-__all__ = ["FRONT_END_ONLY", "Settings", "SettingsError", "describe_invalid", "unknown_variables"]
+__all__ = ["FRONT_END_ONLY", "NULL_ORIGIN_HINT", "Settings", "SettingsError", "describe_invalid", "unknown_variables"]
 
 # The settings only front ends use, as variables: the API keys and the file holding them.
 # ``serve`` hands the keys to its front ends itself and takes these out of its environment,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
+__all__ = ["as_plain_get"]
+
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 

@@ -26,7 +26,7 @@ from . import vmap_dims as _dims
 if TYPE_CHECKING:
     from .core import Engine
 
-__all__ = ["UnbatchedOutputs", "batched", "over_examples", "run_batch", "take"]
+__all__ = ["UnbatchedOutputs", "batched", "deterministic_failure", "over_examples", "run_batch", "take"]
 
 
 def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) -> Result:

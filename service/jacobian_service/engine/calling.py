@@ -31,6 +31,7 @@ __all__ = [
     "fresh",
     "function_error",
     "is_oom",
+    "lacks_forward_ad",
     "partial",
 ]
 

@@ -36,7 +36,7 @@ from .shapes import MAX_SPAN_BYTES
 from .namespaces import Namespaces
 from .process_settings import ProcessSettings
 
-__all__ = ["Engine", "Streamed", "host_dtype", "to_numpy"]
+__all__ = ["TORCH_DTYPES", "Engine", "Streamed", "host_dtype", "room_rows", "to_numpy"]
 
 
 # What a 413's detail tells the caller to ask for instead, by what was asked. Only a
@@ -60,7 +60,7 @@ _REMEDIES = {
 log = logging.getLogger("jacobian_service.engine")
 
 
-def _room_rows(call: Call, most: int, row_nbytes: int) -> int:
+def room_rows(call: Call, most: int, row_nbytes: int) -> int:
     """Rows a streamed chunk may hold: ``most`` bytes of them, and within the front end's
     room for this stream (two chunks: ``Call.stream_room``); at least one."""
     if call.stream_room is not None:
@@ -410,7 +410,7 @@ class Engine:
             return self.jacobian(call, stream)
         primal = stream.primals[0]
         shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)
-        chunk = call.chunk_size or min(stream.auto_chunk(), _room_rows(call, HOST_CHUNK_BYTES, call.row_nbytes()))
+        chunk = call.chunk_size or min(stream.auto_chunk(), room_rows(call, HOST_CHUNK_BYTES, call.row_nbytes()))
         rows = stream.chunks(start, stop, chunk, calibrate=not call.chunk_size)
 
         def host() -> Iterator[np.ndarray]:

@@ -35,7 +35,7 @@ import sys
 from importlib import _bootstrap, _bootstrap_external  # type: ignore[attr-defined]
 from typing import Any, Callable
 
-from .namespaces import _version_reader
+from .namespaces import version_reader
 
 __all__ = ["Imports", "path_changed", "path_entries", "put_path"]
 
@@ -72,7 +72,7 @@ class _Noted:
 def _tag_of(d: dict) -> Callable[[], Any]:
     """A reader of ``d``'s version tag (every change of the dict changes it), or of its
     length where the tag cannot be read (another Python): a new entry changes that too."""
-    version = _version_reader()
+    version = version_reader()
     if version is None:
         return lambda: len(d)
     tag = version(d)

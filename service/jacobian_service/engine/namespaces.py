@@ -44,7 +44,7 @@ from typing import Any
 
 log = logging.getLogger("jacobian_service.engine")
 
-__all__ = ["Namespaces", "described"]
+__all__ = ["Namespaces", "described", "version_reader"]
 
 # The modules guarded, where imported: torch and the parts of it whose functions the
 # engine calls by attribute (torch.func.jacrev, torch.autograd.grad, pytree.tree_map...),
@@ -95,7 +95,7 @@ _MISSING = object()
 _VALUE = operator.attrgetter("value")
 
 
-def _version_reader() -> Any:
+def version_reader() -> Any:
     """A function giving a view of a dict's version tag, or None where it cannot be trusted:
     CPython lays a dict out as its header, ``ma_used``, then the 64-bit tag (3.11-3.13);
     checked here on a dict of our own that every change bumps it."""
@@ -358,7 +358,7 @@ class Namespaces:
                 install_generation_tagging_init()
             except Exception as exc:  # another torch: its first compile is put back, as any rebinding
                 log.debug("torch.compile's module tagging not installed: %s", exc)
-        self._version = _version_reader()
+        self._version = version_reader()
         self._modules = sys.modules
         guarded: list[_Guarded] = []
         names = [n for n in _MODULES if n in sys.modules]

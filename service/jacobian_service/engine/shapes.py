@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = ["MAX_SPAN_BYTES", "span"]
+
 #: The most bytes an array's sizes, those of 0 taken as 1, may reach (strides are int64).
 MAX_SPAN_BYTES = (1 << 63) - 1
 

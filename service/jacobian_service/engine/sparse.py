@@ -211,7 +211,7 @@ def streamed_rows(engine: Any, call: Call, stream_threshold: int, kind: str) -> 
     at a time as the client reads them. So a 16,384 x 16,384 Jacobian (1 GB dense) never
     exists whole in any process, and is not held to the result limit."""
     from ..types import SPARSE_CHUNK_BYTES
-    from .core import Streamed, _room_rows
+    from .core import Streamed, room_rows
 
     result = sparse_derivative(engine, call, kind, dense_streamed=True)
     csr = result.value
@@ -222,7 +222,7 @@ def streamed_rows(engine: Any, call: Call, stream_threshold: int, kind: str) -> 
         return result
     # Chunks of about 1 MiB of dense rows (at least one row): the front end's buffer,
     # within its room for this stream.
-    chunk = _room_rows(call, SPARSE_CHUNK_BYTES, n * dtype.itemsize)
+    chunk = room_rows(call, SPARSE_CHUNK_BYTES, n * dtype.itemsize)
     rows = (csr[s : s + chunk].toarray().astype(dtype, copy=False) for s in range(0, m, chunk))
     return Streamed((m, n), dtype, chunk, rows)
 

@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from ..errors import InvalidInput
 from ..types import Call
 
-__all__ = ["batch_size", "dims", "example", "has_none", "lay_out", "lay_out_extra"]
+__all__ = ["batch_size", "dims", "example", "has_none", "lay_out", "lay_out_extra", "torch_says_unbatched"]
 
 
 def dims(call: Call) -> tuple[int | None, ...]:
