@@ -18,7 +18,6 @@ class Progress:
         self._bar: Any = None
         self._stream = stream if stream is not None else sys.stderr
         self._last = 0.0
-        self._done = 0
         self._total = 0
         self._update: Callable[[int, int], None]
         try:
@@ -29,7 +28,7 @@ class Progress:
             self._update = self._tqdm
 
     def __call__(self, done: int, total: int) -> None:
-        self._done, self._total = done, total
+        self._total = total
         self._update(done, total)
 
     def _tqdm(self, done: int, total: int) -> None:

@@ -49,7 +49,7 @@ async def _await(fut: asyncio.Future, deadline: float, on_abandon: Any, on_slow:
     costs several times more, on every request.) ``on_slow``'s callback runs if it waits
     longer than its seconds, on the same timer."""
     try:
-        with Expiry(deadline - time.monotonic(), early=on_slow) as expiry:
+        with Expiry(deadline - time.monotonic(), early=on_slow):
             try:
                 return await fut
             except BaseException:

@@ -147,7 +147,6 @@ class ForkServer:
         self._backoff_s = 1.0
         self._launch_at = 0.0
         self._env_changes = 0
-        self.launches = 0
         self._launch()
 
     def _launch(self) -> None:
@@ -163,7 +162,6 @@ class ForkServer:
             theirs.close()
         self._sock = ours if self._proc is not None else None
         self._ready = False
-        self.launches += 1
 
     @property
     def pid(self) -> int | None:

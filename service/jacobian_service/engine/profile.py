@@ -98,6 +98,3 @@ class Profiles:
         if profile is None:  # setdefault: two threads asking first get the same profile
             profile = self._by_name.setdefault(name, FunctionProfile())
         return profile
-
-    def forget(self, name: str) -> None:
-        self._by_name.pop(name, None)
