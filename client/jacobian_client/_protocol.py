@@ -81,9 +81,8 @@ __all__ = [
 BINARY = "binary"
 JSON_TRANSPORT = "json"
 TRANSPORTS = (BINARY, JSON_TRANSPORT)
-COMPUTE_KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
+COMPUTE_KINDS = tuple(wire.RESULT_KEY)
 #: result key of each endpoint in JSON and npz responses
-RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp", "hvp": "hvp"}
 
 #: Accept for a result that is probably one bare array: npy, else whatever else it is
 NPY_OR_NPZ = f"{wire.NPY}, {wire.NPZ};q=0.9"
@@ -932,7 +931,7 @@ class Protocol:
         if expected is not None and receiver.header is not None and receiver.received != expected:
             receiver.abort()
             raise IncompleteResponse(f"response body ended after {receiver.received} of {expected} bytes")
-        if call.return_output and RESULT_KEY[call.kind] != "output":
+        if call.return_output and wire.RESULT_KEY[call.kind] != "output":
             receiver.abort()
             raise TransportError(f"the {call.kind} response is one bare array; return_output=True asked for the output too")
         value = receiver.close()  # one bare array: nothing else was due
@@ -977,7 +976,7 @@ class Protocol:
                 if not isinstance(doc, dict):
                     raise TypeError(f"expected a JSON object as the {call.kind} response")
                 return doc
-            key = RESULT_KEY[call.kind]
+            key = wire.RESULT_KEY[call.kind]
             meta: Any = {}
             if ctype == wire.NPY:
                 trees = {key: wire.read_npy(body, self._limits)}
@@ -1011,7 +1010,7 @@ class Protocol:
 
     @staticmethod
     def _assemble(call: Call, trees: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> Any:
-        key = RESULT_KEY[call.kind]
+        key = wire.RESULT_KEY[call.kind]
         if call.parts:
             # meta too, for the adapters: a per-example evaluate's "unbatched" (torch's vmap rule)
             named = {"value": trees[key], "aux": trees.get("aux"), "meta": meta or None}

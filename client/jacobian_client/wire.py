@@ -47,6 +47,7 @@ __all__ = [
     "NPZ",
     "PROBLEM",
     "PROBLEM_STATUS",
+    "RESULT_KEY",
     "SPARSE_FIELDS",
     "Limits",
     "SparseCOO",
@@ -90,6 +91,10 @@ JSON = "application/json"
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
 PROBLEM = "application/problem+json"
+
+#: Each computing endpoint's kind -> the key of its result in a JSON answer and an
+#: ``.npz`` member (SPEC 3.3): the server writes it and the SDK reads it by this one table.
+RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp", "hvp": "hvp"}
 
 #: Problem ``code`` -> HTTP status (SPEC 3.4, plus the service's own few): the server
 #: raises and the SDK maps errors by this one table.

@@ -17,7 +17,7 @@ from jacobian_client import wire
 from . import __version__
 from .parsing import OPTION_KINDS, OPTIONAL_VECTORS, Options
 from .registry import Registry
-from .routes import RESULT_KEY, Route
+from .routes import Route
 
 __all__ = ["build_openapi"]
 
@@ -277,7 +277,7 @@ def _request_schema(kind: str) -> dict[str, Any]:
 
 
 def _response_schema(kind: str) -> dict[str, Any]:
-    key = RESULT_KEY[kind]
+    key = wire.RESULT_KEY[kind]
     result: dict[str, Any] = {"$ref": "#/components/schemas/ArrayTree"}
     if kind in ("jacobian", "hessian"):  # sparsity other than dense: a sparse object
         result = {"anyOf": [result, {"$ref": "#/components/schemas/SparseMatrix"}]}
@@ -563,7 +563,7 @@ def build_openapi(routes: list[Route], registry: Registry, root_path: str = "", 
     for route in routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, functions, guarded)
     schemas = dict(_COMPONENTS)
-    for kind in RESULT_KEY:
+    for kind in wire.RESULT_KEY:
         schemas[f"{_title(kind)}Request"] = _request_schema(kind)
         schemas[f"{_title(kind)}Response"] = _response_schema(kind)
     doc: dict[str, Any] = {

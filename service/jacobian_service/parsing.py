@@ -28,7 +28,7 @@ __all__ = ["KINDS", "OPTIONAL_VECTORS", "OPTION_KINDS", "Options", "check_head",
            "parse_call", "parse_sparsity_query"]
 
 Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
-KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
+KINDS = tuple(wire.RESULT_KEY)  # the computing endpoints, in the order the docs list them
 _VECTOR_KEY = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}
 # Vectors a kind may be given besides its own: hvp's cotangents, shaped like the output,
 # ask for c . H t (any output) where a scalar function's H t needs none.

@@ -50,7 +50,7 @@ from .settings import NULL_ORIGIN_HINT
 from .state import ServiceState
 from .types import HOST_CHUNK_BYTES, SPARSE_CHUNK_BYTES, Call, JobInfo, Result, tree_leaves
 
-__all__ = ["DERIVATIVE_KINDS", "RESULT_KEY", "ROUTES", "Route", "Router", "route_path"]
+__all__ = ["DERIVATIVE_KINDS", "ROUTES", "Route", "Router", "route_path"]
 
 log = logging.getLogger("jacobian_service")
 
@@ -58,8 +58,7 @@ log = logging.getLogger("jacobian_service")
 _OFFLOAD_BYTES = 256 << 10
 # Rows of a streamed JSON Jacobian encoded at once (their text is ~3x this).
 _JSON_BLOCK_BYTES = 1 << 20
-RESULT_KEY = {"jacobian": "jacobian", "hessian": "hessian", "evaluate": "output", "vjp": "vjp", "jvp": "jvp", "hvp": "hvp"}
-DERIVATIVE_KINDS = frozenset(RESULT_KEY)
+DERIVATIVE_KINDS = frozenset(wire.RESULT_KEY)
 assert DERIVATIVE_KINDS == frozenset(KINDS)
 
 Handler = Callable[..., Awaitable[Response]]
@@ -394,11 +393,11 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         # thread hop cost a 4 MB .npy answer more than its encoding): its size (a walk
         # of the result) is not needed, nor its meta, which a bare array has no place
         # for (its two round()s, correctly rounded through dtoa, ~6k instructions).
-        response = encode(chosen, spec.name, RESULT_KEY[kind], result, {})
+        response = encode(chosen, spec.name, wire.RESULT_KEY[kind], result, {})
     else:
         # Within the result limit: the engine's worker refused it otherwise (scheduler).
         nbytes = result.nbytes()
-        encoding = (chosen, spec.name, RESULT_KEY[kind], result, _meta(info, result), nbytes)
+        encoding = (chosen, spec.name, wire.RESULT_KEY[kind], result, _meta(info, result), nbytes)
         if nbytes < _OFFLOAD_BYTES:
             response = encode(*encoding)
         else:
