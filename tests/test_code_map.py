@@ -4,6 +4,7 @@ the service once, and nothing that is not there; the package's own lists agree w
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections import Counter
 from pathlib import Path
@@ -59,6 +60,12 @@ def _package_modules() -> dict[str, Path]:
     return found
 
 
+@functools.cache
+def _parsed() -> dict[str, ast.Module]:
+    """Every module of both packages, parsed once for the tests here."""
+    return {name: ast.parse(path.read_text()) for name, path in _package_modules().items()}
+
+
 def _exports(tree: ast.Module) -> set[str] | None:
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
@@ -97,8 +104,46 @@ def test_every_name_a_module_takes_from_another_is_in_its_all():
     imports is in it (a private ``_name`` imported elsewhere is no longer private), and
     ``from m import *`` gives what the package's own ``__init__`` gives."""
     modules = _package_modules()
-    trees = {name: ast.parse(path.read_text()) for name, path in modules.items()}
+    trees = _parsed()
     exports = {name: _exports(tree) for name, tree in trees.items()}
     wrong = sorted({(source, name, user) for source, name, user in _taken(modules, trees)
                     if not source.startswith(UNCHECKED) and name not in (exports[source] or ())})
     assert wrong == [], "(module, name not in its __all__, imported by)"
+
+
+# --------------------------------------------------------------------------- names in prose
+
+# Dotted names that are no module path: a logger's name, an entry-point group.
+NOT_MODULES = {"jacobian_service.access", "jacobian_service.functions"}
+
+
+def _top_names(tree: ast.Module) -> dict[str, ast.AST]:
+    names: dict[str, ast.AST] = {}
+    for node in ast.walk(tree):  # nested too: a name bound in a try or an if at module level
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.setdefault(node.name, node)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.setdefault(node.id, node)
+        elif isinstance(node, ast.alias):
+            names.setdefault((node.asname or node.name).split(".")[0], node)
+    return names
+
+
+def test_every_module_path_the_code_and_docs_name_exists():
+    """A docstring, comment or page that names ``jacobian_service.x.y`` (a module, then a
+    name in it) names something that is there: such names outlive renames unseen (parsing
+    said it returned ``jacobian_service.engine.Call``, which lives in ``types``)."""
+    modules = _package_modules()
+    trees = _parsed()
+    texts = [p for p in modules.values()] + [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    wrong = set()
+    for path in texts:
+        for dotted in re.findall(r"\b((?:jacobian_service|jacobian_client)(?:\.\w+)+)", path.read_text()):
+            parts = dotted.split(".")
+            k = max(k for k in range(1, len(parts) + 1) if ".".join(parts[:k]) in modules)
+            rest = parts[k:]
+            if not rest or dotted in NOT_MODULES:
+                continue
+            if rest[0] not in _top_names(trees[".".join(parts[:k])]):
+                wrong.add((path.relative_to(ROOT).as_posix(), dotted))
+    assert sorted(wrong) == []

@@ -1,7 +1,8 @@
 """``create_app``: the HTTP front end as one pure-ASGI app whose lifespan owns its state.
 
 The app never imports torch. It reaches the engines through an engine client: engine
-processes over ZeroMQ when the supervisor gave it a run directory (``serve``), else
+processes over Unix sockets (``channel.py``; the supervisor's word over ZeroMQ) when the
+supervisor gave it a run directory (``serve``), else
 engine threads in this process (tests, ``serve --in-process``). Requests pass through
 
     AccessMiddleware (request id, log line, request metric)

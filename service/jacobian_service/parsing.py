@@ -1,4 +1,4 @@
-"""Request bodies and query strings -> a validated :class:`~jacobian_service.engine.Call`.
+"""Request bodies and query strings -> a validated :class:`~jacobian_service.types.Call`.
 
 Pure functions, no I/O and no torch: they run off the event loop for large bodies.
 Options go through a small pydantic model; array data never does (it is decoded
