@@ -20,6 +20,20 @@ import jacobian_client as jc
 
 
 
+def close_trees(got: Any, want: Any, tol: float) -> None:
+    """``got`` and ``want`` are the same pytree (torch's pytree: tuples stay tuples) of
+    tensors (or numbers) of the same shapes and dtypes, equal within ``tol``."""
+    import torch  # only the torch adapter's tests call this; the scipy ones need no torch
+
+    got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
+    want_leaves, want_spec = torch.utils._pytree.tree_flatten(want)
+    assert got_spec == want_spec, (got_spec, want_spec)
+    for g, w in zip(got_leaves, want_leaves):
+        g, w = torch.as_tensor(g), torch.as_tensor(w)
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
 class Counted:
     """A :class:`jacobian_client.Client` whose requests are recorded (method and path,
     plus the query for batched options) by an httpx event hook."""

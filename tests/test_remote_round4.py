@@ -20,7 +20,7 @@ from jacobian_client.torch import remote  # noqa: E402
 from jacobian_service import Input, register  # noqa: E402
 from jacobian_service import examples as ex  # noqa: E402
 
-from ._remote_support import Counted, cc, counted, oc, own_url, url  # noqa: E402,F401 (fixtures)
+from ._remote_support import close_trees, Counted, cc, counted, oc, own_url, url  # noqa: E402,F401 (fixtures)
 
 f = torch.func
 X = torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64)
@@ -28,11 +28,7 @@ T = torch.tensor([1.0, 0.5, -2.0], dtype=torch.float64)
 
 
 def close(got, want, tol=1e-12):
-    got_leaves, want_leaves = torch.utils._pytree.tree_flatten(got), torch.utils._pytree.tree_flatten(want)
-    assert got_leaves[1] == want_leaves[1], (got_leaves[1], want_leaves[1])
-    for g, w in zip(got_leaves[0], want_leaves[0]):
-        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
-        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+    close_trees(got, want, tol)
 
 
 # This module's own functions, served in-process by `oc` (own_url).

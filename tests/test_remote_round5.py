@@ -23,7 +23,7 @@ import jacobian_client as jc  # noqa: E402
 from jacobian_client.torch import remote  # noqa: E402
 from jacobian_service import examples as ex  # noqa: E402
 
-from ._remote_support import cc, url  # noqa: E402,F401 (fixtures)
+from ._remote_support import close_trees, cc, url  # noqa: E402,F401 (fixtures)
 
 f = torch.func
 X = torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64)
@@ -32,12 +32,7 @@ R = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
 
 
 def close(got, want, tol=1e-10):
-    got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
-    want_leaves, want_spec = torch.utils._pytree.tree_flatten(want)
-    assert got_spec == want_spec, (got_spec, want_spec)
-    for g, w in zip(got_leaves, want_leaves):
-        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
-        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+    close_trees(got, want, tol)
 
 
 # --------------------------------------------------------------------------- torch: second derivatives

@@ -19,7 +19,7 @@ import jacobian_client as jc  # noqa: E402,F401
 from jacobian_client.torch import remote  # noqa: E402
 from jacobian_service import examples as ex  # noqa: E402
 
-from ._remote_support import cc, url  # noqa: E402,F401 (fixtures)
+from ._remote_support import close_trees, cc, url  # noqa: E402,F401 (fixtures)
 
 f = torch.func
 X = torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64)
@@ -27,13 +27,7 @@ T = torch.tensor([1.0, 0.5, -2.0], dtype=torch.float64)
 
 
 def close(got, want, tol=1e-10):
-    got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
-    want_leaves, want_spec = torch.utils._pytree.tree_flatten(want)
-    assert got_spec == want_spec, (got_spec, want_spec)
-    for g, w in zip(got_leaves, want_leaves):
-        g, w = torch.as_tensor(g), torch.as_tensor(w)
-        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
-        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+    close_trees(got, want, tol)
 
 
 # --------------------------------------------------------------------------- torch.compile
