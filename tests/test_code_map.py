@@ -151,3 +151,22 @@ def test_every_module_path_the_code_and_docs_name_exists():
             if rest[0] not in _top_names(trees[".".join(parts[:k])]):
                 wrong.add((path.relative_to(ROOT).as_posix(), dotted))
     assert sorted(wrong) == []
+
+
+def test_registering_a_function_imports_no_server_stack():
+    """The package's docstring: ``register``, ``Input`` and ``Array`` import without torch
+    or the server stack, which ``create_app`` and ``Settings`` load on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from jacobian_service import Array, Input, register\n"
+        "stack = ('torch', 'starlette', 'uvicorn', 'pydantic')\n"
+        "print(sorted(m for m in stack if m in sys.modules))\n"
+        "from jacobian_service import Settings\n"
+        "print('pydantic' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["[]", "True"]

@@ -1,7 +1,8 @@
 """jacobian-service: Jacobians of registered PyTorch functions, as a service.
 
 ``register``, ``Input`` and ``Array`` (a leaf of a pytree parameter) import without
-torch or FastAPI; ``create_app`` and ``Settings`` load the server stack on first use.
+torch or the server stack (Starlette, uvicorn, pydantic), so a module of functions can
+be imported anywhere; ``create_app`` and ``Settings`` load that stack on first use.
 """
 
 from __future__ import annotations
