@@ -170,3 +170,12 @@ def test_registering_a_function_imports_no_server_stack():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+def test_the_code_cites_no_document_outside_the_repository():
+    """A newcomer has the repository only: the design notes the first sessions kept
+    beside it (DESIGN.md, with its "Pitfalls") are not in it, so the code says what it
+    took from them instead of citing them."""
+    cited = sorted(f"{path.relative_to(ROOT)}:{i}" for path in _package_modules().values()
+                   for i, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"\bDESIGN\b", line))
+    assert cited == []

@@ -28,10 +28,10 @@ __all__ = ["RowStream"]
 
 log = logging.getLogger("jacobian_service.engine")
 
-# A chunk's working set is a few times its cotangent and gradient rows; this factor is
-# the CPU estimate (DESIGN: measure on CUDA, estimate on CPU).
+# A chunk's working set is a few times its cotangent and gradient rows: this factor is
+# an estimate; a streamed Jacobian's chunks measure their peak instead (``chunks(calibrate=True)``).
 WORKSET_FACTOR = 4
-_MIN_AUTO_CHUNK = 16  # CPU BLAS is slower at 2-8 rows than at 1 (DESIGN "Pitfalls")
+_MIN_AUTO_CHUNK = 16  # CPU BLAS is slower at 2-8 rows than at 1 (a 2048-wide MLP; flat past ~256)
 # The spec of an output that is one tensor (nearly every function's): such an output
 # needs no pytree walk to flatten or rebuild. Each walk costs a few microseconds, and
 # each leaves a reference cycle (torch's recursive helper) for the collector.
