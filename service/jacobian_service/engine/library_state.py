@@ -160,7 +160,10 @@ def _python_random() -> Generator | None:
     """Python's ``random`` (its module's own ``Random``, CPython's Mersenne Twister: its
     position, then its first words of state, read as 16 bytes), where the layout checks
     against ``getstate``. (Not the first word alone: every seed by an array, as Python's
-    are, sets it to 2^31.)"""
+    are, sets it to 2^31.) With ``gauss_next``, the second of the pair ``gauss`` draws,
+    kept for its next call: a function that set it (``random.setstate`` of the state as
+    it was with one of its own, or the attribute) moved no word of the state, and another
+    client's next ``random.gauss()`` answered it (1e9); a seed clears it."""
     inst = getattr(random, "_inst", None)
     if type(inst) is not random.Random:
         return None
@@ -170,26 +173,53 @@ def _python_random() -> Generator | None:
         return None
     raw = (ctypes.c_char * 16).from_buffer(view)
     return Generator("the state of Python's random generator (random.seed, random.setstate, or draws)",
-                     lambda: raw.raw, lambda: inst.seed(os.urandom(32)))
+                     lambda: (raw.raw, inst.gauss_next), lambda: inst.seed(os.urandom(32)))
 
 
 def _numpy_random() -> Generator | None:
     """numpy's global ``np.random`` (the legacy ``RandomState`` its functions draw from,
-    an MT19937: its first words of state and its position), where the layout checks
-    against ``get_state``."""
+    an MT19937: its first words of state and its position, and the normal sample it
+    keeps for its next normal draw), where the layout checks against ``get_state``."""
     try:
         rand = np.random.mtrand._rand
         address = rand._bit_generator.ctypes.state_address
         _, key, pos, _, _ = rand.get_state(legacy=True)
+        cached = _numpy_cached_normal(rand)
     except Exception:  # another numpy
         return None
     words, position = (ctypes.c_uint32 * 3).from_address(address), ctypes.c_int.from_address(address + 4 * len(key))
-    if list(words) != [int(k) for k in key[:3]] or position.value != pos:
+    if list(words) != [int(k) for k in key[:3]] or position.value != pos or cached is None:
         return None
     raw = (ctypes.c_char * 12).from_buffer(words)
     return Generator("the state of numpy's global random generator (np.random.seed, set_state, or draws)",
-                     lambda: (raw.raw, position.value),
+                     lambda: (raw.raw, position.value, cached()),
                      lambda: rand.seed(np.frombuffer(os.urandom(32), dtype=np.uint32)))
+
+
+def _numpy_cached_normal(rand: Any) -> Callable[[], Any] | None:
+    """A reader of the normal sample a ``RandomState`` keeps for its next normal draw
+    (its ``has_gauss`` flag and ``gauss`` value, the last two fields of ``get_state``,
+    in the object's own memory: found there on a ``RandomState`` of its own, whose
+    sample is set twice to values of our own). ``np.random.set_state`` of the state as
+    it was with a sample of its own (1e9) moved none of the words, and another client's
+    next ``np.random.standard_normal()`` answered 1e9; a seed clears it."""
+    probe = type(rand)(0)
+    _, key, pos, _, _ = probe.get_state(legacy=True)
+    offsets = None
+    for value in (1234.5678, -98.25):
+        probe.set_state(("MT19937", key, pos, 1, value))
+        raw = ctypes.string_at(id(probe), type(probe).__basicsize__)
+        found = {o for o in range(8, len(raw) - 7, 8) if raw[o:o + 8] == np.float64(value).tobytes() and
+                 int.from_bytes(raw[o - 8:o - 4], sys.byteorder) == 1}
+        offsets = found if offsets is None else offsets & found
+    probe.set_state(("MT19937", key, pos, 0, 0.0))
+    if len(offsets or ()) != 1 or ctypes.string_at(id(probe) + min(offsets) - 8, 4) != bytes(4):
+        return None
+    view = (ctypes.c_char * 16).from_address(id(rand) + min(offsets) - 8)  # has_gauss (and padding), gauss
+    _, _, _, has_gauss, gauss = rand.get_state(legacy=True)
+    if view.raw[:4] != int(has_gauss).to_bytes(4, sys.byteorder) or view.raw[8:] != np.float64(gauss).tobytes():
+        return None
+    return lambda: view.raw
 
 
 def generators() -> list[Generator]:

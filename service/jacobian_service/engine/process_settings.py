@@ -1298,12 +1298,23 @@ def _reseed() -> int:
     return seed
 
 
+# Where the CPU generator's state (CPUGeneratorImplState, 5056 bytes) keeps the normal
+# samples it drew in pairs and holds for the next normal draw (normal_x/y/rho and their
+# flag, then a float sample and its flag): the last 40 bytes. A state set with the same
+# Mersenne Twister words and a sample of its own there (1e9, valid) was unseen by the
+# first 48 bytes, and another client's next ``torch.randn(())`` answered 1e9. In
+# another layout, the whole state is read.
+_CACHED_NORMALS = slice(-40, None) if torch.default_generator.get_state().numel() == 5056 else slice(48, None)
+
+
 def _generator_state() -> tuple[bytes, ...]:
     """What any seed, state set or draw changes of torch's default generators: the CPU's
     first 48 bytes (its seed, position, and first words of the Mersenne Twister's state,
-    which a draw past the last word makes anew), ~2 us (cut in numpy: torch's slice of
-    it alone took 3 us more); each CUDA device's seed and offset, once CUDA is in use."""
-    cpu = torch.default_generator.get_state().numpy().data[:48].tobytes()
+    which a draw past the last word makes anew) and its cached normal samples, ~2 us (cut
+    in numpy: torch's slice of it alone took 3 us more); each CUDA device's seed and
+    offset, once CUDA is in use."""
+    data = torch.default_generator.get_state().numpy().data
+    cpu = data[:48].tobytes() + data[_CACHED_NORMALS].tobytes()
     if not torch.cuda.is_initialized():
         return (cpu,)
     return (cpu, *(g.get_state().numpy().tobytes() for g in torch.cuda.default_generators))

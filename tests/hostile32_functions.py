@@ -1,0 +1,42 @@
+"""Hostile functions for tests/test_hostile_round27.py (loaded by name like a user
+module): each misbehaves only when its first input is 666 (round 11's ``_armed``), the
+second input picking how; otherwise it is ``sin``. Beside them, the functions they harm."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import numpy as np
+import torch
+from jacobian_service import register
+
+from tests.hostile17_functions import X, _armed  # the input, and the case it asks for (666 first)
+
+PLANTED = 1e9  # the normal sample planted: no normal draw's
+
+
+@register(inputs=X, description="sin; armed (666), it sets a generator's state to the one it has, with a normal "
+                                "sample of its own (1e9) kept for the next normal draw: case 0 torch's, 1 numpy's, "
+                                "2 Python's.")
+def plants_a_normal(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case == 0:
+        # CPUGeneratorImplState's tail: normal_x, normal_y, normal_rho, normal_is_valid,
+        # next_float_normal_sample, is_next_float_normal_sample_valid
+        state = bytearray(torch.get_rng_state().numpy().tobytes())
+        struct.pack_into("=ddd i f ?", state, len(state) - 40, 0.0, PLANTED, 0.0, 1, PLANTED, True)
+        torch.set_rng_state(torch.frombuffer(state, dtype=torch.uint8).clone())
+    elif case == 1:
+        name, key, pos, _, _ = np.random.get_state()
+        np.random.set_state((name, key, pos, 1, PLANTED))
+    elif case == 2:
+        version, words, _ = random.getstate()
+        random.setstate((version, words, PLANTED))
+    return torch.sin(x)
+
+
+@register(inputs=X, description="x + (torch.randn, np.random.standard_normal, random.gauss): one normal draw of each.")
+def normal_noise(x: torch.Tensor) -> torch.Tensor:
+    drawn = [torch.randn((), dtype=torch.float64).item(), np.random.standard_normal(), random.gauss(0.0, 1.0)]
+    return x + torch.tensor(drawn, dtype=x.dtype)

@@ -1,0 +1,69 @@
+"""Red team, round twenty-seven: hostile functions against the global random generators
+every later function of the engine draws from (torch's, numpy's, Python's): a normal
+sample planted where the state's fingerprint did not look; a state read, not moved,
+which told the next function's draws in advance.
+
+Each case names what a user saw before. One real server for the file (one engine, no
+spare); the functions are in tests/hostile32_functions.py, each misbehaving only on the
+input 666 (round 11's ``_armed``), the second input picking how.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import live_server
+from .hostile32_functions import PLANTED
+from .test_hostile_round11 import _armed, _engine_pid
+from .test_hostile_round15 import _log_until
+from .test_hostile_round21 import _evaluated
+
+FUNCTIONS = "tests.hostile32_functions"
+GENERATORS = ("torch", "numpy", "Python")  # the second input's cases, in order
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    # One engine, no spare: a function's batches and the next one's meet the same
+    # generators (each case checks it is the same engine).
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", ENGINE_STANDBY="false",
+                     REQUEST_TIMEOUT_S=20) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+@pytest.mark.parametrize("case", range(3), ids=GENERATORS)
+def test_a_normal_sample_a_function_plants_is_not_the_next_draw(server, client, case: int) -> None:
+    """Each generator keeps the second of the pair of normal samples it draws for its
+    next normal draw (torch's CPU generator in its state's tail, numpy's
+    ``RandomState`` as ``has_gauss``/``gauss``, Python's ``Random`` as
+    ``gauss_next``). A function that set the state it found, with a sample of its own
+    there (``torch.set_rng_state``, ``np.random.set_state``, ``random.setstate``),
+    moved none of the words the engine read after its batch, and was not seen:
+    another client's ``x + torch.randn(())`` (``np.random.standard_normal()``,
+    ``random.gauss(0, 1)``) answered 1e9, with a 200, at each of its calls. Now the
+    fingerprints read the kept sample too, and a state with one of its own is
+    re-seeded from the OS's entropy (a seed clears the sample)."""
+    url, proc = server
+    pid, start = _engine_pid(client, url), len(proc.read_log())
+    r = _armed(client, url, "plants_a_normal", case)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["output"]["data"], np.sin([666.0, case, 0.0]), rtol=1e-12)
+    drawn = _evaluated(client, url, "normal_noise", [0.0, 0.0, 0.0])
+    assert (np.abs(drawn) < 10).all(), drawn  # (a normal draw past 10 sigma: 1e-23)
+    assert drawn[case] != PLANTED
+    log = _log_until(proc, start, "plants_a_normal changed")
+    assert re.search(rf"plants_a_normal changed the state of {GENERATORS[case]}'s (global )?random generator "
+                     r"\([^)]+\) \(to [^)]+\) and left it so; put back to a seed drawn afresh", log), log[-3000:]
+    assert _engine_pid(client, url) == pid
