@@ -40,3 +40,31 @@ def plants_a_normal(x: torch.Tensor) -> torch.Tensor:
 def normal_noise(x: torch.Tensor) -> torch.Tensor:
     drawn = [torch.randn((), dtype=torch.float64).item(), np.random.standard_normal(), random.gauss(0.0, 1.0)]
     return x + torch.tensor(drawn, dtype=x.dtype)
+
+
+def _uniforms(torch_generator: torch.Generator | None, numpy_generator: np.random.RandomState,
+              python_generator: random.Random) -> list[float]:
+    """One uniform draw of each generator, as uniform_noise draws them."""
+    return [torch.rand((), dtype=torch.float64, generator=torch_generator).item(),
+            numpy_generator.random_sample(), python_generator.random()]
+
+
+@register(inputs=X, description="sin; armed (666), the next uniform draws of torch's, numpy's and Python's global "
+                                "generators, as uniform_noise draws them, read from their states (copies drew "
+                                "them: the globals moved not at all).")
+def reads_the_generators(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is None:
+        return torch.sin(x)
+    torch_copy = torch.Generator()
+    torch_copy.set_state(torch.get_rng_state())
+    numpy_copy = np.random.RandomState()
+    numpy_copy.set_state(np.random.get_state())
+    python_copy = random.Random()
+    python_copy.setstate(random.getstate())
+    return torch.tensor(_uniforms(torch_copy, numpy_copy, python_copy), dtype=x.dtype)
+
+
+@register(inputs=X, description="x + (torch.rand, np.random.random_sample, random.random): one uniform draw of each "
+                                "(a Monte Carlo step).")
+def uniform_noise(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.tensor(_uniforms(None, np.random.mtrand._rand, random._inst), dtype=x.dtype)

@@ -14,7 +14,6 @@ import re
 import subprocess
 from collections.abc import Iterator
 
-import httpx
 import numpy as np
 import pytest
 
@@ -22,6 +21,7 @@ from .conftest import live_server
 from .hostile32_functions import PLANTED
 from .test_hostile_round11 import _armed, _engine_pid
 from .test_hostile_round15 import _log_until
+from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
 from .test_hostile_round21 import _evaluated
 
 FUNCTIONS = "tests.hostile32_functions"
@@ -35,12 +35,6 @@ def server() -> Iterator[tuple[str, subprocess.Popen]]:
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", ENGINE_STANDBY="false",
                      REQUEST_TIMEOUT_S=20) as served:
         yield served
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=30) as c:
-        yield c
 
 
 @pytest.mark.parametrize("case", range(3), ids=GENERATORS)
@@ -66,4 +60,31 @@ def test_a_normal_sample_a_function_plants_is_not_the_next_draw(server, client, 
     log = _log_until(proc, start, "plants_a_normal changed")
     assert re.search(rf"plants_a_normal changed the state of {GENERATORS[case]}'s (global )?random generator "
                      r"\([^)]+\) \(to [^)]+\) and left it so; put back to a seed drawn afresh", log), log[-3000:]
+    assert _engine_pid(client, url) == pid
+
+
+def test_a_state_a_function_reads_does_not_tell_the_next_functions_draws(server, client) -> None:
+    """A function that read the generators' states (``torch.get_rng_state()``,
+    ``np.random.get_state()``, ``random.getstate()``) into copies of its own and drew
+    there moved nothing of the globals, and nothing was re-seeded: the next
+    function's ``x + (torch.rand, np.random.random_sample, random.random)`` (another
+    client's Monte Carlo step) answered exactly the draws the reader had answered
+    before it, each of the three, to the last digit. Now a batch of another function
+    than the last batch's meets generators re-seeded from the OS's entropy: what a
+    function reads is no other function's to draw."""
+    url, proc = server
+    pid = _engine_pid(client, url)
+    for _ in range(2):
+        r = _armed(client, url, "reads_the_generators", 0)
+        assert r.status_code == 200, r.text
+        told = np.array(r.json()["output"]["data"])
+        assert ((0 <= told) & (told < 1)).all(), told
+        drawn = _evaluated(client, url, "uniform_noise", [0.0, 0.0, 0.0])
+        assert ((0 <= drawn) & (drawn < 1)).all(), drawn
+        assert all(t != d for t, d in zip(told, drawn)), (told, drawn)
+    # Within one function's batches nothing is re-seeded (its own code drew them anyway:
+    # a service of one hot function pays one comparison a batch): the reader, asked
+    # again at once, reads the state it read.
+    told = [_armed(client, url, "reads_the_generators", 0).json()["output"]["data"] for _ in range(2)]
+    assert told[0] == told[1], told
     assert _engine_pid(client, url) == pid

@@ -252,6 +252,7 @@ class EngineServer:
         call = self.worker.call_of(jobs[0])  # a stream's chunk: its stream's function takes the blame
         function = call.spec.name if call is not None else ""
         self._ran, self._ran_tags = function, [j.tag for j in jobs]
+        self.engine.process_settings.before(function)  # (its random generators: no other function's state)
         self._refusal = None  # (``_patched``: per batch)
         self.board.running(time.monotonic(), max(j.deadline for j in jobs), function, [j.tag for j in jobs], self._left)
 

@@ -1553,6 +1553,12 @@ class ProcessSettings:
             self._value_gets.append(lines)
             self._value_taken.append(lines())
         self._thread = threading.get_ident() if by_status else None
+        # The global random generators (torch's, Python's, numpy's: the engine's own), with
+        # where each one's fingerprint is compared, for ``before``.
+        self._generators = [(setting.put.__self__, self._compared.get(index))
+                            for index, (setting, _, _, _) in enumerate(self._checks)
+                            if isinstance(getattr(setting.put, "__self__", None), Generator)]
+        self._last_function: str | None = None  # the function of the last batch ``before`` saw
         self._named: set[tuple[str, str]] = set()  # (function, setting) already logged
         # (function, setting) of the first change that could not be put back: the engine leaves.
         self.unrestorable: tuple[str, str] | None = None
@@ -1598,6 +1604,25 @@ class ProcessSettings:
         except Exception:
             return False
         return True
+
+    def before(self, function: str) -> None:
+        """Before a batch of ``function``: the global random generators re-seeded from the
+        OS's entropy where the last batch was another function's. A function that reads
+        a generator's state and draws nothing (``torch.get_rng_state()``,
+        ``np.random.get_state()``, ``random.getstate()``) moves nothing ``restore`` sees,
+        and knew the draws of the next function's batch in advance (a clone of the state
+        drew them: another client's noise, to the last digit). Reading cannot be seen,
+        so the state a function may have read is no other function's to draw from. Within
+        one function's batches nothing is told to another function (its own code drew
+        them anyway): a service of one hot function pays one comparison a batch, a switch
+        ~43 us on the 2-core VM (docs/architecture.md)."""
+        if function == self._last_function:
+            return
+        self._last_function = function
+        for generator, compared in self._generators:
+            generator.put(None)
+            if compared is not None:  # the quick pass compares with the state drawn afresh
+                self._value_taken[compared] = generator.expected
 
     def restore(self, function: str) -> None:
         """Put back what differs now (nothing, nearly always)."""
