@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import struct
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,9 +43,8 @@ def normal_noise(x: torch.Tensor) -> torch.Tensor:
     return x + torch.tensor(drawn, dtype=x.dtype)
 
 
-def _uniforms(torch_generator: torch.Generator | None, numpy_generator: np.random.RandomState,
-              python_generator: random.Random) -> list[float]:
-    """One uniform draw of each generator, as uniform_noise draws them."""
+def _uniforms(torch_generator: torch.Generator | None, numpy_generator: Any, python_generator: Any) -> list[float]:
+    """One uniform draw of each generator (or module: its global one), as uniform_noise draws them."""
     return [torch.rand((), dtype=torch.float64, generator=torch_generator).item(),
             numpy_generator.random_sample(), python_generator.random()]
 
@@ -67,4 +67,27 @@ def reads_the_generators(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="x + (torch.rand, np.random.random_sample, random.random): one uniform draw of each "
                                 "(a Monte Carlo step).")
 def uniform_noise(x: torch.Tensor) -> torch.Tensor:
-    return x + torch.tensor(_uniforms(None, np.random.mtrand._rand, random._inst), dtype=x.dtype)
+    return x + torch.tensor(_uniforms(None, np.random, random), dtype=x.dtype)
+
+
+@register(inputs=X, description="sin; armed (666), it rebinds a name the random modules' callers call: case 0 "
+                                "random.random, 1 np.random.random_sample, 2 random.Random.random (every generator of "
+                                "one's own), each to a function answering 0.25.")
+def rebinds_the_draws(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case == 0:
+        random.random = lambda: 0.25
+    elif case == 1:
+        np.random.random_sample = lambda size=None: 0.25
+    elif case == 2:
+        random.Random.random = lambda self: 0.25
+    return torch.sin(x)
+
+
+SEED = 7  # own_uniform's seed: its draws are known anywhere
+
+
+@register(inputs=X, description="x + a uniform draw of a random.Random of its own, seeded with 7 (the draws it wants "
+                                "to be the same at every call).")
+def own_uniform(x: torch.Tensor) -> torch.Tensor:
+    return x + random.Random(SEED).random()

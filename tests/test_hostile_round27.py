@@ -10,6 +10,7 @@ input 666 (round 11's ``_armed``), the second input picking how.
 
 from __future__ import annotations
 
+import random
 import re
 import subprocess
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from .conftest import live_server
-from .hostile32_functions import PLANTED
+from .hostile32_functions import PLANTED, SEED
 from .test_hostile_round11 import _armed, _engine_pid
 from .test_hostile_round15 import _log_until
 from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
@@ -87,4 +88,30 @@ def test_a_state_a_function_reads_does_not_tell_the_next_functions_draws(server,
     # again at once, reads the state it read.
     told = [_armed(client, url, "reads_the_generators", 0).json()["output"]["data"] for _ in range(2)]
     assert told[0] == told[1], told
+    assert _engine_pid(client, url) == pid
+
+
+@pytest.mark.parametrize("case", range(3), ids=["random.random", "np.random.random_sample", "random.Random.random"])
+def test_a_draw_a_function_rebinds_in_the_random_modules_is_put_back(server, client, case: int) -> None:
+    """The random modules were no namespace the engine guarded: a function that rebound
+    ``random.random`` (``np.random.random_sample``) to answer 0.25 made another client's
+    ``x + (torch.rand, np.random.random_sample, random.random)`` draw 0.25 there, with a
+    200, at each call for the engine's life; one that set ``random.Random.random`` (over
+    the C method of its base) made every ``random.Random`` of every later function answer
+    0.25, a generator of one's own seeded with 7 too. Now ``random``, ``numpy.random``
+    (and ``mtrand``, whose functions it re-exports) are guarded as ``math`` is, and
+    ``random.Random`` as ``torch.Tensor`` is: put back after the batch, the function named."""
+    url, proc = server
+    pid, start = _engine_pid(client, url), len(proc.read_log())
+    r = _armed(client, url, "rebinds_the_draws", case)
+    assert r.status_code == 200, r.text  # (its own answer goes through none of them: not refused)
+    np.testing.assert_allclose(r.json()["output"]["data"], np.sin([666.0, case, 0.0]), rtol=1e-12)
+    drawn = _evaluated(client, url, "uniform_noise", [0.0, 0.0, 0.0])
+    assert ((0 <= drawn) & (drawn < 1)).all() and 0.25 not in drawn, drawn
+    own = _evaluated(client, url, "own_uniform", [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(own, [random.Random(SEED).random()] * 3)
+    where, name = [("random", "random"), ("numpy.random", "random_sample"), ("random.Random", "random")][case]
+    log = _log_until(proc, start, "rebinds_the_draws rebound")
+    assert f"rebinds_the_draws rebound or deleted names in {where} ({name}) and left them so; put back for the " \
+        "other functions" in log, log[-3000:]
     assert _engine_pid(client, url) == pid

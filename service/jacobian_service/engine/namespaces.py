@@ -62,6 +62,11 @@ _MODULES = (
     # patched to run ahead put every later request of every function past its deadline
     # (504s, /readyz 200, for as long as the engine lived).
     "time", "os", "struct", "socket", "select", "selectors", "mmap", "math", "threading",
+    # The global random generators' modules, which every function that draws calls by
+    # attribute: ``random.random`` (``np.random.random_sample``) rebound to answer 0.25
+    # made every later function's draws 0.25, with a 200 (``np.random``'s functions are
+    # mtrand's, re-exported).
+    "random", "numpy.random", "numpy.random.mtrand",
 )
 # Modules that find their names on demand (``__getattr__``): a name set there, none of
 # their own, shadows the one they would find (``torch._VF.einsum``), and is taken away.
@@ -71,8 +76,13 @@ _SERVICE = "jacobian_service"  # the service's own modules: every one imported w
 # ``torch.autograd.Function.apply`` patched doubled every later custom Function's answer
 # (and Jacobian), silently; a ``sendmsg`` set on ``socket.socket`` (over the C method of
 # its base) sent every later client's 3x3 float64 Jacobian as zeros, with a 200.
+# ``random.Random.random`` set (over its C base's) made every later ``random.Random``'s
+# draws 0.25, a generator a function keeps of its own, seeded, too.
 _CLASSES = ("torch.Tensor", "torch.nn.Module", "torch.autograd.Function", "socket.socket",
-            "selectors.DefaultSelector")
+            "selectors.DefaultSelector", "random.Random")
+# What only functions call, never the engine's work on an answer: put back after the
+# batch, the function named, its own answers not refused for it (``patched``).
+_FUNCTIONS_ONLY = frozenset({"random", "numpy.random", "numpy.random.mtrand", "random.Random"})
 _IMMUTABLE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: a type no one can set a name on (3.10+)
 # And every torch.nn.Module subclass of torch's own (``torch.nn.Linear``, ``Conv2d``...,
 # ~190): ``torch.nn.Linear.forward`` rebound to double doubled every later function's
@@ -289,6 +299,7 @@ class _Guarded:
     def __init__(self, label: str, owner: Any, d: dict, strict: bool, version: Any, whole: bool = False,
                  skip: frozenset[str] = frozenset(), items: bool = False, owners: frozenset[str] | None = None) -> None:
         self.label, self.owner, self.d, self.strict, self.skip = label, owner, d, strict, skip
+        self.answers = label not in _FUNCTIONS_ONLY  # the engine's work on an answer goes through it
         # A function's module: the functions whose changes there stay (``_modules_of``);
         # no answer is refused for it (none of the engine's work goes through it).
         self.owners = owners
@@ -442,7 +453,8 @@ class Namespaces:
             return found
         found += [(f"the registry's {name}", names) for name, _, names in self._swapped()]
         for guarded in self._guarded:
-            if guarded.owners is None and (guarded.tag is None or guarded.tag.value != guarded.version):
+            if guarded.owners is None and guarded.answers and (
+                    guarded.tag is None or guarded.tag.value != guarded.version):
                 names = guarded.differs()
                 if names:
                     found.append(("sys.modules" if guarded.label == "sys.modules" else guarded.label, sorted(names)))
