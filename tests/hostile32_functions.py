@@ -91,3 +91,13 @@ SEED = 7  # own_uniform's seed: its draws are known anywhere
                                 "to be the same at every call).")
 def own_uniform(x: torch.Tensor) -> torch.Tensor:
     return x + random.Random(SEED).random()
+
+
+@register(inputs=X, description="sin; armed (666), it puts a bit generator of its own, seeded with 7, under np.random "
+                                "(np.random.set_bit_generator): case 0 an MT19937, 1 a PCG64 (one no legacy seed "
+                                "re-seeds).")
+def sets_a_bit_generator(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case is not None:
+        np.random.set_bit_generator((np.random.MT19937, np.random.PCG64)[case](SEED))
+    return torch.sin(x)

@@ -115,3 +115,29 @@ def test_a_draw_a_function_rebinds_in_the_random_modules_is_put_back(server, cli
     assert f"rebinds_the_draws rebound or deleted names in {where} ({name}) and left them so; put back for the " \
         "other functions" in log, log[-3000:]
     assert _engine_pid(client, url) == pid
+
+
+@pytest.mark.parametrize("case", range(2), ids=["MT19937", "PCG64"])
+def test_a_bit_generator_a_function_puts_under_np_random_is_taken_away(server, client, case: int) -> None:
+    """``np.random.set_bit_generator(MT19937(7))`` (``PCG64(7)``) put a seeded generator
+    of the function's own under ``np.random``; the engine read the words of the one it
+    started with, which no longer moved: another client's ``np.random.random_sample()``
+    answered the seed's draws (0.6250... first for PCG64), with a 200, and the function
+    was named nowhere. (Re-seeded at the next function's batch, the PCG64 refused the
+    legacy seed, "TypeError: can only re-seed a MT19937 BitGenerator": the engine died,
+    and the other client's request was a 503.) Now whether ``np.random`` draws from the
+    engine's own generator is part of its fingerprint, and the engine's is put back
+    under it, re-seeded from the OS's entropy, the function named."""
+    url, proc = server
+    pid = _engine_pid(client, url)
+    known = np.random.RandomState((np.random.MT19937, np.random.PCG64)[case](SEED)).random_sample()
+    for _ in range(2):
+        r = _armed(client, url, "sets_a_bit_generator", case)
+        assert r.status_code == 200, r.text
+        drawn = _evaluated(client, url, "uniform_noise", [0.0, 0.0, 0.0])
+        assert ((0 <= drawn) & (drawn < 1)).all() and drawn[1] != known, (drawn, known)
+    log = _log_until(proc, 0, "sets_a_bit_generator changed")  # (named once: the first case's line)
+    assert "sets_a_bit_generator changed the state of numpy's global random generator (np.random.seed, set_state, " \
+        "set_bit_generator, or draws) (to one of its own) and left it so; put back to a seed drawn afresh" in log, \
+        log[-3000:]
+    assert _engine_pid(client, url) == pid

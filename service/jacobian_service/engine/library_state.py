@@ -191,9 +191,19 @@ def _numpy_random() -> Generator | None:
     if list(words) != [int(k) for k in key[:3]] or position.value != pos or cached is None:
         return None
     raw = (ctypes.c_char * 12).from_buffer(words)
-    return Generator("the state of numpy's global random generator (np.random.seed, set_state, or draws)",
-                     lambda: (raw.raw, position.value, cached()),
-                     lambda: rand.seed(np.frombuffer(os.urandom(32), dtype=np.uint32)))
+    bit_generator = rand._bit_generator
+
+    def reseed() -> None:
+        # ``np.random.set_bit_generator(MT19937(0))`` put a seeded generator of its own
+        # under ``np.random``, whose words are read elsewhere: every later function's
+        # ``np.random.random_sample()`` answered 0.4793..., known anywhere. Its own back.
+        if rand._bit_generator is not bit_generator:
+            np.random.set_bit_generator(bit_generator)
+        rand.seed(np.frombuffer(os.urandom(32), dtype=np.uint32))
+
+    return Generator("the state of numpy's global random generator (np.random.seed, set_state, set_bit_generator, "
+                     "or draws)", lambda: (raw.raw, position.value, cached(), rand._bit_generator is bit_generator),
+                     reseed)
 
 
 def _numpy_cached_normal(rand: Any) -> Callable[[], Any] | None:

@@ -1618,9 +1618,15 @@ class ProcessSettings:
         ~43 us on the 2-core VM (docs/architecture.md)."""
         if function == self._last_function:
             return
-        self._last_function = function
+        last, self._last_function = self._last_function, function
         for generator, compared in self._generators:
-            generator.put(None)
+            try:
+                generator.put(None)
+            except Exception as exc:  # what the last function left of it refuses a seed: it leaves (as ``restore``'s)
+                log.error("%s left %s so that it cannot be re-seeded here (%s)", self._who(last or ""),
+                          generator.what, exc)
+                self.unrestorable = self.unrestorable or (last or "", generator.what)
+                continue
             if compared is not None:  # the quick pass compares with the state drawn afresh
                 self._value_taken[compared] = generator.expected
 
