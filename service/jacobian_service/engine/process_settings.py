@@ -1615,7 +1615,7 @@ class ProcessSettings:
         so the state a function may have read is no other function's to draw from. Within
         one function's batches nothing is told to another function (its own code drew
         them anyway): a service of one hot function pays one comparison a batch, a switch
-        ~43 us on the 2-core VM (docs/architecture.md)."""
+        the three re-seeds (docs/architecture.md)."""
         if function == self._last_function:
             return
         last, self._last_function = self._last_function, function
