@@ -75,13 +75,14 @@ def uniform_noise(x: torch.Tensor) -> torch.Tensor:
                                 "one's own), each to a function answering 0.25.")
 def rebinds_the_draws(x: torch.Tensor) -> torch.Tensor:
     case = _armed(x)
-    if case == 0:
-        random.random = lambda: 0.25
-    elif case == 1:
-        np.random.random_sample = lambda size=None: 0.25
-    elif case == 2:
-        random.Random.random = lambda self: 0.25
+    if case is not None:
+        owner, name, value = _REBOUND[case]
+        setattr(owner, name, value)
     return torch.sin(x)
+
+
+_REBOUND = ((random, "random", lambda: 0.25), (np.random, "random_sample", lambda size=None: 0.25),
+            (random.Random, "random", lambda self: 0.25))
 
 
 SEED = 7  # own_uniform's seed: its draws are known anywhere
