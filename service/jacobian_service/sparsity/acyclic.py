@@ -35,13 +35,13 @@ star colouring (see :mod:`.compute`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
-from .patterns import Pattern, work_limit
+from .patterns import Pattern, sorted_unique, work_limit
 
-__all__ = ["Substitution", "acyclic_colors", "most_summed", "substitution"]
+__all__ = ["Substitution", "acyclic_colors", "lattice_colors", "most_summed", "substitution"]
 
 
 def most_summed(eps: float) -> int:
@@ -188,29 +188,47 @@ def _acyclic_pass(n: int, indptr: np.ndarray, nbr: np.ndarray, active: np.ndarra
     return np.asarray(color, np.int64)
 
 
+def _forest(u: np.ndarray, v: np.ndarray, colors: np.ndarray, k: int):
+    """The two-coloured subgraphs of the proper colouring ``colors`` (edges ``u-v``) as
+    one graph: (its nodes, each edge's two ends, each node's tree), or None where it has
+    a cycle. A vertex u in the forest of colours {c(u), c'} is the node u * k + c':
+    exactly the flat place of B = H S it reads (its row u, the other colour's column)."""
+    return _forest_of(u, v, colors[u], colors[v], k)
+
+
+def _forest_of(u: np.ndarray, v: np.ndarray, cu: np.ndarray, cv: np.ndarray, k: int):
+    """:func:`_forest` given the ends' colours ``cu``, ``cv``."""
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import connected_components
+
+    a, b = u * k + cv, v * k + cu
+    nodes = sorted_unique(np.concatenate([a, b]))
+    ia, ib = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
+    N, E = nodes.size, a.size
+    count, label = connected_components(csr_array((np.ones(E, np.int8), (ia, ib)), shape=(N, N)), directed=False)
+    if E != N - count:  # a forest has one edge fewer than nodes, per tree
+        return None
+    return nodes, ia, ib, label
+
+
 def substitution(p: Pattern, colors: np.ndarray) -> Substitution:
     """The recovery of ``p``'s entries (a symmetric pattern) from the products of the
     colouring ``colors``; raises :class:`AssertionError` where the colouring is not
     acyclic (two neighbours share a colour, or a two-coloured subgraph has a cycle), so
     a wrong colouring never gives wrong values."""
     from scipy.sparse import csr_array
-    from scipy.sparse.csgraph import connected_components, depth_first_order
+    from scipy.sparse.csgraph import depth_first_order
 
     k = int(colors.max(initial=-1)) + 1
     off = p.rows < p.cols
     u, v = p.rows[off], p.cols[off]
     if bool((colors[p.rows] < 0).any()) or bool((colors[u] == colors[v]).any()):
         raise AssertionError("acyclic colouring: two neighbours share a colour")
-    # A vertex u in the forest of colours {c(u), c'} is the node u * k + c': exactly the
-    # flat place of B = H S it reads (its row u, the other colour's column).
-    a, b = u * k + colors[v], v * k + colors[u]
-    nodes = np.unique(np.concatenate([a, b]))
-    ia, ib = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
-    N, E = nodes.size, a.size
-    graph = csr_array((np.ones(E, np.int8), (ia, ib)), shape=(N, N))
-    count, label = connected_components(graph, directed=False)
-    if E != N - count:  # a forest has one edge fewer than nodes, per tree
+    forest = _forest(u, v, colors, k)
+    if forest is None:
         raise AssertionError("acyclic colouring: a two-coloured subgraph has a cycle")
+    nodes, ia, ib, label = forest
+    N = nodes.size
     # One depth-first search from a node joined to every tree's first node: one preorder
     # in which every subtree is one run.
     roots = np.unique(label, return_index=True)[1]
@@ -247,6 +265,97 @@ def substitution(p: Pattern, colors: np.ndarray) -> Substitution:
     lo[direct], hi[direct], sign_of[direct] = 0, 0, 0.0
     most = int((hi - lo)[~direct].max(initial=0))
     return Substitution(nodes[order], sign, direct, lo, hi, sign_of, most)
+
+
+# Lattice colourings are tried up to this many colours (a 3-D 7-point stencil takes 5, the
+# 27-point one more than greedy's, which is then kept).
+_LATTICE_MOST_COLOURS = 12
+# Vertices of the window a lattice candidate is checked on first (at least four lines).
+_WINDOW = 2048
+# Candidates that pass the window and are checked whole (each a few passes over the
+# entries, the substitution's pure-Python walk of its trees where it is a forest): a
+# stencil's first is the one; a band's long two-coloured paths (past most_summed) are
+# refused a few times before the colours that keep them short.
+_MOST_WHOLE_CHECKS = 6
+
+
+def _lattices(widths: list[int], pairs: list[tuple[int, int]], k: int) -> Iterator[tuple[int, int, int, int]]:
+    """The lattice colourings of ``k`` colours, as ``(w1, s1, w2, s2)`` for
+    :func:`_lattice_of`: a grid of one width ``w`` (``w2 = 0``) or two (``w1`` a row,
+    ``w2`` a plane), every shift."""
+    for w in widths:
+        for s in range(k):
+            yield w, s, 0, 0
+    for w1, w2 in pairs:
+        for s1 in range(k):
+            for s2 in range(k):
+                yield w1, s1, w2, s2
+
+
+def _lattice_of(j: np.ndarray, lattice: tuple[int, int, int, int], k: int) -> np.ndarray:
+    """The colours of vertices ``j``: ``(j mod w + s * (j div w)) mod k``, or on two
+    widths ``(j mod w1 + s1 ((j div w1) mod (w2 / w1)) + s2 (j div w2)) mod k``."""
+    w1, s1, w2, s2 = lattice
+    if not w2:
+        return (j % w1 + s1 * (j // w1)) % k
+    return (j % w1 + s1 * ((j // w1) % (w2 // w1)) + s2 * (j // w2)) % k
+
+
+def lattice_colors(p: Pattern, active: np.ndarray, below: int | None, most_summed: int | None,
+                   check_alive: Check = None) -> tuple[np.ndarray, Substitution] | None:
+    """An acyclic colouring by lattice lines (:func:`.coloring._lattice`'s families) with
+    fewer than ``below`` colours, the fewest found, and its substitution; None where none
+    is, or where every one found solves an entry from more than ``most_summed`` products.
+
+    Greedy acyclic colouring in any order leaves stencils above their optimum (SMC.jl's
+    orders alike: natural, largest-first, smallest-last, incidence-degree, dynamic
+    largest-first): the 5-point stencil's Hessian takes 4 colours where ``(column + row)
+    mod 3`` is acyclic (every two-coloured subgraph a set of staircase paths), the
+    9-point and the 3-D 7-point stencils 6 where a lattice takes 5 and 4, the fewest
+    possible. Colours start at the bound every acyclic colouring obeys (each pair of
+    colours spans a forest, so ``k - 1`` colours' worth of edges per vertex at most:
+    ``k >= edges / vertices + 1``). Each candidate must be a proper colouring and a
+    forest on a window of the grid first (a cycle there is a cycle of the whole), then
+    on the whole (the substitution's own check)."""
+    from .coloring import _Every, lattice_widths
+
+    n = p.shape[0]
+    top = min(_LATTICE_MOST_COLOURS + 1, n + 1) if below is None else min(below, _LATTICE_MOST_COLOURS + 1)
+    off = p.rows < p.cols
+    u, v = p.rows[off], p.cols[off]
+    vertices = int(active.sum())
+    first = max(2, -(-u.size // max(vertices, 1)) + 1)
+    if top <= first or u.size == 0:
+        return None
+    widths, pairs = lattice_widths(p)
+    # the window: a few of the widest lines at the start and in the middle (cycles of the
+    # stencil lie within them), and at the end, where a periodic grid wraps around
+    span = max(_WINDOW, 4 * max(widths, default=0), 4 * max((w2 for _, w2 in pairs), default=0))
+    mid = n // 2
+    inside = (u < span) | ((u >= mid) & (v < mid + span)) | (u >= n - span) | (v >= n - span)
+    su, sv = u[inside], v[inside]
+    alive = _Every(check_alive)
+    whole = 0
+    for k in range(first, top):
+        for lattice in _lattices(widths, pairs, k):
+            alive()
+            cu, cv = _lattice_of(su, lattice, k), _lattice_of(sv, lattice, k)
+            if bool((cu == cv).any()) or _forest_of(su, sv, cu, cv, k) is None:
+                continue
+            if whole == _MOST_WHOLE_CHECKS:  # (a pattern whose window says little: no grid)
+                return None
+            whole += 1
+            colors = _lattice_of(np.arange(n, dtype=np.int64), lattice, k)
+            if bool((colors[u] == colors[v]).any()):
+                continue
+            colors = np.where(active, colors, -1)
+            try:
+                solve = substitution(p, colors)
+            except AssertionError:  # a two-coloured cycle outside the window
+                continue
+            if most_summed is None or solve.most_summed <= most_summed:
+                return colors, solve
+    return None
 
 
 def orders(indptr: np.ndarray, nbr: np.ndarray, vertices: int) -> tuple[str, ...]:

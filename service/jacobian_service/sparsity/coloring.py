@@ -556,15 +556,8 @@ def _lattice(p: Pattern, lower: int, worse: int, active: np.ndarray, check_alive
     m, n = p.shape
     if worse <= lower or p.nnz == 0 or lower > _LATTICE_MOST_COLOURS:
         return None
-    offsets = p.cols - p.rows
-    values, counts = np.unique(offsets[offsets >= 2], return_counts=True)
-    order = np.argsort(-counts, kind="stable")[:_LATTICE_WIDTHS]
-    widths = values[order].tolist()
-    # a grid's offsets are in nearly every row: only those pair up as a 3-D grid's widths
-    common = values[order][counts[order] * 2 >= m].tolist()[:3]
+    widths, pairs = lattice_widths(p)
     rows, cols = _lattice_sample(p)
-    # 3-D grids: two widths, a row's (w1) and a plane's (w2, a multiple of w1)
-    pairs = [(a, b) for a in common for b in common if b > a and b % a == 0]
     for k in range(max(lower, 1), min(worse, lower + _LATTICE_EXTRA_COLOURS + 1)):
         for w in widths:
             col, line = cols % w, cols // w
@@ -589,6 +582,18 @@ def _lattice(p: Pattern, lower: int, worse: int, active: np.ndarray, check_alive
                     if _all_distinct(p.rows * k + colors[p.cols], m * k):
                         return np.where(active, colors, -1)
     return None
+
+
+def lattice_widths(p: Pattern) -> tuple[list[int], list[tuple[int, int]]]:
+    """The grid widths a lattice colouring tries: the most common column offsets of a
+    row, and the pairs of them (a row's w1, a plane's w2, a multiple of w1) that make a
+    3-D grid's two widths."""
+    offsets = p.cols - p.rows
+    values, counts = np.unique(offsets[offsets >= 2], return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:_LATTICE_WIDTHS]
+    # a grid's offsets are in nearly every row: only those pair up as a 3-D grid's widths
+    common = values[order][counts[order] * 2 >= p.shape[0]].tolist()[:3]
+    return values[order].tolist(), [(a, b) for a in common for b in common if b > a and b % a == 0]
 
 
 def _lattice_sample(p: Pattern) -> tuple[np.ndarray, np.ndarray]:
@@ -935,7 +940,7 @@ def acyclic_coloring(p: Pattern, *, check_alive: Check = None, fewer_than: int |
     None where it does not use fewer than ``fewer_than`` colours, where an entry would
     be solved from more than ``most_summed`` products, or where the passes would take
     too long."""
-    from .acyclic import acyclic_colors, orders, substitution
+    from .acyclic import acyclic_colors, lattice_colors, orders, substitution
 
     _check(check_alive)
     if p.shape[0] != p.shape[1] or not p.is_symmetric():
@@ -945,8 +950,6 @@ def acyclic_coloring(p: Pattern, *, check_alive: Check = None, fewer_than: int |
     active = np.zeros(n, bool)
     active[p.rows] = True
     names = orders(indptr, nbr, int(active.sum()))
-    if not names:
-        return None
     alive = _Every(check_alive)
     nodes = np.flatnonzero(active).tolist()
     ptr, flat = indptr.tolist(), nbr.tolist()
@@ -956,19 +959,26 @@ def acyclic_coloring(p: Pattern, *, check_alive: Check = None, fewer_than: int |
         colors = acyclic_colors(n, indptr, nbr, active, order, check_alive)
         if best is None or colors.max(initial=-1) < best[0].max(initial=-1):
             best = (colors, "acyclic_" + name)
-    assert best is not None
-    colors, strategy = best
+    found: tuple[np.ndarray, str, Any] | None = None
+    if best is not None and (fewer_than is None or int(best[0].max(initial=-1)) + 1 < fewer_than):
+        _check(check_alive)
+        try:
+            solve = substitution(p, best[0])
+            if most_summed is None or solve.most_summed <= most_summed:
+                found = (best[0], best[1], solve)
+        except AssertionError as exc:  # (never seen: the passes' colourings are acyclic) star colouring stands
+            log.warning("acyclic colouring refused by its check (%s): star colouring instead", exc)
+    # A stencil's lattice colouring, where it beats greedy's: every greedy order leaves the
+    # 5-point stencil's Hessian 4 colours where (column + row) mod 3 is acyclic (and a
+    # grid too large for the greedy passes gets one at all)
+    below = int(found[0].max(initial=-1)) + 1 if found is not None else fewer_than
+    by_lattice = lattice_colors(p, active, below, most_summed, check_alive)
+    if by_lattice is not None:
+        found = (by_lattice[0], "acyclic_lattice", by_lattice[1])
+    if found is None:
+        return None
+    colors, strategy, solve = found
     k = int(colors.max(initial=-1)) + 1
-    if fewer_than is not None and k >= fewer_than:
-        return None
-    _check(check_alive)
-    try:
-        solve = substitution(p, colors)
-    except AssertionError as exc:  # (never seen: the passes' colourings are acyclic) star colouring stands
-        log.warning("acyclic colouring refused by its check (%s): star colouring instead", exc)
-        return None
-    if most_summed is not None and solve.most_summed > most_summed:
-        return None
     return Coloring("acyclic", colors, k, p.rows * k + colors[p.rows], _star_lower_bound(p), strategy, solve)
 
 

@@ -1,0 +1,23 @@
+"""Functions for tests/test_sparse_round18.py. Loaded by module name."""
+
+from __future__ import annotations
+
+import torch
+
+from jacobian_service import Input, register
+
+# ------------------------------------------------------------------ stencil energies
+
+
+@register(inputs=[Input("u", shape=("ny", "nx"), dtype="float64")],
+          description="A membrane's energy on a 2-D grid: each bond's (u_i - u_j)^4 between 5-point neighbours "
+                      "and an on-site u^4 (its Hessian: the 5-point stencil).")
+def grid_energy(u: torch.Tensor) -> torch.Tensor:
+    return ((u[1:] - u[:-1]) ** 4).sum() + ((u[:, 1:] - u[:, :-1]) ** 4).sum() + (u**4).sum()
+
+
+@register(inputs=[Input("u", shape=("nz", "ny", "nx"), dtype="float64")],
+          description="The same on a 3-D grid (its Hessian: the 7-point stencil).")
+def cube_energy(u: torch.Tensor) -> torch.Tensor:
+    bonds = sum(((u.narrow(d, 1, u.shape[d] - 1) - u.narrow(d, 0, u.shape[d] - 1)) ** 4).sum() for d in range(3))
+    return bonds + (u**4).sum()
