@@ -21,3 +21,22 @@ def grid_energy(u: torch.Tensor) -> torch.Tensor:
 def cube_energy(u: torch.Tensor) -> torch.Tensor:
     bonds = sum(((u.narrow(d, 1, u.shape[d] - 1) - u.narrow(d, 0, u.shape[d] - 1)) ** 4).sum() for d in range(3))
     return bonds + (u**4).sum()
+
+
+# ------------------------------------------------------------------ Householder reflectors
+
+_FACTORS = torch.geqrf(torch.linspace(-1.0, 1.0, 3 * 5 * 3, dtype=torch.float64).reshape(3, 5, 3).cos())
+
+
+@register(inputs=[Input("c", shape=(3, 5, "k"), dtype="float64")],
+          description="Q^T C of three fixed QR factorizations (ormqr, as a least-squares solver applies Q): "
+                      "each column of each C its own column of the answer.")
+def reflected(c: torch.Tensor) -> torch.Tensor:
+    return torch.ormqr(_FACTORS.a, _FACTORS.tau, c, left=True, transpose=True)
+
+
+@register(inputs=[Input("a", shape=(2, 4, 2), dtype="float64"), Input("tau", shape=(2, 2), dtype="float64")],
+          description="Q of two stored QR factorizations (householder_product): each batch's Q on its own "
+                      "reflectors only, below the diagonal.")
+def orthogonal(a: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.householder_product(a, tau) * 2.0

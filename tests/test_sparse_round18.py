@@ -102,3 +102,37 @@ def test_the_hessian_colouring_keeps_its_bounds(case, colours):
         q = np.concatenate([[0.0], np.cumsum(s.sign * b[s.need])])
         got = np.where(s.direct, b[c.gather], s.sign_of * (q[s.hi] - q[s.lo]))
     np.testing.assert_allclose(got, h[p.rows, p.cols], rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ Householder reflectors
+
+
+def test_householder_reflectors_are_traced_one_at_a_time(client):
+    """``ormqr`` (Q^T C of fixed QR factors, as a least-squares solver applies Q) and
+    ``householder_product`` (Q itself) were unknown ops: every output on every input,
+    exact false, ``unknown op ormqr: assumed dense``, one product per output or input (30
+    for a 3 x 5 x 2 C). Now each reflector is applied as the rank-one update it is:
+    ormqr's answer column on its own column of C (5 products: a column's 5 rows),
+    householder_product's Q
+    on its own batch's reflectors; both exact, the values jacrev's."""
+    c = np.random.default_rng(1).standard_normal((3, 5, 2))
+    r = client.post("/v1/functions/reflected/jacobian", json={"inputs": [c.tolist()], "sparsity": "auto"})
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta"]
+    assert meta["exact"] is True and meta["products"] == 5, meta
+    want = torch.func.jacrev(s18.reflected)(torch.from_numpy(c)).reshape(c.size, c.size).numpy()
+    np.testing.assert_allclose(csr(r.json(), "jacobian").toarray(), want, rtol=1e-12, atol=1e-12)
+
+    rng = np.random.default_rng(2)
+    a, tau = rng.standard_normal((2, 4, 2)), rng.uniform(0.5, 1.5, (2, 2))
+    r = client.post("/v1/functions/orthogonal/jacobian",
+                    json={"inputs": [a.tolist(), tau.tolist()], "sparsity": "auto", "argnums": [0, 1]})
+    assert r.status_code == 200, r.text
+    meta = r.json()["meta"]
+    assert meta["exact"] is True and not any("unknown op" in n for n in meta["notes"]), meta
+    ta, tt = torch.from_numpy(a), torch.from_numpy(tau)
+    ja, jt = torch.func.jacrev(s18.orthogonal, argnums=(0, 1))(ta, tt)
+    want = np.concatenate([ja.reshape(16, 16).numpy(), jt.reshape(16, 4).numpy()], 1)
+    got = csr(r.json(), "jacobian").toarray()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert not got[:8, 8:16].any() and not got[8:, :8].any()  # (each batch on its own factors)

@@ -34,7 +34,8 @@ SparseConnectivityTracer.jl and asdex:
 - ``cdist``, ``pdist``: the two points of each distance; ``dist``: every element of both;
 - ``embedding_bag``: each bag's element on its indices' rows (that column) and weights;
   ``renorm``: an element on its slice along ``dim``;
-- ``triangular_solve``, ``addbmm``, ``linalg_lstsq``: as the ops they amount to
+- ``triangular_solve``, ``addbmm``, ``linalg_lstsq``, ``householder_product``, ``ormqr``
+  (one Householder reflector at a time): as the ops they amount to
   (``_REWRITES``), an op torch composes of others met undecomposed as those, and
   ``max_unpool`` through torch's decomposition (``_DECOMPOSED``);
   ``as_strided_scatter``: every writer of a place, and the input's own element;
@@ -264,6 +265,24 @@ def _lstsq(named: dict[str, Any], outs: Sequence[torch.Tensor]) -> tuple[Any, ..
 # (a scatter), as its backward gathers the gradient from there.
 _DECOMPOSED = frozenset("max_unpool2d max_unpool3d".split())
 
+def _reflect(a: torch.Tensor, tau: torch.Tensor, c: torch.Tensor, left: bool = True, transpose: bool = False) -> torch.Tensor:
+    """``Q C`` (``Q^H C``, ``C Q``, ``C Q^H``), ``Q = H_1 ... H_k`` the Householder
+    reflectors ``H_i = I - tau_i v_i v_i^H`` that ``a`` holds below its diagonal (``v_i``:
+    zeros above ``i``, 1 at ``i``, ``a[i+1:, i]`` below), applied one at a time as
+    LAPACK's ``orgqr`` / ``ormqr`` do (each reflector one rank-one update)."""
+    k = tau.shape[-1]
+    batch = a.shape[:-2]
+    steps = range(k) if left == transpose else reversed(range(k))  # the reflector applied first
+    for i in steps:
+        v = torch.cat([a.new_zeros(*batch, i), a.new_ones(*batch, 1), a[..., i + 1 :, i]], -1)
+        t = (tau[..., i].conj() if transpose else tau[..., i])[..., None, None]
+        if left:
+            c = c - t * v[..., :, None] * (v.conj()[..., None, :] @ c)
+        else:
+            c = c - t * (c @ v[..., :, None]) * v.conj()[..., None, :]
+    return c
+
+
 # Ops traced as the ops they amount to (see _Tracer.rewritten): each was an unknown op,
 # every output on every input (a triangular solve of a banded system made it dense).
 # Each takes the op's named arguments and its outputs, and gives one result per output.
@@ -278,6 +297,13 @@ _REWRITES: dict[str, Callable[[dict[str, Any], Sequence[torch.Tensor]], tuple[An
                                       unitriangular=bool(n.get("unitriangular", False))),
         n["A"].clone()),
     "linalg_lstsq": _lstsq,
+    # Q's first n columns (orgqr), and Q or Q^H applied to C from either side (ormqr): each
+    # a batch's own, and ormqr's column (row) of C its own column (row) of the answer
+    "linalg_householder_product": lambda n, outs: (
+        _reflect(n["input"], n["tau"], torch.eye(n["input"].shape[-2], n["input"].shape[-1], dtype=outs[0].dtype)
+                 .expand(outs[0].shape)),),
+    "ormqr": lambda n, outs: (_reflect(n["self"], n["input2"], n["input3"], bool(n.get("left", True)),
+                                       bool(n.get("transpose", False))),),
 }
 
 
