@@ -40,3 +40,13 @@ def reflected(c: torch.Tensor) -> torch.Tensor:
                       "reflectors only, below the diagonal.")
 def orthogonal(a: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.linalg.householder_product(a, tau) * 2.0
+
+
+# ------------------------------------------------------------------ segment reductions
+
+
+@register(inputs=[Input("x", shape=(7, 2), dtype="float64"), Input("lengths", shape=(4,), dtype="int64")],
+          description="Per-molecule energies of atoms in segments (torch.segment_reduce): a sum of each "
+                      "segment's x^2 and its largest x (one segment empty).")
+def segment_energy(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return torch.segment_reduce(x**2, "sum", lengths=lengths) + torch.segment_reduce(x, "max", lengths=lengths, initial=0.0)

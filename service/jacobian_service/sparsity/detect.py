@@ -35,7 +35,8 @@ SparseConnectivityTracer.jl and asdex:
 - ``embedding_bag``: each bag's element on its indices' rows (that column) and weights;
   ``renorm``: an element on its slice along ``dim``;
 - ``triangular_solve``, ``addbmm``, ``linalg_lstsq``, ``householder_product``, ``ormqr``
-  (one Householder reflector at a time): as the ops they amount to
+  (one Householder reflector at a time), ``segment_reduce`` (a ``scatter_reduce`` to
+  each segment): as the ops they amount to
   (``_REWRITES``), an op torch composes of others met undecomposed as those, and
   ``max_unpool`` through torch's decomposition (``_DECOMPOSED``);
   ``as_strided_scatter``: every writer of a place, and the input's own element;
@@ -283,6 +284,28 @@ def _reflect(a: torch.Tensor, tau: torch.Tensor, c: torch.Tensor, left: bool = T
     return c
 
 
+def _segment_reduce(named: dict[str, Any], outs: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    """``segment_reduce(data, reduce, lengths or offsets, axis)``: each output element
+    the reduction of its segment's elements along ``axis`` (segments per leading index:
+    ``lengths`` has ``data``'s leading dims, then one per segment), as a ``scatter_reduce``
+    of each element to its segment. An empty segment reads nothing (its ``initial`` is
+    a constant)."""
+    data, axis = named["data"], int(named.get("axis", 0)) % max(named["data"].dim(), 1)
+    lengths = named.get("lengths")
+    if lengths is None:
+        offsets = named["offsets"]
+        lengths = offsets[..., 1:] - offsets[..., :-1]
+    lead, size, rest = data.shape[:axis], data.shape[axis], data.shape[axis + 1 :]
+    segments = lengths.shape[-1]
+    flat = data.reshape(-1, size, *rest).reshape(-1, *rest)  # (leading x size, rest)
+    ids = torch.repeat_interleave(torch.arange(lengths.numel()), lengths.reshape(-1).long())
+    ids = ids.reshape(-1, *(1,) * len(rest)).expand(flat.shape)
+    target = torch.zeros(lengths.numel(), *rest, dtype=data.dtype)
+    how = {"max": "amax", "min": "amin"}.get(named["reduce"], named["reduce"])
+    out = target.scatter_reduce(0, ids, flat, how, include_self=False)  # (index_reduce warns: beta)
+    return (out.reshape(*lead, segments, *rest),)
+
+
 # Ops traced as the ops they amount to (see _Tracer.rewritten): each was an unknown op,
 # every output on every input (a triangular solve of a banded system made it dense).
 # Each takes the op's named arguments and its outputs, and gives one result per output.
@@ -302,6 +325,7 @@ _REWRITES: dict[str, Callable[[dict[str, Any], Sequence[torch.Tensor]], tuple[An
     "linalg_householder_product": lambda n, outs: (
         _reflect(n["input"], n["tau"], torch.eye(n["input"].shape[-2], n["input"].shape[-1], dtype=outs[0].dtype)
                  .expand(outs[0].shape)),),
+    "segment_reduce": _segment_reduce,
     "ormqr": lambda n, outs: (_reflect(n["self"], n["input2"], n["input3"], bool(n.get("left", True)),
                                        bool(n.get("transpose", False))),),
 }
