@@ -157,3 +157,25 @@ def test_a_segment_reduction_reads_its_segment(client, lengths):
     assert meta["exact"] is True and meta["products"] == 1, meta
     want = torch.func.jacrev(s18.segment_energy)(torch.from_numpy(x), torch.tensor(lengths)).reshape(8, 14).numpy()
     np.testing.assert_allclose(csr(r.json(), "jacobian").toarray(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_lattice_too_long_for_float32_is_refused_before_its_substitution(monkeypatch):
+    """In float32 an entry may be solved from 64 products at most; a 100 x 100 grid's
+    lattice colouring has two-coloured paths ~200 long, so it is refused. Each such
+    candidate was refused only after the substitution's pure-Python walk of its trees
+    (five here; 3.5 s on a 300 x 300 grid, where the colouring took 0.3 s); now by its
+    trees' sizes before the walk (a path's longest subtree is half of it at least),
+    where they are more than twice the limit, and the star colouring stands."""
+    from jacobian_service.sparsity import acyclic
+
+    walks = []
+    real = acyclic.substitution
+    monkeypatch.setattr(acyclic, "substitution", lambda p, colors: walks.append(1) or real(p, colors))
+    t = sp.diags_array([np.ones(99), np.ones(100), np.ones(99)], offsets=[-1, 0, 1])
+    grid = sp.kron(sp.eye_array(100), t) + sp.kron(t, sp.eye_array(100))
+    p = _pattern(grid)
+    active = np.ones(p.shape[0], bool)
+    assert acyclic.lattice_colors(p, active, 5, 64) is None and len(walks) <= 1  # (5 walks before)
+    walks.clear()
+    found = acyclic.lattice_colors(p, active, 5, 4096)  # (float64: the first lattice is taken)
+    assert found is not None and int(found[0].max()) + 1 == 3 and walks == [1]

@@ -349,9 +349,18 @@ def lattice_colors(p: Pattern, active: np.ndarray, below: int | None, most_summe
             if bool((colors[u] == colors[v]).any()):
                 continue
             colors = np.where(active, colors, -1)
+            forest = _forest(u, v, colors, k)
+            if forest is None:  # a two-coloured cycle outside the window
+                continue
+            # A lattice's two-coloured trees are paths, whose longest subtree is half the
+            # path at least however it is rooted: one too long for most_summed is refused
+            # here, before the substitution's pure-Python walk (seconds on a 300 x 300
+            # grid in float32, whose paths are 600 long where 64 are allowed)
+            if most_summed is not None and int(np.bincount(forest[3]).max(initial=0)) > 2 * most_summed + 1:
+                continue
             try:
                 solve = substitution(p, colors)
-            except AssertionError:  # a two-coloured cycle outside the window
+            except AssertionError:  # (never seen: its forest was checked just above)
                 continue
             if most_summed is None or solve.most_summed <= most_summed:
                 return colors, solve
