@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-dev
 # torch first, pinned: an open range would pull a multi-GB CUDA build on a CPU machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: serve test bench clean
+.PHONY: serve test bench unasync clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)  ## run the whole test suite
 
 bench: $(STAMP)  ## side-by-side benchmarks (prints ratios)
 	$(BIN)/python -m bench $(ARGS)
+
+unasync:  ## rewrite client/jacobian_client/_sync.py from _async.py (its one source)
+	$(PYTHON) scripts/unasync.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,8 +1,12 @@
 """The asynchronous client: the same methods as :class:`Client`, as coroutines, over one
 ``httpx.AsyncClient``.
 
-This file mirrors ``_sync.py`` line for line (only ``async``/``await`` differ); the
-shared logic is in :mod:`._protocol`. Keep the two in step when changing either.
+This file is the one source of both clients: ``scripts/unasync.py`` writes ``_sync.py``
+from it by token substitution (``make unasync``; tests/test_unasync.py fails when the
+committed ``_sync.py`` is not what it writes). Edit this file, never ``_sync.py``.
+Everything that decides *what* to send or how to read it lives in :mod:`._protocol`,
+without I/O; this module only sends, reads (incrementally for ``.npy``), and sleeps
+between retries.
 """
 
 from __future__ import annotations
@@ -247,8 +251,10 @@ class AsyncClient:
         return await self._execute(self._proto.sparsity_call(
             name, shapes, kind=kind, sparsity=sparsity, argnums=argnums, mode=mode, dtypes=dtypes, format=format))
 
-    async def evaluate(self, name: str, *inputs: Any, batched: bool = False, in_dims: Any = 0, out_dims: Any = 0,
-                       transport: str | None = None) -> Any:
+    async def evaluate(
+        self, name: str, *inputs: Any, batched: bool = False, in_dims: Any = 0, out_dims: Any = 0,
+        transport: str | None = None,
+    ) -> Any:
         """The function's output (``(output, aux)`` for has_aux functions)."""
         return await self._execute(self._proto.compute_call(
             "evaluate", name, inputs, {"batched": batched, "in_dims": in_dims, "out_dims": out_dims}, transport=transport))
@@ -307,15 +313,16 @@ class AsyncClient:
         returns ``(hvp, output)``."""
         options = {"argnums": argnums, "batched_vectors": batched_vectors, "return_output": return_output}
         vectors = [("tangents", tangents)] + ([] if cotangents is None else [("cotangents", cotangents)])
-        return await self._execute(self._proto.compute_call("hvp", name, inputs, options, vectors=vectors,
-                                                            transport=transport))
+        return await self._execute(self._proto.compute_call(
+            "hvp", name, inputs, options, vectors=vectors, transport=transport))
 
-    async def _parts(self, kind: str, name: str, inputs: Any, options: Any, vectors: Any = None,
-                     names: Any = None) -> dict[str, Any]:
+    async def _parts(
+        self, kind: str, name: str, inputs: Any, options: Any, vectors: Any = None, names: Any = None,
+    ) -> dict[str, Any]:
         """One compute request whose result comes back by part name (``value``,
         ``output``, ``aux``); for the autodiff adapters, which must not guess aux."""
-        return await self._execute(self._proto.compute_call(kind, name, inputs, options, vectors=vectors, parts=True,
-                                                                names=names))
+        return await self._execute(self._proto.compute_call(
+            kind, name, inputs, options, vectors=vectors, parts=True, names=names))
 
     def jacrev(
         self, name: str, argnums: int | str | tuple[int | str, ...] = 0, *, chunk_size: int | None = None,
@@ -372,8 +379,10 @@ class AsyncClient:
         finally:
             await response.aclose()
 
-    async def _read(self, call: Call, response: httpx.Response, deadline: Deadline, limit: int | None = None,
-                    cap: int | None = None) -> bytes:
+    async def _read(
+        self, call: Call, response: httpx.Response, deadline: Deadline, limit: int | None = None,
+        cap: int | None = None,
+    ) -> bytes:
         """The whole body (decoded), piece by piece so that the attempt's deadline is
         checked; at most ``limit`` bytes of it (the rest left unread) when one is given;
         :class:`ResponseTooLarge` past ``cap`` bytes."""

@@ -153,6 +153,11 @@ class PerProcess(Generic[H]):
             self._fork = _forks
         return self._client
 
+    def close(self) -> None:
+        """Close this process's client (the sync twin of :meth:`PerLoop.aclose`, which
+        ``scripts/unasync.py`` maps it to)."""
+        self.get().close()
+
 
 class PerLoop(PerProcess[httpx.AsyncClient]):
     """The async httpx client of one process and one event loop. httpx's pooled

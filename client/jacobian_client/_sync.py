@@ -1,11 +1,17 @@
+# Generated from _async.py by scripts/unasync.py (make unasync): edit _async.py, never this file.
 """The synchronous client: a thin loop over :mod:`._protocol` and one ``httpx.Client``.
 
-Everything that decides *what* to send or how to read it lives in the protocol layer;
-this module only sends, reads (incrementally for ``.npy``), and sleeps between retries.
+Generated from ``_async.py`` by ``scripts/unasync.py``: edit that file, then run
+``make unasync``.
+
+Everything that decides *what* to send or how to read it lives in :mod:`._protocol`,
+without I/O; this module only sends, reads (incrementally for ``.npy``), and sleeps
+between retries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -97,7 +103,7 @@ class Client:
         return str(self._http.base_url)
 
     def close(self) -> None:
-        self._http.close()
+        self._pool.close()
 
     def __enter__(self) -> Client:
         return self
@@ -134,13 +140,14 @@ class Client:
             # deadline): a server trickling it held health() (and wait_ready with it) for
             # as long as it liked. Of its body, only what a keep-alive reuse needs is read
             # (httpx's get read an endless one whole: 700 MB in a 3 s probe).
-            with head_deadline(self._proto.timeout, cap), \
-                    self._http.stream("GET", "/readyz" if ready else "/healthz") as response:
-                received = 0
-                for piece in decoded(response):
-                    received += len(piece)
-                    if received >= MAX_ERROR_BODY:
-                        break
+            with head_deadline(self._proto.timeout, cap):
+                with self._http.stream("GET", "/readyz" if ready else "/healthz") as response:
+                    received = 0
+                    with contextlib.closing(decoded(response)) as pieces:
+                        for piece in pieces:
+                            received += len(piece)
+                            if received >= MAX_ERROR_BODY:
+                                break
         except (httpx.HTTPError, TransportError):  # an unreadable Content-Encoding too
             return False
         return response.status_code == 200
@@ -240,8 +247,10 @@ class Client:
         return self._execute(self._proto.sparsity_call(
             name, shapes, kind=kind, sparsity=sparsity, argnums=argnums, mode=mode, dtypes=dtypes, format=format))
 
-    def evaluate(self, name: str, *inputs: Any, batched: bool = False, in_dims: Any = 0, out_dims: Any = 0,
-                 transport: str | None = None) -> Any:
+    def evaluate(
+        self, name: str, *inputs: Any, batched: bool = False, in_dims: Any = 0, out_dims: Any = 0,
+        transport: str | None = None,
+    ) -> Any:
         """The function's output (``(output, aux)`` for has_aux functions)."""
         return self._execute(self._proto.compute_call(
             "evaluate", name, inputs, {"batched": batched, "in_dims": in_dims, "out_dims": out_dims}, transport=transport))
@@ -300,14 +309,16 @@ class Client:
         returns ``(hvp, output)``."""
         options = {"argnums": argnums, "batched_vectors": batched_vectors, "return_output": return_output}
         vectors = [("tangents", tangents)] + ([] if cotangents is None else [("cotangents", cotangents)])
-        return self._execute(self._proto.compute_call("hvp", name, inputs, options, vectors=vectors, transport=transport))
+        return self._execute(self._proto.compute_call(
+            "hvp", name, inputs, options, vectors=vectors, transport=transport))
 
-    def _parts(self, kind: str, name: str, inputs: Any, options: Any, vectors: Any = None,
-                     names: Any = None) -> dict[str, Any]:
+    def _parts(
+        self, kind: str, name: str, inputs: Any, options: Any, vectors: Any = None, names: Any = None,
+    ) -> dict[str, Any]:
         """One compute request whose result comes back by part name (``value``,
         ``output``, ``aux``); for the autodiff adapters, which must not guess aux."""
-        return self._execute(self._proto.compute_call(kind, name, inputs, options, vectors=vectors, parts=True,
-                                                                names=names))
+        return self._execute(self._proto.compute_call(
+            kind, name, inputs, options, vectors=vectors, parts=True, names=names))
 
     def jacrev(
         self, name: str, argnums: int | str | tuple[int | str, ...] = 0, *, chunk_size: int | None = None,
@@ -346,9 +357,10 @@ class Client:
             receiver, progress = self._proto.receiver(call, response)
             try:
                 with body_deadline(deadline):
-                    for piece in decoded(response):
-                        receiver.feed(piece)
-                        deadline.check(call, receiver.received)
+                    with contextlib.closing(decoded(response)) as pieces:
+                        for piece in pieces:
+                            receiver.feed(piece)
+                            deadline.check(call, receiver.received)
             except httpx.HTTPError as exc:
                 receiver.abort()
                 deadline.check(call, receiver.received)  # the call's deadline ended the read: say so
@@ -363,8 +375,10 @@ class Client:
         finally:
             response.close()
 
-    def _read(self, call: Call, response: httpx.Response, deadline: Deadline, limit: int | None = None,
-              cap: int | None = None) -> bytes:
+    def _read(
+        self, call: Call, response: httpx.Response, deadline: Deadline, limit: int | None = None,
+        cap: int | None = None,
+    ) -> bytes:
         """The whole body (decoded), piece by piece so that the attempt's deadline is
         checked; at most ``limit`` bytes of it (the rest left unread) when one is given;
         :class:`ResponseTooLarge` past ``cap`` bytes."""
@@ -372,14 +386,15 @@ class Client:
         received = 0
         try:
             with body_deadline(deadline):
-                for piece in decoded(response):
-                    pieces.append(piece)
-                    received += len(piece)
-                    if limit is not None and received >= limit:
-                        return b"".join(pieces)[:limit]
-                    if cap is not None and received > cap:
-                        raise self._proto.too_large(call, received)
-                    deadline.check(call, received)
+                with contextlib.closing(decoded(response)) as body:
+                    for piece in body:
+                        pieces.append(piece)
+                        received += len(piece)
+                        if limit is not None and received >= limit:
+                            return b"".join(pieces)[:limit]
+                        if cap is not None and received > cap:
+                            raise self._proto.too_large(call, received)
+                        deadline.check(call, received)
         except httpx.HTTPError:
             deadline.check(call, received)  # the call's deadline ended the read: say so
             raise
