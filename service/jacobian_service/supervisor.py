@@ -94,7 +94,7 @@ _MAX_FRONT_ENDS = 256
 # (that front end gone, or its word lost).
 _OLDEST_FRESH_S = 3.0
 _SPARE_LINE_MAX = 4096  # a spare's line kept while it is unfinished (a warm-up's "w NAME")
-_MAX_KILLED_AFTER = 64  # functions remembered for SIGKILLs from outside after their answers (_killed_again)
+_MAX_KILLED_AFTER = 64  # functions a book of _again remembers
 
 
 def _signal_group(proc: subprocess.Popen | Forked, sig: int) -> None:
@@ -178,7 +178,11 @@ class Supervisor:
         # (``_died``): one such kill strikes no one, a second within the quarantine window
         # strikes the function. At most _MAX_KILLED_AFTER names (the board, which names
         # them, is the functions' to write).
-        self._killed_after: dict[str, collections.deque[float]] = {}
+        self._killed_after: dict[str, collections.deque[tuple[float, str]]] = {}
+        # When each function's threads were alive as an engine died running another
+        # function, and which (``_died``): the same rule, a second time strikes; a time
+        # is forgotten once the function that ran then is struck for a crash of its own.
+        self._threads_at_death: dict[str, collections.deque[tuple[float, str]]] = {}
         self._words: dict[int, _SpareWord] = {}  # what each spare (pid) has said on its stdin (``_hear``)
         self.quarantines = 0
         self.isolate: set[str] = set()
@@ -730,7 +734,7 @@ class Supervisor:
         # refused to every caller, its caller holding a 200.
         killed_outside = (code == -signal.SIGKILL and not engine.killed_for and bool(status.get("answered"))
                           and not planned and warming is None)
-        after, repeated = "", False  # (such a kill: after whose answers, and whether again: _killed_again)
+        after, repeated = "", False  # (such a kill: after whose answers, and whether again: _again)
         running: dict[str, Any]
         if planned:  # its requests answered (unless it says which of them may not be: a closed connection's)
             running = {"tags": status["tags"]} if status.get("stray") and status.get("tags") else {}
@@ -779,7 +783,7 @@ class Supervisor:
             reason = f"the engine process was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
             if killed_outside:
                 after = status.get("function") or "a function"
-                repeated = self._killed_again(after)
+                repeated = self._again(self._killed_after, after)
                 reason += (f" after {after} had answered its requests" +
                            (f", the second time within {self.settings.quarantine_window_s:g} s (struck)" if repeated
                             else " (not blamed)"))
@@ -792,16 +796,40 @@ class Supervisor:
                        "their warm-ups)")
             self.skip_warmup.update(suspects)
         # Dead while it ran a function, with other functions' threads alive: one of them
-        # may have done it (a lock it holds that the function waits for, a timer that
-        # ends the process). Only the running function is blamed, as most often it is the
-        # culprit; the log names the others, as it does for a setting changed then.
+        # may have done it (a timer that calls os._exit, a segfault, a SIGKILL of its own
+        # process), and nothing tells which thread did. Blaming the running function
+        # struck an innocent one: another's thread ended every engine it ran in, and it was
+        # quarantined. So such a death (its own, not a kill of ours), where the running
+        # function left no thread of its own alive, strikes no one the first time: its
+        # requests run again on the next engine (``planned``), where those threads are
+        # not, and a crash there is the function's own. The threads' owners are struck
+        # the second time within the quarantine window (``_again``): else a timer left
+        # at each call replaced engines for ever. A time is forgotten once the function
+        # that ran then crashes alone (struck: it was its own crash), so a library's idle
+        # pool, alive beside another function's crashes again and again, is not struck.
         others = [f for f in running.get("left", []) if isinstance(f, str) and f and f != function] if function else []
+        theirs = bool(others) and not engine.killed_for and not killed_outside and recycled is None \
+            and warming is None and function not in running.get("left", [])
+        blamed = [f for f in others if self._again(self._threads_at_death, f, function)] if theirs else []
+        if theirs:
+            reason += (f"; threads left running by {', '.join(others)} were alive, and {function} left none: " +
+                       (f"{', '.join(blamed)} struck (their threads were alive at such a death before, within "
+                        f"{self.settings.quarantine_window_s:g} s), and engines skip their warm-ups" if blamed else
+                        "no one is struck the first time") + f"; {function}'s requests run again on the next engine")
+            self.skip_warmup.update(blamed)
         log.error("engine %d died: %s (running %s for %d requests%s)", engine.index, reason, function or "nothing",
-                  len(tags), f"; threads left running by {', '.join(others)} were alive" if others else "")
+                  len(tags), f"; threads left running by {', '.join(others)} were alive" if others and not theirs
+                  else "")
         dead, pid = engine.proc, engine.proc.pid  # type: ignore[union-attr]
         _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]  # its children, if any, go too
-        if function and recycled is None:
+        if theirs:
+            for suspect in blamed:
+                self._strike(suspect, batch=False)
+        elif function and recycled is None:
             self._strike(function, batch=len(tags) > 1)
+            for times in self._threads_at_death.values():  # its own crash: not theirs, those times
+                for entry in [e for e in times if e[1] == function]:
+                    times.remove(entry)
         elif engine.killed_for == "abandoned" and status.get("function"):
             # Its requests are nobody's failure (their clients left), but the function did
             # not give the engine back within the grace of a cancel, as a hang does not
@@ -828,32 +856,38 @@ class Supervisor:
             engine.restart_at = now + engine.backoff_s
             engine.backoff_s = min(_BACKOFF_MAX_S, max(0.5, engine.backoff_s * 2))
         self.pub.send(orjson.dumps({
-            "t": "died", "engine": engine.index, "generation": engine.generation, "pid": pid, "tags": tags,
+            "t": "died", "engine": engine.index, "generation": engine.generation, "pid": pid,
+            "tags": [] if theirs else tags,  # (none failed: they run again)
             "function": function, "reason": reason, "hang": engine.killed_for in ("hang", "overdue"),
             # It left between batches (a stray thread, its memory limit), or died warming
             # up: what it did not answer it never started, and the front ends send it to
             # the next engine.
-            "planned": planned or warming is not None,
+            # A death with another function's threads alive: its requests go to the next
+            # engine too (the running function's own crash ends that one as well).
+            "planned": planned or warming is not None or theirs,
             "ready_in": engine.ready_in(now),
         }))
         self.publish_state()
         self._ended(dead)  # type: ignore[arg-type]  # and those that left its group (after the word: ~20 ms)
 
-    def _killed_again(self, function: str) -> bool:
-        """Whether an engine was SIGKILLed from outside just after ``function``'s answers
-        before, within the quarantine window (this one counted). Once is the OOM killer's
-        or an operator's ``kill -9`` (the function not struck: its caller holds a 200);
-        again and again, the function itself (a ``__del__`` that kills its engine, or
-        allocates until the OOM killer does, after each answer): else it replaced engines
-        for ever, a torch start-up each, never quarantined."""
+    def _again(self, book: dict[str, collections.deque[tuple[float, str]]], function: str, ran: str = "") -> bool:
+        """Whether ``book`` names ``function`` before, within the quarantine window (this
+        time counted). Books: ``_killed_after``, engines SIGKILLed from outside just after
+        ``function``'s answers (once is the OOM killer's or an operator's ``kill -9``, the
+        function not struck: its caller holds a 200; again and again, the function itself,
+        a ``__del__`` that kills its engine, or allocates until the OOM killer does, after
+        each answer: else it replaced engines for ever, a torch start-up each, never
+        quarantined); ``_threads_at_death``, engines that died running another function
+        (``ran``) while ``function``'s threads were alive. At most _MAX_KILLED_AFTER names a book
+        (the board, which names them, is the functions' to write)."""
         now = time.time()
-        times = self._killed_after.pop(function, None) or collections.deque()
-        times.append(now)
-        while now - times[0] > self.settings.quarantine_window_s:
+        times = book.pop(function, None) or collections.deque()
+        times.append((now, ran))
+        while now - times[0][0] > self.settings.quarantine_window_s:
             times.popleft()
-        self._killed_after[function] = times  # (the newest last: the oldest named go first)
-        while len(self._killed_after) > _MAX_KILLED_AFTER:
-            del self._killed_after[next(iter(self._killed_after))]
+        book[function] = times  # (the newest last: the oldest named go first)
+        while len(book) > _MAX_KILLED_AFTER:
+            del book[next(iter(book))]
         return len(times) > 1
 
     def _strike(self, function: str, batch: bool) -> None:

@@ -1,0 +1,74 @@
+"""Hostile functions for tests/test_hostile_round28.py (loaded by name like a user
+module): each misbehaves only when its first input is 666 (round 11's ``_armed``), the
+second input picking how; otherwise it is ``sin``. Beside them, the innocent functions
+whose runs their threads end."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+from jacobian_service import register
+
+from tests.hostile17_functions import X, _armed  # the input, and the case it asks for (666 first)
+
+_WAITING = threading.Event()  # never set: what leaves_a_waiter33's threads wait for
+
+
+def _end_the_engine(case: int) -> None:
+    if case == 0:
+        os._exit(3)
+    elif case == 1:
+        ctypes.string_at(0)  # a segfault
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _when_victim_runs(case: int) -> None:
+    """Wait, sleeping, until slow33 runs in another thread; then end the engine."""
+    me = threading.get_ident()
+    while True:
+        for ident, frame in sys._current_frames().items():
+            while ident != me and frame is not None:
+                if frame.f_code.co_name == "slow33":
+                    _end_the_engine(case)
+                frame = frame.f_back
+        time.sleep(0.01)
+
+
+@register(inputs=X, description="sin; armed (666), it leaves a thread that ends the engine while slow33 runs: "
+                                "case 0 os._exit, 1 a segfault (ctypes), 2 SIGKILL of its own process.")
+def leaves_a_killer33(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case is not None:
+        threading.Thread(target=_when_victim_runs, args=(case,), daemon=True).start()
+    return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it leaves a thread that waits for ever (harmless).")
+def leaves_a_waiter33(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        threading.Thread(target=_WAITING.wait, daemon=True).start()
+    return torch.sin(x)
+
+
+def _crashes(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        os._exit(7)
+    return torch.sin(x)
+
+
+for _name in ("crashes33", "crashes33b"):  # two of them: one strike quarantines each
+    register(_crashes, name=_name, inputs=X,
+             description="sin; armed (666), it ends its engine itself (os._exit), whatever else runs.")
+
+
+@register(inputs=X, description="sin, after 0.5 s: an innocent function that takes a while.")
+def slow33(x: torch.Tensor) -> torch.Tensor:
+    time.sleep(0.5)
+    return torch.sin(x)
