@@ -29,13 +29,14 @@ def _end_the_engine(case: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _when_victim_runs(case: int) -> None:
-    """Wait, sleeping, until slow33 runs in another thread; then end the engine."""
+def _when_running(case: int, name: str, started_by: object = None) -> None:
+    """Wait, sleeping, until function ``name`` runs in another thread (a call other than
+    ``started_by``, the frame of the one that started this thread); then end the engine."""
     me = threading.get_ident()
     while True:
         for ident, frame in sys._current_frames().items():
             while ident != me and frame is not None:
-                if frame.f_code.co_name == "slow33":
+                if frame.f_code.co_name == name and frame is not started_by:
                     _end_the_engine(case)
                 frame = frame.f_back
         time.sleep(0.01)
@@ -46,7 +47,7 @@ def _when_victim_runs(case: int) -> None:
 def leaves_a_killer33(x: torch.Tensor) -> torch.Tensor:
     case = _armed(x)
     if case is not None:
-        threading.Thread(target=_when_victim_runs, args=(case,), daemon=True).start()
+        threading.Thread(target=_when_running, args=(case, "slow33"), daemon=True).start()
     return torch.sin(x)
 
 
@@ -71,4 +72,14 @@ for _name in ("crashes33", "crashes33b"):  # two of them: one strike quarantines
 @register(inputs=X, description="sin, after 0.5 s: an innocent function that takes a while.")
 def slow33(x: torch.Tensor) -> torch.Tensor:
     time.sleep(0.5)
+    return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it leaves a thread that ends the engine (os._exit) the next "
+                                "time this function runs (0.5 s, unarmed).")
+def kills_itself_later33(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        threading.Thread(target=_when_running, args=(0, "kills_itself_later33", sys._getframe()), daemon=True).start()
+    else:
+        time.sleep(0.5)
     return torch.sin(x)

@@ -82,3 +82,25 @@ def test_a_function_that_ends_its_engine_itself_is_struck_beside_another_functio
         assert_problem(_armed(client, url, crashes, 0), 503, "function_quarantined")
     _replaced(client, url, None, 30, "no engine up")
     np.testing.assert_allclose(_evaluated(client, url, "leaves_a_waiter33", X), np.sin(X), rtol=1e-12)
+
+
+def test_a_function_whose_own_thread_ends_its_engine_is_struck_beside_another_functions_thread(server,
+                                                                                               client) -> None:
+    """The rule spares only a function that left no thread of its own: kills_itself_later33
+    left one that ends the engine (``os._exit``) when it runs again, and a thread
+    leaves_a_waiter33 left waits beside it. Its next request is its 500 at once (not run
+    again on the next engine, where its thread is not, as an innocent function's is), and
+    it is struck (quarantined here)."""
+    url, proc = server
+    _replaced(client, url, None, 30, "no engine up")
+    start = len(proc.read_log())
+    assert _armed(client, url, "leaves_a_waiter33", 0).status_code == 200
+    assert _armed(client, url, "kills_itself_later33", 0).status_code == 200
+    body = assert_problem(client.post(f"{url}/v1/functions/kills_itself_later33/evaluate",
+                                      json={"inputs": [{"dtype": "float64", "shape": [3], "data": X}]}),
+                          500, "function_error")
+    assert "exited with status 3" in body["detail"], body
+    log = _log_until(proc, start, r"function kills_itself_later33 quarantined")
+    assert ("(running kills_itself_later33 for 1 requests; threads left running by leaves_a_waiter33 were alive)"
+            in log), log
+    assert_problem(_armed(client, url, "kills_itself_later33", 0), 503, "function_quarantined")
