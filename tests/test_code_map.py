@@ -50,10 +50,6 @@ def test_the_architecture_table_names_every_module_once(package, after):
 
 # --------------------------------------------------------------------------- __all__
 
-# sparsity/ is another helper's ground as this is written; its modules' __all__ are
-# checked once they say what they export (see the report of the tidy1 branch).
-UNCHECKED = ("jacobian_service.sparsity.",)
-
 
 def _package_modules() -> dict[str, Path]:
     found = {}
@@ -111,7 +107,7 @@ def test_every_name_a_module_takes_from_another_is_in_its_all():
     trees = _parsed()
     exports = {name: _exports(tree) for name, tree in trees.items()}
     wrong = sorted({(source, name, user) for source, name, user in _taken(modules, trees)
-                    if not source.startswith(UNCHECKED) and name not in (exports[source] or ())})
+                    if name not in (exports[source] or ())})
     assert wrong == [], "(module, name not in its __all__, imported by)"
     # A name __all__ lists that the module does not bind fails ``from m import *``; a
     # module with a module-level ``__getattr__`` binds some on first use (lazy imports).

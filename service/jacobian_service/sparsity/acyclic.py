@@ -41,7 +41,7 @@ import numpy as np
 
 from .patterns import Pattern, sorted_unique, work_limit
 
-__all__ = ["Substitution", "acyclic_colors", "lattice_colors", "most_summed", "substitution"]
+__all__ = ["Substitution", "acyclic_colors", "lattice_colors", "most_summed", "orders", "substitution"]
 
 
 def most_summed(eps: float) -> int:
@@ -104,10 +104,10 @@ def acyclic_colors(n: int, indptr: np.ndarray, nbr: np.ndarray, active: np.ndarr
     ``w-x`` is reached from ``v`` through two different neighbours ``w`` (giving ``v``
     the colour ``c(x)`` would join that tree twice: a cycle). ``nbr``: CSR neighbours
     without self loops. Inactive vertices (no entry) get -1."""
-    from .coloring import _Every, _no_gc
+    from .coloring import Every, no_gc
 
-    with _no_gc():
-        return _acyclic_pass(n, indptr, nbr, active, seq, _Every(check_alive))
+    with no_gc():
+        return _acyclic_pass(n, indptr, nbr, active, seq, Every(check_alive))
 
 
 def _edge_ids(n: int, indptr: np.ndarray, nbr: np.ndarray) -> np.ndarray:
@@ -317,7 +317,7 @@ def lattice_colors(p: Pattern, active: np.ndarray, below: int | None, most_summe
     ``k >= edges / vertices + 1``). Each candidate must be a proper colouring and a
     forest on a window of the grid first (a cycle there is a cycle of the whole), then
     on the whole (the substitution's own check)."""
-    from .coloring import _Every, lattice_widths
+    from .coloring import Every, lattice_widths
 
     n = p.shape[0]
     top = min(_LATTICE_MOST_COLOURS + 1, n + 1) if below is None else min(below, _LATTICE_MOST_COLOURS + 1)
@@ -334,7 +334,7 @@ def lattice_colors(p: Pattern, active: np.ndarray, below: int | None, most_summe
     mid = n // 2
     inside = (u < span) | ((u >= mid) & (v < mid + span)) | (u >= n - span) | (v >= n - span)
     su, sv = u[inside], v[inside]
-    alive = _Every(check_alive)
+    alive = Every(check_alive)
     whole = 0
     for k in range(first, top):
         for lattice in _lattices(widths, pairs, k):

@@ -33,7 +33,7 @@ import torch
 
 aten = torch.ops.aten
 
-__all__ = ["ADJOINTS", "Adjoint"]
+__all__ = ["ADJOINTS", "Adjoint", "adjoint"]
 
 
 @dataclass

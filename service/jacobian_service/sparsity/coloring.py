@@ -58,7 +58,21 @@ from .patterns import Pattern, PatternTooLarge, check_entries, check_work, sorte
 
 log = logging.getLogger("jacobian_service.sparsity")
 
-__all__ = ["Coloring", "acyclic_coloring", "choose_coloring", "column_coloring", "hessian_coloring", "row_coloring", "star_coloring"]
+__all__ = [
+    "Coloring",
+    "Every",
+    "acyclic_coloring",
+    "acyclic_from",
+    "check_unique",
+    "choose_coloring",
+    "column_coloring",
+    "hessian_coloring",
+    "lattice_widths",
+    "no_gc",
+    "row_coloring",
+    "star_coloring",
+    "star_gather",
+]
 
 # networkx's greedy strategies tried, keeping the fewest colours. "smallest_last" is the usual
 # winner on meshes; natural order is optimal on plain bands, where the others can lose
@@ -85,7 +99,7 @@ def _check(check_alive: Check) -> None:
         check_alive()
 
 
-class _Every:
+class Every:
     """``check_alive`` for the inside of long loops: called at most every
     ``_CHECK_EVERY_S`` (the first call always checks)."""
 
@@ -183,7 +197,7 @@ def _column_graph_edges(p: Pattern, check_alive: Check = None) -> tuple[np.ndarr
     import scipy.sparse as sp
 
     m, n = p.shape
-    alive = _Every(check_alive)
+    alive = Every(check_alive)
     alive()
     a = sp.csr_array((np.ones(p.nnz, np.float32), (p.rows, p.cols)), shape=p.shape)
     at, ac = a.T, a.tocsc()
@@ -242,7 +256,7 @@ def _copy_order(n: int, indptr: list[int], flat: list[int]) -> tuple[list[int], 
     return indptr, nbr[order].tolist()
 
 
-def _smallest_last(nodes: list[int], indptr: list[int], flat: list[int], alive: _Every) -> list[int]:
+def _smallest_last(nodes: list[int], indptr: list[int], flat: list[int], alive: Every) -> list[int]:
     """networkx's ``strategy_smallest_last``, step for step on plain lists: the same
     buckets of vertices by degree (Python sets, added to and removed from in the same
     order, so ``set.pop`` picks the same vertex on ties), without its graph copy and
@@ -284,7 +298,7 @@ def _smallest_last(nodes: list[int], indptr: list[int], flat: list[int], alive: 
     return list(result)
 
 
-def _order(name: str, nodes: list[int], indptr: list[int], flat: list[int], alive: _Every) -> list[int]:
+def _order(name: str, nodes: list[int], indptr: list[int], flat: list[int], alive: Every) -> list[int]:
     """The vertex order of networkx's greedy strategy of that name (``nodes``: the
     graph's vertices in the order they were added, ascending)."""
     if name == "natural":
@@ -296,7 +310,7 @@ def _order(name: str, nodes: list[int], indptr: list[int], flat: list[int], aliv
     raise ValueError(f"unknown greedy strategy {name!r}")
 
 
-def _greedy_pass(n: int, order: list[int], indptr: list[int], flat: list[int], alive: _Every) -> np.ndarray:
+def _greedy_pass(n: int, order: list[int], indptr: list[int], flat: list[int], alive: Every) -> np.ndarray:
     """Greedy colouring in ``order``: each vertex the smallest colour no coloured
     neighbour has (what ``networkx.greedy_color`` gives for that order)."""
     color = [-1] * n
@@ -323,12 +337,12 @@ def _greedy(
     computed on plain lists: several times faster), keeping the first with the fewest
     colours; a pass that reaches ``lower`` (a lower bound) ends the search, as no later
     one could win."""
-    with _no_gc():
+    with no_gc():
         return _greedy_passes(n, u, v, active, strategies, check_alive, lower)
 
 
 @contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
+def no_gc() -> Iterator[None]:
     """The cyclic garbage collector off while the passes build and walk lists of
     millions of ints: each full collection scans them all (a few tenths of a second,
     between two checks) and frees nothing (reference counting frees them)."""
@@ -345,7 +359,7 @@ def _greedy_passes(
     n: int, u: np.ndarray, v: np.ndarray, active: np.ndarray, strategies: tuple[str, ...], check_alive: Check,
     lower: int,
 ) -> tuple[np.ndarray, str]:
-    alive = _Every(check_alive)
+    alive = Every(check_alive)
     alive()
     indptr, flat = _adjacency_lists(n, u, v)
     nodes = np.flatnonzero(active).tolist()
@@ -385,7 +399,7 @@ def _tabu_fewer(n: int, u: np.ndarray, v: np.ndarray, colors: np.ndarray, lower:
     active = np.flatnonzero(colors >= 0)
     if active.size > _TABU_VERTEX_LIMIT or u.size == 0:
         return None
-    alive = _Every(check_alive)
+    alive = Every(check_alive)
     rng = np.random.default_rng(0)
     order = np.argsort(np.concatenate([u, v]), kind="stable")
     nbr = np.concatenate([v, u])[order]
@@ -662,7 +676,7 @@ def column_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, ch
     _check(check_alive)
     k = int(colors.max(initial=-1)) + 1
     gather = p.rows * k + colors[p.cols]
-    _check_unique(gather, "column", m * k)
+    check_unique(gather, "column", m * k)
     return Coloring("fwd", colors, k, gather, lower, strategy)
 
 
@@ -672,11 +686,11 @@ def row_coloring(p: Pattern, strategies: tuple[str, ...] = _STRATEGIES, *, check
     _check(check_alive)
     t = column_coloring(p.transpose(), strategies, check_alive=check_alive)
     gather = t.colors[p.rows] * n + p.cols
-    _check_unique(gather, "row", t.n_colors * n)
+    check_unique(gather, "row", t.n_colors * n)
     return Coloring("rev", t.colors, t.n_colors, gather, t.lower_bound, t.strategy)
 
 
-def _check_unique(gather: np.ndarray, what: str, bound: int | None = None) -> None:
+def check_unique(gather: np.ndarray, what: str, bound: int | None = None) -> None:
     # Two entries landing on one compressed slot would be summed: the colouring is wrong.
     bound = int(gather.max(initial=-1)) + 1 if bound is None else bound
     if not _all_distinct(gather, bound):
@@ -787,7 +801,7 @@ def star_coloring(p: Pattern, *, check_alive: Check = None) -> Coloring:
         colors, strategy = min(candidates, key=lambda c: int(c[0].max(initial=-1)))
     _check(check_alive)
     k = int(colors.max(initial=-1)) + 1
-    return Coloring("star", colors, k, _star_gather(p, colors, k), _star_lower_bound(p), strategy)
+    return Coloring("star", colors, k, star_gather(p, colors, k), _star_lower_bound(p), strategy)
 
 
 def _star_steps(degree: np.ndarray) -> int:
@@ -820,14 +834,14 @@ def _greedy_star(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarra
     deadline (504) at 20,000, for the 2 colours largest-first gives. None where the pass
     would take more than ``budget`` steps; :class:`_Worse` where it needs more than
     ``most`` colours."""
-    with _no_gc():  # a dict per vertex: collections would scan them all, freeing nothing
+    with no_gc():  # a dict per vertex: collections would scan them all, freeing nothing
         return _greedy_star_pass(p, indptr, nbr, seq, check_alive, budget, most)
 
 
 def _greedy_star_pass(p: Pattern, indptr: np.ndarray, nbr: np.ndarray, seq: np.ndarray, check_alive: Check,
                       budget: int | None = None, most: int | None = None) -> np.ndarray | None:
     n = p.shape[0]
-    alive = _Every(check_alive)
+    alive = Every(check_alive)
     alive()
     active = np.zeros(n, bool)
     active[p.rows] = True
@@ -899,7 +913,7 @@ def _star_lower_bound(p: Pattern) -> int:
     return 2 if bool((p.rows != p.cols).any()) else int(p.nnz > 0)
 
 
-def _star_gather(p: Pattern, colors: np.ndarray, k: int) -> np.ndarray:
+def star_gather(p: Pattern, colors: np.ndarray, k: int) -> np.ndarray:
     """Where each entry is read in ``B = H S`` (``(n, k)``): at ``(i, colour j)`` when
     ``j`` is the only column of its colour in row ``i``, else at ``(j, colour i)``."""
     slot = p.rows * k + colors[p.cols]
@@ -950,7 +964,7 @@ def acyclic_coloring(p: Pattern, *, check_alive: Check = None, fewer_than: int |
     active = np.zeros(n, bool)
     active[p.rows] = True
     names = orders(indptr, nbr, int(active.sum()))
-    alive = _Every(check_alive)
+    alive = Every(check_alive)
     nodes = np.flatnonzero(active).tolist()
     ptr, flat = indptr.tolist(), nbr.tolist()
     best: tuple[np.ndarray, str] | None = None

@@ -35,7 +35,18 @@ from .function_state import function_state
 from .patterns import Declared, Pattern, PatternCache, check_entries, counting_entries, function_fingerprint
 from .verify import differs_from_reverse
 
-__all__ = ["OutputSizeChanged", "PatternMismatch", "ProvenWrong", "SparseResult", "VmapDisagrees", "describe_sparsity", "resolve", "sparse_hessian", "sparse_jacobian"]
+__all__ = [
+    "OutputSizeChanged",
+    "PatternMismatch",
+    "ProvenWrong",
+    "SparseResult",
+    "VmapDisagrees",
+    "describe_sparsity",
+    "resolve",
+    "sparse_batch",
+    "sparse_hessian",
+    "sparse_jacobian",
+]
 
 log = logging.getLogger("jacobian_service.sparsity")
 
@@ -355,7 +366,7 @@ def _restricted(
 
 def _coloring_from(p: Pattern, colors: np.ndarray, mode: str) -> Coloring:
     """Rebuild a cached colouring's decompression map (cheap, and re-checked)."""
-    from .coloring import _check_unique, _star_gather
+    from .coloring import check_unique, star_gather
 
     k = int(colors.max(initial=-1)) + 1
     m, n = p.shape
@@ -380,8 +391,8 @@ def _coloring_from(p: Pattern, colors: np.ndarray, mode: str) -> Coloring:
 
         return symmetric_from(p, colors)
     else:
-        return Coloring("star", colors, k, _star_gather(p, colors, k), 2 if bool((p.rows != p.cols).any()) else 1, "cached")
-    _check_unique(gather, mode)
+        return Coloring("star", colors, k, star_gather(p, colors, k), 2 if bool((p.rows != p.cols).any()) else 1, "cached")
+    check_unique(gather, mode)
     return Coloring(mode, colors, k, gather, lower, "cached")
 
 

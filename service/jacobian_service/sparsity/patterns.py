@@ -37,6 +37,7 @@ __all__ = [
     "PatternTooLarge",
     "banded",
     "check_entries",
+    "check_input_entries",
     "check_work",
     "block_diagonal",
     "counting_entries",

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .coloring import Coloring, _star_gather, acyclic_from, hessian_coloring
+from .coloring import Coloring, acyclic_from, hessian_coloring, star_gather
 from .patterns import Pattern
 
 __all__ = ["MODE", "checkable", "symmetric_coloring", "symmetric_from", "symmetric_values"]
@@ -97,7 +97,7 @@ def symmetric_from(p: Pattern, colors: np.ndarray) -> Coloring:
     colors = np.asarray(colors, np.int64)
     k = int(colors.max(initial=-1)) + 1
     try:
-        inner = Coloring("star", colors, k, _star_gather(p, colors, k), 2, "cached")
+        inner = Coloring("star", colors, k, star_gather(p, colors, k), 2, "cached")
     except AssertionError:
         inner = acyclic_from(p, colors)
     return _wrapped(inner)
