@@ -23,7 +23,7 @@ test: $(STAMP)  ## run the whole test suite
 bench: $(STAMP)  ## side-by-side benchmarks (prints ratios)
 	$(BIN)/python -m bench $(ARGS)
 
-unasync:  ## rewrite client/jacobian_client/_sync.py from _async.py (its one source)
+unasync:  ## rewrite the SDK's sync code from its async code (_sync.py from _async.py, _headwait.py's marked region)
 	$(PYTHON) scripts/unasync.py
 
 clean:

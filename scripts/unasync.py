@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Write the SDK's synchronous client from its asynchronous one.
+"""Write the SDK's synchronous code from its asynchronous code.
 
-``client/jacobian_client/_async.py`` is the one source; this script rewrites it into
-``_sync.py`` by substitution, as httpcore's ``scripts/unasync.py`` makes its ``_sync/``
-from ``_async/``. Two hand-kept copies drifted apart in more than ``async``/``await``
-(23 duplicated runs, a 25-line argument docstring among them); now a change made once
-reaches both clients.
+``client/jacobian_client/_async.py`` is the one source of the clients; this script
+rewrites it into ``_sync.py`` by substitution, as httpcore's ``scripts/unasync.py`` makes
+its ``_sync/`` from ``_async/``. Two hand-kept copies drifted apart in more than
+``async``/``await`` (23 duplicated runs, a 25-line argument docstring among them); now a
+change made once reaches both clients. A smaller pair inside one module (the network
+stream and backend of ``_headwait.py``) is written the same way, in place: the sync code
+between two marker comments (:data:`SYNC_MARK`, :data:`END_MARK`) from the async code
+between :data:`ASYNC_MARK` and the first of them.
 
-    python scripts/unasync.py           # rewrite _sync.py
-    python scripts/unasync.py --check   # exit 1, with a diff, when _sync.py is stale
+    python scripts/unasync.py           # rewrite _sync.py and the marked regions
+    python scripts/unasync.py --check   # exit 1, with a diff, when any of them is stale
 
 Standard library only: the test (tests/test_unasync.py) and CI run it without the SDK's
 dependencies. Where the clients differ in more than a token, the difference is a pair of
@@ -26,6 +29,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "client" / "jacobian_client" / "_async.py"
 TARGET = ROOT / "client" / "jacobian_client" / "_sync.py"
+
+# Modules holding both forms of a few small classes or functions: the sync form is
+# generated in place, below the async form it is written from.
+IN_PLACE = [ROOT / "client" / "jacobian_client" / "_headwait.py"]
+ASYNC_MARK = "# unasync: the async source of the sync code below (scripts/unasync.py writes that from this)\n"
+SYNC_MARK = ("# unasync: generated from the async source above by scripts/unasync.py (make unasync): "
+             "edit that, never this\n")
+END_MARK = "# unasync: end of the generated code\n"
 
 HEADER = ("# Generated from _async.py by scripts/unasync.py (make unasync): edit _async.py, "
           "never this file.\n")
@@ -77,6 +88,8 @@ TOKENS: list[tuple[str, str]] = [
     (r"\bcontextlib\.aclosing\b", "contextlib.closing"),
     (r"\badecoded\b", "decoded"),
     (r"\bhttpx\.AsyncBaseTransport\b", "httpx.BaseTransport"),
+    (r"\bhttpcore\.AsyncNetwork(Stream|Backend)\b", r"httpcore.Network\1"),
+    (r"\b_Async(Stream|Backend)\b", r"_\1"),
     (r"\bAsyncClient\b", "Client"),
     (r"\bPerLoop\b", "PerProcess"),
     (r"\b__aenter__\b", "__enter__"),
@@ -93,19 +106,47 @@ def unasync(text: str) -> str:
             raise ValueError(f"unasync: expected this phrase once in {SOURCE.name}, found it {count} times "
                              f"(edit its rule in scripts/unasync.py with it):\n{old}")
         text = text.replace(old, new)
+    return HEADER + _tokens(text)
+
+
+def _tokens(text: str) -> str:
     for pattern, new in TOKENS:
         text = re.sub(pattern, new, text, flags=re.MULTILINE)
-    return HEADER + text
+    return text
+
+
+def in_place(text: str, name: str = "the module") -> str:
+    """``text`` with its generated region rewritten from the async region above it."""
+    marks = [ASYNC_MARK, SYNC_MARK, END_MARK]
+    counts = [text.count(mark) for mark in marks]
+    if counts != [1, 1, 1] or not text.index(ASYNC_MARK) < text.index(SYNC_MARK) < text.index(END_MARK):
+        raise ValueError(f"unasync: {name} must hold each marker once, in this order (found {counts}):\n"
+                         + "".join(marks))
+    head, rest = text.split(ASYNC_MARK)
+    source, rest = rest.split(SYNC_MARK)
+    _, tail = rest.split(END_MARK)
+    return head + ASYNC_MARK + source + SYNC_MARK + _tokens(source) + END_MARK + tail
+
+
+def generated() -> dict[Path, str]:
+    """Each file this script writes, and what it writes there."""
+    files = {TARGET: unasync(SOURCE.read_text(encoding="utf-8"))}
+    for path in IN_PLACE:
+        files[path] = in_place(path.read_text(encoding="utf-8"), path.name)
+    return files
 
 
 def stale() -> str:
-    """A unified diff from the committed ``_sync.py`` to what this script writes ('' when
+    """A unified diff from the committed files to what this script writes ('' when
     they agree)."""
-    want = unasync(SOURCE.read_text(encoding="utf-8"))
-    have = TARGET.read_text(encoding="utf-8") if TARGET.exists() else ""
-    return "".join(difflib.unified_diff(
-        have.splitlines(keepends=True), want.splitlines(keepends=True),
-        fromfile=f"{TARGET.name} (committed)", tofile=f"{TARGET.name} (from {SOURCE.name})"))
+    diff = []
+    for path, want in generated().items():
+        have = path.read_text(encoding="utf-8") if path.exists() else ""
+        source = SOURCE.name if path == TARGET else "its async code"
+        diff += difflib.unified_diff(
+            have.splitlines(keepends=True), want.splitlines(keepends=True),
+            fromfile=f"{path.name} (committed)", tofile=f"{path.name} (from {source})")
+    return "".join(diff)
 
 
 def main(argv: list[str]) -> int:
@@ -116,10 +157,12 @@ def main(argv: list[str]) -> int:
         diff = stale()
         if diff:
             sys.stdout.write(diff)
-            print(f"{TARGET} is stale: run `make unasync`", file=sys.stderr)
+            print("generated code is stale: run `make unasync`", file=sys.stderr)
             return 1
         return 0
-    TARGET.write_text(unasync(SOURCE.read_text(encoding="utf-8")), encoding="utf-8")
+    for path, text in generated().items():
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
     return 0
 
 

@@ -25,7 +25,9 @@ retries each sending the whole body again, raised a bare ``ReadError``.
 
 Pools are wrapped through httpcore's ``_network_backend`` attribute (httpx offers no
 argument for it); a transport without one (``httpx.MockTransport``, a user's own) is left
-as it is, with the head unbounded as before.
+as it is, with the head unbounded as before. The wrappers for the sync client are written
+from the async client's by ``scripts/unasync.py`` (``make unasync``), as the sync client
+itself is: edit the async ones.
 """
 
 from __future__ import annotations
@@ -203,6 +205,71 @@ def _sent(nbytes: int, done: bool) -> None:
         clock.restart() if done else clock.sent(nbytes)
 
 
+# unasync: the async source of the sync code below (scripts/unasync.py writes that from this)
+
+
+class _AsyncStream(httpcore.AsyncNetworkStream):
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._refused = False  # the server answered with an error mid-request: the rest is not sent
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            return await self._inner.read(max_bytes, _clamp(timeout))
+        except httpcore.ReadTimeout:
+            _late()
+            raise
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        # In pieces, each under what is left: a sync socket's timeout is per send (a server
+        # that takes a little at a time keeps every send of one large buffer short), and the
+        # clock restarts as each MiB of the request leaves (see _Clock).
+        view = memoryview(buffer)
+        for start in range(0, len(view), _WRITE_PIECE):
+            if self._refused or _refused(self._inner):
+                self._refused = True
+                return  # httpcore goes on to read the answer
+            piece = view[start:start + _WRITE_PIECE]
+            try:
+                await self._inner.write(piece, _clamp(timeout, httpcore.WriteTimeout, _SLOW))
+            except httpcore.WriteTimeout:
+                _late(httpcore.WriteTimeout, _SLOW)
+                raise
+            _sent(len(piece), False)
+        _sent(0, True)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+            self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+        return _AsyncStream(await self._inner.start_tls(ssl_context, server_hostname, _clamp(timeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and self._refused:  # a body cut short: never reuse the connection
+            return True
+        return self._inner.get_extra_info(info)
+
+
+class _AsyncBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def connect_tcp(
+            self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+            socket_options: Any = None) -> Any:
+        return _AsyncStream(await self._inner.connect_tcp(host, port, _clamp(timeout), local_address, socket_options))
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> Any:
+        return _AsyncStream(await self._inner.connect_unix_socket(path, _clamp(timeout), socket_options))
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+# unasync: generated from the async source above by scripts/unasync.py (make unasync): edit that, never this
+
+
 class _Stream(httpcore.NetworkStream):
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -216,8 +283,9 @@ class _Stream(httpcore.NetworkStream):
             raise
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        # In pieces, each under what is left: the socket's timeout is per send, and a
-        # server that takes a little at a time keeps every send of one large buffer short.
+        # In pieces, each under what is left: a sync socket's timeout is per send (a server
+        # that takes a little at a time keeps every send of one large buffer short), and the
+        # clock restarts as each MiB of the request leaves (see _Clock).
         view = memoryview(buffer)
         for start in range(0, len(view), _WRITE_PIECE):
             if self._refused or _refused(self._inner):
@@ -235,7 +303,8 @@ class _Stream(httpcore.NetworkStream):
     def close(self) -> None:
         self._inner.close()
 
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+    def start_tls(
+            self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
         return _Stream(self._inner.start_tls(ssl_context, server_hostname, _clamp(timeout)))
 
     def get_extra_info(self, info: str) -> Any:
@@ -248,8 +317,9 @@ class _Backend(httpcore.NetworkBackend):
     def __init__(self, inner: Any) -> None:
         self._inner = inner
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Any = None) -> Any:
+    def connect_tcp(
+            self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+            socket_options: Any = None) -> Any:
         return _Stream(self._inner.connect_tcp(host, port, _clamp(timeout), local_address, socket_options))
 
     def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> Any:
@@ -259,59 +329,7 @@ class _Backend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-class _AsyncStream(httpcore.AsyncNetworkStream):
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self._refused = False  # as _Stream's
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        try:
-            return await self._inner.read(max_bytes, _clamp(timeout))
-        except httpcore.ReadTimeout:
-            _late()
-            raise
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        view = memoryview(buffer)  # in pieces, as the sync stream's (here for the progress rule)
-        for start in range(0, len(view), _WRITE_PIECE):
-            if self._refused or _refused(self._inner):
-                self._refused = True
-                return  # httpcore goes on to read the answer
-            piece = view[start:start + _WRITE_PIECE]
-            try:
-                await self._inner.write(piece, _clamp(timeout, httpcore.WriteTimeout, _SLOW))
-            except httpcore.WriteTimeout:
-                _late(httpcore.WriteTimeout, _SLOW)
-                raise
-            _sent(len(piece), False)
-        _sent(0, True)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                        timeout: float | None = None) -> Any:
-        return _AsyncStream(await self._inner.start_tls(ssl_context, server_hostname, _clamp(timeout)))
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable" and self._refused:  # a body cut short: never reuse the connection
-            return True
-        return self._inner.get_extra_info(info)
-
-
-class _AsyncBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                          socket_options: Any = None) -> Any:
-        return _AsyncStream(await self._inner.connect_tcp(host, port, _clamp(timeout), local_address, socket_options))
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> Any:
-        return _AsyncStream(await self._inner.connect_unix_socket(path, _clamp(timeout), socket_options))
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
+# unasync: end of the generated code
 
 
 def bound_head_reads(client: C) -> C:
