@@ -64,13 +64,20 @@ class _Inflate:
             if out:
                 self._started = True
                 yield out
+            if self._d.eof:
+                # Past the stream's end every byte left is in unused_data. CPython (3.11)
+                # leaves a copy of them in unconsumed_tail too when the call that reached the
+                # end had had input held back by max_length: read as more input, that copy
+                # was a second gzip member read over and over, or bytes after a deflate
+                # stream fed to it forever (a hang that no timeout ended).
+                data = self._d.unused_data
+                if data and self._wbits == _GZIP:
+                    # gzip members one after another are one body (RFC 1952; a proxy that
+                    # compresses a stream piece by piece writes them): httpx read the first only
+                    self._d = zlib.decompressobj(_GZIP)
+                    continue
+                return  # after a deflate stream, or a last gzip member: nothing more is read
             data = self._d.unconsumed_tail
-            if self._d.eof and self._d.unused_data and self._wbits == _GZIP:
-                # gzip members one after another are one body (RFC 1952; a proxy that
-                # compresses a stream piece by piece writes them): httpx read the first only
-                data = self._d.unused_data + data
-                self._d = zlib.decompressobj(_GZIP)
-                continue
             # a full piece with no input left may still have output pending inside zlib
             if not data and len(out) < PIECE:
                 return
