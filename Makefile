@@ -23,7 +23,7 @@ test: $(STAMP)  ## run the whole test suite
 bench: $(STAMP)  ## side-by-side benchmarks (prints ratios)
 	$(BIN)/python -m bench $(ARGS)
 
-unasync:  ## rewrite the SDK's sync code from its async code (_sync.py from _async.py, _headwait.py's marked region)
+unasync:  ## rewrite the SDK's sync code from its async code (_sync.py from _async.py; the marked regions of _headwait.py and _decoding.py)
 	$(PYTHON) scripts/unasync.py
 
 clean:

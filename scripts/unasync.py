@@ -5,10 +5,10 @@
 rewrites it into ``_sync.py`` by substitution, as httpcore's ``scripts/unasync.py`` makes
 its ``_sync/`` from ``_async/``. Two hand-kept copies drifted apart in more than
 ``async``/``await`` (23 duplicated runs, a 25-line argument docstring among them); now a
-change made once reaches both clients. A smaller pair inside one module (the network
-stream and backend of ``_headwait.py``) is written the same way, in place: the sync code
-between two marker comments (:data:`SYNC_MARK`, :data:`END_MARK`) from the async code
-between :data:`ASYNC_MARK` and the first of them.
+change made once reaches both clients. The smaller pairs inside one module (the network
+stream and backend of ``_headwait.py``, ``_decoding.py``'s ``adecoded``) are written the
+same way, in place: the sync code between two marker comments (:data:`SYNC_MARK`,
+:data:`END_MARK`) from the async code between :data:`ASYNC_MARK` and the first of them.
 
     python scripts/unasync.py           # rewrite _sync.py and the marked regions
     python scripts/unasync.py --check   # exit 1, with a diff, when any of them is stale
@@ -32,7 +32,7 @@ TARGET = ROOT / "client" / "jacobian_client" / "_sync.py"
 
 # Modules holding both forms of a few small classes or functions: the sync form is
 # generated in place, below the async form it is written from.
-IN_PLACE = [ROOT / "client" / "jacobian_client" / "_headwait.py"]
+IN_PLACE = [ROOT / "client" / "jacobian_client" / name for name in ("_headwait.py", "_decoding.py")]
 ASYNC_MARK = "# unasync: the async source of the sync code below (scripts/unasync.py writes that from this)\n"
 SYNC_MARK = ("# unasync: generated from the async source above by scripts/unasync.py (make unasync): "
              "edit that, never this\n")
@@ -87,6 +87,8 @@ TOKENS: list[tuple[str, str]] = [
     (r"\bawait ", ""),
     (r"\bcontextlib\.aclosing\b", "contextlib.closing"),
     (r"\badecoded\b", "decoded"),
+    (r"\bAsyncIterator\b", "Iterator"),
+    (r"\baiter_raw\b", "iter_raw"),
     (r"\bhttpx\.AsyncBaseTransport\b", "httpx.BaseTransport"),
     (r"\bhttpcore\.AsyncNetwork(Stream|Backend)\b", r"httpcore.Network\1"),
     (r"\b_Async(Stream|Backend)\b", r"_\1"),

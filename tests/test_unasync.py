@@ -1,7 +1,7 @@
 """The SDK's sync client is generated from its async one (scripts/unasync.py), and so
-are the sync network wrappers of ``_headwait.py`` (in place, between markers): the
-committed code must be exactly what the script writes now, and each pair must keep one
-API. Fast, no server, no torch."""
+are the sync network wrappers of ``_headwait.py`` and ``_decoding.decoded`` (in place,
+between markers): the committed code must be exactly what the script writes now, and
+each pair must keep one API. Fast, no server, no torch."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 
 import jacobian_client as jc
-from jacobian_client import _headwait
+from jacobian_client import _decoding, _headwait
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ unasync = _script()
 
 
 def test_the_committed_sync_code_is_what_the_script_writes() -> None:
-    assert [path.name for path in unasync.generated()] == ["_sync.py", "_headwait.py"]
+    assert [path.name for path in unasync.generated()] == ["_sync.py", "_headwait.py", "_decoding.py"]
     diff = unasync.stale()
     assert diff == "", f"generated code is stale: run `make unasync`\n{diff}"
     assert unasync.main(["--check"]) == 0
@@ -48,18 +48,23 @@ def test_check_fails_with_a_diff_when_the_sync_client_was_edited_by_hand(
     assert "-            time.sleep(delay * 2)\n+            time.sleep(delay)\n" in out
 
 
+@pytest.mark.parametrize("name, old, new", [
+    ("_headwait.py", "        _sent(0, True)\n", "        _sent(0, False)\n"),   # the sync stream's write
+    ("_decoding.py", "    for piece in decoder.flush():\n", "    for piece in ():\n"),
+])
 def test_check_fails_with_a_diff_when_a_generated_region_was_edited_by_hand(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    (path,) = unasync.IN_PLACE
+        name: str, old: str, new: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    (path,) = [path for path in unasync.IN_PLACE if path.name == name]
     text = path.read_text(encoding="utf-8")
     generated = text.index(unasync.SYNC_MARK)
+    assert text[generated:].count(old) == 1
     edited = tmp_path / path.name
-    # the sync stream's write, edited below the marker only: its async source is unchanged
-    edited.write_text(text[:generated] + text[generated:].replace("_sent(0, True)", "_sent(0, False)", 1),
-                      encoding="utf-8")
+    # edited below the marker only: its async source is unchanged
+    edited.write_text(text[:generated] + text[generated:].replace(old, new), encoding="utf-8")
     monkeypatch.setattr(unasync, "IN_PLACE", [edited])
     assert unasync.main(["--check"]) == 1
-    assert "-        _sent(0, False)\n+        _sent(0, True)\n" in capsys.readouterr().out
+    assert f"-{new}+{old}" in capsys.readouterr().out
     assert unasync.main([]) == 0                                    # and writing it mends it
     assert edited.read_text(encoding="utf-8") == text
 
@@ -67,7 +72,7 @@ def test_check_fails_with_a_diff_when_a_generated_region_was_edited_by_hand(
 @pytest.mark.parametrize("mark", ["ASYNC_MARK", "SYNC_MARK", "END_MARK"])
 def test_a_region_with_a_marker_lost_or_repeated_fails_loudly(mark: str) -> None:
     # one lost would have the rewrite swallow the rest of the module, or write nothing
-    text = unasync.IN_PLACE[0].read_text(encoding="utf-8")
+    text = unasync.IN_PLACE[-1].read_text(encoding="utf-8")
     marker = getattr(unasync, mark)
     for broken in (text.replace(marker, ""), text.replace(marker, marker + marker)):
         with pytest.raises(ValueError, match="must hold each marker once"):
@@ -92,11 +97,16 @@ def test_the_generated_client_says_it_is_generated_and_keeps_nothing_async() -> 
     assert "coroutine" not in text and "asyncio" not in text
 
 
-def test_the_generated_region_keeps_nothing_async() -> None:
-    text = unasync.IN_PLACE[0].read_text(encoding="utf-8")
-    region = text.split(unasync.SYNC_MARK)[1].split(unasync.END_MARK)[0]
-    assert "class _Stream(httpcore.NetworkStream):" in region and "class _Backend(httpcore.NetworkBackend):" in region
-    for word in ("async", "await", "aclose", "Async", "_AsyncStream", "_AsyncBackend", "AsyncNetworkStream"):
+@pytest.mark.parametrize("name, defines", [
+    ("_headwait.py", ["class _Stream(httpcore.NetworkStream):", "class _Backend(httpcore.NetworkBackend):"]),
+    ("_decoding.py", ["def decoded(response: httpx.Response) -> Iterator[bytes]:"]),
+])
+def test_the_generated_regions_keep_nothing_async(name: str, defines: list[str]) -> None:
+    (path,) = [path for path in unasync.IN_PLACE if path.name == name]
+    region = path.read_text(encoding="utf-8").split(unasync.SYNC_MARK)[1].split(unasync.END_MARK)[0]
+    assert [line for line in defines if line in region] == defines
+    for word in ("async", "await", "aclose", "aclosing", "Async", "_AsyncStream", "_AsyncBackend",
+                 "AsyncNetworkStream", "AsyncIterator", "aiter_raw", "adecoded"):
         assert re.search(rf"\b{word}\b", region) is None, word
 
 
@@ -140,3 +150,34 @@ def test_the_network_wrappers_have_one_api(sync: type, coro: type) -> None:
         assert ours[name][0] == theirs[name][0], name
         assert ours[name][2] is False, name
         assert theirs[name][2] is (name not in ("__init__", "get_extra_info")), name
+
+
+def test_decoded_and_adecoded_give_one_body() -> None:
+    # the generated decoder against its source, on a body of two gzip members (each a
+    # layer of its own) read in pieces: the same pieces, in the same order
+    import asyncio
+    import gzip
+
+    import httpx
+
+    body = gzip.compress(b"a" * 200_000) + gzip.compress(bytes(range(256)) * 300)
+    raw = [body[i:i + 4096] for i in range(0, len(body), 4096)]
+
+    class Sync(httpx.SyncByteStream):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            yield from raw
+
+    class Async(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            for piece in raw:
+                yield piece
+
+    headers = {"content-encoding": "gzip"}
+    sync = list(_decoding.decoded(httpx.Response(200, headers=headers, stream=Sync())))
+
+    async def collect() -> list[bytes]:
+        return [piece async for piece in _decoding.adecoded(httpx.Response(200, headers=headers, stream=Async()))]
+
+    assert sync == asyncio.run(collect())
+    assert b"".join(sync) == b"a" * 200_000 + bytes(range(256)) * 300
+    assert max(map(len, sync)) <= _decoding.PIECE and len(sync) > 3

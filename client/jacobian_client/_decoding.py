@@ -134,19 +134,11 @@ def too_large(what: str, size: int, limit: int, *, declared: bool = False) -> Re
         "limit) to allow a larger answer, or stream a large result to a file with out=")
 
 
-def decoded(response: httpx.Response) -> Iterator[bytes]:
-    """A streamed response's body, decoded in bounded pieces (sync)."""
-    if response.is_stream_consumed:
-        yield from _read_already(response)
-        return
-    decoder = BodyDecoder(response.headers.get("content-encoding", ""))
-    for raw in response.iter_raw():
-        yield from decoder.decode(raw)
-    yield from decoder.flush()
+# unasync: the async source of the sync code below (scripts/unasync.py writes that from this)
 
 
 async def adecoded(response: httpx.Response) -> AsyncIterator[bytes]:
-    """A streamed response's body, decoded in bounded pieces (async; close it with
+    """A streamed response's body, decoded in bounded pieces (close it with
     ``contextlib.aclosing`` when leaving early)."""
     if response.is_stream_consumed:
         for piece in _read_already(response):
@@ -158,6 +150,27 @@ async def adecoded(response: httpx.Response) -> AsyncIterator[bytes]:
             yield piece
     for piece in decoder.flush():
         yield piece
+
+
+# unasync: generated from the async source above by scripts/unasync.py (make unasync): edit that, never this
+
+
+def decoded(response: httpx.Response) -> Iterator[bytes]:
+    """A streamed response's body, decoded in bounded pieces (close it with
+    ``contextlib.closing`` when leaving early)."""
+    if response.is_stream_consumed:
+        for piece in _read_already(response):
+            yield piece
+        return
+    decoder = BodyDecoder(response.headers.get("content-encoding", ""))
+    for raw in response.iter_raw():
+        for piece in decoder.decode(raw):
+            yield piece
+    for piece in decoder.flush():
+        yield piece
+
+
+# unasync: end of the generated code
 
 
 def _read_already(response: httpx.Response) -> Iterator[bytes]:
