@@ -508,13 +508,27 @@ def unsent_bytes(send: Any) -> int:
 
 
 def _unsent(transport: Any) -> int:
-    unsent = transport.get_write_buffer_size()
-    sock = transport.get_extra_info("socket")
+    return transport.get_write_buffer_size() + _kernel_queue(transport, termios.TIOCOUTQ)
+
+
+def _kernel_queue(transport: Any, which: int) -> int:
+    """Bytes in the connection's socket queue ``which`` (``TIOCOUTQ``: sent, not yet
+    acknowledged; ``FIONREAD``: received, not yet read); 0 where it cannot be read."""
     try:
-        unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        sock = transport.get_extra_info("socket")
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), which, b"\0\0\0\0"))[0]
     except (AttributeError, OSError, ValueError):  # not Linux, not a socket, closed
-        pass
-    return unsent
+        return 0
+
+
+def _arrived(transport: Any) -> int:
+    """Bytes the client has sent that this process has not read yet (the socket's
+    receive queue, ``FIONREAD``; 0 where it cannot be read). A connection idle since its
+    last response with bytes here has its next request on the way in: closed now, the
+    kernel answers those unread bytes with a reset, and the request is lost unanswered
+    and unlogged (uvloop runs its due timers before it reads again, so a loop running
+    late closed connections whose request had come: test_keepalive_race)."""
+    return _kernel_queue(transport, termios.FIONREAD)
 
 
 def abort_connection(send: Any) -> None:
@@ -813,6 +827,11 @@ def connection_cap() -> int:
     return max(16, soft - max(128, soft // 16))
 
 
+# A connection whose header deadline came with bytes in its receive queue that the loop
+# (running late) has not read yet gets this long more (once per request) to read them:
+# they came in time, and may be a whole request.
+LATE_READ_S = 1.0
+
 # A connection refused for the connection cap waits this long at most for its head, to
 # learn the page's Origin (a browser sends its request as soon as it connects), then
 # lingers as it closes; at most REFUSALS_WAITING such at once, waiting or lingering, each
@@ -873,6 +892,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _dropping = False  # httptools: past MAX_PIPELINED requests queued, the rest of what comes is dropped
         _peer_watch: PeerWatch | None = None  # meanwhile: whether the FIN was a client gone (half_close.py)
         _peer: str = ""  # the client's address (holders)
+        _late_read = False  # the header deadline found bytes unread and waited for them (once per request)
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending, self._app_told_gone, drain))
@@ -891,7 +911,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             self._fault = reason  # (send_400_response says it)
 
         def _may_close(self, other: Any) -> bool:
-            return other is not self and other._idle() and other._refusal is None and not other.transport.is_closing()
+            return (other is not self and other._idle() and other._refusal is None and not other.transport.is_closing()
+                    and not _arrived(other.transport))  # (its next request has come: not idle)
 
         def _make_room(self) -> None:
             # The idle connection that waited longest, where its address holds as many as
@@ -1244,8 +1265,18 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self._header_timer.cancel()
             super().connection_lost(exc)
 
+        def timeout_keep_alive_handler(self) -> None:  # uvicorn's keep-alive timer, either parser
+            if not self.transport.is_closing() and _arrived(self.transport):
+                # The next request came before the loop read it: read it (its reads cancel
+                # this timer), never close under it. The header deadline bounds the wait.
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
+                return
+            super().timeout_keep_alive_handler()
+
         def _arm_header_timer(self) -> None:
             self._heard = False
+            self._late_read = False
             if getattr(self, "conn", None) is not None:  # h11 has no head callbacks: a head begins after a response
                 self._header_bytes, self._tail, self._fields = 0, b"", 0
             # The clock restarts after every response; the timer is not made again for it
@@ -1269,6 +1300,15 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 return
             if not self._in_head():  # the rest of a body nobody will read, after its response:
                 self.transport.close()  # it got the next request's time to finish, no more
+                return
+            if not self._late_read and _arrived(self.transport):
+                # Bytes came before the deadline and the loop, late, has not read them: a
+                # request's first (most often all of it), or the rest of its head. Read
+                # before anything is judged: a little longer, once per request (a client
+                # cannot stretch it further).
+                self._late_read = True
+                self._header_deadline = self.loop.time() + min(header_timeout_s, LATE_READ_S)
+                self._header_timer = self.loop.call_later(min(header_timeout_s, LATE_READ_S), self._header_timeout)
                 return
             if self._heard:  # part of a request: say why it is cut off
                 if on_timeout is not None:
