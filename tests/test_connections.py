@@ -555,7 +555,7 @@ def test_streams_left_unread_count_against_the_engines_queue() -> None:
 
 @contextlib.contextmanager
 def _guarded_uvicorn(app, implementation: str, header_timeout_s: float, on_timeout=None, start_s: float = 10,
-                     **config) -> Iterator[str]:
+                     drain: tuple[float, float] | None = None, **config) -> Iterator[str]:
     """A real uvicorn serving ``app`` with our guarded protocol over uvicorn's ``h11`` or
     ``httptools`` class, on a thread; yields its URL (started within ``start_s``: an app
     whose lifespan starts engines takes longer)."""
@@ -570,7 +570,7 @@ def _guarded_uvicorn(app, implementation: str, header_timeout_s: float, on_timeo
     else:
         base = pytest.importorskip("uvicorn.protocols.http.httptools_impl").HttpToolsProtocol
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           http=guarded_protocol(header_timeout_s, on_timeout, base=base),
+                                           http=guarded_protocol(header_timeout_s, on_timeout, base=base, drain=drain),
                                            **{"lifespan": "off", **config}))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -51,6 +51,17 @@ def _app(blocked: threading.Event, release: threading.Event):
     return app
 
 
+_LARGE = 32 << 20  # more than the kernel's socket buffers take: most of it waits in the server's transport
+
+
+async def _large(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = b"ok" if scope["path"] == "/" else b"x" * (_LARGE - 2) + b"ok"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _answer(sock: socket.socket) -> bytes:
     got = b""
     while b"\r\n\r\n" not in got or not got.endswith(b"ok"):
@@ -83,6 +94,34 @@ def test_a_request_that_arrived_as_the_idle_clock_ran_out_is_answered(clock: str
                 answer = b"reset"
         assert answer.startswith(b"HTTP/1.1 200"), answer
 
+
+
+@pytest.mark.parametrize("clock", ["keep_alive", "header"])
+def test_the_idle_clock_starts_once_the_client_has_taken_its_answer(clock: str) -> None:
+    """A connection is idle once its client has taken the last answer, not once the
+    server handed it to its transport: a client reading a large answer slowly (64
+    clients on a loaded host, a 14 MB JSON Hessian) was still reading when the idle
+    clock ran out; the connection was then closed as soon as the last byte was taken,
+    just as the client sent its next request on it (reset, unanswered)."""
+    idle_s = 0.3
+    config = {"timeout_keep_alive": idle_s if clock == "keep_alive" else 60}
+    with _guarded_uvicorn(_large, "httptools", idle_s if clock == "header" else 60.0, drain=(10.0, 0), **config) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = sock.recv(65536)
+            time.sleep(idle_s + 0.2)  # the client reads on only after the idle time (time is what is waited for)
+            got = len(first) - first.index(b"\r\n\r\n") - 4
+            while got < _LARGE:
+                piece = sock.recv(1 << 20)
+                assert piece, f"closed after {got} of {_LARGE} bytes"
+                got += len(piece)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # at once, as a pool reuses it
+            try:
+                answer = _answer(sock)
+            except ConnectionResetError:
+                answer = b"reset"
+        assert answer.startswith(b"HTTP/1.1 200"), answer
 
 
 def test_a_connection_whose_request_has_come_is_not_closed_to_make_room() -> None:

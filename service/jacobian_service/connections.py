@@ -893,6 +893,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _peer_watch: PeerWatch | None = None  # meanwhile: whether the FIN was a client gone (half_close.py)
         _peer: str = ""  # the client's address (holders)
         _late_read = False  # the header deadline found bytes unread and waited for them (once per request)
+        _taking: Any = None  # meanwhile: the timer looking whether the client has taken its last answer
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(HeadWithBody(transport, self.loop, self._may_be_sending, self._app_told_gone, drain))
@@ -1263,6 +1264,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             self.transport.ended()
             if self._header_timer is not None:
                 self._header_timer.cancel()
+            if self._taking is not None:
+                self._taking.cancel()
             super().connection_lost(exc)
 
         def timeout_keep_alive_handler(self) -> None:  # uvicorn's keep-alive timer, either parser
@@ -1272,7 +1275,42 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                     self.timeout_keep_alive_handler)
                 return
+            if self._still_taking():
+                return
             super().timeout_keep_alive_handler()
+
+        def _still_taking(self) -> bool:
+            """Whether the client is still taking its last answer (bytes of it unsent, in
+            this transport or the kernel's send queue): then the connection is not idle
+            yet. Its idle clocks (keep-alive, header deadline) start again once the answer
+            is taken, looked at as ``HeadWithBody`` does, within the drain's bound
+            (``SEND_TIMEOUT_S`` plus the unsent bytes at ``MIN_SEND_RATE``; past it, reset
+            as that drain resets). uvicorn starts them when the last byte is handed to the
+            transport: a client reading a large answer slowly was still reading when they
+            ran out, and the close came as it took the last byte, just as it sent its next
+            request on the connection (reset, unanswered). (No drain given: as uvicorn.)"""
+            if drain is None or self._taking is not None:
+                return self._taking is not None
+            unsent = _unsent(self.transport)
+            if not unsent:
+                return False
+            timeout_s, min_rate = drain
+            self._watch_taking(self.loop.time() + timeout_s + (unsent / min_rate if min_rate else 0.0), _DRAIN_FIRST_S)
+            return True
+
+        def _watch_taking(self, deadline: float, wait: float) -> None:
+            self._taking = None
+            if self.transport.is_closing() or not self._idle():  # closed, or a request since
+                return
+            if not _unsent(self.transport):  # taken: idle from now
+                self._arm_header_timer()
+                if getattr(self, "timeout_keep_alive_task", None) is not None:
+                    self.timeout_keep_alive_task.cancel()
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            elif self.loop.time() >= deadline:
+                self.transport.abort()  # (HeadWithBody: a reset, the unsent bytes dropped)
+            else:
+                self._taking = self.loop.call_later(wait, self._watch_taking, deadline, min(2 * wait, _DRAIN_POLL_S))
 
         def _arm_header_timer(self) -> None:
             self._heard = False
@@ -1309,6 +1347,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self._late_read = True
                 self._header_deadline = self.loop.time() + min(header_timeout_s, LATE_READ_S)
                 self._header_timer = self.loop.call_later(min(header_timeout_s, LATE_READ_S), self._header_timeout)
+                return
+            if not self._heard and self._still_taking():  # not idle yet: its clock starts once the answer is taken
                 return
             if self._heard:  # part of a request: say why it is cut off
                 if on_timeout is not None:
