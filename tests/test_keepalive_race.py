@@ -155,3 +155,25 @@ def test_a_connection_whose_request_has_come_is_not_closed_to_make_room() -> Non
         for pair in pairs:
             for end in pair:
                 end.close()
+
+
+def test_an_idle_keep_alive_outlasts_httpxs_own_expiry() -> None:
+    """The header deadline (HEADER_TIMEOUT_S, 10 s) is the idle clock; uvicorn's 5 s
+    keep-alive, the same as httpx's keepalive_expiry (counted from later: once the
+    client has read its answer), closed connections that 64 pooled httpx clients, their
+    loop held up a few seconds, reused just then (ReadError, 1-2 a run of 128 requests
+    with the client's loop stalled 4.5 s; none at 3 runs with the longer clock)."""
+    from types import SimpleNamespace
+
+    import httpx
+
+    from jacobian_service.metrics import Metrics
+    from jacobian_service.server import _uvicorn_config
+    from jacobian_service.settings import Settings
+
+    class App:
+        service_state = SimpleNamespace(metrics=Metrics())
+
+    settings = Settings()
+    config = _uvicorn_config(App(), settings)
+    assert config.timeout_keep_alive > settings.header_timeout_s > httpx.Limits().keepalive_expiry

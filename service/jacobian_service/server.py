@@ -63,7 +63,13 @@ def _uvicorn_config(app: Any, settings: Settings) -> Any:
         port=settings.port,
         root_path=settings.root_path,
         timeout_graceful_shutdown=max(1, round(settings.drain_grace_s)),
-        timeout_keep_alive=5,
+        # An idle keep-alive is closed by the header deadline (HEADER_TIMEOUT_S after its
+        # last answer was taken: connections.py); uvicorn's own clock only backs it up.
+        # At uvicorn's 5 s, httpx's own keep-alive expiry (5 s, counted from when it has
+        # read an answer, later than the server's clock starts) lost the race: a pooled
+        # client reused a connection the server closed as its request came (reset,
+        # unanswered: test_concurrency's 64 clients under load).
+        timeout_keep_alive=settings.header_timeout_s + 1,
         log_level="info",
         access_log=False,  # the app logs each request with its request id
         # uvicorn's X-Forwarded-For / -Proto rewrite of the scope's client and scheme:
