@@ -433,17 +433,18 @@ def test_an_engine_made_undumpable_by_a_function_is_dumpable_again_when_it_offer
     (the front end dropped the engine's connection) and struck that caller's function
     (seen with a server run as a non-root user; root opens it anyway). Offering a result
     makes the engine dumpable again."""
-    from jacobian_service.channel import _PR_GET_DUMPABLE, _PR_SET_DUMPABLE, Sealed, _prctl
+    from jacobian_service.channel import Sealed
+    from jacobian_service.procfs import dumpable, set_dumpable
 
     sealed = Sealed()
     try:
-        _prctl()(_PR_SET_DUMPABLE, 0, 0, 0, 0)
-        assert _prctl()(_PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
+        set_dumpable(False)
+        assert not dumpable()
         fd = int.from_bytes(sealed.place(memoryview(_big(3, 4 << 20)))[:8], "little")
-        assert _prctl()(_PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
+        assert dumpable()
         sealed.give_back(fd)
     finally:
-        _prctl()(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+        set_dumpable(True)
         sealed.close()
 
 

@@ -67,7 +67,7 @@ from typing import Any, Callable, Sequence
 
 import numpy
 
-from .procfs import descriptor_identity, living
+from .procfs import descriptor_identity, living, set_dumpable
 
 __all__ = ["Connection", "FrameReader", "Listener", "Mapped", "Peer", "Sealed", "SealedFrames", "Segment", "Sharing",
            "encode_control", "encode_messages"]
@@ -357,7 +357,7 @@ class Sealed:
             os.close(self.fd)
             raise
         self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
-        self.used: dict[int, int] = {}  # descriptor -> inode, of the results not given back yet
+        self.used: dict[int, tuple[int, int]] = {}  # descriptor -> (device, inode), of the results not given back yet
 
     def place(self, frame: memoryview) -> bytes | None:
         """``frame`` in a sealed memfd of its own; its place, or None: it goes on the socket
@@ -373,47 +373,31 @@ class Sealed:
             while done < frame.nbytes:
                 done += os.pwrite(fd, frame[done:], done)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _FROZEN)
-            inode = os.fstat(fd).st_ino
+            identity = descriptor_identity(fd)
         except OSError:
             os.close(fd)
             return None
-        self.used[fd] = inode
+        assert identity is not None  # (open: made above)
+        self.used[fd] = identity
         # The front end opens it through /proc/<engine>/fd, which only a dumpable process
         # lets a process of its user open: a function that had cleared the flag
         # (prctl(PR_SET_DUMPABLE, 0)) made the next large answer, another caller's, a 503
         # and blamed that caller's function for the broken connection (under a non-root
         # user, as in the image; root opens it anyway). An engine is dumpable (fork_server).
-        _prctl()(_PR_SET_DUMPABLE, 1, 0, 0, 0)
-        return _SEALED_PLACE.pack(fd, inode, frame.nbytes)
+        set_dumpable(True)
+        return _SEALED_PLACE.pack(fd, identity[1], frame.nbytes)
 
     def give_back(self, fd: int) -> None:
         """The front end has it mapped: its descriptor here is closed, if it is still that
         memfd's (a number closed under it, and taken since, is not this side's to close)."""
-        inode = self.used.pop(fd, None)
-        if inode is not None and _inode(fd) == inode:
+        identity = self.used.pop(fd, None)
+        if identity is not None and descriptor_identity(fd) == identity:
             os.close(fd)
 
     def close(self) -> None:
         for fd in list(self.used):
             self.give_back(fd)
         os.close(self.fd)
-
-
-_PR_GET_DUMPABLE, _PR_SET_DUMPABLE = 3, 4
-
-
-@functools.cache
-def _prctl() -> Callable[..., int]:
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True).prctl
-
-
-def _inode(fd: int) -> int | None:
-    try:
-        return os.fstat(fd).st_ino
-    except OSError:
-        return None
 
 
 class SealedFrames:

@@ -63,6 +63,7 @@ import orjson
 
 from . import ipc
 from .confinement import confiner, protected
+from .procfs import set_dumpable
 
 __all__ = ["ForkServer", "Forked", "start_engine"]
 
@@ -78,7 +79,6 @@ _LOG_FD = 3
 _REPLY_S = 10.0  # a zygote that does not answer a start in this long is stuck: killed
 _BACKOFF_MAX_S = 60.0
 _ENV_CHANGES = 3  # the environment changed more often than this: no zygote from then on
-_PR_SET_DUMPABLE = 4
 # Set per start, not at the zygote's: what may differ from the zygote's environment.
 _PER_START = frozenset({ipc.ISOLATE_ENV, ipc.SKIP_WARMUP_ENV, ipc.LOG_FD_ENV})
 
@@ -421,7 +421,7 @@ def main() -> None:
     # Not dumpable: a process of the same user may not open its /proc/PID/mem nor trace
     # it (an engine's function, where no Landlock domain keeps it off); each engine is
     # made dumpable again, as an exec'd one is.
-    _dumpable(False)
+    set_dumpable(False)
     refused = _load()
     if refused:
         sock.send(orjson.dumps({"refused": refused}))
@@ -572,18 +572,12 @@ def _become(request: dict[str, Any], fds: list[int], sock: socket.socket, confin
     os.environ.clear()
     os.environ.update(request["env"])
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    _dumpable(True)
+    set_dumpable(True)
     _reseed()
     _write_cmdline(request["argv"])
     if confine is not None:
         confine()
     return _Engine(request["argv"])
-
-
-def _dumpable(on: bool) -> None:
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, int(on), 0, 0, 0)
 
 
 def _max_fd() -> int:

@@ -9,10 +9,12 @@ Linux there is no ``/proc``: no descendants, no CPU times.
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Callable
 
-__all__ = ["children", "cpu_seconds", "descendants", "descriptor_identity", "living", "session", "start_ticks",
-           "status_bytes", "stopped", "waited_seconds"]
+__all__ = ["children", "cpu_seconds", "descendants", "descriptor_identity", "dumpable", "living", "session",
+           "set_dumpable", "start_ticks", "status_bytes", "stopped", "waited_seconds"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PF_EXITING = 0x4  # a task's flags (include/linux/sched.h)
@@ -138,3 +140,23 @@ def descriptor_identity(fd: int) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+_PR_GET_DUMPABLE, _PR_SET_DUMPABLE = 3, 4
+
+
+@functools.cache
+def _prctl() -> Callable[..., int]:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def dumpable() -> bool:
+    """Whether this process is dumpable: only then may another process of its user open
+    its ``/proc/PID/fd`` and ``/proc/PID/mem``, or trace it."""
+    return bool(_prctl()(_PR_GET_DUMPABLE, 0, 0, 0, 0))
+
+
+def set_dumpable(on: bool) -> None:
+    _prctl()(_PR_SET_DUMPABLE, int(on), 0, 0, 0)
