@@ -97,6 +97,34 @@ async def test_a_request_sent_on_to_the_next_engine_is_not_failed_by_the_state_t
 
 
 @pytest.mark.asyncio
+async def test_a_request_sent_on_waits_for_the_next_engine_past_the_ready_wait(engines, monkeypatch):
+    """The same, when the state saying no engine is up is read before the request is sent
+    on: it waited ``_READY_WAIT_S`` (1 s) for the next engine, and a start taking longer
+    (a fork and a restart backoff, on CI's busy machine) made its caller's request a 503
+    "no engine is up right now" (seen in CI: round 28's crashes33, run again after a
+    death beside another function's thread). A request its engine left unstarted waits
+    for the next one up to its own deadline."""
+    monkeypatch.setattr("jacobian_service.engine_client._READY_WAIT_S", 0.05)
+    conn = engines._socks[0]
+    engines._event(_state(1, 100, ready=True))
+    request = asyncio.create_task(engines.run("jacobian", _call(engines)))
+    await conn.next_job(1)
+    engines._event(_died(1, 100, planned=True))
+    engines._event(_state(1, None, ready=False))
+    await asyncio.sleep(0.3)  # six times the wait a fresh request gets
+    assert not request.done(), request.exception() if request.done() else None
+    assert len(conn.sent) == 1
+    engines._event(_state(2, 101, ready=True))
+    _answer(engines, await conn.next_job(2))
+    result, _ = await asyncio.wait_for(request, 5)
+    np.testing.assert_array_equal(result.value, np.eye(2, dtype=np.float32))
+    fresh = asyncio.create_task(engines.run("jacobian", _call(engines)))  # a fresh one still waits 0.05 s only
+    engines._event(_state(2, None, ready=False))
+    with pytest.raises(Unavailable, match="no engine is up right now"):
+        await asyncio.wait_for(fresh, 5)
+
+
+@pytest.mark.asyncio
 async def test_a_death_whose_word_was_missed_still_fails_what_the_dead_engine_held(engines):
     """The generation check stays for what it is for: a ``died`` the subscription
     dropped. The request the dead engine held gets a retryable 503, not its deadline."""

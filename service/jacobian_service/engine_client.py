@@ -555,15 +555,22 @@ class RemoteEngines(_Engines):
                               headers={"Retry-After": _seconds(soonest)})
         return min(ready, key=lambda i: self._load[i])
 
-    async def _engine_for(self, deadline: float, on_slow: Any = None) -> int:
+    async def _engine_for(self, deadline: float, on_slow: Any = None, resent: bool = False) -> int:
         """An engine that is up; when none is, wait up to ``_READY_WAIT_S`` (within the
         request's deadline) for one, then 503 with the supervisor's Retry-After. The
         waiters are bounded like an engine queue: past ``max_queue`` the 503 is at once.
-        A wait is slow already: ``on_slow``'s callback runs as it begins."""
+        A wait is slow already: ``on_slow``'s callback runs as it begins.
+
+        A request ``resent`` (its engine left as planned without starting it) waits up to
+        its deadline: it was taken, and its client is owed its answer, not a 503 for an
+        engine start (a fork and a restart backoff, seconds on a busy machine) that the
+        client never asked to wait for."""
         try:
             return self._pick()
         except Unavailable:
-            wait = min(_READY_WAIT_S, deadline - time.monotonic())
+            wait = deadline - time.monotonic()
+            if not resent:
+                wait = min(_READY_WAIT_S, wait)
             if wait <= 0 or self._waiting >= self.settings.max_queue:
                 raise
         if on_slow is not None:
@@ -588,9 +595,10 @@ class RemoteEngines(_Engines):
                     headers={"Retry-After": str(max(1, round(left)))},
                 )
         until = deadline if deadline is not None else call.deadline  # type: ignore[union-attr]
-        for _ in range(_RESENDS):
+        for resend in range(_RESENDS):
             try:
-                result, info, index = await self._run_once(kind, call, engine, stream_id, until, on_slow)
+                result, info, index = await self._run_once(kind, call, engine, stream_id, until, on_slow,
+                                                           resent=resend > 0)
                 break
             except _Resend:  # its engine left as planned before starting it: the next one takes it
                 continue
@@ -602,9 +610,9 @@ class RemoteEngines(_Engines):
         return result, info
 
     async def _run_once(self, kind: str, call: Call | None, engine: int | None, stream_id: int | None,
-                        until: float, on_slow: Any = None) -> tuple[Any, JobInfo, int]:
+                        until: float, on_slow: Any = None, resent: bool = False) -> tuple[Any, JobInfo, int]:
         """One try on one engine: its answer, and which engine gave it."""
-        index = engine if engine is not None else await self._engine_for(until, on_slow)
+        index = engine if engine is not None else await self._engine_for(until, on_slow, resent)
         msg_id = next(self._ids)
         tag = f"{self._prefix}{msg_id}"
         frames = ipc.encode_call(msg_id, kind, call, tag=tag, stream_id=stream_id, deadline=until)
