@@ -37,6 +37,13 @@ _QUIET = ("/healthz", "/readyz", "/metrics")
 # connections.py for the answers below the app.
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 NO_STORE = (b"cache-control", b"no-store")
+# Every answer to a POST says ``Vary: *`` (RFC 9110 12.5.5), in place of the fields it
+# names otherwise (Accept, Origin): what it says, a Jacobian or an error, depends on the
+# body, which no cache keys. The Cache API (a page's service worker keeps answers there;
+# it honours Vary, not no-store, and takes no POST as a key) kept a derivative's answer
+# under its URL and gave that Jacobian to the page's next call with other inputs; it
+# refuses to keep an answer that varies on anything (a TypeError the page reads).
+VARY_ANY = (b"vary", b"*")
 
 # Headers that hold one value (RFC 9110 5.3: not a comma-separated list, so two of them
 # cannot be combined): given twice, each reader took the first (the body was read as the
@@ -177,9 +184,10 @@ class AccessMiddleware:
                 status = message["status"]
                 headers = []
                 cached = False
+                posted = scope["method"] == "POST"
                 for header in message.get("headers", ()):  # (one pass: most answers carry 3 or 4)
                     key = header[0].lower()
-                    if key == b"x-request-id":
+                    if key == b"x-request-id" or (posted and key == b"vary"):
                         continue
                     cached = cached or key == b"cache-control"
                     headers.append(header)
@@ -187,6 +195,8 @@ class AccessMiddleware:
                 headers.append(NOSNIFF)
                 if not cached:
                     headers.append(NO_STORE)
+                if posted:
+                    headers.append(VARY_ANY)
                 if not body_asked:
                     headers = [(k, v) for k, v in headers if k.lower() != b"connection"] + [(b"connection", b"close")]
                 message["headers"] = headers

@@ -527,7 +527,12 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
             "schema": {"type": "string"},
             "description": 'binary answers (.npy / .npz): attachment; filename="<function>-<what>.npy"',
         }
-    if route.negotiated:
+    if route.method == "POST":  # (middleware.VARY_ANY)
+        ok["headers"]["Vary"] = {
+            "schema": {"type": "string"},
+            "description": "* on every answer, errors included: it depends on the body, which no cache keys",
+        }
+    elif route.negotiated:
         ok["headers"]["Vary"] = {
             "schema": {"type": "string"},
             "description": "Accept (the answer's media type is the one Accept picks; its errors say so too), "

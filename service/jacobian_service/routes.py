@@ -858,7 +858,8 @@ def _vary_accept(response: Response) -> None:
     picks (RFC 9110 12.5.5), its errors too (a 406 is Accept's). Without it a cache that
     keeps answers by URL, as the Cache API a page's service worker keeps them by (it
     honours Vary, not no-store), gave the JSON it held for a sparsity pattern to the
-    page's request for the pattern's .npz: the page's .npz reader failed on JSON."""
+    page's request for the pattern's .npz: the page's .npz reader failed on JSON.
+    (An answer to a POST says ``Vary: *`` in its place: middleware.VARY_ANY.)"""
     headers = response.raw_headers
     for i, (key, value) in enumerate(headers):
         if key == b"vary":

@@ -1,0 +1,101 @@
+"""A real browser as the outside testers use one, round 12: what a page may keep of an
+answer, and what it sends.
+
+Round 10's API server (CORS_ORIGINS naming one page origin, an API key; the app run by
+the tests' uvicorn) and round 5's headless Chromium for the module:
+
+* a page (its service worker) keeping the answers it fetched in the Cache API, which
+  honours ``Vary`` and not ``no-store``, and which takes no POST as a key: it kept a
+  derivative's answer under its URL and, asked again with other inputs, was given the
+  Jacobian of the first. Every answer to a POST (its derivatives' and its errors alike:
+  what they say depends on the body, which no cache keys) now says ``Vary: *``, which
+  the Cache API refuses to keep (a TypeError the page reads), and which tells any
+  other cache that no request but this one is answered by it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import torch
+
+from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
+from .test_browser_round6 import page  # noqa: F401 (round 6's: a page of the origin CORS_ORIGINS allows)
+from .test_browser_round7 import _on_page
+from .test_browser_round10 import api  # noqa: F401 (round 10's: the server, CORS_ORIGINS naming that page, a key)
+
+KEY = {"Authorization": "Bearer k1"}
+SIN = "/v1/functions/sin/jacobian"
+
+
+def _jacobian(x: list[float]) -> list[list[float]]:
+    return torch.func.jacrev(torch.sin)(torch.tensor(x)).tolist()
+
+
+_KEEP = """(async () => {
+  const url = %s;
+  const ask = x => fetch(url, {method: 'POST', body: JSON.stringify({inputs: [x]}),
+    headers: {'Content-Type': 'application/json', Authorization: 'Bearer k1'}});
+  const cache = await caches.open('posts');
+  const first = await ask([0.5, 1.0]);
+  let kept = 'kept';
+  try { await cache.put(new Request(url), first.clone()); } catch (e) { kept = e.name + ': ' + e.message; }
+  const reused = await cache.match(new Request(url));
+  const second = reused || await ask([2.0, -1.0]);
+  await caches.delete('posts');
+  return {kept, reused: !!reused, first: (await first.json()).jacobian.data, second: (await second.json()).jacobian.data};
+})()"""
+
+
+def test_a_page_cannot_keep_a_jacobian_for_other_inputs(api, page, browser):
+    """A page keeps what it fetches in the Cache API, by URL (the Cache API refuses a
+    POST as a key, so a service worker that keeps POST answers keys them by a GET of the
+    URL). The answer for x = [0.5, 1.0] was kept, and the page's call for x = [2.0, -1.0]
+    was answered from it: the first Jacobian for the second inputs. Now the answer says
+    ``Vary: *``, which nothing matches: a page of the API's own origin is refused the
+    put (TypeError: it reads the header), a page of the allowed origin (to which ``Vary``
+    is not exposed) has it kept and never matched; either way the second call goes to
+    the service and is torch.func's Jacobian at its own inputs."""
+    for where in (api + "/healthz", None):
+        if where is None:
+            _on_page(browser, page)
+        else:
+            browser.goto(where)
+            browser.wait_for("document.body && document.body.textContent.includes('ok')")
+        got = browser.eval(_KEEP % json.dumps(api + SIN))
+        assert not got["reused"], (where, got)
+        assert torch.allclose(torch.tensor(got["first"]), torch.tensor(_jacobian([0.5, 1.0])))
+        assert torch.allclose(torch.tensor(got["second"]), torch.tensor(_jacobian([2.0, -1.0]))), (where, got)
+        if where is not None:
+            assert got["kept"].startswith("TypeError") and "Vary" in got["kept"], got
+    browser.goto("about:blank")
+
+
+def test_every_answer_to_a_post_varies_on_anything(api, page):
+    """Over HTTP (no browser needed): every answer to a POST says ``Vary: *`` alone
+    (RFC 9110 12.5.5: not beside the fields it covers), each format, its errors (the
+    body's 400, Accept's 406, the key's 401 and 403, an unknown function's 404, a 405 of a
+    path that takes no POST) and a page's call; the GET answers chosen by Accept keep
+    ``Vary: Accept`` (beside ``Origin``), and a GET of one format ``Origin`` alone."""
+    origin = {"Origin": page}
+    with httpx.Client(base_url=api, headers=KEY, timeout=30) as http:
+        calls = [
+            ({"json": {"inputs": [[0.5]]}, "headers": {"Accept": "application/json"}}, 200),
+            ({"json": {"inputs": [[0.5]]}, "headers": {"Accept": "application/x-npy"}}, 200),
+            ({"json": {"inputs": [[0.5]]}, "headers": {"Accept": "application/x-npy", **origin}}, 200),
+            ({"json": {"inputs": [[0.5]]}, "headers": {"Accept": "text/csv"}}, 406),
+            ({"content": b"{", "headers": {"Content-Type": "application/json", **origin}}, 400),
+            ({"json": {"inputs": [[0.5]]}, "headers": {"Authorization": "Bearer nope", **origin}}, 403),
+        ]
+        for kwargs, status in calls:
+            r = http.post(SIN, **kwargs)
+            assert (r.status_code, r.headers.get_list("vary")) == (status, ["*"]), (kwargs, r.headers)
+        for path, status in [("/v1/functions/nope/jacobian", 404), ("/v1/functions", 405)]:
+            r = http.post(path, json={"inputs": [[0.5]]}, headers=origin)
+            assert (r.status_code, r.headers.get_list("vary")) == (status, ["*"]), (path, r.headers)
+        r = httpx.post(api + SIN, json={"inputs": [[0.5]]}, headers=origin)  # (no key)
+        assert (r.status_code, r.headers.get_list("vary")) == (401, ["*"]), r.headers
+        r = http.get("/v1/functions/sin/sparsity?shapes=3", headers={"Accept": "application/x-npz", **origin})
+        assert (r.status_code, r.headers["vary"]) == (200, "Accept, Origin")
+        assert http.get("/v1/functions/sin").headers["vary"] == "Origin"  # (one format; CORS' answer per origin)
