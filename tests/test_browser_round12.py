@@ -10,20 +10,28 @@ the tests' uvicorn) and round 5's headless Chromium for the module:
   Jacobian of the first. Every answer to a POST (its derivatives' and its errors alike:
   what they say depends on the body, which no cache keys) now says ``Vary: *``, which
   the Cache API refuses to keep (a TypeError the page reads), and which tells any
-  other cache that no request but this one is answered by it.
+  other cache that no request but this one is answered by it;
+* the answers the connection writes below the app (a 431, a 400 for a head the parser
+  cannot read) are about that connection's bytes, not the URL's: ``Vary: *`` too, in
+  place of CORS' ``Origin`` (a raw socket to the connection layer: no browser needed).
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import threading
+from typing import Any
 
 import httpx
 import torch
+import uvicorn
 
 from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
 from .test_browser_round6 import page  # noqa: F401 (round 6's: a page of the origin CORS_ORIGINS allows)
 from .test_browser_round7 import _on_page
 from .test_browser_round10 import api  # noqa: F401 (round 10's: the server, CORS_ORIGINS naming that page, a key)
+from .test_connections import _read_to_close, _wait_for
 
 KEY = {"Authorization": "Bearer k1"}
 SIN = "/v1/functions/sin/jacobian"
@@ -99,3 +107,37 @@ def test_every_answer_to_a_post_varies_on_anything(api, page):
         r = http.get("/v1/functions/sin/sparsity?shapes=3", headers={"Accept": "application/x-npz", **origin})
         assert (r.status_code, r.headers["vary"]) == (200, "Accept, Origin")
         assert http.get("/v1/functions/sin").headers["vary"] == "Origin"  # (one format; CORS' answer per origin)
+
+
+def test_what_the_connection_answers_varies_on_anything():
+    """The 431 (headers over the limit) and the 400 (a head the parser cannot read) that
+    the connection writes itself, for a POST of a page of the allowed origin, said
+    ``Vary: Origin`` (CORS'): a cache keeping answers by URL and Origin would give that
+    error to the origin's next, good request of the URL. Now ``Vary: *`` alone, beside the
+    CORS headers the page needs to read it."""
+    from jacobian_service.connections import guarded_protocol
+    from jacobian_service.middleware import cors_answer_headers
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:  # (never reached: refused below it)
+        raise AssertionError(scope)
+
+    origin = "http://page.example"
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
+                                           http=guarded_protocol(60.0, cors=cors_answer_headers((origin,)))))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait_for(lambda: server.started, 10)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        post = b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\n" % origin.encode()
+        for extra, status in [(b"X-Big: %s\r\n" % (b"a" * (40 << 10)), b"431"), (b"Bad Header: 1\r\n", b"400")]:
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(post + extra + b"Content-Length: 2\r\n\r\n{}")
+                head = _read_to_close(s, 10).partition(b"\r\n\r\n")[0].split(b"\r\n")
+            fields = [line.partition(b":") for line in head[1:]]
+            assert head[0].split()[1] == status, head
+            assert [v.strip() for k, _, v in fields if k.lower() == b"vary"] == [b"*"], head
+            assert (b"access-control-allow-origin", b" " + origin.encode()) in [(k.lower(), v) for k, _, v in fields]
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -717,10 +717,14 @@ def _closing_problem(error: ServiceError, cors: list[tuple[str, str]] = []) -> b
     they are. ``cors``: the CORS headers the app would give the page that sent it."""
     request_id = new_request_id()
     body = wire.dumps(problem_document(error, request_id))
+    # Vary: * in place of CORS' Origin: the answer is about this connection's bytes (headers
+    # too large, too slow, unreadable; no room), not any URL's, as middleware.VARY_ANY is
+    # for a POST's: a cache keeping answers by URL (the Cache API) must not give it to the
+    # next request of that URL.
     extra = b"".join(b"%s: %s\r\n" % (k.lower().encode(), v.encode("latin-1"))
-                     for k, v in [*error.headers.items(), *cors] if k.lower() != "connection")
+                     for k, v in [*error.headers.items(), *cors] if k.lower() not in ("connection", "vary"))
     return (b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nx-request-id: %s\r\n%s"
-            b"x-content-type-options: nosniff\r\ncache-control: no-store\r\n"  # as middleware.py's on every answer
+            b"x-content-type-options: nosniff\r\ncache-control: no-store\r\nvary: *\r\n"  # as middleware.py's
             b"connection: close\r\n\r\n" % (error.status, _REASONS[error.status], wire.PROBLEM.encode(), len(body),
                                               request_id.encode(), extra) + body)
 
