@@ -13,17 +13,21 @@ the tests' uvicorn) and round 5's headless Chromium for the module:
   other cache that no request but this one is answered by it;
 * the answers the connection writes below the app (a 431, a 400 for a head the parser
   cannot read) are about that connection's bytes, not the URL's: ``Vary: *`` too, in
-  place of CORS' ``Origin`` (a raw socket to the connection layer: no browser needed).
+  place of CORS' ``Origin`` (a raw socket to the connection layer: no browser needed);
+* a page's WebSocket handshake (any page's: it asks no preflight) is served as the GET
+  it also is, and writes no warning telling the operator to install a WebSocket library.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
+import pytest
 import torch
 import uvicorn
 
@@ -34,6 +38,7 @@ from .test_browser_round10 import api  # noqa: F401 (round 10's: the server, COR
 from .test_connections import _read_to_close, _wait_for
 
 KEY = {"Authorization": "Bearer k1"}
+ORIGIN = "http://page.example"  # (the guarded connection layer's page)
 SIN = "/v1/functions/sin/jacobian"
 
 
@@ -109,35 +114,70 @@ def test_every_answer_to_a_post_varies_on_anything(api, page):
         assert http.get("/v1/functions/sin").headers["vary"] == "Origin"  # (one format; CORS' answer per origin)
 
 
-def test_what_the_connection_answers_varies_on_anything():
+@pytest.fixture(scope="module")
+def guarded() -> Iterator[int]:
+    """The connection layer as ``serve`` runs it (guarded_protocol, no WebSocket: ws="none";
+    CORS' headers for one page origin) in front of an app that answers 200: its port."""
+    from jacobian_service.connections import guarded_protocol
+    from jacobian_service.middleware import cors_answer_headers
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning", ws="none",
+                                           http=guarded_protocol(60.0, cors=cors_answer_headers((ORIGIN,)))))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait_for(lambda: server.started, 10)
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _exchange(port: int, request: bytes) -> list[bytes]:
+    """``request`` sent on a new connection, closed by its client once it is sent: the
+    answer's head, line by line."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        return _read_to_close(s, 10).partition(b"\r\n\r\n")[0].split(b"\r\n")
+
+
+def test_what_the_connection_answers_varies_on_anything(guarded):
     """The 431 (headers over the limit) and the 400 (a head the parser cannot read) that
     the connection writes itself, for a POST of a page of the allowed origin, said
     ``Vary: Origin`` (CORS'): a cache keeping answers by URL and Origin would give that
     error to the origin's next, good request of the URL. Now ``Vary: *`` alone, beside the
     CORS headers the page needs to read it."""
-    from jacobian_service.connections import guarded_protocol
-    from jacobian_service.middleware import cors_answer_headers
+    post = b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\n" % ORIGIN.encode()
+    for extra, status in [(b"X-Big: %s\r\n" % (b"a" * (40 << 10)), b"431"), (b"Bad Header: 1\r\n", b"400")]:
+        head = _exchange(guarded, post + extra + b"Content-Length: 2\r\n\r\n{}")
+        fields = [line.partition(b":") for line in head[1:]]
+        assert head[0].split()[1] == status, head
+        assert [v.strip() for k, _, v in fields if k.lower() == b"vary"] == [b"*"], head
+        assert (b"access-control-allow-origin", b" " + ORIGIN.encode()) in [(k.lower(), v) for k, _, v in fields]
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:  # (never reached: refused below it)
-        raise AssertionError(scope)
 
-    origin = "http://page.example"
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
-                                           http=guarded_protocol(60.0, cors=cors_answer_headers((origin,)))))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+def test_a_websocket_handshake_writes_no_warning(guarded):
+    """A page's ``new WebSocket(...)`` (any page: a handshake asks no preflight), or curl's
+    h2c upgrade, is served as the GET it also is; uvicorn logged two warnings for each,
+    one telling the operator to install a WebSocket library. Now none: the request is in
+    the access log as any other."""
+    logger = logging.getLogger("uvicorn.error")
+    seen: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
     try:
-        assert _wait_for(lambda: server.started, 10)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        post = b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\n" % origin.encode()
-        for extra, status in [(b"X-Big: %s\r\n" % (b"a" * (40 << 10)), b"431"), (b"Bad Header: 1\r\n", b"400")]:
-            with socket.create_connection(("127.0.0.1", port)) as s:
-                s.sendall(post + extra + b"Content-Length: 2\r\n\r\n{}")
-                head = _read_to_close(s, 10).partition(b"\r\n\r\n")[0].split(b"\r\n")
-            fields = [line.partition(b":") for line in head[1:]]
-            assert head[0].split()[1] == status, head
-            assert [v.strip() for k, _, v in fields if k.lower() == b"vary"] == [b"*"], head
-            assert (b"access-control-allow-origin", b" " + origin.encode()) in [(k.lower(), v) for k, _, v in fields]
+        for upgrade in (b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+                        b"dGhlIHNhbXBsZSBub25jZQ==\r\n", b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"):
+            head = _exchange(guarded, b"GET /v1/functions HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\n"
+                                      b"Connection: Upgrade\r\n%s\r\n" % (ORIGIN.encode(), upgrade))
+            assert head[0].split()[1] == b"200", head
     finally:
-        server.should_exit = True
-        thread.join(10)
+        logger.removeHandler(handler)
+    assert seen == [], seen

@@ -915,6 +915,16 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         def _h11_fault(self, reason: str | ServiceError) -> None:
             self._fault = reason  # (send_400_response says it)
 
+        def _unsupported_upgrade_warning(self) -> None:
+            # An upgrade asked for (a page's WebSocket handshake, curl's h2c) is served as
+            # the plain HTTP request it also is (upgrades.py), in the access log as such.
+            # uvicorn warned twice at each: "Unsupported upgrade request." and "No
+            # supported WebSocket library detected. Please use pip install
+            # 'uvicorn[standard]'": advice this service does not want (it has no WebSocket
+            # endpoint), which any page a user opened could write into the log twice per
+            # handshake (a WebSocket asks no CORS preflight).
+            pass
+
         def _may_close(self, other: Any) -> bool:
             return (other is not self and other._idle() and other._refusal is None and not other.transport.is_closing()
                     and not _arrived(other.transport))  # (its next request has come: not idle)
