@@ -22,6 +22,7 @@ the hidden values as if they were data.
 from __future__ import annotations
 
 import base64
+import collections.abc
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ import numpy as np
 
 from . import wire
 
-__all__ = ["Bfloat16", "Plain", "as_wire_value", "is_torch_tensor", "json_array"]
+__all__ = ["Bfloat16", "Plain", "as_plain_node", "as_wire_value", "is_torch_tensor", "json_array"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,29 @@ class Bfloat16:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.words.shape)
+
+
+def as_plain_node(value: Any) -> Any:
+    """A caller's container as the plain one a pytree parameter is read from: any mapping
+    (``collections.abc.Mapping``: ``types.MappingProxyType``, flax's ``FrozenDict``) and
+    torch's ``nn.ParameterDict`` as a dict of its items, torch's ``nn.ParameterList`` as a
+    tuple of its parameters (a tuple is a tree node whatever it holds, as the list is to
+    the function that indexes it); anything else as it is. The function is called with
+    a dict and a list, which these stand for: a module keeping its weights in a
+    ParameterDict, called in-process, works; remote, only ``isinstance(x, dict)`` was a
+    tree, and the ParameterDict was refused as an array ("cannot send a ParameterDict as
+    an input"). The leaves stay the caller's (Parameters: autograd fills their ``.grad``)."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, collections.abc.Mapping):
+        return dict(value.items())
+    torch = sys.modules.get("torch")
+    nn = getattr(torch, "nn", None) if torch is not None else None
+    if nn is not None and isinstance(value, nn.ParameterDict):
+        return dict(value.items())
+    if nn is not None and isinstance(value, nn.ParameterList):
+        return tuple(value)
+    return value
 
 
 def is_torch_tensor(value: Any) -> bool:

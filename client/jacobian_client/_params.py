@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ._arrays import as_plain_node
 from ._protocol import is_input_node
 from ._errors import InvalidInput
 from ._remote import LEAF, Tree, leaves_like, per_argnum, unflatten, with_hint
@@ -43,6 +44,7 @@ def split_params(inputs: Sequence[Any]) -> tuple[list[Any], Layout | None]:
 
 
 def _flatten_param(x: Any) -> tuple[list[Any], Tree]:
+    x = as_plain_node(x)  # a mapping, torch's ParameterDict / ParameterList: the dict / tuple they stand for
     if isinstance(x, dict):
         leaves: list[Any] = []
         children = []

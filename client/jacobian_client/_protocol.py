@@ -49,7 +49,7 @@ import httpx
 import numpy as np
 
 from . import wire
-from ._arrays import Plain, as_wire_value, is_torch_tensor, json_array
+from ._arrays import Plain, as_plain_node, as_wire_value, is_torch_tensor, json_array
 from ._decoding import ACCEPT_ENCODING, is_identity, too_large
 from ._errors import IncompleteResponse, JacobianServiceError, ServiceUnreachable, TransportError
 from ._models import FunctionInfo
@@ -550,7 +550,10 @@ def _vector_leaves(tree: Any, path: str = "") -> list[tuple[str, Any]]:
 def is_input_node(value: Any) -> bool:
     """A pytree parameter: a dict, a list holding arrays of rank >= 1, dicts or such
     lists, or a tuple holding any arrays (0-d too: a tuple of 0-d leaves). A list (or
-    tuple) of plain numbers, and a list of scalars of any kind, stays one array."""
+    tuple) of plain numbers, and a list of scalars of any kind, stays one array. Other
+    mappings and torch's parameter containers are read as the dict or tuple they stand
+    for (``as_plain_node``)."""
+    value = as_plain_node(value)
     if isinstance(value, dict):
         return True
     if isinstance(value, tuple):
@@ -560,6 +563,7 @@ def is_input_node(value: Any) -> bool:
 
 def _input_tree(value: Any) -> Any:
     """One caller input -> a wire value, or (a pytree parameter) lists and dicts of them."""
+    value = as_plain_node(value)
     if isinstance(value, dict):
         return {str(k): _input_tree(v) for k, v in value.items()}
     if is_input_node(value):
