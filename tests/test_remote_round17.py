@@ -87,3 +87,42 @@ def test_any_mapping_is_a_dict_parameter_to_the_client_and_the_adapters(cc):
     torch.testing.assert_close(remote(cc.client, "dense_layer")(mapped, torch.tensor(x)), torch.tensor(want),
                                rtol=1e-12, atol=1e-12)
     assert cc.take() == ["evaluate", "evaluate"]
+
+
+# --------------------------------------------------------------------------- scipy: held inputs
+
+
+def _tree_scalar_local(x, w, c0, c1):
+    """tree_scalar's value and gradient in x, in-process."""
+    t = lambda v: torch.tensor(v, dtype=D)  # noqa: E731
+    xt = t(x).requires_grad_()
+    value = pf.tree_scalar(xt, {"w": t(w), "c": [t(c0), t(c1)]})
+    value.backward()
+    return value.item(), xt.grad.numpy()
+
+
+def test_scipy_holds_a_tuple_or_mapping_parameter_fixed_and_sees_it_change(cc):
+    """An objective's ``args`` holding a pytree parameter with a tuple inside it, or held
+    in a mapping that is not a dict, is keyed by its leaves as they are sent. The tuple was
+    one leaf to the cache's key: ``np.asarray`` of ``(0.7, c1)``, a ValueError before any
+    request; the mapping was keyed by its ``repr``, which numpy shortens past 1000
+    elements, so an element changed in place in the middle of a large leaf between two
+    calls at the same ``x`` answered the old value from the cache, silently."""
+    from jacobian_client.scipy import remote_objective
+
+    n = 1200
+    x = np.linspace(-1.0, 1.0, n)
+    w, c1 = np.linspace(0.5, 1.5, n), np.linspace(0.1, 0.3, n)
+    c0 = np.array(0.7)  # float64, as the rest (a Python 0.7 takes the declared float32)
+    tupled = remote_objective(cc.client, "tree_scalar", args=({"w": w, "c": (c0, c1)},))
+    want_value, want_grad = _tree_scalar_local(x, w, 0.7, c1)
+    np.testing.assert_allclose(tupled.fun(x), want_value, rtol=1e-12)
+    np.testing.assert_allclose(tupled.jac(x), want_grad, rtol=1e-12, atol=1e-12)
+    assert cc.take() == ["jacobian+return_output"]  # jac(x) at the same x: from the cache
+
+    c1 = c1.copy()
+    mapped = remote_objective(cc.client, "tree_scalar", args=(types.MappingProxyType({"w": w, "c": [c0, c1]}),))
+    np.testing.assert_allclose(mapped.fun(x), want_value, rtol=1e-12)
+    c1[n // 2] += 3.0  # in place: the same mapping, the same x
+    np.testing.assert_allclose(mapped.fun(x), _tree_scalar_local(x, w, 0.7, c1)[0], rtol=1e-12)
+    assert cc.take() == ["jacobian+return_output"] * 2

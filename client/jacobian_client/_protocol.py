@@ -561,13 +561,13 @@ def is_input_node(value: Any) -> bool:
     return isinstance(value, list) and any(_is_subtree(v) or is_input_node(v) for v in value)
 
 
-def _input_tree(value: Any) -> Any:
+def input_tree(value: Any) -> Any:
     """One caller input -> a wire value, or (a pytree parameter) lists and dicts of them."""
     value = as_plain_node(value)
     if isinstance(value, dict):
-        return {str(k): _input_tree(v) for k, v in value.items()}
+        return {str(k): input_tree(v) for k, v in value.items()}
     if is_input_node(value):
-        return [_input_tree(v) for v in value]
+        return [input_tree(v) for v in value]
     return as_wire_value(value)
 
 
@@ -778,7 +778,7 @@ class Protocol:
         if out is not None and transport == JSON_TRANSPORT:
             raise ValueError("out= streams a binary .npy into the file; it cannot be used with transport='json'")
         fields = self._fields(options)
-        values = [_input_tree(x) for x in inputs]
+        values = [input_tree(x) for x in inputs]
         keys = [str(i) for i in range(len(values))] if names is None else [str(n) for n in names]
         leaves = [leaf for key, v in zip(keys, values) for leaf in input_leaves(v, key)]
         binary = transport == BINARY

@@ -68,9 +68,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._arrays import Bfloat16, as_wire_value, is_torch_tensor
+from ._arrays import Bfloat16, Plain
 from ._errors import APIError, FunctionError, InvalidInput, OutOfMemory, ResultTooLarge, Timeout
-from ._protocol import input_leaves
+from ._protocol import input_leaves, input_tree
 from ._remote import check_sync_client, lacks_forward_mode, no_forward_mode, with_hint
 from .wire import is_sparse
 
@@ -162,12 +162,17 @@ class RemoteObjective:
     def _key_of(self, x: np.ndarray, args: tuple[Any, ...]) -> bytes:
         """What the cached value and Jacobian were computed from: ``x`` and the inputs held
         fixed, by content (a caller may change ``args`` between fits, in place or by
-        rebinding: the cache answered the old ones' value, silently)."""
+        rebinding: the cache answered the old ones' value, silently). Each leaf as it is
+        sent (``input_tree``: bfloat16 as its words, lazy neg/conj views resolved, a tuple
+        parameter or another mapping a tree, by path): a tuple parameter was one leaf here,
+        ``np.asarray`` of it a ValueError for ragged leaves ({"c": (0.7, c1)}), and a
+        mapping's key its ``repr``, which numpy and torch cut short past 1000 elements (an
+        element changed in place in the middle of a large one, unseen)."""
         digest = hashlib.blake2b(digest_size=20)
-        for path, leaf in [("x", x), *input_leaves(list(self._held(args)), "")]:  # pytree inputs: by path
-            if is_torch_tensor(leaf):  # as it is sent (bfloat16 as its words, lazy neg/conj views resolved)
-                wire = as_wire_value(leaf)
-                leaf = wire.words if isinstance(wire, Bfloat16) else wire
+        held = input_leaves([input_tree(a) for a in self._held(args)], "")
+        for path, leaf in [("x", x), *held]:  # pytree inputs: by path
+            if isinstance(leaf, (Bfloat16, Plain)):
+                leaf = leaf.words if isinstance(leaf, Bfloat16) else leaf.value  # numbers: by their repr below
             arr = np.ascontiguousarray(np.asarray(leaf))
             digest.update(f"{path}:{arr.dtype.str}{arr.shape};".encode())
             digest.update(arr.tobytes() if arr.dtype != object else repr(leaf).encode())
