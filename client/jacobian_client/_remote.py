@@ -448,13 +448,16 @@ class RemoteOps:
         batch_ndim: int = 0,
         tags: Sequence[str] = (),
         shared: Sequence[bool] = (),
+        memo: dict[Any, Any] | None = None,
     ) -> list[np.ndarray]:
         """``mode="vjp"``: ``vectors`` are cotangents, one per output leaf; returns one
         gradient per ``argnums`` entry. ``mode="jvp"``: ``vectors`` are tangents, one per
         ``argnums`` entry; returns one tangent per output leaf. Inputs carry
         ``batch_ndim`` leading dimensions (but the ``shared`` ones); vectors carry
         ``len(tags)`` (see the module docstring), and so do the results: a shared
-        input's gradient too, one per example (summing them is the adapter's part)."""
+        input's gradient too, one per example (summing them is the adapter's part).
+        ``memo``: one call's batched Jacobians, kept for its next product at the same
+        inputs (see ``_batched_jacobian``)."""
         if mode not in ("vjp", "jvp"):
             raise ValueError(mode)
         tags = tuple(tags)
@@ -486,7 +489,7 @@ class RemoteOps:
                 no_forward_mode(self.name, "jvp", exc, "Jacobian (reverse mode), contracted on the client")
         else:
             results = self._linear_by_jacobian(mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape, v_shape,
-                                               shared)
+                                               shared, memo)
         inverse = list(np.argsort(order))
         return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
 
@@ -532,11 +535,12 @@ class RemoteOps:
     def _linear_by_jacobian(
         self, mode: str, inputs: Sequence[Any], argnums: Sequence[int], vecs: list[np.ndarray], out_tree: Tree,
         batch_ndim: int, p_shape: tuple[int, ...], v_shape: tuple[int, ...], shared: Sequence[bool] = (),
+        memo: dict[Any, Any] | None = None,
     ) -> list[np.ndarray]:
         """Per-example products with batched inputs: one batched Jacobian request,
         contracted here with each example's vectors."""
         batch = _merge_batch(inputs, batch_ndim, shared)
-        parts = self._request("jacobian", batch.flat, {"argnums": tuple(argnums), **batch.options()}, out_tree=out_tree)
+        parts = self._batched_jacobian(batch.flat, {"argnums": tuple(argnums), **batch.options()}, out_tree, memo)
         n_out, n_arg = out_tree.num_leaves, len(argnums)
         leaves = _in_order(parts["value"], per_argnum(out_tree, n_arg))  # outputs outer, argnums inner
         if len(leaves) != n_out * n_arg:
@@ -573,6 +577,23 @@ class RemoteOps:
                     total = term if total is None else total + term
                 results.append(total.reshape((*p_shape, *v_shape, *out_shape)))
         return results
+
+    def _batched_jacobian(self, flat: Sequence[Any], options: dict[str, Any], out_tree: Tree,
+                          memo: dict[Any, Any] | None) -> dict[str, Any]:
+        """The batched Jacobian request's answer, or the one ``memo`` kept for the same
+        options at equal inputs. One call's products share it: ``vmap(hessian(f))`` is
+        ``jacfwd(jacrev(f))`` per example, whose jacrev (a vjp) and jacfwd (a jvp) each
+        need this Jacobian, and asked for it twice. Kept per call, not per function, as
+        in-process both are of the one call of f (a function that draws random numbers
+        gets one draw), and only while the call's autograd graph holds it."""
+        key = repr(sorted(options.items()))
+        kept = memo.get(key) if memo is not None else None
+        if kept is not None and _same_arrays(kept[0], flat):
+            return kept[1]
+        parts = self._request("jacobian", flat, options, out_tree=out_tree)
+        if memo is not None:
+            memo[key] = ([np.array(x, copy=True) for x in flat], parts)
+        return parts
 
     def _check_block(self, block: np.ndarray, expected: tuple[int, ...], what: str) -> None:
         """A block of the service's Jacobian or Hessian, before it is reshaped for a
@@ -975,6 +996,17 @@ class _Batch:
 
     def first_example(self) -> list[Any]:
         return [np.asarray(a) if self.is_shared(i) else np.asarray(a)[0] for i, a in enumerate(self.flat)]
+
+
+def _same_arrays(kept: Sequence[np.ndarray], flat: Sequence[Any]) -> bool:
+    """The inputs a kept answer was for, equal to these (shapes, dtypes, values)."""
+    if len(kept) != len(flat):
+        return False
+    for a, b in zip(kept, flat):
+        b = np.asarray(b)
+        if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b):
+            return False
+    return True
 
 
 def _merge_batch(inputs: Sequence[Any], batch_ndim: int, shared: Sequence[bool] = ()) -> _Batch:

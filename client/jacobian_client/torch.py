@@ -23,6 +23,7 @@ operation                                  requests
 ``torch.func.jacfwd(f)(x)``                1 evaluate + 1 jvp (``batched_vectors``)
 ``torch.func.vmap(f)(xs)``                 1 evaluate (``batched``)
 ``vmap(grad(f))`` / ``vmap(jacrev(f))``    1 evaluate (``batched``) + 1 jacobian (``batched``)
+``vmap(torch.func.hessian(f))``            1 evaluate + 1 jacobian + 1 hessian (each ``batched``)
 ``torch.func.hessian(f)(x)``               1 evaluate + 1 jvp + 1 vjp + 1 hvp (scalar f) or hessian
 double backward (``create_graph=True``)    + 1 hvp (+ 1 jvp when the cotangent depends on x)
 =========================================  ==============================================
@@ -222,6 +223,11 @@ class _Spec:
     aux_plain: list[Any] = field(default_factory=list)  # aux leaves: None where a tensor output holds it
     out_dtypes: list[torch.dtype] = field(default_factory=list)
     unbatched: tuple[bool, ...] = ()  # per output, under a batch: it depends on no batched input (vmap)
+    # The batched Jacobians this call's per-example products asked for (RemoteOps.linear's
+    # memo), shared by the copies vmap makes (dataclasses.replace passes it on): under
+    # vmap(torch.func.hessian(f)) jacrev's vjp and jacfwd's jvp each asked the service for
+    # the same Jacobian at the same inputs, one request where the products of one call need one
+    jacobians: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def learn(self, other: _Spec) -> None:
         self.out_tree, self.n_out, self.aux_tree = other.out_tree, other.n_out, other.aux_tree
@@ -253,6 +259,7 @@ class _Linear:
     shared: tuple[bool, ...] = ()
     unbatched: tuple[bool, ...] = ()  # per output: it depends on no batched input (_Spec's; see _vmapped)
     idle: tuple[bool, ...] = ()  # vjp, per output: no cotangent came for it (zeros sent)
+    memo: dict[Any, Any] | None = field(default=None, compare=False, repr=False)  # the call's _Spec.jacobians
 
 
 # --------------------------------------------------------------------------- host <-> torch
@@ -500,7 +507,8 @@ class _RemoteFunction(torch.autograd.Function):
         assert spec.out_tree is not None
         dtypes = tuple(xs[i].dtype for i in argnums) if mode == "vjp" else tuple(spec.out_dtypes)
         return _Linear(spec.ops, mode, tuple(argnums), len(xs), spec.out_tree, dtypes, _device(xs),
-                       spec.batch_ndim, ("p",) * spec.batch_ndim, spec.shared, tuple(spec.unbatched[: spec.n_out]))
+                       spec.batch_ndim, ("p",) * spec.batch_ndim, spec.shared, tuple(spec.unbatched[: spec.n_out]),
+                       memo=spec.jacobians)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -583,7 +591,7 @@ class _RemoteLinear(torch.autograd.Function):
         xs, vectors = args[: lin.n_inputs], args[lin.n_inputs:]
         vecs = [_host(v) if isinstance(v, torch.Tensor) else np.asarray(v) for v in vectors]
         results = lin.ops.linear(lin.mode, [_host(x) for x in xs], lin.argnums, vecs, lin.out_tree,
-                                 lin.batch_ndim, lin.tags, lin.shared)
+                                 lin.batch_ndim, lin.tags, lin.shared, memo=lin.memo)
         return tuple(_tensor(r, lin.device, d) for r, d in zip(results, lin.result_dtypes))
 
     @staticmethod
