@@ -3,7 +3,8 @@ in-process torch.func (values, shapes, dtypes; torch's error where torch raises)
 
 1. test_vmap.py's ``vmap(hessian(f))`` (per-sample Hessians) through the SDK's torch
    adapter: the per-example products of one call of f (jacrev's vjp, jacfwd's jvp) asked
-   the service for the same batched Jacobian twice; one request now, kept per call.
+   the service for the same batched Jacobian twice; one request now, kept per call and
+   only inside a torch.func transform (a graph the caller keeps holds no Jacobian).
 """
 
 from __future__ import annotations
@@ -47,3 +48,11 @@ def test_vmap_hessian_of_a_remote_function_asks_one_batched_jacobian(cc: Counted
     want = vmap(jacfwd(jacrev(E.polar, argnums=0), argnums=1))(XS, XS)
     close_trees(vmap(jacfwd(jacrev(pol, argnums=0), argnums=1))(XS, XS), want, 1e-12)
     assert cc.take() == ["evaluate+batched", "jacobian+batched", "jacobian+batched", "hessian+batched"]
+    # outside a torch.func transform nothing is kept: a graph the caller holds (here, for a
+    # second backward) holds no Jacobian, and each backward asks for its own
+    x = XS.clone().requires_grad_()
+    out = vmap(f)(x)
+    out.sum().backward(retain_graph=True)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * XS.cos())
+    assert cc.take() == ["evaluate+batched", "jacobian+batched", "jacobian+batched"]

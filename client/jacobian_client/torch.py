@@ -508,7 +508,7 @@ class _RemoteFunction(torch.autograd.Function):
         dtypes = tuple(xs[i].dtype for i in argnums) if mode == "vjp" else tuple(spec.out_dtypes)
         return _Linear(spec.ops, mode, tuple(argnums), len(xs), spec.out_tree, dtypes, _device(xs),
                        spec.batch_ndim, ("p",) * spec.batch_ndim, spec.shared, tuple(spec.unbatched[: spec.n_out]),
-                       memo=spec.jacobians)
+                       memo=spec.jacobians if _in_transform() else None)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -729,6 +729,16 @@ def _result_dims(op: Any, x_dims: Sequence[Any], v_dims: Sequence[Any], size: in
         quiet = all(f or (k < len(op.idle) and op.idle[k]) for k, f in enumerate(flags))
         return tuple(None if quiet and x_dims[j] is None else 0 for j in results)
     return tuple(None if flags[k] else 0 for k in results)
+
+
+def _in_transform() -> bool:
+    """Whether a ``torch.func`` transform is running. Only there may a call's products
+    share its batched Jacobian (``_Spec.jacobians``): the call's graph goes when the
+    transform returns. A plain backward through ``vmap(f)`` runs outside any, and a graph
+    the caller keeps (``losses.append(loss)``, whose saved tensors the backward freed)
+    kept the Jacobian with it, one per step."""
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
 
 def _differentiable(x: Any) -> bool:
