@@ -588,7 +588,7 @@ class RemoteOps:
         gets one draw), and only while the call's autograd graph holds it."""
         key = repr(sorted(options.items()))
         kept = memo.get(key) if memo is not None else None
-        if kept is not None and _same_arrays(kept[0], flat):
+        if kept is not None and same_arrays(kept[0], flat):
             return kept[1]
         parts = self._request("jacobian", flat, options, out_tree=out_tree)
         if memo is not None:
@@ -998,13 +998,14 @@ class _Batch:
         return [np.asarray(a) if self.is_shared(i) else np.asarray(a)[0] for i, a in enumerate(self.flat)]
 
 
-def _same_arrays(kept: Sequence[np.ndarray], flat: Sequence[Any]) -> bool:
-    """The inputs a kept answer was for, equal to these (shapes, dtypes, values)."""
+def same_arrays(kept: Sequence[np.ndarray], flat: Sequence[Any]) -> bool:
+    """The inputs a kept answer was for, equal to these (shapes, dtypes, values; a NaN
+    equal to a NaN where it stands)."""
     if len(kept) != len(flat):
         return False
     for a, b in zip(kept, flat):
         b = np.asarray(b)
-        if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b):
+        if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"):
             return False
     return True
 

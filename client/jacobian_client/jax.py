@@ -88,7 +88,7 @@ from ._errors import (APIError, Forbidden, FunctionNotFound, FunctionQuarantined
                       Unauthorized, Unavailable)
 from ._params import split_params
 from ._remote import (MAX_SIGNATURES, Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like,
-                      shape_mismatch, unflatten, with_hint)
+                      same_arrays, shape_mismatch, unflatten, with_hint)
 
 __all__ = ["remote"]
 
@@ -148,9 +148,7 @@ class _Ops(RemoteOps):
     def evaluate_cached(self, inputs: Sequence[np.ndarray], batch_ndim: int, aux_tree: Tree | None,
                         shared: tuple[bool, ...] = ()) -> Evaluated:
         stash, self.stash = self.stash, None  # one use at most: never an answer for later values
-        if stash is not None and (stash[1], stash[2]) == (batch_ndim, tuple(shared)) and len(stash[0]) == len(inputs) \
-                and all(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
-                        for a, b in zip(stash[0], inputs)):
+        if stash is not None and (stash[1], stash[2]) == (batch_ndim, tuple(shared)) and same_arrays(stash[0], inputs):
             return stash[3]
         return self.evaluate(inputs, batch_ndim, aux_tree, shared)
 
