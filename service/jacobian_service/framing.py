@@ -15,7 +15,8 @@ client must get the same answer from either server. Two gaps:
   (``http://host/path``, which a server must accept) for a path (404); a chunk size line
   ending in a bare LF left the request waiting for its body's timeout; a control
   character (0x01-0x08, 0x0e-0x1f, DEL) in a header or trailer field's value was read
-  into it.
+  into it; an HTTP/1.1 request with no Host or two was h11's bare 400 "Invalid HTTP
+  request received" (httptools: the app's 400 saying so).
   :class:`StrictReceiveBuffer`, h11's receive buffer, refuses them (400) where llhttp
   does; it skips empty lines before a request line, as llhttp does and RFC 9112 2.2 asks
   (h11 answered a client that sent CRLF after a body 400 at its next request), and reads
@@ -39,10 +40,10 @@ from typing import Any, Callable
 import h11
 from h11._receivebuffer import ReceiveBuffer  # (uvicorn's h11 protocol reads through one per connection)
 
-from .errors import HeadersTooLarge, ServiceError, UnsupportedTransferCoding
+from .errors import HeadersTooLarge, MalformedRequest, ServiceError, UnsupportedTransferCoding
 
 __all__ = ["UNSUPPORTED_CODING", "UPGRADE_WITH_BODY", "StrictReceiveBuffer", "framing_too_large", "has_body", "head_too_large",
-           "http10", "strict_h11_buffer"]
+           "hosts_fault", "http10", "strict_h11_buffer"]
 
 # (RFC 9112 6.1: 501 for a transfer coding the server does not understand; middleware.py says it too)
 UNSUPPORTED_CODING = "the only transfer coding served is chunked; send the body as it is"
@@ -50,6 +51,12 @@ UNSUPPORTED_CODING = "the only transfer coding served is chunked; send the body 
 # too: a tunnel), so its body is never read as HTTP/1.1 (connections.py refuses it there).
 UPGRADE_WITH_BODY = ("a request asking to switch protocols (Connection: upgrade) with a body, which this server "
                      "cannot read as HTTP/1.1: it speaks HTTP/1.1 only; send the request without 'Connection: upgrade'")
+
+
+def hosts_fault(hosts: int) -> MalformedRequest:
+    """The 400 of an HTTP/1.1 request with no Host or more than one (RFC 9112 3.2: which
+    host did a proxy in front route it for?), whichever parser reads it."""
+    return MalformedRequest(f"an HTTP/1.1 request needs one Host header; it has {hosts}")
 
 
 def head_too_large(limit: int) -> HeadersTooLarge:
@@ -142,7 +149,7 @@ def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
             return (f"{(version or b'no version').decode('latin-1')[:20]} in a request line framed as HTTP/1: this "
                     "server speaks HTTP/1.1 and HTTP/1.0")
         lines = lines[1:]
-    lengths = 0
+    lengths = hosts = 0
     codings: list[bytes] = []
     fields: list[tuple[bytes, bytes]] = []
     for line in lines:
@@ -155,6 +162,7 @@ def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
             return "Invalid header value char"  # (llhttp's words; connections.header_fault names the field)
         name = name.lower()
         fields.append((name, value))
+        hosts += name == b"host"
         if name == b"content-length":
             if trailers:
                 return "a trailer field cannot frame the body: Content-Length in the trailer section"
@@ -167,6 +175,8 @@ def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
             if trailers:
                 return "a trailer field cannot frame the body: Transfer-Encoding in the trailer section"
             codings.extend(c.strip().lower() for c in value.split(b","))
+    if version == b"HTTP/1.1" and hosts != 1:
+        return hosts_fault(hosts)  # (the middleware's answer under httptools)
     if not trailers and len(codings) > 1 and codings[-1] == b"chunked" and codings.count(b"chunked") == 1 \
             and not lengths and version == b"HTTP/1.1":
         # (llhttp passes "gzip, chunked" to the app, whose answer is 501; h11 refused it 400)

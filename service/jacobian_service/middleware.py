@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from . import clients
 from .errors import ExpectationFailed, Forbidden, MalformedRequest, Unauthorized, UnsupportedTransferCoding
-from .framing import UNSUPPORTED_CODING, has_body
+from .framing import UNSUPPORTED_CODING, has_body, hosts_fault
 from .logs import quick_record
 from .request_ids import new_request_id
 from .responses import echo, problem_response
@@ -214,14 +214,15 @@ class AccessMiddleware:
             await send(message)
 
         # RFC 9112 3.2: an HTTP/1.1 request with no Host, or more than one, is a 400 (the
-        # parser, httptools, lets both through; which host did a proxy route it for?).
+        # parser, httptools, lets both through; which host did a proxy route it for?). The
+        # connection closes, as under h11 (framing.py) and for the other framing faults
+        # below: it kept serving what followed, where h11's closed it.
         app = self.app
         if hosts != 1 and scope.get("http_version") == "1.1":
-            app = problem_response(MalformedRequest(f"an HTTP/1.1 request needs one Host header; it has {hosts}"),
-                                   request_id)
+            app = _closing(hosts_fault(hosts), request_id)
         elif bad_host is not None:  # (RFC 9112 3.2: a 400, as for none; one a proxy in front may have routed otherwise)
-            app = problem_response(MalformedRequest(f"the Host header {echo(bad_host.decode('latin-1'))} is no "
-                                                    "host[:port]"), request_id)
+            app = _closing(MalformedRequest(f"the Host header {echo(bad_host.decode('latin-1'))} is no host[:port]"),
+                           request_id)
         elif twice:  # which one was meant? A proxy in front may have read the other one
             app = _closing(MalformedRequest(f"the header {', '.join(twice)} is given more than once; give it once"),
                            request_id)
