@@ -1,5 +1,6 @@
 """Red team, round twenty-six: hostile clients over raw sockets and odd HTTP (an HTTP/1.1
-request with no Host or two, under either parser; ...).
+request with no Host or two, under either parser; a header parameter with no ``=`` or
+an unclosed quote; If-Match and If-None-Match evaluated as RFC 9110 13 asks; ...).
 
 Each names what a user saw before. The connection cases run the real app (no engines
 started: nothing there computes) under the server's guarded protocol class on each of
@@ -11,11 +12,14 @@ keep-alive connection beside them; the header cases run on the session's in-proc
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Iterator
 
+import numpy as np
 import pytest
 
 from ._client_support import real_app
+from .conftest import assert_problem, decode
 from .test_connections import _connect, _guarded_uvicorn, _problem, _read_to_close
 from .test_hostile_round25_clients import _NEXT, _an_honest_client_beside, _answers
 
@@ -60,4 +64,54 @@ def test_a_request_without_one_host_is_the_same_closing_400_under_either_parser(
     assert headers["x-request-id"] == problem["request_id"]
     # HTTP/1.0 has no Host to require: served, under either parser
     assert [status for status, _ in _answers(_exchange(urls[implementation], b"GET /healthz HTTP/1.0\r\n\r\n"))] == [200]
+
+
+# ------------------------------------------------------------ a parameter that is no name=value
+
+
+def _softmax_jacobian(x: np.ndarray) -> np.ndarray:
+    import torch
+
+    return torch.func.jacrev(torch.softmax, argnums=0)(torch.from_numpy(x), 0).numpy()
+
+
+@pytest.mark.parametrize("content_type, accept, answered", [
+    ("application/json; charset", "application/json", "application/json"),  # (was 415 "not as charset=''")
+    ("application/json; charset=", "application/json", "application/json"),  # (the same 415)
+    ("application/json", "application/json; q", "application/json"),  # (was 406 "allows none of application/json")
+    ("application/json", "application/json; q=", "application/json"),
+    ("application/json", 'application/json;q=0.9, application/x-npy; q="1', "application/x-npy"),  # (was JSON: q 0)
+    ("application/json", 'application/x-npy; ext="a, b', "application/x-npy"),  # (the quote runs to the end)
+])
+def test_a_parameter_without_a_value_is_no_parameter(client, content_type: str, accept: str, answered: str) -> None:
+    """A parameter is ``name=value`` (RFC 9110 5.6.6). ``Content-Type: application/json;
+    charset`` was read as charset '' (415 "not as charset=''; send it in UTF-8" for a
+    UTF-8 body), ``Accept: application/json; q`` as q=0 (406 "allows none of
+    application/json", for an Accept that names only JSON), and a weight quoted without
+    its closing quote (``q="1``) as no number, 0: JSON where .npy was preferred. A field
+    with no ``=``, or nothing after it, is skipped as WHATWG's MIME parser skips it; an
+    unclosed quote runs to the header's end. Each is the Jacobian torch.func.jacrev
+    computes, in the format asked for."""
+    x = np.linspace(-1, 1, 5, dtype=np.float32)
+    r = client.post("/v1/functions/softmax/jacobian", content=json.dumps({"inputs": [x.tolist()]}),
+                    headers={"content-type": content_type, "accept": accept})
+    assert r.status_code == 200 and r.headers["content-type"].split(";")[0] == answered, r.text
+    J, _ = decode(r)
+    np.testing.assert_allclose(J, _softmax_jacobian(x), rtol=1e-5, atol=1e-7)
+
+
+def test_a_charset_or_weight_said_is_still_read(client) -> None:
+    """The other side: a charset in an unclosed quote is still the charset said (415
+    naming it), a weight of 0 is still a refusal (406), and ``gzip;q`` is gzip wanted
+    (it was read as ``gzip;q=0``: the OpenAPI document came uncompressed)."""
+    problem = assert_problem(client.post("/v1/functions/softmax/jacobian", content=b'{"inputs": [[0.5]]}',
+                                         headers={"content-type": 'application/json; charset="utf-16'}),
+                             415, "unsupported_media_type")
+    assert "charset='utf-16'" in problem["detail"], problem
+    assert_problem(client.post("/v1/functions/softmax/jacobian", content=b'{"inputs": [[0.5]]}',
+                               headers={"accept": "application/json; q=0"}), 406, "not_acceptable")
+    for accept_encoding, coding in (("gzip;q", "gzip"), ("gzip;q=0", None)):
+        r = client.get("/openapi.json", headers={"accept-encoding": accept_encoding})
+        assert r.status_code == 200 and r.headers.get("content-encoding") == coding, r.headers
+        assert r.json()["openapi"].startswith("3.")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass, field
 
+from .header_params import parameters
 from .responses import qvalue
 
 __all__ = ["Compressible", "accepts_gzip"]
@@ -24,11 +25,11 @@ def accepts_gzip(accept_encoding: str) -> bool:
     named: float | None = None
     star: float | None = None
     for part in accept_encoding.lower().split(","):
-        coding, *params = [p.strip() for p in part.split(";")]
+        coding, *fields = part.split(";")
+        coding = coding.strip()
         q = 1.0
-        for param in params:
-            key, _, value = param.partition("=")
-            if key.strip() == "q":
+        for key, value in parameters(fields):  # (a field with no "=" is none: header_params)
+            if key == "q":
                 q = qvalue(value)  # (as Accept's: one out of 0 to 1 is 0)
         if coding in ("gzip", "x-gzip"):
             named = q if named is None else max(named, q)

@@ -5,18 +5,27 @@
 string (RFC 9110 5.6.4, 5.6.6), which may hold either separator: split at every one,
 ``application/json; foo="a;charset=utf-16"`` was read as saying charset=utf-16 (a 415 for
 a UTF-8 body), and ``Accept: application/json; ext="a;q=0"`` as refusing JSON (a 406).
+
+A parameter is ``name=value``; a field with no ``=`` (``application/json; charset``,
+``application/json; q``, ``gzip;q``), no name or no value (``charset=``) is none, and is
+skipped, as WHATWG's MIME type parser skips it: each reader took it for a parameter with
+an empty value, a charset of '' (415 "not as charset=''") or a weight of 0 (406 "allows
+none of application/json", for an Accept that names JSON; gzip read as refused). A quoted
+value whose closing quote is missing runs to the header's end (WHATWG's reading too):
+``q="0.5`` was the weight ``"0.5``, no number, 0.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["split_unquoted", "unquote"]
+__all__ = ["parameters", "split_unquoted", "unquote"]
 
 # A quoted string (its closing quote missing at the header's end: the rest is in it), or
 # one separator. Matched left to right, a separator inside a quoted string is never seen.
 _QUOTED_OR_SEPARATOR = re.compile(r'"(?:[^"\\]|\\.)*"?|[,;]')
 _QUOTED_PAIR = re.compile(r"\\(.)")
+_QUOTED_VALUE = re.compile(r'"((?:[^"\\]|\\.)*)"?', re.S)
 
 
 def split_unquoted(text: str, separator: str) -> list[str]:
@@ -38,6 +47,20 @@ def unquote(value: str) -> str:
     (``\\"``) read as the characters they stand for; a token as it is (spaces around it
     dropped)."""
     value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        return _QUOTED_PAIR.sub(r"\1", value[1:-1])
+    quoted = _QUOTED_VALUE.fullmatch(value)
+    if quoted is not None:  # (one whose closing quote is missing runs to the end, as split: q="0.5 is 0.5)
+        return _QUOTED_PAIR.sub(r"\1", quoted[1])
     return value
+
+
+def parameters(fields: list[str]) -> list[tuple[str, str]]:
+    """The ``;``-separated ``fields`` after a media type or coding, as (name lower-cased,
+    value as meant: :func:`unquote`); a field that is no ``name=value`` is left out
+    (module docstring). An unclosed quoted value runs to the header's end, as split."""
+    params = []
+    for field in fields:
+        name, equals, value = field.partition("=")
+        name = name.strip().lower()
+        if equals and name and value.strip():  # (name= with nothing is none either; name="" is kept)
+            params.append((name, unquote(value)))
+    return params

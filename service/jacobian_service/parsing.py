@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from jacobian_client import wire
 from jacobian_client.wire import dtype_name
 
-from .header_params import split_unquoted, unquote
+from .header_params import parameters, split_unquoted
 from .responses import echo
 from .types import Call, tree_leaves
 from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, UnsupportedMediaType, from_wire
@@ -675,10 +675,9 @@ def check_json_charset(content_type: str | None) -> None:
     UTF-8: surrogates not allowed", which named neither. Now a 415 naming the charset."""
     if not content_type or ";" not in content_type:
         return
-    for param in split_unquoted(content_type, ";")[1:]:  # (a quoted value may hold a ";")
-        key, _, value = param.partition("=")
-        charset = unquote(value).strip('"').lower()
-        if key.strip().lower() == "charset" and charset not in _UTF8_CHARSETS:
+    for key, value in parameters(split_unquoted(content_type, ";")[1:]):  # (a quoted value may hold a ";")
+        charset = value.strip('"').lower()
+        if key == "charset" and charset not in _UTF8_CHARSETS:
             raise UnsupportedMediaType(f"a JSON body is read as UTF-8 (RFC 8259), not as charset={echo(charset, 40)}; "
                                        "send it in UTF-8 (charset=utf-8, or no charset)")
 

@@ -18,7 +18,7 @@ from jacobian_client import wire
 
 from .types import Result, is_sparse_matrix
 from .errors import NotAcceptable, Overloaded, ServiceError, Unavailable
-from .header_params import split_unquoted
+from .header_params import parameters, split_unquoted
 
 __all__ = [
     "EncodeBudget", "JsonRows", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
@@ -56,12 +56,11 @@ def _acceptable(accept: str | None) -> list[str]:
     named: set[str] = set()
     ranges: list[tuple[float, int]] = []
     for order, part in enumerate(split_unquoted(accept, ",")):  # (a quoted value may hold a "," or ";")
-        fields = [f.strip() for f in split_unquoted(part, ";")]
-        media = fields[0].lower()
+        fields = split_unquoted(part, ";")
+        media = fields[0].strip().lower()
         q = 1.0
-        for param in fields[1:]:
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
+        for key, value in parameters(fields[1:]):
+            if key == "q":
                 q = qvalue(value)
         if media in ("*/*", "application/*"):
             if q > 0:
