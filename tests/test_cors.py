@@ -194,7 +194,7 @@ def test_preflights_count_under_their_endpoint(url):
 
 
 _ALLOWED_HEADERS = ("accept, accept-language, authorization, b3, baggage, cache-control, content-encoding, "
-                    "content-language, content-type, expires, if-modified-since, if-none-match, if-range, "
+                    "content-language, content-type, expires, if-match, if-modified-since, if-none-match, if-range, "
                     "if-unmodified-since, pragma, range, sentry-trace, traceparent, tracestate, uber-trace-id, x-amzn-trace-id, x-b3-flags, x-b3-parentspanid, x-b3-sampled, x-b3-spanid, "
                     "x-b3-traceid, x-datadog-origin, x-datadog-parent-id, x-datadog-sampling-priority, "
                     "x-datadog-trace-id, x-request-id, x-request-timeout, x-requested-with")

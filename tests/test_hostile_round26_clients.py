@@ -11,27 +11,16 @@ keep-alive connection beside them; the header cases run on the session's in-proc
 
 from __future__ import annotations
 
-import contextlib
 import json
-from typing import Iterator
 
 import numpy as np
 import pytest
 
-from ._client_support import real_app
 from .conftest import assert_problem, decode
-from .test_connections import _connect, _guarded_uvicorn, _problem, _read_to_close
-from .test_hostile_round25_clients import _NEXT, _an_honest_client_beside, _answers
+from .test_connections import _connect, _problem, _read_to_close
+from .test_hostile_round25_clients import _NEXT, _an_honest_client_beside, _answers, urls  # noqa: F401 (a fixture)
 
 IMPLEMENTATIONS = ["h11", "httptools"]
-
-
-@pytest.fixture(scope="module")
-def urls() -> Iterator[dict[str, str]]:
-    """The real app (its routes and middleware; lifespan off: no engine), served by each parser."""
-    app = real_app(functions="jacobian_service.examples")
-    with contextlib.ExitStack() as stack:
-        yield {impl: stack.enter_context(_guarded_uvicorn(app, impl, 5.0)) for impl in IMPLEMENTATIONS}
 
 
 def _exchange(url: str, data: bytes) -> bytes:
@@ -115,3 +104,51 @@ def test_a_charset_or_weight_said_is_still_read(client) -> None:
         assert r.status_code == 200 and r.headers.get("content-encoding") == coding, r.headers
         assert r.json()["openapi"].startswith("3.")
 
+
+# ------------------------------------------------------------ conditional requests (RFC 9110 13)
+
+
+@pytest.mark.parametrize("if_match", ["*", '"a5f0"', 'W/"a5f0", "b1"'])
+def test_if_match_on_a_derivative_or_a_release_is_a_412_before_anything_runs(client, if_match: str) -> None:
+    """RFC 9110 13.1.1: a server must evaluate If-Match and must not perform the method
+    where it is false. A derivative's POST (its target has no current representation: a
+    GET there is a 405, each answer is computed afresh) was computed and answered 200
+    whatever the If-Match; a quarantine's DELETE was performed. Each is now the 412
+    ``precondition_failed``, after the request's own checks (a 404 function or a 415 is
+    still that: RFC 9110 13.2.1), before the body is read: a body that is no JSON is not
+    a 400. ``If-None-Match`` there is true (nothing to match): the Jacobian, as torch.func
+    computes it."""
+    for method, path, body in (("POST", "/v1/functions/softmax/jacobian", b"{not json"),
+                               ("DELETE", "/v1/functions/softmax/quarantine", None)):
+        problem = assert_problem(client.request(method, path, content=body, headers={"if-match": if_match}),
+                                 412, "precondition_failed")
+        assert problem["detail"].startswith(f"If-Match {if_match!r} is false"), problem
+    assert_problem(client.post("/v1/functions/nope/jacobian", content=b"{}", headers={"if-match": if_match}),
+                   404, "function_not_found")
+    assert_problem(client.post("/v1/functions/softmax/jacobian", content=b"{}",
+                               headers={"if-match": if_match, "content-type": "text/plain"}), 415, "unsupported_media_type")
+    x = np.linspace(-1, 1, 4, dtype=np.float32)
+    r = client.post("/v1/functions/softmax/jacobian", content=json.dumps({"inputs": [x.tolist()]}),
+                    headers={"if-none-match": "*", "if-unmodified-since": "Mon, 26 Jul 1997 05:00:00 GMT"})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(decode(r)[0], _softmax_jacobian(x), rtol=1e-5, atol=1e-7)
+
+
+def test_conditions_on_a_get_are_evaluated_against_its_answer(client) -> None:
+    """A GET that would be a 200 has a current representation. ``If-None-Match: *`` was
+    answered in full (RFC 9110 13.1.2: false, so a 304); an ``If-Match`` naming a tag
+    the answer does not carry was too (false: a 412). ``If-Match: *`` is true, a 404 stays
+    a 404, and a docs file's own ETag is matched strongly (a weak one is not)."""
+    for path in ("/v1/functions/softmax", "/openapi.json"):
+        r = client.get(path, headers={"if-none-match": "*"})
+        assert (r.status_code, r.content, r.headers["cache-control"]) == (304, b"", "no-store"), r.text
+        assert r.headers["x-request-id"]
+        problem = assert_problem(client.get(path, headers={"if-match": '"a5f0"'}), 412, "precondition_failed")
+        assert "names no current ETag of this resource (its answers carry none)" in problem["detail"], problem
+    assert client.head("/v1/functions", headers={"if-none-match": "*"}).status_code == 304
+    r = client.get("/v1/functions/softmax", headers={"if-match": "*", "if-none-match": '"a5f0"'})
+    assert r.status_code == 200 and r.json()["name"] == "softmax"
+    assert_problem(client.get("/v1/functions/nope", headers={"if-none-match": "*"}), 404, "function_not_found")
+    etag = client.get("/favicon.ico").headers["etag"]
+    assert client.get("/favicon.ico", headers={"if-match": f'"other", {etag}'}).status_code == 200
+    assert_problem(client.get("/favicon.ico", headers={"if-match": f"W/{etag}"}), 412, "precondition_failed")

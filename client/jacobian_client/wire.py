@@ -110,6 +110,7 @@ PROBLEM_STATUS: dict[str, int] = {
     "request_timeout": 408,
     "payload_too_large": 413,
     "result_too_large": 413,
+    "precondition_failed": 412,
     "unsupported_media_type": 415,
     "expectation_failed": 417,
     "invalid_input": 422,

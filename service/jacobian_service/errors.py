@@ -11,6 +11,7 @@
     ├── NotAcceptable         406     not_acceptable
     ├── RequestTimeout        408     request_timeout      (the body stalled; the connection closes)
     ├── PayloadTooLarge       413     payload_too_large
+    ├── PreconditionFailed    412     precondition_failed  (an If-Match false: preconditions.py)
     ├── ResultTooLarge        413     result_too_large
     ├── UnsupportedMediaType  415     unsupported_media_type
     ├── ExpectationFailed     417     expectation_failed   (an Expect other than 100-continue)
@@ -57,6 +58,7 @@ __all__ = [
     "OutOfMemory",
     "Overloaded",
     "PayloadTooLarge",
+    "PreconditionFailed",
     "RequestTimeout",
     "ResultTooLarge",
     "ServiceError",
@@ -107,6 +109,7 @@ MethodNotAllowed = _error("MethodNotAllowed", "method_not_allowed", "Method not 
 NotAcceptable = _error("NotAcceptable", "not_acceptable", "Not acceptable")
 RequestTimeout = _error("RequestTimeout", "request_timeout", "Request timeout")
 PayloadTooLarge = _error("PayloadTooLarge", "payload_too_large", "Payload too large")
+PreconditionFailed = _error("PreconditionFailed", "precondition_failed", "Precondition failed")
 ResultTooLarge = _error("ResultTooLarge", "result_too_large", "Result too large")
 UnsupportedMediaType = _error("UnsupportedMediaType", "unsupported_media_type", "Unsupported media type")
 ExpectationFailed = _error("ExpectationFailed", "expectation_failed", "Expectation failed")

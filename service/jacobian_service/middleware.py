@@ -360,18 +360,17 @@ TRACE_HEADERS = ["traceparent", "tracestate", "baggage",  # W3C Trace Context an
 LIBRARY_HEADERS = ["X-Requested-With", "Cache-Control", "Pragma", "Expires"]
 
 
-# The conditional request headers (RFC 9110 13.1) whose answer, from a service whose
-# answers carry no validator (no ETag, no Last-Modified: each is computed afresh and
-# ``no-store``, nothing to revalidate), is the whole answer: an If-None-Match tag never
-# matches (its ``*`` is not evaluated, as If-Match is not), If-Modified-Since and
-# If-Unmodified-Since are ignored without a date (13.1.3, 13.1.4), and If-Range goes with
-# a Range, which a server may ignore (14.2) and this one does (a Range other than one
-# plain ``bytes=a-b``, which needs no preflight, is named too). A page's library
-# revalidating (an ETag a gateway in front added, axios-cache-interceptor's, a
-# hand-written conditional GET) read "Failed to fetch", its preflight refused, where any
-# other client read the 200; only If-Modified-Since passed. If-Match is not here: no tag
-# can match it, its answer would be a 412, which the service does not give.
-CONDITIONAL_HEADERS = ["If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range", "Range"]
+# The conditional request headers (RFC 9110 13.1), answered to a page as to any client
+# (preconditions.py): answers carry no validator (no ETag, no Last-Modified: each is
+# computed afresh and ``no-store``, nothing to revalidate), so an If-None-Match tag never
+# matches (its ``*`` is a GET's 304), If-Modified-Since and If-Unmodified-Since are
+# ignored without a date (13.1.3, 13.1.4), an If-Match is a 412, and If-Range goes with a
+# Range, which a server may ignore (14.2) and this one does (a Range other than one plain
+# ``bytes=a-b``, which needs no preflight, is named too). A page's library revalidating
+# (an ETag a gateway in front added, axios-cache-interceptor's, a hand-written
+# conditional GET) read "Failed to fetch", its preflight refused, where any other client
+# read the 200; only If-Modified-Since passed. If-Match passes too: a page reads its 412.
+CONDITIONAL_HEADERS = ["If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range", "Range"]
 
 
 # Chromium's cap on a preflight's Access-Control-Max-Age (Firefox's is a day).

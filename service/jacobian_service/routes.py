@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jacobian_client import wire
 
+from . import preconditions
 from .clients import client_of
 from .connections import Charge, first_header, read_body
 from .errors import (
@@ -207,6 +208,7 @@ async def release_function(request: Request, name: str) -> Response:
     """An operator's word: a quarantined function may run again."""
     state = _state(request)
     state.registry.get(name)
+    preconditions.refuse_unrepresented(request.scope["headers"])  # (its own checks first: RFC 9110 13.2.1)
     released = state.engines.release(name)
     return JSONResponse({"function": name, "released": released})
 
@@ -322,6 +324,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     # body budget held, for a 422 its headers had decided).
     timeout = _timeout(state, request)
     check_head(spec, kind, content_type, _query(request))  # (content types parse_call does not take: 415 there)
+    preconditions.refuse_unrepresented(request.scope["headers"])  # (after the checks above, before the body: 13.2.1)
     s = state.settings
     # The body is charged to the process's body budget as it arrives, before it is
     # buffered, and held there (JSON at its parse cost) until it is parsed; an .npz's
@@ -657,7 +660,7 @@ def _stream_json(state: ServiceState, function: str, head: StreamHead, info: Job
 _DERIVATIVE_ERRORS = (
     "malformed_body", "function_not_found", "not_acceptable", "request_timeout", "payload_too_large", "result_too_large",
     "unsupported_media_type", "invalid_input", "sparsity_not_found", "overloaded", "function_error", "unavailable",
-    "function_quarantined", "timeout", "out_of_memory",
+    "function_quarantined", "timeout", "out_of_memory", "precondition_failed",
 )
 _SUMMARIES = {
     "jacobian": "The Jacobian, as torch.func.jacrev computes it",
@@ -699,7 +702,8 @@ ROUTES: list[Route] = [
                   "overloaded", "unavailable", "function_quarantined", "timeout", "out_of_memory"),
           doc={"parameters": _SPARSITY_PARAMETERS}, negotiated=True),
     Route("DELETE", "/v1/functions/{name}/quarantine", release_function, "releaseFunction",
-          "Release a quarantined function (operators)", "operations", errors=("function_not_found",)),
+          "Release a quarantined function (operators)", "operations",
+          errors=("function_not_found", "precondition_failed")),
     *[
         Route("POST", f"/v1/functions/{{name}}/{kind}", derivative, kind, summary, "derivatives",
               params={"kind": kind}, errors=_DERIVATIVE_ERRORS, negotiated=True)
@@ -803,6 +807,10 @@ class Router:
                     if route.method == method or (method == "HEAD" and route.method == "GET"):
                         negotiated = route.negotiated
                         response = await route.handler(request, **params, **route.params)
+                        # (a GET's answer is a whole body, none a stream: one made and not sent ends nothing)
+                        if route.method == "GET" and 200 <= response.status_code < 300 and \
+                                preconditions.conditional(scope["headers"]):
+                            response = preconditions.evaluated(scope["headers"], response, _request_id(request))
                         break
                 else:
                     allowed = _allowed(matches) if matches else self.server_allow  # (none: OPTIONS *)
