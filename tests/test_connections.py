@@ -555,10 +555,11 @@ def test_streams_left_unread_count_against_the_engines_queue() -> None:
 
 @contextlib.contextmanager
 def _guarded_uvicorn(app, implementation: str, header_timeout_s: float, on_timeout=None, start_s: float = 10,
-                     drain: tuple[float, float] | None = None, **config) -> Iterator[str]:
+                     drain: tuple[float, float] | None = None, servers: list | None = None, **config) -> Iterator[str]:
     """A real uvicorn serving ``app`` with our guarded protocol over uvicorn's ``h11`` or
     ``httptools`` class, on a thread; yields its URL (started within ``start_s``: an app
-    whose lifespan starts engines takes longer)."""
+    whose lifespan starts engines takes longer). ``servers``: the uvicorn.Server is put
+    there (to shut it down from a test)."""
     import threading
 
     import uvicorn
@@ -572,6 +573,8 @@ def _guarded_uvicorn(app, implementation: str, header_timeout_s: float, on_timeo
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            http=guarded_protocol(header_timeout_s, on_timeout, base=base, drain=drain),
                                            **{"lifespan": "off", **config}))
+    if servers is not None:
+        servers.append(server)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -1,6 +1,7 @@
 """Red team, round twenty-six: hostile clients over raw sockets and odd HTTP (an HTTP/1.1
 request with no Host or two, under either parser; a header parameter with no ``=`` or
-an unclosed quote; If-Match and If-None-Match evaluated as RFC 9110 13 asks; ...).
+an unclosed quote; If-Match and If-None-Match evaluated as RFC 9110 13 asks; a graceful
+shutdown with a request still being read).
 
 Each names what a user saw before. The connection cases run the real app (no engines
 started: nothing there computes) under the server's guarded protocol class on each of
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from .conftest import assert_problem, decode
-from .test_connections import _connect, _problem, _read_to_close
+from .test_connections import _connect, _guarded_uvicorn, _problem, _read_to_close, _wait_for
 from .test_hostile_round25_clients import _NEXT, _an_honest_client_beside, _answers, urls  # noqa: F401 (a fixture)
 
 IMPLEMENTATIONS = ["h11", "httptools"]
@@ -152,3 +153,39 @@ def test_conditions_on_a_get_are_evaluated_against_its_answer(client) -> None:
     etag = client.get("/favicon.ico").headers["etag"]
     assert client.get("/favicon.ico", headers={"if-match": f'"other", {etag}'}).status_code == 200
     assert_problem(client.get("/favicon.ico", headers={"if-match": f"W/{etag}"}), 412, "precondition_failed")
+
+
+# ------------------------------------------------------------ a graceful shutdown
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_shutdown_answers_the_request_being_read_saying_it_closes(implementation: str) -> None:
+    """A graceful shutdown (SIGTERM, after the drain delay: uvicorn's shutdown) closes
+    each idle keep-alive connection, and lets a request it has taken finish: here one whose
+    body is still coming. Under httptools that answer said ``Connection: close``; under
+    uvicorn's h11 it said nothing and the connection closed after it, so a client kept it
+    for its next request (the middleware now says what the server's cycle will do, under
+    either parser). The idle connection is closed cleanly (an end of stream, no reset)."""
+    from ._client_support import real_app
+
+    servers: list = []
+    body = b'{"inputs": [[1.0, 2.0]]} x'  # (a body read whole, then refused: an answer without an engine)
+    with _guarded_uvicorn(real_app(functions="jacobian_service.examples"), implementation, 5.0, servers=servers) as url:
+        idle = _connect(url)
+        idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        idle.settimeout(10)
+        assert idle.recv(65536).endswith(b'{"status":"ok"}')
+        reading = _connect(url)
+        reading.sendall(b"POST /v1/functions/softmax/evaluate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+        assert _wait_for(lambda: any(getattr(c, "cycle", None) is not None and not c.cycle.response_complete
+                                     for c in servers[0].server_state.connections), 10)  # (its head is read)
+        servers[0].should_exit = True  # (what SIGTERM does once the drain delay has passed)
+        assert idle.recv(65536) == b""  # closed at once, cleanly (a reset raises here)
+        idle.close()
+        reading.sendall(body[5:])
+        raw = _read_to_close(reading, 10)
+        reading.close()
+    assert [status for status, _ in _answers(raw)] == [400], raw[-300:]
+    _, headers, problem = _problem(raw)
+    assert problem["code"] == "malformed_body" and headers.get("connection") == "close", raw[:400]

@@ -197,7 +197,12 @@ class AccessMiddleware:
                     headers.append(NO_STORE)
                 if posted:
                     headers.append(VARY_ANY)
-                if not body_asked:
+                # The server's cycle (``send`` is its bound method) closes the connection after
+                # this answer where it no longer keeps it alive (a graceful shutdown begun while
+                # the request was read, a half-closed client, the last request of a pipeline
+                # cut short): httptools then says ``Connection: close``, uvicorn's h11 said
+                # nothing and closed, and a client reused the connection for its next request.
+                if not body_asked or getattr(getattr(send, "__self__", None), "keep_alive", True) is False:
                     headers = [(k, v) for k, v in headers if k.lower() != b"connection"] + [(b"connection", b"close")]
                 message["headers"] = headers
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
