@@ -1,7 +1,8 @@
 """Red team, round twenty-six: hostile clients over raw sockets and odd HTTP (an HTTP/1.1
 request with no Host or two, under either parser; a header parameter with no ``=`` or
 an unclosed quote; If-Match and If-None-Match evaluated as RFC 9110 13 asks; a graceful
-shutdown with a request still being read).
+shutdown with a request still being read; Transfer-Encoding lists read alike by both
+parsers).
 
 Each names what a user saw before. The connection cases run the real app (no engines
 started: nothing there computes) under the server's guarded protocol class on each of
@@ -189,3 +190,37 @@ def test_a_shutdown_answers_the_request_being_read_saying_it_closes(implementati
     assert [status for status, _ in _answers(raw)] == [400], raw[-300:]
     _, headers, problem = _problem(raw)
     assert problem["code"] == "malformed_body" and headers.get("connection") == "close", raw[:400]
+
+
+# ------------------------------------------------------------ transfer codings, read alike
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("codings, said", [
+    (b",chunked", None), (b", , chunked", None),  # (empty elements: none, RFC 9110 5.6.1)
+    (b"chunked, identity", "Invalid `Transfer-Encoding` header value"),
+    (b"chunked, chunked", "Invalid `Transfer-Encoding` header value"),
+    (b"chunked,", "Invalid `Transfer-Encoding` header value"),
+    (b"gzip", "Request has invalid `Transfer-Encoding`"),
+])
+def test_transfer_codings_are_framed_and_refused_alike_under_either_parser(urls: dict[str, str], implementation: str,
+                                                                           codings: bytes, said: str | None) -> None:
+    """``Transfer-Encoding: ,chunked`` (an empty list element, which a recipient must
+    ignore) was read as chunked under httptools and refused 501 "the only transfer coding
+    served is chunked" under h11 (or its 400), one request framed two ways by the
+    server's two parsers; the codings llhttp refuses (chunked not last, twice, a trailing
+    comma, none chunked: RFC 9112 6.3's 400) were h11's bare "Invalid HTTP request
+    received". Now each is framed alike (the chunked body read, the request after it
+    served) or refused in the same words, the connection closed; an honest client beside
+    is served."""
+    with _an_honest_client_beside(urls[implementation]):
+        raw = _exchange(urls[implementation], b"POST /v1/functions/softmax/evaluate HTTP/1.1\r\nHost: t\r\n"
+                        b"Content-Type: application/json\r\nTransfer-Encoding: " + codings + b"\r\n\r\n"
+                        b"2\r\n{}\r\n0\r\n\r\n" + _NEXT)
+    _, headers, problem = _problem(raw.split(b"HTTP/1.1 200")[0])  # (the first answer's)
+    if said is None:  # (the body, {}, read whole: the app's 422, then the next request)
+        assert [status for status, _ in _answers(raw)] == [422, 200], raw[-300:]
+        assert problem["code"] == "invalid_input" and raw.endswith(b'{"status":"ok"}'), raw[-300:]
+    else:
+        assert [status for status, _ in _answers(raw)] == [400] and headers["connection"] == "close", raw[-300:]
+        assert problem["detail"] == f"the request is not valid HTTP/1.1 ({said})", problem

@@ -16,7 +16,9 @@ client must get the same answer from either server. Two gaps:
   ending in a bare LF left the request waiting for its body's timeout; a control
   character (0x01-0x08, 0x0e-0x1f, DEL) in a header or trailer field's value was read
   into it; an HTTP/1.1 request with no Host or two was h11's bare 400 "Invalid HTTP
-  request received" (httptools: the app's 400 saying so).
+  request received" (httptools: the app's 400 saying so), and so were the transfer
+  codings llhttp refuses (chunked not last, twice); ``Transfer-Encoding: ,chunked`` (an
+  empty element, which llhttp ignores) was a 501 or a 400.
   :class:`StrictReceiveBuffer`, h11's receive buffer, refuses them (400) where llhttp
   does; it skips empty lines before a request line, as llhttp does and RFC 9112 2.2 asks
   (h11 answered a client that sent CRLF after a body 400 at its next request), and reads
@@ -124,6 +126,8 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 # h11's to refuse: it does.)
 _VALUE_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # (where h11 ends a head)
+_CODINGS_LINE = re.compile(rb"(?im)^(transfer-encoding:[ \t]*)([^\r\n]*?)(?=[ \t]*\r?$)")
+_EMPTY_FIRST_CODING = re.compile(rb"(?im)^transfer-encoding:[ \t]*,")
 _HTTP1 = (b"HTTP/1.1", b"HTTP/1.0")
 # The methods llhttp reads in an HTTP/1 request (httptools 0.9; CONNECT and PRI it reads
 # otherwise): any other token (a lower-case "post", "FOO") it refuses, 400, where h11
@@ -151,6 +155,7 @@ def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
         lines = lines[1:]
     lengths = hosts = 0
     codings: list[bytes] = []
+    trailing_comma = False
     fields: list[tuple[bytes, bytes]] = []
     for line in lines:
         if not line:
@@ -174,13 +179,22 @@ def _head_fault(head: bytes, trailers: bool) -> str | ServiceError | None:
         elif name == b"transfer-encoding":
             if trailers:
                 return "a trailer field cannot frame the body: Transfer-Encoding in the trailer section"
-            codings.extend(c.strip().lower() for c in value.split(b","))
+            # (an empty element is none, RFC 9110 5.6.1: ", chunked" is chunked, as llhttp and
+            # the middleware read it; it was h11's 501 here. llhttp refuses one at the end.)
+            codings.extend(c.strip().lower() for c in value.split(b",") if c.strip())
+            trailing_comma = trailing_comma or value.rstrip().endswith(b",")
     if version == b"HTTP/1.1" and hosts != 1:
         return hosts_fault(hosts)  # (the middleware's answer under httptools)
-    if not trailers and len(codings) > 1 and codings[-1] == b"chunked" and codings.count(b"chunked") == 1 \
-            and not lengths and version == b"HTTP/1.1":
-        # (llhttp passes "gzip, chunked" to the app, whose answer is 501; h11 refused it 400)
-        return UnsupportedTransferCoding(UNSUPPORTED_CODING)
+    if codings and not lengths and version == b"HTTP/1.1":
+        # llhttp's words where it refuses a request's transfer codings (RFC 9112 6.3: chunked
+        # not last is a 400), h11's were "Invalid HTTP request received"
+        if codings[-1] != b"chunked" and b"chunked" not in codings:
+            return "Request has invalid `Transfer-Encoding`"
+        if codings[-1] != b"chunked" or codings.count(b"chunked") > 1 or trailing_comma:
+            return "Invalid `Transfer-Encoding` header value"
+        if len(codings) > 1:
+            # (llhttp passes "gzip, chunked" to the app, whose answer is 501; h11 refused it 400)
+            return UnsupportedTransferCoding(UNSUPPORTED_CODING)
     if not trailers and has_body(fields) and any(n == b"upgrade" for n, _ in fields) and any(
             t.strip().lower() == b"upgrade" for n, v in fields if n == b"connection" for t in v.split(b",")):
         return UPGRADE_WITH_BODY  # (h11 read the body and kept the connection; llhttp cannot)
@@ -251,8 +265,21 @@ class StrictReceiveBuffer(ReceiveBuffer):
             if fault is not None:
                 self._refuse(fault)
             if not trailers:
+                self._codings(match.end())
                 self._request_line(data.find(b"\r\n"))
         return super().maybe_extract_lines()
+
+    def _codings(self, end: int) -> None:
+        """A head's Transfer-Encoding values without their empty elements (RFC 9110 5.6.1:
+        ignored), for h11 to read: it refused ``Transfer-Encoding: ,chunked`` (400), which
+        llhttp reads as chunked, the framing a proxy in front may read too."""
+        head = bytes(self._data[:end])
+        if b",," not in head and _EMPTY_FIRST_CODING.search(head) is None:
+            return
+        written = _CODINGS_LINE.sub(lambda m: m[1] + b", ".join(c.strip() for c in m[2].split(b",") if c.strip()), head)
+        if written != head:
+            self._data[:end] = written
+            self._multiple_lines_search = 0  # (the blank line moved)
 
     def _request_line(self, end: int) -> None:
         """The request line as llhttp reads it, for h11 to read: its target in
