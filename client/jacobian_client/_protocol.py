@@ -69,6 +69,7 @@ __all__ = [
     "check_api_key",
     "client_closed",
     "input_leaves",
+    "input_tree",
     "is_input_node",
     "not_an_answer",
     "parse_retry_after",
