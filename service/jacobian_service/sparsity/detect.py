@@ -73,8 +73,10 @@ shapes. Some depend on the input values, and the tracer says so
 
 A function that reads a traced tensor's text (``str(x)``: the value's text; jacrev's
 tensors print otherwise, ``TEXT_NOTE``), or whose traced run computes other values than
-the request's forward pass (a branch on ``type(x)``, ``DIVERGED_NOTE``), gets a pattern
-checked against its products at every request (:func:`checked`).
+the request's forward pass (a branch on ``type(x)``, ``DIVERGED_NOTE``), or that reads
+its tensors' type (``type(x)``, ``x.__class__``, functorch's queries: ``TYPE_NOTE``, see
+:mod:`.type_reads`), gets a pattern checked against its products at every request
+(:func:`checked`).
 
 Non-differentiated inputs are traced too, with no dependencies, so that reading their
 values is seen. Masks and indices computed from traced values are traced as well (with
@@ -123,9 +125,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import exception_text
 from .adjoints import ADJOINTS, adjoint
+from .type_reads import TypeWatch
 from .patterns import CHOICE_NOTE, Pattern, PatternTooLarge, check_entries as _check_entries, check_input_entries, entry_limit
 
-__all__ = ["CUSTOM_NOTE", "DIVERGED_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "SEEDED_NOTE", "TEXT_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "checked", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
+__all__ = ["CUSTOM_NOTE", "DIVERGED_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "SEEDED_NOTE", "TEXT_NOTE", "TYPE_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "checked", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
 
 aten = torch.ops.aten
 
@@ -526,6 +529,10 @@ class _Tracer:
         self.text = False
         # The traced run's output differs from a plain call's (see _diverged).
         self.diverged = False
+        # Where the function read its tensors' type (type(x), x.__class__, functorch's
+        # state), which jacrev's tensors answer otherwise (see type_reads).
+        self.type_reads: list[str] = []
+        self.watch = TypeWatch()
         # Random ops met (every op that draws is tagged, whatever the generator): the
         # pattern may follow the draws (indices from randint), which differ per call.
         self.random: set[str] = set()
@@ -2386,7 +2393,15 @@ class _Fresh(TorchDispatchMode):
         return guarded(self, func, types, args, kwargs) if guarded is not None else self._dispatch(func, types, args, kwargs)
 
     def _dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
+        # (here, under dynamo's guard: dynamo cannot trace sys.setprofile, and warned)
+        watch = self.tracer.watch
+        watch.pause()  # the tracer's own calls: not the function's type reads
+        try:
+            return self._traced(func, args, kwargs or {})
+        finally:
+            watch.resume()
+
+    def _traced(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         if _tagged(func, torch.Tag.nondeterministic_seeded):  # rand, randint, randperm, bernoulli, dropout, ...
             (self.tracer.seeded if self.tracer.seeded_here(args, kwargs) else self.tracer.random).add(_op(func))
         out = func(*args, **kwargs)
@@ -2434,7 +2449,7 @@ def _trace(
         offset += size
     _locked(check_alive)
     try:
-        with torch.enable_grad(), _Fresh(tracer):
+        with torch.enable_grad(), _Fresh(tracer), tracer.watch:
             out = fn(*full)
     except BaseException as exc:
         if tracer.stopped is not None and exc is not tracer.stopped:
@@ -2445,6 +2460,7 @@ def _trace(
     finally:
         tracer.done = True
         _LOCK.release()
+    tracer.type_reads = tracer.watch.reads()
     if tracer.stopped is not None:  # the function caught it and went on: still stop
         raise tracer.stopped
     leaves = pytree.tree_leaves(out)
@@ -2486,13 +2502,20 @@ TEXT_NOTE = "reads a tensor's text (str, repr, format), which differs under jacr
 #: function (a branch on ``type(x)``, which the tracer cannot hook): checked.
 DIVERGED_NOTE = "the traced run computed other values than the function (a branch on a tensor's type?): checked"
 
+#: Note on patterns of functions that read their tensors' type (``type(x)``,
+#: ``x.__class__``, functorch's queries; then followed by where): the tracer's tensors are
+#: a subclass, jacrev's are not, so a branch on it may take another arm there, with the
+#: same values but another derivative (see :mod:`.type_reads`). The products check it.
+TYPE_NOTE = "reads a tensor's type (type(), __class__, functorch's state), which differs under jacrev: checked"
+
 
 def checked(p: Pattern) -> bool:
     """Whether a traced ``p`` is checked against its products although exact: the
     function seeds its own generator (``SEEDED_NOTE``), reads its tensors' text
-    (``TEXT_NOTE``), or its traced run computed other values than a plain call
-    (``DIVERGED_NOTE``): the trace may have taken another way than the products."""
-    return any(n.startswith((SEEDED_NOTE, TEXT_NOTE, DIVERGED_NOTE)) for n in p.notes)
+    (``TEXT_NOTE``), its traced run computed other values than a plain call
+    (``DIVERGED_NOTE``), or it reads its tensors' type (``TYPE_NOTE``): the trace may
+    have taken another way than the products."""
+    return any(n.startswith((SEEDED_NOTE, TEXT_NOTE, DIVERGED_NOTE, TYPE_NOTE)) for n in p.notes)
 
 
 def random_note(ops: Sequence[str] = ()) -> str:
@@ -2519,6 +2542,8 @@ def _notes(tracer: _Tracer) -> tuple[str, ...]:
         notes += (TEXT_NOTE,)
     if tracer.diverged:
         notes += (DIVERGED_NOTE,)
+    if tracer.type_reads:
+        notes += (f"{TYPE_NOTE} ({'; '.join(tracer.type_reads)})",)
     if tracer.choices:
         notes += (f"{CHOICE_NOTE} ({', '.join(sorted(tracer.choices))})",)
     return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ()) + ((CUSTOM_NOTE,) if tracer.custom else ())

@@ -1,0 +1,48 @@
+"""Functions for tests/test_sparse_round19.py. Loaded by module name."""
+
+from __future__ import annotations
+
+import torch
+
+from jacobian_service import Input, register
+
+# ------------------------------------------------------------------ a branch on a tensor's type
+# Each arm computes the same values; only the plain-tensor arm (jacrev's: its tensors are
+# torch.Tensor to Python) couples every element to the first. The tracer's tensors are a
+# subclass: it took the other arm, whose values agree (nothing diverged).
+
+
+def _is_plain(u: torch.Tensor) -> bool:
+    # a helper that runs no op of its own: only the Python calls show it was run
+    return type(u) in (torch.Tensor,)
+
+
+_TYPE_CHECKS = {
+    "type_is": lambda u: type(u) is torch.Tensor,
+    "class_attr": lambda u: u.__class__ is torch.Tensor,
+    "type_name": lambda u: type(u).__name__ == "Tensor",
+    "helper": _is_plain,
+    "functorch_state": lambda u: torch._C._functorch.is_functorch_wrapped_tensor(u),
+}
+
+
+def _coupled(check):
+    def fn(u: torch.Tensor) -> torch.Tensor:
+        first = u[0] if check(u) else u[0].detach()
+        return u * first + u.roll(1)
+    return fn
+
+
+COUPLED = {}  # check's name -> the registered function (for the test's jacrev)
+for _name, _check in _TYPE_CHECKS.items():
+    COUPLED[_name] = register(inputs=[Input("u", shape=("n",), dtype="float64")], name=f"coupled_{_name}",
+             description=f"A residual whose coupling to u[0] is detached unless a type check ({_name}) says "
+                         "its tensor is a plain torch.Tensor: the same values either way.")(_coupled(_check))
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="A chain energy whose coupling to the first element is detached where type(u) is not "
+                      "torch.Tensor (its Hessian through the type check).")
+def type_energy(u: torch.Tensor) -> torch.Tensor:
+    first = u[0] if type(u) is torch.Tensor else u[0].detach()
+    return ((u[1:] - u[:-1]) ** 4).sum() + (u**2 * first**2).sum()

@@ -1,0 +1,69 @@
+"""Sparse Jacobians and Hessians, round 19: functions that branch on their tensors' type
+(``type(x) is torch.Tensor``, ``x.__class__``, a helper that checks, functorch's own
+query) with arms of the same values but not the same derivative. Each answer against
+torch.func (jacrev, hessian) in this process.
+
+One in-process app serves every case (no new server process).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from tests import sparse19_functions as s19
+
+from .conftest import ready_app
+
+
+@pytest.fixture(scope="module")
+def client():
+    with ready_app("tests.sparse19_functions") as c:
+        yield c
+
+
+def csr(doc, key="jacobian"):
+    j = doc[key]
+    return sp.csr_array((j["data"], j["indices"], j["indptr"]), shape=j["shape"])
+
+
+def sparse_answer(client, name, inputs, kind="jacobian"):
+    r = client.post(f"/v1/functions/{name}/{kind}", json={"inputs": [np.asarray(x).tolist() for x in inputs], "sparsity": "auto"})
+    assert r.status_code == 200, r.text
+    return csr(r.json(), kind), r.json()["meta"]
+
+
+# ------------------------------------------------------------------ a branch on a tensor's type
+
+
+@pytest.mark.parametrize("check", ["type_is", "class_attr", "type_name", "helper", "functorch_state"])
+def test_a_type_branch_of_the_same_values_is_jacrevs_branch(client, check):
+    """``u[0] if type(u) is torch.Tensor else u[0].detach()`` (and the same through
+    ``__class__``, ``type(u).__name__``, a helper that runs no op, functorch's
+    ``is_functorch_wrapped_tensor``): jacrev's tensors are plain ``torch.Tensor`` to
+    Python (wrapped), the tracer's a subclass (not wrapped), so the trace took the
+    detached arm: the diagonal and its neighbour, where jacrev couples every element to
+    the first. Both arms give the same values, so nothing diverged: exact, unchecked, a
+    200 with column 0 missing. Now the trace sees the type read and the pattern is
+    checked against the products at every request (the second point: the cached
+    pattern)."""
+    name = f"coupled_{check}"
+    fn = s19.COUPLED[check]
+    for u in (np.array([0.5, 1.5, -0.7, 2.0, 1.1]), np.array([1.5, -0.5, 0.3, 0.9, -1.2])):
+        got, meta = sparse_answer(client, name, [u])
+        want = torch.func.jacrev(fn)(torch.from_numpy(u)).numpy()
+        assert want[1:, 0].all()  # (the coupling the trace's arm left out)
+        np.testing.assert_allclose(got.toarray(), want, rtol=1e-12, atol=1e-12)
+        assert any(n.startswith("reads a tensor's type") for n in meta["notes"]), meta
+
+
+def test_a_hessian_through_a_type_branch_is_torchs(client):
+    """The same for a Hessian: an energy whose coupling ``u**2 * u[0]**2`` is detached
+    from u[0] unless its tensor is a plain ``torch.Tensor``."""
+    u = np.array([0.3, -0.2, 0.9, 0.4, 1.2, -0.7])
+    got, meta = sparse_answer(client, "type_energy", [u], "hessian")
+    want = torch.func.hessian(s19.type_energy)(torch.from_numpy(u)).numpy()
+    assert want[1:, 0].all()
+    np.testing.assert_allclose(got.toarray(), want, rtol=1e-12, atol=1e-12)
