@@ -46,3 +46,21 @@ for _name, _check in _TYPE_CHECKS.items():
 def type_energy(u: torch.Tensor) -> torch.Tensor:
     first = u[0] if type(u) is torch.Tensor else u[0].detach()
     return ((u[1:] - u[:-1]) ** 4).sum() + (u**2 * first**2).sum()
+
+
+# ------------------------------------------------------------------ values read as Python lists
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="Each element times the one that follows it in sorted order, the order read as a Python "
+                      "list (argsort().tolist()): a pattern of the values' order.")
+def sorted_pairs(u: torch.Tensor) -> torch.Tensor:
+    order = u.argsort().tolist()
+    return torch.stack([u[i] * u[j] for i, j in zip(order, order[1:] + order[:1])])
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="A chain energy scaled by the sum of its input's values read as a Python list (a "
+                      "constant to the derivative, as under jacrev).")
+def listed_energy(u: torch.Tensor) -> torch.Tensor:
+    return ((u[1:] - u[:-1]) ** 4).sum() * sum(u.tolist())

@@ -67,3 +67,25 @@ def test_a_hessian_through_a_type_branch_is_torchs(client):
     want = torch.func.hessian(s19.type_energy)(torch.from_numpy(u)).numpy()
     assert want[1:, 0].all()
     np.testing.assert_allclose(got.toarray(), want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ values read as Python lists
+
+
+def test_a_function_that_reads_tolist_is_traced_at_each_point(client):
+    """``u.argsort().tolist()`` (a loop over the values' order) and ``sum(u.tolist())``:
+    jacrev's tensors give their values (constants to the derivative), the tracer's raised
+    ('.tolist() is not supported for tensor subclasses'), so every request was probed
+    (dense derivatives at random points: ``source`` probe), and for the sorted pairs the
+    probed pattern was proven wrong by the products at each point and computed densely
+    (n products). Now tolist is a value read: traced at each point, exact there, 2
+    products for the pairs (each row two entries of the order), and jacrev's at another
+    point of another order."""
+    for u in (np.array([0.5, 1.5, -0.7, 2.0, 1.1, -0.2]), np.array([2.0, -1.5, 0.7, 0.1, -1.1, 0.9])):
+        got, meta = sparse_answer(client, "sorted_pairs", [u])
+        np.testing.assert_allclose(got.toarray(), torch.func.jacrev(s19.sorted_pairs)(torch.from_numpy(u)).numpy(), rtol=1e-12, atol=1e-12)
+        assert (meta["source"], meta["exact"], meta["value_dependent"], meta["products"]) == ("detected", True, True, 2), meta
+        assert any("tolist" in n for n in meta["notes"]), meta
+        got, meta = sparse_answer(client, "listed_energy", [u], "hessian")
+        np.testing.assert_allclose(got.toarray(), torch.func.hessian(s19.listed_energy)(torch.from_numpy(u)).numpy(), rtol=1e-12, atol=1e-12)
+        assert meta["source"] == "detected", meta

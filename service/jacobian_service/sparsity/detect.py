@@ -60,7 +60,7 @@ Most patterns depend on shapes alone, so one detection serves every point of tho
 shapes. Some depend on the input values, and the tracer says so
 (``Pattern.value_dependent``, with the reason in ``notes``) when the function:
 
-- converts a traced value to Python (``if x.sum() > 0``, ``.item()``, ``bool(...)``),
+- converts a traced value to Python (``if x.sum() > 0``, ``.item()``, ``bool(...)``, ``.tolist()``),
 - indexes, gathers or scatters with indices or masks computed from traced values
   (``x[x > 0]``, ``x[torch.argsort(x)]``) or taken from a non-differentiated input
   (``x[idx]``); a gather of what depends on no input (a table the function holds, at
@@ -474,11 +474,17 @@ class _Traced(torch.Tensor):
         return self.root.const or self.tracer.done
 
     def numpy(self, *args: Any, **kwargs: Any) -> np.ndarray:  # type: ignore[override]
-        # (np.asarray goes through here too)
+        # (np.asarray goes through here too; jacrev's tensors have no storage to give)
         return self.value.numpy(*args, **kwargs) if self._plain() else super().numpy(*args, **kwargs)
 
     def tolist(self) -> Any:  # type: ignore[override]
-        return self.value.tolist() if self._plain() else super().tolist()
+        """The values, as under jacrev (whose tensors give theirs, constants to its
+        derivative, as ``item()`` does): a value read. torch refuses ``tolist`` of a
+        subclass, which failed the trace, and every request of a function that loops over
+        ``x.argsort().tolist()`` was probed (dense derivatives at random points)."""
+        if not self._plain():
+            self.tracer.reads("tolist: a traced value converted to Python")
+        return self.value.tolist()
 
     def untyped_storage(self) -> Any:  # type: ignore[override]
         """The storage is the value's, which the trace does not follow: reading or
