@@ -23,6 +23,8 @@ _TYPE_CHECKS = {
     "type_name": lambda u: type(u).__name__ == "Tensor",
     "helper": _is_plain,
     "functorch_state": lambda u: torch._C._functorch.is_functorch_wrapped_tensor(u),
+    "grad_fn": lambda u: (u * 2).grad_fn is not None,  # jacrev's computed tensors have a node
+    "is_leaf": lambda u: not u[1:].is_leaf,  # a view of jacrev's input is no leaf
 }
 
 

@@ -1,6 +1,7 @@
 """Sparse Jacobians and Hessians, round 19: functions that branch on their tensors' type
-(``type(x) is torch.Tensor``, ``x.__class__``, a helper that checks, functorch's own
-query) with arms of the same values but not the same derivative. Each answer against
+or autograd state (``type(x) is torch.Tensor``, ``x.__class__``, a helper that checks,
+functorch's own query, ``grad_fn``, ``is_leaf``) with arms of the same values but not the
+same derivative; functions that read their values by ``tolist``. Each answer against
 torch.func (jacrev, hessian) in this process.
 
 One in-process app serves every case (no new server process).
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from tests import sparse19_functions as s19
 
 from .conftest import ready_app
+from .test_sparse_round17 import sparse_answer  # (a 200's matrix as scipy CSR, and its meta)
 
 
 @pytest.fixture(scope="module")
@@ -24,27 +25,17 @@ def client():
         yield c
 
 
-def csr(doc, key="jacobian"):
-    j = doc[key]
-    return sp.csr_array((j["data"], j["indices"], j["indptr"]), shape=j["shape"])
-
-
-def sparse_answer(client, name, inputs, kind="jacobian"):
-    r = client.post(f"/v1/functions/{name}/{kind}", json={"inputs": [np.asarray(x).tolist() for x in inputs], "sparsity": "auto"})
-    assert r.status_code == 200, r.text
-    return csr(r.json(), kind), r.json()["meta"]
-
-
 # ------------------------------------------------------------------ a branch on a tensor's type
 
 
-@pytest.mark.parametrize("check", ["type_is", "class_attr", "type_name", "helper", "functorch_state"])
+@pytest.mark.parametrize("check", ["type_is", "class_attr", "type_name", "helper", "functorch_state", "grad_fn", "is_leaf"])
 def test_a_type_branch_of_the_same_values_is_jacrevs_branch(client, check):
     """``u[0] if type(u) is torch.Tensor else u[0].detach()`` (and the same through
     ``__class__``, ``type(u).__name__``, a helper that runs no op, functorch's
-    ``is_functorch_wrapped_tensor``): jacrev's tensors are plain ``torch.Tensor`` to
-    Python (wrapped), the tracer's a subclass (not wrapped), so the trace took the
-    detached arm: the diagonal and its neighbour, where jacrev couples every element to
+    ``is_functorch_wrapped_tensor``, ``(u * 2).grad_fn``, ``u[1:].is_leaf``): jacrev's
+    tensors are plain ``torch.Tensor`` to Python (wrapped, computed ones with a
+    ``grad_fn``), the tracer's a subclass (not wrapped, recording nothing), so the
+    trace took the detached arm: the diagonal and its neighbour, where jacrev couples every element to
     the first. Both arms give the same values, so nothing diverged: exact, unchecked, a
     200 with column 0 missing. Now the trace sees the type read and the pattern is
     checked against the products at every request (the second point: the cached

@@ -74,7 +74,8 @@ shapes. Some depend on the input values, and the tracer says so
 A function that reads a traced tensor's text (``str(x)``: the value's text; jacrev's
 tensors print otherwise, ``TEXT_NOTE``), or whose traced run computes other values than
 the request's forward pass (a branch on ``type(x)``, ``DIVERGED_NOTE``), or that reads
-its tensors' type (``type(x)``, ``x.__class__``, functorch's queries: ``TYPE_NOTE``, see
+its tensors' type (``type(x)``, ``x.__class__``, functorch's queries, ``grad_fn``,
+``is_leaf``: ``TYPE_NOTE``, see
 :mod:`.type_reads`), gets a pattern checked against its products at every request
 (:func:`checked`).
 
@@ -506,6 +507,25 @@ class _Traced(torch.Tensor):
         Python reads only: autograd (C++) still sees a tensor that records nothing."""
         return self.root.deps.nnz > 0
 
+    @property
+    def grad_fn(self) -> Any:  # type: ignore[override]
+        """None, as the tracer records no graph; under jacrev a computed tensor has its
+        node (``MulBackward0``), so a branch on it (``y.grad_fn is not None``) took
+        another arm here than there, with the same values: the read is noted and the
+        pattern checked (see :mod:`.type_reads`)."""
+        if not self._plain():
+            self.tracer.watch.autograd("grad_fn", sys._getframe(1).f_code)
+        return None
+
+    @property
+    def is_leaf(self) -> bool:  # type: ignore[override]
+        """jacrev's answer where it can be told (what depends on no differentiated input
+        is a leaf, what does is not, but for the inputs themselves), noted as
+        ``grad_fn`` is: an input written in place is no leaf there."""
+        if not self._plain():
+            self.tracer.watch.autograd("is_leaf", sys._getframe(1).f_code)
+        return not self.requires_grad or id(self) in self.tracer.inputs
+
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -539,6 +559,7 @@ class _Tracer:
         # state), which jacrev's tensors answer otherwise (see type_reads).
         self.type_reads: list[str] = []
         self.watch = TypeWatch()
+        self.inputs: set[int] = set()  # ids of the differentiated inputs (see _Traced.is_leaf)
         # Random ops met (every op that draws is tagged, whatever the generator): the
         # pattern may follow the draws (indices from randint), which differ per call.
         self.random: set[str] = set()
@@ -661,6 +682,12 @@ class _Tracer:
         if hess is not None:
             _check_entries(int(hess.nnz), "the Hessian pattern")
         return _Traced(value, _Root(value, _ones(deps), hess if self.hessian else None), self)
+
+    def input(self, value: torch.Tensor, deps: Any) -> _Traced:
+        """A differentiated input: a leaf to jacrev (``_Traced.is_leaf``)."""
+        t = self.wrap(value, deps, None, checked=False)
+        self.inputs.add(id(t))  # (the tensor itself: a view of it is no leaf)
+        return t
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any], traced: Sequence[_Traced]) -> Any:
@@ -2451,7 +2478,7 @@ def _trace(
     for i, size in zip(argnums, sizes):
         t = args[i].detach().clone()  # the function may write into it: never into the caller's
         eye = sp.csr_array((np.ones(size, np.float32), (np.arange(size), offset + np.arange(size))), shape=(size, tracer.n))
-        full[i] = tracer.wrap(t, eye, None, checked=False)
+        full[i] = tracer.input(t, eye)
         offset += size
     _locked(check_alive)
     try:
@@ -2512,7 +2539,7 @@ DIVERGED_NOTE = "the traced run computed other values than the function (a branc
 #: ``x.__class__``, functorch's queries; then followed by where): the tracer's tensors are
 #: a subclass, jacrev's are not, so a branch on it may take another arm there, with the
 #: same values but another derivative (see :mod:`.type_reads`). The products check it.
-TYPE_NOTE = "reads a tensor's type (type(), __class__, functorch's state), which differs under jacrev: checked"
+TYPE_NOTE = "reads a tensor's type (type(), __class__, functorch's state) or autograd state (grad_fn, is_leaf), which differs under jacrev: checked"
 
 
 def checked(p: Pattern) -> bool:

@@ -3,8 +3,9 @@
 The tracer's tensors are a subclass of ``torch.Tensor`` (``detect._Traced``); jacrev's are
 ``torch.Tensor`` itself to Python (functorch wraps them in C++), and functorch's own
 queries (``torch._C._functorch.is_functorch_wrapped_tensor``, ``current_level``, ...)
-say they are wrapped. A function that branches on ``type(x) is torch.Tensor``,
-``x.__class__``, ``type(x).__name__`` or functorch's state takes another arm under the
+say they are wrapped; their computed tensors have a ``grad_fn`` and are no leaves. A
+function that branches on ``type(x) is torch.Tensor``, ``x.__class__``,
+``type(x).__name__``, functorch's state or ``y.grad_fn`` takes another arm under the
 tracer than under jacrev; where both arms compute the same values but not the same
 derivative (``x * x[0].detach()`` against ``x * x[0]``), nothing in the values tells
 (``detect._diverged``), and the trace's pattern missed jacrev's entries: an exact,
@@ -13,7 +14,8 @@ unchecked, wrong 200.
 ``type`` cannot be hooked (no Python hook changes what it says of an object), so the
 trace is watched instead: while the function runs, ``sys.setprofile`` collects the Python
 code it runs (its own, its helpers', other libraries'; not torch's, numpy's, the
-standard library's nor this service's) and the functorch queries it calls; each code
+standard library's nor this service's), the functorch queries it calls and its reads
+of ``grad_fn`` and ``is_leaf`` (``detect._Traced``'s properties); each code
 object is then read (its bytecode, once) for a use of ``type`` or ``__class__``. A
 function that reads either gets a pattern checked against its products at every request
 (``detect.TYPE_NOTE``): a branch that took another arm is proven wrong there and the
@@ -81,7 +83,7 @@ class TypeWatch:
 
     def __init__(self) -> None:
         self.codes: set[types.CodeType] = set()
-        self.queries: set[tuple[types.CodeType, str]] = set()  # (caller, functorch query)
+        self.queries: set[tuple[types.CodeType, str]] = set()  # (caller, functorch query or autograd attribute)
         self.blind = False  # another profiler holds the hook: nothing was watched
         self._watching = False  # inside the function's call
         self._paused = 0
@@ -108,6 +110,12 @@ class TypeWatch:
             module = getattr(arg, "__module__", None)
             if module == "torch._C._functorch" or getattr(arg, "__name__", None) in _FUNCTORCH_QUERIES:
                 self.queries.add((frame.f_code, arg.__name__))
+
+    def autograd(self, attribute: str, caller: types.CodeType) -> None:
+        """``caller`` read a traced tensor's autograd state (``grad_fn``, ``is_leaf``):
+        jacrev's computed tensors have a ``grad_fn`` node and are no leaves, the
+        tracer's record nothing (``detect._Traced`` says what it can, not a node)."""
+        self.queries.add((caller, attribute))
 
     def pause(self) -> None:
         """The tracer's own dispatch starts: not the function's code (most of the calls
