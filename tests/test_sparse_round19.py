@@ -80,3 +80,40 @@ def test_a_function_that_reads_tolist_is_traced_at_each_point(client):
         got, meta = sparse_answer(client, "listed_energy", [u], "hessian")
         np.testing.assert_allclose(got.toarray(), torch.func.hessian(s19.listed_energy)(torch.from_numpy(u)).numpy(), rtol=1e-12, atol=1e-12)
         assert meta["source"] == "detected", meta
+
+
+def test_the_type_watch_keeps_another_profilers_hook_and_then_checks_every_pattern():
+    """The watch is ``sys.setprofile``: under a profiler that holds it already (cProfile,
+    an IDE's), the watch steps aside (the profiler's hook stays, and sees the function's
+    calls) and every traced pattern is checked, since no type read could be seen; with
+    no profiler a function that reads no type is not checked, and the hook is left as it
+    was found, after a failed trace too. A guard of the watch's contract (no defect
+    found here)."""
+    from jacobian_service.sparsity.detect import TYPE_NOTE, TraceError, trace_jacobian
+
+    def chain(u):
+        return u * u.roll(1)
+
+    def failing(u):
+        raise ValueError("no trace")
+
+    u = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
+    assert not [n for n in trace_jacobian(chain, [u]).notes if n.startswith(TYPE_NOTE)]
+    seen = []
+
+    def profiler(frame, event, arg):
+        seen.append(frame.f_code.co_name)
+
+    import sys
+
+    sys.setprofile(profiler)
+    try:
+        notes = trace_jacobian(chain, [u]).notes
+        kept = sys.getprofile() is profiler
+    finally:
+        sys.setprofile(None)
+    assert kept and "chain" in seen
+    assert [n for n in notes if n.startswith(TYPE_NOTE)] == [f"{TYPE_NOTE} (another profiler was installed: not watched)"]
+    with pytest.raises(TraceError, match="no trace"):
+        trace_jacobian(failing, [u])
+    assert sys.getprofile() is None

@@ -122,12 +122,12 @@ class TypeWatch:
         a trace makes; a plain pair of calls, not a context manager, since it runs at
         every op). Nested pauses resume at the outermost ``resume``."""
         self._paused += 1
-        if self._paused == 1 and not self.blind:
+        if self._paused == 1 and self._watching:  # (never another profiler's hook)
             sys.setprofile(None)
 
     def resume(self) -> None:
         self._paused -= 1
-        if self._paused == 0 and not self.blind and self._watching:
+        if self._paused == 0 and self._watching:
             sys.setprofile(self._event)
 
     def reads(self) -> list[str]:
