@@ -117,3 +117,26 @@ def test_the_type_watch_keeps_another_profilers_hook_and_then_checks_every_patte
     with pytest.raises(TraceError, match="no trace"):
         trace_jacobian(failing, [u])
     assert sys.getprofile() is None
+
+
+def test_type_reads_are_watched_in_installed_packages_too():
+    """Only torch's, numpy's, scipy's, the service's and the standard library's code is
+    not watched. The standard library's folder (``sysconfig``'s ``stdlib``: a venv's
+    ``lib/python3.x``) holds ``site-packages``, so every installed package, a user's
+    functions packaged and installed among them, was taken as the standard library and
+    its ``type(x)`` branches went unseen: a pattern exact and unchecked."""
+    import os
+    import sysconfig
+
+    from jacobian_service.sparsity import type_reads
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    src = "def f(u):\n    return u * u[0] if type(u) is object else u\n"
+
+    def code_at(path):
+        return next(c for c in compile(src, path, "exec").co_consts if hasattr(c, "co_code"))
+
+    watch = type_reads.TypeWatch()
+    watch.codes = {code_at(os.path.join(stdlib, "site-packages", "physics", "residuals.py")),
+                   code_at(os.path.join(stdlib, "json", "decoder.py"))}
+    assert watch.reads() == ["f (residuals.py:1)"]

@@ -36,24 +36,24 @@ from typing import Any
 __all__ = ["TypeWatch"]
 
 
-def _library_dirs() -> tuple[str, ...]:
-    """Folders whose code is not the user's: torch, numpy and scipy branch on types for
-    their own dispatch (the same under jacrev as far as a derivative goes), the
-    standard library, and this service (the tracer itself)."""
+def _library_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Folders whose code is not the user's: torch, numpy and scipy (they branch on types
+    for their own dispatch, the same under jacrev as far as a derivative goes) and this
+    service (the tracer itself); and the standard library's."""
     import numpy
     import scipy
     import torch
 
     dirs = {os.path.dirname(m.__file__ or "") for m in (torch, numpy, scipy)}
     dirs.add(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # jacobian_service/
-    for key in ("stdlib", "platstdlib"):
-        path = sysconfig.get_paths().get(key)
-        if path:
-            dirs.add(path)
-    return tuple(os.path.join(d, "") for d in dirs if d)
+    stdlib = {sysconfig.get_paths().get(key) or "" for key in ("stdlib", "platstdlib")}
+    return tuple(os.path.join(d, "") for d in dirs if d), tuple(os.path.join(d, "") for d in stdlib if d)
 
 
-_LIBRARIES: tuple[str, ...] | None = None
+_LIBRARIES: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+# Installed packages (the user's own among them): a system Python keeps them under the
+# standard library's folder (/usr/lib/python3/dist-packages, .../python3.11/site-packages).
+_INSTALLED = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
 
 # Names whose load is a type read: the builtin ``type`` (a global), ``__class__`` (an
 # attribute, or getattr's string).
@@ -144,11 +144,17 @@ class TypeWatch:
 
 
 def _users(code: types.CodeType) -> bool:
-    """Code of the user's (or of a library it calls), not of torch's, numpy's, the
-    standard library's or this service's (see _library_dirs)."""
+    """Code of the user's (or of a library it calls), not of torch's, numpy's, scipy's,
+    this service's or the standard library's (see _library_dirs)."""
     assert _LIBRARIES is not None
+    libraries, stdlib = _LIBRARIES
+    name = code.co_filename
+    if name.startswith(libraries):
+        return False
+    if any(part in name for part in _INSTALLED):
+        return True
     # ("<string>": code a library generates, dataclasses' __eq__, namedtuple's __new__)
-    return not code.co_filename.startswith(_LIBRARIES + ("<frozen", "<string>"))
+    return not name.startswith(stdlib + ("<frozen", "<string>"))
 
 
 def _where(code: types.CodeType) -> str:
