@@ -79,6 +79,8 @@ def test_an_engine_that_crashed_names_what_it_was_running(supervisor):
     proc.wait()
     engine = _Engine(0, "cpu", proc=proc)
     sup.engines = [engine]
+    # (a front end sent it a job of segfaults, unanswered: the board's word is believed)
+    sup._control(sup.channel.sign({"t": "held", "from": 1, "engine": 0, "functions": ["segfaults"]}))
     sup._died(engine, -11, {"beat": 1.0, "ready": True, "deadline": time.monotonic() + 30, "function": "segfaults",
                             "tags": ["a"]})
     msg = _died_message(sub)

@@ -93,14 +93,16 @@ class _Engines:
     ``quarantined``/``release``, ``depth``, ``info`` and ``engine_stats``."""
 
     async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
-                  deadline: float | None = None, on_slow: Any = None) -> tuple[Any, JobInfo]:
+                  deadline: float | None = None, on_slow: Any = None, function: str = "") -> tuple[Any, JobInfo]:
         """``on_slow``: ``(seconds, callback)``, the callback run once if the job is not
-        answered within those seconds (``routes._cancellable``)."""
+        answered within those seconds (``routes._cancellable``). ``function``: whose job it is
+        where ``call`` does not say (a stream's next chunk: the stream's function)."""
         raise NotImplementedError
 
     async def next_chunk(self, head: StreamHead, deadline: float) -> np.ndarray | None:
         """The next row chunk of a streamed Jacobian, from the engine holding it (None: done)."""
-        arr, _ = await self.run("stream_next", None, engine=head.engine, stream_id=head.stream_id, deadline=deadline)
+        arr, _ = await self.run("stream_next", None, engine=head.engine, stream_id=head.stream_id, deadline=deadline,
+                                function=head.function)
         return arr
 
 
@@ -231,7 +233,7 @@ class InProcessEngines(_Engines):
         return {d: torch.cuda.memory_allocated(d) for d in self.devices if d.startswith("cuda")}
 
     async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
-                  deadline: float | None = None, on_slow: Any = None) -> tuple[Any, JobInfo]:
+                  deadline: float | None = None, on_slow: Any = None, function: str = "") -> tuple[Any, JobInfo]:
         index = engine if engine is not None else min(range(len(self.workers)), key=lambda i: self.workers[i].depth())
         target = self.workers[index]
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -248,6 +250,7 @@ class InProcessEngines(_Engines):
             del fut, job
         if isinstance(result, StreamHead):
             result.engine = index
+            result.function = call.spec.name if call is not None else function
         return result, info
 
     def close_stream(self, head: StreamHead) -> None:
@@ -295,6 +298,10 @@ class RemoteEngines(_Engines):
         # msg id -> (engine index, its pid then, when cancelled, when sent, tag, function). See _overdue.
         self._cancelled: dict[int, tuple[int, int | None, float, float, str, str]] = {}
         self._told_oldest: set[int] = set()  # engines whose oldest job this front end last told the supervisor of
+        # engine index -> the functions this front end last told the supervisor it holds
+        # unanswered there (``held``, see _tell_held), since that engine last restarted
+        self._told_held: dict[int, frozenset[str]] = {}
+        self._control: Any = None  # the supervisor's control socket, once started
 
     async def start(self) -> None:
         import zmq
@@ -404,10 +411,10 @@ class RemoteEngines(_Engines):
             if msg.get("pid") is not None:  # its connection may never close by itself (a child holds it)
                 self._socks[msg["engine"]].gone(msg["pid"])
             self._fail_engine(msg["engine"], set(msg["tags"]), msg["reason"], msg["hang"], msg.get("ready_in", 1.0),
-                              planned=msg.get("planned", False))
+                              planned=msg.get("planned", False), function=msg.get("function", ""))
 
     def _fail_engine(self, index: int, tags: set[str], reason: str, hang: bool, ready_in: float,
-                     planned: bool = False) -> None:
+                     planned: bool = False, function: str = "") -> None:
         """Answer every request the dead engine held: the ones it was running when it
         died were the cause (504 for a hang, 500 for a crash), unless several were
         running together (a batch: the culprit is unknown, so all are retried, and the
@@ -416,11 +423,18 @@ class RemoteEngines(_Engines):
         An engine that left as planned (a stray thread, its memory limit) left between
         batches, having sent every answer it had: what it did not answer it never
         started, and goes to the engine that takes over, unseen by the client. (Not a
-        stream's next chunk: the stream was that engine's.)"""
+        stream's next chunk: the stream was that engine's.)
+
+        A request named as running (``tags``, from the engine's status board, which a
+        function can write) whose function is not the one blamed (``function``) was not
+        running: retryable, not the crash's 500."""
+        self._told_held.pop(index, None)  # the supervisor forgets what was held there as it restarts it
         alone = len(tags) == 1
-        for fut, engine, tag, _, movable, _ in list(self._pending.values()):
+        for fut, engine, tag, _, movable, of in list(self._pending.values()):
             if engine != index or fut.done():
                 continue
+            if tag in tags and not planned and function and of and of != function:
+                tag = ""
             if planned and movable and tag not in tags:
                 fut.set_exception(_Resend())
             elif tag in tags and hang:
@@ -505,6 +519,7 @@ class RemoteEngines(_Engines):
             await asyncio.sleep(_OVERDUE_EVERY_S)
             try:
                 self._tell_overdue(time.monotonic())
+                self._tell_held(None)
             except Exception:  # never the end of the task
                 log.exception("could not tell the supervisor of an overdue engine")
 
@@ -544,6 +559,38 @@ class RemoteEngines(_Engines):
         for index in self._told_oldest - told:  # answered since: no longer a suspect
             self._control.send(self.channel.sign({"t": "oldest", "from": os.getpid(), "engine": index, "sent": None}))
         self._told_oldest = told
+
+    def _tell_held(self, sending: tuple[int, str] | None) -> None:
+        """Tell the supervisor which functions this front end holds unanswered on each
+        engine (``Supervisor._told_held``): the engine's status board, which a function
+        can write, is believed only where they agree. Told as a function is sent to an
+        engine that was not told it since it last restarted (``sending``: the engine and
+        function of the job about to go), and, once a second (``_overdue``), as some were
+        answered: a few words a second at most, however many requests, not one per
+        request."""
+        if self._control is None:  # not started (a front end made by hand, in tests)
+            return
+        if sending is not None:
+            index, function = sending
+            told = self._told_held.get(index, frozenset())
+            if function in told:
+                return
+            self._told_held[index] = now = told | {function}
+            self._control.send(self.channel.sign({"t": "held", "from": os.getpid(), "engine": index,
+                                                  "functions": sorted(now)}))
+            return
+        held: dict[int, set[str]] = {}
+        for fut, index, _, _, _, function in self._pending.values():
+            if not fut.done() and function:
+                held.setdefault(index, set()).add(function)
+        for index, pid, _, _, _, function in self._cancelled.values():
+            if function and pid == self._pids.get(index):  # (the engine that has it yet to answer)
+                held.setdefault(index, set()).add(function)
+        for index, told in list(self._told_held.items()):
+            if told != (now := frozenset(held.get(index, ()))):
+                self._told_held[index] = now
+                self._control.send(self.channel.sign({"t": "held", "from": os.getpid(), "engine": index,
+                                                      "functions": sorted(now)}))
 
     # ----------------------------------------------------------------- requests
 
@@ -585,7 +632,7 @@ class RemoteEngines(_Engines):
         return self._pick()
 
     async def run(self, kind: str, call: Call | None, *, engine: int | None = None, stream_id: int | None = None,
-                  deadline: float | None = None, on_slow: Any = None) -> tuple[Any, JobInfo]:
+                  deadline: float | None = None, on_slow: Any = None, function: str = "") -> tuple[Any, JobInfo]:
         if call is not None:
             left = self.quarantined(call.spec.name)
             if left is not None:
@@ -598,7 +645,7 @@ class RemoteEngines(_Engines):
         for resend in range(_RESENDS):
             try:
                 result, info, index = await self._run_once(kind, call, engine, stream_id, until, on_slow,
-                                                           resent=resend > 0)
+                                                           resent=resend > 0, function=function)
                 break
             except _Resend:  # its engine left as planned before starting it: the next one takes it
                 continue
@@ -607,17 +654,21 @@ class RemoteEngines(_Engines):
                               headers={"Retry-After": "1"})
         if isinstance(result, StreamHead):
             result.engine = index
+            result.function = call.spec.name if call is not None else function
         return result, info
 
     async def _run_once(self, kind: str, call: Call | None, engine: int | None, stream_id: int | None,
-                        until: float, on_slow: Any = None, resent: bool = False) -> tuple[Any, JobInfo, int]:
+                        until: float, on_slow: Any = None, resent: bool = False,
+                        function: str = "") -> tuple[Any, JobInfo, int]:
         """One try on one engine: its answer, and which engine gave it."""
         index = engine if engine is not None else await self._engine_for(until, on_slow, resent)
         msg_id = next(self._ids)
         tag = f"{self._prefix}{msg_id}"
         frames = ipc.encode_call(msg_id, kind, call, tag=tag, stream_id=stream_id, deadline=until)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        function = call.spec.name if call is not None else ""
+        function = call.spec.name if call is not None else function
+        if function:
+            self._tell_held((index, function))
         sent = time.monotonic()
         self._pending[msg_id] = (fut, index, tag, sent, engine is None, function)
         self._load[index] += 1

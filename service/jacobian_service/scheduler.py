@@ -49,6 +49,7 @@ class StreamHead:
     chunk_size: int
     nbytes: int
     engine: int = 0  # which engine holds it (set by the engine client)
+    function: str = ""  # whose stream it is (set by the engine client): its chunks' jobs are that function's
 
 
 def engine_error(exc: BaseException, what: str) -> ServiceError:

@@ -4,7 +4,9 @@
 - **control** (PULL, front ends -> supervisor): "release this function from
   quarantine" (the operator's ``DELETE .../quarantine``, through a front end's API-key
   check), "this engine has held my cancelled request past its grace" (``overdue``),
-  "my oldest job unanswered on this engine" (``oldest``: whom a hang is put down to).
+  "my oldest job unanswered on this engine" (``oldest``: whom a hang is put down to),
+  "the functions I hold unanswered on this engine" (``held``: whom the engine's status
+  board may name for a death).
 
 Functions run in the engines as the service's user. Both sockets were files in the run
 directory: a function connected to ``control.sock`` (pyzmq, or a plain ``AF_UNIX``

@@ -93,6 +93,12 @@ _MAX_FRONT_ENDS = 256
 # A front end tells its oldest job once a second while it has one; older news is stale
 # (that front end gone, or its word lost).
 _OLDEST_FRESH_S = 3.0
+# A function a front end no longer holds unanswered on an engine is still taken as held
+# there this long (``_told_held``): a crash just after the answers left (a ``__del__``
+# as the batch is put away) is still its function's, and the front end's word that it
+# was answered may have come first.
+_HELD_GRACE_S = 2.0
+_MAX_HELD = 4096  # functions one front end's ``held`` word names, at most (a registry holds far fewer)
 _SPARE_LINE_MAX = 4096  # a spare's line kept while it is unfinished (a warm-up's "w NAME")
 _MAX_KILLED_AFTER = 64  # functions a book of _again remembers
 
@@ -211,6 +217,12 @@ class Supervisor:
         # Requests the front ends gave up on past the grace (``overdue`` words' ``given_up``):
         # engine index -> {tag: (engine pid, when told)}, kept _OLDEST_FRESH_S.
         self._given_up: dict[int, dict[str, tuple[int, float]]] = collections.defaultdict(dict)
+        # The functions each front end has sent each engine and not had answered, as it
+        # told (``held``): engine index -> {front end pid: {function: held until, inf while
+        # unanswered}}. What the status board names as running is
+        # believed only where a front end confirms it (``_confirmed``): the board is the
+        # functions' to write.
+        self._held: dict[int, dict[int, dict[str, float]]] = collections.defaultdict(dict)
         # When each engine and spare process started (clock ticks since boot, by pid):
         # what ties an orphan to the engine that died (``orphans.kill_adopted``).
         self._ticks: dict[int, int | None] = {}
@@ -504,10 +516,7 @@ class Supervisor:
 
     def tick(self) -> None:
         now = time.monotonic()
-        for _ in range(_CONTROL_PER_TICK):
-            if not self.control.poll(0):
-                break
-            self._control(self.control.recv())
+        self._drain_control()
         if self.forks is not None:
             self.forks.tend()  # a zygote that died is started again
         for engine in self.engines:
@@ -571,9 +580,17 @@ class Supervisor:
         if now - self._last_state >= _STATE_EVERY_S:
             self.publish_state()
 
+    def _drain_control(self) -> None:
+        """What the front ends have said and this has not read yet (a tick's worth)."""
+        for _ in range(_CONTROL_PER_TICK):
+            if not self.control.poll(0):
+                break
+            self._control(self.control.recv())
+
     def _control(self, raw: bytes) -> None:
         """A front end's word, signed with the channel's key (``supervision``):
-        ``{"t": "release", "fn": name}`` or ``{"t": "overdue", ...}`` (``_overdue``).
+        ``{"t": "release", "fn": name}``, ``{"t": "overdue", ...}`` (``_overdue``), ``oldest``
+        (``_told_oldest``) or ``held`` (``_told_held``).
         A function in an engine that reached the socket lifted any quarantine with a
         well-formed message: one without the key's signature is dropped, as is one that
         is not of those shapes (a message that was not JSON raised out of the tick
@@ -586,6 +603,8 @@ class Supervisor:
         if msg is not None and msg.get("t") == "overdue" and self._overdue(msg):
             return
         if msg is not None and msg.get("t") == "oldest" and self._told_oldest(msg):
+            return
+        if msg is not None and msg.get("t") == "held" and self._told_held(msg):
             return
         now = time.monotonic()
         if now - self._said_malformed > 60:
@@ -615,6 +634,38 @@ class Supervisor:
         if sender in told or len(told) < _MAX_FRONT_ENDS:
             told[sender] = (pid, float(sent), tag, function, now)
         return True
+
+    def _told_held(self, msg: dict[str, Any]) -> bool:
+        """The functions a front end has sent an engine and not had answered: ``{"t":
+        "held", "from": its pid, "engine": i, "functions": [...]}``, all of them, told as a
+        new one is sent there (once per function since the engine last restarted, not per
+        request) and, once a second, as some are answered (``RemoteEngines._tell_held``).
+        A function no longer named stays held for ``_HELD_GRACE_S``. Kept per engine index
+        and forgotten as that engine dies: a front end does not know which process a job
+        will reach (its connection may not be made yet), and a word of before the death
+        read after it names only functions sent there just before. True: well-formed."""
+        index, sender, functions = msg.get("engine"), msg.get("from"), msg.get("functions")
+        if not (isinstance(index, int) and isinstance(sender, int) and isinstance(functions, list)
+                and 0 <= index < len(self.engines)):
+            return False
+        told, now = self._held[index], time.monotonic()
+        if sender not in told and len(told) >= _MAX_FRONT_ENDS:  # front ends gone say no more: their word lapses
+            for stale in [k for k, held in told.items() if all(until <= now for until in held.values())]:
+                del told[stale]
+        if sender not in told and len(told) >= _MAX_FRONT_ENDS:
+            return True
+        held = {f: min(until, now + _HELD_GRACE_S) for f, until in told.get(sender, {}).items() if until > now}
+        for function in functions[:_MAX_HELD]:
+            if isinstance(function, str):
+                held[function] = math.inf
+        told[sender] = held
+        return True
+
+    def _confirmed(self, index: int) -> set[str]:
+        """The functions some front end held unanswered on engine ``index`` as it went,
+        or within ``_HELD_GRACE_S`` of it."""
+        now = time.monotonic()
+        return {f for held in self._held.get(index, {}).values() for f, until in held.items() if until > now and f}
 
     def _hung_in(self, index: int, pid: int, msg: dict[str, Any]) -> dict[str, Any]:
         """What engine ``index`` (process ``pid``), found hung on ``msg`` (an ``overdue``
@@ -750,13 +801,31 @@ class Supervisor:
             running = engine.running
         else:
             running = {}
-        tags = list(running.get("tags", []))
         function = status.get("stray", "") if planned else running.get("function", "")
+        # Whom the board names as running is believed only where the front ends confirm
+        # it: a function that wrote another's name there ("function", "tags") and then
+        # crashed had the innocent one struck, and quarantined, while it went free. The
+        # front ends tell which functions they sent this engine and had not had answered
+        # (``held``, once per function, not per request); where they and the board
+        # disagree, they are trusted: the one function they held is struck, or, holding
+        # several, none, and the board's other claims (threads left) are not read either.
+        named, forged = function, False
+        if function and not planned and warming is None and engine.killed_for not in ("overdue", "warm-up"):
+            self._drain_control()  # a front end's word sent just before the job
+            held = self._confirmed(engine.index)
+            if function not in held:
+                forged, function = True, (next(iter(held)) if len(held) == 1 else "")
+                running = {"function": function, "tags": list(running.get("tags", [])) if function else []}
+                log.error("engine %d's status board named %s as running when it died, but no front end had sent it "
+                          "a job of %s unanswered (they held %s): a function wrote the board; %s", engine.index,
+                          named, named, ", ".join(sorted(held)) or "none",
+                          f"{function} is blamed" if function else "no one is blamed")
+        tags = list(running.get("tags", []))
         # Dead while it ran nothing: its board names the functions whose threads were
         # alive then. A thread can sleep, unseen, and end the engine later (a timer that
         # calls os._exit): without this, nothing was blamed, and a warm-up that left one
         # ended every engine for ever.
-        suspects = [] if planned or function or warming else [
+        suspects = [] if planned or function or warming or forged else [
             f for f in status.get("left", []) if isinstance(f, str) and f]
         if status.get("stray"):
             left = status.get("left", "a thread running after it returned, using a core")
@@ -789,6 +858,9 @@ class Supervisor:
                             else " (not blamed)"))
         else:
             reason = f"the engine process exited with status {code}"
+        if forged:
+            reason += (f"; its status board, which a function can write, named {named}, which no front end had "
+                       "sent it unanswered")
         if warming is not None:
             reason = f"the warm-up of {warming} ended the engine ({reason}); engines skip it from now on"
         if suspects:
@@ -844,6 +916,7 @@ class Supervisor:
             self._strike(suspect, batch=False)
         engine.proc = None
         self._oldest.pop(engine.index, None)  # its jobs are answered now, by the word just sent
+        self._held.pop(engine.index, None)
         engine.ready = False
         engine.running = {}
         engine.restarts += 1

@@ -1,0 +1,96 @@
+"""Red team, round twenty-nine: the engine's status board is the functions' to write
+(a file in the run directory, mapped by the engine), and the supervisor read from it
+whom to blame for a death.
+
+Each case names what a user saw before. One real server for the file (one engine, no
+spare, one strike a quarantine, which every caller of the function sees); the functions
+are in tests/hostile34_functions.py, each misbehaving only on the input 666 (round 11's
+``_armed``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from .conftest import assert_problem, live_server
+from .test_hostile_round11 import _armed, _engine_pid, _replaced
+from .test_hostile_round15 import _log_until
+from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
+from .test_hostile_round21 import _evaluated
+
+FUNCTIONS = "tests.hostile34_functions"
+X = [0.25, -1.0, 2.0]
+_REGISTRY = {"functions": [], "devices": ["cpu"]}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", ENGINE_STANDBY="false",
+                     QUARANTINE_AFTER=1, REQUEST_TIMEOUT_S=30) as served:
+        yield served
+
+
+def test_a_function_that_writes_anothers_name_on_the_board_is_struck_itself(server, client) -> None:
+    """forges34 wrote innocent34's name on its engine's status board as the function
+    running (its own requests' tags kept) and ended the engine (``os._exit(5)``): the
+    supervisor struck innocent34 ("engine 0 died: the engine process exited with status
+    5 (running innocent34 for 1 requests)"), quarantined it (one strike here, three by
+    default): 503 ``function_quarantined`` to every caller of innocent34, which had not
+    run at all, while forges34 went on answering 200. Now the board's name is believed
+    only where a front end had sent that engine a job of the function, unanswered: here
+    the front end held only forges34's, so forges34 is struck, and says so in the log."""
+    url, proc = server
+    pid, start = _engine_pid(client, url), len(proc.read_log())
+    body = assert_problem(_armed(client, url, "forges34", 0), 500, "function_error")
+    assert "exited with status 5" in body["detail"] and "named innocent34" in body["detail"], body
+    log = _log_until(proc, start, r"function forges34 quarantined")
+    assert "engine 0's status board named innocent34 as running when it died, but no front end had sent it a job " \
+           "of innocent34 unanswered (they held forges34): a function wrote the board; forges34 is blamed" in log, log
+    assert "function innocent34 quarantined" not in log, log
+    _replaced(client, url, pid, 30, "no engine up after the crash")
+    np.testing.assert_allclose(_evaluated(client, url, "innocent34", X), np.sin(X), rtol=1e-12)
+    assert_problem(client.post(f"{url}/v1/functions/forges34/evaluate",
+                               json={"inputs": [{"dtype": "float64", "shape": [3], "data": X}]}),
+                   503, "function_quarantined")
+
+
+def test_a_front_end_tells_what_it_holds_a_few_times_a_second_not_per_request() -> None:
+    """What the check costs: a front end tells the supervisor the functions it holds on an
+    engine as a new one is sent there, and once a second as they are answered; a
+    thousand requests of one function cost one word, their answers one more, and after
+    the engine's death (the supervisor forgets what was held there) the next job is told
+    again."""
+    from jacobian_service.engine_client import RemoteEngines
+    from jacobian_service.settings import Settings
+    from jacobian_service.supervision import Channel
+
+    sent: list[bytes] = []
+    front_end = RemoteEngines(Settings(), Path("."), Channel("", "", b"k" * 32), registry=_REGISTRY)
+    front_end._control = SimpleNamespace(send=sent.append)
+    front_end._pids = {0: 4242}
+    pending = concurrent.futures.Future()
+    for i in range(1000):
+        front_end._tell_held((0, "sin"))
+        front_end._pending[i] = (pending, 0, f"fe:{i}", time.monotonic(), True, "sin")
+    front_end._tell_held((0, "cos"))
+    front_end._tell_held(None)  # the second's look: cos was answered
+    front_end._pending.clear()
+    front_end._tell_held(None)  # all answered
+    front_end._tell_held(None)  # nothing new
+    front_end._tell_held((0, "sin"))  # held: told at once
+    front_end._fail_engine(0, set(), "", hang=False, ready_in=1.0)  # the engine died (its word read)
+    front_end._tell_held((0, "sin"))
+    words = [front_end.channel.verify(raw) for raw in sent]
+    word = {"t": "held", "from": os.getpid(), "engine": 0}
+    assert words == [{**word, "functions": ["sin"]}, {**word, "functions": ["cos", "sin"]},
+                     {**word, "functions": ["sin"]}, {**word, "functions": []}, {**word, "functions": ["sin"]},
+                     {**word, "functions": ["sin"]}], words
