@@ -37,3 +37,18 @@ def forges34(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="sin: the innocent function whose name forges34 writes.")
 def innocent34(x: torch.Tensor) -> torch.Tensor:
     return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it writes on the engine's status board that bystander34 left a "
+                                "thread running, and ends the engine as one that leaves for it does (status 75).")
+def strays34(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        board = _board()
+        board.leave(board.read()["beat"], {"stray": "bystander34", "left": "a thread running after it returned"})
+        os._exit(75)
+    return torch.sin(x)
+
+
+@register(inputs=X, description="sin: the innocent function whose name strays34 writes (never called before it).")
+def bystander34(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x)

@@ -223,6 +223,9 @@ class Supervisor:
         # believed only where a front end confirms it (``_confirmed``): the board is the
         # functions' to write.
         self._held: dict[int, dict[int, dict[str, float]]] = collections.defaultdict(dict)
+        # engine index -> every function the front ends have said they sent it, since it
+        # started: those whose threads it can hold (when there are no warm-ups).
+        self._sent: dict[int, set[str]] = collections.defaultdict(set)
         # When each engine and spare process started (clock ticks since boot, by pid):
         # what ties an orphan to the engine that died (``orphans.kill_adopted``).
         self._ticks: dict[int, int | None] = {}
@@ -659,6 +662,8 @@ class Supervisor:
             if isinstance(function, str):
                 held[function] = math.inf
         told[sender] = held
+        sent = self._sent[index]
+        sent.update(f for f in functions[:_MAX_HELD] if isinstance(f, str) and (f in sent or len(sent) < _MAX_HELD))
         return True
 
     def _confirmed(self, index: int) -> set[str]:
@@ -760,6 +765,23 @@ class Supervisor:
         self._died(engine, engine.proc.returncode, engine.board.read())  # type: ignore[union-attr]
 
     def _died(self, engine: _Engine, code: int, status: dict[str, Any]) -> None:
+        # The functions the board says left threads behind ("stray", "left") are believed
+        # only if they can have run in it: a front end sent it one of their jobs, or the
+        # engines warm every function up. A function that wrote another's name there as
+        # a stray had that one struck, and its warm-up skipped for good.
+        self._drain_control()  # what the front ends said just before (a job's ``held``), read first
+        ran, stripped = self._sent.get(engine.index, set()) | self._confirmed(engine.index), False
+        if (not self.settings.warmup and isinstance(stray := status.get("stray"), str) and stray
+                and stray not in ran):
+            log.error("engine %d's status board said %s left a thread running, but no front end had sent it a job "
+                      "of %s: a function wrote the board; not believed", engine.index, stray, stray)
+            status, stripped = {k: v for k, v in status.items() if k not in ("stray", "left")}, True
+        if not self.settings.warmup and isinstance(left := status.get("left"), list) \
+                and (kept := [f for f in left if isinstance(f, str) and f in ran]) != left:
+            log.error("engine %d's status board said threads left by %s were running, but no front end had sent it "
+                      "a job of %s: a function wrote the board; not believed", engine.index,
+                      ", ".join(map(str, left)), ", ".join(str(f) for f in left if f not in kept))
+            status, stripped = {**status, "left": kept}, stripped or not kept  # (none believed: as a forged stray)
         recycled = ipc.recycle_reason(status)  # planned: no function's fault, no backoff
         if engine.killed_for == "abandoned":  # (_overdue) its requests' clients left: planned too
             recycled = (f"it ran {status.get('function') or 'a function'} only for requests whose clients had left "
@@ -810,15 +832,15 @@ class Supervisor:
         # disagree, they are trusted: the one function they held is struck, or, holding
         # several, none, and the board's other claims (threads left) are not read either.
         named, forged = function, False
-        if function and not planned and warming is None and engine.killed_for not in ("overdue", "warm-up"):
-            self._drain_control()  # a front end's word sent just before the job
+        if (function or stripped) and not planned and warming is None \
+                and engine.killed_for not in ("overdue", "warm-up"):
             held = self._confirmed(engine.index)
             if function not in held:
                 forged, function = True, (next(iter(held)) if len(held) == 1 else "")
                 running = {"function": function, "tags": list(running.get("tags", [])) if function else []}
                 log.error("engine %d's status board named %s as running when it died, but no front end had sent it "
                           "a job of %s unanswered (they held %s): a function wrote the board; %s", engine.index,
-                          named, named, ", ".join(sorted(held)) or "none",
+                          named or "no function", named or "it", ", ".join(sorted(held)) or "none",
                           f"{function} is blamed" if function else "no one is blamed")
         tags = list(running.get("tags", []))
         # Dead while it ran nothing: its board names the functions whose threads were
@@ -859,8 +881,8 @@ class Supervisor:
         else:
             reason = f"the engine process exited with status {code}"
         if forged:
-            reason += (f"; its status board, which a function can write, named {named}, which no front end had "
-                       "sent it unanswered")
+            reason += (f"; its status board, which a function can write, named {named or 'threads of functions'}, "
+                       "which no front end had sent it" + (" unanswered" if named else ""))
         if warming is not None:
             reason = f"the warm-up of {warming} ended the engine ({reason}); engines skip it from now on"
         if suspects:
@@ -917,6 +939,7 @@ class Supervisor:
         engine.proc = None
         self._oldest.pop(engine.index, None)  # its jobs are answered now, by the word just sent
         self._held.pop(engine.index, None)
+        self._sent.pop(engine.index, None)
         engine.ready = False
         engine.running = {}
         engine.restarts += 1
