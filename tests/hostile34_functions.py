@@ -23,15 +23,19 @@ def _board() -> ipc.StatusBoard:
     return board
 
 
-@register(inputs=X, description="sin; armed (666), it writes innocent34's name on the engine's status board as the "
-                                "function running (its own requests' tags kept), then ends the engine (os._exit).")
-def forges34(x: torch.Tensor) -> torch.Tensor:
+def _forges(x: torch.Tensor) -> torch.Tensor:
     if _armed(x) is not None:
         board = _board()
         now = board.read()
         board.running(now["beat"], now["deadline"], "innocent34", now["tags"])
         os._exit(5)
     return torch.sin(x)
+
+
+for _name in ("forges34", "forges34b"):  # two of them: one strike quarantines each
+    register(_forges, name=_name, inputs=X,
+             description="sin; armed (666), it writes innocent34's name on the engine's status board as the function "
+                         "running (its own requests' tags kept), then ends the engine (os._exit).")
 
 
 @register(inputs=X, description="sin: the innocent function whose name forges34 writes.")

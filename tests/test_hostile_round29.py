@@ -93,6 +93,27 @@ def test_a_function_that_writes_anothers_name_on_the_board_is_struck_itself(serv
                    503, "function_quarantined")
 
 
+def test_a_function_that_names_one_answered_a_moment_before_is_struck_in_its_place(server, client) -> None:
+    """forges34b did what forges34 did just after innocent34 was answered: innocent34 was
+    still held (the front end tells what it answered once a second, and an answer stays
+    held 2 s: a ``__del__`` crash as the batch is put away), so the board's name passed
+    the check, and innocent34 was struck and quarantined. Now the front ends also say
+    what they still held as they read of the death, and that decides: innocent34 is let
+    off (released), forges34b struck in its place (quarantined)."""
+    url, proc = server
+    _replaced(client, url, None, 30, "no engine up")
+    start = len(proc.read_log())
+    np.testing.assert_allclose(_evaluated(client, url, "innocent34", X), np.sin(X), rtol=1e-12)
+    # (its caller: a retryable 503, as the board named its request as another function's)
+    assert_problem(_armed(client, url, "forges34b", 0), 503, "unavailable")
+    log = _log_until(proc, start, r"function forges34b quarantined")
+    assert "the front ends held forges34b unanswered as it died, not innocent34, which its status board named: " \
+           "forges34b struck in place of innocent34" in log, log
+    _replaced(client, url, None, 30, "no engine up after the crash")
+    np.testing.assert_allclose(_evaluated(client, url, "innocent34", X), np.sin(X), rtol=1e-12)
+    assert_problem(_armed(client, url, "forges34b", 0), 503, "function_quarantined")
+
+
 def test_threads_the_board_names_are_believed_only_of_functions_sent_to_that_engine(tmp_path) -> None:
     """An engine that died idle: its board names the functions whose threads were alive
     (``left``), which are struck. A function that wrote another's name there had it
@@ -139,10 +160,11 @@ def test_a_front_end_tells_what_it_holds_a_few_times_a_second_not_per_request() 
     front_end._tell_held(None)  # all answered
     front_end._tell_held(None)  # nothing new
     front_end._tell_held((0, "sin"))  # held: told at once
+    front_end._pending[0] = (pending, 0, "fe:0", time.monotonic(), True, "sin")
     front_end._fail_engine(0, set(), "", hang=False, ready_in=1.0)  # the engine died (its word read)
     front_end._tell_held((0, "sin"))
     words = [front_end.channel.verify(raw) for raw in sent]
     word = {"t": "held", "from": os.getpid(), "engine": 0}
     assert words == [{**word, "functions": ["sin"]}, {**word, "functions": ["cos", "sin"]},
                      {**word, "functions": ["sin"]}, {**word, "functions": []}, {**word, "functions": ["sin"]},
-                     {**word, "functions": ["sin"]}], words
+                     {**word, "t": "held_at_death", "functions": ["sin"]}, {**word, "functions": ["sin"]}], words

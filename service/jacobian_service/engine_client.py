@@ -429,6 +429,10 @@ class RemoteEngines(_Engines):
         function can write) whose function is not the one blamed (``function``) was not
         running: retryable, not the crash's 500."""
         self._told_held.pop(index, None)  # the supervisor forgets what was held there as it restarts it
+        if self._control is not None:  # what was held there as it died (``Supervisor._held_at_death``)
+            held = {of for fut, engine, _, _, _, of in self._pending.values() if engine == index and not fut.done()}
+            self._control.send(self.channel.sign({"t": "held_at_death", "from": os.getpid(), "engine": index,
+                                                  "functions": sorted(f for f in held if f)}))
         alone = len(tags) == 1
         for fut, engine, tag, _, movable, of in list(self._pending.values()):
             if engine != index or fut.done():

@@ -98,6 +98,10 @@ _OLDEST_FRESH_S = 3.0
 # as the batch is put away) is still its function's, and the front end's word that it
 # was answered may have come first.
 _HELD_GRACE_S = 2.0
+# A death the board lied about, where the front ends held several functions (some answered
+# within the grace): their word of what they held as they read of the death is waited for
+# this long (``_held_at_death``).
+_VERDICT_S = 1.0
 _MAX_HELD = 4096  # functions one front end's ``held`` word names, at most (a registry holds far fewer)
 _SPARE_LINE_MAX = 4096  # a spare's line kept while it is unfinished (a warm-up's "w NAME")
 _MAX_KILLED_AFTER = 64  # functions a book of _again remembers
@@ -226,6 +230,8 @@ class Supervisor:
         # engine index -> every function the front ends have said they sent it, since it
         # started: those whose threads it can hold (when there are no warm-ups).
         self._sent: dict[int, set[str]] = collections.defaultdict(set)
+        # engine index -> (until when, the functions the front ends held there as it died)
+        self._verdicts: dict[int, tuple[float, set[str], str]] = {}
         # When each engine and spare process started (clock ticks since boot, by pid):
         # what ties an orphan to the engine that died (``orphans.kill_adopted``).
         self._ticks: dict[int, int | None] = {}
@@ -579,6 +585,7 @@ class Supervisor:
                 killed = kill_adopted(self._own(), None)
                 log.error("%d processes that functions started in sessions of their own were running while their "
                           "engines lived, over %d: %d killed", running, _MAX_ADOPTED, killed)
+        self._judge(now)
         self._expire_quarantines()
         if now - self._last_state >= _STATE_EVERY_S:
             self.publish_state()
@@ -608,6 +615,8 @@ class Supervisor:
         if msg is not None and msg.get("t") == "oldest" and self._told_oldest(msg):
             return
         if msg is not None and msg.get("t") == "held" and self._told_held(msg):
+            return
+        if msg is not None and msg.get("t") == "held_at_death" and self._held_at_death(msg):
             return
         now = time.monotonic()
         if now - self._said_malformed > 60:
@@ -665,6 +674,51 @@ class Supervisor:
         sent = self._sent[index]
         sent.update(f for f in functions[:_MAX_HELD] if isinstance(f, str) and (f in sent or len(sent) < _MAX_HELD))
         return True
+
+    def _held_at_death(self, msg: dict[str, Any]) -> bool:
+        """A front end's word, as it read of engine ``i``'s death, of the functions it
+        still held there: ``{"t": "held_at_death", "from": its pid, "engine": i,
+        "functions": [...]}``. Taken where the death awaits a verdict (``_verdicts``): the
+        board lied, and the front ends' ``held`` named several functions, those answered
+        within the grace among them; the one function still unanswered is the one that
+        ran. True: well-formed."""
+        index, functions = msg.get("engine"), msg.get("functions")
+        if not (isinstance(index, int) and isinstance(functions, list)):
+            return False
+        if index in self._verdicts:
+            self._verdicts[index][1].update(f for f in functions[:_MAX_HELD] if isinstance(f, str) and f)
+        return True
+
+    def _judge(self, now: float) -> None:
+        """Deaths whose verdict is due (``_held_at_death``): the function struck for one
+        (or none) that the front ends did not hold as it died is let off that strike, and
+        the one function they did hold is struck in its place. (No word at all: as
+        judged.)"""
+        for index, (due, held, struck) in list(self._verdicts.items()):
+            if now < due:
+                continue
+            del self._verdicts[index]
+            if not held or struck in held:
+                continue
+            blamed = next(iter(held)) if len(held) == 1 else ""
+            log.error("engine %d: the front ends held %s unanswered as it died, not %s, which its status board named: "
+                      "%s", index, ", ".join(sorted(held)), struck or "the function it named",
+                      f"{blamed} struck" + (f" in place of {struck}" if struck else "") if blamed else
+                      f"{struck} let off" if struck else "no one struck")
+            if struck:
+                self._unstrike(struck)
+            if blamed:
+                self._strike(blamed, batch=False)
+            self.publish_state()
+
+    def _unstrike(self, function: str) -> None:
+        """Take back ``function``'s last strike, and the quarantine it brought."""
+        strikes = self.strikes.get(function)
+        if strikes:
+            strikes.pop()
+        if function in self.quarantined and len(strikes or ()) < self.settings.quarantine_after:
+            del self.quarantined[function]
+            log.info("function %s released from quarantine (the strike was not its)", function)
 
     def _confirmed(self, index: int) -> set[str]:
         """The functions some front end held unanswered on engine ``index`` as it went,
@@ -831,17 +885,18 @@ class Supervisor:
         # (``held``, once per function, not per request); where they and the board
         # disagree, they are trusted: the one function they held is struck, or, holding
         # several, none, and the board's other claims (threads left) are not read either.
-        named, forged = function, False
+        named, forged, checked = function, False, False
         if (function or stripped) and not planned and warming is None \
                 and engine.killed_for not in ("overdue", "warm-up"):
-            held = self._confirmed(engine.index)
+            held, checked = self._confirmed(engine.index), True
             if function not in held:
                 forged, function = True, (next(iter(held)) if len(held) == 1 else "")
                 running = {"function": function, "tags": list(running.get("tags", [])) if function else []}
                 log.error("engine %d's status board named %s as running when it died, but no front end had sent it "
                           "a job of %s unanswered (they held %s): a function wrote the board; %s", engine.index,
                           named or "no function", named or "it", ", ".join(sorted(held)) or "none",
-                          f"{function} is blamed" if function else "no one is blamed")
+                          f"{function} is blamed" if function else
+                          f"whom the front ends still held as it died decides, within {_VERDICT_S:g} s")
         tags = list(running.get("tags", []))
         # Dead while it ran nothing: its board names the functions whose threads were
         # alive then. A thread can sleep, unseen, and end the engine later (a timer that
@@ -921,6 +976,11 @@ class Supervisor:
                 self._strike(suspect, batch=False)
         elif function and recycled is None:
             self._strike(function, batch=len(tags) > 1)
+            if checked and (forged or status.get("tags")):
+                # Named with its requests, the function must be one the front ends still
+                # held as they read of the death: one answered a moment before (within the
+                # grace) passed the check too. Their word decides (``_judge``).
+                self._verdicts[engine.index] = (time.monotonic() + _VERDICT_S, set(), function)
             for times in self._threads_at_death.values():  # its own crash: not theirs, those times
                 for entry in [e for e in times if e[1] == function]:
                     times.remove(entry)
@@ -932,6 +992,8 @@ class Supervisor:
             # torch start-up each, and was never quarantined, where the same caller
             # sending `X-Request-Timeout` instead is.
             self._strike(status["function"], batch=False)
+        elif checked and forged:  # several held: the one still held as it died is struck (``_judge``)
+            self._verdicts[engine.index] = (time.monotonic() + _VERDICT_S, set(), "")
         elif killed_outside and repeated:
             self._strike(after, batch=False)
         for suspect in suspects:
