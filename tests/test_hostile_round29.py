@@ -137,6 +137,41 @@ def test_threads_the_board_names_are_believed_only_of_functions_sent_to_that_eng
         sup.ctx.term()
 
 
+def test_the_verdict_waits_for_every_front_end_that_held_and_no_longer(tmp_path) -> None:
+    """The death's verdict (``_judge``) waited a fixed second for the front ends'
+    ``held_at_death`` words: a front end slower than that on a busy machine (CI's) left
+    an innocent function struck. Now it waits until each front end that held any there
+    has told (at most ``_VERDICT_S``), and is given as soon as the last has."""
+    import time
+
+    from jacobian_service.supervisor import Supervisor, _Engine
+
+    sup = Supervisor(Settings(engine_fork_server=False, warmup=False, quarantine_after=3), tmp_path)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+        proc.wait()
+        engine = _Engine(0, "cpu", proc=proc, was_ready=True)
+        sup.engines = [engine]
+        sign = sup.channel.sign
+        sup._control(sign({"t": "held", "from": 1, "engine": 0, "functions": ["innocent34"]}))
+        sup._control(sign({"t": "held", "from": 1, "engine": 0, "functions": []}))  # answered (within the grace)
+        sup._control(sign({"t": "held", "from": 2, "engine": 0, "functions": ["forges34b"]}))
+        sup._died(engine, 5, {"beat": 1.0, "ready": True, "deadline": 0.0, "function": "innocent34",
+                              "tags": ["t1"]})
+        assert set(sup.strikes) == {"innocent34"}
+        sup._control(sign({"t": "held_at_death", "from": 1, "engine": 0, "functions": []}))
+        sup._judge(time.monotonic())  # front end 2 has not told yet: no verdict
+        assert (len(sup.strikes["innocent34"]), len(sup.strikes.get("forges34b", ()))) == (1, 0)
+        sup._control(sign({"t": "held_at_death", "from": 2, "engine": 0, "functions": ["forges34b"]}))
+        sup._judge(time.monotonic())  # all told: judged now, well before the bound
+        assert (len(sup.strikes["innocent34"]), len(sup.strikes["forges34b"])) == (0, 1)
+        assert sup._verdicts == {}
+    finally:
+        sup.pub.close(linger=0)
+        sup.control.close(linger=0)
+        sup.ctx.term()
+
+
 def test_a_front_end_tells_what_it_holds_a_few_times_a_second_not_per_request() -> None:
     """What the check costs: a front end tells the supervisor the functions it holds on an
     engine as a new one is sent there, and once a second as they are answered; a

@@ -100,8 +100,10 @@ _OLDEST_FRESH_S = 3.0
 _HELD_GRACE_S = 2.0
 # A death the board lied about, where the front ends held several functions (some answered
 # within the grace): their word of what they held as they read of the death is waited for
-# this long (``_held_at_death``).
-_VERDICT_S = 1.0
+# (``_held_at_death``) until each front end that held any has told, or this long: a bound
+# for a front end gone, not the time the word takes, which on a busy machine can be a
+# second or more.
+_VERDICT_S = 5.0
 _MAX_HELD = 4096  # functions one front end's ``held`` word names, at most (a registry holds far fewer)
 _SPARE_LINE_MAX = 4096  # a spare's line kept while it is unfinished (a warm-up's "w NAME")
 _MAX_KILLED_AFTER = 64  # functions a book of _again remembers
@@ -230,8 +232,9 @@ class Supervisor:
         # engine index -> every function the front ends have said they sent it, since it
         # started: those whose threads it can hold (when there are no warm-ups).
         self._sent: dict[int, set[str]] = collections.defaultdict(set)
-        # engine index -> (until when, the functions the front ends held there as it died)
-        self._verdicts: dict[int, tuple[float, set[str], str]] = {}
+        # engine index -> (until when, the functions the front ends held there as it died,
+        # the function struck meanwhile, the front ends yet to tell: pids)
+        self._verdicts: dict[int, tuple[float, set[str], str, set[int]]] = {}
         # When each engine and spare process started (clock ticks since boot, by pid):
         # what ties an orphan to the engine that died (``orphans.kill_adopted``).
         self._ticks: dict[int, int | None] = {}
@@ -682,11 +685,13 @@ class Supervisor:
         board lied, and the front ends' ``held`` named several functions, those answered
         within the grace among them; the one function still unanswered is the one that
         ran. True: well-formed."""
-        index, functions = msg.get("engine"), msg.get("functions")
+        index, sender, functions = msg.get("engine"), msg.get("from"), msg.get("functions")
         if not (isinstance(index, int) and isinstance(functions, list)):
             return False
         if index in self._verdicts:
-            self._verdicts[index][1].update(f for f in functions[:_MAX_HELD] if isinstance(f, str) and f)
+            _, held, _, waiting = self._verdicts[index]
+            held.update(f for f in functions[:_MAX_HELD] if isinstance(f, str) and f)
+            waiting.discard(sender)  # (all told: judged at the next tick)
         return True
 
     def _judge(self, now: float) -> None:
@@ -694,8 +699,8 @@ class Supervisor:
         (or none) that the front ends did not hold as it died is let off that strike, and
         the one function they did hold is struck in its place. (No word at all: as
         judged.)"""
-        for index, (due, held, struck) in list(self._verdicts.items()):
-            if now < due:
+        for index, (due, held, struck, waiting) in list(self._verdicts.items()):
+            if now < due and waiting:
                 continue
             del self._verdicts[index]
             if not held or struck in held:
@@ -980,7 +985,8 @@ class Supervisor:
                 # Named with its requests, the function must be one the front ends still
                 # held as they read of the death: one answered a moment before (within the
                 # grace) passed the check too. Their word decides (``_judge``).
-                self._verdicts[engine.index] = (time.monotonic() + _VERDICT_S, set(), function)
+                self._verdicts[engine.index] = (time.monotonic() + _VERDICT_S, set(), function,
+                                                set(self._held.get(engine.index, {})))
             for times in self._threads_at_death.values():  # its own crash: not theirs, those times
                 for entry in [e for e in times if e[1] == function]:
                     times.remove(entry)
@@ -993,7 +999,8 @@ class Supervisor:
             # sending `X-Request-Timeout` instead is.
             self._strike(status["function"], batch=False)
         elif checked and forged:  # several held: the one still held as it died is struck (``_judge``)
-            self._verdicts[engine.index] = (time.monotonic() + _VERDICT_S, set(), "")
+            self._verdicts[engine.index] = (time.monotonic() + _VERDICT_S, set(), "",
+                                            set(self._held.get(engine.index, {})))
         elif killed_outside and repeated:
             self._strike(after, batch=False)
         for suspect in suspects:
