@@ -172,6 +172,41 @@ def test_the_verdict_waits_for_every_front_end_that_held_and_no_longer(tmp_path)
         sup.ctx.term()
 
 
+def test_a_crash_before_the_front_ends_word_arrives_is_still_its_functions(tmp_path) -> None:
+    """A front end's ``held`` word goes out through its zmq I/O thread while the job goes
+    straight to the engine: on a busy machine the engine ran the job and crashed before
+    the word reached the supervisor, which then took the board's (true) name for a lie:
+    the crashing function went unstruck and its caller got a retryable 503, not its 500.
+    The supervisor now waits a moment (``_HELD_WAIT_S``) for the front ends' word of a
+    function the board names before it judges the board."""
+    import threading
+
+    import zmq
+
+    from jacobian_service.supervisor import Supervisor, _Engine
+
+    sup = Supervisor(Settings(engine_fork_server=False, warmup=False, quarantine_after=3), tmp_path)
+    push = sup.ctx.socket(zmq.PUSH)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+        proc.wait()
+        engine = _Engine(0, "cpu", proc=proc, was_ready=True)
+        sup.engines = [engine]
+        push.connect(sup.channel.control)
+        word = sup.channel.sign({"t": "held", "from": 1, "engine": 0, "functions": ["crashes34"]})
+        late = threading.Timer(0.1, push.send, (word,))  # the word trails the crash by 0.1 s
+        late.start()
+        sup._died(engine, 5, {"beat": 1.0, "ready": True, "deadline": 0.0, "function": "crashes34",
+                              "tags": ["t1"]})
+        late.join()
+        assert set(sup.strikes) == {"crashes34"}
+    finally:
+        push.close(linger=0)
+        sup.pub.close(linger=0)
+        sup.control.close(linger=0)
+        sup.ctx.term()
+
+
 def test_a_front_end_tells_what_it_holds_a_few_times_a_second_not_per_request() -> None:
     """What the check costs: a front end tells the supervisor the functions it holds on an
     engine as a new one is sent there, and once a second as they are answered; a

@@ -105,6 +105,13 @@ _HELD_GRACE_S = 2.0
 # second or more.
 _VERDICT_S = 5.0
 _MAX_HELD = 4096  # functions one front end's ``held`` word names, at most (a registry holds far fewer)
+# A front end tells ``held`` as it sends a job, on its control socket, whose bytes its zmq
+# I/O thread writes while the job itself goes straight to the engine: on a busy machine
+# the engine can run the job and crash before that thread has run. A death whose board
+# names a function no front end has told of waits this long for their word before it is
+# taken as the board's lie (a crash's caller then got a retryable 503, not its 500, and
+# the function went unstruck).
+_HELD_WAIT_S = 0.5
 _SPARE_LINE_MAX = 4096  # a spare's line kept while it is unfinished (a warm-up's "w NAME")
 _MAX_KILLED_AFTER = 64  # functions a book of _again remembers
 
@@ -600,6 +607,21 @@ class Supervisor:
                 break
             self._control(self.control.recv())
 
+    def _await_held(self, index: int, named: set[str]) -> set[str]:
+        """The functions the front ends have sent engine ``index`` (``_sent``, and those
+        held there: ``_confirmed``), once they include one of ``named`` (what its board
+        names) or ``_HELD_WAIT_S`` has passed (``_HELD_WAIT_S``: their word can trail the
+        job). Read at a death, before the board is judged."""
+        self._drain_control()
+        until = time.monotonic() + _HELD_WAIT_S
+        while True:
+            ran = self._sent.get(index, set()) | self._confirmed(index)
+            left = until - time.monotonic()
+            if not named or named & ran or left <= 0:
+                return ran
+            if self.control.poll(max(1, int(left * 1000))):
+                self._control(self.control.recv())
+
     def _control(self, raw: bytes) -> None:
         """A front end's word, signed with the channel's key (``supervision``):
         ``{"t": "release", "fn": name}``, ``{"t": "overdue", ...}`` (``_overdue``), ``oldest``
@@ -828,8 +850,12 @@ class Supervisor:
         # only if they can have run in it: a front end sent it one of their jobs, or the
         # engines warm every function up. A function that wrote another's name there as
         # a stray had that one struck, and its warm-up skipped for good.
-        self._drain_control()  # what the front ends said just before (a job's ``held``), read first
-        ran, stripped = self._sent.get(engine.index, set()) | self._confirmed(engine.index), False
+        # What the front ends said just before (a job's ``held``), read first.
+        left = status.get("left")
+        board = ({status.get("stray"), *(left if isinstance(left, list) else ())} if not self.settings.warmup
+                 else set()) | {status.get("function"), engine.running.get("function")}
+        ran = self._await_held(engine.index, {f for f in board if isinstance(f, str) and f})
+        stripped = False
         if (not self.settings.warmup and isinstance(stray := status.get("stray"), str) and stray
                 and stray not in ran):
             log.error("engine %d's status board said %s left a thread running, but no front end had sent it a job "
