@@ -223,8 +223,11 @@ _OURS = ("jacobian_service", "jacobian_client")
 @pytest.mark.parametrize(("path", "content_type", "body", "status"), [
     ("/v1/functions/mlp/jacobian", "application/x-npy", npy_bytes(np.linspace(-1, 1, 128, dtype=np.float32)), 200),
     ("/v1/functions/mlp/jacobian", "application/json", b'{"inputs": [[1, 2,', 400),  # malformed: the front end's error
+    # malformed past the size parsed on a worker thread: its error came back through the
+    # thread's future, which its traceback's awaiting frame held (the body with it)
+    ("/v1/functions/mlp/jacobian", "application/x-npy", b"\x93NUMPY" + b"x" * (300 << 10), 400),
     ("/v1/functions/broken/jacobian", "application/json", b'{"inputs": [[1.0, 2.0]]}', 500),  # the function raises: function_error
-], ids=["ok", "malformed", "function_error"])
+], ids=["ok", "malformed", "malformed_offloaded", "function_error"])
 def test_a_request_leaves_no_cycles_for_the_collector(client, path, content_type, body, status):
     """What a request makes is freed by reference counting as it ends, not left in
     cycles for the collector to find (with it, the front ends' full collections walked

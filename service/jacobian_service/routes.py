@@ -244,8 +244,27 @@ def _timeout(state: ServiceState, request: Request) -> float:
 
 async def _offload(size: int, fn: Callable[..., Any], *args: Any) -> Any:
     if size > _OFFLOAD_BYTES:
-        return await anyio.to_thread.run_sync(fn, *args)
+        value, error = await anyio.to_thread.run_sync(_outcome, fn, args)
+        if error is not None:
+            try:
+                raise error
+            finally:
+                error = None  # (this frame is in the traceback raised: no cycle through it either)
+        return value
     return fn(*args)
+
+
+def _outcome(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, BaseException | None]:
+    """``fn(*args)`` on the worker thread, its exception returned, not raised through the
+    thread's future: a future that holds an exception whose traceback holds the awaiting
+    frame, which holds the future, is a cycle, and everything its frames held (a rejected
+    request's whole body, parsed or not: 4 MiB of malformed ``.npy``) stayed alive until
+    the cyclic collector next ran, later still where the cycle had aged into an older
+    generation under load, and each request's cycle cost the collector its walk."""
+    try:
+        return fn(*args), None
+    except Exception as exc:  # (BaseException: a worker thread's KeyboardInterrupt is the loop's business)
+        return None, exc
 
 
 def _meta(info: JobInfo, result: Result) -> dict[str, Any]:
