@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .heap import freeze_heap
+from .heap import FRONT_END_YOUNG, freeze_heap
 from .orphans import stop_with_parent
 from .procfs import stopped
 from .settings import FRONT_END_ONLY, Settings
@@ -142,7 +142,7 @@ def _front_end(run_dir: str, sock: socket.socket, count: int, channel: Any, api_
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     stop_with_parent(settings.drain_delay_s + settings.drain_grace_s + 5)  # it drains and stops if serve is killed
-    freeze_heap()
+    freeze_heap(young=FRONT_END_YOUNG)
     DrainingServer(_uvicorn_config(app, settings), app, settings.drain_delay_s).run(sockets=[sock])
 
 
