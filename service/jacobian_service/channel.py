@@ -930,6 +930,15 @@ class Connection(asyncio.BufferedProtocol):
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, self._RETRY_S[1])
 
+    @property
+    def peer_pid(self) -> int | None:
+        """The engine process last connected (the kernel's word), kept once its connection broke."""
+        return self._peer_pid
+
+    def said_gone(self, pid: int) -> bool:
+        """Whether the supervisor has said engine process ``pid`` has gone (``gone``)."""
+        return pid in self._gone
+
     def gone(self, pid: int) -> None:
         """The supervisor says engine process ``pid`` has gone: drop the connection to it,
         if it is the one connected, and refuse to connect to it again."""

@@ -32,6 +32,7 @@ from . import ipc
 from .channel import Connection
 from .connections import Expiry
 from .errors import FunctionError, FunctionQuarantined, Timeout, Unavailable
+from .procfs import living
 from .registry import FunctionSpec, Registry
 from .scheduler import Job, StreamHead
 from .settings import Settings
@@ -70,6 +71,9 @@ _OVERDUE_EVERY_S = 1.0
 _OLDEST_AFTER_S = 0.25
 _MAX_CANCELLED = 4096  # cancels awaiting their engine's answer, kept (a hung engine's pile, bounded)
 _LOST_GRACE_S = 2.0  # after a broken engine connection, for the supervisor's word to come first
+# The supervisor states twice a second: a front end that has heard nothing for this long
+# takes it as silent (readiness "no word"; a broken connection's requests then answered).
+_SILENT_S = 5.0
 _RESENDS = 3  # tries of a request whose engines leave as planned before starting it
 # A request that finds no engine up waits this long for one before its 503: a spare's
 # promotion takes well under a second, and a front end starved of CPU (start-up on a
@@ -349,13 +353,30 @@ class RemoteEngines(_Engines):
         the broken connection, would wait for its deadline: after a grace for the word,
         whatever was sent before the break and is still waiting gets a retryable 503."""
         broke = time.monotonic()
-        asyncio.get_running_loop().call_later(_LOST_GRACE_S, self._fail_sent_before, index, broke)
+        asyncio.get_running_loop().call_later(_LOST_GRACE_S, self._fail_sent_before, index, broke,
+                                              self._socks[index].peer_pid)
 
-    def _fail_sent_before(self, index: int, broke: float) -> None:
-        for fut, engine, _, sent, *_ in list(self._pending.values()):
-            if engine == index and sent <= broke and not fut.done():
-                fut.set_exception(Unavailable("the connection to the engine broke while this request waited; retry",
-                                              headers={"Retry-After": "1"}))
+    def _fail_sent_before(self, index: int, broke: float, pid: int | None = None) -> None:
+        """The grace is over. Where the engine process has died and the supervisor, still
+        talking, has not yet said so, its word is on its way and names what the engine
+        ran (500 for a crash, 504 for a hang): the grace runs again. Failed at the first
+        grace, a request whose own function crashed the engine got a retryable 503 where
+        the supervisor's tick (reaping the engine, publishing the word) came over 2 s
+        after the break: a busy machine's timing, not the request's fault. The
+        word already read (it answered what was sent before it), an engine alive (its
+        connection closed on its side: no word may come) or a silent supervisor: what
+        was sent on the broken connection and still waits gets its 503 now."""
+        waiting = [fut for fut, engine, _, sent, *_ in self._pending.values()
+                   if engine == index and sent <= broke and not fut.done()]
+        if not waiting:
+            return
+        if (pid is not None and not self._socks[index].said_gone(pid) and not living(pid)
+                and time.monotonic() - self._state_at < _SILENT_S):
+            asyncio.get_running_loop().call_later(_LOST_GRACE_S, self._fail_sent_before, index, broke, pid)
+            return
+        for fut in waiting:
+            fut.set_exception(Unavailable("the connection to the engine broke while this request waited; retry",
+                                          headers={"Retry-After": "1"}))
 
     def _reply_handler(self, index: int) -> Any:
         def on_reply(frames: list[Any]) -> None:
@@ -456,7 +477,7 @@ class RemoteEngines(_Engines):
 
     def readiness(self) -> str | None:
         engines = self._engines()
-        if not engines or time.monotonic() - self._state_at > 5:
+        if not engines or time.monotonic() - self._state_at > _SILENT_S:
             return "no word from the supervisor"
         down = [f"{e['index']} ({e['device']})" for e in engines if not e["ready"]]
         return f"engine {', '.join(down)} is not up" if down else None
