@@ -23,6 +23,7 @@ from starlette.testclient import TestClient
 
 from jacobian_client import wire
 from jacobian_service import create_app
+from jacobian_service.procfs import cpu_seconds, descendants
 from jacobian_service.registry import Registry
 from jacobian_service.settings import Settings
 
@@ -215,15 +216,15 @@ def live_server(*, wrapper: Sequence[str] = (), **settings: Any) -> Iterator[tup
     # functions of this one (this serve failing to bind, later).
     bound = f" functions on {url} with "
     try:
-        deadline = time.monotonic() + 120
+        starting = _Starting(proc.pid)
         while True:
             try:
                 if bound in _read(log, still_s=0.0) and httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not become ready:\n{_read(log)}")
+            if proc.poll() is not None or starting.stuck():
+                raise RuntimeError(f"the server did not become ready ({starting}):\n{_read(log)}")
             time.sleep(0.05)  # each start waits for this poll: ~60 starts in the suite
         try:
             yield url, proc
@@ -239,6 +240,31 @@ def live_server(*, wrapper: Sequence[str] = (), **settings: Any) -> Iterator[tup
             proc.kill()
             proc.communicate()
         log.close()
+
+
+class _Starting:
+    """A server on its way to ready, given up on once its processes have used no CPU for
+    ``STILL_S`` (stuck), or after ``MOST_S`` in all. Not a fixed 120 s of wall time: on a
+    loaded machine a start that was progressing (the zygote's torch import alone took
+    100 s at a load of 20) was failed just as it said it was ready."""
+
+    STILL_S, MOST_S = 60.0, 600.0
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.began = self.moved = time.monotonic()
+        self.cpu = 0.0
+
+    def stuck(self) -> bool:
+        now = time.monotonic()
+        cpu = sum(c for p in (self.pid, *descendants(self.pid)) if (c := cpu_seconds(p)) is not None)
+        if cpu > self.cpu:
+            self.cpu, self.moved = cpu, now
+        return now - self.moved > self.STILL_S or now - self.began > self.MOST_S
+
+    def __str__(self) -> str:
+        now = time.monotonic()
+        return f"{now - self.began:.0f} s, {self.cpu:.1f} s of CPU, the last {now - self.moved:.0f} s ago"
 
 
 class Served:

@@ -7,6 +7,8 @@ the service imposes on a request it already took turns into a wrong answer, or a
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ import pytest
 from jacobian_service import engine_client, ipc
 from jacobian_service.engine_client import RemoteEngines
 from jacobian_service.errors import FunctionError, Unavailable
+from jacobian_service.procfs import descendants
 
 from .test_engine_client import _call, _state
 from .test_engine_client import engines  # noqa: F401  (its registry; the connection is made here)
@@ -83,3 +86,31 @@ async def test_a_crash_is_named_to_its_caller_whenever_the_supervisors_word_come
     assert time.monotonic() - engines._state_at >= 1.0, "answered before the supervisor fell silent"
     assert refused.value.headers["Retry-After"] == "1"
     engines._socks[0].close()
+
+
+def test_a_server_start_is_given_up_on_when_it_stops_moving_not_at_a_fixed_wall_time(monkeypatch):
+    """``live_server`` gave a server 120 s of wall time to become ready. With two busy
+    loops beside the fault tests (a load of ~20), two servers whose zygote took ~100 s to
+    import torch said "ready" just as those 120 s ran out, and their tests failed. Now a
+    start is given up on once its processes use no CPU for a while (stuck), or after 600 s
+    in all: a process that works (here a spinning child of a parent that sleeps) goes on."""
+    from .conftest import _Starting
+
+    monkeypatch.setattr(_Starting, "STILL_S", 1.0)
+    spinning = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, "
+                                 "'-c', 'while True: pass'])"])
+    sleeping = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        watched = [_Starting(spinning.pid), _Starting(sleeping.pid)]
+        seen: list[list[bool]] = []
+        while not seen or not seen[-1][1]:  # until the sleeper, past its start, is found still
+            time.sleep(0.1)
+            seen.append([w.stuck() for w in watched])
+            assert len(seen) < 200, seen
+        assert not any(spin for spin, _ in seen), seen
+    finally:
+        for proc in (spinning, sleeping):
+            for child in descendants(proc.pid):
+                os.kill(child, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
