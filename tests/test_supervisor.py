@@ -257,8 +257,10 @@ def test_a_warm_spare_takes_over_at_once_after_deaths_in_a_row(fake_engines, ser
     serving[0] = serves  # the spare, once promoted, runs a batch
     spare = engine.spare
     engine.proc.kill()  # type: ignore[union-attr]
-    took = _tick_until(sup, lambda: engine.proc is spare, 30)
-    assert took < 1.0, took  # a tick or two, not the 4 s backoff
+    _tick_until(sup, lambda: engine.proc is spare, 30)
+    # At the tick after the death, not after the 4 s backoff (asserted on the supervisor's
+    # times, not the test's wall time: a loaded machine may take that long to reap it).
+    assert engine.started < engine.restart_at, (engine.started, engine.restart_at)
     assert engine.restarts == 1 and engine.promoted and len(started) == 2
     _tick_until(sup, lambda: engine.ready, 5)
     if serves:  # a new spare starts, the promoted engine having served
