@@ -66,7 +66,6 @@ async def test_a_crash_is_named_to_its_caller_whenever_the_supervisors_word_come
     be, should the supervisor's tick come late). Now, while the engine is dead and the
     supervisor talks, the word is waited for; a silent supervisor still means the 503."""
     monkeypatch.setattr(engine_client, "_LOST_GRACE_S", 0.05)
-    monkeypatch.setattr(engine_client, "_SILENT_S", 1.0)
     request, pid = await _a_request_its_engine_died_with(engines, tmp_path)
     tag = next(entry[2] for entry in engines._pending.values())
     for _ in range(6):  # twelve graces, the supervisor stating each 0.1 s and not yet naming the death
@@ -80,6 +79,7 @@ async def test_a_crash_is_named_to_its_caller_whenever_the_supervisors_word_come
     engines._socks[0].close()
 
     # The supervisor silent (no state for _SILENT_S): no word will come; the 503, as before.
+    monkeypatch.setattr(engine_client, "_SILENT_S", 1.0)
     request, pid = await _a_request_its_engine_died_with(engines, tmp_path)
     with pytest.raises(Unavailable, match="connection to the engine broke") as refused:
         await asyncio.wait_for(request, 5)
