@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from typing import Any, Iterator
 
 import httpx
 import numpy as np
 import pytest
-
 from jacobian_service.procfs import descendants
 
 from .conftest import Served, assert_problem
@@ -188,3 +188,13 @@ def _socket_inodes(pid: int) -> set[int]:
         if target.startswith("socket:["):
             out.add(int(target[8:-1]))
     return out
+
+
+def _log_until(proc: Any, start: int, pattern: str, within: float = 10.0) -> str:
+    """Serve's log from ``start`` on, once ``pattern`` is in it."""
+    deadline = time.monotonic() + within
+    while True:
+        log = proc.read_log()[start:]  # type: ignore[attr-defined]
+        if re.search(pattern, log) or time.monotonic() > deadline:
+            return log
+        time.sleep(0.1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import re
 import subprocess
 import time
 from contextlib import closing
@@ -21,8 +22,13 @@ import httpx
 import numpy as np
 import pytest
 
+from ._fault_support import _log_until
 from .conftest import assert_problem, live_server
-from .test_hostile_round11 import _armed, _engine_pid, _replaced  # round 11's: the same functions' conventions
+from .test_hostile_round11 import (  # round 11's: the same functions' conventions
+    _armed,
+    _engine_pid,
+    _replaced,
+)
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile13_functions"
 X = [0.5, 1.0, 2.0]
@@ -179,7 +185,7 @@ def test_a_raised_recursion_limit_is_put_back(server, client) -> None:
     np.testing.assert_allclose(r.json()["output"]["data"], np.sin([666.0, 100_000.0, 0.0]), rtol=1e-12)
     assert _engine_pid(client, url) == before
     _sin_ok(client, url)
-    assert "raises_recursion_limit changed the recursion limit" in proc.read_log()  # type: ignore[attr-defined]
+    assert "raises_recursion_limit changed the recursion limit" in _log_until(proc, 0, re.escape("raises_recursion_limit changed the recursion limit"))  # type: ignore[attr-defined]
 
 
 def test_address_space_reserved_and_kept_untouched_recycles_the_engine(server, client) -> None:
@@ -223,7 +229,7 @@ def test_faulthandler_left_pointing_at_a_closed_file_is_turned_off(server, clien
     assert r.status_code == 200, r.text
     detail = assert_problem(_armed(client, url, "reports_faulthandler", 0), 500, "function_error")["detail"]
     assert detail == "RuntimeError: faulthandler enabled: False", detail
-    assert "points_faulthandler_away changed faulthandler (enabled)" in proc.read_log()  # type: ignore[attr-defined]
+    assert "points_faulthandler_away changed faulthandler (enabled)" in _log_until(proc, 0, re.escape("points_faulthandler_away changed faulthandler (enabled)"))  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------ what it returns or raises runs code

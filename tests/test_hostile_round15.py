@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from jacobian_service.output_relay import OutputRelay
 
+from ._fault_support import _log_until
 from .conftest import assert_problem, live_server
 from .hostile15_functions import FLOOD_BYTES
 from .test_hostile_round11 import _armed, _engine_pid
@@ -63,16 +64,6 @@ def _evaluated(r: httpx.Response, case: int) -> None:
 def _metric(client: httpx.Client, url: str, name: str) -> float:
     text = client.get(f"{url}/metrics").text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
-def _log_until(proc: subprocess.Popen, start: int, pattern: str, within: float = 10.0) -> str:
-    """Serve's log from ``start`` on, once ``pattern`` is in it."""
-    deadline = time.monotonic() + within
-    while True:
-        log = proc.read_log()[start:]  # type: ignore[attr-defined]
-        if re.search(pattern, log) or time.monotonic() > deadline:
-            return log
-        time.sleep(0.1)
 
 
 # ------------------------------------------------------------ what a function writes to stdout/stderr

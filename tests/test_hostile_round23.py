@@ -11,6 +11,7 @@ the input 666 (round 11's ``_armed``), the second input picking how.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -18,9 +19,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from ._fault_support import _log_until
 from .conftest import assert_problem, live_server
 from .test_hostile_round11 import _armed, _engine_pid, _replaced
-from .test_hostile_round15 import _log_until
 from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
 from .test_hostile_round21 import _evaluated  # an evaluate's 200 output
 
@@ -84,7 +85,7 @@ def test_a_standard_stream_a_function_closes_is_opened_again(server, client, cas
     log = _log_until(proc, start, rf"prints25 stderr \[0.5, 1.0, {float(case)}\]")
     assert f"prints25 x = [0.5, 1.0, {float(case)}]" in log and f"prints25 stderr [0.5, 1.0, {float(case)}]" in log, \
         log[-3000:]
-    assert "closes_streams changed sys.stdin, sys.stdout or sys.stderr (closed)" in proc.read_log()  # (named once)
+    assert "closes_streams changed sys.stdin, sys.stdout or sys.stderr (closed)" in _log_until(proc, 0, re.escape("closes_streams changed sys.stdin, sys.stdout or sys.stderr (closed)"))  # (named once)
     assert _engine_pid(client, url) == pid
 
 

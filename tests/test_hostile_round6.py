@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import resource
 import select
 import socket
@@ -20,9 +21,9 @@ from typing import Iterator
 import httpx
 import numpy as np
 import pytest
-
 from jacobian_service.channel import _BYE, FrameReader, Listener, encode_control
 
+from ._fault_support import _log_until
 from .conftest import assert_problem, live_server
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile6_functions"
@@ -289,7 +290,7 @@ def test_torch_func_levels_and_inference_mode_left_entered_are_put_back(server, 
     r = _post(url, "/v1/functions/grad_inside/evaluate", json={"inputs": [X]})
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["output"]["data"], np.cos(X) * np.array(X), rtol=1e-6)
-    assert f"{name} changed " in proc.read_log()
+    assert f"{name} changed " in _log_until(proc, 0, re.escape(f"{name} changed "))
 
 
 
