@@ -406,8 +406,63 @@ def _eval_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int, sha
     return [jnp.asarray(a) for a in _eval_host(ops, shapes, batch_ndim, shared, *args)]
 
 
+def _result_avals(structs: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    """The avals of a primitive's results: its structs' shapes and dtypes, varying over
+    every manual mesh axis (``shard_map``'s, ``check_vma``) any of its operands varies
+    over, as jax's own primitives type theirs. Typed invariant, a result of device-varying
+    inputs was taken for replicated: ``shard_map(f, in_specs=P("d"), out_specs=P())`` kept
+    the first shard's values, silently, where in-process it refuses, and ``grad`` through
+    ``shard_map`` failed ("Expected cotangent type float64[3]{V:d} but got float64[3]")."""
+    avals = [jax_core.ShapedArray(s.shape, s.dtype) for s in structs]
+    varying = [a for a in map(_typeof, args) if _varying(a)]
+    if not varying:
+        return avals
+    axes = frozenset().union(*(_varying(a) for a in varying))
+    first = varying[0]
+    if hasattr(first, "manual_axis_type"):  # jax >= 0.9: the axes are part of the sharding's type
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        mat = first.manual_axis_type.update(varying=axes)
+        return [a.update(sharding=NamedSharding(first.sharding.mesh, PartitionSpec()), manual_axis_type=mat)
+                for a in avals]
+    return [a.update(vma=axes) for a in avals]  # jax 0.6 to 0.8
+
+
+def _invariant_as(grads: Sequence[Any], targets: Sequence[Any]) -> list[Any]:
+    """Cotangents of ``targets`` (undefined primals of a transpose): summed over the mesh
+    axes a cotangent varies over and its target does not (a weight every shard shares,
+    beside a device-varying input), as the transpose of jax's own ``pvary`` sums them."""
+    out = []
+    for g, t in zip(grads, targets):
+        extra = _varying(_typeof(g)) - _varying(t.aval)
+        out.append(jax.lax.psum(g, tuple(sorted(extra))) if extra else g)
+    return out
+
+
+def _varying(aval: Any) -> frozenset[Any]:
+    """The manual mesh axes ``aval`` varies over (none before jax tracked them)."""
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def _typeof(x: Any) -> Any:
+    """The aval of a value or tracer (an aval is its own): ``jax.typeof`` where jax has it
+    (``jax.core.get_aval`` is gone since 0.10)."""
+    if isinstance(x, jax_core.AbstractValue):
+        return x
+    typeof = getattr(jax, "typeof", None)
+    return typeof(x) if typeof is not None else jax_core.get_aval(x)
+
+
+def _zeros_like(outs: Sequence[Any]) -> list[Any]:
+    """Symbolic zero tangents of a primitive's results, typed as they are."""
+    return [ad.Zero(_typeof(o).to_tangent_aval()) for o in outs]
+
+
 def _eval_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int, shared: tuple[bool, ...]) -> list[Any]:
-    return [jax_core.ShapedArray(s.shape, s.dtype) for s in shapes.structs]
+    return _result_avals(shapes.structs, args)
 
 
 def _eval_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, batch_ndim: int, shared: tuple[bool, ...]) -> Any:
@@ -438,7 +493,7 @@ def _eval_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteOps
     out = remote_eval_p.bind(*primals, ops=ops, shapes=shapes, batch_ndim=batch_ndim, shared=shared)
     argnums = tuple(i for i, (p, t) in enumerate(zip(primals, tangents))
                     if not isinstance(t, ad.Zero) and _is_float(p))
-    zeros = [ad.Zero(jax_core.ShapedArray(s.shape, s.dtype).to_tangent_aval()) for s in shapes.structs]
+    zeros = _zeros_like(out)
     aux_zeros = zeros[shapes.n_out:]
     if not argnums:
         return out, zeros
@@ -588,7 +643,7 @@ def _linear_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) -> l
 
 
 def _linear_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) -> list[Any]:
-    return [jax_core.ShapedArray(s.shape, s.dtype) for s in lin.result_structs]
+    return _result_avals(lin.result_structs, args)
 
 
 def _linear_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) -> Any:
@@ -640,7 +695,7 @@ def _linear_transpose(cts: Sequence[Any], *args: Any, ops: RemoteOps, shapes: _S
     other = _Linear("vjp" if lin.mode == "jvp" else "jvp", lin.argnums, lin.n_inputs, grads_structs, lin.batch_ndim,
                     lin.tags, lin.shared, tuple(isinstance(c, ad.Zero) for c in cts) if lin.mode == "jvp" else ())
     grads = remote_linear_p.bind(*xs, *cotangents, ops=ops, shapes=shapes, lin=other)
-    return [None] * lin.n_inputs + list(grads)
+    return [None] * lin.n_inputs + _invariant_as(grads, vecs)
 
 
 def _linear_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
@@ -667,7 +722,7 @@ def _linear_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteO
                           lin.shared)
         second = remote_second_p.bind(*xs, *vecs, *dxs, ops=ops, shapes=shapes, sec=sec)
         total = [s if t is None else t + s for t, s in zip(total, second)]
-    zeros = [ad.Zero(jax_core.ShapedArray(s.shape, s.dtype).to_tangent_aval()) for s in lin.result_structs]
+    zeros = _zeros_like(out)
     return out, [z if t is None else t for t, z in zip(total, zeros)]
 
 
@@ -791,7 +846,7 @@ def _second_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) -> l
 
 
 def _second_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) -> list[Any]:
-    return [jax_core.ShapedArray(s.shape, s.dtype) for s in sec.result_structs]
+    return _result_avals(sec.result_structs, args)
 
 
 def _second_lowered(*args: Any, ops: RemoteOps, shapes: _Shapes, sec: _Second) -> Any:
@@ -835,7 +890,7 @@ def _second_transpose(cts: Sequence[Any], *args: Any, ops: RemoteOps, shapes: _S
     target_avals = [jnp.zeros(t.aval.shape, t.aval.dtype) for t in targets]
     cts = [jnp.zeros(s.shape, s.dtype) if isinstance(c, ad.Zero) else c for c, s in zip(cts, sec.result_structs)]
     other, vectors = _second_swapped(sec, group, first, second, cts, target_avals)
-    grads = remote_second_p.bind(*xs, *vectors, ops=ops, shapes=shapes, sec=other)
+    grads = _invariant_as(remote_second_p.bind(*xs, *vectors, ops=ops, shapes=shapes, sec=other), targets)
     none_first = [None] * n1 if group == 1 else list(grads)
     none_second = [None] * len(second) if group == 0 else list(grads)
     return [None] * sec.n_inputs + none_first + none_second
@@ -858,7 +913,7 @@ def _second_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteO
                        for v, t in zip(vecs[lo:hi], dvecs[lo:hi])]
         part = remote_second_p.bind(*xs, *args, ops=ops, shapes=shapes, sec=sec)
         total = [p if t is None else t + p for t, p in zip(total, part)]
-    zeros = [ad.Zero(jax_core.ShapedArray(s.shape, s.dtype).to_tangent_aval()) for s in sec.result_structs]
+    zeros = _zeros_like(out)
     return out, [z if t is None else t for t, z in zip(total, zeros)]
 
 

@@ -1,0 +1,103 @@
+"""Remote functions and the SDK in real programs, round 18: JAX's ``shard_map`` over two
+CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=2``); each case
+compared with the same computation in-process.
+
+One server: the session's ``jacobian-service serve`` subprocess (``url``), shared with
+the other adapter test files. The JAX cases run in one child process, since the device
+count is fixed when jax is first imported (the rest of the session has one device).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jacobian_service.app")
+
+
+from ._remote_support import url  # noqa: E402,F401 (fixtures)
+from .conftest import CHILD_PYTHONPATH  # noqa: E402
+
+# The child: each case computed through the adapter and in-process, under shard_map on a
+# mesh of the two devices; what each gave (values, or the exception's class) goes back as
+# JSON on its last line.
+SHARDED = r"""
+import json, sys
+import numpy as np
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+try:
+    from jax import shard_map
+except ImportError:  # jax < 0.7
+    from jax.experimental.shard_map import shard_map
+jax.config.update("jax_enable_x64", True)
+import jacobian_client as jc
+from jacobian_client.jax import remote
+
+assert len(jax.devices()) == 2, jax.devices()
+client = jc.Client(sys.argv[1])
+mesh = Mesh(np.array(jax.devices()), ("d",))
+x = jnp.array([0.3, -0.7, 1.1, 0.4, -1.3, 0.9])
+y = jnp.array([0.5, 0.2, -0.4])
+
+def sharded(f, out=P("d"), ins=P("d")):
+    return shard_map(f, mesh=mesh, in_specs=ins, out_specs=out)
+
+cases = {
+    # grad through shard_map: the transpose's cotangent must vary as x does
+    "grad": lambda sin, add_square: jax.grad(lambda v: sharded(sin)(v).sum())(x),
+    "jit_grad": lambda sin, add_square: jax.jit(jax.grad(lambda v: (sharded(sin)(v) ** 2).sum()))(x),
+    # an output of device-varying inputs is not replicated: P() is refused, in-process too
+    "replicated_out": lambda sin, add_square: sharded(sin, out=P())(x),
+    # y is shared by both devices (P()): its gradient is the sum of theirs
+    "shared_grad": lambda sin, add_square: jax.grad(
+        lambda v, w: sharded(add_square, ins=(P("d"), P()))(v, w).sum(), argnums=(0, 1))(x, y),
+    # grad of grad: the second derivative's primitive and its transpose
+    "grad_grad": lambda sin, add_square: jax.grad(lambda v: jax.grad(lambda u: sharded(sin)(u).sum())(v).sum())(x),
+}
+local = {"sin": jnp.sin, "add_square": lambda a, b: a + b ** 2}
+theirs = {"sin": remote(client, "sin"), "add_square": remote(client, "add_square")}
+out = {}
+for name, case in cases.items():
+    for side, fns in (("remote", theirs), ("local", local)):
+        try:
+            got = jax.tree_util.tree_map(lambda a: np.asarray(a).tolist(), case(**fns))
+        except Exception as exc:
+            got = {"raised": type(exc).__name__}
+        out[f"{name}/{side}"] = got
+print(json.dumps(out))
+"""
+
+
+def test_remote_functions_under_shard_map_type_their_results_as_varying(url):
+    """Under ``shard_map`` (check_vma, its default) the adapter's primitives typed their
+    results invariant over the mesh whatever their inputs: ``grad`` through shard_map
+    raised "ValueError: Expected cotangent type float64[3]{V:d} but got float64[3]"
+    where in-process it answers, and ``out_specs=P()`` of a device-varying result, which
+    in-process JAX refuses (it cannot be replicated), answered the first device's block
+    alone, silently wrong. Results now vary over every axis an operand varies over, and a
+    cotangent of a shared (invariant) input is summed over the axes it does not vary
+    over, as jax's own primitives have it: grad (jitted too), the gradient of an input
+    every device shares and a grad of grad all equal in-process, and P() is refused alike."""
+    pytest.importorskip("jax")
+    env = {**os.environ, "PYTHONPATH": CHILD_PYTHONPATH, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run([sys.executable, "-c", SHARDED, url], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    for case in ("grad", "jit_grad", "shared_grad", "grad_grad"):
+        remote_side, local_side = got[f"{case}/remote"], got[f"{case}/local"]
+        assert isinstance(local_side, (list, float)) and not isinstance(remote_side, dict), (case, remote_side)
+        pairs = zip(remote_side, local_side) if case == "shared_grad" else [(remote_side, local_side)]
+        for r, w in pairs:  # shared_grad: (d/dx, d/dy)
+            np.testing.assert_allclose(np.array(r, dtype=float), np.array(w, dtype=float), rtol=1e-12, atol=1e-12,
+                                       err_msg=case)
+    assert got["replicated_out/local"] == {"raised": "ValueError"}
+    assert got["replicated_out/remote"] == got["replicated_out/local"]
+
