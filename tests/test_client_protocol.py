@@ -193,6 +193,15 @@ CODES = {
     "unavailable": (503, jc.Unavailable),
     "timeout": (504, jc.Timeout),
     "out_of_memory": (507, jc.OutOfMemory),
+    "malformed_request": (400, jc.MalformedRequest),
+    "not_found": (404, jc.NotFound),
+    "method_not_allowed": (405, jc.MethodNotAllowed),
+    "request_timeout": (408, jc.RequestTimeout),
+    "precondition_failed": (412, jc.PreconditionFailed),
+    "expectation_failed": (417, jc.ExpectationFailed),
+    "headers_too_large": (431, jc.HeadersTooLarge),
+    "internal_error": (500, jc.InternalError),
+    "unsupported_transfer_coding": (501, jc.UnsupportedTransferCoding),
 }
 
 
@@ -212,8 +221,8 @@ def test_error_mapping_by_code(code: str) -> None:
 def test_error_mapping_falls_back_to_status_and_to_apierror() -> None:
     assert type(error_from_response(_response(404, b"<html>nope</html>", "text/html"))) is jc.FunctionNotFound
     assert type(error_from_response(_response(502, b"bad gateway", "text/plain"))) is jc.APIError
-    unknown = error_from_response(_response(404, wire.dumps({"code": "not_found", "detail": "x"}), wire.PROBLEM))
-    assert type(unknown) is jc.APIError and unknown.code == "not_found"
+    unknown = error_from_response(_response(404, wire.dumps({"code": "brand_new", "detail": "x"}), wire.PROBLEM))
+    assert type(unknown) is jc.APIError and unknown.code == "brand_new"
     assert isinstance(error_from_response(_response(429, b"", **{"retry-after": "3"})), jc.Overloaded)
     assert error_from_response(_response(429, b"", **{"retry-after": "3"})).retry_after == 3.0
 

@@ -1,6 +1,7 @@
 """Remote functions and the SDK in real programs, round 18: JAX's ``shard_map`` over two
-CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=2``); each case
-compared with the same computation in-process.
+CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=2``) and the SDK's
+exception for every problem code the server answers; each case compared with the same
+computation in-process (or the server's own words).
 
 One server: the session's ``jacobian-service serve`` subprocess (``url``), shared with
 the other adapter test files. The JAX cases run in one child process, since the device
@@ -14,13 +15,17 @@ import os
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 
 pytest.importorskip("jacobian_service.app")
 
+import jacobian_client as jc  # noqa: E402
+from jacobian_client import wire  # noqa: E402
+from jacobian_client._errors import error_from_response  # noqa: E402
 
-from ._remote_support import url  # noqa: E402,F401 (fixtures)
+from ._remote_support import counted, url  # noqa: E402,F401 (fixtures)
 from .conftest import CHILD_PYTHONPATH  # noqa: E402
 
 # The child: each case computed through the adapter and in-process, under shard_map on a
@@ -28,6 +33,7 @@ from .conftest import CHILD_PYTHONPATH  # noqa: E402
 # JSON on its last line.
 SHARDED = r"""
 import json, sys
+import httpx
 import numpy as np
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
@@ -101,3 +107,46 @@ def test_remote_functions_under_shard_map_type_their_results_as_varying(url):
     assert got["replicated_out/local"] == {"raised": "ValueError"}
     assert got["replicated_out/remote"] == got["replicated_out/local"]
 
+
+# --------------------------------------------------------------------------- every problem code
+
+
+def test_every_problem_code_the_server_answers_has_its_sdk_exception():
+    """The wire's table of codes (``wire.PROBLEM_STATUS``: the server raises by it) had ten
+    codes without an SDK class, among them 412 ``precondition_failed``, 404 ``not_found``
+    and 500 ``internal_error``: each came back as a bare ``APIError``, so a caller could
+    tell them apart only by comparing ``.code`` strings, unlike every other code. Each code
+    now has its class, exported by ``jacobian_client``, of that code and status; a body
+    without a code falls back to a class of its status (500 and 499 excepted: ambiguous)."""
+    for code, status in wire.PROBLEM_STATUS.items():
+        response = httpx.Response(status, json={"code": code, "detail": "d"},
+                                  request=httpx.Request("GET", "http://x/v1/info"))
+        exc = error_from_response(response)
+        assert type(exc) is not jc.APIError, code
+        assert (exc.code_name, exc.status, exc.code, exc.status_code) == (code, status, code, status)
+        assert getattr(jc, type(exc).__name__) is type(exc), type(exc).__name__
+        assert type(exc).__name__ in jc.__all__
+    for status in set(wire.PROBLEM_STATUS.values()) - {499, 500}:
+        response = httpx.Response(status, text="<html>proxy</html>", request=httpx.Request("GET", "http://x/"))
+        assert error_from_response(response).status == status, status
+
+
+def test_a_precondition_and_a_wrong_path_raise_their_own_exceptions(url):
+    """Against the real server: an ``If-Match`` sent with ``headers=`` is a 412
+    ``PreconditionFailed`` for a GET and for a Jacobian's POST alike (once: not retried,
+    nothing computed), and a ``base_url`` with a path the service does not serve is a 404
+    ``NotFound``, not a ``FunctionNotFound`` (the function exists). Before, both were
+    plain ``APIError``s."""
+    with counted(url, headers={"If-Match": '"r18"'}) as cc18:
+        with pytest.raises(jc.PreconditionFailed) as info:
+            cc18.client.function("sin")
+        assert info.value.status_code == 412 and info.value.code == "precondition_failed"
+        assert "If-Match" in info.value.detail
+        with pytest.raises(jc.PreconditionFailed):
+            cc18.client.jacobian("sin", np.array([0.1, 0.2]))
+        assert cc18.take() == ["sin", "jacobian"]
+    with jc.Client(url + "/api") as wrong:
+        with pytest.raises(jc.NotFound) as info:
+            wrong.function("sin")
+        assert info.value.status_code == 404 and info.value.code == "not_found"
+        assert not isinstance(info.value, jc.FunctionNotFound)

@@ -15,17 +15,27 @@
     │                                       (decoded, or as its .npy/.npz declares it)
     └── APIError                            the server answered 4xx/5xx (problem+json)
         ├── MalformedBody          400      malformed_body
+        ├── MalformedRequest       400      malformed_request (a header the server's parser cannot read)
         ├── Unauthorized           401      unauthorized
         ├── Forbidden              403      forbidden
+        ├── NotFound               404      not_found         (no such path: base_url's path is wrong)
         ├── FunctionNotFound       404      function_not_found
+        ├── MethodNotAllowed       405      method_not_allowed
         ├── NotAcceptable          406      not_acceptable
+        ├── RequestTimeout         408      request_timeout   (the request was sent too slowly)
+        ├── PreconditionFailed     412      precondition_failed (an If-Match in headers=)
         ├── PayloadTooLarge        413      payload_too_large
         ├── ResultTooLarge         413      result_too_large
         ├── UnsupportedMediaType   415      unsupported_media_type
+        ├── ExpectationFailed      417      expectation_failed (an Expect other than 100-continue)
         ├── InvalidInput           422      invalid_input
         │   └── SparsityNotFound   422      sparsity_not_found (no declared pattern of that name)
         ├── Overloaded             429      overloaded        (retried; .retry_after)
+        ├── HeadersTooLarge        431      headers_too_large
+        ├── ClientClosed           499      client_closed     (logged by the server, never sent)
         ├── FunctionError          500      function_error
+        ├── InternalError          500      internal_error    (a fault of the service's own)
+        ├── UnsupportedTransferCoding 501   unsupported_transfer_coding
         ├── Unavailable            503      unavailable       (retried)
         │   └── FunctionQuarantined 503     function_quarantined (crashed or hung its engine
         │                                   repeatedly; .retry_after: seconds it is refused)
@@ -35,8 +45,10 @@
 Why one tree: callers catch ``JacobianServiceError`` for "the call failed", ``APIError``
 for "the server said no" and a leaf for one precise reason. The class is chosen by the
 problem document's stable ``code`` (SPEC 3.4); only a response without a code (a proxy's
-HTML page, say) falls back to its HTTP status. A code this SDK does not know yet gives a
-plain :class:`APIError`, so a newer server never breaks an older client.
+HTML page, say) falls back to its HTTP status. Every code of the wire's table
+(``wire.PROBLEM_STATUS``, which the server raises by) has its class here; a code this SDK
+does not know yet gives a plain :class:`APIError`, so a newer server never breaks an older
+client.
 """
 
 from __future__ import annotations
@@ -49,18 +61,27 @@ from .wire import PROBLEM_STATUS
 
 __all__ = [
     "APIError",
+    "ClientClosed",
+    "ExpectationFailed",
     "Forbidden",
     "FunctionError",
     "FunctionNotFound",
     "FunctionQuarantined",
+    "HeadersTooLarge",
     "IncompleteResponse",
+    "InternalError",
     "InvalidInput",
     "JacobianServiceError",
     "MalformedBody",
+    "MalformedRequest",
+    "MethodNotAllowed",
     "NotAcceptable",
+    "NotFound",
     "OutOfMemory",
     "Overloaded",
     "PayloadTooLarge",
+    "PreconditionFailed",
+    "RequestTimeout",
     "ResponseTooLarge",
     "ResultTooLarge",
     "ServiceUnreachable",
@@ -70,6 +91,7 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "UnsupportedMediaType",
+    "UnsupportedTransferCoding",
     "error_from_response",
 ]
 
@@ -184,14 +206,27 @@ def _leaf(name: str, code: str, doc: str) -> type[APIError]:
 
 
 MalformedBody = _leaf("MalformedBody", "malformed_body", "the server could not read the body.")
+MalformedRequest = _leaf("MalformedRequest", "malformed_request",
+                         "the server's HTTP parser could not read the request (a header line, say).")
 Unauthorized = _leaf("Unauthorized", "unauthorized", "an API key is required.")
 Forbidden = _leaf("Forbidden", "forbidden", "the API key is wrong.")
+NotFound = _leaf("NotFound", "not_found", "no such path (is base_url's path the service's?).")
 FunctionNotFound = _leaf("FunctionNotFound", "function_not_found", "no function of that name.")
+MethodNotAllowed = _leaf("MethodNotAllowed", "method_not_allowed", "the path does not take this method.")
 NotAcceptable = _leaf("NotAcceptable", "not_acceptable", "the Accept type cannot carry this result.")
+RequestTimeout = _leaf("RequestTimeout", "request_timeout", "the request's headers or body came too slowly.")
+PreconditionFailed = _leaf("PreconditionFailed", "precondition_failed",
+                           "an If-Match (sent with headers=) that the resource does not match.")
 PayloadTooLarge = _leaf("PayloadTooLarge", "payload_too_large", "the request body is over the limit.")
 ResultTooLarge = _leaf("ResultTooLarge", "result_too_large", "the result is over the limit and cannot be streamed.")
 UnsupportedMediaType = _leaf("UnsupportedMediaType", "unsupported_media_type", "the Content-Type is not accepted.")
+ExpectationFailed = _leaf("ExpectationFailed", "expectation_failed", "an Expect other than 100-continue.")
 InvalidInput = _leaf("InvalidInput", "invalid_input", "wrong arity, shape, dtype or argnums.")
+HeadersTooLarge = _leaf("HeadersTooLarge", "headers_too_large", "the request's headers are over the limit.")
+ClientClosed = _leaf("ClientClosed", "client_closed", "the client went away (the server logs it; nobody is sent it).")
+InternalError = _leaf("InternalError", "internal_error", "a fault of the service's own (logged there).")
+UnsupportedTransferCoding = _leaf("UnsupportedTransferCoding", "unsupported_transfer_coding",
+                                  "a Transfer-Encoding other than chunked.")
 
 
 class SparsityNotFound(InvalidInput):
@@ -223,17 +258,27 @@ class Overloaded(APIError):
 
 _LEAVES: tuple[type[APIError], ...] = (
     MalformedBody,
+    MalformedRequest,
     Unauthorized,
     Forbidden,
+    NotFound,
     FunctionNotFound,
+    MethodNotAllowed,
     NotAcceptable,
+    RequestTimeout,
+    PreconditionFailed,
     PayloadTooLarge,
     ResultTooLarge,
     UnsupportedMediaType,
+    ExpectationFailed,
     InvalidInput,
     SparsityNotFound,
     Overloaded,
+    HeadersTooLarge,
+    ClientClosed,
     FunctionError,
+    InternalError,
+    UnsupportedTransferCoding,
     Unavailable,
     FunctionQuarantined,
     Timeout,
@@ -242,16 +287,23 @@ _LEAVES: tuple[type[APIError], ...] = (
 _BY_CODE: dict[str, type[APIError]] = {cls.code_name: cls for cls in _LEAVES if cls.code_name}
 # Only for bodies without a code. 413 and 500 are ambiguous: take the commoner reading
 # for 413 (a proxy's body limit) and none for 500 (a crash is not a function error).
+# 400 and 404 keep their older readings (the body; the function) for code that catches them.
 _BY_STATUS: dict[int, type[APIError]] = {
     400: MalformedBody,
     401: Unauthorized,
     403: Forbidden,
     404: FunctionNotFound,
+    405: MethodNotAllowed,
     406: NotAcceptable,
+    408: RequestTimeout,
+    412: PreconditionFailed,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
+    417: ExpectationFailed,
     422: InvalidInput,
     429: Overloaded,
+    431: HeadersTooLarge,
+    501: UnsupportedTransferCoding,
     503: Unavailable,
     504: Timeout,
     507: OutOfMemory,
