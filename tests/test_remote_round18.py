@@ -26,7 +26,7 @@ from jacobian_client import wire  # noqa: E402
 from jacobian_client._errors import error_from_response  # noqa: E402
 
 from ._remote_support import counted, url  # noqa: E402,F401 (fixtures)
-from .conftest import CHILD_PYTHONPATH  # noqa: E402
+from .conftest import CHILD_PYTHONPATH, free_port  # noqa: E402
 
 # The child: each case computed through the adapter and in-process, under shard_map on a
 # mesh of the two devices; what each gave (values, or the exception's class) goes back as
@@ -150,3 +150,32 @@ def test_a_precondition_and_a_wrong_path_raise_their_own_exceptions(url):
             wrong.function("sin")
         assert info.value.status_code == 404 and info.value.code == "not_found"
         assert not isinstance(info.value, jc.FunctionNotFound)
+
+
+# --------------------------------------------------------------------------- proxies from the environment
+
+
+def test_a_proxy_from_the_environment_is_named_when_it_cannot_be_reached(url, monkeypatch):
+    """The clients honour HTTP_PROXY / HTTPS_PROXY / ALL_PROXY and NO_PROXY (httpx's
+    ``trust_env``). With HTTP_PROXY naming a proxy that is down, a call to a service that
+    is up raised ``ServiceUnreachable`` "Connection refused; is the service running, and
+    is the client's base_url its address?": the proxy was named nowhere. It now says the
+    request went through that proxy (its credentials not shown) and that NO_PROXY can
+    exempt the host; with NO_PROXY naming the host the same client answers, equal to
+    in-process."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    dead = free_port()
+    monkeypatch.setenv("HTTP_PROXY", f"http://user:hunter2@127.0.0.1:{dead}")
+    x = np.array([0.3, -0.7])
+    with jc.Client(url, max_retries=0) as client:
+        with pytest.raises(jc.ServiceUnreachable) as info:
+            client.jacobian("sin", x)
+    message = str(info.value)
+    assert f"through the proxy http://127.0.0.1:{dead}/" in message and "NO_PROXY" in message
+    assert "hunter2" not in message and "user" not in message
+    assert "is the service running" not in message
+    monkeypatch.setenv("NO_PROXY", httpx.URL(url).host)
+    with jc.Client(url, max_retries=0) as client:
+        np.testing.assert_allclose(client.jacobian("sin", x), np.diag(np.cos(x)), rtol=1e-6)

@@ -218,9 +218,36 @@ def transport_error(exc: BaseException, call: Call) -> TransportError:
     except (AttributeError, RuntimeError):  # not httpx's, or one made before any request
         where = call.path
     message = f"{call.method} {where}: {kind}: {exc or 'no detail'}"
+    proxy = _environment_proxy(exc)
+    if proxy is not None:  # what failed to connect was the proxy, not (or not yet) the service
+        return ServiceUnreachable(
+            f"{message}; sent through the proxy {proxy} that the environment names (HTTP_PROXY, HTTPS_PROXY or "
+            "ALL_PROXY, as httpx reads them): is that proxy up and able to reach the service, or should NO_PROXY "
+            "name this host?")
     if isinstance(exc, httpx.ConnectError):  # not a timeout: nothing answered at all
         return ServiceUnreachable(f"{message}; is the service running, and is the client's base_url its address?")
     return TransportError(message)
+
+
+def _environment_proxy(exc: BaseException) -> str | None:
+    """The proxy (shown without credentials) that the environment's HTTP_PROXY /
+    HTTPS_PROXY / ALL_PROXY route a failed connection's request through, NO_PROXY
+    considered, as the clients' httpx (``trust_env``) does; None when none does or it
+    cannot be told. A proxy that was down read "Connection refused; is the service
+    running, and is the client's base_url its address?", with the service up at that
+    address and the proxy named nowhere."""
+    if not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return None
+    try:
+        url = exc.request.url
+        from httpx._utils import URLPattern, get_environment_proxies  # httpx's own reading of the variables
+
+        for pattern, proxy in sorted((URLPattern(k), v) for k, v in get_environment_proxies().items()):
+            if pattern.matches(url):
+                return None if proxy is None else shown_url(httpx.URL(proxy))
+    except Exception:  # another httpx, no request: the hint is only a hint
+        return None
+    return None
 
 
 def not_an_answer(call: Call, response: httpx.Response) -> TransportError | None:
