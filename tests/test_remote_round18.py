@@ -1,7 +1,8 @@
 """Remote functions and the SDK in real programs, round 18: JAX's ``shard_map`` over two
-CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=2``) and the SDK's
-exception for every problem code the server answers; each case compared with the same
-computation in-process (or the server's own words).
+CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=2``), the SDK's
+exception for every problem code the server answers, and a proxy named by the
+environment; each case compared with the same computation in-process (or the server's
+own words).
 
 One server: the session's ``jacobian-service serve`` subprocess (``url``), shared with
 the other adapter test files. The JAX cases run in one child process, since the device
