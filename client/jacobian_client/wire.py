@@ -284,7 +284,19 @@ def _unreadable(raw: bytes, error: str) -> str:
     return error
 
 
-def loads(body: bytes | str, exact_integers: bool = False) -> Any:
+# orjson refuses a document nested deeper than this, saying "depth limit exceeded".
+READER_MAX_DEPTH = 1024
+_READER_TOO_DEEP = "depth limit exceeded"
+
+
+def too_deep(limit: int) -> WireError:
+    """The refusal of JSON nested deeper than ``limit``: one wording whichever reader
+    finds it (:func:`check_depth` on a parsed document, or orjson itself, which parses
+    nothing past ``READER_MAX_DEPTH``)."""
+    return WireError(f"JSON nested deeper than {min(limit, READER_MAX_DEPTH)} levels")
+
+
+def loads(body: bytes | str, exact_integers: bool = False, max_depth: int | None = None) -> Any:
     """JSON -> Python. Bare ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's
     ``json.dumps``, and so ``requests.post(json=...)``, writes) are read as the strings
     ``"NaN"``, ``"Infinity"``, ``"-Infinity"``, which array data already accepts; so is a
@@ -295,13 +307,19 @@ def loads(body: bytes | str, exact_integers: bool = False) -> Any:
     and parsed again: the common path keeps orjson's speed, and both keep its strictness
     and limits. ``exact_integers``: integers past int64 are Python's exact ints, not
     orjson's floats, for a caller that reads integer arrays (the search for them costs
-    ~15 % of a large body's parse; a service's answers hold none)."""
+    ~15 % of a large body's parse; a service's answers hold none). ``max_depth``: the
+    nesting a caller refuses past (:func:`check_depth`), named in the refusal of a body
+    nested past orjson's own limit as well: the service said "JSON nested deeper than 64
+    levels" of a body 100 deep, and "unreadable JSON: depth limit exceeded: line 1
+    column 1026" of one 1,025 deep, the same limit in other words."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         # Its text, not the exception: a kept exception's traceback holds this frame,
         # and with it the body, in a cycle until the garbage collector runs.
         error = str(exc)
+        if max_depth is not None and error.startswith(_READER_TOO_DEEP):
+            raise too_deep(max_depth) from None
     else:
         if not exact_integers or not _may_be_rounded(body):
             return doc
@@ -317,6 +335,8 @@ def loads(body: bytes | str, exact_integers: bool = False) -> Any:
             doc = orjson.loads(quoted)
         except orjson.JSONDecodeError as exc:
             said = str(exc)
+            if max_depth is not None and said.startswith(_READER_TOO_DEEP):  # (NaN beside the nesting)
+                raise too_deep(max_depth) from None
             continue
         if not exact_integers or not _may_be_rounded(quoted):
             return doc
@@ -634,7 +654,7 @@ def check_depth(doc: Any, limit: int) -> int:
     while stack:
         node, depth = stack.pop()
         if depth > limit:
-            raise WireError(f"JSON nested deeper than {limit} levels")
+            raise too_deep(limit)
         if isinstance(node, dict):
             members += len(node)
             stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))

@@ -406,13 +406,13 @@ def parse_call(
     extra: Any = None
     try:
         if media_type == wire.JSON:
-            doc = wire.loads(body, exact_integers=spec.takes_integers)
+            doc = wire.loads(body, exact_integers=spec.takes_integers, max_depth=limits.max_json_depth)
             members = wire.check_depth(doc, limits.max_json_depth)
             wire.check_unique_keys(body, members)
             if not isinstance(doc, dict):
                 raise InvalidInput("the body must be a JSON object with an 'inputs' member")
             if not spec.takes_integers and members > len(doc) and _names_integer_dtype(doc):
-                doc = wire.loads(body, exact_integers=True)  # (rare: read again, its integers exact)
+                doc = wire.loads(body, exact_integers=True, max_depth=limits.max_json_depth)  # (rare: read again, its integers exact)
             if "inputs" not in doc:
                 raise InvalidInput("the body has no 'inputs'")
             given = doc.pop("inputs")
