@@ -1,6 +1,7 @@
-"""Red team, round twenty-seven: hostile clients at the edges of a JSON body (a body
-nested past the JSON reader's own limit, refused in other words than the same limit
-below it).
+"""Red team, round twenty-seven: hostile clients at the edges of a JSON body and of the
+conditional requests round 26 added (a body nested past the JSON reader's own limit,
+refused in other words than the same limit below it; a docs file's If-None-Match
+answered 304 before its false If-Match, and its tag list split inside a quoted tag).
 
 Each names what a user saw before. The cases run on the session's in-process app
 (``client``): what is checked is decided before any engine computes.
@@ -40,3 +41,30 @@ def test_json_nested_past_any_reader_is_one_refusal_on_every_endpoint(client, bo
         problem = assert_problem(client.post(f"/v1/functions/{function}/{kind}", content=body,
                                              headers={"content-type": "application/json"}), 400, "malformed_body")
         assert problem["detail"] == "JSON nested deeper than 64 levels", (kind, problem)
+
+
+# ------------------------------------------------------------ a docs file's conditions
+
+
+def test_a_docs_files_false_if_match_is_a_412_before_its_if_none_match(client) -> None:
+    """RFC 9110 13.2.2 evaluates If-Match before If-None-Match: a false If-Match is a 412
+    whatever else the request says. A docs file (it has an ETag) with an If-Match naming
+    no current tag beside an If-None-Match naming its tag was a 304: the client was told
+    its copy is current when the condition it guarded the request by is false. And its
+    If-None-Match was split at every ',' where the API's is split outside quoted tags
+    (a tag may hold one): ``"a,*,b"``, one tag, was read as holding ``*``, a 304 for a
+    client that holds none of the file's tags."""
+    etag = client.get("/favicon.ico").headers["etag"]
+    for method in ("GET", "HEAD"):
+        r = client.request(method, "/favicon.ico", headers={"if-match": '"other"', "if-none-match": etag})
+        assert r.status_code == 412, (method, r.status_code, r.headers)
+        if method == "GET":
+            problem = assert_problem(r, 412, "precondition_failed")
+            assert problem["detail"] == f"If-Match '\"other\"' names no current ETag of this resource (it is {etag})"
+        # a true If-Match leaves the If-None-Match to decide: the 304, with the tag held
+        r = client.request(method, "/favicon.ico", headers={"if-match": etag, "if-none-match": etag})
+        assert (r.status_code, r.content, r.headers["etag"]) == (304, b"", etag), r.headers
+        r = client.request(method, "/favicon.ico", headers={"if-none-match": '"a,*,b"'})
+        assert r.status_code == 200 and r.headers["etag"] == etag, r.headers
+    full = client.get("/favicon.ico", headers={"if-none-match": f'"a,*,b", W/{etag}'})  # (weak: 304 still)
+    assert (full.status_code, full.content) == (304, b""), full.headers

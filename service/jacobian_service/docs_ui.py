@@ -35,6 +35,7 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from . import preconditions
 from .compression import Compressible
 from .errors import NotFound
 from .responses import echo
@@ -404,12 +405,6 @@ async def redoc(request: Request) -> Response:
                  "redoc")
 
 
-def _etag_matches(if_none_match: str, etag: str) -> bool:
-    """RFC 9110 13.1.2: weak comparison against each listed tag, or ``*``."""
-    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
-    return "*" in tags or etag in tags
-
-
 async def favicon(request: Request) -> Response:
     """``/favicon.ico``: the pages' icon. A browser asks for it by itself beside every
     page that names none (a JSON answer opened, the 404 at ``/``): each was a 404, or
@@ -431,9 +426,13 @@ async def asset(request: Request, file: str) -> Response:
         tags.append(f'"{digest}-gzip"')
         if "Content-Encoding" in encoding:
             tags.reverse()  # the tag of the form this answer would send first
-    if_none_match = request.headers.get("if-none-match", "")
-    # A client holding either form has these bytes: 304, with the tag it holds.
-    held = next((tag for tag in tags if _etag_matches(if_none_match, tag)), None)
+    # A client holding either form has these bytes: 304, with the tag it holds; unless
+    # an If-Match is false, which RFC 9110 13.2.2 evaluates first (the router's 412 for
+    # the 200 below): an If-Match naming no current tag beside an If-None-Match naming
+    # one was a 304, the client told its copy is current where the answer it guarded is
+    # not there. (The lists read as preconditions.py reads them: a tag may hold a ",".)
+    conditions = request.scope["headers"]
+    held = preconditions.none_match_held(conditions, tags) if preconditions.if_match_holds(conditions, tags[0]) else None
     if held is not None:
         return Response(status_code=304, headers={**headers, "ETag": held})
     headers["ETag"] = tags[0]

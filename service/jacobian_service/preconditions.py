@@ -29,7 +29,7 @@ from .errors import PreconditionFailed
 from .header_params import split_unquoted
 from .responses import echo, problem_response
 
-__all__ = ["conditional", "evaluated", "refuse_unrepresented"]
+__all__ = ["conditional", "evaluated", "if_match_holds", "none_match_held", "refuse_unrepresented"]
 
 # The fields of a 200 that its 304 carries too (RFC 9110 15.4.5)
 _KEPT_IN_304 = frozenset({b"etag", b"cache-control", b"vary", b"content-location", b"expires", b"date"})
@@ -54,25 +54,41 @@ def refuse_unrepresented(headers: list[tuple[bytes, bytes]]) -> None:
                                  "performed (RFC 9110 13.1.1); send it without If-Match")
 
 
+def if_match_holds(headers: list[tuple[bytes, bytes]], etag: str | None) -> bool:
+    """Whether the request's ``If-Match`` (absent: true) holds for an answer whose ETag is
+    ``etag``: ``*``, or a tag strongly equal to it (a weak tag matches nothing, 13.1.1)."""
+    if_match = _field(headers, b"if-match")
+    if if_match is None:
+        return True
+    tags = _tags(if_match)
+    return "*" in tags or (etag is not None and not etag.startswith("W/") and etag in tags)
+
+
+def none_match_held(headers: list[tuple[bytes, bytes]], etags: list[str]) -> str | None:
+    """The first of ``etags`` (the forms of one answer) that the request's
+    ``If-None-Match`` names (``*`` names the first), by weak comparison (13.1.2): the
+    tag of what the client holds, for a 304; None where it names none, or is absent."""
+    if_none_match = _field(headers, b"if-none-match")
+    if if_none_match is None:
+        return None
+    held = {t.removeprefix("W/") for t in _tags(if_none_match)}
+    if "*" in held:
+        return etags[0] if etags else "*"
+    return next((tag for tag in etags if tag.removeprefix("W/") in held), None)
+
+
 def evaluated(headers: list[tuple[bytes, bytes]], response: Response, request_id: str) -> Response:
     """A GET's 2xx ``response``, or the 412 or 304 its conditions make of it."""
     etag = response.headers.get("etag")
-    if_match = _field(headers, b"if-match")
-    if if_match is not None:
-        tags = _tags(if_match)
-        # Strong comparison: a weak tag matches nothing (13.1.1)
-        if "*" not in tags and (etag is None or etag.startswith("W/") or etag not in tags):
-            return problem_response(PreconditionFailed(
-                f"If-Match {echo(if_match)} names no current ETag of this resource"
-                + (f" (it is {etag})" if etag else " (its answers carry none)")), request_id)
-    if_none_match = _field(headers, b"if-none-match")
-    if if_none_match is not None:
-        tags = [t.removeprefix("W/") for t in _tags(if_none_match)]
-        if "*" in tags or (etag is not None and etag.removeprefix("W/") in tags):  # (weak comparison, 13.1.2)
-            kept = [(k, v) for k, v in response.raw_headers if k in _KEPT_IN_304]
-            not_modified = Response(status_code=304)
-            not_modified.raw_headers = kept
-            return not_modified
+    if not if_match_holds(headers, etag):
+        return problem_response(PreconditionFailed(
+            f"If-Match {echo(_field(headers, b'if-match'))} names no current ETag of this resource"
+            + (f" (it is {etag})" if etag else " (its answers carry none)")), request_id)
+    if none_match_held(headers, [etag] if etag else []) is not None:
+        kept = [(k, v) for k, v in response.raw_headers if k in _KEPT_IN_304]
+        not_modified = Response(status_code=304)
+        not_modified.raw_headers = kept
+        return not_modified
     return response
 
 
