@@ -9,9 +9,20 @@ Each names what a user saw before. The cases run on the session's in-process app
 
 from __future__ import annotations
 
-import pytest
+import io
+import json
+import re
+import socket
+import time
 
+import httpx
+import numpy as np
+import pytest
+from jacobian_client import wire
+
+from ._client_support import real_server
 from .conftest import assert_problem
+from .test_connections import _read_to_close
 
 # ------------------------------------------------------------ JSON nested past the reader's own limit
 
@@ -68,3 +79,74 @@ def test_a_docs_files_false_if_match_is_a_412_before_its_if_none_match(client) -
         assert r.status_code == 200 and r.headers["etag"] == etag, r.headers
     full = client.get("/favicon.ico", headers={"if-none-match": f'"a,*,b", W/{etag}'})  # (weak: 304 still)
     assert (full.status_code, full.content) == (304, b""), full.headers
+
+
+# ------------------------------------------------------------ gathered answers read slowly
+
+
+def _head(s: socket.socket) -> tuple[int, bytes]:
+    """The status and head of the answer on ``s``, reading no further than its end."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = s.recv(1)
+        assert piece, head
+        head += piece
+    return int(head.split(b" ", 2)[1]), head.lower()
+
+
+def _softmax_jacobian(x: np.ndarray) -> np.ndarray:
+    import torch
+
+    return torch.func.jacrev(torch.softmax, argnums=0)(torch.from_numpy(x), 0).numpy()
+
+
+def test_gathered_answers_read_slowly_are_held_to_the_clients_share() -> None:
+    """A large answer under the stream threshold is gathered, then held in the front end
+    (its result: JSON is written piece by piece from it, .npy sent from it) until its
+    client has taken the last piece, at the client's pace: nothing bounded how many a
+    client held. 20 connections asking a 1,400-input softmax Jacobian (7.8 MB) as JSON
+    and reading nothing grew the front end by 340 MB, for SEND_TIMEOUT_S, and again
+    for as long as the client kept asking (a Hessian or a vjp is never streamed: up to
+    MAX_RESULT_BYTES each). Each is now held on the stream budget in its client's share
+    (half of it), as a stream is: past the share a 429 ``overloaded``, before any of it
+    is sent; another client (its own API key) is served beside, its Jacobian as
+    torch.func computes it; and the room comes back when the connections go."""
+    x = np.linspace(-1, 1, 1400, dtype=np.float32)  # (7.84 MB Jacobian: under the 8 MiB stream threshold)
+    body = json.dumps({"inputs": [x.tolist()]}).encode()
+    request = (b"POST /v1/functions/softmax/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+               b"Authorization: Bearer hostile-key\r\nContent-Length: %d\r\nAccept: %s\r\n\r\n")
+    with real_server(functions="jacobian_service.examples", api_keys="hostile-key,honest-key",
+                     body_budget_bytes=32 << 20) as url:  # (a share: 16 MiB, two answers of 7.84 MB)
+        port = int(url.rsplit(":", 1)[1])
+
+        def ask(accept: bytes) -> tuple[socket.socket, int, bytes]:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (a reader that takes next to nothing)
+            s.connect(("127.0.0.1", port))
+            s.sendall(request % (len(body), accept) + body)
+            return (s, *_head(s))
+
+        slow = [ask(wire.JSON.encode()), ask(wire.NPZ.encode())]
+        try:
+            assert [status for _, status, _ in slow] == [200, 200], [head for _, _, head in slow]
+            s, status, head = ask(wire.NPY.encode())
+            slow.append((s, status, head))
+            assert status == 429, head
+            problem = json.loads(_read_to_close(s, 10).split(b"\r\n\r\n", 1)[-1])
+            held = re.match(r"this client holds 2 large answers \((\d+) bytes\) being sent; ", problem["detail"])
+            assert problem["code"] == "overloaded" and held and int(held[1]) >= 2 * x.size**2 * 4, problem
+            with httpx.Client(base_url=url, timeout=60, headers={"authorization": "Bearer honest-key"}) as honest:
+                r = honest.post("/v1/functions/softmax/jacobian", content=body,
+                                headers={"content-type": "application/json", "accept": wire.NPY})
+                assert r.status_code == 200, r.text
+                np.testing.assert_allclose(np.load(io.BytesIO(r.content)), _softmax_jacobian(x), rtol=1e-5, atol=1e-7)
+        finally:
+            for s, _, _ in slow:
+                s.close()
+        # the connections gone (each send fails), their room is given back: served again
+        deadline = time.monotonic() + 20
+        while (status := ask(wire.NPY.encode()))[1] != 200:
+            status[0].close()
+            assert time.monotonic() < deadline, status[2]
+            time.sleep(0.1)
+        status[0].close()

@@ -377,8 +377,8 @@ class StreamBudget:
         others = self.used - own
         if others and others + nbytes > self.max_bytes:
             raise Unavailable(
-                f"streamed results being sent hold {others} of the {self.max_bytes} bytes this front end gives "
-                f"them (BODY_BUDGET_BYTES); this one needs {nbytes}; retry shortly", headers={"Retry-After": "1"})
+                f"large answers being sent (streamed, or gathered) hold {others} of the {self.max_bytes} bytes this "
+                f"front end gives them (BODY_BUDGET_BYTES); this one needs {nbytes}; retry shortly", headers={"Retry-After": "1"})
 
     def _check_share(self, client: str, nbytes: int, own: int, counted: bool) -> None:
         """429 if a stream of the client's holding ``own`` bytes (``counted``: already
@@ -388,7 +388,7 @@ class StreamBudget:
         others, held = streams - counted, held - own
         if others and (others >= self.per_client or held + nbytes > self.max_bytes // 2):
             raise Overloaded(
-                f"this client holds {others} streamed results ({held} bytes) being sent; one client may hold "
+                f"this client holds {others} large answers ({held} bytes) being sent; one client may hold "
                 f"{self.per_client} and half of the {self.max_bytes} bytes this front end gives them at once "
                 "(MAX_STREAMS_PER_CLIENT, BODY_BUDGET_BYTES): read those first, or retry shortly",
                 headers={"Retry-After": "1"})

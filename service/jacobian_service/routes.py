@@ -45,7 +45,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .parsing import KINDS, check_head, check_json_charset, media_type_of, parse_call, parse_sparsity_query
-from .responses import JsonRows, acceptable, attachment, choose, echo, encode, is_single_array, problem_response
+from .responses import JsonRows, StreamHold, acceptable, attachment, choose, echo, encode, is_single_array, problem_response
 from .scheduler import StreamHead
 from .settings import NULL_ORIGIN_HINT
 from .state import ServiceState
@@ -425,6 +425,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         else:
             async with state.encode_budget.hold(nbytes):
                 response = await _offload(nbytes, encode, *encoding)
+    response = _held_while_sent(request, response, result.value.nbytes if chosen == wire.NPY else nbytes)
     state.metrics.observe_all(state.metrics.latency, [
         (info.queue_s, (kind, "queue")),
         (info.compute_s, (kind, "compute")),
@@ -453,6 +454,44 @@ async def function_sparsity(request: Request, name: str) -> Response:
                         headers=attachment(spec.name, "sparsity", wire.NPZ))
     doc["matrix"] = wire.encode_sparse_json(result.value)
     return Response(await _offload(result.nbytes(), wire.dumps, doc), media_type=wire.JSON)
+
+
+# A gathered answer this large is held on the stream budget while its client takes it.
+_HELD_ANSWER_BYTES = 1 << 20
+
+
+def _held_while_sent(request: Request, response: Response, nbytes: int) -> Response:
+    """A gathered answer of ``nbytes`` (its result: what the front end keeps until the
+    last piece has left, whatever the format) on the stream budget, in its client's
+    share, until it has been sent or its connection is gone; or the budget's 503, or the
+    share's 429. A gathered answer is held at its client's pace as a stream is (each
+    piece may wait SEND_TIMEOUT_S), and was held on nothing: 20 connections that asked
+    for a 1,400-input softmax Jacobian as JSON (7.8 MB, under the stream threshold) and
+    read nothing grew a front end by 340 MB for as long as the send timeout let them,
+    and a Hessian, a vjp or an evaluate is never streamed at all, up to MAX_RESULT_BYTES
+    each. (Smaller answers fit the socket's buffers: not held.)"""
+    if nbytes < _HELD_ANSWER_BYTES:
+        return response
+    state = _state(request)
+    hold = StreamHold(state.streams, 0, None, client_of(request.scope, state.proxies) if state.streams.per_client else None)
+    return _HeldAnswer(response, hold.keep(nbytes))
+
+
+class _HeldAnswer:
+    """``response``, with ``release`` called once it has been sent (or has failed)."""
+
+    def __init__(self, response: Response, release: Callable[[], None]) -> None:
+        self._response, self._release = response, release
+        weakref.finalize(self, release)  # (never sent: a task cancelled before the router sent it)
+
+    def __getattr__(self, name: str) -> Any:  # (the router's Vary, the status the middleware reads)
+        return getattr(self._response, name)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self._response(scope, receive, send)
+        finally:
+            self._release()
 
 
 def _stream_hold(head: StreamHead) -> int:
