@@ -107,9 +107,9 @@ def test_gathered_answers_read_slowly_are_held_to_the_clients_share() -> None:
     client held. 20 connections asking a 1,400-input softmax Jacobian (7.8 MB) as JSON
     and reading nothing grew the front end by 340 MB, for SEND_TIMEOUT_S, and again
     for as long as the client kept asking (a Hessian or a vjp is never streamed: up to
-    MAX_RESULT_BYTES each). Each is now held on the stream budget in its client's share
-    (half of it), as a stream is: past the share a 429 ``overloaded``, before any of it
-    is sent; another client (its own API key) is served beside, its Jacobian as
+    MAX_RESULT_BYTES each; a sparsity pattern's indices may run to MBs too). Each is now
+    held on the stream budget in its client's share (half of it), as a stream is: past
+    the share a 429 ``overloaded``, before any of it is sent; another client (its own API key) is served beside, its Jacobian as
     torch.func computes it; and the room comes back when the connections go."""
     x = np.linspace(-1, 1, 1400, dtype=np.float32)  # (7.84 MB Jacobian: under the 8 MiB stream threshold)
     body = json.dumps({"inputs": [x.tolist()]}).encode()
@@ -135,6 +135,11 @@ def test_gathered_answers_read_slowly_are_held_to_the_clients_share() -> None:
             problem = json.loads(_read_to_close(s, 10).split(b"\r\n\r\n", 1)[-1])
             held = re.match(r"this client holds 2 large answers \((\d+) bytes\) being sent; ", problem["detail"])
             assert problem["code"] == "overloaded" and held and int(held[1]) >= 2 * x.size**2 * 4, problem
+            # a sparsity pattern's answer (2.2 MB of JSON indices) is held to the same share
+            pattern = httpx.get(url + "/v1/functions/sin/sparsity?shapes=150000", timeout=60,
+                                headers={"authorization": "Bearer hostile-key"})
+            assert pattern.status_code == 429, pattern.text[:300]
+            assert_problem(pattern, 429, "overloaded")
             with httpx.Client(base_url=url, timeout=60, headers={"authorization": "Bearer honest-key"}) as honest:
                 r = honest.post("/v1/functions/softmax/jacobian", content=body,
                                 headers={"content-type": "application/json", "accept": wire.NPY})
@@ -150,3 +155,6 @@ def test_gathered_answers_read_slowly_are_held_to_the_clients_share() -> None:
             assert time.monotonic() < deadline, status[2]
             time.sleep(0.1)
         status[0].close()
+        pattern = httpx.get(url + "/v1/functions/sin/sparsity?shapes=150000", timeout=60,
+                            headers={"authorization": "Bearer hostile-key"})
+        assert pattern.status_code == 200 and pattern.json()["pattern"]["nnz"] == 150000, pattern.text[:300]

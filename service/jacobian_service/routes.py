@@ -450,10 +450,12 @@ async def function_sparsity(request: Request, name: str) -> Response:
            "meta": {"device": info.device, "queue_ms": round(info.queue_s * 1e3, 3),
                     "compute_ms": round(info.compute_s * 1e3, 3)}}
     if media[0] == wire.NPZ:
-        return Response(await _offload(result.nbytes(), wire.write_sparse_npz, result.value, doc), media_type=wire.NPZ,
-                        headers=attachment(spec.name, "sparsity", wire.NPZ))
-    doc["matrix"] = wire.encode_sparse_json(result.value)
-    return Response(await _offload(result.nbytes(), wire.dumps, doc), media_type=wire.JSON)
+        response = Response(await _offload(result.nbytes(), wire.write_sparse_npz, result.value, doc),
+                            media_type=wire.NPZ, headers=attachment(spec.name, "sparsity", wire.NPZ))
+    else:
+        doc["matrix"] = wire.encode_sparse_json(result.value)
+        response = Response(await _offload(result.nbytes(), wire.dumps, doc), media_type=wire.JSON)
+    return _held_while_sent(request, response, len(response.body))  # (a pattern's indices may run to MBs too)
 
 
 # A gathered answer this large is held on the stream budget while its client takes it.
