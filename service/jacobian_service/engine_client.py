@@ -426,16 +426,17 @@ class RemoteEngines(_Engines):
                 # since went to this new engine, which failing it here would wrong).
                 if e["index"] in before and e["generation"] != before[e["index"]] \
                         and self._died.get(e["index"], 0) < e["generation"] - 1:
-                    self._fail_engine(e["index"], set(), "", hang=False, ready_in=e.get("ready_in", 1.0))
+                    self._fail_engine(e["index"], set(), "", hang=False, ready_in=e.get("ready_in", 1.0), pid=known)
         elif msg["t"] == "died":
             self._died[msg["engine"]] = msg["generation"]
             if msg.get("pid") is not None:  # its connection may never close by itself (a child holds it)
                 self._socks[msg["engine"]].gone(msg["pid"])
             self._fail_engine(msg["engine"], set(msg["tags"]), msg["reason"], msg["hang"], msg.get("ready_in", 1.0),
-                              planned=msg.get("planned", False), function=msg.get("function", ""))
+                              planned=msg.get("planned", False), function=msg.get("function", ""),
+                              pid=msg.get("pid", self._pids.get(msg["engine"])))
 
     def _fail_engine(self, index: int, tags: set[str], reason: str, hang: bool, ready_in: float,
-                     planned: bool = False, function: str = "") -> None:
+                     planned: bool = False, function: str = "", pid: int | None = None) -> None:
         """Answer every request the dead engine held: the ones it was running when it
         died were the cause (504 for a hang, 500 for a crash), unless several were
         running together (a batch: the culprit is unknown, so all are retried, and the
@@ -448,10 +449,15 @@ class RemoteEngines(_Engines):
 
         A request named as running (``tags``, from the engine's status board, which a
         function can write) whose function is not the one blamed (``function``) was not
-        running: retryable, not the crash's 500."""
+        running: retryable, not the crash's 500. ``pid``: the engine process that died."""
         self._told_held.pop(index, None)  # the supervisor forgets what was held there as it restarts it
         if self._control is not None:  # what was held there as it died (``Supervisor._held_at_death``)
             held = {of for fut, engine, _, _, _, of in self._pending.values() if engine == index and not fut.done()}
+            # and the cancelled jobs that engine process had yet to answer (a client gone,
+            # a deadline passed, as it ran them), as ``_tell_held`` counts them: the job it
+            # died in may be one. Left out, the verdict struck the request queued behind
+            # it, which had not run, in place of the function that crashed.
+            held |= {of for engine, was, *_, of in self._cancelled.values() if engine == index and was == pid}
             self._control.send(self.channel.sign({"t": "held_at_death", "from": os.getpid(), "engine": index,
                                                   "functions": sorted(f for f in held if f)}))
         alone = len(tags) == 1

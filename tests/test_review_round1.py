@@ -1,0 +1,98 @@
+"""Review, round one: a second reader of a session's changes (the supervisor's blame by
+the front ends' word, the broken connection's grace, conditional requests, the sparsity
+tracer's type watch, the SDK's memos), each case a defect found reading them.
+
+In-process where the defect is in what one side says to the other (the words are the
+signed messages the real processes exchange, fed to a real ``Supervisor`` and a real
+``RemoteEngines``); each case names what was seen before its fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from jacobian_service.settings import Settings
+from jacobian_service.types import Call
+
+
+
+def _registry() -> dict:
+    """A front end's registry (what it learns from an engine) of two functions."""
+    from jacobian_service.registry import FunctionSpec, Input
+
+    specs = [FunctionSpec(name, None, (Input("x", shape=(2,)),)) for name in ("crashes_r1", "innocent_r1")]
+    return {"functions": [spec.describe() for spec in specs], "devices": ["cpu"]}
+
+
+@pytest.mark.asyncio
+async def test_a_crash_whose_caller_left_is_not_put_down_to_the_request_queued_behind_it(tmp_path) -> None:
+    """crashes_r1's caller left (or its deadline passed) while it ran; the engine then
+    crashed in it, innocent_r1's request queued behind. The board named crashes_r1, which
+    the front end's ``held`` confirmed (a cancelled request is held until the engine
+    answers it), so crashes_r1 was struck; but the front end's word of what it still held
+    as it read of the death (``held_at_death``) named only its requests still awaited,
+    innocent_r1, and the verdict (``Supervisor._judge``) took crashes_r1's strike back and
+    struck innocent_r1 in its place: "the front ends held innocent_r1 unanswered as it
+    died, not crashes_r1 ...: innocent_r1 struck in place of crashes_r1", which had not
+    run (at three such deaths, quarantined: 503 ``function_quarantined`` to its callers)
+    while the crashing function went free. What a front end holds includes the cancelled
+    requests the dead engine had yet to answer, as its ``held`` words already did."""
+    from jacobian_service.engine_client import RemoteEngines
+    from jacobian_service.supervisor import Supervisor, _Engine
+
+    from .test_engine_client import _Connection, _state
+
+    sup = Supervisor(Settings(engine_fork_server=False, warmup=False, quarantine_after=3), tmp_path)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+        proc.wait()
+        sup.engines = [_Engine(0, "cpu", proc=proc, was_ready=True)]
+        words: list[bytes] = []
+        front_end = RemoteEngines(Settings(), Path("."), sup.channel, registry=_registry())
+        front_end._control = SimpleNamespace(send=words.append)
+        conn = _Connection()
+        front_end._socks = [conn]  # type: ignore[list-item]
+        front_end._event(_state(1, 4242, ready=True))
+
+        def call(name: str) -> Call:
+            spec = front_end.registry.get(name)
+            return Call(spec, [np.zeros(2, np.float32)], ["float32"], deadline=time.monotonic() + 10)
+
+        crash = asyncio.create_task(front_end.run("jacobian", call("crashes_r1")))
+        crash_id = await conn.next_job(1)
+        crash.cancel()  # its client left
+        with pytest.raises(asyncio.CancelledError):
+            await crash
+        tag = front_end._cancelled[crash_id][4]
+        queued = asyncio.create_task(front_end.run("jacobian", call("innocent_r1")))
+        await conn.next_job(2)
+
+        def tell() -> None:  # the front end's words, as the supervisor's control socket reads them
+            for raw in words:
+                sup._control(raw)
+            words.clear()
+
+        tell()
+        sup._died(sup.engines[0], 5, {"beat": 1.0, "ready": True, "deadline": 0.0, "function": "crashes_r1",
+                                      "tags": [tag]})
+        front_end._event({"t": "died", "engine": 0, "generation": 1, "pid": 4242, "tags": [tag],
+                          "function": "crashes_r1", "reason": "the engine process exited with status 5",
+                          "hang": False, "planned": False, "ready_in": 0.1})
+        with pytest.raises(Exception, match="the engine restarted while this request waited; retry"):
+            await queued  # (not the one running: retryable)
+        tell()
+        sup._judge(time.monotonic())
+        assert sup._verdicts == {}  # (judged: every front end has told)
+        assert {f: len(s) for f, s in sup.strikes.items() if s} == {"crashes_r1": 1}
+    finally:
+        sup.pub.close(linger=0)
+        sup.control.close(linger=0)
+        sup.ctx.term()
