@@ -96,3 +96,29 @@ async def test_a_crash_whose_caller_left_is_not_put_down_to_the_request_queued_b
         sup.pub.close(linger=0)
         sup.control.close(linger=0)
         sup.ctx.term()
+
+
+def test_a_docs_files_if_match_is_evaluated_before_its_if_none_match(client) -> None:
+    """RFC 9110 13.2.2: If-Match first; false, the answer is a 412 whatever If-None-Match
+    says. The docs files answered If-None-Match themselves (docs_ui.asset, a second
+    reader of the field) and their 304 passed the router's evaluation by (no 2xx): a GET
+    naming the file's own tag in If-None-Match and another in If-Match got a 304 (a
+    client guarding its revalidation by a tag was told its copy was current). Now the
+    one evaluation (preconditions.evaluated) reads both, the file's other content
+    coding's tag among those If-None-Match may hold (304 with the tag held)."""
+    from .conftest import assert_problem
+
+    ref = "/docs-assets/swagger-ui.css"
+    plain = client.get(ref, headers={"accept-encoding": "identity"}).headers["etag"]
+    gzipped = client.get(ref, headers={"accept-encoding": "gzip"}).headers["etag"]
+    assert plain != gzipped
+    problem = assert_problem(client.get(ref, headers={"accept-encoding": "identity", "if-none-match": plain,
+                                                      "if-match": '"other"'}), 412, "precondition_failed")
+    assert f"(it is {plain})" in problem["detail"], problem
+    for held in (plain, gzipped):  # either form: these bytes, 304 with the tag held
+        r = client.get(ref, headers={"accept-encoding": "identity", "if-none-match": f'"other", W/{held}',
+                                     "if-match": plain})
+        assert (r.status_code, r.content, r.headers["etag"]) == (304, b"", held), r.headers
+        assert r.headers["cache-control"] == "no-cache"  # (the 200's caching fields: RFC 9110 15.4.5)
+    r = client.get(ref, headers={"accept-encoding": "identity", "if-none-match": '"other"'})
+    assert (r.status_code, r.headers["etag"]) == (200, plain) and r.content.startswith(b".swagger-ui"), r.content[:40]
