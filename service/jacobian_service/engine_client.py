@@ -433,7 +433,7 @@ class RemoteEngines(_Engines):
                 self._socks[msg["engine"]].gone(msg["pid"])
             self._fail_engine(msg["engine"], set(msg["tags"]), msg["reason"], msg["hang"], msg.get("ready_in", 1.0),
                               planned=msg.get("planned", False), function=msg.get("function", ""),
-                              pid=msg.get("pid", self._pids.get(msg["engine"])))
+                              pid=msg.get("pid") or self._pids.get(msg["engine"]))
 
     def _fail_engine(self, index: int, tags: set[str], reason: str, hang: bool, ready_in: float,
                      planned: bool = False, function: str = "", pid: int | None = None) -> None:
