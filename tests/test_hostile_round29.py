@@ -159,10 +159,10 @@ def test_the_verdict_waits_for_every_front_end_that_held_and_no_longer(tmp_path)
         sup._died(engine, 5, {"beat": 1.0, "ready": True, "deadline": 0.0, "function": "innocent34",
                               "tags": ["t1"]})
         assert set(sup.strikes) == {"innocent34"}
-        sup._control(sign({"t": "held_at_death", "from": 1, "engine": 0, "functions": []}))
+        sup._control(sign({"t": "held_at_death", "from": 1, "engine": 0, "pid": proc.pid, "functions": []}))
         sup._judge(time.monotonic())  # front end 2 has not told yet: no verdict
         assert (len(sup.strikes["innocent34"]), len(sup.strikes.get("forges34b", ()))) == (1, 0)
-        sup._control(sign({"t": "held_at_death", "from": 2, "engine": 0, "functions": ["forges34b"]}))
+        sup._control(sign({"t": "held_at_death", "from": 2, "engine": 0, "pid": proc.pid, "functions": ["forges34b"]}))
         sup._judge(time.monotonic())  # all told: judged now, well before the bound
         assert (len(sup.strikes["innocent34"]), len(sup.strikes["forges34b"])) == (0, 1)
         assert sup._verdicts == {}
@@ -231,10 +231,11 @@ def test_a_front_end_tells_what_it_holds_a_few_times_a_second_not_per_request() 
     front_end._tell_held(None)  # nothing new
     front_end._tell_held((0, "sin"))  # held: told at once
     front_end._pending[0] = (pending, 0, "fe:0", time.monotonic(), True, "sin")
-    front_end._fail_engine(0, set(), "", hang=False, ready_in=1.0)  # the engine died (its word read)
+    front_end._fail_engine(0, set(), "", hang=False, ready_in=1.0, pid=4242)  # the engine died (its word read)
     front_end._tell_held((0, "sin"))
     words = [front_end.channel.verify(raw) for raw in sent]
     word = {"t": "held", "from": os.getpid(), "engine": 0}
     assert words == [{**word, "functions": ["sin"]}, {**word, "functions": ["cos", "sin"]},
                      {**word, "functions": ["sin"]}, {**word, "functions": []}, {**word, "functions": ["sin"]},
-                     {**word, "t": "held_at_death", "functions": ["sin"]}, {**word, "functions": ["sin"]}], words
+                     {**word, "t": "held_at_death", "pid": 4242, "functions": ["sin"]},
+                     {**word, "functions": ["sin"]}], words

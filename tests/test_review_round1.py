@@ -60,7 +60,7 @@ async def test_a_crash_whose_caller_left_is_not_put_down_to_the_request_queued_b
         front_end._control = SimpleNamespace(send=words.append)
         conn = _Connection()
         front_end._socks = [conn]  # type: ignore[list-item]
-        front_end._event(_state(1, 4242, ready=True))
+        front_end._event(_state(1, proc.pid, ready=True))
 
         def call(name: str) -> Call:
             spec = front_end.registry.get(name)
@@ -83,7 +83,7 @@ async def test_a_crash_whose_caller_left_is_not_put_down_to_the_request_queued_b
         tell()
         sup._died(sup.engines[0], 5, {"beat": 1.0, "ready": True, "deadline": 0.0, "function": "crashes_r1",
                                       "tags": [tag]})
-        front_end._event({"t": "died", "engine": 0, "generation": 1, "pid": 4242, "tags": [tag],
+        front_end._event({"t": "died", "engine": 0, "generation": 1, "pid": proc.pid, "tags": [tag],
                           "function": "crashes_r1", "reason": "the engine process exited with status 5",
                           "hang": False, "planned": False, "ready_in": 0.1})
         with pytest.raises(Exception, match="the engine restarted while this request waited; retry"):
@@ -122,3 +122,51 @@ def test_a_docs_files_if_match_is_evaluated_before_its_if_none_match(client) -> 
         assert r.headers["cache-control"] == "no-cache"  # (the 200's caching fields: RFC 9110 15.4.5)
     r = client.get(ref, headers={"accept-encoding": "identity", "if-none-match": '"other"'})
     assert (r.status_code, r.headers["etag"]) == (200, plain) and r.content.startswith(b".swagger-ui"), r.content[:40]
+
+
+def test_each_deaths_verdict_takes_the_front_ends_word_of_that_death(tmp_path) -> None:
+    """Two deaths of engine 0 in a row, the front ends' ``held_at_death`` words of the first
+    still on their way as the second came (a busy machine: their words can trail by a
+    second; a warm spare takes over at once). The verdicts were kept by engine index: the
+    second's replaced the first's, whose innocent strike was never judged, and the first
+    death's words were then read as the second's: innocent_r1 (named by forges_r1's
+    forged board, answered a moment before) stayed struck, crashes_r1 (the second death's
+    own, held) was let off and forges_r1 struck for the second death ("the front ends
+    held forges_r1 unanswered as it died, not crashes_r1"). The word names the engine
+    process that died (``pid``) and each death's verdict takes its own."""
+    from jacobian_service.supervisor import Supervisor, _Engine
+
+    sup = Supervisor(Settings(engine_fork_server=False, warmup=False, quarantine_after=3), tmp_path)
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True) for _ in range(2)]
+        for proc in procs:
+            proc.wait()
+        engine = _Engine(0, "cpu", proc=procs[0], was_ready=True)
+        sup.engines = [engine]
+        sign = sup.channel.sign
+
+        def word(t: str, front_end: int, *functions: str, pid: int | None = None) -> None:
+            sup._control(sign({"t": t, "from": front_end, "engine": 0, "functions": list(functions),
+                               **({"pid": pid} if pid is not None else {})}))
+
+        word("held", 1, "innocent_r1")
+        word("held", 1)  # answered, a moment before the death (within the grace)
+        word("held", 2, "forges_r1")
+        sup._died(engine, 5, {"beat": 1.0, "ready": True, "deadline": 0.0, "function": "innocent_r1",
+                              "tags": ["t1"]})
+        engine.proc = procs[1]  # its successor
+        word("held", 1, "crashes_r1")
+        sup._died(engine, 5, {"beat": 1.0, "ready": True, "deadline": 0.0, "function": "crashes_r1",
+                              "tags": ["t2"]})
+        word("held_at_death", 1, pid=procs[0].pid)  # the first death's words, read only now
+        word("held_at_death", 2, "forges_r1", pid=procs[0].pid)
+        sup._judge(time.monotonic())
+        word("held_at_death", 1, "crashes_r1", pid=procs[1].pid)
+        word("held_at_death", 2, pid=procs[1].pid)
+        sup._judge(time.monotonic())
+        assert sup._verdicts == {}
+        assert {f: len(s) for f, s in sup.strikes.items() if s} == {"forges_r1": 1, "crashes_r1": 1}
+    finally:
+        sup.pub.close(linger=0)
+        sup.control.close(linger=0)
+        sup.ctx.term()

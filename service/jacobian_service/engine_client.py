@@ -459,7 +459,7 @@ class RemoteEngines(_Engines):
             # it, which had not run, in place of the function that crashed.
             held |= {of for engine, was, *_, of in self._cancelled.values() if engine == index and was == pid}
             self._control.send(self.channel.sign({"t": "held_at_death", "from": os.getpid(), "engine": index,
-                                                  "functions": sorted(f for f in held if f)}))
+                                                  "pid": pid, "functions": sorted(f for f in held if f)}))
         alone = len(tags) == 1
         for fut, engine, tag, _, movable, of in list(self._pending.values()):
             if engine != index or fut.done():

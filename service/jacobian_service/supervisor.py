@@ -239,9 +239,13 @@ class Supervisor:
         # engine index -> every function the front ends have said they sent it, since it
         # started: those whose threads it can hold (when there are no warm-ups).
         self._sent: dict[int, set[str]] = collections.defaultdict(set)
-        # engine index -> (until when, the functions the front ends held there as it died,
-        # the function struck meanwhile, the front ends yet to tell: pids)
-        self._verdicts: dict[int, tuple[float, set[str], str, set[int]]] = {}
+        # (engine index, the pid of the engine process that died) -> (until when, the
+        # functions the front ends held there as it died, the function struck meanwhile, the
+        # front ends yet to tell: pids). By process, not index alone: the next death of that
+        # index can come before the front ends' words of this one (a spare takes over at
+        # once; on a busy machine a word trails by a second), and each death is judged by
+        # its own words.
+        self._verdicts: dict[tuple[int, int | None], tuple[float, set[str], str, set[int]]] = {}
         # When each engine and spare process started (clock ticks since boot, by pid):
         # what ties an orphan to the engine that died (``orphans.kill_adopted``).
         self._ticks: dict[int, int | None] = {}
@@ -702,16 +706,18 @@ class Supervisor:
 
     def _held_at_death(self, msg: dict[str, Any]) -> bool:
         """A front end's word, as it read of engine ``i``'s death, of the functions it
-        still held there: ``{"t": "held_at_death", "from": its pid, "engine": i,
-        "functions": [...]}``. Taken where the death awaits a verdict (``_verdicts``): the
+        still held there: ``{"t": "held_at_death", "from": its pid, "engine": i, "pid": the
+        engine process that died, "functions": [...]}``. Taken where that death awaits a
+        verdict (``_verdicts``): the
         board lied, and the front ends' ``held`` named several functions, those answered
         within the grace among them; the one function still unanswered is the one that
         ran. True: well-formed."""
         index, sender, functions = msg.get("engine"), msg.get("from"), msg.get("functions")
         if not (isinstance(index, int) and isinstance(functions, list)):
             return False
-        if index in self._verdicts:
-            _, held, _, waiting = self._verdicts[index]
+        verdict = self._verdicts.get((index, msg.get("pid")))
+        if verdict is not None:
+            _, held, _, waiting = verdict
             held.update(f for f in functions[:_MAX_HELD] if isinstance(f, str) and f)
             waiting.discard(sender)  # (all told: judged at the next tick)
         return True
@@ -721,10 +727,10 @@ class Supervisor:
         (or none) that the front ends did not hold as it died is let off that strike, and
         the one function they did hold is struck in its place. (No word at all: as
         judged.)"""
-        for index, (due, held, struck, waiting) in list(self._verdicts.items()):
+        for (index, pid), (due, held, struck, waiting) in list(self._verdicts.items()):
             if now < due and waiting:
                 continue
-            del self._verdicts[index]
+            del self._verdicts[index, pid]
             if not held or struck in held:
                 continue
             blamed = next(iter(held)) if len(held) == 1 else ""
@@ -1011,8 +1017,8 @@ class Supervisor:
                 # Named with its requests, the function must be one the front ends still
                 # held as they read of the death: one answered a moment before (within the
                 # grace) passed the check too. Their word decides (``_judge``).
-                self._verdicts[engine.index] = (time.monotonic() + _VERDICT_S, set(), function,
-                                                set(self._held.get(engine.index, {})))
+                self._verdicts[engine.index, pid] = (time.monotonic() + _VERDICT_S, set(), function,
+                                                     set(self._held.get(engine.index, {})))
             for times in self._threads_at_death.values():  # its own crash: not theirs, those times
                 for entry in [e for e in times if e[1] == function]:
                     times.remove(entry)
@@ -1025,8 +1031,8 @@ class Supervisor:
             # sending `X-Request-Timeout` instead is.
             self._strike(status["function"], batch=False)
         elif checked and forged:  # several held: the one still held as it died is struck (``_judge``)
-            self._verdicts[engine.index] = (time.monotonic() + _VERDICT_S, set(), "",
-                                            set(self._held.get(engine.index, {})))
+            self._verdicts[engine.index, pid] = (time.monotonic() + _VERDICT_S, set(), "",
+                                                 set(self._held.get(engine.index, {})))
         elif killed_outside and repeated:
             self._strike(after, batch=False)
         for suspect in suspects:
