@@ -170,3 +170,38 @@ def test_each_deaths_verdict_takes_the_front_ends_word_of_that_death(tmp_path) -
         sup.pub.close(linger=0)
         sup.control.close(linger=0)
         sup.ctx.term()
+
+
+def test_a_strike_taken_back_takes_back_the_isolation_it_brought(tmp_path) -> None:
+    """A board naming a function answered a moment before (within the grace) as running a
+    batch (several tags): the function was struck as a batch's, which also isolates it
+    (its requests run alone in every engine from then on: no batching, for good). The
+    front ends' word took the strike back, and the isolation stayed: the innocent
+    function ran unbatched for the service's life. Now the isolation the strike brought
+    goes with it (one the function had before stays)."""
+    from jacobian_service.supervisor import Supervisor, _Engine
+
+    sup = Supervisor(Settings(engine_fork_server=False, warmup=False, quarantine_after=3), tmp_path)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+        proc.wait()
+        engine = _Engine(0, "cpu", proc=proc, was_ready=True)
+        sup.engines = [engine]
+        sign = sup.channel.sign
+        sup.isolate.add("isolated_r1")  # (a batch of its own crashed before: isolated for that)
+        for struck in ("innocent_r1", "isolated_r1"):
+            engine.proc = proc
+            for functions in ([struck], [], ["forges_r1"]):  # answered a moment before; the forger held
+                sup._control(sign({"t": "held", "from": 1, "engine": 0, "functions": functions}))
+            sup._died(engine, 5, {"beat": 1.0, "ready": True, "deadline": 0.0, "function": struck,
+                                  "tags": ["t1", "t2"]})
+            assert struck in sup.isolate
+            sup._control(sign({"t": "held_at_death", "from": 1, "engine": 0, "pid": proc.pid,
+                               "functions": ["forges_r1"]}))
+            sup._judge(time.monotonic())
+            assert not sup.strikes.get(struck), sup.strikes
+        assert sup.isolate == {"isolated_r1"}
+    finally:
+        sup.pub.close(linger=0)
+        sup.control.close(linger=0)
+        sup.ctx.term()

@@ -241,11 +241,12 @@ class Supervisor:
         self._sent: dict[int, set[str]] = collections.defaultdict(set)
         # (engine index, the pid of the engine process that died) -> (until when, the
         # functions the front ends held there as it died, the function struck meanwhile, the
-        # front ends yet to tell: pids). By process, not index alone: the next death of that
+        # front ends yet to tell: pids, whether that strike isolated it). By process, not index alone: the next death of that
         # index can come before the front ends' words of this one (a spare takes over at
         # once; on a busy machine a word trails by a second), and each death is judged by
         # its own words.
-        self._verdicts: dict[tuple[int, int | None], tuple[float, set[str], str, set[int]]] = {}
+        self._verdicts: dict[tuple[int, int | None],
+                             tuple[float, set[str], str, set[int], bool]] = {}
         # When each engine and spare process started (clock ticks since boot, by pid):
         # what ties an orphan to the engine that died (``orphans.kill_adopted``).
         self._ticks: dict[int, int | None] = {}
@@ -717,7 +718,7 @@ class Supervisor:
             return False
         verdict = self._verdicts.get((index, msg.get("pid")))
         if verdict is not None:
-            _, held, _, waiting = verdict
+            _, held, _, waiting, _ = verdict
             held.update(f for f in functions[:_MAX_HELD] if isinstance(f, str) and f)
             waiting.discard(sender)  # (all told: judged at the next tick)
         return True
@@ -727,7 +728,7 @@ class Supervisor:
         (or none) that the front ends did not hold as it died is let off that strike, and
         the one function they did hold is struck in its place. (No word at all: as
         judged.)"""
-        for (index, pid), (due, held, struck, waiting) in list(self._verdicts.items()):
+        for (index, pid), (due, held, struck, waiting, isolated) in list(self._verdicts.items()):
             if now < due and waiting:
                 continue
             del self._verdicts[index, pid]
@@ -739,13 +740,16 @@ class Supervisor:
                       f"{blamed} struck" + (f" in place of {struck}" if struck else "") if blamed else
                       f"{struck} let off" if struck else "no one struck")
             if struck:
-                self._unstrike(struck)
+                self._unstrike(struck, isolated)
             if blamed:
                 self._strike(blamed, batch=False)
             self.publish_state()
 
-    def _unstrike(self, function: str) -> None:
-        """Take back ``function``'s last strike, and the quarantine it brought."""
+    def _unstrike(self, function: str, isolated: bool = False) -> None:
+        """Take back ``function``'s last strike, and the quarantine it brought; ``isolated``:
+        and the isolation (a batch's strike: its requests run alone from then on)."""
+        if isolated:
+            self.isolate.discard(function)
         strikes = self.strikes.get(function)
         if strikes:
             strikes.pop()
@@ -1012,13 +1016,14 @@ class Supervisor:
             for suspect in blamed:
                 self._strike(suspect, batch=False)
         elif function and recycled is None:
+            isolating = len(tags) > 1 and function not in self.isolate  # (taken back with the strike: _judge)
             self._strike(function, batch=len(tags) > 1)
             if checked and (forged or status.get("tags")):
                 # Named with its requests, the function must be one the front ends still
                 # held as they read of the death: one answered a moment before (within the
                 # grace) passed the check too. Their word decides (``_judge``).
                 self._verdicts[engine.index, pid] = (time.monotonic() + _VERDICT_S, set(), function,
-                                                     set(self._held.get(engine.index, {})))
+                                                     set(self._held.get(engine.index, {})), isolating)
             for times in self._threads_at_death.values():  # its own crash: not theirs, those times
                 for entry in [e for e in times if e[1] == function]:
                     times.remove(entry)
@@ -1032,7 +1037,7 @@ class Supervisor:
             self._strike(status["function"], batch=False)
         elif checked and forged:  # several held: the one still held as it died is struck (``_judge``)
             self._verdicts[engine.index, pid] = (time.monotonic() + _VERDICT_S, set(), "",
-                                                 set(self._held.get(engine.index, {})))
+                                                 set(self._held.get(engine.index, {})), False)
         elif killed_outside and repeated:
             self._strike(after, batch=False)
         for suspect in suspects:
