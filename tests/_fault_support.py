@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
+import sys
 import time
 from typing import Any, Iterator
 
@@ -198,3 +200,24 @@ def _log_until(proc: Any, start: int, pattern: str, within: float = 10.0) -> str
         if re.search(pattern, log) or time.monotonic() > deadline:
             return log
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def supervisor_of_a_dead_engine(tmp_path: Any, **settings: Any) -> Iterator[tuple[Any, Any, subprocess.Popen]]:
+    """A real ``Supervisor`` (no fork server, no warm-ups; ``settings`` beside) whose one
+    engine's process has exited: its reading of a death (``_died``) and of the front
+    ends' signed words, in-process. Yields the supervisor, its engine and that process."""
+    from jacobian_service.settings import Settings
+    from jacobian_service.supervisor import Supervisor, _Engine
+
+    sup = Supervisor(Settings(engine_fork_server=False, warmup=False, **settings), tmp_path)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+        proc.wait()
+        engine = _Engine(0, "cpu", proc=proc, was_ready=True)
+        sup.engines = [engine]
+        yield sup, engine, proc
+    finally:
+        sup.pub.close(linger=0)
+        sup.control.close(linger=0)
+        sup.ctx.term()

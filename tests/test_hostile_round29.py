@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 from jacobian_service.settings import Settings
 
+from ._fault_support import supervisor_of_a_dead_engine
 from .conftest import assert_problem, live_server
 from .test_hostile_round11 import _armed, _engine_pid, _replaced
 from .test_hostile_round15 import _log_until
@@ -119,22 +119,11 @@ def test_threads_the_board_names_are_believed_only_of_functions_sent_to_that_eng
     (``left``), which are struck. A function that wrote another's name there had it
     struck and its warm-up skipped for good. Now, with no warm-ups, only those a front
     end sent that engine are (here: ran34, not never_ran34)."""
-    from jacobian_service.supervisor import Supervisor, _Engine
-
-    sup = Supervisor(Settings(engine_fork_server=False, warmup=False), tmp_path)
-    try:
-        proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
-        proc.wait()
-        engine = _Engine(0, "cpu", proc=proc, was_ready=True)
-        sup.engines = [engine]
+    with supervisor_of_a_dead_engine(tmp_path) as (sup, engine, _):
         sup._control(sup.channel.sign({"t": "held", "from": 1, "engine": 0, "functions": ["ran34"]}))
         sup._control(sup.channel.sign({"t": "held", "from": 1, "engine": 0, "functions": []}))  # answered
         sup._died(engine, 3, {"beat": 1.0, "ready": True, "deadline": 0.0, "left": ["ran34", "never_ran34"]})
         assert (set(sup.strikes), sup.skip_warmup) == ({"ran34"}, {"ran34"})
-    finally:
-        sup.pub.close(linger=0)
-        sup.control.close(linger=0)
-        sup.ctx.term()
 
 
 def test_the_verdict_waits_for_every_front_end_that_held_and_no_longer(tmp_path) -> None:
@@ -144,14 +133,7 @@ def test_the_verdict_waits_for_every_front_end_that_held_and_no_longer(tmp_path)
     has told (at most ``_VERDICT_S``), and is given as soon as the last has."""
     import time
 
-    from jacobian_service.supervisor import Supervisor, _Engine
-
-    sup = Supervisor(Settings(engine_fork_server=False, warmup=False, quarantine_after=3), tmp_path)
-    try:
-        proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
-        proc.wait()
-        engine = _Engine(0, "cpu", proc=proc, was_ready=True)
-        sup.engines = [engine]
+    with supervisor_of_a_dead_engine(tmp_path, quarantine_after=3) as (sup, engine, proc):
         sign = sup.channel.sign
         sup._control(sign({"t": "held", "from": 1, "engine": 0, "functions": ["innocent34"]}))
         sup._control(sign({"t": "held", "from": 1, "engine": 0, "functions": []}))  # answered (within the grace)
@@ -162,14 +144,11 @@ def test_the_verdict_waits_for_every_front_end_that_held_and_no_longer(tmp_path)
         sup._control(sign({"t": "held_at_death", "from": 1, "engine": 0, "pid": proc.pid, "functions": []}))
         sup._judge(time.monotonic())  # front end 2 has not told yet: no verdict
         assert (len(sup.strikes["innocent34"]), len(sup.strikes.get("forges34b", ()))) == (1, 0)
-        sup._control(sign({"t": "held_at_death", "from": 2, "engine": 0, "pid": proc.pid, "functions": ["forges34b"]}))
+        sup._control(sign({"t": "held_at_death", "from": 2, "engine": 0, "pid": proc.pid,
+                           "functions": ["forges34b"]}))
         sup._judge(time.monotonic())  # all told: judged now, well before the bound
         assert (len(sup.strikes["innocent34"]), len(sup.strikes["forges34b"])) == (0, 1)
         assert sup._verdicts == {}
-    finally:
-        sup.pub.close(linger=0)
-        sup.control.close(linger=0)
-        sup.ctx.term()
 
 
 def test_a_crash_before_the_front_ends_word_arrives_is_still_its_functions(tmp_path) -> None:
@@ -183,28 +162,19 @@ def test_a_crash_before_the_front_ends_word_arrives_is_still_its_functions(tmp_p
 
     import zmq
 
-    from jacobian_service.supervisor import Supervisor, _Engine
-
-    sup = Supervisor(Settings(engine_fork_server=False, warmup=False, quarantine_after=3), tmp_path)
-    push = sup.ctx.socket(zmq.PUSH)
-    try:
-        proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
-        proc.wait()
-        engine = _Engine(0, "cpu", proc=proc, was_ready=True)
-        sup.engines = [engine]
-        push.connect(sup.channel.control)
-        word = sup.channel.sign({"t": "held", "from": 1, "engine": 0, "functions": ["crashes34"]})
-        late = threading.Timer(0.1, push.send, (word,))  # the word trails the crash by 0.1 s
-        late.start()
-        sup._died(engine, 5, {"beat": 1.0, "ready": True, "deadline": 0.0, "function": "crashes34",
-                              "tags": ["t1"]})
-        late.join()
-        assert set(sup.strikes) == {"crashes34"}
-    finally:
-        push.close(linger=0)
-        sup.pub.close(linger=0)
-        sup.control.close(linger=0)
-        sup.ctx.term()
+    with supervisor_of_a_dead_engine(tmp_path, quarantine_after=3) as (sup, engine, _):
+        push = sup.ctx.socket(zmq.PUSH)
+        try:
+            push.connect(sup.channel.control)
+            word = sup.channel.sign({"t": "held", "from": 1, "engine": 0, "functions": ["crashes34"]})
+            late = threading.Timer(0.1, push.send, (word,))  # the word trails the crash by 0.1 s
+            late.start()
+            sup._died(engine, 5, {"beat": 1.0, "ready": True, "deadline": 0.0, "function": "crashes34",
+                                  "tags": ["t1"]})
+            late.join()
+            assert set(sup.strikes) == {"crashes34"}
+        finally:
+            push.close(linger=0)
 
 
 def test_a_front_end_tells_what_it_holds_a_few_times_a_second_not_per_request() -> None:

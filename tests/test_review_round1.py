@@ -22,6 +22,8 @@ import pytest
 from jacobian_service.settings import Settings
 from jacobian_service.types import Call
 
+from ._fault_support import supervisor_of_a_dead_engine
+
 
 
 def _registry() -> dict:
@@ -46,15 +48,10 @@ async def test_a_crash_whose_caller_left_is_not_put_down_to_the_request_queued_b
     while the crashing function went free. What a front end holds includes the cancelled
     requests the dead engine had yet to answer, as its ``held`` words already did."""
     from jacobian_service.engine_client import RemoteEngines
-    from jacobian_service.supervisor import Supervisor, _Engine
 
     from .test_engine_client import _Connection, _state
 
-    sup = Supervisor(Settings(engine_fork_server=False, warmup=False, quarantine_after=3), tmp_path)
-    try:
-        proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
-        proc.wait()
-        sup.engines = [_Engine(0, "cpu", proc=proc, was_ready=True)]
+    with supervisor_of_a_dead_engine(tmp_path, quarantine_after=3) as (sup, _, proc):
         words: list[bytes] = []
         front_end = RemoteEngines(Settings(), Path("."), sup.channel, registry=_registry())
         front_end._control = SimpleNamespace(send=words.append)
@@ -92,10 +89,6 @@ async def test_a_crash_whose_caller_left_is_not_put_down_to_the_request_queued_b
         sup._judge(time.monotonic())
         assert sup._verdicts == {}  # (judged: every front end has told)
         assert {f: len(s) for f, s in sup.strikes.items() if s} == {"crashes_r1": 1}
-    finally:
-        sup.pub.close(linger=0)
-        sup.control.close(linger=0)
-        sup.ctx.term()
 
 
 def test_a_docs_files_if_match_is_evaluated_before_its_if_none_match(client) -> None:
@@ -134,15 +127,9 @@ def test_each_deaths_verdict_takes_the_front_ends_word_of_that_death(tmp_path) -
     own, held) was let off and forges_r1 struck for the second death ("the front ends
     held forges_r1 unanswered as it died, not crashes_r1"). The word names the engine
     process that died (``pid``) and each death's verdict takes its own."""
-    from jacobian_service.supervisor import Supervisor, _Engine
-
-    sup = Supervisor(Settings(engine_fork_server=False, warmup=False, quarantine_after=3), tmp_path)
-    try:
-        procs = [subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True) for _ in range(2)]
-        for proc in procs:
-            proc.wait()
-        engine = _Engine(0, "cpu", proc=procs[0], was_ready=True)
-        sup.engines = [engine]
+    with supervisor_of_a_dead_engine(tmp_path, quarantine_after=3) as (sup, engine, first):
+        procs = [first, subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)]
+        procs[1].wait()
         sign = sup.channel.sign
 
         def word(t: str, front_end: int, *functions: str, pid: int | None = None) -> None:
@@ -166,10 +153,6 @@ def test_each_deaths_verdict_takes_the_front_ends_word_of_that_death(tmp_path) -
         sup._judge(time.monotonic())
         assert sup._verdicts == {}
         assert {f: len(s) for f, s in sup.strikes.items() if s} == {"forges_r1": 1, "crashes_r1": 1}
-    finally:
-        sup.pub.close(linger=0)
-        sup.control.close(linger=0)
-        sup.ctx.term()
 
 
 def test_a_strike_taken_back_takes_back_the_isolation_it_brought(tmp_path) -> None:
@@ -179,14 +162,7 @@ def test_a_strike_taken_back_takes_back_the_isolation_it_brought(tmp_path) -> No
     front ends' word took the strike back, and the isolation stayed: the innocent
     function ran unbatched for the service's life. Now the isolation the strike brought
     goes with it (one the function had before stays)."""
-    from jacobian_service.supervisor import Supervisor, _Engine
-
-    sup = Supervisor(Settings(engine_fork_server=False, warmup=False, quarantine_after=3), tmp_path)
-    try:
-        proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
-        proc.wait()
-        engine = _Engine(0, "cpu", proc=proc, was_ready=True)
-        sup.engines = [engine]
+    with supervisor_of_a_dead_engine(tmp_path, quarantine_after=3) as (sup, engine, proc):
         sign = sup.channel.sign
         sup.isolate.add("isolated_r1")  # (a batch of its own crashed before: isolated for that)
         for struck in ("innocent_r1", "isolated_r1"):
@@ -201,7 +177,3 @@ def test_a_strike_taken_back_takes_back_the_isolation_it_brought(tmp_path) -> No
             sup._judge(time.monotonic())
             assert not sup.strikes.get(struck), sup.strikes
         assert sup.isolate == {"isolated_r1"}
-    finally:
-        sup.pub.close(linger=0)
-        sup.control.close(linger=0)
-        sup.ctx.term()
