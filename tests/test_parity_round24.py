@@ -10,12 +10,15 @@ with in-process torch.func and finite differences.
    fastest, 0.42 off torch.func.hessian: the check against one HVP took the strategy's
    output, computed under autograd (eigenvectors too: another LAPACK path, other last
    bits), for a random function's and gave no verdict.
+2. A sparse gradient (``embedding(sparse=True)``'s backward, in COO layout) was a 500
+   internal_error on vjp, jacobian (rev and fwd); it is torch's gradient, dense, now.
 
 One in-process app serves the module (no server start), as rounds 7-23.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch
 
 from . import parity24_functions as F
 from .test_parity_round7 import answer, arr, post, same, t
-from .conftest import ready_app
+from .conftest import assert_problem, ready_app
 
 f = torch.func
 RNG = np.random.default_rng(24)
@@ -69,3 +72,40 @@ def test_a_hessian_of_eigvalsh_is_torch_hessians_on_every_route(c):
     got, _ = answer(post(c, "eigvalsh_energy", "hessian", [x], sparsity="auto", sparse_format="dense"), "hessian")
     same(np.asarray(got).reshape(3, 3, 3, 3), want, rtol=1e-10)
 
+
+def test_a_sparse_gradient_is_answered_dense_on_every_route(c):
+    """embedding(sparse=True) (test_ops.py's nn.functional.embedding with sparse=True):
+    its backward gives a sparse COO gradient, which torch.func.vjp returns as it is and
+    torch.func.jacrev cannot stack (vmap: no as_strided for SparseCPU). The service
+    answered a vjp (one cotangent or a stack), a Jacobian (its rows one by one, as for
+    other pullbacks vmap cannot batch) and a forward-mode Jacobian (its check's reverse
+    product) each with a 500 internal_error ("internal error (TypeError)": .numpy() of a
+    sparse tensor). They are torch's gradient, dense, now; the Hessian and the
+    per-example Jacobian, which torch's own transforms cannot take, say torch's error."""
+    w = RNG.standard_normal((3, 2))
+    fn = F.sparse_grad_embedding
+    out, pullback = f.vjp(fn, t(w))
+    cot = RNG.standard_normal((4, 2))
+    (grad,) = pullback(t(cot))
+    assert grad.layout == torch.sparse_coo
+    with pytest.raises(NotImplementedError, match="SparseCPU"):
+        f.jacrev(fn)(t(w))
+    want = f.jacfwd(fn)(t(w))  # forward mode has no sparse tangents: the Jacobian, dense
+    for options in ({}, {"chunk_size": 1}, {"mode": "fwd"}):
+        got, _ = answer(post(c, "sparse_grad_embedding", "jacobian", [w], **options), "jacobian")
+        same(got, want, rtol=1e-15)
+    buf = io.BytesIO()
+    np.save(buf, w)
+    r = c.post("/v1/functions/sparse_grad_embedding/jacobian", content=buf.getvalue(),
+               headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
+    assert r.status_code == 200, r.text
+    same(np.load(io.BytesIO(r.content)), want, rtol=1e-15)
+    got, _ = answer(post(c, "sparse_grad_embedding", "vjp", [w], cotangents=arr(cot)), "vjp")
+    same(got, grad.to_dense(), rtol=1e-15)
+    cots = RNG.standard_normal((3, 4, 2))
+    got, _ = answer(post(c, "sparse_grad_embedding", "vjp", [w], cotangents=arr(cots), batched_vectors=True), "vjp")
+    same(got, torch.stack([pullback(v)[0].to_dense() for v in t(cots)]), rtol=1e-15)
+    with pytest.raises(NotImplementedError) as raised:
+        f.hessian(lambda v: fn(v).sum())(t(w))
+    body = assert_problem(post(c, "sparse_grad_embedding", "hessian", [w]), 500, "function_error")
+    assert "SparseCPU" in body["detail"] and body["detail"].startswith("NotImplementedError: "), (body, raised.value)

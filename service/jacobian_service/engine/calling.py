@@ -27,6 +27,7 @@ __all__ = [
     "as_input_dtypes",
     "changed_between_calls",
     "check_floating",
+    "dense_pullback",
     "differentiable",
     "fresh",
     "function_error",
@@ -96,6 +97,21 @@ def function_error(exc: BaseException, *, forward_mode: bool = False) -> Service
     missing = forward_mode and (isinstance(exc, NotImplementedError) or lacks_forward_ad(exc))
     fields = {"unsupported": "forward_mode"} if missing else None
     return FunctionError(f"{type(exc).__name__}: {message}"[:2000], fields=fields)
+
+
+def dense_pullback(pullback: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``torch.func.vjp`` pullback whose gradients are strided tensors. An op asked for
+    sparse gradients (``embedding(..., sparse=True)``, ``nn.EmbeddingBag(sparse=True)``)
+    has its backward answer in COO layout: ``torch.func.vjp`` gives that, whose values are
+    the gradient, but the host copy (``.numpy()``), the checks' reshapes and the row
+    loop's stacks refuse it, and a ``vjp`` (one cotangent or a stack), a Jacobian (its
+    rows one at a time, as ``vmap`` cannot batch it) and a forward-mode Jacobian's check
+    were each a 500 ``internal_error``. Its dense form is the same gradient. (Not for the
+    pullback ``vmap`` batches: sparse layouts fail there first, and the row loop follows.)"""
+    def dense(*cotangents: Any) -> Any:
+        return pytree.tree_map(lambda g: g.to_dense() if isinstance(g, torch.Tensor) and g.layout != torch.strided
+                               else g, pullback(*cotangents))
+    return dense
 
 
 def _check_tensor(leaf: torch.Tensor, what: str) -> None:

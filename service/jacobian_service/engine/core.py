@@ -26,7 +26,7 @@ from . import batched as _batched
 from . import vmap_dims as _vmap_dims
 from . import hessian as _hessian
 from . import sparse as _sparse
-from .calling import (AuxBox, GradOffWatch, as_input_dtypes, differentiable, fresh,
+from .calling import (AuxBox, GradOffWatch, as_input_dtypes, dense_pullback, differentiable, fresh,
                       function_error, is_oom, lacks_forward_ad)
 from .devices import release_free_heap
 from .dual_level import beside_a_held_dual_level
@@ -655,6 +655,7 @@ class Engine:
         batch = self._vector_batch(call)
         self.check_result_size(call, batch * call.row_nbytes(), "vectors")
         out, pullback, aux_t = self.guard(lambda: torch.func.vjp(g, *primals, has_aux=True))
+        pullback = dense_pullback(pullback)
         cot = self._vectors(call.vectors, out, "cotangents", call.batched_vectors)
         if call.batched_vectors:
             grads = self.guard(lambda: over_vectors(call.spec.name, pullback, (cot,), *self._checked(call, "vjp"),

@@ -17,7 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import ServiceError
-from .calling import changed_between_calls, fresh, function_error, is_oom
+from .calling import changed_between_calls, dense_pullback, fresh, function_error, is_oom
 
 __all__ = ["agrees_with_reverse", "one_agrees", "over_vectors", "reverse_misses", "rng_replay", "same_products",
            "vmap_agrees"]
@@ -235,6 +235,7 @@ def agrees_with_reverse(g: Callable[..., Any], primals: tuple[Any, ...], jac: An
     function only forward mode differentiates (an in-place write into its input)."""
     try:
         out, pullback, _ = torch.func.vjp(g, *fresh(primals), has_aux=True)
+        pullback = dense_pullback(pullback)
         outs, out_spec = pytree.tree_flatten(out)
         gen = torch.Generator(device="cpu").manual_seed(0)
         # each v as its output's dtype holds it (the cotangent the VJP gets): v^T J is read

@@ -16,7 +16,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..types import Call
-from .calling import AuxBox, function_error, is_oom, partial
+from .calling import AuxBox, dense_pullback, function_error, is_oom, partial
 from .devices import PeakMemory
 from .lean_vmap import vmap_rows
 from .products import same_products, vmap_agrees
@@ -207,7 +207,8 @@ class RowStream:
     def _row_loop(self, basis: list[torch.Tensor], count: bool = True) -> tuple[torch.Tensor, ...]:
         """One VJP a row; ``count`` False: a check's rows, not (yet) the answer's."""
         self.looped = self.looped or (count and basis[0].shape[0] > 1)
-        rows = [self._pullback(self.nest([b[k] for b in basis])) for k in range(basis[0].shape[0])]
+        pullback = dense_pullback(self._pullback)
+        rows = [pullback(self.nest([b[k] for b in basis])) for k in range(basis[0].shape[0])]
         return tuple(torch.stack([r[i] for r in rows]) for i in range(len(self.primals)))
 
     def nest(self, leaves: list[torch.Tensor]) -> Any:
