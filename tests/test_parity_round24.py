@@ -100,6 +100,11 @@ def test_a_sparse_gradient_is_answered_dense_on_every_route(c):
                headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
     assert r.status_code == 200, r.text
     same(np.load(io.BytesIO(r.content)), want, rtol=1e-15)
+    # the sparse Jacobian's compressed products (sparsity/compute.py) alike: 500
+    # function_error "reshape is not implemented for sparse tensors" before
+    got, _ = answer(post(c, "sparse_grad_embedding", "jacobian", [w], sparsity="auto", sparse_format="dense"),
+                    "jacobian")
+    same(got, want.reshape(8, 6), rtol=1e-15)
     got, _ = answer(post(c, "sparse_grad_embedding", "vjp", [w], cotangents=arr(cot)), "vjp")
     same(got, grad.to_dense(), rtol=1e-15)
     cots = RNG.standard_normal((3, 4, 2))
@@ -109,3 +114,4 @@ def test_a_sparse_gradient_is_answered_dense_on_every_route(c):
         f.hessian(lambda v: fn(v).sum())(t(w))
     body = assert_problem(post(c, "sparse_grad_embedding", "hessian", [w]), 500, "function_error")
     assert "SparseCPU" in body["detail"] and body["detail"].startswith("NotImplementedError: "), (body, raised.value)
+

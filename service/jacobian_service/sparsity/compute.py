@@ -23,7 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import __version__ as _SERVICE_VERSION
-from ..engine.calling import GradOffWatch, lacks_forward_ad
+from ..engine.calling import GradOffWatch, dense_pullback, lacks_forward_ad
 from ..engine.hessian import agrees_with_differences, gradient, refusal
 from ..engine.products import same_products, vmap_agrees
 from ..errors import ServiceError, exception_text
@@ -491,6 +491,7 @@ def _product_at(mode: str, fn: Callable[..., Any], argnums: tuple[int, ...], has
             return lambda *t: _as(torch.func.jvp(g, tuple(fresh(primals)), t)[1], rev)
         if mode == "rev":
             _, pullback = torch.func.vjp(g, *fresh(primals))  # one forward pass for every seed
+            pullback = dense_pullback(pullback)  # (embedding(sparse=True)'s COO gradients)
             return lambda t: torch.cat([gr.reshape(-1) for gr in pullback(t)])
         grad = gradient(lambda *d: g(*d).sum(), tuple(range(len(primals))))
         if mode == "star_rev":
