@@ -12,6 +12,7 @@ with in-process torch.func and finite differences.
    bits), for a random function's and gave no verdict.
 2. A sparse gradient (``embedding(sparse=True)``'s backward, in COO layout) was a 500
    internal_error on vjp, jacobian (rev and fwd); it is torch's gradient, dense, now.
+3. test_ops.py's checks over the families (round 13's replay), all as torch's.
 
 One in-process app serves the module (no server start), as rounds 7-23.
 """
@@ -27,6 +28,7 @@ import pytest
 import torch
 
 from . import parity24_functions as F
+from .test_parity_round13 import test_ops_checks_over_http as _ops_checks
 from .test_parity_round7 import answer, arr, post, same, t
 from .conftest import assert_problem, ready_app
 
@@ -115,3 +117,12 @@ def test_a_sparse_gradient_is_answered_dense_on_every_route(c):
     body = assert_problem(post(c, "sparse_grad_embedding", "hessian", [w]), 500, "function_error")
     assert "SparseCPU" in body["detail"] and body["detail"].startswith("NotImplementedError: "), (body, raised.value)
 
+
+@pytest.mark.parametrize("op", F.OPS, ids=[o.name for o in F.OPS])
+def test_ops_checks_over_http(c, op):
+    """test_ops.py's test_vjp, test_jvp, test_vmapvjp, test_jvpvjp, test_vmapjvpall and
+    test_vmapjvpvjp (round 13's replay) over this round's families: values, shapes and
+    dtypes as torch.func's; where torch raises (qr's complete mode, bessel_j0's missing
+    derivative, pdist's forward AD), its error; an integer output (lu_factor's pivots,
+    cholesky_ex's info) the 422 quoting jacrev."""
+    _ops_checks(c, op)
