@@ -72,3 +72,9 @@ _ROWS = torch.tensor([0, 2, 2, 1])
 def sparse_grad_embedding(w):
     """embedding(..., sparse=True): its backward answers a COO-layout gradient."""
     return nnf.embedding(_ROWS, w, sparse=True) * torch.arange(1.0, 3.0, dtype=w.dtype)
+
+
+@register(inputs=[Input("a", shape=(3, 3)), Input("b", shape=(3, 2))])
+def lu_solve(a, b):
+    """linalg.lu_solve of a's LU factors (linalg.lu_factor): A^-1 B."""
+    return torch.linalg.lu_solve(*torch.linalg.lu_factor(a), b)

@@ -13,6 +13,8 @@ with in-process torch.func and finite differences.
 2. A sparse gradient (``embedding(sparse=True)``'s backward, in COO layout) was a 500
    internal_error on vjp, jacobian (rev and fwd); it is torch's gradient, dense, now.
 3. test_ops.py's checks over the families (round 13's replay), all as torch's.
+4. torch's own ``vmap(jacrev(lu_solve))`` is wrong past the first example; the service's
+   per-example Jacobians are each example's.
 
 One in-process app serves the module (no server start), as rounds 7-23.
 """
@@ -126,3 +128,22 @@ def test_ops_checks_over_http(c, op):
     derivative, pdist's forward AD), its error; an integer output (lu_factor's pivots,
     cholesky_ex's info) the 422 quoting jacrev."""
     _ops_checks(c, op)
+
+
+def test_per_example_jacobians_of_lu_solve_are_each_examples(c):
+    """torch's vmap(jacrev(lu_solve of lu_factor)) is silently wrong in d/dB for every
+    example but the first (40 where each example's jacrev and finite differences say 0.6);
+    the service's per-example Jacobians are each example's, as its check of every
+    example against one VJP finds (README), in both inputs."""
+    a = np.stack([spd(3) for _ in range(3)])
+    b = RNG.standard_normal((3, 3, 2))
+    loop = [f.jacrev(F.lu_solve, argnums=(0, 1))(t(a[i]), t(b[i])) for i in range(3)]
+    want = tuple(torch.stack([j[k] for j in loop]) for k in range(2))
+    h = 1e-6  # the math: central differences in B, one example
+    fd = torch.stack([(F.lu_solve(t(a[1]), t(b[1]) + h * e) - F.lu_solve(t(a[1]), t(b[1]) - h * e)) / (2 * h)
+                      for e in torch.eye(6, dtype=torch.float64).reshape(6, 3, 2)], -1).reshape(3, 2, 3, 2)
+    torch.testing.assert_close(want[1][1], fd, rtol=1e-6, atol=1e-6)
+    vmapped = f.vmap(f.jacrev(F.lu_solve, argnums=(0, 1)))(t(a), t(b))
+    assert not torch.allclose(vmapped[1][1:], want[1][1:])  # torch's own vmap is the wrong one
+    got, _ = answer(post(c, "lu_solve", "jacobian", [a, b], argnums=[0, 1], batched=True), "jacobian")
+    same(got, want, rtol=1e-10)
