@@ -769,14 +769,33 @@ class Supervisor:
         (the engine takes its jobs in order, and answers a cancel at its next look at its
         socket). The word's own front end said its oldest (``hung``: its function); the
         others told theirs within the last seconds (``_told_oldest``). A word that names
-        no job stands for the cancelled request's function."""
+        no job stands for the cancelled request's function.
+
+        A front end that told of an older job and has said nothing since for
+        ``_OLDEST_FRESH_S`` (it tells once a second while it holds one: its loop was
+        starved, by a loaded machine or its own work, or it went) may still wait for that
+        job, the hang's: its word was dropped, and the job queued behind it, of a request
+        with a short deadline, was struck for the hang (quarantined the third time) while
+        the function that hung went free. Nor is its job surely the hang's (answered since,
+        unsaid): with such a word about, no one is blamed (the engine is replaced all the
+        same; its requests are retryable), as where the front ends held several."""
         sent, tag, function = msg.get("sent"), msg.get("tag", ""), msg.get("hung", msg.get("function", ""))
         function = function if isinstance(function, str) else ""
         best = (float(sent) if isinstance(sent, (int, float)) else math.inf, tag if isinstance(tag, str) else "", function)
         now = time.monotonic()
+        stale = (math.inf, "", 0.0)  # the oldest job told of by a front end silent since (sent, function, silent for)
         for engine_pid, other_sent, other_tag, other_function, told in self._oldest.get(index, {}).values():
-            if engine_pid == pid and now - told < _OLDEST_FRESH_S and other_sent < best[0]:
+            if engine_pid != pid or other_sent >= best[0]:
+                continue
+            if now - told < _OLDEST_FRESH_S:
                 best = (other_sent, other_tag, other_function)
+            elif other_sent < stale[0]:
+                stale = (other_sent, other_function, now - told)
+        if stale[0] < best[0]:
+            log.warning("engine %d: a front end told %.1f s ago of a job of %s older than %s's, and has said nothing "
+                        "since: it may still wait for it; the hang is put down to no function", index, stale[2],
+                        stale[1] or "a function", best[2] or "any other")
+            return {"function": "", "tags": []}
         return {"function": best[2], "tags": [best[1]] if best[1] else []}
 
     def _overdue(self, msg: dict[str, Any]) -> bool:

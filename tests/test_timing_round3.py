@@ -1,0 +1,41 @@
+"""Timing, round three: a front end that a busy machine (or its own work) keeps from
+saying what it holds must not have the supervisor blame the wrong function.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from types import SimpleNamespace
+
+from jacobian_service import supervisor
+
+
+def _hung_in(reports: dict[int, tuple[int, float, str, str, float]], word: dict) -> dict:
+    sup = SimpleNamespace(_oldest=collections.defaultdict(dict, {0: reports}))
+    return supervisor.Supervisor._hung_in(sup, 0, 4242, word)  # type: ignore[arg-type]
+
+
+def test_a_hang_told_of_by_a_front_end_silent_since_is_not_put_on_the_job_behind_it() -> None:
+    """Front end A sent the hang's job (the default 60 s deadline) and told of it as its
+    oldest; then its loop was starved (a loaded machine, its own work) past
+    ``_OLDEST_FRESH_S``, and front end B, whose 1 s request queued behind the hang was
+    cancelled, said the engine was overdue, naming its own oldest job, ``sin``'s. A's
+    word was dropped as stale and ``sin`` was struck for the hang (quarantined the third
+    time) while the hang went free. Now such a word, older than the named job, has no
+    one blamed; a fresh one still names the hang, and a stale one of a later job changes
+    nothing."""
+    now = time.monotonic()
+    word = {"t": "overdue", "engine": 0, "pid": 4242, "since": now - 2.0, "function": "sin",
+            "sent": now - 3.0, "tag": "b:2", "hung": "sin"}
+    silent = now - supervisor._OLDEST_FRESH_S - 0.5  # A's last word
+    hang = (4242, now - 6.0, "a:1", "hangs", silent)
+    assert _hung_in({111: hang}, word) == {"function": "", "tags": []}
+    assert _hung_in({111: (*hang[:4], now - 0.5)}, word) == {"function": "hangs", "tags": ["a:1"]}
+    later = (4242, now - 1.0, "a:3", "other", silent)  # sent after sin's job: not the hang
+    assert _hung_in({111: later}, word) == {"function": "sin", "tags": ["b:2"]}
+    # another engine's (the one before a restart) is not this one's, stale or not
+    assert _hung_in({111: (4241, *hang[1:])}, word) == {"function": "sin", "tags": ["b:2"]}
+    # a fresh word of an older job still wins over a stale one of a job between
+    assert _hung_in({111: (4242, now - 5.0, "a:1", "mid", silent),
+                     222: (4242, now - 6.0, "c:1", "hangs", now - 0.5)}, word) == {"function": "hangs", "tags": ["c:1"]}
