@@ -25,6 +25,7 @@ from jacobian_service.supervisor import Supervisor, _Engine
 
 from .conftest import assert_problem, live_server
 from .hostile11_functions import KEY
+from .test_supervisor import subscribed
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile11_functions"
 X = [0.5, 1.0, 2.0]
@@ -180,7 +181,7 @@ def supervisor(tmp_path: Path) -> Iterator[tuple[Supervisor, object]]:
     try:
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(sup.channel.events)
-        time.sleep(0.2)  # the subscription reaches the publisher (ZeroMQ's slow joiner)
+        subscribed(sup, sub)
         yield sup, sub
     finally:  # the sockets closed whatever failed: a context with sockets open hangs when collected
         for engine in sup.engines:

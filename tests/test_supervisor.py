@@ -27,12 +27,28 @@ def supervisor(tmp_path: Path):
     sub = sup.ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(sup.channel.events)
-    time.sleep(0.2)  # the subscription reaches the publisher (ZeroMQ's slow joiner)
+    subscribed(sup, sub)
     yield sup, sub
     sub.close(linger=0)
     sup.pub.close(linger=0)
     sup.control.close(linger=0)
     sup.ctx.term()
+
+
+def subscribed(sup: Supervisor, sub: zmq.Socket, within: float = 60.0) -> None:
+    """Once ``sub`` (connected to ``sup``'s events, all subscribed) gets what ``sup``
+    publishes: a subscription reaches the publisher a moment after the connection
+    (ZeroMQ's slow joiner), and a PUB socket drops what it sends before. A fixed 0.2 s
+    for that lost a test's first word on a loaded machine. Probes, which no test reads
+    (each asks for its own ``t``), are sent until one comes back, then a last one is
+    read up to: none is left for the test. (``sup`` not started: its socket is ours.)"""
+    deadline = time.monotonic() + within
+    while not sub.poll(20):
+        assert time.monotonic() < deadline, "the subscription never reached the supervisor's publisher"
+        sup.pub.send(orjson.dumps({"t": "probe"}))
+    sup.pub.send(orjson.dumps({"t": "probe", "last": True}))
+    while not orjson.loads(sub.recv()).get("last"):
+        pass
 
 
 def _died_message(sub: zmq.Socket) -> dict:
