@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import numpy as np
@@ -192,12 +192,14 @@ def _socket_inodes(pid: int) -> set[int]:
     return out
 
 
-def _log_until(proc: Any, start: int, pattern: str, within: float = 10.0) -> str:
-    """Serve's log from ``start`` on, once ``pattern`` is in it."""
+def _log_until(proc: Any, start: int, pattern: str | Callable[[str], bool], within: float = 10.0) -> str:
+    """Serve's log from ``start`` on, once ``pattern`` (a regular expression, or a test
+    of the log) is in it."""
+    found = pattern if callable(pattern) else lambda log: re.search(pattern, log) is not None
     deadline = time.monotonic() + within
     while True:
         log = proc.read_log()[start:]  # type: ignore[attr-defined]
-        if re.search(pattern, log) or time.monotonic() > deadline:
+        if found(log) or time.monotonic() > deadline:
             return log
         time.sleep(0.1)
 
@@ -221,3 +223,11 @@ def supervisor_of_a_dead_engine(tmp_path: Any, **settings: Any) -> Iterator[tupl
         sup.pub.close(linger=0)
         sup.control.close(linger=0)
         sup.ctx.term()
+
+
+def _log_saying(proc: Any, *lines: str, start: int = 0, times: int = 1, within: float = 10.0) -> str:
+    """Serve's log from ``start`` on, once each of ``lines`` is in it ``times`` times: an
+    engine's lines reach it through serve's output relay, on their own time (a loaded
+    machine's seconds), after what the test saw happen; one ``read_log()`` (at most ~1 s
+    for the log to settle) missed them. The caller asserts on what it returns."""
+    return _log_until(proc, start, lambda log: all(log.count(line) >= times for line in lines), within)

@@ -18,7 +18,7 @@ from jacobian_service.procfs import children
 
 from .conftest import assert_problem, live_server
 from ._fault_support import (
-    ARMED, HANG, SETTINGS, _alive, _cmdline, assert_sin_jacobian, back_within, restarts, sin_ok,
+    ARMED, HANG, SETTINGS, _alive, _cmdline, _log_saying, assert_sin_jacobian, back_within, restarts, sin_ok,
     wait_restarts, wait_spare,
 )
 
@@ -164,16 +164,20 @@ def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_s
     The warm-up is not cut inside the engine: an earlier version raised into it from a
     timer signal, cut an import half-way (torch's own, on a slow CI machine) and left
     every function answering 500 for good. ``imports_slowly`` is that case: its first
-    call imports a package for 3 s; cut in-process, it would answer 500 AttributeError
-    for ever after. Here it is served, in its own (slow) time."""
+    call imports a package for 4.5 s; cut in-process, it would answer 500 AttributeError
+    for ever after. Here it is served, in its own (slow) time.
+
+    The limit is 2.5 s, not 1 s: on a loaded machine an example's own warm-up (a first
+    call's jacrev, ten times slower at a load of 20) can run past 1 s, and be skipped as
+    a hang; the slow import stays past the limit by its sleep, which no load shortens."""
     hung = ("deadlocks_natively", "imports_slowly")
-    with live_server(FUNCTIONS="jacobian_service.examples,tests.warmup_hang_functions", WARMUP_TIMEOUT_S=1,
+    with live_server(FUNCTIONS="jacobian_service.examples,tests.warmup_hang_functions", WARMUP_TIMEOUT_S=2.5,
                      HANG_GRACE_S=0.5, WORKERS=1) as (url, proc):  # (live_server waits for /readyz 200)
         sin_ok(url)
         wait_spare(url)  # the spare skipped them all
-        log = proc.read_log()
+        log = _log_saying(proc, *(f"warm-up of {name} skipped" for name in hung), times=2)
         for name in hung:
-            assert f"the warm-up of {name} did not return within 1 s (WARMUP_TIMEOUT_S)" in log
+            assert f"the warm-up of {name} did not return within 2.5 s (WARMUP_TIMEOUT_S)" in log
             assert log.count(f"warm-up of {name} skipped") >= 2  # the next engines, and the spare
         assert "warm-up of add_square" not in log  # torch's first-call cost is not charged to the first function
         before = restarts(url)
@@ -202,7 +206,7 @@ def test_functions_that_end_their_engine_on_the_warm_up_input_do_not_keep_the_se
             r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json={"inputs": [[1.5, 1.0]]}, timeout=30)
             assert_sin_jacobian(r, [1.5, 1.0], f"{name}: ")
         wait_spare(url)  # the spare skipped them too
-        log = proc.read_log()
+        log = _log_saying(proc, *(f"warm-up of {name} skipped" for name in crashing), times=2)
         for name in crashing:
             assert f"the warm-up of {name} ended the engine" in log, log[-3000:]
             assert log.count(f"warm-up of {name} skipped") >= 2  # the next engines, and the spare

@@ -25,7 +25,7 @@ def deadlocks_natively(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
-@register(inputs=[Input("x", shape=("n",))], description="sin, from a package that takes 3 s to import.")
+@register(inputs=[Input("x", shape=("n",))], description="sin, from a package that takes 4.5 s to import.")
 def imports_slowly(x: torch.Tensor) -> torch.Tensor:
     import tests.warmup_slowpkg as pkg
 

@@ -1,4 +1,4 @@
-"""A package that takes 3 s to import (``imports_slowly`` in warmup_hang_functions).
+"""A package that takes 4.5 s to import (``imports_slowly`` in warmup_hang_functions).
 
 It takes its submodule with a plain ``import``, as torch's packages do: the import
 system sets ``part`` on this package only when ``part`` itself is first loaded. An
@@ -11,4 +11,4 @@ import time
 
 import tests.warmup_slowpkg.part  # noqa: F401
 
-time.sleep(3)
+time.sleep(4.5)  # past the warm-up test's WARMUP_TIMEOUT_S (2.5 s) by more than a late supervisor tick
