@@ -23,7 +23,7 @@ from jacobian_service.procfs import children
 from .conftest import CHILD_PYTHONPATH, assert_problem, live_server, npy_bytes
 from ._fault_support import (
     ARMED, FUNCTIONS, NOT_STRUCK, _a_process_a_function_detached_stops_when_the_server_is_killed_outright,
-    _cmdline, _rss_mib, assert_sin_jacobian, quarantines, restarts, sin_ok, wait_restarts, wait_spare,
+    _cmdline, _log_saying, _rss_mib, assert_sin_jacobian, quarantines, restarts, sin_ok, wait_restarts, wait_spare,
 )
 
 
@@ -175,7 +175,7 @@ def test_an_engine_near_its_open_file_limit_is_recycled_before_other_functions_f
                     assert_sin_jacobian(r, body["inputs"][0], f"call {call + 1}, {name}: ")
         wait_restarts(url, 1, 10)
         assert restarts(url) == 1  # the new engine's 450 kept stay under the limit
-        log = proc.read_log()
+        log = _log_saying(proc, "open file descriptors", "opened most by leaks_descriptors +")
         assert "open file descriptors" in log and "opened most by leaks_descriptors +" in log, log[-3000:]
         assert quarantines(url) == 0  # (QUARANTINE_AFTER=1: a strike would have quarantined the function)
 
@@ -200,7 +200,7 @@ def test_an_engine_whose_functions_leave_too_many_threads_is_recycled_before_non
                     seen = now
                     wait_spare(url)  # a cold start's warm-up would make the test's requests wait
         assert seen >= 1
-        log = proc.read_log()
+        log = _log_saying(proc, "threads that functions started were alive", "started most by leaks_threads +")
         assert "threads that functions started were alive" in log and "started most by leaks_threads +" in log, \
             log[-3000:]
         assert quarantines(url) == 0  # (QUARANTINE_AFTER=1: a strike would have quarantined the function)

@@ -26,7 +26,7 @@ from jacobian_service.procfs import children
 from jacobian_service.settings import FRONT_END_ONLY, Settings
 from jacobian_service.supervisor import Supervisor, _Engine, _signal_group
 
-from ._fault_support import SETTINGS, _cmdline, restarts, sin_ok, wait_restarts, wait_spare
+from ._fault_support import SETTINGS, _cmdline, _log_saying, restarts, sin_ok, wait_restarts, wait_spare
 from .test_hostile_round10 import LANDLOCK, _attack, _refused
 
 FUNCTIONS = "jacobian_service.examples,tests.fault_functions,tests.hostile10_functions"
@@ -96,7 +96,8 @@ class TestForkServer:
             assert _parent_and_session(pid) == (serve, pid)
             assert b"jacobian_service.engine.process" in _cmdline(pid)
         assert b"--standby" in _cmdline(spare) and b"--standby" not in _cmdline(engine)
-        assert f"engine 0 (cpu) started (forked), generation 1, pid {engine}" in served.proc.read_log()
+        said = f"engine 0 (cpu) started (forked), generation 1, pid {engine}"
+        assert said in _log_saying(served.proc, said)
         sin_ok(url)
 
     def test_an_engine_holds_only_its_own_descriptors(self, served):
@@ -123,7 +124,7 @@ class TestForkServer:
         assert served.proc.poll() is None and _zygote(serve) == zygote
         said = ("its functions reach no process but its own (Landlock)" if LANDLOCK else
                 "its functions cannot signal serve (seccomp")
-        assert said in served.proc.read_log()
+        assert said in _log_saying(served.proc, said)
         sin_ok(url)
 
     def test_a_zygote_killed_is_replaced_and_engines_still_start(self, served):

@@ -17,6 +17,7 @@ import torch
 
 from jacobian_client import wire
 
+from ._fault_support import _log_saying
 from .conftest import assert_problem, live_server
 from .test_engine_faults import back_within, restarts, wait_spare
 from .test_gpu_processes import SETTINGS, _mlp_reference, _npy
@@ -41,7 +42,7 @@ def test_an_engine_whose_functions_keep_device_memory_is_recycled_without_losing
         back_within(url, 10.0)
         r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=60)
         assert r.status_code == 200, r.text
-        log = proc.read_log()
+        log = _log_saying(proc, "over ENGINE_MAX_DEVICE_BYTES (20480 MiB); grown most by keeps_on_the_device")
         assert "held" in log and "over ENGINE_MAX_DEVICE_BYTES (20480 MiB); grown most by keeps_on_the_device" in log
 
 
@@ -69,4 +70,4 @@ def test_by_default_device_memory_held_past_90_percent_recycles_once_a_request_r
         x = np.random.default_rng(5).standard_normal(128).astype(np.float32)
         r = _npy(url, "mlp", x)
         np.testing.assert_allclose(wire.read_npy(r.content), _mlp_reference(x), rtol=1e-4, atol=1e-5)
-        assert "grown most by keeps_on_the_device" in proc.read_log()
+        assert "grown most by keeps_on_the_device" in _log_saying(proc, "grown most by keeps_on_the_device")

@@ -21,6 +21,7 @@ import pytest
 from jacobian_service.confinement import confiner, landlock_abi
 from jacobian_service.procfs import children, stopped
 
+from ._fault_support import _log_saying
 from .conftest import assert_problem, live_server
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile10_functions"
@@ -132,7 +133,8 @@ def test_with_landlock_a_function_reaches_no_process_but_its_engines_own(server,
         assert not mark.exists(), "the canary was signalled"
         assert _front_ends(proc.pid) == front_ends
         assert [p for p in children(proc.pid) if b"--standby" in _cmdline(p)] == spare
-        assert "its functions reach no process but its own (Landlock)" in proc.read_log()  # type: ignore[attr-defined]
+        said = "its functions reach no process but its own (Landlock)"
+        assert said in _log_saying(proc, said)
     finally:
         canary.kill()
         canary.wait()
@@ -169,7 +171,7 @@ def test_a_front_end_stopped_by_a_signal_is_resumed(server) -> None:
         assert not stopped(front_end)
     finally:
         os.kill(front_end, signal.SIGCONT)
-    assert "was stopped by a signal" in proc.read_log()  # type: ignore[attr-defined]
+    assert "was stopped by a signal" in _log_saying(proc, "was stopped by a signal")
 
 
 def test_metrics_files_a_function_wrote_over_leave_metrics_answering(server, client) -> None:
@@ -187,7 +189,7 @@ def test_metrics_files_a_function_wrote_over_leave_metrics_answering(server, cli
         r = client.get(f"{url}/metrics")
         assert r.status_code == 200, r.text
         assert "jacobian_service_requests_total{" in r.text
-    log = proc.read_log()  # type: ignore[attr-defined]
+    log = _log_saying(proc, "does not read (", "left out of /metrics")
     assert "does not read (" in log and "left out of /metrics" in log, log[-3000:]
     assert "unhandled error on GET /metrics" not in log
 

@@ -23,6 +23,7 @@ from jacobian_service.confinement import confiner, landlock_abi
 from jacobian_service.settings import Settings
 from jacobian_service.supervisor import Supervisor, _Engine
 
+from ._fault_support import _log_saying
 from .conftest import assert_problem, live_server
 from .hostile11_functions import KEY
 from .test_supervisor import subscribed
@@ -123,7 +124,7 @@ def test_an_engine_hung_behind_a_forged_status_board_is_restarted(server, client
     assert time.monotonic() - t0 < 10
     _replaced(client, url, before, 30, "the hung engine was never replaced")  # (30 s: a spare still warming up finishes first)
     _sin_ok(client, url)
-    log = proc.read_log()  # type: ignore[attr-defined]
+    log = _log_saying(proc, "held a cancelled request of forges_its_board", "said it was idle")
     assert "held a cancelled request of forges_its_board" in log and "said it was idle" in log, log[-3000:]
     r = _armed(client, url, "forges_its_board", 0)
     assert_problem(r, 503, "function_quarantined")

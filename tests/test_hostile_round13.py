@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from ._fault_support import _log_until
+from ._fault_support import _log_saying, _log_until
 from .conftest import assert_problem, live_server
 from .test_hostile_round11 import (  # round 11's: the same functions' conventions
     _armed,
@@ -112,7 +112,7 @@ def test_a_hang_is_put_down_to_its_function_not_to_a_request_queued_behind(serve
     assert detail.startswith("hangs_behind_its_board hung: the engine did not take a cancelled request"), detail
     _replaced(client, url, before, 30, "the hung engine was never replaced")  # (the spare takes over)
     _sin_ok(client, url)
-    log = proc.read_log()  # type: ignore[attr-defined]
+    log = _log_saying(proc, "held a cancelled request of sin", "(in hangs_behind_its_board, the oldest job")
     assert "held a cancelled request of sin" in log and "(in hangs_behind_its_board, the oldest job" in log, log[-3000:]
     assert_problem(_armed(client, url, "hangs_behind_its_board", 0), 503, "function_quarantined")
     assert client.delete(f"{url}/v1/functions/hangs_behind_its_board/quarantine").status_code == 200
@@ -209,7 +209,7 @@ def test_address_space_reserved_and_kept_untouched_recycles_the_engine(server, c
                     headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
     assert r.status_code == 200, r.text[:500]
     np.testing.assert_allclose(np.load(io.BytesIO(r.content)), np.sin(x), rtol=1e-6)
-    log = proc.read_log()  # type: ignore[attr-defined]
+    log = _log_saying(proc, "of address space reserved and untouched between requests", "grown most by reserves_address_space +")
     assert "of address space reserved and untouched between requests" in log, log[-3000:]
     assert "grown most by reserves_address_space +" in log, log[-3000:]
     r = client.post(f"{url}/v1/functions/reserves_address_space/evaluate", json={"inputs": [X]})

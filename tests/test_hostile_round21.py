@@ -25,11 +25,11 @@ import pytest
 from jacobian_service import ipc
 from jacobian_service.fork_server import start_engine
 
+from ._fault_support import _log_saying, _log_until
 from ._rss import front_end_pid
 from .conftest import _metric, assert_problem, live_server
 from .hostile23_functions import next_pids
 from .test_hostile_round11 import _armed, _engine_pid, _replaced, _seen
-from .test_hostile_round15 import _log_until
 from .test_hostile_round17 import client  # noqa: F401  (its module's httpx client)
 
 FUNCTIONS = "tests.hostile23_functions"
@@ -176,7 +176,7 @@ def test_notes_a_function_plants_for_the_next_engines_are_not_believed(server, c
     _replaced(client, url, pid, 60, "no engine ready after the crash")
     x = [0.5, 1.0, 2.0]
     np.testing.assert_allclose(_evaluated(client, url, "erf_half", x), [math.erf(v) / 2 for v in x], rtol=1e-12)
-    log = proc.read_log()[start:]
+    log = _log_saying(proc, "running plants_notes for 1 requests", "started (forked)", start=start)
     assert "warm-up of erf_half" not in log and "running plants_notes for 1 requests" in log, log[-3000:]
     assert "started (forked)" in log, log[-3000:]  # (the zygote took the notes away; exec'd: below)
     assert _metric(url, "jacobian_service_quarantines") == quarantines + 1  # plants_notes, for its crash

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jacobian_service.channel import _BYE, FrameReader, Listener, encode_control
 
-from ._fault_support import _log_until
+from ._fault_support import _log_saying, _log_until
 from .conftest import assert_problem, live_server
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile6_functions"
@@ -305,7 +305,7 @@ def test_an_open_file_limit_lowered_below_the_engines_descriptors_is_put_back_an
     r = _post(url, "/v1/functions/lowers_the_open_file_limit/jacobian", json=ARMED)
     assert r.status_code == 200, r.text
     _sin_served(url, seconds=5)
-    log = proc.read_log()
+    log = _log_saying(proc, "lowers_the_open_file_limit changed resource limits")
     assert "lowers_the_open_file_limit changed resource limits" in log
     assert "cannot be put back" not in log, log[-3000:]
     assert httpx.get(f"{url}/v1/info", timeout=10).json()["engine_pids"] == pids

@@ -28,6 +28,7 @@ import torch
 
 from jacobian_service.examples import mlp
 
+from ._fault_support import _log_saying
 from .conftest import live_server
 
 FUNCTIONS = "jacobian_service.examples,tests.settings_functions"
@@ -208,7 +209,26 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
             # a tensor without values is the function's error, not the service's
             r = client.post("/v1/functions/returns_meta/evaluate", json=X)
             assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
-        log = proc.read_log()
+        # (the engine's own lines, relayed: on their own time, after the answers)
+        changed = [("leaves_autocast_on", "autocast (entered, not exited)"),
+                   ("flushes_denormals", "flushing denormals to zero"),
+                   ("shrinks_thread_stacks", "the stack size of new threads"),
+                   ("sets_a_socket_timeout", "the default socket timeout"),
+                   ("switches_attention_off", "scaled-dot-product attention's backends"),
+                   ("sets_fp32_precision_per_backend", "torch's float32 precision"),
+                   ("ignores_sigchld_in_c", "signals ignored outside Python (SigIgn)"),
+                   ("hooks_every_module", "torch.nn's global module hooks"),
+                   ("unfreezes_the_heap", "the garbage collector's frozen objects (gc.unfreeze)"),
+                   ("keeps_all_garbage", "the garbage collector's debug flags (gc.set_debug)"),
+                   ("hooks_every_module", "the timer slack (prctl PR_SET_TIMERSLACK)"),
+                   # (a hard limit of 0 leaves nothing to raise)
+                   *([("raises_the_core_limit", "resource limits")]
+                     if resource.getrlimit(resource.RLIMIT_CORE)[1] != 0 else [])]
+        log = _log_saying(proc, "sets_float64_default changed torch's default dtype",
+                          "releases_the_waiting_thread (or a thread left running by leaves_a_waiting_thread) "
+                          "changed torch's default dtype", "sets_warnings_to_errors changed the warning filters",
+                          "changes_path_and_time_zone changed the time zone (TZ, time.tzset)",
+                          *(f"{function} changed {setting}" for function, setting in changed))
         assert "died" not in log and "Traceback" not in log, log[-3000:]
         assert "sets_float64_default changed torch's default dtype" in log
         assert ("releases_the_waiting_thread (or a thread left running by leaves_a_waiting_thread) changed torch's "
@@ -220,20 +240,7 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
                "put back to the values the engine started with" in log
         assert "changes_path_and_time_zone changed the time zone (TZ, time.tzset)" in log
         assert "/nonexistent" not in log  # names, never values: a value may be a secret
-        for function, setting in (("leaves_autocast_on", "autocast (entered, not exited)"),
-                                  ("flushes_denormals", "flushing denormals to zero"),
-                                  ("shrinks_thread_stacks", "the stack size of new threads"),
-                                  ("sets_a_socket_timeout", "the default socket timeout"),
-                                  ("switches_attention_off", "scaled-dot-product attention's backends"),
-                                  ("sets_fp32_precision_per_backend", "torch's float32 precision"),
-                                  ("ignores_sigchld_in_c", "signals ignored outside Python (SigIgn)"),
-                                  ("hooks_every_module", "torch.nn's global module hooks"),
-                                  ("unfreezes_the_heap", "the garbage collector's frozen objects (gc.unfreeze)"),
-                                  ("keeps_all_garbage", "the garbage collector's debug flags (gc.set_debug)"),
-                                  ("hooks_every_module", "the timer slack (prctl PR_SET_TIMERSLACK)"),
-                                  # (a hard limit of 0 leaves nothing to raise)
-                                  *([("raises_the_core_limit", "resource limits")]
-                                    if resource.getrlimit(resource.RLIMIT_CORE)[1] != 0 else [])):
+        for function, setting in changed:
             assert f"{function} changed {setting}" in log, (function, setting)
 
 
@@ -319,7 +326,7 @@ def test_a_functions_module_that_configures_logging_as_it_is_imported_leaves_the
             r = client.post("/v1/functions/sets_float64_default_too/jacobian", json={"inputs": [[0.5, 1.0]]})
             assert r.status_code == 200, r.text
             _sin_ok(client.post, "sin")  # after the last batch's settings were put back, and said so
-        log = proc.read_log()
+        log = _log_saying(proc, "engine 0 ready on cpu", "sets_float64_default_too changed torch's default dtype")
         assert "engine 0 ready on cpu" in log, log[-3000:]
         assert "sets_float64_default_too changed torch's default dtype" in log, log[-3000:]
 
@@ -413,7 +420,8 @@ def test_an_engine_left_with_a_seccomp_filter_or_its_sockets_closed_is_replaced(
             assert answers[0].status_code == 200, answers[0].text
             setting = "the system-call filter (seccomp), no_new_privs or memory-deny-write-execute (prctl)"
             _replaced_naming(client, proc, f"filters_system_calls left {setting} changed, which cannot be put back")
-            assert f"filters_system_calls changed {setting} (to " in proc.read_log()
+            said = f"filters_system_calls changed {setting} (to "
+            assert said in _log_saying(proc, said), proc.read_log()[-3000:]
 
 
 def test_a_function_that_closes_the_engines_descriptors_on_its_warm_up_is_named_and_skipped(monkeypatch):
@@ -433,9 +441,9 @@ def test_a_function_that_closes_the_engines_descriptors_on_its_warm_up_is_named_
                 time.sleep(0.2)
             assert r.status_code == 200, r.text
             assert _output_dtype(client.post) == "float32"
-        log = proc.read_log()
-        assert ("closes_descriptors_at_warm_up left descriptors 0-2 (stdin, stdout, stderr), the engine's log pipe, "
-                "or the engine's own changed, which cannot be put back") in log
+        said = ("closes_descriptors_at_warm_up left descriptors 0-2 (stdin, stdout, stderr), the engine's log pipe, "
+                "or the engine's own changed, which cannot be put back")
+        assert said in _log_saying(proc, said), proc.read_log()[-3000:]
 
 
 def test_an_engine_on_a_second_gpu_makes_it_the_current_device_of_its_thread(monkeypatch, caplog):
