@@ -227,13 +227,17 @@ def client(url: str) -> Iterator[jc.Client]:
 
 # --------------------------------------------------------------------------- 1. timeout bounds the call
 
+# _LOADED: the bounds below are 3.5 s, not 2 s: a call cut at its 0.5 s timeout, on a
+# loaded machine (CI's two cores, two test workers), can take a second or more longer;
+# each defect they catch held the call for 5 s or more.
+
 
 def test_timeout_bounds_a_trickled_response(fake: str) -> None:
     started = time.monotonic()
     with jc.Client(fake, timeout=0.5) as client:
         with pytest.raises(jc.TransportError, match=r"ReadTimeout: less than 1 MiB of the response arrived in timeout=0.5 s"):
             client.jacobian("trickle", X3)
-    assert time.monotonic() - started < 2.0  # was 14 s: every byte came within the read timeout
+    assert time.monotonic() - started < 3.5  # was 14 s: every byte came within the read timeout (see _LOADED)
 
 
 def test_timeout_bounds_a_trickled_response_async(fake: str) -> None:
@@ -244,7 +248,7 @@ def test_timeout_bounds_a_trickled_response_async(fake: str) -> None:
     started = time.monotonic()
     with pytest.raises(jc.TransportError, match="ReadTimeout"):
         asyncio.run(main())
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 3.5  # (see _LOADED)
 
 
 @pytest.mark.parametrize("name", ["trickled_framing", "trickled_framing_npy"])  # read whole, streamed
@@ -266,7 +270,7 @@ def test_timeout_bounds_a_body_whose_framing_is_trickled(fake: str, name: str) -
         with pytest.raises(jc.TransportError, match=r"ReadTimeout: less than 1 MiB of the response arrived in "
                                                     r"timeout=0.5 s \(0 bytes received\)"):
             run()
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 3.5  # (see _LOADED)
 
 
 def test_an_endless_error_body_or_probe_body_is_not_read_whole(fake: str) -> None:
@@ -319,7 +323,7 @@ def test_timeout_bounds_a_trickled_status_line_and_headers(fake: str) -> None:
         started = time.monotonic()
         with pytest.raises(jc.TransportError, match=late):
             run()
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 3.5  # (see _LOADED)
 
 
 class _PacedStream:
@@ -356,7 +360,7 @@ def test_timeout_bounds_sending_to_a_server_that_reads_slowly(pause: float, ok: 
             with pytest.raises(httpcore.WriteTimeout, match="less than 1 MiB of the request could be sent"):
                 stream.write(b"\0" * (8 << 20), timeout=30.0)
     took = time.monotonic() - started
-    assert (inner.sent == 8 << 20 and took > 0.3) if ok else (inner.sent < 1 << 20 and took < 1.0), (inner.sent, took)
+    assert (inner.sent == 8 << 20 and took > 0.3) if ok else (inner.sent < 1 << 20 and took < 3.0), (inner.sent, took)  # (6.4 s sent whole)
 
 
 def test_a_body_sent_steadily_goes_on_past_the_timeout(fake: str) -> None:
@@ -388,9 +392,9 @@ def test_timeout_bounds_a_trickled_health_probe(fake: str) -> None:
         assert client.health() is False
         with pytest.raises(TimeoutError):
             client.wait_ready(timeout=0.3)
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 3.5  # (see _LOADED)
     healthy, took = asyncio.run(main())
-    assert healthy is False and took < 2.0
+    assert healthy is False and took < 3.5  # (see _LOADED)
 
 
 def test_timeout_bounds_a_trickled_error_body(fake: str) -> None:
@@ -398,7 +402,7 @@ def test_timeout_bounds_a_trickled_error_body(fake: str) -> None:
     with jc.Client(fake, timeout=0.5, max_retries=0) as client:
         with pytest.raises(jc.FunctionNotFound):
             client.jacobian("trickled_error", X3)
-    assert time.monotonic() - started < 2.0  # was 5 s
+    assert time.monotonic() - started < 3.5  # was 5 s (see _LOADED)
 
 
 def test_a_result_streams_past_timeout_while_each_mebibyte_comes_in_time(fake: str, tmp_path: Path) -> None:

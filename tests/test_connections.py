@@ -610,7 +610,8 @@ def test_header_deadline_with_either_uvicorn_protocol(implementation: str) -> No
         # Then idle on keep-alive: closed quietly at the deadline, with no 408.
         started = time.monotonic()
         assert _read_to_close(slow, 5) == b""
-        assert 0.3 < time.monotonic() - started < 2
+        # (at the 0.5 s deadline, not the 5 s read's end: up to 4 s for a loaded machine's late timer)
+        assert 0.3 < time.monotonic() - started < 4
         slow.close()
 
         # Headers trickled in: 408 and closed at the deadline.
@@ -619,7 +620,7 @@ def test_header_deadline_with_either_uvicorn_protocol(implementation: str) -> No
         started = time.monotonic()
         raw = _read_to_close(s, 5)
         s.close()
-        assert raw.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 2, raw
+        assert raw.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 4, raw
         assert seen == ["header"]
 
 
