@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import os
 import re
 import subprocess
 import time
@@ -138,7 +139,7 @@ def test_the_word_of_one_front_end_names_its_oldest_job_not_the_cancelled_one() 
     )
     RemoteEngines._tell_overdue(front_end, now)  # type: ignore[arg-type]
     words = [front_end.channel.verify(raw) for raw in sent]
-    assert words == [{"t": "overdue", "engine": 0, "pid": 4242, "since": now - 3.0, "function": "sin",
+    assert words == [{"t": "overdue", "from": os.getpid(), "engine": 0, "pid": 4242, "since": now - 3.0, "function": "sin",
                       "sent": now - 5.0, "tag": "fe:1", "hung": "hangs_behind_its_board", "given_up": ["fe:2"]}], words
 
 

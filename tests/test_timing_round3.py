@@ -39,3 +39,19 @@ def test_a_hang_told_of_by_a_front_end_silent_since_is_not_put_on_the_job_behind
     # a fresh word of an older job still wins over a stale one of a job between
     assert _hung_in({111: (4242, now - 5.0, "a:1", "mid", silent),
                      222: (4242, now - 6.0, "c:1", "hangs", now - 0.5)}, word) == {"function": "hangs", "tags": ["c:1"]}
+
+
+def test_a_hang_is_not_put_on_a_job_the_word_s_own_front_end_had_answered_since() -> None:
+    """Front end B told of its oldest job on the engine, a slow one (``slow``), which was
+    then answered; the engine took a hang (A's ``hangs``) and B's short request behind
+    it was cancelled. At B's next tick the cancel was overdue: its word named its oldest
+    job now, but B's own ``oldest`` of a second before, still fresh, named the answered
+    job, older than the hang, and ``slow`` was struck for the hang. B's word is newer
+    news than B's last ``oldest``: A's job is the one it hangs in."""
+    now = time.monotonic()
+    word = {"t": "overdue", "from": 222, "engine": 0, "pid": 4242, "since": now - 1.2, "function": "sin",
+            "sent": now - 2.5, "tag": "b:2", "hung": "sin"}
+    reports = {222: (4242, now - 4.0, "b:1", "slow", now - 0.9),  # B's, a tick ago: answered since
+               111: (4242, now - 3.0, "a:1", "hangs", now - 0.5)}
+    assert _hung_in(reports, word) == {"function": "hangs", "tags": ["a:1"]}
+    assert _hung_in({222: reports[222]}, word) == {"function": "sin", "tags": ["b:2"]}  # B's alone: its word

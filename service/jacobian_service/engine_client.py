@@ -580,8 +580,8 @@ class RemoteEngines(_Engines):
         for index, (pid, sent, tag, function) in oldest.items():
             if index in overdue:  # "function": the cancelled request's; "hung": the oldest job's
                 since, cancelled = overdue[index]
-                self._control.send(self.channel.sign({"t": "overdue", "engine": index, "pid": pid, "since": since,
-                                                      "function": cancelled, "sent": sent, "tag": tag, "hung": function,
+                self._control.send(self.channel.sign({"t": "overdue", "from": os.getpid(), "engine": index, "pid": pid,
+                                                      "since": since, "function": cancelled, "sent": sent, "tag": tag, "hung": function,
                                                       "given_up": given_up[index][-MAX_GIVEN_UP:]}))
             elif now - sent > _OLDEST_AFTER_S:
                 self._control.send(self.channel.sign({"t": "oldest", "from": os.getpid(), "engine": index, "pid": pid,

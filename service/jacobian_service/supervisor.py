@@ -784,8 +784,10 @@ class Supervisor:
         best = (float(sent) if isinstance(sent, (int, float)) else math.inf, tag if isinstance(tag, str) else "", function)
         now = time.monotonic()
         stale = (math.inf, "", 0.0)  # the oldest job told of by a front end silent since (sent, function, silent for)
-        for engine_pid, other_sent, other_tag, other_function, told in self._oldest.get(index, {}).values():
-            if engine_pid != pid or other_sent >= best[0]:
+        for sender, (engine_pid, other_sent, other_tag, other_function, told) in self._oldest.get(index, {}).items():
+            # The word's own front end's last ``oldest`` is older news than the word: a
+            # job answered since (then the oldest) was struck for a hang that came after it.
+            if engine_pid != pid or other_sent >= best[0] or sender == msg.get("from"):
                 continue
             if now - told < _OLDEST_FRESH_S:
                 best = (other_sent, other_tag, other_function)
@@ -801,7 +803,7 @@ class Supervisor:
     def _overdue(self, msg: dict[str, Any]) -> bool:
         """A front end cancelled a request at its deadline (or its client left) and the
         engine has not taken the cancel in ``hang_grace_s`` since: ``{"t": "overdue",
-        "engine": i, "pid": pid, "since": when it cancelled (monotonic), "function": the
+        "from": its pid, "engine": i, "pid": pid, "since": when it cancelled (monotonic), "function": the
         cancelled request's, "sent", "tag", "hung": that front end's oldest job there}``.
 
         An engine reads its socket between batches and between a long job's chunks, and
