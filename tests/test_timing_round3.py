@@ -55,3 +55,46 @@ def test_a_hang_is_not_put_on_a_job_the_word_s_own_front_end_had_answered_since(
                111: (4242, now - 3.0, "a:1", "hangs", now - 0.5)}
     assert _hung_in(reports, word) == {"function": "hangs", "tags": ["a:1"]}
     assert _hung_in({222: reports[222]}, word) == {"function": "sin", "tags": ["b:2"]}  # B's alone: its word
+
+
+def test_a_crash_whose_front_ends_word_trails_by_a_loaded_machines_second_is_still_its_functions(tmp_path) -> None:
+    """A front end's ``held`` word goes out through its zmq I/O thread while the job goes
+    straight to the engine (round 29): the supervisor waited 0.5 s for the word before
+    taking the board's true name for a lie, and a loaded machine can leave that thread
+    unscheduled longer: the crashing function went unstruck, its caller a retryable 503
+    for its 500. It waits 2 s now, and not at all for an engine that never said it was
+    ready (no front end sent it a job): a warm-up's crash is not slowed."""
+    import subprocess
+    import sys
+    import threading
+
+    import zmq
+
+    from jacobian_service.settings import Settings
+
+    sup = supervisor.Supervisor(Settings(engine_fork_server=False, warmup=False, quarantine_after=3), tmp_path)
+    push = sup.ctx.socket(zmq.PUSH)
+    waits: list[float] = []
+    await_held = sup._await_held
+    sup._await_held = lambda index, named, wait: waits.append(wait) or await_held(index, named, wait)  # type: ignore[method-assign]
+    try:
+        push.connect(sup.channel.control)
+        for was_ready in (True, False):
+            proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+            proc.wait()
+            engine = supervisor._Engine(0, "cpu", proc=proc, was_ready=was_ready)
+            sup.engines = [engine]
+            word = sup.channel.sign({"t": "held", "from": 1, "engine": 0, "functions": ["crashes"]})
+            late = threading.Timer(1.0, push.send, (word,)) if was_ready else None  # the word trails the crash by 1 s
+            if late:
+                late.start()
+            sup._died(engine, 5, {"beat": 1.0, "ready": True, "deadline": 0.0, "function": "crashes", "tags": ["t1"]})
+            if late:
+                late.join()
+                assert len(sup.strikes.get("crashes", ())) == 1, sup.strikes  # its own crash: struck
+        assert waits == [supervisor._HELD_WAIT_S, 0.0]
+    finally:
+        push.close(linger=0)
+        sup.pub.close(linger=0)
+        sup.control.close(linger=0)
+        sup.ctx.term()

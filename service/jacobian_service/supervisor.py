@@ -110,8 +110,11 @@ _MAX_HELD = 4096  # functions one front end's ``held`` word names, at most (a re
 # the engine can run the job and crash before that thread has run. A death whose board
 # names a function no front end has told of waits this long for their word before it is
 # taken as the board's lie (a crash's caller then got a retryable 503, not its 500, and
-# the function went unstruck).
-_HELD_WAIT_S = 0.5
+# the function went unstruck). 2 s, not 0.5 s: a loaded machine (a load of 20 on two
+# cores) can leave that thread unscheduled that long. Only a board that lies, or a word
+# that trails, waits it out; an engine that never said it was ready had no job of any
+# front end (they send only to engines stated ready), and its death waits for none.
+_HELD_WAIT_S = 2.0
 _SPARE_LINE_MAX = 4096  # a spare's line kept while it is unfinished (a warm-up's "w NAME")
 _MAX_KILLED_AFTER = 64  # functions a book of _again remembers
 
@@ -612,13 +615,13 @@ class Supervisor:
                 break
             self._control(self.control.recv())
 
-    def _await_held(self, index: int, named: set[str]) -> set[str]:
+    def _await_held(self, index: int, named: set[str], wait: float = _HELD_WAIT_S) -> set[str]:
         """The functions the front ends have sent engine ``index`` (``_sent``, and those
         held there: ``_confirmed``), once they include one of ``named`` (what its board
-        names) or ``_HELD_WAIT_S`` has passed (``_HELD_WAIT_S``: their word can trail the
-        job). Read at a death, before the board is judged."""
+        names) or ``wait`` has passed (``_HELD_WAIT_S``: their word can trail the job).
+        Read at a death, before the board is judged."""
         self._drain_control()
-        until = time.monotonic() + _HELD_WAIT_S
+        until = time.monotonic() + wait
         while True:
             ran = self._sent.get(index, set()) | self._confirmed(index)
             left = until - time.monotonic()
@@ -885,7 +888,8 @@ class Supervisor:
         left = status.get("left")
         board = ({status.get("stray"), *(left if isinstance(left, list) else ())} if not self.settings.warmup
                  else set()) | {status.get("function"), engine.running.get("function")}
-        ran = self._await_held(engine.index, {f for f in board if isinstance(f, str) and f})
+        ran = self._await_held(engine.index, {f for f in board if isinstance(f, str) and f},
+                               _HELD_WAIT_S if engine.was_ready else 0.0)
         stripped = False
         if (not self.settings.warmup and isinstance(stray := status.get("stray"), str) and stray
                 and stray not in ran):
