@@ -16,15 +16,25 @@ trace is watched instead: while the function runs, ``sys.setprofile`` collects t
 code it runs (its own, its helpers', other libraries'; not torch's, numpy's, the
 standard library's nor this service's), the functorch queries it calls and its reads
 of ``grad_fn`` and ``is_leaf`` (``detect._Traced``'s properties); each code
-object is then read (its bytecode, once) for a use of ``type`` or ``__class__``. A
+object is then read (its bytecode, once) for a use of ``type`` or ``__class__`` (by name,
+as ``builtins.type``, or under another name: a global, closure variable or argument
+bound to the builtin ``type`` when the code is called). A
 function that reads either gets a pattern checked against its products at every request
 (``detect.TYPE_NOTE``): a branch that took another arm is proven wrong there and the
 answer is computed densely. ``isinstance(x, torch.Tensor)``, ``torch.is_tensor`` and
 ``torch.overrides.is_tensor_like`` answer the same for both, and are not watched.
+
+What the watch cannot see makes the pattern checked just the same (never trusted): another
+profiler holding the hook, the function taking the hook down or replacing it
+(``sys.setprofile``: its calls are seen), a thread it starts (``sys.setprofile`` watches
+one thread; a worker thread started before the call is not seen, but there jacrev's
+transforms, which are the calling thread's, do not differentiate either). Code named ``<string>``
+(``exec``'s, ``python -c``'s) is the user's too.
 """
 
 from __future__ import annotations
 
+import _thread
 import dis
 import functools
 import os
@@ -55,10 +65,21 @@ _LIBRARIES: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 # standard library's folder (/usr/lib/python3/dist-packages, .../python3.11/site-packages).
 _INSTALLED = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
 
-# Names whose load is a type read: the builtin ``type`` (a global), ``__class__`` (an
-# attribute, or getattr's string).
+# Names whose load is a type read: the builtin ``type`` (a global), ``__class__`` or
+# ``type`` as an attribute (``builtins.type``; torch's own ``x.type()`` too, at the cost of a
+# check) or getattr's string.
 _TYPE_LOADS = {"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLASSDEREF"}
 _ATTR_LOADS = {"LOAD_ATTR", "LOAD_METHOD", "LOAD_CONST"}
+# Loads of other names, whose binding is looked at when the code is called: the globals'
+# (``kind = type`` at module level), the closure's and the arguments' (``t=type``).
+_LOCAL_LOADS = {"LOAD_FAST", "LOAD_DEREF", "LOAD_CLASSDEREF", "LOAD_CLOSURE"}
+
+# Builtins whose call from the user's code leaves it unwatched: the hook replaced, a thread
+# started (the hook is the calling thread's alone).
+_UNWATCHING = {id(sys.setprofile): "replaced the profiler (sys.setprofile)",
+               id(_thread.start_new_thread): "started a thread"}
+if hasattr(_thread, "start_joinable_thread"):  # (3.13's)
+    _UNWATCHING[id(_thread.start_joinable_thread)] = "started a thread"
 
 # torch._C's queries of the functorch transform state outside its _functorch module.
 _FUNCTORCH_QUERIES = {"_are_functorch_transforms_active"}
@@ -71,9 +92,22 @@ def _reads_type(code: types.CodeType) -> bool:
     for ins in dis.get_instructions(code):
         if ins.opname in _TYPE_LOADS and ins.argval == "type":
             return True
-        if ins.opname in _ATTR_LOADS and ins.argval == "__class__":
+        if ins.opname in _ATTR_LOADS and ins.argval in ("__class__", "type"):
             return True
     return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _names(code: types.CodeType) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The global names and the local (argument, closure) names ``code`` loads, each of
+    which may be bound to ``type`` under another name."""
+    globals_, locals_ = set(), set()
+    for ins in dis.get_instructions(code):
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and isinstance(ins.argval, str):
+            globals_.add(ins.argval)
+        elif ins.opname in _LOCAL_LOADS and isinstance(ins.argval, str):
+            locals_.add(ins.argval)
+    return tuple(sorted(globals_)), tuple(sorted(locals_))
 
 
 class TypeWatch:
@@ -85,10 +119,16 @@ class TypeWatch:
         self.codes: set[types.CodeType] = set()
         self.queries: set[tuple[types.CodeType, str]] = set()  # (caller, functorch query or autograd attribute)
         self.blind = False  # another profiler holds the hook: nothing was watched
+        self.unwatched: set[str] = set()  # what the function did that the watch cannot see past
+        self.aliased: set[types.CodeType] = set()  # code that called type under another name
+        self._seen_globals: set[tuple[types.CodeType, int]] = set()
         self._watching = False  # inside the function's call
         self._paused = 0
 
     def __enter__(self) -> "TypeWatch":
+        global _LIBRARIES
+        if _LIBRARIES is None:
+            _LIBRARIES = _library_dirs()
         if sys.getprofile() is not None:
             # (cProfile, a debugger's profiler: not chained, since the hook it holds may be
             # no Python callable; the pattern is checked all the same, see reads)
@@ -100,16 +140,39 @@ class TypeWatch:
 
     def __exit__(self, *exc: Any) -> None:
         if not self.blind:
+            self._still_held()
             self._watching = False
             sys.setprofile(None)
 
     def _event(self, frame: types.FrameType, event: str, arg: Any) -> None:
         if event == "call":
-            self.codes.add(frame.f_code)
+            code = frame.f_code
+            self.codes.add(code)
+            if code not in self.aliased and _users(code):
+                self._aliases(frame, code)
         elif event == "c_call":
+            why = _UNWATCHING.get(id(arg))
+            if why is not None and frame.f_code.co_filename != __file__:
+                self.unwatched.add(f"{why} in {_where(frame.f_code)}")
             module = getattr(arg, "__module__", None)
             if module == "torch._C._functorch" or getattr(arg, "__name__", None) in _FUNCTORCH_QUERIES:
                 self.queries.add((frame.f_code, arg.__name__))
+
+    def _aliases(self, frame: types.FrameType, code: types.CodeType) -> None:
+        """Whether ``code``, as called now, loads ``type`` under another name: a global
+        (looked at once per globals), an argument or a closure variable (at each call)."""
+        globals_, locals_ = _names(code)
+        key = (code, id(frame.f_globals))
+        if globals_ and key not in self._seen_globals:
+            self._seen_globals.add(key)
+            builtins = frame.f_builtins
+            if any(frame.f_globals.get(n, builtins.get(n)) is type for n in globals_):
+                self.aliased.add(code)
+                return
+        if locals_:
+            bound = frame.f_locals  # (at the call: arguments and closure cells)
+            if any(bound.get(n) is type for n in locals_):
+                self.aliased.add(code)
 
     def autograd(self, attribute: str, caller: types.CodeType) -> None:
         """``caller`` read a traced tensor's autograd state (``grad_fn``, ``is_leaf``):
@@ -117,12 +180,19 @@ class TypeWatch:
         tracer's record nothing (``detect._Traced`` says what it can, not a node)."""
         self.queries.add((caller, attribute))
 
+    def _still_held(self) -> None:
+        """At each op and at the end: the hook is still this watch's, unless the function
+        took it down in a way no call event shows (from C: ``map(sys.setprofile, ...)``)."""
+        if sys.getprofile() != self._event:
+            self.unwatched.add("the profiler was taken down or replaced")
+
     def pause(self) -> None:
         """The tracer's own dispatch starts: not the function's code (most of the calls
         a trace makes; a plain pair of calls, not a context manager, since it runs at
         every op). Nested pauses resume at the outermost ``resume``."""
         self._paused += 1
         if self._paused == 1 and self._watching:  # (never another profiler's hook)
+            self._still_held()
             sys.setprofile(None)
 
     def resume(self) -> None:
@@ -134,15 +204,14 @@ class TypeWatch:
         """Where the function read a type (``type``/``__class__`` in a function of its
         own or of a library it calls; functorch's queries), or that it could not be
         watched; empty when it read none."""
-        global _LIBRARIES
         if self.blind:
             return ["another profiler was installed: not watched"]
-        if _LIBRARIES is None:
-            _LIBRARIES = _library_dirs()
-        found = {_where(c) for c in self.codes if _users(c) and _reads_type(c)}
-        return sorted(found) + sorted({f"{name} in {_where(c)}" for c, name in self.queries if _users(c)})
+        unseen = [f"{why}: not watched" for why in sorted(self.unwatched)]
+        found = {_where(c) for c in self.codes if _users(c) and (_reads_type(c) or c in self.aliased)}
+        return unseen + sorted(found) + sorted({f"{name} in {_where(c)}" for c, name in self.queries if _users(c)})
 
 
+@functools.lru_cache(maxsize=4096)
 def _users(code: types.CodeType) -> bool:
     """Code of the user's (or of a library it calls), not of torch's, numpy's, scipy's,
     this service's or the standard library's (see _library_dirs)."""
@@ -153,8 +222,10 @@ def _users(code: types.CodeType) -> bool:
         return False
     if any(part in name for part in _INSTALLED):
         return True
-    # ("<string>": code a library generates, dataclasses' __eq__, namedtuple's __new__)
-    return not name.startswith(stdlib + ("<frozen", "<string>"))
+    # ("<string>" is exec's and python -c's, the user's as much as a library's: watched,
+    # though a dataclass's generated __eq__ or __repr__, which reads __class__, then costs
+    # a check; "<frozen ...>" is the standard library's)
+    return not name.startswith(stdlib + ("<frozen",))
 
 
 def _where(code: types.CodeType) -> str:
