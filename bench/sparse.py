@@ -9,8 +9,10 @@ binary ``.npz`` answers), against the in-process dense ``jacrev`` of the same ru
 
 Cases (issue 11): lorenz96 at n = 8192 (periodic band), one reaction-diffusion step on a
 128 x 128 grid (5-point stencil), the sparse Hessian of a separable-plus-banded
-objective at n = 4096, and the symmetric Jacobian of a chain's force at n = 2048 (read
-from 3 JVPs once seen symmetric, where bicolouring takes 5). For each: medians of dense ``torch.func.jacrev`` (or ``hessian``)
+objective at n = 4096, the symmetric Jacobian of a chain's force at n = 2048 (read
+from 3 JVPs once seen symmetric, where bicolouring takes 5), diffusion on a graph given by
+its edge list (a 64 x 64 grid's, shuffled: the 5-point Laplacian again, through
+``index_add``) and an MLP on a batch of 2,048 points (block-diagonal, 3 x 4 blocks). For each: medians of dense ``torch.func.jacrev`` (or ``hessian``)
 and of the sparse path with its pattern and colouring cached (steady state), the first
 call (detection + colouring) on its own, the ratio, colours against the known optimum,
 result bytes against nnz x (value + index) bytes, and the largest difference from dense.
@@ -81,6 +83,37 @@ def stencil2d(u: torch.Tensor) -> torch.Tensor:
     lap = u.roll(1, 0) + u.roll(-1, 0) + u.roll(1, 1) + u.roll(-1, 1) - 4 * u
     adv = (u - u.roll(1, 1)) + 0.5 * (u - u.roll(1, 0))
     return u + 0.01 * (0.1 * lap - adv + u * (1 - u))
+
+
+def grid_graph_edges(side: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The edges of a side x side grid graph (nodes row-major), listed in a shuffled
+    order, as a mesh's edge list comes: its Laplacian is the 5-point stencil's."""
+    node = torch.arange(side * side).reshape(side, side)
+    src = torch.cat([node[:, :-1].reshape(-1), node[:-1, :].reshape(-1)])
+    dst = torch.cat([node[:, 1:].reshape(-1), node[1:, :].reshape(-1)])
+    order = torch.randperm(src.numel(), generator=torch.Generator().manual_seed(seed))
+    return src[order], dst[order]
+
+
+def graph_laplacian(edges: tuple[torch.Tensor, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Diffusion on a graph given by its edge list (scatter-adds of the edge differences)
+    plus a reaction: the Jacobian is the graph Laplacian plus a diagonal, symmetric."""
+    src, dst = edges
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        flow = x[src] - x[dst]
+        return torch.zeros_like(x).index_add(0, dst, flow).index_add(0, src, -flow) - torch.tanh(x)
+    return fn
+
+
+_MLP_W1 = torch.randn(4, 16, generator=torch.Generator().manual_seed(1)) / 2
+_MLP_W2 = torch.randn(16, 3, generator=torch.Generator().manual_seed(2)) / 4
+
+
+def mlp_batch(x: torch.Tensor) -> torch.Tensor:
+    """A small MLP (4 -> 16 -> 3) on each of a batch of points: a block-diagonal Jacobian
+    of 3 x 4 blocks (3 VJPs whatever the batch)."""
+    return torch.tanh(x @ _MLP_W1.to(x.dtype)) @ _MLP_W2.to(x.dtype)
 
 
 #: Above this many unknowns the dense Jacobian is estimated (its n x n float32 would
@@ -354,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     n_lorenz, grid, n_hess = (512, 24, 256) if args.quick else (8192, 128, 4096)
     n_chain = 256 if args.quick else 2048
+    graph, n_batch = (16, 256) if args.quick else (64, 2048)
     builtins = Registry.from_modules()
     lorenz, rd = builtins.get("lorenz96"), builtins.get("reaction_diffusion")
     gen = torch.Generator().manual_seed(0)
@@ -370,9 +404,14 @@ def main(argv: list[str] | None = None) -> int:
         run_case(f"reaction_diffusion {grid}x{grid}", rd.fn, torch.rand(grid, grid, generator=gen), "jacobian", 5,
                  args.rounds, 1 if not args.quick else args.dense_rounds),
         run_case(f"hessian rosenbrock+quartic n={n_hess}", hessian_objective,
-                 torch.randn(n_hess, generator=gen, dtype=torch.float64), "hessian", 3, args.rounds, 1),
+                 torch.randn(n_hess, generator=gen, dtype=torch.float64), "hessian", 2, args.rounds, 1),
         run_case(f"chain force -dE/dx n={n_chain} (symmetric)", chain_force,
                  torch.rand(n_chain, generator=gen, dtype=torch.float64) + 0.5, "jacobian", 3, args.rounds, 1),
+        # (a grid graph's Laplacian is the 5-point stencil: 3 products read it as symmetric)
+        run_case(f"graph Laplacian, edge list of a {graph}x{graph} grid", graph_laplacian(grid_graph_edges(graph)),
+                 torch.rand(graph * graph, generator=gen, dtype=torch.float64), "jacobian", 3, args.rounds, 1),
+        run_case(f"MLP 4-16-3 on a batch of {n_batch}", mlp_batch,
+                 torch.randn(n_batch, 4, generator=gen, dtype=torch.float64), "jacobian", 3, args.rounds, args.dense_rounds),
     ]
     print("| case | n | nnz | source | mode | colours (optimum) | dense | sparse | ratio | first call | bytes / ideal | max diff (rel) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
