@@ -9,10 +9,11 @@ import sys
 import torch
 
 from jacobian_service import Input, register
+from tests.sparse19_functions import _coupled  # (u[0] coupled where the check says plain, detached elsewhere)
 
 # ------------------------------------------------------------------ type branches the watch missed
-# As round 19's: each arm computes the same values; only the plain-tensor arm (jacrev's)
-# couples every element to the first. Each reads the type where round 19's watch did not look.
+# Round 19's residual: each arm computes the same values; only the plain-tensor arm
+# (jacrev's) couples every element to the first. Each reads the type where round 19's watch did not look.
 
 _kind = type  # the builtin under another name
 
@@ -54,19 +55,52 @@ _CHECKS = {
     "taken_down": _taken_down,
     "thread": _in_thread,
     "argument": lambda u, kind=type: kind(u) is torch.Tensor,
+    # what the tracer's tensors have otherwise: their own attributes, the class's
+    "vars": lambda u: not vars(u),
+    "dispatch_attr": lambda u: u.__torch_dispatch__ is torch._C._disabled_torch_dispatch_impl,
+    "module_attr": lambda u: u.__module__ == "torch",
 }
 
 
-def _coupled(check):
+def _here(check):
+    """Round 19's residual, as a function of this module (register files it under its
+    function's module)."""
+    residual = _coupled(check)
+
     def fn(u: torch.Tensor) -> torch.Tensor:
-        first = u[0] if check(u) else u[0].detach()
-        return u * first + u.roll(1)
+        return residual(u)
     return fn
 
 
-COUPLED = {}  # check's name -> the registered function (for the test's jacrev)
-for _name, _check in _CHECKS.items():
-    COUPLED[_name] = register(inputs=[Input("u", shape=("n",), dtype="float64")], name=f"coupled20_{_name}",
-             description=f"A residual whose coupling to u[0] is detached unless a type check ({_name}) says "
-                         "its tensor is a plain torch.Tensor: the same values either way.")(_coupled(_check))
+COUPLED = {  # check's name -> the registered function (for the test's jacrev)
+    name: register(inputs=[Input("u", shape=("n",), dtype="float64")], name=f"coupled20_{name}",
+                   description=f"Round 19's coupled residual, its type check ({name}) made where the watch "
+                               "did not look.")(_here(check))
+    for name, check in _CHECKS.items()
+}
 
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="A residual that unwraps its input as code written for wrapped values does "
+                      "(getattr(u, 'value', u)): jacrev's tensors have no such attribute.")
+def coupled20_unwrapped(u: torch.Tensor) -> torch.Tensor:
+    plain = getattr(u, "value", u)
+    return u * plain[0] + u.roll(1)
+
+
+COUPLED["unwrapped"] = coupled20_unwrapped
+
+
+class _Handle:
+    """A resource that warns when dropped unclosed, as anyio's streams do: its finalizer
+    reads its own class, whenever the collector or a dropped reference runs it."""
+
+    def __del__(self) -> None:
+        self.kind = self.__class__.__name__
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="A chain that drops a handle in the middle (its __del__ runs then).")
+def chain20_dropping(u: torch.Tensor) -> torch.Tensor:
+    _Handle()  # (dropped at once: its __del__ runs inside the function's call)
+    return u * u.roll(1)

@@ -542,6 +542,13 @@ class _Traced(torch.Tensor):
         return live[0].tracer.dispatch(func, args, kwargs, live)
 
 
+#: What a traced tensor has otherwise than jacrev's, read by name (``getattr(x, "value",
+#: x)``, ``x.__dict__``, ``x.__torch_dispatch__``): its own attributes and the class's, but
+#: those that answer as jacrev's tensors do or note the read themselves.
+_OWN_ATTRIBUTES = frozenset(set(vars(_Traced)) | set(_Traced.__annotations__) | {"__dict__", "__module__"}) - {
+    "__new__", "__repr__", "__doc__", "numpy", "tolist", "untyped_storage", "requires_grad", "grad_fn", "is_leaf"}
+
+
 class _Tracer:
     def __init__(self, n_inputs: int, hessian: bool, check_alive: Callable[[], None] | None = None) -> None:
         self.n = n_inputs
@@ -558,7 +565,7 @@ class _Tracer:
         # Where the function read its tensors' type (type(x), x.__class__, functorch's
         # state), which jacrev's tensors answer otherwise (see type_reads).
         self.type_reads: list[str] = []
-        self.watch = TypeWatch()
+        self.watch = TypeWatch(_OWN_ATTRIBUTES)
         self.inputs: set[int] = set()  # ids of the differentiated inputs (see _Traced.is_leaf)
         # Random ops met (every op that draws is tagged, whatever the generator): the
         # pattern may follow the draws (indices from randint), which differ per call.

@@ -18,7 +18,10 @@ standard library's nor this service's), the functorch queries it calls and its r
 of ``grad_fn`` and ``is_leaf`` (``detect._Traced``'s properties); each code
 object is then read (its bytecode, once) for a use of ``type`` or ``__class__`` (by name,
 as ``builtins.type``, or under another name: a global, closure variable or argument
-bound to the builtin ``type`` when the code is called). A
+bound to the builtin ``type`` when the code is called), of ``vars`` or ``dir``, or of an
+attribute the tracer's tensors have otherwise than jacrev's (their own ``value``, ``root``,
+``tracer``, ``__dict__``, ``__torch_dispatch__``, ...: ``getattr(x, "value", x)``, an
+unwrapping idiom, took the tracer's plain value). A
 function that reads either gets a pattern checked against its products at every request
 (``detect.TYPE_NOTE``): a branch that took another arm is proven wrong there and the
 answer is computed densely. ``isinstance(x, torch.Tensor)``, ``torch.is_tensor`` and
@@ -29,7 +32,8 @@ profiler holding the hook, the function taking the hook down or replacing it
 (``sys.setprofile``: its calls are seen), a thread it starts (``sys.setprofile`` watches
 one thread; a worker thread started before the call is not seen, but there jacrev's
 transforms, which are the calling thread's, do not differentiate either). Code named ``<string>``
-(``exec``'s, ``python -c``'s) is the user's too.
+(``exec``'s, ``python -c``'s) is the user's too. A ``__del__`` run in the middle of the
+function (a dropped reference, the collector) is no part of it and is not watched.
 """
 
 from __future__ import annotations
@@ -85,14 +89,20 @@ if hasattr(_thread, "start_joinable_thread"):  # (3.13's)
 _FUNCTORCH_QUERIES = {"_are_functorch_transforms_active"}
 
 
+# Builtins that list an object's own attributes, the tracer's tensors' among them.
+_LISTINGS = {"type", "vars", "dir"}
+
+
 @functools.lru_cache(maxsize=4096)
-def _reads_type(code: types.CodeType) -> bool:
+def _reads_type(code: types.CodeType, own: frozenset[str]) -> bool:
     """Whether ``code`` (not the functions nested in it: they run as their own calls)
-    loads the builtin ``type`` or a ``__class__``."""
+    loads the builtin ``type`` (``vars``, ``dir``), a ``__class__`` or one of ``own``, the
+    attributes the tracer's tensors have otherwise than jacrev's (their ``value``, their
+    ``__dict__``, ...: ``getattr(x, "value", x)`` unwrapped the traced tensor)."""
     for ins in dis.get_instructions(code):
-        if ins.opname in _TYPE_LOADS and ins.argval == "type":
+        if ins.opname in _TYPE_LOADS and ins.argval in _LISTINGS:
             return True
-        if ins.opname in _ATTR_LOADS and ins.argval in ("__class__", "type"):
+        if ins.opname in _ATTR_LOADS and (ins.argval in ("__class__", "type") or ins.argval in own):
             return True
     return False
 
@@ -115,7 +125,8 @@ class TypeWatch:
     around the tracer's own dispatch, which need not be watched (and is most of the
     calls). ``reads()`` says afterwards what the function read of its types."""
 
-    def __init__(self) -> None:
+    def __init__(self, own: frozenset[str] = frozenset()) -> None:
+        self.own = own  # the traced tensors' attributes that jacrev's have not, or otherwise
         self.codes: set[types.CodeType] = set()
         self.queries: set[tuple[types.CodeType, str]] = set()  # (caller, functorch query or autograd attribute)
         self.blind = False  # another profiler holds the hook: nothing was watched
@@ -123,6 +134,7 @@ class TypeWatch:
         self.aliased: set[types.CodeType] = set()  # code that called type under another name
         self._seen_globals: set[tuple[types.CodeType, int]] = set()
         self._watching = False  # inside the function's call
+        self._finalizer: types.FrameType | None = None  # the __del__ running now, not watched
         self._paused = 0
 
     def __enter__(self) -> "TypeWatch":
@@ -145,8 +157,18 @@ class TypeWatch:
             sys.setprofile(None)
 
     def _event(self, frame: types.FrameType, event: str, arg: Any) -> None:
+        if self._finalizer is not None:
+            # (a finalizer the collector or a dropped reference ran in the middle of the
+            # function: anyio's stream __del__ reads __class__; it computes nothing the
+            # function returns)
+            if event == "return" and frame is self._finalizer:
+                self._finalizer = None
+            return
         if event == "call":
             code = frame.f_code
+            if code.co_name == "__del__":
+                self._finalizer = frame
+                return
             self.codes.add(code)
             if code not in self.aliased and _users(code):
                 self._aliases(frame, code)
@@ -207,7 +229,7 @@ class TypeWatch:
         if self.blind:
             return ["another profiler was installed: not watched"]
         unseen = [f"{why}: not watched" for why in sorted(self.unwatched)]
-        found = {_where(c) for c in self.codes if _users(c) and (_reads_type(c) or c in self.aliased)}
+        found = {_where(c) for c in self.codes if _users(c) and (_reads_type(c, self.own) or c in self.aliased)}
         return unseen + sorted(found) + sorted({f"{name} in {_where(c)}" for c, name in self.queries if _users(c)})
 
 
