@@ -39,6 +39,27 @@ def _taken_down(u: torch.Tensor) -> bool:
     return _plain(u)
 
 
+def _restored_from_c(u: torch.Tensor) -> bool:
+    # taken down and put back from C around the check: no call event, and the hook is the
+    # watch's again at the next op
+    hook = sys.getprofile()
+    list(map(sys.setprofile, [None]))
+    plain = _plain(u)
+    list(map(sys.setprofile, [hook]))
+    return plain
+
+
+_set_hook = sys.setprofile  # (under another name)
+
+
+def _restored_by_alias(u: torch.Tensor) -> bool:
+    hook = sys.getprofile()
+    list(map(_set_hook, [None]))
+    plain = _plain(u)
+    list(map(_set_hook, [hook]))
+    return plain
+
+
 def _in_thread(u: torch.Tensor) -> bool:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(_plain, u).result()
@@ -53,6 +74,8 @@ _CHECKS = {
     "alias": lambda u: _kind(u) is torch.Tensor,
     "setprofile": _unwatched,
     "taken_down": _taken_down,
+    "restored_from_c": _restored_from_c,
+    "restored_by_alias": _restored_by_alias,
     "thread": _in_thread,
     "argument": lambda u, kind=type: kind(u) is torch.Tensor,
     # what the tracer's tensors have otherwise: their own attributes, the class's

@@ -33,7 +33,8 @@ def test_a_type_branch_the_watch_could_not_see_is_checked(client, check):
     round 19's watch did not look: in code ``exec`` made (named ``<string>``, taken as a
     library's), through ``builtins.type``, ``type`` bound to a module global or to an
     argument's default, in a helper called while the function had taken the profiler
-    down (``sys.setprofile(None)``, then put back; or from C, by ``map``, and not put back), or in a thread the function starts; or through what the tracer's tensors have
+    down (``sys.setprofile(None)``, then put back; or from C, by ``map``, put back or not, by
+    its name or another), or in a thread the function starts; or through what the tracer's tensors have
     otherwise than jacrev's (``vars(u)``, ``u.__torch_dispatch__``, ``u.__module__``, and
     ``getattr(u, "value", u)``, an unwrapping that took the tracer's own plain value,
     whose derivative is nothing). Each was an exact,

@@ -91,6 +91,12 @@ _FUNCTORCH_QUERIES = {"_are_functorch_transforms_active"}
 
 # Builtins that list an object's own attributes, the tracer's tensors' among them.
 _LISTINGS = {"type", "vars", "dir"}
+# Attributes read by name (or getattr's string): ``__class__``, ``builtins.type``, and
+# ``sys.setprofile``, which can take the watch's hook down and put it back from C
+# (``map(sys.setprofile, ...)``: no call event) around a type read.
+_ATTRIBUTES = {"__class__", "type", "setprofile"}
+# What a name bound otherwise (``kind = type``, ``t=type``) may stand for.
+_BOUND = (type, sys.setprofile)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -102,7 +108,7 @@ def _reads_type(code: types.CodeType, own: frozenset[str]) -> bool:
     for ins in dis.get_instructions(code):
         if ins.opname in _TYPE_LOADS and ins.argval in _LISTINGS:
             return True
-        if ins.opname in _ATTR_LOADS and (ins.argval in ("__class__", "type") or ins.argval in own):
+        if ins.opname in _ATTR_LOADS and (ins.argval in _ATTRIBUTES or ins.argval in own):
             return True
     return False
 
@@ -188,12 +194,12 @@ class TypeWatch:
         if globals_ and key not in self._seen_globals:
             self._seen_globals.add(key)
             builtins = frame.f_builtins
-            if any(frame.f_globals.get(n, builtins.get(n)) is type for n in globals_):
+            if any(_bound(frame.f_globals.get(n, builtins.get(n))) for n in globals_):
                 self.aliased.add(code)
                 return
         if locals_:
             bound = frame.f_locals  # (at the call: arguments and closure cells)
-            if any(bound.get(n) is type for n in locals_):
+            if any(_bound(bound.get(n)) for n in locals_):
                 self.aliased.add(code)
 
     def autograd(self, attribute: str, caller: types.CodeType) -> None:
@@ -231,6 +237,10 @@ class TypeWatch:
         unseen = [f"{why}: not watched" for why in sorted(self.unwatched)]
         found = {_where(c) for c in self.codes if _users(c) and (_reads_type(c, self.own) or c in self.aliased)}
         return unseen + sorted(found) + sorted({f"{name} in {_where(c)}" for c, name in self.queries if _users(c)})
+
+
+def _bound(value: Any) -> bool:
+    return any(value is b for b in _BOUND)
 
 
 @functools.lru_cache(maxsize=4096)
