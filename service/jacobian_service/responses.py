@@ -21,7 +21,7 @@ from .errors import NotAcceptable, Overloaded, ServiceError, Unavailable
 from .header_params import parameters, split_unquoted
 
 __all__ = [
-    "EncodeBudget", "JsonRows", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
+    "ClosingStreamingResponse", "EncodeBudget", "JsonRows", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
     "pieces_response", "problem_document", "problem_response", "qvalue",
 ]
 
@@ -167,6 +167,24 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
     # Large: written piece by piece as it is sent (on a worker thread: Starlette iterates a
     # plain iterator there), so encoding holds O(piece), not the whole document.
     return StreamingResponse(json_pieces(document), media_type=wire.JSON)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streamed answer whose body is closed as the answer ends, however it ends.
+    Starlette iterates the body with ``async for`` and leaves it open when sending
+    fails (a client that stopped reading, aborted at the send timeout): its ``finally``,
+    which gives back the stream's room on the budget and closes the engine's stream, ran
+    only once the collector found the generator, held in the failure's reference cycle.
+    With the front end's collector run rarely (``heap.FRONT_END_YOUNG``) that room stayed
+    taken, and the next large answer of an idle server was a 503 for bytes nobody held."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 def json_pieces(tree: Any) -> Iterator[bytes]:

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import anyio.to_thread
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from jacobian_client import wire
 
@@ -45,7 +45,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .parsing import KINDS, check_head, check_json_charset, media_type_of, parse_call, parse_sparsity_query
-from .responses import JsonRows, StreamHold, acceptable, attachment, choose, echo, encode, is_single_array, problem_response
+from .responses import ClosingStreamingResponse, JsonRows, StreamHold, acceptable, attachment, choose, echo, encode, is_single_array, problem_response
 from .scheduler import StreamHead
 from .settings import NULL_ORIGIN_HINT
 from .state import ServiceState
@@ -652,7 +652,7 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
         "X-Queue-Ms": f"{info.queue_s * 1e3:.3f}",
         **attachment(call.spec.name, "jacobian", wire.NPY),
     }
-    return StreamingResponse(_released(body(), release), media_type=wire.NPY, headers=headers)
+    return ClosingStreamingResponse(_released(body(), release), media_type=wire.NPY, headers=headers)
 
 
 def _released(body: AsyncIterator[Any], release: Callable[[], None]) -> AsyncIterator[Any]:
@@ -711,7 +711,7 @@ def _stream_json(state: ServiceState, function: str, head: StreamHead, info: Job
                 _drop(pending)
                 state.engines.close_stream(head)
 
-    return StreamingResponse(_released(body(), release), media_type=wire.JSON,
+    return ClosingStreamingResponse(_released(body(), release), media_type=wire.JSON,
                              headers={"X-Chunk-Size": str(head.chunk_size), "X-Device": str(info.device)})
 
 
