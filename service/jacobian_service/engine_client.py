@@ -23,7 +23,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import orjson
@@ -452,14 +452,12 @@ class RemoteEngines(_Engines):
         running: retryable, not the crash's 500. ``pid``: the engine process that died."""
         self._told_held.pop(index, None)  # the supervisor forgets what was held there as it restarts it
         if self._control is not None:  # what was held there as it died (``Supervisor._held_at_death``)
-            held = {of for fut, engine, _, _, _, of in self._pending.values() if engine == index and not fut.done()}
-            # and the cancelled jobs that engine process had yet to answer (a client gone,
-            # a deadline passed, as it ran them), as ``_tell_held`` counts them: the job it
-            # died in may be one. Left out, the verdict struck the request queued behind
-            # it, which had not run, in place of the function that crashed.
-            held |= {of for engine, was, *_, of in self._cancelled.values() if engine == index and was == pid}
+            # (the cancelled jobs that engine process had yet to answer count, as in
+            # ``held``: the job it died in may be one; left out, the verdict struck the
+            # request queued behind it, which had not run, in place of the function that crashed)
+            held = self._holding(lambda _: pid).get(index, set())
             self._control.send(self.channel.sign({"t": "held_at_death", "from": os.getpid(), "engine": index,
-                                                  "pid": pid, "functions": sorted(f for f in held if f)}))
+                                                  "pid": pid, "functions": sorted(held)}))
         alone = len(tags) == 1
         for fut, engine, tag, _, movable, of in list(self._pending.values()):
             if engine != index or fut.done():
@@ -591,6 +589,19 @@ class RemoteEngines(_Engines):
             self._control.send(self.channel.sign({"t": "oldest", "from": os.getpid(), "engine": index, "sent": None}))
         self._told_oldest = told
 
+    def _holding(self, pid_of: Callable[[int], int | None]) -> dict[int, set[str]]:
+        """The functions of the jobs this front end holds unanswered, by engine: those it
+        awaits, and those cancelled that the engine process ``pid_of(index)`` has yet to
+        answer (it may be running them)."""
+        held: dict[int, set[str]] = {}
+        for fut, index, _, _, _, function in self._pending.values():
+            if not fut.done() and function:
+                held.setdefault(index, set()).add(function)
+        for index, pid, _, _, _, function in self._cancelled.values():
+            if function and pid == pid_of(index):
+                held.setdefault(index, set()).add(function)
+        return held
+
     def _tell_held(self, sending: tuple[int, str] | None) -> None:
         """Tell the supervisor which functions this front end holds unanswered on each
         engine (``Supervisor._told_held``): the engine's status board, which a function
@@ -610,13 +621,7 @@ class RemoteEngines(_Engines):
             self._control.send(self.channel.sign({"t": "held", "from": os.getpid(), "engine": index,
                                                   "functions": sorted(now)}))
             return
-        held: dict[int, set[str]] = {}
-        for fut, index, _, _, _, function in self._pending.values():
-            if not fut.done() and function:
-                held.setdefault(index, set()).add(function)
-        for index, pid, _, _, _, function in self._cancelled.values():
-            if function and pid == self._pids.get(index):  # (the engine that has it yet to answer)
-                held.setdefault(index, set()).add(function)
+        held = self._holding(self._pids.get)
         for index, told in list(self._told_held.items()):
             if told != (now := frozenset(held.get(index, ()))):
                 self._told_held[index] = now

@@ -899,7 +899,7 @@ class Router:
             log.exception("unhandled error on %s %s", method, _printable(scope["path"]))
             scope["state"]["code"] = "internal_error"
             response = problem_response(InternalError("internal error; see the server log"), _request_id(request))
-        if negotiated:
+        if negotiated and method != "POST":  # (a POST's answer says Vary: * in its place: AccessMiddleware)
             _vary_accept(response)
         await response(scope, receive, send)
 
