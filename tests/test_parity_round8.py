@@ -245,8 +245,10 @@ def test_argnums_torch_refuses_are_422_on_every_endpoint(c, kind):
 TORCH_RAISES = {"string_out", "tuple_with_int", "complex_out", "aux_triple"}
 CANNOT = {
     # name: what the service's detail ends with
-    "string_out": "the function returned str; expected a tensor or a tuple/dict of tensors",
-    "tuple_with_int": "the function returned tuple; expected a tensor or a tuple/dict of tensors",
+    "string_out": "the output is a str, not a tensor: return a tensor, or a tuple, list or dict of tensors "
+                  "(torch.func: expected f(*primals) to return only tensors, got unsupported type <class 'str'>)",
+    "tuple_with_int": "the output[1] is an int, not a tensor: return a tensor, or a tuple, list or dict of tensors "
+                      "(torch.func: expected f(*primals) to return only tensors, got unsupported type <class 'int'>)",
     "complex_out": "the output holds a complex64 tensor, which the wire does not carry",
     "meta_out": "the output holds a tensor on the meta device, which has no values",
     "aux_triple": "aux_triple has has_aux=True but did not return (output, aux)",

@@ -204,7 +204,7 @@ def _check_output(out: Any, differentiated: bool) -> Any:
         return out
     leaves, treespec = pytree.tree_flatten(out)
     if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-        raise FunctionError(f"the function returned {type(out).__name__}; expected a tensor or a tuple/dict of tensors")
+        raise _not_tensors(out)
     if any(type(leaf) is not torch.Tensor for leaf in leaves):
         leaves = [_plain(leaf) for leaf in leaves]
         out = pytree.tree_unflatten(leaves, treespec)
@@ -213,6 +213,29 @@ def _check_output(out: Any, differentiated: bool) -> Any:
     for leaf in leaves:
         _check_tensor(leaf, "the output")
     return out
+
+
+_TENSORS = "return a tensor, or a tuple, list or dict of tensors"
+
+
+def _not_tensors(out: Any) -> FunctionError:
+    """What is wrong with an output that is not all tensors, where it is, in torch.func's
+    words. "the function returned tuple; expected a tensor or a tuple/dict of tensors"
+    said of ``(y, None)``, ``(y, 3)`` or ``()`` (a tuple, as it asked), and of ``{}`` (a
+    dict) and ``[]`` (lists are served): neither which leaf nor that nothing was there."""
+    paths = pytree.tree_flatten_with_path(out)[0]
+    if out is None or not paths:  # empty containers: no leaf at all (a None inside is a leaf)
+        what = "None" if out is None else f"{_a(type(out).__name__)}, empty or of empty containers"
+        return FunctionError(f"the output is {what}: no tensor to answer; {_TENSORS} (torch.func: Expected f to be a "
+                             "function that has non-empty output)")
+    path, leaf = next((path, leaf) for path, leaf in paths if not isinstance(leaf, torch.Tensor))
+    what = "None" if leaf is None else _a(type(leaf).__name__)
+    return FunctionError(f"{_output_at(path)} is {what}, not a tensor: {_TENSORS} (torch.func: expected f(*primals) "
+                         f"to return only tensors, got unsupported type {type(leaf)})")
+
+
+def _a(name: str) -> str:
+    return f"an {name}" if name[:1] in ("a", "e", "i", "o", "u") else f"a {name}"
 
 
 def _plain(leaf: torch.Tensor) -> torch.Tensor:
