@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from jacobian_service import Input, register
 
 # test_outputs_can_any_pytree's outputs torch.func refuses, and ones inside a pytree: name
@@ -37,3 +38,9 @@ for _name, _fn in NOT_TENSORS.items():
 def three_scalar(x, y, z):
     """A scalar of three inputs whose second derivatives in y are nonzero."""
     return (x.sin() * z).sum() * y.exp().sum() + z**3
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def mixed(x):
+    """Two outputs mixing every input: its Hessian's strategies round differently in float16."""
+    return torch.stack([x.sin().sum() * x[0], x.exp().prod()]) * x[:2]

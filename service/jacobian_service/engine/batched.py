@@ -19,7 +19,7 @@ from .shapes import span
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, differentiable, fresh,
                       function_error, is_oom)
 from .hessian import (CHECK_ELEMENTS, STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, gradient,
-                      hvp_misses, with_output)
+                      half_precision, hvp_misses, with_output)
 from .products import agrees_with_reverse, reverse_misses, same_products
 from . import vmap_dims as _dims
 
@@ -56,7 +56,9 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     attempts = [("rev", not profile.vmap_pullback)]  # (strategy, jacrev row by row: see rows.py)
     if kind == "hessian":
         scalar = isinstance(first, torch.Tensor) and first.dim() == 0
-        order = [TORCHS] if profile.grad_off else _hessian_order(profile.hessian.get(("per example", call.signature())), scalar)
+        known = profile.hessian.get(("per example", call.signature()))
+        # 16-bit floats: torch's own first, as for a plain Hessian (hessian.half_precision)
+        order = [TORCHS] if profile.grad_off else _hessian_order(TORCHS if half_precision(args, first) else known, scalar)
         attempts = [(name, False) for name in order]
     elif profile.vmap_pullback:  # vmap of its pullback may be what fails: jacrev row by row next
         attempts.append(("rev", True))

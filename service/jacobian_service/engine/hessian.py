@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .core import Engine
 
 __all__ = ["CHECK_ELEMENTS", "STRATEGIES", "TORCHS", "agrees_with_differences", "agrees_with_hvp", "candidates", "finite",
-           "gradient", "hessian", "hvp_misses", "refusal", "with_output"]
+           "gradient", "half_precision", "hessian", "hvp_misses", "refusal", "with_output"]
 
 # Equal ways to compute torch.func.hessian (read-only, as core.TORCH_DTYPES: one a
 # function replaced in place computed every later Hessian its way).
@@ -56,6 +56,18 @@ CHECK_ELEMENTS = _MEASURE_ELEMENTS
 # and timing it was most of a first Hessian (mlp, 64 outputs: 3.6 s of 4 s measuring a
 # strategy 10x slower). It stays the fallback where forward mode fails.
 _REV_REV_MAX_OUTPUTS = 16
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def half_precision(*trees: Any) -> bool:
+    """Whether a Hessian's inputs or outputs (``trees``) hold a 16-bit float. There the
+    strategies are not equal: each rounds its own way, an ulp of float16 (1e-3) apart,
+    past torch's own float16 tolerance (assert_close: rtol 1e-3, atol 1e-5), so the
+    Hessian is torch.func.hessian's own strategy's, as torch rounds it (a strategy
+    measured faster answered 1.666 of a float16 sum(sin(x)**3) where torch says 1.664)."""
+    return any(isinstance(t, torch.Tensor) and t.dtype in _HALF for tree in trees for t in pytree.tree_leaves(tree))
 
 
 def candidates(scalar_output: bool) -> tuple[str, ...]:
@@ -348,6 +360,8 @@ def hessian(engine: "Engine", call: Call) -> Result:
     vacuous = in_numel == 0
     if profile.grad_off and not vacuous:  # the strategies differ for it: torch's own, or torch's failure
         order, measure, known = (TORCHS,), False, TORCHS
+    elif half_precision(primals, out):  # they round differently: torch's own, the rest where it cannot run
+        order, measure = tuple(dict.fromkeys((TORCHS, *candidates(scalar)))), False
 
     def no_forward_ad() -> None:
         profile.hvp_forward = False
