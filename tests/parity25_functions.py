@@ -1,6 +1,6 @@
 """Functions for tests/test_parity_round25.py, round 25 of PyTorch's own torch.func test
 cases (test_eager_transforms.py's TestJac: test_outputs_can_any_pytree, negative argnums
-through hessian) replayed over HTTP."""
+through hessian; TestHessian in float16 and bfloat16) replayed over HTTP."""
 
 from __future__ import annotations
 

@@ -12,10 +12,9 @@ torch.func (values, shapes, dtypes; torch's error where torch raises).
    zeros (torch 2.13: the tangents never reach the input), and so does
    ``torch.func.hessian(f, argnums=-2)``; the service's forward mode, Hessians and HVPs
    take -2 as the position it names, as ``argnums=1`` (a guard: they did already).
-
 3. TestHessian in float16 and bfloat16: the Hessian strategy measured fastest (reverse
    over reverse, or per example jacrev(jacrev) under vmap, always) rounds otherwise
-   than torch.func.hessian (forward over reverse), 25 of 48 entries off, up to 0.5 at
+   than torch.func.hessian (forward over reverse), 25 of 96 entries off, up to 0.5 at
    values near 6, past torch's own float16 tolerance; the strategies are equal only to
    round-off, which in 16 bits is no longer small. In half precision the Hessian is
    torch's own strategy's now, bit for bit.
