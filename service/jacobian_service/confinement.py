@@ -28,6 +28,12 @@ keep to the engine's own processes:
   (``PRIO_USER``). Without Landlock, this is what protects ``serve``; a front end, the
   spare or another engine whose pid a function reads in ``/proc`` can still be signalled
   (``serve`` starts a front end again, the supervisor replaces a dead spare or engine).
+  Limits, priorities, scheduling and affinity (``prlimit``, ``setpriority``,
+  ``ioprio_set``, ``sched_set*``), which no Landlock scope covers, only the engine may be
+  the target of (0, or its own pid, written into the filter in the engine process):
+  a front end whose open-file limit a function lowered to 12 accepted no connection
+  again. Another process's limits may still be read; one of the engine's other threads
+  named by its id (OpenMP pinning its workers) is refused too.
   A deny list: what it does not name stays allowed, the engine's own children above all
   (a ``multiprocessing`` pool's ``terminate``, ``Popen.kill``, the engine's own kills of
   stray processes).
@@ -68,17 +74,20 @@ _SYS_LANDLOCK_RESTRICT_SELF = 446
 #   "pid"    args[0] is a pid: kill's -1 (everyone) and -pgid (a group) included
 #   "tid"    args[0] is a thread of some process (tkill)
 #   "arg1"   args[1] is the pid (ptrace)
-#   "prio"   setpriority(which, who): a process, a group or a user
+#   "own"    args[0] is a pid, and only the engine itself may be it (0, or its own pid): the
+#            calls that set another process's scheduling, which no Landlock scope covers
+#   "limit"  prlimit64(pid, resource, new, old): "own", but any process's limits may be read (new NULL)
+#   "prio"   setpriority(which, who): a process, a group or a user; "own" for a process or a group
 #   "ioprio" ioprio_set(which, who), the same with other numbers
 _X86_64 = {62: "pid", 200: "tid", 234: "pid", 129: "pid", 297: "pid", 434: "pid", 101: "arg1", 141: "prio",
-           251: "ioprio", 203: "pid", 144: "pid", 142: "pid", 314: "pid", 302: "pid", 310: "pid", 311: "pid",
+           251: "ioprio", 203: "own", 144: "own", 142: "own", 314: "own", 302: "limit", 310: "pid", 311: "pid",
            256: "pid", 279: "pid"}
 _AARCH64 = {129: "pid", 130: "tid", 131: "pid", 138: "pid", 240: "pid", 434: "pid", 117: "arg1", 140: "prio",
-            30: "ioprio", 122: "pid", 119: "pid", 118: "pid", 274: "pid", 261: "pid", 270: "pid", 271: "pid",
+            30: "ioprio", 122: "own", 119: "own", 118: "own", 274: "own", 261: "limit", 270: "pid", 271: "pid",
             238: "pid", 239: "pid"}
 # The 32-bit system calls an x86-64 process can still make (int 0x80): else a way round.
 _I386 = {37: "pid", 238: "tid", 270: "pid", 178: "pid", 335: "pid", 434: "pid", 26: "arg1", 97: "prio",
-         289: "ioprio", 241: "pid", 156: "pid", 154: "pid", 351: "pid", 340: "pid", 347: "pid", 348: "pid"}
+         289: "ioprio", 241: "own", 156: "own", 154: "own", 351: "own", 340: "limit", 347: "pid", 348: "pid"}
 _AUDIT_ARCH_X86_64 = 0xC000003E
 _AUDIT_ARCH = {"x86_64": (_AUDIT_ARCH_X86_64, _X86_64), "aarch64": (0xC00000B7, _AARCH64),
                "arm64": (0xC00000B7, _AARCH64)}
@@ -135,11 +144,12 @@ def confiner(landlock: bool = True, target: tuple[int, int, list[int]] | None = 
     scope_size = ctypes.c_size_t(ctypes.sizeof(_RulesetAttr))
     machine = platform.machine().lower()
     fprog = program = None
+    own: list[int] = []
     if machine in _AUDIT_ARCH:
         native, table = _AUDIT_ARCH[machine]
-        code = _filter(table, native, parent, group, threads)
+        code, own = _filter(table, native, parent, group, threads)
         if len(code) // 8 > _MAX_INSTRUCTIONS:  # thousands of threads: the process itself only
-            code = _filter(table, native, parent, group, [])
+            code, own = _filter(table, native, parent, group, [])
         program = ctypes.create_string_buffer(code, len(code))
         fprog = _SockFprog(len(code) // 8, ctypes.cast(program, ctypes.c_void_p))
     get_errno, denied = ctypes.get_errno, (errno.EPERM, errno.EACCES)
@@ -157,6 +167,7 @@ def confiner(landlock: bool = True, target: tuple[int, int, list[int]] | None = 
                     unprivileged(lambda: syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)))
                     os.close(ruleset)
             if fprog is not None:
+                _patch_own(program, own)
                 unprivileged(lambda: prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0))
         except BaseException:  # never: the engine starts as it would have, unconfined
             pass
@@ -221,6 +232,7 @@ class _Program:
     def __init__(self) -> None:
         self.code: list[tuple[int, int, int, int, str | None]] = []  # (op, k, jt, jf, label of a jump)
         self.labels: dict[str, int] = {}
+        self.own: list[int] = []  # instructions that compare with the engine's own pid
 
     def label(self, name: str) -> None:
         self.labels[name] = len(self.code)
@@ -235,6 +247,16 @@ class _Program:
         self.code.append((op, _u32(value), 0, 1, None))
         self.ret(result)
 
+    def unless_equal_return(self, value: int, result: int) -> None:
+        self.code.append((_JEQ_K, _u32(value), 1, 0, None))
+        self.ret(result)
+
+    def if_own_return(self, result: int) -> None:
+        """``result`` where the value loaded is the engine's own pid, which the program
+        learns only in the engine process (``_patch_own``): its place is noted."""
+        self.own.append(len(self.code))
+        self.if_equal_return(0, result)
+
     def if_equal_go(self, value: int, label: str) -> None:
         self.code.append((_JEQ_K, _u32(value), 0, 1, None))
         self.code.append((_JA, 0, 0, 0, label))
@@ -248,8 +270,9 @@ class _Program:
         return bytes(out)
 
 
-def _filter(table: dict[int, str], native: int, parent: int, group: int, threads: list[int]) -> bytes:
-    """The filter: each listed call whose target is a protected one returns EPERM."""
+def _filter(table: dict[int, str], native: int, parent: int, group: int, threads: list[int]) -> tuple[bytes, list[int]]:
+    """The filter: each listed call whose target is a protected one returns EPERM; and
+    the places of the engine's own pid in it (``_patch_own``), unknown until it runs."""
     deny_pids = sorted({parent, *threads})
     # kill(-1): everyone; kill(-group): serve's group, the front ends; 0 (own group) stays.
     signal_targets = sorted({*deny_pids, _u32(-1), _u32(-group)})
@@ -276,25 +299,49 @@ def _filter(table: dict[int, str], native: int, parent: int, group: int, threads
             for value in targets:
                 p.if_equal_return(value, _DENY)
             p.ret(_SECCOMP_RET_ALLOW)
+        # Limits, priorities, scheduling and affinity: no Landlock scope covers them, and
+        # the deny list names only serve. Set on a front end (found in /proc as serve's
+        # child), an open-file limit of 12 left it accepting no connection, for good; a
+        # CPU limit ended it; SCHED_IDLE starved it; the spare, promoted, inherited them.
+        # Only the engine itself may be their target now.
+        p.label(f"{arch}-own")
+        p.load(_arg(0))
+        p.if_equal_return(0, _SECCOMP_RET_ALLOW)
+        p.if_own_return(_SECCOMP_RET_ALLOW)
+        p.ret(_DENY)
+        p.label(f"{arch}-limit")  # prlimit64(pid, resource, new, old): another's read, never set
+        p.load(_arg(0))
+        p.if_equal_return(0, _SECCOMP_RET_ALLOW)
+        p.if_own_return(_SECCOMP_RET_ALLOW)
+        p.load(_arg(2))
+        p.unless_equal_return(0, _DENY)
+        p.load(_arg(2) + 4)  # the pointer's high half
+        p.unless_equal_return(0, _DENY)
+        p.ret(_SECCOMP_RET_ALLOW)
         for kind, (process, pgrp, usr) in (("prio", (_PRIO_PROCESS, _PRIO_PGRP, _PRIO_USER)),
                                            ("ioprio", (_IOPRIO_WHO_PROCESS, _IOPRIO_WHO_PGRP, _IOPRIO_WHO_USER))):
-            # setpriority(which, who, ...): every process of the user, serve's group, serve
+            # setpriority(which, who, ...): every process of the user refused; a process or
+            # a group only the engine's own (0, or its pid: the group it leads)
             p.label(f"{arch}-{kind}")
             p.load(_arg(0))
             p.if_equal_return(usr, _DENY)
-            p.if_equal_go(pgrp, f"{arch}-{kind}-pgrp")
-            p.if_equal_go(process, f"{arch}-{kind}-process")
+            p.if_equal_go(pgrp, f"{arch}-{kind}-own")
+            p.if_equal_go(process, f"{arch}-{kind}-own")
             p.ret(_SECCOMP_RET_ALLOW)
-            p.label(f"{arch}-{kind}-pgrp")
+            p.label(f"{arch}-{kind}-own")
             p.load(_arg(1))
-            p.if_equal_return(group, _DENY)
-            p.ret(_SECCOMP_RET_ALLOW)
-            p.label(f"{arch}-{kind}-process")
-            p.load(_arg(1))
-            for value in deny_pids:
-                p.if_equal_return(value, _DENY)
-            p.ret(_SECCOMP_RET_ALLOW)
-    return p.assemble()
+            p.if_equal_return(0, _SECCOMP_RET_ALLOW)
+            p.if_own_return(_SECCOMP_RET_ALLOW)
+            p.ret(_DENY)
+    return p.assemble(), p.own
+
+
+def _patch_own(program: ctypes.Array, own: list[int]) -> None:
+    """Write this process's pid (the engine's, run in it) where the filter compares with
+    its own: a ``k`` each, the last 4 bytes of an instruction."""
+    pid = os.getpid()
+    for i in own:
+        struct.pack_into("<I", program, 8 * i + 4, pid)
 
 
 def _tasks(pid: int) -> list[int]:

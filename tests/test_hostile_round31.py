@@ -1,0 +1,80 @@
+"""Red team, round thirty-one: hostile functions against the server's other processes
+by the calls no Landlock scope covers (limits, priorities, scheduling, affinity), and
+against the front end through the engine's own connection to it.
+
+Each case names what a user saw before. One real server for the file (one front end,
+a spare); the functions are in tests/hostile36_functions.py, each misbehaving only on
+the input 666 (round 11's ``_armed``), the second input picking how.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import resource
+import subprocess
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from jacobian_service.procfs import children
+
+from .conftest import assert_problem, live_server
+from .test_hostile_round10 import _cmdline, _front_ends
+
+FUNCTIONS = "jacobian_service.examples,tests.hostile36_functions"
+X = [0.25, -1.0, 2.0]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=100,
+                     REQUEST_TIMEOUT_S=20) as served:
+        yield served
+
+
+def _attack(url: str, function: str, case: int) -> httpx.Response:
+    body = {"inputs": [{"dtype": "float64", "shape": [3], "data": [666.0, float(case), 0.0]}]}
+    return httpx.post(f"{url}/v1/functions/{function}/evaluate", json=body, timeout=30)
+
+
+def _honest(url: str) -> None:
+    """Another client's Jacobian, on a connection of its own (a new one: the front end
+    must still accept), compared with cos's."""
+    r = httpx.post(f"{url}/v1/functions/sin/jacobian", timeout=30,
+                   json={"inputs": [{"dtype": "float64", "shape": [3], "data": X}]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X)), rtol=1e-12)
+
+
+def _standing(pid: int) -> tuple:
+    """What the attacks would change of a process: its limits, nice, policy, affinity."""
+    limits = tuple(resource.prlimit(pid, r) for r in (resource.RLIMIT_NOFILE, resource.RLIMIT_CPU, resource.RLIMIT_AS))
+    return limits, os.getpriority(os.PRIO_PROCESS, pid), os.sched_getscheduler(pid), os.sched_getaffinity(pid)
+
+
+def test_a_function_cannot_limit_renice_or_pin_a_front_end_or_the_spare(server) -> None:
+    """Landlock's scope keeps a function's signals off the front ends and the spare, and
+    the seccomp filter its limits and priorities off serve; nothing kept them off the
+    others. A function that found the front end in /proc (serve's child) and lowered its
+    open-file limit to 12 (``resource.prlimit``) left it accepting no connection: every
+    client hung, for good, with nothing in the log; a CPU limit of 1 s ended it (its
+    clients' connections dropped), an address-space limit failed its allocations,
+    SCHED_IDLE, nice 19 or one core starved it; the spare's limits and priority went to
+    the engine it became. Now only the engine itself is their target: each attack is the
+    culprit's 500 ``function_error`` (EPERM), the targets are as they were, and a client
+    calling meanwhile, and after, gets its answer."""
+    url, proc = server
+    (front_end,) = _front_ends(proc.pid)
+    spare = next(p for p in children(proc.pid) if b"--standby" in _cmdline(p))
+    before = _standing(front_end), _standing(spare)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for case in range(8):
+            honest = pool.submit(_honest, url)
+            body = assert_problem(_attack(url, "limits_the_server", case), 500, "function_error")
+            assert body["detail"] == "PermissionError: [Errno 1] Operation not permitted", (case, body)
+            honest.result()
+            _honest(url)
+    assert (_standing(front_end), _standing(spare)) == before
+    assert _front_ends(proc.pid) == [front_end]
