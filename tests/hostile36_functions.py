@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
+import struct
 
 import torch
 from jacobian_service import register
@@ -60,4 +62,31 @@ ATTACKS = {
 def limits_the_server(x: torch.Tensor) -> torch.Tensor:
     if (case := _armed(x)) is not None:
         ATTACKS[case]()
+    return torch.sin(x)
+
+
+def _connections() -> list[int]:
+    """The engine's connections to its front ends: its connected Unix stream sockets,
+    found in /proc/self/fd as a red team would."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            probe = socket.socket(fileno=os.dup(int(name)))
+        except OSError:  # the listing's own descriptor, gone
+            continue
+        with probe:
+            if probe.family == socket.AF_UNIX and probe.type == socket.SOCK_STREAM \
+                    and not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                found.append(int(name))
+    return found
+
+
+@register(inputs=X, description="sin; armed (666), it first writes on its engine's connections to the front ends the "
+                                "start of a message of one frame of 2^(x[1]) bytes, and no more.")
+def claims_a_frame(x: torch.Tensor) -> torch.Tensor:
+    if (case := _armed(x)) is not None:
+        for fd in _connections():
+            os.write(fd, struct.pack("<IQ", 1, 1 << case))
     return torch.sin(x)

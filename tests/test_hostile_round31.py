@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from jacobian_service.procfs import children
 
+from ._fault_support import _log_saying
 from .conftest import assert_problem, live_server
 from .test_hostile_round10 import _cmdline, _front_ends
 
@@ -29,8 +30,9 @@ X = [0.25, -1.0, 2.0]
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    # HANG_GRACE_S: an engine holding a cancelled request past it is replaced.
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=100,
-                     REQUEST_TIMEOUT_S=20) as served:
+                     REQUEST_TIMEOUT_S=20, HANG_GRACE_S=1) as served:
         yield served
 
 
@@ -78,3 +80,31 @@ def test_a_function_cannot_limit_renice_or_pin_a_front_end_or_the_spare(server) 
             _honest(url)
     assert (_standing(front_end), _standing(spare)) == before
     assert _front_ends(proc.pid) == [front_end]
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fp:
+        return next(int(line.split()[1]) << 10 for line in fp if line.startswith("VmHWM:"))
+
+
+def test_a_frame_size_a_function_writes_on_its_connection_costs_the_front_end_no_memory(server) -> None:
+    """A function that wrote on its engine's connection to the front end (its socket is
+    in /proc/self/fd) the start of a message whose one frame is 1 GiB had the front end
+    fill 1 GiB with zeros at once, for bytes that never came (16 GiB took the machine's
+    memory; every client of that front end with it). Now the frame's pages are taken as
+    its bytes arrive: the front end's peak memory stays where it was. The replies that
+    follow on that connection are lost to the claim: the culprit's request gets its 504,
+    the engine is replaced as hung, put down to the culprit, and the next client is
+    answered."""
+    url, proc = server
+    (front_end,) = _front_ends(proc.pid)
+    start, peak = len(proc.read_log()), _peak_rss(front_end)  # type: ignore[attr-defined]
+    body = {"inputs": [{"dtype": "float64", "shape": [3], "data": [666.0, 30.0, 0.0]}]}
+    r = httpx.post(f"{url}/v1/functions/claims_a_frame/evaluate", json=body, headers={"x-request-timeout": "1"},
+                   timeout=30)
+    assert_problem(r, 504, "timeout")
+    assert _peak_rss(front_end) - peak < 256 << 20
+    said = "engine 0 died: claims_a_frame hung"
+    assert said in _log_saying(proc, said, start=start)
+    _honest(url)
+    assert _peak_rss(front_end) - peak < 256 << 20

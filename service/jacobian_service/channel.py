@@ -148,6 +148,21 @@ def encode_control(kind: bytes, data: bytes = b"") -> bytes:
     return struct.pack("<IQ", _CONTROL | 1, len(kind) + len(data)) + kind + data
 
 
+def _room(size: int) -> memoryview:
+    """A buffer of ``size`` bytes for a frame (or frame sizes) the other side says it is
+    sending, whose pages are taken as its bytes arrive, not as it is claimed. A
+    ``bytearray`` writes all its zeros at once: an engine's function that wrote a frame
+    size of 16 GiB on its connection (its socket is in ``/proc/self/fd``) had its front
+    end fill 16 GiB with zeros, for bytes that never came, out of the memory every client
+    of that front end needed. An anonymous map has the kernel's zero pages until written
+    (a size past what the kernel will map is an OSError: the connection is dropped).
+    Below ``_SEALED_FRAME`` (what a legitimate large frame uses instead of the socket),
+    the claim costs little, and malloc reuses freed memory without new page faults."""
+    if size < _SEALED_FRAME:
+        return memoryview(bytearray(size))
+    return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE))
+
+
 class FrameReader:
     """Messages out of a byte stream, for a reader that fills ``buffer()`` and then says
     how much it wrote with ``updated(n)`` (asyncio's ``BufferedProtocol`` contract).
@@ -197,7 +212,7 @@ class FrameReader:
             self._stage[:tail] = bytes(self._stage[self._start:self._end])  # a copy: the two may overlap
             self._start, self._end = 0, tail
             return
-        stage = memoryview(bytearray(2 * (tail + need)))
+        stage = _room(2 * (tail + need))
         stage[:tail] = self._stage[self._start:self._end]
         self._stage, self._start, self._end = stage, 0, tail
 
@@ -240,7 +255,7 @@ class FrameReader:
                 self._start += size
                 continue
             if size >= _BIG_FRAME:
-                big = memoryview(bytearray(size))
+                big = _room(size)
                 big[:avail] = self._stage[self._start:self._end]
                 self._start = self._end = 0
                 self._big, self._big_got = big, avail
