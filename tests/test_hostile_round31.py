@@ -9,19 +9,29 @@ the input 666 (round 11's ``_armed``), the second input picking how.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import resource
 import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from jacobian_service import ipc
+from jacobian_service.engine_client import RemoteEngines
 from jacobian_service.procfs import children
+from jacobian_service.registry import FunctionSpec, Input
+from jacobian_service.settings import Settings
+from jacobian_service.supervision import Channel
+from jacobian_service.types import Call, JobInfo, Result
 
 from ._fault_support import _log_saying
 from .conftest import assert_problem, live_server
+from .test_engine_client import _Connection
 from .test_hostile_round10 import _cmdline, _front_ends
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile36_functions"
@@ -108,3 +118,34 @@ def test_a_frame_size_a_function_writes_on_its_connection_costs_the_front_end_no
     assert said in _log_saying(proc, said, start=start)
     _honest(url)
     assert _peak_rss(front_end) - peak < 256 << 20
+
+
+@pytest.mark.asyncio
+async def test_only_the_engine_a_request_went_to_answers_it() -> None:
+    """Message ids count up per front end over all its engines (one per GPU). A function
+    on engine 1 that wrote a reply on its own connection to the front end (its socket in
+    /proc/self/fd) under the next ids had requests waiting on engine 0, other clients'
+    and other functions', answered with what it wrote: a 200 with its numbers. Now a
+    reply is taken only from the engine the request was sent to; the request waits for
+    its own engine's answer. (Front end's bookkeeping with stand-in connections, as in
+    tests/test_engine_client.py: this machine has no two GPUs for two engines.)"""
+    spec = FunctionSpec("sin", None, (Input("x", shape=(2,)),))
+    registry = {"functions": [spec.describe()], "devices": ["cuda:0", "cuda:1"]}
+    front_end = RemoteEngines(Settings(), Path("."), Channel("", "", b"k" * 32), registry=registry)
+    front_end._socks = [_Connection(), _Connection()]  # type: ignore[list-item]
+    front_end._event({"t": "state", "quarantined": {}, "quarantines": 0, "engines": [
+        {"index": i, "device": f"cuda:{i}", "generation": 1, "up": True, "ready": True, "restarts": 0, "spare": False,
+         "pid": 100 + i, "ready_in": 0.1} for i in (0, 1)]})
+    call = Call(spec, [np.zeros(2, np.float32)], ["float32"], deadline=time.monotonic() + 10)
+    request = asyncio.create_task(front_end.run("evaluate", call, engine=0))
+    msg_id = await front_end._socks[0].next_job(1)  # type: ignore[attr-defined]
+
+    def reply(engine: int, value: np.ndarray) -> None:
+        front_end._reply_handler(engine)(ipc.encode_reply(msg_id, Result(value=value), JobInfo(device=f"cuda:{engine}")))
+
+    reply(1, np.full(2, 666.0, np.float32))
+    await asyncio.sleep(0)
+    assert not request.done(), request.result()
+    reply(0, np.sin(np.zeros(2, np.float32)))
+    result, _ = await asyncio.wait_for(request, 5)
+    np.testing.assert_array_equal(result.value, np.zeros(2, np.float32))

@@ -385,6 +385,17 @@ class RemoteEngines(_Engines):
             except Exception:
                 log.exception("unreadable reply from engine %d", index)
                 return
+            # Only the engine a job was sent to answers it. Message ids count up per front
+            # end, over all its engines: a function on one GPU's engine that wrote a reply
+            # on its own connection (its socket is in /proc/self/fd) under the next ids
+            # answered requests of other clients waiting on another GPU's engine, with a 200
+            # (and, answering a cancel, hid that engine's hang from the overdue watch).
+            sent, cancelled = self._pending.get(header["id"]), self._cancelled.get(header["id"])
+            to = sent[1] if sent is not None else cancelled[0] if cancelled is not None else index
+            if to != index:
+                log.error("engine %d answered a request sent to engine %d (a function wrote on its connection?); "
+                          "not taken", index, to)
+                return
             self._cancelled.pop(header["id"], None)  # a cancel taken (or a late answer): the engine reads its socket
             # Answered: no longer pending, even where its caller has just given up (its
             # future cancelled, its abandon yet to run): see ``abandon`` in _run_once.
