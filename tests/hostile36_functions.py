@@ -90,3 +90,32 @@ def claims_a_frame(x: torch.Tensor) -> torch.Tensor:
         for fd in _connections():
             os.write(fd, struct.pack("<IQ", 1, 1 << case))
     return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it first fills the file system of its temporary directory (where "
+                                "the server's run directory is) with a file it leaves there, then ends its engine if "
+                                "x[1] is 1.")
+def fills_the_disk(x: torch.Tensor) -> torch.Tensor:
+    if (case := _armed(x)) is not None:
+        import tempfile
+        block = b"\xff" * (1 << 20)
+        with open(os.path.join(tempfile.gettempdir(), f"filler-{os.getpid()}"), "ab") as fp:
+            try:
+                while True:
+                    fp.write(block)
+                    fp.flush()
+            except OSError:
+                pass
+        if case == 1:
+            os._exit(3)
+    return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it first truncates its engine's status board (a file in the run "
+                                "directory, which the supervisor maps) to nothing.")
+def truncates_its_board(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        with open("/proc/self/maps") as fp:
+            board = next(line.split(None, 5)[5].strip() for line in fp if line.rstrip().endswith(".status"))
+        os.truncate(board, 0)
+    return torch.sin(x)

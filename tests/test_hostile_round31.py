@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import resource
 import subprocess
@@ -29,7 +30,7 @@ from jacobian_service.settings import Settings
 from jacobian_service.supervision import Channel
 from jacobian_service.types import Call, JobInfo, Result
 
-from ._fault_support import _log_saying
+from ._fault_support import _log_saying, back_within
 from .conftest import assert_problem, live_server
 from .test_engine_client import _Connection
 from .test_hostile_round10 import _cmdline, _front_ends
@@ -39,10 +40,27 @@ X = [0.25, -1.0, 2.0]
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, subprocess.Popen]]:
-    # HANG_GRACE_S: an engine holding a cancelled request past it is replaced.
-    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=100,
-                     REQUEST_TIMEOUT_S=20, HANG_GRACE_S=1) as served:
+def small_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path | None]:
+    """A file system of 96 MiB (a tmpfs, where this user may mount one; else None) for
+    the server's temporary directory, its run directory's and its functions', for a
+    function to fill."""
+    where = tmp_path_factory.mktemp("small-fs")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(where)],
+                             capture_output=True).returncode == 0
+    yield where if mounted else None
+    if mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def server(small_fs: Path | None) -> Iterator[tuple[str, subprocess.Popen]]:
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as mp:  # only while it starts: the server keeps its environment
+            if small_fs is not None:
+                mp.setenv("TMPDIR", str(small_fs))
+            # HANG_GRACE_S: an engine holding a cancelled request past it is replaced.
+            served = stack.enter_context(live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false",
+                                                     QUARANTINE_AFTER=100, REQUEST_TIMEOUT_S=20, HANG_GRACE_S=1))
         yield served
 
 
@@ -149,3 +167,70 @@ async def test_only_the_engine_a_request_went_to_answers_it() -> None:
     reply(0, np.sin(np.zeros(2, np.float32)))
     result, _ = await asyncio.wait_for(request, 5)
     np.testing.assert_array_equal(result.value, np.zeros(2, np.float32))
+
+
+def test_a_function_that_truncates_its_status_board_leaves_serve_serving(server) -> None:
+    """The engine's status board is a file in the run directory, mapped by the engine
+    and read through a map by the supervisor. A function that truncated it to nothing
+    (``os.truncate``; the path is in /proc/self/maps) took ``serve`` down: its next
+    read of the board was a SIGBUS, and every front end went with it. Now the
+    supervisor reads the file (``pread``): the engine, which writes through its map,
+    dies of the SIGBUS (its own function's doing, its request a retryable 503), is
+    replaced, and the next client is answered by the same front end."""
+    url, proc = server
+    (front_end,) = _front_ends(proc.pid)
+    start = len(proc.read_log())  # type: ignore[attr-defined]
+    body = {"inputs": [{"dtype": "float64", "shape": [3], "data": [666.0, 0.0, 0.0]}]}
+    r = httpx.post(f"{url}/v1/functions/truncates_its_board/evaluate", json=body, timeout=30)
+    assert_problem(r, 503, "unavailable")
+    said = "the engine process was killed by SIGBUS"
+    assert said in _log_saying(proc, said, start=start)
+    assert proc.poll() is None
+    back_within(url, 15)
+    _honest(url)
+    assert _front_ends(proc.pid) == [front_end]
+
+
+def _fill(url: str, case: int) -> httpx.Response:
+    body = {"inputs": [{"dtype": "float64", "shape": [3], "data": [666.0, float(case), 0.0]}]}
+    return httpx.post(f"{url}/v1/functions/fills_the_disk/evaluate", json=body, timeout=30)
+
+
+def test_a_function_that_fills_the_disk_costs_no_front_end_or_engine_start(server, small_fs) -> None:
+    """A function that filled the file system of its temporary directory (the run
+    directory's: ``serve`` makes it there) ended the front end at its next request
+    (SIGBUS: prometheus_client's sample files grow as holes, written through a map),
+    and every front end started again the same way: the service down until the space
+    came back. An engine started then (after a crash) died writing its memory budget
+    and the registry there for the front ends to read (ENOSPC), and so did the next.
+    Now the sample files' blocks are reserved before they are written (on a full disk
+    the samples stay in memory, said in the log), and an engine that cannot write those
+    files says so and serves: the front end answers every kind of request, the engine
+    the function then crashes is replaced, and the next client is answered. (Last here:
+    it fills the file system.)"""
+    if small_fs is None:
+        pytest.skip("no tmpfs could be mounted here for a function to fill")
+    url, proc = server
+    (front_end,) = _front_ends(proc.pid)
+    try:
+        r = _fill(url, 0)
+        assert r.status_code == 200, r.text
+        assert os.statvfs(small_fs).f_bavail == 0
+        _honest(url)
+        for function, endpoint in (("sum_sin", "hessian"), ("softmax", "evaluate"), ("softmax", "jvp")):
+            body = {"inputs": [X]} if endpoint != "jvp" else {"inputs": [X], "tangents": X}
+            r = httpx.post(f"{url}/v1/functions/{function}/{endpoint}", json=body, timeout=30)
+            assert r.status_code == 200, (function, endpoint, r.text)
+        assert httpx.get(f"{url}/metrics", timeout=30).status_code == 200
+        assert "its samples are kept in memory from now on" in proc.read_log()  # type: ignore[attr-defined]
+        start = len(proc.read_log())  # type: ignore[attr-defined]
+        body = assert_problem(_fill(url, 1), 500, "function_error")
+        assert "while running this request; the engine was restarted" in body["detail"], body
+        back_within(url, 15)
+        _honest(url)
+        assert _front_ends(proc.pid) == [front_end]
+        assert "SIGBUS" not in proc.read_log()[start:]  # type: ignore[attr-defined]
+    finally:
+        for name in os.listdir(small_fs):
+            if name.startswith("filler-"):
+                os.unlink(small_fs / name)

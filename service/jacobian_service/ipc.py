@@ -425,8 +425,10 @@ class StatusBoard:
             if create:
                 os.ftruncate(fd, self.SIZE)
             self._map = mmap.mmap(fd, self.SIZE)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._fd = fd  # what ``read`` reads: never the map (see there)
         self._seq = 0
         self._beat = 0.0
         self._ready = 0
@@ -487,10 +489,17 @@ class StatusBoard:
         self._write()
 
     def read(self) -> dict[str, Any]:
+        """What the board says, read from the file (``pread``), not through a map: the
+        file is the functions' to truncate, and a read of a mapped page past its end is a
+        SIGBUS. One function that truncated its engine's board took ``serve`` down with
+        it, the supervisor reading the board, and with it every front end."""
         for _ in range(100):
-            seq, beat, ready, deadline, length, served = self._FIXED.unpack_from(self._map, 0)
-            doc = bytes(self._map[self._FIXED.size : self._FIXED.size + length])
-            if seq % 2 == 0 and struct.unpack_from("<Q", self._map, 0)[0] == seq:
+            head = os.pread(self._fd, self._FIXED.size, 0)
+            if len(head) < self._FIXED.size:
+                break
+            seq, beat, ready, deadline, length, served = self._FIXED.unpack(head)
+            doc = os.pread(self._fd, min(length, self.SIZE - self._FIXED.size), self._FIXED.size)
+            if seq % 2 == 0 and os.pread(self._fd, 8, 0) == head[:8]:
                 try:
                     running = orjson.loads(doc) if length else {}
                 except orjson.JSONDecodeError:
@@ -500,3 +509,4 @@ class StatusBoard:
 
     def close(self) -> None:
         self._map.close()
+        os.close(self._fd)

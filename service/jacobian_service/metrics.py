@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import anyio.to_thread
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, mmap_dict, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["Metrics", "process_id"]
@@ -97,6 +97,69 @@ def _place(value: Any) -> tuple[int, Any, int] | None:
         return None
     return _pid[0], file, at
 
+
+class _ReservingFile:
+    """The file prometheus_client keeps a process's samples in, as its ``MmapedDict``
+    uses it (``fileno``, ``truncate``, ``close``), its blocks reserved before they are
+    written.
+
+    The library makes that file, and grows it, with ``truncate`` (a hole) and writes it
+    through a shared map: on a full file system the first write to a page of the hole is
+    a SIGBUS. A function that filled the file system of its engine's temporary directory
+    (where serve's run directory is) ended the front end at its next request (exit -7),
+    and every front end started again the same way: the service down until the space
+    came back. Here a growth is ``posix_fallocate`` (the blocks exist, or ENOSPC); where
+    none can be had, the samples go on in memory (a memfd, said once in the log): this
+    process's samples from then on are left out of ``/metrics``, and it serves."""
+
+    def __init__(self, file: Any, in_memory: bool = False) -> None:
+        self._file = file
+        self.in_memory = in_memory
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def truncate(self, size: int) -> None:
+        fd = self._file.fileno()
+        if self.in_memory:
+            os.ftruncate(fd, size)
+            return
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            log.error("no room for this process's metrics file (%s): its samples are kept in memory from now on, "
+                      "left out of /metrics", exc)
+        memory = os.fdopen(os.memfd_create("metrics", os.MFD_CLOEXEC), "a+b")
+        kept = os.pread(fd, os.fstat(fd).st_size, 0)
+        os.pwrite(memory.fileno(), kept, 0)
+        os.ftruncate(memory.fileno(), max(size, len(kept)))
+        self._file.close()
+        self._file, self.in_memory = memory, True
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _ReservedDict(mmap_dict.MmapedDict):
+    """``MmapedDict`` over a ``_ReservingFile``: its first pages reserved before the
+    library maps and writes them, and each growth after."""
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if read_mode:
+            super().__init__(filename, read_mode)
+            return
+        first = _ReservingFile(open(filename, "a+b"))
+        try:
+            if os.fstat(first.fileno()).st_size == 0:
+                first.truncate(mmap_dict._INITIAL_MMAP_SIZE)
+            super().__init__(f"/proc/self/fd/{first.fileno()}")  # the file, or the memory, reserved
+        finally:
+            first.close()
+        self._f = _ReservingFile(self._f, first.in_memory)
+
+
+values.MmapedDict = _ReservedDict  # (the name MultiProcessValue's files are made by)
 
 if getattr(values.ValueClass, "_multiprocess", False):
     # In multiprocess mode every sample written (several per request) first asks the

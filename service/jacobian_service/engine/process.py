@@ -286,9 +286,7 @@ class EngineServer:
                 if spec.name in skip:
                     log.warning("warm-up of %s skipped: it hung or ended an engine's warm-up before", spec.name)
                     continue
-                tmp = note.with_suffix(".tmp")
-                tmp.write_text(f"{time.monotonic()} {spec.name}")
-                tmp.replace(note)  # whole, for the supervisor's read
+                _publish(note, note.with_suffix(".tmp"), f"{time.monotonic()} {spec.name}".encode())  # whole
                 if say is not None:
                     say(spec.name)
                 try:
@@ -554,6 +552,22 @@ def _own_log() -> FdStream | None:
     return FdStream(fd)
 
 
+def _publish(path: Path, tmp: Path, data: bytes) -> None:
+    """``data`` in ``path``, written to ``tmp`` and renamed (no reader sees half of it).
+    What an engine writes so is for others to read at their leisure (the registry, for a
+    front end made without ``serve``; the memory budget ``/v1/info`` shows), never what
+    it needs to serve: on a full file system (a function filled the temporary directory,
+    where the run directory is) the write's ENOSPC ended every engine started after, and
+    the service stayed down until the space came back. Now it is said, and the engine
+    serves."""
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as exc:
+        log.error("could not write %s (%s); serving without it", path.name, exc)
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jacobian-service-engine")
     parser.add_argument("--index", type=int, required=True)
@@ -607,9 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.index == 0 and not args.standby:  # the front ends learn the registry and the devices from engine 0
         doc = {"functions": [spec.describe() for spec in registry], "devices": [str(d) for d in devices],
                "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-        tmp = args.run_dir / "registry.json.tmp"
-        tmp.write_bytes(orjson.dumps(doc))
-        tmp.replace(args.run_dir / "registry.json")
+        _publish(args.run_dir / "registry.json", args.run_dir / "registry.json.tmp", orjson.dumps(doc))
     _first_for_the_oom_killer()
     _no_core_files()
     server.engine.take_settings(server.registry)  # with the memory limit: it is no function's change to undo
@@ -634,8 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             server.warm_up(ipc.warming_path(args.run_dir, os.getpid()), skip)
         freeze_heap()
     budget = ipc.budget_path(args.run_dir, args.index)  # the one in force from now: this engine's
-    budget.with_suffix(".tmp").write_text(str(server.engine.memory_budget))
-    budget.with_suffix(".tmp").replace(budget)
+    _publish(budget, budget.with_suffix(".tmp"), str(server.engine.memory_budget).encode())
     landlock, seccomp = in_force()
     log.info("engine %d ready on %s (%d functions; %s)", args.index, devices[0], len(registry),
              _confinement_said(landlock, seccomp, settings.engine_confine))
