@@ -6,41 +6,15 @@ from __future__ import annotations
 
 import os
 import resource
-import socket
 import struct
+import tempfile
 
 import torch
 from jacobian_service import register
 
+from tests.hostile6_functions import _connected_unix_sockets
+from tests.hostile10_functions import _front_end, _spare  # found in /proc, as a red team would
 from tests.hostile17_functions import X, _armed  # the input, and the case it asks for (666 first)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as fp:
-                found += [int(child) for child in fp.read().split()]
-        except OSError:  # a thread gone meanwhile
-            pass
-    return found
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fp:
-            return fp.read()
-    except OSError:
-        return b""
-
-
-def _front_end() -> int:
-    """A front end of this server, found as a red team would: serve's child running uvicorn."""
-    return next(p for p in _children(os.getppid()) if b"spawn_main" in _cmdline(p))
-
-
-def _spare() -> int:
-    return next(p for p in _children(os.getppid()) if b"--standby" in _cmdline(p))
 
 
 # What each case does to another process of the server, out of Landlock's signal scope
@@ -65,29 +39,11 @@ def limits_the_server(x: torch.Tensor) -> torch.Tensor:
     return torch.sin(x)
 
 
-def _connections() -> list[int]:
-    """The engine's connections to its front ends: its connected Unix stream sockets,
-    found in /proc/self/fd as a red team would."""
-    found = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                continue
-            probe = socket.socket(fileno=os.dup(int(name)))
-        except OSError:  # the listing's own descriptor, gone
-            continue
-        with probe:
-            if probe.family == socket.AF_UNIX and probe.type == socket.SOCK_STREAM \
-                    and not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                found.append(int(name))
-    return found
-
-
 @register(inputs=X, description="sin; armed (666), it first writes on its engine's connections to the front ends the "
                                 "start of a message of one frame of 2^(x[1]) bytes, and no more.")
 def claims_a_frame(x: torch.Tensor) -> torch.Tensor:
     if (case := _armed(x)) is not None:
-        for fd in _connections():
+        for fd in _connected_unix_sockets():  # its connections to the front ends (in /proc/self/fd)
             os.write(fd, struct.pack("<IQ", 1, 1 << case))
     return torch.sin(x)
 
@@ -97,7 +53,6 @@ def claims_a_frame(x: torch.Tensor) -> torch.Tensor:
                                 "x[1] is 1.")
 def fills_the_disk(x: torch.Tensor) -> torch.Tensor:
     if (case := _armed(x)) is not None:
-        import tempfile
         block = b"\xff" * (1 << 20)
         with open(os.path.join(tempfile.gettempdir(), f"filler-{os.getpid()}"), "ab") as fp:
             try:
