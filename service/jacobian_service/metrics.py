@@ -159,7 +159,10 @@ class _ReservedDict(mmap_dict.MmapedDict):
         self._f = _ReservingFile(self._f, first.in_memory)
 
 
-values.MmapedDict = _ReservedDict  # (the name MultiProcessValue's files are made by)
+# (the name MultiProcessValue's files are made by; only where the library is as this was
+# written against: its first size and its file kept as ``_f``; otherwise its own class)
+if hasattr(mmap_dict, "_INITIAL_MMAP_SIZE") and getattr(values, "MmapedDict", None) is mmap_dict.MmapedDict:
+    values.MmapedDict = _ReservedDict
 
 if getattr(values.ValueClass, "_multiprocess", False):
     # In multiprocess mode every sample written (several per request) first asks the
