@@ -76,7 +76,7 @@ def test_a_first_stream_is_refused_before_any_work_or_served_within_the_room_lef
     JSON, and one of unknown size is given what is left and the engine sizes its chunks
     to fit: served, whole and right."""
     url, _ = server
-    held = np.linspace(0, 1, 1500, dtype=np.float32)  # 9 MB: streamed, its two chunks ~17 MB of the 32 MiB
+    held = np.linspace(0, 1, 2100, dtype=np.float32)  # 17.6 MB: streamed, its two chunks 16 MiB of the 32 MiB
     body = _npy(held)
     reader = _connect(url, rcvbuf=4096)  # asks for the stream and reads none of it
     try:
@@ -120,9 +120,9 @@ def test_the_stream_budget_reserves_before_work_what_the_engine_is_then_held_to(
     row = 6000  # bytes of one row (a softmax of 1500 float32)
     first = budget.admit("a", row, 5000, 1, None)  # unknown, the budget empty: half of it
     assert first.room == first.held == budget.used == 16 * MB
-    first.keep(2 * 1500 * row)  # the engine's head: its two chunks of 1500 rows (18 MB)
+    first.keep(2 * 1500 * row)  # the engine's head: its two chunks of 1500 rows (18 MB) of 3000
     assert budget.used == 18_000_000
-    budget.learn("a", 1500 * row)
+    budget.learn("a", 3000 * row)
     with pytest.raises(Unavailable):  # known now: its two chunks do not fit beside the first's
         budget.admit("a", row, 5000, 1, None)
     assert budget.used == 18_000_000

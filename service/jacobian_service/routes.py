@@ -45,7 +45,8 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .parsing import KINDS, check_head, check_json_charset, media_type_of, parse_call, parse_sparsity_query
-from .responses import ClosingStreamingResponse, JsonRows, StreamHold, acceptable, attachment, choose, echo, encode, is_single_array, problem_response
+from .responses import (ClosingStreamingResponse, JsonRows, StreamHold, acceptable, attachment, choose, echo, encode, is_single_array,
+                        problem_response, stream_hold)
 from .scheduler import StreamHead
 from .settings import NULL_ORIGIN_HINT
 from .state import ServiceState
@@ -185,6 +186,7 @@ async def info(request: Request) -> Response:
             "memory_budget_bytes": engine_info["memory_budget_bytes"],
             "stream_threshold_bytes": s.stream_threshold_bytes,
             "body_budget_bytes": s.body_budget,  # per front-end process
+            "stream_budget_bytes": state.streams.max_bytes,  # per front-end process
             "header_timeout_s": s.header_timeout_s,
             "read_idle_timeout_s": s.read_idle_timeout_s,
             "read_timeout_s": s.read_timeout_s,
@@ -497,9 +499,9 @@ class _HeldAnswer:
 
 
 def _stream_hold(head: StreamHead) -> int:
-    """The chunk being sent and the one asked for ahead: what a client that stops
-    reading keeps in this front end (StreamBudget)."""
-    return 2 * min(head.nbytes, head.chunk_size * math.prod(head.shape[1:]) * np.dtype(head.dtype).itemsize)
+    """The chunk being sent and the one asked for ahead (at most the whole result): what
+    a client that stops reading keeps in this front end (StreamBudget)."""
+    return int(stream_hold(head.chunk_size * math.prod(head.shape[1:]) * np.dtype(head.dtype).itemsize, head.nbytes))
 
 
 def _stream_bounds(call: Call, sparse: bool, kind: str = "jacobian") -> tuple[int, int, int, int | None]:

@@ -325,6 +325,16 @@ class Settings(BaseSettings):
     def body_budget(self) -> int:
         return self.body_budget_bytes or max(2 * self.max_request_bytes, 64 << 20)
 
+    @property
+    def stream_budget(self) -> int:
+        """Bytes of large answers being sent that a front end holds at once (StreamBudget):
+        BODY_BUDGET_BYTES where set; unset, room for the largest answer it gathers
+        (MAX_RESULT_BYTES) beside the body budget's size. It followed the body budget
+        alone, a size drawn from MAX_REQUEST_BYTES, a limit on uploads: an operator who
+        took uploads of 1 MiB at most had it fall from 512 MiB to 64 MiB (a client's share
+        to 32 MiB), and a page's third 9 MB stream at once was a 429."""
+        return self.body_budget_bytes or max(self.body_budget, self.max_result_bytes)
+
     def streams_per_client(self, front_ends: int) -> int:
         if self.max_streams_per_client is not None:
             return self.max_streams_per_client

@@ -26,13 +26,13 @@ class ServiceState:
     api_keys: tuple[str, ...] = ()
     front_ends: int = 1
     draining: bool = False
-    streams: StreamBudget | None = None  # None: the body budget's size (see __post_init__)
+    streams: StreamBudget | None = None  # None: Settings.stream_budget's size (see __post_init__)
     proxies: tuple[Any, ...] = ()  # TRUSTED_PROXIES, parsed (see __post_init__)
 
     def __post_init__(self) -> None:
         if self.streams is None:
             s = self.settings
-            self.streams = StreamBudget(self.body_budget.max_bytes,
+            self.streams = StreamBudget(s.stream_budget,
                                         gathered_at_most(s.stream_threshold_bytes, s.max_result_bytes),
                                         per_client=s.streams_per_client(self.front_ends))
         self.proxies = parse_proxies(self.settings.trusted_proxies)  # (clients.client_of)
