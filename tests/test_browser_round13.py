@@ -27,6 +27,7 @@ from tests._client_support import real_app, serve
 from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
 from .test_browser_round6 import page  # noqa: F401 (round 6's: a page of the origin CORS_ORIGINS allows)
 from .test_browser_round7 import _on_page
+from .test_connections import _metric, _wait_for
 
 KEY = {"Authorization": "Bearer k1"}
 SOFTMAX = "/v1/functions/softmax/jacobian"
@@ -105,3 +106,35 @@ def test_a_page_holds_four_streamed_jacobians_at_once(api, page, browser):
         x = k * torch.sin(torch.arange(N, dtype=torch.float64)).float()
         expected = torch.func.jacrev(lambda v: torch.softmax(v, dim=-1))(x).flatten()[picks]
         np.testing.assert_allclose(answer[2], expected.numpy(), rtol=1e-5, atol=1e-9)
+
+
+_READ_SOME = """(async () => {
+  window.stop13 = new AbortController();
+  const r = await fetch(%s, {method: 'POST', signal: window.stop13.signal,
+    body: JSON.stringify({inputs: [Array.from({length: %d}, (_, i) => Math.cos(i))]}),
+    headers: {'Content-Type': 'application/json', Accept: 'application/json', Authorization: 'Bearer k1'}});
+  window.text13 = r.body.pipeThrough(new TextDecoderStream()).getReader();
+  const first = await window.text13.read();
+  return [r.status, r.headers.get('content-type'), r.headers.get('x-chunk-size'), first.value.slice(0, 40)];
+})()"""
+
+_ABORT = """(async () => {
+  window.stop13.abort();  // (what the decoder had queued may still be read: then the abort)
+  try { while (!(await window.text13.read()).done); return 'read to the end'; } catch (e) { return e.name; }
+})()"""
+
+
+def test_a_page_that_aborts_a_json_stream_frees_its_room_at_once(api, page, browser):
+    """A page reading a streamed JSON Jacobian through ``ReadableStream`` and
+    ``TextDecoderStream``, then aborting it (AbortController): /metrics said nothing of
+    the stream budget (the bytes its 503 and 429 name), so no one could see the room
+    held, nor given back. ``jacobian_service_stream_bytes_held`` now says it: the
+    stream's 9.4 MB while the page holds it unread, 0 once it has aborted (the page
+    reads AbortError)."""
+    _on_page(browser, page)
+    status, media, chunk, start = browser.eval(_READ_SOME % (json.dumps(api + SOFTMAX), N))
+    assert (status, media) == (200, "application/json") and start.startswith('{"'), (status, media, start)
+    assert int(chunk) <= N  # (streamed: the rows a chunk at a time)
+    assert _metric(api, "jacobian_service_stream_bytes_held") == N * N * 4  # (its two chunks: the whole result, once)
+    assert browser.eval(_ABORT) == "AbortError"
+    assert _wait_for(lambda: _metric(api, "jacobian_service_stream_bytes_held") == 0, 5)

@@ -217,6 +217,12 @@ class Metrics:
             "body_budget_bytes (summed over live front ends).",
             registry=r, multiprocess_mode="livesum",
         )
+        self.stream_bytes = Gauge(
+            "jacobian_service_stream_bytes_held",
+            "Bytes of large answers being sent (streamed Jacobians' two row chunks, gathered answers of 1 MiB "
+            "or more) held against the stream budget, /v1/info's stream_budget_bytes (summed over live front ends).",
+            registry=r, multiprocess_mode="livesum",
+        )
         self.connection_timeouts = Counter(
             "jacobian_service_connection_timeouts",
             "Connections cut off by a timeout: slow headers, a stalled body, a client not reading.",

@@ -342,10 +342,15 @@ class StreamBudget:
     # Requests seen (their keys: see ``admit``) and their results' sizes, at most this many.
     KNOWN = 1024
 
-    def __init__(self, max_bytes: int, stream_threshold: int = 8 << 20, per_client: int = 0) -> None:
+    def __init__(self, max_bytes: int, stream_threshold: int = 8 << 20, per_client: int = 0, gauge: Any = None) -> None:
         self.max_bytes = max_bytes
         self.stream_threshold = stream_threshold  # the engines stream only results larger than this (and the result limit)
         self.per_client = per_client  # 0: no share per client
+        # What ``used`` is, in /metrics (jacobian_service_stream_bytes_held): the 503s and
+        # 429s name the bytes held, which an operator could not watch, nor see given back
+        # when a page aborted its stream. (Written at each change: each is a stream or an
+        # answer of 1 MiB or more, never a small request.)
+        self._gauge = gauge
         self.used = 0
         self._known: collections.OrderedDict[Any, int] = collections.OrderedDict()
         self._clients: dict[str, list[int]] = {}  # client -> [streams, bytes] it holds
@@ -411,6 +416,11 @@ class StreamBudget:
                 "(MAX_STREAMS_PER_CLIENT, BODY_BUDGET_BYTES): read those first, or retry shortly",
                 headers={"Retry-After": "1"})
 
+    def _set(self, used: int) -> None:
+        if self._gauge is not None and used != self.used:
+            self._gauge.set(used)
+        self.used = used
+
     def _give_back(self, client: str, streams: int, nbytes: int) -> None:
         share = self._clients[client]
         share[0] -= streams
@@ -459,13 +469,13 @@ class StreamHold:
             self.counted = self.counted or stream
             if share == [0, 0]:  # (nothing held: an empty result's room)
                 del budget._clients[self.client]
-        budget.used += nbytes - self.held
+        budget._set(budget.used + nbytes - self.held)
         self.held = nbytes
         return self.release
 
     def release(self) -> None:
         budget = self._budget
-        budget.used -= self.held
+        budget._set(budget.used - self.held)
         if self.client in budget._clients:
             budget._give_back(self.client, self.counted, self.held)
         self.counted = False

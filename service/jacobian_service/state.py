@@ -34,7 +34,7 @@ class ServiceState:
             s = self.settings
             self.streams = StreamBudget(s.stream_budget,
                                         gathered_at_most(s.stream_threshold_bytes, s.max_result_bytes),
-                                        per_client=s.streams_per_client(self.front_ends))
+                                        per_client=s.streams_per_client(self.front_ends), gauge=self.metrics.stream_bytes)
         self.proxies = parse_proxies(self.settings.trusted_proxies)  # (clients.client_of)
 
     @property
