@@ -72,6 +72,11 @@ def _origin(entry: str) -> str:
     return f"{scheme}://{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS.get(scheme) else "")
 
 
+# The stream budget's size at the default MAX_REQUEST_BYTES (2 x 256 MiB): what a lowered
+# upload limit leaves it (Settings.stream_budget).
+_STREAM_BUDGET_AT_LEAST = 512 << 20
+
+
 class SettingsError(ValueError):
     """A setting that cannot be served with, found after validation (a keys file)."""
 
@@ -328,12 +333,14 @@ class Settings(BaseSettings):
     @property
     def stream_budget(self) -> int:
         """Bytes of large answers being sent that a front end holds at once (StreamBudget):
-        BODY_BUDGET_BYTES where set; unset, room for the largest answer it gathers
-        (MAX_RESULT_BYTES) beside the body budget's size. It followed the body budget
-        alone, a size drawn from MAX_REQUEST_BYTES, a limit on uploads: an operator who
-        took uploads of 1 MiB at most had it fall from 512 MiB to 64 MiB (a client's share
-        to 32 MiB), and a page's third 9 MB stream at once was a 429."""
-        return self.body_budget_bytes or max(self.body_budget, self.max_result_bytes)
+        BODY_BUDGET_BYTES where set; unset, the body budget's size, at least what it is
+        by default (512 MiB). It followed the body budget alone, a size drawn from
+        MAX_REQUEST_BYTES, a limit on uploads: an operator who took uploads of 1 MiB at
+        most had it fall from 512 MiB to 64 MiB (a client's share to 32 MiB), and a
+        page's fourth 9 MB stream at once was a 429. (Not drawn from MAX_RESULT_BYTES
+        either: streamed .npy has no result limit, and raising that limit should not
+        let slow readers hold more of a front end.)"""
+        return self.body_budget_bytes or max(self.body_budget, _STREAM_BUDGET_AT_LEAST)
 
     def streams_per_client(self, front_ends: int) -> int:
         if self.max_streams_per_client is not None:
