@@ -33,8 +33,8 @@ from .test_hostile_round7 import _softmax_served_whole
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
-    # A body budget of 32 MiB: the stream budget (its size) holds one 9 MB softmax stream
-    # (its two chunks, 18 MB), not two. hostile14_functions count their steps in a file.
+    # A body budget of 32 MiB: the stream budget (its size) holds one 17.6 MB softmax stream
+    # (its two chunks, 16 MiB), not two. hostile14_functions count their steps in a file.
     global _steps
     _steps = tmp_path_factory.mktemp("steps") / "steps"
     os.environ["HOSTILE14_STEPS"] = str(_steps)
@@ -143,7 +143,7 @@ def test_a_stream_refused_for_the_stream_budget_costs_the_engine_nothing(server)
     nothing. Now a request equal to one that streamed before (function, input shapes and
     dtypes, the options that shape the stream) is refused before it reaches an engine."""
     url, _ = server
-    n = 1500  # 9 MB: streamed (over STREAM_THRESHOLD_BYTES) in one chunk; 18 MB reserved
+    n = 2100  # 17.6 MB: streamed (over STREAM_THRESHOLD_BYTES) in two chunks, 16 MiB held; as much again does not fit
     x = np.linspace(0, 1, n, dtype=np.float32)
     buf = io.BytesIO()
     np.save(buf, x)

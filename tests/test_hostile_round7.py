@@ -28,7 +28,7 @@ X = [0.5, 1.0, 2.0]
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, subprocess.Popen]]:
-    # A body budget of 64 MiB: the stream budget (its size) holds three 9 MB streams
+    # A body budget of 64 MiB: the stream budget (its size) holds three 17.6 MB streams
     with live_server(WORKERS=1, ENGINE_STANDBY="false", BODY_BUDGET_BYTES=64 << 20,
                      TRUSTED_PROXIES="127.0.0.1") as served:  # (clients told apart: X-Forwarded-For)
         yield served
@@ -175,12 +175,12 @@ def test_slow_readers_of_streams_hold_no_more_than_the_front_ends_budget(server)
     against a budget the size of BODY_BUDGET_BYTES (measured: 114 MB for the 120); one
     that does not fit now is a 503 with Retry-After, and other requests go on."""
     url, _ = server
-    n = 1500  # 9 MB: streamed (over STREAM_THRESHOLD_BYTES), one chunk, 18 MB reserved
+    n = 2100  # 17.6 MB: streamed (over STREAM_THRESHOLD_BYTES), held whole (a stream holds at most its bytes)
     body = _softmax_npy(n)
     request = _request("/v1/functions/softmax/jacobian", body, wire.NPY).replace(b"\r\n\r\n", b"\r\nAccept: application/x-npy\r\n\r\n", 1)
     readers = []
     try:
-        for i in range(3):  # 54 MB of 64 MiB, three clients (one may hold half the budget)
+        for i in range(3):  # 53 MB of 64 MiB, three clients (one may hold half the budget)
             s = _connect(url, rcvbuf=4096)
             s.sendall(request.replace(b"\r\n\r\n", b"\r\nX-Forwarded-For: 192.0.2.%d\r\n\r\n" % (i + 1), 1))
             s.settimeout(30)
