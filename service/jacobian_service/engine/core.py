@@ -61,10 +61,13 @@ _REMEDIES = {
 log = logging.getLogger("jacobian_service.engine")
 
 
-def room_rows(call: Call, most: int, row_nbytes: int) -> int:
+def room_rows(call: Call, most: int, row_nbytes: int, total_rows: int | None = None) -> int:
     """Rows a streamed chunk may hold: ``most`` bytes of them, and within the front end's
-    room for this stream (two chunks: ``Call.stream_room``); at least one."""
-    if call.stream_room is not None:
+    room for this stream (two chunks: ``Call.stream_room``); at least one. A room that
+    holds the whole result (``total_rows``) bounds nothing: a stream holds at most its
+    result (``responses.stream_hold``), so one reserved at its size, as a stream of a
+    size known before is, was cut into two halves for nothing."""
+    if call.stream_room is not None and (total_rows is None or call.stream_room < total_rows * row_nbytes):
         most = min(most, call.stream_room // 2)
     return max(1, most // max(1, row_nbytes))
 
@@ -411,7 +414,7 @@ class Engine:
             return self.jacobian(call, stream)
         primal = stream.primals[0]
         shape = (stop - start, *primal.shape) if call.rows else (*stream.leaves[0].shape, *primal.shape)
-        chunk = call.chunk_size or min(stream.auto_chunk(), room_rows(call, HOST_CHUNK_BYTES, call.row_nbytes()))
+        chunk = call.chunk_size or min(stream.auto_chunk(), room_rows(call, HOST_CHUNK_BYTES, call.row_nbytes(), stop - start))
         rows = stream.chunks(start, stop, chunk, calibrate=not call.chunk_size)
 
         def host() -> Iterator[np.ndarray]:

@@ -222,7 +222,7 @@ def streamed_rows(engine: Any, call: Call, stream_threshold: int, kind: str) -> 
         return result
     # Chunks of about 1 MiB of dense rows (at least one row): the front end's buffer,
     # within its room for this stream.
-    chunk = room_rows(call, SPARSE_CHUNK_BYTES, n * dtype.itemsize)
+    chunk = room_rows(call, SPARSE_CHUNK_BYTES, n * dtype.itemsize, m)
     rows = (csr[s : s + chunk].toarray().astype(dtype, copy=False) for s in range(0, m, chunk))
     return Streamed((m, n), dtype, chunk, rows)
 
