@@ -141,6 +141,8 @@ def test_503_twice_then_200(scripted: tuple[Scripted, str]) -> None:
 
 
 def test_retries_are_bounded_in_count(scripted: tuple[Scripted, str]) -> None:
+    # Retry-After: 0 asks for no wait: one that does is retried past the count, within
+    # the retry time (test_remote_round19)
     app, url = scripted
     app.steps = [problem(429, "overloaded", **{"retry-after": "0"})]
     with jc.Client(url, retry=RetryPolicy(max_retries=2, backoff_base=0.01)) as client:
