@@ -130,3 +130,41 @@ def test_past_the_count_a_server_asking_for_tiny_waits_is_not_asked_again_at_onc
     assert 3 < len(waits) <= 3 + 4 + 60 // 4 and elapsed <= 60.0
     assert policy.delay(3, 0.0) is None and policy.delay(3, 0.0, retry_after=0.0) is None
     assert policy.delay(2, 0.0, retry_after=0.0) is not None
+
+
+# --------------------------------------------------------------------------- JAX
+
+
+def _torch(transform: Any, at: Any) -> np.ndarray:
+    """planar_arm's ``transform`` in-process, by torch.func, at a JAX array."""
+    return transform(ex.planar_arm)(torch.tensor(np.asarray(at))).numpy()
+
+
+def test_jax_vmap_hessian_outside_jit_asks_one_batched_jacobian(cc, jx):
+    """Outside ``jit``, ``vmap(hessian(f))`` binds jacfwd's jvp of the forward and jacrev's
+    vjp at the same inputs, one after the other, and each asked the service for the same
+    batched Jacobian: 1 evaluate + 2 jacobian + 1 hessian. The second product now takes
+    the first one's (as torch's adapter shares it within a call): one jacobian. Nothing
+    is kept past the next request: a later call, at the same inputs or others, asks
+    again, and under ``jit`` (where XLA drops the products the Hessian does not use)
+    nothing is kept at all."""
+    jax = jx
+    from jacobian_client.jax import remote
+
+    arm = remote(cc.client, "planar_arm")
+    xs = jax.numpy.array([[0.3, -1.2, 0.7], [0.1, 0.5, -0.4]])
+    arm(xs[0])  # the signature learned first: each call below asks what its transform needs
+    cc.take()
+    vmap, func = torch.func.vmap, torch.func
+    for at in (xs, xs + 0.5):
+        got = jax.vmap(jax.hessian(arm))(at)
+        np.testing.assert_allclose(got, _torch(lambda f: vmap(func.hessian(f)), at), rtol=1e-12, atol=1e-12)
+        assert cc.take() == ["evaluate+batched", "jacobian+batched", "hessian+batched"]
+    for _ in range(2):
+        got = jax.vmap(jax.jacrev(arm))(xs)
+        np.testing.assert_allclose(got, _torch(lambda f: vmap(func.jacrev(f)), xs), rtol=1e-12, atol=1e-12)
+        assert cc.take() == ["evaluate+batched", "jacobian+batched"]
+    jitted = jax.jit(jax.vmap(jax.jacrev(arm)))
+    for _ in range(2):
+        np.testing.assert_allclose(jitted(xs), _torch(lambda f: vmap(func.jacrev(f)), xs), rtol=1e-12, atol=1e-12)
+        assert cc.take() == ["jacobian+batched"]

@@ -307,7 +307,8 @@ class RemoteOps:
                 view = copy.copy(self)  # shares the client, the names and _works
                 view._layout, view._wire_names, view._views = layout, names, {}
                 view._templates, view._templates_lock = {}, threading.Lock()
-                for own in ("stash", "_unbatched"):  # a subclass's answer for one call, and what it learned (jax's)
+                # a subclass's answers for one call, and what it learned (jax's)
+                for own in ("stash", "_unbatched", "_last_jacobian"):
                     vars(view).pop(own, None)
                 self._views[(layout, names)] = view
             return view

@@ -152,6 +152,25 @@ class _Ops(RemoteOps):
             return stash[3]
         return self.evaluate(inputs, batch_ndim, aux_tree, shared)
 
+    def last_jacobian(self) -> _LastJacobian:
+        """The batched Jacobian the last per-example product asked for, for the next one
+        (``RemoteOps.linear``'s memo). Outside ``jit``, ``vmap(hessian(f))`` binds
+        jacfwd's jvp of the forward and jacrev's vjp, one after the other at the same
+        inputs, and each asked the service for the same Jacobian (torch's adapter keeps
+        it per call; a JAX primitive has no call to keep it on: its function is pure, as
+        a ``pure_callback``'s must be, so equal inputs are the same Jacobian). Any other
+        request of these ops drops it."""
+        memo = vars(self).get("_last_jacobian")
+        if memo is None:
+            memo = vars(self).setdefault("_last_jacobian", _LastJacobian())
+        return memo
+
+    def _request(self, kind: str, inputs: Sequence[Any], options: dict[str, Any], vectors: Any = None,
+                 out_tree: Tree | None = None) -> dict[str, Any]:
+        if kind != "jacobian":  # the products that share a Jacobian come one after the other
+            vars(self).get("_last_jacobian", {}).clear()
+        return super()._request(kind, inputs, options, vectors, out_tree)
+
     def unbatched_of(self, key: Any) -> tuple[bool, ...] | None:
         """The flags ``_unbatched`` learned for ``key`` (a per-example signature), if any."""
         return vars(self).get("_unbatched", {}).get(key)
@@ -166,6 +185,21 @@ class _Ops(RemoteOps):
             learned[key] = flags
             while len(learned) > MAX_SIGNATURES:
                 del learned[next(iter(learned))]
+
+
+class _LastJacobian(dict):
+    """At most one batched Jacobian (``RemoteOps._batched_jacobian``'s memo: ``get`` and
+    ``[key] =``), given back once: the second product of a pair takes it, and nothing
+    holds it after (a remote function keeps no Jacobian past its next request)."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        kept = self.pop(key, default)
+        self.clear()
+        return kept
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.clear()
+        super().__setitem__(key, value)
 
 
 def _values_of(arrays: Sequence[Any]) -> tuple[list[np.ndarray] | None, bool]:
@@ -619,10 +653,11 @@ batching.primitive_batchers[remote_eval_p] = _eval_batch
 # ---- the linear map (jvp / vjp)
 
 
-def _linear_host(ops: RemoteOps, shapes: _Shapes, lin: _Linear, *args: Any) -> list[np.ndarray]:
+def _linear_host(ops: RemoteOps, shapes: _Shapes, lin: _Linear, *args: Any,
+                 memo: dict[Any, Any] | None = None) -> list[np.ndarray]:
     xs, vecs = args[: lin.n_inputs], args[lin.n_inputs:]
     results = ops.linear(lin.mode, [np.asarray(x) for x in xs], lin.argnums, [np.asarray(v) for v in vecs],
-                         shapes.out_tree, lin.batch_ndim, lin.tags, lin.shared)
+                         shapes.out_tree, lin.batch_ndim, lin.tags, lin.shared, memo=memo)
     return _as_declared(results, lin.result_structs, ops.name, f"a {lin.mode} result")
 
 
@@ -638,8 +673,11 @@ def _as_declared(results: Sequence[Any], structs: Sequence[Any], name: str, what
     return out
 
 
-def _linear_impl(*args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) -> list[Any]:
-    return [jnp.asarray(a) for a in _linear_host(ops, shapes, lin, *args)]
+def _linear_impl(*args: Any, ops: _Ops, shapes: _Shapes, lin: _Linear) -> list[Any]:
+    # outside jit only: there every call's forward asks first (and so drops what the last
+    # call kept), where under jit XLA drops the unused products itself, and may drop the
+    # forward too (a later call at the same inputs would be answered with no request)
+    return [jnp.asarray(a) for a in _linear_host(ops, shapes, lin, *args, memo=ops.last_jacobian())]
 
 
 def _linear_abstract(*args: Any, ops: RemoteOps, shapes: _Shapes, lin: _Linear) -> list[Any]:
