@@ -168,3 +168,44 @@ def test_jax_vmap_hessian_outside_jit_asks_one_batched_jacobian(cc, jx):
     for _ in range(2):
         np.testing.assert_allclose(jitted(xs), _torch(lambda f: vmap(func.jacrev(f)), xs), rtol=1e-12, atol=1e-12)
         assert cc.take() == ["jacobian+batched"]
+
+
+# --------------------------------------------------------------------------- SciPy
+
+
+def test_scipy_solvers_on_remote_functions_take_the_local_path_one_request_per_point(cc):
+    """``minimize(method="BFGS", jac=obj.jac)`` on the remote Rosenbrock takes the path
+    the in-process function takes (the same iterates, iterations and evaluations), one
+    ``jacobian`` with its output per evaluated point; ``least_squares`` with SciPy's own
+    finite differences over a ``jac_sparsity`` (the remote value alone) solves as
+    in-process, one request per value SciPy asks for."""
+    optimize = pytest.importorskip("scipy.optimize")
+    from jacobian_client.scipy import remote_objective
+
+    def local(fn: Any) -> tuple[Any, Any]:
+        return (lambda x: fn(torch.tensor(x)).numpy()), (lambda x: torch.func.jacrev(fn)(torch.tensor(x)).numpy())
+
+    rosen = remote_objective(cc.client, "rosenbrock")
+    x0 = np.array([-1.2, 1.0, -0.5, 0.8])
+    got = optimize.minimize(rosen.fun, x0, jac=rosen.jac, method="BFGS")
+    fun, jac = local(ex.rosenbrock)
+    want = optimize.minimize(fun, x0, jac=jac, method="BFGS")
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-12, atol=1e-12)
+    assert (got.nit, got.nfev, got.njev) == (want.nit, want.nfev, want.njev)
+    assert cc.take() == ["jacobian+return_output"] * got.nfev
+
+    n = 16
+    fun, jac = local(ex.lorenz96)
+    pattern = (jac(np.linspace(0.5, 1.5, n)) != 0).astype(int)  # a band: 4 groups of columns
+    target, y0 = np.sin(np.arange(n)), np.full(n, 0.1)
+    l96 = remote_objective(cc.client, "lorenz96")
+    calls = []
+
+    def residual(x):
+        calls.append(1)
+        return l96.fun(x) - target
+
+    got = optimize.least_squares(residual, y0, jac_sparsity=pattern)
+    want = optimize.least_squares(lambda x: fun(x) - target, y0, jac_sparsity=pattern)
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-10, atol=1e-12)
+    assert got.nfev == want.nfev and len(cc.take()) == len(calls)
