@@ -28,12 +28,17 @@ keep to the engine's own processes:
   (``PRIO_USER``). Without Landlock, this is what protects ``serve``; a front end, the
   spare or another engine whose pid a function reads in ``/proc`` can still be signalled
   (``serve`` starts a front end again, the supervisor replaces a dead spare or engine).
-  Limits, priorities, scheduling and affinity (``prlimit``, ``setpriority``,
-  ``ioprio_set``, ``sched_set*``), which no Landlock scope covers, only the engine may be
-  the target of (0, or its own pid, written into the filter in the engine process):
-  a front end whose open-file limit a function lowered to 12 accepted no connection
-  again. Another process's limits may still be read; one of the engine's other threads
-  named by its id (OpenMP pinning its workers) is refused too.
+  Limits and priorities (``prlimit``, ``setpriority``, ``ioprio_set``), which no
+  Landlock scope covers, only the engine may be the target of (0, or its own pid,
+  written into the filter in the engine process): a front end whose open-file limit a
+  function lowered to 12 accepted no connection again. Another process's limits may
+  still be read; one of the engine's other threads named by its id is refused too.
+  Scheduling and affinity (``sched_set*``) name a thread, and the engine's own threads
+  are ones the filter cannot tell from other processes (glibc pins a new thread, as
+  OpenMP does under ``OMP_PROC_BIND``, by its id; refused, the thread was not made):
+  on any thread but the engine's own pid and ``serve``'s (EPERM) the call returns 0 and
+  changes nothing. Pin or schedule the engine as a whole (``taskset``, or
+  ``os.sched_setaffinity(0, ...)`` before its threads start): its threads inherit it.
   A deny list: what it does not name stays allowed, the engine's own children above all
   (a ``multiprocessing`` pool's ``terminate``, ``Popen.kill``, the engine's own kills of
   stray processes).
@@ -74,20 +79,22 @@ _SYS_LANDLOCK_RESTRICT_SELF = 446
 #   "pid"    args[0] is a pid: kill's -1 (everyone) and -pgid (a group) included
 #   "tid"    args[0] is a thread of some process (tkill)
 #   "arg1"   args[1] is the pid (ptrace)
-#   "own"    args[0] is a pid, and only the engine itself may be it (0, or its own pid): the
-#            calls that set another process's scheduling, which no Landlock scope covers
-#   "limit"  prlimit64(pid, resource, new, old): "own", but any process's limits may be read (new NULL)
+#   "sched"  args[0] is a thread (sched_set*: scheduling and affinity): the engine itself (0,
+#            or its own pid) may be it; for serve and its threads EPERM, as "tid"; any other
+#            is answered as done and left as it is (see _filter: the engine's own threads)
+#   "limit"  prlimit64(pid, resource, new, old): only the engine itself (0, or its own pid)
+#            may be set; any process's limits may be read (new NULL)
 #   "prio"   setpriority(which, who): a process, a group or a user; "own" for a process or a group
 #   "ioprio" ioprio_set(which, who), the same with other numbers
 _X86_64 = {62: "pid", 200: "tid", 234: "pid", 129: "pid", 297: "pid", 434: "pid", 101: "arg1", 141: "prio",
-           251: "ioprio", 203: "own", 144: "own", 142: "own", 314: "own", 302: "limit", 310: "pid", 311: "pid",
+           251: "ioprio", 203: "sched", 144: "sched", 142: "sched", 314: "sched", 302: "limit", 310: "pid", 311: "pid",
            256: "pid", 279: "pid"}
 _AARCH64 = {129: "pid", 130: "tid", 131: "pid", 138: "pid", 240: "pid", 434: "pid", 117: "arg1", 140: "prio",
-            30: "ioprio", 122: "own", 119: "own", 118: "own", 274: "own", 261: "limit", 270: "pid", 271: "pid",
+            30: "ioprio", 122: "sched", 119: "sched", 118: "sched", 274: "sched", 261: "limit", 270: "pid", 271: "pid",
             238: "pid", 239: "pid"}
 # The 32-bit system calls an x86-64 process can still make (int 0x80): else a way round.
 _I386 = {37: "pid", 238: "tid", 270: "pid", 178: "pid", 335: "pid", 434: "pid", 26: "arg1", 97: "prio",
-         289: "ioprio", 241: "own", 156: "own", 154: "own", 351: "own", 340: "limit", 347: "pid", 348: "pid"}
+         289: "ioprio", 241: "sched", 156: "sched", 154: "sched", 351: "sched", 340: "limit", 347: "pid", 348: "pid"}
 _AUDIT_ARCH_X86_64 = 0xC000003E
 _AUDIT_ARCH = {"x86_64": (_AUDIT_ARCH_X86_64, _X86_64), "aarch64": (0xC00000B7, _AARCH64),
                "arm64": (0xC00000B7, _AARCH64)}
@@ -211,6 +218,7 @@ _LD_W_ABS, _JEQ_K, _JGE_K, _JA, _RET_K = 0x20, 0x15, 0x35, 0x05, 0x06
 _NR, _ARCH = 0, 4
 _MAX_INSTRUCTIONS = 4096  # the kernel's BPF_MAXINSNS
 _DENY = _SECCOMP_RET_ERRNO | errno.EPERM
+_UNDONE = _SECCOMP_RET_ERRNO | 0  # the call returns 0, not run
 
 
 def _arg(i: int) -> int:
@@ -304,11 +312,20 @@ def _filter(table: dict[int, str], native: int, parent: int, group: int, threads
         # child), an open-file limit of 12 left it accepting no connection, for good; a
         # CPU limit ended it; SCHED_IDLE starved it; the spare, promoted, inherited them.
         # Only the engine itself may be their target now.
-        p.label(f"{arch}-own")
+        # The scheduler's calls name a thread, and the engine's own threads (their ids
+        # are not known here) are targets a filter cannot tell from another process's:
+        # glibc makes a pinned thread (pthread_attr_setaffinity_np: libgomp under
+        # OMP_PROC_BIND, OMP_PLACES or GOMP_CPU_AFFINITY) with sched_setaffinity on the
+        # new thread's id, and where that failed, so did the thread (libgomp ended the
+        # engine at its first parallel region). So on any other thread such a call
+        # "succeeds" and does nothing: serve's, as before, are refused.
+        p.label(f"{arch}-sched")
         p.load(_arg(0))
         p.if_equal_return(0, _SECCOMP_RET_ALLOW)
         p.if_own_return(_SECCOMP_RET_ALLOW)
-        p.ret(_DENY)
+        for value in deny_pids:
+            p.if_equal_return(value, _DENY)
+        p.ret(_UNDONE)
         p.label(f"{arch}-limit")  # prlimit64(pid, resource, new, old): another's read, never set
         p.load(_arg(0))
         p.if_equal_return(0, _SECCOMP_RET_ALLOW)
