@@ -9,6 +9,7 @@ mode) and ``/metrics`` sums them, so any front end tells the whole server's stor
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import glob
 import logging
 import os
@@ -115,6 +116,13 @@ class _ReservingFile:
     def __init__(self, file: Any, in_memory: bool = False) -> None:
         self._file = file
         self.in_memory = in_memory
+        # The library opens its file to append ("a+b"), and never writes it but through
+        # its map. Where the file system has no fallocate (NFSv3, many FUSE file systems)
+        # glibc's posix_fallocate writes a byte in each block instead, and refuses a file
+        # open to append (EBADF): every process's samples went to memory, and /metrics
+        # had none of them. The descriptor is made a plain read-write one.
+        fd = file.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_APPEND)
 
     def fileno(self) -> int:
         return self._file.fileno()
@@ -125,7 +133,11 @@ class _ReservingFile:
             os.ftruncate(fd, size)
             return
         try:
-            os.posix_fallocate(fd, 0, size)
+            # Only the growth: glibc's emulation reads and rewrites each block's first
+            # byte, which for a block in use could undo a sample written meanwhile.
+            start = os.fstat(fd).st_size
+            if size > start:
+                os.posix_fallocate(fd, start, size - start)
             return
         except OSError as exc:
             log.error("no room for this process's metrics file (%s): its samples are kept in memory from now on, "
@@ -153,6 +165,8 @@ class _ReservedDict(mmap_dict.MmapedDict):
         try:
             if os.fstat(first.fileno()).st_size == 0:
                 first.truncate(mmap_dict._INITIAL_MMAP_SIZE)
+                if first.in_memory:  # an empty file, which every scrape would find unreadable
+                    os.unlink(filename)
             super().__init__(f"/proc/self/fd/{first.fileno()}")  # the file, or the memory, reserved
         finally:
             first.close()
