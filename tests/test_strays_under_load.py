@@ -5,7 +5,16 @@ Before, a stray counted only the CPU time it used: at a load of ~20 on two cores
 spinning process ran a tenth of a core, under the share (a fifth), and was never killed
 (test_engine_faults_left_behind: "still running after 10 s"). Here the scenario pins
 itself, with nine CPU burners, to one core: a spinner gets ~a tenth of it. Each case runs
-in a fresh interpreter (test_strays.run), the module loaded from its file."""
+in a fresh interpreter (test_strays.run), the module loaded from its file.
+
+What the watch can promise of a task that sleeps: it is no stray while its sleeps
+outlast the run-queue waits of its wake-ups (it then wants under half a core). A 100 Hz
+poller (10 ms sleeps) on this core, with the host at a load of ~27 besides, waited
+longer than that at each wake-up and was named beside the spinner: by the time it spent
+runnable it was one. (A task's turn length, or its voluntary switches, would tell them
+apart for a process, not for a thread that spins beside the engine's own: the GIL cuts
+its turns short and makes it wait voluntarily.) The poller here sleeps 50 ms: named only
+past 50 ms of waiting a wake-up, where 10 ms sleeps were crossed at a load of ~27."""
 
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ burners = [subprocess.Popen(spin) for _ in range(9)]  # started before the watch
 try:
     strays = Strays(share=0.2, every_s=0.3)
     spinner = subprocess.Popen(spin)
-    poller = subprocess.Popen([sys.executable, "-c", "import time\\nprint(flush=True)\\nwhile True: time.sleep(0.01)"],
+    poller = subprocess.Popen([sys.executable, "-c", "import time\\nprint(flush=True)\\nwhile True: time.sleep(0.05)"],
                               stdout=subprocess.PIPE)
     poller.stdout.readline()  # started (its start-up, at a tenth of a core, is work of its own)
     stop = threading.Event()

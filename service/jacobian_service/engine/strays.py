@@ -60,7 +60,11 @@ log = logging.getLogger("jacobian_service.engine")
 __all__ = ["Found", "Strays"]
 
 # Of a core, over a window, run or waited for: a task that spins on a loaded host (it is
-# runnable all the time); a poller's wake-ups wait far less.
+# runnable all the time); a poller's wake-ups wait far less. Not on a host so loaded that
+# they wait longer than it sleeps (a 100 Hz poller at a load of ~27 on two cores): it is
+# then runnable most of the time, as a spinner is, and is named. Its short turns and
+# voluntary switches would tell a process apart, not a thread spinning beside the
+# engine's: the GIL cuts its turns short and has it wait voluntarily.
 _WANTED_SHARE = 0.5
 
 
