@@ -225,6 +225,42 @@ def supervisor_of_a_dead_engine(tmp_path: Any, **settings: Any) -> Iterator[tupl
         sup.ctx.term()
 
 
+# The module that ``_log_complete`` needs the server to serve beside the test's own.
+MARKS = "tests.timing4_functions"
+_marks = iter(range(1, 1 << 30))
+
+
+def _log_complete(proc: Any, url: str, start: int = 0, within: float = 30.0) -> str:
+    """Serve's log from ``start`` on, once it holds every line the engine wrote for the
+    requests answered before this call (the server serves ``MARKS``): a check that a
+    line is NOT in the log, made on one read, passed wrongly when the line was still
+    on its way through serve's output relay (a loaded machine's seconds). Here the
+    engine writes a mark through its own logger, the same pipe, after all of them,
+    and the log is read once the mark is in it."""
+    # One per call and per xdist worker, whole and under 2**24 (float32, the input's
+    # dtype, holds it exactly), and no warm-up's input.
+    mark = float(1_000_000 + next(_marks) * 1000 + os.getpid() % 1000)
+    r = httpx.post(f"{url}/v1/functions/logs_a_mark/evaluate", json={"inputs": [[mark]]}, timeout=60)
+    assert r.status_code == 200, r.text
+    log = _log_until(proc, start, lambda log: f"log mark {mark!r}" in log, within)
+    assert f"log mark {mark!r}" in log, f"the engine's mark {mark!r} never reached the log: {log[-3000:]}"
+    return log
+
+
+@contextlib.contextmanager
+def engine_lives_through(url: str, within: float = 10.0) -> Iterator[int]:
+    """The engine ``/v1/info`` names (its pid, once a live one is named), asserted alive
+    when the block ends: that it did not die meanwhile, known at once, where the
+    supervisor's "died" line comes at its next tick, on a loaded machine's time (a
+    check that "died" is not in the log could come first, and pass wrongly)."""
+    deadline = time.monotonic() + within
+    while not ((pid := httpx.get(f"{url}/v1/info", timeout=30).json()["engine_pids"][0]) and _alive(pid)):
+        assert time.monotonic() < deadline, "no live engine named in /v1/info"
+        time.sleep(0.05)
+    yield pid
+    assert _alive(pid), f"engine {pid} died"
+
+
 def _log_saying(proc: Any, *lines: str, start: int = 0, times: int = 1, within: float = 10.0) -> str:
     """Serve's log from ``start`` on, once each of ``lines`` is in it ``times`` times: an
     engine's lines reach it through serve's output relay, on their own time (a loaded

@@ -20,7 +20,8 @@ from jacobian_service.procfs import children
 from .conftest import CHILD_PYTHONPATH, assert_problem
 from ._fault_support import (
     ARMED, FUNCTIONS, HANG, SETTINGS, _alive, _cmdline, _detached_sleeper, _established_on, _oom_score_adj, _rss_mib,
-    _sleepers, _socket_inodes, _wait_gone, assert_sin_jacobian, back_within, restarts, sin_ok, wait_restarts,
+    _log_saying, _sleepers, _socket_inodes, _wait_gone, assert_sin_jacobian, back_within, engine_lives_through, restarts,
+    sin_ok, wait_restarts,
 )
 
 
@@ -59,7 +60,7 @@ class TestLeftBehind:
         engine's thread for as long as the engine lived: every later request, of every
         function, ran about 6x slower. Such a thread cannot be stopped, so the engine,
         which names the function, restarts (a promotion); a thread left waiting is let be."""
-        url = served.url
+        url, start = served.url, len(served.proc.read_log())
         before = restarts(url)
         for name in ("leaves_a_waiting_thread", "leaves_a_spinning_thread"):
             r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json=ARMED, timeout=30)
@@ -67,8 +68,12 @@ class TestLeftBehind:
         wait_restarts(url, before + 1, 10)  # two windows of 1 s, then the queue drained
         back_within(url, 5.0)
         sin_ok(url)
-        log = served.log()
-        assert "leaves_a_spinning_thread left a thread running after it returned, using a core" in log
+        # Waited for: the engine said so before it left, through serve's output relay, on
+        # its own time. Its line on the waiting thread, had there been one, came before
+        # (its request ran first): in the log by then.
+        spinning = "leaves_a_spinning_thread left a thread running after it returned, using a core"
+        log = _log_saying(served.proc, spinning, start=start)
+        assert spinning in log
         assert "leaves_a_waiting_thread left" not in log
         time.sleep(3)  # the promoted engine has no stray: it stays
         assert restarts(url) == before + 1
@@ -125,6 +130,8 @@ class TestLeftBehind:
                 served = request.getfixturevalue("served_up")
                 pidfile = served.pidfile
                 post = stack.enter_context(httpx.Client(base_url=served.url, timeout=30)).post
+            lives = engine_lives_through(served.url) if served is not None else contextlib.nullcontext()
+            engine = stack.enter_context(lives)
             assert_sin_jacobian(post("/v1/functions/forks_and_returns/jacobian", json={"inputs": [x]}), x)
             deadline = time.monotonic() + 10
             while not pidfile.exists() or not pidfile.read_text():
@@ -136,7 +143,8 @@ class TestLeftBehind:
                 for i in range(20):  # the one engine answers, whole and right
                     assert_sin_jacobian(post("/v1/functions/sin/jacobian", json={"inputs": [[0.5, float(i)]]}),
                                         [0.5, float(i)])
-                if served is not None:
+                if served is not None:  # (its death a fact at once, where the "died" line may be on its way)
+                    assert _alive(engine), f"engine {engine} died"
                     assert "died" not in served.log()
             finally:
                 if _alive(child):

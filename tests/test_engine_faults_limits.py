@@ -23,7 +23,8 @@ from jacobian_service.procfs import children
 from .conftest import CHILD_PYTHONPATH, assert_problem, live_server, npy_bytes
 from ._fault_support import (
     ARMED, FUNCTIONS, NOT_STRUCK, _a_process_a_function_detached_stops_when_the_server_is_killed_outright,
-    _cmdline, _log_saying, _rss_mib, assert_sin_jacobian, quarantines, restarts, sin_ok, wait_restarts, wait_spare,
+    _cmdline, _log_saying, _rss_mib, assert_sin_jacobian, engine_lives_through, quarantines, restarts, sin_ok,
+    wait_restarts, wait_spare,
 )
 
 
@@ -230,7 +231,9 @@ def test_an_output_that_grows_past_the_stream_threshold_on_some_inputs_is_stream
         assert_sin_jacobian(c.post("/v1/functions/grows/jacobian", json={"inputs": [[0.5, 1.0]]}), [0.5, 1.0])
         return
     with live_server(ENGINE_STANDBY="false", WORKERS=1, **settings) as (url, proc):
-        with httpx.Client(base_url=url, timeout=30) as client:
+        # The engine that took the grown answer lives on: a fact at once, where the
+        # supervisor's "died" line would come at its next tick.
+        with httpx.Client(base_url=url, timeout=30) as client, engine_lives_through(url):
             _grown_answer_ok(client.post)
             assert_sin_jacobian(client.post("/v1/functions/grows/jacobian", json={"inputs": [[0.5, 1.0]]}), [0.5, 1.0])
         assert "died" not in proc.read_log()

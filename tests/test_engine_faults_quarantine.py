@@ -18,8 +18,8 @@ from jacobian_service.procfs import children
 
 from .conftest import assert_problem, live_server
 from ._fault_support import (
-    ARMED, HANG, SETTINGS, _alive, _cmdline, _log_saying, assert_sin_jacobian, back_within, restarts, sin_ok,
-    wait_restarts, wait_spare,
+    ARMED, HANG, SETTINGS, _alive, _cmdline, _log_saying, assert_sin_jacobian, back_within, engine_lives_through,
+    restarts, sin_ok, wait_restarts, wait_spare,
 )
 
 
@@ -121,8 +121,9 @@ class TestQuarantine:
                 time.sleep(0.1)
             assert served.log().count("running leaves_a_gc_bomb") == i + 1, served.log()[-3000:]
             back_within(url, 5.0)
-            for _ in range(3):
-                sin_ok(url)
+            with engine_lives_through(url):  # no garbage of the bomb's went off under sin (a fact at once)
+                for _ in range(3):
+                    sin_ok(url)
         assert "running sin" not in served.log()
         r = httpx.post(f"{url}/v1/functions/leaves_a_gc_bomb/jacobian", json={"inputs": [[0.5, 1.0]]}, timeout=30)
         assert_problem(r, 503, "function_quarantined")
@@ -210,5 +211,8 @@ def test_functions_that_end_their_engine_on_the_warm_up_input_do_not_keep_the_se
         for name in crashing:
             assert f"the warm-up of {name} ended the engine" in log, log[-3000:]
             assert log.count(f"warm-up of {name} skipped") >= 2  # the next engines, and the spare
-        assert "SystemExit" in log  # a warm-up that failed, not an engine that ended
+        # a warm-up that failed, not an engine that ended: the last engine's and its spare's
+        # lines on it, each after where a skip of it would have been, waited for
+        log = _log_saying(proc, "warm-up of raises_system_exit_below_one failed", times=2)
+        assert "SystemExit" in log
         assert "warm-up of raises_system_exit_below_one skipped" not in log

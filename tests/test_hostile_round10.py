@@ -21,7 +21,7 @@ import pytest
 from jacobian_service.confinement import confiner, landlock_abi
 from jacobian_service.procfs import children, stopped
 
-from ._fault_support import _log_saying
+from ._fault_support import MARKS, _log_complete, _log_saying
 from .conftest import assert_problem, live_server
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile10_functions"
@@ -34,7 +34,7 @@ LANDLOCK = landlock_abi() >= 6
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, subprocess.Popen]]:
     # HANG_GRACE_S: a front end stopped by a signal is resumed after it.
-    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=2, REQUEST_TIMEOUT_S=20,
+    with live_server(FUNCTIONS=f"{FUNCTIONS},{MARKS}", WORKERS=1, QUARANTINE_AFTER=2, REQUEST_TIMEOUT_S=20,
                      HANG_GRACE_S=1) as served:
         yield served
 
@@ -154,7 +154,7 @@ def test_a_confined_engine_maps_the_front_ends_shared_memory(server) -> None:
                    headers={"content-type": "application/x-npy", "accept": "application/x-npy"}, timeout=30)
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(np.load(io.BytesIO(r.content)), np.sin(x), rtol=1e-6)
-    assert "cannot map the other side's shared memory" not in proc.read_log()  # type: ignore[attr-defined]
+    assert "cannot map the other side's shared memory" not in _log_complete(proc, url)  # (the engine's, on its way)
 
 
 def test_a_front_end_stopped_by_a_signal_is_resumed(server) -> None:

@@ -25,6 +25,7 @@ import pytest
 from jacobian_client import wire
 from jacobian_service import ipc
 
+from ._fault_support import _alive
 from .conftest import assert_problem, live_server
 from .test_connections import _connect
 from .test_engine_client import _answer, _call, _state, engines  # noqa: F401 (engines: a fixture)
@@ -270,6 +271,9 @@ def test_no_client_of_this_module_had_an_engine_killed(server) -> None:
     timeouts above): the engine is the one that served the first request."""
     url, proc = server
     assert _first_pids, "the short timeouts' test did not run first"
+    # Alive: a kill is a fact at once, where the state that names the next engine and
+    # the "died" line that says why come at the supervisor's ticks.
+    assert all(_alive(pid) for pid in _first_pids), proc.read_log()[-3000:]
     assert _engine_pids(url) == _first_pids, proc.read_log()[-3000:]
     assert "overdue" not in proc.read_log(), proc.read_log()[-3000:]
 

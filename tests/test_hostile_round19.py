@@ -20,6 +20,7 @@ import pytest
 
 from .conftest import live_server
 from .test_hostile_round11 import _armed, _engine_pid
+from ._fault_support import MARKS, _log_complete
 from .test_hostile_round15 import _log_until
 from .test_hostile_round17 import X, client  # noqa: F401  (its inputs [0.5, 1, 2]; its module's httpx client)
 
@@ -34,7 +35,7 @@ def server(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
     text.write_text("é€", encoding="utf-8")  # two characters, five bytes of UTF-8
     os.environ["HOSTILE21_TEXT"] = str(text)
     try:
-        with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", QUARANTINE_AFTER=1,
+        with live_server(FUNCTIONS=f"{FUNCTIONS},{MARKS}", WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", QUARANTINE_AFTER=1,
                          REQUEST_TIMEOUT_S=20, HANG_GRACE_S=0.5) as served:
             yield served
     finally:
@@ -92,7 +93,7 @@ def test_modules_imported_and_aliased_by_a_function_stay(server, client) -> None
     x = [1.0, 4.0, 2.0]
     np.testing.assert_allclose(_evaluated(client, url, "imports_lazily", x), x, rtol=1e-12)  # imports, aliases
     np.testing.assert_allclose(_evaluated(client, url, "imports_lazily", x), 2 * np.array(x), rtol=1e-12)  # kept
-    assert "imports_lazily changed" not in proc.read_log()
+    assert "imports_lazily changed" not in _log_complete(proc, url)  # (the engine's line would be on its way)
 
 
 # ------------------------------------------------------------ the standard library's and numpy's state
