@@ -226,7 +226,7 @@ def test_an_npz_is_charged_what_it_expands_to_before_it_is_expanded(server: str)
 
 
 def test_slow_body_is_cut_off_by_the_total_timeout(server: str) -> None:
-    """A body trickled just inside the idle timeout still ends at the total one."""
+    """A body trickled inside the idle timeout still ends at the total one."""
     s = _connect(server)
     s.sendall(_head("/v1/functions/sin/jacobian", 1000, "application/json"))
     started = time.monotonic()
@@ -242,10 +242,12 @@ def test_slow_body_is_cut_off_by_the_total_timeout(server: str) -> None:
             pass
         except (BrokenPipeError, ConnectionResetError):
             break
-        time.sleep(IDLE / 2)
+        time.sleep(IDLE / 4)  # the pace: well inside the idle timeout, with room for a starved client's late byte
     s.close()
     assert raw.startswith(b"HTTP/1.1 408"), raw[:300]
-    assert TOTAL - 1 < time.monotonic() - started < TOTAL + 3  # cut by the total timeout, past the idle one
+    # Cut by the total timeout (4 s), past the idle one (2 s); a body the total timeout
+    # missed would trickle on to the loop's 15 s.
+    assert TOTAL - 1 < time.monotonic() - started < TOTAL + 6
 
 
 def test_slow_headers_are_timed_out(server: str) -> None:
@@ -299,12 +301,13 @@ def test_headers_past_the_limit_are_refused_before_they_are_parsed(server: str) 
     for end in (b"\r\n", b""):  # complete, and still coming
         s = _connect(server)
         s.sendall(b"GET /v1/functions HTTP/1.1\r\nHost: t\r\n" + many + end)
-        started = time.monotonic()
         raw = _read_to_close(s, 5)
         s.close()
+        # At once, not at the header deadline (1 s), which answers 408 request_timeout
+        # ("headers were not complete"): the 431 says which. (A wall-clock bound of 0.5 s
+        # said it too, and a loaded machine's scheduling alone could cross it.)
         body = _assert_closing_problem(raw, 431, "headers_too_large")
         assert str(MAX_HEADER_BYTES) in body["detail"]
-        assert time.monotonic() - started < 0.5  # at once, not at the header deadline
     # 24 KiB of headers are served, and so is a body sent with them in one write: what
     # follows the blank line is not counted as headers.
     pad = {f"x-pad-{i}": "v" * 100 for i in range(240)}

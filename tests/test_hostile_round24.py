@@ -20,6 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
+from jacobian_service.supervisor import _STATE_EVERY_S
+
 from .conftest import live_server
 from .test_hostile_round11 import _armed, _engine_pid, _replaced, supervisor  # noqa: F401 (a fixture)
 from .test_hostile_round15 import _log_until
@@ -75,8 +77,15 @@ def test_a_spares_ready_flag_and_warm_up_note_a_function_makes_are_not_believed(
             return flagged[-1] > 0
 
         _until("no spare started", forged)
-        time.sleep(0.3)  # (the supervisor's ticks: 0.1 s)
-        assert _spares(client, url) == [False]
+        # Believed, the flag counts the spare warm in the supervisor's next state to the
+        # front ends (one at least every _STATE_EVERY_S) and the note has it killed at
+        # its next tick (0.1 s): each /v1/info read over three states' time says not
+        # warm. (A state carries no count to wait for; the 0.3 s sleep this replaces,
+        # under one state's time, could see neither.) Then the note, once more below, at
+        # an event: the spare's own word that it is warm, heard at a tick after the note.
+        until = time.monotonic() + 3 * _STATE_EVERY_S
+        while time.monotonic() < until:
+            assert _spares(client, url) == [False]
         assert "victim27" not in proc.read_log()[start:], proc.read_log()[start:][-3000:]
     finally:
         assert _armed(client, url, "slow_spare27", 2).status_code == 200
