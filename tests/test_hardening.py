@@ -121,10 +121,13 @@ def test_disconnect_cancels_running_work_and_drain_on_sigterm():
         result = {}
         inflight = threading.Thread(target=lambda: result.update(r=httpx.post(f"{url}{SLOW}", json={"inputs": [[0.0] * 30], "chunk_size": 1}, timeout=30)))
         inflight.start()
-        time.sleep(0.3)
+        time.sleep(0.3)  # (sent by then, or within DRAIN_DELAY_S after the SIGTERM: still taken)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        assert_problem(httpx.get(f"{url}/readyz"), 503, "unavailable")
+        deadline = time.monotonic() + 1.5  # DRAIN_DELAY_S: /readyz says 503 while the port is still open
+        while (ready := httpx.get(f"{url}/readyz")).status_code == 200:
+            assert time.monotonic() < deadline, "/readyz still 200 after SIGTERM"
+            time.sleep(0.02)
+        assert_problem(ready, 503, "unavailable")
         assert httpx.get(f"{url}/healthz").status_code == 200
         inflight.join()
         assert result["r"].status_code == 200
