@@ -126,6 +126,19 @@ FunctionQuarantined = _error("FunctionQuarantined", "function_quarantined", "Fun
 Timeout = _error("Timeout", "timeout", "Timeout")
 OutOfMemory = _error("OutOfMemory", "out_of_memory", "Out of memory")
 
+
+
+def no_answer_room(nbytes: int) -> ServiceError:
+    """An engine's refusal, after the forward pass and before computing the derivative,
+    of a gathered answer of ``nbytes`` that its front end had no room to hold while it is
+    sent (``Call.answer_room``). The front end answers it in its stream budget's own
+    words (``StreamBudget.refuse_answer``): 429 for the client's share, 503 for the
+    budget. ``answer_bytes`` is how the front end knows it."""
+    return Unavailable(f"no room to send an answer of {nbytes} bytes now (refused as soon as its size was known); "
+                       "retry shortly",
+                       headers={"Retry-After": "1"}, fields={"answer_bytes": nbytes})
+
+
 _BY_WIRE_CODE = {"malformed_body": MalformedBody, "invalid_input": InvalidInput, "payload_too_large": PayloadTooLarge}
 
 

@@ -259,6 +259,7 @@ def encode_call(
             "sparse_format": call.sparse_format,
             "out_dims": call.out_dims,
             "stream_room": call.stream_room,
+            "answer_room": call.answer_room,
             "deadline": call.deadline if math.isfinite(call.deadline) else None,
         }
     return [orjson.dumps(header), *frames]
@@ -289,6 +290,7 @@ def decode_call(header: dict[str, Any], frames: Sequence[Any], spec: FunctionSpe
         sparse_format=header["sparse_format"],
         out_dims=header["out_dims"],
         stream_room=header["stream_room"],
+        answer_room=header["answer_room"],
         deadline=math.inf if header["deadline"] is None else header["deadline"],
     )
 

@@ -9,7 +9,7 @@ import functools
 import math
 import re
 import urllib.parse
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, NoReturn
 
 import numpy as np
 from starlette.responses import Response, StreamingResponse
@@ -394,6 +394,34 @@ class StreamBudget:
         self._known.move_to_end(key)
         if len(self._known) > self.KNOWN:
             self._known.popitem(last=False)
+
+    def answer_room(self, client: str | None) -> int | None:
+        """The most bytes a gathered answer could hold beside what is held now (None: any;
+        ``client``: whose share counts, None where there are no shares): what
+        :meth:`StreamHold.keep` would take for it without a 503 or a 429. Sent with the
+        request (``Call.answer_room``), so that an engine refuses a larger one before
+        computing it (``errors.no_answer_room``), not the front end after."""
+        room = self.max_bytes - self.used if self.used else None  # (the first always fits)
+        streams, held = self._clients.get(client, (0, 0)) if client is not None else (0, 0)
+        if streams:  # (its first always starts)
+            share = 0 if streams >= self.per_client else self.max_bytes // 2 - held
+            room = share if room is None else min(room, share)
+        return None if room is None else max(room, 0)
+
+    def refuse_answer(self, client: str | None, nbytes: int) -> NoReturn:
+        """The refusal of a gathered answer of ``nbytes`` that an engine found no room
+        for (``answer_room``) and did not compute: the budget's 503 or the share's 429 in
+        their own words, as :meth:`StreamHold.keep` would have said after computing it;
+        a 503 all the same where the room came back meanwhile (the engine stopped)."""
+        not_computed = " (refused by the engine as soon as its size was known, before computing it)"
+        try:
+            self._refuse(nbytes)
+            if client is not None:
+                self._check_share(client, nbytes, 0, False)
+        except ServiceError as exc:
+            raise type(exc)(exc.detail + not_computed, headers=exc.headers) from None
+        raise Unavailable(f"large answers being sent held the room this one needs ({nbytes} bytes) when it was asked"
+                          f"{not_computed}; retry shortly", headers={"Retry-After": "1"})
 
     def _refuse(self, nbytes: int, own: int = 0) -> None:
         """503 if ``nbytes`` do not fit beside what others hold (``own``: held by the same request)."""

@@ -50,7 +50,7 @@ from .responses import (ClosingStreamingResponse, JsonRows, StreamHold, acceptab
 from .scheduler import StreamHead
 from .settings import NULL_ORIGIN_HINT
 from .state import ServiceState
-from .types import HOST_CHUNK_BYTES, SPARSE_CHUNK_BYTES, Call, JobInfo, Result, tree_leaves
+from .types import HELD_ANSWER_BYTES, HOST_CHUNK_BYTES, SPARSE_CHUNK_BYTES, Call, JobInfo, Result, tree_leaves
 
 __all__ = ["DERIVATIVE_KINDS", "ROUTES", "Route", "Router", "route_path"]
 
@@ -382,15 +382,18 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     streamable = (sparse and call.sparse_format == "dense" and media[0] == wire.NPY) or (
         kind == "jacobian" and not sparse
         and (media[0] == wire.NPY or (media[0] == wire.JSON and call.mode == "rev" and _could_be_single(call, kind))))
+    client = _share_client(request, state)
+    if not (sparse and streamable):  # (a sparse one's sizes are its CSR's: gathered small, else streamed)
+        call.answer_room = state.streams.answer_room(client)  # (before a stream's room is taken)
     if not streamable:
-        result, info = await _cancellable(request, state.engines.run, kind, call)
+        result, info = await _computed(request, state, kind, call, client)
     else:  # its stream's room reserved (or 503) before any work; the engine's chunks fit it
         # (the result's size is the same as .npy and as JSON: one key for both)
         stream_key = (kind, call.signature(), call.rows, call.chunk_size, call.mode, call.sparsity, call.sparse_format)
         hold = state.streams.admit(stream_key, *_stream_bounds(call, sparse, kind), client_of(request.scope, state.proxies))
         call.stream_room = hold.room
         try:
-            result, info = await _cancellable(request, state.engines.run, f"{kind}_npy", call)
+            result, info = await _computed(request, state, f"{kind}_npy", call, client, hold.release)
         except BaseException:
             hold.release()
             raise
@@ -447,7 +450,9 @@ async def function_sparsity(request: Request, name: str) -> Response:
     kind, call = parse_sparsity_query(spec, _query(request), state.settings.wire_limits)
     call.deadline = _deadline(state, request)
     call.max_result_bytes = state.settings.max_result_bytes
-    result, info = await _cancellable(request, state.engines.run, f"sparsity_{kind}", call)
+    client = _share_client(request, state)
+    call.answer_room = state.streams.answer_room(client)
+    result, info = await _computed(request, state, f"sparsity_{kind}", call, client)
     doc = {"function": spec.name, **(result.sparse_meta or {}),
            "meta": {"device": info.device, "queue_ms": round(info.queue_s * 1e3, 3),
                     "compute_ms": round(info.compute_s * 1e3, 3)}}
@@ -460,10 +465,6 @@ async def function_sparsity(request: Request, name: str) -> Response:
     return _held_while_sent(request, response, len(response.body))  # (a pattern's indices may run to MBs too)
 
 
-# A gathered answer this large is held on the stream budget while its client takes it.
-_HELD_ANSWER_BYTES = 1 << 20
-
-
 def _held_while_sent(request: Request, response: Response, nbytes: int) -> Response:
     """A gathered answer of ``nbytes`` (its result: what the front end keeps until the
     last piece has left, whatever the format) on the stream budget, in its client's
@@ -474,11 +475,32 @@ def _held_while_sent(request: Request, response: Response, nbytes: int) -> Respo
     read nothing grew a front end by 340 MB for as long as the send timeout let them,
     and a Hessian, a vjp or an evaluate is never streamed at all, up to MAX_RESULT_BYTES
     each. (Smaller answers fit the socket's buffers: not held.)"""
-    if nbytes < _HELD_ANSWER_BYTES:
+    if nbytes < HELD_ANSWER_BYTES:
         return response
     state = _state(request)
-    hold = StreamHold(state.streams, 0, None, client_of(request.scope, state.proxies) if state.streams.per_client else None)
+    hold = StreamHold(state.streams, 0, None, _share_client(request, state))
     return _HeldAnswer(response, hold.keep(nbytes))
+
+
+def _share_client(request: Request, state: ServiceState) -> str | None:
+    """Whose share of the stream budget a gathered answer counts in (None: no shares)."""
+    return client_of(request.scope, state.proxies) if state.streams.per_client else None
+
+
+async def _computed(request: Request, state: ServiceState, kind: str, call: Call, client: str | None,
+                    release: Callable[[], None] | None = None) -> Any:
+    """The engines' ``(result, info)`` for ``call`` (``_cancellable``). A gathered answer
+    past ``call.answer_room`` was refused by the engine before it computed it
+    (``errors.no_answer_room``): answered as the stream budget refuses it, 503 or 429,
+    once the room this request reserved for a stream (``release``) is given back."""
+    try:
+        return await _cancellable(request, state.engines.run, kind, call)
+    except ServiceError as exc:
+        if call.answer_room is not None and "answer_bytes" in exc.fields:
+            if release is not None:
+                release()
+            state.streams.refuse_answer(client, exc.fields["answer_bytes"])
+        raise
 
 
 class _HeldAnswer:

@@ -168,8 +168,8 @@ class Worker:
     def _batch_key(self, job: Job) -> Hashable | None:
         """Requests that may share one vmap: same function, options and per-example shapes."""
         call, kind = job.call, job.kind
-        if call is None or call.batched or self.max_batch <= 1:
-            return None
+        if call is None or call.batched or self.max_batch <= 1 or call.answer_room is not None:
+            return None  # (answer_room: its client's room bounds its own answer, not a batch's)
         if call.sparsity != "dense":  # one pattern and colouring for all, products vmapped over the points
             if kind not in ("jacobian", "hessian"):  # jacobian_npy: a dense .npy, maybe streamed
                 return None

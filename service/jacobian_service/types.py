@@ -21,7 +21,7 @@ from jacobian_client.wire import SPARSE_FIELDS
 from .errors import Timeout
 from .registry import FunctionSpec
 
-__all__ = ["HOST_CHUNK_BYTES", "SPARSE_CHUNK_BYTES", "Call", "JobInfo", "Result", "example_shape", "gathered_at_most", "is_sparse_matrix", "never_cancelled", "tree_leaves"]
+__all__ = ["HELD_ANSWER_BYTES", "HOST_CHUNK_BYTES", "SPARSE_CHUNK_BYTES", "Call", "JobInfo", "Result", "example_shape", "gathered_at_most", "is_sparse_matrix", "never_cancelled", "tree_leaves"]
 
 
 # The most bytes of rows a streamed Jacobian's chunk the engine chooses holds on the host
@@ -33,6 +33,11 @@ __all__ = ["HOST_CHUNK_BYTES", "SPARSE_CHUNK_BYTES", "Call", "JobInfo", "Result"
 HOST_CHUNK_BYTES = 32 << 20
 # A sparse Jacobian streamed densely: rows of about this many bytes a chunk (at least one).
 SPARSE_CHUNK_BYTES = 1 << 20
+# A gathered answer this large is held on the front end's stream budget, in its client's
+# share, while its client takes it (routes._held_while_sent); smaller ones fit the
+# socket's buffers. The engines refuse one there is no room for before computing it
+# (Call.answer_room).
+HELD_ANSWER_BYTES = 1 << 20
 
 
 def tree_leaves(tree: Any) -> Iterator[Any]:
@@ -104,6 +109,13 @@ class Call:
     # sent and the one asked for ahead), reserved before the engine runs anything: a
     # streamed Jacobian's chunks are sized to fit them (StreamBudget). None: not bounded.
     stream_room: int | None = None
+    # Bytes of a gathered answer (HELD_ANSWER_BYTES or more) the front end could hold for
+    # this request's client while sending it, as its stream budget stood when the request
+    # was sent (None: any). Its size is known only after the forward pass: one past the
+    # room was computed whole, then refused (429 or 503), again at every retry, at no cost
+    # to a client that kept its share full by reading slowly. The engine refuses it after
+    # the forward pass, before the derivative (errors.no_answer_room).
+    answer_room: int | None = None
     cancelled: Callable[[], bool] = field(default=never_cancelled)  # the engine sets its job's check while it runs
 
     def signature(self, batched: bool = False) -> tuple[Any, ...]:

@@ -19,9 +19,9 @@ from torch.utils import _pytree as pytree
 
 from jacobian_client import wire
 
-from ..errors import InvalidInput, OutOfMemory, ResultTooLarge
+from ..errors import InvalidInput, OutOfMemory, ResultTooLarge, no_answer_room
 from ..registry import shape_fields
-from ..types import HOST_CHUNK_BYTES, Call, Result, tree_leaves
+from ..types import HELD_ANSWER_BYTES, HOST_CHUNK_BYTES, Call, Result, tree_leaves
 from . import batched as _batched
 from . import vmap_dims as _vmap_dims
 from . import hessian as _hessian
@@ -330,7 +330,8 @@ class Engine:
     @staticmethod
     def check_result_size(call: Call, nbytes: int, asked: str = "jacobian", span: int = 0) -> None:
         """413 before computing a result over the limit, saying what the caller can ask
-        for instead of what was ``asked`` (a key of ``_REMEDIES``). ``span``: the bytes
+        for instead of what was ``asked`` (a key of ``_REMEDIES``); and a gathered one
+        larger than its front end can hold for its client now (``Call.answer_room``). ``span``: the bytes
         its largest block would take were its sizes of 0 taken as 1, what numpy and
         torch index it by: a Hessian of no elements of a (0, 2^28) input was torch's
         'Stride calculation overflowed', answered as the function's 500."""
@@ -340,6 +341,8 @@ class Engine:
         if span > MAX_SPAN_BYTES:
             raise ResultTooLarge("the result's sizes, those of 0 taken as 1, multiply past 2^63 bytes, what an array "
                                  f"can be indexed by, though it may hold no elements. {_REMEDIES[asked]}")
+        if call.answer_room is not None and HELD_ANSWER_BYTES <= nbytes and call.answer_room < nbytes:
+            raise no_answer_room(nbytes)  # (its front end could not send it now: not computed)
 
     def mark_unbatchable(self, name: str, why: BaseException | None = None, refused: Any = None) -> None:
         """Remember that ``vmap`` cannot run ``name`` (learned once the same inputs ran

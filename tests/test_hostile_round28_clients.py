@@ -1,0 +1,111 @@
+"""Red team, round twenty-eight: hostile clients against what the service spends for them
+(a gathered answer its front end could not hold for its client, computed whole and
+then refused, again at every retry).
+
+Each names what a user saw before. The answer cases run one real server of this module
+(two API keys: two clients) whose stream budget is small enough for two slow answers
+to fill a client's share.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from jacobian_client import wire
+
+from ._client_support import real_server
+from .conftest import assert_problem
+from .test_hostile_round27_clients import _head, _softmax_jacobian
+
+HOSTILE, HONEST = "hostile-key", "honest-key"
+
+
+@pytest.fixture(scope="module")
+def budget_server() -> Iterator[str]:
+    """A share of 16 MiB per client: two 7.84 MB answers read slowly fill it."""
+    with real_server(functions="jacobian_service.examples", api_keys=f"{HOSTILE},{HONEST}",
+                     body_budget_bytes=32 << 20) as url:
+        yield url
+
+
+def _post(url: str, path: str, body: bytes, key: str, accept: str = wire.JSON, **query: str) -> httpx.Response:
+    return httpx.post(url + path, content=body, params=query, timeout=60,
+                      headers={"content-type": wire.JSON, "accept": accept, "authorization": f"Bearer {key}"})
+
+
+# ------------------------------------------------------------ answers refused before they are computed
+
+
+def _slow_reader(url: str, body: bytes) -> socket.socket:
+    """A connection of the hostile key that asked a 7.84 MB softmax Jacobian as JSON (a
+    gathered answer, held while sent) and reads next to nothing of it."""
+    port = int(url.rsplit(":", 1)[1])
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"POST /v1/functions/softmax/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+              b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n" % (HOSTILE.encode(), len(body)) + body)
+    status, head = _head(s)
+    assert status == 200, head
+    return s
+
+
+# Requests of the hostile key whose gathered answers (each 2 MB or more) pass what is left
+# of its share: one per endpoint that computes a derivative, each a tiny body.
+_WIDE = np.linspace(-1, 1, 1400).tolist()
+_PAST_THE_SHARE = [
+    ("/v1/functions/sum_sin/hessian", {"inputs": [_WIDE]}, {}),  # 7.84 MB, never streamed
+    ("/v1/functions/softmax/jacobian", {"inputs": [_WIDE]}, {}),  # 7.84 MB as JSON, under the stream threshold
+    ("/v1/functions/softmax/jacobian", {"inputs": [np.ones((4, 700)).tolist()], "batched": True}, {}),  # 7.84 MB
+    ("/v1/functions/sin/jvp", {"inputs": [_WIDE], "batched_vectors": True, "tangents": {  # 2.24 MB
+        "dtype": "float32", "shape": [400, 1400], "base64": base64.b64encode(bytes(2240000)).decode()}}, {}),
+    ("/v1/functions/sum_sin/hessian", {"inputs": [_WIDE]}, {"accept": wire.NPZ}),
+]
+
+
+def test_an_answer_past_its_clients_share_is_refused_before_it_is_computed(budget_server: str) -> None:
+    """A gathered answer of 1 MiB or more is held on the stream budget, in its client's
+    share, while it is sent (round 27); past the share it is a 429. Its size is known
+    only from the forward pass, and the refusal came after the whole derivative had
+    been computed and encoded: a client keeping its share full (two slow readers) had
+    the engine compute a 7.84 MB Hessian (up to MAX_RESULT_BYTES, 512 MB) for every
+    tiny request it then retried, at no cost to itself. Now the front end sends the
+    room its client has with the request, and the engine refuses a larger answer as soon
+    as the forward pass gives its size, in the budget's words, saying so: on every
+    endpoint that computes a derivative. The other key is served meanwhile, as torch.func
+    computes it; and the hostile key's own Hessian once its connections are gone."""
+    url = budget_server
+    x = np.linspace(-1, 1, 1400, dtype=np.float32)
+    slow = [_slow_reader(url, json.dumps({"inputs": [x.tolist()]}).encode()) for _ in range(2)]
+    try:
+        for path, doc, how in _PAST_THE_SHARE:
+            r = _post(url, path, json.dumps(doc).encode(), HOSTILE, how.get("accept", wire.JSON))
+            problem = assert_problem(r, 429, "overloaded")
+            assert problem["detail"].startswith("this client holds 2 large answers ("), (path, problem)
+            assert problem["detail"].endswith(" (refused by the engine as soon as its size was known, before "
+                                              "computing it)"), (path, problem)
+            assert r.headers["retry-after"] == "1"
+        # the honest key is served beside them, in time
+        started = time.monotonic()
+        r = _post(url, "/v1/functions/softmax/jacobian", json.dumps({"inputs": [x.tolist()]}).encode(), HONEST, wire.NPY)
+        assert r.status_code == 200, r.text[:300]
+        assert time.monotonic() - started < 20
+        np.testing.assert_allclose(np.load(io.BytesIO(r.content)), _softmax_jacobian(x), rtol=1e-5, atol=1e-7)
+    finally:
+        for s in slow:
+            s.close()
+    deadline = time.monotonic() + 20  # (each slow answer's room comes back as its send fails)
+    while (r := _post(url, "/v1/functions/sum_sin/hessian", json.dumps({"inputs": [x.tolist()]}).encode(), HOSTILE,
+                      wire.NPZ)).status_code != 200:
+        assert r.status_code == 429 and time.monotonic() < deadline, r.text[:300]
+        time.sleep(0.1)
+    with np.load(io.BytesIO(r.content)) as npz:
+        np.testing.assert_allclose(npz["hessian"], np.diag(-np.sin(x)), rtol=1e-6, atol=1e-7)
