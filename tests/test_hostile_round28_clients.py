@@ -109,3 +109,49 @@ def test_an_answer_past_its_clients_share_is_refused_before_it_is_computed(budge
         time.sleep(0.1)
     with np.load(io.BytesIO(r.content)) as npz:
         np.testing.assert_allclose(npz["hessian"], np.diag(-np.sin(x)), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------ integers past float64
+
+
+JSON_HEADERS = {"content-type": wire.JSON}
+
+
+@pytest.mark.parametrize("digits", [400, 5000])  # (5,000: past Python's own int() limit, 4,300)
+def test_an_integer_past_float64_is_an_integer_to_every_reader(client, digits: int) -> None:
+    """JSON's readers differ on a number past float64's range (RFC 8259 leaves it to
+    them): 1e309 is an infinity to Python's and JavaScript's, and the service reads it
+    so (round 10). A 400-digit integer was spelled "Infinity" the same way, so an int64
+    input refused it as "array data does not fit int64: it holds Infinity", argnums as
+    "'Infinity' is not a parameter of 'sin'", chunk_size and rows as "Input should be a
+    valid integer", where the query string said "is beyond the range of int64" of the
+    same number. Now an integer literal is read as the integer it is (Python's reader):
+    an int64 input does not fit it, as a 30-digit one; every integer option in JSON says
+    the query string's words; a float input or vector takes the infinity it rounds to."""
+    big = "9" * digits
+    for sign in ("", "-"):
+        for body in (f'{{"inputs": [[[1.0, 2.0, 3.0]], 2.0, {sign}{big}]}}',
+                     f'{{"inputs": [[[1.0, 2.0, 3.0]], 2.0, {{"dtype": "int64", "shape": [], "data": {sign}{big}}}]}}'):
+            problem = assert_problem(client.post("/v1/functions/scaled_norm/evaluate", content=body,
+                                                 headers=JSON_HEADERS), 422, "invalid_input")
+            assert problem["detail"] == "array data does not fit int64", problem
+        problem = assert_problem(client.post("/v1/functions/sin/vjp", headers=JSON_HEADERS, content=(
+            f'{{"inputs": [[1.0, 2.0]], "cotangents": {{"dtype": "int64", "shape": [2], "data": [1, {sign}{big}]}}}}')),
+            422, "invalid_input")
+        assert problem["detail"] == "cotangents: array data does not fit int64", problem
+    said = f"'{big[:40]}...' is beyond the range of int64"
+    for option, json_value, query_value in (("argnums", big, big), ("chunk_size", big, big),
+                                            ("rows", f"[0, {big}]", f"0,{big}")):
+        in_json = assert_problem(client.post("/v1/functions/sin/jacobian", headers=JSON_HEADERS,
+                                             content=f'{{"inputs": [[1.0, 2.0]], "{option}": {json_value}}}'),
+                                 422, "invalid_input")
+        in_query = assert_problem(client.post(f"/v1/functions/sin/jacobian?{option}={query_value}", headers=JSON_HEADERS,
+                                              content='{"inputs": [[1.0, 2.0]]}'), 422, "invalid_input")
+        assert in_json["detail"] == in_query["detail"] == f"{option}: {said}", (in_json, in_query)
+    # a float input, and a vector of no dtype, take the infinity it rounds to (as 1e309)
+    r = client.post("/v1/functions/add_square/evaluate", headers=JSON_HEADERS,
+                    content=f'{{"inputs": [[{big}, -{big}, 0.5], [1, 2, 3]]}}')
+    assert r.status_code == 200 and r.json()["output"]["data"] == ["Infinity", "-Infinity", 9.5], r.text
+    r = client.post("/v1/functions/sin/vjp", headers=JSON_HEADERS,
+                    content=f'{{"inputs": [[0.0, 0.0]], "cotangents": [-{big}, 0.5]}}')
+    assert r.status_code == 200 and r.json()["vjp"]["data"] == ["-Infinity", 0.5], r.text

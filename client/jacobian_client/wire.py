@@ -210,6 +210,8 @@ _MAX_STRINGS = 1 << 16
 _HUGE = re.compile(rb"([\[:,]\s*)(-?(?:0|[1-9]\d*)(?:\.\d+)?[eE]\+?(?:[3-9]\d\d|[1-9]\d{3,})"
                    rb"|-?[1-9]\d{308,}(?:\.\d+)?(?:[eE][+-]?\d+)?)(?=\s*(?:[,\]}]|\Z))")
 _MAX_HUGE = 1 << 12
+# Those of them that are integers (309 digits or more, no point, no exponent).
+_HUGE_INTEGER = re.compile(rb"[\[:,]\s*-?[1-9]\d{308,}(?=\s*(?:[,\]}]|\Z))")
 # orjson's word for such a literal: only a body it refuses so is scanned by _HUGE (a scan
 # tries the pattern at every separator: on a body of a million numbers, twice orjson's
 # parse, which a body with a bare NaN should not pay).
@@ -223,17 +225,24 @@ def _spell_huge(match: re.Match[bytes]) -> bytes:
     return match[1] + (b'"-Infinity"' if value < 0 else b'"Infinity"')
 
 
-def _quote_non_finite(raw: bytes, huge: bool = False) -> bytes:
-    """Bare NaN / Infinity / -Infinity values (``huge``: numbers past float64's range)
-    -> the JSON strings that spell them; strings left as they are. Linear in the body's
-    size."""
+def _spell_huge_floats(match: re.Match[bytes]) -> bytes:
+    """:func:`_spell_huge`, leaving integer literals (no point, no exponent) as they are:
+    an integer past float64's range is an integer to Python's JSON reader, and spelled
+    "Infinity" it was told to an int64 input as holding Infinity."""
+    return match[0] if match[2].lstrip(b"-").isdigit() else _spell_huge(match)
+
+
+def _quote_non_finite(raw: bytes, huge: bool = False, integers: bool = True) -> bytes:
+    """Bare NaN / Infinity / -Infinity values (``huge``: numbers past float64's range;
+    ``integers``: integer literals among them too) -> the JSON strings that spell them;
+    strings left as they are. Linear in the body's size."""
     if raw.count(b'"') > 2 * _MAX_STRINGS:
         return raw
     if huge and sum(1 for _ in itertools.islice(_HUGE.finditer(raw), _MAX_HUGE + 1)) > _MAX_HUGE:
         return raw
     pieces = _JSON_STRING.split(raw)  # outside, string, outside, string, ..., outside
     if huge:
-        pieces[::2] = [_HUGE.sub(_spell_huge, p) for p in pieces[::2]]
+        pieces[::2] = [_HUGE.sub(_spell_huge if integers else _spell_huge_floats, p) for p in pieces[::2]]
     else:
         pieces[::2] = [_BARE.sub(rb'\1"\2"', p) if b"NaN" in p or b"Infinity" in p else p for p in pieces[::2]]
     return b"".join(pieces)
@@ -266,6 +275,31 @@ def _exact_integers(body: bytes | str) -> Any:
         return json.loads(body, parse_constant=str)  # constants spelled, as orjson's retry reads them
     except Exception:  # noqa: BLE001
         return orjson.loads(body)
+
+
+def _integer(text: str) -> int:
+    """A JSON integer literal, exactly where int() takes it (4,300 digits), else its first
+    4,000 digits: past every integer dtype and float64 alike (only that is read of it), and
+    spelled as the client wrote it where a refusal quotes it."""
+    return int(text if len(text) <= 4000 else text[:4000])
+
+
+def _integers_past_float64(raw: bytes) -> Any:
+    """``raw``, which orjson read once its numbers past float64's range were spelled as
+    infinities, read again where integers were among them (309 digits or more: rare, and
+    at most _MAX_HUGE of them): by Python's json, its integers exact, those numbers but
+    the integers spelled; None where there were none, or Python's reader refuses it
+    (nesting past its recursion limit: the spelled reading holds).
+    Spelled, a 400-digit integer was "Infinity": an int64 input refused it as holding
+    Infinity, argnums named the parameter 'Infinity'; an integer past float64 is an
+    integer to Python's reader (an int64 input refuses it as not fitting, an option as
+    past int64's range, a float input takes the infinity it rounds to: _number)."""
+    if not _HUGE_INTEGER.search(raw):
+        return None
+    try:
+        return json.loads(_quote_non_finite(raw, huge=True, integers=False), parse_constant=str, parse_int=_integer)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _unreadable(raw: bytes, error: str) -> str:
@@ -330,7 +364,7 @@ def loads(body: bytes | str, exact_integers: bool = False, max_depth: int | None
     for huge in (False, True):  # bare tokens, then (where orjson says so) numbers past float64
         if not (_OVERFLOW in said if huge else b"NaN" in raw or b"Infinity" in raw):
             continue
-        quoted = _quote_non_finite(quoted, huge)
+        before, quoted = quoted, _quote_non_finite(quoted, huge)
         try:
             doc = orjson.loads(quoted)
         except orjson.JSONDecodeError as exc:
@@ -338,6 +372,10 @@ def loads(body: bytes | str, exact_integers: bool = False, max_depth: int | None
             if max_depth is not None and said.startswith(_READER_TOO_DEEP):  # (NaN beside the nesting)
                 raise too_deep(max_depth) from None
             continue
+        if huge and quoted is not before:  # (read, and strict, as orjson reads it)
+            exact = _integers_past_float64(before)
+            if exact is not None:
+                return exact
         if not exact_integers or not _may_be_rounded(quoted):
             return doc
         del doc
@@ -413,6 +451,8 @@ def _depth(obj: Any, limit: int) -> int:
 
 
 _SPELLED = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+# Integers from here on round to an infinity as floats (float() raises OverflowError).
+_FLOAT64_PAST = 2**1024 - 2**970
 
 
 def _leaf_types(data: Any, ndim: int) -> set[type]:
@@ -437,6 +477,8 @@ def _number(value: Any, dtype: np.dtype | None) -> Any:
     """One JSON value of array data, checked: the slow path, for data numpy did not read
     as plain numbers (spelled non-finite values, null, huge integers, ...)."""
     kind = value.__class__
+    if kind is int and (dtype is None or dtype.kind == "f") and not -_FLOAT64_PAST < value < _FLOAT64_PAST:
+        return math.inf if value > 0 else -math.inf  # (past float64, read exactly: see loads) as 1e309 is read
     if kind is float or kind is int:
         return value
     if kind is bool and dtype is not None and dtype.kind == "b":

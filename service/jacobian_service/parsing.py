@@ -132,13 +132,34 @@ def _query_value(key: str, value: str) -> Any:
         return [_query_value(key, v) for v in value.split(",") if v != ""]
     if value.lower() in ("", "null", "none") and key in ("chunk_size", "rows"):
         return None
-    if key in ("argnums", "rows", "chunk_size") and _INTEGER.fullmatch(value):
+    if key in _INTEGER_OPTIONS and _INTEGER.fullmatch(value):
         # int() refuses more than 4,300 digits with a ValueError, which was a 500
         # internal_error (?chunk_size=999...9); no option means anything past int64.
         if len(value.lstrip("-").lstrip("0")) > 19:
-            raise InvalidInput(f"{key}: {echo(value, 40)} is beyond the range of int64")
+            raise _past_int64(key, value)
         return int(value)
     return value
+
+
+# The integer options: an integer past int64 there is refused in one wording, from the
+# query string or from JSON.
+_INTEGER_OPTIONS = ("argnums", "rows", "chunk_size")
+
+
+def _past_int64(key: str, value: Any) -> InvalidInput:
+    return InvalidInput(f"{key}: {echo(str(value), 40)} is beyond the range of int64")
+
+
+def _check_int64(raw: Mapping[str, Any]) -> None:
+    """An integer option (or an item of one) past int64 from JSON, refused as the query
+    string's is: JSON's integers past float64 are read exactly (wire.loads), and said
+    'Input should be less than or equal to 9223372036854775807', or quoted whole (a
+    400-digit argnums), where the query string said 'beyond the range of int64'."""
+    for key in _INTEGER_OPTIONS:
+        value = raw.get(key)
+        for v in value if isinstance(value, list) else (value,):
+            if v.__class__ is int and not -_INT64_MAX - 1 <= v <= _INT64_MAX:
+                raise _past_int64(key, v)
 
 
 def _is_argnum(a: Any) -> bool:
@@ -173,6 +194,7 @@ def _options(raw: Mapping[str, Any], kind: str | None = None) -> Options:
         _check_applies(kind, raw)
     if not raw:  # most requests: the defaults, validated once (Options is frozen)
         return _DEFAULT_OPTIONS
+    _check_int64(raw)
     argnums = raw.get("argnums", 0)
     if not (_is_argnum(argnums) or (isinstance(argnums, list) and all(_is_argnum(a) for a in argnums))):
         raise InvalidInput(f"argnums must be an int, a parameter name, or a list of them; got {argnums!r}")
