@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import socket
+import threading
 import time
 from typing import Iterator
 
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 from jacobian_client import wire
 
+from . import clients28_functions
 from ._client_support import real_server
 from .conftest import assert_problem
 from .test_hostile_round27_clients import _head, _softmax_jacobian
@@ -31,7 +34,7 @@ HOSTILE, HONEST = "hostile-key", "honest-key"
 @pytest.fixture(scope="module")
 def budget_server() -> Iterator[str]:
     """A share of 16 MiB per client: two 7.84 MB answers read slowly fill it."""
-    with real_server(functions="jacobian_service.examples", api_keys=f"{HOSTILE},{HONEST}",
+    with real_server(functions="jacobian_service.examples,tests.clients28_functions", api_keys=f"{HOSTILE},{HONEST}",
                      body_budget_bytes=32 << 20) as url:
         yield url
 
@@ -155,3 +158,63 @@ def test_an_integer_past_float64_is_an_integer_to_every_reader(client, digits: i
     r = client.post("/v1/functions/sin/vjp", headers=JSON_HEADERS,
                     content=f'{{"inputs": [[0.0, 0.0]], "cotangents": [-{big}, 0.5]}}')
     assert r.status_code == 200 and r.json()["vjp"]["data"] == ["-Infinity", 0.5], r.text
+
+
+# ------------------------------------------------------------ the engine's time, in turns
+
+
+def _queue_depth(url: str) -> float:
+    text = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {HONEST}"}, timeout=10).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("jacobian_service_queue_depth ")))
+
+
+def test_one_clients_many_requests_take_turns_with_another_clients(budget_server: str) -> None:
+    """The engine took its queue first come first served: a client that sent 40
+    Hessians at once (tiny bodies) had another client's one-element Jacobian wait behind
+    all of them (6.6 s behind 40 of 0.2 s; behind 40 of 1.3 s, a 504 at 60 s). Now the
+    engine takes the first queued job of the client whose last job it took longest ago:
+    the other client waits for one job (or batch) at most, whatever the queue holds.
+    (Here the hostile client's request that holds the engine until the test lets it go
+    has 24 of its Hessians queue before the honest request: that one comes next.)"""
+    url = budget_server
+    x = np.linspace(-1, 1, 500)
+    body = json.dumps({"inputs": [x.tolist()]}).encode()  # (a 1 MB Hessian: under what is held while sent)
+    assert _post(url, "/v1/functions/sum_sin/hessian", body, HOSTILE, wire.NPY).status_code == 200  # (its cost learned)
+    finished: list[str] = []
+
+    def hostile() -> None:
+        r = _post(url, "/v1/functions/sum_sin/hessian", body, HOSTILE, wire.NPY)
+        finished.append(f"hostile {r.status_code}")
+
+    answers: list[httpx.Response] = []
+
+    def honest() -> None:
+        answers.append(_post(url, "/v1/functions/sin/jacobian", json.dumps({"inputs": [[0.5, 1.0]]}).encode(), HONEST))
+        finished.append("honest")
+
+    # The hostile client holds the engine (its turn the latest) until 24 of its Hessians,
+    # and then the honest request, wait behind it.
+    number = os.getpid() % 1_000_000  # (exact as a float32; one gate per test process)
+    holder = threading.Thread(target=_post, args=(url, "/v1/functions/holds_the_engine/evaluate",
+                                                  json.dumps({"inputs": [[float(number)]]}).encode(), HOSTILE))
+    threads = [threading.Thread(target=hostile) for _ in range(24)]
+    honest_thread = threading.Thread(target=honest)
+    started: list[threading.Thread] = []
+    try:
+        for wave, depth in (([holder], 1), (threads, 25), ([honest_thread], 26)):
+            for t in wave:
+                t.start()
+                started.append(t)
+            deadline = time.monotonic() + 60
+            while _queue_depth(url) < depth:
+                assert time.monotonic() < deadline, (depth, finished)
+    finally:
+        clients28_functions.gate(number).touch()
+        for t in started:
+            t.join()
+        clients28_functions.gate(number).unlink()
+    assert answers[0].status_code == 200, answers[0].text
+    np.testing.assert_allclose(np.array(answers[0].json()["jacobian"]["data"]), np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
+    ahead = finished[:finished.index("honest")]
+    assert len(ahead) <= 1, finished  # (first come first served: all 24)
+    assert finished.count("hostile 200") == 24, finished

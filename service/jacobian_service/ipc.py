@@ -260,6 +260,7 @@ def encode_call(
             "out_dims": call.out_dims,
             "stream_room": call.stream_room,
             "answer_room": call.answer_room,
+            "client": call.client,
             "deadline": call.deadline if math.isfinite(call.deadline) else None,
         }
     return [orjson.dumps(header), *frames]
@@ -291,6 +292,7 @@ def decode_call(header: dict[str, Any], frames: Sequence[Any], spec: FunctionSpe
         out_dims=header["out_dims"],
         stream_room=header["stream_room"],
         answer_room=header["answer_room"],
+        client=header["client"],
         deadline=math.inf if header["deadline"] is None else header["deadline"],
     )
 

@@ -368,6 +368,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         inputs.take(more, f"holding a request's arrays ({more} bytes)")
     call.deadline = time.monotonic() + timeout
     call.max_result_bytes = state.settings.max_result_bytes
+    call.client = client_of(request.scope, state.proxies)  # (its turn in the engine's queue)
     sparse = call.sparsity != "dense"
     if sparse and call.sparse_format != "dense":
         media = _sparse_media(media)
@@ -452,6 +453,7 @@ async def function_sparsity(request: Request, name: str) -> Response:
     call.max_result_bytes = state.settings.max_result_bytes
     client = _share_client(request, state)
     call.answer_room = state.streams.answer_room(client)
+    call.client = client_of(request.scope, state.proxies)
     result, info = await _computed(request, state, f"sparsity_{kind}", call, client)
     doc = {"function": spec.name, **(result.sparse_meta or {}),
            "meta": {"device": info.device, "queue_ms": round(info.queue_s * 1e3, 3),

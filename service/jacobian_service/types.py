@@ -116,6 +116,10 @@ class Call:
     # to a client that kept its share full by reading slowly. The engine refuses it after
     # the forward pass, before the derivative (errors.no_answer_room).
     answer_room: int | None = None
+    # Whose request it is (clients.client_of: its API key or address): an engine takes its
+    # queue's jobs in turn among clients (scheduler.Worker), not first come first served
+    # only. None: one client among those with none.
+    client: str | None = None
     cancelled: Callable[[], bool] = field(default=never_cancelled)  # the engine sets its job's check while it runs
 
     def signature(self, batched: bool = False) -> tuple[Any, ...]:
