@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import itertools
 import logging
 import math
@@ -70,6 +71,17 @@ _OVERDUE_EVERY_S = 1.0
 # engine be found hung); quicker ones, nearly all, cost no message.
 _OLDEST_AFTER_S = 0.25
 _MAX_CANCELLED = 4096  # cancels awaiting their engine's answer, kept (a hung engine's pile, bounded)
+# A stream's next chunk's client, which its job does not carry here: counted as a client
+# of its own (the engine takes it as its stream's client's), so that a front end holding it
+# beside other jobs says "several clients" (the cautious side: no blame by order).
+_UNKNOWN_CLIENT = "\x00a stream's chunk"
+
+
+def _client_marks(clients: set[str | None]) -> list[str]:
+    """Short stable marks of (at most two of) the clients whose jobs a front end holds on
+    an engine: enough for the supervisor to tell one client from several, across front
+    ends (a digest, not the API key or address itself)."""
+    return sorted(hashlib.blake2b(repr(c).encode(), digest_size=6).hexdigest() for c in clients)[:2]
 _LOST_GRACE_S = 2.0  # after a broken engine connection, for the supervisor's word to come first
 # The supervisor states twice a second: a front end that has heard nothing for this long
 # takes it as silent (readiness "no word"; a broken connection's requests then answered).
@@ -300,7 +312,7 @@ class RemoteEngines(_Engines):
         self._died: dict[int, int] = {}  # engine index -> the last generation whose "died" was read
         # Requests cancelled (deadline, client gone) that their engine has not yet answered:
         # msg id -> (engine index, its pid then, when cancelled, when sent, tag, function). See _overdue.
-        self._cancelled: dict[int, tuple[int, int | None, float, float, str, str]] = {}
+        self._cancelled: dict[int, tuple[int, int | None, float, float, str, str, str | None]] = {}
         self._told_oldest: set[int] = set()  # engines whose oldest job this front end last told the supervisor of
         # engine index -> the functions this front end last told the supervisor it holds
         # unanswered there (``held``, see _tell_held), since that engine last restarted
@@ -470,7 +482,7 @@ class RemoteEngines(_Engines):
             self._control.send(self.channel.sign({"t": "held_at_death", "from": os.getpid(), "engine": index,
                                                   "pid": pid, "functions": sorted(held)}))
         alone = len(tags) == 1
-        for fut, engine, tag, _, movable, of in list(self._pending.values()):
+        for fut, engine, tag, _, movable, of, _ in list(self._pending.values()):
             if engine != index or fut.done():
                 continue
             if tag in tags and not planned and function and of and of != function:
@@ -568,33 +580,41 @@ class RemoteEngines(_Engines):
         overdue: dict[int, tuple[float, str]] = {}  # engine -> its earliest cancel overdue (when, function)
         given_up: dict[int, list[str]] = {}  # engine -> the tags of its overdue cancels
         oldest: dict[int, tuple[int, float, str, str]] = {}  # engine -> (its pid, sent, tag, function): the oldest job
+        # engine -> the clients of the jobs held there: an engine takes its queue in turns
+        # among clients (scheduler.Worker), so where it holds several clients' jobs its
+        # oldest is not surely the one it runs; the supervisor weighs that (``_hung_in``).
+        clients: dict[int, set[str | None]] = {}
 
-        def consider(index: int, pid: int | None, sent: float, tag: str, function: str) -> None:
+        def consider(index: int, pid: int | None, sent: float, tag: str, function: str, client: str | None) -> None:
+            if pid is not None:
+                clients.setdefault(index, set()).add(client)
             if pid is not None and sent < oldest.get(index, (0, math.inf))[1]:
                 oldest[index] = (pid, sent, tag, function)
 
-        for msg_id, (index, pid, since, sent, tag, function) in list(self._cancelled.items()):
+        for msg_id, (index, pid, since, sent, tag, function, client) in list(self._cancelled.items()):
             if pid is None or self._pids.get(index) != pid:  # that engine has gone: nothing to wait for
                 del self._cancelled[msg_id]
                 continue
-            consider(index, pid, sent, tag, function)
+            consider(index, pid, sent, tag, function, client)
             if now - since > overdue_after:
                 given_up.setdefault(index, []).append(tag)
                 if since < overdue.get(index, (math.inf, ""))[0]:
                     overdue[index] = (since, function)
-        for fut, index, tag, sent, _, function in list(self._pending.values()):
+        for fut, index, tag, sent, _, function, client in list(self._pending.values()):
             if not fut.done():
-                consider(index, self._pids.get(index), sent, tag, function)
+                consider(index, self._pids.get(index), sent, tag, function, client)
         told = set()
         for index, (pid, sent, tag, function) in oldest.items():
             if index in overdue:  # "function": the cancelled request's; "hung": the oldest job's
                 since, cancelled = overdue[index]
                 self._control.send(self.channel.sign({"t": "overdue", "from": os.getpid(), "engine": index, "pid": pid,
                                                       "since": since, "function": cancelled, "sent": sent, "tag": tag, "hung": function,
-                                                      "given_up": given_up[index][-MAX_GIVEN_UP:]}))
+                                                      "given_up": given_up[index][-MAX_GIVEN_UP:],
+                                                      "clients": _client_marks(clients[index])}))
             elif now - sent > _OLDEST_AFTER_S:
                 self._control.send(self.channel.sign({"t": "oldest", "from": os.getpid(), "engine": index, "pid": pid,
-                                                      "sent": sent, "tag": tag, "function": function}))
+                                                      "sent": sent, "tag": tag, "function": function,
+                                                      "clients": _client_marks(clients[index])}))
                 told.add(index)
         for index in self._told_oldest - told:  # answered since: no longer a suspect
             self._control.send(self.channel.sign({"t": "oldest", "from": os.getpid(), "engine": index, "sent": None}))
@@ -605,10 +625,10 @@ class RemoteEngines(_Engines):
         awaits, and those cancelled that the engine process ``pid_of(index)`` has yet to
         answer (it may be running them)."""
         held: dict[int, set[str]] = {}
-        for fut, index, _, _, _, function in self._pending.values():
+        for fut, index, _, _, _, function, _ in self._pending.values():
             if not fut.done() and function:
                 held.setdefault(index, set()).add(function)
-        for index, pid, _, _, _, function in self._cancelled.values():
+        for index, pid, _, _, _, function, _ in self._cancelled.values():
             if function and pid == pid_of(index):
                 held.setdefault(index, set()).add(function)
         return held
@@ -717,7 +737,8 @@ class RemoteEngines(_Engines):
         if function:
             self._tell_held((index, function))
         sent = time.monotonic()
-        self._pending[msg_id] = (fut, index, tag, sent, engine is None, function)
+        client = call.client if call is not None else _UNKNOWN_CLIENT
+        self._pending[msg_id] = (fut, index, tag, sent, engine is None, function, client)
         self._load[index] += 1
         sock = self._socks[index]
 
@@ -733,7 +754,7 @@ class RemoteEngines(_Engines):
                 sock.send(ipc.encode_cancel(msg_id, stream_id if kind == "stream_next" else None))
                 if len(self._cancelled) < _MAX_CANCELLED:  # the engine answers it (see _overdue)
                     self._cancelled[msg_id] = (index, self._pids.get(index), time.monotonic(),
-                                               sent, tag, function)
+                                               sent, tag, function, client)
 
         try:
             sock.send(frames)

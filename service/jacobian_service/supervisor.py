@@ -132,6 +132,15 @@ def _signal_group(proc: subprocess.Popen | Forked, sig: int) -> None:
         pass
 
 
+def _marks(msg: dict[str, Any]) -> frozenset[str]:
+    """The client marks of a front end's ``oldest``/``overdue`` word (``engine_client._client_marks``:
+    at most two, of the clients whose jobs it held on that engine)."""
+    marks = msg.get("clients")
+    if not isinstance(marks, list):
+        return frozenset()
+    return frozenset(m for m in marks[:2] if isinstance(m, str) and len(m) <= 32)
+
+
 def _engine_environ(environ: Any) -> dict[str, str]:
     """An engine's environment: without the settings only front ends use (the API keys),
     matched in any case, as the settings read them."""
@@ -230,6 +239,8 @@ class Supervisor:
         # Each front end's oldest unanswered job per engine, as it last told (``oldest``):
         # engine index -> {front end pid: (engine pid, sent, tag, function, when told)}.
         self._oldest: dict[int, dict[int, tuple[int, float, str, str, float]]] = collections.defaultdict(dict)
+        # And the clients of the jobs it held there then (marks: ``_marks``), by the same keys.
+        self._oldest_clients: dict[int, dict[int, frozenset[str]]] = collections.defaultdict(dict)
         # Requests the front ends gave up on past the grace (``overdue`` words' ``given_up``):
         # engine index -> {tag: (engine pid, when told)}, kept _OLDEST_FRESH_S.
         self._given_up: dict[int, dict[str, tuple[int, float]]] = collections.defaultdict(dict)
@@ -667,6 +678,7 @@ class Supervisor:
             return False
         if sent is None:
             self._oldest[index].pop(sender, None)
+            self._oldest_clients[index].pop(sender, None)
             return True
         pid, tag, function = msg.get("pid"), msg.get("tag", ""), msg.get("function", "")
         if not (isinstance(pid, int) and isinstance(sent, (int, float)) and isinstance(tag, str)
@@ -678,6 +690,9 @@ class Supervisor:
                 del told[stale]
         if sender in told or len(told) < _MAX_FRONT_ENDS:
             told[sender] = (pid, float(sent), tag, function, now)
+            self._oldest_clients[index][sender] = _marks(msg)
+            for gone in set(self._oldest_clients[index]) - set(told):
+                del self._oldest_clients[index][gone]
         return True
 
     def _told_held(self, msg: dict[str, Any]) -> bool:
@@ -801,6 +816,24 @@ class Supervisor:
                         "since: it may still wait for it; the hang is put down to no function", index, stale[2],
                         stale[1] or "a function", best[2] or "any other")
             return {"function": "", "tags": []}
+        # The engine takes its queue in turns among clients (scheduler.Worker), first come
+        # first served only within one: where the front ends held jobs of several clients
+        # there, the oldest job may wait behind a later one of another client, the one it
+        # hangs in (a function that hung and wrote its board had the oldest, another
+        # client's innocent function, struck). Then only a function that every job held
+        # there ran is surely the hang's; with several, no one is blamed (the engine is
+        # replaced all the same; its requests are retryable).
+        clients = set(_marks(msg))
+        for sender, (engine_pid, _, _, _, told) in self._oldest.get(index, {}).items():
+            if engine_pid == pid and now - told < _OLDEST_FRESH_S:
+                clients |= self._oldest_clients.get(index, {}).get(sender, frozenset())
+        if len(clients) > 1:
+            held = self._confirmed(index) | ({best[2]} if best[2] else set())
+            if len(held) != 1:
+                log.warning("engine %d held jobs of several clients and of %s: it takes them in turns, so its "
+                            "oldest (of %s) is not surely the one it hangs in; the hang is put down to no function",
+                            index, ", ".join(sorted(held)) or "no function told", best[2] or "a function")
+                return {"function": "", "tags": []}
         return {"function": best[2], "tags": [best[1]] if best[1] else []}
 
     def _overdue(self, msg: dict[str, Any]) -> bool:
@@ -1069,6 +1102,7 @@ class Supervisor:
             self._strike(suspect, batch=False)
         engine.proc = None
         self._oldest.pop(engine.index, None)  # its jobs are answered now, by the word just sent
+        self._oldest_clients.pop(engine.index, None)
         self._held.pop(engine.index, None)
         self._sent.pop(engine.index, None)
         engine.ready = False
