@@ -460,9 +460,27 @@ _STATUS_HEADERS: dict[int, dict[str, Any]] = {
 }
 
 
+# What the layers in front of every route answer, whichever route a request is for
+# (middleware.py, framing.py, connections.py, app.py): a request the HTTP parser cannot
+# read, or with Content-Type, Authorization or Host given twice (400
+# malformed_request), headers or a body too slow (408), an Expect other than
+# 100-continue (417), headers over the limit (431), a transfer coding other than chunked
+# (501), every connection busy (503), a fault of the service's own (500). Each
+# operation listed only its handler's codes (route.errors): a GET's document said 200
+# alone where the server also answers these, so a generated client had no type for them
+# and a response check (schemathesis') held such an answer for undocumented.
+_ANY_ROUTE = ("malformed_request", "request_timeout", "expectation_failed", "headers_too_large",
+              "unsupported_transfer_coding", "unavailable", "internal_error")
+# The router evaluates every GET's conditions on its 2xx answer (preconditions.py): an
+# If-Match naming no ETag of it is a 412, an If-None-Match ``*`` a 304 (no body).
+_GET_ONLY = ("precondition_failed",)
+_NOT_MODIFIED = {"description": "If-None-Match: * (the answer exists): no body",
+                 "headers": dict(_REQUEST_ID)}
+
+
 def _problems(codes: tuple[str, ...], auth: bool) -> dict[str, Any]:
     by_status: dict[int, list[str]] = {}
-    for code in (*codes, *(("unauthorized", "forbidden") if auth else ())):
+    for code in dict.fromkeys((*codes, *(("unauthorized", "forbidden") if auth else ()))):
         by_status.setdefault(wire.PROBLEM_STATUS[code], []).append(code)
     return {
         str(status): {
@@ -538,7 +556,11 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
             "description": "Accept (the answer's media type is the one Accept picks; its errors say so too), "
                            "and Origin for a page's call",
         }
-    op["responses"] = {"200": ok, **_problems(route.errors, route.auth in guarded)}
+    codes = (*route.errors, *_ANY_ROUTE, *(_GET_ONLY if route.method == "GET" else ()))
+    responses = {"200": ok, **_problems(codes, route.auth in guarded)}
+    if route.method == "GET":
+        responses["304"] = _NOT_MODIFIED
+    op["responses"] = dict(sorted(responses.items()))
     if route.auth in guarded:
         op["security"] = [{"bearer": []}]
     return op

@@ -1,0 +1,79 @@
+"""SPEC conformance, round one: SPEC.md read line by line against the service, each case
+a statement no test held the service to, or a difference found doing so.
+
+In-process (the session's ``client``): every case here is decided by the app's layers,
+not by a socket.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from jacobian_client import wire
+
+
+@pytest.fixture(scope="module")
+def doc(client):
+    return client.get("/openapi.json").json()
+
+
+# One request per operation of the document that its handler answers 2xx, so that what
+# a layer in front (or the router's conditions after it) makes of it is the only change.
+_PATHS = {"/v1/functions/{name}/sparsity": "/v1/functions/sin/sparsity?shapes=3"}
+
+
+def _operations(doc):
+    for path, ops in doc["paths"].items():
+        for method in ops:
+            yield method.upper(), path, _PATHS.get(path, path.replace("{name}", "sin"))
+
+
+def _listed(doc, method, path, response):
+    """The answer is one the document lists for this operation, and, a problem, under
+    its code's name (the description joins the codes of one status)."""
+    listed = doc["paths"][path][method.lower()]["responses"]
+    assert str(response.status_code) in listed, (method, path, response.status_code, sorted(listed))
+    if response.status_code >= 400:
+        assert response.headers["content-type"] == wire.PROBLEM
+        code = response.json()["code"]
+        assert code in listed[str(response.status_code)]["description"].split(" / "), (method, path, code)
+    assert "X-Request-ID" in listed[str(response.status_code)]["headers"]
+    assert response.headers["x-request-id"]  # (the document says every answer has one)
+
+
+def test_every_operation_lists_what_the_layers_in_front_of_it_answer(client, doc):
+    """SPEC 3.4's codes that no route's handler raises, which the middleware answers for
+    any route: an ``Expect`` other than 100-continue (417 ``expectation_failed``), a
+    transfer coding other than chunked (501 ``unsupported_transfer_coding``), a
+    ``Content-Type`` given twice (400 ``malformed_request``). The document listed each
+    operation's handler codes alone: ``GET /v1/functions`` said 200 and nothing else, and
+    no operation named 417, 501 or ``malformed_request``, though the server answers them
+    on every path (before: ``"417" not in responses`` for all 14 operations)."""
+    seen = set()
+    for method, path, url in _operations(doc):
+        body = {"json": {"inputs": [[1.0]]}} if method == "POST" else {}
+        for headers in ({"expect": "x-fast"}, {"transfer-encoding": "gzip, chunked"}):
+            r = client.request(method, url, headers=headers, **body)
+            _listed(doc, method, path, r)
+            seen.add((r.status_code, r.json()["code"]))
+        twice = [("content-type", "application/json"), ("content-type", "application/json")]
+        r = client.request(method, url, headers=twice, content=b'{"inputs": [[1.0]]}' if method == "POST" else b"")
+        _listed(doc, method, path, r)
+        seen.add((r.status_code, r.json()["code"]))
+    assert seen == {(417, "expectation_failed"), (501, "unsupported_transfer_coding"), (400, "malformed_request")}
+
+
+def test_every_get_lists_the_412_and_304_its_conditions_answer(client, doc):
+    """README (Endpoints): on a GET an ``If-Match`` naming no ETag of the answer is a 412
+    ``precondition_failed``, and ``If-None-Match: *`` on one that would be a 200 a 304.
+    The router evaluates both on every GET's answer; the document listed 412 only for
+    the POSTs and the DELETE, and 304 nowhere (before: ``GET /healthz`` listed 200 alone)."""
+    gets = [(m, p, u) for m, p, u in _operations(doc) if m == "GET"]
+    assert len(gets) == 7
+    for method, path, url in gets:
+        r = client.get(url, headers={"if-match": '"v1"'})
+        assert r.status_code == 412, (path, r.text)
+        _listed(doc, method, path, r)
+        r = client.get(url, headers={"if-none-match": "*"})
+        assert (r.status_code, r.content) == (304, b""), path
+        _listed(doc, method, path, r)
