@@ -77,3 +77,28 @@ def test_every_get_lists_the_412_and_304_its_conditions_answer(client, doc):
         r = client.get(url, headers={"if-none-match": "*"})
         assert (r.status_code, r.content) == (304, b""), path
         _listed(doc, method, path, r)
+
+
+def test_the_array_schemas_hold_every_array_form_the_server_reads_and_writes(client, doc):
+    """SPEC 3.1: an array is a number, a nested list or an object; README: NaN and the
+    infinities travel spelled ("NaN", "Infinity", "-Infinity"), a bare 0-d one alike.
+    The document's ArrayTree (a vjp's cotangents, a jvp's tangents, every result) held
+    {dtype, shape, data} alone and its numbers no spelled one: a 0-d output's cotangent
+    ``1.0`` or ``"NaN"``, which the server answers 200, was invalid against the vjp
+    schema, and evaluate's 0-d NaN answer (``"data": "NaN"``) matched no array form."""
+    import jsonschema
+
+    def valid(name, instance):
+        schema = {**doc["components"]["schemas"][name], "components": doc["components"]}
+        return not list(jsonschema.Draft202012Validator(schema).iter_errors(instance))
+
+    for cotangent in (1.0, "NaN", "-Infinity", {"dtype": "float32", "shape": [], "data": "Infinity"}):
+        body = {"inputs": [[0.1, 0.2]], "cotangents": cotangent}
+        assert client.post("/v1/functions/sum_sin/vjp", json=body).status_code == 200, cotangent
+        assert valid("VjpRequest", body), cotangent
+    r = client.post("/v1/functions/sum_sin/evaluate", json={"inputs": [["Infinity", 0.0]]})
+    assert r.json()["output"] == {"dtype": "float32", "shape": [], "data": "NaN"}
+    assert valid("ArrayData", r.json()["output"]) and valid("EvaluateResponse", r.json())
+    wrong = {"inputs": [[0.1, 0.2]], "cotangents": "inf"}  # (not how JSON's readers spell it)
+    assert client.post("/v1/functions/sum_sin/vjp", json=wrong).status_code == 422
+    assert not valid("VjpRequest", wrong) and not valid("Array", "nan")

@@ -49,6 +49,7 @@ __all__ = [
     "PROBLEM_STATUS",
     "RESULT_KEY",
     "SPARSE_FIELDS",
+    "SPELLED_NON_FINITE",
     "Limits",
     "SparseCOO",
     "WireError",
@@ -453,6 +454,7 @@ def _depth(obj: Any, limit: int) -> int:
 _SPELLED = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 # Integers from here on round to an infinity as floats (float() raises OverflowError).
 _FLOAT64_PAST = 2**1024 - 2**970
+SPELLED_NON_FINITE = tuple(_SPELLED)  # (the OpenAPI document's number forms)
 
 
 def _leaf_types(data: Any, ndim: int) -> set[type]:

@@ -22,7 +22,14 @@ from .routes import Route
 __all__ = ["build_openapi"]
 
 _VECTORS = {"vjp": "cotangents", "jvp": "tangents", "hvp": "tangents"}
-_NUMBER_TREE = {"description": "a number, or nested lists of numbers", "anyOf": [{"type": "number"}, {"type": "array", "items": {}}]}
+# JSON has no NaN or infinities: the wire spells them, in answers and requests alike
+# (wire.encode_tree; a 0-d array's data, a plain number in a list or in aux), and the
+# schemas said a number, so a 0-d NaN answer (evaluate's "data": "NaN") matched no
+# array form, and a request carrying one spelled none the server takes.
+_NON_FINITE = {"type": "string", "enum": sorted(wire.SPELLED_NON_FINITE),
+               "description": "a non-finite number, spelled (JSON has none)"}
+_NUMBER_TREE = {"description": "a number, or nested lists of numbers",
+                "anyOf": [{"type": "number"}, _NON_FINITE, {"type": "array", "items": {}}]}
 
 _COMPONENTS: dict[str, Any] = {
     "ArrayData": {
@@ -57,16 +64,19 @@ _COMPONENTS: dict[str, Any] = {
         "description": "an array: a number, nested lists of numbers, {dtype, shape, data} or {dtype, shape, base64}",
         "anyOf": [
             {"type": "number"},
+            _NON_FINITE,
             {"type": "array", "items": {}},
             {"$ref": "#/components/schemas/ArrayData"},
             {"$ref": "#/components/schemas/ArrayBase64"},
         ],
     },
+    # Every Array form, as cotangents and tangents are read (a 0-d output's cotangent is
+    # one number, SPEC 3.1's first form): it listed {dtype, shape, data} alone, and a
+    # vjp's "cotangents": 1.0, which the server answers 200, matched no branch.
     "ArrayTree": {
         "description": "an array, or a list (tuple) or object (dict) of array trees, nested as torch.func nests results",
         "anyOf": [
-            {"$ref": "#/components/schemas/ArrayData"},
-            {"type": "array", "items": {}},
+            {"$ref": "#/components/schemas/Array"},
             {"type": "object", "additionalProperties": True},
         ],
     },
