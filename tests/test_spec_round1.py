@@ -79,6 +79,54 @@ def test_every_get_lists_the_412_and_304_its_conditions_answer(client, doc):
         _listed(doc, method, path, r)
 
 
+_KINDS = ("jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp")
+# SPEC 3.1's request body, as written there, sent to every endpoint (sum_sin: one input,
+# a 0-d output), with the vectors an endpoint requires.
+_SPEC_BODY = {"inputs": [[0.1, 0.2]], "argnums": 0, "chunk_size": None, "batched": False, "return_output": False}
+_VECTORS = {"vjp": {"cotangents": 1.0}, "jvp": {"tangents": [1.0, 0.0]}, "hvp": {"tangents": [1.0, 0.0]}}
+# A value other than its default for every option, each valid where the option applies.
+_OTHER = {"argnums": [0], "chunk_size": 2, "batched": True, "in_dims": 1, "out_dims": 1, "return_output": True,
+          "rows": [0, 1], "mode": "fwd", "sparsity": "auto", "sparse_format": "coo", "batched_vectors": True}
+
+
+def _validator(doc, kind):
+    import jsonschema
+
+    schema = {**doc["components"]["schemas"][f"{kind.capitalize()}Request"], "components": doc["components"]}
+    return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+def test_each_request_schema_takes_the_bodies_the_server_takes(client, doc, kind):
+    """SPEC 3.1 gives one request body for every endpoint, and the server takes it on
+    each (README: an option an endpoint does not take is accepted at its default, and
+    chunk_size and mode anywhere, where they cannot change the answer). The document's
+    request schemas were closed on each endpoint's own options: SPEC's body with a vjp's
+    cotangents answered 200, and the vjp schema called it invalid (``'batched',
+    'chunk_size' were unexpected``), so a gateway or client validating requests against
+    /openapi.json refused what the server serves. Now the schema and the server agree on
+    every option an endpoint does not take: at its default, and at another value (taken
+    where moot, else a 422 naming it)."""
+    from jacobian_service.parsing import OPTION_KINDS, Options, options_of
+
+    validator = _validator(doc, kind)
+    url = f"/v1/functions/sum_sin/{kind}"
+    body = {**_SPEC_BODY, **_VECTORS.get(kind, {})}
+    assert list(validator.iter_errors(body)) == []
+    assert client.post(url, json=body).status_code == 200
+    for name in OPTION_KINDS:
+        if name in options_of(kind):
+            continue
+        for value in (Options.model_fields[name].default, _OTHER[name]):
+            sent = {**_VECTORS.get(kind, {}), "inputs": [[0.1, 0.2]], name: value}
+            r = client.post(url, json=sent)
+            assert r.status_code in (200, 422), (name, value, r.text)
+            errors = [e.message for e in validator.iter_errors(sent)]
+            assert (r.status_code == 200) == (errors == []), (kind, name, value, r.status_code, errors)
+            if r.status_code == 422:
+                assert name in r.json()["detail"]
+
+
 def test_the_array_schemas_hold_every_array_form_the_server_reads_and_writes(client, doc):
     """SPEC 3.1: an array is a number, a nested list or an object; README: NaN and the
     infinities travel spelled ("NaN", "Infinity", "-Infinity"), a bare 0-d one alike.

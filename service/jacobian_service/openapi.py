@@ -15,7 +15,7 @@ from typing import Any
 from jacobian_client import wire
 
 from . import __version__
-from .parsing import OPTION_KINDS, OPTIONAL_VECTORS, Options
+from .parsing import OPTION_KINDS, OPTIONAL_VECTORS, Options, unused_options
 from .registry import Registry
 from .routes import Route
 
@@ -280,10 +280,23 @@ def _request_schema(kind: str) -> dict[str, Any]:
             "$ref": "#/components/schemas/ArrayTree",
             "description": "optional: shaped like the output (as vjp's); asks for c . H t, the jvp of the vjp, "
                            "of a function with any output (with batched_vectors, one per tangent, paired by index)"}
+    # Beside its own, the server takes every other option where it cannot change the
+    # answer (chunk_size and mode anywhere, argnums on an evaluate), and the rest at their
+    # defaults, so that one body goes to every endpoint (parsing.unused_options): SPEC
+    # 3.1's example body (batched, chunk_size) with a vjp's cotangents is a 200, which the
+    # closed schema said no server would take (a gateway or client validating against it
+    # refused it). Accepted, not offered: in patternProperties, which Swagger UI's sample
+    # body and generated clients' models leave out, as they leave out these options.
+    every = Options.model_json_schema()["properties"]
+    accepted = {f"^{name}$": every[name] if any_value else {
+        "const": Options.model_fields[name].default,
+        "description": f"for {', '.join(OPTION_KINDS[name])}: taken here at its default alone"}
+        for name, any_value in unused_options(kind).items()}
     # The server refuses any other member (an unknown option, a vjp's tangents, an
     # evaluate's cotangents; one this kind does not take, unless given its default):
     # 422, as the schema now says.
-    return {"type": "object", "required": required, "properties": props, "additionalProperties": False}
+    return {"type": "object", "required": required, "properties": props, "patternProperties": accepted,
+            "additionalProperties": False}
 
 
 def _response_schema(kind: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ straight to numpy by :mod:`jacobian_client.wire`).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Annotated, Any, Literal, Mapping
@@ -25,7 +26,7 @@ from .registry import FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, Functio
 from .vmap_dims import check_out_dims, in_dim_of, leaf_in_dims, query_dims
 
 __all__ = ["KINDS", "OPTIONAL_VECTORS", "OPTION_KINDS", "Options", "check_head", "check_json_charset", "media_type_of",
-           "parse_call", "parse_sparsity_query"]
+           "parse_call", "parse_sparsity_query", "unused_options"]
 
 Kind = Literal["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"]
 KINDS = tuple(wire.RESULT_KEY)  # the computing endpoints, in the order the docs list them
@@ -68,6 +69,14 @@ _MOOT: dict[str, tuple[str, ...]] = {"chunk_size": KINDS, "mode": KINDS, "argnum
 def options_of(kind: str) -> list[str]:
     """The options ``kind`` takes, in the table's order (for messages and docs)."""
     return [name for name, kinds in OPTION_KINDS.items() if kind in kinds]
+
+
+@functools.cache
+def unused_options(kind: str) -> dict[str, bool]:
+    """The options ``kind`` does not take, each with whether it is taken there whatever
+    its value (moot: _MOOT) or at its default alone: what the parser accepts beyond
+    ``options_of(kind)``, and the OpenAPI document's request schema with it."""
+    return {name: kind in _MOOT.get(name, ()) for name, kinds in OPTION_KINDS.items() if kind not in kinds}
 
 
 _INT64_MAX = 2**63 - 1
@@ -177,8 +186,8 @@ def _check_applies(kind: str, raw: Mapping[str, Any]) -> None:
     if unknown:
         raise InvalidInput(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(echo, unknown))}; "
                            f"{kind} takes {', '.join(takes)}")
-    refused = [k for k in OPTION_KINDS if k in raw and kind not in OPTION_KINDS[k]
-               and raw[k] != Options.model_fields[k].default and kind not in _MOOT.get(k, ())]
+    refused = [k for k, any_value in unused_options(kind).items()
+               if k in raw and not any_value and raw[k] != Options.model_fields[k].default]
     if refused:
         where = "; ".join(f"{k} is for {_and(OPTION_KINDS[k])}" for k in refused)
         raise InvalidInput(f"{', '.join(refused)} {'does' if len(refused) == 1 else 'do'} not apply to {kind} "
