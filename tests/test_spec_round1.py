@@ -150,3 +150,30 @@ def test_the_array_schemas_hold_every_array_form_the_server_reads_and_writes(cli
     wrong = {"inputs": [[0.1, 0.2]], "cotangents": "inf"}  # (not how JSON's readers spell it)
     assert client.post("/v1/functions/sum_sin/vjp", json=wrong).status_code == 422
     assert not valid("VjpRequest", wrong) and not valid("Array", "nan")
+
+
+def test_meta_holds_what_spec_says_on_every_endpoint_and_the_schema_requires_it(client, doc):
+    """SPEC 3.3: ``meta`` holds at least the device, the chunk size used, the batch size
+    it ran in, and queue and compute milliseconds. Every endpoint's answers hold them
+    (plain, per-example, stacked vectors, sparse); the Meta schema required none, so a
+    generated client typed each as optional. Each answer below validates against its
+    endpoint's response schema, which now requires the five."""
+    import jsonschema
+
+    spec = ["device", "chunk_size", "batch_size", "queue_ms", "compute_ms"]
+    assert doc["components"]["schemas"]["Meta"]["required"] == spec
+    x = [0.1, 0.2, 0.3]
+    calls = [("jacobian", "lorenz96", {"inputs": [[0.1] * 8], "sparsity": "auto"}),
+             ("jacobian", "sin", {"inputs": [[x, x]], "batched": True, "return_output": True}),
+             ("hessian", "sum_sin", {"inputs": [x], "sparsity": "auto"}),
+             ("hessian", "sum_sin", {"inputs": [[x, x]], "batched": True}),
+             ("evaluate", "sin_aux", {"inputs": [x]}),
+             ("vjp", "sin", {"inputs": [x], "cotangents": [[1, 0, 0], [0, 1, 0]], "batched_vectors": True}),
+             ("jvp", "polar", {"inputs": [x, x], "argnums": [0, 1], "tangents": [x, x]}),
+             ("hvp", "sum_sin", {"inputs": [x], "tangents": x})]
+    for kind, name, body in calls:
+        r = client.post(f"/v1/functions/{name}/{kind}", json=body)
+        assert r.status_code == 200, (kind, name, r.text)
+        assert set(spec) <= set(r.json()["meta"]), (kind, name, r.json()["meta"])
+        schema = {**doc["components"]["schemas"][f"{kind.capitalize()}Response"], "components": doc["components"]}
+        assert not [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(r.json())], (kind, name)

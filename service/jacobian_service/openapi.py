@@ -102,8 +102,11 @@ _COMPONENTS: dict[str, Any] = {
             {"type": "object", "additionalProperties": {"anyOf": [{"$ref": "#/components/schemas/Array"}, {"$ref": "#/components/schemas/InputTree"}]}},
         ],
     },
+    # SPEC 3.3: meta holds at least these, on every endpoint's answer; the schema required
+    # none of them, so a generated client typed each as optional (Unset | float).
     "Meta": {
         "type": "object",
+        "required": ["device", "chunk_size", "batch_size", "queue_ms", "compute_ms"],
         "properties": {
             "device": {"type": ["string", "null"]},
             "chunk_size": {"type": ["integer", "null"]},
