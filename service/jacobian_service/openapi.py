@@ -74,7 +74,9 @@ _COMPONENTS: dict[str, Any] = {
     # one number, SPEC 3.1's first form): it listed {dtype, shape, data} alone, and a
     # vjp's "cotangents": 1.0, which the server answers 200, matched no branch.
     "ArrayTree": {
-        "description": "an array, or a list (tuple) or object (dict) of array trees, nested as torch.func nests results",
+        "description": ("an array, or a list (tuple) or object (dict) of array trees, nested as torch.func nests "
+                        "results; in cotangents and tangents an array object gives its shape (one without is read "
+                        "as a dict)"),
         "anyOf": [
             {"$ref": "#/components/schemas/Array"},
             {"type": "object", "additionalProperties": True},
