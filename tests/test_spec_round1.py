@@ -177,3 +177,19 @@ def test_meta_holds_what_spec_says_on_every_endpoint_and_the_schema_requires_it(
         assert set(spec) <= set(r.json()["meta"]), (kind, name, r.json()["meta"])
         schema = {**doc["components"]["schemas"][f"{kind.capitalize()}Response"], "components": doc["components"]}
         assert not [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(r.json())], (kind, name)
+
+
+def test_406_is_for_the_answers_whose_format_accept_picks(client):
+    """SPEC 3.4's 406 (an Accept that cannot carry this result) on the endpoints whose
+    answer Accept chooses; the GETs of one format answer it whatever Accept says, a
+    difference from a strict reading of SPEC that README's error table states."""
+    npy = {"accept": "application/x-npy"}
+    for url in ("/v1/functions", "/v1/functions/sin", "/v1/info", "/healthz", "/readyz"):
+        r = client.get(url, headers=npy)
+        assert (r.status_code, r.headers["content-type"]) == (200, "application/json"), url
+    assert client.get("/metrics", headers=npy).headers["content-type"].startswith("text/plain")
+    r = client.get("/v1/functions/sin/sparsity?shapes=3", headers=npy)
+    assert (r.status_code, r.json()["code"]) == (406, "not_acceptable")
+    r = client.post("/v1/functions/sin_aux/jacobian", json={"inputs": [[0.1, 0.2]]}, headers=npy)
+    assert (r.status_code, r.json()["code"]) == (406, "not_acceptable")
+    assert "application/x-npz" in r.json()["detail"]  # (SPEC 3.3: 406 pointing at application/x-npz)
