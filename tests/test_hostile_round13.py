@@ -123,7 +123,7 @@ def test_the_word_of_one_front_end_names_its_oldest_job_not_the_cancelled_one() 
     """Through one front end alone (``WORKERS=1``) the same hang struck ``sin``: the front
     end's word named the request it cancelled. Now it names its oldest job on that engine
     (its function and tag), cancelled or not, beside the cancelled request's function."""
-    from jacobian_service.engine_client import RemoteEngines
+    from jacobian_service.engine_client import RemoteEngines, _client_marks
     from jacobian_service.supervision import Channel
 
     sent: list[bytes] = []
@@ -133,14 +133,15 @@ def test_the_word_of_one_front_end_names_its_oldest_job_not_the_cancelled_one() 
         settings=SimpleNamespace(hang_grace_s=0.5), channel=Channel("", "", b"k" * 32),
         _control=SimpleNamespace(send=sent.append), _pids={0: 4242}, _told_oldest=set(),
         # the hang: sent 5 s ago with the default deadline, still waited for
-        _pending={1: (loop_future, 0, "fe:1", now - 5.0, True, "hangs_behind_its_board")},
+        _pending={1: (loop_future, 0, "fe:1", now - 5.0, True, "hangs_behind_its_board", "client-a")},
         # queued behind it: sent 4 s ago, cancelled at its deadline 3 s ago
-        _cancelled={2: (0, 4242, now - 3.0, now - 4.0, "fe:2", "sin")},
+        _cancelled={2: (0, 4242, now - 3.0, now - 4.0, "fe:2", "sin", "client-a")},
     )
     RemoteEngines._tell_overdue(front_end, now)  # type: ignore[arg-type]
     words = [front_end.channel.verify(raw) for raw in sent]
     assert words == [{"t": "overdue", "from": os.getpid(), "engine": 0, "pid": 4242, "since": now - 3.0, "function": "sin",
-                      "sent": now - 5.0, "tag": "fe:1", "hung": "hangs_behind_its_board", "given_up": ["fe:2"]}], words
+                      "sent": now - 5.0, "tag": "fe:1", "hung": "hangs_behind_its_board", "given_up": ["fe:2"],
+                      "clients": _client_marks({"client-a"})}], words
 
 
 def test_the_supervisor_keeps_the_word_of_new_front_ends_once_old_ones_have_gone() -> None:
@@ -153,7 +154,8 @@ def test_the_supervisor_keeps_the_word_of_new_front_ends_once_old_ones_have_gone
 
     from jacobian_service import supervisor
 
-    sup = SimpleNamespace(engines=[None], _oldest=collections.defaultdict(dict))
+    sup = SimpleNamespace(engines=[None], _oldest=collections.defaultdict(dict),
+                          _oldest_clients=collections.defaultdict(dict))
     told = supervisor.Supervisor._told_oldest
     for pid in range(supervisor._MAX_FRONT_ENDS):
         assert told(sup, {"engine": 0, "from": pid, "pid": 7, "sent": 1.0, "tag": "t", "function": "f"})

@@ -193,14 +193,14 @@ def test_a_front_end_tells_what_it_holds_a_few_times_a_second_not_per_request() 
     pending = concurrent.futures.Future()
     for i in range(1000):
         front_end._tell_held((0, "sin"))
-        front_end._pending[i] = (pending, 0, f"fe:{i}", time.monotonic(), True, "sin")
+        front_end._pending[i] = (pending, 0, f"fe:{i}", time.monotonic(), True, "sin", None)
     front_end._tell_held((0, "cos"))
     front_end._tell_held(None)  # the second's look: cos was answered
     front_end._pending.clear()
     front_end._tell_held(None)  # all answered
     front_end._tell_held(None)  # nothing new
     front_end._tell_held((0, "sin"))  # held: told at once
-    front_end._pending[0] = (pending, 0, "fe:0", time.monotonic(), True, "sin")
+    front_end._pending[0] = (pending, 0, "fe:0", time.monotonic(), True, "sin", None)
     front_end._fail_engine(0, set(), "", hang=False, ready_in=1.0, pid=4242)  # the engine died (its word read)
     front_end._tell_held((0, "sin"))
     words = [front_end.channel.verify(raw) for raw in sent]
