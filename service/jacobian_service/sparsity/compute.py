@@ -523,6 +523,12 @@ class _Products:
     seed_shapes: list[torch.Size]  # one per seed part (differentiated inputs; rev: the output)
     width: int  # elements in one product's row
     like: torch.Tensor  # dtype and device of the seeds
+    rows: tuple[int, int] | None = None  # the rows asked for (rev: the random cotangent's support)
+    # Whether the products carry one more, with a random seed, that checks the answer (see
+    # _proven_wrong): run beside the colours', in their vmap, it costs a fraction of one
+    # product alone (a second call's fixed cost was most of the check's: +90 % on lorenz96)
+    checks: bool = True
+    checked_by: tuple[torch.Tensor, np.ndarray] | None = field(default=None, repr=False)  # (product, seed)
 
     def compressed(
         self, run: Callable[[list[torch.Tensor]], torch.Tensor], memory_budget: int,
@@ -532,12 +538,19 @@ class _Products:
         seed axis (0, or 1 for a batch of points). ``chunk_size`` (the request's option)
         caps the chunk; the memory budget sizes it, halved on out-of-memory as the dense
         rows are; the deadline is checked between chunks."""
+        from .verify import random_row
+
         k = self.coloring.n_colors
         seed_width = sum(int(np.prod(s, dtype=np.int64)) for s in self.seed_shapes)
+        # (the checking seed is row k of the seed matrix: chunked, halved on out of memory
+        # and deadline-checked as the colours' rows are)
+        check = random_row(seed_width, self.coloring.mode, self.like, self.rows) if (
+            self.checks and self.width and seed_width) else None
+        total = k + (check is not None)
         per = _WORKSET_FACTOR * batch * (self.width + seed_width) * self.like.element_size()
-        chunk = max(1, min(k, memory_budget // max(per, 1), chunk_size or k))
+        chunk = max(1, min(total, memory_budget // max(per, 1), chunk_size or total))
         axis = 0 if batch == 1 else 1
-        if k == 0 and self.width and seed_width:
+        if total == 0 and self.width and seed_width:
             # An empty pattern needs no product, but jacrev still runs the function under
             # its transform, and fails where it fails (an op without a derivative, such as
             # unique; a write through out=, which the trace never sees): one product with
@@ -546,12 +559,15 @@ class _Products:
             run(_split(torch.zeros((1, seed_width), dtype=self.like.dtype, device=self.like.device), self.seed_shapes))
         blocks: list[torch.Tensor] = []
         start = 0
-        while start < k:
+        while start < total:
             if check_alive is not None:
                 check_alive()
-            stop = min(start + chunk, k)
+            stop = min(start + chunk, total)
+            seeds = _seeds(self.coloring.colors, start, min(stop, k), self.like)
+            if stop > k:
+                seeds = torch.cat([seeds, check[0]])  # type: ignore[index]
             try:
-                blocks.append(run(_split(_seeds(self.coloring.colors, start, stop, self.like), self.seed_shapes)))
+                blocks.append(run(_split(seeds, self.seed_shapes)))
             except Exception as exc:
                 if _is_oom(exc) and chunk > 1:
                     chunk = max(1, chunk // 2)
@@ -563,7 +579,11 @@ class _Products:
         if not blocks:
             shape = (0, self.width) if batch == 1 else (batch, 0, self.width)
             return torch.zeros(shape, dtype=self.like.dtype, device=self.like.device), chunk
-        return torch.cat(blocks, dim=axis), chunk
+        block = torch.cat(blocks, dim=axis)
+        if check is not None:
+            self.checked_by = (block.narrow(axis, k, 1), check[1])
+            block = block.narrow(axis, 0, k)
+        return block, min(chunk, max(k, 1))  # (meta's chunk_size: the colours' products per vmap)
 
     def values(self, p: Pattern, block: torch.Tensor) -> torch.Tensor:
         """The pattern's entries (last axis) out of the products ``(..., k, width)``."""
@@ -595,10 +615,11 @@ class _Products:
         return not bool(torch.isfinite(flat[..., torch.as_tensor(solve.need, device=flat.device)]).all())
 
 
-def _products(p: Pattern, coloring: Coloring, primals: Sequence[torch.Tensor], m: int) -> _Products:
+def _products(p: Pattern, coloring: Coloring, primals: Sequence[torch.Tensor], m: int,
+              rows: tuple[int, int] | None = None, checks: bool = True) -> _Products:
     if coloring.mode == "rev":
-        return _Products(coloring, [torch.Size([m])], p.shape[1], primals[0])
-    return _Products(coloring, [q.shape for q in primals], p.shape[0], primals[0])
+        return _Products(coloring, [torch.Size([m])], p.shape[1], primals[0], rows, checks)
+    return _Products(coloring, [q.shape for q in primals], p.shape[0], primals[0], rows, checks)
 
 
 # (function, mode, shapes) whose products vmap was seen to run (_single's vmap_error);
@@ -985,21 +1006,27 @@ def _jacobian_products(
             raise _ForwardFailed(f"{type(exc).__name__}: {exception_text(exc)}") from exc
 
     if coloring.mode == "bidirectional":  # JVPs for some entries, VJPs for the others
-        sides = [_products(p, part, primals, m) for part in coloring.parts]
+        # (checked by the VJP differs_from_reverse runs after forward products)
+        sides = [_products(p, part, primals, m, rows, checks=False) for part in coloring.parts]
         runs = [forward, reverse]
         blocks, chunks = zip(*[plan.compressed(run, memory_budget, check_alive, chunk_size) for plan, run in zip(sides, runs)])
         flat = torch.cat([blocks[0].transpose(-1, -2).reshape(-1), blocks[1].reshape(-1)])
         matrix = _to_csr(p, flat[torch.as_tensor(coloring.gather, device=flat.device)] if p.nnz else flat[:0])
-        wrong = _proven_wrong(p, coloring, sides, list(blocks), matrix, runs, rows)
+        wrong = _proven_wrong(p, coloring, sides, list(blocks), matrix, rows)
         chunk = max(chunks)
     else:
-        plan = _products(p, coloring, primals, m)
+        # Forward products (JVPs read as symmetric too) are checked by the VJP with a random
+        # cotangent that proves them jacrev's (differs_from_reverse, after this): where it
+        # differs, VJPs over the same pattern, checked here, answer. (Checked here as well,
+        # a symmetric reading proven wrong at an asymmetric point went dense, where those
+        # VJPs answer.)
+        plan = _products(p, coloring, primals, m, rows, checks=coloring.mode == "rev")
         run = reverse if coloring.mode == "rev" else forward
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
         if plan.unsolvable(block):  # a symmetric Jacobian's substitution would spread a NaN: jacrev's
             raise _NotFinite("a product is not finite: an acyclic colouring's substitution would spread it")
         matrix = _to_csr(p, plan.values(p, block))
-        wrong = _proven_wrong(p, coloring, [plan], [block], matrix, [run], rows)
+        wrong = _proven_wrong(p, coloring, [plan], [block], matrix, rows)
     if wrong:
         matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "jacobian")
     return matrix, p, coloring, chunk
@@ -1121,7 +1148,7 @@ def _sparse_hessian(
         plan = _products(p, coloring, primals, 1)
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
     matrix = _to_csr(p, plan.values(p, block))
-    if _proven_wrong(p, coloring, [plan], [block], matrix, [run], None):
+    if _proven_wrong(p, coloring, [plan], [block], matrix, None):
         matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "hessian")
     elif (forward_failed is not None or unasked) and not _agrees_with_differences(fn, args, argnums, has_aux, primals,
                                                                                  matrix, check_alive):
@@ -1167,31 +1194,37 @@ def _agrees_with_differences(fn: Callable[..., Any], args: Sequence[torch.Tensor
 
 def _proven_wrong(
     p: Pattern, coloring: Coloring, plans: "list[_Products]", blocks: list[torch.Tensor], matrix: Any,
-    runs: list[Callable[[list[torch.Tensor]], torch.Tensor]], rows: tuple[int, int] | None,
+    rows: tuple[int, int] | None,
 ) -> bool:
-    """Whether the products prove ``p`` wrong (see :mod:`.verify`): nothing to check for
-    an exact traced pattern (a superset by construction; checking took ~60 % more time
-    on lorenz96 at n = 8192), the free check for one traced through ops it does not know,
-    the random product too for those not traced and those of functions that draw random
-    numbers (a ``torch.Generator`` the function keeps draws anew at every call) or read
-    their tensors' text (``detect.checked``). A declared pattern proven wrong raises
+    """Whether the products prove ``p`` wrong (see :mod:`.verify`). Every pattern is
+    checked against the product with a random seed its products carried (``checked_by``;
+    a Jacobian's forward products carry none: the random VJP of differs_from_reverse,
+    run after them, checks them); all but exact traced ones (supersets of what the trace
+    saw) get the free check too.
+
+    A traced pattern was once trusted unless the trace noticed something it could not
+    follow (``detect.checked``: its tensors' text, its type...): the tracer's tensors are
+    no jacrev tensors, and any Python that tells them apart (``type``, an attribute name
+    built at run time, ``operator.attrgetter("__class__.__name__")``, code compiled under
+    a library's file name, a profiler of its own) can take another branch than jacrev
+    with the same values: an exact, unchecked, wrong 200. No reading of the function's
+    code can rule that out, so none is trusted; run in the colours' vmap the check
+    costs a fraction of one product. A declared pattern proven wrong raises
     :class:`PatternMismatch` (it is trusted: the caller must know); for the others the
     caller computes densely."""
     from .verify import disagrees, disagrees_batch, strays
 
-    seeded = checked(p)  # it seeds its own generator, or reads its tensors' text
-    if p.source == "traced" and p.exact and not is_random(p) and not seeded:
-        return False
     batch = isinstance(matrix, list)
     stray = 0
-    for plan, block in zip(plans, blocks):  # (a bicolouring: its JVPs' and its VJPs')
-        part = plan.coloring
-        stray += sum(strays(p, part, b, rows) for b in block) if batch else strays(p, part, block, rows)
+    if not (p.source == "traced" and p.exact and not is_random(p) and not checked(p)):
+        for plan, block in zip(plans, blocks):  # (a bicolouring: its JVPs' and its VJPs')
+            part = plan.coloring
+            stray += sum(strays(p, part, b, rows) for b in block) if batch else strays(p, part, block, rows)
     off = 0.0
-    if not stray and (p.source in ("declared", "probe", "given") or is_random(p) or seeded):
+    plan = plans[-1]  # (a bicolouring's VJPs: a random cotangent checks every entry)
+    if not stray and plan.checked_by is not None:
         check = disagrees_batch if batch else disagrees
-        plan, run = plans[-1], runs[-1]  # a bicolouring's VJPs: a random cotangent checks every entry
-        off = check(matrix, "rev" if plan.coloring.mode == "rev" else "fwd", plan.seed_shapes, plan.like, run, rows)
+        off = check(matrix, "rev" if plan.coloring.mode == "rev" else "fwd", *plan.checked_by, rows, plan.like.dtype)
     if not stray and not off:
         return False
     why = (f"{stray} product value(s) fall where the pattern has no entry of that colour" if stray
@@ -1252,7 +1285,7 @@ def sparse_batch(
         raise ValueError("a pattern that depends on the input values holds at one point only: not for a batch")
     argnums = tuple(argnums)
     batch = int(args[0].shape[0])
-    plan = _products(p, coloring, [args[i][0] for i in argnums], out_size)
+    plan = _products(p, coloring, [args[i][0] for i in argnums], out_size, rows)
     at = _product_at(coloring.mode, fn, argnums, has_aux)
     key = _products_key(fn, name, argnums, [a[0] for a in args])
 
@@ -1264,7 +1297,7 @@ def sparse_batch(
         if seen is not None and _VMAP_CHECKED.get(seen) is False:
             raise VmapDisagrees("vmap of the products over the points disagrees with one product")
         out = torch.func.vmap(lambda *point: torch.func.vmap(at(*point))(*seeds))(*args)
-        if not _agrees(seen, lambda: all(vmap_agrees(at(*[a[i] for a in args]), tuple(seeds), out[i]) for i in range(batch)),
+        if not _agrees(seen, lambda: all(_agrees_at(at(*[a[i] for a in args]), seeds, out[i]) for i in range(batch)),
                        f"over {batch} points: each point alone"):
             raise VmapDisagrees("vmap of the products over the points disagrees with one product")
         return out
@@ -1274,8 +1307,20 @@ def sparse_batch(
         raise ProvenWrong("a product is not finite: an acyclic colouring's substitution would spread it")
     values = plan.values(p, block)
     full = [_to_csr(p, values[i]) for i in range(batch)]
-    _proven_wrong(p, coloring, [plan], [block], full, [run], rows)  # raises for any point proven wrong
+    _proven_wrong(p, coloring, [plan], [block], full, rows)  # raises for any point proven wrong
     return [_rows_of(m, rows) for m in full], chunk
+
+
+def _agrees_at(product: Callable[..., torch.Tensor], seeds: list[torch.Tensor], out: torch.Tensor) -> bool:
+    """Whether ``out`` holds ``product``'s products of ``seeds`` at one point: by
+    linearity (one product), else against the products one at a time, as _single's
+    chunks are. The checking seed (random, every entry) makes the linear mix round where
+    its product's terms cancel, past vmap_agrees's tolerance, which is relative to the
+    (cancelled) result: a right vmap was taken for a wrong one, and every later batch of
+    the function answered one point at a time."""
+    if vmap_agrees(product, tuple(seeds), out):
+        return True
+    return same_products(torch.stack([product(*[s[r] for s in seeds]) for r in range(seeds[0].shape[0])]), out)
 
 
 def describe_sparsity(

@@ -1,5 +1,11 @@
 """What a traced function asks of its tensors' type, which jacrev's tensors answer otherwise.
 
+(Every pattern is now checked against a random product at every request, whatever this
+watch finds (``compute._proven_wrong``): no reading of code sees every way to tell the
+tracer's tensors from jacrev's (a name built at run time, ``operator.attrgetter``'s
+dotted string, code compiled under a library's file name). What it finds is the note
+that says why a pattern may differ.)
+
 The tracer's tensors are a subclass of ``torch.Tensor`` (``detect._Traced``); jacrev's are
 ``torch.Tensor`` itself to Python (functorch wraps them in C++), and functorch's own
 queries (``torch._C._functorch.is_functorch_wrapped_tensor``, ``current_level``, ...)

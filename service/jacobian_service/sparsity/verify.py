@@ -10,11 +10,13 @@ another entry: the values of reported entries are wrong, silently. Two checks ca
   decompressed matrix times that seed. Any missing entry changes one or the other, so
   with a random seed it is seen (almost surely), wherever it sits.
 
-Exact traced patterns are supersets by construction and get no check (unless the
-function draws random numbers: a generator it keeps draws anew at each call); those
-traced through ops the tracer does not know get the free check; declared, probed and
-given ones, and those of functions that draw, read their tensors' text (``str(x)``,
-which differs under jacrev) or computed other values traced than plainly, get both.
+Every pattern gets the random product: reverse products (VJPs, Hessian-vector products)
+carry it as one more seed in their own vmap (:func:`random_row`), forward ones get the
+random VJP that proves them jacrev's (:func:`differs_from_reverse`). A traced pattern is
+a superset of what the trace saw, but the tracer's tensors are not jacrev's and Python
+can tell them apart (``type``, a name built at run time...): a branch that took another
+arm under the trace kept its pattern. All but exact traced patterns get the free check
+too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from .coloring import Coloring
 from .patterns import Pattern
 
-__all__ = ["covered", "differs_from_reverse", "disagrees", "disagrees_batch", "strays"]
+__all__ = ["covered", "differs_from_reverse", "disagrees", "disagrees_batch", "random_row", "strays"]
 
 #: Differences below this many ulps of the largest magnitude are round-off.
 _ULPS = 16
@@ -72,47 +74,47 @@ def strays(p: Pattern, coloring: Coloring, block: torch.Tensor, rows: tuple[int,
     return int(((mag > _ULPS * _eps(flat.dtype) * top) & finite & free).sum())
 
 
+def random_row(
+    width: int, mode: str, like: torch.Tensor, rows: tuple[int, int] | None
+) -> tuple[torch.Tensor, np.ndarray]:
+    """One random seed in [0.5, 1.5) as a ``(1, width)`` row in ``like``'s dtype and
+    device (the products' seeds run it beside their own, one vmap for all), and the same
+    as float64 numpy. Reverse mode with ``rows``: a cotangent on the rows asked for only."""
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    r = torch.rand(width, generator=gen, dtype=torch.float64) + 0.5
+    if rows is not None and mode == "rev":
+        r[: rows[0]] = 0
+        r[rows[1] :] = 0
+    return r.to(like.device, like.dtype).reshape(1, width), r.numpy().copy()
+
+
 def _random_seed(
     seed_shapes: list[torch.Size], mode: str, like: torch.Tensor, rows: tuple[int, int] | None
 ) -> tuple[list[torch.Tensor], np.ndarray]:
-    """One random seed in [0.5, 1.5) (split per seed part, with a leading axis of 1), and
-    the same as float64 numpy."""
-    width = sum(int(np.prod(s, dtype=np.int64)) for s in seed_shapes)
-    gen = torch.Generator(device="cpu").manual_seed(1234)
-    r = torch.rand(width, generator=gen, dtype=torch.float64) + 0.5
-    if rows is not None and mode == "rev":  # a cotangent on the rows asked for only
-        r[: rows[0]] = 0
-        r[rows[1] :] = 0
-    rv = r.numpy().copy()
-    r = r.to(like.device, like.dtype)
+    """:func:`random_row` split per seed part (with a leading axis of 1)."""
+    row, rv = random_row(sum(int(np.prod(s, dtype=np.int64)) for s in seed_shapes), mode, like, rows)
     parts, offset = [], 0
     for shape in seed_shapes:
         size = int(np.prod(shape, dtype=np.int64))
-        parts.append(r[offset : offset + size].reshape(1, *shape))
+        parts.append(row[:, offset : offset + size].reshape(1, *shape))
         offset += size
     return parts, rv
 
 
-def disagrees(
-    matrix: Any, mode: str, seed_shapes: list[torch.Size], like: torch.Tensor,
-    run: Callable[[list[torch.Tensor]], torch.Tensor], rows: tuple[int, int] | None = None,
-) -> float:
-    """The largest difference, relative to its scale, between one product with a random
-    seed and the decompressed ``matrix`` (scipy CSR, (m, n)) applied to it; 0 when
-    within round-off. ``run(seeds)`` computes products as the colouring's do."""
-    parts, rv = _random_seed(seed_shapes, mode, like, rows)
-    got = run(parts).reshape(-1).detach().to(torch.float64).cpu().numpy()
-    return _off(got, rv, matrix.astype(np.float64), mode, rows, like.dtype)
+def disagrees(matrix: Any, mode: str, got: torch.Tensor, rv: np.ndarray, rows: tuple[int, int] | None,
+              dtype: torch.dtype) -> float:
+    """The largest difference, relative to its scale, between ``got``, the product with
+    the random seed ``rv`` (:func:`random_row`), and the decompressed ``matrix`` (scipy
+    CSR, (m, n)) applied to it; 0 when within round-off."""
+    flat = got.reshape(-1).detach().to(torch.float64).cpu().numpy()
+    return _off(flat, rv, matrix.astype(np.float64, copy=False), mode, rows, dtype)
 
 
-def disagrees_batch(
-    matrices: list[Any], mode: str, seed_shapes: list[torch.Size], like: torch.Tensor,
-    run: Callable[[list[torch.Tensor]], torch.Tensor], rows: tuple[int, int] | None = None,
-) -> float:
-    """:func:`disagrees` at each point of a batch: ``run(seeds)`` gives ``(batch, 1, width)``."""
-    parts, rv = _random_seed(seed_shapes, mode, like, rows)
-    got = run(parts).reshape(len(matrices), -1).detach().to(torch.float64).cpu().numpy()
-    return max((_off(got[i], rv, m.astype(np.float64), mode, rows, like.dtype) for i, m in enumerate(matrices)), default=0.0)
+def disagrees_batch(matrices: list[Any], mode: str, got: torch.Tensor, rv: np.ndarray, rows: tuple[int, int] | None,
+                    dtype: torch.dtype) -> float:
+    """:func:`disagrees` at each point of a batch: ``got`` is ``(batch, 1, width)``."""
+    flat = got.reshape(len(matrices), -1).detach().to(torch.float64).cpu().numpy()
+    return max((_off(flat[i], rv, m.astype(np.float64, copy=False), mode, rows, dtype) for i, m in enumerate(matrices)), default=0.0)
 
 
 def _off(got: np.ndarray, rv: np.ndarray, m64: Any, mode: str, rows: tuple[int, int] | None, dtype: torch.dtype) -> float:
