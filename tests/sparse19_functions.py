@@ -35,6 +35,18 @@ def _coupled(check):
     return fn
 
 
+def register_coupled(checks, prefix, why, module):
+    """``_coupled(check)`` for each of ``checks``, registered as ``{prefix}_{name}`` under
+    ``module`` (register files a function under its module): check's name -> function."""
+    made = {}
+    for name, check in checks.items():
+        fn = _coupled(check)
+        fn.__module__ = module
+        made[name] = register(inputs=[Input("u", shape=("n",), dtype="float64")], name=f"{prefix}_{name}",
+                              description=f"Round 19's coupled residual, its type check ({name}) {why}.")(fn)
+    return made
+
+
 COUPLED = {}  # check's name -> the registered function (for the test's jacrev)
 for _name, _check in _TYPE_CHECKS.items():
     COUPLED[_name] = register(inputs=[Input("u", shape=("n",), dtype="float64")], name=f"coupled_{_name}",

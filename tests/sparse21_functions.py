@@ -8,7 +8,7 @@ import os
 import torch
 
 from jacobian_service import Input, register
-from tests.sparse19_functions import _coupled  # (u[0] coupled where the check says plain, detached elsewhere)
+from tests.sparse19_functions import register_coupled  # (u[0] coupled where a check says plain, detached elsewhere)
 
 # ------------------------------------------------------------------ type reads no watch can see
 # Round 20's residual: each arm computes the same values; only the plain-tensor arm
@@ -27,20 +27,7 @@ CHECKS = {
     "torch_file": _fake["_by_torch_file"],
 }
 
-
-
-def _here(check):
-    residual = _coupled(check)
-    residual.__module__ = __name__  # (register files a function under its module)
-    return residual
-
-
-COUPLED = {  # check's name -> the registered function (for the test's jacrev)
-    name: register(inputs=[Input("u", shape=("n",), dtype="float64")], name=f"coupled21_{name}",
-                   description=f"Round 19's coupled residual, its type check ({name}) where no reading of "
-                               "the code sees it.")(_here(check))
-    for name, check in CHECKS.items()
-}
+COUPLED = register_coupled(CHECKS, "coupled21", "where no reading of the code sees it", __name__)
 
 
 @register(inputs=[Input("u", shape=("n",), dtype="float64")],
