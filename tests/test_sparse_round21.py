@@ -151,6 +151,26 @@ def test_the_check_runs_in_the_products_own_vmap(monkeypatch):
     assert seeds_per_call == [2]
 
 
+def test_a_custom_function_whose_backward_is_not_linear_keeps_its_products():
+    """A custom ``autograd.Function`` whose backward is not linear in its cotangent
+    (torch's autograd_function_db's CubeGenVmap: ``g slope + 6 slope``): a random
+    seed's product is no mix of the colours', so the check took every such pattern for a
+    wrong one, and every request went dense (a warning, a note that it "misses entries").
+    Its pattern is dense over the Function's inputs already (one VJP a row, as jacrev's
+    rows): it keeps the free check only, = jacrev."""
+    from jacobian_service.sparsity import PatternCache, sparse_jacobian
+
+    from .parity22_functions import CubeGenVmap
+
+    def cube(x):
+        return CubeGenVmap.apply(x)[0] * 2.0
+
+    x = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
+    r = sparse_jacobian(cube, [x], cache=PatternCache())
+    np.testing.assert_allclose(r.matrix.toarray(), torch.func.jacrev(cube)(x).numpy(), rtol=1e-12, atol=1e-12)
+    assert r.mode == "rev" and r.n_products == 5 and not any(n.startswith(DENSE) for n in r.pattern.notes)
+
+
 # ------------------------------------------------------------------ structure, not values
 
 
