@@ -46,3 +46,14 @@ def energy21_built_name(u: torch.Tensor) -> torch.Tensor:
                       "the structure (both branches, relu's dead side), never this point's zeros.")
 def gated21(u: torch.Tensor) -> torch.Tensor:
     return torch.relu(u.roll(1) - u) + torch.where(u > 0, u * u.roll(-1), 0.5 * u**2)
+
+
+@register(inputs=[Input("u", shape=("n",), dtype="float64")],
+          description="A chain whose gradient a hook normalises (y.register_hook(g / |g|)): the tracer "
+                      "sees the forward ops, not the hook, and a colour's product normalises the sum of "
+                      "its rows' cotangents where jacrev normalises each row's.")
+def hooked21(u: torch.Tensor) -> torch.Tensor:
+    y = u * 2.0
+    if y.requires_grad:
+        y.register_hook(lambda g: g / g.norm())
+    return y * y.roll(1)

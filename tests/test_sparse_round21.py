@@ -64,6 +64,20 @@ def test_a_type_read_no_watch_sees_is_caught_by_the_products(client, check):
             assert meta["cached"] == "memory" and meta["products"] < 5, meta
 
 
+def test_a_gradient_hook_the_trace_cannot_see_is_caught_by_the_products(client):
+    """``y.register_hook(lambda g: g / g.norm())``: backward hooks run in the products,
+    never in the trace, and a colour's VJP normalises the sum of its rows' cotangents
+    where jacrev normalises each row's. The traced (bidiagonal) pattern was exact and
+    unchecked: a 200 1.15 off jacrev. Now the checking product proves it wrong (the
+    function's products are not linear in their seeds): jacrev's answer, densely, the
+    note saying why, at every point."""
+    for u in (np.linspace(0.5, 1.5, 8), np.linspace(-1.0, 2.0, 8)):
+        got, meta = sparse_answer(client, "hooked21", [u])
+        want = torch.func.jacrev(s21.hooked21)(torch.from_numpy(u)).numpy()
+        np.testing.assert_allclose(got.toarray(), want, rtol=1e-12, atol=1e-12)
+        assert any(n.startswith(DENSE) and "not linear" in n for n in meta["notes"]), meta
+
+
 def test_a_hessian_through_a_type_read_no_watch_sees_is_torchs(client):
     """A chain energy coupled to ``u[0]`` where ``getattr(u, "__cl" + "ass__")`` says plain
     torch.Tensor: its traced Hessian pattern missed the coupling (an exact, unchecked 200

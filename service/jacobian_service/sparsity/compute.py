@@ -86,7 +86,8 @@ class VmapDisagrees(RuntimeError):
 
 
 #: Note on results computed densely because the products proved the pattern wrong.
-DENSE_NOTE = "the products proved this pattern wrong at this point (it misses entries): computed densely instead"
+DENSE_NOTE = ("the products proved this pattern wrong at this point (it misses entries, or the function's products are "
+              "not linear in their seeds: a gradient hook, a custom backward): computed densely instead")
 
 #: Note on a cached pattern that products proved wrong once, widened by that point's nonzeros.
 WIDENED_NOTE = "widened by the nonzeros of a point where the products proved it wrong"
