@@ -27,9 +27,6 @@ from tests import sparse21_functions as s21
 from .conftest import ready_app
 from .test_sparse_round17 import sparse_answer  # (a 200's matrix as scipy CSR, and its meta)
 
-DENSE = "the products proved this pattern wrong at this point"  # (compute.DENSE_NOTE)
-WIDENED = "widened by the nonzeros of a point where the products proved it wrong"
-
 
 @pytest.fixture(scope="module")
 def client():
@@ -38,6 +35,9 @@ def client():
 
 
 # ------------------------------------------------------------------ type reads no watch sees
+
+DENSE = "the products proved this pattern wrong at this point"  # (compute.DENSE_NOTE's start)
+WIDENED = "widened by the nonzeros of a point where the products proved it wrong"  # (compute.WIDENED_NOTE)
 
 
 @pytest.mark.parametrize("check", sorted(s21.CHECKS))
