@@ -394,7 +394,13 @@ class RemoteEngines(_Engines):
         def on_reply(frames: list[Any]) -> None:
             try:
                 header, arrays = ipc.parse(frames)
+                if type(header["id"]) is not int:  # (an object with an id, or no reply)
+                    raise TypeError(f"its id is {type(header['id']).__name__}")
             except Exception:
+                # A function may write anything on its engine's connection: JSON that was
+                # no reply (``{}``, ``[1]``) raised past here, out of the channel's reader,
+                # closing the connection (the request waiting on it a 503) with asyncio's
+                # "Fatal error on transport" traceback. (Said once per interval: logs.RepeatFilter.)
                 log.exception("unreadable reply from engine %d", index)
                 return
             # Only the engine a job was sent to answers it. Message ids count up per front

@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-__all__ = ["BatchedStreamHandler", "FdStream", "JsonFormatter", "TextFormatter", "configure_logging", "quick_record",
-           "service_loggers"]
+__all__ = ["BatchedStreamHandler", "FdStream", "JsonFormatter", "RepeatFilter", "TextFormatter", "configure_logging",
+           "quick_record", "service_loggers"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -42,12 +42,26 @@ class _Seconds:
         return kept[1]
 
 
+# Control characters but tab, as escapes: a line of the text log is one record.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f) if c != 0x09}
+
+
 class TextFormatter(logging.Formatter):
-    """``logging.Formatter`` whose default time stamp is made once a second."""
+    """``logging.Formatter`` whose default time stamp is made once a second, and whose
+    message is one line: what a function or client chose (an exception's text, a path)
+    reaches messages, and its newline began a line of its own (a forged "INFO
+    jacobian_service.access" line, say), its ESC sequences rewrote an operator's
+    terminal. (A traceback stays on the lines after, as ``logging`` writes it.)"""
 
     def __init__(self, fmt: str) -> None:
         super().__init__(fmt)
         self._seconds = _Seconds(self.default_time_format, time.localtime)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        if not message.isprintable():
+            record.message = message.translate(_CONTROLS)
+        return super().formatMessage(record)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt or self.converter is not time.localtime or not self.default_msec_format:
@@ -72,6 +86,67 @@ class JsonFormatter(logging.Formatter):
             doc["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
             doc["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(doc, default=str).decode()
+
+
+class RepeatFilter(logging.Filter):
+    """The same line from the same place said once per ``interval_s``, then counted.
+
+    A function or client could make some lines at the rate it chose (an engine's
+    connection written on in a loop: a traceback a message in the front end's log, a
+    disk filled at will). Here a place (logger, file, line, level) says each distinct
+    message once in its window of ``interval_s`` from its first line, and at most
+    ``distinct`` messages in all (its arguments may be a function's text); the rest are
+    counted, and said at the first record of any place after the window ends: "... 1,234
+    more times in the last 10 s". The first of each is never lost; the access log has a
+    handler of its own, outside this."""
+
+    def __init__(self, interval_s: float = 10.0, distinct: int = 8, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self.interval_s = interval_s
+        self.distinct = distinct
+        self._lock = threading.Lock()
+        # place -> [window start, hashes of the messages said, count not said, first message,
+        # (logger, level): no record kept, nor its traceback's frames]
+        self._places: dict[tuple[Any, ...], list[Any]] = {}
+        self._swept = clock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "repeats_summary", False):
+            return True
+        now = self.clock()
+        place = (record.name, record.pathname, record.lineno, record.levelno)
+        message = hash(record.getMessage())
+        with self._lock:
+            due = self._sweep(now) if now - self._swept >= self.interval_s else []
+            state = self._places.get(place)
+            if state is None or now - state[0] >= self.interval_s:
+                if state is not None and state[2]:
+                    due.append(state)
+                state = self._places[place] = [now, set(), 0, record.getMessage()[:300],
+                                               (record.name, record.levelno)]
+            said = message not in state[1] and len(state[1]) < self.distinct
+            if said:
+                state[1].add(message)
+            else:
+                state[2] += 1
+        for window in due:
+            self._say(window, now)
+        return said
+
+    def _sweep(self, now: float) -> list[list[Any]]:
+        """The windows ended with lines not said (theirs to summarise), removed: the
+        places kept are those of the last ``interval_s``."""
+        self._swept = now
+        ended = [place for place, state in self._places.items() if now - state[0] >= self.interval_s]
+        return [state for place in ended if (state := self._places.pop(place))[2]]
+
+    def _say(self, window: list[Any], now: float) -> None:
+        name, level = window[4]
+        summary = logging.makeLogRecord({
+            "name": name, "levelno": level, "levelname": logging.getLevelName(level), "repeats_summary": True,
+            "msg": "... %s more times in the last %.0f s: %s", "args": (f"{window[2]:,}", now - window[0], window[3])})
+        logging.getLogger(name).handle(summary)
 
 
 class BatchedStreamHandler(logging.StreamHandler):
@@ -211,6 +286,8 @@ def configure_logging(fmt: str, stream: Any = None) -> None:
         if handler is None:
             handler = kind()
             handler._jacobian_service = True  # type: ignore[attr-defined]
+            if kind is logging.StreamHandler:  # (the access log: a line a request, as the request rate allows)
+                handler.addFilter(RepeatFilter())
             logger.addHandler(handler)
             logger.propagate = False
         if stream is not None and handler.stream is not stream:
