@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -81,6 +83,25 @@ def test_a_function_s_text_cannot_forge_a_line_of_the_text_log(server) -> None:
     said = [line for line in log.splitlines() if "names_a_variable changed environment variables" in line]
     assert len(said) == 1 and "LOGS1\\x0a" + FORGED + "\\x1b[2J" in said[0], log[-3000:]
     assert not any(line.startswith(FORGED) for line in log.splitlines()) and "\x1b" not in log, log[-3000:]
+
+
+def test_a_client_pipelining_on_many_connections_is_said_once(server) -> None:
+    """A client that pipelines more than MAX_PIPELINED (16) requests on a connection
+    made a line each time: 30 connections, 30 lines, at the rate the client chose
+    (each a connection opened and dropped). Now one, the rest counted."""
+    url, proc = server
+    mark = len(proc.read_log())  # type: ignore[attr-defined]
+    where = urlsplit(url)
+    heads = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 40
+    for _ in range(30):
+        with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+            sock.sendall(heads)
+            while sock.recv(1 << 16):  # until the server closes it, its answers read
+                pass
+    r = _armed(url, "floods_its_connection", 0, 0)  # (its access line: the connections' lines are before it)
+    assert r.status_code == 200, r.text
+    log = _log_after(proc, mark, "evaluate 200")
+    assert log.count("a client pipelined more than 16 requests") == 1, log[-3000:]
 
 
 def _logged(fmt: str, clock: list[float]) -> tuple[logging.Logger, io.StringIO]:
