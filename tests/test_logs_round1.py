@@ -104,6 +104,23 @@ def test_a_client_pipelining_on_many_connections_is_said_once(server) -> None:
     assert log.count("a client pipelined more than 16 requests") == 1, log[-3000:]
 
 
+def test_a_client_garbling_requests_is_said_once(server) -> None:
+    """uvicorn says "Invalid HTTP request received." for each request it cannot parse:
+    30 garbled requests (a connection each), 30 lines, at the client's rate. Now one."""
+    url, proc = server
+    mark = len(proc.read_log())  # type: ignore[attr-defined]
+    where = urlsplit(url)
+    for _ in range(30):
+        with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+            sock.sendall(b"\x00\x01garbage\r\n\r\n")
+            while sock.recv(1 << 16):  # until the server closes it, its 400 read
+                pass
+    r = _armed(url, "floods_its_connection", 0, 0)  # (its access line: the requests' lines are before it)
+    assert r.status_code == 200, r.text
+    log = _log_after(proc, mark, "evaluate 200")
+    assert log.count("Invalid HTTP request received.") == 1, log[-3000:]
+
+
 def _logged(fmt: str, clock: list[float]) -> tuple[logging.Logger, io.StringIO]:
     """A logger of the test's own, written as the service's are (its formatters, its
     repeat filter, this one on ``clock``), into a buffer. (Not the service's loggers:

@@ -294,3 +294,9 @@ def configure_logging(fmt: str, stream: Any = None) -> None:
             handler.setStream(stream)
         handler.setFormatter(formatter)
         logger.setLevel(logging.INFO)
+    # uvicorn's own lines: "Invalid HTTP request received." once a request a client chose
+    # to garble (200 garbled requests, 200 lines, from one client). A filter of its
+    # logger's, which uvicorn's logging set-up keeps (dictConfig replaces handlers only).
+    uvicorn = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, RepeatFilter) for f in uvicorn.filters):
+        uvicorn.addFilter(RepeatFilter())
