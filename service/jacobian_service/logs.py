@@ -110,10 +110,13 @@ class RepeatFilter(logging.Filter):
         # (logger, level): no record kept, nor its traceback's frames]
         self._places: dict[tuple[Any, ...], list[Any]] = {}
         self._swept = clock()
+        self._pid = _pid[0]
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "repeats_summary", False):
             return True
+        if self._pid != _pid[0]:  # a forked child's: the lock as another thread held it, the parent's counts
+            self._lock, self._places, self._pid = threading.Lock(), {}, _pid[0]
         now = self.clock()
         place = (record.name, record.pathname, record.lineno, record.levelno)
         message = hash(record.getMessage())
@@ -270,13 +273,14 @@ class FdStream:
         pass
 
 
-def configure_logging(fmt: str, stream: Any = None) -> None:
+def configure_logging(fmt: str, stream: Any = None, repeats: bool = True) -> None:
     """Configure the ``jacobian_service`` logger tree once (idempotent). The access log
     (a line per request) has its own batched handler; everything else is written as it
     happens. Again after the functions' modules are imported: one that configures
     logging as it is imported (``logging.config.dictConfig``, which disables every
     logger made before it by default) silenced the service's loggers for good. ``stream``: where its lines go (stderr
-    unless given: an engine's log pipe)."""
+    unless given: an engine's log pipe). ``repeats``: lines other than the access log's
+    (and uvicorn's) pass a ``RepeatFilter`` (``serve``'s do not: see ``server.serve``)."""
     formatter = JsonFormatter() if fmt == "json" else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     for logger in service_loggers():
         logger.disabled = False
@@ -286,10 +290,10 @@ def configure_logging(fmt: str, stream: Any = None) -> None:
         if handler is None:
             handler = kind()
             handler._jacobian_service = True  # type: ignore[attr-defined]
-            if kind is logging.StreamHandler:  # (the access log: a line a request, as the request rate allows)
-                handler.addFilter(RepeatFilter())
             logger.addHandler(handler)
             logger.propagate = False
+        if kind is logging.StreamHandler:  # (the access log: a line a request, as the request rate allows)
+            _repeat_filter(handler, repeats)
         if stream is not None and handler.stream is not stream:
             handler.setStream(stream)
         handler.setFormatter(formatter)
@@ -297,6 +301,14 @@ def configure_logging(fmt: str, stream: Any = None) -> None:
     # uvicorn's own lines: "Invalid HTTP request received." once a request a client chose
     # to garble (200 garbled requests, 200 lines, from one client). A filter of its
     # logger's, which uvicorn's logging set-up keeps (dictConfig replaces handlers only).
-    uvicorn = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, RepeatFilter) for f in uvicorn.filters):
-        uvicorn.addFilter(RepeatFilter())
+    _repeat_filter(logging.getLogger("uvicorn.error"), repeats)
+
+
+def _repeat_filter(where: logging.Filterer, wanted: bool) -> None:
+    """``where`` with one ``RepeatFilter`` (``wanted``), or none. (Kept where it is: a
+    front end set up again after its functions' modules were imported keeps its counts.)"""
+    held = [f for f in where.filters if isinstance(f, RepeatFilter)]
+    for extra in held[1:] if wanted else held:
+        where.removeFilter(extra)
+    if wanted and not held:
+        where.addFilter(RepeatFilter())

@@ -244,7 +244,11 @@ def serve(settings: Settings) -> int:
     from .supervision import Channel
     from .supervisor import Supervisor
 
-    configure_logging(settings.log_format)
+    # No repeat filter here (the front ends and engines set their own): serve's lines are
+    # the supervisor's, each engine's death, start and quarantine, every one of which an
+    # operator needs, at most at the rate engines restart; what functions print comes
+    # through output_relay's budget.
+    configure_logging(settings.log_format, repeats=False)
     api_keys = settings.load_api_keys()  # fail closed, here, before anything starts
     forget_environment(FRONT_END_ONLY)  # the front ends get the keys from here, and no engine needs them
     if settings.port:  # a port taken is said at once, not after an engine has loaded torch (seconds)
