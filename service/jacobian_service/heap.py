@@ -12,10 +12,14 @@ made since.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
+import threading
+from typing import Callable, Iterator
 
-__all__ = ["FRONT_END_YOUNG", "freeze_heap", "refreeze", "thawed"]
+__all__ = ["FRONT_END_YOUNG", "collector_enabled", "collector_paused", "freeze_heap", "put_collector", "refreeze",
+           "thawed"]
 
 _thawed = False  # gc.unfreeze() called since freeze_heap (or the last refreeze)
 
@@ -78,3 +82,77 @@ def refreeze() -> None:
     global _thawed
     gc.freeze()
     _thawed = False
+
+
+# The service's own pauses of the collector (``collector_paused``: the colourings' passes
+# over lists of millions of ints). ``gc.disable()`` is process-wide: a colouring on one
+# engine's thread (the in-process layout: an engine per GPU, or several apps in one
+# process) turned it off under another engine's batch, whose settings watch
+# (``engine.process_settings``) then named that batch's innocent function for "the garbage
+# collector (disabled)" and turned the collector back on under the colouring; an engine
+# made during a pause took "disabled" for its start-up state, and turned the collector
+# off after every later batch, for good. So pauses are counted here, on every thread,
+# and the watch reads and puts back the collector as it is beneath them: the state the
+# last pause leaves it in.
+_lock = threading.Lock()
+_pauses = 0  # sections in progress, on any thread
+_beneath = True  # the collector's state under them (while _pauses > 0)
+
+
+def _watched(original: Callable[[], None], enabled: bool) -> Callable[[], None]:
+    """``gc.enable`` / ``gc.disable`` replaced by one that, during a pause, also sets the
+    state beneath it: a function's own ``gc.disable()`` then, invisible in
+    ``gc.isenabled()`` (already off), is still seen by the watch and put back."""
+    @functools.wraps(original)
+    def switch() -> None:
+        global _beneath
+        with _lock:
+            if _pauses:
+                _beneath = enabled
+            original()
+
+    switch._jacobian_service_watch = True  # type: ignore[attr-defined]
+    return switch
+
+
+def _original(switch: Callable[[], None]) -> Callable[[], None]:
+    return switch.__wrapped__ if getattr(switch, "_jacobian_service_watch", False) else switch  # type: ignore[attr-defined]
+
+
+_enable, _disable = _original(gc.enable), _original(gc.disable)  # (a reload wraps the originals, not the wrappers)
+gc.enable, gc.disable = _watched(_enable, True), _watched(_disable, False)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic collector off for the service's own section, on any thread: on again
+    when the last section in progress ends, if it was on beneath them."""
+    global _pauses, _beneath
+    with _lock:
+        if not _pauses:
+            _beneath = gc.isenabled()
+            _disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _pauses -= 1
+            if not _pauses and _beneath:
+                _enable()
+
+
+def collector_enabled() -> bool:
+    """``gc.isenabled()`` as it would read without the service's pauses."""
+    with _lock:
+        return _beneath if _pauses else gc.isenabled()
+
+
+def put_collector(enabled: bool) -> None:
+    """The collector on or off beneath the service's pauses (now, where none is in progress)."""
+    global _beneath
+    with _lock:
+        if _pauses:
+            _beneath = enabled
+        else:
+            _enable() if enabled else _disable()

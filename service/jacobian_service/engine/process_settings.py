@@ -91,7 +91,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from ..heap import refreeze, thawed
+from ..heap import collector_enabled, put_collector, refreeze, thawed
 from ..ipc import LOG_FD_ENV
 from ..logs import service_loggers
 from ..procfs import descriptor_identity
@@ -305,10 +305,6 @@ def _put_float32_precision(taken: tuple[str | None, tuple[str, ...]]) -> None:
         torch.set_float32_matmul_precision(legacy)
     for obj, precision in zip(_FP32_PRECISIONS, precisions):
         obj.fp32_precision = precision
-
-
-def _set_gc(enabled: bool) -> None:
-    gc.enable() if enabled else gc.disable()
 
 
 def _gc_debug() -> tuple[int, int]:
@@ -908,7 +904,8 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("flushing denormals to zero", _flushes_denormals, _put_flush_denormals),
     _Setting("the warning filters", _filters, _put_filters,
              _filters_changed),
-    _Setting("the garbage collector (disabled)", gc.isenabled, _set_gc),
+    # As beneath the service's own pauses (a colouring's, on any engine's thread): not a change of the batch's.
+    _Setting("the garbage collector (disabled)", collector_enabled, put_collector),
     # A first threshold of 0 disables automatic collection as surely, with isenabled() True.
     _Setting("the garbage collector's thresholds", gc.get_threshold, lambda taken: gc.set_threshold(*taken)),
     _Setting("the garbage collector's debug flags (gc.set_debug)", _gc_debug, _put_gc_debug,

@@ -45,15 +45,15 @@ colouring that cannot recover an entry directly raises instead of returning a wr
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
+from ..heap import collector_paused
 from .patterns import Pattern, PatternTooLarge, check_entries, check_work, sorted_unique, work_limit
 
 log = logging.getLogger("jacobian_service.sparsity")
@@ -341,18 +341,13 @@ def _greedy(
         return _greedy_passes(n, u, v, active, strategies, check_alive, lower)
 
 
-@contextlib.contextmanager
-def no_gc() -> Iterator[None]:
+def no_gc() -> contextlib.AbstractContextManager[None]:
     """The cyclic garbage collector off while the passes build and walk lists of
     millions of ints: each full collection scans them all (a few tenths of a second,
-    between two checks) and frees nothing (reference counting frees them)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
+    between two checks) and frees nothing (reference counting frees them). A pause the
+    engines' settings watch knows for the service's own, whichever thread takes it
+    (``heap.collector_paused``): not a function's change."""
+    return collector_paused()
 
 
 def _greedy_passes(
