@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 from typing import Any, Iterator
 
@@ -126,3 +127,15 @@ def test_a_functions_own_disable_during_a_pause_is_still_named_and_put_back(held
         settings.restore("disables_gc")
     assert caplog.text.count(f"disables_gc {_BLAME} (to False) and left it so; put back to True") == 1
     assert not gc.isenabled()  # still the colouring's to turn on, as its pause ends
+
+
+def test_a_child_forked_during_another_threads_pause_has_its_collector_on(held):
+    """Before: a function's ``os.fork()`` beside a colouring made a child whose collector
+    stayed off for its whole life (the pause's end is the parent's thread's, which the
+    child has not): its cycles never collected."""
+    pid = os.fork()
+    if pid == 0:  # the child: only this thread; reports through its exit status
+        os._exit(0 if gc.isenabled() else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not gc.isenabled()  # the parent's pause is the colouring's still

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import os
 import threading
 from typing import Callable, Iterator
 
@@ -121,6 +122,21 @@ def _original(switch: Callable[[], None]) -> Callable[[], None]:
 
 _enable, _disable = _original(gc.enable), _original(gc.disable)  # (a reload wraps the originals, not the wrappers)
 gc.enable, gc.disable = _watched(_enable, True), _watched(_disable, False)
+
+
+def _after_fork() -> None:
+    """In a child forked during a pause (a function's ``os.fork``, ``multiprocessing``'s
+    fork, beside another thread's colouring): the thread that held it is not there to end
+    it, nor to release the lock if it held it then. The collector as it was beneath; the
+    child's collector had stayed off for its whole life."""
+    global _lock, _pauses
+    _lock = threading.Lock()
+    if _pauses:
+        _pauses = 0
+        _enable() if _beneath else _disable()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 @contextlib.contextmanager
