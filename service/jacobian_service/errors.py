@@ -70,6 +70,7 @@ __all__ = [
     "UnsupportedTransferCoding",
     "exception_text",
     "from_wire",
+    "no_answer_room",
 ]
 
 
