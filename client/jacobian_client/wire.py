@@ -482,6 +482,10 @@ def _number(value: Any, dtype: np.dtype | None) -> Any:
     if kind is int and (dtype is None or dtype.kind == "f") and not -_FLOAT64_PAST < value < _FLOAT64_PAST:
         return math.inf if value > 0 else -math.inf  # (past float64, read exactly: see loads) as 1e309 is read
     if kind is float or kind is int:
+        if dtype is not None and dtype.kind == "b" and not (kind is int and value in (0, 1)):
+            # (numpy casts any number here by its truth: an integer past float64, read
+            # exactly, was a True where 2 and 1e400 are refused, and with it 2 or 1.5 beside it)
+            raise WireError("bool arrays take true/false (or 0/1)", "invalid_input")
         return value
     if kind is bool and dtype is not None and dtype.kind == "b":
         return value
