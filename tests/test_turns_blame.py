@@ -103,3 +103,31 @@ async def test_a_front_end_tells_the_clients_of_the_jobs_it_holds(engines):  # n
     assert [m for m in said if m.get("t") == "oldest"][-1]["clients"] == B
     second.cancel()
     await asyncio.gather(second, return_exceptions=True)
+
+
+def test_a_job_with_an_answer_room_is_batched_when_its_answers_are_known_small() -> None:
+    """A front end sends its client's answer room (``Call.answer_room``) whenever anything
+    is held on its stream budget; the engine refused every such job a batch, so one large
+    answer being sent turned cross-request batching off for everyone. Now only a job whose
+    answer could be held on the budget (1 MiB or more, or not known yet) runs alone."""
+    from jacobian_service.engine.profile import BatchStats
+    from jacobian_service.registry import FunctionSpec, Input
+    from jacobian_service.scheduler import Job, Worker
+    from jacobian_service.types import HELD_ANSWER_BYTES
+
+    spec = FunctionSpec("sin", None, (Input("x", shape=(2,)),))
+    profile = SimpleNamespace(batches={}, output_rows={})
+    engine = SimpleNamespace(device="cpu", profiles=collections.defaultdict(lambda: profile))
+    worker = Worker(engine, max_queue=10, max_batch=8)
+
+    def key(room: int | None) -> Any:
+        call = Call(spec, [np.zeros(2, np.float32)], ["float32"], deadline=time.monotonic() + 10, answer_room=room)
+        return worker._batch_key(Job("jacobian", call, lambda *a: None, deadline=call.deadline))
+
+    plain = key(None)
+    assert plain is not None
+    assert key(0) is None  # nothing known of its answers yet: alone
+    profile.batches[plain] = BatchStats(result_bytes=16, batch_size=4)
+    assert key(0) == plain  # known small: no room refuses it, batched as before
+    profile.batches[plain] = BatchStats(result_bytes=HELD_ANSWER_BYTES, batch_size=4)
+    assert key(10 << 20) is None  # one that could be held: its own room decides, alone

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator
 
 from .errors import InternalError, OutOfMemory, Overloaded, ResultTooLarge, ServiceError, Timeout, Unavailable
-from .types import Call, JobInfo, Result, never_cancelled
+from .types import HELD_ANSWER_BYTES, Call, JobInfo, Result, never_cancelled
 
 __all__ = ["Job", "StreamHead", "ThreadedWorker", "Worker", "engine_error"]
 
@@ -219,8 +219,27 @@ class Worker:
     def _batch_key(self, job: Job) -> Hashable | None:
         """Requests that may share one vmap: same function, options and per-example shapes."""
         call, kind = job.call, job.kind
-        if call is None or call.batched or self.max_batch <= 1 or call.answer_room is not None:
-            return None  # (answer_room: its client's room bounds its own answer, not a batch's)
+        if call is None or call.batched or self.max_batch <= 1:
+            return None
+        key = self._key(call, kind)
+        if key is not None and call.answer_room is not None and not self._small(call, key):
+            # Its client's room bounds its own answer, which a batch computes before any
+            # member's size could refuse it (engine.core.check_result_size). A room is
+            # sent whenever anything is held on its front end's stream budget, so refusing
+            # every such job a batch turned batching off for all while one large answer
+            # was being sent: only one whose answer could be held on the budget (1 MiB
+            # or more, or not known yet) runs alone.
+            return None
+        return key
+
+    def _small(self, call: Call, key: Hashable) -> bool:
+        """Whether a request of ``key`` is known to answer below ``HELD_ANSWER_BYTES``
+        (never held on a stream budget, so no room refuses it)."""
+        profiles = getattr(self.engine, "profiles", None)  # (a test's stand-in engine has none)
+        stats = profiles[call.spec.name].batches.get(key) if profiles is not None else None  # its last batch
+        return stats is not None and stats.result_bytes < HELD_ANSWER_BYTES
+
+    def _key(self, call: Call, kind: str) -> Hashable | None:
         if call.sparsity != "dense":  # one pattern and colouring for all, products vmapped over the points
             if kind not in ("jacobian", "hessian"):  # jacobian_npy: a dense .npy, maybe streamed
                 return None
