@@ -586,6 +586,14 @@ class _Products:
             block = block.narrow(axis, 0, k)
         return block, min(chunk, max(k, 1))  # (meta's chunk_size: the colours' products per vmap)
 
+    def round_off(self, run: Callable[[list[torch.Tensor]], torch.Tensor]) -> float:
+        """The function's own round-off in these products at this point (verify.round_off:
+        one more vmap of 3 seeds), read only where the random check failed."""
+        from .verify import noise_seeds, round_off
+
+        width = sum(int(np.prod(s, dtype=np.int64)) for s in self.seed_shapes)
+        return round_off(run(_split(noise_seeds(width, self.coloring.mode, self.like, self.rows), self.seed_shapes)))
+
     def values(self, p: Pattern, block: torch.Tensor) -> torch.Tensor:
         """The pattern's entries (last axis) out of the products ``(..., k, width)``."""
         if self.coloring.mode != "rev":  # J S (or H S) is (width, k): entries index it row-major
@@ -1031,7 +1039,7 @@ def _jacobian_products(
         if plan.unsolvable(block):  # a symmetric Jacobian's substitution would spread a NaN: jacrev's
             raise _NotFinite("a product is not finite: an acyclic colouring's substitution would spread it")
         matrix = _to_csr(p, plan.values(p, block))
-        wrong = _proven_wrong(p, coloring, [plan], [block], matrix, rows)
+        wrong = _proven_wrong(p, coloring, [plan], [block], matrix, rows, run)
     if wrong:
         matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "jacobian")
     return matrix, p, coloring, chunk
@@ -1153,7 +1161,7 @@ def _sparse_hessian(
         plan = _products(p, coloring, primals, 1)
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
     matrix = _to_csr(p, plan.values(p, block))
-    if _proven_wrong(p, coloring, [plan], [block], matrix, None):
+    if _proven_wrong(p, coloring, [plan], [block], matrix, None, run):
         matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "hessian")
     elif (forward_failed is not None or unasked) and not _agrees_with_differences(fn, args, argnums, has_aux, primals,
                                                                                  matrix, check_alive):
@@ -1199,7 +1207,7 @@ def _agrees_with_differences(fn: Callable[..., Any], args: Sequence[torch.Tensor
 
 def _proven_wrong(
     p: Pattern, coloring: Coloring, plans: "list[_Products]", blocks: list[torch.Tensor], matrix: Any,
-    rows: tuple[int, int] | None,
+    rows: tuple[int, int] | None, run: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
 ) -> bool:
     """Whether the products prove ``p`` wrong (see :mod:`.verify`). Every pattern is
     checked against the product with a random seed its products carried (``checked_by``;
@@ -1216,8 +1224,14 @@ def _proven_wrong(
     code can rule that out, so none is trusted; run in the colours' vmap the check
     costs a fraction of one product. A declared pattern proven wrong raises
     :class:`PatternMismatch` (it is trusted: the caller must know); for the others the
-    caller computes densely."""
-    from .verify import disagrees, disagrees_batch, strays
+    caller computes densely.
+
+    ``run`` (the last plan's products, one point): before the random check's difference
+    calls the pattern wrong, the function's own round-off is measured by it
+    (:meth:`_Products.round_off`), and a difference within it is round-off: large terms
+    cancelling inside the function (``(x * 1e5 + x) - x * 1e5`` in float32) made a
+    right pattern "proven wrong", its answer dense (a 504 at 10^5 elements)."""
+    from .verify import disagrees, disagrees_batch, strays, within_noise
 
     batch = isinstance(matrix, list)
     stray = 0
@@ -1232,6 +1246,13 @@ def _proven_wrong(
         off = check(matrix, "rev" if plan.coloring.mode == "rev" else "fwd", *plan.checked_by, rows, plan.like.dtype)
     if not stray and not off:
         return False
+    if not stray and run is not None and not batch:  # (a batch proven wrong: each point alone, measured there)
+        noise = plan.round_off(run)
+        if within_noise(off, noise, plan.like.dtype):
+            log.info("sparsity pattern %r (%s): a product with a random seed differs from the matrix by %.3g "
+                     "relative, within the function's own round-off here (%.3g): the pattern holds",
+                     p.name, p.source, off, noise)
+            return False
     why = (f"{stray} product value(s) fall where the pattern has no entry of that colour" if stray
            else f"a product with a random seed differs from the matrix by {off:.3g} relative")
     if p.source == "declared":

@@ -17,6 +17,16 @@ a superset of what the trace saw, but the tracer's tensors are not jacrev's and 
 can tell them apart (``type``, a name built at run time...): a branch that took another
 arm under the trace kept its pattern. All but exact traced patterns get the free check
 too.
+
+Round-off is the function's own: large terms that cancel inside it (``(x * 1e5 + x) -
+x * 1e5``) make a random seed's product differ from the colours' mix far past any fixed
+tolerance, and a right pattern was "proven wrong" (answered densely, a 504 at 10^5
+elements). So before a pattern is called wrong, :func:`round_off` measures that noise
+at this point, by how far the products are from additive (``v(r1 + r2) - v(r1) -
+v(r2)``, one vmap of 3 seeds, r1 the check's): a difference within a few times that
+noise is round-off, not a missing entry. Noise past :func:`_noise_cap` (a quarter of the
+digits) is no round-off a check can see past: the products are not linear in their seeds
+(a gradient hook), and the pattern stays proven wrong.
 """
 
 from __future__ import annotations
@@ -29,11 +39,14 @@ import torch
 from .coloring import Coloring
 from .patterns import Pattern
 
-__all__ = ["covered", "differs_from_reverse", "disagrees", "disagrees_batch", "random_row", "strays"]
+__all__ = ["covered", "differs_from_reverse", "disagrees", "disagrees_batch", "noise_seeds", "random_row", "round_off",
+           "strays", "within_noise"]
 
 #: Differences below this many ulps of the largest magnitude are round-off.
 _ULPS = 16
 _RANDOM_ULPS = 1024  # a random product sums many terms: more round-off
+#: A check's difference up to this many times the function's measured round-off is round-off.
+_NOISE_TIMES = 8
 
 
 def _eps(dtype: torch.dtype) -> float:
@@ -75,17 +88,52 @@ def strays(p: Pattern, coloring: Coloring, block: torch.Tensor, rows: tuple[int,
 
 
 def random_row(
-    width: int, mode: str, like: torch.Tensor, rows: tuple[int, int] | None
+    width: int, mode: str, like: torch.Tensor, rows: tuple[int, int] | None, *, seed: int = 1234, low: float = 0.5,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """One random seed in [0.5, 1.5) as a ``(1, width)`` row in ``like``'s dtype and
-    device (the products' seeds run it beside their own, one vmap for all), and the same
-    as float64 numpy. Reverse mode with ``rows``: a cotangent on the rows asked for only."""
-    gen = torch.Generator(device="cpu").manual_seed(1234)
-    r = torch.rand(width, generator=gen, dtype=torch.float64) + 0.5
+    """One random seed in [``low``, ``low`` + 1) as a ``(1, width)`` row in ``like``'s
+    dtype and device (the products' seeds run it beside their own, one vmap for all), and
+    the same as float64 numpy. Reverse mode with ``rows``: a cotangent on the rows asked
+    for only."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    r = torch.rand(width, generator=gen, dtype=torch.float64) + low
     if rows is not None and mode == "rev":
         r[: rows[0]] = 0
         r[rows[1] :] = 0
     return r.to(like.device, like.dtype).reshape(1, width), r.numpy().copy()
+
+
+def noise_seeds(width: int, mode: str, like: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    """The ``(3, width)`` seeds :func:`round_off` reads: the check's own (r1), another of
+    mixed signs (r2: a product that is not additive, such as a hook's ``abs``, shows it),
+    and their sum, in ``like``'s dtype."""
+    r1, _ = random_row(width, mode, like, rows)
+    r2, _ = random_row(width, mode, like, rows, seed=4321, low=-0.5)
+    return torch.cat([r1, r2, r1 + r2])
+
+
+def round_off(products: torch.Tensor) -> float:
+    """The function's own round-off at this point, relative to the products' size: the
+    largest ``|v(r1 + r2) - v(r1) - v(r2)| / (|v(r1)| + |v(r2)| + |v(r1 + r2)|)`` over
+    the places of the products of :func:`noise_seeds` (``(3, width)``), where finite."""
+    v = products.reshape(3, -1).detach().to(torch.float64).cpu().numpy()
+    with np.errstate(invalid="ignore", over="ignore"):
+        residual = np.abs(v[2] - v[0] - v[1])
+        size = np.abs(v).sum(axis=0)
+    seen = np.isfinite(residual) & np.isfinite(size) & (size > 0)
+    return float((residual[seen] / size[seen]).max()) if seen.any() else 0.0
+
+
+def _noise_cap(dtype: torch.dtype) -> float:
+    # (eps ** 0.25: float32 1.9 %, float64 1.2e-4): products further than that from
+    # additive are no round-off any check could see a missing entry past
+    return _eps(dtype) ** 0.25
+
+
+def within_noise(off: float, noise: float, dtype: torch.dtype) -> bool:
+    """Whether a check's difference ``off`` (relative, :func:`disagrees`) is the
+    function's own round-off ``noise`` (:func:`round_off`): within :data:`_NOISE_TIMES`
+    of it, and it no more than :func:`_noise_cap`."""
+    return noise <= _noise_cap(dtype) and off <= _NOISE_TIMES * noise
 
 
 def _random_seed(
