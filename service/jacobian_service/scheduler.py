@@ -32,6 +32,11 @@ log = logging.getLogger("jacobian_service.scheduler")
 # A stacked Jacobian's working set, in multiples of its results (basis, grads, copies).
 _BATCH_WORKSET_FACTOR = 4
 _REFILL_WAIT_MAX_S = 0.002
+# A batch's measured cost (requests x the last batch's time per request) stays within this
+# share of the time left to the earliest deadline in it (the margin: a batch's time per
+# request varies), and, while another client's jobs wait behind it, within this slice.
+_DEADLINE_SHARE = 0.5
+_SHARED_BATCH_S = 1.0
 _TIDY_EVERY_S = 1.0  # an idle in-process engine thread closes idle streams this often
 _KINDS = frozenset({"jacobian", "jacobian_npy", "hessian", "hessian_npy", "evaluate", "vjp", "jvp", "hvp",
                     "stream_next", "warmup", "sparsity_jacobian", "sparsity_hessian"})
@@ -165,15 +170,37 @@ class Worker:
             if depth + streams >= self.max_queue:
                 depth = sum(1 for j in self.jobs if not j.done and j.kind != "stream_next") + running
             if depth + streams >= self.max_queue:
-                raise Overloaded(
-                    f"the engine holds {depth} requests and {streams} open streams (limit {self.max_queue} in all); "
-                    "retry shortly",
-                    headers={"Retry-After": "1"},
-                )
+                self._make_room(job, depth, streams)
         job.key = self._batch_key(job)
         self.jobs.append(job)
         if not self._mixed and self._client(job) != self._client(self.jobs[0]):
             self._mixed = True
+
+    def _make_room(self, job: Job, depth: int, streams: int) -> None:
+        """The queue is full: ``job`` takes the place of the newest queued job of the
+        client holding the most, where that client would still hold more than ``job``'s;
+        else it is refused (429). One client that filled the queue (a lone client may use
+        it all) had every other client refused until its jobs drained; now each other
+        client gets in, up to an equal share, and the one pushed out is answered as it
+        would have been a moment later: 429, Retry-After."""
+        held: dict[str | None, list[Job]] = {}
+        for queued in self.jobs:
+            if not queued.done and queued.kind not in ("stream_next", "warmup"):
+                held.setdefault(self._client(queued), []).append(queued)
+        mine = len(held.get(self._client(job), ()))
+        most = max(held.values(), key=len, default=[])
+        if len(most) < mine + 2:  # (pushing out at mine + 1 would only swap the two)
+            raise Overloaded(
+                f"the engine holds {depth} requests and {streams} open streams (limit {self.max_queue} in all); "
+                "retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        pushed = most[-1]
+        self.jobs.remove(pushed)
+        pushed.finish(error=Overloaded(
+            f"the engine's queue is full (limit {self.max_queue}) and this client held {len(most)} of its places: "
+            "its newest request gave its place to another client's; retry shortly",
+            headers={"Retry-After": "1"}))
 
     def _client(self, job: Job) -> str | None:
         call = self.call_of(job)
@@ -289,12 +316,19 @@ class Worker:
             limit = max(1, min(limit, self.engine.memory_budget // (_BATCH_WORKSET_FACTOR * stats.result_bytes)))
         target = min(limit, stats.batch_size)
         refill_s = min(_REFILL_WAIT_MAX_S, stats.compute_s / 2)
+        each_s = stats.compute_s / max(1, stats.batch_size)  # one request's share of the last batch's time
+        earliest = first.deadline
         start = time.monotonic()
         while True:
+            # While other clients' jobs wait, this batch is their wait: a time slice at most.
+            slice_s = _SHARED_BATCH_S if self._others_wait(first) else math.inf
             for job in list(self.jobs):
                 if len(group) >= limit:
                     break
                 if job.key == first.key and not job.done:
+                    if not _fits(len(group) + 1, each_s, min(earliest, job.deadline) - start, slice_s):
+                        continue  # (not break: a later job may have a later deadline)
+                    earliest = min(earliest, job.deadline)
                     self.jobs.remove(job)
                     group.append(job)
             waited = time.monotonic() - start
@@ -303,6 +337,12 @@ class Worker:
             if waited >= self.batch_wait_s and (len(group) >= target or waited >= refill_s):
                 return group
             wait(max(self.batch_wait_s, refill_s) - waited)
+
+    def _others_wait(self, first: Job) -> bool:
+        """Whether the queue holds a live job of a client other than ``first``'s (what is
+        left of it once a batch is taken: a lone client's queue is mostly in its batch)."""
+        client = self._client(first)
+        return any(not job.done and self._client(job) != client for job in self.jobs)
 
     # ----------------------------------------------------------------- running
 
@@ -497,6 +537,16 @@ def _within_limit(call: Call, result: Any) -> Any:
             raise ResultTooLarge(f"the result takes {nbytes} bytes with its aux and output; the limit is "
                                  f"{call.max_result_bytes}")
     return result
+
+
+def _fits(size: int, each_s: float, left_s: float, slice_s: float) -> bool:
+    """Whether a batch of ``size`` requests, each costing ``each_s`` as the last batch of
+    their key did, ends within half the time left to its earliest deadline (``left_s``)
+    and within ``slice_s``. Bounded by size and memory alone, 40 softmax Hessians one
+    client sent at once (1.3 s each) ran as one batch past their 60 s deadline: every one
+    of them a 504, and another client's request that came meanwhile too."""
+    cost = size * each_s
+    return cost <= _DEADLINE_SHARE * left_s and cost <= slice_s
 
 
 def _prod(shape: tuple[int, ...]) -> int:

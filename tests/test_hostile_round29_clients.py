@@ -1,0 +1,165 @@
+"""Red team, round twenty-nine: one client's share of an engine (its batches, its queue).
+
+Round 28 had the engine take its queue in turns among clients; a batch, though, took
+every queued request of its key, and the queue's places went to whoever came first.
+Each test names what a user saw before. They share one real server of this module (two
+API keys: two clients).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from jacobian_client import wire
+
+from . import clients28_functions, clients29_functions
+from ._client_support import real_server
+from .conftest import assert_problem
+from .test_hostile_round28_clients import _queue_depth
+
+HOSTILE, HONEST = "hostile-key", "honest-key"
+MAX_QUEUE = 24
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with real_server(functions="jacobian_service.examples,tests.clients28_functions,tests.clients29_functions",
+                     api_keys=f"{HOSTILE},{HONEST}", max_queue=MAX_QUEUE) as url:
+        yield url
+
+
+def _post(url: str, path: str, doc: dict, key: str, timeout_s: float | None = None) -> httpx.Response:
+    headers = {"content-type": wire.JSON, "authorization": f"Bearer {key}"}
+    if timeout_s is not None:
+        headers["x-request-timeout"] = f"{timeout_s:.3f}"
+    return httpx.post(url + path, content=json.dumps(doc).encode(), headers=headers, timeout=60)
+
+
+X = np.linspace(-1, 1, 256)
+SLOW = ("/v1/functions/slow_chain/jacobian", {"inputs": [X.tolist()]})
+SIN = ("/v1/functions/sin/jacobian", {"inputs": [[0.5, 1.0]]})
+
+
+def _each_s(url: str) -> float:
+    """What one slow_chain Jacobian costs the engine now (run alone: its batches' measure)."""
+    r = _post(url, *SLOW, HOSTILE)
+    assert r.status_code == 200, r.text[:300]
+    expected = torch.func.jacrev(clients29_functions.chain)(torch.tensor(X, dtype=torch.float32))
+    np.testing.assert_allclose(np.array(r.json()["jacobian"]["data"]), expected.numpy(), rtol=1e-4, atol=1e-6)
+    return r.json()["meta"]["compute_ms"] / 1e3
+
+
+class _Held:
+    """The engine held by a hostile request (clients28's gate) while requests queue, in
+    the order started; ``release`` lets it go."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.number = url, os.getpid() % 1_000_000 + 29
+        self.threads: list[threading.Thread] = []
+        self.answers: dict[str, list[httpx.Response]] = {}
+        self.add("holder", "/v1/functions/holds_the_engine/evaluate", {"inputs": [[float(self.number)]]}, HOSTILE)
+
+    def add(self, name: str, path: str, doc: dict, key: str, timeout_s: float | None = None, count: int = 1,
+            depth: int | None = None) -> None:
+        """Start ``count`` requests; return once the engine holds ``depth`` (all so far)."""
+        def send() -> None:
+            self.answers.setdefault(name, []).append(_post(self.url, path, doc, key, timeout_s))
+
+        for _ in range(count):
+            t = threading.Thread(target=send)
+            t.start()
+            self.threads.append(t)
+        deadline = time.monotonic() + 30
+        while _queue_depth(self.url) < (depth or len(self.threads)):
+            assert time.monotonic() < deadline, (name, self.answers)
+
+    def release(self) -> None:
+        clients28_functions.gate(self.number).touch()
+
+    def __enter__(self) -> "_Held":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        for t in self.threads:
+            t.join()
+        clients28_functions.gate(self.number).unlink()
+
+
+def test_a_batch_never_runs_past_its_requests_deadlines(server: str) -> None:
+    """A batch was bounded by MAX_BATCH_SIZE and the memory budget alone: 40 softmax
+    Hessians one client sent at once (1.3 s each) ran as one batch of 39, past their
+    60 s deadline: every one a 504 after a minute of the engine. Now a batch holds no
+    more requests than the last batch's time per request fits in half the time left to
+    its earliest deadline: here 14 requests each given four times one's cost and 2 s (all
+    fourteen take more) are answered, the first at least, never all 504."""
+    each = _each_s(server)
+    count, timeout_s = 14, 4 * each + 2.0
+    assert (count - 1) * each > timeout_s  # (else one batch of all would be in time)
+    with _Held(server) as held:
+        sent = time.monotonic()
+        held.add("slow", *SLOW, HOSTILE, timeout_s=timeout_s, count=count)
+        assert time.monotonic() - sent < timeout_s - 3 * each, "the queue took too long to fill: no time left to test"
+    slow = held.answers["slow"]
+    batched = [r for r in slow if r.status_code == 200 and r.json()["meta"]["batch_size"] > 1]
+    assert len(batched) >= 2, [r.text[:200] for r in slow]  # (one batch of all: each a 504)
+    for r in batched:  # (a request run alone runs whatever its time left)
+        meta = r.json()["meta"]
+        assert meta["queue_ms"] + meta["compute_ms"] < timeout_s * 1e3, meta
+    for r in slow:
+        if r.status_code != 200:
+            assert_problem(r, 504, "timeout")
+
+
+def test_while_another_client_waits_a_batch_is_a_time_slice(server: str) -> None:
+    """Taking turns, the engine had another client wait for one batch of a client's at
+    most, but that batch was every queued request of its key: the honest client's second
+    request waited behind 12 slow Jacobians (and with 40 softmax Hessians, a minute: a
+    504). Now while another client's jobs wait, a batch holds what its measured time per
+    request fits in a second: the honest client's requests, each given 2 s, are answered."""
+    each = _each_s(server)
+    count = min(MAX_QUEUE - 3, int(2.5 / each) + 1)  # (all at once: 2.5 s or the queue's room)
+    with _Held(server) as held:
+        held.add("slow", *SLOW, HOSTILE, count=count)
+        held.add("honest", *SIN, HONEST, timeout_s=2.0, count=2)
+    for r in held.answers["honest"]:
+        assert r.status_code == 200, r.text[:300]
+        np.testing.assert_allclose(np.array(r.json()["jacobian"]["data"]), np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
+    assert [r.status_code for r in held.answers["slow"]] == [200] * count
+    assert max(r.json()["meta"]["batch_size"] for r in held.answers["slow"]) > 1  # (batching still works)
+
+
+def test_a_client_that_fills_the_queue_gives_a_place_to_another(server: str) -> None:
+    """One client could take every place of an engine's queue (MAX_QUEUE): every other
+    client's request was a 429 until its jobs drained. Now, the queue full, another
+    client's request takes the place of the newest queued request of the client holding
+    the most (which is answered 429, Retry-After, saying so); the client holding the most
+    is refused as before, and a lone client still uses the whole queue."""
+    with _Held(server) as held:
+        held.add("hostile", *SIN, HOSTILE, count=MAX_QUEUE - 1)  # (with the holder: the queue is full)
+        refused = _post(server, *SIN, HOSTILE)
+        problem = assert_problem(refused, 429, "overloaded")
+        assert problem["detail"].startswith(f"the engine holds {MAX_QUEUE} requests"), problem
+        assert refused.headers["retry-after"] == "1"
+        held.add("honest", *SIN, HONEST, timeout_s=30, depth=MAX_QUEUE)
+        deadline = time.monotonic() + 30  # (the one pushed out is answered at once)
+        while not any(r.status_code == 429 for r in held.answers["hostile"]):
+            assert not held.answers.get("honest") and time.monotonic() < deadline, held.answers  # (before: a 429)
+        pushed = [r for r in held.answers["hostile"] if r.status_code == 429]
+        assert len(pushed) == 1, held.answers
+    problem = assert_problem(pushed[0], 429, "overloaded")
+    assert problem["detail"] == (f"the engine's queue is full (limit {MAX_QUEUE}) and this client held {MAX_QUEUE - 1} "
+                                 "of its places: its newest request gave its place to another client's; retry shortly")
+    assert pushed[0].headers["retry-after"] == "1"
+    honest = held.answers["honest"][0]
+    assert honest.status_code == 200, honest.text[:300]
+    np.testing.assert_allclose(np.array(honest.json()["jacobian"]["data"]), np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
+    assert sum(r.status_code == 200 for r in held.answers["hostile"]) == MAX_QUEUE - 2
