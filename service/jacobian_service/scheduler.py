@@ -320,17 +320,17 @@ class Worker:
         earliest = first.deadline
         start = time.monotonic()
         while True:
+            mates, others = self._mates(first)
             # While other clients' jobs wait, this batch is their wait: a time slice at most.
-            slice_s = _SHARED_BATCH_S if self._others_wait(first) else math.inf
-            for job in list(self.jobs):
+            slice_s = _SHARED_BATCH_S if others else math.inf
+            for job in mates:
                 if len(group) >= limit:
                     break
-                if job.key == first.key and not job.done:
-                    if not _fits(len(group) + 1, each_s, min(earliest, job.deadline) - start, slice_s):
-                        continue  # (not break: a later job may have a later deadline)
-                    earliest = min(earliest, job.deadline)
-                    self.jobs.remove(job)
-                    group.append(job)
+                if not _fits(len(group) + 1, each_s, min(earliest, job.deadline) - start, slice_s):
+                    continue  # (not break: a later job may have a later deadline)
+                earliest = min(earliest, job.deadline)
+                self.jobs.remove(job)
+                group.append(job)
             waited = time.monotonic() - start
             if len(group) >= limit:
                 return group
@@ -338,11 +338,19 @@ class Worker:
                 return group
             wait(max(self.batch_wait_s, refill_s) - waited)
 
-    def _others_wait(self, first: Job) -> bool:
-        """Whether the queue holds a live job of a client other than ``first``'s (what is
-        left of it once a batch is taken: a lone client's queue is mostly in its batch)."""
-        client = self._client(first)
-        return any(not job.done and self._client(job) != client for job in self.jobs)
+    def _mates(self, first: Job) -> tuple[list[Job], bool]:
+        """The live queued jobs ``first`` may be stacked with, and whether a job of
+        another client waits besides them (one walk; a lone client's queue, all of one
+        key, asks no job its client)."""
+        mates, others, client = [], False, self._client(first)
+        for job in self.jobs:
+            if job.done:
+                continue
+            if job.key == first.key:
+                mates.append(job)
+            elif not others and self._client(job) != client:
+                others = True
+        return mates, others
 
     # ----------------------------------------------------------------- running
 
