@@ -104,11 +104,14 @@ def test_a_batch_never_runs_past_its_requests_deadlines(server: str) -> None:
     each = _each_s(server)
     timeout_s = 4 * each + 2.0  # (2 s: the queue fills meanwhile)
     count = min(MAX_QUEUE - 2, int(timeout_s / each) + 3)
-    assert (count - 1) * each > timeout_s  # (else one batch of all would be in time)
+    if (count - 1) * each <= timeout_s:  # one batch of all would be in time: nothing to show here
+        pytest.skip(f"this machine computes a slow_chain Jacobian in {each:.3f} s: too fast for the queue's room")
     with _Held(server) as held:
         sent = time.monotonic()
         held.add("slow", *SLOW, HOSTILE, timeout_s=timeout_s, count=count)
-        assert time.monotonic() - sent < timeout_s - 3 * each, "the queue took too long to fill: no time left to test"
+        if time.monotonic() - sent >= timeout_s - 3 * each:  # (a loaded machine: not the service's doing)
+            held.release()
+            pytest.skip("the queue took too long to fill: no time left to test")
     slow = held.answers["slow"]
     batched = [r for r in slow if r.status_code == 200 and r.json()["meta"]["batch_size"] > 1]
     assert len(batched) >= 2, [r.text[:200] for r in slow]  # (one batch of all: each a 504)
