@@ -81,18 +81,3 @@ def test_a_missing_entry_is_caught_beside_cancelling_terms(client):
     assert want[1:, 0].all()
     np.testing.assert_allclose(got.toarray(), want, rtol=1e-6, atol=1e-6)
     assert _dense_noted(meta), meta
-
-
-def test_forward_products_through_cancelling_terms_stay_forward(client):
-    """mode=fwd: the JVP (an all-ones tangent) is exact, the random VJP that proves it
-    jacrev's carries the round-off, which called forward mode wrong and sent the request
-    to reverse mode's products (meta.mode rev). Now forward mode answers, = jacrev."""
-    x = np.linspace(0.1, 3, 5, dtype=np.float32)
-    r = client.post("/v1/functions/cancels22/jacobian", json={"inputs": [x.tolist()], "sparsity": "auto", "mode": "fwd"})
-    assert r.status_code == 200, r.text
-    from .test_sparse_round17 import csr
-
-    got, meta = csr(r.json(), "jacobian"), r.json()["meta"]
-    want = torch.func.jacrev(s22.cancels22)(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(got.toarray(), want, rtol=1e-6, atol=1e-6)
-    assert meta["mode"] == "fwd" and meta["products"] == 1 and not _dense_noted(meta), meta
