@@ -100,7 +100,7 @@ class RepeatFilter(logging.Filter):
     more times in the last 10 s". The first of each is never lost; the access log has a
     handler of its own, outside this."""
 
-    def __init__(self, interval_s: float = 10.0, distinct: int = 8, clock: Any = time.monotonic) -> None:
+    def __init__(self, interval_s: float = 10.0, distinct: int = 100, clock: Any = time.monotonic) -> None:
         super().__init__()
         self.clock = clock
         self.interval_s = interval_s
