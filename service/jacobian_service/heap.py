@@ -95,7 +95,7 @@ def refreeze() -> None:
 # off after every later batch, for good. So pauses are counted here, on every thread,
 # and the watch reads and puts back the collector as it is beneath them: the state the
 # last pause leaves it in.
-_lock = threading.Lock()
+_lock = threading.RLock()  # (re-entrant: a __del__ that switches the collector may run inside a section)
 _pauses = 0  # sections in progress, on any thread
 _beneath = True  # the collector's state under them (while _pauses > 0)
 
@@ -130,7 +130,7 @@ def _after_fork() -> None:
     it, nor to release the lock if it held it then. The collector as it was beneath; the
     child's collector had stayed off for its whole life."""
     global _lock, _pauses
-    _lock = threading.Lock()
+    _lock = threading.RLock()
     if _pauses:
         _pauses = 0
         _enable() if _beneath else _disable()
