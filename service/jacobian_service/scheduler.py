@@ -386,6 +386,15 @@ class Worker:
                 job.finish(error=error)
         finally:
             self.running = 0
+            call = self.call_of(live[0])
+            function = call.spec.name if call is not None else ""
+            # In the in-process layout the caller's code runs on in the same process as
+            # soon as it is answered: the names a function rebound are put back before
+            # then (one gather, a few us), or what the caller set once answered (a test's
+            # monkeypatch of a service module) was put back as the function's change.
+            early = getattr(self.engine, "restore_names_early", None)
+            if early is not None:
+                early(function)
             # The answers leave before the tidying below, which is no caller's business:
             # putting the settings back takes ~80 us a batch on the 2-core VM, and sat
             # between a small Jacobian and its caller.
@@ -394,8 +403,7 @@ class Worker:
             # next batch, another function's (engine/process_settings.py).
             restore = getattr(self.engine, "restore_settings", None)
             if restore is not None:
-                call = self.call_of(live[0])
-                restore(call.spec.name if call is not None else "")
+                restore(function)
             self.tidy()
 
     def call_of(self, job: Job) -> Call | None:

@@ -229,6 +229,7 @@ class Engine:
         self.sparsity_cache = PatternCache(sparsity_cache_dir or "")
         self.process_settings = ProcessSettings()  # as the engine set them (threads): put back after each batch
         self.namespaces = Namespaces()  # the names of torch, numpy, the service...: put back after each batch
+        self._shares_process = True  # with its caller's code (in-process), until ``take_settings``
         self._moved_device: set[str] = set()  # functions that left another current CUDA device
 
     def enter_thread(self) -> None:
@@ -240,11 +241,21 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
+    def restore_names_early(self, function: str) -> None:
+        """In-process, before a batch's answers leave: the names ``function`` rebound put
+        back (``namespaces``). Put back after them, a name the caller's thread set once
+        answered was taken for the function's and undone (a test's monkeypatch of
+        ``sparsity.acyclic.substitution``, reverted mid-test by the tidying of the request
+        before it). An engine process shares its names with no one: it puts back after."""
+        if self._shares_process:
+            self.namespaces.restore(function)
+
     def restore_settings(self, function: str) -> None:
         """After a batch: the process-wide settings as they were (``process_settings``),
         and this engine's GPU as the current device (a function may have set another)."""
         self.process_settings.restore(function)
-        self.namespaces.restore(function)
+        if not self._shares_process:  # (in-process: put back before the answers, ``restore_names_early``)
+            self.namespaces.restore(function)
         if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
             if function not in self._moved_device:  # once per function, as process_settings logs
                 self._moved_device.add(function)
@@ -264,6 +275,7 @@ class Engine:
         (signal handlers, timers, resource limits: ``process_settings``), and the
         ``registry``'s functions as they are (``namespaces``)."""
         self.process_settings = ProcessSettings(own_process=True)
+        self._shares_process = False
         # with the functions' modules imported: what they bound as imported stays
         self.namespaces = Namespaces(own_process=True, registry=registry)
 
