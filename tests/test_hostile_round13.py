@@ -154,8 +154,7 @@ def test_the_supervisor_keeps_the_word_of_new_front_ends_once_old_ones_have_gone
 
     from jacobian_service import supervisor
 
-    sup = SimpleNamespace(engines=[None], _oldest=collections.defaultdict(dict),
-                          _oldest_clients=collections.defaultdict(dict))
+    sup = SimpleNamespace(engines=[None], _oldest=collections.defaultdict(dict))
     told = supervisor.Supervisor._told_oldest
     for pid in range(supervisor._MAX_FRONT_ENDS):
         assert told(sup, {"engine": 0, "from": pid, "pid": 7, "sent": 1.0, "tag": "t", "function": "f"})
@@ -163,7 +162,7 @@ def test_the_supervisor_keeps_the_word_of_new_front_ends_once_old_ones_have_gone
     told(sup, new)  # all still fresh: the bound holds
     assert 99_999 not in sup._oldest[0] and len(sup._oldest[0]) == supervisor._MAX_FRONT_ENDS
     for pid, entry in sup._oldest[0].items():  # ... and then those front ends went silent
-        sup._oldest[0][pid] = (*entry[:4], entry[4] - supervisor._OLDEST_FRESH_S)
+        sup._oldest[0][pid] = (*entry[:4], entry[4] - supervisor._OLDEST_FRESH_S, *entry[5:])
     told(sup, new)
     assert list(sup._oldest[0]) == [99_999], len(sup._oldest[0])
 

@@ -12,7 +12,8 @@ from jacobian_service import supervisor
 
 
 def _hung_in(reports: dict[int, tuple[int, float, str, str, float]], word: dict) -> dict:
-    sup = SimpleNamespace(_oldest=collections.defaultdict(dict, {0: reports}), _oldest_clients=collections.defaultdict(dict))
+    # (each report as the supervisor keeps it: with the marks of no client)
+    sup = SimpleNamespace(_oldest=collections.defaultdict(dict, {0: {k: (*v, frozenset()) for k, v in reports.items()}}))
     return supervisor.Supervisor._hung_in(sup, 0, 4242, word)  # type: ignore[arg-type]
 
 

@@ -29,8 +29,7 @@ from .test_engine_client import _state, engines  # noqa: F401 (fixture)
 
 def _sup(reports: dict[int, tuple[int, float, str, str, float]], marks: dict[int, list[str]], held: set[str]) -> Any:
     return SimpleNamespace(
-        _oldest=collections.defaultdict(dict, {0: reports}),
-        _oldest_clients=collections.defaultdict(dict, {0: {k: frozenset(v) for k, v in marks.items()}}),
+        _oldest=collections.defaultdict(dict, {0: {k: (*v, frozenset(marks.get(k, ()))) for k, v in reports.items()}}),
         _confirmed=lambda index: set(held),
     )
 

@@ -237,10 +237,10 @@ class Supervisor:
         self._reaped_at = 0.0
         self._said_malformed = -1e9  # when a malformed control message was last logged
         # Each front end's oldest unanswered job per engine, as it last told (``oldest``):
-        # engine index -> {front end pid: (engine pid, sent, tag, function, when told)}.
-        self._oldest: dict[int, dict[int, tuple[int, float, str, str, float]]] = collections.defaultdict(dict)
-        # And the clients of the jobs it held there then (marks: ``_marks``), by the same keys.
-        self._oldest_clients: dict[int, dict[int, frozenset[str]]] = collections.defaultdict(dict)
+        # engine index -> {front end pid: (engine pid, sent, tag, function, when told, the
+        # marks of the clients whose jobs it held there then: ``_marks``)}.
+        self._oldest: dict[int, dict[int, tuple[int, float, str, str, float, frozenset[str]]]] = \
+            collections.defaultdict(dict)
         # Requests the front ends gave up on past the grace (``overdue`` words' ``given_up``):
         # engine index -> {tag: (engine pid, when told)}, kept _OLDEST_FRESH_S.
         self._given_up: dict[int, dict[str, tuple[int, float]]] = collections.defaultdict(dict)
@@ -678,7 +678,6 @@ class Supervisor:
             return False
         if sent is None:
             self._oldest[index].pop(sender, None)
-            self._oldest_clients[index].pop(sender, None)
             return True
         pid, tag, function = msg.get("pid"), msg.get("tag", ""), msg.get("function", "")
         if not (isinstance(pid, int) and isinstance(sent, (int, float)) and isinstance(tag, str)
@@ -689,10 +688,7 @@ class Supervisor:
             for stale in [k for k, v in told.items() if now - v[4] >= _OLDEST_FRESH_S]:
                 del told[stale]
         if sender in told or len(told) < _MAX_FRONT_ENDS:
-            told[sender] = (pid, float(sent), tag, function, now)
-            self._oldest_clients[index][sender] = _marks(msg)
-            for gone in set(self._oldest_clients[index]) - set(told):
-                del self._oldest_clients[index][gone]
+            told[sender] = (pid, float(sent), tag, function, now, _marks(msg))
         return True
 
     def _told_held(self, msg: dict[str, Any]) -> bool:
@@ -802,7 +798,7 @@ class Supervisor:
         best = (float(sent) if isinstance(sent, (int, float)) else math.inf, tag if isinstance(tag, str) else "", function)
         now = time.monotonic()
         stale = (math.inf, "", 0.0)  # the oldest job told of by a front end silent since (sent, function, silent for)
-        for sender, (engine_pid, other_sent, other_tag, other_function, told) in self._oldest.get(index, {}).items():
+        for sender, (engine_pid, other_sent, other_tag, other_function, told, _) in self._oldest.get(index, {}).items():
             # The word's own front end's last ``oldest`` is older news than the word: a
             # job answered since (then the oldest) was struck for a hang that came after it.
             if engine_pid != pid or other_sent >= best[0] or sender == msg.get("from"):
@@ -824,9 +820,9 @@ class Supervisor:
         # there ran is surely the hang's; with several, no one is blamed (the engine is
         # replaced all the same; its requests are retryable).
         clients = set(_marks(msg))
-        for sender, (engine_pid, _, _, _, told) in self._oldest.get(index, {}).items():
+        for engine_pid, _, _, _, told, marks in self._oldest.get(index, {}).values():
             if engine_pid == pid and now - told < _OLDEST_FRESH_S:
-                clients |= self._oldest_clients.get(index, {}).get(sender, frozenset())
+                clients |= marks
         if len(clients) > 1:
             held = self._confirmed(index) | ({best[2]} if best[2] else set())
             if len(held) != 1:
@@ -1102,7 +1098,6 @@ class Supervisor:
             self._strike(suspect, batch=False)
         engine.proc = None
         self._oldest.pop(engine.index, None)  # its jobs are answered now, by the word just sent
-        self._oldest_clients.pop(engine.index, None)
         self._held.pop(engine.index, None)
         self._sent.pop(engine.index, None)
         engine.ready = False
