@@ -5,11 +5,19 @@ red team would read them. Each test names what a user saw before.
 from __future__ import annotations
 
 import collections
+import threading
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
 
 from jacobian_service import supervisor
 from jacobian_service.engine_client import _client_marks
+
+from .conftest import ready_app
 
 
 def test_a_front_ends_client_marks_travel_with_its_oldest_job_and_go_with_it() -> None:
@@ -37,3 +45,68 @@ def test_a_front_ends_client_marks_travel_with_its_oldest_job_and_go_with_it() -
     assert told(sup, {"engine": 0, "from": 111, "pid": 4242, "sent": now - 6.0, "tag": "b:1",
                       "function": "earlier", "clients": b})
     assert hung_in(sup, 0, 4242, word) == {"function": "earlier", "tags": ["b:1"]}
+
+
+# ------------------------------------------------ in-process: the caller's settings are its own
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator:
+    with ready_app("jacobian_service.examples,tests.review4_functions") as c:
+        yield c
+
+
+def _held_tidying(app, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """The engine's tidying after a batch (``restore_settings``), held until ``go`` is
+    set; ``done`` once it ran (as tests/test_names_in_process.py holds it)."""
+    engine = app.app.service_state.engines.workers[0].worker.engine
+    go, done = threading.Event(), threading.Event()
+    real = engine.restore_settings
+
+    def held(function: str) -> None:
+        go.wait(30)
+        real(function)
+        done.set()
+
+    monkeypatch.setattr(engine, "restore_settings", held)
+    return go, done
+
+
+def test_a_setting_the_caller_changes_once_answered_is_not_put_back_in_process(app, monkeypatch, caplog) -> None:
+    """76703c0 put a function's rebound names back before its answers leave, in-process,
+    where the caller's code runs on in the same process as soon as it is answered; the
+    process-wide settings (torch's default dtype, the warning filters, the recursion
+    limit...) were still put back in the tidying after. A setting the caller changed in
+    between was taken for the function's and undone, and the function named for it:
+    ``torch.set_default_dtype(torch.float64)`` set by the caller right after a ``sin``
+    Jacobian was float32 again once the tidying ran, and the log said "sin changed torch's
+    default dtype". Now both are put back before the answers leave."""
+    go, done = _held_tidying(app, monkeypatch)
+    try:
+        r = app.post("/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.asarray(r.json()["jacobian"]["data"], np.float32),
+                                   torch.func.jacrev(torch.sin)(torch.tensor([0.5, 1.0])).numpy(), rtol=1e-6)
+        torch.set_default_dtype(torch.float64)  # the caller's own, after its answer
+        go.set()
+        assert done.wait(30)
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        go.set()
+        torch.set_default_dtype(torch.float32)
+    assert not [rec.getMessage() for rec in caplog.records if "sin changed" in rec.getMessage()]
+
+
+def test_a_functions_setting_is_put_back_before_its_answer_arrives_in_process(app, monkeypatch, caplog) -> None:
+    """The other side: what a function changes of the process's settings is put back (and
+    said) before its caller has its answer, not left for the caller's code to run under."""
+    go, done = _held_tidying(app, monkeypatch)
+    try:
+        r = app.post("/v1/functions/sets_float64/evaluate", json={"inputs": [[0.5, 1.0]]})
+        assert r.status_code == 200, r.text
+        assert torch.get_default_dtype() == torch.float32  # (before: float64 until the tidying ran)
+    finally:
+        go.set()
+        assert done.wait(30)
+        torch.set_default_dtype(torch.float32)
+    assert any("sets_float64 changed torch's default dtype" in rec.getMessage() for rec in caplog.records)

@@ -389,15 +389,16 @@ class Worker:
             call = self.call_of(live[0])
             function = call.spec.name if call is not None else ""
             # In the in-process layout the caller's code runs on in the same process as
-            # soon as it is answered: the names a function rebound are put back before
-            # then (one gather, a few us), or what the caller set once answered (a test's
-            # monkeypatch of a service module) was put back as the function's change.
-            early = getattr(self.engine, "restore_names_early", None)
+            # soon as it is answered: the settings a function changed and the names it
+            # rebound are put back before then, or what the caller set once answered (a
+            # test's monkeypatch of a service module, its default dtype) was put back as
+            # the function's change.
+            early = getattr(self.engine, "restore_early", None)
             if early is not None:
                 early(function)
-            # The answers leave before the tidying below, which is no caller's business:
-            # putting the settings back takes ~80 us a batch on the 2-core VM, and sat
-            # between a small Jacobian and its caller.
+            # An engine process's answers leave before the tidying below, which is no
+            # caller's business: putting the settings back takes ~80 us a batch on the
+            # 2-core VM, and sat between a small Jacobian and its caller.
             self.on_settled()
             # What the function changed of the process-wide settings must not reach the
             # next batch, another function's (engine/process_settings.py).

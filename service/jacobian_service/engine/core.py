@@ -241,20 +241,25 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-    def restore_names_early(self, function: str) -> None:
-        """In-process, before a batch's answers leave: the names ``function`` rebound put
-        back (``namespaces``). Put back after them, a name the caller's thread set once
-        answered was taken for the function's and undone (a test's monkeypatch of
-        ``sparsity.acyclic.substitution``, reverted mid-test by the tidying of the request
-        before it). An engine process shares its names with no one: it puts back after."""
+    def restore_early(self, function: str) -> None:
+        """In-process, before a batch's answers leave: the process-wide settings
+        ``function`` changed and the names it rebound put back (``process_settings``,
+        ``namespaces``). Put back after them, what the caller's thread set once answered
+        was taken for the function's and undone, the function named for it (a test's
+        monkeypatch of ``sparsity.acyclic.substitution``, reverted mid-test by the tidying
+        of the request before it; a caller's ``torch.set_default_dtype`` alike). An engine
+        process shares its settings and names with no one: it puts them back after (~80 us
+        a batch that is no caller's wait)."""
         if self._shares_process:
+            self.process_settings.restore(function)
             self.namespaces.restore(function)
 
     def restore_settings(self, function: str) -> None:
-        """After a batch: the process-wide settings as they were (``process_settings``),
-        and this engine's GPU as the current device (a function may have set another)."""
-        self.process_settings.restore(function)
-        if not self._shares_process:  # (in-process: put back before the answers, ``restore_names_early``)
+        """After a batch: the process-wide settings and names as they were (an engine
+        process's; in-process: ``restore_early``), and this engine's GPU as the current
+        device (a function may have set another)."""
+        if not self._shares_process:
+            self.process_settings.restore(function)
             self.namespaces.restore(function)
         if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
             if function not in self._moved_device:  # once per function, as process_settings logs
