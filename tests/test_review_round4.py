@@ -9,7 +9,9 @@ import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,8 @@ import torch
 from jacobian_service import supervisor
 from jacobian_service.engine_client import _client_marks
 
-from .conftest import ready_app
+from .conftest import assert_problem, live_server, ready_app
+from .test_hostile_round11 import _engine_pid, _replaced
 
 
 def test_a_front_ends_client_marks_travel_with_its_oldest_job_and_go_with_it() -> None:
@@ -110,3 +113,64 @@ def test_a_functions_setting_is_put_back_before_its_answer_arrives_in_process(ap
         assert done.wait(30)
         torch.set_default_dtype(torch.float32)
     assert any("sets_float64 changed torch's default dtype" in rec.getMessage() for rec in caplog.records)
+
+
+# ------------------------------------------------ the status board is the functions' to write
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, Any]]:
+    with live_server(FUNCTIONS="jacobian_service.examples,tests.review4_functions", WORKERS=1, WARMUP="false",
+                     ENGINE_STANDBY="false", QUARANTINE_AFTER=10, REQUEST_TIMEOUT_S=30) as served:
+        yield served
+
+
+@pytest.mark.parametrize("case", range(3))  # (review4_functions._SCRAWLS)
+def test_an_engine_whose_board_a_function_scrawled_on_is_replaced(server, case: int) -> None:
+    """The board is a file the functions can write (6df6ecf: the supervisor reads it, not
+    its map, so a truncated one is no SIGBUS), and the supervisor took its document for
+    the engine's own: ``[1]`` (not an object) raised in ``StatusBoard.read``, a name that
+    is no string in ``_died``'s set of names, ``{"memory": 1}`` in ``recycle_reason``.
+    Each raised out of the supervisor's tick before it looked at the engine's process,
+    tick after tick ("supervisor tick failed", a traceback each), and the engine the
+    function ended was never replaced: every later request a 503, the service down for
+    good. Now the board's document is read only as the engine writes it (an object of
+    its own fields, each of its type; the fixed fields none can override): the engine is
+    replaced, the request a retryable 503, and ``sin`` answers again."""
+    url, proc = server
+    with httpx.Client(timeout=60) as client:
+        pid, start = _engine_pid(client, url), len(proc.read_log())
+        body = {"inputs": [{"dtype": "float64", "shape": [3], "data": [666.0, float(case), 0.0]}]}
+        assert_problem(client.post(f"{url}/v1/functions/scrawls_on_its_board/evaluate", json=body), 503, "unavailable")
+        _replaced(client, url, pid, 60, f"no engine up after the crash: {proc.read_log()[start:][-3000:]}")
+        x = [0.25, -1.0, 2.0]
+        r = client.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [x]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], torch.func.jacrev(torch.sin)(torch.tensor(x)).numpy(),
+                                   rtol=1e-6)
+        assert "supervisor tick failed" not in proc.read_log()[start:]
+
+
+def test_the_boards_document_cannot_say_what_the_engine_does_not_write(tmp_path) -> None:
+    """What ``read`` gives: the fixed fields as the engine wrote them (a document's
+    ``"deadline"`` or ``"beat"`` no longer replaces them), and of the document only the
+    engine's own fields, each of the type it writes them in."""
+    from jacobian_service import ipc
+
+    board = ipc.StatusBoard(tmp_path / "engine-0.status", create=True)
+    now = time.monotonic()
+    board.running(now, now + 5, "sin", ["1:1"], ["other"])
+    assert board.read() == {"beat": now, "ready": False, "deadline": now + 5, "served": 0, "function": "sin",
+                            "tags": ["1:1"], "left": ["other"]}
+    for doc in (b"[1]", b'"text"', b'{"deadline": null, "beat": "x", "ready": 1, "served": []}',
+                (b'{"function": 3, "tags": "1:1", "left": [1], "stray": [], "answered": "yes", "memory": 1, '
+                 b'"threads": {"count": "9", "limit": 1}, "descriptors": {"open": 1, "limit": 2, "grown": [[1, 2]]}}')):
+        board._doc = doc
+        board._write()
+        assert board.read() == {"beat": now, "ready": False, "deadline": now + 5, "served": 0}, doc
+    leak = {"held": 3 << 20, "limit": 1 << 20, "setting": "ENGINE_MAX_RSS_BYTES", "grown": [["sin", 2 << 20]]}
+    board.leave(now, {"memory": leak})
+    assert board.read()["memory"] == leak
+    assert ipc.recycle_reason(board.read()) is not None
+    board.leave(now, {"stray": "sin", "left": "the engine's own checks failed (OSError)"})
+    assert board.read()["left"] == "the engine's own checks failed (OSError)"

@@ -377,6 +377,47 @@ def decode_reply(header: dict[str, Any], frames: Sequence[Any]) -> tuple[Any, Jo
 # --------------------------------------------------------------------------- status board
 
 
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _leak(*numbers: str) -> Any:
+    """A test of a leak's report as the engine writes it (``recycle_reason`` reads it)."""
+    def written(value: Any) -> bool:
+        grown = value.get("grown", []) if isinstance(value, dict) else None
+        return (isinstance(value, dict) and all(type(value.get(n)) is int for n in numbers)
+                and all(isinstance(value.get(k, ""), str) for k in ("setting", "device")) and isinstance(grown, list)
+                and all(isinstance(g, list) and len(g) == 2 and isinstance(g[0], str) and type(g[1]) is int
+                        for g in grown))
+    return written
+
+
+# The fields of the board's document, each as the engine writes it (``StatusBoard``'s
+# writers, ``engine.process``'s reasons to leave): what ``read`` gives of it.
+_DOC_FIELDS: dict[str, Any] = {
+    "function": lambda v: isinstance(v, str), "stray": lambda v: isinstance(v, str), "tags": _strings,
+    "left": lambda v: isinstance(v, str) or _strings(v), "answered": lambda v: v is True,
+    "memory": _leak("held", "limit"), "reserved": _leak("held", "limit"), "device_memory": _leak("held", "limit"),
+    "descriptors": _leak("open", "limit"), "threads": _leak("count", "limit"), "processes": _leak("count", "limit"),
+}
+
+
+def _as_written(doc: Any) -> dict[str, Any]:
+    """Of a board's document, the fields the engine writes, where each has the type it
+    writes it in. The board is a file the functions can write (the same user's), and the
+    supervisor took any JSON there for the engine's word: a document that was no object
+    (``[1]``), a name that was no string, a leak's report that was none (``{"memory":
+    1}``) raised out of its tick before it looked at the engine's process, tick after tick,
+    and the engine a function then ended was never replaced (the service down for good).
+    Nor may it say the fixed fields (``read`` puts them last)."""
+    if not isinstance(doc, dict):
+        return {}
+    kept = {key: value for key, value in doc.items() if (check := _DOC_FIELDS.get(key)) is not None and check(value)}
+    if isinstance(kept.get("left"), str) and "stray" not in kept:  # (said in words only beside a stray)
+        del kept["left"]
+    return kept
+
+
 def recycle_reason(status: dict[str, Any]) -> str | None:
     """Why an engine leaves to be recycled (a leak its functions grew past a limit: memory,
     descriptors, threads, processes), from what it puts on its board (``StatusBoard.leave``);
@@ -508,7 +549,8 @@ class StatusBoard:
                     running = orjson.loads(doc) if length else {}
                 except orjson.JSONDecodeError:
                     continue
-                return {"beat": beat, "ready": bool(ready), "deadline": deadline, "served": served, **running}
+                return {**_as_written(running), "beat": beat, "ready": bool(ready), "deadline": deadline,
+                        "served": served}
         return {"beat": 0.0, "ready": False, "deadline": 0.0, "served": 0}
 
     def close(self) -> None:
