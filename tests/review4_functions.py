@@ -37,3 +37,28 @@ def scrawls_on_its_board(x: torch.Tensor) -> torch.Tensor:
         board._write()
         os._exit(5)
     return torch.sin(x)
+
+
+def _run_dir() -> Path:
+    """The engine's run directory: where its status board, which it maps, lies."""
+    maps = Path("/proc/self/maps").read_text().split("\n")
+    return Path(next(line.split(None, 5)[5] for line in maps if line.endswith(".status"))).parent
+
+
+def _fifo_in_place_of(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+@register(inputs=[Input("x", shape=("n",))],
+          description="sin; at its warm-up it puts a FIFO in place of its engine's warm-up note, and armed (666) "
+                      "in place of the engine's memory budget file, which serve and the front ends read.")
+def plants_fifos(x: torch.Tensor) -> torch.Tensor:
+    note = ipc.warming_path(_run_dir(), os.getpid())
+    if note.is_file() and note.read_text().endswith(" plants_fifos"):  # its own warm-up
+        _fifo_in_place_of(note)
+        time.sleep(0.5)  # (the supervisor looks at the notes of engines warming up every tick)
+    flat = x.detach().reshape(-1)
+    if flat.numel() > 1 and float(flat[0]) == 666.0:
+        _fifo_in_place_of(ipc.budget_path(_run_dir(), 0))
+    return torch.sin(x)

@@ -174,3 +174,41 @@ def test_the_boards_document_cannot_say_what_the_engine_does_not_write(tmp_path)
     assert ipc.recycle_reason(board.read()) is not None
     board.leave(now, {"stray": "sin", "left": "the engine's own checks failed (OSError)"})
     assert board.read()["left"] == "the engine's own checks failed (OSError)"
+
+
+# ------------------------------------------------ nor are its other files, as files
+
+
+@pytest.fixture(scope="module")
+def warmed_server() -> Iterator[tuple[str, Any]]:
+    """A server that warms its functions up: before the fix it never became ready (the
+    supervisor's thread waited on plants_fifos's FIFO for ever)."""
+    with live_server(FUNCTIONS="tests.review4_functions", WORKERS=1, WARMUP="true", ENGINE_STANDBY="false",
+                     REQUEST_TIMEOUT_S=30) as served:
+        yield served
+
+
+def test_a_fifo_a_function_puts_in_the_run_directory_blocks_no_reader(warmed_server) -> None:
+    """The run directory's files are the functions' to replace, and ``serve`` and the front
+    ends read some by name, waiting for their bytes: a FIFO there (``os.mkfifo``) has
+    ``open`` wait for a writer for ever. plants_fifos put one in place of its engine's
+    warm-up note at its warm-up: the supervisor's thread, reading the note at its next
+    tick (``_warm_up_hung``), waited for ever, the engine's ready never seen, the server
+    never ready (nor any engine watched or replaced again); armed, in place of the
+    engine's memory budget file: ``GET /v1/info`` blocked its front end's event loop for
+    ever, every client of it with it (``/healthz`` too). Now those files are opened
+    without waiting and read only as regular files, a few bytes at most."""
+    url, _ = warmed_server  # (ready: the supervisor read past the warm-up's FIFO)
+    with httpx.Client(timeout=20) as client:
+        assert client.get(f"{url}/v1/info").json()["limits"]["memory_budget_bytes"][0] > 0
+        body = {"inputs": [{"dtype": "float64", "shape": [3], "data": [666.0, 0.0, 0.0]}]}
+        r = client.post(f"{url}/v1/functions/plants_fifos/evaluate", json=body)
+        assert r.status_code == 200, r.text
+        info = client.get(f"{url}/v1/info")  # (before: no answer, the front end blocked)
+        assert info.status_code == 200 and info.json()["limits"]["memory_budget_bytes"] == [None], info.text
+        assert client.get(f"{url}/healthz").status_code == 200
+        x = [0.25, -1.0, 2.0]
+        r = client.post(f"{url}/v1/functions/plants_fifos/jacobian", json={"inputs": [x]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], torch.func.jacrev(torch.sin)(torch.tensor(x)).numpy(),
+                                   rtol=1e-6)

@@ -532,7 +532,7 @@ class RemoteEngines(_Engines):
         """What engine ``index`` computes in (the setting, or its device's default: 256 MiB on
         the CPU, half a GPU's free memory), as it wrote it; None until it first serves."""
         try:
-            return int(ipc.budget_path(self.run_dir, index).read_text())
+            return int(ipc.read_run_file(ipc.budget_path(self.run_dir, index), 32))
         except (OSError, ValueError):
             return None
 

@@ -21,11 +21,13 @@ dict keys stay strings of any spelling, and non-finite floats survive JSON:
 
 from __future__ import annotations
 
+import errno
 import math
 import struct
 import mmap
 import os
 import select
+import stat
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,6 +61,7 @@ __all__ = [
     "names_env",
     "names_from_env",
     "parse",
+    "read_run_file",
     "recycle_reason",
     "say_warm",
     "say_warming",
@@ -91,6 +94,23 @@ def budget_path(run_dir: Path, index: int) -> Path:
     """The memory budget engine ``index`` computes in (bytes, as text): written as it starts
     serving, read by /v1/info (a GPU's is half its free memory, known only there)."""
     return run_dir / f"engine-{index}.budget"
+
+
+def read_run_file(path: Path, most: int = 4096) -> bytes:
+    """The first ``most`` bytes of a file of the run directory that ``serve`` or a front
+    end reads by name (a warm-up note, a memory budget), where it is a regular file; else
+    OSError. The directory is the functions' to write, and a FIFO a function put there
+    (``os.mkfifo``) had ``open`` wait for a writer for ever: the supervisor's thread at a
+    warm-up's note (no engine watched or replaced again, the server never ready), a front
+    end's event loop at ``/v1/info`` (every client of it). Opened without waiting, read
+    only as a regular file, and no more of it than such a file holds."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.pread(fd, most, 0)
+    finally:
+        os.close(fd)
 
 
 def warming_path(run_dir: Path, pid: int) -> Path:

@@ -392,7 +392,8 @@ class Supervisor:
         """The function whose warm-up in ``proc`` has run past its limit, added to those
         the engines started from now on skip."""
         try:
-            since, _, function = ipc.warming_path(self.run_dir, proc.pid).read_text().partition(" ")
+            note = ipc.read_run_file(ipc.warming_path(self.run_dir, proc.pid))
+            since, _, function = note.decode("utf-8", "replace").partition(" ")
             started = float(since)
         except (OSError, ValueError):  # not warming up (any more)
             return None
@@ -409,7 +410,7 @@ class Supervisor:
         same warm-up, and no engine would ever be ready."""
         note = ipc.warming_path(self.run_dir, pid)
         try:
-            function = note.read_text().partition(" ")[2]
+            function = ipc.read_run_file(note).decode("utf-8", "replace").partition(" ")[2]
         except OSError:  # not warming up
             return None
         note.unlink(missing_ok=True)
