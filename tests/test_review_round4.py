@@ -212,3 +212,18 @@ def test_a_fifo_a_function_puts_in_the_run_directory_blocks_no_reader(warmed_ser
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["jacobian"]["data"], torch.func.jacrev(torch.sin)(torch.tensor(x)).numpy(),
                                    rtol=1e-6)
+
+
+def test_serve_starts_past_a_fifo_in_place_of_the_registry() -> None:
+    """serve waits for engine 0's ``registry.json`` and reads it: a module that, as it was
+    imported, put a FIFO there (the engine's argv names the run directory) had serve
+    take the FIFO for the file and wait on it for a writer for ever, engine 0's file
+    written over it unseen: serve never started, and said nothing. Now it waits for a
+    regular file, and reads it as one."""
+    with live_server(FUNCTIONS="tests.review4_import_functions", WORKERS=1, WARMUP="false",
+                     ENGINE_STANDBY="false") as (url, _):
+        x = [0.25, -1.0]
+        r = httpx.post(f"{url}/v1/functions/plain_sin/jacobian", json={"inputs": [x]}, timeout=30)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], torch.func.jacrev(torch.sin)(torch.tensor(x)).numpy(),
+                                   rtol=1e-6)

@@ -98,17 +98,19 @@ def budget_path(run_dir: Path, index: int) -> Path:
 
 def read_run_file(path: Path, most: int = 4096) -> bytes:
     """The first ``most`` bytes of a file of the run directory that ``serve`` or a front
-    end reads by name (a warm-up note, a memory budget), where it is a regular file; else
-    OSError. The directory is the functions' to write, and a FIFO a function put there
-    (``os.mkfifo``) had ``open`` wait for a writer for ever: the supervisor's thread at a
-    warm-up's note (no engine watched or replaced again, the server never ready), a front
-    end's event loop at ``/v1/info`` (every client of it). Opened without waiting, read
-    only as a regular file, and no more of it than such a file holds."""
+    end reads by name (a warm-up note, a memory budget, the registry), where it is a
+    regular file; else OSError. The directory is the functions' to write, and a FIFO a
+    function put there (``os.mkfifo``) had ``open`` wait for a writer for ever: the
+    supervisor's thread at a warm-up's note (no engine watched or replaced again, the
+    server never ready), a front end's event loop at ``/v1/info`` (every client of it),
+    serve's start at the registry. Opened without waiting, read only as a regular file,
+    and no more of it than such a file holds."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        return os.pread(fd, most, 0)
+        return os.pread(fd, min(most, found.st_size), 0)  # (written whole, then renamed into place)
     finally:
         os.close(fd)
 

@@ -287,14 +287,14 @@ class Supervisor:
         self._spawn(first)
         registry = self.run_dir / "registry.json"
         deadline = time.monotonic() + timeout
-        while not registry.exists():
+        while not registry.is_file():  # (a FIFO a module put there as it was imported is no registry)
             if first.proc.poll() is not None:  # type: ignore[union-attr]
                 self.output.flush(2.0)  # its own message first
                 raise RuntimeError(f"the engine process exited with status {first.proc.returncode} while loading functions")  # type: ignore[union-attr]
             if time.monotonic() > deadline:
                 raise RuntimeError("the engine process did not load the functions in time")
             time.sleep(0.05)
-        doc = orjson.loads(registry.read_bytes())
+        doc = orjson.loads(ipc.read_run_file(registry, 1 << 30))
         devices = doc["devices"]
         first.device = devices[0]
         for index, device in enumerate(devices[1:], start=1):
