@@ -1,0 +1,52 @@
+"""Sparse Jacobians and Hessians, round 23: round-off and infinities in the checks.
+
+A scientist's mostly-zero Jacobians, each answer against torch.func in this process:
+
+- the dense Jacobians a probe reads (and the dense fall-back) are checked against one VJP
+  with a random cotangent, relative to the answer; float32 terms that cancel inside the
+  function put that VJP past it on a right vmap, and the probe went row by row (4.9 s at
+  1,500 elements where jacrev takes 0.12 s). The function's own round-off is measured
+  now, as the products' check measures it;
+- an infinite derivative the pattern misses: the free check skipped every value not
+  finite, so a declared band that forgot an entry answered a 200 without it at the one
+  point where that entry is infinite (a 422 at every other point).
+
+One in-process app serves every case (no new server process).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from tests import sparse23_functions as s23
+
+from .conftest import ready_app
+from .test_sparse_round17 import sparse_answer  # (a 200's matrix as scipy CSR, and its meta)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with ready_app("tests.sparse23_functions") as c:
+        yield c
+
+
+# ------------------------------------------------------------------ the dense check's round-off
+
+
+def test_a_probe_through_cancelling_float32_terms_keeps_jacrevs_vmapped_rows(client, caplog):
+    """A float32 step through ``(x * 1e4 + x) - x * 1e4``, written into a buffer the
+    tracer cannot follow: probed. jacrev's vmapped rows are right, and the random VJP
+    that checks them carries 1e4 |v| of round-off: they were taken for a wrong vmap and
+    every dense Jacobian of the probe was computed again row by row (the WARNING). Now
+    the same matrix from the vmapped rows, and no row-by-row pass."""
+    x = np.linspace(0.1, 3, 400, dtype=np.float32)
+    with caplog.at_level(logging.WARNING, logger="jacobian_service.sparsity"):
+        got, meta = sparse_answer(client, "probed_cancels23", [x])
+    want = torch.func.jacrev(s23.probed_cancels23)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got.toarray(), want, rtol=1e-6, atol=1e-6)
+    assert meta["source"] == "probed" and meta["products"] == 2 and got.nnz == 2 * x.size, meta
+    assert not [r.getMessage() for r in caplog.records if "row by row" in r.getMessage()]
