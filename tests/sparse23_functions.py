@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from jacobian_service import Input, register
+from jacobian_service.sparsity import banded
 
 # ------------------------------------------------------------------ the dense check's round-off
 
@@ -18,3 +19,15 @@ def probed_cancels23(x: torch.Tensor) -> torch.Tensor:
     buf = _TABLE[: x.shape[0]].clone()
     buf.copy_((x * 1e4 + x) - x * 1e4)
     return buf * x.roll(1)
+
+
+# ------------------------------------------------------------------ infinities the pattern misses
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="A tridiagonal step whose first output also reads sqrt(x[-1]) (a periodic wrap the "
+                      "declared band forgot): infinite at x[-1] = 0.",
+          sparsity={"band": banded(1, 1)})
+def wrap_forgotten23(x: torch.Tensor) -> torch.Tensor:
+    y = x + 0.1 * (torch.nn.functional.pad(x[1:], (0, 1)) + torch.nn.functional.pad(x[:-1], (1, 0)))
+    return torch.cat([(y[0] + torch.sqrt(x[-1])).reshape(1), y[1:]])

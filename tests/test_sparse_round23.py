@@ -20,6 +20,7 @@ import logging
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from tests import sparse23_functions as s23
@@ -32,6 +33,23 @@ from .test_sparse_round17 import sparse_answer  # (a 200's matrix as scipy CSR, 
 def client():
     with ready_app("tests.sparse23_functions") as c:
         yield c
+
+
+def _matrix(r, key="jacobian"):
+    """A 200's sparse matrix (CSR JSON, its NaN and infinities spelled as JSON cannot) and meta."""
+    assert r.status_code == 200, r.text
+    j = r.json()[key]
+    data = np.array([float(v) for v in j["data"]], dtype=np.float64)
+    return sp.csr_array((data, j["indices"], j["indptr"]), shape=j["shape"]), r.json()["meta"]
+
+
+def _problem(r, status, code):
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    body = r.json()
+    assert body["status"] == status and body["code"] == code, body
+    assert "Traceback" not in r.text
+    return body
 
 
 # ------------------------------------------------------------------ the dense check's round-off
@@ -50,3 +68,25 @@ def test_a_probe_through_cancelling_float32_terms_keeps_jacrevs_vmapped_rows(cli
     np.testing.assert_allclose(got.toarray(), want, rtol=1e-6, atol=1e-6)
     assert meta["source"] == "probed" and meta["products"] == 2 and got.nnz == 2 * x.size, meta
     assert not [r.getMessage() for r in caplog.records if "row by row" in r.getMessage()]
+
+
+# ------------------------------------------------------------------ infinities the pattern misses
+
+
+@pytest.mark.parametrize("last", [0.25, 0.0])
+def test_a_declared_band_missing_an_infinite_entry_is_refused(client, last):
+    """``y[0]`` also reads ``sqrt(x[-1])``, which the declared tridiagonal band leaves
+    out. At x[-1] = 0.25 the check refused it (422); at x[-1] = 0, where that entry is
+    infinite, the product's infinity was skipped as 'not finite' and the answer was a
+    200 without it (jacrev: inf at (0, 5)). Refused at both points, and sparsity=auto
+    has the entry."""
+    x = np.array([0.3, 0.5, 0.7, 0.2, 0.9, last])
+    r = client.post("/v1/functions/wrap_forgotten23/jacobian", json={"inputs": [x.tolist()], "sparsity": "band"})
+    body = _problem(r, 422, "invalid_input")
+    assert "'band'" in body["detail"] and "misses nonzeros" in body["detail"], body
+    got, meta = _matrix(client.post("/v1/functions/wrap_forgotten23/jacobian",
+                                    json={"inputs": [x.tolist()], "sparsity": "auto"}))
+    want = torch.func.jacrev(s23.wrap_forgotten23)(torch.from_numpy(x)).numpy()
+    assert got[0, 5] == want[0, 5] and (last > 0 or np.isposinf(got[0, 5])), (got[0, 5], want[0, 5])
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got.toarray()[finite], want[finite], rtol=1e-12, atol=1e-12)

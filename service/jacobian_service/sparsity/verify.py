@@ -84,7 +84,12 @@ def strays(p: Pattern, coloring: Coloring, block: torch.Tensor, rows: tuple[int,
     mag = flat.detach().abs()
     finite = torch.isfinite(mag)
     top = float(mag[finite].max()) if bool(finite.any()) else 0.0
-    return int(((mag > _ULPS * _eps(flat.dtype) * top) & finite & free).sum())
+    # An infinity where no entry of that colour is, is one: a zero seed that meets an
+    # infinite derivative gives NaN (0 * inf), never inf, so only an entry seeded 1 gives
+    # it. (NaN stays uncounted: that 0 * inf at a right pattern's free places.) Uncounted,
+    # a declared band that forgot y[0]'s sqrt(x[-1]) answered a 200 without its entry at
+    # x[-1] = 0 (jacrev: inf), where any other x[-1] is a 422.
+    return int((((mag > _ULPS * _eps(flat.dtype) * top) & finite) | torch.isinf(mag)).logical_and(free).sum())
 
 
 def random_row(
