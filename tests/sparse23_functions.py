@@ -31,3 +31,13 @@ def probed_cancels23(x: torch.Tensor) -> torch.Tensor:
 def wrap_forgotten23(x: torch.Tensor) -> torch.Tensor:
     y = x + 0.1 * (torch.nn.functional.pad(x[1:], (0, 1)) + torch.nn.functional.pad(x[:-1], (1, 0)))
     return torch.cat([(y[0] + torch.sqrt(x[-1])).reshape(1), y[1:]])
+
+
+# ------------------------------------------------------------------ a batch's round-off
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float32")],
+          description="A float32 ring through large terms that cancel: (x * 1e5 + x) - x * 1e5 times "
+                      "its neighbour, every product carrying round-off of 1e5 |seed|.")
+def ring_cancels23(x: torch.Tensor) -> torch.Tensor:
+    return ((x * 1e5 + x) - x * 1e5) * x.roll(1)

@@ -90,3 +90,31 @@ def test_a_declared_band_missing_an_infinite_entry_is_refused(client, last):
     assert got[0, 5] == want[0, 5] and (last > 0 or np.isposinf(got[0, 5])), (got[0, 5], want[0, 5])
     finite = np.isfinite(want)
     np.testing.assert_allclose(got.toarray()[finite], want[finite], rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ a batch's round-off
+
+
+def test_a_batch_through_cancelling_float32_terms_keeps_its_pattern():
+    """Requests batched together run every point's products in one vmap, checked at each
+    point by one random product, but against a fixed tolerance only: the function's
+    round-off (measured for one point since round 22) was not measured for a batch, so
+    a batch of float32 points through cancelling terms was 'proven wrong'
+    (``ProvenWrong``: every point's products computed again alone). Now each point's
+    difference is held to its own measured round-off: the batch answers, each point's
+    matrix jacrev's; a pattern that misses an entry is still proven wrong."""
+    from jacobian_service.sparsity import PatternCache
+    from jacobian_service.sparsity.compute import ProvenWrong, resolve, sparse_batch
+
+    points = torch.stack([torch.linspace(0.1, 3, 64), torch.linspace(-2, 1, 64), torch.linspace(0.5, 0.7, 64)])
+    fn = s23.ring_cancels23
+    p, coloring, _ = resolve(fn, [points[0]], cache=PatternCache())
+    got, _ = sparse_batch(fn, [points], (0,), p, coloring, 64)
+    for m, x in zip(got, points):
+        np.testing.assert_allclose(m.toarray(), torch.func.jacrev(fn)(x).numpy(), rtol=1e-5, atol=1e-5)
+        assert m.nnz == 128
+    # (the diagonal alone misses the ring's neighbour: each point's products say so)
+    diagonal = type(p).from_dense(np.eye(64, dtype=bool), name="diag", source="probed")
+    _, diag_coloring, _ = resolve(fn, [points[0]], pattern=diagonal, cache=PatternCache())
+    with pytest.raises(ProvenWrong):
+        sparse_batch(fn, [points], (0,), diagonal, diag_coloring, 64)

@@ -586,13 +586,15 @@ class _Products:
             block = block.narrow(axis, 0, k)
         return block, min(chunk, max(k, 1))  # (meta's chunk_size: the colours' products per vmap)
 
-    def round_off(self, run: Callable[[list[torch.Tensor]], torch.Tensor]) -> float:
-        """The function's own round-off in these products at this point (verify.round_off:
-        one more vmap of 3 seeds), read only where the random check failed."""
+    def round_off(self, run: Callable[[list[torch.Tensor]], torch.Tensor], batch: int = 0) -> list[float]:
+        """The function's own round-off in these products (verify.round_off: one more vmap
+        of 3 seeds), at this point, or at each of a ``batch`` of points (``run`` over all of
+        them at once); read only where the random check failed."""
         from .verify import noise_seeds, round_off
 
         width = sum(int(np.prod(s, dtype=np.int64)) for s in self.seed_shapes)
-        return round_off(run(_split(noise_seeds(width, self.coloring.mode, self.like, self.rows), self.seed_shapes)))
+        out = run(_split(noise_seeds(width, self.coloring.mode, self.like, self.rows), self.seed_shapes))
+        return [round_off(point) for point in out] if batch else [round_off(out)]
 
     def values(self, p: Pattern, block: torch.Tensor) -> torch.Tensor:
         """The pattern's entries (last axis) out of the products ``(..., k, width)``."""
@@ -1241,17 +1243,23 @@ def _proven_wrong(
             stray += sum(strays(p, part, b, rows) for b in block) if batch else strays(p, part, block, rows)
     off = 0.0
     plan = plans[-1]  # (a bicolouring's VJPs: a random cotangent checks every entry)
+    mode = "rev" if plan.coloring.mode == "rev" else "fwd"
     if not stray and plan.checked_by is not None:
         check = disagrees_batch if batch else disagrees
-        off = check(matrix, "rev" if plan.coloring.mode == "rev" else "fwd", *plan.checked_by, rows, plan.like.dtype)
+        off = check(matrix, mode, *plan.checked_by, rows, plan.like.dtype)
     if not stray and not off:
         return False
-    if not stray and run is not None and not batch:  # (a batch proven wrong: each point alone, measured there)
-        noise = plan.round_off(run)
-        if within_noise(off, noise, plan.like.dtype):
+    if not stray and run is not None:
+        # A batch's points each against their own round-off: unmeasured, a batch of float32
+        # points through cancelling terms was proven wrong (every point's products run
+        # again alone, each measured there: a declared pattern's batch paid twice)
+        noise = plan.round_off(run, len(matrix) if batch else 0)
+        offs = [disagrees(point, mode, got, plan.checked_by[1], rows, plan.like.dtype)  # type: ignore[index]
+                for point, got in zip(matrix, plan.checked_by[0])] if batch else [off]  # type: ignore[index]
+        if all(o == 0.0 or within_noise(o, n, plan.like.dtype) for o, n in zip(offs, noise)):
             log.info("sparsity pattern %r (%s): a product with a random seed differs from the matrix by %.3g "
                      "relative, within the function's own round-off here (%.3g): the pattern holds",
-                     p.name, p.source, off, noise)
+                     p.name, p.source, off, max(noise))
             return False
     why = (f"{stray} product value(s) fall where the pattern has no entry of that colour" if stray
            else f"a product with a random seed differs from the matrix by {off:.3g} relative")
@@ -1333,7 +1341,7 @@ def sparse_batch(
         raise ProvenWrong("a product is not finite: an acyclic colouring's substitution would spread it")
     values = plan.values(p, block)
     full = [_to_csr(p, values[i]) for i in range(batch)]
-    _proven_wrong(p, coloring, [plan], [block], full, rows)  # raises for any point proven wrong
+    _proven_wrong(p, coloring, [plan], [block], full, rows, run)  # raises for any point proven wrong
     return [_rows_of(m, rows) for m in full], chunk
 
 
