@@ -21,6 +21,15 @@ def probed_cancels23(x: torch.Tensor) -> torch.Tensor:
     return buf * x.roll(1)
 
 
+@register(inputs=[Input("x", shape=("n",), dtype="float32")],
+          description="The same cancelling float32 terms in an energy: its Hessian is probed, from dense "
+                      "Hessians.")
+def probed_energy23(x: torch.Tensor) -> torch.Tensor:
+    buf = _TABLE[: x.shape[0]].clone()
+    buf.copy_((x * 1e4 + x) - x * 1e4)
+    return (buf * buf * x.roll(1)).sum()
+
+
 # ------------------------------------------------------------------ infinities the pattern misses
 
 

@@ -70,6 +70,20 @@ def test_a_probe_through_cancelling_float32_terms_keeps_jacrevs_vmapped_rows(cli
     assert not [r.getMessage() for r in caplog.records if "row by row" in r.getMessage()]
 
 
+def test_a_probed_hessian_through_cancelling_float32_terms_keeps_the_vmapped_hessian(client, caplog):
+    """The same for a Hessian: the dense Hessians of the probe were checked against one
+    Hessian-vector product, whose round-off (1e4 |v|) took the right vmapped Hessian for
+    a wrong one, and each was computed again row by row, jacrev(jacrev) one row at a
+    time. Now torch.func.hessian's matrix, probed, without that pass."""
+    x = np.linspace(0.1, 3, 300, dtype=np.float32)
+    with caplog.at_level(logging.WARNING, logger="jacobian_service.sparsity"):
+        got, meta = sparse_answer(client, "probed_energy23", [x], kind="hessian")
+    want = torch.func.hessian(s23.probed_energy23)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got.toarray(), want, rtol=1e-5, atol=1e-5)
+    assert meta["source"] == "probed" and got.nnz == 3 * x.size, meta
+    assert not [r.getMessage() for r in caplog.records if "row by row" in r.getMessage()]
+
+
 # ------------------------------------------------------------------ infinities the pattern misses
 
 

@@ -13,9 +13,10 @@ disagree the derivative is computed again row by row (``chunk_size=1``: no vmap)
 A Jacobian's check is relative to the answer, and large float32 terms that cancel inside
 the function (``(x * 1e4 + x) - x * 1e4``) put the random VJP that far past it on a right
 vmap: a probe of such a function at 1,500 elements went row by row, 4.9 s where jacrev
-takes 0.12 s. So before vmap is called wrong, the function's own round-off is measured
-as the sparse products' check measures it (:func:`.verify.round_off`: how far three
-more VJPs are from additive), and a difference within it is no wrong vmap.
+takes 0.12 s (a Hessian's, against its Hessian-vector product, likewise). So before vmap
+is called wrong, the function's own round-off is measured as the sparse products' check
+measures it (:func:`.verify.round_off`: how far three more VJPs, or Hessian-vector
+products, are from additive), and a difference within it is no wrong vmap.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from ..engine.calling import GradOffWatch, fresh
-from ..engine.hessian import agrees_with_hvp
+from ..engine.hessian import agrees_with_hvp, gradient
 from ..engine.products import agrees_with_reverse
 from .verify import disagrees, noise_seeds, round_off, within_noise
 
@@ -80,11 +81,37 @@ def _round_off_only(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tens
         if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
             raise
         return False  # (no verdict of its own: the first check's stands)
-    matrix = torch.cat([j.detach().reshape(out.numel(), -1) for j in jac], 1).to("cpu", torch.float64).numpy()
+    matrix = torch.cat([j.detach().reshape(out.numel(), -1) for j in jac], 1)
+    return _within_round_off(matrix, products, seeds)
+
+
+def _hessian_round_off_only(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], h: Any) -> bool:
+    """:func:`_round_off_only` for a dense Hessian ``h`` (blocks ``[r][c]``): three
+    Hessian-vector products, reverse over reverse (as ``jacrev(jacrev)``: no forward AD
+    needed), through one gradient's graph; ``H`` is symmetric, so ``H^T r`` is ``H r``."""
+    argnums = tuple(range(len(primals)))
+    sizes = [p.numel() for p in primals]
+    try:
+        grads, pullback = torch.func.vjp(gradient(lambda *d: g(*d).reshape(()), argnums), *fresh(list(primals)))
+        seeds = noise_seeds(sum(sizes), "rev", grads[0], None)
+        products = torch.stack([torch.cat([d.reshape(-1) for d in pullback(tuple(
+            part.reshape(q.shape).to(q.dtype) for part, q in zip(s.split(sizes), grads)))]) for s in seeds])
+    except Exception as exc:
+        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+            raise
+        return False
+    matrix = torch.cat([torch.cat([b.detach().reshape(sizes[r], -1) for b in row], 1) for r, row in enumerate(h)], 0)
+    return _within_round_off(matrix, products, seeds)
+
+
+def _within_round_off(matrix: torch.Tensor, products: torch.Tensor, seeds: torch.Tensor) -> bool:
+    """Whether ``products`` of ``seeds`` (r1, r2, r1 + r2: :func:`.verify.noise_seeds`)
+    are ``matrix``'s (``(m, n)``, ``r1^T M``) within their own round-off."""
+    m64 = matrix.to("cpu", torch.float64).numpy()
     got = products.detach().to("cpu", torch.float64).numpy()
-    if not (np.isfinite(matrix).all() and np.isfinite(got).all()):
+    if not (np.isfinite(m64).all() and np.isfinite(got).all()):
         return False  # (NaN or an infinity: no round-off, the first check's verdict stands)
-    off = disagrees(matrix, "rev", products[0], seeds[0].to("cpu", torch.float64).numpy(), None, products.dtype)
+    off = disagrees(m64, "rev", products[0], seeds[0].to("cpu", torch.float64).numpy(), None, products.dtype)
     return off == 0.0 or within_noise(off, round_off(products), products.dtype)
 
 
@@ -109,7 +136,8 @@ def dense_hessian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor
                 raise
             failed = exc
         if h is not None and "vmap" not in verdict:
-            verdict["vmap"] = agrees_with_hvp(_with_aux(g), tuple(primals), argnums, h)
+            verdict["vmap"] = agrees_with_hvp(_with_aux(g), tuple(primals), argnums, h) or _hessian_round_off_only(
+                g, primals, h)
             if not verdict["vmap"]:
                 log.warning("the vmapped dense Hessian disagrees with one Hessian-vector product; computing it row by row")
         if h is None:
