@@ -50,3 +50,14 @@ def wrap_forgotten23(x: torch.Tensor) -> torch.Tensor:
                       "its neighbour, every product carrying round-off of 1e5 |seed|.")
 def ring_cancels23(x: torch.Tensor) -> torch.Tensor:
     return ((x * 1e5 + x) - x * 1e5) * x.roll(1)
+
+
+# ------------------------------------------------------------------ half precision's check
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="floating")],
+          description="A lower bidiagonal step, x^2 + 0.5 x[i-1] x[i], in the caller's float dtype; "
+                      "declared 'diag' (wrong: it misses the sub-diagonal) and 'tri' (right).",
+          sparsity={"diag": banded(0, 0), "tri": banded(1, 1)})
+def bidiag23(x: torch.Tensor) -> torch.Tensor:
+    return x * x + 0.5 * torch.nn.functional.pad(x[:-1], (1, 0)) * x

@@ -132,3 +132,25 @@ def test_a_batch_through_cancelling_float32_terms_keeps_its_pattern():
     _, diag_coloring, _ = resolve(fn, [points[0]], pattern=diagonal, cache=PatternCache())
     with pytest.raises(ProvenWrong):
         sparse_batch(fn, [points], (0,), diagonal, diag_coloring, 64)
+
+
+# ------------------------------------------------------------------ half precision's check
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_a_wrong_declared_pattern_is_refused_in_half_precision(client, dtype):
+    """The random check's tolerance was 1024 ulps of the dtype: 100 % of a value in
+    float16, 800 % in bfloat16, so no missing entry could show. A declared diagonal
+    missing the sub-diagonal (as large as the diagonal) was a 200 whose diagonal read
+    the two summed, 0.75 off jacrev, in float16 and bfloat16, where float32 is a 422.
+    Now the tolerance stops at 1 % (past it the function's measured round-off decides):
+    refused in every dtype, and the right band answers jacrev's matrix."""
+    x = {"dtype": dtype, "shape": [12], "data": np.linspace(0.5, 1.5, 12).tolist()}
+    r = client.post("/v1/functions/bidiag23/jacobian", json={"inputs": [x], "sparsity": "diag"})
+    body = _problem(r, 422, "invalid_input")
+    assert "'diag'" in body["detail"] and "misses nonzeros" in body["detail"], body
+    got, meta = _matrix(client.post("/v1/functions/bidiag23/jacobian", json={"inputs": [x], "sparsity": "tri"}))
+    t = torch.tensor(x["data"], dtype=getattr(torch, dtype))
+    want = torch.func.jacrev(s23.bidiag23)(t).to(torch.float64).numpy()
+    np.testing.assert_allclose(got.toarray(), want, rtol=1e-6, atol=1e-6)
+    assert meta["source"] == "declared" and meta["products"] == 3, meta
