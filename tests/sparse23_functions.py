@@ -42,6 +42,15 @@ def wrap_forgotten23(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([(y[0] + torch.sqrt(x[-1])).reshape(1), y[1:]])
 
 
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="x^2, its first output also reading sqrt(x[1]), declared diagonal: one VJP colours "
+                      "every row, so the missing entry's column is covered (by (1, 1)).",
+          sparsity={"diag": banded(0, 0)})
+def diag_sqrt23(x: torch.Tensor) -> torch.Tensor:
+    y = x**2
+    return torch.cat([(y[0] + torch.sqrt(x[1])).reshape(1), y[1:]])
+
+
 # ------------------------------------------------------------------ a batch's round-off
 
 

@@ -106,6 +106,24 @@ def test_a_declared_band_missing_an_infinite_entry_is_refused(client, last):
     np.testing.assert_allclose(got.toarray()[finite], want[finite], rtol=1e-12, atol=1e-12)
 
 
+def test_an_infinite_entry_a_covered_column_hides_is_refused(client):
+    """A declared diagonal missing y[0]'s sqrt(x[1]): its one VJP sums every row, so at
+    x[1] = 0 the missing inf landed on (1, 1), in a column that holds one either way
+    (the checks by columns cannot see it): a 200 with inf at (1, 1) and nothing at
+    (0, 1), where jacrev has inf. Now a matrix holding a value that is not finite is
+    checked by one JVP too (row 0 infinite, the matrix's row 0 finite): a 422, and
+    sparsity=auto has the entry where jacrev has it."""
+    x = np.array([0.3, 0.0, 0.7, 0.2, 0.9, 0.5])
+    r = client.post("/v1/functions/diag_sqrt23/jacobian", json={"inputs": [x.tolist()], "sparsity": "diag"})
+    body = _problem(r, 422, "invalid_input")
+    assert "'diag'" in body["detail"] and "infinite" in body["detail"], body
+    got, _ = _matrix(client.post("/v1/functions/diag_sqrt23/jacobian", json={"inputs": [x.tolist()], "sparsity": "auto"}))
+    want = torch.func.jacrev(s23.diag_sqrt23)(torch.from_numpy(x)).numpy()
+    assert np.isposinf(got[0, 1]) and np.isposinf(want[0, 1])
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got.toarray()[finite], want[finite], rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------ a batch's round-off
 
 

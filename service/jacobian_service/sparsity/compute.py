@@ -1000,6 +1000,31 @@ class _NotFinite(_ForwardFailed):
     of this point, not of the function."""
 
 
+def _infinity_missed(forward: Callable[[list[torch.Tensor]], torch.Tensor], primals: Sequence[torch.Tensor],
+                     rows: tuple[int, int] | None) -> Callable[[Any], bool]:
+    """A check of reverse products' ``matrix`` from the other side, for a matrix holding
+    a NaN or an infinity: one JVP with a random positive tangent, infinite in a row where
+    the matrix's product is finite, shows an infinite entry the pattern misses. The
+    checks by columns cannot: a colour's VJP sums its rows, so a missing infinity lands
+    on the entry of its column's other row of that colour, and the column holds one
+    either way (a declared diagonal missing y[0]'s sqrt(x[1]) read inf at (1, 1), a 200,
+    where jacrev has it at (0, 1)). No forward mode: no such check."""
+    def missed(matrix: Any) -> bool:
+        from .verify import random_row
+
+        seed, rv = random_row(matrix.shape[1], "fwd", primals[0], None)
+        try:
+            got = forward(_split(seed, [q.shape for q in primals])).reshape(-1).detach().to("cpu", torch.float64).numpy()
+        except _ForwardFailed:
+            return False
+        with np.errstate(invalid="ignore", over="ignore"):
+            want = matrix.astype(np.float64) @ rv
+        lost = np.isinf(got) & np.isfinite(want)  # (NaN is no sign: 0 * inf inside the function)
+        return bool((lost[rows[0] : rows[1]] if rows is not None else lost).any())
+
+    return missed
+
+
 def _jacobian_products(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], has_aux: bool, p: Pattern,
     coloring: Coloring, m: int, memory_budget: int, check_alive: Callable[[], None] | None,
@@ -1041,7 +1066,8 @@ def _jacobian_products(
         if plan.unsolvable(block):  # a symmetric Jacobian's substitution would spread a NaN: jacrev's
             raise _NotFinite("a product is not finite: an acyclic colouring's substitution would spread it")
         matrix = _to_csr(p, plan.values(p, block))
-        wrong = _proven_wrong(p, coloring, [plan], [block], matrix, rows, run)
+        other = _infinity_missed(forward, primals, rows) if coloring.mode == "rev" else None
+        wrong = _proven_wrong(p, coloring, [plan], [block], matrix, rows, run, other)
     if wrong:
         matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "jacobian")
     return matrix, p, coloring, chunk
@@ -1210,6 +1236,7 @@ def _agrees_with_differences(fn: Callable[..., Any], args: Sequence[torch.Tensor
 def _proven_wrong(
     p: Pattern, coloring: Coloring, plans: "list[_Products]", blocks: list[torch.Tensor], matrix: Any,
     rows: tuple[int, int] | None, run: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+    other_side: Callable[[Any], bool] | None = None,
 ) -> bool:
     """Whether the products prove ``p`` wrong (see :mod:`.verify`). Every pattern is
     checked against the product with a random seed its products carried (``checked_by``;
@@ -1232,7 +1259,11 @@ def _proven_wrong(
     calls the pattern wrong, the function's own round-off is measured by it
     (:meth:`_Products.round_off`), and a difference within it is round-off: large terms
     cancelling inside the function (``(x * 1e5 + x) - x * 1e5`` in float32) made a
-    right pattern "proven wrong", its answer dense (a 504 at 10^5 elements)."""
+    right pattern "proven wrong", its answer dense (a 504 at 10^5 elements).
+
+    ``other_side`` (one point's reverse products): where the matrix holds a value that is
+    not finite, whether a product from the other side finds an infinity it lacks
+    (:func:`_infinity_missed`)."""
     from .verify import disagrees, disagrees_batch, strays, within_noise
 
     batch = isinstance(matrix, list)
@@ -1247,9 +1278,11 @@ def _proven_wrong(
     if not stray and plan.checked_by is not None:
         check = disagrees_batch if batch else disagrees
         off = check(matrix, mode, *plan.checked_by, rows, plan.like.dtype)
-    if not stray and not off:
+    lost = bool(not stray and not batch and other_side is not None and not np.isfinite(matrix.data).all()
+                and other_side(matrix))
+    if not stray and not off and not lost:
         return False
-    if not stray and run is not None:
+    if not stray and not lost and run is not None:
         # A batch's points each against their own round-off: unmeasured, a batch of float32
         # points through cancelling terms was proven wrong (every point's products run
         # again alone, each measured there: a declared pattern's batch paid twice)
@@ -1262,6 +1295,7 @@ def _proven_wrong(
                      p.name, p.source, off, max(noise))
             return False
     why = (f"{stray} product value(s) fall where the pattern has no entry of that colour" if stray
+           else "a product with a random tangent is infinite in a row where the matrix's is finite" if lost
            else f"a product with a random seed differs from the matrix by {off:.3g} relative")
     if p.source == "declared":
         raise PatternMismatch(
