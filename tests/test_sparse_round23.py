@@ -1,15 +1,20 @@
-"""Sparse Jacobians and Hessians, round 23: round-off and infinities in the checks.
+"""Sparse Jacobians and Hessians, round 23: round-off, half precision and infinities in the checks.
 
 A scientist's mostly-zero Jacobians, each answer against torch.func in this process:
 
-- the dense Jacobians a probe reads (and the dense fall-back) are checked against one VJP
-  with a random cotangent, relative to the answer; float32 terms that cancel inside the
-  function put that VJP past it on a right vmap, and the probe went row by row (4.9 s at
-  1,500 elements where jacrev takes 0.12 s). The function's own round-off is measured
+- the dense Jacobians (and Hessians) a probe reads are checked against one VJP (one
+  Hessian-vector product), relative to the answer; float32 terms that cancel inside the
+  function put that product past it on a right vmap, and the probe went row by row (4.9 s
+  at 1,500 elements where jacrev takes 0.12 s). The function's own round-off is measured
   now, as the products' check measures it;
 - an infinite derivative the pattern misses: the free check skipped every value not
-  finite, so a declared band that forgot an entry answered a 200 without it at the one
-  point where that entry is infinite (a 422 at every other point).
+  finite, and a colour's VJP can put a missing infinity on another row's entry, so a
+  declared pattern that forgot an entry answered a 200 without it at the one point where
+  that entry is infinite (a 422 at every other point);
+- a batch of points (requests that arrive together) was not measured for round-off:
+  float32 cancelling terms sent every point's products again alone;
+- the random check's tolerance, 1024 ulps, was 100 % in float16 and 800 % in bfloat16:
+  a declared pattern missing an entry as large as the diagonal was a 200, 0.75 off.
 
 One in-process app serves every case (no new server process).
 """
