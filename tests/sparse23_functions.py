@@ -70,3 +70,11 @@ def ring_cancels23(x: torch.Tensor) -> torch.Tensor:
           sparsity={"diag": banded(0, 0), "tri": banded(1, 1)})
 def bidiag23(x: torch.Tensor) -> torch.Tensor:
     return x * x + 0.5 * torch.nn.functional.pad(x[:-1], (1, 0)) * x
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="floating")],
+          description="A chain energy, sum x^4 + x[i] x[i+1]: its Hessian tridiagonal; declared 'hdiag' "
+                      "(wrong: the off-diagonals are missing) and 'htri' (right).",
+          sparsity={"hdiag": banded(0, 0, hessian=True), "htri": banded(1, 1, hessian=True)})
+def chain_energy23(x: torch.Tensor) -> torch.Tensor:
+    return (x**4).sum() + (x[1:] * x[:-1]).sum()

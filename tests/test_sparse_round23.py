@@ -177,3 +177,18 @@ def test_a_wrong_declared_pattern_is_refused_in_half_precision(client, dtype):
     want = torch.func.jacrev(s23.bidiag23)(t).to(torch.float64).numpy()
     np.testing.assert_allclose(got.toarray(), want, rtol=1e-6, atol=1e-6)
     assert meta["source"] == "declared" and meta["products"] == 3, meta
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_wrong_declared_hessian_pattern_is_refused_in_half_precision(client, dtype):
+    """The same for a Hessian's products (Hessian-vector products, checked by one with a
+    random seed): a declared diagonal Hessian of a chain energy was a 200 in float16 and
+    bfloat16; now a 422, and the right tridiagonal declaration is torch.func.hessian's."""
+    x = {"dtype": dtype, "shape": [10], "data": np.linspace(0.5, 1.5, 10).tolist()}
+    r = client.post("/v1/functions/chain_energy23/hessian", json={"inputs": [x], "sparsity": "hdiag"})
+    body = _problem(r, 422, "invalid_input")
+    assert "'hdiag'" in body["detail"] and "misses nonzeros" in body["detail"], body
+    got, _ = _matrix(client.post("/v1/functions/chain_energy23/hessian", json={"inputs": [x], "sparsity": "htri"}),
+                     "hessian")
+    want = torch.func.hessian(s23.chain_energy23)(torch.tensor(x["data"], dtype=getattr(torch, dtype)))
+    np.testing.assert_allclose(got.toarray(), want.to(torch.float64).numpy(), rtol=1e-6, atol=1e-6)
