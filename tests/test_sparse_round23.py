@@ -103,8 +103,8 @@ def test_a_declared_band_missing_an_infinite_entry_is_refused(client, last):
     r = client.post("/v1/functions/wrap_forgotten23/jacobian", json={"inputs": [x.tolist()], "sparsity": "band"})
     body = _problem(r, 422, "invalid_input")
     assert "'band'" in body["detail"] and "misses nonzeros" in body["detail"], body
-    got, meta = _matrix(client.post("/v1/functions/wrap_forgotten23/jacobian",
-                                    json={"inputs": [x.tolist()], "sparsity": "auto"}))
+    got, _ = _matrix(client.post("/v1/functions/wrap_forgotten23/jacobian",
+                                 json={"inputs": [x.tolist()], "sparsity": "auto"}))
     want = torch.func.jacrev(s23.wrap_forgotten23)(torch.from_numpy(x)).numpy()
     assert got[0, 5] == want[0, 5] and (last > 0 or np.isposinf(got[0, 5])), (got[0, 5], want[0, 5])
     finite = np.isfinite(want)
