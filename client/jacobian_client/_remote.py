@@ -985,7 +985,9 @@ class _Batch:
 
     def signature(self) -> tuple[Any, ...]:
         """One example's input shapes and dtypes."""
-        return tuple((self.in_shape(i), np.asarray(a).dtype.str) for i, a in enumerate(self.flat))
+        # the dtype itself, not its .str: ml_dtypes' bfloat16 (JAX's, and torch's, see
+        # torch._host) is '<V2' there, which np.dtype reads back as void, not bfloat16
+        return tuple((self.in_shape(i), np.asarray(a).dtype) for i, a in enumerate(self.flat))
 
     def options(self) -> dict[str, Any]:
         """``batched``, and vmap's ``in_dims`` where an input is shared (0 is the default)."""

@@ -81,6 +81,7 @@ derivative of a second-order product in the inputs) raise a clear error.
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -276,9 +277,32 @@ def _host(x: Any) -> Any:
         t = torch.zeros(t.shape, dtype=t.dtype)
     elif t.device.type != "cpu":
         t = t.cpu()
+    t = t.resolve_conj().resolve_neg()  # lazy conj / neg views (z.conj().imag): numpy reads neither
     if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.resolve_conj().resolve_neg().numpy()  # lazy conj / neg views (z.conj().imag): numpy reads neither
+        bfloat16 = _numpy_bfloat16()
+        if bfloat16 is None:
+            return t.float().numpy()  # computed in float32 on the service, rounded back (see _numpy_bfloat16)
+        return t.contiguous().view(torch.int16).numpy().view(bfloat16)
+    return t.numpy()
+
+
+@functools.cache
+def _numpy_bfloat16() -> Any:
+    """numpy's bfloat16 (ml_dtypes', what JAX's arrays are), or None without ml_dtypes.
+
+    A bfloat16 tensor went to the service as float32 (numpy has no bfloat16 of its own),
+    so the function computed in float32 and its answers were rounded to bfloat16 after:
+    ``planar_arm`` of a bfloat16 ``x`` gave 2.5469 where the function in-process (and
+    ``client.evaluate``, and the JAX adapter, which send bfloat16 as bfloat16) gives
+    2.5625, and its Jacobian differed alike. As ml_dtypes' arrays the inputs go on the
+    wire as bfloat16 (``_arrays``), the service computes in bfloat16 as torch does, and
+    the host side handles them as it does JAX's. Without ml_dtypes (``pip install
+    ml_dtypes``; JAX brings it) the float32 route stays."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return ml_dtypes.bfloat16
 
 
 def _refuse_tracing(name: str) -> None:
@@ -347,9 +371,10 @@ def _device(inputs: Sequence[Any]) -> torch.device:
 
 
 def _low_precision(inputs: Sequence[Any]) -> torch.dtype | None:
-    """The dtype float32 results are given back as: bfloat16 travels as float32 (numpy has
-    none), so the service computes and answers float32 where torch would answer bfloat16
-    (float16 likewise wherever it comes back float32). Only when every floating input that
+    """The dtype float32 results are given back as: the service answers bfloat16's values
+    as float32 (numpy has no bfloat16; without ml_dtypes it also computes in float32, see
+    ``_host``) where torch would answer bfloat16 (float16 likewise wherever it comes back
+    float32). Only when every floating input that
     takes part in torch's promotion has that one dtype: beside an input of another floating
     dtype, torch's promotion decides (a bfloat16 x times a float64 w is float64), and the
     service's dtype is the answer; casting it down lost precision (1e-3 off in float16),
@@ -364,6 +389,9 @@ def _low_precision(inputs: Sequence[Any]) -> torch.dtype | None:
 
 def _tensor(arr: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     arr = np.asarray(arr)
+    if arr.dtype.kind == "V" and arr.dtype.name == "bfloat16":  # an input's (_host) taken into a result
+        t = torch.from_numpy(np.array(arr).view(np.int16)).view(torch.bfloat16)
+        return t.to(device=device, dtype=dtype)
     t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
     return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
 
