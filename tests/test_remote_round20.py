@@ -67,3 +67,62 @@ def test_a_bfloat16_tensor_is_computed_in_bfloat16_as_in_process(cc):
     empty = torch.empty(0, 4, dtype=BF)  # a signature not seen before: learned from zeros of its dtype
     exactly(f.vmap(arm)(empty), f.vmap(ex.planar_arm)(empty))
     assert cc.take() == ["evaluate"]
+
+
+# --------------------------------------------------------------------------- SciPy: x in the input's declared shape
+
+
+def test_scipys_flat_x_is_sent_in_the_one_declared_shape_that_fits_it(cc):
+    """SciPy hands every solver's ``x`` flat (``minimize`` makes a float ``x0`` an array of
+    shape ``(1,)``), and without ``shape=`` the objective sent it so: ``minimize(obj.fun,
+    2.0, jac=obj.jac)`` of ``scalar_square`` (a 0-d input) failed with the service's 422
+    ("expected shape (), got (1,)"), and ``least_squares`` over ``n`` points in 3-D
+    (``scaled_norm``'s ``(n, 3)``) too, where the same functions in-process take the
+    reshaped arrays and solve. Now the declared shape that alone fits ``x`` is learned from
+    that refusal (one ``GET`` of the function, once) and the solves take in-process's path,
+    one request per point; ``n`` follows the size (3 points after 2). Where two symbols
+    leave the shape open (``(m, n)``) the 422 says to pass ``shape=``."""
+    optimize = pytest.importorskip("scipy.optimize")
+    import jacobian_client as jc
+    import numpy as np
+    from jacobian_client.scipy import remote_objective
+
+    from . import user_functions as uf
+
+    square = remote_objective(cc.client, "scalar_square")
+    got = optimize.minimize(square.fun, 2.0, jac=square.jac, method="BFGS")
+
+    def local(x):
+        return uf.scalar_square(x.reshape(()))
+
+    want = optimize.minimize(lambda x: local(torch.tensor(x)).item(), 2.0, method="BFGS",
+                             jac=lambda x: torch.func.grad(local)(torch.tensor(x)).numpy())
+    np.testing.assert_allclose(got.x, want.x, rtol=1e-12, atol=1e-12)
+    assert got.success and (got.nit, got.nfev, got.njev) == (want.nit, want.nfev, want.njev)
+    assert cc.take() == ["jacobian+return_output", "scalar_square", *["jacobian+return_output"] * got.nfev]
+
+    scale, power = torch.tensor(1.5, dtype=torch.float64), torch.tensor(1)
+    norms = remote_objective(cc.client, "scaled_norm", args=(scale, power))
+    for points in (2, 3):
+        target = np.arange(1.0, points + 1)
+        x0 = np.linspace(0.2, 1.0, 3 * points)
+        got = optimize.least_squares(lambda x: norms.fun(x) - target, x0, jac=norms.jac)
+
+        def residual(x):
+            return uf.scaled_norm(torch.tensor(x).reshape(-1, 3), scale, power)[0].numpy() - target
+
+        want = optimize.least_squares(residual, x0, jac=lambda x: torch.func.jacrev(
+            lambda v: uf.scaled_norm(v.reshape(-1, 3), scale, power)[0])(torch.tensor(x)).numpy())
+        np.testing.assert_allclose(got.x, want.x, rtol=1e-10, atol=1e-12)
+        assert got.nfev == want.nfev and got.njev == want.njev
+        asked = cc.take()
+        assert asked[-got.nfev:] == ["jacobian+return_output"] * got.nfev, asked
+        assert asked[:-got.nfev] == (["jacobian+return_output", "scaled_norm"] if points == 2 else [])
+
+    open_shape = remote_objective(cc.client, "layer_norm_bias_loss", args=(np.zeros(3),))
+    with pytest.raises(jc.InvalidInput, match=r"SciPy's x is flat \(6 numbers\); pass shape=.*expected shape \(m, n\)"):
+        open_shape.fun(np.arange(6.0))
+    assert cc.take() == ["jacobian+return_output", "layer_norm_bias_loss"]
+    with_shape = remote_objective(cc.client, "layer_norm_bias_loss", args=(np.zeros(3),), shape=(2, 3))
+    local_loss = uf.layer_norm_bias_loss(torch.arange(6.0, dtype=torch.float64).reshape(2, 3), torch.zeros(3, dtype=torch.float64))
+    np.testing.assert_allclose(with_shape.fun(np.arange(6.0)), local_loss.item(), rtol=1e-12)

@@ -61,6 +61,7 @@ running in threads (multi-start in a thread pool) may share an objective.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import math
 import threading
@@ -91,13 +92,31 @@ def remote_objective(
 
     ``argnum`` says which of the function's inputs the optimizer's ``x`` is; ``args``
     are the other inputs in order, held fixed. ``shape`` reshapes the flat ``x`` SciPy
-    works with into the input's shape (``jac`` is then flattened to match). An output of
+    works with into the input's shape (``jac`` is then flattened to match); without it, the
+    input's declared shape where only one fits ``x`` (``()``, ``(2, 3)``, ``(n, 3)``), learned
+    from the service's refusal of the flat one. An output of
     more than one dimension comes back flat from ``fun`` (C order), and ``jac`` is (output
     elements) x (``x.size``): SciPy's solvers take vectors and matrices only.
     ``sparsity`` (``"auto"`` or a declared pattern's name): sparse Jacobians and Hessians.
     """
     return RemoteObjective(client, name, args=args, argnum=argnum, shape=shape, prefetch=prefetch,
                            sparsity=sparsity)
+
+
+def _shaped(method: Any) -> Any:
+    """A SciPy callable that, where the service refuses SciPy's flat ``x`` for its shape
+    and says the shape it takes, sends it so from then on (``_learn_shape``)."""
+
+    @functools.wraps(method)
+    def call(self: RemoteObjective, x: Any, *rest: Any) -> Any:
+        try:
+            return method(self, x, *rest)
+        except InvalidInput as exc:
+            if not self._learn_shape(exc, x):
+                raise
+        return method(self, x, *rest)
+
+    return call
 
 
 class RemoteObjective:
@@ -121,6 +140,7 @@ class RemoteObjective:
         self.args = tuple(args)
         self.argnum = int(argnum)
         self.shape = None if shape is None else tuple(shape)
+        self._declared: tuple[Any, ...] | None = None  # x's declared shape, learned where shape= is None
         self.prefetch = prefetch
         self.sparsity = sparsity
         self._last = threading.local()  # per thread: see _remember
@@ -145,7 +165,7 @@ class RemoteObjective:
 
     def _inputs(self, x: Any, args: tuple[Any, ...]) -> tuple[np.ndarray, list[Any]]:
         x = _real(x, "x")
-        arr = x.reshape(self.shape) if self.shape is not None else x
+        arr = x.reshape(self._x_shape(x))
         inputs = list(self._held(args))
         # a negative argnum counts from the end, as the service reads it: list.insert(-1, x)
         # put x one before the last input, so the value was computed with x in another
@@ -263,8 +283,44 @@ class RemoteObjective:
         # more dimensions (a grid) kept them, (h, w, x.size), which no solver takes
         return jac.reshape(x.shape) if not out_shape else jac.reshape(math.prod(out_shape), *x.shape)
 
+    def _learn_shape(self, exc: InvalidInput, x: Any) -> bool:
+        """Whether ``exc``, the service's refusal of SciPy's flat ``x`` for its shape, says
+        the shape ``x`` is to be sent in; then it is kept (``_x_shape`` sends ``x`` in it).
+
+        SciPy hands every solver's ``x`` flat (``minimize`` makes even a float ``x0`` an
+        array of shape ``(1,)``), and without ``shape=`` it was sent so: ``minimize(
+        obj.fun, 2.0, jac=obj.jac)`` of a function of one 0-d input failed with the
+        service's 422 ("expected shape (), got (1,)"), and so did one of ``n`` points in
+        3-D (``(n, 3)``, got ``(3 n,)``), where the same function in-process takes the
+        reshaped array. The declared shape is the one reshape that fits: all of it fixed
+        (``()``, ``(2, 3)``), or one symbol the size decides (``(n, 3)``: ``n = x.size / 3``).
+        Learned from the refusal (the function's description asked once, for the input's
+        name), never asked up front: a caller who passes the right shape pays nothing. A
+        shape it cannot decide (two symbols) is the 422 with what to pass."""
+        if self.shape is not None:
+            return False
+        problem, x = exc.problem, np.asarray(x)
+        expected, got = problem.get("expected_shape"), problem.get("got_shape")
+        if (problem.get("field") != "inputs" or not isinstance(expected, list) or got != list(self._x_shape(x))
+                or x.ndim > 1 or problem.get("path") != self._x_name()):
+            return False
+        declared = tuple(expected)
+        if _resolve(declared, x.size) is None:
+            raise with_hint(exc, f"remote_objective({self.name!r}): SciPy's x is flat ({x.size} numbers); pass "
+                                 f"shape= the input's shape for it (declared {declared})") from None
+        if declared == self._declared:
+            return False
+        self._declared = declared
+        return True
+
+    def _x_name(self) -> str | None:
+        """The name of the input ``x`` is (one request, the function's description)."""
+        names = [i.name for i in self.client.function(self.name).inputs]
+        return names[self.argnum] if -len(names) <= self.argnum < len(names) else None
+
     # ----------------------------------------------------------------- SciPy callables
 
+    @_shaped
     def fun_and_jac(self, x: Any, *args: Any) -> tuple[Any, np.ndarray]:
         """Value and Jacobian (gradient for a scalar function) in one request."""
         x, inputs = self._inputs(x, args)
@@ -282,6 +338,7 @@ class RemoteObjective:
         self._remember(x, args, value, jac)
         return value, jac
 
+    @_shaped
     def fun(self, x: Any, *args: Any) -> Any:
         """The value (a float for a scalar function): with ``prefetch``, fetched together
         with the Jacobian, which ``jac(x)`` then returns without a request."""
@@ -308,6 +365,7 @@ class RemoteObjective:
                 self.prefetch = False
         return _flat(_fresh(value))
 
+    @_shaped
     def jac(self, x: Any, *args: Any) -> np.ndarray:
         """The Jacobian at ``x`` (the gradient for a scalar function)."""
         x, inputs = self._inputs(x, args)
@@ -327,6 +385,7 @@ class RemoteObjective:
         self._jacobian_asked(x, args)
         return _fresh(jac)
 
+    @_shaped
     def hessp(self, x: Any, p: Any, *args: Any) -> np.ndarray:
         """The Hessian of a scalar function at ``x`` times ``p``: one hvp request. The
         service's hvp runs forward over reverse, which a function with an op without a
@@ -338,7 +397,7 @@ class RemoteObjective:
         self._scalar_only(x, args, "hessp(x, p)")  # else the service's 422 asks for cotangents hessp has none of
         p = _real(p, "p")
         if self._hvp_works:
-            tangent = p.reshape(self.shape) if self.shape is not None else p
+            tangent = p.reshape(self._x_shape(x))
             try:
                 parts = self.client._parts("hvp", self.name, inputs, {"argnums": self.argnum},
                                            vectors=("tangents", tangent))
@@ -367,6 +426,7 @@ class RemoteObjective:
         self._last.hessian = (key, H)
         return H
 
+    @_shaped
     def hess(self, x: Any, *args: Any) -> Any:
         """The Hessian of a scalar function at ``x``, ``(x.size, x.size)``: one hessian
         request (for ``minimize(..., hess=)``: trust-exact, dogleg, Newton-CG; with
@@ -406,6 +466,7 @@ class RemoteObjective:
                          "(NonlinearConstraint(hess=)), pass constraint_hess: the Hessian of v . f(x) for the "
                          "multipliers v")
 
+    @_shaped
     def constraint_hess(self, x: Any, v: Any, *args: Any) -> np.ndarray:
         """The Hessian of ``v . f(x)``, ``sum_i v_i H_i(x)``, ``(x.size, x.size)``: what
         ``NonlinearConstraint(fun, lb, ub, jac=obj.jac, hess=obj.constraint_hess)`` takes
@@ -453,8 +514,12 @@ class RemoteObjective:
         return np.asarray(parts["value"], dtype=np.float64).reshape(-1, n, n)
 
     def _x_shape(self, x: np.ndarray) -> tuple[int, ...]:
-        """The shape ``x`` is sent in (``shape``, else SciPy's own)."""
-        return self.shape if self.shape is not None else x.shape
+        """The shape ``x`` is sent in (``shape``, else the declared one learned where it fits
+        this ``x``, else SciPy's own)."""
+        if self.shape is not None:
+            return self.shape
+        learned = _resolve(self._declared, x.size) if self._declared is not None else None
+        return learned if learned is not None else x.shape
 
 
 # The points whose values and Jacobians are kept, per thread (see _remember)
@@ -472,6 +537,16 @@ _PAYS_EVERY = 4
 # would answer for another placement of x, silently. Anything else (auth, an unknown
 # function, an unavailable server) would fail the value too.
 _DERIVATIVE_ERRORS = (FunctionError, ResultTooLarge, Timeout, OutOfMemory)
+
+
+def _resolve(declared: tuple[Any, ...], size: int) -> tuple[int, ...] | None:
+    """The one shape of ``size`` elements a declared shape allows (its numbers, and at most
+    one symbol, which the size decides), or None."""
+    fixed = math.prod(d for d in declared if isinstance(d, int))
+    symbols = {d for d in declared if not isinstance(d, int)}
+    if len(symbols) > 1 or (fixed == 0 and size) or (fixed and size % fixed) or (not symbols and fixed != size):
+        return None
+    return tuple(d if isinstance(d, int) else size // fixed if fixed else 0 for d in declared)
 
 
 def _flat(value: Any) -> Any:
