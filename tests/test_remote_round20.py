@@ -126,3 +126,31 @@ def test_scipys_flat_x_is_sent_in_the_one_declared_shape_that_fits_it(cc):
     with_shape = remote_objective(cc.client, "layer_norm_bias_loss", args=(np.zeros(3),), shape=(2, 3))
     local_loss = uf.layer_norm_bias_loss(torch.arange(6.0, dtype=torch.float64).reshape(2, 3), torch.zeros(3, dtype=torch.float64))
     np.testing.assert_allclose(with_shape.fun(np.arange(6.0)), local_loss.item(), rtol=1e-12)
+
+
+def test_a_shape_learned_in_one_thread_serves_the_solves_in_the_others(cc):
+    """Solves in a thread pool may share one objective (its cache is per thread): threads
+    whose flat ``x`` was refused while another thread learned the shape saw their 422's
+    ``got_shape`` no longer match the shape they would now send, and raised it. Each
+    now sends again in the learned shape: every thread's value is in-process's."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from jacobian_client.scipy import remote_objective
+
+    from . import user_functions as uf
+
+    scale, power = torch.tensor(1.5, dtype=torch.float64), torch.tensor(1)
+    norms = remote_objective(cc.client, "scaled_norm", args=(scale, power))
+    start = threading.Barrier(6)
+
+    def solve(points: int) -> np.ndarray:
+        start.wait()  # every thread's first x goes flat before the shape is learned
+        return norms.fun(np.linspace(0.1, 1.0, 3 * points))
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(solve, [1, 2, 3, 1, 2, 3]))
+    for points, value in zip([1, 2, 3, 1, 2, 3], got):
+        want = uf.scaled_norm(torch.linspace(0.1, 1.0, 3 * points, dtype=torch.float64).reshape(-1, 3), scale, power)
+        np.testing.assert_allclose(value, want[0].numpy(), rtol=1e-12)
