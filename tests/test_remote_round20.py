@@ -154,3 +154,27 @@ def test_a_shape_learned_in_one_thread_serves_the_solves_in_the_others(cc):
     for points, value in zip([1, 2, 3, 1, 2, 3], got):
         want = uf.scaled_norm(torch.linspace(0.1, 1.0, 3 * points, dtype=torch.float64).reshape(-1, 3), scale, power)
         np.testing.assert_allclose(value, want[0].numpy(), rtol=1e-12)
+
+
+def test_a_0d_point_and_a_one_element_point_are_cached_apart(cc):
+    """The cache keyed a point by ``np.ascontiguousarray`` of it, which makes a 0-d array
+    ``(1,)``: ``jac(1.5)`` and then ``jac(np.array([1.5]))`` (what a solver passes) answered
+    the second from the first, a Jacobian of shape ``(2,)`` where ``x`` has a dimension of
+    its own and in-process gives ``(2, 1)``, without a request. Each is now its own point."""
+    import numpy as np
+    from jacobian_client.scipy import remote_objective
+
+    from . import user_functions as uf
+
+    xs, power = np.arange(6.0).reshape(2, 3), 2
+    by_scale = remote_objective(cc.client, "scaled_norm", args=(xs, power), argnum=1)
+
+    def local(scale):
+        return uf.scaled_norm(torch.tensor(xs), scale.reshape(()), torch.tensor(power))[0]
+
+    for at in (np.array(1.5), np.array([1.5])):
+        got = by_scale.jac(at)
+        want = torch.func.jacrev(local)(torch.tensor(at)).numpy()
+        assert got.shape == want.shape == (2, *at.shape)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert cc.take() == ["jacobian+return_output", "jacobian+return_output", "scaled_norm", "jacobian+return_output"]

@@ -193,7 +193,9 @@ class RemoteObjective:
         for path, leaf in [("x", x), *held]:  # pytree inputs: by path
             if isinstance(leaf, (Bfloat16, Plain)):
                 leaf = leaf.words if isinstance(leaf, Bfloat16) else leaf.value  # numbers: by their repr below
-            arr = np.ascontiguousarray(np.asarray(leaf))
+            # np.array, not np.ascontiguousarray, which makes a 0-d array (1,): the point
+            # x = 0.5 was then x = [0.5]'s, and its Jacobian came back in the other's shape
+            arr = np.array(leaf, order="C")
             digest.update(f"{path}:{arr.dtype.str}{arr.shape};".encode())
             digest.update(arr.tobytes() if arr.dtype != object else repr(leaf).encode())
         return digest.digest()
