@@ -15,7 +15,7 @@ pytest.importorskip("jacobian_service.app")
 from jacobian_client.torch import remote  # noqa: E402
 from jacobian_service import examples as ex  # noqa: E402
 
-from ._remote_support import cc, url  # noqa: E402,F401 (fixtures)
+from ._remote_support import cc, jx, url  # noqa: E402,F401 (fixtures)
 
 f = torch.func
 BF = torch.bfloat16
@@ -178,3 +178,46 @@ def test_a_0d_point_and_a_one_element_point_are_cached_apart(cc):
         assert got.shape == want.shape == (2, *at.shape)
         np.testing.assert_allclose(got, want, rtol=1e-12)
     assert cc.take() == ["jacobian+return_output", "jacobian+return_output", "scaled_norm", "jacobian+return_output"]
+
+
+# --------------------------------------------------------------------------- an integer output beside floating ones
+
+
+def test_reverse_mode_through_a_function_with_an_integer_output_goes_by_forward_mode(cc, jx):
+    """A function returning an index, a count or a mask beside its floating outputs
+    (``(2 sin x, argmax x)``, ``(x**2, x > 0)``) could not be differentiated in reverse
+    mode through the adapters at all: ``loss.backward()``, ``grad``, ``jacrev``, ``vjp``
+    (torch), ``jax.grad`` and ``jax.jit(jax.grad)`` of the floating output raised the
+    service's 422 ("the output[1] is int64, which has no derivative"), where in-process
+    autograd and JAX differentiate the floating outputs and leave the integer ones be.
+    The service's refusal now says so in a member (``"unsupported": "integer_output"``),
+    and the adapters answer from one ``jvp`` of the basis tangents instead (the first
+    time after that refusal, then directly): every gradient is in-process's."""
+    jax = jx
+    jnp = jax.numpy
+    import numpy as np
+    from jacobian_client.jax import remote as jax_remote
+
+    from . import remote20_functions as r20
+
+    x = torch.tensor([0.3, -1.2, 0.7], dtype=torch.float64)
+    local_jax = {"r20_sin_argmax": lambda q: (2 * jnp.sin(q), jnp.argmax(q)),
+                 "r20_square_mask": lambda q: (q**2, q > 0)}
+    for name in ("r20_sin_argmax", "r20_square_mask"):
+        fn, local = remote(cc.client, name), getattr(r20, name)
+        leaf, mine = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (fn(leaf)[0] ** 2).sum().backward()
+        (local(mine)[0] ** 2).sum().backward()
+        torch.testing.assert_close(leaf.grad, mine.grad, rtol=1e-12, atol=1e-12)
+        assert cc.take() == ["evaluate", "vjp", "jvp+batched_vectors"]  # the refusal, then forward mode
+        torch.testing.assert_close(f.jacrev(lambda q: fn(q)[0])(x), f.jacrev(lambda q: local(q)[0])(x))
+        torch.testing.assert_close(f.grad(lambda q: fn(q)[0].sum())(x), f.grad(lambda q: local(q)[0].sum())(x))
+        assert cc.take() == ["evaluate", "jvp+batched_vectors"] * 2  # known now: forward mode at once
+
+        jfn, jlocal = jax_remote(cc.client, name), local_jax[name]
+        xj = jnp.asarray(x.numpy())
+        want = jax.grad(lambda q: jnp.sum(jnp.sin(jlocal(q)[0])))(xj)
+        for transform in (lambda g: g, jax.jit):
+            got = transform(jax.grad(lambda q: jnp.sum(jnp.sin(jfn(q)[0]))))(xj)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        assert cc.take()[-1] == "jvp+batched_vectors"

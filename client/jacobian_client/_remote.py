@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import wire
-from ._errors import APIError, FunctionError, JacobianServiceError
+from ._errors import APIError, FunctionError, InvalidInput, JacobianServiceError
 
 __all__ = ["LEAF", "MAX_SIGNATURES", "Evaluated", "Remade", "RemoteOps", "Tree", "check_sync_client", "flatten",
            "is_number", "lacks_forward_mode", "leaves_like", "no_forward_mode", "per_argnum", "same_arrays", "service_capabilities",
@@ -271,6 +271,17 @@ _MISSING = object()  # an input not given (RemoteOps.bind)
 MAX_SIGNATURES = 64
 
 
+# The most numbers _vjp_by_jvp's basis tangents may hold (n x n for n differentiated
+# input elements; 128 MiB in float64): past it the integer output's refusal stands
+MAX_BASIS_NUMBERS = 1 << 24
+
+
+def _basis_fits(inputs: Sequence[Any], argnums: Sequence[int]) -> bool:
+    """Whether the basis tangents of the differentiated inputs fit MAX_BASIS_NUMBERS."""
+    n = sum(math.prod(np.shape(inputs[a])) for a in argnums)
+    return n * n <= MAX_BASIS_NUMBERS
+
+
 class RemoteOps:
     """The host side of one remote function: numpy in, numpy out, requests counted by
     the client. ``client`` is a :class:`jacobian_client.Client`."""
@@ -286,7 +297,8 @@ class RemoteOps:
         self._templates_lock = threading.Lock()
         # False once an hvp (a jvp) failed where the Hessian (the Jacobian) answered: no
         # forward-mode rule (no_forward_mode)
-        self._works = {"hvp": True, "jvp": True}  # shared with the layouts' views (for_layout)
+        # False once a vjp was refused for an integer output where the jvp answered (_vjp_by_jvp)
+        self._works = {"hvp": True, "jvp": True, "vjp": True}  # shared with the layouts' views (for_layout)
         self._names: tuple[str, ...] | None = None  # the inputs' names, asked on the first keyword call
         self._layout: Any = None  # a _params.Layout: pytree parameters, translated at the wire (for_layout)
         self._wire_names: tuple[str, ...] | None = None  # a keyword call's view: inputs by name (for_layout)
@@ -476,9 +488,24 @@ class RemoteOps:
         v_shape = vecs[0].shape[batch_ndim:lead] if vecs else ()
         if batch_ndim == 0 and mode == "jvp" and not self._works["jvp"]:
             results = self._jvp_by_jacobian(inputs, argnums, vecs, out_tree, v_shape)
+        elif batch_ndim == 0 and mode == "vjp" and not self._works["vjp"] and _basis_fits(inputs, argnums):
+            results = self._vjp_by_jvp(inputs, argnums, vecs, out_tree, v_shape)
         elif batch_ndim == 0:
             try:
                 results = self._linear_request(mode, inputs, argnums, vecs, out_tree, v_shape)
+            except InvalidInput as exc:
+                if mode != "vjp" or exc.problem.get("unsupported") != "integer_output":
+                    raise
+                if not _basis_fits(inputs, argnums):
+                    raise with_hint(exc, f"{self.name!r} has an integer output, which the service's reverse mode "
+                                         "refuses; forward mode would send the basis tangents of every input "
+                                         "element, too many here: return the integer output in aux (has_aux) "
+                                         "instead") from None
+                try:
+                    results = self._vjp_by_jvp(inputs, argnums, vecs, out_tree, v_shape)
+                except APIError:
+                    raise exc from None  # forward mode fails too: the refusal stands
+                self._works["vjp"] = False
             except FunctionError as exc:
                 if mode != "jvp" or not lacks_forward_mode(self.client, exc):
                     raise
@@ -532,6 +559,39 @@ class RemoteOps:
         one = [np.asarray(x)[None] for x in inputs]
         results = self._linear_by_jacobian("jvp", one, argnums, [v[None] for v in vecs], out_tree, 1, (1,), v_shape)
         return [r[0] for r in results]
+
+    def _vjp_by_jvp(self, inputs: Sequence[Any], argnums: Sequence[int], vecs: list[np.ndarray], out_tree: Tree,
+                    v_shape: tuple[int, ...]) -> list[np.ndarray]:
+        """``c^T J`` from forward mode, for a function with an integer output beside its
+        floating ones (an index, a count, a mask). The service's reverse mode refuses
+        such a function whatever the cotangents, as ``torch.func.vjp`` does, so
+        ``loss.backward()``, ``grad`` and ``jacrev`` through ``f(x)[0]`` failed with its
+        422 where in-process autograd (and JAX) differentiate the floating outputs and
+        leave the integer ones be. Its ``jvp`` answers (zero tangents for integer
+        outputs): one request with the ``n`` basis tangents of the differentiated inputs
+        (the Jacobian, ``n`` vectors of ``n`` numbers), contracted here with the
+        cotangents of the floating outputs."""
+        in_shapes = [tuple(np.shape(inputs[a])) for a in argnums]
+        sizes = [math.prod(shape) for shape in in_shapes]
+        n = sum(sizes)
+        eye, starts = np.eye(n), np.cumsum([0, *sizes])
+        tangents = [eye[:, start:start + size].reshape(n, *shape)
+                    for start, size, shape in zip(starts, sizes, in_shapes)]
+        columns = self._linear_request("jvp", inputs, argnums, tangents, out_tree, (n,))
+        V = math.prod(v_shape)
+        total = np.zeros((V, n))
+        for c, J in zip(vecs, columns):
+            J = np.asarray(J)
+            if J.dtype.kind in "biu":  # an integer output: no derivative, its cotangent unused (as autograd's)
+                continue
+            m = math.prod(J.shape[1:])
+            total = total + np.asarray(c, dtype=np.float64).reshape(V, m) @ J.reshape(n, m).astype(np.float64).T
+        results = []
+        for a, start, size, shape in zip(argnums, starts, sizes, in_shapes):
+            dtype = np.asarray(inputs[a]).dtype
+            r = total[:, start:start + size].reshape((*v_shape, *shape))
+            results.append(r.astype(dtype) if dtype.kind == "f" or dtype.name == "bfloat16" else r)
+        return results
 
     def _linear_by_jacobian(
         self, mode: str, inputs: Sequence[Any], argnums: Sequence[int], vecs: list[np.ndarray], out_tree: Tree,

@@ -212,11 +212,14 @@ _COMPONENTS: dict[str, Any] = {
                                               "`batched_vectors`)"},
             "got_shape": {"type": "array", "items": {"type": "integer"},
                           "description": "with `field`: the shape the request sent"},
-            "unsupported": {"type": "string", "enum": ["forward_mode"],
-                            "description": "a 500 `function_error` of a `jvp` or `hvp` whose function has an op "
-                                           "without a forward-mode rule (torch raised NotImplementedError in "
-                                           "forward mode, its plain call having run): the reverse-mode request "
-                                           "(`jacobian`, `hessian`) can answer"},
+            "unsupported": {"type": "string", "enum": ["forward_mode", "integer_output"],
+                            "description": "`forward_mode`: a 500 `function_error` of a `jvp` or `hvp` whose "
+                                           "function has an op without a forward-mode rule (torch raised "
+                                           "NotImplementedError in forward mode, its plain call having run): the "
+                                           "reverse-mode request (`jacobian`, `hessian`) can answer. "
+                                           "`integer_output`: a 422 of a reverse-mode request (`vjp`, `jacobian`, "
+                                           "`hessian`) whose function has an integer or boolean output: "
+                                           "`evaluate` and `jvp` answer it"},
         },
     },
     "Input": {

@@ -287,7 +287,11 @@ def check_floating(out: Any, leaves: Sequence[Any] | None = None) -> None:
             raise InvalidInput(f"{_output_at(path)} is {str(leaf.dtype).removeprefix('torch.')}, which has no "
                                "derivative: only floating-point outputs can be differentiated (torch.func.jacrev: "
                                "vjp(f, ...): All outputs of f must be floating-point or complex Tensors, got Tensor "
-                               f"with dtype {leaf.dtype}); evaluate and jvp answer it")
+                               f"with dtype {leaf.dtype}); evaluate and jvp answer it",
+                               # a member, for the SDK's adapters: their reverse mode of the
+                               # floating outputs goes by forward mode instead (the detail's
+                               # words are for people)
+                               fields={"unsupported": "integer_output"})
     for i, (path, leaf) in enumerate(paths):
         if isinstance(leaf, torch.Tensor) and leaf.is_complex():
             raise InvalidInput(f"{_output_at(path)} is {str(leaf.dtype).removeprefix('torch.')}, which has no "
