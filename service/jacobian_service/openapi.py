@@ -240,7 +240,7 @@ _COMPONENTS: dict[str, Any] = {
         "description": (
             "a declared pytree: {type: array, shape, dtype} at a leaf, {type: dict, items: {key: node}}, "
             "{type: tuple | list, items: [node, ...]}; Jacobians nest over it as jacrev does "
-            "(in .npz, a leaf is the member <input>/<key or position>/..., e.g. params/w, 0/1/scale)"
+            "(in .npz, a leaf is the member `<input>/<key or position>/...`, e.g. `params/w`, `0/1/scale`)"
         ),
         "required": ["type"],
         "properties": {
@@ -571,15 +571,18 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
                 p["examples"] = _shapes_examples(functions)
         op["parameters"] = [*op.get("parameters", []), *params, _REQUEST_TIMEOUT_HEADER]
     ok["headers"] = dict(_REQUEST_ID)
+    # Descriptions are Markdown, which Swagger UI and ReDoc read with its HTML: a literal
+    # value is a code span, or "<function>" was taken for a tag and dropped (the page said
+    # filename="-.npy") and a leading "*" for a list's bullet (Vary's value went missing).
     if any(media in ok["content"] for media in (wire.NPY, wire.NPZ)):
         ok["headers"]["Content-Disposition"] = {
             "schema": {"type": "string"},
-            "description": 'binary answers (.npy / .npz): attachment; filename="<function>-<what>.npy"',
+            "description": 'binary answers (.npy / .npz): `attachment; filename="<function>-<what>.npy"`',
         }
     if route.method == "POST":  # (middleware.VARY_ANY)
         ok["headers"]["Vary"] = {
             "schema": {"type": "string"},
-            "description": "* on every answer, errors included: it depends on the body, which no cache keys",
+            "description": "`*` on every answer, errors included: it depends on the body, which no cache keys",
         }
     elif route.negotiated:
         ok["headers"]["Vary"] = {
