@@ -1,31 +1,48 @@
 """A real browser as the outside testers use one, round 14.
 
 Round 10's API server (CORS_ORIGINS naming one page origin, an API key; the app run by
-the tests' uvicorn) and round 5's headless Chromium for the module:
+the tests' uvicorn; tests/user_functions.py beside the built-ins) and round 5's headless
+Chromium for the module:
 
 * /docs draws every description of every operation (its parameters, its answers and
   their headers) as the document writes it: Swagger UI reads descriptions as Markdown
   with its HTML, so ``filename="<function>-<what>.npy"`` was drawn ``filename="-.npy"``
   (two tags dropped) and Vary's ``* on every answer`` as a bullet without its ``*``;
-  the document's every description, its schemas' too, renders to its own text.
+  the document's every description, its schemas' too, renders to its own text;
+* a page's NaN and infinities, which JSON.stringify writes as ``null``, are refused with
+  a 422 that says so and how to spell them (it said 'a missing value is "NaN"', or of a
+  0-d input "got NoneType"); spelled so, they answer torch.func's derivatives.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import torch
+
+from tests._client_support import real_app, serve
 
 from .test_browser_round5 import browser  # noqa: F401 (round 5's fixture: one Chromium for the module)
 from .test_browser_round6 import page  # noqa: F401 (round 6's: a page of the origin CORS_ORIGINS allows)
-from .test_browser_round7 import _console_errors, _keyed
-from .test_browser_round10 import api  # noqa: F401 (round 10's: the server, CORS_ORIGINS naming that page, a key)
+from .test_browser_round7 import _console_errors, _keyed, _on_page
 
 KEY = {"Authorization": "Bearer k1"}
+
+
+@pytest.fixture(scope="module")
+def api(page: str) -> Iterator[str]:
+    """Round 10's server (CORS_ORIGINS naming the page, a key), the test functions beside the built-ins."""
+    app = real_app(functions="jacobian_service.examples,tests.user_functions", cors_origins=page, api_keys="k1",
+                   workers=1, engine_standby=False)
+    with serve(app, ready_path="/readyz") as url:
+        yield url
 
 
 def _document(api: str) -> dict[str, Any]:
@@ -122,3 +139,57 @@ def test_every_description_renders_to_its_own_text(api):
 
     walk(_document(api), "")
     assert wrong == [], json.dumps(wrong, indent=1)[:3000]
+
+
+# Values as a page computes them: JSON.stringify writes each non-finite one as null.
+_NON_FINITE = "[0.5, NaN, Infinity, -Infinity]"
+_SPELL = "(k, v) => typeof v === 'number' && !Number.isFinite(v) ? String(v) : v"  # String(-Infinity): '-Infinity'
+_NULL_SAYS = ('null (JSON.stringify writes NaN, Infinity and -Infinity as null): spell them "NaN", "Infinity", '
+              '"-Infinity"')
+
+
+def _spelled(array: dict[str, Any]) -> np.ndarray:
+    """A JSON answer's array, its non-finite values spelled as strings ("NaN", ...)."""
+    return np.array(array["data"], dtype=object).astype(np.float64).astype(array["dtype"]).reshape(array["shape"])
+
+
+def test_a_pages_non_finite_numbers_are_named_and_then_computed(api, page, browser):
+    """A page sends what it computed (a log of 0, a 0/0) with JSON.stringify, which
+    writes NaN, Infinity and -Infinity as ``null``: an array holding one was a 422 'array
+    data holds null; a missing value is "NaN"' (an infinity "fixed" by it became a NaN),
+    a 0-d input or cotangents of one "expected an array ..., got NoneType" (Python's
+    name). Each now names JSON.stringify's nulls and the spellings; sent spelled (a
+    replacer: String(v) is that spelling), each answers torch.func's result, non-finite
+    values spelled alike in the answer."""
+    _on_page(browser, page)
+    got = browser.eval(f"""(async () => {{
+      const x = {_NON_FINITE}, out = {{}};
+      const headers = {{Authorization: 'Bearer k1', 'Content-Type': 'application/json'}};
+      const call = (path, body, replacer) => fetch({json.dumps(api)} + path, {{method: 'POST', headers,
+        body: JSON.stringify(body, replacer)}}).then(async r => [r.status, await r.json()], e => String(e));
+      const bodies = {{
+        jacobian: ['/v1/functions/sin/jacobian', {{inputs: [x]}}],
+        typed: ['/v1/functions/sin/jacobian', {{inputs: [{{dtype: 'float64', shape: [4], data: x}}]}}],
+        scalar: ['/v1/functions/scalar_square/jacobian', {{inputs: [Math.log(0)]}}],
+        vjp: ['/v1/functions/sin/vjp', {{inputs: [[1, 2, 3, 4]], cotangents: x}}],
+        scalar_vjp: ['/v1/functions/scalar_square/vjp', {{inputs: [2], cotangents: 0 / 0}}],
+      }};
+      for (const [name, [path, body]] of Object.entries(bodies))
+        out[name] = [await call(path, body), await call(path, body, {_SPELL})];
+      return out;
+    }})()""", timeout_s=60)
+    for name, (plain, spelled) in got.items():
+        assert isinstance(plain, list) and plain[0] == 422, (name, plain)
+        assert plain[1]["code"] == "invalid_input" and plain[1]["detail"].endswith(_NULL_SAYS), (name, plain)
+        assert isinstance(spelled, list) and spelled[0] == 200, (name, spelled)
+    x = torch.tensor([0.5, float("nan"), float("inf"), float("-inf")])
+    for name, dtype in (("jacobian", torch.float32), ("typed", torch.float64)):
+        want = torch.func.jacrev(torch.sin)(x.to(dtype))
+        np.testing.assert_array_equal(_spelled(got[name][1][1]["jacobian"]), want.numpy())
+    scalar = torch.func.jacrev(lambda t: t * t)(torch.tensor(float("-inf")))
+    np.testing.assert_array_equal(_spelled(got["scalar"][1][1]["jacobian"]), scalar.numpy())
+    _, pullback = torch.func.vjp(torch.sin, torch.tensor([1.0, 2, 3, 4]))
+    np.testing.assert_array_equal(_spelled(got["vjp"][1][1]["vjp"]), pullback(x)[0].numpy())
+    _, pullback = torch.func.vjp(lambda t: t * t, torch.tensor(2.0))
+    np.testing.assert_array_equal(_spelled(got["scalar_vjp"][1][1]["vjp"]),
+                                  pullback(torch.tensor(float("nan")))[0].numpy())

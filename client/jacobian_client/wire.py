@@ -465,6 +465,11 @@ _SPELLED = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 # Integers from here on round to an infinity as floats (float() raises OverflowError).
 _FLOAT64_PAST = 2**1024 - 2**970
 SPELLED_NON_FINITE = tuple(_SPELLED)  # (the OpenAPI document's number forms)
+# A null where a number belongs is, from a web page, almost always a non-finite number:
+# JSON.stringify writes NaN and both infinities as null. The refusal said 'a missing
+# value is "NaN"' (an infinity "fixed" so became a NaN), or of a 0-d input "got NoneType".
+_NULL = ('null (JSON.stringify writes NaN, Infinity and -Infinity as null): spell them "NaN", "Infinity", '
+         '"-Infinity"')
 
 
 def _leaf_types(data: Any, ndim: int) -> set[type]:
@@ -505,7 +510,7 @@ def _number(value: Any, dtype: np.dtype | None) -> Any:
         # (a number past float64's range, 1e309, arrives spelled too: see loads)
         raise WireError(f"array data does not fit {dtype}: it holds {value}", "invalid_input")
     if value is None:
-        raise WireError('array data holds null; a missing value is "NaN"', "invalid_input")
+        raise WireError(f"array data holds {_NULL}", "invalid_input")
     if kind is bool:
         raise WireError("array data holds booleans; only bool arrays take true/false", "invalid_input")
     if kind is str:
@@ -667,7 +672,8 @@ def decode_json_array(obj: Any, default_dtype: str | None = None, limits: Limits
     if isinstance(obj, (bool, int, float, list)) or obj in _SPELLED:  # "NaN" alone, as in a list
         dtype = _np_dtype(default_dtype) if default_dtype is not None else None
         return _from_numbers(obj, dtype, limits), default_dtype
-    raise WireError(f"expected an array (number, list or object), got {type(obj).__name__}", "invalid_input")
+    got = _NULL if obj is None else f"the string {obj[:20]!r}" if isinstance(obj, str) else type(obj).__name__
+    raise WireError(f"expected an array (number, list or object), got {got}", "invalid_input")
 
 
 def _c_order(arr: np.ndarray) -> np.ndarray:
