@@ -193,3 +193,52 @@ def test_a_pages_non_finite_numbers_are_named_and_then_computed(api, page, brows
     _, pullback = torch.func.vjp(lambda t: t * t, torch.tensor(2.0))
     np.testing.assert_array_equal(_spelled(got["scalar_vjp"][1][1]["vjp"]),
                                   pullback(torch.tensor(float("nan")))[0].numpy())
+
+
+def test_a_page_reads_a_streamed_jsons_headers_as_the_npys(api, page, browser):
+    """A page streaming softmax's 1500 x 1500 Jacobian (9 MB: over the stream threshold)
+    reads the headers the README names for a streamed Jacobian (X-Chunk-Size, X-Device,
+    X-Queue-Ms) before any of the body, as JSON as it does as .npy: the JSON stream sent
+    no X-Queue-Ms (null to the page), where its meta, the body's last key, says the same
+    queue time. Both bodies are torch.func's Jacobian."""
+    n = 1500
+    _on_page(browser, page)
+    got = browser.eval(f"""(async () => {{
+      const x = Array.from({{length: {n}}}, (_, i) => (i % 17) / 16), out = {{}};
+      const heads = r => Object.fromEntries(['x-chunk-size', 'x-device', 'x-queue-ms', 'content-length']
+        .map(h => [h, r.headers.get(h)]));
+      for (const accept of ['application/json', 'application/x-npy']) {{
+        const r = await fetch({json.dumps(api)} + '/v1/functions/softmax/jacobian', {{method: 'POST',
+          headers: {{Authorization: 'Bearer k1', 'Content-Type': 'application/json', Accept: accept}},
+          body: JSON.stringify({{inputs: [x]}})}});
+        const head = heads(r);
+        if (accept === 'application/json') {{
+          const doc = await r.json();
+          const J = doc.jacobian.data;
+          out.json = {{status: r.status, head, meta: doc.meta, shape: doc.jacobian.shape, row: J[7],
+                       diagonal: J.map((row, i) => row[i])}};
+        }} else {{
+          const bytes = new Uint8Array(await r.arrayBuffer());
+          const headerLength = new DataView(bytes.buffer).getUint16(8, true);
+          const J = new Float32Array(bytes.buffer, 10 + headerLength);
+          out.npy = {{status: r.status, head, size: bytes.length, row: Array.from(J.subarray(7 * {n}, 8 * {n})),
+                      diagonal: Array.from({{length: {n}}}, (_, i) => J[i * {n} + i])}};
+        }}
+      }}
+      return out;
+    }})()""", timeout_s=180)
+    from jacobian_service import examples
+
+    want = torch.func.jacrev(examples.softmax)(torch.arange(n).remainder(17).float() / 16)
+    for media in ("json", "npy"):
+        answer = got[media]
+        assert answer["status"] == 200, answer.get("status")
+        head = answer["head"]
+        assert head["x-device"] == "cpu" and int(head["x-chunk-size"]) >= 1, (media, head)
+        assert head["x-queue-ms"] is not None and float(head["x-queue-ms"]) >= 0, (media, head)
+        np.testing.assert_allclose(np.float32(answer["row"]), want[7].numpy(), rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(np.float32(answer["diagonal"]), want.diagonal().numpy(), rtol=1e-5, atol=1e-9)
+    assert got["json"]["head"]["content-length"] is None and got["json"]["shape"] == [n, n]  # (chunked: streamed)
+    assert float(got["json"]["head"]["x-queue-ms"]) == got["json"]["meta"]["queue_ms"]
+    assert int(got["json"]["head"]["x-chunk-size"]) == got["json"]["meta"]["chunk_size"]
+    assert int(got["npy"]["head"]["content-length"]) == got["npy"]["size"]

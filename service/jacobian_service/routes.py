@@ -737,8 +737,11 @@ def _stream_json(state: ServiceState, function: str, head: StreamHead, info: Job
                 _drop(pending)
                 state.engines.close_stream(head)
 
+    # The headers the .npy stream sends: a page reads them before the body (its meta comes
+    # last); X-Queue-Ms was the .npy stream's only, read as null from this one.
     return ClosingStreamingResponse(_released(body(), release), media_type=wire.JSON,
-                             headers={"X-Chunk-Size": str(head.chunk_size), "X-Device": str(info.device)})
+                                    headers={"X-Chunk-Size": str(head.chunk_size), "X-Device": str(info.device),
+                                             "X-Queue-Ms": f"{info.queue_s * 1e3:.3f}"})
 
 
 # ------------------------------------------------------------------ the table
