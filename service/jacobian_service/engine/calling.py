@@ -212,7 +212,31 @@ def _check_output(out: Any, differentiated: bool) -> Any:
         check_floating(out, leaves)
     for leaf in leaves:
         _check_tensor(leaf, "the output")
+    _check_keys(out)
     return out
+
+
+def _check_keys(out: Any) -> None:
+    """A dict output's keys are written as their text (JSON's and ``.npz``'s only kind of
+    key): two keys of one dict written alike (``1`` and ``"1"``, ``True`` and
+    ``"True"``), which torch's pytree keeps apart, would be one key on the wire. The
+    answer kept the later one's array and dropped the other's without a word (a 200 with
+    half of ``torch.func.jacrev``'s result, in JSON and ``.npz`` alike)."""
+    stack: list[tuple[Any, str]] = [(out, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            texts: dict[str, Any] = {}
+            for key, child in node.items():
+                text = str.__str__(key) if isinstance(key, str) else str(key)
+                if text in texts:
+                    raise FunctionError(f"the output{path} has keys {texts[text]!r} and {key!r}, both written "
+                                        f"{text!r} on the wire (dict keys travel as their text; the answer would "
+                                        "keep one of them): give them distinct text")
+                texts[text] = key
+                stack.append((child, f"{path}[{key!r}]"))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(node))
 
 
 _TENSORS = "return a tensor, or a tuple, list or dict of tensors"

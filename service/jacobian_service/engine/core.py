@@ -177,6 +177,14 @@ def _by_position(node: Any, ref: Any) -> Any:
     return [node[str(i)] for i in range(len(node))]
 
 
+def _keys_as_sent(node: dict[Any, Any]) -> list[str]:
+    """A dict's keys as the wire writes them (their text), sorted, for what a refusal says:
+    sorted as they were, an output's keys of mixed kinds (``{1: a, "2": b}``) raised
+    TypeError, and cotangents with a key missing were a 500 ``internal_error``, not the
+    422 naming the keys to send."""
+    return sorted(str.__str__(k) if isinstance(k, str) else str(k) for k in node)
+
+
 def _tangents_by_name(tree: Any, call: Call) -> Any:
     """Tangents keyed by the names of the parameters ``argnums`` names, as ``inputs`` and
     ``argnums`` may name them (``{"x": tx, "y": ty}`` for ``argnums: ["x", "y"]``, what a
@@ -650,8 +658,8 @@ class Engine:
                 return [(path, node)]
             if isinstance(ref, dict):
                 if not isinstance(node, dict) or set(node) != set(ref):
-                    got = sorted(node) if isinstance(node, dict) else type(node).__name__
-                    raise InvalidInput(f"{what}{path}: expected keys {sorted(ref)}, got {got}")
+                    got = _keys_as_sent(node) if isinstance(node, dict) else type(node).__name__
+                    raise InvalidInput(f"{what}{path}: expected keys {_keys_as_sent(ref)}, got {got}")
                 return [leaf for k in ref for leaf in nested(node[k], ref[k], f"{path}.{k}")]
             if not isinstance(node, (list, tuple)) or len(node) != len(ref):
                 raise InvalidInput(f"{what}{path}: expected {len(ref)} entries")
@@ -663,7 +671,7 @@ class Engine:
         if flat and not (isinstance(like, (list, tuple)) and len(like) == len(tree)):
             return flat_leaves  # the leaves in order, for any nesting
         if isinstance(tree, dict) and isinstance(like, dict) and set(tree) != set(like):
-            raise InvalidInput(f"{what} keys {sorted(tree)} do not match {sorted(like)}")
+            raise InvalidInput(f"{what} keys {_keys_as_sent(tree)} do not match {_keys_as_sent(like)}")
         try:
             return nested(tree, like, "", sent)
         except InvalidInput:

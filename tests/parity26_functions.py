@@ -1,0 +1,27 @@
+"""Functions for tests/test_parity_round26.py, round 26 of PyTorch's own torch.func test
+cases replayed over HTTP: outputs whose dicts torch's pytree keeps apart (any hashable
+key) and the wire could not (keys written as their text)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jacobian_service import Input, register
+
+# name -> the output for the input x (a float64 vector): dicts with two keys written alike
+# on the wire, at the top or nested, and one whose non-string keys are all distinct as text
+KEYED: dict[str, Any] = {
+    "int_and_text": lambda x: {1: x.sin(), "1": x.cos() * 2},
+    "nested": lambda x: (x.exp(), {"k": {None: x * 2, "None": x**2}}),
+    "bool_and_text": lambda x: {"True": x.sin(), True: {"a": x * 3}},
+    "distinct": lambda x: {1: x.sin(), "2": x.cos() * 2, (3, "a"): x**2},
+}
+
+
+def _register(name: str, fn: Any) -> None:
+    register(name=f"keys_{name}", inputs=[Input("x", shape=("n",))], description=f"a dict output: {name}")(
+        lambda x: fn(x))
+
+
+for _name, _fn in KEYED.items():
+    _register(_name, _fn)

@@ -1,0 +1,106 @@
+"""PyTorch's own torch.func test cases, round 26 (test_eager_transforms.py's TestJac and
+TestVjp over pytree outputs: test_outputs_can_any_pytree's dicts, whose keys torch's
+pytree takes of any hashable kind), replayed over HTTP against
+tests/parity26_functions.py and compared with in-process torch.func and finite
+differences.
+
+1. A dict output with two keys written alike on the wire (``{1: a, "1": b}``, ``True``
+   and ``"True"``, ``None`` and ``"None"``, at any depth): torch.func.jacrev answers
+   both blocks; the service answered 200 with one of them, the other dropped without a
+   word (JSON and ``.npz`` alike; measured: ``{"1": ...}``, one 3x3 block of torch's
+   two). It is now the function's 500 naming the dict and both keys, on every route.
+2. Cotangents for a dict output whose keys are of mixed kinds (``{1: a, "2": b, (3,
+   "a"): c}``) that leave a key out: the engine sorted the output's keys to say which
+   were expected, ``int < str`` raised TypeError, and the answer was a 500
+   ``internal_error`` (a traceback in the log) where a 422 naming the keys to send was
+   due; on ``vjp`` and ``hvp`` with cotangents.
+
+One in-process app serves the module (no server start), as rounds 7-25.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from . import parity26_functions as F
+from .conftest import assert_problem, ready_app
+from .test_parity_round7 import answer, arr, post, same, t
+
+f = torch.func
+RNG = np.random.default_rng(26)
+X = RNG.standard_normal(3)
+
+
+@pytest.fixture(scope="module")
+def c() -> Iterator[Any]:
+    with ready_app("tests.parity26_functions") as client:
+        yield client
+
+
+# every endpoint and mode, each with what it needs besides the input (cotangents keyed as
+# the wire writes the keys: the service reads the output before it matches them)
+ROUTES = [("jacobian", {}), ("jacobian", {"mode": "fwd"}), ("jacobian", {"chunk_size": 1}),
+          ("jacobian", {"batched": True}), ("hessian", {}), ("evaluate", {}),
+          ("vjp", {"cotangents": {"1": arr(X)}}), ("jvp", {"tangents": arr(X)}),
+          ("hvp", {"tangents": arr(X), "cotangents": {"1": arr(X)}})]
+# name -> (where the dict is, its two keys as the detail quotes them, their text)
+ALIKE = {"int_and_text": ("the output", "1 and '1'", "'1'"),
+         "nested": ("the output[1]['k']", "None and 'None'", "'None'"),
+         "bool_and_text": ("the output", "'True' and True", "'True'")}
+
+
+@pytest.mark.parametrize("name", sorted(ALIKE))
+def test_dict_keys_written_alike_are_the_functions_500_on_every_route(c, name):
+    fn = F.KEYED[name]
+    where, keys, text = ALIKE[name]
+    # torch keeps both keys apart: its Jacobian has a block for each (3 or 2 leaves)
+    want = f.jacrev(fn)(t(X))
+    blocks = torch.utils._pytree.tree_leaves(want)
+    assert len(blocks) == len(torch.utils._pytree.tree_leaves(fn(t(X)))) >= 2
+    assert not torch.equal(blocks[-1], blocks[-2])
+    for endpoint, options in ROUTES:
+        inputs = [np.stack([X, X])] if options.get("batched") else [X]
+        body = assert_problem(post(c, f"keys_{name}", endpoint, inputs, **options), 500, "function_error")
+        assert body["detail"] == (f"{where} has keys {keys}, both written {text} on the wire (dict keys travel "
+                                  "as their text; the answer would keep one of them): give them distinct text"), \
+            (endpoint, options, body)
+    # in .npz too, whose members and skeleton are named by that text
+    r = c.post(f"/v1/functions/keys_{name}/jacobian", json={"inputs": [arr(X)]}, headers={"accept": "application/x-npz"})
+    assert_problem(r, 500, "function_error")
+
+
+def test_keys_of_mixed_kinds_are_answered_and_their_cotangents_matched_by_text(c):
+    fn = F.KEYED["distinct"]
+    # distinct as text, the keys are answered as torch's, keyed by that text
+    got, _ = answer(post(c, "keys_distinct", "jacobian", [X]), "jacobian")
+    same(got, {str(k): v for k, v in f.jacrev(fn)(t(X)).items()})
+    cot = {k: RNG.standard_normal(3) for k in fn(t(X))}
+    sent = {str(k): arr(v) for k, v in cot.items()}
+    _, pull = f.vjp(fn, t(X))
+    want = pull({k: t(v) for k, v in cot.items()})[0]
+    # the math: central differences of c . f(x)
+    h = 1e-6
+    dot = lambda x: sum(float((fn(x)[k] * t(v)).sum()) for k, v in cot.items())
+    fd = torch.tensor([(dot(t(X + h * e)) - dot(t(X - h * e))) / (2 * h) for e in np.eye(3)], dtype=torch.float64)
+    torch.testing.assert_close(want, fd, rtol=1e-6, atol=1e-8)
+    got, _ = answer(post(c, "keys_distinct", "vjp", [X], cotangents=sent), "vjp")
+    same(got, want)
+    v = RNG.standard_normal(3)
+    got, _ = answer(post(c, "keys_distinct", "hvp", [X], tangents=arr(v), cotangents=sent), "hvp")
+    same(got, f.jvp(lambda x: pull_at(fn, x, cot), (t(X),), (t(v),))[1])
+    # one key left out, or one more: a 422 naming the keys as the wire writes them
+    expected = "[\"(3, 'a')\", '1', '2']"
+    for endpoint, extra in (("vjp", {}), ("hvp", {"tangents": arr(v)})):
+        for cotangents, got_keys in (({"1": sent["1"]}, "['1']"), ({**sent, "4": sent["1"]}, "[\"(3, 'a')\", '1', '2', '4']")):
+            body = assert_problem(post(c, "keys_distinct", endpoint, [X], cotangents=cotangents, **extra), 422,
+                                  "invalid_input")
+            assert body["detail"] == f"cotangents keys {got_keys} do not match {expected}", body
+
+
+def pull_at(fn: Any, x: torch.Tensor, cot: dict[Any, np.ndarray]) -> torch.Tensor:
+    return f.vjp(fn, x)[1]({k: t(v) for k, v in cot.items()})[0]
