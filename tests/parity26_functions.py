@@ -1,6 +1,6 @@
 """Functions for tests/test_parity_round26.py, round 26 of PyTorch's own torch.func test
-cases replayed over HTTP: outputs whose dicts torch's pytree keeps apart (any hashable
-key) and the wire could not (keys written as their text)."""
+cases replayed over HTTP: outputs and aux whose dicts are keyed by any hashable, as
+torch's pytree takes them, which the wire writes as their text."""
 
 from __future__ import annotations
 
@@ -25,3 +25,15 @@ def _register(name: str, fn: Any) -> None:
 
 for _name, _fn in KEYED.items():
     _register(_name, _fn)
+
+
+@register(inputs=[Input("x", shape=("n",))], has_aux=True)
+def aux_keyed(x):
+    """An aux keyed by ints, a tuple and a float, as torch's pytree takes any hashable key."""
+    return x.sin() * x, {0: x.sum(), 1: {"h": x.cos(), 2: x[0]}, (3, "a"): [x * 2], 2.5: x.exp()}
+
+
+@register(inputs=[Input("x", shape=("n",))], has_aux=True)
+def aux_alike(x):
+    """An aux with two keys written alike: 1 and "1"."""
+    return x.sin(), {1: x.sum(), "1": x.cos()}

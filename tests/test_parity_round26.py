@@ -15,6 +15,11 @@ differences.
    ``internal_error`` (a traceback in the log) where a 422 naming the keys to send was
    due; on ``vjp`` and ``hvp`` with cotangents.
 
+3. has_aux with an aux dict keyed by ints (``{0: h0, 1: h1}``, a tuple, a float): torch.func
+   answers it; the service refused it as the function's 500 "aux dict keys must be
+   strings, got int" on every route. Aux keys are now written as their text, as an
+   output's are (two written alike: the function's 500, as for outputs).
+
 One in-process app serves the module (no server start), as rounds 7-25.
 """
 
@@ -26,6 +31,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from jacobian_client import wire
 
 from . import parity26_functions as F
 from .conftest import assert_problem, ready_app
@@ -104,3 +110,42 @@ def test_keys_of_mixed_kinds_are_answered_and_their_cotangents_matched_by_text(c
 
 def pull_at(fn: Any, x: torch.Tensor, cot: dict[Any, np.ndarray]) -> torch.Tensor:
     return f.vjp(fn, x)[1]({k: t(v) for k, v in cot.items()})[0]
+
+
+def as_text(tree: Any) -> Any:
+    """torch's answer with its dict keys as the wire writes them."""
+    if isinstance(tree, dict):
+        return {str(k): as_text(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(as_text(v) for v in tree)
+    return tree
+
+
+def test_an_aux_keyed_by_any_hashable_is_torchs_keyed_by_text(c):
+    fn = F.aux_keyed
+    v = RNG.standard_normal(3)
+    jac, aux = f.jacrev(fn, has_aux=True)(t(X))
+    # the math: the Jacobian of x sin x is diagonal, sin x + x cos x
+    torch.testing.assert_close(jac, torch.diag(t(X).sin() + t(X) * t(X).cos()))
+    xs = np.stack([X, RNG.standard_normal(3)])
+    _, pull, vjp_aux = f.vjp(fn, t(X), has_aux=True)
+    # (endpoint, options, torch's result, torch's aux)
+    cases = [
+        ("jacobian", {}, jac, aux),
+        ("jacobian", {"mode": "fwd"}, jac, aux),
+        ("jacobian", {"batched": True}, *f.vmap(f.jacrev(fn, has_aux=True))(t(xs))),
+        ("hessian", {}, f.hessian(lambda x: fn(x)[0])(t(X)), aux),
+        ("evaluate", {}, *fn(t(X))),
+        ("vjp", {"cotangents": arr(v)}, pull(t(v))[0], vjp_aux),
+        ("jvp", {"tangents": arr(v)}, *f.jvp(fn, (t(X),), (t(v),), has_aux=True)[1:]),
+    ]
+    for endpoint, options, result, want_aux in cases:
+        inputs = [xs] if options.get("batched") else [X]
+        key = "output" if endpoint == "evaluate" else endpoint
+        got, doc = answer(post(c, "aux_keyed", endpoint, inputs, **options), key)
+        same(got, result, endpoint)
+        same(wire.decode_tree(doc["aux"]), as_text(want_aux), f"{endpoint} {options} aux")
+    # keys written alike in the aux: the function's 500, as in an output
+    body = assert_problem(post(c, "aux_alike", "jacobian", [X]), 500, "function_error")
+    assert body["detail"] == ("aux has two keys of one dict written '1' on the wire (dict keys travel as their text; "
+                              "the answer would keep one of them): give them distinct text"), body

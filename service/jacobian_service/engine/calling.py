@@ -182,10 +182,17 @@ def _check_aux(aux: Any) -> None:
             if items + len(stack) + len(node) > _AUX_MAX_ITEMS:
                 raise FunctionError(f"aux holds more than {_AUX_MAX_ITEMS:,} items; return large data as a tensor")
             if isinstance(node, dict):
+                # Any key torch's pytree takes (jacrev's aux {0: h0, 1: h1}) is written as
+                # its text, as an output's keys are; an int key was the function's 500
+                # ("aux dict keys must be strings") where torch.func answered.
+                texts: set[str] = set()
                 for key in node:
-                    if not isinstance(key, str):
-                        raise FunctionError(f"aux dict keys must be strings, got {type(key).__name__}")
-                    _utf8(key, "a dict key")
+                    text = _utf8(str.__str__(key) if isinstance(key, str) else str(key), "a dict key")
+                    if text in texts:
+                        raise FunctionError(f"aux has two keys of one dict written {text!r} on the wire (dict keys "
+                                            "travel as their text; the answer would keep one of them): give them "
+                                            "distinct text")
+                    texts.add(text)
                 node = node.values()
             stack.extend((child, depth + 1) for child in node)
         else:
