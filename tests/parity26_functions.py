@@ -37,3 +37,10 @@ def aux_keyed(x):
 def aux_alike(x):
     """An aux with two keys written alike: 1 and "1"."""
     return x.sin(), {1: x.sum(), "1": x.cos()}
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def slash_keys(x):
+    """A dict output keyed "a/b" beside "a" (whose "c" spells the same path) and "": keys
+    an .npz member's path cannot name."""
+    return {"a/b": x.sin() * x, "a": {"c": x.exp()}, "": x**3}

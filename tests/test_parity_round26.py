@@ -20,6 +20,12 @@ differences.
    strings, got int" on every route. Aux keys are now written as their text, as an
    output's are (two written alike: the function's 500, as for outputs).
 
+4. The SDK's vjp and hvp (TestVjp's pytree cotangents) for a dict output keyed ``"a/b"``
+   or ``""``: its default transport sent the cotangents as ``.npz`` members named by
+   their paths, ``cotangents/a/b`` (read as two levels) and ``cotangents/`` (no name),
+   and the call raised InvalidInput (422 "cotangents keys ['a'] do not match ['a',
+   'a/b']") where JSON answered. Such vectors now go as JSON.
+
 One in-process app serves the module (no server start), as rounds 7-25.
 """
 
@@ -34,7 +40,7 @@ import torch
 from jacobian_client import wire
 
 from . import parity26_functions as F
-from .conftest import assert_problem, ready_app
+from .conftest import assert_problem, ready_app, sdk_over
 from .test_parity_round7 import answer, arr, post, same, t
 
 f = torch.func
@@ -149,3 +155,20 @@ def test_an_aux_keyed_by_any_hashable_is_torchs_keyed_by_text(c):
     body = assert_problem(post(c, "aux_alike", "jacobian", [X]), 500, "function_error")
     assert body["detail"] == ("aux has two keys of one dict written '1' on the wire (dict keys travel as their text; "
                               "the answer would keep one of them): give them distinct text"), body
+
+
+def test_the_sdks_cotangents_keyed_as_no_npz_member_can_be_named_are_answered(c):
+    fn = F.slash_keys
+    x, v = t(X), t(RNG.standard_normal(3))
+    cot = {k: t(RNG.standard_normal(3)) if k != "a" else {"c": t(RNG.standard_normal(3))} for k in fn(x)}
+    _, pull = f.vjp(fn, x)
+    want = pull(cot)[0]
+    # the math: c . f(x) = sum of c_ab (x sin x) + c_c exp(x) + c_ x^3, term by term
+    grad = cot["a/b"] * (x.sin() + x * x.cos()) + cot["a"]["c"] * x.exp() + cot[""] * 3 * x**2
+    torch.testing.assert_close(want, grad)
+    host = {k: (w.numpy() if k != "a" else {"c": w["c"].numpy()}) for k, w in cot.items()}
+    with sdk_over(c) as sdk:
+        for transport in (None, "binary", "json"):  # None: the default, binary
+            same(sdk.vjp("slash_keys", X, cotangents=host, transport=transport), want)
+            same(sdk.hvp("slash_keys", X, tangents=v.numpy(), cotangents=host, transport=transport),
+                 f.jvp(lambda y: f.vjp(fn, y)[1](cot)[0], (x,), (v,))[1])

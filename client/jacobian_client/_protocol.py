@@ -585,6 +585,19 @@ def _vector_leaves(tree: Any, path: str = "") -> list[tuple[str, Any]]:
     return [(path, as_wire_value(tree))]
 
 
+def _npz_can_name(tree: Any) -> bool:
+    """Whether every dict key of a cotangent / tangent tree can be one segment of an
+    ``.npz`` member's path. Keyed like an output ``{"a/b": y, "a": {"c": z}}``, the member
+    ``cotangents/a/b`` was read as two levels and ``cotangents/`` (key ``""``) as no
+    name: the default transport's vjp and hvp were a 422 where JSON's answered. Such
+    vectors go as JSON, whose objects key them as they are."""
+    if _is_node(tree):
+        return all(_npz_can_name(t) for t in tree)
+    if isinstance(tree, dict):
+        return all(str(k) and "/" not in str(k) and _npz_can_name(v) for k, v in tree.items())
+    return True
+
+
 def is_input_node(value: Any) -> bool:
     """A pytree parameter: a dict, a list holding arrays of rank >= 1, dicts or such
     lists, or a tuple holding any arrays (0-d too: a tuple of 0-d leaves). A list (or
@@ -830,7 +843,7 @@ class Protocol:
         vector_leaves = [(f"{key}{path}", v) for key, tree in groups for path, v in _vector_leaves(tree)]
         all_arrays = all(isinstance(v, np.ndarray) for _, v in leaves) and all(
             isinstance(v, np.ndarray) for _, v in vector_leaves)
-        if binary and all_arrays and values:
+        if binary and all_arrays and values and all(_npz_can_name(tree) for _, tree in groups):
             call.params = {k: wire.dumps(v).decode() if k in _DIMS else _query_value(v) for k, v in fields.items()}
             buf = io.BytesIO()
             if len(values) == 1 and vectors is None and isinstance(values[0], np.ndarray) and names is None:
