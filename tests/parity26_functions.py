@@ -44,3 +44,9 @@ def slash_keys(x):
     """A dict output keyed "a/b" beside "a" (whose "c" spells the same path) and "": keys
     an .npz member's path cannot name."""
     return {"a/b": x.sin() * x, "a": {"c": x.exp()}, "": x**3}
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def array_keys(x):
+    """A dict output keyed as an array object is ("dtype", "shape", "data")."""
+    return {"dtype": x.sin(), "shape": x.cos() * x, "data": x**2}

@@ -26,6 +26,12 @@ differences.
    and the call raised InvalidInput (422 "cotangents keys ['a'] do not match ['a',
    'a/b']") where JSON answered. Such vectors now go as JSON.
 
+5. JSON cotangents for a dict output keyed ``"dtype"``, ``"shape"``, ``"data"``: each
+   key's cotangent an array object, the object holding them was read as one array
+   object (its "shape" an object), a 422 "cotangents: 'dtype' must be a string" on vjp
+   and hvp (and so the SDK's JSON transport). An object whose "shape" is an object is
+   now the dict node it is.
+
 One in-process app serves the module (no server start), as rounds 7-25.
 """
 
@@ -172,3 +178,29 @@ def test_the_sdks_cotangents_keyed_as_no_npz_member_can_be_named_are_answered(c)
             same(sdk.vjp("slash_keys", X, cotangents=host, transport=transport), want)
             same(sdk.hvp("slash_keys", X, tangents=v.numpy(), cotangents=host, transport=transport),
                  f.jvp(lambda y: f.vjp(fn, y)[1](cot)[0], (x,), (v,))[1])
+
+
+def test_json_cotangents_for_an_output_keyed_like_an_array_object_are_its_keys(c):
+    fn = F.array_keys
+    x, v = t(X), t(RNG.standard_normal(3))
+    cot = {k: t(RNG.standard_normal(3)) for k in fn(x)}
+    _, pull = f.vjp(fn, x)
+    want = pull(cot)[0]
+    # the math, term by term: d(sin x), d(x cos x), d(x^2)
+    torch.testing.assert_close(want, cot["dtype"] * x.cos() + cot["shape"] * (x.cos() - x * x.sin())
+                               + cot["data"] * 2 * x)
+    sent = {k: arr(w.numpy()) for k, w in cot.items()}
+    got, _ = answer(post(c, "array_keys", "vjp", [X], cotangents=sent), "vjp")
+    same(got, want)
+    want_hvp = f.jvp(lambda y: f.vjp(fn, y)[1](cot)[0], (x,), (v,))[1]
+    got, _ = answer(post(c, "array_keys", "hvp", [X], tangents=arr(v.numpy()), cotangents=sent), "hvp")
+    same(got, want_hvp)
+    with sdk_over(c) as sdk:
+        for transport in ("json", "binary"):
+            host = {k: w.numpy() for k, w in cot.items()}
+            same(sdk.vjp("array_keys", X, cotangents=host, transport=transport), want)
+            same(sdk.hvp("array_keys", X, tangents=v.numpy(), cotangents=host, transport=transport), want_hvp)
+    # an array object's own shape is still a list: one that is not is still its 422
+    body = assert_problem(post(c, "array_keys", "vjp", [X], cotangents={"shape": "3", "data": [1, 2, 3]}), 422,
+                          "invalid_input")
+    assert body["detail"] == "cotangents: 'shape' must be a list of integers", body

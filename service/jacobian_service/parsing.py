@@ -244,7 +244,11 @@ def _is_vector_node(obj: Any) -> bool:
     input's tangents, ``argnums=[0, 2]``), which as one array was a 422 "not a regular
     array". Only a list's items and their first items are looked at, never every number."""
     if isinstance(obj, dict):
-        return not wire.is_array_object(obj)
+        # An array object's shape is a list: one whose "shape" is an object is the dict
+        # node of an output keyed "shape" and "data" (as torch's pytree takes any key),
+        # whose cotangents were read as one array, a 422 "'dtype' must be a string" or
+        # "'shape' must be a list of integers" on every vjp and hvp of it.
+        return not wire.is_array_object(obj) or isinstance(obj["shape"], dict)
     if not isinstance(obj, list) or not obj:
         return False
     if isinstance(obj[0], list) and _is_vector_node(obj[0]):
