@@ -93,7 +93,7 @@ def test_a_functions_flood_of_output_costs_serves_log_a_bounded_share(server, cl
         grown = len(proc.read_log()) - before  # type: ignore[attr-defined]
         assert grown < 3 << 20, f"serve's log grew by {grown} bytes for a {FLOOD_BYTES}-byte write"
         assert re.search(rf"engine 0 \(pid {pid}\): \d+ bytes of its standard output and error dropped", log), log[-2000:]
-    said = r"\n\S+ \S+ WARNING jacobian_service.engine: floods_output changed the umask"
+    said = r"\(pid \d+\)'s own log: \S+ \S+ WARNING jacobian_service.engine: floods_output changed the umask"
     log = _log_until(proc, start, said)  # (the engine's line, relayed: on its own time)
     assert "y" * (16 << 10) + " [line cut]\n" in log  # the unended line's head
     # What the engine said next (the umask it put back) is a line of its own, whole: its

@@ -25,6 +25,15 @@ bytes, so a function never waits on serve's log:
 The engine's own log lines come through a pipe of their own, under a budget of their
 own (``logs.FdStream``): a function that floods its stdout and stderr, or leaves a line
 there unended (which took the engine's next line into it), costs them nothing.
+
+Every line relayed is marked as the process's (``log_format``): a function writes what
+it likes on its stdout, stderr and its engine's log pipe (descriptor 3, in
+/proc/self/fd), and a line there that read as an access line or the supervisor's ("POST
+/v1/functions/sin/jacobian 200", "engine 0 died: sin hung") passed whole, as serve's own.
+In the text log each line begins with its process and stream ("engine 0 (pid 7)
+stdout: "), its control characters escaped (a carriage return or an ESC sequence
+rewrote the mark on a terminal); in the JSON log each is an object of its own, the
+process's JSON lines given its fields (``engine``, ``pid``, ``stream``).
 """
 
 from __future__ import annotations
@@ -33,10 +42,13 @@ import collections
 import fcntl
 import logging
 import os
+import re
 import selectors
 import threading
 import time
 from dataclasses import dataclass, field
+
+import orjson
 
 __all__ = ["OutputRelay"]
 
@@ -45,6 +57,8 @@ log = logging.getLogger("jacobian_service.supervisor")
 _READ_BYTES = 1 << 20
 _PIPE_BYTES = 1 << 20  # a pipe as large as an unprivileged process may ask (fs.pipe-max-size's default)
 _SAY_EVERY_S = 1.0
+# Control characters but tab, as the text log's formatter escapes them (``logs._CONTROLS``).
+_CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass
@@ -60,6 +74,7 @@ class _Process:
     key: int  # the engine index it serves (what ``dropped`` counts by)
     label: str
     budget: _Budget  # its engine's (shared with the processes before and after it)
+    pid: int | None = None
     dropped: int = 0  # bytes, since it was last said
     said: float = 0.0
     open: int = 0  # its pipes not yet at their end
@@ -69,13 +84,17 @@ class _Process:
 class _Pipe:
     process: _Process
     stream: int  # 1 or 2: where its lines go
+    name: str = ""  # "stdout", "stderr", "log": what its lines are marked with
     partial: bytearray = field(default_factory=bytearray)
     cutting: bool = False  # the line being read was cut: the rest of it is dropped
 
 
 class OutputRelay:
     def __init__(self, bytes_per_s: int, burst_bytes: int | None = None, *, out: int = 1, err: int = 2,
-                 max_line: int = 16 << 10, queue_bytes: int = 1 << 20) -> None:
+                 max_line: int = 16 << 10, queue_bytes: int = 1 << 20, log_format: str | None = None) -> None:
+        """``log_format``: "text" or "json", serve's, which each line relayed is marked
+        in; None, lines as written (the budget's own tests)."""
+        self.log_format = log_format
         self.bytes_per_s = bytes_per_s
         self.burst_bytes = burst_bytes if burst_bytes is not None else 16 * bytes_per_s
         self.max_line = min(max_line, self.burst_bytes)  # a line that fits nowhere would never pass
@@ -116,17 +135,21 @@ class OutputRelay:
             pass
         return read, write
 
-    def watch(self, key: int, label: str, reads: list[tuple[int, int]], budget: str = "output") -> None:
+    def watch(self, key: int, label: str, reads: list[tuple[int, int]], budget: str = "output", *,
+              pid: int | None = None, own_log: bool = False) -> None:
         """Relay a started process's pipes (``pipe``'s read ends, owned from now on, each
         with the stream, 1 or 2, its lines go to) under engine ``key``'s budget named
         ``budget`` (full the first time it is named; what the engine's earlier processes
-        left of it after that), counting what is dropped against that engine."""
+        left of it after that), counting what is dropped against that engine. Its lines
+        are marked with ``label`` (and ``pid``) and the stream they came on: stdout,
+        stderr, or ``own_log``, the engine's own log pipe."""
         now = time.monotonic()
         with self._lock:
             bucket = self._budgets.setdefault((key, budget), _Budget(float(self.burst_bytes), now))
-        process = _Process(key, label, bucket, open=len(reads))
+        process = _Process(key, label, bucket, pid=pid, open=len(reads))
         with self._lock:
-            self._new += [(fd, _Pipe(process, stream)) for fd, stream in reads]
+            self._new += [(fd, _Pipe(process, stream, "log" if own_log else ("stdout", "stderr")[stream == 2]))
+                          for fd, stream in reads]
             self._pipes += len(reads)
         self._wake()
 
@@ -248,11 +271,13 @@ class OutputRelay:
         and spent by this thread alone: the reader's.)"""
         process = pipe.process
         budget = process.budget
+        n = len(line)
         now = time.monotonic()
         budget.tokens = min(float(self.burst_bytes), budget.tokens + (now - budget.refilled) * self.bytes_per_s)
         budget.refilled = now
         queued = False
-        if len(line) <= budget.tokens:
+        if n <= budget.tokens:
+            line = self._mark(pipe, line)  # (the budget counts what the process wrote)
             with self._lock:
                 if self._queued + len(line) <= self.queue_bytes:  # else serve's log is read slower than this
                     self._queue.append((pipe.stream, line))
@@ -260,10 +285,34 @@ class OutputRelay:
                     self._lock.notify_all()
                     queued = True
         if queued:
-            budget.tokens -= len(line)
+            budget.tokens -= n
         else:
-            self._drop(process, len(line))
+            self._drop(process, n)
         return queued
+
+    def _mark(self, pipe: _Pipe, line: bytes) -> bytes:
+        """``line`` (its newline at its end) as serve's log says it: marked as its
+        process's, never one that passes for serve's own (the module's docstring)."""
+        if self.log_format is None:
+            return line
+        process = pipe.process
+        body = line[:-1] if line.endswith(b"\n") else line
+        if self.log_format == "json":
+            fields = {"engine": process.key, "pid": process.pid, "stream": pipe.name}
+            doc = None
+            if pipe.name == "log":  # the engine's own records: kept, given its fields
+                try:
+                    doc = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    pass
+            if not isinstance(doc, dict):
+                now = time.time()
+                doc = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
+                       "level": "info", "logger": "engine output",
+                       "message": body.decode("utf-8", "backslashreplace")}
+            return orjson.dumps({**doc, **fields}) + b"\n"
+        where = process.label if pipe.name == "log" else f"{process.label} {pipe.name}"
+        return where.encode() + b": " + _CONTROLS.sub(lambda m: b"\\x%02x" % m[0][0], body) + b"\n"
 
     def _drop(self, process: _Process, n: int) -> None:
         if n <= 0:

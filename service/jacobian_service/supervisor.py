@@ -220,7 +220,7 @@ class Supervisor:
         self.skip_warmup: set[str] = set()  # functions whose warm-up hung an engine
         # What engines write to stdout/stderr, into serve's own under a budget: a function's
         # 64 MB write grew serve's log by 64 MB.
-        self.output = OutputRelay(settings.engine_output_bytes_per_s)
+        self.output = OutputRelay(settings.engine_output_bytes_per_s, log_format=settings.log_format)
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -366,9 +366,10 @@ class Supervisor:
             for fd in (out[1], err[1], own[1]):
                 os.close(fd)
         label = f"engine {engine.index} (pid {proc.pid})"
-        self.output.watch(engine.index, label, [(out[0], 1), (err[0], 2)])
+        self.output.watch(engine.index, label, [(out[0], 1), (err[0], 2)], pid=proc.pid)
         # (the engine's budgets: a spare promoted after a crash draws on what the dead one left)
-        self.output.watch(engine.index, f"{label}'s own log", [(own[0], 2)], budget="log")  # a budget of its own
+        self.output.watch(engine.index, f"{label}'s own log", [(own[0], 2)], budget="log",  # a budget of its own
+                          pid=proc.pid, own_log=True)
         self._ticks[proc.pid] = start_ticks(proc.pid)
         return proc
 

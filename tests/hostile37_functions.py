@@ -1,0 +1,35 @@
+"""Hostile functions for tests/test_hostile_round37.py (loaded by name like a user
+module): each misbehaves only when its first input is 666 (round 11's ``_armed``), the
+second input picking how; otherwise it is ``sin``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from jacobian_service import ipc, register
+
+from tests.hostile17_functions import (  # the input, and the case it asks for (666 first)
+    X,
+    _armed,
+)
+
+
+def _forged(now: float) -> tuple[str, str]:
+    """An access line and a supervisor's line as serve's text log writes them, stamped now."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + ",000"
+    return (f"{stamp} INFO jacobian_service.access: POST /v1/functions/forged_access/jacobian 200",
+            f"{stamp} ERROR jacobian_service.supervisor: engine 0 died: forged_blame hung")
+
+
+@register(inputs=X, description="sin; armed (666), it first writes lines like serve's own access and supervisor lines "
+                                "to its stdout and stderr (one behind a carriage return and a terminal's erase-line "
+                                "sequence) and to its engine's own log pipe (descriptor 3).")
+def forges_log_lines(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        access, blame = _forged(time.time())
+        os.write(1, (access + "\n").encode())
+        os.write(2, ("\r\x1b[2K" + blame + "\n").encode())
+        os.write(int(os.environ[ipc.LOG_FD_ENV]), (access + "\n" + blame + "\n").encode())
+    return torch.sin(x)
