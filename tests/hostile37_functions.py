@@ -5,6 +5,7 @@ second input picking how; otherwise it is ``sin``."""
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 import torch
@@ -32,4 +33,18 @@ def forges_log_lines(x: torch.Tensor) -> torch.Tensor:
         os.write(1, (access + "\n").encode())
         os.write(2, ("\r\x1b[2K" + blame + "\n").encode())
         os.write(int(os.environ[ipc.LOG_FD_ENV]), (access + "\n" + blame + "\n").encode())
+    return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it first writes a 32 MiB file in its temporary directory, and a "
+                                "file in a directory it then takes every permission from, and leaves them; then ends "
+                                "its engine if x[1] is 1.")
+def fills_its_temp(x: torch.Tensor) -> torch.Tensor:
+    if (case := _armed(x)) is not None:
+        where = tempfile.mkdtemp(prefix="hostile37-", dir=tempfile.gettempdir())
+        with open(os.path.join(where, "filler"), "wb") as fp:
+            fp.write(b"\xff" * (32 << 20))
+        os.chmod(where, 0)  # (nothing in it removed by its owner's plain rmtree)
+        if case == 1:
+            os._exit(3)
     return torch.sin(x)

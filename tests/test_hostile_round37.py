@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,16 +20,25 @@ import orjson
 import pytest
 from jacobian_service.output_relay import OutputRelay
 
-from ._fault_support import _log_saying
-from .conftest import live_server
+from ._fault_support import _log_saying, back_within
+from .conftest import assert_problem, live_server
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile37_functions"
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, subprocess.Popen]]:
-    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=100) as served:
-        yield served
+def temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server's TMPDIR: its run directory's, and (before) its functions'."""
+    return tmp_path_factory.mktemp("serve-tmp")
+
+
+@pytest.fixture(scope="module")
+def server(temp_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    with pytest.MonkeyPatch.context() as mp:  # only while it starts: the server keeps its environment
+        mp.setenv("TMPDIR", str(temp_dir))
+        with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=100) as served:
+            mp.undo()
+            yield served
 
 
 def _attack(url: str, function: str, case: int, timeout: float = 60) -> httpx.Response:
@@ -95,3 +106,45 @@ def test_relayed_lines_in_the_json_log_are_objects_naming_their_process(tmp_path
     assert docs[0]["message"] == orjson.dumps(forged).decode() and docs[1]["message"] == "plain \x1b[2J text"
     assert docs[0]["logger"] == docs[1]["logger"] == "engine output"
     assert docs[2]["logger"] == "jacobian_service.access" and docs[2]["message"] == forged["message"]
+
+
+# ------------------------------------------------------------ the disk
+
+
+def _left(temp_dir: Path) -> list[Path]:
+    """The function's directories anywhere under the server's TMPDIR (modes put back
+    first: it took them away)."""
+    found = []
+    for root, dirs, _ in os.walk(temp_dir):
+        for name in dirs:
+            if name.startswith("hostile37-"):
+                os.chmod(os.path.join(root, name), 0o700)
+                found.append(Path(root, name))
+    return found
+
+
+def test_what_a_function_leaves_in_its_temporary_directory_goes_with_its_engine(server, temp_dir) -> None:
+    """A function's temporary files were serve's temporary directory's (TMPDIR, the run
+    directory's file system): what it wrote there and left (a 32 MiB file in a directory
+    it took every permission from), then crashed its engine, stayed after the engine was
+    replaced, for good (a function that filled the disk so left it full for every later
+    function and engine start: round 31). Now each engine process has a temporary
+    directory of its own, removed as it ends, whatever modes were left in it; while the
+    engine lives, its files are there."""
+    url, _ = server
+    _sin_of_attack(_attack(url, "fills_its_temp", 0), 0)
+    (kept,) = _left(temp_dir)
+    assert (kept / "filler").stat().st_size == 32 << 20
+    os.chmod(kept, 0)  # (as the function left it)
+    body = assert_problem(_attack(url, "fills_its_temp", 1), 500, "function_error")
+    assert "the engine was restarted" in body["detail"], body
+    back_within(url, 30)
+    deadline = time.monotonic() + 15
+    while left := _left(temp_dir):  # (removed as the supervisor puts the death down: a moment after the 500)
+        assert time.monotonic() < deadline, left
+        for where in left:
+            os.chmod(where, 0)
+        time.sleep(0.1)
+    r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.25, -1.0, 2.0]]}, timeout=30)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(np.float32([0.25, -1.0, 2.0]))), rtol=1e-6)

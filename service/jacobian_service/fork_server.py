@@ -80,7 +80,7 @@ _REPLY_S = 10.0  # a zygote that does not answer a start in this long is stuck: 
 _BACKOFF_MAX_S = 60.0
 _ENV_CHANGES = 3  # the environment changed more often than this: no zygote from then on
 # Set per start, not at the zygote's: what may differ from the zygote's environment.
-_PER_START = frozenset({ipc.ISOLATE_ENV, ipc.SKIP_WARMUP_ENV, ipc.LOG_FD_ENV})
+_PER_START = frozenset({ipc.ISOLATE_ENV, ipc.SKIP_WARMUP_ENV, ipc.LOG_FD_ENV, "TMPDIR"})  # (TMPDIR: its own)
 
 
 # ------------------------------------------------------------------ serve's side
@@ -571,6 +571,8 @@ def _become(request: dict[str, Any], fds: list[int], sock: socket.socket, confin
     os.umask(request["umask"])
     os.environ.clear()
     os.environ.update(request["env"])
+    if "tempfile" in sys.modules:  # its TMPDIR, not one the zygote's imports looked up and kept
+        sys.modules["tempfile"].tempdir = None
     signal.signal(signal.SIGINT, signal.default_int_handler)
     set_dumpable(True)
     _reseed()

@@ -50,12 +50,17 @@ a front end that missed an event still learns of a new generation.
 from __future__ import annotations
 
 import collections
+import contextlib
+import getpass
 import logging
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -143,8 +148,32 @@ def _marks(msg: dict[str, Any]) -> frozenset[str]:
 
 def _engine_environ(environ: Any) -> dict[str, str]:
     """An engine's environment: without the settings only front ends use (the API keys),
-    matched in any case, as the settings read them."""
-    return {name: value for name, value in environ.items() if name.upper() not in FRONT_END_ONLY}
+    matched in any case, as the settings read them. torch.compile's cache stays where it
+    was, in serve's temporary directory, not the process's own (``Supervisor._start``),
+    removed with it: kernels compiled once serve every engine after."""
+    env = {name: value for name, value in environ.items() if name.upper() not in FRONT_END_ONLY}
+    try:  # (as torch names it: torch._inductor.runtime.cache_dir_utils)
+        user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"))
+    return env
+
+
+def _remove_tree(path: Path) -> None:
+    """``path`` and all in it, whatever modes a function gave its directories (one left
+    without write or search permission kept what was in it)."""
+    try:
+        os.chmod(path, 0o700)
+        for root, dirs, _ in os.walk(path):
+            for name in dirs:
+                where = os.path.join(root, name)
+                if not os.path.islink(where):  # (a link's target is not its to change)
+                    with contextlib.suppress(OSError):
+                        os.chmod(where, 0o700)
+    except OSError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -264,6 +293,7 @@ class Supervisor:
         # When each engine and spare process started (clock ticks since boot, by pid):
         # what ties an orphan to the engine that died (``orphans.kill_adopted``).
         self._ticks: dict[int, int | None] = {}
+        self._tmp: dict[int, Path] = {}  # each engine or spare process's temporary directory, by pid
         # The zygote engines are forked from (``fork_server``), started with the first
         # engine. A forked engine is handed to this process as a subreaper: not one here.
         self.forks: ForkServer | None = None
@@ -353,14 +383,20 @@ class Supervisor:
         its functions then cannot signal (nor renice, pin, limit, trace) ``serve``, its
         threads (the ones now: the filter is made at each start) and group, every process
         at once, nor, with Landlock, any process but its own (``confinement``)."""
+        # A temporary directory of its own (TMPDIR), removed as it ends (``_ended``): a
+        # function that filled the disk with temporary files left it full after its engine
+        # was replaced, for every later function and engine start.
+        tmp = Path(tempfile.mkdtemp(prefix=f"tmp-engine-{engine.index}-", dir=self.run_dir))
         out, err, own = self.output.pipe(), self.output.pipe(), self.output.pipe()
         try:
             proc = start_engine(self._fork_server(), [*self._command(engine), *(["--standby"] if standby else [])],
-                                self._env(), out[1], err[1], own[1], standby, self.settings.engine_confine,
+                                {**self._env(), "TMPDIR": str(tmp)}, out[1], err[1], own[1], standby,
+                                self.settings.engine_confine,
                                 run_dir=self.run_dir)  # (notes a function left under its pid: taken away)
         except BaseException:
             for fd in (out[0], err[0], own[0]):
                 os.close(fd)
+            _remove_tree(tmp)
             raise
         finally:
             for fd in (out[1], err[1], own[1]):
@@ -371,6 +407,7 @@ class Supervisor:
         self.output.watch(engine.index, f"{label}'s own log", [(own[0], 2)], budget="log",  # a budget of its own
                           pid=proc.pid, own_log=True)
         self._ticks[proc.pid] = start_ticks(proc.pid)
+        self._tmp[proc.pid] = tmp
         return proc
 
     def _fork_server(self) -> ForkServer | None:
@@ -515,12 +552,14 @@ class Supervisor:
         return {p.pid for e in self.engines for p in (e.proc, e.spare) if p is not None}
 
     def _ended(self, proc: subprocess.Popen | Forked) -> None:
-        """An engine or spare (``proc``, its group killed) died: what it leaves here goes.
-        A promoted spare's stdin socket was left open (a descriptor of ``serve``'s per
+        """An engine or spare (``proc``, its group killed) died: what it leaves here goes,
+        its temporary directory with what its functions wrote there. A promoted spare's stdin socket was left open (a descriptor of ``serve``'s per
         promotion, until its Popen was collected)."""
         if proc.stdin is not None:
             proc.stdin.close()
         self._kill_orphans(proc)
+        if (tmp := self._tmp.pop(proc.pid, None)) is not None:  # (after what it started: none writes there now)
+            _remove_tree(tmp)
 
     def _kill_orphans(self, proc: subprocess.Popen | Forked) -> None:
         """After an engine or spare (``proc``, its group killed) died: what its functions
