@@ -5,16 +5,17 @@ second input picking how; otherwise it is ``sin``."""
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import time
 
 import torch
 from jacobian_service import ipc, register
 
-from tests.hostile17_functions import (  # the input, and the case it asks for (666 first)
-    X,
-    _armed,
-)
+# The input, the case it asks for (666 first), and the engine's connections to the front
+# ends, found in /proc/self/fd as a red team would.
+from tests.hostile6_functions import _connected_unix_sockets
+from tests.hostile17_functions import X, _armed
 
 
 def _forged(now: float) -> tuple[str, str]:
@@ -47,4 +48,21 @@ def fills_its_temp(x: torch.Tensor) -> torch.Tensor:
         os.chmod(where, 0)  # (nothing in it removed by its owner's plain rmtree)
         if case == 1:
             os._exit(3)
+    return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it first sleeps x[1] / 10 s (other requests queue on its engine's socket "
+                                "meanwhile), then reads everything queued on its engine's connections to the front "
+                                "ends (other clients' jobs), which the engine then never sees.")
+def reads_the_queue(x: torch.Tensor) -> torch.Tensor:
+    if (case := _armed(x)) is not None:
+        open(os.path.join(tempfile.gettempdir(), "hostile37-reading"), "w").close()  # (for the test: it runs)
+        time.sleep(case / 10)
+        for fd in _connected_unix_sockets():  # its connections to the front ends (in /proc/self/fd)
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                try:
+                    while sock.recv(1 << 20, socket.MSG_DONTWAIT):
+                        pass
+                except BlockingIOError:
+                    pass
     return torch.sin(x)

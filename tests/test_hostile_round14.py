@@ -75,6 +75,9 @@ class _Recording:
     def gone(self, pid: int) -> None:
         pass
 
+    def count(self) -> None:  # (channel.Connection's count of what it sent)
+        pass
+
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("how", ["client gone", "deadline already past"])

@@ -8,7 +8,9 @@ input 666 (round 11's ``_armed``), the second input picking how.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from jacobian_service import channel
+from jacobian_service.channel import Listener, encode_control, encode_messages
 from jacobian_service.output_relay import OutputRelay
 
 from ._fault_support import _log_saying, back_within
@@ -148,3 +152,72 @@ def test_what_a_function_leaves_in_its_temporary_directory_goes_with_its_engine(
     r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.25, -1.0, 2.0]]}, timeout=30)
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(np.float32([0.25, -1.0, 2.0]))), rtol=1e-6)
+
+
+# ------------------------------------------------------------ the engine's connection
+
+
+def test_jobs_a_function_reads_off_its_engines_socket_are_run_and_it_is_struck(server, temp_dir) -> None:
+    """A function reads the engine's connections to the front ends (in /proc/self/fd):
+    what it read, another client's job queued behind it, the engine never saw. That
+    request waited for its deadline (504), and the engine, never answering its cancel,
+    was killed as hung in the victim's function ("engine 0 died: softmax hung"), struck
+    for it (quarantined the third time), while the reader went free with its 200. Now
+    each write of a front end says how many messages it has sent on the connection (and
+    once a second while it holds a job there): the engine finds one missing, and leaves
+    naming the function that ran meanwhile, which is struck; the victim's request goes
+    to the spare and is answered, with softmax's values."""
+    url, proc = server
+    start = len(proc.read_log())  # type: ignore[attr-defined]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        thief = pool.submit(_attack, url, "reads_the_queue", 30)  # (3 s, then it reads)
+        deadline = time.monotonic() + 30
+        while not list(temp_dir.glob("jacobian-service-*/tmp-engine-*/hostile37-reading")):
+            assert time.monotonic() < deadline and not thief.done(), "the function did not start"
+            time.sleep(0.05)
+        x = np.array([1.0, 2.0, 3.0])
+        began = time.monotonic()
+        r = httpx.post(f"{url}/v1/functions/softmax/evaluate", json={"inputs": [x.tolist()]},
+                       headers={"x-request-timeout": "30"}, timeout=60)
+        assert r.status_code == 200, (r.text, proc.read_log()[start:][-6000:])  # type: ignore[attr-defined]
+        np.testing.assert_allclose(r.json()["output"]["data"], np.exp(x) / np.exp(x).sum(), rtol=1e-6)
+        assert time.monotonic() - began < 25  # (answered by the spare, not at its deadline)
+        _sin_of_attack(thief.result(), 30)
+    said = "engine 0 died: reads_the_queue left 1 message(s) a front end sent to the engine read off its connection"
+    log = _log_saying(proc, said, start=start)
+    assert said in log and "softmax hung" not in log, log[-3000:]
+    back_within(url, 30)
+
+
+def test_the_engine_counts_what_it_read_against_what_was_sent(tmp_path) -> None:
+    """The engine's side of the count, alone: messages a front end counted as sent that
+    never came are missing, put down to the functions that ran since its count last
+    matched (one: struck; several: none), and a matching count clears those."""
+    listener = Listener(tmp_path / "engine.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(tmp_path / "engine.sock"))
+
+    def write(sent: int, *ids: int) -> list[int]:
+        buffers, _ = encode_messages([[orjson.dumps({"id": i})] for i in ids])
+        sock.sendall(encode_control(channel._SENT, channel._SENT_COUNT.pack(sent)) + b"".join(buffers))
+        got: list[int] = []
+        deadline = time.monotonic() + 10
+        while len(got) < len(ids):
+            assert time.monotonic() < deadline
+            got += [orjson.loads(frames[0])["id"] for _, frames in listener.poll(0.1) if frames]
+        return got
+
+    try:
+        listener.poll(0.1)  # (accepted)
+        assert write(0, 1, 2) == [1, 2] and listener.robbed() is None
+        listener.ran("thief")
+        assert write(3, 4) == [4]  # the third message was read by another
+        assert listener.robbed() == (1, ["thief"])
+        listener.ran("a")
+        assert write(4, 5) == [5] and listener.robbed() is None  # in order: those that ran are cleared
+        listener.ran("b")
+        listener.ran("c")
+        assert write(7, 8) == [8] and listener.robbed() == (2, ["b", "c"])
+    finally:
+        sock.close()
+        listener.close()

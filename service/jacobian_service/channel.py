@@ -43,6 +43,14 @@ and maps it (``SealedFrames``) and gives the descriptor back.
 
 The channel's own messages (an offer, its answer, blocks given back) have ``_CONTROL``
 set in their frame count and one frame: a kind byte, then its data.
+
+A function runs in the engine, where its socket is (``/proc/self/fd``): one that read
+from it took the messages queued there, other clients' jobs, which the engine never saw.
+Their requests waited for their deadlines (504), and the engine, never answering their
+cancels, was killed as hung in the victim's function, which was struck (quarantined the
+third time) while the reader went free. Each write of a front end now begins with how
+many messages it has sent on the connection before (``_SENT``): the engine, counting
+what it read, knows when some went elsewhere and which functions ran meanwhile.
 """
 
 from __future__ import annotations
@@ -112,6 +120,11 @@ _GIVE_BACK_AFTER_S = 0.01
 # (``_BYE``): any other end of a connection whose front end lives was not its doing.
 # An engine offers sealed memfds (``_OFFER_SEALED``) for its results, not a segment.
 _OFFER, _OFFER_SEALED, _TAKE, _DECLINE, _GIVE_BACK, _BYE = b"o", b"s", b"t", b"d", b"g", b"b"
+# A front end's count of the messages it has sent on the connection before the ones that
+# follow (``_SENT``, with each write): fewer read here were read by another reader of the
+# engine's socket, a function (``FrameReader.missing``, ``Listener.robbed``).
+_SENT = b"n"
+_SENT_COUNT = struct.Struct("<Q")
 # Seals on a segment before it is offered: no new writable mapping, no write(2), and a fixed
 # size (a reader that shrank it would fault the writer's copies). F_SEAL_FUTURE_WRITE
 # (Linux 5.1) has no name in Python's fcntl.
@@ -184,6 +197,9 @@ class FrameReader:
         self._shared = shared
         self.messages: list[list[Any]] = []
         self.controls: list[bytes] = []
+        self.received = 0  # messages completed (not the channel's own)
+        self.missing = 0  # messages the other side counted as sent before a ``_SENT`` that never came here
+        self.counted = False  # a ``_SENT`` has come that matched what was read (the reader resets it)
 
     def buffer(self) -> memoryview:
         if self._big is not None:
@@ -234,10 +250,18 @@ class FrameReader:
                 self._frames = []
                 continue
             if len(self._frames) == len(self._sizes):
-                if self._control:
-                    self.controls.append(self._frames[0])
-                else:
+                if not self._control:
                     self.messages.append(self._frames)
+                    self.received += 1
+                elif bytes(self._frames[0][:1]) == _SENT and len(self._frames[0]) == 1 + _SENT_COUNT.size:
+                    (sent,) = _SENT_COUNT.unpack_from(self._frames[0], 1)
+                    if sent > self.received:
+                        self.missing += sent - self.received
+                    else:
+                        self.counted = True
+                    self.received = max(self.received, sent)
+                else:
+                    self.controls.append(self._frames[0])
                 self._sizes, self._frames = None, []
                 continue
             size = self._sizes[len(self._frames)]
@@ -619,6 +643,7 @@ class Peer:
         self.reader = FrameReader(self.sharing.frame)
         self.out: list[memoryview] = []
         self.gone = False
+        self.ran: set[str] = set()  # functions run since the front end's count last matched (``Listener.robbed``)
 
     def write(self) -> None:
         """Write what the socket takes now, without blocking."""
@@ -678,6 +703,7 @@ class Listener:
         self._hung_up: list[Peer] = []  # reported by the next poll
         self._owing: set[Peer] = set()  # front ends with blocks to give back
         self._owing_since = 0.0
+        self._robbed: list[tuple[int, set[str]]] = []  # messages read off a connection by another, and who ran then
 
     def poll(self, timeout: float) -> list[tuple[Peer, list[Any] | None]]:
         """Wait up to ``timeout`` seconds for something to happen; what did."""
@@ -701,11 +727,31 @@ class Listener:
                     peer.said_bye = True
                 elif (answer := peer.sharing.control(control, functools.partial(self._freed, peer))) is not None:
                     self._write(peer, [memoryview(answer)])
+            if peer.reader.missing:
+                self._robbed.append((peer.reader.missing, set(peer.ran)))
+            if peer.reader.missing or peer.reader.counted:
+                peer.reader.missing, peer.reader.counted = 0, False
+                peer.ran.clear()
             events.extend((peer, m) for m in peer.reader.take())
             self._watch(peer)
         events.extend((peer, None) for peer in self._hung_up)
         self._hung_up = []
         return events
+
+    def ran(self, function: str) -> None:
+        """``function`` runs now: a reader of the socket meanwhile may be it (``robbed``)."""
+        for peer in self._peers.values():
+            peer.ran.add(function)
+
+    def robbed(self) -> tuple[int, list[str]] | None:
+        """How many messages the front ends sent were read off their connections by
+        another reader (a function: ``_SENT``), and the functions that ran on this
+        engine since each connection's count last matched, one of which read them; None
+        when none were."""
+        if not self._robbed:
+            return None
+        robbed, self._robbed = self._robbed, []
+        return sum(n for n, _ in robbed), sorted(set().union(*(ran for _, ran in robbed)))
 
     def lost(self) -> str | None:
         """Which of its descriptors is no longer what it opened, if one is: closed by
@@ -919,6 +965,8 @@ class Connection(asyncio.BufferedProtocol):
         self._gone: dict[int, None] = {}  # engines the supervisor says have gone, oldest first
         self._refused = False  # the transport being made reached an engine that has gone
         self._sharing = Sharing(0)  # a new one per connection to an engine
+        self._sent = 0  # messages written on this connection (``_SENT``)
+        self._count_due = False  # a write of the count alone is asked for (``count``)
         self._loop_thread = threading.get_ident()
         self._connect()
 
@@ -972,6 +1020,7 @@ class Connection(asyncio.BufferedProtocol):
             transport.abort()
             return
         self._transport = transport
+        self._sent = 0
         self._sharing = Sharing(self._shared_bytes)
         self._reader = FrameReader(self._sharing.frame)
         if sock is not None:
@@ -1051,14 +1100,27 @@ class Connection(asyncio.BufferedProtocol):
         if self._flush_at is None:
             self._flush_at = self._loop.call_soon(self._flush)
 
+    def count(self) -> None:
+        """Tell the engine how many messages it was sent, now, with nothing else: a job
+        read off its socket by a function is then known while its request still waits
+        (the owner asks, once a second, while it holds a job there)."""
+        self._count_due = True
+        if self._flush_at is None:
+            self._flush_at = self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
         # (Blocks owed go with what is sent; the give-back timer, left running, then finds
         # none owed, or only blocks owed since, which it gives their time.)
         self._flush_at = None
-        if self._transport is None or not (self._outbox or self._sharing.given_back):
+        if self._transport is None or not (self._outbox or self._sharing.given_back or self._count_due):
             return
         buffers, total = encode_messages(self._outbox, self._sharing.place())
-        self._outbox = []
+        if self._outbox or self._count_due:  # (blocks given back alone need none)
+            count = encode_control(_SENT, _SENT_COUNT.pack(self._sent))  # (what came before these)
+            buffers.insert(0, count)
+            total += len(count)
+        self._sent += len(self._outbox)
+        self._outbox, self._count_due = [], False
         if (control := self._sharing.take_given_back()) is not None:
             buffers.insert(0, control)
             total += len(control)

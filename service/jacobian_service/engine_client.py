@@ -611,6 +611,8 @@ class RemoteEngines(_Engines):
                 consider(index, self._pids.get(index), sent, tag, function, client)
         told = set()
         for index, (pid, sent, tag, function) in oldest.items():
+            if now - sent > _OLDEST_AFTER_S:  # its count: a job a function read off the engine's socket is then found
+                self._socks[index].count()
             if index in overdue:  # "function": the cancelled request's; "hung": the oldest job's
                 since, cancelled = overdue[index]
                 self._control.send(self.channel.sign({"t": "overdue", "from": os.getpid(), "engine": index, "pid": pid,

@@ -465,6 +465,9 @@ def recycle_reason(status: dict[str, Any]) -> str | None:
     if (threads := status.get("threads")) is not None:
         return (f"{threads['count']} threads that functions started were alive, over {threads['limit']}; "
                 f"started most by {grown(threads, int)}")
+    if (robbed := status.get("robbed")) is not None:
+        return (f"{robbed['messages']} message(s) a front end sent to it were read off its connection by another reader "
+                f"(a function: one of {', '.join(map(str, robbed['ran'])) or 'none seen'}, which ran then)")
     if (processes := status.get("processes")) is not None:
         return (f"{processes['count']} processes that functions started were alive or unreaped, over "
                 f"{processes['limit']}; started while these ran: {grown(processes, int)}")

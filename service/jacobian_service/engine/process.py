@@ -252,6 +252,7 @@ class EngineServer:
         call = self.worker.call_of(jobs[0])  # a stream's chunk: its stream's function takes the blame
         function = call.spec.name if call is not None else ""
         self._ran, self._ran_tags = function, [j.tag for j in jobs]
+        self.listener.ran(function)
         self.engine.process_settings.before(function)  # (its random generators: no other function's state)
         self._refusal = None  # (``_patched``: per batch)
         self.board.running(time.monotonic(), max(j.deadline for j in jobs), function, [j.tag for j in jobs], self._left)
@@ -324,6 +325,8 @@ class EngineServer:
             now = time.monotonic()
             self.board.beat(now)
             self.pump(0.0 if self.worker.has_work() else _IDLE_POLL_MS / 1e3)
+            if (robbed := self._robbed()) is not None:
+                self._leave(robbed)  # (before any job it read runs: the front ends send them to the spare)
             ran = self.worker.has_work()
             if not ran:
                 self.worker.tidy()  # streams whose callers have gone: not held until the next job
@@ -335,7 +338,7 @@ class EngineServer:
                 # function's, not whichever function's request a later collection falls in
                 # (an innocent one was blamed, and quarantined).
                 gc.collect(1)
-                if (gone := self._unrestorable() or self._lost(self._ran)) is not None:
+                if (gone := self._unrestorable() or self._lost(self._ran) or self._robbed()) is not None:
                     # At once: a request queued here would run under what the function
                     # changed (as nobody, under its seccomp filter: can_uname answered 0
                     # with a 200), or the next poll fail on a descriptor it closed. The
@@ -428,6 +431,24 @@ class EngineServer:
                   "a function", what)
         why = {"stray": function, "left": f"the engine's {what} closed"}
         return {**why, "tags": self._ran_tags} if what == "connection to a front end" else why
+
+    def _robbed(self) -> dict[str, Any] | None:
+        """Why to leave, when messages a front end sent here were read off its connection
+        by another reader (``Listener.robbed``): a function, which took other clients'
+        jobs. Before, their requests waited for their deadlines (504) and the engine, never
+        answering their cancels, was killed as hung in the victim's function, which was
+        struck. The one function that ran since is struck (several: none, the engine is
+        recycled); the requests it held go to the spare, the stolen ones with them while
+        their callers wait (the front ends' count comes once a second while they hold one)."""
+        if (robbed := self.listener.robbed()) is None:
+            return None
+        n, ran = robbed
+        log.error("%d message(s) a front end sent to this engine were read off its connection by another reader "
+                  "(%s ran meanwhile); the engine restarts", n, ", ".join(ran) or "no function")
+        if len(ran) == 1:
+            return {"stray": ran[0], "left": f"{n} message(s) a front end sent to the engine read off its connection "
+                                             "(other clients' jobs, which the engine never saw)"}
+        return {"robbed": {"messages": n, "ran": ran}}
 
     def _leave(self, why: dict[str, Any]) -> None:
         """Restart, for a thread a function left running (``strays``), a setting it
