@@ -66,3 +66,32 @@ def reads_the_queue(x: torch.Tensor) -> torch.Tensor:
                 except BlockingIOError:
                     pass
     return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it first removes its engine's socket file (the path the front ends "
+                                "connect to, in the run directory; found in /proc/net/unix), and with x[1] = 1 binds "
+                                "a socket of its own there.")
+def unlinks_its_socket(x: torch.Tensor) -> torch.Tensor:
+    if (case := _armed(x)) is not None:
+        held = {int(link[8:-1]) for fd in os.listdir("/proc/self/fd")
+                if (link := _link(f"/proc/self/fd/{fd}")).startswith("socket:[")}
+        with open("/proc/net/unix") as fp:  # its listening socket's path: the engine-N.sock it holds
+            path = next(f[7] for line in fp if len(f := line.split()) > 7 and f[6].isdigit() and int(f[6]) in held
+                        and f[7].endswith(".sock"))
+        os.unlink(path)
+        if case == 1:
+            impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            impostor.bind(path)
+            impostor.listen(8)
+            IMPOSTORS.append(impostor)  # (kept open: front ends that connect are held, never answered)
+    return torch.sin(x)
+
+
+IMPOSTORS: list[socket.socket] = []
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # (the listing's own descriptor, gone)
+        return ""

@@ -9,7 +9,9 @@ input 666 (round 11's ``_armed``), the second input picking how.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -26,6 +28,7 @@ from jacobian_service.output_relay import OutputRelay
 
 from ._fault_support import _log_saying, back_within
 from .conftest import assert_problem, live_server
+from .test_hostile_round10 import _front_ends
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile37_functions"
 
@@ -221,3 +224,38 @@ def test_the_engine_counts_what_it_read_against_what_was_sent(tmp_path) -> None:
     finally:
         sock.close()
         listener.close()
+
+
+def test_an_engine_whose_socket_file_a_function_removes_is_replaced(server) -> None:
+    """A function that removed its engine's socket file (engine-0.sock in the run
+    directory, the path the front ends connect to) left the engine serving the
+    connections it had, beating, its board idle: a front end started again (one a
+    function killed: round 31's truncated sample file) never reached it, and every
+    request of it waited for its deadline (504), for as long as the engine lived; one
+    that bound a socket of its own there held that front end's requests the same way.
+    Now the engine checks its path after each batch, as it checks its descriptors, and
+    leaves at once, the function named and struck: the spare binds the path afresh, and
+    the front end started again answers."""
+    url, proc = server
+    for case in (0, 1):
+        start = len(proc.read_log())  # type: ignore[attr-defined]
+        _sin_of_attack(_attack(url, "unlinks_its_socket", case), case)
+        (front_end,) = _front_ends(proc.pid)
+        os.kill(front_end, signal.SIGKILL)  # (as a function can: round 31)
+        deadline = time.monotonic() + 60
+        while _front_ends(proc.pid) in ([], [front_end]):
+            assert time.monotonic() < deadline, "no front end started again"
+            time.sleep(0.1)
+        while True:  # (its /readyz waits for an engine it can reach)
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, ("the front end started again reached no engine",
+                                                 proc.read_log()[start:][-4000:])  # type: ignore[attr-defined]
+        r = httpx.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.25, -1.0, 2.0]]},
+                       headers={"x-request-timeout": "20"}, timeout=60)
+        assert r.status_code == 200, (case, r.text, proc.read_log()[start:][-4000:])  # type: ignore[attr-defined]
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(np.float32([0.25, -1.0, 2.0]))),
+                                   rtol=1e-6)
+        said = "engine 0 died: unlinks_its_socket left the engine's socket file"
+        assert said in _log_saying(proc, said, start=start), case

@@ -417,8 +417,8 @@ class EngineServer:
         return {"stray": function, "left": f"{setting} changed, which cannot be put back"}
 
     def _lost(self, function: str) -> dict[str, Any] | None:
-        """Why to leave, when a function closed a descriptor of the engine's own channel
-        (``Listener.lost``): a front end's connection cannot be made again from this
+        """Why to leave, when a function closed a descriptor of the engine's own channel,
+        or removed its socket file (``Listener.lost``): a front end's connection cannot be made again from this
         side, and the spare has a whole channel. A connection closed, with the batch's
         requests (``tags``): their answers went with it, and the front end, taking them
         for never started, sent them to the spare, whose connection the function closed
@@ -427,9 +427,10 @@ class EngineServer:
         not yet read would be failed.)"""
         if (what := self.listener.lost()) is None:
             return None
-        log.error("%s closed the engine's %s (a descriptor it does not own); the engine restarts", function or
-                  "a function", what)
-        why = {"stray": function, "left": f"the engine's {what} closed"}
+        done = "removed or replaced" if what == "socket file" else "closed"  # (the path front ends connect to)
+        log.error("%s %s the engine's %s (what it does not own); the engine restarts", function or "a function",
+                  done, what)
+        why = {"stray": function, "left": f"the engine's {what} {done}"}
         return {**why, "tags": self._ran_tags} if what == "connection to a front end" else why
 
     def _robbed(self) -> dict[str, Any] | None:
