@@ -260,14 +260,39 @@ def _is_vector_node(obj: Any) -> bool:
     return False
 
 
-def _vector_tree(obj: Any, limits: wire.Limits, path: str) -> Any:
+class _Room:
+    """The arrays a JSON body's cotangents or tangents may still hold. An ``.npz``
+    carries at most ``MAX_NPZ_MEMBERS`` arrays; the same vectors as JSON were taken
+    whatever their number, and each leaf costs the front end's event loop its decode,
+    its frame to the engine and the engine its own (~50 us together): 50,000 ragged
+    one-number leaves in a 250 KB vjp body held every other client, /healthz included,
+    for 4 s. As many as the function has input arrays are always taken (tangents are
+    shaped like them)."""
+
+    __slots__ = ("left", "most")
+
+    def __init__(self, most: int) -> None:
+        self.most = self.left = most
+
+    def take(self, key: str) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise PayloadTooLarge(f"{key} hold more than {self.most} arrays (an empty object counts as one); the limit "
+                                  f"is {self.most} (MAX_NPZ_MEMBERS, as for an .npz's members)")
+
+
+def _vector_tree(obj: Any, limits: wire.Limits, path: str, room: _Room) -> Any:
     """Cotangents/tangents: one array, or lists (tuples) and dicts of them, nested as the
     responses nest trees. A leaf that cannot be read is an error naming its path
-    (``cotangents.a[0]``), as an input leaf's is."""
+    (``cotangents.a[0]``), as an input leaf's is. Past ``room``'s arrays, a 413 before
+    any more is read."""
     if isinstance(obj, dict) and _is_vector_node(obj):
-        return {k: _vector_tree(v, limits, f"{path}.{k}") for k, v in obj.items()}
+        if not obj:  # (no array, but a node sent on to the engine all the same: 20,000 `{}` cost as arrays do)
+            room.take(path.partition(".")[0].partition("[")[0])
+        return {k: _vector_tree(v, limits, f"{path}.{k}", room) for k, v in obj.items()}
     if _is_vector_node(obj):
-        return [_vector_tree(v, limits, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return [_vector_tree(v, limits, f"{path}[{i}]", room) for i, v in enumerate(obj)]
+    room.take(path.partition(".")[0].partition("[")[0])
     try:
         arr, sent = wire.decode_json_array(obj, None, limits)
     except wire.WireError as exc:
@@ -454,9 +479,11 @@ def parse_call(
             if vector_key:
                 if vector_key not in doc:
                     raise InvalidInput(f"{kind} needs '{vector_key}'")
-                vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), limits, vector_key))
+                room = _Room(max(limits.max_members, len(spec.leaf_inputs)))
+                vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), limits, vector_key, room))
             if extra_key and extra_key in doc:
-                extra = _engine_vectors(_vector_tree(doc.pop(extra_key), limits, extra_key))
+                extra = _engine_vectors(_vector_tree(doc.pop(extra_key), limits, extra_key,
+                                                     _Room(max(limits.max_members, len(spec.leaf_inputs)))))
             both = sorted(set(doc) & set(raw_options))
             if both:  # which one was meant? (the body's won, silently)
                 raise InvalidInput(f"options {both} are given in both the query string and the body; give each once")
