@@ -58,6 +58,14 @@ log = logging.getLogger("jacobian_service")
 
 # Bodies and results above this are parsed / encoded on a thread, not on the event loop.
 _OFFLOAD_BYTES = 256 << 10
+# ... and JSON bodies of more items or containers than these, whatever their size: a
+# JSON body's parse costs by what it holds, not by its bytes. A number is cheap (read in
+# C), but each list or object is a Python object made, walked (wire.check_depth) and
+# judged, and a bare NaN is rewritten by a Python call: 80,000 `{}` or 25,000 ragged
+# `[1],[1,2]` in 250 KB, parsed on the loop, held every other client's request (and
+# /healthz) for 0.4-0.7 s per body on a loaded host.
+_INLINE_JSON_ITEMS = 4096
+_INLINE_JSON_CONTAINERS = 256
 # Rows of a streamed JSON Jacobian encoded at once (their text is ~3x this).
 _JSON_BLOCK_BYTES = 1 << 20
 DERIVATIVE_KINDS = frozenset(wire.RESULT_KEY)
@@ -356,10 +364,12 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     limits = s.wire_limits
     async with reader as body:
         # A small deflated .npz can expand to a lot: decide by what decoding will take.
-        call: Call = await _offload(
-            reader.expand(body, content_type, inputs, limits), parse_call, spec, kind, content_type, body, _query(request),
-            limits
-        )
+        size = reader.expand(body, content_type, inputs, limits)
+        if content_type == wire.JSON and size <= _OFFLOAD_BYTES and (
+                body.count(b",") > _INLINE_JSON_ITEMS
+                or body.count(b"[") + body.count(b"{") > _INLINE_JSON_CONTAINERS):
+            size = _OFFLOAD_BYTES + 1  # (bytes.count: memory speed, nothing next to the parse)
+        call: Call = await _offload(size, parse_call, spec, kind, content_type, body, _query(request), limits)
     del body  # parsed: the arrays are the call's now
     # ... and held until the request ends (queued, computing), as much memory as the body
     # was (or more, cast to float): charged in its place, or requests waiting in the
