@@ -263,16 +263,21 @@ def agrees_with_reverse(g: Callable[..., Any], primals: tuple[Any, ...], jac: An
 
 
 def reverse_misses(v: list[torch.Tensor], blocks: list[torch.Tensor], rev: list[torch.Tensor], eps: float,
-                   batch: int) -> torch.Tensor:
+                   batch: int, measured: torch.Tensor | None = None) -> torch.Tensor:
     """For each of ``batch`` examples (the first dimension of every tensor): whether
     ``v^T J`` of its Jacobian (``blocks``, output leaf by parameter leaf, as a pytree of
     Jacobians flattens) misses its VJP ``rev`` of the cotangents ``v`` (positive, so
-    that ``v^T |J|`` bounds round-off) beyond round-off of ``eps`` (the output dtype's).
+    that ``v^T |J|`` bounds round-off) beyond round-off of ``eps`` (the output dtype's),
+    or, per example, ``measured`` (a relative tolerance from the function's own
+    round-off at that example, where larger: large terms that cancel inside it).
     NaN against NaN and an infinity against the same agree; NaN against a number does
     not. Read in float64 on the CPU, a block at a time. (agrees_with_reverse's one
     example, batched.py's examples of a per-example Jacobian.)"""
     n = len(rev)
     off = torch.zeros(batch, dtype=torch.bool)
+    rel = torch.full((batch, 1), min(256 * eps, 1e-2), dtype=torch.float64)
+    if measured is not None:
+        rel = torch.maximum(rel, measured.detach().to("cpu", torch.float64).reshape(batch, 1))
     sizes = [math.prod(r.shape[1:]) for r in rev]
     v64 = [x.detach().to("cpu", torch.float64).reshape(batch, 1, math.prod(x.shape[1:])) for x in v]
     for j, r in enumerate(rev):
@@ -282,7 +287,7 @@ def reverse_misses(v: list[torch.Tensor], blocks: list[torch.Tensor], rev: list[
             b = blocks[i * n + j].detach().to("cpu", torch.float64).reshape(batch, vi.shape[2], sizes[j])
             mine += torch.bmm(vi, b).squeeze(1)
             scale += torch.bmm(vi, b.abs()).squeeze(1)
-        same = (mine - want).abs() <= min(256 * eps, 1e-2) * (scale + mine.abs()) + torch.finfo(torch.float64).tiny
+        same = (mine - want).abs() <= rel * (scale + mine.abs()) + torch.finfo(torch.float64).tiny
         if bool(same.all()):  # (the common case: no NaN or infinity to look at)
             continue
         same |= torch.isnan(mine) & torch.isnan(want)

@@ -39,8 +39,8 @@ import torch
 from .coloring import Coloring
 from .patterns import Pattern
 
-__all__ = ["covered", "differs_from_reverse", "disagrees", "disagrees_batch", "noise_seeds", "random_row", "round_off",
-           "strays", "within_noise"]
+__all__ = ["covered", "differs_from_reverse", "disagrees", "disagrees_batch", "noise_seeds", "noise_tolerance",
+           "random_row", "round_off", "strays", "within_noise"]
 
 #: Differences below this many ulps of the largest magnitude are round-off.
 _ULPS = 16
@@ -147,6 +147,13 @@ def within_noise(off: float, noise: float, dtype: torch.dtype) -> bool:
     function's own round-off ``noise`` (:func:`round_off`): within :data:`_NOISE_TIMES`
     of it, and it no more than :func:`_noise_cap`."""
     return noise <= _noise_cap(dtype) and off <= _NOISE_TIMES * noise
+
+
+def noise_tolerance(noise: float, dtype: torch.dtype) -> float:
+    """The largest relative difference :func:`within_noise` takes for round-off at this
+    ``noise`` (0 where it is past :func:`_noise_cap`): for checks that bound a difference
+    by a tolerance rather than ask (engine/batched.py's per-example checks)."""
+    return _NOISE_TIMES * noise if noise <= _noise_cap(dtype) else 0.0
 
 
 def _random_seed(
