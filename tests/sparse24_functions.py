@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from jacobian_service import Input, register
+from jacobian_service.sparsity import banded
 
 # ------------------------------------------------------------------ per-example round-off
 
@@ -22,3 +23,34 @@ def energy_cancels24(x: torch.Tensor) -> torch.Tensor:
     y = (x * 1e4 + x) - x * 1e4
     return (y * y * x.roll(1)).sum()
 
+
+# ------------------------------------------------------------------ NaN entries the pattern misses
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="A tridiagonal step whose first output also reads where(x[-1] > 0, sqrt(x[-1]), 0) (a "
+                      "periodic wrap the declared band forgot): its derivative NaN where x[-1] < 0 (torch's "
+                      "where passes 0 * inf).",
+          sparsity={"band": banded(1, 1)})
+def wrap_where24(x: torch.Tensor) -> torch.Tensor:
+    y = x + 0.1 * (torch.nn.functional.pad(x[1:], (0, 1)) + torch.nn.functional.pad(x[:-1], (1, 0)))
+    last = x[-1]
+    return torch.cat([(y[0] + torch.where(last > 0, torch.sqrt(last), 0.0)).reshape(1), y[1:]])
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="The same step, its first output reading sqrt(x[-1]) itself: where x[-1] < 0 that output "
+                      "and its derivative are NaN.",
+          sparsity={"band": banded(1, 1)})
+def wrap_sqrt24(x: torch.Tensor) -> torch.Tensor:
+    y = x + 0.1 * (torch.nn.functional.pad(x[1:], (0, 1)) + torch.nn.functional.pad(x[:-1], (1, 0)))
+    return torch.cat([(y[0] + torch.sqrt(x[-1])).reshape(1), y[1:]])
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="x^2, its first output also reading sqrt(x[1]), declared diagonal: one VJP colours every "
+                      "row, so the missing entry's column is covered by (1, 1).",
+          sparsity={"diag": banded(0, 0)})
+def diag_sqrt24(x: torch.Tensor) -> torch.Tensor:
+    y = x**2
+    return torch.cat([(y[0] + torch.sqrt(x[1])).reshape(1), y[1:]])

@@ -7,7 +7,12 @@ A scientist's structured Jacobians, each answer against torch.func in this proce
   that VJP 1e4 |v| ulps past right vmapped rows, and every such request was computed
   again example by example (8 x 400: 0.4-0.8 s where the vmapped rows take 0.05 s). The
   function's own round-off is measured now, as the sparse checks measure it (batched
-  Hessians too: they left their vmapped strategy for torch's own, example by example).
+  Hessians too: they left their vmapped strategy for torch's own, example by example);
+- a NaN entry the pattern misses (``sqrt`` of a negative): a declared band that forgot
+  ``y[0]``'s ``sqrt(x[-1])`` answered a 200 without it at ``x[-1] < 0`` (refused at
+  every other point). Forward mode spreads no NaN over rows as a VJP's zero seeds do, so
+  the JVP that checks a matrix holding NaN counts a NaN row as it counts an infinite one;
+  a batch of such points (requests that arrive together) was not checked at all.
 
 One in-process app serves every case (no new server process).
 """
@@ -18,6 +23,7 @@ import logging
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from tests import sparse24_functions as s24
@@ -85,3 +91,70 @@ def test_per_example_hessians_through_cancelling_float32_terms_stay_vmapped(clie
         assert meta["mode"] == "jacrev_grad", meta
         np.testing.assert_allclose(got, fn(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
 
+
+# ------------------------------------------------------------------ NaN entries the pattern misses
+
+
+def _csr(r):
+    """A 200's CSR matrix (NaN spelled as JSON cannot) and meta."""
+    assert r.status_code == 200, r.text
+    j = r.json()["jacobian"]
+    data = np.array([float(v) for v in j["data"]], dtype=np.float64)
+    return sp.csr_array((data, j["indices"], j["indptr"]), shape=j["shape"]), r.json()["meta"]
+
+
+@pytest.mark.parametrize("name,declared,x", [
+    ("wrap_sqrt24", "band", [0.3, 0.5, 0.7, 0.2, 0.9, -0.25]),
+    ("diag_sqrt24", "diag", [0.3, -0.5, 0.7, 0.2]),  # (its NaN column is covered by (1, 1))
+])
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+def test_a_declared_pattern_missing_a_nan_entry_is_refused(client, name, declared, x, mode):
+    """``y[0]`` also reads ``sqrt`` of an input the declared pattern leaves out, negative
+    here: that entry is NaN (jacrev: NaN in its whole column, spread by zero seeds). The
+    answer was a 200 without it; now a 422, as at any positive value. sparsity=auto has
+    the entry, NaN, and jacrev's values at every other entry of the pattern."""
+    r = client.post(f"/v1/functions/{name}/jacobian", json={"inputs": [x], "sparsity": declared, "mode": mode})
+    body = _problem(r, 422, "invalid_input")
+    assert f"'{declared}'" in body["detail"] and "misses nonzeros" in body["detail"], body
+    got, meta = _csr(client.post(f"/v1/functions/{name}/jacobian", json={"inputs": [x], "sparsity": "auto"}))
+    want = torch.func.jacrev(getattr(s24, name))(torch.tensor(x, dtype=torch.float64)).numpy()
+    j = len(x) - 1 if name == "wrap_sqrt24" else 1
+    assert meta["source"] == "detected" and np.isnan(got[0, j]), (meta, got.toarray())
+    dense = got.toarray()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(dense[finite], want[finite], rtol=1e-12, atol=1e-12)
+
+
+def test_a_nan_spread_by_where_keeps_the_declared_band(client):
+    """``where(x[-1] > 0, sqrt(x[-1]), 0)``, the band forgetting it: at x[-1] < 0 its
+    derivative is 0 (the untaken branch), and jacrev's NaN column is only 0 * NaN spread
+    by its backward pass. Forward mode says 0, so the band is not refused there (a 200,
+    jacrev's finite values, its NaN at the band's own entries of that column); at
+    x[-1] > 0, where the entry is real, it is (422)."""
+    x = [0.3, 0.5, 0.7, 0.2, 0.9, -0.25]
+    got, meta = _csr(client.post("/v1/functions/wrap_where24/jacobian", json={"inputs": [x], "sparsity": "band"}))
+    want = torch.func.jacrev(s24.wrap_where24)(torch.tensor(x, dtype=torch.float64)).numpy()
+    assert meta["source"] == "declared" and got.nnz == 16 and got[0, 5] == 0, got.toarray()
+    dense = got.toarray()
+    assert np.isnan(dense[4:, 5]).all()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(dense[finite], want[finite], rtol=1e-12, atol=1e-12)
+    r = client.post("/v1/functions/wrap_where24/jacobian", json={"inputs": [[*x[:-1], 0.25]], "sparsity": "band"})
+    _problem(r, 422, "invalid_input")
+
+
+def test_a_batch_of_points_missing_a_nan_entry_is_checked_point_by_point():
+    """Requests that arrive together run as one batch of points (sparsity.compute's
+    sparse_batch), which skipped the check from the other side: two points at x[-1] < 0
+    answered the declared band without its NaN entry. Now a batch whose matrices are not
+    finite is computed point by point (ProvenWrong: the engine's answer to it), where
+    each point is checked and refused (the test above); a finite batch still answers at
+    once (test_sparse_round23's batch)."""
+    from jacobian_service.sparsity import PatternCache, banded
+    from jacobian_service.sparsity.compute import ProvenWrong, resolve, sparse_batch
+
+    fn = s24.wrap_sqrt24
+    points = torch.tensor([[0.3, 0.5, 0.7, 0.2, 0.9, -0.25], [0.4, 0.5, 0.1, 0.2, 0.9, -0.5]], dtype=torch.float64)
+    p, coloring, _ = resolve(fn, [points[0]], pattern=banded(1, 1), cache=PatternCache())
+    with pytest.raises(ProvenWrong, match="not finite"):
+        sparse_batch(fn, [points], (0,), p, coloring, 6)

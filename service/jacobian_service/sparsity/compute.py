@@ -1003,8 +1003,8 @@ class _NotFinite(_ForwardFailed):
 def _infinity_missed(forward: Callable[[list[torch.Tensor]], torch.Tensor], primals: Sequence[torch.Tensor],
                      rows: tuple[int, int] | None) -> Callable[[Any], bool]:
     """A check of reverse products' ``matrix`` from the other side, for a matrix holding
-    a NaN or an infinity: one JVP with a random positive tangent, infinite in a row where
-    the matrix's product is finite, shows an infinite entry the pattern misses. The
+    a NaN or an infinity: one JVP with a random positive tangent, infinite or NaN in a row
+    where the matrix's product is finite, shows such an entry the pattern misses. The
     checks by columns cannot: a colour's VJP sums its rows, so a missing infinity lands
     on the entry of its column's other row of that colour, and the column holds one
     either way (a declared diagonal missing y[0]'s sqrt(x[1]) read inf at (1, 1), a 200,
@@ -1019,7 +1019,12 @@ def _infinity_missed(forward: Callable[[list[torch.Tensor]], torch.Tensor], prim
             return False
         with np.errstate(invalid="ignore", over="ignore"):
             want = matrix.astype(np.float64) @ rv
-        lost = np.isinf(got) & np.isfinite(want)  # (NaN is no sign: 0 * inf inside the function)
+        # Not finite where the matrix's row is: an entry the pattern misses, infinite or NaN
+        # (sqrt of a negative). Forward mode spreads no NaN over rows as a VJP's zero seeds
+        # do (where(x > 0, sqrt(x), 0) selects its taken branch's tangent: finite), so a
+        # NaN here is that row's own; counting infinities only, a declared band missing
+        # y[0]'s sqrt(x[-1]) answered a 200 without it at x[-1] < 0.
+        lost = ~np.isfinite(got) & np.isfinite(want)
         return bool((lost[rows[0] : rows[1]] if rows is not None else lost).any())
 
     return missed
@@ -1295,7 +1300,7 @@ def _proven_wrong(
                      p.name, p.source, off, max(noise))
             return False
     why = (f"{stray} product value(s) fall where the pattern has no entry of that colour" if stray
-           else "a product with a random tangent is infinite in a row where the matrix's is finite" if lost
+           else "a product with a random tangent is infinite or NaN in a row where the matrix's is finite" if lost
            else f"a product with a random seed differs from the matrix by {off:.3g} relative")
     if p.source == "declared":
         raise PatternMismatch(
@@ -1376,6 +1381,12 @@ def sparse_batch(
     values = plan.values(p, block)
     full = [_to_csr(p, values[i]) for i in range(batch)]
     _proven_wrong(p, coloring, [plan], [block], full, rows, run)  # raises for any point proven wrong
+    if coloring.mode == "rev" and not all(np.isfinite(m.data).all() for m in full):
+        # a NaN or an infinity in VJPs' matrix may be a missing entry's that a colour put
+        # on another row (_infinity_missed): each point alone, where one JVP checks it. A
+        # batch went unchecked: a declared band missing sqrt(x[-1]) answered two requests
+        # at x[-1] < 0 that arrived together with a 200 each, without the entry.
+        raise ProvenWrong("a matrix from VJPs is not finite: each point alone, checked by one JVP")
     return [_rows_of(m, rows) for m in full], chunk
 
 
