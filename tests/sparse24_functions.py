@@ -54,3 +54,22 @@ def wrap_sqrt24(x: torch.Tensor) -> torch.Tensor:
 def diag_sqrt24(x: torch.Tensor) -> torch.Tensor:
     y = x**2
     return torch.cat([(y[0] + torch.sqrt(x[1])).reshape(1), y[1:]])
+
+
+# ------------------------------------------------------------------ a force from autograd inside the function
+
+
+def _chain_energy(x: torch.Tensor) -> torch.Tensor:
+    d = x[1:] - x[:-1]
+    return (d**4 / 4 + torch.cos(x)[1:] * d**2).sum() + (x**2).sum()
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="A chain's force, -dE/dx by torch.autograd.grad(create_graph=True) inside the function "
+                      "(as molecular dynamics codes write it): its Jacobian, the negative Hessian, tridiagonal.")
+def chain_force24(x: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        x = x if x.requires_grad else x.detach().requires_grad_()
+        (force,) = torch.autograd.grad(-_chain_energy(x), x, create_graph=True)
+    return force
+

@@ -12,7 +12,12 @@ A scientist's structured Jacobians, each answer against torch.func in this proce
   ``y[0]``'s ``sqrt(x[-1])`` answered a 200 without it at ``x[-1] < 0`` (refused at
   every other point). Forward mode spreads no NaN over rows as a VJP's zero seeds do, so
   the JVP that checks a matrix holding NaN counts a NaN row as it counts an infinite one;
-  a batch of such points (requests that arrive together) was not checked at all.
+  a batch of such points (requests that arrive together) was not checked at all;
+- a force computed with ``torch.autograd.grad(create_graph=True)`` inside the function
+  could not be traced (autograd recorded no graph over the tracer's tensors: "element 0
+  of tensors does not require grad"), so its pattern was probed numerically (dense
+  derivatives at random points; entries that vanish there are missed). The tracer now
+  records a graph for such a function, and follows its backward as aten ops.
 
 One in-process app serves every case (no new server process).
 """
@@ -158,3 +163,24 @@ def test_a_batch_of_points_missing_a_nan_entry_is_checked_point_by_point():
     p, coloring, _ = resolve(fn, [points[0]], pattern=banded(1, 1), cache=PatternCache())
     with pytest.raises(ProvenWrong, match="not finite"):
         sparse_batch(fn, [points], (0,), p, coloring, 6)
+
+
+# ------------------------------------------------------------------ a force from autograd inside the function
+
+
+@pytest.mark.parametrize("n", [8, 300])
+def test_a_force_from_autograd_grad_inside_the_function_is_traced(client, n):
+    """A chain's force, ``-dE/dx`` by ``torch.autograd.grad(create_graph=True)`` inside
+    the function: tracing failed ("element 0 of tensors does not require grad") and the
+    pattern was probed (meta.source ``probed``, not exact, the failure in its notes).
+    Now it is traced: ``detected``, exact, tridiagonal (3 products), with no note, and
+    the matrix is jacrev's (the negative Hessian of E) to round-off."""
+    x = np.linspace(0.1, 2, n)
+    got, meta = _csr(client.post("/v1/functions/chain_force24/jacobian", json={"inputs": [x.tolist()], "sparsity": "auto"}))
+    want = torch.func.jacrev(s24.chain_force24)(torch.from_numpy(x)).numpy()
+    assert meta["source"] == "detected" and meta["exact"] and meta["notes"] == [], meta
+    assert meta["products"] == 3 and got.nnz == 3 * n - 2, meta
+    np.testing.assert_allclose(got.toarray(), want, rtol=1e-12, atol=1e-12)
+    hess = torch.func.hessian(s24._chain_energy)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got.toarray(), -hess, rtol=1e-12, atol=1e-12)
+

@@ -2471,8 +2471,17 @@ def _alive(tracer: "_Tracer") -> None:
 
 def _trace(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], hessian: bool,
-    check_alive: Callable[[], None] | None = None,
+    check_alive: Callable[[], None] | None = None, record: bool = False,
 ) -> tuple[list[Any], _Tracer]:
+    """``fn`` on traced tensors. ``record``: the differentiated inputs require grad as
+    autograd sees them, so that it records a graph over the traced tensors: a function
+    that takes ``torch.autograd.grad`` inside itself (a force, ``-dE/dx`` with
+    ``create_graph=True``, as molecular dynamics codes write it) needs one, and its
+    backward then runs as aten ops the tracer follows. Without it, autograd refused
+    ("element 0 of tensors does not require grad") and every such force was probed
+    (dense derivatives at random points). Only on that refusal: recording costs a graph,
+    and autograd refuses an in-place write into a leaf that requires grad, which jacrev's
+    inputs take."""
     sizes = [args[i].numel() for i in argnums]
     check_input_entries(sum(sizes))
     tracer = _Tracer(sum(sizes), hessian, check_alive)
@@ -2486,6 +2495,8 @@ def _trace(
         t = args[i].detach().clone()  # the function may write into it: never into the caller's
         eye = sp.csr_array((np.ones(size, np.float32), (np.arange(size), offset + np.arange(size))), shape=(size, tracer.n))
         full[i] = tracer.input(t, eye)
+        if record:
+            torch.Tensor.requires_grad_(full[i], True)  # (the C++ flag: the Python property is jacrev's answer)
         offset += size
     _locked(check_alive)
     try:
@@ -2496,10 +2507,15 @@ def _trace(
             raise tracer.stopped from None  # the function caught it, then failed otherwise
         if exc is tracer.stopped or isinstance(exc, (TraceError, PatternTooLarge)) or not isinstance(exc, Exception):
             raise
-        raise TraceError(f"{type(exc).__name__}: {exception_text(exc)}") from exc
+        if not record and isinstance(exc, RuntimeError) and _NO_GRAPH in str(exc):
+            out = _RECORD
+        else:
+            raise TraceError(f"{type(exc).__name__}: {exception_text(exc)}") from exc
     finally:
         tracer.done = True
         _LOCK.release()
+    if out is _RECORD:
+        return _trace(fn, args, argnums, hessian, check_alive, record=True)
     tracer.type_reads = tracer.watch.reads()
     if tracer.stopped is not None:  # the function caught it and went on: still stop
         raise tracer.stopped
@@ -2508,6 +2524,10 @@ def _trace(
         raise TraceError("the function did not return tensors")
     return leaves, tracer
 
+
+#: autograd's refusal of torch.autograd.grad over tensors it recorded nothing for (see _trace)
+_NO_GRAPH = "does not require grad and does not have a grad_fn"
+_RECORD = object()
 
 _TRACE_CODE = _trace.__code__  # where the frames of the traced function end (see _custom_function)
 
