@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from jacobian_service import Input, register
-from jacobian_service.sparsity import banded
+from jacobian_service.sparsity import banded, from_callable, from_matrix
 
 # ------------------------------------------------------------------ per-example round-off
 
@@ -73,3 +74,32 @@ def chain_force24(x: torch.Tensor) -> torch.Tensor:
         (force,) = torch.autograd.grad(-_chain_energy(x), x, create_graph=True)
     return force
 
+
+# ------------------------------------------------------------------ declared patterns as scipy matrices
+
+
+def _mesh24(n: int):
+    """A ring's adjacency plus the diagonal as a scipy CSR matrix, as a mesh library gives it."""
+    import scipy.sparse as sp
+
+    i = np.arange(n)
+    rows = np.concatenate([i, i, i])
+    cols = np.concatenate([i, (i + 1) % n, (i - 1) % n])
+    return sp.csr_array((np.ones(rows.size), (rows, cols)), shape=(n, n))
+
+
+@register(inputs=[Input("x", shape=(12,), dtype="float64")],
+          description="A periodic diffusion step on a ring of 12, its pattern declared as scipy matrices: the "
+                      "mesh's CSR array ('mesh'), a callable returning one ('mesh_fn'), a COO array ('mesh_coo').",
+          sparsity={"mesh": _mesh24(12), "mesh_fn": from_callable(lambda shapes, m: _mesh24(m)),
+                    "mesh_coo": _mesh24(12).tocoo()})
+def ring_diffusion24(x: torch.Tensor) -> torch.Tensor:
+    return x + 0.1 * (x.roll(1) - 2 * x + x.roll(-1)) + 0.01 * x**3
+
+
+@register(inputs=[Input("x", shape=(12,), dtype="float64")],
+          description="The ring's energy, sum x^4 / 4 + (x[i+1] - x[i])^2 / 2: its Hessian the mesh's pattern "
+                      "(declared by from_matrix(..., hessian=True)).",
+          sparsity={"mesh_h": from_matrix(_mesh24(12), hessian=True)})
+def ring_energy24(x: torch.Tensor) -> torch.Tensor:
+    return (x**4).sum() / 4 + ((x.roll(-1) - x) ** 2).sum() / 2

@@ -17,7 +17,12 @@ A scientist's structured Jacobians, each answer against torch.func in this proce
   could not be traced (autograd recorded no graph over the tracer's tensors: "element 0
   of tensors does not require grad"), so its pattern was probed numerically (dense
   derivatives at random points; entries that vanish there are missed). The tracer now
-  records a graph for such a function, and follows its backward as aten ops.
+  records a graph for such a function, and follows its backward as aten ops;
+- a declared pattern given as a scipy.sparse matrix (a mesh's adjacency, as a mesh
+  library gives it): ``@register(sparsity={"mesh": A})`` refused to register, and a
+  ``from_callable`` returning one was a 422 "setting an array element with a sequence"
+  at every request. Both take its stored entries now (and ``from_matrix(A,
+  hessian=True)`` a Hessian's).
 
 One in-process app serves every case (no new server process).
 """
@@ -184,3 +189,47 @@ def test_a_force_from_autograd_grad_inside_the_function_is_traced(client, n):
     hess = torch.func.hessian(s24._chain_energy)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got.toarray(), -hess, rtol=1e-12, atol=1e-12)
 
+
+# ------------------------------------------------------------------ declared patterns as scipy matrices
+
+
+@pytest.mark.parametrize("declared", ["mesh", "mesh_fn", "mesh_coo"])
+def test_a_pattern_declared_as_a_scipy_matrix_is_used(client, declared):
+    """A ring's mesh as scipy gives it (a CSR array, a callable returning one, a COO
+    array): the Jacobian over it, 3 products, jacrev's values, and GET /sparsity shows
+    the declared pattern (36 entries). The callable's was a 422 'setting an array
+    element with a sequence'; the matrices themselves could not be registered."""
+    x = np.linspace(-1, 1, 12)
+    got, meta = _csr(client.post("/v1/functions/ring_diffusion24/jacobian",
+                                 json={"inputs": [x.tolist()], "sparsity": declared}))
+    assert meta["source"] == "declared" and meta["pattern"] == declared and meta["products"] == 3, meta
+    assert got.nnz == 36
+    want = torch.func.jacrev(s24.ring_diffusion24)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got.toarray(), want, rtol=1e-12, atol=1e-12)
+    r = client.get(f"/v1/functions/ring_diffusion24/sparsity?shapes=12&sparsity={declared}")
+    assert r.status_code == 200, r.text
+    assert r.json()["pattern"]["source"] == "declared" and r.json()["pattern"]["nnz"] == 36, r.json()
+
+
+def test_a_hessian_pattern_from_a_scipy_matrix(client):
+    """from_matrix(A, hessian=True): the ring energy's Hessian over the mesh's pattern,
+    torch.func.hessian's values."""
+    x = np.linspace(-1, 1, 12)
+    r = client.post("/v1/functions/ring_energy24/hessian", json={"inputs": [x.tolist()], "sparsity": "mesh_h"})
+    assert r.status_code == 200, r.text
+    j = r.json()["hessian"]
+    got = sp.csr_array((np.array(j["data"], dtype=np.float64), j["indices"], j["indptr"]), shape=j["shape"])
+    assert r.json()["meta"]["source"] == "declared" and got.nnz == 36, r.json()["meta"]
+    want = torch.func.hessian(s24.ring_energy24)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got.toarray(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_from_matrix_refuses_what_is_no_scipy_matrix_and_a_wrong_shape():
+    """from_matrix takes a scipy.sparse matrix only (a dense list is a clear ValueError at
+    registration), and its shape is checked against the call's, as coo's is."""
+    from jacobian_service.sparsity import from_matrix
+
+    with pytest.raises(ValueError, match="scipy.sparse"):
+        from_matrix([[1, 0], [0, 1]])
+    with pytest.raises(ValueError, match=r"for shape \(12, 12\)"):
+        from_matrix(s24._mesh24(12)).build([(10,)], 10)

@@ -30,7 +30,8 @@ Engine API (torch; call on the engine's thread)::
   ``JACOBIAN_SERVICE_SPARSITY_CACHE_DIR`` (or a :class:`PatternCache` passed in).
 
 Declared patterns (torch-free, for ``@register(sparsity=...)``): :func:`banded`,
-:func:`block_diagonal`, :func:`coo`, :func:`from_callable`. Only :mod:`.patterns` is
+:func:`block_diagonal`, :func:`coo`, :func:`from_callable`, :func:`from_matrix` (or a
+``scipy.sparse`` matrix as it is). Only :mod:`.patterns` is
 imported eagerly; the torch-dependent names load on first use, so the registry can
 import this package without torch.
 """
@@ -51,6 +52,7 @@ from .patterns import (
     declared,
     entry_limit,
     from_callable,
+    from_matrix,
 )
 
 __all__ = [
@@ -70,6 +72,7 @@ __all__ = [
     "describe_sparsity",
     "entry_limit",
     "from_callable",
+    "from_matrix",
     "probe",
     "sparse_hessian",
     "sparse_jacobian",

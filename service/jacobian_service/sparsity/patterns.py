@@ -45,6 +45,7 @@ __all__ = [
     "declared",
     "entry_limit",
     "from_callable",
+    "from_matrix",
     "function_fingerprint",
     "sorted_unique",
     "work_limit",
@@ -424,8 +425,9 @@ def coo(rows: Sequence[int], cols: Sequence[int], shape: tuple[int, int] | None 
 
 
 def from_callable(fn: Callable[[Shapes, int], Any], *, hessian: bool = False) -> Declared:
-    """``fn(in_shapes, out_size)`` returns a :class:`Pattern`, ``(rows, cols)`` or a dense
-    boolean mask; for patterns that follow the shapes (stencils on any grid size)."""
+    """``fn(in_shapes, out_size)`` returns a :class:`Pattern`, ``(rows, cols)``, a
+    ``scipy.sparse`` matrix or array (its stored entries) or a dense boolean mask; for
+    patterns that follow the shapes (stencils on any grid size)."""
 
     def build(in_shapes: Shapes, m: int) -> Pattern:
         got = fn(in_shapes, m)
@@ -434,9 +436,44 @@ def from_callable(fn: Callable[[Shapes, int], Any], *, hessian: bool = False) ->
             return got
         if isinstance(got, tuple) and len(got) == 2:
             return Pattern((m, n), got[0], got[1])
+        if _is_scipy_sparse(got):
+            return _from_scipy(got)
         return Pattern.from_dense(np.asarray(got, dtype=bool))
 
     return Declared("callable", build, {"function": getattr(fn, "__name__", "?")}, hessian)
+
+
+def _is_scipy_sparse(value: Any) -> bool:
+    # (duck-typed: this module stays free of scipy's import until a matrix is asked for)
+    return hasattr(value, "tocoo") and hasattr(value, "nnz") and len(getattr(value, "shape", ())) == 2
+
+
+def _from_scipy(matrix: Any) -> Pattern:
+    """A scipy.sparse matrix's stored entries as a pattern (an explicit zero stored is an
+    entry: a mesh's structure, whatever its values). np.asarray of one is a 0-d object
+    array, so a callable returning the mesh's CSR matrix was a 422 'setting an array
+    element with a sequence' at every request."""
+    c = matrix.tocoo()
+    return Pattern((int(c.shape[0]), int(c.shape[1])), np.asarray(c.row), np.asarray(c.col))
+
+
+def from_matrix(value: Any, *, hessian: bool = False) -> Declared:
+    """A ``scipy.sparse`` matrix or array's stored entries as the pattern, for one fixed
+    shape (checked against the call's, as :func:`coo`'s): what a mesh or graph library
+    gives. ``@register(sparsity={"mesh": A})`` takes one as it is."""
+    if not _is_scipy_sparse(value):
+        raise ValueError(f"from_matrix() takes a scipy.sparse matrix or array; got {type(value).__name__}")
+    c = value.tocoo()
+    shape = (int(c.shape[0]), int(c.shape[1]))
+    rows, cols = np.asarray(c.row), np.asarray(c.col)
+
+    def build(in_shapes: Shapes, m: int) -> Pattern:
+        n = sum(int(np.prod(s, dtype=np.int64)) for s in in_shapes)
+        if shape != (m, n):
+            raise ValueError(f"the declared pattern is for shape {shape}, the call's derivative is {(m, n)}")
+        return Pattern((m, n), rows, cols)
+
+    return Declared("matrix", build, {"shape": list(shape), "nnz": int(rows.size)}, hessian)
 
 
 def declared(value: Any) -> dict[str, Declared]:
@@ -444,6 +481,10 @@ def declared(value: Any) -> dict[str, Declared]:
     or a mapping of names to them."""
     if value is None:
         return {}
+    if _is_scipy_sparse(value):  # a scipy.sparse matrix as it is: see from_matrix()
+        value = from_matrix(value)
+    if isinstance(value, dict):
+        value = {k: from_matrix(v) if _is_scipy_sparse(v) else v for k, v in value.items()}
     if isinstance(value, Declared):
         return {value.kind: value}
     if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, Declared) for k, v in value.items()):
@@ -451,7 +492,8 @@ def declared(value: Any) -> dict[str, Declared]:
         if reserved:
             raise ValueError(f"sparsity names {sorted(reserved)} are reserved")
         return dict(value)
-    raise ValueError("sparsity= takes a declared pattern (banded, block_diagonal, coo, from_callable) or a dict of them")
+    raise ValueError("sparsity= takes a declared pattern (banded, block_diagonal, coo, from_callable, from_matrix, or a "
+                     "scipy.sparse matrix) or a dict of them")
 
 
 # --------------------------------------------------------------------------- cache
