@@ -18,6 +18,14 @@ def ring_cancels24(x: torch.Tensor) -> torch.Tensor:
 
 
 @register(inputs=[Input("x", shape=("n",), dtype="float32")],
+          description="The same ring, its pattern declared: 'ring', x[i] and x[i-1], periodic (right); "
+                      "'diag' (wrong: it misses x[i-1]).",
+          sparsity={"ring": banded(1, 0, periodic=True), "diag": banded(0, 0)})
+def ring_declared24(x: torch.Tensor) -> torch.Tensor:
+    return ((x * 1e4 + x) - x * 1e4) * x.roll(1)
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float32")],
           description="An energy through the same cancelling float32 terms: sum ((x * 1e4 + x) - x * 1e4)^2 "
                       "x[i-1], its Hessian tridiagonal-periodic.")
 def energy_cancels24(x: torch.Tensor) -> torch.Tensor:

@@ -593,7 +593,12 @@ class _Products:
         from .verify import noise_seeds, round_off
 
         width = sum(int(np.prod(s, dtype=np.int64)) for s in self.seed_shapes)
-        out = run(_split(noise_seeds(width, self.coloring.mode, self.like, self.rows), self.seed_shapes))
+        # Seeded over every row, not the rows asked for: round-off is the function's at this
+        # point, and a few rows' products give it at a few places only, where the largest
+        # residual may fall far below the check's (rows=[49, 50] of a float32 ring through
+        # cancelling terms: 7 of 150 such requests were proven wrong and answered densely;
+        # a declared pattern would have been a 422). The same one VJP per seed.
+        out = run(_split(noise_seeds(width, self.coloring.mode, self.like, None), self.seed_shapes))
         return [round_off(point) for point in out] if batch else [round_off(out)]
 
     def values(self, p: Pattern, block: torch.Tensor) -> torch.Tensor:
