@@ -132,6 +132,7 @@ def test_the_word_of_one_front_end_names_its_oldest_job_not_the_cancelled_one() 
     front_end = SimpleNamespace(
         settings=SimpleNamespace(hang_grace_s=0.5), channel=Channel("", "", b"k" * 32),
         _control=SimpleNamespace(send=sent.append), _pids={0: 4242}, _told_oldest=set(),
+        _socks={0: SimpleNamespace(count=lambda: None)},  # (its count, sent with the word: round 37)
         # the hang: sent 5 s ago with the default deadline, still waited for
         _pending={1: (loop_future, 0, "fe:1", now - 5.0, True, "hangs_behind_its_board", "client-a")},
         # queued behind it: sent 4 s ago, cancelled at its deadline 3 s ago
