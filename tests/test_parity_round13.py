@@ -256,8 +256,8 @@ def test_per_example_hessian_of_a_solve_is_each_examples(c):
 
 def test_a_complex_output_is_the_wires_refusal(c):
     """linalg.eigvals of a real matrix is complex: torch's jacrev / jacfwd / hessian refuse
-    it, and the wire carries no complex, so evaluate and jvp are a 500 saying so (README),
-    the derivative routes (since round 21) the request's 422 in jacrev's words; a
+    it: the derivative routes (since round 21) are the request's 422 in jacrev's words;
+    evaluate and jvp, which torch answers, answer it in complex (since round 27); a
     complex input (to take abs or angle of) is a 422 naming its dtype. Complex numbers
     made inside from real inputs are served: complex_abs / complex_angle in the sweep."""
     x = sample("full", (2, 2))
@@ -272,8 +272,12 @@ def test_a_complex_output_is_the_wires_refusal(c):
                               ("jacobian", {"batched": True})):
         inputs = [np.stack([x, x.T])] if options.get("batched") else [x]
         if endpoint in ("evaluate", "jvp"):
-            body = assert_problem(post(c, "eigvals", endpoint, inputs, **options), 500, "function_error")
-            assert body["detail"] == "the output holds a complex128 tensor, which the wire does not carry", body
+            r = post(c, "eigvals", endpoint, inputs, **options)
+            assert r.status_code == 200, r.text
+            got = wire.decode_tree(r.json()["output" if endpoint == "evaluate" else "jvp"],
+                                   limits=wire.Limits(complex=True))
+            want = F.eigvals(t(x)) if endpoint == "evaluate" else f.jvp(F.eigvals, (t(x),), (t(wire.decode_json_array(options["tangents"])[0]),))[1]
+            np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12)
         else:
             body = assert_problem(post(c, "eigvals", endpoint, inputs, **options), 422, "invalid_input")
             assert body["detail"] == ("the output is complex128, which has no real derivative (torch.func.jacrev: "

@@ -242,14 +242,13 @@ def test_argnums_torch_refuses_are_422_on_every_endpoint(c, kind):
         assert "argnums" in problem["detail"], problem
 
 
-TORCH_RAISES = {"string_out", "tuple_with_int", "complex_out", "aux_triple"}
+TORCH_RAISES = {"string_out", "tuple_with_int", "aux_triple"}
 CANNOT = {
     # name: what the service's detail ends with
     "string_out": "the output is a str, not a tensor: return a tensor, or a tuple, list or dict of tensors "
                   "(torch.func: expected f(*primals) to return only tensors, got unsupported type <class 'str'>)",
     "tuple_with_int": "the output[1] is an int, not a tensor: return a tensor, or a tuple, list or dict of tensors "
                       "(torch.func: expected f(*primals) to return only tensors, got unsupported type <class 'int'>)",
-    "complex_out": "the output holds a complex64 tensor, which the wire does not carry",
     "meta_out": "the output holds a tensor on the meta device, which has no values",
     "aux_triple": "aux_triple has has_aux=True but did not return (output, aux)",
 }
@@ -260,14 +259,13 @@ def test_outputs_torch_or_the_wire_cannot_take_are_the_functions_error_everywher
     """Never a 200, never internal_error: a 500 function_error saying what was wrong,
     on every endpoint; where torch.func's jacrev / jvp raise in-process, so does it.
     (A complex output's derivative, which torch refuses, is the request's 422 since
-    round 21: test_parity_round13::test_a_complex_output_is_the_wires_refusal.)"""
+    round 21: test_parity_round13::test_a_complex_output_is_the_wires_refusal; its
+    evaluate and jvp are answered since round 27: test_parity_round27.)"""
     fn = getattr(F, name)
     if name in TORCH_RAISES:  # jacrev in-process raises too (meta_out's it computes: the wire cannot)
         with pytest.raises(RuntimeError):
             jacrev(fn, has_aux=name == "aux_triple")(torch.tensor(X))
     for kind in KINDS:
-        if name == "complex_out" and kind not in ("evaluate", "jvp", "hvp"):
-            continue
         problem = assert_problem(c.post(f"/v1/functions/{name}/{kind}", json=body(kind)), 500, "function_error")
         assert problem["detail"].endswith(CANNOT[name]), (kind, problem["detail"])
 

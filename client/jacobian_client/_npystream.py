@@ -69,7 +69,7 @@ def _parse_header(buf: bytes) -> NpyHeader | None:
         if end is None or len(buf) < end:
             return None
         raw = bytes(buf[:end])
-        shape, fortran, dtype = wire.parse_npy_header(raw)
+        shape, fortran, dtype = wire.parse_npy_header(raw, complex_ok=True)  # (an answer: complex is read)
     except wire.WireError as exc:
         raise TransportError(f"response is not a readable .npy body: {exc}") from None
     return NpyHeader(shape, dtype, fortran, raw)

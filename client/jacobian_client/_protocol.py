@@ -730,7 +730,7 @@ class Protocol:
         # server's request limits); only their size in bytes is bounded, by max_response_bytes:
         # an .npz's deflated members by the sizes its directory declares, before any is expanded.
         self._limits = wire.Limits(max_elements=1 << 62, max_rank=64, max_members=1 << 20,
-                                   max_bytes=self.max_response_bytes or 1 << 62)
+                                   max_bytes=self.max_response_bytes or 1 << 62, complex=True)
         # the codings the clients decode themselves, piece by bounded piece (see _decoding)
         self.base_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING, **(headers or {})}
         check_api_key(api_key)

@@ -18,6 +18,11 @@ key holding a ``/``), the later member is ``<path>~1.npy``: the skeleton says wh
 
 bfloat16 has no numpy dtype: it travels as float32 in ``.npy``/``.npz`` and as numbers
 (or 2-byte base64) in JSON, and is decoded to float32 with its name kept beside it.
+
+complex64 and complex128 travel in answers only (an output or aux that torch.func.jvp or
+a plain call gives; the service takes real inputs): as themselves in ``.npy``/``.npz``,
+and in JSON as ``data`` one level deeper, each number a ``[real, imag]`` pair (non-finite
+parts spelled), or base64 of those pairs. They are read where ``Limits.complex`` says so.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from numpy.lib import format as npy_format
 
 __all__ = [
     "CAPABILITIES",
+    "COMPLEX_DTYPES",
     "DTYPES",
     "JSON",
     "NO_FORWARD_AD_WORDS",
@@ -165,6 +171,10 @@ DTYPES = frozenset(
 )
 
 
+#: complex dtypes an answer may hold (see module doc); not in DTYPES, which requests take.
+COMPLEX_DTYPES = frozenset({"complex64", "complex128"})
+
+
 class WireError(ValueError):
     """A body or array that cannot be decoded.
 
@@ -186,6 +196,9 @@ class Limits:
     max_members: int = 64  # per .npz
     max_bytes: int = 1 << 30  # declared uncompressed size of a whole .npz
     max_json_depth: int = 64
+    # complex arrays are read (COMPLEX_DTYPES): an answer's reader (the SDK) sets it; the
+    # service's request readers leave it off, as the service computes on real inputs
+    complex: bool = False
 
 
 # --------------------------------------------------------------------------- JSON
@@ -403,7 +416,9 @@ def is_array_object(obj: Any) -> bool:
     return isinstance(obj, dict) and "shape" in obj and ("data" in obj or "base64" in obj)
 
 
-def _np_dtype(name: str) -> np.dtype:
+def _np_dtype(name: str, limits: Limits | None = None) -> np.dtype:
+    if limits is not None and limits.complex and name in COMPLEX_DTYPES:
+        return np.dtype(name)
     if name not in DTYPES:
         raise WireError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}", "invalid_input")
     return np.dtype("float32" if name == "bfloat16" else name)
@@ -635,7 +650,7 @@ def decode_json_array(obj: Any, default_dtype: str | None = None, limits: Limits
             name = default_dtype
         elif not isinstance(name, str):
             raise WireError("'dtype' must be a string", "invalid_input")
-        dtype = _np_dtype(name) if name is not None else None
+        dtype = _np_dtype(name, limits) if name is not None else None
         if ("data" in obj) == ("base64" in obj):
             raise WireError("an array object needs exactly one of 'data' or 'base64'", "invalid_input")
         shape = _check_shape(obj["shape"], limits) if "shape" in obj else None
@@ -660,6 +675,8 @@ def decode_json_array(obj: Any, default_dtype: str | None = None, limits: Limits
             else:
                 arr = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
             return arr.astype(dtype.newbyteorder("="), copy=True).reshape(shape), name
+        if dtype is not None and dtype.kind == "c":
+            return _complex_from_pairs(obj["data"], dtype, shape, limits), name
         arr = _from_numbers(obj["data"], dtype, limits)
         if shape is not None:
             if arr.size != math.prod(shape):
@@ -674,6 +691,24 @@ def decode_json_array(obj: Any, default_dtype: str | None = None, limits: Limits
         return _from_numbers(obj, dtype, limits), default_dtype
     got = _NULL if obj is None else f"the string {obj[:20]!r}" if isinstance(obj, str) else type(obj).__name__
     raise WireError(f"expected an array (number, list or object), got {got}", "invalid_input")
+
+
+def _complex_from_pairs(data: Any, dtype: np.dtype, shape: tuple[int, ...] | None, limits: Limits) -> np.ndarray:
+    """A complex array's JSON ``data``: its numbers' ``[real, imag]`` pairs, nested as
+    the array is (or flat), read as the real arrays of the parts' dtype they are."""
+    part = np.dtype(np.float32 if dtype == np.complex64 else np.float64)
+    pairs = np.ascontiguousarray(_from_numbers(data, part, limits))
+    if pairs.ndim == 0 or pairs.shape[-1] != 2 or shape is not None and pairs.size != 2 * math.prod(shape):
+        need = "" if shape is None else f": shape {list(shape)} needs {math.prod(shape)} pairs"
+        raise WireError(f"{dtype.name} data holds each number as a [real, imag] pair{need}", "invalid_input")
+    arr = pairs.view(dtype)[..., 0]
+    return arr if shape is None else arr.reshape(shape)
+
+
+def _complex_pairs(arr: np.ndarray) -> Any:
+    """A complex array's JSON ``data``: ``[real, imag]`` pairs (see module doc)."""
+    pairs = np.ascontiguousarray(arr).view(arr.real.dtype).reshape(*arr.shape, 2)
+    return _spell_nonfinite(pairs) if not np.isfinite(pairs).all() else pairs
 
 
 def _c_order(arr: np.ndarray) -> np.ndarray:
@@ -779,6 +814,8 @@ def encode_tree(tree: Any) -> Any:
         data: Any = arr[()] if arr.ndim == 0 else arr
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             data = _spell_nonfinite(arr)
+        elif arr.dtype.kind == "c":
+            data = _complex_pairs(arr)
         return {"dtype": dtype_name(arr.dtype), "shape": list(arr.shape), "data": data}
     if is_sparse(tree):
         return encode_sparse_json(tree)
@@ -970,9 +1007,11 @@ def write_npy(arr: np.ndarray) -> list[bytes | memoryview]:
     return [npy_header(arr.shape, arr.dtype), memoryview(arr.reshape(-1)).cast("B")]
 
 
-def _checked_dtype(descr: np.dtype) -> np.dtype:
+def _checked_dtype(descr: np.dtype, complex_ok: bool = False) -> np.dtype:
     if descr.hasobject:
         raise WireError("object arrays (pickles) are refused", "malformed_body")
+    if complex_ok and descr.fields is None and descr.subdtype is None and descr.name in COMPLEX_DTYPES:
+        return descr
     if descr.fields is not None or descr.subdtype is not None or descr.kind not in "biuf" or descr.name not in DTYPES:
         # float128 too: JSON's "dtype" refuses it, so .npy and .npz do (it was cast to float32)
         raise WireError(f"unsupported dtype {descr}; send one of {', '.join(sorted(DTYPES - {'bfloat16'}))}", "invalid_input")
@@ -1008,7 +1047,7 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 @functools.lru_cache(maxsize=1024)  # numpy parses headers with ast.literal_eval: slow, and they recur
-def parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+def parse_npy_header(header: bytes, complex_ok: bool = False) -> tuple[tuple[int, ...], bool, np.dtype]:
     """A whole ``.npy`` header -> ``(shape, fortran_order, dtype)``; pickles, odd dtypes
     and negative shapes refused."""
     if not header.endswith(b"\n"):
@@ -1039,7 +1078,7 @@ def parse_npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise WireError(f"unreadable .npy header: {text}") from None
     if fp.tell() != len(header):
         raise WireError("unreadable .npy header: its length field is wrong")
-    dtype = _checked_dtype(dtype)
+    dtype = _checked_dtype(dtype, complex_ok)
     if any(type(d) is not int for d in shape):
         # numpy's reader takes a boolean for a size (True is an int to isinstance), which
         # was then a 422 "'shape' must be a list of integers", words for a JSON array,
@@ -1058,7 +1097,7 @@ def read_npy(body: bytes | memoryview, limits: Limits = Limits()) -> np.ndarray:
     if end > len(body):
         raise WireError(f"unreadable .npy header: its length field says the header ends at byte {end}, past the "
                         f"body's {len(body)} bytes: the body is cut short or the length field is wrong")
-    shape, fortran, dtype = parse_npy_header(bytes(body[:end]))
+    shape, fortran, dtype = parse_npy_header(bytes(body[:end]), limits.complex)
     offset = end
     _check_shape(list(shape), limits)
     count = math.prod(shape)

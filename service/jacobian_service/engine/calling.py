@@ -43,8 +43,12 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 # without these bounds, either kept the engine in our own loop until it was killed.
 _AUX_MAX_DEPTH = 64
 _AUX_MAX_ITEMS = 1_000_000
-# The dtypes the wire carries (tensors in aux and outputs); torch's names.
-_WIRE_DTYPES = frozenset(getattr(torch, name) for name in wire.DTYPES if isinstance(getattr(torch, name, None), torch.dtype))
+# The dtypes the wire carries (tensors in aux and outputs); torch's names. Complex ones
+# too (answers only): torch.func.jvp and a plain call answer a complex output, which was
+# the function's 500 "which the wire does not carry"; its derivatives are refused first
+# (check_floating), as jacrev refuses them. complex32 has no numpy dtype: still refused.
+_WIRE_DTYPES = frozenset(getattr(torch, name) for name in wire.DTYPES | wire.COMPLEX_DTYPES
+                         if isinstance(getattr(torch, name, None), torch.dtype))
 
 
 def is_oom(exc: BaseException) -> bool:

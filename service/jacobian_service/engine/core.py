@@ -747,6 +747,13 @@ class Engine:
         if call.cotangents is None and not (isinstance(out, torch.Tensor) and out.dim() == 0):
             raise InvalidInput("hvp needs a function with one scalar (0-d) output, or 'cotangents' shaped like "
                                "its output (c . H t, a vector-Hessian-vector product)")
+        if call.cotangents is None and out.is_complex():
+            # torch.func.grad refuses it (so torch's hvp, jvp of grad, does): the request
+            # asked for a derivative the output has not, the 422 a complex output's
+            # Hessian is; it was the function's 500 with torch's RuntimeError
+            raise InvalidInput(f"the output is {str(out.dtype).removeprefix('torch.')}, which has no real derivative "
+                               "(torch.func.grad: grad can be implicitly created only for real scalar outputs but "
+                               f"got {out.dtype})")
         tangents = self._vectors(_tangents_by_name(call.vectors, call), like, "tangents", call.batched_vectors)
         tangents = tuple(tangents) if call.as_tuple else (tangents,)
         cot = None if call.cotangents is None else self._vectors(call.cotangents, out, "cotangents",

@@ -145,7 +145,7 @@ def vmap_agrees(product: Callable[..., Any], vectors: tuple[Any, ...], value: An
             t = t.abs() if absolute else t
             return torch.tensordot(w.to(t.device, t.dtype), t, dims=1)
 
-        direct = [d.detach().to(torch.float64) for d in pytree.tree_leaves(product(*pytree.tree_map(mix, vectors)))]
+        direct = [_wide(d.detach()) for d in pytree.tree_leaves(product(*pytree.tree_map(mix, vectors)))]
     except Exception as exc:
         if is_oom(exc):
             raise
@@ -153,10 +153,10 @@ def vmap_agrees(product: Callable[..., Any], vectors: tuple[Any, ...], value: An
     if len(direct) != len(results):
         return False
     for d, r in zip(direct, results):
-        mixed, scale = mix(r.to(torch.float64)), mix(r.to(torch.float64), absolute=True)
+        mixed, scale = mix(_wide(r)), mix(_wide(r), absolute=True)
         if d.shape != mixed.shape:
             return False
-        eps = max(torch.finfo(r.dtype).eps, coarsest) if r.is_floating_point() else 0.0
+        eps = max(torch.finfo(r.dtype).eps, coarsest) if r.is_floating_point() or r.is_complex() else 0.0
         tol = min(256 * eps, 1e-2) * (scale + d.abs()) + torch.finfo(torch.float64).tiny
         same = (d - mixed).abs() <= tol
         # no verdict where either is not finite: linearity fails there in floating point
@@ -197,6 +197,13 @@ def same_products(looped: Any, value: Any) -> bool:
     return _close([d.detach() for d in pytree.tree_leaves(looped)], [r.detach() for r in pytree.tree_leaves(value)])
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64, or complex128 where complex (a jvp of a complex output): cast to
+    float64, a complex product lost its imaginary part (a ComplexWarning) and the check
+    weighed the real parts alone."""
+    return t.to(torch.complex128 if t.is_complex() else torch.float64)
+
+
 def _close(direct: list[torch.Tensor], results: list[torch.Tensor]) -> bool:
     """Leaf by leaf, the same products to round-off (of ``results``' first dtype)."""
     if len(direct) != len(results):
@@ -204,12 +211,12 @@ def _close(direct: list[torch.Tensor], results: list[torch.Tensor]) -> bool:
     for d, r in zip(direct, results):
         if d.shape != r.shape:
             return False
-        if not r.is_floating_point():
+        if not (r.is_floating_point() or r.is_complex()):
             if not bool((d == r).all()):
                 return False
             continue
-        d, r = d.to(torch.float64), r.to(torch.float64)
-        eps = torch.finfo(results[0].dtype).eps if results[0].is_floating_point() else 0.0
+        d, r = _wide(d), _wide(r)
+        eps = torch.finfo(results[0].dtype).eps if results[0].is_floating_point() or results[0].is_complex() else 0.0
         # loose where the product's terms cancel (a vmap that mixes vectors is off by O(1))
         tol = min(256 * eps, 1e-2) * (d.abs() + r.abs() + d.abs().max()) + torch.finfo(torch.float64).tiny
         same = ((d - r).abs() <= tol) | ~(d.isfinite() & r.isfinite())
