@@ -1,6 +1,6 @@
 """Functions for tests/test_parity_round27.py, round 27 of PyTorch's own torch.func test
 cases replayed over HTTP: functions of real inputs whose outputs are complex (what
-torch.func.jvp and a plain call answer, and jacrev refuses)."""
+torch.func.jvp and a plain call answer, and jacrev refuses), and TestHessian's cases."""
 
 from __future__ import annotations
 
@@ -48,3 +48,8 @@ def complex_sum(x):
     """A complex scalar: torch.func.grad (and so hvp's jvp(grad(f))) refuses it."""
     return (x * torch.exp(1j * x)).sum()
 
+
+@register(inputs=[Input("x", shape=("n",))])
+def cube_sum(x):
+    """TestHessian's f: (x ** 3).sum(), a real scalar whose Hessian is diag(6 x)."""
+    return (x**3).sum()

@@ -17,6 +17,9 @@ differences.
    products cast them to float64 (a ComplexWarning in the log, the imaginary parts
    unchecked) with a tolerance of 0, so right products failed it and ran one at a time.
    Now it checks them in complex128, to the parts' round-off.
+4. The SDK's ``hessian()`` took no ``return_output``, which the server accepts on
+   ``/hessian`` (TestHessian's value-and-Hessian): a TypeError.
+
 One in-process app serves the module (no server start), as rounds 7-26.
 """
 
@@ -214,3 +217,19 @@ def test_complex32_is_still_the_wires_refusal(c):
     for endpoint, options in (("evaluate", {}), ("jvp", {"tangents": arr(V)})):
         body = assert_problem(post(c, "complex_half", endpoint, [X], **options), 500, "function_error")
         assert body["detail"] == "the output holds a complex32 tensor, which the wire does not carry", body
+
+
+@pytest.mark.parametrize("transport", ["binary", "json"])
+def test_the_sdks_hessian_returns_the_output_when_asked(sdk, transport):
+    """TestHessian over cube_sum: H = diag(6 x), and the value beside it."""
+    H, out = sdk.hessian("cube_sum", X, return_output=True, transport=transport)
+    want = f.hessian(F.cube_sum)(t(X))
+    torch.testing.assert_close(want, torch.diag(6 * t(X)))
+    close(H, want)
+    close(out, F.cube_sum(t(X)))
+    # and per example, beside argnums as a tuple
+    xs = np.stack([X, -X])
+    H, out = sdk.hessian("cube_sum", xs, batched=True, argnums=(0,), return_output=True, transport=transport)
+    close(H, f.vmap(f.hessian(F.cube_sum, argnums=(0,)))(t(xs)))
+    close(out, f.vmap(F.cube_sum)(t(xs)))
+    assert isinstance(sdk.hessian("cube_sum", X, transport=transport), np.ndarray)

@@ -217,6 +217,7 @@ class AsyncClient:
         batched: bool = False,
         in_dims: Any = 0,
         out_dims: Any = 0,
+        return_output: bool = False,
         out: PathLike | None = None,
         progress: bool = False,
         transport: str | None = None,
@@ -225,9 +226,10 @@ class AsyncClient:
     ) -> Any:
         """What ``torch.func.hessian(f, argnums)`` returns (same ``out=`` streaming);
         with ``sparsity`` (``"auto"`` or a declared name) one sparse ``n x n`` matrix from
-        star-coloured Hessian-vector products, as :meth:`jacobian` returns them."""
+        star-coloured Hessian-vector products, as :meth:`jacobian` returns them.
+        ``return_output=True`` returns ``(H, output[, aux])``, as :meth:`jacobian` does."""
         options = {"argnums": argnums, "chunk_size": chunk_size, "batched": batched,
-                   "in_dims": in_dims, "out_dims": out_dims,
+                   "in_dims": in_dims, "out_dims": out_dims, "return_output": return_output,
                    "sparsity": sparsity, "sparse_format": sparse_format}
         return await self._execute(self._proto.compute_call(
             "hessian", name, inputs, options, transport=transport, out=_path(out), progress=progress))
