@@ -19,6 +19,8 @@ differences.
    Now it checks them in complex128, to the parts' round-off.
 4. The SDK's ``hessian()`` took no ``return_output``, which the server accepts on
    ``/hessian`` (TestHessian's value-and-Hessian): a TypeError.
+5. /openapi.json's array schemas named no complex dtype, so a client validating the
+   answers of 1. against it refused them; they name complex64/complex128 now (answers only).
 
 One in-process app serves the module (no server start), as rounds 7-26.
 """
@@ -233,3 +235,23 @@ def test_the_sdks_hessian_returns_the_output_when_asked(sdk, transport):
     close(H, f.vmap(f.hessian(F.cube_sum, argnums=(0,)))(t(xs)))
     close(out, f.vmap(F.cube_sum)(t(xs)))
     assert isinstance(sdk.hessian("cube_sum", X, transport=transport), np.ndarray)
+
+
+def test_the_openapi_document_describes_complex_answers(c):
+    """/openapi.json's array schemas named no complex dtype: a client validating answers
+    against it (jsonschema, a generated model) refused every complex one."""
+    import jsonschema
+
+    doc = c.get("/openapi.json").json()
+
+    def valid(name: str, instance: Any) -> bool:
+        schema = {**doc["components"]["schemas"][name], "components": doc["components"]}
+        return not list(jsonschema.Draft202012Validator(schema).iter_errors(instance))
+
+    for name, endpoint, extra, response in (("complex_nonfinite", "evaluate", {}, "EvaluateResponse"),
+                                             ("mixed_complex", "jvp", {"tangents": arr(V)}, "JvpResponse"),
+                                             ("complex_aux", "jacobian", {}, "JacobianResponse")):
+        r = post(c, name, endpoint, [X], **extra)
+        assert r.status_code == 200, r.text
+        assert valid(response, r.json()), (name, r.json())
+    assert valid("ArrayBase64", {"dtype": "complex64", "shape": [1], "base64": "AACAPwAAAEA="})

@@ -36,11 +36,13 @@ _COMPONENTS: dict[str, Any] = {
         "type": "object",
         "description": (
             "an array: data nested or flat (C order, then shape says how); without shape, the "
-            "nesting gives it; without dtype, the dtype the function declares (float32 for floating)"
+            "nesting gives it; without dtype, the dtype the function declares (float32 for floating). "
+            "complex64 and complex128 come in answers only (evaluate's and jvp's output, aux), each "
+            "number a [real, imag] pair"
         ),
         "required": ["data"],
         "properties": {
-            "dtype": {"type": "string", "enum": sorted(wire.DTYPES)},
+            "dtype": {"type": "string", "enum": sorted(wire.DTYPES | wire.COMPLEX_DTYPES)},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
             "data": _NUMBER_TREE,
         },
@@ -50,11 +52,12 @@ _COMPONENTS: dict[str, Any] = {
         "type": "object",
         "description": (
             "an array as little-endian C-order bytes, base64-encoded; without dtype, "
-            "the dtype the function declares (float32 for floating)"
+            "the dtype the function declares (float32 for floating); complex64 and complex128 "
+            "(answers only) as [real, imag] pairs"
         ),
         "required": ["shape", "base64"],
         "properties": {
-            "dtype": {"type": "string", "enum": sorted(wire.DTYPES)},
+            "dtype": {"type": "string", "enum": sorted(wire.DTYPES | wire.COMPLEX_DTYPES)},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
             "base64": {"type": "string", "contentEncoding": "base64"},
         },
