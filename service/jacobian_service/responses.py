@@ -423,6 +423,11 @@ class StreamBudget:
         raise Unavailable(f"large answers being sent held the room this one needs ({nbytes} bytes) when it was asked"
                           f"{not_computed}; retry shortly", headers={"Retry-After": "1"})
 
+    def fits_answer(self, client: str | None, nbytes: int) -> bool:
+        """Whether a gathered answer of ``nbytes`` would be held now without a 503 or a 429."""
+        room = self.answer_room(client)
+        return room is None or nbytes <= room
+
     def _refuse(self, nbytes: int, own: int = 0) -> None:
         """503 if ``nbytes`` do not fit beside what others hold (``own``: held by the same request)."""
         others = self.used - own

@@ -504,13 +504,27 @@ async def _computed(request: Request, state: ServiceState, kind: str, call: Call
     """The engines' ``(result, info)`` for ``call`` (``_cancellable``). A gathered answer
     past ``call.answer_room`` was refused by the engine before it computed it
     (``errors.no_answer_room``): answered as the stream budget refuses it, 503 or 429,
-    once the room this request reserved for a stream (``release``) is given back."""
+    once the room this request reserved for a stream (``release``) is given back.
+
+    The room is the one there was when the request was sent: one that waited in the
+    queue while the answers holding it were sent was refused at its turn though the
+    room had come back (a 7.84 MB Hessian, 503 with the whole budget free). Where the
+    answer fits now, it is asked again, once, with the room there is now (the engine
+    spent one forward pass on the first ask)."""
+    try:
+        return await _cancellable(request, state.engines.run, kind, call)
+    except ServiceError as exc:
+        if call.answer_room is None or "answer_bytes" not in exc.fields:
+            raise
+        if release is not None:
+            release()  # (a stream's reservation: kept again, or refused, once the answer comes)
+        if not state.streams.fits_answer(client, exc.fields["answer_bytes"]):
+            state.streams.refuse_answer(client, exc.fields["answer_bytes"])
+    call.answer_room = state.streams.answer_room(client)
     try:
         return await _cancellable(request, state.engines.run, kind, call)
     except ServiceError as exc:
         if call.answer_room is not None and "answer_bytes" in exc.fields:
-            if release is not None:
-                release()
             state.streams.refuse_answer(client, exc.fields["answer_bytes"])
         raise
 

@@ -1,0 +1,165 @@
+"""Clients and timing, round thirty-one: what a request that waited in an engine's queue is
+answered once its turn comes.
+
+Each test names what a user saw before. They share one real server of this module (two
+API keys: two clients) whose stream budget is small enough for two slow answers to fill
+a client's share (round 28's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Self
+
+import httpx
+import numpy as np
+import pytest
+from jacobian_client import wire
+
+from . import clients28_functions
+from ._client_support import real_server
+from .conftest import assert_problem
+from .test_hostile_round27_clients import _head, _softmax_jacobian
+from .test_hostile_round28_clients import _queue_depth
+
+HOSTILE, HONEST = "hostile-key", "honest-key"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with real_server(functions="jacobian_service.examples,tests.clients28_functions", api_keys=f"{HOSTILE},{HONEST}",
+                     body_budget_bytes=32 << 20) as url:
+        yield url
+
+
+def _post(url: str, path: str, doc: dict, key: str, accept: str = wire.JSON, timeout_s: float | None = None,
+          ) -> httpx.Response:
+    headers = {"content-type": wire.JSON, "accept": accept, "authorization": f"Bearer {key}"}
+    if timeout_s is not None:
+        headers["x-request-timeout"] = f"{timeout_s:.3f}"
+    return httpx.post(url + path, content=json.dumps(doc).encode(), headers=headers, timeout=60)
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {HONEST}"}, timeout=10).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def _slow_reader(url: str, doc: dict, key: str) -> socket.socket:
+    """A connection that asked for a 7.84 MB softmax Jacobian as JSON (a gathered answer,
+    held on the stream budget while it is sent) and reads next to nothing of it."""
+    body = json.dumps(doc).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    s.sendall(b"POST /v1/functions/softmax/jacobian HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+              b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n" % (key.encode(), len(body)) + body)
+    status, head = _head(s)
+    assert status == 200, head
+    return s
+
+
+class _Held:
+    """The engine held by a request of the honest key (clients28's gate) while others
+    queue behind it; ``release`` lets it go."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.number = url, os.getpid() % 1_000_000 + 31
+        clients28_functions.gate(self.number).unlink(missing_ok=True)
+        self.threads: list[threading.Thread] = []
+        self.answers: dict[str, list[httpx.Response]] = {}
+        self.add("holder", "/v1/functions/holds_the_engine/evaluate", {"inputs": [[float(self.number)]]}, HONEST)
+
+    def add(self, name: str, path: str, doc: dict, key: str, count: int = 1, **how: object) -> None:
+        """Start ``count`` requests; return once the engine holds them all (and those before)."""
+        def send() -> None:
+            self.answers.setdefault(name, []).append(_post(self.url, path, doc, key, **how))  # type: ignore[arg-type]
+
+        for _ in range(count):
+            t = threading.Thread(target=send)
+            t.start()
+            self.threads.append(t)
+        deadline = time.monotonic() + 30
+        while _queue_depth(self.url) < len(self.threads):
+            assert time.monotonic() < deadline, (name, self.answers)
+
+    def release(self) -> None:
+        clients28_functions.gate(self.number).touch()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        for t in self.threads:
+            t.join()
+        clients28_functions.gate(self.number).unlink(missing_ok=True)
+
+
+X = np.linspace(-1, 1, 1400, dtype=np.float32)
+_WIDE = {"inputs": [X.tolist()]}
+
+
+def _hessian(r: httpx.Response) -> np.ndarray:
+    return np.array(r.json()["hessian"]["data"])
+
+
+def _jacobian(r: httpx.Response) -> np.ndarray:
+    return np.array(r.json()["jacobian"]["data"])
+
+
+# (path, the 7.84 MB answer's check): a Hessian, never streamed; a softmax Jacobian as
+# JSON, which reserves a stream's room first and is gathered (under the stream threshold)
+_QUEUED = [
+    ("/v1/functions/sum_sin/hessian", _hessian, lambda: np.diag(-np.sin(X.astype(np.float64)))),
+    ("/v1/functions/softmax/jacobian", _jacobian, lambda: _softmax_jacobian(X)),
+]
+
+
+@pytest.mark.parametrize("path, read, expected", _QUEUED, ids=["hessian", "softmax-json"])
+def test_a_request_that_waited_is_checked_against_the_room_there_is_when_it_runs(server: str, path, read,
+                                                                                  expected) -> None:
+    """The front end sends a request's answer room with it (round 28), and the engine
+    refuses a larger answer before computing it. The room was the one there was when the
+    request was sent: a 7.84 MB Hessian asked while the client's two slow answers filled
+    its share, queued behind another client's request, was refused when its turn came
+    though those answers had long gone and the whole budget was free: 503 "large answers
+    being sent held the room this one needs ... when it was asked". Now a request the
+    engine refused for a room that has come back since is asked again, with the room
+    there is now: answered, as torch.func computes it."""
+    slow = [_slow_reader(server, _WIDE, HOSTILE) for _ in range(2)]
+    with _Held(server) as held:
+        try:
+            held.add("queued", path, _WIDE, HOSTILE)  # (its room: what the two slow answers leave)
+        finally:
+            for s in slow:
+                s.close()
+        deadline = time.monotonic() + 20  # (each slow answer's room comes back as its send fails)
+        while _metric(server, "jacobian_service_stream_bytes_held") != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    [r] = held.answers["queued"]
+    assert r.status_code == 200, r.text[:400]  # (before: 503, the room free for seconds)
+    np.testing.assert_allclose(read(r), expected(), rtol=1e-5, atol=1e-7)
+    assert held.answers["holder"][0].status_code == 200
+
+
+def test_a_request_whose_room_is_still_taken_when_it_runs_is_refused_before_computing(server: str) -> None:
+    """The other side of the test above: the room still taken when the request's turn
+    comes, it is refused as before, in the budget's words, before it is computed."""
+    slow = [_slow_reader(server, _WIDE, HOSTILE) for _ in range(2)]
+    try:
+        with _Held(server) as held:
+            held.add("queued", "/v1/functions/sum_sin/hessian", _WIDE, HOSTILE)
+    finally:
+        for s in slow:
+            s.close()
+    problem = assert_problem(held.answers["queued"][0], 429, "overloaded")
+    assert problem["detail"].startswith("this client holds 2 large answers ("), problem
+    assert problem["detail"].endswith(" (refused by the engine as soon as its size was known, before computing it)")
+    assert held.answers["queued"][0].headers["retry-after"] == "1"
