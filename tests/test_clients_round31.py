@@ -19,9 +19,10 @@ from typing import Self
 import httpx
 import numpy as np
 import pytest
+import torch
 from jacobian_client import wire
 
-from . import clients28_functions
+from . import clients28_functions, clients31_functions
 from ._client_support import real_server
 from .conftest import assert_problem
 from .test_hostile_round27_clients import _head, _softmax_jacobian
@@ -32,7 +33,7 @@ HOSTILE, HONEST = "hostile-key", "honest-key"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with real_server(functions="jacobian_service.examples,tests.clients28_functions", api_keys=f"{HOSTILE},{HONEST}",
+    with real_server(functions="jacobian_service.examples,tests.clients28_functions,tests.clients31_functions", api_keys=f"{HOSTILE},{HONEST}",
                      body_budget_bytes=32 << 20) as url:
         yield url
 
@@ -163,3 +164,49 @@ def test_a_request_whose_room_is_still_taken_when_it_runs_is_refused_before_comp
     assert problem["detail"].startswith("this client holds 2 large answers ("), problem
     assert problem["detail"].endswith(" (refused by the engine as soon as its size was known, before computing it)")
     assert held.answers["queued"][0].headers["retry-after"] == "1"
+
+
+# ------------------------------------------------------------ a request its time left cannot fit
+
+
+CHAIN = ("/v1/functions/counted_chain/jacobian", {"inputs": [np.linspace(-1, 1, 256).tolist()]})
+
+
+def _chain_jacobian() -> np.ndarray:
+    x = torch.tensor(CHAIN[1]["inputs"][0], dtype=torch.float32)
+    return torch.func.jacrev(clients31_functions.chain)(x).numpy()
+
+
+def test_a_request_whose_time_left_its_last_run_passes_is_refused_before_it_is_computed(server: str) -> None:
+    """A batch holds no more requests than their time per request fits in half the time
+    left to their earliest deadline (round 29); its first always ran, whatever its time
+    left. A slow Jacobian queued with less time left than the last one like it took ran
+    whole: the engine spent its compute (every other client waiting behind it) on an
+    answer the front end had already given up on, a 504 at the deadline. Now a request
+    whose time left is less than what the last run of its kind took per request is
+    refused when its turn comes, before the function is called: 504 ``timeout`` saying
+    so. One with the time is computed as before."""
+    for _ in range(2):  # (the engine learns what one costs: the second, warm)
+        r = _post(server, *CHAIN, HOSTILE)
+        assert r.status_code == 200, r.text[:300]
+        np.testing.assert_allclose(_jacobian(r), _chain_jacobian(), rtol=1e-4, atol=1e-6)
+    each_s = r.json()["meta"]["compute_ms"] / 1e3
+    timeout_s = 2.0 + each_s
+    calls = clients31_functions.CALLS["counted_chain"]
+    with _Held(server) as held:
+        sent = time.monotonic()
+        held.add("late", *CHAIN, HOSTILE, timeout_s=timeout_s)
+        # Its turn comes with a fifth of the time one run took left.
+        time.sleep(max(0.0, sent + timeout_s - each_s / 5 - time.monotonic()))
+    [late] = held.answers["late"]
+    problem = assert_problem(late, 504, "timeout")
+    if problem["detail"] == "the request waited in the queue past its deadline":
+        pytest.skip("the engine took its turn past the deadline (a loaded machine): nothing to show here")
+    assert problem["detail"].startswith("the request would not finish before its deadline: the last like it took "), \
+        problem  # (before: "the request ran past its deadline", after the engine ran it)
+    assert clients31_functions.CALLS["counted_chain"] == calls  # never called
+    # With its time, the same request is computed.
+    r = _post(server, *CHAIN, HOSTILE, timeout_s=30)
+    assert r.status_code == 200, r.text[:300]
+    np.testing.assert_allclose(_jacobian(r), _chain_jacobian(), rtol=1e-4, atol=1e-6)
+    assert clients31_functions.CALLS["counted_chain"] == calls + 1
