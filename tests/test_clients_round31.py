@@ -102,6 +102,7 @@ class _Held:
         clients28_functions.gate(self.number).unlink(missing_ok=True)
 
 
+SIN = ("/v1/functions/sin/jacobian", {"inputs": [[0.5, 1.0]]})
 X = np.linspace(-1, 1, 1400, dtype=np.float32)
 _WIDE = {"inputs": [X.tolist()]}
 
@@ -210,3 +211,46 @@ def test_a_request_whose_time_left_its_last_run_passes_is_refused_before_it_is_c
     assert r.status_code == 200, r.text[:300]
     np.testing.assert_allclose(_jacobian(r), _chain_jacobian(), rtol=1e-4, atol=1e-6)
     assert clients31_functions.CALLS["counted_chain"] == calls + 1
+
+
+# ------------------------------------------------------------ one request at a time, beside a flood
+
+
+def test_a_client_sending_one_request_at_a_time_waits_for_a_time_slice_of_another(server: str) -> None:
+    """While another client's request waits, a batch holds what its time per request
+    fits in a second (round 29). Only while one waited: a client that sends its next
+    request as its last is answered (one at a time, as a page or a script does) found
+    the other client's batch formed in the moment it had nothing queued, and waited all
+    of it. Measured under load (16 threads of slow_chain, 3 of small Jacobians): batches
+    of 13 slow Jacobians (4.5 s), the small requests' p99 2 s and some 504 at 3 s. Now
+    a batch is a time slice too while the engine took another client's job a moment
+    ago (10 s): here the honest client, answered just before, sends its request while
+    the hostile client's slow Jacobians run, and is answered after the first of them,
+    not after all (counted: the hostile answers that came first, the batches run)."""
+    for _ in range(2):  # (the engine learns what one costs)
+        r = _post(server, *CHAIN, HOSTILE)
+        assert r.status_code == 200, r.text[:300]
+    each_s = r.json()["meta"]["compute_ms"] / 1e3
+    count = max(4, int(3.0 / each_s) + 2)  # (one batch of all: 3 s or more)
+    if count > 30:
+        pytest.skip(f"this machine computes a counted_chain Jacobian in {each_s:.3f} s: too fast")
+    with _Held(server) as held:  # (the honest key's request: the engine's last other client)
+        for name, path, doc, key in [("hostile", *CHAIN, HOSTILE)] * count:
+            held.add(name, path, doc, key)
+        batches = clients31_functions.CALLS["counted_chain"]
+        clients31_functions.CALLED.clear()
+        held.release()
+        assert clients31_functions.CALLED.wait(30)  # (the first batch runs: the honest client has nothing queued)
+        honest = _post(server, *SIN, HONEST, timeout_s=30)
+        arrived = len(held.answers.get("hostile", []))
+    assert honest.status_code == 200, honest.text[:300]
+    np.testing.assert_allclose(_jacobian(honest), np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
+    hostile = held.answers["hostile"]
+    assert [r.status_code for r in hostile] == [200] * count, [r.text[:200] for r in hostile]
+    for r in hostile:
+        np.testing.assert_allclose(_jacobian(r), _chain_jacobian(), rtol=1e-4, atol=1e-6)
+    sizes = [r.json()["meta"]["batch_size"] for r in hostile]
+    # Before: one batch of all of them (one call), the honest request answered after all.
+    assert arrived < count, (arrived, count, sizes)
+    assert max(sizes) * each_s <= 1.0 + each_s, (sizes, each_s)  # (_fits: what fits a second, by the last batch)
+    assert clients31_functions.CALLS["counted_chain"] - batches >= 2

@@ -37,6 +37,10 @@ _REFILL_WAIT_MAX_S = 0.002
 # request varies), and, while another client's jobs wait behind it, within this slice.
 _DEADLINE_SHARE = 0.5
 _SHARED_BATCH_S = 1.0
+# ... and so for this long after the engine last took jobs of two clients in a row: a
+# client whose next request was not queued yet when a batch began is sharing the engine
+# all the same.
+_SHARED_RECENT_S = 10.0
 # A job whose time left is less than what one like it took in its last batch, divided by
 # this, is refused before it runs (``Worker._cannot_finish``). Not 1: one run of a key can
 # take twice another's on a loaded machine (the first, cold, 1.4 s; the next 0.74 s).
@@ -146,6 +150,8 @@ class Worker:
         self._turns: collections.OrderedDict[str | None, int] = collections.OrderedDict()
         self._taken = 0
         self._mixed = False
+        self._last_client: str | None = None
+        self._shared_until = -math.inf  # (time.monotonic(): when another client's job was last taken, + _SHARED_RECENT_S)
 
     # ----------------------------------------------------------------- queue
 
@@ -244,6 +250,10 @@ class Worker:
         client = self._client(job)
         self._turns[client] = self._taken
         self._turns.move_to_end(client)
+        if client is not None:  # (None: the engine's own warm-up, no client's)
+            if self._last_client is not None and client != self._last_client:
+                self._shared_until = time.monotonic() + _SHARED_RECENT_S
+            self._last_client = client
         if len(self._turns) > 1024:  # (the least recent: one never seen, when it comes back)
             self._turns.popitem(last=False)
 
@@ -325,8 +335,12 @@ class Worker:
         start = time.monotonic()
         while True:
             mates, others = self._mates(first)
-            # While other clients' jobs wait, this batch is their wait: a time slice at most.
-            slice_s = _SHARED_BATCH_S if others else math.inf
+            # While other clients' jobs wait, this batch is their wait: a time slice at most;
+            # so too while another client was served a moment ago. Bounded only while one
+            # was queued, a client sending one request at a time (its next sent as the last
+            # is answered) found the other's batch formed without it: 13 slow Jacobians
+            # batched (4.5 s), its 2-element Jacobian waiting all of it (504 at 3 s).
+            slice_s = _SHARED_BATCH_S if others or start < self._shared_until else math.inf
             for job in mates:
                 if len(group) >= limit:
                     break
