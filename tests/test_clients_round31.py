@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Self
 
 import httpx
+import jacobian_client as jc
 import numpy as np
 import pytest
 import torch
@@ -76,8 +77,9 @@ class _Held:
         self.answers: dict[str, list[httpx.Response]] = {}
         self.add("holder", "/v1/functions/holds_the_engine/evaluate", {"inputs": [[float(self.number)]]}, HONEST)
 
-    def add(self, name: str, path: str, doc: dict, key: str, count: int = 1, **how: object) -> None:
-        """Start ``count`` requests; return once the engine holds them all (and those before)."""
+    def add(self, name: str, path: str, doc: dict, key: str, count: int = 1, depth: int | None = None,
+            **how: object) -> None:
+        """Start ``count`` requests; return once the engine holds ``depth`` (all so far)."""
         def send() -> None:
             self.answers.setdefault(name, []).append(_post(self.url, path, doc, key, **how))  # type: ignore[arg-type]
 
@@ -86,7 +88,7 @@ class _Held:
             t.start()
             self.threads.append(t)
         deadline = time.monotonic() + 30
-        while _queue_depth(self.url) < len(self.threads):
+        while _queue_depth(self.url) < (depth or len(self.threads)):
             assert time.monotonic() < deadline, (name, self.answers)
 
     def release(self) -> None:
@@ -254,3 +256,57 @@ def test_a_client_sending_one_request_at_a_time_waits_for_a_time_slice_of_anothe
     assert arrived < count, (arrived, count, sizes)
     assert max(sizes) * each_s <= 1.0 + each_s, (sizes, each_s)  # (_fits: what fits a second, by the last batch)
     assert clients31_functions.CALLS["counted_chain"] - batches >= 2
+
+
+# ------------------------------------------------------------ pushed out of a full queue, through the SDK
+
+SMALL_QUEUE = 8
+
+
+@pytest.fixture(scope="module")
+def small_queue_server() -> Iterator[str]:
+    with real_server(functions="jacobian_service.examples,tests.clients28_functions", api_keys=f"{HOSTILE},{HONEST}",
+                     max_queue=SMALL_QUEUE) as url:
+        yield url
+
+
+def test_an_sdk_call_pushed_out_of_a_full_queue_is_retried_and_answered(small_queue_server: str) -> None:
+    """A request already queued that gives its place to another client's (round 29) is
+    answered 429 with ``Retry-After: 1``: the SDK's call waits as told and sends it
+    again (refused 429 again while the queue stays full), and is answered once the queue
+    drains, as torch.func computes it, within its retry time; the other client's
+    request is answered too."""
+    url = small_queue_server
+    answers: list[object] = []
+    with _Held(url) as held:
+        held.add("hostile", *SIN, HOSTILE, count=SMALL_QUEUE - 2)
+        with jc.Client(url, api_key=HOSTILE, timeout=30, transport="json",
+                       retry=jc.RetryPolicy(max_retry_time=30)) as client:
+            sdk = threading.Thread(target=lambda: answers.append(_sdk_jacobian(client)))
+            sdk.start()
+            deadline = time.monotonic() + 30
+            while _queue_depth(url) < SMALL_QUEUE:  # (the queue is full, the SDK's call the newest)
+                assert time.monotonic() < deadline
+            pushed_at = _answered_429(url)
+            held.add("honest", *SIN, HONEST, timeout_s=30, depth=SMALL_QUEUE)  # (its place: the SDK's call's)
+            while _answered_429(url) < pushed_at + 2:  # (pushed, refused again)
+                assert time.monotonic() < deadline and sdk.is_alive(), answers
+            held.release()
+            sdk.join(35)
+    assert len(answers) == 1 and isinstance(answers[0], np.ndarray), answers
+    np.testing.assert_allclose(answers[0], np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
+    for r in held.answers["honest"] + held.answers["hostile"]:
+        assert r.status_code == 200, r.text[:300]
+
+
+def _answered_429(url: str) -> float:
+    text = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {HONEST}"}, timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("jacobian_service_requests_total{") and 'status="429"' in line)
+
+
+def _sdk_jacobian(client: jc.Client) -> object:
+    try:
+        return client.jacobian("sin", np.array([0.5, 1.0], dtype=np.float32))
+    except Exception as exc:  # noqa: BLE001 (the test says what it was)
+        return exc
