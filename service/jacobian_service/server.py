@@ -187,6 +187,34 @@ def _resume_if_stopped(index: int, pid: int, since: dict[int, float], grace_s: f
             pass
 
 
+def _oom_score_adj(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/oom_score_adj") as f:
+            return int(f.read())
+    except (OSError, ValueError):  # gone, or no /proc
+        return None
+
+
+def _keep_oom_score(what: str, pid: int, taken: int | None, running: Any) -> None:
+    """``serve``'s and the front ends' out-of-memory score adjustment as ``serve`` started
+    (the engines raise their own: the killer's first choice). Any process of the user may
+    raise another's, by its ``/proc/PID/oom_score_adj``: an engine's function that wrote
+    1000 to ``serve``'s made it, not the engine, the one killed the next time memory ran
+    out (a function's leak, a large request), and the whole service went, for as long as
+    ``serve`` lived. Put back (lowering to ``serve``'s own value needs no privilege),
+    naming what the engines' boards said ran (their word: the best this process knows)."""
+    if taken is None or (now := _oom_score_adj(pid)) is None or now <= taken:
+        return
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(taken))
+    except OSError as exc:
+        log.error("%s's out-of-memory score adjustment was raised to %d and cannot be put back (%s)", what, now, exc)
+        return
+    log.error("%s's out-of-memory score adjustment was raised to %d, by another process of this user (%s); "
+              "put back to %d", what, now, running() or "no engine said it was running a function", taken)
+
+
 def _forget_metrics(pid: int | None) -> None:
     """Drop a dead front end's live gauges (its counters still count)."""
     from prometheus_client import multiprocess
@@ -308,6 +336,7 @@ def serve(settings: Settings) -> int:
         front_ends.extend(start(i) for i in range(count))
         announced = False
         stopped_since: dict[int, float] = {}  # front ends found stopped by a signal, since when
+        oom_score = _oom_score_adj(os.getpid())  # what serve started with: the front ends' too
         while not stopping.is_set():
             if not announced and supervisor.all_ready():
                 # What a user who ran `make serve` does next: where to point a browser or curl.
@@ -320,6 +349,8 @@ def serve(settings: Settings) -> int:
                     front_ends[i] = start(i)
                 elif p.pid:
                     _resume_if_stopped(i, p.pid, stopped_since, settings.hang_grace_s)
+                    _keep_oom_score(f"front end {i} (pid {p.pid})", p.pid, oom_score, supervisor.running_functions)
+            _keep_oom_score(f"serve (pid {os.getpid()})", os.getpid(), oom_score, supervisor.running_functions)
             stopping.wait(0.5)
         for p in front_ends:
             p.join(settings.drain_delay_s + settings.drain_grace_s + 10)

@@ -593,6 +593,12 @@ class Supervisor:
             except Exception:  # the supervisor must outlive its own bugs
                 log.exception("supervisor tick failed")
 
+    def running_functions(self) -> str:
+        """What each engine's board said it ran at the last tick ("engine 0: f"), for a
+        log line about what some function did; the functions' own word."""
+        return ", ".join(f"engine {i}: {function}" for i, engine in enumerate(self.engines)
+                         if (function := engine.running.get("function")))
+
     def tick(self) -> None:
         now = time.monotonic()
         self._drain_control()

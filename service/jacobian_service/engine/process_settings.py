@@ -683,6 +683,30 @@ def _set_niceness(taken: int) -> None:
     os.setpriority(os.PRIO_PROCESS, 0, taken)  # lowering it needs CAP_SYS_NICE: PermissionError without it
 
 
+# The out-of-memory killer's score adjustment, which the engine raises as it starts
+# (``process._first_for_the_oom_killer``: the engine, the one process restarted without
+# loss, is the killer's first choice). Lowering it again needs no privilege down to the
+# value its parent had: a function that wrote 0 to ``/proc/self/oom_score_adj`` (measured,
+# as an unprivileged user) left the engine no likelier a choice than ``serve`` or a front
+# end for as long as it lived. Only the lowered direction is put back.
+def _oom_score_adj() -> int:
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # not Linux, or no /proc: nothing to keep
+        return 0
+    try:
+        return int(os.read(fd, 16) or 0)
+    except (OSError, ValueError):
+        return 0
+    finally:
+        os.close(fd)
+
+
+def _put_oom_score_adj(taken: int) -> None:
+    with open("/proc/self/oom_score_adj", "w") as f:  # raising it needs no privilege
+        f.write(str(taken))
+
+
 # The engine's thread's scheduling policy: SCHED_IDLE (``os.sched_setscheduler``) left
 # it to run every later request of every function only when the CPU has nothing else to
 # do (the front ends under load starve it), as a raised niceness would. Back to
@@ -1352,6 +1376,8 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
                 functools.partial(os.sched_setaffinity, 0), status=((b"Cpus_allowed", b"Cpus_allowed"),)))
       if hasattr(os, "sched_getscheduler") and hasattr(os, "sched_getaffinity") else ()),
     _Setting("the niceness", _niceness, _set_niceness),
+    _Setting("the out-of-memory killer's score adjustment (/proc/self/oom_score_adj, lowered)", _oom_score_adj,
+             _put_oom_score_adj, operator.lt),
     # What heap.freeze_heap froze: the in-process layout's host may freeze and unfreeze its own.
     _Setting("the garbage collector's frozen objects (gc.unfreeze)", thawed, lambda taken: refreeze()),
     _Setting("the stack size of new threads", _stack_size, threading.stack_size),
