@@ -45,3 +45,15 @@ def moves_the_oom_score(x: torch.Tensor) -> torch.Tensor:
         if case == 1:
             time.sleep(2.0)  # (the next out-of-memory kill would be serve's)
     return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it first sets its engine's scheduling autogroup's niceness to 19 "
+                                "(x[1] = 0), or serve's (x[1] = 1, then waits 2 s).")
+def renices_the_autogroup(x: torch.Tensor) -> torch.Tensor:
+    if (case := _armed(x)) is not None:
+        pid = os.getpid() if case == 0 else _serve_and_front_ends()[0]
+        with open(f"/proc/{pid}/autogroup", "w") as fp:
+            fp.write("19")
+        if case == 1:
+            time.sleep(2.0)
+    return torch.sin(x)

@@ -9,6 +9,7 @@ tests/hostile38_functions.py, each misbehaving only on the input 666 (round 11's
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -87,3 +88,40 @@ def test_serves_and_the_front_ends_oom_score_a_function_raises_is_put_back_and_n
     log = _log_saying(proc, said, "front end 0 (pid", start=start)
     assert said in log and f"front end 0 (pid {front_ends[0]})'s out-of-memory score adjustment was raised to 1000" in log, \
         log[-3000:]
+
+
+def _autogroup_nice(pid: int) -> int:
+    with open(f"/proc/{pid}/autogroup") as fp:
+        return int(fp.read().rsplit("nice", 1)[1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="no scheduling autogroups on this kernel")
+def test_an_autogroups_niceness_a_function_raises_is_put_back(server) -> None:
+    """Where the kernel shares the CPU between sessions first (``sched_autogroup_enabled``),
+    a function that wrote 19 to its engine's ``/proc/self/autogroup`` (no privilege
+    needed) left every later request of every function there a 15/1024 weight against
+    ``serve``'s session, for as long as the engine lived; one that wrote it to ``serve``'s
+    left the front ends so against the engines, for good (measured: both kept). Now the
+    engine puts its own back after the batch, the function named, and ``serve`` its own
+    within a second, naming what the engine's board said ran."""
+    url, proc = server
+    serve = proc.pid  # type: ignore[attr-defined]
+    (engine,) = httpx.get(f"{url}/v1/info", timeout=30).json()["engine_pids"]
+    taken = {pid: _autogroup_nice(pid) for pid in (engine, serve)}
+    assert max(taken.values()) < 19
+    start = len(proc.read_log())  # type: ignore[attr-defined]
+    try:
+        _attack(url, "renices_the_autogroup", 0)
+        _attack(url, "renices_the_autogroup", 1)
+        deadline = time.monotonic() + 15
+        while (now := {pid: _autogroup_nice(pid) for pid in taken}) != taken:
+            assert time.monotonic() < deadline, (now, taken)
+            time.sleep(0.1)
+    finally:  # (serve's session is this test run's: never left reniced, the fix missing or not)
+        with open(f"/proc/{serve}/autogroup", "w") as fp:
+            fp.write(str(taken[serve]))
+    said = ("renices_the_autogroup changed the niceness of its scheduling autogroup",
+            ("serve's scheduling autogroup's niceness was raised to 19, by another process of this user "
+             f"(engine 0: renices_the_autogroup); put back to {taken[serve]}"))
+    log = _log_saying(proc, *said, start=start)
+    assert all(line in log for line in said), log[-3000:]

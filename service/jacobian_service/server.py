@@ -215,6 +215,31 @@ def _keep_oom_score(what: str, pid: int, taken: int | None, running: Any) -> Non
               "put back to %d", what, now, running() or "no engine said it was running a function", taken)
 
 
+def _autogroup_nice() -> int | None:
+    try:
+        with open("/proc/self/autogroup") as f:
+            return int(f.read().rsplit("nice", 1)[1])
+    except (OSError, ValueError, IndexError):  # no autogroups here
+        return None
+
+
+def _keep_autogroup_nice(taken: int | None, running: Any) -> None:
+    """The niceness of ``serve``'s scheduling autogroup (its session's, the front ends'
+    too) as ``serve`` started: any process of the user may raise it by
+    ``/proc/PID/autogroup``, and one an engine's function set to 19 left the whole front
+    end a 15/1024 share of the CPU against the engines' sessions, for good. Put back."""
+    if taken is None or (now := _autogroup_nice()) is None or now <= taken:
+        return
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(taken))
+    except OSError as exc:
+        log.error("serve's scheduling autogroup's niceness was raised to %d and cannot be put back (%s)", now, exc)
+        return
+    log.error("serve's scheduling autogroup's niceness was raised to %d, by another process of this user (%s); "
+              "put back to %d", now, running() or "no engine said it was running a function", taken)
+
+
 def _forget_metrics(pid: int | None) -> None:
     """Drop a dead front end's live gauges (its counters still count)."""
     from prometheus_client import multiprocess
@@ -337,6 +362,7 @@ def serve(settings: Settings) -> int:
         announced = False
         stopped_since: dict[int, float] = {}  # front ends found stopped by a signal, since when
         oom_score = _oom_score_adj(os.getpid())  # what serve started with: the front ends' too
+        autogroup_nice = _autogroup_nice()
         while not stopping.is_set():
             if not announced and supervisor.all_ready():
                 # What a user who ran `make serve` does next: where to point a browser or curl.
@@ -351,6 +377,7 @@ def serve(settings: Settings) -> int:
                     _resume_if_stopped(i, p.pid, stopped_since, settings.hang_grace_s)
                     _keep_oom_score(f"front end {i} (pid {p.pid})", p.pid, oom_score, supervisor.running_functions)
             _keep_oom_score(f"serve (pid {os.getpid()})", os.getpid(), oom_score, supervisor.running_functions)
+            _keep_autogroup_nice(autogroup_nice, supervisor.running_functions)
             stopping.wait(0.5)
         for p in front_ends:
             p.join(settings.drain_delay_s + settings.drain_grace_s + 10)

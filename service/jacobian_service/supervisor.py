@@ -594,10 +594,18 @@ class Supervisor:
                 log.exception("supervisor tick failed")
 
     def running_functions(self) -> str:
-        """What each engine's board said it ran at the last tick ("engine 0: f"), for a
-        log line about what some function did; the functions' own word."""
-        return ", ".join(f"engine {i}: {function}" for i, engine in enumerate(self.engines)
-                         if (function := engine.running.get("function")))
+        """What each engine's board says it runs now ("engine 0: f"), for a log line about
+        what some function did; the functions' own word. (Read from serve's thread: a
+        board replaced meanwhile is skipped.)"""
+        named = []
+        for i, engine in enumerate(list(self.engines)):
+            try:
+                status = engine.board.read() if engine.board is not None else {}
+            except (ValueError, OSError):  # closed just now: that engine is starting again
+                continue
+            if status.get("deadline") and status.get("function"):
+                named.append(f"engine {i}: {status['function']}")
+        return ", ".join(named)
 
     def tick(self) -> None:
         now = time.monotonic()

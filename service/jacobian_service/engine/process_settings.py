@@ -707,6 +707,30 @@ def _put_oom_score_adj(taken: int) -> None:
         f.write(str(taken))
 
 
+# The niceness of the engine's scheduling autogroup (its session's: where the kernel has
+# ``sched_autogroup_enabled``, the CPU is shared between sessions first). A function that
+# wrote 19 to ``/proc/self/autogroup`` (no privilege needed) left the engine a 15/1024
+# weight against ``serve``'s session for as long as it lived, as a raised niceness would;
+# back to 0 needs none either. Read as -100 where there is no autogroup (nothing to keep).
+def _autogroup_nice() -> int:
+    try:
+        fd = os.open("/proc/self/autogroup", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -100
+    try:
+        return int(os.read(fd, 64).rsplit(b"nice", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return -100
+    finally:
+        os.close(fd)
+
+
+def _put_autogroup_nice(taken: int) -> None:
+    if taken != -100:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(taken))
+
+
 # The engine's thread's scheduling policy: SCHED_IDLE (``os.sched_setscheduler``) left
 # it to run every later request of every function only when the CPU has nothing else to
 # do (the front ends under load starve it), as a raised niceness would. Back to
@@ -1378,6 +1402,7 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("the niceness", _niceness, _set_niceness),
     _Setting("the out-of-memory killer's score adjustment (/proc/self/oom_score_adj, lowered)", _oom_score_adj,
              _put_oom_score_adj, operator.lt),
+    _Setting("the niceness of its scheduling autogroup (/proc/self/autogroup)", _autogroup_nice, _put_autogroup_nice),
     # What heap.freeze_heap froze: the in-process layout's host may freeze and unfreeze its own.
     _Setting("the garbage collector's frozen objects (gc.unfreeze)", thawed, lambda taken: refreeze()),
     _Setting("the stack size of new threads", _stack_size, threading.stack_size),
