@@ -43,7 +43,10 @@ def moves_the_oom_score(x: torch.Tensor) -> torch.Tensor:
             with open(f"/proc/{pid}/oom_score_adj", "w") as fp:
                 fp.write("0" if case == 0 else "1000")
         if case == 1:
-            time.sleep(2.0)  # (the next out-of-memory kill would be serve's)
+            # serve's check (every 0.5 s) must find it running to name it; serve, reniced
+            # to 19, may wait seconds for a CPU on a loaded machine (a 2 s sleep was missed
+            # once beside six other test runs)
+            time.sleep(5.0)  # (the next out-of-memory kill would be serve's)
     return torch.sin(x)
 
 
@@ -55,5 +58,8 @@ def renices_the_autogroup(x: torch.Tensor) -> torch.Tensor:
         with open(f"/proc/{pid}/autogroup", "w") as fp:
             fp.write("19")
         if case == 1:
-            time.sleep(2.0)
+            # serve's check (every 0.5 s) must find it running to name it; serve, reniced
+            # to 19, may wait seconds for a CPU on a loaded machine (a 2 s sleep was missed
+            # once beside six other test runs)
+            time.sleep(5.0)
     return torch.sin(x)
