@@ -59,7 +59,7 @@ def _plan(
     mode = _mode(engine, call, kind)
     # Imported on the first sparse request: the tracer's imports cost ~0.1 s, which every
     # engine start (and restart after a crash) would pay otherwise.
-    from ..sparsity import Pattern, PatternTooLarge, entry_limit
+    from ..sparsity import DetectionTooCostly, Pattern, PatternTooLarge, entry_limit
     from ..sparsity.compute import OutputSizeChanged, resolve
 
     n = sum(args[i].numel() for i in call.argnums)
@@ -83,6 +83,13 @@ def _plan(
         raise
     except OutputSizeChanged as exc:
         raise InvalidInput(str(exc)) from None
+    except DetectionTooCostly as exc:
+        # (refused at the limit, not at the deadline: the engine runs one job at a time,
+        # and every other client's request waited behind the detection)
+        raise ResultTooLarge(
+            f"detecting the sparsity pattern costs too much: {exc}. Declare or pass the pattern, ask for "
+            "sparsity=dense, or send a smaller input"
+        ) from None
     except PatternTooLarge as exc:
         raise ResultTooLarge(
             f"the sparsity pattern is too dense for the limits: {exc}. Ask for sparsity=dense (streamed as .npy), "

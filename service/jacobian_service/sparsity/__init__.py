@@ -43,6 +43,7 @@ from typing import Any
 from .patterns import (
     CACHE_ENV,
     Declared,
+    DetectionTooCostly,
     Pattern,
     PatternCache,
     PatternTooLarge,
@@ -59,6 +60,7 @@ __all__ = [
     "CACHE_ENV",
     "Coloring",
     "Declared",
+    "DetectionTooCostly",
     "Pattern",
     "PatternCache",
     "PatternTooLarge",

@@ -32,6 +32,7 @@ __all__ = [
     "CACHE_ENV",
     "CHOICE_NOTE",
     "Declared",
+    "DetectionTooCostly",
     "Pattern",
     "PatternCache",
     "PatternTooLarge",
@@ -62,6 +63,21 @@ class PatternTooLarge(RuntimeError):
     probing would need the dense derivative, larger still)."""
 
 
+class DetectionTooCostly(PatternTooLarge):
+    """Detection handled more entries, summed over its ops, than :func:`entry_limit`
+    allows one detection (:data:`TRACE_WORK_PER_INPUT_ENTRY`)."""
+
+
+#: Entries one detection may handle, summed over every matrix it builds, per entry of the
+#: input limit (capped at :data:`_TRACE_WORK_INPUTS_CAP` of them). Detection is one job
+#: of the engine, which runs one at a time: measured, a lorenz96 of 1,000,000 elements
+#: (38 entries handled per element, ~80 ns each) held the engine its whole 60 s
+#: deadline, another client's 2-element Jacobian waiting 58 s behind it. 8 x 2**24 is
+#: 134 M entries, 5-10 s of one core: the longest any other client waits behind one.
+TRACE_WORK_PER_INPUT_ENTRY = 8
+_TRACE_WORK_INPUTS_CAP = 1 << 24  # (a GPU's budget is half its memory; the tracer runs on the CPU all the same)
+
+
 # Most pattern entries (dependency pairs) one detection may hold in a single matrix, most
 # entries of the colouring's graph (its pure-Python greedy pass costs far more per
 # entry), and most elements of the differentiated inputs the tracer starts from (one
@@ -85,10 +101,17 @@ def entry_limit(max_entries: int | None, max_graph_entries: int | None = None,
     them. Counted as any traced tensor, ``x[:3].prod()`` of more inputs than the result
     could hold entries was refused as too dense, its pattern 3 entries."""
     token = _LIMITS.set((max_entries, max_graph_entries, max_input_entries))
+    work = None if max_input_entries is None else min(max_input_entries, _TRACE_WORK_INPUTS_CAP) * TRACE_WORK_PER_INPUT_ENTRY
+    work_token = _WORK.set([0, work])
     try:
         yield
     finally:
+        _WORK.reset(work_token)
         _LIMITS.reset(token)
+
+
+# The entries the detection under way has handled so far, and its limit (see entry_limit).
+_WORK: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("detection_work", default=None)
 
 
 # The most entries any one matrix of the detection under way was counted at (see
@@ -119,6 +142,12 @@ def check_entries(count: int, what: str, graph: bool = False) -> None:
     limit = _LIMITS.get()[1 if graph else 0]
     if limit is not None and count > limit:
         raise PatternTooLarge(f"{what} would hold {count:,} entries; the limit is {limit:,}")
+    work = None if graph else _WORK.get()
+    if work is not None and work[1] is not None:
+        work[0] += count
+        if work[0] > work[1]:
+            raise DetectionTooCostly(f"detection handled more than {work[1]:,} pattern entries (summed over the "
+                                     f"function's operations) by {what}")
 
 
 def check_input_entries(count: int) -> None:
