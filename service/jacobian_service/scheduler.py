@@ -440,7 +440,10 @@ class Worker:
         if stats is None:
             return None
         each_s, left_s = stats.compute_s / max(1, stats.batch_size), job.deadline - now
-        if each_s <= _LATE_MARGIN * left_s:
+        # A last run longer than this job's whole time is no estimate of it: a function that
+        # patched time.monotonic (put back after its batch) left its key's run at 1e6 s, and
+        # every later request of that key was refused so, never run to be measured again.
+        if each_s <= _LATE_MARGIN * left_s or each_s > job.deadline - job.enqueued:
             return None
         return Timeout(f"the request would not finish before its deadline: the last like it took {each_s:.3f} s of "
                        f"the engine and {left_s:.3f} s were left when its turn came; not computed (give it more "

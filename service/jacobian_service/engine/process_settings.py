@@ -683,6 +683,15 @@ def _set_niceness(taken: int) -> None:
     os.setpriority(os.PRIO_PROCESS, 0, taken)  # lowering it needs CAP_SYS_NICE: PermissionError without it
 
 
+def _no_descriptor(exc: OSError) -> None:
+    """A file not opened for want of a descriptor (a function holding them all) tells
+    nothing of the setting: not read this pass (``_NoDescriptor``), where the value that
+    stands for "no such file" was taken for a change that could not be put back, and the
+    engine replaced for it (hostile round 6's descriptor hog, named for the autogroup)."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        raise _NoDescriptor() from exc
+
+
 # The out-of-memory killer's score adjustment, which the engine raises as it starts
 # (``process._first_for_the_oom_killer``: the engine, the one process restarted without
 # loss, is the killer's first choice). Lowering it again needs no privilege down to the
@@ -692,7 +701,8 @@ def _set_niceness(taken: int) -> None:
 def _oom_score_adj() -> int:
     try:
         fd = os.open("/proc/self/oom_score_adj", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:  # not Linux, or no /proc: nothing to keep
+    except OSError as exc:  # not Linux, or no /proc: nothing to keep
+        _no_descriptor(exc)
         return 0
     try:
         return int(os.read(fd, 16) or 0)
@@ -715,7 +725,8 @@ def _put_oom_score_adj(taken: int) -> None:
 def _autogroup_nice() -> int:
     try:
         fd = os.open("/proc/self/autogroup", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    except OSError as exc:
+        _no_descriptor(exc)
         return -100
     try:
         return int(os.read(fd, 64).rsplit(b"nice", 1)[1])
