@@ -5,7 +5,6 @@ red team would read them. Each test names what a user saw before.
 from __future__ import annotations
 
 import collections
-import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ from jacobian_service.engine_client import _client_marks
 
 from .conftest import assert_problem, live_server, ready_app
 from .test_hostile_round11 import _engine_pid, _replaced
+from .test_names_in_process import _held_tidying  # (the engine's tidying held on an event)
 
 
 def test_a_front_ends_client_marks_travel_with_its_oldest_job_and_go_with_it() -> None:
@@ -57,22 +57,6 @@ def test_a_front_ends_client_marks_travel_with_its_oldest_job_and_go_with_it() -
 def app() -> Iterator:
     with ready_app("jacobian_service.examples,tests.review4_functions") as c:
         yield c
-
-
-def _held_tidying(app, monkeypatch) -> tuple[threading.Event, threading.Event]:
-    """The engine's tidying after a batch (``restore_settings``), held until ``go`` is
-    set; ``done`` once it ran (as tests/test_names_in_process.py holds it)."""
-    engine = app.app.service_state.engines.workers[0].worker.engine
-    go, done = threading.Event(), threading.Event()
-    real = engine.restore_settings
-
-    def held(function: str) -> None:
-        go.wait(30)
-        real(function)
-        done.set()
-
-    monkeypatch.setattr(engine, "restore_settings", held)
-    return go, done
 
 
 def test_a_setting_the_caller_changes_once_answered_is_not_put_back_in_process(app, monkeypatch, caplog) -> None:
