@@ -295,7 +295,8 @@ class RemoteObjective:
         service's 422 ("expected shape (), got (1,)"), and so did one of ``n`` points in
         3-D (``(n, 3)``, got ``(3 n,)``), where the same function in-process takes the
         reshaped array. The declared shape is the one reshape that fits: all of it fixed
-        (``()``, ``(2, 3)``), or one symbol the size decides (``(n, 3)``: ``n = x.size / 3``).
+        (``()``, ``(2, 3)``), or one symbol the size decides (``(n, 3)``: ``n = x.size / 3``;
+        ``(n, n)``: its square root).
         Learned from the refusal (the function's description asked once, for the input's
         name), never asked up front: a caller who passes the right shape pays nothing. A
         shape it cannot decide (two symbols) is the 422 with what to pass."""
@@ -545,12 +546,21 @@ _DERIVATIVE_ERRORS = (FunctionError, ResultTooLarge, Timeout, OutOfMemory)
 
 def _resolve(declared: tuple[Any, ...], size: int) -> tuple[int, ...] | None:
     """The one shape of ``size`` elements a declared shape allows (its numbers, and at most
-    one symbol, which the size decides), or None."""
+    one symbol, which the size decides: named ``k`` times, its ``k``-th root), or None."""
     fixed = math.prod(d for d in declared if isinstance(d, int))
-    symbols = {d for d in declared if not isinstance(d, int)}
-    if len(symbols) > 1 or (fixed == 0 and size) or (fixed and size % fixed) or (not symbols and fixed != size):
+    symbols = [d for d in declared if not isinstance(d, int)]
+    if len(set(symbols)) > 1 or (fixed == 0 and size) or (fixed and size % fixed) or (not symbols and fixed != size):
         return None
-    return tuple(d if isinstance(d, int) else size // fixed if fixed else 0 for d in declared)
+    # A symbol named twice (a matrix, ("n", "n")) was given the whole size at each place:
+    # a flat 2x2 was reshaped to (4, 4), numpy's ValueError out of every SciPy callable.
+    n = 0 if not symbols or not fixed else _root(size // fixed, len(symbols))
+    return None if n is None else tuple(d if isinstance(d, int) else n for d in declared)
+
+
+def _root(value: int, k: int) -> int | None:
+    """The whole number whose ``k``-th power is ``value`` (``k >= 1``), or None."""
+    guess = round(value ** (1.0 / k))
+    return next((r for r in (guess - 1, guess, guess + 1) if r >= 0 and r**k == value), None)
 
 
 def _flat(value: Any) -> Any:
