@@ -201,18 +201,9 @@ def _keep_oom_score(what: str, pid: int, taken: int | None, running: Any) -> Non
     raise another's, by its ``/proc/PID/oom_score_adj``: an engine's function that wrote
     1000 to ``serve``'s made it, not the engine, the one killed the next time memory ran
     out (a function's leak, a large request), and the whole service went, for as long as
-    ``serve`` lived. Put back (lowering to ``serve``'s own value needs no privilege),
-    naming what the engines' boards said ran (their word: the best this process knows)."""
-    if taken is None or (now := _oom_score_adj(pid)) is None or now <= taken:
-        return
-    try:
-        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
-            f.write(str(taken))
-    except OSError as exc:
-        log.error("%s's out-of-memory score adjustment was raised to %d and cannot be put back (%s)", what, now, exc)
-        return
-    log.error("%s's out-of-memory score adjustment was raised to %d, by another process of this user (%s); "
-              "put back to %d", what, now, running() or "no engine said it was running a function", taken)
+    ``serve`` lived. Put back (lowering to ``serve``'s own value needs no privilege)."""
+    if taken is not None and (now := _oom_score_adj(pid)) is not None and now > taken:
+        _put_back(f"/proc/{pid}/oom_score_adj", f"{what}'s out-of-memory score adjustment", now, taken, running)
 
 
 def _autogroup_nice() -> int | None:
@@ -228,16 +219,21 @@ def _keep_autogroup_nice(taken: int | None, running: Any) -> None:
     too) as ``serve`` started: any process of the user may raise it by
     ``/proc/PID/autogroup``, and one an engine's function set to 19 left the whole front
     end a 15/1024 share of the CPU against the engines' sessions, for good. Put back."""
-    if taken is None or (now := _autogroup_nice()) is None or now <= taken:
-        return
+    if taken is not None and (now := _autogroup_nice()) is not None and now > taken:
+        _put_back("/proc/self/autogroup", "serve's scheduling autogroup's niceness", now, taken, running)
+
+
+def _put_back(path: str, what: str, now: int, taken: int, running: Any) -> None:
+    """``taken`` written back to ``path`` (``what``, raised to ``now``), said in the log
+    with what the engines' boards said ran (their word: the best this process knows)."""
     try:
-        with open("/proc/self/autogroup", "w") as f:
+        with open(path, "w") as f:
             f.write(str(taken))
     except OSError as exc:
-        log.error("serve's scheduling autogroup's niceness was raised to %d and cannot be put back (%s)", now, exc)
+        log.error("%s was raised to %d and cannot be put back (%s)", what, now, exc)
         return
-    log.error("serve's scheduling autogroup's niceness was raised to %d, by another process of this user (%s); "
-              "put back to %d", now, running() or "no engine said it was running a function", taken)
+    log.error("%s was raised to %d, by another process of this user (%s); put back to %d", what, now,
+              running() or "no engine said it was running a function", taken)
 
 
 def _forget_metrics(pid: int | None) -> None:
