@@ -123,7 +123,7 @@ def test_the_word_of_one_front_end_names_its_oldest_job_not_the_cancelled_one() 
     """Through one front end alone (``WORKERS=1``) the same hang struck ``sin``: the front
     end's word named the request it cancelled. Now it names its oldest job on that engine
     (its function and tag), cancelled or not, beside the cancelled request's function."""
-    from jacobian_service.engine_client import RemoteEngines, _client_marks
+    from jacobian_service.engine_client import RemoteEngines, _Cancelled, _client_marks, _Pending
     from jacobian_service.supervision import Channel
 
     sent: list[bytes] = []
@@ -134,9 +134,9 @@ def test_the_word_of_one_front_end_names_its_oldest_job_not_the_cancelled_one() 
         _control=SimpleNamespace(send=sent.append), _pids={0: 4242}, _told_oldest=set(),
         _socks={0: SimpleNamespace(count=lambda: None)},  # (its count, sent with the word: round 37)
         # the hang: sent 5 s ago with the default deadline, still waited for
-        _pending={1: (loop_future, 0, "fe:1", now - 5.0, True, "hangs_behind_its_board", "client-a")},
+        _pending={1: _Pending(loop_future, 0, "fe:1", now - 5.0, True, "hangs_behind_its_board", "client-a")},
         # queued behind it: sent 4 s ago, cancelled at its deadline 3 s ago
-        _cancelled={2: (0, 4242, now - 3.0, now - 4.0, "fe:2", "sin", "client-a")},
+        _cancelled={2: _Cancelled(0, 4242, now - 3.0, now - 4.0, "fe:2", "sin", "client-a")},
     )
     RemoteEngines._tell_overdue(front_end, now)  # type: ignore[arg-type]
     words = [front_end.channel.verify(raw) for raw in sent]

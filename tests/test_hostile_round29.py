@@ -183,7 +183,7 @@ def test_a_front_end_tells_what_it_holds_a_few_times_a_second_not_per_request() 
     thousand requests of one function cost one word, their answers one more, and after
     the engine's death (the supervisor forgets what was held there) the next job is told
     again."""
-    from jacobian_service.engine_client import RemoteEngines
+    from jacobian_service.engine_client import RemoteEngines, _Pending
     from jacobian_service.supervision import Channel
 
     sent: list[bytes] = []
@@ -193,14 +193,14 @@ def test_a_front_end_tells_what_it_holds_a_few_times_a_second_not_per_request() 
     pending = concurrent.futures.Future()
     for i in range(1000):
         front_end._tell_held((0, "sin"))
-        front_end._pending[i] = (pending, 0, f"fe:{i}", time.monotonic(), True, "sin", None)
+        front_end._pending[i] = _Pending(pending, 0, f"fe:{i}", time.monotonic(), True, "sin", None)
     front_end._tell_held((0, "cos"))
     front_end._tell_held(None)  # the second's look: cos was answered
     front_end._pending.clear()
     front_end._tell_held(None)  # all answered
     front_end._tell_held(None)  # nothing new
     front_end._tell_held((0, "sin"))  # held: told at once
-    front_end._pending[0] = (pending, 0, "fe:0", time.monotonic(), True, "sin", None)
+    front_end._pending[0] = _Pending(pending, 0, "fe:0", time.monotonic(), True, "sin", None)
     front_end._fail_engine(0, set(), "", hang=False, ready_in=1.0, pid=4242)  # the engine died (its word read)
     front_end._tell_held((0, "sin"))
     words = [front_end.channel.verify(raw) for raw in sent]

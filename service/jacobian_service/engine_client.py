@@ -24,7 +24,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import orjson
@@ -75,6 +75,31 @@ _MAX_CANCELLED = 4096  # cancels awaiting their engine's answer, kept (a hung en
 # of its own (the engine takes it as its stream's client's), so that a front end holding it
 # beside other jobs says "several clients" (the cautious side: no blame by order).
 _UNKNOWN_CLIENT = "\x00a stream's chunk"
+
+
+class _Pending(NamedTuple):
+    """A job sent to an engine and not yet answered (``RemoteEngines._pending``)."""
+
+    fut: asyncio.Future
+    engine: int  # its index
+    tag: str
+    sent: float  # time.monotonic()
+    movable: bool  # whether another engine may take it (none was named)
+    function: str
+    client: str | None  # Call.client (_UNKNOWN_CLIENT: a stream's chunk)
+
+
+class _Cancelled(NamedTuple):
+    """A job cancelled (deadline, client gone) whose engine has not answered yet
+    (``RemoteEngines._cancelled``; see ``_overdue``)."""
+
+    engine: int
+    pid: int | None  # the engine's process when it was cancelled
+    since: float  # when cancelled
+    sent: float
+    tag: str
+    function: str
+    client: str | None
 
 
 def _client_marks(clients: set[str | None]) -> list[str]:
@@ -298,8 +323,7 @@ class RemoteEngines(_Engines):
         self.devices: list[str] = doc["devices"]
         self._doc = doc
         self._ids = itertools.count(1)
-        # msg id -> (future, engine index, tag, when sent, whether another engine may take it, function)
-        self._pending: dict[int, tuple[asyncio.Future, int, str, float, bool, str]] = {}
+        self._pending: dict[int, _Pending] = {}  # msg id -> the job sent
         self._load = [0] * len(self.devices)
         self._state: dict[str, Any] = {"engines": [], "quarantined": {}, "quarantines": 0}
         self._state_at = 0.0
@@ -310,9 +334,7 @@ class RemoteEngines(_Engines):
         self._waiting = 0  # requests waiting for an engine to come up
         self._pids: dict[int, int | None] = {}  # engine index -> its process, as the last state said
         self._died: dict[int, int] = {}  # engine index -> the last generation whose "died" was read
-        # Requests cancelled (deadline, client gone) that their engine has not yet answered:
-        # msg id -> (engine index, its pid then, when cancelled, when sent, tag, function). See _overdue.
-        self._cancelled: dict[int, tuple[int, int | None, float, float, str, str, str | None]] = {}
+        self._cancelled: dict[int, _Cancelled] = {}  # msg id -> a cancel its engine has yet to answer
         self._told_oldest: set[int] = set()  # engines whose oldest job this front end last told the supervisor of
         # engine index -> the functions this front end last told the supervisor it holds
         # unanswered there (``held``, see _tell_held), since that engine last restarted
@@ -347,9 +369,9 @@ class RemoteEngines(_Engines):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for fut, *_ in self._pending.values():
-            if not fut.done():
-                fut.set_exception(Unavailable("the server is shutting down", headers={"Retry-After": "1"}))
+        for p in self._pending.values():
+            if not p.fut.done():
+                p.fut.set_exception(Unavailable("the server is shutting down", headers={"Retry-After": "1"}))
         for sock in self._socks:
             sock.close()
         self._ctx.destroy(linger=0)
@@ -378,8 +400,7 @@ class RemoteEngines(_Engines):
         word already read (it answered what was sent before it), an engine alive (its
         connection closed on its side: no word may come) or a silent supervisor: what
         was sent on the broken connection and still waits gets its 503 now."""
-        waiting = [fut for fut, engine, _, sent, *_ in self._pending.values()
-                   if engine == index and sent <= broke and not fut.done()]
+        waiting = [p.fut for p in self._pending.values() if p.engine == index and p.sent <= broke and not p.fut.done()]
         if not waiting:
             return
         if (pid is not None and not self._socks[index].said_gone(pid) and not living(pid)
@@ -409,7 +430,7 @@ class RemoteEngines(_Engines):
             # answered requests of other clients waiting on another GPU's engine, with a 200
             # (and, answering a cancel, hid that engine's hang from the overdue watch).
             sent, cancelled = self._pending.get(header["id"]), self._cancelled.get(header["id"])
-            to = sent[1] if sent is not None else cancelled[0] if cancelled is not None else index
+            to = sent.engine if sent is not None else cancelled.engine if cancelled is not None else index
             if to != index:
                 log.error("engine %d answered a request sent to engine %d (a function wrote on its connection?); "
                           "not taken", index, to)
@@ -418,8 +439,8 @@ class RemoteEngines(_Engines):
             # Answered: no longer pending, even where its caller has just given up (its
             # future cancelled, its abandon yet to run): see ``abandon`` in _run_once.
             entry = self._pending.pop(header["id"], None)
-            if entry is not None and not entry[0].done():
-                entry[0].set_result((header, arrays))
+            if entry is not None and not entry.fut.done():
+                entry.fut.set_result((header, arrays))
 
         return on_reply
 
@@ -488,7 +509,7 @@ class RemoteEngines(_Engines):
             self._control.send(self.channel.sign({"t": "held_at_death", "from": os.getpid(), "engine": index,
                                                   "pid": pid, "functions": sorted(held)}))
         alone = len(tags) == 1
-        for fut, engine, tag, _, movable, of, _ in list(self._pending.values()):
+        for fut, engine, tag, _, movable, of, _ in list(self._pending.values()):  # (every field of _Pending)
             if engine != index or fut.done():
                 continue
             if tag in tags and not planned and function and of and of != function:
@@ -597,7 +618,7 @@ class RemoteEngines(_Engines):
             if pid is not None and sent < oldest.get(index, (0, math.inf))[1]:
                 oldest[index] = (pid, sent, tag, function)
 
-        for msg_id, (index, pid, since, sent, tag, function, client) in list(self._cancelled.items()):
+        for msg_id, (index, pid, since, sent, tag, function, client) in list(self._cancelled.items()):  # (_Cancelled)
             if pid is None or self._pids.get(index) != pid:  # that engine has gone: nothing to wait for
                 del self._cancelled[msg_id]
                 continue
@@ -606,9 +627,9 @@ class RemoteEngines(_Engines):
                 given_up.setdefault(index, []).append(tag)
                 if since < overdue.get(index, (math.inf, ""))[0]:
                     overdue[index] = (since, function)
-        for fut, index, tag, sent, _, function, client in list(self._pending.values()):
-            if not fut.done():
-                consider(index, self._pids.get(index), sent, tag, function, client)
+        for p in list(self._pending.values()):
+            if not p.fut.done():
+                consider(p.engine, self._pids.get(p.engine), p.sent, p.tag, p.function, p.client)
         told = set()
         for index, (pid, sent, tag, function) in oldest.items():
             if now - sent > _OLDEST_AFTER_S:  # its count: a job a function read off the engine's socket is then found
@@ -633,12 +654,12 @@ class RemoteEngines(_Engines):
         awaits, and those cancelled that the engine process ``pid_of(index)`` has yet to
         answer (it may be running them)."""
         held: dict[int, set[str]] = {}
-        for fut, index, _, _, _, function, _ in self._pending.values():
-            if not fut.done() and function:
-                held.setdefault(index, set()).add(function)
-        for index, pid, _, _, _, function, _ in self._cancelled.values():
-            if function and pid == pid_of(index):
-                held.setdefault(index, set()).add(function)
+        for p in self._pending.values():
+            if not p.fut.done() and p.function:
+                held.setdefault(p.engine, set()).add(p.function)
+        for c in self._cancelled.values():
+            if c.function and c.pid == pid_of(c.engine):
+                held.setdefault(c.engine, set()).add(c.function)
         return held
 
     def _tell_held(self, sending: tuple[int, str] | None) -> None:
@@ -746,7 +767,7 @@ class RemoteEngines(_Engines):
             self._tell_held((index, function))
         sent = time.monotonic()
         client = call.client if call is not None else _UNKNOWN_CLIENT
-        self._pending[msg_id] = (fut, index, tag, sent, engine is None, function, client)
+        self._pending[msg_id] = _Pending(fut, index, tag, sent, engine is None, function, client)
         self._load[index] += 1
         sock = self._socks[index]
 
@@ -761,8 +782,8 @@ class RemoteEngines(_Engines):
             if msg_id in self._pending and (not fut.done() or fut.cancelled()):
                 sock.send(ipc.encode_cancel(msg_id, stream_id if kind == "stream_next" else None))
                 if len(self._cancelled) < _MAX_CANCELLED:  # the engine answers it (see _overdue)
-                    self._cancelled[msg_id] = (index, self._pids.get(index), time.monotonic(),
-                                               sent, tag, function, client)
+                    self._cancelled[msg_id] = _Cancelled(index, self._pids.get(index), time.monotonic(),
+                                                         sent, tag, function, client)
 
         try:
             sock.send(frames)
