@@ -123,7 +123,12 @@ def test_the_word_of_one_front_end_names_its_oldest_job_not_the_cancelled_one() 
     """Through one front end alone (``WORKERS=1``) the same hang struck ``sin``: the front
     end's word named the request it cancelled. Now it names its oldest job on that engine
     (its function and tag), cancelled or not, beside the cancelled request's function."""
-    from jacobian_service.engine_client import RemoteEngines, _Cancelled, _client_marks, _Pending
+    from jacobian_service.engine_client import (
+        RemoteEngines,
+        _Cancelled,
+        _client_marks,
+        _Pending,
+    )
     from jacobian_service.supervision import Channel
 
     sent: list[bytes] = []
