@@ -52,7 +52,7 @@ except ImportError:  # Python 3.10: anyio's backport
 from jacobian_client import wire
 
 from .clients import address_client
-from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
+from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest, Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
 from .framing import UPGRADE_WITH_BODY, framing_too_large, has_body, head_too_large, http10, strict_h11_buffer
 from .half_close import PROBE, PeerWatch
 from .holders import Holders
@@ -153,6 +153,17 @@ class BodyBudget:
     No waiting: a request that does not fit is refused at once (503, Retry-After), as
     a full queue is; waiting would hold the connection and its socket buffers anyway.
 
+    Shared among clients (``clients.py``) only while they contend: one client alone may
+    take the whole budget (one large upload, or many bodies at once), but once a
+    request of another client finds no room, the bodies the first is still *receiving*
+    past half the budget are cut off there (429 ``overloaded``, Connection: close; the
+    largest first) so that the other's fits now, and for ``WANT_S`` after another
+    client was refused, a client may not grow past half (429 too). Before, one client
+    holding the budget with bodies it trickled (a byte each ``read_idle_timeout_s``,
+    for ``read_timeout_s``), or with requests queued behind a slow one, had every other
+    client's every request refused 503 for as long as it kept doing so. Requests
+    without a client (``client=None``) take no part in shares.
+
     The gauge follows ``used`` to within ``GAUGE_STEP`` bytes: in multiprocess mode each
     write is a locked write to a mapped file, and a small request would otherwise pay two
     of them for a figure that moves by a few KiB. Large bodies, and every return to
@@ -160,33 +171,68 @@ class BodyBudget:
     """
 
     GAUGE_STEP = 64 << 10
+    # How long a client refused for room counts as waiting (its Retry-After is 1 s).
+    WANT_S = 2.0
 
     def __init__(self, max_bytes: int, gauge: Any = None) -> None:
         self.max_bytes = max_bytes
         self.used = 0
         self._gauge = gauge
         self._shown = 0  # what the gauge says
+        self._held: dict[str, int] = {}  # client -> bytes it holds (only clients holding some)
+        self._receiving: dict[str, set[Any]] = {}  # client -> its readers still receiving a body
+        self._wanting: dict[str, float] = {}  # client -> when it was last refused for room
+        self._last_want = 0.0
 
-    def check(self, nbytes: int, what: str) -> None:
+    def check(self, nbytes: int, what: str, client: str | None = None) -> None:
         """Refuse ``nbytes`` as :meth:`take` would (413 if they could never fit, 503 if
-        they do not fit now), taking nothing."""
+        they do not fit now, 429 past ``client``'s share while another waits), taking
+        nothing; another client's bodies past its share are cut off to make room first."""
         if nbytes > self.max_bytes:
             raise PayloadTooLarge(
                 f"{what} needs {nbytes} bytes of this server's request memory; the most one request may "
                 f"take is {self.max_bytes} (body_budget_bytes)", headers=_CLOSE)
+        if client is not None and self.contended:
+            self._check_share(nbytes, what, client)
         if self.used + nbytes > self.max_bytes:
+            if client is not None and self._receiving:
+                self._evict(client, self.used + nbytes - self.max_bytes)
+            if self.used + nbytes <= self.max_bytes:
+                return
+            if client is not None:
+                self._want(client)
             raise Unavailable(
                 f"{what} needs {nbytes} bytes; the server is receiving other bodies and has "
                 f"{self.max_bytes - self.used} of {self.max_bytes} free; retry shortly",
                 headers={"Retry-After": "1", **_CLOSE})
 
-    def take(self, nbytes: int, what: str) -> None:
-        if self.used + nbytes > self.max_bytes:
-            self.check(nbytes, what)
+    def take(self, nbytes: int, what: str, client: str | None = None) -> None:
+        if self.used + nbytes > self.max_bytes or (client is not None and self._wanting and self.contended):
+            self.check(nbytes, what, client)
         self._set(self.used + nbytes)
+        if client is not None:
+            self._held[client] = self._held.get(client, 0) + nbytes
 
-    def give(self, nbytes: int) -> None:
+    def give(self, nbytes: int, client: str | None = None) -> None:
         self._set(self.used - nbytes)
+        if client is not None and nbytes:
+            left = self._held.get(client, 0) - nbytes
+            if left > 0:
+                self._held[client] = left
+            else:
+                self._held.pop(client, None)
+
+    def receiving(self, client: str | None, reader: Any, now: bool) -> None:
+        """``reader`` (a :class:`read_body` of ``client``) is receiving its body (``now``),
+        or no longer: only a body still arriving may be cut off for another client."""
+        if client is None:
+            return
+        if now:
+            self._receiving.setdefault(client, set()).add(reader)
+        elif (readers := self._receiving.get(client)) is not None:
+            readers.discard(reader)
+            if not readers:
+                del self._receiving[client]
 
     def _set(self, used: int) -> None:
         self.used = used
@@ -194,26 +240,67 @@ class BodyBudget:
             self._shown = used
             self._gauge.set(used)
 
+    @property
+    def contended(self) -> bool:
+        """Whether a client was refused room within ``WANT_S`` (its share then counts)."""
+        if self._wanting and time.monotonic() - self._last_want > self.WANT_S:
+            self._wanting.clear()  # (all stale: the common case costs one dict test)
+        return bool(self._wanting)
+
+    def _want(self, client: str) -> None:
+        now = self._last_want = time.monotonic()
+        if len(self._wanting) > 64:  # (kept short: only the last WANT_S count)
+            for name, when in list(self._wanting.items()):
+                if now - when > self.WANT_S:
+                    del self._wanting[name]
+        self._wanting[client] = now
+
+    def _check_share(self, nbytes: int, what: str, client: str) -> None:
+        """429 if ``client`` would hold more than half the budget while another client
+        was refused room within ``WANT_S``."""
+        held = self._held.get(client, 0)
+        if held + nbytes <= self.max_bytes // 2:
+            return
+        now = time.monotonic()
+        if any(name != client and now - when <= self.WANT_S for name, when in self._wanting.items()):
+            raise Overloaded(
+                f"{what} needs {nbytes} bytes; this client holds {held} of this server's {self.max_bytes} bytes "
+                "of request memory while other clients wait for room, and may hold half of it then "
+                "(body_budget_bytes); retry shortly", headers={"Retry-After": "1", **_CLOSE})
+
+    def _evict(self, client: str, short: int) -> None:
+        """Cut off bodies other clients are still receiving past half the budget, the
+        largest first, until ``short`` bytes are free or none is left to cut."""
+        half = self.max_bytes // 2
+        for other, readers in list(self._receiving.items()):
+            if other == client:
+                continue
+            for reader in sorted(readers, key=lambda r: r.held, reverse=True):
+                if short <= 0 or self._held.get(other, 0) <= half:
+                    break
+                short -= reader.evict()
+
 
 class Charge:
     """Bytes held on a :class:`BodyBudget` for one request beyond its body's block: what
     its arrays take once an ``.npz`` is expanded, until they are gone. ``give`` returns
     them all (again: nothing)."""
 
-    __slots__ = ("_budget", "held")
+    __slots__ = ("_budget", "_client", "held")
 
-    def __init__(self, budget: BodyBudget) -> None:
+    def __init__(self, budget: BodyBudget, client: str | None = None) -> None:
         self._budget = budget
+        self._client = client
         self.held = 0
 
     def take(self, nbytes: int, what: str) -> None:
-        self._budget.take(nbytes, what)
+        self._budget.take(nbytes, what, self._client)
         self.held += nbytes
 
     def give(self) -> None:
         held, self.held = self.held, 0
         if held:
-            self._budget.give(held)
+            self._budget.give(held, self._client)
 
 
 def first_header(scope: dict[str, Any], name: bytes, default: str | None = None) -> str | None:
@@ -237,14 +324,32 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
     ``asynccontextmanager``: every request passes here, and the generator machinery
     cost more than reading a small body.)"""
 
-    __slots__ = ("_args", "_budget", "_held", "_request")
+    __slots__ = ("_args", "_budget", "_client", "_evicted", "_held", "_request", "_task")
 
     def __init__(self, request: Any, budget: BodyBudget, limit: int, idle_s: float, total_s: float,
-                 is_json: bool = False, on_timeout: Any = None) -> None:
+                 is_json: bool = False, on_timeout: Any = None, client: str | None = None) -> None:
         self._request = request
         self._budget = budget
         self._args = (limit, idle_s, total_s, is_json, on_timeout)
         self._held = 0
+        self._client = client  # whose share it counts in (None: none)
+        self._evicted = 0  # bytes it held when it was cut off for another client (BodyBudget._evict)
+        self._task: Any = None
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def evict(self) -> int:
+        """Cut this body off for another client (:meth:`BodyBudget._evict`): its bytes are
+        given back now, so the other's request fits at once, and its request, waiting for
+        its next piece, is answered 429. The bytes given back."""
+        held, self._held = self._held, 0
+        self._evicted = held or 1
+        self._budget.give(held, self._client)
+        self._budget.receiving(self._client, self, False)
+        self._task.cancel()
+        return held
 
     def expand(self, body: bytes, media_type: str, charge: Charge, limits: wire.Limits) -> int:
         """What decoding ``body`` will allocate (:func:`wire.expanded_size`), charged to
@@ -276,7 +381,11 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
                 raise PayloadTooLarge(f"the body has {declared} bytes; the limit is {limit}", headers=_CLOSE)
             # Refused now if it does not fit (the client is spared sending it), but
             # nothing is held for it: its bytes are charged as they come.
-            budget.check(int(declared), f"a body of {declared} bytes")
+            budget.check(int(declared), f"a body of {declared} bytes", self._client)
+        client = self._client
+        if client is not None:
+            self._task = asyncio.current_task()
+            budget.receiving(client, self, True)
         try:
             # One buffer, grown in place: the pieces kept in a list and joined at the end
             # held every body twice at its peak (the pieces and the join), while the budget
@@ -290,7 +399,18 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
             pieces = 0
             while more:
                 wait = min(idle_s, deadline - time.monotonic())
-                message = await _within(request.receive(), wait)
+                try:
+                    message = await _within(request.receive(), wait)
+                except asyncio.CancelledError:
+                    if not self._evicted:
+                        raise
+                    uncancel = getattr(self._task, "uncancel", None)  # (Python 3.11+)
+                    if uncancel is not None:
+                        uncancel()
+                    raise Overloaded(
+                        f"the body ({size} bytes in) was cut off: this client held over half of this server's "
+                        f"{budget.max_bytes} bytes of request memory when another client's request found no room "
+                        "(body_budget_bytes); retry shortly", headers={"Retry-After": "1", **_CLOSE}) from None
                 if message is None:
                     if on_timeout is not None:
                         on_timeout("body")
@@ -313,10 +433,10 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
                 if size > limit:
                     raise PayloadTooLarge(f"the body is over the limit of {limit} bytes", headers=_CLOSE)
                 if size > self._held:  # charged as it arrives, before it is kept
-                    if budget.used + size - self._held > budget.max_bytes:  # refused: say how far it got
-                        budget.check(size - self._held, f"the body ({size} bytes in"
-                                     + (f" of {declared})" if declared is not None else ")"))
-                    budget.take(size - self._held, "the body")
+                    if budget.used + size - self._held > budget.max_bytes or (client is not None and budget._wanting):
+                        budget.check(size - self._held, f"the body ({size} bytes in"  # refused: say how far it got
+                                     + (f" of {declared})" if declared is not None else ")"), client)
+                    budget.take(size - self._held, "the body", client)
                     self._held = size
                 if chunk:
                     if not body:
@@ -325,6 +445,8 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
                         if not isinstance(body, bytearray):
                             body = bytearray(body)
                         body += chunk
+            if client is not None:  # (whole: no longer one that may be cut off)
+                budget.receiving(client, self, False)
             if is_json:
                 cost = json_parse_cost(body)
                 if cost > budget.max_bytes:  # never fits, however long the client waits: 413, not 503
@@ -333,7 +455,7 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
                                           f"{budget.max_bytes} (binary .npy/.npz or base64 arrays cost their size)")
                 if cost > self._held:
                     budget.take(cost - self._held, f"parsing a JSON body of {len(body)} bytes (about {cost} bytes; "
-                                                   "binary .npy/.npz or base64 arrays cost their size)")
+                                                   "binary .npy/.npz or base64 arrays cost their size)", client)
                     self._held = cost
             return body
         except BaseException:
@@ -345,7 +467,9 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
 
     def _give(self) -> None:
         held, self._held = self._held, 0
-        self._budget.give(held)
+        self._budget.give(held, self._client)
+        if self._client is not None:
+            self._budget.receiving(self._client, self, False)
 
 
 async def _within(awaitable: Any, seconds: float) -> Any:

@@ -315,8 +315,10 @@ def _could_be_single(call: Call, kind: str) -> bool:
 async def derivative(request: Request, name: str, kind: str) -> Response:
     # What the request's arrays take (an .npz's expansion, then the parsed arrays) is held
     # on the body budget until the request is done with them (they go when _derivative's
-    # frame does).
-    inputs = Charge(_state(request).body_budget)
+    # frame does). Both count in the request's client's share of it, which bites only while
+    # clients contend for it (connections.BodyBudget).
+    state = _state(request)
+    inputs = Charge(state.body_budget, client_of(request.scope, state.proxies))
     try:
         return await _derivative(request, name, kind, inputs)
     finally:
@@ -360,7 +362,8 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     # expanded size is charged before it is expanded, held in ``inputs``: connections.py.
     reader = read_body(request, state.body_budget, s.max_request_bytes, s.read_idle_timeout_s, s.read_timeout_s,
                        is_json=content_type == wire.JSON,
-                       on_timeout=lambda phase: state.metrics.connection_timeouts.labels(phase).inc())
+                       on_timeout=lambda phase: state.metrics.connection_timeouts.labels(phase).inc(),
+                       client=inputs._client)
     limits = s.wire_limits
     async with reader as body:
         # A small deflated .npz can expand to a lot: decide by what decoding will take.
