@@ -53,7 +53,7 @@ from jacobian_client import wire
 
 from .clients import address_client
 from .errors import ClientGone, HeadersTooLarge, MalformedBody, MalformedRequest, Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
-from .framing import UPGRADE_WITH_BODY, framing_too_large, has_body, head_too_large, http10, strict_h11_buffer
+from .framing import FEW_CHUNKS, MIN_CHUNK_BYTES, UPGRADE_WITH_BODY, framing_too_large, has_body, head_too_large, http10, strict_h11_buffer, tiny_chunks
 from .half_close import PROBE, PeerWatch
 from .holders import Holders
 from .request_ids import new_request_id
@@ -1011,6 +1011,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         _head_open = True  # httptools: what arrives is a head (the first, or the next after a whole request)
         _framing = 0  # httptools: bytes after the head since the parser last gave the app body bytes
         _body_fed = 0  # body bytes the parser gave in the current data_received
+        _chunks = 0  # httptools: chunks of the body being received (chunked framing) ...
+        _chunk_bytes = 0  # ... and the body bytes in them
         _refusal: Any = None  # (the cap's 503, the head it waits for, its timer) once refused for the cap
         _head_piece = b""  # the last piece of a head given to the parser
         _fault: str | ServiceError | None = None  # why a callback of ours stopped the parser (or an error to answer)
@@ -1232,8 +1234,22 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 else:
                     self._refuse(framing_too_large(max_header_bytes), self._parsed_origins(True))
 
+        def on_chunk_header(self) -> None:  # httptools
+            """Chunks are counted: past FEW_CHUNKS of them a body's must average
+            MIN_CHUNK_BYTES (framing.py says why; h11: its receive buffer counts them),
+            else 408 before the app has the body. (``read_body``'s count of pieces sees
+            none of it: the chunks of a TCP read come to the app as one piece.)"""
+            self._chunks += 1
+            if self._chunks > FEW_CHUNKS and self._chunk_bytes < MIN_CHUNK_BYTES * self._chunks:
+                cycle = getattr(self, "cycle", None)
+                if cycle is not None and cycle.response_started:  # answered already: nobody to tell
+                    self.transport.close()
+                self._fault = tiny_chunks(self._chunks, self._chunk_bytes)
+                raise ValueError(str(self._fault))  # (the parser stops; send_400_response answers it)
+
         def on_body(self, body: bytes) -> None:  # httptools
             self._body_fed += len(body)
+            self._chunk_bytes += len(body)
             if not self._dropping:  # (uvicorn adds it to its newest request's: one kept, whole)
                 super().on_body(body)
 
@@ -1254,6 +1270,7 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
         # uvicorn's own state cannot say it (it stops updating a request once answered).
         def on_headers_complete(self) -> None:  # httptools
             self._head_open, self._header_bytes, self._tail, self._framing, self._fields = False, 0, b"", 0, 0
+            self._chunks = self._chunk_bytes = 0
             ahead = getattr(self, "cycle", None)  # (uvicorn queues this one behind it if not answered yet)
             waits = ahead is not None and not ahead.response_complete
             # (counted from what the parser gave, not from the bytes read: a head that

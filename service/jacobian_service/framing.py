@@ -42,7 +42,7 @@ from typing import Any, Callable
 import h11
 from h11._receivebuffer import ReceiveBuffer  # (uvicorn's h11 protocol reads through one per connection)
 
-from .errors import HeadersTooLarge, MalformedRequest, ServiceError, UnsupportedTransferCoding
+from .errors import HeadersTooLarge, MalformedRequest, RequestTimeout, ServiceError, UnsupportedTransferCoding
 
 __all__ = ["UNSUPPORTED_CODING", "UPGRADE_WITH_BODY", "StrictReceiveBuffer", "framing_too_large", "has_body", "head_too_large",
            "hosts_fault", "http10", "strict_h11_buffer"]
@@ -216,6 +216,21 @@ def _origin_form(target: bytes) -> bytes | None:
     return match["path"] if match is not None else None
 
 
+# Each chunk of a chunked body costs a front end a parser callback and a copy of the body
+# not yet read (uvicorn's ``body += chunk``), whatever its size: two clients sending
+# 1-byte chunks as fast as they could (6 bytes of framing a byte) took another client's
+# median latency from 15 ms to 2.7 s. Past FEW_CHUNKS chunks a body's chunks must average
+# MIN_CHUNK_BYTES (connections.py holds a body's pieces, which see none of this, to the same).
+FEW_CHUNKS = 1024
+MIN_CHUNK_BYTES = 64
+
+
+def tiny_chunks(chunks: int, nbytes: int) -> ServiceError:
+    """The 408 of a chunked body whose ``chunks`` average under MIN_CHUNK_BYTES."""
+    return RequestTimeout(f"the body trickled: {nbytes} bytes in {chunks} chunks; past {FEW_CHUNKS} chunks they must "
+                          f"average at least {MIN_CHUNK_BYTES} bytes (send it in larger chunks)")
+
+
 def strict_h11_buffer(conn: Any, on_fault: Callable[[str | ServiceError], None], limit: int) -> None:
     """Give h11's connection ``conn`` a :class:`StrictReceiveBuffer` (before it has read
     anything); ``on_fault`` is told why it refuses a request (a reason for a 400, or the
@@ -238,6 +253,15 @@ class StrictReceiveBuffer(ReceiveBuffer):
         self._conn = conn
         self._on_fault = on_fault
         self._limit = limit
+        self._chunks = 0  # chunk size lines of the body being read ...
+        self._body_bytes = 0  # ... and its bytes (with each chunk's CRLF)
+
+    def maybe_extract_at_most(self, count: int) -> Any:
+        """Body bytes (and each chunk's CRLF)."""
+        data = super().maybe_extract_at_most(count)
+        if data is not None:
+            self._body_bytes += len(data)
+        return data
 
     def _refuse(self, reason: str | ServiceError) -> None:
         self._on_fault(reason)
@@ -265,6 +289,7 @@ class StrictReceiveBuffer(ReceiveBuffer):
             if fault is not None:
                 self._refuse(fault)
             if not trailers:
+                self._chunks = self._body_bytes = 0  # (a new request)
                 self._codings(match.end())
                 self._request_line(data.find(b"\r\n"))
         return super().maybe_extract_lines()
@@ -316,4 +341,7 @@ class StrictReceiveBuffer(ReceiveBuffer):
         size = match["size"].lstrip(b"0") or b"0"
         if len(size) > 16:
             self._refuse("Chunk size overflow")
+        self._chunks += 1
+        if self._chunks > FEW_CHUNKS and self._body_bytes < MIN_CHUNK_BYTES * self._chunks:
+            self._refuse(tiny_chunks(self._chunks, self._body_bytes))
         return bytearray(size + b"\r\n")  # (h11 reads at most 20 digits, and drops extensions)
