@@ -208,7 +208,12 @@ def test_a_body_in_tiny_chunks_is_refused_and_one_in_fair_chunks_is_read(impleme
     one piece). Past 1,024 chunks a body's chunks must average 64 bytes: 408 (a problem
     document, the connection closed) before the app has the body; 2,000 chunks of 100
     bytes are read whole."""
-    from .test_connections import _assert_closing_problem, _connect, _guarded_uvicorn, _read_to_close
+    from .test_connections import (
+        _assert_closing_problem,
+        _connect,
+        _guarded_uvicorn,
+        _read_to_close,
+    )
 
     seen: list[int] = []
 
