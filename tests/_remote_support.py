@@ -78,7 +78,7 @@ def counted(url: str, **kwargs: object) -> Iterator[Counted]:
 # The modules the adapter tests call into, by name: the engine process loads them.
 FUNCTIONS = ("jacobian_service.examples,tests.user_functions,tests._client_functions,tests.pytree_functions,"
              "tests.remote8_functions,tests.remote9_functions,tests.remote12_functions,tests.parity16_functions,"
-             "tests.remote14_functions,tests.remote15_functions,tests.remote20_functions")
+             "tests.remote14_functions,tests.remote15_functions,tests.remote20_functions,tests.remote21_functions")
 
 # The server's settings: no cross-request batching (counts are per call); no warm-up,
 # which only costs start-up time here (a run of every function on a 2-core CI box); two

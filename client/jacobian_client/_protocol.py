@@ -622,6 +622,41 @@ def input_tree(value: Any) -> Any:
     return as_wire_value(value)
 
 
+def exact_python_floats(values: list[Any]) -> list[Any]:
+    """The inputs (wire trees) with each bare Python float that float32 would round sent
+    as a float64 array, where another input holds a float64 array; as they were otherwise.
+
+    A plain JSON number takes its input's declared dtype on the service, float32 for a
+    ``floating`` one (SPEC). In the caller's torch or numpy a Python float is a double
+    that takes the dtype of the arrays beside it: ``f(t, y)`` in-process, ``-t * y`` of a
+    float64 ``y`` computes with ``t`` exact, where remote ``t = 0.0287...`` was rounded
+    to float32 first, every value and derivative off by ~1e-8 relative, silently (torch's
+    ``remote(client, "rhs")(t, y)``, SciPy's ``fun(y, t)`` under ``solve_ivp``, whose
+    ``t`` is a float). Beside float64 arrays it goes as float64 now, which torch's
+    promotion then treats as the Python number (a 0-d tensor takes no part beside arrays
+    of the same kind). Only a float that float32 would change: a whole number such as
+    ``3.0`` stays a plain number, which an integer input takes (a float64 array it would
+    refuse), and beside float32 arrays float32 is what the caller's torch computes in."""
+    leaves = [leaf for tree in values for _, leaf in input_leaves(tree, "")]
+    if not any(isinstance(leaf, np.ndarray) and leaf.dtype == np.float64 for leaf in leaves):
+        return values
+
+    def exact(tree: Any) -> Any:
+        if isinstance(tree, dict):
+            return {k: exact(v) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [exact(v) for v in tree]
+        value = tree.value if isinstance(tree, Plain) else None
+        if type(value) is float and not math.isnan(value):
+            with np.errstate(over="ignore"):  # past float32's range: rounded to inf, so sent exact
+                rounded = float(np.float32(value))
+            if rounded != value:
+                return np.array(value, dtype=np.float64)
+        return tree
+
+    return [exact(tree) for tree in values]
+
+
 def input_leaves(tree: Any, path: str) -> list[tuple[str, Any]]:
     """``(.npz member path, wire value)`` per leaf: ``0``, or ``0/w``, ``0/1/0`` below a
     pytree parameter (the server's parsing.py reads them by the declared tree)."""
@@ -829,7 +864,7 @@ class Protocol:
         if out is not None and transport == JSON_TRANSPORT:
             raise ValueError("out= streams a binary .npy into the file; it cannot be used with transport='json'")
         fields = self._fields(options)
-        values = [input_tree(x) for x in inputs]
+        values = exact_python_floats([input_tree(x) for x in inputs])
         keys = [str(i) for i in range(len(values))] if names is None else [str(n) for n in names]
         leaves = [leaf for key, v in zip(keys, values) for leaf in input_leaves(v, key)]
         binary = transport == BINARY

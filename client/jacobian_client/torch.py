@@ -101,7 +101,8 @@ def remote(client: Any, name: str) -> Callable[..., Any]:
 
     Call it with the function's inputs, positionally or by their names (the first
     keyword call asks the service for the names, once). Tensors are sent (floating ones are
-    differentiable); Python numbers pass through as plain numbers.
+    differentiable); Python numbers pass through as plain numbers (a float that float32
+    would round goes as float64 beside float64 tensors, exact as torch uses it in-process).
     """
     ops = RemoteOps(client, name)
 

@@ -1,0 +1,100 @@
+"""Remote functions inside the caller's torch / JAX / SciPy code, round 21: each case
+compared with the same computation in-process.
+
+One server: the session's ``jacobian-service serve`` subprocess (``cc``, ``url``), shared
+with the other adapter test files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("jacobian_service.app")
+
+from jacobian_client.torch import remote  # noqa: E402
+
+from . import remote21_functions as r21  # noqa: E402
+from ._remote_support import cc, jx, url  # noqa: E402,F401 (fixtures)
+
+f = torch.func
+D = torch.float64
+# a time as ODE solvers hand it: a Python float that float32 rounds (by 1.6e-9 here)
+T = 0.028701514598366316
+Y = np.array([0.5, -0.3, 1.0])
+
+
+def exact(got, want, tol=1e-15):
+    """Equal as float64 computations of the same ops are (float32's rounding of ``T``
+    was 6e-10 off)."""
+    got, want = (w.detach() if isinstance(w, torch.Tensor) else torch.from_numpy(np.array(w)) for w in (got, want))
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------- a Python float beside float64 arrays
+
+
+def test_a_python_float_beside_float64_arrays_computes_exact_as_in_process(cc, jx):
+    """A Python float input (an ODE's ``t``, a step size, a weight) beside float64 arrays
+    was sent as a plain JSON number, which the service takes as float32 for a
+    ``floating`` input: ``r21_rhs(t, y) = -t y + sin y`` at ``t = 0.0287...`` was 6e-10
+    off what torch computes in-process (``-t * y`` of a float64 ``y`` uses the double
+    ``t``), in ``client.evaluate``, the torch adapter (value and derivatives) and SciPy
+    (``fun(y, t)``, ``jac(y, t)``; ``solve_ivp(method="LSODA")``, which hands ``t`` as a
+    float, ended 1.2e-8 away from the same solve in-process), silently; the JAX adapter,
+    which sends a weakly typed float64 array, was exact. Now such a float goes as float64."""
+    from scipy.integrate import solve_ivp
+
+    from jacobian_client.jax import remote as jremote
+    from jacobian_client.scipy import remote_objective
+
+    y = torch.tensor(Y, dtype=D)
+    want = r21.r21_rhs(T, y)
+    exact(cc.client.evaluate("r21_rhs", T, Y), want)
+
+    rhs = remote(cc.client, "r21_rhs")
+    exact(rhs(T, y), want)
+    exact(f.jacrev(rhs, argnums=1)(T, y), f.jacrev(r21.r21_rhs, argnums=1)(T, y))
+    exact(f.jvp(lambda v: rhs(T, v), (y,), (torch.ones(3, dtype=D),))[1],
+          f.jvp(lambda v: r21.r21_rhs(T, v), (y,), (torch.ones(3, dtype=D),))[1])
+    q, q_local = y.clone().requires_grad_(), y.clone().requires_grad_()
+    rhs(T, q).pow(2).sum().backward()
+    r21.r21_rhs(T, q_local).pow(2).sum().backward()
+    exact(q.grad, q_local.grad)
+    ys = torch.stack([y, 2 * y])  # vmap: T shared (in_dims None), sent once
+    exact(f.vmap(rhs, in_dims=(None, 0))(T, ys), f.vmap(r21.r21_rhs, in_dims=(None, 0))(T, ys))
+    assert cc.take() == ["evaluate", "evaluate", "evaluate", "vjp+batched_vectors", "evaluate", "jvp",
+                         "evaluate", "vjp", "evaluate+batched"]
+
+    obj = remote_objective(cc.client, "r21_rhs", argnum=1)
+    exact(obj.fun(Y, T), want)
+    exact(obj.jac(Y, T), f.jacrev(r21.r21_rhs, argnums=1)(T, y))
+    exact(remote_objective(cc.client, "r21_rhs", argnum=1, args=(T,)).fun(Y), want)
+
+    def rhs_local(t, v):
+        return r21.r21_rhs(t, torch.tensor(v)).numpy()
+
+    solved = solve_ivp(lambda t, v: obj.fun(v, t), (0, 2), Y, method="LSODA")
+    solved_local = solve_ivp(rhs_local, (0, 2), Y, method="LSODA")
+    assert solved.nfev == solved_local.nfev
+    exact(solved.y, solved_local.y, tol=1e-13)
+
+    # the JAX adapter was exact already, and stays so (x64 on: a Python float is a weak float64)
+    jnp = jx.numpy
+    exact(jremote(cc.client, "r21_rhs")(T, jnp.asarray(Y)), want)
+
+
+def test_a_python_float_that_float32_holds_or_beside_float32_arrays_is_sent_as_before(cc):
+    """What the SDK sent right stays: beside float32 arrays a Python float computes in
+    float32, as torch's own ``-t * y`` does; a whole number (``3.0``) stays a plain
+    number, which an integer input takes (a float64 array is a 422 there); a list of
+    floats stays one array of the declared dtype."""
+    y32 = torch.tensor(Y, dtype=torch.float32)
+    exact(remote(cc.client, "r21_rhs")(T, y32), r21.r21_rhs(T, y32), tol=0)
+    x = np.array([0.3, -1.2, 0.7])
+    exact(cc.client.evaluate("r21_pow", x, 3.0), x**3)
+    exact(cc.client.evaluate("r21_pow", x, 3), x**3)
+    exact(remote(cc.client, "r21_pow")(torch.tensor(x), 3.0), torch.tensor(x) ** 3)
+    exact(cc.client.evaluate("r21_rhs", 0.5, Y), r21.r21_rhs(0.5, torch.tensor(Y, dtype=D)))
