@@ -98,3 +98,27 @@ def test_a_python_float_that_float32_holds_or_beside_float32_arrays_is_sent_as_b
     exact(cc.client.evaluate("r21_pow", x, 3), x**3)
     exact(remote(cc.client, "r21_pow")(torch.tensor(x), 3.0), torch.tensor(x) ** 3)
     exact(cc.client.evaluate("r21_rhs", 0.5, Y), r21.r21_rhs(0.5, torch.tensor(Y, dtype=D)))
+
+
+# --------------------------------------------------------------------------- SciPy: a scalar x's second derivative
+
+
+def test_scipy_hess_of_a_scalar_x_is_a_scalar_as_newtons_fprime2_takes_it(cc):
+    """``newton`` / ``root_scalar(method="halley")`` hand a scalar ``x`` to ``fprime`` and
+    ``fprime2``: ``jac(x)`` gave a scalar (x-shaped), but ``hess(x)`` a ``(1, 1)`` matrix,
+    so ``newton(f.fun, 3.0, fprime=f.jac, fprime2=f.hess)`` returned its root as a
+    ``(1, 1)`` array where the same solve on local callables returns a float. Now a
+    scalar ``x``'s Hessian is a scalar; a vector ``x``'s stays ``(x.size, x.size)``."""
+    from scipy.optimize import newton, root_scalar
+
+    from jacobian_client.scipy import remote_objective
+
+    obj = remote_objective(cc.client, "sum_sin")  # x (n,): the scalar goes as (1,), learned once
+    root, info = newton(obj.fun, 3.0, fprime=obj.jac, fprime2=obj.hess, full_output=True)
+    root_local, info_local = newton(np.sin, 3.0, fprime=np.cos, fprime2=lambda x: -np.sin(x), full_output=True)
+    assert np.shape(root) == np.shape(root_local) == ()
+    assert root == pytest.approx(root_local, abs=1e-12) and info.function_calls == info_local.function_calls
+    halley = root_scalar(obj.fun, x0=3.0, fprime=obj.jac, fprime2=obj.hess, method="halley")
+    assert np.shape(halley.root) == () and halley.root == pytest.approx(np.pi, abs=1e-12)
+    assert np.shape(obj.hess(3.0)) == () and float(obj.hess(3.0)) == pytest.approx(-np.sin(3.0), abs=1e-12)
+    np.testing.assert_allclose(obj.hess(np.array([3.0, 1.0])), np.diag(-np.sin([3.0, 1.0])), atol=1e-12)

@@ -456,7 +456,9 @@ class RemoteObjective:
             # a vector output's Hessians, one per element: reshaped, numpy's "cannot reshape array of
             # size 18 into shape (3,3)" said nothing of why
             raise self._not_scalar(H.shape[: H.ndim - 2 * len(self._x_shape(x))], "hess(x)")
-        return H.reshape(x.size, x.size)
+        # a scalar x (newton's, root_scalar's: fprime2=obj.hess) has a scalar second
+        # derivative, as jac's first is x-shaped: (1, 1) made newton's root a (1, 1) array
+        return H.reshape(x.size, x.size) if x.ndim else H.reshape(())
 
     def _scalar_only(self, x: np.ndarray, args: tuple[Any, ...], call: str) -> None:
         """Refuse ``call`` (a scalar function's second derivative) where the value at ``x``,
