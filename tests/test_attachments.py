@@ -40,7 +40,7 @@ def test_npy_answers_are_attachments(client, n):
 
 def test_streamed_npy_is_an_attachment(streaming):
     r = streaming.post("/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]}, headers={"Accept": wire.NPY})
-    assert "x-chunk-size" in r.headers  # the streamed path
+    assert "x-chunk-size" in r.headers and "x-compute-ms" not in r.headers  # the streamed path
     assert _disposition(r) == 'attachment; filename="sin-jacobian.npy"'
 
 

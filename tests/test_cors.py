@@ -79,7 +79,7 @@ def test_every_header_the_service_sends_for_scripts_is_exposed():
         assert streamed.status_code == 200, streamed.text
         # (X-Content-Type-Options is the browser's own, for no script)
         sent = {h for h in streamed.headers if h.startswith("x-") and h not in ("x-request-id", "x-content-type-options")}
-        assert sent == {"x-chunk-size", "x-device", "x-queue-ms"}
+        assert sent == {"x-chunk-size", "x-device", "x-queue-ms", "x-batch-size"}  # (no mode, no compute time: streamed)
         assert sent <= _exposed(streamed)
         wrong_method = httpx.delete(api + SIN, headers=key, timeout=10)
         assert wrong_method.status_code == 405 and "allow" in _exposed(wrong_method)
@@ -87,7 +87,7 @@ def test_every_header_the_service_sends_for_scripts_is_exposed():
         assert no_key.status_code == 401 and "www-authenticate" in _exposed(no_key)
         assert _exposed(streamed) == {"x-request-id", "retry-after", "content-length", "content-disposition",
                                       "www-authenticate", "allow", "x-chunk-size", "x-device", "x-queue-ms",
-                                      "accept-encoding"}  # (a 415's: test_browser_round7.py)
+                                      "x-batch-size", "x-mode", "x-compute-ms", "accept-encoding"}  # (a 415's: test_browser_round7.py)
 
 
 def test_other_origins_get_no_permission(url):

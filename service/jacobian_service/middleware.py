@@ -19,7 +19,7 @@ from .errors import ExpectationFailed, Forbidden, MalformedRequest, Unauthorized
 from .framing import UNSUPPORTED_CODING, has_body, hosts_fault
 from .logs import quick_record
 from .request_ids import new_request_id
-from .responses import echo, problem_response
+from .responses import META_HEADERS, echo, problem_response
 from .routes import Router, route_path
 from .settings import NULL_ORIGIN_HINT
 from .yielding import offer_the_cpu
@@ -331,10 +331,11 @@ def _is_open(path: str, open_paths: set[str]) -> bool:
     return path in open_paths or path.startswith("/docs-assets/") or (path.endswith("/") and path[:-1] in open_paths)
 
 
-# The response headers a script may read (routes.py's streams send the X- ones; a 415
-# for a Content-Encoding says which codings are served in Accept-Encoding).
+# The response headers a script may read (every derivative answer's meta headers,
+# responses.META_HEADERS; a 415 for a Content-Encoding says which codings are served in
+# Accept-Encoding).
 EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "Content-Length", "Content-Disposition", "WWW-Authenticate", "Allow",
-                   "X-Chunk-Size", "X-Device", "X-Queue-Ms", "Accept-Encoding"]
+                   *META_HEADERS.values(), "Accept-Encoding"]
 
 
 # Request headers the service reads and answers for: each must pass the preflight, or
@@ -391,7 +392,7 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
     name (a ``*`` would not cover it). Scripts may read every header the service sends
     for them (a browser hides any not named in ``expose_headers``): the request id, a
     429's or 503's ``Retry-After``, a 401's ``WWW-Authenticate``, a 405's ``Allow``, a
-    streamed Jacobian's ``X-Chunk-Size`` / ``X-Device`` / ``X-Queue-Ms``, a binary
+    derivative answer's meta headers (``X-Device``, ``X-Queue-Ms``...), a binary
     answer's ``Content-Disposition`` (its file name), and a 415's ``Accept-Encoding``.
 
     A page of an origin named in ``origins`` may call with credentials (``fetch(...,

@@ -17,6 +17,7 @@ from jacobian_client import wire
 from . import __version__
 from .parsing import OPTION_KINDS, OPTIONAL_VECTORS, Options, unused_options
 from .registry import Registry
+from .responses import META_HEADERS
 from .routes import Route
 
 __all__ = ["build_openapi"]
@@ -526,6 +527,17 @@ def _problems(codes: tuple[str, ...], auth: bool) -> dict[str, Any]:
     }
 
 
+# What each of META_HEADERS says (Markdown: literal values as code spans).
+_META_HEADER_WORDS = {
+    "device": "`meta.device`, on every answer: a bare .npy has no room for meta (e.g. `cpu`)",
+    "chunk_size": "`meta.chunk_size` (a streamed answer's rows per chunk); absent where null",
+    "batch_size": "`meta.batch_size`",
+    "mode": "`meta.mode`; absent where null, and from a streamed answer (sent before its rows are computed)",
+    "queue_ms": "`meta.queue_ms`",
+    "compute_ms": "`meta.compute_ms`; absent from a streamed answer (sent before its rows are computed)",
+}
+
+
 def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset[str]) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": route.operation_id, "summary": route.summary, "tags": [route.tag]}
     if "{name}" in route.path:
@@ -582,6 +594,9 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
             "schema": {"type": "string"},
             "description": 'binary answers (.npy / .npz): `attachment; filename="<function>-<what>.npy"`',
         }
+    if kind is not None:  # every derivative answer says its meta in headers too (responses.META_HEADERS)
+        for key, header in META_HEADERS.items():
+            ok["headers"][header] = {"schema": {"type": "string"}, "description": _META_HEADER_WORDS[key]}
     if route.method == "POST":  # (middleware.VARY_ANY)
         ok["headers"]["Vary"] = {
             "schema": {"type": "string"},

@@ -21,8 +21,8 @@ from .errors import NotAcceptable, Overloaded, ServiceError, Unavailable
 from .header_params import parameters, split_unquoted
 
 __all__ = [
-    "ClosingStreamingResponse", "EncodeBudget", "JsonRows", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
-    "pieces_response", "problem_document", "problem_response", "qvalue", "stream_hold",
+    "ClosingStreamingResponse", "EncodeBudget", "JsonRows", "META_HEADERS", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
+    "meta_headers", "pieces_response", "problem_document", "problem_response", "qvalue", "stream_hold",
 ]
 
 _OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
@@ -134,6 +134,22 @@ def attachment(function: str, what: str, media: str) -> dict[str, str]:
     return {"Content-Disposition": value}
 
 
+# ``meta``'s common entries, each also a header of every derivative answer, whatever its
+# format: a bare .npy has no room for meta, and a page that asked for one (to read it
+# with a DataView) had no way to learn its queue and compute times, its device or its
+# batch, where the same answer streamed said three of them in its head. Streamed
+# answers send their head before their rows are computed: they say what is known then
+# (no X-Mode, no X-Compute-Ms; a JSON stream's meta, last in its body, says both).
+# Exposed to pages of CORS_ORIGINS (middleware.EXPOSED_HEADERS is built from this).
+META_HEADERS = {"device": "X-Device", "chunk_size": "X-Chunk-Size", "batch_size": "X-Batch-Size", "mode": "X-Mode",
+                "queue_ms": "X-Queue-Ms", "compute_ms": "X-Compute-Ms"}
+
+
+def meta_headers(meta: dict[str, Any]) -> dict[str, str]:
+    """The headers of ``meta``'s common entries (those it holds, not null)."""
+    return {header: str(meta[key]) for key, header in META_HEADERS.items() if meta.get(key) is not None}
+
+
 def is_single_array(result: Result) -> bool:
     return isinstance(result.value, np.ndarray) and not result.has_aux and result.output is None
 
@@ -142,11 +158,12 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
     """Encode a gathered result. JSON and .npz are CPU-heavy for large results (the caller
     runs them off the loop); .npy is a header and views of the arrays. ``nbytes``: the
     result's ``nbytes()``, where the caller has it already."""
+    said = meta_headers(meta)
     if media == wire.NPY:
         pieces = wire.write_npy(result.value)
         if result.value.nbytes < _JOIN_BYTES:  # one plain body: cheaper than a streamed one
-            return Response(b"".join(pieces), media_type=wire.NPY, headers=attachment(function, key, media))
-        return pieces_response(pieces, wire.NPY, attachment(function, key, media))
+            return Response(b"".join(pieces), media_type=wire.NPY, headers={**attachment(function, key, media), **said})
+        return pieces_response(pieces, wire.NPY, {**attachment(function, key, media), **said})
     trees: dict[str, Any] = {key: result.value}
     if result.has_aux:
         trees["aux"] = result.aux
@@ -157,16 +174,16 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
         # aux / output and meta.json beside them.
         extra = {k: v for k, v in trees.items() if k != key}
         return Response(wire.write_sparse_npz(result.value, {"function": function, **meta}, extra), media_type=wire.NPZ,
-                        headers=attachment(function, key, media))
+                        headers={**attachment(function, key, media), **said})
     if media == wire.NPZ:
         return Response(wire.write_npz(trees, {"function": function, **meta}), media_type=wire.NPZ,
-                        headers=attachment(function, key, media))
+                        headers={**attachment(function, key, media), **said})
     document = {"function": function, **trees, "meta": meta}
     if (result.nbytes() if nbytes is None else nbytes) < _JOIN_BYTES:  # small: one body, encoded at once
-        return Response(wire.dumps(wire.encode_tree(document)), media_type=wire.JSON)
+        return Response(wire.dumps(wire.encode_tree(document)), media_type=wire.JSON, headers=said)
     # Large: written piece by piece as it is sent (on a worker thread: Starlette iterates a
     # plain iterator there), so encoding holds O(piece), not the whole document.
-    return StreamingResponse(json_pieces(document), media_type=wire.JSON)
+    return StreamingResponse(json_pieces(document), media_type=wire.JSON, headers=said)
 
 
 class ClosingStreamingResponse(StreamingResponse):

@@ -45,7 +45,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .parsing import KINDS, check_head, check_json_charset, media_type_of, parse_call, parse_sparsity_query
-from .responses import (ClosingStreamingResponse, JsonRows, StreamHold, acceptable, attachment, choose, echo, encode, is_single_array,
+from .responses import (ClosingStreamingResponse, JsonRows, StreamHold, acceptable, attachment, choose, echo, encode, is_single_array, meta_headers,
                         problem_response, stream_hold)
 from .scheduler import StreamHead
 from .settings import NULL_ORIGIN_HINT
@@ -432,9 +432,8 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     if chosen == wire.NPY:
         # .npy: a header and views of the arrays, nothing built whatever the size (a
         # thread hop cost a 4 MB .npy answer more than its encoding): its size (a walk
-        # of the result) is not needed, nor its meta, which a bare array has no place
-        # for (its two round()s, correctly rounded through dtoa, ~6k instructions).
-        response = encode(chosen, spec.name, wire.RESULT_KEY[kind], result, {})
+        # of the result) is not needed. Its meta goes in its headers (meta_headers).
+        response = encode(chosen, spec.name, wire.RESULT_KEY[kind], result, _meta(info, result))
     else:
         # Within the result limit: the engine's worker refused it otherwise (scheduler).
         nbytes = result.nbytes()
@@ -700,9 +699,7 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
 
     headers = {
         "Content-Length": str(len(header) + head.nbytes),
-        "X-Chunk-Size": str(head.chunk_size),
-        "X-Device": str(info.device),
-        "X-Queue-Ms": f"{info.queue_s * 1e3:.3f}",
+        **_stream_meta_headers(head, info),
         **attachment(call.spec.name, "jacobian", wire.NPY),
     }
     return ClosingStreamingResponse(_released(body(), release), media_type=wire.NPY, headers=headers)
@@ -767,8 +764,14 @@ def _stream_json(state: ServiceState, function: str, head: StreamHead, info: Job
     # The headers the .npy stream sends: a page reads them before the body (its meta comes
     # last); X-Queue-Ms was the .npy stream's only, read as null from this one.
     return ClosingStreamingResponse(_released(body(), release), media_type=wire.JSON,
-                                    headers={"X-Chunk-Size": str(head.chunk_size), "X-Device": str(info.device),
-                                             "X-Queue-Ms": f"{info.queue_s * 1e3:.3f}"})
+                                    headers=_stream_meta_headers(head, info))
+
+
+def _stream_meta_headers(head: StreamHead, info: JobInfo) -> dict[str, str]:
+    """What a stream's head says of its meta: what is known before its rows are computed
+    (responses.META_HEADERS; the same values its JSON meta gives)."""
+    return meta_headers({"device": info.device, "chunk_size": head.chunk_size, "batch_size": info.batch_size,
+                         "queue_ms": round(info.queue_s * 1e3, 3)})
 
 
 # ------------------------------------------------------------------ the table
