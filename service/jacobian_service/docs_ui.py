@@ -383,8 +383,10 @@ def _page(request: Request, title: str, head: str, body: str, ui: str) -> Respon
     root = _root(request)
     service = request.scope.get("service")
     wanted = service is not None and bool(service.api_keys) and service.settings.docs_auth  # AuthMiddleware's rule
+    # lang: a screen reader reads the page in the language it names (WCAG 3.1.1); the
+    # pages named none, and were read in whatever the reader's own settings said.
     return HTMLResponse(headers={"Content-Security-Policy": CSP}, content=f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>jacobian-service - {title}</title>
+<html lang="en"><head><meta charset="utf-8"><title>jacobian-service - {title}</title>
 {head}<link rel="icon" href="{_url(root, "favicon.png")}"></head>
 <body>{_KEY_FORM}
 {body}
