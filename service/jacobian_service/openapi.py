@@ -597,6 +597,8 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
     if kind is not None:  # every derivative answer says its meta in headers too (responses.META_HEADERS)
         for key, header in META_HEADERS.items():
             ok["headers"][header] = {"schema": {"type": "string"}, "description": _META_HEADER_WORDS[key]}
+        ok["headers"]["Server-Timing"] = {"schema": {"type": "string"},
+                                          "description": "`queue;dur=<queue_ms>, compute;dur=<compute_ms>` (as X-Queue-Ms, X-Compute-Ms)"}
     if route.method == "POST":  # (middleware.VARY_ANY)
         ok["headers"]["Vary"] = {
             "schema": {"type": "string"},

@@ -146,8 +146,18 @@ META_HEADERS = {"device": "X-Device", "chunk_size": "X-Chunk-Size", "batch_size"
 
 
 def meta_headers(meta: dict[str, Any]) -> dict[str, str]:
-    """The headers of ``meta``'s common entries (those it holds, not null)."""
-    return {header: str(meta[key]) for key, header in META_HEADERS.items() if meta.get(key) is not None}
+    """The headers of ``meta``'s common entries (those it holds, not null), and its times
+    as ``Server-Timing`` (W3C Server Timing): the browser's developer tools show them in
+    the request's timing, and a page reads them from its Resource Timing entry
+    (``serverTiming``; Timing-Allow-Origin lets a page of CORS_ORIGINS)."""
+    headers = {header: str(meta[key]) for key, header in META_HEADERS.items() if meta.get(key) is not None}
+    timing = [f"{name};dur={meta[key]}" for key, name in _SERVER_TIMING if meta.get(key) is not None]
+    if timing:
+        headers["Server-Timing"] = ", ".join(timing)
+    return headers
+
+
+_SERVER_TIMING = (("queue_ms", "queue"), ("compute_ms", "compute"))
 
 
 def is_single_array(result: Result) -> bool:
