@@ -13,7 +13,8 @@ service with fetch, in round 5's headless Chromium:
   ``JSON.parse`` rounds; the page reads them exactly as README says, from a .npy's
   ``getBigInt64`` or through JSON.parse's source text, and sends them with
   ``JSON.rawJSON``;
-* the docs pages name their language (``<html lang="en">``) for screen readers.
+* the docs pages name their language (``<html lang="en">``) for screen readers, and
+  are laid out at a phone's width (a viewport), not at 980 px shrunk to fit.
 """
 
 from __future__ import annotations
@@ -170,3 +171,17 @@ def test_the_docs_pages_name_their_language(api, browser, path):
     _keyed(browser, api, path)
     browser.wait_for("document.title.startsWith('jacobian-service')")
     assert browser.eval("document.documentElement.lang") == "en"
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc"])
+def test_the_docs_pages_are_laid_out_at_a_phones_width(api, browser, path):
+    """On a phone (390 px wide, as Chromium's device mode emulates one) the pages were
+    laid out 980 px wide (no viewport) and shrunk to fit: text a third of its size.
+    They are now laid out at the phone's width."""
+    browser.send("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=3, mobile=True)
+    try:
+        _keyed(browser, api, path)
+        browser.wait_for("document.title.startsWith('jacobian-service')")
+        assert browser.eval("window.innerWidth") == 390
+    finally:
+        browser.send("Emulation.clearDeviceMetricsOverride")

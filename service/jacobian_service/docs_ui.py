@@ -385,8 +385,11 @@ def _page(request: Request, title: str, head: str, body: str, ui: str) -> Respon
     wanted = service is not None and bool(service.api_keys) and service.settings.docs_auth  # AuthMiddleware's rule
     # lang: a screen reader reads the page in the language it names (WCAG 3.1.1); the
     # pages named none, and were read in whatever the reader's own settings said.
+    # viewport: a phone lays the page out at its own width (ReDoc then draws its mobile
+    # menu); without it both pages were laid out 980 px wide and shrunk to fit.
     return HTMLResponse(headers={"Content-Security-Policy": CSP}, content=f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>jacobian-service - {title}</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>jacobian-service - {title}</title>
 {head}<link rel="icon" href="{_url(root, "favicon.png")}"></head>
 <body>{_KEY_FORM}
 {body}
