@@ -72,6 +72,8 @@ _META_CALLS = r"""(async () => {
   out.streamed = {status: r.status, head: head(r), size: (await r.arrayBuffer()).byteLength};
   r = await call('jacobian', 64, 'application/json');
   out.streamedJson = {status: r.status, head: head(r), meta: (await r.json()).meta};
+  r = await fetch(API + '/v1/functions/lorenz96/sparsity?shapes=8', {headers: {...H, Accept: 'application/x-npz'}});
+  out.sparsity = {status: r.status, head: head(r), size: (await r.arrayBuffer()).byteLength};
   return out;
 })()"""
 
@@ -107,6 +109,10 @@ def test_a_page_reads_the_meta_of_any_answer_from_its_headers(api, page, browser
         assert (head["x-mode"], head["x-compute-ms"]) == (None, None), (name, head)
         assert head["x-device"] == "cpu" and int(head["x-chunk-size"]) >= 1 and head["x-batch-size"] == "1", head
         assert float(head["x-queue-ms"]) >= 0, head
+    # A sparsity pattern's .npz (its meta in meta.json): the same, of the meta it has.
+    head = got["sparsity"]["head"]
+    assert head["x-device"] == "cpu" and float(head["x-queue-ms"]) >= 0 and float(head["x-compute-ms"]) > 0, head
+    assert (head["x-chunk-size"], head["x-mode"], head["x-batch-size"]) == (None, None, None), head
     assert got["streamed"]["size"] > 64 * 64 * 4
     streamed = got["streamedJson"]
     assert float(streamed["head"]["x-queue-ms"]) == streamed["meta"]["queue_ms"], streamed
@@ -123,6 +129,8 @@ def test_the_document_names_the_meta_headers_of_every_derivative_answer(api):
     for path in kinds:
         headers = {h.lower() for h in document["paths"][path]["post"]["responses"]["200"]["headers"]}
         assert {*META, "server-timing"} <= headers, (path, headers)
+    sparsity = document["paths"]["/v1/functions/{name}/sparsity"]["get"]["responses"]["200"]["headers"]
+    assert {"X-Device", "X-Queue-Ms", "X-Compute-Ms", "Server-Timing"} <= set(sparsity), sparsity
 
 
 _BIG_INTS = r"""(async () => {

@@ -538,6 +538,9 @@ _META_HEADER_WORDS = {
 }
 
 
+_SPARSITY_META = ("device", "queue_ms", "compute_ms")  # (routes.function_sparsity's meta)
+
+
 def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset[str]) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": route.operation_id, "summary": route.summary, "tags": [route.tag]}
     if "{name}" in route.path:
@@ -594,8 +597,10 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
             "schema": {"type": "string"},
             "description": 'binary answers (.npy / .npz): `attachment; filename="<function>-<what>.npy"`',
         }
-    if kind is not None:  # every derivative answer says its meta in headers too (responses.META_HEADERS)
+    if kind is not None or route.operation_id == "getSparsity":  # their meta in headers too (responses.META_HEADERS)
         for key, header in META_HEADERS.items():
+            if kind is None and key not in _SPARSITY_META:
+                continue
             ok["headers"][header] = {"schema": {"type": "string"}, "description": _META_HEADER_WORDS[key]}
         ok["headers"]["Server-Timing"] = {"schema": {"type": "string"},
                                           "description": "`queue;dur=<queue_ms>, compute;dur=<compute_ms>` (as X-Queue-Ms, X-Compute-Ms)"}

@@ -470,12 +470,13 @@ async def function_sparsity(request: Request, name: str) -> Response:
     doc = {"function": spec.name, **(result.sparse_meta or {}),
            "meta": {"device": info.device, "queue_ms": round(info.queue_s * 1e3, 3),
                     "compute_ms": round(info.compute_s * 1e3, 3)}}
+    said = meta_headers(doc["meta"])  # (as a derivative answer's: responses.META_HEADERS)
     if media[0] == wire.NPZ:
         response = Response(await _offload(result.nbytes(), wire.write_sparse_npz, result.value, doc),
-                            media_type=wire.NPZ, headers=attachment(spec.name, "sparsity", wire.NPZ))
+                            media_type=wire.NPZ, headers={**attachment(spec.name, "sparsity", wire.NPZ), **said})
     else:
         doc["matrix"] = wire.encode_sparse_json(result.value)
-        response = Response(await _offload(result.nbytes(), wire.dumps, doc), media_type=wire.JSON)
+        response = Response(await _offload(result.nbytes(), wire.dumps, doc), media_type=wire.JSON, headers=said)
     return _held_while_sent(request, response, len(response.body))  # (a pattern's indices may run to MBs too)
 
 
