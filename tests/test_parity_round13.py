@@ -278,6 +278,11 @@ def test_a_complex_output_is_the_wires_refusal(c):
                                    limits=wire.Limits(complex=True))
             want = F.eigvals(t(x)) if endpoint == "evaluate" else f.jvp(F.eigvals, (t(x),), (t(wire.decode_json_array(options["tangents"])[0]),))[1]
             np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12)
+        elif endpoint == "vjp":  # torch's pullback takes complex cotangents only (round 28)
+            body = assert_problem(post(c, "eigvals", endpoint, inputs, **options), 422, "invalid_input")
+            assert body["detail"].startswith("cotangents: expected complex cotangents for the complex128 output, got "
+                                             "float64 (torch.func.vjp: For complex Tensors, both grad_output and "
+                                             "output are required to have the same dtype."), body
         else:
             body = assert_problem(post(c, "eigvals", endpoint, inputs, **options), 422, "invalid_input")
             assert body["detail"] == ("the output is complex128, which has no real derivative (torch.func.jacrev: "

@@ -161,10 +161,14 @@ def test_a_complex_output_is_refused_as_jacrev_refuses_it(c, sdk):
     says = str(raised.value).splitlines()[0]
     with pytest.raises(RuntimeError, match="Expected all outputs to be real"):
         hessian(F.sin_and_polar)(t(X))
-    for endpoint, options in ROUTES[:10] + [("vjp", {"cotangents": [arr(X), arr(X)]})]:
+    for endpoint, options in ROUTES[:10]:
         inputs = [np.stack([X, -X])] if options.get("batched") else [X]
         body = assert_problem(post(c, "sin_and_polar", endpoint, inputs, **options), 422, "invalid_input")
         assert body["detail"] == f"the output[1] is complex64, which has no real derivative (torch.func.{says})", body
+    # vjp pulls back complex cotangents, as torch's does (round 28): real ones are refused as torch refuses them
+    body = assert_problem(post(c, "sin_and_polar", "vjp", [X], cotangents=[arr(X), arr(X)]), 422, "invalid_input")
+    assert body["detail"].startswith("cotangents[1]: expected complex cotangents for the complex64 output, got float32 "
+                                     "(torch.func.vjp: For complex Tensors, both grad_output and output"), body
     for transport in ("binary", "json"):
         with pytest.raises(InvalidInput, match="Expected all outputs to be real"):
             sdk.jacobian("sin_and_polar", X, transport=transport)

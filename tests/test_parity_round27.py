@@ -201,11 +201,16 @@ def test_derivatives_torch_refuses_are_422_in_torchs_words(c, name):
                    "to be real but received complex tensor at flattened input idx: 0)")
     shape = fn(t(X)).shape
     cot = np.ones(shape)
-    for endpoint, options in REFUSED + [("vjp", {"cotangents": arr(cot)}),
-                                        ("hvp", {"tangents": arr(V), "cotangents": arr(cot)})]:
+    for endpoint, options in REFUSED:
         inputs = [np.stack([X, X])] if options.get("batched") else [X]
         body = assert_problem(post(c, name, endpoint, inputs, **options), 422, "invalid_input")
         assert body["detail"] == jacrev_says, (endpoint, options, body)
+    # vjp and c . H t pull back complex cotangents, as torch.func.vjp does (round 28); real
+    # ones are refused, as torch's pullback refuses them
+    for endpoint, options in (("vjp", {"cotangents": arr(cot)}), ("hvp", {"tangents": arr(V), "cotangents": arr(cot)})):
+        body = assert_problem(post(c, name, endpoint, [X], **options), 422, "invalid_input")
+        assert body["detail"].startswith("cotangents: expected complex cotangents for the complex128 output, got "
+                                         "float64 (torch.func.vjp: For complex Tensors"), (endpoint, body)
     if name == "complex_sum":  # a scalar's hvp is jvp(grad(f)): torch.func.grad refuses it
         with pytest.raises(RuntimeError, match="grad can be implicitly created only for real scalar outputs") as raised:
             f.jvp(f.grad(fn), (t(X),), (t(V),))

@@ -19,10 +19,12 @@ key holding a ``/``), the later member is ``<path>~1.npy``: the skeleton says wh
 bfloat16 has no numpy dtype: it travels as float32 in ``.npy``/``.npz`` and as numbers
 (or 2-byte base64) in JSON, and is decoded to float32 with its name kept beside it.
 
-complex64 and complex128 travel in answers only (an output or aux that torch.func.jvp or
-a plain call gives; the service takes real inputs): as themselves in ``.npy``/``.npz``,
-and in JSON as ``data`` one level deeper, each number a ``[real, imag]`` pair (non-finite
-parts spelled), or base64 of those pairs. They are read where ``Limits.complex`` says so.
+complex64 and complex128 travel in answers (an output or aux that torch.func.jvp or a
+plain call gives) and in requests as cotangents only (a complex output's, which
+torch.func.vjp pulls back; the service takes real inputs and tangents): as themselves in
+``.npy``/``.npz``, and in JSON as ``data`` one level deeper, each number a ``[real,
+imag]`` pair (non-finite parts spelled), or base64 of those pairs. They are read where
+``Limits.complex`` says so.
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ DTYPES = frozenset(
 )
 
 
-#: complex dtypes an answer may hold (see module doc); not in DTYPES, which requests take.
+#: complex dtypes an answer (and a request's cotangents) may hold (see module doc); not in
+#: DTYPES, which requests' inputs and tangents take.
 COMPLEX_DTYPES = frozenset({"complex64", "complex128"})
 
 
@@ -196,8 +199,9 @@ class Limits:
     max_members: int = 64  # per .npz
     max_bytes: int = 1 << 30  # declared uncompressed size of a whole .npz
     max_json_depth: int = 64
-    # complex arrays are read (COMPLEX_DTYPES): an answer's reader (the SDK) sets it; the
-    # service's request readers leave it off, as the service computes on real inputs
+    # complex arrays are read (COMPLEX_DTYPES): an answer's reader (the SDK) sets it, and
+    # the service's for cotangents; its other request readers leave it off, as the
+    # service computes on real inputs
     complex: bool = False
 
 
@@ -720,7 +724,11 @@ def _c_order(arr: np.ndarray) -> np.ndarray:
 
 def json_data(arr: np.ndarray) -> Any:
     """An array's values as nested lists for a JSON body, non-finite ones spelled (the SDK's
-    ``transport="json"``; ``tolist`` gives floats that orjson writes as ``null``)."""
+    ``transport="json"``; ``tolist`` gives floats that orjson writes as ``null``); a complex
+    array's as ``[real, imag]`` pairs (a complex output's cotangents)."""
+    if arr.dtype.kind == "c":
+        pairs = _complex_pairs(arr)
+        return pairs.tolist() if isinstance(pairs, np.ndarray) else pairs
     return _spell_nonfinite(arr) if arr.dtype.kind == "f" and not np.isfinite(arr).all() else arr.tolist()
 
 
@@ -1047,6 +1055,12 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 @functools.lru_cache(maxsize=1024)  # numpy parses headers with ast.literal_eval: slow, and they recur
+def check_request_dtype(descr: np.dtype) -> None:
+    """A request array's dtype, where complex ones are not taken (inputs, tangents): the
+    refusal a ``.npy`` member of that dtype gets (see :func:`parse_npy_header`)."""
+    _checked_dtype(descr)
+
+
 def parse_npy_header(header: bytes, complex_ok: bool = False) -> tuple[tuple[int, ...], bool, np.dtype]:
     """A whole ``.npy`` header -> ``(shape, fortran_order, dtype)``; pickles, odd dtypes
     and negative shapes refused."""

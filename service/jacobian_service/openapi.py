@@ -38,8 +38,8 @@ _COMPONENTS: dict[str, Any] = {
         "description": (
             "an array: data nested or flat (C order, then shape says how); without shape, the "
             "nesting gives it; without dtype, the dtype the function declares (float32 for floating). "
-            "complex64 and complex128 come in answers only (evaluate's and jvp's output, aux), each "
-            "number a [real, imag] pair"
+            "complex64 and complex128 come in answers (evaluate's and jvp's output, aux) and in "
+            "cotangents (a complex output's, for vjp and hvp), each number a [real, imag] pair"
         ),
         "required": ["data"],
         "properties": {
@@ -54,7 +54,7 @@ _COMPONENTS: dict[str, Any] = {
         "description": (
             "an array as little-endian C-order bytes, base64-encoded; without dtype, "
             "the dtype the function declares (float32 for floating); complex64 and complex128 "
-            "(answers only) as [real, imag] pairs"
+            "(answers, and cotangents) as [real, imag] pairs"
         ),
         "required": ["shape", "base64"],
         "properties": {

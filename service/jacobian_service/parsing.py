@@ -7,6 +7,7 @@ straight to numpy by :mod:`jacobian_client.wire`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -320,6 +321,27 @@ def _engine_vectors(tree: Any) -> Any:
     return tree
 
 
+def _vector_limits(key: str, limits: wire.Limits) -> wire.Limits:
+    """The limits a request's ``key`` vectors are read under: cotangents may be complex
+    (a complex output's, which torch.func.vjp pulls back: the engine checks their kind
+    against the output's), inputs and tangents may not (the service differentiates real
+    inputs). Complex cotangents were refused as an unknown dtype, so a complex output's
+    vjp had none to send."""
+    return dataclasses.replace(limits, complex=True) if key == "cotangents" else limits
+
+
+def _check_real(members: dict[str, np.ndarray], cotangents: str | None) -> None:
+    """An ``.npz``'s members, read under :func:`_vector_limits`'s cotangents' limits:
+    those that are not ``cotangents`` refused where complex, in the words a member of
+    any other dtype the service does not take is."""
+    for name, arr in members.items():
+        if arr.dtype.kind == "c" and not (cotangents and (name == cotangents or name.startswith(cotangents + "/"))):
+            try:
+                wire.check_request_dtype(arr.dtype)
+            except wire.WireError as exc:
+                raise from_wire(wire.WireError(f"member {name + '.npy'!r}: {exc}", exc.code)) from None
+
+
 def _split_members(members: dict[str, np.ndarray], vector_key: str | None) -> tuple[dict[str, np.ndarray], Any]:
     inputs: dict[str, np.ndarray] = {}
     vectors: dict[str, np.ndarray] = {}
@@ -480,9 +502,10 @@ def parse_call(
                 if vector_key not in doc:
                     raise InvalidInput(f"{kind} needs '{vector_key}'")
                 room = _Room(max(limits.max_members, len(spec.leaf_inputs)))
-                vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), limits, vector_key, room))
+                vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), _vector_limits(vector_key, limits),
+                                                       vector_key, room))
             if extra_key and extra_key in doc:
-                extra = _engine_vectors(_vector_tree(doc.pop(extra_key), limits, extra_key,
+                extra = _engine_vectors(_vector_tree(doc.pop(extra_key), _vector_limits(extra_key, limits), extra_key,
                                                      _Room(max(limits.max_members, len(spec.leaf_inputs)))))
             both = sorted(set(doc) & set(raw_options))
             if both:  # which one was meant? (the body's won, silently)
@@ -506,7 +529,8 @@ def parse_call(
             arr = wire.read_npy(body, limits)
             arrays = [(arr, dtype_name(arr.dtype))]
         elif media_type == wire.NPZ:
-            members = wire.read_npz(body, limits)
+            members = wire.read_npz(body, _vector_limits("cotangents", limits))
+            _check_real(members, "cotangents" if "cotangents" in (vector_key, extra_key) else None)
             given_by_name, vectors = _split_members(members, vector_key)
             vectors = _engine_vectors(vectors)
             if extra_key:

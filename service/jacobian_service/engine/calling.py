@@ -203,14 +203,14 @@ def _check_aux(aux: Any) -> None:
             _aux_leaf(node)
 
 
-def _check_output(out: Any, differentiated: bool) -> Any:
+def _check_output(out: Any, differentiated: bool, complex_ok: bool = False) -> Any:
     """``out`` if the wire can carry it, its tensor subclasses made plain tensors; if it
     is to be ``differentiated``, first that it has a derivative (:func:`check_floating`:
     a complex output, which the wire does not carry, is then the request's 422 in
     jacrev's words, as an integer one is, not the function's 500)."""
     if type(out) is torch.Tensor:  # one plain tensor (nearly every function): no pytree walk
         if differentiated:
-            check_floating(out)
+            check_floating(out, complex_ok=complex_ok)
         _check_tensor(out, "the output")
         return out
     leaves, treespec = pytree.tree_flatten(out)
@@ -220,7 +220,7 @@ def _check_output(out: Any, differentiated: bool) -> Any:
         leaves = [_plain(leaf) for leaf in leaves]
         out = pytree.tree_unflatten(leaves, treespec)
     if differentiated:
-        check_floating(out, leaves)
+        check_floating(out, leaves, complex_ok)
     for leaf in leaves:
         _check_tensor(leaf, "the output")
     _check_keys(out)
@@ -296,7 +296,7 @@ def changed_between_calls(what: str) -> FunctionError:
     return FunctionError(_CHANGED.format(what=what))
 
 
-def check_floating(out: Any, leaves: Sequence[Any] | None = None) -> None:
+def check_floating(out: Any, leaves: Sequence[Any] | None = None, complex_ok: bool = False) -> None:
     """Only real floating outputs have derivatives: jacrev refuses the rest, so every
     mode does (forward mode would answer zeros of the output's integer dtype), and
     torch.func.hessian (it runs jacrev) too. The function did not fail: the request asked
@@ -304,8 +304,8 @@ def check_floating(out: Any, leaves: Sequence[Any] | None = None) -> None:
     integer input to differentiate (the function's 500 ``function_error`` said so
     before, though its evaluate and jvp answer an integer output), naming the output and
     quoting torch: an integer or boolean output is refused by jacrev's vjp, a complex
-    one by jacrev (the wire carries no complex: evaluate and jvp refuse it as the
-    function's 500)."""
+    one by jacrev. ``complex_ok``: a pullback's route (vjp, hvp's ``c . H t``), whose
+    cotangents may be complex as torch.func.vjp's are: only integer outputs refused."""
     if type(out) is torch.Tensor:  # one tensor (nearly every function): no pytree walk
         if out.is_floating_point():
             return
@@ -328,7 +328,7 @@ def check_floating(out: Any, leaves: Sequence[Any] | None = None) -> None:
                                # words are for people)
                                fields={"unsupported": "integer_output"})
     for i, (path, leaf) in enumerate(paths):
-        if isinstance(leaf, torch.Tensor) and leaf.is_complex():
+        if not complex_ok and isinstance(leaf, torch.Tensor) and leaf.is_complex():
             raise InvalidInput(f"{_output_at(path)} is {str(leaf.dtype).removeprefix('torch.')}, which has no "
                                "real derivative (torch.func.jacrev: Expected all outputs to be real but received "
                                f"complex tensor at flattened input idx: {i})")
@@ -354,8 +354,12 @@ class AuxBox:
     non-tensor leaves of aux are kept here, beside the call, and put back afterwards.
     """
 
-    def __init__(self, spec: FunctionSpec, differentiated: bool = True) -> None:
+    def __init__(self, spec: FunctionSpec, differentiated: bool = True, complex_ok: bool = False) -> None:
         self.spec = spec
+        # A pullback of given cotangents (vjp, hvp's c . H t) takes a complex output, as
+        # torch.func.vjp does with a complex cotangent; only jacrev's rows (real unit
+        # cotangents) and grad need a real one
+        self.complex_ok = complex_ok
         # The output is differentiated in reverse mode (every route but evaluate, jvp and
         # a scalar's hvp): an integer or complex output is refused at the call
         # (check_floating), not left to torch.func.vjp, whose RuntimeError was the
@@ -376,11 +380,11 @@ class AuxBox:
                 # sockets (or in-process, a second server on its port). It ends here.
                 os._exit(0)
         if not self.spec.has_aux:
-            return _check_output(result, self.differentiated), ()
+            return _check_output(result, self.differentiated, self.complex_ok), ()
         if not (isinstance(result, tuple) and len(result) == 2):
             raise FunctionError(f"{self.spec.name} has has_aux=True but did not return (output, aux)")
         out, aux = result
-        out = _check_output(out, self.differentiated)
+        out = _check_output(out, self.differentiated, self.complex_ok)
         _check_aux(aux)
         leaves, self.treespec = pytree.tree_flatten(aux)
         self.leaves = [_aux_leaf(leaf) for leaf in leaves]

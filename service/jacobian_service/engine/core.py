@@ -607,8 +607,18 @@ class Engine:
                 # tells an output whose shape follows the values by them), not the words.
                 raise InvalidInput(f"{what}{path}: expected shape {list(shape)}, got {list(arr.shape)}",
                                    fields=shape_fields(what, path, shape, arr.shape))
-            if arr.dtype.kind not in "biuf":
+            if arr.dtype.kind not in ("biufc" if what == "cotangents" else "biuf"):
                 raise InvalidInput(f"{what}{path}: expected numbers, got {arr.dtype.name}")
+            if what == "cotangents" and (arr.dtype.kind == "c") != ref.is_complex():
+                # torch.func.vjp's pullback refuses a cotangent whose kind is not its
+                # output's (a real one is cast within its kind, as here); a complex one
+                # cast to a real output would drop its imaginary part without a word
+                i = len(out)
+                raise InvalidInput(f"{what}{path}: expected {'complex' if ref.is_complex() else 'real'} cotangents for "
+                                   f"the {str(ref.dtype).removeprefix('torch.')} output, got {arr.dtype.name} (torch.func.vjp: For "
+                                   "complex Tensors, both grad_output and output are required to have the same dtype. "
+                                   f"Mismatch in dtype: grad_output[{i}] has a dtype of torch.{_torch_name(arr.dtype)} "
+                                   f"and output[{i}] has a dtype of {ref.dtype}.)")
             if what == "tangents" and arr.dtype.kind != "f":
                 # torch.func.jvp refuses them (vjp casts integer cotangents): an int64
                 # tangent (an .npz member, an explicit dtype) was cast and answered, 200
@@ -681,7 +691,7 @@ class Engine:
 
     def vjp(self, call: Call) -> Result:
         args = self.tensors(call)
-        box = AuxBox(call.spec)
+        box = AuxBox(call.spec, complex_ok=True)  # torch.func.vjp pulls back a complex cotangent
         g, primals = differentiable(box, args, call)
         batch = self._vector_batch(call)
         self.check_result_size(call, batch * call.row_nbytes(), "vectors")
@@ -736,8 +746,9 @@ class Engine:
         second-order product needs neither its whole Hessian (m n^2 numbers) nor a
         contraction on the client; with ``batched_vectors``, vmapped over the stacks."""
         args = self.tensors(call)
-        box = AuxBox(call.spec, differentiated=call.cotangents is not None)  # c . H t: a vjp; t: a grad,
-        # which answers a scalar integer output zeros, as torch.func's hvp (jvp of grad) does
+        box = AuxBox(call.spec, differentiated=call.cotangents is not None, complex_ok=True)  # c . H t: a vjp
+        # (of a complex cotangent too, as torch.func.vjp's); t: a grad, which answers a scalar
+        # integer output zeros, as torch.func's hvp (jvp of grad) does, and refuses a complex one (below)
         g, primals = differentiable(box, args, call)
         like = primals if call.as_tuple else primals[0]
         # The output first: no tangent can fix a function that is not scalar. Its random

@@ -139,7 +139,10 @@ def vmap_agrees(product: Callable[..., Any], vectors: tuple[Any, ...], value: An
         tensors = [v for v in pytree.tree_leaves(vectors) if isinstance(v, torch.Tensor)]
         gen = torch.Generator(device="cpu").manual_seed(0)
         w = torch.randint(8, 25, (tensors[0].shape[0],), generator=gen).to(torch.float64) / 16
-        coarsest = max((torch.finfo(v.dtype).eps for v in tensors if v.is_floating_point()), default=0.0)
+        # (complex cotangents too: complex64 ones were weighed at float64's eps, and vmap's
+        # right products failed the check, each then run alone)
+        coarsest = max((torch.finfo(v.dtype).eps for v in tensors if v.is_floating_point() or v.is_complex()),
+                       default=0.0)
 
         def mix(t: torch.Tensor, absolute: bool = False) -> torch.Tensor:
             t = t.abs() if absolute else t

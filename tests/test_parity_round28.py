@@ -1,0 +1,217 @@
+"""PyTorch's own torch.func test cases, round 28, replayed over HTTP against
+tests/parity28_functions.py and compared with in-process torch.func and finite
+differences.
+
+1. vjp of a function with complex outputs (test_eager_transforms.py's TestVjp over R -> C,
+   torch.func.vjp's pullback of a complex cotangent): a 422 "has no real derivative
+   (torch.func.jacrev: ...)" on vjp and on hvp's ``c . H t``, and complex cotangents were
+   an "unknown dtype" (JSON) or "unsupported dtype" (.npz) the SDK would not even send
+   (TypeError "cannot send an array of dtype complex128"). Now cotangents may be complex
+   (JSON [real, imag] pairs or base64, .npz members; inputs and tangents stay real),
+   checked against the output's kind as torch's pullback checks them (a real cotangent
+   for a complex output, or the reverse, the 422 in torch's words); vmap's stacked
+   products are checked at the cotangents' precision (complex64's was float64's).
+
+One in-process app serves the module (no server start), as rounds 7-27.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from jacobian_client import wire
+
+from . import parity28_functions as F
+from .conftest import assert_problem, ready_app, sdk_over
+from .test_parity_round7 import arr, post, t
+
+f = torch.func
+RNG = np.random.default_rng(28)
+X = RNG.standard_normal(4)
+V = RNG.standard_normal(4)
+C = RNG.standard_normal(4) + 1j * RNG.standard_normal(4)
+
+
+@pytest.fixture(scope="module")
+def c() -> Iterator[Any]:
+    with ready_app("tests.parity28_functions") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdk(c) -> Iterator[Any]:
+    with sdk_over(c) as client:
+        yield client
+
+
+def pairs(z: np.ndarray) -> dict[str, Any]:
+    """A complex array as JSON spells it: data of [real, imag] pairs."""
+    return {"dtype": z.dtype.name, "shape": list(z.shape), "data": np.stack([z.real, z.imag], -1).tolist()}
+
+
+def close(got: Any, want: Any, path: str = "", tol: float = 1e-12) -> None:
+    """Structure, dtype and values."""
+    if isinstance(want, torch.Tensor):
+        want = want.detach().numpy()
+    if isinstance(want, np.ndarray):
+        assert isinstance(got, np.ndarray), (path, got)
+        assert got.dtype == want.dtype and got.shape == want.shape, (path, got.dtype, want.dtype, got.shape, want.shape)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=path)
+    else:
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), (path, got)
+        for i, (g, w) in enumerate(zip(got, want)):
+            close(g, w, f"{path}[{i}]", tol)
+
+
+def answer(response: Any, key: str) -> Any:
+    assert response.status_code == 200, response.text
+    return wire.decode_tree(response.json()[key])
+
+
+# --------------------------------------------------------------------------- 1. complex cotangents
+
+def cotangents_for(name: str) -> Any:
+    """Cotangents shaped and typed as torch.func.vjp takes them for ``name``'s output."""
+    out = getattr(F, name)(t(X))
+    if name == "complex_with_aux":
+        out = out[0]
+    if name == "mixed_complex":
+        return (V, C)
+    return C.astype(np.complex64) if out.dtype == torch.complex64 else C
+
+
+def want_vjp(name: str, cot: Any) -> Any:
+    fn = getattr(F, name)
+    has_aux = name == "complex_with_aux"
+    pullback = f.vjp(fn, t(X), has_aux=has_aux)[1]
+    return pullback(t(cot))[0]
+
+
+@pytest.mark.parametrize("name", ["to_complex", "mixed_complex", "to_complex64", "complex_with_aux"])
+def test_a_complex_outputs_vjp_takes_complex_cotangents_as_torch_does(c, sdk, name):
+    cot = cotangents_for(name)
+    want = want_vjp(name, cot)
+    # the math: torch's pullback of c is the gradient of Re <c, f(x)> = Re sum(conj(c) f(x))
+    fn = getattr(F, name)
+    out_of = (lambda x: fn(x)[0]) if name == "complex_with_aux" else fn
+    leaves = lambda x: torch.utils._pytree.tree_leaves(out_of(x))
+    real_part = lambda x: sum((ci.conj() * o).real.sum() for ci, o in zip(torch.utils._pytree.tree_leaves(t(cot)),
+                                                                          leaves(x)))
+    h = 1e-3 if name == "to_complex64" else 1e-6  # (complex64's outputs: float32 round-off)
+    fd = (real_part(t(X + h * V)) - real_part(t(X - h * V))) / (2 * h)
+    tol = 1e-3 if name == "to_complex64" else 1e-7
+    np.testing.assert_allclose(float(want @ t(V)), float(fd), rtol=tol, atol=tol)
+    # JSON: [real, imag] pairs, and base64 as the SDK sends
+    sent = [pairs(np.asarray(v)) if np.iscomplexobj(v) else arr(v) for v in cot] if isinstance(cot, tuple) \
+        else pairs(cot)
+    close(answer(post(c, name, "vjp", [X], cotangents=sent), "vjp"), want)
+    # .npz members
+    members = {f"cotangents/{i}": v for i, v in enumerate(cot)} if isinstance(cot, tuple) else {"cotangents": cot}
+    buf = io.BytesIO()
+    np.savez(buf, x=X, **members)
+    r = c.post(f"/v1/functions/{name}/vjp", content=buf.getvalue(), headers={"content-type": wire.NPZ})
+    close(answer(r, "vjp"), want)
+    for transport in ("binary", "json"):
+        got = sdk.vjp(name, X, cotangents=cot, transport=transport)
+        close(got[0] if name == "complex_with_aux" else got, want, transport)
+
+
+def test_a_cotangent_of_the_other_kind_is_the_422_torch_raises(c):
+    """torch's pullback takes a cotangent of its output's kind only (complex64 for a
+    complex128 output is cast, as a float32 one for a float64 output is here)."""
+    cases = (("to_complex", arr(X), "cotangents", "expected complex cotangents for the complex128 output, got float64",
+              t(X), 0, "torch.float64", "torch.complex128"),
+             ("mixed_complex", [pairs(C), pairs(C)], "cotangents[0]",
+              "expected real cotangents for the float64 output, got complex128", (t(C), t(C)), 0, "torch.complex128",
+              "torch.float64"),
+             ("mixed_complex", [arr(V), arr(V)], "cotangents[1]",
+              "expected complex cotangents for the complex128 output, got float64", (t(V), t(V)), 1, "torch.float64",
+              "torch.complex128"))
+    for name, sent, path, says, cot, i, got_dtype, out_dtype in cases:
+        with pytest.raises(RuntimeError) as raised:
+            f.vjp(getattr(F, name), t(X))[1](cot)
+        torch_says = ("For complex Tensors, both grad_output and output are required to have the same dtype. Mismatch "
+                      f"in dtype: grad_output[{i}] has a dtype of {got_dtype} and output[{i}] has a dtype of {out_dtype}.")
+        if name == "to_complex":
+            assert str(raised.value).splitlines()[0] == torch_says
+        # (of a tuple, torch 2.13's vjp fails before autograd's check, in words of no use:
+        # "Boolean value of Tensor with more than one value is ambiguous"; the service's
+        # are autograd's check's, leaf by leaf)
+        for endpoint, extra in (("vjp", {"cotangents": sent}), ("hvp", {"cotangents": sent, "tangents": arr(V)})):
+            body = assert_problem(post(c, name, endpoint, [X], **extra), 422, "invalid_input")
+            assert body["detail"] == f"{path}: {says} (torch.func.vjp: {torch_says})", (endpoint, body)
+    # a complex64 cotangent of a complex128 output is cast, as torch's pullback casts it
+    close(answer(post(c, "to_complex", "vjp", [X], cotangents=pairs(C.astype(np.complex64))), "vjp"),
+          want_vjp("to_complex", C.astype(np.complex64)))
+
+
+def test_stacked_complex_cotangents_and_c_dot_H_t(c):
+    """batched_vectors (torch's vmap of the pullback) and hvp's c . H t (jvp of the vjp),
+    of a complex cotangent, one and stacked."""
+    fn = F.to_complex
+    cs = np.stack([C, 1j * C, -C.conj()])
+    vs = np.stack([V, X, -V])
+    pullback = f.vjp(fn, t(X))[1]
+    close(answer(post(c, "to_complex", "vjp", [X], cotangents=pairs(cs), batched_vectors=True), "vjp"),
+          f.vmap(pullback)(t(cs))[0])
+    chtv = lambda cv, tv: f.jvp(lambda p: f.vjp(fn, p)[1](cv)[0], (t(X),), (tv,))[1]
+    want = chtv(t(C), t(V))
+    # the math: c . H t is the directional derivative of the pullback of c
+    h = 1e-6
+    fd = (f.vjp(fn, t(X + h * V))[1](t(C))[0] - f.vjp(fn, t(X - h * V))[1](t(C))[0]) / (2 * h)
+    torch.testing.assert_close(want, fd, rtol=1e-6, atol=1e-8)
+    close(answer(post(c, "to_complex", "hvp", [X], tangents=arr(V), cotangents=pairs(C)), "hvp"), want)
+    close(answer(post(c, "to_complex", "hvp", [X], tangents=arr(vs), cotangents=pairs(cs), batched_vectors=True), "hvp"),
+          f.vmap(chtv)(t(cs), t(vs)))
+
+
+def test_vmaps_check_weighs_complex64_cotangents_at_their_precision():
+    """The engine checks vmap's stacked products by linearity (products.vmap_agrees): its
+    tolerance took the cotangents' eps from floating ones only, so complex64 cotangents
+    (a complex64 output's) were weighed at the float64 products' eps and vmap's right
+    answer failed the check: every such stack ran one product at a time."""
+    from jacobian_service.engine.products import vmap_agrees
+
+    pullback = f.vjp(F.to_complex64, t(X))[1]
+    cs = t(np.stack([C, 1j * C, -C.conj(), 2 * C]).astype(np.complex64))
+    right = f.vmap(pullback)(cs)[0]
+    assert vmap_agrees(lambda v: pullback(v)[0], (cs,), right)
+    assert not vmap_agrees(lambda v: pullback(v)[0], (cs,), right + torch.tensor([[0.0], [0.01], [0.0], [0.0]]))
+
+
+def test_inputs_and_tangents_stay_real(c):
+    """Only cotangents may be complex: a complex input or tangent is refused as before,
+    in JSON and in an .npz alike."""
+    for members, endpoint in (({"x": X.astype(complex), "cotangents": C}, "vjp"),
+                              ({"x": X, "tangents": C}, "jvp"),
+                              ({"x": X, "tangents": C, "cotangents": C}, "hvp")):
+        buf = io.BytesIO()
+        np.savez(buf, **members)
+        r = c.post(f"/v1/functions/to_complex/{endpoint}", content=buf.getvalue(), headers={"content-type": wire.NPZ})
+        body = assert_problem(r, 422, "invalid_input")
+        bad = "x" if endpoint == "vjp" else "tangents"
+        assert body["detail"].startswith(f"member '{bad}.npy': unsupported dtype complex128; send one of "), body
+    body = assert_problem(post(c, "to_complex", "jvp", [X], tangents=pairs(C)), 422, "invalid_input")
+    assert body["detail"].startswith("tangents: unknown dtype 'complex128'"), body
+    r = c.post("/v1/functions/to_complex/vjp", json={"inputs": [pairs(X.astype(complex))], "cotangents": pairs(C)})
+    assert assert_problem(r, 422, "invalid_input")["detail"].startswith("unknown dtype 'complex128'")
+
+
+def test_the_torch_adapters_backward_of_a_complex_output(sdk):
+    """A remote function with a complex output under torch.func.vjp and a backward pass
+    (|f(x)|, a real loss of it): the adapter's vjp request carries torch's complex
+    cotangent."""
+    from jacobian_client.torch import remote
+
+    g = remote(sdk, "to_complex")
+    cot = t(C)
+    torch.testing.assert_close(f.vjp(g, t(X))[1](cot)[0], f.vjp(F.to_complex, t(X))[1](cot)[0], rtol=1e-12, atol=1e-12)
+    x_remote, x_local = t(X).requires_grad_(), t(X).requires_grad_()
+    g(x_remote).abs().pow(2).sum().backward()
+    F.to_complex(x_local).abs().pow(2).sum().backward()
+    torch.testing.assert_close(x_remote.grad, x_local.grad, rtol=1e-12, atol=1e-12)
