@@ -31,3 +31,15 @@ def to_complex64(x):
 def complex_with_aux(x):
     """A complex output and an aux beside it."""
     return torch.polar(x.exp(), x), x.sum()
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def int_scalar(x):
+    """An integer scalar: torch.func.grad answers zeros, jacrev and hessian refuse it."""
+    return (x * 3).long().sum()
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def energy_and_argmax(x):
+    """A float scalar beside an integer one (the argmax)."""
+    return (x**3).sum(), x.argmax()

@@ -12,6 +12,15 @@ differences.
    for a complex output, or the reverse, the 422 in torch's words); vmap's stacked
    products are checked at the cotangents' precision (complex64's was float64's).
 
+2. Per-example (vmapped) derivatives of a remote function whose outputs are all integer
+   (test_eager_transforms.py's integer-output cases, through the torch and JAX adapters):
+   the adapters contract per-example products from the service's batched Jacobian,
+   which refuses an integer output (jacrev's refusal), so ``vmap(jvp(grad(f)))`` and
+   ``vmap(jacfwd(f))`` were the service's 422 ``InvalidInput`` where torch answers zeros,
+   and ``vmap(hessian(f))`` that 422 where torch raises its own RuntimeError. Now those
+   products are torch's zeros (a jvp's of the outputs' integer dtypes), and torch's own
+   checks raise where torch's do.
+
 One in-process app serves the module (no server start), as rounds 7-27.
 """
 
@@ -215,3 +224,48 @@ def test_the_torch_adapters_backward_of_a_complex_output(sdk):
     g(x_remote).abs().pow(2).sum().backward()
     F.to_complex(x_local).abs().pow(2).sum().backward()
     torch.testing.assert_close(x_remote.grad, x_local.grad, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- 2. integer outputs, per example
+
+def test_per_example_derivatives_of_an_integer_output_are_torchs(sdk):
+    from jacobian_client.torch import remote
+
+    g = remote(sdk, "int_scalar")
+    xs = t(np.stack([X, V, -X]))
+    for transform in (lambda h: f.vmap(f.jacfwd(h)), lambda h: f.vmap(lambda x: f.jvp(h, (x,), (x,))[1]),
+                      lambda h: f.vmap(lambda x: f.jvp(f.grad(h), (x,), (x,))[1]), lambda h: f.vmap(f.grad(h))):
+        want, got = transform(F.int_scalar)(xs), transform(g)(xs)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (got, want)
+    for transform in (lambda h: f.vmap(f.hessian(h)), lambda h: f.vmap(f.jacrev(h))):
+        with pytest.raises(RuntimeError) as local:
+            transform(F.int_scalar)(xs)
+        with pytest.raises(RuntimeError) as remote_raised:
+            transform(g)(xs)
+        assert str(remote_raised.value) == str(local.value)
+        assert "All outputs of f must be floating-point or complex Tensors" in str(local.value)
+
+
+def test_the_jax_adapters_per_example_derivatives_of_an_integer_output(sdk):
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    from jacobian_client import jax as remote_jax
+
+    g = remote_jax.remote(sdk, "int_scalar")
+    local = lambda x: jnp.sum((x * 3).astype(jnp.int32))
+    xs = jnp.asarray(np.stack([X, V, -X]).astype(np.float32))
+    for transform in (lambda h: jax.vmap(jax.jacfwd(h)),
+                      lambda h: jax.vmap(lambda x: jax.vjp(h, x)[1](np.array(1, np.int32))[0])):
+        want, got = np.asarray(transform(local)(xs)), np.asarray(transform(g)(xs))
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), (got, want)
+
+
+def test_an_integer_output_beside_a_floating_one_is_still_refused_per_example(sdk):
+    """(Left: one batched Jacobian cannot leave the integer leaf out; torch answers the
+    floating leaf's. The refusal says what to do.)"""
+    from jacobian_client import InvalidInput
+    from jacobian_client.torch import remote
+
+    g = remote(sdk, "energy_and_argmax")
+    with pytest.raises(InvalidInput, match="integer output beside a floating one.*aux"):
+        f.vmap(f.jacfwd(g))(t(np.stack([X, V])))

@@ -516,10 +516,35 @@ class RemoteOps:
                 self._works["jvp"] = False
                 no_forward_mode(self.name, "jvp", exc, "Jacobian (reverse mode), contracted on the client")
         else:
-            results = self._linear_by_jacobian(mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape, v_shape,
-                                               shared, memo)
+            try:
+                results = self._linear_by_jacobian(mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape,
+                                                   v_shape, shared, memo)
+            except InvalidInput as exc:
+                results = self._integer_linear(exc, mode, inputs, argnums, (*p_shape, *v_shape), batch_ndim, shared)
         inverse = list(np.argsort(order))
         return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
+
+    def _integer_linear(self, exc: InvalidInput, mode: str, inputs: Sequence[Any], argnums: Sequence[int],
+                        lead_shape: tuple[int, ...], batch_ndim: int, shared: Sequence[bool]) -> list[np.ndarray]:
+        """Per-example products of a function whose outputs are all integer (or boolean),
+        which the batched Jacobian they are contracted from refuses (jacrev's refusal):
+        torch's answers are zeros, a jvp's of the outputs' integer dtypes (torch.func.jvp's
+        integer zero tangents), a vjp's of the inputs' (no output carries a gradient). So
+        ``vmap(torch.func.hessian(f))`` was the service's 422 where torch raises its own
+        RuntimeError at jacrev's vjp, and a vmapped ``jvp(grad(f))`` a 422 where torch
+        answers zeros. Any floating output among them: the refusal stands (one Jacobian
+        request cannot leave the integer leaves out)."""
+        if exc.problem.get("unsupported") != "integer_output":
+            raise exc
+        batch = _merge_batch(inputs, batch_ndim, shared)
+        template = self._template(batch.signature())
+        if any(np.dtype(dtype).kind not in "biu" for _, dtype in template.outputs):
+            raise with_hint(exc, f"{self.name!r} has an integer output beside a floating one, whose per-example "
+                                 "derivatives the service's batched Jacobian refuses whole; return the integer "
+                                 "output in aux (has_aux) instead") from None
+        if mode == "jvp":
+            return [np.zeros((*lead_shape, *shape), dtype) for shape, dtype in template.outputs]
+        return [np.zeros((*lead_shape, *batch.in_shape(a)), np.result_type(np.asarray(inputs[a]))) for a in argnums]
 
     def _empty_linear(self, mode: str, inputs: Sequence[Any], argnums: Sequence[int], lead_shape: tuple[int, ...],
                       batch_ndim: int, shared: Sequence[bool]) -> list[np.ndarray]:
