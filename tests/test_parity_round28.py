@@ -226,6 +226,29 @@ def test_the_torch_adapters_backward_of_a_complex_output(sdk):
     torch.testing.assert_close(x_remote.grad, x_local.grad, rtol=1e-12, atol=1e-12)
 
 
+def test_complex_cotangents_reach_an_engine_process_as_sent():
+    """The engine-process layout: a parsed request's complex cotangents (JSON and .npz)
+    travel in the job's frames (ipc) and are read back complex, as the in-process
+    engine gets them."""
+    from jacobian_service import ipc
+    from jacobian_service.parsing import parse_call
+    from jacobian_service.registry import FunctionSpec, Input
+
+    spec = FunctionSpec.from_description({"name": "to_complex", "description": "", "has_aux": False,
+                                          "inputs": [Input("x", ("n",)).describe()]})
+    buf = io.BytesIO()
+    np.savez(buf, x=X, **{"cotangents/0": V, "cotangents/1": C.astype(np.complex64)})
+    json_body = wire.dumps({"inputs": [arr(X)], "cotangents": [arr(V), pairs(C.astype(np.complex64))]})
+    for media_type, body in ((wire.JSON, json_body), (wire.NPZ, buf.getvalue())):
+        call = parse_call(spec, "vjp", media_type, body, {}, wire.Limits())
+        frames = ipc.encode_call(1, "vjp", call)
+        header, arrays = ipc.parse([bytes(memoryview(frame)) for frame in frames])
+        back = ipc.decode_call(header, arrays, spec)
+        leaves = back.vectors if isinstance(back.vectors, list) else [back.vectors[k] for k in ("0", "1")]
+        assert leaves[1].dtype == np.complex64 and np.array_equal(leaves[1], C.astype(np.complex64)), media_type
+        assert leaves[0].dtype == np.float64 and np.array_equal(leaves[0], V), media_type
+
+
 # --------------------------------------------------------------------------- 2. integer outputs, per example
 
 def test_per_example_derivatives_of_an_integer_output_are_torchs(sdk):
