@@ -43,3 +43,15 @@ def int_scalar(x):
 def energy_and_argmax(x):
     """A float scalar beside an integer one (the argmax)."""
     return (x**3).sum(), x.argmax()
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def complex_sum(x):
+    """A complex scalar (0-d): its cotangent is one complex number."""
+    return (x * torch.exp(1j * x)).sum()
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def complex_empty(x):
+    """A complex output with no elements beside a real one."""
+    return (x[:0] * 1j), x.sin()

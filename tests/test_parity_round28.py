@@ -249,6 +249,30 @@ def test_complex_cotangents_reach_an_engine_process_as_sent():
         assert leaves[0].dtype == np.float64 and np.array_equal(leaves[0], V), media_type
 
 
+def test_0d_and_empty_complex_cotangents_and_answers(c, sdk):
+    """A complex scalar's one-number cotangent, and a complex leaf with no elements: JSON
+    spells the empty one's data ``[]`` (no pairs to nest), which the wire's reader
+    refused ("shape [0] needs 0 pairs"): in a request's cotangents (the SDK's JSON
+    transport too), and in an answer (round 27's evaluate of an empty complex output,
+    through the SDK)."""
+    z = np.array(0.5 - 1.5j)
+    want = f.vjp(F.complex_sum, t(X))[1](t(z))[0]
+    close(answer(post(c, "complex_sum", "vjp", [X], cotangents=pairs(z)), "vjp"), want)
+    close(answer(post(c, "complex_sum", "hvp", [X], cotangents=pairs(z), tangents=arr(V)), "hvp"),
+          f.jvp(lambda p: f.vjp(F.complex_sum, p)[1](t(z))[0], (t(X),), (t(V),))[1])
+    empty = np.zeros(0, complex)
+    want = f.vjp(F.complex_empty, t(X))[1]((t(empty), t(V)))[0]
+    close(answer(post(c, "complex_empty", "vjp", [X], cotangents=[pairs(empty), arr(V)]), "vjp"), want)
+    for transport in ("binary", "json"):
+        close(sdk.vjp("complex_sum", X, cotangents=z, transport=transport), f.vjp(F.complex_sum, t(X))[1](t(z))[0])
+        close(sdk.vjp("complex_empty", X, cotangents=(empty, V), transport=transport), want)
+        close(sdk.evaluate("complex_empty", X, transport=transport), F.complex_empty(t(X)))
+    # the nesting of [2, 0] and [2, 0, 3] spelled as the server spells it, read back
+    for shape in ((2, 0), (2, 0, 3), (0,)):
+        back = wire.decode_tree(wire.encode_tree(np.zeros(shape, np.complex64)), limits=wire.Limits(complex=True))
+        assert back.shape == shape and back.dtype == np.complex64
+
+
 # --------------------------------------------------------------------------- 2. integer outputs, per example
 
 def test_per_example_derivatives_of_an_integer_output_are_torchs(sdk):

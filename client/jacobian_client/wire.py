@@ -702,6 +702,11 @@ def _complex_from_pairs(data: Any, dtype: np.dtype, shape: tuple[int, ...] | Non
     the array is (or flat), read as the real arrays of the parts' dtype they are."""
     part = np.dtype(np.float32 if dtype == np.complex64 else np.float64)
     pairs = np.ascontiguousarray(_from_numbers(data, part, limits))
+    if pairs.size == 0 and pairs.ndim and (shape is None or math.prod(shape) == 0):
+        # no numbers, so no pairs to nest ([] for shape [0], [[], []] for [2, 0], as
+        # _complex_pairs writes them): an empty complex output, or its cotangent, was
+        # refused for want of pairs ("shape [0] needs 0 pairs")
+        return np.zeros(pairs.shape if shape is None else shape, dtype)
     if pairs.ndim == 0 or pairs.shape[-1] != 2 or shape is not None and pairs.size != 2 * math.prod(shape):
         need = "" if shape is None else f": shape {list(shape)} needs {math.prod(shape)} pairs"
         raise WireError(f"{dtype.name} data holds each number as a [real, imag] pair{need}", "invalid_input")
