@@ -273,6 +273,32 @@ def test_0d_and_empty_complex_cotangents_and_answers(c, sdk):
         assert back.shape == shape and back.dtype == np.complex64
 
 
+def test_the_jax_adapter_pulls_back_a_complex_output_in_jaxs_convention(sdk):
+    """JAX's vjp of a complex output is the transpose without conjugation, Re(ct . J);
+    torch's pullback (the service's) conjugates, Re(conj(c) . J). Sent as they were, JAX's
+    cotangents gave torch's gradient: jax.vjp of the remote function, and jax.grad of a
+    real loss of it, answered other numbers than the same function in JAX."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    from jacobian_client import jax as remote_jax
+
+    g = remote_jax.remote(sdk, "to_complex")
+    local = lambda x: x * jnp.exp(1j * x)
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        x, ct = jnp.asarray(X), jnp.asarray(C)
+        for transform in (lambda h: jax.vjp(h, x)[1](ct)[0],
+                          lambda h: jax.grad(lambda x: jnp.sum(jnp.abs(h(x)) ** 2 * x))(x),
+                          # c . H t of the complex output (jvp of grad): one hvp with its cotangent
+                          lambda h: jax.jvp(jax.grad(lambda x: jnp.sum(jnp.imag(h(x)) * x)), (x,), (x,))[1]):
+            want, got = np.asarray(transform(local)), np.asarray(transform(g))
+            assert got.dtype == want.dtype == np.float64
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
 # --------------------------------------------------------------------------- 2. integer outputs, per example
 
 def test_per_example_derivatives_of_an_integer_output_are_torchs(sdk):

@@ -656,9 +656,19 @@ batching.primitive_batchers[remote_eval_p] = _eval_batch
 def _linear_host(ops: RemoteOps, shapes: _Shapes, lin: _Linear, *args: Any,
                  memo: dict[Any, Any] | None = None) -> list[np.ndarray]:
     xs, vecs = args[: lin.n_inputs], args[lin.n_inputs:]
+    vecs = _as_torchs_cotangents(vecs) if lin.mode == "vjp" else vecs
     results = ops.linear(lin.mode, [np.asarray(x) for x in xs], lin.argnums, [np.asarray(v) for v in vecs],
                          shapes.out_tree, lin.batch_ndim, lin.tags, lin.shared, memo=memo)
     return _as_declared(results, lin.result_structs, ops.name, f"a {lin.mode} result")
+
+
+def _as_torchs_cotangents(vecs: Sequence[Any]) -> list[Any]:
+    """JAX's cotangents as the service (torch.func.vjp) takes them. Of a complex output,
+    JAX's vjp is the transpose without conjugation, ``Re(ct . J)``, and torch's pullback
+    conjugates its cotangent, ``Re(conj(c) . J)``: the service is sent ``conj(ct)``.
+    Sent as they were, ``jax.vjp`` of a remote complex output answered torch's (another
+    gradient), and ``jax.grad`` of a real loss of it a wrong one."""
+    return [np.conj(v) if np.iscomplexobj(v) else v for v in vecs]
 
 
 def _as_declared(results: Sequence[Any], structs: Sequence[Any], name: str, what: str) -> list[np.ndarray]:
@@ -874,6 +884,9 @@ def _third_derivatives(name: str) -> str:
 
 def _second_host(ops: RemoteOps, shapes: _Shapes, sec: _Second, *args: Any) -> list[np.ndarray]:
     xs, vecs = args[: sec.n_inputs], args[sec.n_inputs:]
+    if sec.mode == "input":  # one cotangent per output leaf first (see RemoteOps.second)
+        n_out = shapes.out_tree.num_leaves
+        vecs = (*_as_torchs_cotangents(vecs[:n_out]), *vecs[n_out:])
     results = ops.second(sec.mode, [np.asarray(x) for x in xs], sec.vec_argnums, sec.other_argnums,
                          [np.asarray(v) for v in vecs], shapes.out_tree, sec.batch_ndim, sec.tags, sec.shared)
     return _as_declared(results, sec.result_structs, ops.name, "a second-order result")
