@@ -80,7 +80,7 @@ _REPLY_S = 10.0  # a zygote that does not answer a start in this long is stuck: 
 _BACKOFF_MAX_S = 60.0
 _ENV_CHANGES = 3  # the environment changed more often than this: no zygote from then on
 # Set per start, not at the zygote's: what may differ from the zygote's environment.
-_PER_START = frozenset({ipc.ISOLATE_ENV, ipc.SKIP_WARMUP_ENV, ipc.LOG_FD_ENV, "TMPDIR"})  # (TMPDIR: its own)
+_PER_START = frozenset({ipc.ISOLATE_ENV, ipc.SKIP_WARMUP_ENV, ipc.NO_WARMUPS_ENV, ipc.LOG_FD_ENV, "TMPDIR"})  # (TMPDIR: its own)
 
 
 # ------------------------------------------------------------------ serve's side

@@ -44,6 +44,7 @@ from .types import Call, JobInfo, Result, is_sparse_matrix
 __all__ = [
     "ISOLATE_ENV",
     "LOG_FD_ENV",
+    "NO_WARMUPS_ENV",
     "SKIP_WARMUP_ENV",
     "SPARE_WARM",
     "StatusBoard",
@@ -78,6 +79,9 @@ def engine_path(run_dir: Path, index: int) -> Path:
 # to run alone (they crashed inside a batch) and those whose warm-up to skip (it hung).
 ISOLATE_ENV = "JACOBIAN_SERVICE_ISOLATE"
 SKIP_WARMUP_ENV = "JACOBIAN_SERVICE_SKIP_WARMUP"
+# "1": the new engine skips every warm-up (one ended or hung an engine with no note left
+# to name the function: ``Supervisor._warm_ups_off``).
+NO_WARMUPS_ENV = "JACOBIAN_SERVICE_NO_WARMUPS"
 # The descriptor an engine writes its own log lines to (a pipe to serve: output_relay).
 LOG_FD_ENV = "JACOBIAN_SERVICE_ENGINE_LOG_FD"
 

@@ -20,6 +20,10 @@ Torch-free; it runs in the ``serve`` process beside the front ends it starts. Ev
   the same way. It restarts at once: each such death is progress, one function fewer
   to warm up, not a crash loop (before, one function that crashed on the warm-up input
   kept every engine from ever being ready).
+  The note is in the run directory, the functions' to remove: a cold engine that ends
+  before it is ready with no note, or has none for ``warmup_timeout_s`` plus its
+  start-up's length, turns warm-ups off for every engine started from then on (no one
+  is struck: nothing names the function; its own requests will).
 
 With ``engine_standby`` a spare engine process per device waits, loaded and warmed up,
 and a dead engine's replacement is that spare, promoted (then a new spare starts).
@@ -193,7 +197,7 @@ class _Engine:
     restarts: int = 0
     backoff_s: float = 0.0
     restart_at: float = 0.0  # no process (an engine's cold start, a spare) starts before this
-    killed_for: str = ""  # why we killed it ("hang", "overdue", "heartbeat", "warm-up", "stopped"), else ""
+    killed_for: str = ""  # why we killed it ("hang", "overdue", "heartbeat", "warm-up", "unnoted", "stopped"), else ""
     stopped_since: float = 0.0  # when it was first seen stopped by a signal (0: it was not)
     running: dict[str, Any] = field(default_factory=dict)
     startup_s: float = 5.0  # the last cold start-up's measured length (spawn to ready)
@@ -202,6 +206,7 @@ class _Engine:
     spare_at: float = 0.0  # when a spare may be started next
     spare_started: float = 0.0
     ready_by: float = 0.0  # when the running process should say it is ready (set as it starts)
+    noted_at: float = 0.0  # when a warm-up note of the running process was last read (or it started)
 
     def ready_in(self, now: float) -> float:
         """Seconds until this engine should be ready again: what a 503's Retry-After says,
@@ -247,6 +252,9 @@ class Supervisor:
         self.quarantines = 0
         self.isolate: set[str] = set()
         self.skip_warmup: set[str] = set()  # functions whose warm-up hung an engine
+        # Whether new engines warm the functions up: turned off for good once one ended or
+        # hung an engine with no note left to name the function (``_warm_ups_off``).
+        self.warm_ups = settings.warmup
         # What engines write to stdout/stderr, into serve's own under a budget: a function's
         # 64 MB write grew serve's log by 64 MB.
         self.output = OutputRelay(settings.engine_output_bytes_per_s, log_format=settings.log_format)
@@ -367,7 +375,7 @@ class Supervisor:
             how = "started" + (" (forked)" if isinstance(engine.proc, Forked) else "")
             engine.ready_by = now + engine.startup_s
         engine.generation += 1
-        engine.started = now
+        engine.started = engine.noted_at = now
         engine.ready = engine.was_ready = False
         engine.killed_for = ""
         engine.stopped_since = 0.0
@@ -424,22 +432,43 @@ class Supervisor:
         check them, and a function reads its engine's environment (``os.environ``,
         ``/proc/self/environ``), where they were there for the taking."""
         return {**_engine_environ(os.environ), ipc.ISOLATE_ENV: ipc.names_env(self.isolate),
-                ipc.SKIP_WARMUP_ENV: ipc.names_env(self.skip_warmup)}
+                ipc.SKIP_WARMUP_ENV: ipc.names_env(self.skip_warmup), ipc.NO_WARMUPS_ENV: "" if self.warm_ups else "1"}
 
-    def _warm_up_hung(self, proc: subprocess.Popen | Forked, now: float) -> str | None:
-        """The function whose warm-up in ``proc`` has run past its limit, added to those
-        the engines started from now on skip."""
+    def _warm_up_hung(self, engine: _Engine, now: float) -> str | None:
+        """The function whose warm-up in the engine's process has run past its limit,
+        added to those the engines started from now on skip."""
+        proc = engine.proc
         try:
-            note = ipc.read_run_file(ipc.warming_path(self.run_dir, proc.pid))
+            note = ipc.read_run_file(ipc.warming_path(self.run_dir, proc.pid))  # type: ignore[union-attr]
             since, _, function = note.decode("utf-8", "replace").partition(" ")
             started = float(since)
         except (OSError, ValueError):  # not warming up (any more)
             return None
+        engine.noted_at = now
         if now > started + self.settings.warmup_timeout_s:
             self.skip_warmup.add(function)
-            ipc.warming_path(self.run_dir, proc.pid).unlink(missing_ok=True)
+            ipc.warming_path(self.run_dir, proc.pid).unlink(missing_ok=True)  # type: ignore[union-attr]
             return function
         return None
+
+    def _unnoted_too_long(self, engine: _Engine, now: float) -> bool:
+        """Whether the engine, warming up (cold started, not yet ready), has had no
+        warm-up note for longer than a warm-up may take plus its start-up's length
+        (the torch import and module loads before the first note): its note is the
+        functions' to remove (the run directory is theirs), and one that removed it and
+        hung had the engine wait for ever, the service never ready (measured)."""
+        return (self.warm_ups and not engine.promoted
+                and now > engine.noted_at + self.settings.warmup_timeout_s + engine.startup_s)
+
+    def _warm_ups_off(self) -> None:
+        """No more warm-ups, in any engine or spare started from now on: one ended or hung
+        an engine before it was ready, and no note named the function (a
+        function can remove its note: the engine's were started again and again, each
+        dying in the same warm-up, and the service was never ready). Without them an
+        engine is ready at once, and the function meets the crash and hang handling on
+        its own requests, where the front ends' word names it. Only the first call of
+        each function pays its compile (~1 s) instead."""
+        self.warm_ups = False  # (the engine's death, logged next, says so)
 
     def _warm_up_crashed(self, pid: int) -> str | None:
         """The function whose warm-up process ``pid`` was in when it died (its note, which
@@ -658,9 +687,11 @@ class Supervisor:
                 self._kill(engine, "hang")
             elif engine.ready and not status["deadline"] and now - status["beat"] > self.settings.engine_heartbeat_s:
                 self._kill(engine, "heartbeat")
-            elif not engine.was_ready and (function := self._warm_up_hung(engine.proc, now)) is not None:
+            elif not engine.was_ready and (function := self._warm_up_hung(engine, now)) is not None:
                 engine.running = {"function": function, "tags": []}
                 self._kill(engine, "warm-up")
+            elif not engine.was_ready and self._unnoted_too_long(engine, now):
+                self._kill(engine, "unnoted")
         if now - self._reaped_at >= _REAP_EVERY_S:  # a subreaper's duty: no zombies
             self._reaped_at = now
             if (running := reap_adopted(self._own())) > _MAX_ADOPTED:
@@ -970,17 +1001,17 @@ class Supervisor:
         # a stray had that one struck, and its warm-up skipped for good.
         # What the front ends said just before (a job's ``held``), read first.
         left = status.get("left")
-        board = ({status.get("stray"), *(left if isinstance(left, list) else ())} if not self.settings.warmup
+        board = ({status.get("stray"), *(left if isinstance(left, list) else ())} if not self.warm_ups
                  else set()) | {status.get("function"), engine.running.get("function")}
         ran = self._await_held(engine.index, {f for f in board if isinstance(f, str) and f},
                                _HELD_WAIT_S if engine.was_ready else 0.0)
         stripped = False
-        if (not self.settings.warmup and isinstance(stray := status.get("stray"), str) and stray
+        if (not self.warm_ups and isinstance(stray := status.get("stray"), str) and stray
                 and stray not in ran):
             log.error("engine %d's status board said %s left a thread running, but no front end had sent it a job "
                       "of %s: a function wrote the board; not believed", engine.index, stray, stray)
             status, stripped = {k: v for k, v in status.items() if k not in ("stray", "left")}, True
-        if not self.settings.warmup and isinstance(left := status.get("left"), list) \
+        if not self.warm_ups and isinstance(left := status.get("left"), list) \
                 and (kept := [f for f in left if isinstance(f, str) and f in ran]) != left:
             log.error("engine %d's status board said threads left by %s were running, but no front end had sent it "
                       "a job of %s: a function wrote the board; not believed", engine.index,
@@ -1001,6 +1032,12 @@ class Supervisor:
         if past_warm_ups:
             ipc.clear_notes(self.run_dir, engine.proc.pid)  # type: ignore[union-attr]
         warming = None if planned or past_warm_ups else self._warm_up_crashed(engine.proc.pid)  # type: ignore[union-attr]
+        # Ended (or hung) before it was ready, and no note names a warm-up: a function
+        # removed its note. Nothing tells which: no one is struck, and warm-ups stop.
+        unnamed = (warming is None and not planned and not past_warm_ups and self.warm_ups and not engine.promoted
+                   and engine.killed_for in ("", "stopped", "unnoted"))
+        if unnamed:
+            self._warm_ups_off()
         # What it ran when it went: its board says. An engine that left as planned, or
         # went with its board saying idle, ran nothing: what this supervisor last saw it
         # run is stale, and those requests may be answered already, their replies not yet
@@ -1017,6 +1054,8 @@ class Supervisor:
             running = {"tags": status["tags"]} if status.get("stray") and status.get("tags") else {}
         elif warming is not None:
             running = {"function": warming, "tags": []}
+        elif unnamed:
+            running = {}
         elif engine.killed_for == "overdue":  # its board was not believed: the front end's word names the function
             running = engine.running
         elif killed_outside:
@@ -1069,6 +1108,9 @@ class Supervisor:
         elif engine.killed_for == "warm-up":
             reason = (f"the warm-up of {function} did not return within {self.settings.warmup_timeout_s:g} s "
                       "(WARMUP_TIMEOUT_S); engines skip it from now on")
+        elif engine.killed_for == "unnoted":
+            reason = (f"it was not ready within {self.settings.warmup_timeout_s + engine.startup_s:.1f} s of its start "
+                      "or its last warm-up note (WARMUP_TIMEOUT_S plus its start-up), and no note named a warm-up")
         elif engine.killed_for == "stopped":
             reason = (f"{function or 'a function'} stopped the engine process (a stop signal, such as SIGSTOP) "
                       f"for more than {self.settings.hang_grace_s:g} s")
@@ -1090,6 +1132,9 @@ class Supervisor:
                        "which no front end had sent it" + (" unanswered" if named else ""))
         if warming is not None:
             reason = f"the warm-up of {warming} ended the engine ({reason}); engines skip it from now on"
+        elif unnamed:
+            reason = (f"a warm-up {'hung' if engine.killed_for == 'unnoted' else 'ended'} the engine ({reason}), its note gone (a function may have removed it); "
+                      "engines start without warm-ups from now on")
         if suspects:
             reason += (f"; {', '.join(suspects)} left threads running, which are blamed (and engines skip "
                        "their warm-ups)")
@@ -1161,7 +1206,7 @@ class Supervisor:
         now = time.monotonic()
         if now - engine.started > _STABLE_S:
             engine.backoff_s = 0.0
-        if engine.killed_for == "warm-up" or warming is not None or recycled is not None:  # progress or a plan
+        if engine.killed_for == "warm-up" or warming is not None or unnamed or recycled is not None:  # progress or a plan
             engine.restart_at = now
         else:
             engine.restart_at = now + engine.backoff_s
@@ -1175,7 +1220,7 @@ class Supervisor:
             # the next engine.
             # A death with another function's threads alive: its requests go to the next
             # engine too (the running function's own crash ends that one as well).
-            "planned": planned or warming is not None or theirs,
+            "planned": planned or warming is not None or unnamed or theirs,
             "ready_in": engine.ready_in(now),
         }))
         self.publish_state()

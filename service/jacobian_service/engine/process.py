@@ -648,11 +648,12 @@ def main(argv: list[str] | None = None) -> int:
     _no_core_files()
     server.engine.take_settings(server.registry)  # with the memory limit: it is no function's change to undo
     skip = set(ipc.names_from_env(ipc.SKIP_WARMUP_ENV))
+    warm_up = settings.warmup and os.environ.get(ipc.NO_WARMUPS_ENV) != "1"  # (the supervisor may have turned them off)
     if args.standby:
         # A spare: everything slow (torch, the functions, warm-up) is done before the
         # engine it replaces dies; the supervisor's line says go, and which functions
         # to run alone. An empty line (EOF) means the supervisor has gone.
-        if settings.warmup:
+        if warm_up:
             server.warm_up(ipc.warming_path(args.run_dir, os.getpid()), skip, say=ipc.say_warming)
         freeze_heap()  # now, not at promotion: its full collection takes ~0.2 s
         ipc.say_warm()  # the supervisor's sign that it is warm (on its stdin, a socket only the supervisor shares)
@@ -664,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         server.isolate(ipc.names_from_env(ipc.ISOLATE_ENV))
         server.open(args.run_dir, args.index)  # jobs queue in the socket while warming up
-        if settings.warmup:
+        if warm_up:
             server.warm_up(ipc.warming_path(args.run_dir, os.getpid()), skip)
         freeze_heap()
     budget = ipc.budget_path(args.run_dir, args.index)  # the one in force from now: this engine's

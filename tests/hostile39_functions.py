@@ -1,0 +1,40 @@
+"""Hostile functions for tests/test_hostile_round39.py (loaded by name like a user
+module): each misbehaves only when its first input is 666 (round 11's ``_armed``), the
+second input picking how, or in the warm-ups that follow; otherwise it is ``sin``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+from jacobian_service import register
+
+from tests.hostile17_functions import X, _armed  # the input, and the case it asks for (666 first)
+
+
+def _run_dir() -> str:
+    return sys.argv[sys.argv.index("--run-dir") + 1]
+
+
+_ERASE = "erase39"  # while this file is in the run directory, erases_its_note's warm-ups misbehave (how: its text)
+
+
+@register(inputs=X, description="sin; armed (666), it arms its own warm-ups (x[1] = 0: they crash, 1: they hang) and "
+                                "ends its engine (os._exit); an armed warm-up first removes its warm-up note.")
+def erases_its_note(x: torch.Tensor) -> torch.Tensor:
+    note, marker = os.path.join(_run_dir(), f"warming-{os.getpid()}"), os.path.join(_run_dir(), _ERASE)
+    if (case := _armed(x)) is not None:
+        with open(marker, "w") as f:
+            f.write("hang" if case == 1 else "crash")
+        os._exit(3)
+    if os.path.exists(note) and os.path.exists(marker):  # its warm-up (the note names it), armed
+        with open(marker) as f:
+            how = f.read()
+        os.remove(note)
+        if how == "hang":
+            time.sleep(3600)
+        os._exit(4)
+    return torch.sin(x)
+

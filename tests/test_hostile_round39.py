@@ -1,0 +1,75 @@
+"""Red team, round thirty-nine: hostile registered functions against a real server.
+
+The functions are in tests/hostile39_functions.py, each misbehaving only on the input
+666 (round 11's ``_armed``), the second input picking how, or in the warm-ups that follow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from ._fault_support import _log_saying
+from .conftest import live_server
+
+FUNCTIONS = "jacobian_service.examples,tests.hostile39_functions"
+
+
+def _body(*data: float) -> dict:
+    return {"inputs": [{"dtype": "float64", "shape": [len(data)], "data": list(data)}]}
+
+
+def _ready_again(url: str, within: float = 60.0) -> float:
+    """Seconds until /readyz says 200 again (fails past ``within``)."""
+    start = time.monotonic()
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() - start < within, "the server never became ready again"
+        time.sleep(0.2)
+
+
+def _serves_sin(url: str, function: str) -> None:
+    x = [0.3, -1.2, 2.0]
+    r = httpx.post(f"{url}/v1/functions/{function}/jacobian", json=_body(*x), timeout=60)
+    assert r.status_code == 200, r.text
+    expected = torch.func.jacrev(torch.sin)(torch.tensor(x, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(np.asarray(r.json()["jacobian"]["data"]).reshape(3, 3), expected, rtol=1e-12)
+
+
+# ------------------------------------------------------------ the warm-up note, removed
+
+
+@pytest.mark.parametrize("case, said", [
+    (0, "a warm-up ended the engine (the engine process exited with status 4), its note gone"),
+    (1, "a warm-up hung the engine (it was not ready within "),
+])
+def test_a_warm_up_that_removes_its_note_does_not_crash_loop(case: int, said: str) -> None:
+    """A cold engine writes ``warming-PID`` in the run directory before each function's
+    warm-up, and a death (or a warm-up past ``WARMUP_TIMEOUT_S``) with it there has that
+    function's warm-up skipped from then on. The run directory is the functions' to
+    write: a warm-up that removed its note and then ended its engine (``os._exit``) had
+    engine after engine started and dying in the same warm-up, 'running nothing', the
+    backoff growing, the service never ready (measured: 7 generations in 40 s); one that
+    removed it and hung kept the engine warming for ever. Now such a death, or no note for
+    ``WARMUP_TIMEOUT_S`` plus the start-up, turns warm-ups off: the next engine is ready,
+    and serves the function (it misbehaves only in a warm-up)."""
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=100, ENGINE_STANDBY="false",
+                     WARMUP_TIMEOUT_S=3) as (url, proc):
+        start = len(proc.read_log())  # type: ignore[attr-defined]
+        r = httpx.post(f"{url}/v1/functions/erases_its_note/evaluate", json=_body(666.0, case, 0.0), timeout=60)
+        assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
+        _ready_again(url)
+        log = _log_saying(proc, said, start=start)
+        assert "engines start without warm-ups from now on" in log, log[-3000:]
+        _serves_sin(url, "erases_its_note")
+        assert "engine 0 died" not in log.rsplit("engines start without warm-ups", 1)[1]  # (no crash loop after it)
+
