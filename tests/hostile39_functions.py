@@ -38,3 +38,26 @@ def erases_its_note(x: torch.Tensor) -> torch.Tensor:
         os._exit(4)
     return torch.sin(x)
 
+
+@register(inputs=X, description="sin; armed (666), it raises serve's out-of-memory score adjustment to 1000 (as a "
+                                "function about to use up the memory would) and answers how many seconds it stayed "
+                                "there (at most 2), in place of sin(x[0]).")
+def raises_serves_oom_score(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        from tests.hostile38_functions import _serve_and_front_ends
+
+        serve = _serve_and_front_ends()[0]
+        path = f"/proc/{serve}/oom_score_adj"
+        with open(path) as f:
+            taken = f.read()
+        with open(path, "w") as f:
+            f.write("1000")
+        start = time.monotonic()
+        while time.monotonic() - start < 2.0:
+            with open(path) as f:
+                if f.read() == taken:
+                    break
+            time.sleep(0.002)
+        held = time.monotonic() - start
+        return torch.cat([torch.tensor([held], dtype=x.dtype), torch.sin(x[1:])])
+    return torch.sin(x)

@@ -73,3 +73,29 @@ def test_a_warm_up_that_removes_its_note_does_not_crash_loop(case: int, said: st
         _serves_sin(url, "erases_its_note")
         assert "engine 0 died" not in log.rsplit("engines start without warm-ups", 1)[1]  # (no crash loop after it)
 
+
+# ------------------------------------------------------------ serve's out-of-memory score
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, object]]:
+    # serve in a session of its own (round 38: setsid): its out-of-memory score is its own.
+    with live_server(wrapper=("setsid",), FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=100) as served:
+        yield served
+
+
+def test_serves_oom_score_a_function_raises_is_put_back_within_a_tick(server) -> None:
+    """A function that raises ``serve``'s out-of-memory score adjustment to 1000 (and
+    lowers its engine's to 0) and then uses up the memory has the kernel kill ``serve``,
+    the whole service, not the engine: at adjustments 1000 against 0 the engine would
+    have to hold more than all of the memory to be chosen. ``serve`` put its score back
+    only at its 0.5 s look (measured: held 0.2-0.5 s, a median of ~0.3 s), time enough
+    to fill a container's 1-2 GiB. Now it looks every 50 ms, as the supervisor's tick."""
+    url, _ = server
+    held = []
+    for _ in range(7):
+        r = httpx.post(f"{url}/v1/functions/raises_serves_oom_score/evaluate", json=_body(666.0, 0.0, 0.0),
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        held.append(r.json()["output"]["data"][0])
+    assert float(np.median(held)) < 0.15, held

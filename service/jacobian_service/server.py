@@ -187,6 +187,13 @@ def _resume_if_stopped(index: int, pid: int, since: dict[int, float], grace_s: f
             pass
 
 
+# How often serve looks at its front ends (alive, stopped) and its autogroup, and, apart,
+# at its own and the front ends' out-of-memory scores: memory a function uses up goes in
+# well under 0.5 s (a container's 1-2 GiB), and a read of the score costs ~5 us.
+_LOOK_S = 0.5
+_OOM_LOOK_S = 0.05
+
+
 def _oom_score_adj(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/oom_score_adj") as f:
@@ -359,7 +366,19 @@ def serve(settings: Settings) -> int:
         stopped_since: dict[int, float] = {}  # front ends found stopped by a signal, since when
         oom_score = _oom_score_adj(os.getpid())  # what serve started with: the front ends' too
         autogroup_nice = _autogroup_nice()
+        looked = 0.0
         while not stopping.is_set():
+            # The out-of-memory scores every _OOM_LOOK_S: a function that raised serve's
+            # and then used up the memory had the kernel kill serve (the whole service)
+            # if it did so before the next look; the rest every _LOOK_S.
+            _keep_oom_score(f"serve (pid {os.getpid()})", os.getpid(), oom_score, supervisor.running_functions)
+            for i, p in enumerate(front_ends):
+                if p.pid:  # (one that died is started again at the next full look)
+                    _keep_oom_score(f"front end {i} (pid {p.pid})", p.pid, oom_score, supervisor.running_functions)
+            if time.monotonic() - looked < _LOOK_S:
+                stopping.wait(_OOM_LOOK_S)
+                continue
+            looked = time.monotonic()
             if not announced and supervisor.all_ready():
                 # What a user who ran `make serve` does next: where to point a browser or curl.
                 log.info("ready: %s (interactive API docs: %s/docs; functions: %s/v1/functions)", url, url, url)
@@ -371,10 +390,8 @@ def serve(settings: Settings) -> int:
                     front_ends[i] = start(i)
                 elif p.pid:
                     _resume_if_stopped(i, p.pid, stopped_since, settings.hang_grace_s)
-                    _keep_oom_score(f"front end {i} (pid {p.pid})", p.pid, oom_score, supervisor.running_functions)
-            _keep_oom_score(f"serve (pid {os.getpid()})", os.getpid(), oom_score, supervisor.running_functions)
             _keep_autogroup_nice(autogroup_nice, supervisor.running_functions)
-            stopping.wait(0.5)
+            stopping.wait(_OOM_LOOK_S)
         for p in front_ends:
             p.join(settings.drain_delay_s + settings.drain_grace_s + 10)
             if p.is_alive():
