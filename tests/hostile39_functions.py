@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from jacobian_service import register
@@ -21,20 +22,26 @@ def _run_dir() -> str:
 _ERASE = "erase39"  # while this file is in the run directory, erases_its_note's warm-ups misbehave (how: its text)
 
 
-@register(inputs=X, description="sin; armed (666), it arms its own warm-ups (x[1] = 0: they crash, 1: they hang) and "
+@register(inputs=X, description="sin; armed (666), it arms its own warm-ups (x[1] = 0: they crash, 1: they hang, 2: they crash, the board first saying ready) and "
                                 "ends its engine (os._exit); an armed warm-up first removes its warm-up note.")
 def erases_its_note(x: torch.Tensor) -> torch.Tensor:
     note, marker = os.path.join(_run_dir(), f"warming-{os.getpid()}"), os.path.join(_run_dir(), _ERASE)
     if (case := _armed(x)) is not None:
         with open(marker, "w") as f:
-            f.write("hang" if case == 1 else "crash")
+            f.write({1: "hang", 2: "ready"}.get(case, "crash"))
         os._exit(3)
     if os.path.exists(note) and os.path.exists(marker):  # its warm-up (the note names it), armed
         with open(marker) as f:
             how = f.read()
         os.remove(note)
         if how == "hang":
+            open(os.path.join(_run_dir(), "hanging39"), "w").close()  # (for the test: it hangs from now)
             time.sleep(3600)
+        if how == "ready":  # its board says the engine is ready (past its warm-ups), seen by the supervisor
+            from jacobian_service.ipc import StatusBoard
+
+            StatusBoard(Path(_run_dir()) / "engine-0.status").set_ready(time.monotonic())
+            time.sleep(0.5)
         os._exit(4)
     return torch.sin(x)
 
@@ -61,3 +68,4 @@ def raises_serves_oom_score(x: torch.Tensor) -> torch.Tensor:
         held = time.monotonic() - start
         return torch.cat([torch.tensor([held], dtype=x.dtype), torch.sin(x[1:])])
     return torch.sin(x)
+

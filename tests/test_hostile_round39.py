@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -51,6 +52,7 @@ def _serves_sin(url: str, function: str) -> None:
 @pytest.mark.parametrize("case, said", [
     (0, "a warm-up ended the engine (the engine process exited with status 4), its note gone"),
     (1, "a warm-up hung the engine (it was not ready within "),
+    (2, "the second engine in a row to end soon after its start with nothing named"),
 ])
 def test_a_warm_up_that_removes_its_note_does_not_crash_loop(case: int, said: str) -> None:
     """A cold engine writes ``warming-PID`` in the run directory before each function's
@@ -59,20 +61,51 @@ def test_a_warm_up_that_removes_its_note_does_not_crash_loop(case: int, said: st
     write: a warm-up that removed its note and then ended its engine (``os._exit``) had
     engine after engine started and dying in the same warm-up, 'running nothing', the
     backoff growing, the service never ready (measured: 7 generations in 40 s); one that
-    removed it and hung kept the engine warming for ever. Now such a death, or no note for
-    ``WARMUP_TIMEOUT_S`` plus the start-up, turns warm-ups off: the next engine is ready,
-    and serves the function (it misbehaves only in a warm-up)."""
+    removed it and hung kept the engine warming for ever; one that also wrote the status
+    board's 'ready' first (its engine then past its warm-ups, its death an idle one's)
+    crash-looped the same. Now such a death, no note for ``WARMUP_TIMEOUT_S`` plus the
+    start-up, or a second nameless death in a row soon after a start turns warm-ups off:
+    the next engine is ready, and serves the function (it misbehaves only in a warm-up)."""
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=100, ENGINE_STANDBY="false",
                      WARMUP_TIMEOUT_S=3) as (url, proc):
         start = len(proc.read_log())  # type: ignore[attr-defined]
         r = httpx.post(f"{url}/v1/functions/erases_its_note/evaluate", json=_body(666.0, case, 0.0), timeout=60)
         assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
+        log = _log_saying(proc, said, start=start, within=60)  # (case 2's board said ready: /readyz 200 before)
         _ready_again(url)
-        log = _log_saying(proc, said, start=start)
         assert "engines start without warm-ups from now on" in log, log[-3000:]
         _serves_sin(url, "erases_its_note")
         assert "engine 0 died" not in log.rsplit("engines start without warm-ups", 1)[1]  # (no crash loop after it)
 
+
+
+def _run_dir(url: str) -> Path:
+    (engine,) = httpx.get(f"{url}/v1/info", timeout=30).json()["engine_pids"]
+    argv = Path(f"/proc/{engine}/cmdline").read_bytes().split(b"\0")
+    return Path(argv[argv.index(b"--run-dir") + 1].decode())
+
+
+def test_a_spare_promoted_in_a_warm_up_that_removed_its_note_and_hangs_is_not_waited_for_ever() -> None:
+    """A spare says which warm-up it is in on its stdin, but once promoted (its engine
+    died) only its note in the run directory is read: a spare promoted in the warm-up
+    that removed that note and hung was never ready, never killed (measured: /readyz 503
+    for good). Now it too is killed past ``WARMUP_TIMEOUT_S`` plus its start-up without a
+    note, and warm-ups are turned off."""
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=100, WARMUP_TIMEOUT_S=10) as (url, proc):
+        run_dir = _run_dir(url)
+        start = len(proc.read_log())  # type: ignore[attr-defined]
+        r = httpx.post(f"{url}/v1/functions/erases_its_note/evaluate", json=_body(666.0, 1, 0.0), timeout=60)
+        assert r.status_code == 500, r.text  # its engine ended; the warm spare serves; the next spare hangs
+        deadline = time.monotonic() + 60
+        while not (run_dir / "hanging39").exists():
+            assert time.monotonic() < deadline, "the new spare's warm-up never began"
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/v1/functions/erases_its_note/evaluate", json=_body(666.0, 1, 0.0), timeout=60)
+        assert r.status_code == 500, r.text  # and the hanging spare is promoted
+        log = _log_saying(proc, "a warm-up hung the engine (it was not ready within ", start=start, within=60)
+        assert "engines start without warm-ups from now on" in log, log[-3000:]
+        _ready_again(url)
+        _serves_sin(url, "erases_its_note")
 
 # ------------------------------------------------------------ serve's out-of-memory score
 

@@ -207,6 +207,7 @@ class _Engine:
     spare_started: float = 0.0
     ready_by: float = 0.0  # when the running process should say it is ready (set as it starts)
     noted_at: float = 0.0  # when a warm-up note of the running process was last read (or it started)
+    nameless: int = 0  # its processes that ended in a row soon after their start, nothing named (``_died``)
 
     def ready_in(self, now: float) -> float:
         """Seconds until this engine should be ready again: what a 503's Retry-After says,
@@ -456,9 +457,9 @@ class Supervisor:
         warm-up note for longer than a warm-up may take plus its start-up's length
         (the torch import and module loads before the first note): its note is the
         functions' to remove (the run directory is theirs), and one that removed it and
-        hung had the engine wait for ever, the service never ready (measured)."""
-        return (self.warm_ups and not engine.promoted
-                and now > engine.noted_at + self.settings.warmup_timeout_s + engine.startup_s)
+        hung had the engine wait for ever, the service never ready (measured). A spare
+        promoted while warming up too: its word on its stdin is not read once promoted."""
+        return self.warm_ups and now > engine.noted_at + self.settings.warmup_timeout_s + engine.startup_s
 
     def _warm_ups_off(self) -> None:
         """No more warm-ups, in any engine or spare started from now on: one ended or hung
@@ -1034,8 +1035,9 @@ class Supervisor:
         warming = None if planned or past_warm_ups else self._warm_up_crashed(engine.proc.pid)  # type: ignore[union-attr]
         # Ended (or hung) before it was ready, and no note names a warm-up: a function
         # removed its note. Nothing tells which: no one is struck, and warm-ups stop.
-        unnamed = (warming is None and not planned and not past_warm_ups and self.warm_ups and not engine.promoted
-                   and engine.killed_for in ("", "stopped", "unnoted"))
+        # (A promoted spare's own death is not read so: it may go before its board says ready.)
+        unnamed = (warming is None and not planned and not past_warm_ups and self.warm_ups
+                   and (engine.killed_for == "unnoted" or not engine.promoted and engine.killed_for in ("", "stopped")))
         if unnamed:
             self._warm_ups_off()
         # What it ran when it went: its board says. An engine that left as planned, or
@@ -1161,6 +1163,21 @@ class Supervisor:
                         f"{self.settings.quarantine_window_s:g} s), and engines skip their warm-ups" if blamed else
                         "no one is struck the first time") + f"; {function}'s requests run again on the next engine")
             self.skip_warmup.update(blamed)
+        # Its board's word that it was ready (past its warm-ups) is the functions' to write
+        # too: a warm-up that said so, removed its note and ended the engine was taken for
+        # an idle engine's death, nothing named, again and again (measured). A second such
+        # death in a row, soon after its start, is taken for a warm-up's as well.
+        early = (not unnamed and warming is None and not planned and not function and not suspects and not theirs
+                 and not killed_outside and self.warm_ups and not engine.promoted
+                 and engine.killed_for in ("", "stopped")
+                 and time.monotonic() - engine.started < self.settings.warmup_timeout_s + engine.startup_s)
+        engine.nameless = engine.nameless + 1 if early else 0
+        if early and engine.nameless >= 2:
+            unnamed = True
+            self._warm_ups_off()
+            reason += ("; the second engine in a row to end soon after its start with nothing named (a warm-up "
+                       "whose note was removed, its board saying it was ready?): engines start without warm-ups "
+                       "from now on")
         log.error("engine %d died: %s (running %s for %d requests%s)", engine.index, reason, function or "nothing",
                   len(tags), f"; threads left running by {', '.join(others)} were alive" if others and not theirs
                   else "")
