@@ -69,3 +69,25 @@ def raises_serves_oom_score(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.tensor([held], dtype=x.dtype), torch.sin(x[1:])])
     return torch.sin(x)
 
+
+_FRAME = "frame39"  # while this file is in the run directory, frames_victim39's warm-ups in a spare misbehave
+
+
+@register(inputs=X, description="sin: the function another one would have blamed.")
+def victim39(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it arms its warm-ups in a spare and ends its engine (os._exit): "
+                                "an armed warm-up in a spare says on the spare's stdin that victim39's warm-up "
+                                "began, and ends the spare.")
+def frames_victim39(x: torch.Tensor) -> torch.Tensor:
+    marker = os.path.join(_run_dir(), _FRAME)
+    if _armed(x) is not None:
+        open(marker, "w").close()
+        os._exit(3)
+    if "--standby" in sys.argv and os.path.exists(marker) \
+            and os.path.exists(os.path.join(_run_dir(), f"warming-{os.getpid()}")):  # a spare's warm-up, armed
+        os.write(0, b"w victim39\n")  # (ipc.say_warming's word)
+        os._exit(5)
+    return torch.sin(x)

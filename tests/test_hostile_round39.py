@@ -132,3 +132,25 @@ def test_serves_oom_score_a_function_raises_is_put_back_within_a_tick(server) ->
         assert r.status_code == 200, r.text
         held.append(r.json()["output"]["data"][0])
     assert float(np.median(held)) < 0.15, held
+
+
+# ------------------------------------------------------------ a spare's word, forged
+
+
+def test_a_spares_warm_up_word_a_function_forges_does_not_strike_another() -> None:
+    """A spare says on its stdin (a socket only the supervisor shares) which warm-up it
+    begins, and a spare that dies in one has that function struck and its warm-up skipped.
+    The functions it warms up hold that descriptor too: one whose warm-up wrote
+    ``w victim39`` there and ended the spare had victim39 struck at each new spare, and
+    quarantined (503 for every client) within 6 s (measured, QUARANTINE_AFTER=3). Now the
+    words are believed only in the order the spare warms the functions up; the forger's
+    own warm-up, the last believed, is the one named."""
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=3) as (url, proc):
+        start = len(proc.read_log())  # type: ignore[attr-defined]
+        r = httpx.post(f"{url}/v1/functions/frames_victim39/evaluate", json=_body(666.0, 0.0, 0.0), timeout=60)
+        assert r.status_code == 500, r.text  # its engine ended: the warm spare serves, the next spare is armed
+        said = "the spare's warm-up of frames_victim39 ended it (status 5); the next spare skips it"
+        log = _log_saying(proc, said, start=start, within=60)
+        assert "a spare (pid" in log and "said it began the warm-up of victim39 out of its order" in log, log[-3000:]
+        assert "warm-up of victim39 ended it" not in log
+        _serves_sin(url, "victim39")  # (not quarantined: a 503 before)

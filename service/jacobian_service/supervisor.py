@@ -228,6 +228,13 @@ class _SpareWord:
     warm: bool = False
     warming: tuple[float, str] | None = None  # (since, function): the warm-up it is in
     rest: bytes = b""  # a line not yet ended
+    # The warm-ups it will say, in order (the registry's, less those skipped as it started;
+    # None: not known). Its stdin is its functions' to write too: a function whose warm-up
+    # wrote "w victim39" there and ended the spare had victim39 struck at each spare, and
+    # quarantined within seconds (measured). A word out of this order is not believed:
+    # the warm-up it came from (the last believed) is the one running.
+    order: list[str] | None = None
+    said: int = 0  # how many of ``order`` it has said
 
 
 class Supervisor:
@@ -250,6 +257,7 @@ class Supervisor:
         # is forgotten once the function that ran then is struck for a crash of its own.
         self._threads_at_death: dict[str, collections.deque[tuple[float, str]]] = {}
         self._words: dict[int, _SpareWord] = {}  # what each spare (pid) has said on its stdin (``_hear``)
+        self._order: list[str] | None = None  # the functions, in the order engines warm them up (the registry's)
         self.quarantines = 0
         self.isolate: set[str] = set()
         self.skip_warmup: set[str] = set()  # functions whose warm-up hung an engine
@@ -334,6 +342,7 @@ class Supervisor:
                 raise RuntimeError("the engine process did not load the functions in time")
             time.sleep(0.05)
         doc = orjson.loads(ipc.read_run_file(registry, 1 << 30))
+        self._order = [f["name"] for f in doc["functions"] if isinstance(f, dict) and isinstance(f.get("name"), str)]
         devices = doc["devices"]
         first.device = devices[0]
         for index, device in enumerate(devices[1:], start=1):
@@ -417,6 +426,9 @@ class Supervisor:
                           pid=proc.pid, own_log=True)
         self._ticks[proc.pid] = start_ticks(proc.pid)
         self._tmp[proc.pid] = tmp
+        if standby and self._order is not None:
+            skipped = set(self.skip_warmup)  # (as its environment said)
+            self._words[proc.pid] = _SpareWord(order=[n for n in self._order if n not in skipped] if self.warm_ups else [])
         return proc
 
     def _fork_server(self) -> ForkServer | None:
@@ -511,7 +523,14 @@ class Supervisor:
                 if line == ipc.SPARE_WARM.strip():
                     word.warm, word.warming = True, None
                 elif line.startswith(b"w ") and not word.warm:
-                    word.warming = (now, line[2:].decode("utf-8", "replace"))
+                    function = line[2:].decode("utf-8", "replace")
+                    if word.order is not None:
+                        if word.said >= len(word.order) or word.order[word.said] != function:
+                            log.error("a spare (pid %d) said it began the warm-up of %s out of its order: a function "
+                                      "wrote it; not believed", spare.pid, function[:200])
+                            continue
+                        word.said += 1
+                    word.warming = (now, function)
         return word
 
     def _spare_hung(self, spare: subprocess.Popen | Forked, now: float) -> str | None:
