@@ -66,6 +66,7 @@ __all__ = [
     "check_unique",
     "choose_coloring",
     "column_coloring",
+    "direct_coloring",
     "hessian_coloring",
     "lattice_widths",
     "no_gc",
@@ -926,6 +927,17 @@ def star_gather(p: Pattern, colors: np.ndarray, k: int) -> np.ndarray:
     if not ok.all():
         raise AssertionError("star colouring cannot recover an entry directly")
     return np.where(direct, slot, mirrored)
+
+
+def direct_coloring(p: Pattern, *, check_alive: Check = None) -> Coloring:
+    """A Hessian's colouring that reads every entry ``(i, j)`` in its own row, at ``(i,
+    colour j)``: the distance-2 (column) colouring, as a star colouring (it is one), for
+    products that are not finite. Star colouring reads some entries at their mirror
+    ``(j, colour i)``, and a NaN of row ``j`` (a gradient entry NaN there: every tangent
+    of it is) then stood at ``(i, j)`` where torch.func.hessian's row ``i`` is finite."""
+    d2 = column_coloring(p, check_alive=check_alive)
+    return Coloring("star", d2.colors, d2.n_colors, p.rows * d2.n_colors + d2.colors[p.cols], d2.lower_bound,
+                    "distance2_" + d2.strategy)
 
 
 # --------------------------------------------------------------------------- acyclic

@@ -27,7 +27,7 @@ from ..engine.calling import GradOffWatch, dense_pullback, lacks_forward_ad
 from ..engine.hessian import agrees_with_differences, gradient, refusal
 from ..engine.products import same_products, vmap_agrees
 from ..errors import ServiceError, exception_text
-from .coloring import Coloring, choose_coloring, hessian_coloring, star_coloring
+from .coloring import Coloring, choose_coloring, direct_coloring, hessian_coloring, star_coloring
 from .dense import dense_hessian, dense_jacobian
 from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, TraceError, checked, is_random, probe, random_note, trace_hessian, trace_jacobian
 from .draws import Draws, TorchDraws, replaying
@@ -621,6 +621,32 @@ class _Products:
         solved = (torch.as_tensor(solve.sign_of, device=dev) * (prefix[..., hi] - prefix[..., lo])).to(read.dtype)
         return torch.where(torch.as_tensor(solve.direct, device=dev), read, solved)
 
+    def finite_reads(self, p: Pattern, block: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """A star colouring's ``values`` with each entry that is not finite read at its
+        other place where that is finite: ``(i, j)`` is at ``(i, colour j)`` and ``(j,
+        colour i)`` wherever either holds it alone, and a NaN at one is that row's (a NaN
+        or infinite gradient entry makes every tangent of it NaN), not the entry's.
+        Star colouring read each entry at one place, chosen before the values were known:
+        a chain whose gradient is inf at x[-1] answered NaN at (n-2, n-1), read in row
+        n-1, where torch.func.hessian (and row n-2's own place) has -1. Also whether some
+        off-diagonal entry is not finite and has one place only (the other sums several
+        entries): the direct colouring reads it twice (:func:`.coloring.direct_coloring`)."""
+        c = self.coloring
+        if c.mode != "star" or not p.nnz or bool(torch.isfinite(values).all()):
+            return values, False
+        k = c.n_colors
+        slot, mirror = p.rows * k + c.colors[p.cols], p.cols * k + c.colors[p.rows]
+        count = np.bincount(slot, minlength=p.shape[0] * k)
+        dev = values.device
+        flat = block.transpose(-1, -2).reshape(-1)
+        out = values
+        for place, alone in ((slot, count[slot] == 1), (mirror, count[mirror] == 1)):
+            there = flat[torch.as_tensor(place, device=dev)]
+            use = ~torch.isfinite(out) & torch.isfinite(there) & torch.as_tensor(alone, device=dev)
+            out = torch.where(use, there, out)
+        once = torch.as_tensor((p.rows != p.cols) & ((count[slot] != 1) | (count[mirror] != 1)), device=dev)
+        return out, bool((~torch.isfinite(out) & once).any())
+
     def unsolvable(self, block: torch.Tensor) -> bool:
         """Whether an acyclic colouring's substitution would spread a NaN or an infinity
         of the products over a tree (star colouring keeps each where its entry is)."""
@@ -1006,7 +1032,7 @@ class _NotFinite(_ForwardFailed):
 
 
 def _infinity_missed(forward: Callable[[list[torch.Tensor]], torch.Tensor], primals: Sequence[torch.Tensor],
-                     rows: tuple[int, int] | None) -> Callable[[Any], bool]:
+                     rows: tuple[int, int] | None) -> Callable[[Any], str | None]:
     """A check of reverse products' ``matrix`` from the other side, for a matrix holding
     a NaN or an infinity: one JVP with a random positive tangent, infinite or NaN in a row
     where the matrix's product is finite, shows such an entry the pattern misses. The
@@ -1014,14 +1040,17 @@ def _infinity_missed(forward: Callable[[list[torch.Tensor]], torch.Tensor], prim
     on the entry of its column's other row of that colour, and the column holds one
     either way (a declared diagonal missing y[0]'s sqrt(x[1]) read inf at (1, 1), a 200,
     where jacrev has it at (0, 1)). No forward mode: no such check."""
-    def missed(matrix: Any) -> bool:
+    def missed(matrix: Any) -> str | None:
         from .verify import random_row
+
+        if np.isfinite(matrix.data).all():
+            return None
 
         seed, rv = random_row(matrix.shape[1], "fwd", primals[0], None)
         try:
             got = forward(_split(seed, [q.shape for q in primals])).reshape(-1).detach().to("cpu", torch.float64).numpy()
         except _ForwardFailed:
-            return False
+            return None
         with np.errstate(invalid="ignore", over="ignore"):
             want = matrix.astype(np.float64) @ rv
         # Not finite where the matrix's row is: an entry the pattern misses, infinite or NaN
@@ -1030,7 +1059,54 @@ def _infinity_missed(forward: Callable[[list[torch.Tensor]], torch.Tensor], prim
         # NaN here is that row's own; counting infinities only, a declared band missing
         # y[0]'s sqrt(x[-1]) answered a 200 without it at x[-1] < 0.
         lost = ~np.isfinite(got) & np.isfinite(want)
-        return bool((lost[rows[0] : rows[1]] if rows is not None else lost).any())
+        if (lost[rows[0] : rows[1]] if rows is not None else lost).any():
+            return "a product with a random tangent is infinite or NaN in a row where the matrix's is finite"
+        return None
+
+    return missed
+
+
+def _infinities_unconfirmed(p: Pattern, coloring: Coloring, block: torch.Tensor,
+                            run: Callable[[list[torch.Tensor]], torch.Tensor], primals: Sequence[torch.Tensor],
+                            chunk: int, check_alive: Callable[[], None] | None) -> Callable[[Any], str | None]:
+    """A check of a Hessian's products ``block`` (``B = H S``, ``(k, n)`` as computed,
+    ``coloring`` star) that hold an infinity: each column ``j`` of an entry ``(i, j)``
+    alone and infinite at its place ``(i, colour j)`` is computed alone, as
+    torch.func.hessian computes it (the tangent ``e_j``), and where row ``i`` is not
+    that same infinity there, it is an infinity of an entry the pattern misses, landed on
+    ``(i, j)`` by its colour. A Hessian-vector product sums columns, so such an infinity
+    stays in its row and lands on a covered entry there, where neither the free check
+    (it counts an infinity at an uncovered place only) nor the random product (its row is
+    not finite either way) sees it: a declared band missing the periodic coupling x[0]
+    sqrt(x[-1]) answered a 200 at x[-1] = 0 with inf at (0, 0) or (0, 1), where
+    torch.func.hessian has it at (0, n-1) (NaN at the others: forward mode's zero
+    tangents times inf). One product per such column (at most the dense Hessian's),
+    paid only at a point where a product is infinite. (A NaN is no sign: a NaN gradient
+    entry makes its whole row NaN, in torch's Hessian as in the products.)"""
+    def missed(matrix: Any) -> str | None:
+        if coloring.mode != "star" or not p.nnz or not bool(torch.isinf(block).any()):
+            return None
+        k, n = coloring.n_colors, p.shape[1]
+        slot = p.rows * k + coloring.colors[p.cols]
+        flat = block.transpose(-1, -2).reshape(-1).detach().to("cpu", torch.float64).numpy()
+        at = flat[slot]
+        inf = np.isinf(at) & (np.bincount(slot, minlength=flat.size)[slot] == 1)
+        cols = np.unique(p.cols[inf])
+        if not cols.size:
+            return None
+        like, step = primals[0], max(chunk, 1)
+        seen = np.empty((cols.size, n))
+        for start in range(0, cols.size, step):
+            if check_alive is not None:
+                check_alive()
+            part = cols[start : start + step]
+            seeds = torch.zeros((part.size, n), dtype=like.dtype, device=like.device)
+            seeds[torch.arange(part.size), torch.as_tensor(part)] = 1
+            seen[start : start + part.size] = run(_split(seeds, [q.shape for q in primals])).reshape(
+                part.size, n).detach().to("cpu", torch.float64).numpy()
+        if (seen[np.searchsorted(cols, p.cols[inf]), p.rows[inf]] != at[inf]).any():
+            return "an infinite entry is not infinite in its column computed alone"
+        return None
 
     return missed
 
@@ -1090,6 +1166,17 @@ def _star_instead(
     """``p``'s star colouring, cached beside its acyclic one (keyed by its entries)."""
     key = _cache_key(fn, name, args, argnums, "hessian", f"star:{p.source}:{p.name}:{_fingerprint(p)}")
     _, coloring, _ = _cached(cache, key, lambda: (p, star_coloring(p, check_alive=check_alive)))
+    return coloring
+
+
+def _direct_instead(
+    p: Pattern, cache: PatternCache | None, fn: Callable[..., Any], name: str | None, args: Sequence[torch.Tensor],
+    argnums: tuple[int, ...], check_alive: Callable[[], None] | None,
+) -> Coloring:
+    """``p``'s direct colouring (:func:`.coloring.direct_coloring`), cached beside its
+    star one (keyed by its entries)."""
+    key = _cache_key(fn, name, args, argnums, "hessian", f"direct:{p.source}:{p.name}:{_fingerprint(p)}")
+    _, coloring, _ = _cached(cache, key, lambda: (p, direct_coloring(p, check_alive=check_alive)))
     return coloring
 
 
@@ -1198,8 +1285,16 @@ def _sparse_hessian(
         coloring = _star_instead(p, cache, fn, name, args, argnums, check_alive)
         plan = _products(p, coloring, primals, 1)
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
-    matrix = _to_csr(p, plan.values(p, block))
-    if _proven_wrong(p, coloring, [plan], [block], matrix, None, run):
+    values, once = plan.finite_reads(p, block, plan.values(p, block))
+    if once:
+        log.info("a Hessian entry read at one place is not finite: every entry read at both")
+        coloring = _direct_instead(p, cache, fn, name, args, argnums, check_alive)
+        plan = _products(p, coloring, primals, 1)
+        block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
+        values, _ = plan.finite_reads(p, block, plan.values(p, block))
+    matrix = _to_csr(p, values)
+    if _proven_wrong(p, coloring, [plan], [block], matrix, None, run,
+                     _infinities_unconfirmed(p, coloring, block, run, primals, chunk, check_alive)):
         matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "hessian")
     elif (forward_failed is not None or unasked) and not _agrees_with_differences(fn, args, argnums, has_aux, primals,
                                                                                  matrix, check_alive):
@@ -1246,7 +1341,7 @@ def _agrees_with_differences(fn: Callable[..., Any], args: Sequence[torch.Tensor
 def _proven_wrong(
     p: Pattern, coloring: Coloring, plans: "list[_Products]", blocks: list[torch.Tensor], matrix: Any,
     rows: tuple[int, int] | None, run: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
-    other_side: Callable[[Any], bool] | None = None,
+    other_side: Callable[[Any], str | None] | None = None,
 ) -> bool:
     """Whether the products prove ``p`` wrong (see :mod:`.verify`). Every pattern is
     checked against the product with a random seed its products carried (``checked_by``;
@@ -1271,9 +1366,10 @@ def _proven_wrong(
     cancelling inside the function (``(x * 1e5 + x) - x * 1e5`` in float32) made a
     right pattern "proven wrong", its answer dense (a 504 at 10^5 elements).
 
-    ``other_side`` (one point's reverse products): where the matrix holds a value that is
-    not finite, whether a product from the other side finds an infinity it lacks
-    (:func:`_infinity_missed`)."""
+    ``other_side`` (one point's products): why an entry the pattern misses is seen where
+    the products are not finite (else None): a product from the other side of a
+    Jacobian's VJPs (:func:`_infinity_missed`), a Hessian's infinite entries' columns
+    alone (:func:`_infinities_unconfirmed`)."""
     from .verify import disagrees, disagrees_batch, strays, within_noise
 
     batch = isinstance(matrix, list)
@@ -1288,8 +1384,7 @@ def _proven_wrong(
     if not stray and plan.checked_by is not None:
         check = disagrees_batch if batch else disagrees
         off = check(matrix, mode, *plan.checked_by, rows, plan.like.dtype)
-    lost = bool(not stray and not batch and other_side is not None and not np.isfinite(matrix.data).all()
-                and other_side(matrix))
+    lost = other_side(matrix) if not stray and not batch and other_side is not None else None
     if not stray and not off and not lost:
         return False
     if not stray and not lost and run is not None:
@@ -1305,7 +1400,7 @@ def _proven_wrong(
                      p.name, p.source, off, max(noise))
             return False
     why = (f"{stray} product value(s) fall where the pattern has no entry of that colour" if stray
-           else "a product with a random tangent is infinite or NaN in a row where the matrix's is finite" if lost
+           else lost if lost
            else f"a product with a random seed differs from the matrix by {off:.3g} relative")
     if p.source == "declared":
         raise PatternMismatch(
