@@ -16,3 +16,12 @@ from jacobian_service.sparsity import banded
           sparsity={"band": banded(1, 1, hessian=True), "ring": banded(1, 1, periodic=True, hessian=True)})
 def chain_sqrt25(x: torch.Tensor) -> torch.Tensor:
     return (x**4).sum() / 4 + ((x[1:] - x[:-1]) ** 2).sum() / 2 + x[0] * torch.sqrt(x[-1])
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="The same chain with x^1.5 terms (x >= 0): its Hessian's diagonal is inf wherever x[i] = 0. "
+                      "Declared 'band' (it forgets x[0] sqrt(x[-1])) and 'ring' (right).",
+          sparsity={"band": banded(1, 1, hessian=True), "ring": banded(1, 1, periodic=True, hessian=True)})
+def chain_pow25(x: torch.Tensor) -> torch.Tensor:
+    return (x**1.5).sum() + ((x[1:] - x[:-1]) ** 2).sum() / 2 + x[0] * torch.sqrt(x[-1])
+

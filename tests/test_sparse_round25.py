@@ -1,14 +1,18 @@
-"""Sparse and structured Jacobians, round 25.
+"""Sparse and structured Jacobians, round 25: Hessians whose gradient is infinite or NaN.
 
-A scientist's structured Hessians and Jacobians, each answer against torch.func in this
-process:
+Each answer against torch.func.hessian in this process:
 
 - an infinite Hessian entry a declared pattern misses: a tridiagonal band declared for a
-  chain whose energy also holds x[0] sqrt(x[-1]) answered a 200 at x[-1] = 0 (inf at
-  (0, 1), where torch.func.hessian has it at (0, n-1)); any x[-1] > 0 is a 422. A
-  Hessian-vector product sums columns, so the missing infinity lands on a covered entry
-  of its own row, where no check looked; the Hessian's symmetry shows it now (the entry
-  infinite, its mirror finite).
+  chain whose energy also holds x[0] sqrt(x[-1]) answered a 200 at x[-1] = 0 with the
+  coupling's inf at (0, 0) (n = 5) or (0, 1) (n = 8), where torch has it at (0, n-1); at
+  x[-1] = 0.5 it is a 422. A Hessian-vector product sums columns, so the missing infinity
+  lands on a covered entry of its own row, where no check looked. Each infinite entry is
+  now read again from products seeded with part of its colour (its column alone, or by
+  the bits of the column index where fewer: 100 infinite entries of 200 variables);
+- the right patterns (the periodic band, sparsity=auto) answered NaN at (n-2, n-1) and
+  (1, 0) where torch has -1: star colouring read them at their mirror, in a row the
+  infinite gradient entry makes NaN. An entry is read at its other place where that is
+  finite (a distance-2 colouring where it has one place only).
 
 One in-process app serves every case (no new server process).
 """
@@ -89,3 +93,26 @@ def test_a_right_hessian_pattern_answers_torchs_finite_entries(client, choice, l
     finite = np.isfinite(want)
     np.testing.assert_allclose(dense[finite], want[finite], rtol=1e-12, atol=1e-12)
     assert meta["source"] == ("declared" if choice == "ring" else "detected"), meta
+
+
+@pytest.mark.parametrize("choice,status", [("band", 422), ("ring", 200)])
+def test_a_hessian_infinite_at_many_entries_is_checked_within_a_few_products(client, choice, status):
+    """x^1.5 terms at 100 zeros of 200 variables: 100 infinite diagonal entries, and
+    x[-1] = 0 makes the coupling infinite too. Each infinite entry is read again from
+    products seeded with part of its colour (by the bits of its column: 2 x colours x 8
+    products here, not one per column), so the band missing the coupling is refused and
+    the right ring answers torch.func.hessian's values wherever torch's are finite, its
+    infinities where torch has them."""
+    x = np.where(np.arange(200) % 2 == 0, 0.0, np.linspace(0.2, 0.9, 200))
+    x[0], x[-1] = 0.3, 0.0
+    r = client.post("/v1/functions/chain_pow25/hessian", json={"inputs": [x.tolist()], "sparsity": choice})
+    if status == 422:
+        body = _problem(r, 422, "invalid_input")
+        assert "misses nonzeros" in body["detail"], body
+        return
+    got, meta = _csr(r)
+    want = torch.func.hessian(s25.chain_pow25)(torch.tensor(x)).numpy()
+    dense = got.toarray()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(dense[finite], want[finite], rtol=1e-12, atol=1e-12)
+    assert np.isposinf(dense[0, 199]) and meta["products"] <= 4, meta
