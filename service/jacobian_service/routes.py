@@ -368,11 +368,13 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     async with reader as body:
         # A small deflated .npz can expand to a lot: decide by what decoding will take.
         size = reader.expand(body, content_type, inputs, limits)
+        containers = None  # (a small JSON body's count of [ and {: the parse's depth check takes it too)
         if content_type == wire.JSON and size <= _OFFLOAD_BYTES and (
                 body.count(b",") > _INLINE_JSON_ITEMS
-                or body.count(b"[") + body.count(b"{") > _INLINE_JSON_CONTAINERS):
+                or (containers := body.count(b"[") + body.count(b"{")) > _INLINE_JSON_CONTAINERS):
             size = _OFFLOAD_BYTES + 1  # (bytes.count: memory speed, nothing next to the parse)
-        call: Call = await _offload(size, parse_call, spec, kind, content_type, body, _query(request), limits)
+        call: Call = await _offload(size, parse_call, spec, kind, content_type, body, _query(request), limits,
+                                    containers)
     del body  # parsed: the arrays are the call's now
     # ... and held until the request ends (queued, computing), as much memory as the body
     # was (or more, cast to float): charged in its place, or requests waiting in the
