@@ -483,7 +483,8 @@ def parse_call(
 ) -> Call:
     """Decode and check a request: arity, shapes, dtypes and argnums, before any compute.
     ``containers``: a JSON body's count of ``[`` and ``{`` bytes, where the caller has it
-    (``wire.check_depth``); counted here otherwise."""
+    (``wire.check_depth``: the route counts a small body's; a large one is not counted
+    again here, two more passes over it for a scan that may cost less)."""
     vector_key = _VECTOR_KEY.get(kind)
     raw_options: dict[str, Any] = {k: _query_value(k, v) for k, v in query.items()}
     vectors: Any = None
@@ -492,8 +493,6 @@ def parse_call(
     try:
         if media_type == wire.JSON:
             doc = wire.loads(body, exact_integers=spec.takes_integers, max_depth=limits.max_json_depth)
-            if containers is None:
-                containers = body.count(b"[") + body.count(b"{")
             members = wire.check_depth(doc, limits.max_json_depth, containers)
             wire.check_unique_keys(body, members)
             if not isinstance(doc, dict):
