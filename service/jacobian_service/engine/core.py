@@ -353,20 +353,21 @@ class Engine:
             raise function_error(exc, forward_mode=forward_mode) from None
 
     @staticmethod
-    def check_result_size(call: Call, nbytes: int, asked: str = "jacobian", span: int = 0) -> None:
+    def check_result_size(call: Call, nbytes: int, asked: str = "jacobian", span: int = 0, room: bool = True) -> None:
         """413 before computing a result over the limit, saying what the caller can ask
         for instead of what was ``asked`` (a key of ``_REMEDIES``); and a gathered one
         larger than its front end can hold for its client now (``Call.answer_room``). ``span``: the bytes
         its largest block would take were its sizes of 0 taken as 1, what numpy and
         torch index it by: a Hessian of no elements of a (0, 2^28) input was torch's
-        'Stride calculation overflowed', answered as the function's 500."""
+        'Stride calculation overflowed', answered as the function's 500. ``room=False``:
+        a result already computed, whose answer room is its front end's to check."""
         if call.max_result_bytes is not None and nbytes > call.max_result_bytes:
             raise ResultTooLarge(f"the result would take {nbytes} bytes; the limit is {call.max_result_bytes}. "
                                  f"{_REMEDIES[asked]}")
         if span > MAX_SPAN_BYTES:
             raise ResultTooLarge("the result's sizes, those of 0 taken as 1, multiply past 2^63 bytes, what an array "
                                  f"can be indexed by, though it may hold no elements. {_REMEDIES[asked]}")
-        if call.answer_room is not None and HELD_ANSWER_BYTES <= nbytes and call.answer_room < nbytes:
+        if room and call.answer_room is not None and HELD_ANSWER_BYTES <= nbytes and call.answer_room < nbytes:
             raise no_answer_room(nbytes)  # (its front end could not send it now: not computed)
 
     def mark_unbatchable(self, name: str, why: BaseException | None = None, refused: Any = None) -> None:
@@ -581,8 +582,13 @@ class Engine:
         else:
             out, aux_t = self.guard(lambda: box(*args))
             aux = box.restore(aux_t)
+        # Its size is known only once it is computed, and then refusing it for want of room
+        # saves nothing but its trip to the front end: refused so (errors.no_answer_room),
+        # a request whose room had come back meanwhile was asked again (routes._computed)
+        # and computed twice, a client's large evaluate answers each costing the engine two
+        # runs. Its front end holds it or refuses it with the room there is now.
         self.check_result_size(call, sum(t.numel() * self.wire_itemsize(t.dtype) for t in pytree.tree_leaves(out)),
-                               "evaluate")
+                               "evaluate", room=False)
         return Result(self.host(out), self.host(aux), call.spec.has_aux, batch_meta=batch_meta)
 
     def _vectors(self, tree: Any, like: Any, what: str, batched: bool) -> Any:
