@@ -87,3 +87,42 @@ def test_a_large_evaluate_whose_room_is_still_taken_is_refused_in_the_budgets_wo
     assert held.answers["queued"][0].headers["retry-after"] == "1"
     assert _calls() == before + 1
     _wait_until_nothing_held(server)
+
+
+def test_a_large_answer_queued_while_another_is_sent_is_refused_when_it_cannot_finish(server: str) -> None:
+    """A request whose time left, when its turn comes, is less than what the last one
+    like it took is refused then, before it is computed (round 31). A request whose
+    answer could be held on the stream budget runs alone while anything is held there,
+    and such a request skipped that check: a 7.84 MB evaluate queued behind another
+    client's request while one large answer was being sent ran whole once its turn came
+    with a fifth of a run's time left, the engine busy for an answer its front end had
+    given up on: 504 "the request ran past its deadline", the function run. Now it is
+    refused before it runs, 504 saying so; with its time it is computed as before."""
+    for _ in range(2):  # (the engine learns what one costs: the second, warm)
+        r = _post(server, OUTER, _WIDE, HOSTILE)
+        assert r.status_code == 200, r.text[:300]
+    each_s = r.json()["meta"]["compute_ms"] / 1e3
+    timeout_s = 2.0 + each_s
+    slow = _slow_reader(server, _WIDE, HONEST)  # (a large answer held: the request runs alone)
+    try:
+        before = _calls()
+        with _Held(server) as held:
+            held.add("late", OUTER, _WIDE, HOSTILE, timeout_s=timeout_s)
+            queued = time.monotonic()  # (its deadline: at most this plus its timeout)
+            # Its turn comes with at most 0.4 of what one run took left.
+            time.sleep(max(0.0, queued + timeout_s - 0.4 * each_s - time.monotonic()))
+        [late] = held.answers["late"]
+        assert late.status_code == 504, (late.status_code, late.text[:300])
+        problem = assert_problem(late, 504, "timeout")
+        if problem["detail"] == "the request waited in the queue past its deadline":
+            pytest.skip("the engine took its turn past the deadline (a loaded machine): nothing to show here")
+        assert problem["detail"].startswith("the request would not finish before its deadline: the last like it "
+                                            "took "), problem  # (before: "the request ran past its deadline")
+        assert _calls() == before  # never called
+        r = _post(server, OUTER, _WIDE, HOSTILE, timeout_s=30)  # with its time: computed
+        assert r.status_code == 200, r.text[:300]
+        np.testing.assert_array_equal(_outer(r), np.outer(X, X))
+        assert _calls() == before + 1
+    finally:
+        slow.close()
+    _wait_until_nothing_held(server)

@@ -91,7 +91,10 @@ class Job:
     tag: str = ""  # the caller's name for it (the supervisor reports culprits by tag)
     enqueued: float = field(default_factory=time.monotonic)
     info: JobInfo = field(default_factory=JobInfo)
-    key: Hashable | None = None
+    key: Hashable | None = None  # its batch key: None where it runs alone
+    # What one like it cost is learned under (``_cannot_finish``, ``_remember``): its batch
+    # key, or the key it would have had where it runs alone for its answer room.
+    cost_key: Hashable | None = None
     done: bool = False  # settled, or its caller has gone
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
@@ -262,14 +265,17 @@ class Worker:
         call, kind = job.call, job.kind
         if call is None or call.batched or self.max_batch <= 1:
             return None
-        key = self._key(call, kind)
+        key = job.cost_key = self._key(call, kind)
         if key is not None and call.answer_room is not None and not self._small(call, key):
             # Its client's room bounds its own answer, which a batch computes before any
             # member's size could refuse it (engine.core.check_result_size). A room is
             # sent whenever anything is held on its front end's stream budget, so refusing
             # every such job a batch turned batching off for all while one large answer
             # was being sent: only one whose answer could be held on the budget (1 MiB
-            # or more, or not known yet) runs alone.
+            # or more, or not known yet) runs alone. Its cost is still known and learned by
+            # its key (``cost_key``): one queued while a large answer was being sent skipped
+            # the refusal of a request that cannot finish (``_cannot_finish``), ran whole
+            # and was a 504 at its deadline, every other client waiting behind it.
             return None
         return key
 
@@ -434,9 +440,9 @@ class Worker:
         waited until too little time was left ran whole, every other client waiting
         behind it, for an answer its front end had given up on (a 504 at the deadline)."""
         profiles = getattr(self.engine, "profiles", None)  # (a test's stand-in engine has none)
-        if job.key is None or profiles is None:
+        if job.cost_key is None or profiles is None:
             return None
-        stats = profiles[job.call.spec.name].batches.get(job.key)  # type: ignore[union-attr]
+        stats = profiles[job.call.spec.name].batches.get(job.cost_key)  # type: ignore[union-attr]
         if stats is None:
             return None
         each_s, left_s = stats.compute_s / max(1, stats.batch_size), job.deadline - now
@@ -571,7 +577,7 @@ class Worker:
         """What a batch of this key cost, for sizing the next. A keyed ``jacobian_npy``
         job was expected small, but a function whose output size depends on its input's
         values can still make it a stream: its head gives the size."""
-        if job.key is None:
+        if job.cost_key is None:
             return
         if isinstance(result, StreamHead):
             nbytes = result.nbytes
@@ -581,7 +587,7 @@ class Worker:
             return
         from .engine.profile import BatchStats  # only reached with an engine
 
-        self.engine.profiles[job.call.spec.name].batches[job.key] = BatchStats(nbytes, batch_size, compute_s)  # type: ignore[union-attr]
+        self.engine.profiles[job.call.spec.name].batches[job.cost_key] = BatchStats(nbytes, batch_size, compute_s)  # type: ignore[union-attr]
 
 
 def _within_limit(call: Call, result: Any) -> Any:
