@@ -91,6 +91,13 @@ _STATE_EVERY_S = 0.5
 _BACKOFF_MAX_S = 10.0
 _STABLE_S = 60.0  # an engine up this long has its backoff reset
 _PROMOTION_S = 1.0  # a warm spare's take-over, as a Retry-After says it (whole seconds)
+# How long a spare promoted on its word that it was warm may take to be ready: a warm
+# one binds the engine's socket within milliseconds (seconds under a heavy load). Its word
+# is on its stdin, which the functions it warms up hold too: one that wrote "warm" there
+# and hung had the spare counted warm, never killed as hung; promoted, it was waited for
+# WARMUP_TIMEOUT_S plus a start-up (its note removed), every request 503 with a
+# Retry-After of 1 s (measured: not ready after 60 s; 120 s by default).
+_WARM_PROMOTION_MAX_S = 10.0
 _CONTROL_PER_TICK = 64  # control messages taken per tick: a flood cannot keep the engines from being watched
 _REAP_EVERY_S = 1.0  # how often adopted processes that ended are collected (a few /proc reads)
 # Adopted processes running at once past this are a leak (a function that starts a daemon
@@ -197,7 +204,7 @@ class _Engine:
     restarts: int = 0
     backoff_s: float = 0.0
     restart_at: float = 0.0  # no process (an engine's cold start, a spare) starts before this
-    killed_for: str = ""  # why we killed it ("hang", "overdue", "heartbeat", "warm-up", "unnoted", "stopped"), else ""
+    killed_for: str = ""  # why we killed it ("hang", "overdue", "heartbeat", "warm-up", "unnoted", "not warm", "stopped"), else ""
     stopped_since: float = 0.0  # when it was first seen stopped by a signal (0: it was not)
     running: dict[str, Any] = field(default_factory=dict)
     startup_s: float = 5.0  # the last cold start-up's measured length (spawn to ready)
@@ -208,6 +215,10 @@ class _Engine:
     ready_by: float = 0.0  # when the running process should say it is ready (set as it starts)
     noted_at: float = 0.0  # when a warm-up note of the running process was last read (or it started)
     nameless: int = 0  # its processes that ended in a row soon after their start, nothing named (``_died``)
+    # The running process is a spare promoted on its word that it was warm (a function's
+    # word, maybe: ``_WARM_PROMOTION_MAX_S``), and the last warm-up it had named then.
+    promised_warm: bool = False
+    promised_by: str = ""
 
     def ready_in(self, now: float) -> float:
         """Seconds until this engine should be ready again: what a 503's Retry-After says,
@@ -235,6 +246,7 @@ class _SpareWord:
     # the warm-up it came from (the last believed) is the one running.
     order: list[str] | None = None
     said: int = 0  # how many of ``order`` it has said
+    last: str = ""  # the last warm-up it was believed to begin (kept once it says it is warm)
 
 
 class Supervisor:
@@ -364,8 +376,9 @@ class Supervisor:
             engine.board = ipc.StatusBoard(board_path, create=True)
         spare, engine.spare = engine.spare, None
         warm = spare is not None and self._is_warm(spare)
-        if spare is not None:
-            self._words.pop(spare.pid, None)
+        last = ""
+        if spare is not None and (word := self._words.pop(spare.pid, None)) is not None:
+            last = word.last
         now = time.monotonic()
         if spare is not None and spare.poll() is None and self._promote(spare):
             engine.proc = spare
@@ -376,11 +389,12 @@ class Supervisor:
             # where the spare was serving within one.
             warming_left = engine.startup_s - (now - engine.spare_started)
             engine.ready_by = now + (_PROMOTION_S if warm else max(_PROMOTION_S, warming_left))
+            engine.promised_warm, engine.promised_by = warm, last
         elif spare is not None and now < engine.restart_at:
             engine.spare = spare  # it died just now: put down at the next tick; a cold start waits out the backoff
             return
         else:
-            engine.promoted = False
+            engine.promoted = engine.promised_warm = False
             engine.proc = self._start(engine, standby=False)
             how = "started" + (" (forked)" if isinstance(engine.proc, Forked) else "")
             engine.ready_by = now + engine.startup_s
@@ -530,7 +544,7 @@ class Supervisor:
                                       "wrote it; not believed", spare.pid, function[:200])
                             continue
                         word.said += 1
-                    word.warming = (now, function)
+                    word.warming, word.last = (now, function), function
         return word
 
     def _spare_hung(self, spare: subprocess.Popen | Forked, now: float) -> str | None:
@@ -712,6 +726,8 @@ class Supervisor:
                 self._kill(engine, "warm-up")
             elif not engine.was_ready and self._unnoted_too_long(engine, now):
                 self._kill(engine, "unnoted")
+            elif not engine.was_ready and engine.promised_warm and now > engine.started + _WARM_PROMOTION_MAX_S:
+                self._kill(engine, "not warm")
         if now - self._reaped_at >= _REAP_EVERY_S:  # a subreaper's duty: no zombies
             self._reaped_at = now
             if (running := reap_adopted(self._own())) > _MAX_ADOPTED:
@@ -1059,6 +1075,13 @@ class Supervisor:
                    and (engine.killed_for == "unnoted" or not engine.promoted and engine.killed_for in ("", "stopped")))
         if unnamed:
             self._warm_ups_off()
+        # A spare promoted on its word that it was warm, and never ready: a warm-up said
+        # it (a function's word), the last it had named, unless a note names another.
+        # Its warm-up is skipped from now on; no one is struck (a forger can name its
+        # successor in the warm-up order first).
+        unwarm = engine.killed_for == "not warm" and warming is None and not planned
+        if unwarm and engine.promised_by:
+            self.skip_warmup.add(engine.promised_by)
         # What it ran when it went: its board says. An engine that left as planned, or
         # went with its board saying idle, ran nothing: what this supervisor last saw it
         # run is stale, and those requests may be answered already, their replies not yet
@@ -1132,6 +1155,12 @@ class Supervisor:
         elif engine.killed_for == "unnoted":
             reason = (f"it was not ready within {self.settings.warmup_timeout_s + engine.startup_s:.1f} s of its start "
                       "or its last warm-up note (WARMUP_TIMEOUT_S plus its start-up), and no note named a warm-up")
+        elif engine.killed_for == "not warm":
+            reason = (f"a spare promoted on its word that it was warm was not ready within {_WARM_PROMOTION_MAX_S:g} s "
+                      "(a function in its warm-up can say that word)")
+            if unwarm:
+                reason += (f"; engines skip the warm-up of {engine.promised_by}, the last it began, from now on"
+                           if engine.promised_by else "; no warm-up was named")
         elif engine.killed_for == "stopped":
             reason = (f"{function or 'a function'} stopped the engine process (a stop signal, such as SIGSTOP) "
                       f"for more than {self.settings.hang_grace_s:g} s")
@@ -1242,7 +1271,7 @@ class Supervisor:
         now = time.monotonic()
         if now - engine.started > _STABLE_S:
             engine.backoff_s = 0.0
-        if engine.killed_for == "warm-up" or warming is not None or unnamed or recycled is not None:  # progress or a plan
+        if engine.killed_for == "warm-up" or warming is not None or unnamed or unwarm or recycled is not None:  # progress or a plan
             engine.restart_at = now
         else:
             engine.restart_at = now + engine.backoff_s
@@ -1256,7 +1285,7 @@ class Supervisor:
             # the next engine.
             # A death with another function's threads alive: its requests go to the next
             # engine too (the running function's own crash ends that one as well).
-            "planned": planned or warming is not None or unnamed or theirs,
+            "planned": planned or warming is not None or unnamed or unwarm or theirs,
             "ready_in": engine.ready_in(now),
         }))
         self.publish_state()
