@@ -11,7 +11,8 @@ import time
 import torch
 from jacobian_service import register
 
-from tests.hostile17_functions import X, _armed  # the input, and the case it asks for (666 first)
+# the input, and the case it asks for (666 first)
+from tests.hostile17_functions import X, _armed
 
 
 def _run_dir() -> str:
