@@ -520,31 +520,50 @@ class RemoteOps:
                 results = self._linear_by_jacobian(mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape,
                                                    v_shape, shared, memo)
             except InvalidInput as exc:
-                results = self._integer_linear(exc, mode, inputs, argnums, (*p_shape, *v_shape), batch_ndim, shared)
+                results = self._integer_linear(exc, mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape,
+                                               v_shape, shared)
         inverse = list(np.argsort(order))
         return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
 
     def _integer_linear(self, exc: InvalidInput, mode: str, inputs: Sequence[Any], argnums: Sequence[int],
-                        lead_shape: tuple[int, ...], batch_ndim: int, shared: Sequence[bool]) -> list[np.ndarray]:
-        """Per-example products of a function whose outputs are all integer (or boolean),
-        which the batched Jacobian they are contracted from refuses (jacrev's refusal):
-        torch's answers are zeros, a jvp's of the outputs' integer dtypes (torch.func.jvp's
-        integer zero tangents), a vjp's of the inputs' (no output carries a gradient). So
-        ``vmap(torch.func.hessian(f))`` was the service's 422 where torch raises its own
-        RuntimeError at jacrev's vjp, and a vmapped ``jvp(grad(f))`` a 422 where torch
-        answers zeros. Any floating output among them: the refusal stands (one Jacobian
-        request cannot leave the integer leaves out)."""
+                        vecs: list[np.ndarray], out_tree: Tree, batch_ndim: int, p_shape: tuple[int, ...],
+                        v_shape: tuple[int, ...], shared: Sequence[bool]) -> list[np.ndarray]:
+        """Per-example products of a function with an integer (or boolean) output, which
+        the batched Jacobian they are contracted from refuses (jacrev's refusal), where
+        torch answers. Outputs all integer: torch's answers are zeros, a jvp's of the
+        outputs' integer dtypes (torch.func.jvp's integer zero tangents), a vjp's of the
+        inputs' (no output carries a gradient), and no request. An integer output beside
+        floating ones (an index, a count): example by example, as the unbatched products
+        are answered (a jvp with integer zero tangents; a vjp of the floating outputs by
+        forward mode, see ``_vjp_by_jvp``), one request per example since one Jacobian
+        request cannot leave the integer leaves out. So ``vmap(jacfwd(f))``, a vmapped
+        ``jvp``, and ``vmap(grad(lambda x: f(x)[0]))`` were the service's 422 where torch
+        answers."""
         if exc.problem.get("unsupported") != "integer_output":
             raise exc
         batch = _merge_batch(inputs, batch_ndim, shared)
         template = self._template(batch.signature())
+        lead_shape = (*p_shape, *v_shape)
         if any(np.dtype(dtype).kind not in "biu" for _, dtype in template.outputs):
-            raise with_hint(exc, f"{self.name!r} has an integer output beside a floating one, whose per-example "
-                                 "derivatives the service's batched Jacobian refuses whole; return the integer "
-                                 "output in aux (has_aux) instead") from None
+            return self._linear_per_example(mode, batch, argnums, vecs, out_tree, batch_ndim, p_shape, v_shape)
         if mode == "jvp":
             return [np.zeros((*lead_shape, *shape), dtype) for shape, dtype in template.outputs]
         return [np.zeros((*lead_shape, *batch.in_shape(a)), np.result_type(np.asarray(inputs[a]))) for a in argnums]
+
+    def _linear_per_example(self, mode: str, batch: _Batch, argnums: Sequence[int], vecs: list[np.ndarray],
+                            out_tree: Tree, batch_ndim: int, p_shape: tuple[int, ...],
+                            v_shape: tuple[int, ...]) -> list[np.ndarray]:
+        """``linear`` of each example at unbatched inputs (shared inputs as they are),
+        stacked: results (p..., v..., shape), as ``_linear_by_jacobian`` gives them."""
+        P = math.prod(p_shape)
+        flat_vecs = [v.reshape((P, *v.shape[batch_ndim:])) for v in vecs]
+        tags = ("v",) * len(v_shape)
+        per_example = []
+        for p in range(P):
+            example = [x if batch.is_shared(i) else np.asarray(x)[p] for i, x in enumerate(batch.flat)]
+            per_example.append(self.linear(mode, example, argnums, [v[p] for v in flat_vecs], out_tree, 0, tags))
+        return [np.stack([rs[k] for rs in per_example]).reshape((*p_shape, *per_example[0][k].shape))
+                for k in range(len(per_example[0]))]
 
     def _empty_linear(self, mode: str, inputs: Sequence[Any], argnums: Sequence[int], lead_shape: tuple[int, ...],
                       batch_ndim: int, shared: Sequence[bool]) -> list[np.ndarray]:
