@@ -25,3 +25,9 @@ def vec_and_int(x):
 def weighted_and_int(w, x):
     """Weights every example shares (vmap's in_dims None) and a count beside the loss."""
     return (w * x).sin().sum(), (x > 0).long().sum()
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def real_and_complex(x):
+    """A real output beside a complex one (torch.polar of e^x and x**2)."""
+    return x.sin() * x, torch.polar(x.exp(), x**2)

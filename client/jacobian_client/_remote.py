@@ -520,12 +520,12 @@ class RemoteOps:
                 results = self._linear_by_jacobian(mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape,
                                                    v_shape, shared, memo)
             except InvalidInput as exc:
-                results = self._integer_linear(exc, mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape,
+                results = self._refused_linear(exc, mode, inputs, argnums, vecs, out_tree, batch_ndim, p_shape,
                                                v_shape, shared)
         inverse = list(np.argsort(order))
         return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
 
-    def _integer_linear(self, exc: InvalidInput, mode: str, inputs: Sequence[Any], argnums: Sequence[int],
+    def _refused_linear(self, exc: InvalidInput, mode: str, inputs: Sequence[Any], argnums: Sequence[int],
                         vecs: list[np.ndarray], out_tree: Tree, batch_ndim: int, p_shape: tuple[int, ...],
                         v_shape: tuple[int, ...], shared: Sequence[bool]) -> list[np.ndarray]:
         """Per-example products of a function with an integer (or boolean) output, which
@@ -538,13 +538,15 @@ class RemoteOps:
         forward mode, see ``_vjp_by_jvp``), one request per example since one Jacobian
         request cannot leave the integer leaves out. So ``vmap(jacfwd(f))``, a vmapped
         ``jvp``, and ``vmap(grad(lambda x: f(x)[0]))`` were the service's 422 where torch
-        answers."""
-        if exc.problem.get("unsupported") != "integer_output":
+        answers. A complex output likewise (the batched Jacobian refuses it as jacrev
+        does; the unbatched jvp and vjp, with complex cotangents, answer it)."""
+        unsupported = exc.problem.get("unsupported")
+        if unsupported not in ("integer_output", "complex_output"):
             raise exc
         batch = _merge_batch(inputs, batch_ndim, shared)
         template = self._template(batch.signature())
         lead_shape = (*p_shape, *v_shape)
-        if any(np.dtype(dtype).kind not in "biu" for _, dtype in template.outputs):
+        if unsupported == "complex_output" or any(np.dtype(dtype).kind not in "biu" for _, dtype in template.outputs):
             return self._linear_per_example(mode, batch, argnums, vecs, out_tree, batch_ndim, p_shape, v_shape)
         if mode == "jvp":
             return [np.zeros((*lead_shape, *shape), dtype) for shape, dtype in template.outputs]

@@ -216,14 +216,16 @@ _COMPONENTS: dict[str, Any] = {
                                               "`batched_vectors`)"},
             "got_shape": {"type": "array", "items": {"type": "integer"},
                           "description": "with `field`: the shape the request sent"},
-            "unsupported": {"type": "string", "enum": ["forward_mode", "integer_output"],
+            "unsupported": {"type": "string", "enum": ["forward_mode", "integer_output", "complex_output"],
                             "description": "`forward_mode`: a 500 `function_error` of a `jvp` or `hvp` whose "
                                            "function has an op without a forward-mode rule (torch raised "
                                            "NotImplementedError in forward mode, its plain call having run): the "
                                            "reverse-mode request (`jacobian`, `hessian`) can answer. "
                                            "`integer_output`: a 422 of a reverse-mode request (`vjp`, `jacobian`, "
                                            "`hessian`) whose function has an integer or boolean output: "
-                                           "`evaluate` and `jvp` answer it"},
+                                           "`evaluate` and `jvp` answer it. `complex_output`: a 422 of a "
+                                           "`jacobian` or `hessian` whose function has a complex output: "
+                                           "`evaluate`, `jvp` and `vjp` (complex cotangents) answer it"},
         },
     },
     "Input": {

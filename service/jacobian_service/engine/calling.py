@@ -331,7 +331,11 @@ def check_floating(out: Any, leaves: Sequence[Any] | None = None, complex_ok: bo
         if not complex_ok and isinstance(leaf, torch.Tensor) and leaf.is_complex():
             raise InvalidInput(f"{_output_at(path)} is {str(leaf.dtype).removeprefix('torch.')}, which has no "
                                "real derivative (torch.func.jacrev: Expected all outputs to be real but received "
-                               f"complex tensor at flattened input idx: {i})")
+                               f"complex tensor at flattened input idx: {i})",
+                               # for the SDK's adapters: per-example products they contract from
+                               # a batched Jacobian go example by example instead (vjp and jvp
+                               # answer a complex output)
+                               fields={"unsupported": "complex_output"})
 
 
 def _output_at(path: tuple[Any, ...]) -> str:
