@@ -22,7 +22,7 @@ from .header_params import parameters, split_unquoted
 
 __all__ = [
     "ClosingStreamingResponse", "EncodeBudget", "JsonRows", "META_HEADERS", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
-    "meta_headers", "pieces_response", "problem_document", "problem_response", "qvalue", "stream_hold",
+    "meta_headers", "meta_raw_headers", "pieces_response", "problem_document", "problem_response", "qvalue", "stream_hold",
 ]
 
 _OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
@@ -150,14 +150,44 @@ def meta_headers(meta: dict[str, Any]) -> dict[str, str]:
     as ``Server-Timing`` (W3C Server Timing): the browser's developer tools show them in
     the request's timing, and a page reads them from its Resource Timing entry
     (``serverTiming``; Timing-Allow-Origin lets a page of CORS_ORIGINS)."""
-    headers = {header: str(meta[key]) for key, header in META_HEADERS.items() if meta.get(key) is not None}
-    timing = [f"{name};dur={meta[key]}" for key, name in _SERVER_TIMING if meta.get(key) is not None]
+    said, timing = _said(meta)
+    headers = {header: text for header, _, text in said}
     if timing:
-        headers["Server-Timing"] = ", ".join(timing)
+        headers["Server-Timing"] = timing
     return headers
 
 
-_SERVER_TIMING = (("queue_ms", "queue"), ("compute_ms", "compute"))
+def meta_raw_headers(meta: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """:func:`meta_headers` as an ASGI response's raw headers (lower case, as Starlette
+    makes them), to add to a response made without them: every small .npy answer pays
+    this, and the way through ``headers=`` (a dict made, merged, then each name
+    lower-cased and encoded by Starlette at every request) cost as much again."""
+    said, timing = _said(meta)
+    raw = [(name, text.encode("latin-1")) for _, name, text in said]
+    if timing:
+        raw.append((b"server-timing", timing.encode("latin-1")))
+    return raw
+
+
+def _said(meta: dict[str, Any]) -> tuple[list[tuple[str, bytes, str]], str]:
+    """``(header, raw name, value)`` of each of ``meta``'s common entries it holds, and
+    its ``Server-Timing`` ("" if none): each value formatted once, for both."""
+    said = []
+    timing = ""
+    for key, header, name, metric in _META:
+        value = meta.get(key)
+        if value is not None:
+            text = str(value)
+            said.append((header, name, text))
+            if metric:
+                timing = f"{timing}, {metric};dur={text}" if timing else f"{metric};dur={text}"
+    return said, timing
+
+
+# Each of META_HEADERS as (meta's key, the header, its raw name, its Server-Timing metric or "").
+_SERVER_TIMING = {"queue_ms": "queue", "compute_ms": "compute"}
+_META = tuple((key, header, header.lower().encode("latin-1"), _SERVER_TIMING.get(key, ""))
+              for key, header in META_HEADERS.items())
 
 
 def is_single_array(result: Result) -> bool:
@@ -168,12 +198,14 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
     """Encode a gathered result. JSON and .npz are CPU-heavy for large results (the caller
     runs them off the loop); .npy is a header and views of the arrays. ``nbytes``: the
     result's ``nbytes()``, where the caller has it already."""
-    said = meta_headers(meta)
     if media == wire.NPY:
         pieces = wire.write_npy(result.value)
         if result.value.nbytes < _JOIN_BYTES:  # one plain body: cheaper than a streamed one
-            return Response(b"".join(pieces), media_type=wire.NPY, headers={**attachment(function, key, media), **said})
-        return pieces_response(pieces, wire.NPY, {**attachment(function, key, media), **said})
+            response = Response(b"".join(pieces), media_type=wire.NPY, headers=attachment(function, key, media))
+            response.raw_headers.extend(meta_raw_headers(meta))  # (meta_raw_headers says why not headers=)
+            return response
+        return pieces_response(pieces, wire.NPY, {**attachment(function, key, media), **meta_headers(meta)})
+    said = meta_headers(meta)
     trees: dict[str, Any] = {key: result.value}
     if result.has_aux:
         trees["aux"] = result.aux

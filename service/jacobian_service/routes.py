@@ -278,6 +278,16 @@ def _outcome(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, BaseEx
 
 
 def _meta(info: JobInfo, result: Result) -> dict[str, Any]:
+    meta = _common_meta(info, result)
+    if result.sparse_meta:  # sparse results: sparsity, source, colors, products, nnz
+        meta.update(result.sparse_meta)
+    if result.batch_meta:  # per-example evaluate: unbatched, aux_unbatched
+        meta.update(result.batch_meta)
+    return meta
+
+
+def _common_meta(info: JobInfo, result: Result) -> dict[str, Any]:
+    """Every answer's meta entries (a bare .npy's, all it has: its headers)."""
     return {
         "device": info.device,
         "chunk_size": result.chunk_size,
@@ -285,8 +295,6 @@ def _meta(info: JobInfo, result: Result) -> dict[str, Any]:
         "mode": result.mode,
         "queue_ms": round(info.queue_s * 1e3, 3),
         "compute_ms": round(info.compute_s * 1e3, 3),
-        **(result.sparse_meta or {}),  # sparse results: sparsity, source, colors, products, nnz
-        **(result.batch_meta or {}),  # per-example evaluate: unbatched, aux_unbatched
     }
 
 
@@ -434,8 +442,9 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     if chosen == wire.NPY:
         # .npy: a header and views of the arrays, nothing built whatever the size (a
         # thread hop cost a 4 MB .npy answer more than its encoding): its size (a walk
-        # of the result) is not needed. Its meta goes in its headers (meta_headers).
-        response = encode(chosen, spec.name, wire.RESULT_KEY[kind], result, _meta(info, result))
+        # of the result) is not needed. Its meta goes in its headers (meta_headers), which
+        # say only the common entries (a dense form of a sparse result's are not headers).
+        response = encode(chosen, spec.name, wire.RESULT_KEY[kind], result, _common_meta(info, result))
     else:
         # Within the result limit: the engine's worker refused it otherwise (scheduler).
         nbytes = result.nbytes()
