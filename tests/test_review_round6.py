@@ -105,3 +105,23 @@ def test_a_live_npy_answer_says_its_meta_as_json_does(url: str, extra: dict) -> 
     assert npy.headers["server-timing"] == f"queue;dur={q}, compute;dur={t}"
     names = [k for k, _ in npy.headers.raw]
     assert len(names) == len({k.lower() for k in names})
+
+
+def test_a_page_may_read_server_timing_as_it_reads_the_other_meta_headers() -> None:
+    """Server-Timing is sent with every derivative answer, as the X- meta headers are,
+    but was not in Access-Control-Expose-Headers: a page of CORS_ORIGINS read
+    ``r.headers.get('Server-Timing')`` as null, every X- one as its value."""
+    page = "http://page.example"
+    app = real_app(functions="jacobian_service.examples", api_keys="k1", cors_origins=page, workers=1,
+                   engine_standby=False)
+    with serve(app, ready_path="/readyz") as api, httpx.Client(base_url=api, timeout=30) as c:
+        for accept in (wire.NPY, wire.JSON):
+            r = c.post("/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]},
+                       headers={"Origin": page, "Authorization": "Bearer k1", "Accept": accept})
+            assert r.status_code == 200, r.text
+            assert r.headers["access-control-allow-origin"] == page
+            exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+            sent = {h for h in r.headers if h.startswith("x-") and h not in ("x-request-id", "x-content-type-options")}
+            assert {"x-device", "x-mode", "x-queue-ms", "x-compute-ms"} <= sent <= {h.lower() for h in META_HEADERS.values()}
+            assert "server-timing" in r.headers
+            assert sent | {"server-timing"} <= exposed, accept

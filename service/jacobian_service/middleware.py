@@ -332,10 +332,11 @@ def _is_open(path: str, open_paths: set[str]) -> bool:
 
 
 # The response headers a script may read (every derivative answer's meta headers,
-# responses.META_HEADERS; a 415 for a Content-Encoding says which codings are served in
-# Accept-Encoding).
+# responses.META_HEADERS, and their times as Server-Timing, which a page read as null
+# from its headers, where its Resource Timing entry had them; a 415 for a
+# Content-Encoding says which codings are served in Accept-Encoding).
 EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "Content-Length", "Content-Disposition", "WWW-Authenticate", "Allow",
-                   *META_HEADERS.values(), "Accept-Encoding"]
+                   *META_HEADERS.values(), "Server-Timing", "Accept-Encoding"]
 
 
 # Request headers the service reads and answers for: each must pass the preflight, or
@@ -392,7 +393,7 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
     name (a ``*`` would not cover it). Scripts may read every header the service sends
     for them (a browser hides any not named in ``expose_headers``): the request id, a
     429's or 503's ``Retry-After``, a 401's ``WWW-Authenticate``, a 405's ``Allow``, a
-    derivative answer's meta headers (``X-Device``, ``X-Queue-Ms``...), a binary
+    derivative answer's meta headers (``X-Device``, ``X-Queue-Ms``..., ``Server-Timing``), a binary
     answer's ``Content-Disposition`` (its file name), and a 415's ``Accept-Encoding``.
 
     A page of an origin named in ``origins`` may call with credentials (``fetch(...,
