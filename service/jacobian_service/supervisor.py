@@ -23,7 +23,9 @@ Torch-free; it runs in the ``serve`` process beside the front ends it starts. Ev
   The note is in the run directory, the functions' to remove: a cold engine that ends
   before it is ready with no note, or has none for ``warmup_timeout_s`` plus its
   start-up's length, turns warm-ups off for every engine started from then on (no one
-  is struck: nothing names the function; its own requests will).
+  is struck: nothing names the function; its own requests will); a death with no note
+  does so only the second in a row (the first may be a kill -9, the OOM killer, before
+  any warm-up began).
 
 With ``engine_standby`` a spare engine process per device waits, loaded and warmed up,
 and a dead engine's replacement is that spare, promoted (then a new spare starts).
@@ -273,8 +275,9 @@ class Supervisor:
         self.quarantines = 0
         self.isolate: set[str] = set()
         self.skip_warmup: set[str] = set()  # functions whose warm-up hung an engine
-        # Whether new engines warm the functions up: turned off for good once one ended or
-        # hung an engine with no note left to name the function (``_warm_ups_off``).
+        # Whether new engines warm the functions up: turned off for good once one hung an
+        # engine with no note left to name the function, or two cold engines in a row
+        # ended with none (``_warm_ups_off``; the first may be a kill -9 before any note).
         self.warm_ups = settings.warmup
         # What engines write to stdout/stderr, into serve's own under a budget: a function's
         # 64 MB write grew serve's log by 64 MB.
@@ -1069,10 +1072,18 @@ class Supervisor:
             ipc.clear_notes(self.run_dir, engine.proc.pid)  # type: ignore[union-attr]
         warming = None if planned or past_warm_ups else self._warm_up_crashed(engine.proc.pid)  # type: ignore[union-attr]
         # Ended (or hung) before it was ready, and no note names a warm-up: a function
-        # removed its note. Nothing tells which: no one is struck, and warm-ups stop.
+        # removed its note, or the process went before its first (a kill -9, the OOM
+        # killer, an import that crashed). Nothing tells which: no one is struck. One
+        # such death turned warm-ups off for the rest of the run (measured: one kill -9
+        # of a cold engine, 0.3 s into its torch import): a transient event, a permanent
+        # loss. Now it takes the second in a row (``engine.nameless``, reset by any other
+        # death), or a hang past WARMUP_TIMEOUT_S with no note (ours, not transient):
+        # a warm-up that removes its note costs one cold start more, not a crash loop.
         # (A promoted spare's own death is not read so: it may go before its board says ready.)
-        unnamed = (warming is None and not planned and not past_warm_ups and self.warm_ups
-                   and (engine.killed_for == "unnoted" or not engine.promoted and engine.killed_for in ("", "stopped")))
+        cold_nameless = (warming is None and not planned and not past_warm_ups and self.warm_ups
+                         and (engine.killed_for == "unnoted"
+                              or not engine.promoted and engine.killed_for in ("", "stopped")))
+        unnamed = cold_nameless and (engine.killed_for == "unnoted" or engine.nameless >= 1)
         if unnamed:
             self._warm_ups_off()
         # A spare promoted on its word that it was warm, and never ready: a warm-up said
@@ -1098,7 +1109,7 @@ class Supervisor:
             running = {"tags": status["tags"]} if status.get("stray") and status.get("tags") else {}
         elif warming is not None:
             running = {"function": warming, "tags": []}
-        elif unnamed:
+        elif cold_nameless:
             running = {}
         elif engine.killed_for == "overdue":  # its board was not believed: the front end's word names the function
             running = engine.running
@@ -1184,7 +1195,12 @@ class Supervisor:
             reason = f"the warm-up of {warming} ended the engine ({reason}); engines skip it from now on"
         elif unnamed:
             reason = (f"a warm-up {'hung' if engine.killed_for == 'unnoted' else 'ended'} the engine ({reason}), its note gone (a function may have removed it); "
-                      "engines start without warm-ups from now on")
+                      + ("" if engine.killed_for == "unnoted" else "the second engine in a row to end before it was ready "
+                         "with no note: ") + "engines start without warm-ups from now on")
+        elif cold_nameless:
+            reason = (f"it ended before it was ready ({reason}) with no warm-up note naming a function (it went before "
+                      "its first, or a function removed its note); no one is struck, warm-ups stay on: a second such "
+                      "death in a row turns them off")
         if suspects:
             reason += (f"; {', '.join(suspects)} left threads running, which are blamed (and engines skip "
                        "their warm-ups)")
@@ -1219,7 +1235,7 @@ class Supervisor:
                  and not killed_outside and self.warm_ups and not engine.promoted
                  and engine.killed_for in ("", "stopped")
                  and time.monotonic() - engine.started < self.settings.warmup_timeout_s + engine.startup_s)
-        engine.nameless = engine.nameless + 1 if early else 0
+        engine.nameless = engine.nameless + 1 if early or (cold_nameless and not unnamed) else 0
         if early and engine.nameless >= 2:
             unnamed = True
             self._warm_ups_off()
@@ -1285,7 +1301,7 @@ class Supervisor:
             # the next engine.
             # A death with another function's threads alive: its requests go to the next
             # engine too (the running function's own crash ends that one as well).
-            "planned": planned or warming is not None or unnamed or unwarm or theirs,
+            "planned": planned or warming is not None or cold_nameless or unwarm or theirs,
             "ready_in": engine.ready_in(now),
         }))
         self.publish_state()
