@@ -64,6 +64,7 @@ __all__ = [
     "SparseCOO",
     "WireError",
     "check_depth",
+    "check_request_dtype",
     "check_shape",
     "check_unique_keys",
     "decode_json_array",

@@ -44,8 +44,8 @@ from h11._receivebuffer import ReceiveBuffer  # (uvicorn's h11 protocol reads th
 
 from .errors import HeadersTooLarge, MalformedRequest, RequestTimeout, ServiceError, UnsupportedTransferCoding
 
-__all__ = ["UNSUPPORTED_CODING", "UPGRADE_WITH_BODY", "StrictReceiveBuffer", "framing_too_large", "has_body", "head_too_large",
-           "hosts_fault", "http10", "strict_h11_buffer"]
+__all__ = ["FEW_CHUNKS", "MIN_CHUNK_BYTES", "UNSUPPORTED_CODING", "UPGRADE_WITH_BODY", "StrictReceiveBuffer", "framing_too_large",
+           "has_body", "head_too_large", "hosts_fault", "http10", "strict_h11_buffer", "tiny_chunks"]
 
 # (RFC 9112 6.1: 501 for a transfer coding the server does not understand; middleware.py says it too)
 UNSUPPORTED_CODING = "the only transfer coding served is chunked; send the body as it is"
