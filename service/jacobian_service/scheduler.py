@@ -32,16 +32,17 @@ log = logging.getLogger("jacobian_service.scheduler")
 # A stacked Jacobian's working set, in multiples of its results (basis, grads, copies).
 _BATCH_WORKSET_FACTOR = 4
 _REFILL_WAIT_MAX_S = 0.002
-# A batch's measured cost (requests x the last batch's time per request) stays within this
-# share of the time left to the earliest deadline in it (the margin: a batch's time per
-# request varies), and, while another client's jobs wait behind it, within this slice.
+# A batch's expected cost (``BatchStats.cost``: a fixed part plus a part per request, fitted
+# from its key's batches) stays within this share of the time left to the earliest deadline
+# in it (the margin: a batch's time varies), and, while another client's jobs wait behind
+# it, within this slice.
 _DEADLINE_SHARE = 0.5
 _SHARED_BATCH_S = 1.0
 # ... and so for this long after the engine last took jobs of two clients in a row: a
 # client whose next request was not queued yet when a batch began is sharing the engine
 # all the same.
 _SHARED_RECENT_S = 10.0
-# A job whose time left is less than what one like it took in its last batch, divided by
+# A job whose time left is less than what one like it is expected to take alone, divided by
 # this, is refused before it runs (``Worker._cannot_finish``). Not 1: one run of a key can
 # take twice another's on a loaded machine (the first, cold, 1.4 s; the next 0.74 s).
 _LATE_MARGIN = 2.0
@@ -336,7 +337,6 @@ class Worker:
             limit = max(1, min(limit, self.engine.memory_budget // (_BATCH_WORKSET_FACTOR * stats.result_bytes)))
         target = min(limit, stats.batch_size)
         refill_s = min(_REFILL_WAIT_MAX_S, stats.compute_s / 2)
-        each_s = stats.compute_s / max(1, stats.batch_size)  # one request's share of the last batch's time
         earliest = first.deadline
         start = time.monotonic()
         while True:
@@ -350,7 +350,7 @@ class Worker:
             for job in mates:
                 if len(group) >= limit:
                     break
-                if not _fits(len(group) + 1, each_s, min(earliest, job.deadline) - start, slice_s):
+                if not _fits(stats.cost(len(group) + 1), min(earliest, job.deadline) - start, slice_s):
                     continue  # (not break: a later job may have a later deadline)
                 earliest = min(earliest, job.deadline)
                 self.jobs.remove(job)
@@ -445,7 +445,7 @@ class Worker:
         stats = profiles[job.call.spec.name].batches.get(job.cost_key)  # type: ignore[union-attr]
         if stats is None:
             return None
-        each_s, left_s = stats.compute_s / max(1, stats.batch_size), job.deadline - now
+        each_s, left_s = stats.cost(1), job.deadline - now  # (one run alone: its fixed part too)
         # A last run longer than this job's whole time is no estimate of it: a function that
         # patched time.monotonic (put back after its batch) left its key's run at 1e6 s, and
         # every later request of that key was refused so, never run to be measured again.
@@ -587,7 +587,11 @@ class Worker:
             return
         from .engine.profile import BatchStats  # only reached with an engine
 
-        self.engine.profiles[job.call.spec.name].batches[job.cost_key] = BatchStats(nbytes, batch_size, compute_s)  # type: ignore[union-attr]
+        batches = self.engine.profiles[job.call.spec.name].batches  # type: ignore[union-attr]
+        stats = batches.get(job.cost_key)
+        if stats is None:
+            stats = batches[job.cost_key] = BatchStats()
+        stats.observe(nbytes, batch_size, compute_s)
 
 
 def _within_limit(call: Call, result: Any) -> Any:
@@ -604,13 +608,12 @@ def _within_limit(call: Call, result: Any) -> Any:
     return result
 
 
-def _fits(size: int, each_s: float, left_s: float, slice_s: float) -> bool:
-    """Whether a batch of ``size`` requests, each costing ``each_s`` as the last batch of
-    their key did, ends within half the time left to its earliest deadline (``left_s``)
-    and within ``slice_s``. Bounded by size and memory alone, 40 softmax Hessians one
-    client sent at once (1.3 s each) ran as one batch past their 60 s deadline: every one
-    of them a 504, and another client's request that came meanwhile too."""
-    cost = size * each_s
+def _fits(cost: float, left_s: float, slice_s: float) -> bool:
+    """Whether a batch expected to take ``cost`` (``BatchStats.cost`` of its size) ends
+    within half the time left to its earliest deadline (``left_s``) and within
+    ``slice_s``. Bounded by size and memory alone, 40 softmax Hessians one client sent at
+    once (1.3 s each) ran as one batch past their 60 s deadline: every one of them a 504,
+    and another client's request that came meanwhile too."""
     return cost <= _DEADLINE_SHARE * left_s and cost <= slice_s
 
 
