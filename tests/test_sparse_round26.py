@@ -14,10 +14,6 @@ first sparse request imported (0.4-1.2 s) with the engine busy.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -170,14 +166,3 @@ def test_ring_hessian_and_periodic_jacobian_equal_torch(client, n):
     np.testing.assert_array_equal(J, torch.func.jacrev(s26.lorenz26)(torch.tensor(x)).numpy())
     assert r.json()["meta"]["products"] == -(-n // (n // 4)), r.json()["meta"]
 
-
-def test_the_zygote_imports_what_a_first_sparse_request_would():
-    """scipy.sparse and the colourings load once per serve in the zygote, shared by every
-    forked engine, not in a request (0.4-1.2 s of a first sparse Hessian), and the zygote
-    still may fork (no thread started by them)."""
-    code = ("import sys; from jacobian_service import fork_server as f; r = f._load(); "
-            "print(repr(r), all(m in sys.modules for m in ('scipy.sparse.csgraph', 'jacobian_service.sparsity.coloring', "
-            "'jacobian_service.sparsity.acyclic', 'jacobian_service.sparsity.compute')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dict(os.environ))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "'' True", out.stdout

@@ -448,13 +448,6 @@ def _load() -> str:
     # an engine would hold two copies of it).
     from . import channel, errors, heap, ipc, logs, metrics, orphans, procfs, registry, scheduler  # noqa: F401
     from .engine import core, descriptor_watch, devices, memory_watch, namespaces, strays  # noqa: F401
-    # What a sparse request imports on its first call (scipy.sparse for its matrix and
-    # the colourings' graphs): imported there, 0.4-1.2 s of a periodic band's first
-    # sparse Hessian went to it, the engine busy for every client meanwhile; here, once
-    # per serve, and shared by every engine forked.
-    import scipy.sparse.csgraph  # noqa: F401
-
-    from .sparsity import acyclic, coloring, compute, detect  # noqa: F401
 
     # (No gc.freeze() here, though it would keep more pages shared: frozen objects are out
     # of gc.get_referrers' sight, which the engine's process_settings use to find the
