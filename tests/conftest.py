@@ -423,21 +423,8 @@ def _read(log: Any, still_s: float = 0.1, within_s: float = 1.0) -> str:
     return os.pread(fd, size, 0).decode(errors="replace")
 
 
-# The files whose tests take longest (measured with --durations on this 2-core VM), in
-# that order: collected first. xdist hands whole files to its workers (--dist loadfile) in
-# collection order, and long files collected late ran on at the end while the other
-# workers had nothing left (a full run's last 10 % took 6 of its 15 minutes).
-_LONG_FIRST = ("test_bench_smoke.py", "test_clients_round31.py", "test_hostile_round39.py", "test_engine_faults_limits.py",
-               "test_engine_faults_quarantine.py", "test_process_settings.py", "test_hardening.py", "test_browser_round14.py",
-               "test_concurrency.py", "test_memory.py", "test_detect_round1.py", "test_engine_faults.py",
-               "test_hostile_round40.py", "test_e2e_server.py", "test_hostile_round37.py", "test_hostile_round29.py")
-
-
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    """Long files first (``_LONG_FIRST``; a stable sort: each file's tests stay in order);
-    ``gpu`` tests run only where CUDA is (they are the same checks, on the device)."""
-    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    """``gpu`` tests run only where CUDA is (they are the same checks, on the device)."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
