@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)  ## serve the built-in examples on http://127.0.0.1:8000
 	$(BIN)/jacobian-service serve $(ARGS)
 
+# The suite starts dozens of servers (4+ Python processes each) beside its workers. Where
+# bytecode is not written (images that set PYTHONDONTWRITEBYTECODE, as this project's
+# development machine does), each process compiled the project's modules again: compiled
+# once here (~1 CPU-s) instead; pytest's assert-rewritten test modules are kept too.
 test: $(STAMP)  ## run the whole test suite
-	$(BIN)/python -m pytest $(ARGS)
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m compileall -q service client tests bench >/dev/null
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest $(ARGS)
 
 bench: $(STAMP)  ## side-by-side benchmarks (prints ratios)
 	$(BIN)/python -m bench $(ARGS)

@@ -284,23 +284,24 @@ class BodyBudget:
 class Charge:
     """Bytes held on a :class:`BodyBudget` for one request beyond its body's block: what
     its arrays take once an ``.npz`` is expanded, until they are gone. ``give`` returns
-    them all (again: nothing)."""
+    them all (again: nothing). ``client``: whose share of the budget it counts on (the
+    request's body is read on the same share)."""
 
-    __slots__ = ("_budget", "_client", "held")
+    __slots__ = ("_budget", "client", "held")
 
     def __init__(self, budget: BodyBudget, client: str | None = None) -> None:
         self._budget = budget
-        self._client = client
+        self.client = client
         self.held = 0
 
     def take(self, nbytes: int, what: str) -> None:
-        self._budget.take(nbytes, what, self._client)
+        self._budget.take(nbytes, what, self.client)
         self.held += nbytes
 
     def give(self) -> None:
         held, self.held = self.held, 0
         if held:
-            self._budget.give(held, self._client)
+            self._budget.give(held, self.client)
 
 
 def first_header(scope: dict[str, Any], name: bytes, default: str | None = None) -> str | None:

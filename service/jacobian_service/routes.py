@@ -371,7 +371,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
     reader = read_body(request, state.body_budget, s.max_request_bytes, s.read_idle_timeout_s, s.read_timeout_s,
                        is_json=content_type == wire.JSON,
                        on_timeout=lambda phase: state.metrics.connection_timeouts.labels(phase).inc(),
-                       client=inputs._client)
+                       client=inputs.client)
     limits = s.wire_limits
     async with reader as body:
         # A small deflated .npz can expand to a lot: decide by what decoding will take.
