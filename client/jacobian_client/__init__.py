@@ -13,44 +13,109 @@
 the caller has imported torch; this package never imports it.
 """
 
-from ._async import AsyncClient
-from ._errors import (
-    APIError,
-    ClientClosed,
-    ExpectationFailed,
-    Forbidden,
-    FunctionError,
-    FunctionNotFound,
-    FunctionQuarantined,
-    HeadersTooLarge,
-    IncompleteResponse,
-    InternalError,
-    InvalidInput,
-    JacobianServiceError,
-    MalformedBody,
-    MalformedRequest,
-    MethodNotAllowed,
-    NotAcceptable,
-    NotFound,
-    OutOfMemory,
-    Overloaded,
-    PayloadTooLarge,
-    PreconditionFailed,
-    RequestTimeout,
-    ResponseTooLarge,
-    ResultTooLarge,
-    ServiceUnreachable,
-    SparsityNotFound,
-    Timeout,
-    TransportError,
-    Unauthorized,
-    Unavailable,
-    UnsupportedMediaType,
-    UnsupportedTransferCoding,
-)
-from ._models import FunctionInfo, InputInfo
-from ._protocol import RetryPolicy
-from ._sync import Client
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # (what the lazy names below resolve to, for type checkers)
+    from ._async import AsyncClient
+    from ._errors import (
+        APIError,
+        ClientClosed,
+        ExpectationFailed,
+        Forbidden,
+        FunctionError,
+        FunctionNotFound,
+        FunctionQuarantined,
+        HeadersTooLarge,
+        IncompleteResponse,
+        InternalError,
+        InvalidInput,
+        JacobianServiceError,
+        MalformedBody,
+        MalformedRequest,
+        MethodNotAllowed,
+        NotAcceptable,
+        NotFound,
+        OutOfMemory,
+        Overloaded,
+        PayloadTooLarge,
+        PreconditionFailed,
+        RequestTimeout,
+        ResponseTooLarge,
+        ResultTooLarge,
+        ServiceUnreachable,
+        SparsityNotFound,
+        Timeout,
+        TransportError,
+        Unauthorized,
+        Unavailable,
+        UnsupportedMediaType,
+        UnsupportedTransferCoding,
+    )
+    from ._models import FunctionInfo, InputInfo
+    from ._protocol import RetryPolicy
+    from ._sync import Client
+
+# Imported on first use (PEP 562): the service takes ``jacobian_client.wire`` (the wire
+# format's one source) in every process it starts, and this package's clients would
+# bring httpx and the whole SDK into each of them (a server's start imported it four
+# times over); a user's ``from jacobian_client import Client`` is unchanged.
+_HOMES = {
+    "AsyncClient": "_async",
+    "Client": "_sync",
+    "FunctionInfo": "_models",
+    "InputInfo": "_models",
+    "RetryPolicy": "_protocol",
+    **dict.fromkeys((
+        "APIError",
+        "ClientClosed",
+        "ExpectationFailed",
+        "Forbidden",
+        "FunctionError",
+        "FunctionNotFound",
+        "FunctionQuarantined",
+        "HeadersTooLarge",
+        "IncompleteResponse",
+        "InternalError",
+        "InvalidInput",
+        "JacobianServiceError",
+        "MalformedBody",
+        "MalformedRequest",
+        "MethodNotAllowed",
+        "NotAcceptable",
+        "NotFound",
+        "OutOfMemory",
+        "Overloaded",
+        "PayloadTooLarge",
+        "PreconditionFailed",
+        "RequestTimeout",
+        "ResponseTooLarge",
+        "ResultTooLarge",
+        "ServiceUnreachable",
+        "SparsityNotFound",
+        "Timeout",
+        "TransportError",
+        "Unauthorized",
+        "Unavailable",
+        "UnsupportedMediaType",
+        "UnsupportedTransferCoding",
+    ), "_errors"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # (once: later uses are a plain lookup)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "APIError",
