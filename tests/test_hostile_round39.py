@@ -2,48 +2,21 @@
 
 The functions are in tests/hostile39_functions.py, each misbehaving only on the input
 666 (round 11's ``_armed``), the second input picking how, or in the warm-ups that follow.
+Each case that turns warm-ups off (for the rest of its server's run) is last on its
+server: the note cases (no spare) each start one, the rest share one (``TestOneServer``).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from ._fault_support import _log_saying
-from .conftest import live_server
+from ._spare_support import body, ends_its_engine, ready_again, run_dir, serves_sin, wait_for_file
+from .conftest import Served, live_server
 
-FUNCTIONS = "jacobian_service.examples,tests.hostile39_functions"
-
-
-def _body(*data: float) -> dict:
-    return {"inputs": [{"dtype": "float64", "shape": [len(data)], "data": list(data)}]}
-
-
-def _ready_again(url: str, within: float = 60.0) -> float:
-    """Seconds until /readyz says 200 again (fails past ``within``)."""
-    start = time.monotonic()
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return time.monotonic() - start
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() - start < within, "the server never became ready again"
-        time.sleep(0.2)
-
-
-def _serves_sin(url: str, function: str) -> None:
-    x = [0.3, -1.2, 2.0]
-    r = httpx.post(f"{url}/v1/functions/{function}/jacobian", json=_body(*x), timeout=60)
-    assert r.status_code == 200, r.text
-    expected = torch.func.jacrev(torch.sin)(torch.tensor(x, dtype=torch.float64)).numpy()
-    np.testing.assert_allclose(np.asarray(r.json()["jacobian"]["data"]).reshape(3, 3), expected, rtol=1e-12)
+FUNCTIONS = "tests.hostile39_functions"  # (no examples: fewer warm-ups, a faster file)
 
 
 # ------------------------------------------------------------ the warm-up note, removed
@@ -65,92 +38,79 @@ def test_a_warm_up_that_removes_its_note_does_not_crash_loop(case: int, said: st
     board's 'ready' first (its engine then past its warm-ups, its death an idle one's)
     crash-looped the same. Now such a death, no note for ``WARMUP_TIMEOUT_S`` plus the
     start-up, or a second nameless death in a row soon after a start turns warm-ups off:
-    the next engine is ready, and serves the function (it misbehaves only in a warm-up)."""
+    the next engine is ready, and serves the function (it misbehaves only in a warm-up).
+    (No spare: the cold engine's path. A server each: warm-ups stay off once turned off.)"""
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=100, ENGINE_STANDBY="false",
                      WARMUP_TIMEOUT_S=3) as (url, proc):
         start = len(proc.read_log())  # type: ignore[attr-defined]
-        r = httpx.post(f"{url}/v1/functions/erases_its_note/evaluate", json=_body(666.0, case, 0.0), timeout=60)
-        assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
+        ends_its_engine(url, "erases_its_note", case)
         log = _log_saying(proc, said, start=start, within=60)  # (case 2's board said ready: /readyz 200 before)
-        _ready_again(url)
+        ready_again(url)
         assert "engines start without warm-ups from now on" in log, log[-3000:]
-        _serves_sin(url, "erases_its_note")
+        serves_sin(url, "erases_its_note")
         assert "engine 0 died" not in log.rsplit("engines start without warm-ups", 1)[1]  # (no crash loop after it)
 
 
+class TestOneServer:
+    """One server (a warm spare) for the rest, in this order: the last turns warm-ups off.
+    In a session of its own (round 38: setsid), so that serve's out-of-memory score is its
+    own; QUARANTINE_AFTER=3, the forged word's case (a victim struck thrice was
+    quarantined); WARMUP_TIMEOUT_S=10, the hanging spare's."""
 
-def _run_dir(url: str) -> Path:
-    (engine,) = httpx.get(f"{url}/v1/info", timeout=30).json()["engine_pids"]
-    argv = Path(f"/proc/{engine}/cmdline").read_bytes().split(b"\0")
-    return Path(argv[argv.index(b"--run-dir") + 1].decode())
+    SERVER = dict(wrapper=("setsid",), FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=3, WARMUP_TIMEOUT_S=10)
 
+    # -------------------------------------------------------- serve's out-of-memory score
 
-def test_a_spare_promoted_in_a_warm_up_that_removed_its_note_and_hangs_is_not_waited_for_ever() -> None:
-    """A spare says which warm-up it is in on its stdin, but once promoted (its engine
-    died) only its note in the run directory is read: a spare promoted in the warm-up
-    that removed that note and hung was never ready, never killed (measured: /readyz 503
-    for good). Now it too is killed past ``WARMUP_TIMEOUT_S`` plus its start-up without a
-    note, and warm-ups are turned off."""
-    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=100, WARMUP_TIMEOUT_S=10) as (url, proc):
-        run_dir = _run_dir(url)
+    def test_serves_oom_score_a_function_raises_is_put_back_within_a_tick(self, served: Served) -> None:
+        """A function that raises ``serve``'s out-of-memory score adjustment to 1000 (and
+        lowers its engine's to 0) and then uses up the memory has the kernel kill ``serve``,
+        the whole service, not the engine: at adjustments 1000 against 0 the engine would
+        have to hold more than all of the memory to be chosen. ``serve`` put its score back
+        only at its 0.5 s look (measured: held 0.2-0.5 s, a median of ~0.3 s), time enough
+        to fill a container's 1-2 GiB. Now it looks every 50 ms, as the supervisor's tick."""
+        held = []
+        for _ in range(7):
+            r = httpx.post(f"{served.url}/v1/functions/raises_serves_oom_score/evaluate", json=body(666.0, 0.0, 0.0),
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            held.append(r.json()["output"]["data"][0])
+        assert float(np.median(held)) < 0.15, held
+
+    # -------------------------------------------------------- a spare's word, forged
+
+    def test_a_spares_warm_up_word_a_function_forges_does_not_strike_another(self, served: Served) -> None:
+        """A spare says on its stdin (a socket only the supervisor shares) which warm-up it
+        begins, and a spare that dies in one has that function struck and its warm-up skipped.
+        The functions it warms up hold that descriptor too: one whose warm-up wrote
+        ``w victim39`` there and ended the spare had victim39 struck at each new spare, and
+        quarantined (503 for every client) within 6 s (measured, QUARANTINE_AFTER=3). Now the
+        words are believed only in the order the spare warms the functions up; the forger's
+        own warm-up, the last believed, is the one named."""
+        url, proc = served.url, served.proc
         start = len(proc.read_log())  # type: ignore[attr-defined]
-        r = httpx.post(f"{url}/v1/functions/erases_its_note/evaluate", json=_body(666.0, 1, 0.0), timeout=60)
-        assert r.status_code == 500, r.text  # its engine ended; the warm spare serves; the next spare hangs
-        deadline = time.monotonic() + 60
-        while not (run_dir / "hanging39").exists():
-            assert time.monotonic() < deadline, "the new spare's warm-up never began"
-            time.sleep(0.1)
-        r = httpx.post(f"{url}/v1/functions/erases_its_note/evaluate", json=_body(666.0, 1, 0.0), timeout=60)
-        assert r.status_code == 500, r.text  # and the hanging spare is promoted
-        log = _log_saying(proc, "a warm-up hung the engine (it was not ready within ", start=start, within=60)
-        assert "engines start without warm-ups from now on" in log, log[-3000:]
-        _ready_again(url)
-        _serves_sin(url, "erases_its_note")
-
-# ------------------------------------------------------------ serve's out-of-memory score
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, object]]:
-    # serve in a session of its own (round 38: setsid): its out-of-memory score is its own.
-    with live_server(wrapper=("setsid",), FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=100) as served:
-        yield served
-
-
-def test_serves_oom_score_a_function_raises_is_put_back_within_a_tick(server) -> None:
-    """A function that raises ``serve``'s out-of-memory score adjustment to 1000 (and
-    lowers its engine's to 0) and then uses up the memory has the kernel kill ``serve``,
-    the whole service, not the engine: at adjustments 1000 against 0 the engine would
-    have to hold more than all of the memory to be chosen. ``serve`` put its score back
-    only at its 0.5 s look (measured: held 0.2-0.5 s, a median of ~0.3 s), time enough
-    to fill a container's 1-2 GiB. Now it looks every 50 ms, as the supervisor's tick."""
-    url, _ = server
-    held = []
-    for _ in range(7):
-        r = httpx.post(f"{url}/v1/functions/raises_serves_oom_score/evaluate", json=_body(666.0, 0.0, 0.0),
-                       timeout=60)
-        assert r.status_code == 200, r.text
-        held.append(r.json()["output"]["data"][0])
-    assert float(np.median(held)) < 0.15, held
-
-
-# ------------------------------------------------------------ a spare's word, forged
-
-
-def test_a_spares_warm_up_word_a_function_forges_does_not_strike_another() -> None:
-    """A spare says on its stdin (a socket only the supervisor shares) which warm-up it
-    begins, and a spare that dies in one has that function struck and its warm-up skipped.
-    The functions it warms up hold that descriptor too: one whose warm-up wrote
-    ``w victim39`` there and ended the spare had victim39 struck at each new spare, and
-    quarantined (503 for every client) within 6 s (measured, QUARANTINE_AFTER=3). Now the
-    words are believed only in the order the spare warms the functions up; the forger's
-    own warm-up, the last believed, is the one named."""
-    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, QUARANTINE_AFTER=3) as (url, proc):
-        start = len(proc.read_log())  # type: ignore[attr-defined]
-        r = httpx.post(f"{url}/v1/functions/frames_victim39/evaluate", json=_body(666.0, 0.0, 0.0), timeout=60)
-        assert r.status_code == 500, r.text  # its engine ended: the warm spare serves, the next spare is armed
+        ends_its_engine(url, "frames_victim39")  # the warm spare serves, the next spare is armed
         said = "the spare's warm-up of frames_victim39 ended it (status 5); the next spare skips it"
         log = _log_saying(proc, said, start=start, within=60)
         assert "a spare (pid" in log and "said it began the warm-up of victim39 out of its order" in log, log[-3000:]
         assert "warm-up of victim39 ended it" not in log
-        _serves_sin(url, "victim39")  # (not quarantined: a 503 before)
+        serves_sin(url, "victim39")  # (not quarantined: a 503 before)
+
+    # -------------------------------------------------------- a promoted spare, hanging (last)
+
+    def test_a_spare_promoted_in_a_warm_up_that_removed_its_note_and_hangs_is_not_waited_for_ever(
+            self, served: Served) -> None:
+        """A spare says which warm-up it is in on its stdin, but once promoted (its engine
+        died) only its note in the run directory is read: a spare promoted in the warm-up
+        that removed that note and hung was never ready, never killed (measured: /readyz 503
+        for good). Now it too is killed past ``WARMUP_TIMEOUT_S`` plus its start-up without a
+        note, and warm-ups are turned off."""
+        url, proc = served.url, served.proc
+        hanging = run_dir(url) / "hanging39"
+        start = len(proc.read_log())  # type: ignore[attr-defined]
+        ends_its_engine(url, "erases_its_note", 1)  # the warm spare serves; the next spare hangs
+        wait_for_file(hanging)
+        ends_its_engine(url, "erases_its_note", 1)  # and the hanging spare is promoted
+        log = _log_saying(proc, "a warm-up hung the engine (it was not ready within ", start=start, within=60)
+        assert "engines start without warm-ups from now on" in log, log[-3000:]
+        ready_again(url)
+        serves_sin(url, "erases_its_note")

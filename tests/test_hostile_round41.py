@@ -13,17 +13,12 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
-import torch
 
 from ._fault_support import _log_saying
+from ._spare_support import ends_its_engine, ready_again, serves_sin
 from .conftest import live_server
 
 FUNCTIONS = "tests.hostile40_functions"  # (forges_warm40, armed, ends its engine: os._exit(3))
-
-
-def _body(*data: float) -> dict:
-    return {"inputs": [{"dtype": "float64", "shape": [len(data)], "data": list(data)}]}
 
 
 def _cold_engine(serve: int, not_these: set[int]) -> int:
@@ -46,18 +41,6 @@ def _warm_ups_off_in(pid: int) -> bool:
     return b"JACOBIAN_SERVICE_NO_WARMUPS=1" in environ
 
 
-def _ready_again(url: str, within: float = 60.0) -> None:
-    start = time.monotonic()
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() - start < within, "the server never became ready again"
-        time.sleep(0.1)
-
-
 def test_one_kill_of_a_cold_engine_before_its_first_note_does_not_turn_warm_ups_off_for_good() -> None:
     """Round 39 turned warm-ups off for the rest of the run at a cold engine's death with
     no warm-up note: a function that removes its own note crash-looped otherwise. But a
@@ -73,8 +56,7 @@ def test_one_kill_of_a_cold_engine_before_its_first_note_does_not_turn_warm_ups_
         (first,) = httpx.get(f"{url}/v1/info", timeout=30).json()["engine_pids"]
         start = len(proc.read_log())  # type: ignore[attr-defined]
         # A crash in a request (its function named): the next engine starts cold.
-        r = httpx.post(f"{url}/v1/functions/forges_warm40/evaluate", json=_body(666.0, 0.0, 0.0), timeout=60)
-        assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
+        ends_its_engine(url, "forges_warm40")
         seen = {first}
         cold = _cold_engine(proc.pid, seen)
         seen.add(cold)
@@ -92,9 +74,5 @@ def test_one_kill_of_a_cold_engine_before_its_first_note_does_not_turn_warm_ups_
         log = _log_saying(proc, "the second engine in a row to end before it was ready with no note: engines "
                           "start without warm-ups from now on", start=start, within=30)
         assert _warm_ups_off_in(_cold_engine(proc.pid, seen))
-        _ready_again(url)
-        x = [0.3, -1.2, 2.0]
-        r = httpx.post(f"{url}/v1/functions/after40/jacobian", json=_body(*x), timeout=60)
-        assert r.status_code == 200, r.text
-        expected = torch.func.jacrev(torch.sin)(torch.tensor(x, dtype=torch.float64)).numpy()
-        np.testing.assert_allclose(np.asarray(r.json()["jacobian"]["data"]).reshape(3, 3), expected, rtol=1e-12)
+        ready_again(url)
+        serves_sin(url, "after40")
