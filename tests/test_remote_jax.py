@@ -8,14 +8,10 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
 pytest.importorskip("jacobian_service.app")
 
-import jax.numpy as jnp  # noqa: E402
-
 import jacobian_client as jc  # noqa: E402
-from jacobian_client.jax import remote  # noqa: E402
 from jacobian_service import Input, register  # noqa: E402
 
 from ._remote_support import Counted, cc, counted, oc, own_url, url  # noqa: E402,F401 (fixtures)
@@ -36,8 +32,21 @@ def loss_of(arm):
     return lambda q: jnp.sum((arm(q) - TARGET) ** 2)
 
 
+# jax (and the adapter, which imports it) is imported by the module's first test, not at
+# collection: every xdist worker imports every test module, and jax's import cost each of
+# them ~3 CPU-s for a module only one of them runs. The names stay module globals.
+jax: Any = None
+jnp: Any = None
+remote: Any = None
+
+
 @pytest.fixture(scope="module", autouse=True)
 def x64() -> Iterator[None]:
+    global jax, jnp, remote
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    from jacobian_client.jax import remote
+
     before = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     yield

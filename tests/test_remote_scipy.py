@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-optimize = pytest.importorskip("scipy.optimize")
 pytest.importorskip("jacobian_service.app")
 
 from jacobian_client.scipy import remote_objective  # noqa: E402
@@ -22,6 +21,17 @@ from ._remote_support import Counted, cc, url  # noqa: E402,F401 (fixtures)
 
 f = torch.func
 TARGET = np.array([1.2, 1.5])
+
+# scipy.optimize is imported by the module's first test, not at collection: every xdist
+# worker imports every test module, and this import cost each of them ~1.2 CPU-s for a
+# module only one of them runs. The name stays a module global.
+optimize: Any = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scipy_optimize() -> None:
+    global optimize
+    optimize = pytest.importorskip("scipy.optimize")
 
 
 class Local:
