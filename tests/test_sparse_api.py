@@ -699,7 +699,9 @@ def test_openapi_documents_the_option_and_the_endpoint(client):
 
 @pytest.fixture(scope="module")
 def server():
-    with live_server(functions=FUNCTIONS, engine_standby="false") as (url, proc):
+    # one front end: the engine process is what these tests reach (a second front end cost
+    # ~1.3 CPU-s at start, and none of them counts front ends)
+    with live_server(functions=FUNCTIONS, engine_standby="false", workers=1) as (url, proc):
         yield url
 
 
