@@ -16,7 +16,7 @@ import pytest
 
 from jacobian_service.procfs import children
 
-from .conftest import assert_problem, live_server
+from .conftest import assert_problem
 from ._fault_support import (
     ARMED, HANG, SETTINGS, _alive, _cmdline, _log_saying, assert_sin_jacobian, back_within, engine_lives_through,
     restarts, sin_ok, wait_restarts, wait_spare,
@@ -155,25 +155,36 @@ class TestQuarantine:
         with pytest.raises(httpx.TransportError):  # nobody holds the port
             httpx.get(f"{url}/healthz", timeout=2)
 
-def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_server_down():
-    """Before, one such function kept the engine from ever being ready (its warm-up
-    never ended): every function answered 503 for good. An engine whose warm-up of one
-    function runs past WARMUP_TIMEOUT_S is killed, and the engines after it skip that
-    function's warm-up. The engine and its spare come up, and a request to such a
-    function is a hang like any other: 504, the engine restarted, the others served.
+class TestWarmUps:
+    """One server for the functions that keep an engine from ending its warm-up, those
+    that never return on its input (``WARMUP_TIMEOUT_S``) and those that end it: each is
+    found in turn by one of the engines started one after another (each skipping the
+    warm-ups found before it) and named, and the server comes up. Each test checks its
+    own functions' lines in the log from the server's start."""
 
-    The warm-up is not cut inside the engine: an earlier version raised into it from a
-    timer signal, cut an import half-way (torch's own, on a slow CI machine) and left
-    every function answering 500 for good. ``imports_slowly`` is that case: its first
-    call imports a package for 4.5 s; cut in-process, it would answer 500 AttributeError
-    for ever after. Here it is served, in its own (slow) time.
+    SERVER: ClassVar[dict[str, Any]] = {
+        "FUNCTIONS": "jacobian_service.examples,tests.warmup_hang_functions,tests.warmup_crash_functions",
+        "WARMUP_TIMEOUT_S": 2.5, "HANG_GRACE_S": 0.5, "WORKERS": 1,
+    }
 
-    The limit is 2.5 s, not 1 s: on a loaded machine an example's own warm-up (a first
-    call's jacrev, ten times slower at a load of 20) can run past 1 s, and be skipped as
-    a hang; the slow import stays past the limit by its sleep, which no load shortens."""
-    hung = ("deadlocks_natively", "imports_slowly")
-    with live_server(FUNCTIONS="jacobian_service.examples,tests.warmup_hang_functions", WARMUP_TIMEOUT_S=2.5,
-                     HANG_GRACE_S=0.5, WORKERS=1) as (url, proc):  # (live_server waits for /readyz 200)
+    def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_server_down(self, served):
+        """Before, one such function kept the engine from ever being ready (its warm-up
+        never ended): every function answered 503 for good. An engine whose warm-up of one
+        function runs past WARMUP_TIMEOUT_S is killed, and the engines after it skip that
+        function's warm-up. The engine and its spare come up, and a request to such a
+        function is a hang like any other: 504, the engine restarted, the others served.
+
+        The warm-up is not cut inside the engine: an earlier version raised into it from a
+        timer signal, cut an import half-way (torch's own, on a slow CI machine) and left
+        every function answering 500 for good. ``imports_slowly`` is that case: its first
+        call imports a package for 4.5 s; cut in-process, it would answer 500 AttributeError
+        for ever after. Here it is served, in its own (slow) time.
+
+        The limit is 2.5 s, not 1 s: on a loaded machine an example's own warm-up (a first
+        call's jacrev, ten times slower at a load of 20) can run past 1 s, and be skipped as
+        a hang; the slow import stays past the limit by its sleep, which no load shortens."""
+        hung = ("deadlocks_natively", "imports_slowly")
+        url, proc = served.url, served.proc
         sin_ok(url)
         wait_spare(url)  # the spare skipped them all
         log = _log_saying(proc, *(f"warm-up of {name} skipped" for name in hung), times=2)
@@ -193,15 +204,15 @@ def test_functions_that_never_return_even_on_the_warm_up_input_do_not_keep_the_s
         back_within(url, 5.0)
         sin_ok(url)
 
-def test_functions_that_end_their_engine_on_the_warm_up_input_do_not_keep_the_server_down():
-    """Before, a function that crashed its engine on the warm-up's input (a native crash
-    out of its domain, an ``os._exit``) sent the engines into a crash loop: each new
-    one died on the same warm-up, with backoff, no function named, and the server was
-    never ready. The supervisor now finds the function by the warm-up note the dead
-    engine left, names it, and the engines after it skip its warm-up. On other inputs
-    the function serves."""
-    crashing = ("segfaults_below_one", "exits_below_one")
-    with live_server(FUNCTIONS="jacobian_service.examples,tests.warmup_crash_functions", WORKERS=1) as (url, proc):
+    def test_functions_that_end_their_engine_on_the_warm_up_input_do_not_keep_the_server_down(self, served):
+        """Before, a function that crashed its engine on the warm-up's input (a native crash
+        out of its domain, an ``os._exit``) sent the engines into a crash loop: each new
+        one died on the same warm-up, with backoff, no function named, and the server was
+        never ready. The supervisor now finds the function by the warm-up note the dead
+        engine left, names it, and the engines after it skip its warm-up. On other inputs
+        the function serves."""
+        crashing = ("segfaults_below_one", "exits_below_one")
+        url, proc = served.url, served.proc
         sin_ok(url)
         for name in (*crashing, "raises_system_exit_below_one"):
             r = httpx.post(f"{url}/v1/functions/{name}/jacobian", json={"inputs": [[1.5, 1.0]]}, timeout=30)
