@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 
 import torch
 from jacobian_service import Input, register
@@ -12,7 +13,10 @@ from jacobian_service import Input, register
 # own process: the test reads what the engine ran).
 CALLS: collections.Counter[str] = collections.Counter()
 CALLED = threading.Event()  # set at each call of counted_chain (a batch of them: one call)
-STEPS = 1200  # (a Jacobian of a few tenths of a second or more, in one chunk)
+# How many tanh(A x) steps counted_chain takes, read at each call: size_steps sets it so
+# that one Jacobian takes a chosen time on the machine at hand (the test's server and the
+# test share this module: its engines run on the test process's threads).
+STEPS = 1200
 _A = torch.randn(256, 256, generator=torch.Generator().manual_seed(31)) / 16
 
 
@@ -22,8 +26,32 @@ def chain(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def size_steps(seconds: float, probe_steps: int = 40) -> int:
+    """Set STEPS so that a Jacobian of ``chain`` takes about ``seconds`` here, measured on
+    ``probe_steps`` (its cost is linear in the steps). A fixed 1,200 steps took 4-10 s a
+    Jacobian on the loaded 2-core VM, every one of them CPU the suite paid; on a machine
+    several times faster the tests that need a slow Jacobian would have found none.
+
+    Measured in CPU time (every thread of the process), not wall time: on the loaded VM
+    a wall-clock probe sized a chain whose Jacobian took 30 ms once the load eased (the
+    time-slice test then batched 14 of them, over its limit). CPU time over
+    ``torch.get_num_threads()`` is the wall time of an unloaded machine, whether the
+    threads share the work or spin beside it; a loaded one only makes the runs longer."""
+    global STEPS
+    x = torch.linspace(-1, 1, 256)
+    STEPS = probe_steps
+    torch.func.jacrev(chain)(x)  # (the process's first jacrev costs ~2 CPU-s once: not the steps')
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.process_time()
+        torch.func.jacrev(chain)(x)
+        best = min(best, time.process_time() - t0)
+    STEPS = max(probe_steps, round(probe_steps * seconds * torch.get_num_threads() / max(best, 1e-6)))
+    return STEPS
+
+
 @register(inputs=[Input("x", shape=(256,))],
-          description="tanh(A x) 1,200 times over, its calls counted: a slow Jacobian whose runs a test can count.")
+          description="tanh(A x) STEPS times over, its calls counted: a slow Jacobian whose runs a test can count.")
 def counted_chain(x: torch.Tensor) -> torch.Tensor:
     CALLS["counted_chain"] += 1
     CALLED.set()

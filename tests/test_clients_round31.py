@@ -173,14 +173,29 @@ def test_a_request_whose_room_is_still_taken_when_it_runs_is_refused_before_comp
 
 
 CHAIN = ("/v1/functions/counted_chain/jacobian", {"inputs": [np.linspace(-1, 1, 256).tolist()]})
+# What one counted_chain Jacobian is sized to take here (clients31_functions.size_steps),
+# on a machine of any speed: long enough for 0.4 of it to cover an engine's turn after a
+# release (the time-left test) and for its batches to show the time slice with room to
+# spare (the time-slice test allows one request over a second: at 0.35 s a Jacobian the
+# engine batched 3, one short of failing); few enough of them fill 2 s (beyond 30: a skip).
+# A fixed chain of 1,200 steps took 4-10 s a Jacobian on the loaded 2-core VM (62 CPU-s
+# for this file, most of it those Jacobians), and would have been too short for these
+# tests on a machine some times faster than it.
+CHAIN_S = 0.75
 
 
-def _chain_jacobian() -> np.ndarray:
+@pytest.fixture(scope="module")
+def chain_jacobian(server: str) -> np.ndarray:
+    """counted_chain's Jacobian at CHAIN, as torch.func computes it in this process, once
+    its length is sized (after the server started: its engines set the torch threads the
+    measure runs on)."""
+    clients31_functions.size_steps(CHAIN_S)
     x = torch.tensor(CHAIN[1]["inputs"][0], dtype=torch.float32)
     return torch.func.jacrev(clients31_functions.chain)(x).numpy()
 
 
-def test_a_request_whose_time_left_its_last_run_passes_is_refused_before_it_is_computed(server: str) -> None:
+def test_a_request_whose_time_left_its_last_run_passes_is_refused_before_it_is_computed(
+        server: str, chain_jacobian: np.ndarray) -> None:
     """A batch holds no more requests than their time per request fits in half the time
     left to their earliest deadline (round 29); its first always ran, whatever its time
     left. A slow Jacobian queued with less time left than the last one like it took ran
@@ -192,15 +207,18 @@ def test_a_request_whose_time_left_its_last_run_passes_is_refused_before_it_is_c
     for _ in range(2):  # (the engine learns what one costs: the second, warm)
         r = _post(server, *CHAIN, HOSTILE)
         assert r.status_code == 200, r.text[:300]
-        np.testing.assert_allclose(_jacobian(r), _chain_jacobian(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(_jacobian(r), chain_jacobian, rtol=1e-4, atol=1e-6)
     each_s = r.json()["meta"]["compute_ms"] / 1e3
     timeout_s = 2.0 + each_s
     calls = clients31_functions.CALLS["counted_chain"]
     with _Held(server) as held:
-        sent = time.monotonic()
         held.add("late", *CHAIN, HOSTILE, timeout_s=timeout_s)
-        # Its turn comes with a fifth of the time one run took left.
-        time.sleep(max(0.0, sent + timeout_s - each_s / 5 - time.monotonic()))
+        queued = time.monotonic()  # (its deadline runs from a moment before: when it came)
+        # Its turn comes with 0.4 of the time one run took left, less what the queue took
+        # to show it (the engine refuses it with less than half). Timed from before it was
+        # sent, it came a third of a second later on the loaded VM: more than a fifth of a
+        # half-second run, which ran.
+        time.sleep(max(0.0, queued + timeout_s - 0.4 * each_s - time.monotonic()))
     [late] = held.answers["late"]
     problem = assert_problem(late, 504, "timeout")
     if problem["detail"] == "the request waited in the queue past its deadline":
@@ -211,14 +229,15 @@ def test_a_request_whose_time_left_its_last_run_passes_is_refused_before_it_is_c
     # With its time, the same request is computed.
     r = _post(server, *CHAIN, HOSTILE, timeout_s=30)
     assert r.status_code == 200, r.text[:300]
-    np.testing.assert_allclose(_jacobian(r), _chain_jacobian(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_jacobian(r), chain_jacobian, rtol=1e-4, atol=1e-6)
     assert clients31_functions.CALLS["counted_chain"] == calls + 1
 
 
 # ------------------------------------------------------------ one request at a time, beside a flood
 
 
-def test_a_client_sending_one_request_at_a_time_waits_for_a_time_slice_of_another(server: str) -> None:
+def test_a_client_sending_one_request_at_a_time_waits_for_a_time_slice_of_another(
+        server: str, chain_jacobian: np.ndarray) -> None:
     """While another client's request waits, a batch holds what its time per request
     fits in a second (round 29). Only while one waited: a client that sends its next
     request as its last is answered (one at a time, as a page or a script does) found
@@ -233,7 +252,7 @@ def test_a_client_sending_one_request_at_a_time_waits_for_a_time_slice_of_anothe
         r = _post(server, *CHAIN, HOSTILE)
         assert r.status_code == 200, r.text[:300]
     each_s = r.json()["meta"]["compute_ms"] / 1e3
-    count = max(4, int(3.0 / each_s) + 2)  # (one batch of all: 3 s or more)
+    count = max(4, int(2.0 / each_s) + 2)  # (one batch of all: 2 s or more, two time slices)
     if count > 30:
         pytest.skip(f"this machine computes a counted_chain Jacobian in {each_s:.3f} s: too fast")
     with _Held(server) as held:  # (the honest key's request: the engine's last other client)
@@ -250,7 +269,7 @@ def test_a_client_sending_one_request_at_a_time_waits_for_a_time_slice_of_anothe
     hostile = held.answers["hostile"]
     assert [r.status_code for r in hostile] == [200] * count, [r.text[:200] for r in hostile]
     for r in hostile:
-        np.testing.assert_allclose(_jacobian(r), _chain_jacobian(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(_jacobian(r), chain_jacobian, rtol=1e-4, atol=1e-6)
     sizes = [r.json()["meta"]["batch_size"] for r in hostile]
     # Before: one batch of all of them (one call), the honest request answered after all.
     assert arrived < count, (arrived, count, sizes)
