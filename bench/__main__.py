@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default=None, help="layout: front-end counts of the process layout, e.g. 1,2,4")
     p.add_argument("--clients", default=None, help="throughput concurrencies, e.g. 1,4,16,64")
     p.add_argument("--batch-wait-ms", type=float, help="MAX_BATCH_WAIT_MS of the batching-on server (throughput)")
-    p.add_argument("--load-seconds", type=float, help="load test duration (default 60, quick 4)")
+    p.add_argument("--load-seconds", type=float, help="load test duration (default 60, quick 1)")
     p.add_argument("--load-clients", type=int, help="load test clients (default 64)")
     p.add_argument("--big-n", type=int, help="softmax size for 'big' (default 1000)")
     p.add_argument("--torch-threads", type=int, default=1,
@@ -73,15 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             configs += [(on_env(ctx), ""), (off_env(ctx), "")]
         if "latency" in chosen and not args.quick and args.torch_threads:
             configs.append(({}, "default threads"))
-        if args.quick:  # --quick measures nothing that counts: start every server of the run at once
-            if "layout" in chosen:
-                from .layout import layouts
+        if args.quick and "layout" in chosen:  # --quick measures nothing that counts: start every server at once
+            from .layout import layouts
 
-                configs += [(env, "", serve_args) for env, serve_args in layouts(ctx).values()]
-            if "big" in chosen:
-                from .big import on_socket_env
-
-                configs.append((on_socket_env(ctx), ""))
+            configs += [(env, "", serve_args) for env, serve_args in layouts(ctx).values()]
         pool.prestart(configs)
         for name in chosen:
             module = importlib.import_module(f"bench.{name}")

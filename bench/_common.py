@@ -96,6 +96,9 @@ class Context:
         env = {} if not threads else {"JACOBIAN_SERVICE_TORCH_THREADS": str(threads)}
         if self.quick:  # start faster; first calls are slow, which --quick does not mind
             env["JACOBIAN_SERVICE_WARMUP"] = "false"
+            # One front end (each is a process of ~1.3 CPU-s to start): --quick runs each
+            # code path once (the layout benchmark's full run starts its own --workers N).
+            env["JACOBIAN_SERVICE_WORKERS"] = "1"
         return env
 
     @property

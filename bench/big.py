@@ -43,7 +43,8 @@ def run(ctx: Context) -> Report:
     J = jacrev(xt).cpu().numpy()
     service = ctx.pool.service(ctx.service_env)
     # The same server with results on the socket: what the shared-memory segment buys.
-    on_socket = ctx.pool.service(on_socket_env(ctx))
+    # --quick only checks that this runs: one server plays both parts (no second start-up).
+    on_socket = ctx.pool.service(on_socket_env(ctx)) if not ctx.quick else service
     floor_server = ctx.pool.floor({"softmax": {"application/x-npy": npy_bytes(J)}})
     body = npy_bytes(x)
     with httpx.Client(base_url=service.url, timeout=120) as sc, Client(service.url, timeout=120) as sdk, \

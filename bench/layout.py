@@ -34,7 +34,7 @@ import torch
 from jacobian_service.settings import Settings
 
 from ._common import Context, Report, Target, median, mlp_case
-from ._server import NPY_HEADERS, Server, npy_bytes
+from ._server import NPY_HEADERS, Server, loopback_client, npy_bytes
 
 TITLE = "layout: mlp Jacobians (.npy) under wrk, 64 connections, process vs in-process layout"
 PATH = "/v1/functions/mlp/jacobian"
@@ -104,8 +104,14 @@ def batched_jacobians_per_s(x: np.ndarray, batch: int, repeats: int) -> float:
 def layouts(ctx: Context) -> dict[str, tuple[dict[str, str], tuple[str, ...]]]:
     """The service configurations compared: label -> (env, serve arguments)."""
     env = {**ctx.side_env, "JACOBIAN_SERVICE_MAX_BATCH_SIZE": "64"}
-    workers = ctx.opt("workers", [1, 2, 4], [2])
     out = {"in-process layout": (env, ("--in-process",))}
+    if ctx.quick and ctx.options.get("workers") is None:
+        # --quick checks that this runs: the process layout is the server every other
+        # benchmark shares (one front end under --quick), not one more start-up (~9.5
+        # CPU-s, most of it the zygote's torch import).
+        out["processes, 1 front end (the shared server)"] = (ctx.service_env, ())
+        return out
+    workers = ctx.opt("workers", [1, 2, 4], [2])
     for n in workers:
         out[f"processes, {n} front end{'s' if n > 1 else ''}"] = (env, ("--workers", str(n)))
     return out
@@ -136,7 +142,7 @@ def run(ctx: Context) -> Report:
     for name, server in servers.items():  # correctness first, and warm every process up
         got = None
         for _ in range(5):
-            r = httpx.post(server.url + PATH, content=body.read_bytes(), headers=NPY_HEADERS, timeout=60)
+            r = loopback_client().post(server.url + PATH, content=body.read_bytes(), headers=NPY_HEADERS, timeout=60)
             got = np.load(io.BytesIO(r.content)) if r.status_code == 200 else None
         if got is None or not np.allclose(got, J, rtol=1e-5, atol=1e-6):
             report.fail(f"{name}: wrong answer")
