@@ -32,21 +32,30 @@ def size_steps(seconds: float, probe_steps: int = 40) -> int:
     Jacobian on the loaded 2-core VM, every one of them CPU the suite paid; on a machine
     several times faster the tests that need a slow Jacobian would have found none.
 
-    Measured in CPU time (every thread of the process), not wall time: on the loaded VM
-    a wall-clock probe sized a chain whose Jacobian took 30 ms once the load eased (the
-    time-slice test then batched 14 of them, over its limit). CPU time over
-    ``torch.get_num_threads()`` is the wall time of an unloaded machine, whether the
-    threads share the work or spin beside it; a loaded one only makes the runs longer."""
+    Measured in this thread's CPU time, not wall time: on the loaded VM a wall-clock probe
+    sized a chain whose Jacobian took 30 ms once the load eased (the time-slice test then
+    batched 14 of them, over its limit). Nor the process's CPU time: the test's server
+    runs in this process, and its threads' work (a previous test's answers still being
+    sent) made a probe look 10 times dearer (a 62 ms chain: the time-slice test skipped).
+    Measured on one torch thread: on two, its CPU time (spinning for a partner the loaded
+    VM had descheduled) swung 3-fold between runs. One thread's time is the chain's CPU
+    cost: the engine's Jacobian takes about that (0.55-0.78 s measured for 0.75 on the VM;
+    torch's threads gained the engine little on 2 loaded cores), less on many free cores."""
     global STEPS
     x = torch.linspace(-1, 1, 256)
     STEPS = probe_steps
-    torch.func.jacrev(chain)(x)  # (the process's first jacrev costs ~2 CPU-s once: not the steps')
-    best = float("inf")
-    for _ in range(2):
-        t0 = time.process_time()
-        torch.func.jacrev(chain)(x)
-        best = min(best, time.process_time() - t0)
-    STEPS = max(probe_steps, round(probe_steps * seconds * torch.get_num_threads() / max(best, 1e-6)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (alone: no other thread's wait or spin in the measure)
+    try:
+        torch.func.jacrev(chain)(x)  # (the process's first jacrev costs ~2 CPU-s once: not the steps')
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.thread_time()
+            torch.func.jacrev(chain)(x)
+            best = min(best, time.thread_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    STEPS = max(probe_steps, round(probe_steps * seconds / max(best, 1e-6)))
     return STEPS
 
 

@@ -27,9 +27,18 @@ from . import clients28_functions, clients31_functions
 from ._client_support import real_server
 from .conftest import assert_problem
 from .test_hostile_round27_clients import _head, _softmax_jacobian
-from .test_hostile_round28_clients import _queue_depth
 
 HOSTILE, HONEST = "hostile-key", "honest-key"
+# One client for every request of this module's (from any thread): each httpx.post or
+# httpx.get builds a client, and each client an SSL context from certifi's CA bundle,
+# ~55 ms of CPU for a loopback request that needs none (a few CPU-s over this file).
+_HTTP = httpx.Client(timeout=60)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_http() -> Iterator[None]:
+    yield
+    _HTTP.close()
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +53,16 @@ def _post(url: str, path: str, doc: dict, key: str, accept: str = wire.JSON, tim
     headers = {"content-type": wire.JSON, "accept": accept, "authorization": f"Bearer {key}"}
     if timeout_s is not None:
         headers["x-request-timeout"] = f"{timeout_s:.3f}"
-    return httpx.post(url + path, content=json.dumps(doc).encode(), headers=headers, timeout=60)
+    return _HTTP.post(url + path, content=json.dumps(doc).encode(), headers=headers)
 
 
 def _metric(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {HONEST}"}, timeout=10).text
+    text = _HTTP.get(url + "/metrics", headers={"authorization": f"Bearer {HONEST}"}, timeout=10).text
     return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def _queue_depth(url: str) -> float:
+    return _metric(url, "jacobian_service_queue_depth")
 
 
 def _slow_reader(url: str, doc: dict, key: str) -> socket.socket:
@@ -90,6 +103,7 @@ class _Held:
         deadline = time.monotonic() + 30
         while _queue_depth(self.url) < (depth or len(self.threads)):
             assert time.monotonic() < deadline, (name, self.answers)
+            time.sleep(0.005)  # (the server is this process's: polls back to back starve it)
 
     def release(self) -> None:
         clients28_functions.gate(self.number).touch()
@@ -306,10 +320,12 @@ def test_an_sdk_call_pushed_out_of_a_full_queue_is_retried_and_answered(small_qu
             deadline = time.monotonic() + 30
             while _queue_depth(url) < SMALL_QUEUE:  # (the queue is full, the SDK's call the newest)
                 assert time.monotonic() < deadline
+                time.sleep(0.005)
             pushed_at = _answered_429(url)
             held.add("honest", *SIN, HONEST, timeout_s=30, depth=SMALL_QUEUE)  # (its place: the SDK's call's)
             while _answered_429(url) < pushed_at + 2:  # (pushed, refused again)
                 assert time.monotonic() < deadline and sdk.is_alive(), answers
+                time.sleep(0.005)
             held.release()
             sdk.join(35)
     assert len(answers) == 1 and isinstance(answers[0], np.ndarray), answers
@@ -319,7 +335,7 @@ def test_an_sdk_call_pushed_out_of_a_full_queue_is_retried_and_answered(small_qu
 
 
 def _answered_429(url: str) -> float:
-    text = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {HONEST}"}, timeout=10).text
+    text = _HTTP.get(url + "/metrics", headers={"authorization": f"Bearer {HONEST}"}, timeout=10).text
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith("jacobian_service_requests_total{") and 'status="429"' in line)
 
