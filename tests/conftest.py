@@ -28,6 +28,23 @@ from jacobian_service.registry import Registry
 from jacobian_service.settings import Settings
 
 
+# Every httpx.get/post (and each httpx.Client) made an SSL context from certifi's bundle,
+# ~26 ms of CPU against ~2 ms for the request itself, though every URL the suite asks is
+# plain http on loopback: its polling loops (/readyz, /v1/info every 50-100 ms while a
+# server starts or an engine restarts) spent most of their CPU there. One default context,
+# made once, serves every client that asks for the default (no test speaks TLS).
+_DEFAULT_SSL_CONTEXT = httpx.create_ssl_context()
+
+
+def _ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+    if verify is True and cert is None and not (trust_env and ("SSL_CERT_FILE" in os.environ or "SSL_CERT_DIR" in os.environ)):
+        return _DEFAULT_SSL_CONTEXT
+    return httpx.create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+
+
+httpx._transports.default.create_ssl_context = _ssl_context  # type: ignore[attr-defined]
+
+
 # CI explores the same examples every run (a red CI must be reproducible); local runs
 # keep exploring new ones.
 hypothesis_settings.register_profile("ci", derandomize=True, database=None)
