@@ -8,6 +8,7 @@ a client's share (round 28's).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -29,16 +30,11 @@ from .conftest import assert_problem
 from .test_hostile_round27_clients import _head, _softmax_jacobian
 
 HOSTILE, HONEST = "hostile-key", "honest-key"
-# One client for every request of this module's (from any thread): each httpx.post or
-# httpx.get builds a client, and each client an SSL context from certifi's CA bundle,
-# ~55 ms of CPU for a loopback request that needs none (a few CPU-s over this file).
+# One client for every request of this module's (from any thread), kept open for the
+# worker's life: round 33 (test_hostile_round33_clients) sends through these helpers
+# after this module's tests are done.
 _HTTP = httpx.Client(timeout=60)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_http() -> Iterator[None]:
-    yield
-    _HTTP.close()
+atexit.register(_HTTP.close)
 
 
 @pytest.fixture(scope="module")
