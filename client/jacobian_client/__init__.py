@@ -65,50 +65,15 @@ _HOMES = {
     "FunctionInfo": "_models",
     "InputInfo": "_models",
     "RetryPolicy": "_protocol",
-    **dict.fromkeys((
-        "APIError",
-        "ClientClosed",
-        "ExpectationFailed",
-        "Forbidden",
-        "FunctionError",
-        "FunctionNotFound",
-        "FunctionQuarantined",
-        "HeadersTooLarge",
-        "IncompleteResponse",
-        "InternalError",
-        "InvalidInput",
-        "JacobianServiceError",
-        "MalformedBody",
-        "MalformedRequest",
-        "MethodNotAllowed",
-        "NotAcceptable",
-        "NotFound",
-        "OutOfMemory",
-        "Overloaded",
-        "PayloadTooLarge",
-        "PreconditionFailed",
-        "RequestTimeout",
-        "ResponseTooLarge",
-        "ResultTooLarge",
-        "ServiceUnreachable",
-        "SparsityNotFound",
-        "Timeout",
-        "TransportError",
-        "Unauthorized",
-        "Unavailable",
-        "UnsupportedMediaType",
-        "UnsupportedTransferCoding",
-    ), "_errors"),
-}
+}  # (every other name of __all__ is an error class, from _errors)
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
+    if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    value = getattr(importlib.import_module(f".{_HOMES.get(name, '_errors')}", __name__), name)
     globals()[name] = value  # (once: later uses are a plain lookup)
     return value
 
