@@ -56,11 +56,15 @@ def wait_spare(url: str, seconds: float = 60.0) -> None:
         time.sleep(0.1)
 
 def back_within(url: str, seconds: float) -> float:
-    """Seconds until /readyz says 200 again (fails past ``seconds``)."""
+    """Seconds until /readyz says 200 again (fails past ``seconds``; a connection refused
+    or cut meanwhile is one more look)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
-        if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-            return time.monotonic() - t0
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.TransportError:
+            pass
         time.sleep(0.05)
     pytest.fail(f"the engine was not back within {seconds} s")
 

@@ -2,7 +2,8 @@
 their functions misbehave on the input 666 (round 11's ``_armed``) by ending their engine,
 and arm the warm-ups that follow through a file in the run directory; a test then waits
 for a marker the misbehaving warm-up leaves there, for the supervisor's line in the log,
-and for the service to be ready again and serve ``sin`` as ``torch.func.jacrev`` does."""
+and (``_fault_support.back_within``) for the service to be ready again and serve ``sin``
+as ``torch.func.jacrev`` does."""
 
 from __future__ import annotations
 
@@ -39,19 +40,6 @@ def wait_for_file(path: Path, within: float = 60.0) -> None:
     deadline = time.monotonic() + within
     while not path.exists():
         assert time.monotonic() < deadline, f"the new spare's warm-up never began ({path.name})"
-        time.sleep(0.1)
-
-
-def ready_again(url: str, within: float = 60.0) -> float:
-    """Seconds until /readyz says 200 again (fails past ``within``)."""
-    start = time.monotonic()
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return time.monotonic() - start
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() - start < within, f"the server was not ready again within {within:g} s"
         time.sleep(0.1)
 
 

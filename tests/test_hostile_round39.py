@@ -12,8 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
-from ._fault_support import _log_saying
-from ._spare_support import body, ends_its_engine, ready_again, run_dir, serves_sin, wait_for_file
+from ._fault_support import _log_saying, back_within
+from ._spare_support import body, ends_its_engine, run_dir, serves_sin, wait_for_file
 from .conftest import Served, live_server
 
 FUNCTIONS = "tests.hostile39_functions"  # (no examples: fewer warm-ups, a faster file)
@@ -45,7 +45,7 @@ def test_a_warm_up_that_removes_its_note_does_not_crash_loop(case: int, said: st
         start = len(proc.read_log())  # type: ignore[attr-defined]
         ends_its_engine(url, "erases_its_note", case)
         log = _log_saying(proc, said, start=start, within=60)  # (case 2's board said ready: /readyz 200 before)
-        ready_again(url)
+        back_within(url, 60)
         assert "engines start without warm-ups from now on" in log, log[-3000:]
         serves_sin(url, "erases_its_note")
         assert "engine 0 died" not in log.rsplit("engines start without warm-ups", 1)[1]  # (no crash loop after it)
@@ -112,5 +112,5 @@ class TestOneServer:
         ends_its_engine(url, "erases_its_note", 1)  # and the hanging spare is promoted
         log = _log_saying(proc, "a warm-up hung the engine (it was not ready within ", start=start, within=60)
         assert "engines start without warm-ups from now on" in log, log[-3000:]
-        ready_again(url)
+        back_within(url, 60)
         serves_sin(url, "erases_its_note")

@@ -10,8 +10,8 @@ import time
 
 import httpx
 
-from ._fault_support import _log_saying
-from ._spare_support import ends_its_engine, ready_again, run_dir, serves_sin, wait_for_file
+from ._fault_support import _log_saying, back_within
+from ._spare_support import ends_its_engine, run_dir, serves_sin, wait_for_file
 from .conftest import live_server
 
 FUNCTIONS = "tests.hostile40_functions"  # (no examples: fewer warm-ups, a faster file)
@@ -38,7 +38,7 @@ def test_a_spare_whose_warm_up_forged_warm_and_hangs_is_not_waited_for_once_prom
             assert time.monotonic() < deadline, "the forged word was not taken (the case is gone?)"
             time.sleep(0.1)
         ends_its_engine(url, "forges_warm40")  # and the hanging spare is promoted
-        ready_again(url, within=45)
+        back_within(url, 45)
         log = _log_saying(proc, "a spare promoted on its word that it was warm was not ready within 10 s",
                           "engines skip the warm-up of forges_warm40", start=start, within=30)
         assert "engines start without warm-ups" not in log, log[-3000:]

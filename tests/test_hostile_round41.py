@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from ._fault_support import _log_saying
-from ._spare_support import ends_its_engine, ready_again, serves_sin
+from ._fault_support import _log_saying, back_within
+from ._spare_support import ends_its_engine, serves_sin
 from .conftest import live_server
 
 FUNCTIONS = "tests.hostile40_functions"  # (forges_warm40, armed, ends its engine: os._exit(3))
@@ -74,5 +74,5 @@ def test_one_kill_of_a_cold_engine_before_its_first_note_does_not_turn_warm_ups_
         log = _log_saying(proc, "the second engine in a row to end before it was ready with no note: engines "
                           "start without warm-ups from now on", start=start, within=30)
         assert _warm_ups_off_in(_cold_engine(proc.pid, seen))
-        ready_again(url)
+        back_within(url, 60)
         serves_sin(url, "after40")
