@@ -21,7 +21,7 @@ from jacobian_client.wire import SPARSE_FIELDS
 from .errors import Timeout
 from .registry import FunctionSpec
 
-__all__ = ["HELD_ANSWER_BYTES", "HOST_CHUNK_BYTES", "SPARSE_CHUNK_BYTES", "Call", "JobInfo", "Result", "example_shape", "gathered_at_most", "is_sparse_matrix", "never_cancelled", "tree_leaves"]
+__all__ = ["HELD_ANSWER_BYTES", "HOST_CHUNK_BYTES", "SPARSE_CHUNK_BYTES", "Call", "JobInfo", "Result", "example_shape", "gathered_at_most", "is_sparse_matrix", "never_cancelled", "stacked_liveness", "tree_leaves"]
 
 
 # The most bytes of rows a streamed Jacobian's chunk the engine chooses holds on the host
@@ -157,6 +157,21 @@ class Call:
             raise Timeout("the request was cancelled")
         if time.monotonic() > self.deadline:
             raise Timeout("the request ran past its deadline")
+
+
+def stacked_liveness(calls: list[Call]) -> dict[str, Any]:
+    """The ``deadline`` and ``cancelled`` of several requests computed as one (request
+    batching): it stops only once no member can use it, each member past its own deadline
+    or gone. It stopped at the earliest member's deadline: a request with a short
+    X-Request-Timeout batched with another client's stopped the batch, and every member ran
+    again alone (the other client: 1.17 s for 0.4 s of work, 3 runs where 2 were needed).
+    The scheduler answers a member past its deadline 504 when the batch ends
+    (``Worker._run_batch``), as its front end already has."""
+    def gone() -> bool:
+        now = time.monotonic()
+        return all(c.cancelled() or now > c.deadline for c in calls)
+
+    return {"deadline": max(c.deadline for c in calls), "cancelled": gone}
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
-from ..types import Call, Result
+from ..types import Call, Result, stacked_liveness
 from .shapes import span
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, differentiable, fresh,
                       function_error, is_oom)
@@ -496,7 +496,9 @@ def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result
     """Several requests with equal options and shapes as one ``vmap`` call, split back.
 
     Raises when the stacked call fails for any reason; the scheduler then runs each
-    request alone, so one bad request cannot fail its batch-mates.
+    request alone, so one bad request cannot fail its batch-mates. It stops only once
+    no request can use it (``stacked_liveness``): the scheduler answers those past their
+    deadlines 504 and the others from this one run.
     """
     first = calls[0]
     if first.sparsity != "dense":
@@ -507,9 +509,8 @@ def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result
         first,
         args=[np.stack([c.args[i] for c in calls]) for i in range(len(first.args))],
         batched=True,
-        deadline=min(c.deadline for c in calls),
         max_result_bytes=None if first.max_result_bytes is None else first.max_result_bytes * len(calls),
-        cancelled=lambda: all(c.cancelled() for c in calls),
+        **stacked_liveness(list(calls)),  # (stops once no member can use it)
     )
     if kind == "evaluate":
         result = engine.evaluate(stacked, allow_loop=False)

@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 from jacobian_client._pattern import braille
 
 from ..errors import InvalidInput, ResultTooLarge, ServiceError, SparsityNotFound
-from ..types import Call, Result
+from ..types import Call, Result, stacked_liveness
 from .calling import AuxBox, function_error
 
 __all__ = ["describe", "run_batch", "sparse_derivative", "streamed_rows"]
@@ -286,9 +286,9 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
     from . import batched as _batched
 
     first = calls[0]
-    # As for dense batches: the batch stops at its earliest deadline, or once every
-    # caller has gone (one caller leaving must not stop the others' work).
-    alive = replace(first, deadline=min(c.deadline for c in calls), cancelled=lambda: all(c.cancelled() for c in calls))
+    # As for dense batches: the batch stops once no member can use it, each past its own
+    # deadline or gone (one member's short deadline must not stop the others' work).
+    alive = replace(first, **stacked_liveness(calls))
     stacked = [torch.stack(column) for column in zip(*[engine.tensors(c) for c in calls])]
     box = _boxed(first)
     pattern, coloring, cached, _ = _plan(engine, alive, kind, [a[0] for a in stacked], box)
