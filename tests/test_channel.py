@@ -766,3 +766,40 @@ def test_a_mapped_block_is_freed_once_its_last_view_goes_and_not_before(monkeypa
     again = mapped.frame(4096, 8)  # the same block, given out again, is freed again
     del again
     assert freed == [(mapped, 4096), (mapped, 4096)] and not mapped._blocks
+
+
+def test_a_leaving_engine_writes_out_what_it_owes_for_a_bounded_time(tmp_path: Path) -> None:
+    """What a front end's socket had not taken when its engine left (``_leave``: an
+    ``os._exit``) was lost with it, and the front end, taking the request for one never
+    started, ran it again on the next engine. ``write_out`` writes it while the front
+    end reads, and gives up after its timeout on one that does not (``Peer.out`` then
+    says what was lost: engine.process names those requests)."""
+    listener = Listener(tmp_path / "e.sock")
+    try:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(tmp_path / "e.sock"))
+        deadline = time.monotonic() + 5
+        while not listener._peers:
+            assert time.monotonic() < deadline
+            listener.poll(0.05)
+        (peer,) = listener._peers.values()
+        whole = _wire([[b"{}", b"x" * (32 << 20)]])
+        listener.send(peer, [[b"{}", b"x" * (32 << 20)]])
+        assert peer.out  # more than the socket takes at once
+        began = time.monotonic()
+        listener.write_out(0.2)  # nobody reads: given up
+        assert peer.out and 0.2 <= time.monotonic() - began < 2
+        got = bytearray()
+
+        def read() -> None:
+            while len(got) < len(whole) and (chunk := client.recv(1 << 20)):
+                got.extend(chunk)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        listener.write_out(10.0)
+        reader.join(10)
+        assert not peer.out and not peer.gone and bytes(got) == whole
+        client.close()
+    finally:
+        listener.close()

@@ -30,7 +30,7 @@ import torch
 from jacobian_service.examples import mlp
 
 from ._fault_support import _log_saying
-from .conftest import live_server
+from .conftest import assert_problem, live_server
 
 FUNCTIONS = "jacobian_service.examples,tests.settings_functions"
 ARMED = {"inputs": [[666.0, 1.0, 2.0]]}
@@ -356,57 +356,13 @@ class TestReplaced:
     """One server, its engine with a warm spare, for the settings that cannot be put back:
     the engine leaves, naming the function, and the spare serves. Run without CAP_SYS_NICE
     (``_NO_SYS_NICE``; nothing else here needs it), and with ``$SETTINGS_WAITING`` set for
-    ``filters_system_calls``. The seccomp test comes first, on the server as started: on
-    one whose engine had been replaced before (the niceness test first), the culprit's
-    request was sent on to the spare, which closed that one's sockets too (503 "engines
-    left one after another"), where a first engine's answers its 500."""
+    ``filters_system_calls`` (each test asks for ``waiting`` before ``served``: whichever
+    starts the server). The niceness test comes first: the sockets test then runs on a
+    promoted spare, as it does run alone (it replaces the first engine itself)."""
 
     SERVER: ClassVar[dict[str, Any]] = {"wrapper": _NO_SYS_NICE, "FUNCTIONS": FUNCTIONS, "WORKERS": 1}
 
-    def test_an_engine_left_with_a_seccomp_filter_or_its_sockets_closed_is_replaced(self, waiting, served):
-        """A function installed a seccomp filter (through ctypes) that fails ``uname`` with
-        EPERM. No process can lift one: every later function's ``os.uname()`` failed in that
-        engine for as long as it lived (a filter that kills would end it under another
-        function's request). The engine leaves between batches, the supervisor names the
-        function, and the spare, without the filter, serves. It leaves at once: a request
-        queued behind the function ran first, under the filter (``can_uname`` answered 0,
-        a 200), for up to 2 s of requests of every function.
-
-        A function closed the engine's sockets: with its listening socket closed the engine
-        served on through the front ends' open connections, but a front end started again
-        (or a new one) could never connect, and each of its requests waited for its deadline
-        (504), /readyz 200, for as long as the engine lived. It leaves too, naming the
-        function. The culprit's answer went with its connection: its request is its 500, not
-        sent again to the spare to close that one's too (each time, on to the deadline).
-        (Each descriptor alone: test_channel.)"""
-        url, proc = served.url, served.proc
-        with httpx.Client(base_url=url, timeout=30) as client:
-            r = client.post("/v1/functions/closes_the_engines_sockets/jacobian", json=ARMED)
-            assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
-            assert "closes_the_engines_sockets left the engine's connection to a front end closed" in r.json()["detail"]
-            _replaced_naming(client, proc, "closes_the_engines_sockets closed the engine's connection to a front end")
-            assert served.log().count("engine 0 died: closes_the_engines_sockets") == 1, proc.read_log()[-3000:]
-            answers: list[httpx.Response] = []
-            culprit = threading.Thread(target=lambda: answers.append(httpx.post(
-                f"{url}/v1/functions/filters_system_calls/jacobian", json={"inputs": [[667.0, 1.0, 2.0]]}, timeout=30)))
-            culprit.start()  # it waits, once running, until a request waits behind it
-            deadline = time.monotonic() + 20
-            while not waiting.exists():
-                assert time.monotonic() < deadline, proc.read_log()[-3000:]
-                time.sleep(0.02)
-            while (r := client.post("/v1/functions/can_uname/evaluate", json=X)).status_code == 503:
-                assert time.monotonic() < deadline + 40  # sent on: no engine up for a moment
-                time.sleep(0.1)
-            assert r.status_code == 200, r.text
-            assert r.json()["output"]["data"] == [1.0, 1.0, 1.0]
-            culprit.join()
-            assert answers[0].status_code == 200, answers[0].text
-            setting = "the system-call filter (seccomp), no_new_privs or memory-deny-write-execute (prctl)"
-            _replaced_naming(client, proc, f"filters_system_calls left {setting} changed, which cannot be put back")
-            said = f"filters_system_calls changed {setting} (to "
-            assert said in _log_saying(proc, said), proc.read_log()[-3000:]
-
-    def test_an_engine_left_with_a_setting_it_cannot_put_back_is_replaced(self, served):
+    def test_an_engine_left_with_a_setting_it_cannot_put_back_is_replaced(self, waiting, served):
         """A function raised the engine's niceness: without the privilege to lower it again,
         every later request of every function would have run at that priority. The engine
         leaves between batches, the supervisor names the function, and its spare serves."""
@@ -428,6 +384,61 @@ class TestReplaced:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
             assert r.status_code == 200, r.text
+
+    def test_an_engine_left_with_a_seccomp_filter_or_its_sockets_closed_is_replaced(self, waiting, served):
+        """A function installed a seccomp filter (through ctypes) that fails ``uname`` with
+        EPERM. No process can lift one: every later function's ``os.uname()`` failed in that
+        engine for as long as it lived (a filter that kills would end it under another
+        function's request). The engine leaves between batches, the supervisor names the
+        function, and the spare, without the filter, serves. It leaves at once: a request
+        queued behind the function ran first, under the filter (``can_uname`` answered 0,
+        a 200), for up to 2 s of requests of every function.
+
+        A function closed the engine's sockets: with its listening socket closed the engine
+        served on through the front ends' open connections, but a front end started again
+        (or a new one) could never connect, and each of its requests waited for its deadline
+        (504), /readyz 200, for as long as the engine lived. It leaves too, naming the
+        function. The culprit's answer went with its connection: its request is its 500, not
+        sent again to the spare to close that one's too (each time, on to the deadline).
+        (Each descriptor alone: test_channel.)
+
+        On an engine that had replaced another (a promoted spare: its descriptors 0-2 are
+        sockets too), the change to those was found first, and the engine left naming no
+        request: the culprit's request was sent on to the next engine, which it closed too,
+        and the next, until its 503 "engines left one after another" (measured: the
+        niceness test first). Now the engine names the requests whose answers it could
+        not send, and says the connection first: the same 500, one engine gone."""
+        url, proc = served.url, served.proc
+        with httpx.Client(base_url=url, timeout=30) as client:
+            if "engine 0 died: " not in proc.read_log():  # (run alone) on a replaced engine, as after the niceness test
+                assert client.post("/v1/functions/raises_its_niceness/jacobian", json={"inputs": [[666.0, 1.0]]}
+                                   ).status_code == 200
+                _replaced_naming(client, proc, "engine 0 died: raises_its_niceness")
+            r = client.post("/v1/functions/closes_the_engines_sockets/jacobian", json=ARMED)
+            body = assert_problem(r, 500, "function_error")
+            assert body["detail"] == ("closes_the_engines_sockets left the engine's connection to a front end closed; "
+                                      "engines skip its warm-up while running this request; the engine was restarted")
+            _replaced_naming(client, proc, "closes_the_engines_sockets closed the engine's connection to a front end")
+            assert served.log().count("engine 0 died: closes_the_engines_sockets") == 1, proc.read_log()[-3000:]
+            answers: list[httpx.Response] = []
+            culprit = threading.Thread(target=lambda: answers.append(httpx.post(
+                f"{url}/v1/functions/filters_system_calls/jacobian", json={"inputs": [[667.0, 1.0, 2.0]]}, timeout=30)))
+            culprit.start()  # it waits, once running, until a request waits behind it
+            deadline = time.monotonic() + 20
+            while not waiting.exists():
+                assert time.monotonic() < deadline, proc.read_log()[-3000:]
+                time.sleep(0.02)
+            while (r := client.post("/v1/functions/can_uname/evaluate", json=X)).status_code == 503:
+                assert time.monotonic() < deadline + 40  # sent on: no engine up for a moment
+                time.sleep(0.1)
+            assert r.status_code == 200, r.text
+            assert r.json()["output"]["data"] == [1.0, 1.0, 1.0]
+            culprit.join()
+            assert answers[0].status_code == 200, answers[0].text
+            setting = "the system-call filter (seccomp), no_new_privs or memory-deny-write-execute (prctl)"
+            _replaced_naming(client, proc, f"filters_system_calls left {setting} changed, which cannot be put back")
+            said = f"filters_system_calls changed {setting} (to "
+            assert said in _log_saying(proc, said), proc.read_log()[-3000:]
 
 
 def _replaced_naming(client: httpx.Client, proc, said: str) -> None:

@@ -89,6 +89,29 @@ def test_an_engine_that_left_as_planned_names_none_of_the_requests_it_was_last_s
                                  "(2048 MiB); grown most by keeps +3072 MiB")
 
 
+@pytest.mark.parametrize("status", [
+    {"stray": "closes_its_sockets", "left": "descriptors 0-2 changed, which cannot be put back"},
+    {"memory": {"held": 1 << 30, "limit": 1 << 29}},
+])
+def test_an_engine_that_left_names_the_requests_whose_answers_it_could_not_send(supervisor, status):
+    """Its connection to a front end closed under it (a function closed its sockets), the
+    batch's answers went nowhere: it names those requests as it leaves (engine.process
+    ``_unanswered``). Not named (the leave said a setting changed, or a leak), the front
+    end took the culprit's request for one never started and sent it on to the next
+    engine, to close that one's sockets too."""
+    sup, sub = supervisor
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    proc.wait()
+    engine = _Engine(0, "cpu", proc=proc)
+    sup.engines = [engine]
+    board = ipc.StatusBoard(sup.run_dir / "left.status", create=True)  # (read as the supervisor reads it)
+    board.leave(1.0, {**status, "tags": ["t1"]})
+    sup._died(engine, ipc.EXIT_LEAVING, board.read())
+    board.close()
+    msg = _died_message(sub)
+    assert (msg["planned"], msg["tags"], msg["function"]) == (True, ["t1"], status.get("stray", ""))
+
+
 def test_an_engine_that_crashed_names_what_it_was_running(supervisor):
     sup, sub = supervisor
     proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)

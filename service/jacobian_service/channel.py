@@ -844,6 +844,20 @@ class Listener:
         _own(peer.out)
         self._watch(peer)
 
+    def write_out(self, timeout: float) -> None:
+        """Write what the front ends still connected are owed, waiting up to ``timeout``
+        seconds for their sockets to take it: an engine about to exit (what is left
+        unwritten is lost with it; ``Peer.out`` says what was)."""
+        end = time.monotonic() + timeout
+        while (owed := [peer for peer in self._peers.values() if peer.out and not peer.gone]) \
+                and (left := end - time.monotonic()) > 0:
+            writable = select.poll()
+            for peer in owed:
+                writable.register(peer.sock.fileno(), select.POLLOUT)
+            writable.poll(min(left, 0.05) * 1e3)
+            for peer in owed:
+                peer.write()
+
     def _freed(self, peer: Peer, mapped: Mapped, offset: int) -> None:
         """A front end's block (an input) is no longer held here: give it back with the
         next reply to it, or alone from a poll ``_GIVE_BACK_AFTER_S`` later."""

@@ -84,6 +84,9 @@ SKIP_WARMUP_ENV = "JACOBIAN_SERVICE_SKIP_WARMUP"
 NO_WARMUPS_ENV = "JACOBIAN_SERVICE_NO_WARMUPS"
 # The descriptor an engine writes its own log lines to (a pipe to serve: output_relay).
 LOG_FD_ENV = "JACOBIAN_SERVICE_ENGINE_LOG_FD"
+# The exit status of an engine that leaves on its own (``EngineProcess._leave``; EX_TEMPFAIL),
+# its board saying why.
+EXIT_LEAVING = 75
 
 
 def names_env(names: set[str]) -> str:

@@ -1105,8 +1105,8 @@ class Supervisor:
                           and not planned and warming is None)
         after, repeated = "", False  # (such a kill: after whose answers, and whether again: _again)
         running: dict[str, Any]
-        if planned:  # its requests answered (unless it says which of them may not be: a closed connection's)
-            running = {"tags": status["tags"]} if status.get("stray") and status.get("tags") else {}
+        if planned:  # its requests answered, but those it names: their answers could not reach their front ends
+            running = {"tags": status["tags"]} if status.get("tags") else {}
         elif warming is not None:
             running = {"function": warming, "tags": []}
         elif cold_nameless:

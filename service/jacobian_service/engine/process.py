@@ -59,7 +59,10 @@ _PUMP_EVERY_S = 0.01
 _OOM_SCORE_ADJ = 500  # of -1000..1000: before the other processes, not before everything
 _IDLE_POLL_MS = 100
 _LEAVE_DRAIN_S = 2.0  # an engine about to leave (a stray thread, memory): queued jobs get this long to finish
-_EXIT_LEAVING = 75  # EX_TEMPFAIL; the board, not the status, tells the supervisor why
+_EXIT_LEAVING = ipc.EXIT_LEAVING  # the board tells the supervisor why; the status, that the engine itself left
+# An engine leaving writes what it still owes its front ends (a reply the socket had not
+# taken) for up to this long: what is lost at its exit was answered, the front end none the wiser.
+_LEAVE_WRITE_S = 0.5
 # The least room an address-space cap must leave above what a loaded engine maps: the
 # default memory budget of one chunk of rows on the CPU.
 _MIN_ROOM = 256 << 20
@@ -107,6 +110,7 @@ class EngineServer:
         self.descriptors = DescriptorWatch()
         self._ran = ""  # the function of the last batch run
         self._ran_tags: list[str] = []  # its requests
+        self._answers: list[tuple[Peer, str]] = []  # the batch's answers, to whom (``_unanswered``)
         self._left: list[str] = []  # functions whose threads are alive (strays.left)
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
         self._refusal: ServiceError | None = None  # the batch's answers refused (``_patched``)
@@ -162,8 +166,9 @@ class EngineServer:
             if header.get("fn") is not None:
                 spec = self.registry.get(header["fn"])
                 call = ipc.decode_call(header, arrays, spec)
-            job = Job(header["kind"], call, self._settle(peer, msg_id), deadline=_deadline(header, call),
-                      stream_id=header.get("sid"), tag=header.get("tag", ""))
+            tag = header.get("tag", "")
+            job = Job(header["kind"], call, self._settle(peer, msg_id, tag), deadline=_deadline(header, call),
+                      stream_id=header.get("sid"), tag=tag)
             self.worker.submit(job)
             self.pending[(peer, msg_id)] = job
         except ServiceError as exc:
@@ -179,9 +184,10 @@ class EngineServer:
 
         return cancelled
 
-    def _settle(self, peer: Peer, msg_id: int) -> Any:
+    def _settle(self, peer: Peer, msg_id: int, tag: Any) -> Any:
         def settle(result: Any, error: BaseException | None, info: Any) -> None:
             self.pending.pop((peer, msg_id), None)
+            self._answers.append((peer, tag))
             if error is None:
                 error = self._patched(result)
             if isinstance(error, OutOfMemory):
@@ -251,7 +257,7 @@ class EngineServer:
     def _on_run(self, jobs: list[Job]) -> None:
         call = self.worker.call_of(jobs[0])  # a stream's chunk: its stream's function takes the blame
         function = call.spec.name if call is not None else ""
-        self._ran, self._ran_tags = function, [j.tag for j in jobs]
+        self._ran, self._ran_tags, self._answers = function, [j.tag for j in jobs], []
         self.listener.ran(function)
         self.engine.process_settings.before(function)  # (its random generators: no other function's state)
         self._refusal = None  # (``_patched``: per batch)
@@ -338,11 +344,14 @@ class EngineServer:
                 # function's, not whichever function's request a later collection falls in
                 # (an innocent one was blamed, and quarantined).
                 gc.collect(1)
-                if (gone := self._unrestorable() or self._lost(self._ran) or self._robbed()) is not None:
+                if (gone := self._lost(self._ran) or self._unrestorable() or self._robbed()) is not None:
                     # At once: a request queued here would run under what the function
                     # changed (as nobody, under its seccomp filter: can_uname answered 0
                     # with a 200), or the next poll fail on a descriptor it closed. The
-                    # front ends send what was not started to the spare.
+                    # front ends send what was not started to the spare. A connection
+                    # closed first: the reason that says the batch's answers went with
+                    # it (a function that closed every socket changes descriptors 0-2
+                    # too, where they are sockets: a promoted spare's).
                     self._leave(gone)
                 self.board.idle(time.monotonic(), self._left)
             try:
@@ -467,14 +476,33 @@ class EngineServer:
         self.board.leave(time.monotonic(), why)
         try:
             self.flush()
+            self.listener.write_out(_LEAVE_WRITE_S)
         except OSError:  # its channel's descriptors closed under it (a function): nothing more to send
             pass
+        if lost := self._unanswered(why):
+            self.board.leave(time.monotonic(), {**why, "tags": lost})
         try:
             for pid in descendants(os.getpid()):  # its children, alive or zombies: no pid here can be another's
                 _kill_quietly(pid)
         except Exception:  # /proc refused (an audit hook): the supervisor's group kill still reaches most
             pass
         os._exit(_EXIT_LEAVING)  # not sys.exit: shutting the interpreter down would wait for a stray thread
+
+    def _unanswered(self, why: dict[str, Any]) -> list[str]:
+        """The requests of the last batch whose answers this engine, leaving, could not
+        get to their front ends (its connection closed or broken under it, a reply the
+        socket had not taken), with those ``why`` names already, or none when it names
+        them all: the board names them.
+        The front ends take a request a leaving engine does not name for one it never
+        started, and send it to the next engine: a function that closed its engine's
+        sockets (on an engine whose descriptors 0-2 were sockets too, a promoted spare's,
+        the change to them was found first, naming no request) had its request sent on,
+        to close the spare's sockets, and the next engine's, until its 503 "engines left
+        one after another", where the first engine's culprit got its 500."""
+        named = list(why.get("tags", []))
+        lost = [tag for peer, tag in self._answers
+                if (peer.gone or peer.out) and isinstance(tag, str) and tag and tag not in named]
+        return named + lost if lost else []
 
     def _device_memory(self) -> None:
         if self.metrics is not None and self.device.startswith("cuda"):
