@@ -112,6 +112,28 @@ def test_an_engine_that_left_names_the_requests_whose_answers_it_could_not_send(
     assert (msg["planned"], msg["tags"], msg["function"]) == (True, ["t1"], status.get("stray", ""))
 
 
+@pytest.mark.parametrize("code", [-11, -9, 3])
+def test_a_leave_on_the_board_of_an_engine_that_ended_otherwise_is_not_believed(supervisor, caplog, code):
+    """A function that wrote what a leaving engine writes (naming itself: a front end did
+    send it that job) and then crashed, or was killed as hung, was taken for an engine
+    that left between batches: its own request, named by no one, went on to the next
+    engine, to do the same there, and the next. Only an engine that exits as a leaving
+    one does (``ipc.EXIT_LEAVING``) is believed; otherwise it is a crash, put down to
+    the function the front ends held there, and no request goes on."""
+    sup, sub = supervisor
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    proc.wait()
+    engine = _Engine(0, "cpu", proc=proc, was_ready=True)
+    sup.engines = [engine]
+    sup._control(sup.channel.sign({"t": "held", "from": 1, "engine": 0, "functions": ["forges_a_leave"]}))
+    sup._died(engine, code, {"beat": 1.0, "ready": True, "deadline": 0.0, "stray": "forges_a_leave",
+                             "left": "a thread running after it returned"})
+    msg = _died_message(sub)
+    assert (msg["planned"], msg["function"]) == (False, "forges_a_leave")
+    assert "status board said it was leaving on its own, but it ended otherwise" in caplog.text
+    assert "forges_a_leave" in sup.strikes
+
+
 def test_an_engine_that_crashed_names_what_it_was_running(supervisor):
     sup, sub = supervisor
     proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)

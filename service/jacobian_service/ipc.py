@@ -85,7 +85,7 @@ NO_WARMUPS_ENV = "JACOBIAN_SERVICE_NO_WARMUPS"
 # The descriptor an engine writes its own log lines to (a pipe to serve: output_relay).
 LOG_FD_ENV = "JACOBIAN_SERVICE_ENGINE_LOG_FD"
 # The exit status of an engine that leaves on its own (``EngineProcess._leave``; EX_TEMPFAIL),
-# its board saying why.
+# its board saying why. A board's leave under any other death was written by a function.
 EXIT_LEAVING = 75
 
 
@@ -443,6 +443,26 @@ def _as_written(doc: Any) -> dict[str, Any]:
         return {}
     kept = {key: value for key, value in doc.items() if (check := _DOC_FIELDS.get(key)) is not None and check(value)}
     if isinstance(kept.get("left"), str) and "stray" not in kept:  # (said in words only beside a stray)
+        del kept["left"]
+    return kept
+
+
+# What only the board of an engine leaving on its own says (``StatusBoard.leave``).
+_LEAVE_FIELDS = ("stray", "memory", "reserved", "device_memory", "descriptors", "threads", "processes", "robbed")
+
+
+def as_left(status: dict[str, Any], code: int | None) -> dict[str, Any]:
+    """``status``, the board of an engine process that ended with ``code``, as believed:
+    its word that it left on its own (a stray, a leak, a setting it cannot put back) only
+    where it exited as such an engine does (``EXIT_LEAVING``). A function that wrote that
+    word and then crashed, or hung until it was killed, was taken for an engine that left
+    between batches: its own request, named by no one, went on to the next engine, to do
+    the same there. (One that exits with that status too is left to the other checks:
+    ``Supervisor._died``.)"""
+    if code == EXIT_LEAVING or not any(key in status for key in _LEAVE_FIELDS):
+        return status
+    kept = {key: value for key, value in status.items() if key not in _LEAVE_FIELDS}
+    if isinstance(kept.get("left"), str):  # (said in words only beside a stray)
         del kept["left"]
     return kept
 

@@ -1039,12 +1039,17 @@ class Supervisor:
         # engines warm every function up. A function that wrote another's name there as
         # a stray had that one struck, and its warm-up skipped for good.
         # What the front ends said just before (a job's ``held``), read first.
+        if (believed := ipc.as_left(status, code)) is not status:
+            log.error("engine %d's status board said it was leaving on its own, but it ended otherwise (%s): a "
+                      "function wrote the board; not believed", engine.index,
+                      f"killed: {engine.killed_for}" if engine.killed_for else f"status {code}")
+        status, forged_leave = believed, believed is not status
         left = status.get("left")
         board = ({status.get("stray"), *(left if isinstance(left, list) else ())} if not self.warm_ups
                  else set()) | {status.get("function"), engine.running.get("function")}
         ran = self._await_held(engine.index, {f for f in board if isinstance(f, str) and f},
                                _HELD_WAIT_S if engine.was_ready else 0.0)
-        stripped = False
+        stripped = forged_leave  # (whom the front ends held decides, as for any word of the board not believed)
         if (not self.warm_ups and isinstance(stray := status.get("stray"), str) and stray
                 and stray not in ran):
             log.error("engine %d's status board said %s left a thread running, but no front end had sent it a job "
