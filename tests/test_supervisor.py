@@ -92,6 +92,9 @@ def test_an_engine_that_left_as_planned_names_none_of_the_requests_it_was_last_s
 @pytest.mark.parametrize("status", [
     {"stray": "closes_its_sockets", "left": "descriptors 0-2 changed, which cannot be put back"},
     {"memory": {"held": 1 << 30, "limit": 1 << 29}},
+    # (read off its connection while several functions ran: the board's word was dropped
+    # as no field it writes, and the leave taken for a crash, "exited with status 75")
+    {"robbed": {"messages": 2, "ran": ["reads_a", "reads_b"]}},
 ])
 def test_an_engine_that_left_names_the_requests_whose_answers_it_could_not_send(supervisor, status):
     """Its connection to a front end closed under it (a function closed its sockets), the
@@ -110,6 +113,9 @@ def test_an_engine_that_left_names_the_requests_whose_answers_it_could_not_send(
     board.close()
     msg = _died_message(sub)
     assert (msg["planned"], msg["tags"], msg["function"]) == (True, ["t1"], status.get("stray", ""))
+    if "robbed" in status:
+        assert msg["reason"] == ("2 message(s) a front end sent to it were read off its connection by another reader "
+                                 "(a function: one of reads_a, reads_b, which ran then)")
 
 
 @pytest.mark.parametrize("code", [-11, -9, 3])

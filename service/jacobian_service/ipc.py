@@ -428,6 +428,8 @@ _DOC_FIELDS: dict[str, Any] = {
     "left": lambda v: isinstance(v, str) or _strings(v), "answered": lambda v: v is True,
     "memory": _leak("held", "limit"), "reserved": _leak("held", "limit"), "device_memory": _leak("held", "limit"),
     "descriptors": _leak("open", "limit"), "threads": _leak("count", "limit"), "processes": _leak("count", "limit"),
+    # (messages read off a connection while several functions ran: ``EngineProcess._robbed``)
+    "robbed": lambda v: isinstance(v, dict) and type(v.get("messages")) is int and _strings(v.get("ran")),
 }
 
 
