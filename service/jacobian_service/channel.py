@@ -849,7 +849,7 @@ class Listener:
         seconds for their sockets to take it: an engine about to exit (what is left
         unwritten is lost with it; ``Peer.out`` says what was)."""
         end = time.monotonic() + timeout
-        while (owed := [peer for peer in self._peers.values() if peer.out and not peer.gone]) \
+        while (owed := [p for p in self._peers.values() if p.out and not p.gone and p.sock.fileno() >= 0]) \
                 and (left := end - time.monotonic()) > 0:
             writable = select.poll()
             for peer in owed:
