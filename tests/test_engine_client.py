@@ -15,7 +15,7 @@ import pytest
 
 from jacobian_service import ipc
 from jacobian_service.engine_client import RemoteEngines
-from jacobian_service.errors import Unavailable
+from jacobian_service.errors import FunctionError, ServiceError, Unavailable
 from jacobian_service.registry import FunctionSpec, Input
 from jacobian_service.settings import Settings
 from jacobian_service.types import Call, JobInfo, Result
@@ -138,3 +138,25 @@ async def test_a_death_whose_word_was_missed_still_fails_what_the_dead_engine_he
     engines._event(_state(2, 101, ready=True))  # no "died" came through
     with pytest.raises(Unavailable, match="the engine restarted while this request waited"):
         await asyncio.wait_for(request, 5)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("function", ["closes_its_sockets", ""])
+async def test_a_request_a_leaving_engine_names_is_answered_not_sent_on(engines, function):
+    """An engine leaving as planned names the requests whose answers it could not send
+    (engine.process ``_unanswered``): started, so never sent on (to close the next
+    engine's sockets too). The function its leave names is that request's 500; a leave
+    naming none (a leak recycled, the reply lost as the engine exited) is a retryable 503."""
+    conn = engines._socks[0]
+    engines._event(_state(1, 100, ready=True))
+    request = asyncio.create_task(engines.run("jacobian", _call(engines)))
+    msg_id = await conn.next_job(1)
+    engines._event({**_died(1, 100, planned=True), "tags": [f"{engines._prefix}{msg_id}"], "function": function})
+    with pytest.raises(ServiceError) as raised:
+        await asyncio.wait_for(request, 5)
+    assert len(conn.sent) == 1  # not sent on
+    if function:
+        assert isinstance(raised.value, FunctionError)
+        assert str(raised.value) == "left as planned while running this request; the engine was restarted"
+    else:
+        assert isinstance(raised.value, Unavailable) and raised.value.headers == {"Retry-After": "1"}

@@ -499,7 +499,11 @@ class RemoteEngines(_Engines):
 
         A request named as running (``tags``, from the engine's status board, which a
         function can write) whose function is not the one blamed (``function``) was not
-        running: retryable, not the crash's 500. ``pid``: the engine process that died."""
+        running: retryable, not the crash's 500. ``pid``: the engine process that died.
+
+        A planned leave names the requests whose answers it could not send (a function
+        closed its connection: that function's 500, as a crash's); one that names no
+        function (a leak recycled) lost its answer through no function's fault: retryable."""
         self._told_held.pop(index, None)  # the supervisor forgets what was held there as it restarts it
         if self._control is not None:  # what was held there as it died (``Supervisor._held_at_death``)
             # (the cancelled jobs that engine process had yet to answer count, as in
@@ -518,7 +522,7 @@ class RemoteEngines(_Engines):
                 fut.set_exception(_Resend())
             elif tag in tags and hang:
                 fut.set_exception(Timeout(f"{reason}; the engine was restarted"))
-            elif tag in tags and alone:
+            elif tag in tags and alone and (function or not planned):
                 fut.set_exception(FunctionError(f"{reason} while running this request; the engine was restarted"))
             else:
                 fut.set_exception(Unavailable("the engine restarted while this request waited; retry",
