@@ -42,12 +42,14 @@ from .scheduler import StreamHead
 from .types import Call, JobInfo, Result, is_sparse_matrix
 
 __all__ = [
+    "EXIT_LEAVING",
     "ISOLATE_ENV",
     "LOG_FD_ENV",
     "NO_WARMUPS_ENV",
     "SKIP_WARMUP_ENV",
     "SPARE_WARM",
     "StatusBoard",
+    "as_left",
     "budget_path",
     "clear_notes",
     "decode_call",
