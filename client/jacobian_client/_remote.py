@@ -567,6 +567,29 @@ class RemoteOps:
         return [np.stack([rs[k] for rs in per_example]).reshape((*p_shape, *per_example[0][k].shape))
                 for k in range(len(per_example[0]))]
 
+    def _second_per_example(self, mode: str, batch: _Batch, vec_argnums: Sequence[int],
+                            other_argnums: Sequence[int], vecs: list[np.ndarray], out_tree: Tree, batch_ndim: int,
+                            p_shape: tuple[int, ...], v_shape: tuple[int, ...],
+                            order: Sequence[int]) -> list[np.ndarray]:
+        """``second`` of each example at unbatched inputs (shared inputs as they are),
+        stacked, for a complex output: the batched Hessian it would be contracted from
+        refuses it (torch.func.hessian's jacrev refuses a complex output), while each
+        example's hvp (with cotangents) answers. ``vecs`` are in (p..., v...) order;
+        the results go back to the caller's (``order``), as ``second`` returns them."""
+        P = math.prod(p_shape)
+        flat_vecs = [v.reshape((P, *v.shape[batch_ndim:])) for v in vecs]
+        tags = ("v",) * len(v_shape)
+        per_example = []
+        for p in range(P):
+            example = [x if batch.is_shared(i) else np.asarray(x)[p] for i, x in enumerate(batch.flat)]
+            per_example.append(self.second(mode, example, vec_argnums, other_argnums, [v[p] for v in flat_vecs],
+                                           out_tree, 0, tags))
+        lead = batch_ndim + len(v_shape)
+        inverse = list(np.argsort(order))
+        results = [np.stack([rs[k] for rs in per_example]).reshape((*p_shape, *per_example[0][k].shape))
+                   for k in range(len(per_example[0]))]
+        return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
+
     def _empty_linear(self, mode: str, inputs: Sequence[Any], argnums: Sequence[int], lead_shape: tuple[int, ...],
                       batch_ndim: int, shared: Sequence[bool]) -> list[np.ndarray]:
         batch = _merge_batch(inputs, batch_ndim, shared)
@@ -765,8 +788,16 @@ class RemoteOps:
         if mode == "input":
             cots, ws = vecs[:n_out], vecs[n_out:]
             out_shapes = [c.shape[lead:] for c in cots]
+            # a complex output (its cotangents complex): the service's Hessian refuses it, as
+            # torch.func.hessian (jacrev) does, and its hvp of a scalar (torch's grad) too; its
+            # hvp with cotangents (jvp of torch.func.vjp's pullback of them) answers it
+            complex_out = any(np.iscomplexobj(c) for c in cots)
+            if complex_out and batch_ndim:
+                return self._second_per_example(mode, batch, vec_argnums, other_argnums, vecs, out_tree, batch_ndim,
+                                                p_shape, v_shape, order)
             results, hvp_error = None, None
-            if batch_ndim == 0 and self._hvp_pays(out_shapes, in_shapes, vec_argnums, other_argnums, V):
+            if batch_ndim == 0 and (complex_out or self._hvp_pays(out_shapes, in_shapes, vec_argnums, other_argnums,
+                                                                   V)):
                 try:
                     results = self._second_by_hvp(flat, vec_argnums, other_argnums, cots, ws, v_shape, in_shapes,
                                                   out_tree)
@@ -805,15 +836,22 @@ class RemoteOps:
                     results.append(np.asarray(total).reshape((*lead_shape, *in_shapes[j])))
         else:
             ws, ds = vecs[: len(vec_argnums)], vecs[len(vec_argnums):]
-            known = self._templates.get(batch.signature()) if batch_ndim == 0 else None
+            known = self._templates.get(batch.signature())
+            # a complex output: the jvp of a jvp is complex (torch.func.jvp's), which the
+            # service's Hessian refuses (jacrev's refusal): from the hvp, example by example
+            complex_out = known is not None and any(np.dtype(d).kind == "c" for _, d in known.outputs)
+            if complex_out and batch_ndim:
+                return self._second_per_example(mode, batch, vec_argnums, other_argnums, vecs, out_tree, batch_ndim,
+                                                p_shape, v_shape, order)
+            known = known if batch_ndim == 0 else None
             results, hvp_error = None, None
             out_shapes = [] if known is None else [shape for shape, _ in known.outputs]
             pairs = V * sum(math.prod(shape) for shape in out_shapes)  # each w with each output's basis vector
-            if known is not None and self._hvp_pays(out_shapes, in_shapes, vec_argnums, other_argnums, pairs,
-                                                    scalar_always=False):
+            if known is not None and (complex_out or self._hvp_pays(out_shapes, in_shapes, vec_argnums,
+                                                                     other_argnums, pairs, scalar_always=False)):
                 try:
                     results = self._second_output_by_hvp(flat, vec_argnums, other_argnums, ws, ds, v_shape, in_shapes,
-                                                         out_tree, out_shapes)
+                                                         out_tree, out_shapes, [np.dtype(d) for _, d in known.outputs])
                 except FunctionError as exc:
                     if not lacks_forward_mode(self.client, exc):
                         raise
@@ -883,7 +921,8 @@ class RemoteOps:
             if w is None:
                 w = np.zeros((*v_shape, *in_shapes[a]), np.asarray(inputs[a]).dtype)
             tangents.append(w.reshape((V, *in_shapes[a])) if many else w)
-        scalar = len(cots) == 1 and cots[0].shape[len(v_shape):] == ()
+        # (a complex scalar's c is not applied here: its c . H w is Re(conj(c) f)'s, the service's)
+        scalar = len(cots) == 1 and cots[0].shape[len(v_shape):] == () and not np.iscomplexobj(cots[0])
         vectors: list[tuple[str, Any]] = [("tangents", tuple(tangents))]
         if not scalar:
             stacked = [c.reshape((V, *c.shape[len(v_shape):])) if many else c for c in cots]
@@ -903,32 +942,49 @@ class RemoteOps:
     def _second_output_by_hvp(
         self, inputs: list[Any], vec_argnums: Sequence[int], other_argnums: Sequence[int], ws: list[np.ndarray],
         ds: list[np.ndarray], v_shape: tuple[int, ...], in_shapes: dict[int, tuple[int, ...]], out_tree: Tree,
-        out_shapes: list[tuple[int, ...]],
+        out_shapes: list[tuple[int, ...]], out_dtypes: Sequence[np.dtype] = (),
     ) -> list[np.ndarray]:
         """``H_k[w, d]`` per output element ``k`` (a jvp's jvp: a second directional
         derivative) from one hvp: each output element's basis cotangent ``e_k`` paired with
         each ``w`` gives ``e_k . H w``, contracted here with ``d``: ``V m`` pairs of ``n``
-        numbers where the Hessian is ``m n^2``."""
+        numbers where the Hessian is ``m n^2``. Of a complex output leaf (``out_dtypes``),
+        ``e_k`` pulls back the real part's derivative (torch's pullback of ``c`` is that of
+        ``Re(conj(c) f)``) and ``i e_k`` the imaginary part's: ``2 V m`` pairs, one request,
+        the leaf's result in its complex dtype (torch.func.jvp's)."""
+        complex_leaves = [np.dtype(d).kind == "c" for d in out_dtypes]
         m = sum(math.prod(s) for s in out_shapes)
         V = math.prod(v_shape)
+        two = any(complex_leaves)
         eye = np.eye(m)
         cots, start = [], 0
-        for shape in out_shapes:  # the basis, split into the output's leaves: (V, m, *leaf shape)
+        for k, shape in enumerate(out_shapes):  # the basis, split into the output's leaves: (V, m, *leaf shape)
             size = math.prod(shape)
-            cots.append(np.broadcast_to(eye[:, start:start + size].reshape(m, *shape), (V, m, *shape)))
+            basis = eye[:, start:start + size].reshape(m, *shape)
+            if two:  # then i e_k (a real leaf's part of it: zero, its cotangents real)
+                is_complex = k < len(complex_leaves) and complex_leaves[k]
+                basis = np.concatenate([basis, 1j * basis if is_complex else np.zeros_like(basis)])
+            cots.append(np.broadcast_to(basis, (V, *basis.shape)))
             start += size
-        spread = [np.broadcast_to(w.reshape(V, 1, *w.shape[len(v_shape):]), (V, m, *w.shape[len(v_shape):]))
+        pairs = 2 * m if two else m
+        spread = [np.broadcast_to(w.reshape(V, 1, *w.shape[len(v_shape):]), (V, pairs, *w.shape[len(v_shape):]))
                   for w in ws]
-        per = self._second_by_hvp(inputs, vec_argnums, other_argnums, cots, spread, (V, m), in_shapes, out_tree)
+        per = self._second_by_hvp(inputs, vec_argnums, other_argnums, cots, spread, (V, pairs), in_shapes,
+                                  out_tree)
         total = 0
         for j, d, g in zip(other_argnums, ds, per):
-            g = g.reshape(V, m, -1)
+            g = g.reshape(V, pairs, -1)
             total = total + np.einsum("vmn,vn->vm", g, d.reshape(V, -1).astype(g.dtype, copy=False))
-        flat_out = np.asarray(total).reshape((*v_shape, m))
+        total = np.asarray(total)
+        if two:  # Re f's and Im f's second derivatives, put together
+            total = total[:, :m] + 1j * total[:, m:]
+        flat_out = total.reshape((*v_shape, m))
         results, start = [], 0
-        for shape in out_shapes:
+        for k, shape in enumerate(out_shapes):
             size = math.prod(shape)
-            results.append(flat_out[..., start:start + size].reshape((*v_shape, *shape)))
+            r = flat_out[..., start:start + size].reshape((*v_shape, *shape))
+            if two:  # a real leaf beside a complex one: real (its imaginary part is no pair's)
+                r = r.astype(out_dtypes[k], copy=False) if complex_leaves[k] else r.real
+            results.append(r)
             start += size
         return results
 
