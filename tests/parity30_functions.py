@@ -61,8 +61,16 @@ def nested_aux(x):
 
 @register(inputs=[Input("x", shape=("n",))])
 def mixed_dtypes(x):
-    """A tuple output of three floating dtypes (float64, float32, float16)."""
-    return x.sin(), (x * 2).to(torch.float32), x.cos().to(torch.float16)
+    """A tuple output of three floating dtypes: the input's, float32 (exp of x in float32:
+    rounded to a half precision, other numbers), float16."""
+    return x.sin(), x.float().exp(), x.cos().to(torch.float16)
+
+
+@register(inputs=[Input("x", shape=("n",))], has_aux=True)
+def precisions(x):
+    """Outputs in float32, the input's dtype and bfloat16 whatever the input's; a float32
+    aux beside one in the input's dtype."""
+    return (x.float().exp(), x * 2, x.float().bfloat16() * 3), {"mean": x.float().mean(), "max": x.max()}
 
 
 @register(inputs=[Input("x", shape=("m", "n")), Input("y", shape=("n",))])

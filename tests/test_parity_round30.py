@@ -16,6 +16,13 @@ torch and JAX adapters, compared with in-process torch.func / JAX.
    every endpoint: as torch answers (a guard: they did already).
 3. TestJac / TestHessian over nested pytrees with argnums tuples and chunk sizes, nested
    aux, a tuple output of three floating dtypes, empty dimensions (a guard: as torch).
+4. Outputs of several floating dtypes of a half-precision input (TestJac's dtype cases
+   in float16 / bfloat16): a float32 output (or aux) of a float16 or bfloat16 input came
+   back from the adapters in the input's half precision (rounded: ``exp`` 5e-4 off in
+   float16), its forward-mode derivatives too, where torch and JAX keep float32, and a
+   bfloat16 output of a float32 input came back float32: the service sends bfloat16 as
+   float32 and the adapters guessed. The evaluate's meta says which leaves were bfloat16
+   now (``bfloat16`` / ``aux_bfloat16``, whenever half precision took part).
 
 One in-process app serves the module (no server start), as rounds 7-29.
 """
@@ -295,3 +302,62 @@ def test_c_empty_dimensions_are_torchs(c, m, n):
     assert r.status_code == 200, r.text
     trees, _ = wire.read_result_npz(r.content)
     same_wire(trees["jacobian"], f.jacrev(F.empty_rows)(*t([xe, ye])))
+
+
+# --------------------------------------------------------------------------- 4. half precision beside float32
+
+HALF_CASES = {
+    "call": lambda g, x: g(x),
+    "jacfwd": lambda g, x: f.jacfwd(lambda y: g(y)[0])(x),
+    "jvp": lambda g, x: f.jvp(lambda y: g(y)[0], (x,), (torch.ones_like(x),)),
+    "vmap": lambda g, x: f.vmap(g)(torch.stack([x, -x])),
+    "vmap, no examples": lambda g, x: f.vmap(g)(x[None][:0]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", list(HALF_CASES))
+def test_d_outputs_of_other_floating_dtypes_than_a_half_inputs_are_torchs(sdk, dtype, case):
+    from jacobian_client.torch import remote
+
+    run = HALF_CASES[case]
+    x = torch.tensor([0.3, -1.7, 2.9], dtype=dtype)
+    same(run(remote(sdk, "precisions"), x), run(F.precisions, x), tol=0)  # the same ops in the same dtypes
+
+
+def test_d_the_evaluates_meta_says_which_leaves_were_bfloat16(c):
+    x16 = {"dtype": "float16", "shape": [3], "data": [0.5, 1.0, 2.0]}
+    r = c.post("/v1/functions/precisions/evaluate", json={"inputs": [x16]})
+    assert r.status_code == 200, r.text
+    assert r.json()["meta"]["bfloat16"] == [False, False, True] and r.json()["meta"]["aux_bfloat16"] == [False, False]
+    r = post(c, "precisions", "evaluate", [X.numpy()])  # float64 in: bfloat16 out all the same
+    assert r.json()["meta"]["bfloat16"] == [False, False, True], r.json()["meta"]
+    r = post(c, "to_complex", "evaluate", [X.numpy()])  # no half precision: nothing said
+    assert "bfloat16" not in r.json()["meta"], r.json()["meta"]
+    buf = io.BytesIO()
+    np.savez(buf, x=np.array([0.5, 1.0, 2.0], np.float16))
+    r = c.post("/v1/functions/precisions/evaluate?batched=false", content=buf.getvalue(),
+               headers={"content-type": "application/x-npz", "accept": "application/x-npz"})
+    assert r.status_code == 200, r.text
+    _, meta = wire.read_result_npz(r.content)
+    assert meta["bfloat16"] == [False, False, True] and meta["aux_bfloat16"] == [False, False], meta
+
+
+def test_d_jax_outputs_of_other_floating_dtypes_than_a_half_inputs_are_jaxs(sdk, jx):
+    jax = jx
+    jnp = jax.numpy
+    from jacobian_client.jax import remote
+
+    def local(x: Any) -> Any:
+        return jnp.sin(x), jnp.exp(x.astype(jnp.float32)), jnp.cos(x).astype(jnp.float16)
+
+    g = remote(sdk, "mixed_dtypes")
+    for dtype in (jnp.float16, jnp.bfloat16):
+        x = jnp.asarray([0.3, -1.7, 2.9], dtype)
+        for label, run in {"call": lambda h: h(x), "jit": lambda h: jax.jit(h)(x),
+                           "jacfwd": lambda h: jax.jacfwd(h)(x), "vmap": lambda h: jax.vmap(h)(jnp.stack([x, -x]))}.items():
+            got, want = run(g), run(local)
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+                assert a.dtype == b.dtype and a.shape == b.shape, (dtype, label, a.dtype, b.dtype)
+                np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-2 if
+                                           a.dtype != np.float32 else 1e-6, err_msg=f"{dtype} {label}")

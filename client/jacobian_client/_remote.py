@@ -230,6 +230,24 @@ class Evaluated:
     # batch, the examples ran one by one, an empty batch); every output batched then
     unbatched: list[bool] | None = None
     aux_unbatched: list[bool] | None = None  # the same per aux leaf (meta.aux_unbatched)
+    # per output (aux) leaf, whether the service computed it in bfloat16 (it comes as float32:
+    # meta.bfloat16, meta.aux_bfloat16); None: not said (no half precision there, or an older
+    # service), see float32_stands_for
+    bfloat16: list[bool] | None = None
+    aux_bfloat16: list[bool] | None = None
+
+
+def float32_stands_for(flags: list[bool] | None, i: int, low: Any, bfloat16: Any) -> Any:
+    """The dtype a float32 leaf ``i`` of an evaluate answer (``flags``: its
+    ``Evaluated.bfloat16`` or ``aux_bfloat16``) is given back as, None for float32 itself.
+    Said by the service: bfloat16 where it computed bfloat16 (``bfloat16``: the adapter's
+    dtype object), else float32, a float32 the function returned (``x.float()`` of a
+    float16 ``x``), which was rounded to the inputs' half precision. Not said (the service
+    computed in float32: a bfloat16 sent as float32 without ml_dtypes, a declared
+    float32): ``low``, the inputs' one half precision, as torch would compute in it."""
+    if flags is None:
+        return low
+    return bfloat16 if flags[i] else None
 
 
 def _flags(value: Any, n: int) -> list[bool] | None:
@@ -245,6 +263,7 @@ class _Template:
     out_tree: Tree
     aux: tuple[Any, ...]  # per aux leaf: (shape, dtype) of an array or number, else ("plain", value)
     aux_tree: Tree | None
+    bfloat16: tuple[list[bool] | None, list[bool] | None] = (None, None)  # Evaluated's (outputs, aux)
 
     @classmethod
     def of(cls, ev: Evaluated, batch_ndim: int) -> _Template:
@@ -256,12 +275,13 @@ class _Template:
             return "plain", a
 
         return cls(tuple((o.shape[batch_ndim:], o.dtype) for o in ev.outputs), ev.out_tree,
-                   tuple(spec(a) for a in ev.aux), ev.aux_tree)
+                   tuple(spec(a) for a in ev.aux), ev.aux_tree, (ev.bfloat16, ev.aux_bfloat16))
 
     def empty(self, batch_shape: tuple[int, ...]) -> Evaluated:
         outputs = [np.zeros((*batch_shape, *shape), dtype) for shape, dtype in self.outputs]
         aux = [spec[1] if spec[0] == "plain" else np.zeros((*batch_shape, *spec[0]), spec[1]) for spec in self.aux]
-        return Evaluated(outputs, self.out_tree, aux, self.aux_tree)
+        return Evaluated(outputs, self.out_tree, aux, self.aux_tree, bfloat16=self.bfloat16[0],
+                         aux_bfloat16=self.bfloat16[1])
 
 
 _MISSING = object()  # an input not given (RemoteOps.bind)
@@ -410,9 +430,11 @@ class RemoteOps:
                 aux = _example_leaves(parts["aux"], aux_tree, batch_shape, self.name)
         else:
             aux_tree = None
-        meta = (parts.get("meta") or {}) if batched else {}
-        ev = Evaluated(outputs, out_tree, aux, aux_tree, _flags(meta.get("unbatched"), len(outputs)),
-                       _flags(meta.get("aux_unbatched"), len(aux)))
+        meta = parts.get("meta") or {}
+        said = meta if batched else {}  # (unbatched: of a batch only)
+        ev = Evaluated(outputs, out_tree, aux, aux_tree, _flags(said.get("unbatched"), len(outputs)),
+                       _flags(said.get("aux_unbatched"), len(aux)), _flags(meta.get("bfloat16"), len(outputs)),
+                       _flags(meta.get("aux_bfloat16"), len(aux)))
         self._remember(signature, _Template.of(ev, batch_ndim))
         return ev
 

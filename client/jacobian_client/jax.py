@@ -87,8 +87,8 @@ from jax.interpreters import ad, batching, mlir
 from ._errors import (APIError, Forbidden, FunctionNotFound, FunctionQuarantined, InvalidInput, Overloaded,
                       Unauthorized, Unavailable)
 from ._params import split_params
-from ._remote import (MAX_SIGNATURES, Evaluated, Remade, RemoteOps, Tree, flatten, is_number, leaves_like,
-                      same_arrays, shape_mismatch, unflatten, with_hint)
+from ._remote import (MAX_SIGNATURES, Evaluated, Remade, RemoteOps, Tree, flatten, float32_stands_for, is_number,
+                      leaves_like, same_arrays, shape_mismatch, unflatten, with_hint)
 
 __all__ = ["remote"]
 
@@ -321,13 +321,19 @@ class _Shapes:
     def from_evaluated(cls, ev: Evaluated, low: Any = None) -> _Shapes:
         """``low``: the inputs' one low precision (see _low_precision), which float32
         results are given back as."""
-        live = ev.outputs + [a for a in ev.aux if _is_live(a)]
+        live = [(a, ev.bfloat16, i) for i, a in enumerate(ev.outputs)] + \
+            [(a, ev.aux_bfloat16, i) for i, a in enumerate(ev.aux) if _is_live(a)]
 
-        def dtype(a: Any) -> Any:
+        # the service's bfloat16 (torch's promotion) is jax's only where the inputs are bfloat16
+        # alone: jax promotes a strong float32 beside a bfloat16 x to float32, torch keeps bfloat16
+        bfloat16 = low if low == jnp.dtype(jnp.bfloat16) else None
+
+        def dtype(a: Any, flags: list[bool] | None, i: int) -> Any:
             got = np.asarray(a).dtype
-            return low if low is not None and got == np.float32 else jax.dtypes.canonicalize_dtype(got)
+            as_dtype = float32_stands_for(flags, i, low, bfloat16) if got == np.float32 else None
+            return as_dtype if as_dtype is not None else jax.dtypes.canonicalize_dtype(got)
 
-        structs = tuple(jax.ShapeDtypeStruct(np.shape(a), dtype(a)) for a in live)
+        structs = tuple(jax.ShapeDtypeStruct(np.shape(a), dtype(a, flags, i)) for a, flags, i in live)
         static = tuple(_LIVE if _is_live(a) else a for a in ev.aux)
         return cls(structs, len(ev.outputs), ev.out_tree, ev.aux_tree, static)
 

@@ -49,7 +49,10 @@ CUDA tensor in gives a CUDA tensor out; a CPU 0-d tensor beside CUDA ones decide
 nothing, as in torch's ops) with the dtype the service computed in (float64 in, float64
 out; bfloat16 / float16 inputs alone get their dtype back, mixed with other floating
 inputs the promoted dtype, as torch gives it: a 0-d tensor beside dimensioned ones takes
-no part). Derivatives take the dtype and device of what they differentiate.
+no part; an output the function returns in another dtype, a float32 of a float16 input
+or a bfloat16 of a float32 one, keeps it: the evaluate's ``meta.bfloat16`` says which
+float32 arrays stand for bfloat16). Derivatives take the dtype and device of what they
+differentiate.
 
 Plain aux values (numbers, strings) come back as they are, computed at every call. Under
 ``torch.func.vmap``, whose function may return tensors only, numbers come back as tensors
@@ -90,7 +93,7 @@ import numpy as np
 import torch
 
 from ._params import split_params
-from ._remote import Remade, RemoteOps, Tree, unflatten
+from ._remote import Remade, RemoteOps, Tree, float32_stands_for, unflatten
 
 __all__ = ["remote"]
 
@@ -397,11 +400,15 @@ def _tensor(arr: Any, device: torch.device, dtype: torch.dtype | None = None) ->
     return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
 
 
-def _result(arr: Any, device: torch.device, low: torch.dtype | None) -> torch.Tensor:
-    """An output or aux array: a float32 one back in the inputs' low precision (above);
-    any other dtype is the one the function computed in."""
+def _result(arr: Any, device: torch.device, low: torch.dtype | None, flags: list[bool] | None = None,
+            i: int = 0) -> torch.Tensor:
+    """An output or aux array (leaf ``i``; ``flags``: the evaluate's ``bfloat16`` or
+    ``aux_bfloat16``): a float32 one in the dtype it stands for (``float32_stands_for``:
+    bfloat16 where the service computed it so, else the inputs' low precision where the
+    service did not say); any other dtype is the one the function computed in."""
     t = _tensor(arr, device)
-    return t.to(low) if low is not None and t.dtype == torch.float32 else t
+    as_dtype = float32_stands_for(flags, i, low, torch.bfloat16) if t.dtype == torch.float32 else None
+    return t.to(as_dtype) if as_dtype is not None else t
 
 
 def _batched_input(x: Any, dim: int | None, size: int) -> Any:
@@ -494,7 +501,7 @@ class _RemoteFunction(torch.autograd.Function):
         _refuse_unsendable(spec.ops.name, inputs)
         ev = spec.ops.evaluate([_host(x) for x in inputs], spec.batch_ndim, shared=spec.shared)
         device, low = _device(inputs), _low_precision(inputs)
-        outputs = [_result(o, device, low) for o in ev.outputs]
+        outputs = [_result(o, device, low, ev.bfloat16, i) for i, o in enumerate(ev.outputs)]
         spec.out_tree, spec.n_out = ev.out_tree, len(outputs)
         spec.out_dtypes = [o.dtype for o in outputs]
         # per output, then per aux array (aux plain values are no outputs of the Function)
@@ -503,7 +510,7 @@ class _RemoteFunction(torch.autograd.Function):
                             if isinstance(a, np.ndarray)])
         spec.aux_tree = ev.aux_tree
         spec.aux_plain = [None if isinstance(a, np.ndarray) else a for a in ev.aux]
-        aux = [_result(a, device, low) for a in ev.aux if isinstance(a, np.ndarray)]
+        aux = [_result(a, device, low, ev.aux_bfloat16, i) for i, a in enumerate(ev.aux) if isinstance(a, np.ndarray)]
         return tuple(outputs + aux)
 
     @staticmethod

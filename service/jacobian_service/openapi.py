@@ -126,6 +126,11 @@ _COMPONENTS: dict[str, Any] = {
             "aux_unbatched": {"type": "array", "items": {"type": "boolean"},
                               "description": "per-example evaluate of a has_aux function: the same per aux leaf (a plain "
                                              "value: false)"},
+            "bfloat16": {"type": "array", "items": {"type": "boolean"},
+                         "description": "evaluate, where half precision took part: per output array, whether it was "
+                                        "bfloat16 (sent as float32: numpy has no bfloat16)"},
+            "aux_bfloat16": {"type": "array", "items": {"type": "boolean"},
+                             "description": "the same per aux leaf of a has_aux function (a plain value: false)"},
             # sparse results only (sparsity other than dense)
             "sparsity": {"type": "string", "description": "what the request asked: auto or a declared name"},
             "pattern": {"type": "string", "description": "the pattern's name"},

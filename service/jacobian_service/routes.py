@@ -281,7 +281,7 @@ def _meta(info: JobInfo, result: Result) -> dict[str, Any]:
     meta = _common_meta(info, result)
     if result.sparse_meta:  # sparse results: sparsity, source, colors, products, nnz
         meta.update(result.sparse_meta)
-    if result.batch_meta:  # per-example evaluate: unbatched, aux_unbatched
+    if result.batch_meta:  # evaluate: unbatched, aux_unbatched (per example), bfloat16, aux_bfloat16
         meta.update(result.batch_meta)
     return meta
 

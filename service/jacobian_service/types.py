@@ -185,7 +185,7 @@ class Result:
     sparse_meta: dict[str, Any] | None = None  # how a sparse result was computed (meta)
     # per-example evaluate: per output leaf (and aux leaf), whether torch's vmap left it unbatched (it
     # depends on no batched input): meta.unbatched (and aux_unbatched); None where the examples ran
-    # one by one
+    # one by one; and any evaluate's bfloat16 / aux_bfloat16 (engine.core.bfloat16_meta)
     batch_meta: dict[str, list[bool]] | None = None
 
     def nbytes(self) -> int:

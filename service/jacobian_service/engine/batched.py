@@ -524,6 +524,8 @@ def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result
             output=take(result.output, i) if c.return_output else None,
             chunk_size=result.chunk_size,
             mode=result.mode,
+            # an evaluate's bfloat16 leaves, the same for every request (equal dtypes)
+            batch_meta={k: v for k, v in (result.batch_meta or {}).items() if k.endswith("bfloat16")} or None,
         )
         for i, c in enumerate(calls)
     ]

@@ -11,7 +11,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -108,6 +108,36 @@ def materialized(leaf: torch.Tensor) -> torch.Tensor:
     if leaf._is_zerotensor():
         return torch.zeros_like(leaf)
     return leaf.resolve_neg() if leaf.is_neg() else leaf
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _wire_leaves(tree: Any) -> list[Any]:
+    """Leaves as the wire (and the SDK's ``flatten``) count them: anything but a tuple,
+    list or dict, None included (torch's pytree counts None as no leaf)."""
+    if isinstance(tree, (tuple, list)):
+        return [leaf for t in tree for leaf in _wire_leaves(t)]
+    if isinstance(tree, dict):
+        return [leaf for t in tree.values() for leaf in _wire_leaves(t)]
+    return [tree]
+
+
+def bfloat16_meta(args: Sequence[Any], out: Any, aux: Any, has_aux: bool) -> dict[str, list[bool]]:
+    """An evaluate's ``meta.bfloat16`` (per output leaf) and ``meta.aux_bfloat16`` (per
+    aux leaf): which leaves were bfloat16 here and go over the wire as float32 (numpy has
+    no bfloat16). Said whenever a half-precision tensor was an input or a result: the
+    adapters gave every float32 leaf of a function called in half precision that
+    precision back (a float32 leaf could not be told from a bfloat16 one), so an output
+    the function returns in float32 (``x.float()``, a float32 buffer's product) came
+    back rounded to float16 / bfloat16 where torch and JAX keep float32. Said nowhere
+    else (the function computed in float32 or float64: nothing to tell)."""
+    outs, auxs = _wire_leaves(out), (_wire_leaves(aux) if has_aux else [])
+    tensors = [t for t in (*pytree.tree_leaves(list(args)), *outs, *auxs) if isinstance(t, torch.Tensor)]
+    if not any(t.dtype in _HALF for t in tensors):
+        return {}
+    bf = lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16  # noqa: E731
+    return {"bfloat16": [bf(t) for t in outs], **({"aux_bfloat16": [bf(t) for t in auxs]} if has_aux else {})}
 
 
 def _to_host(leaf: Any) -> Any:
@@ -589,6 +619,7 @@ class Engine:
         # runs. Its front end holds it or refuses it with the room there is now.
         self.check_result_size(call, sum(t.numel() * self.wire_itemsize(t.dtype) for t in pytree.tree_leaves(out)),
                                "evaluate", room=False)
+        batch_meta = {**(batch_meta or {}), **bfloat16_meta(args, out, aux, call.spec.has_aux)} or None
         return Result(self.host(out), self.host(aux), call.spec.has_aux, batch_meta=batch_meta)
 
     def _vectors(self, tree: Any, like: Any, what: str, batched: bool) -> Any:
