@@ -6,7 +6,6 @@ of TestJac and TestHessian."""
 from __future__ import annotations
 
 import torch
-
 from jacobian_service import Array, Input, register
 
 

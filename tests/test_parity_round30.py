@@ -41,7 +41,8 @@ from jacobian_client import wire
 from . import parity30_functions as F
 from ._remote_support import jx  # noqa: F401  (a fixture: jax with float64 on)
 from .conftest import ready_app, sdk_over
-from .test_parity_round7 import arr, post, same as same_wire, t
+from .test_parity_round7 import arr, post, t
+from .test_parity_round7 import same as same_wire
 
 f = torch.func
 tree_map = torch.utils._pytree.tree_map
@@ -177,8 +178,13 @@ def test_a_jax_second_derivatives_of_a_complex_output_are_jaxs(sdk, jx):
         "jacfwd(jacfwd)": lambda g: jax.jacfwd(jax.jacfwd(g))(x),
         "vmap(jacfwd(jacfwd))": lambda g: jax.vmap(jax.jacfwd(jax.jacfwd(g)))(xs),
     }
+    # (each case costs JAX a trace of its own, 1-2 CPU-s for a Hessian: vmap(hessian) of the
+    # complex scalar, the jvps and jacfwds of the vector)
+    skip = {"to_complex": {"vmap(hessian)"}, "complex_sum": {"jacfwd(jacfwd)", "vmap(jacfwd(jacfwd))"}}
     for name, fn in local.items():
         for label, run in cases.items():
+            if label in skip[name]:
+                continue
             got, want = run(remote(sdk, name)), run(fn)
             assert got.dtype == want.dtype and got.shape == want.shape, (name, label, got.dtype, want.dtype)
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12,
@@ -239,8 +245,8 @@ def test_b_jax_integer_inputs_beside_floating_ones_are_jaxs(sdk, jx):
     g = remote(sdk, "gather_at")
     local = lambda x, i: x[i] ** 2 * x.sum()
     x, idx, xs, idxs = (jnp.asarray(a.numpy()) for a in (X, IDX, XS, IDXS))
-    for label, run in {"jacrev": lambda h: jax.jacrev(h)(x, idx), "hessian": lambda h: jax.hessian(h)(x, idx),
-                       "vmap(hessian)": lambda h: jax.vmap(jax.hessian(h))(xs, idxs),
+    for label, run in {"jacrev": lambda h: jax.jacrev(h)(x, idx),
+                       "vmap(jacrev)": lambda h: jax.vmap(jax.jacrev(h))(xs, idxs),
                        "grad": lambda h: jax.grad(lambda y, i: h(y, i).sum())(x, idx)}.items():
         got, want = run(g), run(local)
         assert got.dtype == want.dtype and got.shape == want.shape, label
@@ -249,7 +255,8 @@ def test_b_jax_integer_inputs_beside_floating_ones_are_jaxs(sdk, jx):
 
 # --------------------------------------------------------------------------- 3. pytrees, dtypes, empty dims
 
-P = {"a": RNG.standard_normal(3), "bc": (RNG.standard_normal(()), [RNG.standard_normal(3), RNG.standard_normal((2, 3))])}
+P = {"a": RNG.standard_normal(3),
+     "bc": (RNG.standard_normal(()), [RNG.standard_normal(3), RNG.standard_normal((2, 3))])}
 PS = {"a": RNG.standard_normal((2, 3)),
       "bc": (RNG.standard_normal(2), [RNG.standard_normal((2, 3)), RNG.standard_normal((2, 2, 3))])}
 
@@ -354,9 +361,10 @@ def test_d_jax_outputs_of_other_floating_dtypes_than_a_half_inputs_are_jaxs(sdk,
     g = remote(sdk, "mixed_dtypes")
     for dtype in (jnp.float16, jnp.bfloat16):
         x = jnp.asarray([0.3, -1.7, 2.9], dtype)
-        for label, run in {"call": lambda h: h(x), "jit": lambda h: jax.jit(h)(x),
-                           "jacfwd": lambda h: jax.jacfwd(h)(x), "vmap": lambda h: jax.vmap(h)(jnp.stack([x, -x]))}.items():
-            got, want = run(g), run(local)
+        cases = {"call": lambda h, x: h(x), "jit": lambda h, x: jax.jit(h)(x),
+                 "jacfwd": lambda h, x: jax.jacfwd(h)(x), "vmap": lambda h, x: jax.vmap(h)(jnp.stack([x, -x]))}
+        for label, run in cases.items():
+            got, want = run(g, x), run(local, x)
             for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
                 assert a.dtype == b.dtype and a.shape == b.shape, (dtype, label, a.dtype, b.dtype)
                 np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-2 if

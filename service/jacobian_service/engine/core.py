@@ -136,7 +136,7 @@ def bfloat16_meta(args: Sequence[Any], out: Any, aux: Any, has_aux: bool) -> dic
     tensors = [t for t in (*pytree.tree_leaves(list(args)), *outs, *auxs) if isinstance(t, torch.Tensor)]
     if not any(t.dtype in _HALF for t in tensors):
         return {}
-    bf = lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16  # noqa: E731
+    bf = lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
     return {"bfloat16": [bf(t) for t in outs], **({"aux_bfloat16": [bf(t) for t in auxs]} if has_aux else {})}
 
 
