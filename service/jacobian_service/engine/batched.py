@@ -221,7 +221,10 @@ def _vjp_misses(engine: "Engine", call: Call, args: list[torch.Tensor], in_dims:
     if len(blocks) != len(outs) * n or any(tuple(blocks[i * n + j].shape) != (batch, *outs[i].shape, *rev[j].shape[1:])
                                            for i in range(len(outs)) for j in range(n)):
         raise changed_between_calls("output")  # (a function whose output follows a call count)
-    eps = torch.finfo(outs[0].dtype).eps if outs and outs[0].is_floating_point() else 0.0
+    # the coarsest output's round-off: every output's VJP adds into each gradient (a float32
+    # or float16 output beside float64 ones, whose products round in their dtype, was the
+    # first's float64 round-off away, and every batched Jacobian of it ran example by example)
+    eps = max((torch.finfo(o.dtype).eps for o in outs if o.is_floating_point() or o.is_complex()), default=0.0)
     if not bool(reverse_misses(v, blocks, rev, eps, batch).any()):
         return False
     measured = _round_off(call, engine.tensors(call), in_dims, v, outs, out_spec, batch) if eps else None
