@@ -56,7 +56,7 @@ from . import wire
 from ._errors import APIError, FunctionError, InvalidInput, JacobianServiceError
 
 __all__ = ["LEAF", "MAX_SIGNATURES", "Evaluated", "Remade", "RemoteOps", "Tree", "check_sync_client", "flatten",
-           "is_number", "lacks_forward_mode", "leaves_like", "no_forward_mode", "per_argnum", "same_arrays", "service_capabilities",
+           "float32_stands_for", "is_number", "lacks_forward_mode", "leaves_like", "no_forward_mode", "per_argnum", "same_arrays", "service_capabilities",
            "shape_mismatch", "unflatten", "with_hint"]
 
 
