@@ -151,7 +151,7 @@ async def test_a_request_a_leaving_engine_names_is_answered_not_sent_on(engines,
     engines._event(_state(1, 100, ready=True))
     request = asyncio.create_task(engines.run("jacobian", _call(engines)))
     msg_id = await conn.next_job(1)
-    engines._event({**_died(1, 100, planned=True), "tags": [f"{engines._prefix}{msg_id}"], "function": function})
+    engines._event({**_died(1, 100, planned=True), "tags": [engines._pending[msg_id].tag], "function": function})
     with pytest.raises(ServiceError) as raised:
         await asyncio.wait_for(request, 5)
     assert len(conn.sent) == 1  # not sent on
@@ -160,3 +160,25 @@ async def test_a_request_a_leaving_engine_names_is_answered_not_sent_on(engines,
         assert str(raised.value) == "left as planned while running this request; the engine was restarted"
     else:
         assert isinstance(raised.value, Unavailable) and raised.value.headers == {"Retry-After": "1"}
+
+
+@pytest.mark.asyncio
+async def test_a_request_sent_on_keeps_its_tag_and_is_the_culprit_of_the_next_death(engines):
+    """A death put down to another function's threads (a library's idle pool) sends the
+    running request on to the next engine. It went with a new tag, so the supervisor
+    could not tell it was the same request when the next engine died running it too (the
+    pool is in every warmed engine): the request was sent on again, a third engine ended,
+    and the pool's owner was struck. The tag is the request's now, the same at each try:
+    the supervisor names it as the culprit of the second death, and it is its 500."""
+    conn = engines._socks[0]
+    engines._event(_state(1, 100, ready=True))
+    request = asyncio.create_task(engines.run("jacobian", _call(engines)))
+    tag = engines._pending[await conn.next_job(1)].tag
+    engines._event({**_died(1, 100, planned=True), "function": "sin"})  # (theirs: tags [], planned)
+    resent = await conn.next_job(2)
+    engines._event(_state(2, 101, ready=True))
+    assert engines._pending[resent].tag == tag
+    engines._event({**_died(2, 101, planned=False), "tags": [tag], "function": "sin"})
+    with pytest.raises(FunctionError, match="killed by SIGSEGV while running this request"):
+        await asyncio.wait_for(request, 5)
+    assert len(conn.sent) == 2

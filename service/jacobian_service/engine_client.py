@@ -742,10 +742,14 @@ class RemoteEngines(_Engines):
                     headers={"Retry-After": str(max(1, round(left)))},
                 )
         until = deadline if deadline is not None else call.deadline  # type: ignore[union-attr]
+        # One tag for every try: the supervisor knows a request it had sent on to the next
+        # engine (a death put down to another function's threads) by its tag, should that
+        # engine die running it too (``Supervisor._resent``).
+        tag = f"{self._prefix}{next(self._ids)}"
         for resend in range(_RESENDS):
             try:
                 result, info, index = await self._run_once(kind, call, engine, stream_id, until, on_slow,
-                                                           resent=resend > 0, function=function)
+                                                           resent=resend > 0, function=function, tag=tag)
                 break
             except _Resend:  # its engine left as planned before starting it: the next one takes it
                 continue
@@ -759,11 +763,11 @@ class RemoteEngines(_Engines):
 
     async def _run_once(self, kind: str, call: Call | None, engine: int | None, stream_id: int | None,
                         until: float, on_slow: Any = None, resent: bool = False,
-                        function: str = "") -> tuple[Any, JobInfo, int]:
-        """One try on one engine: its answer, and which engine gave it."""
+                        function: str = "", tag: str = "") -> tuple[Any, JobInfo, int]:
+        """One try on one engine: its answer, and which engine gave it (``tag``: the
+        request's, the same at each try)."""
         index = engine if engine is not None else await self._engine_for(until, on_slow, resent)
         msg_id = next(self._ids)
-        tag = f"{self._prefix}{msg_id}"
         frames = ipc.encode_call(msg_id, kind, call, tag=tag, stream_id=stream_id, deadline=until)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         function = call.spec.name if call is not None else function
