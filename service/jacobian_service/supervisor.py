@@ -135,6 +135,7 @@ _MAX_HELD = 4096  # functions one front end's ``held`` word names, at most (a re
 _HELD_WAIT_S = 2.0
 _SPARE_LINE_MAX = 4096  # a spare's line kept while it is unfinished (a warm-up's "w NAME")
 _MAX_KILLED_AFTER = 64  # functions a book of _again remembers
+_MAX_RESENT = 256  # requests _resent remembers (the board names them: the functions can write it)
 
 
 def _signal_group(proc: subprocess.Popen | Forked, sig: int) -> None:
@@ -270,6 +271,14 @@ class Supervisor:
         # function, and which (``_died``): the same rule, a second time strikes; a time
         # is forgotten once the function that ran then is struck for a crash of its own.
         self._threads_at_death: dict[str, collections.deque[tuple[float, str]]] = {}
+        # The requests sent on to the next engine after a death put down to other functions'
+        # threads: tag -> (when, the function that ran). Should the next engine die running
+        # one of them too, the crash is that function's own (``_died``).
+        self._resent: dict[str, tuple[float, str]] = {}
+        # Threads' owners struck at such a death (their second): (owner, the function that
+        # ran then, whether that strike had engines skip the owner's warm-up). Taken back
+        # once that function is struck for a crash of its own (``_let_off``).
+        self._struck_beside: list[tuple[str, str, bool]] = []
         self._words: dict[int, _SpareWord] = {}  # what each spare (pid) has said on its stdin (``_hear``)
         self._order: list[str] | None = None  # the functions, in the order engines warm them up (the registry's)
         self.quarantines = 0
@@ -1222,16 +1231,35 @@ class Supervisor:
         # at each call replaced engines for ever. A time is forgotten once the function
         # that ran then crashes alone (struck: it was its own crash), so a library's idle
         # pool, alive beside another function's crashes again and again, is not struck.
+        # Not when the request had been sent on here after such a death already: a
+        # library's idle pool that every warm-up starts is alive in every engine, and the
+        # request that crashed went on ending them (three, then its 503, the pool's owner
+        # struck at the second, and quarantined, its warm-up skipped for good). A request
+        # that ends the engine it was sent on to as well is the culprit, whatever threads
+        # were alive: its 500, its function struck, those threads' owners let be.
+        sent_on = self._sent_on(tags, function)
         others = [f for f in running.get("left", []) if isinstance(f, str) and f and f != function] if function else []
         theirs = bool(others) and not engine.killed_for and not killed_outside and recycled is None \
             and warming is None and function not in running.get("left", [])
+        if theirs and sent_on:
+            theirs = False
+            reason += (f"; this request of {function} had ended the engine before, and was sent on here as that "
+                       f"death was put down to other functions' threads: the crash is {function}'s own")
         blamed = [f for f in others if self._again(self._threads_at_death, f, function)] if theirs else []
         if theirs:
             reason += (f"; threads left running by {', '.join(others)} were alive, and {function} left none: " +
                        (f"{', '.join(blamed)} struck (their threads were alive at such a death before, within "
                         f"{self.settings.quarantine_window_s:g} s), and engines skip their warm-ups" if blamed else
                         "no one is struck the first time") + f"; {function}'s requests run again on the next engine")
+            self._struck_beside += [(owner, function, owner not in self.skip_warmup) for owner in blamed]
+            del self._struck_beside[:-_MAX_KILLED_AFTER]
             self.skip_warmup.update(blamed)
+            now_s = time.monotonic()
+            for tag in tags:  # sent on: should one end the next engine too, it is the culprit
+                self._resent.pop(tag, None)
+                self._resent[tag] = (now_s, function)
+            while len(self._resent) > _MAX_RESENT:
+                del self._resent[next(iter(self._resent))]
         # Its board's word that it was ready (past its warm-ups) is the functions' to write
         # too: a warm-up that said so, removed its note and ended the engine was taken for
         # an idle engine's death, nothing named, again and again (measured). A second such
@@ -1267,6 +1295,9 @@ class Supervisor:
             for times in self._threads_at_death.values():  # its own crash: not theirs, those times
                 for entry in [e for e in times if e[1] == function]:
                     times.remove(entry)
+            if let_off := self._let_off(function):
+                log.warning("engine %d: %s let off the strike their threads brought, alive as engines died running "
+                            "%s, whose crash it was", engine.index, ", ".join(let_off), function)
         elif engine.killed_for == "abandoned" and status.get("function"):
             # Its requests are nobody's failure (their clients left), but the function did
             # not give the engine back within the grace of a cancel, as a hang does not
@@ -1311,6 +1342,37 @@ class Supervisor:
         }))
         self.publish_state()
         self._ended(dead)  # type: ignore[arg-type]  # and those that left its group (after the word: ~20 ms)
+
+    def _let_off(self, ran: str) -> list[str]:
+        """Take back the strikes (and the warm-ups skipped) of threads' owners struck at a
+        death while ``ran`` ran (``_struck_beside``), now that ``ran`` is struck for a
+        crash of its own: two requests of a function that crashes, beside a library's idle
+        pool that every warm-up starts, each ended an engine before the front ends sent it
+        on, and the pool's owner, alive at two such deaths, was struck (quarantined at
+        the third, its warm-up skipped for good) for crashes not its own."""
+        let_off = [e for e in self._struck_beside if e[1] == ran]
+        self._struck_beside = [e for e in self._struck_beside if e[1] != ran]
+        for owner, _, skipped in let_off:
+            self._unstrike(owner)
+            if skipped:
+                still = next((i for i, e in enumerate(self._struck_beside) if e[0] == owner), None)
+                if still is None:
+                    self.skip_warmup.discard(owner)
+                else:  # struck beside another function too: that strike keeps its warm-up skipped
+                    self._struck_beside[still] = (owner, self._struck_beside[still][1], True)
+        return sorted({owner for owner, _, _ in let_off})
+
+    def _sent_on(self, tags: list[str], function: str) -> bool:
+        """Whether one of ``tags`` (the requests engine ran as it died) is a request of
+        ``function`` sent on to it after a death put down to other functions' threads
+        (``_resent``), within the quarantine window (a front end keeps a request's tag
+        at each try)."""
+        now, found = time.monotonic(), False
+        for tag in tags:
+            when, ran = self._resent.pop(tag, (0.0, "")) if isinstance(tag, str) else (0.0, "")
+            found = found or (bool(function) and ran == function
+                              and now - when <= self.settings.quarantine_window_s)
+        return found
 
     def _again(self, book: dict[str, collections.deque[tuple[float, str]]], function: str, ran: str = "") -> bool:
         """Whether ``book`` names ``function`` before, within the quarantine window (this
