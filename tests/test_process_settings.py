@@ -124,197 +124,209 @@ def test_settings_a_function_changes_are_put_back_in_process(make_client, engine
                for line in named), named
 
 
-def test_what_one_function_changes_does_not_reach_others_in_an_engine_process():
+@pytest.fixture(scope="module")
+def engine_server() -> Any:
+    """One server (no spare: an engine's death fails a request) for the two tests whose
+    settings are put back in the engine that served them; the second ends it (it times
+    the engine's SIGTERM), so it comes after the first. They read serve's whole log: the
+    engine names each function and setting once in its life (``ProcessSettings``), and
+    the warm-up runs the functions that change a setting on any input, so those are named
+    as it warms up, not at a test's own call (the same on a server of the test's own)."""
     with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, ENGINE_STANDBY="false") as (url, proc):
-        with httpx.Client(base_url=url, timeout=30) as client:
-            assert _output_dtype(client.post) == "float32"
-            _sin_ok(client.post, "sets_float64_default")
-            assert _output_dtype(client.post) == "float32"
-            # A function that warns on its way, after another made warnings errors.
-            _sin_ok(client.post, "warns_and_works")
-            _sin_ok(client.post, "sets_warnings_to_errors")
-            _sin_ok(client.post, "warns_and_works")
-            # A torch function mode left entered (doubling every sin) answered sin's
-            # Jacobian doubled; a dual level left entered failed every forward-mode
-            # Jacobian with 500 "Nested forward mode AD is not supported".
-            _sin_ok(client.post, "leaves_torch_modes_entered")
-            _sin_ok(client.post, "leaves_a_dual_level_entered")
-            _sin_ok(client.post, "sin")
-            r = client.post("/v1/functions/sin/jacobian", json={**X, "mode": "fwd"})
-            assert r.status_code == 200, r.text
-            np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X["inputs"][0])), rtol=1e-6)
-            # PATH pointed nowhere failed every later function that ran a program; a time
-            # zone set moved every later function's local time (and the engine's log).
-            offset = client.post("/v1/functions/time_zone_offset/evaluate", json=X).json()["output"]["data"][0]
-            _sin_ok(client.post, "finds_a_shell")
-            r = client.post("/v1/functions/changes_path_and_time_zone/jacobian", json=ARMED)
-            assert r.status_code == 200, r.text
-            _sin_ok(client.post, "finds_a_shell")
-            r = client.post("/v1/functions/time_zone_offset/evaluate", json=X)
-            assert r.json()["output"]["data"][0] == offset != -9 * 3600
-            # Autocast left entered ran every later function's matmuls in bfloat16 (an mlp
-            # Jacobian 1e-3 off); flushed denormals made every later tiny value zero; a
-            # small thread stack size reached every later function's threads, and a default
-            # socket timeout every later function's connections.
-            # float32 precision set through torch 2.9+'s per-backend API made torch's
-            # legacy getter raise: the engine's check after the batch ended the engine.
-            # gc.unfreeze() put the heap the engine froze once started back in every full
-            # collection (~0.2 s each, under whichever request it fell in).
-            assert client.post("/v1/functions/heap_frozen/evaluate", json=X).json()["output"]["data"][0] == 1.0
-            # gc.set_debug(gc.DEBUG_SAVEALL) kept every later function's collected cycles
-            # in gc.garbage, for as long as the engine lived.
-            for name in ("leaves_autocast_on", "flushes_denormals", "shrinks_thread_stacks", "sets_a_socket_timeout",
-                         "switches_attention_off", "sets_fp32_precision_per_backend", "unfreezes_the_heap",
-                         "keeps_all_garbage"):
-                r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
-                assert r.status_code == 200, r.text
-            r = client.post("/v1/functions/garbage_kept/evaluate", json=X)
-            assert r.json()["output"]["data"][0] == 0.0, r.text
-            x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
-            r = client.post("/v1/functions/mlp/jacobian", json={"inputs": [x.tolist()]})
-            assert r.status_code == 200, r.text
-            expected = torch.func.jacrev(mlp)(torch.from_numpy(x)).numpy()
-            np.testing.assert_allclose(r.json()["jacobian"]["data"], expected, rtol=1e-5, atol=1e-6)
-            r = client.post("/v1/functions/denormal/evaluate", json=X)
-            assert r.json()["output"]["data"][0] != 0.0, r.text
-            r = client.post("/v1/functions/thread_stack_size/evaluate", json=X)
-            assert r.json()["output"]["data"][0] == 0.0, r.text
-            r = client.post("/v1/functions/socket_timeout/evaluate", json=X)
-            assert r.json()["output"]["data"][0] == -1.0, r.text
-            r = client.post("/v1/functions/attends/jacobian", json=X)  # failed: "No viable backend"
-            assert r.status_code == 200, r.text
-            assert client.post("/v1/functions/heap_frozen/evaluate", json=X).json()["output"]["data"][0] == 1.0
-            # An engine writes no core file (one is as large as its heap: 536 MB into its
-            # working directory), and a function that raises the limit is put back; SIGCHLD
-            # ignored through libc made every later subprocess.run say 0 for a failure.
-            assert client.post("/v1/functions/core_limit/evaluate", json=X).json()["output"]["data"][0] == 0.0
-            for name in ("raises_the_core_limit", "ignores_sigchld_in_c"):
-                r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
-                assert r.status_code == 200, r.text
-            assert client.post("/v1/functions/core_limit/evaluate", json=X).json()["output"]["data"][0] == 0.0
-            assert client.post("/v1/functions/status_of_false/evaluate", json=X).json()["output"]["data"][0] == 1.0
-            # A global nn.Module forward hook doubled every later module's output (an
-            # identity layer's Jacobian 2I, silently); a 30 s timer slack made the idle
-            # engine oversleep its heartbeat, killed as hung, blaming nothing.
-            r = client.post("/v1/functions/hooks_every_module/jacobian", json=ARMED)
-            assert r.status_code == 200, r.text
-            r = client.post("/v1/functions/linear_module/jacobian", json={"inputs": [[0.5, 1.0]]})
-            np.testing.assert_allclose(r.json()["jacobian"]["data"], np.eye(2))
-            # A thread one function left waiting changed a setting in the middle of another
-            # function's batch: put back after it, and the log names both.
-            r = client.post("/v1/functions/leaves_a_waiting_thread/jacobian", json=ARMED)
-            assert r.status_code == 200, r.text
-            r = client.post("/v1/functions/releases_the_waiting_thread/jacobian", json=ARMED)
-            assert r.status_code == 200, r.text
-            assert _output_dtype(client.post) == "float32"
-            # a tensor without values is the function's error, not the service's
-            r = client.post("/v1/functions/returns_meta/evaluate", json=X)
-            assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
-        # (the engine's own lines, relayed: on their own time, after the answers)
-        changed = [("leaves_autocast_on", "autocast (entered, not exited)"),
-                   ("flushes_denormals", "flushing denormals to zero"),
-                   ("shrinks_thread_stacks", "the stack size of new threads"),
-                   ("sets_a_socket_timeout", "the default socket timeout"),
-                   ("switches_attention_off", "scaled-dot-product attention's backends"),
-                   ("sets_fp32_precision_per_backend", "torch's float32 precision"),
-                   ("ignores_sigchld_in_c", "signals ignored outside Python (SigIgn)"),
-                   ("hooks_every_module", "torch.nn's global module hooks"),
-                   ("unfreezes_the_heap", "the garbage collector's frozen objects (gc.unfreeze)"),
-                   ("keeps_all_garbage", "the garbage collector's debug flags (gc.set_debug)"),
-                   ("hooks_every_module", "the timer slack (prctl PR_SET_TIMERSLACK)"),
-                   # (a hard limit of 0 leaves nothing to raise)
-                   *([("raises_the_core_limit", "resource limits")]
-                     if resource.getrlimit(resource.RLIMIT_CORE)[1] != 0 else [])]
-        log = _log_saying(proc, "sets_float64_default changed torch's default dtype",
-                          "releases_the_waiting_thread (or a thread left running by leaves_a_waiting_thread) "
-                          "changed torch's default dtype", "sets_warnings_to_errors changed the warning filters",
-                          "changes_path_and_time_zone changed the time zone (TZ, time.tzset)",
-                          *(f"{function} changed {setting}" for function, setting in changed))
-        assert "died" not in log and "Traceback" not in log, log[-3000:]
-        assert "sets_float64_default changed torch's default dtype" in log
-        assert ("releases_the_waiting_thread (or a thread left running by leaves_a_waiting_thread) changed torch's "
-                "default dtype") in log
-        # (frozen objects freed by reference counting, as some are by any request, are no unfreeze)
-        assert log.count("changed the garbage collector's frozen objects") == 1, log[-3000:]
-        assert "sets_warnings_to_errors changed the warning filters" in log
-        assert "changes_path_and_time_zone changed environment variables (to other values of PATH) and left it so; " \
-               "put back to the values the engine started with" in log
-        assert "changes_path_and_time_zone changed the time zone (TZ, time.tzset)" in log
-        assert "/nonexistent" not in log  # names, never values: a value may be a secret
-        for function, setting in changed:
-            assert f"{function} changed {setting}" in log, (function, setting)
+        yield url, proc
 
 
-def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_engine_process():
+def test_what_one_function_changes_does_not_reach_others_in_an_engine_process(engine_server):
+    url, proc = engine_server
+    with httpx.Client(base_url=url, timeout=30) as client:
+        assert _output_dtype(client.post) == "float32"
+        _sin_ok(client.post, "sets_float64_default")
+        assert _output_dtype(client.post) == "float32"
+        # A function that warns on its way, after another made warnings errors.
+        _sin_ok(client.post, "warns_and_works")
+        _sin_ok(client.post, "sets_warnings_to_errors")
+        _sin_ok(client.post, "warns_and_works")
+        # A torch function mode left entered (doubling every sin) answered sin's
+        # Jacobian doubled; a dual level left entered failed every forward-mode
+        # Jacobian with 500 "Nested forward mode AD is not supported".
+        _sin_ok(client.post, "leaves_torch_modes_entered")
+        _sin_ok(client.post, "leaves_a_dual_level_entered")
+        _sin_ok(client.post, "sin")
+        r = client.post("/v1/functions/sin/jacobian", json={**X, "mode": "fwd"})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X["inputs"][0])), rtol=1e-6)
+        # PATH pointed nowhere failed every later function that ran a program; a time
+        # zone set moved every later function's local time (and the engine's log).
+        offset = client.post("/v1/functions/time_zone_offset/evaluate", json=X).json()["output"]["data"][0]
+        _sin_ok(client.post, "finds_a_shell")
+        r = client.post("/v1/functions/changes_path_and_time_zone/jacobian", json=ARMED)
+        assert r.status_code == 200, r.text
+        _sin_ok(client.post, "finds_a_shell")
+        r = client.post("/v1/functions/time_zone_offset/evaluate", json=X)
+        assert r.json()["output"]["data"][0] == offset != -9 * 3600
+        # Autocast left entered ran every later function's matmuls in bfloat16 (an mlp
+        # Jacobian 1e-3 off); flushed denormals made every later tiny value zero; a
+        # small thread stack size reached every later function's threads, and a default
+        # socket timeout every later function's connections.
+        # float32 precision set through torch 2.9+'s per-backend API made torch's
+        # legacy getter raise: the engine's check after the batch ended the engine.
+        # gc.unfreeze() put the heap the engine froze once started back in every full
+        # collection (~0.2 s each, under whichever request it fell in).
+        assert client.post("/v1/functions/heap_frozen/evaluate", json=X).json()["output"]["data"][0] == 1.0
+        # gc.set_debug(gc.DEBUG_SAVEALL) kept every later function's collected cycles
+        # in gc.garbage, for as long as the engine lived.
+        for name in ("leaves_autocast_on", "flushes_denormals", "shrinks_thread_stacks", "sets_a_socket_timeout",
+                     "switches_attention_off", "sets_fp32_precision_per_backend", "unfreezes_the_heap",
+                     "keeps_all_garbage"):
+            r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
+            assert r.status_code == 200, r.text
+        r = client.post("/v1/functions/garbage_kept/evaluate", json=X)
+        assert r.json()["output"]["data"][0] == 0.0, r.text
+        x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
+        r = client.post("/v1/functions/mlp/jacobian", json={"inputs": [x.tolist()]})
+        assert r.status_code == 200, r.text
+        expected = torch.func.jacrev(mlp)(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], expected, rtol=1e-5, atol=1e-6)
+        r = client.post("/v1/functions/denormal/evaluate", json=X)
+        assert r.json()["output"]["data"][0] != 0.0, r.text
+        r = client.post("/v1/functions/thread_stack_size/evaluate", json=X)
+        assert r.json()["output"]["data"][0] == 0.0, r.text
+        r = client.post("/v1/functions/socket_timeout/evaluate", json=X)
+        assert r.json()["output"]["data"][0] == -1.0, r.text
+        r = client.post("/v1/functions/attends/jacobian", json=X)  # failed: "No viable backend"
+        assert r.status_code == 200, r.text
+        assert client.post("/v1/functions/heap_frozen/evaluate", json=X).json()["output"]["data"][0] == 1.0
+        # An engine writes no core file (one is as large as its heap: 536 MB into its
+        # working directory), and a function that raises the limit is put back; SIGCHLD
+        # ignored through libc made every later subprocess.run say 0 for a failure.
+        assert client.post("/v1/functions/core_limit/evaluate", json=X).json()["output"]["data"][0] == 0.0
+        for name in ("raises_the_core_limit", "ignores_sigchld_in_c"):
+            r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
+            assert r.status_code == 200, r.text
+        assert client.post("/v1/functions/core_limit/evaluate", json=X).json()["output"]["data"][0] == 0.0
+        assert client.post("/v1/functions/status_of_false/evaluate", json=X).json()["output"]["data"][0] == 1.0
+        # A global nn.Module forward hook doubled every later module's output (an
+        # identity layer's Jacobian 2I, silently); a 30 s timer slack made the idle
+        # engine oversleep its heartbeat, killed as hung, blaming nothing.
+        r = client.post("/v1/functions/hooks_every_module/jacobian", json=ARMED)
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/functions/linear_module/jacobian", json={"inputs": [[0.5, 1.0]]})
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], np.eye(2))
+        # A thread one function left waiting changed a setting in the middle of another
+        # function's batch: put back after it, and the log names both.
+        r = client.post("/v1/functions/leaves_a_waiting_thread/jacobian", json=ARMED)
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/functions/releases_the_waiting_thread/jacobian", json=ARMED)
+        assert r.status_code == 200, r.text
+        assert _output_dtype(client.post) == "float32"
+        # a tensor without values is the function's error, not the service's
+        r = client.post("/v1/functions/returns_meta/evaluate", json=X)
+        assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
+    # (the engine's own lines, relayed: on their own time, after the answers)
+    changed = [("leaves_autocast_on", "autocast (entered, not exited)"),
+               ("flushes_denormals", "flushing denormals to zero"),
+               ("shrinks_thread_stacks", "the stack size of new threads"),
+               ("sets_a_socket_timeout", "the default socket timeout"),
+               ("switches_attention_off", "scaled-dot-product attention's backends"),
+               ("sets_fp32_precision_per_backend", "torch's float32 precision"),
+               ("ignores_sigchld_in_c", "signals ignored outside Python (SigIgn)"),
+               ("hooks_every_module", "torch.nn's global module hooks"),
+               ("unfreezes_the_heap", "the garbage collector's frozen objects (gc.unfreeze)"),
+               ("keeps_all_garbage", "the garbage collector's debug flags (gc.set_debug)"),
+               ("hooks_every_module", "the timer slack (prctl PR_SET_TIMERSLACK)"),
+               # (a hard limit of 0 leaves nothing to raise)
+               *([("raises_the_core_limit", "resource limits")]
+                 if resource.getrlimit(resource.RLIMIT_CORE)[1] != 0 else [])]
+    log = _log_saying(proc, "sets_float64_default changed torch's default dtype",
+                      "releases_the_waiting_thread (or a thread left running by leaves_a_waiting_thread) "
+                      "changed torch's default dtype", "sets_warnings_to_errors changed the warning filters",
+                      "changes_path_and_time_zone changed the time zone (TZ, time.tzset)",
+                      *(f"{function} changed {setting}" for function, setting in changed))
+    assert "died" not in log and "Traceback" not in log, log[-3000:]
+    assert "sets_float64_default changed torch's default dtype" in log
+    assert ("releases_the_waiting_thread (or a thread left running by leaves_a_waiting_thread) changed torch's "
+            "default dtype") in log
+    # (frozen objects freed by reference counting, as some are by any request, are no unfreeze)
+    assert log.count("changed the garbage collector's frozen objects") == 1, log[-3000:]
+    assert "sets_warnings_to_errors changed the warning filters" in log
+    assert "changes_path_and_time_zone changed environment variables (to other values of PATH) and left it so; " \
+           "put back to the values the engine started with" in log
+    assert "changes_path_and_time_zone changed the time zone (TZ, time.tzset)" in log
+    assert "/nonexistent" not in log  # names, never values: a value may be a secret
+    for function, setting in changed:
+        assert f"{function} changed {setting}" in log, (function, setting)
+
+
+def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_engine_process(engine_server):
     """A timer armed by one function used to kill the engine with SIGALRM a second later,
     under whatever ran then (a faulthandler watchdog the same, by its own thread); SIGTERM ignored kept it from stopping when told; a profile
     function slowed every later call. All are put back after the batch, and the engine
     lives on (no spare here: a death would fail the requests)."""
-    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, ENGINE_STANDBY="false") as (url, proc):
-        with httpx.Client(base_url=url, timeout=30) as client:
-            for name in ("limits_cpu_time", "sets_a_profile_function", "ignores_sigterm_and_sets_umask",
-                         "arms_an_alarm", "arms_a_faulthandler_watchdog"):
-                _sin_ok(client.post, name)
-            until = time.monotonic() + 2.0  # past the alarm's and the watchdog's second
-            while time.monotonic() < until:
-                assert _output_dtype(client.post) == "float32"
-            # The CPU-time limit is the engine's own again (not only not yet reached).
-            engine = client.get("/v1/info").json()["engine_pids"][0]
-            assert resource.prlimit(engine, resource.RLIMIT_CPU) == resource.getrlimit(resource.RLIMIT_CPU)
-            # The engine's log still reaches the server's output after a function sent its
-            # stdout and stderr to /dev/null: the next setting put back is logged.
-            for name in ("redirects_stdout_and_stderr", "sets_switch_interval", "stops_being_a_subreaper",
-                         "configures_logging", "exits_on_unraisable", "hooks_every_fork"):
-                r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
-                assert r.status_code == 200, r.text
-            # A fork hook (after_in_child: exit 7) ran in every later function's fork.
-            assert client.post("/v1/functions/forks_a_child/evaluate", json=X).json()["output"]["data"][0] == 0.0
-            # An unraisable hook that ends the process ended the engine under the next
-            # function whose __del__ raised, which took the blame.
-            r = client.post("/v1/functions/raises_in_del/jacobian", json=ARMED)
+    url, proc = engine_server
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for name in ("limits_cpu_time", "sets_a_profile_function", "ignores_sigterm_and_sets_umask",
+                     "arms_an_alarm", "arms_a_faulthandler_watchdog"):
+            _sin_ok(client.post, name)
+        until = time.monotonic() + 2.0  # past the alarm's and the watchdog's second
+        while time.monotonic() < until:
+            assert _output_dtype(client.post) == "float32"
+        # The CPU-time limit is the engine's own again (not only not yet reached).
+        engine = client.get("/v1/info").json()["engine_pids"][0]
+        assert resource.prlimit(engine, resource.RLIMIT_CPU) == resource.getrlimit(resource.RLIMIT_CPU)
+        # The engine's log still reaches the server's output after a function sent its
+        # stdout and stderr to /dev/null: the next setting put back is logged.
+        for name in ("redirects_stdout_and_stderr", "sets_switch_interval", "stops_being_a_subreaper",
+                     "configures_logging", "exits_on_unraisable", "hooks_every_fork"):
+            r = client.post(f"/v1/functions/{name}/jacobian", json=ARMED)
             assert r.status_code == 200, r.text
-            # SCHED_IDLE left every later request of every function to run only when the
-            # CPU had nothing else to do; pinned to one CPU, on that one alone.
-            engine = client.get("/v1/info").json()["engine_pids"][0]
-            policy, cpus = os.sched_getscheduler(engine), os.sched_getaffinity(engine)
-            r = client.post("/v1/functions/idles_and_pins_itself/jacobian", json=ARMED)
-            assert r.status_code == 200, r.text
-            _sin_ok(client.post, "sin")  # the next batch starts after the last one's settings were put back
-            assert (os.sched_getscheduler(engine), os.sched_getaffinity(engine)) == (policy, cpus)
-            # An engine started as root that a function switched to nobody ran every later
-            # function as nobody (its files, caches and devices refused).
-            r = client.post("/v1/functions/switches_to_nobody/jacobian", json=ARMED)
-            assert r.status_code == 200, r.text
-            r = client.post("/v1/functions/effective_user/evaluate", json=X)
-            assert r.json()["output"]["data"][0] == os.geteuid(), r.text
-        stopped = time.monotonic()
-        proc.terminate()
-        proc.wait(timeout=30)
-        assert time.monotonic() - stopped < 10  # the engine took its SIGTERM
-        log = proc.read_log()
-        assert "died" not in log, log[-3000:]
-        for function, setting in (
-            ("limits_cpu_time", "resource limits"),
-            ("sets_a_profile_function", "the profile function"),
-            ("ignores_sigterm_and_sets_umask", "signal handlers"),
-            ("ignores_sigterm_and_sets_umask", "the signal mask"),
-            ("ignores_sigterm_and_sets_umask", "the umask"),
-            ("arms_an_alarm", "an interval timer"),
-            ("redirects_stdout_and_stderr", "descriptors 0-2"),
-            ("sets_switch_interval", "the thread switch interval"),
-            ("idles_and_pins_itself", "the scheduling policy"),
-            # (what its functions detach would go to serve, and outlive it killed outright)
-            ("stops_being_a_subreaper", "the child subreaper flag"),
-            ("exits_on_unraisable", "the exception hooks"),
-            ("hooks_every_fork", "the fork hooks (os.register_at_fork)"),
-            # dictConfig disabled every logger made before it: the engine's lines, this
-            # one (the dtype it changed) among them, went nowhere from then on.
-            ("configures_logging", "the service's own loggers"),
-            ("configures_logging", "torch's default dtype"),
-            *([("idles_and_pins_itself", "the CPU affinity")] if len(os.sched_getaffinity(0)) > 1 else []),
-            *([("switches_to_nobody", "the user, groups or capabilities")] if os.geteuid() == 0 else []),
-        ):
-            assert f"{function} changed {setting}" in log, (function, setting)
+        # A fork hook (after_in_child: exit 7) ran in every later function's fork.
+        assert client.post("/v1/functions/forks_a_child/evaluate", json=X).json()["output"]["data"][0] == 0.0
+        # An unraisable hook that ends the process ended the engine under the next
+        # function whose __del__ raised, which took the blame.
+        r = client.post("/v1/functions/raises_in_del/jacobian", json=ARMED)
+        assert r.status_code == 200, r.text
+        # SCHED_IDLE left every later request of every function to run only when the
+        # CPU had nothing else to do; pinned to one CPU, on that one alone.
+        engine = client.get("/v1/info").json()["engine_pids"][0]
+        policy, cpus = os.sched_getscheduler(engine), os.sched_getaffinity(engine)
+        r = client.post("/v1/functions/idles_and_pins_itself/jacobian", json=ARMED)
+        assert r.status_code == 200, r.text
+        _sin_ok(client.post, "sin")  # the next batch starts after the last one's settings were put back
+        assert (os.sched_getscheduler(engine), os.sched_getaffinity(engine)) == (policy, cpus)
+        # An engine started as root that a function switched to nobody ran every later
+        # function as nobody (its files, caches and devices refused).
+        r = client.post("/v1/functions/switches_to_nobody/jacobian", json=ARMED)
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/functions/effective_user/evaluate", json=X)
+        assert r.json()["output"]["data"][0] == os.geteuid(), r.text
+    stopped = time.monotonic()
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert time.monotonic() - stopped < 10  # the engine took its SIGTERM
+    log = proc.read_log()
+    assert "died" not in log, log[-3000:]
+    for function, setting in (
+        ("limits_cpu_time", "resource limits"),
+        ("sets_a_profile_function", "the profile function"),
+        ("ignores_sigterm_and_sets_umask", "signal handlers"),
+        ("ignores_sigterm_and_sets_umask", "the signal mask"),
+        ("ignores_sigterm_and_sets_umask", "the umask"),
+        ("arms_an_alarm", "an interval timer"),
+        ("redirects_stdout_and_stderr", "descriptors 0-2"),
+        ("sets_switch_interval", "the thread switch interval"),
+        ("idles_and_pins_itself", "the scheduling policy"),
+        # (what its functions detach would go to serve, and outlive it killed outright)
+        ("stops_being_a_subreaper", "the child subreaper flag"),
+        ("exits_on_unraisable", "the exception hooks"),
+        ("hooks_every_fork", "the fork hooks (os.register_at_fork)"),
+        # dictConfig disabled every logger made before it: the engine's lines, this
+        # one (the dtype it changed) among them, went nowhere from then on.
+        ("configures_logging", "the service's own loggers"),
+        ("configures_logging", "torch's default dtype"),
+        *([("idles_and_pins_itself", "the CPU affinity")] if len(os.sched_getaffinity(0)) > 1 else []),
+        *([("switches_to_nobody", "the user, groups or capabilities")] if os.geteuid() == 0 else []),
+    ):
+        assert f"{function} changed {setting}" in log, (function, setting)
 
 
 def test_a_functions_module_that_configures_logging_as_it_is_imported_leaves_the_engines_log_on():
