@@ -223,7 +223,21 @@ def test_access_lines_are_formatted_with_their_batch_not_as_each_response_leaves
     assert all(before - 1e-3 <= float(line.split(" ")[0]) <= after + 1e-3 for line, (before, after) in zip(lines, made))
 
 
-def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on():
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def limited():
+    """One server for the two tests below, each of whose limits the other does not feel:
+    a 2048-byte result limit (the aux's), and a 64 MiB request limit on a 96 MiB body
+    budget (the .npz bombs', each refused by its Jacobian's size either way). One front
+    end, whose RSS the bombs' test reads; no spare: nothing here ends an engine."""
+    with live_server(WORKERS=1, ENGINE_STANDBY="false", MAX_RESULT_BYTES=2048, MAX_REQUEST_BYTES=64 * MiB,
+                     BODY_BUDGET_BYTES=96 * MiB, FUNCTIONS=f"jacobian_service.examples,tests.user_functions,{MARKS}") as served:
+        yield served
+
+
+def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on(limited):
     """A list that held itself, or the same list nested in itself 40 times over (2**40
     items), kept the engine in our own walk of aux, growing, until it was killed as a
     hang (504, every other request held up); a sparse or complex tensor in aux was our
@@ -238,9 +252,8 @@ def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on
         8: (500, "function_error", "aux holds a dict key that is not valid UTF-8"),
     }
     path = "/v1/functions/odd_aux/jacobian"
-    with live_server(WORKERS=1, ENGINE_STANDBY="false", MAX_RESULT_BYTES=2048,
-                     FUNCTIONS=f"jacobian_service.examples,tests.user_functions,{MARKS}") as (url, proc), \
-            httpx.Client(base_url=url, timeout=30) as client:
+    url, proc = limited
+    with httpx.Client(base_url=url, timeout=30) as client:
         for kind, (status, code, words) in cases.items():
             for accept in (wire.JSON, wire.NPZ):
                 r = client.post(path, json={"inputs": [[0.5, 1.0], kind]},
@@ -300,7 +313,7 @@ def test_an_aux_that_cannot_travel_is_the_functions_error_and_the_engine_goes_on
         assert "Traceback" not in _log_complete(proc, url)  # (an engine's would be on its way through the relay)
 
 
-def test_concurrent_npz_bombs_expand_one_budget_at_a_time():
+def test_concurrent_npz_bombs_expand_one_budget_at_a_time(limited):
     """Eight concurrent deflated .npz bodies of 58 KB that each expand to 60 MB of
     zeros (under max_request_bytes, so only the Jacobian's size refuses them). Each was
     charged its 58 KB: all eight were inflated at once and sent on to the engine, and
@@ -314,34 +327,33 @@ def test_concurrent_npz_bombs_expand_one_budget_at_a_time():
 
     from ._rss import front_end_pid, peak_growth
 
-    MiB = 1 << 20
     buf = io.BytesIO()
     np.savez_compressed(buf, x=np.zeros(15_000_000, np.float32))
     bomb = buf.getvalue()
     assert len(bomb) < 100_000
     path = "/v1/functions/sin/jacobian"
-    with live_server(WORKERS=1, WARMUP="false", MAX_REQUEST_BYTES=64 * MiB, BODY_BUDGET_BYTES=96 * MiB) as (url, proc):
-        answers: list[httpx.Response] = []
+    url, proc = limited
+    answers: list[httpx.Response] = []
 
-        def one() -> None:
-            answers.append(httpx.post(f"{url}{path}", content=bomb, headers={"content-type": wire.NPZ}, timeout=60))
+    def one() -> None:
+        answers.append(httpx.post(f"{url}{path}", content=bomb, headers={"content-type": wire.NPZ}, timeout=60))
 
-        def all_at_once() -> None:
-            threads = [threading.Thread(target=one) for _ in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+    def all_at_once() -> None:
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
-        grew, _ = peak_growth(front_end_pid(proc.pid), all_at_once)
-        codes = sorted((r.status_code, r.json()["code"]) for r in answers)
-        assert len(codes) == 8 and set(codes) <= {(413, "result_too_large"), (503, "unavailable")}, codes
-        assert (413, "result_too_large") in codes, codes  # the one that fitted was expanded and refused by size
-        assert all(r.headers["retry-after"] == "1" for r in answers if r.status_code == 503)
-        assert grew < 200 * MiB, f"8 concurrent .npz bombs grew the front end by {grew / MiB:.0f} MiB"
-        r = httpx.post(f"{url}{path}", json={"inputs": [[0.5]]}, timeout=10)
-        assert r.status_code == 200, r.text
-        assert "jacobian_service_body_bytes_in_flight 0.0" in httpx.get(f"{url}/metrics", timeout=10).text
+    grew, _ = peak_growth(front_end_pid(proc.pid), all_at_once)
+    codes = sorted((r.status_code, r.json()["code"]) for r in answers)
+    assert len(codes) == 8 and set(codes) <= {(413, "result_too_large"), (503, "unavailable")}, codes
+    assert (413, "result_too_large") in codes, codes  # the one that fitted was expanded and refused by size
+    assert all(r.headers["retry-after"] == "1" for r in answers if r.status_code == 503)
+    assert grew < 200 * MiB, f"8 concurrent .npz bombs grew the front end by {grew / MiB:.0f} MiB"
+    r = httpx.post(f"{url}{path}", json={"inputs": [[0.5]]}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert "jacobian_service_body_bytes_in_flight 0.0" in httpx.get(f"{url}/metrics", timeout=10).text
 
 
 def test_a_results_size_counts_what_json_will_write():
