@@ -785,3 +785,30 @@ def test_a_change_let_be_is_compared_with_from_then_on(monkeypatch):
         assert warnings.filters == let_be
         ps._STATUS.clear()
         assert settings._unchanged()
+
+
+def test_every_function_a_setting_was_put_back_for_is_named_past_the_logs_repeat_limit(kept):
+    """The engine names each function and setting it put back once in its life, and its
+    log's ``RepeatFilter`` says at most 100 distinct lines from one place in 10 s: a
+    warm-up of a module with more changers than that (the same setting, each function
+    its own line) lost the rest to a count ("... N more times: <the first's line>"),
+    and, named already, they were never said again: an operator could not learn which
+    functions changed what. The naming line is bounded by the registry (a line per
+    function and setting), never by a client: it passes the filter."""
+    from jacobian_service.engine.process_settings import ProcessSettings
+    from jacobian_service.logs import RepeatFilter
+
+    handler = _Lines()
+    handler.addFilter(RepeatFilter())  # as the engine's handler has it (logs.configure_logging)
+    logger = logging.getLogger("jacobian_service.engine")
+    logger.addHandler(handler)
+    try:
+        settings = ProcessSettings()
+        for i in range(120):
+            torch.set_default_dtype(torch.float64)
+            settings.restore(f"changer_{i}")
+            assert torch.get_default_dtype() == torch.float32
+    finally:
+        logger.removeHandler(handler)
+    named = {line.split(" ", 1)[0] for line in handler.lines if "changed torch's default dtype" in line}
+    assert named == {f"changer_{i}" for i in range(120)}, sorted(handler.lines)[-3:]

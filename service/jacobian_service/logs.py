@@ -98,7 +98,8 @@ class RepeatFilter(logging.Filter):
     ``distinct`` messages in all (its arguments may be a function's text); the rest are
     counted, and said at the first record of any place after the window ends: "... 1,234
     more times in the last 10 s". The first of each is never lost; the access log has a
-    handler of its own, outside this."""
+    handler of its own, outside this. A record with ``said_once`` passes: its caller
+    bounds it (and would not say it again)."""
 
     def __init__(self, interval_s: float = 10.0, distinct: int = 100, clock: Any = time.monotonic) -> None:
         super().__init__()
@@ -113,7 +114,10 @@ class RepeatFilter(logging.Filter):
         self._pid = _pid[0]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "repeats_summary", False):
+        # A summary, or a line its caller says once for each of a bounded set of names
+        # (``said_once``: an engine's put-back settings, once per function and setting):
+        # one dropped here would be lost for good, the caller saying it no more.
+        if getattr(record, "repeats_summary", False) or getattr(record, "said_once", False):
             return True
         if self._pid != _pid[0]:  # a forked child's: the lock as another thread held it, the parent's counts
             self._lock, self._places, self._pid = threading.Lock(), {}, _pid[0]

@@ -1742,6 +1742,8 @@ class ProcessSettings:
                 self._named.add((function, setting.what))
                 now_shown, taken_shown = (setting.shown[0](now, taken), setting.shown[1]) if setting.shown is not None \
                     else (_shown(now, taken), _shown(taken, now, taken=True))
+                # Past the log's RepeatFilter: a warm-up of a module with over 100 changers
+                # had the rest counted, not named, and never named again (``_named``).
                 log.warning("%s changed %s (to %s) and left it so; put back to %s for the other functions "
                             "(it is put back after each of its calls)", self._who(function), setting.what,
-                            now_shown, taken_shown)
+                            now_shown, taken_shown, extra={"said_once": True})
