@@ -18,6 +18,7 @@ The result is a scipy CSR, CSC or COO array, or the same 2-D matrix dense, as as
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -34,6 +35,8 @@ from .calling import AuxBox, function_error
 __all__ = ["describe", "run_batch", "sparse_derivative", "streamed_rows"]
 
 # Pattern sources as the response's meta names them.
+log = logging.getLogger("jacobian_service.engine")
+
 _SOURCES = {"declared": "declared", "traced": "detected", "probe": "probed", "given": "given", "empty": "empty"}
 
 
@@ -46,13 +49,18 @@ def _boxed(call: Call) -> AuxBox:
 
 
 def _plan(
-    engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: AuxBox, dense_streamed: bool = False
+    engine: Any, call: Call, kind: str, args: list[torch.Tensor], box: AuxBox, dense_streamed: bool = False,
+    output: Any = None,
 ) -> tuple[Any, Any, str, Any]:
     """The forward pass (for the output's size), then the pattern and its colouring.
     Returns ``(pattern, coloring, cached, choice)``: ``choice`` is what to hand the
     compute functions (the request's name, or the empty pattern). ``dense_streamed``:
-    the result limit does not bound the pattern (the memory budget still does)."""
-    out, _ = engine.guard(lambda: box(*_copies(args)))  # the function may write into its inputs
+    the result limit does not bound the pattern (the memory budget still does).
+    ``output``: the function's output at ``args``, computed already (a batch's vmapped
+    forward pass at its first point), so not computed again here."""
+    if output is None:
+        output, _ = engine.guard(lambda: box(*_copies(args)))  # the function may write into its inputs
+    out = output
     m = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
     if kind == "hessian" and m != 1:
         raise InvalidInput(f"a sparse Hessian needs a function with one scalar output; this one has {m} elements")
@@ -162,13 +170,14 @@ def _result_nbytes(call: Call, shape: tuple[int, int], nnz: int, itemsize: int) 
     return nnz * (itemsize + index) + (major + 1) * index
 
 
-def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool = False) -> Result:
+def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool = False, output: Any = None) -> Result:
     """The Jacobian (or Hessian) of ``call`` as a sparse matrix (or dense 2-D, if asked).
     ``dense_streamed``: the dense 2-D form will be streamed from the CSR returned here,
-    row chunk by row chunk, so the result limit does not apply to it."""
+    row chunk by row chunk, so the result limit does not apply to it. ``output``: the
+    function's output at this point, computed already (by its batch's vmapped forward)."""
     args = engine.tensors(call)
     box = _boxed(call)
-    pattern, coloring, cached, choice = _plan(engine, call, kind, args, box, dense_streamed)
+    pattern, coloring, cached, choice = _plan(engine, call, kind, args, box, dense_streamed, output)
     like = args[call.argnums[0]]
     if not dense_streamed:
         nbytes = _result_nbytes(call, _shape(call, pattern), pattern.nnz, engine.wire_itemsize(like.dtype))
@@ -278,10 +287,18 @@ def _meta(call: Call, pattern: Any, coloring: Any, cached: str) -> dict[str, Any
 
 
 def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
-    """Equal sparse requests (function, shapes, options) as one computation: the
-    pattern and colouring once, then every product chunk vmapped over the requests'
-    points as well as over the seeds. Raises when vmap cannot run the function; the
-    scheduler then runs each request alone."""
+    """Equal sparse requests (function, shapes, options) as one computation: one vmapped
+    forward pass (every point's output and aux), the pattern and colouring once, then
+    every product chunk vmapped over the requests' points as well as over the seeds.
+    Raises when vmap cannot run the function; the scheduler then runs each request alone.
+
+    A batch costs no more calls of the function than its requests alone: it made 7 for
+    two requests where one alone made 3 (the forward pass that sized the output was made
+    once more for the batch, then thrown away when the batch went on to each alone)."""
+    if kind != "jacobian":
+        # A Hessian's products are forward over reverse, which torch's vmap over the points
+        # gets wrong for some ops (see below): each point alone, with no batch pass first.
+        return [sparse_derivative(engine, call, kind) for call in calls]
     from ..sparsity.compute import sparse_batch
     from . import batched as _batched
 
@@ -291,18 +308,31 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
     alive = replace(first, **stacked_liveness(calls))
     stacked = [torch.stack(column) for column in zip(*[engine.tensors(c) for c in calls])]
     box = _boxed(first)
-    pattern, coloring, cached, _ = _plan(engine, alive, kind, [a[0] for a in stacked], box)
-    # A value-dependent pattern holds at the first point only: each point detects its
-    # own. Forward products (jvp) under a vmap over points are what torch (2.13) gets
-    # wrong for some ops (linalg.solve, det: see batched.py): each point alone.
-    if pattern.value_dependent or coloring.mode != "rev":
-        return [sparse_derivative(engine, call, kind) for call in calls]
+    # Outputs and aux of every point in one vmapped call, as request batching gets them for
+    # dense Jacobians; the first point's output sizes the pattern (no forward pass of its own).
+    out, aux = _batched.over_examples(engine, first, box, box, _copies(stacked), allow_loop=False)
+    at_first = pytree.tree_map(lambda leaf: leaf[0] if isinstance(leaf, torch.Tensor) else leaf, out)
+    pattern, coloring, cached, _ = _plan(engine, alive, kind, [a[0] for a in stacked], box, output=at_first)
+    def each_alone() -> list[Result]:  # (their outputs known: no forward pass of their own to size them)
+        return [sparse_derivative(engine, call, kind, output=pytree.tree_map(
+            lambda leaf, i=i: leaf[i] if isinstance(leaf, torch.Tensor) else leaf, out)) for i, call in enumerate(calls)]
+
+    # A value-dependent pattern holds at the first point only: each point detects its own.
+    if pattern.value_dependent:
+        return each_alone()
+    if coloring.mode != "rev":
+        # Forward products (jvp) under a vmap over points are what torch (2.13) gets wrong
+        # for some ops (linalg.solve, det: see batched.py), and alone each is checked by a
+        # VJP anyway: the batch takes VJPs over the same pattern (jacrev's own products, so
+        # the same answer), unless that colouring takes far more products than this one.
+        reverse = _reverse_coloring(engine, alive, pattern, [a[0] for a in stacked])
+        if reverse is None or reverse.n_colors > 2 * coloring.n_colors + 2:
+            return each_alone()
+        coloring = reverse
     nbytes = _result_nbytes(first, _shape(first, pattern), pattern.nnz, engine.wire_itemsize(stacked[first.argnums[0]].dtype))
     for call in calls:
         engine.check_result_size(call, nbytes, _remedy(call))
-    # Outputs and aux of every point, as request batching gets them for dense Jacobians.
-    out, aux = _batched.over_examples(engine, first, box, box, _copies(stacked), allow_loop=False)
-    m = 1 if kind == "hessian" else sum(leaf.numel() for leaf in pytree.tree_leaves(out)) // len(calls)
+    m = sum(leaf.numel() for leaf in pytree.tree_leaves(out)) // len(calls)
 
     from ..sparsity.compute import PatternMismatch, ProvenWrong, VmapDisagrees
 
@@ -313,7 +343,7 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
     # wrong at some point (a 422, or densely), or torch's vmap over the points wrong: each
     # alone (the function is not marked unbatchable: its dense batches have their own check)
     except (PatternMismatch, ProvenWrong, VmapDisagrees):
-        return [sparse_derivative(engine, call, kind) for call in calls]
+        return each_alone()
     out, aux = engine.host(out), engine.host(aux)
     meta = _meta(first, pattern, coloring, cached)
     mode = coloring.mode
@@ -322,6 +352,23 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
                _batched.take(out, i) if call.return_output else None, chunk, mode, dict(meta))
         for i, call in enumerate(calls)
     ]
+
+
+def _reverse_coloring(engine: Any, call: Call, pattern: Any, args: list[torch.Tensor]) -> Any:
+    """``pattern``'s colouring for VJPs (cached beside it), or None where it has none
+    (an empty pattern's, a restricted one's rows)."""
+    if pattern.source == "empty" or call.rows is not None:
+        return None
+    from ..sparsity.compute import reverse_coloring
+
+    try:
+        return reverse_coloring(pattern, engine.sparsity_cache, _boxed(call), call.spec.name, args, call.argnums,
+                                call.check_alive)
+    except ServiceError:  # a Timeout (504) among them
+        raise
+    except Exception as exc:  # never a reason to fail the batch: each alone then
+        log.info("no reverse colouring for a batch (%s); each point alone", type(exc).__name__)
+        return None
 
 
 def describe(engine: Any, call: Call, kind: str) -> Result:

@@ -43,6 +43,7 @@ __all__ = [
     "VmapDisagrees",
     "describe_sparsity",
     "resolve",
+    "reverse_coloring",
     "sparse_batch",
     "sparse_hessian",
     "sparse_jacobian",
@@ -1210,6 +1211,15 @@ def _recolored(
     key = _cache_key(fn, name, args, argnums, "jacobian", f"recolored:{p.source}:{p.name}:{_fingerprint(p)}|{mode}")
     _, coloring, _ = _cached(cache, key, lambda: _colored(p, "jacobian", mode, check_alive))
     return coloring
+
+
+def reverse_coloring(
+    p: Pattern, cache: PatternCache | None, fn: Callable[..., Any], name: str | None, args: Sequence[torch.Tensor],
+    argnums: Sequence[int], check_alive: Callable[[], None] | None = None,
+) -> Coloring:
+    """``p``'s colouring for VJPs, cached beside it: what a request batch computes a
+    Jacobian with when its pattern was coloured for JVPs (engine.sparse.run_batch)."""
+    return _recolored(p, "rev", cache, fn, name, args, tuple(argnums), check_alive)
 
 
 def sparse_hessian(

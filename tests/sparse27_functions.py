@@ -1,0 +1,26 @@
+"""Functions for tests/test_sparse_round27.py (plain callables: the tests build their specs).
+
+Each records its calls (plain, under vmap, under a transform or the tracer alike), so a
+test can tell how many times a sparse request alone and a sparse batch ran the user's
+function."""
+
+from __future__ import annotations
+
+import torch
+
+CALLS: list[str] = []
+
+
+def counted27(x: torch.Tensor):
+    """lorenz96's right-hand side (a periodic band), with aux: its input's sum and a label."""
+    CALLS.append(type(x).__name__)
+    y = (torch.roll(x, -1) - torch.roll(x, 2)) * torch.roll(x, 1) - x + 8.0
+    return y, {"total": x.sum(), "label": "lz"}
+
+
+def picky27(x: torch.Tensor) -> torch.Tensor:
+    """Raises for an input whose first element is negative (a data error of one request's)."""
+    CALLS.append(type(x).__name__)
+    if bool(x[0] < 0):
+        raise ValueError("negative first element")
+    return torch.sin(x) * torch.roll(x, 1)
