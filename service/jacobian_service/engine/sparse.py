@@ -177,6 +177,15 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
     function's output at this point, computed already (by its batch's vmapped forward)."""
     args = engine.tensors(call)
     box = _boxed(call)
+    forward = None
+    if output is None:
+        from ..sparsity.draws import TorchDraws
+
+        before = TorchDraws()
+        forward = engine.guard(lambda: box(*_copies(args)))  # the function may write into its inputs
+        output = forward[0]
+        if TorchDraws() != before:  # it draws: the derivative's own first call sees it do so (sparsity.draws)
+            forward = None
     pattern, coloring, cached, choice = _plan(engine, call, kind, args, box, dense_streamed, output)
     like = args[call.argnums[0]]
     if not dense_streamed:
@@ -190,13 +199,13 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
     try:
         if kind == "jacobian":
             res = sparse_jacobian(box, args, call.argnums, choice, _mode(engine, call, kind), engine.memory_budget,
-                                  call.check_alive, rows=call.rows, **common)
+                                  call.check_alive, rows=call.rows, forward=forward, **common)
             if res.forward_failed:
                 engine.profiles[call.spec.name].forward_ad = False
         else:
             profile = engine.profiles[call.spec.name]
             res = sparse_hessian(box, args, call.argnums, choice, engine.memory_budget, call.check_alive,
-                                 forward_ad=profile.hvp_forward, **common)
+                                 forward_ad=profile.hvp_forward, forward=forward, **common)
             if res.forward_failed:  # forward over reverse, for want of forward AD: reverse over reverse next time
                 profile.hvp_forward = False
     except ServiceError:

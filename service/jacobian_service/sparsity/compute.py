@@ -158,12 +158,13 @@ def fresh(args: Sequence[Any]) -> list[Any]:
 
 
 def _at(
-    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], has_aux: bool
+    fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], has_aux: bool, forward: Any = None,
 ) -> tuple[tuple[int, ...], tuple[torch.Tensor, ...], Any, Any]:
     """What both sparse derivatives start from: ``(argnums, primals, output, aux)`` (the
-    forward pass sizes the output before the pattern and the colouring are chosen)."""
+    forward pass sizes the output before the pattern and the colouring are chosen).
+    ``forward``: what ``fn`` returned at ``args``, called already by the caller."""
     argnums = tuple(argnums)
-    full_out = fn(*fresh(args))
+    full_out = fn(*fresh(args)) if forward is None else forward
     out, aux = full_out if has_aux else (full_out, None)
     return argnums, tuple(args[i] for i in argnums), out, aux
 
@@ -825,11 +826,12 @@ def sparse_jacobian(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), pattern: Any = "auto",
     mode: str = "auto", memory_budget: int = 1 << 30, check_alive: Callable[[], None] | None = None, *,
     has_aux: bool = False, declared: Mapping[str, Declared] | None = None, cache: PatternCache | None = None,
-    name: str | None = None, rows: tuple[int, int] | None = None, chunk_size: int | None = None,
+    name: str | None = None, rows: tuple[int, int] | None = None, chunk_size: int | None = None, forward: Any = None,
 ) -> SparseResult:
     """The Jacobian of ``fn`` at ``args`` w.r.t. ``argnums`` as a CSR matrix; with
     ``rows=(start, stop)`` only those rows (of the flattened output), from only the
-    products they need."""
+    products they need. ``forward``: what ``fn`` returned at ``args``, where the caller
+    called it already and it drew no random numbers (not called again to size the output)."""
     t0 = time.perf_counter()
 
     def plan(f: Callable[..., Any], at: Any, drew: bool) -> tuple[Pattern, Coloring, str]:
@@ -837,7 +839,7 @@ def sparse_jacobian(
         return resolve(f, args, argnums, pattern, kind="jacobian", mode=mode, declared=declared, has_aux=has_aux,
                        cache=cache, name=name, out_size=m, rows=rows, check_alive=check_alive, drew=drew, output=at[2])
 
-    fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan)
+    fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan, forward)
     try:
         res = _sparse_jacobian(fn, args, argnums, primals, out, aux, planned, mode, memory_budget, check_alive,
                                has_aux, cache, name, rows, chunk_size, t0)
@@ -856,7 +858,7 @@ _At = tuple[tuple[int, ...], tuple[torch.Tensor, ...], Any, Any]
 
 def _one_draw(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], has_aux: bool,
-    plan: Callable[[Callable[..., Any], _At, bool], tuple[Pattern, Coloring, str]],
+    plan: Callable[[Callable[..., Any], _At, bool], tuple[Pattern, Coloring, str]], forward: Any = None,
 ) -> tuple[Callable[..., Any], _At, tuple[Pattern, Coloring, str], Draws | None]:
     """The forward pass (:func:`_at`) and ``plan(fn, at, drew)`` (the pattern and
     colouring), with the ``fn`` every later call is to use: ``fn`` itself, or, for a
@@ -867,9 +869,13 @@ def _one_draw(
     see), or when detection saw it draw (numpy's or Python's generators too). It then
     runs again from torch's states before the forward pass (the draws ``jacrev`` would
     see there) and numpy's and Python's now, and its pattern is detected at that draw.
-    A function that draws nothing pays for no more than the first look."""
+    A function that draws nothing pays for no more than the first look.
+
+    ``forward``: the caller's own forward pass at ``args``, which drew nothing from
+    torch's generators: taken for the first (a sparse request ran its function once more
+    for nothing, a third of its time for a slow function)."""
     before = TorchDraws()
-    at = _at(fn, args, argnums, has_aux)
+    at = _at(fn, args, argnums, has_aux, forward)
     if TorchDraws() == before:
         planned = plan(fn, at, False)
         if not is_random(planned[0]):
@@ -1226,12 +1232,13 @@ def sparse_hessian(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), pattern: Any = "auto",
     memory_budget: int = 1 << 30, check_alive: Callable[[], None] | None = None, *, has_aux: bool = False,
     declared: Mapping[str, Declared] | None = None, cache: PatternCache | None = None, name: str | None = None,
-    chunk_size: int | None = None, forward_ad: bool = True,
+    chunk_size: int | None = None, forward_ad: bool = True, forward: Any = None,
 ) -> SparseResult:
     """The Hessian of a scalar ``fn`` as CSR, from star-coloured Hessian-vector products
     (forward over reverse: ``jvp`` of ``grad``). ``forward_ad`` False: they failed for
     ``fn`` before for want of forward AD (``SparseResult.forward_failed``), so reverse
-    over reverse runs first, and forward over reverse only where its error is the answer."""
+    over reverse runs first, and forward over reverse only where its error is the answer.
+    ``forward``: as :func:`sparse_jacobian`'s."""
     t0 = time.perf_counter()
 
     def plan(f: Callable[..., Any], at: Any, drew: bool) -> tuple[Pattern, Coloring, str]:
@@ -1240,7 +1247,7 @@ def sparse_hessian(
         return resolve(f, args, argnums, pattern, kind="hessian", declared=declared, has_aux=has_aux,
                        cache=cache, name=name, out_size=1, check_alive=check_alive, drew=drew, output=at[2])
 
-    fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan)
+    fn, (argnums, primals, out, aux), planned, drawn = _one_draw(fn, args, argnums, has_aux, plan, forward)
     try:
         res = _sparse_hessian(fn, args, argnums, primals, out, aux, planned, memory_budget, check_alive, has_aux,
                               chunk_size, t0, name, cache, forward_ad)
