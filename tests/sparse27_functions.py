@@ -24,3 +24,12 @@ def picky27(x: torch.Tensor) -> torch.Tensor:
     if bool(x[0] < 0):
         raise ValueError("negative first element")
     return torch.sin(x) * torch.roll(x, 1)
+
+
+def deep27(x: torch.Tensor) -> torch.Tensor:
+    """A hundred elementwise steps: cheap to call, and its detection handles 100 entries
+    per element (past a small engine's detection work limit)."""
+    CALLS.append(type(x).__name__)
+    for _ in range(100):
+        x = torch.sin(x)
+    return x

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from jacobian_service.engine.core import Engine
-from jacobian_service.errors import FunctionError
+from jacobian_service.errors import FunctionError, ResultTooLarge
 from jacobian_service.registry import FunctionSpec, Input
 from jacobian_service.scheduler import Job, Worker
 from jacobian_service.types import Call
@@ -35,6 +35,7 @@ N = 24
 RNG = np.random.default_rng(27)
 COUNTED = FunctionSpec("counted27", f.counted27, (Input("x", shape=("n",), dtype="float64"),), has_aux=True)
 PICKY = FunctionSpec("picky27", f.picky27, (Input("x", shape=("n",), dtype="float64"),))
+DEEP = FunctionSpec("deep27", f.deep27, (Input("x", shape=("n",)),))
 
 
 def _call(spec: FunctionSpec, x: np.ndarray, mode: str) -> Call:
@@ -105,3 +106,28 @@ def test_one_member_raising_fails_only_that_member() -> None:
         result, error = answers[client]
         assert error is None, error
         _check(result, PICKY, xs[client])
+
+
+def test_a_detection_refused_at_its_limit_is_refused_again_at_once() -> None:
+    """GET lorenz96/sparsity?shapes=1000000 was a 413 (detection too costly) after 1.5-6 s
+    of the engine at every try (in-process app), another client's 2-element Jacobian
+    waiting behind each: the same request (function, shapes, values, limits) is now refused
+    at once, with the same detail, its function not traced again. A small engine (1 MiB
+    budget: 524,288 entries of detection work) stands in for the million elements."""
+    engine = Engine(torch.device("cpu"), 1 << 20)
+    x = RNG.uniform(0.5, 1.5, 10_000).astype(np.float32)
+
+    def describe() -> tuple[str, int, float]:
+        call = Call(DEEP, [x], ["float32"], sparsity="auto", mode="auto", deadline=time.monotonic() + 60)
+        f.CALLS.clear()
+        t = time.perf_counter()
+        with pytest.raises(ResultTooLarge) as refused:
+            engine.sparsity_jacobian(call)
+        assert refused.value.status == 413
+        return str(refused.value), len(f.CALLS), time.perf_counter() - t
+
+    detail, calls, _ = describe()
+    assert "detecting the sparsity pattern costs too much" in detail and calls == 2  # a forward pass, the trace
+    again, calls, took = describe()
+    assert again == detail and calls == 1, (calls, again)  # the forward pass only (before: traced again)
+    assert took < 1.0, took

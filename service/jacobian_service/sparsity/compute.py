@@ -32,7 +32,8 @@ from .dense import dense_hessian, dense_jacobian
 from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, TraceError, checked, is_random, probe, random_note, trace_hessian, trace_jacobian
 from .draws import Draws, TorchDraws, replaying
 from .function_state import function_state
-from .patterns import Declared, Pattern, PatternCache, check_entries, counting_entries, function_fingerprint
+from .patterns import (Declared, Pattern, PatternCache, PatternTooLarge, check_entries, counting_entries,
+                       function_fingerprint, limits_now)
 from .verify import differs_from_reverse
 
 __all__ = [
@@ -284,8 +285,18 @@ def _cached(
             hit["coloring"] = _coloring_from(p, np.asarray(hit["colors"]), hit["mode"])
             return p, hit["coloring"], "disk"
         return p, hit["coloring"], "memory"
-    with counting_entries() as peak:
-        p, coloring = build()
+    refused = None if fresh or values is None else (key, limits_now())
+    if refused is not None and refused in _REFUSED:
+        said = _REFUSED[refused].get(values())
+        if said is not None:  # the same detection at the same point, under the same limits
+            raise said[0](said[1])
+    try:
+        with counting_entries() as peak:
+            p, coloring = build()
+    except PatternTooLarge as exc:
+        if refused is not None:
+            _remember_refusal(refused, values(), exc)
+        raise
     if is_random(p):
         return p, coloring, ""
     if p.value_dependent and not marked:
@@ -295,6 +306,26 @@ def _cached(
         key = PatternCache.key(key, values())
     cache.put(key, {"pattern": p, "colors": coloring.colors, "mode": coloring.mode, "coloring": coloring, "peak": peak[0]})
     return p, coloring, ""
+
+
+# Detections refused at their limits (PatternTooLarge, DetectionTooCostly), by cache key and
+# limits, then by the point's values: the same request is refused again at once, not after
+# the same seconds of tracing. Measured: GET lorenz96/sparsity?shapes=1000000 was a 413
+# after 1.5-6 s of the engine each time, every other client's request waiting behind it.
+# (Per point: a function may branch on its values, and trace more at one point than
+# another.) Bounded: clients choose shapes and values.
+_REFUSED: collections.OrderedDict[Any, dict[str, tuple[type, str]]] = collections.OrderedDict()
+_REFUSED_MAX = 256
+
+
+def _remember_refusal(refused: Any, values: str, exc: PatternTooLarge) -> None:
+    points = _REFUSED.setdefault(refused, {})
+    _REFUSED.move_to_end(refused)
+    if len(points) >= 16:  # (one function and shapes at many points: the oldest go)
+        points.pop(next(iter(points)))
+    points[values] = (type(exc), str(exc))
+    while len(_REFUSED) > _REFUSED_MAX:
+        _REFUSED.popitem(last=False)
 
 
 def _products_eps(args: Sequence[Any], argnums: Sequence[int]) -> float:

@@ -150,6 +150,13 @@ def check_entries(count: int, what: str, graph: bool = False) -> None:
                                      f"function's operations) by {what}")
 
 
+def limits_now() -> tuple[Any, ...]:
+    """Every limit :func:`entry_limit` set (the entries', the graph's, the inputs' and the
+    detection's work): what decides whether one detection is refused."""
+    work = _WORK.get()
+    return (*_LIMITS.get(), None if work is None else work[1])
+
+
 def check_input_entries(count: int) -> None:
     """The differentiated inputs' elements against ``max_input_entries`` (:func:`entry_limit`)."""
     limit = _LIMITS.get()[2]
