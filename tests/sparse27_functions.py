@@ -33,3 +33,9 @@ def deep27(x: torch.Tensor) -> torch.Tensor:
     for _ in range(100):
         x = torch.sin(x)
     return x
+
+
+def picked27(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] squared, idx an input: the pattern follows idx (value dependent)."""
+    CALLS.append(type(x).__name__)
+    return x[idx] ** 2

@@ -35,6 +35,8 @@ N = 24
 RNG = np.random.default_rng(27)
 COUNTED = FunctionSpec("counted27", f.counted27, (Input("x", shape=("n",), dtype="float64"),), has_aux=True)
 PICKY = FunctionSpec("picky27", f.picky27, (Input("x", shape=("n",), dtype="float64"),))
+PICKED = FunctionSpec("picked27", f.picked27, (Input("x", shape=("n",), dtype="float64"),
+                                                Input("idx", shape=("n",), dtype="int64")))
 DEEP = FunctionSpec("deep27", f.deep27, (Input("x", shape=("n",)),))
 
 
@@ -77,6 +79,28 @@ def test_a_sparse_batch_costs_fewer_calls_than_its_requests_alone(mode: str) -> 
             _check(r, COUNTED, x)
             assert r.sparse_meta["source"] == "detected" and r.sparse_meta["cached"] == "memory"
     assert calls == 2, (mode, calls)  # one vmapped forward pass, one vmapped VJP (before: 3, and 9 for fwd)
+
+
+def test_a_batch_whose_pattern_follows_the_values_costs_no_more_than_its_requests_alone() -> None:
+    """x[idx] with idx an input: each point detects its own pattern, so each member runs
+    alone after the batch's vmapped forward pass, from that pass's output and aux. Before:
+    7 calls for two new points where one alone made 3 (each member's forward pass again,
+    after the batch's); now 5: the batch's forward pass, then each point's trace and VJPs."""
+    engine = Engine(torch.device("cpu"), 1 << 30)
+
+    def call(x: np.ndarray, idx: np.ndarray) -> Call:
+        return Call(PICKED, [x, idx], ["float64", "int64"], sparsity="auto", mode="auto",
+                    deadline=time.monotonic() + 60)
+
+    points = [(RNG.standard_normal(N), RNG.permutation(N)) for _ in range(3)]
+    result, alone = _calls_of(lambda: engine.jacobian(call(*points[0])))  # a new point: a forward pass, its trace, the VJPs
+    assert result.sparse_meta["value_dependent"] is True
+    results, calls = _calls_of(lambda: engine.run_batch("jacobian", [call(*p) for p in points[1:]]))
+    assert calls <= alone * 2, (calls, alone)
+    for r, (x, idx) in zip(results, points[1:]):
+        want = torch.func.jacrev(f.picked27)(torch.from_numpy(x), torch.from_numpy(idx)).numpy()
+        np.testing.assert_array_equal(r.value.toarray(), want)
+        assert r.sparse_meta["value_dependent"] is True
 
 
 def test_one_member_raising_fails_only_that_member() -> None:

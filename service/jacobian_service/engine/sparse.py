@@ -170,15 +170,15 @@ def _result_nbytes(call: Call, shape: tuple[int, int], nnz: int, itemsize: int) 
     return nnz * (itemsize + index) + (major + 1) * index
 
 
-def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool = False, output: Any = None) -> Result:
+def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool = False, forward: Any = None) -> Result:
     """The Jacobian (or Hessian) of ``call`` as a sparse matrix (or dense 2-D, if asked).
     ``dense_streamed``: the dense 2-D form will be streamed from the CSR returned here,
-    row chunk by row chunk, so the result limit does not apply to it. ``output``: the
-    function's output at this point, computed already (by its batch's vmapped forward)."""
+    row chunk by row chunk, so the result limit does not apply to it. ``forward``: what
+    the boxed function returned at this point (output, aux tensors), computed already
+    (by its batch's vmapped forward pass, which draws no random numbers)."""
     args = engine.tensors(call)
     box = _boxed(call)
-    forward = None
-    if output is None:
+    if forward is None:
         from ..sparsity.draws import TorchDraws
 
         before = TorchDraws()
@@ -186,6 +186,8 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
         output = forward[0]
         if TorchDraws() != before:  # it draws: the derivative's own first call sees it do so (sparsity.draws)
             forward = None
+    else:
+        output = forward[0]
     pattern, coloring, cached, choice = _plan(engine, call, kind, args, box, dense_streamed, output)
     like = args[call.argnums[0]]
     if not dense_streamed:
@@ -322,9 +324,13 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result]:
     out, aux = _batched.over_examples(engine, first, box, box, _copies(stacked), allow_loop=False)
     at_first = pytree.tree_map(lambda leaf: leaf[0] if isinstance(leaf, torch.Tensor) else leaf, out)
     pattern, coloring, cached, _ = _plan(engine, alive, kind, [a[0] for a in stacked], box, output=at_first)
-    def each_alone() -> list[Result]:  # (their outputs known: no forward pass of their own to size them)
-        return [sparse_derivative(engine, call, kind, output=pytree.tree_map(
-            lambda leaf, i=i: leaf[i] if isinstance(leaf, torch.Tensor) else leaf, out)) for i, call in enumerate(calls)]
+    def each_alone() -> list[Result]:
+        # Each from its own point's output and aux, as the vmapped forward pass gave them: no
+        # forward pass of its own (the batch cost one more call than its requests alone)
+        tensors = [leaf for leaf in pytree.tree_leaves(aux) if isinstance(leaf, torch.Tensor)]
+        return [sparse_derivative(engine, call, kind, forward=(
+            pytree.tree_map(lambda leaf, i=i: leaf[i] if isinstance(leaf, torch.Tensor) else leaf, out),
+            tuple(t[i] for t in tensors))) for i, call in enumerate(calls)]
 
     # A value-dependent pattern holds at the first point only: each point detects its own.
     if pattern.value_dependent:
