@@ -73,7 +73,7 @@ def test_a_sparse_batch_costs_fewer_calls_than_its_requests_alone(mode: str) -> 
     # checks them (before: one forward pass more, made only to size the output)
     assert alone == (2 if mode == "auto" else 3), (mode, alone)
     for batch in (xs[2:5], xs[5:8]):  # the first time vmap over the points is checked at each
-        results, calls = _calls_of(lambda: engine.run_batch("jacobian", [_call(COUNTED, x, mode) for x in batch]))
+        results, calls = _calls_of(lambda batch=batch: engine.run_batch("jacobian", [_call(COUNTED, x, mode) for x in batch]))
         assert calls <= 2 + len(batch) <= alone * len(batch), (mode, calls, alone)  # before: 6 and 13 for 3 points
         for r, x in zip(results, batch):
             _check(r, COUNTED, x)
