@@ -48,6 +48,7 @@ __all__ = [
     "from_callable",
     "from_matrix",
     "function_fingerprint",
+    "limits_now",
     "sorted_unique",
     "work_limit",
 ]
