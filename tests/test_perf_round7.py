@@ -10,6 +10,7 @@ be read exactly as the first time, and a refused one refused each time.
 from __future__ import annotations
 
 import ast
+import asyncio
 import io
 
 import numpy as np
@@ -101,3 +102,76 @@ def test_a_large_header_is_not_kept():
     before = wire._parse_small_npy_header.cache_info().currsize
     assert wire.parse_npy_header(header) == (shape, False, np.dtype(np.float32))
     assert wire._parse_small_npy_header.cache_info().currsize == before
+
+
+# --------------------------------------------------------------------------- the client, named once
+
+
+def _app_and_calls(tmp_path, monkeypatch, **settings):
+    """A front end's app over ``tmp_path`` (as ``bench.fe_callgrind`` builds one: a run
+    directory's registry.json, its engines faked behind the real IPC codec) and the
+    ``Call`` objects its engines are handed."""
+    from bench.fe_callgrind import _registry
+    from jacobian_service import ipc
+    from jacobian_service.app import create_app
+    from jacobian_service.settings import Settings
+    from jacobian_service.types import JobInfo, Result
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    (tmp_path / "metrics").mkdir()
+    _registry(tmp_path)
+    app = create_app(Settings(**settings), run_dir=tmp_path, channel=object())
+    jac = np.ones((64, 128), np.float32)
+    reply = [bytes(f) for f in ipc.encode_reply(1, Result(value=jac, chunk_size=64, mode="rev"),
+                                                JobInfo(device="cpu", batch_size=1, queue_s=1e-4, compute_s=2e-4))]
+    calls = []
+
+    async def run(kind, call, **_):
+        calls.append(call)
+        return ipc.decode_reply(*ipc.parse(reply))
+
+    app.service_state.engines.run = run
+    return app, calls
+
+
+async def _post(app, headers, client=("10.1.2.3", 5555)):
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(128, np.float32))
+    body = buf.getvalue()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "server": ("127.0.0.1", 8000),
+             "client": client, "scheme": "http", "method": "POST", "root_path": "",
+             "path": "/v1/functions/mlp/jacobian", "raw_path": b"/v1/functions/mlp/jacobian", "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/x-npy"),
+                         (b"accept", b"application/x-npy"), (b"content-length", str(len(body)).encode()), *headers]}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"]
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_requests_client_is_named_once_and_reaches_the_engine(tmp_path, monkeypatch, keyed):
+    from jacobian_service import clients, routes
+    from jacobian_service.middleware import _digest
+
+    settings = {"api_keys": "k-one,k-two"} if keyed else {}
+    app, calls = _app_and_calls(tmp_path, monkeypatch, max_streams_per_client=2, **settings)
+    named = []
+    monkeypatch.setattr(routes, "client_of", lambda *a: named.append(a) or clients.client_of(*a))
+    admitted = []
+    admit = app.service_state.streams.admit
+    monkeypatch.setattr(app.service_state.streams, "admit", lambda *a: admitted.append(a[-1]) or admit(*a))
+    headers = [(b"authorization", b"Bearer k-two")] if keyed else []
+    assert asyncio.run(_post(app, headers)) == 200
+    expected = clients.client_of({"client": ("10.1.2.3", 5555), "state": {clients.KEY: _digest(b"k-two")}}
+                                 if keyed else {"client": ("10.1.2.3", 5555)})
+    assert expected.startswith("key:" if keyed else "addr:10.1.2.3")
+    assert [c.client for c in calls] == [expected]  # (the engine's turns go by it)
+    assert admitted == [expected]  # (the stream budget's share)
+    assert len(named) == 1
