@@ -134,16 +134,19 @@ def _app_and_calls(tmp_path, monkeypatch, **settings):
     return app, calls
 
 
-async def _post(app, headers, client=("10.1.2.3", 5555)):
-    buf = io.BytesIO()
-    np.save(buf, np.zeros(128, np.float32))
-    body = buf.getvalue()
+async def _post(app, headers, client=("10.1.2.3", 5555), media=b"application/x-npy", answers=None):
+    if media == b"application/json":
+        body = wire.dumps({"inputs": [wire.encode_tree(np.zeros(128, np.float32))]})
+    else:
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(128, np.float32))
+        body = buf.getvalue()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "server": ("127.0.0.1", 8000),
              "client": client, "scheme": "http", "method": "POST", "root_path": "",
              "path": "/v1/functions/mlp/jacobian", "raw_path": b"/v1/functions/mlp/jacobian", "query_string": b"",
-             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/x-npy"),
-                         (b"accept", b"application/x-npy"), (b"content-length", str(len(body)).encode()), *headers]}
-    sent = []
+             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", media),
+                         (b"accept", media), (b"content-length", str(len(body)).encode()), *headers]}
+    sent = answers if answers is not None else []
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
@@ -175,3 +178,24 @@ def test_a_requests_client_is_named_once_and_reaches_the_engine(tmp_path, monkey
     assert [c.client for c in calls] == [expected]  # (the engine's turns go by it)
     assert admitted == [expected]  # (the stream budget's share)
     assert len(named) == 1
+
+
+def test_a_small_json_answer_says_its_meta_in_headers_once(tmp_path, monkeypatch):
+    """Its meta headers are added raw (as a small .npy answer's), not through Starlette's
+    ``headers=``: each said once, as meta_headers says it, beside the body's meta."""
+    import orjson
+    from jacobian_service.responses import meta_headers
+
+    app, _ = _app_and_calls(tmp_path, monkeypatch)
+    sent = []
+    assert asyncio.run(_post(app, [], media=b"application/json", answers=sent)) == 200
+    headers = sent[0]["headers"]
+    names = [k for k, _ in headers]
+    assert len(names) == len(set(names))
+    doc = orjson.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    said = {k.lower().encode(): v.encode() for k, v in meta_headers(doc["meta"]).items()}
+    assert len(said) >= 6 and b"server-timing" in said
+    assert {k: v for k, v in headers if k in said} == said
+    assert dict(headers)[b"content-type"] == b"application/json"
+    assert int(dict(headers)[b"content-length"]) == len(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert np.asarray(doc["jacobian"]["data"], np.float32).shape == (64, 128)

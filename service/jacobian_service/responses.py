@@ -205,7 +205,6 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
             response.raw_headers.extend(meta_raw_headers(meta))  # (meta_raw_headers says why not headers=)
             return response
         return pieces_response(pieces, wire.NPY, {**attachment(function, key, media), **meta_headers(meta)})
-    said = meta_headers(meta)
     trees: dict[str, Any] = {key: result.value}
     if result.has_aux:
         trees["aux"] = result.aux
@@ -216,16 +215,18 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
         # aux / output and meta.json beside them.
         extra = {k: v for k, v in trees.items() if k != key}
         return Response(wire.write_sparse_npz(result.value, {"function": function, **meta}, extra), media_type=wire.NPZ,
-                        headers={**attachment(function, key, media), **said})
+                        headers={**attachment(function, key, media), **meta_headers(meta)})
     if media == wire.NPZ:
         return Response(wire.write_npz(trees, {"function": function, **meta}), media_type=wire.NPZ,
-                        headers={**attachment(function, key, media), **said})
+                        headers={**attachment(function, key, media), **meta_headers(meta)})
     document = {"function": function, **trees, "meta": meta}
     if (result.nbytes() if nbytes is None else nbytes) < _JOIN_BYTES:  # small: one body, encoded at once
-        return Response(wire.dumps(wire.encode_tree(document)), media_type=wire.JSON, headers=said)
+        response = Response(wire.dumps(wire.encode_tree(document)), media_type=wire.JSON)
+        response.raw_headers.extend(meta_raw_headers(meta))  # (as a small .npy's: meta_raw_headers says why)
+        return response
     # Large: written piece by piece as it is sent (on a worker thread: Starlette iterates a
     # plain iterator there), so encoding holds O(piece), not the whole document.
-    return StreamingResponse(json_pieces(document), media_type=wire.JSON, headers=said)
+    return StreamingResponse(json_pieces(document), media_type=wire.JSON, headers=meta_headers(meta))
 
 
 class ClosingStreamingResponse(StreamingResponse):
