@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -99,6 +100,14 @@ def _drive(run_dir: Path, requests: int, fmt: str = "npy") -> None:
     async def loop(n: int) -> None:
         for _ in range(n):
             await one()
+        # The access log writes its lines a batch at a time (logs.BatchedStreamHandler),
+        # formatting them then, from a timer on the loop of a batch's first line: the warm
+        # loop's last batch, its timer gone with that loop, left every later line waiting
+        # for a batch of 256, so a run counted the lines' formatting (~30,000 instructions
+        # a request) or not, as the warm-up's timing fell. Each loop ends with its lines
+        # written: each measured request's line is formatted in the measured loop.
+        for handler in logging.getLogger("jacobian_service.access").handlers:
+            handler.flush()
 
     gc.collect()
     gc.freeze()
