@@ -199,3 +199,55 @@ def test_a_small_json_answer_says_its_meta_in_headers_once(tmp_path, monkeypatch
     assert dict(headers)[b"content-type"] == b"application/json"
     assert int(dict(headers)[b"content-length"]) == len(b"".join(m.get("body", b"") for m in sent[1:]))
     assert np.asarray(doc["jacobian"]["data"], np.float32).shape == (64, 128)
+
+
+# --------------------------------------------------------------------------- the text log's line
+
+
+def _records():
+    import logging
+    import sys
+
+    yield logging.makeLogRecord({"name": "jacobian_service.access", "levelname": "INFO", "levelno": 20,
+                                 "msg": "%s %s %s", "args": ("POST", "/v1/functions/mlp/jacobian", "200"),
+                                 "created": 1_765_000_000.0425, "msecs": 42.0})
+    yield logging.makeLogRecord({"name": "jacobian_service", "levelname": "WARNING", "levelno": 30,
+                                 "msg": "a path %s\nINFO forged\x1b[2J", "args": ("/x\ty",), "created": 5.9999})
+    yield logging.makeLogRecord({"name": "n", "levelname": "INFO", "levelno": 20, "msg": 12345, "args": ()})
+    try:
+        raise ValueError("boom\nline two")
+    except ValueError:
+        yield logging.makeLogRecord({"name": "n", "levelname": "ERROR", "levelno": 40, "msg": "failed",
+                                     "exc_info": sys.exc_info()})
+    yield logging.makeLogRecord({"name": "n", "levelname": "INFO", "levelno": 20, "msg": "s", "stack_info": "Stack:\n  x"})
+    yield logging.makeLogRecord({"name": "n", "levelname": "INFO", "levelno": 20, "msg": "s", "exc_text": "kept text"})
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_a_text_line_is_the_line_loggings_format_makes(i):
+    import logging
+
+    from jacobian_service.logs import LINE, TextFormatter
+
+    fast = list(_records())[i]
+    slow = logging.makeLogRecord(dict(vars(fast)))
+    formatter = TextFormatter(LINE)
+    line = formatter.format(fast)
+    assert line == logging.Formatter.format(formatter, slow)  # (the long way, its escapes and time stamp)
+    assert {k: v for k, v in vars(fast).items() if k != "exc_info"} == {k: v for k, v in vars(slow).items()
+                                                                     if k != "exc_info"}
+    if i == 1:
+        assert "\n" not in line and "\\x0a" in line and "\\x1b" in line and "\t" in line
+
+
+def test_an_access_line_takes_the_short_way(monkeypatch):
+    import logging
+
+    from jacobian_service.logs import LINE, TextFormatter
+
+    record = next(_records())
+    monkeypatch.setattr(logging.PercentStyle, "format", lambda *a: pytest.fail("the long way"))
+    assert TextFormatter(LINE).format(record).endswith(" INFO jacobian_service.access: POST /v1/functions/mlp/jacobian 200")
+    other = TextFormatter("%(levelname)s %(message)s")  # (another format: the long way, as before)
+    monkeypatch.setattr(logging.PercentStyle, "format", lambda style, r: style._format(r))
+    assert other.format(next(_records())) == "INFO POST /v1/functions/mlp/jacobian 200"

@@ -42,6 +42,9 @@ class _Seconds:
         return kept[1]
 
 
+# The text log's line.
+LINE = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 # Control characters but tab, as escapes: a line of the text log is one record.
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f) if c != 0x09}
 
@@ -56,6 +59,21 @@ class TextFormatter(logging.Formatter):
     def __init__(self, fmt: str) -> None:
         super().__init__(fmt)
         self._seconds = _Seconds(self.default_time_format, time.localtime)
+
+    def format(self, record: logging.LogRecord) -> str:
+        # The service's own line (LINE), time stamp and no traceback, the access log's every
+        # line: made at once, as logging.Formatter.format makes it (record.message and
+        # record.asctime set, the message escaped), without the three %-formattings and
+        # five calls of the long way (~22,000 instructions a line, a request's 3 %).
+        style = self._style
+        if (record.exc_info or record.exc_text or record.stack_info or style._fmt != LINE
+                or style.__class__ is not logging.PercentStyle or style._defaults):
+            return super().format(record)
+        record.message = message = record.getMessage()
+        record.asctime = asctime = self.formatTime(record, self.datefmt)
+        if not message.isprintable():
+            record.message = message = message.translate(_CONTROLS)
+        return f"{asctime} {record.levelname} {record.name}: {message}"
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         message = record.message
@@ -285,7 +303,7 @@ def configure_logging(fmt: str, stream: Any = None, repeats: bool = True) -> Non
     logger made before it by default) silenced the service's loggers for good. ``stream``: where its lines go (stderr
     unless given: an engine's log pipe). ``repeats``: lines other than the access log's
     (and uvicorn's) pass a ``RepeatFilter`` (``serve``'s do not: see ``server.serve``)."""
-    formatter = JsonFormatter() if fmt == "json" else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter(LINE)
     for logger in service_loggers():
         logger.disabled = False
     for name, kind in (("jacobian_service", logging.StreamHandler), ("jacobian_service.access", BatchedStreamHandler)):
