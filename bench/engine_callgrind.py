@@ -69,6 +69,7 @@ def _drive(tmp: Path, batches: int, size: int, kind: str) -> None:
 
         def __init__(self) -> None:
             self.peers = [object(), object()]
+            self.ran_on: list[set[str]] = [set(), set()]  # (the functions run since each peer's count matched)
             # Where results go, as the tree's engine puts them: each large one in a sealed memfd
             # of its own, or (trees before it) a block of a segment. Both give back by ``used``.
             self.segment = channel.Sealed() if hasattr(channel, "Sealed") else channel.Segment(64 << 20)
@@ -102,6 +103,13 @@ def _drive(tmp: Path, batches: int, size: int, kind: str) -> None:
             del buffers
 
         def lost(self) -> None:
+            return None
+
+        def ran(self, function: str) -> None:  # (as channel.Listener.ran: each connection's set)
+            for seen in self.ran_on:
+                seen.add(function)
+
+        def robbed(self) -> None:  # (no function reads this fake's jobs: channel.Listener.robbed's None)
             return None
 
     server.listener = Listener()  # type: ignore[assignment]
