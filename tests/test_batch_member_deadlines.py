@@ -200,3 +200,29 @@ def test_one_members_error_fails_only_that_member() -> None:
         assert error is None, error
         np.testing.assert_allclose(result.value, _want(xs[client]), rtol=1e-12)
     assert len(engine.runs) == 4 and engine.unbatchable == []  # the batch, then each alone (a data error)
+
+
+def test_a_raising_member_past_its_deadline_does_not_mark_the_function_unbatchable() -> None:
+    """review7: the batch fails for one member's input (a cholesky of a matrix not positive
+    definite, found at the end of its run), and that member is past its deadline by then:
+    it is answered 504 and not run alone. The others then all succeed alone, which said
+    "vmap is the problem" and marked the function unbatchable for good (every later
+    batched request looped, request batching off) for one client's data error."""
+    def fail_late(call: Call, i: int) -> None:
+        if i == CHUNKS - 1 and bool((np.asarray(call.args[0]) > 50).any()):  # (a matrix that is not positive definite)
+            raise FunctionError("the function raised ValueError: not positive definite")
+
+    engine = _Engine(on_chunk=fail_late)
+    worker = _worker(engine)
+    answers: dict[str, Any] = {}
+    good = np.array([1.5, 2.0])
+    _job(worker, "hostile", np.array([0.5, 99.0]), 0.1, answers)  # past its deadline when the batch fails
+    _job(worker, "honest", good, 10.0, answers)
+    group = worker.take(lambda s: None)
+    assert len(group) == 2
+    worker.run(group)
+    result, error, _ = answers["honest"]
+    assert error is None, error
+    np.testing.assert_allclose(result.value, _want(good), rtol=1e-12)
+    assert str(answers["hostile"][1]) == "the request ran past its deadline"
+    assert engine.unbatchable == []  # (before: ["chunked"], vmap blamed for a data error)

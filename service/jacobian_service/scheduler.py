@@ -488,7 +488,10 @@ class Worker:
             alone_ok = [self._run_alone(job) for job in left]
             from .engine.batched import deterministic_failure  # only reached with an engine
 
-            if left and all(alone_ok) and deterministic_failure(exc):  # all fine alone: vmap is the problem
+            # All fine alone: vmap is the problem. Only where every member ran alone: one left
+            # out (past its deadline, or gone) may be the one whose input failed the batch (a
+            # data error), and the function was marked unbatchable for good for it.
+            if len(left) == len(live) and all(alone_ok) and deterministic_failure(exc):
                 self.engine.mark_unbatchable(live[0].call.spec.name, exc)  # type: ignore[union-attr]
             return
         elapsed = time.monotonic() - start
