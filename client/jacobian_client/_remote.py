@@ -48,7 +48,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -282,6 +282,19 @@ class _Template:
         aux = [spec[1] if spec[0] == "plain" else np.zeros((*batch_shape, *spec[0]), spec[1]) for spec in self.aux]
         return Evaluated(outputs, self.out_tree, aux, self.aux_tree, bfloat16=self.bfloat16[0],
                          aux_bfloat16=self.bfloat16[1])
+
+
+def _per_example(batch: _Batch, vecs: list[np.ndarray], batch_ndim: int, p_shape: tuple[int, ...],
+                 one: Callable[[list[Any], list[np.ndarray]], list[np.ndarray]]) -> list[np.ndarray]:
+    """``one(example, its vectors)`` of each example of ``batch`` at unbatched inputs (shared
+    inputs as they are), its results stacked over the examples: (p..., what ``one`` gives).
+    ``vecs`` lead with the batch's dims (p...)."""
+    P = math.prod(p_shape)
+    flat_vecs = [v.reshape((P, *v.shape[batch_ndim:])) for v in vecs]
+    per_example = [one([x if batch.is_shared(i) else np.asarray(x)[p] for i, x in enumerate(batch.flat)],
+                       [v[p] for v in flat_vecs]) for p in range(P)]
+    return [np.stack([rs[k] for rs in per_example]).reshape((*p_shape, *per_example[0][k].shape))
+            for k in range(len(per_example[0]))]
 
 
 _MISSING = object()  # an input not given (RemoteOps.bind)
@@ -579,15 +592,8 @@ class RemoteOps:
                             v_shape: tuple[int, ...]) -> list[np.ndarray]:
         """``linear`` of each example at unbatched inputs (shared inputs as they are),
         stacked: results (p..., v..., shape), as ``_linear_by_jacobian`` gives them."""
-        P = math.prod(p_shape)
-        flat_vecs = [v.reshape((P, *v.shape[batch_ndim:])) for v in vecs]
-        tags = ("v",) * len(v_shape)
-        per_example = []
-        for p in range(P):
-            example = [x if batch.is_shared(i) else np.asarray(x)[p] for i, x in enumerate(batch.flat)]
-            per_example.append(self.linear(mode, example, argnums, [v[p] for v in flat_vecs], out_tree, 0, tags))
-        return [np.stack([rs[k] for rs in per_example]).reshape((*p_shape, *per_example[0][k].shape))
-                for k in range(len(per_example[0]))]
+        return _per_example(batch, vecs, batch_ndim, p_shape, lambda example, vs: self.linear(
+            mode, example, argnums, vs, out_tree, 0, ("v",) * len(v_shape)))
 
     def _second_per_example(self, mode: str, batch: _Batch, vec_argnums: Sequence[int],
                             other_argnums: Sequence[int], vecs: list[np.ndarray], out_tree: Tree, batch_ndim: int,
@@ -598,18 +604,10 @@ class RemoteOps:
         refuses it (torch.func.hessian's jacrev refuses a complex output), while each
         example's hvp (with cotangents) answers. ``vecs`` are in (p..., v...) order;
         the results go back to the caller's (``order``), as ``second`` returns them."""
-        P = math.prod(p_shape)
-        flat_vecs = [v.reshape((P, *v.shape[batch_ndim:])) for v in vecs]
-        tags = ("v",) * len(v_shape)
-        per_example = []
-        for p in range(P):
-            example = [x if batch.is_shared(i) else np.asarray(x)[p] for i, x in enumerate(batch.flat)]
-            per_example.append(self.second(mode, example, vec_argnums, other_argnums, [v[p] for v in flat_vecs],
-                                           out_tree, 0, tags))
+        results = _per_example(batch, vecs, batch_ndim, p_shape, lambda example, vs: self.second(
+            mode, example, vec_argnums, other_argnums, vs, out_tree, 0, ("v",) * len(v_shape)))
         lead = batch_ndim + len(v_shape)
         inverse = list(np.argsort(order))
-        results = [np.stack([rs[k] for rs in per_example]).reshape((*p_shape, *per_example[0][k].shape))
-                   for k in range(len(per_example[0]))]
         return [np.transpose(r, inverse + list(range(lead, r.ndim))) for r in results]
 
     def _empty_linear(self, mode: str, inputs: Sequence[Any], argnums: Sequence[int], lead_shape: tuple[int, ...],
