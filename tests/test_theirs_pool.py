@@ -91,3 +91,28 @@ def test_a_pools_strike_beside_a_crash_is_taken_back_when_the_crash_proves_its_o
         death("fe:1")  # the request sent on ends that engine too: the crash is its own
         assert set(sup.quarantined) == {"exits_pooled"}, sup.quarantined
         assert not sup.strikes.get("pools_at_warm_up") and "pools_at_warm_up" not in sup.skip_warmup
+
+
+def test_a_let_off_takes_back_only_the_strike_given_beside_the_crash(tmp_path) -> None:
+    """review7: the pool's owner, struck beside exits_pooled's crash, was since released
+    (its quarantine over), then crashed on its own and was quarantined for it. When
+    exits_pooled later crashed alone (its own crash: the let-off), the owner's latest strike
+    was popped, its own, and it was released ("the strike was not its") from a quarantine
+    that was. Only the strike given beside that crash, where it still stands, is taken back."""
+    with supervisor_of_a_dead_engine(tmp_path, quarantine_after=1) as (sup, engine, proc):
+        def death(tag: str, function: str, left: list[str]) -> None:
+            engine.proc = proc  # (the same exited process, read as each engine in turn)
+            sup._control(sup.channel.sign({"t": "held", "from": 1, "engine": 0,
+                                           "functions": ["exits_pooled", "pools_at_warm_up"]}))
+            sup._died(engine, 7, {"beat": 1.0, "ready": True, "deadline": 5.0, "function": function,
+                                  "tags": [tag], "left": left})
+
+        death("fe:1", "exits_pooled", ["pools_at_warm_up"])
+        death("fe:2", "exits_pooled", ["pools_at_warm_up"])  # the pool's owner struck beside it
+        assert set(sup.quarantined) == {"pools_at_warm_up"}
+        sup.release("pools_at_warm_up")  # its quarantine over: that strike stands no more
+        death("fe:3", "pools_at_warm_up", [])  # its own crash: struck, quarantined
+        assert set(sup.quarantined) == {"pools_at_warm_up"}
+        death("fe:4", "exits_pooled", [])  # exits_pooled's own crash, alone
+        assert set(sup.quarantined) == {"pools_at_warm_up", "exits_pooled"}, sup.quarantined  # (before: the owner released)
+        assert len(sup.strikes["pools_at_warm_up"]) == 1

@@ -278,7 +278,8 @@ class Supervisor:
         # Threads' owners struck at such a death (their second): (owner, the function that
         # ran then, whether that strike had engines skip the owner's warm-up). Taken back
         # once that function is struck for a crash of its own (``_let_off``).
-        self._struck_beside: list[tuple[str, str, bool]] = []
+        # (And the strike's own time: only that strike is taken back, where it still stands.)
+        self._struck_beside: list[tuple[str, str, bool, float]] = []
         self._words: dict[int, _SpareWord] = {}  # what each spare (pid) has said on its stdin (``_hear``)
         self._order: list[str] | None = None  # the functions, in the order engines warm them up (the registry's)
         self.quarantines = 0
@@ -893,14 +894,18 @@ class Supervisor:
                 self._strike(blamed, batch=False)
             self.publish_state()
 
-    def _unstrike(self, function: str, isolated: bool = False) -> None:
-        """Take back ``function``'s last strike, and the quarantine it brought; ``isolated``:
-        and the isolation (a batch's strike: its requests run alone from then on)."""
+    def _unstrike(self, function: str, isolated: bool = False, at: float | None = None) -> None:
+        """Take back ``function``'s last strike (``at``: the one given then), and the
+        quarantine it brought; ``isolated``: and the isolation (a batch's strike: its
+        requests run alone from then on)."""
         if isolated:
             self.isolate.discard(function)
         strikes = self.strikes.get(function)
         if strikes:
-            strikes.pop()
+            if at is None:
+                strikes.pop()
+            else:
+                strikes.remove(at)
         if function in self.quarantined and len(strikes or ()) < self.settings.quarantine_after:
             del self.quarantined[function]
             log.info("function %s released from quarantine (the strike was not its)", function)
@@ -1246,13 +1251,12 @@ class Supervisor:
             reason += (f"; this request of {function} had ended the engine before, and was sent on here as that "
                        f"death was put down to other functions' threads: the crash is {function}'s own")
         blamed = [f for f in others if self._again(self._threads_at_death, f, function)] if theirs else []
+        newly_skipped = {owner for owner in blamed if owner not in self.skip_warmup}  # (by these strikes: _let_off)
         if theirs:
             reason += (f"; threads left running by {', '.join(others)} were alive, and {function} left none: " +
                        (f"{', '.join(blamed)} struck (their threads were alive at such a death before, within "
                         f"{self.settings.quarantine_window_s:g} s), and engines skip their warm-ups" if blamed else
                         "no one is struck the first time") + f"; {function}'s requests run again on the next engine")
-            self._struck_beside += [(owner, function, owner not in self.skip_warmup) for owner in blamed]
-            del self._struck_beside[:-_MAX_KILLED_AFTER]
             self.skip_warmup.update(blamed)
             now_s = time.monotonic()
             for tag in tags:  # sent on: should one end the next engine too, it is the culprit
@@ -1282,7 +1286,9 @@ class Supervisor:
         _signal_group(engine.proc, signal.SIGKILL)  # type: ignore[arg-type]  # its children, if any, go too
         if theirs:
             for suspect in blamed:
-                self._strike(suspect, batch=False)
+                when = self._strike(suspect, batch=False)
+                self._struck_beside.append((suspect, function, suspect in newly_skipped, when))
+            del self._struck_beside[:-_MAX_KILLED_AFTER]
         elif function and recycled is None:
             isolating = len(tags) > 1 and function not in self.isolate  # (taken back with the strike: _judge)
             self._strike(function, batch=len(tags) > 1)
@@ -1352,15 +1358,19 @@ class Supervisor:
         the third, its warm-up skipped for good) for crashes not its own."""
         let_off = [e for e in self._struck_beside if e[1] == ran]
         self._struck_beside = [e for e in self._struck_beside if e[1] != ran]
-        for owner, _, skipped in let_off:
-            self._unstrike(owner)
+        for owner, _, skipped, when in let_off:
+            # That strike alone, where it still stands: one released with its quarantine, or
+            # gone out of the window, is no more, and the last strike was the owner's own
+            # later crash's (it was released from that quarantine, "the strike was not its").
+            if when in self.strikes.get(owner, ()):
+                self._unstrike(owner, at=when)
             if skipped:
                 still = next((i for i, e in enumerate(self._struck_beside) if e[0] == owner), None)
                 if still is None:
                     self.skip_warmup.discard(owner)
                 else:  # struck beside another function too: that strike keeps its warm-up skipped
-                    self._struck_beside[still] = (owner, self._struck_beside[still][1], True)
-        return sorted({owner for owner, _, _ in let_off})
+                    self._struck_beside[still] = (*self._struck_beside[still][:2], True, self._struck_beside[still][3])
+        return sorted({owner for owner, *_ in let_off})
 
     def _sent_on(self, tags: list[str], function: str) -> bool:
         """Whether one of ``tags`` (the requests engine ran as it died) is a request of
@@ -1394,7 +1404,9 @@ class Supervisor:
             del book[next(iter(book))]
         return len(times) > 1
 
-    def _strike(self, function: str, batch: bool) -> None:
+    def _strike(self, function: str, batch: bool) -> float:
+        """Strike ``function`` (quarantined at ``quarantine_after`` within the window); the
+        strike's time (``_let_off`` takes back that one)."""
         if batch:
             self.isolate.add(function)
         now = time.time()
@@ -1407,6 +1419,7 @@ class Supervisor:
             self.quarantines += 1
             log.error("function %s quarantined for %g s after %d engine failures", function,
                       self.settings.quarantine_cooldown_s, len(strikes))
+        return now
 
     def _expire_quarantines(self) -> None:
         now = time.time()
