@@ -187,7 +187,8 @@ class EngineServer:
     def _settle(self, peer: Peer, msg_id: int, tag: Any) -> Any:
         def settle(result: Any, error: BaseException | None, info: Any) -> None:
             self.pending.pop((peer, msg_id), None)
-            self._answers.append((peer, tag))
+            if tag in self._ran_tags:  # not a job refused from the queue (a 429, a 504): never run, owed its own answer
+                self._answers.append((peer, tag))
             if error is None:
                 error = self._patched(result)
             if isinstance(error, OutOfMemory):
