@@ -34,7 +34,7 @@ from .draws import Draws, TorchDraws, replaying
 from .function_state import function_state
 from .patterns import (Declared, Pattern, PatternCache, PatternTooLarge, check_entries, counting_entries,
                        function_fingerprint, limits_now)
-from .verify import differs_from_reverse
+from .verify import differs_from_reverse, leaf_tolerance
 
 __all__ = [
     "OutputSizeChanged",
@@ -563,6 +563,22 @@ class _Products:
     # product alone (a second call's fixed cost was most of the check's: +90 % on lorenz96)
     checks: bool = True
     checked_by: tuple[torch.Tensor, np.ndarray] | None = field(default=None, repr=False)  # (product, seed)
+    # The checks' round-off where an output leaf is coarser than the inputs (verify:
+    # leaf_tolerance, coarsest): a Jacobian's per output row (None: the inputs' for all),
+    # and the dtype whose round-off caps the measured noise (None: the inputs')
+    row_tol: np.ndarray | None = field(default=None, repr=False)
+    noise_dtype: torch.dtype | None = None
+
+    @property
+    def check_dtype(self) -> torch.dtype:
+        """The dtype whose round-off caps the function's measured noise."""
+        return self.noise_dtype or self.like.dtype
+
+    @property
+    def tol_dtype(self) -> torch.dtype:
+        """The dtype of the random check's tolerance: the inputs' beside ``row_tol`` (the
+        gradient's sum), else the coarsest (a Hessian's one output element)."""
+        return self.like.dtype if self.row_tol is not None else self.check_dtype
 
     def compressed(
         self, run: Callable[[list[torch.Tensor]], torch.Tensor], memory_budget: int,
@@ -691,14 +707,34 @@ class _Products:
 
 
 def _products(p: Pattern, coloring: Coloring, primals: Sequence[torch.Tensor], m: int,
-              rows: tuple[int, int] | None = None, checks: bool = True) -> _Products:
+              rows: tuple[int, int] | None = None, checks: bool = True, out: Any = None) -> _Products:
+    """``out``: the function's output (its leaves' dtypes set the checks' round-off: see
+    :func:`_leaves`); a Hessian's is its one element, whose row is no matrix row."""
     # (a custom autograd.Function's backward need not be linear in its cotangent (the db's
     # CubeGenVmap adds 6 slope): a random seed's product is then no mix of the colours',
     # and the check sent every request dense, where jacrev's rows are the products')
     checks = checks and CUSTOM_NOTE not in p.notes
     if coloring.mode == "rev":
-        return _Products(coloring, [torch.Size([m])], p.shape[1], primals[0], rows, checks)
-    return _Products(coloring, [q.shape for q in primals], p.shape[0], primals[0], rows, checks)
+        plan = _Products(coloring, [torch.Size([m])], p.shape[1], primals[0], rows, checks)
+    else:
+        plan = _Products(coloring, [q.shape for q in primals], p.shape[0], primals[0], rows, checks)
+    leaves = _leaves(out)
+    if leaves:
+        from .verify import coarsest, leaf_tolerance
+
+        plan.noise_dtype = coarsest(plan.like.dtype, [d for _, d in leaves])
+        hessian = coloring.mode in ("star", "acyclic")
+        plan.row_tol = None if hessian or sum(n for n, _ in leaves) != m else leaf_tolerance(plan.like.dtype, leaves)
+    return plan
+
+
+def _leaves(out: Any) -> list[tuple[int, torch.dtype]]:
+    """Each output leaf's element count and dtype, in the flat output's order (none for
+    no ``out``). A float16 leaf beside float64 ones (or of a float64 input) rounds its
+    products in float16: the checks hold its rows to that (see :mod:`.verify`)."""
+    if out is None:
+        return []
+    return [(o.numel(), o.dtype) for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
 
 
 # (function, mode, shapes) whose products vmap was seen to run (_single's vmap_error);
@@ -934,19 +970,20 @@ def _sparse_jacobian(
     reverse = _lazily(lambda: _single(_product_at("rev", fn, argnums, has_aux), args, key and ("rev", key)))
     try:
         matrix, p, coloring, chunk = _jacobian_products(fn, args, argnums, has_aux, p, coloring, m, memory_budget,
-                                                        check_alive, rows, chunk_size, reverse, key)
+                                                        check_alive, rows, chunk_size, reverse, key, out)
     except _ForwardFailed as exc:  # an op without forward AD (cdist): jacrev has an answer
         log.info("forward-mode products failed (%s); using reverse mode", exc)
         matrix = None
         forward_failed = lacks_forward_ad(exc)  # not a NaN of this point, nor an error of these inputs
     # (a symmetric Jacobian's JVPs too: the VJP proves the values symmetric at this point)
     if coloring.mode in ("fwd", "bidirectional", "symmetric") and (
-            matrix is None or differs_from_reverse(matrix, m, primals[0], reverse, rows)):
+            matrix is None or differs_from_reverse(matrix, m, primals[0], reverse, rows,
+                                                   leaf_tolerance(primals[0].dtype, _leaves(out)))):
         # The answer never depends on mode (SPEC): where jvp and vjp differ (prelu at 0,
         # ties of fmax) or jvp cannot run, jacrev's, by VJPs over the same pattern.
         coloring = _recolored(p, "rev", cache, fn, name, args, argnums, check_alive)
         matrix, p, coloring, chunk = _jacobian_products(fn, args, argnums, has_aux, p, coloring, m, memory_budget,
-                                                        check_alive, rows, chunk_size, reverse, key)
+                                                        check_alive, rows, chunk_size, reverse, key, out)
     matrix = _rows_of(matrix, rows)
     t2 = time.perf_counter()
     return SparseResult(matrix, p, coloring, coloring.n_colors, coloring.mode, p.source, out, aux, chunk,
@@ -1175,10 +1212,11 @@ def _jacobian_products(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], has_aux: bool, p: Pattern,
     coloring: Coloring, m: int, memory_budget: int, check_alive: Callable[[], None] | None,
     rows: tuple[int, int] | None, chunk_size: int | None, reverse: Callable[[list[torch.Tensor]], torch.Tensor],
-    key: Any = None,
+    key: Any = None, out: Any = None,
 ) -> tuple[Any, Pattern, Coloring, int]:
     """The Jacobian over ``p`` from ``coloring``'s products (``reverse`` runs VJPs), or
-    densely when they prove ``p`` wrong. Returns ``(matrix, pattern, coloring, chunk)``;
+    densely when they prove ``p`` wrong (``out``: the function's output, whose leaves'
+    dtypes set the check's round-off). Returns ``(matrix, pattern, coloring, chunk)``;
     raises :class:`_ForwardFailed` when a JVP fails."""
     primals = [args[i] for i in argnums]
     jvps = _lazily(lambda: _single(_product_at("fwd", fn, argnums, has_aux), args, key and ("fwd", key)))
@@ -1193,7 +1231,7 @@ def _jacobian_products(
 
     if coloring.mode == "bidirectional":  # JVPs for some entries, VJPs for the others
         # (checked by the VJP differs_from_reverse runs after forward products)
-        sides = [_products(p, part, primals, m, rows, checks=False) for part in coloring.parts]
+        sides = [_products(p, part, primals, m, rows, checks=False, out=out) for part in coloring.parts]
         runs = [forward, reverse]
         blocks, chunks = zip(*[plan.compressed(run, memory_budget, check_alive, chunk_size) for plan, run in zip(sides, runs)])
         flat = torch.cat([blocks[0].transpose(-1, -2).reshape(-1), blocks[1].reshape(-1)])
@@ -1206,7 +1244,7 @@ def _jacobian_products(
         # differs, VJPs over the same pattern, checked here, answer. (Checked here as well,
         # a symmetric reading proven wrong at an asymmetric point went dense, where those
         # VJPs answer.)
-        plan = _products(p, coloring, primals, m, rows, checks=coloring.mode == "rev")
+        plan = _products(p, coloring, primals, m, rows, checks=coloring.mode == "rev", out=out)
         run = reverse if coloring.mode == "rev" else forward
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
         if plan.unsolvable(block):  # a symmetric Jacobian's substitution would spread a NaN: jacrev's
@@ -1298,7 +1336,7 @@ def _sparse_hessian(
 ) -> SparseResult:
     p, coloring, cached = planned
     t1 = time.perf_counter()
-    plan = _products(p, coloring, primals, 1)
+    plan = _products(p, coloring, primals, 1, out=out)
     key = _products_key(fn, name, argnums, args)
     # A function computing under no_grad: torch.func.hessian's columns, vmapped as it
     # vmaps them (one product alone differentiates an in-place write under no_grad
@@ -1353,13 +1391,13 @@ def _sparse_hessian(
     if plan.unsolvable(block):  # a NaN or an infinity: star colouring keeps it at its entry
         log.info("a Hessian product is not finite: star colouring instead of acyclic")
         coloring = _star_instead(p, cache, fn, name, args, argnums, check_alive)
-        plan = _products(p, coloring, primals, 1)
+        plan = _products(p, coloring, primals, 1, out=out)
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
     values, once = plan.finite_reads(p, block, plan.values(p, block))
     if once:
         log.info("a Hessian entry read at one place is not finite: every entry read at both")
         coloring = _direct_instead(p, cache, fn, name, args, argnums, check_alive)
-        plan = _products(p, coloring, primals, 1)
+        plan = _products(p, coloring, primals, 1, out=out)
         block, chunk = plan.compressed(run, memory_budget, check_alive, chunk_size)
         values, _ = plan.finite_reads(p, block, plan.values(p, block))
     matrix = _to_csr(p, values)
@@ -1453,7 +1491,7 @@ def _proven_wrong(
     mode = "rev" if plan.coloring.mode == "rev" else "fwd"
     if not stray and plan.checked_by is not None:
         check = disagrees_batch if batch else disagrees
-        off = check(matrix, mode, *plan.checked_by, rows, plan.like.dtype)
+        off = check(matrix, mode, *plan.checked_by, rows, plan.tol_dtype, plan.row_tol)
     lost = other_side(matrix) if not stray and not batch and other_side is not None else None
     if not stray and not off and not lost:
         return False
@@ -1462,9 +1500,9 @@ def _proven_wrong(
         # points through cancelling terms was proven wrong (every point's products run
         # again alone, each measured there: a declared pattern's batch paid twice)
         noise = plan.round_off(run, len(matrix) if batch else 0)
-        offs = [disagrees(point, mode, got, plan.checked_by[1], rows, plan.like.dtype)  # type: ignore[index]
+        offs = [disagrees(point, mode, got, plan.checked_by[1], rows, plan.tol_dtype, plan.row_tol)  # type: ignore[index]
                 for point, got in zip(matrix, plan.checked_by[0])] if batch else [off]  # type: ignore[index]
-        if all(o == 0.0 or within_noise(o, n, plan.like.dtype) for o, n in zip(offs, noise)):
+        if all(o == 0.0 or within_noise(o, n, plan.check_dtype) for o, n in zip(offs, noise)):
             log.info("sparsity pattern %r (%s): a product with a random seed differs from the matrix by %.3g "
                      "relative, within the function's own round-off here (%.3g): the pattern holds",
                      p.name, p.source, off, max(noise))

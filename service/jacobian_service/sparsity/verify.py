@@ -27,11 +27,22 @@ v(r2)``, one vmap of 3 seeds, r1 the check's): a difference within a few times t
 noise is round-off, not a missing entry. Noise past :func:`_noise_cap` (a quarter of the
 digits) is no round-off a check can see past: the products are not linear in their seeds
 (a gradient hook), and the pattern stays proven wrong.
+
+An output leaf coarser than the inputs (a float16 or float32 leaf beside float64 ones, or
+of a float64 input) rounds its own products: the random seed's share of it is rounded to
+that leaf's dtype where it enters the leaf's backward (the colours' 0/1 seeds are exact in
+every dtype) and its terms round there. The inputs' tolerance read that as a missing
+entry (a right pattern answered densely, a right declared one refused with a 422), and
+the round-off it measured was past the inputs' cap. So each output row is held to the
+coarser of its leaf's dtype and the inputs' (:func:`leaf_tolerance`: weighed by that
+row's share of each place), and the round-off cap is the coarsest dtype's
+(:func:`coarsest`). A float64 row of a mixed output keeps float64's tolerance: a missing
+entry among the float64 rows is seen as before.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,8 +50,8 @@ import torch
 from .coloring import Coloring
 from .patterns import Pattern
 
-__all__ = ["covered", "differs_from_reverse", "disagrees", "disagrees_batch", "noise_seeds", "noise_tolerance",
-           "random_row", "round_off", "strays", "within_noise"]
+__all__ = ["coarsest", "covered", "differs_from_reverse", "disagrees", "disagrees_batch", "leaf_tolerance",
+           "noise_seeds", "noise_tolerance", "random_row", "round_off", "strays", "within_noise"]
 
 #: Differences below this many ulps of the largest magnitude are round-off.
 _ULPS = 16
@@ -54,11 +65,30 @@ _NOISE_TIMES = 8
 
 
 def _eps(dtype: torch.dtype) -> float:
-    return float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+    # (a complex leaf rounds as its real parts do)
+    return float(torch.finfo(dtype).eps) if dtype.is_floating_point or dtype.is_complex else 0.0
 
 
 def _random_tol(dtype: torch.dtype) -> float:
     return min(_RANDOM_ULPS * _eps(dtype), _RANDOM_CAP)
+
+
+def coarsest(like: torch.dtype, leaves: Sequence[torch.dtype] = ()) -> torch.dtype:
+    """The dtype of largest machine epsilon among the inputs' (``like``) and the output
+    leaves' floating ones: the one whose round-off bounds the products'."""
+    return max([like, *(d for d in leaves if d.is_floating_point or d.is_complex)], key=_eps)
+
+
+def leaf_tolerance(like: torch.dtype, leaves: Sequence[tuple[int, torch.dtype]]) -> np.ndarray | None:
+    """The random check's relative tolerance for each row of a Jacobian's flat output
+    (``leaves``: each output leaf's element count and dtype, in flat order): the coarser
+    of its leaf's dtype and the inputs' (``like``). None where no leaf is coarser than
+    the inputs (every row at the inputs' tolerance, as :func:`disagrees` takes it)."""
+    base = _random_tol(like)
+    tols = [max(base, _random_tol(d)) if d.is_floating_point or d.is_complex else base for _, d in leaves]
+    if all(t == base for t in tols):
+        return None
+    return np.repeat(np.asarray(tols, dtype=np.float64), [int(size) for size, _ in leaves])
 
 
 def covered(p: Pattern, coloring: Coloring) -> np.ndarray:
@@ -170,39 +200,56 @@ def _random_seed(
 
 
 def disagrees(matrix: Any, mode: str, got: torch.Tensor, rv: np.ndarray, rows: tuple[int, int] | None,
-              dtype: torch.dtype) -> float:
+              dtype: torch.dtype, row_tol: np.ndarray | None = None) -> float:
     """The largest difference, relative to its scale, between ``got``, the product with
     the random seed ``rv`` (:func:`random_row`), and the decompressed ``matrix`` (scipy
-    CSR, (m, n)) applied to it; 0 when within round-off."""
+    CSR, (m, n)) applied to it; 0 when within round-off (``dtype``'s, or per row of a
+    Jacobian ``row_tol``'s: :func:`leaf_tolerance`)."""
     flat = got.reshape(-1).detach().to(torch.float64).cpu().numpy()
-    return _off(flat, rv, matrix.astype(np.float64, copy=False), mode, rows, dtype)
+    return _off(flat, rv, matrix.astype(np.float64, copy=False), mode, rows, dtype, row_tol)
 
 
 def disagrees_batch(matrices: list[Any], mode: str, got: torch.Tensor, rv: np.ndarray, rows: tuple[int, int] | None,
-                    dtype: torch.dtype) -> float:
+                    dtype: torch.dtype, row_tol: np.ndarray | None = None) -> float:
     """:func:`disagrees` at each point of a batch: ``got`` is ``(batch, 1, width)``."""
     flat = got.reshape(len(matrices), -1).detach().to(torch.float64).cpu().numpy()
-    return max((_off(flat[i], rv, m.astype(np.float64, copy=False), mode, rows, dtype) for i, m in enumerate(matrices)), default=0.0)
+    return max((_off(flat[i], rv, m.astype(np.float64, copy=False), mode, rows, dtype, row_tol)
+                for i, m in enumerate(matrices)), default=0.0)
 
 
-def _off(got: np.ndarray, rv: np.ndarray, m64: Any, mode: str, rows: tuple[int, int] | None, dtype: torch.dtype) -> float:
+def _tolerance(m64: Any, rv: np.ndarray, got: np.ndarray, scale: np.ndarray, mode: str, dtype: torch.dtype,
+               row_tol: np.ndarray | None) -> np.ndarray:
+    """How far ``got`` may be from the matrix's product at each place: ``dtype``'s
+    tolerance of ``scale + |got|``, or, with ``row_tol`` (a Jacobian's per output row),
+    each row's own tolerance of its share of the scale (reverse: ``|M|^T (t |r|)``, the
+    gradient's sum in the inputs' dtype beside it; forward: the row's)."""
+    if row_tol is None:
+        return _random_tol(dtype) * (scale + np.abs(got))
+    if mode == "rev":
+        return abs(m64).T @ (row_tol * np.abs(rv)) + _random_tol(dtype) * np.abs(got)
+    return row_tol * (scale + np.abs(got))
+
+
+def _off(got: np.ndarray, rv: np.ndarray, m64: Any, mode: str, rows: tuple[int, int] | None, dtype: torch.dtype,
+         row_tol: np.ndarray | None = None) -> float:
     want = m64.T @ rv if mode == "rev" else m64 @ rv
     scale = abs(m64).T @ abs(rv) if mode == "rev" else abs(m64) @ abs(rv)
     if rows is not None and mode == "fwd":  # the other rows of J r are not in the matrix
         got, want, scale = got[rows[0] : rows[1]], want[rows[0] : rows[1]], scale[rows[0] : rows[1]]
+        row_tol = row_tol[rows[0] : rows[1]] if row_tol is not None else None
     # (inf - inf warns: under warnings as errors, as pytest's in-process app runs, the
     # service's own arithmetic was a 500 function_error that named the user's function)
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.abs(got - want)
         ok = ~np.isfinite(got) | ~np.isfinite(want)  # NaN and inf are compared by the strays check
-        tol = _random_tol(dtype) * (scale + np.abs(got)) + np.finfo(np.float64).tiny
+        tol = _tolerance(m64, rv, got, scale, mode, dtype, row_tol) + np.finfo(np.float64).tiny
         bad = (diff > tol) & ~ok
     return float((diff[bad] / np.maximum(scale[bad] + np.abs(got[bad]), 1e-300)).max()) if bad.any() else 0.0
 
 
 def differs_from_reverse(
     matrix: Any, m: int, like: torch.Tensor, reverse: Callable[[list[torch.Tensor]], torch.Tensor],
-    rows: tuple[int, int] | None = None,
+    rows: tuple[int, int] | None = None, row_tol: np.ndarray | None = None,
 ) -> bool:
     """Whether a Jacobian from forward products (JVPs) differs from jacrev's, by one VJP
     (``reverse(seeds)``) with a random cotangent against ``v^T J`` from ``matrix``.
@@ -212,7 +259,8 @@ def differs_from_reverse(
     there, and the answer must not depend on the mode. NaN against a number is a
     difference, round-off is not. Where reverse mode cannot run, True: the answer is
     jacrev's failure, not forward mode's Jacobian (torch's forward mode silently drops
-    tangents through ``torch.library`` custom ops, which reverse mode refuses)."""
+    tangents through ``torch.library`` custom ops, which reverse mode refuses).
+    ``row_tol``: as :func:`disagrees` takes it."""
     parts, rv = _random_seed([torch.Size([m])], "rev", like, rows)
     try:
         got = reverse(parts).reshape(-1).detach().to(torch.float64).cpu().numpy()
@@ -224,7 +272,7 @@ def differs_from_reverse(
     with np.errstate(invalid="ignore", over="ignore"):
         want = m64.T @ rv
         scale = abs(m64).T @ abs(rv)
-        tol = _random_tol(like.dtype) * (scale + np.abs(got)) + np.finfo(np.float64).tiny
+        tol = _tolerance(m64, rv, got, scale, "rev", like.dtype, row_tol) + np.finfo(np.float64).tiny
         same = np.abs(got - want) <= tol
     same |= np.isnan(got) & np.isnan(want)
     same |= np.isinf(got) & (got == want)
