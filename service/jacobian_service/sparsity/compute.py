@@ -34,7 +34,7 @@ from .draws import Draws, TorchDraws, replaying
 from .function_state import function_state
 from .patterns import (Declared, Pattern, PatternCache, PatternTooLarge, check_entries, counting_entries,
                        function_fingerprint, limits_now)
-from .verify import differs_from_reverse, leaf_tolerance
+from .verify import coarsest, differs_from_reverse, leaf_tolerance
 
 __all__ = [
     "OutputSizeChanged",
@@ -720,8 +720,6 @@ def _products(p: Pattern, coloring: Coloring, primals: Sequence[torch.Tensor], m
         plan = _Products(coloring, [q.shape for q in primals], p.shape[0], primals[0], rows, checks)
     leaves = _leaves(out)
     if leaves:
-        from .verify import coarsest, leaf_tolerance
-
         plan.noise_dtype = coarsest(plan.like.dtype, [d for _, d in leaves])
         hessian = coloring.mode in ("star", "acyclic")
         plan.row_tol = None if hessian or sum(n for n, _ in leaves) != m else leaf_tolerance(plan.like.dtype, leaves)
