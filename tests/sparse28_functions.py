@@ -64,3 +64,15 @@ def complex_leaves28(x: torch.Tensor):
                       "the periodic tridiagonal band.")
 def half_energy28(x: torch.Tensor) -> torch.Tensor:
     return (torch.sin(x) * torch.roll(x, 1) ** 2).half().sum()
+
+
+_TABLE = torch.zeros(4096, dtype=torch.float64)  # (a buffer made elsewhere: writing into it is not traced)
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64")],
+          description="The ring through a module buffer the tracer cannot follow (probed, from dense "
+                      "Jacobians), as a float64 leaf beside its float16 rounding.")
+def probed_leaves28(x: torch.Tensor):
+    buf = _TABLE[: x.shape[0]].clone()
+    buf.copy_(_ring(x))
+    return buf, buf.half()

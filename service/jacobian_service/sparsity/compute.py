@@ -473,7 +473,7 @@ def _build_pattern(
     except TraceError as exc:
         log.info("sparsity tracing failed (%s); probing numerically", exc)
         found = probe(g, diff, tuple(range(len(diff))), hessian=kind == "hessian", why=f"tracing failed: {exc}",
-                      check_alive=check_alive)
+                      check_alive=check_alive, leaves=_leaves(output))
     # Draws from numpy's or Python's generators are no torch op: the states say it.
     if (drew or Draws() != before) and not is_random(found):
         found = found.replace(notes=found.notes + (random_note(),), value_dependent=True)
@@ -975,8 +975,7 @@ def _sparse_jacobian(
         forward_failed = lacks_forward_ad(exc)  # not a NaN of this point, nor an error of these inputs
     # (a symmetric Jacobian's JVPs too: the VJP proves the values symmetric at this point)
     if coloring.mode in ("fwd", "bidirectional", "symmetric") and (
-            matrix is None or differs_from_reverse(matrix, m, primals[0], reverse, rows,
-                                                   leaf_tolerance(primals[0].dtype, _leaves(out)))):
+            matrix is None or differs_from_reverse(matrix, m, primals[0], reverse, rows)):
         # The answer never depends on mode (SPEC): where jvp and vjp differ (prelu at 0,
         # ties of fmax) or jvp cannot run, jacrev's, by VJPs over the same pattern.
         coloring = _recolored(p, "rev", cache, fn, name, args, argnums, check_alive)

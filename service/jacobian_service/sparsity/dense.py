@@ -16,7 +16,10 @@ vmap: a probe of such a function at 1,500 elements went row by row, 4.9 s where 
 takes 0.12 s (a Hessian's, against its Hessian-vector product, likewise). So before vmap
 is called wrong, the function's own round-off is measured as the sparse products' check
 measures it (:func:`.verify.round_off`: how far three more VJPs, or Hessian-vector
-products, are from additive), and a difference within it is no wrong vmap.
+products, are from additive), and a difference within it is no wrong vmap. A flat ``g``
+of output leaves coarser than the inputs (a float16 leaf beside a float64 one) is held
+to each row's leaf's round-off there, as the sparse check holds it (``leaves``): at the
+inputs', a probe of such a function computed its first point's Jacobian row by row.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from ..engine.calling import GradOffWatch, fresh
 from ..engine.hessian import agrees_with_hvp, gradient
 from ..engine.products import agrees_with_reverse
-from .verify import disagrees, noise_seeds, round_off, within_noise
+from .verify import coarsest, disagrees, leaf_tolerance, noise_seeds, round_off, within_noise
 
 __all__ = ["dense_hessian", "dense_jacobian"]
 
@@ -43,11 +46,14 @@ def _with_aux(g: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tenso
 
 
 def dense_jacobian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor],
-                   verdict: dict[str, bool] | None = None) -> tuple[torch.Tensor, ...]:
+                   verdict: dict[str, bool] | None = None,
+                   leaves: Sequence[tuple[int, torch.dtype]] = ()) -> tuple[torch.Tensor, ...]:
     """``jacrev(g, argnums=every primal)`` of a flat ``g``: one block ``(m, *primal.shape)``
     per primal; row by row where vmap's rows (or vmap itself) fail. ``verdict`` carries
     the check's outcome to later calls at other points of the same shapes (a probe's):
-    vmap's faults follow shapes, not values, so one check serves them all."""
+    vmap's faults follow shapes, not values, so one check serves them all. ``leaves``:
+    the element count and dtype of each output leaf ``g`` concatenates (the check's
+    round-off per row; none: the inputs')."""
     argnums = tuple(range(len(primals)))
     verdict = {} if verdict is None else verdict
     jac = None
@@ -58,7 +64,8 @@ def dense_jacobian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tenso
             if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
                 raise
         if jac is not None and "vmap" not in verdict:
-            verdict["vmap"] = agrees_with_reverse(_with_aux(g), tuple(primals), jac) or _round_off_only(g, primals, jac)
+            verdict["vmap"] = agrees_with_reverse(_with_aux(g), tuple(primals), jac) or _round_off_only(
+                g, primals, jac, leaves)
             if not verdict["vmap"]:
                 log.warning("jacrev's vmapped rows disagree with one VJP; computing the dense Jacobian row by row")
         if jac is None:
@@ -68,7 +75,8 @@ def dense_jacobian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tenso
     return jac
 
 
-def _round_off_only(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], jac: Sequence[torch.Tensor]) -> bool:
+def _round_off_only(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], jac: Sequence[torch.Tensor],
+                    leaves: Sequence[tuple[int, torch.dtype]] = ()) -> bool:
     """Whether the dense Jacobian ``jac`` (blocks ``(m, *primal.shape)``) differs from a
     VJP with a random cotangent by no more than the function's own round-off at this
     point (both measured as the sparse check measures them, :mod:`.verify`). Three VJPs
@@ -82,7 +90,7 @@ def _round_off_only(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tens
             raise
         return False  # (no verdict of its own: the first check's stands)
     matrix = torch.cat([j.detach().reshape(out.numel(), -1) for j in jac], 1)
-    return _within_round_off(matrix, products, seeds)
+    return _within_round_off(matrix, products, seeds, leaves)
 
 
 def _hessian_round_off_only(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], h: Any) -> bool:
@@ -104,15 +112,18 @@ def _hessian_round_off_only(g: Callable[..., torch.Tensor], primals: Sequence[to
     return _within_round_off(matrix, products, seeds)
 
 
-def _within_round_off(matrix: torch.Tensor, products: torch.Tensor, seeds: torch.Tensor) -> bool:
+def _within_round_off(matrix: torch.Tensor, products: torch.Tensor, seeds: torch.Tensor,
+                      leaves: Sequence[tuple[int, torch.dtype]] = ()) -> bool:
     """Whether ``products`` of ``seeds`` (r1, r2, r1 + r2: :func:`.verify.noise_seeds`)
-    are ``matrix``'s (``(m, n)``, ``r1^T M``) within their own round-off."""
+    are ``matrix``'s (``(m, n)``, ``r1^T M``) within their own round-off (each row's
+    leaf's, where ``leaves`` are coarser than the products' dtype)."""
     m64 = matrix.to("cpu", torch.float64).numpy()
     got = products.detach().to("cpu", torch.float64).numpy()
     if not (np.isfinite(m64).all() and np.isfinite(got).all()):
         return False  # (NaN or an infinity: no round-off, the first check's verdict stands)
-    off = disagrees(m64, "rev", products[0], seeds[0].to("cpu", torch.float64).numpy(), None, products.dtype)
-    return off == 0.0 or within_noise(off, round_off(products), products.dtype)
+    row_tol = leaf_tolerance(products.dtype, leaves) if sum(n for n, _ in leaves) == m64.shape[0] else None
+    off = disagrees(m64, "rev", products[0], seeds[0].to("cpu", torch.float64).numpy(), None, products.dtype, row_tol)
+    return off == 0.0 or within_noise(off, round_off(products), coarsest(products.dtype, [d for _, d in leaves]))
 
 
 def dense_hessian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], reverse: bool = False,

@@ -2674,23 +2674,28 @@ def trace_hessian(
                    value_dependent=bool(tracer.value_reads or tracer.random))
 
 
-def _dense(g: Callable[..., torch.Tensor], diff: Sequence[torch.Tensor], hessian: bool, verdict: dict[str, bool]) -> Any:
+def _dense(g: Callable[..., torch.Tensor], diff: Sequence[torch.Tensor], hessian: bool, verdict: dict[str, bool],
+           leaves: Sequence[tuple[int, torch.dtype]] = ()) -> Any:
     """Dense derivative by torch.func, checked against one product (at the first point:
     ``verdict`` keeps it for the others) and computed row by row (no vmap) where vmap
-    cannot run ``g`` or runs it wrong (see :mod:`.dense`)."""
+    cannot run ``g`` or runs it wrong (see :mod:`.dense`; ``leaves``: the output leaves'
+    sizes and dtypes, whose round-off the check allows)."""
     from .dense import dense_hessian, dense_jacobian
 
-    return dense_hessian(g, diff, reverse=True, verdict=verdict) if hessian else dense_jacobian(g, diff, verdict)
+    return dense_hessian(g, diff, reverse=True, verdict=verdict) if hessian else dense_jacobian(g, diff, verdict, leaves)
 
 
 def probe(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int] = (0,), *, hessian: bool = False,
     points: int = 3, seed: int = 0, why: str = "", check_alive: Callable[[], None] | None = None,
+    leaves: Sequence[tuple[int, torch.dtype]] = (),
 ) -> Pattern:
     """Nonzeros of dense derivatives at ``args`` and ``points - 1`` random points near
     them, united.
     Entries that vanish at every probed point are missed: ``source="probe"`` says so.
-    ``check_alive`` is called before each point."""
+    ``check_alive`` is called before each point. ``leaves``: the element count and dtype
+    of each output leaf a flat ``fn`` concatenates (else ``fn``'s own leaves): the dense
+    Jacobians' check allows each row its leaf's round-off (see :mod:`.dense`)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     argnums = tuple(argnums)
     n = sum(args[i].numel() for i in argnums)
@@ -2699,7 +2704,9 @@ def probe(
     else:
         # A plain call, not under no_grad: a function may differentiate inside itself
         # (a force as torch.autograd.grad of an energy), which no_grad makes it fail.
-        m = sum(o.numel() for o in pytree.tree_leaves(fn(*[a.detach().clone() for a in args])))
+        own = [(o.numel(), o.dtype) for o in pytree.tree_leaves(fn(*[a.detach().clone() for a in args]))]
+        m = sum(size for size, _ in own)
+        leaves = leaves if sum(size for size, _ in leaves) == m else own
         _check_entries(m * n, "probing (a dense Jacobian)")
     found: np.ndarray | None = None
     verdict: dict[str, bool] = {}
@@ -2722,7 +2729,7 @@ def probe(
             leaves = pytree.tree_leaves(fn(*full))
             return torch.cat([o.reshape(-1) for o in leaves])
 
-        jac = _dense(g, diff, hessian, verdict)
+        jac = _dense(g, diff, hessian, verdict, leaves)
         if hessian:
             blocks = [[h.reshape(diff[r].numel(), diff[c].numel()) for c, h in enumerate(row)] for r, row in enumerate(jac)]
             dense = torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
