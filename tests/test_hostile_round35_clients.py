@@ -1,0 +1,188 @@
+"""Hostile clients, round thirty-five: sparse request batches across clients, and the
+remembered refusal of a detection past its limits.
+
+Probed on one real server of this module (five API keys: five clients), answers compared
+with torch.func.jacrev of each member's own point:
+
+- a batch of sparse Jacobians whose members have different deadlines (X-Request-Timeout),
+  one member's client gone mid-batch: the short one is a 504 ``timeout``, every other a 200
+  exactly jacrev's at its own point (no answer of another member's);
+- a value-dependent pattern (``x[idx]``, ``idx`` an input) batched across clients, NaN and
+  inf among the values: each member its own pattern and values;
+- a detection refused at the JSON answer's limit is refused again at once (0.00 s, not
+  detected again), yet the same point asked as a streamed ``.npy`` (a higher limit) is
+  computed, and a smaller shape's ``GET .../sparsity`` is answered: the remembered
+  refusal refuses no request that should succeed;
+- query abuse on ``GET .../sparsity``: a 4xx problem+json each, no traceback.
+
+Nothing here failed on this round's code: these hold what the round probed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from . import clients35_functions as f
+from ._client_support import real_server
+from .conftest import assert_problem
+
+KEYS = ("a", "b", "c", "d", "e")
+N = 8
+_HTTP = httpx.Client(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    # A small result limit: a dense pattern of 1,500^2 entries is past the JSON answer's
+    # detection limit (8 MiB / 8 entries), within the streamed .npy's (budget / 16).
+    with real_server(functions="jacobian_service.examples,tests.clients35_functions", api_keys=",".join(KEYS),
+                     max_result_bytes=8 << 20, memory_budget_bytes=256 << 20, stream_threshold_bytes=1 << 16) as url:
+        yield url
+
+
+def _post(url: str, name: str, doc: dict, key: str = "a", timeout_s: float | None = None,
+          accept: str = "application/json") -> httpx.Response:
+    headers = {"content-type": "application/json", "accept": accept, "authorization": f"Bearer {key}"}
+    if timeout_s is not None:
+        headers["x-request-timeout"] = str(timeout_s)
+    return _HTTP.post(f"{url}/v1/functions/{name}/jacobian", content=json.dumps(doc).encode(), headers=headers)
+
+
+def _csr(r: httpx.Response) -> np.ndarray:
+    j = r.json()["jacobian"]
+    return sp.csr_array((np.array(j["data"], dtype=j["dtype"]), j["indices"], j["indptr"]), shape=j["shape"]).toarray()
+
+
+def _gone_mid_batch(url: str, x: np.ndarray, key: str, after_s: float) -> None:
+    """A client that sends its request and closes its connection before the answer."""
+    body = json.dumps({"inputs": [x.tolist()], "sparsity": "auto"}).encode()
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port)) as s:
+        s.sendall(f"POST /v1/functions/slow_band35/jacobian HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  f"authorization: Bearer {key}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(after_s)
+
+
+def test_a_sparse_batch_of_different_deadlines_and_a_client_gone_never_mixes_answers(server: str) -> None:
+    rng = np.random.default_rng(35)
+    r = _post(server, "slow_band35", {"inputs": [rng.standard_normal(N).tolist()], "sparsity": "auto"})
+    assert r.status_code == 200, r.text[:300]  # (its key's first request runs alone: batches after)
+    largest = 0
+    for _ in range(3):  # (batching follows this machine's timing: a batch of two or more at least once)
+        xs = {k: rng.standard_normal(N) for k in KEYS}
+        answers: dict[str, httpx.Response] = {}
+
+        def send(key: str, timeout_s: float | None = None) -> None:
+            answers[key] = _post(server, "slow_band35", {"inputs": [xs[key].tolist()], "sparsity": "auto"}, key, timeout_s)
+
+        threads = [threading.Thread(target=send, args=("a",))]
+        threads[0].start()
+        time.sleep(0.05)  # the engine busy with a's request: the others queue behind it
+        threads += [threading.Thread(target=send, args=(k, t)) for k, t in (("b", None), ("c", 0.32), ("d", 5.0))]
+        threads.append(threading.Thread(target=_gone_mid_batch, args=(server, xs["e"], "e", 0.25)))
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join()
+        assert_problem(answers["c"], 504, "timeout")
+        for key in "abd":
+            r = answers[key]
+            assert r.status_code == 200, (key, r.text[:300])
+            want = torch.func.jacrev(f.slow_band35)(torch.from_numpy(xs[key])).numpy()
+            np.testing.assert_array_equal(_csr(r), want)  # exactly jacrev's at its own point
+            largest = max(largest, r.json()["meta"]["batch_size"])
+        if largest >= 2:
+            break
+    assert largest >= 2  # (else nothing above was batched)
+
+
+def test_a_value_dependent_batch_across_clients_with_nan_and_inf_keeps_each_members_pattern(server: str) -> None:
+    rng = np.random.default_rng(350)
+    warm = _post(server, "picked35", {"inputs": [[1.0] * N, list(range(N))], "sparsity": "auto"})
+    assert warm.status_code == 200, warm.text[:300]
+    points = {}
+    for i, key in enumerate("abcd"):
+        x = rng.standard_normal(N)
+        x[i] = [np.nan, np.inf, -np.inf, 0.0][i]
+        points[key] = (x, rng.integers(0, N, N))
+    answers: dict[str, httpx.Response] = {}
+
+    def send(key: str) -> None:
+        x, idx = points[key]
+        doc = '{"inputs": [[%s], %s], "sparsity": "auto"}' % (
+            ", ".join("NaN" if np.isnan(v) else ("Infinity" if v > 0 else "-Infinity") if np.isinf(v) else repr(float(v))
+                      for v in x), json.dumps(idx.tolist()))
+        answers[key] = _HTTP.post(f"{server}/v1/functions/picked35/jacobian", content=doc,
+                                  headers={"content-type": "application/json", "authorization": f"Bearer {key}"})
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in "abcd"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key, (x, idx) in points.items():
+        r = answers[key]
+        assert r.status_code == 200, (key, r.text[:300])
+        got = _csr(r)
+        # entry (i, idx[i]) is 2 x[idx[i]], NaN or infinite there only (docs/sparse.md: a NaN
+        # stays at its entry; jacrev's VJPs carry it into the other rows of its column)
+        want = np.zeros((N, N))
+        want[np.arange(N), idx] = 2 * x[idx]
+        np.testing.assert_array_equal(got, want)
+        jacrev = torch.func.jacrev(f.picked35)(torch.from_numpy(x), torch.from_numpy(idx)).numpy()
+        finite = np.isfinite(jacrev)
+        np.testing.assert_array_equal(got[finite], jacrev[finite])
+
+
+def test_a_remembered_refusal_refuses_no_request_that_should_succeed(server: str) -> None:
+    n = 1500
+    x = np.linspace(0.5, 1.5, n).astype(np.float32)
+    doc = {"inputs": [x.tolist()], "sparsity": "auto"}
+    first = assert_problem(_post(server, "dense35", doc), 413, "result_too_large")
+    t0 = time.monotonic()
+    again = assert_problem(_post(server, "dense35", doc), 413, "result_too_large")
+    assert time.monotonic() - t0 < 2.0 and "too dense for the limits" in again["detail"], again
+    assert first["detail"].split(":")[0] == again["detail"].split(":")[0]
+    # the same point under the streamed .npy's higher limit: detected and computed
+    r = _post(server, "dense35", {**doc, "sparse_format": "dense"}, accept="application/x-npy")
+    assert r.status_code == 200, r.text[:300]
+    np.testing.assert_array_equal(np.load(io.BytesIO(r.content)), torch.func.jacrev(f.dense35)(torch.from_numpy(x)).numpy())
+    # the JSON answer is still refused (its limit), a smaller shape still answered
+    assert_problem(_post(server, "dense35", doc), 413, "result_too_large")
+    r = _HTTP.get(f"{server}/v1/functions/dense35/sparsity", params={"shapes": "1500"}, headers={"authorization": "Bearer a"})
+    assert_problem(r, 413, "result_too_large")
+    r = _HTTP.get(f"{server}/v1/functions/dense35/sparsity", params={"shapes": "100"}, headers={"authorization": "Bearer a"})
+    assert r.status_code == 200 and r.json()["pattern"]["nnz"] == 100 * 100, r.text[:300]
+    small = np.linspace(0.5, 1.5, 100).astype(np.float32)
+    r = _post(server, "dense35", {"inputs": [small.tolist()], "sparsity": "auto"})
+    assert r.status_code == 200, r.text[:300]
+    np.testing.assert_array_equal(_csr(r), torch.func.jacrev(f.dense35)(torch.from_numpy(small)).numpy())
+
+
+@pytest.mark.parametrize(("query", "status", "code"), [
+    ("shapes=99999999999999999999", 422, "invalid_input"),
+    ("shapes=4294967296", 413, "payload_too_large"),
+    ("shapes=8&shapes=9", 422, "invalid_input"),
+    ("shapes=8&mode=fwd&mode=rev", 422, "invalid_input"),
+    ("shapes=8&argnums=0,0", 422, "invalid_input"),
+    ("shapes=8&format=dense", 422, "invalid_input"),
+    ("shapes=8&rows=0,2", 422, "invalid_input"),
+    ("shapes=%ff", 422, "invalid_input"),
+    ("shapes=8&sparsity=band%00", 422, "sparsity_not_found"),
+    ("shapes=" + ",".join(["1"] * 40), 422, "invalid_input"),
+])
+def test_query_abuse_on_the_sparsity_route_is_a_clear_4xx(server: str, query: str, status: int, code: str) -> None:
+    r = _HTTP.get(f"{server}/v1/functions/slow_band35/sparsity?{query}", headers={"authorization": "Bearer e"})
+    assert_problem(r, status, code)
