@@ -28,3 +28,18 @@ def picked35(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
           description="x times its sum: a dense Jacobian, its pattern n^2 entries.")
 def dense35(x: torch.Tensor) -> torch.Tensor:
     return x * x.sum()
+
+
+# Calls of slow_picked35 (the test's server runs its engines on threads of the test's own
+# process: the test reads what the engine ran).
+CALLS: list[int] = []
+PICK_SLEEP_S = 0.05
+
+
+@register(inputs=[Input("x", shape=("n",), dtype="float64"), Input("idx", shape=("n",), dtype="int64")],
+          description="x[idx] squared after 0.05 s, its calls counted: a slow value-dependent pattern, whose "
+                      "batch runs each member alone from the batch's forward pass.")
+def slow_picked35(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    CALLS.append(1)
+    time.sleep(PICK_SLEEP_S)
+    return x[idx] ** 2

@@ -498,10 +498,15 @@ class Worker:
         self.on_batch(len(live))
         # One key, one batch: its statistics once (they were written for each job in
         # turn, each overwriting the last, a result's size walked per request).
-        self._remember(live[-1], results[-1], len(live), elapsed)
+        answered = [(job, result) for job, result in zip(live, results) if not isinstance(result, ServiceError)]
+        if answered:
+            self._remember(*answered[-1], len(live), elapsed)
         for job, result in zip(live, results):
             job.info.batch_size, job.info.compute_s = len(live), elapsed
             if self._expired(job):  # its batch ran on for the others: its front end has answered 504
+                continue
+            if isinstance(result, ServiceError):  # its own failure, its batch-mates answered (engine.sparse._each)
+                job.finish(error=result)
                 continue
             try:
                 result = _within_limit(job.call, result)  # type: ignore[arg-type]
