@@ -207,7 +207,8 @@ class Settings(BaseSettings):
     memory_budget_bytes: int | None = Field(None, ge=1)
     # .npy results above this size are streamed chunk by chunk instead of gathered.
     stream_threshold_bytes: int = Field(8 << 20, ge=0)
-    # Sparsity patterns and colourings are cached in each engine's memory always; with a
+    # Sparsity patterns and colourings are cached in each engine's memory always (at most
+    # 256 of them, holding at most twice MEMORY_BUDGET_BYTES, the oldest going first); with a
     # directory, also on disk, so a restarted server skips detection and colouring. Unset:
     # no disk cache. The entries have no size bound on disk and outlive the run, so where
     # they go (a volume that persists, and is sized) is the operator's choice; a default

@@ -263,8 +263,11 @@ class Engine:
         self.memory_budget = memory_budget
         self.profiles = Profiles()
         # Sparsity patterns and colourings, per function and shapes; on disk too when the
-        # setting names a directory ("" keeps the environment from choosing one).
-        self.sparsity_cache = PatternCache(sparsity_cache_dir or "")
+        # setting names a directory ("" keeps the environment from choosing one). In memory
+        # they hold at most twice the memory budget: the largest pattern detection may hold
+        # (budget / 16 entries, 24 bytes each with its colouring's gather map) fits, and
+        # clients' shapes cannot grow the engine past it (count alone bounded it at 256).
+        self.sparsity_cache = PatternCache(sparsity_cache_dir or "", max_bytes=2 * memory_budget)
         self.process_settings = ProcessSettings()  # as the engine set them (threads): put back after each batch
         self.namespaces = Namespaces()  # the names of torch, numpy, the service...: put back after each batch
         self._shares_process = True  # with its caller's code (in-process), until ``take_settings``
