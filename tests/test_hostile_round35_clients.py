@@ -15,9 +15,13 @@ with torch.func.jacrev of each member's own point:
   refusal refuses no request that should succeed;
 - query abuse on ``GET .../sparsity``: a 4xx problem+json each, no traceback.
 
-One did not hold: a member whose client went while its value-dependent batch ran (each
-member alone after the batch's forward pass) stopped the batch, and its batch-mates'
-computed answers were computed again (engine.sparse._each; the last test).
+Two did not hold, each tested on the real engine in-process (their tests last):
+
+- a member whose client went while its value-dependent batch ran (each member alone
+  after the batch's forward pass) stopped the batch, and its batch-mates' computed
+  answers were computed again (engine.sparse._each);
+- patterns of many shapes, each within every limit, grew the engine's pattern cache
+  without a bound in bytes (sparsity.patterns.PatternCache's max_bytes).
 """
 
 from __future__ import annotations
