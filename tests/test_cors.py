@@ -87,7 +87,8 @@ def test_every_header_the_service_sends_for_scripts_is_exposed():
         assert no_key.status_code == 401 and "www-authenticate" in _exposed(no_key)
         assert _exposed(streamed) == {"x-request-id", "retry-after", "content-length", "content-disposition",
                                       "www-authenticate", "allow", "x-chunk-size", "x-device", "x-queue-ms",
-                                      "x-batch-size", "x-mode", "x-compute-ms", "server-timing", "accept-encoding"}  # (a 415's: test_browser_round7.py)
+                                      "x-batch-size", "x-mode", "x-compute-ms", "x-bfloat16", "x-unbatched", "server-timing",
+                                      "accept-encoding"}  # (a 415's: test_browser_round7.py)
 
 
 def test_other_origins_get_no_permission(url):

@@ -542,7 +542,12 @@ _META_HEADER_WORDS = {
     "mode": "`meta.mode`; absent where null, and from a streamed answer (sent before its rows are computed)",
     "queue_ms": "`meta.queue_ms`",
     "compute_ms": "`meta.compute_ms`; absent from a streamed answer (sent before its rows are computed)",
+    "bfloat16": "`meta.bfloat16`, one `true` / `false` per output array, comma-separated (`true`: a float32 array "
+                "that stands for bfloat16); absent where no half precision took part",
+    "unbatched": "`meta.unbatched` of a per-example evaluate, one `true` / `false` per output array, comma-separated; "
+                 "absent where the examples ran one by one",
 }
+_EVALUATE_META = ("bfloat16", "unbatched")  # (an evaluate's only: engine.core.bfloat16_meta, per-example flags)
 
 
 _SPARSITY_META = ("device", "queue_ms", "compute_ms")  # (routes.function_sparsity's meta)
@@ -606,7 +611,7 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
         }
     if kind is not None or route.operation_id == "getSparsity":  # their meta in headers too (responses.META_HEADERS)
         for key, header in META_HEADERS.items():
-            if kind is None and key not in _SPARSITY_META:
+            if (kind is None and key not in _SPARSITY_META) or (kind != "evaluate" and key in _EVALUATE_META):
                 continue
             ok["headers"][header] = {"schema": {"type": "string"}, "description": _META_HEADER_WORDS[key]}
         ok["headers"]["Server-Timing"] = {"schema": {"type": "string"},

@@ -141,8 +141,17 @@ def attachment(function: str, what: str, media: str) -> dict[str, str]:
 # answers send their head before their rows are computed: they say what is known then
 # (no X-Mode, no X-Compute-Ms; a JSON stream's meta, last in its body, says both).
 # Exposed to pages of CORS_ORIGINS (middleware.EXPOSED_HEADERS is built from this).
+#
+# An evaluate's per-output flags go the same way, where its meta holds them: which output
+# arrays stand for bfloat16 (``meta.bfloat16``: float32 on the wire, numpy has none) and
+# which a per-example evaluate left unbatched (``meta.unbatched``), one ``true`` /
+# ``false`` per output array, comma-separated. A page that asked for a bfloat16
+# evaluate as .npy read '<f4' and nothing else: it could not tell a bfloat16 answer
+# from a float32 one, which JSON and .npz say in meta. (Aux flags need no header: a
+# function with aux never answers a bare .npy.)
 META_HEADERS = {"device": "X-Device", "chunk_size": "X-Chunk-Size", "batch_size": "X-Batch-Size", "mode": "X-Mode",
-                "queue_ms": "X-Queue-Ms", "compute_ms": "X-Compute-Ms"}
+                "queue_ms": "X-Queue-Ms", "compute_ms": "X-Compute-Ms",
+                "bfloat16": "X-Bfloat16", "unbatched": "X-Unbatched"}
 
 
 def meta_headers(meta: dict[str, Any]) -> dict[str, str]:
@@ -177,7 +186,7 @@ def _said(meta: dict[str, Any]) -> tuple[list[tuple[str, bytes, str]], str]:
     for key, header, name, metric in _META:
         value = meta.get(key)
         if value is not None:
-            text = str(value)
+            text = str(value) if type(value) is not list else ", ".join("true" if v else "false" for v in value)
             said.append((header, name, text))
             if metric:
                 timing = f"{timing}, {metric};dur={text}" if timing else f"{metric};dur={text}"
