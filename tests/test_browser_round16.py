@@ -120,12 +120,18 @@ def test_a_page_tells_a_bfloat16_evaluate_from_a_float32_one_in_any_format(api, 
 
 
 def test_the_document_names_the_evaluate_flag_headers(api):
-    """/openapi.json's evaluate 200 lists X-Bfloat16 and X-Unbatched; the Jacobian's does not."""
+    """/openapi.json's evaluate 200 lists X-Bfloat16 and X-Unbatched (their form as a
+    pattern the answers match); the Jacobian's does not."""
     url, _ = api
     paths = httpx.get(url + "/openapi.json", headers=KEY, timeout=30).raise_for_status().json()["paths"]
     evaluate = paths["/v1/functions/{name}/evaluate"]["post"]["responses"]["200"]["headers"]
     jacobian = paths["/v1/functions/{name}/jacobian"]["post"]["responses"]["200"]["headers"]
     assert {"X-Bfloat16", "X-Unbatched"} <= set(evaluate), evaluate
+    for value in ("true", "false", "true, false, true"):
+        assert re.fullmatch(evaluate["X-Bfloat16"]["schema"]["pattern"], value)
+    said = httpx.post(url + "/v1/functions/sin/evaluate", headers={**KEY, "Accept": "application/x-npy"}, timeout=30,
+                      json={"inputs": [{"dtype": "bfloat16", "shape": [2], "data": [0.5, 1.0]}]}).headers["x-bfloat16"]
+    assert re.fullmatch(evaluate["X-Bfloat16"]["schema"]["pattern"], said), said
     assert not {"X-Bfloat16", "X-Unbatched"} & set(jacobian), jacobian
 
 

@@ -548,6 +548,7 @@ _META_HEADER_WORDS = {
                  "absent where the examples ran one by one",
 }
 _EVALUATE_META = ("bfloat16", "unbatched")  # (an evaluate's only: engine.core.bfloat16_meta, per-example flags)
+_FLAGS = "^(true|false)(, (true|false))*$"  # (responses._said: one per output array)
 
 
 _SPARSITY_META = ("device", "queue_ms", "compute_ms")  # (routes.function_sparsity's meta)
@@ -613,7 +614,8 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
         for key, header in META_HEADERS.items():
             if (kind is None and key not in _SPARSITY_META) or (kind != "evaluate" and key in _EVALUATE_META):
                 continue
-            ok["headers"][header] = {"schema": {"type": "string"}, "description": _META_HEADER_WORDS[key]}
+            schema = {"type": "string", "pattern": _FLAGS} if key in _EVALUATE_META else {"type": "string"}
+            ok["headers"][header] = {"schema": schema, "description": _META_HEADER_WORDS[key]}
         ok["headers"]["Server-Timing"] = {"schema": {"type": "string"},
                                           "description": "`queue;dur=<queue_ms>, compute;dur=<compute_ms>` (as X-Queue-Ms, X-Compute-Ms)"}
     if route.method == "POST":  # (middleware.VARY_ANY)
