@@ -37,6 +37,11 @@ as a constraint (``NonlinearConstraint(c.fun, lb, ub, jac=c.jac, hess=c.constrai
 for ``trust-constr``): ``constraint_hess(x, v)``, the Hessian of ``v . c(x)``, is one
 ``hvp`` request.
 
+``vectorized=True`` takes SciPy's vectorized ``x`` as well, ``k`` points as the columns
+of an ``(n, k)`` array (``solve_ivp(vectorized=True)``, ``solve_bvp``,
+``differential_evolution(vectorized=True)``): ``fun`` one batched ``evaluate``, ``jac``
+one batched ``jacobian`` (``(m, n, k)``, ``solve_bvp``'s ``fun_jac``).
+
 ``sparsity="auto"`` (the pattern traced by the service) or the name of a pattern the
 function declares makes ``jac`` and ``fun_and_jac`` return the Jacobian as a
 ``scipy.sparse`` CSR array, (output elements) x (input elements), computed from a few
@@ -87,6 +92,7 @@ def remote_objective(
     shape: tuple[int, ...] | None = None,
     prefetch: bool = True,
     sparsity: str | None = None,
+    vectorized: bool = False,
 ) -> RemoteObjective:
     """SciPy callables for the remote function ``name`` as a function of one input.
 
@@ -98,9 +104,11 @@ def remote_objective(
     more than one dimension comes back flat from ``fun`` (C order), and ``jac`` is (output
     elements) x (``x.size``): SciPy's solvers take vectors and matrices only.
     ``sparsity`` (``"auto"`` or a declared pattern's name): sparse Jacobians and Hessians.
+    ``vectorized=True``: ``fun`` and ``jac`` also take SciPy's vectorized ``x``, ``(n, k)``:
+    ``k`` points as columns, one batched request (see ``RemoteObjective.fun``).
     """
     return RemoteObjective(client, name, args=args, argnum=argnum, shape=shape, prefetch=prefetch,
-                           sparsity=sparsity)
+                           sparsity=sparsity, vectorized=vectorized)
 
 
 def _shaped(method: Any) -> Any:
@@ -133,8 +141,12 @@ class RemoteObjective:
         shape: tuple[int, ...] | None = None,
         prefetch: bool = True,
         sparsity: str | None = None,
+        vectorized: bool = False,
     ) -> None:
         check_sync_client(client)
+        if vectorized and sparsity is not None:
+            raise ValueError("remote_objective: vectorized=True computes dense Jacobians (one per column); "
+                             "pass sparsity= or vectorized=True, not both")
         self.client = client
         self.name = name
         self.args = tuple(args)
@@ -143,6 +155,7 @@ class RemoteObjective:
         self._declared: tuple[Any, ...] | None = None  # x's declared shape, learned where shape= is None
         self.prefetch = prefetch
         self.sparsity = sparsity
+        self.vectorized = vectorized
         self._last = threading.local()  # per thread: see _remember
         self._hvp_works = True  # False once an hvp failed where the Hessian answered (hessp)
         # the last evaluated points, each a one-item list set True when its Jacobian was
@@ -165,14 +178,42 @@ class RemoteObjective:
 
     def _inputs(self, x: Any, args: tuple[Any, ...]) -> tuple[np.ndarray, list[Any]]:
         x = _real(x, "x")
-        arr = x.reshape(self._x_shape(x))
+        return x, self._placed(x.reshape(self._x_shape(x)), args)[0]
+
+    def _placed(self, arr: Any, args: tuple[Any, ...]) -> tuple[list[Any], int]:
+        """The function's inputs, ``arr`` at ``argnum`` among the ones held fixed, and its index."""
         inputs = list(self._held(args))
         # a negative argnum counts from the end, as the service reads it: list.insert(-1, x)
         # put x one before the last input, so the value was computed with x in another
         # place than the derivative was taken at, silently (out of range: the service's 422)
-        position = self.argnum + len(inputs) + 1 if self.argnum < 0 else self.argnum
-        inputs.insert(max(position, 0), arr)
-        return x, inputs
+        position = max(self.argnum + len(inputs) + 1 if self.argnum < 0 else self.argnum, 0)
+        inputs.insert(position, arr)
+        return inputs, min(position, len(inputs) - 1)
+
+    def _columns(self, x: Any, args: tuple[Any, ...], kind: str) -> np.ndarray:
+        """``kind`` (evaluate or jacobian) at each column of SciPy's vectorized ``x``,
+        ``(n, k)``, in one batched request: the points stacked first, the inputs held
+        fixed sent once (``in_dims`` None), as ``vmap`` shares them. Returns the per-point
+        results stacked first, each flat (``(k, m)``; ``(k, m, n)`` for a Jacobian, or
+        ``(k,)`` / ``(k, n)`` for a scalar function).
+
+        Without it, a vectorized solve (``solve_ivp(..., vectorized=True)``, whose every
+        call is ``fun(t, y[:, None])``, ``solve_bvp``, which always passes ``(n, m)``)
+        sent the stack as one point: the service's 422 ("expected shape (3,), got (3, 1)"),
+        where the same function in-process, written for columns, runs."""
+        cols = _real(x, "x")
+        n, k = cols.shape
+        point = self._x_shape(cols[:, 0]) if k else (n,)
+        inputs, at = self._placed(np.ascontiguousarray(cols.T).reshape((k, *point)), args)
+        in_dims = tuple(0 if i == at else None for i in range(len(inputs)))
+        options: dict[str, Any] = {"batched": True, "in_dims": in_dims}
+        if kind == "jacobian":
+            options["argnums"] = self.argnum
+        out = np.asarray(self._one_array(self.client._parts(kind, self.name, inputs, options)["value"]))
+        if kind == "evaluate":
+            return out.reshape(k) if out.ndim == 1 else out.reshape(k, -1)
+        scalar = out.ndim == 1 + len(point)  # (k, *point): a gradient per column
+        return out.reshape(k, n) if scalar else out.reshape(k, -1, n)
 
     def _held(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """The inputs held fixed: SciPy's ``args=`` (passed to every callable) when the
@@ -346,7 +387,14 @@ class RemoteObjective:
     @_shaped
     def fun(self, x: Any, *args: Any) -> Any:
         """The value (a float for a scalar function): with ``prefetch``, fetched together
-        with the Jacobian, which ``jac(x)`` then returns without a request."""
+        with the Jacobian, which ``jac(x)`` then returns without a request.
+
+        With ``vectorized=True``, an ``x`` of shape ``(n, k)`` is ``k`` points as columns
+        (SciPy's vectorized convention: ``solve_ivp(vectorized=True)``, ``solve_bvp``,
+        ``differential_evolution(vectorized=True)``): one batched ``evaluate``, the values
+        as columns, ``(m, k)`` (``(k,)`` for a scalar function); not cached."""
+        if self.vectorized and np.ndim(x) == 2:
+            return self._columns(x, args, "evaluate").T.copy()
         x, inputs = self._inputs(x, args)
         value, _ = self._cached(x, args)
         jacobian_failed = False
@@ -372,7 +420,12 @@ class RemoteObjective:
 
     @_shaped
     def jac(self, x: Any, *args: Any) -> np.ndarray:
-        """The Jacobian at ``x`` (the gradient for a scalar function)."""
+        """The Jacobian at ``x`` (the gradient for a scalar function). With ``vectorized``,
+        an ``(n, k)`` ``x`` gives the ``k`` columns' Jacobians stacked last, ``(m, n, k)``
+        (``solve_bvp``'s ``fun_jac``; ``(n, k)`` for a scalar function): one batched
+        ``jacobian``."""
+        if self.vectorized and np.ndim(x) == 2:
+            return np.moveaxis(self._columns(x, args, "jacobian"), 0, -1).copy()
         x, inputs = self._inputs(x, args)
         value, jac = self._cached(x, args)
         if jac is None and self.prefetch and value is None:  # a point never evaluated: its value comes along
