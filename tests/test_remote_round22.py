@@ -131,6 +131,19 @@ def test_vectorized_scalar_objective_as_differential_evolution_takes_it(cc):
     assert obj.jac(X).shape == (3, 2)
 
 
+def test_a_column_stack_without_vectorized_says_to_pass_it(sdk):
+    """Without ``vectorized=True`` the stack is still one point, refused: the 422 said only
+    "expected shape (3,), got (3, 1)"; it now says what SciPy passed and what to pass."""
+    from jacobian_client import InvalidInput
+    from scipy.integrate import solve_ivp
+
+    obj = remote_objective(sdk, "r22_robertson")
+    with pytest.raises(InvalidInput, match=r"got an \(n, k\) x: SciPy's vectorized .* vectorized=True.*"
+                                           r"expected shape \(3,\), got \(3, 1\)") as info:
+        solve_ivp(lambda t, y: obj.fun(y), (0, 1), [1, 0, 0], method="BDF", vectorized=True)
+    assert info.value.status_code == 422 and info.value.code == "invalid_input"
+
+
 def test_vectorized_with_sparsity_is_refused_up_front(sdk):
     with pytest.raises(ValueError, match="vectorized=True computes dense Jacobians"):
         remote_objective(sdk, "r22_robertson", vectorized=True, sparsity="auto")

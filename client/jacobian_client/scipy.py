@@ -121,10 +121,22 @@ def _shaped(method: Any) -> Any:
             return method(self, x, *rest)
         except InvalidInput as exc:
             if not self._learn_shape(exc, x):
+                if _stacked_points(self, exc, x):
+                    raise with_hint(exc, f"remote_objective({self.name!r}) got an (n, k) x: SciPy's vectorized "
+                                         "solvers (solve_ivp(vectorized=True), solve_bvp) pass k points as columns; "
+                                         "make the objective with vectorized=True to send them as a batch") from None
                 raise
         return method(self, x, *rest)
 
     return call
+
+
+def _stacked_points(obj: RemoteObjective, exc: InvalidInput, x: Any) -> bool:
+    """Whether ``exc`` refused, for its shape, a 2-D ``x`` that an objective without
+    ``vectorized`` sent as one point (its refusal said only "got (3, 1)")."""
+    expected = exc.problem.get("expected_shape")
+    return (not obj.vectorized and np.ndim(x) == 2 and exc.problem.get("field") == "inputs"
+            and exc.problem.get("got_shape") == list(np.shape(x)) and isinstance(expected, list) and len(expected) == 1)
 
 
 class RemoteObjective:
