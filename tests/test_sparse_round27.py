@@ -150,9 +150,8 @@ def test_a_detection_refused_at_its_limit_is_refused_again_at_once() -> None:
         assert refused.value.status == 413
         return str(refused.value), len(f.CALLS), time.perf_counter() - t
 
-    detail, calls, first = describe()
+    detail, calls, _ = describe()
     assert "detecting the sparsity pattern costs too much" in detail and calls == 2  # a forward pass, the trace
-    again, calls, took = describe()
+    again, calls, _ = describe()  # (its time not asserted: the count says no trace ran)
     assert again == detail and calls == 1, (calls, again)  # the forward pass only (before: traced again)
-    # (relative: both slow alike under load; an absolute 1 s failed once at 1.6 s there)
-    assert took < first / 3, (took, first)
+
