@@ -193,7 +193,7 @@ class AsyncClient:
         it memory-mapped (read-only), never holding it in memory; ``progress=True`` shows
         a progress bar meanwhile. ``batched=True`` is ``vmap(jacrev(f), in_dims, out_dims)``,
         with torch's ``in_dims`` / ``out_dims`` (ints, None, tuples and dicts of them).
-        Results nest in tuples where torch gives lists (the wire has one sequence).
+        Results nest as torch's do: lists where it gives lists (``meta.lists``), else tuples.
 
         ``sparsity="auto"`` (detected) or a declared pattern's name computes the Jacobian
         from a few compressed products and returns it as one 2-D sparse matrix (output

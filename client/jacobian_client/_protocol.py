@@ -1083,6 +1083,11 @@ class Protocol:
                 meta = doc.get("meta", {})
             else:
                 raise TransportError(f"unexpected response Content-Type {ctype!r}")
+            lists = meta.get("lists") if isinstance(meta, dict) else None
+            if lists is not None:  # which sequences were lists (an older service: all tuples)
+                if not isinstance(lists, dict):
+                    raise wire.WireError("meta.lists is an object")
+                trees = {k: wire.with_lists(v, lists[k]) if k in lists else v for k, v in trees.items()}
         except (wire.WireError, KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, TransportError):
                 raise

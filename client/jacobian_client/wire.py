@@ -8,6 +8,14 @@ JSON arrays are ``{"dtype", "shape", "data"}`` (nested or flat ``data``) or
 is accepted on input. Trees of arrays follow ``torch.func`` nesting: a tuple is a JSON
 list, a dict a JSON object.
 
+JSON and ``.npz`` have one kind of sequence, torch.func two (a function may return a
+list; jax and ``tree_map`` tell a list from a tuple). An answer whose trees hold lists
+says where in ``meta.lists`` (:func:`lists_meta`): per tree (``"output"``, ``"aux"``,
+``"jacobian"``, ...) the paths of its list nodes, each path a JSON list of positions
+(integers) and dict keys (strings) from the tree's root (``[]``: the tree itself). Every
+other sequence is a tuple. The key is absent where no tree holds a list, so the answers
+of list-free functions are as they were; a reader that does not know it reads tuples.
+
 In an ``.npz`` every array of a tree is one member named by its path
 (``jacobian.npy``, ``jacobian/0.npy``, ``jacobian/0/1.npy``, ``aux/key.npy``) and
 ``meta.json`` holds the response's meta (device, chunk size, ...) at its top level, the
@@ -81,6 +89,8 @@ __all__ = [
     "is_sparse_npz",
     "is_sparse_object",
     "json_data",
+    "list_paths",
+    "lists_meta",
     "loads",
     "npy_header",
     "npy_header_length",
@@ -94,6 +104,7 @@ __all__ = [
     "tree_from_paths",
     "typed_array",
     "vector_leaves",
+    "with_lists",
     "write_npy",
     "write_npz",
     "write_sparse_npz",
@@ -921,6 +932,66 @@ def decode_tree(tree: Any, sequence: type = tuple, limits: Limits = Limits()) ->
     return tree
 
 
+def list_paths(tree: Any) -> list[list[int | str]]:
+    """The paths of ``tree``'s list nodes (``meta.lists``: see the module's docstring),
+    outer before inner, in the order the tree flattens. Tuples are not listed."""
+    found: list[list[int | str]] = []
+    stack: list[tuple[Any, list[int | str]]] = [(tree, [])]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, (list, tuple)):
+            if isinstance(node, list):
+                found.append(path)
+            stack.extend((child, [*path, i]) for i, child in reversed(list(enumerate(node))))
+        elif type(node) is dict:  # (a sparse matrix is never one)
+            stack.extend((child, [*path, str(k)]) for k, child in reversed(list(node.items())))
+    return found
+
+
+def lists_meta(trees: dict[str, Any]) -> dict[str, list[list[int | str]]]:
+    """``meta.lists`` of an answer's ``trees`` (``{"output": ..., "aux": ...}``): each
+    tree's list paths, for the trees that hold a list (``{}`` when none does)."""
+    said = {}
+    for name, tree in trees.items():
+        if type(tree) is np.ndarray:  # nearly every answer: nothing to walk
+            continue
+        paths = list_paths(tree)
+        if paths:
+            said[name] = paths
+    return said
+
+
+def with_lists(tree: Any, paths: Any) -> Any:
+    """``tree`` (decoded, its sequences tuples) with a list at each of ``paths`` (one
+    tree's ``meta.lists`` entry). A path that names no sequence of the tree, or that is
+    not a list of positions and keys, is a :class:`WireError`: the answer contradicts
+    itself."""
+    if not isinstance(paths, list) or not all(
+            isinstance(p, list) and all(type(s) in (int, str) for s in p) for p in paths):
+        raise WireError("meta.lists: each path is a list of positions and keys")
+    wanted = {tuple(p) for p in paths}
+    if not wanted:
+        return tree
+    done: set[tuple[Any, ...]] = set()
+
+    def build(node: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(node, (list, tuple)):
+            kids = [build(child, (*path, i)) for i, child in enumerate(node)]
+            if path in wanted:
+                done.add(path)
+                return kids
+            return tuple(kids)
+        if type(node) is dict:
+            return {k: build(v, (*path, k)) for k, v in node.items()}
+        return node
+
+    rebuilt = build(tree, ())
+    if len(done) != len(wanted):
+        missing = min(wanted - done, key=repr)
+        raise WireError(f"meta.lists names {list(missing)!r}, which is no sequence of the answer's tree")
+    return rebuilt
+
+
 _POSITION = re.compile(r"0|[1-9][0-9]*")
 _MAX_TREE_DEPTH = 64
 
@@ -1388,7 +1459,8 @@ def write_npz(trees: dict[str, Any], meta: dict[str, Any]) -> bytes:
 
 def _fill(node: Any, members: dict[str, Any]) -> Any:
     """A result's ``meta.json`` structure with each ``{"$npy": member}`` replaced by that
-    member's array; JSON lists come back as tuples."""
+    member's array; JSON lists come back as tuples (``meta.lists`` says which were lists:
+    :func:`with_lists`)."""
     if isinstance(node, dict) and set(node) == {"$npy"}:
         return members[node["$npy"].removesuffix(".npy")]
     if isinstance(node, list):
@@ -1401,7 +1473,8 @@ def _fill(node: Any, members: dict[str, Any]) -> Any:
 
 
 def read_result_npz(body: bytes | memoryview, limits: Limits = Limits()) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Inverse of :func:`write_npz`: ``(trees, meta)``; JSON lists come back as tuples."""
+    """Inverse of :func:`write_npz`: ``(trees, meta)``; JSON lists come back as tuples
+    (``meta.lists`` says which were lists: :func:`with_lists`)."""
     meta_json = b"{}"
 
     def arrays_only() -> Iterator[tuple[str, bytes]]:

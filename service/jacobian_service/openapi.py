@@ -131,6 +131,16 @@ _COMPONENTS: dict[str, Any] = {
                                         "bfloat16 (sent as float32: numpy has no bfloat16)"},
             "aux_bfloat16": {"type": "array", "items": {"type": "boolean"},
                              "description": "the same per aux leaf of a has_aux function (a plain value: false)"},
+            "lists": {
+                "type": "object",
+                "additionalProperties": {"type": "array", "items": {
+                    "type": "array", "items": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]}}},
+                "description": "JSON and .npz have one sequence: per tree of the answer (output, aux, jacobian, "
+                               "...), the paths of its Python lists, each a list of positions and dict keys from "
+                               "the tree's root ([]: the tree itself); every other sequence is a tuple. Absent where "
+                               "no tree holds a list",
+                "example": {"output": [[], [1, "k"]]},
+            },
             # sparse results only (sparsity other than dense)
             "sparsity": {"type": "string", "description": "what the request asked: auto or a declared name"},
             "pattern": {"type": "string", "description": "the pattern's name"},

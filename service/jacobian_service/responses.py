@@ -219,6 +219,9 @@ def encode(media: str, function: str, key: str, result: Result, meta: dict[str, 
         trees["aux"] = result.aux
     if result.output is not None:
         trees["output"] = result.output
+    lists = wire.lists_meta(trees)
+    if lists:  # JSON and .npz have one sequence: which were lists (absent where none was)
+        meta = {**meta, "lists": lists}
     if media == wire.NPZ and is_sparse_matrix(result.value):
         # SPEC 7: the members scipy.sparse.save_npz writes, so load_npz reads the body;
         # aux / output and meta.json beside them.
