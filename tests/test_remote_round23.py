@@ -159,6 +159,10 @@ def test_paths_tell_a_dict_key_from_a_position():
     same_tree(wire.with_lists(as_tuples, paths), tree)
     with pytest.raises(wire.WireError):
         wire.with_lists(as_tuples, [[0]])  # a position where the root is a dict
+    # a SparseCOO is a NamedTuple, yet a leaf: neither listed nor rebuilt as a tuple
+    coo = wire.SparseCOO(np.array([0]), np.array([1]), np.array([2.0]), (2, 2))
+    assert wire.list_paths([coo]) == [[]]
+    assert type(wire.with_lists((coo,), [[]])[0]) is wire.SparseCOO
 
 
 # --------------------------------------------------------------------------- the adapters

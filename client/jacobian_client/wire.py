@@ -939,11 +939,11 @@ def list_paths(tree: Any) -> list[list[int | str]]:
     stack: list[tuple[Any, list[int | str]]] = [(tree, [])]
     while stack:
         node, path = stack.pop()
-        if isinstance(node, (list, tuple)):
+        if isinstance(node, (list, tuple)) and not is_sparse(node):  # (a SparseCOO is a NamedTuple)
             if isinstance(node, list):
                 found.append(path)
             stack.extend((child, [*path, i]) for i, child in reversed(list(enumerate(node))))
-        elif type(node) is dict:  # (a sparse matrix is never one)
+        elif isinstance(node, dict):  # (an OrderedDict too; a sparse matrix is never one)
             stack.extend((child, [*path, str(k)]) for k, child in reversed(list(node.items())))
     return found
 
@@ -975,13 +975,13 @@ def with_lists(tree: Any, paths: Any) -> Any:
     done: set[tuple[Any, ...]] = set()
 
     def build(node: Any, path: tuple[Any, ...]) -> Any:
-        if isinstance(node, (list, tuple)):
+        if isinstance(node, (list, tuple)) and not is_sparse(node):
             kids = [build(child, (*path, i)) for i, child in enumerate(node)]
             if path in wanted:
                 done.add(path)
                 return kids
             return tuple(kids)
-        if type(node) is dict:
+        if isinstance(node, dict):
             return {k: build(v, (*path, k)) for k, v in node.items()}
         return node
 
