@@ -191,7 +191,7 @@ def int_power(x, k):
 
 @register(inputs=[Input("x", shape=V)])
 def returns_list(x):
-    """A list output: jacrev nests lists; the SDK gives tuples (JSON has one sequence)."""
+    """A list output: jacrev nests lists, and so does the SDK (meta.lists)."""
     return [x.sin(), (x.cos(), x)]
 
 
