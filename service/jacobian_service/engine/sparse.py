@@ -342,8 +342,13 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result | Servic
         # for some ops (linalg.solve, det: see batched.py), and alone each is checked by a
         # VJP anyway: the batch takes VJPs over the same pattern (jacrev's own products, so
         # the same answer), unless that colouring takes far more products than this one.
+        # (Whatever their number where an output leaf is coarser than the inputs: alone,
+        # each point's JVPs round that leaf's columns in its dtype, are proven no jacrev's
+        # at the inputs' round-off (verify.differs_from_reverse) and VJPs answer after
+        # them; the batch went to each alone, 7 calls of the function for 3 points, not 2.)
         reverse = _reverse_coloring(engine, alive, pattern, [a[0] for a in stacked])
-        if reverse is None or reverse.n_colors > 2 * coloring.n_colors + 2:
+        if reverse is None or (reverse.n_colors > 2 * coloring.n_colors + 2
+                               and not _coarser_leaves(stacked[first.argnums[0]].dtype, at_first)):
             return each_alone()
         coloring = reverse
     nbytes = _result_nbytes(first, _shape(first, pattern), pattern.nnz, engine.wire_itemsize(stacked[first.argnums[0]].dtype))
@@ -356,7 +361,7 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result | Servic
     try:
         matrices, chunk = sparse_batch(box, stacked, first.argnums, pattern, coloring, m, engine.memory_budget,
                                        alive.check_alive, has_aux=True, rows=first.rows, chunk_size=first.chunk_size,
-                                       name=first.spec.name)
+                                       name=first.spec.name, out=at_first)  # (its leaves' dtypes: the check's round-off)
     # wrong at some point (a 422, or densely), or torch's vmap over the points wrong: each
     # alone (the function is not marked unbatchable: its dense batches have their own check)
     except (PatternMismatch, ProvenWrong, VmapDisagrees):
@@ -369,6 +374,17 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result | Servic
                _batched.take(out, i) if call.return_output else None, chunk, mode, dict(meta))
         for i, call in enumerate(calls)
     ]
+
+
+def _coarser_leaves(like: torch.dtype, output: Any) -> bool:
+    """Whether some leaf of ``output`` rounds in a coarser dtype than the inputs' ``like``
+    (a float16 leaf beside float64 ones, or of a float64 input)."""
+    from ..sparsity.verify import coarsest
+
+    dtypes = [leaf.dtype for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+    if not (like.is_floating_point or like.is_complex):
+        return False
+    return torch.finfo(coarsest(like, dtypes)).eps > torch.finfo(like).eps
 
 
 def _each(calls: list[Call], one: Any) -> list[Result | ServiceError]:

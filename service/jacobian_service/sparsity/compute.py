@@ -1250,7 +1250,7 @@ def _jacobian_products(
         other = _infinity_missed(forward, primals, rows) if coloring.mode == "rev" else None
         wrong = _proven_wrong(p, coloring, [plan], [block], matrix, rows, run, other)
     if wrong:
-        matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "jacobian")
+        matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "jacobian", out)
     return matrix, p, coloring, chunk
 
 
@@ -1400,7 +1400,7 @@ def _sparse_hessian(
     matrix = _to_csr(p, values)
     if _proven_wrong(p, coloring, [plan], [block], matrix, None, run,
                      _infinities_unconfirmed(p, coloring, block, run, primals, memory_budget, check_alive)):
-        matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "hessian")
+        matrix, p, coloring = _densely(fn, args, argnums, has_aux, p, "hessian", out)
     elif (forward_failed is not None or unasked) and not _agrees_with_differences(fn, args, argnums, has_aux, primals,
                                                                                  matrix, check_alive):
         if forward_failed is None:
@@ -1521,20 +1521,24 @@ def _proven_wrong(
 
 def _densely(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], has_aux: bool, p: Pattern, kind: str,
+    out: Any = None,
 ) -> tuple[Any, Pattern, Coloring]:
     """The dense derivative at this point (jacrev; torch.func.hessian for a Hessian, as
     the dense routes compute them, checked as they are: see :mod:`.dense`), as CSR over
     ``p``'s entries and every nonzero, with a note; and the colouring it amounts to (one
-    product per row, or per column)."""
+    product per row, or per column). ``out``: the function's output, whose leaves' dtypes
+    set the dense check's round-off (:func:`_leaves`; a Jacobian's per row): at the
+    inputs', a float16 leaf beside float64 ones (a float16 energy) took jacrev's right
+    vmapped rows for wrong ones, and the dense derivative was computed again row by row."""
     g = _flat_fn(fn, args, argnums, has_aux)
     primals = fresh([args[i] for i in argnums])
     m, n = p.shape
     check_entries(m * n, "the dense derivative (the pattern was proven wrong)")
     if kind == "hessian":
-        blocks = dense_hessian(lambda *d: g(*d).sum(), primals)
+        blocks = dense_hessian(lambda *d: g(*d).sum(), primals, leaves=_leaves(out))
         dense = torch.cat([torch.cat([b.reshape(primals[r].numel(), -1) for b in row], 1) for r, row in enumerate(blocks)], 0)
     else:
-        dense = torch.cat([j.reshape(m, -1) for j in dense_jacobian(g, primals)], 1)
+        dense = torch.cat([j.reshape(m, -1) for j in dense_jacobian(g, primals, leaves=_leaves(out))], 1)
     dense = dense.detach()
     mask = (dense != 0).cpu().numpy() | p.to_dense()
     q = Pattern.from_dense(mask, name=p.name, source=p.source, exact=p.exact, notes=p.notes + (DENSE_NOTE,),
@@ -1550,7 +1554,7 @@ def sparse_batch(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: Sequence[int], p: Pattern, coloring: Coloring,
     out_size: int, memory_budget: int = 1 << 30, check_alive: Callable[[], None] | None = None, *,
     has_aux: bool = False, rows: tuple[int, int] | None = None, chunk_size: int | None = None,
-    name: str | None = None,
+    name: str | None = None, out: Any = None,
 ) -> tuple[list[Any], int]:
     """The sparse derivative at each of a batch of points (``args`` stacked along a new
     leading axis), with one pattern and colouring (resolved at any one of them: the
@@ -1558,12 +1562,16 @@ def sparse_batch(
     of a ``vmap`` over the seeds, checked against one product at each point (once per
     ``name`` or ``fn``, shapes, batch and seeds). Returns ``(matrices, chunk)``; raises
     when vmap cannot run the function, or :class:`VmapDisagrees` when it runs it wrong
-    (the caller then computes each point alone)."""
+    (the caller then computes each point alone). ``out``: the function's output at any
+    one point: its leaves' dtypes set the check's round-off per output row, as a request
+    alone's do (:func:`_products`). Without it, a float16 leaf beside float64 ones had
+    its rows held to float64's round-off, the batch was proven wrong at every point, and
+    each ran again alone (6 calls of the function for 3 points where 2 answer them)."""
     if p.value_dependent:
         raise ValueError("a pattern that depends on the input values holds at one point only: not for a batch")
     argnums = tuple(argnums)
     batch = int(args[0].shape[0])
-    plan = _products(p, coloring, [args[i][0] for i in argnums], out_size, rows)
+    plan = _products(p, coloring, [args[i][0] for i in argnums], out_size, rows, out=out)
     at = _product_at(coloring.mode, fn, argnums, has_aux)
     key = _products_key(fn, name, argnums, [a[0] for a in args])
 

@@ -93,10 +93,13 @@ def _round_off_only(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tens
     return _within_round_off(matrix, products, seeds, leaves)
 
 
-def _hessian_round_off_only(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], h: Any) -> bool:
+def _hessian_round_off_only(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], h: Any,
+                            leaves: Sequence[tuple[int, torch.dtype]] = ()) -> bool:
     """:func:`_round_off_only` for a dense Hessian ``h`` (blocks ``[r][c]``): three
     Hessian-vector products, reverse over reverse (as ``jacrev(jacrev)``: no forward AD
-    needed), through one gradient's graph; ``H`` is symmetric, so ``H^T r`` is ``H r``."""
+    needed), through one gradient's graph; ``H`` is symmetric, so ``H^T r`` is ``H r``.
+    ``leaves``: ``g``'s one element's size and dtype (a float16 energy's products round
+    in float16: held to that, as the sparse Hessian's check holds them)."""
     argnums = tuple(range(len(primals)))
     sizes = [p.numel() for p in primals]
     try:
@@ -109,30 +112,36 @@ def _hessian_round_off_only(g: Callable[..., torch.Tensor], primals: Sequence[to
             raise
         return False
     matrix = torch.cat([torch.cat([b.detach().reshape(sizes[r], -1) for b in row], 1) for r, row in enumerate(h)], 0)
-    return _within_round_off(matrix, products, seeds)
+    return _within_round_off(matrix, products, seeds, leaves)
 
 
 def _within_round_off(matrix: torch.Tensor, products: torch.Tensor, seeds: torch.Tensor,
                       leaves: Sequence[tuple[int, torch.dtype]] = ()) -> bool:
     """Whether ``products`` of ``seeds`` (r1, r2, r1 + r2: :func:`.verify.noise_seeds`)
     are ``matrix``'s (``(m, n)``, ``r1^T M``) within their own round-off (each row's
-    leaf's, where ``leaves`` are coarser than the products' dtype)."""
+    leaf's, where ``leaves`` are coarser than the products' dtype and a Jacobian's rows
+    are theirs; else, a Hessian's one element, the coarsest dtype's throughout)."""
     m64 = matrix.to("cpu", torch.float64).numpy()
     got = products.detach().to("cpu", torch.float64).numpy()
     if not (np.isfinite(m64).all() and np.isfinite(got).all()):
         return False  # (NaN or an infinity: no round-off, the first check's verdict stands)
     row_tol = leaf_tolerance(products.dtype, leaves) if sum(n for n, _ in leaves) == m64.shape[0] else None
-    off = disagrees(m64, "rev", products[0], seeds[0].to("cpu", torch.float64).numpy(), None, products.dtype, row_tol)
-    return off == 0.0 or within_noise(off, round_off(products), coarsest(products.dtype, [d for _, d in leaves]))
+    coarse = coarsest(products.dtype, [d for _, d in leaves])
+    # (beside row_tol the gradient's sum is in the products' dtype: as _Products.tol_dtype)
+    tol_dtype = products.dtype if row_tol is not None else coarse
+    off = disagrees(m64, "rev", products[0], seeds[0].to("cpu", torch.float64).numpy(), None, tol_dtype, row_tol)
+    return off == 0.0 or within_noise(off, round_off(products), coarse)
 
 
 def dense_hessian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor], reverse: bool = False,
-                  verdict: dict[str, bool] | None = None) -> Any:
+                  verdict: dict[str, bool] | None = None, leaves: Sequence[tuple[int, torch.dtype]] = ()) -> Any:
     """The Hessian of a ``g`` with one element, blocks ``[r][c]`` of shape
     ``(1, *primal_r.shape, *primal_c.shape)`` (no leading 1 for a 0-d ``g``):
     ``torch.func.hessian`` (``reverse``: ``jacrev(jacrev)``), or, where it disagrees
     with one Hessian-vector product or cannot run under vmap, ``jacrev(jacrev)`` row by
-    row. ``verdict`` as for :func:`dense_jacobian`."""
+    row. ``verdict`` as for :func:`dense_jacobian`; ``leaves``: the function's output
+    (its one element's size and dtype: a float16 energy of float64 inputs rounds its
+    products in float16, and at the inputs' round-off its Hessian went row by row)."""
     argnums = tuple(range(len(primals)))
     verdict = {} if verdict is None else verdict
     strategy = (lambda f: torch.func.jacrev(torch.func.jacrev(f, argnums=argnums), argnums=argnums)) if reverse \
@@ -148,7 +157,7 @@ def dense_hessian(g: Callable[..., torch.Tensor], primals: Sequence[torch.Tensor
             failed = exc
         if h is not None and "vmap" not in verdict:
             verdict["vmap"] = agrees_with_hvp(_with_aux(g), tuple(primals), argnums, h) or _hessian_round_off_only(
-                g, primals, h)
+                g, primals, h, leaves)
             if not verdict["vmap"]:
                 log.warning("the vmapped dense Hessian disagrees with one Hessian-vector product; computing it row by row")
         if h is None:

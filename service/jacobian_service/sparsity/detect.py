@@ -2682,7 +2682,9 @@ def _dense(g: Callable[..., torch.Tensor], diff: Sequence[torch.Tensor], hessian
     sizes and dtypes, whose round-off the check allows)."""
     from .dense import dense_hessian, dense_jacobian
 
-    return dense_hessian(g, diff, reverse=True, verdict=verdict) if hessian else dense_jacobian(g, diff, verdict, leaves)
+    if hessian:
+        return dense_hessian(g, diff, reverse=True, verdict=verdict, leaves=leaves)
+    return dense_jacobian(g, diff, verdict, leaves)
 
 
 def probe(

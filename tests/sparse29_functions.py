@@ -1,0 +1,44 @@
+"""Functions for tests/test_sparse_round29.py (plain callables: the tests build their specs).
+
+Each records its calls (plain, under vmap, under a transform or the tracer alike), so a
+test can tell how many times a sparse batch ran the user's function."""
+
+from __future__ import annotations
+
+import torch
+
+CALLS: list[int] = []
+
+
+def _ring(x: torch.Tensor) -> torch.Tensor:
+    """Element i reads x[i] and x[i - 1] (periodic): a diagonal and a sub-diagonal."""
+    return torch.sin(x) * (1.5 + torch.roll(x, 1))
+
+
+def leaves29(x: torch.Tensor):
+    """One ring as float64, float32, float16 and bfloat16 output leaves."""
+    CALLS.append(0)
+    r = _ring(x)
+    return r, r.float(), r.half(), r.bfloat16()
+
+
+def _coupling(x: torch.Tensor) -> torch.Tensor:
+    # x[0] as jacrev sees it, detached under the tracer (its tensors are a subclass): the
+    # traced pattern misses column 0, and the products prove it wrong (computed densely)
+    return x[0] if type(x) is torch.Tensor else x[0].detach()
+
+
+def wrong_leaves29(x: torch.Tensor):
+    """The ring scaled by 1 + x[0] / 10 (column 0 the trace does not see), as float64 and
+    float16 leaves."""
+    CALLS.append(0)
+    r = _ring(x) * (1 + 0.1 * _coupling(x))
+    return r, r.half()
+
+
+def wrong_half_energy29(x: torch.Tensor) -> torch.Tensor:
+    """A ring's energy in float16 arithmetic, scaled by 1 + x[0] / 10 (the coupling the
+    trace does not see)."""
+    CALLS.append(0)
+    h = x.half()
+    return (torch.sin(h) * torch.roll(h, 1) ** 2 * (1 + 0.1 * _coupling(x).half())).sum()

@@ -1,0 +1,95 @@
+"""Sparse derivatives, round 29: mixed-dtype outputs in a batch, and in the dense fallback.
+
+Round 28 held each output row of the pattern check to the coarser of its leaf's dtype
+and the inputs' (a float16 leaf rounds its share of the random product), for a request
+alone. What a user still saw (in-process engine, a ring of n = 40 as float64, float32,
+float16 and bfloat16 leaves, float64 input, 3 requests batched): the batch's check had no
+leaf dtypes, proved the right pattern wrong at every point, and each member ran again
+alone: 6 calls of the function (12 the first time) with mode=rev, where 2 answer them;
+with mode=auto the batch went to each alone before its products (the VJP colouring takes
+8 products to the JVPs' 2, though alone those JVPs are proven no jacrev's and VJPs answer
+after them): 7 calls. And where the products prove a pattern wrong (computed densely),
+the dense Jacobian's (and a float16 energy's dense Hessian's) check ran at the inputs'
+round-off: jacrev's right vmapped rows were taken for wrong ones and the derivative
+computed again row by row (the Hessian then 2e-3 off torch.func.hessian's).
+
+The real engine in-process (no server); answers are compared with torch.func.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+import torch
+from jacobian_service.engine.core import Engine
+from jacobian_service.registry import FunctionSpec, Input
+from jacobian_service.types import Call
+
+from . import sparse29_functions as f
+
+N = 40
+RNG = np.random.default_rng(29)
+ROW_BY_ROW = "row by row"  # (sparsity.dense's warning when it takes vmap's rows for wrong ones)
+
+
+def _spec(fn) -> FunctionSpec:
+    return FunctionSpec(fn.__name__, fn, (Input("x", shape=("n",), dtype="float64"),))
+
+
+def _call(spec: FunctionSpec, x: np.ndarray, mode: str = "auto") -> Call:
+    return Call(spec, [x], ["float64"], mode=mode, sparsity="auto", deadline=time.monotonic() + 60)
+
+
+def _jacrev(fn, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([b.to(torch.float64).numpy() for b in torch.func.jacrev(fn)(torch.from_numpy(x))])
+
+
+@pytest.mark.parametrize("mode", ["rev", "auto"])
+def test_a_batch_of_mixed_dtype_leaves_runs_as_one(mode):
+    """After one request alone (detection), batches of 3: the first checks vmap over the
+    points at each (one call each), then one vmapped forward pass and one vmapped VJP
+    answer all three: 2 calls (before: 6 for mode=rev, each member proven wrong and run
+    again alone; 7 for auto, each alone at once). Every answer exactly jacrev's."""
+    engine = Engine(torch.device("cpu"), 1 << 30)
+    spec = _spec(f.leaves29)
+    engine.jacobian(_call(spec, RNG.standard_normal(N), mode))
+    for first in (True, False):
+        xs = [RNG.standard_normal(N) for _ in range(3)]
+        f.CALLS.clear()
+        results = engine.run_batch("jacobian", [_call(spec, x, mode) for x in xs])
+        # (the first: 5, or 2 where vmap over these points was checked for the function already)
+        assert len(f.CALLS) <= (5 if first else 2), (mode, first, len(f.CALLS))
+        for r, x in zip(results, xs):
+            np.testing.assert_array_equal(r.value.toarray(), _jacrev(f.leaves29, x))
+            assert r.mode == "rev" and r.sparse_meta["products"] == 8 and not r.sparse_meta["notes"], r.sparse_meta
+
+
+def test_a_dense_jacobian_of_mixed_leaves_keeps_jacrevs_vmapped_rows(caplog):
+    """The traced pattern misses column 0, the products prove it wrong: jacrev's dense
+    answer, its vmapped rows checked against one VJP held to each leaf's round-off (the
+    float16 rows' own). Before: held to float64's, computed again one VJP a row."""
+    engine = Engine(torch.device("cpu"), 1 << 30)
+    x = RNG.standard_normal(N)
+    with caplog.at_level(logging.WARNING, logger="jacobian_service.sparsity"):
+        r = engine.jacobian(_call(_spec(f.wrong_leaves29), x))
+    assert any(n.startswith("the products proved this pattern wrong") for n in r.sparse_meta["notes"]), r.sparse_meta
+    np.testing.assert_array_equal(r.value.toarray(), _jacrev(f.wrong_leaves29, x))
+    assert not [m.getMessage() for m in caplog.records if ROW_BY_ROW in m.getMessage()]
+
+
+def test_a_float16_energys_dense_hessian_is_torch_funcs(caplog):
+    """A float16-arithmetic energy of float64 inputs whose traced Hessian pattern misses
+    x[0]'s coupling: computed densely, torch.func.hessian's values exactly, its vmapped
+    columns checked at float16's round-off. Before: at float64's, taken for wrong, and
+    computed again row by row by reverse over reverse (2e-3 off torch.func.hessian)."""
+    engine = Engine(torch.device("cpu"), 1 << 30)
+    x = RNG.uniform(0.5, 1.5, N)
+    with caplog.at_level(logging.WARNING, logger="jacobian_service.sparsity"):
+        r = engine.hessian(_call(_spec(f.wrong_half_energy29), x))
+    assert any(n.startswith("the products proved this pattern wrong") for n in r.sparse_meta["notes"]), r.sparse_meta
+    want = torch.func.hessian(f.wrong_half_energy29)(torch.from_numpy(x)).to(torch.float64).numpy()
+    np.testing.assert_array_equal(r.value.toarray(), want)
+    assert not [m.getMessage() for m in caplog.records if ROW_BY_ROW in m.getMessage()]
