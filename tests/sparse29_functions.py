@@ -42,3 +42,13 @@ def wrong_half_energy29(x: torch.Tensor) -> torch.Tensor:
     CALLS.append(0)
     h = x.half()
     return (torch.sin(h) * torch.roll(h, 1) ** 2 * (1 + 0.1 * _coupling(x).half())).sum()
+
+
+def float32_laplacian29(x: torch.Tensor) -> torch.Tensor:
+    """A 5-point Laplacian of an 8 x 8 grid minus sin(u) (a symmetric Jacobian: 3 JVPs
+    read as symmetric where VJPs take 5), returned as float32 whatever the input."""
+    CALLS.append(0)
+    u = x.reshape(8, 8)
+    p = torch.nn.functional.pad(u, (1, 1, 1, 1))
+    lap = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * u
+    return (lap - torch.sin(u)).reshape(-1).float()

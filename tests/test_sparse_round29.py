@@ -44,7 +44,8 @@ def _call(spec: FunctionSpec, x: np.ndarray, mode: str = "auto") -> Call:
 
 
 def _jacrev(fn, x: np.ndarray) -> np.ndarray:
-    return np.concatenate([b.to(torch.float64).numpy() for b in torch.func.jacrev(fn)(torch.from_numpy(x))])
+    jac = torch.func.jacrev(fn)(torch.from_numpy(x))
+    return np.concatenate([b.to(torch.float64).numpy() for b in ([jac] if isinstance(jac, torch.Tensor) else jac)])
 
 
 @pytest.mark.parametrize("mode", ["rev", "auto"])
@@ -93,3 +94,23 @@ def test_a_float16_energys_dense_hessian_is_torch_funcs(caplog):
     want = torch.func.hessian(f.wrong_half_energy29)(torch.from_numpy(x)).to(torch.float64).numpy()
     np.testing.assert_array_equal(r.value.toarray(), want)
     assert not [m.getMessage() for m in caplog.records if ROW_BY_ROW in m.getMessage()]
+
+
+def test_a_symmetric_jacobian_of_a_coarser_output_keeps_its_vjps(caplog):
+    """A symmetric Jacobian (a Laplacian's) whose output is float32 of float64 inputs:
+    its VJPs are exact to float64 and symmetric, but JVPs read as symmetric would round
+    each column to float32, and the VJP that checks JVPs proves them no jacrev's. Before:
+    the first request sent the function to that reading, the second paid its JVPs, the
+    VJP and the VJPs again (7 calls, not 2), logged as 'not symmetric at this point'. Now
+    every request takes its 5 VJPs: 2 calls, exactly jacrev's."""
+    engine = Engine(torch.device("cpu"), 1 << 30)
+    spec = _spec(f.float32_laplacian29)
+    with caplog.at_level(logging.INFO, logger="jacobian_service.sparsity"):
+        for i in range(3):
+            x = RNG.uniform(0.5, 1.5, 64)
+            f.CALLS.clear()
+            r = engine.jacobian(_call(spec, x))
+            if i:
+                assert len(f.CALLS) == 2 and r.mode == "rev" and r.sparse_meta["products"] == 5, (len(f.CALLS), r.mode)
+            np.testing.assert_array_equal(r.value.toarray(), _jacrev(f.float32_laplacian29, x))
+    assert not [m.getMessage() for m in caplog.records if "symmetric" in m.getMessage()]
