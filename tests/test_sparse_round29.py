@@ -81,19 +81,34 @@ def test_a_dense_jacobian_of_mixed_leaves_keeps_jacrevs_vmapped_rows(caplog):
     assert not [m.getMessage() for m in caplog.records if ROW_BY_ROW in m.getMessage()]
 
 
-def test_a_float16_energys_dense_hessian_is_torch_funcs(caplog):
+def test_a_float16_energys_hessian_keeps_vmap(caplog):
     """A float16-arithmetic energy of float64 inputs whose traced Hessian pattern misses
-    x[0]'s coupling: computed densely, torch.func.hessian's values exactly, its vmapped
-    columns checked at float16's round-off. Before: at float64's, taken for wrong, and
-    computed again row by row by reverse over reverse (2e-3 off torch.func.hessian)."""
+    x[0]'s coupling. The first point: computed densely, torch.func.hessian's values
+    exactly, its vmapped columns checked at float16's round-off (before: at float64's,
+    taken for wrong and computed again row by row by reverse over reverse, 2e-3 off
+    torch.func.hessian's). The second, over the widened pattern: its vmapped
+    Hessian-vector products checked at float16's round-off too (before: float64's, vmap
+    taken for wrong for this function and shapes, every later request's products one at
+    a time: 6 calls of the function where 2 answer it)."""
     engine = Engine(torch.device("cpu"), 1 << 30)
-    x = RNG.uniform(0.5, 1.5, N)
+    spec = _spec(f.wrong_half_energy29)
     with caplog.at_level(logging.WARNING, logger="jacobian_service.sparsity"):
-        r = engine.hessian(_call(_spec(f.wrong_half_energy29), x))
-    assert any(n.startswith("the products proved this pattern wrong") for n in r.sparse_meta["notes"]), r.sparse_meta
-    want = torch.func.hessian(f.wrong_half_energy29)(torch.from_numpy(x)).to(torch.float64).numpy()
-    np.testing.assert_array_equal(r.value.toarray(), want)
-    assert not [m.getMessage() for m in caplog.records if ROW_BY_ROW in m.getMessage()]
+        # (points where vmap's batched float16 sums were an ulp off one product's: at 4 in 8)
+        for i, x in enumerate(np.random.default_rng(0).uniform(0.5, 1.5, (3, N))[1:]):
+            f.CALLS.clear()
+            r = engine.hessian(_call(spec, x))
+            calls = len(f.CALLS)
+            want = torch.func.hessian(f.wrong_half_energy29)(torch.from_numpy(x)).to(torch.float64).numpy()
+            if i == 0:
+                assert any(n.startswith("the products proved this pattern wrong") for n in r.sparse_meta["notes"])
+                np.testing.assert_array_equal(r.value.toarray(), want)
+            else:
+                assert calls == 2 and r.sparse_meta["products"] == 3, (calls, r.sparse_meta)
+                # (3 products of float16 arithmetic, an acyclic colouring's substitution)
+                tol = 8 * torch.finfo(torch.float16).eps * np.abs(want).max()
+                np.testing.assert_allclose(r.value.toarray(), want, rtol=0, atol=tol)
+    warned = [m.getMessage() for m in caplog.records]
+    assert not [w for w in warned if ROW_BY_ROW in w or "one product at a time" in w], warned
 
 
 def test_a_symmetric_jacobian_of_a_coarser_output_keeps_its_vjps(caplog):

@@ -115,7 +115,7 @@ def _take(vectors: tuple[Any, ...], k: int) -> Any:
     return pytree.tree_map(lambda v: v[k], vectors)
 
 
-def vmap_agrees(product: Callable[..., Any], vectors: tuple[Any, ...], value: Any) -> bool:
+def vmap_agrees(product: Callable[..., Any], vectors: tuple[Any, ...], value: Any, eps: float = 0.0) -> bool:
     """Whether ``value``, ``vmap(product)(*vectors)``, holds the products, by linearity:
     ``sum_k w_k value[k]`` against one product of ``sum_k w_k vectors[k]``, random ``w``.
 
@@ -133,7 +133,11 @@ def vmap_agrees(product: Callable[..., Any], vectors: tuple[Any, ...], value: An
     significant bits), so combining basis vectors rounds nothing, and the tolerance is
     the coarser dtype's. With a random float ``w`` rounded to bfloat16, every Jacobian
     of a function with a bfloat16 output failed the check (2^-9 off against a float32
-    tolerance): its rows then ran one VJP at a time, for every later request too."""
+    tolerance): its rows then ran one VJP at a time, for every later request too.
+
+    ``eps``: a coarser round-off the products may carry inside (a float16 energy's
+    Hessian-vector products of float64 vectors, rounded in float16 arithmetic: at float64's
+    they were taken for a wrong vmap, and its products ran one at a time)."""
     results = [r.detach() for r in pytree.tree_leaves(value)]
     try:
         tensors = [v for v in pytree.tree_leaves(vectors) if isinstance(v, torch.Tensor)]
@@ -143,6 +147,7 @@ def vmap_agrees(product: Callable[..., Any], vectors: tuple[Any, ...], value: An
         # right products failed the check, each then run alone)
         coarsest = max((torch.finfo(v.dtype).eps for v in tensors if v.is_floating_point() or v.is_complex()),
                        default=0.0)
+        coarsest = max(coarsest, eps)
 
         def mix(t: torch.Tensor, absolute: bool = False) -> torch.Tensor:
             t = t.abs() if absolute else t
@@ -188,7 +193,7 @@ def one_agrees(product: Callable[..., Any], vectors: tuple[Any, ...], value: Any
     return _close(direct, [r[k] for r in results])
 
 
-def same_products(looped: Any, value: Any) -> bool:
+def same_products(looped: Any, value: Any, eps: float = 0.0) -> bool:
     """Whether ``value``, ``vmap(product)(*vectors)``, holds ``looped``, the same products
     one vector at a time, to round-off: where :func:`vmap_agrees` said no, whether
     ``vmap`` is wrong or the product is not linear in its vector, which that check takes
@@ -196,8 +201,9 @@ def same_products(looped: Any, value: Any) -> bool:
     (torch's autograd_function_db's CubeGenVmap: ``g s + 6 s``): ``vmap`` runs it as one
     product at a time does, and jacrev's rows are those, but the linear mix of vectors
     disagreed, so every Jacobian of such a function ran one VJP a row, the profile
-    saying ``vmap`` could not run its pullback."""
-    return _close([d.detach() for d in pytree.tree_leaves(looped)], [r.detach() for r in pytree.tree_leaves(value)])
+    saying ``vmap`` could not run its pullback. ``eps``: as :func:`vmap_agrees` takes it
+    (vmap's batched float16 sums round otherwise than one product's: 1 ulp apart)."""
+    return _close([d.detach() for d in pytree.tree_leaves(looped)], [r.detach() for r in pytree.tree_leaves(value)], eps)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -207,8 +213,9 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.complex128 if t.is_complex() else torch.float64)
 
 
-def _close(direct: list[torch.Tensor], results: list[torch.Tensor]) -> bool:
-    """Leaf by leaf, the same products to round-off (of ``results``' first dtype)."""
+def _close(direct: list[torch.Tensor], results: list[torch.Tensor], floor: float = 0.0) -> bool:
+    """Leaf by leaf, the same products to round-off (of ``results``' first dtype, or of
+    machine epsilon ``floor`` where coarser)."""
     if len(direct) != len(results):
         return False
     for d, r in zip(direct, results):
@@ -220,6 +227,7 @@ def _close(direct: list[torch.Tensor], results: list[torch.Tensor]) -> bool:
             continue
         d, r = _wide(d), _wide(r)
         eps = torch.finfo(results[0].dtype).eps if results[0].is_floating_point() or results[0].is_complex() else 0.0
+        eps = max(eps, floor)
         # loose where the product's terms cancel (a vmap that mixes vectors is off by O(1))
         tol = min(256 * eps, 1e-2) * (d.abs() + r.abs() + d.abs().max()) + torch.finfo(torch.float64).tiny
         same = ((d - r).abs() <= tol) | ~(d.isfinite() & r.isfinite())

@@ -777,7 +777,7 @@ def _agrees(seen: Any, check: Callable[[], bool], what: str) -> bool:
 
 
 def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch.Tensor],
-            key: Any = None, check: bool = True) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+            key: Any = None, check: bool = True, eps: float = 0.0) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """``run(seeds)`` at one point: the seeds vmapped; looped when vmap cannot run the
     function (learned once, then every chunk loops), or runs it wrong: torch's vmap of
     ``masked_select``'s backward with a broadcast mask is silently wrong when it batches
@@ -785,7 +785,9 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
     products are checked against one product by linearity, once per ``key`` (the
     function, mode and shapes; none: at every chunk) and number of seeds. ``check``
     False: vmap's products are the answer (a Hessian that must be torch.func.hessian's,
-    itself vmapped: see :data:`NO_GRAD_HESSIAN_NOTE`)."""
+    itself vmapped: see :data:`NO_GRAD_HESSIAN_NOTE`). ``eps``: the machine epsilon of
+    an output coarser than the inputs, whose round-off the products carry (see
+    :func:`.engine.products.vmap_agrees`)."""
     product = at(*args)
     vmapped = torch.func.vmap(product)
     state: dict[str, Any] = {"vmap": True, "ran": False, "error": None}
@@ -805,12 +807,12 @@ def _single(at: Callable[..., Callable[..., torch.Tensor]], args: Sequence[torch
                 looped: list[torch.Tensor] = []
 
                 def agrees() -> bool:
-                    if vmap_agrees(product, tuple(seeds), out):
+                    if vmap_agrees(product, tuple(seeds), out, eps):
                         return True
                     # vmap's products may be right for a product not linear in its seed
                     # (a custom backward adding a term of its own): the same one by one
                     looped.append(one_by_one(seeds))
-                    return same_products(looped[0], out)
+                    return same_products(looped[0], out, eps)
 
                 if not check or _agrees(key and (key, count), agrees, "one product at a time"):
                     return out
@@ -1351,11 +1353,14 @@ def _sparse_hessian(
     # forward AD (it ran again, failing, at every request): run only where its error is
     # the answer, this request's own (a kept one may be of other inputs)
     unasked = False
-    run = star = _single(_product_at("star", fn, argnums, has_aux), args, key and ("star", key), check=not torchs)
+    # (a float16 energy's products round in float16: vmap's checked at that round-off)
+    eps = float(torch.finfo(plan.check_dtype).eps)
+    run = star = _single(_product_at("star", fn, argnums, has_aux), args, key and ("star", key), check=not torchs,
+                         eps=eps)
 
     def reverse_over_reverse() -> tuple[Callable[[list[torch.Tensor]], torch.Tensor], tuple[torch.Tensor, int]]:
         # (building it takes the gradient, which fails for an op without a derivative)
-        rev = _single(_product_at("star_rev", fn, argnums, has_aux), args, key and ("star_rev", key))
+        rev = _single(_product_at("star_rev", fn, argnums, has_aux), args, key and ("star_rev", key), eps=eps)
         return rev, plan.compressed(rev, memory_budget, check_alive, chunk_size)
 
     try:
