@@ -155,6 +155,9 @@ def test_hessians_of_the_ops_energies_are_torchs(c, op, dtype):
         body = assert_problem(post(c, name, "hvp", xs, argnums=wire_an, tangents=[arr(u) for u in v]), 500,
                               "function_error")
         assert body["detail"] == f"{type(exc).__name__}: {str(exc).splitlines()[0]}", (body, exc)
+        # for want of forward mode (masked_scatter's broken forward gradient too): said in its
+        # member, which the SDK's hessp reads to go on to the Hessian answered above
+        assert body.get("unsupported") == "forward_mode", body
         return
     got, _ = answer(post(c, name, "hvp", xs, argnums=wire_an, tangents=[arr(u) for u in v]), "hvp")
     same(got, want, rtol=tol)

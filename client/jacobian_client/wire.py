@@ -161,10 +161,14 @@ CAPABILITIES: tuple[str, ...] = ("unsupported_member",)
 #: What torch says where forward-mode AD is missing, not merely failing: an op without a
 #: forward formula, a custom ``autograd.Function`` without ``jvp`` (eager or under
 #: ``torch.func``). The engine sets the member from them (and from torch's type for it,
-#: ``NotImplementedError``); the SDK reads them in an older service's detail.
+#: ``NotImplementedError``); the SDK reads them in an older service's detail. And an op
+#: whose forward formula torch has broken (``masked_scatter``'s backward under forward
+#: over reverse sets a tangent of another op's size, a RuntimeError): /hvp answered its 500
+#: without the member, so the SDK's ``hessp`` did not go on to the reverse-mode Hessian
+#: the service answers (parity round 31).
 NO_FORWARD_AD_WORDS: tuple[str, ...] = (
     "Trying to use forward AD with", "implement the jvp function for custom autograd.Function",
-    "jvp is not implemented for")
+    "jvp is not implemented for", "Trying to set a forward gradient that has a different size")
 
 #: dtype names accepted on the wire (bfloat16 decodes to float32; see module doc).
 DTYPES = frozenset(
