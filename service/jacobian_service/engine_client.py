@@ -490,7 +490,8 @@ class RemoteEngines(_Engines):
         """Answer every request the dead engine held: the ones it was running when it
         died were the cause (504 for a hang, 500 for a crash), unless several were
         running together (a batch: the culprit is unknown, so all are retried, and the
-        supervisor has the function run alone from now on); the rest are retryable.
+        supervisor has the function run alone from now on; a hung batch too: it is killed
+        at its earliest member's deadline, the others' still ahead); the rest are retryable.
 
         An engine that left as planned (a stray thread, its memory limit) left between
         batches, having sent every answer it had: what it did not answer it never
@@ -520,7 +521,7 @@ class RemoteEngines(_Engines):
                 tag = ""
             if planned and movable and tag not in tags:
                 fut.set_exception(_Resend())
-            elif tag in tags and hang:
+            elif tag in tags and hang and alone:
                 fut.set_exception(Timeout(f"{reason}; the engine was restarted"))
             elif tag in tags and alone and (function or not planned):
                 fut.set_exception(FunctionError(f"{reason} while running this request; the engine was restarted"))

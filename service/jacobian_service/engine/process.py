@@ -262,7 +262,16 @@ class EngineServer:
         self.listener.ran(function)
         self.engine.process_settings.before(function)  # (its random generators: no other function's state)
         self._refusal = None  # (``_patched``: per batch)
-        self.board.running(time.monotonic(), max(j.deadline for j in jobs), function, [j.tag for j in jobs], self._left)
+        # The hang watch's deadline: a batch of several is hung once it runs past its
+        # EARLIEST member's deadline plus the grace. It may run past that deadline for the
+        # others (types.stacked_liveness), but was formed only if its measured cost fit it
+        # (scheduler._fits). With the latest member's, one member's input that hung the
+        # stacked call held every batch-mate to its own deadline: 504s at 20 s for work of
+        # milliseconds; now they get a 503 at the earliest deadline plus the grace, and
+        # their retry runs alone (the function is isolated) and is answered.
+        deadlines = [j.deadline for j in jobs]
+        self.board.running(time.monotonic(), min(deadlines) if len(jobs) > 1 else deadlines[0], function,
+                           [j.tag for j in jobs], self._left)
 
     # ----------------------------------------------------------------- loop
 
