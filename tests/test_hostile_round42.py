@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
+from ._fault_support import _log_until
 from ._spare_support import body
 from .conftest import assert_problem, live_server
-from ._fault_support import _log_until
 
 GOOD = [[0.5, 1.0, 2.0], [1.5, -1.0, 0.25]]
 ARMED = [666.0, 0.0, 0.0]
@@ -113,7 +113,7 @@ def test_a_crash_inside_a_batch_is_its_culprits_500_and_its_mates_answers(server
     mate0, armed, mate2 = _batch(url, function, [20.0, 20.0, 20.0])
     assert_problem(armed[0][1], 503, "unavailable")
     body_ = assert_problem(armed[-1][1], 500, "function_error")
-    assert body_["detail"] == (f"the engine process exited with status 7 while running this request; "
+    assert body_["detail"] == ("the engine process exited with status 7 while running this request; "
                                "the engine was restarted"), body_
     for tries, x in ((mate0, GOOD[0]), (mate2, GOOD[1])):
         _right(tries[-1][1], x, f)
