@@ -20,7 +20,7 @@ from jacobian_service.responses import (
     meta_headers,
     meta_raw_headers,
 )
-from jacobian_service.routes import _common_meta, _meta, _npy_meta
+from jacobian_service.routes import _common_meta, _meta
 from jacobian_service.types import JobInfo, Result
 
 from tests._client_support import real_app, serve
@@ -59,9 +59,10 @@ def test_meta_headers_and_their_raw_form_say_what_they_said(meta: dict) -> None:
 
 
 def test_a_small_npy_answer_has_the_headers_it_had() -> None:
-    """encode's small .npy, made with _common_meta and raw headers, against the way it
-    was made at 981dd9b (_meta's whole dict through headers=); _meta unchanged. (Its
-    meta headers: the common entries and, since browser round 16, an evaluate's flags.)"""
+    """encode's small .npy, made with raw headers, against the way it was made at 981dd9b
+    (_meta's whole dict through headers=); _meta unchanged. (Its meta headers: the common
+    entries and, since browser round 16, an evaluate's flags; a sparse result's entries
+    are no headers.)"""
     from jacobian_service.responses import attachment
     from starlette.responses import Response
 
@@ -74,7 +75,7 @@ def test_a_small_npy_answer_has_the_headers_it_had() -> None:
     assert list(meta)[:6] == list(_common_meta(info, result))
     old = Response(b"".join(wire.write_npy(result.value)), media_type=wire.NPY,
                    headers={**attachment("sin", "jacobian", wire.NPY), **_reference(meta)})
-    new = encode(wire.NPY, "sin", "jacobian", result, _npy_meta(info, result))
+    new = encode(wire.NPY, "sin", "jacobian", result, _meta(info, result))
     assert new.body == old.body
     assert sorted(new.raw_headers) == sorted(old.raw_headers)
     assert len({k for k, _ in new.raw_headers}) == len(new.raw_headers)  # each once

@@ -298,16 +298,6 @@ def _common_meta(info: JobInfo, result: Result) -> dict[str, Any]:
     }
 
 
-def _npy_meta(info: JobInfo, result: Result) -> dict[str, Any]:
-    """A bare .npy's meta, all in its headers: the common entries (a dense form of a
-    sparse result's are not headers) and an evaluate's per-output flags (bfloat16,
-    unbatched: X-Bfloat16, X-Unbatched), which the .npy's '<f4' cannot say."""
-    meta = _common_meta(info, result)
-    if result.batch_meta:
-        meta.update(result.batch_meta)
-    return meta
-
-
 def _sparse_media(media: list[str], dense_form: bool = True) -> list[str]:
     """A sparse matrix travels as JSON or .npz (SPEC 7), never as one .npy.
     ``dense_form``: the request may ask for ``sparse_format=dense`` instead (the POSTs;
@@ -455,8 +445,9 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         # .npy: a header and views of the arrays, nothing built whatever the size (a
         # thread hop cost a 4 MB .npy answer more than its encoding): its size (a walk
         # of the result) is not needed. Its meta goes in its headers (meta_headers), which
-        # say only what _npy_meta holds.
-        response = encode(chosen, spec.name, wire.RESULT_KEY[kind], result, _npy_meta(info, result))
+        # say META_HEADERS' entries only (an evaluate's flags among them, not a dense form
+        # of a sparse result's entries).
+        response = encode(chosen, spec.name, wire.RESULT_KEY[kind], result, _meta(info, result))
     else:
         # Within the result limit: the engine's worker refused it otherwise (scheduler).
         nbytes = result.nbytes()
