@@ -377,14 +377,11 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result | Servic
 
 
 def _coarser_leaves(like: torch.dtype, output: Any) -> bool:
-    """Whether some leaf of ``output`` rounds in a coarser dtype than the inputs' ``like``
-    (a float16 leaf beside float64 ones, or of a float64 input)."""
-    from ..sparsity.verify import coarsest
+    """Whether some leaf of ``output`` rounds in a coarser dtype than the inputs' ``like``."""
+    from ..sparsity.verify import coarser_than
 
     dtypes = [leaf.dtype for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
-    if not (like.is_floating_point or like.is_complex):
-        return False
-    return torch.finfo(coarsest(like, dtypes)).eps > torch.finfo(like).eps
+    return (like.is_floating_point or like.is_complex) and coarser_than(float(torch.finfo(like).eps), dtypes)
 
 
 def _each(calls: list[Call], one: Any) -> list[Result | ServiceError]:

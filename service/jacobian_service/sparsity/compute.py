@@ -34,7 +34,7 @@ from .draws import Draws, TorchDraws, replaying
 from .function_state import function_state
 from .patterns import (Declared, Pattern, PatternCache, PatternTooLarge, check_entries, counting_entries,
                        function_fingerprint, limits_now)
-from .verify import coarsest, differs_from_reverse, leaf_tolerance
+from .verify import coarsest, coarser_than, differs_from_reverse, leaf_tolerance
 
 __all__ = [
     "OutputSizeChanged",
@@ -1069,9 +1069,8 @@ def _symmetric_next(
         # them no jacrev's at every point: a symmetric reading was taken (from VJPs, exact
         # to the inputs' round-off), and the next request paid its JVPs, the VJP and the
         # VJPs again (7 calls of the function, not 2) and was logged as asymmetric there.
-        coarse = max((float(torch.finfo(d).eps) for _, d in _leaves(res.output) if d.is_floating_point or d.is_complex),
-                     default=0.0)
-        if not checkable(eps) or coarse > eps or not symmetric_values(res.matrix, eps):  # (float32: cannot tell)
+        coarse = coarser_than(eps, [d for _, d in _leaves(res.output)])
+        if not checkable(eps) or coarse or not symmetric_values(res.matrix, eps):  # (float32: cannot tell)
             return
         from .acyclic import most_summed
 

@@ -51,7 +51,7 @@ import torch
 from .coloring import Coloring
 from .patterns import Pattern
 
-__all__ = ["coarsest", "covered", "differs_from_reverse", "disagrees", "disagrees_batch", "leaf_tolerance",
+__all__ = ["coarsest", "coarser_than", "covered", "differs_from_reverse", "disagrees", "disagrees_batch", "leaf_tolerance",
            "noise_seeds", "noise_tolerance", "random_row", "round_off", "strays", "within_noise"]
 
 #: Differences below this many ulps of the largest magnitude are round-off.
@@ -78,6 +78,13 @@ def coarsest(like: torch.dtype, leaves: Sequence[torch.dtype] = ()) -> torch.dty
     """The dtype of largest machine epsilon among the inputs' (``like``) and the output
     leaves' floating ones: the one whose round-off bounds the products'."""
     return max([like, *(d for d in leaves if d.is_floating_point or d.is_complex)], key=_eps)
+
+
+def coarser_than(eps: float, leaves: Sequence[torch.dtype]) -> bool:
+    """Whether some floating output leaf rounds coarser than machine epsilon ``eps``, the
+    inputs' (a float16 leaf beside float64 ones, or of a float64 input): its products
+    round there."""
+    return any(_eps(d) > eps for d in leaves)
 
 
 def leaf_tolerance(like: torch.dtype, leaves: Sequence[tuple[int, torch.dtype]]) -> np.ndarray | None:
