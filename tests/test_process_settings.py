@@ -385,17 +385,8 @@ class TestReplaced:
             # The supervisor's line, and the engine's own, which comes through the engine's
             # relayed output on its own time: on a loaded machine it was not in the log yet
             # when the spare already served. Both are waited for.
-            deadline = time.monotonic() + 30
-            said = ("raises_its_niceness left the niceness changed, which cannot be put back",
-                    "raises_its_niceness changed the niceness (to 5), which cannot be put back")
-            while not all(line in proc.read_log() for line in said):
-                assert time.monotonic() < deadline, proc.read_log()[-3000:]
-                time.sleep(0.1)
-            deadline = time.monotonic() + 30
-            while (r := client.post("/v1/functions/scaled_by_ones/evaluate", json=X)).status_code == 503:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-            assert r.status_code == 200, r.text
+            _replaced_naming(client, proc, "raises_its_niceness left the niceness changed, which cannot be put back",
+                             "raises_its_niceness changed the niceness (to 5), which cannot be put back")
 
     def test_an_engine_left_with_a_seccomp_filter_or_its_sockets_closed_is_replaced(self, waiting, served):
         """A function installed a seccomp filter (through ctypes) that fails ``uname`` with
@@ -453,10 +444,10 @@ class TestReplaced:
             assert said in _log_saying(proc, said), proc.read_log()[-3000:]
 
 
-def _replaced_naming(client: httpx.Client, proc, said: str) -> None:
-    """Until the log says ``said`` and another engine serves."""
-    deadline = time.monotonic() + 20
-    while said not in proc.read_log():
+def _replaced_naming(client: httpx.Client, proc, *said: str) -> None:
+    """Until the log says every line of ``said`` and another engine serves."""
+    deadline = time.monotonic() + 30
+    while not all(line in proc.read_log() for line in said):
         assert time.monotonic() < deadline, proc.read_log()[-3000:]
         time.sleep(0.1)
     deadline = time.monotonic() + 60
