@@ -71,7 +71,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import zmq
@@ -235,6 +235,15 @@ class _Engine:
         return max(0.0, self.ready_by - now)
 
 
+class _StruckBeside(NamedTuple):
+    """A threads' owner struck at a death while another function ran (``Supervisor._died``)."""
+
+    owner: str
+    ran: str  # the function that ran as the engine died
+    skipped: bool  # whether that strike had engines skip the owner's warm-up
+    when: float  # the strike's own time: only that strike is taken back, where it still stands
+
+
 @dataclass
 class _SpareWord:
     """What a spare has said on its stdin (``Supervisor._hear``)."""
@@ -275,11 +284,9 @@ class Supervisor:
         # threads: tag -> (when, the function that ran). Should the next engine die running
         # one of them too, the crash is that function's own (``_died``).
         self._resent: dict[str, tuple[float, str]] = {}
-        # Threads' owners struck at such a death (their second): (owner, the function that
-        # ran then, whether that strike had engines skip the owner's warm-up). Taken back
-        # once that function is struck for a crash of its own (``_let_off``).
-        # (And the strike's own time: only that strike is taken back, where it still stands.)
-        self._struck_beside: list[tuple[str, str, bool, float]] = []
+        # Threads' owners struck at such a death (their second). Taken back once the
+        # function that ran then is struck for a crash of its own (``_let_off``).
+        self._struck_beside: list[_StruckBeside] = []
         self._words: dict[int, _SpareWord] = {}  # what each spare (pid) has said on its stdin (``_hear``)
         self._order: list[str] | None = None  # the functions, in the order engines warm them up (the registry's)
         self.quarantines = 0
@@ -1287,7 +1294,7 @@ class Supervisor:
         if theirs:
             for suspect in blamed:
                 when = self._strike(suspect, batch=False)
-                self._struck_beside.append((suspect, function, suspect in newly_skipped, when))
+                self._struck_beside.append(_StruckBeside(suspect, function, suspect in newly_skipped, when))
             del self._struck_beside[:-_MAX_KILLED_AFTER]
         elif function and recycled is None:
             isolating = len(tags) > 1 and function not in self.isolate  # (taken back with the strike: _judge)
@@ -1356,8 +1363,8 @@ class Supervisor:
         pool that every warm-up starts, each ended an engine before the front ends sent it
         on, and the pool's owner, alive at two such deaths, was struck (quarantined at
         the third, its warm-up skipped for good) for crashes not its own."""
-        let_off = [e for e in self._struck_beside if e[1] == ran]
-        self._struck_beside = [e for e in self._struck_beside if e[1] != ran]
+        let_off = [e for e in self._struck_beside if e.ran == ran]
+        self._struck_beside = [e for e in self._struck_beside if e.ran != ran]
         for owner, _, skipped, when in let_off:
             # That strike alone, where it still stands: one released with its quarantine, or
             # gone out of the window, is no more, and the last strike was the owner's own
@@ -1365,11 +1372,11 @@ class Supervisor:
             if when in self.strikes.get(owner, ()):
                 self._unstrike(owner, at=when)
             if skipped:
-                still = next((i for i, e in enumerate(self._struck_beside) if e[0] == owner), None)
+                still = next((i for i, e in enumerate(self._struck_beside) if e.owner == owner), None)
                 if still is None:
                     self.skip_warmup.discard(owner)
                 else:  # struck beside another function too: that strike keeps its warm-up skipped
-                    self._struck_beside[still] = (*self._struck_beside[still][:2], True, self._struck_beside[still][3])
+                    self._struck_beside[still] = self._struck_beside[still]._replace(skipped=True)
         return sorted({owner for owner, *_ in let_off})
 
     def _sent_on(self, tags: list[str], function: str) -> bool:
