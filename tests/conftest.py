@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
+import zlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -399,6 +401,21 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Any:
                 report.sections.append(("server log (this test's part)", served.log()[-20000:]))
     return report
 
+
+
+@pytest.fixture(autouse=True)
+def _inputs_of_its_own(request: pytest.FixtureRequest) -> None:
+    """A test's draws from a module's ``RNG`` (its own, or one borrowed from another round
+    it imports) come from a generator seeded by the test's id. Drawn from one shared
+    generator, a test's inputs depended on which tests ran before it in its worker
+    (xdist deals them out anew each run): a float32 Hessian refused on one sample (a kink
+    within the finite-difference step) failed in one run and not the next, and not
+    alone. Now a failure comes back on every run, and when the test runs alone."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    module = request.module
+    for holder in (module, *(v for v in vars(module).values() if isinstance(v, types.ModuleType))):
+        if isinstance(getattr(holder, "RNG", None), np.random.Generator):
+            holder.RNG = np.random.default_rng(seed)
 
 # The service's settings in the environment as the session began (an operator's, such as
 # DEVICE on a GPU host); a module's own (ready_app_with, make_client) hold for its app only.
