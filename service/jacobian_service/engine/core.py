@@ -103,10 +103,14 @@ def materialized(leaf: torch.Tensor) -> torch.Tensor:
     ``_efficientzerotensor``), which neither ``.numpy()`` nor a copy into pinned memory
     takes: that was a 500 ``internal_error`` for a plain ``jvp`` request. A lazily
     negated view (``z.conj().imag``: torch's negative bit) ``.numpy()`` refuses too: an
-    ``evaluate`` of such a function was a 500 ``internal_error`` where torch answers it."""
+    ``evaluate`` of such a function was a 500 ``internal_error`` where torch answers it.
+    So does a lazily conjugated complex tensor (``z.conj()``: the conjugate bit), an
+    output, aux leaf or jvp tangent alike: resolved here, as torch's own printing does."""
     leaf = leaf.detach()
     if leaf._is_zerotensor():
         return torch.zeros_like(leaf)
+    if leaf.is_conj():
+        leaf = leaf.resolve_conj()
     return leaf.resolve_neg() if leaf.is_neg() else leaf
 
 
