@@ -6,7 +6,6 @@ test_conj_bit, TestJvp over R -> C), as outputs, as a leaf of a pytree output an
 from __future__ import annotations
 
 import torch
-
 from jacobian_service import Input, register
 
 
@@ -25,4 +24,13 @@ def conj_pair(x):
 @register(inputs=[Input("x", shape=("n",))], has_aux=True)
 def conj_aux(x):
     """A real scalar output, its aux a lazily conjugated phase beside a plain tensor."""
-    return (x.sin() * x).sum(), {"phase": torch.polar(torch.ones_like(x), x).conj(), "abs": x.abs()}
+    return (x.sin() * x).sum(), {
+        "phase": torch.polar(torch.ones_like(x), x).conj(),
+        "abs": x.abs(),
+    }
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def conj_adjoint(x):
+    """The adjoint (.mH) of a complex matrix: a conjugated view that is also transposed."""
+    return torch.complex(torch.outer(x, x.cos()), torch.outer(x.sin(), x)).mH

@@ -56,7 +56,13 @@ def close(got: Any, want: Any, path: str = "") -> None:
         want = want.detach().resolve_conj().numpy()
     if isinstance(want, np.ndarray):
         assert isinstance(got, np.ndarray), (path, got)
-        assert got.dtype == want.dtype and got.shape == want.shape, (path, got.dtype, want.dtype, got.shape, want.shape)
+        assert got.dtype == want.dtype and got.shape == want.shape, (
+            path,
+            got.dtype,
+            want.dtype,
+            got.shape,
+            want.shape,
+        )
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=path)
     elif isinstance(want, dict):
         assert isinstance(got, dict) and list(got) == list(want), (path, got)
@@ -73,45 +79,67 @@ def close(got: Any, want: Any, path: str = "") -> None:
 def lazily_conjugated(tree: Any) -> bool:
     """The premise: some leaf of torch's own answer has the conjugate bit set, which
     ``.numpy()`` refuses."""
-    lazy = [leaf for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor) and leaf.is_conj()]
+    lazy = [
+        leaf
+        for leaf in tree_leaves(tree)
+        if isinstance(leaf, torch.Tensor) and leaf.is_conj()
+    ]
     for leaf in lazy:
         with pytest.raises(RuntimeError, match="conjugate bit set"):
             leaf.numpy()
     return bool(lazy)
 
 
-@pytest.mark.parametrize("name", ["conj_out", "conj_pair"])
+@pytest.mark.parametrize("name", ["conj_out", "conj_pair", "conj_adjoint"])
 def test_a_lazily_conjugated_output_is_answered_on_evaluate_and_jvp(c, name):
     fn = getattr(F, name)
     want_out, want_jvp = f.jvp(fn, (t(X),), (t(V),))
     assert lazily_conjugated(want_out) and lazily_conjugated(want_jvp)
     # the math: the jvp is the directional derivative of the complex output
     h = 1e-6
-    fd = [(a - b) / (2 * h) for a, b in zip(tree_leaves(fn(t(X + h * V))), tree_leaves(fn(t(X - h * V))))]
+    fd = [
+        (a - b) / (2 * h)
+        for a, b in zip(tree_leaves(fn(t(X + h * V))), tree_leaves(fn(t(X - h * V))))
+    ]
     for got_leaf, fd_leaf in zip(tree_leaves(want_jvp), fd):
-        torch.testing.assert_close(got_leaf.resolve_conj(), fd_leaf.resolve_conj(), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(
+            got_leaf.resolve_conj(), fd_leaf.resolve_conj(), rtol=1e-6, atol=1e-8
+        )
     got, _ = answer(post(c, name, "evaluate", [X]), "output")
     close(got, want_out)
-    got, doc = answer(post(c, name, "jvp", [X], tangents=arr(V), return_output=True), "jvp")
+    got, doc = answer(
+        post(c, name, "jvp", [X], tangents=arr(V), return_output=True), "jvp"
+    )
     close(got, want_jvp)
     close(wire.decode_tree(doc["output"], limits=COMPLEX), want_out)
     # per example, and a stack of tangents: vmap's answers
     xs, vs = np.stack([X, -X, 2 * X]), np.stack([V, X, -V])
     got, _ = answer(post(c, name, "evaluate", [xs], batched=True), "output")
     close(got, f.vmap(fn)(t(xs)))
-    got, _ = answer(post(c, name, "jvp", [X], tangents=arr(vs), batched_vectors=True), "jvp")
+    got, _ = answer(
+        post(c, name, "jvp", [X], tangents=arr(vs), batched_vectors=True), "jvp"
+    )
     close(got, f.vmap(lambda v: f.jvp(fn, (t(X),), (v,))[1])(t(vs)))
     # .npz (and .npy for a single array), as the SDK reads them
-    r = c.post(f"/v1/functions/{name}/jvp", json={"inputs": [arr(X)], "tangents": arr(V), "return_output": True},
-               headers={"accept": "application/x-npz"})
+    r = c.post(
+        f"/v1/functions/{name}/jvp",
+        json={"inputs": [arr(X)], "tangents": arr(V), "return_output": True},
+        headers={"accept": "application/x-npz"},
+    )
     assert r.status_code == 200, r.text
     trees, _ = wire.read_result_npz(r.content, COMPLEX)
     close(trees["jvp"], want_jvp)
     close(trees["output"], want_out)
-    if name == "conj_out":
-        for endpoint, extra, want in (("evaluate", {}, want_out), ("jvp", {"tangents": arr(V)}, want_jvp)):
-            r = c.post(f"/v1/functions/{name}/{endpoint}", json={"inputs": [arr(X)], **extra},
-                       headers={"accept": "application/x-npy"})
+    if name != "conj_pair":
+        for endpoint, extra, want in (
+            ("evaluate", {}, want_out),
+            ("jvp", {"tangents": arr(V)}, want_jvp),
+        ):
+            r = c.post(
+                f"/v1/functions/{name}/{endpoint}",
+                json={"inputs": [arr(X)], **extra},
+                headers={"accept": "application/x-npy"},
+            )
             assert r.status_code == 200, r.text
             close(np.load(io.BytesIO(r.content)), want)
 
@@ -127,11 +155,20 @@ def test_a_lazily_conjugated_outputs_pullback_and_refusals_are_torchs(c):
     # the math: Re(conj(c) . dz/dx) by finite differences
     h = 1e-6
     dz = (fn(t(X + h)) - fn(t(X - h))).resolve_conj().numpy() / (2 * h)
-    np.testing.assert_allclose(want.numpy(), (np.conj(cts) * dz).real, rtol=1e-6, atol=1e-8)
-    spelled = lambda z: {"dtype": "complex128", "shape": list(z.shape), "data": np.stack([z.real, z.imag], -1).tolist()}
+    np.testing.assert_allclose(
+        want.numpy(), (np.conj(cts) * dz).real, rtol=1e-6, atol=1e-8
+    )
+    spelled = lambda z: {
+        "dtype": "complex128",
+        "shape": list(z.shape),
+        "data": np.stack([z.real, z.imag], -1).tolist(),
+    }
     got, _ = answer(post(c, "conj_out", "vjp", [X], cotangents=spelled(cts[0])), "vjp")
     close(got, want[0])
-    got, _ = answer(post(c, "conj_out", "vjp", [X], cotangents=spelled(cts), batched_vectors=True), "vjp")
+    got, _ = answer(
+        post(c, "conj_out", "vjp", [X], cotangents=spelled(cts), batched_vectors=True),
+        "vjp",
+    )
     close(got, want)
     with pytest.raises(RuntimeError, match="Expected all outputs to be real"):
         f.jacrev(fn)(t(X))
@@ -147,19 +184,35 @@ def test_a_lazily_conjugated_aux_is_answered_on_every_route(c):
     torch.testing.assert_close(got_aux, aux)
     xs = np.stack([X, -X])
     batched_jac, batched_aux = f.vmap(f.jacrev(F.conj_aux, has_aux=True))(t(xs))
-    routes = (("evaluate", {}, out_fn(t(X))), ("jacobian", {}, jac), ("jacobian", {"mode": "fwd"}, jac),
-              ("jacobian", {"chunk_size": 1}, jac), ("hessian", {}, f.hessian(out_fn)(t(X))),
-              ("jvp", {"tangents": arr(V)}, f.jvp(out_fn, (t(X),), (t(V),))[1]),
-              ("vjp", {"cotangents": arr(np.array(1.5))}, f.vjp(out_fn, t(X))[1](torch.tensor(1.5, dtype=torch.float64))[0]),
-              ("hvp", {"tangents": arr(V)}, f.jvp(f.grad(out_fn), (t(X),), (t(V),))[1]))
+    routes = (
+        ("evaluate", {}, out_fn(t(X))),
+        ("jacobian", {}, jac),
+        ("jacobian", {"mode": "fwd"}, jac),
+        ("jacobian", {"chunk_size": 1}, jac),
+        ("hessian", {}, f.hessian(out_fn)(t(X))),
+        ("jvp", {"tangents": arr(V)}, f.jvp(out_fn, (t(X),), (t(V),))[1]),
+        (
+            "vjp",
+            {"cotangents": arr(np.array(1.5))},
+            f.vjp(out_fn, t(X))[1](torch.tensor(1.5, dtype=torch.float64))[0],
+        ),
+        ("hvp", {"tangents": arr(V)}, f.jvp(f.grad(out_fn), (t(X),), (t(V),))[1]),
+    )
     for endpoint, options, want in routes:
-        got, doc = answer(post(c, "conj_aux", endpoint, [X], **options), {"evaluate": "output"}.get(endpoint, endpoint))
+        got, doc = answer(
+            post(c, "conj_aux", endpoint, [X], **options),
+            {"evaluate": "output"}.get(endpoint, endpoint),
+        )
         close(got, want, endpoint)
         close(wire.decode_tree(doc["aux"], limits=COMPLEX), aux, endpoint)
     got, doc = answer(post(c, "conj_aux", "jacobian", [xs], batched=True), "jacobian")
     close(got, batched_jac)
     close(wire.decode_tree(doc["aux"], limits=COMPLEX), batched_aux)
-    r = c.post("/v1/functions/conj_aux/jacobian", json={"inputs": [arr(X)]}, headers={"accept": "application/x-npz"})
+    r = c.post(
+        "/v1/functions/conj_aux/jacobian",
+        json={"inputs": [arr(X)]},
+        headers={"accept": "application/x-npz"},
+    )
     assert r.status_code == 200, r.text
     trees, _ = wire.read_result_npz(r.content, COMPLEX)
     close(trees["jacobian"], jac)
