@@ -10,7 +10,10 @@ torch.func.
    in the log) where torch answers: ``evaluate`` and ``jvp`` (JSON, ``.npy``, ``.npz``,
    per example, stacked tangents), and every route of a has_aux function (jacobian in
    every mode, hessian, vjp, jvp, hvp). The conjugation is resolved as the result
-   leaves the engine, as the negative bit (``z.conj().imag``) already was.
+   leaves the engine, as the negative bit (``z.conj().imag``) already was. The SDK's
+   torch adapter (``remote``) under torch.func.jvp / vmap / grad rides on those answers.
+2. A guard, no fix needed: vjp of complex cotangents through the conjugated output
+   (stacked ones row by row: torch's own vmap of that pullback raises) and jacrev's 422.
 
 One in-process app serves the module (no server start), as rounds 7-32.
 """
@@ -227,3 +230,21 @@ def test_the_sdk_reads_them_as_torch_answers(c, transport):
         want_jac, want_aux = f.jacrev(F.conj_aux, has_aux=True)(t(X))
         close(jac, want_jac)
         close(aux["phase"], want_aux["phase"])
+
+
+def test_the_torch_adapter_runs_them_under_torch_func_as_in_process(c):
+    """``remote(client, name)`` under torch.func: jvp (and vmap of it), and the pullback
+    of a real loss of the conjugated output (|z|^2's gradient), as the function in-process."""
+    from jacobian_client.torch import remote
+
+    tx, tv = t(X), t(V)
+    with sdk_over(c) as sdk:
+        for name in ("conj_out", "conj_pair"):
+            g, fn = remote(sdk, name), getattr(F, name)
+            torch.testing.assert_close(f.jvp(g, (tx,), (tv,)), f.jvp(fn, (tx,), (tv,)))
+            got = f.vmap(lambda v: f.jvp(g, (tx,), (v,))[1])(t(np.stack([V, X])))
+            want = f.vmap(lambda v: f.jvp(fn, (tx,), (v,))[1])(t(np.stack([V, X])))
+            torch.testing.assert_close(got, want)
+        g = remote(sdk, "conj_out")
+        loss = lambda h: lambda x: (h(x).abs() ** 2).sum()
+        torch.testing.assert_close(f.grad(loss(g))(tx), f.grad(loss(F.conj_out))(tx))
