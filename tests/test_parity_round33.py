@@ -242,8 +242,10 @@ def test_the_torch_adapter_runs_them_under_torch_func_as_in_process(c):
         for name in ("conj_out", "conj_pair"):
             g, fn = remote(sdk, name), getattr(F, name)
             torch.testing.assert_close(f.jvp(g, (tx,), (tv,)), f.jvp(fn, (tx,), (tv,)))
-            got = f.vmap(lambda v: f.jvp(g, (tx,), (v,))[1])(t(np.stack([V, X])))
-            want = f.vmap(lambda v: f.jvp(fn, (tx,), (v,))[1])(t(np.stack([V, X])))
+            got = f.vmap(lambda v, g=g: f.jvp(g, (tx,), (v,))[1])(t(np.stack([V, X])))
+            want = f.vmap(lambda v, fn=fn: f.jvp(fn, (tx,), (v,))[1])(
+                t(np.stack([V, X]))
+            )
             torch.testing.assert_close(got, want)
         g = remote(sdk, "conj_out")
         loss = lambda h: lambda x: (h(x).abs() ** 2).sum()
