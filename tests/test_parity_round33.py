@@ -12,8 +12,9 @@ torch.func.
    every mode, hessian, vjp, jvp, hvp). The conjugation is resolved as the result
    leaves the engine, as the negative bit (``z.conj().imag``) already was. The SDK's
    torch adapter (``remote``) under torch.func.jvp / vmap / grad rides on those answers.
-2. A guard, no fix needed: vjp of complex cotangents through the conjugated output
-   (stacked ones row by row: torch's own vmap of that pullback raises) and jacrev's 422.
+2. A guard, no fix needed: vjp and hvp (``c . H t``) of complex cotangents through the
+   conjugated output (stacked ones row by row: torch's own vmap of that pullback raises,
+   "Batching rule not implemented for aten::_neg_view") and jacrev's 422.
 
 One in-process app serves the module (no server start), as rounds 7-32.
 """
@@ -173,6 +174,14 @@ def test_a_lazily_conjugated_outputs_pullback_and_refusals_are_torchs(c):
         "vjp",
     )
     close(got, want)
+    # hvp's c . H t: the jvp of that pullback, as torch.func composes them
+    ct = torch.from_numpy(cts[0])
+    want_hvp = f.jvp(lambda x: f.vjp(fn, x)[1](ct)[0], (t(X),), (t(V),))[1]
+    got, _ = answer(
+        post(c, "conj_out", "hvp", [X], cotangents=spelled(cts[0]), tangents=arr(V)),
+        "hvp",
+    )
+    close(got, want_hvp)
     with pytest.raises(RuntimeError, match="Expected all outputs to be real"):
         f.jacrev(fn)(t(X))
     body = assert_problem(post(c, "conj_out", "jacobian", [X]), 422, "invalid_input")
