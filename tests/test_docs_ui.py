@@ -275,7 +275,9 @@ def test_a_user_with_a_key_reads_and_tries_the_api_in_a_real_browser(keyed_site)
         browser.wait_for("document.getElementById('api-key-message').textContent.includes('refused')")
         browser.eval(f"{_ENTER_KEY}('k1')")
         browser.wait_for(f"document.querySelectorAll('.opblock').length === {len(ops)}")
-        assert browser.eval("sessionStorage.getItem('jacobian-service-api-key')") == "k1"
+        # (kept per prefix: test_browser_round17)
+        stored = "jacobian-service-api-key" + (f" {prefix}" if prefix else "")
+        assert browser.eval(f"sessionStorage.getItem({stored!r})") == "k1"
         tried = browser.eval(f"{_TRY_IT}('/v1/functions/{{name}}/jacobian', 'sin', '{{\"inputs\": [[0.5, 1.0]]}}')",
                              timeout_s=90)
         assert tried["status"] == "200", tried

@@ -59,7 +59,12 @@ _DOCS_JS = r"""(function () {
   "use strict";
   var tag = document.currentScript;
   var ui = tag.dataset.ui, specUrl = tag.dataset.spec, root = tag.dataset.root;
-  var STORE = "jacobian-service-api-key";
+  // The key is kept per path prefix: sessionStorage is the origin's, and services behind
+  // one gateway under two prefixes (/jacobian-cpu, /jacobian-gpu; staging and production)
+  // are one origin. Under one name for all, the docs of one read the key given to the
+  // other's and sent it there (a 403, the key asked again, which then overwrote the
+  // first's: each page asked again whenever the other had been opened in the tab).
+  var STORE = "jacobian-service-api-key" + (root ? " " + root : "");
   var form = document.getElementById("api-key");
   var say = document.getElementById("api-key-message");
 
@@ -320,8 +325,8 @@ _KEY_FORM = """<form id="api-key" hidden style="font: 14px sans-serif; max-width
 <label>API key <input name="key" type="password" autocomplete="off" required size="40"></label>
 <button type="submit">Show the API</button>
 <p id="api-key-message" role="alert" style="color: #b00"></p>
-<p style="color: #555">The key is kept in this tab only (sessionStorage), sent as
-<code>Authorization: Bearer</code> for the description, and authorizes "Try it out".</p>
+<p style="color: #555">The key is kept in this tab only (sessionStorage), for this server's path alone, sent
+as <code>Authorization: Bearer</code> for the description, and authorizes "Try it out".</p>
 </form>"""
 
 
