@@ -199,6 +199,9 @@ _THROUGH_THE_GATEWAY = r"""(async () => {
   out.large = await fetch(API + %(cpu)s + '/v1/functions/sin/jacobian', {method: 'POST', body: new Uint8Array(2 << 20),
     headers: {'Content-Type': 'application/x-npy', Authorization: 'Bearer cpu-key'}}).then(read, e => String(e));
   out.down = await fetch(API + '/down/v1/functions').then(read, e => String(e));
+  out.downKeyed = await fetch(API + '/down/v1/functions/sin/jacobian', {method: 'POST',  // (preflighted)
+    headers: {'Content-Type': 'application/json', Authorization: 'Bearer cpu-key'}, body: '{"inputs": [[0.5]]}'})
+    .then(read, e => String(e));
   return out;
 })()"""
 
@@ -209,12 +212,14 @@ def test_a_page_reads_what_the_shipped_gateway_refuses_itself(nginx, page, brows
     fetch" (nginx's HTML 413 and 502 carry no CORS headers; the console blamed the
     origin) where the service's own 413 and 503 are problem+json the page reads. The
     gateway now answers them as the service would: problem+json, ``code``
-    payload_too_large and unavailable (Retry-After: 1), its request id, for the page."""
+    payload_too_large and unavailable (Retry-After: 1), its request id, for the page;
+    while no replica answers, a preflight too, so that a call with a key reads its 503."""
     browser.goto(page + "/")
     browser.wait_for("document.body && document.body.textContent === 'page'")
     got = browser.eval(_THROUGH_THE_GATEWAY % {"api": json.dumps(nginx), "cpu": json.dumps(CPU)}, timeout_s=60)
-    large, down = got["large"], got["down"]
-    assert isinstance(large, dict) and isinstance(down, dict), got
+    large, down, keyed = got["large"], got["down"], got["downKeyed"]
+    assert isinstance(large, dict) and isinstance(down, dict) and isinstance(keyed, dict), got
+    assert (keyed["status"], keyed["body"]["code"], keyed["retry"]) == (503, "unavailable", "1"), keyed
     assert (large["status"], large["type"], large["body"]["code"]) == (413, "application/problem+json",
                                                                         "payload_too_large"), large
     assert (down["status"], down["type"], down["body"]["code"], down["retry"]) == (
