@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -143,7 +144,8 @@ def nginx(gateway: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     """nginx with deploy/nginx.conf.template's error pages, as they are (its upstream
     block wants nginx 1.27.3's ``resolve``): CPU's prefix passed to the services,
     ``/down/`` to a port nothing listens on (every replica gone), and a body limit of
-    1 MiB (the template's 256m, small enough to send)."""
+    1 MiB (the template's 256m, small enough to send), ``/silent/`` to one that never
+    answers (its read timeout 1 s)."""
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if binary is None:
         pytest.skip("no nginx (apt-get install nginx-light)")
@@ -153,6 +155,9 @@ def nginx(gateway: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     own = own.group(1) if own else ""
     folder = tmp_path_factory.mktemp("nginx")
     port = free_port()
+    silent = socket.socket()  # a replica that takes the connection and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
     temp = "".join(f"{kind}_temp_path {folder}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     (folder / "nginx.conf").write_text(f"""
 daemon off; worker_processes 1; pid {folder}/nginx.pid; error_log {folder}/error.log crit;
@@ -169,6 +174,9 @@ http {{
     }}
     location /down/ {{
       proxy_pass http://127.0.0.1:{free_port()}/;
+    }}
+    location /silent/ {{
+      proxy_pass http://127.0.0.1:{silent.getsockname()[1]}/; proxy_read_timeout 1s;
     }}
   }}
 }}""")
@@ -189,6 +197,7 @@ http {{
     finally:
         proc.terminate()
         proc.wait(10)
+        silent.close()
 
 
 _THROUGH_THE_GATEWAY = r"""(async () => {
@@ -202,6 +211,7 @@ _THROUGH_THE_GATEWAY = r"""(async () => {
   out.downKeyed = await fetch(API + '/down/v1/functions/sin/jacobian', {method: 'POST',  // (preflighted)
     headers: {'Content-Type': 'application/json', Authorization: 'Bearer cpu-key'}, body: '{"inputs": [[0.5]]}'})
     .then(read, e => String(e));
+  out.silent = await fetch(API + '/silent/v1/functions').then(read, e => String(e));
   return out;
 })()"""
 
@@ -209,10 +219,10 @@ _THROUGH_THE_GATEWAY = r"""(async () => {
 def test_a_page_reads_what_the_shipped_gateway_refuses_itself(nginx, page, browser):
     """A page of the allowed origin behind deploy/nginx.conf.template: an upload past the
     gateway's client_max_body_size, and a call while no replica answers, read "Failed to
-    fetch" (nginx's HTML 413 and 502 carry no CORS headers; the console blamed the
+    fetch" (nginx's HTML 413, 502 and 504 carry no CORS headers; the console blamed the
     origin) where the service's own 413 and 503 are problem+json the page reads. The
     gateway now answers them as the service would: problem+json, ``code``
-    payload_too_large and unavailable (Retry-After: 1), its request id, for the page;
+    payload_too_large, unavailable (Retry-After: 1) and timeout, its request id, for the page;
     while no replica answers, a preflight too, so that a call with a key reads its 503."""
     browser.goto(page + "/")
     browser.wait_for("document.body && document.body.textContent === 'page'")
@@ -224,7 +234,9 @@ def test_a_page_reads_what_the_shipped_gateway_refuses_itself(nginx, page, brows
                                                                         "payload_too_large"), large
     assert (down["status"], down["type"], down["body"]["code"], down["retry"]) == (
         503, "application/problem+json", "unavailable", "1"), down
-    for problem in (large, down):
+    silent = got["silent"]
+    assert (silent["status"], silent["type"], silent["body"]["code"]) == (504, "application/problem+json", "timeout"), got
+    for problem in (large, down, keyed, silent):
         assert problem["body"]["status"] == problem["status"] and problem["body"]["request_id"] == problem["id"]
         assert re.fullmatch(r"[0-9a-f]{32}", problem["id"]), problem
     # Only its own refusals: a replica's answers pass as they are (the service's 401).
