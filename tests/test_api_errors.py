@@ -219,8 +219,8 @@ def test_npz_declared_size_checked_before_expanding(make_client):
 @pytest.mark.parametrize(
     "url, body, words",
     [
-        (URL, {"inputs": [[1.0], [2.0]]}, "takes 1 inputs"),
-        (URL, {"inputs": []}, "takes 1 inputs"),
+        (URL, {"inputs": [[1.0], [2.0]]}, "takes 1 input ['x'], got"),
+        (URL, {"inputs": []}, "takes 1 input ['x'], got"),
         (URL, {}, "no 'inputs'"),
         (URL, [1, 2], "JSON object"),
         (URL, {"inputs": [[[1.0, 2.0]]]}, "expected shape (n,)"),

@@ -901,7 +901,7 @@ def test_a_pattern_for_integers_named_for_a_floating_input_is_422_as_its_request
     """GET .../sparsity answered a pattern where the POST it describes is refused."""
     r = client.get(f"/v1/functions/sum_sin/sparsity?shapes=3&dtypes={dtype}")
     assert r.status_code == 422 and r.json()["code"] == "invalid_input"
-    assert r.json()["detail"] == f"input 'x' is {dtype}; only floating inputs can be differentiated"
+    assert r.json()["detail"].startswith(f"input 'x' is {dtype}; only floating inputs can be differentiated: send it as floats")
     assert client.get("/v1/functions/sum_sin/sparsity?shapes=3&dtypes=float64").status_code == 200
 
 

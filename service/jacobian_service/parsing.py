@@ -419,13 +419,58 @@ def _npz_inputs(spec: FunctionSpec, members: Mapping[str, np.ndarray]) -> list[t
     return out
 
 
-def _check_differentiable(name: str, declared: str, dtype: str, sent: str) -> None:
+_NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first local header, or an empty zip's end record
+
+
+def _mislabelled(exc: wire.WireError, media_type: str, body: bytes) -> wire.WireError:
+    """An unreadable body that is plainly another of the three formats, refused in the
+    words of the one its ``Content-Type`` named: an ``.npy`` posted as JSON was "not
+    UTF-8: byte 0x93 at offset 0 ... (a latin-1 or cp1252 text must be re-encoded)", a
+    JSON body posted as ``.npy`` "bad magic". The refusal names the header to send."""
+    if exc.code != "malformed_body":
+        return exc
+    head = bytes(body[:8])
+    if head.startswith(b"\x93NUMPY"):
+        looks = wire.NPY, "an .npy (numpy.save)"
+    elif head[:4] in _NPZ_MAGIC:
+        looks = wire.NPZ, "a zip archive (numpy.savez)"
+    elif head.lstrip()[:1] in (b"{", b"["):
+        looks = wire.JSON, "JSON"
+    else:
+        return exc
+    if looks[0] == media_type:
+        return exc
+    return wire.WireError(f"{exc}; the body looks like {looks[1]}: send it with Content-Type: {looks[0]}", exc.code)
+
+
+def _arity(spec: FunctionSpec, got: int) -> str:
+    """A positional ``inputs`` of the wrong length. Its commonest cause is one array sent
+    as the list itself (``{"inputs": [1, 2, 3]}`` for ``f(x)``: "takes 1 inputs, got 3"),
+    which the bare count left the caller to puzzle out: the refusal shows the shape."""
+    names = [i.name for i in spec.inputs]
+    text = f"{spec.name} takes {len(names)} input{'s' if len(names) != 1 else ''} {names}, got {got}"
+    if len(names) == 1:
+        return (f"{text}: 'inputs' holds one entry per input, so its one array goes as "
+                f'{{"inputs": [[1, 2, 3]]}} (a list of one array) or {{"inputs": {{{wire.dumps(names[0]).decode()}: [1, 2, 3]}}}}')
+    return f"{text}: 'inputs' holds one entry per input, in order (or an object keyed by their names)"
+
+
+def _check_differentiable(spec: FunctionSpec, name: str, declared: str, dtype: str, sent: str) -> None:
     """Only floating inputs are differentiated. A `floating` input sent as integers or
     booleans (an .npy or an explicit dtype; plain JSON numbers carry none and take
     float32) is what jacrev refuses: "only Tensors of floating point dtype can require
-    gradients"."""
+    gradients". The refusal says what to do: a new user whose first input is an index
+    (argnums defaults to 0) was told only what was wrong, not that argnums picks
+    another input, nor which ones could be picked."""
     if dtype not in FLOAT_DTYPES or declared == FLOATING and sent not in FLOAT_DTYPES:
-        raise InvalidInput(f"input {name!r} is {sent}; only floating inputs can be differentiated")
+        if declared == FLOATING:
+            hint = "send it as floats (a float32 or float64 array; plain JSON numbers without a dtype are float32)"
+        else:
+            floating = [i.name for i in spec.inputs
+                        if all(leaf.dtype == FLOATING or leaf.dtype in FLOAT_DTYPES for leaf in i.leaves())]
+            hint = (f"{spec.name} declares it {declared}: pick the inputs to differentiate with argnums (by position "
+                    f"or name; left out, 0: the first), among {floating}")
+        raise InvalidInput(f"input {name!r} is {sent}; only floating inputs can be differentiated: {hint}")
 
 
 def _check_fits(name: str, arr: np.ndarray, target: np.dtype) -> None:
@@ -520,9 +565,7 @@ def parse_call(
             elif not isinstance(given, list):
                 raise InvalidInput("'inputs' must be a list (positional) or an object (by name)")
             elif len(given) != len(spec.inputs):
-                raise InvalidInput(
-                    f"{spec.name} takes {len(spec.inputs)} inputs {[i.name for i in spec.inputs]}, got {len(given)}"
-                )
+                raise InvalidInput(_arity(spec, len(given)))
             arrays = [
                 leaf
                 for obj, inp in zip(given, spec.inputs)
@@ -546,7 +589,7 @@ def parse_call(
         else:
             raise _unsupported(media_type)
     except wire.WireError as exc:
-        raise from_wire(exc) from None
+        raise from_wire(_mislabelled(exc, media_type, body)) from None
 
     options = _options(raw_options, kind)
     _check_options(spec, kind, options)
@@ -606,7 +649,7 @@ def parse_call(
         _check_pairs(vector_key or "", vectors, extra_key or "", extra)
     if kind != "evaluate":
         for i in argnums:
-            _check_differentiable(spec.leaf_inputs[i].name, spec.leaf_inputs[i].dtype, dtypes[i], arrays[i][1])
+            _check_differentiable(spec, spec.leaf_inputs[i].name, spec.leaf_inputs[i].dtype, dtypes[i], arrays[i][1])
     return Call(
         spec=spec,
         args=args,
@@ -848,7 +891,7 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
         args.append(arr)
         dtypes.append(dtype)
     for i in argnums:  # as parse_call's
-        _check_differentiable(spec.inputs[i].name, spec.inputs[i].dtype, dtypes[i], sent[i])
+        _check_differentiable(spec, spec.inputs[i].name, spec.inputs[i].dtype, dtypes[i], sent[i])
     call = Call(spec=spec, args=args, dtypes=dtypes, argnums=argnums, mode=options.mode or "auto",
                 sparsity=options.sparsity, sparse_format=fmt)
     return kind, call
