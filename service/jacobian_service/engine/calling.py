@@ -100,7 +100,18 @@ def function_error(exc: BaseException, *, forward_mode: bool = False) -> Service
     # type carries them, as the profiles read them)
     missing = forward_mode and (isinstance(exc, NotImplementedError) or lacks_forward_ad(exc))
     fields = {"unsupported": "forward_mode"} if missing else None
-    return FunctionError(f"{type(exc).__name__}: {message}"[:2000], fields=fields)
+    hint = next((h for words, h in _HINTS if words in message), "")
+    return FunctionError(f"{type(exc).__name__}: {message}{hint}"[:2000], fields=fields)
+
+
+# Torch's words for a function that leaves torch for NumPy, which torch.func's transforms
+# cannot follow. The first sends the author to .detach().numpy(), which only gives the
+# second, whose words name neither the cause nor the cure: the detail adds both.
+_NUMPY_HINT = ("; torch.func's transforms hand the function tensors with no memory of their own to read, so it "
+               "cannot take an input to NumPy (.numpy(), np.asarray), .tolist() or a C extension: compute with "
+               "torch ops on the tensors it receives")
+_HINTS = (("Can't call numpy() on Tensor that requires grad", _NUMPY_HINT),
+          ("Cannot access data pointer of Tensor that doesn't have storage", _NUMPY_HINT))
 
 
 def dense_pullback(pullback: Callable[..., Any]) -> Callable[..., Any]:
