@@ -68,20 +68,30 @@ def _main(argv: list[str]) -> int:
         from jacobian_client._cli_call import call_main
 
         return call_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="jacobian-service", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="jacobian-service",
+        description="Jacobians as a service: serve registered PyTorch functions, list them, or call a running server. "
+                    "Every setting is also an environment variable JACOBIAN_SERVICE_<NAME> (README: Settings).")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("serve", "serve the registered functions over HTTP"), ("functions", "list what would be served")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--functions", help="comma-separated modules to load (default: the built-in examples)")
-        p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-        p.add_argument("--host", default=None if name == "serve" else argparse.SUPPRESS)
-        p.add_argument("--port", type=int, default=None if name == "serve" else argparse.SUPPRESS)
+    # `functions` loads the modules here and asks no server: it took --host, --port and
+    # --device and ignored them, so `functions --port 9000` listed the built-in examples,
+    # not what the server on 9000 serves. Those are serve's alone now (an unknown option).
+    for name, help_text in (("serve", "serve the registered functions over HTTP"),
+                            ("functions", "list the functions the modules register (loaded here, no server "
+                                          "asked: a running server lists its own at GET /v1/functions)")):
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        p.add_argument("--functions", help="comma-separated modules to load (default: the built-in examples, "
+                                           "jacobian_service.examples; $JACOBIAN_SERVICE_FUNCTIONS)")
         if name == "serve":
+            p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+            p.add_argument("--host", help="address to listen on (default: 127.0.0.1, this machine only; "
+                                          "0.0.0.0: every interface)")
+            p.add_argument("--port", type=int, help="port to listen on (default: 8000)")
             p.add_argument("--workers", type=int, help="HTTP front-end processes (default: the core count, at most 4)")
             p.add_argument("--in-process", action="store_true", help="one process, engines on threads (debugging)")
     sub.add_parser("call", help="call a running server (see: jacobian-service call --help)")
     args = parser.parse_args(argv)
-    for missing in ("host", "port"):
+    for missing in ("host", "port", "device"):
         args.__dict__.setdefault(missing, None)
     # Function modules are found where `python -m` finds them, the working directory
     # first, as the engine processes (started with -m) do: without it `serve` found
