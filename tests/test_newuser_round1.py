@@ -247,3 +247,26 @@ def test_functions_takes_no_server_options_and_serve_says_its_defaults(capsys):
     shown = " ".join(capsys.readouterr().out.split())
     assert "--port PORT port to listen on (default: 8000)" in shown
     assert "--host HOST address to listen on (default: 127.0.0.1" in shown
+
+
+# ------------------------------------------------------------------- registering mistakes
+
+def test_a_function_that_cannot_take_its_declared_inputs_is_refused_at_registration():
+    """``f(x)`` declared with x and y registered, was listed and served, and every request
+    was the caller's 500 ("TypeError: f() takes 1 positional argument but 2 were given")."""
+    from jacobian_service import Input, register
+
+    def f(x):
+        return x
+
+    with pytest.raises(TypeError, match=r"^f\(x\) cannot be called with its 2 declared inputs \['x', 'y'\]"):
+        register(inputs=[Input("x", shape=(3,)), Input("y", shape=(3,))])(f)
+    with pytest.raises(TypeError, match=r"^f: inputs are Input objects \(Input\('x', shape=\('n',\)\)\), not 'x'$"):
+        register(inputs=["x"])(f)
+
+    # what Python can call with them stays registrable: defaults, *args
+    def g(x, y=None, *rest, scale=1.0):
+        return x
+
+    register(inputs=[Input("x", shape=(3,))])(g)
+    register(inputs=[Input("a", shape=(3,)), Input("b", shape=(3,)), Input("c", shape=(3,))])(g)

@@ -452,9 +452,13 @@ def register(
             sparsity=patterns,
         )
         _check_function_name(spec.name)
+        wrong = [i for i in spec.inputs if not isinstance(i, Input)]
+        if wrong:  # (inputs=["x"] failed later, an AttributeError deep in the listing or the server's start)
+            raise TypeError(f"{spec.name}: inputs are Input objects (Input('x', shape=('n',))), not {wrong[0]!r}")
         names = [i.name for i in spec.inputs]
         if len(set(names)) != len(names):
             raise ValueError(f"{spec.name}: input names must be unique, got {names}")
+        _check_takes_inputs(spec)
         module = sys.modules.get(f.__module__)
         if module is not None:
             module.__dict__.setdefault("__jacobian_functions__", []).append(spec)
@@ -462,6 +466,23 @@ def register(
         return f
 
     return decorate(fn) if fn is not None else decorate
+
+
+def _check_takes_inputs(spec: FunctionSpec) -> None:
+    """A function that cannot be called with its declared inputs (``f(x)`` declared with
+    ``x`` and ``y``) registered, was listed and served, and failed every request as the
+    caller's 500 ``function_error`` ("TypeError: f() takes 1 positional argument but 2 were
+    given"): the author's mistake, said at import like the others. A callable whose
+    signature Python cannot read (some builtins, C extensions) is taken as declared."""
+    try:
+        signature = inspect.signature(spec.fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*(i.name for i in spec.inputs))
+    except TypeError as exc:
+        raise TypeError(f"{spec.name}{signature} cannot be called with its {len(spec.inputs)} declared inputs "
+                        f"{[i.name for i in spec.inputs]} (positionally, in that order): {exc}") from None
 
 
 class FunctionModuleNotFound(ImportError):
