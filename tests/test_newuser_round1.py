@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import sys
 from pathlib import Path
@@ -270,3 +271,46 @@ def test_a_function_that_cannot_take_its_declared_inputs_is_refused_at_registrat
 
     register(inputs=[Input("x", shape=(3,))])(g)
     register(inputs=[Input("a", shape=(3,)), Input("b", shape=(3,)), Input("c", shape=(3,))])(g)
+
+
+@pytest.mark.parametrize("kind", ["jacobian", "hessian", "evaluate", "vjp", "jvp", "hvp"])
+def test_the_docs_example_for_a_function_with_an_integer_first_input_succeeds(mine, kind):
+    """Swagger UI's "Try it out" for index_first pre-filled {"inputs": {"i": [1, 1, 1], "x": ...}}:
+    argnums' default (0) is the integer input, and every derivative's example was a 422."""
+    body = mine.get("/openapi.json").json()["paths"][f"/v1/functions/{{name}}/{kind}"]["post"]["requestBody"]
+    examples = body["content"]["application/json"].get("examples", {})
+    if kind == "vjp":  # (no example: the cotangents are the output's, which the page asks /evaluate)
+        assert "index_first" not in examples
+        return
+    value = examples["index_first"]["value"]
+    assert value["inputs"] == {"i": [1, 1, 1], "x": [0.5, 0.5, 0.5]}
+    assert value.get("argnums") == (None if kind == "evaluate" else "x")
+    r = mine.post(f"/v1/functions/index_first/{kind}", json=value)
+    if kind == "hvp":  # not a scalar: told why, as every non-scalar's hvp example is
+        assert assert_problem(r, 422, "invalid_input")["detail"].startswith("hvp needs a function with one scalar")
+        return
+    assert r.status_code == 200, r.text
+    if kind == "jvp":
+        assert value["tangents"] == [0.5, 0.5, 0.5] and r.json()["jvp"]["data"] == [0.5, 0.5, 0.5]
+
+
+def test_the_docs_page_writes_a_vjp_body_that_differentiates_the_floating_input():
+    """/docs writes vjp's body itself (cotangents shaped as the output /evaluate gives):
+    for index_first it left argnums out, and Execute answered the integer input's 422."""
+    from tests._cdp import Chromium, chromium_binary
+    from tests._client_support import real_app, serve
+    from tests.test_browser_round2 import _EXECUTE, _OPEN
+
+    if chromium_binary() is None:
+        pytest.skip("no chromium binary (apt-get install chromium)")
+    app = real_app(functions="tests.newuser1_functions", workers=1, engine_standby=False)
+    with serve(app, ready_path="/readyz") as api, Chromium() as browser:
+        browser.goto(api + "/docs")
+        browser.wait_for("document.querySelectorAll('.opblock').length > 5")
+        path = "/v1/functions/{name}/vjp"
+        assert browser.eval(f"{_OPEN}('{path}', 'post')")
+        got = browser.eval(f"{_EXECUTE}('{path}', 'post', 'index_first', null, null, 'cotangents')", timeout_s=90)
+    assert got["status"] == "200", got
+    # the example's i = [1, 1, 1], x = 0.5s; cotangents 0.5: d/dx (x * i) pulled back
+    _, pullback = torch.func.vjp(lambda x: x * torch.ones(3, dtype=torch.int64), torch.full((3,), 0.5))
+    assert json.loads(got["text"])["vjp"]["data"] == pullback(torch.full((3,), 0.5))[0].tolist()

@@ -300,6 +300,8 @@ _DOCS_JS = r"""(function () {
         if (output && Array.isArray(output.shape) && output.shape.length === 0) return;  // a scalar: the example is right
         body = {inputs: inputs, tangents: examples[name].value.tangents, cotangents: body.cotangents};
       }
+      // a function whose first input is an integer: the example differentiates another
+      if ("argnums" in examples[name].value) body.argnums = examples[name].value.argnums;
       var text = block.querySelector("textarea.body-param__text");
       var select = block.querySelector('tr[data-param-name="name"] select');
       if (!text || (select && select.value !== name)) return;  // closed, or another function picked since

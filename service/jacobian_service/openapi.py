@@ -16,7 +16,7 @@ from jacobian_client import wire
 
 from . import __version__
 from .parsing import OPTION_KINDS, OPTIONAL_VECTORS, Options, unused_options
-from .registry import Registry
+from .registry import FLOAT_DTYPES, FLOATING, Registry
 from .responses import META_HEADERS
 from .routes import Route
 
@@ -406,6 +406,16 @@ def _example_input(node: dict[str, Any]) -> Any:
     return _example_leaf(node)
 
 
+def _floating(node: dict[str, Any]) -> bool:
+    """Whether an input (every leaf of its tree) can be differentiated."""
+    node = node.get("tree") or node
+    if node.get("type") == "dict":
+        return all(_floating(child) for child in node["items"].values())
+    if node.get("type") in ("tuple", "list"):
+        return all(_floating(child) for child in node["items"])
+    return node.get("dtype") == FLOATING or node.get("dtype") in FLOAT_DTYPES
+
+
 def _request_examples(kind: str, functions: list[dict[str, Any]]) -> dict[str, Any]:
     examples = {}
     for function in functions:
@@ -418,8 +428,16 @@ def _request_examples(kind: str, functions: list[dict[str, Any]]) -> dict[str, A
         if _JS_OBJECT_KEYS & set(inputs):
             inputs = list(inputs.values())
         body: dict[str, Any] = {"inputs": inputs}
-        if kind in ("jvp", "hvp") and function["inputs"]:  # argnums 0: one tangent, shaped as the first input
-            body["tangents"] = _example_input(function["inputs"][0])
+        first = function["inputs"][0] if function["inputs"] else None
+        if kind != "evaluate" and first is not None and not _floating(first):
+            # argnums' default, 0, is an integer input here: "Try it out" answered the 422
+            # refusing to differentiate it. The first floating input is differentiated.
+            first = next((i for i in function["inputs"] if _floating(i)), None)
+            if first is None:
+                continue  # nothing to differentiate: no example that could succeed
+            body["argnums"] = first["name"]
+        if kind in ("jvp", "hvp") and first is not None:  # one tangent, shaped as the input differentiated
+            body["tangents"] = _example_input(first)
         examples[function["name"]] = {"summary": function["name"], "value": body}
     return examples
 
