@@ -203,9 +203,13 @@ def test_one_array_sent_as_the_inputs_list_is_told_how_to_send_it(examples):
     detail = assert_problem(r, 422, "invalid_input")["detail"]
     assert detail == ("sin takes 1 input ['x'], got 3: 'inputs' holds one entry per input, so its one array goes as "
                       '{"inputs": [[1, 2, 3]]} (a list of one array) or {"inputs": {"x": [1, 2, 3]}}')
+    generic = "'inputs' holds one entry per input, in order (or an object keyed by their names)"
     r = examples.post("/v1/functions/add_square/jacobian", json={"inputs": [[1.0, 2.0]]})
-    assert assert_problem(r, 422, "invalid_input")["detail"].endswith(
-        "'inputs' holds one entry per input, in order (or an object keyed by their names)")
+    assert assert_problem(r, 422, "invalid_input")["detail"].endswith(generic)
+    # no numbers sent as the list (none at all, or two arrays): no such advice
+    for inputs in ([], [[0.1], [0.2]]):
+        r = examples.post("/v1/functions/sin/jacobian", json={"inputs": inputs})
+        assert assert_problem(r, 422, "invalid_input")["detail"] == f"sin takes 1 input ['x'], got {len(inputs)}: {generic}"
     # and as it says, it is answered
     assert examples.post("/v1/functions/sin/jacobian", json={"inputs": {"x": [0.1, 0.2, 0.3]}}).status_code == 200
 
@@ -314,3 +318,17 @@ def test_the_docs_page_writes_a_vjp_body_that_differentiates_the_floating_input(
     # the example's i = [1, 1, 1], x = 0.5s; cotangents 0.5: d/dx (x * i) pulled back
     _, pullback = torch.func.vjp(lambda x: x * torch.ones(3, dtype=torch.int64), torch.full((3,), 0.5))
     assert json.loads(got["text"])["vjp"]["data"] == pullback(torch.full((3,), 0.5))[0].tolist()
+
+
+def test_call_without_input_says_to_give_one(capsys):
+    """``jacobian-service call sin`` (no --input) printed the server's "sin takes 1 input
+    ['x'], got 0", about a request body the command writes, not its own options."""
+    from jacobian_client._cli_call import call_main
+    from tests._client_support import real_app, serve
+
+    with serve(real_app(functions="jacobian_service.examples", workers=1, engine_standby=False),
+               ready_path="/readyz") as api:
+        assert call_main(["sin", "--url", api]) == 1
+    err = capsys.readouterr().err
+    assert "InvalidInput: 422 invalid_input: sin takes 1 input ['x'], got 0:" in err
+    assert err.splitlines()[-1].startswith("no --input was given: give each of the function's inputs as --input FILE.npy")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import wire
-from ._errors import JacobianServiceError, NotAcceptable
+from ._errors import InvalidInput, JacobianServiceError, NotAcceptable
 from ._sync import Client
 
 __all__ = ["build_parser", "call_main"]
@@ -162,6 +162,10 @@ def call_main(argv: list[str]) -> int:
                   f"use --out FILE.npz", file=sys.stderr)
             return 2
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if isinstance(exc, InvalidInput) and not inputs:
+            # (the server's words are about a request's 'inputs', which this command writes)
+            print("no --input was given: give each of the function's inputs as --input FILE.npy, in order "
+                  "(jacobian-service functions, or GET /v1/functions/NAME, lists them)", file=sys.stderr)
         return 1
     matrix = result[0] if isinstance(result, tuple) and args.method != "evaluate" else result
     if args.pattern:

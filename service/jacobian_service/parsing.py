@@ -443,13 +443,13 @@ def _mislabelled(exc: wire.WireError, media_type: str, body: bytes) -> wire.Wire
     return wire.WireError(f"{exc}; the body looks like {looks[1]}: send it with Content-Type: {looks[0]}", exc.code)
 
 
-def _arity(spec: FunctionSpec, got: int) -> str:
+def _arity(spec: FunctionSpec, given: list[Any]) -> str:
     """A positional ``inputs`` of the wrong length. Its commonest cause is one array sent
     as the list itself (``{"inputs": [1, 2, 3]}`` for ``f(x)``: "takes 1 inputs, got 3"),
     which the bare count left the caller to puzzle out: the refusal shows the shape."""
     names = [i.name for i in spec.inputs]
-    text = f"{spec.name} takes {len(names)} input{'s' if len(names) != 1 else ''} {names}, got {got}"
-    if len(names) == 1:
+    text = f"{spec.name} takes {len(names)} input{'s' if len(names) != 1 else ''} {names}, got {len(given)}"
+    if len(names) == 1 and len(given) > 1 and not any(isinstance(v, (list, dict)) for v in given):
         return (f"{text}: 'inputs' holds one entry per input, so its one array goes as "
                 f'{{"inputs": [[1, 2, 3]]}} (a list of one array) or {{"inputs": {{{wire.dumps(names[0]).decode()}: [1, 2, 3]}}}}')
     return f"{text}: 'inputs' holds one entry per input, in order (or an object keyed by their names)"
@@ -565,7 +565,7 @@ def parse_call(
             elif not isinstance(given, list):
                 raise InvalidInput("'inputs' must be a list (positional) or an object (by name)")
             elif len(given) != len(spec.inputs):
-                raise InvalidInput(_arity(spec, len(given)))
+                raise InvalidInput(_arity(spec, given))
             arrays = [
                 leaf
                 for obj, inp in zip(given, spec.inputs)
