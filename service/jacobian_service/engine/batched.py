@@ -27,7 +27,7 @@ from . import vmap_dims as _dims
 if TYPE_CHECKING:
     from .core import Engine
 
-__all__ = ["UnbatchedOutputs", "batched", "deterministic_failure", "over_examples", "run_batch", "take"]
+__all__ = ["PerRequest", "UnbatchedOutputs", "batched", "deterministic_failure", "over_examples", "run_batch", "take"]
 
 log = logging.getLogger("jacobian_service.engine")
 
@@ -453,7 +453,7 @@ def over_examples(
         engine.mark_unbatchable(call.spec.name, vmap_error, None if whole else refused)
     try:
         value = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])
-        return value, _stack_aux([p[1] for p in per])
+        return value, _stack_aux([p[1] for p in per], per_request=not allow_loop)
     except (RuntimeError, ValueError, TypeError):  # x[x > 0], or results that follow a call count
         raise FunctionError("the function's results for the examples differ in shape or structure, so they cannot be "
                             "stacked into one batched answer") from None
@@ -547,14 +547,26 @@ def take(tree: Any, i: int) -> Any:
         return tree[i, ...]
     if tree is None:  # no aux, no output
         return None
-    return pytree.tree_map(lambda leaf: leaf[i, ...] if isinstance(leaf, np.ndarray) else leaf, tree)
+    return pytree.tree_map(lambda leaf: leaf[i, ...] if isinstance(leaf, np.ndarray) else
+                           leaf[i] if type(leaf) is PerRequest else leaf, tree)
 
 
-def _stack_aux(auxes: list[Any]) -> Any:
-    """Per-example aux -> one tree: tensors stacked, other values listed."""
+class PerRequest(list):  # type: ignore[type-arg]
+    """A plain aux leaf's values, one per member of a stacked batch (request batching's
+    loop over its members): one leaf to torch's pytree (a list subclass is no node of
+    it), which :func:`take` splits back, each request its own value. Listed as a plain
+    list, every member was answered the whole list: a grad-off function's Hessians,
+    which a stacked batch runs example by example, answered each client
+    ``{"first": [1.0, 3.0, 5.0]}``, its batch-mates' aux beside its own."""
+
+
+def _stack_aux(auxes: list[Any], per_request: bool = False) -> Any:
+    """Per-example aux -> one tree: tensors stacked, other values listed (``per_request``:
+    each request's own, as :class:`PerRequest`)."""
     if not auxes or auxes[0] is None:
         return None
     leaves0, spec = pytree.tree_flatten(auxes[0])
     columns = zip(*[pytree.tree_flatten(a)[0] for a in auxes])
-    stacked = [torch.stack(col) if isinstance(col[0], torch.Tensor) else list(col) for col in columns]
+    listed = PerRequest if per_request else list
+    stacked = [torch.stack(col) if isinstance(col[0], torch.Tensor) else listed(col) for col in columns]
     return pytree.tree_unflatten(stacked, spec) if leaves0 else auxes[0]
