@@ -27,7 +27,7 @@ from . import vmap_dims as _dims
 if TYPE_CHECKING:
     from .core import Engine
 
-__all__ = ["PerRequest", "UnbatchedOutputs", "batched", "deterministic_failure", "over_examples", "run_batch", "take"]
+__all__ = ["PerRequest", "SharedDraws", "UnbatchedOutputs", "batched", "deterministic_failure", "over_examples", "run_batch", "take"]
 
 log = logging.getLogger("jacobian_service.engine")
 
@@ -534,10 +534,18 @@ def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result
     ]
 
 
+class SharedDraws(FunctionError):
+    """A stacked batch whose one call drew from a global random generator that torch's
+    vmap does not see (numpy's, Python's): its members' draws were one another's, so none
+    is answered from it; each runs alone (never a client's answer: the scheduler's)."""
+
+
 def deterministic_failure(exc: BaseException) -> bool:
     """Whether a stacked batch's failure says vmap cannot run the function, rather than
-    something passing (memory, a deadline, a cancelled caller)."""
-    return not isinstance(exc, (OutOfMemory, Timeout, MemoryError)) and not is_oom(exc)
+    something passing (memory, a deadline, a cancelled caller) or a function whose
+    requests only must not share one call (:class:`SharedDraws`: vmap runs it, and a
+    ``batched: true`` request keeps it)."""
+    return not isinstance(exc, (OutOfMemory, Timeout, MemoryError, SharedDraws)) and not is_oom(exc)
 
 
 def take(tree: Any, i: int) -> Any:

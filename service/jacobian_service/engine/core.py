@@ -276,6 +276,7 @@ class Engine:
         self.namespaces = Namespaces()  # the names of torch, numpy, the service...: put back after each batch
         self._shares_process = True  # with its caller's code (in-process), until ``take_settings``
         self._moved_device: set[str] = set()  # functions that left another current CUDA device
+        self._draw_readers: list[Callable[[], Any]] | None = None  # (run_batch's: made at its first batch)
 
     def enter_thread(self) -> None:
         """In the thread that runs this engine's batches, before the first: CUDA's current
@@ -423,7 +424,8 @@ class Engine:
             profile.vmap_function = False
 
     def can_batch(self, name: str) -> bool:
-        return self.profiles[name].vmap_function
+        profile = self.profiles[name]
+        return profile.vmap_function and profile.stacks
 
     # ----------------------------------------------------------------- jacobian
 
@@ -860,5 +862,30 @@ class Engine:
     # ----------------------------------------------------------------- request batching
 
     def run_batch(self, kind: str, calls: list[Call]) -> list[Result]:
-        return _batched.run_batch(self, kind, calls)
+        """Equal requests stacked into one call (:func:`batched.run_batch`), refused with
+        :class:`batched.SharedDraws` where that call moved a global random generator that
+        torch's vmap does not see: the scheduler then runs each request alone."""
+        drawn = self._draws()
+        results = _batched.run_batch(self, kind, calls)
+        if len(calls) > 1 and self._draws() != drawn:
+            # One call of the function for every member: each client's draws were every
+            # member's (np.random / random noise added to x: three clients' answers less
+            # their x, the same three numbers), where alone each draws its own; torch's
+            # vmap refuses its own generators' draws ("randomness error mode") and so
+            # never reaches here with them. Never stacked again (batched=true keeps
+            # torch's vmap, which shares such draws among examples as in-process).
+            self.profiles[calls[0].spec.name].stacks = False
+            log.info("%s draws from a global random generator: its requests are no longer stacked", calls[0].spec.name)
+            raise _batched.SharedDraws(f"{calls[0].spec.name}'s stacked call drew random numbers shared by its members")
+        return results
+
+    def _draws(self) -> tuple[Any, ...]:
+        """The global random generators vmap does not see (Python's ``random``, numpy's
+        ``np.random``) as a fingerprint of their states (~2 us); readers made once."""
+        readers = self._draw_readers
+        if readers is None:
+            from .library_state import generators
+
+            readers = self._draw_readers = [g.fingerprint for g in generators()]
+        return tuple(read() for read in readers)
 

@@ -95,6 +95,9 @@ class BatchStats:
 class FunctionProfile:
     vmap_pullback: bool = True  # False once vmap of its pullback failed (row loop instead)
     vmap_function: bool = True  # False once vmap of the function failed deterministically
+    # False once a stacked batch of its requests drew from a global random generator
+    # (engine.core.Engine.run_batch): its requests run alone, each with its own draws
+    stacks: bool = True
     # (what ran: "evaluate" / "jacobian" / "hessian", in_dims) vmap refused, where only
     # that is refused (batched.over_examples): those examples loop, the rest still vmap
     vmap_refused: _LRU[Any, bool] = field(default_factory=_LRU)
