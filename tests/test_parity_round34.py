@@ -1,0 +1,149 @@
+"""PyTorch's own torch.func test cases, round 34 (test_vmap.py's randomness and fallback
+cases: vmap against a Python loop over examples), replayed on request batching, where the
+engine stacks equal requests of several clients into one vmapped call, and compared with
+each request alone and with in-process torch.func.
+
+1. A stacked batch is one call of the function for every member. torch's vmap refuses
+   draws from its own generators ("vmap: called random operation while in randomness
+   error mode"), and the members then run alone, each with its own draw; but numpy's
+   global ``np.random`` and Python's ``random`` it does not see: one draw answered every
+   member (four clients' ``x + np.random.standard_normal(3)`` less their x: the same
+   three numbers each; one client could read another's noise off its own answer), where
+   alone each draws its own. The engine now fingerprints those generators around a
+   stacked call (~2 us); one that moved fails the batch, every member runs alone, and the
+   function's requests are not stacked again (a ``batched: true`` request keeps torch's
+   vmap, which shares such draws among examples as in-process).
+2. A function computing under no_grad has its Hessians computed by torch's own strategy
+   example by example, a stacked batch's too; a plain aux value (``float(x[0])``) was
+   listed per example and every client was answered the whole list, its batch-mates'
+   values beside its own. Each now gets its own, as alone.
+3. Guards, no fix needed: torch's own draws (vmap refuses them, each member alone with
+   its own draw), and a pure function stays stacked (no generator moves).
+
+The real engine and its scheduler in-process (no server), one engine for the module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from jacobian_service.engine.core import Engine
+from jacobian_service.registry import FunctionSpec, Input
+from jacobian_service.scheduler import Job, Worker
+from jacobian_service.types import Call
+
+from . import parity34_functions as F
+
+f = torch.func
+XS = [np.array([1.0, -2.0, 0.5]) * (i + 1) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    yield Engine(torch.device("cpu"), 1 << 30)
+
+
+def spec(fn: Any, name: str, has_aux: bool = False) -> FunctionSpec:
+    return FunctionSpec(name, fn, (Input("x", shape=("n",), dtype="float64"),), has_aux=has_aux)
+
+
+def call(sp: FunctionSpec, x: np.ndarray, **options: Any) -> Call:
+    return Call(sp, [x], ["float64"], deadline=time.monotonic() + 60, **options)
+
+
+def served(engine: Engine, sp: FunctionSpec, kind: str, **options: Any) -> list[tuple[Any, Any, int]]:
+    """Each of ``XS`` as one client's request, through the engine's scheduler: one request
+    alone first (a key seen for the first time runs alone), then all of them queued
+    together, which the scheduler stacks. -> (result, error, batch size) per request."""
+    worker = Worker(engine, max_queue=16, max_batch=8)
+    answers: dict[int, tuple[Any, Any, int]] = {}
+
+    def submit(i: int, x: np.ndarray) -> None:
+        c = call(sp, x, client=f"client{i}", **options)
+        settle = lambda r, e, info, i=i: answers.__setitem__(i, (r, e, info.batch_size))  # noqa: E731
+        worker.submit(Job(kind, c, settle, deadline=c.deadline))
+
+    submit(-1, np.zeros(3))
+    worker.run(worker.take(lambda s: None))
+    for i, x in enumerate(XS):
+        submit(i, x)
+    first = worker.take(lambda s: None)
+    assert len(first) == len(XS)  # the premise: the four were stacked into one call
+    worker.run(first)
+    while worker.has_work():
+        worker.run(worker.take(lambda s: None))
+    return [answers[i] for i in range(len(XS))]
+
+
+@pytest.mark.parametrize(
+    "fn, kind",
+    [
+        (F.numpy_noise, "evaluate"),
+        (F.numpy_noise, "jacobian"),
+        (F.python_noise, "evaluate"),
+    ],
+)
+def test_stacked_requests_never_share_a_global_generators_draws(engine, fn, kind):
+    sp = spec(fn, f"{fn.__name__}_{kind}")
+    options = {"return_output": True} if kind == "jacobian" else {}
+    answers = served(engine, sp, kind, **options)
+    outs = []
+    for (result, error, size), x in zip(answers, XS):
+        assert error is None, error
+        assert size == 1  # each alone, as its request would run
+        out = result.output if kind == "jacobian" else result.value
+        if kind == "jacobian":  # the Jacobian of the call whose output is answered
+            want = f.jacrev(fn)(torch.from_numpy(x)).numpy()
+            np.testing.assert_allclose(result.value, want, rtol=1e-12)
+        outs.append(out - x if fn is F.numpy_noise else out / x)
+    # each client's own draw: no two alike (before: the same draw for all four)
+    for i in range(len(outs)):
+        for j in range(i):
+            assert not np.allclose(outs[i], outs[j]), (i, j, outs)
+    profile = engine.profiles[sp.name]
+    assert not engine.can_batch(sp.name) and profile.vmap_function
+    # batched: true keeps torch's vmap, one draw shared by the examples as in-process
+    r = engine.evaluate(call(sp, np.stack(XS), batched=True))
+    want = f.vmap(fn)(torch.from_numpy(np.stack(XS))).numpy()
+    got = r.value - np.stack(XS) if fn is F.numpy_noise else r.value / np.stack(XS)
+    ref = want - np.stack(XS) if fn is F.numpy_noise else want / np.stack(XS)
+    np.testing.assert_allclose(got, got[:1].repeat(len(XS), 0), rtol=1e-12)
+    np.testing.assert_allclose(ref, ref[:1].repeat(len(XS), 0), rtol=1e-12)
+
+
+def test_a_stacked_grad_off_hessian_answers_each_client_its_own_aux(engine):
+    sp = spec(F.grad_off_aux, "grad_off_aux", has_aux=True)
+    for x in XS[:1]:  # alone first: the function is seen computing with grad off
+        engine.hessian(call(sp, x))
+    results = engine.run_batch("hessian", [call(sp, x) for x in XS])
+    for r, x in zip(results, XS):
+        want = f.hessian(lambda x: F.grad_off_aux(x)[0])(torch.from_numpy(x))
+        aux = F.grad_off_aux(torch.from_numpy(x))[1]
+        np.testing.assert_allclose(r.value, want.numpy(), rtol=1e-12)
+        # its own value (before: [1.0, 2.0, 3.0, 4.0], every member's, for each)
+        assert r.aux["first"] == aux["first"] == x[0]
+        np.testing.assert_allclose(r.aux["sin"], aux["sin"].numpy(), rtol=1e-12)
+        alone = engine.hessian(call(sp, x))
+        assert alone.aux["first"] == r.aux["first"] and alone.mode == r.mode
+
+
+def test_torch_draws_and_pure_functions_guard(engine):
+    """torch's own draws: vmap refuses them, each member alone with its own; a pure
+    function stays stacked, its answers torch.func.jacrev's."""
+    sp = spec(F.torch_noise, "torch_noise")
+    answers = served(engine, sp, "evaluate")
+    noise = [result.value - x for (result, error, size), x in zip(answers, XS)]
+    assert all(size == 1 and error is None for _, error, size in answers)
+    assert all((0 <= n).all() and (n < 1).all() for n in noise)
+    assert len({n.tobytes() for n in noise}) == len(XS)
+    sp = spec(torch.sin, "sin")
+    answers = served(engine, sp, "jacobian")
+    for (result, error, size), x in zip(answers, XS):
+        assert error is None and size == len(XS)
+        np.testing.assert_allclose(result.value, f.jacrev(torch.sin)(torch.from_numpy(x)).numpy(), rtol=1e-12)
+    assert engine.can_batch("sin")
