@@ -34,3 +34,10 @@ def grad_off_aux(x):
     with torch.no_grad():
         shift = (2 * x).sum()
     return (x**3).sum() + shift, {"first": float(x.detach()[0]), "sin": x.sin()}
+
+
+def grad_off(x):
+    """grad_off_aux's scalar alone (no aux): vmap runs it, torch.func.hessian's strategy too."""
+    with torch.no_grad():
+        shift = (2 * x).sum()
+    return (x**3).sum() + shift

@@ -17,7 +17,11 @@ each request alone and with in-process torch.func.
    example by example, a stacked batch's too; a plain aux value (``float(x[0])``) was
    listed per example and every client was answered the whole list, its batch-mates'
    values beside its own. Each now gets its own, as alone.
-3. Guards, no fix needed: torch's own draws (vmap refuses them, each member alone with
+3. Per-example Hessians of such a function over an empty batch: torch's
+   ``vmap(hessian(f))`` answers (0, n, n); the service, which runs torch's own strategy
+   example by example there, had no example to run and answered 422 "cannot be batched
+   with vmap" for a function vmap batches. An empty batch now runs vmap.
+4. Guards, no fix needed: torch's own draws (vmap refuses them, each member alone with
    its own draw), and a pure function stays stacked (no generator moves).
 
 The real engine and its scheduler in-process (no server), one engine for the module.
@@ -147,3 +151,22 @@ def test_torch_draws_and_pure_functions_guard(engine):
         assert error is None and size == len(XS)
         np.testing.assert_allclose(result.value, f.jacrev(torch.sin)(torch.from_numpy(x)).numpy(), rtol=1e-12)
     assert engine.can_batch("sin")
+
+
+@pytest.mark.parametrize("size", [0, 1, 3])
+def test_per_example_hessians_of_a_grad_off_function_in_a_batch_of_any_size(engine, size):
+    """torch's ``vmap(hessian(f))`` over 0, 1 and 3 examples. The function computes under
+    no_grad, so its Hessians are torch's own strategy, example by example: an empty batch
+    was a 422 ("grad_off cannot be batched with vmap, so a batch of no examples has no
+    answer") where torch answers (0, 3, 3), and vmap runs the function."""
+    sp = spec(F.grad_off, "grad_off")
+    engine.hessian(call(sp, XS[0]))  # seen computing with grad off
+    assert engine.profiles["grad_off"].grad_off
+    xs = np.stack(XS[:size]) if size else np.zeros((0, 3))
+    r = engine.hessian(call(sp, xs, batched=True))
+    want = f.vmap(f.hessian(F.grad_off))(torch.from_numpy(xs))
+    assert r.value.shape == tuple(want.shape) == (size, 3, 3) and r.value.dtype == np.float64
+    np.testing.assert_allclose(r.value, want.numpy(), rtol=1e-12)
+    loop = [f.hessian(F.grad_off)(torch.from_numpy(x)).numpy() for x in xs]
+    np.testing.assert_allclose(r.value, np.stack(loop) if size else r.value, rtol=1e-12)
+    assert r.mode == "jacfwd_jacrev"  # torch's own strategy

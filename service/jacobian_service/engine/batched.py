@@ -416,7 +416,11 @@ def over_examples(
     batch = _dims.batch_size(args, in_dims)
     profile = engine.profiles[call.spec.name]
     refused = (what, call.in_dims)
-    use_vmap = use_vmap and profile.vmap_function and refused not in profile.vmap_refused
+    # An empty batch runs vmap even where a loop was asked for (a Hessian that must be
+    # torch's own: a function computing under no_grad): a loop has no example to answer
+    # it, and torch's vmap(hessian(f)) answers its (0, n, n) zeros; it was a 422 saying
+    # the function "cannot be batched with vmap", one vmap batches.
+    use_vmap = (use_vmap or batch == 0) and profile.vmap_function and refused not in profile.vmap_refused
     vmap_error: BaseException | None = None
     if batch == 0 and not use_vmap:  # vmap answers an empty batch; a loop cannot
         raise InvalidInput(f"{call.spec.name} cannot be batched with vmap, so a batch of no examples has no answer")
