@@ -170,3 +170,28 @@ def test_per_example_hessians_of_a_grad_off_function_in_a_batch_of_any_size(engi
     loop = [f.hessian(F.grad_off)(torch.from_numpy(x)).numpy() for x in xs]
     np.testing.assert_allclose(r.value, np.stack(loop) if size else r.value, rtol=1e-12)
     assert r.mode == "jacfwd_jacrev"  # torch's own strategy
+
+
+@pytest.mark.parametrize("kind", ["evaluate", "jacobian", "hessian"])
+def test_a_loop_over_examples_batched_over_dim_1_answers_each_as_alone(engine, kind):
+    """``x.view(-1)`` over examples batched along dim 1 (in_dims=1): torch's vmap raises
+    ("view size is not compatible with input tensor's size and stride"), so the service
+    loops over examples, each meant to run as it would alone; but each was a strided
+    slice, the same error, a 500 where every example alone answers. Now each example is
+    contiguous, as sent alone: the answers are a loop of torch.func over them. And that
+    request no longer turns request batching off for the function (vmap over dim 0 runs)."""
+    name = f"flat_{kind}"
+    sp = spec(F.flat, name)
+    xs = np.random.default_rng(34).standard_normal((2, 4, 3))  # 4 examples of (2, 3)
+    fn = {"evaluate": F.flat, "jacobian": f.jacrev(F.flat), "hessian": f.hessian(lambda x: F.flat(x).sum())}[kind]
+    with pytest.raises(RuntimeError, match="view size is not compatible"):  # the premise: torch's vmap
+        f.vmap(fn, in_dims=1)(torch.from_numpy(xs))
+    if kind == "hessian":
+        sp = FunctionSpec(name, lambda x: F.flat(x).sum(), sp.inputs)
+    r = getattr(engine, kind)(call(sp, xs, batched=True, in_dims=(1,)))
+    want = np.stack([fn(torch.from_numpy(np.ascontiguousarray(xs[:, b]))).numpy() for b in range(4)])
+    assert r.value.shape == want.shape
+    np.testing.assert_allclose(r.value, want, rtol=1e-12)
+    assert engine.can_batch(name)
+    r = getattr(engine, kind)(call(sp, np.moveaxis(xs, 1, 0).copy(), batched=True))  # dim 0: vmap's
+    np.testing.assert_allclose(r.value, want, rtol=1e-12)

@@ -453,7 +453,10 @@ def over_examples(
         value_b, aux_t = engine.guard(lambda: fn(*example))
         per.append((value_b, box.restore(aux_t)))
     if vmap_error is not None:  # every example works alone: vmap itself is what fails
-        whole = what == "evaluate" and all(d is not None for d in call.in_dims or ())
+        # (every input batched over its first dim, as request batching stacks them: torch's
+        # vmap of x.view(-1) over dim 1 fails where it runs over dim 0, and that request
+        # turned request batching off for the function)
+        whole = what == "evaluate" and all(d == 0 for d in call.in_dims or ())
         engine.mark_unbatchable(call.spec.name, vmap_error, None if whole else refused)
     try:
         value = pytree.tree_map(lambda *xs: torch.stack(xs), *[p[0] for p in per])

@@ -31,8 +31,14 @@ def batch_size(args: Sequence[torch.Tensor], in_dims: Sequence[int | None]) -> i
 
 
 def example(args: Sequence[torch.Tensor], in_dims: Sequence[int | None], b: int) -> list[torch.Tensor]:
-    """Example ``b`` of the inputs: a batched leaf's slice, a shared leaf whole."""
-    return [a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]
+    """Example ``b`` of the inputs: a batched leaf's slice, a shared leaf whole.
+
+    Contiguous, as the example sent alone is (a copy only where the batch is not the
+    first dim): a slice over ``in_dims=1`` has strides no request's array has, and
+    ``x.view(-1)``, which torch's vmap over that dim refuses ("view size is not
+    compatible with input tensor's size and stride"), failed the same way in the loop
+    over examples meant to answer each as alone (500 where each example alone answers)."""
+    return [a if d is None else a.select(d, b).contiguous() for a, d in zip(args, in_dims)]
 
 
 def first(args: Sequence[torch.Tensor], in_dims: Sequence[int | None]) -> list[torch.Tensor]:
