@@ -48,3 +48,13 @@ def flat(x):
     strides), where each example alone, contiguous as sent, runs."""
     v = x.view(-1)
     return v * v.flip(0)
+
+
+def numpy_scaled(x):
+    """x scaled by one numpy draw a call: every derivative of one call is that scale."""
+    return x * (1.0 + float(np.random.rand()))
+
+
+def python_scaled_energy(x):
+    """A scalar, (x . x) scaled by one draw of Python's ``random`` a call."""
+    return (x * x).sum() * (1.0 + random.random())

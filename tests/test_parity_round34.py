@@ -195,3 +195,31 @@ def test_a_loop_over_examples_batched_over_dim_1_answers_each_as_alone(engine, k
     assert engine.can_batch(name)
     r = getattr(engine, kind)(call(sp, np.moveaxis(xs, 1, 0).copy(), batched=True))  # dim 0: vmap's
     np.testing.assert_allclose(r.value, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["jvp", "hvp", "hvp_one"])
+def test_a_stack_of_products_is_of_the_one_call_whose_output_is_answered(engine, kind):
+    """torch.func under vmap over the vectors calls the function once: one numpy (or
+    Python ``random``) draw for every product and the output. The service answered the
+    output of one call, vmap's products of a second, and, its check (a third call)
+    disagreeing, each product of a call of its own: a stack of jvp tangents of
+    ``x * (1 + np.random.rand())`` came back scaled 1.88, 1.17, 1.45 beside an output
+    scaled 1.81 (one hvp: its output's draw and its product's, two). Now each is of the
+    call whose output is answered, as a function drawing from torch's own generator
+    already was (products.rng_replay)."""
+    x = np.array([1.0, 2.0, 3.0])
+    fn = F.numpy_scaled if kind == "jvp" else F.python_scaled_energy
+    sp = spec(fn, f"{fn.__name__}_{kind}")
+    t = np.eye(3)[1:] if kind != "hvp_one" else np.array([0.0, 1.0, 0.0])
+    r = getattr(engine, kind.removesuffix("_one"))(
+        call(sp, x, vectors=t, batched_vectors=kind != "hvp_one", return_output=True)
+    )
+    if kind == "jvp":
+        scale = r.output / x  # the one call's draw: 1 + r
+        np.testing.assert_allclose(scale, scale[:1].repeat(3), rtol=1e-12)
+        want = torch.func.vmap(lambda v: v * torch.from_numpy(scale))(torch.from_numpy(t)).numpy()
+    else:
+        scale = float(r.output) / float((x * x).sum())
+        want = 2 * scale * t  # H = 2 (1 + r) I
+    assert 1 <= scale.flat[0] if kind == "jvp" else 1 <= scale
+    np.testing.assert_allclose(r.value, want, rtol=1e-12)

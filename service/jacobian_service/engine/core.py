@@ -30,7 +30,7 @@ from .calling import (AuxBox, GradOffWatch, as_input_dtypes, dense_pullback, dif
                       function_error, is_oom, lacks_forward_ad)
 from .devices import release_free_heap
 from .dual_level import beside_a_held_dual_level
-from .products import agrees_with_reverse, one_agrees, over_vectors, rng_replay
+from .products import agrees_with_reverse, global_replay, one_agrees, over_vectors, rng_replay
 from .profile import Profiles
 from .rows import RowStream
 from .shapes import MAX_SPAN_BYTES
@@ -767,8 +767,7 @@ class Engine:
         # The output's size (hence the result's) is known only after a forward pass:
         # take it from a plain call, before any product is computed, whose random draws
         # the products then make too (products.rng_replay).
-        replay = rng_replay()
-        out, aux_t = self.guard(lambda: g(*fresh(primals)))
+        out, aux_t, replay = self._first_call(g, primals)
         per = sum(t.numel() * self.wire_itemsize(t.dtype) for t in pytree.tree_leaves(out))
         self.check_result_size(call, self._vector_batch(call) * per, "vectors")
         if call.batched_vectors:
@@ -799,8 +798,7 @@ class Engine:
         like = primals if call.as_tuple else primals[0]
         # The output first: no tangent can fix a function that is not scalar. Its random
         # draws are the products' too (products.rng_replay).
-        replay = rng_replay()
-        out, aux_t = self.guard(lambda: g(*fresh(primals)))
+        out, aux_t, replay = self._first_call(g, primals)
         if call.cotangents is None and not (isinstance(out, torch.Tensor) and out.dim() == 0):
             raise InvalidInput("hvp needs a function with one scalar (0-d) output, or 'cotangents' shaped like "
                                "its output (c . H t, a vector-Hessian-vector product)")
@@ -845,6 +843,21 @@ class Engine:
         value = tuple(value) if call.as_tuple else value[0]
         output = self.host(out) if call.return_output else None
         return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
+
+    def _first_call(self, g: Callable[..., Any], primals: tuple[Any, ...]) -> tuple[Any, Any, Callable[[], None]]:
+        """``(out, aux_t, replay)``: the plain call whose output a jvp / hvp answers, and
+        what puts the random generators back as they were for it (products.rng_replay).
+        Where it drew from numpy's or Python's global generator (their fingerprints, ~2
+        us), which torch's vmap does not refuse, their states are taken now and the
+        call made again from them (products.global_replay): every product then draws
+        what that call drew."""
+        replay = rng_replay()
+        drawn = self._draws()
+        out, aux_t = self.guard(lambda: g(*fresh(primals)))
+        if self._draws() != drawn:
+            replay = global_replay()
+            out, aux_t = self.guard(lambda: g(*fresh(primals)))
+        return out, aux_t, replay
 
     def _checked(self, call: Call, kind: str) -> tuple[Any, Any]:
         """Where :func:`products.vmap_agrees` verdicts are kept, and this request's key."""
