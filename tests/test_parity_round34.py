@@ -23,6 +23,13 @@ each request alone and with in-process torch.func.
    with vmap" for a function vmap batches. An empty batch now runs vmap.
 4. Guards, no fix needed: torch's own draws (vmap refuses them, each member alone with
    its own draw), and a pure function stays stacked (no generator moves).
+5. Examples run one by one (vmap refused) over ``in_dims=1`` were strided slices:
+   ``x.view(-1)``, which torch's vmap over that dim refuses, failed the loop too (500),
+   where each example alone answers. Each is contiguous now, and that refusal no longer
+   turns request batching (over dim 0, where vmap runs) off for the function.
+6. A stack of jvp / hvp vectors of a function drawing from numpy or Python's ``random``:
+   the output, vmap's products, its check and each looped product were four calls'
+   draws; now all are the one answered call's, as torch's vmap of jvp gives them.
 
 The real engine and its scheduler in-process (no server), one engine for the module.
 """
