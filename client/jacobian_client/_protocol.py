@@ -498,6 +498,7 @@ class Call:
     parts: bool = False  # return every part by name ({"value", "output", "aux"}), not a tuple
     fallback: Call | None = None
     expect: Expected | None = None  # what the result's value must look like, from the inputs sent
+    follow: Any = None  # the differentiated inputs' structure as the caller gave it (_caller_structure)
 
     @property
     def accept(self) -> str:
@@ -718,6 +719,87 @@ def _check_rows(rows: Any) -> list[int]:
     return [start, stop]
 
 
+# The results nested like the differentiated inputs: a vjp / hvp is shaped like them, a
+# Jacobian holds them at each output leaf, a Hessian them within them.
+_FOLLOWING = ("vjp", "hvp", "jacobian", "hessian")
+
+
+def _caller_structure(kind: str, inputs: Sequence[Any], argnums: Any) -> Any:
+    """The structure the caller gave the differentiated inputs (``None`` for a leaf;
+    tuples, lists and dicts as given), as ``torch.func.jacrev`` nests its result; ``None``
+    where there is nothing to follow (plain arrays) or the inputs are named (their position
+    is the service's to know).
+
+    The service nests a result by the parameter's *declared* tree, and JSON and ``.npz``
+    carry one kind of sequence: a tuple the caller sent where a list is declared came back
+    a list (and a dict in the declared key order), where in-process ``jacrev`` follows the
+    caller's pytree."""
+    def skeleton(x: Any) -> Any:
+        x = as_plain_node(x)
+        if isinstance(x, dict):
+            return {str(k): skeleton(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)) and is_input_node(x):
+            return type(x)(skeleton(v) for v in x)
+        return None
+
+    picked = argnums if isinstance(argnums, (list, tuple)) else [argnums]
+    if not all(isinstance(a, int) and not isinstance(a, bool) and -len(inputs) <= a < len(inputs) for a in picked):
+        return None
+    if isinstance(argnums, (list, tuple)):
+        structure: Any = tuple(skeleton(inputs[a]) for a in argnums)
+    else:
+        structure = skeleton(inputs[argnums])
+        if structure is None:
+            return None
+    if kind == "hessian":  # jacfwd of jacrev: the structure again at each of its leaves
+        structure = _substitute(structure, structure)
+    return structure
+
+
+def _substitute(tree: Any, leaf: Any) -> Any:
+    """``tree`` with ``leaf`` at each of its leaves."""
+    if isinstance(tree, dict):
+        return {k: _substitute(v, leaf) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_substitute(v, leaf) for v in tree)
+    return leaf
+
+
+def _fits(node: Any, structure: Any) -> bool:
+    """``node`` is ``structure`` up to the kind of sequence and the order of keys."""
+    if structure is None:
+        return isinstance(node, np.ndarray)
+    if isinstance(structure, dict):
+        return isinstance(node, dict) and node.keys() == structure.keys() and all(
+            _fits(node[k], v) for k, v in structure.items())
+    return (isinstance(node, (list, tuple)) and not wire.is_sparse(node) and len(node) == len(structure)
+            and all(_fits(n, s) for n, s in zip(node, structure)))
+
+
+def _shaped(node: Any, structure: Any) -> Any:
+    if structure is None:
+        return node
+    if isinstance(structure, dict):
+        return {k: _shaped(node[k], v) for k, v in structure.items()}
+    return type(structure)(_shaped(n, s) for n, s in zip(node, structure))
+
+
+def _follow_caller(tree: Any, structure: Any, *, whole: bool) -> Any:
+    """``tree`` (a result) with its input-shaped parts nested as ``structure``: the whole
+    tree (``whole``: a vjp), else the first nodes from the root that fit it (a Jacobian's
+    at its output's leaves: a node above one has more levels than ``structure``). A tree
+    that does not fit is returned as it came."""
+    if _fits(tree, structure):
+        return _shaped(tree, structure)
+    if whole:
+        return tree
+    if isinstance(tree, dict):
+        return {k: _follow_caller(v, structure, whole=False) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and not wire.is_sparse(tree):
+        return type(tree)(_follow_caller(v, structure, whole=False) for v in tree)
+    return tree
+
+
 def _writable(tree: Any) -> Any:
     """Arrays decoded from a response buffer are read-only views; hand out writable ones."""
     if isinstance(tree, np.ndarray):
@@ -899,6 +981,8 @@ class Protocol:
             content_type = wire.JSON
 
         call.expect = _expected(kind, fields, values)
+        if kind in _FOLLOWING and names is None and "sparsity" not in fields:
+            call.follow = _caller_structure(kind, inputs, fields.get("argnums", 0))
         sparse = "sparsity" in fields and fields.get("sparse_format") != "dense"
         if sparse and (out is not None or sink is not None):
             raise ValueError("a sparse result is not streamed into out=; use sparse_format='dense' or no out=")
@@ -1101,6 +1185,8 @@ class Protocol:
                 _check_arrays(trees[part], f"the {call.kind} response's {part!r}")
         if call.expect is not None:
             call.expect.check_tree(trees[key])
+        if call.follow is not None:
+            trees[key] = _follow_caller(trees[key], call.follow, whole=call.kind in ("vjp", "hvp"))
         return self._assemble(call, _writable(trees), meta if isinstance(meta, dict) else {})
 
     @staticmethod
