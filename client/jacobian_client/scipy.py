@@ -93,6 +93,7 @@ def remote_objective(
     prefetch: bool = True,
     sparsity: str | None = None,
     vectorized: bool = False,
+    per_column: Sequence[int] = (),
 ) -> RemoteObjective:
     """SciPy callables for the remote function ``name`` as a function of one input.
 
@@ -106,9 +107,14 @@ def remote_objective(
     ``sparsity`` (``"auto"`` or a declared pattern's name): sparse Jacobians and Hessians.
     ``vectorized=True``: ``fun`` and ``jac`` also take SciPy's vectorized ``x``, ``(n, k)``:
     ``k`` points as columns, one batched request (see ``RemoteObjective.fun``).
+    ``per_column``: the positions (among the function's inputs) of inputs held beside ``x``
+    that carry one value per column of a vectorized ``x``, on their last axis (``k`` long):
+    ``solve_bvp``'s mesh for a time-dependent right-hand side, ``fun(x, y)`` as
+    ``obj.fun(y, x)`` with ``argnum=1, per_column=(0,)``. They are mapped with the columns;
+    a 0-d one (``solve_ivp``'s ``t``) is shared by them.
     """
     return RemoteObjective(client, name, args=args, argnum=argnum, shape=shape, prefetch=prefetch,
-                           sparsity=sparsity, vectorized=vectorized)
+                           sparsity=sparsity, vectorized=vectorized, per_column=per_column)
 
 
 def _shaped(method: Any) -> Any:
@@ -143,6 +149,8 @@ class RemoteObjective:
     """``fun``, ``jac``, ``fun_and_jac`` and ``hessp`` of one remote function; see the
     module docstring for what each costs. ``client`` is a :class:`jacobian_client.Client`."""
 
+    per_column: tuple[int, ...] = ()  # (an objective pickled before the option: none)
+
     def __init__(
         self,
         client: Any,
@@ -154,11 +162,18 @@ class RemoteObjective:
         prefetch: bool = True,
         sparsity: str | None = None,
         vectorized: bool = False,
+        per_column: Sequence[int] = (),
     ) -> None:
         check_sync_client(client)
         if vectorized and sparsity is not None:
             raise ValueError("remote_objective: vectorized=True computes dense Jacobians (one per column); "
                              "pass sparsity= or vectorized=True, not both")
+        per_column = tuple(per_column)
+        if per_column and not vectorized:
+            raise ValueError("remote_objective: per_column maps held inputs with the columns of a vectorized x; "
+                             "pass vectorized=True with it")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in per_column):
+            raise TypeError(f"remote_objective: per_column holds input positions (ints), not {per_column!r}")
         self.client = client
         self.name = name
         self.args = tuple(args)
@@ -168,6 +183,7 @@ class RemoteObjective:
         self.prefetch = prefetch
         self.sparsity = sparsity
         self.vectorized = vectorized
+        self.per_column = per_column
         self._last = threading.local()  # per thread: see _remember
         self._hvp_works = True  # False once an hvp failed where the Hessian answered (hessp)
         # the last evaluated points, each a one-item list set True when its Jacobian was
@@ -217,11 +233,37 @@ class RemoteObjective:
         n, k = cols.shape
         point = self._x_shape(cols[:, 0]) if k else (n,)
         inputs, at = self._placed(np.ascontiguousarray(cols.T).reshape((k, *point)), args)
-        in_dims = tuple(0 if i == at else None for i in range(len(inputs)))
-        options: dict[str, Any] = {"batched": True, "in_dims": in_dims}
+        in_dims = [0 if i == at else None for i in range(len(inputs))]
+        for i in self.per_column:
+            # solve_bvp's mesh beside y: one value per column, mapped with them. Held shared
+            # (in_dims None), the (m,) mesh was refused for a per-point t of shape (); a
+            # time-dependent fun(x, y) could not be served
+            j = i + len(inputs) if i < 0 else i
+            if not 0 <= j < len(inputs) or j == at:
+                raise ValueError(f"remote_objective({self.name!r}): per_column={self.per_column!r} names input {i}, "
+                                 f"which is {'x itself' if j == at else 'no input'} ({len(inputs)} inputs, x at {at})")
+            held = np.asarray(inputs[j])
+            if held.ndim == 0:  # solve_ivp's t: one for every column
+                continue
+            if held.shape[-1] != k:
+                raise ValueError(f"remote_objective({self.name!r}): input {j} (per_column) has shape {held.shape}; "
+                                 f"its last axis is one value per column of x, {k} of them")
+            inputs[j], in_dims[j] = np.ascontiguousarray(np.moveaxis(held, -1, 0)), 0
+        options: dict[str, Any] = {"batched": True, "in_dims": tuple(in_dims)}
         if kind == "jacobian":
             options["argnums"] = self.argnum
-        out = np.asarray(self._one_array(self.client._parts(kind, self.name, inputs, options)["value"]))
+        try:
+            parts = self.client._parts(kind, self.name, inputs, options)
+        except InvalidInput as exc:
+            got, expected = exc.problem.get("got_shape"), exc.problem.get("expected_shape")
+            if (exc.problem.get("field") == "inputs" and isinstance(got, list) and got and got[-1] == k
+                    and isinstance(expected, list) and "B" not in expected):  # a shared input, one value per column
+                raise with_hint(exc, f"remote_objective({self.name!r}) holds input {exc.problem.get('path')!r} "
+                                     f"shared by the {k} columns of x; where it holds one value per column "
+                                     "(solve_bvp's mesh for a time-dependent fun(x, y)), pass per_column=(its "
+                                     "position,) to map it with them") from None
+            raise
+        out = np.asarray(self._one_array(parts["value"]))
         if kind == "evaluate":
             return out.reshape(k) if out.ndim == 1 else out.reshape(k, -1)
         scalar = out.ndim == 1 + len(point)  # (k, *point): a gradient per column
