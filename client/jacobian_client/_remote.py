@@ -53,7 +53,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import wire
-from ._errors import APIError, FunctionError, InvalidInput, JacobianServiceError
+from ._errors import (
+    APIError,
+    FunctionError,
+    InvalidInput,
+    JacobianServiceError,
+    PayloadTooLarge,
+)
 
 __all__ = ["LEAF", "MAX_SIGNATURES", "Evaluated", "Remade", "RemoteOps", "Tree", "check_sync_client", "flatten",
            "float32_stands_for", "is_number", "lacks_forward_mode", "leaves_like", "no_forward_mode", "per_argnum", "same_arrays", "service_capabilities",
@@ -331,7 +337,8 @@ class RemoteOps:
         # False once an hvp (a jvp) failed where the Hessian (the Jacobian) answered: no
         # forward-mode rule (no_forward_mode)
         # False once a vjp was refused for an integer output where the jvp answered (_vjp_by_jvp)
-        self._works = {"hvp": True, "jvp": True, "vjp": True}  # shared with the layouts' views (for_layout)
+        # False once a vjp's cotangents were too many arrays for the service (_vjp_by_jacobian)
+        self._works = {"hvp": True, "jvp": True, "vjp": True, "cotangents": True}  # shared with the layouts' views
         self._names: tuple[str, ...] | None = None  # the inputs' names, asked on the first keyword call
         self._layout: Any = None  # a _params.Layout: pytree parameters, translated at the wire (for_layout)
         self._wire_names: tuple[str, ...] | None = None  # a keyword call's view: inputs by name (for_layout)
@@ -523,6 +530,8 @@ class RemoteOps:
         v_shape = vecs[0].shape[batch_ndim:lead] if vecs else ()
         if batch_ndim == 0 and mode == "jvp" and not self._works["jvp"]:
             results = self._jvp_by_jacobian(inputs, argnums, vecs, out_tree, v_shape)
+        elif batch_ndim == 0 and mode == "vjp" and not self._works["cotangents"]:
+            results = self._vjp_by_jacobian(inputs, argnums, vecs, out_tree, v_shape)
         elif batch_ndim == 0 and mode == "vjp" and not self._works["vjp"] and _basis_fits(inputs, argnums):
             results = self._vjp_by_jvp(inputs, argnums, vecs, out_tree, v_shape)
         elif batch_ndim == 0:
@@ -541,6 +550,17 @@ class RemoteOps:
                 except APIError:
                     raise exc from None  # forward mode fails too: the refusal stands
                 self._works["vjp"] = False
+            except PayloadTooLarge as exc:
+                # more output arrays than the service takes cotangents (MAX_NPZ_MEMBERS): the
+                # Jacobian needs none, contracted here (a backward through a function of 100
+                # outputs was the 413 where in-process autograd answers); once per function
+                if mode != "vjp" or exc.problem.get("field") != "cotangents":
+                    raise
+                try:
+                    results = self._vjp_by_jacobian(inputs, argnums, vecs, out_tree, v_shape)
+                except APIError:
+                    raise exc from None
+                self._works["cotangents"] = False  # the function's outputs stay as many: from now on
             except FunctionError as exc:
                 if mode != "jvp" or not lacks_forward_mode(self.client, exc):
                     raise
@@ -647,6 +667,15 @@ class RemoteOps:
         ``jacobian``, as per-example products are computed."""
         one = [np.asarray(x)[None] for x in inputs]
         results = self._linear_by_jacobian("jvp", one, argnums, [v[None] for v in vecs], out_tree, 1, (1,), v_shape)
+        return [r[0] for r in results]
+
+    def _vjp_by_jacobian(self, inputs: Sequence[Any], argnums: Sequence[int], vecs: list[np.ndarray],
+                         out_tree: Tree, v_shape: tuple[int, ...]) -> list[np.ndarray]:
+        """``c^T J`` from the Jacobian, for a function with more output arrays than a
+        request may carry cotangents (``MAX_NPZ_MEMBERS``): one example of a batched
+        ``jacobian``, contracted here, as ``_jvp_by_jacobian`` does for ``J t``."""
+        one = [np.asarray(x)[None] for x in inputs]
+        results = self._linear_by_jacobian("vjp", one, argnums, [v[None] for v in vecs], out_tree, 1, (1,), v_shape)
         return [r[0] for r in results]
 
     def _vjp_by_jvp(self, inputs: Sequence[Any], argnums: Sequence[int], vecs: list[np.ndarray], out_tree: Tree,

@@ -31,7 +31,8 @@
 Handlers never put a traceback in a body: ``detail`` is built from the exception's type
 and message only. An error may carry ``fields``, RFC 9457 extension members of its body
 for a client's code to read where it would otherwise parse the detail's words (a vector
-refused for its shape: ``field``, ``path``, ``expected_shape``, ``got_shape``).
+refused for its shape: ``field``, ``path``, ``expected_shape``, ``got_shape``; vectors of
+more arrays than a body may carry: ``field``, ``limit``).
 """
 
 from __future__ import annotations

@@ -231,6 +231,10 @@ _COMPONENTS: dict[str, Any] = {
                                               "`batched_vectors`)"},
             "got_shape": {"type": "array", "items": {"type": "integer"},
                           "description": "with `field`: the shape the request sent"},
+            "limit": {"type": "integer", "description": "with `field` (`cotangents` or `tangents`): a 413 refusing "
+                                                        "more arrays of it than a body may carry (`MAX_NPZ_MEMBERS`, "
+                                                        "or the function's input arrays where more; an `.npz`: the "
+                                                        "members it may hold, its inputs' and each vector key's)"},
             "unsupported": {"type": "string", "enum": ["forward_mode", "integer_output", "complex_output"],
                             "description": "`forward_mode`: a 500 `function_error` of a `jvp` or `hvp` whose "
                                            "function has an op without a forward-mode rule (torch raised "

@@ -262,24 +262,31 @@ def _is_vector_node(obj: Any) -> bool:
 
 
 class _Room:
-    """The arrays a JSON body's cotangents or tangents may still hold. An ``.npz``
-    carries at most ``MAX_NPZ_MEMBERS`` arrays; the same vectors as JSON were taken
-    whatever their number, and each leaf costs the front end's event loop its decode,
-    its frame to the engine and the engine its own (~50 us together): 50,000 ragged
-    one-number leaves in a 250 KB vjp body held every other client, /healthz included,
-    for 4 s. As many as the function has input arrays are always taken (tangents are
-    shaped like them)."""
+    """The arrays a body's cotangents or tangents may still hold, each key its own room:
+    ``MAX_NPZ_MEMBERS``, or as many as the function has input arrays where it has more
+    (tangents are shaped like them), in JSON and in an ``.npz`` alike. The same vectors as
+    JSON were taken whatever their number, and each leaf costs the front end's event loop
+    its decode, its frame to the engine and the engine its own (~50 us together): 50,000
+    ragged one-number leaves in a 250 KB vjp body held every other client, /healthz
+    included, for 4 s. An ``.npz`` counted its inputs' members against the same 64 as well
+    (a function of 40 input arrays: its jvp's 40 tangents a 413 there, 200 in JSON)."""
 
     __slots__ = ("left", "most")
 
     def __init__(self, most: int) -> None:
         self.most = self.left = most
 
-    def take(self, key: str) -> None:
-        self.left -= 1
+    @classmethod
+    def of(cls, spec: FunctionSpec, limits: wire.Limits) -> _Room:
+        return cls(max(limits.max_members, len(spec.leaf_inputs)))
+
+    def take(self, key: str, count: int = 1) -> None:
+        self.left -= count
         if self.left < 0:
-            raise PayloadTooLarge(f"{key} hold more than {self.most} arrays (an empty object counts as one); the limit "
-                                  f"is {self.most} (MAX_NPZ_MEMBERS, as for an .npz's members)")
+            raise PayloadTooLarge(
+                f"{key} hold more than {self.most} arrays (an empty object counts as one); the limit is {self.most} "
+                "(MAX_NPZ_MEMBERS, or the function's input arrays where more; an output with more arrays than that "
+                "needs MAX_NPZ_MEMBERS raised for its vjp)", fields={"field": key, "limit": self.most})
 
 
 def _vector_tree(obj: Any, limits: wire.Limits, path: str, room: _Room) -> Any:
@@ -550,12 +557,12 @@ def parse_call(
             if vector_key:
                 if vector_key not in doc:
                     raise InvalidInput(f"{kind} needs '{vector_key}'")
-                room = _Room(max(limits.max_members, len(spec.leaf_inputs)))
+                room = _Room.of(spec, limits)
                 vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), _vector_limits(vector_key, limits),
                                                        vector_key, room))
             if extra_key and extra_key in doc:
                 extra = _engine_vectors(_vector_tree(doc.pop(extra_key), _vector_limits(extra_key, limits), extra_key,
-                                                     _Room(max(limits.max_members, len(spec.leaf_inputs)))))
+                                                     _Room.of(spec, limits)))
             both = sorted(set(doc) & set(raw_options))
             if both:  # which one was meant? (the body's won, silently)
                 raise InvalidInput(f"options {both} are given in both the query string and the body; give each once")
@@ -576,7 +583,26 @@ def parse_call(
             arr = wire.read_npy(body, limits)
             arrays = [(arr, dtype_name(arr.dtype))]
         elif media_type == wire.NPZ:
-            members = wire.read_npz(body, _vector_limits("cotangents", limits))
+            # the inputs' members, and each vector key its own room beside them (_Room), as in JSON
+            keys = [k for k in (vector_key, extra_key) if k]
+            most = max(limits.max_members, len(spec.leaf_inputs) + len(keys) * _Room.of(spec, limits).most)
+            try:
+                members = wire.read_npz(body, dataclasses.replace(_vector_limits("cotangents", limits), max_members=most))
+            except wire.WireError as exc:
+                if not keys or exc.code != "payload_too_large" or "members" not in str(exc):
+                    raise
+                room = _Room.of(spec, limits).most  # said as JSON's refusal says it: per key
+                raise PayloadTooLarge(
+                    f".npz has more than {most} members: the function's {len(spec.leaf_inputs)} input arrays and "
+                    f"{room} arrays of {' and of '.join(keys)}; the limit is {room} arrays of each (MAX_NPZ_MEMBERS, "
+                    "or the function's input arrays where more; an output with more arrays than that needs "
+                    "MAX_NPZ_MEMBERS raised for its vjp)", fields={"field": keys[0], "limit": room}) from None
+            for key in keys:
+                _Room.of(spec, limits).take(key, sum(1 for m in members if m == key or m.startswith(key + "/")))
+            if len(members) > limits.max_members and len(members) - sum(
+                    1 for m in members for k in keys if m == k or m.startswith(k + "/")) > len(spec.leaf_inputs):
+                # what is left is an input's or no one's: the .npz's own limit, as before
+                raise PayloadTooLarge(f".npz has {len(members)} members; the limit is {limits.max_members}")
             _check_real(members, "cotangents" if "cotangents" in (vector_key, extra_key) else None)
             given_by_name, vectors = _split_members(members, vector_key)
             vectors = _engine_vectors(vectors)
