@@ -556,6 +556,44 @@ def _number(value: Any, dtype: np.dtype | None) -> Any:
     raise WireError("array data holds " + hint if hint else "array data is not a regular array of numbers", "invalid_input")
 
 
+# Every integer below 2^53 is a float64 of its own; from it on, a float stands for several
+# (2^53 + 1 parses to 2^53).
+_EXACT_IN_FLOAT64 = 2.0**53
+
+
+def _integers_one_by_one(data: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An integer array's data that numpy read as float64 with a value past 2^53, read
+    number by number: a JSON integer exactly (``[9007199254740993, 1.0]`` had become
+    ...992 through numpy's float64, silently), a float past 2^53 refused. A float there
+    (``9007199254740993.0``, ``9.007199254740993e15``: what a page's ``JSON.stringify``
+    writes past 1e21, or a float64 array cast by the caller) was rounded to a double when
+    it was parsed, so which integer it stands for cannot be told: an int64 input computed
+    with 9007199254740992 for 9007199254740993.0, silently (SPEC reads integers exactly;
+    this is the number that was not sent as one)."""
+    info, values = np.iinfo(dtype), []
+    items = list(np.asarray(data, dtype=object).flat)
+    # past the dtype's range first ("does not fit", as before): a float against exact bounds
+    if not all(info.min <= v < 2.0 ** (info.bits - (dtype.kind == "i")) if v.__class__ is float
+               else info.min <= v <= info.max for v in items):
+        raise WireError(f"array data does not fit {dtype}", "invalid_input")
+    for v in items:
+        if v.__class__ is bool:
+            raise WireError("array data holds booleans; only bool arrays take true/false", "invalid_input")
+        if v.__class__ is float:
+            if abs(v) >= _EXACT_IN_FLOAT64:
+                raise WireError(
+                    f"array data holds {v!r}, a float of 2^53 or more for {dtype}: parsed as a double, it stands for "
+                    f"any of several integers (JavaScript's numbers, JSON.stringify's 1e+21, lose them likewise); "
+                    f"write the integer's digits (JSON.rawJSON of a BigInt in a page), or send the array as "
+                    f'{{"dtype": "{dtype}", "shape": ..., "base64": ...}} or .npy', "invalid_input")
+            if v != math.trunc(v):
+                raise WireError(f"array data holds {v!r}, not a whole number; {dtype} takes whole numbers",
+                                "invalid_input")
+            v = math.trunc(v)
+        values.append(v)
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
 def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarray:
     """JSON numbers (a number or regular nested lists) -> an array of ``dtype`` (None:
     as numpy infers it). Numbers only: null, strings (but the spelled non-finite values)
@@ -607,6 +645,9 @@ def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarr
             arr = np.asarray(data, dtype=dtype)
         except (ValueError, OverflowError):
             raise WireError(f"array data does not fit {dtype}", "invalid_input") from None
+    if (dtype is not None and dtype.kind in "iu" and arr.dtype.kind == "f" and arr.size
+            and bool(np.isfinite(arr).all()) and bool((np.abs(arr) >= _EXACT_IN_FLOAT64).any())):
+        return _integers_one_by_one(data, arr.shape, dtype)
     if dtype is not None and dtype.kind in "iu" and arr.dtype.kind in "iuf" and arr.size:
         info = np.iinfo(dtype)
         if arr.dtype.kind == "f":
