@@ -114,6 +114,18 @@ def test_derivatives_nest_as_the_caller_sent_the_parameter(sdk, transport, seq, 
     assert isinstance(out_t, tuple)
 
 
+def test_derivatives_by_parameter_name_nest_as_the_caller_sent_it(app):
+    """``argnums="p"``: the one pytree parameter sent; several names: by the function's
+    description, once the client has it (``client.function``), else as declared."""
+    p, pt, xt = _params(tuple), t_tree(_params(tuple)), torch.tensor(X, dtype=D)
+    with sdk_over(app) as fresh:
+        same_tree(fresh.jacobian("r24_listed", p, X, argnums="p"), np_tree(f.jacrev(r24.r24_listed)(pt, xt)))
+        assert isinstance(fresh.jacobian("r24_listed", p, X, argnums=("p", "x"))[0][0]["bc"], list)  # not guessed
+        fresh.function("r24_listed")
+        same_tree(fresh.jacobian("r24_listed", p, X, argnums=("p", "x")),
+                  np_tree(f.jacrev(r24.r24_listed, argnums=(0, 1))(pt, xt)))
+
+
 # --------------------------------------------------------------------------- 2. solve_bvp, fun(x, y)
 
 

@@ -724,7 +724,7 @@ def _check_rows(rows: Any) -> list[int]:
 _FOLLOWING = ("vjp", "hvp", "jacobian", "hessian")
 
 
-def _caller_structure(kind: str, inputs: Sequence[Any], argnums: Any) -> Any:
+def _caller_structure(kind: str, inputs: Sequence[Any], argnums: Any, names: Sequence[str] | None = None) -> Any:
     """The structure the caller gave the differentiated inputs (``None`` for a leaf;
     tuples, lists and dicts as given), as ``torch.func.jacrev`` nests its result; ``None``
     where there is nothing to follow (plain arrays) or the inputs are named (their position
@@ -733,7 +733,10 @@ def _caller_structure(kind: str, inputs: Sequence[Any], argnums: Any) -> Any:
     The service nests a result by the parameter's *declared* tree, and JSON and ``.npz``
     carry one kind of sequence: a tuple the caller sent where a list is declared came back
     a list (and a dict in the declared key order), where in-process ``jacrev`` follows the
-    caller's pytree."""
+    caller's pytree. ``argnums`` by name: placed by ``names`` (the function's inputs, where
+    the client has described it: ``client.function(name)``), else one name by the one pytree
+    parameter the caller sent (several names, or pytrees of different structures, are not
+    guessed: the declared tree's nesting stands)."""
     def skeleton(x: Any) -> Any:
         x = as_plain_node(x)
         if isinstance(x, dict):
@@ -743,6 +746,22 @@ def _caller_structure(kind: str, inputs: Sequence[Any], argnums: Any) -> Any:
         return None
 
     picked = argnums if isinstance(argnums, (list, tuple)) else [argnums]
+    if any(isinstance(a, str) for a in picked):
+        if names is None and len(picked) > 1:
+            return None  # which name is the pytree parameter? (client.function(name) tells)
+        trees = {repr(t): t for t in (skeleton(x) for x in inputs) if t is not None}
+        by_name = {n: i for i, n in enumerate(names or ()) if i < len(inputs)}
+
+        def place(a: Any) -> Any:
+            if not isinstance(a, str) or a in by_name or names is not None:
+                return by_name.get(a, a)
+            return next(i for i, x in enumerate(inputs) if skeleton(x) is not None) if len(trees) == 1 else None
+
+        placed = [place(a) for a in picked]
+        if any(a is None for a in placed):
+            return None
+        argnums = tuple(placed) if isinstance(argnums, (list, tuple)) else placed[0]
+        picked = placed
     if not all(isinstance(a, int) and not isinstance(a, bool) and -len(inputs) <= a < len(inputs) for a in picked):
         return None
     if isinstance(argnums, (list, tuple)):
@@ -982,7 +1001,9 @@ class Protocol:
 
         call.expect = _expected(kind, fields, values)
         if kind in _FOLLOWING and names is None and "sparsity" not in fields:
-            call.follow = _caller_structure(kind, inputs, fields.get("argnums", 0))
+            info = self.functions_cache.get(name)
+            call.follow = _caller_structure(kind, inputs, fields.get("argnums", 0),
+                                            None if info is None else [i.name for i in info.inputs])
         sparse = "sparsity" in fields and fields.get("sparse_format") != "dense"
         if sparse and (out is not None or sink is not None):
             raise ValueError("a sparse result is not streamed into out=; use sparse_format='dense' or no out=")
