@@ -233,6 +233,27 @@ def test_torch_backward_and_jacrev_through_100_outputs_as_in_process(cc):
               np_tree(f.jacrev(r24.r24_many)(torch.tensor(X, dtype=D))))
 
 
+def test_second_derivatives_through_100_outputs_as_in_process(cc):
+    """``torch.func.hessian`` and a double backward of a loss of 100 outputs: their
+    ``hvp`` with 100 cotangents was the 413 too; the Hessian (no cotangents) answers, and
+    once refused neither the vjp nor the hvp is asked again."""
+    fn = remote(cc.client, "r24_many")
+    w = torch.linspace(-1.0, 1.0, 300, dtype=D).reshape(100, 3)
+
+    def loss(g: Any) -> Any:
+        return lambda x: sum((o * w[i]).sin().sum() for i, o in enumerate(g(x)))
+
+    x = torch.tensor(X, dtype=D)
+    torch.testing.assert_close(f.hessian(loss(fn))(x), f.hessian(loss(r24.r24_many))(x), rtol=1e-12, atol=1e-12)
+    assert cc.take().count("hessian") == 1
+    xg = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss(fn)(xg), xg, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), xg)
+    torch.testing.assert_close(gg, f.grad(lambda x: f.grad(loss(r24.r24_many))(x).pow(2).sum())(x), rtol=1e-12,
+                               atol=1e-12)
+    assert not {"vjp", "hvp"} & set(cc.take())
+
+
 def test_jax_grad_through_100_outputs_as_in_process(sdk, jx):
     import jax.numpy as jnp
     from jacobian_client.jax import remote as jremote

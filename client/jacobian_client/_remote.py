@@ -845,11 +845,16 @@ class RemoteOps:
                 return self._second_per_example(mode, batch, vec_argnums, other_argnums, vecs, out_tree, batch_ndim,
                                                 p_shape, v_shape, order)
             results, hvp_error = None, None
-            if batch_ndim == 0 and (complex_out or self._hvp_pays(out_shapes, in_shapes, vec_argnums, other_argnums,
-                                                                   V)):
+            # (cotangents of more arrays than the service takes: the Hessian, which needs none)
+            if batch_ndim == 0 and (complex_out or self._works["cotangents"] and self._hvp_pays(
+                    out_shapes, in_shapes, vec_argnums, other_argnums, V)):
                 try:
                     results = self._second_by_hvp(flat, vec_argnums, other_argnums, cots, ws, v_shape, in_shapes,
                                                   out_tree)
+                except PayloadTooLarge as exc:
+                    if complex_out or exc.problem.get("field") != "cotangents":
+                        raise
+                    self._works["cotangents"] = False
                 except FunctionError as exc:
                     if not lacks_forward_mode(self.client, exc):
                         raise
