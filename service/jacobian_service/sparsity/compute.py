@@ -231,7 +231,7 @@ def resolve(
     key = _cache_key(fn, name, args, argnums, kind, f"{choice}|{mode}")
     p, coloring, cached = _cached(cache, key, lambda: _colored(
         _build_pattern(fn, args, argnums, pattern, kind, declared or {}, has_aux, out_size, check_alive, drew, output),
-        kind, mode, check_alive, _products_eps(args, argnums)), lambda: values_digest(args),
+        kind, mode, check_alive, _products_eps(args, argnums, output)), lambda: values_digest(args),
         # an entry with another output size is stale (the function's output size followed
         # something the key does not hold): detected again, and replaced
         fits=lambda q: kind != "jacobian" or out_size is None or q.shape[0] == out_size,
@@ -328,11 +328,18 @@ def _remember_refusal(refused: Any, values: str, exc: PatternTooLarge) -> None:
         _REFUSED.popitem(last=False)
 
 
-def _products_eps(args: Sequence[Any], argnums: Sequence[int]) -> float:
+def _products_eps(args: Sequence[Any], argnums: Sequence[int], output: Any = None) -> float:
     """Machine epsilon of the products' dtype (the first differentiated input's, as the
     seeds'; the coarsest where they differ): how much round-off a Hessian's acyclic
-    substitution may sum (see :mod:`.acyclic`). The cache key holds the dtypes."""
+    substitution may sum (see :mod:`.acyclic`). The cache key holds the dtypes.
+
+    With ``output`` (the function's, at a point), the coarsest of its floating leaves
+    too: a float16 energy of float64 inputs computes its Hessian-vector products in
+    float16, and an acyclic colouring (allowed by float64's round-off) summed their
+    float16 roundings: 54 to 138 entries of a ring's or band's 120 to 280 were 1 to 4
+    float16 roundings off torch.func.hessian's (the dense /hessian: none)."""
     dtypes = [args[i].dtype for i in argnums if isinstance(args[i], torch.Tensor) and args[i].dtype.is_floating_point]
+    dtypes += [d for _, d in _leaves(output) if d.is_floating_point]
     return max((float(torch.finfo(d).eps) for d in dtypes), default=float(torch.finfo(torch.float32).eps))
 
 
@@ -346,10 +353,27 @@ def _colored(p: Pattern, kind: str, mode: str, check_alive: Callable[[], None] |
     if kind == "hessian":
         from .acyclic import most_summed
 
-        return p, hessian_coloring(p, check_alive=check_alive, most_summed=most_summed(eps))
+        coloring = hessian_coloring(p, check_alive=check_alive, most_summed=most_summed(eps))
+        if most_summed(eps) == 0 and coloring.mode == "star":
+            return p, _own_places(p, coloring, check_alive)
+        return p, coloring
     if (NO_GRAD_NOTE in p.notes or CUSTOM_NOTE in p.notes) and mode != "rev":
         mode = "rev"  # jvp would differentiate through the no_grad values, or use a custom jvp jacrev does not
     return p, choose_coloring(p, mode, check_alive=check_alive)
+
+
+def _own_places(p: Pattern, star: Coloring, check_alive: Callable[[], None] | None) -> Coloring:
+    """A half-precision Hessian's colouring: the direct one (every entry ``(i, j)`` read
+    at its own place, ``(i, colour j)``: torch.func.hessian's own column ``j``) where it
+    takes no more products than ``star``, which reads some entries at their mirror
+    ``(j, colour i)``. In float16 or bfloat16 torch's Hessian is not symmetric: ``H[j,
+    i]`` rounds otherwise than ``H[i, j]`` (an ulp), so each mirrored entry was an ulp off
+    torch.func.hessian's (3 to 6 of a float16 band's 280; the dense /hessian: none). Star
+    colouring stands where the direct one takes more (an arrow's 2 against n)."""
+    if bool((star.gather == p.rows * star.n_colors + star.colors[p.cols]).all()):
+        return star  # (every entry read at its own place already)
+    direct = direct_coloring(p, check_alive=check_alive)
+    return direct if direct.n_colors <= star.n_colors else star
 
 
 #: Note on Hessians of functions that use torch.no_grad (see :func:`_every_column`).
@@ -911,7 +935,7 @@ def sparse_jacobian(
         res = _sparse_jacobian(fn, args, argnums, primals, out, aux, planned, mode, memory_budget, check_alive,
                                has_aux, cache, name, rows, chunk_size, t0)
         if res.pattern is not planned[0] and DENSE_NOTE in res.pattern.notes:
-            _widen(fn, args, argnums, pattern, "jacobian", mode, cache, name, res.pattern)
+            _widen(fn, args, argnums, pattern, "jacobian", mode, cache, name, res.pattern, res.output)
         elif res.pattern is planned[0] and rows is None and mode == "auto" and isinstance(pattern, str):
             _symmetric_next(fn, args, argnums, pattern, cache, name, planned[1], res, check_alive)
         return res
@@ -992,7 +1016,7 @@ def _sparse_jacobian(
 
 def _widen(
     fn: Callable[..., Any], args: Sequence[torch.Tensor], argnums: tuple[int, ...], pattern: Any, kind: str, mode: str,
-    cache: PatternCache | None, name: str | None, found: Pattern,
+    cache: PatternCache | None, name: str | None, found: Pattern, output: Any = None,
 ) -> None:
     """After the products proved a cached pattern wrong (``found``: its entries and this
     point's nonzeros, from the dense answer), the cache entry of this function, these
@@ -1017,7 +1041,7 @@ def _widen(
     rows, cols = np.divmod(np.unique(np.concatenate(parts)), n)
     wider = old.replace(rows=rows, cols=cols, notes=old.notes + (WIDENED_NOTE,) if WIDENED_NOTE not in old.notes else old.notes)
     try:  # no deadline here: the answer is computed, and this colouring is bounded by it (dense)
-        p, coloring = _colored(wider, kind, mode, None, _products_eps(args, argnums))
+        p, coloring = _colored(wider, kind, mode, None, _products_eps(args, argnums, output))  # (as resolve's)
     except Exception as exc:  # never a reason to fail the answer: the next request re-checks
         log.warning("widening sparsity pattern %r failed: %s", old.name, exception_text(exc))
         return
@@ -1326,7 +1350,7 @@ def sparse_hessian(
         res = _sparse_hessian(fn, args, argnums, primals, out, aux, planned, memory_budget, check_alive, has_aux,
                               chunk_size, t0, name, cache, forward_ad)
         if res.pattern is not planned[0] and DENSE_NOTE in res.pattern.notes:
-            _widen(fn, args, argnums, pattern, "hessian", "auto", cache, name, res.pattern)
+            _widen(fn, args, argnums, pattern, "hessian", "auto", cache, name, res.pattern, res.output)
         return res
     finally:
         if drawn is not None:  # the generators as one call leaves them, as after torch.func.hessian
