@@ -87,14 +87,15 @@ def coarser_than(eps: float, leaves: Sequence[torch.dtype]) -> bool:
     return any(_eps(d) > eps for d in leaves)
 
 
-def leaf_tolerance(like: torch.dtype, leaves: Sequence[tuple[int, torch.dtype]]) -> np.ndarray | None:
+def leaf_tolerance(like: torch.dtype, leaves: Sequence[tuple[int, torch.dtype]], always: bool = False) -> np.ndarray | None:
     """The random check's relative tolerance for each row of a Jacobian's flat output
     (``leaves``: each output leaf's element count and dtype, in flat order): the coarser
     of its leaf's dtype and the inputs' (``like``). None where no leaf is coarser than
-    the inputs (every row at the inputs' tolerance, as :func:`disagrees` takes it)."""
+    the inputs (every row at the inputs' tolerance, as :func:`disagrees` takes it),
+    unless ``always``."""
     base = _random_tol(like)
     tols = [max(base, _random_tol(d)) if d.is_floating_point or d.is_complex else base for _, d in leaves]
-    if all(t == base for t in tols):
+    if all(t == base for t in tols) and not always:
         return None
     return np.repeat(np.asarray(tols, dtype=np.float64), [int(size) for size, _ in leaves])
 
