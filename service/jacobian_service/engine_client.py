@@ -227,7 +227,12 @@ class InProcessEngines(_Engines):
 
     async def _warm_up(self) -> None:
         from .engine import warmup_call
+        from .engine.sparse import preload
 
+        try:  # the first sparse request's imports (engine.sparse.preload), off the event loop
+            await asyncio.to_thread(preload)
+        except Exception as exc:  # sparse requests import it again, and say why it fails
+            log.warning("preloading sparse derivatives failed: %s", exc)
         for spec in self.registry:
             for index in range(len(self.workers)):
                 try:  # making the call too: one that cannot be made (no inputs) is no reason to never be ready

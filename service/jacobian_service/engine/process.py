@@ -298,6 +298,12 @@ class EngineServer:
             self.engine.jacobian(warmup_call(FunctionSpec("_prime", _sin, (Input("x", shape=(3,)),))))
         except Exception as exc:  # the functions' own warm-ups will say more
             log.warning("warm-up of torch itself failed: %s", exc)
+        try:  # (no user function's time either: the first sparse request's imports)
+            from .sparse import preload
+
+            preload()
+        except Exception as exc:  # sparse requests import it again, and say why it fails
+            log.warning("preloading sparse derivatives failed: %s", exc)
         try:
             for spec in self.registry:
                 if spec.name in skip:
