@@ -49,7 +49,9 @@ def arrow_same30(x: torch.Tensor) -> torch.Tensor:
 
 def ring_leaves30(x: torch.Tensor):
     """A ring (diagonal and periodic sub-diagonal) in float64 and in bfloat16 arithmetic."""
-    return tuple(torch.sin(h) * (1.5 + torch.roll(h, 1)) for h in (x.double(), x.bfloat16()))
+    return tuple(
+        torch.sin(h) * (1.5 + torch.roll(h, 1)) for h in (x.double(), x.bfloat16())
+    )
 
 
 def band_energy30(x: torch.Tensor) -> torch.Tensor:
@@ -66,4 +68,6 @@ def half_band_energy30(x: torch.Tensor) -> torch.Tensor:
 def half_grid_energy30(x: torch.Tensor) -> torch.Tensor:
     """A 5 x 8 grid's energy in float16 arithmetic (x of 40 elements)."""
     u = x.half().reshape(5, 8)
-    return (torch.sin(u[1:] - u[:-1]) ** 2).sum() + torch.cos(u[:, 1:] * u[:, :-1]).sum()
+    return (torch.sin(u[1:] - u[:-1]) ** 2).sum() + torch.cos(
+        u[:, 1:] * u[:, :-1]
+    ).sum()

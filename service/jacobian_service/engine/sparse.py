@@ -121,7 +121,7 @@ def preload() -> None:
     for the next; with them preloaded 102-158 ms (its pattern's detection), the warm-up
     0.7-0.9 s longer. Engines start warm (and a spare takes over after a crash), so no
     request waits for it."""
-    import scipy.sparse  # noqa: F401  (the CSR answers)
+    import scipy.sparse  # (the CSR answers; csgraph imports it too)
     import scipy.sparse.csgraph  # noqa: F401  (detection's and acyclic colouring's)
 
     from ..sparsity import compute  # noqa: F401  (the tracer, colourings, products)

@@ -679,8 +679,8 @@ class _Products:
     def leaf_round_off(self, run: Callable[[list[torch.Tensor]], torch.Tensor], batch: int = 0) -> list[np.ndarray]:
         """The function's own round-off per output row (``row_tol``'s rows), at this point
         or at each of a ``batch`` of points, as a relative allowance to add to each row's
-        tolerance (:data:`.verify._NOISE_TIMES` times its leaf dtype's round-off, 0 where
-        that is past the dtype's cap: no round-off then).
+        tolerance (:func:`.verify.noise_tolerance` of its leaf dtype's round-off: 0 where
+        that is past the dtype's cap, no round-off then).
 
         One number for every row (:meth:`round_off`) let a coarse leaf's round-off stand
         for the finer rows' too: a bfloat16 leaf's arithmetic is 5 % from additive, and a
@@ -690,7 +690,7 @@ class _Products:
         of one dtype is measured alone: forward products' places are rows, read per
         group; reverse products sum every row into each place, so each group gets its own
         three cotangents, zero outside it (one vmap for all)."""
-        from .verify import _NOISE_TIMES, _noise_cap, coarsest, noise_seeds, round_off
+        from .verify import coarsest, noise_seeds, noise_tolerance, round_off
 
         assert self.row_tol is not None
         group = np.repeat(np.arange(len(self.leaves)), [n for n, _ in self.leaves])
@@ -708,8 +708,7 @@ class _Products:
             for g in range(len(self.leaves)):
                 part = point[3 * g : 3 * g + 3] if self.coloring.mode == "rev" else point[:, torch.as_tensor(group == g)]
                 noise[g] = round_off(part)
-            times = np.where(noise <= [_noise_cap(d) for d in dtypes], _NOISE_TIMES * noise, 0.0)
-            allowances.append(times[group])
+            allowances.append(np.array([noise_tolerance(float(v), d) for v, d in zip(noise, dtypes)])[group])
         return allowances
 
     def values(self, p: Pattern, block: torch.Tensor) -> torch.Tensor:
