@@ -448,6 +448,11 @@ def _load() -> str:
     # an engine would hold two copies of it).
     from . import channel, errors, heap, ipc, logs, metrics, orphans, procfs, registry, scheduler  # noqa: F401
     from .engine import core, descriptor_watch, devices, memory_watch, namespaces, strays  # noqa: F401
+    from .engine.sparse import preload
+
+    # Sparse requests' imports (scipy.sparse, the tracer, the colourings): ~0.7 s of every
+    # engine's warm-up when each engine made them, once per serve here.
+    preload()
 
     # (No gc.freeze() here, though it would keep more pages shared: frozen objects are out
     # of gc.get_referrers' sight, which the engine's process_settings use to find the
