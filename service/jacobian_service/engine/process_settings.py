@@ -406,6 +406,50 @@ def _leave_inference_mode(taken: bool) -> None:
         _OUT_OF_INFERENCE.append(torch._C._InferenceMode(False))
 
 
+# torch's dispatch keys of the thread, those it adds to every call (included) and those
+# it skips (excluded), as a guard of torch's own sets them: ``torch._C._DisableFuncTorch()``
+# entered and kept (a global, a generator suspended in its ``with``) made every later
+# Jacobian of every function all zeros, with a 200, for as long as the engine lived; the
+# Python key included (``_IncludeDispatchKeyGuard``) failed every later request of every
+# function, 500 ``internal_error``; the CPU's excluded, the same. Read after the settings
+# whose own guards set keys (inference mode, autocast, torch.func's levels, dispatch
+# modes), which each put theirs back first. Their guards cannot be reached to exit them;
+# a guard forcing the keys taken, entered over them and kept for the process's life (its
+# end would set the keys it found), puts the thread back as it was.
+_FORCED_KEYS: list[Any] = []
+_KEY_SET = torch._C.DispatchKeySet
+_INCLUDED, _EXCLUDED = torch._C._dispatch_tls_local_include_set, torch._C._dispatch_tls_local_exclude_set
+
+
+def _dispatch_keys() -> tuple[int, int]:
+    """Both sets' bits (~1.4 us on the 2-core VM: four calls of pybind's)."""
+    return _INCLUDED().raw_repr(), _EXCLUDED().raw_repr()
+
+
+def _put_dispatch_keys(taken: tuple[int, int]) -> None:
+    guard = torch._C._ForceDispatchKeyGuard(_KEY_SET.from_raw_repr(taken[0]), _KEY_SET.from_raw_repr(taken[1]))
+    guard.__enter__()
+    _FORCED_KEYS.append(guard)
+    if _dispatch_keys() != taken:
+        raise RuntimeError("torch did not take the keys back")
+
+
+def _shown_keys(keys: tuple[int, int], taken: tuple[int, int]) -> str:
+    """The keys added and taken away, by name (not the sets' bits)."""
+    def names(raw: int) -> list[str]:
+        return [name for name in str(_KEY_SET.from_raw_repr(raw)).partition("(")[2].rstrip(")").split(", ") if name]
+
+    parts = []
+    for what, now, was in (("included", keys[0], taken[0]), ("excluded", keys[1], taken[1])):
+        added = sorted(set(names(now)) - set(names(was)))
+        gone = sorted(set(names(was)) - set(names(now)))
+        if added:
+            parts.append(f"{what} {', '.join(added)}")
+        if gone:
+            parts.append(f"no longer {what} {', '.join(gone)}")
+    return "; ".join(parts) or "other backend bits"
+
+
 def _dual_level() -> int:
     return _forward_ad._current_level  # -1: none entered
 
@@ -1008,6 +1052,16 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("torch's profiler (entered, not exited)", torch.autograd._profiler_enabled, lambda taken: _stop_profiler(),
              operator.gt),
     _Setting("kernels of torch's own operators (torch.library)", KERNELS.count, KERNELS.put, KERNELS.changed),
+    # torch.DisableTorchFunction() (or its Subclass kind) entered and kept: every later
+    # tensor subclass's and torch function mode's ``__torch_function__`` skipped, silently
+    # (a subclass that scales its results answered unscaled, a 200).
+    _Setting("torch's __torch_function__ handling (a DisableTorchFunction guard entered, not exited)",
+             torch._C._get_torch_function_state, torch._C._set_torch_function_state),
+    # Last: the settings above whose guards set keys (inference mode, autocast, torch.func's
+    # levels, dispatch modes) have put theirs back, and are named for them.
+    _Setting("torch's dispatch keys of the thread (a dispatch-key guard entered, not exited: "
+             "torch._C._DisableFuncTorch, _IncludeDispatchKeyGuard...)", _dispatch_keys, _put_dispatch_keys,
+             shown=(_shown_keys, "the keys the engine started with")),
 )
 
 # torch.nn's global module hooks (register_module_forward_hook and its kin): one that

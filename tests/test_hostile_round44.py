@@ -1,0 +1,83 @@
+"""Red team, round forty-four: hostile functions against torch's per-thread dispatch
+state, which every later function of the engine runs under (the dispatch keys a guard
+of torch's includes or excludes; ``__torch_function__`` handling disabled).
+
+Each case names what a user saw before. One real server for the file (one engine, no
+spare); the functions are in tests/hostile44_functions.py, each misbehaving only on the
+input 666 (round 11's ``_armed``), the second input picking how.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from ._fault_support import _log_until
+from .conftest import live_server
+from .test_hostile_round11 import _armed, _engine_pid
+from .test_hostile_round21 import _evaluated  # an evaluate's 200 output
+
+FUNCTIONS = "tests.hostile44_functions"
+X = [0.1, 0.2, 0.3]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", ENGINE_STANDBY="false", QUARANTINE_AFTER=50,
+                     REQUEST_TIMEOUT_S=20) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+def _diagonal(client: httpx.Client, url: str, function: str) -> np.ndarray:
+    r = client.post(f"{url}/v1/functions/{function}/jacobian",
+                    json={"inputs": [{"dtype": "float64", "shape": [3], "data": X}]})
+    assert r.status_code == 200, r.text
+    return np.diag(np.array(r.json()["jacobian"]["data"]).reshape(3, 3))
+
+
+def _served_right(client: httpx.Client, url: str) -> None:
+    """Another function's Jacobian (2 cos x), one through a subclass's ``__torch_function__``
+    (2 cos x), and one that takes its own gradient (2 x): as torch computes them."""
+    np.testing.assert_allclose(_diagonal(client, url, "victim44"), 2 * np.cos(X), rtol=1e-12)
+    np.testing.assert_allclose(_diagonal(client, url, "subclass_victim44"), 2 * np.cos(X), rtol=1e-12)
+    np.testing.assert_allclose(_evaluated(client, url, "own_grad44", X), 2 * np.array(X), rtol=1e-12)
+
+
+@pytest.mark.parametrize("case, shown", [
+    (0, "excluded FuncTorchDynamicLayerBackMode"),  # _DisableFuncTorch
+    (1, "included Python"),  # _IncludeDispatchKeyGuard(Python)
+    (2, "excluded CPU"),  # _ExcludeDispatchKeyGuard(CPU)
+    (3, "torch's __torch_function__ handling"),  # DisableTorchFunction
+    (4, "excluded Autograd"),  # _AutoDispatchBelowAutograd
+])
+def test_a_dispatch_guard_a_function_keeps_entered_is_put_back(server, http, case: int, shown: str) -> None:
+    """A function that entered one of torch's guards over the thread's dispatch keys and
+    kept it (a global; a generator suspended inside its ``with``) left every later request
+    of every function under it, for the engine's life (measured, one engine, 200s before):
+    ``torch._C._DisableFuncTorch()``, every later Jacobian all zeros with a 200; the Python
+    key included, or the CPU's excluded, every later request a 500 ``internal_error``;
+    ``DisableTorchFunction()``, every later subclass's ``__torch_function__`` skipped (its
+    Jacobian half the truth, a 200); ``_AutoDispatchBelowAutograd()``, every later
+    function's own ``torch.autograd.grad`` failed. Now the keys (and the handling) the
+    engine started with are put back after the batch, the function named."""
+    url, proc = server
+    _served_right(http, url)
+    pid, start = _engine_pid(http, url), len(proc.read_log())
+    r = _armed(http, url, f"keeps_guard44_{case}", 0)
+    assert r.status_code in (200, 500), r.text  # the function's own answer runs under its guard
+    _served_right(http, url)
+    assert _engine_pid(http, url) == pid  # put back in place: no engine replaced
+    pattern = rf"keeps_guard44_{case} changed [^\n]*" + re.escape(shown)
+    log = _log_until(proc, start, pattern)
+    assert re.search(pattern, log), log[-3000:]
