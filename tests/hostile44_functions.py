@@ -4,6 +4,11 @@ second input picking how; otherwise it is ``sin``. Beside them, the functions th
 
 from __future__ import annotations
 
+import _thread
+import os
+import subprocess
+import threading
+import time
 from typing import Any
 
 import torch
@@ -74,3 +79,23 @@ def own_grad44(x: torch.Tensor) -> torch.Tensor:
         y = x.detach().requires_grad_()
         (g,) = torch.autograd.grad((y * y).sum(), y)
     return g
+
+
+# ------------------------------------------------------------ SIGINT for the engine, later
+
+
+@register(inputs=X, description="sin; armed (666), SIGINT for its engine 0.3 s later: case 0 a Timer's "
+                                "_thread.interrupt_main(), case 1 a child left sleeping (kill -INT).")
+def interrupts44(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case == 0:
+        threading.Timer(0.3, _thread.interrupt_main).start()
+    elif case == 1:
+        subprocess.Popen(["sh", "-c", f"sleep 0.3; kill -INT {os.getpid()}"])
+    return torch.sin(x)
+
+
+@register(inputs=X, description="2 sin x, after 1 s (its request runs when another's SIGINT comes).")
+def sleeps44(x: torch.Tensor) -> torch.Tensor:
+    time.sleep(1.0)
+    return 2 * torch.sin(x)

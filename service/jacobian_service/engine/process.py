@@ -370,6 +370,10 @@ class EngineServer:
                     # too, where they are sockets: a promoted spare's).
                     self._leave(gone)
                 self.board.idle(time.monotonic(), self._left)
+            if _INTERRUPTS[0] != _INTERRUPTS[1]:
+                _INTERRUPTS[1] = _INTERRUPTS[0]
+                log.warning("SIGINT sent to the engine (by a function's thread or process: _thread.interrupt_main, "
+                            "kill -INT; last ran: %s); let be: no KeyboardInterrupt raised", self._ran or "nothing")
             try:
                 found = self._watch(now, ran)
             except Exception as exc:
@@ -593,6 +597,28 @@ def _no_core_files() -> None:
         pass
 
 
+# SIGINTs the engine took (and let be), and those the log has said: see ``_no_keyboard_interrupts``.
+_INTERRUPTS = [0, 0]
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    _INTERRUPTS[0] += 1  # nothing else: no I/O in a handler, which runs between any two bytecodes
+
+
+def _no_keyboard_interrupts() -> None:
+    """SIGINT no longer raises KeyboardInterrupt here. The engine leads a session of its
+    own (no terminal's ^C reaches it) and is stopped by SIGTERM; only its functions sent
+    it SIGINT: a ``threading.Timer`` one left calling ``_thread.interrupt_main()``, or a
+    child left sleeping then ``kill -INT``-ing its engine, raised KeyboardInterrupt into
+    whichever function's request ran then (another client's, a 500 ``function_error``
+    "KeyboardInterrupt" for that innocent function, at every call, the sender never
+    named). A handler of Python's that does nothing, not SIG_IGN: a program a function
+    runs gets SIGINT's default again at its exec (an ignored signal stays ignored across
+    exec). A function that sets its own has it for its batch (process_settings puts this
+    one back)."""
+    signal.signal(signal.SIGINT, _interrupted)
+
+
 def _first_for_the_oom_killer() -> None:
     """Without an address-space cap, the kernel's out-of-memory killer ends a function
     that allocates without end: this process is made its first choice, as the one
@@ -653,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     # stops with its parent: handed to init instead, it outlived a killed `serve`.
     become_subreaper()
     stop_with_parent(grace_s=5.0, first=kill_descendants)
+    _no_keyboard_interrupts()
     import torch
 
     from .devices import keep_free_heap, resolve_devices
