@@ -25,6 +25,11 @@ every function, for as long as the engine lives. Measured or reproduced:
   ``faulthandler.dump_traceback_later(t, exit=True)`` watchdog by its own thread;
 - ``sys.setprofile(f)``: every later call of every function ran through ``f`` (40 %
   slower for a small one), as would a trace function;
+- a guard of torch's over the thread's dispatch keys entered and kept
+  (``torch._C._DisableFuncTorch()``: every later Jacobian of every function all zeros,
+  with a 200; the Python key included: every later request a 500), and
+  ``torch.DisableTorchFunction()`` kept (every later subclass's ``__torch_function__``
+  skipped, silently);
 - a torch function mode entered and never exited (``mode.__enter__()``): every later
   torch call of every function went through it (one that doubled ``sin`` made every
   later Jacobian of ``sin`` twice the truth); a forward-AD dual level left entered:
