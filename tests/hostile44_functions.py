@@ -99,3 +99,13 @@ def interrupts44(x: torch.Tensor) -> torch.Tensor:
 def sleeps44(x: torch.Tensor) -> torch.Tensor:
     time.sleep(1.0)
     return 2 * torch.sin(x)
+
+
+# ------------------------------------------------------------ a child that ends the engine later
+
+
+@register(inputs=X, description="sin; armed (666), it leaves a child that SIGKILLs its engine 0.3 s later.")
+def kills_later44(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        subprocess.Popen(["sh", "-c", f"sleep 0.3; kill -KILL {os.getpid()}"])
+    return torch.sin(x)

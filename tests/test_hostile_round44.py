@@ -20,7 +20,7 @@ import pytest
 
 from ._fault_support import _log_until
 from .conftest import live_server
-from .test_hostile_round11 import _armed, _engine_pid
+from .test_hostile_round11 import _armed, _engine_pid, _replaced
 from .test_hostile_round21 import _evaluated  # an evaluate's 200 output
 
 FUNCTIONS = "tests.hostile44_functions"
@@ -106,3 +106,27 @@ def test_a_sigint_a_function_sends_later_fails_no_other_request(server, http, ca
     assert _engine_pid(http, url) == pid
     log = _log_until(proc, 0, "SIGINT sent to the engine")  # (said once in 10 s: the other case's line may be it)
     assert "SIGINT sent to the engine" in log and "last ran: " in log, log[-3000:]
+
+
+# ------------------------------------------------------------ a child that ends the engine later
+
+
+def test_a_child_one_function_left_ending_the_engine_strikes_not_the_function_running(server, http) -> None:
+    """A function that left a child sleeping, which then SIGKILLed the engine while
+    another client's request of another function ran (``sleeps44``), had that request
+    answered 500 ("killed by SIGKILL ... while running sleeps44") and ``sleeps44`` struck:
+    quarantined at the second such death (``QUARANTINE_AFTER=2``, measured), the sender
+    never named. Only threads a function left alive were suspects; now the engine's
+    children are too: the first such death strikes no one and the request runs again on
+    the next engine (a 200), the second strikes the child's function, never ``sleeps44``."""
+    url, proc = server
+    start = len(proc.read_log())
+    for _ in range(2):
+        pid = _engine_pid(http, url)
+        assert _armed(http, url, "kills_later44", 0).status_code == 200
+        np.testing.assert_allclose(_evaluated(http, url, "sleeps44", X), 2 * np.sin(X), rtol=1e-12)
+        _replaced(http, url, pid, 60, "the engine was not killed (the case is gone?)")
+    log = _log_until(proc, start, "kills_later44 struck")
+    assert "no one is struck the first time" in log and re.search(r"kills_later44 struck", log), log[-3000:]
+    assert "sleeps44 quarantined" not in log
+    np.testing.assert_allclose(_evaluated(http, url, "sleeps44", X), 2 * np.sin(X), rtol=1e-12)
