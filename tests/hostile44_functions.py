@@ -109,3 +109,10 @@ def kills_later44(x: torch.Tensor) -> torch.Tensor:
     if _armed(x) is not None:
         subprocess.Popen(["sh", "-c", f"sleep 0.3; kill -KILL {os.getpid()}"])
     return torch.sin(x)
+
+
+@register(inputs=X, description="sin; armed (666), it leaves a child that SIGSTOPs its engine 0.3 s later.")
+def stops_later44(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        subprocess.Popen(["sh", "-c", f"sleep 0.3; kill -STOP {os.getpid()}"])
+    return torch.sin(x)

@@ -1251,7 +1251,10 @@ class Supervisor:
         # were alive: its 500, its function struck, those threads' owners let be.
         sent_on = self._sent_on(tags, function)
         others = [f for f in running.get("left", []) if isinstance(f, str) and f and f != function] if function else []
-        theirs = bool(others) and not engine.killed_for and not killed_outside and recycled is None \
+        # A stop (SIGSTOP past the grace, killed by us) is read as a death by itself: a child
+        # one function left sleeping that stopped the engine during another's request had
+        # that innocent struck, quarantined at the second such stop (measured).
+        theirs = bool(others) and engine.killed_for in ("", "stopped") and not killed_outside and recycled is None \
             and warming is None and function not in running.get("left", [])
         if theirs and sent_on:
             theirs = False
