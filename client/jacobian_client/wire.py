@@ -678,6 +678,8 @@ def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarr
 # float32 and float64 arrays read by the array module: its 'f' and 'd' items take a Python
 # float (or int) as C's cast from double does, as numpy's float64 -> float32 astype does.
 _ARRAY_CODES = {np.dtype(np.float32): "f", np.dtype(np.float64): "d"}
+# The bytes of 0.0, -0.0 and 1.0 in each, as the array module stores them (native order).
+_ZERO_ONE_BYTES = {code: tuple(array(code, [v]).tobytes() for v in (0.0, -0.0, 1.0)) for code in ("f", "d")}
 
 
 def _flat_floats(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarray | None:
@@ -697,9 +699,16 @@ def _flat_floats(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarra
         values = array(code, data)
     except (TypeError, OverflowError):
         return None
-    arr = np.frombuffer(values, dtype)
-    # (a value that only rounded to 0 or 1 goes there too: it reads it all the same)
-    return None if ((arr == 0) | (arr == 1)).any() else arr
+    # A 0 or 1 (what a boolean reads as; a value that only rounded to one goes there too:
+    # it reads it all the same) is looked for in the values' bytes, three substring
+    # searches at memory speed: numpy's (arr == 0) | (arr == 1) was four ufunc calls,
+    # ~25,000 instructions on 128 numbers (a third of this function). A match across two
+    # items' bytes (only a zero or subnormal's top byte is 0) just sends the row there too.
+    raw = values.tobytes()
+    zero, negative_zero, one = _ZERO_ONE_BYTES[code]
+    if zero in raw or negative_zero in raw or one in raw:
+        return None
+    return np.frombuffer(values, dtype)
 
 
 def _bfloat16_from_bytes(raw: bytes) -> np.ndarray:
