@@ -87,10 +87,12 @@ MIN_PIECE_BYTES = 64
 _CLOSE = {"Connection": "close"}
 
 
-def json_parse_cost(body: bytes) -> int:
+def json_parse_cost(body: bytes, counts: tuple[int, int] | None = None) -> int:
     """Bytes that parsing this JSON body may take at its peak, the body included.
-    ``bytes.count`` runs at memory speed, so estimating costs nothing next to parsing."""
-    return len(body) + JSON_BYTES_PER_NUMBER * (body.count(b",") + body.count(b"[") + 1)
+    ``bytes.count`` runs at memory speed, so estimating costs nothing next to parsing.
+    ``counts``: the body's ``(",", "[")`` counts, where the caller has them."""
+    commas, brackets = (body.count(b","), body.count(b"[")) if counts is None else counts
+    return len(body) + JSON_BYTES_PER_NUMBER * (commas + brackets + 1)
 
 
 class Expiry:
@@ -325,7 +327,7 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
     ``asynccontextmanager``: every request passes here, and the generator machinery
     cost more than reading a small body.)"""
 
-    __slots__ = ("_args", "_budget", "_client", "_evicted", "_held", "_request", "_task")
+    __slots__ = ("_args", "_budget", "_client", "_evicted", "_held", "_request", "_task", "json_counts")
 
     def __init__(self, request: Any, budget: BodyBudget, limit: int, idle_s: float, total_s: float,
                  is_json: bool = False, on_timeout: Any = None, client: str | None = None) -> None:
@@ -336,6 +338,10 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
         self._client = client  # whose share it counts in (None: none)
         self._evicted = 0  # bytes it held when it was cut off for another client (BodyBudget._evict)
         self._task: Any = None
+        # A JSON body's counts of "," and "[" (its parse cost's), kept for the route's
+        # inline-or-offload decision: each count is a pass over the body (~6 instructions a
+        # byte), and the route counted both again (~18,000 instructions for a 1.4 KB body).
+        self.json_counts: tuple[int, int] | None = None
 
     @property
     def held(self) -> int:
@@ -449,7 +455,8 @@ class read_body:  # lower case: it reads as a function, ``async with read_body(.
             if client is not None:  # (whole: no longer one that may be cut off)
                 budget.receiving(client, self, False)
             if is_json:
-                cost = json_parse_cost(body)
+                self.json_counts = (body.count(b","), body.count(b"["))
+                cost = json_parse_cost(body, self.json_counts)
                 if cost > budget.max_bytes:  # never fits, however long the client waits: 413, not 503
                     raise PayloadTooLarge(f"parsing this JSON body of {len(body)} bytes takes about {cost} bytes of "
                                           f"this server's request memory; the most one request may hold is "

@@ -377,10 +377,10 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         # A small deflated .npz can expand to a lot: decide by what decoding will take.
         size = reader.expand(body, content_type, inputs, limits)
         containers = None  # (a small JSON body's count of [ and {: the parse's depth check takes it too)
-        if content_type == wire.JSON and size <= _OFFLOAD_BYTES and (
-                body.count(b",") > _INLINE_JSON_ITEMS
-                or (containers := body.count(b"[") + body.count(b"{")) > _INLINE_JSON_CONTAINERS):
-            size = _OFFLOAD_BYTES + 1  # (bytes.count: memory speed, nothing next to the parse)
+        if content_type == wire.JSON and size <= _OFFLOAD_BYTES and reader.json_counts is not None:
+            commas, brackets = reader.json_counts  # (read_body's, which charged the parse by them: not counted again)
+            if commas > _INLINE_JSON_ITEMS or (containers := brackets + body.count(b"{")) > _INLINE_JSON_CONTAINERS:
+                size = _OFFLOAD_BYTES + 1  # (bytes.count: memory speed, nothing next to the parse)
         call: Call = await _offload(size, parse_call, spec, kind, content_type, body, _query(request), limits,
                                     containers)
     del body  # parsed: the arrays are the call's now
