@@ -418,8 +418,12 @@ def _not_here(*args: Any) -> Any:
     raise RuntimeError("this process holds the function's description only; engines run it")
 
 
-def _infer_inputs(fn: Callable[..., Any]) -> tuple[Input, ...]:
-    params = inspect.signature(fn).parameters.values()
+def _infer_inputs(fn: Callable[..., Any], name: str) -> tuple[Input, ...]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins (torch.sin) and C functions have none to read
+        raise TypeError(f"{name}: Python cannot read its signature ({fn!r}); declare its inputs: "
+                        f"register(..., inputs=[Input('x')])") from None
     return tuple(Input(p.name) for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
@@ -440,15 +444,27 @@ def register(
     pick one by name (``sparsity: "<name>"``) or detect one (``sparsity: "auto"``).
     """
     patterns = _declared_patterns(sparsity)
+    # The module calling register: where a callable that is not a Python function of its
+    # own module is recorded (below).
+    caller = sys._getframe(1).f_globals.get("__name__")
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(f):
+            raise TypeError(f"register takes a function (or a callable), not {f!r}")
+        fname = name or getattr(f, "__name__", None)
+        if not isinstance(fname, str) or not fname:
+            raise TypeError(f"register({f!r}): it has no __name__; give one: register(f, name='...')")
+        # A builtin (register(torch.sin)), a functools.partial or a callable object
+        # (an nn.Module) names no module of the caller's as its own (torch.sin's is
+        # "torch"): recorded there, it was never served. It is the registering module's.
+        module = f.__module__ if inspect.isfunction(f) and f.__module__ in sys.modules else caller
         spec = FunctionSpec(
-            name=name or f.__name__,
+            name=fname,
             fn=f,
-            inputs=tuple(inputs) if inputs is not None else _infer_inputs(f),
+            inputs=tuple(inputs) if inputs is not None else _infer_inputs(f, fname),
             has_aux=has_aux,
-            description=description if description is not None else inspect.cleandoc(f.__doc__ or ""),
-            module=f.__module__,
+            description=description if description is not None else inspect.cleandoc(getattr(f, "__doc__", None) or ""),
+            module=module,
             sparsity=patterns,
         )
         _check_function_name(spec.name)
@@ -459,10 +475,13 @@ def register(
         if len(set(names)) != len(names):
             raise ValueError(f"{spec.name}: input names must be unique, got {names}")
         _check_takes_inputs(spec)
-        module = sys.modules.get(f.__module__)
-        if module is not None:
-            module.__dict__.setdefault("__jacobian_functions__", []).append(spec)
-        f.__jacobian_spec__ = spec  # type: ignore[attr-defined]
+        owner = sys.modules.get(module) if module else None
+        if owner is not None:
+            owner.__dict__.setdefault("__jacobian_functions__", []).append(spec)
+        try:
+            f.__jacobian_spec__ = spec  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):  # a builtin takes no attributes (register(torch.sin))
+            pass
         return f
 
     return decorate(fn) if fn is not None else decorate
