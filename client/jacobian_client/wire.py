@@ -437,9 +437,19 @@ def is_array_object(obj: Any) -> bool:
     return isinstance(obj, dict) and "shape" in obj and ("data" in obj or "base64" in obj)
 
 
+def _complex_refused(name: str) -> WireError:
+    """A complex array where a real one is due (inputs, tangents): the dtype is one the
+    service writes in its answers, not an unknown one (JSON and .npy alike)."""
+    return WireError(f"unsupported dtype {name} here: inputs and tangents are real (complex arrays are read only "
+                     "as the cotangents of a complex output); send the real and imaginary parts as real arrays",
+                     "invalid_input")
+
+
 def _np_dtype(name: str, limits: Limits | None = None) -> np.dtype:
-    if limits is not None and limits.complex and name in COMPLEX_DTYPES:
-        return np.dtype(name)
+    if name in COMPLEX_DTYPES:
+        if limits is not None and limits.complex:
+            return np.dtype(name)
+        raise _complex_refused(name)
     if name not in DTYPES:
         raise WireError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}", "invalid_input")
     return np.dtype("float32" if name == "bfloat16" else name)
@@ -1189,8 +1199,10 @@ def write_npy(arr: np.ndarray) -> list[bytes | memoryview]:
 def _checked_dtype(descr: np.dtype, complex_ok: bool = False) -> np.dtype:
     if descr.hasobject:
         raise WireError("object arrays (pickles) are refused", "malformed_body")
-    if complex_ok and descr.fields is None and descr.subdtype is None and descr.name in COMPLEX_DTYPES:
-        return descr
+    if descr.fields is None and descr.subdtype is None and descr.name in COMPLEX_DTYPES:
+        if complex_ok:
+            return descr
+        raise _complex_refused(descr.name)
     if descr.fields is not None or descr.subdtype is not None or descr.kind not in "biuf" or descr.name not in DTYPES:
         # float128 too: JSON's "dtype" refuses it, so .npy and .npz do (it was cast to float32)
         raise WireError(f"unsupported dtype {descr}; send one of {', '.join(sorted(DTYPES - {'bfloat16'}))}", "invalid_input")
