@@ -127,8 +127,11 @@ _COMPONENTS: dict[str, Any] = {
                               "description": "per-example evaluate of a has_aux function: the same per aux leaf (a plain "
                                              "value: false)"},
             "bfloat16": {"type": "array", "items": {"type": "boolean"},
-                         "description": "evaluate, where half precision took part: per output array, whether it was "
-                                        "bfloat16 (sent as float32: numpy has no bfloat16)"},
+                         "description": "where half precision took part (an input sent in it, or a result of it): per "
+                                        "array of the result (evaluate's output, the jacobian, hessian, vjp, jvp, hvp), "
+                                        "whether it was bfloat16 (sent as float32: numpy has no bfloat16)"},
+            "output_bfloat16": {"type": "array", "items": {"type": "boolean"},
+                                "description": "the same per array of return_output's output (derivative routes)"},
             "aux_bfloat16": {"type": "array", "items": {"type": "boolean"},
                              "description": "the same per aux leaf of a has_aux function (a plain value: false)"},
             "lists": {
@@ -574,12 +577,14 @@ _META_HEADER_WORDS = {
     "mode": "`meta.mode`; absent where null, and from a streamed answer (sent before its rows are computed)",
     "queue_ms": "`meta.queue_ms`",
     "compute_ms": "`meta.compute_ms`; absent from a streamed answer (sent before its rows are computed)",
-    "bfloat16": "`meta.bfloat16`, one `true` / `false` per output array, comma-separated (`true`: a float32 array "
-                "that stands for bfloat16); absent where no half precision took part",
+    "bfloat16": "`meta.bfloat16`, one `true` / `false` per array of the result (evaluate's output, the derivative), "
+                "comma-separated (`true`: a float32 array that stands for bfloat16); absent where no half precision "
+                "took part",
     "unbatched": "`meta.unbatched` of a per-example evaluate, one `true` / `false` per output array, comma-separated; "
                  "absent where the examples ran one by one",
 }
-_EVALUATE_META = ("bfloat16", "unbatched")  # (an evaluate's only: engine.core.bfloat16_meta, per-example flags)
+_EVALUATE_META = ("unbatched",)  # (an evaluate's only: per-example flags)
+_FLAG_META = ("bfloat16", "unbatched")  # (one true / false per result array: engine.core's half-precision flags)
 _FLAGS = "^(true|false)(, (true|false))*$"  # (responses._said: one per output array)
 
 
@@ -646,7 +651,7 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
         for key, header in META_HEADERS.items():
             if (kind is None and key not in _SPARSITY_META) or (kind != "evaluate" and key in _EVALUATE_META):
                 continue
-            schema = {"type": "string", "pattern": _FLAGS} if key in _EVALUATE_META else {"type": "string"}
+            schema = {"type": "string", "pattern": _FLAGS} if key in _FLAG_META else {"type": "string"}
             ok["headers"][header] = {"schema": schema, "description": _META_HEADER_WORDS[key]}
         ok["headers"]["Server-Timing"] = {"schema": {"type": "string"},
                                           "description": "`queue;dur=<queue_ms>, compute;dur=<compute_ms>` (as X-Queue-Ms, X-Compute-Ms)"}

@@ -22,7 +22,7 @@ from .errors import NotAcceptable, Overloaded, ServiceError, Unavailable
 from .header_params import parameters, split_unquoted
 
 __all__ = [
-    "ClosingStreamingResponse", "EncodeBudget", "JsonRows", "META_HEADERS", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "json_pieces",
+    "ClosingStreamingResponse", "EncodeBudget", "JsonRows", "META_HEADERS", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "not_one_array", "json_pieces",
     "meta_headers", "meta_raw_headers", "pieces_response", "problem_document", "problem_response", "qvalue", "stream_hold",
 ]
 
@@ -100,15 +100,29 @@ def echo(value: str, limit: int = 100) -> str:
     return repr(cut)
 
 
-def choose(media: list[str], single_array: bool) -> str:
-    """The first acceptable type that can carry the result."""
+def choose(media: list[str], single_array: bool, why: str = "it has several arrays, aux or output") -> str:
+    """The first acceptable type that can carry the result; ``why`` says what a refused
+    ``.npy`` could not carry (``not_one_array``)."""
     for m in media:
         if m != wire.NPY or single_array:
             return m
-    raise NotAcceptable(
-        f"this result is not one bare array (it has several arrays, aux or output); "
-        f"ask for {wire.NPZ} or {wire.JSON}"
-    )
+    raise NotAcceptable(f"this result is not one bare array ({why}); ask for {wire.NPZ} or {wire.JSON}")
+
+
+def not_one_array(has_aux: bool, return_output: bool, as_tuple: bool, tree_param: bool) -> str:
+    """What keeps a result from being one bare ``.npy``, in the request's terms. "It has
+    several arrays" answered ``argnums=0,`` (a tuple of one Jacobian, as ``jacrev`` gives
+    for a one-element tuple ``argnums``): one array, in a tuple a bare .npy cannot say."""
+    if has_aux:
+        return "the function's aux comes beside it"
+    if return_output:
+        return "return_output puts the output beside it"
+    if as_tuple:
+        return ("argnums is a tuple, so the result is a tuple (of one array for one argnum, as jacrev "
+                "gives it), which a bare .npy cannot say; give argnums as one int or name for one array")
+    if tree_param:
+        return "it is differentiated with respect to a pytree parameter: one array per leaf"
+    return "it has several arrays: one per output leaf"
 
 
 _EXTENSIONS = {wire.NPY: ".npy", wire.NPZ: ".npz"}

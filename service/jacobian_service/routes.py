@@ -45,7 +45,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .parsing import KINDS, check_head, check_json_charset, media_type_of, parse_call, parse_sparsity_query
-from .responses import (ClosingStreamingResponse, JsonRows, StreamHold, acceptable, attachment, choose, echo, encode, is_single_array, meta_headers,
+from .responses import (ClosingStreamingResponse, JsonRows, StreamHold, acceptable, attachment, choose, echo, encode, is_single_array, meta_headers, not_one_array,
                         problem_response, stream_hold)
 from .scheduler import StreamHead
 from .settings import NULL_ORIGIN_HINT
@@ -320,6 +320,14 @@ def _could_be_single(call: Call, kind: str) -> bool:
     return kind in ("evaluate", "jvp") or call.sparsity != "dense" or call.single_primal()
 
 
+def _why_not_one(call: Call, kind: str) -> str:
+    """What keeps this call's result from one bare .npy (a 406's words). An evaluate's or
+    a jvp's result is shaped like the output, whatever ``argnums``."""
+    by_input = kind not in ("evaluate", "jvp")
+    tree = by_input and any(call.spec.inputs[p].tree is not None for p in call.params)
+    return not_one_array(call.spec.has_aux, call.return_output, by_input and call.as_tuple, tree)
+
+
 async def derivative(request: Request, name: str, kind: str) -> Response:
     # What the request's arrays take (an .npz's expansion, then the parsed arrays) is held
     # on the body budget until the request is done with them (they go when _derivative's
@@ -399,7 +407,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         media = _sparse_media(media)
     elif not _could_be_single(call, kind):  # known before compute: answer 406 now, not after
         media = [m for m in media if m != wire.NPY]
-        choose(media, single_array=False)
+        choose(media, single_array=False, why=_why_not_one(call, kind))
     # A large single-array Jacobian is streamed from the engine row chunk by row chunk,
     # as .npy or as JSON: the front end then holds one chunk, never the whole result.
     # (Only one bare array streams: .npy was refused above otherwise; JSON checks here.)
@@ -437,9 +445,9 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
             state.engines.close_stream(result)
             raise
         if media[0] == wire.NPY:
-            return _stream(state, request, call, result, info, release, timeout)
-        return _stream_json(state, spec.name, result, info, release, timeout)
-    chosen = choose(media, is_single_array(result))
+            return _stream(state, request, call, result, info, release, timeout, _stream_half(call, sparse))
+        return _stream_json(state, spec.name, result, info, release, timeout, _stream_half(call, sparse))
+    chosen = choose(media, is_single_array(result), _why_not_one(call, kind))
     encode_start = time.monotonic()
     if chosen == wire.NPY:
         # .npy: a header and views of the arrays, nothing built whatever the size (a
@@ -672,7 +680,8 @@ async def _cancellable(request: Request, run: Callable[..., Awaitable[Any]], kin
 
 
 def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead, info: JobInfo,
-            release: Callable[[], None], timeout: float | None = None) -> Response:
+            release: Callable[[], None], timeout: float | None = None,
+            half: dict[str, list[bool]] | None = None) -> Response:
     """A large Jacobian as ``.npy``, row chunk by row chunk, with O(chunk) memory.
 
     The header and Content-Length went out from the forward pass; each chunk is asked
@@ -714,7 +723,7 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
 
     headers = {
         "Content-Length": str(len(header) + head.nbytes),
-        **_stream_meta_headers(head, info),
+        **_stream_meta_headers(head, info, half or {}),
         **attachment(call.spec.name, "jacobian", wire.NPY),
     }
     return ClosingStreamingResponse(_released(body(), release), media_type=wire.NPY, headers=headers)
@@ -738,7 +747,8 @@ def _drop(pending: asyncio.Future | None) -> None:
 
 
 def _stream_json(state: ServiceState, function: str, head: StreamHead, info: JobInfo,
-                 release: Callable[[], None], timeout: float | None = None) -> Response:
+                 release: Callable[[], None], timeout: float | None = None,
+                 half: dict[str, list[bool]] | None = None) -> Response:
     """A large Jacobian as JSON, written from the engine's row chunks as they come (as
     :func:`_stream` does for ``.npy``): the same document as a gathered one, with
     ``meta`` last, so its times cover the whole stream. Chunked transfer: the length of
@@ -768,7 +778,7 @@ def _stream_json(state: ServiceState, function: str, head: StreamHead, info: Job
             done = True
             meta = {"device": info.device, "chunk_size": head.chunk_size, "batch_size": info.batch_size, "mode": "rev",
                     "queue_ms": round(info.queue_s * 1e3, 3),
-                    "compute_ms": round((info.compute_s + time.monotonic() - started) * 1e3, 3)}
+                    "compute_ms": round((info.compute_s + time.monotonic() - started) * 1e3, 3), **(half or {})}
             yield rows.end() + b'},"meta":' + wire.dumps(meta) + b"}"
         finally:
             release()
@@ -779,14 +789,23 @@ def _stream_json(state: ServiceState, function: str, head: StreamHead, info: Job
     # The headers the .npy stream sends: a page reads them before the body (its meta comes
     # last); X-Queue-Ms was the .npy stream's only, read as null from this one.
     return ClosingStreamingResponse(_released(body(), release), media_type=wire.JSON,
-                                    headers=_stream_meta_headers(head, info))
+                                    headers=_stream_meta_headers(head, info, half or {}))
 
 
-def _stream_meta_headers(head: StreamHead, info: JobInfo) -> dict[str, str]:
+def _stream_meta_headers(head: StreamHead, info: JobInfo, half: dict[str, list[bool]]) -> dict[str, str]:
     """What a stream's head says of its meta: what is known before its rows are computed
     (responses.META_HEADERS; the same values its JSON meta gives)."""
     return meta_headers({"device": info.device, "chunk_size": head.chunk_size, "batch_size": info.batch_size,
-                         "queue_ms": round(info.queue_s * 1e3, 3)})
+                         "queue_ms": round(info.queue_s * 1e3, 3), **half})
+
+
+def _stream_half(call: Call, sparse: bool) -> dict[str, list[bool]]:
+    """A streamed Jacobian's ``meta.bfloat16`` (``X-Bfloat16``), as a gathered one's
+    (engine.core.derivative_half_meta): one array, in its input's dtype (jacrev's), said
+    where half precision was sent. A sparse one's dense form is left unsaid."""
+    if sparse or not any(d in ("float16", "bfloat16") for d in call.dtypes):
+        return {}
+    return {"bfloat16": [call.dtypes[call.argnums[0]] == "bfloat16"]}
 
 
 # ------------------------------------------------------------------ the table

@@ -156,6 +156,9 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         value = _dims.lay_out(call, value, kind, _dims.torch_says_unbatched(
             as_torch, engine.tensors(call), in_dims, value) if _dims.has_none(call) else None)
         aux = _dims.lay_out_extra(call, aux)  # return_output's output is no part of torch's call: batch first
+    from .core import derivative_half_meta  # (core imports this module)
+
+    half = derivative_half_meta(call, value, output, aux)
     output = engine.host(output) if call.return_output else None
     # meta.chunk_size: the rows of one example's Jacobian each vmap took (row by row: 1;
     # never more than the example's output has); a Hessian's strategies take no chunks
@@ -165,7 +168,7 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         used = 1 if rows_loop else call.chunk_size
         if used is not None and rows is not None:
             used = max(1, min(used, rows))
-    return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, used, mode)
+    return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, used, mode, batch_meta=half)
 
 
 def _vmap_rows_agree(engine: "Engine", call: Call, value: Any, rows_loop: bool, first: Any) -> bool:

@@ -144,6 +144,28 @@ def bfloat16_meta(args: Sequence[Any], out: Any, aux: Any, has_aux: bool) -> dic
     return {"bfloat16": [bf(t) for t in outs], **({"aux_bfloat16": [bf(t) for t in auxs]} if has_aux else {})}
 
 
+def derivative_half_meta(call: Any, value: Any, output: Any, aux: Any, value_flags: list[bool] | None = None,
+                         ) -> dict[str, list[bool]] | None:
+    """A derivative answer's (jacobian, hessian, vjp, jvp, hvp) ``meta.bfloat16`` (per
+    leaf of the result: which were bfloat16 here and go as float32), ``output_bfloat16``
+    (``return_output``'s output) and ``aux_bfloat16``: the flags an evaluate's
+    ``bfloat16_meta`` gives, said on every route. Only evaluate said them: a bfloat16
+    function's Jacobian, vjp or returned output came back float32 with nothing to tell
+    it from a float32 one. Said where half precision took part (an input sent in it, or a
+    result leaf of it), as an evaluate's are. ``value_flags``: the result's flags where
+    ``value`` is already on the host (the gathered reverse-mode Jacobian)."""
+    bf = lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
+    flags = value_flags if value_flags is not None else [bf(t) for t in _wire_leaves(value)]
+    outs = [bf(t) for t in _wire_leaves(output)] if call.return_output else []
+    auxs = [bf(t) for t in _wire_leaves(aux)] if call.spec.has_aux else []
+    half = [t for t in (*_wire_leaves(output), *(_wire_leaves(aux) if call.spec.has_aux else ()))
+            if isinstance(t, torch.Tensor) and t.dtype in _HALF]
+    if not (half or any(flags) or any(d in ("float16", "bfloat16") for d in call.dtypes)):
+        return None
+    return {"bfloat16": flags, **({"output_bfloat16": outs} if call.return_output else {}),
+            **({"aux_bfloat16": auxs} if call.spec.has_aux else {})}
+
+
 def _to_host(leaf: Any) -> Any:
     if isinstance(leaf, torch.Tensor):
         leaf = materialized(leaf)
@@ -459,7 +481,11 @@ class Engine:
         aux = self.host(stream.aux)
         chunk = call.chunk_size or stream.auto_chunk()
         value = self._gather(stream, start, stop, chunk)
-        return Result(value, aux, call.spec.has_aux, output, _rows_per_vmap(stream.chunk_used or chunk, stop - start), "rev")
+        # (jacrev's blocks take their inputs' dtypes: per output leaf, one per differentiated leaf)
+        flags = [call.dtypes[i] == "bfloat16" for i in call.argnums] * len(stream.leaves)
+        half = derivative_half_meta(call, None, stream.output, stream.aux, flags)
+        return Result(value, aux, call.spec.has_aux, output, _rows_per_vmap(stream.chunk_used or chunk, stop - start), "rev",
+                      batch_meta=half)
 
     def jacobian_npy(self, call: Call, stream_threshold: int) -> Result | Streamed:
         """A Jacobian bound for ``.npy``: gathered when small (or forward mode, or several
@@ -578,7 +604,9 @@ class Engine:
         output = self.host(out) if call.return_output else None  # f at the values sent
         # meta.chunk_size: what ran in one vmap, the input's columns (null when not asked)
         used = in_numel if call.chunk_size is not None else None
-        return Result(self.host(jac), self.host(box.restore(aux_t)), call.spec.has_aux, output, used, "fwd")
+        aux = box.restore(aux_t)
+        return Result(self.host(jac), self.host(aux), call.spec.has_aux, output, used, "fwd",
+                      batch_meta=derivative_half_meta(call, jac, out, aux))
 
     # ----------------------------------------------------------------- hessian
 
@@ -751,7 +779,9 @@ class Engine:
             grads = self.guard(lambda: pullback(cot))
         value = tuple(grads) if call.as_tuple else grads[0]
         output = self.host(out) if call.return_output else None
-        return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
+        aux = box.restore(aux_t)
+        return Result(self.host(value), self.host(aux), call.spec.has_aux, output,
+                      batch_meta=derivative_half_meta(call, value, out, aux))
 
     def jvp(self, call: Call) -> Result:
         args = self.tensors(call)
@@ -781,7 +811,9 @@ class Engine:
         else:
             out, value, aux_t = self.guard(lambda: push(*tangents), forward_mode=True)
         output = self.host(out) if call.return_output else None
-        return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
+        aux = box.restore(aux_t)
+        return Result(self.host(value), self.host(aux), call.spec.has_aux, output,
+                      batch_meta=derivative_half_meta(call, value, out, aux))
 
     def hvp(self, call: Call) -> Result:
         """Hessian-vector products, forward over reverse: ``jvp(grad(f), primals,
@@ -842,7 +874,9 @@ class Engine:
             value = self.guard(lambda: push(*vectors), forward_mode=True)
         value = tuple(value) if call.as_tuple else value[0]
         output = self.host(out) if call.return_output else None
-        return Result(self.host(value), self.host(box.restore(aux_t)), call.spec.has_aux, output)
+        aux = box.restore(aux_t)
+        return Result(self.host(value), self.host(aux), call.spec.has_aux, output,
+                      batch_meta=derivative_half_meta(call, value, out, aux))
 
     def _first_call(self, g: Callable[..., Any], primals: tuple[Any, ...]) -> tuple[Any, Any, Callable[[], None]]:
         """``(out, aux_t, replay)``: the plain call whose output a jvp / hvp answers, and

@@ -520,4 +520,8 @@ def hessian(engine: "Engine", call: Call) -> Result:
     value, (out, aux_t) = found
     value = as_input_dtypes(value, primals, depth=2)  # torch.func.hessian's block dtypes
     output = engine.host(out) if call.return_output else None
-    return Result(engine.host(value), engine.host(box.restore(aux_t)), call.spec.has_aux, output, mode=used)
+    aux = box.restore(aux_t)
+    from .core import derivative_half_meta  # (core imports this module)
+
+    return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, mode=used,
+                  batch_meta=derivative_half_meta(call, value, out, aux))
