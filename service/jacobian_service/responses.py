@@ -157,13 +157,14 @@ def attachment(function: str, what: str, media: str) -> dict[str, str]:
 # (no X-Mode, no X-Compute-Ms; a JSON stream's meta, last in its body, says both).
 # Exposed to pages of CORS_ORIGINS (middleware.EXPOSED_HEADERS is built from this).
 #
-# An evaluate's per-output flags go the same way, where its meta holds them: which output
-# arrays stand for bfloat16 (``meta.bfloat16``: float32 on the wire, numpy has none) and
+# Per-array flags go the same way, where meta holds them: which arrays of the result (an
+# evaluate's output, any derivative: engine.core.derivative_half_meta) stand for bfloat16
+# (``meta.bfloat16``: float32 on the wire, numpy has none) and
 # which a per-example evaluate left unbatched (``meta.unbatched``), one ``true`` /
 # ``false`` per output array, comma-separated. A page that asked for a bfloat16
 # evaluate as .npy read '<f4' and nothing else: it could not tell a bfloat16 answer
-# from a float32 one, which JSON and .npz say in meta. (Aux flags need no header: a
-# function with aux never answers a bare .npy.)
+# from a float32 one, which JSON and .npz say in meta. (Aux and output flags need no
+# header: a result with aux or output is never a bare .npy.)
 META_HEADERS = {"device": "X-Device", "chunk_size": "X-Chunk-Size", "batch_size": "X-Batch-Size", "mode": "X-Mode",
                 "queue_ms": "X-Queue-Ms", "compute_ms": "X-Compute-Ms",
                 "bfloat16": "X-Bfloat16", "unbatched": "X-Unbatched"}

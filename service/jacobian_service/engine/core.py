@@ -37,7 +37,7 @@ from .shapes import MAX_SPAN_BYTES
 from .namespaces import Namespaces
 from .process_settings import ProcessSettings
 
-__all__ = ["TORCH_DTYPES", "Engine", "Streamed", "host_dtype", "room_rows", "to_numpy"]
+__all__ = ["TORCH_DTYPES", "Engine", "Streamed", "derivative_half_meta", "host_dtype", "room_rows", "to_numpy"]
 
 
 # What a 413's detail tells the caller to ask for instead, by what was asked. Only a
