@@ -187,3 +187,34 @@ def test_child_processes_past_the_limit_are_a_leak_zombies_included():
     first = next(i for i, c in enumerate(checks) if c is not None)
     assert first == 20, checks  # 21 children, zombies all but the newest
     assert checks[first]["count"] > 20 and checks[first]["grown"][0][0] == "leaks_processes", checks
+
+
+# A child a function forked that has ended but was never waited for (a zombie) stays on
+# the engine thread's list of children: it was counted as live, and its function stayed a
+# suspect (``left``) at every later death of the engine, which a dead process cannot cause.
+ENDED_CHILD = """
+import json, os, signal, time
+{load}
+
+strays = Strays()
+ended = os.fork()
+if ended == 0:
+    os._exit(0)
+alive = os.fork()
+if alive == 0:
+    time.sleep(30)
+    os._exit(0)
+time.sleep(0.2)  # the first has ended (a zombie: not waited for)
+strays.after_run("leaves_a_zombie")
+with_both = strays.left()
+os.kill(alive, signal.SIGKILL)
+os.waitpid(alive, 0)
+strays.after_run("other")
+print(json.dumps([with_both, strays.left()]))
+os.waitpid(ended, 0)
+"""
+
+
+def test_a_child_that_has_ended_is_no_suspect_a_live_one_is():
+    # (both children are the same function's: the live one names it, the zombie alone does not)
+    assert run(ENDED_CHILD.replace("{load}", LOAD)) == [["leaves_a_zombie"], []]

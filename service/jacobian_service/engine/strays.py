@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..orphans import kill_detached, reap_detached
-from ..procfs import cpu_seconds, descendants, status_bytes, waited_seconds
+from ..procfs import cpu_seconds, descendants, living, status_bytes, waited_seconds
 
 log = logging.getLogger("jacobian_service.engine")
 
@@ -118,7 +118,9 @@ class Strays:
         self._alive = _threads()
         for tid in self._alive - self._known_threads - self._thread_owner.keys():
             self._thread_owner[tid] = function
-        self._kids = self._children_now() - self._known_processes
+        # (live ones: a child that has ended and was never waited for, a zombie still on the
+        # list, can kill no one; counted, its function stayed a suspect at every later death)
+        self._kids = {pid for pid in self._children_now() - self._known_processes if living(pid)}
         for pid in self._kids - self._kid_owner.keys():
             self._kid_owner[pid] = function
         for pid in self._kid_owner.keys() - self._kids:
