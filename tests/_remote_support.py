@@ -75,6 +75,19 @@ def counted(url: str, **kwargs: object) -> Iterator[Counted]:
         c.close()
 
 
+@contextlib.contextmanager
+def counting(client: jc.Client) -> Iterator[Counted]:
+    """``client`` (a module's own, kept open) with its requests recorded, as
+    :class:`Counted` records them, until the block ends."""
+    c = Counted.__new__(Counted)
+    c.requests, c.client = [], client
+    client._http.event_hooks["response"] = [c._record]
+    try:
+        yield c
+    finally:
+        client._http.event_hooks["response"] = []
+
+
 # The modules the adapter tests call into, by name: the engine process loads them.
 FUNCTIONS = ("jacobian_service.examples,tests.user_functions,tests._client_functions,tests.pytree_functions,"
              "tests.remote8_functions,tests.remote9_functions,tests.remote12_functions,tests.parity16_functions,"

@@ -23,7 +23,7 @@ from jacobian_client.torch import remote
 from jacobian_service import examples as ex
 
 from . import remote22_functions as r22
-from ._remote_support import Counted, jx  # noqa: F401 (fixture)
+from ._remote_support import Counted, counting, jx  # noqa: F401 (fixture)
 from .conftest import ready_app, sdk_over
 
 f = torch.func
@@ -39,11 +39,8 @@ def sdk() -> Iterator[Any]:
 @pytest.fixture
 def cc(sdk: Any) -> Iterator[Counted]:
     """The module's client, its requests recorded as ``Counted`` records them."""
-    c = Counted.__new__(Counted)
-    c.requests, c.client = [], sdk
-    sdk._http.event_hooks["response"] = [c._record]
-    yield c
-    sdk._http.event_hooks["response"] = []
+    with counting(sdk) as c:
+        yield c
 
 
 def by_columns(fn: Any, *held: Any) -> Any:

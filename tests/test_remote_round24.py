@@ -32,7 +32,7 @@ from jacobian_client.torch import remote
 from torch.utils import _pytree as pytree
 
 from . import remote24_functions as r24
-from ._remote_support import Counted, jx  # noqa: F401 (fixture)
+from ._remote_support import Counted, counting, jx  # noqa: F401 (fixture)
 from .conftest import ready_app, sdk_over
 
 f = torch.func
@@ -55,11 +55,8 @@ def sdk(app: Any) -> Iterator[Any]:
 @pytest.fixture
 def cc(sdk: Any) -> Iterator[Counted]:
     """The module's client, its requests recorded as ``Counted`` records them."""
-    c = Counted.__new__(Counted)
-    c.requests, c.client = [], sdk
-    sdk._http.event_hooks["response"] = [c._record]
-    yield c
-    sdk._http.event_hooks["response"] = []
+    with counting(sdk) as c:
+        yield c
 
 
 def np_tree(tree: Any) -> Any:
