@@ -905,6 +905,17 @@ def test_a_pattern_for_integers_named_for_a_floating_input_is_422_as_its_request
     assert client.get("/v1/functions/sum_sin/sparsity?shapes=3&dtypes=float64").status_code == 200
 
 
+def test_a_pattern_for_a_complex_input_is_refused_in_a_bodys_words(client):
+    """A complex dtype here was an "unknown dtype" (a JSON or .npy body's says why: inputs
+    are real; complex arrays are read only as a complex output's cotangents)."""
+    r = client.get("/v1/functions/sum_sin/sparsity?shapes=3&dtypes=complex64")
+    body = assert_problem(r, 422, "invalid_input")
+    assert body["detail"].startswith("dtypes: unsupported dtype complex64 here: inputs and tangents are real"), body
+    posted = client.post("/v1/functions/sum_sin/jacobian",
+                         json={"inputs": [{"dtype": "complex64", "shape": [3], "data": [1, 2, 3]}]})
+    assert assert_problem(posted, 422, "invalid_input")["detail"].startswith("unsupported dtype complex64 here")
+
+
 @pytest.mark.parametrize("name,shape,nnz,colors", [
     ("fem_1d", (100_000,), 3 * 100_000 - 2, 3),  # tridiagonal
     # triangles on a 100 x 100 grid: each node, its 4 grid neighbours and 2 diagonal ones

@@ -904,6 +904,11 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
         total += math.prod(shape) * 8  # 8: the widest element a body may carry
         if total > limits.max_bytes:  # no more than a request body could carry
             raise PayloadTooLarge(f"these shapes hold more than {limits.max_bytes} bytes, the request limit")
+        if name is not None and name in wire.COMPLEX_DTYPES:  # (a body's words: real inputs, and why)
+            try:
+                wire.check_request_dtype(np.dtype(name))
+            except wire.WireError as exc:
+                raise from_wire(wire.WireError(f"dtypes: {exc}", exc.code)) from None
         if name is not None and name not in wire.DTYPES:
             raise InvalidInput(f"dtypes: unknown dtype {echo(name)}")
         dtype = inp.resolve_dtype(name) if name is not None else inp.default_dtype
