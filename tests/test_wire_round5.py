@@ -223,6 +223,23 @@ def test_a_streamed_bfloat16_jacobian_says_so(c, media):
         same(wire.decode_tree(doc["jacobian"]), want)
 
 
+@pytest.mark.parametrize("media", [wire.NPY, wire.JSON])
+def test_a_streamed_jacobian_of_a_bfloat16_output_says_what_a_gathered_one_says(c, media):
+    """float32 inputs, a bfloat16 output: half precision took part, so a gathered answer
+    says ``bfloat16: [false]`` (jacrev's block takes the input's float32); streamed, the
+    same request said nothing (the route knew the inputs' dtypes only)."""
+    x = np.linspace(0.1, 0.8, 8).tolist()
+    streamed = c.post("/v1/functions/to_bf16/jacobian", json={"inputs": [x]}, headers={"accept": media})
+    gathered = c.post("/v1/functions/to_bf16/jacobian", json={"inputs": [x[:2]]}, headers={"accept": media})
+    assert streamed.status_code == gathered.status_code == 200, (streamed.text, gathered.text)
+    assert streamed.headers.get("content-length") is None or media == wire.NPY
+    assert streamed.headers.get("x-bfloat16") == gathered.headers.get("x-bfloat16") == "false"
+    if media == wire.JSON:
+        assert streamed.json()["meta"]["bfloat16"] == gathered.json()["meta"]["bfloat16"] == [False]
+        want = f.jacrev(lambda t: torch.sin(t).to(torch.bfloat16))(torch.tensor(x, dtype=torch.float32))
+        np.testing.assert_array_equal(wire.decode_tree(streamed.json()["jacobian"]), want.float().numpy())
+
+
 # --------------------------------------------------------------------------- 3. a tuple of one
 
 
@@ -248,3 +265,15 @@ def test_a_tuple_of_one_jacobian_as_npy_is_refused_saying_the_tuple(c):
         got = client.jacobian("sin", np.array([0.5, 1.0], np.float32), argnums=(0,))
     assert isinstance(got, tuple) and len(got) == 1
     np.testing.assert_allclose(got[0], f.jacrev(torch.sin, argnums=(0,))(torch.tensor([0.5, 1.0]))[0].numpy())
+
+
+def test_a_stream_heads_flags_cross_the_engine_pipe():
+    """Under serve the head comes from the engine process (ipc): its flags with it."""
+    from jacobian_service import ipc
+    from jacobian_service.scheduler import JobInfo, StreamHead
+
+    for meta in ({"bfloat16": [False]}, None):
+        head = StreamHead(7, (8, 8), "<f4", 8, 256, meta=meta)
+        header, frames = ipc.parse(ipc.encode_reply(1, head, JobInfo(device="cpu")))
+        got, _ = ipc.decode_reply(header, frames)
+        assert (got.stream_id, got.shape, got.meta) == (7, (8, 8), meta)

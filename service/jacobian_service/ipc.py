@@ -356,7 +356,7 @@ def encode_reply(msg_id: int, result: Any, info: JobInfo) -> list[Any]:
         }
     elif isinstance(result, StreamHead):
         header = {"t": "head", "sid": result.stream_id, "shape": list(result.shape), "dtype": result.dtype,
-                  "chunk_size": result.chunk_size, "nbytes": result.nbytes}
+                  "chunk_size": result.chunk_size, "nbytes": result.nbytes, "meta": result.meta}
     else:  # a stream's chunk (an array), or None at its end
         header = {"t": "chunk", "arr": None if result is None else pack(result, frames)}
     header.update(id=msg_id, info=_info(info))
@@ -401,7 +401,8 @@ def decode_reply(header: dict[str, Any], frames: Sequence[Any]) -> tuple[Any, Jo
         return result, info
     if kind == "head":
         shape = tuple(header["shape"])
-        return StreamHead(header["sid"], shape, header["dtype"], header["chunk_size"], header["nbytes"]), info
+        return StreamHead(header["sid"], shape, header["dtype"], header["chunk_size"], header["nbytes"],
+                          meta=header.get("meta")), info
     return (None if header["arr"] is None else unpack(header["arr"], frames)), info
 
 

@@ -445,8 +445,8 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
             state.engines.close_stream(result)
             raise
         if media[0] == wire.NPY:
-            return _stream(state, request, call, result, info, release, timeout, _stream_half(call, sparse))
-        return _stream_json(state, spec.name, result, info, release, timeout, _stream_half(call, sparse))
+            return _stream(state, request, call, result, info, release, timeout)
+        return _stream_json(state, spec.name, result, info, release, timeout)
     chosen = choose(media, is_single_array(result), _why_not_one(call, kind))
     encode_start = time.monotonic()
     if chosen == wire.NPY:
@@ -680,8 +680,7 @@ async def _cancellable(request: Request, run: Callable[..., Awaitable[Any]], kin
 
 
 def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead, info: JobInfo,
-            release: Callable[[], None], timeout: float | None = None,
-            half: dict[str, list[bool]] | None = None) -> Response:
+            release: Callable[[], None], timeout: float | None = None) -> Response:
     """A large Jacobian as ``.npy``, row chunk by row chunk, with O(chunk) memory.
 
     The header and Content-Length went out from the forward pass; each chunk is asked
@@ -723,7 +722,7 @@ def _stream(state: ServiceState, request: Request, call: Call, head: StreamHead,
 
     headers = {
         "Content-Length": str(len(header) + head.nbytes),
-        **_stream_meta_headers(head, info, half or {}),
+        **_stream_meta_headers(head, info),
         **attachment(call.spec.name, "jacobian", wire.NPY),
     }
     return ClosingStreamingResponse(_released(body(), release), media_type=wire.NPY, headers=headers)
@@ -747,8 +746,7 @@ def _drop(pending: asyncio.Future | None) -> None:
 
 
 def _stream_json(state: ServiceState, function: str, head: StreamHead, info: JobInfo,
-                 release: Callable[[], None], timeout: float | None = None,
-                 half: dict[str, list[bool]] | None = None) -> Response:
+                 release: Callable[[], None], timeout: float | None = None) -> Response:
     """A large Jacobian as JSON, written from the engine's row chunks as they come (as
     :func:`_stream` does for ``.npy``): the same document as a gathered one, with
     ``meta`` last, so its times cover the whole stream. Chunked transfer: the length of
@@ -778,7 +776,7 @@ def _stream_json(state: ServiceState, function: str, head: StreamHead, info: Job
             done = True
             meta = {"device": info.device, "chunk_size": head.chunk_size, "batch_size": info.batch_size, "mode": "rev",
                     "queue_ms": round(info.queue_s * 1e3, 3),
-                    "compute_ms": round((info.compute_s + time.monotonic() - started) * 1e3, 3), **(half or {})}
+                    "compute_ms": round((info.compute_s + time.monotonic() - started) * 1e3, 3), **(head.meta or {})}
             yield rows.end() + b'},"meta":' + wire.dumps(meta) + b"}"
         finally:
             release()
@@ -789,23 +787,16 @@ def _stream_json(state: ServiceState, function: str, head: StreamHead, info: Job
     # The headers the .npy stream sends: a page reads them before the body (its meta comes
     # last); X-Queue-Ms was the .npy stream's only, read as null from this one.
     return ClosingStreamingResponse(_released(body(), release), media_type=wire.JSON,
-                                    headers=_stream_meta_headers(head, info, half or {}))
+                                    headers=_stream_meta_headers(head, info))
 
 
-def _stream_meta_headers(head: StreamHead, info: JobInfo, half: dict[str, list[bool]]) -> dict[str, str]:
+def _stream_meta_headers(head: StreamHead, info: JobInfo) -> dict[str, str]:
     """What a stream's head says of its meta: what is known before its rows are computed
-    (responses.META_HEADERS; the same values its JSON meta gives)."""
+    (responses.META_HEADERS; the same values its JSON meta gives), with the engine's
+    bfloat16 flags for it (``StreamHead.meta``: engine.core.derivative_half_meta, as a
+    gathered answer's; a sparse result's dense form leaves them unsaid)."""
     return meta_headers({"device": info.device, "chunk_size": head.chunk_size, "batch_size": info.batch_size,
-                         "queue_ms": round(info.queue_s * 1e3, 3), **half})
-
-
-def _stream_half(call: Call, sparse: bool) -> dict[str, list[bool]]:
-    """A streamed Jacobian's ``meta.bfloat16`` (``X-Bfloat16``), as a gathered one's
-    (engine.core.derivative_half_meta): one array, in its input's dtype (jacrev's), said
-    where half precision was sent. A sparse one's dense form is left unsaid."""
-    if sparse or not any(d in ("float16", "bfloat16") for d in call.dtypes):
-        return {}
-    return {"bfloat16": [call.dtypes[call.argnums[0]] == "bfloat16"]}
+                         "queue_ms": round(info.queue_s * 1e3, 3), **(head.meta or {})})
 
 
 # ------------------------------------------------------------------ the table

@@ -65,6 +65,7 @@ class StreamHead:
     nbytes: int
     engine: int = 0  # which engine holds it (set by the engine client)
     function: str = ""  # whose stream it is (set by the engine client): its chunks' jobs are that function's
+    meta: dict[str, list[bool]] | None = None  # the engine's Streamed.meta: its bfloat16 flags (None: unsaid)
 
 
 def engine_error(exc: BaseException, what: str) -> ServiceError:
@@ -567,7 +568,7 @@ class Worker:
                 sid = next(self._stream_ids)
                 self._streams[sid] = (out.chunks, time.monotonic(), call)
                 nbytes = out.dtype.itemsize * _prod(out.shape)
-                return StreamHead(sid, tuple(out.shape), out.dtype.str, out.chunk_size, nbytes)
+                return StreamHead(sid, tuple(out.shape), out.dtype.str, out.chunk_size, nbytes, meta=out.meta)
             return _within_limit(call, out)
         return _within_limit(call, getattr(self.engine, job.kind)(call))
 

@@ -212,6 +212,7 @@ class Streamed:
     dtype: np.dtype
     chunk_size: int
     chunks: Iterator[np.ndarray]
+    meta: dict[str, list[bool]] | None = None  # its derivative_half_meta, as a gathered one's (None: unsaid)
 
 
 def _by_position(node: Any, ref: Any) -> Any:
@@ -518,7 +519,9 @@ class Engine:
 
         # said before any row runs: where rows are known to run one by one, that is 1
         per_vmap = chunk if self.profiles[call.spec.name].vmap_pullback else 1
-        return Streamed(shape, host_dtype(primal.dtype), _rows_per_vmap(per_vmap, stop - start), host())
+        # (its flags as jacobian()'s gathered answer gives them: one array, its input's dtype)
+        half = derivative_half_meta(call, None, stream.output, stream.aux, [call.dtypes[call.argnums[0]] == "bfloat16"])
+        return Streamed(shape, host_dtype(primal.dtype), _rows_per_vmap(per_vmap, stop - start), host(), half)
 
     def _gather(self, stream: RowStream, start: int, stop: int, chunk: int) -> Any:
         """All rows ``start:stop`` written into preallocated host arrays, then nested.
