@@ -337,12 +337,18 @@ def _vector_limits(key: str, limits: wire.Limits) -> wire.Limits:
     return dataclasses.replace(limits, complex=True) if key == "cotangents" else limits
 
 
+def _of_key(member: str, key: str | None) -> bool:
+    """Whether an ``.npz`` member is one of ``key``'s vectors (``cotangents``, or a tree's
+    ``cotangents/0``...)."""
+    return bool(key) and (member == key or member.startswith(f"{key}/"))
+
+
 def _check_real(members: dict[str, np.ndarray], cotangents: str | None) -> None:
     """An ``.npz``'s members, read under :func:`_vector_limits`'s cotangents' limits:
     those that are not ``cotangents`` refused where complex, in the words a member of
     any other dtype the service does not take is."""
     for name, arr in members.items():
-        if arr.dtype.kind == "c" and not (cotangents and (name == cotangents or name.startswith(cotangents + "/"))):
+        if arr.dtype.kind == "c" and not _of_key(name, cotangents):
             try:
                 wire.check_request_dtype(arr.dtype)
             except wire.WireError as exc:
@@ -353,7 +359,7 @@ def _split_members(members: dict[str, np.ndarray], vector_key: str | None) -> tu
     inputs: dict[str, np.ndarray] = {}
     vectors: dict[str, np.ndarray] = {}
     for name, arr in members.items():
-        if vector_key and (name == vector_key or name.startswith(vector_key + "/")):
+        if _of_key(name, vector_key):
             vectors[name.removeprefix(vector_key).removeprefix("/")] = arr
         else:
             inputs[name] = arr
@@ -598,9 +604,9 @@ def parse_call(
                     "or the function's input arrays where more; an output with more arrays than that needs "
                     "MAX_NPZ_MEMBERS raised for its vjp)", fields={"field": keys[0], "limit": room}) from None
             for key in keys:
-                _Room.of(spec, limits).take(key, sum(1 for m in members if m == key or m.startswith(key + "/")))
+                _Room.of(spec, limits).take(key, sum(1 for m in members if _of_key(m, key)))
             if len(members) > limits.max_members and len(members) - sum(
-                    1 for m in members for k in keys if m == k or m.startswith(k + "/")) > len(spec.leaf_inputs):
+                    1 for m in members for k in keys if _of_key(m, k)) > len(spec.leaf_inputs):
                 # what is left is an input's or no one's: the .npz's own limit, as before
                 raise PayloadTooLarge(f".npz has {len(members)} members; the limit is {limits.max_members}")
             _check_real(members, "cotangents" if "cotangents" in (vector_key, extra_key) else None)
