@@ -112,41 +112,30 @@ def test_a_sigint_a_function_sends_later_fails_no_other_request(server, http, ca
 # ------------------------------------------------------------ a child that ends the engine later
 
 
-def test_a_child_one_function_left_ending_the_engine_strikes_not_the_function_running(server, http) -> None:
+@pytest.mark.parametrize("function, gone", [("kills_later44", "killed"), ("stops_later44", "stopped")])
+def test_a_child_one_function_left_ending_the_engine_strikes_not_the_function_running(
+        server, http, function: str, gone: str) -> None:
     """A function that left a child sleeping, which then SIGKILLed the engine while
     another client's request of another function ran (``sleeps44``), had that request
     answered 500 ("killed by SIGKILL ... while running sleeps44") and ``sleeps44`` struck:
     quarantined at the second such death (``QUARANTINE_AFTER=2``, measured), the sender
     never named. Only threads a function left alive were suspects; now the engine's
     children are too: the first such death strikes no one and the request runs again on
-    the next engine (a 200), the second strikes the child's function, never ``sleeps44``."""
+    the next engine (a 200), the second strikes the child's function, never ``sleeps44``.
+
+    The same with a SIGSTOP (``stops_later44``: the supervisor kills an engine stopped
+    past the grace): it was put down to the function running, "sleeps44 stopped the
+    engine process", its request a 500, ``sleeps44`` quarantined at the second such stop
+    (measured), though the child's function was named alive. Now a stop is read as a
+    death by itself is."""
     url, proc = server
     start = len(proc.read_log())
     for _ in range(2):
         pid = _engine_pid(http, url)
-        assert _armed(http, url, "kills_later44", 0).status_code == 200
+        assert _armed(http, url, function, 0).status_code == 200
         np.testing.assert_allclose(_evaluated(http, url, "sleeps44", X), 2 * np.sin(X), rtol=1e-12)
-        _replaced(http, url, pid, 60, "the engine was not killed (the case is gone?)")
-    log = _log_until(proc, start, "kills_later44 struck")
-    assert "no one is struck the first time" in log and re.search(r"kills_later44 struck", log), log[-3000:]
+        _replaced(http, url, pid, 60, f"the engine was not {gone} (the case is gone?)")
+    log = _log_until(proc, start, f"{function} struck")
+    assert "no one is struck the first time" in log and f"{function} struck" in log, log[-3000:]
     assert "sleeps44 quarantined" not in log
-    np.testing.assert_allclose(_evaluated(http, url, "sleeps44", X), 2 * np.sin(X), rtol=1e-12)
-
-
-def test_a_child_one_function_left_stopping_the_engine_strikes_not_the_function_running(server, http) -> None:
-    """The same with a SIGSTOP (the supervisor kills an engine stopped past the grace):
-    it was put down to the function running, "sleeps44 stopped the engine process",
-    its request a 500, ``sleeps44`` quarantined at the second such stop
-    (``QUARANTINE_AFTER=2``, measured), though the child's function was named alive.
-    Now a stop is read as a death by itself is: the request runs again on the next
-    engine, and the child's function is struck the second time."""
-    url, proc = server
-    start = len(proc.read_log())
-    for _ in range(2):
-        pid = _engine_pid(http, url)
-        assert _armed(http, url, "stops_later44", 0).status_code == 200
-        np.testing.assert_allclose(_evaluated(http, url, "sleeps44", X), 2 * np.sin(X), rtol=1e-12)
-        _replaced(http, url, pid, 60, "the engine was not stopped (the case is gone?)")
-    log = _log_until(proc, start, "stops_later44 struck")
-    assert "no one is struck the first time" in log and "stops_later44 struck" in log, log[-3000:]
     np.testing.assert_allclose(_evaluated(http, url, "sleeps44", X), 2 * np.sin(X), rtol=1e-12)
