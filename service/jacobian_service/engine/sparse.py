@@ -120,11 +120,17 @@ def preload() -> None:
     elements after a dense warm-up) 585-854 ms for the first sparse Jacobian, 2-26 ms
     for the next; with them preloaded 102-158 ms (its pattern's detection), the warm-up
     0.7-0.9 s longer. Engines start warm (and a spare takes over after a crash), so no
-    request waits for it."""
+    request waits for it. The zygote calls it too (``fork_server``): forked engines
+    start with them."""
     import scipy.sparse  # (the CSR answers; csgraph imports it too)
     import scipy.sparse.csgraph  # noqa: F401  (detection's and acyclic colouring's)
 
-    from ..sparsity import compute  # noqa: F401  (the tracer, colourings, products)
+    from ..sparsity import compute, type_reads  # (the tracer, colourings, products)
+
+    del compute
+    # The tracer's one lazily made global, made now: made at the first sparse request,
+    # after the engine took its modules' names, it was the function's rebinding.
+    type_reads.library_dirs()
 
 
 def _mode(engine: Any, call: Call, kind: str, args: list[torch.Tensor], output: Any) -> str:

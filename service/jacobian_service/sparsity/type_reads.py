@@ -53,7 +53,7 @@ import sysconfig
 import types
 from typing import Any
 
-__all__ = ["TypeWatch"]
+__all__ = ["TypeWatch", "library_dirs"]
 
 
 def _library_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -71,6 +71,18 @@ def _library_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 _LIBRARIES: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+
+
+def library_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``_library_dirs()``, made once: at the engine's preload (``engine.sparse.preload``),
+    where this module is imported before the engine takes its namespaces' names (the
+    zygote's imports), so that the first watch does not rebind a name the engine guards
+    (it answered the first sparse request's function a 500, "rebound or deleted names in
+    jacobian_service.sparsity.type_reads (_LIBRARIES)")."""
+    global _LIBRARIES
+    if _LIBRARIES is None:
+        _LIBRARIES = _library_dirs()
+    return _LIBRARIES
 # Installed packages (the user's own among them): a system Python keeps them under the
 # standard library's folder (/usr/lib/python3/dist-packages, .../python3.11/site-packages).
 _INSTALLED = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
@@ -150,9 +162,7 @@ class TypeWatch:
         self._paused = 0
 
     def __enter__(self) -> "TypeWatch":
-        global _LIBRARIES
-        if _LIBRARIES is None:
-            _LIBRARIES = _library_dirs()
+        library_dirs()
         if sys.getprofile() is not None:
             # (cProfile, a debugger's profiler: not chained, since the hook it holds may be
             # no Python callable; the pattern is checked all the same, see reads)
@@ -253,8 +263,7 @@ def _bound(value: Any) -> bool:
 def _users(code: types.CodeType) -> bool:
     """Code of the user's (or of a library it calls), not of torch's, numpy's, scipy's,
     this service's or the standard library's (see _library_dirs)."""
-    assert _LIBRARIES is not None
-    libraries, stdlib = _LIBRARIES
+    libraries, stdlib = library_dirs()
     name = code.co_filename
     if name.startswith(libraries):
         return False
