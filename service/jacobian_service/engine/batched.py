@@ -81,9 +81,11 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
                 h, (out, aux_t) = STRATEGIES[mode](g, argnums)(*primals)
             return (as_input_dtypes(h, primals, depth=2), out), aux_t
         chunk = 1 if rows_loop else call.chunk_size
-        if chunk == 1 and no_rows:
+        if chunk == 1 and (no_rows or (not batch and not rows_loop)):
             # torch's jacrev(chunk_size=1) asserts on an output of no elements ("expected
-            # t.size(0) to be 1, got 0"), which any other chunk size answers: no rows
+            # t.size(0) to be 1, got 0"), which any other chunk size answers: no rows. A
+            # batch of no examples has no first example to say whether the output is
+            # empty, and vmap computes nothing there: the chunk asked for cannot matter
             chunk = None
         jac, (out, aux_t) = torch.func.jacrev(g, argnums=argnums, has_aux=True, chunk_size=chunk)(*primals)
         return (jac, out), aux_t
@@ -397,6 +399,10 @@ def _outer_rows(engine: Engine, batch: int, inner_numel: int, itemsize: int) -> 
     ``batched=true`` Hessian of 32 examples of ``sin`` on 63 inputs (8 KB in, a 32 MB
     answer) held its engine 14 s at 6.1 GB, its memory budget 256 MiB (each example
     alone: 10 ms); so did 32 clients' single Hessians, batched across requests."""
+    if not inner_numel:
+        # an empty output or input: no rows to chunk (per_row 0 divided the budget by 0,
+        # a 500 where torch answers vmap(hessian(f)) an empty Hessian)
+        return None
     per_row = max(1, batch) * inner_numel * itemsize * _OUTER_ROW_COPIES
     rows = max(1, engine.memory_budget // per_row)
     return None if rows >= inner_numel else rows
