@@ -20,7 +20,7 @@ from .shapes import span
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, differentiable, fresh,
                       function_error, is_oom)
 from .hessian import (CHECK_ELEMENTS, STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, gradient,
-                      half_precision, hvp_misses, with_output)
+                      half_precision, hvp_misses, jacrev_rows, with_output)
 from .products import agrees_with_reverse, reverse_misses, same_products
 from . import vmap_dims as _dims
 
@@ -68,6 +68,7 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     mode, rows_loop = attempts[0]
 
     outer_rows: int | None = None  # (set below, from one example's sizes: _outer_rows)
+    output_rows: int | None = None  # (likewise, for jacrev_rows)
 
     def per_example(*example: torch.Tensor) -> Any:
         g, primals = differentiable(box, example, call)
@@ -77,6 +78,8 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
                 # STRATEGIES' own, its outer pullback in chunks that fit the memory budget
                 inner = torch.func.jacrev(g, argnums=argnums, has_aux=True)
                 h, (out, aux_t) = torch.func.jacrev(inner, argnums=argnums, has_aux=True, chunk_size=outer_rows)(*primals)
+            elif mode == "jacrev_rows":  # its output rows in chunks that fit the memory budget
+                h, (out, aux_t) = jacrev_rows(g, argnums, chunk_size=output_rows)(*primals)
             else:
                 h, (out, aux_t) = STRATEGIES[mode](g, argnums)(*primals)
             return (as_input_dtypes(h, primals, depth=2), out), aux_t
@@ -109,7 +112,10 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         width = in_numel if kind == "jacobian" else in_numel * in_numel
         widest = max(span(one[i].shape) for i in call.argnums)
         if kind == "hessian":
-            outer_rows = _outer_rows(engine, batch, out_numel * in_numel, engine.wire_itemsize(args[call.argnums[0]].dtype))
+            itemsize = engine.wire_itemsize(args[call.argnums[0]].dtype)
+            outer_rows = _outer_rows(engine, batch, out_numel * in_numel, itemsize)
+            # jacrev_rows: each output row's products are one example's inputs^2 entries
+            output_rows = _outer_rows(engine, batch, in_numel * in_numel, itemsize, out_numel)
         engine.check_result_size(call, batch * out_numel * width * engine.wire_itemsize(args[call.argnums[0]].dtype),
                                  "examples", batch * max((span(o.shape) for o in pytree.tree_leaves(first)), default=1)
                                  * widest ** (1 if kind == "jacobian" else 2) * engine.wire_itemsize(args[call.argnums[0]].dtype))
@@ -390,7 +396,7 @@ def _hvp_misses(call: Call, args: list[torch.Tensor], in_dims: Sequence[int | No
 _OUTER_ROW_COPIES = 6
 
 
-def _outer_rows(engine: Engine, batch: int, inner_numel: int, itemsize: int) -> int | None:
+def _outer_rows(engine: Engine, batch: int, inner_numel: int, itemsize: int, rows: int | None = None) -> int | None:
     """Rows of reverse over reverse's outer pullback per chunk for ``batch`` examples,
     each with an inner Jacobian of ``inner_numel`` entries, within the memory budget;
     None where every row fits at once. Unchunked, the outer ``jacrev`` pulls back an
@@ -398,21 +404,23 @@ def _outer_rows(engine: Engine, batch: int, inner_numel: int, itemsize: int) -> 
     (outputs x inputs)^2, where the Hessian itself is outputs x inputs^2. One
     ``batched=true`` Hessian of 32 examples of ``sin`` on 63 inputs (8 KB in, a 32 MB
     answer) held its engine 14 s at 6.1 GB, its memory budget 256 MiB (each example
-    alone: 10 ms); so did 32 clients' single Hessians, batched across requests."""
+    alone: 10 ms); so did 32 clients' single Hessians, batched across requests.
+    ``rows``: how many rows there are (``inner_numel`` unless given); jacrev_rows asks
+    it of its output rows, each ``inner_numel`` (inputs^2) entries per example."""
     if not inner_numel:
         # an empty output or input: no rows to chunk (per_row 0 divided the budget by 0,
         # a 500 where torch answers vmap(hessian(f)) an empty Hessian)
         return None
     per_row = max(1, batch) * inner_numel * itemsize * _OUTER_ROW_COPIES
-    rows = max(1, engine.memory_budget // per_row)
-    return None if rows >= inner_numel else rows
+    fit = max(1, engine.memory_budget // per_row)
+    return None if fit >= (inner_numel if rows is None else rows) else fit
 
 
 def _hessian_order(known: str | None, scalar: bool) -> list[str]:
     """Strategies for per-example Hessians, the one that ran last time first: reverse
     over reverse under ``vmap`` (forward mode under a ``vmap`` over examples is wrong in
     torch for some ops, see :func:`batched`), then torch's own example by example."""
-    order = ["jacrev_grad", "jacrev_jacrev", TORCHS] if scalar else ["jacrev_jacrev", TORCHS]
+    order = ["jacrev_grad", "jacrev_jacrev", TORCHS] if scalar else ["jacrev_rows", "jacrev_jacrev", TORCHS]
     return [known] + [s for s in order if s != known] if known in order else order
 
 

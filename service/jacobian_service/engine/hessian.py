@@ -37,7 +37,60 @@ if TYPE_CHECKING:
     from .core import Engine
 
 __all__ = ["CHECK_ELEMENTS", "STRATEGIES", "TORCHS", "agrees_with_differences", "agrees_with_hvp", "candidates", "finite",
-           "gradient", "half_precision", "hessian", "hvp_misses", "refusal", "with_output"]
+           "gradient", "half_precision", "hessian", "hvp_misses", "jacrev_rows", "refusal", "with_output"]
+
+def jacrev_rows(g: Callable[..., Any], argnums: Any, chunk_size: int | None = None) -> Callable[..., Any]:
+    """``jacrev(jacrev(g, argnums, has_aux=True), argnums, has_aux=True)``, reverse over
+    reverse, one output element at a time: for each output element ``i`` (a ``vmap``
+    over a unit basis of the output, ``chunk_size`` of them at once), the ``jacrev`` of
+    its gradient ``J(x)^T e_i``. The same products, the same answer (bit for bit on the
+    built-ins), in a fraction of the work: ``jacrev(jacrev)``'s outer pullback takes one
+    row per entry of the inner Jacobian, (outputs x inputs) of them, each carrying a
+    cotangent of all (outputs x inputs) entries back through every output's pullback:
+    (outputs x inputs)^2 per example, where the Hessian has outputs x inputs^2. Here
+    each row carries one output's gradient, inputs entries. Under a ``vmap`` over
+    examples (per-example Hessians, which run reverse mode only: batched.py) 32
+    examples of ``sin`` on 63 inputs took 7.1 s as ``jacrev(jacrev)``, 0.08 s so
+    (``vmap(torch.func.hessian)``: 0.17 s; each example alone: 0.9 s). ``g`` returns
+    ``(output, aux)``; so does the Hessian: ``(H, aux)``, ``H`` nested as jacrev nests it."""
+    positions = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    outer = 1 + argnums if isinstance(argnums, int) else tuple(1 + a for a in argnums)
+
+    def hessian_of(*primals: Any) -> Any:
+        out_leaves, out_spec = pytree.tree_flatten(g(*primals)[0])  # (shapes and dtypes only)
+        sizes = [leaf.numel() for leaf in out_leaves]
+        total = sum(sizes)
+        if not total:  # no rows (vmap takes no empty batch): jacrev's own, as cheap
+            return STRATEGIES["jacrev_jacrev"](g, argnums)(*primals)
+        basis, start = [], 0
+        for leaf, size in zip(out_leaves, sizes):  # (jacrev's: unit rows, each leaf's block of them)
+            b = torch.zeros(total, size, dtype=leaf.dtype, device=leaf.device)
+            b[start:start + size].copy_(torch.eye(size, dtype=leaf.dtype, device=leaf.device))
+            basis.append(b.reshape(total, *leaf.shape))
+            start += size
+
+        def along(v: list[torch.Tensor], *p: Any) -> Any:
+            def of(*diff: Any) -> Any:
+                full = list(p)
+                for i, d in zip(positions, diff):
+                    full[i] = d
+                return g(*full)
+
+            _, pullback, aux = torch.func.vjp(of, *[p[i] for i in positions], has_aux=True)
+            grads = pullback(pytree.tree_unflatten(v, out_spec))
+            return (grads[0] if isinstance(argnums, int) else grads), aux
+
+        rows, aux = torch.func.vmap(torch.func.jacrev(along, argnums=outer, has_aux=True),
+                                    in_dims=(0,) + (None,) * len(primals), chunk_size=chunk_size)(basis, *primals)
+        aux = pytree.tree_map(lambda t: t[0], aux)  # (the same for every row: vmap stacked it)
+        blocks, start = [], 0
+        for leaf, size in zip(out_leaves, sizes):
+            blocks.append(pytree.tree_map(lambda t: t[start:start + size].reshape(*leaf.shape, *t.shape[1:]), rows))
+            start += size
+        return pytree.tree_unflatten(blocks, out_spec), aux
+
+    return hessian_of
+
 
 # Equal ways to compute torch.func.hessian (read-only, as core.TORCH_DTYPES: one a
 # function replaced in place computed every later Hessian its way).
@@ -45,6 +98,7 @@ STRATEGIES: Mapping[str, Callable[[Callable[..., Any], Any], Callable[..., Any]]
     "jacrev_grad": lambda g, a: torch.func.jacrev(torch.func.grad(g, argnums=a, has_aux=True), argnums=a, has_aux=True),
     "jacfwd_jacrev": lambda g, a: torch.func.jacfwd(torch.func.jacrev(g, argnums=a, has_aux=True), argnums=a, has_aux=True),
     "jacrev_jacrev": lambda g, a: torch.func.jacrev(torch.func.jacrev(g, argnums=a, has_aux=True), argnums=a, has_aux=True),
+    "jacrev_rows": jacrev_rows,  # reverse over reverse as jacrev_jacrev, one output row at a time
 })
 TORCHS = "jacfwd_jacrev"  # torch.func.hessian's own
 _MEASURE_ELEMENTS = 1 << 20  # measure strategies only where running each is cheap
