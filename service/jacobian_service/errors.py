@@ -37,6 +37,8 @@ more arrays than a body may carry: ``field``, ``limit``).
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any
 
 from jacobian_client.wire import PROBLEM_STATUS, WireError
@@ -148,16 +150,98 @@ def from_wire(exc: WireError) -> ServiceError:
     return _BY_WIRE_CODE[exc.code](str(exc))
 
 
-def exception_text(exc: BaseException) -> str:
-    """``str(exc)`` of an exception a user's function raised. Its ``__str__`` is the
-    user's code too and may raise: an error made while describing the function's error
-    failed the request as our 500 ``internal_error`` instead of its ``function_error``."""
+# What of an exception's words is kept (a problem's detail shows 2,000 characters of its
+# first line): a __str__ of 64 MB on one line was split, re-encoded and copied whole.
+_TEXT_LIMIT = 8192
+# How long a function's own __str__ (or its arguments' str or repr) may take to make its
+# words: one that never returned held the engine until the hang watch killed it, the
+# request a 504 at its deadline, the engine replaced and those queued behind it 503s.
+WORDS_WITHIN_S = 0.5
+# The exceptions' own __str__ that call no user code when their arguments (and fields)
+# are of these types: a str, a number, bytes, None.
+_PLAIN = (str, int, float, bool, bytes, type(None))
+_ARGS = BaseException.__dict__["args"].__get__
+
+
+class _WordsTooSlow(BaseException):
+    """Raised into a __str__ past ``WORDS_WITHIN_S`` (a BaseException: past ``except Exception``)."""
+
+
+def _builtin_words(exc: BaseException) -> bool:
+    """Whether ``str(exc)`` runs no user code: the __str__ found is Python's own
+    (BaseException's, KeyError's, OSError's, ImportError's) over arguments (and fields) of
+    plain types. Read through the types' own descriptors: an exception's class may have a
+    ``__getattribute__`` of its own."""
+    cls = type(exc)
+    for klass in type.__getattribute__(cls, "__mro__"):
+        words = type.__getattribute__(klass, "__dict__").get("__str__")
+        if words is not None:
+            break
+    else:
+        return False
+    if words is OSError.__dict__["__str__"]:
+        fields = (OSError.__dict__["filename"].__get__(exc), OSError.__dict__["filename2"].__get__(exc),
+                  OSError.__dict__["strerror"].__get__(exc), OSError.__dict__["errno"].__get__(exc))
+    elif words is ImportError.__dict__["__str__"]:
+        fields = (ImportError.__dict__["msg"].__get__(exc),)
+    elif words is BaseException.__dict__["__str__"] or words is KeyError.__dict__["__str__"]:
+        fields = ()
+    else:
+        return False
+    args = _ARGS(exc)
+    return type(args) is tuple and all(type(a) in _PLAIN for a in (*args, *fields))
+
+
+def _timed_words(exc: BaseException) -> str:
+    """``str(exc)`` where it runs user code: cut by a SIGALRM timer past ``WORDS_WITHIN_S``
+    (and every 50 ms after, should the __str__ catch the first), where this thread can
+    take a signal and no one else uses the timer (the in-process layout's host may);
+    else as it comes."""
+    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
+            or signal.getsignal(signal.SIGALRM) is not signal.SIG_DFL or any(signal.getitimer(signal.ITIMER_REAL))):
+        return str(exc)
+    armed = [True]
+
+    def cut(signum: int, frame: Any) -> None:
+        if armed[0]:
+            raise _WordsTooSlow
+
+    signal.signal(signal.SIGALRM, cut)
     try:
-        text = str(exc)
+        signal.setitimer(signal.ITIMER_REAL, WORDS_WITHIN_S, 0.05)
+        try:
+            text = str(exc)
+        finally:
+            armed[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0.0)
+    finally:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    return text
+
+
+def exception_text(exc: BaseException, *, user_code: bool = True) -> str:
+    """``str(exc)`` of an exception a user's function raised, bounded. Its ``__str__``
+    (and its arguments' ``__str__`` or ``__repr__``, which Python's own call) is the
+    user's code too: one that raised made our 500 ``internal_error`` instead of the
+    function's ``function_error``; one that never returned held the engine to the hang
+    watch (a 504 at the deadline, the engine replaced, the requests behind it 503s;
+    measured). Now user code making the words runs for ``WORDS_WITHIN_S`` at most, and
+    the words are cut to ``_TEXT_LIMIT`` characters. ``user_code=False``: none is run
+    (an empty text where it would be: what torch raises never needs any)."""
+    try:
+        if _builtin_words(exc):
+            text = str(exc)
+        elif not user_code:
+            return ""
+        else:
+            text = _timed_words(exc)
+    except _WordsTooSlow:
+        return f"(its message was not made: its __str__ took more than {WORDS_WITHIN_S:g} s)"
     except BaseException:  # SystemExit from __str__ too: still the function's error, not ours
         return "(its message could not be made: its __str__ raised)"
     if not isinstance(text, str):
         return "(its message is not text)"
+    text = str.__str__(text)[:_TEXT_LIMIT]  # (a str subclass's own methods are user code too)
     # Lone surrogates (os.fsdecode of an undecodable file name) are not UTF-8: the reply
     # carrying them could not be encoded, and the request waited for its deadline.
     return text.encode("utf-8", "backslashreplace").decode("utf-8")

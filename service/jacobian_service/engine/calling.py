@@ -54,9 +54,14 @@ _WIRE_DTYPES = frozenset(getattr(torch, name) for name in wire.DTYPES | wire.COM
 def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in exception_text(exc)
+    # (torch's words need no user code to make: a __str__ of the function's own is not read)
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in exception_text(exc, user_code=False)
 
 
+
+
+_CAUSE = BaseException.__dict__["__cause__"].__get__
+_CONTEXT = BaseException.__dict__["__context__"].__get__
 
 
 def lacks_forward_ad(exc: BaseException) -> bool:
@@ -64,14 +69,20 @@ def lacks_forward_ad(exc: BaseException) -> bool:
     AD: what a profile may remember (forward mode skipped from then on). Any other
     failure of a forward-mode transform (vmap of a custom Function without a vmap rule,
     the function's own error at these inputs) says nothing of the next request's, and
-    marking it steered every later request, on every route, to reverse mode."""
+    marking it steered every later request, on every route, to reverse mode.
+
+    Torch's words need no user code to make: a __str__ of the function's own along the
+    chain is not read (each one could take ``WORDS_WITHIN_S``), and the chain is walked
+    through BaseException's own descriptors (a class's ``__getattribute__`` or ``__bool__``
+    is the function's code)."""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen and len(seen) < 16:
         seen.add(id(cause))
-        if any(marker in exception_text(cause) for marker in wire.NO_FORWARD_AD_WORDS):
+        if any(marker in exception_text(cause, user_code=False) for marker in wire.NO_FORWARD_AD_WORDS):
             return True
-        cause = cause.__cause__ or cause.__context__
+        following = _CAUSE(cause)
+        cause = _CONTEXT(cause) if following is None else following
     return False
 
 

@@ -320,7 +320,7 @@ class EngineServer:
                     call.deadline = time.monotonic() + self.settings.warmup_timeout_s  # cut between chunks, where it is safe
                     self.engine.jacobian(call)
                 except Exception as exc:  # a function that needs special inputs still serves
-                    log.warning("warm-up of %s failed: %s", spec.name, exc)
+                    log.warning("warm-up of %s failed: %s", spec.name, exception_text(exc))  # (bounded: its words are user code)
                 self.engine.restore_settings(spec.name)
                 self.strays.after_run(spec.name)
                 if hasattr(self, "listener"):  # opened before the warm-up (not a spare's)
