@@ -43,7 +43,9 @@ as well, from a descriptor kept open on their list (~0.5 us), and their function
 suspects as those of live threads are (``left``): a child one function left sleeping,
 which then killed the engine (``sleep 0.3; kill -KILL $engine``) while another
 function ran, had that one's request answered 500 and the function struck, quarantined
-at the second such death, the sender never named (measured).
+at the second such death, the sender never named (measured). Not those that have
+exited (zombies: a ``Popen`` never waited for), which can kill nothing; never reaped
+here, as their functions may still wait for them.
 Torch-free; Linux only: elsewhere nothing is ever found.
 """
 
@@ -60,7 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..orphans import kill_detached, reap_detached
-from ..procfs import cpu_seconds, descendants, living, status_bytes, waited_seconds
+from ..procfs import cpu_seconds, descendants, status_bytes, waited_seconds
 
 log = logging.getLogger("jacobian_service.engine")
 
@@ -118,9 +120,11 @@ class Strays:
         self._alive = _threads()
         for tid in self._alive - self._known_threads - self._thread_owner.keys():
             self._thread_owner[tid] = function
-        # (live ones: a child that has ended and was never waited for, a zombie still on the
-        # list, can kill no one; counted, its function stayed a suspect at every later death)
-        self._kids = {pid for pid in self._children_now() - self._known_processes if living(pid)}
+        # Those that have exited (zombies: a ``Popen`` never waited for) are no suspects:
+        # they can kill nothing. One was, and an idle engine's death later (a SIGSEGV) was
+        # put down to its function, struck; a crash of another function's counted as
+        # possibly its (no one struck, the request run again on a second engine to crash).
+        self._kids = {pid for pid in self._children_now() - self._known_processes if not _exited(pid)}
         for pid in self._kids - self._kid_owner.keys():
             self._kid_owner[pid] = function
         for pid in self._kid_owner.keys() - self._kids:
@@ -205,6 +209,18 @@ class Strays:
         return Found(min((name for kind, name in culprits if kind == "function"), default=None),
                      {pid: self._process_owner[pid] for kind, pid in culprits if kind == "process"}, threads,
                      processes)
+
+
+def _exited(pid: int) -> bool:
+    """Whether child ``pid`` has exited, left unreaped (a zombie), or is gone: asked with
+    ``WNOWAIT`` (~1 us), which leaves it to be waited for. Never reaped here: its
+    function's ``Popen.wait()`` would then read 0 for whatever status it exited with."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped meanwhile (or not ours after all): nothing left to kill
+        return True
+    except (OSError, AttributeError):  # (no waitid: not Linux) as before, a suspect
+        return False
 
 
 def _too_many(owners: dict[int, str], limit: int) -> dict[str, Any] | None:
