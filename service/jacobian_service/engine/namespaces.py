@@ -203,6 +203,31 @@ def _slots(functions: list[FunctionType], ids: list[int]) -> list[Any] | None:
     return views if [v.value or none for v in views] == ids else None
 
 
+# torch's own registries, dicts that every function's answers are computed through, which
+# a function may change in place (no name rebound): pytree's node of each container type.
+# ``SUPPORTED_NODES[tuple]`` replaced by a node flattening in reverse had every later
+# Jacobian of a function of two outputs answer each one's under the other's name, with a
+# 200, for the engine's life (measured). Each type's node as the engine started is put
+# back; a type registered since (a function's own class: ``register_pytree_node``) stays.
+_REGISTRIES = (("torch.utils._pytree", "SUPPORTED_NODES"),)
+_REGISTRY_LABELS = frozenset(f"{module}.{attr}" for module, attr in _REGISTRIES)
+
+
+def _registries(version: Any) -> list[_Guarded]:
+    found = []
+    for module, attr in _REGISTRIES:
+        d = getattr(sys.modules.get(module), attr, None)
+        if isinstance(d, dict):
+            found.append(_Guarded(f"{module}.{attr}", d, d, False, version, whole=True))
+    return found
+
+
+def _shown(key: Any) -> str:
+    """A name as the log says it: a registry's keys are types (torch's and Python's own
+    only: those taken as the engine started)."""
+    return key if isinstance(key, str) else str(getattr(key, "__qualname__", None) or repr(key))
+
+
 def _call_on(fn: Any) -> Callable[[Callable[[Any], Any]], Any]:
     return lambda getter: getter(fn)
 
@@ -394,6 +419,7 @@ class Namespaces:
                 guarded.append(_Guarded(label or f"{cls.__module__}.{cls.__qualname__}", cls, _class_dict(cls), True,
                                         self._version, skip=_CLASS_SKIP))
         guarded.append(_Guarded("sys.modules", sys.modules, sys.modules, False, self._version))
+        guarded += _registries(self._version)
         guarded += _registry(registry, self._version)
         guarded += _modules_of(registry, self._version, guarded)
         # A function's code or defaults swapped in place (``victim.__code__ =
@@ -457,7 +483,8 @@ class Namespaces:
                     guarded.tag is None or guarded.tag.value != guarded.version):
                 names = guarded.differs()
                 if names:
-                    found.append(("sys.modules" if guarded.label == "sys.modules" else guarded.label, sorted(names)))
+                    found.append(("sys.modules" if guarded.label == "sys.modules" else guarded.label,
+                                  sorted(map(_shown, names))))
         return found
 
     def restore(self, function: str) -> None:
@@ -499,7 +526,7 @@ class Namespaces:
                 except Exception as exc:  # a read-only attribute: nothing was changed there after all
                     log.debug("could not put back %s.%s: %s", guarded.label, name, exc)
             if found:
-                self._log(function, guarded.label, [name for name, _ in found])
+                self._log(function, guarded.label, [_shown(name) for name, _ in found])
             if guarded.tag is not None:
                 guarded.version = guarded.tag.value
         self._versions = [g.version for g in self._guarded]
@@ -534,5 +561,6 @@ def described(label: str, names: list[str]) -> str:
     """What was rebound where, as the log and a refused answer say it: ``names in
     torch._VF (einsum)``, ``sys.modules entries (orjson)``."""
     shown = ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    where = "sys.modules entries" if label == "sys.modules" else f"names in {label}"
+    where = ("sys.modules entries" if label == "sys.modules" else
+             f"entries of {label}" if label in _REGISTRY_LABELS else f"names in {label}")
     return f"{where} ({shown})"
