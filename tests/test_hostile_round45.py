@@ -4,7 +4,8 @@ processes it leaves, and torch's registries it edits in place.
 - an error whose words are user code that never returns (its own ``__str__``, its
   argument's ``__str__`` or ``__repr__``, a cause's in forward mode): bounded in time;
 - a zombie a function leaves (a ``Popen`` never waited for) is no suspect at a death;
-- ``torch.utils._pytree.SUPPORTED_NODES`` edited in place: put back.
+- ``torch.utils._pytree.SUPPORTED_NODES`` edited in place: put back; a kernel over an
+  aten operator registered through ``torch._C._dispatch_library``: the engine replaced.
 
 Each case names what a user saw before. One real server for the file (one engine, no
 spare); the functions are in tests/hostile45_functions.py, each misbehaving only on the
@@ -146,6 +147,27 @@ def test_a_pytree_node_edited_in_place_is_put_back(server, http) -> None:
     log = _log_until(proc, start, r"edits_registry45 rebound or deleted entries of torch\.utils\._pytree")
     assert re.search(r"edits_registry45 rebound or deleted entries of torch\.utils\._pytree\.SUPPORTED_NODES "
                      r"\(tuple\) and left them so", log), log[-3000:]
+
+
+def test_a_kernel_registered_past_torch_library_replaces_the_engine(server, http) -> None:
+    """A kernel over ``aten::sin`` on the CPU registered through
+    ``torch._C._dispatch_library`` (what ``torch.library.Library`` wraps; its ``_impls``,
+    which the engine's check reads, never heard of it): every later function's ``sin``
+    answered 7.0, with a 200, for the engine's life, no line in any log (measured). Now
+    the engine's ``_dispatch_library`` notes each ``impl`` of torch's namespaces, and the
+    engine leaves as for a ``Library``'s (torch cannot take a kernel back), for one whose
+    ``sin`` is torch's."""
+    url, proc = server
+    pid, start = _engine_pid(http, url), len(proc.read_log())
+    assert _armed(http, url, "edits_registry45", 2).status_code == 200  # (its own answer, under its kernel)
+    _replaced(http, url, pid, 60, "the engine was not replaced")
+    r = http.post(f"{url}/v1/functions/pair45/evaluate",
+                  json={"inputs": [{"dtype": "float64", "shape": [3], "data": X}]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["output"][0]["data"], np.sin(X), rtol=1e-12)
+    log = _log_until(proc, start, r"edits_registry45 left kernels of torch's own operators")
+    assert "edits_registry45 left kernels of torch's own operators" in log, log[-3000:]
+    assert "aten/sin/CPU registered from outside torch" in log, log[-3000:]
 
 
 # ------------------------------------------------------------ a zombie left (last: engines die)

@@ -348,6 +348,9 @@ class Engine:
         (its memory limit set) are the ones to put back, the whole process's with them
         (signal handlers, timers, resource limits: ``process_settings``), and the
         ``registry``'s functions as they are (``namespaces``)."""
+        from .torch_kernels import watch_direct
+
+        watch_direct()  # (before the settings' kernels and the namespaces are taken)
         self.process_settings = ProcessSettings(own_process=True)
         self._shares_process = False
         # with the functions' modules imported: what they bound as imported stays

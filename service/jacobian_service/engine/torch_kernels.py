@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.library
 
-__all__ = ["KERNELS"]
+__all__ = ["KERNELS", "watch_direct"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _TORCH_NAMESPACES = frozenset({"aten", "prims", "prim", "quantized", "_quantized", "sparse"})
@@ -62,7 +62,48 @@ class _Kernels:
 
 
 def _impls() -> set[str]:
-    return getattr(torch.library, "_impls", set())
+    found = getattr(torch.library, "_impls", set())
+    return found | _DIRECT if _DIRECT else found
+
+
+# Kernels registered through torch's own ``torch._C._dispatch_library`` (what
+# ``torch.library.Library`` wraps), which ``torch.library._impls`` never hears of: one
+# over ``aten::sin`` on the CPU had every later function's ``sin`` answer its values, with
+# a 200, for the engine's life, no line in any log (measured). In an engine process the
+# name is wrapped (``watch_direct``), each ``impl`` it is asked for noted here.
+_DIRECT: set[str] = set()
+
+
+class _Module:
+    """A ``_dispatch_library`` module whose ``impl`` is noted; the rest is the module's."""
+
+    def __init__(self, module: Any, namespace: str) -> None:
+        self._module, self._namespace = module, namespace
+
+    def impl(self, name: str, dispatch: Any = "", *rest: Any, **kwargs: Any) -> Any:
+        result = self._module.impl(name, dispatch, *rest, **kwargs)
+        key = str(getattr(dispatch, "name", dispatch) or "")
+        _DIRECT.add(f"{self._namespace}/{str(name).split('::')[-1]}/{key}")
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def watch_direct() -> None:
+    """``torch._C._dispatch_library`` wrapped (an engine process, before its namespaces
+    are taken: then a function cannot rebind it back): the kernels of torch's operators
+    registered past ``torch.library`` are vetted as those through it are."""
+    made = torch._C._dispatch_library
+    if getattr(made, "_watched", False):
+        return
+
+    def dispatch_library(kind: str, namespace: str, *args: Any, **kwargs: Any) -> Any:
+        module = made(kind, namespace, *args, **kwargs)
+        return _Module(module, namespace) if namespace in _TORCH_NAMESPACES else module
+
+    dispatch_library._watched = True  # type: ignore[attr-defined]
+    torch._C._dispatch_library = dispatch_library
 
 
 def _foreign(keys: set[str]) -> set[str]:
