@@ -156,7 +156,7 @@ _TEXT_LIMIT = 8192
 # How long a function's own __str__ (or its arguments' str or repr) may take to make its
 # words: one that never returned held the engine until the hang watch killed it, the
 # request a 504 at its deadline, the engine replaced and those queued behind it 503s.
-WORDS_WITHIN_S = 0.5
+_WORDS_WITHIN_S = 0.5
 # The exceptions' own __str__ that call no user code when their arguments (and fields)
 # are of these types: a str, a number, bytes, None.
 _PLAIN = (str, int, float, bool, bytes, type(None))
@@ -164,7 +164,7 @@ _ARGS = BaseException.__dict__["args"].__get__
 
 
 class _WordsTooSlow(BaseException):
-    """Raised into a __str__ past ``WORDS_WITHIN_S`` (a BaseException: past ``except Exception``)."""
+    """Raised into a __str__ past ``_WORDS_WITHIN_S`` (a BaseException: past ``except Exception``)."""
 
 
 def _builtin_words(exc: BaseException) -> bool:
@@ -193,7 +193,7 @@ def _builtin_words(exc: BaseException) -> bool:
 
 
 def _timed_words(exc: BaseException) -> str:
-    """``str(exc)`` where it runs user code: cut by a SIGALRM timer past ``WORDS_WITHIN_S``
+    """``str(exc)`` where it runs user code: cut by a SIGALRM timer past ``_WORDS_WITHIN_S``
     (and every 50 ms after, should the __str__ catch the first), where this thread can
     take a signal and no one else uses the timer (the in-process layout's host may);
     else as it comes."""
@@ -208,7 +208,7 @@ def _timed_words(exc: BaseException) -> str:
 
     signal.signal(signal.SIGALRM, cut)
     try:
-        signal.setitimer(signal.ITIMER_REAL, WORDS_WITHIN_S, 0.05)
+        signal.setitimer(signal.ITIMER_REAL, _WORDS_WITHIN_S, 0.05)
         try:
             text = str(exc)
         finally:
@@ -225,7 +225,7 @@ def exception_text(exc: BaseException, *, user_code: bool = True) -> str:
     user's code too: one that raised made our 500 ``internal_error`` instead of the
     function's ``function_error``; one that never returned held the engine to the hang
     watch (a 504 at the deadline, the engine replaced, the requests behind it 503s;
-    measured). Now user code making the words runs for ``WORDS_WITHIN_S`` at most, and
+    measured). Now user code making the words runs for ``_WORDS_WITHIN_S`` at most, and
     the words are cut to ``_TEXT_LIMIT`` characters. ``user_code=False``: none is run
     (an empty text where it would be: what torch raises never needs any)."""
     try:
@@ -236,7 +236,7 @@ def exception_text(exc: BaseException, *, user_code: bool = True) -> str:
         else:
             text = _timed_words(exc)
     except _WordsTooSlow:
-        return f"(its message was not made: its __str__ took more than {WORDS_WITHIN_S:g} s)"
+        return f"(its message was not made: its __str__ took more than {_WORDS_WITHIN_S:g} s)"
     except BaseException:  # SystemExit from __str__ too: still the function's error, not ours
         return "(its message could not be made: its __str__ raised)"
     if not isinstance(text, str):

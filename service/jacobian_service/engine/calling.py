@@ -72,7 +72,7 @@ def lacks_forward_ad(exc: BaseException) -> bool:
     marking it steered every later request, on every route, to reverse mode.
 
     Torch's words need no user code to make: a __str__ of the function's own along the
-    chain is not read (each one could take ``WORDS_WITHIN_S``), and the chain is walked
+    chain is not read (each one could take ``errors._WORDS_WITHIN_S``), and the chain is walked
     through BaseException's own descriptors (a class's ``__getattribute__`` or ``__bool__``
     is the function's code)."""
     seen: set[int] = set()
