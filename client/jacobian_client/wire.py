@@ -46,6 +46,7 @@ import json
 import math
 import re
 import secrets
+import struct
 import zipfile
 from array import array
 from dataclasses import dataclass
@@ -685,40 +686,125 @@ def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarr
     return arr
 
 
-# float32 and float64 arrays read by the array module: its 'f' and 'd' items take a Python
-# float (or int) as C's cast from double does, as numpy's float64 -> float32 astype does.
+# float32 and float64 arrays packed by struct: its native 'f' and 'd' items take a Python
+# float (or int) as C's cast from double does, as numpy's float64 -> float32 astype does
+# (1e300 is inf in both, with no error).
 _ARRAY_CODES = {np.dtype(np.float32): "f", np.dtype(np.float64): "d"}
 # The bytes of 0.0, -0.0 and 1.0 in each, as the array module stores them (native order).
 _ZERO_ONE_BYTES = {code: tuple(array(code, [v]).tobytes() for v in (0.0, -0.0, 1.0)) for code in ("f", "d")}
+# Numbers packed by one struct call: a call takes its numbers as one argument tuple, so
+# a 100 MB answer's data is never held a second time as one (and a row of a few numbers,
+# a complex array's [re, im] pairs, is not a call of its own).
+_PACK_ITEMS = 4096
+_FEW_NUMBERS = 1024  # up to here 0s and 1s are looked for in bytes (_zero_or_one)
+_SHORT_ROW = 32  # rows shorter than this are joined: a call each cost more than their numbers
+# From here on numpy reads a Python int among floats as an object, not as a float64 (see
+# _flat_floats); a float32's or float64's magnitude this large sends the data there too.
+_INT64_PAST = 2.0**63
+
+
+@functools.lru_cache(maxsize=64)
+def _packer(count: int, code: str) -> struct.Struct:
+    return struct.Struct(f"{count}{code}")
+
+
+def _pieces(rows: list[list[Any]], width: int) -> Iterator[list[Any]]:
+    """Leaf rows of ``width`` numbers each, in pieces of at most _PACK_ITEMS numbers: a row
+    as it is (a call's argument tuple is a copy of its pointers), a long one in slices,
+    short ones joined (a list's += copies pointers; itertools.chain took ~20 instructions
+    a number more)."""
+    if width >= _SHORT_ROW:
+        for row in rows:
+            if width <= _PACK_ITEMS:
+                yield row
+            else:
+                for start in range(0, width, _PACK_ITEMS):
+                    yield row[start:start + _PACK_ITEMS]
+        return
+    step = _PACK_ITEMS // width
+    for start in range(0, len(rows), step):
+        piece: list[Any] = []
+        for row in rows[start:start + step]:
+            piece += row
+        yield piece
+
+
+def _zero_or_one(values: np.ndarray, code: str) -> bool:
+    """Whether a 0, -0.0 or 1 (what a boolean reads as; a value that only rounded to one is
+    looked at too) may be among ``values`` (1-D). A few numbers: three substring searches
+    of their bytes (numpy's (arr == 0) | (arr == 1) was four ufunc calls, ~25,000
+    instructions on 128 numbers); a match across two items' bytes (only a zero or
+    subnormal's top byte is 0) only says maybe. More: those ufuncs, whose cost per number
+    is below the searches' (~7 instructions a byte), a slice at a time (their masks
+    never a large array's size)."""
+    if values.size <= _FEW_NUMBERS:
+        raw = values.tobytes()
+        zero, negative_zero, one = _ZERO_ONE_BYTES[code]
+        return zero in raw or negative_zero in raw or one in raw
+    for start in range(0, values.size, 1 << 16):
+        part = values[start:start + (1 << 16)]
+        if ((part == 0) | (part == 1)).any():
+            return True
+    return False
 
 
 def _flat_floats(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarray | None:
-    """The common request's data, a flat list of numbers led by a float for a float32
-    or float64 array, read in one pass in C; None for anything else, which the general
-    path reads (and refuses) as it always has. numpy's inference, its 0/1 scan for
-    booleans and the float64 -> float32 cast in an ``errstate`` were ~2/3 of parsing a
-    128-number JSON body. The result is the general path's bit for bit: led by a float,
-    numpy reads the list as float64 (each int converted as a float, as here) and casts;
-    strings, null, lists and ints past float64 make ``array`` raise; booleans and 0/1
-    (which the general path must tell apart) go there too."""
+    """The common array data, a regular list (flat or nested, as an answer's rows are) of
+    numbers led by a float, for a float32 or float64 array, packed by struct in C; None
+    for anything else, which the general path reads (and refuses) as it always has.
+    numpy's inference (it walks the lists twice and converts each number on its own),
+    its 0/1 scan for booleans and the float64 -> float32 cast were ~2/3 of parsing a
+    128-number JSON body, and half of the SDK's reading of a 64x128 JSON Jacobian (2.9M
+    instructions of 5.8M; orjson's parse is the rest). The result is the general path's
+    bit for bit: led by a float, numpy reads the lists as float64 (each int converted as
+    a float, as here: a float32 is cast from that double, as struct's 'f' does) and
+    casts; strings, null, lists where numbers go and ints past float64 make struct raise,
+    ragged or mixed rows are seen before packing; booleans and 0/1 (which the general path
+    must tell apart) are looked for, and an int past int64 (an object to numpy) sends the
+    data there too."""
     code = _ARRAY_CODES.get(dtype) if dtype is not None else None
-    if code is None or data.__class__ is not list or not data or data[0].__class__ is not float \
-            or len(data) > limits.max_elements:
+    if code is None or data.__class__ is not list or not data:
         return None
+    shape = [len(data)]
+    rows = [data]  # the lists of this level
+    while True:
+        first = rows[0][0]
+        if first.__class__ is not list:
+            break
+        rows = list(itertools.chain.from_iterable(rows))  # one level down: each must be a list, all one length
+        if set(map(type, rows)) != {list}:
+            return None
+        width = len(first)
+        if width == 0 or set(map(len, rows)) != {width}:
+            return None
+        shape.append(width)
+    if first.__class__ is not float:
+        return None
+    width = shape[-1]
+    count = len(rows) * width
+    if count > limits.max_elements:
+        return None
+    out = np.empty(count, dtype)
+    into, offset = memoryview(out).cast("B"), 0
     try:
-        values = array(code, data)
-    except (TypeError, OverflowError):
+        for piece in _pieces(rows, width):
+            # pack(*piece), not pack_into(out, offset, *piece): a call with arguments before
+            # the starred ones builds a list of them all first (LIST_EXTEND), then its tuple;
+            # a piece's bytes are copied in as they come (their list joined was the
+            # array twice over)
+            packed = _packer(len(piece), code).pack(*piece)
+            into[offset:offset + len(packed)] = packed
+            offset += len(packed)
+    except (struct.error, TypeError, OverflowError):
         return None
-    # A 0 or 1 (what a boolean reads as; a value that only rounded to one goes there too:
-    # it reads it all the same) is looked for in the values' bytes, three substring
-    # searches at memory speed: numpy's (arr == 0) | (arr == 1) was four ufunc calls,
-    # ~25,000 instructions on 128 numbers (a third of this function). A match across two
-    # items' bytes (only a zero or subnormal's top byte is 0) just sends the row there too.
-    raw = values.tobytes()
-    zero, negative_zero, one = _ZERO_ONE_BYTES[code]
-    if zero in raw or negative_zero in raw or one in raw:
+    finally:
+        into.release()
+    # booleans read as 0 and 1: the lists' types are looked at only where such values are
+    if _zero_or_one(out, code) and _has_bools(data, len(shape)):
         return None
-    return np.frombuffer(values, dtype)
+    if (out.max() >= _INT64_PAST or out.min() <= -_INT64_PAST) and int in _leaf_types(data, len(shape)):
+        return None
+    return out.reshape(shape)
 
 
 def _bfloat16_from_bytes(raw: bytes) -> np.ndarray:
