@@ -729,6 +729,25 @@ def _pieces(rows: list[list[Any]], width: int) -> Iterator[list[Any]]:
         yield piece
 
 
+def _packed(rows: list[list[Any]], width: int, count: int, code: str, dtype: np.dtype) -> np.ndarray:
+    """Leaf rows packed into one new array, a piece at a time (struct.error where a value
+    is no number)."""
+    out = np.empty(count, dtype)
+    into, offset = memoryview(out).cast("B"), 0
+    try:
+        for piece in _pieces(rows, width):
+            # pack(*piece), not pack_into(out, offset, *piece): a call with arguments before
+            # the starred ones builds a list of them all first (LIST_EXTEND), then its tuple;
+            # a piece's bytes are copied in as they come (their list joined was the array
+            # twice over)
+            packed = _packer(len(piece), code).pack(*piece)
+            into[offset:offset + len(packed)] = packed
+            offset += len(packed)
+    finally:
+        into.release()
+    return out
+
+
 def _zero_or_one(values: np.ndarray, code: str) -> bool:
     """Whether a 0, -0.0 or 1 (what a boolean reads as; a value that only rounded to one is
     looked at too) may be among ``values`` (1-D). A few numbers: three substring searches
@@ -784,21 +803,13 @@ def _flat_floats(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarra
     count = len(rows) * width
     if count > limits.max_elements:
         return None
-    out = np.empty(count, dtype)
-    into, offset = memoryview(out).cast("B"), 0
     try:
-        for piece in _pieces(rows, width):
-            # pack(*piece), not pack_into(out, offset, *piece): a call with arguments before
-            # the starred ones builds a list of them all first (LIST_EXTEND), then its tuple;
-            # a piece's bytes are copied in as they come (their list joined was the
-            # array twice over)
-            packed = _packer(len(piece), code).pack(*piece)
-            into[offset:offset + len(packed)] = packed
-            offset += len(packed)
+        if len(rows) == 1 and count <= _PACK_ITEMS:  # a request's row: one call (a memoryview of the array cost more)
+            out = np.frombuffer(bytearray(_packer(count, code).pack(*rows[0])), dtype)
+        else:
+            out = _packed(rows, width, count, code, dtype)
     except (struct.error, TypeError, OverflowError):
         return None
-    finally:
-        into.release()
     # booleans read as 0 and 1: the lists' types are looked at only where such values are
     if _zero_or_one(out, code) and _has_bools(data, len(shape)):
         return None
