@@ -140,7 +140,7 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf.templ
 
 
 @pytest.fixture(scope="module")
-def nginx(gateway: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def nginx(gateway: str, page: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """nginx with deploy/nginx.conf.template's error pages, as they are (its upstream
     block wants nginx 1.27.3's ``resolve``): CPU's prefix passed to the services,
     ``/down/`` to a port nothing listens on (every replica gone), and a body limit of
@@ -149,10 +149,14 @@ def nginx(gateway: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if binary is None:
         pytest.skip("no nginx (apt-get install nginx-light)")
-    template = TEMPLATE.read_text()
-    # (its error pages and their locations: the lines before its own liveness location)
+    # (CORS_ORIGINS rendered in as the nginx image's envsubst does: the page's origin)
+    template = TEMPLATE.read_text().replace("${JACOBIAN_SERVICE_CORS_ORIGINS}", page)
+    # (its error pages and their locations: the lines before its own liveness location;
+    # the maps of the origins they answer, before its upstream)
     own = re.search(r"^( *error_page .*?)^ *# The gateway's own liveness", template, re.S | re.M)
     own = own.group(1) if own else ""
+    maps = re.search(r"^( *map .*?)^ *upstream jacobian_replicas", template, re.S | re.M)
+    maps = maps.group(1) if maps else ""
     folder = tmp_path_factory.mktemp("nginx")
     port = free_port()
     silent = socket.socket()  # a replica that takes the connection and never answers
@@ -164,6 +168,7 @@ daemon off; worker_processes 1; pid {folder}/nginx.pid; error_log {folder}/error
 events {{ worker_connections 64; }}
 http {{
   access_log off; {temp}
+{maps}
   server {{
     listen 127.0.0.1:{port};
     client_max_body_size 1m;

@@ -366,8 +366,10 @@ def test_nginx_conf_syntax():
     # resolve inside Compose's network: check the rest of the syntax with loopback peers.
     text = re.sub(r"\sresolve\s", " ", text)
     text = re.sub(r"server\s+jacobian[\w-]*:(\d+)", r"server 127.0.0.1:\1", text)
-    # What the nginx image's entrypoint substitutes from /etc/resolv.conf.
+    # What the nginx image's entrypoint substitutes from /etc/resolv.conf, and the
+    # replicas' CORS_ORIGINS (compose passes it to the gateway too).
     text = text.replace("${NGINX_LOCAL_RESOLVERS}", "127.0.0.1")
+    text = text.replace("${JACOBIAN_SERVICE_CORS_ORIGINS}", "https://app.example.org, http://localhost:5173/")
     return_code, output = _nginx_t(nginx, text)
     assert return_code == 0, output
 
@@ -771,8 +773,13 @@ def test_gateway_resolver_comes_from_the_containers_resolv_conf():
     # not match, and every ${...} placeholder must.
     pattern = re.compile(env["NGINX_ENVSUBST_FILTER"])
     placeholders = set(re.findall(r"\$\{(\w+)\}", code))
-    assert placeholders == {"NGINX_LOCAL_RESOLVERS"}
+    assert placeholders == {"NGINX_LOCAL_RESOLVERS", "JACOBIAN_SERVICE_CORS_ORIGINS"}
     assert all(pattern.search(p) for p in placeholders)
+    # Each placeholder but the entrypoint's own is set (an unset one stays as it is:
+    # nginx refuses to start on an unknown variable), the CORS list as the replicas get it.
+    given = _untag(_load_compose(COMPOSE, {"JACOBIAN_SERVICE_CORS_ORIGINS": "https://app.example.org"}))
+    assert {given["services"][name]["environment"]["JACOBIAN_SERVICE_CORS_ORIGINS"]
+            for name in ("gateway", *_servers(given))} == {"https://app.example.org"}
     nginx_vars = set(re.findall(r"\$(\w+)", code)) - placeholders
     assert nginx_vars and not [v for v in nginx_vars if pattern.search(v)]
 
