@@ -271,22 +271,37 @@ class _Room:
     included, for 4 s. An ``.npz`` counted its inputs' members against the same 64 as well
     (a function of 40 input arrays: its jvp's 40 tangents a 413 there, 200 in JSON)."""
 
-    __slots__ = ("left", "most")
+    __slots__ = ("inputs", "left", "most")
 
-    def __init__(self, most: int) -> None:
+    def __init__(self, most: int, inputs: int) -> None:
         self.most = self.left = most
+        self.inputs = inputs
 
     @classmethod
     def of(cls, spec: FunctionSpec, limits: wire.Limits) -> _Room:
-        return cls(max(limits.max_members, len(spec.leaf_inputs)))
+        return cls(max(limits.max_members, len(spec.leaf_inputs)), len(spec.leaf_inputs))
 
     def take(self, key: str, count: int = 1) -> None:
         self.left -= count
         if self.left < 0:
             raise PayloadTooLarge(
                 f"{key} hold more than {self.most} arrays (an empty object counts as one); the limit is {self.most} "
-                "(MAX_NPZ_MEMBERS, or the function's input arrays where more; an output with more arrays than that "
-                "needs MAX_NPZ_MEMBERS raised for its vjp)", fields={"field": key, "limit": self.most})
+                f"(MAX_NPZ_MEMBERS, or the function's input arrays where more): {_room_advice([key], self.inputs)}",
+                fields={"field": key, "limit": self.most})
+
+
+def _room_advice(keys: list[str], inputs: int) -> str:
+    """What to do about vectors past their room, for each key sent: tangents are shaped
+    like the inputs, so past the room they are more than the function has (raising
+    MAX_NPZ_MEMBERS would not make them fit); cotangents like the output, which may have
+    more arrays than that. (The tangents' 413 said the vjp's advice, the only one.)"""
+    advice = {
+        "tangents": f"tangents are shaped like the inputs, one array for each of the function's {inputs} input "
+                    f"array{'s' if inputs != 1 else ''}",
+        "cotangents": "cotangents are shaped like the output, one array for each of its arrays: an output with more "
+                      "arrays than that needs MAX_NPZ_MEMBERS raised",
+    }
+    return "; ".join(advice[key] for key in keys)
 
 
 def _vector_tree(obj: Any, limits: wire.Limits, path: str, room: _Room) -> Any:
@@ -601,8 +616,8 @@ def parse_call(
                 raise PayloadTooLarge(
                     f".npz has more than {most} members: the function's {len(spec.leaf_inputs)} input arrays and "
                     f"{room} arrays of {' and of '.join(keys)}; the limit is {room} arrays of each (MAX_NPZ_MEMBERS, "
-                    "or the function's input arrays where more; an output with more arrays than that needs "
-                    "MAX_NPZ_MEMBERS raised for its vjp)", fields={"field": keys[0], "limit": room}) from None
+                    f"or the function's input arrays where more): {_room_advice(keys, len(spec.leaf_inputs))}",
+                    fields={"field": keys[0], "limit": room}) from None
             for key in keys:
                 _Room.of(spec, limits).take(key, sum(1 for m in members if _of_key(m, key)))
             if len(members) > limits.max_members and len(members) - sum(
