@@ -253,11 +253,27 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
         if not dense_streamed:
             nbytes = _result_nbytes(call, _shape(call, pattern), pattern.nnz, engine.wire_itemsize(like.dtype))
             engine.check_result_size(call, nbytes, _remedy(call))
+    aux = box.restore(res.aux)
+    half = _half_meta(call, res.output, aux)  # (of the tensors, before they go to the host)
     output = engine.host(res.output) if call.return_output else None
-    aux = engine.host(box.restore(res.aux))
+    aux = engine.host(aux)
     meta = _meta(call, pattern, coloring, cached)
     matrix = res.matrix if dense_streamed else _formatted(call, res.matrix)
-    return Result(matrix, aux, call.spec.has_aux, output, res.chunk_size, res.mode, meta)
+    return Result(matrix, aux, call.spec.has_aux, output, res.chunk_size, res.mode, meta, batch_meta=half)
+
+
+def _half_meta(call: Call, output: Any, aux: Any) -> dict[str, list[bool]] | None:
+    """A sparse result's ``meta.bfloat16`` (one flag: one matrix), ``output_bfloat16`` and
+    ``aux_bfloat16``, as a dense answer's (engine.core.derivative_half_meta). The matrix
+    is float32 whatever its values were computed in (scipy.sparse holds no bfloat16): it
+    was unflagged, so a bfloat16 function's sparse Jacobian could not be told from a
+    float32 one's. Its values are bfloat16 where jacrev's (the dense answer's, whatever
+    the mode) are: every differentiated input bfloat16 (a Hessian's too); with a float32
+    one beside it, the concatenated values are float32, as torch.cat promotes them."""
+    from .core import derivative_half_meta
+
+    flags = [all(call.dtypes[i] == "bfloat16" for i in call.argnums)]
+    return derivative_half_meta(call, None, output, aux, flags)
 
 
 def streamed_rows(engine: Any, call: Call, stream_threshold: int, kind: str) -> Result | Any:
@@ -280,7 +296,7 @@ def streamed_rows(engine: Any, call: Call, stream_threshold: int, kind: str) -> 
     # within its room for this stream.
     chunk = room_rows(call, SPARSE_CHUNK_BYTES, n * dtype.itemsize, m)
     rows = (csr[s : s + chunk].toarray().astype(dtype, copy=False) for s in range(0, m, chunk))
-    return Streamed((m, n), dtype, chunk, rows)
+    return Streamed((m, n), dtype, chunk, rows, result.batch_meta)
 
 
 def _formatted(call: Call, matrix: Any) -> Any:
@@ -395,12 +411,14 @@ def run_batch(engine: Any, kind: str, calls: list[Call]) -> list[Result | Servic
     # alone (the function is not marked unbatchable: its dense batches have their own check)
     except (PatternMismatch, ProvenWrong, VmapDisagrees):
         return each_alone()
+    half = _half_meta(first, out, aux)  # (as sent: the same dtypes at every point)
     out, aux = engine.host(out), engine.host(aux)
     meta = _meta(first, pattern, coloring, cached)
     mode = coloring.mode
     return [
         Result(_formatted(call, matrices[i]), _batched.take(aux, i), call.spec.has_aux,
-               _batched.take(out, i) if call.return_output else None, chunk, mode, dict(meta))
+               _batched.take(out, i) if call.return_output else None, chunk, mode, dict(meta),
+               batch_meta=None if half is None else {k: list(v) for k, v in half.items()})
         for i, call in enumerate(calls)
     ]
 
