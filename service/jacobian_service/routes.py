@@ -794,7 +794,7 @@ def _stream_meta_headers(head: StreamHead, info: JobInfo) -> dict[str, str]:
     """What a stream's head says of its meta: what is known before its rows are computed
     (responses.META_HEADERS; the same values its JSON meta gives), with the engine's
     bfloat16 flags for it (``StreamHead.meta``: engine.core.derivative_half_meta, as a
-    gathered answer's; a sparse result's dense form leaves them unsaid)."""
+    gathered answer's; a sparse result's dense form too: engine.sparse._half_meta)."""
     return meta_headers({"device": info.device, "chunk_size": head.chunk_size, "batch_size": info.batch_size,
                          "queue_ms": round(info.queue_s * 1e3, 3), **(head.meta or {})})
 
