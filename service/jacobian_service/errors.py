@@ -37,7 +37,6 @@ more arrays than a body may carry: ``field``, ``limit``).
 
 from __future__ import annotations
 
-import ctypes
 import signal
 import threading
 from typing import Any
@@ -194,60 +193,29 @@ def _builtin_words(exc: BaseException) -> bool:
 
 
 def _timed_words(exc: BaseException) -> str:
-    """``str(exc)`` where it runs user code, cut past ``_WORDS_WITHIN_S`` (and every 50 ms
-    after, should the __str__ catch the first) two ways. A watchdog thread raises into
-    this thread (PyThreadState_SetAsyncExc, taken at its next bytecode): no signal state
-    of the user's can stop it. A __str__ that set its own SIGALRM handler or cancelled
-    the timer (signal.alarm(0)) ran for as long as it liked, and where a handler or timer
-    was set before (a function's own, or the in-process layout's host) the words were not
-    bounded at all. Where this thread can take a signal and no one else uses the timer,
-    a SIGALRM timer too, which also wakes a __str__ blocked in a C call (time.sleep)."""
-    use_timer = (threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
-                 and signal.getsignal(signal.SIGALRM) is signal.SIG_DFL and not any(signal.getitimer(signal.ITIMER_REAL)))
+    """``str(exc)`` where it runs user code: cut by a SIGALRM timer past ``_WORDS_WITHIN_S``
+    (and every 50 ms after, should the __str__ catch the first), where this thread can
+    take a signal and no one else uses the timer (the in-process layout's host may);
+    else as it comes."""
+    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
+            or signal.getsignal(signal.SIGALRM) is not signal.SIG_DFL or any(signal.getitimer(signal.ITIMER_REAL))):
+        return str(exc)
     armed = [True]
-    lock = threading.Lock()
-    done = threading.Event()
-    target = threading.get_ident()
 
     def cut(signum: int, frame: Any) -> None:
         if armed[0]:
             raise _WordsTooSlow
 
-    def watch() -> None:
-        wait = _WORDS_WITHIN_S
-        while not done.wait(wait):
-            with lock:  # never after the words came: armed is cleared under this lock
-                if armed[0]:
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(_WordsTooSlow))
-            wait = 0.05
-
-    watcher = threading.Thread(target=watch, name="jacobian-words-watch", daemon=True)
-    if use_timer:
-        signal.signal(signal.SIGALRM, cut)
+    signal.signal(signal.SIGALRM, cut)
     try:
+        signal.setitimer(signal.ITIMER_REAL, _WORDS_WITHIN_S, 0.05)
         try:
-            watcher.start()
-            if use_timer:
-                signal.setitimer(signal.ITIMER_REAL, _WORDS_WITHIN_S, 0.05)
             text = str(exc)
         finally:
-            while True:  # (one may be taken here yet: then again, till the watch is disarmed)
-                try:
-                    with lock:
-                        armed[0] = False
-                        # one raised into this thread but not yet taken is withdrawn
-                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None)
-                    break
-                except _WordsTooSlow:
-                    continue
-            done.set()
-            if use_timer:
-                signal.setitimer(signal.ITIMER_REAL, 0.0)
-            if watcher.is_alive():
-                watcher.join()
+            armed[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0.0)
     finally:
-        if use_timer:
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
     return text
 
 
