@@ -234,6 +234,7 @@ class RemoteObjective:
         point = self._x_shape(cols[:, 0]) if k else (n,)
         inputs, at = self._placed(np.ascontiguousarray(cols.T).reshape((k, *point)), args)
         in_dims = [0 if i == at else None for i in range(len(inputs))]
+        mapped: dict[int, int] = {}
         for i in self.per_column:
             # solve_bvp's mesh beside y: one value per column, mapped with them. Held shared
             # (in_dims None), the (m,) mesh was refused for a per-point t of shape (); a
@@ -242,6 +243,13 @@ class RemoteObjective:
             if not 0 <= j < len(inputs) or j == at:
                 raise ValueError(f"remote_objective({self.name!r}): per_column={self.per_column!r} names input {i}, "
                                  f"which is {'x itself' if j == at else 'no input'} ({len(inputs)} inputs, x at {at})")
+            if j in mapped:
+                # (1, 1) or (1, -1) of two inputs: the input was moved a second time, its
+                # columns' axis put back where it was; a square (k, k) input so went with
+                # each column's row in place of its column, silently
+                raise ValueError(f"remote_objective({self.name!r}): per_column={self.per_column!r} names input {j} "
+                                 f"twice ({mapped[j]} and {i})")
+            mapped[j] = i
             held = np.asarray(inputs[j])
             if held.ndim == 0:  # solve_ivp's t: one for every column
                 continue

@@ -1775,6 +1775,12 @@ def _to_matrix(fmt: str, shape: tuple[int, int], arrays: dict[str, np.ndarray], 
             if as_scipy:
                 raise
     if sparse is not None:
+        if arrays["data"].dtype == np.float16:
+            # scipy.sparse holds no float16 (the service sends float32 for it: see
+            # engine.sparse): coo_array raised scipy's ValueError out of the SDK's reader,
+            # and csr_array/csc_array built a matrix whose toarray() and products raise.
+            # float16 -> float32 is exact.
+            arrays = {**arrays, "data": arrays["data"].astype(np.float32)}
         if fmt in ("csr", "csc"):
             make = sparse.csr_array if fmt == "csr" else sparse.csc_array
             return make((arrays["data"], arrays["indices"], arrays["indptr"]), shape=shape)
