@@ -450,8 +450,9 @@ def _load() -> str:
     from .engine import core, descriptor_watch, devices, memory_watch, namespaces, strays  # noqa: F401
     from .engine.sparse import preload
 
-    # Sparse requests' imports (scipy.sparse, the tracer, the colourings): ~0.7 s of every
-    # engine's warm-up when each engine made them, once per serve here.
+    # Sparse requests' imports (scipy.sparse, the tracer, the colourings): made by each
+    # engine's warm-up, a forked engine's start took 0.61 CPU-s, 0.39 with them made here
+    # once per serve (python -m bench.engine_start).
     preload()
 
     # (No gc.freeze() here, though it would keep more pages shared: frozen objects are out

@@ -83,6 +83,8 @@ def library_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
     if _LIBRARIES is None:
         _LIBRARIES = _library_dirs()
     return _LIBRARIES
+
+
 # Installed packages (the user's own among them): a system Python keeps them under the
 # standard library's folder (/usr/lib/python3/dist-packages, .../python3.11/site-packages).
 _INSTALLED = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
