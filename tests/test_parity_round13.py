@@ -237,7 +237,7 @@ def test_a_hessian_torch_has_no_forward_rule_for_is_reverse_over_reverse(c):
     want = f.jacrev(f.jacrev(op.fn, argnums=(0, 1), chunk_size=1), argnums=(0, 1), chunk_size=1)(*t(xs))
     got, doc = answer(post(c, "op_grid_sample", "hessian", xs, argnums=[0, 1]), "hessian")
     same(got, want, rtol=1e-9)
-    assert doc["meta"]["mode"] == "jacrev_jacrev"
+    assert doc["meta"]["mode"] in ("jacrev_jacrev", "jacrev_rows")  # reverse over reverse, whole or by rows
 
 
 def test_per_example_hessian_of_a_solve_is_each_examples(c):
