@@ -78,3 +78,112 @@ def test_plain_hessians_of_a_vector_output_measure_rows(name, monkeypatch):
             np.testing.assert_allclose(np.asarray(g_), w.numpy(), rtol=1e-12, atol=1e-14)
     # the second ran the strategy kept, alone (no measuring)
     assert ran[-1] == "jacrev_rows" and ran.count("jacrev_rows") == 3, ran
+
+
+# ---------------------------------------------------------------------------------------
+# (3) An integer input's JSON number whose text is not a whole number while its double is:
+# ``1.0000000000000000001`` (rounds to 1.0), ``1e-400`` (below the smallest double: 0.0).
+# They were taken as 1 and 0 (a 200, computed with them), where ``1.5`` is a 422: orjson
+# keeps no text, and the check looked at the double. Now such a body is read again, each
+# float with its text (only where an integer array holds floats), and refused alike.
+
+import json  # noqa: E402
+
+from jacobian_client import wire  # noqa: E402
+from jacobian_service.errors import InvalidInput  # noqa: E402
+from jacobian_service.parsing import parse_call  # noqa: E402
+
+from . import gaps1_functions  # noqa: E402
+from .conftest import ready_app  # noqa: E402
+
+SPEC = next(s for s in gaps1_functions.__jacobian_functions__ if s.name == "int_widths")
+SLOTS = ["i64", "i32", "i16", "u8"]
+FINE = {"i64": "1", "i32": "2", "i16": "3", "u8": "4", "flag": "true"}
+
+
+def _body(**texts: str) -> bytes:
+    """int_widths' JSON body with these inputs' number texts (others FINE), as written."""
+    given = {**FINE, **texts}
+    return ('{"inputs": [[0.5, -1.25], %s]}' % ", ".join(given[k] for k in ("i64", "i32", "i16", "u8", "flag"))).encode()
+
+
+def _parse(body: bytes):
+    return parse_call(SPEC, "evaluate", wire.JSON, body, {}, wire.Limits())
+
+
+NOT_WHOLE = {  # text: its double, which is a whole number
+    "1.0000000000000000001": 1.0, "0.99999999999999999999": 1.0, "1e-400": 0.0, "-1e-400": -0.0,
+    "2.00000000000000000001e1": 20.0, "1e-99999999999999999999999999": 0.0, "7.0000000000000000001E0": 7.0,
+}
+WHOLE = {  # text: the integer it is
+    "1e2": 100, "-0": 0, "-0.0": 0, "2.50e1": 25, "3.0000000000000000000000": 3, "0.0e-999": 0, "1E+0": 1,
+    "100e-2": 1, "1200.00e-2": 12, "0e99999999999999999999999999": 0,
+}
+
+
+@pytest.mark.parametrize("slot", SLOTS)
+@pytest.mark.parametrize("text", sorted(NOT_WHOLE))
+def test_a_float_text_that_is_not_whole_is_refused_for_every_integer_width(slot, text):
+    if slot == "u8" and text.startswith("-"):
+        text = text[1:]
+    dtype = {"i64": "int64", "i32": "int32", "i16": "int16", "u8": "uint8"}[slot]
+    with pytest.raises(InvalidInput) as raised:
+        _parse(_body(**{slot: text}))
+    assert raised.value.detail == (f"array data holds {text}, not a whole number (its nearest double is "
+                                   f"{NOT_WHOLE.get(text, NOT_WHOLE.get('-' + text))!r}); {dtype} takes whole numbers")
+
+
+@pytest.mark.parametrize("text", sorted(WHOLE))
+def test_a_float_text_that_is_whole_is_that_integer(text):
+    call = _parse(_body(i64=text, i32=text.lstrip("-"), u8=text.lstrip("-")))
+    assert [int(a) for a in call.args[1:5]] == [WHOLE[text], WHOLE[text], 3, WHOLE[text]]
+    assert [a.dtype.name for a in call.args[1:5]] == ["int64", "int32", "int16", "uint8"]
+
+
+def test_texts_in_lists_beside_integers_and_past_2_53_and_sent_dtypes():
+    """The class wherever an integer array's data goes: beside exact integers, beside one
+    past 2^53 (read one by one), in an array object naming its dtype (for a float input
+    too), in cotangents and tangents; a float input takes the double, as before."""
+    spec = FunctionSpec("rows", lambda x: x, (Input("k", shape=("n",), dtype="int64"),))
+    for data, bad in (("[1, 2.0, 1.0000000000000000001]", "1.0000000000000000001"),
+                      ("[9007199254740993, 1e-400]", "1e-400")):
+        with pytest.raises(InvalidInput, match=f"^array data holds {bad}, not a whole number"):
+            parse_call(spec, "evaluate", wire.JSON, b'{"inputs": [%s]}' % data.encode(), {}, wire.Limits())
+    assert parse_call(spec, "evaluate", wire.JSON, b'{"inputs": [[9007199254740993, 1e1, -0.0]]}', {},
+                      wire.Limits()).args[0].tolist() == [9007199254740993, 10, 0]
+    floats = FunctionSpec("f", lambda x: x, (Input("x", shape=("n",), dtype="float64"),))
+    with pytest.raises(InvalidInput, match="^array data holds 1e-400, not a whole number"):
+        parse_call(floats, "evaluate", wire.JSON, b'{"inputs": [{"dtype": "int32", "shape": [2], "data": [1, 1e-400]}]}',
+                   {}, wire.Limits())
+    with pytest.raises(InvalidInput, match="^cotangents: array data holds 1.0000000000000000001, not a whole"):
+        parse_call(floats, "vjp", wire.JSON, b'{"inputs": [[1.0]], "cotangents": {"dtype": "int64", "shape": [1], '
+                   b'"data": [1.0000000000000000001]}}', {}, wire.Limits())
+    assert parse_call(floats, "evaluate", wire.JSON, b'{"inputs": [[1.0000000000000000001, 1e-400]]}', {},
+                      wire.Limits()).args[0].tolist() == [1.0, 0.0]
+    # bool inputs take no floats at all (unchanged): the same words for both texts
+    for text in ("1.0", "1.0000000000000000001"):
+        with pytest.raises(InvalidInput, match=r"^bool arrays take true/false \(or 0/1\)$"):
+            _parse(_body(flag=text))
+
+
+@pytest.fixture(scope="module")
+def app():
+    with ready_app("jacobian_service.examples,tests.gaps1_functions") as c:
+        yield c
+
+
+def test_the_service_answers_422_for_them_and_computes_with_whole_ones(app):
+    """Over HTTP: the problem+json 422, and a whole float text computed with its integer
+    (x * (100 + 2 + 3 + 4 + 1), in-process torch's)."""
+    r = app.post("/v1/functions/int_widths/evaluate", content=_body(i64="1.0000000000000000001"),
+                 headers={"content-type": wire.JSON})
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
+    problem = r.json()
+    assert problem["code"] == "invalid_input" and problem["detail"] == (
+        "array data holds 1.0000000000000000001, not a whole number (its nearest double is 1.0); int64 takes whole "
+        "numbers"), problem
+    r = app.post("/v1/functions/int_widths/evaluate", content=_body(i64="1e2"), headers={"content-type": wire.JSON})
+    assert r.status_code == 200, r.text
+    want = gaps1_functions.int_widths(torch.tensor([0.5, -1.25], dtype=torch.float64), *map(torch.tensor, (
+        100, 2, 3, 4, True)))
+    np.testing.assert_array_equal(np.asarray(json.loads(r.content)["output"]["data"]), want.numpy())

@@ -60,6 +60,7 @@ __all__ = [
     "CAPABILITIES",
     "COMPLEX_DTYPES",
     "DTYPES",
+    "FloatTexts",
     "JSON",
     "NO_FORWARD_AD_WORDS",
     "NPY",
@@ -221,6 +222,11 @@ class Limits:
     # the service's for cotangents; its other request readers leave it off, as the
     # service computes on real inputs
     complex: bool = False
+    # An integer array's data holding floats read without their texts (orjson's parse)
+    # raises FloatTexts, for a reader that can read the body again with them
+    # (loads(float_texts=True)): the service's request parser. Off, such floats are
+    # judged by their doubles alone, as before.
+    float_texts: bool = False
 
 
 # --------------------------------------------------------------------------- JSON
@@ -379,7 +385,8 @@ def too_deep(limit: int) -> WireError:
     return WireError(f"JSON nested deeper than {min(limit, READER_MAX_DEPTH)} levels")
 
 
-def loads(body: bytes | str, exact_integers: bool = False, max_depth: int | None = None) -> Any:
+def loads(body: bytes | str, exact_integers: bool = False, max_depth: int | None = None,
+          float_texts: bool = False) -> Any:
     """JSON -> Python. Bare ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's
     ``json.dumps``, and so ``requests.post(json=...)``, writes) are read as the strings
     ``"NaN"``, ``"Infinity"``, ``"-Infinity"``, which array data already accepts; so is a
@@ -394,7 +401,18 @@ def loads(body: bytes | str, exact_integers: bool = False, max_depth: int | None
     nesting a caller refuses past (:func:`check_depth`), named in the refusal of a body
     nested past orjson's own limit as well: the service said "JSON nested deeper than 64
     levels" of a body 100 deep, and "unreadable JSON: depth limit exceeded: line 1
-    column 1026" of one 1,025 deep, the same limit in other words."""
+    column 1026" of one 1,025 deep, the same limit in other words. ``float_texts``: read
+    by Python's json, integers exact, each float whose double is a whole number that its
+    text is not (``1.0000000000000000001``, ``1e-400``) a :class:`_NotWhole` holding the
+    text, for an integer array to refuse (:class:`FloatTexts`: only a body already read
+    once, whose integer array holds floats, is read so)."""
+    if float_texts:
+        if not isinstance(body, (bytes, bytearray, str)):
+            body = bytes(body)
+        try:
+            return json.loads(body, parse_constant=str, parse_float=_float_of_text)
+        except Exception:  # noqa: BLE001  (nesting past Python's recursion limit: read as before)
+            pass
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -572,7 +590,66 @@ def _number(value: Any, dtype: np.dtype | None) -> Any:
 _EXACT_IN_FLOAT64 = 2.0**53
 
 
-def _integers_one_by_one(data: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+class FloatTexts(Exception):
+    """An integer array's data holds floats read without their texts (see
+    ``Limits.float_texts``): whether each is the whole number its double is can only be
+    told from its text, so the body is to be read again with them (``loads(...,
+    float_texts=True)``). Not a WireError: no refusal, a request to read again."""
+
+
+class _NotWhole(float):
+    """A JSON number whose double is a whole number while its text is not one:
+    ``1.0000000000000000001`` (17 significant digits and more round to 1.0),
+    ``1e-400`` (below the smallest double: 0.0). Read as the double, an int64 input took
+    1 and 0, silently, where ``1.5`` is a 422 (:func:`_whole_texts`)."""
+
+    text = ""
+
+
+def _float_of_text(text: str) -> float:
+    """``float(text)``, or a :class:`_NotWhole` where that is a whole number and the
+    text's exact decimal value is not (Python's json: ``parse_float``)."""
+    v = float(text)
+    if not math.isfinite(v) or v != math.trunc(v) or _is_whole_text(text):
+        return v
+    marked = _NotWhole(v)
+    marked.text = text if len(text) <= 40 else text[:37] + "..."
+    return marked
+
+
+def _is_whole_text(text: str) -> bool:
+    """Whether a JSON number's text (``-?int(.frac)?([eE][+-]?exp)?``) is exactly a whole
+    number, from its digits: its value is digits x 10^(exp - len(frac)), whole where the
+    exponent is not negative or the digits end in as many zeros as it takes away."""
+    mantissa, _, exp = text.lower().partition("e")
+    whole, _, frac = mantissa.lstrip("-").partition(".")
+    digits = whole + frac
+    if not digits.strip("0"):
+        return True  # zero, however written (-0.0, 0e-999)
+    shown = exp.lstrip("+-").lstrip("0")
+    if len(shown) > 18:  # an exponent past any number of digits a body can hold
+        return not exp.startswith("-")
+    shift = (int(exp) if exp else 0) - len(frac)
+    return shift >= 0 or len(digits) - len(digits.rstrip("0")) >= -shift
+
+
+def _whole_texts(data: Any, ndim: int, dtype: np.dtype, limits: Limits) -> None:
+    """An integer array's data that holds floats, each a whole number by its double:
+    refused where one's text is not a whole number (:class:`_NotWhole`); where the floats
+    were read without their texts and the reader can read them again, FloatTexts."""
+    types = _leaf_types(data, ndim)
+    if _NotWhole in types:
+        leaves: Any = [data]
+        for _ in range(ndim):
+            leaves = itertools.chain.from_iterable(leaves)
+        bad = next(v for v in leaves if v.__class__ is _NotWhole)
+        raise WireError(f"array data holds {bad.text}, not a whole number (its nearest double is {float(bad)!r}); "
+                        f"{dtype} takes whole numbers", "invalid_input")
+    if float in types and limits.float_texts:
+        raise FloatTexts()
+
+
+def _integers_one_by_one(data: Any, shape: tuple[int, ...], dtype: np.dtype, limits: Limits) -> np.ndarray:
     """An integer array's data that numpy read as float64 with a value past 2^53, read
     number by number: a JSON integer exactly (``[9007199254740993, 1.0]`` had become
     ...992 through numpy's float64, silently), a float past 2^53 refused. A float there
@@ -602,6 +679,7 @@ def _integers_one_by_one(data: Any, shape: tuple[int, ...], dtype: np.dtype) -> 
                                 "invalid_input")
             v = math.trunc(v)
         values.append(v)
+    _whole_texts(items, 1, dtype, limits)  # (each float whole by its double: by its text too)
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 
@@ -650,15 +728,17 @@ def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarr
             raise WireError("array data holds booleans; only bool arrays take true/false", "invalid_input")
     if want_bool and arr.dtype.kind != "b" and arr.size and not (arr.dtype.kind in "iu" and ((arr == 0) | (arr == 1)).all()):
         raise WireError("bool arrays take true/false (or 0/1)", "invalid_input")
-    if dtype is not None and dtype.kind in "iu" and arr.dtype.kind == "f" and arr.size and float not in _leaf_types(data, arr.ndim):
+    if (dtype is not None and dtype.kind in "iu" and arr.dtype.kind == "f" and arr.size
+            and not _leaf_types(data, arr.ndim) & {float, _NotWhole}):
         # numpy infers float64 for ints beyond int64 mixed with others: convert exactly
+        # (with no float among them: one read with its text, _NotWhole, is a float too)
         try:
             arr = np.asarray(data, dtype=dtype)
         except (ValueError, OverflowError):
             raise WireError(f"array data does not fit {dtype}", "invalid_input") from None
     if (dtype is not None and dtype.kind in "iu" and arr.dtype.kind == "f" and arr.size
             and bool(np.isfinite(arr).all()) and bool((np.abs(arr) >= _EXACT_IN_FLOAT64).any())):
-        return _integers_one_by_one(data, arr.shape, dtype)
+        return _integers_one_by_one(data, arr.shape, dtype, limits)
     if dtype is not None and dtype.kind in "iu" and arr.dtype.kind in "iuf" and arr.size:
         info = np.iinfo(dtype)
         if arr.dtype.kind == "f":
@@ -677,6 +757,8 @@ def _from_numbers(data: Any, dtype: np.dtype | None, limits: Limits) -> np.ndarr
             bad = float(arr.flat[np.flatnonzero(arr != np.trunc(arr))[0]])
             raise WireError(f"array data holds {bad!r}, not a whole number; {dtype} takes whole numbers",
                             "invalid_input")
+        if arr.dtype.kind == "f":  # whole by their doubles: by their texts too
+            _whole_texts(data, arr.ndim, dtype, limits)
     if dtype is not None and arr.dtype != dtype:
         with np.errstate(over="ignore", invalid="ignore"):  # 1e300 as float32 is inf, as numpy casts it
             try:

@@ -545,6 +545,44 @@ def _names_integer_dtype(doc: Any) -> bool:
     return False
 
 
+def _json_parts(spec: FunctionSpec, kind: Kind, doc: dict[str, Any], raw_options: dict[str, Any],
+                limits: wire.Limits) -> tuple[list[tuple[np.ndarray, str]], Any, Any]:
+    """A JSON body's inputs (arrays and the dtypes sent), vectors and optional vectors;
+    its options go into ``raw_options`` (beside the query's)."""
+    vector_key = _VECTOR_KEY.get(kind)
+    extra_key = OPTIONAL_VECTORS.get(kind)
+    vectors: Any = None
+    extra: Any = None
+    if "inputs" not in doc:
+        raise InvalidInput("the body has no 'inputs'")
+    given = doc.pop("inputs")
+    if vector_key:
+        if vector_key not in doc:
+            raise InvalidInput(f"{kind} needs '{vector_key}'")
+        room = _Room.of(spec, limits)
+        vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), _vector_limits(vector_key, limits),
+                                               vector_key, room))
+    if extra_key and extra_key in doc:
+        extra = _engine_vectors(_vector_tree(doc.pop(extra_key), _vector_limits(extra_key, limits), extra_key,
+                                             _Room.of(spec, limits)))
+    both = sorted(set(doc) & set(raw_options))
+    if both:  # which one was meant? (the body's won, silently)
+        raise InvalidInput(f"options {both} are given in both the query string and the body; give each once")
+    raw_options.update(doc)
+    if isinstance(given, dict):
+        given = _by_name(spec, given)
+    elif not isinstance(given, list):
+        raise InvalidInput("'inputs' must be a list (positional) or an object (by name)")
+    elif len(given) != len(spec.inputs):
+        raise InvalidInput(_arity(spec, given))
+    arrays = [
+        leaf
+        for obj, inp in zip(given, spec.inputs)
+        for leaf in inp.match(obj, lambda value, leaf: _decode(value, leaf.default_dtype, limits))
+    ]
+    return arrays, vectors, extra
+
+
 def parse_call(
     spec: FunctionSpec,
     kind: Kind,
@@ -572,33 +610,18 @@ def parse_call(
                 raise InvalidInput("the body must be a JSON object with an 'inputs' member")
             if not spec.takes_integers and members > len(doc) and _names_integer_dtype(doc):
                 doc = wire.loads(body, exact_integers=True, max_depth=limits.max_json_depth)  # (rare: read again, its integers exact)
-            if "inputs" not in doc:
-                raise InvalidInput("the body has no 'inputs'")
-            given = doc.pop("inputs")
-            if vector_key:
-                if vector_key not in doc:
-                    raise InvalidInput(f"{kind} needs '{vector_key}'")
-                room = _Room.of(spec, limits)
-                vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), _vector_limits(vector_key, limits),
-                                                       vector_key, room))
-            if extra_key and extra_key in doc:
-                extra = _engine_vectors(_vector_tree(doc.pop(extra_key), _vector_limits(extra_key, limits), extra_key,
-                                                     _Room.of(spec, limits)))
-            both = sorted(set(doc) & set(raw_options))
-            if both:  # which one was meant? (the body's won, silently)
-                raise InvalidInput(f"options {both} are given in both the query string and the body; give each once")
-            raw_options.update(doc)
-            if isinstance(given, dict):
-                given = _by_name(spec, given)
-            elif not isinstance(given, list):
-                raise InvalidInput("'inputs' must be a list (positional) or an object (by name)")
-            elif len(given) != len(spec.inputs):
-                raise InvalidInput(_arity(spec, given))
-            arrays = [
-                leaf
-                for obj, inp in zip(given, spec.inputs)
-                for leaf in inp.match(obj, lambda value, leaf: _decode(value, leaf.default_dtype, limits))
-            ]
+            query_options = dict(raw_options)
+            try:
+                arrays, vectors, extra = _json_parts(spec, kind, doc, raw_options,
+                                                     dataclasses.replace(limits, float_texts=True))
+            except wire.FloatTexts:
+                # (rare: an integer array's data written as floats, each whole by its
+                # double) read again, each float with its text: 1.0000000000000000001 and
+                # 1e-400 are not the whole numbers 1 and 0 their doubles are, and an int64
+                # input computed with them, silently, where 1.5 is a 422 (wire._whole_texts)
+                doc = wire.loads(body, exact_integers=True, max_depth=limits.max_json_depth, float_texts=True)
+                raw_options = query_options
+                arrays, vectors, extra = _json_parts(spec, kind, doc, raw_options, limits)
         elif media_type == wire.NPY:
             _check_npy_carries(spec, kind)
             arr = wire.read_npy(body, limits)
