@@ -187,3 +187,74 @@ def test_the_service_answers_422_for_them_and_computes_with_whole_ones(app):
     want = gaps1_functions.int_widths(torch.tensor([0.5, -1.25], dtype=torch.float64), *map(torch.tensor, (
         100, 2, 3, 4, True)))
     np.testing.assert_array_equal(np.asarray(json.loads(r.content)["output"]["data"]), want.numpy())
+
+
+# ---------------------------------------------------------------------------------------
+# (2) A tuple of one array as .npy. SPEC 3.3: .npy "only when the result is a single array
+# ... otherwise 406 pointing at application/x-npz", and "a tuple is a JSON list": jacrev
+# with argnums=(0,) gives (J,), which the JSON and .npz answers keep (a list of one, a
+# jacobian/0.npy member) and the SDK reads as a tuple whatever the format. A bare .npy
+# would drop the tuple, so the refusal stays, on every endpoint whose result is shaped by
+# argnums; its words named jacrev's tuple for every kind (a Hessian's, a vjp's, an hvp's).
+
+import io  # noqa: E402
+
+X3 = [0.3, -0.7, 1.1]
+TUPLE_WORDS = {
+    "jacobian": "as jacrev gives it",
+    "hessian": "as torch.func.hessian gives it",
+    "vjp": "one per differentiated input, as torch.func.vjp's pullback gives them",
+    "hvp": "one per differentiated input, shaped like it",
+}
+EXTRA = {"jacobian": {}, "hessian": {}, "vjp": {"cotangents": X3}, "hvp": {"tangents": [X3]}}
+
+
+def _kind_post(app, kind: str, argnums, accept: str, query: str = ""):
+    name = "sum_sin" if kind == "hvp" else "sin"
+    body = {"inputs": [X3], **EXTRA[kind]}
+    if kind == "hvp" and argnums == 0:
+        body["tangents"] = X3
+    if argnums is not None:
+        body["argnums"] = argnums
+    return app.post(f"/v1/functions/{name}/{kind}{query}", content=json.dumps(body),
+                    headers={"content-type": wire.JSON, "accept": accept})
+
+
+@pytest.mark.parametrize("kind", sorted(TUPLE_WORDS))
+def test_a_tuple_of_one_as_npy_is_a_406_in_its_kinds_words(app, kind):
+    for argnums, query in (([0], ""), (["x"], ""), (None, "?argnums=0,")):
+        r = _kind_post(app, kind, argnums, wire.NPY, query)
+        assert r.status_code == 406 and r.headers["content-type"].startswith("application/problem+json"), r.text
+        assert r.json()["detail"] == (
+            "this result is not one bare array (argnums is a tuple, so the result is a tuple (of one array for one "
+            f"argnum, {TUPLE_WORDS[kind]}), which a bare .npy cannot say; give argnums as one int or name for one "
+            "array); ask for application/x-npz or application/json"), r.json()
+    # one int: the bare array; .npy preferred but JSON allowed: the tuple, as a list of one
+    bare = _kind_post(app, kind, 0, wire.NPY)
+    assert bare.status_code == 200 and bare.headers["content-type"] == wire.NPY, bare.text
+    listed = _kind_post(app, kind, [0], f"{wire.NPY}, {wire.JSON};q=0.5")
+    assert listed.status_code == 200 and listed.headers["content-type"].startswith(wire.JSON), listed.text
+    tree = json.loads(listed.content)[kind]
+    assert isinstance(tree, list) and len(tree) == 1
+    x = torch.tensor(X3)
+    want = {"jacobian": lambda: torch.func.jacrev(torch.sin, argnums=(0,))(x),
+            "hessian": lambda: torch.func.hessian(torch.sin, argnums=(0,))(x),
+            "vjp": lambda: torch.func.vjp(torch.sin, x)[1](x),
+            "hvp": lambda: (torch.func.jvp(torch.func.grad(lambda t: torch.sin(t).sum()), (x,), (x,))[1],)}[kind]()
+    if kind == "hessian":  # ((H,),): a tuple of tuples, nested as torch nests it
+        assert isinstance(want[0], tuple) and len(want[0]) == 1 and len(tree[0]) == 1
+        want, tree = want[0], tree[0]
+    np.testing.assert_allclose(np.load(io.BytesIO(bare.content)), want[0].numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(tree[0]["data"]), want[0].numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["evaluate", "jvp"])
+def test_output_shaped_answers_are_one_array_whatever_argnums(app, kind):
+    """An evaluate's or jvp's result is shaped like the output, not by argnums: one .npy."""
+    body = {"inputs": [X3], "argnums": [0], **({"tangents": [X3]} if kind == "jvp" else {})}
+    r = app.post(f"/v1/functions/sin/{kind}", content=json.dumps(body),
+                 headers={"content-type": wire.JSON, "accept": wire.NPY})
+    assert r.status_code == 200 and r.headers["content-type"] == wire.NPY, r.text
+    x = torch.tensor(X3)
+    want = torch.sin(x) if kind == "evaluate" else torch.cos(x) * x
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), want.numpy(), rtol=1e-6)

@@ -109,17 +109,29 @@ def choose(media: list[str], single_array: bool, why: str = "it has several arra
     raise NotAcceptable(f"this result is not one bare array ({why}); ask for {wire.NPZ} or {wire.JSON}")
 
 
-def not_one_array(has_aux: bool, return_output: bool, as_tuple: bool, tree_param: bool) -> str:
+# Whose tuple a tuple argnums' result is, by kind (not_one_array): every kind said
+# "as jacrev gives it", a Hessian's and a vjp's or hvp's too
+_TUPLE_OF = {"jacobian": "as jacrev gives it", "hessian": "as torch.func.hessian gives it",
+             "vjp": "one per differentiated input, as torch.func.vjp's pullback gives them",
+             "hvp": "one per differentiated input, shaped like it"}
+
+
+def not_one_array(has_aux: bool, return_output: bool, as_tuple: bool, tree_param: bool,
+                  kind: str = "jacobian") -> str:
     """What keeps a result from being one bare ``.npy``, in the request's terms. "It has
     several arrays" answered ``argnums=0,`` (a tuple of one Jacobian, as ``jacrev`` gives
-    for a one-element tuple ``argnums``): one array, in a tuple a bare .npy cannot say."""
+    for a one-element tuple ``argnums``): one array, in a tuple a bare .npy cannot say
+    (SPEC 3.3: a tuple is a JSON list; .npy only for a single array). The JSON and .npz
+    answers keep the tuple (a list of one, a ``jacobian/0.npy`` member), so the SDK reads
+    the same tuple whatever the format."""
     if has_aux:
         return "the function's aux comes beside it"
     if return_output:
         return "return_output puts the output beside it"
     if as_tuple:
-        return ("argnums is a tuple, so the result is a tuple (of one array for one argnum, as jacrev "
-                "gives it), which a bare .npy cannot say; give argnums as one int or name for one array")
+        return (f"argnums is a tuple, so the result is a tuple (of one array for one argnum, "
+                f"{_TUPLE_OF.get(kind, _TUPLE_OF['jacobian'])}), which a bare .npy cannot say; give argnums as one "
+                "int or name for one array")
     if tree_param:
         return "it is differentiated with respect to a pytree parameter: one array per leaf"
     return "it has several arrays: one per output leaf"

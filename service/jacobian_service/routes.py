@@ -325,7 +325,7 @@ def _why_not_one(call: Call, kind: str) -> str:
     a jvp's result is shaped like the output, whatever ``argnums``."""
     by_input = kind not in ("evaluate", "jvp")
     tree = by_input and any(call.spec.inputs[p].tree is not None for p in call.params)
-    return not_one_array(call.spec.has_aux, call.return_output, by_input and call.as_tuple, tree)
+    return not_one_array(call.spec.has_aux, call.return_output, by_input and call.as_tuple, tree, kind)
 
 
 async def derivative(request: Request, name: str, kind: str) -> Response:
