@@ -85,7 +85,8 @@ def test_plain_hessians_of_a_vector_output_measure_rows(name, monkeypatch):
 # ``1.0000000000000000001`` (rounds to 1.0), ``1e-400`` (below the smallest double: 0.0).
 # They were taken as 1 and 0 (a 200, computed with them), where ``1.5`` is a 422: orjson
 # keeps no text, and the check looked at the double. Now such a body is read again, each
-# float with its text (only where an integer array holds floats), and refused alike.
+# float with its text (only where an integer array holds floats), and refused alike; an
+# input's refusal names the input ("array data holds 1.5" said not which of several).
 
 import json  # noqa: E402
 
@@ -129,7 +130,7 @@ def test_a_float_text_that_is_not_whole_is_refused_for_every_integer_width(slot,
     dtype = {"i64": "int64", "i32": "int32", "i16": "int16", "u8": "uint8"}[slot]
     with pytest.raises(InvalidInput) as raised:
         _parse(_body(**{slot: text}))
-    assert raised.value.detail == (f"array data holds {text}, not a whole number (its nearest double is "
+    assert raised.value.detail == (f"input {slot!r}: array data holds {text}, not a whole number (its nearest double is "
                                    f"{NOT_WHOLE.get(text, NOT_WHOLE.get('-' + text))!r}); {dtype} takes whole numbers")
 
 
@@ -147,12 +148,12 @@ def test_texts_in_lists_beside_integers_and_past_2_53_and_sent_dtypes():
     spec = FunctionSpec("rows", lambda x: x, (Input("k", shape=("n",), dtype="int64"),))
     for data, bad in (("[1, 2.0, 1.0000000000000000001]", "1.0000000000000000001"),
                       ("[9007199254740993, 1e-400]", "1e-400")):
-        with pytest.raises(InvalidInput, match=f"^array data holds {bad}, not a whole number"):
+        with pytest.raises(InvalidInput, match=f"^input 'k': array data holds {bad}, not a whole number"):
             parse_call(spec, "evaluate", wire.JSON, b'{"inputs": [%s]}' % data.encode(), {}, wire.Limits())
     assert parse_call(spec, "evaluate", wire.JSON, b'{"inputs": [[9007199254740993, 1e1, -0.0]]}', {},
                       wire.Limits()).args[0].tolist() == [9007199254740993, 10, 0]
     floats = FunctionSpec("f", lambda x: x, (Input("x", shape=("n",), dtype="float64"),))
-    with pytest.raises(InvalidInput, match="^array data holds 1e-400, not a whole number"):
+    with pytest.raises(InvalidInput, match="^input 'x': array data holds 1e-400, not a whole number"):
         parse_call(floats, "evaluate", wire.JSON, b'{"inputs": [{"dtype": "int32", "shape": [2], "data": [1, 1e-400]}]}',
                    {}, wire.Limits())
     with pytest.raises(InvalidInput, match="^cotangents: array data holds 1.0000000000000000001, not a whole"):
@@ -162,7 +163,7 @@ def test_texts_in_lists_beside_integers_and_past_2_53_and_sent_dtypes():
                       wire.Limits()).args[0].tolist() == [1.0, 0.0]
     # bool inputs take no floats at all (unchanged): the same words for both texts
     for text in ("1.0", "1.0000000000000000001"):
-        with pytest.raises(InvalidInput, match=r"^bool arrays take true/false \(or 0/1\)$"):
+        with pytest.raises(InvalidInput, match=r"^input 'flag': bool arrays take true/false \(or 0/1\)$"):
             _parse(_body(flag=text))
 
 
@@ -180,8 +181,8 @@ def test_the_service_answers_422_for_them_and_computes_with_whole_ones(app):
     assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
     problem = r.json()
     assert problem["code"] == "invalid_input" and problem["detail"] == (
-        "array data holds 1.0000000000000000001, not a whole number (its nearest double is 1.0); int64 takes whole "
-        "numbers"), problem
+        "input 'i64': array data holds 1.0000000000000000001, not a whole number (its nearest double is 1.0); int64 "
+        "takes whole numbers"), problem
     r = app.post("/v1/functions/int_widths/evaluate", content=_body(i64="1e2"), headers={"content-type": wire.JSON})
     assert r.status_code == 200, r.text
     want = gaps1_functions.int_widths(torch.tensor([0.5, -1.25], dtype=torch.float64), *map(torch.tensor, (

@@ -37,11 +37,11 @@ def test_an_integer_below_int64_is_refused_not_rounded_to_its_lowest(client, lit
     body = f'{{"inputs": {{"x": [[3.0, 4.0, 0.0]], "scale": 1.0, "power": {literal}}}}}'
     problem = assert_problem(client.post("/v1/functions/scaled_norm/evaluate", content=body, headers=JSON),
                              422, "invalid_input")
-    assert problem["detail"].startswith("array data does not fit int64")
+    assert problem["detail"].startswith("input 'power': array data does not fit int64")
     body = f'{{"inputs": {{"x": [[3.0, 4.0, 0.0]], "scale": 1.0, "power": {{"dtype": "int64", "shape": [], "data": {literal}}}}}}}'
     problem = assert_problem(client.post("/v1/functions/scaled_norm/evaluate", content=body, headers=JSON),
                              422, "invalid_input")
-    assert problem["detail"].startswith("array data does not fit int64")
+    assert problem["detail"].startswith("input 'power': array data does not fit int64")
     # int64's lowest itself, an integer literal, is read exactly and served
     body = '{"inputs": {"x": [[3.0, 4.0, 0.0]], "scale": 1.0, "power": -9223372036854775808}}'
     r = client.post("/v1/functions/scaled_norm/evaluate", content=body, headers=JSON)
@@ -84,7 +84,7 @@ def test_a_number_past_float64_is_read_as_the_infinity_it_spells(client) -> None
         body = f'{{"inputs": {{"x": [[3.0, 4.0, 0.0]], "scale": 1.0, "power": {power}}}}}'
         problem = assert_problem(client.post("/v1/functions/scaled_norm/evaluate", content=body, headers=JSON),
                                  422, "invalid_input")
-        assert problem["detail"] == "array data does not fit int64: it holds Infinity"
+        assert problem["detail"] == "input 'power': array data does not fit int64: it holds Infinity"
     problem = assert_problem(client.post("/v1/functions/sin/jacobian", content='{"inputs": [[1.0]], "chunk_size": 1e309}',
                                          headers=JSON), 422, "invalid_input")
     assert problem["detail"].startswith("chunk_size")

@@ -137,7 +137,7 @@ def test_an_integer_past_float64_is_an_integer_to_every_reader(client, digits: i
                      f'{{"inputs": [[[1.0, 2.0, 3.0]], 2.0, {{"dtype": "int64", "shape": [], "data": {sign}{big}}}]}}'):
             problem = assert_problem(client.post("/v1/functions/scaled_norm/evaluate", content=body,
                                                  headers=JSON_HEADERS), 422, "invalid_input")
-            assert problem["detail"] == "array data does not fit int64", problem
+            assert problem["detail"] == "input 'power': array data does not fit int64", problem
         problem = assert_problem(client.post("/v1/functions/sin/vjp", headers=JSON_HEADERS, content=(
             f'{{"inputs": [[1.0, 2.0]], "cotangents": {{"dtype": "int64", "shape": [2], "data": [1, {sign}{big}]}}}}')),
             422, "invalid_input")

@@ -50,7 +50,7 @@ def test_integers_past_their_dtype_are_refused_not_wrapped(client, dtype: str, v
     body = f'{{"inputs": [{{"dtype": "{dtype}", "shape": [2], "data": [{value}, 1]}}]}}'
     problem = assert_problem(client.post("/v1/functions/sin/evaluate", content=body,
                                          headers={"content-type": wire.JSON}), 422, "invalid_input")
-    assert problem["detail"] == f"array data does not fit {dtype}"
+    assert problem["detail"] == f"input 'x': array data does not fit {dtype}"
 
 
 def test_an_integer_input_past_int64_is_refused_and_its_edges_are_served(client) -> None:

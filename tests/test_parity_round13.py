@@ -266,7 +266,7 @@ def test_a_complex_output_is_the_wires_refusal(c):
     # and a complex input (abs or angle of it) is no dtype the wire reads: 422 naming it
     body = assert_problem(c.post("/v1/functions/two_in/jacobian", json={"inputs": [
         {"dtype": "complex128", "shape": [3], "data": [1, 2, 3]}, [1, 2, 3]]}), 422, "invalid_input")
-    assert body["detail"].startswith("unsupported dtype complex128 here: inputs and tangents are real"), body
+    assert body["detail"].startswith("input 'x': unsupported dtype complex128 here: inputs and tangents are real"), body
     for endpoint, options in (("evaluate", {}), ("jacobian", {}), ("jacobian", {"mode": "fwd"}), ("hessian", {}),
                               ("jvp", {"tangents": arr(rand(2, 2))}), ("vjp", {"cotangents": arr(rand(2))}),
                               ("jacobian", {"batched": True})):

@@ -208,7 +208,7 @@ def test_inputs_and_tangents_stay_real(c):
     body = assert_problem(post(c, "to_complex", "jvp", [X], tangents=pairs(C)), 422, "invalid_input")
     assert body["detail"].startswith("tangents: unsupported dtype complex128 here"), body
     r = c.post("/v1/functions/to_complex/vjp", json={"inputs": [pairs(X.astype(complex))], "cotangents": pairs(C)})
-    assert assert_problem(r, 422, "invalid_input")["detail"].startswith("unsupported dtype complex128 here")
+    assert assert_problem(r, 422, "invalid_input")["detail"].startswith("input 'x': unsupported dtype complex128 here")
 
 
 def test_the_torch_adapters_backward_of_a_complex_output(sdk):

@@ -289,6 +289,6 @@ def test_exact_integers_beside_floats_are_read_exactly(app):
     assert r.json()["output"][0]["data"] == [9007199254740993, 1, -9223372036854775808]
     k = np.array([9007199254740993, 1, -9223372036854775808])
     assert r.json()["output"][1]["data"] == float((k % 7).sum())
-    assert _k(app, "[9223372036854775808, 1.0]").json()["detail"] == "array data does not fit int64"
+    assert _k(app, "[9223372036854775808, 1.0]").json()["detail"] == "input 'k': array data does not fit int64"
     assert "not a whole number" in _k(app, "[9007199254740993, 2.5]").json()["detail"]
     assert _k(app, "[3.0, 4.0]").json()["output"][0]["data"] == [3, 4]

@@ -30,7 +30,7 @@ def test_a_bool_array_refuses_every_number_but_0_and_1_however_it_is_read(client
     for endpoint in ("evaluate", "jacobian"):
         problem = assert_problem(client.post(f"/v1/functions/sin/{endpoint}", content=body, headers=JSON_HEADERS),
                                  422, "invalid_input")
-        assert problem["detail"] == REFUSED, problem  # (the words 2 alone gets)
+        assert problem["detail"] == f"input 'x': {REFUSED}", problem  # (the words 2 alone gets, naming the input)
     # the SDK's reader of answers is the same module: it refuses them alike
     with pytest.raises(wire.WireError, match=r"bool arrays take true/false \(or 0/1\)"):
         wire.decode_json_array(wire.loads(f'{{"dtype": "bool", "shape": [{data.count(",") + 1}], "data": [{data}]}}'))

@@ -120,7 +120,7 @@ def test_complex_inputs_are_refused_saying_why_in_json_and_npy_alike(c, dtype):
     leaf = {"dtype": dtype, "shape": [2], "data": [[1, 2], [3, 4]]}
     words = f"unsupported dtype {dtype} here: inputs and tangents are real"
     detail = assert_problem(c.post("/v1/functions/sin/evaluate", json={"inputs": [leaf]}), 422, "invalid_input")["detail"]
-    assert detail.startswith(words) and "real and imaginary parts" in detail, detail
+    assert detail.startswith(f"input 'x': {words}") and "real and imaginary parts" in detail, detail
     assert "unknown" not in detail
     buf = io.BytesIO()
     np.save(buf, np.array([1 + 2j, 3 + 4j], dtype))

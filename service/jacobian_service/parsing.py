@@ -217,11 +217,15 @@ def _options(raw: Mapping[str, Any], kind: str | None = None) -> Options:
         raise InvalidInput(problems) from None
 
 
-def _decode(obj: Any, default_dtype: str | None, limits: wire.Limits) -> tuple[np.ndarray, str]:
+def _decode(obj: Any, default_dtype: str | None, limits: wire.Limits, name: str | None = None) -> tuple[np.ndarray, str]:
+    """One input leaf's JSON array; a refusal names the input (``name``: its path,
+    ``params.w``, ``pair[0]``), as a shape's does and the vectors' (cotangents[0]: ...):
+    "array data holds 1.5, not a whole number" said nothing of which of a function's
+    integer inputs held it."""
     try:
         arr, sent = wire.decode_json_array(obj, default_dtype, limits)
     except wire.WireError as exc:
-        raise from_wire(exc) from None
+        raise from_wire(wire.WireError(f"input {name!r}: {exc}", exc.code) if name else exc) from None
     return arr, sent or dtype_name(arr.dtype)
 
 
@@ -578,7 +582,7 @@ def _json_parts(spec: FunctionSpec, kind: Kind, doc: dict[str, Any], raw_options
     arrays = [
         leaf
         for obj, inp in zip(given, spec.inputs)
-        for leaf in inp.match(obj, lambda value, leaf: _decode(value, leaf.default_dtype, limits))
+        for leaf in inp.match(obj, lambda value, leaf: _decode(value, leaf.default_dtype, limits, leaf.name))
     ]
     return arrays, vectors, extra
 
@@ -624,7 +628,13 @@ def parse_call(
                 arrays, vectors, extra = _json_parts(spec, kind, doc, raw_options, limits)
         elif media_type == wire.NPY:
             _check_npy_carries(spec, kind)
-            arr = wire.read_npy(body, limits)
+            try:
+                arr = wire.read_npy(body, limits)
+            except wire.WireError as exc:
+                if exc.code != "invalid_input":  # (the body's: unreadable, too large)
+                    raise
+                # the array's (its dtype): named as a JSON body's input is (_decode)
+                raise wire.WireError(f"input {spec.inputs[0].name!r}: {exc}", exc.code) from None
             arrays = [(arr, dtype_name(arr.dtype))]
         elif media_type == wire.NPZ:
             # the inputs' members, and each vector key its own room beside them (_Room), as in JSON
