@@ -259,3 +259,12 @@ def test_output_shaped_answers_are_one_array_whatever_argnums(app, kind):
     x = torch.tensor(X3)
     want = torch.sin(x) if kind == "evaluate" else torch.cos(x) * x
     np.testing.assert_allclose(np.load(io.BytesIO(r.content)), want.numpy(), rtol=1e-6)
+
+
+def test_a_pytree_leafs_refusal_names_its_path(app):
+    """dense_layer's dict parameter: a leaf's data refused names params.w, as its shape's does."""
+    body = {"inputs": [{"w": [[1.0, "a"]], "b": [0.0]}, [1.0, 2.0]]}
+    r = app.post("/v1/functions/dense_layer/evaluate", content=json.dumps(body), headers={"content-type": wire.JSON})
+    assert r.status_code == 422 and r.json()["detail"] == (
+        "input 'params.w': array data holds the string 'a'; numbers are JSON numbers (besides \"NaN\", \"Infinity\", "
+        "\"-Infinity\" in float arrays)"), r.json()
