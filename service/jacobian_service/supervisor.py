@@ -770,15 +770,25 @@ class Supervisor:
 
     def _await_held(self, index: int, named: set[str], wait: float = _HELD_WAIT_S) -> set[str]:
         """The functions the front ends have sent engine ``index`` (``_sent``, and those
-        held there: ``_confirmed``), once they include one of ``named`` (what its board
-        names) or ``wait`` has passed (``_HELD_WAIT_S``: their word can trail the job).
-        Read at a death, before the board is judged."""
+        held there: ``_confirmed``), once they include every one of ``named`` (what its
+        board names, and what this last saw it run) or ``wait`` has passed
+        (``_HELD_WAIT_S``: their word can trail the job). Read at a death, before the
+        board is judged.
+
+        Every one, not any: the names include what this last saw the engine run
+        (``engine.running``), stale where it ran a job and died between two looks. A
+        function that removed its engine's socket file, sent just after ``sin``, left the
+        engine before its word came; ``sin``'s (told a moment before) ended the wait at
+        once, and the board's true "stray" was read as a lie, the function unnamed and
+        unstruck (round 37's socket-file test, 2 of 5 full runs); a crash so was put on
+        ``sin``, answered within the grace, the one function held. Only a board naming
+        one no front end sent waits it out, as it did."""
         self._drain_control()
         until = time.monotonic() + wait
         while True:
             ran = self._sent.get(index, set()) | self._confirmed(index)
             left = until - time.monotonic()
-            if not named or named & ran or left <= 0:
+            if not named or named <= ran or left <= 0:
                 return ran
             if self.control.poll(max(1, int(left * 1000))):
                 self._control(self.control.recv())
