@@ -5,6 +5,9 @@ saying what it holds must not have the supervisor blame the wrong function.
 from __future__ import annotations
 
 import collections
+import os
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -99,3 +102,139 @@ def test_a_crash_whose_front_ends_word_trails_by_a_loaded_machines_second_is_sti
         sup.pub.close(linger=0)
         sup.control.close(linger=0)
         sup.ctx.term()
+
+
+def _dies_before_the_word(tmp_path, board: dict, late: list[str], stale: str = "sin", grace: bool = False) -> object:
+    """An engine that ran ``stale`` a moment before (the front end's ``held`` told, and
+    the supervisor's last look at the board saw it running: ``engine.running``) and then
+    the job of ``late``, whose ``held`` word reaches the supervisor 0.3 s after the death
+    (a loaded machine's zmq I/O thread); ``grace``: ``stale``'s answer told, and within
+    ``_HELD_GRACE_S``. The supervisor, once it has read the death (``board``)."""
+    import threading
+
+    import zmq
+
+    from ._fault_support import supervisor_of_a_dead_engine
+
+    with supervisor_of_a_dead_engine(tmp_path, quarantine_after=3) as (sup, engine, _):
+        push = sup.ctx.socket(zmq.PUSH)
+        try:
+            push.connect(sup.channel.control)
+            sup._control(sup.channel.sign({"t": "held", "from": 1, "engine": 0, "functions": [stale]}))
+            if grace:
+                sup._control(sup.channel.sign({"t": "held", "from": 1, "engine": 0, "functions": []}))
+            engine.running = {"function": stale, "tags": ["fe:1"], "deadline": 1.0}
+            word = sup.channel.sign({"t": "held", "from": 1, "engine": 0, "functions": late})
+            timer = threading.Timer(0.3, push.send, (word,))
+            timer.start()
+            sup._died(engine, 75 if "stray" in board else 5, {"beat": 1.0, "ready": True, "deadline": 0.0, **board})
+            timer.join()
+        finally:
+            push.close(linger=0)
+    return sup
+
+
+def test_a_leave_whose_word_trails_is_its_functions_though_another_named_was_told(tmp_path, caplog) -> None:
+    """The supervisor waited for the front ends' word of the functions a death's board
+    names until ANY of them was told: the names include what it last saw the engine run
+    (``engine.running``), stale where the engine ran a job and left between two of its
+    looks. A function that removed its engine's socket file (round 37), sent just after
+    ``sin``, left the engine before its ``held`` word came: ``sin``'s word (told a moment
+    before) ended the wait at once, the board's true "stray" was read as a lie ("no front
+    end had sent it a job of unlinks_its_socket: ... not believed"), and the function
+    went unnamed and unstruck (round 37's socket-file test, 2 of 5 full runs). Now the
+    wait is for every name, as long as before (``_HELD_WAIT_S``) at most."""
+    caplog.set_level("INFO", logger="jacobian_service.supervisor")
+    sup = _dies_before_the_word(tmp_path, {"stray": "unlinks_its_socket",
+                                           "left": "the engine's socket file removed or replaced"},
+                                ["sin", "unlinks_its_socket"])
+    assert set(sup.strikes) == {"unlinks_its_socket"}, caplog.text
+    assert "engine 0 died: unlinks_its_socket left the engine's socket file removed or replaced" in caplog.text
+    assert "not believed" not in caplog.text
+
+
+def test_a_crash_whose_word_trails_is_not_put_on_the_function_answered_before_it(tmp_path, caplog) -> None:
+    """The same early end of the wait, for a crash: ``sin``, answered a moment before
+    (still held, within ``_HELD_GRACE_S``), was the one function the front ends held, and
+    was struck for ``crashes``' crash (its caller a retryable 503, not its 500) until the
+    front ends' ``held_at_death`` came to set it right. Now ``crashes``' word is waited
+    for and ``crashes`` is struck at once."""
+    caplog.set_level("INFO", logger="jacobian_service.supervisor")
+    sup = _dies_before_the_word(tmp_path, {"function": "crashes", "tags": ["fe:2"]}, ["crashes"], grace=True)
+    assert set(sup.strikes) == {"crashes"}, caplog.text
+    assert "engine 0 died: the engine process exited with status 5 (running crashes for 1 requests)" in caplog.text
+
+
+_ENGINE = """import os, socket, sys, time
+path = sys.argv[1]
+if os.path.exists(path):
+    os.unlink(path)  # (the dead one's socket file: an engine taking over binds afresh)
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen()
+print("up", flush=True)
+conn, _ = s.accept()
+time.sleep(60)
+"""
+
+
+def test_a_front_end_tells_again_what_it_sends_to_the_engine_that_took_over(tmp_path) -> None:
+    """The supervisor forgets what a front end told it was held on an engine as it reads
+    of that engine's death (``held``: once per function since the engine restarted), the
+    front end only as it reads the supervisor's word of it, a moment later. A request of
+    a function told of for the dead engine (``crashes``, answered there) that came in
+    between was never told of again: it waited for the next engine and ran there, and
+    that engine's death in it (a crash, a stray thread, its socket file removed) was read
+    as its board's lie, the function unnamed and unstruck. Now the front end tells the
+    functions queued for an engine as its connection reaches a new process (engines here:
+    a process that listens at the engine's path; the supervisor's word never read)."""
+    import asyncio
+    import concurrent.futures
+
+    from jacobian_service import ipc
+    from jacobian_service.engine_client import RemoteEngines, _Pending
+    from jacobian_service.settings import Settings
+    from jacobian_service.supervision import Channel
+
+    sent: list[bytes] = []
+    path = ipc.engine_path(tmp_path, 0)
+
+    def engine() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", _ENGINE, str(path)], stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"up\n"  # type: ignore[union-attr]
+        proc.stdout.close()  # type: ignore[union-attr]
+        return proc
+
+    async def reached(front_end: RemoteEngines, pid: int | None) -> None:
+        """Connected to process ``pid``; None: not connected."""
+        deadline = time.monotonic() + 10
+        sock = front_end._socks[0]
+        while (sock._transport is None) != (pid is None) or pid is not None and sock.peer_pid != pid:
+            assert time.monotonic() < deadline, "the connection did not change"
+            await asyncio.sleep(0.01)
+
+    async def main(first: subprocess.Popen) -> subprocess.Popen:
+        front_end = RemoteEngines(Settings(), tmp_path, Channel("", "", b"k" * 32), registry={"functions": [], "devices": ["cpu"]})
+        front_end._control = SimpleNamespace(send=sent.append)
+        front_end._socks = [front_end._connection(0)]
+        try:
+            await reached(front_end, first.pid)
+            front_end._tell_held((0, "crashes"))  # its job, answered (the front end's next look yet to come)
+            first.kill()
+            first.wait()
+            await reached(front_end, None)  # the engine died (and the supervisor forgot what was held there)
+            front_end._tell_held((0, "crashes"))  # another job of it, before the supervisor's word is read
+            front_end._pending[1] = _Pending(concurrent.futures.Future(), 0, "fe:1", time.monotonic(), True, "crashes", None)
+            second = engine()  # the spare takes over
+            await reached(front_end, second.pid)
+            return second
+        finally:
+            front_end._socks[0].close()
+
+    first = engine()
+    second = asyncio.run(main(first))
+    second.kill()
+    second.wait()
+    words = [Channel("", "", b"k" * 32).verify(raw) for raw in sent]
+    word = {"t": "held", "from": os.getpid(), "engine": 0, "functions": ["crashes"]}
+    assert words == [word, word], words

@@ -951,7 +951,8 @@ class Connection(asyncio.BufferedProtocol):
     one call. Messages queued while no engine is connected wait for the next one, except
     those queued before a connection broke: their requests belonged to the engine that
     died, and the supervisor's word about it answers them. ``on_lost`` is called when a
-    connection breaks, for the owner to answer what the word does not.
+    connection breaks, for the owner to answer what the word does not; ``on_made`` when
+    one is made, before what waited for it is written.
 
     Large frames go both ways through shared memory (``Sharing``): a result arrives as a
     read-only view of the engine's segment, given back when its last reference goes (on
@@ -968,11 +969,12 @@ class Connection(asyncio.BufferedProtocol):
     _GONE_KEPT = 64  # engine pids remembered as gone
 
     def __init__(self, path: Path, on_message: Callable[[list[Any]], None], shared_bytes: int = 0,
-                 on_lost: Callable[[], None] = lambda: None) -> None:
+                 on_lost: Callable[[], None] = lambda: None, on_made: Callable[[], None] = lambda: None) -> None:
         self.path = path
         self._shared_bytes = shared_bytes
         self._on_message = on_message
         self._on_lost = on_lost
+        self._on_made = on_made
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._reader = FrameReader()
@@ -1046,6 +1048,10 @@ class Connection(asyncio.BufferedProtocol):
         self._reader = FrameReader(self._sharing.frame)
         if sock is not None:
             _grow_buffers(sock)
+        try:
+            self._on_made()
+        except Exception:  # the owner's; the connection stands
+            log.exception("after connecting to the engine at %s", self.path)
         if (offer := self._sharing.offer()) is not None:
             transport.write(offer[_send_with_descriptor(sock, offer, self._sharing.own.fd):])  # type: ignore[union-attr]
         if self._outbox and self._flush_at is None:

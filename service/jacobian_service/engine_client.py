@@ -344,6 +344,11 @@ class RemoteEngines(_Engines):
         # engine index -> the functions this front end last told the supervisor it holds
         # unanswered there (``held``, see _tell_held), since that engine last restarted
         self._told_held: dict[int, frozenset[str]] = {}
+        # engine index -> the engine process its connection last reached (the kernel's
+        # word: ``Connection.peer_pid``), and when that connection last broke
+        # (``_connection_made``)
+        self._reached: dict[int, int | None] = {}
+        self._broke: dict[int, float] = {}
         self._control: Any = None  # the supervisor's control socket, once started
 
     async def start(self) -> None:
@@ -383,7 +388,32 @@ class RemoteEngines(_Engines):
 
     def _connection(self, index: int) -> Connection:
         return Connection(ipc.engine_path(self.run_dir, index), self._reply_handler(index),
-                          self.settings.shared_memory_bytes, on_lost=functools.partial(self._connection_lost, index))
+                          self.settings.shared_memory_bytes, on_lost=functools.partial(self._connection_lost, index),
+                          on_made=functools.partial(self._connection_made, index))
+
+    def _connection_made(self, index: int) -> None:
+        """The connection to engine ``index`` reached a process (``peer_pid``). A new one:
+        the supervisor forgot what was held on the one before as it read of its death,
+        before it started or promoted this one (which binds the socket only then), and
+        this front end may not have read that word yet: what it told of (``_told_held``)
+        is no longer known there. A function told of for the dead engine and sent again
+        in between, or queued while no engine was connected, was never told of for this
+        one: its crash here, or its leave (a stray thread, its socket file removed), was
+        read as the board's lie, the function unnamed and unstruck. Told now, before what
+        waited goes: the functions queued since the break (written on this connection
+        next), and each other one as it is first sent."""
+        sock = self._socks[index] if index < len(getattr(self, "_socks", ())) else None
+        pid = sock.peer_pid if sock is not None else None
+        if pid is not None and self._reached.get(index) == pid:  # the same engine (its side closed): nothing forgotten
+            return
+        self._reached[index] = pid
+        since = self._broke.get(index, -math.inf)
+        queued = frozenset(p.function for p in self._pending.values()
+                           if p.engine == index and p.function and not p.fut.done() and p.sent >= since)
+        self._told_held[index] = queued
+        if queued and self._control is not None:
+            self._control.send(self.channel.sign({"t": "held", "from": os.getpid(), "engine": index,
+                                                  "functions": sorted(queued)}))
 
     def _connection_lost(self, index: int) -> None:
         """The connection to engine ``index`` broke: nothing sent on it can be answered
@@ -391,7 +421,7 @@ class RemoteEngines(_Engines):
         it was running (500 or 504). A request sent just after that word was read, but on
         the broken connection, would wait for its deadline: after a grace for the word,
         whatever was sent before the break and is still waiting gets a retryable 503."""
-        broke = time.monotonic()
+        broke = self._broke[index] = time.monotonic()
         asyncio.get_running_loop().call_later(_LOST_GRACE_S, self._fail_sent_before, index, broke,
                                               self._socks[index].peer_pid)
 
