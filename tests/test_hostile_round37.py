@@ -243,7 +243,7 @@ def test_an_engine_whose_socket_file_a_function_removes_is_replaced(server) -> N
         # The death read before the kill: the front end's word that it sent the job (its
         # signed ``held``, the one witness the board's "stray" needs) leaves through its
         # zmq I/O thread. Killed 0.3 s after the 200, on a loaded machine (three copies
-        # side by side, once in 9 runs), the supervisor had no word of it 2 s after the
+        # side by side, once in 30 runs), the supervisor had no word of it 2 s after the
         # leave: the word most likely went with the front end, and the leave was read as
         # the board's lie, the function unnamed.
         said = "engine 0 died: unlinks_its_socket left the engine's socket file"
