@@ -9,16 +9,36 @@ Each case names what a user saw before.
   /v1/functions/softmax/sparsity?shapes=4096`` (a 60-byte request, 16.7 M entries)
   held the engine, which serves no one else meanwhile, 5.5 s and grew it by 0.9 GB
   (1.86 GB peak, 256 MiB memory budget), at every repeat.
+- An ``.npy`` body (or ``.npz`` member) whose header's dict is over numpy's 10,000 bytes
+  was a 400 in numpy's words, cut at 200 characters: "Header info length (20086) is
+  large and may not be safe to load securely. To allow loading, adjust
+  `max_header_size` or fully trust the `.npy` file using `allow_pickle=True`. For safety
+  against large ": advice on the server's own numpy call, which no client can take.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import struct
+import subprocess
 import tracemalloc
+import zipfile
+from collections.abc import Iterator
 
+import httpx
 import numpy as np
+import pytest
 
 from jacobian_client.sparse import braille
+
+from .conftest import assert_problem, live_server, npy_bytes
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen]]:
+    with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false") as served:
+        yield served
 
 
 def _braille_whole(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], max_width: int,
@@ -61,3 +81,39 @@ def test_a_dense_patterns_picture_is_drawn_in_bounded_memory() -> None:
         width, height = int(rng.integers(1, 70)), None if trial % 2 else int(rng.integers(1, 30))
         dtype = (np.int32, np.int64, np.uint32)[trial % 3]
         assert braille(r.astype(dtype), c.astype(dtype), (m, n), width, height) == _braille_whole(r, c, (m, n), width, height)
+
+
+def _npy_with_dict(text: bytes, version: int) -> bytes:
+    """An .npy of 4 float32 zeros whose header's dict is ``text`` (padded as numpy pads)."""
+    prefix = 10 if version == 1 else 12
+    text += b" " * (-(prefix + len(text) + 1) % 64) + b"\n"
+    size = struct.pack("<H", len(text)) if version == 1 else struct.pack("<I", len(text))
+    return b"\x93NUMPY" + bytes([version, 0]) + size + text + bytes(16)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_npy_header_over_numpys_limit_is_refused_in_the_services_words(
+        server: tuple[str, subprocess.Popen], version: int) -> None:
+    url, _ = server
+    big = _npy_with_dict(b"{'descr': '<f4', 'fortran_order': False, 'shape': (4,), 'x': '" + b"a" * 20_000 + b"'}",
+                         version)
+    r = httpx.post(f"{url}/v1/functions/sin/jacobian", content=big, headers={"Content-Type": "application/x-npy"},
+                   timeout=30)
+    body = assert_problem(r, 400, "malformed_body")
+    assert body["detail"] == (f".npy header of {len(big) - 16} bytes is over the limit: its dict may hold 10,000 "
+                              "bytes, as numpy reads (numpy.save writes about 118)")
+    assert "allow_pickle" not in r.text and "max_header_size" not in r.text  # (before: numpy's advice)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:  # the same header as an .npz member
+        zf.writestr("x.npy", big)
+    r = httpx.post(f"{url}/v1/functions/sin/jacobian", content=buf.getvalue(),
+                   headers={"Content-Type": "application/x-npz"}, timeout=30)
+    body = assert_problem(r, 400, "malformed_body")
+    assert "its dict may hold 10,000 bytes" in body["detail"] and "allow_pickle" not in r.text, body
+    # A header at numpy's limit is read, and answered as torch answers it.
+    edge = _npy_with_dict(b"{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }" + b" " * 9_800, version)
+    r = httpx.post(f"{url}/v1/functions/sin/jacobian", content=edge,
+                   headers={"Content-Type": "application/x-npy", "Accept": "application/x-npy"}, timeout=30)
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(np.load(io.BytesIO(r.content)), np.eye(4, dtype=np.float32))
+    assert npy_bytes(np.zeros(4, np.float32))[:6] == edge[:6]

@@ -1388,7 +1388,12 @@ def _checked_dtype(descr: np.dtype, complex_ok: bool = False) -> np.dtype:
     return descr
 
 
-_MAX_NPY_HEADER = 1 << 20  # numpy itself refuses headers over 10 kB
+# numpy reads a header's dict of at most this many bytes (its max_header_size): past it
+# its refusal told the client to "adjust `max_header_size` or fully trust the `.npy`
+# file using `allow_pickle=True`", the server's own call, cut mid-sentence. Refused here,
+# in this module's words, before numpy is asked (numpy.save writes 118 bytes of dict).
+_MAX_NPY_DICT = 10_000
+_MAX_NPY_HEADER = 12 + _MAX_NPY_DICT  # (magic, version and length field: 10 or 12 bytes)
 
 
 def npy_header_length(prefix: bytes | memoryview) -> int | None:
@@ -1408,8 +1413,9 @@ def npy_header_length(prefix: bytes | memoryview) -> int | None:
         length = 12 + int.from_bytes(prefix[8:12], "little")
     else:
         raise WireError(f"unsupported .npy version {prefix[6]}")
-    if length > _MAX_NPY_HEADER:
-        raise WireError(f".npy header of {length} bytes is implausibly large")
+    if length - (10 if prefix[6] == 1 else 12) > _MAX_NPY_DICT:
+        raise WireError(f".npy header of {length} bytes is over the limit: its dict may hold {_MAX_NPY_DICT:,} "
+                        "bytes, as numpy reads (numpy.save writes about 118)")
     return length
 
 
