@@ -23,7 +23,7 @@ from .header_params import parameters, split_unquoted
 
 __all__ = [
     "ClosingStreamingResponse", "EncodeBudget", "JsonRows", "META_HEADERS", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "not_one_array", "json_pieces",
-    "meta_headers", "meta_raw_headers", "pieces_response", "problem_document", "problem_response", "qvalue", "stream_hold",
+    "meta_headers", "meta_raw_headers", "pieces_response", "problem_document", "problem_response", "qvalue", "sparse_json_body", "stream_hold",
 ]
 
 _OFFERED = (wire.JSON, wire.NPY, wire.NPZ)
@@ -324,6 +324,8 @@ def json_pieces(tree: Any) -> Iterator[bytes]:
             block = wire.dumps(wire.encode_tree(tree[start:start + rows])["data"])
             yield (b"," if start else b"") + block[1:-1]  # the block's rows, without its brackets
         yield b"]}"
+    elif wire.is_sparse(tree):
+        yield from _sparse_json_pieces(wire.encode_sparse_json(tree))
     elif isinstance(tree, dict) and not wire.is_sparse(tree):
         yield b"{"
         for i, (key, value) in enumerate(tree.items()):
@@ -339,6 +341,34 @@ def json_pieces(tree: Any) -> Iterator[bytes]:
         yield b"]"
     else:
         yield wire.dumps(wire.encode_tree(tree))
+
+
+def _sparse_json_pieces(doc: dict[str, Any]) -> Iterator[bytes]:
+    """A sparse object's JSON (``wire.encode_sparse_json``'s), its index and value arrays
+    a block of ``_JOIN_BYTES`` at a time. Written in one ``wire.dumps``, a 16.7 M-entry
+    pattern (113 MB of JSON) was one C call holding the GIL ~1 s on the encoding thread:
+    every other connection of that front end, a ``/healthz`` too, waited for it."""
+    yield b"{"
+    for i, (key, value) in enumerate(doc.items()):
+        yield (b"," if i else b"") + wire.dumps(key) + b":"
+        if isinstance(value, np.ndarray) and value.ndim == 1 and value.nbytes >= _JOIN_BYTES:
+            step = _JOIN_BYTES // value.itemsize
+            yield b"["
+            for start in range(0, len(value), step):
+                yield (b"," if start else b"") + wire.dumps(value[start:start + step])[1:-1]
+            yield b"]"
+        else:
+            yield wire.dumps(value)
+    yield b"}"
+
+
+def sparse_json_body(doc: dict[str, Any], key: str, matrix: Any) -> bytes:
+    """``doc`` with ``matrix`` under ``key``, last, as one JSON body, its sparse arrays
+    encoded a block at a time (``_sparse_json_pieces``): built on a worker thread, the
+    event loop runs between the blocks."""
+    head = wire.dumps(doc)
+    return b"".join([head[:-1], b"," if doc else b"", wire.dumps(key), b":",
+                     *_sparse_json_pieces(wire.encode_sparse_json(matrix)), b"}"])
 
 
 class JsonRows:

@@ -46,7 +46,7 @@ from .errors import (
 )
 from .parsing import KINDS, check_head, check_json_charset, media_type_of, parse_call, parse_sparsity_query
 from .responses import (ClosingStreamingResponse, JsonRows, StreamHold, acceptable, attachment, choose, echo, encode, is_single_array, meta_headers, not_one_array,
-                        problem_response, stream_hold)
+                        problem_response, sparse_json_body, stream_hold)
 from .scheduler import StreamHead
 from .settings import NULL_ORIGIN_HINT
 from .state import ServiceState
@@ -497,8 +497,8 @@ async def function_sparsity(request: Request, name: str) -> Response:
         response = Response(await _offload(result.nbytes(), wire.write_sparse_npz, result.value, doc),
                             media_type=wire.NPZ, headers={**attachment(spec.name, "sparsity", wire.NPZ), **said})
     else:
-        doc["matrix"] = wire.encode_sparse_json(result.value)
-        response = Response(await _offload(result.nbytes(), wire.dumps, doc), media_type=wire.JSON, headers=said)
+        response = Response(await _offload(result.nbytes(), sparse_json_body, doc, "matrix", result.value),
+                            media_type=wire.JSON, headers=said)
     return _held_while_sent(request, response, len(response.body))  # (a pattern's indices may run to MBs too)
 
 
