@@ -633,7 +633,11 @@ def _add_level(xs: Sequence[Any], dims: Sequence[Any], size: int, batch_ndim: in
     one batch dimension per input, so an input mapped at some levels only is broadcast
     over the others (nested vmaps that map different inputs)."""
     was_shared = [batch_ndim == 0 or _is_shared(shared, i) for i in range(len(xs))]
-    inner = next((tuple(jnp.shape(x)[:batch_ndim]) for x, s in zip(xs, was_shared) if not s), ())
+    # The inner levels' batch shape, read with this level's axis taken out: jax may hand
+    # it anywhere, in front too (an outer in_axes of 0), where jnp.shape(x)[:batch_ndim]
+    # read this level's size for the inner levels' (a reshape error on the host)
+    inner = next((tuple(n for k, n in enumerate(jnp.shape(x)) if k != d)[:batch_ndim]
+                  for x, d, s in zip(xs, dims, was_shared) if not s), ())
     out, flags = [], []
     for x, d, s in zip(xs, dims, was_shared):
         if d is None and s:

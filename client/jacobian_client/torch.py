@@ -433,7 +433,13 @@ def _add_level(xs: Sequence[Any], dims: Sequence[Any], size: int, batch_ndim: in
     The service takes one batch dimension per input, so an input mapped at some levels
     only is expanded over the others (a view here; nested vmaps that map different inputs)."""
     was_shared = [batch_ndim == 0 or _is_shared(shared, i) for i in range(len(xs))]
-    inner = next((tuple(x.shape[:batch_ndim]) for x, s in zip(xs, was_shared) if not s), ())
+    # The inner levels' batch shape, read from an input they map once this level's
+    # dimension is out of the way: that dimension may sit anywhere, in front too (an
+    # outer in_dims of 0), where x.shape[:batch_ndim] read this level's size for the
+    # inner levels' and an input mapped by this level alone was expanded to the wrong
+    # shape (a reshape error; vmap over models of vmap over data, its weights per model)
+    inner = next((tuple((x if d is None else x.movedim(d, 0)[0]).shape[:batch_ndim])
+                  for x, d, s in zip(xs, dims, was_shared) if not s), ())
     out, flags = [], []
     for x, d, s in zip(xs, dims, was_shared):
         if d is None and s:
