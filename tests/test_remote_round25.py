@@ -115,8 +115,11 @@ def test_jax_nested_vmap_of_an_input_mapped_by_the_outer_level_only(sdk, jx):
     def nested(fn: Any) -> Any:
         return jx.vmap(jx.vmap(fn, in_axes=(None, 0)), in_axes=(0, 0))
 
-    for transform in (lambda g: g, lambda g: jx.grad(lambda q, x: g(q, x).sum(), argnums=(0, 1)),
-                      lambda g: jx.hessian(lambda q, x: g(q, x).sum(), argnums=1)):
-        want = nested(transform(local))(p, xs)
-        same_tree(nested(transform(layer))(p, xs), want)
-        same_tree(jx.jit(nested(transform(layer)))(p, xs), want)
+    # values outside and under jit, grad outside, the Hessian under jit (each path once:
+    # jax's tracing of nested transforms is most of this test's time)
+    cases = [(lambda g: g, False), (lambda g: g, True),
+             (lambda g: jx.grad(lambda q, x: g(q, x).sum(), argnums=(0, 1)), False),
+             (lambda g: jx.hessian(lambda q, x: g(q, x).sum(), argnums=1), True)]
+    for transform, jit in cases:
+        got = (jx.jit if jit else (lambda h: h))(nested(transform(layer)))(p, xs)
+        same_tree(got, nested(transform(local))(p, xs))
