@@ -100,6 +100,20 @@ def test_torch_nested_vmap_of_an_input_mapped_by_the_outer_level_only(cc):
     same_tree(backward(layer), backward(examples.dense_layer))
 
 
+@pytest.mark.parametrize("models, batch", [(3, 0), (0, 5)])
+def test_torch_nested_vmap_of_the_ensemble_over_an_empty_level(sdk, models, batch):
+    """An empty level (no models, or models with no data): the shapes torch gives, values
+    and gradients (an empty inner batch was the same reshape error)."""
+    p, xs = _ensemble()
+    pt = {k: torch.tensor(v[:models], dtype=D) for k, v in p.items()}
+    xt = torch.tensor(xs[:models, :batch], dtype=D)
+    layer = remote(sdk, "dense_layer")
+    for wrap in (lambda g: g, lambda g: f.grad(lambda q, x: g(q, x).sum(), argnums=(0, 1))):
+        def nested(fn: Any) -> Any:
+            return f.vmap(f.vmap(wrap(fn), in_dims=(None, 0)), in_dims=(0, 0))
+        same_tree(nested(layer)(pt, xt), nested(examples.dense_layer)(pt, xt))
+
+
 def test_jax_nested_vmap_of_an_input_mapped_by_the_outer_level_only(sdk, jx):
     """The same ensemble in jax, outside and under ``jit``: values, ``grad`` in the
     parameters and ``x``, and the per-example Hessian in ``x``."""
@@ -123,3 +137,5 @@ def test_jax_nested_vmap_of_an_input_mapped_by_the_outer_level_only(sdk, jx):
     for transform, jit in cases:
         got = (jx.jit if jit else (lambda h: h))(nested(transform(layer)))(p, xs)
         same_tree(got, nested(transform(local))(p, xs))
+    empty = nested(layer)(p, xs[:, :0])  # models with no data
+    assert empty.shape == (3, 0, 2)

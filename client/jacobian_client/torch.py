@@ -438,7 +438,9 @@ def _add_level(xs: Sequence[Any], dims: Sequence[Any], size: int, batch_ndim: in
     # outer in_dims of 0), where x.shape[:batch_ndim] read this level's size for the
     # inner levels' and an input mapped by this level alone was expanded to the wrong
     # shape (a reshape error; vmap over models of vmap over data, its weights per model)
-    inner = next((tuple((x if d is None else x.movedim(d, 0)[0]).shape[:batch_ndim])
+    # (the shape without that dimension, not x.movedim(d, 0)[0]: an empty outer batch has
+    # no first example)
+    inner = next((tuple(n for k, n in enumerate(x.shape) if d is None or k != d % x.dim())[:batch_ndim]
                   for x, d, s in zip(xs, dims, was_shared) if not s), ())
     out, flags = [], []
     for x, d, s in zip(xs, dims, was_shared):
