@@ -114,7 +114,7 @@ def test_torch_nested_vmap_of_the_ensemble_over_an_empty_level(sdk, models, batc
         same_tree(nested(layer)(pt, xt), nested(examples.dense_layer)(pt, xt))
 
 
-def test_jax_nested_vmap_of_an_input_mapped_by_the_outer_level_only(sdk, jx):
+def test_jax_nested_vmap_of_an_input_mapped_by_the_outer_level_only(sdk, jx):  # noqa: F811 (fixture)
     """The same ensemble in jax, outside and under ``jit``: values, ``grad`` in the
     parameters and ``x``, and the per-example Hessian in ``x``."""
     import jax.numpy as jnp
