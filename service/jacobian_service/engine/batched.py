@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
 from ..types import Call, Result, stacked_liveness
+from .kept_state import KeptState
 from .shapes import span
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, differentiable, fresh,
                       function_error, is_oom)
@@ -472,10 +473,17 @@ def over_examples(
     if batch == 0 and not use_vmap:  # vmap answers an empty batch; a loop cannot
         raise InvalidInput(f"{call.spec.name} cannot be batched with vmap, so a batch of no examples has no answer")
     if use_vmap:
+        # What the function keeps across calls, put back where vmap fails and the
+        # examples run one by one: the failed try's writes (a counter's step, a global
+        # buffer's add) were made twice, once by it and once by the loop. (A stacked
+        # batch, which never loops here, is watched by Engine.run_batch.)
+        kept = KeptState(call.spec.fn) if allow_loop else None
         try:
             value, aux_t = torch.func.vmap(fn, in_dims=in_dims)(*args)
             return value, box.restore(aux_t)
         except BaseException as exc:
+            if kept is not None and kept.changed():
+                kept.restore()
             if is_oom(exc):
                 raise OutOfMemory(f"out of memory: {type(exc).__name__}") from None
             if isinstance(exc, (ServiceError, KeyboardInterrupt, SystemExit)) or not isinstance(exc, Exception):
@@ -590,8 +598,10 @@ def run_batch(engine: "Engine", kind: str, calls: Sequence[Call]) -> list[Result
 
 class SharedDraws(FunctionError):
     """A stacked batch whose one call drew from a global random generator that torch's
-    vmap does not see (numpy's, Python's): its members' draws were one another's, so none
-    is answered from it; each runs alone (never a client's answer: the scheduler's)."""
+    vmap does not see (numpy's, Python's), or changed state the function keeps across
+    calls (engine.kept_state: a counter, a global buffer): its members' draws (or steps)
+    were one another's, so none is answered from it; each runs alone (never a client's
+    answer: the scheduler's)."""
 
 
 def deterministic_failure(exc: BaseException) -> bool:

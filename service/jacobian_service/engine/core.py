@@ -31,6 +31,7 @@ from .calling import (AuxBox, GradOffWatch, as_input_dtypes, dense_pullback, dif
 from .devices import release_free_heap
 from .dual_level import beside_a_held_dual_level
 from .products import agrees_with_reverse, global_replay, one_agrees, over_vectors, rng_replay
+from .kept_state import KeptState
 from .profile import Profiles
 from .rows import RowStream
 from .shapes import MAX_SPAN_BYTES
@@ -919,7 +920,24 @@ class Engine:
         :class:`batched.SharedDraws` where that call moved a global random generator that
         torch's vmap does not see: the scheduler then runs each request alone."""
         drawn = self._draws()
-        results = _batched.run_batch(self, kind, calls)
+        # What the function keeps across calls (a counter, a global buffer it adds to),
+        # taken so a stacked call that changed it, or failed, can put it back: its
+        # members then run alone, each changing it once as alone it would.
+        kept = KeptState(calls[0].spec.fn) if len(calls) > 1 else None
+        try:
+            results = _batched.run_batch(self, kind, calls)
+        except BaseException:
+            # (a failed stacked call, vmap unable to run it: its members run again alone,
+            # and its writes were one call too many for every later request)
+            if kept is not None and kept.changed():
+                self._kept_state(calls[0].spec.name, kept)
+            raise
+        if kept is not None and kept.changed():
+            # One call for every member: four clients' ``x * N`` (``global N; N += 1``)
+            # were all answered with one N, where one after another alone each gets its own
+            self._kept_state(calls[0].spec.name, kept)
+            raise _batched.SharedDraws(f"{calls[0].spec.name}'s stacked call changed state it keeps across calls, "
+                                       "shared by its members")
         if len(calls) > 1 and self._draws() != drawn:
             # One call of the function for every member: each client's draws were every
             # member's (np.random / random noise added to x: three clients' answers less
@@ -931,6 +949,16 @@ class Engine:
             log.info("%s draws from a global random generator: its requests are no longer stacked", calls[0].spec.name)
             raise _batched.SharedDraws(f"{calls[0].spec.name}'s stacked call drew random numbers shared by its members")
         return results
+
+    def _kept_state(self, name: str, kept: KeptState) -> None:
+        """A stacked call of ``name`` changed what it keeps across calls: put back, and
+        its requests never stacked again (``batched: true`` keeps torch's vmap, one call
+        for all its examples, as in-process)."""
+        whole = kept.restore()
+        if self.profiles[name].stacks:
+            self.profiles[name].stacks = False
+            log.info("%s keeps state across calls: its requests are no longer stacked%s", name,
+                     "" if whole else " (a tensor it changed was too large to put back)")
 
     def _draws(self) -> tuple[Any, ...]:
         """The global random generators vmap does not see (Python's ``random``, numpy's

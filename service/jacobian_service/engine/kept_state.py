@@ -1,0 +1,254 @@
+"""What a registered function keeps across its calls, taken before a call and compared
+(and put back) after it.
+
+A stacked batch (request batching) is one call of the function for all its members. A
+function that keeps state across calls (a Python counter, ``global N; N += 1``, a
+module-level buffer ``BUF.add_(1)``, an ``nn.Module``'s ``self.calls += 1``) then
+changed that state once for every member, where each member's request alone changes it
+once: four clients' ``x * N`` were all answered with one ``N`` (measured: ``2x`` each,
+where one after another alone they are ``2x, 3x, 4x, 5x``). And a stacked call that
+failed (vmap cannot run the function) had already changed the state before each member
+ran again alone: every later request saw one call too many.
+
+:class:`KeptState` walks what the function can reach besides its inputs (its closure
+cells, defaults, the globals its code names, bound ``self``, a callable object's or an
+``nn.Module``'s attributes and buffers, the containers among them, and the functions
+of the user's own modules that it names, a few levels deep), noting each container's
+items and each tensor's version counter (copying the tensors, up to a bound, so they
+can be put back). :meth:`KeptState.changed` says whether a call changed any of it;
+:meth:`KeptState.restore` puts it back as it was. Modules, classes and library code
+(the standard library, installed packages) are not walked: their caches change
+legitimately, and a function's state lives in its own module.
+
+Not seen: state an object keeps without a ``__dict__`` (an ``itertools.count``, a
+generator), behind a module attribute (``mymod.N += 1``), or in a C extension; and a
+tensor past the copy bound is noticed changed but not put back.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import sysconfig
+import types
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["KeptState"]
+
+# A bounded walk: a function reaching a large object graph (a model's many submodules)
+# costs at most this many nodes; what lies past it is not watched.
+_MAX_NODES = 4096
+_MAX_DEPTH = 6
+# Tensors copied so a changed one can be put back (a model's buffers, a global buffer);
+# past this total only their version counters are watched.
+_COPY_BYTES = 16 << 20
+_MISSING = object()
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _library_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return tuple(sorted(d for d in dirs if d))
+
+
+_LIBRARY = _library_dirs()
+
+
+def _users(code: types.CodeType) -> bool:
+    """Whether code is the user's (not the standard library's or an installed package's,
+    nor the service's own)."""
+    name = code.co_filename
+    return not name.startswith(_LIBRARY) and not name.startswith("<frozen") and "jacobian_service" not in name
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """The global names a code object and the code nested in it (lambdas, inner
+    functions, comprehensions) may read or write."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    # (a float computed again to the same value is another object, and no change)
+    return type(a) is type(b) and isinstance(a, _PLAIN) and a == b
+
+
+class KeptState:
+    """A snapshot of what ``fn`` reaches besides its inputs (see the module's doc)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._seen: set[int] = set()
+        self._keep: list[Any] = []  # what was walked, alive while this snapshot is
+        self._dicts: list[tuple[dict[Any, Any], dict[Any, Any]]] = []
+        self._globals: list[tuple[dict[str, Any], str, Any]] = []
+        self._lists: list[tuple[list[Any], list[Any]]] = []
+        self._sets: list[tuple[set[Any], set[Any]]] = []
+        self._cells: list[tuple[types.CellType, Any]] = []
+        self._tensors: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []
+        self._copied = 0
+        self._nodes = 0
+        self._walk(fn, 0)
+
+    # ------------------------------------------------------------------ walk
+
+    def _first(self, v: Any) -> bool:
+        if id(v) in self._seen or self._nodes >= _MAX_NODES:
+            return False
+        self._seen.add(id(v))
+        self._keep.append(v)
+        self._nodes += 1
+        return True
+
+    def _walk(self, v: Any, depth: int) -> None:
+        if depth > _MAX_DEPTH or isinstance(v, _PLAIN) or isinstance(v, (type, types.ModuleType)):
+            return
+        if not self._first(v):
+            return
+        if isinstance(v, torch.Tensor):
+            self._tensor(v)
+        elif isinstance(v, dict):
+            self._dicts.append((v, dict(v)))
+            for item in list(v.values()):
+                self._walk(item, depth + 1)
+        elif isinstance(v, list):
+            self._lists.append((v, list(v)))
+            for item in v:
+                self._walk(item, depth + 1)
+        elif isinstance(v, (tuple, frozenset)):
+            for item in v:
+                self._walk(item, depth + 1)
+        elif isinstance(v, set):
+            self._sets.append((v, set(v)))
+        elif isinstance(v, types.FunctionType):
+            self._function(v, depth)
+        elif isinstance(v, types.MethodType):
+            self._walk(v.__self__, depth + 1)
+            self._walk(v.__func__, depth + 1)
+        elif isinstance(v, functools.partial):
+            self._walk(v.func, depth + 1)
+            self._walk(v.args, depth + 1)
+            self._walk(v.keywords, depth + 1)
+        elif isinstance(v, (types.BuiltinFunctionType, types.CodeType)):
+            return
+        else:
+            attributes = getattr(v, "__dict__", None)
+            if isinstance(attributes, dict):
+                self._walk(attributes, depth + 1)
+            # a callable object's or a module's code: what its call reaches (forward's globals)
+            for name in ("__call__", "forward"):
+                method = getattr(type(v), name, None)
+                if isinstance(method, types.FunctionType):
+                    self._walk(method, depth + 1)
+
+    def _function(self, fn: types.FunctionType, depth: int) -> None:
+        if depth and not _users(fn.__code__):  # the registered function itself always
+            return
+        for cell in fn.__closure__ or ():
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # an empty cell
+                contents = _MISSING
+            self._cells.append((cell, contents))
+            if contents is not _MISSING:
+                self._walk(contents, depth + 1)
+        self._walk(fn.__defaults__, depth + 1)
+        self._walk(fn.__kwdefaults__, depth + 1)
+        namespace = fn.__globals__
+        for name in sorted(_names(fn.__code__)):
+            if name in namespace or not hasattr(builtins, name):
+                value = namespace.get(name, _MISSING)
+                self._globals.append((namespace, name, value))
+                if value is not _MISSING:
+                    self._walk(value, depth + 1)
+
+    def _tensor(self, t: torch.Tensor) -> None:
+        try:
+            version = t._version
+        except Exception:  # a tensor without storage (a functional or batched wrapper): no word
+            return
+        copy = None
+        nbytes = t.numel() * t.element_size() if t.layout == torch.strided else _COPY_BYTES + 1
+        if self._copied + nbytes <= _COPY_BYTES:
+            try:
+                copy = t.detach().clone()
+                self._copied += nbytes
+            except Exception:  # (a meta tensor, an exotic subclass): watched, not kept
+                copy = None
+        self._tensors.append((t, version, copy))
+
+    # ------------------------------------------------------------------ after a call
+
+    def changed(self) -> bool:
+        """Whether what was taken changed since."""
+        for d, items in self._dicts:
+            if len(d) != len(items) or any(not _same(d.get(k, _MISSING), v) for k, v in items.items()):
+                return True
+        for namespace, name, value in self._globals:
+            if not _same(namespace.get(name, _MISSING), value):
+                return True
+        for lst, items in self._lists:
+            if len(lst) != len(items) or any(not _same(a, b) for a, b in zip(lst, items)):
+                return True
+        for s, items in self._sets:
+            if s != items:
+                return True
+        for cell, contents in self._cells:
+            try:
+                now = cell.cell_contents
+            except ValueError:
+                now = _MISSING
+            if not _same(now, contents):
+                return True
+        for t, version, _ in self._tensors:
+            if t._version != version:
+                return True
+        return False
+
+    def restore(self) -> bool:
+        """Put back what changed; whether all of it could be (a tensor past the copy
+        bound, or one resized, cannot)."""
+        whole = True
+        for d, items in self._dicts:
+            if len(d) != len(items) or any(not _same(d.get(k, _MISSING), v) for k, v in items.items()):
+                d.clear()
+                d.update(items)
+        for namespace, name, value in self._globals:
+            if not _same(namespace.get(name, _MISSING), value):
+                if value is _MISSING:
+                    namespace.pop(name, None)
+                else:
+                    namespace[name] = value
+        for lst, items in self._lists:
+            if len(lst) != len(items) or any(not _same(a, b) for a, b in zip(lst, items)):
+                lst[:] = items
+        for s, items in self._sets:
+            if s != items:
+                s.clear()
+                s.update(items)
+        for cell, contents in self._cells:
+            try:
+                now = cell.cell_contents
+            except ValueError:
+                now = _MISSING
+            if not _same(now, contents):
+                if contents is _MISSING:
+                    del cell.cell_contents
+                else:
+                    cell.cell_contents = contents
+        for t, version, copy in self._tensors:
+            if t._version == version:
+                continue
+            if copy is None or copy.shape != t.shape or copy.dtype != t.dtype:
+                whole = False
+                continue
+            with torch.no_grad():
+                t.copy_(copy)
+        return whole

@@ -1,0 +1,82 @@
+"""Functions for tests/test_parity_round36.py: state a function keeps across its calls
+(a Python counter, a module-level buffer it adds to, an nn.Module's buffer and attribute),
+which a stacked batch of several clients' requests (one vmapped call) changed once for
+all its members."""
+
+from __future__ import annotations
+
+import torch
+
+COUNT = 0
+BUF = torch.zeros(3, dtype=torch.float64)
+STEPS = [0]
+
+
+def counter(x):
+    """x times how many times it has been called: a Python global counter."""
+    global COUNT
+    COUNT += 1
+    return x * COUNT
+
+
+def buffer_add(x):
+    """x times a module-level buffer that every call adds 1 to, in place."""
+    BUF.add_(1)
+    return x * BUF
+
+
+def list_counter(x):
+    """A counter kept in a list (a container's item, not a global rebound)."""
+    STEPS[0] += 1
+    return x * STEPS[0]
+
+
+class Calls(torch.nn.Module):
+    """An nn.Module counting its calls in a buffer (in place) and an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+        self.seen = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.seen += 1
+        return x * self.calls + self.seen
+
+
+MODULE = Calls()
+
+
+def module_calls(x):
+    return MODULE(x)
+
+
+def make_closure():
+    n = 0
+
+    def closure_counter(x):
+        """A counter in a closure cell (nonlocal)."""
+        nonlocal n
+        n += 1
+        return x * n
+
+    return closure_counter
+
+
+closure_counter = make_closure()
+
+ITEM_CALLS = 0
+
+
+def counter_item(x):
+    """A counter, then ``.item()``, which torch's vmap cannot run: the counter has moved
+    by the time vmap fails and the examples run one by one."""
+    global ITEM_CALLS
+    ITEM_CALLS += 1
+    return x * ITEM_CALLS * (1.0 if x.sum().item() > -1e300 else 0.0)
+
+
+def pure(x):
+    """Keeps nothing: its requests stay stacked."""
+    return x.sin() * 2
