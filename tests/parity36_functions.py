@@ -80,3 +80,33 @@ def counter_item(x):
 def pure(x):
     """Keeps nothing: its requests stay stacked."""
     return x.sin() * 2
+
+
+CALLS = 0
+
+
+def cubic_counted(x):
+    """A scalar scaled by its call count: its Hessian, gradient products and forward-mode
+    Jacobian follow the count of the one call torch.func makes."""
+    global CALLS
+    CALLS += 1
+    return (x**3).sum() * CALLS
+
+
+class Scaled(torch.nn.Module):
+    """sin(x) times how many times it has been called (an attribute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += 1
+        return x.sin() * self.seen
+
+
+SCALED = Scaled()
+
+
+def sin_counted(x):
+    return SCALED(x)

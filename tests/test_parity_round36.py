@@ -15,7 +15,14 @@ on a per-example request whose vmap fails, compared with each request alone, in 
    back now. Likewise a ``batched: true`` request whose vmap fails and whose examples run
    one by one: the failed try's step was made twice (``[2x, 3x, 4x]`` for ``[x, 2x, 3x]``'s
    loop ``[1x, 2x, 3x]``).
-3. Guards: a pure function stays stacked.
+3. One request alone: the engine may call the function several times (a Hessian's
+   strategies and checks, forward mode's check against reverse, a jvp's output and its
+   products) where torch.func calls it once, and each call stepped the state: a counted
+   ``(x**3).sum() * n`` answered its Hessian 7 steps on (``18 x`` where torch's is
+   ``6 x``), ``mode=fwd`` Jacobians and jvp / hvp products 4 and 2 steps on, and every
+   later request saw those steps. Every call of one request now begins from the state the
+   first began in, and the request leaves it as that call did (kept_state.Replay).
+4. Guards: a pure function stays stacked.
 
 The real engine and its scheduler in-process (no server), one engine for the module, as
 round 34.
@@ -160,3 +167,53 @@ def test_a_pure_function_stays_stacked(engine):
         assert error is None and size == len(XS)
         np.testing.assert_allclose(result.value, lone(F.pure, "jacobian", x), rtol=1e-12)
     assert engine.can_batch("pure")
+
+
+V = np.array([0.3, 0.1, -1.0])
+
+
+def alone_routes(fn: Any) -> list[tuple[str, dict[str, Any], Any]]:
+    """(route, options, in-process torch.func) for one request alone."""
+    routes = [
+        ("evaluate", {}, lambda x: fn(x)),
+        ("jacobian", {}, lambda x: torch.func.jacrev(fn)(x)),
+        ("jacobian", {"mode": "fwd"}, lambda x: torch.func.jacfwd(fn)(x)),
+        ("jacobian", {"chunk_size": 1}, lambda x: torch.func.jacrev(fn, chunk_size=1)(x)),
+        ("hessian", {}, lambda x: torch.func.hessian(fn)(x)),
+        ("jvp", {"vectors": V}, lambda x: torch.func.jvp(fn, (x,), (torch.from_numpy(V),))[1]),
+    ]
+    if fn is F.cubic_counted:
+        routes.append(("hvp", {"vectors": V},
+                       lambda x: torch.func.jvp(torch.func.grad(fn), (x,), (torch.from_numpy(V),))[1]))
+    else:
+        routes.append(("vjp", {"vectors": V}, lambda x: torch.func.vjp(fn, x)[1](torch.from_numpy(V))[0]))
+    return routes
+
+
+def counted(fn: Any) -> int:
+    return F.CALLS if fn is F.cubic_counted else F.SCALED.seen
+
+
+def set_count(fn: Any, n: int) -> None:
+    if fn is F.cubic_counted:
+        F.CALLS = n
+    else:
+        F.SCALED.seen = n
+
+
+@pytest.mark.parametrize("fn", [F.cubic_counted, F.sin_counted])
+def test_a_lone_request_of_a_function_keeping_state_calls_it_once_as_torch_does(engine, fn):
+    sp = spec(fn, f"{fn.__name__}_alone")
+    for route, options, torchs in alone_routes(fn):
+        start = counted(fn)
+        got = []
+        for x in XS[:3]:
+            got.append(getattr(engine, route)(call(sp, x, **options)).value)
+        stepped = counted(fn) - start
+        set_count(fn, start)
+        want = [torchs(torch.from_numpy(x)).detach().numpy() for x in XS[:3]]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-12, err_msg=f"{route} {options}")
+        assert stepped == 3, (route, options, stepped)  # one step a request, as torch.func's one call
+        set_count(fn, start + 3)
+    assert engine.profiles[sp.name].keeps_state

@@ -7,6 +7,7 @@ Jacobians and errors, while ``jacrev`` stayed clean).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .calling import (AuxBox, GradOffWatch, as_input_dtypes, dense_pullback, dif
 from .devices import release_free_heap
 from .dual_level import beside_a_held_dual_level
 from .products import agrees_with_reverse, global_replay, one_agrees, over_vectors, rng_replay
+from . import kept_state
 from .kept_state import KeptState
 from .profile import Profiles
 from .rows import RowStream
@@ -281,6 +283,38 @@ def _rows(arr: np.ndarray) -> list[np.ndarray]:
     return [arr[i, ...] for i in range(arr.shape[0])]
 
 
+
+# Requests of a function watched (kept_state.Replay) before one that changed no state it
+# keeps is taken to say it keeps none: the watch (its snapshot, ~10-80 us) stops then.
+_STATE_WATCHED = 16
+
+
+def _one_state(method: Callable[..., Any]) -> Callable[..., Any]:
+    """An Engine entry point whose calls of the function, for one plain request, each
+    begin from the state the first began in (kept_state.Replay). Not for ``batched``
+    requests (torch's vmap calls the function once for all examples; its fallbacks are
+    request batching's and over_examples' to put back), nor within another entry point."""
+
+    @functools.wraps(method)
+    def entry(self: "Engine", call: Call, *args: Any, **kwargs: Any) -> Any:
+        profile = self.profiles[call.spec.name]
+        if (kept_state.active is not None or call.batched
+                or not (profile.keeps_state or profile.state_watched < _STATE_WATCHED)):
+            return method(self, call, *args, **kwargs)
+        replay = kept_state.active = kept_state.Replay(call.spec.fn)
+        try:
+            return method(self, call, *args, **kwargs)
+        finally:
+            kept_state.active = None
+            replay.end()
+            if replay.keeps_state:
+                profile.keeps_state = True
+            elif replay.calls:
+                profile.state_watched += 1
+
+    return entry
+
+
 class Engine:
     """Computes derivatives on one device. Not thread-safe: one thread owns it."""
 
@@ -469,6 +503,7 @@ class Engine:
         self.profiles[call.spec.name].output_rows[stream.signature] = stream.total_rows
         return stream
 
+    @_one_state
     def jacobian(self, call: Call, stream: RowStream | None = None) -> Result:
         """The whole Jacobian, gathered; ``stream`` reuses a forward pass already made."""
         if call.sparsity != "dense":
@@ -492,6 +527,7 @@ class Engine:
         return Result(value, aux, call.spec.has_aux, output, _rows_per_vmap(stream.chunk_used or chunk, stop - start), "rev",
                       batch_meta=half)
 
+    @_one_state
     def jacobian_npy(self, call: Call, stream_threshold: int) -> Result | Streamed:
         """A Jacobian bound for ``.npy``: gathered when small (or forward mode, or several
         outputs), else :class:`Streamed` row chunk by row chunk. The forward pass fixes
@@ -617,6 +653,7 @@ class Engine:
 
     # ----------------------------------------------------------------- hessian
 
+    @_one_state
     def hessian(self, call: Call) -> Result:
         if call.sparsity != "dense":
             return _sparse.sparse_derivative(self, call, "hessian")
@@ -624,6 +661,7 @@ class Engine:
             return _batched.batched(self, call, "hessian")
         return _hessian.hessian(self, call)
 
+    @_one_state
     def hessian_npy(self, call: Call, stream_threshold: int) -> Result | Streamed:
         """A sparse Hessian bound for a dense ``.npy`` (``sparse_format=dense``; the
         front end sends no other here): streamed as a sparse Jacobian's dense form is."""
@@ -631,15 +669,18 @@ class Engine:
 
     # ----------------------------------------------------------------- sparsity patterns
 
+    @_one_state
     def sparsity_jacobian(self, call: Call) -> Result:
         """The Jacobian's sparsity pattern and colouring (``GET .../sparsity``)."""
         return _sparse.describe(self, call, "jacobian")
 
+    @_one_state
     def sparsity_hessian(self, call: Call) -> Result:
         return _sparse.describe(self, call, "hessian")
 
     # ----------------------------------------------------------------- evaluate, vjp, jvp, hvp
 
+    @_one_state
     def evaluate(self, call: Call, allow_loop: bool = True) -> Result:
         args = self.tensors(call)
         box = AuxBox(call.spec, differentiated=False)
@@ -770,6 +811,7 @@ class Engine:
                 return flat_leaves
             raise
 
+    @_one_state
     def vjp(self, call: Call) -> Result:
         args = self.tensors(call)
         box = AuxBox(call.spec, complex_ok=True)  # torch.func.vjp pulls back a complex cotangent
@@ -790,6 +832,7 @@ class Engine:
         return Result(self.host(value), self.host(aux), call.spec.has_aux, output,
                       batch_meta=derivative_half_meta(call, value, out, aux))
 
+    @_one_state
     def jvp(self, call: Call) -> Result:
         args = self.tensors(call)
         box = AuxBox(call.spec, differentiated=False)  # torch.func.jvp answers integer outputs
@@ -822,6 +865,7 @@ class Engine:
         return Result(self.host(value), self.host(aux), call.spec.has_aux, output,
                       batch_meta=derivative_half_meta(call, value, out, aux))
 
+    @_one_state
     def hvp(self, call: Call) -> Result:
         """Hessian-vector products, forward over reverse: ``jvp(grad(f), primals,
         tangents)`` of a scalar function; with ``cotangents`` (shaped like the output, any

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["KeptState"]
+__all__ = ["KeptState", "Replay", "active"]
 
 # A bounded walk: a function reaching a large object graph (a model's many submodules)
 # costs at most this many nodes; what lies past it is not watched.
@@ -252,3 +252,76 @@ class KeptState:
             with torch.no_grad():
                 t.copy_(copy)
         return whole
+
+
+class Replay:
+    """One request's calls of its function, each from the state the first one began in.
+
+    The engine may call a function several times for one request (a Hessian's strategies
+    and checks, forward mode's check against reverse, a jvp's output and its products)
+    where ``torch.func`` calls it once. A function keeping state across calls stepped it
+    at each: ``x * n`` (``n += 1`` a call) answered a ``mode=fwd`` Jacobian of ``4n``
+    where ``torch.func.jacfwd`` answers ``n``, a Hessian of ``(x**3).sum() * n`` 7 steps
+    on, and every later request saw the steps. Here the first call's state is noted
+    (:class:`KeptState`); where that call changed it, every later call begins from the
+    same state again, and once the request is done the state is left as the first call
+    left it: one step a request, each call computing what the one call in-process does.
+    Notes and writes are made with functorch's transforms off (a captured tensor written
+    inside a ``grad`` transform is refused)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.calls = 0
+        self.before: KeptState | None = None
+        self.after: KeptState | None = None
+
+    def call(self, args: Any) -> Any:
+        fn = self.fn
+        if self.calls == 0:
+            self.calls = 1
+            with _plain():
+                self.before = KeptState(fn)
+            try:
+                return fn(*args)
+            finally:
+                with _plain():
+                    if self.before.changed():
+                        self.after = KeptState(fn)  # the state the one answered call leaves
+                    else:
+                        self.before = None  # it keeps nothing (so far): later calls as they are
+        self.calls += 1
+        if self.before is not None:
+            with _plain():
+                self.before.restore()
+        return fn(*args)
+
+    @property
+    def keeps_state(self) -> bool:
+        return self.after is not None
+
+    def end(self) -> None:
+        """The request is done: the state as the first call left it."""
+        if self.after is not None and self.calls > 1:
+            with _plain():
+                if self.after.changed():
+                    self.after.restore()
+
+
+class _plain:
+    """functorch's transforms off, and no autograd, for the notes and writes of a Replay
+    made from inside a transform's call of the function."""
+
+    def __enter__(self) -> None:
+        self._off = torch._C._DisableFuncTorch()
+        self._grad = torch.no_grad()
+        self._off.__enter__()
+        self._grad.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._grad.__exit__(*exc)
+        self._off.__exit__(*exc)
+
+
+#: The request whose function is being called, where its calls are replayed (one at a
+#: time: the engine's thread runs one request at a time).
+active: Replay | None = None

@@ -98,6 +98,10 @@ class FunctionProfile:
     # False once a stacked batch of its requests drew from a global random generator
     # (engine.core.Engine.run_batch): its requests run alone, each with its own draws
     stacks: bool = True
+    # Requests watched for state the function keeps across calls (kept_state.Replay),
+    # until _STATE_WATCHED of them changed none; True once one did: always watched
+    state_watched: int = 0
+    keeps_state: bool = False
     # (what ran: "evaluate" / "jacobian" / "hessian", in_dims) vmap refused, where only
     # that is refused (batched.over_examples): those examples loop, the rest still vmap
     vmap_refused: _LRU[Any, bool] = field(default_factory=_LRU)
