@@ -249,8 +249,12 @@ class KeptState:
             if copy is None or copy.shape != t.shape or copy.dtype != t.dtype:
                 whole = False
                 continue
-            with torch.no_grad():
+            grad = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)  # (not no_grad: see _plain)
+            try:
                 t.copy_(copy)
+            finally:
+                torch._C._set_grad_enabled(grad)
         return whole
 
 
@@ -309,16 +313,19 @@ class Replay:
 
 class _plain:
     """functorch's transforms off, and no autograd, for the notes and writes of a Replay
-    made from inside a transform's call of the function."""
+    made from inside a transform's call of the function. Grad is switched off through
+    torch's C switch, not ``torch.no_grad``: the engine's GradOffWatch reads a
+    ``no_grad`` inside the function's call as the function's own (its Hessians are then
+    torch's own strategy only: a function without forward AD had none that ran)."""
 
     def __enter__(self) -> None:
         self._off = torch._C._DisableFuncTorch()
-        self._grad = torch.no_grad()
         self._off.__enter__()
-        self._grad.__enter__()
+        self._grad = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
 
     def __exit__(self, *exc: Any) -> None:
-        self._grad.__exit__(*exc)
+        torch._C._set_grad_enabled(self._grad)
         self._off.__exit__(*exc)
 
 
