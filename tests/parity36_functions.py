@@ -6,6 +6,7 @@ all its members."""
 from __future__ import annotations
 
 import torch
+from jacobian_service import Input, register
 
 COUNT = 0
 BUF = torch.zeros(3, dtype=torch.float64)
@@ -85,6 +86,7 @@ def pure(x):
 CALLS = 0
 
 
+@register(inputs=[Input("x", shape=("n",))])
 def cubic_counted(x):
     """A scalar scaled by its call count: its Hessian, gradient products and forward-mode
     Jacobian follow the count of the one call torch.func makes."""
@@ -110,3 +112,9 @@ SCALED = Scaled()
 
 def sin_counted(x):
     return SCALED(x)
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def calls_so_far(x):
+    """cubic_counted's count (x only gives the dtype), read without stepping it."""
+    return torch.tensor(float(CALLS), dtype=x.dtype)

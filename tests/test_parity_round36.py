@@ -25,7 +25,7 @@ on a per-example request whose vmap fails, compared with each request alone, in 
 4. Guards: a pure function stays stacked.
 
 The real engine and its scheduler in-process (no server), one engine for the module, as
-round 34.
+round 34; and one app serving the module, its engine in a process of its own, for 3.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from jacobian_service.scheduler import Job, Worker
 from jacobian_service.types import Call
 
 from . import parity36_functions as F
+from .conftest import ready_app
+from .test_parity_round7 import answer, post, wire_tree
 
 XS = [np.array([1.0, -2.0, 0.5]) * (i + 1) for i in range(4)]
 
@@ -217,3 +219,23 @@ def test_a_lone_request_of_a_function_keeping_state_calls_it_once_as_torch_does(
         assert stepped == 3, (route, options, stepped)  # one step a request, as torch.func's one call
         set_count(fn, start + 3)
     assert engine.profiles[sp.name].keeps_state
+
+
+def test_over_http_each_request_steps_the_state_once_and_answers_torchs_one_call():
+    """The same through an app and its engine process: the count read before and after
+    each request (calls_so_far), the answer torch.func's at the count its one call sees."""
+    x = np.array([1.0, -2.0, 0.5])
+    f = torch.func
+    routes = [("hessian", {}, lambda g, tx: f.hessian(g)(tx)),
+              ("jacobian", {"mode": "fwd"}, lambda g, tx: f.jacfwd(g)(tx)),
+              ("jvp", {"tangents": wire_tree(V)}, lambda g, tx: f.jvp(g, (tx,), (torch.from_numpy(V),))[1]),
+              ("hvp", {"tangents": wire_tree(V)}, lambda g, tx: f.jvp(f.grad(g), (tx,), (torch.from_numpy(V),))[1])]
+    with ready_app("tests.parity36_functions") as c:
+        def count() -> float:
+            return float(answer(post(c, "calls_so_far", "evaluate", [x]), "output")[0])
+        for route, options, torchs in routes:
+            n = count()
+            got, _ = answer(post(c, "cubic_counted", route, [x], **options), route)
+            assert count() == n + 1, route  # before: 7 steps (hessian), 4 (mode=fwd), 2 (jvp, hvp)
+            want = torchs(lambda z: (z**3).sum() * (n + 1), torch.from_numpy(x)).numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=route)
