@@ -239,3 +239,19 @@ def test_over_http_each_request_steps_the_state_once_and_answers_torchs_one_call
             assert count() == n + 1, route  # before: 7 steps (hessian), 4 (mode=fwd), 2 (jvp, hvp)
             want = torchs(lambda z: (z**3).sum() * (n + 1), torch.from_numpy(x)).numpy()
             np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=route)
+
+
+def test_a_cache_filled_on_first_use_is_watched_only_a_while(engine):
+    """A cache a function fills on first use changes its state once: its requests are
+    answered as torch's (the first one's later calls refill it), and the watch stops
+    after 16 requests (it copied the mlp's weights at every request, for good)."""
+    sp = spec(F.cached_weights, "cached_weights")
+    F._CACHE.clear()
+    for i in range(18):
+        x = XS[i % len(XS)]
+        got = engine.hessian(call(sp, x)).value if i % 2 else engine.jacobian(call(sp, x)).value
+        fn = torch.func.hessian if i % 2 else torch.func.jacrev
+        np.testing.assert_allclose(got, fn(F.cached_weights)(torch.from_numpy(x)).numpy(), rtol=1e-12)
+    profile = engine.profiles[sp.name]
+    assert (profile.state_watched, profile.state_changed, profile.keeps_state) == (16, 1, False)
+    assert "w" in F._CACHE

@@ -284,9 +284,13 @@ def _rows(arr: np.ndarray) -> list[np.ndarray]:
 
 
 
-# Requests of a function watched (kept_state.Replay) before one that changed no state it
-# keeps is taken to say it keeps none: the watch (its snapshot, ~10-80 us) stops then.
+# Requests of a function watched (kept_state.Replay) before the watch (its snapshot, ~10
+# us and a copy of the tensors it reaches) stops, unless _STATE_CHANGED of them changed
+# its state: a counter changes it at every call, a cache filled on first use (the
+# built-in mlp's weights per device) once, or once per dtype or device. Such a cache kept
+# the mlp watched for good: each request copied its weights.
 _STATE_WATCHED = 16
+_STATE_CHANGED = 4
 
 
 def _one_state(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -307,10 +311,10 @@ def _one_state(method: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             kept_state.active = None
             replay.end()
-            if replay.keeps_state:
-                profile.keeps_state = True
-            elif replay.calls:
+            if replay.calls:
                 profile.state_watched += 1
+                profile.state_changed += replay.keeps_state
+                profile.keeps_state = profile.keeps_state or profile.state_changed >= _STATE_CHANGED
 
     return entry
 

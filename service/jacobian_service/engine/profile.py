@@ -99,8 +99,10 @@ class FunctionProfile:
     # (engine.core.Engine.run_batch): its requests run alone, each with its own draws
     stacks: bool = True
     # Requests watched for state the function keeps across calls (kept_state.Replay),
-    # until _STATE_WATCHED of them changed none; True once one did: always watched
+    # the first _STATE_WATCHED of them (engine.core), and how many of those changed it;
+    # True once a few did (not only a cache filled on first use): always watched then
     state_watched: int = 0
+    state_changed: int = 0
     keeps_state: bool = False
     # (what ran: "evaluate" / "jacobian" / "hessian", in_dims) vmap refused, where only
     # that is refused (batched.over_examples): those examples loop, the rest still vmap
