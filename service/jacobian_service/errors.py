@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from jacobian_client.wire import PROBLEM_STATUS, WireError
 
@@ -74,6 +74,7 @@ __all__ = [
     "exception_text",
     "from_wire",
     "no_answer_room",
+    "use_words_maker",
 ]
 
 
@@ -219,28 +220,63 @@ def _timed_words(exc: BaseException) -> str:
     return text
 
 
+# Where the engine owns its process: what makes words that run user code, in a child
+# process killed past the bound (``engine.words``), whose code cannot lift it as it can
+# SIGALRM's. None: ``_timed_words`` (the in-process layout, which must not fork its host).
+_words_maker: Callable[[BaseException], str | None] | None = None
+
+
+def use_words_maker(maker: Callable[[BaseException], str | None]) -> None:
+    """Set by an engine process as it takes its settings (``engine.words.forked_words``)."""
+    global _words_maker
+    _words_maker = maker
+
+
+def _made_words(exc: BaseException) -> str:
+    """The words of ``exc`` by ``_words_maker``: where no child could be made (no memory,
+    no process left), none, said so; past the bound, the bound's exception."""
+    assert _words_maker is not None
+    try:
+        text = _words_maker(exc)
+    except TimeoutError:
+        raise _WordsTooSlow from None
+    except ValueError:
+        return _NOT_TEXT
+    except RuntimeError:
+        return _RAISED
+    return "(its message was not made: no process to make it in)" if text is None else text
+
+
+_RAISED = "(its message could not be made: its __str__ raised)"
+_NOT_TEXT = "(its message is not text)"
+
+
 def exception_text(exc: BaseException, *, user_code: bool = True) -> str:
     """``str(exc)`` of an exception a user's function raised, bounded. Its ``__str__``
     (and its arguments' ``__str__`` or ``__repr__``, which Python's own call) is the
     user's code too: one that raised made our 500 ``internal_error`` instead of the
     function's ``function_error``; one that never returned held the engine to the hang
     watch (a 504 at the deadline, the engine replaced, the requests behind it 503s;
-    measured). Now user code making the words runs for ``_WORDS_WITHIN_S`` at most, and
-    the words are cut to ``_TEXT_LIMIT`` characters. ``user_code=False``: none is run
+    measured). Now user code making the words runs for ``_WORDS_WITHIN_S`` at most (in an
+    engine process, in a child process killed past it: ``use_words_maker``; elsewhere cut
+    by SIGALRM where the thread can take it), and the words are cut to ``_TEXT_LIMIT``
+    characters. ``user_code=False``: none is run
     (an empty text where it would be: what torch raises never needs any)."""
     try:
         if _builtin_words(exc):
             text = str(exc)
         elif not user_code:
             return ""
+        elif _words_maker is not None:
+            text = _made_words(exc)
         else:
             text = _timed_words(exc)
     except _WordsTooSlow:
         return f"(its message was not made: its __str__ took more than {_WORDS_WITHIN_S:g} s)"
     except BaseException:  # SystemExit from __str__ too: still the function's error, not ours
-        return "(its message could not be made: its __str__ raised)"
+        return _RAISED
     if not isinstance(text, str):
-        return "(its message is not text)"
+        return _NOT_TEXT
     text = str.__str__(text)[:_TEXT_LIMIT]  # (a str subclass's own methods are user code too)
     # Lone surrogates (os.fsdecode of an undecodable file name) are not UTF-8: the reply
     # carrying them could not be encoded, and the request waited for its deadline.

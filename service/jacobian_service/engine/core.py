@@ -392,6 +392,15 @@ class Engine:
         watch_direct()  # (before the settings' kernels and the namespaces are taken)
         self.process_settings = ProcessSettings(own_process=True)
         self._shares_process = False
+        # An error's words that run user code made in a child, killed past their bound
+        # (the hooks registered from now on are the functions', set aside at that fork).
+        from .. import errors
+        from .process_settings import fork_hook_lists
+        from .words import forked_words
+
+        lists = fork_hook_lists()
+        errors.use_words_maker(forked_words(lists, tuple(map(len, lists)), errors._WORDS_WITHIN_S,
+                                            errors._TEXT_LIMIT))
         # with the functions' modules imported: what they bound as imported stays
         self.namespaces = Namespaces(own_process=True, registry=registry)
 

@@ -104,7 +104,7 @@ from .imports import Imports, path_changed, path_entries, put_path
 from .library_state import DecimalContext, Generator, ProgramEnvironment, generators, locale_now, put_locale
 from .torch_kernels import KERNELS
 
-__all__ = ["ProcessSettings"]
+__all__ = ["ProcessSettings", "fork_hook_lists"]
 
 log = logging.getLogger("jacobian_service.engine")
 
@@ -1294,7 +1294,7 @@ def _no_fork_hook() -> None:
 
 
 @functools.cache
-def _fork_hook_lists() -> tuple[list[Any], ...]:
+def fork_hook_lists() -> tuple[list[Any], ...]:
     """The interpreter's lists of ``os.register_at_fork`` hooks (before, after in the
     parent, after in the child), which Python does not expose: found once, as what
     refers to a hook of the engine's own (a walk of the heap, ~30 ms with torch loaded).
@@ -1314,11 +1314,11 @@ def _fork_hooks() -> tuple[int, ...]:
     forked child exit 7 at once), and Python has no way to remove one. Those a library
     registers as a function first imports it go too (torch's, the standard library's,
     the functions' modules' are the engine's, from before it took its settings)."""
-    return tuple(map(len, _fork_hook_lists()))
+    return tuple(map(len, fork_hook_lists()))
 
 
 def _put_fork_hooks(taken: tuple[int, ...]) -> None:
-    for hooks, count in zip(_fork_hook_lists(), taken):
+    for hooks, count in zip(fork_hook_lists(), taken):
         del hooks[count:]  # the latest: registered by the batch
 
 
