@@ -226,10 +226,11 @@ def _timed_words(exc: BaseException) -> str:
 _words_maker: Callable[[BaseException], str | None] | None = None
 
 
-def use_words_maker(maker: Callable[[BaseException], str | None]) -> None:
-    """Set by an engine process as it takes its settings (``engine.words.forked_words``)."""
+def use_words_maker(make: Callable[[float, int], Callable[[BaseException], str | None]]) -> None:
+    """Set by an engine process as it takes its settings (``engine.words.forked_words``):
+    ``make(within_s, limit)`` gives the maker, held to this module's bound and length."""
     global _words_maker
-    _words_maker = maker
+    _words_maker = make(_WORDS_WITHIN_S, _TEXT_LIMIT)
 
 
 def _made_words(exc: BaseException) -> str:

@@ -399,8 +399,7 @@ class Engine:
         from .words import forked_words
 
         lists = fork_hook_lists()
-        errors.use_words_maker(forked_words(lists, tuple(map(len, lists)), errors._WORDS_WITHIN_S,
-                                            errors._TEXT_LIMIT))
+        errors.use_words_maker(functools.partial(forked_words, lists, tuple(map(len, lists))))
         # with the functions' modules imported: what they bound as imported stays
         self.namespaces = Namespaces(own_process=True, registry=registry)
 

@@ -103,6 +103,7 @@ from ..procfs import descriptor_identity
 from .imports import Imports, path_changed, path_entries, put_path
 from .library_state import DecimalContext, Generator, ProgramEnvironment, generators, locale_now, put_locale
 from .torch_kernels import KERNELS
+from .torch_tables import KLTables, NoWrap
 
 __all__ = ["ProcessSettings", "fork_hook_lists"]
 
@@ -976,6 +977,9 @@ def _stop_profiler() -> None:
             torch.autograd._disable_profiler_legacy()
 
 
+_KL = KLTables()
+_NOWRAP = NoWrap()
+
 _SETTINGS: tuple[_Setting, ...] = (
     # First: leaving them restores the grad mode each saved, which the grad mode's own
     # setting, after, then checks.
@@ -1057,6 +1061,11 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("torch's profiler (entered, not exited)", torch.autograd._profiler_enabled, lambda taken: _stop_profiler(),
              operator.gt),
     _Setting("kernels of torch's own operators (torch.library)", KERNELS.count, KERNELS.put, KERNELS.changed),
+    # Tables torch's own Python reads as it runs, edited in place (``torch_tables``).
+    _Setting("torch.distributions' KL registry (register_kl) or its memo", _KL.get, _KL.put, _KL.changed,
+             shown=(_KL.shown, "torch's own entries")),
+    _Setting("torch.overrides' default no-wrap functions (get_default_nowrap_functions)", _NOWRAP.get, _NOWRAP.put,
+             shown=(_NOWRAP.shown, "torch's own")),
     # torch.DisableTorchFunction() (or its Subclass kind) entered and kept: every later
     # tensor subclass's and torch function mode's ``__torch_function__`` skipped, silently
     # (a subclass that scales its results answered unscaled, a 200).

@@ -21,9 +21,9 @@ by an error whose words run user code (a ``ValueError("...")`` of plain argument
 read directly, ``errors._builtin_words``).
 
 Around the fork: the fork hooks a function registered (``os.register_at_fork``) are set
-aside (a ``before`` hook runs in the parent, unbounded), and SIGCHLD is blocked until the
-child is reaped and its signal taken (a handler a function set on SIGCHLD would run in the
-engine when the child ends). In the child, the engine's own signal handlers go back to
+aside (a ``before`` hook runs in the parent, unbounded), and so is a Python handler a
+function set on SIGCHLD (it would run in the engine when the child ends) until the child
+is reaped. In the child, the engine's own signal handlers go back to
 the default (a SIGTERM sent to the engine's group stops the child, and runs none of the
 engine's code there).
 """
@@ -34,6 +34,7 @@ import os
 import select
 import signal
 import struct
+import threading
 import time
 from typing import Any, Callable
 
@@ -55,7 +56,14 @@ def forked_words(hook_lists: tuple[list[Any], ...], hook_counts: tuple[int, ...]
         aside = [hooks[count:] for hooks, count in zip(hook_lists, hook_counts)]
         for hooks, count in zip(hook_lists, hook_counts):
             del hooks[count:]
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        # A Python handler on SIGCHLD set aside (SIG_DFL: the signal discarded) until the
+        # child is reaped. Blocking the signal in this thread was not enough: the kernel
+        # gives a process's signal to any thread that takes it (one of the engine's
+        # watchers), and Python then ran the handler here (1 run in 2 hung).
+        handler = signal.getsignal(signal.SIGCHLD)
+        swapped = callable(handler) and threading.current_thread() is threading.main_thread()
+        if swapped:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         try:
             try:
                 r, w = os.pipe()
@@ -76,8 +84,8 @@ def forked_words(hook_lists: tuple[list[Any], ...], hook_counts: tuple[int, ...]
                 os.close(r)
                 _reap(pid)
         finally:
-            if signal.SIGCHLD not in blocked:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            if swapped:
+                signal.signal(signal.SIGCHLD, handler)
             for hooks, added in zip(hook_lists, aside):
                 hooks.extend(added)
 
@@ -136,8 +144,7 @@ def _read(r: int, pid: int, within_s: float) -> str:
 
 
 def _reap(pid: int) -> None:
-    """The child killed (it may be done: then a no-op) and waited for, and its SIGCHLD
-    taken while still blocked, so that no handler of a function's runs for it."""
+    """The child killed (it may be done: then a no-op) and waited for."""
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -145,8 +152,4 @@ def _reap(pid: int) -> None:
     try:
         os.waitpid(pid, 0)
     except ChildProcessError:  # SIGCHLD ignored (a function's doing): the kernel reaped it
-        pass
-    try:
-        signal.sigtimedwait({signal.SIGCHLD}, 0)
-    except (OSError, ValueError):
         pass
