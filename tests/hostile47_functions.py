@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributions as D
 import torch.overrides
@@ -160,3 +162,33 @@ class Scaled(torch.Tensor):
 @register(inputs=X, description="x * 3 through a tensor subclass, halved by its own method: 1.5 x.")
 def subclass47(x: torch.Tensor) -> torch.Tensor:
     return x.detach().as_subclass(Scaled).mul(3).halve().as_subclass(torch.Tensor) + 0 * x
+
+
+# ------------------------------------------------------------ torch's and numpy's print options, torch.func's permissions
+
+
+@register(inputs=X, description="sin; armed (666), it sets torch's and numpy's print options to print whole, at one digit.")
+def printopts47(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        torch.set_printoptions(threshold=10**9, precision=1)
+        np.set_printoptions(threshold=sys.maxsize, precision=1)
+    return torch.sin(x)
+
+
+@register(inputs=X, description="The lengths of str of a 2,000-element tensor, a 2,000-element array and a third (+ 0 x).")
+def printed47(x: torch.Tensor) -> torch.Tensor:
+    said = [len(str(torch.zeros(2000))), len(str(np.zeros(2000))), len(str(torch.tensor(1 / 3)))]
+    return x * 0 + torch.tensor(said, dtype=x.dtype)
+
+
+@register(inputs=X, description="sin; armed (666), it allows torch.func's in-place requires_grad and leaves it so.")
+def permits47(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        torch._C._functorch.set_inplace_requires_grad_allowed(True)
+    return torch.sin(x)
+
+
+@register(inputs=X, description="2 x, calling x.requires_grad_() first (which torch.func's transforms refuse).")
+def requires_grad47(x: torch.Tensor) -> torch.Tensor:
+    x.requires_grad_()
+    return x * 2

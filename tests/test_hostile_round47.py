@@ -158,3 +158,35 @@ def test_the_no_wrap_set_edited_is_put_back(server, http) -> None:
     np.testing.assert_allclose(_evaluated(http, url, "subclass47", X), 1.5 * np.array(X), rtol=1e-12)
     log = _log_until(proc, start, r"nowrap47 changed torch\.overrides' default no-wrap functions")
     assert "(to TensorBase.mul added)" in log, log[-3000:]
+
+
+# ------------------------------------------------------------ print options, torch.func's permissions
+
+
+def test_print_options_are_put_back(server, http) -> None:
+    """``torch.set_printoptions(threshold=10**9, precision=1)`` (and numpy's alike) in one
+    function: every later function's str of a 2,000-element tensor was 8,672 characters
+    for 38 (an array's 6,084 for 23), a third printed at one digit, with a 200; a
+    million-element tensor's str took 41 s for 1 ms (a victim's request a 504, its
+    engine killed as hung). Now both are put back after the batch."""
+    url, proc = server
+    before = _evaluated(http, url, "printed47", X)
+    start = len(proc.read_log())
+    assert _armed(http, url, "printopts47", 0).status_code == 200
+    np.testing.assert_array_equal(_evaluated(http, url, "printed47", X), before)
+    log = _log_until(proc, start, r"printopts47 changed numpy's print options")
+    assert "printopts47 changed torch's print options (torch.set_printoptions) (to (1, 1000000000," in log, log[-3000:]
+    assert "printopts47 changed numpy's print options (np.set_printoptions)" in log, log[-3000:]
+
+
+def test_torch_func_permissions_are_put_back(server, http) -> None:
+    """``torch._C._functorch.set_inplace_requires_grad_allowed(True)`` (which torch.func
+    sets for its own call) left so: another function's ``x.requires_grad_()`` under a
+    Jacobian, torch's RuntimeError (500), answered 200 (measured). Now put back."""
+    url, _ = server
+    body = {"inputs": [{"dtype": "float64", "shape": [3], "data": X}]}
+    refused = assert_problem(http.post(f"{url}/v1/functions/requires_grad47/jacobian", json=body), 500,
+                             "function_error")
+    assert _armed(http, url, "permits47", 0).status_code == 200
+    again = assert_problem(http.post(f"{url}/v1/functions/requires_grad47/jacobian", json=body), 500, "function_error")
+    assert again["detail"] == refused["detail"]

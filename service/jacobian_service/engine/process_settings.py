@@ -977,6 +977,45 @@ def _stop_profiler() -> None:
             torch.autograd._disable_profiler_legacy()
 
 
+_PRINT_FIELDS = ("precision", "threshold", "edgeitems", "linewidth", "sci_mode")
+_print_fields = operator.attrgetter(*_PRINT_FIELDS)
+
+
+def _torch_print_options() -> tuple[Any, ...]:
+    return _print_fields(torch._tensor_str.PRINT_OPTS)
+
+
+def _put_torch_print_options(taken: tuple[Any, ...]) -> None:
+    for name, value in zip(_PRINT_FIELDS, taken):  # (set_printoptions reads None as "as it is")
+        setattr(torch._tensor_str.PRINT_OPTS, name, value)
+
+
+# numpy 2's options are a context variable's dict (read in ~15 ns; np.get_printoptions
+# copies and converts it, ~2 us); a copy is compared (the dict may be edited in place).
+_NP_FORMAT = getattr(getattr(getattr(np, "_core", None), "arrayprint", None), "format_options", None)
+
+
+def _numpy_print_options() -> dict[str, Any]:
+    return dict(_NP_FORMAT.get()) if _NP_FORMAT is not None else np.get_printoptions()
+
+
+def _put_numpy_print_options(taken: dict[str, Any]) -> None:
+    if _NP_FORMAT is not None:
+        _NP_FORMAT.set(dict(taken))
+    else:
+        np.set_printoptions(**taken)
+
+
+def _functorch_permissions() -> tuple[bool, bool]:
+    return (torch._C._functorch.get_inplace_requires_grad_allowed(),
+            torch._C._functorch.get_single_level_autograd_function_allowed())
+
+
+def _put_functorch_permissions(taken: tuple[bool, bool]) -> None:
+    torch._C._functorch.set_inplace_requires_grad_allowed(taken[0])
+    torch._C._functorch.set_single_level_autograd_function_allowed(taken[1])
+
+
 _KL = KLTables()
 _NOWRAP = NoWrap()
 
@@ -997,6 +1036,12 @@ _SETTINGS: tuple[_Setting, ...] = (
              torch._C._set_fwd_grad_enabled),
     _Setting("saved-tensor hooks (disabled)", torch._C._autograd._saved_tensors_hooks_is_enabled,
              lambda taken: torch._C._autograd._saved_tensors_hooks_enable()),
+    # torch.func's permissions of the thread, which its transforms set for their own
+    # call: ``set_inplace_requires_grad_allowed(True)`` left so made every later
+    # function's ``x.requires_grad_()`` under a Jacobian answer 200 where it is torch's
+    # RuntimeError (500), and so for autograd.Functions without setup_context.
+    _Setting("torch.func's permissions (set_inplace_requires_grad_allowed, "
+             "set_single_level_autograd_function_allowed)", _functorch_permissions, _put_functorch_permissions),
     _Setting("vmap's fallback for operators without a batching rule", torch._C._functorch._is_vmap_fallback_enabled,
              torch._C._functorch._set_vmap_fallback_enabled),
     _Setting("torch's number of threads", torch.get_num_threads, torch.set_num_threads),
@@ -1044,6 +1089,13 @@ _SETTINGS: tuple[_Setting, ...] = (
     # copies (protobuf, LLVM) that crash far from their cause.
     _Setting("the dlopen flags of later imports (sys.setdlopenflags)", sys.getdlopenflags, sys.setdlopenflags),
     _Setting("torch's warn-always mode (torch.set_warn_always)", torch.is_warn_always_enabled, torch.set_warn_always),
+    # ``torch.set_printoptions(threshold=10**9)`` (``np.set_printoptions``): every later
+    # function's str of a tensor (an array) printed whole, a 2,000-element one 8,672
+    # characters for 38 (the words of an f-string, a log line, an error) and a million-
+    # element one 41 s for 1 ms (its request a 504, its engine killed as hung, the
+    # innocent function struck); ``precision=1`` changed every number said.
+    _Setting("torch's print options (torch.set_printoptions)", _torch_print_options, _put_torch_print_options),
+    _Setting("numpy's print options (np.set_printoptions)", _numpy_print_options, _put_numpy_print_options),
     _Setting("logging (disabled)", lambda: logging.root.manager.disable, logging.disable),
     _Setting("the working directory", _cwd, _chdir),
     # Left entered by ``__enter__`` without ``__exit__``. Modes and hooks are the thread's own.
