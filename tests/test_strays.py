@@ -128,6 +128,15 @@ def test_a_thread_started_through_the_thread_module_is_put_down_to_its_function(
     assert run(RAW.replace("{load}", LOAD)) == [["starts_a_raw_thread"], []]
 
 
+def test_a_raw_thread_stays_seen_with_sys_current_frames_rebound():
+    """Round 47: the function also set ``sys._current_frames = lambda: {}`` (the only
+    list of such threads, which the watch read through ``sys`` at each look): its thread
+    was never seen, nor its function named. The watch holds its own reference now."""
+    script = RAW.replace("{load}", LOAD).replace(
+        "_thread.start_new_thread(wait, ())", "_thread.start_new_thread(wait, ())\nsys._current_frames = lambda: {}")
+    assert run(script) == [["starts_a_raw_thread"], []]
+
+
 def test_a_pool_busy_only_while_its_function_runs_is_no_stray():
     assert run(POOL.replace("{load}", LOAD)) == []
 

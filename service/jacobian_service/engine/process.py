@@ -56,6 +56,10 @@ from .strays import Strays
 log = logging.getLogger("jacobian_service.engine")
 
 _PUMP_EVERY_S = 0.01
+# Taken as imported (this module's names are watched; gc's are not): ``gc.collect``
+# rebound to a no-op by a function left its garbage, and its ``__del__``, to a later
+# collection in another function's batch, that function blamed for what it does.
+_collect = gc.collect
 _OOM_SCORE_ADJ = 500  # of -1000..1000: before the other processes, not before everything
 _IDLE_POLL_MS = 100
 _LEAVE_DRAIN_S = 2.0  # an engine about to leave (a stray thread, memory): queued jobs get this long to finish
@@ -359,7 +363,7 @@ class EngineServer:
                 # function (~7 us): a __del__ that ends the process or hangs is then that
                 # function's, not whichever function's request a later collection falls in
                 # (an innocent one was blamed, and quarantined).
-                gc.collect(1)
+                _collect(1)
                 if (gone := self._lost(self._ran) or self._unrestorable() or self._robbed()) is not None:
                     # At once: a request queued here would run under what the function
                     # changed (as nobody, under its seccomp filter: can_uname answered 0

@@ -74,6 +74,11 @@ __all__ = ["Found", "Strays"]
 # then runnable most of the time, as a spinner is, and is named. Its short turns and
 # voluntary switches would tell a process apart, not a thread spinning beside the
 # engine's: the GIL cuts its turns short and has it wait voluntarily.
+# Taken as the module is imported (an engine process watches this module's names): a
+# function that set ``sys._current_frames = lambda: {}`` (sys is no guarded namespace)
+# hid the threads it started through ``_thread`` from this watch, which then never
+# named it, and put a crash of theirs down to whichever function ran.
+_current_frames = sys._current_frames
 _WANTED_SHARE = 0.5
 
 
@@ -251,7 +256,7 @@ def _threads() -> set[int]:
     found). The interpreter knows those only by their pthread ids (0.2 us to list)."""
     known = {t.ident: t.native_id for t in threading.enumerate()}
     tids = {tid for tid in known.values() if tid is not None}
-    for ident in sys._current_frames().keys() - known.keys():  # none, nearly always
+    for ident in _current_frames().keys() - known.keys():  # none, nearly always
         if tid := _kernel_id(ident):
             tids.add(tid)
     return tids
