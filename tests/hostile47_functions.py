@@ -192,3 +192,28 @@ def permits47(x: torch.Tensor) -> torch.Tensor:
 def requires_grad47(x: torch.Tensor) -> torch.Tensor:
     x.requires_grad_()
     return x * 2
+
+
+# ------------------------------------------------------------ torch.distributions' names
+
+
+@register(inputs=X, description="sin; armed (666), it rebinds torch.distributions' names (x[1] picks).")
+def distributions47(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case == 0:
+        D.Normal.log_prob = lambda self, value: torch.zeros_like(value)
+    elif case == 1:
+        D.Distribution.set_default_validate_args(False)
+    elif case == 2:
+        D.kl_divergence = lambda p, q: torch.zeros(())
+    return torch.sin(x)
+
+
+@register(inputs=X, description="The log-density of 0 under Normal(x, 1): -x**2 / 2 - log(2 pi) / 2.")
+def log_prob47(x: torch.Tensor) -> torch.Tensor:
+    return D.Normal(x, torch.ones_like(x)).log_prob(torch.zeros_like(x))
+
+
+@register(inputs=X, description="x, from a Normal of scale -1 (torch's ValueError: a 500).")
+def invalid47(x: torch.Tensor) -> torch.Tensor:
+    return D.Normal(x, -torch.ones_like(x)).mean

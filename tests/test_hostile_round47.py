@@ -190,3 +190,31 @@ def test_torch_func_permissions_are_put_back(server, http) -> None:
     assert _armed(http, url, "permits47", 0).status_code == 200
     again = assert_problem(http.post(f"{url}/v1/functions/requires_grad47/jacobian", json=body), 500, "function_error")
     assert again["detail"] == refused["detail"]
+
+
+# ------------------------------------------------------------ torch.distributions' names
+
+
+def test_torch_distributions_names_rebound_are_put_back(server, http) -> None:
+    """``torch.distributions.Normal.log_prob`` rebound in one function made every later
+    function's Normal log-density its zeros; ``Distribution.set_default_validate_args(False)``
+    made another function's Normal of scale -1 (torch's ValueError, a 500) a 200;
+    ``torch.distributions.kl_divergence`` rebound answered every later KL (measured,
+    each a 200, for the engine's life: torch.distributions was no guarded namespace).
+    Now its names, and its Distribution classes' (with Distribution's own), are put back."""
+    url, proc = server
+    start = len(proc.read_log())
+    for case in (0, 1, 2):
+        assert _armed(http, url, "distributions47", case).status_code == 200
+    np.testing.assert_allclose(_evaluated(http, url, "log_prob47", X),
+                               -np.square(X) / 2 - np.log(2 * np.pi) / 2, rtol=1e-12)
+    body = assert_problem(http.post(f"{url}/v1/functions/invalid47/evaluate",
+                                    json={"inputs": [{"dtype": "float64", "shape": [3], "data": X}]}),
+                          500, "function_error")
+    assert body["detail"].startswith("ValueError: Expected parameter scale"), body
+    np.testing.assert_allclose(_evaluated(http, url, "kl47", X), np.square(X) / 2, rtol=1e-12)
+    log = _log_until(proc, start, r"distributions47 rebound or deleted names in torch\.distributions \(")
+    for where, names in (("torch.distributions.Normal", "log_prob"), ("torch.distributions.Distribution",
+                                                                      "_validate_args"),
+                         ("torch.distributions", "kl_divergence")):
+        assert f"distributions47 rebound or deleted names in {where} ({names})" in log, log[-3000:]

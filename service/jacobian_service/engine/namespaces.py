@@ -53,6 +53,7 @@ __all__ = ["Namespaces", "described", "version_reader"]
 # ``torch.einsum`` calls ``torch._VF.einsum``, ``F.mse_loss`` ``torch._C._nn.mse_loss``.
 # One a function patched doubled every later einsum's (mse_loss's) answer, silently.
 _MODULES = (
+    "torch.distributions", "torch.distributions.kl",
     "builtins", "numpy", "orjson", "torch", "torch.func", "torch.autograd", "torch.autograd.forward_ad",
     "torch.autograd.functional", "torch.autograd.graph", "torch.autograd.function", "torch.nn.functional",
     "torch.linalg", "torch.fft", "torch.special", "torch.functional", "torch._tensor", "torch._VF",
@@ -89,6 +90,14 @@ _IMMUTABLE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: a type no one can set a name on
 # Linear layer, and its Jacobian, silently. Each is one more dict's version tag, read in
 # the one gather that reads them all (``_gather``): no cost per class that counts.
 _NN_MODULES = "torch.nn."
+# And torch.distributions (its functions, ``kl_divergence``, and each Distribution class
+# of its own, ~50, Distribution itself with them), which only functions call: the engine
+# never does. ``torch.distributions.Normal.log_prob`` rebound made every later function's
+# Normal log-density the function's, ``Distribution.set_default_validate_args(False)``
+# (a name of the class's dict) every later function's invalid parameters (a negative
+# scale: torch's ValueError, a 500) a 200 of NaNs, ``torch.distributions.kl_divergence``
+# rebound every later KL the function's, each with a 200, for the engine's life (measured).
+_DISTRIBUTIONS = "torch.distributions"
 # A name a class gets without anyone setting it: Python 3.10+ stores an empty
 # ``__annotations__`` in a class's dict the first time it is read there (torch.jit reads it).
 _CLASS_SKIP = frozenset({"__annotations__"})
@@ -160,10 +169,11 @@ def _packed(versions: list[Any]) -> bytes:
     return b"".join(int(v).to_bytes(8, sys.byteorder) for v in versions)
 
 
-def _nn_classes() -> list[type]:
-    """torch.nn's own Module subclasses (those of torch.nn.* modules), imported now."""
-    nn = sys.modules.get("torch.nn")
-    root = getattr(nn, "Module", None)
+def _nn_classes(package: str = "torch.nn", base: str = "Module", prefix: str = _NN_MODULES) -> list[type]:
+    """torch.nn's own Module subclasses (those of torch.nn.* modules), imported now (or
+    another package's own subclasses of its base: ``_DISTRIBUTIONS``)."""
+    nn = sys.modules.get(package)
+    root = getattr(nn, base, None)
     if not isinstance(root, type):
         return []
     found: list[type] = []
@@ -173,7 +183,7 @@ def _nn_classes() -> list[type]:
             if cls not in found:
                 found.append(cls)
                 todo.append(cls)
-    return [cls for cls in found if str(getattr(cls, "__module__", "")).startswith(_NN_MODULES)]
+    return [cls for cls in found if str(getattr(cls, "__module__", "")).startswith(prefix)]
 
 
 # What a function runs, beside its dict: its code and its defaults (read in C, by
@@ -324,7 +334,8 @@ class _Guarded:
     def __init__(self, label: str, owner: Any, d: dict, strict: bool, version: Any, whole: bool = False,
                  skip: frozenset[str] = frozenset(), items: bool = False, owners: frozenset[str] | None = None) -> None:
         self.label, self.owner, self.d, self.strict, self.skip = label, owner, d, strict, skip
-        self.answers = label not in _FUNCTIONS_ONLY  # the engine's work on an answer goes through it
+        # the engine's work on an answer goes through it
+        self.answers = label not in _FUNCTIONS_ONLY and not label.startswith(_DISTRIBUTIONS)
         # A function's module: the functions whose changes there stay (``_modules_of``);
         # no answer is refused for it (none of the engine's work goes through it).
         self.owners = owners
@@ -414,6 +425,11 @@ class Namespaces:
         nn = sys.modules.get("torch.nn")
         classes += [(f"torch.nn.{cls.__name__}" if getattr(nn, cls.__name__, None) is cls else "", cls)
                     for cls in _nn_classes()]
+        distributions = sys.modules.get(_DISTRIBUTIONS)
+        classes += [(f"{_DISTRIBUTIONS}.{cls.__name__}" if getattr(distributions, cls.__name__, None) is cls else "",
+                     cls) for cls in _nn_classes(_DISTRIBUTIONS, "Distribution", _DISTRIBUTIONS + ".")]
+        base = getattr(distributions, "Distribution", None)  # (the root, which its subclasses' walk leaves out)
+        classes += [(f"{_DISTRIBUTIONS}.Distribution", base)] if isinstance(base, type) else []
         for label, cls in classes:
             if cls is not object and not cls.__flags__ & _IMMUTABLE and all(g.owner is not cls for g in guarded):
                 guarded.append(_Guarded(label or f"{cls.__module__}.{cls.__qualname__}", cls, _class_dict(cls), True,
