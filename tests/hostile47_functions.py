@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -217,3 +218,27 @@ def log_prob47(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="x, from a Normal of scale -1 (torch's ValueError: a 500).")
 def invalid47(x: torch.Tensor) -> torch.Tensor:
     return D.Normal(x, -torch.ones_like(x)).mean
+
+
+# ------------------------------------------------------------ warnings' names
+
+
+def _raises(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("a hostile showwarning")
+
+
+@register(inputs=X, description="sin; armed (666), it sets warnings.showwarning to one that raises.")
+def showwarning47(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x) is not None:
+        warnings.showwarning = _raises
+    return torch.sin(x)
+
+
+_WARNED = [0]
+
+
+@register(inputs=X, description="x, warning on its way (a new message each call: shown each time).")
+def warns47(x: torch.Tensor) -> torch.Tensor:
+    _WARNED[0] += 1
+    warnings.warn(f"warns47's own warning, call {_WARNED[0]}")
+    return x * 1

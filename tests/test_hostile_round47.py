@@ -218,3 +218,16 @@ def test_torch_distributions_names_rebound_are_put_back(server, http) -> None:
                                                                       "_validate_args"),
                          ("torch.distributions", "kl_divergence")):
         assert f"distributions47 rebound or deleted names in {where} ({names})" in log, log[-3000:]
+
+
+def test_warnings_names_rebound_are_put_back(server, http) -> None:
+    """``warnings.showwarning`` set to a function that raises: every later function that
+    warned on its way failed, 500 ``RuntimeError: a hostile showwarning`` (measured;
+    warnings was no guarded namespace). Now its names are put back after the batch."""
+    url, proc = server
+    start = len(proc.read_log())
+    np.testing.assert_allclose(_evaluated(http, url, "warns47", X), X)
+    assert _armed(http, url, "showwarning47", 0).status_code == 200  # (only functions call it: its answer stands)
+    np.testing.assert_allclose(_evaluated(http, url, "warns47", X), X)
+    log = _log_until(proc, start, r"showwarning47 rebound or deleted names in warnings")
+    assert "showwarning47 rebound or deleted names in warnings (showwarning)" in log, log[-3000:]

@@ -69,6 +69,11 @@ _MODULES = (
     # mtrand's, re-exported).
     "random", "numpy.random", "numpy.random.mtrand",
 )
+# In an engine process only: ``warnings.showwarning`` rebound to raise made every later
+# function that warns on its way fail with the function's error (500), for the engine's
+# life (measured); so would ``formatwarning``, or ``warn`` itself. (In-process, the
+# caller's own code rebinds them as it runs: pytest's ``catch_warnings`` around each test.)
+_OWN_PROCESS_MODULES = ("warnings",)
 # Modules that find their names on demand (``__getattr__``): a name set there, none of
 # their own, shadows the one they would find (``torch._VF.einsum``), and is taken away.
 _SHADOWED = frozenset({"torch._VF"})
@@ -83,7 +88,7 @@ _CLASSES = ("torch.Tensor", "torch.nn.Module", "torch.autograd.Function", "socke
             "selectors.DefaultSelector", "random.Random")
 # What only functions call, never the engine's work on an answer: put back after the
 # batch, the function named, its own answers not refused for it (``patched``).
-_FUNCTIONS_ONLY = frozenset({"random", "numpy.random", "numpy.random.mtrand", "random.Random"})
+_FUNCTIONS_ONLY = frozenset({"random", "numpy.random", "numpy.random.mtrand", "random.Random", "warnings"})
 _IMMUTABLE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: a type no one can set a name on (3.10+)
 # And every torch.nn.Module subclass of torch's own (``torch.nn.Linear``, ``Conv2d``...,
 # ~190): ``torch.nn.Linear.forward`` rebound to double doubled every later function's
@@ -408,7 +413,7 @@ class Namespaces:
         self._version = version_reader()
         self._modules = sys.modules
         guarded: list[_Guarded] = []
-        names = [n for n in _MODULES if n in sys.modules]
+        names = [n for n in (*_MODULES, *(_OWN_PROCESS_MODULES if own_process else ())) if n in sys.modules]
         names += sorted(n for n in sys.modules if n == _SERVICE or n.startswith(_SERVICE + "."))
         for name in names:
             module = sys.modules[name]

@@ -190,7 +190,7 @@ def _filters_changed(now: list[Any], taken: list[Any]) -> bool:
 
 def _put_filters(taken: list[Any]) -> None:
     warnings.filters[:] = _repaired(list(warnings.filters), taken)
-    warnings._filters_mutated()  # type: ignore[attr-defined]  # what warnings' own functions call
+    _filters_mutated()  # what warnings' own functions call
 
 
 # Autocast's state is the thread's own (the engine's thread runs the functions), on the
@@ -1014,6 +1014,11 @@ def _functorch_permissions() -> tuple[bool, bool]:
 def _put_functorch_permissions(taken: tuple[bool, bool]) -> None:
     torch._C._functorch.set_inplace_requires_grad_allowed(taken[0])
     torch._C._functorch.set_single_level_autograd_function_allowed(taken[1])
+
+
+# Taken as imported: warnings' names are put back after the batch (``namespaces``), but
+# after these settings are; one a function rebound would be called here first.
+_filters_mutated = warnings._filters_mutated  # type: ignore[attr-defined]
 
 
 _KL = KLTables()
