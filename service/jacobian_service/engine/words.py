@@ -144,11 +144,19 @@ def _read(r: int, pid: int, within_s: float) -> str:
 
 
 def _reap(pid: int) -> None:
-    """The child killed (it may be done: then a no-op) and waited for."""
+    """The child killed (it may be done: then a no-op) and waited for. Where it could not
+    be killed (no such thing is known; a confinement refusing the signal), it is not
+    waited for: the engine's strays watch finds it as a function's child."""
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    except OSError:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return
     try:
         os.waitpid(pid, 0)
     except ChildProcessError:  # SIGCHLD ignored (a function's doing): the kernel reaped it
