@@ -287,7 +287,7 @@ class InProcessEngines(_Engines):
         job = Job(kind, call, _settler(fut), deadline=until, stream_id=stream_id)
         target.submit(job)
         try:
-            result, info = await _await(fut, until, lambda: target.cancel(job), on_slow)
+            result, info = await _await(fut, until, lambda: target.cancel(job), on_slow)  # noqa: F821  (its cell: emptied below, so a held traceback holds no job)
         finally:
             # A failed future holds its exception, whose traceback holds this frame: it
             # must not hold the future, nor the job (whose settle holds the future). The
