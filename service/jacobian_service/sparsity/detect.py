@@ -2505,6 +2505,11 @@ def _trace(
     except BaseException as exc:
         if tracer.stopped is not None and exc is not tracer.stopped:
             raise tracer.stopped from None  # the function caught it, then failed otherwise
+        if isinstance(exc, PatternTooLarge):
+            # Refused at a limit before any value was read (no value read, no draw): every
+            # point of these shapes runs the same ops up to here, and is refused the same
+            # way (the pattern cache shares a pattern so read across points likewise).
+            exc.any_point = not (tracer.value_reads or tracer.random or tracer.seeded)
         if exc is tracer.stopped or isinstance(exc, (TraceError, PatternTooLarge)) or not isinstance(exc, Exception):
             raise
         if not record and isinstance(exc, RuntimeError) and _NO_GRAPH in str(exc):
