@@ -163,6 +163,11 @@ _MOVEMENT = frozenset(
     diagonal_copy rot90 block_diag unsafe_split unsafe_split_with_sizes unsafe_chunk split_copy
     split_with_sizes_copy unbind_copy select_backward slice_backward diagonal_backward""".split()
 )
+# Ops that round no tangent (moves and copies; a cast rounds values, and a seed's sums of
+# 0 and 1 exactly): not the arithmetic Pattern.arithmetic names.
+_ROUNDS_NO_TANGENT = _MOVEMENT | frozenset(
+    "_to_copy clone copy alias lift_fresh contiguous neg positive _conj real imag detach".split()
+)
 # Ops whose derivative follows a choice the values make (a side of a clamp, the larger of
 # two, a max's element, a sort's order): the tracer keeps every choice's entries, so at a
 # point some stored entries are zeros (Pattern.conservative says so). ``where`` and
@@ -585,6 +590,10 @@ class _Tracer:
         # caught it, or failed in another way on its way out.
         self.stopped: BaseException | None = None
         self.done = False  # the trace is over: tensors the function kept are plain constants
+        # Floating dtypes of the values ops computed from the inputs (casts and moves
+        # aside, which round no tangent): a float64 function computing in float32 inside.
+        self.arithmetic: set[torch.dtype] = set()
+        self.coarse: torch.dtype | None = None  # (set by _trace: see _coarse)
 
     def alive(self) -> None:
         """The caller's ``check_alive``, at most every ``_CHECK_EVERY_S``."""
@@ -709,6 +718,8 @@ class _Tracer:
         unwrapped_args, unwrapped_kwargs = _unwrapped(func, args, kwargs)
         out = func(*unwrapped_args, **unwrapped_kwargs)
         name = _op(func)
+        if name not in _ROUNDS_NO_TANGENT and torch.is_grad_enabled() and any(t.root.deps.nnz for t in traced):
+            self.arithmetic.update(o.dtype for o in pytree.tree_leaves(out) if _float(o))
         mutated = _writes_first(func)
         if mutated and isinstance(args[0], _Traced):  # written from traced values: no longer the same at every point
             args[0].root.const = False
@@ -2522,6 +2533,7 @@ def _trace(
     if out is _RECORD:
         return _trace(fn, args, argnums, hessian, check_alive, record=True)
     tracer.type_reads = tracer.watch.reads()
+    tracer.coarse = _coarse(tracer, args, argnums)
     if tracer.stopped is not None:  # the function caught it and went on: still stop
         raise tracer.stopped
     leaves = pytree.tree_leaves(out)
@@ -2614,6 +2626,23 @@ def _notes(tracer: _Tracer) -> tuple[str, ...]:
     return notes + ((NO_GRAD_NOTE,) if tracer.no_grad else ()) + ((CUSTOM_NOTE,) if tracer.custom else ())
 
 
+def _coarse(tracer: "_Tracer", args: Sequence[Any], argnums: Sequence[int]) -> torch.dtype | None:
+    """The coarsest dtype the function computed in from its inputs, where coarser than
+    the inputs' (``Pattern.arithmetic``): a float64 function computing in float32 inside
+    (``x.float()``, a float32 model of float64 data). A JVP rounds each column's products
+    in float32 where jacrev's VJPs round otherwise, so forward products are proven no
+    jacrev's at the inputs' round-off (verify.differs_from_reverse) and VJPs answer after
+    them: ``mode=auto`` takes reverse mode up front (compute._colored), as for an output
+    leaf coarser than the inputs."""
+    inputs = [args[i].dtype for i in argnums if isinstance(args[i], torch.Tensor) and _float(args[i])]
+    if not inputs or not tracer.arithmetic:
+        return None
+    eps = lambda d: float(torch.finfo(d).eps)  # noqa: E731
+    like = max(inputs, key=eps)
+    worst = max(tracer.arithmetic, key=eps)
+    return worst if eps(worst) > eps(like) else None
+
+
 def _diverged(leaves: Sequence[Any], against: torch.Tensor | None) -> bool:
     """Whether the traced run computed other values than a plain call (``against``, its
     output flattened: the request's forward pass): the function then went another way under the tracer than under
@@ -2658,7 +2687,8 @@ def trace_jacobian(
         mat = sp.vstack(blocks, format="coo") if blocks else _empty(0, tracer.n).tocoo()
     _alive(tracer)
     return Pattern((m, tracer.n), mat.row, mat.col, source="traced", exact=not (tracer.unknown or tracer.custom or tracer.densified), notes=_notes(tracer),
-                   value_dependent=bool(tracer.value_reads or tracer.random))
+                   value_dependent=bool(tracer.value_reads or tracer.random),
+                   arithmetic="" if tracer.coarse is None else str(tracer.coarse).removeprefix("torch."))
 
 
 def trace_hessian(

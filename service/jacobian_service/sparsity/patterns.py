@@ -233,6 +233,10 @@ class Pattern:
     exact: bool = True
     notes: tuple[str, ...] = ()
     value_dependent: bool = False
+    # The coarsest floating dtype the traced function computed in from its inputs, where
+    # coarser than the inputs' (``"float32"`` for a float64 function computing in float32
+    # inside), else "": its JVPs round otherwise than jacrev's VJPs (detect._coarse).
+    arithmetic: str = ""
 
     def __post_init__(self) -> None:
         m, n = (int(d) for d in self.shape)
@@ -288,7 +292,7 @@ class Pattern:
         return self.replace(shape=(self.shape[1], self.shape[0]), rows=self.cols, cols=self.rows)
 
     def replace(self, **changes: Any) -> "Pattern":
-        fields = {k: getattr(self, k) for k in ("shape", "rows", "cols", "name", "source", "exact", "notes", "value_dependent")}
+        fields = {k: getattr(self, k) for k in ("shape", "rows", "cols", "name", "source", "exact", "notes", "value_dependent", "arithmetic")}
         fields.update(changes)
         return Pattern(**fields)
 
@@ -751,6 +755,7 @@ def _entry_to_arrays(entry: dict[str, Any]) -> dict[str, np.ndarray]:
         "notes": np.asarray(list(p.notes) or [""]),
         "values": np.asarray(p.value_dependent),
         "peak": np.asarray(int(entry.get("peak", 0)), np.int64),
+        "arithmetic": np.asarray(p.arithmetic),
     }
     if entry.get("colors") is not None:
         out["colors"] = np.asarray(entry["colors"], np.int64)
@@ -763,7 +768,7 @@ def _entry_from_arrays(z: dict[str, np.ndarray]) -> dict[str, Any]:
         return {"value_dependent": True}
     notes = tuple(str(s) for s in z["notes"] if str(s))
     p = Pattern(tuple(int(d) for d in z["shape"]), z["rows"], z["cols"], str(z["name"]), str(z["source"]), bool(z["exact"]), notes,  # type: ignore[arg-type]
-                bool(z["values"]) if "values" in z else False)
+                bool(z["values"]) if "values" in z else False, str(z["arithmetic"]) if "arithmetic" in z else "")
     entry: dict[str, Any] = {"pattern": p, "peak": int(z["peak"]) if "peak" in z else 0}
     if "colors" in z:
         entry["colors"] = z["colors"]
