@@ -163,11 +163,6 @@ _MOVEMENT = frozenset(
     diagonal_copy rot90 block_diag unsafe_split unsafe_split_with_sizes unsafe_chunk split_copy
     split_with_sizes_copy unbind_copy select_backward slice_backward diagonal_backward""".split()
 )
-# Ops that round no tangent (moves and copies; a cast rounds values, and a seed's sums of
-# 0 and 1 exactly): not the arithmetic Pattern.arithmetic names.
-_ROUNDS_NO_TANGENT = _MOVEMENT | frozenset(
-    "_to_copy clone copy alias lift_fresh contiguous neg positive _conj real imag detach".split()
-)
 # Ops whose derivative follows a choice the values make (a side of a clamp, the larger of
 # two, a max's element, a sort's order): the tracer keeps every choice's entries, so at a
 # point some stored entries are zeros (Pattern.conservative says so). ``where`` and
@@ -590,8 +585,8 @@ class _Tracer:
         # caught it, or failed in another way on its way out.
         self.stopped: BaseException | None = None
         self.done = False  # the trace is over: tensors the function kept are plain constants
-        # Floating dtypes of the values ops computed from the inputs (casts and moves
-        # aside, which round no tangent): a float64 function computing in float32 inside.
+        # Floating dtypes of the values ops computed from the inputs: a float64 function
+        # computing in float32 inside (see _coarse).
         self.arithmetic: set[torch.dtype] = set()
         self.coarse: torch.dtype | None = None  # (set by _trace: see _coarse)
 
@@ -718,7 +713,7 @@ class _Tracer:
         unwrapped_args, unwrapped_kwargs = _unwrapped(func, args, kwargs)
         out = func(*unwrapped_args, **unwrapped_kwargs)
         name = _op(func)
-        if name not in _ROUNDS_NO_TANGENT and torch.is_grad_enabled() and any(t.root.deps.nnz for t in traced):
+        if torch.is_grad_enabled() and any(t.root.deps.nnz for t in traced):  # (a cast too: jacrev's VJP rounds its cotangent there)
             self.arithmetic.update(o.dtype for o in pytree.tree_leaves(out) if _float(o))
         mutated = _writes_first(func)
         if mutated and isinstance(args[0], _Traced):  # written from traced values: no longer the same at every point
