@@ -36,8 +36,9 @@ BUDGET = 4 << 20
 N_REFUSED = 2000
 
 
-def _spec(fn, dtype: str = "float64") -> FunctionSpec:
-    return FunctionSpec(f"{fn.__name__}_{dtype}", fn, (Input("x", shape=("n",), dtype=dtype),))
+def _spec(fn, dtype: str = "float64", tag: str = "") -> FunctionSpec:
+    # (refusals are remembered per engine process, by function name: each test its own)
+    return FunctionSpec(f"{fn.__name__}_{dtype}{tag}", fn, (Input("x", shape=("n",), dtype=dtype),))
 
 
 def _call(spec: FunctionSpec, x: np.ndarray, dtype: str = "float64", mode: str = "auto") -> Call:
@@ -52,7 +53,7 @@ def test_a_refusal_before_any_value_read_holds_at_every_point():
     """The first point is traced to the limit (2 calls: the forward pass and the trace);
     two other points are refused at once: their forward pass only, the same 413."""
     engine = Engine(torch.device("cpu"), BUDGET)
-    spec = _spec(f.wide_chain31)
+    spec = _spec(f.wide_chain31, tag="_points")
     rng = np.random.default_rng(31)
     words = []
     for want_calls in (2, 1, 1):
@@ -62,6 +63,21 @@ def test_a_refusal_before_any_value_read_holds_at_every_point():
         assert refused.value.status == 413 and len(f.CALLS) == want_calls, (len(f.CALLS), refused.value)
         words.append(str(refused.value))
     assert "costs too much" in words[0] and words[0] == words[1] == words[2]
+
+
+def test_a_refusal_for_its_work_holds_under_another_result_limit():
+    """A request whose result limit differs (a batch's, a streamed .npy's, GET
+    .../sparsity's) has another entry limit but the same work limit: refused at once too."""
+    engine = Engine(torch.device("cpu"), BUDGET)
+    spec = _spec(f.wide_chain31, tag="_limits")
+    rng = np.random.default_rng(17)
+    for want_calls, limit in ((2, None), (1, 1 << 20), (1, 600_000)):  # (entry limits 262,144, 131,072, 75,000)
+        call = _call(spec, rng.standard_normal(N_REFUSED))
+        call.max_result_bytes = limit
+        f.CALLS.clear()
+        with pytest.raises(ResultTooLarge) as refused:
+            engine.jacobian(call)
+        assert "costs too much" in str(refused.value) and len(f.CALLS) == want_calls, (len(f.CALLS), limit)
 
 
 def test_a_refusal_after_a_value_read_is_its_points_own():

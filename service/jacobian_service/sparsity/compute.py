@@ -32,7 +32,7 @@ from .dense import dense_hessian, dense_jacobian
 from .detect import CUSTOM_NOTE, NO_GRAD_NOTE, TraceError, checked, is_random, probe, random_note, trace_hessian, trace_jacobian
 from .draws import Draws, TorchDraws, replaying
 from .function_state import function_state
-from .patterns import (Declared, Pattern, PatternCache, PatternTooLarge, check_entries, counting_entries,
+from .patterns import (Declared, DetectionTooCostly, Pattern, PatternCache, PatternTooLarge, check_entries, counting_entries,
                        function_fingerprint, limits_now)
 from .verify import coarsest, coarser_than, differs_from_reverse, leaf_tolerance
 
@@ -287,17 +287,26 @@ def _cached(
             return p, hit["coloring"], "disk"
         return p, hit["coloring"], "memory"
     refused = None if fresh or values is None else (key, limits_now())
-    if refused is not None and refused in _REFUSED:
-        points = _REFUSED[refused]
-        said = points.get(_ANY_POINT) or points.get(values())
-        if said is not None:  # the same detection at the same point, under the same limits
-            raise said[0](said[1])
+    # A trace refused for its work (DetectionTooCostly) is refused under any entry limit
+    # with the same work limit: a higher one never stopped it sooner, a lower one refuses
+    # it sooner (413 all the same). GET .../sparsity and a POST's JSON answer have other
+    # entry limits (their result limits): the POST traced again, 4 s of the engine.
+    costly = None if refused is None else (key, ("work", refused[1][2:]))
+    for seen in (refused, costly):
+        if seen is not None and seen in _REFUSED:
+            points = _REFUSED[seen]
+            said = points.get(_ANY_POINT) or (points.get(values()) if seen is refused else None)
+            if said is not None:  # the same detection at the same point, under the same limits
+                raise said[0](said[1])
     try:
         with counting_entries() as peak:
             p, coloring = build()
     except PatternTooLarge as exc:
         if refused is not None:
-            _remember_refusal(refused, _ANY_POINT if getattr(exc, "any_point", False) else values(), exc)
+            anywhere = getattr(exc, "any_point", False)
+            _remember_refusal(refused, _ANY_POINT if anywhere else values(), exc)
+            if anywhere and isinstance(exc, DetectionTooCostly):
+                _remember_refusal(costly, _ANY_POINT, exc)
         raise
     if is_random(p):
         return p, coloring, ""
