@@ -17,7 +17,7 @@ import json
 
 import httpx
 
-from .test_browser_round7 import _on_page
+from .test_browser_round7 import _console_errors, _on_page
 from .test_browser_round17 import CPU, _THROUGH_THE_GATEWAY
 from .test_browser_round17 import browser, gateway, nginx, page  # noqa: F401 (round 17's fixtures)
 
@@ -46,4 +46,39 @@ def test_a_page_with_credentials_reads_the_gateways_own_refusals(nginx, page, br
         r = httpx.options(nginx + "/down/v1/functions", headers={"Origin": origin, "Access-Control-Request-Method": "GET"},
                           timeout=10)
         assert r.headers.get("access-control-allow-credentials") == credentials, r.headers
+    browser.goto("about:blank")
+
+
+_METHODS = r"""(async () => {
+  const API = %(api)s, out = {};
+  const H = {'Content-Type': 'application/json', Authorization: 'Bearer cpu-key'};
+  const read = async r => ({status: r.status, allow: r.headers.get('allow'), body: await r.json()});
+  for (const method of ['PUT', 'PATCH', 'DELETE'])
+    for (const credentials of ['same-origin', 'include'])
+      out[method + ' ' + credentials] = await fetch(API + '/v1/functions/sin/jacobian', {method, credentials, headers: H,
+        body: '{"inputs": [[0.5]]}'}).then(read, e => String(e));
+  out.unkeyed = await fetch(API + '/v1/functions/sin/jacobian', {method: 'PATCH', headers: {'Content-Type': 'application/json'},
+    body: '{}'}).then(read, e => String(e));
+  return out;
+})()"""
+
+
+def test_a_page_reads_why_put_and_patch_are_refused(gateway, page, browser):
+    """No path takes PUT or PATCH: their preflight was refused (400), so a page (a REST
+    library's ``update``) read "Failed to fetch" and the console "does not have HTTP ok
+    status", where a DELETE on the same path reads the 405 naming what it takes. Their
+    preflight passes now: with or without credentials, the page reads the 405 whose
+    Allow, and detail, name what the path takes, as DELETE's; without the key, the 401
+    every method gets."""
+    _on_page(browser, page)
+    got = browser.eval(_METHODS % {"api": json.dumps(gateway + CPU)}, timeout_s=60)
+    for call, answer in got.items():
+        if call == "unkeyed":
+            assert isinstance(answer, dict) and (answer["status"], answer["body"]["code"]) == (401, "unauthorized"), answer
+            continue
+        assert isinstance(answer, dict), (call, answer)  # (it was "TypeError: Failed to fetch")
+        method = call.split()[0]
+        assert (answer["status"], answer["allow"], answer["body"]["code"], answer["body"]["detail"]) == (
+            405, "OPTIONS, POST", "method_not_allowed", f"{method} is not allowed here; allowed: OPTIONS, POST"), (call, answer)
+    assert [m for m in _console_errors(browser) if "CORS" in m] == []
     browser.goto("about:blank")

@@ -205,8 +205,9 @@ _ALLOWED_HEADERS = ("accept, accept-language, authorization, b3, baggage, cache-
     ({**PREFLIGHT, "Origin": "http://evil.example"}, "the origin 'http://evil.example' is not among CORS_ORIGINS"),
     ({**PREFLIGHT, "Access-Control-Request-Headers": "content-type, x-not-allowed"},
      f"the request header 'x-not-allowed' cannot be sent (allowed: {_ALLOWED_HEADERS})"),
-    ({**PREFLIGHT, "Access-Control-Request-Method": "PUT", "Access-Control-Request-Headers": "x-a, x-b"},
-     "the method 'PUT' is not allowed (allowed: GET, POST, DELETE, HEAD, OPTIONS); "
+    ({**PREFLIGHT, "Access-Control-Request-Method": "QUERY", "Access-Control-Request-Headers": "x-a, x-b"},
+     "the method 'QUERY' is not allowed (allowed: GET, POST, DELETE, HEAD, OPTIONS; PUT and PATCH, which no path "
+     "takes, pass to read their 405); "
      f"the request headers 'x-a, x-b' cannot be sent (allowed: {_ALLOWED_HEADERS})"),
 ])
 def test_a_refused_preflight_is_a_problem_like_every_other_error(url, headers, refused):

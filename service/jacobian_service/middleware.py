@@ -380,6 +380,10 @@ LIBRARY_HEADERS = ["X-Requested-With", "Cache-Control", "Pragma", "Expires"]
 CONDITIONAL_HEADERS = ["If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range", "Range"]
 
 
+# Methods no path takes whose preflights pass (cors): a page then reads the router's 405
+# problem, its Allow naming what the path takes, not "Failed to fetch".
+_PASSED_TO_THEIR_405 = ("PUT", "PATCH")
+
 # Chromium's cap on a preflight's Access-Control-Max-Age (Firefox's is a day).
 PREFLIGHT_MAX_AGE_S = 7200
 
@@ -468,7 +472,9 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
                 reasons.append(f"the origin {echo(origin)} is not among CORS_ORIGINS")
             method = request_headers["access-control-request-method"]
             if method not in self.allow_methods:
-                reasons.append(f"the method {echo(method)} is not allowed (allowed: {', '.join(self.allow_methods)})")
+                taken = [m for m in self.allow_methods if m not in _PASSED_TO_THEIR_405]
+                reasons.append(f"the method {echo(method)} is not allowed (allowed: {', '.join(taken)}; "
+                               f"{' and '.join(_PASSED_TO_THEIR_405)}, which no path takes, pass to read their 405)")
             asked = [h.strip().lower() for h in request_headers.get("access-control-request-headers", "").split(",")]
             refused = [h for h in asked if h and h not in self.allow_headers]
             if refused:
@@ -479,7 +485,12 @@ def cors(app: Any, origins: tuple[str, ...]) -> Any:
     middleware = ProblemCORS(
         app,
         allow_origins=list(origins),
-        allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
+        # The methods the paths take, and PUT and PATCH, which none takes: their
+        # preflight refused, a page read "Failed to fetch" (the console: the preflight
+        # "does not have HTTP ok status") where a DELETE on a POST path reads the 405
+        # whose Allow names what the path takes. Passed, PUT and PATCH read that 405 too
+        # (after the key check, as every method); other methods' preflights are refused.
+        allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS", *_PASSED_TO_THEIR_405],
         allow_headers=[*SERVICE_HEADERS, *TRACE_HEADERS, *LIBRARY_HEADERS, *CONDITIONAL_HEADERS],
         expose_headers=EXPOSED_HEADERS,
         allow_private_network=True,
