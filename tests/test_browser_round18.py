@@ -82,3 +82,26 @@ def test_a_page_reads_why_put_and_patch_are_refused(gateway, page, browser):
             405, "OPTIONS, POST", "method_not_allowed", f"{method} is not allowed here; allowed: OPTIONS, POST"), (call, answer)
     assert [m for m in _console_errors(browser) if "CORS" in m] == []
     browser.goto("about:blank")
+
+
+_PATTERN_406 = r"""(async () => {
+  const API = %(api)s, H = {Authorization: 'Bearer cpu-key'};
+  const r = await fetch(API + '/v1/functions/lorenz96/sparsity?shapes=8', {headers: {...H, Accept: 'image/png'}});
+  const doc = await fetch(API + '/openapi.json', {headers: H}).then(r => r.json());
+  return {status: r.status, type: r.headers.get('content-type'), body: await r.json(),
+          offered: Object.keys(doc.paths['/v1/functions/{name}/sparsity'].get.responses['200'].content)};
+})()"""
+
+
+def test_a_pages_406_for_a_pattern_names_only_its_forms(gateway, page, browser):
+    """A sparsity pattern asked with an Accept the service has no form for: the 406 said
+    it "allows none of application/json, application/x-npy, application/x-npz", and a
+    page that then asked for .npy met another 406 (a pattern is never one .npy). It
+    names the forms a pattern has: those the document gives the operation's 200."""
+    _on_page(browser, page)
+    got = browser.eval(_PATTERN_406 % {"api": json.dumps(gateway + CPU)}, timeout_s=60)
+    assert (got["status"], got["type"], got["body"]["code"]) == (406, "application/problem+json", "not_acceptable"), got
+    assert got["offered"] == ["application/json", "application/x-npz"], got
+    assert got["body"]["detail"] == ("Accept 'image/png' allows none of application/json, application/x-npz "
+                                     "(a sparsity pattern's forms)"), got
+    browser.goto("about:blank")

@@ -481,7 +481,15 @@ async def function_sparsity(request: Request, name: str) -> Response:
     _refuse_other_sites(request)
     state = _state(request)
     spec = state.registry.get(name)
-    media = _sparse_media(acceptable(_accept(request)), dense_form=False)
+    accept = _accept(request)
+    try:
+        media = acceptable(accept)
+    except NotAcceptable:
+        # A pattern is never one .npy: "allows none of application/json,
+        # application/x-npy, application/x-npz" sent a page to ask for .npy, a 406 again.
+        raise NotAcceptable(f"Accept {echo(accept)} allows none of {wire.JSON}, {wire.NPZ} "
+                            "(a sparsity pattern's forms)") from None
+    media = _sparse_media(media, dense_form=False)
     kind, call = parse_sparsity_query(spec, _query(request), state.settings.wire_limits)
     call.deadline = _deadline(state, request)
     call.max_result_bytes = state.settings.max_result_bytes
