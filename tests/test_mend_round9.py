@@ -113,6 +113,7 @@ ORIGINS = ["https://app.example.org", "http://localhost:5173", "http://localhost
     # as an operator writes them: spaces, a trailing "/", case, a default port
     " HTTPS://App.Example.org:443/ ,http://localhost:5173, https://other.example:8443",
     "*",
+    "*, http://localhost:5173",  # (any origin; credentials for the one named: round 18)
     "",
 ])
 def test_the_gateways_own_refusals_answer_only_the_allowed_origins(cors_origins, silent, tmp_path):
