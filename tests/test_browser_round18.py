@@ -18,8 +18,12 @@ import json
 import httpx
 
 from .test_browser_round7 import _console_errors, _on_page
+from . import test_browser_round17 as round17
 from .test_browser_round17 import CPU, _THROUGH_THE_GATEWAY
-from .test_browser_round17 import browser, gateway, nginx, page  # noqa: F401 (round 17's fixtures)
+
+# Round 17's fixtures (one Chromium, the page, the services under their prefixes, nginx
+# with the shipped template's error pages), bound here so that pytest finds them.
+browser, page, gateway, nginx = round17.browser, round17.page, round17.gateway, round17.nginx
 
 
 def test_a_page_with_credentials_reads_the_gateways_own_refusals(nginx, page, browser):
