@@ -8,7 +8,16 @@ CORS_ORIGINS naming the page's origin) and its headless Chromium:
   no replica answering, one too slow), where a page without credentials read their
   problem+json: those answers carried no ``Access-Control-Allow-Credentials``, which
   the service's own answers to a named origin carry. They carry it now, for a named
-  origin (not under ``*`` alone, as the service).
+  origin (not under ``*`` alone, as the service);
+* PUT and PATCH, which no path takes, had their preflight refused: a page read "Failed
+  to fetch" where a DELETE on the same path reads the 405 naming what the path takes.
+  They pass the preflight now, and read that 405;
+* a sparsity pattern asked with an Accept of none of the service's types was a 406
+  naming .npy among the forms (another 406): it names JSON and .npz.
+
+(Probed and found right: every operation's Try it out under ROOT_PATH with its example,
+and its 406 / 422 shown; the input-named 422s, the tuple-of-one 406 and a 33 MB sparse
+JSON answer written in blocks, each read by a page; an abort mid-body stops encoding.)
 """
 
 from __future__ import annotations
