@@ -20,9 +20,22 @@ can be put back). :meth:`KeptState.changed` says whether a call changed any of i
 (the standard library, installed packages) are not walked: their caches change
 legitimately, and a function's state lives in its own module.
 
+The walk and its comparisons run none of the user's code: an object's own
+``__getattr__``, ``__getattribute__``, ``__class__`` or ``__dict__`` property, a
+metaclass's ``__getattr__``, a container subclass's ``__iter__``/``values``/``get``, a
+``str`` subclass's ``__eq__``, a tensor subclass's ``__torch_function__`` or
+``__torch_dispatch__`` are all passed by (read through the builtin types' own slots, the
+classes' own namespaces, and with torch's subclass hooks off). They had run: a
+forwarding ``__getattr__`` whose target was unset (a ``RecursionError``), a raising
+``__dict__`` property or metaclass ``__getattr__`` failed every request of a function
+that works in-process (a ``function_error``), and a counting tensor subclass in a global
+counted 14 calls of its own that the function never made.
+
 Not seen: state an object keeps without a ``__dict__`` (an ``itertools.count``, a
-generator), behind a module attribute (``mymod.N += 1``), or in a C extension; and a
-tensor past the copy bound is noticed changed but not put back.
+generator), behind a module attribute (``mymod.N += 1``), or in a C extension; a
+container whose items would take the walk past its bound of items (a global lookup
+table of a million floats: its walk and comparison took ~0.5 s a request); and a tensor
+past the copy bound is noticed changed but not put back.
 """
 
 from __future__ import annotations
@@ -41,11 +54,42 @@ __all__ = ["KeptState", "Replay", "active"]
 # costs at most this many nodes; what lies past it is not watched.
 _MAX_NODES = 4096
 _MAX_DEPTH = 6
+# Items of the containers noted (each copied and compared after a call): a container
+# past what is left of it is not watched, as what lies past _MAX_NODES (~0.5 us an item
+# in all: 16,384 of them ~8 ms, where a million took ~0.5 s a request).
+_MAX_ITEMS = 1 << 14
 # Tensors copied so a changed one can be put back (a model's buffers, a global buffer);
 # past this total only their version counters are watched.
 _COPY_BYTES = 16 << 20
 _MISSING = object()
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
+_PLAIN_IDS = frozenset(map(id, _PLAIN))  # (by id: ``in`` a tuple of types may run a metaclass's __eq__)
+_PARTIAL = {name: functools.partial.__dict__[name] for name in ("func", "args", "keywords")}
+_NO_DISPATCH = torch.Tensor.__dict__["__torch_dispatch__"]
+_TYPE_DICT = type.__dict__["__dict__"].__get__  # a class's own namespace, no descriptor of its run
+
+
+def _class_attr(cls: type, name: str) -> Any:
+    """``name`` as the class's MRO holds it, neither a metaclass's ``__getattr__`` nor a
+    descriptor's ``__get__`` run (user code)."""
+    for klass in type.__dict__["__mro__"].__get__(cls):
+        namespace = _TYPE_DICT(klass)
+        if name in namespace:
+            return namespace[name]
+    return _MISSING
+
+
+def _instance_dict(v: Any) -> dict[str, Any] | None:
+    """``v.__dict__`` where it is the interpreter's own (a class's ``__dict__`` property,
+    ``__getattr__`` or ``__getattribute__`` is user code: not run)."""
+    slot = _class_attr(type(v), "__dict__")
+    if type(slot) is not types.GetSetDescriptorType:
+        return None
+    try:
+        attributes = slot.__get__(v)
+    except Exception:  # (a C type's getset refusing this instance)
+        return None
+    return attributes if type(attributes) is dict else None
 
 
 def _library_dirs() -> tuple[str, ...]:
@@ -77,8 +121,20 @@ def _names(code: types.CodeType) -> set[str]:
 def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True
-    # (a float computed again to the same value is another object, and no change)
-    return type(a) is type(b) and isinstance(a, _PLAIN) and a == b
+    # (a float computed again to the same value is another object, and no change; the
+    # builtin types only: a str subclass's __eq__ is user code)
+    return type(a) is type(b) and id(type(a)) in _PLAIN_IDS and a == b
+
+
+def _dict_changed(d: dict[Any, Any], items: dict[Any, Any]) -> bool:
+    # item by item in order (no key hashed again: a key's __hash__ is user code; an order
+    # changed is a change)
+    return dict.__len__(d) != len(items) or any(
+        a is not b or not _same(va, vb) for (a, va), (b, vb) in zip(dict.items(d), items.items()))
+
+
+def _list_changed(lst: list[Any], items: list[Any]) -> bool:
+    return list.__len__(lst) != len(items) or any(not _same(a, b) for a, b in zip(list.__iter__(lst), items))
 
 
 class KeptState:
@@ -95,7 +151,9 @@ class KeptState:
         self._tensors: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []
         self._copied = 0
         self._nodes = 0
-        self._walk(fn, 0)
+        self._items = 0
+        with torch._C.DisableTorchFunctionSubclass():  # (a tensor subclass's hooks are user code)
+            self._walk(fn, 0)
 
     # ------------------------------------------------------------------ walk
 
@@ -107,45 +165,64 @@ class KeptState:
         self._nodes += 1
         return True
 
+    def _fits(self, n: int) -> bool:
+        """Whether a container of ``n`` items fits what is left of _MAX_ITEMS."""
+        if self._items + n > _MAX_ITEMS:
+            return False
+        self._items += n
+        return True
+
     def _walk(self, v: Any, depth: int) -> None:
-        if depth > _MAX_DEPTH or isinstance(v, _PLAIN) or isinstance(v, (type, types.ModuleType)):
+        # (types read with type(), never isinstance: that reads an object's own
+        # __class__, which a property may make user code)
+        kind = type(v)
+        if depth > _MAX_DEPTH or issubclass(kind, _PLAIN) or issubclass(kind, (type, types.ModuleType)):
             return
         if not self._first(v):
             return
-        if isinstance(v, torch.Tensor):
+        if issubclass(kind, torch.Tensor):
             self._tensor(v)
-        elif isinstance(v, dict):
-            self._dicts.append((v, dict(v)))
-            for item in list(v.values()):
-                self._walk(item, depth + 1)
-        elif isinstance(v, list):
-            self._lists.append((v, list(v)))
-            for item in v:
-                self._walk(item, depth + 1)
-        elif isinstance(v, (tuple, frozenset)):
-            for item in v:
-                self._walk(item, depth + 1)
-        elif isinstance(v, set):
-            self._sets.append((v, set(v)))
-        elif isinstance(v, types.FunctionType):
+        elif issubclass(kind, dict):
+            if self._fits(dict.__len__(v)):
+                items = dict.copy(v)
+                self._dicts.append((v, items))
+                for item in list(items.values()):
+                    self._walk(item, depth + 1)
+        elif issubclass(kind, list):
+            if self._fits(list.__len__(v)):
+                items = list.copy(v)
+                self._lists.append((v, items))
+                for item in items:
+                    self._walk(item, depth + 1)
+        elif issubclass(kind, tuple):
+            if self._fits(tuple.__len__(v)):
+                for item in tuple.__iter__(v):
+                    self._walk(item, depth + 1)
+        elif issubclass(kind, frozenset):
+            if self._fits(frozenset.__len__(v)):
+                for item in frozenset.__iter__(v):
+                    self._walk(item, depth + 1)
+        elif issubclass(kind, set):
+            if self._fits(set.__len__(v)):
+                self._sets.append((v, set.copy(v)))
+        elif kind is types.FunctionType:
             self._function(v, depth)
-        elif isinstance(v, types.MethodType):
+        elif kind is types.MethodType:
             self._walk(v.__self__, depth + 1)
             self._walk(v.__func__, depth + 1)
-        elif isinstance(v, functools.partial):
-            self._walk(v.func, depth + 1)
-            self._walk(v.args, depth + 1)
-            self._walk(v.keywords, depth + 1)
-        elif isinstance(v, (types.BuiltinFunctionType, types.CodeType)):
+        elif issubclass(kind, functools.partial):
+            for name in ("func", "args", "keywords"):  # (partial's own slots: a subclass may shadow them)
+                self._walk(_PARTIAL[name].__get__(v), depth + 1)
+        elif issubclass(kind, (types.BuiltinFunctionType, types.CodeType)):
             return
         else:
-            attributes = getattr(v, "__dict__", None)
-            if isinstance(attributes, dict):
+            attributes = _instance_dict(v)
+            if attributes is not None:
                 self._walk(attributes, depth + 1)
             # a callable object's or a module's code: what its call reaches (forward's globals)
             for name in ("__call__", "forward"):
-                method = getattr(type(v), name, None)
-                if isinstance(method, types.FunctionType):
+                method = _class_attr(kind, name)
+                if type(method) is types.FunctionType:
                     self._walk(method, depth + 1)
 
     def _function(self, fn: types.FunctionType, depth: int) -> None:
@@ -163,8 +240,8 @@ class KeptState:
         self._walk(fn.__kwdefaults__, depth + 1)
         namespace = fn.__globals__
         for name in sorted(_names(fn.__code__)):
-            if name in namespace or not hasattr(builtins, name):
-                value = namespace.get(name, _MISSING)
+            if dict.__contains__(namespace, name) or not hasattr(builtins, name):
+                value = dict.get(namespace, name, _MISSING)
                 self._globals.append((namespace, name, value))
                 if value is not _MISSING:
                     self._walk(value, depth + 1)
@@ -176,6 +253,8 @@ class KeptState:
             return
         copy = None
         nbytes = t.numel() * t.element_size() if t.layout == torch.strided else _COPY_BYTES + 1
+        if _class_attr(type(t), "__torch_dispatch__") is not _NO_DISPATCH:
+            nbytes = _COPY_BYTES + 1  # a subclass's own kernels (user code) would copy it: only watched
         if self._copied + nbytes <= _COPY_BYTES:
             try:
                 copy = t.detach().clone()
@@ -188,17 +267,21 @@ class KeptState:
 
     def changed(self) -> bool:
         """Whether what was taken changed since."""
+        with torch._C.DisableTorchFunctionSubclass():
+            return self._changed()
+
+    def _changed(self) -> bool:
         for d, items in self._dicts:
-            if len(d) != len(items) or any(not _same(d.get(k, _MISSING), v) for k, v in items.items()):
+            if _dict_changed(d, items):
                 return True
         for namespace, name, value in self._globals:
-            if not _same(namespace.get(name, _MISSING), value):
+            if not _same(dict.get(namespace, name, _MISSING), value):
                 return True
         for lst, items in self._lists:
-            if len(lst) != len(items) or any(not _same(a, b) for a, b in zip(lst, items)):
+            if _list_changed(lst, items):
                 return True
         for s, items in self._sets:
-            if s != items:
+            if not set.__eq__(s, items):
                 return True
         for cell, contents in self._cells:
             try:
@@ -215,24 +298,29 @@ class KeptState:
     def restore(self) -> bool:
         """Put back what changed; whether all of it could be (a tensor past the copy
         bound, or one resized, cannot)."""
+        with torch._C.DisableTorchFunctionSubclass():
+            return self._restore()
+
+    def _restore(self) -> bool:
+        # (through the builtin types' own methods: a subclass's are user code)
         whole = True
         for d, items in self._dicts:
-            if len(d) != len(items) or any(not _same(d.get(k, _MISSING), v) for k, v in items.items()):
-                d.clear()
-                d.update(items)
+            if _dict_changed(d, items):
+                dict.clear(d)
+                dict.update(d, items)
         for namespace, name, value in self._globals:
-            if not _same(namespace.get(name, _MISSING), value):
+            if not _same(dict.get(namespace, name, _MISSING), value):
                 if value is _MISSING:
-                    namespace.pop(name, None)
+                    dict.pop(namespace, name, None)
                 else:
-                    namespace[name] = value
+                    dict.__setitem__(namespace, name, value)
         for lst, items in self._lists:
-            if len(lst) != len(items) or any(not _same(a, b) for a, b in zip(lst, items)):
-                lst[:] = items
+            if _list_changed(lst, items):
+                list.__setitem__(lst, slice(None), items)
         for s, items in self._sets:
-            if s != items:
-                s.clear()
-                s.update(items)
+            if not set.__eq__(s, items):
+                set.clear(s)
+                set.update(s, items)
         for cell, contents in self._cells:
             try:
                 now = cell.cell_contents

@@ -1,0 +1,132 @@
+"""Review round 9: engine/kept_state.py's watch of what a function keeps across calls
+(parity round 36) ran the user's code and walked whole containers.
+
+1. The walk read objects through their own hooks: ``getattr(v, "__dict__")`` (a
+   ``__dict__`` property, a forwarding ``__getattr__`` whose target was never set: a
+   RecursionError), ``getattr(type(v), "forward")`` (a metaclass's ``__getattr__``), a
+   dict subclass's ``values()``, a tensor subclass's ``__torch_function__`` (numel,
+   detach, clone, _version). A function that works in-process, naming such a global, had
+   every request answered 422 ``function_error`` with the hook's exception; a counting
+   tensor subclass counted 14 calls the function never made.
+2. A container's items were walked and compared all of them, past the node bound: a
+   function naming a global list of a million floats paid ~0.34 s to take and ~0.13 s to
+   compare a request (in-process, timeit); now a container past the item bound is not
+   watched.
+
+In-process engine, no server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from jacobian_service.engine import kept_state
+from jacobian_service.engine.core import Engine
+from jacobian_service.registry import FunctionSpec, Input
+from jacobian_service.types import Call
+
+
+class Forwarding:
+    """A wrapper forwarding what it lacks to ``inner``, never set: any missing name
+    recurses (RecursionError, not AttributeError)."""
+
+    __slots__ = ("inner",)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class NoDict:
+    @property
+    def __dict__(self) -> Any:  # type: ignore[override]
+        raise RuntimeError("__dict__ read")
+
+
+class Meta(type):
+    def __getattr__(cls, name: str) -> Any:
+        raise KeyError(name)
+
+
+class WithMeta(metaclass=Meta):
+    pass
+
+
+class Table(dict):
+    def values(self) -> Any:
+        raise RuntimeError("values read")
+
+
+class Counting(torch.Tensor):
+    calls = 0
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        Counting.calls += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+FORWARDING = Forwarding()
+NO_DICT = NoDict()
+WITH_META = WithMeta()
+TABLE = Table(scale=2.0)
+COUNTING = torch.ones(3, dtype=torch.float64).as_subclass(Counting)
+BIG = [0.5] * 100_000  # (past the bound, 16,384 items)
+
+
+def forwarding(x):
+    return x * 2 if FORWARDING is not None else x
+
+
+def no_dict(x):
+    return x * 3 if NO_DICT is not None else x
+
+
+def with_meta(x):
+    return x * 4 if WITH_META is not None else x
+
+
+def table(x):
+    return x * TABLE["scale"]
+
+
+def counting(x):
+    return x * 5 if COUNTING is not None else x
+
+
+def big(x):
+    return x * BIG[0]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    yield Engine(torch.device("cpu"), 1 << 30)
+
+
+def call(fn: Any, x: np.ndarray) -> Call:
+    sp = FunctionSpec(fn.__name__, fn, (Input("x", shape=("n",), dtype="float64"),))
+    return Call(sp, [x], ["float64"], deadline=time.monotonic() + 60)
+
+
+X = np.array([1.0, -2.0, 0.5])
+
+
+@pytest.mark.parametrize("fn", [forwarding, no_dict, with_meta, table, counting])
+def test_a_global_with_its_own_hooks_is_watched_without_running_them(engine, fn):
+    tx = torch.from_numpy(X)
+    start = Counting.calls
+    value = engine.evaluate(call(fn, X)).value  # before: 422 function_error (the hook's exception)
+    jacobian = engine.jacobian(call(fn, X)).value
+    np.testing.assert_allclose(value, fn(tx).numpy(), rtol=1e-15)
+    np.testing.assert_allclose(jacobian, torch.func.jacrev(fn)(tx).numpy(), rtol=1e-15)
+    assert Counting.calls == start  # before: 14 and more of its own calls, the function made none
+
+
+def test_a_container_past_the_item_bound_is_not_walked():
+    kept = kept_state.KeptState(big)  # before: every item walked, the list copied and compared
+    assert not any(lst is BIG for lst, _ in kept._lists)
+    assert not kept.changed()
