@@ -18,6 +18,7 @@ In-process engine, no server.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -130,3 +131,44 @@ def test_a_container_past_the_item_bound_is_not_walked():
     kept = kept_state.KeptState(big)  # before: every item walked, the list copied and compared
     assert not any(lst is BIG for lst, _ in kept._lists)
     assert not kept.changed()
+
+
+# 3. The request whose calls are replayed (kept_state.active) was one for the process: an
+#    in-process server with several devices runs an engine per device, each in a thread
+#    of its own. While one engine's request was in its function, the other's saw a
+#    Replay active and took none of its own: a counted function's Hessian there stepped
+#    its count 7 times, as before round 36 (or its calls ran through the other's Replay).
+
+STARTED = threading.Event()
+RELEASE = threading.Event()
+COUNT = [0]
+
+
+def waiting(x):
+    STARTED.set()
+    RELEASE.wait(30)
+    return x * 2
+
+
+def counted(x):
+    COUNT[0] += 1
+    return (x**3).sum() * COUNT[0]
+
+
+def test_an_engine_in_another_thread_replays_its_own_request():
+    first, second = (Engine(torch.device("cpu"), 1 << 30) for _ in range(2))
+    answers: list[Any] = []
+    other = threading.Thread(target=lambda: answers.append(first.evaluate(call(waiting, X)).value))
+    other.start()
+    try:
+        assert STARTED.wait(30)  # the first engine's request is in its function, its Replay set
+        before = COUNT[0]
+        got = second.hessian(call(counted, X)).value
+        stepped = COUNT[0] - before
+    finally:
+        RELEASE.set()
+        other.join(30)
+    want = torch.func.hessian(lambda z: (z**3).sum() * (before + 1))(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12)  # before: 7 steps on
+    assert stepped == 1
+    np.testing.assert_allclose(answers[0], X * 2)

@@ -399,7 +399,7 @@ class AuxBox:
     def __call__(self, *args: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, ...]]:
         # one tensor per leaf in; pytree parameters rebuilt (dicts, tuples) for the function
         try:
-            replay = kept_state.active
+            replay = kept_state.active.replay
             if replay is not None and replay.fn is self.spec.fn:  # (kept_state.Replay)
                 result = replay.call(self.spec.parameters(args))
             else:

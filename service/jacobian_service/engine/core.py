@@ -302,14 +302,14 @@ def _one_state(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def entry(self: "Engine", call: Call, *args: Any, **kwargs: Any) -> Any:
         profile = self.profiles[call.spec.name]
-        if (kept_state.active is not None or call.batched
+        if (kept_state.active.replay is not None or call.batched
                 or not (profile.keeps_state or profile.state_watched < _STATE_WATCHED)):
             return method(self, call, *args, **kwargs)
-        replay = kept_state.active = kept_state.Replay(call.spec.fn)
+        replay = kept_state.active.replay = kept_state.Replay(call.spec.fn)
         try:
             return method(self, call, *args, **kwargs)
         finally:
-            kept_state.active = None
+            kept_state.active.replay = None
             replay.end()
             if replay.calls:
                 profile.state_watched += 1

@@ -43,6 +43,7 @@ from __future__ import annotations
 import builtins
 import functools
 import sysconfig
+import threading
 import types
 from typing import Any, Callable
 
@@ -426,6 +427,15 @@ class _plain:
         self._off.__exit__(*exc)
 
 
-#: The request whose function is being called, where its calls are replayed (one at a
-#: time: the engine's thread runs one request at a time).
-active: Replay | None = None
+class _Active(threading.local):
+    """The request whose function is being called, where its calls are replayed: the
+    thread's own. An engine's thread runs one request at a time, but an in-process server
+    runs an engine per device, each in a thread of its own: one module-wide value was
+    taken by the other engine's request (its Replay skipped, or ended under it, or its
+    calls run through the other's), and a counted function's Hessian stepped its count
+    up to 7 times there, as before the Replay (measured: two engines, two threads)."""
+
+    replay: Replay | None = None
+
+
+active = _Active()
