@@ -172,3 +172,23 @@ def test_an_engine_in_another_thread_replays_its_own_request():
     np.testing.assert_allclose(got, want, rtol=1e-12)  # before: 7 steps on
     assert stepped == 1
     np.testing.assert_allclose(answers[0], X * 2)
+
+
+# 4. A cache filled on first use with random weights: each later call of the first
+#    request began from the empty cache again (the Replay) and drew weights of its own;
+#    the Hessian answered was of weights other than those the request left cached.
+
+CACHE: dict[str, torch.Tensor] = {}
+
+
+def cached_random(x):
+    if "w" not in CACHE:
+        CACHE["w"] = torch.randn(3, 3, dtype=torch.float64)
+    return torch.tanh(CACHE["w"] @ x).sum()
+
+
+def test_a_random_cache_filled_on_first_use_answers_the_weights_it_keeps(engine):
+    CACHE.clear()
+    got = engine.hessian(call(cached_random, X)).value
+    want = torch.func.hessian(cached_random)(torch.from_numpy(X)).numpy()  # the weights left cached
+    np.testing.assert_allclose(got, want, rtol=1e-12)  # before: another draw's Hessian

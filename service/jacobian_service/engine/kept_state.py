@@ -369,32 +369,45 @@ class Replay:
     same state again, and once the request is done the state is left as the first call
     left it: one step a request, each call computing what the one call in-process does.
     Notes and writes are made with functorch's transforms off (a captured tensor written
-    inside a ``grad`` transform is refused)."""
+    inside a ``grad`` transform is refused).
+
+    torch's random generators are put back with the state (``products.rng_replay``, ~2
+    us to take): a cache filled on first use with random weights (``CACHE["w"] =
+    torch.randn(...)``, a lazily initialised layer) was emptied for each later call, which
+    drew weights of its own, and the first request's Hessian (its strategies, its check)
+    came from weights other than those it left behind (measured: not torch.func's)."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self.calls = 0
         self.before: KeptState | None = None
         self.after: KeptState | None = None
+        self._draws: Callable[[], None] | None = None  # torch's generators as the first call began
+        self._drawn: Callable[[], None] | None = None  # and as it left them
 
     def call(self, args: Any) -> Any:
         fn = self.fn
         if self.calls == 0:
             self.calls = 1
+            from .products import rng_replay  # (products imports calling, which imports this module)
+
             with _plain():
                 self.before = KeptState(fn)
+            self._draws = rng_replay()
             try:
                 return fn(*args)
             finally:
                 with _plain():
                     if self.before.changed():
                         self.after = KeptState(fn)  # the state the one answered call leaves
+                        self._drawn = rng_replay()
                     else:
                         self.before = None  # it keeps nothing (so far): later calls as they are
         self.calls += 1
         if self.before is not None:
             with _plain():
                 self.before.restore()
+            self._draws()  # type: ignore[misc]  # (drawing again what the first call drew)
         return fn(*args)
 
     @property
@@ -407,6 +420,7 @@ class Replay:
             with _plain():
                 if self.after.changed():
                     self.after.restore()
+            self._drawn()  # type: ignore[misc]
 
 
 class _plain:
