@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -192,3 +193,20 @@ def test_a_random_cache_filled_on_first_use_answers_the_weights_it_keeps(engine)
     got = engine.hessian(call(cached_random, X)).value
     want = torch.func.hessian(cached_random)(torch.from_numpy(X)).numpy()  # the weights left cached
     np.testing.assert_allclose(got, want, rtol=1e-12)  # before: another draw's Hessian
+
+
+NAMESPACE = types.SimpleNamespace(n=0)
+
+
+def namespace_counted(x):
+    NAMESPACE.n += 1
+    return (x**3).sum() * NAMESPACE.n
+
+
+def test_a_counter_in_a_simple_namespace_is_still_watched(engine):
+    """(its __dict__ a C member, not a getset: read as the interpreter's own too)"""
+    before = NAMESPACE.n
+    got = engine.hessian(call(namespace_counted, X)).value
+    assert NAMESPACE.n == before + 1
+    want = torch.func.hessian(lambda z: (z**3).sum() * (before + 1))(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12)

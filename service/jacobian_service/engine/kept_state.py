@@ -84,7 +84,9 @@ def _instance_dict(v: Any) -> dict[str, Any] | None:
     """``v.__dict__`` where it is the interpreter's own (a class's ``__dict__`` property,
     ``__getattr__`` or ``__getattribute__`` is user code: not run)."""
     slot = _class_attr(type(v), "__dict__")
-    if type(slot) is not types.GetSetDescriptorType:
+    # (a member, not a getset: a C type's own, types.SimpleNamespace's; a class's own
+    # __slots__ cannot name __dict__ so)
+    if type(slot) is not types.GetSetDescriptorType and type(slot) is not types.MemberDescriptorType:
         return None
     try:
         attributes = slot.__get__(v)
