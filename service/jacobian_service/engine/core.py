@@ -1014,7 +1014,7 @@ class Engine:
         if self.profiles[name].stacks:
             self.profiles[name].stacks = False
             log.info("%s keeps state across calls: its requests are no longer stacked%s", name,
-                     "" if whole else " (a tensor it changed was too large to put back)")
+                     "" if whole else " (a tensor it changed, too large or a weight requiring grad, was not put back)")
 
     def _draws(self) -> tuple[Any, ...]:
         """The global random generators vmap does not see (Python's ``random``, numpy's
