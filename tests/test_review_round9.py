@@ -236,3 +236,24 @@ def test_a_models_weights_are_watched_not_copied():
     layer(torch.zeros(64, dtype=torch.float64))
     assert kept.changed() and kept.restore()
     assert torch.equal(LAYER.calls, before)
+
+
+# 6. (This round's walk, compared in order:) an LRU's move_to_end, which changes no item,
+#    is no change, as main's per-key compare had it.
+
+RECENT: dict[Any, float] = {"a": 1.0, "b": 2.0}
+
+
+def recent(x):
+    key = "a" if list(RECENT)[0] == "a" else "b"
+    RECENT[key] = RECENT.pop(key)  # (moved to the end)
+    return x * RECENT["a"]
+
+
+def test_a_dict_reordered_is_no_change():
+    kept = kept_state.KeptState(recent)
+    recent(torch.zeros(3))
+    assert not kept.changed()
+    RECENT["a"] = 3.0
+    assert kept.changed()
+    RECENT["a"] = 1.0
