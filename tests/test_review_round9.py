@@ -13,6 +13,9 @@
    compare a request (in-process, timeit); now a container past the item bound is not
    watched.
 
+3-6 below: one Replay for the process (an engine per device, each in its thread), a
+random cache redrawn by later calls, weights copied at every batch, a reordered dict.
+
 In-process engine, no server.
 """
 
