@@ -7,30 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from ._tally import Calls
 
-
-class _Calls:
-    """A tally of calls that the engine's kept-state watch does not reach (no
-    ``__dict__``): a list the function appends to is state it keeps across calls, which
-    the engine puts back between its calls of one request (engine.kept_state.Replay), so
-    it counted one call a request where the tests count the function's every call."""
-
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def append(self, _: object) -> None:
-        self.n += 1
-
-    def clear(self) -> None:
-        self.n = 0
-
-    def __len__(self) -> int:
-        return self.n
-
-
-CALLS = _Calls()
+CALLS = Calls()  # (not a list: see tests._tally)
 
 
 def _chain(x: torch.Tensor, steps: int) -> torch.Tensor:

@@ -1,0 +1,29 @@
+"""A tally of a test function's calls that the engine's kept-state watch does not reach.
+
+A list a function appends to is state it keeps across calls, which the engine puts back
+between its calls of one request (engine.kept_state.Replay: each request sees one state,
+as torch's one call does), so a list counted one call a request where the sparse rounds'
+tests count the function's every call (plain, under vmap, traced). An object without a
+``__dict__`` is not watched."""
+
+from __future__ import annotations
+
+__all__ = ["Calls"]
+
+
+class Calls:
+    """``append`` / ``clear`` / ``len`` as a list's, keeping only the count."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def append(self, _: object) -> None:
+        self.n += 1
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
