@@ -226,6 +226,8 @@ def supervisor_of_a_dead_engine(tmp_path: Any, **settings: Any) -> Iterator[tupl
     finally:
         sup.pub.close(linger=0)
         sup.control.close(linger=0)
+        if getattr(sup, "held_inbox", None) is not None:
+            sup.held_inbox.close()
         sup.ctx.term()
 
 

@@ -37,7 +37,7 @@ from .procfs import living
 from .registry import FunctionSpec, Registry
 from .scheduler import Job, StreamHead
 from .settings import Settings
-from .supervision import MAX_GIVEN_UP, OVERDUE_AFTER_MIN_S, Channel
+from .supervision import MAX_GIVEN_UP, OVERDUE_AFTER_MIN_S, Channel, HeldOutbox
 from .types import Call, JobInfo, Result
 
 __all__ = ["InProcessEngines", "RemoteEngines"]
@@ -117,6 +117,9 @@ _RESENDS = 3  # tries of a request whose engines leave as planned before startin
 # busy machine) may not yet have read the state message saying the engine is up while
 # connections hashed to its socket already arrive.
 _READY_WAIT_S = 1.0
+# A job whose ``held`` word found the supervisor's queue full waits this long at most for
+# it to go (``HeldOutbox.settled``): past it, the word trails the job, as on zmq.
+_HELD_SETTLE_S = 1.0
 
 
 class _Resend(Exception):
@@ -350,6 +353,7 @@ class RemoteEngines(_Engines):
         self._reached: dict[int, int | None] = {}
         self._broke: dict[int, float] = {}
         self._control: Any = None  # the supervisor's control socket, once started
+        self._held_out: HeldOutbox | None = None  # where ``held`` goes, once started (``_say_held``)
 
     async def start(self) -> None:
         import zmq
@@ -363,6 +367,7 @@ class RemoteEngines(_Engines):
         self._control = self._ctx.socket(zmq.PUSH)
         self._control.setsockopt(zmq.LINGER, 0)
         self._control.connect(self.channel.control)
+        self._held_out = HeldOutbox(self.channel.held, self._control.send)
         self._tasks.append(asyncio.create_task(self._events()))
         self._tasks.append(asyncio.create_task(self._overdue()))
         # uvicorn accepts once the lifespan has started, and the kernel has been queueing
@@ -384,6 +389,8 @@ class RemoteEngines(_Engines):
                 p.fut.set_exception(Unavailable("the server is shutting down", headers={"Retry-After": "1"}))
         for sock in self._socks:
             sock.close()
+        if self._held_out is not None:
+            self._held_out.close()
         self._ctx.destroy(linger=0)
 
     def _connection(self, index: int) -> Connection:
@@ -412,8 +419,7 @@ class RemoteEngines(_Engines):
                            if p.engine == index and p.function and not p.fut.done() and p.sent >= since)
         self._told_held[index] = queued
         if queued and self._control is not None:
-            self._control.send(self.channel.sign({"t": "held", "from": os.getpid(), "engine": index,
-                                                  "functions": sorted(queued)}))
+            self._say_held(index, queued)
 
     def _connection_lost(self, index: int) -> None:
         """The connection to engine ``index`` broke: nothing sent on it can be answered
@@ -702,31 +708,40 @@ class RemoteEngines(_Engines):
                 held.setdefault(c.engine, set()).add(c.function)
         return held
 
-    def _tell_held(self, sending: tuple[int, str] | None) -> None:
+    def _say_held(self, index: int, functions: frozenset[str]) -> bool:
+        """The ``held`` word for engine ``index``. True: in the supervisor's queue already
+        (``HeldOutbox``: before the job that follows is written, so an end of this front
+        end just after, a function's doing, cannot take it along)."""
+        word = self.channel.sign({"t": "held", "from": os.getpid(), "engine": index, "functions": sorted(functions)})
+        if self._held_out is None:  # (a front end made by hand, in tests)
+            self._control.send(word)
+            return False
+        return self._held_out.send(index, word)
+
+    def _tell_held(self, sending: tuple[int, str] | None) -> bool:
         """Tell the supervisor which functions this front end holds unanswered on each
         engine (``Supervisor._told_held``): the engine's status board, which a function
         can write, is believed only where they agree. Told as a function is sent to an
         engine that was not told it since it last restarted (``sending``: the engine and
         function of the job about to go), and, once a second (``_overdue``), as some were
         answered: a few words a second at most, however many requests, not one per
-        request."""
+        request. True: no word had to wait (told before, or in the supervisor's queue now:
+        ``_say_held``); False: the caller awaits ``HeldOutbox.settled`` before its job."""
         if self._control is None:  # not started (a front end made by hand, in tests)
-            return
+            return True
         if sending is not None:
             index, function = sending
             told = self._told_held.get(index, frozenset())
             if function in told:
-                return
+                return True
             self._told_held[index] = now = told | {function}
-            self._control.send(self.channel.sign({"t": "held", "from": os.getpid(), "engine": index,
-                                                  "functions": sorted(now)}))
-            return
+            return self._say_held(index, now)
         held = self._holding(self._pids.get)
         for index, told in list(self._told_held.items()):
             if told != (now := frozenset(held.get(index, ()))):
                 self._told_held[index] = now
-                self._control.send(self.channel.sign({"t": "held", "from": os.getpid(), "engine": index,
-                                                      "functions": sorted(now)}))
+                self._say_held(index, now)
+        return True
 
     # ----------------------------------------------------------------- requests
 
@@ -807,8 +822,11 @@ class RemoteEngines(_Engines):
         frames = ipc.encode_call(msg_id, kind, call, tag=tag, stream_id=stream_id, deadline=until)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         function = call.spec.name if call is not None else function
-        if function:
-            self._tell_held((index, function))
+        if function and not self._tell_held((index, function)) and self._held_out is not None \
+                and self._held_out.direct:
+            # Its word waits for room in the supervisor's queue (not looked at for a
+            # while): the job waits for it, a second at most, else it would trail the job.
+            await self._held_out.settled(index, min(_HELD_SETTLE_S, max(0.0, until - time.monotonic())))
         sent = time.monotonic()
         client = call.client if call is not None else _UNKNOWN_CLIENT
         self._pending[msg_id] = _Pending(fut, index, tag, sent, engine is None, function, client)

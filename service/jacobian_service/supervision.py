@@ -6,7 +6,17 @@
   check), "this engine has held my cancelled request past its grace" (``overdue``),
   "my oldest job unanswered on this engine" (``oldest``: whom a hang is put down to),
   "the functions I hold unanswered on this engine" (``held``: whom the engine's status
-  board may name for a death).
+  board may name for a death), which on Linux comes on a socket of its own
+  (``HeldInbox``): in the supervisor's queue before the job reaches the engine.
+
+Why not a token the engine writes on its board beside the function's name (a secret the
+supervisor gives each engine, or one carried with each job): the function runs in the
+engine process and reads whatever the engine holds (``gc.get_objects``, ``/proc/self/mem``)
+and the board itself (a file), so it would copy the token beside any name. One signed by
+a front end (the channel's key, which no engine holds) would prove only that a job of that
+function was sent there at some time: the function can replay another's, answered long
+since or queued behind it. The supervisor must hear it from the front end before the
+engine has the job, which a kernel queue gives (``HeldInbox``).
 
 Functions run in the engines as the service's user. Both sockets were files in the run
 directory: a function connected to ``control.sock`` (pyzmq, or a plain ``AF_UNIX``
@@ -37,14 +47,16 @@ import hashlib
 import hmac
 import os
 import secrets
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
-__all__ = ["MAX_GIVEN_UP", "OVERDUE_AFTER_MIN_S", "Channel"]
+__all__ = ["MAX_GIVEN_UP", "OVERDUE_AFTER_MIN_S", "Channel", "HeldInbox", "HeldOutbox"]
 
 _MAC = hashlib.sha256().digest_size
 # A cancel an engine has not answered for this long at least (or HANG_GRACE_S, if longer)
@@ -79,6 +91,16 @@ class Channel:
         (the tests') reaches."""
         return cls(f"ipc://{run_dir}/events.sock", f"ipc://{run_dir}/control.sock", b"")
 
+    @property
+    def held(self) -> str | None:
+        """Where the front ends' ``held`` words go (``HeldInbox``): a ``SOCK_SEQPACKET``
+        socket with an abstract name beside the control socket's; None where there is no
+        abstract name (not Linux, a channel made by hand): they go on the control socket."""
+        prefix = "ipc://@"
+        if not self.control.startswith(prefix) or not hasattr(socket, "SOCK_SEQPACKET"):
+            return None
+        return "\0" + self.control[len(prefix):] + "-held"
+
     def guard(self, sock: Any) -> None:
         """Before a bind: only processes of this user may connect."""
         import zmq
@@ -102,3 +124,176 @@ class Channel:
         except orjson.JSONDecodeError:
             return None
         return message if isinstance(message, dict) else None
+
+
+# ``held`` words a front end's connection may bring per look (``HeldInbox.take``): one
+# that floods its own (a function's, where no Landlock keeps it off the socket) cannot
+# starve the others.
+_HELD_PER_PEER = 16
+_HELD_MAX_BYTES = 1 << 18  # one word, at most (4096 names of 60 bytes, signed): a longer one goes on zmq
+
+
+class HeldInbox:
+    """The supervisor's end of the front ends' ``held`` words (``Channel.held``).
+
+    A front end tells the supervisor which functions it sent an engine (``held``), for
+    the engine's status board, which a function can write, is believed only where a
+    front end's word agrees. That word went on the zmq control socket, whose bytes the
+    front end's zmq I/O thread writes later, while the job itself went straight to the
+    engine: a function that ended its front end right after its job (or any end of the
+    front end then) took the word along, and its crash or stray thread was read as the
+    board's lie, the function unnamed and unstruck. On a ``SOCK_SEQPACKET`` connection
+    the word is in this socket's queue, in the kernel, once the front end's ``send``
+    returns, before the job is written: the front end's end after that loses nothing
+    (the queue is the receiver's). A connection of each front end's own: one peer's
+    flood fills only its own queue. Bounded: ``max_peers`` connections (more are closed:
+    that front end falls back to zmq), ``_HELD_PER_PEER`` words from each per look."""
+
+    def __init__(self, address: str, max_peers: int) -> None:
+        self._max_peers = max_peers
+        self._peers: list[socket.socket] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._listener.bind(address)
+            self._listener.listen(128)
+            self._listener.setblocking(False)
+        except OSError:
+            self._listener.close()
+            raise
+
+    def take(self) -> list[bytes]:
+        """The words that came since the last look (new connections taken first)."""
+        while True:
+            try:
+                peer, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            if len(self._peers) >= self._max_peers:
+                peer.close()
+                continue
+            peer.setblocking(False)
+            self._peers.append(peer)
+        words: list[bytes] = []
+        for peer in list(self._peers):
+            for _ in range(_HELD_PER_PEER):
+                try:
+                    word = peer.recv(_HELD_MAX_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    word = b""
+                if not word:  # that front end is gone
+                    self._peers.remove(peer)
+                    peer.close()
+                    break
+                words.append(word)
+        return words
+
+    def close(self) -> None:
+        for peer in self._peers:
+            peer.close()
+        self._peers.clear()
+        self._listener.close()
+
+
+class HeldOutbox:
+    """A front end's end of ``HeldInbox``: ``send`` puts a word in the supervisor's queue
+    before it returns, where it can. Where it cannot at once (that queue full: the
+    supervisor has not looked for a while), words wait here, the last per engine (each
+    names all that engine's functions), and go as the socket can take them, in order;
+    ``settled`` awaits that. No connection (no abstract name, refused, broken): each word
+    goes to ``fallback`` (the zmq control socket), as before."""
+
+    def __init__(self, address: str | None, fallback: Callable[[bytes], None]) -> None:
+        self._fallback = fallback
+        self._waiting: dict[int, bytes] = {}
+        self._loop: Any = None
+        self._sock: socket.socket | None = None
+        if address is None:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.setblocking(False)  # (a listener whose backlog is full: EAGAIN, not a wait)
+            sock.connect(address)
+        except OSError:
+            sock.close()
+            return
+        self._sock = sock
+
+    @property
+    def direct(self) -> bool:
+        """Whether words go on the supervisor's own socket (else on zmq, trailing)."""
+        return self._sock is not None
+
+    def send(self, index: int, word: bytes) -> bool:
+        """Tell the supervisor ``word`` (engine ``index``'s). True: it is in the
+        supervisor's queue now."""
+        if self._sock is None or len(word) > _HELD_MAX_BYTES:
+            self._fallback(word)
+            return False
+        if not self._waiting:
+            try:
+                self._sock.send(word)
+                return True
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:  # the supervisor closed it (too many peers) or is gone
+                self._broken()
+                self._fallback(word)
+                return False
+        self._waiting.pop(index, None)
+        self._waiting[index] = word
+        self._watch()
+        return False
+
+    async def settled(self, index: int, within: float) -> None:
+        """Until engine ``index``'s waiting word has gone (at most ``within`` s)."""
+        import asyncio
+
+        until = time.monotonic() + within
+        while index in self._waiting and time.monotonic() < until:
+            await asyncio.sleep(0.005)
+
+    def _watch(self) -> None:
+        if self._loop is not None or self._sock is None:
+            return
+        import asyncio
+
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a test's front end): they go on zmq
+            self._broken()
+            return
+        self._loop.add_writer(self._sock.fileno(), self._flush)
+
+    def _flush(self) -> None:
+        while self._waiting and self._sock is not None:
+            index, word = next(iter(self._waiting.items()))
+            try:
+                self._sock.send(word)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._broken()
+                return
+            del self._waiting[index]
+        self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._loop is not None and self._sock is not None:
+            self._loop.remove_writer(self._sock.fileno())
+        self._loop = None
+
+    def _broken(self) -> None:
+        self._unwatch()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        waiting, self._waiting = self._waiting, {}
+        for word in waiting.values():
+            self._fallback(word)
+
+    def close(self) -> None:
+        self._broken()

@@ -82,7 +82,7 @@ from .orphans import become_subreaper, kill_adopted, reap_adopted
 from .output_relay import OutputRelay
 from .procfs import start_ticks, stopped
 from .settings import FRONT_END_ONLY, Settings
-from .supervision import MAX_GIVEN_UP, OVERDUE_AFTER_MIN_S, Channel
+from .supervision import MAX_GIVEN_UP, OVERDUE_AFTER_MIN_S, Channel, HeldInbox
 
 __all__ = ["Supervisor"]
 
@@ -308,6 +308,10 @@ class Supervisor:
         self.control.setsockopt(zmq.LINGER, 0)
         self.channel.guard(self.control)
         self.control.bind(self.channel.control)
+        # The front ends' ``held`` words come on a socket of their own, in the kernel's
+        # queue before their jobs reach an engine (``HeldInbox``, bound as this starts:
+        # ``listen_held``); None: on ``control``.
+        self.held_inbox: HeldInbox | None = None
         self._stop = threading.Event()
         self._go = threading.Event()  # start(): the thread, begun before any engine, ticks from then on
         self._thread: threading.Thread | None = None
@@ -653,10 +657,19 @@ class Supervisor:
 
     # ----------------------------------------------------------------- watching
 
+    def listen_held(self) -> None:
+        """Bind the front ends' ``held`` socket (``HeldInbox``), before any front end starts."""
+        if self.held_inbox is None and self.channel.held is not None:
+            try:
+                self.held_inbox = HeldInbox(self.channel.held, _MAX_FRONT_ENDS)
+            except OSError as exc:
+                log.warning("the front ends' held words go on the control socket (%s)", exc)
+
     def _begin(self) -> None:
         """Start the watching thread, which ticks once ``start`` says so. A signal to any
         thread of a process reaches the process: the engines' seccomp filter names
         ``serve``'s threads as it starts them, so this one must be there before."""
+        self.listen_held()
         self.output.start()  # (its threads too)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
@@ -763,6 +776,9 @@ class Supervisor:
 
     def _drain_control(self) -> None:
         """What the front ends have said and this has not read yet (a tick's worth)."""
+        if self.held_inbox is not None:
+            for word in self.held_inbox.take():
+                self._control(word)
         for _ in range(_CONTROL_PER_TICK):
             if not self.control.poll(0):
                 break
@@ -790,8 +806,12 @@ class Supervisor:
             left = until - time.monotonic()
             if not named or named <= ran or left <= 0:
                 return ran
-            if self.control.poll(max(1, int(left * 1000))):
+            # (10 ms at most: the held words' socket is looked at between polls)
+            if self.control.poll(max(1, int(min(left, 0.01) * 1000))):
                 self._control(self.control.recv())
+            if self.held_inbox is not None:
+                for word in self.held_inbox.take():
+                    self._control(word)
 
     def _control(self, raw: bytes) -> None:
         """A front end's word, signed with the channel's key (``supervision``):
@@ -1498,4 +1518,6 @@ class Supervisor:
         self.output.stop(2.0)  # the last of their output, written
         self.pub.close()
         self.control.close()
+        if self.held_inbox is not None:
+            self.held_inbox.close()
         self.ctx.term()
