@@ -104,6 +104,13 @@ class Strays:
         self.max_processes = max_processes
         self._children: dict[int, str] = {}  # pid -> the functions of its window, while it is a child (zombie or not)
         self._known_threads = _threads()  # by kernel id: a Python ident may be reused at once
+        # The process's other threads (C's, which Python never knew: a C extension's
+        # pthread_create spinning a core went unseen for as long as the engine lived):
+        # their kernel ids, those alive now, and how many tasks the process had at the
+        # last look (``_natives``).
+        self._known_natives = _tasks()
+        self._native_owner: dict[int, str] = {}  # tid -> the function after whose batch it was first seen
+        self._tasks_seen = len(self._known_natives)
         self._known_processes = set(descendants(os.getpid()))
         self._thread_owner: dict[int, str] = {}  # tid -> the function that ran when it was first seen
         self._alive: set[int] = set()  # every thread alive after the last batch
@@ -125,6 +132,7 @@ class Strays:
         self._alive = _threads()
         for tid in self._alive - self._known_threads - self._thread_owner.keys():
             self._thread_owner[tid] = function
+        self._natives(function)
         # Those that have exited (zombies: a ``Popen`` never waited for) are no suspects:
         # they can kill nothing. One was, and an idle engine's death later (a SIGSEGV) was
         # put down to its function, struck; a crash of another function's counted as
@@ -134,6 +142,21 @@ class Strays:
             self._kid_owner[pid] = function
         for pid in self._kid_owner.keys() - self._kids:
             del self._kid_owner[pid]
+
+    def _natives(self, function: str) -> None:
+        """Threads no Python code knows (started in C: a C extension's ``pthread_create``),
+        new since the last look, are ``function``'s, for the CPU watch only: not suspects
+        of a death (``left``), nor counted against ``max_threads``, since torch starts its
+        own pools' threads lazily, in whichever function's batch first needs them, and
+        those sleep when idle. Listed only when the count of the process's tasks changed
+        (a ``stat``, ~4 us on the loaded 2-core VM; the list ~9 us)."""
+        count = _task_count()
+        if count == self._tasks_seen:
+            return
+        self._tasks_seen = count
+        for tid in _tasks() - self._known_natives - self._alive - self._thread_owner.keys() \
+                - self._native_owner.keys():
+            self._native_owner[tid] = function
 
     def _children_now(self) -> set[int]:
         """The children of the engine's thread (the one running the functions; a daemon
@@ -180,9 +203,10 @@ class Strays:
         self._children = {pid: self._children.get(pid, ran) for pid in children}
         used: dict[tuple[str, Any], float] = {}
         wanted: dict[tuple[str, Any], float] = {}
-        for kind, owners in (("thread", self._thread_owner), ("process", self._process_owner)):
+        for kind, owners in (("thread", self._thread_owner), ("native", self._native_owner),
+                             ("process", self._process_owner)):
             for ident in list(owners):
-                task = (os.getpid(), ident) if kind == "thread" else (ident,)
+                task = (os.getpid(), ident) if kind != "process" else (ident,)
                 cpu = cpu_seconds(*task)
                 if cpu is None:  # ended
                     del owners[ident]
@@ -191,7 +215,7 @@ class Strays:
                 now_seconds = (cpu, waited_seconds(*task))
                 before, self._cpu[(kind, ident)] = self._cpu.get((kind, ident)), now_seconds
                 if before is not None and idle:
-                    key = ("function", owners[ident]) if kind == "thread" else ("process", ident)
+                    key = ("function", owners[ident]) if kind != "process" else ("process", ident)
                     used[key] = used.get(key, 0.0) + cpu - before[0]
                     wanted[key] = wanted.get(key, 0.0) + cpu - before[0] + now_seconds[1] - before[1]
         hot = {key for key, seconds in used.items() if seconds > self.share * window or
@@ -260,6 +284,23 @@ def _threads() -> set[int]:
         if tid := _kernel_id(ident):
             tids.add(tid)
     return tids
+
+
+def _tasks() -> set[int]:
+    """The kernel ids of every thread of this process (none where /proc has no list)."""
+    try:
+        return {int(tid) for tid in os.listdir("/proc/self/task")}
+    except (OSError, ValueError):
+        return set()
+
+
+def _task_count() -> int:
+    """How many threads this process has: a task directory's links are its threads plus
+    two (procfs), read with one ``stat``; -1 where there is none."""
+    try:
+        return os.stat("/proc/self/task").st_nlink - 2
+    except OSError:
+        return -1
 
 
 def _kernel_id(ident: int) -> int | None:
