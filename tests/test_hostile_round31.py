@@ -30,7 +30,7 @@ from jacobian_service.settings import Settings
 from jacobian_service.supervision import Channel
 from jacobian_service.types import Call, JobInfo, Result
 
-from ._fault_support import _log_saying, back_within
+from ._fault_support import _log_saying, back_within, wait_spare
 from .conftest import assert_problem, live_server
 from .test_engine_client import _Connection
 from .test_hostile_round10 import _cmdline, _front_ends
@@ -99,6 +99,7 @@ def test_a_function_cannot_limit_renice_or_pin_a_front_end_or_the_spare(server) 
     calling meanwhile, and after, gets its answer."""
     url, proc = server
     (front_end,) = _front_ends(proc.pid)
+    wait_spare(url)  # (ready before its spare is: the first test of the module looked too soon)
     spare = next(p for p in children(proc.pid) if b"--standby" in _cmdline(p))
     before = _standing(front_end), _standing(spare)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
