@@ -104,6 +104,9 @@ class FunctionProfile:
     state_watched: int = 0
     state_changed: int = 0
     keeps_state: bool = False
+    # Stacked batches of its requests whose call changed no such state (Engine.run_batch):
+    # past _STATE_WATCHED, its batches are no longer watched
+    stacked_unchanged: int = 0
     # (what ran: "evaluate" / "jacobian" / "hessian", in_dims) vmap refused, where only
     # that is refused (batched.over_examples): those examples loop, the rest still vmap
     vmap_refused: _LRU[Any, bool] = field(default_factory=_LRU)
