@@ -81,6 +81,14 @@ def _class_attr(cls: type, name: str) -> Any:
     return _MISSING
 
 
+def _cell_contents(cell: types.CellType) -> Any:
+    """A closure cell's contents, or _MISSING for an empty one."""
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return _MISSING
+
+
 def _instance_dict(v: Any) -> dict[str, Any] | None:
     """``v.__dict__`` where it is the interpreter's own (a class's ``__dict__`` property,
     ``__getattr__`` or ``__getattribute__`` is user code: not run)."""
@@ -250,10 +258,7 @@ class KeptState:
         if depth and not _users(fn.__code__):  # the registered function itself always
             return
         for cell in fn.__closure__ or ():
-            try:
-                contents = cell.cell_contents
-            except ValueError:  # an empty cell
-                contents = _MISSING
+            contents = _cell_contents(cell)
             self._cells.append((cell, contents))
             if contents is not _MISSING:
                 self._walk(contents, depth + 1)
@@ -311,11 +316,7 @@ class KeptState:
             if not set.__eq__(s, items):
                 return True
         for cell, contents in self._cells:
-            try:
-                now = cell.cell_contents
-            except ValueError:
-                now = _MISSING
-            if not _same(now, contents):
+            if not _same(_cell_contents(cell), contents):
                 return True
         for t, version, _ in self._tensors:
             if t._version != version:
@@ -349,11 +350,7 @@ class KeptState:
                 set.clear(s)
                 set.update(s, items)
         for cell, contents in self._cells:
-            try:
-                now = cell.cell_contents
-            except ValueError:
-                now = _MISSING
-            if not _same(now, contents):
+            if not _same(_cell_contents(cell), contents):
                 if contents is _MISSING:
                     del cell.cell_contents
                 else:
