@@ -26,7 +26,7 @@ from ._headwait import body_deadline, bound_head_reads, head_deadline
 from ._models import FunctionInfo
 from ._protocol import (
     BINARY, DEFAULT_MAX_RESPONSE_BYTES, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, client_closed, not_an_answer,
-    shapes_of, shown_url, transport_error, with_body,
+    out_refused, shapes_of, shown_url, transport_error, with_body,
 )
 
 __all__ = ["AsyncClient"]
@@ -190,7 +190,8 @@ class AsyncClient:
         ``(J, aux)`` for has_aux functions; ``(J, output[, aux])`` with
         ``return_output=True``. ``rows=(start, stop)`` computes only those rows of the
         flattened output. ``out=`` streams the result into that ``.npy`` file and returns
-        it memory-mapped (read-only), never holding it in memory; ``progress=True`` shows
+        it memory-mapped (read-only), never holding it in memory (``argnums=(i,)``: in a
+        tuple, as jacrev's; a result of several arrays is refused); ``progress=True`` shows
         a progress bar meanwhile. ``batched=True`` is ``vmap(jacrev(f), in_dims, out_dims)``,
         with torch's ``in_dims`` / ``out_dims`` (ints, None, tuples and dicts of them).
         Results nest as torch's do: lists where it gives lists (``meta.lists``), else tuples.
@@ -345,8 +346,10 @@ class AsyncClient:
     async def _execute(self, call: Call) -> Any:
         try:
             return await self._execute_once(call)
-        except NotAcceptable:
+        except NotAcceptable as exc:
             if call.fallback is None:
+                if call.out is not None:
+                    raise out_refused(call, exc) from None
                 raise
             self._proto.learn_npy_refused(call)
             return await self._execute_once(call.fallback)

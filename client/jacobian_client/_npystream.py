@@ -18,6 +18,7 @@ a small size), so a header that lies cannot make the client allocate what never 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import secrets
@@ -36,6 +37,7 @@ __all__ = [
     "NpyReceiver",
     "RegionSink",
     "Sink",
+    "check_out_path",
     "commit_partial",
     "discard_partial",
     "open_partial",
@@ -73,6 +75,24 @@ def _parse_header(buf: bytes) -> NpyHeader | None:
     except wire.WireError as exc:
         raise TransportError(f"response is not a readable .npy body: {exc}") from None
     return NpyHeader(shape, dtype, fortran, raw)
+
+
+def check_out_path(path: str | os.PathLike[str]) -> Path:
+    """``out=`` checked before any request is sent: a path whose file cannot be made there
+    (a directory, a directory that does not exist or cannot be written) raised only once
+    the server had computed the result, the directory's case once all of it had been
+    received and written beside it (the final rename failed): the same ``OSError``
+    subclasses, raised before the work."""
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "out= names a directory, not a .npy file to write", str(p))
+    parent = p.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "out= names a file in a directory that does not exist", str(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "out= names a file in a directory this process cannot write",
+                              str(parent))
+    return p
 
 
 def open_partial(path: Path, mode: str) -> tuple[Any, str]:

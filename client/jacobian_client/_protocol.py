@@ -51,9 +51,9 @@ import numpy as np
 from . import wire
 from ._arrays import Plain, as_plain_node, as_wire_value, is_torch_tensor, json_array
 from ._decoding import ACCEPT_ENCODING, is_identity, too_large
-from ._errors import IncompleteResponse, JacobianServiceError, ServiceUnreachable, TransportError
+from ._errors import IncompleteResponse, JacobianServiceError, NotAcceptable, ServiceUnreachable, TransportError
 from ._models import FunctionInfo
-from ._npystream import FileSink, MemorySink, NpyHeader, NpyReceiver, Sink
+from ._npystream import FileSink, MemorySink, NpyHeader, NpyReceiver, Sink, check_out_path
 from ._progress import Progress
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "input_tree",
     "is_input_node",
     "not_an_answer",
+    "out_refused",
     "parse_retry_after",
     "shapes_of",
     "shown_url",
@@ -499,6 +500,7 @@ class Call:
     fallback: Call | None = None
     expect: Expected | None = None  # what the result's value must look like, from the inputs sent
     follow: Any = None  # the differentiated inputs' structure as the caller gave it (_caller_structure)
+    wrap: int = 0  # tuples put back around a streamed array: argnums=(i,) asked as i for out= (_one_array_for_out)
 
     @property
     def accept(self) -> str:
@@ -674,6 +676,49 @@ def _json_input(tree: Any, *, binary: bool) -> Any:
     if isinstance(tree, list):
         return [_json_input(v, binary=binary) for v in tree]
     return json_array(tree, binary=binary)
+
+
+def _one_array_for_out(kind: str, fields: dict[str, Any]) -> int:
+    """Make a Jacobian or Hessian asked with ``out=`` one array on the wire, or refuse it
+    before anything is sent; returns how many tuples to put back around the streamed array.
+
+    A bare ``.npy`` holds one array. ``argnums=(0,)`` is a tuple of one Jacobian (of one
+    tuple, a Hessian): the server refused it with a 406 telling the caller to "ask for
+    application/x-npz", which an SDK caller cannot; it is asked as ``argnums=0`` and the
+    tuple put back. Several argnums, or ``return_output``, cannot fit one file: a
+    ValueError here, after no upload, rather than the server's 406 after one. (A sparse
+    result's dense form is one matrix whatever argnums is: left as it is.)"""
+    if fields.get("return_output"):
+        raise ValueError(f"out= streams the {kind} alone into one .npy file; return_output=True asks for the "
+                         "function's output beside it: call evaluate() for the output, or leave out= off to have "
+                         "both in memory")
+    argnums = fields.get("argnums")
+    if not isinstance(argnums, list) or "sparsity" in fields:
+        return 0
+    if len(argnums) > 1:
+        instead = (f"ask for each with its own file (argnums={argnums[0]!r}, out=...)" if kind == "jacobian"
+                   else "differentiate one input (its block's own file)")
+        raise ValueError(f"out= streams one array into one .npy file; argnums={tuple(argnums)!r} asks for "
+                         f"{len(argnums)} {kind}s' blocks: {instead}, or leave out= off to have them in memory")
+    if argnums[0] == 0:
+        del fields["argnums"]  # the default, as _fields leaves it out
+    else:
+        fields["argnums"] = argnums[0]
+    return 2 if kind == "hessian" else 1
+
+
+def out_refused(call: Call, exc: NotAcceptable) -> NotAcceptable:
+    """The server's 406 to an ``out=`` call (a function with aux, several outputs, a pytree
+    parameter: only the server knows), said in the SDK's terms: the server's advice,
+    "ask for application/x-npz", is for a raw HTTP caller; what it could not carry stays."""
+    reason = exc.detail.split("; ask for ", 1)[0]
+    head = "this result is not one bare array ("
+    if reason.startswith(head) and reason.endswith(")"):
+        reason = reason[len(head):-1]
+    problem = dict(exc.problem)
+    problem["detail"] = (f"out= streams one array into one .npy file; the {call.kind} of {call.name!r} is not one "
+                         f"({reason}): leave out= off to have it in memory")
+    return type(exc)(exc.response, problem)
 
 
 def _check_argnums(argnums: Any) -> Any:
@@ -965,6 +1010,10 @@ class Protocol:
         if out is not None and transport == JSON_TRANSPORT:
             raise ValueError("out= streams a binary .npy into the file; it cannot be used with transport='json'")
         fields = self._fields(options)
+        wrap = 0
+        if out is not None:
+            wrap = _one_array_for_out(kind, fields)
+            check_out_path(out)
         values = exact_python_floats([input_tree(x) for x in inputs])
         keys = [str(i) for i in range(len(values))] if names is None else [str(n) for n in names]
         leaves = [leaf for key, v in zip(keys, values) for leaf in input_leaves(v, key)]
@@ -972,7 +1021,8 @@ class Protocol:
         if parts and (out is not None or sink is not None):
             raise ValueError("parts=True reads the whole result; it cannot stream into out=")
         call = Call("POST", _function_path(name, kind), kind, name=name, out=None if out is None else str(out),
-                    sink=sink, progress=progress, return_output=bool(fields.get("return_output")), parts=parts)
+                    sink=sink, progress=progress, return_output=bool(fields.get("return_output")), parts=parts,
+                    wrap=wrap)
 
         # one (key, tree) or a list of them (an hvp's tangents and cotangents)
         groups = [] if vectors is None else [vectors] if isinstance(vectors[0], str) else list(vectors)
@@ -1130,6 +1180,8 @@ class Protocol:
             receiver.abort()
             raise TransportError(f"the {call.kind} response is one bare array; return_output=True asked for the output too")
         value = receiver.close()  # one bare array: nothing else was due
+        for _ in range(call.wrap):  # argnums=(i,)'s tuple (a Hessian's tuple of tuples), as jacrev gives it
+            value = (value,)
         return {"value": value} if call.parts else value
 
     def read_result(self, call: Call, response: httpx.Response, body: bytes) -> Any:

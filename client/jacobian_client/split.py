@@ -34,7 +34,7 @@ from ._arrays import Plain, as_wire_value
 from ._async import AsyncClient
 from ._decoding import too_large
 from ._errors import Overloaded, TransportError, Unavailable
-from ._npystream import NpyHeader, RegionSink, commit_partial, discard_partial, open_partial
+from ._npystream import NpyHeader, RegionSink, check_out_path, commit_partial, discard_partial, open_partial
 from ._progress import Progress
 from .wire import npy_header
 
@@ -151,6 +151,8 @@ async def ajacobian_split(
         raise ValueError("jacobian_split needs at least one server URL")
     if isinstance(argnums, (tuple, list)):
         raise TypeError("jacobian_split differentiates one input: argnums is an int or a parameter name")
+    if out is not None:
+        check_out_path(out)  # before every server's work, not at the rename after it
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(AsyncClient(url, **client_options)) for url in urls]
         info, output = await _describe(clients, name, inputs)
