@@ -173,3 +173,27 @@ def test_unwritable_out_refused_before_sending(cc: Counted, tmp_path: Any) -> No
         jacobian_split(["http://127.0.0.1:9"], "softmax", X, out=tmp_path, max_retries=0)
     got = cc.client.jacobian("softmax", X, out=tmp_path / "J.npy")  # a good path still streams
     np.testing.assert_allclose(got, cc.client.jacobian("softmax", X), atol=0)
+
+
+# --------------------------------------------------------------------------- arity
+
+
+def test_an_input_left_out_is_named_not_the_format_the_sdk_chose(cc: Counted, app: Any) -> None:
+    """One array of a two-input function goes as .npy (the SDK's choice): the 422 said
+    "an application/x-npy body carries one input; ... send application/x-npz", a format
+    the caller never chose, not which input was missing; a JSON body said which."""
+    with pytest.raises(jc.InvalidInput) as info:
+        cc.client.jacobian("add_square", X)
+    assert "missing input 'y'; add_square takes ['x', 'y']" in str(info.value)
+    torch = pytest.importorskip("torch")
+    from jacobian_client.torch import remote
+
+    with pytest.raises(jc.InvalidInput, match=r"missing input 'y'; add_square takes \['x', 'y'\]"):
+        remote(cc.client, "add_square")(torch.ones(3, dtype=torch.float64))
+    # one too many: the positions past the function's inputs are counted
+    with pytest.raises(jc.InvalidInput, match=r"unknown inputs \['1'\]; sin takes \['x'\]: 1 input, and 2 were given"):
+        cc.client.jacobian("sin", X, X)
+    assert cc.take() == ["jacobian", "evaluate", "jacobian"]
+    # a raw .npy to a vector endpoint of a one-input function keeps its words
+    r = app.post("/v1/functions/sin/vjp", content=b"", headers={"content-type": "application/x-npy"})
+    assert r.status_code == 422 and "carries one input; sin vjp needs more" in r.json()["detail"]

@@ -407,7 +407,13 @@ def _by_name(spec: FunctionSpec, given: Mapping[str, Any]) -> list[Any]:
         else:
             raise InvalidInput(f"missing input {name!r}; {spec.name} takes {names}" + _unknown(unknown))
     if unknown:
-        raise InvalidInput(f"unknown inputs {unknown}; {spec.name} takes {names}" + _unknown([], unknown))
+        extra = ""
+        if all(u.isdigit() for u in unknown):
+            # positions past the last input: an SDK call with one input too many (f(x, y)
+            # of f(x)) read "unknown inputs ['1']", not that it gave more than f takes
+            given = max(int(u) for u in unknown) + 1
+            extra = f": {len(names)} input{'s' if len(names) != 1 else ''}, and {given} were given by position"
+        raise InvalidInput(f"unknown inputs {unknown}; {spec.name} takes {names}{extra}" + _unknown([], unknown))
     return out
 
 
@@ -819,7 +825,17 @@ def _unsupported(media_type: str) -> UnsupportedMediaType:
 
 
 def _check_npy_carries(spec: FunctionSpec, kind: str) -> None:
-    if len(spec.inputs) != 1 or kind in _VECTOR_KEY:
+    names = [inp.name for inp in spec.inputs]
+    if len(names) > 1:
+        # Said as a JSON body of one input is told (missing input 'y'; f takes [...]): an
+        # SDK sends one array as .npy itself, so a caller who left an input out read "send
+        # application/x-npz", a format they never chose, and not which input was missing.
+        missing = ", ".join(repr(n) for n in names[1:])
+        raise InvalidInput(
+            f"missing input{'s' if len(names) > 2 else ''} {missing}; {spec.name} takes {names}, and an "
+            "application/x-npy body carries one input: send them all as application/x-npz or JSON"
+        )
+    if len(names) != 1 or kind in _VECTOR_KEY:
         raise InvalidInput(
             f"an application/x-npy body carries one input; {spec.name} {kind} needs "
             "more: send application/x-npz"
