@@ -39,6 +39,23 @@ def test_call_streams_to_an_npy_file(url: str, x_file: Path, tmp_path: Path,
     assert "wrote" in capsys.readouterr().err
 
 
+def test_call_one_argnum_in_a_tuple_streams_to_npy(url: str, x_file: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # "--argnums 1," is jacrev's argnums=(1,): one array, so it streams to a .npy like "1"
+    # does (it was refused: "several Jacobians (tuple --argnums) need --out FILE.npz").
+    hessian = np.zeros((5, 5, 5), np.float32)  # d2(x_i + y_i**2)/dy_j dy_k = 2 where i = j = k
+    hessian[np.arange(5), np.arange(5), np.arange(5)] = 2
+    for method, expected in (("jacobian", np.diag(2 * X)), ("hessian", hessian)):
+        out = tmp_path / f"{method}.npy"
+        assert call_main(["add_square", "--url", url, "-i", str(x_file), "-i", str(x_file), "--method", method,
+                          "--argnums", "1,", "--out", str(out)]) == 0
+        np.testing.assert_allclose(np.load(out), expected, rtol=1e-6)
+        assert f"wrote {out}: float32 {expected.shape}" in capsys.readouterr().err
+    assert call_main(["add_square", "--url", url, "-i", str(x_file), "-i", str(x_file),
+                      "--argnums", "0,1", "--out", str(tmp_path / "J.npy")]) == 2
+    assert "several Jacobians (tuple --argnums) need --out FILE.npz" in capsys.readouterr().err
+
+
 def test_call_tuple_argnums_to_npz_and_json_stdout(url: str, x_file: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "J.npz"

@@ -126,7 +126,8 @@ def call_main(argv: list[str]) -> int:
         print("error: a sparse result goes to --out FILE.npz (scipy.sparse.load_npz reads it)", file=sys.stderr)
         return 2
     sparse_options = {"sparsity": args.sparsity, "sparse_format": args.sparse_format} if args.sparsity else {}
-    if stream_to is not None and isinstance(argnums, tuple):
+    if stream_to is not None and isinstance(argnums, tuple) and len(argnums) != 1:
+        # (one in a tuple, "0,", streams: the SDK asks for the one array and wraps it back)
         print("error: several Jacobians (tuple --argnums) need --out FILE.npz", file=sys.stderr)
         return 2
     try:  # a key no header can carry, or credentials in --url beside it: one line, not a traceback
@@ -188,7 +189,10 @@ def call_main(argv: list[str]) -> int:
         np.savez(args.out, **arrays)
         print(f"wrote {args.out}: {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}", file=sys.stderr)
     else:
-        print(f"wrote {stream_to}: {result.dtype} {result.shape}", file=sys.stderr)
+        streamed = result
+        while isinstance(streamed, tuple):  # argnums "0,": jacrev's tuple (a Hessian's of a tuple)
+            streamed = streamed[0]
+        print(f"wrote {stream_to}: {streamed.dtype} {streamed.shape}", file=sys.stderr)
     return 0
 
 
