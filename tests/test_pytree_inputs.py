@@ -92,7 +92,7 @@ def test_bad_declarations_are_refused():
     with pytest.raises(ValueError, match="at least one Array"):
         Input("p", tree={})
     with pytest.raises(ValueError, match="unknown dtype"):
-        Array((3,), "complex64")
+        Array((3,), "complex32")  # (complex64 and complex128 are declared: test_complex_inputs)
 
 
 def test_openapi_describes_tree_inputs(c):

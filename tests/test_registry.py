@@ -62,7 +62,7 @@ def test_input_declarations_are_checked():
     with pytest.raises(ValueError):
         Input("x", shape=(-1,))
     with pytest.raises(ValueError):
-        Input("x", dtype="complex64")
+        Input("x", dtype="complex")  # (complex64 and complex128 are declared: test_complex_inputs)
     inp = Input("x", shape=("n", 3), dtype="float32")
     bindings: dict = {}
     inp.bind((5, 3), bindings)

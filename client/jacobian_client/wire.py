@@ -28,10 +28,12 @@ bfloat16 has no numpy dtype: it travels as float32 in ``.npy``/``.npz`` and as n
 (or 2-byte base64) in JSON, and is decoded to float32 with its name kept beside it.
 
 complex64 and complex128 travel in answers (an output or aux that torch.func.jvp or a
-plain call gives) and in requests as cotangents only (a complex output's, which
-torch.func.vjp pulls back; the service takes real inputs and tangents): as themselves in
-``.npy``/``.npz``, and in JSON as ``data`` one level deeper, each number a ``[real,
-imag]`` pair (non-finite parts spelled), or base64 of those pairs. They are read where
+plain call gives, a vjp of a complex input) and in requests as the inputs a function
+declares complex, their tangents, and a complex output's cotangents (which
+torch.func.vjp pulls back): as themselves in ``.npy``/``.npz``, and in JSON as ``data``
+one level deeper, each number a ``[real, imag]`` pair (non-finite parts spelled), or
+base64 of those pairs; plain nested lists where a complex dtype is the default (an input
+declared complex, sent without one) are those pairs too. They are read where
 ``Limits.complex`` says so.
 """
 
@@ -192,8 +194,9 @@ DTYPES = frozenset(
 )
 
 
-#: complex dtypes an answer (and a request's cotangents) may hold (see module doc); not in
-#: DTYPES, which requests' inputs and tangents take.
+#: complex dtypes an answer (and a request's complex inputs, their tangents, a complex
+#: output's cotangents) may hold (see module doc); not in DTYPES, which every real input
+#: and its tangents take.
 COMPLEX_DTYPES = frozenset({"complex64", "complex128"})
 
 
@@ -219,8 +222,8 @@ class Limits:
     max_bytes: int = 1 << 30  # declared uncompressed size of a whole .npz
     max_json_depth: int = 64
     # complex arrays are read (COMPLEX_DTYPES): an answer's reader (the SDK) sets it, and
-    # the service's for cotangents; its other request readers leave it off, as the
-    # service computes on real inputs
+    # the service's for cotangents, and for the inputs a function declares complex (and
+    # their tangents); its other request readers leave it off: a real input stays real
     complex: bool = False
     # An integer array's data holding floats read without their texts (orjson's parse)
     # raises FloatTexts, for a reader that can read the body again with them
@@ -457,10 +460,11 @@ def is_array_object(obj: Any) -> bool:
 
 
 def _complex_refused(name: str) -> WireError:
-    """A complex array where a real one is due (inputs, tangents): the dtype is one the
-    service writes in its answers, not an unknown one (JSON and .npy alike)."""
-    return WireError(f"unsupported dtype {name} here: inputs and tangents are real (complex arrays are read only "
-                     "as the cotangents of a complex output); send the real and imaginary parts as real arrays",
+    """A complex array where a real one is due (a real input, its tangents): the dtype is
+    one the service writes in its answers, not an unknown one (JSON and .npy alike)."""
+    return WireError(f"unsupported dtype {name} here: inputs and tangents are real unless the function declares the "
+                     "input complex64 or complex128 (complex arrays are read for such inputs, their tangents, and "
+                     "the cotangents of a complex output); send the real and imaginary parts as real arrays",
                      "invalid_input")
 
 
@@ -977,7 +981,11 @@ def decode_json_array(obj: Any, default_dtype: str | None = None, limits: Limits
             arr = arr.reshape(shape)
         return arr, name
     if isinstance(obj, (bool, int, float, list)) or obj in _SPELLED:  # "NaN" alone, as in a list
-        dtype = _np_dtype(default_dtype) if default_dtype is not None else None
+        dtype = _np_dtype(default_dtype, limits) if default_dtype is not None else None
+        if dtype is not None and dtype.kind == "c":
+            # an input declared complex, sent as plain lists: its numbers are the [real,
+            # imag] pairs an answer writes (a bare number is no pair: refused so)
+            return _complex_from_pairs(obj, dtype, None, limits), default_dtype
         return _from_numbers(obj, dtype, limits), default_dtype
     got = _NULL if obj is None else f"the string {obj[:20]!r}" if isinstance(obj, str) else type(obj).__name__
     raise WireError(f"expected an array (number, list or object), got {got}", "invalid_input")

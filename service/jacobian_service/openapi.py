@@ -16,7 +16,7 @@ from jacobian_client import wire
 
 from . import __version__
 from .parsing import OPTION_KINDS, OPTIONAL_VECTORS, Options, unused_options
-from .registry import FLOAT_DTYPES, FLOATING, Registry
+from .registry import COMPLEX_DTYPES, FLOAT_DTYPES, FLOATING, Registry
 from .responses import META_HEADERS
 from .routes import Route
 
@@ -38,8 +38,10 @@ _COMPONENTS: dict[str, Any] = {
         "description": (
             "an array: data nested or flat (C order, then shape says how); without shape, the "
             "nesting gives it; without dtype, the dtype the function declares (float32 for floating). "
-            "complex64 and complex128 come in answers (evaluate's and jvp's output, aux) and in "
-            "cotangents (a complex output's, for vjp and hvp), each number a [real, imag] pair"
+            "complex64 and complex128 come in answers (evaluate's and jvp's output, aux, a complex "
+            "input's vjp and hvp), in cotangents (a complex output's, for vjp and hvp), and as the "
+            "inputs a function declares complex64 or complex128 and their tangents, each number a "
+            "[real, imag] pair (plain lists for such an input are its pairs too)"
         ),
         "required": ["data"],
         "properties": {
@@ -54,7 +56,7 @@ _COMPONENTS: dict[str, Any] = {
         "description": (
             "an array as little-endian C-order bytes, base64-encoded; without dtype, "
             "the dtype the function declares (float32 for floating); complex64 and complex128 "
-            "(answers, and cotangents) as [real, imag] pairs"
+            "(answers, cotangents, inputs declared complex and their tangents) as [real, imag] pairs"
         ),
         "required": ["shape", "base64"],
         "properties": {
@@ -238,7 +240,8 @@ _COMPONENTS: dict[str, Any] = {
                                                         "more arrays of it than a body may carry (`MAX_NPZ_MEMBERS`, "
                                                         "or the function's input arrays where more; an `.npz`: the "
                                                         "members it may hold, its inputs' and each vector key's)"},
-            "unsupported": {"type": "string", "enum": ["forward_mode", "integer_output", "complex_output"],
+            "unsupported": {"type": "string", "enum": ["forward_mode", "integer_output", "complex_output",
+                                                       "complex_input"],
                             "description": "`forward_mode`: a 500 `function_error` of a `jvp` or `hvp` whose "
                                            "function has an op without a forward-mode rule (torch raised "
                                            "NotImplementedError in forward mode, its plain call having run): the "
@@ -247,7 +250,11 @@ _COMPONENTS: dict[str, Any] = {
                                            "`hessian`) whose function has an integer or boolean output: "
                                            "`evaluate` and `jvp` answer it. `complex_output`: a 422 of a "
                                            "`jacobian` or `hessian` whose function has a complex output: "
-                                           "`evaluate`, `jvp` and `vjp` (complex cotangents) answer it"},
+                                           "`evaluate`, `jvp` and `vjp` (complex cotangents) answer it. "
+                                           "`complex_input`: a 422 of a `jacobian` or `hessian` (or the "
+                                           "sparsity query) of a function called with an input declared "
+                                           "complex64 or complex128, which torch.func's jacrev and jacfwd "
+                                           "refuse: `evaluate`, `vjp`, `jvp` and `hvp` answer it"},
         },
     },
     "Input": {
@@ -391,36 +398,45 @@ def _tree_keys(node: dict[str, Any]) -> set[str]:
     return set()
 
 
-def _example_leaf(node: dict[str, Any]) -> Any:
+def _example_leaf(node: dict[str, Any], real: bool = False) -> Any:
+    """``real``: a tangent's numbers (a complex input's real tangent is cast), not the
+    ``[real, imag]`` pairs plain lists are for an input declared complex."""
     dims = [d if isinstance(d, int) else _EXAMPLE_SIZE for d in (node.get("shape") or [])]
     if math.prod(dims) > _EXAMPLE_MAX_NUMBERS:
         raise _TooLarge
     dtype = str(node.get("dtype", ""))
     value: Any = True if dtype == "bool" else 1 if dtype.startswith(("int", "uint")) else 0.5
+    if dtype in COMPLEX_DTYPES and not real:
+        value = [0.5, 0.5]
     for size in reversed(dims):
         value = [value] * size
     return value
 
 
-def _example_input(node: dict[str, Any]) -> Any:
+def _example_input(node: dict[str, Any], real: bool = False) -> Any:
     """An Input (or a node of its declared tree) filled in: arrays as nested lists,
     dicts keyed and tuples / lists in order as declared."""
     node = node.get("tree") or node
     if node.get("type") == "dict":
-        return {key: _example_input(child) for key, child in node["items"].items()}
+        return {key: _example_input(child, real) for key, child in node["items"].items()}
     if node.get("type") in ("tuple", "list"):
-        return [_example_input(child) for child in node["items"]]
-    return _example_leaf(node)
+        return [_example_input(child, real) for child in node["items"]]
+    return _example_leaf(node, real)
+
+
+def _leaf_dtypes(node: dict[str, Any]) -> list[str]:
+    node = node.get("tree") or node
+    if node.get("type") == "dict":
+        return [d for child in node["items"].values() for d in _leaf_dtypes(child)]
+    if node.get("type") in ("tuple", "list"):
+        return [d for child in node["items"] for d in _leaf_dtypes(child)]
+    return [str(node.get("dtype"))]
 
 
 def _floating(node: dict[str, Any]) -> bool:
-    """Whether an input (every leaf of its tree) can be differentiated."""
-    node = node.get("tree") or node
-    if node.get("type") == "dict":
-        return all(_floating(child) for child in node["items"].values())
-    if node.get("type") in ("tuple", "list"):
-        return all(_floating(child) for child in node["items"])
-    return node.get("dtype") == FLOATING or node.get("dtype") in FLOAT_DTYPES
+    """Whether an input (every leaf of its tree) can be differentiated (a complex one
+    by vjp, jvp and hvp: jacobian and hessian have no example of a complex function)."""
+    return all(d == FLOATING or d in FLOAT_DTYPES or d in COMPLEX_DTYPES for d in _leaf_dtypes(node))
 
 
 def _request_examples(kind: str, functions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -435,6 +451,9 @@ def _request_examples(kind: str, functions: list[dict[str, Any]]) -> dict[str, A
         if _JS_OBJECT_KEYS & set(inputs):
             inputs = list(inputs.values())
         body: dict[str, Any] = {"inputs": inputs}
+        if kind in ("jacobian", "hessian") and COMPLEX_DTYPES.intersection(
+                d for i in function["inputs"] for d in _leaf_dtypes(i)):
+            continue  # torch.func refuses any complex argument there: no example that could succeed
         first = function["inputs"][0] if function["inputs"] else None
         if kind != "evaluate" and first is not None and not _floating(first):
             # argnums' default, 0, is an integer input here: "Try it out" answered the 422
@@ -444,7 +463,7 @@ def _request_examples(kind: str, functions: list[dict[str, Any]]) -> dict[str, A
                 continue  # nothing to differentiate: no example that could succeed
             body["argnums"] = first["name"]
         if kind in ("jvp", "hvp") and first is not None:  # one tangent, shaped as the input differentiated
-            body["tangents"] = _example_input(first)
+            body["tangents"] = _example_input(first, real=True)
         examples[function["name"]] = {"summary": function["name"], "value": body}
     return examples
 

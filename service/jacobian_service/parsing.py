@@ -23,7 +23,8 @@ from .header_params import parameters, split_unquoted
 from .responses import echo
 from .types import Call, tree_leaves
 from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, UnsupportedMediaType, from_wire
-from .registry import FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, FunctionSpec, format_shape, shape_fields
+from .registry import (COMPLEX_DTYPES, FLOAT_DTYPES, FLOATING, QUERY_INTEGER as _INTEGER, FunctionSpec, format_shape,
+                       shape_fields)
 from .vmap_dims import check_out_dims, in_dim_of, leaf_in_dims, query_dims
 
 __all__ = ["KINDS", "OPTIONAL_VECTORS", "OPTION_KINDS", "Options", "check_head", "check_json_charset", "media_type_of",
@@ -347,13 +348,30 @@ def _engine_vectors(tree: Any) -> Any:
     return tree
 
 
-def _vector_limits(key: str, limits: wire.Limits) -> wire.Limits:
+def _vector_limits(key: str, limits: wire.Limits, spec: FunctionSpec | None = None) -> wire.Limits:
     """The limits a request's ``key`` vectors are read under: cotangents may be complex
     (a complex output's, which torch.func.vjp pulls back: the engine checks their kind
-    against the output's), inputs and tangents may not (the service differentiates real
-    inputs). Complex cotangents were refused as an unknown dtype, so a complex output's
+    against the output's), and so may tangents where the function declares a complex
+    input (the engine checks each against its input's kind); a real function's tangents
+    may not. Complex cotangents were refused as an unknown dtype, so a complex output's
     vjp had none to send."""
-    return dataclasses.replace(limits, complex=True) if key == "cotangents" else limits
+    if key == "cotangents" or (key == "tangents" and spec is not None and spec.takes_complex):
+        return dataclasses.replace(limits, complex=True)
+    return limits
+
+
+def _leaf_limits(leaf: Any, limits: wire.Limits) -> wire.Limits:
+    """The limits an input leaf's array is read under: complex for an input declared
+    complex64 or complex128 (torch.func's vjp, jvp and hvp differentiate it), real for
+    every other (a complex array sent there refused in the wire's words, as before)."""
+    return dataclasses.replace(limits, complex=True) if leaf.dtype in COMPLEX_DTYPES else limits
+
+
+def _complex_heads(spec: FunctionSpec) -> set[str]:
+    """The ``.npz`` member heads (name, position) of the inputs with a leaf declared
+    complex: their members may be complex (each leaf checked in parse_call)."""
+    return {head for i, inp in enumerate(spec.inputs) if any(leaf.dtype in COMPLEX_DTYPES for leaf in inp.leaves())
+            for head in (inp.name, str(i))}
 
 
 def _of_key(member: str, key: str | None) -> bool:
@@ -362,12 +380,15 @@ def _of_key(member: str, key: str | None) -> bool:
     return bool(key) and (member == key or member.startswith(f"{key}/"))
 
 
-def _check_real(members: dict[str, np.ndarray], cotangents: str | None) -> None:
+def _check_real(members: dict[str, np.ndarray], cotangents: str | None, spec: FunctionSpec) -> None:
     """An ``.npz``'s members, read under :func:`_vector_limits`'s cotangents' limits:
-    those that are not ``cotangents`` refused where complex, in the words a member of
+    those that are not ``cotangents``, an input declared complex's or (where the
+    function declares one) ``tangents`` refused where complex, in the words a member of
     any other dtype the service does not take is."""
+    heads = _complex_heads(spec) if spec.takes_complex else set()
     for name, arr in members.items():
-        if arr.dtype.kind == "c" and not _of_key(name, cotangents):
+        if arr.dtype.kind == "c" and not _of_key(name, cotangents) and name.partition("/")[0] not in heads \
+                and not (heads and _of_key(name, "tangents")):
             try:
                 wire.check_request_dtype(arr.dtype)
             except wire.WireError as exc:
@@ -500,6 +521,8 @@ def _check_differentiable(spec: FunctionSpec, name: str, declared: str, dtype: s
     gradients". The refusal says what to do: a new user whose first input is an index
     (argnums defaults to 0) was told only what was wrong, not that argnums picks
     another input, nor which ones could be picked."""
+    if dtype in COMPLEX_DTYPES:
+        return  # (declared so: vjp, jvp and hvp differentiate it; _check_real_inputs refuses the rest)
     if dtype not in FLOAT_DTYPES or declared == FLOATING and sent not in FLOAT_DTYPES:
         if declared == FLOATING:
             hint = "send it as floats (a float32 or float64 array; plain JSON numbers without a dtype are float32)"
@@ -509,6 +532,24 @@ def _check_differentiable(spec: FunctionSpec, name: str, declared: str, dtype: s
             hint = (f"{spec.name} declares it {declared}: pick the inputs to differentiate with argnums (by position "
                     f"or name; left out, 0: the first), among {floating}")
         raise InvalidInput(f"input {name!r} is {sent}; only floating inputs can be differentiated: {hint}")
+
+
+def _check_real_inputs(spec: FunctionSpec, kind: str, dtypes: list[str]) -> None:
+    """``jacobian`` and ``hessian`` of a function called with a complex input, any one
+    (not only those differentiated: torch checks every argument), are what torch.func
+    refuses: jacrev and jacfwd (so hessian, jacfwd of jacrev) raise "Expected all inputs
+    to be real". The request's 422 in those words, before any compute, naming the input,
+    whose ``vjp``, ``jvp`` and ``hvp`` torch.func answers (its conjugate Wirtinger
+    convention: the pullback of a real output's cotangent is the conjugate gradient)."""
+    if kind not in ("jacobian", "hessian"):
+        return
+    for i, (dtype, inp) in enumerate(zip(dtypes, spec.leaf_inputs)):
+        if dtype in COMPLEX_DTYPES:
+            said = "torch.func.jacrev: jacrev" if kind == "jacobian" else "torch.func.hessian: jacfwd"
+            raise InvalidInput(f"input {inp.name!r} is {dtype}: torch.func has no {kind} of a function of complex "
+                               f"inputs ({said}: Expected all inputs to be real but received complex tensor at "
+                               f"flattened input idx: {i}); vjp, jvp and hvp differentiate it",
+                               fields={"unsupported": "complex_input"})
 
 
 def _check_fits(name: str, arr: np.ndarray, target: np.dtype) -> None:
@@ -570,10 +611,10 @@ def _json_parts(spec: FunctionSpec, kind: Kind, doc: dict[str, Any], raw_options
         if vector_key not in doc:
             raise InvalidInput(f"{kind} needs '{vector_key}'")
         room = _Room.of(spec, limits)
-        vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), _vector_limits(vector_key, limits),
+        vectors = _engine_vectors(_vector_tree(doc.pop(vector_key), _vector_limits(vector_key, limits, spec),
                                                vector_key, room))
     if extra_key and extra_key in doc:
-        extra = _engine_vectors(_vector_tree(doc.pop(extra_key), _vector_limits(extra_key, limits), extra_key,
+        extra = _engine_vectors(_vector_tree(doc.pop(extra_key), _vector_limits(extra_key, limits, spec), extra_key,
                                              _Room.of(spec, limits)))
     both = sorted(set(doc) & set(raw_options))
     if both:  # which one was meant? (the body's won, silently)
@@ -588,7 +629,8 @@ def _json_parts(spec: FunctionSpec, kind: Kind, doc: dict[str, Any], raw_options
     arrays = [
         leaf
         for obj, inp in zip(given, spec.inputs)
-        for leaf in inp.match(obj, lambda value, leaf: _decode(value, leaf.default_dtype, limits, leaf.name))
+        for leaf in inp.match(obj, lambda value, leaf: _decode(value, leaf.default_dtype, _leaf_limits(leaf, limits),
+                                                               leaf.name))
     ]
     return arrays, vectors, extra
 
@@ -635,7 +677,7 @@ def parse_call(
         elif media_type == wire.NPY:
             _check_npy_carries(spec, kind)
             try:
-                arr = wire.read_npy(body, limits)
+                arr = wire.read_npy(body, _leaf_limits(spec.leaf_inputs[0], limits) if spec.inputs else limits)
             except wire.WireError as exc:
                 if exc.code != "invalid_input":  # (the body's: unreadable, too large)
                     raise
@@ -663,7 +705,7 @@ def parse_call(
                     1 for m in members for k in keys if _of_key(m, k)) > len(spec.leaf_inputs):
                 # what is left is an input's or no one's: the .npz's own limit, as before
                 raise PayloadTooLarge(f".npz has {len(members)} members; the limit is {limits.max_members}")
-            _check_real(members, "cotangents" if "cotangents" in (vector_key, extra_key) else None)
+            _check_real(members, "cotangents" if "cotangents" in (vector_key, extra_key) else None, spec)
             given_by_name, vectors = _split_members(members, vector_key)
             vectors = _engine_vectors(vectors)
             if extra_key:
@@ -688,6 +730,13 @@ def parse_call(
     bindings: dict[str, tuple[int, str]] = {}
     batch_sizes: set[int] = set()
     for i, ((arr, sent), inp) in enumerate(zip(arrays, spec.leaf_inputs)):
+        if arr.dtype.kind == "c" and inp.dtype not in COMPLEX_DTYPES:
+            # (a tree input's real leaf, its .npz read beside a complex one's: the readers
+            # refuse every other complex array for a real input, in these words)
+            try:
+                wire.check_request_dtype(arr.dtype)
+            except wire.WireError as exc:
+                raise from_wire(wire.WireError(f"input {inp.name!r}: {exc}", exc.code)) from None
         dtype = inp.resolve_dtype(sent)
         shape = arr.shape
         dim = in_dims[i] if in_dims is not None else 0
@@ -734,6 +783,7 @@ def parse_call(
     if extra is not None and options.batched_vectors:
         _check_pairs(vector_key or "", vectors, extra_key or "", extra)
     if kind != "evaluate":
+        _check_real_inputs(spec, kind, dtypes)
         for i in argnums:
             _check_differentiable(spec, spec.leaf_inputs[i].name, spec.leaf_inputs[i].dtype, dtypes[i], arrays[i][1])
     return Call(
@@ -974,12 +1024,13 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
         total += math.prod(shape) * 8  # 8: the widest element a body may carry
         if total > limits.max_bytes:  # no more than a request body could carry
             raise PayloadTooLarge(f"these shapes hold more than {limits.max_bytes} bytes, the request limit")
-        if name is not None and name in wire.COMPLEX_DTYPES:  # (a body's words: real inputs, and why)
+        if name is not None and name in wire.COMPLEX_DTYPES and inp.dtype not in COMPLEX_DTYPES:
+            # (a body's words: a real input, and why)
             try:
                 wire.check_request_dtype(np.dtype(name))
             except wire.WireError as exc:
                 raise from_wire(wire.WireError(f"dtypes: {exc}", exc.code)) from None
-        if name is not None and name not in wire.DTYPES:
+        if name is not None and name not in wire.DTYPES | COMPLEX_DTYPES:
             raise InvalidInput(f"dtypes: unknown dtype {echo(name)}")
         dtype = inp.resolve_dtype(name) if name is not None else inp.default_dtype
         sent.append(name or dtype)
@@ -991,6 +1042,7 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
             arr = np.ones(shape, dtype=wire_dtype)
         args.append(arr)
         dtypes.append(dtype)
+    _check_real_inputs(spec, kind, dtypes)  # (a complex input's pattern: of a Jacobian torch.func refuses)
     for i in argnums:  # as parse_call's
         _check_differentiable(spec, spec.inputs[i].name, spec.inputs[i].dtype, dtypes[i], sent[i])
     call = Call(spec=spec, args=args, dtypes=dtypes, argnums=argnums, mode=options.mode or "auto",

@@ -22,14 +22,18 @@ import numpy as np
 from .errors import FunctionNotFound, InvalidInput
 from .sparsity.patterns import Declared, declared as _declared_patterns
 
-__all__ = ["ENTRY_POINT_GROUP", "FLOATING", "FLOAT_DTYPES", "QUERY_INTEGER", "Array", "FunctionModuleNotFound",
+__all__ = ["COMPLEX_DTYPES", "ENTRY_POINT_GROUP", "FLOATING", "FLOAT_DTYPES", "QUERY_INTEGER", "Array", "FunctionModuleNotFound",
            "FunctionSpec", "Input", "Registry", "format_shape", "register", "shape_fields"]
 
 ENTRY_POINT_GROUP = "jacobian_service.functions"
 BUILTIN_MODULE = "jacobian_service.examples"
 FLOATING = "floating"
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
-CONCRETE_DTYPES = FLOAT_DTYPES | {"bool", "int8", "int16", "int32", "int64", "uint8"}
+#: An input declared one of these takes complex arrays (torch.func's vjp, jvp and hvp
+#: differentiate them; jacrev and hessian refuse them). ``floating`` never takes them:
+#: it is a real dtype, as SPEC's list says, and a complex array sent to it is refused.
+COMPLEX_DTYPES = frozenset({"complex64", "complex128"})
+CONCRETE_DTYPES = FLOAT_DTYPES | COMPLEX_DTYPES | {"bool", "int8", "int16", "int32", "int64", "uint8"}
 Dim = int | str
 
 
@@ -62,7 +66,8 @@ def _check_leaf(name: str, shape: tuple[Dim, ...] | None, dtype: str) -> None:
             if isinstance(dim, bool) or not isinstance(dim, (int, str)) or (isinstance(dim, int) and dim < 0):
                 raise ValueError(f"input {name!r}: dims are non-negative ints or symbol names")
     if dtype != FLOATING and dtype not in CONCRETE_DTYPES:
-        raise ValueError(f"input {name!r}: unknown dtype {dtype!r}")
+        raise ValueError(f"input {name!r}: unknown dtype {dtype!r}; expected {FLOATING!r} or one of "
+                         f"{sorted(CONCRETE_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,9 @@ class Input:
 
     ``shape=None`` accepts any shape. A symbol binds to one size per call, across all
     inputs. ``dtype`` is a concrete name or ``"floating"`` (computes in the float dtype
-    the caller sends, float32 for plain numbers).
+    the caller sends, float32 for plain numbers). ``"complex64"`` / ``"complex128"``
+    take complex arrays (and real ones, cast); plain JSON lists for such an input are its
+    numbers' ``[real, imag]`` pairs.
 
     ``tree`` declares a pytree parameter instead of one array: a dict, tuple or list of
     :class:`Array` (nested as deep as needed), e.g. ``{"w": Array(("h", "n")), "b":
@@ -130,6 +137,11 @@ class Input:
 
     def resolve_dtype(self, sent: str) -> str:
         """The dtype this input computes in, given the one the caller sent."""
+        if sent in COMPLEX_DTYPES and self.dtype not in COMPLEX_DTYPES:
+            # (the readers refuse it first; this keeps a floating input from taking
+            # "float32" for it, its imaginary part dropped)
+            raise InvalidInput(f"input {self.name!r}: expected {self.dtype}, got {sent}: only an input declared "
+                               "complex64 or complex128 takes complex arrays")
         if self.dtype == FLOATING:
             return sent if sent in FLOAT_DTYPES else "float32"
         wire = "float32" if sent == "bfloat16" else sent
@@ -355,6 +367,12 @@ class FunctionSpec:
         """Whether a leaf input is declared an integer dtype: only then must a JSON
         body's integers be read exactly (wire.loads), a float one taking them as floats."""
         return any(leaf.dtype.startswith(("int", "uint")) for leaf in self.leaf_inputs)
+
+    @functools.cached_property
+    def takes_complex(self) -> bool:
+        """Whether a leaf input is declared complex: only then are complex tangents read
+        (a complex input's; a real one's are refused as before)."""
+        return any(leaf.dtype in COMPLEX_DTYPES for leaf in self.leaf_inputs)
 
     @functools.cached_property
     def leaf_inputs(self) -> tuple[Input, ...]:

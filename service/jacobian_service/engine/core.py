@@ -90,6 +90,8 @@ TORCH_DTYPES = MappingProxyType({
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
     "float64": torch.float64,
+    "complex64": torch.complex64,  # (inputs declared so: registry.COMPLEX_DTYPES)
+    "complex128": torch.complex128,
 })
 
 # numpy's dtype for each name a request's dtype may take where an array of it is copied
@@ -741,7 +743,7 @@ class Engine:
                 # tells an output whose shape follows the values by them), not the words.
                 raise InvalidInput(f"{what}{path}: expected shape {list(shape)}, got {list(arr.shape)}",
                                    fields=shape_fields(what, path, shape, arr.shape))
-            if arr.dtype.kind not in ("biufc" if what == "cotangents" else "biuf"):
+            if arr.dtype.kind not in "biufc":  # (complex tangents: checked against their input below)
                 raise InvalidInput(f"{what}{path}: expected numbers, got {arr.dtype.name}")
             if what == "cotangents" and (arr.dtype.kind == "c") != ref.is_complex():
                 # torch.func.vjp's pullback refuses a cotangent whose kind is not its
@@ -753,7 +755,16 @@ class Engine:
                                    "complex Tensors, both grad_output and output are required to have the same dtype. "
                                    f"Mismatch in dtype: grad_output[{i}] has a dtype of torch.{_torch_name(arr.dtype)} "
                                    f"and output[{i}] has a dtype of {ref.dtype}.)")
-            if what == "tangents" and arr.dtype.kind != "f":
+            if what == "tangents" and arr.dtype.kind == "c" and not ref.is_complex():
+                # torch.func.jvp casts it to the real input's dtype, its imaginary part
+                # dropped with a warning alone: refused, as a complex cotangent of a
+                # real output is. (A real tangent of a complex input is cast below, its
+                # imaginary part 0: torch.func.jvp's answer for the complex one.)
+                raise InvalidInput(f"{what}{path}: expected real tangents for the {str(ref.dtype).removeprefix('torch.')} "
+                                   f"input, got {arr.dtype.name} (torch.func.jvp would drop its imaginary part: Casting "
+                                   "complex values to real discards the imaginary part); only an input declared "
+                                   "complex64 or complex128 takes complex tangents")
+            if what == "tangents" and arr.dtype.kind not in "fc":
                 # torch.func.jvp refuses them (vjp casts integer cotangents): an int64
                 # tangent (an .npz member, an explicit dtype) was cast and answered, 200
                 raise InvalidInput(f"{what}{path}: expected floating tangents, got {arr.dtype.name} (torch.func.jvp: "
