@@ -594,14 +594,16 @@ class RemoteOps:
         request cannot leave the integer leaves out. So ``vmap(jacfwd(f))``, a vmapped
         ``jvp``, and ``vmap(grad(lambda x: f(x)[0]))`` were the service's 422 where torch
         answers. A complex output likewise (the batched Jacobian refuses it as jacrev
-        does; the unbatched jvp and vjp, with complex cotangents, answer it)."""
+        does; the unbatched jvp and vjp, with complex cotangents, answer it), and a complex
+        input (jacrev refuses any: ``vmap(grad(f))`` of a complex ``z`` was that 422)."""
         unsupported = exc.problem.get("unsupported")
-        if unsupported not in ("integer_output", "complex_output"):
+        if unsupported not in ("integer_output", "complex_output", "complex_input"):
             raise exc
         batch = _merge_batch(inputs, batch_ndim, shared)
         template = self._template(batch.signature())
         lead_shape = (*p_shape, *v_shape)
-        if unsupported == "complex_output" or any(np.dtype(dtype).kind not in "biu" for _, dtype in template.outputs):
+        if unsupported in ("complex_output", "complex_input") or any(
+                np.dtype(dtype).kind not in "biu" for _, dtype in template.outputs):
             return self._linear_per_example(mode, batch, argnums, vecs, out_tree, batch_ndim, p_shape, v_shape)
         if mode == "jvp":
             return [np.zeros((*lead_shape, *shape), dtype) for shape, dtype in template.outputs]
@@ -840,7 +842,8 @@ class RemoteOps:
             # a complex output (its cotangents complex): the service's Hessian refuses it, as
             # torch.func.hessian (jacrev) does, and its hvp of a scalar (torch's grad) too; its
             # hvp with cotangents (jvp of torch.func.vjp's pullback of them) answers it
-            complex_out = any(np.iscomplexobj(c) for c in cots)
+            # a complex input likewise: torch.func.hessian refuses any, its hvp answers
+            complex_out = any(np.iscomplexobj(c) for c in cots) or _complex_in(flat)
             if complex_out and batch_ndim:
                 return self._second_per_example(mode, batch, vec_argnums, other_argnums, vecs, out_tree, batch_ndim,
                                                 p_shape, v_shape, order)
@@ -894,6 +897,7 @@ class RemoteOps:
             # a complex output: the jvp of a jvp is complex (torch.func.jvp's), which the
             # service's Hessian refuses (jacrev's refusal): from the hvp, example by example
             complex_out = known is not None and any(np.dtype(d).kind == "c" for _, d in known.outputs)
+            complex_out = complex_out or _complex_in(flat)  # (the Hessian refuses a complex input too)
             if complex_out and batch_ndim:
                 return self._second_per_example(mode, batch, vec_argnums, other_argnums, vecs, out_tree, batch_ndim,
                                                 p_shape, v_shape, order)
@@ -1251,3 +1255,10 @@ def _split_batch(arr: Any, batch_shape: tuple[int, ...]) -> Any:
         return arr
     arr = np.asarray(arr)
     return arr.reshape((*batch_shape, *arr.shape[1:]))
+
+
+def _complex_in(flat: Sequence[Any]) -> bool:
+    """Whether any input array is complex: the service's ``jacobian`` and ``hessian``
+    refuse the function then (torch.func's jacrev and jacfwd check every argument), its
+    ``vjp``, ``jvp`` and ``hvp`` answer."""
+    return any(isinstance(x, np.ndarray) and x.dtype.kind == "c" for x in flat)

@@ -525,7 +525,10 @@ def _callback(host: Any, structs: Sequence[Any], *args: Any) -> Any:
 
 
 def _is_float(x: Any) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    """Whether an input is differentiated: floating, or complex (an input the function
+    declares complex64 / complex128, whose tangents were taken for zeros: jax.grad of a
+    remote complex input answered 0 silently)."""
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 def _eval_jvp(primals: Sequence[Any], tangents: Sequence[Any], *, ops: RemoteOps, shapes: _Shapes,
@@ -669,6 +672,7 @@ def _linear_host(ops: RemoteOps, shapes: _Shapes, lin: _Linear, *args: Any,
     vecs = _as_torchs_cotangents(vecs) if lin.mode == "vjp" else vecs
     results = ops.linear(lin.mode, [np.asarray(x) for x in xs], lin.argnums, [np.asarray(v) for v in vecs],
                          shapes.out_tree, lin.batch_ndim, lin.tags, lin.shared, memo=memo)
+    results = _as_jaxs_pullback(results) if lin.mode == "vjp" else results
     return _as_declared(results, lin.result_structs, ops.name, f"a {lin.mode} result")
 
 
@@ -679,6 +683,14 @@ def _as_torchs_cotangents(vecs: Sequence[Any]) -> list[Any]:
     Sent as they were, ``jax.vjp`` of a remote complex output answered torch's (another
     gradient), and ``jax.grad`` of a real loss of it a wrong one."""
     return [np.conj(v) if np.iscomplexobj(v) else v for v in vecs]
+
+
+def _as_jaxs_pullback(results: Sequence[Any]) -> list[Any]:
+    """The service's (torch.func.vjp's) pullback of ``conj(ct)`` as JAX's of ``ct``: of a
+    complex input, torch's is the adjoint under ``Re(conj(a) . b)``, JAX's the transpose
+    under ``Re(a . b)``, so JAX's is its conjugate (``jax.grad`` of ``|z|^2`` is
+    ``2 conj(z)``, torch's ``2 z``); a real input's is real and stays as it is."""
+    return [np.conj(r) if np.iscomplexobj(r) else r for r in results]
 
 
 def _as_declared(results: Sequence[Any], structs: Sequence[Any], name: str, what: str) -> list[np.ndarray]:
@@ -899,6 +911,8 @@ def _second_host(ops: RemoteOps, shapes: _Shapes, sec: _Second, *args: Any) -> l
         vecs = (*_as_torchs_cotangents(vecs[:n_out]), *vecs[n_out:])
     results = ops.second(sec.mode, [np.asarray(x) for x in xs], sec.vec_argnums, sec.other_argnums,
                          [np.asarray(v) for v in vecs], shapes.out_tree, sec.batch_ndim, sec.tags, sec.shared)
+    if sec.mode == "input":  # a pullback's derivative: JAX's pullback is torch's conjugated
+        results = _as_jaxs_pullback(results)
     return _as_declared(results, sec.result_structs, ops.name, "a second-order result")
 
 

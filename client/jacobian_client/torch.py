@@ -563,7 +563,7 @@ class _RemoteFunction(torch.autograd.Function):
         xs = _RemoteFunction._inputs(ctx)
         unused = _unused_inputs(ctx)
         argnums = [i for i, x in enumerate(xs)
-                   if isinstance(x, torch.Tensor) and x.is_floating_point() and ctx.needs_input_grad[i + 1]
+                   if _differentiable(x) and ctx.needs_input_grad[i + 1]
                    and i not in unused]
         if not argnums:
             return (None,) * (1 + len(xs))
@@ -589,7 +589,7 @@ class _RemoteFunction(torch.autograd.Function):
         xs = _RemoteFunction._inputs(ctx)
         spec: _Spec = ctx.spec
         argnums = [i for i, (x, t) in enumerate(zip(xs, tangents))
-                   if t is not None and isinstance(x, torch.Tensor) and x.is_floating_point()]
+                   if t is not None and _differentiable(x)]
         n_aux = sum(p is None for p in spec.aux_plain)
         if not argnums:
             return (None,) * (spec.n_out + n_aux)
