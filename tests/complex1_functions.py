@@ -44,3 +44,15 @@ def tree_fn(p):
 def real_sin(x):
     """sin(x) of a floating (real) input: complex arrays are refused for it."""
     return torch.sin(x)
+
+
+@register(inputs=[Input("x", shape=(), dtype="complex64")])
+def conj_abs(x):
+    """torch's TestGradTransform.test_conj_bit: |conj(x)| of a 0-d complex input, which
+    must not arrive conjugated (its grad is sgn(x))."""
+    if x.is_conj():
+        raise AssertionError("Expected x to not be conj")
+    y = x.conj()
+    if not y.is_conj():
+        raise AssertionError("Expected y to be conj")
+    return y.abs()

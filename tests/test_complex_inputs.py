@@ -76,7 +76,7 @@ def answer(r: Any, key: str) -> Any:
 
 
 def close(got: Any, want: torch.Tensor, rtol: float = 1e-12) -> None:
-    want_np = want.detach().numpy()
+    want_np = want.detach().resolve_conj().numpy()  # (torch may answer lazily conjugated: test_conj_bit)
     assert np.asarray(got).dtype == want_np.dtype, (np.asarray(got).dtype, want_np.dtype)
     np.testing.assert_allclose(got, want_np, rtol=rtol, atol=rtol)
 
@@ -159,12 +159,16 @@ def _torch_refusal(fn: Any) -> str:
 
 @pytest.mark.parametrize("options", [{}, {"mode": "fwd"}, {"batched": True}, {"sparsity": "auto"}])
 def test_jacobian_of_a_complex_input_is_jacrevs_refusal(c, options):
-    said = _torch_refusal(lambda: f.jacrev(F.abs2)(t(Z)))
-    assert said == "jacrev: Expected all inputs to be real but received complex tensor at flattened input idx: 0"
+    """TestJac.test_complex_error (C -> C): jacrev and jacfwd each raise "Expected all
+    inputs" in their own name; mode=fwd quotes jacfwd."""
+    fwd = options.get("mode") == "fwd"
+    said = _torch_refusal(lambda: (f.jacfwd if fwd else f.jacrev)(F.abs2)(t(Z)))
+    name = "jacfwd" if fwd else "jacrev"
+    assert said == f"{name}: Expected all inputs to be real but received complex tensor at flattened input idx: 0"
     z = pairs(np.stack([Z, Z])) if options.get("batched") else pairs(Z)
     body = assert_problem(c.post("/v1/functions/abs2/jacobian", json={"inputs": [z], **options}), 422, "invalid_input")
     assert body["detail"] == (f"input 'z' is complex128: torch.func has no jacobian of a function of complex inputs "
-                              f"(torch.func.jacrev: {said}); vjp, jvp and hvp differentiate it"), body
+                              f"(torch.func.{name}: {said}); vjp, jvp and hvp differentiate it"), body
     assert body["unsupported"] == "complex_input"
 
 
@@ -209,6 +213,16 @@ def test_vjp_of_a_real_output_is_torchs_conjugate_gradient(c):
                                                        "batched_vectors": True})
     pull = f.vjp(F.real_part_sq, t(Z, torch.complex64))[1]
     close(answer(r, "vjp"), f.vmap(pull)(torch.tensor(w, dtype=torch.float32))[0], rtol=1e-6)
+
+
+def test_torchs_conj_bit_case_is_its_grad(c):
+    """TestGradTransform.test_conj_bit: grad(foo)(1+1j) == sgn(x), the vjp of cotangent 1
+    (a 0-d complex input sent as one [real, imag] pair)."""
+    x = torch.tensor(1 + 1j)
+    want = f.grad(F.conj_abs)(x)
+    torch.testing.assert_close(want, torch.sgn(x))
+    close(answer(c.post("/v1/functions/conj_abs/vjp", json={"inputs": [[1, 1]], "cotangents": 1.0}), "vjp"), want,
+          rtol=1e-6)
 
 
 def test_vjp_of_a_complex_output_takes_complex_cotangents(c):
