@@ -291,6 +291,9 @@ def test_a_complex_tangent_of_a_real_input_is_refused(c):
 def test_hvp_is_torchs_jvp_of_grad_and_c_h_t(c):
     r = c.post("/v1/functions/abs2/hvp", json={"inputs": [pairs(Z)], "tangents": typed(T)})
     close(answer(r, "hvp"), f.jvp(f.grad(F.abs2), (t(Z),), (t(T),))[1])
+    ts = np.stack([T, Z, 1j * T])  # stacked (vmap over the tangents)
+    r = c.post("/v1/functions/abs2/hvp", json={"inputs": [pairs(Z)], "tangents": typed(ts), "batched_vectors": True})
+    close(answer(r, "hvp"), f.vmap(lambda v: f.jvp(f.grad(F.abs2), (t(Z),), (v,))[1])(t(ts)))
     # c . H t of a complex output, complex cotangents, from an .npz
     r = c.post("/v1/functions/csquare/hvp", content=npz(z=Z, tangents=T, cotangents=X.astype(complex)),
                headers={"content-type": wire.NPZ})
