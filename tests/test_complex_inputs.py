@@ -395,3 +395,38 @@ def test_the_jax_adapter_differentiates_complex_inputs_as_jax_does(c):
                 np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     finally:
         jax.config.update("jax_enable_x64", before)
+
+
+# --------------------------------------------------------------------------- engine processes
+
+
+def test_a_real_server_hands_complex_arrays_to_its_engines_and_back():
+    """The same numbers through ``serve``'s engine processes (the tests above run the
+    in-process engine): small arrays in socket frames, large ones (16 KiB or more) in the
+    front end's shared memory and the engine's sealed memfds, each way, many requests at
+    once (a stacked batch of them)."""
+    import concurrent.futures
+
+    import httpx
+
+    from .conftest import live_server
+
+    with live_server(functions="tests.complex1_functions", warmup="false") as (url, _):
+        def one(i: int) -> None:
+            rng = np.random.default_rng(i)  # (one a thread: a Generator is not thread-safe)
+            n = 3 if i % 2 else 4096  # 4096 complex128: 64 KiB each way
+            z = rng.standard_normal(n) + 1j * rng.standard_normal(n)
+            w = rng.standard_normal(n) + 1j * rng.standard_normal(n)
+            r = httpx.post(f"{url}/v1/functions/csquare/vjp", content=npz(z=z, cotangents=w),
+                           headers={"content-type": wire.NPZ, "accept": wire.NPY}, timeout=60)
+            assert r.status_code == 200, r.text
+            want = f.vjp(F.csquare, t(z))[1](t(w))[0]
+            close(np.load(io.BytesIO(r.content)), want)
+            r = httpx.post(f"{url}/v1/functions/abs2/vjp", json={"inputs": [pairs(z)], "cotangents": 1.0}, timeout=60)
+            close(answer(r, "vjp"), f.vjp(F.abs2, t(z))[1](torch.tensor(1.0, dtype=torch.float64))[0])
+            r = httpx.post(f"{url}/v1/functions/abs2/jacobian", content=npy(z),
+                           headers={"content-type": wire.NPY}, timeout=60)
+            assert r.status_code == 422 and r.json()["unsupported"] == "complex_input", r.text
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(16)))
