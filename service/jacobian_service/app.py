@@ -9,7 +9,8 @@ engine threads in this process (tests, ``serve --in-process``). Requests pass th
       -> SendGuard (responses in pieces, each under the send timeout: connections.py)
         -> CORS (only with CORS_ORIGINS: Starlette's, outside auth, as a browser's
            preflight carries no key)
-          -> AuthMiddleware (API keys, every route)
+          -> AuthMiddleware (API keys, every route; operators' keys for the routes the
+             table marks auth="admin")
             -> Router (the one table in routes.py; OpenAPI is written from it)
 """
 
@@ -48,7 +49,7 @@ class ServiceApp:
     """The ASGI app: lifespan (engines up, then down) and the middleware stack."""
 
     def __init__(self, settings: Settings, engines: Any, metrics: Metrics, front_ends: int = 1,
-                 api_keys: tuple[str, ...] | None = None) -> None:
+                 api_keys: tuple[str, ...] | None = None, admin_keys: tuple[str, ...] | None = None) -> None:
         self.settings = settings
         self.service_state = ServiceState(
             settings=settings,
@@ -60,6 +61,7 @@ class ServiceApp:
             encode_budget=EncodeBudget(settings.memory_budget_bytes or (256 << 20)),
             body_budget=BodyBudget(settings.body_budget, metrics.body_bytes),
             api_keys=api_keys if api_keys is not None else settings.load_api_keys(),
+            admin_keys=admin_keys if admin_keys is not None else settings.load_admin_keys(),
             front_ends=front_ends,
         )
         self.routes = [*ROUTES, *_doc_routes()]
@@ -67,7 +69,8 @@ class ServiceApp:
         self._openapi: dict[str, Any] | None = None
         self._openapi_body: Compressible | None = None
         self._lifespans = 0
-        auth: Any = AuthMiddleware(self.router, self.service_state.api_keys, settings.metrics_auth, settings.docs_auth)
+        auth: Any = AuthMiddleware(self.router, self.service_state.api_keys, settings.metrics_auth, settings.docs_auth,
+                                   admin_keys=self.service_state.admin_keys)
         if settings.cors_origin_list:
             auth = cors(auth, settings.cors_origin_list)
         guard = SendGuard(auth, settings.send_timeout_s,
@@ -83,6 +86,7 @@ class ServiceApp:
         if self._openapi is None:
             self._openapi = build_openapi(ROUTES, self.registry, self.settings.root_path,
                                           api_keys=bool(self.service_state.api_keys),
+                                          admin_keys=bool(self.service_state.admin_keys),
                                           metrics_auth=self.settings.metrics_auth)
         return self._openapi
 
@@ -173,10 +177,11 @@ def _doc_routes() -> list[Route]:
 def create_app(
     settings: Settings | None = None, registry: Registry | None = None, *, run_dir: Path | None = None, front_ends: int = 1,
     channel: Any = None, api_keys: tuple[str, ...] | None = None, registry_doc: dict[str, Any] | None = None,
+    admin_keys: tuple[str, ...] | None = None,
 ) -> ServiceApp:
     """The front end. With ``run_dir`` it talks to the supervisor's engine processes
     (through ``channel``, ``supervision.Channel``, which ``serve`` hands it, as it does
-    the ``api_keys`` it loaded and the ``registry_doc`` engine 0 wrote); without, it runs engines on threads here (``registry``
+    the ``api_keys`` and ``admin_keys`` it loaded and the ``registry_doc`` engine 0 wrote); without, it runs engines on threads here (``registry``
     overrides the modules named in ``settings``)."""
     settings = settings or Settings()
     configure_logging(settings.log_format)
@@ -189,4 +194,4 @@ def create_app(
         registry = registry if registry is not None else Registry.from_modules(settings.function_modules)
         configure_logging(settings.log_format)  # again: a module may have configured logging as it was imported
         engines = InProcessEngines(settings, registry, on_batch=metrics.batch_size.observe)
-    return ServiceApp(settings, engines, metrics, front_ends, api_keys)
+    return ServiceApp(settings, engines, metrics, front_ends, api_keys, admin_keys)

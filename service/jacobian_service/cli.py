@@ -33,6 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     for line in unknown_variables(os.environ, Settings.model_fields):
         _say(logging.WARNING, line)
     settings.load_api_keys()  # fail closed before anything starts, the reason in one line
+    settings.load_admin_keys()
     return serve_in_process(settings) if args.in_process else serve(settings)
 
 

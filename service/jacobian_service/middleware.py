@@ -269,14 +269,22 @@ def _closing(error: Any, request_id: str) -> Any:
 class AuthMiddleware:
     """Bearer API keys on every route but the probes and the docs pages; ``/metrics`` and
     the OpenAPI document by their own settings. Keys are compared in constant time,
-    against every key (no early exit on a match). No keys configured turns auth off."""
+    against every key (no early exit on a match). No keys configured turns auth off.
 
-    def __init__(self, app: Any, keys: tuple[str, ...], metrics_auth: bool, docs_auth: bool) -> None:
+    A route the table marks ``auth="admin"`` (an operator's action: releasing a
+    quarantine) takes only an operators' key (``admin_keys``), which is an API key too,
+    elsewhere. With API keys but no operators' keys, no key may take it; with neither,
+    auth is off for it as for the rest."""
+
+    def __init__(self, app: Any, keys: tuple[str, ...], metrics_auth: bool, docs_auth: bool,
+                 admin_keys: tuple[str, ...] = ()) -> None:
         self.app = app
         # Compared as SHA-256 digests: hmac.compare_digest is constant-time only between
         # equal lengths, and returns at once on a length that differs, so the time a
         # guess took told whether its length was a key's. Digests are all 32 bytes.
-        self.keys = [_digest(k.encode()) for k in keys]
+        self.admin_keys = [_digest(k.encode()) for k in admin_keys]
+        # An operator's key opens what an API key opens (when API keys are set at all).
+        self.keys = [_digest(k.encode()) for k in keys] + (self.admin_keys if keys else [])
         # The docs pages are HTML shells with nothing secret: they ask for the key that
         # /openapi.json wants (a page load cannot carry one).
         self.open_paths = {"/healthz", "/readyz", "/docs", "/redoc", "/favicon.ico"}
@@ -286,17 +294,35 @@ class AuthMiddleware:
             self.open_paths.add("/openapi.json")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not self.keys or _is_open(route_path(scope), self.open_paths):
+        if scope["type"] != "http" or not (self.keys or self.admin_keys):
             await self.app(scope, receive, send)
             return
-        error = self._check(scope)
+        if (action := self._operators(scope)) is not None:
+            error = self._check(scope, self.admin_keys, action)
+        elif not self.keys or _is_open(route_path(scope), self.open_paths):
+            await self.app(scope, receive, send)
+            return
+        else:
+            error = self._check(scope, self.keys)
         if error is None:
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})["code"] = error.code
         await problem_response(error, scope["state"].get("request_id", ""))(scope, receive, send)
 
-    def _check(self, scope: dict[str, Any]) -> Unauthorized | Forbidden | None:
+    def _operators(self, scope: dict[str, Any]) -> str | None:
+        """The operator's action the request asks for (``DELETE /v1/functions/{name}/quarantine``),
+        if its route is one the table marks ``auth="admin"``: matched as the router
+        matches it, once (the match is kept in the scope)."""
+        match = getattr(self.app, "match", None)
+        method = scope.get("method")
+        for route, _ in match(scope) if match is not None else ():
+            if route.auth == "admin" and route.method == method:
+                return f"{route.method} {route.path}"
+        return None
+
+    def _check(self, scope: dict[str, Any], keys: list[bytes], action: str | None = None) -> Unauthorized | Forbidden | None:
+        operators = action is not None
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         if not header or scheme.lower() != "bearer" or not token.strip():
@@ -306,15 +332,28 @@ class AuthMiddleware:
                 # that sent ?api_key= wondering whether its key was wrong.
                 hint = ("; a key in the query string is not read (URLs are kept in logs and proxies' "
                         "histories): send it in the header")
-            return Unauthorized("send 'Authorization: Bearer <key>'" + hint, headers={"WWW-Authenticate": "Bearer"})
+            wanted = "'Authorization: Bearer <operator's key>' (ADMIN_KEYS)" if operators else "'Authorization: Bearer <key>'"
+            return Unauthorized(f"send {wanted}" + hint, headers={"WWW-Authenticate": "Bearer"})
+        if operators and not keys:
+            # API keys, and no operators' keys: any caller let in with an API key released
+            # a quarantine, and had the engine killed again by the function it released.
+            return Forbidden(f"{action} is an operator's action, and this server has no operators' keys (ADMIN_KEYS): "
+                             f"no API key may take it. {_OPERATOR_HINT}")
         supplied = _digest(token.strip().encode("latin-1"))
         matched = False
-        for key in self.keys:  # every key, always: the time taken says nothing of which matched
+        for key in keys:  # every key, always: the time taken says nothing of which matched
             matched |= hmac.compare_digest(supplied, key)
         if not matched:
+            if operators:  # (the same words for an API key and for a key that is none: nothing told apart)
+                return Forbidden(f"the key is not an operator's (ADMIN_KEYS): {action} is an operator's action. "
+                                 f"{_OPERATOR_HINT}")
             return Forbidden("the API key is not valid")
         scope.setdefault("state", {})[clients.KEY] = supplied  # the client, for its share of the streams (clients.py)
         return None
+
+
+# What a caller refused an operator's action is told (the one such action: a quarantine's release).
+_OPERATOR_HINT = "A quarantine also lifts by itself after QUARANTINE_COOLDOWN_S."
 
 
 # Names clients use for a key in a URL (?api_key=, ?key=, ?access_token=, ?token=).

@@ -695,6 +695,16 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
     return op
 
 
+def _operators(api_keys: bool, admin_keys: bool) -> str:
+    """What an operator's action (``auth="admin"``) wants of its caller (AuthMiddleware)."""
+    if admin_keys:
+        return "An operator's action: it wants an operator's key (`ADMIN_KEYS`); an API key is a 403 `forbidden`."
+    if api_keys:
+        return ("An operator's action, and this server has API keys but no operators' keys (`ADMIN_KEYS`): every "
+                "call is a 403 `forbidden`. A quarantine lifts by itself after `QUARANTINE_COOLDOWN_S`.")
+    return "An operator's action (`ADMIN_KEYS` guards it). This server has no keys: anyone may take it."
+
+
 # OPTIONS and HEAD are the router's on every path (routes._allowed), not operations: as
 # FastAPI leaves them out, and schemathesis treats them as implicit (its checks hold a
 # plain OPTIONS's Allow, less those two, to the methods a path lists, and send every
@@ -708,16 +718,21 @@ _IMPLICIT_METHODS = (
 
 
 def build_openapi(routes: list[Route], registry: Registry, root_path: str = "", *, api_keys: bool = False,
-                  metrics_auth: bool = False) -> dict[str, Any]:
-    """``api_keys`` / ``metrics_auth``: what the server in front of this document
-    enforces. Only the routes that really want a key say so (``security``, 401/403): a
+                  metrics_auth: bool = False, admin_keys: bool = False) -> dict[str, Any]:
+    """``api_keys`` / ``metrics_auth`` / ``admin_keys``: what the server in front of this
+    document enforces. Only the routes that really want a key say so (``security``, 401/403): a
     document that demanded a key the server never checks sent generated clients and
     Swagger's Authorize after a key nobody has, and promised 401s that never came."""
     functions = [spec.describe() for spec in registry]
     guarded = frozenset(({"key"} | ({"metrics"} if metrics_auth else set())) if api_keys else ())
+    # An operator's action is guarded wherever any key is set: with API keys and no
+    # operators' keys, it is refused to every key (a 403 each).
+    guarded |= {"admin"} if api_keys or admin_keys else set()
     paths: dict[str, Any] = {}
     for route in routes:
-        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, functions, guarded)
+        op = paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, functions, guarded)
+        if route.auth == "admin":
+            op["description"] = _operators(api_keys, admin_keys)
     schemas = dict(_COMPONENTS)
     for kind in wire.RESULT_KEY:
         schemas[f"{_title(kind)}Request"] = _request_schema(kind)

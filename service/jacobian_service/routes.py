@@ -82,7 +82,7 @@ class Route:
     operation_id: str
     summary: str
     tag: str
-    auth: str = "key"  # key | public | metrics | docs: which setting guards it
+    auth: str = "key"  # key | public | metrics | docs | admin (operators' keys): which setting guards it
     params: dict[str, Any] = field(default_factory=dict)  # fixed handler arguments
     errors: tuple[str, ...] = ()  # problem codes this route answers (besides auth)
     doc: dict[str, Any] = field(default_factory=dict)  # OpenAPI additions
@@ -853,8 +853,10 @@ ROUTES: list[Route] = [
                   "result_too_large", "function_error",
                   "overloaded", "unavailable", "function_quarantined", "timeout", "out_of_memory"),
           doc={"parameters": _SPARSITY_PARAMETERS}, negotiated=True),
+    # An operator's action (ADMIN_KEYS): the function released may crash or hang its
+    # engine again, which every request in flight there pays for.
     Route("DELETE", "/v1/functions/{name}/quarantine", release_function, "releaseFunction",
-          "Release a quarantined function (operators)", "operations",
+          "Release a quarantined function (operators)", "operations", auth="admin",
           errors=("function_not_found", "precondition_failed")),
     *[
         Route("POST", f"/v1/functions/{{name}}/{kind}", derivative, kind, summary, "derivatives",

@@ -127,9 +127,9 @@ def serve_in_process(settings: Settings) -> int:
 
 
 def _front_end(run_dir: str, sock: socket.socket, count: int, channel: Any, api_keys: tuple[str, ...],
-               registry: dict[str, Any]) -> None:
+               registry: dict[str, Any], admin_keys: tuple[str, ...] = ()) -> None:
     """One front-end process (spawned: no torch, no state from the parent). ``channel``
-    (``supervision.Channel``) and ``api_keys`` come through the spawn's pipe: they are
+    (``supervision.Channel``), ``api_keys`` and ``admin_keys`` come through the spawn's pipe: they are
     in no environment a function could read (``/proc/PID/environ``); so does the
     ``registry`` ``serve`` read at start-up: the run directory's file is in a function's
     reach, and a front end started again read whatever it had written there."""
@@ -138,7 +138,7 @@ def _front_end(run_dir: str, sock: socket.socket, count: int, channel: Any, api_
 
     settings = Settings()
     app = create_app(settings, run_dir=Path(run_dir), front_ends=count, channel=channel, api_keys=api_keys,
-                     registry_doc=registry)
+                     registry_doc=registry, admin_keys=admin_keys)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     stop_with_parent(settings.drain_delay_s + settings.drain_grace_s + 5)  # it drains and stops if serve is killed
@@ -306,6 +306,7 @@ def serve(settings: Settings) -> int:
     # through output_relay's budget.
     configure_logging(settings.log_format, repeats=False)
     api_keys = settings.load_api_keys()  # fail closed, here, before anything starts
+    admin_keys = settings.load_admin_keys()
     forget_environment(FRONT_END_ONLY)  # the front ends get the keys from here, and no engine needs them
     if settings.port:  # a port taken is said at once, not after an engine has loaded torch (seconds)
         try:
@@ -356,8 +357,9 @@ def serve(settings: Settings) -> int:
 
         def start(i: int) -> Any:
             sock = socks[i % len(socks)]
-            p = ctx.Process(target=_front_end, args=(str(run_dir), sock, count, supervisor.channel, api_keys, doc),
-                            name=f"front-end-{i}", daemon=False)
+            p = ctx.Process(target=_front_end,
+                            args=(str(run_dir), sock, count, supervisor.channel, api_keys, doc, admin_keys), name=f"front-end-{i}",
+                            daemon=False)
             p.start()
             return p
 

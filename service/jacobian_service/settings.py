@@ -19,14 +19,33 @@ from .clients import parse_proxies
 
 __all__ = ["FRONT_END_ONLY", "NULL_ORIGIN_HINT", "Settings", "SettingsError", "describe_invalid", "unknown_variables"]
 
-# The settings only front ends use, as variables: the API keys and the file holding them.
-# ``serve`` hands the keys to its front ends itself and takes these out of its environment,
-# which every engine's function can read (supervisor, server.forget_environment).
-FRONT_END_ONLY = frozenset({"JACOBIAN_SERVICE_API_KEYS", "JACOBIAN_SERVICE_API_KEYS_FILE"})
+# The settings only front ends use, as variables: the API keys, the operators' keys and the
+# files holding them. ``serve`` hands the keys to its front ends itself and takes these out
+# of its environment, which every engine's function can read (supervisor,
+# server.forget_environment).
+FRONT_END_ONLY = frozenset({"JACOBIAN_SERVICE_API_KEYS", "JACOBIAN_SERVICE_API_KEYS_FILE",
+                            "JACOBIAN_SERVICE_ADMIN_KEYS", "JACOBIAN_SERVICE_ADMIN_KEYS_FILE"})
 
 
 def _split(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _load_keys(name: str, listed: str, path: Path | None) -> tuple[str, ...]:
+    """Keys from a setting (comma-separated) and its file (one a line; blank lines and #
+    comments skipped). Fails closed: a file that cannot be read or holds no key is an
+    error, never "auth off"."""
+    keys = list(_split(listed))
+    if path is not None:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:  # fail closed too, saying why
+            raise SettingsError(f"{name}_FILE {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+        from_file = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+        if not from_file:
+            raise SettingsError(f"{name}_FILE {path} holds no keys; refusing to start without auth")
+        keys.extend(from_file)
+    return tuple(keys)
 
 
 # What a browser sends as Origin: scheme://host[:port], nothing after it (RFC 6454).
@@ -253,6 +272,14 @@ class Settings(BaseSettings):
     api_keys: str = ""
     # One key a line (blank lines and # comments skipped); adds to api_keys.
     api_keys_file: Path | None = None
+    # Operators' keys: only these may take an operator's action (DELETE .../quarantine,
+    # which lets a function that crashed or hung its engine run, and kill it, again); they
+    # are API keys too. With API keys and none of these, no key may: any caller let in
+    # with an API key released a quarantine and had the engine killed again, each time
+    # costing every other client's request in flight there a retry (the cooldown still
+    # lifts it). Without either, auth is off, that action included.
+    admin_keys: str = ""
+    admin_keys_file: Path | None = None
     metrics_auth: bool = False
     # /openapi.json lists every function: behind the key by default. The /docs and /redoc
     # pages load openly and ask for the key (docs_ui.py).
@@ -314,18 +341,12 @@ class Settings(BaseSettings):
     def load_api_keys(self) -> tuple[str, ...]:
         """The keys in force. Fails closed: a keys file that exists but holds no key is
         an error, never "auth off"."""
-        keys = list(_split(self.api_keys))
-        if self.api_keys_file is not None:
-            try:
-                text = self.api_keys_file.read_text()
-            except (OSError, UnicodeDecodeError) as exc:  # fail closed too, saying why
-                raise SettingsError(f"API_KEYS_FILE {self.api_keys_file} cannot be read: "
-                                    f"{getattr(exc, 'strerror', None) or exc}") from None
-            from_file = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-            if not from_file:
-                raise SettingsError(f"API_KEYS_FILE {self.api_keys_file} holds no keys; refusing to start without auth")
-            keys.extend(from_file)
-        return tuple(keys)
+        return _load_keys("API_KEYS", self.api_keys, self.api_keys_file)
+
+    def load_admin_keys(self) -> tuple[str, ...]:
+        """The operators' keys in force (ADMIN_KEYS, ADMIN_KEYS_FILE), failing closed as
+        ``load_api_keys``."""
+        return _load_keys("ADMIN_KEYS", self.admin_keys, self.admin_keys_file)
 
     @property
     def body_budget(self) -> int:

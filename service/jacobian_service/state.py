@@ -24,6 +24,7 @@ class ServiceState:
     encode_budget: EncodeBudget
     body_budget: BodyBudget
     api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()  # operators' (ADMIN_KEYS): the routes marked auth="admin"
     front_ends: int = 1
     draining: bool = False
     streams: StreamBudget | None = None  # None: Settings.stream_budget's size (see __post_init__)

@@ -1,0 +1,137 @@
+"""Round 51 of the hostile clients: an operator's action wants an operator's key.
+
+``DELETE /v1/functions/{name}/quarantine`` lets a function that crashed or hung its engine
+``QUARANTINE_AFTER`` times run again. Any caller let in with an API key could take it:
+crash the engine with its function (a 500 to itself), be quarantined, release, crash it
+again, for ever, each crash costing every other client's request in flight on that engine
+a retry (503), each hang an engine killed. Measured before the fix, on ``serve`` with
+``API_KEYS=user`` and ``QUARANTINE_AFTER=1``: ``DELETE`` with the user's key was a 200
+``{"released": true}`` and the function's next call crashed the engine again. Now the
+route is marked ``auth="admin"`` in the one table: it takes only an operator's key
+(``ADMIN_KEYS`` / ``ADMIN_KEYS_FILE``, also an API key elsewhere); with API keys and no
+operators' keys, no key may take it (the cooldown still lifts a quarantine).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import httpx
+import pytest
+
+from jacobian_service.settings import Settings, SettingsError
+
+from ._fault_support import ARMED
+from .conftest import assert_problem, live_server
+
+USER = {"authorization": "Bearer user-key-51"}
+OPERATOR = {"authorization": "Bearer operator-key-51"}
+RELEASE = "/v1/functions/sin/quarantine"
+
+
+# ------------------------------------------------------------------ in process: who may
+
+
+def _released(r: httpx.Response) -> None:
+    assert r.status_code == 200 and r.json() == {"function": "sin", "released": False}, r.text
+
+
+def test_with_operators_keys_only_an_operator_releases(make_client) -> None:
+    c = make_client(api_keys="user-key-51", admin_keys="operator-key-51")
+    problem = assert_problem(c.delete(RELEASE, headers=USER), 403, "forbidden")
+    assert "ADMIN_KEYS" in problem["detail"] and "QUARANTINE_COOLDOWN_S" in problem["detail"], problem
+    # A key that is none gets the same words as a user's key: nothing told apart.
+    assert assert_problem(c.delete(RELEASE, headers={"authorization": "Bearer nope"}), 403,
+                          "forbidden")["detail"] == problem["detail"]
+    r = c.delete(RELEASE)
+    assert_problem(r, 401, "unauthorized")
+    assert r.headers["www-authenticate"] == "Bearer" and "ADMIN_KEYS" in r.json()["detail"]
+    _released(c.delete(RELEASE, headers=OPERATOR))
+    # The operator's key is an API key too; the user's still is.
+    for headers in (USER, OPERATOR):
+        assert c.get("/v1/functions/sin", headers=headers).status_code == 200
+    assert_problem(c.get("/v1/functions/sin"), 401, "unauthorized")
+    # The same table: an unknown function, past the operator's key, is the route's 404;
+    # an encoded slash is no route at all (and the user's key opens no release by it).
+    assert_problem(c.delete("/v1/functions/nope/quarantine", headers=OPERATOR), 404, "function_not_found")
+    assert_problem(c.delete("/v1/functions/sin%2Fquarantine", headers=USER), 404, "not_found")
+
+
+def test_with_api_keys_and_no_operators_keys_no_key_releases(make_client) -> None:
+    c = make_client(api_keys="user-key-51")
+    for headers in (USER, OPERATOR):
+        problem = assert_problem(c.delete(RELEASE, headers=headers), 403, "forbidden")
+        assert "no operators' keys (ADMIN_KEYS)" in problem["detail"], problem
+    assert_problem(c.delete(RELEASE), 401, "unauthorized")  # (as every guarded route: the document says 401 / 403)
+    assert c.get("/v1/functions/sin", headers=USER).status_code == 200
+
+
+def test_operators_keys_alone_guard_only_the_operators_action(make_client) -> None:
+    c = make_client(admin_keys="operator-key-51")
+    assert c.get("/v1/functions/sin").status_code == 200  # the API stays open
+    assert c.post("/v1/functions/sin/evaluate", json={"inputs": [[0.5]]}).status_code == 200
+    assert_problem(c.delete(RELEASE), 401, "unauthorized")
+    assert_problem(c.delete(RELEASE, headers=USER), 403, "forbidden")
+    _released(c.delete(RELEASE, headers=OPERATOR))
+
+
+def test_without_keys_auth_stays_off(make_client) -> None:
+    _released(make_client().delete(RELEASE))
+
+
+def test_the_openapi_document_says_who_may(make_client) -> None:
+    def op(c) -> dict:
+        return c.get("/openapi.json", headers=OPERATOR).json()["paths"]["/v1/functions/{name}/quarantine"]["delete"]
+
+    guarded = op(make_client(api_keys="user-key-51", admin_keys="operator-key-51"))
+    assert guarded["security"] == [{"bearer": []}] and {"401", "403"} <= set(guarded["responses"])
+    assert "ADMIN_KEYS" in guarded["description"]
+    alone = op(make_client(api_keys="", admin_keys="operator-key-51"))
+    assert alone["security"] == [{"bearer": []}] and "403" in alone["responses"]
+    assert "security" not in op(make_client(api_keys="", admin_keys=""))  # (make_client keeps what it set)
+
+
+def test_an_operators_keys_file_that_holds_none_stops_start_up(tmp_path) -> None:
+    empty = tmp_path / "admin-keys"
+    empty.write_text("# nobody\n\n")
+    with pytest.raises(SettingsError, match="ADMIN_KEYS_FILE .* holds no keys"):
+        Settings(admin_keys_file=empty).load_admin_keys()
+    empty.write_text("# the operator\nop-1\n")
+    assert Settings(admin_keys="op-2", admin_keys_file=empty).load_admin_keys() == ("op-2", "op-1")
+
+
+# ------------------------------------------------------------------ serve: a crashing function
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with live_server(FUNCTIONS="jacobian_service.examples,tests.fault_functions", WORKERS=1, WARMUP="false",
+                     QUARANTINE_AFTER=1, API_KEYS="user-key-51", ADMIN_KEYS="operator-key-51", DEVICE="cpu") as served:
+        yield served[0]
+
+
+def test_a_user_cannot_release_the_function_that_crashed_its_engine(server) -> None:
+    url = server
+    with httpx.Client(timeout=30) as c:
+        assert_problem(c.post(f"{url}/v1/functions/exits/evaluate", json=ARMED, headers=USER), 500, "function_error")
+        deadline = time.monotonic() + 10
+        while (r := c.post(f"{url}/v1/functions/exits/evaluate", json={"inputs": [[0.5]]}, headers=USER)).status_code != 503:
+            assert time.monotonic() < deadline, r.text  # (the supervisor's word reaches the front end)
+            time.sleep(0.1)
+        assert_problem(r, 503, "function_quarantined")
+        assert_problem(c.delete(f"{url}/v1/functions/exits/quarantine", headers=USER), 403, "forbidden")
+        time.sleep(0.6)  # a release would have reached the front end (states every 0.5 s)
+        assert_problem(c.post(f"{url}/v1/functions/exits/evaluate", json={"inputs": [[0.5]]}, headers=USER),
+                       503, "function_quarantined")
+        # No engine holds the operators' key: a function could read it there.
+        for pid in c.get(f"{url}/v1/info", headers=USER).json()["engine_pids"]:
+            with open(f"/proc/{pid}/environ", "rb") as fp:
+                environ = fp.read()
+            assert b"operator-key-51" not in environ and b"ADMIN_KEYS" not in environ
+        r = c.delete(f"{url}/v1/functions/exits/quarantine", headers=OPERATOR)
+        assert r.status_code == 200 and r.json() == {"function": "exits", "released": True}, r.text
+        deadline = time.monotonic() + 10
+        while (r := c.post(f"{url}/v1/functions/exits/evaluate", json={"inputs": [[0.5]]}, headers=USER)).status_code != 200:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.1)
