@@ -1,4 +1,5 @@
-"""Round 51 of the hostile clients: an operator's action wants an operator's key.
+"""Round 51 of the hostile clients: an operator's action wants an operator's key, and the
+sparsity patterns clients have detected hold a bounded part of the disk.
 
 ``DELETE /v1/functions/{name}/quarantine`` lets a function that crashed or hung its engine
 ``QUARANTINE_AFTER`` times run again. Any caller let in with an API key could take it:
@@ -10,17 +11,28 @@ a retry (503), each hang an engine killed. Measured before the fix, on ``serve``
 route is marked ``auth="admin"`` in the one table: it takes only an operator's key
 (``ADMIN_KEYS`` / ``ADMIN_KEYS_FILE``, also an API key elsewhere); with API keys and no
 operators' keys, no key may take it (the cooldown still lifts a quarantine).
+
+With ``SPARSITY_CACHE_DIR`` set, every pattern detected went to disk with no bound, and
+clients choose the shapes: measured, ``GET /v1/functions/sin/sparsity?shapes=1000000``,
+then ``1001000``, ... wrote 24 MB a request, 567 MB in 10 s from one API key (40 MB/s),
+until the disk was full. Now the directory holds at most about
+``SPARSITY_CACHE_MAX_BYTES``, the least recently used entries going first.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Iterator
 
 import httpx
+import numpy as np
 import pytest
 
 from jacobian_service.settings import Settings, SettingsError
+from jacobian_service.sparsity import PatternCache
 
 from ._fault_support import ARMED
 from .conftest import assert_problem, live_server
@@ -101,18 +113,73 @@ def test_an_operators_keys_file_that_holds_none_stops_start_up(tmp_path) -> None
     assert Settings(admin_keys="op-2", admin_keys_file=empty).load_admin_keys() == ("op-2", "op-1")
 
 
+# ------------------------------------------------------------------ the patterns' disk cache
+
+
+def _entry(n: int) -> dict:
+    from jacobian_service.sparsity.patterns import Pattern
+
+    idx = np.arange(n)
+    return {"pattern": Pattern((n, n), idx, idx), "colors": np.zeros(n, np.int64), "mode": "rev"}
+
+
+def _disk(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.npz"))
+
+
+def test_the_disk_cache_keeps_to_its_bound_the_least_recently_used_going(tmp_path) -> None:
+    one = len(_npz_of(tmp_path, _entry(1000)))
+    cache = PatternCache(tmp_path / "c", max_disk_bytes=5 * one)
+    (tmp_path / "c").mkdir()
+    stale = tmp_path / "c" / "left.tmp"  # from a process killed mid-write
+    stale.write_bytes(b"x" * 100)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    for i in range(4):
+        cache.put(f"k{i}", _entry(1000))
+        os.utime(tmp_path / "c" / f"k{i}.npz", (i, i))  # written in this order, long ago
+    assert not stale.exists()
+    assert PatternCache(tmp_path / "c").get("k0") is not None  # read: used now, kept past k1, k2, k3
+    for i in range(4, 12):
+        cache.put(f"k{i}", _entry(1000))
+        assert _disk(tmp_path / "c") <= 5 * one, i
+    kept = {p.stem for p in (tmp_path / "c").glob("*.npz")}
+    assert "k11" in kept and not kept & {"k1", "k2", "k3"}, kept
+    # An entry larger than the whole bound stays in memory only.
+    cache.put("big", _entry(50_000))
+    assert not (tmp_path / "c" / "big.npz").exists() and cache.get("big") is not None
+
+
+def _npz_of(tmp_path: Path, entry: dict) -> bytes:
+    PatternCache(tmp_path / "size").put("one", entry)
+    return (tmp_path / "size" / "one.npz").read_bytes()
+
+
 # ------------------------------------------------------------------ serve: a crashing function
+
+CACHE_BOUND = 2 << 20  # sin's pattern at n = 20,000: about 0.5 MB on disk
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with live_server(FUNCTIONS="jacobian_service.examples,tests.fault_functions", WORKERS=1, WARMUP="false",
-                     QUARANTINE_AFTER=1, API_KEYS="user-key-51", ADMIN_KEYS="operator-key-51", DEVICE="cpu") as served:
-        yield served[0]
+    with tempfile.TemporaryDirectory() as cache, \
+            live_server(FUNCTIONS="jacobian_service.examples,tests.fault_functions", WORKERS=1, WARMUP="false",
+                        QUARANTINE_AFTER=1, API_KEYS="user-key-51", ADMIN_KEYS="operator-key-51", DEVICE="cpu",
+                        SPARSITY_CACHE_DIR=cache, SPARSITY_CACHE_MAX_BYTES=CACHE_BOUND) as served:
+        served[1].cache_dir = Path(cache)  # type: ignore[attr-defined]
+        yield served
+
+
+def test_clients_shapes_fill_no_more_than_the_bound_of_disk(server) -> None:
+    url, proc = server
+    with httpx.Client(timeout=60, headers=USER) as c:
+        for n in range(20_000, 30_000, 1_000):  # ~5 MB of patterns in all
+            r = c.get(f"{url}/v1/functions/sin/sparsity", params={"shapes": str(n), "format": "coo"})
+            assert r.status_code == 200 and r.json()["pattern"]["nnz"] == n, r.text[:300]
+            assert 0 < _disk(proc.cache_dir) <= CACHE_BOUND, n
 
 
 def test_a_user_cannot_release_the_function_that_crashed_its_engine(server) -> None:
-    url = server
+    url, _ = server
     with httpx.Client(timeout=30) as c:
         assert_problem(c.post(f"{url}/v1/functions/exits/evaluate", json=ARMED, headers=USER), 500, "function_error")
         deadline = time.monotonic() + 10

@@ -217,7 +217,8 @@ class InProcessEngines(_Engines):
         self.devices = [str(d) for d in devices]
         self.workers, self.warm = [], False  # an app may be started again after a stop
         for i, device in enumerate(devices):
-            engine = Engine(device, s.memory_budget_bytes or default_memory_budget(device), s.sparsity_cache_dir)
+            engine = Engine(device, s.memory_budget_bytes or default_memory_budget(device), s.sparsity_cache_dir,
+                            s.sparsity_cache_max_bytes)
             worker = Worker(engine, max_queue=s.max_queue, max_batch=s.max_batch_size, batch_wait_s=s.max_batch_wait_ms / 1e3,
                             stream_threshold=s.stream_threshold_bytes, stream_idle_s=s.request_timeout_s, on_batch=self.on_batch)
             self.workers.append(ThreadedWorker(worker, f"jacobian-worker-{i}"))

@@ -229,10 +229,15 @@ class Settings(BaseSettings):
     # Sparsity patterns and colourings are cached in each engine's memory always (at most
     # 256 of them, holding at most twice MEMORY_BUDGET_BYTES, the oldest going first); with a
     # directory, also on disk, so a restarted server skips detection and colouring. Unset:
-    # no disk cache. The entries have no size bound on disk and outlive the run, so where
-    # they go (a volume that persists, and is sized) is the operator's choice; a default
-    # under the run directory would be deleted with it and so buy nothing.
+    # no disk cache. The entries outlive the run, so where they go (a volume that
+    # persists) is the operator's choice; a default under the run directory would be
+    # deleted with it and so buy nothing.
     sparsity_cache_dir: Path | None = None
+    # ... holding at most about this many bytes there, the least recently used entries
+    # going first (each engine counts the directory again whenever what it wrote since
+    # would take it past the bound). Clients choose the shapes, each a new entry: without
+    # a bound one API key filled the disk at 40 MB/s.
+    sparsity_cache_max_bytes: int = Field(1 << 30, ge=1)
 
     # Connections (connections.py). Request bodies being received and parsed at once, per
     # front-end process (the server holds at most workers x this): a body is charged as

@@ -324,7 +324,8 @@ def _one_state(method: Callable[..., Any]) -> Callable[..., Any]:
 class Engine:
     """Computes derivatives on one device. Not thread-safe: one thread owns it."""
 
-    def __init__(self, device: torch.device, memory_budget: int, sparsity_cache_dir: Any = None) -> None:
+    def __init__(self, device: torch.device, memory_budget: int, sparsity_cache_dir: Any = None,
+                 sparsity_cache_max_bytes: int = 1 << 30) -> None:
         from ..sparsity import PatternCache
 
         self.device = device
@@ -335,7 +336,8 @@ class Engine:
         # they hold at most twice the memory budget: the largest pattern detection may hold
         # (budget / 16 entries, 24 bytes each with its colouring's gather map) fits, and
         # clients' shapes cannot grow the engine past it (count alone bounded it at 256).
-        self.sparsity_cache = PatternCache(sparsity_cache_dir or "", max_bytes=2 * memory_budget)
+        self.sparsity_cache = PatternCache(sparsity_cache_dir or "", max_bytes=2 * memory_budget,
+                                           max_disk_bytes=sparsity_cache_max_bytes)
         self.process_settings = ProcessSettings()  # as the engine set them (threads): put back after each batch
         self.namespaces = Namespaces()  # the names of torch, numpy, the service...: put back after each batch
         self._shares_process = True  # with its caller's code (in-process), until ``take_settings``

@@ -83,7 +83,7 @@ class EngineServer:
         self.settings = settings
         self.registry = registry
         self.engine = Engine(device, settings.memory_budget_bytes or default_memory_budget(device),
-                             settings.sparsity_cache_dir)
+                             settings.sparsity_cache_dir, settings.sparsity_cache_max_bytes)
         self.engine.enter_thread()  # this thread runs every batch
         self.device = str(device)
         # Under serve every process writes its samples to PROMETHEUS_MULTIPROC_DIR and a

@@ -22,6 +22,7 @@ import site
 import sys
 import sysconfig
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -55,6 +56,10 @@ __all__ = [
 
 #: Environment variable naming the directory of the on-disk pattern cache.
 CACHE_ENV = "JACOBIAN_SERVICE_SPARSITY_CACHE_DIR"
+# Bytes its files may hold together by default (Settings.sparsity_cache_max_bytes).
+_DISK_BYTES = 1 << 30
+# A temporary file older than this is left from a process killed mid-write: removed.
+_STALE_TMP_S = 600.0
 
 Shapes = Sequence[tuple[int, ...]]
 
@@ -648,7 +653,7 @@ class PatternCache:
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None = None, max_entries: int = 256,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, max_disk_bytes: int = _DISK_BYTES) -> None:
         if directory is None:
             directory = os.environ.get(CACHE_ENV) or None
         self.directory = Path(directory) if directory else None
@@ -659,6 +664,12 @@ class PatternCache:
         # the engine by 31 MB a request, 1.25 GB in 6 s where its memory budget is 256 MiB,
         # and 256 of them at the entry limit would hold tens of GB.
         self.max_bytes = max_bytes
+        # Bytes the directory's files may hold together, the least recently used going
+        # first. The disk had no bound: a client's GETs of sin's pattern at a new size
+        # each (shapes=1000000, 1001000, ...) wrote 24 MB a request, 40 MB/s from one API
+        # key, until the disk was full.
+        self.max_disk_bytes = max_disk_bytes
+        self._disk_bytes: int | None = None  # what the directory holds, as last counted plus what was written since
         self._memory: dict[str, dict[str, Any]] = {}
         self._sizes: dict[str, int] = {}
         self.held_bytes = 0
@@ -677,6 +688,8 @@ class PatternCache:
                 entry = _entry_from_arrays({k: z[k] for k in z.files})
         except (OSError, ValueError, KeyError):
             return None
+        with contextlib.suppress(OSError):  # used now: the last of the files to go (_trim)
+            os.utime(path)
         self._remember(key, entry)
         return entry
 
@@ -689,10 +702,51 @@ class PatternCache:
         try:
             with os.fdopen(fd, "wb") as fp:
                 np.savez(fp, **_entry_to_arrays(entry))
+                size = fp.tell()
+            if size > self.max_disk_bytes:  # larger than the whole bound: in memory only
+                Path(tmp).unlink(missing_ok=True)
+                return
             os.replace(tmp, self.directory / f"{key}.npz")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if self._disk_bytes is not None:
+            self._disk_bytes += size
+        if self._disk_bytes is None or self._disk_bytes > self.max_disk_bytes:
+            self._trim()
+
+    def _trim(self) -> None:
+        """Count the directory's files (other engines write there too, and earlier runs
+        did) and, past ``max_disk_bytes``, remove the least recently used (by mtime:
+        written, or read by ``get``) until three quarters of it are left, so that the
+        next count comes only after a quarter of the bound is written again."""
+        assert self.directory is not None
+        files: list[tuple[float, int, Path]] = []
+        now = time.time()
+        try:
+            listing = list(os.scandir(self.directory))
+        except OSError:
+            return
+        for item in listing:
+            try:
+                st = item.stat(follow_symlinks=False)
+            except OSError:  # removed meanwhile (by another engine's trim)
+                continue
+            if item.name.endswith(".npz") and item.is_file(follow_symlinks=False):
+                files.append((st.st_mtime, st.st_size, Path(item.path)))
+            elif item.name.endswith(".tmp") and now - st.st_mtime > _STALE_TMP_S:
+                with contextlib.suppress(OSError):
+                    os.unlink(item.path)
+        total = sum(size for _, size, _ in files)
+        if total > self.max_disk_bytes:
+            files.sort(key=lambda f: f[0])
+            for _, size, path in files:
+                if total <= self.max_disk_bytes * 3 // 4:
+                    break
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)  # (gone already: another engine's trim)
+                    total -= size
+        self._disk_bytes = total
 
     def _remember(self, key: str, entry: dict[str, Any]) -> None:
         if key in self._memory:
