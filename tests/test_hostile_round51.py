@@ -202,3 +202,16 @@ def test_a_user_cannot_release_the_function_that_crashed_its_engine(server) -> N
         while (r := c.post(f"{url}/v1/functions/exits/evaluate", json={"inputs": [[0.5]]}, headers=USER)).status_code != 200:
             assert time.monotonic() < deadline, r.text
             time.sleep(0.1)
+
+
+def test_request_ids_say_nothing_of_other_clients_traffic(server) -> None:
+    """An answer's own X-Request-ID was a prefix per front end and a counter: two answers
+    told a client how many requests the front end had served between them (here, with
+    one front end: exactly 1 apart, back to back). Now ids are a keyed hash of the count."""
+    url, _ = server
+    with httpx.Client(timeout=10) as c:
+        ids = [c.get(f"{url}/healthz").headers["x-request-id"] for _ in range(4)]
+    assert len(set(ids)) == 4 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids), ids
+    assert len({i[:16] for i in ids}) == 4, ids  # no prefix per process to group them by
+    steps = [int(b[16:], 16) - int(a[16:], 16) for a, b in zip(ids, ids[1:])]
+    assert not all(0 < s < 1000 for s in steps), (ids, steps)
