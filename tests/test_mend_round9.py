@@ -143,20 +143,25 @@ def test_the_gateways_own_refusals_answer_only_the_allowed_origins(cors_origins,
                     assert r.headers.get("access-control-allow-origin") == (origin if ok else None), (what, origin)
                     assert r.headers["vary"] == "Origin", (what, origin)
                     assert r.headers.get("access-control-allow-credentials") == credentials, (what, origin)
-                preflight = client.options(url + "/down/v1/functions/sin/jacobian", headers={
-                    "Origin": origin, "Access-Control-Request-Method": "POST",
-                    "Access-Control-Request-Headers": "authorization, content-type"})
-                if ok:
-                    assert preflight.status_code == 204, (origin, preflight.status_code)
-                    assert (preflight.headers["access-control-allow-origin"],
-                            preflight.headers["access-control-allow-methods"],
-                            preflight.headers["access-control-allow-headers"]) == (
-                        origin, "POST", "authorization, content-type")
-                    assert preflight.headers.get("access-control-allow-credentials") == credentials, origin
-                else:  # refused as the service refuses another origin's preflight: nothing for the page
-                    assert preflight.status_code == 503, (origin, preflight.status_code)
-                    assert "access-control-allow-origin" not in preflight.headers
-                    assert "access-control-allow-methods" not in preflight.headers
+                # (the 504's preflight too, browser round 19; Private Network Access granted
+                # where the origin is, as the service grants it)
+                for path, refused in (("/down/", 503), ("/silent/", 504)):
+                    preflight = client.options(url + path + "v1/functions/sin/jacobian", headers={
+                        "Origin": origin, "Access-Control-Request-Method": "POST",
+                        "Access-Control-Request-Headers": "authorization, content-type",
+                        "Access-Control-Request-Private-Network": "true"})
+                    if ok:
+                        assert preflight.status_code == 204, (path, origin, preflight.status_code)
+                        assert (preflight.headers["access-control-allow-origin"],
+                                preflight.headers["access-control-allow-methods"],
+                                preflight.headers["access-control-allow-headers"],
+                                preflight.headers["access-control-allow-private-network"]) == (
+                            origin, "POST", "authorization, content-type", "true"), path
+                        assert preflight.headers.get("access-control-allow-credentials") == credentials, origin
+                    else:  # refused as the service refuses another origin's preflight: nothing for the page
+                        assert preflight.status_code == refused, (path, origin, preflight.status_code)
+                        assert not {"access-control-allow-origin", "access-control-allow-methods",
+                                    "access-control-allow-private-network"} & set(preflight.headers), (path, origin)
             # No Origin (not a page): the problem as before, no CORS header
             r = client.get(url + "/down/v1/functions")
             assert r.status_code == 503 and "access-control-allow-origin" not in r.headers
