@@ -161,7 +161,7 @@ def nginx(gateway: str, page: str, tmp_path_factory: pytest.TempPathFactory) -> 
     port = free_port()
     silent = socket.socket()  # a replica that takes the connection and never answers
     silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
+    silent.listen(64)  # (round 19 adds preflights: a full backlog drops SYNs, a 60 s connect wait)
     temp = "".join(f"{kind}_temp_path {folder}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     (folder / "nginx.conf").write_text(f"""
 daemon off; worker_processes 1; pid {folder}/nginx.pid; error_log {folder}/error.log crit;

@@ -13,6 +13,10 @@ CORS_ORIGINS naming the page's origin) and its headless Chromium:
   the service grants the origins it allows: they grant it too. (Chromium 156, here,
   sends no such preflight: its Local Network Access asks the user instead, with no
   header a server can answer; older Chromium sends it. So this is shown over HTTP.)
+* a page that sends its own ``X-Request-ID`` (to quote it, as the service echoes it)
+  read nginx's id in the gateway's own refusals instead, an id its access log did not
+  hold (it logged the client's, or "-"). The gateway echoes the client's id as the
+  service does, logs the id it answers, and passes it to the replica.
 
 (Probed and found right, in Chromium, directly and behind the whole template in front of
 ``serve`` with an API key: a 16 MB .npy answer's Content-Length read by a page, as a
@@ -83,3 +87,48 @@ def test_a_page_reads_the_gateways_timeout_of_a_call_with_a_preflight(nginx, pag
                           timeout=10)
         assert r.status_code in (503, 504) and not {"access-control-allow-origin", "access-control-allow-private-network"} & set(
             r.headers), (path, r.headers)
+
+
+_IDS = r"""(async () => {
+  const API = %(api)s, out = {};
+  const read = async r => ({status: r.status, header: r.headers.get('x-request-id'), body: (await r.json()).request_id});
+  const H = {'Content-Type': 'application/json', Authorization: 'Bearer cpu-key'};
+  const calls = {
+    large: [%(cpu)s + '/v1/functions/sin/jacobian', {method: 'POST', headers: {...H, 'Content-Type': 'application/x-npy'},
+            body: new Uint8Array(2 << 20)}],
+    down: ['/down/v1/functions', {}],
+    downKeyed: ['/down/v1/functions/sin/jacobian', {method: 'POST', headers: H, body: '{"inputs": [[0.5]]}'}],
+    silent: ['/silent/v1/functions', {}],
+    service: [%(cpu)s + '/v1/functions', {}],
+  };
+  for (const [name, [path, init]] of Object.entries(calls))
+    for (const id of ['page-7f3a 2026-12-07', null]) {
+      const headers = {...(init.headers || {})};
+      if (id) headers['X-Request-ID'] = id;
+      out[name + (id ? ' own' : ' none')] = await fetch(API + path, {...init, headers}).then(read, e => String(e));
+    }
+  return out;
+})()"""
+
+
+def test_a_page_reads_its_own_request_id_in_the_gateways_refusals(nginx, page, browser):
+    """A page that sends its own X-Request-ID reads it back, header and body, in each of
+    the gateway's own refusals (413, 503 with and without a preflight, 504) as in the
+    service's answers (it read nginx's id); without one, header and body hold one id."""
+    _on_page(browser, page)
+    got = browser.eval(_IDS % {"api": json.dumps(nginx), "cpu": json.dumps(CPU)}, timeout_s=60)
+    for call, answer in got.items():
+        assert isinstance(answer, dict), (call, answer)
+        assert answer["header"] == answer["body"], (call, answer)
+        if call.endswith(" own"):
+            assert answer["header"] == "page-7f3a 2026-12-07", (call, answer)  # (was nginx's $request_id)
+        else:
+            assert len(answer["header"]) == 32, (call, answer)
+    assert {a["status"] for a in got.values()} == {413, 503, 504, 401}, got
+    browser.goto("about:blank")
+    # Over HTTP: an id the service would not echo (over 128 characters), or one that
+    # would break the JSON it is written into ('"', '\'), gets the gateway's own.
+    for sent, echoed in (("x" * 128, True), ("x" * 129, False), ('a"b', False), ("a\\b", False)):
+        r = httpx.get(nginx + "/down/v1/functions", headers={"X-Request-ID": sent}, timeout=10)
+        assert r.status_code == 503 and r.json()["request_id"] == r.headers["x-request-id"], (sent, r.text)
+        assert (r.headers["x-request-id"] == sent) is echoed and len(r.headers["x-request-id"]) in (32, 128), sent
