@@ -16,7 +16,8 @@ CORS_ORIGINS naming the page's origin) and its headless Chromium:
 * a page that sends its own ``X-Request-ID`` (to quote it, as the service echoes it)
   read nginx's id in the gateway's own refusals instead, an id its access log did not
   hold (it logged the client's, or "-"). The gateway echoes the client's id as the
-  service does, logs the id it answers, and passes it to the replica.
+  service does, logs the id it answers, and passes it to the replica. Those refusals'
+  Resource Timing was zeros for the page: they allow it, as the service's answers do.
 
 (Probed and found right, in Chromium, directly and behind the whole template in front of
 ``serve`` with an API key: a 16 MB .npy answer's Content-Length read by a page, as a
@@ -111,6 +112,16 @@ _IDS = r"""(async () => {
 })()"""
 
 
+_TIMING = r"""(async () => {
+  const API = %(api)s, out = {};
+  for (const path of ['/down/v1/functions', '/silent/v1/functions', %(cpu)s + '/v1/functions']) {
+    await fetch(API + path).then(r => r.text());
+    out[path] = performance.getEntriesByName(API + path).pop().toJSON();
+  }
+  return out;
+})()"""
+
+
 def test_a_page_reads_its_own_request_id_in_the_gateways_refusals(nginx, page, browser):
     """A page that sends its own X-Request-ID reads it back, header and body, in each of
     the gateway's own refusals (413, 503 with and without a preflight, 504) as in the
@@ -125,6 +136,11 @@ def test_a_page_reads_its_own_request_id_in_the_gateways_refusals(nginx, page, b
         else:
             assert len(answer["header"]) == 32, (call, answer)
     assert {a["status"] for a in got.values()} == {413, 503, 504, 401}, got
+    # Their Resource Timing, as the service's answers give it (Timing-Allow-Origin): it
+    # was zeros (no request or response start, no size).
+    timing = browser.eval(_TIMING % {"api": json.dumps(nginx), "cpu": json.dumps(CPU)}, timeout_s=60)
+    for path, entry in timing.items():
+        assert entry["requestStart"] > 0 and entry["responseStart"] > 0 and entry["encodedBodySize"] > 0, (path, timing)
     browser.goto("about:blank")
     # Over HTTP: an id the service would not echo (over 128 characters), or one that
     # would break the JSON it is written into ('"', '\'), gets the gateway's own.
