@@ -3,10 +3,13 @@
 A list a function appends to is state it keeps across calls, which the engine puts back
 between its calls of one request (engine.kept_state.Replay: each request sees one state,
 as torch's one call does), so a list counted one call a request where the sparse rounds'
-tests count the function's every call (plain, under vmap, traced). An object without a
-``__dict__`` is not watched."""
+tests count the function's every call (plain, under vmap, traced). The count is kept in
+an ``array.array``, which the watch does not reach (a slotted object's members, watched
+since parity round 37, no longer hid it)."""
 
 from __future__ import annotations
+
+import array
 
 __all__ = ["Calls"]
 
@@ -17,13 +20,13 @@ class Calls:
     __slots__ = ("n",)
 
     def __init__(self) -> None:
-        self.n = 0
+        self.n = array.array("q", [0])
 
     def append(self, _: object) -> None:
-        self.n += 1
+        self.n[0] += 1
 
     def clear(self) -> None:
-        self.n = 0
+        self.n[0] = 0
 
     def __len__(self) -> int:
-        return self.n
+        return self.n[0]

@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import FunctionError, InvalidInput, OutOfMemory, ServiceError, Timeout
 from ..types import Call, Result, stacked_liveness
+from . import kept_state
 from .kept_state import KeptState
 from .shapes import span
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, differentiable, fresh,
@@ -136,7 +137,13 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
                 raise
     if kind == "hessian" and len(attempts) > 1:
         profile.hessian[("per example", call.signature())] = mode
-    if kind == "jacobian" and batch and not _vmap_rows_agree(engine, call, value, rows_loop, first):
+    # Examples that ran one by one, each a call of its own, of a function whose calls
+    # changed the state it keeps: each answer is its own call's, and a check that calls
+    # the function again (one state for every example) cannot agree with them (a
+    # counter's Jacobians [1x, 2x, 3x] checked at 3x, then computed again: 5 steps, each
+    # answered 2 on). Not checked then: each example is torch's transform of its own call.
+    own_calls = _own_calls(call)
+    if kind == "jacobian" and batch and not own_calls and not _vmap_rows_agree(engine, call, value, rows_loop, first):
         rows_loop, vmapped = True, value  # torch's vmap of the pullback is wrong for these shapes: row by row
         log.warning("vmap of %s's per-example Jacobians disagrees with one VJP; computing them example by example",
                     call.spec.name)
@@ -150,15 +157,15 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         # backward under no_grad makes reverse over reverse 0: torch's own, example by example
         mode = TORCHS
         (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False, kind)
-    if kind == "hessian" and mode != TORCHS and batch and not _hessian_agrees_with_hvp(engine, call, value):
+    if kind == "hessian" and mode != TORCHS and batch and not own_calls and not _hessian_agrees_with_hvp(engine, call, value):
         # a strategy torch's vmap gets wrong, or one choosing otherwise than torch's own
         # (hessian.agrees_with_hvp): torch's own, example by example, from now on
         mode = TORCHS
         (value, output), aux = over_examples(engine, call, box, per_example, engine.tensors(call), allow_loop, False, kind)
         profile.hessian[("per example", call.signature())] = TORCHS
-    if kind == "hessian" and mode != TORCHS and batch:
+    if kind == "hessian" and mode != TORCHS and batch and not own_calls:
         value = _examples_as_torchs(engine, call, value, argnums)
-    if kind == "hessian" and mode != TORCHS and batch:
+    if kind == "hessian" and mode != TORCHS and batch and not own_calls:
         _check_where_torch_fails(engine, call, _dims.example(engine.tensors(call), in_dims, 0),
                                  pytree.tree_map(lambda t: t[0], value))
     if call.out_dims != 0:  # vmap's out_dims: the batch moved, as the last step
@@ -178,6 +185,13 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
         if used is not None and rows is not None:
             used = max(1, min(used, rows))
     return Result(engine.host(value), engine.host(aux), call.spec.has_aux, output, used, mode, batch_meta=half)
+
+
+def _own_calls(call: Call) -> bool:
+    """Whether this request's examples ran one by one, each a call of its own, and
+    changed the state the function keeps (over_examples, kept_state.Replay.restart)."""
+    replay = kept_state.active.replay
+    return replay is not None and replay.fn is call.spec.fn and replay.looped and replay.keeps_state
 
 
 def _vmap_rows_agree(engine: "Engine", call: Call, value: Any, rows_loop: bool, first: Any) -> bool:
@@ -499,9 +513,22 @@ def over_examples(
                            "so a batch of no examples has no answer")
     if vmap_error is not None:  # vmap may have written into them before it failed
         args = engine.tensors(call)
+    # Where vmap cannot run the function, its examples are each a call of their own, as
+    # in-process (``[f(x) for x in xs]``): a counter steps once for each, from the state
+    # the request began in (kept_state.Replay.restart). A loop the engine chose (torch's
+    # own Hessian, example by example) stands for one vmapped call: its calls replayed.
+    replay = kept_state.active.replay
+    if replay is not None and (replay.fn is not call.spec.fn or not (
+            vmap_error is not None or not profile.vmap_function or refused in profile.vmap_refused)):
+        replay = None
+    if replay is not None:
+        replay.restart(keep=False)
+        replay.looped = True
     per: list[tuple[Any, Any]] = []
     for b in range(batch):
         call.check_alive()
+        if replay is not None and b:
+            replay.restart(keep=True)
         # each example gets the shared inputs as sent, as it would alone: a function that
         # writes into one (y.add_(x), which vmap refuses) must not hand its write on
         example = [a.clone() if d is None else a for a, d in zip(_dims.example(args, in_dims, b), in_dims)]

@@ -296,16 +296,18 @@ _STATE_CHANGED = 4
 
 
 def _one_state(method: Callable[..., Any]) -> Callable[..., Any]:
-    """An Engine entry point whose calls of the function, for one plain request, each
-    begin from the state the first began in (kept_state.Replay). Not for ``batched``
-    requests (torch's vmap calls the function once for all examples; its fallbacks are
-    request batching's and over_examples' to put back), nor within another entry point."""
+    """An Engine entry point whose calls of the function, for one request, each begin
+    from the state the first began in (kept_state.Replay), not within another entry
+    point. ``batched`` requests too: torch's ``vmap(jacrev(f))`` calls the function once
+    for all examples, where the engine calls it for one example's sizes, under ``vmap``,
+    and for its checks: a counter's ``batched: true`` Jacobian stepped 5 times and was
+    answered 5 steps on (its Hessian 13); the examples a failed ``vmap`` runs one by one
+    are each a call of their own (``over_examples``: ``Replay.restart``)."""
 
     @functools.wraps(method)
     def entry(self: "Engine", call: Call, *args: Any, **kwargs: Any) -> Any:
         profile = self.profiles[call.spec.name]
-        if (kept_state.active.replay is not None or call.batched
-                or not (profile.keeps_state or profile.state_watched < _STATE_WATCHED)):
+        if kept_state.active.replay is not None or not (profile.keeps_state or profile.state_watched < _STATE_WATCHED):
             return method(self, call, *args, **kwargs)
         replay = kept_state.active.replay = kept_state.Replay(call.spec.fn)
         try:

@@ -28,6 +28,7 @@ state a batch (``ctypes``, as ``namespaces`` reads dict versions).
 from __future__ import annotations
 
 import _locale
+import _random
 import ctypes
 import decimal
 import locale
@@ -142,8 +143,12 @@ class Generator:
     """A global random generator: ``fingerprint`` reads a few bytes of its state that
     any seed, state set or draw changes; ``reseed`` seeds it from the OS's entropy."""
 
-    def __init__(self, what: str, fingerprint: Callable[[], Any], reseed: Callable[[], None]) -> None:
+    def __init__(self, what: str, fingerprint: Callable[[], Any], reseed: Callable[[], None],
+                 take: Callable[[], Callable[[], None]] | None = None) -> None:
         self.what, self.fingerprint, self._reseed = what, fingerprint, reseed
+        # its whole state, copied out of its memory (~1 us, where getstate / get_state
+        # took 10-35 us): a function that puts it back as it is now (kept_state.Replay)
+        self.take = take
         self.expected = fingerprint()
 
     def changed(self, now: Any, taken: Any) -> bool:
@@ -172,8 +177,21 @@ def _python_random() -> Generator | None:
     if list(view) != [state[-1], *state[:3]]:
         return None
     raw = (ctypes.c_char * 16).from_buffer(view)
+    # (its C struct past the object's header: the position and every word of state)
+    whole = (ctypes.c_char * (_random.Random.__basicsize__ - object.__basicsize__)).from_address(
+        id(inst) + object.__basicsize__)
+
+    def take() -> Callable[[], None]:
+        words, gauss = whole.raw, inst.gauss_next
+
+        def put() -> None:
+            whole.raw = words
+            inst.gauss_next = gauss
+
+        return put
+
     return Generator("the state of Python's random generator (random.seed, random.setstate, or draws)",
-                     lambda: (raw.raw, inst.gauss_next), lambda: inst.seed(os.urandom(32)))
+                     lambda: (raw.raw, inst.gauss_next), lambda: inst.seed(os.urandom(32)), take)
 
 
 def _numpy_random() -> Generator | None:
@@ -201,9 +219,24 @@ def _numpy_random() -> Generator | None:
             np.random.set_bit_generator(bit_generator)
         rand.seed(np.frombuffer(os.urandom(32), dtype=np.uint32))
 
+    # (MT19937's state: its words, then its position; and the normal sample kept)
+    whole = (ctypes.c_char * (4 * len(key) + ctypes.sizeof(ctypes.c_int))).from_address(address)
+    sample = cached.view  # type: ignore[attr-defined]
+
+    def take() -> Callable[[], None]:
+        # (a generator of its own put under np.random is set_bit_generator's: after each
+        # batch it is taken away, process_settings; its state is not put back here)
+        words, kept = whole.raw, sample.raw
+
+        def put() -> None:
+            whole.raw = words
+            sample.raw = kept
+
+        return put
+
     return Generator("the state of numpy's global random generator (np.random.seed, set_state, set_bit_generator, "
                      "or draws)", lambda: (raw.raw, position.value, cached(), rand._bit_generator is bit_generator),
-                     reseed)
+                     reseed, take)
 
 
 def _numpy_cached_normal(rand: Any) -> Callable[[], Any] | None:
@@ -229,7 +262,9 @@ def _numpy_cached_normal(rand: Any) -> Callable[[], Any] | None:
     _, _, _, has_gauss, gauss = rand.get_state(legacy=True)
     if view.raw[:4] != int(has_gauss).to_bytes(4, sys.byteorder) or view.raw[8:] != np.float64(gauss).tobytes():
         return None
-    return lambda: view.raw
+    read = lambda: view.raw  # noqa: E731
+    read.view = view  # type: ignore[attr-defined]  # (written back by Generator.take's put)
+    return read
 
 
 def generators() -> list[Generator]:
