@@ -12,12 +12,17 @@ ran again alone: every later request saw one call too many.
 
 :class:`KeptState` walks what the function can reach besides its inputs (its closure
 cells, defaults, the globals its code names, bound ``self``, a callable object's or an
-``nn.Module``'s attributes and buffers, the containers among them, and the functions
-of the user's own modules that it names, a few levels deep), noting each container's
-items and each tensor's version counter (copying the tensors, up to a bound, so they
-can be put back). :meth:`KeptState.changed` says whether a call changed any of it;
-:meth:`KeptState.restore` puts it back as it was. Modules, classes and library code
-(the standard library, installed packages) are not walked: their caches change
+``nn.Module``'s attributes, ``__slots__`` members and buffers, the containers among them
+(deques too), and the functions of the user's own modules that it names, a few levels
+deep; of the user's own modules and classes it reaches, the attributes its code names:
+``mod.N += 1``, ``Model.calls += 1``, ``type(self).n += 1``), noting each container's
+items, each tensor's version counter (copying the tensors, up to a bound, so they can be
+put back), a small numpy array's bytes, and the state of a random generator object of its
+own (``random.Random``, ``np.random.default_rng``, ``RandomState``, ``torch.Generator``)
+or an ``itertools.count``'s position. :meth:`KeptState.changed` says whether a call
+changed any of it; :meth:`KeptState.restore` puts it back as it was (a count, whose
+position cannot be set, by a new count where the old one was). Library modules, classes
+and code (the standard library, installed packages) are not walked: their caches change
 legitimately, and a function's state lives in its own module.
 
 The walk and its comparisons run none of the user's code: an object's own
@@ -31,16 +36,20 @@ forwarding ``__getattr__`` whose target was unset (a ``RecursionError``), a rais
 that works in-process (a ``function_error``), and a counting tensor subclass in a global
 counted 14 calls of its own that the function never made.
 
-Not seen: state an object keeps without a ``__dict__`` (an ``itertools.count``, a
-generator), behind a module attribute (``mymod.N += 1``), or in a C extension; a
-container whose items would take the walk past its bound of items (a global lookup
-table of a million floats: its walk and comparison took ~0.5 s a request); and a tensor
-past the copy bound, or a model's weight (a leaf requiring grad, never copied), is
-noticed changed but not put back.
+Until parity round 37 a module's or class's attribute, a slotted object's member, a
+numpy array written in place, a generator object's draws and an ``itertools.count`` were
+not seen: a Hessian of ``(x**3).sum() * mod.N`` (``mod.N += 1``) was answered 13 steps
+on, as round 36 found for a global. Not seen still: state a C extension keeps (a Python
+generator's frame, an ``array.array``, a ``bytearray``), a numpy array past
+_ARRAY_BYTES, a container whose items would take the walk past its bound of items (a
+global lookup table of a million floats: its walk and comparison took ~0.5 s a request);
+and a tensor past the copy bound, or a model's weight (a leaf requiring grad, never
+copied), is noticed changed but not put back.
 """
 
 from __future__ import annotations
 
+import _random
 import ast
 import builtins
 import collections
@@ -69,6 +78,10 @@ _MAX_ITEMS = 1 << 14
 # Tensors copied so a changed one can be put back (a model's buffers, a global buffer);
 # past this total only their version counters are watched.
 _COPY_BYTES = 16 << 20
+# numpy arrays copied and compared (no version counter tells a write): a module-level
+# counter or buffer (``ACC += 1``) is small; a large lookup table, compared byte by byte
+# after every call watched (~1 ms a MiB, at each batched request), is not watched.
+_ARRAY_BYTES = 1 << 16
 _MISSING = object()
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
 _PLAIN_IDS = frozenset(map(id, _PLAIN))  # (by id: ``in`` a tuple of types may run a metaclass's __eq__)
@@ -161,7 +174,7 @@ def _rng_state(kind: type) -> tuple[Callable[[Any], Any], Callable[[Any, Any], N
     drew anew at each of the engine's calls of one request (through the library's own
     methods: a subclass's overrides are user code)."""
     if issubclass(kind, random.Random) and not issubclass(kind, random.SystemRandom):
-        return random.Random.getstate, random.Random.setstate
+        return _random_state, _set_random_state
     if kind is np.random.Generator:
         return (lambda g: g.bit_generator.state), (lambda g, state: setattr(g.bit_generator, "state", state))
     if kind is np.random.RandomState:
@@ -174,6 +187,20 @@ def _rng_state(kind: type) -> tuple[Callable[[Any], Any], Callable[[Any, Any], N
         # (no way to set a count's position: a new one is put where the old one was)
         return itertools.count.__repr__, None
     return None
+
+
+def _random_state(g: random.Random) -> tuple[Any, Any]:
+    # (its C state, and the gauss sample it keeps in its __dict__: random.Random.getstate
+    # reads self.gauss_next, which a subclass's __getattribute__ would answer)
+    attributes = _instance_dict(g)
+    return _random.Random.getstate(g), _MISSING if attributes is None else dict.get(attributes, "gauss_next", _MISSING)
+
+
+def _set_random_state(g: random.Random, state: tuple[Any, Any]) -> None:
+    _random.Random.setstate(g, state[0])
+    attributes = _instance_dict(g)
+    if attributes is not None and state[1] is not _MISSING:
+        dict.__setitem__(attributes, "gauss_next", state[1])
 
 
 _BIT_GENERATORS = frozenset(id(getattr(np.random, name)) for name in ("MT19937", "PCG64", "PCG64DXSM", "Philox", "SFC64")
@@ -287,6 +314,7 @@ class KeptState:
         self._spaces: list[tuple[Any, Any, int]] = []  # (module or class, its namespace, depth)
         self._code_names: set[str] = set()
         self._copied = 0
+        self._array_bytes = 0
         self._nodes = 0
         self._items = 0
         with torch._C.DisableTorchFunctionSubclass():  # (a tensor subclass's hooks are user code)
@@ -445,12 +473,12 @@ class KeptState:
                 return
 
     def _array(self, a: np.ndarray) -> None:
-        """A numpy array (no version counter): its bytes copied within the copy bound,
-        compared after a call (an object array's items are not)."""
+        """A numpy array (no version counter): its bytes copied, and compared after a
+        call, within _ARRAY_BYTES (an object array's items are not)."""
         nbytes = a.nbytes
-        if a.dtype.hasobject or self._copied + nbytes > _COPY_BYTES:
+        if a.dtype.hasobject or self._array_bytes + nbytes > _ARRAY_BYTES:
             return
-        self._copied += nbytes
+        self._array_bytes += nbytes
         self._arrays.append((a, a.shape, a.dtype, a.tobytes()))
 
     def _tensor(self, t: torch.Tensor) -> None:
