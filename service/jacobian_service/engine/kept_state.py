@@ -456,9 +456,10 @@ class KeptState:
         done: set[tuple[int, str]] = set()
         while True:
             new = False
+            names = sorted(self._code_names)
             for space, namespace, depth in list(self._spaces):
                 is_class = type(namespace) is not dict
-                for name in sorted(self._code_names):
+                for name in names:
                     if (id(space), name) in done or name not in namespace:
                         continue
                     done.add((id(space), name))
