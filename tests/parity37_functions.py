@@ -1,6 +1,6 @@
 """Functions for tests/test_parity_round37.py: state a function keeps across its calls
 where the engine's kept-state walk (engine/kept_state.py) did not look before round 37
-(a module's or class's attribute, a slotted object, a numpy array, a deque, a generator
+(a module's, class's or function's attribute, a slotted object, a numpy array, a deque, a generator
 object, an itertools.count), and caches filled from numpy's or Python's global
 generator. Each scalar is ``(x**3).sum()`` times what its state says, so its Hessian
 and forward-mode Jacobian follow the state that torch.func's one call sees."""
@@ -29,6 +29,15 @@ def module_attr(x):
 def module_count(x):
     """module_attr's count (x only gives the dtype), read without stepping it."""
     return torch.tensor(float(S.N), dtype=x.dtype)
+
+
+def function_attr(x):
+    """A function's "static" counter, an attribute of its own."""
+    function_attr.calls += 1
+    return (x**3).sum() * function_attr.calls
+
+
+function_attr.calls = 0
 
 
 class Counted:

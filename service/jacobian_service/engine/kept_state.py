@@ -12,9 +12,9 @@ ran again alone: every later request saw one call too many.
 
 :class:`KeptState` walks what the function can reach besides its inputs (its closure
 cells, defaults, the globals its code names, bound ``self``, a callable object's or an
-``nn.Module``'s attributes, ``__slots__`` members and buffers, the containers among them
-(deques too), and the functions of the user's own modules that it names, a few levels
-deep; of the user's own modules and classes it reaches, the attributes its code names:
+``nn.Module``'s attributes, ``__slots__`` members and buffers, a function's own
+attributes, the containers among them (deques too), and the functions of the user's own
+modules that it names, a few levels deep; of the user's own modules and classes it reaches, the attributes its code names:
 ``mod.N += 1``, ``Model.calls += 1``, ``type(self).n += 1``), noting each container's
 items, each tensor's version counter (copying the tensors, up to a bound, so they can be
 put back), a small numpy array's bytes, and the state of a random generator object of its
@@ -36,7 +36,7 @@ forwarding ``__getattr__`` whose target was unset (a ``RecursionError``), a rais
 that works in-process (a ``function_error``), and a counting tensor subclass in a global
 counted 14 calls of its own that the function never made.
 
-Until parity round 37 a module's or class's attribute, a slotted object's member, a
+Until parity round 37 a module's, class's or function's attribute, a slotted object's member, a
 numpy array written in place, a generator object's draws and an ``itertools.count`` were
 not seen: a Hessian of ``(x**3).sum() * mod.N`` (``mod.N += 1``) was answered 13 steps
 on, as round 36 found for a global. Not seen still: state a C extension keeps (a Python
@@ -87,6 +87,7 @@ _PLAIN = (type(None), bool, int, float, complex, str, bytes)
 _PLAIN_IDS = frozenset(map(id, _PLAIN))  # (by id: ``in`` a tuple of types may run a metaclass's __eq__)
 _PARTIAL = {name: functools.partial.__dict__[name] for name in ("func", "args", "keywords")}
 _NO_DISPATCH = torch.Tensor.__dict__["__torch_dispatch__"]
+_FUNCTION_DICT = types.FunctionType.__dict__["__dict__"].__get__  # a function's own attributes
 _TYPE_DICT = type.__dict__["__dict__"].__get__  # a class's own namespace, no descriptor of its run
 
 
@@ -439,6 +440,11 @@ class KeptState:
                 self._walk(contents, depth + 1)
         self._walk(fn.__defaults__, depth + 1)
         self._walk(fn.__kwdefaults__, depth + 1)
+        # its own attributes: ``f.calls += 1``, a function's "static" counter, was stepped
+        # at each of the engine's calls (a Hessian 13 steps on)
+        attributes = _FUNCTION_DICT(fn)
+        if attributes:
+            self._walk(attributes, depth + 1)
         namespace = fn.__globals__
         names = _names(fn.__code__)
         self._code_names |= names
