@@ -49,6 +49,19 @@ def class_attr(x):
     return (x**3).sum() * Counted.calls
 
 
+class Bumped:
+    n = 0
+
+    @classmethod
+    def bump(cls):
+        cls.n += 1  # (the function's own code names neither the class's n nor cls)
+        return cls.n
+
+
+def classmethod_attr(x):
+    return (x**3).sum() * Bumped.bump()
+
+
 class Scaled(torch.nn.Module):
     n = 0
 

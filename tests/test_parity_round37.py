@@ -6,10 +6,11 @@ Python's global generator, each request compared with torch.func's one call.
    and checks, forward mode's check, a jvp's output beside its products) where torch.func
    calls it once; round 36 replays each call from the state the first began in
    (kept_state.Replay), for the state its walk sees. It did not see a module's attribute
-   (``S.N += 1``), a class's (``Counted.calls``, ``type(self).n``), a function's own
-   (``f.calls += 1``), a slotted object's member, a numpy array written in place, a
-   deque, a generator object of the function's own (``random.Random``,
-   ``np.random.default_rng``, ``RandomState``) or an ``itertools.count``: a Hessian of ``(x**3).sum() * S.N`` was answered 13 steps on
+   (``S.N += 1``), a class's (``Counted.calls``, ``type(self).n``, ``cls.n`` in a
+   classmethod it calls), a function's own (``f.calls += 1``), a slotted object's
+   member, a numpy array written in place, a deque, a generator object of the
+   function's own (``random.Random``, ``np.random.default_rng``, ``RandomState``) or an
+   ``itertools.count``: a Hessian of ``(x**3).sum() * S.N`` was answered 13 steps on
    (``66 x`` where torch's is ``6 x``), and every request stepped the state 13 times.
 2. ``batched: true`` requests were not replayed at all: a counter's batched Jacobian
    stepped it 5 times and was answered 5 steps on, its Hessian 13 (torch's
@@ -76,6 +77,7 @@ STATE: dict[Any, tuple[Callable[[], Any], Callable[[Any], None]]] = {
     F.function_attr: (lambda: F.function_attr.calls, lambda s: setattr(F.function_attr, "calls", s)),
     F.class_attr: (lambda: F.Counted.calls, lambda s: setattr(F.Counted, "calls", s)),
     F.type_attr: (lambda: F.Scaled.n, lambda s: setattr(F.Scaled, "n", s)),
+    F.classmethod_attr: (lambda: F.Bumped.n, lambda s: setattr(F.Bumped, "n", s)),
     F.slotted: (lambda: F.SLOTTED.n, lambda s: setattr(F.SLOTTED, "n", s)),
     F.np_buffer: (lambda: F.ACC.tolist(), lambda s: F.ACC.__setitem__(slice(None), s)),
     F.deque_steps: (lambda: list(F.HISTORY), lambda s: (F.HISTORY.clear(), F.HISTORY.extend(s))),

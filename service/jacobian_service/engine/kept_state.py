@@ -15,7 +15,8 @@ cells, defaults, the globals its code names, bound ``self``, a callable object's
 ``nn.Module``'s attributes, ``__slots__`` members and buffers, a function's own
 attributes, the containers among them (deques too), and the functions of the user's own
 modules that it names, a few levels deep; of the user's own modules and classes it reaches, the attributes its code names:
-``mod.N += 1``, ``Model.calls += 1``, ``type(self).n += 1``), noting each container's
+``mod.N += 1``, ``Model.calls += 1``, ``type(self).n += 1``, and the code of their
+classmethods, staticmethods and properties), noting each container's
 items, each tensor's version counter (copying the tensors, up to a bound, so they can be
 put back), a small numpy array's bytes, and the state of a random generator object of its
 own (``random.Random``, ``np.random.default_rng``, ``RandomState``, ``torch.Generator``)
@@ -165,6 +166,9 @@ def _namespace_of(v: Any, kind: type) -> Any:
     return namespace
 
 
+# (the builtin types' own members: a subclass's are not read)
+_WRAPPED = {classmethod: (classmethod.__dict__["__func__"],), staticmethod: (staticmethod.__dict__["__func__"],),
+            property: tuple(property.__dict__[name] for name in ("fget", "fset", "fdel"))}
 _SPACES: dict[int, tuple[Any, Any]] = {}  # id(module) -> (module, its namespace if the user's, else None)
 
 
@@ -402,6 +406,11 @@ class KeptState:
                 self._walk(_PARTIAL[name].__get__(v), depth + 1)
         elif issubclass(kind, (types.BuiltinFunctionType, types.CodeType)):
             return
+        elif issubclass(kind, (classmethod, staticmethod, property)):
+            # a class's methods and properties: the code they run (``cls.n += 1`` in a
+            # classmethod the function calls names what the walk then watches)
+            for member in _WRAPPED[kind] if kind in _WRAPPED else ():
+                self._walk(member.__get__(v), depth + 1)
         elif issubclass(kind, collections.deque):
             if self._fits(collections.deque.__len__(v)):
                 items = list(collections.deque.__iter__(v))
