@@ -500,6 +500,11 @@ def recycle_reason(status: dict[str, Any]) -> str | None:
     if (robbed := status.get("robbed")) is not None:
         return (f"{robbed['messages']} message(s) a front end sent to it were read off its connection by another reader "
                 f"(a function: one of {', '.join(map(str, robbed['ran'])) or 'none seen'}, which ran then)")
+    if (acted := status.get("acted")) is not None:
+        by = acted.get("by") if isinstance(acted, dict) else None
+        return (f"while no function ran, a thread or process left by one of "
+                f"{', '.join(map(str, by)) if isinstance(by, list) else 'its functions'} rebound or deleted "
+                f"{acted.get('what', 'shared names') if isinstance(acted, dict) else 'shared names'} (put back)")
     if (processes := status.get("processes")) is not None:
         return (f"{processes['count']} processes that functions started were alive or unreaped, over "
                 f"{processes['limit']}; started while these ran: {grown(processes, int)}")

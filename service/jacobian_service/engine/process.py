@@ -354,6 +354,8 @@ class EngineServer:
             if (robbed := self._robbed()) is not None:
                 self._leave(robbed)  # (before any job it read runs: the front ends send them to the spare)
             ran = self.worker.has_work()
+            if ran and self._left and (acted := self._acted_idle()) is not None:
+                self._leave(acted)  # (before the batch runs: the front ends send it to the spare)
             if not ran:
                 self.worker.tidy()  # streams whose callers have gone: not held until the next job
             else:
@@ -440,6 +442,23 @@ class EngineServer:
         if (over := self.descriptors.check(now)) is not None:
             return {"descriptors": over}
         return None
+
+    def _acted_idle(self) -> dict[str, Any] | None:
+        """Why to leave, before a batch, when names the engine and the functions share were
+        rebound while no function ran (``Namespaces.restore_idle``): a thread or process a
+        function left (``_left``) did it, asleep between requests (no stray), and would do
+        it again in the middle of a later batch, whose put-back names only the function
+        that ran. Put back, and the engine restarts (a thread cannot be stopped): its one
+        suspect is struck as for a thread left spinning; several, none (a recycle)."""
+        found = self.engine.namespaces.restore_idle(self._left)
+        if not found:
+            return None
+        what = "; ".join(described(label, names) for label, names in found)
+        log.error("while no function ran, a thread or process left by %s rebound or deleted %s; put back, and the "
+                  "engine restarts (a thread cannot be stopped)", ", ".join(self._left), what)
+        if len(self._left) == 1:
+            return {"stray": self._left[0], "left": f"a thread running after it returned, which rebound {what}"}
+        return {"acted": {"by": list(self._left), "what": what}}
 
     def _unrestorable(self) -> dict[str, Any] | None:
         """Why to leave, when a function changed a setting this engine cannot put back."""

@@ -1,0 +1,92 @@
+"""Red team, round fifty: what a thread a function left does while no function runs.
+
+A thread a function starts and leaves asleep costs no CPU, so no watch names it
+(``engine.strays`` finds spinners), and it may wake between requests and rebind what the
+functions share. The put-back after each batch (``engine.namespaces``) then ran after the
+NEXT function's batch, another client's, which had run under the change, and took it for
+that function's doing:
+
+- ``torch.sin`` rebound to a doubler that puts the original back as it is called: the
+  next ``sin`` of any function answered twice its value with a 200, and the put-back
+  found nothing changed (no line in any log); 5 of 5 such requests wrong
+  (/tmp/h50/probe1.py);
+- a global of another function's module (``victims._SCALE = 2.0``): its next batch was
+  taken as the one that set it, the module being its own, and every later request of it
+  answered twice its value, with a 200, for as long as the engine lived.
+
+Now, before a batch, while threads (or processes) a function left are alive, the engine
+reads the version tags (one gather) and puts back what changed while nothing ran; the
+thread cannot be stopped, so the engine restarts first, the batch going to the next
+engine, the function named (``EngineServer._acted_idle``). What a function's own thread
+sets in its own module stays. One real server for the file (one engine, no spare); the
+functions are in tests/hostile50_functions.py and tests/victim50_functions.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from ._fault_support import _log_until
+from .conftest import live_server
+from .test_hostile_round11 import _armed, _engine_pid, _replaced
+from .test_hostile_round21 import _evaluated  # an evaluate's 200 output
+
+X = [0.1, 0.2, 0.3]
+_ACTS_S = 0.3  # when the left thread acts (tests/hostile50_functions.py)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, object]]:
+    with live_server(FUNCTIONS="tests.hostile50_functions,tests.victim50_functions", WORKERS=1, WARMUP="false",
+                     ENGINE_STANDBY="false", QUARANTINE_AFTER=50, REQUEST_TIMEOUT_S=20) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as c:
+        yield c
+
+
+def _left_to_act(http: httpx.Client, url: str, case: int) -> None:
+    r = _armed(http, url, "arms50", case)
+    assert r.status_code == 200, r.text
+    time.sleep(_ACTS_S + 0.3)  # (it has acted, with no function running)
+
+
+@pytest.mark.parametrize("case, victim, what", [
+    (0, "victim50", "names in torch (sin)"),
+    (1, "scaled50", "names in the module tests.victim50_functions (_SCALE)"),
+])
+def test_what_a_left_thread_rebinds_while_no_function_runs_reaches_no_other_request(
+        server, http, case: int, victim: str, what: str) -> None:
+    url, proc = server
+    np.testing.assert_allclose(_evaluated(http, url, victim, X), np.sin(X), rtol=1e-12)
+    start = len(proc.read_log())  # type: ignore[attr-defined]
+    pid = _engine_pid(http, url)
+    _left_to_act(http, url, case)
+    for _ in range(3):  # (before: twice sin, with a 200; for scaled50, every one)
+        np.testing.assert_allclose(_evaluated(http, url, victim, X), np.sin(X), rtol=1e-12)
+    said = f"while no function ran, a thread or process left by arms50 rebound or deleted {what}"
+    log = _log_until(proc, start, said)
+    assert said in log, log[-3000:]
+    assert f"engine 0 died: arms50 left a thread running after it returned, which rebound {what}" in log, log[-3000:]
+    _replaced(http, url, pid, 30, "the engine whose function's thread acted")
+
+
+def test_what_a_left_thread_sets_in_its_own_module_stays(server, http) -> None:
+    """A function's own thread filling its own module's global (a cache, a prefetched
+    batch) is no other function's business: no restart, and the value stays."""
+    url, proc = server
+    start = len(proc.read_log())  # type: ignore[attr-defined]
+    pid = _engine_pid(http, url)
+    _left_to_act(http, url, 2)
+    np.testing.assert_allclose(_evaluated(http, url, "victim50", X), np.sin(X), rtol=1e-12)
+    np.testing.assert_allclose(_evaluated(http, url, "arms50", X), np.sin(X) + 1.0, rtol=1e-12)
+    assert _engine_pid(http, url) == pid
+    assert "while no function ran" not in proc.read_log()[start:]  # type: ignore[attr-defined]

@@ -1,0 +1,21 @@
+"""The function round fifty's hostile functions harm: another module's ``sin``."""
+
+from __future__ import annotations
+
+import torch
+from jacobian_service import register
+
+from tests.hostile17_functions import X
+
+
+@register(inputs=X, description="sin, through torch.sin looked up at each call.")
+def victim50(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x)
+
+
+_SCALE = 1.0  # (a module global the function reads at each call: a weight, a constant)
+
+
+@register(inputs=X, description="sin times a module global (1.0).")
+def scaled50(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x) * _SCALE
