@@ -47,13 +47,32 @@ _FILLED = 0.0  # (what its own thread fills in, later: a cache, a prefetched bat
 
 
 def _fill_own_later(delay_s: float) -> None:
-    """A thread left asleep that, after ``delay_s``, sets a global of its own module:
-    a function's own state, which stays."""
+    """A thread left asleep that, after ``delay_s``, sets a global of its own module (a
+    function's own state, which stays), then waits for good."""
     def fill() -> None:
         time.sleep(delay_s)
         globals()["_FILLED"] = 1.0
+        threading.Event().wait()  # (and waits on, alive: a pool's idle worker)
 
     threading.Thread(target=fill, daemon=True).start()
+
+
+_KEPT: list = []  # (the Library objects: alive, their kernels stay registered)
+
+
+def _settings_later(delay_s: float, how: int) -> None:
+    """A thread left asleep that, after ``delay_s``, changes what every function's batch
+    runs under: a kernel over ``aten::sin`` on the CPU (3), torch's default dtype, float64 (4)."""
+    def change() -> None:
+        time.sleep(delay_s)
+        if how == 3:
+            lib = torch.library.Library("aten", "IMPL")
+            lib.impl("sin", lambda x: (x.cos() * 0 + 7.0), "CPU")
+            _KEPT.append(lib)
+        elif how == 4:
+            torch.set_default_dtype(torch.float64)
+
+    threading.Thread(target=change, daemon=True).start()
 
 
 @register(inputs=X, description="sin (plus what its own thread filled in); armed (666), it leaves a thread that acts after it returned (x[1] picks how).")
@@ -65,4 +84,6 @@ def arms50(x: torch.Tensor) -> torch.Tensor:
         _rebind_later(0.3)
     elif case == 2:
         _fill_own_later(0.3)
+    elif case in (3, 4):
+        _settings_later(0.3, case)
     return torch.sin(x) + _FILLED

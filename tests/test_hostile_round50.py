@@ -59,34 +59,44 @@ def _left_to_act(http: httpx.Client, url: str, case: int) -> None:
     time.sleep(_ACTS_S + 0.3)  # (it has acted, with no function running)
 
 
-@pytest.mark.parametrize("case, victim, what", [
-    (0, "victim50", "names in torch (sin)"),
-    (1, "scaled50", "names in the module tests.victim50_functions (_SCALE)"),
+SIN = np.sin(X)
+
+
+@pytest.mark.parametrize("case, victim, want, what", [
+    (0, "victim50", SIN, "rebound or deleted names in torch (sin)"),
+    (1, "scaled50", SIN, "rebound or deleted names in the module tests.victim50_functions (_SCALE)"),
+    (3, "victim50", SIN, "changed kernels of torch's own operators (torch.library)"),
+    (4, "offset50", SIN + np.float32(0.1), "changed torch's default dtype"),
 ])
-def test_what_a_left_thread_rebinds_while_no_function_runs_reaches_no_other_request(
-        server, http, case: int, victim: str, what: str) -> None:
+def test_what_a_left_thread_changes_while_no_function_runs_reaches_no_other_request(
+        server, http, case: int, victim: str, want: np.ndarray, what: str) -> None:
+    """Before: twice sin (0), every later one twice sin (1), 7.0 and victim50 struck for
+    the kernel (3), 0.1 in float64 where the engine's default is float32 (4), each with a 200."""
     url, proc = server
-    np.testing.assert_allclose(_evaluated(http, url, victim, X), np.sin(X), rtol=1e-12)
+    np.testing.assert_allclose(_evaluated(http, url, victim, X), want, rtol=1e-12)
     start = len(proc.read_log())  # type: ignore[attr-defined]
     pid = _engine_pid(http, url)
     _left_to_act(http, url, case)
-    for _ in range(3):  # (before: twice sin, with a 200; for scaled50, every one)
-        np.testing.assert_allclose(_evaluated(http, url, victim, X), np.sin(X), rtol=1e-12)
-    said = f"while no function ran, a thread or process left by arms50 rebound or deleted {what}"
+    for _ in range(3):
+        np.testing.assert_allclose(_evaluated(http, url, victim, X), want, rtol=1e-12)
+    said = f"while no function ran, a thread or process left by arms50 {what}"
     log = _log_until(proc, start, said)
     assert said in log, log[-3000:]
-    assert f"engine 0 died: arms50 left a thread running after it returned, which rebound {what}" in log, log[-3000:]
+    assert f"engine 0 died: arms50 left a thread running after it returned, which {what}" in log, log[-3000:]
     _replaced(http, url, pid, 30, "the engine whose function's thread acted")
 
 
 def test_what_a_left_thread_sets_in_its_own_module_stays(server, http) -> None:
     """A function's own thread filling its own module's global (a cache, a prefetched
-    batch) is no other function's business: no restart, and the value stays."""
+    batch) is no other function's business: no restart, and the value stays (before:
+    put back after the next batch, another function's, which was named for it)."""
     url, proc = server
     start = len(proc.read_log())  # type: ignore[attr-defined]
     pid = _engine_pid(http, url)
     _left_to_act(http, url, 2)
-    np.testing.assert_allclose(_evaluated(http, url, "victim50", X), np.sin(X), rtol=1e-12)
-    np.testing.assert_allclose(_evaluated(http, url, "arms50", X), np.sin(X) + 1.0, rtol=1e-12)
+    for _ in range(3):  # (its thread alive, waiting, across the engine's idle watches: nothing else changes)
+        np.testing.assert_allclose(_evaluated(http, url, "victim50", X), SIN, rtol=1e-12)
+        np.testing.assert_allclose(_evaluated(http, url, "arms50", X), SIN + 1.0, rtol=1e-12)
+        time.sleep(0.6)
     assert _engine_pid(http, url) == pid
     assert "while no function ran" not in proc.read_log()[start:]  # type: ignore[attr-defined]

@@ -19,3 +19,8 @@ _SCALE = 1.0  # (a module global the function reads at each call: a weight, a co
 @register(inputs=X, description="sin times a module global (1.0).")
 def scaled50(x: torch.Tensor) -> torch.Tensor:
     return torch.sin(x) * _SCALE
+
+
+@register(inputs=X, description="sin of x plus a constant made at each call (0.1, in the default dtype).")
+def offset50(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x) + torch.tensor(0.1)

@@ -503,8 +503,9 @@ def recycle_reason(status: dict[str, Any]) -> str | None:
     if (acted := status.get("acted")) is not None:
         by = acted.get("by") if isinstance(acted, dict) else None
         return (f"while no function ran, a thread or process left by one of "
-                f"{', '.join(map(str, by)) if isinstance(by, list) else 'its functions'} rebound or deleted "
-                f"{acted.get('what', 'shared names') if isinstance(acted, dict) else 'shared names'} (put back)")
+                f"{', '.join(map(str, by)) if isinstance(by, list) else 'its functions'} "
+                f"{acted.get('what', 'changed what they share') if isinstance(acted, dict) else 'changed what they share'}"
+                " (put back)")
     if (processes := status.get("processes")) is not None:
         return (f"{processes['count']} processes that functions started were alive or unreaped, over "
                 f"{processes['limit']}; started while these ran: {grown(processes, int)}")

@@ -445,19 +445,22 @@ class EngineServer:
 
     def _acted_idle(self) -> dict[str, Any] | None:
         """Why to leave, before a batch, when names the engine and the functions share were
-        rebound while no function ran (``Namespaces.restore_idle``): a thread or process a
+        rebound, or process-wide settings changed, while no function ran
+        (``Namespaces.restore_idle``, ``ProcessSettings.restore_idle``): a thread or process a
         function left (``_left``) did it, asleep between requests (no stray), and would do
         it again in the middle of a later batch, whose put-back names only the function
         that ran. Put back, and the engine restarts (a thread cannot be stopped): its one
         suspect is struck as for a thread left spinning; several, none (a recycle)."""
         found = self.engine.namespaces.restore_idle(self._left)
-        if not found:
+        settings = self.engine.process_settings.restore_idle(self._left)  # (a kernel registered: cannot be put back)
+        if not found and not settings:
             return None
-        what = "; ".join(described(label, names) for label, names in found)
-        log.error("while no function ran, a thread or process left by %s rebound or deleted %s; put back, and the "
-                  "engine restarts (a thread cannot be stopped)", ", ".join(self._left), what)
+        what = "; ".join([*(f"rebound or deleted {described(label, names)}" for label, names in found),
+                          *(f"changed {setting}" for setting in settings)])
+        log.error("while no function ran, a thread or process left by %s %s; put back, and the engine restarts (a "
+                  "thread cannot be stopped)", ", ".join(self._left), what)
         if len(self._left) == 1:
-            return {"stray": self._left[0], "left": f"a thread running after it returned, which rebound {what}"}
+            return {"stray": self._left[0], "left": f"a thread running after it returned, which {what}"}
         return {"acted": {"by": list(self._left), "what": what}}
 
     def _unrestorable(self) -> dict[str, Any] | None:

@@ -1814,8 +1814,22 @@ class ProcessSettings:
             if compared is not None:  # the quick pass compares with the state drawn afresh
                 self._value_taken[compared] = generator.expected
 
-    def restore(self, function: str) -> None:
-        """Put back what differs now (nothing, nearly always)."""
+    def restore_idle(self, left: list[str]) -> list[str]:
+        """Before a batch, with threads (or processes) that the functions ``left`` started
+        alive: the settings changed while no function ran, put back (``restore``), but
+        the random generators' (a thread's own draws; ``before`` re-seeds them for another
+        function anyway). Only such a thread changed them, asleep between requests: a
+        kernel it registered over ``aten::sin`` answered the next function's ``sin``
+        with its values, with a 200, and that function was struck for it; torch's default
+        dtype set had the next function's batch run under it, named for it."""
+        if not left:
+            return []
+        return [what for what, generator in self.restore("") if not generator]
+
+    def restore(self, function: str) -> list[tuple[str, bool]]:
+        """Put back what differs now (nothing, nearly always); what did, as (setting,
+        whether a random generator's state)."""
+        found: list[tuple[str, bool]] = []
         if self._own_process:
             # A faulthandler watchdog (``dump_traceback_later(t, exit=True)``) is a timer
             # too: it ended the engine t seconds later, under another function's request.
@@ -1834,7 +1848,7 @@ class ProcessSettings:
                                 signal.Signals(number).name)
         _STATUS.clear()  # read afresh, once, by the first setting that needs it
         if self._unchanged():
-            return
+            return found
         _STATUS.clear()
         # Something differs, or a read failed: each setting in its order, as it is read
         # and put back (_read inlined: a call less for each).
@@ -1854,6 +1868,7 @@ class ProcessSettings:
                     # the test, a value equal to this one passes it as this one did.)
                     self._value_taken[compared] = now
                 continue
+            found.append((setting.what, isinstance(getattr(setting.put, "__self__", None), Generator)))
             try:
                 setting.put(taken)
             except Exception as exc:  # a privilege the engine lacks, a value torch refuses now
@@ -1872,3 +1887,4 @@ class ProcessSettings:
                 log.warning("%s changed %s (to %s) and left it so; put back to %s for the other functions "
                             "(it is put back after each of its calls)", self._who(function), setting.what,
                             now_shown, taken_shown, extra={"said_once": True})
+        return found
