@@ -100,3 +100,38 @@ def test_what_a_left_thread_sets_in_its_own_module_stays(server, http) -> None:
         time.sleep(0.6)
     assert _engine_pid(http, url) == pid
     assert "while no function ran" not in proc.read_log()[start:]  # type: ignore[attr-defined]
+
+
+def test_a_left_thread_s_cpu_clock_tells_whether_it_ran() -> None:
+    """The gate on the settings' pass before a batch (~50-500 us, where the names' gather
+    is ~2 us): a left thread asleep reads the same, one that ran reads more."""
+    import threading
+
+    from jacobian_service.engine.strays import Strays
+
+    strays = Strays()
+    go, stop = threading.Event(), threading.Event()
+
+    def left() -> None:
+        go.wait()
+        sum(range(200_000))  # (it runs: its clock moves)
+        stop.wait()
+
+    thread = threading.Thread(target=left, daemon=True)
+    thread.start()
+    time.sleep(0.1)  # (it waits now)
+    try:
+        strays.after_run("leaves")
+        assert strays.left() == ["leaves"]
+        first = strays.left_clocks()
+        assert first is not None and set(first) == {thread.native_id}
+        time.sleep(0.05)
+        assert strays.left_clocks() == first  # asleep: not run
+        go.set()
+        time.sleep(0.2)
+        later = strays.left_clocks()
+        assert later is not None and later[thread.native_id] > first[thread.native_id]
+    finally:
+        go.set()
+        stop.set()
+        thread.join()
