@@ -48,6 +48,7 @@ import hmac
 import os
 import secrets
 import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import orjson
+
+from .confinement import _seccomp_filters
 
 __all__ = ["MAX_GIVEN_UP", "OVERDUE_AFTER_MIN_S", "Channel", "HeldInbox", "HeldOutbox"]
 
@@ -130,7 +133,22 @@ class Channel:
 # that floods its own (a function's, where no Landlock keeps it off the socket) cannot
 # starve the others.
 _HELD_PER_PEER = 16
+_HELD_GONE_WORDS = 64  # words read from a connection whose front end has already ended (``HeldInbox._who``)
 _HELD_MAX_BYTES = 1 << 18  # one word, at most (4096 names of 60 bytes, signed): a longer one goes on zmq
+
+
+def _queued(peer: socket.socket, most: int) -> list[bytes]:
+    """Up to ``most`` words waiting on ``peer`` (non-blocking), to its end."""
+    words = []
+    for _ in range(most):
+        try:
+            word = peer.recv(_HELD_MAX_BYTES)
+        except OSError:  # (BlockingIOError included: nothing more now)
+            break
+        if not word:
+            break
+        words.append(word)
+    return words
 
 
 class HeldInbox:
@@ -147,10 +165,21 @@ class HeldInbox:
     returns, before the job is written: the front end's end after that loses nothing
     (the queue is the receiver's). A connection of each front end's own: one peer's
     flood fills only its own queue. Bounded: ``max_peers`` connections (more are closed:
-    that front end falls back to zmq), ``_HELD_PER_PEER`` words from each per look."""
+    that front end falls back to zmq), ``_HELD_PER_PEER`` words from each per look.
+
+    A connection from a confined process (an engine, or anything its functions started:
+    each runs under one more seccomp filter than ``serve``, ``confinement``, and cannot
+    drop it) is closed as it is taken, counting for nothing; one whose process has ended
+    already (a front end killed just after its word) is read to its end and closed. Where Landlock's scope does
+    not keep an engine off this socket (Linux before 6.12), a function held 255 of its 256
+    places (measured: /tmp/h50/probe_held.py), and every front end started after (one
+    the function killed, say) was refused and sent its words on zmq, behind its job,
+    where its end right after the job lost them (round 49): a crash or stray thread was
+    then put down to no one."""
 
     def __init__(self, address: str, max_peers: int) -> None:
         self._max_peers = max_peers
+        self._own_filters = _seccomp_filters(str(os.getpid()))
         self._peers: list[socket.socket] = []
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -163,6 +192,7 @@ class HeldInbox:
 
     def take(self) -> list[bytes]:
         """The words that came since the last look (new connections taken first)."""
+        words: list[bytes] = []
         while True:
             try:
                 peer, _ = self._listener.accept()
@@ -170,12 +200,17 @@ class HeldInbox:
                 break
             except OSError:
                 break
-            if len(self._peers) >= self._max_peers:
+            who = self._who(peer)
+            if who == "gone":  # a front end that ended just after its word: what it said, and no place kept
+                peer.setblocking(False)
+                words += _queued(peer, _HELD_GONE_WORDS)
+                peer.close()
+                continue
+            if len(self._peers) >= self._max_peers or who == "confined":
                 peer.close()
                 continue
             peer.setblocking(False)
             self._peers.append(peer)
-        words: list[bytes] = []
         for peer in list(self._peers):
             for _ in range(_HELD_PER_PEER):
                 try:
@@ -190,6 +225,21 @@ class HeldInbox:
                     break
                 words.append(word)
         return words
+
+    def _who(self, peer: socket.socket) -> str:
+        """"confined": the process that connected ``peer`` runs under more seccomp filters
+        than this one (an engine's, or its functions' children's); "gone": it has ended
+        (a front end killed just after its word: the word is read, no place kept, so a
+        process that connects and leaves its descendant the socket holds none); else "ok"."""
+        if self._own_filters is None or not hasattr(socket, "SO_PEERCRED"):
+            return "ok"  # (no /proc to read: nothing told apart, as before)
+        try:
+            pid, _, _ = struct.unpack("3i", peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+        except OSError:
+            return "gone"
+        theirs = _seccomp_filters(str(pid))
+        return "gone" if theirs is None else "confined" if theirs > self._own_filters else "ok"
 
     def close(self) -> None:
         for peer in self._peers:
