@@ -75,6 +75,29 @@ def _settings_later(delay_s: float, how: int) -> None:
     threading.Thread(target=change, daemon=True).start()
 
 
+def _lie_in_wait() -> None:
+    """A thread that polls (1 ms: no stray) for victim50's batch to begin and rebinds
+    ``torch.sin`` to a doubler within it."""
+    main = threading.main_thread().ident
+    original = torch.sin
+
+    def doubled(*args, **kwargs):
+        return original(*args, **kwargs) * 2
+
+    def wait() -> None:
+        while True:
+            time.sleep(0.001)
+            frame = sys._current_frames().get(main)
+            while frame is not None:
+                if frame.f_code.co_name == "victim50":
+                    torch.sin = doubled
+                    time.sleep(0.05)
+                    break
+                frame = frame.f_back
+
+    threading.Thread(target=wait, daemon=True).start()
+
+
 @register(inputs=X, description="sin (plus what its own thread filled in); armed (666), it leaves a thread that acts after it returned (x[1] picks how).")
 def arms50(x: torch.Tensor) -> torch.Tensor:
     case = _armed(x)
@@ -86,4 +109,6 @@ def arms50(x: torch.Tensor) -> torch.Tensor:
         _fill_own_later(0.3)
     elif case in (3, 4):
         _settings_later(0.3, case)
+    elif case == 7:
+        _lie_in_wait()
     return torch.sin(x) + _FILLED

@@ -502,7 +502,7 @@ def recycle_reason(status: dict[str, Any]) -> str | None:
                 f"(a function: one of {', '.join(map(str, robbed['ran'])) or 'none seen'}, which ran then)")
     if (acted := status.get("acted")) is not None:
         by = acted.get("by") if isinstance(acted, dict) else None
-        return (f"while no function ran, a thread or process left by one of "
+        return (f"a thread or process left by one of "
                 f"{', '.join(map(str, by)) if isinstance(by, list) else 'its functions'} "
                 f"{acted.get('what', 'changed what they share') if isinstance(acted, dict) else 'changed what they share'}"
                 " (put back)")

@@ -183,16 +183,19 @@ class Strays:
         return sorted({self._thread_owner[t] for t in self._alive & self._thread_owner.keys()} |
                       {self._kid_owner[pid] for pid in self._kids & self._kid_owner.keys()})
 
-    def left_clocks(self) -> dict[int, int] | None:
+    def left_clocks(self, besides: str | None = None) -> dict[int, int] | None:
         """The CPU time (ns) each thread of ``left``'s has used, by kernel id; None where
         one cannot be read, or a child process a function left is alive (whose doings no
         clock of this process shows): then anything may have changed. Read from the
         thread's own CPU clock (``MAKE_THREAD_CPUCLOCK``: ~0.3-3 us each): equal readings
-        say the thread did not run in between, so changed nothing."""
-        if self._kids & self._kid_owner.keys():
+        say the thread did not run in between, so changed nothing. ``besides``: not the
+        threads (nor the child processes) that function left."""
+        if any(self._kid_owner[pid] != besides for pid in self._kids & self._kid_owner.keys()):
             return None
         clocks = {}
         for tid in self._alive & self._thread_owner.keys():
+            if self._thread_owner[tid] == besides:
+                continue
             try:
                 clocks[tid] = time.clock_gettime_ns(((~tid) << 3) | _THREAD_SCHED_CLOCK)
             except (OSError, OverflowError):  # gone, or no such clock here
