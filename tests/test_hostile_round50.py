@@ -163,7 +163,7 @@ def test_a_confined_process_takes_no_place_on_the_held_words_socket() -> None:
     import subprocess
     import sys
 
-    from jacobian_service.confinement import _seccomp_filters, confiner
+    from jacobian_service.confinement import seccomp_filters, confiner
     from jacobian_service.supervision import HeldInbox
 
     name = f"jacobian-service-test50-{secrets.token_hex(6)}-held"
@@ -173,7 +173,7 @@ def test_a_confined_process_takes_no_place_on_the_held_words_socket() -> None:
     front_end = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         theirs = int(holder.stdout.readline())  # type: ignore[union-attr]
-        if theirs <= (_seccomp_filters(str(os.getpid())) or 0):
+        if theirs <= (seccomp_filters(str(os.getpid())) or 0):
             pytest.skip("no seccomp filter could be set here")
         front_end.connect("\0" + name)
         front_end.send(b"held")

@@ -63,7 +63,7 @@ import platform
 import struct
 from typing import Callable
 
-__all__ = ["confiner", "in_force", "landlock_abi", "protected"]
+__all__ = ["confiner", "in_force", "landlock_abi", "protected", "seccomp_filters"]
 
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
@@ -201,11 +201,11 @@ def in_force() -> tuple[bool, bool]:
         landlock = landlock_abi() >= 6
     except OSError:
         pass
-    mine, theirs = _seccomp_filters("self"), _seccomp_filters(str(parent))
+    mine, theirs = seccomp_filters("self"), seccomp_filters(str(parent))
     return landlock, mine is not None and theirs is not None and mine > theirs
 
 
-def _seccomp_filters(pid: str) -> int | None:
+def seccomp_filters(pid: str) -> int | None:
     """How many seccomp filters ``pid`` runs under (``Seccomp_filters``, Linux 5.9+; on
     older kernels 1 for any, from the mode)."""
     try:

@@ -57,7 +57,7 @@ from typing import Any, Callable
 
 import orjson
 
-from .confinement import _seccomp_filters
+from .confinement import seccomp_filters
 
 __all__ = ["MAX_GIVEN_UP", "OVERDUE_AFTER_MIN_S", "Channel", "HeldInbox", "HeldOutbox"]
 
@@ -179,7 +179,7 @@ class HeldInbox:
 
     def __init__(self, address: str, max_peers: int) -> None:
         self._max_peers = max_peers
-        self._own_filters = _seccomp_filters(str(os.getpid()))
+        self._own_filters = seccomp_filters(str(os.getpid()))
         self._peers: list[socket.socket] = []
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -238,7 +238,7 @@ class HeldInbox:
                                                             struct.calcsize("3i")))
         except OSError:
             return "gone"
-        theirs = _seccomp_filters(str(pid))
+        theirs = seccomp_filters(str(pid))
         return "gone" if theirs is None else "confined" if theirs > self._own_filters else "ok"
 
     def close(self) -> None:
