@@ -18,8 +18,16 @@ Now, before a batch, while threads (or processes) a function left are alive, the
 reads the version tags (one gather) and puts back what changed while nothing ran; the
 thread cannot be stopped, so the engine restarts first, the batch going to the next
 engine, the function named (``EngineServer._acted_idle``). What a function's own thread
-sets in its own module stays. One real server for the file (one engine, no spare); the
-functions are in tests/hostile50_functions.py and tests/victim50_functions.py.
+sets in its own module stays. A kernel registered over ``aten::sin`` or torch's default
+dtype set so is found as well (the settings' pass, where a left thread's CPU clock moved).
+A thread that polls for another function's batch and rebinds within it gets that batch a
+retryable 503 and its engine restarted, not the innocent function's 500.
+
+And the supervisor's held-words socket (round 49): a confined process (a function, where
+no Landlock keeps it off) takes no place there.
+
+One real server for the file (one engine, no spare); the functions are in
+tests/hostile50_functions.py and tests/victim50_functions.py.
 """
 
 from __future__ import annotations
