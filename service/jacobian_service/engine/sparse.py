@@ -125,12 +125,30 @@ def preload() -> None:
     import scipy.sparse  # (the CSR answers; csgraph imports it too)
     import scipy.sparse.csgraph  # noqa: F401  (detection's and acyclic colouring's)
 
+    # torch's forward-AD decompositions, which its first JVP in a process imports (TorchScript
+    # compiles them: 0.22 CPU-s here, seconds under load): the warm-up's Jacobian is reverse
+    # mode, so the first forward product of an engine paid it in a request (a symmetric
+    # Jacobian's first read by JVPs: 0.28 of its 0.29 CPU-s; a sparse Hessian's first
+    # products, forward over reverse; any mode=fwd). Imported as torch imports it.
+    _forward_ad_imports()
+
     from ..sparsity import compute, type_reads  # (the tracer, colourings, products)
 
     del compute
     # The tracer's one lazily made global, made now: made at the first sparse request,
     # after the engine took its modules' names, it was the function's rebinding.
     type_reads.library_dirs()
+
+
+def _forward_ad_imports() -> None:
+    """Import what torch's first forward-mode AD in a process imports, as it does
+    (``torch.autograd.forward_ad._maybe_load_decompositions``: only with TorchScript on and
+    ``__debug__``)."""
+    from torch.autograd import forward_ad
+
+    load = getattr(forward_ad, "_maybe_load_decompositions", None)
+    if load is not None:  # (a private name: another torch may not have it)
+        load()
 
 
 def _mode(engine: Any, call: Call, kind: str, args: list[torch.Tensor], output: Any) -> str:

@@ -41,7 +41,7 @@ import numpy as np
 
 from .patterns import Pattern, sorted_unique, work_limit
 
-__all__ = ["Substitution", "acyclic_colors", "lattice_colors", "most_summed", "orders", "substitution"]
+__all__ = ["Substitution", "acyclic_bound", "acyclic_colors", "lattice_colors", "most_summed", "orders", "substitution"]
 
 
 def most_summed(eps: float) -> int:
@@ -301,6 +301,20 @@ def _lattice_of(j: np.ndarray, lattice: tuple[int, int, int, int], k: int) -> np
     return (j % w1 + s1 * ((j // w1) % (w2 // w1)) + s2 * (j // w2)) % k
 
 
+def acyclic_bound(p: Pattern, active: np.ndarray) -> int:
+    """Fewer colours than this no acyclic colouring of the symmetric pattern ``p`` has (2
+    at least; ``active``: the vertices that hold an entry). Each pair of colours spans a
+    forest, with fewer edges than its vertices: summed over the pairs, ``edges <= (k - 1)
+    vertices - k (k - 1) / 2``, so ``k >= edges / vertices + 1`` and a little more (a
+    periodic 3-D 7-point stencil, 3 edges a vertex: 5, not 4; no lattice tried at 4)."""
+    edges = int(np.count_nonzero(p.rows < p.cols))
+    vertices = max(int(active.sum()), 1)
+    k = max(2, -(-edges // vertices) + 1)
+    while k < vertices and (k - 1) * vertices - k * (k - 1) // 2 < edges:
+        k += 1
+    return k
+
+
 def lattice_colors(p: Pattern, active: np.ndarray, below: int | None, most_summed: int | None,
                    check_alive: Check = None) -> tuple[np.ndarray, Substitution] | None:
     """An acyclic colouring by lattice lines (:func:`.coloring._lattice`'s families) with
@@ -323,8 +337,7 @@ def lattice_colors(p: Pattern, active: np.ndarray, below: int | None, most_summe
     top = min(_LATTICE_MOST_COLOURS + 1, n + 1) if below is None else min(below, _LATTICE_MOST_COLOURS + 1)
     off = p.rows < p.cols
     u, v = p.rows[off], p.cols[off]
-    vertices = int(active.sum())
-    first = max(2, -(-u.size // max(vertices, 1)) + 1)
+    first = acyclic_bound(p, active)
     if top <= first or u.size == 0:
         return None
     widths, pairs = lattice_widths(p)

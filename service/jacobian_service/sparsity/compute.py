@@ -1184,7 +1184,7 @@ def _symmetric_next(
         # alone (reverse mode's colouring) that check is one more product to pay for
         # (a 5-point Laplacian's 3 acyclic colours and the VJP: 4 products where 5 VJPs)
         fewer_than = planned.n_colors - (1 if planned.mode == "rev" else 0)
-        sym = symmetric_coloring(p, fewer_than, most_summed(eps), check_alive)
+        sym = symmetric_coloring(p, fewer_than, most_summed(eps), check_alive, planned)
     except Exception as exc:  # never a reason to fail the answer (a deadline passed meanwhile among them)
         log.warning("symmetric colouring of %s failed: %s", name, exception_text(exc))
         return

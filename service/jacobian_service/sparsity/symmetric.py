@@ -82,12 +82,15 @@ def _wrapped(inner: Coloring) -> Coloring:
 
 
 def symmetric_coloring(p: Pattern, fewer_than: int, most_summed: int,
-                       check_alive: Callable[[], None] | None = None) -> Coloring | None:
+                       check_alive: Callable[[], None] | None = None, plain: Coloring | None = None) -> Coloring | None:
     """A star or acyclic colouring of the symmetric pattern ``p`` for JVPs read as a
-    symmetric matrix, where it takes fewer than ``fewer_than`` products; else None."""
+    symmetric matrix, where it takes fewer than ``fewer_than`` products; else None.
+    ``plain``: the Jacobian's colouring by one side, rows or columns, where it has one:
+    of a symmetric pattern, the distance-2 colouring star colouring starts from."""
     if p.shape[0] != p.shape[1] or not p.nnz or not p.is_symmetric():
         return None
-    inner = hessian_coloring(p, check_alive=check_alive, most_summed=most_summed)
+    d2 = plain if plain is not None and plain.mode in ("fwd", "rev") else None
+    inner = hessian_coloring(p, check_alive=check_alive, most_summed=most_summed, distance2=d2)
     return _wrapped(inner) if inner.n_colors < fewer_than else None
 
 
