@@ -227,3 +227,40 @@ os.waitpid(ended, 0)
 def test_a_child_that_has_ended_is_no_suspect_a_live_one_is():
     # (both children are the same function's: the live one names it, the zombie alone does not)
     assert run(ENDED_CHILD.replace("{load}", LOAD)) == [["leaves_a_zombie"], []]
+
+
+# The engine takes the time at the top of its loop, then pumps and runs a batch, then
+# looks (``check(now)``): the window that ran the batch was read a batch's length past
+# its ``now``. The idle window after it was measured from the ``now``s (1.1 s) over
+# counters that had run 0.1 s: a stray spinning a whole core read as 9 %, under the
+# share, and was named a window late.
+STALE_NOW = """
+import json, threading, time
+{load}
+
+strays = Strays(share=0.2, every_s=0.1)
+spin = threading.Event()
+def stray():
+    while True:
+        spin.wait()
+        while spin.is_set():
+            pass
+
+threading.Thread(target=stray, daemon=True).start()
+strays.after_run("spins")
+now = time.monotonic()
+time.sleep(1.0)  # a batch, run after the time was taken
+strays.after_run("other")
+strays.check(now)  # a window in which functions ran: the counters read for the next one
+spin.set()
+found = []
+for _ in range(2):  # two idle windows
+    time.sleep(0.12)
+    found.append(strays.check(time.monotonic()))
+spin.clear()
+print(json.dumps([None if f is None else f.thread_function for f in found]))
+"""
+
+
+def test_a_stray_is_named_after_two_idle_windows_though_a_batch_ran_between_the_time_taken_and_the_look():
+    assert run(STALE_NOW.replace("{load}", LOAD)) == [None, "spins"]

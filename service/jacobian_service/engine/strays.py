@@ -121,7 +121,8 @@ class Strays:
         # Over their share in the last window: ("function", name), for its threads added
         # up, or ("process", pid).
         self._hot: set[tuple[str, Any]] = set()
-        self._last = 0.0
+        self._last = 0.0  # when the last window ended (at most one each ``every_s``)
+        self._read_at = 0.0  # when its counters were read
         self._kids_fd: int | None = None  # the engine thread's list of children, kept open (``_kids``)
         self._kid_owner: dict[int, str] = {}  # pid -> the function after whose batch it was first seen
         self._kids: set[int] = set()  # the engine thread's children after the last batch
@@ -213,7 +214,7 @@ class Strays:
                 alive = {t: f for t, f in self._thread_owner.items() if t in self._alive}
                 return Found(threads_left=_too_many(alive, self.max_threads))
             return None
-        window, self._last = now - self._last, now
+        self._last = now
         reap_detached()  # daemons that ended, taken in as their subreaper (orphans): not left as zombies
         idle = not self._ran
         ran, self._ran = " or ".join(sorted(self._ran)) or "a function", set()
@@ -223,6 +224,16 @@ class Strays:
         self._children = {pid: self._children.get(pid, ran) for pid in children}
         used: dict[tuple[str, Any], float] = {}
         wanted: dict[tuple[str, Any], float] = {}
+        # The window the counters span: from the reads before to these, not from the
+        # ``now`` the caller took. The engine takes it before it pumps and runs a batch:
+        # a window that ran a 1 s batch had its counters read 1 s past its ``now``, and
+        # the idle window after it, 1.1 s by the ``now``s, held 0.1 s of counting: a
+        # stray spinning a whole core read as 9 %, under the share, and went unnamed a
+        # window more (test_strays: a batch between the time taken and the look). The
+        # next window is counted from these reads too (``_last``): never a sliver.
+        read_at = time.monotonic()
+        window, self._read_at = read_at - self._read_at, read_at
+        self._last = max(now, read_at)
         for kind, owners in (("thread", self._thread_owner), ("native", self._native_owner),
                              ("process", self._process_owner)):
             for ident in list(owners):
