@@ -15,7 +15,11 @@ import os
 import subprocess
 import sys
 
-from jacobian_service.engine.memory_watch import MemoryWatch
+import numpy as np
+
+# (the cases run alone, below, find these names in their fresh interpreter: ``_LOAD``)
+from jacobian_service.engine.memory_watch import MemoryWatch, shared_beyond_resident
+from jacobian_service.procfs import status_bytes
 
 from .conftest import ROOT
 
