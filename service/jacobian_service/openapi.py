@@ -117,9 +117,10 @@ _COMPONENTS: dict[str, Any] = {
         "required": ["device", "chunk_size", "batch_size", "queue_ms", "compute_ms"],
         "properties": {
             "device": {"type": ["string", "null"]},
-            "chunk_size": {"type": ["integer", "null"]},
+            "chunk_size": {"type": ["integer", "null"], "description": "rows (sparse: products) per vmap of a jacobian "
+                                                                       "or hessian; null for evaluate, vjp, jvp and hvp"},
             "batch_size": {"type": "integer"},
-            "mode": {"type": ["string", "null"], "description": "rev / fwd / bidirectional / symmetric (Jacobians), star or acyclic (sparse Hessians), or the Hessian strategy"},
+            "mode": {"type": ["string", "null"], "description": "rev / fwd / bidirectional / symmetric (Jacobians), star or acyclic (sparse Hessians), or the Hessian strategy; null for evaluate, vjp, jvp and hvp"},
             "queue_ms": {"type": "number"},
             "compute_ms": {"type": "number"},
             "unbatched": {"type": "array", "items": {"type": "boolean"},
@@ -298,6 +299,30 @@ _COMPONENTS: dict[str, Any] = {
             "description": {"type": "string"},
             "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/Input"}},
             "has_aux": {"type": "boolean"},
+            # (FunctionSpec.describe sends it where patterns are declared: a member the
+            # schema did not name, so a generated client's Function dropped it.)
+            "sparsity": {
+                "type": "object",
+                "description": "present where the function declares sparsity patterns: each by the name a request "
+                               "gives as `sparsity`",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["kind", "params", "hessian"],
+                    "properties": {
+                        "kind": {"type": "string", "description": "the pattern's recipe (banded, callable, ...)"},
+                        "params": {"type": "object", "additionalProperties": True},
+                        "hessian": {"type": "boolean", "description": "a Hessian's pattern (else a Jacobian's)"},
+                    },
+                },
+            },
+        },
+    },
+    "Released": {
+        "type": "object",
+        "required": ["function", "released"],
+        "properties": {
+            "function": {"type": "string"},
+            "released": {"type": "boolean", "description": "whether the function was quarantined (now released)"},
         },
     },
 }
@@ -470,9 +495,15 @@ def _request_examples(kind: str, functions: list[dict[str, Any]]) -> dict[str, A
 
 def _shapes_examples(functions: list[dict[str, Any]]) -> dict[str, Any]:
     """``shapes`` for the sparsity query, per function of plain array inputs (a pytree
-    input has no one shape)."""
+    input has no one shape) that the query (argnums 0 as the example leaves it) can
+    answer: as the jacobian's body examples, none for a function with a complex input
+    (torch.func has no Jacobian of it) or whose first input is not floating (nothing at
+    argnums 0 to differentiate). Each was offered, and each was a 422."""
     examples = {}
     for function in functions:
+        dtypes = [str(i.get("dtype")) for i in function["inputs"]]
+        if COMPLEX_DTYPES.intersection(dtypes) or (function["inputs"] and not _floating(function["inputs"][0])):
+            continue
         if function["name"] not in _JS_OBJECT_KEYS and all(not i.get("tree") for i in function["inputs"]):
             shapes = ";".join(",".join(str(d if isinstance(d, int) else _EXAMPLE_SIZE) for d in (i["shape"] or []))
                               for i in function["inputs"])
@@ -485,8 +516,10 @@ def _shapes_examples(functions: list[dict[str, Any]]) -> dict[str, Any]:
 # place). Made from Options, so that a new option is documented in both forms at once;
 # a list is comma-separated there (parsing._query_value).
 _QUERY_FORMS: dict[str, dict[str, Any]] = {
+    # At least one position or name: the empty items of "0,,1" are dropped, and "" or ","
+    # (none left) is a 422 (parsing._query_value), which a fuzzer sent as valid.
     "argnums": {
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "pattern": "[^,]"},
         "description": ("0 when left out; a position or parameter name, or several comma-separated (a tuple of results, "
                         "as argnums=(0, 1); a trailing comma makes a tuple of one: 0,)"),
     },
@@ -603,6 +636,10 @@ _META_HEADER_WORDS = {
                  "absent where the examples ran one by one",
 }
 _EVALUATE_META = ("unbatched",)  # (an evaluate's only: per-example flags)
+# How a Jacobian or Hessian was computed (engine.core, engine.batched, engine.hessian,
+# engine.sparse set them): an evaluate, vjp, jvp or hvp runs its vectors in one call and
+# says null in both, so its X-Chunk-Size and X-Mode, documented, were never sent.
+_COMPUTED_META = {"chunk_size": ("jacobian", "hessian"), "mode": ("jacobian", "hessian")}
 _FLAG_META = ("bfloat16", "unbatched")  # (one true / false per result array: engine.core's half-precision flags)
 _FLAGS = "^(true|false)(, (true|false))*$"  # (responses._said: one per output array)
 
@@ -647,6 +684,8 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
             "description": "the pattern as JSON, or as .npz (scipy.sparse.save_npz members, the rest in meta.json)",
             "content": {wire.JSON: {"schema": {"$ref": "#/components/schemas/SparsityPattern"}}, wire.NPZ: binary},
         }
+    elif route.operation_id == "releaseFunction":
+        ok = {"description": "OK", "content": {wire.JSON: {"schema": {"$ref": "#/components/schemas/Released"}}}}
     elif route.operation_id == "metrics":
         ok = {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
     else:
@@ -656,6 +695,8 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
         for p in params:
             if p["name"] == "shapes":  # fits the functions served, each its own
                 p["examples"] = _shapes_examples(functions)
+            if p["name"] in _QUERY_FORMS:  # one grammar for an option in every query string (argnums)
+                p["schema"] = {**p["schema"], **_QUERY_FORMS[p["name"]]["schema"]}
         op["parameters"] = [*op.get("parameters", []), *params, _REQUEST_TIMEOUT_HEADER]
     ok["headers"] = dict(_REQUEST_ID)
     # Descriptions are Markdown, which Swagger UI and ReDoc read with its HTML: a literal
@@ -668,7 +709,8 @@ def _operation(route: Route, functions: list[dict[str, Any]], guarded: frozenset
         }
     if kind is not None or route.operation_id == "getSparsity":  # their meta in headers too (responses.META_HEADERS)
         for key, header in META_HEADERS.items():
-            if (kind is None and key not in _SPARSITY_META) or (kind != "evaluate" and key in _EVALUATE_META):
+            if (kind is None and key not in _SPARSITY_META) or (kind != "evaluate" and key in _EVALUATE_META) \
+                    or (kind is not None and kind not in _COMPUTED_META.get(key, (kind,))):
                 continue
             schema = {"type": "string", "pattern": _FLAGS} if key in _FLAG_META else {"type": "string"}
             ok["headers"][header] = {"schema": schema, "description": _META_HEADER_WORDS[key]}

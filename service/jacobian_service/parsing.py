@@ -91,6 +91,16 @@ _DIMS_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "integer"}, {"type": "null"},
                                           {"type": "object"}]}
 
 
+# What argnums the server can take, for the OpenAPI document (the checks are _options's
+# and FunctionSpec.argnums'): an int within int64, a name (never empty), a list of at
+# least one, none twice. The schema said any integer, string or list, and "", [] and
+# [0, 0] (each a 422) were requests a fuzzer built from it as valid.
+_ARGNUM_SCHEMA: list[dict[str, Any]] = [{"type": "integer", "minimum": -_INT64_MAX - 1, "maximum": _INT64_MAX},
+                                        {"type": "string", "minLength": 1}]
+_ARGNUMS_SCHEMA: dict[str, Any] = {"anyOf": [*_ARGNUM_SCHEMA, {"type": "array", "items": {"anyOf": _ARGNUM_SCHEMA},
+                                                               "minItems": 1, "uniqueItems": True}]}
+
+
 class Options(BaseModel):
     """Everything a request may say besides its arrays."""
 
@@ -98,7 +108,7 @@ class Options(BaseModel):
 
     # Strict: 0.0 or true are not positions (torch.func refuses them too).
     argnums: StrictInt | StrictStr | list[StrictInt | StrictStr] = Field(
-        0, description="int, parameter name, or a list of either"
+        0, json_schema_extra=_ARGNUMS_SCHEMA, description="int, parameter name, or a list of either"
     )
     # Strict too: JSON has numbers and booleans, so true is no chunk size and "yes" no
     # boolean (the query string's words are read in _query_value).
