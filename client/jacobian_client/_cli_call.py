@@ -42,7 +42,9 @@ def build_parser(prog: str = "jacobian-service call") -> argparse.ArgumentParser
     p.add_argument("--url", default=os.environ.get("JACOBIAN_SERVICE_URL", "http://localhost:8000"),
                    help="server base URL (default: $JACOBIAN_SERVICE_URL or http://localhost:8000)")
     p.add_argument("--input", "-i", action="append", default=[], metavar="FILE.npy", dest="inputs",
-                   help="one positional input per --input, as a .npy file (repeat in order)")
+                   help="one positional input per --input, as a .npy file (repeat in order); a .npz file is "
+                        "one pytree (dict) input, a member per leaf: q.npz holding shoulder, elbow, links for "
+                        "q={'shoulder': ..., 'elbow': ..., 'links': ...}")
     p.add_argument("--method", choices=_METHODS, default="jacobian", help="what to compute (default: jacobian)")
     p.add_argument("--argnums", default="0", help="input index or name, or a comma-separated list (e.g. 0,1)")
     p.add_argument("--chunk-size", type=int, default=None, help="rows per vmap (default: the server chooses)")
@@ -98,6 +100,17 @@ def _flatten(prefix: str, tree: Any, into: dict[str, np.ndarray]) -> None:
         into[prefix] = np.asarray(tree)
 
 
+def _load(path: str) -> Any:
+    """An --input file: a .npy is one array; a .npz one dict of its members (a pytree
+    parameter's leaves). numpy's lazy ``NpzFile`` was sent as it came, its file left open
+    and nothing said about what the .npz stood for."""
+    loaded = np.load(path, allow_pickle=False)
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+    return loaded
+
+
 def call_main(argv: list[str]) -> int:
     parser = build_parser()
     try:
@@ -105,7 +118,7 @@ def call_main(argv: list[str]) -> int:
     except SystemExit as exc:  # argparse exits on --help (0) and on errors (2)
         return int(exc.code or 0)
     try:
-        inputs = [np.load(path, allow_pickle=False) for path in args.inputs]
+        inputs = [_load(path) for path in args.inputs]
         argnums = _argnums(args.argnums)
         rows = _rows(args.rows)
     except (OSError, ValueError) as exc:
@@ -163,6 +176,10 @@ def call_main(argv: list[str]) -> int:
                   f"use --out FILE.npz", file=sys.stderr)
             return 2
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if isinstance(exc, InvalidInput) and inputs and "missing input" in str(exc):
+            # (the server's "send them all as application/x-npz or JSON" is no option here)
+            print(f"each --input is one of {args.function}'s inputs, in order ({len(inputs)} given); an .npz file "
+                  f"is one dict-valued (pytree) input, not several inputs", file=sys.stderr)
         if isinstance(exc, InvalidInput) and not inputs:
             # (the server's words are about a request's 'inputs', which this command writes)
             print("no --input was given: give each of the function's inputs as --input FILE.npy, in order "

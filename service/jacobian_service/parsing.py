@@ -539,8 +539,13 @@ def _check_differentiable(spec: FunctionSpec, name: str, declared: str, dtype: s
         else:
             floating = [i.name for i in spec.inputs
                         if all(leaf.dtype == FLOATING or leaf.dtype in FLOAT_DTYPES for leaf in i.leaves())]
-            hint = (f"{spec.name} declares it {declared}: pick the inputs to differentiate with argnums (by position "
-                    f"or name; left out, 0: the first), among {floating}")
+            if floating:
+                hint = (f"{spec.name} declares it {declared}: pick the inputs to differentiate with argnums (by "
+                        f"position or name; left out, 0: the first), among {floating}")
+            else:  # ("among []" left the caller nothing to pick, and no way forward)
+                hint = (f"{spec.name} declares no floating input, so it has no derivative to compute (its "
+                        f"/evaluate serves it); to differentiate one, its author declares it dtype='floating' "
+                        f"(the default) or a float dtype")
         raise InvalidInput(f"input {name!r} is {sent}; only floating inputs can be differentiated: {hint}")
 
 
@@ -608,6 +613,23 @@ def _names_integer_dtype(doc: Any) -> bool:
     return False
 
 
+def _no_inputs(spec: FunctionSpec, doc: dict[str, Any]) -> str:
+    """A body without ``inputs`` was refused "the body has no 'inputs'", whatever it held:
+    a new user's ``{"state": [...], "dt": 0.1}`` (the inputs at the top) or ``{"input":
+    ...}`` was not told what the body should look like."""
+    names = [i.name for i in spec.inputs]
+    shape = "{" + ", ".join(f"{wire.dumps(n).decode()}: ..." for n in names[:8]) + (", ..." if len(names) > 8 else "") + "}"
+    keys = list(doc)[:8]
+    shown = ", ".join(repr(k) if len(k) <= 40 else repr(k[:40] + "...") for k in keys)
+    if keys and set(keys) & set(names):
+        why = f"the body's keys ({shown}) are {spec.name}'s inputs: they go under 'inputs'"
+    elif keys:
+        why = f"it has {shown}"
+    else:
+        why = "it is empty"
+    return f"the body has no 'inputs' ({why}); send {{\"inputs\": {shape}}} (or a list of them, in order)"
+
+
 def _json_parts(spec: FunctionSpec, kind: Kind, doc: dict[str, Any], raw_options: dict[str, Any],
                 limits: wire.Limits) -> tuple[list[tuple[np.ndarray, str]], Any, Any]:
     """A JSON body's inputs (arrays and the dtypes sent), vectors and optional vectors;
@@ -617,7 +639,7 @@ def _json_parts(spec: FunctionSpec, kind: Kind, doc: dict[str, Any], raw_options
     vectors: Any = None
     extra: Any = None
     if "inputs" not in doc:
-        raise InvalidInput("the body has no 'inputs'")
+        raise InvalidInput(_no_inputs(spec, doc))
     given = doc.pop("inputs")
     if vector_key:
         if vector_key not in doc:

@@ -472,6 +472,12 @@ def register(
         fname = name or getattr(f, "__name__", None)
         if not isinstance(fname, str) or not fname:
             raise TypeError(f"register({f!r}): it has no __name__; give one: register(f, name='...')")
+        if name is None and fname.startswith("<"):
+            # A lambda's __name__ is "<lambda>": it was served at /v1/functions/<lambda>/...
+            # (a URL a shell must quote and a browser percent-encodes), and a second
+            # lambda took the same name.
+            raise TypeError(f"register({fname}): a lambda has no name of its own to serve it under; "
+                            f"give one: register(lambda x: ..., name='double', inputs=[...])")
         # A builtin (register(torch.sin)), a functools.partial or a callable object
         # (an nn.Module) names no module of the caller's as its own (torch.sin's is
         # "torch"): recorded there, it was never served. It is the registering module's.
@@ -481,7 +487,7 @@ def register(
             fn=f,
             inputs=tuple(inputs) if inputs is not None else _infer_inputs(f, fname),
             has_aux=has_aux,
-            description=description if description is not None else inspect.cleandoc(getattr(f, "__doc__", None) or ""),
+            description=description if description is not None else _own_doc(f, caller),
             module=module,
             sparsity=patterns,
         )
@@ -493,6 +499,7 @@ def register(
         if len(set(names)) != len(names):
             raise ValueError(f"{spec.name}: input names must be unique, got {names}")
         _check_takes_inputs(spec)
+        _check_input_order(spec)
         owner = sys.modules.get(module) if module else None
         if owner is not None:
             owner.__dict__.setdefault("__jacobian_functions__", []).append(spec)
@@ -520,6 +527,40 @@ def _check_takes_inputs(spec: FunctionSpec) -> None:
     except TypeError as exc:
         raise TypeError(f"{spec.name}{signature} cannot be called with its {len(spec.inputs)} declared inputs "
                         f"{[i.name for i in spec.inputs]} (positionally, in that order): {exc}") from None
+
+
+def _own_doc(f: Callable[..., Any], caller: str | None) -> str:
+    """A function's docstring, as its description. A callable object's ``__doc__`` is its
+    class's unless the instance has its own: an ``nn.Module`` instance (``register(net,
+    name="net")``) was described by 150 lines of ``torch.nn.Linear``'s documentation, in
+    the listing, ``/docs`` and ``jacobian-service functions``. A class of the registering
+    module's own still describes its instances."""
+    doc = getattr(f, "__doc__", None)
+    if (not (inspect.isroutine(f) or inspect.isclass(f)) and doc is getattr(type(f), "__doc__", None)
+            and type(f).__module__ != caller):
+        doc = None
+    return inspect.cleandoc(doc or "")
+
+
+def _check_input_order(spec: FunctionSpec) -> None:
+    """Inputs are passed positionally, in the declared order. One declared under the name
+    of another of the function's parameters (``def f(x, y)`` declared ``[Input("y"),
+    Input("x")]``) was served with its arguments swapped: ``{"inputs": {"x": X, "y": Y}}``
+    computed ``f(Y, X)``, silently. A declared name that is not a parameter's (``"xx"``
+    for ``x``) is only a name, and stays allowed."""
+    try:
+        params = [p.name for p in inspect.signature(spec.fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # no signature to read (builtins): taken as declared
+        return
+    for position, inp in enumerate(spec.inputs):
+        if inp.name in params and params.index(inp.name) != position:
+            takes = params[position] if position < len(params) else "*args"
+            raise ValueError(
+                f"{spec.name}: input {inp.name!r} is declared at position {position}, where the function takes "
+                f"{takes!r}, but {inp.name!r} is its parameter at position {params.index(inp.name)}: inputs are "
+                f"passed positionally in the declared order, so it would receive another input's value; declare "
+                f"them in the signature's order {params[:len(spec.inputs)]}")
 
 
 class FunctionModuleNotFound(ImportError):

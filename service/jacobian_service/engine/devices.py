@@ -144,7 +144,11 @@ def warmup_call(spec: FunctionSpec) -> Call:
         raise ValueError("it takes no inputs: there is no Jacobian to warm up (evaluate serves it)")
     args = []
     for inp in spec.leaf_inputs:
-        shape = tuple(3 if isinstance(d, str) else d for d in (inp.shape or (3,)))
+        # (shape=() is a scalar, not "any shape": `inp.shape or (3,)` warmed such an input
+        # as three numbers, and a function reading it as one, `int(steps)`, logged "warm-up
+        # of f failed: only one element tensors can be converted to Python scalars" for a
+        # function that serves every request.)
+        shape = tuple(3 if isinstance(d, str) else d for d in (inp.shape if inp.shape is not None else (3,)))
         dtype = "float32" if inp.default_dtype == "bfloat16" else inp.default_dtype
         args.append(np.random.default_rng(0).random(shape).astype(dtype))
 
