@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from jacobian_service import Input, register
+from jacobian_service import Array, Input, register
 
 from . import newuser2_functions as mine
 from .conftest import assert_problem, ready_app, sdk_over
@@ -154,3 +154,28 @@ def test_the_cli_takes_an_npz_as_one_pytree_input_and_says_so(app, tmp_path, mon
     err = capsys.readouterr().err
     assert "missing input 'dt'" in err
     assert "each --input is one of sim_step's inputs, in order (1 given); an .npz file is one dict-valued" in err
+
+
+@pytest.mark.parametrize("make, words", [
+    # shape="batch" was five symbols b, a, t, c, h, silently; shape=3 "'int' object is not iterable"
+    (lambda: Input("x", shape="batch"), "input 'x': shape is a tuple of dims, ints and symbol names: "
+                                        "shape=('batch',), not shape='batch'"),
+    (lambda: Input("x", shape=3), "input 'x': shape is a tuple of dims, ints and symbol names: shape=(3,), not shape=3"),
+    (lambda: Input("p", tree={"w": Array(2)}), "shape=(2,), not shape=2"),
+    (lambda: Input("x", dtype=torch.float32), "(a dtype is named by a string: dtype='float32')"),
+    (lambda: Input("x", dtype=np.float64), "(a dtype is named by a string: dtype='float64')"),
+    (lambda: Input("p", tree={"w": (3,)}), "got int 3: a leaf is an Array (Array((3,))"),
+    # inputs=Input("x"): "'Input' object is not iterable"; has_aux="no" was taken as True
+    (lambda: register(lambda x: x, name="g", inputs=Input("x")), "g: inputs is a list of Input, one per parameter"),
+    (lambda: register(lambda x: x, name="g", inputs=[Input("x")], has_aux="no"), "g: has_aux is True or False, not 'no'"),
+])
+def test_a_wrong_declaration_fails_at_import_saying_how_to_write_it(make, words):
+    with pytest.raises((TypeError, ValueError)) as info:
+        make()
+    assert words in str(info.value)
+
+
+def test_a_shape_given_as_a_list_or_torch_size_still_declares_it():
+    assert Input("x", shape=["n", 2]).shape == ("n", 2)
+    assert Input("x", shape=torch.Size([3])).shape == (3,)
+    assert Array(None).shape is None

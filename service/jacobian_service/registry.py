@@ -60,14 +60,31 @@ def _check_function_name(name: Any) -> None:
         raise ValueError(f"function names are printable, hold no '/', and are not '.' or '..'; got {name!r}")
 
 
+def _shape_tuple(name: str, shape: Any) -> tuple[Dim, ...]:
+    """A declared shape, as a tuple. ``shape="batch"`` was taken as five symbols ``('b',
+    'a', 't', 'c', 'h')``, silently (every request then a 422 about a rank-5 shape), and
+    ``shape=3`` failed "'int' object is not iterable", naming neither the input nor the fix."""
+    if isinstance(shape, (str, int)):
+        raise ValueError(f"input {name!r}: shape is a tuple of dims, ints and symbol names: "
+                         f"shape=({shape!r},), not shape={shape!r}")
+    try:
+        return tuple(shape)
+    except TypeError:
+        raise ValueError(f"input {name!r}: shape is a tuple of dims, ints and symbol names (shape=(3,), "
+                         f"shape=('n', 2)), not {shape!r}") from None
+
+
 def _check_leaf(name: str, shape: tuple[Dim, ...] | None, dtype: str) -> None:
     if shape is not None:
         for dim in shape:
             if isinstance(dim, bool) or not isinstance(dim, (int, str)) or (isinstance(dim, int) and dim < 0):
                 raise ValueError(f"input {name!r}: dims are non-negative ints or symbol names")
     if dtype != FLOATING and dtype not in CONCRETE_DTYPES:
+        # (torch.float32 and np.float32 are the commonest: said how to write them)
+        named = str(dtype).removeprefix("torch.").removeprefix("<class 'numpy.").removesuffix("'>")
+        hint = f" (a dtype is named by a string: dtype={named!r})" if named in CONCRETE_DTYPES else ""
         raise ValueError(f"input {name!r}: unknown dtype {dtype!r}; expected {FLOATING!r} or one of "
-                         f"{sorted(CONCRETE_DTYPES)}")
+                         f"{sorted(CONCRETE_DTYPES)}{hint}")
 
 
 @dataclass(frozen=True)
@@ -80,7 +97,7 @@ class Array:
 
     def __post_init__(self) -> None:
         if self.shape is not None:
-            object.__setattr__(self, "shape", tuple(self.shape))
+            object.__setattr__(self, "shape", _shape_tuple("array", self.shape))
         _check_leaf("array", self.shape, self.dtype)
 
 
@@ -109,7 +126,7 @@ class Input:
     def __post_init__(self) -> None:
         _check_input_name(self.name)
         if self.shape is not None:
-            object.__setattr__(self, "shape", tuple(self.shape))
+            object.__setattr__(self, "shape", _shape_tuple(self.name, self.shape))
         _check_leaf(self.name, self.shape, self.dtype)
         if self.tree is not None:
             if self.shape is not None or self.dtype != FLOATING:
@@ -219,7 +236,8 @@ def _frozen_tree(name: str, node: Any) -> Any:
         return {k: _frozen_tree(name, v) for k, v in node.items()}
     if isinstance(node, (tuple, list)):
         return type(node)(_frozen_tree(name, v) for v in node)
-    raise ValueError(f"input {name!r}: a tree holds Array, dict, tuple and list only, got {type(node).__name__}")
+    raise ValueError(f"input {name!r}: a tree holds Array, dict, tuple and list only, got {type(node).__name__} "
+                     f"{node!r:.40}: a leaf is an Array (Array((3,)), Array(('n',), 'float64'))")
 
 
 def _leaf_keys(node: Any, keys: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -482,6 +500,10 @@ def register(
         # (an nn.Module) names no module of the caller's as its own (torch.sin's is
         # "torch"): recorded there, it was never served. It is the registering module's.
         module = f.__module__ if inspect.isfunction(f) and f.__module__ in sys.modules else caller
+        if isinstance(inputs, Input):  # ("'Input' object is not iterable")
+            raise TypeError(f"{fname}: inputs is a list of Input, one per parameter: inputs=[{inputs!r}]")
+        if not isinstance(has_aux, bool):  # (has_aux="no" was taken as True)
+            raise TypeError(f"{fname}: has_aux is True or False, not {has_aux!r}")
         spec = FunctionSpec(
             name=fname,
             fn=f,
