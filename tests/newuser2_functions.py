@@ -53,3 +53,13 @@ def int_bool(x, steps, flip):
 @register(inputs=[Input("i", shape=("n",), dtype="int64")])
 def ints_only(i):
     return i * 2
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def aux_undeclared(x):  # aux returned, has_aux=True forgotten
+    return x * 2, {"note": "hi"}
+
+
+@register(inputs=[Input("x", shape=("n",))], has_aux=True)
+def aux_forgotten(x):  # has_aux=True declared, aux not returned
+    return x * 2

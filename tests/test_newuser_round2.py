@@ -179,3 +179,19 @@ def test_a_shape_given_as_a_list_or_torch_size_still_declares_it():
     assert Input("x", shape=["n", 2]).shape == ("n", 2)
     assert Input("x", shape=torch.Size([3])).shape == (3,)
     assert Array(None).shape is None
+
+
+@pytest.mark.parametrize("name, words", [
+    # "the output[1]['note'] is a str, not a tensor": not that aux is declared
+    ("aux_undeclared", "the output[1]['note'] is a str, not a tensor: return a tensor, or a tuple, list or dict "
+                       "of tensors; if output[1] is aux, register aux_undeclared with has_aux=True (torch.func: "
+                       "expected f(*primals) to return only tensors, got unsupported type <class 'str'>)"),
+    # "did not return (output, aux)": not what it returned
+    ("aux_forgotten", "aux_forgotten has has_aux=True but did not return (output, aux): it returned a tensor; "
+                      "return both, or register it without has_aux"),
+])
+@pytest.mark.parametrize("kind", ["jacobian", "evaluate"])
+def test_an_aux_declaration_that_does_not_match_the_return_says_so(app, name, words, kind):
+    problem = assert_problem(app.post(f"/v1/functions/{name}/{kind}", json={"inputs": [[1.0, 2.0]]}), 500,
+                             "function_error")
+    assert problem["detail"] == words

@@ -247,10 +247,12 @@ CANNOT = {
     # name: what the service's detail ends with
     "string_out": "the output is a str, not a tensor: return a tensor, or a tuple, list or dict of tensors "
                   "(torch.func: expected f(*primals) to return only tensors, got unsupported type <class 'str'>)",
-    "tuple_with_int": "the output[1] is an int, not a tensor: return a tensor, or a tuple, list or dict of tensors "
+    "tuple_with_int": "the output[1] is an int, not a tensor: return a tensor, or a tuple, list or dict of tensors; "
+                      "if output[1] is aux, register tuple_with_int with has_aux=True "
                       "(torch.func: expected f(*primals) to return only tensors, got unsupported type <class 'int'>)",
     "meta_out": "the output holds a tensor on the meta device, which has no values",
-    "aux_triple": "aux_triple has has_aux=True but did not return (output, aux)",
+    "aux_triple": "aux_triple has has_aux=True but did not return (output, aux): it returned a tuple of 3; "
+                  "return both, or register it without has_aux",
 }
 
 

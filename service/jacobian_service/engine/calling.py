@@ -411,9 +411,25 @@ class AuxBox:
                 # sockets (or in-process, a second server on its port). It ends here.
                 os._exit(0)
         if not self.spec.has_aux:
-            return _check_output(result, self.differentiated, self.complex_ok), ()
+            try:
+                return _check_output(result, self.differentiated, self.complex_ok), ()
+            except FunctionError as exc:
+                # `return y, {"note": "hi"}` registered without has_aux=True was refused "the
+                # output[1]['note'] is a str, not a tensor": not that aux is declared.
+                # (torch's words stay last, as for every output it refuses)
+                text = str(exc)
+                if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.Tensor)
+                        and result[1] is not None and text.startswith("the output[1]") and ", not a tensor" in text):
+                    head, torch_says, tail = text.partition(" (torch.func:")
+                    raise FunctionError(f"{head}; if output[1] is aux, register {self.spec.name} with has_aux=True"
+                                        f"{torch_says and ' (torch.func:' + tail}") from None
+                raise
         if not (isinstance(result, tuple) and len(result) == 2):
-            raise FunctionError(f"{self.spec.name} has has_aux=True but did not return (output, aux)")
+            # (it said only what was expected: a user who forgot aux was not told what came back)
+            got = (f"a tuple of {len(result)}" if isinstance(result, tuple)
+                   else "a tensor" if isinstance(result, torch.Tensor) else _a(type(result).__name__))
+            raise FunctionError(f"{self.spec.name} has has_aux=True but did not return (output, aux): it returned "
+                                f"{got}; return both, or register it without has_aux")
         out, aux = result
         out = _check_output(out, self.differentiated, self.complex_ok)
         _check_aux(aux)
