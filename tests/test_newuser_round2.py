@@ -81,6 +81,12 @@ def test_inputs_declared_out_of_the_signatures_order_fail_at_import():
     register(f, name="f_renamed", inputs=[Input("a"), Input("b")])  # other names: only names
     register(f, name="f_in_order", inputs=[Input("x"), Input("y")])
 
+    def g(x, y=2.0):
+        return x * y
+
+    assert [i.name for i in register(g).__jacobian_spec__.inputs] == ["x", "y"]  # README: a default is not used
+    assert [i.name for i in register(g, name="g_x", inputs=[Input("x")]).__jacobian_spec__.inputs] == ["x"]
+
 
 def test_a_lambda_needs_a_name_at_import():
     with pytest.raises(TypeError, match=r"a lambda has no name of its own.*name="):
