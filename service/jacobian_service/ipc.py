@@ -430,7 +430,7 @@ _DOC_FIELDS: dict[str, Any] = {
     "function": lambda v: isinstance(v, str), "stray": lambda v: isinstance(v, str), "tags": _strings,
     "left": lambda v: isinstance(v, str) or _strings(v), "answered": lambda v: v is True,
     "memory": _leak("held", "limit"), "reserved": _leak("held", "limit"), "device_memory": _leak("held", "limit"),
-    "descriptors": _leak("open", "limit"), "threads": _leak("count", "limit"), "processes": _leak("count", "limit"),
+    "descriptors": _leak("open", "limit"), "disk": _leak("held", "limit"), "threads": _leak("count", "limit"), "processes": _leak("count", "limit"),
     # (messages read off a connection while several functions ran: ``EngineProcess._robbed``)
     "robbed": lambda v: isinstance(v, dict) and type(v.get("messages")) is int and _strings(v.get("ran")),
 }
@@ -453,7 +453,7 @@ def _as_written(doc: Any) -> dict[str, Any]:
 
 
 # What only the board of an engine leaving on its own says (``StatusBoard.leave``).
-_LEAVE_FIELDS = ("stray", "memory", "reserved", "device_memory", "descriptors", "threads", "processes", "robbed")
+_LEAVE_FIELDS = ("stray", "memory", "reserved", "device_memory", "descriptors", "disk", "threads", "processes", "robbed")
 
 
 def as_left(status: dict[str, Any], code: int | None) -> dict[str, Any]:
@@ -494,6 +494,10 @@ def recycle_reason(status: dict[str, Any]) -> str | None:
     if (fds := status.get("descriptors")) is not None:
         return (f"it held {fds['open']} open file descriptors, over {fds['limit']} (3/4 of its open-file limit); "
                 f"opened most by {grown(fds, int)}")
+    if (disk := status.get("disk")) is not None:
+        many = f" in more than {disk['entries'] - 1} files" if type(disk.get("entries")) is int and disk["entries"] > 20_000 else ""
+        return (f"its functions' temporary files took {disk['held'] >> 20} MiB of disk{many}, over ENGINE_MAX_TMP_BYTES "
+                f"({disk['limit'] >> 20} MiB, or 20,000 files); grown most by {grown(disk, lambda b: f'{b >> 20} MiB')}")
     if (threads := status.get("threads")) is not None:
         return (f"{threads['count']} threads that functions started were alive, over {threads['limit']}; "
                 f"started most by {grown(threads, int)}")
@@ -591,7 +595,7 @@ class StatusBoard:
         running: ``engine.strays``; with ``"left"``, what else it left: a setting the
         engine cannot put back, ``engine.process_settings``), ``{"memory": ...}`` or
         ``{"device_memory": ...}`` or ``{"reserved": ...}`` (``engine.memory_watch``), ``{"descriptors": ...}``
-        (``engine.descriptor_watch``) or ``{"threads": ...}`` or ``{"processes": ...}``
+        (``engine.descriptor_watch``), ``{"disk": ...}`` (``engine.disk_watch``) or ``{"threads": ...}`` or ``{"processes": ...}``
         (``engine.strays``)."""
         self._beat, self._deadline, self._doc = now, 0.0, orjson.dumps(why)
         self._write()

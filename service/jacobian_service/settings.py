@@ -183,6 +183,10 @@ class Settings(BaseSettings):
     # recycled: its queue drains (2 s at most), it exits, the spare takes over. For
     # functions that leak a little at each call. Unset: never.
     engine_max_rss_bytes: int | None = Field(None, ge=1 << 26)
+    # An engine whose temporary files (in its own TMPDIR, and unnamed ones it holds open:
+    # ``engine.disk_watch``) take more disk than this (bytes) is recycled the same way, and
+    # its directory removed. Unset: a quarter of the space free there as it starts, at most 4 GiB.
+    engine_max_tmp_bytes: int | None = Field(None, ge=1 << 20)
     # The same for the tensors an engine holds on its GPU between requests (what torch's
     # allocator has handed out, read after each batch): a function that keeps device
     # tensors in a global would leave every later request out of memory. Unset: 90 % of

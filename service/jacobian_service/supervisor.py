@@ -9,7 +9,8 @@ Torch-free; it runs in the ``serve`` process beside the front ends it starts. Ev
 - it has not looked up for ``engine_heartbeat_s`` (a deadlock that holds the GIL): killed;
 - it left, naming a function that left a thread running, using a core (``engine.strays``),
   or saying its resident memory went over ``engine_max_rss_bytes`` (``engine.memory_watch``)
-  or its open descriptors near their limit (``engine.descriptor_watch``) or too many
+  or its open descriptors near their limit (``engine.descriptor_watch``), its functions'
+  temporary files over ``engine_max_tmp_bytes`` (``engine.disk_watch``) or too many
   threads that functions started alive (``engine.strays``): no function is struck, and
   the restart is at once; what it had not started, the
   front ends send to the engine that takes over;

@@ -50,6 +50,7 @@ from ..scheduler import Job, StreamHead, Worker, engine_error
 from ..settings import Settings
 from ..yielding import offer_the_cpu
 from .descriptor_watch import DescriptorWatch
+from .disk_watch import DiskWatch
 from .memory_watch import MemoryWatch, ReservedWatch, limit_of, shared_beyond_resident
 from .namespaces import described
 from .strays import Strays
@@ -113,6 +114,7 @@ class EngineServer:
         # a new engine would load again, recycled after each request, for ever.
         self._ran_out = settings.engine_max_device_bytes is not None
         self.descriptors = DescriptorWatch()
+        self.disk = DiskWatch(None, settings.engine_max_tmp_bytes)  # its directory: open()
         self._ran = ""  # the function of the last batch run
         self._ran_tags: list[str] = []  # its requests
         self._answers: list[tuple[Peer, str]] = []  # the batch's answers, to whom (``_unanswered``)
@@ -133,6 +135,11 @@ class EngineServer:
     def open(self, run_dir: Path, index: int) -> None:
         self.board = ipc.StatusBoard(run_dir / f"engine-{index}.status")
         self.listener = Listener(ipc.engine_path(run_dir, index), self.settings.shared_memory_bytes)
+        # Its temporary directory is watched only where it is its own (``serve`` makes one
+        # under the run directory for each engine, removed as it ends), never a shared /tmp.
+        tmp = os.environ.get("TMPDIR", "")
+        if tmp and Path(tmp).parent == run_dir and Path(tmp).name.startswith("tmp-engine-"):
+            self.disk.directory = tmp
 
     # ----------------------------------------------------------------- messages
 
@@ -374,6 +381,7 @@ class EngineServer:
         if self.device_watch is not None:
             self.device_watch.start()
         self.descriptors.start()
+        self.disk.start()
         leaving: dict[str, Any] | None = None  # why this engine is about to leave (the board says it)
         since = 0.0
         if (changed := self._unrestorable() or self._lost_warming) is not None:
@@ -451,6 +459,7 @@ class EngineServer:
             if self.device_watch is not None:
                 self.device_watch.after_run(self._ran)
             self.descriptors.after_run(self._ran)
+            self.disk.after_run(self._ran)
         return self.strays.check(now)
 
     def _suspect(self, left: list[str]) -> None:
@@ -475,6 +484,8 @@ class EngineServer:
             return {"device_memory": {**over, "device": self.device}}
         if (over := self.descriptors.check(now)) is not None:
             return {"descriptors": over}
+        if (over := self.disk.check(now)) is not None:
+            return {"disk": over}
         return None
 
     def _acted_idle(self) -> dict[str, Any] | None:

@@ -1,0 +1,155 @@
+"""The disk an engine's functions keep in temporary files, against a bound: past it, the
+engine is recycled (its queue drains, the spare takes over), and its temporary directory
+goes with it (``Supervisor._ended``).
+
+Each engine has a temporary directory of its own (``TMPDIR``, under the run directory),
+removed as it ends. But while it lives, a function that leaves a temporary file at each
+call (``mkstemp``, ``NamedTemporaryFile(delete=False)``, a ``TemporaryFile`` it keeps open:
+``O_TMPFILE``, in no listing) filled the disk for as long as the engine lived: measured,
+8 MiB a call, 60 calls kept 480 MiB with no word in the log and no end; at the wall,
+every function that writes a file, the sparsity cache, ``serve``'s log and every other
+user of that file system fail with ENOSPC. Nothing else held it: the engine's memory
+caps count no file, and RLIMIT_FSIZE bounds one file, not how many.
+
+What is counted, once a second after a batch ran (every ``idle_every_s`` otherwise: a
+thread a function left may write on): the blocks of every file under the directory (a
+walk, ~10 us a file; one of more than ``max_entries`` entries is over the bound by
+itself, so that a million empty files cannot make the walk dear), and of regular files
+the engine holds open that have no name left (``/proc/self/fd``: what ``TemporaryFile``
+makes; a memfd or a ``/dev/shm`` file is memory, ``memory_watch``'s). Growth is charged to
+the functions run since the last count, by the free space each batch took (read
+after each batch: a batch that took the room left has the count made at once). The bound is ``ENGINE_MAX_TMP_BYTES``, by
+default a quarter of the space free on that file system as the engine starts, at most
+4 GiB. Torch-free; Linux only for the unlinked files (elsewhere: the directory alone).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import stat
+
+__all__ = ["DiskWatch"]
+
+log = logging.getLogger("jacobian_service.engine")
+
+_DEFAULT_MAX = 4 << 30
+_FDS = "/proc/self/fd"
+
+
+class DiskWatch:
+    def __init__(self, directory: str | None, limit: int | None = None, every_s: float = 1.0,
+                 idle_every_s: float = 10.0, max_entries: int = 20_000) -> None:
+        self.directory = directory  # None: not watched (no directory of its own)
+        self.setting = limit
+        self.every_s = every_s
+        self.idle_every_s = idle_every_s
+        self.max_entries = max_entries
+        self.limit: int | None = None
+        self._last = 0.0
+        self._held = 0
+        self._ran: set[str] = set()
+        self._dropped: collections.Counter[str] = collections.Counter()  # free space each took since the count
+        self._free: int | None = None
+        self._grown: collections.Counter[str] = collections.Counter()
+
+    def start(self) -> None:
+        """Ready to serve: the bound, and what the directory holds already (nobody's)."""
+        if self.directory is None or not os.path.isdir(self.directory):
+            return
+        if self.setting is not None:
+            self.limit = self.setting
+        else:
+            try:
+                fs = os.statvfs(self.directory)
+                self.limit = min(_DEFAULT_MAX, fs.f_bavail * fs.f_frsize // 4)
+            except OSError:
+                self.limit = _DEFAULT_MAX
+        self._held = self.held()[0]
+        self._free = _free(self.directory)
+        self._ran.clear()
+        self._dropped.clear()
+        self._grown.clear()
+
+    def after_run(self, function: str) -> None:
+        """After a batch: the file system's free space (a ``statvfs``, ~2 us) says which
+        batch took it, and one that took the room left has the count made now, not
+        within the second (8 MiB a call, 20 calls took 160 MiB in 0.1 s)."""
+        if self.limit is None:
+            return
+        function = function or "a function"
+        self._ran.add(function)
+        free, self._free = self._free, _free(self.directory)
+        if free is not None and self._free is not None and free > self._free:
+            self._dropped[function] += free - self._free
+            if sum(self._dropped.values()) > self.limit - self._held:
+                self._last = float("-inf")
+
+    def held(self) -> tuple[int, int]:
+        """Bytes of disk the directory's files and the engine's unnamed open files take,
+        and the entries walked (stopped past ``max_entries``)."""
+        total, entries = 0, 0
+        seen: set[tuple[int, int]] = set()
+        stack = [self.directory]
+        while stack and entries <= self.max_entries:
+            try:
+                with os.scandir(stack.pop()) as it:
+                    for entry in it:
+                        entries += 1
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if stat.S_ISDIR(st.st_mode):
+                            stack.append(entry.path)
+                        elif (st.st_dev, st.st_ino) not in seen:  # (hard links: once)
+                            seen.add((st.st_dev, st.st_ino))
+                            total += st.st_blocks * 512
+            except OSError:  # removed meanwhile, or its mode taken away
+                continue
+        try:
+            names = os.listdir(_FDS)
+        except OSError:
+            names = []
+        for name in names:
+            try:
+                st = os.stat(f"{_FDS}/{name}")
+                if stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and (st.st_dev, st.st_ino) not in seen:
+                    target = os.readlink(f"{_FDS}/{name}")
+                    if not target.startswith(("/memfd:", "/dev/shm/")):  # memory: memory_watch's
+                        seen.add((st.st_dev, st.st_ino))
+                        total += st.st_blocks * 512
+            except OSError:
+                continue
+        return total, entries
+
+    def check(self, now: float) -> dict | None:
+        """At most every ``every_s`` after a batch ran (``idle_every_s`` else): past the
+        bound, what the board and the log say."""
+        if self.limit is None or now - self._last < (self.every_s if self._ran else self.idle_every_s):
+            return None
+        self._last = now
+        held, entries = self.held()
+        if held > self._held and self._ran:
+            # To the batches that took the file system's space, by what each took (other
+            # processes write there too: a share, not a measure); failing that, to all run.
+            dropped = sum(self._dropped.values())
+            for function in self._ran:
+                share = self._dropped[function] / dropped if dropped else 1 / len(self._ran)
+                self._grown[function] += int((held - self._held) * share)
+        self._held = held
+        self._ran = set()
+        self._dropped.clear()
+        if held <= self.limit and entries <= self.max_entries:
+            return None
+        return {"held": held, "limit": self.limit, "entries": entries,
+                "grown": [[name, grown] for name, grown in self._grown.most_common(3) if grown > 0]}
+
+
+def _free(directory: str | None) -> int | None:
+    try:
+        fs = os.statvfs(directory)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return None
+    return fs.f_bavail * fs.f_frsize

@@ -1,0 +1,42 @@
+"""Hostile functions for tests/test_hostile_round52.py (loaded by name like a user
+module): each misbehaves only when its first input is 666 (round 11's ``_armed``), the
+second input picking how; otherwise it is ``sin``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from jacobian_service import register
+
+from tests.hostile17_functions import X, _armed
+
+KEEP_BYTES = 8 << 20  # what one armed call leaves on disk
+_HELD: list = []  # descriptors of unlinked files, kept open
+
+
+def _keep_file() -> None:
+    """A temporary file written and never removed (``mkstemp``, ``delete=False``)."""
+    fd, _ = tempfile.mkstemp(prefix="hostile52-")
+    try:
+        os.posix_fallocate(fd, 0, KEEP_BYTES)
+    finally:
+        os.close(fd)
+
+
+def _keep_unlinked() -> None:
+    """A temporary file with no name (``TemporaryFile``: ``O_TMPFILE``), kept open."""
+    f = tempfile.TemporaryFile()
+    os.posix_fallocate(f.fileno(), 0, KEEP_BYTES)
+    _HELD.append(f)
+
+
+@register(inputs=X, description="sin; armed (666), it leaves a temporary file on disk (1: kept, 2: unlinked, held open).")
+def tmpleak52(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case == 1:
+        _keep_file()
+    elif case == 2:
+        _keep_unlinked()
+    return torch.sin(x)

@@ -1,0 +1,146 @@
+"""Red team, round fifty-two: hostile functions against the disk, through the temporary
+files they leave while their engine lives (its own ``TMPDIR`` goes only as it ends).
+
+Each case names what a user saw before. One real server for the file (one front end, a
+spare); the functions are in tests/hostile52_functions.py, each misbehaving only on the
+input 666 (round 11's ``_armed``), the second input picking how. The watch itself
+(``engine.disk_watch``) is tested in process first, no server.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from jacobian_service import ipc
+from jacobian_service.engine.disk_watch import DiskWatch
+
+from ._fault_support import _log_saying
+from .conftest import live_server
+from .hostile52_functions import KEEP_BYTES
+from .test_hostile_round11 import _armed, _engine_pid, _replaced
+
+FUNCTIONS = "jacobian_service.examples,tests.hostile52_functions"
+LIMIT = 4 * KEEP_BYTES  # ENGINE_MAX_TMP_BYTES: the fifth armed call passes it
+
+
+# ------------------------------------------------------------ the watch, in process
+
+def test_the_watch_counts_named_and_unnamed_temporary_files_and_charges_who_took_them(tmp_path) -> None:
+    """Files under the directory (nested too) and unnamed ones the process holds open
+    (``TemporaryFile``'s ``O_TMPFILE``) count, by their blocks; past the bound the check
+    says so, naming the function whose batches took the space."""
+    watch = DiskWatch(str(tmp_path), limit=3 << 20, every_s=0.0)
+    watch.start()
+    assert watch.check(time.monotonic()) is None
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    with open(tmp_path / "a" / "b" / "kept", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 2 << 20)
+    watch.after_run("leaky")
+    assert watch.check(time.monotonic()) is None  # 2 MiB: under 3
+    unnamed = tempfile.TemporaryFile(dir=tmp_path)
+    try:
+        os.posix_fallocate(unnamed.fileno(), 0, 2 << 20)
+        watch.after_run("leaky")
+        watch.after_run("innocent")
+        over = watch.check(time.monotonic())
+        assert over is not None and over["held"] >= 4 << 20 and over["limit"] == 3 << 20, over
+        assert over["grown"][0][0] == "leaky", over
+        assert "temporary files took 4 MiB of disk" in ipc.recycle_reason({"disk": over})
+    finally:
+        unnamed.close()
+
+
+def test_a_directory_of_too_many_files_is_over_by_itself(tmp_path) -> None:
+    """A million empty files take no blocks, yet each costs the walk: past
+    ``max_entries`` the walk stops and the engine is over the bound."""
+    watch = DiskWatch(str(tmp_path), limit=1 << 30, every_s=0.0, max_entries=50)
+    watch.start()
+    for i in range(60):
+        (tmp_path / f"f{i}").touch()
+    watch.after_run("many")
+    over = watch.check(time.monotonic())
+    assert over is not None and over["entries"] > 50, over
+
+
+def test_a_batch_that_takes_the_room_left_has_the_count_made_at_once(tmp_path) -> None:
+    """Counted once a second, 20 calls of 8 MiB in 0.1 s took 160 MiB past a 64 MiB
+    bound before the count; the free space read after each batch brings it forward."""
+    watch = DiskWatch(str(tmp_path), limit=1 << 20, every_s=3600.0)
+    watch.start()
+    watch._last = time.monotonic()  # (counted just now: the next is an hour away)
+    with open(tmp_path / "big", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 4 << 20)
+    watch.after_run("fast")
+    assert watch.check(time.monotonic()) is not None
+
+
+def test_a_shared_temporary_directory_is_not_watched(tmp_path) -> None:
+    """Only a directory of its own: an engine run without ``serve`` (TMPDIR /tmp, shared
+    with everyone) watches nothing."""
+    watch = DiskWatch(None)
+    watch.start()
+    watch.after_run("f")
+    assert watch.limit is None and watch.check(time.monotonic()) is None
+
+
+# ------------------------------------------------------------ a real server
+
+@pytest.fixture(scope="module")
+def temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("serve-tmp")
+
+
+@pytest.fixture(scope="module")
+def server(temp_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    with pytest.MonkeyPatch.context() as mp:  # only while it starts: the server keeps its environment
+        mp.setenv("TMPDIR", str(temp_dir))
+        with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=100,
+                         ENGINE_MAX_TMP_BYTES=LIMIT) as served:
+            mp.undo()
+            yield served
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=60) as c:
+        yield c
+
+
+def _engine_dirs(temp_dir: Path) -> set[Path]:
+    return set(temp_dir.glob("jacobian-service-*/tmp-engine-*"))
+
+
+@pytest.mark.parametrize("case, how", [(1, "kept"), (2, "unnamed, held open")])
+def test_temporary_files_a_function_leaves_recycle_its_engine_past_the_bound(server, http, temp_dir, case, how) -> None:
+    """A function that left a temporary file at each call (``mkstemp``; a ``TemporaryFile``
+    kept open, in no listing) filled the disk for as long as its engine lived (measured,
+    8 MiB a call: 60 calls, 480 MiB kept, the same engine, nothing logged). Now each
+    call is answered, another client's ``sin`` too, and past ``ENGINE_MAX_TMP_BYTES`` the
+    engine is recycled, the log naming the function, and its directory goes with it."""
+    url, proc = server
+    pid, start = _engine_pid(http, url), len(proc.read_log())
+    before = _engine_dirs(temp_dir)
+    for _ in range(5):  # (the fifth passes the bound: the engine leaves after it)
+        r = _armed(http, url, "tmpleak52", case)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["output"]["data"], np.sin([666.0, case, 0.0]), rtol=1e-12)
+        v = http.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5, 1.0]]})
+        assert v.status_code == 200, v.text
+        np.testing.assert_allclose(np.diag(v.json()["jacobian"]["data"]), np.cos([0.5, 1.0]), rtol=1e-6)
+    _replaced(http, url, pid, 60, f"the engine that held {how} temporary files was not recycled")
+    log = _log_saying(proc, "temporary files took", start=start)
+    assert "over ENGINE_MAX_TMP_BYTES (32 MiB" in log and "grown most by tmpleak52" in log, log[-3000:]
+    deadline = time.monotonic() + 20  # (the supervisor removes it as it sees the engine end)
+    while all(d.exists() for d in before) or list(temp_dir.glob("jacobian-service-*/tmp-engine-*/hostile52-*")):
+        assert time.monotonic() < deadline, f"the recycled engine's files stayed: {_engine_dirs(temp_dir)}"
+        time.sleep(0.1)
+    v = http.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]})
+    assert v.status_code == 200, v.text
