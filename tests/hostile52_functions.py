@@ -40,3 +40,36 @@ def tmpleak52(x: torch.Tensor) -> torch.Tensor:
     elif case == 2:
         _keep_unlinked()
     return torch.sin(x)
+
+
+SYSV_BYTES = 16 << 20  # what one armed call keeps in a SysV segment
+
+
+def _keep_sysv_segment() -> int:
+    """A SysV shared memory segment made, written through a mapping and detached, never
+    removed (no ``IPC_RMID``): its pages belong to no process, and stayed after the
+    process ended (the kernel's ``shm_rmid_forced`` is off by default)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    libc.shmdt.argtypes = [ctypes.c_void_p]
+    shmid = libc.shmget(0, SYSV_BYTES, 0o600 | 0o1000)  # IPC_PRIVATE, IPC_CREAT
+    if shmid < 0:
+        raise OSError(ctypes.get_errno(), "shmget")
+    address = libc.shmat(shmid, None, 0)
+    ctypes.memset(address, 1, SYSV_BYTES)
+    libc.shmdt(address)
+    return shmid
+
+
+@register(inputs=X, description="sin; armed (666), it leaves a SysV shared memory segment (3), or ends its engine (4).")
+def sysvleak52(x: torch.Tensor) -> torch.Tensor:
+    case = _armed(x)
+    if case == 3:
+        _keep_sysv_segment()
+    elif case == 4:
+        os.kill(os.getpid(), 9)
+    return torch.sin(x)

@@ -32,10 +32,10 @@ import threading
 import time
 from collections.abc import Callable, Collection
 
-from .procfs import children, descendants, session, start_ticks
+from .procfs import children, descendants, session, start_ticks, sysv_segments
 
 __all__ = ["adopted", "become_subreaper", "kill_adopted", "kill_descendants", "kill_detached", "reap_adopted",
-           "reap_detached", "stop_with_parent"]
+           "reap_detached", "remove_segments", "stop_with_parent"]
 
 log = logging.getLogger("jacobian_service")
 
@@ -138,6 +138,27 @@ def kill_adopted(own: Collection[int], after: int | None, group: int | None = No
         if (not found and not _alive(group)) or time.monotonic() > deadline:
             return len(killed)
         time.sleep(0.01)
+
+
+def remove_segments(creator: int) -> tuple[int, int]:
+    """Remove the SysV shared memory segments a dead engine (``creator``) made and left
+    (``shmget`` with no ``IPC_RMID``): how many, and the bytes of memory they held. Such
+    a segment belongs to no process: the kernel keeps it, its pages in memory, after its
+    maker has gone (unless ``kernel.shm_rmid_forced``, off by default), and five of 16 MiB
+    a function left stayed after its engine was replaced, and after ``serve`` stopped, for
+    as long as the machine ran. One still mapped somewhere goes at its last unmapping."""
+    found = sysv_segments(creator)
+    if not found:
+        return 0, 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0, 0
+    removed, held = 0, 0
+    for shmid, resident, _ in found:
+        if libc.shmctl(ctypes.c_int(shmid), ctypes.c_int(0), None) == 0:  # IPC_RMID
+            removed, held = removed + 1, held + resident
+    return removed, held
 
 
 def _kill(pid: int) -> bool:

@@ -14,7 +14,7 @@ import os
 from typing import Callable
 
 __all__ = ["children", "cpu_seconds", "descendants", "descriptor_identity", "dumpable", "living", "session",
-           "set_dumpable", "start_ticks", "status_bytes", "stopped", "waited_seconds"]
+           "set_dumpable", "start_ticks", "status_bytes", "stopped", "sysv_segments", "waited_seconds"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PF_EXITING = 0x4  # a task's flags (include/linux/sched.h)
@@ -130,6 +130,32 @@ def status_bytes(pid: int, field: str) -> int | None:
     except (OSError, IndexError, ValueError):
         pass
     return None
+
+
+def sysv_segments(creator: int) -> list[tuple[int, int, int]]:
+    """The SysV shared memory segments ``creator`` made that still exist (``shmget``):
+    each as its id, the bytes of its pages in memory (its size where the kernel does not
+    say) and how many mappings it has. Empty where there is no ``/proc/sysvipc``."""
+    try:
+        with open("/proc/sysvipc/shm", "rb") as f:
+            header, *rows = f.read().splitlines()
+    except OSError:
+        return []
+    names = header.split()
+    try:
+        at = {name: names.index(name.encode()) for name in ("shmid", "size", "cpid", "nattch")}
+    except ValueError:
+        return []
+    resident = names.index(b"rss") if b"rss" in names else at["size"]
+    found = []
+    for row in rows:
+        fields = row.split()
+        try:
+            if int(fields[at["cpid"]]) == creator:
+                found.append((int(fields[at["shmid"]]), int(fields[resident]), int(fields[at["nattch"]])))
+        except (IndexError, ValueError):
+            continue
+    return found
 
 
 def descriptor_identity(fd: int) -> tuple[int, int] | None:

@@ -79,7 +79,7 @@ import zmq
 
 from . import ipc
 from .fork_server import Forked, ForkServer, start_engine
-from .orphans import become_subreaper, kill_adopted, reap_adopted
+from .orphans import become_subreaper, kill_adopted, reap_adopted, remove_segments
 from .output_relay import OutputRelay
 from .procfs import start_ticks, stopped
 from .settings import FRONT_END_ONLY, Settings
@@ -641,11 +641,16 @@ class Supervisor:
 
     def _ended(self, proc: subprocess.Popen | Forked) -> None:
         """An engine or spare (``proc``, its group killed) died: what it leaves here goes,
-        its temporary directory with what its functions wrote there. A promoted spare's stdin socket was left open (a descriptor of ``serve``'s per
+        its temporary directory with what its functions wrote there, and the SysV shared
+        memory segments it made and never removed. A promoted spare's stdin socket was left open (a descriptor of ``serve``'s per
         promotion, until its Popen was collected)."""
         if proc.stdin is not None:
             proc.stdin.close()
         self._kill_orphans(proc)
+        # (its SysV segments: memory no process holds, kept by the kernel past its end)
+        if (left := remove_segments(proc.pid))[0]:
+            log.warning("removed %d SysV shared memory segment(s) (%d MiB) left by the functions of pid %d",
+                        left[0], left[1] >> 20, proc.pid)
         if (tmp := self._tmp.pop(proc.pid, None)) is not None:  # (after what it started: none writes there now)
             _remove_tree(tmp)
 
@@ -1508,6 +1513,7 @@ class Supervisor:
                         pass
                     _signal_group(proc, signal.SIGKILL)  # it, if still there, and what it forked
                     proc.wait()
+                    remove_segments(proc.pid)  # (as _ended: SysV memory the kernel keeps past serve)
             if engine.board is not None:
                 engine.board.close()
         # Processes the functions started in a session of their own (a helper server, a

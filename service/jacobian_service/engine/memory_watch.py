@@ -12,7 +12,8 @@ names the three charged most. Torch-free.
 
 Memory a function keeps in a shared memory object (a ``memfd``, a file in ``/dev/shm``,
 SysV shared memory) written through its descriptor is in no resident size, nor under
-``ENGINE_MEMORY_LIMIT_BYTES`` (an address-space cap): a function could fill the
+``ENGINE_MEMORY_LIMIT_BYTES`` (an address-space cap), nor a SysV segment it made and
+unmapped without removing it: a function could fill the
 machine's memory past both. What the engine keeps alive that way, by a descriptor or a
 mapping, is counted whole (``shared_beyond_resident``) at each check, once a second: a
 walk of ``/proc/self/maps``, ~1 ms, too dear for every batch. Its growth is charged to
@@ -43,7 +44,7 @@ import logging
 import os
 from typing import Callable
 
-from ..procfs import status_bytes
+from ..procfs import status_bytes, sysv_segments
 
 __all__ = ["MemoryWatch", "ReservedWatch", "limit_of", "shared_beyond_resident"]
 
@@ -84,7 +85,10 @@ def shared_beyond_resident() -> int:
                 held[key] = os.stat(f"/proc/self/map_files/{fields[0].decode()}").st_blocks * 512
             except OSError:  # (that takes CAP_SYS_ADMIN): the mapping's length, at most what it holds
                 held[key] = end - start
-    return max(0, sum(held.values()) - (status_bytes(os.getpid(), "RssShmem") or 0))
+    # SysV segments it made and unmapped (never removed: no descriptor, no mapping, yet
+    # their pages stay; the supervisor removes them as the engine ends); mapped ones are above.
+    unmapped = sum(resident for _, resident, attached in sysv_segments(os.getpid()) if attached == 0)
+    return max(0, sum(held.values()) - (status_bytes(os.getpid(), "RssShmem") or 0)) + unmapped
 
 
 def limit_of(max_rss: int | None, address_space: int | None) -> tuple[int | None, str]:
