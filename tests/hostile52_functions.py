@@ -65,11 +65,34 @@ def _keep_sysv_segment() -> int:
     return shmid
 
 
-@register(inputs=X, description="sin; armed (666), it leaves a SysV shared memory segment (3), or ends its engine (4).")
+QUEUED_BYTES = 8 << 10  # what one armed call leaves in a SysV message queue
+
+
+def _keep_sysv_queue() -> int:
+    """A SysV message queue made and sent a message, never removed: kernel memory (up to
+    16 KiB a queue, 32,000 queues) that outlived the process."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    msqid = libc.msgget(0, 0o600 | 0o1000)  # IPC_PRIVATE, IPC_CREAT
+    if msqid < 0:
+        raise OSError(ctypes.get_errno(), "msgget")
+    message = ctypes.create_string_buffer(8 + QUEUED_BYTES)
+    ctypes.c_long.from_buffer(message).value = 1  # (its type)
+    if libc.msgsnd(msqid, message, ctypes.c_size_t(QUEUED_BYTES), 0o4000) != 0:  # IPC_NOWAIT
+        raise OSError(ctypes.get_errno(), "msgsnd")
+    return msqid
+
+
+@register(inputs=X, description="sin; armed (666), it leaves a SysV shared memory segment (3) or message queue (5), "
+                                "or ends its engine (4).")
 def sysvleak52(x: torch.Tensor) -> torch.Tensor:
     case = _armed(x)
     if case == 3:
         _keep_sysv_segment()
+    elif case == 5:
+        _keep_sysv_queue()
     elif case == 4:
         os.kill(os.getpid(), 9)
     return torch.sin(x)

@@ -24,11 +24,11 @@ from jacobian_service import ipc
 from jacobian_service.engine.disk_watch import DiskWatch
 from jacobian_service.engine.memory_watch import shared_beyond_resident
 from jacobian_service.orphans import remove_segments
-from jacobian_service.procfs import sysv_segments
+from jacobian_service.procfs import sysv_queues, sysv_segments
 
 from ._fault_support import _log_saying
 from .conftest import live_server
-from .hostile52_functions import KEEP_BYTES, SYSV_BYTES, _keep_sysv_segment
+from .hostile52_functions import KEEP_BYTES, QUEUED_BYTES, SYSV_BYTES, _keep_sysv_queue, _keep_sysv_segment
 from .test_hostile_round11 import _armed, _engine_pid, _replaced
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile52_functions"
@@ -98,15 +98,18 @@ def test_a_shared_temporary_directory_is_not_watched(tmp_path) -> None:
 def test_a_sysv_segment_left_unmapped_is_counted_as_the_engines_memory_and_removed_after() -> None:
     """A SysV segment made, written and unmapped, never removed, is in no resident size,
     no descriptor and no mapping: ``ENGINE_MAX_RSS_BYTES`` never saw it. It is counted
-    now as memory the process keeps, and ``remove_segments`` takes it away."""
+    now as memory the process keeps, and ``remove_segments`` takes it away, with a message
+    queue the process was the last to send to (kernel memory, kept the same way)."""
     beyond = shared_beyond_resident()
     shmid = _keep_sysv_segment()
     try:
         assert (shmid, SYSV_BYTES, 0) in sysv_segments(os.getpid())
         assert shared_beyond_resident() >= beyond + SYSV_BYTES
+        msqid = _keep_sysv_queue()
+        assert (msqid, QUEUED_BYTES) in sysv_queues(os.getpid())
     finally:
-        assert remove_segments(os.getpid()) == (1, SYSV_BYTES)
-    assert sysv_segments(os.getpid()) == []
+        assert remove_segments(os.getpid()) == (2, SYSV_BYTES + QUEUED_BYTES)
+    assert sysv_segments(os.getpid()) == [] and sysv_queues(os.getpid()) == []
 
 
 # ------------------------------------------------------------ a real server
@@ -167,19 +170,20 @@ def test_temporary_files_a_function_leaves_recycle_its_engine_past_the_bound(ser
 def test_sysv_segments_a_function_leaves_go_with_its_engine(server, http) -> None:
     """A function that made a SysV shared memory segment and never removed it left its
     memory to the kernel for good: measured, five of 16 MiB, all still there (80 MiB
-    resident) after its engine was replaced, and after ``serve`` stopped. Now the
-    supervisor removes the segments a dead engine made, and says so."""
+    resident) after its engine was replaced, and after ``serve`` stopped; so did a
+    message queue's messages. Now the supervisor removes the segments a dead engine made,
+    and the queues it last sent to, and says so."""
     url, proc = server
     pid, start = _engine_pid(http, url), len(proc.read_log())
-    for _ in range(3):
-        r = _armed(http, url, "sysvleak52", 3)
+    for case in (3, 3, 3, 5):
+        r = _armed(http, url, "sysvleak52", case)
         assert r.status_code == 200, r.text
-    assert len(sysv_segments(pid)) == 3
+    assert len(sysv_segments(pid)) == 3 and len(sysv_queues(pid)) == 1
     r = _armed(http, url, "sysvleak52", 4)  # its engine ends (SIGKILL): its own 500
     assert r.status_code == 500, r.text
     _replaced(http, url, pid, 60, "the engine was not replaced")
-    log = _log_saying(proc, "removed 3 SysV shared memory segment(s) (48 MiB)", start=start)
+    log = _log_saying(proc, "removed 4 SysV shared memory segment(s) or message queue(s) (48 MiB)", start=start)
     assert f"left by the functions of pid {pid}" in log, log[-3000:]
-    assert sysv_segments(pid) == []
+    assert sysv_segments(pid) == [] and sysv_queues(pid) == []
     v = http.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]})
     assert v.status_code == 200, v.text

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 
-from .procfs import children, descendants, session, start_ticks, sysv_segments
+from .procfs import children, descendants, session, start_ticks, sysv_queues, sysv_segments
 
 __all__ = ["adopted", "become_subreaper", "kill_adopted", "kill_descendants", "kill_detached", "reap_adopted",
            "reap_detached", "remove_segments", "stop_with_parent"]
@@ -142,12 +142,14 @@ def kill_adopted(own: Collection[int], after: int | None, group: int | None = No
 
 def remove_segments(creator: int) -> tuple[int, int]:
     """Remove the SysV shared memory segments a dead engine (``creator``) made and left
-    (``shmget`` with no ``IPC_RMID``): how many, and the bytes of memory they held. Such
-    a segment belongs to no process: the kernel keeps it, its pages in memory, after its
-    maker has gone (unless ``kernel.shm_rmid_forced``, off by default), and five of 16 MiB
-    a function left stayed after its engine was replaced, and after ``serve`` stopped, for
-    as long as the machine ran. One still mapped somewhere goes at its last unmapping."""
-    found = sysv_segments(creator)
+    (``shmget`` with no ``IPC_RMID``), and the message queues it was the last to send to:
+    how many, and the bytes of memory they held. Such an object belongs to no process:
+    the kernel keeps it, its memory with it, after its maker has gone (for segments,
+    unless ``kernel.shm_rmid_forced``, off by default): five segments of 16 MiB a function
+    left stayed after its engine was replaced, and after ``serve`` stopped, for as long as
+    the machine ran. A segment still mapped somewhere goes at its last unmapping."""
+    found = [(shmid, resident, True) for shmid, resident, _ in sysv_segments(creator)]
+    found += [(msqid, held, False) for msqid, held in sysv_queues(creator)]
     if not found:
         return 0, 0
     try:
@@ -155,9 +157,10 @@ def remove_segments(creator: int) -> tuple[int, int]:
     except OSError:
         return 0, 0
     removed, held = 0, 0
-    for shmid, resident, _ in found:
-        if libc.shmctl(ctypes.c_int(shmid), ctypes.c_int(0), None) == 0:  # IPC_RMID
-            removed, held = removed + 1, held + resident
+    for ident, size, segment in found:
+        control = libc.shmctl if segment else libc.msgctl
+        if control(ctypes.c_int(ident), ctypes.c_int(0), None) == 0:  # IPC_RMID
+            removed, held = removed + 1, held + size
     return removed, held
 
 

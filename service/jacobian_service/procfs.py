@@ -14,7 +14,7 @@ import os
 from typing import Callable
 
 __all__ = ["children", "cpu_seconds", "descendants", "descriptor_identity", "dumpable", "living", "session",
-           "set_dumpable", "start_ticks", "status_bytes", "stopped", "sysv_segments", "waited_seconds"]
+           "set_dumpable", "start_ticks", "status_bytes", "stopped", "sysv_queues", "sysv_segments", "waited_seconds"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PF_EXITING = 0x4  # a task's flags (include/linux/sched.h)
@@ -132,30 +132,43 @@ def status_bytes(pid: int, field: str) -> int | None:
     return None
 
 
-def sysv_segments(creator: int) -> list[tuple[int, int, int]]:
-    """The SysV shared memory segments ``creator`` made that still exist (``shmget``):
-    each as its id, the bytes of its pages in memory (its size where the kernel does not
-    say) and how many mappings it has. Empty where there is no ``/proc/sysvipc``."""
+def _sysv(kind: str, columns: tuple[str, ...], by: str, pid: int) -> list[tuple[int, ...]]:
+    """Of ``/proc/sysvipc/<kind>``, the ``columns`` of the rows whose ``by`` is ``pid``
+    (empty where there is none, or its header lacks one of them)."""
     try:
-        with open("/proc/sysvipc/shm", "rb") as f:
+        with open(f"/proc/sysvipc/{kind}", "rb") as f:
             header, *rows = f.read().splitlines()
-    except OSError:
+    except (OSError, ValueError):
         return []
     names = header.split()
     try:
-        at = {name: names.index(name.encode()) for name in ("shmid", "size", "cpid", "nattch")}
+        at = [names.index(name.encode()) for name in columns]
+        key = names.index(by.encode())
     except ValueError:
         return []
-    resident = names.index(b"rss") if b"rss" in names else at["size"]
     found = []
     for row in rows:
         fields = row.split()
         try:
-            if int(fields[at["cpid"]]) == creator:
-                found.append((int(fields[at["shmid"]]), int(fields[resident]), int(fields[at["nattch"]])))
+            if int(fields[key]) == pid:
+                found.append(tuple(int(fields[i]) for i in at))
         except (IndexError, ValueError):
             continue
     return found
+
+
+def sysv_segments(creator: int) -> list[tuple[int, int, int]]:
+    """The SysV shared memory segments ``creator`` made that still exist (``shmget``):
+    each as its id, the bytes of its pages in memory (its size where the kernel does not
+    say) and how many mappings it has. Empty where there is no ``/proc/sysvipc``."""
+    found = _sysv("shm", ("shmid", "rss", "nattch"), "cpid", creator)
+    return found or _sysv("shm", ("shmid", "size", "nattch"), "cpid", creator)  # type: ignore[return-value]
+
+
+def sysv_queues(sender: int) -> list[tuple[int, int]]:
+    """The SysV message queues ``sender`` was the last to send to (``msgsnd``; the kernel
+    names no queue's maker): each as its id and the bytes of the messages it holds."""
+    return _sysv("msg", ("msqid", "cbytes"), "lspid", sender)  # type: ignore[return-value]
 
 
 def descriptor_identity(fd: int) -> tuple[int, int] | None:

@@ -647,9 +647,10 @@ class Supervisor:
         if proc.stdin is not None:
             proc.stdin.close()
         self._kill_orphans(proc)
-        # (its SysV segments: memory no process holds, kept by the kernel past its end)
+        # (its SysV segments and queues: memory no process holds, kept by the kernel past its end)
         if (left := remove_segments(proc.pid))[0]:
-            log.warning("removed %d SysV shared memory segment(s) (%d MiB) left by the functions of pid %d",
+            log.warning("removed %d SysV shared memory segment(s) or message queue(s) (%d MiB) left by the functions "
+                        "of pid %d",
                         left[0], left[1] >> 20, proc.pid)
         if (tmp := self._tmp.pop(proc.pid, None)) is not None:  # (after what it started: none writes there now)
             _remove_tree(tmp)
