@@ -4,7 +4,7 @@ TestHessian / TestJvp cases as registered functions."""
 from __future__ import annotations
 
 import torch
-from jacobian_service import Input, register
+from jacobian_service import Array, Input, register
 
 
 class _DynamicBackward(torch.autograd.Function):
@@ -178,3 +178,48 @@ def cross_entropy(y, targets):
 def kw_product(x, y):
     """TestGradTransform test_fn_with_kwargs."""
     return (x * y).sum()
+
+
+_Y0 = torch.tensor(2.0)
+
+
+@register(inputs=[Input("w", shape=()), Input("x", shape=())])
+def unrelated_outputs(w, x):
+    """TestVjp test_unrelated_vjp_multiple_inputs_outputs: a captured float32 0-d twice."""
+    return _Y0, _Y0, x
+
+
+@register(inputs=[Input("x", shape=())])
+def twice_nested(x):
+    """test_vjp_pytree_output / test_vjp_pytree_error: (x, (x, x))."""
+    return x, (x, x)
+
+
+@register(inputs=[Input("x", shape=())])
+def view_inplace_simple(x):
+    """TestGradTransform test_view_inplace_simple."""
+    x = x.clone()
+    x.view([]).sin_()
+    return x
+
+
+_W = torch.linspace(-1, 1, 15).reshape(5, 3)
+
+
+@register(inputs=[Input("x", shape=(3,))])
+def linear_w(x):
+    """TestVjp test_unrelated_hessian: W @ x (float32 W)."""
+    return _W @ x
+
+
+@register(inputs=[Input("inps", tree={"a": Array(("n",)), "b": Array(("n",))})])
+def zero_grad(inps):
+    """TestGradTransform test_zero_grad: one leaf unused."""
+    return (inps["a"] ** 2.0).sum()
+
+
+@register(inputs=[Input("a", tree=(Array(()), Array(()))), Input("b", tree={"foo": Array(())})])
+def grad_pytree_inputs(a, b):
+    """TestGradTransform test_grad_pytree_inputs."""
+    x, y = a
+    return 1 * x + 2 * y + 3 * b["foo"]

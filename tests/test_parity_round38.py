@@ -9,8 +9,15 @@ jacobian / hessian / vjp / jvp, list-of-tuple-of-dict outputs, a seed set inside
 function, cross_entropy with integer targets, inputs by name), replayed over HTTP
 against tests/parity38_functions.py and compared with in-process torch.func.
 
-No mismatch needed a fix this round (the replay and its table: the report
-sec-parity38.md); what it pins:
+1. test_vjp_pytree_error / test_pytree_inputs_error_cases: cotangents (or tangents)
+   whose lists are nested otherwise than the output (the inputs), ``[[v1, [v2, v3]]]``
+   for ``(x, (x, x))``, raise in torch.func. The front end flattened a JSON tree of
+   lists in reading order before the engine saw it, so any nesting of the right leaves
+   was answered 200 (``v1 + v2 + v3``; an ``.npz`` so nested was already a 422). Lists
+   now reach the engine nested as sent: the output's nesting or the flat list of its
+   leaves is taken, anything else is a 422 saying both and quoting torch.
+
+The rest matched torch.func (the table: the report sec-parity38.md); what it pins:
 
 - every answer equals torch.func's (values, shapes, dtypes, structure) on every mode
   and chunk size;
@@ -220,3 +227,62 @@ def test_where_torch_vmap_refuses_one_product_at_a_time(c):
     with pytest.raises(RuntimeError, match="randomness"):
         f.hessian(F.manual_seed_inside)(t(X3))
     same(answer(post(c, "manual_seed_inside", "hessian", [X3]), "hessian")[0], np.zeros((3, 3, 3)))
+
+
+# ----------------------------------------------------------------- vectors' pytree structure
+
+X0, C1, C2, C3 = np.array(0.3), np.array(0.5), np.array(-1.0), np.array(2.0)
+MISNESTED = [[[arr(C1), [arr(C2), arr(C3)]]], [arr(C1), [arr(C2)], arr(C3)], [[arr(C1), arr(C2)], arr(C3)],
+             [[arr(C1), arr(C2), arr(C3)]]]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("cotangents", MISNESTED, ids=["wrapped", "inner-one", "regrouped", "flat-wrapped"])
+def test_misnested_cotangents_are_422_as_torch_refuses_them(c, cotangents, batched):
+    """test_vjp_pytree_error: cotangents nested otherwise than the output ``(x, (x, x))``
+    (``((v1, (v2, v3)),)``) raise in torch.func.vjp. The front end flattened lists of
+    lists in reading order, so any nesting of three arrays was answered 200 (``v1 + v2 +
+    v3``); only the output's nesting and the flat list of its leaves are taken."""
+    _, pullback = f.vjp(F.twice_nested, t(X0))
+    with pytest.raises(RuntimeError, match="Expected pytree structure"):
+        pullback(((t(C1), (t(C2), t(C3))),))
+    if batched:  # a stack of one of each
+        def stacked(node: Any) -> Any:
+            if isinstance(node, list):
+                return [stacked(n) for n in node]
+            return {**node, "shape": [1], "data": [node["data"]]}
+        cotangents = stacked(cotangents)
+    r = c.post("/v1/functions/twice_nested/vjp",
+               json={"inputs": [arr(X0)], "cotangents": cotangents, "batched_vectors": batched})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["code"] == "invalid_input" and body["detail"].startswith("cotangents"), body
+    assert "or a flat list of all 3 arrays in order" in body["detail"] and "Expected pytree structure" in body["detail"]
+
+
+def test_cotangents_nested_as_the_output_or_flat_as_torch_func(c):
+    """What is taken: the output's nesting (torch.func.vjp's), the flat list of its
+    leaves (the service's own), one and a stack."""
+    _, pullback = f.vjp(F.twice_nested, t(X0))
+    want = pullback((t(C1), (t(C2), t(C3))))[0]
+    for cotangents in ([arr(C1), [arr(C2), arr(C3)]], [arr(C1), arr(C2), arr(C3)]):
+        r = c.post("/v1/functions/twice_nested/vjp", json={"inputs": [arr(X0)], "cotangents": cotangents})
+        same(answer(r, "vjp")[0], want)
+    stack = [arr(np.array([0.5, 1.0])), [arr(np.array([-1.0, 0.0])), arr(np.array([2.0, 3.0]))]]
+    r = c.post("/v1/functions/twice_nested/vjp", json={"inputs": [arr(X0)], "cotangents": stack, "batched_vectors": True})
+    same(answer(r, "vjp")[0], torch.tensor([1.5, 4.0], dtype=torch.float64))
+
+
+def test_misnested_tangents_of_a_tuple_input_are_422(c):
+    """test_pytree_inputs_error_cases ("same python structure"): tangents for a tuple
+    input ``a = (x, y)`` nested otherwise (``[[tx], [ty]]``) were flattened and taken."""
+    b = {"foo": S0}
+    with pytest.raises(RuntimeError, match="same python structure"):
+        f.jvp(lambda p: F.grad_pytree_inputs(p, t(b)), ((t(S0), t(S0)),), (((t(C1),), (t(C2),)),))
+    r = c.post("/v1/functions/grad_pytree_inputs/jvp",
+               json={"inputs": [[arr(S0), arr(S0)], {"foo": arr(S0)}], "tangents": [[arr(C1)], [arr(C2)]]})
+    assert r.status_code == 422 and "or a flat list of all 2 arrays in order" in r.json()["detail"], r.text
+    want = f.jvp(lambda p: F.grad_pytree_inputs(p, t(b)), ((t(S0), t(S0)),), ((t(C1), t(C2)),))[1]
+    r = c.post("/v1/functions/grad_pytree_inputs/jvp",
+               json={"inputs": [[arr(S0), arr(S0)], {"foo": arr(S0)}], "tangents": [arr(C1), arr(C2)]})
+    same(answer(r, "jvp")[0], want)

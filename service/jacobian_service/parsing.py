@@ -341,20 +341,14 @@ def _vector_tree(obj: Any, limits: wire.Limits, path: str, room: _Room) -> Any:
 
 
 def _engine_vectors(tree: Any) -> Any:
-    """The form the engine takes: one array, a flat list of leaves in pytree order, or
-    a dict of arrays. A tree of lists only flattens in reading order, which is torch's
-    pytree order for tuples; a tree with dicts inside lists (or lists inside dicts)
-    stays nested, as its dicts can be ordered only against the output's keys (see
-    wire.vector_leaves)."""
-
-    def has_dict(node: Any) -> bool:
-        return isinstance(node, dict) or (isinstance(node, list) and any(has_dict(n) for n in node))
-
-    def leaves(node: Any) -> list[Any]:
-        return [leaf for n in node for leaf in leaves(n)] if isinstance(node, list) else [node]
-
-    if isinstance(tree, list) and not has_dict(tree):
-        return leaves(tree)
+    """The form the engine takes: one array, or lists (tuples) and dicts of them, nested
+    as sent. The engine matches them against the output (or the inputs): nested as it
+    is, or a flat list of all its leaves in pytree order, or one leaf (wire.vector_leaves
+    says so). A tree of lists was flattened here in reading order, so any nesting of the
+    right leaves in order was taken: ``[[v1, [v2, v3]]]`` for an output ``(x, (x, x))``
+    (torch.func.vjp: "Expected pytree structure of cotangents to be the same as pytree
+    structure of outputs"), or ``[v1, [v2], v3]``, answered 200, neither nested as the
+    output is nor flat."""
     return tree
 
 

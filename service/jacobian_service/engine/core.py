@@ -833,10 +833,18 @@ class Engine:
             raise InvalidInput(f"{what} keys {_keys_as_sent(tree)} do not match {_keys_as_sent(like)}")
         try:
             return nested(tree, like, "", sent)
-        except InvalidInput:
+        except InvalidInput as exc:
             if flat:
                 return flat_leaves
-            raise
+            if len(ref_leaves) < 2:
+                raise
+            # Lists nested otherwise than the tree (``[[c1, [c2, c3]]]`` for an output
+            # ``(x, (x, x))``) are refused as torch.func refuses them; say what is taken.
+            shaped = "the output is" if what == "cotangents" else "the differentiated inputs are"
+            raise InvalidInput(f"{exc.detail}: {what} are nested as {shaped}, or a flat list of all "
+                               f"{len(ref_leaves)} arrays in order (torch.func: Expected pytree structure of "
+                               f"{what} to be the same as pytree structure of "
+                               f"{'outputs' if what == 'cotangents' else 'primals'})", fields=exc.fields) from None
 
     @_one_state
     def vjp(self, call: Call) -> Result:
