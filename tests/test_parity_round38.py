@@ -71,6 +71,8 @@ Y32 = R(3, 2)
 V3 = R(3)
 X24 = R(2, 4)
 CE, TARGETS = R(2, 5), np.array([1, 3])
+W0, X0F = np.array(3.0, dtype=np.float32), np.array(4.0, dtype=np.float32)
+X3F = X3.astype(np.float32)
 
 
 def jr(fn: Callable, *inputs: np.ndarray, **kw: Any) -> Callable[[], Any]:
@@ -117,6 +119,16 @@ CASES = [
      hs(F.inplace_on_view_base, S0, Y32, argnums=(0, 1))),
     *[(f"seed-{m}-{cs}", "manual_seed_inside", "jacobian", [X3], {"mode": m, "chunk_size": cs}, jr(F.manual_seed_inside, X3))
       for m in ("rev", "fwd") for cs in (None, 2)],
+    *[(f"unrelated_outputs-{m}", "unrelated_outputs", "jacobian", [W0, X0F], {"argnums": [0, 1], "mode": m},
+       jr(F.unrelated_outputs, W0, X0F, argnums=(0, 1))) for m in ("rev", "fwd")],
+    ("unrelated_outputs-hessian", "unrelated_outputs", "hessian", [W0, X0F], {"argnums": [0, 1]},
+     hs(F.unrelated_outputs, W0, X0F, argnums=(0, 1))),
+    ("view_inplace_simple", "view_inplace_simple", "hessian", [S0], {}, hs(F.view_inplace_simple, S0)),
+    ("linear_w-unrelated_hessian", "linear_w", "hessian", [X3F], {}, lambda: f.jacrev(f.jacrev(F.linear_w))(t(X3F))),
+    ("zero_grad", "zero_grad", "hessian", [{"a": X3 + 3, "b": V3}], {}, hs(F.zero_grad, {"a": X3 + 3, "b": V3})),
+    *[(f"grad_pytree_inputs-{an}", "grad_pytree_inputs", "jacobian", [(S0, S0), {"foo": S0}], {"argnums": an},
+       jr(F.grad_pytree_inputs, (S0, S0), {"foo": S0}, argnums=tuple(an) if isinstance(an, list) else an))
+      for an in (0, [0], [1, 0], -1)],
     ("cross_entropy-hessian", "cross_entropy", "hessian", [CE, TARGETS], {}, hs(F.cross_entropy, CE, TARGETS)),
 ]
 
