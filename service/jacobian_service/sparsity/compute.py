@@ -743,17 +743,16 @@ class _Products:
         flat = block.reshape(*block.shape[:-2], -1)
         if not p.nnz:
             return flat[..., :0]
-        read = flat[..., torch.as_tensor(self.coloring.gather, device=flat.device)]
+        read = _take(flat, self.coloring.gather)
         solve = self.coloring.solve
         if solve is None:
             return read
         # Acyclic: the off-diagonal entries by substitution over the two-coloured trees,
         # differences of prefix sums in preorder (see .acyclic), in float64.
         dev = flat.device
-        signed = flat[..., torch.as_tensor(solve.need, device=dev)].to(torch.float64) * torch.as_tensor(solve.sign, device=dev)
+        signed = _take(flat, solve.need).to(torch.float64) * torch.as_tensor(solve.sign, device=dev)
         prefix = torch.nn.functional.pad(torch.cumsum(signed, dim=-1), (1, 0))
-        lo, hi = torch.as_tensor(solve.lo, device=dev), torch.as_tensor(solve.hi, device=dev)
-        solved = (torch.as_tensor(solve.sign_of, device=dev) * (prefix[..., hi] - prefix[..., lo])).to(read.dtype)
+        solved = (torch.as_tensor(solve.sign_of, device=dev) * (_take(prefix, solve.hi) - _take(prefix, solve.lo))).to(read.dtype)
         return torch.where(torch.as_tensor(solve.direct, device=dev), read, solved)
 
     def finite_reads(self, p: Pattern, block: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -789,7 +788,14 @@ class _Products:
         if solve is None or not solve.need.size:
             return False
         flat = block.transpose(-1, -2).reshape(*block.shape[:-2], -1)
-        return not bool(torch.isfinite(flat[..., torch.as_tensor(solve.need, device=flat.device)]).all())
+        return not bool(torch.isfinite(_take(flat, solve.need)).all())
+
+
+def _take(flat: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+    """``flat[..., index]``, the same elements by ``index_select``: advanced indexing
+    took ~8 times as long on the CPU (measured, 53,600 entries of a 20^3 Laplacian's
+    compressed JVPs: 260 against 32 us), a decompression's largest part."""
+    return flat.index_select(-1, torch.as_tensor(index, device=flat.device))
 
 
 def _products(p: Pattern, coloring: Coloring, primals: Sequence[torch.Tensor], m: int,
@@ -1346,7 +1352,7 @@ def _jacobian_products(
         runs = [forward, reverse]
         blocks, chunks = zip(*[plan.compressed(run, memory_budget, check_alive, chunk_size) for plan, run in zip(sides, runs)])
         flat = torch.cat([blocks[0].transpose(-1, -2).reshape(-1), blocks[1].reshape(-1)])
-        matrix = _to_csr(p, flat[torch.as_tensor(coloring.gather, device=flat.device)] if p.nnz else flat[:0])
+        matrix = _to_csr(p, _take(flat, coloring.gather) if p.nnz else flat[:0])
         wrong = _proven_wrong(p, coloring, sides, list(blocks), matrix, rows)
         chunk = max(chunks)
     else:

@@ -279,7 +279,14 @@ class Pattern:
         return self.nnz / max(m * n, 1)
 
     def indptr(self) -> np.ndarray:
-        return np.searchsorted(self.rows, np.arange(self.shape[0] + 1)).astype(np.int64)
+        # Searched once per pattern (its rows never change), not at every answer: 0.18 ms
+        # of a cached 20^3 Laplacian's ~5 ms request. A copy each call, as before: scipy
+        # may sort or cast the CSR it is handed in place.
+        known = self.__dict__.get("_indptr")
+        if known is None:
+            known = np.searchsorted(self.rows, np.arange(self.shape[0] + 1)).astype(np.int64)
+            self.__dict__["_indptr"] = known
+        return known.copy()
 
     def to_dense(self) -> np.ndarray:
         out = np.zeros(self.shape, dtype=bool)
