@@ -1,0 +1,53 @@
+"""Review round 10: defects found reviewing the day's merges (ee8129d..main).
+
+One in-process app (the built-in examples) shared by the module's tests.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from jacobian_service import create_app
+from jacobian_service.settings import Settings
+
+from .conftest import assert_problem
+
+
+@pytest.fixture(scope="module")
+def c() -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(warmup=False)), raise_server_exceptions=False) as client:
+        while client.get("/readyz").status_code != 200:
+            pass
+        yield client
+
+
+def _npz(**members: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **members)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("key", ["\u00b2", "\u0663", "\u2460", "7", "01", "9" * 5000])
+def test_an_unknown_input_named_by_a_digit_that_is_no_position_is_a_422(c, key):
+    """The count of inputs "given by position" (b7fdf4e) took every key str.isdigit()
+    holds for as a position: "²" (superscript two) made int() raise, a 500 and a
+    traceback in the log, from JSON and .npz bodies alike; "٣" was counted as position 3;
+    keys "0" and "7" read as 8 inputs. Only the ASCII positions the service matches, all
+    of the keys, are counted."""
+    for r in (c.post("/v1/functions/sin/evaluate", json={"inputs": {"0": [1.0, 2.0], key: [1.0]}}),
+              c.post("/v1/functions/sin/evaluate", content=_npz(**{"0": np.ones(2), key: np.ones(1)}),
+                     headers={"content-type": "application/x-npz"})):
+        body = assert_problem(r, 422, "invalid_input")
+        assert body["detail"].startswith("unknown inputs ["), body
+        assert "given by position" not in body["detail"], body
+
+
+def test_one_input_too_many_by_position_is_counted(c):
+    r = c.post("/v1/functions/sin/evaluate", json={"inputs": {"0": [1.0, 2.0], "1": [1.0], "2": [3.0]}})
+    body = assert_problem(r, 422, "invalid_input")
+    assert body["detail"] == "unknown inputs ['1', '2']; sin takes ['x']: 1 input, and 3 were given by position", body
