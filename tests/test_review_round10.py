@@ -10,12 +10,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 from starlette.testclient import TestClient
 
 from jacobian_service import create_app
 from jacobian_service.settings import Settings
 
-from .conftest import assert_problem
+from . import complex1_functions as F
+from .conftest import assert_problem, sdk_over
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +53,36 @@ def test_one_input_too_many_by_position_is_counted(c):
     r = c.post("/v1/functions/sin/evaluate", json={"inputs": {"0": [1.0, 2.0], "1": [1.0], "2": [3.0]}})
     body = assert_problem(r, 422, "invalid_input")
     assert body["detail"] == "unknown inputs ['1', '2']; sin takes ['x']: 1 input, and 3 were given by position", body
+
+
+@pytest.fixture(scope="module")
+def cc() -> Iterator[TestClient]:
+    settings = Settings(warmup=False, functions="tests.complex1_functions")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        while client.get("/readyz").status_code != 200:
+            pass
+        yield client
+
+
+@pytest.mark.parametrize("transport", ["binary", "json"])
+def test_the_sdk_sends_python_complex_numbers_as_complex_arrays(cc, transport):
+    """Python's complex numbers for an input declared complex (and a complex output's
+    cotangents): a scalar was "cannot send a complex as an input; pass a numpy array,
+    list or number", a list of them orjson's TypeError "Type is not JSON serializable:
+    complex", numpy's and torch's complex scalars in a list likewise, where the same
+    numbers as a numpy array were sent. Sent as the complex128 array they make, a real
+    input refuses them as it refuses that array (the 422), never reading pairs as reals."""
+    from jacobian_client import InvalidInput
+
+    z = [1 + 2j, np.complex64(-0.5 + 0.25j), torch.tensor(0.3 - 1.5j, dtype=torch.complex128)]
+    zt = torch.tensor([1 + 2j, -0.5 + 0.25j, 0.3 - 1.5j], dtype=torch.complex128)
+    with sdk_over(cc) as sdk:
+        np.testing.assert_allclose(sdk.evaluate("conj_abs", 1 + 1j, transport=transport), np.sqrt(2), rtol=1e-6)
+        np.testing.assert_allclose(sdk.evaluate("csquare", z, transport=transport), F.csquare(zt).numpy(),
+                                   rtol=1e-6)
+        want = torch.func.vjp(F.csquare, zt)[1](zt.conj())[0].resolve_conj().numpy()
+        np.testing.assert_allclose(sdk.vjp("csquare", zt, cotangents=[complex(v) for v in zt.conj()],
+                                           transport=transport), want, rtol=1e-12)
+        for bad in ([1j, 2.0, 3.0], 1j):
+            with pytest.raises(InvalidInput, match="unsupported dtype complex128 here"):
+                sdk.evaluate("real_sin", bad, transport=transport)

@@ -129,26 +129,54 @@ def as_wire_value(value: Any) -> np.ndarray | Plain | Bfloat16:
         return _from_numpy(np.asarray(value))
     if is_torch_tensor(value):
         return _from_torch(value)
+    if isinstance(value, complex):
+        # (a Python complex, for an input declared complex: the complex128 array it is,
+        # its dtype named, which a real input refuses as it refuses a numpy one; it was
+        # "cannot send a complex ... pass a ... number")
+        return np.asarray(value)
     if isinstance(value, (bool, int, float, list, tuple)):
-        return Plain(_plain(value))
+        try:
+            return Plain(_plain(value))
+        except _HoldsComplex:
+            # Complex numbers in a list ([1+2j, 3j], numpy's or a complex tensor's): plain
+            # JSON has no complex number (orjson's "Type is not JSON serializable: complex"
+            # escaped), and pairs without a dtype would be a real input's numbers. Sent as
+            # the complex128 array they make, as a numpy one is.
+            return _from_numpy(np.asarray(_plain(value, complex_ok=True)))
     if hasattr(value, "__array__"):  # jax, cupy.get(), pandas, xarray ...
         return _from_numpy(np.asarray(value))
     raise TypeError(f"cannot send a {type(value).__name__} as an input; pass a numpy array, list or number")
 
 
-def _plain(value: Any) -> Any:
-    """Tuples -> lists and numpy/torch scalars (or arrays) inside lists -> Python numbers."""
+class _HoldsComplex(Exception):
+    """A plain list holds a complex number (``_plain``): it is sent as an array instead."""
+
+
+def _plain(value: Any, complex_ok: bool = False) -> Any:
+    """Tuples -> lists and numpy/torch scalars (or arrays) inside lists -> Python numbers.
+    A complex number among them raises _HoldsComplex unless ``complex_ok``."""
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, complex_ok) for v in value]
     if isinstance(value, np.generic):
+        _check_real(value.dtype.kind == "c", complex_ok)
         return value.item()
     if is_torch_tensor(value):
+        _check_real(value.is_complex(), complex_ok)
         return value.detach().cpu().tolist()  # torch's own: numpy has no bfloat16 to go through
     if isinstance(value, np.ndarray):
+        _check_real(value.dtype.kind == "c", complex_ok)
         return _unmasked(value).tolist()  # before any np.asarray, which drops the mask
     if hasattr(value, "__array__"):
-        return np.asarray(value).tolist()
+        arr = np.asarray(value)
+        _check_real(arr.dtype.kind == "c", complex_ok)
+        return arr.tolist()
+    _check_real(value.__class__ is complex, complex_ok)
     return value
+
+
+def _check_real(is_complex: bool, complex_ok: bool) -> None:
+    if is_complex and not complex_ok:
+        raise _HoldsComplex
 
 
 def json_array(value: np.ndarray | Plain | Bfloat16, *, binary: bool) -> Any:
