@@ -86,3 +86,29 @@ def test_the_sdk_sends_python_complex_numbers_as_complex_arrays(cc, transport):
         for bad in ([1j, 2.0, 3.0], 1j):
             with pytest.raises(InvalidInput, match="unsupported dtype complex128 here"):
                 sdk.evaluate("real_sin", bad, transport=transport)
+
+
+@pytest.mark.parametrize("kind, name, body", [
+    ("jvp", "csquare", {"tangents": [[0.5, -1.0], [2.0, 0.5], [-1.0, 0.75]]}),
+    ("hvp", "abs2", {"tangents": [[0.5, -1.0], [2.0, 0.5], [-1.0, 0.75]]}),
+    ("vjp", "csquare", {"cotangents": [[0.5, -1.0], [2.0, 0.5], [-1.0, 0.75]]}),
+    ("jvp", "csquare", {"tangents": [[[0.5, -1.0], [2.0, 0.5], [-1.0, 0.75]]], "batched_vectors": True}),
+])
+def test_complex_vectors_sent_as_plain_pairs_are_told_how_to_send_them(cc, kind, name, body):
+    """A complex input's plain lists are its [real, imag] pairs; a vector's plain lists are
+    real numbers (a real tangent of a complex input: its imaginary part 0). Pairs sent
+    plain as tangents (or a complex output's cotangents) were "expected shape [3], got
+    [3, 2]" and no more: the 422 now says where pairs go."""
+    r = cc.post(f"/v1/functions/{name}/{kind}", json={"inputs": [[[1.0, 2.0], [-0.5, 0.25], [0.3, -1.5]]], **body})
+    problem = assert_problem(r, 422, "invalid_input")
+    key = "cotangents" if kind == "vjp" else "tangents"
+    shape = [1, 3] if body.get("batched_vectors") else [3]
+    assert problem["detail"].startswith(f"{key}: expected shape "), problem
+    assert (f'(complex {key} as [real, imag] pairs go in an array object that names the dtype: {{"dtype": '
+            f'"complex128", "shape": {shape}, "data": [[re, im], ...]}}; plain lists here are real numbers)'
+            ) in problem["detail"], problem
+    # a real tangent of the input's shape answers (torch.func.jvp's of imaginary part 0)
+    if kind != "vjp":
+        ok = cc.post(f"/v1/functions/{name}/{kind}", json={"inputs": [[[1.0, 2.0], [-0.5, 0.25], [0.3, -1.5]]],
+                                                          "tangents": [0.5, 2.0, -1.0]})
+        assert ok.status_code == 200, ok.text

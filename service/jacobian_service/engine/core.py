@@ -745,7 +745,16 @@ class Engine:
                 shape = ("B", *ref.shape) if batched else tuple(ref.shape)
                 # The shapes as fields too: a client's code reads them (jax's adapter
                 # tells an output whose shape follows the values by them), not the words.
-                raise InvalidInput(f"{what}{path}: expected shape {list(shape)}, got {list(arr.shape)}",
+                hint = ""
+                if ref.is_complex() and arr.dtype.kind != "c" and tuple(arr.shape) == (*want, 2):
+                    # [real, imag] pairs sent as plain lists (as a complex input's plain
+                    # lists are read): a vector's plain lists are real numbers, so the
+                    # pairs were one dimension too many, and the 422 said only that
+                    dtype = str(ref.dtype).removeprefix("torch.")
+                    hint = (f" (complex {what} as [real, imag] pairs go in an array object that names the dtype: "
+                            f'{{"dtype": "{dtype}", "shape": {list(arr.shape[:-1])}, "data": [[re, im], ...]}}; '
+                            "plain lists here are real numbers)")
+                raise InvalidInput(f"{what}{path}: expected shape {list(shape)}, got {list(arr.shape)}{hint}",
                                    fields=shape_fields(what, path, shape, arr.shape))
             if arr.dtype.kind not in "biufc":  # (complex tangents: checked against their input below)
                 raise InvalidInput(f"{what}{path}: expected numbers, got {arr.dtype.name}")
