@@ -112,3 +112,39 @@ def test_complex_vectors_sent_as_plain_pairs_are_told_how_to_send_them(cc, kind,
         ok = cc.post(f"/v1/functions/{name}/{kind}", json={"inputs": [[[1.0, 2.0], [-0.5, 0.25], [0.3, -1.5]]],
                                                           "tangents": [0.5, 2.0, -1.0]})
         assert ok.status_code == 200, ok.text
+
+
+def test_a_sparsity_cache_directory_that_cannot_be_written_costs_only_the_disk_copy(tmp_path, monkeypatch):
+    """SPARSITY_CACHE_DIR that is no directory (or a disk full, a volume made read-only):
+    every sparse Jacobian and sparsity query was a 500 function_error naming the server's
+    path ("NotADirectoryError: [Errno 20] Not a directory: '/.../cache'"), the function
+    blamed; the disk copy is a restart's shortcut, the entry in memory already."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    settings = Settings(warmup=False, sparsity_cache_dir=blocker / "cache")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        while client.get("/readyz").status_code != 200:
+            pass
+        x = [1.0, 2.0, 3.0]
+        r = client.post("/v1/functions/sin/jacobian", json={"inputs": [x], "sparsity": "auto", "sparse_format": "dense"},
+                        headers={"accept": "application/json"})
+        assert r.status_code == 200, r.text
+        want = torch.func.jacrev(torch.sin)(torch.tensor(x))
+        from jacobian_client import wire
+
+        np.testing.assert_allclose(wire.decode_tree(r.json()["jacobian"]), want.numpy(), rtol=1e-6)
+        r = client.get("/v1/functions/sin/sparsity?shapes=4")
+        assert r.status_code == 200 and r.json()["pattern"]["nnz"] == 4, r.text
+
+    # a disk that fills mid-write: nothing raised, no temporary file left, the entry served from memory
+    from jacobian_service.sparsity import patterns
+
+    cache = patterns.PatternCache(tmp_path / "full")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(patterns.np, "savez", full)
+    cache.put("k", {"value_dependent": True})
+    assert cache.get("k") == {"value_dependent": True}
+    assert list((tmp_path / "full").iterdir()) == []

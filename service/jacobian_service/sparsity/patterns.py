@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import hashlib
 import inspect
+import logging
 import marshal
 import os
 import site
@@ -56,6 +57,8 @@ __all__ = [
 
 #: Environment variable naming the directory of the on-disk pattern cache.
 CACHE_ENV = "JACOBIAN_SERVICE_SPARSITY_CACHE_DIR"
+
+log = logging.getLogger(__name__)
 # Bytes its files may hold together by default (Settings.sparsity_cache_max_bytes).
 _DISK_BYTES = 1 << 30
 # A temporary file older than this is left from a process killed mid-write: removed.
@@ -704,6 +707,19 @@ class PatternCache:
         self._remember(key, entry)
         if self.directory is None:
             return
+        try:
+            self._write(key, entry)
+        except OSError as exc:
+            # The disk copy is a restart's shortcut, the entry in memory already: a disk
+            # full (another tenant's, or an operator's volume sized small), a directory
+            # made read-only or not one at all failed every sparse request and sparsity
+            # query with a 500 function_error naming the server's path ("NotADirectoryError:
+            # ... '/srv/cache'"), the function blamed. (The log's repeat filter bounds this line.)
+            log.warning("sparsity pattern cache: not written to %s (%s); kept in memory only", self.directory,
+                        getattr(exc, "strerror", None) or exc)
+
+    def _write(self, key: str, entry: dict[str, Any]) -> None:
+        assert self.directory is not None
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         try:
@@ -715,7 +731,8 @@ class PatternCache:
                 return
             os.replace(tmp, self.directory / f"{key}.npz")
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink(missing_ok=True)
             raise
         if self._disk_bytes is not None:
             self._disk_bytes += size
