@@ -148,3 +148,13 @@ def test_a_sparsity_cache_directory_that_cannot_be_written_costs_only_the_disk_c
     cache.put("k", {"value_dependent": True})
     assert cache.get("k") == {"value_dependent": True}
     assert list((tmp_path / "full").iterdir()) == []
+
+
+def test_a_cache_file_not_as_this_version_writes_it_is_a_miss(tmp_path):
+    """The directory outlives the run (and the version that wrote it): an entry whose shape
+    is 0-d raised TypeError out of get(), a 500 function_error of the sparse request."""
+    from jacobian_service.sparsity import patterns
+
+    np.savez(tmp_path / "k.npz", shape=np.asarray(3), rows=np.zeros(1, np.int64), cols=np.zeros(1, np.int64),
+             name=np.asarray("a"), source=np.asarray("s"), exact=np.asarray(True), notes=np.asarray([""]))
+    assert patterns.PatternCache(tmp_path).get("k") is None

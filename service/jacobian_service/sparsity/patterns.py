@@ -696,7 +696,7 @@ class PatternCache:
         try:
             with np.load(path, allow_pickle=False) as z:
                 entry = _entry_from_arrays({k: z[k] for k in z.files})
-        except (OSError, ValueError, KeyError):
+        except Exception:  # unreadable, or not an entry as this version writes it (a 0-d shape: TypeError): a miss
             return None
         with contextlib.suppress(OSError):  # used now: the last of the files to go (_trim)
             os.utime(path)
