@@ -158,3 +158,18 @@ def test_a_cache_file_not_as_this_version_writes_it_is_a_miss(tmp_path):
     np.savez(tmp_path / "k.npz", shape=np.asarray(3), rows=np.zeros(1, np.int64), cols=np.zeros(1, np.int64),
              name=np.asarray("a"), source=np.asarray("s"), exact=np.asarray(True), notes=np.asarray([""]))
     assert patterns.PatternCache(tmp_path).get("k") is None
+
+
+def test_the_openapi_document_says_what_a_release_without_a_key_gets():
+    """With API keys and no operators' keys the document said "every call is a 403", and a
+    call without a key is the 401 (AuthMiddleware asks for the header first)."""
+    app = create_app(Settings(warmup=False), api_keys=("k",), admin_keys=())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        while client.get("/readyz").status_code != 200:
+            pass
+        said = client.get("/openapi.json", headers={"authorization": "Bearer k"}).json()
+        op = said["paths"]["/v1/functions/{name}/quarantine"]["delete"]
+        assert_problem(client.delete("/v1/functions/sin/quarantine"), 401, "unauthorized")
+        assert_problem(client.delete("/v1/functions/sin/quarantine", headers={"authorization": "Bearer k"}), 403,
+                       "forbidden")
+        assert "call with a key is a 403 `forbidden` (without one, the 401 `unauthorized`" in op["description"], op

@@ -743,7 +743,8 @@ def _operators(api_keys: bool, admin_keys: bool) -> str:
         return "An operator's action: it wants an operator's key (`ADMIN_KEYS`); an API key is a 403 `forbidden`."
     if api_keys:
         return ("An operator's action, and this server has API keys but no operators' keys (`ADMIN_KEYS`): every "
-                "call is a 403 `forbidden`. A quarantine lifts by itself after `QUARANTINE_COOLDOWN_S`.")
+                "call with a key is a 403 `forbidden` (without one, the 401 `unauthorized` of every guarded route). "
+                "A quarantine lifts by itself after `QUARANTINE_COOLDOWN_S`.")
     return "An operator's action (`ADMIN_KEYS` guards it). This server has no keys: anyone may take it."
 
 
