@@ -424,6 +424,9 @@ class EngineServer:
                             "kill -INT; last ran: %s); let be: no KeyboardInterrupt raised", self._ran or "nothing")
             try:
                 found = self._watch(now, ran)
+                # (the leak checks read /proc too; looked at only where nothing else has the engine leaving)
+                stray = found is not None and found.thread_function is not None
+                leak = self._leak(found, now) if leaving is None and not stray else None
             except Exception as exc:
                 # The engine's own reads of /proc failed: a function's audit hook
                 # (sys.addaudithook, which nothing can remove) that refuses them, say.
@@ -439,7 +442,7 @@ class EngineServer:
                     log.error("%s left a thread running after it returned, using a core; the engine restarts (a "
                               "thread cannot be stopped)", found.thread_function)
                     leaving, since = {"stray": found.thread_function}, now
-            if leaving is None and (leak := self._leak(found, now)) is not None:
+            if leaving is None and leak is not None:
                 log.error("the engine restarts: %s", ipc.recycle_reason(leak))
                 leaving, since = leak, now
             if leaving is not None and (not self.pending or now - since > _LEAVE_DRAIN_S):
