@@ -49,6 +49,7 @@ def test_plain_hessians_of_a_vector_output_measure_rows(name, monkeypatch):
     x = RNG.uniform(-2, 2, n)
     want = pytree.tree_leaves(torch.func.hessian(fn)(torch.from_numpy(x)))
     ran: list[str] = []
+    took: dict[str, float] = {}  # each strategy's last run's seconds, as the engine times it
     strategies = dict(hessian_mod.STRATEGIES)
 
     def watched(name_: str):
@@ -57,7 +58,11 @@ def test_plain_hessians_of_a_vector_output_measure_rows(name, monkeypatch):
 
             def run(*p):
                 ran.append(name_)
-                return inner(*p)
+                start = time.perf_counter()
+                try:
+                    return inner(*p)
+                finally:
+                    took[name_] = time.perf_counter() - start
             return run
         return make
 
@@ -66,18 +71,23 @@ def test_plain_hessians_of_a_vector_output_measure_rows(name, monkeypatch):
     torch.set_num_threads(1)  # (timings as measured above, whatever else the machine runs)
     try:
         engine = Engine(torch.device("cpu"), 256 << 20)
-        results = [engine.hessian(Call(spec, [x], ["float64"], deadline=time.monotonic() + 60)) for _ in range(2)]
+        results = [engine.hessian(Call(spec, [x], ["float64"], deadline=time.monotonic() + 60))]
+        measured = dict(took)
+        results.append(engine.hessian(Call(spec, [x], ["float64"], deadline=time.monotonic() + 60)))
     finally:
         torch.set_num_threads(threads)
     assert "jacrev_rows" in ran and "jacfwd_jacrev" in ran, ran
+    # The one kept is the one measured fastest: rows, quiet (2.5x or more), but one timed
+    # run each under a loaded suite's preemption can go the other way (seen once).
+    kept = min(measured, key=measured.get)
     for r in results:
-        assert r.mode == "jacrev_rows", r.mode
+        assert r.mode == kept, (r.mode, measured)
         got = pytree.tree_leaves(r.value)
         assert len(got) == len(want)
         for g_, w in zip(got, want):
             np.testing.assert_allclose(np.asarray(g_), w.numpy(), rtol=1e-12, atol=1e-14)
     # the second ran the strategy kept, alone (no measuring)
-    assert ran[-1] == "jacrev_rows" and ran.count("jacrev_rows") == 3, ran
+    assert ran[-1] == kept and ran.count(kept) == 3, ran
 
 
 # ---------------------------------------------------------------------------------------
