@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from .sparse_steady import _torch_fns
+
 
 def _measure(quick: bool) -> dict[str, float]:
     import numpy as np
@@ -42,24 +44,15 @@ def _measure(quick: bool) -> dict[str, float]:
 
     n = 8 if quick else 20
 
-    def lap_pad(u):
-        p = torch.nn.functional.pad(u, (1, 1, 1, 1, 1, 1))
-        return (p[2:, 1:-1, 1:-1] + p[:-2, 1:-1, 1:-1] + p[1:-1, 2:, 1:-1] + p[1:-1, :-2, 1:-1]
-                + p[1:-1, 1:-1, 2:] + p[1:-1, 1:-1, :-2] - 6 * u) + u**3
-
-    def lap_roll(u):
-        return sum(torch.roll(u, s, d) for d in range(3) for s in (1, -1)) - 6 * u + u**3
-
-    def energy(u):
-        return -(u * lap_pad(u)).sum() / 2 + (u**4).sum() / 2
+    fns = _torch_fns(torch)  # (the same 3-D Laplacians and energy as sparse_steady's)
 
     engine = Engine(torch.device("cpu"), 256 << 20)
     preload()
     engine.jacobian(Call(FunctionSpec("_prime", torch.sin, (Input("x", shape=(3,)),)), [np.ones(3, np.float32)], ["float32"]))
     rng = np.random.default_rng(0)
     out: dict[str, float] = {}
-    for name, fn, kind in (("lap3d_pad", lap_pad, "jacobian"), ("lap3d_roll", lap_roll, "jacobian"),
-                           ("energy3d", energy, "hessian")):
+    for name in ("lap3d_pad", "lap3d_roll", "energy3d"):
+        fn, kind = fns[name]
         spec = FunctionSpec(f"{name}_first", fn, (Input("u", shape=(n, n, n), dtype="float64"),))
         for i in range(3):
             x = rng.standard_normal((n, n, n))
