@@ -417,14 +417,6 @@ def _split_members(members: dict[str, np.ndarray], vector_key: str | None) -> tu
         raise from_wire(exc) from None
 
 
-def _position(key: str) -> int | None:
-    """``key`` as the position it names where inputs are keyed by position ("0", "1", ...:
-    the strings ``_by_name`` matches, ASCII digits without a leading zero), else None."""
-    if key.isascii() and key.isdigit() and (key == "0" or not key.startswith("0")) and len(key) < 19:
-        return int(key)
-    return None
-
-
 def _by_name(spec: FunctionSpec, given: Mapping[str, Any]) -> list[Any]:
     """Inputs given by parameter name (or position, as in an .npz) -> positional list."""
     names = [inp.name for inp in spec.inputs]
@@ -441,14 +433,13 @@ def _by_name(spec: FunctionSpec, given: Mapping[str, Any]) -> list[Any]:
             raise InvalidInput(f"missing input {name!r}; {spec.name} takes {names}" + _unknown(unknown))
     if unknown:
         extra = ""
-        positions = [_position(key) for key in given]
-        if None not in positions and sorted(positions) == list(range(len(positions))):  # type: ignore[type-var]
+        if set(given) == {str(i) for i in range(len(given))}:
             # positions past the last input: an SDK call with one input too many (f(x, y)
             # of f(x)) read "unknown inputs ['1']", not that it gave more than f takes.
-            # Only keys the service reads as positions (ASCII "0", "1", ...), all of them:
-            # str.isdigit() holds for "²" (int() raised, a 500) and "٣" (read as 3), and
-            # keys "0" and "7" are no 8 inputs.
-            extra = (f": {len(names)} input{'s' if len(names) != 1 else ''}, and {len(positions)} were given "
+            # Only the keys the service reads as positions (str(i): "0", "1", ...), all of
+            # them: str.isdigit() holds for "²" (int() raised, a 500) and "٣" (read as 3),
+            # and keys "0" and "7" are no 8 inputs.
+            extra = (f": {len(names)} input{'s' if len(names) != 1 else ''}, and {len(given)} were given "
                      "by position")
         raise InvalidInput(f"unknown inputs {unknown}; {spec.name} takes {names}{extra}" + _unknown([], unknown))
     return out

@@ -264,11 +264,7 @@ class EngineServer:
         others = [f for f in self._left if f != self._ran]
         if not others:
             return None
-        now = self.strays.left_clocks(besides=self._ran)
-        taken = self._batch_clocks
-        if now is not None and taken is not None and all(taken.get(tid) == used for tid, used in now.items()):
-            return None
-        return others
+        return others if _clocks_moved(self._batch_clocks, self.strays.left_clocks(besides=self._ran)) else None
 
     def _send(self, peer: Peer, frames: list[Any]) -> None:
         self._outbox.setdefault(peer, []).append(frames)
@@ -503,10 +499,9 @@ class EngineServer:
         # The settings' pass costs more (~50-500 us): only where a left thread ran since the
         # last look (its CPU clock moved), or one cannot tell (a left child process).
         clocks, self._left_clocks = self._left_clocks, self.strays.left_clocks()
-        ran = clocks is None or self._left_clocks is None or any(
-            clocks.get(tid) != used for tid, used in self._left_clocks.items())
         # (a kernel registered cannot be put back: the engine leaves all the same)
-        settings = self.engine.process_settings.restore_idle(self._left) if ran else []
+        settings = self.engine.process_settings.restore_idle(self._left) if _clocks_moved(clocks, self._left_clocks) \
+            else []
         if not found and not settings:
             return None
         what = "; ".join([*(f"rebound or deleted {described(label, names)}" for label, names in found),
@@ -609,6 +604,12 @@ class EngineServer:
             import torch
 
             self.metrics.device_memory.labels(self.device).set(torch.cuda.memory_allocated(self.device))
+
+
+def _clocks_moved(before: dict[int, int] | None, now: dict[int, int] | None) -> bool:
+    """Whether a thread of those ``Strays.left_clocks`` read ran between the two readings
+    (its CPU clock moved, or it is new), or it cannot be told (either reading None)."""
+    return before is None or now is None or any(before.get(tid) != used for tid, used in now.items())
 
 
 def _sin(x: Any) -> Any:
