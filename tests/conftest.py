@@ -184,10 +184,11 @@ def assert_problem(response: Any, status: int, code: str) -> dict[str, Any]:
     assert response.headers["content-type"].startswith(wire.PROBLEM)
     body = response.json()
     # SPEC's members, and those of an array refused for its shape all together, or a
-    # function's lack of a forward-mode rule, or vectors of too many arrays, or none
+    # function's lack of a forward-mode rule, or vectors of too many arrays, or inputs left
+    # out, or a result no .npy carries, or none
     extensions = set(body) - {"type", "title", "status", "detail", "code", "request_id"}
     assert extensions in (set(), {"field", "path", "expected_shape", "got_shape"}, {"unsupported"},
-                          {"field", "limit"}), body
+                          {"field", "limit"}, {"missing", "inputs"}, {"not_one_array", "reason"}), body
     assert len(body) == 6 + len(extensions), body
     assert body["status"] == status and body["code"] == code
     assert body["request_id"] == response.headers["x-request-id"]

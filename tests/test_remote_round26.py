@@ -144,20 +144,41 @@ def test_sparse_dense_form_with_several_argnums_still_streams(cc: Counted, tmp_p
     np.testing.assert_allclose(got, np.hstack([np.eye(5), np.diag(2 * Y)]), atol=0)
 
 
-@pytest.mark.parametrize("name, inputs, why", [
-    ("sin_aux", (X,), "aux"),
-    ("polar", (X, Y), "several arrays"),
-    ("dense_layer", ({"w": np.ones((2, 5)), "b": np.ones(2)}, X), "pytree parameter"),
+@pytest.mark.parametrize("name, inputs, why, code", [
+    ("sin_aux", (X,), "aux", "aux"),
+    ("polar", (X, Y), "several arrays", "several_arrays"),
+    ("dense_layer", ({"w": np.ones((2, 5)), "b": np.ones(2)}, X), "pytree parameter", "pytree"),
 ])
 def test_server_refusal_said_in_the_sdks_terms(cc: Counted, tmp_path: Any, name: str, inputs: tuple,
-                                               why: str) -> None:
+                                               why: str, code: str) -> None:
     with pytest.raises(jc.NotAcceptable) as info:
         cc.client.jacobian(name, *inputs, out=tmp_path / "J.npy")
     message = str(info.value)
     assert "out= streams one array" in message and "leave out= off" in message and why in message
     assert "x-npz" not in message and "ask for" not in message
     assert info.value.status_code == 406 and info.value.code == "not_acceptable"
+    # (round 27) what it could not carry, in members for code to read: the code and its words
+    assert info.value.problem["not_one_array"] == code and why in info.value.problem["reason"]
     assert cc.take() == ["jacobian"]
+
+
+def test_out_refusal_is_read_from_the_problems_members_not_its_detail(tmp_path: Any) -> None:
+    """The SDK's out= refusal cut the server's detail at "; ask for " to find the reason:
+    a detail worded otherwise came back whole, the raw caller's format advice inside. It
+    reads the ``reason`` member (beside ``not_one_array``) now."""
+    problem = {"type": "urn:jacobian-service:problem:not_acceptable", "title": "Not acceptable", "status": 406,
+               "code": "not_acceptable", "detail": "no .npy for this one; try application/x-npz (reworded)",
+               "not_one_array": "aux", "reason": "the function's aux comes beside it"}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(406, json=problem, headers={"content-type": "application/problem+json"})
+
+    with jc.Client("http://sdk.test", http_transport=httpx.MockTransport(answer), max_retries=0) as c:
+        with pytest.raises(jc.NotAcceptable) as info:
+            c.jacobian("sin_aux", X, out=tmp_path / "J.npy")
+    assert str(info.value).startswith("406 not_acceptable: out= streams one array into one .npy file; the jacobian of "
+                                      "'sin_aux' is not one (the function's aux comes beside it): leave out= off")
+    assert "x-npz" not in str(info.value) and "reworded" not in str(info.value)
     assert _files(tmp_path) == []
 
 
@@ -184,12 +205,17 @@ def test_an_input_left_out_is_named_not_the_format_the_sdk_chose(cc: Counted, ap
     the caller never chose, not which input was missing; a JSON body said which."""
     with pytest.raises(jc.InvalidInput) as info:
         cc.client.jacobian("add_square", X)
-    assert "missing input 'y'; add_square takes ['x', 'y']" in str(info.value)
+    assert "missing input 'y'; add_square takes ['x', 'y']: pass each input, in order or by name" in str(info.value)
+    # (round 27) nor the format advice after it: "send them all as application/x-npz or
+    # JSON" came along; the SDK words it from the problem's members, not the detail
+    assert "application/" not in str(info.value) and "x-npz" not in str(info.value)
+    assert (info.value.problem["missing"], info.value.problem["inputs"]) == (["y"], ["x", "y"])
     torch = pytest.importorskip("torch")
     from jacobian_client.torch import remote
 
-    with pytest.raises(jc.InvalidInput, match=r"missing input 'y'; add_square takes \['x', 'y'\]"):
+    with pytest.raises(jc.InvalidInput, match=r"missing input 'y'; add_square takes \['x', 'y'\]: pass each") as info:
         remote(cc.client, "add_square")(torch.ones(3, dtype=torch.float64))
+    assert "application/" not in str(info.value)
     # one too many: the positions past the function's inputs are counted
     with pytest.raises(jc.InvalidInput, match=r"unknown inputs \['1'\]; sin takes \['x'\]: 1 input, and 2 were given"):
         cc.client.jacobian("sin", X, X)
@@ -197,3 +223,83 @@ def test_an_input_left_out_is_named_not_the_format_the_sdk_chose(cc: Counted, ap
     # a raw .npy to a vector endpoint of a one-input function keeps its words
     r = app.post("/v1/functions/sin/vjp", content=b"", headers={"content-type": "application/x-npy"})
     assert r.status_code == 422 and "carries one input; sin vjp needs more" in r.json()["detail"]
+    # a raw HTTP caller, who chose .npy, keeps the advice, with the members beside it
+    r = app.post("/v1/functions/polar/jacobian", content=_npy(X), headers={"content-type": "application/x-npy"})
+    problem = r.json()
+    assert r.status_code == 422 and "send them all as application/x-npz or JSON" in problem["detail"]
+    assert (problem["missing"], problem["inputs"]) == (["theta"], ["r", "theta"])
+    # a JSON body of several left out names each, and what it sent that the function does not take
+    r = app.post("/v1/functions/add_square/jacobian", json={"inputs": {"z": [1.0]}})
+    assert r.status_code == 422 and (r.json()["missing"], r.json()["inputs"]) == (["x", "y"], ["x", "y"])
+    assert "unknown ['z']" in r.json()["detail"]
+
+
+def _npy(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- inputs by name (round 27)
+
+
+def test_the_sdks_methods_take_inputs_by_name(cc: Counted) -> None:
+    """``client.jacobian("add_square", x=X, y=Y)``, as the function is called in-process,
+    was "TypeError: jacobian() got an unexpected keyword argument 'x'": the SDK took
+    inputs by position alone (the torch and JAX adapters took names). Every method of a
+    function's inputs takes them now, placed by the names the function declares (one
+    GET, kept), sent by name; a wrong call is a TypeError naming the inputs, as Python's."""
+    c = cc.client
+    want = c.jacobian("add_square", X, Y, argnums=(0, 1))
+    cc.take()
+    got = c.jacobian("add_square", y=Y, x=X, argnums=(0, 1))
+    assert cc.take() == ["add_square", "jacobian"]  # the names once, then by name on the wire
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(c.jacobian("add_square", X, y=Y, argnums="y"), want[1])
+    np.testing.assert_array_equal(c.evaluate("add_square", X, y=Y), X + Y**2)
+    np.testing.assert_array_equal(c.vjp("add_square", y=Y, x=X, cotangents=X, argnums=1), 2 * Y * X)
+    np.testing.assert_array_equal(c.jvp("add_square", X, y=Y, tangents=Y, argnums="y"), 2 * Y * Y)
+    np.testing.assert_allclose(c.hvp("add_square", X, y=Y, tangents=X, cotangents=Y, argnums=1), 2 * Y * X, atol=0)
+    np.testing.assert_array_equal(c.hessian("add_square", x=X, y=Y, argnums=1)[2, 2], 2 * np.eye(5)[2])
+    np.testing.assert_array_equal(c.jacrev("add_square", argnums=1)(y=Y, x=X), want[1])
+    # a pytree parameter by name, differentiated by name: nested as the caller gave it
+    p = {"w": np.ones((2, 5)), "b": np.zeros(2)}
+    got = c.jacobian("dense_layer", x=X, params=p, argnums="params")
+    want = c.jacobian("dense_layer", p, X, argnums="params")
+    assert set(got) == {"w", "b"} and all(np.array_equal(got[k], want[k]) for k in got)
+    assert cc.take() == ["jacobian", "evaluate", "vjp", "jvp", "hvp", "hessian", "jacobian", "dense_layer",
+                         "jacobian", "jacobian"]  # dense_layer's names once
+    for call, message in [
+        (lambda: c.jacobian("add_square", X, x=X), r"client.jacobian\('add_square'\) got multiple values for input 'x' \(by position and by name\)"),
+        (lambda: c.vjp("add_square", X, z=Y, cotangents=X), "unexpected keyword argument 'z'; its inputs are x, y"),
+        (lambda: c.evaluate("add_square", y=Y), r"is missing input 'x' \(its inputs are x, y\)"),
+        (lambda: c.hessian("add_square", X, X, X, y=Y), r"takes 2 inputs \(x, y\) but 3 positional"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert set(cc.take()) <= {"add_square"}  # none computed: at most the names asked again
+
+
+def test_the_async_client_takes_inputs_by_name(app: Any) -> None:
+    async def main() -> None:
+        async with jc.AsyncClient("http://sdk.test", http_transport=httpx.MockTransport(_forward(app)),
+                                  max_retries=0) as ac:
+            np.testing.assert_array_equal(await ac.jacobian("add_square", y=Y, x=X, argnums="y"), np.diag(2 * Y))
+            np.testing.assert_array_equal((await ac.evaluate("polar", theta=Y, r=X))[0], X * np.cos(Y))
+            with pytest.raises(TypeError, match="client.jvp\\('polar'\\) got an unexpected keyword argument 'rho'"):
+                await ac.jvp("polar", rho=X, theta=Y, tangents=X)
+
+    asyncio.run(main())
+
+
+def _forward(app: Any) -> Any:
+    def forward(request: httpx.Request) -> httpx.Response:
+        r = app.request(request.method, str(request.url.copy_with(scheme="http", host="testserver", port=None)),
+                        content=request.content, headers=dict(request.headers))
+        headers = {k: v for k, v in r.headers.items() if k.lower() not in ("content-encoding", "transfer-encoding")}
+        return httpx.Response(r.status_code, headers=headers, content=r.content)
+
+    return forward

@@ -78,7 +78,7 @@ def test_remote_functions_take_their_inputs_by_name_as_in_process(cc):
     assert cc.take() == ["evaluate", "vjp"]
     for call, message in [(lambda: pol(X, r=X), "multiple values for input 'r'"),
                           (lambda: pol(X, angle=X), "unexpected keyword argument 'angle'; its inputs are r, theta"),
-                          (lambda: pol(theta=X), "missing input(s) 'r'"),
+                          (lambda: pol(theta=X), "missing input 'r'"),
                           (lambda: pol(X, X, X, theta=X), "takes 2 inputs (r, theta) but 3 positional")]:
         with pytest.raises(TypeError, match=message.replace("(", r"\(").replace(")", r"\)")):
             call()

@@ -21,12 +21,12 @@ import httpx
 
 from ._base import DEFAULT_TIMEOUT, ClientConfig, PerLoop, reduce_client
 from ._decoding import adecoded
-from ._errors import IncompleteResponse, NotAcceptable, TransportError, error_from_response
+from ._errors import IncompleteResponse, InvalidInput, NotAcceptable, TransportError, error_from_response
 from ._headwait import body_deadline, bound_head_reads, head_deadline
 from ._models import FunctionInfo
 from ._protocol import (
-    BINARY, DEFAULT_MAX_RESPONSE_BYTES, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, client_closed, not_an_answer,
-    out_refused, shapes_of, shown_url, transport_error, with_body,
+    BINARY, DEFAULT_MAX_RESPONSE_BYTES, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, bind_inputs, client_closed,
+    in_sdk_terms, not_an_answer, out_refused, shapes_of, shown_url, transport_error, with_body,
 )
 
 __all__ = ["AsyncClient"]
@@ -169,6 +169,7 @@ class AsyncClient:
     async def jacobian(
         self,
         name: str,
+        /,
         *inputs: Any,
         argnums: int | str | tuple[int | str, ...] = 0,
         chunk_size: int | None = None,
@@ -183,8 +184,16 @@ class AsyncClient:
         transport: str | None = None,
         sparsity: str | None = None,
         sparse_format: str | None = None,
+        **named: Any,
     ) -> Any:
         """The Jacobian of ``name`` at ``inputs``, as ``torch.func.jacrev`` would give it.
+
+        Inputs go in order, or by the names the function declares, as it is called
+        in-process (``client.jacobian("mlp", x, params=p)``; every method of a function's
+        inputs takes them so): the names are asked once (``GET /v1/functions/{name}``), a
+        name it does not take, an input given twice or one left out is a ``TypeError``
+        naming its inputs, and the inputs then go by name. An input named as one of the
+        method's own options (``argnums``, ``out``, ``mode``...) goes by position.
 
         Returns a numpy array (a tuple for tuple ``argnums``, nested for several outputs);
         ``(J, aux)`` for has_aux functions; ``(J, output[, aux])`` with
@@ -206,12 +215,14 @@ class AsyncClient:
                    "in_dims": in_dims, "out_dims": out_dims,
                    "return_output": return_output, "rows": rows, "mode": mode,
                    "sparsity": sparsity, "sparse_format": sparse_format}
+        inputs, names = await self._bound("jacobian", name, inputs, named)
         return await self._execute(self._proto.compute_call(
-            "jacobian", name, inputs, options, transport=transport, out=_path(out), progress=progress))
+            "jacobian", name, inputs, options, transport=transport, out=_path(out), progress=progress, names=names))
 
     async def hessian(
         self,
         name: str,
+        /,
         *inputs: Any,
         argnums: int | str | tuple[int | str, ...] = 0,
         chunk_size: int | None = None,
@@ -224,6 +235,7 @@ class AsyncClient:
         transport: str | None = None,
         sparsity: str | None = None,
         sparse_format: str | None = None,
+        **named: Any,
     ) -> Any:
         """What ``torch.func.hessian(f, argnums)`` returns (same ``out=`` streaming);
         with ``sparsity`` (``"auto"`` or a declared name) one sparse ``n x n`` matrix from
@@ -232,8 +244,9 @@ class AsyncClient:
         options = {"argnums": argnums, "chunk_size": chunk_size, "batched": batched,
                    "in_dims": in_dims, "out_dims": out_dims, "return_output": return_output,
                    "sparsity": sparsity, "sparse_format": sparse_format}
+        inputs, names = await self._bound("hessian", name, inputs, named)
         return await self._execute(self._proto.compute_call(
-            "hessian", name, inputs, options, transport=transport, out=_path(out), progress=progress))
+            "hessian", name, inputs, options, transport=transport, out=_path(out), progress=progress, names=names))
 
     async def sparsity(
         self,
@@ -255,51 +268,60 @@ class AsyncClient:
             name, shapes, kind=kind, sparsity=sparsity, argnums=argnums, mode=mode, dtypes=dtypes, format=format))
 
     async def evaluate(
-        self, name: str, *inputs: Any, batched: bool = False, in_dims: Any = 0, out_dims: Any = 0,
-        transport: str | None = None,
+        self, name: str, /, *inputs: Any, batched: bool = False, in_dims: Any = 0, out_dims: Any = 0,
+        transport: str | None = None, **named: Any,
     ) -> Any:
         """The function's output (``(output, aux)`` for has_aux functions)."""
+        inputs, names = await self._bound("evaluate", name, inputs, named)
         return await self._execute(self._proto.compute_call(
-            "evaluate", name, inputs, {"batched": batched, "in_dims": in_dims, "out_dims": out_dims}, transport=transport))
+            "evaluate", name, inputs, {"batched": batched, "in_dims": in_dims, "out_dims": out_dims}, transport=transport,
+            names=names))
 
     async def vjp(
         self,
         name: str,
+        /,
         *inputs: Any,
         cotangents: Any,
         argnums: int | str | tuple[int | str, ...] = 0,
         batched_vectors: bool = False,
         return_output: bool = False,
         transport: str | None = None,
+        **named: Any,
     ) -> Any:
         """Vector-Jacobian products: ``cotangents`` shaped like the output (a tuple for
         several outputs), or stacked with a leading dimension and ``batched_vectors``.
         ``return_output=True`` returns ``(vjp, output)``: the value and its derivative in
         one request."""
         options = {"argnums": argnums, "batched_vectors": batched_vectors, "return_output": return_output}
+        inputs, names = await self._bound("vjp", name, inputs, named)
         return await self._execute(self._proto.compute_call(
-            "vjp", name, inputs, options, vectors=("cotangents", cotangents), transport=transport))
+            "vjp", name, inputs, options, vectors=("cotangents", cotangents), transport=transport, names=names))
 
     async def jvp(
         self,
         name: str,
+        /,
         *inputs: Any,
         tangents: Any,
         argnums: int | str | tuple[int | str, ...] = 0,
         batched_vectors: bool = False,
         return_output: bool = False,
         transport: str | None = None,
+        **named: Any,
     ) -> Any:
         """Jacobian-vector products: ``tangents`` shaped like the differentiated input
         (a tuple for tuple ``argnums``), or stacked with ``batched_vectors``.
         ``return_output=True`` returns ``(jvp, output)`` from the same request."""
         options = {"argnums": argnums, "batched_vectors": batched_vectors, "return_output": return_output}
+        inputs, names = await self._bound("jvp", name, inputs, named)
         return await self._execute(self._proto.compute_call(
-            "jvp", name, inputs, options, vectors=("tangents", tangents), transport=transport))
+            "jvp", name, inputs, options, vectors=("tangents", tangents), transport=transport, names=names))
 
     async def hvp(
         self,
         name: str,
+        /,
         *inputs: Any,
         tangents: Any,
         cotangents: Any = None,
@@ -307,6 +329,7 @@ class AsyncClient:
         batched_vectors: bool = False,
         return_output: bool = False,
         transport: str | None = None,
+        **named: Any,
     ) -> Any:
         """Hessian-vector products ``H @ t`` of a scalar (0-d) function, forward-over-reverse
         (``POST .../hvp``): ``tangents`` like :meth:`jvp`'s, the result shaped like the
@@ -316,8 +339,32 @@ class AsyncClient:
         returns ``(hvp, output)``."""
         options = {"argnums": argnums, "batched_vectors": batched_vectors, "return_output": return_output}
         vectors = [("tangents", tangents)] + ([] if cotangents is None else [("cotangents", cotangents)])
+        inputs, names = await self._bound("hvp", name, inputs, named)
         return await self._execute(self._proto.compute_call(
-            "hvp", name, inputs, options, vectors=vectors, transport=transport))
+            "hvp", name, inputs, options, vectors=vectors, transport=transport, names=names))
+
+    async def _bound(
+        self, kind: str, name: str, inputs: tuple[Any, ...], named: dict[str, Any],
+    ) -> tuple[tuple[Any, ...], tuple[str, ...] | None]:
+        """A call's inputs in the function's order, and the names they go by on the wire
+        (None: by position, for a call without keyword inputs). Keyword inputs are placed
+        by the names the function declares (``GET /v1/functions/{name}``, asked once and
+        kept; asked again where the kept names do not fit the call: the registry may have
+        changed), checked as Python checks a call (``bind_inputs``); they then go by name,
+        for the service to place (kept names out of date would otherwise put an input in
+        another's place, a wrong answer with a 200)."""
+        if not named:
+            return inputs, None
+        label = f"client.{kind}({name!r})"
+        info = self._proto.functions_cache.get(name)
+        if info is not None:
+            names = tuple(i.name for i in info.inputs)
+            try:
+                return bind_inputs(label, names, inputs, named), names
+            except TypeError:
+                pass
+        names = tuple(i.name for i in (await self.function(name)).inputs)
+        return bind_inputs(label, names, inputs, named), names
 
     async def _parts(
         self, kind: str, name: str, inputs: Any, options: Any, vectors: Any = None, names: Any = None,
@@ -334,8 +381,8 @@ class AsyncClient:
         """Like ``torch.func.jacrev(f, argnums, chunk_size=...)``, as a coroutine function:
         ``await jac(x)`` gives the Jacobian (and aux, for has_aux functions)."""
 
-        async def jac(*inputs: Any) -> Any:
-            return await self.jacobian(name, *inputs, argnums=argnums, chunk_size=chunk_size, **options)
+        async def jac(*inputs: Any, **named: Any) -> Any:
+            return await self.jacobian(name, *inputs, argnums=argnums, chunk_size=chunk_size, **options, **named)
 
         jac.__name__ = jac.__qualname__ = f"jacrev_{name}"
         jac.__doc__ = f"Jacobian of the remote function {name!r} (argnums={argnums!r}) at the given inputs."
@@ -353,6 +400,11 @@ class AsyncClient:
                 raise
             self._proto.learn_npy_refused(call)
             return await self._execute_once(call.fallback)
+        except InvalidInput as exc:
+            said = in_sdk_terms(call, exc)
+            if said is None:
+                raise
+            raise said from None
 
     async def _execute_once(self, call: Call) -> Any:
         response, deadline = await self._send(call)

@@ -51,7 +51,7 @@ import numpy as np
 from . import wire
 from ._arrays import Plain, as_plain_node, as_wire_value, is_torch_tensor, json_array
 from ._decoding import ACCEPT_ENCODING, is_identity, too_large
-from ._errors import IncompleteResponse, JacobianServiceError, NotAcceptable, ServiceUnreachable, TransportError
+from ._errors import IncompleteResponse, InvalidInput, JacobianServiceError, NotAcceptable, ServiceUnreachable, TransportError
 from ._models import FunctionInfo
 from ._npystream import FileSink, MemorySink, NpyHeader, NpyReceiver, Sink, check_out_path
 from ._progress import Progress
@@ -66,9 +66,11 @@ __all__ = [
     "Deadline",
     "Protocol",
     "RetryPolicy",
+    "bind_inputs",
     "check_api_key",
     "client_closed",
     "input_leaves",
+    "in_sdk_terms",
     "input_tree",
     "is_input_node",
     "not_an_answer",
@@ -710,15 +712,68 @@ def _one_array_for_out(kind: str, fields: dict[str, Any]) -> int:
 def out_refused(call: Call, exc: NotAcceptable) -> NotAcceptable:
     """The server's 406 to an ``out=`` call (a function with aux, several outputs, a pytree
     parameter: only the server knows), said in the SDK's terms: the server's advice,
-    "ask for application/x-npz", is for a raw HTTP caller; what it could not carry stays."""
-    reason = exc.detail.split("; ask for ", 1)[0]
-    head = "this result is not one bare array ("
-    if reason.startswith(head) and reason.endswith(")"):
-        reason = reason[len(head):-1]
+    "ask for application/x-npz", is for a raw HTTP caller; what it could not carry stays.
+    What it could not carry is read from the problem's ``reason`` member (beside
+    ``not_one_array``, its code), not from the detail's words: a reworded detail had the
+    SDK quote the server's whole advice. A server older than the members: its detail,
+    read as it was worded then."""
+    reason = exc.problem.get("reason")
+    if not (isinstance(reason, str) and isinstance(exc.problem.get("not_one_array"), str)):
+        reason = exc.detail.split("; ask for ", 1)[0]
+        head = "this result is not one bare array ("
+        if reason.startswith(head) and reason.endswith(")"):
+            reason = reason[len(head):-1]
     problem = dict(exc.problem)
     problem["detail"] = (f"out= streams one array into one .npy file; the {call.kind} of {call.name!r} is not one "
                          f"({reason}): leave out= off to have it in memory")
     return type(exc)(exc.response, problem)
+
+
+def in_sdk_terms(call: Call, exc: InvalidInput) -> InvalidInput | None:
+    """A 422 for inputs left out of the one-array ``.npy`` body the SDK chose, said to its
+    caller (None: the server's words stand). The server advises a raw HTTP caller to
+    "send them all as application/x-npz or JSON", a format the SDK chose, not the caller;
+    from the problem's ``missing`` and ``inputs`` members the caller is told which inputs
+    the function takes and how to pass them. (A JSON or ``.npz`` body's 422 names what was
+    missing, and what it sent instead, with no such advice.)"""
+    problem = exc.problem
+    missing, inputs = problem.get("missing"), problem.get("inputs")
+    if call.headers.get("Content-Type") != wire.NPY or not (
+            isinstance(missing, list) and missing and isinstance(inputs, list)
+            and all(isinstance(n, str) for n in (*missing, *inputs))):
+        return None
+    problem = dict(problem)
+    problem["detail"] = (f"missing input{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+                         f"{call.name} takes {inputs}: pass each input, in order or by name")
+    return type(exc)(exc.response, problem)
+
+
+_UNBOUND = object()  # an input not given (bind_inputs)
+
+
+def bind_inputs(label: str, names: Sequence[str], inputs: Sequence[Any], named: Mapping[str, Any]) -> tuple[Any, ...]:
+    """``inputs`` then ``named`` (keyword inputs) in the order of ``names`` (the function's
+    declared inputs), checked as Python checks a call: a ``TypeError`` for more
+    positional inputs than names, a name the function does not take (the names listed),
+    an input given twice (by position and by name) and inputs left out. ``label`` says
+    whose call (``remote('f')``, ``client.jacobian('f')``)."""
+    listed = ", ".join(names)
+    if len(inputs) > len(names):
+        raise TypeError(f"{label} takes {len(names)} input{'s' if len(names) != 1 else ''} ({listed}) but "
+                        f"{len(inputs)} positional ones were given")
+    bound: list[Any] = [*inputs, *[_UNBOUND] * (len(names) - len(inputs))]
+    for key, value in named.items():
+        if key not in names:
+            raise TypeError(f"{label} got an unexpected keyword argument {key!r}; its inputs are {listed}")
+        i = list(names).index(key)
+        if bound[i] is not _UNBOUND:
+            raise TypeError(f"{label} got multiple values for input {key!r} (by position and by name)")
+        bound[i] = value
+    missing = [n for n, v in zip(names, bound) if v is _UNBOUND]
+    if missing:
+        raise TypeError(f"{label} is missing input{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                        f"(its inputs are {listed})")
+    return tuple(bound)
 
 
 def _check_argnums(argnums: Any) -> Any:
@@ -1050,10 +1105,14 @@ class Protocol:
             content_type = wire.JSON
 
         call.expect = _expected(kind, fields, values)
-        if kind in _FOLLOWING and names is None and "sparsity" not in fields:
+        # (named inputs follow the caller too where they come in the function's order,
+        # ``names`` all of its inputs: a client method's keyword call; an adapter's
+        # parts are its own to nest)
+        if kind in _FOLLOWING and (names is None or not parts) and "sparsity" not in fields:
             info = self.functions_cache.get(name)
             call.follow = _caller_structure(kind, inputs, fields.get("argnums", 0),
-                                            None if info is None else [i.name for i in info.inputs])
+                                            list(names) if names is not None
+                                            else None if info is None else [i.name for i in info.inputs])
         sparse = "sparsity" in fields and fields.get("sparse_format") != "dense"
         if sparse and (out is not None or sink is not None):
             raise ValueError("a sparse result is not streamed into out=; use sparse_format='dense' or no out=")

@@ -60,6 +60,7 @@ from ._errors import (
     JacobianServiceError,
     PayloadTooLarge,
 )
+from ._protocol import bind_inputs
 
 __all__ = ["LEAF", "MAX_SIGNATURES", "Evaluated", "Remade", "RemoteOps", "Tree", "check_sync_client", "flatten",
            "float32_stands_for", "is_number", "lacks_forward_mode", "leaves_like", "no_forward_mode", "per_argnum", "same_arrays", "service_capabilities",
@@ -303,8 +304,6 @@ def _per_example(batch: _Batch, vecs: list[np.ndarray], batch_ndim: int, p_shape
             for k in range(len(per_example[0]))]
 
 
-_MISSING = object()  # an input not given (RemoteOps.bind)
-
 # Per-example signatures remembered per remote function (oldest dropped first): a caller
 # cycling through more input shapes than this pays a request to relearn one.
 MAX_SIGNATURES = 64
@@ -398,22 +397,7 @@ class RemoteOps:
             return tuple(inputs)
         if self._names is None:
             self._names = tuple(i.name for i in self.client.function(self.name).inputs)
-        names, call = self._names, f"remote({self.name!r})"
-        listed = ", ".join(names)
-        if len(inputs) > len(names):
-            raise TypeError(f"{call} takes {len(names)} inputs ({listed}) but {len(inputs)} positional ones were given")
-        bound: list[Any] = [*inputs, *[_MISSING] * (len(names) - len(inputs))]
-        for key, value in named.items():
-            if key not in names:
-                raise TypeError(f"{call} got an unexpected keyword argument {key!r}; its inputs are {listed}")
-            i = names.index(key)
-            if bound[i] is not _MISSING:
-                raise TypeError(f"{call} got multiple values for input {key!r}")
-            bound[i] = value
-        missing = [n for n, v in zip(names, bound) if v is _MISSING]
-        if missing:
-            raise TypeError(f"{call} is missing input(s) {', '.join(map(repr, missing))} (its inputs are {listed})")
-        return tuple(bound)
+        return bind_inputs(f"remote({self.name!r})", self._names, inputs, named)
 
     def names_of(self, named: dict[str, Any]) -> tuple[str, ...] | None:
         """The names a call's inputs go by on the wire: the function's, for a keyword call

@@ -256,6 +256,18 @@ _COMPONENTS: dict[str, Any] = {
                                            "sparsity query) of a function called with an input declared "
                                            "complex64 or complex128, which torch.func's jacrev and jacfwd "
                                            "refuse: `evaluate`, `vjp`, `jvp` and `hvp` answer it"},
+            "missing": {"type": "array", "items": {"type": "string"},
+                        "description": "a 422 for inputs left out (a JSON or `.npz` body without them, an `.npy` "
+                                       "body of one for a function of more): the names of those left out"},
+            "inputs": {"type": "array", "items": {"type": "string"},
+                       "description": "with `missing`: the function's inputs, in order"},
+            "not_one_array": {"type": "string", "enum": ["aux", "output", "tuple", "pytree", "several_arrays"],
+                              "description": "a 406 to an `Accept` of `.npy` alone for a result that is not one "
+                                             "bare array: what it holds besides (the function's aux, the output "
+                                             "`return_output` asks for, a tuple `argnums`'s tuple, a pytree "
+                                             "parameter's leaves, several outputs)"},
+            "reason": {"type": "string", "description": "with `not_one_array`: its words, without the detail's "
+                                                        "advice on formats"},
         },
     },
     "Input": {

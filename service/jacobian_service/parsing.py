@@ -430,7 +430,9 @@ def _by_name(spec: FunctionSpec, given: Mapping[str, Any]) -> list[Any]:
         elif str(i) in given:
             out.append(given[str(i)])
         else:
-            raise InvalidInput(f"missing input {name!r}; {spec.name} takes {names}" + _unknown(unknown))
+            raise InvalidInput(f"missing input {name!r}; {spec.name} takes {names}" + _unknown(unknown),
+                               fields=_missing_fields(names, [n for i, n in enumerate(names)
+                                                              if n not in given and str(i) not in given]))
     if unknown:
         extra = ""
         if set(given) == {str(i) for i in range(len(given))}:
@@ -443,6 +445,14 @@ def _by_name(spec: FunctionSpec, given: Mapping[str, Any]) -> list[Any]:
                      "by position")
         raise InvalidInput(f"unknown inputs {unknown}; {spec.name} takes {names}{extra}" + _unknown([], unknown))
     return out
+
+
+def _missing_fields(names: list[str], missing: list[str]) -> dict[str, Any]:
+    """A missing input's problem members: ``missing`` (every input left out) and
+    ``inputs`` (what the function takes, in order), for a client to say in its own terms
+    (the SDK: which inputs to pass, not which body format carries them). The function's
+    names only: none of the request's keys, which may be as long as the body."""
+    return {"missing": missing, "inputs": names}
 
 
 def _unknown(shown: list[str], among: list[str] | None = None) -> str:
@@ -914,7 +924,8 @@ def _check_npy_carries(spec: FunctionSpec, kind: str) -> None:
         missing = ", ".join(repr(n) for n in names[1:])
         raise InvalidInput(
             f"missing input{'s' if len(names) > 2 else ''} {missing}; {spec.name} takes {names}, and an "
-            "application/x-npy body carries one input: send them all as application/x-npz or JSON"
+            "application/x-npy body carries one input: send them all as application/x-npz or JSON",
+            fields=_missing_fields(names, names[1:]),
         )
     if len(names) != 1 or kind in _VECTOR_KEY:
         raise InvalidInput(

@@ -100,13 +100,19 @@ def echo(value: str, limit: int = 100) -> str:
     return repr(cut)
 
 
-def choose(media: list[str], single_array: bool, why: str = "it has several arrays, aux or output") -> str:
-    """The first acceptable type that can carry the result; ``why`` says what a refused
-    ``.npy`` could not carry (``not_one_array``)."""
+def choose(media: list[str], single_array: bool,
+           why: Callable[[], tuple[str, str]] = lambda: ("several_arrays", "it has several arrays, aux or output")) -> str:
+    """The first acceptable type that can carry the result; ``why()`` says what a refused
+    ``.npy`` could not carry (``not_one_array``: its code and words), asked only then
+    (it was worked out for every answer). The problem carries both as members,
+    ``not_one_array`` (the code) and ``reason`` (the words, without the advice): a client
+    that words the refusal its own way (the SDK's ``out=``) reads them, not the detail."""
     for m in media:
         if m != wire.NPY or single_array:
             return m
-    raise NotAcceptable(f"this result is not one bare array ({why}); ask for {wire.NPZ} or {wire.JSON}")
+    code, reason = why()
+    raise NotAcceptable(f"this result is not one bare array ({reason}); ask for {wire.NPZ} or {wire.JSON}",
+                        fields={"not_one_array": code, "reason": reason})
 
 
 # Whose tuple a tuple argnums' result is, by kind (not_one_array): every kind said
@@ -117,24 +123,26 @@ _TUPLE_OF = {"jacobian": "as jacrev gives it", "hessian": "as torch.func.hessian
 
 
 def not_one_array(has_aux: bool, return_output: bool, as_tuple: bool, tree_param: bool,
-                  kind: str = "jacobian") -> str:
-    """What keeps a result from being one bare ``.npy``, in the request's terms. "It has
+                  kind: str = "jacobian") -> tuple[str, str]:
+    """What keeps a result from being one bare ``.npy``: a code (the problem's
+    ``not_one_array`` member: ``aux``, ``output``, ``tuple``, ``pytree``,
+    ``several_arrays``) and its words, in the request's terms. "It has
     several arrays" answered ``argnums=0,`` (a tuple of one Jacobian, as ``jacrev`` gives
     for a one-element tuple ``argnums``): one array, in a tuple a bare .npy cannot say
     (SPEC 3.3: a tuple is a JSON list; .npy only for a single array). The JSON and .npz
     answers keep the tuple (a list of one, a ``jacobian/0.npy`` member), so the SDK reads
     the same tuple whatever the format."""
     if has_aux:
-        return "the function's aux comes beside it"
+        return "aux", "the function's aux comes beside it"
     if return_output:
-        return "return_output puts the output beside it"
+        return "output", "return_output puts the output beside it"
     if as_tuple:
-        return (f"argnums is a tuple, so the result is a tuple (of one array for one argnum, "
-                f"{_TUPLE_OF.get(kind, _TUPLE_OF['jacobian'])}), which a bare .npy cannot say; give argnums as one "
-                "int or name for one array")
+        return "tuple", (f"argnums is a tuple, so the result is a tuple (of one array for one argnum, "
+                         f"{_TUPLE_OF.get(kind, _TUPLE_OF['jacobian'])}), which a bare .npy cannot say; give argnums "
+                         "as one int or name for one array")
     if tree_param:
-        return "it is differentiated with respect to a pytree parameter: one array per leaf"
-    return "it has several arrays: one per output leaf"
+        return "pytree", "it is differentiated with respect to a pytree parameter: one array per leaf"
+    return "several_arrays", "it has several arrays: one per output leaf"
 
 
 _EXTENSIONS = {wire.NPY: ".npy", wire.NPZ: ".npz"}

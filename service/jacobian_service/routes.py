@@ -320,7 +320,7 @@ def _could_be_single(call: Call, kind: str) -> bool:
     return kind in ("evaluate", "jvp") or call.sparsity != "dense" or call.single_primal()
 
 
-def _why_not_one(call: Call, kind: str) -> str:
+def _why_not_one(call: Call, kind: str) -> tuple[str, str]:
     """What keeps this call's result from one bare .npy (a 406's words). An evaluate's or
     a jvp's result is shaped like the output, whatever ``argnums``."""
     by_input = kind not in ("evaluate", "jvp")
@@ -407,7 +407,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         media = _sparse_media(media)
     elif not _could_be_single(call, kind):  # known before compute: answer 406 now, not after
         media = [m for m in media if m != wire.NPY]
-        choose(media, single_array=False, why=_why_not_one(call, kind))
+        choose(media, single_array=False, why=lambda: _why_not_one(call, kind))
     # A large single-array Jacobian is streamed from the engine row chunk by row chunk,
     # as .npy or as JSON: the front end then holds one chunk, never the whole result.
     # (Only one bare array streams: .npy was refused above otherwise; JSON checks here.)
@@ -447,7 +447,7 @@ async def _derivative(request: Request, name: str, kind: str, inputs: Charge) ->
         if media[0] == wire.NPY:
             return _stream(state, request, call, result, info, release, timeout)
         return _stream_json(state, spec.name, result, info, release, timeout)
-    chosen = choose(media, is_single_array(result), _why_not_one(call, kind))
+    chosen = choose(media, is_single_array(result), lambda: _why_not_one(call, kind))
     encode_start = time.monotonic()
     if chosen == wire.NPY:
         # .npy: a header and views of the arrays, nothing built whatever the size (a
