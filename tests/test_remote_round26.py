@@ -283,6 +283,32 @@ def test_the_sdks_methods_take_inputs_by_name(cc: Counted) -> None:
     assert set(cc.take()) <= {"add_square"}  # none computed: at most the names asked again
 
 
+def test_a_scipy_objective_takes_its_inputs_by_name(cc: Counted) -> None:
+    """``remote_objective(client, "add_square", argnum="y")`` said "invalid literal for
+    int() with base 10: 'y'"; the inputs held fixed went by position only. ``argnum``
+    and ``args`` (a mapping) now go by the function's names too."""
+    pytest.importorskip("scipy")
+    from scipy.optimize import least_squares
+
+    from jacobian_client.scipy import remote_objective
+
+    obj = remote_objective(cc.client, "add_square", argnum="y", args={"x": X})
+    np.testing.assert_array_equal(obj.jac(Y), np.diag(2 * Y))
+    np.testing.assert_array_equal(obj.fun(Y), X + Y**2)
+    p = {"w": np.linspace(-1, 1, 10).reshape(2, 5), "b": np.array([0.1, -0.2])}
+    by_name = remote_objective(cc.client, "dense_layer", argnum="x", args={"params": p})
+    by_position = remote_objective(cc.client, "dense_layer", argnum=1, args=(p,))
+    a, b = (least_squares(o.fun, X, jac=o.jac) for o in (by_name, by_position))
+    np.testing.assert_array_equal(a.x, b.x)
+    assert a.nfev == b.nfev
+    for kwargs, message in [({"argnum": "z"}, "argnum='z' names no input; its inputs are x, y"),
+                            ({"argnum": "y", "args": {"y": Y}}, "input 'y' is x"),
+                            ({"argnum": "y", "args": {"q": Y}}, "unexpected keyword argument 'q'"),
+                            ({"argnum": 1.5}, "argnum is an input's position")]:
+        with pytest.raises(TypeError, match=message):
+            remote_objective(cc.client, "add_square", **kwargs)
+
+
 def test_the_async_client_takes_inputs_by_name(app: Any) -> None:
     async def main() -> None:
         async with jc.AsyncClient("http://sdk.test", http_transport=httpx.MockTransport(_forward(app)),

@@ -70,13 +70,13 @@ import functools
 import hashlib
 import math
 import threading
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ._arrays import Bfloat16, Plain
 from ._errors import APIError, FunctionError, InvalidInput, OutOfMemory, ResultTooLarge, Timeout
-from ._protocol import input_leaves, input_tree
+from ._protocol import bind_inputs, input_leaves, input_tree
 from ._remote import check_sync_client, lacks_forward_mode, no_forward_mode, with_hint
 from .wire import is_sparse
 
@@ -87,8 +87,8 @@ def remote_objective(
     client: Any,
     name: str,
     *,
-    args: Sequence[Any] = (),
-    argnum: int = 0,
+    args: Sequence[Any] | Mapping[str, Any] = (),
+    argnum: int | str = 0,
     shape: tuple[int, ...] | None = None,
     prefetch: bool = True,
     sparsity: str | None = None,
@@ -98,7 +98,10 @@ def remote_objective(
     """SciPy callables for the remote function ``name`` as a function of one input.
 
     ``argnum`` says which of the function's inputs the optimizer's ``x`` is; ``args``
-    are the other inputs in order, held fixed. ``shape`` reshapes the flat ``x`` SciPy
+    are the other inputs in order, held fixed. Either may go by the names the function
+    declares, as it is called in-process: ``argnum="x"``, ``args={"params": p}`` (the
+    names asked once, here; a name it does not take, an input held twice or left out is a
+    ``TypeError`` naming its inputs). ``shape`` reshapes the flat ``x`` SciPy
     works with into the input's shape (``jac`` is then flattened to match); without it, the
     input's declared shape where only one fits ``x`` (``()``, ``(2, 3)``, ``(n, 3)``), learned
     from the service's refusal of the flat one. An output of
@@ -115,6 +118,29 @@ def remote_objective(
     """
     return RemoteObjective(client, name, args=args, argnum=argnum, shape=shape, prefetch=prefetch,
                            sparsity=sparsity, vectorized=vectorized, per_column=per_column)
+
+
+def _by_name(client: Any, name: str, args: Sequence[Any] | Mapping[str, Any],
+             argnum: int | str) -> tuple[tuple[Any, ...], int]:
+    """``args`` and ``argnum`` by the function's declared names (one request, its
+    description) as positions: ``argnum="y", args={"x": X}`` of ``f(x, y)`` is ``argnum=1,
+    args=(X,)``. Checked as a call by name is: a name the function does not take, an input
+    held in ``args`` that is also ``x``, one neither held nor ``x``."""
+    names = tuple(i.name for i in client.function(name).inputs)
+    label = f"remote_objective({name!r})"
+    if isinstance(argnum, str):
+        if argnum not in names:
+            raise TypeError(f"{label}: argnum={argnum!r} names no input; its inputs are {', '.join(names)}")
+        argnum = names.index(argnum)
+    elif not -len(names) <= argnum < len(names):
+        raise TypeError(f"{label}: argnum={argnum!r} is out of range for {len(names)} inputs ({', '.join(names)})")
+    at = argnum % len(names)
+    if not isinstance(args, Mapping):
+        return tuple(args), at
+    if names[at] in args:
+        raise TypeError(f"{label}: input {names[at]!r} is x (argnum), and args holds it too")
+    held = names[:at] + names[at + 1:]
+    return bind_inputs(f"{label}'s args", held, (), {str(k): v for k, v in args.items()}), at
 
 
 def _shaped(method: Any) -> Any:
@@ -156,8 +182,8 @@ class RemoteObjective:
         client: Any,
         name: str,
         *,
-        args: Sequence[Any] = (),
-        argnum: int = 0,
+        args: Sequence[Any] | Mapping[str, Any] = (),
+        argnum: int | str = 0,
         shape: tuple[int, ...] | None = None,
         prefetch: bool = True,
         sparsity: str | None = None,
@@ -165,6 +191,12 @@ class RemoteObjective:
         per_column: Sequence[int] = (),
     ) -> None:
         check_sync_client(client)
+        if isinstance(argnum, str) or isinstance(args, Mapping):
+            args, argnum = _by_name(client, name, args, argnum)
+        if isinstance(argnum, bool) or not isinstance(argnum, (int, np.integer)):
+            # int("y") said "invalid literal for int() with base 10: 'y'"
+            raise TypeError(f"remote_objective({name!r}): argnum is an input's position (an int) or name (a str), "
+                            f"not {argnum!r}")
         if vectorized and sparsity is not None:
             raise ValueError("remote_objective: vectorized=True computes dense Jacobians (one per column); "
                              "pass sparsity= or vectorized=True, not both")
