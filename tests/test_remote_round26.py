@@ -309,6 +309,28 @@ def test_a_scipy_objective_takes_its_inputs_by_name(cc: Counted) -> None:
             remote_objective(cc.client, "add_square", **kwargs)
 
 
+def test_a_batch_given_to_a_remote_function_of_one_example_says_vmap(cc: Counted) -> None:
+    """``arm(batch)``, as a scientist calls the local ``planar_arm`` (which broadcasts over
+    leading dimensions), was the bare 422 "input 'angles': expected shape (k,), got (4,
+    3)"; it now says the remote function takes one example and to map it with vmap
+    (which sends one batched request, and answers as in-process)."""
+    torch = pytest.importorskip("torch")
+    from jacobian_client.torch import remote
+
+    from jacobian_service import examples as ex
+
+    arm = remote(cc.client, "planar_arm")
+    batch = torch.linspace(0.1, 1.2, 12, dtype=torch.float64).reshape(4, 3)
+    with pytest.raises(jc.InvalidInput, match=r"remote\('planar_arm'\) takes one example \(input 'angles' declared "
+                                              r"\(k,\)\); for a batch, map it with vmap") as info:
+        arm(batch)
+    assert info.value.problem["got_shape"] == [4, 3]  # the service's members kept
+    torch.testing.assert_close(torch.func.vmap(arm)(batch), ex.planar_arm(batch))
+    with pytest.raises(jc.InvalidInput) as info:  # two dimensions more: no batch of examples
+        arm(batch.reshape(2, 2, 3))
+    assert "vmap" not in str(info.value)
+
+
 def test_the_async_client_takes_inputs_by_name(app: Any) -> None:
     async def main() -> None:
         async with jc.AsyncClient("http://sdk.test", http_transport=httpx.MockTransport(_forward(app)),

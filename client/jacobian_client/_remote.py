@@ -368,9 +368,32 @@ class RemoteOps:
                  out_tree: Tree | None = None) -> dict[str, Any]:
         """One request of this function, by parameter (and by name) on the wire (see
         ``for_layout``)."""
-        if self._layout is None:
-            return self._send(kind, list(inputs), options, vectors)
-        return self._layout.request(self._send, kind, inputs, options, vectors, out_tree, name=self.name)
+        try:
+            if self._layout is None:
+                return self._send(kind, list(inputs), options, vectors)
+            return self._layout.request(self._send, kind, inputs, options, vectors, out_tree, name=self.name)
+        except InvalidInput as exc:
+            hint = self._batch_hint(exc, options)
+            if hint is None:
+                raise
+            raise with_hint(exc, hint) from None
+
+    def _batch_hint(self, exc: InvalidInput, options: dict[str, Any]) -> str | None:
+        """What to say of an input refused for one leading dimension more than declared,
+        outside ``vmap``: a batch given to a function of one example. The function itself
+        often broadcasts in-process (``planar_arm`` of ``(4, 3)`` angles), so a scientist
+        calls the remote one as they would it; the 422 said only "expected shape (k,),
+        got (4, 3)"."""
+        p = exc.problem
+        got, expected = p.get("got_shape"), p.get("expected_shape")
+        if (p.get("field") != "inputs" or options.get("batched") or not isinstance(got, list)
+                or not isinstance(expected, list) or "B" in expected or len(got) != len(expected) + 1):
+            return None
+        if not all(isinstance(e, str) or e == g for e, g in zip(expected, got[1:])):
+            return None  # the rest does not fit either: not a batch of examples
+        declared = "(" + ", ".join(map(str, expected)) + ("," if len(expected) == 1 else "") + ")"
+        return (f"remote({self.name!r}) takes one example (input {p.get('path')!r} declared {declared}); for a "
+                "batch, map it with vmap (torch.func.vmap, jax.vmap): one batched request")
 
     def _send(self, kind: str, params: list[Any], options: dict[str, Any], vectors: Any) -> dict[str, Any]:
         names = self._wire_names
