@@ -372,13 +372,19 @@ def test_auth(make_client):
     assert_problem(c.get("/v1/functions", headers={"authorization": "Basic k1"}), 401, "unauthorized")
     assert c.get("/v1/functions", headers={"authorization": "Bearer k2"}).status_code == 200
     assert c.post(URL, json={"inputs": [[1.0]]}, headers={"authorization": "Bearer k1"}).status_code == 200
-    assert c.get("/metrics").status_code == 200  # open unless metrics_auth
+    # /metrics names every function and its traffic: behind the key by default (it was
+    # open to anyone who reached the port, keys or not), any API key reads it
+    assert_problem(c.get("/metrics"), 401, "unauthorized")
+    assert_problem(c.get("/metrics", headers={"authorization": "Bearer nope"}), 403, "forbidden")
+    assert "jacobian_service_requests_total" in c.get("/metrics", headers={"authorization": "Bearer k2"}).text
 
 
 def test_metrics_auth_is_configurable(make_client):
-    c = make_client(api_keys="k1", metrics_auth="true")
-    assert_problem(c.get("/metrics"), 401, "unauthorized")
-    assert c.get("/metrics", headers={"authorization": "Bearer k1"}).status_code == 200
+    c = make_client(api_keys="k1", metrics_auth="false")  # the operator opens it (a scraper's own network)
+    assert c.get("/metrics").status_code == 200
+    assert_problem(c.get("/v1/functions"), 401, "unauthorized")  # (only it)
+    c = make_client(api_keys="", metrics_auth="true")  # without keys there is nothing to check: open
+    assert c.get("/metrics").status_code == 200
 
 
 @pytest.mark.parametrize("options", [

@@ -50,7 +50,8 @@ def _paths() -> dict[str, set[str]]:
     return paths
 
 
-_OPEN = {"/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/docs-assets/swagger-ui.css", "/favicon.ico"}
+# (/metrics wants the key with keys set: METRICS_AUTH defaults to true)
+_OPEN = {"/healthz", "/readyz", "/docs", "/redoc", "/docs-assets/swagger-ui.css", "/favicon.ico"}
 
 
 def test_a_page_reads_what_a_path_takes_from_its_options(api, page, browser):
@@ -129,7 +130,7 @@ def test_a_plain_options_without_cors_origins(make_client, keys):
         assert r.json()["detail"] == c.get("/v1/functions/sin/jacobian").json()["detail"]
         r = c.options("/v1/functions/sin/jacobian", headers=key)
     assert (r.status_code, r.headers["allow"], r.content) == (204, "OPTIONS, POST", b""), r.text
-    r = c.options("/metrics")
+    r = c.options("/metrics", headers=key)  # (behind the key with keys set, as its GET)
     assert (r.status_code, r.headers["allow"]) == (204, "GET, HEAD, OPTIONS")
     r = c.get("/v1/functions/sin/jacobian", headers=key)
     assert (r.status_code, r.headers["allow"]) == (405, "OPTIONS, POST")

@@ -201,7 +201,7 @@ _CANCEL = r"""(async () => {
 
 
 def _metric(url: str, pattern: re.Pattern[str]) -> float:
-    found = pattern.search(httpx.get(url + "/metrics", timeout=30).text)
+    found = pattern.search(httpx.get(url + "/metrics", headers={"Authorization": "Bearer k1"}, timeout=30).text)
     return float(found.group(1)) if found else 0.0
 
 

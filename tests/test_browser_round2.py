@@ -440,7 +440,7 @@ def test_a_page_of_the_allowed_origin_posts_and_reads_binary_and_streams(api, pa
     assert got["aborted"]["status"] == 200 and int(got["aborted"]["length"]) == 128 + 4 * 2048 * 2048
     # The server saw the client leave: the stream is counted as aborted, not as a 200.
     def aborted() -> float:
-        text = httpx.get(api + "/metrics", timeout=10).text
+        text = httpx.get(api + "/metrics", headers={"Authorization": "Bearer k1"}, timeout=10).text
         found = re.search(r'^jacobian_service_requests_total\{code="",endpoint="jacobian",function="softmax",'
                           r'status="aborted"\} ([0-9.e+]+)$', text, re.M)
         return float(found.group(1)) if found else 0.0

@@ -129,7 +129,7 @@ def page() -> Iterator[str]:
 def api(page: str) -> Iterator["_Server"]:
     # One front end and an engine never restarted here (no spare to start); a stream
     # budget that holds one such stream's two chunks and not a second stream's; a key
-    # (the docs pages ask for it; /metrics stays open).
+    # (the docs pages ask for it; /metrics too, as the client's httpx sends it).
     with live_server(WORKERS=1, ENGINE_STANDBY="false", WARMUP="false", BODY_BUDGET_BYTES=BUDGET,
                      FUNCTIONS="jacobian_service.examples", CORS_ORIGINS=page, API_KEYS="k1") as (url, proc):
         server = _Server(url, proc)
@@ -145,7 +145,7 @@ class _Server:
     def __init__(self, url: str, proc: Any) -> None:
         self.url, self.pids = url, _tree(proc.pid)
         assert len(self.pids) >= 3, self.pids  # serve, its front end, its engine (and helpers)
-        self.http = httpx.Client(timeout=30)
+        self.http = httpx.Client(timeout=30, headers={"Authorization": "Bearer k1"})
 
     def streamed(self) -> float:
         """Bytes of row chunks the front end has had from the engine, all streams."""

@@ -184,14 +184,14 @@ def test_preflights_count_under_their_endpoint(url):
     labels = 'code="preflight",endpoint="jacobian",function="sin",status="200"'
 
     def count() -> float:
-        text = httpx.get(url + "/metrics", timeout=10).text
+        text = httpx.get(url + "/metrics", headers={"Authorization": "Bearer k1"}, timeout=10).text
         found = re.search(r"^jacobian_service_requests_total\{" + re.escape(labels) + r"\} ([0-9.e+]+)$", text, re.M)
         return float(found.group(1)) if found else 0.0
 
     before = count()
     assert httpx.options(url + SIN, headers=PREFLIGHT, timeout=10).status_code == 200
     assert count() == before + 1
-    assert 'endpoint="_unrouted"' not in httpx.get(url + "/metrics", timeout=10).text
+    assert 'endpoint="_unrouted"' not in httpx.get(url + "/metrics", headers={"Authorization": "Bearer k1"}, timeout=10).text
 
 
 _ALLOWED_HEADERS = ("accept, accept-language, authorization, b3, baggage, cache-control, content-encoding, "

@@ -773,7 +773,7 @@ _IMPLICIT_METHODS = (
 
 
 def build_openapi(routes: list[Route], registry: Registry, root_path: str = "", *, api_keys: bool = False,
-                  metrics_auth: bool = False, admin_keys: bool = False) -> dict[str, Any]:
+                  metrics_auth: bool = True, admin_keys: bool = False) -> dict[str, Any]:
     """``api_keys`` / ``metrics_auth`` / ``admin_keys``: what the server in front of this
     document enforces. Only the routes that really want a key say so (``security``, 401/403): a
     document that demanded a key the server never checks sent generated clients and

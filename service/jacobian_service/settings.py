@@ -289,7 +289,10 @@ class Settings(BaseSettings):
     # lifts it). Without either, auth is off, that action included.
     admin_keys: str = ""
     admin_keys_file: Path | None = None
-    metrics_auth: bool = False
+    # /metrics names every function and its traffic (calls, errors, timings, who is
+    # quarantined): with API keys set it wants a key too, unless the operator opens it
+    # (false: e.g. on a network only the scraper reaches). Without keys everything is open.
+    metrics_auth: bool = True
     # /openapi.json lists every function: behind the key by default. The /docs and /redoc
     # pages load openly and ask for the key (docs_ui.py).
     docs_auth: bool = True
