@@ -239,9 +239,12 @@ ORIGIN = f"Origin: {PAGE}\r\n".encode()
      True),
     ("an unknown transfer coding", b"POST /v1/functions/sin/jacobian HTTP/1.1\r\nHost: g\r\n" + ORIGIN
      + b"Transfer-Encoding: gzip\r\n\r\n", "unsupported_transfer_coding", True),
+    ("another HTTP version", b"GET /v1/functions HTTP/2.0\r\nHost: g\r\n" + ORIGIN + b"\r\n", "malformed_request",
+     False),  # (nginx's 505: the service's 400)
+    ("TRACE", b"TRACE /v1/functions HTTP/1.1\r\nHost: g\r\n" + ORIGIN + b"\r\n", "method_not_allowed", True),
 ])
 def test_what_the_gateway_cannot_pass_on_is_the_services_problem(gateway, case, data, code, cors):
-    """Each was nginx's HTML page (414, 400, 400, 400, 501) with no CORS headers: now the
+    """Each was nginx's HTML page (414, 400, 400, 400, 501, 505, 405) with no CORS headers: now the
     code the service itself gives such a request, as problem+json, with the request id
     in header and body, and the page's CORS headers wherever nginx had read its Origin."""
     url, replica = gateway
@@ -253,3 +256,14 @@ def test_what_the_gateway_cannot_pass_on_is_the_services_problem(gateway, case, 
     assert problem["status"] == status and problem["request_id"] == fields["x-request-id"], case
     assert fields.get("access-control-allow-origin") == (PAGE if cors else None), (case, fields)
     assert len(replica.seen) == before, case  # (nothing passed on)
+
+
+def test_an_http_1_0_request_without_host_is_served_as_the_replica_serves_it(gateway):
+    """HTTP/1.0 without Host (a plain probe) is served directly; through the gateway it
+    went on with no Host at all (nginx drops an empty header) and the replica refused
+    the HTTP/1.1 request it got (400). The gateway now names its own address."""
+    url, replica = gateway
+    status, _, body = _raw(url, b"GET /v1/functions HTTP/1.0\r\n\r\n")
+    assert status == 200, body[:300]
+    assert replica.seen[-1]["headers"]["host"] == "127.0.0.1"
+
