@@ -267,3 +267,58 @@ def test_an_http_1_0_request_without_host_is_served_as_the_replica_serves_it(gat
     assert status == 200, body[:300]
     assert replica.seen[-1]["headers"]["host"] == "127.0.0.1"
 
+
+
+def test_a_client_holding_many_idle_connections_does_not_shut_the_gateway(gateway):
+    """1,100 connections whose headers never end (one worker, as here): the next
+    client's connection was closed at once ("1024 worker_connections are not enough")
+    for as long as they were held. It is served; and they are held no longer than the
+    service holds such a connection (HEADER_TIMEOUT_S: the template's timeouts, below)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1100 + 200
+    if soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip(f"open-file limit {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    url, _ = gateway
+    port = int(url.rsplit(":", 1)[1])
+    held = []
+    try:
+        for _ in range(1100):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /v1/functions HTTP/1.1\r\nHost: g\r\nX-Slow: ")
+            held.append(s)
+        r = httpx.get(url + "/v1/functions", timeout=30)
+        assert r.status_code == 200 and r.json()["target"] == "/v1/functions", r.text[:300]
+    finally:
+        for s in held:
+            s.close()
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_gateways_client_timeouts_are_no_longer_than_the_services():
+    """docs/deploy.md: behind a proxy, keep the proxy's client timeouts no longer than the
+    service's. nginx's defaults (60 s for headers, a body's piece and an answer's piece;
+    75 s of keep-alive) held a slow client six times as long as the service would; and
+    the gateway kept idle connections to a replica (60 s) past the replica's keep-alive,
+    so that a request could go out on one being closed."""
+    from jacobian_service.settings import Settings
+
+    text = TEMPLATE.read_text()
+
+    def seconds(name: str, where: str = text) -> float:
+        found = re.findall(rf"^\s*{name}\s+(\d+)s;", where, re.M)
+        assert len(found) == 1, (name, found)
+        return float(found[0])
+
+    defaults = Settings()
+    upstream = re.search(r"upstream jacobian_replicas \{(.*?)\n    \}", text, re.S).group(1)
+    http = text.replace(upstream, "")
+    assert seconds("client_header_timeout", http) <= defaults.header_timeout_s
+    assert seconds("client_body_timeout", http) <= defaults.read_idle_timeout_s
+    assert seconds("send_timeout", http) <= defaults.send_timeout_s
+    assert seconds("keepalive_timeout", http) <= defaults.header_timeout_s + 1
+    assert seconds("keepalive_timeout", upstream) < defaults.header_timeout_s + 1  # (the replica's keep-alive)
