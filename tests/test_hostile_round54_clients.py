@@ -242,9 +242,11 @@ ORIGIN = f"Origin: {PAGE}\r\n".encode()
     ("another HTTP version", b"GET /v1/functions HTTP/2.0\r\nHost: g\r\n" + ORIGIN + b"\r\n", "malformed_request",
      False),  # (nginx's 505: the service's 400)
     ("TRACE", b"TRACE /v1/functions HTTP/1.1\r\nHost: g\r\n" + ORIGIN + b"\r\n", "method_not_allowed", True),
+    ("a gateway page's own path", b"GET /.gateway/headers_too_large HTTP/1.1\r\nHost: g\r\n" + ORIGIN + b"\r\n",
+     "not_found", True),
 ])
 def test_what_the_gateway_cannot_pass_on_is_the_services_problem(gateway, case, data, code, cors):
-    """Each was nginx's HTML page (414, 400, 400, 400, 501, 505, 405) with no CORS headers: now the
+    """Each was nginx's HTML page (414, 400, 400, 400, 501, 505, 405, 404) with no CORS headers: now the
     code the service itself gives such a request, as problem+json, with the request id
     in header and body, and the page's CORS headers wherever nginx had read its Origin."""
     url, replica = gateway
@@ -256,6 +258,7 @@ def test_what_the_gateway_cannot_pass_on_is_the_services_problem(gateway, case, 
     assert problem["status"] == status and problem["request_id"] == fields["x-request-id"], case
     assert fields.get("access-control-allow-origin") == (PAGE if cors else None), (case, fields)
     assert len(replica.seen) == before, case  # (nothing passed on)
+    assert fields["server"] == "nginx", fields  # (no version: server_tokens off)
 
 
 def test_an_http_1_0_request_without_host_is_served_as_the_replica_serves_it(gateway):
