@@ -242,7 +242,8 @@ ORIGIN = f"Origin: {PAGE}\r\n".encode()
     ("another HTTP version", b"GET /v1/functions HTTP/2.0\r\nHost: g\r\n" + ORIGIN + b"\r\n", "malformed_request",
      False),  # (nginx's 505: the service's 400)
     ("TRACE", b"TRACE /v1/functions HTTP/1.1\r\nHost: g\r\n" + ORIGIN + b"\r\n", "method_not_allowed", True),
-    ("a gateway page's own path", b"GET /.gateway/headers_too_large HTTP/1.1\r\nHost: g\r\n" + ORIGIN + b"\r\n",
+    ("a gateway page's own path", b"GET /.gateway/headers_too_large HTTP/1.1\r\nHost: g\r\nConnection: close\r\n" + ORIGIN
+     + b"\r\n",
      "not_found", True),
 ])
 def test_what_the_gateway_cannot_pass_on_is_the_services_problem(gateway, case, data, code, cors):
