@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import select
 import socket
 import struct
 import threading
@@ -289,6 +290,39 @@ async def _until(check, timeout: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+def test_a_message_sent_now_is_on_the_socket_before_the_loop_runs_again(tmp_path: Path) -> None:
+    """``send(now=True)`` (a lone job) writes at once; a plain ``send`` leaves at the end
+    of the loop's tick, with whatever else the tick sends (one write)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "e.sock"))
+    server.listen(1)
+
+    async def main() -> tuple[bool, bool, bytes]:
+        conn = Connection(tmp_path / "e.sock", lambda frames: None)
+        await _until(lambda: conn._transport is not None)
+        peer, _ = server.accept()
+        try:
+            # No await between the send and the look: only a write made by send itself is there.
+            conn.send([b'{"t":"x"}', b"later"])
+            queued = bool(select.select([peer], [], [], 0)[0])
+            await _until(lambda: bool(select.select([peer], [], [], 0)[0]))  # the tick's end wrote it
+            got = peer.recv(1 << 16)
+            conn.send([b'{"t":"x"}', b"at-once"], now=True)
+            at_once = bool(select.select([peer], [], [], 0)[0])
+            got += peer.recv(1 << 16) if at_once else b""
+            return queued, at_once, got
+        finally:
+            conn.close()
+            peer.close()
+
+    try:
+        queued, at_once, got = asyncio.run(main())
+    finally:
+        server.close()
+    assert not queued and at_once
+    assert b"later" in got and b"at-once" in got
 
 
 def test_a_listener_reports_a_front_end_that_hangs_up_mid_message(tmp_path: Path) -> None:

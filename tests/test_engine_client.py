@@ -26,12 +26,14 @@ class _Connection:
 
     def __init__(self) -> None:
         self.sent: list[int] = []
+        self.at_once: list[bool] = []  # each job's ``now``: written at once (nothing else in flight there)
         self.arrived = asyncio.Event()
 
-    def send(self, frames: list[Any]) -> None:
+    def send(self, frames: list[Any], now: bool = False) -> None:
         header, _ = ipc.parse(frames)
         if header["t"] == "job":
             self.sent.append(header["id"])
+            self.at_once.append(now)
             self.arrived.set()
 
     def gone(self, pid: int) -> None:
@@ -182,3 +184,25 @@ async def test_a_request_sent_on_keeps_its_tag_and_is_the_culprit_of_the_next_de
     with pytest.raises(FunctionError, match="killed by SIGSEGV while running this request"):
         await asyncio.wait_for(request, 5)
     assert len(conn.sent) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_lone_job_is_written_at_once_and_one_beside_it_with_its_tick(engines):
+    """A job with nothing else of this front end in flight on its engine goes at once
+    (``now``: the engine waits for it alone; left for the end of the loop's tick, it
+    waited a loop iteration, a poll, on the latency path); one sent while another is in
+    flight there goes with its tick's others, in one write."""
+    conn = engines._socks[0]
+    engines._event(_state(1, 100, ready=True))
+    first = asyncio.create_task(engines.run("jacobian", _call(engines)))
+    one = await conn.next_job(1)
+    second = asyncio.create_task(engines.run("jacobian", _call(engines)))
+    two = await conn.next_job(2)
+    assert conn.at_once == [True, False]
+    for msg_id in (one, two):
+        _answer(engines, msg_id)
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    third = asyncio.create_task(engines.run("jacobian", _call(engines)))  # none in flight again
+    _answer(engines, await conn.next_job(3))
+    await asyncio.wait_for(third, 5)
+    assert conn.at_once == [True, False, True]

@@ -68,7 +68,7 @@ class _Recording:
     def __init__(self) -> None:
         self.sent: list[tuple[str, int]] = []
 
-    def send(self, frames: list[Any]) -> None:
+    def send(self, frames: list[Any], now: bool = False) -> None:
         header, _ = ipc.parse(frames)
         self.sent.append((header["t"], header["id"]))
 

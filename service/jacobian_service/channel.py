@@ -13,7 +13,8 @@ extra thread wake-ups per direction. A small Jacobian's whole computation is abo
 so the hop was a good part of the service's overhead.
 
 Each side writes what it has at once: a loop tick's jobs, a batch's replies, one message
-after another in one write. The framing delimits them, so the other side wakes once and
+after another in one write (a front end's lone job, nothing else in flight to that engine,
+as it is sent: the engine waits for it alone). The framing delimits them, so the other side wakes once and
 reads them all. Small frames are cut out of a staging buffer, so a batch of small
 replies costs one read; a large frame is read straight into a buffer of its size.
 
@@ -948,7 +949,7 @@ class Connection(asyncio.BufferedProtocol):
     whenever the engine's socket goes away (an engine restarts, or is not up yet).
 
     ``send`` queues a message; the messages of one loop tick leave together, written by
-    one call. Messages queued while no engine is connected wait for the next one, except
+    one call (a lone job, ``now``, at once). Messages queued while no engine is connected wait for the next one, except
     those queued before a connection broke: their requests belonged to the engine that
     died, and the supervisor's word about it answers them. ``on_lost`` is called when a
     connection breaks, for the owner to answer what the word does not; ``on_made`` when
@@ -1121,11 +1122,23 @@ class Connection(asyncio.BufferedProtocol):
 
     # ----------------------------------------------------------------- writing
 
-    def send(self, frames: Sequence[Any]) -> None:
-        """Queue a message; it leaves at the end of this loop tick with the others."""
+    def send(self, frames: Sequence[Any], now: bool = False) -> None:
+        """Queue a message; it leaves at the end of this loop tick with the others.
+
+        ``now``: the owner has nothing else in flight on this connection (a lone request:
+        the engine waits for nothing but this), so the message leaves at once, unless
+        others of this tick already wait to leave together. Left for the next tick, a lone
+        job waited for a loop iteration (a poll of its own, then the write) while the
+        engine slept: on the latency path, for nothing to go with it. A tick of several
+        requests still leaves in one write, but for its first job where none was in
+        flight before (the engine takes what came meanwhile after that one)."""
         self._outbox.append(frames)
         if self._flush_at is None:
-            self._flush_at = self._loop.call_soon(self._flush)
+            transport = self._transport
+            if now and transport is not None and not transport.is_closing():
+                self._flush()
+            else:
+                self._flush_at = self._loop.call_soon(self._flush)
 
     def count(self) -> None:
         """Tell the engine how many messages it was sent, now, with nothing else: a job

@@ -849,7 +849,9 @@ class RemoteEngines(_Engines):
                                                          sent, tag, function, client)
 
         try:
-            sock.send(frames)
+            # Alone in flight there (its engine, as far as this front end knows, idle):
+            # written at once, not at the end of the loop's tick (Connection.send).
+            sock.send(frames, now=self._load[index] == 1)
             header, arrays = await _await(fut, until, abandon, on_slow)
         finally:
             self._pending.pop(msg_id, None)
