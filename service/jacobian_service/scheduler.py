@@ -561,7 +561,7 @@ class Worker:
         call.deadline = job.deadline
         call.cancelled = self.cancelled_for(job)
         if job.kind == "warmup":
-            return self.engine.jacobian(call)
+            return self.engine.warm_up(call)
         if job.kind in ("jacobian_npy", "hessian_npy"):  # a dense .npy, maybe streamed
             out = getattr(self.engine, job.kind)(call, self.stream_threshold)
             if hasattr(out, "chunks"):  # Streamed: keep the rows for stream_next jobs

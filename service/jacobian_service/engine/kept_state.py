@@ -51,22 +51,26 @@ copied), is noticed changed but not put back.
 from __future__ import annotations
 
 import _random
+import array
 import ast
 import builtins
 import collections
+import contextlib
+import ctypes
 import functools
+import gc
 import itertools
 import random
 import sys
 import sysconfig
 import threading
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["KeptState", "Replay", "active"]
+__all__ = ["KeptState", "Replay", "active", "as_found"]
 
 # A bounded walk: a function reaching a large object graph (a model's many submodules)
 # costs at most this many nodes; what lies past it is not watched.
@@ -79,10 +83,14 @@ _MAX_ITEMS = 1 << 14
 # Tensors copied so a changed one can be put back (a model's buffers, a global buffer);
 # past this total only their version counters are watched.
 _COPY_BYTES = 16 << 20
-# numpy arrays copied and compared (no version counter tells a write): a module-level
-# counter or buffer (``ACC += 1``) is small; a large lookup table, compared byte by byte
-# after every call watched (~1 ms a MiB, at each batched request), is not watched.
-_ARRAY_BYTES = 1 << 16
+# numpy arrays, ``array.array``s and ``bytearray``s copied and compared (no version
+# counter tells a write), in all, a walk. Until round 39 64 KiB: a 512-float64 running
+# sum written in place past it (a 256 x 256 buffer) was stepped at each of a Hessian's
+# calls. A copy and a comparison cost ~0.1-0.3 ms a MiB (measured, np.copyto and
+# array_equal on bytes), twice a request while watched (the first _STATE_WATCHED
+# requests, or for good once the function is seen keeping state): a larger lookup
+# table than this is not watched.
+_ARRAY_BYTES = 4 << 20
 _MISSING = object()
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
 _PLAIN_IDS = frozenset(map(id, _PLAIN))  # (by id: ``in`` a tuple of types may run a metaclass's __eq__)
@@ -237,6 +245,104 @@ def _equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def _array_same(a: np.ndarray, copy: np.ndarray) -> bool:
+    """An array's bytes as its copy's (bytes, not values: a NaN is its own)."""
+    if a.shape != copy.shape or a.dtype != copy.dtype:
+        return False
+    now = a if a.flags.c_contiguous else np.ascontiguousarray(a)
+    return bool(np.array_equal(now.reshape(-1).view(np.uint8), copy.reshape(-1).view(np.uint8)))
+
+
+def _buffer_same(v: Any, copy: Any) -> bool:
+    if type(copy) is bytearray:
+        return bytearray.__eq__(v, copy) is True
+    # (by bytes: an array of floats holding a NaN is not unequal to its copy)
+    return array.array.tobytes(v) == array.array.tobytes(copy)
+
+
+_ITERATORS = frozenset(type(iter(x)) for x in ([], (), range(0), range(1 << 64), "", reversed([])))
+# (CPython before 3.13 writes a frame's locals back from its f_locals dict through this
+# call; 3.13's f_locals is a proxy that writes through)
+_LOCALS_TO_FAST = getattr(ctypes.pythonapi, "PyFrame_LocalsToFast", None) if sys.version_info < (3, 13) else None
+
+
+def _lasti(g: types.GeneratorType, frame: Any) -> int:
+    """Where a generator paused, -1 before it started (CPython's own f_lasti says
+    otherwise from 3.11: its frame begins past its prologue)."""
+    return frame.f_lasti if getattr(g, "gi_suspended", frame.f_lasti >= 0) else -1
+
+
+def _unstarted(frame: Any, locals_: dict[str, Any]) -> Any:
+    """A new generator from the code of one noted before it started (``STEPS =
+    steps()`` at import, started by the function's first ``next``), called with the
+    arguments it was made with; _MISSING where that cannot be (it closes over
+    variables: no cell can be told from another)."""
+    code = frame.f_code
+    if code.co_freevars or (code.co_flags & _GENERATOR) == 0:
+        return _MISSING
+    named = code.co_varnames
+    n, k = code.co_argcount, code.co_kwonlyargcount
+    try:
+        args = [locals_[name] for name in named[:n]]
+        kwargs = {name: locals_[name] for name in named[n:n + k]}
+        rest = n + k
+        if code.co_flags & _VARARGS:
+            args.extend(locals_[named[rest]])
+            rest += 1
+        if code.co_flags & _VARKEYWORDS:
+            kwargs.update(locals_[named[rest]])
+    except (KeyError, IndexError, TypeError):
+        return _MISSING
+    # (calling a generator function runs none of its body: it makes the generator)
+    return types.FunctionType(code, frame.f_globals, code.co_name)(*args, **kwargs)
+
+
+_GENERATOR, _VARARGS, _VARKEYWORDS = 0x20, 0x04, 0x08  # (inspect.CO_GENERATOR, CO_VARARGS, CO_VARKEYWORDS)
+
+
+def _position(it: Any) -> Any:
+    """A builtin iterator's position (its own C __reduce__), _MISSING once run out."""
+    reduced = it.__reduce__()
+    return reduced[2] if len(reduced) > 2 else _MISSING
+
+
+def _frame_same(g: types.GeneratorType, frame: Any, lasti: int, locals_: dict[str, Any],
+                iterators: list[tuple[Any, Any]]) -> bool:
+    if g.gi_frame is not frame or _lasti(g, frame) != lasti:
+        return False
+    now = frame.f_locals
+    if len(now) != len(locals_) or any(not _same(now.get(k, _MISSING), v) for k, v in locals_.items()):
+        return False
+    return all(_position(it) == position for it, position in iterators)
+
+
+def _put_frame(g: types.GeneratorType, frame: Any, lasti: int, locals_: dict[str, Any],
+               iterators: list[tuple[Any, Any]]) -> bool:
+    """A generator's frame put back where it paused: its locals and its loops' iterators.
+    Not where the call moved it to another ``yield``, or ran it to its end (no frame can
+    be moved back): whether it was put back."""
+    if g.gi_frame is not frame or _lasti(g, frame) != lasti or g.gi_running:
+        return False
+    for it, position in iterators:
+        if position is _MISSING:  # (an iterator run out stays so)
+            if _position(it) is not _MISSING:
+                return False
+        else:
+            it.__setstate__(position)
+    if _LOCALS_TO_FAST is not None:
+        now = frame.f_locals  # (synced from the frame: then set, and written back)
+        now.clear()
+        now.update(locals_)
+        _LOCALS_TO_FAST(ctypes.py_object(frame), ctypes.c_int(1))
+        return True
+    if sys.version_info < (3, 13):
+        return False
+    proxy = frame.f_locals
+    for name, value in locals_.items():
+        proxy[name] = value
+    return set(proxy.keys()) == set(locals_)
+
+
 def _library_dirs() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     dirs = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
@@ -313,7 +419,9 @@ class KeptState:
         self._tensors: list[tuple[torch.Tensor, int, torch.Tensor | None]] = []
         self._slots: list[tuple[Any, Any, Any]] = []  # (object, member, value)
         self._class_attrs: list[tuple[type, str, Any]] = []
-        self._arrays: list[tuple[np.ndarray, tuple[int, ...], Any, bytes]] = []
+        self._arrays: list[tuple[np.ndarray, np.ndarray]] = []  # (array, its copy)
+        self._buffers: list[tuple[Any, Any]] = []  # (an array.array or a bytearray, its copy)
+        self._frames: list[tuple[types.GeneratorType, Any, int, dict[str, Any], list[tuple[Any, Any]]]] = []
         self._states: list[tuple[Any, Callable[[Any], Any], Any, Any]] = []  # (object, read, write, state)
         self._deques: list[tuple[collections.deque[Any], list[Any]]] = []
         self._spaces: list[tuple[Any, Any, int]] = []  # (module or class, its namespace, depth)
@@ -373,6 +481,10 @@ class KeptState:
             self._tensor(v)
         elif kind is np.ndarray:
             self._array(v)
+        elif issubclass(kind, (array.array, bytearray)):
+            self._buffer(v, kind)
+        elif kind is types.GeneratorType:
+            self._generator(v, depth)
         elif issubclass(kind, dict):
             if self._fits(dict.__len__(v)):
                 items = dict.copy(v)
@@ -489,13 +601,42 @@ class KeptState:
                 return
 
     def _array(self, a: np.ndarray) -> None:
-        """A numpy array (no version counter): its bytes copied, and compared after a
+        """A numpy array (no version counter): copied, and compared byte by byte after a
         call, within _ARRAY_BYTES (an object array's items are not)."""
         nbytes = a.nbytes
-        if a.dtype.hasobject or self._array_bytes + nbytes > _ARRAY_BYTES:
+        if a.dtype.hasobject or a.dtype.itemsize == 0 or self._array_bytes + nbytes > _ARRAY_BYTES:
             return
         self._array_bytes += nbytes
-        self._arrays.append((a, a.shape, a.dtype, a.tobytes()))
+        self._arrays.append((a, np.array(a, copy=True, order="C")))
+
+    def _buffer(self, v: Any, kind: type) -> None:
+        """An ``array.array`` or a ``bytearray`` (a running sum kept in one, written in
+        place), copied within _ARRAY_BYTES through the builtin type's own methods."""
+        base = array.array if issubclass(kind, array.array) else bytearray
+        nbytes = base.__len__(v) * (array.array.__dict__["itemsize"].__get__(v) if base is array.array else 1)
+        if self._array_bytes + nbytes > _ARRAY_BYTES:
+            return
+        self._array_bytes += nbytes
+        self._buffers.append((v, base.__getitem__(v, slice(None))))
+
+    def _generator(self, g: types.GeneratorType, depth: int) -> None:
+        """A Python generator's paused frame (``next(STEPS)``, ``STEPS = steps()``, a
+        generator function counting in a local): its position, its locals (walked: a list
+        it appends to), and the positions of the builtin iterators its loops hold (``for
+        i in range(...)``), read without running it."""
+        frame = g.gi_frame
+        if frame is None or g.gi_running:  # (done, or running now: nothing kept to put back)
+            return
+        locals_ = dict(frame.f_locals)
+        iterators = []
+        for held in gc.get_referents(g):  # (its frame's locals and value stack: a loop's iterator)
+            if type(held) in _ITERATORS:
+                iterators.append((held, _position(held)))
+        self._frames.append((g, frame, _lasti(g, frame), locals_, iterators))
+        for value in locals_.values():
+            self._walk(value, depth + 1)
+        if g.gi_yieldfrom is not None:  # (``yield from`` another: its frame as well)
+            self._walk(g.gi_yieldfrom, depth + 1)
 
     def _tensor(self, t: torch.Tensor) -> None:
         try:
@@ -552,8 +693,14 @@ class KeptState:
         for cls, name, value in self._class_attrs:
             if not _same(_TYPE_DICT(cls).get(name, _MISSING), value):
                 return True
-        for a, shape, dtype, data in self._arrays:
-            if a.shape != shape or a.dtype != dtype or a.tobytes() != data:
+        for a, copy in self._arrays:
+            if not _array_same(a, copy):
+                return True
+        for v, copy in self._buffers:
+            if not _buffer_same(v, copy):
+                return True
+        for g, frame, lasti, locals_, iterators in self._frames:
+            if not _frame_same(g, frame, lasti, locals_, iterators):
                 return True
         for obj, read, _, state in self._states:
             if not _equal(read(obj), state):
@@ -619,16 +766,31 @@ class KeptState:
                     type.__delattr__(cls, name)
                 else:
                     type.__setattr__(cls, name, value)
-        for a, shape, dtype, data in self._arrays:
-            if a.shape != shape or a.dtype != dtype or not a.flags.writeable:
-                whole = whole and a.tobytes() == data
-            elif a.tobytes() != data:
-                np.copyto(a, np.frombuffer(data, dtype=dtype).reshape(shape))
+        for a, copy in self._arrays:
+            if _array_same(a, copy):
+                continue
+            if a.shape != copy.shape or a.dtype != copy.dtype or not a.flags.writeable:
+                whole = False
+            else:
+                np.copyto(a, copy)
+        for v, copy in self._buffers:
+            if not _buffer_same(v, copy):
+                try:
+                    type(copy).__setitem__(v, slice(None), copy)
+                except BufferError:  # (a bytearray resized while a view of it is held)
+                    whole = False
         for dq, items in self._deques:
             if _list_changed(list(collections.deque.__iter__(dq)), items):
                 collections.deque.clear(dq)
                 collections.deque.extend(dq, items)
         fresh: dict[int, Any] = {}
+        for g, frame, lasti, locals_, iterators in self._frames:
+            if not _frame_same(g, frame, lasti, locals_, iterators) and not _put_frame(g, frame, lasti, locals_, iterators):
+                # (one the call started: a new one, not started, where it was, as a count)
+                if lasti == -1 and (new := _unstarted(frame, locals_)) is not _MISSING:
+                    fresh[id(g)] = new
+                else:
+                    whole = False
         for obj, read, write, state in self._states:
             if _equal(read(obj), state):
                 continue
@@ -767,6 +929,25 @@ class Replay:
             self._origin[1]()
         self.calls = 0
         self.before = self.after = None
+
+
+@contextlib.contextmanager
+def as_found(fn: Callable[..., Any]) -> Iterator[None]:
+    """Calls of ``fn`` that no client asked for (an engine's warm-up) leave what it keeps
+    across calls, and the global random generators, as they found them: a counter's
+    first request after a warm-up was answered one step on (``2 x`` where a first
+    ``torch.func`` call in-process, from the state the module left at import, gives
+    ``x``), a generator made at import started, a seeded draw the second."""
+    with _plain():
+        kept = KeptState(fn)
+    draws = _generators()
+    try:
+        yield
+    finally:
+        with _plain():
+            if kept.changed():
+                kept.restore()
+        draws()
 
 
 def _generators() -> Callable[[], None]:

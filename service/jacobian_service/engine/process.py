@@ -356,7 +356,7 @@ class EngineServer:
                     # engine at its warm-up, so the service was never ready.
                     call = warmup_call(spec)
                     call.deadline = time.monotonic() + self.settings.warmup_timeout_s  # cut between chunks, where it is safe
-                    self.engine.jacobian(call)
+                    self.engine.warm_up(call)  # (leaving the state it keeps across calls as found)
                 except Exception as exc:  # a function that needs special inputs still serves
                     log.warning("warm-up of %s failed: %s", spec.name, exception_text(exc))  # (bounded: its words are user code)
                 self.engine.restore_settings(spec.name)
