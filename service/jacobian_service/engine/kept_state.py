@@ -18,7 +18,8 @@ modules that it names, a few levels deep; of the user's own modules and classes 
 ``mod.N += 1``, ``Model.calls += 1``, ``type(self).n += 1``, and the code of their
 classmethods, staticmethods and properties), noting each container's
 items, each tensor's version counter (copying the tensors, up to a bound, so they can be
-put back), a small numpy array's bytes, and the state of a random generator object of its
+put back), a numpy array's, ``array.array``'s or ``bytearray``'s bytes (up to a bound), a
+paused Python generator's locals and position, and the state of a random generator object of its
 own (``random.Random``, ``np.random.default_rng``, ``RandomState``, ``torch.Generator``)
 or an ``itertools.count``'s position. :meth:`KeptState.changed` says whether a call
 changed any of it; :meth:`KeptState.restore` puts it back as it was (a count, whose
@@ -40,9 +41,14 @@ counted 14 calls of its own that the function never made.
 Until parity round 37 a module's, class's or function's attribute, a slotted object's member, a
 numpy array written in place, a generator object's draws and an ``itertools.count`` were
 not seen: a Hessian of ``(x**3).sum() * mod.N`` (``mod.N += 1``) was answered 13 steps
-on, as round 36 found for a global. Not seen still: state a C extension keeps (a Python
-generator's frame, an ``array.array``, a ``bytearray``), a numpy array past
-_ARRAY_BYTES, a container whose items would take the walk past its bound of items (a
+on, as round 36 found for a global; until round 39 an ``array.array``, a ``bytearray``,
+a numpy array past 64 KiB and a Python generator's paused frame (``next(STEPS)``: its
+locals, the ``range`` or list iterator its loop holds, the generator it delegates to with
+``yield from``; one made but not started is replaced by a new one from the same function
+and arguments, as a count) were not either. Not seen still: state a C extension keeps
+elsewhere, a generator's position past any other iterator (a ``zip`` its loop holds), a
+generator moved to another ``yield`` or run to its end (noticed, not put back), buffers
+past _ARRAY_BYTES, a container whose items would take the walk past its bound of items (a
 global lookup table of a million floats: its walk and comparison took ~0.5 s a request);
 and a tensor past the copy bound, or a model's weight (a leaf requiring grad, never
 copied), is noticed changed but not put back.
@@ -272,13 +278,21 @@ def _lasti(g: types.GeneratorType, frame: Any) -> int:
     return frame.f_lasti if getattr(g, "gi_suspended", frame.f_lasti >= 0) else -1
 
 
-def _unstarted(frame: Any, locals_: dict[str, Any]) -> Any:
-    """A new generator from the code of one noted before it started (``STEPS =
-    steps()`` at import, started by the function's first ``next``), called with the
-    arguments it was made with; _MISSING where that cannot be (it closes over
-    variables: no cell can be told from another)."""
+def _unstarted(g: types.GeneratorType, frame: Any, locals_: dict[str, Any]) -> Any:
+    """A new generator from the function that made one noted before it started
+    (``STEPS = steps()`` at import, started by the function's first ``next``), called
+    with the arguments it was made with; _MISSING where that cannot be."""
     code = frame.f_code
-    if code.co_freevars or (code.co_flags & _GENERATOR) == 0:
+    if (code.co_flags & _GENERATOR) == 0:
+        return _MISSING
+    # (its frame holds the function it runs, closure and all; without it, one closing over
+    # nothing is made again from its code)
+    made = [held for held in gc.get_referents(g) if type(held) is types.FunctionType and held.__code__ is code]
+    if made:
+        maker = made[0]
+    elif not code.co_freevars:
+        maker = types.FunctionType(code, frame.f_globals, code.co_name)
+    else:
         return _MISSING
     named = code.co_varnames
     n, k = code.co_argcount, code.co_kwonlyargcount
@@ -294,7 +308,7 @@ def _unstarted(frame: Any, locals_: dict[str, Any]) -> Any:
     except (KeyError, IndexError, TypeError):
         return _MISSING
     # (calling a generator function runs none of its body: it makes the generator)
-    return types.FunctionType(code, frame.f_globals, code.co_name)(*args, **kwargs)
+    return maker(*args, **kwargs)
 
 
 _GENERATOR, _VARARGS, _VARKEYWORDS = 0x20, 0x04, 0x08  # (inspect.CO_GENERATOR, CO_VARARGS, CO_VARKEYWORDS)
@@ -787,7 +801,7 @@ class KeptState:
         for g, frame, lasti, locals_, iterators in self._frames:
             if not _frame_same(g, frame, lasti, locals_, iterators) and not _put_frame(g, frame, lasti, locals_, iterators):
                 # (one the call started: a new one, not started, where it was, as a count)
-                if lasti == -1 and (new := _unstarted(frame, locals_)) is not _MISSING:
+                if lasti == -1 and (new := _unstarted(g, frame, locals_)) is not _MISSING:
                     fresh[id(g)] = new
                 else:
                     whole = False
