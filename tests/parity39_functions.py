@@ -99,6 +99,20 @@ def gen_vec(x):
     return x**2 * next(STEPS)
 
 
+LOADS: list = []  # (one entry a load)
+CACHE: dict = {}
+
+
+@register(inputs=[Input("x", shape=("n",))])
+def lazy_cache(x):
+    """A model loaded lazily at the first call, kept: what a warm-up is there to fill."""
+    w = CACHE.get("w")
+    if w is None:
+        LOADS.append(1)
+        w = CACHE["w"] = torch.linspace(1, 2, 3, dtype=torch.float64)
+    return (x**3 * w.to(x.dtype)).sum()
+
+
 @register(inputs=[Input("x", shape=())])
 def state_of(x):
     """Each state above as a number (x only gives the dtype), none stepped."""

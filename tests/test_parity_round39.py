@@ -70,6 +70,18 @@ def test_the_warm_ups_leave_the_state_as_the_import_left_it(c):
     np.testing.assert_array_equal(c.first_state, np.zeros(8))
 
 
+def test_a_cache_the_warm_up_filled_stays_filled(c):
+    """A warm-up is there to fill a cache (a model loaded lazily at the first call): a
+    second warm-up run left it alone, so it is kept, loaded once, not at the first
+    request again."""
+    from . import parity39_functions as F
+
+    assert len(F.LOADS) == 1 and "w" in F.CACHE
+    got, _ = answer(post(c, "lazy_cache", "hessian", [X]), "hessian")
+    assert len(F.LOADS) == 1
+    np.testing.assert_allclose(got, f.hessian(F.lazy_cache)(TX).numpy(), rtol=1e-12)
+
+
 @pytest.mark.parametrize("name", list(KEPT))
 def test_state_in_a_buffer_or_a_generator_steps_once_a_request_as_torchs_one_call(c, name):
     index, step = KEPT[name]

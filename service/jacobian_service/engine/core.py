@@ -523,12 +523,11 @@ class Engine:
 
     def warm_up(self, call: Call) -> Result:
         """A warm-up's Jacobian (the first jacrev of a function costs ~1 s), leaving what
-        the function keeps across calls, and the global random generators, as it found
-        them (kept_state.as_found): a counter's first request after a warm-up was
-        answered one step on, where in-process the first call sees the state the
-        module's import left."""
-        with kept_state.as_found(call.spec.fn):
-            return self.jacobian(call)
+        the function keeps across calls as a first request should find it
+        (kept_state.warm_up): a counter's first request after a warm-up was answered one
+        step on, where in-process the first call sees the state the module's import
+        left; a cache it filled stays filled."""
+        return kept_state.warm_up(call.spec.fn, lambda: self.jacobian(call))
 
     @_one_state
     def jacobian(self, call: Call, stream: RowStream | None = None) -> Result:

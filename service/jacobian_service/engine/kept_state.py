@@ -61,7 +61,6 @@ import array
 import ast
 import builtins
 import collections
-import contextlib
 import ctypes
 import functools
 import gc
@@ -71,12 +70,12 @@ import sys
 import sysconfig
 import threading
 import types
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-__all__ = ["KeptState", "Replay", "active", "as_found"]
+__all__ = ["KeptState", "Replay", "active", "warm_up"]
 
 # A bounded walk: a function reaching a large object graph (a model's many submodules)
 # costs at most this many nodes; what lies past it is not watched.
@@ -950,23 +949,51 @@ class Replay:
         self.before = self.after = None
 
 
-@contextlib.contextmanager
-def as_found(fn: Callable[..., Any]) -> Iterator[None]:
-    """Calls of ``fn`` that no client asked for (an engine's warm-up) leave what it keeps
-    across calls, and the global random generators, as they found them: a counter's
-    first request after a warm-up was answered one step on (``2 x`` where a first
-    ``torch.func`` call in-process, from the state the module left at import, gives
-    ``x``), a generator made at import started, a seeded draw the second."""
+def warm_up(fn: Callable[..., Any], run: Callable[[], Any]) -> Any:
+    """``run()``, a warm-up of ``fn`` that no client asked for (an engine's Jacobian of it
+    before it says ready), leaving what ``fn`` keeps across calls as a client's first
+    request should find it: a counter's first request after a warm-up was answered one
+    step on (``2 x`` where the first ``torch.func`` call in-process, from the state the
+    module's import left, gives ``x``), a generator made at import started, a seeded draw
+    the second. State the warm-up changed is told apart by running it once more: one that
+    changes at every call (a counter) is put back as the import left it, with the global
+    random generators; one that the second run left alone (a cache filled on first use, a
+    model loaded lazily: what a warm-up is for) is kept, and only that second run's draws
+    undone. A warm-up that changed nothing has its draws undone."""
     with _plain():
-        kept = KeptState(fn)
+        before = KeptState(fn)
     draws = _generators()
-    try:
-        yield
-    finally:
+
+    def put_back() -> None:
         with _plain():
-            if kept.changed():
-                kept.restore()
+            if before.changed():
+                before.restore()
         draws()
+
+    try:
+        result = run()
+    except BaseException:
+        put_back()
+        raise
+    with _plain():
+        changed = before.changed()
+    if not changed:
+        draws()
+        return result
+    with _plain():
+        first = KeptState(fn)
+    drawn = _generators()
+    try:
+        run()
+        with _plain():
+            again = first.changed()
+    except Exception:  # (its second run's failure is no warm-up's: the state put back)
+        again = True
+    if again:
+        put_back()
+    else:
+        drawn()
+    return result
 
 
 def _generators() -> Callable[[], None]:
