@@ -440,3 +440,34 @@ def debug_unwrap(x):
     """TestHelpers.test_debug_unwrap: the unwrapped input kept in a global list."""
     STUFF.append(torch.func.debug_unwrap(x))
     return x.sin()
+
+
+# TestFunctionalize: functionalized functions, served as registered.
+def _simple_view(x):
+    tmp = torch.ones(2, dtype=x.dtype)
+    y = x.view(4, 2)
+    y.add_(tmp)
+    return x
+
+
+def _inplace_on_sum(x):
+    tmp = torch.ones(2, dtype=x.dtype)
+    y = x + x
+    z = y.view(4, 2)
+    y.add_(tmp)
+    return (z**2).sum()
+
+
+def _inplace_view(x):
+    tmp = torch.ones(4, dtype=x.dtype)
+    y = x + x
+    y2 = y.transpose(1, 0)
+    z = y2[0]
+    z.add_(tmp)
+    return y
+
+
+func_simple_view = register(inputs=[Input("x", shape=(4, 2))], name="func_simple_view")(torch.func.functionalize(_simple_view))
+func_inplace_on_sum = register(inputs=[Input("x", shape=(4, 2))], name="func_inplace_on_sum")(torch.func.functionalize(_inplace_on_sum))
+func_inplace_view = register(inputs=[Input("x", shape=(4, 2))], name="func_inplace_view")(
+    torch.func.functionalize(_inplace_view, remove="mutations_and_views"))

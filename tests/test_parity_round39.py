@@ -10,9 +10,11 @@ tests/parity39_functions.py and compared with in-process torch.func.
    products) where torch.func calls it once: each call stepped the state, a Hessian was
    answered up to 13 steps on (``39 x`` where torch's is ``3 x``) and every later
    request saw the steps. And the app's warm-up (a Jacobian of each function before it
-   says ready) stepped each once: a first request answered one step on.
+   says ready) stepped each once: a first request answered one step on. A warm-up that filled a cache (a second run left it alone) keeps it.
+2. test_eager_transforms.py's cases not replayed before (see CASES): all torch.func's,
+   pinned.
 
-One in-process app serves the module, its engine a process of its own (no server start).
+One in-process app serves the module, warmed up (no server start).
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def test_a_batched_request_steps_a_generator_once_as_torchs_vmap(c, route, torch
 # wrappers, TestAutogradFunction's materialize-grads-off and None-grads backwards,
 # TestVmapOfGrad's in-place view and new_zeros per example, TestVmapJvpInplaceView's five
 # cases as stacked tangents, TestComposability's vmap / vjp inside, TestHelpers'
-# debug_unwrap. All matched torch.func (values, shapes, dtypes; torch's errors as a 500
+# debug_unwrap, TestFunctionalize's functionalized functions. All matched torch.func (values, shapes, dtypes; torch's errors as a 500
 # function_error in its words); what differs is README's documented behaviour (forward
 # mode through no_grad answers jacrev's Jacobian; where torch's vmap refuses a custom
 # Function, one product at a time answers) and is left out.
@@ -134,6 +136,7 @@ WS, XS6, TS = R(4, 2), R(6, 1, 4), R(6, 2)
 YN, XN, XLS, VLS = R(3, 5), R(3), R(3, 5), R(5)
 X26, Y23, Y26, Y6 = R(2, 6), R(2, 3), R(2, 6), R(6)
 ZD, ZX, ZT = np.ones((4, 1)), R(4, 2), R(2)
+X42 = R(4, 2)
 
 
 def jr(fn, *inputs, **kw):
@@ -208,6 +211,14 @@ CASES = [
     ("grad_vmap-batched", "grad_vmap", "hessian", [np.stack([X3, V3])], {"batched": True},
      lambda: f.vmap(f.hessian(F.grad_vmap))(t(np.stack([X3, V3])))),
     ("grad_vjp-hessian", "grad_vjp", "hessian", [X3], {}, hs(F.grad_vjp, X3)),
+    # TestFunctionalize: functionalize(f) registered as it is
+    ("functionalize-hessian", "func_inplace_on_sum", "hessian", [X42], {}, hs(F.func_inplace_on_sum, X42)),
+    ("functionalize-batched-hessian", "func_inplace_on_sum", "hessian", [np.stack([X42, -X42])], {"batched": True},
+     lambda: f.vmap(f.hessian(F.func_inplace_on_sum))(t(np.stack([X42, -X42])))),
+    *[(f"functionalize-view-{m}", "func_inplace_view", "jacobian", [X42], {"mode": m},
+       (lambda m=m: (f.jacrev if m == "rev" else f.jacfwd)(F.func_inplace_view)(t(X42)))) for m in ("rev", "fwd")],
+    ("functionalize-simple_view-jvp", "func_simple_view", "jvp", [X42], {"tangents": [wire_tree(-X42)]},
+     lambda: f.jvp(F.func_simple_view, (t(X42),), (t(-X42),))[1]),
     ("grad_vjp-hvp", "grad_vjp", "hvp", [X3], {"tangents": [wire_tree(V3)]}, lambda: f.jvp(f.grad(F.grad_vjp), (t(X3),), (t(V3),))[1]),
 ]
 
