@@ -789,7 +789,7 @@ class RemoteEngines(_Engines):
             left = self.quarantined(call.spec.name)
             if left is not None:
                 raise FunctionQuarantined(
-                    f"{call.spec.name} is quarantined after crashing or hanging its engine repeatedly; "
+                    f"{call.spec.name} is quarantined after crashing, hanging or filling the disk of its engine repeatedly; "
                     f"refused for {left:.0f} s more, or until an operator releases it",
                     headers={"Retry-After": str(max(1, round(left)))},
                 )

@@ -45,7 +45,8 @@ run a batch to its end works: its backoff is reset then, and a spare it waits fo
 starts (a crash loop's engines end none).
 
 A function that takes its engine down ``quarantine_after`` times within
-``quarantine_window_s`` is quarantined: the front ends refuse it until
+``quarantine_window_s`` is quarantined (so is one whose temporary files alone took half
+the disk bound or more as often: ``_disk_filler``): the front ends refuse it until
 ``quarantine_cooldown_s`` passes or an operator releases it. A function that crashed
 inside a batch is isolated (its requests run alone from then on), so a retried batch
 finds the one culprit and spares its batch-mates.
@@ -173,6 +174,21 @@ def _engine_environ(environ: Any) -> dict[str, str]:
         user = f"uid_{os.getuid()}"
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"))
     return env
+
+
+def _disk_filler(status: dict[str, Any]) -> str | None:
+    """The function a board leaving over ``ENGINE_MAX_TMP_BYTES`` (``engine.disk_watch``)
+    says took at least half of that bound by itself, or None (files taken by several,
+    or too many empty ones)."""
+    disk = status.get("disk")
+    if not isinstance(disk, dict) or not isinstance(limit := disk.get("limit"), int) or limit <= 0:
+        return None
+    grown = disk.get("grown")
+    top = grown[0] if isinstance(grown, list) and grown else None
+    if isinstance(top, list) and len(top) == 2 and isinstance(top[0], str) and top[0] \
+            and isinstance(top[1], int) and 2 * top[1] >= limit:
+        return top[0]
+    return None
 
 
 def _remove_tree(path: Path) -> None:
@@ -1103,8 +1119,9 @@ class Supervisor:
                       f"killed: {engine.killed_for}" if engine.killed_for else f"status {code}")
         status, forged_leave = believed, believed is not status
         left = status.get("left")
+        filler = _disk_filler(status)  # (a name the board gives: believed only where the front ends sent it)
         board = ({status.get("stray"), *(left if isinstance(left, list) else ())} if not self.warm_ups
-                 else set()) | {status.get("function"), engine.running.get("function")}
+                 else set()) | {status.get("function"), engine.running.get("function"), filler}
         ran = self._await_held(engine.index, {f for f in board if isinstance(f, str) and f},
                                _HELD_WAIT_S if engine.was_ready else 0.0)
         stripped = forged_leave  # (whom the front ends held decides, as for any word of the board not believed)
@@ -1217,6 +1234,15 @@ class Supervisor:
             self.skip_warmup.add(function)  # a warm-up would leave one again
         elif recycled is not None:
             reason = recycled
+            # A function that fills the disk bound again and again cost a restart (a
+            # torch start-up, the spare's) each time and was never quarantined, where one
+            # that crashes or hangs its engine as often is: the one that took at least
+            # half of the bound by itself, and that a front end sent this engine (the
+            # board is the functions' to write), is struck for it, as for a crash.
+            if filler is not None and filler in ran and engine.killed_for == "":
+                reason += f"; {filler} struck (its files alone took half the bound or more)"
+            else:
+                filler = None
         elif engine.killed_for == "hang":
             reason = f"{function or 'a function'} did not return by its deadline (plus {self.settings.hang_grace_s:g} s)"
         elif engine.killed_for == "overdue":
@@ -1364,6 +1390,8 @@ class Supervisor:
                                                  set(self._held.get(engine.index, {})), False)
         elif killed_outside and repeated:
             self._strike(after, batch=False)
+        elif recycled is not None and filler is not None:
+            self._strike(filler, batch=False)
         for suspect in suspects:
             self._strike(suspect, batch=False)
         engine.proc = None
