@@ -75,13 +75,16 @@ def _settings_later(delay_s: float, how: int) -> None:
     threading.Thread(target=change, daemon=True).start()
 
 
-def _lie_in_wait() -> None:
-    """A thread that polls (1 ms: no stray) for victim50's batch to begin and rebinds
-    ``torch.sin`` to a doubler within it."""
+def _lie_in_wait(victim: str = "victim50", put_back: bool = False) -> None:
+    """A thread that polls (1 ms: no stray) for ``victim``'s batch to begin and rebinds
+    ``torch.sin`` to a doubler within it; ``put_back``: one that puts the original back as
+    it is called, the name torch's own again before the batch ends."""
     main = threading.main_thread().ident
     original = torch.sin
 
     def doubled(*args, **kwargs):
+        if put_back:
+            torch.sin = original
         return original(*args, **kwargs) * 2
 
     def wait() -> None:
@@ -89,7 +92,7 @@ def _lie_in_wait() -> None:
             time.sleep(0.001)
             frame = sys._current_frames().get(main)
             while frame is not None:
-                if frame.f_code.co_name == "victim50":
+                if frame.f_code.co_name == victim:
                     torch.sin = doubled
                     time.sleep(0.05)
                     break
@@ -111,4 +114,6 @@ def arms50(x: torch.Tensor) -> torch.Tensor:
         _settings_later(0.3, case)
     elif case == 7:
         _lie_in_wait()
+    elif case == 8:
+        _lie_in_wait("slow50", put_back=True)
     return torch.sin(x) + _FILLED

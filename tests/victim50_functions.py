@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from jacobian_service import register
 
@@ -24,3 +26,9 @@ def scaled50(x: torch.Tensor) -> torch.Tensor:
 @register(inputs=X, description="sin of x plus a constant made at each call (0.1, in the default dtype).")
 def offset50(x: torch.Tensor) -> torch.Tensor:
     return torch.sin(x) + torch.tensor(0.1)
+
+
+@register(inputs=X, description="sin, after 20 ms waiting (on I/O, a lock: the GIL let go).")
+def slow50(x: torch.Tensor) -> torch.Tensor:
+    time.sleep(0.02)
+    return torch.sin(x)

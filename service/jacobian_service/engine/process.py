@@ -234,8 +234,9 @@ class EngineServer:
         the change, once it is put back. (The version tags alone, as the put-back reads them.)"""
         if self._refusal is None:
             found = self.engine.namespaces.patched()
-            if not found:
+            if not found and self._transient() is None:
                 return None
+        if self._refusal is None:
             self.engine.namespaces.restore(self._ran)  # now: the refusal itself is packed and sent by the engine's own code
             if (others := self._others_ran()) is not None:
                 # A thread another function left ran during the batch: it may have made
@@ -256,6 +257,25 @@ class EngineServer:
                 f"answer goes through: not answered (put back after each of its calls)")
         if isinstance(result, StreamHead):  # its rows are never asked for
             self.worker.close_stream(result.stream_id)
+        return self._refusal
+
+    def _transient(self) -> ServiceError | None:
+        """A retryable 503 in place of the batch's answers, and the engine restarting after
+        it, where a name the engine's work goes through was rebound and put back within the
+        batch (``Namespaces.transient``) while a thread another function left ran: a thread
+        that rebound ``torch.sin`` to a doubler for 5 ms at each of victim50's batches had
+        it answer twice its sine with a 200, the name torch's own again by the batch's end
+        (round 53). Where no other function's thread ran, the change was the function's
+        own (or a module's own state): those namespaces are passed by from then on."""
+        if not (moved := self.engine.namespaces.transient()):
+            return None
+        if (others := self._others_ran()) is None:
+            self.engine.namespaces.own_state.update(moved)
+            return None
+        what = f"names in {', '.join(moved)} rebound and put back"
+        self._acted = {"acted": {"by": others, "what": f"{what} during a batch of {self._ran or 'a function'}"}}
+        self._refusal = Unavailable(f"the engine restarts: {what} during the batch, while a thread another "
+                                    "function left ran", headers={"Retry-After": "1"})
         return self._refusal
 
     def _others_ran(self) -> list[str] | None:
