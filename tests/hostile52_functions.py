@@ -85,14 +85,35 @@ def _keep_sysv_queue() -> int:
     return msqid
 
 
-@register(inputs=X, description="sin; armed (666), it leaves a SysV shared memory segment (3) or message queue (5), "
-                                "or ends its engine (4).")
+SEMAPHORES = 250  # in each set one armed call leaves
+
+
+def _keep_sysv_semaphores(touch: bool) -> int:
+    """A SysV semaphore set made (``IPC_PRIVATE``) and never removed: one of the machine's
+    ``SEMMNI`` sets and its kernel memory, kept after the process ended (round 53).
+    ``touch``: a value set in it (``SETVAL``), as a user of it does."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    semid = libc.semget(0, SEMAPHORES, 0o600 | 0o1000)  # IPC_PRIVATE, IPC_CREAT
+    if semid < 0:
+        raise OSError(ctypes.get_errno(), "semget")
+    if touch and libc.semctl(semid, SEMAPHORES - 1, 16, ctypes.c_int(1)) != 0:  # SETVAL (the last one)
+        raise OSError(ctypes.get_errno(), "semctl")
+    return semid
+
+
+@register(inputs=X, description="sin; armed (666), it leaves a SysV shared memory segment (3), message queue (5) or "
+                                "semaphore set (6: set, 7: untouched), or ends its engine (4).")
 def sysvleak52(x: torch.Tensor) -> torch.Tensor:
     case = _armed(x)
     if case == 3:
         _keep_sysv_segment()
     elif case == 5:
         _keep_sysv_queue()
+    elif case in (6, 7):
+        _keep_sysv_semaphores(case == 6)
     elif case == 4:
         os.kill(os.getpid(), 9)
     return torch.sin(x)

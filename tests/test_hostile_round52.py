@@ -24,12 +24,13 @@ from jacobian_service import ipc
 from jacobian_service.engine.disk_watch import DiskWatch
 from jacobian_service.engine.memory_watch import shared_beyond_resident
 from jacobian_service.orphans import remove_segments
-from jacobian_service.procfs import sysv_queues, sysv_segments
+from jacobian_service.procfs import sysv_queues, sysv_segments, sysv_semaphores
 from jacobian_service.supervisor import _disk_filler
 
 from ._fault_support import _log_saying
 from .conftest import assert_problem, live_server
-from .hostile52_functions import KEEP_BYTES, QUEUED_BYTES, SYSV_BYTES, _keep_sysv_queue, _keep_sysv_segment
+from .hostile52_functions import (KEEP_BYTES, QUEUED_BYTES, SYSV_BYTES, _keep_sysv_queue, _keep_sysv_segment,
+                                  _keep_sysv_semaphores)
 from .test_hostile_round11 import _armed, _engine_pid, _replaced
 
 FUNCTIONS = "jacobian_service.examples,tests.hostile52_functions"
@@ -105,15 +106,24 @@ def test_a_sysv_segment_left_unmapped_is_counted_as_the_engines_memory_and_remov
     now as memory the process keeps, and ``remove_segments`` takes it away, with a message
     queue the process was the last to send to (kernel memory, kept the same way)."""
     beyond = shared_beyond_resident()
+    since = time.time() - 1
     shmid = _keep_sysv_segment()
     try:
         assert (shmid, SYSV_BYTES, 0) in sysv_segments(os.getpid())
         assert shared_beyond_resident() >= beyond + SYSV_BYTES
         msqid = _keep_sysv_queue()
         assert (msqid, QUEUED_BYTES) in sysv_queues(os.getpid())
+        # And semaphore sets (round 53: not removed): one set (the kernel names no maker:
+        # its last setter), one private and never touched.
+        sems = {_keep_sysv_semaphores(True), _keep_sysv_semaphores(False)}
+        assert sems <= _semaphore_sets()
     finally:
-        assert remove_segments(os.getpid()) == (2, SYSV_BYTES + QUEUED_BYTES)
-    assert sysv_segments(os.getpid()) == [] and sysv_queues(os.getpid()) == []
+        assert remove_segments(os.getpid(), since) == (4, SYSV_BYTES + QUEUED_BYTES)
+    assert sysv_segments(os.getpid()) == [] and sysv_queues(os.getpid()) == [] and not sems & _semaphore_sets()
+
+
+def _semaphore_sets() -> set[int]:
+    return {semid for semid, *_ in sysv_semaphores(os.getuid())}
 
 
 # ------------------------------------------------------------ a real server
@@ -188,15 +198,19 @@ def test_sysv_segments_a_function_leaves_go_with_its_engine(server, http) -> Non
     and the queues it last sent to, and says so."""
     url, proc = server
     pid, start = _engine_pid(http, url), len(proc.read_log())
-    for case in (3, 3, 3, 5):
+    sets = _semaphore_sets()
+    for case in (3, 3, 3, 5, 6, 7):
         r = _armed(http, url, "sysvleak52", case)
         assert r.status_code == 200, r.text
     assert len(sysv_segments(pid)) == 3 and len(sysv_queues(pid)) == 1
+    made = _semaphore_sets() - sets
+    assert len(made) == 2, made
     r = _armed(http, url, "sysvleak52", 4)  # its engine ends (SIGKILL): its own 500
     assert r.status_code == 500, r.text
     _replaced(http, url, pid, 60, "the engine was not replaced")
-    log = _log_saying(proc, "removed 4 SysV shared memory segment(s) or message queue(s) (48 MiB)", start=start)
+    log = _log_saying(proc, "removed 6 SysV shared memory segment(s), message queue(s) or semaphore set(s) (48 MiB)",
+                      start=start)
     assert f"left by the functions of pid {pid}" in log, log[-3000:]
-    assert sysv_segments(pid) == [] and sysv_queues(pid) == []
+    assert sysv_segments(pid) == [] and sysv_queues(pid) == [] and not made & _semaphore_sets()
     v = http.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]})
     assert v.status_code == 200, v.text

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 
-from .procfs import children, descendants, session, start_ticks, sysv_queues, sysv_segments
+from .procfs import children, descendants, session, start_ticks, sysv_queues, sysv_segments, sysv_semaphores
 
 __all__ = ["adopted", "become_subreaper", "kill_adopted", "kill_descendants", "kill_detached", "reap_adopted",
            "reap_detached", "remove_segments", "stop_with_parent"]
@@ -140,26 +140,45 @@ def kill_adopted(own: Collection[int], after: int | None, group: int | None = No
         time.sleep(0.01)
 
 
-def remove_segments(creator: int) -> tuple[int, int]:
+_SEMAPHORES_ASKED = 1 << 16  # semctl(GETPID) calls at most per death (~0.3 us each): 32,000 sets of 32,000 cannot stall it
+
+
+def remove_segments(creator: int, since: float | None = None) -> tuple[int, int]:
     """Remove the SysV shared memory segments a dead engine (``creator``) made and left
-    (``shmget`` with no ``IPC_RMID``), and the message queues it was the last to send to:
-    how many, and the bytes of memory they held. Such an object belongs to no process:
-    the kernel keeps it, its memory with it, after its maker has gone (for segments,
-    unless ``kernel.shm_rmid_forced``, off by default): five segments of 16 MiB a function
-    left stayed after its engine was replaced, and after ``serve`` stopped, for as long as
-    the machine ran. A segment still mapped somewhere goes at its last unmapping."""
-    found = [(shmid, resident, True) for shmid, resident, _ in sysv_segments(creator)]
-    found += [(msqid, held, False) for msqid, held in sysv_queues(creator)]
-    if not found:
+    (``shmget`` with no ``IPC_RMID``), the message queues it was the last to send to, and,
+    given when it started (``since``, seconds of the epoch), the semaphore sets made or
+    set since then (their ``ctime``) in which it was the last to operate on or set a
+    semaphore, or, made private (``IPC_PRIVATE``) and never touched, that no process
+    can have found but one it handed the id: how many, and the bytes of memory the
+    segments and queues held. Such an object belongs to no process: the kernel keeps it,
+    its memory with it, after its maker has gone (for segments, unless
+    ``kernel.shm_rmid_forced``, off by default): five segments of 16 MiB a function left
+    stayed after its engine was replaced, and after ``serve`` stopped, for as long as the
+    machine ran; a semaphore set stayed as well (one of the machine's ``SEMMNI`` sets, 32,000
+    by default: a function making them at each call took them from every program of the
+    machine). A segment still mapped somewhere goes at its last unmapping."""
+    found = [(shmid, resident, "shm") for shmid, resident, _ in sysv_segments(creator)]
+    found += [(msqid, held, "msg") for msqid, held in sysv_queues(creator)]
+    sets = sysv_semaphores(os.getuid()) if since is not None else []
+    if not found and not sets:
         return 0, 0
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return 0, 0
+    budget = _SEMAPHORES_ASKED
+    for semid, nsems, key, operated, changed in sets:
+        if changed < int(since or 0) or budget <= 0:  # (whole seconds: one made in its first second counts)
+            continue
+        asked = min(nsems, budget)
+        budget -= asked
+        pids = {libc.semctl(ctypes.c_int(semid), ctypes.c_int(i), ctypes.c_int(11)) for i in range(asked)}  # GETPID
+        if creator in pids or (key == 0 and operated == 0 and pids <= {0} and asked == nsems):
+            found.append((semid, 0, "sem"))
     removed, held = 0, 0
-    for ident, size, segment in found:
-        control = libc.shmctl if segment else libc.msgctl
-        if control(ctypes.c_int(ident), ctypes.c_int(0), None) == 0:  # IPC_RMID
+    for ident, size, kind in found:
+        control = {"shm": libc.shmctl, "msg": libc.msgctl, "sem": libc.semctl}[kind]
+        if control(ctypes.c_int(ident), ctypes.c_int(0), None) == 0:  # IPC_RMID (a semaphore set: semnum 0, cmd IPC_RMID)
             removed, held = removed + 1, held + size
     return removed, held
 

@@ -14,7 +14,8 @@ import os
 from typing import Callable
 
 __all__ = ["children", "cpu_seconds", "descendants", "descriptor_identity", "dumpable", "living", "session",
-           "set_dumpable", "start_ticks", "status_bytes", "stopped", "sysv_queues", "sysv_segments", "waited_seconds"]
+           "set_dumpable", "start_ticks", "status_bytes", "stopped", "sysv_queues", "sysv_segments",
+           "sysv_semaphores", "waited_seconds"]
 
 _TICKS_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PF_EXITING = 0x4  # a task's flags (include/linux/sched.h)
@@ -169,6 +170,15 @@ def sysv_queues(sender: int) -> list[tuple[int, int]]:
     """The SysV message queues ``sender`` was the last to send to (``msgsnd``; the kernel
     names no queue's maker): each as its id and the bytes of the messages it holds."""
     return _sysv("msg", ("msqid", "cbytes"), "lspid", sender)  # type: ignore[return-value]
+
+
+def sysv_semaphores(owner: int) -> list[tuple[int, int, int, int, int]]:
+    """The SysV semaphore sets user ``owner`` made that still exist (``semget``): each as
+    its id, its number of semaphores, its key (0: ``IPC_PRIVATE``), and when it was last
+    operated on (``semop``; 0: never) and last changed (made, or a value set). The
+    kernel names no set's maker: which process last operated on each semaphore is asked
+    of the set itself (``semctl(GETPID)``)."""
+    return _sysv("sem", ("semid", "nsems", "key", "otime", "ctime"), "cuid", owner)  # type: ignore[return-value]
 
 
 def descriptor_identity(fd: int) -> tuple[int, int] | None:

@@ -363,6 +363,7 @@ class Supervisor:
         # When each engine and spare process started (clock ticks since boot, by pid):
         # what ties an orphan to the engine that died (``orphans.kill_adopted``).
         self._ticks: dict[int, int | None] = {}
+        self._born: dict[int, float] = {}
         self._tmp: dict[int, Path] = {}  # each engine or spare process's temporary directory, by pid
         # The zygote engines are forked from (``fork_server``), started with the first
         # engine. A forked engine is handed to this process as a subreaper: not one here.
@@ -480,6 +481,7 @@ class Supervisor:
         self.output.watch(engine.index, f"{label}'s own log", [(own[0], 2)], budget="log",  # a budget of its own
                           pid=proc.pid, own_log=True)
         self._ticks[proc.pid] = start_ticks(proc.pid)
+        self._born[proc.pid] = time.time() - 1.0  # (its SysV semaphore sets: those made since, remove_segments)
         self._tmp[proc.pid] = tmp
         if standby and self._order is not None:
             skipped = set(self.skip_warmup)  # (as its environment said)
@@ -664,8 +666,8 @@ class Supervisor:
             proc.stdin.close()
         self._kill_orphans(proc)
         # (its SysV segments and queues: memory no process holds, kept by the kernel past its end)
-        if (left := remove_segments(proc.pid))[0]:
-            log.warning("removed %d SysV shared memory segment(s) or message queue(s) (%d MiB) left by the functions "
+        if (left := remove_segments(proc.pid, self._born.pop(proc.pid, None)))[0]:
+            log.warning("removed %d SysV shared memory segment(s), message queue(s) or semaphore set(s) (%d MiB) left by the functions "
                         "of pid %d",
                         left[0], left[1] >> 20, proc.pid)
         if (tmp := self._tmp.pop(proc.pid, None)) is not None:  # (after what it started: none writes there now)
@@ -1542,7 +1544,7 @@ class Supervisor:
                         pass
                     _signal_group(proc, signal.SIGKILL)  # it, if still there, and what it forked
                     proc.wait()
-                    remove_segments(proc.pid)  # (as _ended: SysV memory the kernel keeps past serve)
+                    remove_segments(proc.pid, self._born.get(proc.pid))  # (as _ended: SysV memory the kernel keeps past serve)
             if engine.board is not None:
                 engine.board.close()
         # Processes the functions started in a session of their own (a helper server, a
