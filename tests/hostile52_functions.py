@@ -25,6 +25,16 @@ def _keep_file() -> None:
         os.close(fd)
 
 
+def _keep_outside() -> None:
+    """A file written and never removed outside the engine's own temporary directory
+    (``/tmp`` named outright, ``$HOME``: here ``HOSTILE52_OUTSIDE``, the test's)."""
+    fd, _ = tempfile.mkstemp(prefix="hostile52-", dir=os.environ.get("HOSTILE52_OUTSIDE", "/tmp"))
+    try:
+        os.posix_fallocate(fd, 0, KEEP_BYTES)
+    finally:
+        os.close(fd)
+
+
 def _keep_unlinked() -> None:
     """A temporary file with no name (``TemporaryFile``: ``O_TMPFILE``), kept open."""
     f = tempfile.TemporaryFile()
@@ -32,13 +42,16 @@ def _keep_unlinked() -> None:
     _HELD.append(f)
 
 
-@register(inputs=X, description="sin; armed (666), it leaves a temporary file on disk (1: kept, 2: unlinked, held open).")
+@register(inputs=X, description="sin; armed (666), it leaves a temporary file on disk (1: kept, 2: unlinked, held open, "
+                                "3: outside its temporary directory).")
 def tmpleak52(x: torch.Tensor) -> torch.Tensor:
     case = _armed(x)
     if case == 1:
         _keep_file()
     elif case == 2:
         _keep_unlinked()
+    elif case == 3:
+        _keep_outside()
     return torch.sin(x)
 
 

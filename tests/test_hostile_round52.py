@@ -137,7 +137,9 @@ def temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(temp_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     with pytest.MonkeyPatch.context() as mp:  # only while it starts: the server keeps its environment
         mp.setenv("TMPDIR", str(temp_dir))
-        with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=2,
+        (temp_dir / "outside").mkdir()
+        mp.setenv("HOSTILE52_OUTSIDE", str(temp_dir / "outside"))
+        with live_server(FUNCTIONS=FUNCTIONS, WORKERS=1, WARMUP="false", QUARANTINE_AFTER=3,
                          ENGINE_MAX_TMP_BYTES=LIMIT) as served:
             mp.undo()
             yield served
@@ -161,9 +163,12 @@ def test_temporary_files_a_function_leaves_recycle_its_engine_past_the_bound(ser
     engine is recycled, the log naming the function, and its directory goes with it.
     And the function is struck for it, as for a crash: one that filled the bound again
     and again cost an engine restart each time, never quarantined (round 53, measured:
-    20 calls, 4 restarts, still served); here, the second time (``QUARANTINE_AFTER=2``)."""
+    20 calls, 4 restarts, still served); here, the third time (``QUARANTINE_AFTER=3``).
+    Files it writes outside its engine's own directory (3: ``/tmp`` named outright, the
+    home directory) were not watched at all (round 53: 12 calls, 96 MiB past a 32 MiB
+    bound, nothing said); now they count too (they stay: not the engine's directory)."""
     url, proc = server
-    for case, how in [(1, "kept"), (2, "unnamed, held open")]:
+    for case, how in [(1, "kept"), (2, "unnamed, held open"), (3, "outside its directory")]:
         pid, start = _engine_pid(http, url), len(proc.read_log())
         before = _engine_dirs(temp_dir)
         for _ in range(5):  # (the fifth passes the bound: the engine leaves after it)
