@@ -27,12 +27,14 @@ def _keep_file() -> None:
 
 def _keep_outside() -> None:
     """A file written and never removed outside the engine's own temporary directory
-    (``/tmp`` named outright, ``$HOME``: here ``HOSTILE52_OUTSIDE``, the test's)."""
-    fd, _ = tempfile.mkstemp(prefix="hostile52-", dir=os.environ.get("HOSTILE52_OUTSIDE", "/tmp"))
+    (``/tmp`` named outright, ``$HOME``: here ``HOSTILE52_OUTSIDE``, the test's), under a
+    name it is renamed to (as a writer that publishes whole files does)."""
+    fd, path = tempfile.mkstemp(prefix="hostile52-", suffix=".part", dir=os.environ.get("HOSTILE52_OUTSIDE", "/tmp"))
     try:
         os.posix_fallocate(fd, 0, KEEP_BYTES)
     finally:
         os.close(fd)
+    os.replace(path, path[: -len(".part")])
 
 
 def _keep_unlinked() -> None:

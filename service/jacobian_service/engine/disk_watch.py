@@ -25,8 +25,8 @@ named outright, ``$HOME``, the working directory): not watched, 8 MiB a call in 
 took 96 MiB in 12 calls past a 32 MiB bound, nothing said (round 53). An audit hook
 (``sys.addaudithook``: Python's ``open``, ``os.open``, ``tempfile``, ``numpy.save``; not
 what C code or another process writes) notes each such path as it is opened, with the
-blocks it had then; what each has grown by since counts with the directory's files
-(one deleted is forgotten), as many as ``max_entries`` paths (past that, over by
+blocks it had then (and follows it through a rename); what each has grown by since counts
+with the directory's files (one deleted is forgotten), as many as ``max_entries`` paths (past that, over by
 itself). They are not removed as the engine ends (they are not its own directory's).
 The bound is ``ENGINE_MAX_TMP_BYTES``, by
 default a quarter of the space free on that file system as the engine starts, at most
@@ -73,6 +73,14 @@ class DiskWatch:
     def _opened(self, event: str, args: tuple) -> None:
         """The audit hook: a path opened for writing outside the directory, noted with
         the bytes of its blocks then. Never raises (it would fail the open)."""
+        if event == "os.rename":  # (os.replace too): a file noted, renamed, is still the same file
+            try:
+                src, dst = (os.path.abspath(os.fsdecode(p)) for p in args[:2])
+                if src in self._written and not dst.startswith(self._own):
+                    self._written[dst] = self._written.pop(src)
+            except Exception:
+                pass
+            return
         if event != "open":
             return
         try:
