@@ -391,7 +391,15 @@ def _tabu_fewer(n: int, u: np.ndarray, v: np.ndarray, colors: np.ndarray, lower:
     move undone only after a tenure, until no edge conflicts (then one colour fewer is
     tried) or the moves run out. Deterministic (a fixed seed) and bounded: at most
     ``_TABU_MOVES`` moves in all, on graphs of ``_TABU_VERTEX_LIMIT`` vertices
-    at most, so the same pattern always gets the same colouring."""
+    at most, so the same pattern always gets the same colouring.
+
+    A try gives up once its conflicts outnumber the moves left (each move recolours
+    one vertex). The searches that found a colouring cleared 1 to 118 conflicts in 2 to
+    565 moves (0.2 to 1.5 a move, the last ones slowest): 2-D tori, 6^3 and 13^3
+    periodic 7-point stencils. A large grid's equal colour classes leave thousands
+    when one is spread: a 20 x 20 x 20 torus's 10-colour lattice, 2,135 conflicts for
+    9 colours, still 1,579 after the whole budget (and none found in 20,000 moves),
+    which took 0.57 of the 0.65 CPU-s of its first request's row colouring."""
     active = np.flatnonzero(colors >= 0)
     if active.size > _TABU_VERTEX_LIMIT or u.size == 0:
         return None
@@ -416,8 +424,8 @@ def _tabu_fewer(n: int, u: np.ndarray, v: np.ndarray, colors: np.ndarray, lower:
         bad = np.zeros(n, bool)  # in a conflict: kept up to date move by move, not rescanned
         bad[active] = gamma[active, col[active]] > 0
         for move in range(budget - moves):
-            if conflicts == 0:
-                break
+            if conflicts == 0 or conflicts > budget - moves:
+                break  # (done; or more conflicts left than moves: see the docstring's end)
             moves += 1
             alive()
             cv = np.flatnonzero(bad)
